@@ -1,0 +1,257 @@
+"""A partition of ``n`` indices into ``k`` non-empty blocks.
+
+The partition is the only combinatorial object of the package: every block mean
+matrix, approximation and optimizer state is defined relative to one. It knows
+how to reduce a tensor over its blocks (:math:`P^\\top x`) and how to broadcast
+one value per block back to the indices (:math:`P y`), choosing a contiguous
+segment reduction when the blocks are runs of consecutive indices and a
+scatter-add otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Partition"]
+
+
+def _as_long_vector(values, name: str) -> Tensor:
+    """Convert ``values`` to a 1-d ``torch.long`` tensor or raise a ValueError naming ``name``."""
+    if isinstance(values, Tensor):
+        tensor = values
+    else:
+        try:
+            tensor = torch.as_tensor(values)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{name} must be a 1-d sequence of integers; could not convert it ({err}).") from None
+    if tensor.dtype == torch.bool or tensor.dtype.is_floating_point or tensor.dtype.is_complex:
+        raise ValueError(
+            f"{name} must hold integers, got dtype {tensor.dtype}; convert it with `.long()` "
+            "(after checking that the values are whole numbers)."
+        )
+    if tensor.dim() != 1:
+        raise ValueError(f"{name} must be 1-dimensional, got shape {tuple(tensor.shape)}.")
+    if tensor.numel() == 0:
+        raise ValueError(f"{name} must not be empty: a partition needs at least one index.")
+    return tensor.long()
+
+
+class Partition:
+    r"""A partition of the indices :math:`0, \dots, n-1` into :math:`k` non-empty blocks.
+
+    Index :math:`m` belongs to block ``labels[m]``. Blocks need not be contiguous. With
+    :math:`P` the :math:`n \times k` indicator matrix (:math:`P_{mi} = 1` iff
+    ``labels[m] == i``), the partition provides :math:`P^\top x` (:meth:`block_sum`) and
+    :math:`P y` (:meth:`expand`) without forming :math:`P`.
+
+    Build one with :meth:`from_labels` or :meth:`from_sizes`; the constructor takes the
+    same arguments as :meth:`from_labels`.
+
+    Args:
+        labels: block id of every index, integers in ``0 .. k-1``, every id used.
+            # shape: (n,)
+        num_blocks: ``k``; inferred as ``labels.max() + 1`` when omitted.
+
+    Attributes:
+        labels: ``LongTensor`` of shape ``(n,)``.
+        sizes: ``LongTensor`` of shape ``(k,)``, the number of indices in each block.
+        num_blocks: ``k``.
+        is_contiguous: whether block ``i`` is the run of indices
+            ``sizes[:i].sum() .. sizes[:i+1].sum() - 1`` (the faster layout).
+
+    Example:
+        >>> p = Partition.from_labels([0, 1, 0, 2])
+        >>> p.sizes
+        tensor([2, 1, 1])
+        >>> p.block_sum(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        tensor([4., 2., 4.])
+    """
+
+    def __init__(self, labels, num_blocks: int | None = None, *, _sizes: Tensor | None = None,
+                 _contiguous: bool | None = None):
+        labels = _as_long_vector(labels, "labels")
+        if _sizes is None:
+            lo, hi = torch.aminmax(labels)
+            lo, hi = int(lo), int(hi)
+            if lo < 0:
+                raise ValueError(f"labels must be non-negative block ids, found {lo}.")
+            if num_blocks is None:
+                num_blocks = hi + 1
+            else:
+                if isinstance(num_blocks, bool) or not isinstance(num_blocks, int):
+                    raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}.")
+                if num_blocks <= 0:
+                    raise ValueError(f"num_blocks must be positive, got {num_blocks}.")
+                if hi >= num_blocks:
+                    raise ValueError(
+                        f"label {hi} is out of range for num_blocks={num_blocks}; labels must lie in "
+                        f"0 .. {num_blocks - 1} (or omit num_blocks to infer it)."
+                    )
+            sizes = torch.bincount(labels, minlength=num_blocks)
+            empty = (sizes == 0).nonzero().flatten()
+            if empty.numel():
+                shown = ", ".join(str(int(i)) for i in empty[:5])
+                more = "" if empty.numel() <= 5 else f" and {empty.numel() - 5} more"
+                raise ValueError(
+                    f"block(s) {shown}{more} are empty: every block id in 0 .. {num_blocks - 1} must be used "
+                    "(relabel the blocks consecutively, e.g. with torch.unique(labels, return_inverse=True))."
+                )
+        else:
+            sizes = _sizes
+            num_blocks = int(sizes.numel())
+        if _contiguous is None:
+            _contiguous = bool(labels.numel() <= 1 or (labels[1:] >= labels[:-1]).all())
+        self.labels: Tensor = labels
+        self.sizes: Tensor = sizes.to(device=labels.device)
+        self.num_blocks: int = int(num_blocks)
+        self.is_contiguous: bool = _contiguous
+        self._max_size: int | None = None
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_labels(cls, labels, num_blocks: int | None = None) -> Partition:
+        """Partition from a block id per index (blocks may be scattered).
+
+        Args:
+            labels: integers in ``0 .. k-1``, every value used. # shape: (n,)
+            num_blocks: ``k``; inferred from ``labels`` when omitted.
+
+        Raises:
+            ValueError: empty ``labels``, non-integer dtype, wrong shape, a negative or
+                out-of-range label, or a block id in ``0 .. k-1`` that is never used.
+        """
+        return cls(labels, num_blocks)
+
+    @classmethod
+    def from_sizes(cls, sizes, device: torch.device | str | None = None) -> Partition:
+        """Partition into contiguous runs: block ``i`` holds the next ``sizes[i]`` indices.
+
+        Args:
+            sizes: positive block sizes. # shape: (k,)
+            device: where the label vector lives (default: the device of ``sizes``, or CPU).
+
+        Raises:
+            ValueError: empty ``sizes``, non-integer dtype, or a size that is zero or negative.
+        """
+        sizes = _as_long_vector(sizes, "sizes")
+        if device is not None:
+            sizes = sizes.to(device)
+        bad = (sizes <= 0).nonzero().flatten()
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(
+                f"sizes[{i}] = {int(sizes[i])}: every block size must be a positive integer "
+                "(drop empty blocks before building the partition)."
+            )
+        n = int(sizes.sum())
+        labels = torch.repeat_interleave(torch.arange(sizes.numel(), device=sizes.device), sizes, output_size=n)
+        return cls(labels, _sizes=sizes, _contiguous=True)
+
+    # ------------------------------------------------------------------ basics
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    @property
+    def n(self) -> int:
+        """Number of indices."""
+        return self.labels.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.labels.device
+
+    @property
+    def max_size(self) -> int:
+        """Size of the largest block (cached host integer)."""
+        if self._max_size is None:
+            self._max_size = int(self.sizes.max())
+        return self._max_size
+
+    def __repr__(self) -> str:
+        layout = "contiguous" if self.is_contiguous else "scattered"
+        return f"Partition(n={len(self)}, num_blocks={self.num_blocks}, {layout}, device={self.device})"
+
+    def __eq__(self, other) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, Partition):
+            return NotImplemented
+        if len(self) != len(other) or self.num_blocks != other.num_blocks:
+            return False
+        return bool(torch.equal(self.labels, other.labels.to(self.labels.device)))
+
+    def __hash__(self) -> int:  # identity hash: partitions are compared by content in __eq__
+        return id(self)
+
+    def same_as(self, other: Partition) -> bool:
+        """Cheap check used by operator algebra: identical object, or equal labels."""
+        return self is other or (isinstance(other, Partition) and self == other)
+
+    def to(self, *args, **kwargs) -> Partition:
+        """Move the label and size vectors to a device. A dtype argument is ignored: labels stay ``long``."""
+        device = kwargs.get("device")
+        for arg in args:
+            if isinstance(arg, (str, torch.device)):
+                device = arg
+            elif isinstance(arg, Tensor):
+                device = arg.device
+        if device is None or torch.device(device) == self.device:
+            return self
+        res = Partition(self.labels.to(device), _sizes=self.sizes.to(device), _contiguous=self.is_contiguous)
+        res._max_size = self._max_size
+        return res
+
+    def cpu(self) -> Partition:
+        return self.to("cpu")
+
+    def cuda(self, device=None) -> Partition:
+        return self.to(torch.device("cuda") if device is None else torch.device("cuda", device)
+                       if isinstance(device, int) else device)
+
+    def __getstate__(self):
+        return {"labels": self.labels, "sizes": self.sizes, "num_blocks": self.num_blocks,
+                "is_contiguous": self.is_contiguous, "_max_size": self._max_size}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    # ------------------------------------------------------------------ algebra
+    def block_sum(self, x: Tensor, dim: int = -1) -> Tensor:
+        r"""Sum ``x`` over the indices of each block along ``dim``: :math:`P^\top x`.
+
+        Differentiable. The size of ``x`` along ``dim`` must be ``n``; the result has
+        ``k`` there.
+        """
+        dim = dim % x.dim()
+        if x.shape[dim] != len(self):
+            raise ValueError(
+                f"block_sum expected size {len(self)} along dim {dim}, got tensor of shape {tuple(x.shape)}."
+            )
+        if self.is_contiguous and x.dtype != torch.half:
+            # segment_reduce wants one length vector per leading index
+            lengths = self.sizes.expand(*x.shape[:dim], self.num_blocks)
+            return torch.segment_reduce(x, "sum", lengths=lengths, axis=dim)
+        shape = list(x.shape)
+        shape[dim] = self.num_blocks
+        out = torch.zeros(shape, dtype=x.dtype, device=x.device)
+        return out.index_add(dim, self.labels, x)
+
+    def expand(self, y: Tensor, dim: int = -1) -> Tensor:
+        r"""Broadcast one value per block back to every index along ``dim``: :math:`P y`."""
+        dim = dim % y.dim()
+        if y.shape[dim] != self.num_blocks:
+            raise ValueError(
+                f"expand expected size {self.num_blocks} along dim {dim}, got tensor of shape {tuple(y.shape)}."
+            )
+        return y.index_select(dim, self.labels)
+
+    def block_mean(self, x: Tensor, dim: int = -1) -> Tensor:
+        """Mean of ``x`` over each block along ``dim``."""
+        dim = dim % x.dim()
+        sums = self.block_sum(x, dim)
+        shape = [1] * x.dim()
+        shape[dim] = self.num_blocks
+        return sums / self.sizes.to(sums.dtype).view(shape)

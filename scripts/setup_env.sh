@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv with the pinned CPU torch and the project installed.
+# torch is installed first and alone: `pip install torch` without a pin would pull
+# a multi-GB CUDA build; torch==2.13.0 is the CPU wheel these machines carry.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
+    "$VPY" -m pip install -q --upgrade pip
+    "$VPY" -m pip install -q -c constraints.txt torch
+fi
+"$VPY" -m pip install -q -c constraints.txt -e ".[test,examples,docs]"
