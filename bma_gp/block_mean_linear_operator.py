@@ -1,0 +1,609 @@
+"""The block mean linear operator: ``diag(lam[labels]) + P B P^T`` with closed-form algebra."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from linear_operator.operators import LinearOperator
+from linear_operator.operators.diag_linear_operator import ConstantDiagLinearOperator
+from linear_operator.operators.root_linear_operator import RootLinearOperator
+from linear_operator.utils.memoize import cached
+from torch import Tensor
+
+from bma_gp import settings
+from bma_gp._symmetric_function import symmetric_matrix_function
+from bma_gp.partition import Partition
+
+__all__ = ["BlockMeanLinearOperator"]
+
+
+# ---------------------------------------------------------------------------- math helpers
+def _fold_singletons(lam: Tensor, B: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
+    """Move ``lam_i`` of singleton blocks into ``B_ii`` and put the placeholder 1 in its place.
+
+    For a block of size one only ``lam_i + B_ii`` is visible; ``lam_i`` is not an eigenvalue.
+    After folding, every ``f(lam_i)`` is defined and cancels in the matrix-function formula.
+    """
+    single = sizes == 1
+    extra = torch.where(single, lam - 1, torch.zeros_like(lam))
+    return torch.where(single, torch.ones_like(lam), lam), B + torch.diag_embed(extra)
+
+
+def _core(lam: Tensor, B: Tensor, root_sizes: Tensor) -> Tensor:
+    """The k x k matrix ``C = diag(lam) + S^{1/2} B S^{1/2}`` that carries the spectrum on span(P)."""
+    return torch.diag_embed(lam) + root_sizes.unsqueeze(-1) * B * root_sizes.unsqueeze(-2)
+
+
+def _first_bad(mask: Tensor) -> tuple[tuple[int, ...], int] | None:
+    """(batch index, position) of the first True entry of ``mask`` (*batch, k), or None."""
+    if not bool(mask.any()):
+        return None
+    flat = mask.reshape(-1, mask.shape[-1])
+    row = int(flat.any(-1).nonzero()[0])
+    col = int(flat[row].nonzero()[0])
+    batch = tuple(int(i) for i in torch.unravel_index(torch.tensor(row), mask.shape[:-1])) if mask.dim() > 1 else ()
+    return batch, col
+
+
+def _where(batch: tuple[int, ...]) -> str:
+    return f" (batch index {batch})" if batch else ""
+
+
+# ---------------------------------------------------------------------------- the operator
+class BlockMeanLinearOperator(LinearOperator):
+    r"""A block mean matrix over a partition of :math:`n` indices into :math:`k` blocks.
+
+    .. math::
+        M = \operatorname{diag}(\lambda_{c}) + P B P^\top, \qquad
+        M_{mn} = B_{c_m c_n} + \delta_{mn} \lambda_{c_m},
+
+    where :math:`c_m` is the block of index :math:`m` and :math:`P` the :math:`n \times k`
+    indicator matrix. With :math:`S = \operatorname{diag}(s)` the block sizes and
+    :math:`C = \operatorname{diag}(\lambda) + S^{1/2} B S^{1/2}` (:math:`k \times k`), every
+    matrix function keeps the structure:
+
+    .. math::
+        f(M) = \operatorname{diag}(f(\lambda)_{c}) + P D P^\top, \qquad
+        D = S^{-1/2} \left[ f(C) - \operatorname{diag} f(\lambda) \right] S^{-1/2},
+
+    so solves, roots, inverse roots, log-determinants and eigenvalues cost
+    :math:`O(n + k^3)` and never form an :math:`n \times n` matrix. ``lam`` of a singleton
+    block is folded into ``B`` first (only :math:`\lambda_i + B_{ii}` is visible there).
+
+    Args:
+        lam: per-block diagonal offset :math:`\lambda`. # shape: (*batch, k)
+        B: symmetric per-block-pair value :math:`B`. # shape: (*batch, k, k)
+        partition: the :class:`~bma_gp.Partition` of the ``n`` indices into ``k`` blocks.
+        symmetric: ``True`` (default) treats ``B`` as symmetric in every path (it is
+            symmetrised as :math:`(B + B^\top)/2`, so gradients with respect to ``B`` are
+            symmetric). Products of two block mean operators are generally not symmetric and
+            carry ``symmetric=False``: they multiply, solve and take log-determinants (through
+            a general ``k x k`` solve) but have no square roots or eigenvalues.
+
+    Example:
+        >>> p = Partition.from_sizes([3, 2])
+        >>> M = BlockMeanLinearOperator(torch.tensor([1.0, 2.0]), torch.tensor([[1.0, 0.5], [0.5, 2.0]]), p)
+        >>> x = torch.randn(5)
+        >>> torch.allclose(M.solve(M @ x), x, atol=1e-5)
+        True
+    """
+
+    def __init__(self, lam: Tensor, B: Tensor, partition: Partition, *, symmetric: bool = True):
+        if not isinstance(partition, Partition):
+            raise TypeError(
+                f"partition must be a bma_gp.Partition, got {type(partition).__name__}; build one with "
+                "Partition.from_labels(labels) or Partition.from_sizes(sizes)."
+            )
+        if not torch.is_tensor(lam) or not torch.is_tensor(B):
+            raise TypeError("lam and B must be torch tensors (lam: (*batch, k), B: (*batch, k, k)).")
+        if not (lam.dtype.is_floating_point and B.dtype.is_floating_point):
+            raise TypeError(f"lam and B must be floating point, got {lam.dtype} and {B.dtype}.")
+        if lam.dtype != B.dtype:
+            raise TypeError(f"lam and B must share a dtype, got {lam.dtype} and {B.dtype}; cast one with .to().")
+        if lam.device != B.device:
+            raise ValueError(f"lam and B must be on one device, got {lam.device} and {B.device}.")
+        k = partition.num_blocks
+        if lam.dim() < 1 or lam.shape[-1] != k:
+            raise ValueError(
+                f"lam must have shape (*batch, k) with k = partition.num_blocks = {k}, got {tuple(lam.shape)}."
+            )
+        if B.dim() < 2 or B.shape[-1] != B.shape[-2]:
+            raise ValueError(f"B must be square with shape (*batch, k, k), got {tuple(B.shape)}.")
+        if B.shape[-1] != k:
+            raise ValueError(
+                f"B must have shape (*batch, k, k) with k = partition.num_blocks = {k}, got {tuple(B.shape)}."
+            )
+        try:
+            batch = torch.broadcast_shapes(lam.shape[:-1], B.shape[:-2])
+        except RuntimeError:
+            raise ValueError(
+                f"batch shapes of lam {tuple(lam.shape[:-1])} and B {tuple(B.shape[:-2])} do not broadcast."
+            ) from None
+        lam = lam.expand(*batch, k)
+        B = B.expand(*batch, k, k)
+        partition = partition.to(lam.device)
+        super().__init__(lam, B, partition=partition, symmetric=bool(symmetric))
+        self.lam = lam
+        self.B = B
+        self.partition = partition
+        self.symmetric = bool(symmetric)
+        self._b_sym_cache: Tensor | None = None
+
+    # ------------------------------------------------------------------ cheap views
+    def _b_sym(self) -> Tensor:
+        """``B`` as used by every path: symmetrised unless ``symmetric=False``."""
+        if not self.symmetric:
+            return self.B
+        if self.B.requires_grad:  # keep a fresh graph per call: cached graphs break repeated backward
+            return 0.5 * (self.B + self.B.mT)
+        if self._b_sym_cache is None:
+            self._b_sym_cache = 0.5 * (self.B + self.B.mT)
+        return self._b_sym_cache
+
+    @property
+    def _sizes(self) -> Tensor:
+        return self.partition.sizes.to(self.lam.dtype)
+
+    def _folded(self) -> tuple[Tensor, Tensor]:
+        return _fold_singletons(self.lam, self._b_sym(), self.partition.sizes)
+
+    def core_matrix(self) -> Tensor:
+        r"""The :math:`k \times k` matrix :math:`C = \operatorname{diag}(\lambda) + S^{1/2} B S^{1/2}`
+        (singleton blocks folded), whose eigenvalues are those of :math:`M` on the span of :math:`P`.
+        # shape: (*batch, k, k)"""
+        lam, B = self._folded()
+        return _core(lam, B, self._sizes.sqrt())
+
+    def _new(self, lam: Tensor, B: Tensor, symmetric: bool | None = None) -> BlockMeanLinearOperator:
+        return BlockMeanLinearOperator(lam, B, self.partition, symmetric=self.symmetric if symmetric is None
+                                       else symmetric)
+
+    # ------------------------------------------------------------------ required hooks
+    def _size(self) -> torch.Size:
+        n = len(self.partition)
+        return torch.Size((*self.lam.shape[:-1], n, n))
+
+    def _transpose_nonbatch(self) -> BlockMeanLinearOperator:
+        if self.symmetric:
+            return self
+        return self._new(self.lam, self.B.mT)
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        vector = rhs.dim() == 1
+        if vector:
+            rhs = rhs.unsqueeze(-1)
+        part = self.partition
+        sums = part.block_sum(rhs, dim=-2)  # (*, k, t)
+        coef = self._b_sym() @ sums  # (*, k, t)
+        lam = part.expand(self.lam, dim=-1).unsqueeze(-1)  # (*batch, n, 1)
+        res = torch.addcmul(part.expand(coef, dim=-2), lam, rhs)
+        return res.squeeze(-1) if vector else res
+
+    def _t_matmul(self, rhs: Tensor) -> Tensor:
+        return self._transpose_nonbatch()._matmul(rhs)
+
+    def _diagonal(self) -> Tensor:
+        B = self._b_sym()
+        return self.partition.expand(self.lam + torch.diagonal(B, dim1=-2, dim2=-1), dim=-1)
+
+    @cached
+    def to_dense(self) -> Tensor:
+        labels = self.partition.labels
+        B = self._b_sym()
+        dense = B.index_select(-2, labels).index_select(-1, labels)
+        return dense + torch.diag_embed(self.partition.expand(self.lam, dim=-1))
+
+    # ------------------------------------------------------------------ batching and indexing
+    def _expand_batch(self, batch_shape) -> BlockMeanLinearOperator:
+        k = self.partition.num_blocks
+        return self._new(self.lam.expand(*batch_shape, k), self.B.expand(*batch_shape, k, k))
+
+    def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
+        labels = self.partition.labels
+        rows, cols = labels[row_index], labels[col_index]
+        B = self._b_sym()
+        values = B[(*batch_indices, rows, cols)]
+        lam = self.lam[(*batch_indices, rows)]
+        return values + torch.where(row_index == col_index, lam, torch.zeros_like(lam))
+
+    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+        # A principal submatrix over a slice keeps the structure: relabel the blocks it touches.
+        if (isinstance(row_index, slice) and isinstance(col_index, slice) and row_index == col_index
+                and not (row_index == slice(None, None, None))):
+            labels = self.partition.labels[row_index]
+            if labels.numel() > 0:
+                kept, new_labels = torch.unique(labels, return_inverse=True)
+                lam = self.lam[(*batch_indices, slice(None))] if batch_indices else self.lam
+                B = self.B[(*batch_indices, slice(None), slice(None))] if batch_indices else self.B
+                sub = Partition(new_labels, num_blocks=kept.numel())
+                return BlockMeanLinearOperator(lam.index_select(-1, kept),
+                                               B.index_select(-2, kept).index_select(-1, kept), sub,
+                                               symmetric=self.symmetric)
+        return super()._getitem(row_index, col_index, *batch_indices)
+
+    def _sum_batch(self, dim: int) -> BlockMeanLinearOperator:
+        return self._new(self.lam.sum(dim), self.B.sum(dim))
+
+    def _prod_batch(self, dim: int) -> BlockMeanLinearOperator:
+        lam = self.lam.unbind(dim)
+        B = self.B.unbind(dim)
+        res = self._new(lam[0], B[0])
+        for lam_i, B_i in zip(lam[1:], B[1:]):
+            res = res._hadamard(self._new(lam_i, B_i))
+        return res
+
+    # ------------------------------------------------------------------ derivatives
+    def _bilinear_derivative(self, left_vecs: Tensor, right_vecs: Tensor) -> tuple[Tensor | None, ...]:
+        if not (self.lam.requires_grad or self.B.requires_grad):
+            return (None, None)
+        if left_vecs.dim() == 1:
+            left_vecs, right_vecs = left_vecs.unsqueeze(-1), right_vecs.unsqueeze(-1)
+        part = self.partition
+        grad_lam = grad_B = None
+        if self.lam.requires_grad:
+            grad_lam = part.block_sum((left_vecs * right_vecs).sum(-1), dim=-1)
+            grad_lam = _sum_to_shape(grad_lam, self.lam.shape)
+        if self.B.requires_grad:
+            grad_B = part.block_sum(left_vecs, dim=-2) @ part.block_sum(right_vecs, dim=-2).mT
+            if self.symmetric:
+                grad_B = 0.5 * (grad_B + grad_B.mT)
+            grad_B = _sum_to_shape(grad_B, self.B.shape)
+        return (grad_lam, grad_B)
+
+    # ------------------------------------------------------------------ algebra that keeps the type
+    def _mul_constant(self, other) -> BlockMeanLinearOperator:
+        if torch.is_tensor(other) and other.dim() > 0:
+            return self._new(self.lam * other.unsqueeze(-1), self.B * other.unsqueeze(-1).unsqueeze(-1))
+        return self._new(self.lam * other, self.B * other)
+
+    def _hadamard(self, other: BlockMeanLinearOperator) -> BlockMeanLinearOperator:
+        dB1 = torch.diagonal(self._b_sym(), dim1=-2, dim2=-1)
+        dB2 = torch.diagonal(other._b_sym(), dim1=-2, dim2=-1)
+        lam = self.lam * other.lam + self.lam * dB2 + other.lam * dB1
+        return self._new(lam, self._b_sym() * other._b_sym(), symmetric=self.symmetric and other.symmetric)
+
+    def _mul_matrix(self, other) -> LinearOperator:
+        if isinstance(other, BlockMeanLinearOperator) and other.partition.same_as(self.partition):
+            return self._hadamard(other)
+        return super()._mul_matrix(other)
+
+    def _same_partition(self, other) -> bool:
+        return isinstance(other, BlockMeanLinearOperator) and other.partition.same_as(self.partition)
+
+    def __add__(self, other):
+        if self._same_partition(other):
+            return self._new(self.lam + other.lam, self.B + other.B, symmetric=self.symmetric and other.symmetric)
+        if isinstance(other, ConstantDiagLinearOperator) and other.shape[-1] == self.shape[-1]:
+            return self.add_diagonal(other.diag_values)
+        return super().__add__(other)
+
+    def add_diagonal(self, diag: Tensor) -> LinearOperator:
+        """Add ``diag`` to the diagonal. A scalar (or one value per batch entry, shape ``(*batch, 1)``)
+        keeps the block mean type; a full diagonal falls back to linear_operator's AddedDiagLinearOperator."""
+        if not torch.is_tensor(diag):
+            diag = torch.tensor(diag, dtype=self.dtype, device=self.device)
+        if diag.dim() == 0 or diag.shape[-1] == 1:
+            value = diag if diag.dim() > 0 else diag.unsqueeze(-1)
+            try:
+                lam = self.lam + value
+            except RuntimeError:
+                raise ValueError(
+                    f"add_diagonal: diagonal of shape {tuple(diag.shape)} does not broadcast against the batch "
+                    f"shape {tuple(self.batch_shape)}."
+                ) from None
+            k = self.partition.num_blocks
+            return self._new(lam, self.B.expand(*lam.shape[:-1], k, k))
+        return super().add_diagonal(diag)
+
+    def matmul(self, other):
+        if self._same_partition(other):
+            lam1, B1, lam2, B2 = self.lam, self._b_sym(), other.lam, other._b_sym()
+            sizes = self._sizes
+            B = lam1.unsqueeze(-1) * B2 + B1 * lam2.unsqueeze(-2) + (B1 * sizes.unsqueeze(-2)) @ B2
+            return self._new(lam1 * lam2, B, symmetric=other is self and self.symmetric)
+        return super().matmul(other)
+
+    # ------------------------------------------------------------------ checks
+    def _check_symmetric(self, what: str) -> None:
+        if not self.symmetric:
+            raise ValueError(
+                f"{what} needs a symmetric block mean operator, but this one was built with symmetric=False "
+                "(e.g. as the product of two operators that do not commute)."
+            )
+
+    def _check_block_offsets(self, lam: Tensor, what: str, strict: bool) -> None:
+        """``lam_i`` of blocks with ``s_i > 1`` are eigenvalues: they must be positive (>= 0 if not strict)."""
+        multi = self.partition.sizes > 1
+        bad = multi & ((lam <= 0) if strict else (lam < -_tolerance(lam) * lam.abs().amax(-1, keepdim=True)))
+        found = _first_bad(bad)
+        if found is not None:
+            batch, i = found
+            value = float(lam[batch][i])
+            size = int(self.partition.sizes[i])
+            kind = "positive definite" if strict else "positive semidefinite"
+            raise ValueError(
+                f"{what} needs a {kind} matrix, but lam[{i}] = {value:.6g}{_where(batch)} is an eigenvalue "
+                f"(of multiplicity {size - 1}, block {i} has {size} indices) and is "
+                f"{'<= 0' if strict else '< 0'}. Add a diagonal (add_diagonal / noise) to make it {kind}."
+            )
+
+    def _check_core_eigenvalues(self, evals: Tensor, what: str, strict: bool) -> None:
+        scale = evals.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(evals.dtype).tiny)
+        bad = (evals <= _tolerance(evals) * scale) if strict else (evals < -_tolerance(evals) * scale)
+        found = _first_bad(bad)
+        if found is not None:
+            batch, i = found
+            raise ValueError(
+                f"{what} needs a positive {'definite' if strict else 'semidefinite'} matrix, but the k x k core "
+                f"matrix C = diag(lam) + S^1/2 B S^1/2 has eigenvalue {float(evals[batch][i]):.6g}{_where(batch)}. "
+                "Add a diagonal (add_diagonal / noise) or check B."
+            )
+
+    # ------------------------------------------------------------------ matrix functions
+    def matrix_function(self, fn: Callable[[Tensor], Tensor], *, check: bool = True,
+                        _domain: str | None = None, _what: str = "matrix_function") -> BlockMeanLinearOperator:
+        r"""Apply ``fn`` to :math:`M` through its eigenvalues: :math:`f(M) = V f(\Lambda) V^\top`.
+
+        Returns the block mean operator
+        :math:`\operatorname{diag}(f(\lambda)_c) + P\, S^{-1/2}[f(C) - \operatorname{diag} f(\lambda)] S^{-1/2} P^\top`.
+        Gradients with respect to ``lam`` and ``B`` are exact, also for repeated eigenvalues.
+
+        Args:
+            fn: maps a tensor of eigenvalues elementwise (e.g. ``torch.exp``); must be differentiable
+                through autograd if gradients are needed.
+            check: validate the spectrum for the functions with a restricted domain
+                (``matrix_sqrt``, ``matrix_inv_sqrt``, ``matrix_log``). ``False`` skips the host sync.
+        """
+        self._check_symmetric(_what)
+        lam, B = self._folded()
+        C = _core(lam, B, self._sizes.sqrt())
+        prepare = None
+        if _domain is not None:
+            strict = _domain == "positive"
+            if check:
+                self._check_block_offsets(lam, _what, strict=strict)
+                self._check_core_eigenvalues(torch.linalg.eigvalsh(C.detach()), _what, strict=strict)
+            if not strict:
+                prepare = _clamp_nonnegative
+        fC = symmetric_matrix_function(C, fn, prepare)
+        f_lam = fn(lam.clamp_min(0) if prepare is not None else lam)
+        inv_root = self._sizes.rsqrt()
+        D = (fC - torch.diag_embed(f_lam)) * inv_root.unsqueeze(-1) * inv_root.unsqueeze(-2)
+        return self._new(f_lam, 0.5 * (D + D.mT))
+
+    @cached(name="matrix_sqrt")
+    def matrix_sqrt(self, *, check: bool = True) -> BlockMeanLinearOperator:
+        r"""The symmetric square root :math:`M^{1/2}` (positive semidefinite :math:`M`), a block mean operator."""
+        return self.matrix_function(torch.sqrt, check=check and settings.validate.on(), _domain="nonnegative",
+                                    _what="matrix_sqrt")
+
+    @cached(name="matrix_inv_sqrt")
+    def matrix_inv_sqrt(self, *, check: bool = True) -> BlockMeanLinearOperator:
+        r"""The inverse square root :math:`M^{-1/2}` (positive definite :math:`M`), a block mean operator."""
+        return self.matrix_function(torch.rsqrt, check=check and settings.validate.on(), _domain="positive",
+                                    _what="matrix_inv_sqrt")
+
+    def matrix_log(self, *, check: bool = True) -> BlockMeanLinearOperator:
+        r"""The matrix logarithm (positive definite :math:`M`), a block mean operator."""
+        return self.matrix_function(torch.log, check=check and settings.validate.on(), _domain="positive",
+                                    _what="matrix_log")
+
+    def matrix_exp(self) -> BlockMeanLinearOperator:
+        r"""The matrix exponential, a block mean operator."""
+        return self.matrix_function(torch.exp, _what="matrix_exp")
+
+    # ------------------------------------------------------------------ inverse, solves, log-det
+    @cached(name="core_cholesky")
+    def _core_cholesky(self) -> Tensor | None:
+        """Cholesky factor of C, or None if C is not numerically positive definite."""
+        lam, B = self._folded()
+        L, info = torch.linalg.cholesky_ex(_core(lam, B, self._sizes.sqrt()))
+        if settings.validate.on() and bool((info > 0).any()):
+            return None
+        return L
+
+    @cached(name="inverse_parts")
+    def _inverse_parts(self) -> tuple[Tensor, Tensor]:
+        lam, B = self._folded()
+        if settings.validate.on() and bool(((lam == 0) & (self.partition.sizes > 1)).any()):
+            found = _first_bad((lam == 0) & (self.partition.sizes > 1))
+            batch, i = found
+            raise ValueError(
+                f"the block mean matrix is singular: lam[{i}] = 0{_where(batch)} for block {i} of size "
+                f"{int(self.partition.sizes[i])}. Add a diagonal (add_diagonal / noise) before solving."
+            )
+        root = self._sizes.sqrt()
+        G = root.unsqueeze(-1) * B * root.unsqueeze(-2)
+        L = self._core_cholesky() if self.symmetric else None
+        if L is not None:
+            X = torch.cholesky_solve(G, L)  # C^{-1} G
+        else:
+            C = torch.diag_embed(lam) + G
+            X, info = torch.linalg.solve_ex(C, G)
+            if settings.validate.on() and bool((info > 0).any()):
+                raise ValueError(
+                    "the block mean matrix is singular: its k x k core matrix C = diag(lam) + S^1/2 B S^1/2 "
+                    "cannot be inverted. Add a diagonal (add_diagonal / noise) before solving."
+                )
+        # C^{-1} - diag(1/lam) = -C^{-1} G diag(1/lam): no cancellation between the two terms
+        inv_lam = lam.reciprocal()
+        D = -X * inv_lam.unsqueeze(-2) / (root.unsqueeze(-1) * root.unsqueeze(-2))
+        if self.symmetric:
+            D = 0.5 * (D + D.mT)
+        return inv_lam, D
+
+    @cached(name="inverse")
+    def inverse(self) -> BlockMeanLinearOperator:
+        r""":math:`M^{-1}`, a block mean operator (any invertible :math:`M`)."""
+        inv_lam, D = self._inverse_parts()
+        return self._new(inv_lam, D)
+
+    def _solve(self, rhs: Tensor, preconditioner=None, num_tridiag: int = 0) -> Tensor:
+        return self.inverse()._matmul(rhs)
+
+    def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
+        r"""Closed-form :math:`M^{-1} R` (or :math:`L M^{-1} R`): no CG, no dense Cholesky, at any size."""
+        self._check_rhs(right_tensor, "right_tensor")
+        res = self.inverse().matmul(right_tensor)
+        if left_tensor is not None:
+            res = left_tensor @ res
+        return res
+
+    def _check_rhs(self, rhs: Tensor, name: str) -> None:
+        if not torch.is_tensor(rhs):
+            raise TypeError(f"{name} must be a tensor, got {type(rhs).__name__}.")
+        size = rhs.shape[-1] if rhs.dim() == 1 else rhs.shape[-2]
+        if size != self.shape[-1]:
+            raise ValueError(
+                f"{name} of shape {tuple(rhs.shape)} does not match the operator of shape {tuple(self.shape)}: "
+                f"expected size {self.shape[-1]} in dimension {-1 if rhs.dim() == 1 else -2}."
+            )
+
+    def _logdet(self, what: str) -> Tensor:
+        lam, B = self._folded()
+        multiplicity = (self.partition.sizes - 1).to(lam.dtype)
+        if not self.symmetric:
+            sign, logabs = torch.linalg.slogdet(_core(lam, B, self._sizes.sqrt()))
+            return logabs + (multiplicity * lam.abs().log()).sum(-1)
+        if settings.validate.on():
+            self._check_block_offsets(lam, what, strict=True)
+        L = self._core_cholesky()
+        if L is None:
+            C = _core(lam, B, self._sizes.sqrt())
+            self._check_core_eigenvalues(torch.linalg.eigvalsh(C.detach()), what, strict=True)
+            raise ValueError(f"{what}: the k x k core matrix is not numerically positive definite.")
+        logdet_core = 2 * torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1)
+        safe_lam = torch.where(self.partition.sizes > 1, lam, torch.ones_like(lam))
+        return logdet_core + (multiplicity * safe_lam.log()).sum(-1)
+
+    def logdet(self) -> Tensor:
+        r""":math:`\log\det M = \sum_i (s_i - 1)\log\lambda_i + \log\det C` (positive definite :math:`M`)."""
+        return self._logdet("logdet")
+
+    def inv_quad(self, inv_quad_rhs: Tensor, reduce_inv_quad: bool = True) -> Tensor:
+        self._check_rhs(inv_quad_rhs, "inv_quad_rhs")
+        rhs = inv_quad_rhs.unsqueeze(-1) if inv_quad_rhs.dim() == 1 else inv_quad_rhs
+        res = (rhs * self.inverse()._matmul(rhs)).sum(-2)
+        return res.sum(-1) if reduce_inv_quad else res
+
+    def inv_quad_logdet(self, inv_quad_rhs: Tensor | None = None, logdet: bool = False,
+                        reduce_inv_quad: bool = True) -> tuple[Tensor, Tensor]:
+        r"""Closed-form :math:`R^\top M^{-1} R` and :math:`\log\det M` (never CG or a dense Cholesky)."""
+        if inv_quad_rhs is None and not logdet:
+            raise RuntimeError("Either `inv_quad_rhs` or `logdet` must be specifed.")
+        inv_quad_term = (self.inv_quad(inv_quad_rhs, reduce_inv_quad) if inv_quad_rhs is not None
+                         else torch.empty(0, dtype=self.dtype, device=self.device))
+        logdet_term = (self._logdet("inv_quad_logdet") if logdet
+                       else torch.zeros([], dtype=self.dtype, device=self.device))
+        return inv_quad_term, logdet_term
+
+    # ------------------------------------------------------------------ roots
+    @cached(name="root_decomposition")
+    def root_decomposition(self, method: str | None = None) -> LinearOperator:
+        r""":math:`M = R R^\top` with :math:`R = M^{1/2}`, itself a block mean operator (``method`` is ignored)."""
+        return RootLinearOperator(self.matrix_sqrt())
+
+    @cached(name="root_inv_decomposition")
+    def root_inv_decomposition(self, initial_vectors: Tensor | None = None, test_vectors: Tensor | None = None,
+                               method: str | None = None) -> LinearOperator:
+        r""":math:`M^{-1} = R R^\top` with :math:`R = M^{-1/2}`, a block mean operator (arguments are ignored)."""
+        return RootLinearOperator(self.matrix_inv_sqrt())
+
+    def sqrt_inv_matmul(self, rhs: Tensor, lhs: Tensor | None = None):
+        r""":math:`M^{-1/2} R`, or (:math:`L M^{-1/2} R`, :math:`\operatorname{diag}(L M^{-1} L^\top)`)."""
+        self._check_rhs(rhs, "rhs")
+        inv_root = self.matrix_inv_sqrt()
+        res = inv_root.matmul(rhs)
+        if lhs is None:
+            return res
+        lhs_root = inv_root.matmul(lhs.mT).mT  # L M^{-1/2} (M^{-1/2} symmetric)
+        return lhs_root @ (rhs.unsqueeze(-1) if rhs.dim() == 1 else rhs), lhs_root.pow(2).sum(-1)
+
+    # ------------------------------------------------------------------ spectrum
+    def eigvalsh(self) -> Tensor:
+        r"""All :math:`n` eigenvalues in ascending order: those of :math:`C`, and :math:`\lambda_i` with
+        multiplicity :math:`s_i - 1`. # shape: (*batch, n)"""
+        return self._eigen(eigenvectors=False)[0]
+
+    def _eigen(self, eigenvectors: bool) -> tuple[Tensor, Tensor | None]:
+        self._check_symmetric("eigvalsh")
+        lam, B = self._folded()
+        C = _core(lam, B, self._sizes.sqrt())
+        part = self.partition
+        n, k = len(part), part.num_blocks
+        repeats = part.sizes - 1
+        lam_rep = torch.repeat_interleave(lam, repeats, dim=-1, output_size=n - k)
+        if not eigenvectors:
+            evals = torch.cat([torch.linalg.eigvalsh(C), lam_rep], dim=-1)
+            return evals.sort(dim=-1).values, None
+        e, V = torch.linalg.eigh(C)
+        evals = torch.cat([e, lam_rep], dim=-1)
+        span = part.expand(V * self._sizes.rsqrt().unsqueeze(-1), dim=-2)  # P S^{-1/2} V: (*batch, n, k)
+        complement = _helmert_basis(part, lam.dtype).expand(*span.shape[:-2], n, n - k)
+        evecs = torch.cat([span, complement], dim=-1)
+        evals, order = evals.sort(dim=-1)
+        evecs = torch.gather(evecs, -1, order.unsqueeze(-2).expand(evecs.shape))
+        return evals, evecs
+
+    def _symeig(self, eigenvectors: bool = False, return_evals_as_lazy: bool | None = False):
+        from linear_operator.operators.dense_linear_operator import DenseLinearOperator
+
+        evals, evecs = self._eigen(eigenvectors)
+        return evals, (DenseLinearOperator(evecs) if eigenvectors else None)
+
+    @cached(name="diagonalization")
+    def diagonalization(self, method: str | None = None):
+        """Closed-form eigendecomposition. The eigenvalues cost O(n + k^3); the eigenvectors are an
+        explicit ``n x n`` matrix (a Helmert basis inside each block plus :math:`P S^{-1/2} V`), so only
+        ask for them at sizes where that fits."""
+        return self._symeig(eigenvectors=True)
+
+    def __repr__(self) -> str:
+        return (f"BlockMeanLinearOperator(shape={tuple(self.shape)}, num_blocks={self.partition.num_blocks}, "
+                f"dtype={self.dtype}, device={self.device}{'' if self.symmetric else ', symmetric=False'})")
+
+
+# ---------------------------------------------------------------------------- private helpers
+def _tolerance(x: Tensor) -> float:
+    return 100 * torch.finfo(x.dtype).eps
+
+
+def _clamp_nonnegative(e: Tensor) -> Tensor:
+    return e.clamp_min(0)
+
+
+def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Sum broadcast dimensions of ``grad`` so it matches ``shape``."""
+    while grad.dim() > len(shape):
+        grad = grad.sum(0)
+    for i, (g, s) in enumerate(zip(grad.shape, shape)):
+        if s == 1 and g != 1:
+            grad = grad.sum(i, keepdim=True)
+    return grad
+
+
+def _helmert_basis(partition: Partition, dtype: torch.dtype) -> Tensor:
+    r"""Orthonormal basis (n x (n-k)) of the vectors that sum to zero inside every block.
+
+    Within a block with members :math:`m_0 < \dots < m_{s-1}`, column :math:`j = 1..s-1` has
+    :math:`1/\sqrt{j(j+1)}` on :math:`m_0..m_{j-1}` and :math:`-j/\sqrt{j(j+1)}` on :math:`m_j`.
+    """
+    labels = partition.labels
+    n, k = len(partition), partition.num_blocks
+    order = torch.argsort(labels, stable=True)
+    starts = torch.cumsum(partition.sizes, 0) - partition.sizes
+    rank = torch.empty_like(labels)
+    rank[order] = torch.arange(n, device=labels.device) - starts[labels[order]]
+    # column c <-> (block, j) with j = 1..s-1, blocks in order
+    col_block = torch.repeat_interleave(torch.arange(k, device=labels.device), partition.sizes - 1, output_size=n - k)
+    col_starts = torch.cumsum(partition.sizes - 1, 0) - (partition.sizes - 1)
+    col_j = torch.arange(n - k, device=labels.device) - col_starts[col_block] + 1
+    same = labels.unsqueeze(-1) == col_block.unsqueeze(0)
+    j = col_j.unsqueeze(0).to(dtype)
+    r = rank.unsqueeze(-1)
+    norm = (j * (j + 1)).rsqrt()
+    values = torch.where(r < col_j.unsqueeze(0), norm, torch.where(r == col_j.unsqueeze(0), -j * norm,
+                                                                    torch.zeros_like(norm)))
+    return torch.where(same, values, torch.zeros_like(values))
