@@ -121,8 +121,10 @@ class BlockMeanLinearOperator(LinearOperator):
             raise ValueError(
                 f"batch shapes of lam {tuple(lam.shape[:-1])} and B {tuple(B.shape[:-2])} do not broadcast."
             ) from None
-        lam = lam.expand(*batch, k)
-        B = B.expand(*batch, k, k)
+        if lam.shape[:-1] != batch:
+            lam = lam.expand(*batch, k)
+        if B.shape[:-2] != batch:
+            B = B.expand(*batch, k, k)
         partition = partition.to(lam.device)
         super().__init__(lam, B, partition=partition, symmetric=bool(symmetric))
         self.lam = lam
@@ -236,20 +238,17 @@ class BlockMeanLinearOperator(LinearOperator):
 
     # ------------------------------------------------------------------ derivatives
     def _bilinear_derivative(self, left_vecs: Tensor, right_vecs: Tensor) -> tuple[Tensor | None, ...]:
-        if not (self.lam.requires_grad or self.B.requires_grad):
-            return (None, None)
+        # Both gradients are always returned: inside autograd.Function backward passes the operator is
+        # rebuilt under no_grad, where requires_grad flags of its tensors are not meaningful.
         if left_vecs.dim() == 1:
             left_vecs, right_vecs = left_vecs.unsqueeze(-1), right_vecs.unsqueeze(-1)
         part = self.partition
-        grad_lam = grad_B = None
-        if self.lam.requires_grad:
-            grad_lam = part.block_sum((left_vecs * right_vecs).sum(-1), dim=-1)
-            grad_lam = _sum_to_shape(grad_lam, self.lam.shape)
-        if self.B.requires_grad:
-            grad_B = part.block_sum(left_vecs, dim=-2) @ part.block_sum(right_vecs, dim=-2).mT
-            if self.symmetric:
-                grad_B = 0.5 * (grad_B + grad_B.mT)
-            grad_B = _sum_to_shape(grad_B, self.B.shape)
+        grad_lam = part.block_sum((left_vecs * right_vecs).sum(-1), dim=-1)
+        grad_lam = _sum_to_shape(grad_lam, self.lam.shape)
+        grad_B = part.block_sum(left_vecs, dim=-2) @ part.block_sum(right_vecs, dim=-2).mT
+        if self.symmetric:
+            grad_B = 0.5 * (grad_B + grad_B.mT)
+        grad_B = _sum_to_shape(grad_B, self.B.shape)
         return (grad_lam, grad_B)
 
     # ------------------------------------------------------------------ algebra that keeps the type
