@@ -1,0 +1,14 @@
+"""GPyTorch kernels whose covariance is a block mean matrix, and exact prediction for them.
+
+- :class:`BlockMeanKernel` -- the block-exchangeable process of any base kernel over a
+  partition of the training inputs (SPEC section 2).
+- :class:`GroupKernel` -- a covariance over integer group ids, exactly a block mean matrix.
+- :class:`BlockMeanPredictionStrategy` -- closed-form posterior mean and covariance.
+- :class:`BlockCrossLinearOperator` -- the ``t x n`` cross-covariance ``A P^T`` they return.
+"""
+from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
+from bma_gp.kernels.prediction_strategy import BlockMeanPredictionStrategy
+from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
+from bma_gp.kernels.group_kernel import GroupKernel
+
+__all__ = ["BlockMeanKernel", "GroupKernel", "BlockMeanPredictionStrategy", "BlockCrossLinearOperator"]

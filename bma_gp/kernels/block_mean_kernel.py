@@ -1,0 +1,350 @@
+"""A GPyTorch kernel bound to training inputs: the block-exchangeable version of a base kernel."""
+
+from __future__ import annotations
+
+import torch
+from gpytorch import settings as gpt_settings
+from gpytorch.kernels import Kernel
+from linear_operator import to_dense, to_linear_operator
+from linear_operator.operators import LinearOperator
+from torch import Tensor
+
+from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
+from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
+from bma_gp.kernels.prediction_strategy import BlockMeanPredictionStrategy
+from bma_gp.partition import Partition
+
+__all__ = ["BlockMeanKernel"]
+
+#: Largest number of kernel entries evaluated at once for a cross-covariance (rows x training points).
+_CROSS_CHUNK_ENTRIES = 2**22
+
+
+def _check_train_x(train_x) -> Tensor:
+    if not torch.is_tensor(train_x):
+        raise TypeError(f"train_x must be a torch.Tensor of shape (n, d), got {type(train_x).__name__}.")
+    if not train_x.dtype.is_floating_point:
+        raise ValueError(f"train_x must be floating point, got dtype {train_x.dtype}; convert it with .float().")
+    if train_x.dim() == 1:
+        train_x = train_x.unsqueeze(-1)
+    if train_x.dim() < 2 or train_x.shape[-2] == 0 or train_x.shape[-1] == 0:
+        raise ValueError(
+            f"train_x must have shape (n, d) or (*batch, n, d) with n, d >= 1 (or (n,) for d = 1), "
+            f"got {tuple(train_x.shape)}."
+        )
+    return train_x
+
+
+def _check_partition(partition, n: int) -> Partition:
+    if not isinstance(partition, Partition):
+        raise TypeError(
+            f"partition must be a bma_gp.Partition, got {type(partition).__name__}; build one with "
+            "Partition.from_labels(labels) or a builder from bma_gp.partitioning."
+        )
+    if len(partition) != n:
+        raise ValueError(
+            f"partition has {len(partition)} indices but train_x has {n} rows; they must match "
+            "(one block label per training input)."
+        )
+    return partition
+
+
+def _same_rows(x: Tensor, ref: Tensor) -> bool:
+    """Whether ``x`` (*batch, n, d) holds exactly the rows of ``ref`` (*batch', n, d), batches broadcast."""
+    if x.shape[-2:] != ref.shape[-2:]:
+        return False
+    if x.shape == ref.shape and x.device == ref.device and x.data_ptr() == ref.data_ptr() \
+            and x.stride() == ref.stride() and x.dtype == ref.dtype:
+        return True  # the same memory: nothing to compare
+    try:
+        torch.broadcast_shapes(x.shape, ref.shape)
+    except RuntimeError:
+        return False
+    return bool((x == ref.to(device=x.device, dtype=x.dtype)).all())
+
+
+def _chunked_rows(fn, x: Tensor, chunk: int) -> Tensor:
+    """``torch.cat([fn(rows) for rows in x.split(chunk, -2)], -2)``, recomputed in backward when
+    gradients are needed so that only one chunk of kernel entries is alive at a time."""
+    pieces = []
+    for rows in x.split(chunk, dim=-2):
+        if torch.is_grad_enabled():
+            pieces.append(torch.utils.checkpoint.checkpoint(fn, rows, use_reentrant=False))
+        else:
+            pieces.append(fn(rows))
+    return torch.cat(pieces, dim=-2)
+
+
+class BlockMeanKernel(Kernel):
+    r"""The block-exchangeable process of ``base_kernel`` over a partition of the training inputs.
+
+    With training inputs :math:`X` in blocks :math:`X_1, \dots, X_k` (a :class:`~bma_gp.Partition`),
+    the training covariance is the Frobenius-nearest block mean matrix to
+    :math:`K = k(X, X)` (SPEC section 2):
+
+    .. math::
+
+        \hat K = \operatorname{diag}(\lambda_c) + P B P^\top, \qquad
+        B_{ij} = \operatorname{mean}\, k(X_i, X_j), \quad
+        \lambda_i + B_{ii} = \operatorname{mean}\, \operatorname{diag} k(X_i, X_i),
+
+    the exact covariance of the process obtained by averaging over permutations of the
+    training points inside each block. Every other input is a singleton block of that process:
+
+    .. math::
+
+        \operatorname{cov}(f(x), f(X_m)) = \frac{1}{s_j} \sum_{x' \in X_j} k(x, x')
+        \quad (j = c_m), \qquad \operatorname{cov}(f(x), f(x')) = k(x, x').
+
+    The joint covariance is again a block mean matrix (over the training blocks plus one
+    singleton block per new point), so it is positive semidefinite and posterior variances are
+    never negative.
+
+    Inputs are interpreted by comparing rows with ``train_x``:
+
+    * equal to ``train_x``: the training points (a :class:`~bma_gp.BlockMeanLinearOperator`);
+    * ``train_x`` followed by more rows (what :class:`gpytorch.models.ExactGP` passes when
+      predicting): the training points, then new points (a block mean operator over
+      ``k + t`` blocks);
+    * anything else: new points (``base_kernel`` itself; against the training points a
+      :class:`~bma_gp.kernels.BlockCrossLinearOperator` of size ``t x k``).
+
+    Predictions at inputs equal to ``train_x`` are therefore the posterior of the latent
+    values *at the training points*; any other set of inputs gets the new-point covariance.
+    In an :class:`~gpytorch.models.ExactGP` with a
+    :class:`~gpytorch.likelihoods.GaussianLikelihood` the marginal likelihood, its gradient and
+    predictions use the closed forms of the block mean operator only (see
+    :class:`~bma_gp.kernels.BlockMeanPredictionStrategy`).
+
+    Args:
+        base_kernel: the kernel to approximate (its ``active_dims`` and batch shape are respected).
+        train_x: the training inputs the kernel is bound to. # shape: (n, d) or (*batch, n, d)
+        partition: a partition of the ``n`` training inputs into ``k`` blocks.
+        chunk_size: rows of kernel entries evaluated at once when forming block sums
+            (``None``: chosen to keep about 32 MB alive).
+
+    Example:
+        >>> base = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+        >>> partition = Partition.from_labels(labels)
+        >>> covar_module = BlockMeanKernel(base, train_x, partition)
+
+    Cost: the training covariance needs every kernel entry once (:math:`O(n^2 d)` time,
+    :math:`O(n \cdot \text{chunk})` memory); everything after is :math:`O(n + k^3)`.
+    When the training data change, call :meth:`set_train_data` (and
+    ``model.set_train_data``) so that the kernel and the model agree.
+    """
+
+    has_lengthscale = False
+
+    def __init__(self, base_kernel: Kernel, train_x: Tensor, partition: Partition, *,
+                 chunk_size: int | None = None, **kwargs):
+        if not isinstance(base_kernel, Kernel):
+            raise TypeError(f"base_kernel must be a gpytorch Kernel, got {type(base_kernel).__name__}.")
+        if "active_dims" in kwargs and kwargs["active_dims"] is not None:
+            raise ValueError(
+                "BlockMeanKernel does not take active_dims itself: set active_dims on base_kernel "
+                "(it is respected; train_x keeps all input columns)."
+            )
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size <= 0):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+        super().__init__(**kwargs)
+        self.base_kernel = base_kernel
+        self.chunk_size = chunk_size
+        self._train_x: Tensor
+        self._partition: Partition
+        self.set_train_data(train_x, partition)
+
+    # ------------------------------------------------------------------ bound data
+    @property
+    def train_x(self) -> Tensor:
+        """The training inputs the kernel is bound to (all columns, before ``active_dims``)."""
+        return self._train_x
+
+    @property
+    def partition(self) -> Partition:
+        """The partition of the training inputs."""
+        return self._partition
+
+    def set_train_data(self, train_x: Tensor, partition: Partition | None = None) -> None:
+        """Bind the kernel to new training inputs (and optionally a new partition).
+
+        Nothing derived from the old data is kept: the block sums are recomputed on the next call.
+        Without ``partition`` the old one is kept, which must then have one label per new row.
+
+        Raises:
+            TypeError: ``train_x`` is not a tensor or ``partition`` not a :class:`~bma_gp.Partition`.
+            ValueError: ``train_x`` has a bad shape or dtype, or the partition has the wrong length.
+        """
+        train_x = _check_train_x(train_x)
+        partition = _check_partition(self._partition if partition is None and hasattr(self, "_partition")
+                                     else partition, train_x.shape[-2])
+        self._train_x = train_x
+        self._partition = partition
+
+    def set_partition(self, partition: Partition) -> None:
+        """Use a new partition of the same training inputs."""
+        self._partition = _check_partition(partition, self._train_x.shape[-2])
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .double(), .cuda() move the bound inputs together with the parameters
+        module = super()._apply(fn, *args, **kwargs)
+        self._train_x = fn(self._train_x)
+        return module
+
+    def __getitem__(self, index) -> Kernel:
+        new_kernel = super().__getitem__(index)
+        if new_kernel is not self and self._train_x.dim() > 2:
+            index = index if isinstance(index, tuple) else (index,)
+            batch = torch.broadcast_shapes(self._train_x.shape[:-2], self.batch_shape)
+            new_kernel._train_x = self._train_x.expand(*batch, *self._train_x.shape[-2:])[index]
+        return new_kernel
+
+    # ------------------------------------------------------------------ pieces
+    def _partition_on(self, device: torch.device) -> Partition:
+        return self._partition.to(device)
+
+    def _base_dense(self, x1: Tensor, x2: Tensor) -> Tensor:
+        with gpt_settings.lazily_evaluate_kernels(False):
+            return to_dense(self.base_kernel(x1, x2))
+
+    def _train_block_mean(self, train_x: Tensor) -> BlockMeanLinearOperator:
+        partition = self._partition_on(train_x.device)
+        return _kernel_block_mean(self.base_kernel, train_x, partition, self.chunk_size)
+
+    def _cross_block_means(self, x_new: Tensor, train_x: Tensor) -> Tensor:
+        """:math:`A_{ij}` = mean of ``base_kernel(x_new[i], X_j)``. # shape: (*batch, t, k)"""
+        partition = self._partition_on(train_x.device)
+        n = train_x.shape[-2]
+        chunk = self.chunk_size or max(1, _CROSS_CHUNK_ENTRIES // n)
+
+        def block_means(rows: Tensor) -> Tensor:
+            return partition.block_mean(self._base_dense(rows, train_x), dim=-1)
+
+        return _chunked_rows(block_means, x_new, chunk)
+
+    def _train_diagonal(self, train_x: Tensor) -> Tensor:
+        # lam_i + B_ii is the mean of the diagonal of block i: O(n), no block sums needed
+        partition = self._partition_on(train_x.device)
+        diag = to_dense(self.base_kernel(train_x, diag=True))
+        return partition.expand(partition.block_mean(diag, dim=-1), dim=-1)
+
+    def _num_train_rows(self, x: Tensor) -> int:
+        """n if ``x`` starts with the training inputs (possibly followed by new points), else 0."""
+        train_x = self._train_x
+        n = train_x.shape[-2]
+        if x.shape[-2] < n or x.shape[-1] != train_x.shape[-1]:
+            return 0
+        return n if _same_rows(x[..., :n, :], train_x) else 0
+
+    # ------------------------------------------------------------------ kernel interface
+    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False,
+                **params) -> Tensor | LinearOperator:
+        if last_dim_is_batch:
+            raise NotImplementedError("BlockMeanKernel does not support the deprecated last_dim_is_batch mode.")
+        train_x = self._train_x.to(device=x1.device, dtype=x1.dtype)
+        n = train_x.shape[-2]
+        r1, r2 = self._num_train_rows(x1), self._num_train_rows(x2)
+        new1, new2 = x1[..., r1:, :], x2[..., r2:, :]
+        t1, t2 = new1.shape[-2], new2.shape[-2]
+
+        if diag:
+            if x1.shape[-2] != x2.shape[-2] or r1 != r2:
+                return torch.diagonal(to_dense(self.forward(x1, x2)), dim1=-2, dim2=-1)
+            parts = []
+            if r1:
+                parts.append(self._train_diagonal(train_x))
+            if t1:
+                parts.append(to_dense(self.base_kernel(new1, new2, diag=True)))
+            batch = torch.broadcast_shapes(*(p.shape[:-1] for p in parts))
+            return torch.cat([p.expand(*batch, p.shape[-1]) for p in parts], dim=-1)
+
+        batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], self.batch_shape)
+        res = self._full(train_x, x1, x2, r1, r2, new1, new2)
+        if res.shape[:-2] != batch:
+            res = res.expand(*batch, *res.shape[-2:])
+        return res
+
+    def _full(self, train_x, x1, x2, r1, r2, new1, new2) -> LinearOperator:
+        t1, t2 = new1.shape[-2], new2.shape[-2]
+        same_inputs = x1 is x2 or (x1.shape == x2.shape and r1 == r2 and torch.equal(new1, new2))
+        if r1 and r2 and not t1 and not t2:
+            return self._train_block_mean(train_x)
+        if r1 and r2 and same_inputs:
+            return self._joint_block_mean(train_x, new1)
+        if not r1 and r2 and not t2:
+            return BlockCrossLinearOperator(self._cross_block_means(new1, train_x),
+                                            self._partition_on(train_x.device))
+        if r1 and not t1 and not r2:
+            cross = BlockCrossLinearOperator(self._cross_block_means(new2, train_x),
+                                             self._partition_on(train_x.device))
+            return cross.mT
+        if not r1 and not r2:
+            return to_linear_operator(self._base_dense(new1, new2))
+        # Rare mixtures (e.g. train + new rows against other new rows): assemble densely.
+        return to_linear_operator(self._dense_mixture(train_x, r1, new1, r2, new2))
+
+    def _joint_block_mean(self, train_x: Tensor, x_new: Tensor) -> BlockMeanLinearOperator:
+        """Training points followed by new points: one block mean operator over ``k + t`` blocks."""
+        train = self._train_block_mean(train_x)
+        cross = self._cross_block_means(x_new, train_x)  # (*b, t, k)
+        new_new = self._base_dense(x_new, x_new)  # (*b, t, t)
+        k, t = train.partition.num_blocks, x_new.shape[-2]
+        batch = torch.broadcast_shapes(train.lam.shape[:-1], cross.shape[:-2], new_new.shape[:-2])
+        lam = torch.cat([train.lam.expand(*batch, k), train.lam.new_zeros(*batch, t)], dim=-1)
+        top = torch.cat([train.B.expand(*batch, k, k), cross.mT.expand(*batch, k, t)], dim=-1)
+        bottom = torch.cat([cross.expand(*batch, t, k), new_new.expand(*batch, t, t)], dim=-1)
+        labels = torch.cat([train.partition.labels,
+                            torch.arange(k, k + t, device=train.partition.labels.device)])
+        return BlockMeanLinearOperator(lam, torch.cat([top, bottom], dim=-2),
+                                       Partition.from_labels(labels, num_blocks=k + t))
+
+    def _dense_mixture(self, train_x: Tensor, r1: int, new1: Tensor, r2: int, new2: Tensor) -> Tensor:
+        rows = []
+        if r1:
+            row = []
+            if r2:
+                row.append(self._train_block_mean(train_x).to_dense())
+            if new2.shape[-2]:
+                row.append(BlockCrossLinearOperator(self._cross_block_means(new2, train_x),
+                                                    self._partition_on(train_x.device)).to_dense().mT)
+            rows.append(row)
+        if new1.shape[-2]:
+            row = []
+            if r2:
+                row.append(BlockCrossLinearOperator(self._cross_block_means(new1, train_x),
+                                                    self._partition_on(train_x.device)).to_dense())
+            if new2.shape[-2]:
+                row.append(self._base_dense(new1, new2))
+            rows.append(row)
+        blocks = [b for row in rows for b in row]
+        batch = torch.broadcast_shapes(*(b.shape[:-2] for b in blocks))
+        return torch.cat([torch.cat([b.expand(*batch, *b.shape[-2:]) for b in row], dim=-1) for row in rows],
+                         dim=-2)
+
+    def num_outputs_per_input(self, x1: Tensor, x2: Tensor) -> int:
+        return 1
+
+    def prediction_strategy(self, train_inputs, train_prior_dist, train_labels, likelihood):
+        strategy = BlockMeanPredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood)
+        prior = train_prior_dist.lazy_covariance_matrix
+        if isinstance(prior, LinearOperator) and not isinstance(prior.evaluate_kernel(), BlockMeanLinearOperator):
+            raise ValueError(
+                "the model's training inputs do not match BlockMeanKernel.train_x, so the training covariance is "
+                "not the block mean approximation. After model.set_train_data(x, y), also call "
+                "kernel.set_train_data(x, partition) on the BlockMeanKernel."
+            )
+        return strategy
+
+
+def _kernel_block_mean(kernel: Kernel, x: Tensor, partition: Partition,
+                       chunk_size: int | None) -> BlockMeanLinearOperator:
+    """The block mean of ``kernel(x, x)``; uses :func:`bma_gp.kernel_block_mean` when available."""
+    try:
+        from bma_gp.kernel_block_mean import kernel_block_mean
+    except ImportError:  # pragma: no cover - transitional, until kernel_block_mean lands
+        from bma_gp.approximation import block_mean
+
+        with gpt_settings.lazily_evaluate_kernels(False):
+            return block_mean(to_dense(kernel(x, x)), partition)
+    return kernel_block_mean(kernel, x, partition, chunk_size=chunk_size)

@@ -1,0 +1,130 @@
+"""Exact GP prediction when the training covariance is a block mean matrix.
+
+GPyTorch's :class:`~gpytorch.models.exact_prediction_strategies.DefaultPredictionStrategy`
+solves against a dense (or CG/Lanczos-backed) training covariance. When the noisy training
+covariance is a :class:`~bma_gp.BlockMeanLinearOperator` and the test/train cross-covariance
+is :math:`A P^\\top` (:class:`~bma_gp.kernels.BlockCrossLinearOperator`), the posterior needs
+only closed forms:
+
+.. math::
+
+    \\mu_* = m_* + A\\, P^\\top \\alpha, \\qquad \\alpha = (\\hat K + \\sigma^2 I)^{-1} (y - m), \\\\
+    \\Sigma_* = K_{**} - A\\, G\\, A^\\top, \\qquad
+    G = P^\\top (\\hat K + \\sigma^2 I)^{-1} P = S^{1/2} C^{-1} S^{1/2},
+
+where :math:`C` is the :math:`k \\times k` core matrix of the noisy training covariance (SPEC
+section 1: :math:`M U = U C` for :math:`U = P S^{-1/2}`). The cost after the training
+covariance is :math:`O(n + k^3)` once and :math:`O(tk^2)` per batch of :math:`t` test points.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from gpytorch import settings
+from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
+from gpytorch.utils.memoize import cached, clear_cache_hook
+from linear_operator import to_linear_operator
+from linear_operator.operators import LinearOperator, MatmulLinearOperator, ZeroLinearOperator
+from torch import Tensor
+
+from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
+from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
+
+__all__ = ["BlockMeanPredictionStrategy"]
+
+
+def _attach_clear_hook(strategy, tensor: Tensor) -> Tensor:
+    """Drop the strategy's caches when gradients flow back through ``tensor`` (as GPyTorch does)."""
+    if tensor.grad_fn is not None:
+        wrapper = functools.partial(clear_cache_hook, strategy)
+        functools.update_wrapper(wrapper, clear_cache_hook)
+        tensor.grad_fn.register_hook(wrapper)
+    return tensor
+
+
+class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
+    r"""Closed-form exact prediction for a block mean training covariance.
+
+    Used automatically by :class:`~bma_gp.BlockMeanKernel` and :class:`~bma_gp.GroupKernel`
+    (also inside :class:`~gpytorch.kernels.ScaleKernel`) through the kernel's
+    ``prediction_strategy`` hook. If the noisy training covariance is not a block mean
+    operator (e.g. heteroscedastic fixed noise) or the cross-covariance is not block structured,
+    every method falls back to GPyTorch's default behaviour.
+
+    The posterior mean is :math:`m_* + A P^\top \alpha` and the covariance
+    :math:`K_{**} - (A W)(A W)^\top` with :math:`W W^\top = P^\top (\hat K + \sigma^2 I)^{-1} P`
+    (from an eigendecomposition of the :math:`k \times k` core matrix), whether or not
+    ``gpytorch.settings.fast_pred_var`` is on: both are exact here.
+    """
+
+    def __init__(self, train_inputs, train_prior_dist, train_labels, likelihood, root=None, inv_root=None):
+        super().__init__(train_inputs, train_prior_dist, train_labels, likelihood, root=root, inv_root=inv_root)
+        covar = self.lik_train_train_covar
+        evaluated = covar.evaluate_kernel() if isinstance(covar, LinearOperator) else covar
+        self.block_mean_covar: BlockMeanLinearOperator | None = (
+            evaluated if isinstance(evaluated, BlockMeanLinearOperator) else None)
+        if self.block_mean_covar is not None:
+            self.lik_train_train_covar = evaluated
+
+    # ------------------------------------------------------------------ caches
+    @cached(name="mean_cache")
+    def _mean_cache(self, nan_policy: str) -> Tensor:
+        if self.block_mean_covar is None or nan_policy != "ignore":
+            return super()._mean_cache(nan_policy)
+        train_mean = self.likelihood(self.train_prior_dist, self.train_inputs).loc
+        offset = (self.train_labels - train_mean).unsqueeze(-1)
+        mean_cache = self.block_mean_covar.solve(offset).squeeze(-1)
+        if settings.detach_test_caches.on():
+            mean_cache = mean_cache.detach()
+        return _attach_clear_hook(self, mean_cache)
+
+    @property
+    @cached(name="block_covar_root")
+    def block_covar_root(self) -> Tensor:
+        r""":math:`W` with :math:`W W^\top = P^\top (\hat K + \sigma^2 I)^{-1} P`. # shape: (*batch, k, k)"""
+        M = self.block_mean_covar
+        evals, evecs = torch.linalg.eigh(M.core_matrix())
+        tiny = torch.finfo(evals.dtype).tiny
+        root = evecs * evals.clamp_min(tiny).rsqrt().unsqueeze(-2)
+        root = M.partition.sizes.to(root.dtype).sqrt().unsqueeze(-1) * root
+        if settings.detach_test_caches.on():
+            root = root.detach()
+        return _attach_clear_hook(self, root)
+
+    def _block_cross(self, test_train_covar) -> Tensor | None:
+        """:math:`A` if ``test_train_covar`` is :math:`A P^\\top` over the training partition, else None."""
+        if self.block_mean_covar is None or not isinstance(test_train_covar, BlockCrossLinearOperator):
+            return None
+        if test_train_covar.transposed or not test_train_covar.partition.same_as(self.block_mean_covar.partition):
+            return None
+        return test_train_covar.values
+
+    # ------------------------------------------------------------------ prediction
+    def exact_prediction(self, test_mean: Tensor, test_test_covar, test_train_covar):
+        if self._block_cross(test_train_covar) is None:
+            return super().exact_prediction(test_mean, test_test_covar, test_train_covar)
+        # no densification of the (t x n) cross-covariance, whatever max_eager_kernel_size says
+        return (self.exact_predictive_mean(test_mean, test_train_covar),
+                self.exact_predictive_covar(test_test_covar, test_train_covar))
+
+    def exact_predictive_covar(self, test_test_covar, test_train_covar) -> LinearOperator:
+        values = self._block_cross(test_train_covar)
+        if values is None:
+            return super().exact_predictive_covar(test_test_covar, test_train_covar)
+        if settings.fast_pred_var.on():
+            self._last_test_train_covar = test_train_covar
+        if settings.skip_posterior_variances.on():
+            return ZeroLinearOperator(*test_test_covar.size(), dtype=test_test_covar.dtype,
+                                      device=test_test_covar.device)
+        factor = values @ self.block_covar_root  # (*batch, t, k): A W
+        if torch.is_tensor(test_test_covar):
+            return to_linear_operator(test_test_covar - factor @ factor.mT)
+        return test_test_covar + MatmulLinearOperator(factor, factor.mT.mul(-1))
+
+    def get_fantasy_strategy(self, inputs, targets, full_inputs, full_targets, full_output, **kwargs):
+        raise NotImplementedError(
+            "fantasy models are not supported with block mean kernels: add the points to the training data "
+            "(model.set_train_data and the kernel's set_train_data) instead."
+        )
