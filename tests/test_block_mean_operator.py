@@ -1,0 +1,390 @@
+"""Closed forms of BlockMeanLinearOperator against dense torch.linalg on random partitions."""
+
+import math
+from contextlib import ExitStack, contextmanager
+from unittest import mock
+
+import linear_operator
+import pytest
+import torch
+from linear_operator.operators import ConstantDiagLinearOperator, DenseLinearOperator, SumLinearOperator
+
+import bma_gp
+from bma_gp import BlockMeanLinearOperator, Partition, block_mean
+
+# (name, labels): unequal sizes, singletons, scattered labels, k = 1, k = n
+PARTITIONS = {
+    "scattered": [2, 0, 1, 0, 3, 1, 1, 0, 2, 4, 1, 0],  # block 3 and 4 are singletons
+    "contiguous": [0, 0, 0, 1, 1, 2, 3, 3, 3, 3],
+    "one_block": [0] * 7,
+    "all_singletons": [4, 2, 0, 1, 3],
+    "pairs": [0, 1, 2, 0, 1, 2],
+}
+DTYPES = [torch.float64, torch.float32]
+BATCHES = [(), (2,), (2, 3)]
+
+
+def make_operator(labels, batch=(), dtype=torch.float64, seed=0, shift=0.5, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    partition = Partition.from_labels(torch.tensor(labels))
+    k = partition.num_blocks
+    root = torch.randn(*batch, k, k, generator=gen, dtype=torch.float64)
+    B = (root @ root.mT / k + 0.2).to(dtype)
+    lam = (torch.rand(*batch, k, generator=gen, dtype=torch.float64) + shift).to(dtype)
+    if requires_grad:
+        lam.requires_grad_(True)
+        B.requires_grad_(True)
+    return BlockMeanLinearOperator(lam, B, partition), lam, B
+
+
+def dense(lam, B, labels):
+    labels = torch.as_tensor(labels)
+    B = 0.5 * (B + B.mT)
+    return B[..., labels, :][..., :, labels] + torch.diag_embed(lam[..., labels])
+
+
+def tol(dtype):
+    return {"rtol": 1e-9, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-4}
+
+
+def dense_fn(A, fn):
+    e, V = torch.linalg.eigh(A.double())
+    return ((V * fn(e).unsqueeze(-2)) @ V.mT).to(A.dtype)
+
+
+@contextmanager
+def closed_forms_only(k):
+    """Inside: CG, Lanczos, contour quadrature and linear_operator's Cholesky raise, and torch.linalg
+    factorisations raise on anything larger than k x k."""
+
+    def boom(*args, **kwargs):
+        raise AssertionError("an iterative or dense n x n routine was called")
+
+    def small_only(fn):
+        def wrapped(A, *args, **kwargs):
+            if torch.is_tensor(A) and A.shape[-1] > k:
+                raise AssertionError(f"{fn.__name__} called on a {A.shape[-1]} x {A.shape[-1]} matrix")
+            return fn(A, *args, **kwargs)
+
+        return wrapped
+
+    with ExitStack() as stack:
+        for target in ["linear_operator.utils.linear_cg", "linear_operator.utils.lanczos.lanczos_tridiag",
+                       "linear_operator.utils.cholesky.psd_safe_cholesky",
+                       "linear_operator.utils.contour_integral_quad"]:
+            stack.enter_context(mock.patch(target, side_effect=boom))
+        for name in ["cholesky", "cholesky_ex", "eigh", "eigvalsh", "solve_ex", "slogdet", "inv", "solve"]:
+            stack.enter_context(mock.patch.object(torch.linalg, name, small_only(getattr(torch.linalg, name))))
+        yield
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(PARTITIONS))
+def test_closed_forms_match_dense(name, dtype, batch):
+    labels = PARTITIONS[name]
+    op, lam, B = make_operator(labels, batch, dtype, seed=hash(name) % 1000)
+    A = dense(lam, B, labels)
+    n = len(labels)
+    x = torch.randn(*batch, n, 3, dtype=dtype)
+    ref = {
+        "matmul": A @ x, "diag": torch.diagonal(A, dim1=-2, dim2=-1), "solve": torch.linalg.solve(A, x),
+        "inv": torch.linalg.inv(A), "logdet": torch.logdet(A), "eig": torch.linalg.eigvalsh(A),
+        "sqrt": dense_fn(A, torch.sqrt), "isqrt": dense_fn(A, torch.rsqrt), "exp": torch.linalg.matrix_exp(A),
+        "log": dense_fn(A, torch.log),
+    }
+    ref["quad"] = (x * ref["solve"]).sum(-2)
+    t = tol(dtype)
+    with closed_forms_only(op.partition.num_blocks):  # nothing bigger than k x k may be factorised
+        torch.testing.assert_close(op @ x, ref["matmul"], **t)
+        torch.testing.assert_close(op.diagonal(), ref["diag"], **t)
+        torch.testing.assert_close(op.solve(x), ref["solve"], **t)
+        torch.testing.assert_close(op.inverse().to_dense(), ref["inv"], **t)
+        torch.testing.assert_close(op.logdet(), ref["logdet"], **t)
+        inv_quad, logdet = op.inv_quad_logdet(x, logdet=True, reduce_inv_quad=False)
+        torch.testing.assert_close(inv_quad, ref["quad"], **t)
+        torch.testing.assert_close(logdet, ref["logdet"], **t)
+        torch.testing.assert_close(op.eigvalsh(), ref["eig"], **t)
+        torch.testing.assert_close(op.matrix_sqrt().to_dense(), ref["sqrt"], **t)
+        torch.testing.assert_close(op.matrix_inv_sqrt().to_dense(), ref["isqrt"], **t)
+        torch.testing.assert_close(op.matrix_function(torch.exp).to_dense(), ref["exp"], **t)
+        torch.testing.assert_close(op.matrix_log().to_dense(), ref["log"], **t)
+        torch.testing.assert_close(op.sqrt_inv_matmul(x), ref["isqrt"] @ x, **t)
+        torch.testing.assert_close(op.root_decomposition() @ x, ref["matmul"], **t)
+        torch.testing.assert_close(op.root_inv_decomposition() @ x, ref["solve"], **t)
+        # linear_operator's functional entry points take the same closed forms, also below max_cholesky_size
+        with linear_operator.settings.max_cholesky_size(10**9):
+            torch.testing.assert_close(linear_operator.solve(op, x), ref["solve"], **t)
+            torch.testing.assert_close(torch.logdet(op), ref["logdet"], **t)
+            _, ld = linear_operator.inv_quad_logdet(op, x, logdet=True)
+            torch.testing.assert_close(ld, ref["logdet"], **t)
+        with linear_operator.settings.max_cholesky_size(0):
+            torch.testing.assert_close(torch.linalg.solve(op, x), ref["solve"], **t)
+            torch.testing.assert_close(torch.logdet(op), ref["logdet"], **t)
+
+
+@pytest.mark.parametrize("name", list(PARTITIONS))
+def test_matrix_functions_return_block_mean_operators(name):
+    op, _, _ = make_operator(PARTITIONS[name])
+    for result in (op.matrix_sqrt(), op.matrix_inv_sqrt(), op.matrix_function(torch.exp), op.inverse(),
+                   op.root_decomposition().root, op.root_inv_decomposition().root):
+        assert isinstance(result, BlockMeanLinearOperator)
+        assert result.partition is op.partition
+    sq = op.matrix_sqrt()
+    torch.testing.assert_close((sq @ sq).to_dense(), op.to_dense())
+    isq = op.matrix_inv_sqrt()
+    torch.testing.assert_close((isq @ op @ isq).to_dense(), torch.eye(len(op.partition), dtype=op.dtype))
+
+
+@pytest.mark.parametrize("name", ["scattered", "one_block", "all_singletons", "contiguous"])
+@pytest.mark.parametrize("method", ["solve", "logdet", "inv_quad", "sqrt", "inv_sqrt", "exp", "log", "eigvalsh"])
+def test_gradients_match_finite_differences(name, method):
+    labels = PARTITIONS[name]
+    partition = Partition.from_labels(torch.tensor(labels))
+    op0, lam0, B0 = make_operator(labels, (2,), torch.float64, seed=7)
+    x = torch.randn(2, len(labels), 2, dtype=torch.float64)
+
+    def f(lam, B):
+        op = BlockMeanLinearOperator(lam, B, partition)
+        if method == "solve":
+            return op.solve(x)
+        if method == "logdet":
+            return op.logdet()
+        if method == "inv_quad":
+            return op.inv_quad_logdet(x, logdet=True)[0]
+        if method == "sqrt":
+            return op.matrix_sqrt() @ x
+        if method == "inv_sqrt":
+            return op.matrix_inv_sqrt() @ x
+        if method == "exp":
+            return op.matrix_function(torch.exp) @ x
+        if method == "log":
+            return op.matrix_log() @ x
+        # the sum of eigenvalues is the trace; sums of smooth functions of them are well defined
+        return op.eigvalsh().pow(2).sum(-1)
+
+    lam = lam0.detach().requires_grad_(True)
+    B = B0.detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(f, (lam, B), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(PARTITIONS))
+def test_gradients_match_dense_autograd(name):
+    """Gradients of logdet + inverse quadratic (the GP marginal likelihood) agree with dense autograd."""
+    labels = PARTITIONS[name]
+    op, lam, B = make_operator(labels, (3,), torch.float64, seed=11, requires_grad=True)
+    lam2 = lam.detach().clone().requires_grad_(True)
+    B2 = B.detach().clone().requires_grad_(True)
+    y = torch.randn(3, len(labels), 1, dtype=torch.float64)
+    quad, logdet = op.inv_quad_logdet(y, logdet=True)
+    (quad + logdet).sum().backward()
+    A = dense(lam2, B2, labels)
+    ((y * torch.linalg.solve(A, y)).sum((-1, -2)) + torch.logdet(A)).sum().backward()
+    torch.testing.assert_close(lam.grad, lam2.grad)
+    torch.testing.assert_close(B.grad, B2.grad)
+    assert torch.allclose(B.grad, B.grad.mT)  # B is treated as symmetric in every path
+
+
+def test_float32_gradients_close_to_float64():
+    labels = PARTITIONS["scattered"]
+    out = {}
+    for dtype in DTYPES:
+        op, lam, B = make_operator(labels, (), dtype, seed=3, requires_grad=True)
+        (op.matrix_inv_sqrt() @ torch.ones(len(labels), dtype=dtype)).sum().backward()
+        out[dtype] = (lam.grad.double(), B.grad.double())
+    torch.testing.assert_close(out[torch.float32][0], out[torch.float64][0], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(out[torch.float32][1], out[torch.float64][1], rtol=1e-3, atol=1e-4)
+
+
+def test_repeated_core_eigenvalues_give_finite_gradients():
+    # identical blocks: C has repeated eigenvalues, where eigh's own backward would be nan
+    partition = Partition.from_sizes([3, 3, 3])
+    lam = torch.full((3,), 2.0, dtype=torch.float64, requires_grad=True)
+    B = torch.eye(3, dtype=torch.float64).mul(0.5).requires_grad_(True)
+    op = BlockMeanLinearOperator(lam, B, partition)
+    op.matrix_inv_sqrt().to_dense().sum().backward()
+    assert torch.isfinite(lam.grad).all() and torch.isfinite(B.grad).all()
+    # this matrix is diagonal-plus-blocks of ones; compare with the dense Newton-free formula
+    lam2 = lam.detach().clone().requires_grad_(True)
+    B2 = B.detach().clone().requires_grad_(True)
+    A = dense(lam2, B2, partition.labels)
+    # A^{-1/2} = sum over the two distinct eigenvalues of projector / sqrt(eigenvalue)
+    ones = torch.ones(3, 3, dtype=torch.float64) / 3
+    J = torch.block_diag(ones, ones, ones)
+    s = 3.0
+    mu = lam2[0] + s * B2[0, 0]
+    ref = J * mu.rsqrt() + (torch.eye(9, dtype=torch.float64) - J) * lam2[0].rsqrt()
+    torch.testing.assert_close(op.matrix_inv_sqrt().to_dense(), ref.detach() + 0 * A.detach())
+
+
+def test_algebra_keeps_type():
+    op1, lam1, B1 = make_operator(PARTITIONS["scattered"], seed=1)
+    op2, lam2, B2 = make_operator(PARTITIONS["scattered"], seed=2)
+    A1, A2 = op1.to_dense(), op2.to_dense()
+    for res, ref in [(op1 + op2, A1 + A2), (op1 * 2.5, A1 * 2.5), (2.5 * op1, A1 * 2.5), (op1 @ op2, A1 @ A2),
+                     (op1.add_diagonal(torch.tensor(0.3, dtype=torch.float64)), A1 + 0.3 * torch.eye(12)),
+                     (op1.add_jitter(0.1), A1 + 0.1 * torch.eye(12)),
+                     (op1 + ConstantDiagLinearOperator(torch.tensor([0.7], dtype=torch.float64), 12),
+                      A1 + 0.7 * torch.eye(12)),
+                     (op1 * op2, A1 * A2)]:
+        assert isinstance(res, BlockMeanLinearOperator), type(res)
+        torch.testing.assert_close(res.to_dense(), ref)
+    # the product of two block mean matrices is one, but not symmetric: it still solves
+    prod = op1 @ op2
+    assert not prod.symmetric
+    x = torch.randn(12, 2, dtype=torch.float64)
+    torch.testing.assert_close(prod.solve(x), torch.linalg.solve(A1 @ A2, x))
+    torch.testing.assert_close(prod.logdet(), torch.logdet(A1 @ A2))
+    torch.testing.assert_close(prod.mT @ x, (A1 @ A2).mT @ x)
+    with pytest.raises(ValueError, match="symmetric"):
+        prod.matrix_sqrt()
+    # anything else falls back to linear_operator's generic operators, with correct values
+    other = DenseLinearOperator(torch.eye(12, dtype=torch.float64))
+    res = op1 + other
+    assert isinstance(res, SumLinearOperator)
+    torch.testing.assert_close(res.to_dense(), A1 + torch.eye(12, dtype=torch.float64))
+    full_diag = op1.add_diagonal(torch.arange(12, dtype=torch.float64))
+    torch.testing.assert_close(full_diag.to_dense(), A1 + torch.diag(torch.arange(12, dtype=torch.float64)))
+    # a different partition does not mix
+    op3, _, _ = make_operator(PARTITIONS["pairs"] * 2, seed=3)
+    assert not isinstance(op1 + op3, BlockMeanLinearOperator)
+
+
+def test_batched_scalar_and_principal_submatrix():
+    op, lam, B = make_operator(PARTITIONS["scattered"], (2,), seed=4)
+    A = op.to_dense()
+    scale = torch.tensor([2.0, 3.0], dtype=torch.float64)
+    res = op * scale.view(2, 1, 1)
+    assert isinstance(res, BlockMeanLinearOperator)
+    torch.testing.assert_close(res.to_dense(), A * scale.view(2, 1, 1))
+    sub = op[..., 2:9, 2:9]
+    assert isinstance(sub, BlockMeanLinearOperator)
+    torch.testing.assert_close(sub.to_dense(), A[..., 2:9, 2:9])
+    torch.testing.assert_close(op[1, 3, 5], A[1, 3, 5])
+    idx = torch.tensor([0, 4, 4, 7])
+    torch.testing.assert_close(op[..., idx, idx], A[..., idx, idx])
+
+
+def test_singular_but_allowed_operators_multiply_and_add():
+    # lam = 0 (a GroupKernel before noise): M = P B P^T is singular but a valid covariance
+    partition = Partition.from_labels(torch.tensor([0, 1, 0, 1, 1]))
+    B = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    op = BlockMeanLinearOperator(torch.zeros(2, dtype=torch.float64), B, partition)
+    A = dense(torch.zeros(2, dtype=torch.float64), B, partition.labels)
+    x = torch.randn(5, dtype=torch.float64)
+    torch.testing.assert_close(op @ x, A @ x)
+    torch.testing.assert_close(op.matrix_sqrt().to_dense(), dense_fn(A, lambda e: e.clamp_min(0).sqrt()),
+                               atol=1e-7, rtol=1e-7)
+    noisy = op.add_diagonal(torch.tensor(0.1, dtype=torch.float64))
+    torch.testing.assert_close(noisy.solve(x), torch.linalg.solve(A + 0.1 * torch.eye(5), x))
+    with pytest.raises(ValueError, match=r"singular: lam\[0\] = 0"):
+        op.solve(x)
+    with pytest.raises(ValueError, match="positive definite"):
+        op.logdet()
+    with pytest.raises(ValueError, match="positive definite"):
+        op.matrix_inv_sqrt()
+
+
+def test_not_positive_definite_errors_name_the_culprit():
+    partition = Partition.from_sizes([2, 3])
+    B = torch.eye(2, dtype=torch.float64)
+    op = BlockMeanLinearOperator(torch.tensor([1.0, -0.5], dtype=torch.float64), B, partition)
+    for call in (op.matrix_sqrt, op.matrix_inv_sqrt, op.logdet, op.matrix_log):
+        with pytest.raises(ValueError, match=r"lam\[1\] = -0.5"):
+            call()
+    # lam fine, core matrix indefinite
+    op = BlockMeanLinearOperator(torch.ones(2, dtype=torch.float64), -torch.eye(2, dtype=torch.float64), partition)
+    with pytest.raises(ValueError, match="core matrix C .* eigenvalue"):
+        op.matrix_inv_sqrt()
+    with pytest.raises(ValueError, match="positive definite"):
+        op.logdet()
+    # an indefinite but invertible matrix still solves (LU on the k x k core)
+    A = op.to_dense()
+    x = torch.randn(5, dtype=torch.float64)
+    torch.testing.assert_close(op.solve(x), torch.linalg.solve(A, x))
+    # validation off: no ValueError (and no host sync); nan instead
+    with bma_gp.settings.validate(False):
+        assert torch.isnan(op.matrix_inv_sqrt().to_dense()).any()
+
+
+@pytest.mark.parametrize(
+    "lam_shape, B_shape, match",
+    [((3,), (2, 2), "lam must have shape"), ((2,), (2, 3), "B must be square"), ((2,), (3, 3), "B must have shape"),
+     ((2, 2), (3, 2, 2), "do not broadcast")],
+)
+def test_bad_shapes(lam_shape, B_shape, match):
+    partition = Partition.from_sizes([2, 2])
+    with pytest.raises(ValueError, match=match):
+        BlockMeanLinearOperator(torch.ones(lam_shape), torch.ones(B_shape), partition)
+
+
+def test_bad_types():
+    partition = Partition.from_sizes([2, 2])
+    with pytest.raises(TypeError, match="partition must be a bma_gp.Partition"):
+        BlockMeanLinearOperator(torch.ones(2), torch.eye(2), [0, 0, 1, 1])
+    with pytest.raises(TypeError, match="floating point"):
+        BlockMeanLinearOperator(torch.ones(2, dtype=torch.long), torch.eye(2), partition)
+    with pytest.raises(TypeError, match="share a dtype"):
+        BlockMeanLinearOperator(torch.ones(2, dtype=torch.float64), torch.eye(2), partition)
+    op = BlockMeanLinearOperator(torch.ones(2), torch.eye(2), partition)
+    with pytest.raises(ValueError, match="does not match the operator"):
+        op.solve(torch.ones(5))
+
+
+def test_block_mean_is_optimal_and_psd():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.tensor(PARTITIONS["scattered"])
+    partition = Partition.from_labels(labels)
+    n, k = len(labels), partition.num_blocks
+    X = torch.randn(n, 4, generator=gen, dtype=torch.float64)
+    A = X @ X.T  # positive semidefinite, rank 4
+    approx = block_mean(A, partition)
+    R = A - approx.to_dense()
+    # the residual is orthogonal to every block mean matrix on the partition (projection property)
+    for seed in range(5):
+        other, _, _ = make_operator(labels.tolist(), seed=seed, shift=-0.5)
+        assert abs(float((R * other.to_dense()).sum())) < 1e-10
+    # equals the average over within-block permutations (closed form of the block means)
+    for i in range(k):
+        for j in range(k):
+            block = A[labels == i][:, labels == j]
+            Mb = approx.to_dense()[labels == i][:, labels == j]
+            if i != j:
+                torch.testing.assert_close(Mb, torch.full_like(Mb, float(block.mean())))
+            else:
+                torch.testing.assert_close(torch.diagonal(Mb).mean(), torch.diagonal(block).mean())
+    assert torch.linalg.eigvalsh(approx.to_dense()).min() > -1e-10
+    assert approx.eigvalsh().min() > -1e-10
+    # works for a LinearOperator and for batches; a block mean operator is its own approximation
+    torch.testing.assert_close(block_mean(DenseLinearOperator(A), partition).to_dense(), approx.to_dense())
+    batch = torch.stack([A, 2 * A])
+    torch.testing.assert_close(block_mean(batch, partition).to_dense()[1], 2 * approx.to_dense())
+    assert block_mean(approx, partition) is approx
+
+
+def test_block_mean_bad_input():
+    partition = Partition.from_sizes([2, 2])
+    with pytest.raises(ValueError, match="partition has 4 indices"):
+        block_mean(torch.eye(5), partition)
+    with pytest.raises(ValueError, match="square"):
+        block_mean(torch.ones(4, 3), partition)
+    with pytest.raises(TypeError, match="Partition"):
+        block_mean(torch.eye(4), [0, 0, 1, 1])
+
+
+def test_large_operator_memory_is_linear():
+    """n = 10^6 with k = 100: every closed form runs; nothing of size n x n could fit here anyway."""
+    n, k = 1_000_000, 100
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, k, (n,), generator=gen)
+    partition = Partition.from_labels(labels)
+    root = torch.randn(k, k, generator=gen, dtype=torch.float64)
+    op = BlockMeanLinearOperator(torch.rand(k, generator=gen, dtype=torch.float64) + 1, root @ root.T / k,
+                                 partition)
+    x = torch.randn(n, dtype=torch.float64, generator=gen)
+    y = op.solve(x)
+    torch.testing.assert_close(op @ y, x)
+    z = op.sqrt_inv_matmul(x)
+    torch.testing.assert_close(op.matrix_sqrt() @ z, x)
+    assert torch.isfinite(op.logdet())
+    assert op.eigvalsh().shape == (n,)
