@@ -101,8 +101,24 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
             return None
         return test_train_covar.values
 
+    def _at_training_points(self, test_test_covar, test_train_covar) -> bool:
+        """Whether the test points are the training points themselves (block mean on both sides)."""
+        M = self.block_mean_covar
+        return (M is not None and isinstance(test_train_covar, BlockMeanLinearOperator)
+                and isinstance(test_test_covar, BlockMeanLinearOperator)
+                and test_train_covar.partition.same_as(M.partition)
+                and test_test_covar.partition.same_as(M.partition))
+
     # ------------------------------------------------------------------ prediction
     def exact_prediction(self, test_mean: Tensor, test_test_covar, test_train_covar):
+        if self._at_training_points(test_test_covar, test_train_covar):
+            # K_** - K_*X M^{-1} K_X*: products and sums of block mean operators on one partition
+            mean = self.exact_predictive_mean(test_mean, test_train_covar)
+            if settings.skip_posterior_variances.on():
+                return mean, ZeroLinearOperator(*test_test_covar.size(), dtype=test_test_covar.dtype,
+                                                device=test_test_covar.device)
+            correction = test_train_covar.matmul(self.block_mean_covar.inverse()).matmul(test_train_covar)
+            return mean, test_test_covar + correction.mul(-1.0)
         if self._block_cross(test_train_covar) is None:
             return super().exact_prediction(test_mean, test_test_covar, test_train_covar)
         # no densification of the (t x n) cross-covariance, whatever max_eager_kernel_size says
