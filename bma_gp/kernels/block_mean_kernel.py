@@ -155,6 +155,16 @@ class BlockMeanKernel(Kernel):
         self._partition: Partition
         self.set_train_data(train_x, partition)
 
+    @property
+    def batch_shape(self) -> torch.Size:
+        """The base kernel's batch shape (the wrapper has no parameters of its own)."""
+        base = self._modules.get("base_kernel")
+        return base.batch_shape if base is not None else torch.Size()
+
+    @batch_shape.setter
+    def batch_shape(self, value) -> None:
+        self._batch_shape = torch.Size()  # follows base_kernel, which expand_batch / indexing update
+
     # ------------------------------------------------------------------ bound data
     @property
     def train_x(self) -> Tensor:
