@@ -1,0 +1,247 @@
+"""Bookkeeping shared by the optimizers that precondition all gradients jointly.
+
+:class:`FlatPreconditionedOptimizer` is a ``torch.optim.Optimizer`` whose update is
+a function of the concatenated gradient of every parameter. It owns:
+
+* the flat layout (:class:`~optim.flat_params.FlatParams`), built lazily at the
+  first step on the parameters' device and rebuilt when ``add_param_group`` adds
+  parameters or the parameters move to another device;
+* per-parameter state that lives in flat buffers (``self.state[p][key]`` is a
+  view of one d-vector), listed in ``_flat_state_keys``;
+* *global* state spanning all parameters (``self.global_state``: a k x k or
+  d x d matrix, a step count), kept in float32 or wider and saved under the
+  extra key ``"global_state"`` of :meth:`state_dict`;
+* the torch.optim protocol: ``step(closure)``, gradients gathered under
+  ``torch.no_grad()``, ``maximize``, parameters without a gradient left alone,
+  per-group learning rate and decoupled weight decay applied after
+  preconditioning, sparse and non-finite gradients rejected before anything
+  changes.
+
+Subclasses implement the math: :meth:`_direction` (flat gradient to flat update
+direction), and how global state is created, checked and grown.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optim.flat_params import FlatParams, state_dtype
+
+__all__ = ["FlatPreconditionedOptimizer", "check_hyperparameter"]
+
+
+def check_hyperparameter(name: str, value, *, positive: bool = False, integer: bool = False) -> None:
+    """Raise ``ValueError("Invalid <name> value: ...")`` unless ``value`` is a finite non-negative number.
+
+    Args:
+        name: the argument's name, used in the message.
+        value: the value to check (a Python number or a one-element tensor).
+        positive: require ``value > 0`` instead of ``>= 0``.
+        integer: require a Python ``int`` (not ``bool``).
+    """
+    if integer:
+        ok = isinstance(value, int) and not isinstance(value, bool) and (value > 0 if positive else value >= 0)
+        if not ok:
+            need = "a positive integer" if positive else "a non-negative integer"
+            raise ValueError(f"Invalid {name} value: {value!r}; it must be {need}.")
+        return
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid {name} value: a tensor {name} must have one element, got shape {tuple(value.shape)}.")
+        number = float(value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise ValueError(f"Invalid {name} value: {value!r}; it must be a number.")
+    ok = number > 0 if positive else number >= 0
+    if not ok or number == float("inf"):
+        need = "a finite positive number" if positive else "a finite non-negative number"
+        raise ValueError(f"Invalid {name} value: {value!r}; it must be {need}.")
+
+
+class FlatPreconditionedOptimizer(torch.optim.Optimizer):
+    """Base class: joint preconditioning of the flat gradient (see the module docstring).
+
+    Param-group options every subclass supports: ``lr``, ``weight_decay``
+    (decoupled: :math:`\\theta \\leftarrow \\theta - \\mathrm{lr}\\,(u + \\mathrm{wd}\\,\\theta)`)
+    and ``maximize``.
+    """
+
+    #: per-parameter state entries kept as views of one flat buffer each
+    _flat_state_keys: tuple[str, ...] = ()
+
+    def __init__(self, params, defaults: dict[str, Any], *, check_finite: bool = True):
+        if not isinstance(check_finite, bool):
+            raise ValueError(f"Invalid check_finite value: {check_finite!r}; it must be True or False.")
+        self.check_finite = check_finite
+        self.global_state: dict[str, Any] = {}
+        self._layout: FlatParams | None = None
+        self._flat: dict[str, Tensor] = {}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _init_global_state(self, layout: FlatParams) -> dict[str, Any]:
+        """Fresh global state for ``layout`` (zeros), on its device and dtype."""
+        raise NotImplementedError
+
+    def _fit_global_state(self, state: dict[str, Any], layout: FlatParams) -> dict[str, Any]:
+        """Global state moved to ``layout``'s device/dtype and grown for added parameters.
+
+        Raise ``ValueError`` when ``state`` cannot belong to ``layout``.
+        """
+        raise NotImplementedError
+
+    def _direction(self, g: Tensor, layout: FlatParams) -> Tensor:
+        """The update direction ``u`` (flat, shape ``(d,)``); updates the state. Parameters move by ``-lr * u``."""
+        raise NotImplementedError
+
+    def _prepare_layout(self, layout: FlatParams) -> None:
+        """Attach derived structure (e.g. a partition) to a new layout; may raise ValueError."""
+
+    # ------------------------------------------------------------------ layout and state
+    def _current_layout(self) -> FlatParams:
+        key = FlatParams.key_of(self.param_groups)
+        if self._layout is not None and self._layout.key == key:
+            return self._layout
+        layout = FlatParams(self.param_groups)
+        self._prepare_layout(layout)
+        return layout
+
+    def _commit_layout(self, layout: FlatParams) -> None:
+        """Make ``layout`` current: (re)build flat buffers from per-parameter state, fit global state."""
+        if layout is self._layout:
+            return
+        old = self._layout
+        if old is not None and not layout.extends(old):
+            raise ValueError(
+                "the optimizer's parameters changed in a way other than add_param_group appending new ones; "
+                "build a new optimizer for a different parameter set."
+            )
+        for key in self._flat_state_keys:
+            parts = []
+            for p in layout.params:
+                value = self.state[p].get(key) if p in self.state else None
+                if value is None:
+                    parts.append(torch.zeros(p.numel(), dtype=layout.dtype, device=layout.device))
+                else:
+                    parts.append(value.reshape(-1).to(device=layout.device, dtype=layout.dtype))
+            flat = torch.cat(parts) if parts else torch.zeros(0, dtype=layout.dtype, device=layout.device)
+            self._flat[key] = flat
+            for p, view in zip(layout.params, layout.split(flat)):
+                self.state[p][key] = view
+        if self.global_state:
+            self.global_state = self._fit_global_state(self.global_state, layout)
+        else:
+            self.global_state = self._init_global_state(layout)
+        self._layout = layout
+
+    # ------------------------------------------------------------------ torch.optim protocol
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss
+                (run with gradients enabled).
+
+        Returns:
+            The loss returned by ``closure``, or ``None``.
+
+        Raises:
+            SparseGradientError: a parameter has a sparse gradient.
+            ValueError: a gradient holds inf or nan (when ``check_finite``); nothing has
+                been changed when this is raised.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        layout = self._current_layout()
+        g, active = layout.gather_grads([bool(group["maximize"]) for group in self.param_groups])
+        if not any(active):
+            return loss
+        if self.check_finite and not bool(torch.isfinite(g).all()):
+            raise ValueError(
+                f"{type(self).__name__}.step() got a non-finite gradient (inf or nan); no state or parameter was "
+                "changed. Check the loss for overflow or lower the learning rate (check_finite=False skips this "
+                "check and its host synchronisation)."
+            )
+        self._commit_layout(layout)
+        direction = self._direction(g, layout)
+        self._apply(layout, direction, active)
+        return loss
+
+    def _apply(self, layout: FlatParams, direction: Tensor, active: list[bool]) -> None:
+        """``theta <- theta - lr * (u + weight_decay * theta)`` per group, for parameters that had a gradient."""
+        views = layout.split(direction)
+        for gi, group in enumerate(self.param_groups):
+            params, updates = [], []
+            for p, view, a, pg in zip(layout.params, views, active, layout.group_index):
+                if a and pg == gi:
+                    params.append(p)
+                    updates.append(view if view.dtype == p.dtype else view.to(p.dtype))
+            if not params:
+                continue
+            lr = group["lr"]
+            lr = float(lr) if isinstance(lr, Tensor) else lr
+            wd = group.get("weight_decay", 0.0)
+            if wd:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_add_(params, updates, alpha=-lr)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def state_dict(self) -> dict[str, Any]:
+        """The torch state dict plus ``"global_state"`` (the state spanning all parameters).
+
+        Like torch's, the returned tensors are references, not copies.
+        """
+        sd = super().state_dict()
+        sd["global_state"] = dict(self.global_state)
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict`, exactly.
+
+        Torch casts per-parameter floating state to the parameter's dtype; here the flat
+        per-parameter state and the global state keep their precision: they are
+        moved to the parameters' device and cast to :func:`~optim.flat_params.state_dtype`
+        of the parameters (float32 or wider), so a run continues bit for bit on the
+        same device and dtype.
+        """
+        state_dict = dict(state_dict)
+        global_state = state_dict.pop("global_state", None)
+        if global_state is None:
+            raise ValueError(
+                f"state_dict has no 'global_state' entry: it was not produced by {type(self).__name__}.state_dict()."
+            )
+        saved_flat = {
+            idx: {k: st[k] for k in self._flat_state_keys if k in st} for idx, st in state_dict["state"].items()
+        }
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        id_map = dict(zip(saved_ids, params))
+        dtype = state_dtype(p.dtype for p in params)
+        device = params[0].device
+        for idx, entries in saved_flat.items():
+            if idx in id_map:
+                for k, v in entries.items():
+                    self.state[id_map[idx]][k] = v.to(device=device, dtype=dtype, copy=True)
+        self.global_state = {
+            k: (v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype, copy=True)
+                if isinstance(v, Tensor) else copy.deepcopy(v))
+            for k, v in global_state.items()
+        }
+        self._layout = None
+        self._flat = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("global_state", {})
+        self.__dict__.setdefault("check_finite", True)
+        self._layout = None
+        self._flat = {}

@@ -1,0 +1,138 @@
+"""The flat layout of an optimizer's parameters: one d-vector for all of them.
+
+The optimizers in this package precondition the concatenation of every gradient
+(all parameter groups, in ``param_groups`` order) with one matrix, so they work on
+flat buffers: the gradients are gathered into a single vector once per step, the
+update is computed on that vector, and it is written back through per-parameter
+views. :class:`FlatParams` records where each parameter lives in the vector.
+"""
+
+from __future__ import annotations
+
+from functools import reduce
+
+import torch
+from torch import Tensor
+
+__all__ = ["FlatParams", "SparseGradientError", "state_dtype"]
+
+
+class SparseGradientError(ValueError, RuntimeError):
+    """A parameter has a sparse gradient, which these optimizers do not support.
+
+    Subclasses both ``ValueError`` (bad input) and ``RuntimeError`` (what
+    ``torch.optim.Adam`` raises for the same situation).
+    """
+
+
+def state_dtype(dtypes) -> torch.dtype:
+    """Floating dtype of flat and global state: the promotion of ``dtypes`` and float32.
+
+    Low-precision parameters (float16, bfloat16) get float32 statistics; float64
+    parameters get float64 statistics.
+    """
+    return reduce(torch.promote_types, dtypes, torch.float32)
+
+
+class FlatParams:
+    """Where each parameter of an optimizer sits in the flat d-vector.
+
+    Args:
+        param_groups: the optimizer's ``param_groups``; parameters are laid out in
+            group order, then in the order of each group's ``params``.
+
+    Attributes:
+        params: the parameters, flattened over groups.
+        group_index: for each parameter, the index of its group.
+        numels: number of entries of each parameter.
+        offsets: start of each parameter in the flat vector (length ``len(params) + 1``).
+        numel: ``d``, the total number of entries.
+        device: the common device of all parameters.
+        dtype: dtype of the flat state (see :func:`state_dtype`).
+
+    Raises:
+        ValueError: parameters on several devices, or a parameter that is not a
+            real floating-point tensor.
+    """
+
+    def __init__(self, param_groups: list[dict]):
+        params: list[Tensor] = []
+        group_index: list[int] = []
+        for gi, group in enumerate(param_groups):
+            for p in group["params"]:
+                if not (p.is_floating_point() and not p.is_complex()):
+                    raise ValueError(
+                        f"can only optimize real floating-point parameters, got one of dtype {p.dtype}; "
+                        "convert it with `.float()` or leave it out of the optimizer."
+                    )
+                params.append(p)
+                group_index.append(gi)
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(
+                f"all parameters must be on one device for the flat preconditioner, found {sorted(map(str, devices))}; "
+                "move the model to one device (or use one optimizer per device)."
+            )
+        self.params = params
+        self.group_index = group_index
+        self.numels = [p.numel() for p in params]
+        offsets = [0]
+        for m in self.numels:
+            offsets.append(offsets[-1] + m)
+        self.offsets = offsets
+        self.numel = offsets[-1]
+        self.device = params[0].device if params else torch.device("cpu")
+        self.dtype = state_dtype(p.dtype for p in params)
+        self.key = self.key_of(param_groups)
+
+    @staticmethod
+    def key_of(param_groups: list[dict]) -> tuple:
+        """Identity of a layout: the parameter objects in order and their device."""
+        ids = tuple(id(p) for group in param_groups for p in group["params"])
+        device = param_groups[0]["params"][0].device if param_groups and param_groups[0]["params"] else None
+        return ids, device
+
+    def extends(self, other: FlatParams) -> bool:
+        """Whether ``other``'s parameters are a prefix of this layout's (``add_param_group``)."""
+        n = len(other.params)
+        return n <= len(self.params) and all(a is b for a, b in zip(self.params[:n], other.params))
+
+    def split(self, flat: Tensor) -> list[Tensor]:
+        """Views of ``flat`` shaped like the parameters."""
+        return [chunk.view(p.shape) for chunk, p in zip(flat.split(self.numels), self.params)]
+
+    def gather_grads(self, maximize_of_group: list[bool]) -> tuple[Tensor, list[bool]]:
+        """Concatenate the gradients into one vector of dtype :attr:`dtype`.
+
+        Parameters without a gradient contribute zeros. Gradients of parameters in a
+        group with ``maximize=True`` are negated.
+
+        Returns:
+            ``(g, active)``: the flat gradient (shape ``(d,)``) and, per parameter,
+            whether it had a gradient.
+
+        Raises:
+            SparseGradientError: a gradient is sparse.
+        """
+        parts: list[Tensor] = []
+        active: list[bool] = []
+        for p, gi in zip(self.params, self.group_index):
+            grad = p.grad
+            if grad is None:
+                parts.append(torch.zeros(p.numel(), dtype=self.dtype, device=self.device))
+                active.append(False)
+                continue
+            if grad.is_sparse or grad.layout != torch.strided:
+                raise SparseGradientError(
+                    f"sparse gradients are not supported (parameter of shape {tuple(p.shape)} has a "
+                    f"{grad.layout} gradient); use dense gradients, e.g. nn.Embedding(..., sparse=False)."
+                )
+            flat = grad.reshape(-1)
+            if maximize_of_group[gi]:
+                flat = -flat
+            parts.append(flat)
+            active.append(True)
+        g = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+        if g.dtype != self.dtype:
+            g = g.to(self.dtype)
+        return g, active

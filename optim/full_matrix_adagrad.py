@@ -1,0 +1,123 @@
+"""Full-matrix AdaGrad: the dense reference that block-mean AdaGrad approximates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optim.flat_optimizer import FlatPreconditionedOptimizer, check_hyperparameter
+from optim.flat_params import FlatParams
+
+__all__ = ["FullMatrixAdagrad", "full_matrix_direction"]
+
+
+def full_matrix_direction(H: Tensor, g: Tensor, eps: float) -> Tensor:
+    r"""The full-matrix AdaGrad direction :math:`(H + \epsilon I)^{-1/2} g`.
+
+    Computed from the eigendecomposition :math:`H = Q \operatorname{diag}(\mu) Q^\top`
+    as :math:`Q \operatorname{diag}((\max(\mu, 0) + \epsilon)^{-1/2}) Q^\top g`
+    (eigenvalues below zero are rounding error of a positive semidefinite sum).
+
+    Args:
+        H: symmetric positive semidefinite matrix. # shape: (d, d)
+        g: gradient. # shape: (d,)
+        eps: the ridge :math:`\epsilon > 0`.
+    """
+    mu, Q = torch.linalg.eigh(H)
+    coef = (Q.mT @ g) * (mu.clamp_min(0) + eps).rsqrt()
+    return Q @ coef
+
+
+class FullMatrixAdagrad(FlatPreconditionedOptimizer):
+    r"""Full-matrix AdaGrad (Duchi, Hazan and Singer, 2011) over all parameters jointly.
+
+    With :math:`g_t` the concatenation of every parameter's gradient (all parameter
+    groups, in order; zeros for parameters without a gradient),
+
+    .. math::
+
+        H_t = H_{t-1} + g_t g_t^\top, \qquad
+        \theta_t = \theta_{t-1} - \mathrm{lr}\,\bigl[(H_t + \epsilon I)^{-1/2} g_t
+            + \mathrm{wd}\,\theta_{t-1}\bigr].
+
+    The dense :math:`d \times d` matrix :math:`H_t` costs :math:`O(d^2)` memory and an
+    :math:`O(d^3)` eigendecomposition per step, so this is a reference for small
+    models (it is what block-mean AdaGrad approximates, see
+    :class:`optim.BlockMeanAdagrad` and Lu et al., 2018). Models with more than
+    ``max_dim`` parameters are refused.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: learning rate (per group). Default: ``1e-2``.
+        eps: ridge :math:`\epsilon > 0` added to :math:`H_t`. Default: ``1e-4``.
+        weight_decay: decoupled weight decay (per group). Default: ``0``.
+        maximize: ascend instead of descend (per group). Default: ``False``.
+        max_dim: largest total number of parameters accepted. Default: ``20000``
+            (the state then takes 1.6 GB in float32).
+        check_finite: raise ``ValueError`` on an inf/nan gradient before changing
+            anything; ``False`` skips the check and its host synchronisation.
+            Default: ``True``.
+
+    Raises:
+        ValueError: invalid hyperparameters, or more than ``max_dim`` parameters.
+
+    The global state (``H``, ``step``) lives in :attr:`global_state`, in float32 or
+    the widest parameter dtype, and is saved by :meth:`state_dict`.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-2,
+        eps: float = 1e-4,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        max_dim: int = 20000,
+        check_finite: bool = True,
+    ):
+        check_hyperparameter("learning rate", lr)
+        check_hyperparameter("eps", eps, positive=True)
+        check_hyperparameter("weight_decay", weight_decay)
+        check_hyperparameter("max_dim", max_dim, positive=True, integer=True)
+        self.eps = float(eps)
+        self.max_dim = max_dim
+        defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, check_finite=check_finite)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; refused when the total size would exceed ``max_dim``. ``H`` grows by zero padding."""
+        super().add_param_group(param_group)
+        d = sum(p.numel() for group in self.param_groups for p in group["params"])
+        if d > self.max_dim:
+            self.param_groups.pop()
+            dtype = max((p.dtype for group in self.param_groups for p in group["params"]),
+                        key=lambda t: torch.finfo(t).bits, default=torch.float32)
+            nbytes = d * d * max(torch.finfo(dtype).bits, 32) // 8
+            raise ValueError(
+                f"FullMatrixAdagrad keeps a dense d x d matrix: d = {d} parameters need {nbytes} bytes "
+                f"({nbytes / 2**30:.2f} GiB) of state plus as much again for its eigendecomposition, above "
+                f"max_dim = {self.max_dim}. Use BlockMeanAdagrad, or raise max_dim if the memory is there."
+            )
+
+    def _init_global_state(self, layout: FlatParams) -> dict[str, Any]:
+        return {"step": 0, "H": torch.zeros(layout.numel, layout.numel, dtype=layout.dtype, device=layout.device)}
+
+    def _fit_global_state(self, state: dict[str, Any], layout: FlatParams) -> dict[str, Any]:
+        H = state["H"].to(device=layout.device, dtype=layout.dtype)
+        d_old, d = H.shape[-1], layout.numel
+        if d_old > d:
+            raise ValueError(f"the saved H is {d_old} x {d_old} but the optimizer has {d} parameters.")
+        if d_old < d:
+            grown = torch.zeros(d, d, dtype=H.dtype, device=H.device)
+            grown[:d_old, :d_old] = H
+            H = grown
+        return {**state, "H": H}
+
+    def _direction(self, g: Tensor, layout: FlatParams) -> Tensor:
+        st = self.global_state
+        st["step"] += 1
+        st["H"].addr_(g, g)
+        return full_matrix_direction(st["H"], g, self.eps)

@@ -1,0 +1,231 @@
+"""BlockMeanAdagrad against its dense reference and against torch.optim.Adagrad."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bma_gp import BlockMeanLinearOperator
+from optim import BlockMeanAdagrad
+from optim_reference import (DenseBlockMeanAdagrad, flat, loss_of, reference_labels, set_flat, small_batch,
+                             small_model)
+
+
+def alternate(p: torch.Tensor) -> torch.Tensor:
+    """A scattered partition: even and odd flat entries of every tensor."""
+    return torch.arange(p.numel()) % 2
+
+
+def two_groups(model, lr0=0.05, lr1=0.02, wd1=0.0):
+    conv, lin = list(model[0].parameters()), list(model[3].parameters())
+    return [{"params": conv, "lr": lr0}, {"params": lin, "lr": lr1, "weight_decay": wd1}]
+
+
+def per_entry(model, groups, key, default=0.0):
+    values = []
+    for group in groups:
+        for p in group["params"]:
+            values.append(torch.full((p.numel(),), float(group.get(key, default)), dtype=torch.float64))
+    return torch.cat(values)
+
+
+@pytest.mark.parametrize("rule", ["tensor", "row", alternate], ids=["tensor", "row", "callable"])
+@pytest.mark.parametrize("update_interval", [1, 3])
+def test_streamed_matches_dense_reference(rule, update_interval):
+    model = small_model()
+    groups = two_groups(model, wd1=0.01)
+    params = [p for g in groups for p in g["params"]]
+    opt = BlockMeanAdagrad(groups, damping=0.1, partition=rule, update_interval=update_interval)
+    ref = DenseBlockMeanAdagrad(reference_labels(params, rule), per_entry(model, groups, "lr"), damping=0.1,
+                                update_interval=update_interval,
+                                weight_decay=per_entry(model, groups, "weight_decay"))
+    ref_model = small_model()
+    ref_params = [p for m in (ref_model[0], ref_model[3]) for p in m.parameters()]
+    active = torch.ones(sum(p.numel() for p in params), dtype=torch.bool)
+    for t in range(15):
+        opt.zero_grad()
+        loss_of(model, t).backward()
+        opt.step()
+        ref_model.zero_grad()
+        loss_of(ref_model, t).backward()
+        set_flat(ref_params, ref.step(flat(ref_params), flat(p.grad for p in ref_params), active))
+        torch.testing.assert_close(flat(params), flat(ref_params), rtol=1e-10, atol=1e-12)
+    # the run moved: the comparison is not between two frozen models
+    assert not torch.allclose(flat(params), flat(p for m in (small_model()[0], small_model()[3])
+                                                 for p in m.parameters()))
+
+
+def test_reference_agreement_float32():
+    model = small_model(dtype=torch.float32)
+    params = list(model.parameters())
+    opt = BlockMeanAdagrad(params, lr=0.03, partition="row")
+    ref = DenseBlockMeanAdagrad(reference_labels(params, "row"), torch.full((60,), 0.03, dtype=torch.float64))
+    theta = flat(params).double()
+    for t in range(10):
+        opt.zero_grad()
+        loss_of(model, t).backward()
+        g = flat(p.grad for p in params).double()
+        opt.step()
+        theta = ref.step(theta, g, torch.ones(60, dtype=torch.bool))
+        torch.testing.assert_close(flat(params).double(), theta, rtol=1e-4, atol=1e-5)
+    assert opt.global_state["U"].dtype == torch.float32
+
+
+def identity_correlation(U, w, partition):
+    k = partition.num_blocks
+    return BlockMeanLinearOperator(torch.ones(k, dtype=U.dtype), torch.zeros(k, k, dtype=U.dtype), partition)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 1e-6)])
+def test_identity_correlation_is_torch_adagrad(monkeypatch, dtype, tol):
+    monkeypatch.setattr(BlockMeanAdagrad, "_correlation", staticmethod(identity_correlation))
+    ours, theirs = small_model(dtype=dtype), small_model(dtype=dtype)
+    opt = BlockMeanAdagrad(ours.parameters(), lr=0.1, eps=1e-10, damping=0.0, partition="row")
+    torch_opt = torch.optim.Adagrad(theirs.parameters(), lr=0.1, eps=1e-10)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+    torch_sched = torch.optim.lr_scheduler.StepLR(torch_opt, step_size=4, gamma=0.5)
+    for t in range(20):
+        for model, o, s in ((ours, opt, sched), (theirs, torch_opt, torch_sched)):
+            o.zero_grad()
+            loss_of(model, t).backward()
+            o.step()
+            s.step()
+        torch.testing.assert_close(flat(ours.parameters()), flat(theirs.parameters()), rtol=tol, atol=tol)
+        torch.testing.assert_close(flat(opt.state[p]["sum"] for p in ours.parameters()),
+                                   flat(torch_opt.state[p]["sum"] for p in theirs.parameters()), rtol=tol, atol=0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 5)
+
+
+def test_block_mean_differs_from_adagrad():
+    ours, theirs = small_model(), small_model()
+    opt = BlockMeanAdagrad(ours.parameters(), lr=0.1, damping=0.1)
+    torch_opt = torch.optim.Adagrad(theirs.parameters(), lr=0.1, eps=1e-10)
+    for t in range(3):
+        for model, o in ((ours, opt), (theirs, torch_opt)):
+            o.zero_grad()
+            loss_of(model, t).backward()
+            o.step()
+    assert (flat(ours.parameters()) - flat(theirs.parameters())).abs().max() > 1e-3
+
+
+def test_none_grad_parameters_do_not_move_and_match_reference():
+    model = small_model()
+    params = list(model.parameters())
+    frozen = params[2]  # the linear weight gets no gradient on even steps
+    opt = BlockMeanAdagrad(params, lr=0.05, partition="tensor")
+    ref = DenseBlockMeanAdagrad(reference_labels(params, "tensor"), torch.full((60,), 0.05, dtype=torch.float64))
+    ref_model = small_model()
+    ref_params = list(ref_model.parameters())
+    numels = [p.numel() for p in params]
+    for t in range(12):
+        opt.zero_grad()
+        ref_model.zero_grad()
+        loss_of(model, t).backward()
+        loss_of(ref_model, t).backward()
+        before = frozen.detach().clone()
+        h_before = opt.state[frozen]["sum"].clone() if frozen in opt.state else None
+        if t % 2 == 0:
+            frozen.grad = None
+            ref_params[2].grad = None
+        opt.step()
+        active = torch.cat([torch.full((m,), p.grad is not None) for p, m in zip(ref_params, numels)])
+        grads = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(m)
+                           for p, m in zip(ref_params, numels)]).double()
+        set_flat(ref_params, ref.step(flat(ref_params), grads, active))
+        if t % 2 == 0:
+            assert torch.equal(frozen, before)
+            if h_before is not None:
+                assert torch.equal(opt.state[frozen]["sum"], h_before)
+        torch.testing.assert_close(flat(params), flat(ref_params), rtol=1e-10, atol=1e-12)
+    assert not torch.equal(frozen, small_model().state_dict()["3.weight"])
+
+
+def test_closure_and_maximize():
+    a, b = small_model(), small_model()
+    opt_a = BlockMeanAdagrad(a.parameters(), lr=0.05)
+    opt_b = BlockMeanAdagrad(b.parameters(), lr=0.05, maximize=True)
+    for t in range(5):
+        def closure():
+            opt_a.zero_grad()
+            loss = loss_of(a, t)
+            loss.backward()
+            return loss
+        loss = opt_a.step(closure)
+        assert torch.is_tensor(loss) and loss.item() > 0
+        opt_b.zero_grad()
+        (-loss_of(b, t)).backward()
+        opt_b.step()
+        torch.testing.assert_close(flat(a.parameters()), flat(b.parameters()), rtol=1e-12, atol=1e-14)
+
+
+def test_add_param_group_grows_state_and_matches_reference():
+    model = small_model()
+    groups = two_groups(model)
+    params = [p for g in groups for p in g["params"]]
+    opt = BlockMeanAdagrad([groups[0]], lr=0.05, partition="row", update_interval=2)
+    ref = DenseBlockMeanAdagrad(reference_labels(params, "row"), per_entry(model, groups, "lr"), update_interval=2)
+    ref_model = small_model()
+    ref_params = [p for m in (ref_model[0], ref_model[3]) for p in m.parameters()]
+    n_conv = sum(p.numel() for p in groups[0]["params"])
+    for t in range(10):
+        if t == 4:
+            k_old = opt.partition.num_blocks
+            U_old = opt.global_state["U"].clone()
+            opt.add_param_group(groups[1])
+        opt.zero_grad()
+        ref_model.zero_grad()
+        loss_of(model, t).backward()
+        loss_of(ref_model, t).backward()
+        opt.step()
+        active = torch.arange(60) < (n_conv if t < 4 else 60)
+        set_flat(ref_params, ref.step(flat(ref_params), flat(p.grad for p in ref_params), active))
+        if t == 4:
+            assert opt.partition.num_blocks == k_old + 3 + 1
+            assert opt.global_state["U"].shape == (k_old + 4, k_old + 4)
+            assert not torch.equal(opt.global_state["U"][:k_old, :k_old], U_old)  # one more step was added
+        torch.testing.assert_close(flat(params), flat(ref_params), rtol=1e-10, atol=1e-12)
+
+
+def test_partition_rules_give_expected_blocks():
+    model = small_model()
+    for rule, k in (("tensor", 4), ("row", 3 + 1 + 3 + 1), (alternate, 8)):
+        opt = BlockMeanAdagrad(model.parameters(), partition=rule)
+        assert opt.partition is None  # lazy
+        model.zero_grad()
+        loss_of(model, 0).backward()
+        opt.step()
+        assert opt.partition.num_blocks == k
+        assert len(opt.partition) == 60
+        assert opt.global_state["U"].shape == (k, k)
+        assert torch.equal(opt.partition.labels, reference_labels(list(model.parameters()), rule))
+
+
+def test_state_is_lazy():
+    model = small_model()
+    opt = BlockMeanAdagrad(model.parameters())
+    assert len(opt.state) == 0 and opt.global_state == {}
+    model.zero_grad()
+    opt.step()  # no gradients at all: nothing happens
+    assert len(opt.state) == 0 and opt.global_state == {}
+    loss_of(model, 0).backward()
+    opt.step()
+    assert opt.global_state["step"] == 1
+    assert all(opt.state[p]["sum"].shape == p.shape for p in model.parameters())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    cpu, gpu = small_model(), small_model().cuda()
+    opt_c = BlockMeanAdagrad(cpu.parameters(), lr=0.05, partition="row")
+    opt_g = BlockMeanAdagrad(gpu.parameters(), lr=0.05, partition="row", check_finite=False)
+    for t in range(8):
+        opt_c.zero_grad()
+        loss_of(cpu, t).backward()
+        opt_c.step()
+        opt_g.zero_grad()
+        x, y = small_batch(t)
+        (gpu(x.cuda()) - y.cuda()).pow(2).mean().backward()
+        opt_g.step()
+    assert opt_g.global_state["U"].is_cuda and opt_g.partition.labels.is_cuda
+    torch.testing.assert_close(flat(gpu.parameters()).cpu(), flat(cpu.parameters()), rtol=1e-9, atol=1e-11)

@@ -1,0 +1,136 @@
+"""Bad input to the optimizers: clear errors, and nothing changed when a step is refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from optim import BlockMeanAdagrad, FullMatrixAdagrad
+from optim.flat_params import SparseGradientError
+from optim_reference import flat, loss_of, small_model
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"lr": -0.1}, "Invalid learning rate"),
+    ({"lr": float("nan")}, "Invalid learning rate"),
+    ({"eps": -1e-8}, "Invalid eps"),
+    ({"damping": -0.1}, "Invalid damping"),
+    ({"update_interval": 0}, "Invalid update_interval"),
+    ({"update_interval": 2.0}, "Invalid update_interval"),
+    ({"weight_decay": -1.0}, "Invalid weight_decay"),
+    ({"partition": "block"}, "Invalid partition"),
+    ({"maximize": "yes"}, "Invalid maximize"),
+    ({"check_finite": 1}, "Invalid check_finite"),
+])
+def test_block_mean_invalid_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BlockMeanAdagrad(small_model().parameters(), **kwargs)
+
+
+def test_block_mean_partition_of_wrong_type():
+    with pytest.raises(TypeError, match="Invalid partition"):
+        BlockMeanAdagrad(small_model().parameters(), partition=3)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"lr": -1.0}, "Invalid learning rate"),
+    ({"eps": 0.0}, "Invalid eps"),
+    ({"max_dim": 0}, "Invalid max_dim"),
+])
+def test_full_matrix_invalid_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FullMatrixAdagrad(small_model().parameters(), **kwargs)
+
+
+def test_full_matrix_refuses_large_models():
+    big = torch.nn.Linear(300, 100)  # d = 30100
+    with pytest.raises(ValueError, match=r"d = 30100 .* 3624040000 bytes"):
+        FullMatrixAdagrad(big.parameters())
+    opt = FullMatrixAdagrad(small_model().parameters(), max_dim=80)
+    with pytest.raises(ValueError, match="d = 90 .*max_dim = 80"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(5, 6, dtype=torch.float64))]})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("cls", [BlockMeanAdagrad, FullMatrixAdagrad])
+def test_sparse_gradient_is_an_error(cls):
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = cls(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(SparseGradientError, match="sparse") as info:
+        opt.step()
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+
+
+@pytest.mark.parametrize("cls", [BlockMeanAdagrad, FullMatrixAdagrad])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_gradient_changes_nothing(cls, bad):
+    model = small_model()
+    opt = cls(model.parameters(), lr=0.05)
+    for t in range(2):
+        opt.zero_grad()
+        loss_of(model, t).backward()
+        opt.step()
+    params_before = flat(model.parameters()).clone()
+    state_before = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    loss_of(model, 2).backward()
+    list(model.parameters())[1].grad[0] = bad
+    with pytest.raises(ValueError, match="non-finite"):
+        opt.step()
+    assert torch.equal(flat(model.parameters()), params_before)
+    state_after = opt.state_dict()
+    assert state_after["global_state"]["step"] == state_before["global_state"]["step"] == 2
+    for key, value in state_before["global_state"].items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, state_after["global_state"][key]), key
+    for idx, st in state_before["state"].items():
+        for key, value in st.items():
+            assert torch.equal(value, state_after["state"][idx][key])
+
+
+def test_non_finite_first_step_leaves_state_empty():
+    model = small_model()
+    opt = BlockMeanAdagrad(model.parameters())
+    loss_of(model, 0).backward()
+    list(model.parameters())[0].grad[0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        opt.step()
+    assert len(opt.state) == 0 and opt.global_state == {}
+
+
+def test_check_finite_false_skips_the_check():
+    model = small_model()
+    opt = BlockMeanAdagrad(model.parameters(), check_finite=False)
+    loss_of(model, 0).backward()
+    list(model.parameters())[1].grad[0] = float("nan")
+    try:
+        opt.step()  # no ValueError: the nan reaches the state
+    except torch.linalg.LinAlgError:
+        pass  # on CPU the eigendecomposition of the nan k x k core matrix refuses
+    assert torch.isnan(opt.state[list(model.parameters())[1]]["sum"]).any()
+
+
+@pytest.mark.parametrize("rule,match", [
+    (lambda p: torch.zeros(3, dtype=torch.long), "one id per entry"),
+    (lambda p: torch.zeros(p.numel()), "dtype"),
+    (lambda p: 2 * torch.arange(p.numel()), "every id used"),
+    (lambda p: torch.arange(p.numel()) - 1, "every id used"),
+])
+def test_bad_partition_callable(rule, match):
+    model = small_model()
+    opt = BlockMeanAdagrad(model.parameters(), partition=rule)
+    loss_of(model, 0).backward()
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert flat(model.parameters()).equal(flat(small_model().parameters()))
+
+
+def test_non_float_parameter_is_refused():
+    opt = BlockMeanAdagrad([torch.zeros(3, dtype=torch.float64, requires_grad=True)])
+    opt.param_groups[0]["params"].append(torch.zeros(2, dtype=torch.long))
+    opt.param_groups[0]["params"][0].grad = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="floating-point"):
+        opt.step()

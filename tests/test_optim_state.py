@@ -1,0 +1,154 @@
+"""state_dict round trips, dtypes and devices of BlockMeanAdagrad and FullMatrixAdagrad."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from optim import BlockMeanAdagrad, FullMatrixAdagrad
+from optim_reference import flat, loss_of, small_batch, small_model
+
+
+def train(model, opt, steps, start=0):
+    for t in range(start, start + steps):
+        opt.zero_grad()
+        loss_of(model, t).backward()
+        opt.step()
+
+
+def make(kind, model, **kw):
+    if kind == "block":
+        return BlockMeanAdagrad(model.parameters(), lr=0.05, update_interval=3, **kw)
+    return FullMatrixAdagrad(model.parameters(), lr=0.05, **kw)
+
+
+@pytest.mark.parametrize("kind,rule", [("block", "tensor"), ("block", "row"), ("full", None)])
+def test_round_trip_through_torch_save_continues_bit_for_bit(kind, rule):
+    kw = {"partition": rule} if rule else {}
+    model = small_model()
+    opt = make(kind, model, **kw)
+    train(model, opt, 5)  # with update_interval=3 the saved root is stale (computed at step 4)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    train(model, opt, 5, start=5)
+
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2 = small_model(seed=7)
+    model2.load_state_dict(ckpt["model"])
+    opt2 = make(kind, model2, **kw)
+    opt2.load_state_dict(ckpt["opt"])
+    train(model2, opt2, 5, start=5)
+    assert torch.equal(flat(model.parameters()), flat(model2.parameters()))
+    for key, value in opt.global_state.items():
+        other = opt2.global_state[key]
+        assert torch.equal(value, other) if torch.is_tensor(value) else value == other, key
+    if kind == "block":
+        for p, p2 in zip(model.parameters(), model2.parameters()):
+            assert torch.equal(opt.state[p]["sum"], opt2.state[p2]["sum"])
+
+
+def test_in_memory_load_does_not_alias_the_source():
+    model = small_model()
+    opt = make("block", model)
+    train(model, opt, 3)
+    model2 = copy.deepcopy(model)
+    opt2 = make("block", model2)
+    opt2.load_state_dict(opt.state_dict())
+    U, h = opt.global_state["U"].clone(), flat(opt.state[p]["sum"] for p in model.parameters())
+    train(model2, opt2, 2, start=3)
+    assert torch.equal(opt.global_state["U"], U)
+    assert torch.equal(flat(opt.state[p]["sum"] for p in model.parameters()), h)
+    assert not torch.equal(opt2.global_state["U"], U)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_parameters_keep_float32_statistics(dtype):
+    model = small_model(dtype=torch.float32).to(dtype)
+    opt = BlockMeanAdagrad(model.parameters(), lr=0.05, partition="row")
+    for t in range(3):
+        opt.zero_grad()
+        x, y = small_batch(t, torch.float32)
+        (model(x.to(dtype)).float() - y).pow(2).mean().backward()
+        opt.step()
+    assert opt.global_state["U"].dtype == torch.float32
+    assert all(opt.state[p]["sum"].dtype == torch.float32 for p in model.parameters())
+    assert all(p.dtype == dtype for p in model.parameters())
+    sd = opt.state_dict()
+    opt2 = BlockMeanAdagrad(copy.deepcopy(model).parameters(), lr=0.05, partition="row")
+    opt2.load_state_dict(sd)  # torch alone would cast the float32 state to the parameters' dtype
+    assert opt2.global_state["U"].dtype == torch.float32
+    assert torch.equal(opt2.global_state["U"], opt.global_state["U"])
+    p2 = opt2.param_groups[0]["params"][0]
+    assert opt2.state[p2]["sum"].dtype == torch.float32
+    assert torch.equal(opt2.state[p2]["sum"], opt.state[opt.param_groups[0]["params"][0]]["sum"])
+
+
+def test_float32_state_loads_into_float64_model():
+    model = small_model(dtype=torch.float32)
+    opt = BlockMeanAdagrad(model.parameters(), lr=0.05)
+    train(model, opt, 3)
+    model64 = copy.deepcopy(model).double()
+    opt64 = BlockMeanAdagrad(model64.parameters(), lr=0.05)
+    opt64.load_state_dict(opt.state_dict())
+    assert opt64.global_state["U"].dtype == torch.float64
+    assert torch.equal(opt64.global_state["U"], opt.global_state["U"].double())
+    train(model, opt, 3, start=3)
+    train(model64, opt64, 3, start=3)
+    torch.testing.assert_close(flat(model64.parameters()).float(), flat(model.parameters()), rtol=1e-4, atol=1e-5)
+
+
+def test_float64_parameters_get_float64_state():
+    model = small_model(dtype=torch.float64)
+    opt = BlockMeanAdagrad(model.parameters())
+    train(model, opt, 1)
+    assert opt.global_state["U"].dtype == torch.float64
+    assert opt.global_state["root_B"].dtype == torch.float64
+
+
+def test_load_into_other_partition_is_refused():
+    model = small_model()
+    opt = BlockMeanAdagrad(model.parameters(), partition="row")
+    train(model, opt, 2)
+    opt2 = BlockMeanAdagrad(model.parameters(), partition="tensor")
+    opt2.load_state_dict(opt.state_dict())
+    model.zero_grad()
+    loss_of(model, 0).backward()
+    with pytest.raises(ValueError, match="blocks"):
+        opt2.step()
+
+
+def test_foreign_state_dict_is_refused():
+    model = small_model()
+    adagrad = torch.optim.Adagrad(model.parameters())
+    with pytest.raises(ValueError, match="global_state"):
+        BlockMeanAdagrad(model.parameters()).load_state_dict(adagrad.state_dict())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["block", "full"])
+def test_cpu_state_continues_on_cuda(kind):
+    model = small_model()
+    opt = make(kind, model)
+    train(model, opt, 4)
+    gpu_model = copy.deepcopy(model).cuda()
+    gpu_opt = make(kind, gpu_model)
+    gpu_opt.load_state_dict(opt.state_dict())
+    train(model, opt, 3, start=4)
+    for t in range(4, 7):
+        gpu_opt.zero_grad()
+        x, y = small_batch(t)
+        (gpu_model(x.cuda()) - y.cuda()).pow(2).mean().backward()
+        gpu_opt.step()
+    assert all(v.is_cuda for v in gpu_opt.global_state.values() if torch.is_tensor(v))
+    torch.testing.assert_close(flat(gpu_model.parameters()).cpu(), flat(model.parameters()), rtol=1e-9, atol=1e-11)
+    # and back: the state moves with the parameters when the model moves (lazy layout)
+    gpu_model.cpu()
+    gpu_opt.zero_grad()
+    loss_of(gpu_model, 8).backward()
+    gpu_opt.step()
+    assert not any(v.is_cuda for v in gpu_opt.global_state.values() if torch.is_tensor(v))
