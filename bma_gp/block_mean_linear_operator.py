@@ -359,15 +359,19 @@ class BlockMeanLinearOperator(LinearOperator):
         lam, B = self._folded()
         C = _core(lam, B, self._sizes.sqrt())
         prepare = None
+        clamp = _domain == "nonnegative"
         if _domain is not None:
             strict = _domain == "positive"
             if check:
                 self._check_block_offsets(lam, _what, strict=strict)
-                self._check_core_eigenvalues(torch.linalg.eigvalsh(C.detach()), _what, strict=strict)
-            if not strict:
-                prepare = _clamp_nonnegative
+
+            def prepare(e: Tensor) -> Tensor:  # runs on the eigenvalues of the one eigh of C
+                if check:
+                    self._check_core_eigenvalues(e, _what, strict=strict)
+                return e.clamp_min(0) if clamp else e
+
         fC = symmetric_matrix_function(C, fn, prepare)
-        f_lam = fn(lam.clamp_min(0) if prepare is not None else lam)
+        f_lam = fn(lam.clamp_min(0) if clamp else lam)
         inv_root = self._sizes.rsqrt()
         D = (fC - torch.diag_embed(f_lam)) * inv_root.unsqueeze(-1) * inv_root.unsqueeze(-2)
         return self._new(f_lam, 0.5 * (D + D.mT))
@@ -568,9 +572,6 @@ class BlockMeanLinearOperator(LinearOperator):
 def _tolerance(x: Tensor) -> float:
     return 100 * torch.finfo(x.dtype).eps
 
-
-def _clamp_nonnegative(e: Tensor) -> Tensor:
-    return e.clamp_min(0)
 
 
 def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
