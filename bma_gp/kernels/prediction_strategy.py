@@ -83,12 +83,19 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
     @property
     @cached(name="block_covar_root")
     def block_covar_root(self) -> Tensor:
-        r""":math:`W` with :math:`W W^\top = P^\top (\hat K + \sigma^2 I)^{-1} P`. # shape: (*batch, k, k)"""
+        r""":math:`W` with :math:`W W^\top = P^\top (\hat K + \sigma^2 I)^{-1} P` (in double precision for
+        single- and half-precision models). # shape: (*batch, k, k)"""
         M = self.block_mean_covar
-        evals, evecs = torch.linalg.eigh(M.core_matrix())
+        # The k x k problem is solved in double precision: C is ill-conditioned when blocks are large
+        # (entries ~ s * B against lam ~ noise), and in float32 that cancels the posterior variance away.
+        # C = diag(lam) + S^{1/2} B S^{1/2}; singleton blocks need no folding here (C_ii = lam_i + B_ii).
+        work = torch.float64 if M.dtype in (torch.float16, torch.bfloat16, torch.float32) else M.dtype
+        lam, B = M.lam.to(work), M.B.to(work)
+        root_sizes = M.partition.sizes.to(device=lam.device, dtype=work).sqrt()
+        core = torch.diag_embed(lam) + root_sizes.unsqueeze(-1) * (0.5 * (B + B.mT)) * root_sizes.unsqueeze(-2)
+        evals, evecs = torch.linalg.eigh(core)
         tiny = torch.finfo(evals.dtype).tiny
-        root = evecs * evals.clamp_min(tiny).rsqrt().unsqueeze(-2)
-        root = M.partition.sizes.to(root.dtype).sqrt().unsqueeze(-1) * root
+        root = root_sizes.unsqueeze(-1) * evecs * evals.clamp_min(tiny).rsqrt().unsqueeze(-2)
         if settings.detach_test_caches.on():
             root = root.detach()
         return _attach_clear_hook(self, root)
@@ -134,7 +141,8 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
         if settings.skip_posterior_variances.on():
             return ZeroLinearOperator(*test_test_covar.size(), dtype=test_test_covar.dtype,
                                       device=test_test_covar.device)
-        factor = values @ self.block_covar_root  # (*batch, t, k): A W
+        root = self.block_covar_root
+        factor = (values.to(root.dtype) @ root).to(values.dtype)  # (*batch, t, k): A W
         if torch.is_tensor(test_test_covar):
             return to_linear_operator(test_test_covar - factor @ factor.mT)
         return test_test_covar + MatmulLinearOperator(factor, factor.mT.mul(-1))
