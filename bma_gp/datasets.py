@@ -1,0 +1,244 @@
+"""Loaders for the bundled Mauna Loa CO2 series and for users' own CSV files.
+
+Both loaders return plain float tensors ``(x, y)`` with ``x`` of shape ``(n, d)`` and
+``y`` of shape ``(n,)``, ready for a GPyTorch model. They read with the standard
+library only (no pandas), so they work from a bare install.
+
+Columns are converted as follows: numbers are read as floats; a column whose every
+non-empty cell is an ISO date (``YYYY-MM-DD``, optionally followed by a time) becomes
+the time in decimal years (``2001-07-02`` is about ``2001.5``); anything else is an
+error that names the column. Empty cells and the usual spellings of "missing"
+(``NA``, ``NaN``, ``null``, ...) are missing values; rows with a missing value in a
+used column are dropped with a :class:`MissingValuesWarning` that says how many.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from importlib import resources
+
+import torch
+from torch import Tensor
+
+__all__ = ["DatasetError", "MissingValuesWarning", "load_co2", "load_csv"]
+
+_MISSING = frozenset({"", "na", "nan", "n/a", "null", "none", "-", "?"})
+_DATE_FORMATS = ("%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y/%m/%d")
+
+
+class DatasetError(ValueError):
+    """The data cannot be used as asked (missing column, non-numeric values, no rows left)."""
+
+
+class MissingValuesWarning(UserWarning):
+    """Rows with missing values were dropped."""
+
+
+def _decimal_year(text: str) -> float | None:
+    """Return the ISO date or date-time ``text`` as a decimal year, or ``None`` if it is not one."""
+    for fmt in _DATE_FORMATS:
+        try:
+            stamp = _dt.datetime.strptime(text, fmt)
+        except ValueError:
+            continue
+        start = _dt.datetime(stamp.year, 1, 1)
+        length = (_dt.datetime(stamp.year + 1, 1, 1) - start).total_seconds()
+        return stamp.year + (stamp - start).total_seconds() / length
+    return None
+
+
+def _convert_column(name: str, cells: list[str]) -> list[float]:
+    """Convert the cells of one column to floats (NaN for missing), or raise naming the column."""
+    values: list[float] = []
+    first_bad: tuple[int, str] | None = None
+    for row, cell in enumerate(cells):
+        cell = cell.strip()
+        if cell.lower() in _MISSING:
+            values.append(math.nan)
+            continue
+        try:
+            values.append(float(cell))
+        except ValueError:
+            first_bad = (row, cell)
+            break
+    if first_bad is None:
+        return values
+    # Not all numbers: accept the column only if every present cell is a date.
+    dates: list[float] = []
+    for row, cell in enumerate(cells):
+        cell = cell.strip()
+        year = math.nan if cell.lower() in _MISSING else _decimal_year(cell)
+        if year is None:
+            if _decimal_year(first_bad[1]) is None:  # report the first cell that is not a number
+                row, cell = first_bad
+            raise DatasetError(
+                f"column {name!r} is not numeric: data row {row + 1} holds {cell!r}. Use numeric columns "
+                "(or ISO dates, which are read as decimal years), or leave this column out of the features."
+            )
+        dates.append(year)
+    return dates
+
+
+def _read_table(source, description: str) -> tuple[list[str], list[list[str]]]:
+    """Read a CSV text stream into its header and its rows (as lists of strings)."""
+    sample = source.read(8192)
+    source.seek(0)
+    if not sample.strip():
+        raise DatasetError(f"{description} is empty: expected a header line followed by data rows.")
+    try:
+        dialect = csv.Sniffer().sniff(sample, delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    reader = csv.reader(source, dialect)
+    header = [name.strip() for name in next(reader)]
+    rows = [row for row in reader if any(cell.strip() for cell in row)]
+    if not rows:
+        raise DatasetError(f"{description} has a header but no data rows.")
+    for number, row in enumerate(rows, start=1):
+        if len(row) != len(header):
+            raise DatasetError(
+                f"{description}: data row {number} has {len(row)} fields but the header has {len(header)} "
+                f"({', '.join(header)})."
+            )
+    duplicated = sorted({name for name in header if header.count(name) > 1})
+    if duplicated:
+        raise DatasetError(f"{description}: duplicated column name(s) {duplicated}; rename them.")
+    return header, rows
+
+
+def _table_to_tensors(
+    header: list[str],
+    rows: list[list[str]],
+    target: str,
+    features: Sequence[str] | None,
+    dtype: torch.dtype,
+    description: str,
+    warn: bool,
+) -> tuple[Tensor, Tensor, list[str]]:
+    if not isinstance(target, str):
+        raise TypeError(f"target must be a column name (str), got {type(target).__name__}.")
+    available = ", ".join(repr(name) for name in header)
+    if target not in header:
+        raise DatasetError(f"{description} has no column {target!r} (the target); available columns: {available}.")
+    if features is None:
+        features = [name for name in header if name != target]
+    else:
+        if isinstance(features, str):
+            features = [features]
+        features = list(features)
+        missing = [name for name in features if name not in header]
+        if missing:
+            raise DatasetError(
+                f"{description} has no column(s) {', '.join(map(repr, missing))} (requested as features); "
+                f"available columns: {available}."
+            )
+        if target in features:
+            raise DatasetError(f"the target column {target!r} cannot also be a feature.")
+    if not features:
+        raise DatasetError(
+            f"{description} has no feature columns besides the target {target!r}; add a column of inputs."
+        )
+    columns = {}
+    for name in [*features, target]:
+        index = header.index(name)
+        columns[name] = _convert_column(name, [row[index] for row in rows])
+    x = torch.tensor([columns[name] for name in features], dtype=dtype).T.contiguous()
+    y = torch.tensor(columns[target], dtype=dtype)
+    keep = ~(torch.isnan(y) | torch.isnan(x).any(dim=-1))
+    dropped = int((~keep).sum())
+    if dropped == len(keep):
+        raise DatasetError(f"{description}: every row has a missing value in the target or a feature; nothing to fit.")
+    if dropped:
+        if warn:
+            warnings.warn(
+                f"{description}: dropped {dropped} of {len(keep)} rows with missing values "
+                f"(in {', '.join(map(repr, [*features, target]))}).",
+                MissingValuesWarning,
+                stacklevel=3,
+            )
+        x, y = x[keep], y[keep]
+    return x, y, features
+
+
+def load_csv(
+    path: str | os.PathLike,
+    target: str,
+    features: Sequence[str] | None = None,
+    *,
+    dtype: torch.dtype = torch.float64,
+    return_features: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, list[str]]:
+    """Load a regression data set from a CSV file.
+
+    The delimiter (comma, semicolon or tab) is detected; the first line names the columns.
+
+    Args:
+        path: the CSV file.
+        target: name of the column to predict.
+        features: names of the input columns; default all columns except ``target``.
+        dtype: floating point dtype of the returned tensors.
+        return_features: also return the names of the input columns, in the order of
+            the columns of ``x``.
+
+    Returns:
+        ``(x, y)``: inputs of shape ``(n, d)`` (``d = len(features)``, in the order given)
+        and targets of shape ``(n,)``, with rows that miss a value removed;
+        ``(x, y, feature_names)`` with ``return_features=True``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (or is a directory).
+        DatasetError: a requested column is absent (the message lists the available ones),
+            a used column holds text that is neither a number nor an ISO date (the message
+            names the column and the first offending cell), or no rows are left.
+
+    Warns:
+        MissingValuesWarning: when rows with missing values were dropped, saying how many.
+
+    Example:
+        >>> x, y = load_csv("measurements.csv", target="yield", features=["temp", "ph"])  # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        reason = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise FileNotFoundError(f"data file {path!r} {reason}; pass the path of a CSV file.")
+    description = f"CSV file {path!r}"
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as source:
+            header, rows = _read_table(source, description)
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{description} is not UTF-8 text ({err.reason}); save it as UTF-8 CSV.") from None
+    x, y, names = _table_to_tensors(header, rows, target, features, dtype, description, warn=True)
+    return (x, y, names) if return_features else (x, y)
+
+
+def load_co2(*, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """Load the weekly Mauna Loa CO2 series (1958-2001) shipped with the package.
+
+    2,284 weekly readings of atmospheric CO2 (ppmv) from the Scripps/NOAA record, as
+    bundled with statsmodels; the 59 weeks without a reading are left out, so 2,225
+    observations remain. Public domain (see ``bma_gp/data/README.md``).
+
+    Args:
+        dtype: floating point dtype of the returned tensors.
+
+    Returns:
+        ``(t, co2)``: the time in decimal years, shape ``(2225, 1)``, and the CO2
+        concentration in ppmv, shape ``(2225,)``.
+
+    Example:
+        >>> t, co2 = load_co2()
+        >>> t.shape, co2.shape
+        (torch.Size([2225, 1]), torch.Size([2225]))
+        >>> round(float(t[0, 0]), 3), float(co2[0])
+        (1958.238, 316.1)
+    """
+    text = resources.files("bma_gp").joinpath("data", "co2.csv").read_text(encoding="utf-8")
+    header, rows = _read_table(io.StringIO(text, newline=""), "bundled co2.csv")
+    x, y, _ = _table_to_tensors(header, rows, "co2", ["date"], dtype, "bundled co2.csv", warn=False)
+    return x, y
