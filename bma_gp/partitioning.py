@@ -1,0 +1,346 @@
+"""Partition builders: turn inputs (or given group ids) into a :class:`~bma_gp.Partition`.
+
+Block mean approximations are only as good as the partition: points in one block
+should be similar, so that the within-block average the block-exchangeable process
+takes loses little. The builders here cover the usual cases:
+
+* :func:`kmeans_partition` -- k-means clusters (k-means++ seeding, Lloyd iterations
+  with GEMM-based distances, chunked so ``n = 10**6`` runs in seconds);
+* :func:`kdtree_partition` -- balanced recursive median bisection on the widest
+  dimension, every block holding between ``leaf_size / 2`` and ``leaf_size`` points;
+* :func:`sorted_partition` -- equal-count runs along one input dimension (time series);
+* :func:`group_partition` -- blocks given by integer group ids (exact for group effects).
+
+Every builder returns a partition without empty blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bma_gp.partition import Partition
+
+__all__ = ["kmeans_partition", "kdtree_partition", "sorted_partition", "group_partition"]
+
+# Bytes of distance matrix evaluated at once by the chunked nearest-centre search.
+_CHUNK_BYTES = 64 * 2**20
+
+
+# ---------------------------------------------------------------------------- validation
+def _as_points(x, name: str = "x") -> Tensor:
+    """Return ``x`` as a finite floating tensor of shape ``(n, d)`` (1-d input becomes ``(n, 1)``)."""
+    if not isinstance(x, Tensor):
+        try:
+            x = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{name} must be a tensor of shape (n, d); could not convert it ({err}).") from None
+    if not x.dtype.is_floating_point:
+        if x.dtype == torch.bool or x.dtype.is_complex:
+            raise ValueError(f"{name} must hold real numbers, got dtype {x.dtype}.")
+        x = x.to(torch.get_default_dtype())
+    if x.dim() == 1:
+        x = x.unsqueeze(-1)
+    if x.dim() != 2:
+        raise ValueError(f"{name} must have shape (n, d) or (n,), got shape {tuple(x.shape)}.")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one point, got shape {tuple(x.shape)}.")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one column, got shape {tuple(x.shape)}.")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values; remove or impute them before partitioning.")
+    return x.detach()
+
+
+def _positive_int(value, name: str) -> int:
+    """Return ``value`` as a positive Python int or raise a ValueError naming ``name``."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_floating_point:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}.")
+    return value
+
+
+def _relabel(labels: Tensor) -> Partition:
+    """Partition from labels that may skip ids: empty ids are dropped, the rest renumbered in order."""
+    _, inverse = torch.unique(labels, sorted=True, return_inverse=True)
+    return Partition.from_labels(inverse)
+
+
+# ---------------------------------------------------------------------------- k-means
+def _nearest_centre(x: Tensor, centres: Tensor, x_sq: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Index of and squared distance to the nearest centre for every point.
+
+    Uses :math:`\|x - c\|^2 = \|x\|^2 - 2 x^\top c + \|c\|^2` (one GEMM per chunk of points),
+    in chunks of rows so the ``n x k`` distance matrix never exists at once.
+    """
+    n, k = x.shape[0], centres.shape[0]
+    c_sq = centres.square().sum(-1)
+    rows = max(1, _CHUNK_BYTES // (x.element_size() * k))
+    idx = torch.empty(n, dtype=torch.long, device=x.device)
+    dist = torch.empty(n, dtype=x.dtype, device=x.device)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        d2 = torch.addmm(c_sq.unsqueeze(0), x[start:stop], centres.T, alpha=-2.0)
+        best, arg = d2.min(dim=-1)
+        idx[start:stop] = arg
+        dist[start:stop] = (best + x_sq[start:stop]).clamp_min_(0.0)
+    return idx, dist
+
+
+def _kmeans_pp(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """k-means++ seeding (Arthur and Vassilvitskii, 2007): each new centre drawn with probability ~ D(x)^2."""
+    n = x.shape[0]
+    first = int(torch.randint(n, (1,), generator=generator, device="cpu"))
+    centres = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
+    centres[0] = x[first]
+    d2 = (x - centres[0]).square().sum(-1)
+    # one uniform draw per centre, taken on the CPU generator so the result is device independent
+    draws = torch.rand(k, generator=generator, dtype=torch.float64)
+    for j in range(1, k):
+        cum = torch.cumsum(d2.double(), 0)
+        total = cum[-1]
+        if float(total) <= 0.0:  # every point coincides with a centre: pick any point not yet used
+            pick = j % n
+        else:
+            pick = int(torch.searchsorted(cum, (draws[j] * total).to(cum.device).reshape(1)).clamp_max(n - 1))
+        centres[j] = x[pick]
+        d2 = torch.minimum(d2, (x - centres[j]).square().sum(-1))
+    return centres
+
+
+def _lloyd(work: Tensor, centres: Tensor, iters: int, tol: float) -> tuple[Tensor, Tensor]:
+    """Lloyd iterations from ``centres``; returns (centres, labels) with labels from the last centres."""
+    n, k = work.shape[0], centres.shape[0]
+    x_sq = work.square().sum(-1)
+    labels, d2 = _nearest_centre(work, centres, x_sq)
+    for _ in range(iters):
+        counts = torch.bincount(labels, minlength=k)
+        sums = torch.zeros_like(centres).index_add_(0, labels, work)
+        centres = sums / counts.clamp_min(1).unsqueeze(-1).to(work.dtype)
+        empty = (counts == 0).nonzero().flatten()
+        if empty.numel():  # re-seed empty clusters at the worst-served points
+            far = torch.topk(d2, min(n, empty.numel())).indices
+            centres[empty[: far.numel()]] = work[far]
+        new_labels, d2 = _nearest_centre(work, centres, x_sq)
+        changed = int((new_labels != labels).sum())
+        labels = new_labels
+        if changed <= tol * n and not empty.numel():
+            break
+    return centres, labels
+
+
+def kmeans_partition(
+    x: Tensor,
+    k: int,
+    seed: int = 0,
+    iters: int = 25,
+    *,
+    sample_size: int | None = None,
+    full_iters: int = 2,
+    tol: float = 1e-4,
+) -> Partition:
+    r"""Partition points into ``k`` k-means clusters.
+
+    Minimises the within-block sum of squares
+
+    .. math::
+        \sum_i \sum_{m \in \text{block } i} \| x_m - \mu_i \|^2
+
+    by Lloyd iterations from a k-means++ start (Arthur and Vassilvitskii, 2007).
+    Distances are one GEMM per chunk of points (about 64 MB at a time whatever ``n``
+    is). When ``n`` exceeds ``sample_size``, seeding and the first ``iters`` iterations
+    run on a random subsample of that size and at most ``full_iters`` iterations then
+    refine the centres on all points, so large ``n`` costs a few passes over the
+    ``n x k`` distances. A cluster that loses all its points is re-seeded at the point
+    farthest from its centre; if the final assignment still leaves clusters empty
+    (possible only when ``x`` has fewer than ``k`` distinct points) they are dropped:
+    the partition may have fewer than ``k`` blocks, never an empty one.
+
+    Args:
+        x: the points. # shape: (n, d) or (n,)
+        k: number of clusters, ``1 <= k <= n``.
+        seed: seed of the random generator; the result is a deterministic function of
+            the arguments.
+        iters: maximum number of Lloyd iterations (on the subsample when there is one);
+            iterations stop once at most a fraction ``tol`` of the points change cluster.
+        sample_size: subsample size for seeding and the first iterations; default
+            ``max(20_000, 40 * k)``.
+        full_iters: maximum number of Lloyd iterations on all points after the
+            subsample phase (unused when ``n <= sample_size``).
+        tol: fraction of reassigned points below which iterations stop.
+
+    Returns:
+        Partition whose block ``i`` holds the points of cluster ``i``.
+
+    Raises:
+        ValueError: ``x`` is not a finite ``(n, d)`` array, ``k`` is not in ``1 .. n``,
+            or ``iters`` / ``full_iters`` / ``sample_size`` are invalid.
+
+    Example:
+        >>> x = torch.randn(1000, 2)
+        >>> kmeans_partition(x, 10).num_blocks
+        10
+    """
+    x = _as_points(x)
+    n = x.shape[0]
+    k = _positive_int(k, "k")
+    if k > n:
+        raise ValueError(f"k = {k} exceeds the number of points n = {n}; choose k <= n.")
+    for name, value in (("iters", iters), ("full_iters", full_iters)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}.")
+    sample_size = max(20_000, 40 * k) if sample_size is None else _positive_int(sample_size, "sample_size")
+    sample_size = min(n, max(k, sample_size))
+
+    generator = torch.Generator().manual_seed(int(seed))
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    work = work - work.mean(0, keepdim=True)  # centring keeps the GEMM distance expansion accurate
+    if sample_size < n:
+        sample = work[torch.randperm(n, generator=generator)[:sample_size].to(x.device)]
+        centres, _ = _lloyd(sample, _kmeans_pp(sample, k, generator), iters, tol)
+        _, labels = _lloyd(work, centres, full_iters, tol)
+    else:
+        _, labels = _lloyd(work, _kmeans_pp(work, k, generator), iters, tol)
+    return _relabel(labels)
+
+
+def kmeans_objective(x: Tensor, partition: Partition) -> Tensor:
+    r"""Within-block sum of squares :math:`\sum_m \| x_m - \mu_{c_m} \|^2` of a partition of ``x``."""
+    x = _as_points(x)
+    if len(partition) != x.shape[0]:
+        raise ValueError(f"partition has {len(partition)} indices but x has {x.shape[0]} points.")
+    means = partition.block_mean(x.T.double(), dim=-1).T
+    return (x.double() - means[partition.labels]).square().sum()
+
+
+# ---------------------------------------------------------------------------- kd-tree
+def kdtree_partition(x: Tensor, leaf_size: int) -> Partition:
+    r"""Balanced kd-tree partition: recursive median bisection along the widest dimension.
+
+    Starting from all points, every cell with more than ``leaf_size`` points is split
+    at the median of its widest coordinate into halves of sizes
+    :math:`\lfloor m/2 \rfloor` and :math:`\lceil m/2 \rceil`, until every cell holds at
+    most ``leaf_size`` points. All cells of one level are split together (one sort of
+    the ``n`` points per level), so the cost is :math:`O(n \log n \log(n / \text{leaf\_size}))`.
+    Leaves end with between :math:`\lceil \text{leaf\_size} / 2 \rceil` and ``leaf_size``
+    points (fewer only if ``n`` itself is smaller); blocks are numbered in tree order, so
+    neighbouring block ids are neighbouring cells.
+
+    Args:
+        x: the points. # shape: (n, d) or (n,)
+        leaf_size: the largest number of points in a block.
+
+    Raises:
+        ValueError: ``x`` is not a finite ``(n, d)`` array or ``leaf_size`` is not a positive int.
+    """
+    x = _as_points(x)
+    n = x.shape[0]
+    leaf_size = _positive_int(leaf_size, "leaf_size")
+    device = x.device
+    order = torch.arange(n, device=device)  # points in tree order; cells are contiguous runs
+    sizes = torch.tensor([n], device=device)
+    xs = x  # x[order], kept up to date with local (cache-friendly) moves
+    while bool((sizes > leaf_size).any()):
+        # halving floor/ceil keeps all cell sizes of one level within one of each other,
+        # so the level is sorted as a padded (cells, width) batch
+        width = int(sizes.max())
+        starts = torch.cumsum(sizes, 0) - sizes
+        slot = torch.arange(width, device=device)
+        valid = slot.unsqueeze(0) < sizes.unsqueeze(-1)  # (cells, width)
+        flat = (starts.unsqueeze(-1) + slot).clamp_max(n - 1)  # positions in `order`
+        lengths = sizes
+        span = (torch.segment_reduce(xs, "max", lengths=lengths, axis=0)
+                - torch.segment_reduce(xs, "min", lengths=lengths, axis=0))
+        widest = span.argmax(-1)  # (cells,)
+        key = xs[flat, widest.unsqueeze(-1)]  # (cells, width)
+        split = sizes > leaf_size
+        key = torch.where(split.unsqueeze(-1), key, torch.zeros_like(key))  # cells that stay keep their order
+        key = key.masked_fill(~valid, float("inf"))
+        rank = torch.sort(key, dim=-1, stable=True).indices
+        moved = (starts.unsqueeze(-1) + rank)[valid]
+        order, xs = order[moved], xs[moved]
+        lo = sizes // 2
+        halves = torch.stack([lo, sizes - lo], dim=-1)
+        sizes = torch.where(split.unsqueeze(-1), halves, torch.stack([sizes, torch.zeros_like(sizes)], -1))
+        sizes = sizes.flatten()
+        sizes = sizes[sizes > 0]
+    labels = torch.empty(n, dtype=torch.long, device=device)
+    labels[order] = torch.repeat_interleave(torch.arange(sizes.numel(), device=device), sizes, output_size=n)
+    return Partition.from_labels(labels, sizes.numel())
+
+
+# ---------------------------------------------------------------------------- sorting
+def sorted_partition(x: Tensor, num_blocks: int, dim: int = 0) -> Partition:
+    r"""Equal-count runs along one input dimension (for time series and 1-d inputs).
+
+    The points are sorted by coordinate ``dim`` (ties keep their input order) and cut
+    into ``num_blocks`` consecutive runs whose sizes differ by at most one: the point
+    at sorted position :math:`p` goes to block :math:`\lfloor p \cdot k / n \rfloor`.
+    Block ids increase with the coordinate.
+
+    Args:
+        x: the points. # shape: (n, d) or (n,)
+        num_blocks: number of blocks ``k``, ``1 <= k <= n``.
+        dim: the input column to sort by.
+
+    Raises:
+        ValueError: bad ``x``, ``num_blocks`` outside ``1 .. n``, or ``dim`` out of range.
+    """
+    x = _as_points(x)
+    n, d = x.shape
+    num_blocks = _positive_int(num_blocks, "num_blocks")
+    if num_blocks > n:
+        raise ValueError(f"num_blocks = {num_blocks} exceeds the number of points n = {n}; choose num_blocks <= n.")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -d <= dim < d:
+        raise ValueError(f"dim must be an int in {-d} .. {d - 1} for inputs with {d} column(s), got {dim!r}.")
+    order = torch.argsort(x[:, dim], stable=True)
+    position = torch.arange(n, device=x.device)
+    labels = torch.empty(n, dtype=torch.long, device=x.device)
+    labels[order] = position * num_blocks // n
+    return Partition.from_labels(labels, num_blocks)
+
+
+# ---------------------------------------------------------------------------- groups
+def group_partition(ids) -> Partition:
+    """Partition by given group ids: one block per distinct id.
+
+    Any integers are accepted (negative, sparse, unsorted); blocks are numbered
+    ``0 .. k-1`` in increasing order of the id. Floating ids are accepted when they are
+    whole numbers (gpytorch passes inputs as floats), and an ``(n, 1)`` column is
+    treated as a vector.
+
+    Args:
+        ids: group id of every point. # shape: (n,) or (n, 1)
+
+    Raises:
+        ValueError: empty ids, a non-numeric dtype, a shape other than ``(n,)`` /
+            ``(n, 1)``, or floating ids that are not whole numbers.
+    """
+    if not isinstance(ids, Tensor):
+        try:
+            ids = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"ids must be a 1-d sequence of integers; could not convert it ({err}).") from None
+    if ids.dim() == 2 and ids.shape[-1] == 1:
+        ids = ids.squeeze(-1)
+    if ids.dim() != 1:
+        raise ValueError(f"ids must have shape (n,) or (n, 1), got shape {tuple(ids.shape)}.")
+    if ids.numel() == 0:
+        raise ValueError("ids must not be empty: a partition needs at least one index.")
+    if ids.dtype == torch.bool or ids.dtype.is_complex:
+        raise ValueError(f"ids must hold integers, got dtype {ids.dtype}.")
+    if ids.dtype.is_floating_point:
+        if not bool(torch.isfinite(ids).all()) or not bool((ids == ids.round()).all()):
+            raise ValueError(
+                "ids must be whole numbers; found a fractional, NaN or infinite value "
+                "(pass integer group ids, e.g. from pandas.factorize)."
+            )
+        if float(ids.abs().max()) > 2.0**53 if ids.dtype == torch.float64 else float(ids.abs().max()) > 2.0**24:
+            raise ValueError(
+                f"ids of dtype {ids.dtype} this large are not exact integers; pass them as an integer tensor."
+            )
+    return _relabel(ids.detach())
+
