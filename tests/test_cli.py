@@ -1,0 +1,208 @@
+"""The ``bma-gp`` command, run in-process: the bundled demo, a user CSV, and every error path."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bma_gp.cli import build_parser, main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--iters", "2", "--no-progress"]
+
+
+def _results(out):
+    with open(os.path.join(out, "results.json"), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _csv(tmp_path, n=120, seed=0, name="data.csv", nan_rows=()):
+    """Two inputs, a smooth target, an unused text column; ``nan_rows`` get an empty target."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 2, generator=g, dtype=torch.float64) * 4
+    y = torch.sin(x[:, 0]) + 0.5 * x[:, 1] + 0.05 * torch.randn(n, generator=g, dtype=torch.float64)
+    lines = ["u,v,label,y"]
+    for i in range(n):
+        target = "" if i in nan_rows else f"{float(y[i]):.6f}"
+        lines.append(f"{float(x[i, 0]):.6f},{float(x[i, 1]):.6f},row{i},{target}")
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _exit_code_and_message(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    return info.value.code, captured.err
+
+
+# ------------------------------------------------------------------------ successful runs
+def test_bundled_co2_demo_all_methods(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([*FAST, "--max-rows", "300", "--blocks", "24", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    for word in ("method", "train [s]", "predict [s]", "RMSE", "NLPD", "exact", "blockmean", "sgpr"):
+        assert word in stdout
+    summary = _results(out)
+    assert [r["method"] for r in summary["results"]] == ["exact", "blockmean", "sgpr"]
+    assert summary["n_train"] == 240 and summary["n_test"] == 60 and summary["kernel"] == "seasonal"
+    for row in summary["results"]:
+        assert row["train_seconds"] > 0 and row["predict_seconds"] > 0
+        # co2 spans about 60 ppm; even two steps of a seasonal GP predict within a few ppm
+        assert 0 < row["rmse"] < 10 and torch.isfinite(torch.tensor(row["nlpd"]))
+    assert summary["results"][1]["k"] == 24 and summary["results"][2]["k"] == 24
+    png = (out / "fits.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 20_000
+
+
+def test_user_csv_with_missing_values_comma_methods_and_kmeans(tmp_path, capsys):
+    data = _csv(tmp_path, nan_rows=(3, 50, 51))
+    out = tmp_path / "res"
+    code = main([*FAST, "--data", str(data), "--target", "y", "--features", "u", "v",
+                 "--method", "exact,blockmean", "--blocks", "10", "--out", str(out), "--seed", "3"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "warning: " in captured.err and "dropped 3 of 120 rows" in captured.err
+    summary = _results(out)
+    assert summary["features"] == ["u", "v"] and summary["kernel"] == "rbf"
+    assert summary["n_train"] + summary["n_test"] == 117
+    assert [r["method"] for r in summary["results"]] == ["exact", "blockmean"]
+    assert summary["results"][1]["k"] == 10
+    # the target has standard deviation about 0.9: a fitted GP must beat predicting the mean
+    for row in summary["results"]:
+        assert row["rmse"] < 0.6
+    assert (out / "fits.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_repeated_method_option_last_split_and_no_plot(tmp_path, capsys):
+    data = _csv(tmp_path, n=60)
+    out = tmp_path / "o"
+    code = main([*FAST, "--data", str(data), "--target", "y", "--features", "u", "--method", "sgpr",
+                 "--method", "exact", "--split", "last", "--blocks", "8", "--kernel", "matern",
+                 "--no-plot", "--out", str(out), "--dtype", "float32"])
+    assert code == 0
+    summary = _results(out)
+    assert [r["method"] for r in summary["results"]] == ["exact", "sgpr"]  # canonical order
+    assert summary["split"] == "last" and summary["dtype"] == "float32" and summary["n_test"] == 12
+    assert not (out / "fits.png").exists()
+
+
+def test_iters_zero_still_predicts(tmp_path):
+    data = _csv(tmp_path, n=40)
+    out = tmp_path / "o"
+    assert main(["--iters", "0", "--no-progress", "--no-plot", "--data", str(data), "--target", "y",
+                 "--features", "u", "v", "--method", "blockmean", "--blocks", "4", "--out", str(out)]) == 0
+    assert _results(out)["results"][0]["rmse"] > 0
+
+
+def test_python_dash_m_entry_point_reports_errors_without_traceback(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bma_gp", "--data", str(tmp_path / "missing.csv"), "--target", "y"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "bma-gp: error:" in proc.stderr and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--data", "--target", "--features", "--blocks", "--method", "--iters", "--device", "--out",
+                   "--seed", "--split", "--kernel"):
+        assert option in text
+    assert build_parser().prog == "bma-gp"
+
+
+# ------------------------------------------------------------------------ errors: exit 2, a message, no traceback
+def test_missing_file(tmp_path, capsys):
+    code, err = _exit_code_and_message(capsys, ["--data", str(tmp_path / "nope.csv"), "--target", "y"])
+    assert code == 2 and "does not exist" in err and "nope.csv" in err and "Traceback" not in err
+
+
+def test_missing_column_lists_available_ones(tmp_path, capsys):
+    data = _csv(tmp_path)
+    code, err = _exit_code_and_message(capsys, ["--data", str(data), "--target", "price"])
+    assert code == 2 and "no column 'price'" in err and "'u', 'v', 'label', 'y'" in err
+    code, err = _exit_code_and_message(capsys, ["--data", str(data), "--target", "y", "--features", "u", "w"])
+    assert code == 2 and "'w'" in err and "available columns" in err
+
+
+def test_non_numeric_column_is_named(tmp_path, capsys):
+    data = _csv(tmp_path)  # without --features every other column is an input, 'label' included
+    code, err = _exit_code_and_message(capsys, ["--data", str(data), "--target", "y"])
+    assert code == 2 and "column 'label' is not numeric" in err and "'row0'" in err
+
+
+def test_all_targets_missing(tmp_path, capsys):
+    data = _csv(tmp_path, n=5, nan_rows=range(5))
+    code, err = _exit_code_and_message(capsys, ["--data", str(data), "--target", "y", "--features", "u"])
+    assert code == 2 and "every row has a missing value" in err
+
+
+def test_too_few_rows(tmp_path, capsys):
+    data = _csv(tmp_path, n=2)
+    code, err = _exit_code_and_message(capsys, ["--data", str(data), "--target", "y", "--features", "u"])
+    assert code == 2 and "too few" in err
+
+
+def test_constant_input_column(tmp_path, capsys):
+    path = tmp_path / "c.csv"
+    path.write_text("a,b,y\n" + "".join(f"{i},1,{i * i}\n" for i in range(10)), encoding="utf-8")
+    code, err = _exit_code_and_message(capsys, ["--data", str(path), "--target", "y"])
+    assert code == 2 and "'b' are constant" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method", "exact,magic"], "unknown method 'magic'"),
+        (["--method", ","], "no method given"),
+        (["--blocks", "0"], "expected a positive integer"),
+        (["--blocks", "many"], "expected a positive integer"),
+        (["--iters", "-1"], "expected a non-negative integer"),
+        (["--test-fraction", "1.5"], "strictly between 0 and 1"),
+        (["--lr", "0"], "expected a positive number"),
+        (["--device", "tpu"], "--device"),
+        (["--device", "not a device"], "is not a torch device"),
+        (["--target", "co2"], "need --data"),
+        (["--features", "date"], "need --data"),
+        (["--blocks", "5000"], "exceeds the 1780 training rows"),
+        (["--kernel", "fancy"], "invalid choice"),
+    ],
+)
+def test_bad_arguments(capsys, argv, message):
+    code, err = _exit_code_and_message(capsys, argv)
+    assert code == 2 and message in err and err.startswith("usage: bma-gp")
+
+
+def test_data_without_target(tmp_path, capsys):
+    code, err = _exit_code_and_message(capsys, ["--data", str(_csv(tmp_path))])
+    assert code == 2 and "--data needs --target" in err
+
+
+def test_seasonal_kernel_needs_one_input(tmp_path, capsys):
+    code, err = _exit_code_and_message(capsys, ["--data", str(_csv(tmp_path)), "--target", "y",
+                                                "--features", "u", "v", "--kernel", "seasonal"])
+    assert code == 2 and "needs exactly one input column" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
+def test_cuda_requested_without_cuda(capsys):
+    code, err = _exit_code_and_message(capsys, ["--device", "cuda"])
+    assert code == 2 and "CUDA is not available" in err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_demo_on_cuda(tmp_path):
+    out = tmp_path / "out"
+    assert main([*FAST, "--device", "cuda", "--max-rows", "400", "--blocks", "32", "--out", str(out)]) == 0
+    summary = _results(out)
+    assert summary["device"].startswith("cuda")
+    assert all(0 < row["rmse"] < 10 for row in summary["results"])
