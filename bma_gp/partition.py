@@ -27,6 +27,8 @@ def _as_long_vector(values, name: str) -> Tensor:
             tensor = torch.as_tensor(values)
         except (TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"{name} must be a 1-d sequence of integers; could not convert it ({err}).") from None
+    if tensor.numel() == 0:
+        raise ValueError(f"{name} must not be empty: a partition needs at least one index.")
     if tensor.dtype == torch.bool or tensor.dtype.is_floating_point or tensor.dtype.is_complex:
         raise ValueError(
             f"{name} must hold integers, got dtype {tensor.dtype}; convert it with `.long()` "
@@ -34,8 +36,6 @@ def _as_long_vector(values, name: str) -> Tensor:
         )
     if tensor.dim() != 1:
         raise ValueError(f"{name} must be 1-dimensional, got shape {tuple(tensor.shape)}.")
-    if tensor.numel() == 0:
-        raise ValueError(f"{name} must not be empty: a partition needs at least one index.")
     return tensor.long()
 
 
