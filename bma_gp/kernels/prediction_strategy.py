@@ -82,23 +82,44 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
 
     @property
     @cached(name="block_covar_root")
-    def block_covar_root(self) -> Tensor:
-        r""":math:`W` with :math:`W W^\top = P^\top (\hat K + \sigma^2 I)^{-1} P` (in double precision for
-        single- and half-precision models). # shape: (*batch, k, k)"""
+    def block_covar_root(self) -> tuple[Tensor, Tensor, bool]:
+        r"""``(sqrt(s), T, lower)``: :math:`A W = (A S^{1/2}) T^{-\top}` (Cholesky, ``lower=True``) or
+        :math:`(A S^{1/2}) T` (eigendecomposition fallback), with
+        :math:`W W^\top = P^\top (\hat K + \sigma^2 I)^{-1} P = S^{1/2} C^{-1} S^{1/2}`.
+
+        The :math:`k \times k` problem is solved in double precision for single- and
+        half-precision models: :math:`C` is ill-conditioned when blocks are large (entries
+        :math:`\sim s B` against :math:`\lambda \sim` noise), and in float32 that cancels the
+        posterior variance away."""
         M = self.block_mean_covar
-        # The k x k problem is solved in double precision: C is ill-conditioned when blocks are large
-        # (entries ~ s * B against lam ~ noise), and in float32 that cancels the posterior variance away.
-        # C = diag(lam) + S^{1/2} B S^{1/2}; singleton blocks need no folding here (C_ii = lam_i + B_ii).
         work = torch.float64 if M.dtype in (torch.float16, torch.bfloat16, torch.float32) else M.dtype
         lam, B = M.lam.to(work), M.B.to(work)
         root_sizes = M.partition.sizes.to(device=lam.device, dtype=work).sqrt()
+        # C = diag(lam) + S^{1/2} B S^{1/2}; singleton blocks need no folding here (C_ii = lam_i + B_ii)
         core = torch.diag_embed(lam) + root_sizes.unsqueeze(-1) * (0.5 * (B + B.mT)) * root_sizes.unsqueeze(-2)
-        evals, evecs = torch.linalg.eigh(core)
-        tiny = torch.finfo(evals.dtype).tiny
-        root = root_sizes.unsqueeze(-1) * evecs * evals.clamp_min(tiny).rsqrt().unsqueeze(-2)
+        L, info = torch.linalg.cholesky_ex(core)
+        if not bool((info > 0).any()):
+            factor, lower = L, True
+        else:  # numerically semidefinite: clamp the spectrum instead of failing
+            evals, evecs = torch.linalg.eigh(core)
+            factor = evecs * evals.clamp_min(torch.finfo(work).tiny).rsqrt().unsqueeze(-2)
+            lower = False
         if settings.detach_test_caches.on():
-            root = root.detach()
-        return _attach_clear_hook(self, root)
+            root_sizes, factor = root_sizes.detach(), factor.detach()
+        return root_sizes, _attach_clear_hook(self, factor), lower
+
+    def _cross_factor(self, values: Tensor) -> Tensor:
+        """:math:`A W` for the cross values :math:`A`, in the dtype of ``values``. # shape: (*batch, t, k)"""
+        root_sizes, factor, lower = self.block_covar_root
+        scaled = values.to(factor.dtype) * root_sizes
+        if lower:
+            batch = torch.broadcast_shapes(scaled.shape[:-2], factor.shape[:-2])
+            k = factor.shape[-1]
+            res = torch.linalg.solve_triangular(factor.expand(*batch, k, k),
+                                                scaled.expand(*batch, *scaled.shape[-2:]).mT, upper=False).mT
+        else:
+            res = scaled @ factor
+        return res.to(values.dtype)
 
     def _block_cross(self, test_train_covar) -> Tensor | None:
         """:math:`A` if ``test_train_covar`` is :math:`A P^\\top` over the training partition, else None."""
@@ -141,8 +162,7 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
         if settings.skip_posterior_variances.on():
             return ZeroLinearOperator(*test_test_covar.size(), dtype=test_test_covar.dtype,
                                       device=test_test_covar.device)
-        root = self.block_covar_root
-        factor = (values.to(root.dtype) @ root).to(values.dtype)  # (*batch, t, k): A W
+        factor = self._cross_factor(values)  # (*batch, t, k): A W
         if torch.is_tensor(test_test_covar):
             return to_linear_operator(test_test_covar - factor @ factor.mT)
         return test_test_covar + MatmulLinearOperator(factor, factor.mT.mul(-1))
