@@ -1,0 +1,558 @@
+r"""Block sums of a kernel matrix on data, without ever holding the ``n x n`` matrix.
+
+:func:`kernel_block_mean` returns the optimal block mean approximation (SPEC section 2)
+of :math:`K = k(X, X)`. It needs only
+
+.. math::
+    T = P^\top K P \quad (k \times k), \qquad d = P^\top \operatorname{diag}(K) \quad (k),
+
+so rows of :math:`K` are evaluated a chunk at a time and reduced into :math:`T` and
+:math:`d` at once. Two implementations share that plan:
+
+* the **generic path** works for any gpytorch kernel. A custom autograd function
+  evaluates the chunks under ``no_grad`` in forward and re-evaluates each chunk in
+  backward, pulling the incoming gradient on :math:`(T, d)` back through it, so memory
+  is :math:`O(n \cdot \text{chunk})` in both passes (like activation checkpointing, but
+  one chunk at a time);
+* the **fused stationary path** for ``RBFKernel`` and ``MaternKernel`` (:math:`\nu \in
+  \{1/2, 3/2, 5/2\}`), optionally inside a ``ScaleKernel``, with one or ARD
+  lengthscales: the same pass that reduces the kernel values also reduces their
+  derivatives with respect to the lengthscales into block sums, so backward is a
+  contraction of two ``k x k`` arrays and forward + backward is one pass over the
+  entries. Distances come from one GEMM per chunk. Used automatically whenever the
+  kernel matches and ``x`` does not require a gradient.
+
+Both paths evaluate the rows in the order of the sorted block labels, so every block
+is a contiguous run of columns and reductions are segment sums.
+
+**Distributed.** With ``process_group`` every rank evaluates its own share of the rows
+(all ranks must pass the same ``x``, partition and kernel parameters) and the block
+sums are all-reduced in forward, so every rank returns the same operator. In backward
+the generic path differentiates its own rows and all-reduces (sums) the hyperparameter
+and input gradients inside the autograd function; the fused path all-reduced the
+derivative block sums in forward and needs no communication in backward. Either way
+every rank ends with the full gradient of its (identical) loss: do not sum the
+gradients again. Wrapping the model in ``DistributedDataParallel`` is harmless, since
+averaging identical gradients leaves them unchanged. Every rank must call backward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from gpytorch import settings as gpt_settings
+from gpytorch.kernels import Kernel, MaternKernel, RBFKernel, ScaleKernel
+from linear_operator import to_dense
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from bma_gp.approximation import block_mean_from_sums
+from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
+from bma_gp.partition import Partition
+
+__all__ = ["kernel_block_mean"]
+
+#: Target size of one ``chunk x n`` matrix of kernel values (bytes).
+_CHUNK_BYTES = 64 * 2**20
+#: Number of kernel entries above which a progress bar is shown by default.
+_PROGRESS_ENTRIES = 10**9
+#: Largest size of the derivative block sums the fused path keeps (bytes); beyond it, generic path.
+_FUSED_STATE_BYTES = 512 * 2**20
+
+
+# ============================================================================ shared helpers
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Block sums of many chunks are accumulated in double precision when the kernel is single precision."""
+    return torch.float64 if dtype in (torch.float16, torch.bfloat16, torch.float32) else dtype
+
+
+def _segment_sum(values: Tensor, lengths: Tensor) -> Tensor:
+    """Sum the last dimension of ``values`` over consecutive runs of the given lengths."""
+    lead = values.shape[:-1]
+    return torch.segment_reduce(values, "sum", lengths=lengths.expand(*lead, lengths.numel()),
+                                axis=values.dim() - 1)
+
+
+def _chunk_ranges(start: int, stop: int, chunk: int) -> list[tuple[int, int]]:
+    return [(a, min(stop, a + chunk)) for a in range(start, stop, chunk)]
+
+
+def _progress(ranges: list, show: bool, desc: str):
+    if not show:
+        return ranges
+    from tqdm.auto import tqdm
+
+    return tqdm(ranges, desc=desc, unit="chunk", leave=False)
+
+
+def _all_reduce(tensors: Sequence[Tensor], group) -> list[Tensor]:
+    """Sum a list of tensors over the ranks of ``group`` with one collective call."""
+    import torch.distributed as dist
+
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset: offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
+
+
+def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Reduce a broadcast gradient back to ``shape``."""
+    while grad.dim() > len(shape):
+        grad = grad.sum(0)
+    for i, size in enumerate(shape):
+        if size == 1 and grad.shape[i] != 1:
+            grad = grad.sum(i, keepdim=True)
+    return grad
+
+
+class _Plan:
+    """What both paths need: the sorted layout, this rank's rows, the chunk size, communication."""
+
+    def __init__(self, x: Tensor, sizes: Tensor, labels: Tensor, rows: tuple[int, int], chunk: int,
+                 group, show_progress: bool):
+        self.x = x  # (*batch, n, d), rows ordered by block
+        self.sizes = sizes  # (k,)
+        self.labels = labels  # (n,) sorted
+        self.rows = rows
+        self.chunk = chunk
+        self.group = group
+        self.show_progress = show_progress
+
+    @property
+    def num_blocks(self) -> int:
+        return self.sizes.numel()
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return _chunk_ranges(*self.rows, self.chunk)
+
+
+# ============================================================================ generic path
+def _evaluate(kernel: Kernel, x1: Tensor, x2: Tensor) -> Tensor:
+    with gpt_settings.lazily_evaluate_kernels(False):
+        return to_dense(kernel(x1, x2))
+
+
+class _GenericKernelSums(torch.autograd.Function):
+    """``(T, d)`` of ``kernel(x, x)`` by row chunks; backward re-evaluates each chunk."""
+
+    @staticmethod
+    def forward(ctx, plan: _Plan, kernel: Kernel, x: Tensor, *params: Tensor):
+        k = plan.num_blocks
+        sums = diag = None
+        with torch.no_grad():
+            for a, b in _progress(plan.ranges(), plan.show_progress, "kernel block sums"):
+                values = _evaluate(kernel, x[..., a:b, :], x)  # (*batch, c, n)
+                if sums is None:
+                    probe_dtype = values.dtype
+                    acc = _accumulation_dtype(values.dtype)
+                    sums = values.new_zeros(*values.shape[:-2], k, k, dtype=acc)
+                    diag = values.new_zeros(*values.shape[:-2], k, dtype=acc)
+                rows = plan.labels[a:b]
+                sums.index_add_(sums.dim() - 2, rows, _segment_sum(values, plan.sizes).to(acc))
+                diag.index_add_(diag.dim() - 1, rows,
+                                torch.diagonal(values, offset=a, dim1=-2, dim2=-1).to(acc))
+            if sums is None:  # this rank has no rows: the shapes come from a one-row evaluation
+                probe = _evaluate(kernel, x[..., :1, :], x[..., :1, :])
+                probe_dtype = probe.dtype
+                acc = _accumulation_dtype(probe.dtype)
+                sums = probe.new_zeros(*probe.shape[:-2], k, k, dtype=acc)
+                diag = probe.new_zeros(*probe.shape[:-2], k, dtype=acc)
+            if plan.group is not None:
+                sums, diag = _all_reduce([sums, diag], plan.group)
+        dtype = probe_dtype
+        ctx.plan, ctx.kernel = plan, kernel
+        ctx.save_for_backward(x, *params)
+        return sums.to(dtype), diag.to(dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_sums: Tensor, grad_diag: Tensor):
+        plan, kernel = ctx.plan, ctx.kernel
+        x, *params = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[2]
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
+        grads: list[Tensor | None] = [None] * (len(wanted) + int(need_x))
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(need_x)
+            inputs = [params[i] for i in wanted] + ([x_in] if need_x else [])
+            for a, b in _progress(plan.ranges(), plan.show_progress, "kernel block sums (backward)"):
+                values = _evaluate(kernel, x_in[..., a:b, :], x_in)
+                rows = plan.labels[a:b]
+                # dL/dK for this chunk: the k x k gradient spread over its entries (c x n, never n x n)
+                weight = grad_sums.to(values.dtype).index_select(-2, rows).index_select(-1, plan.labels)
+                weight = weight.expand_as(values).clone() if weight.shape != values.shape else weight
+                torch.diagonal(weight, offset=a, dim1=-2, dim2=-1).add_(
+                    grad_diag.to(values.dtype).index_select(-1, rows))
+                if not inputs:
+                    continue
+                pieces = torch.autograd.grad(values, inputs, grad_outputs=weight, allow_unused=True)
+                for j, g in enumerate(pieces):
+                    if g is not None:
+                        grads[j] = g if grads[j] is None else grads[j] + g
+        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+        if plan.group is not None and grads:
+            grads = _all_reduce(grads, plan.group)
+        out_params: list[Tensor | None] = [None] * len(params)
+        for j, i in enumerate(wanted):
+            out_params[i] = grads[j]
+        grad_x = grads[-1] if need_x else None
+        return (None, None, grad_x, *out_params)
+
+
+def _kernel_parameters(kernel: Kernel) -> list[Tensor]:
+    seen, out = set(), []
+    for p in kernel.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+# ============================================================================ fused stationary path
+class _Stationary:
+    """A stationary kernel ``outputscale * f(r)`` the fused path understands."""
+
+    def __init__(self, base: Kernel, scale: ScaleKernel | None, nu: float | None):
+        self.base, self.scale, self.nu = base, scale, nu  # nu None: RBF
+
+    @staticmethod
+    def match(kernel: Kernel) -> _Stationary | None:
+        scale, base = None, kernel
+        if type(kernel) is ScaleKernel:
+            scale, base = kernel, kernel.base_kernel
+        if type(base) is RBFKernel:
+            nu = None
+        elif type(base) is MaternKernel and float(base.nu) in (0.5, 1.5, 2.5):
+            nu = float(base.nu)
+        else:
+            return None
+        if base.lengthscale is None:
+            return None
+        return _Stationary(base, scale, nu)
+
+    def select_dims(self, x: Tensor) -> Tensor:
+        """The columns the kernel sees: only the outermost kernel's ``__call__`` applies ``active_dims``."""
+        outer = self.scale if self.scale is not None else self.base
+        if outer.active_dims is not None:
+            x = x.index_select(-1, outer.active_dims.to(x.device))
+        return x
+
+    def values_and_weights(self, r2: Tensor, ard: bool) -> tuple[Tensor, Tensor]:
+        r"""Kernel values :math:`f` and, per entry, :math:`g'(r^2)\, r^2` (isotropic) or :math:`g'(r^2)` (ARD).
+
+        Here :math:`g(r^2) = f(r)`, so :math:`\partial K / \partial \ell_a = -2 g'(r^2) \Delta z_a^2 / \ell_a`.
+        ``r2`` is overwritten.
+        """
+        if self.nu is None:  # RBF: g = exp(-r2 / 2), g' = -g / 2
+            values = r2.mul(-0.5).exp_()
+            weights = r2.mul_(values).mul_(-0.5) if not ard else values.mul(-0.5)
+            return values, weights
+        r = r2.sqrt()
+        c = math.sqrt(2.0 * self.nu)
+        e = r.mul(-c).exp_()
+        if self.nu == 0.5:  # f = e, g' = -e / (2 r)
+            values = e
+            if ard:
+                weights = torch.where(r2 > 0, e / r.clamp_min(torch.finfo(r.dtype).tiny), torch.zeros_like(e))
+                weights = weights.mul_(-0.5)
+            else:
+                weights = r.mul_(e).mul_(-0.5)
+        elif self.nu == 1.5:  # f = (1 + c r) e, g' = -(3/2) e
+            values = (r * c).add_(1.0).mul_(e)
+            weights = e.mul_(-1.5) if ard else r2.mul_(e).mul_(-1.5)
+        else:  # nu = 2.5: f = (1 + c r + 5 r^2 / 3) e, g' = -(5/6)(1 + c r) e
+            values = r2.mul(5.0 / 3.0).add_(r, alpha=c).add_(1.0).mul_(e)
+            weights = r.mul_(c).add_(1.0).mul_(e).mul_(-5.0 / 6.0)
+            if not ard:
+                weights = weights.mul_(r2)
+        return values, weights
+
+
+def _choose_tile(labels: Tensor, n: int) -> tuple[int, int]:
+    """Tile width for the block-segmented GEMM: trade the number of blocks a tile spans against tile size."""
+    best = None
+    for t in (8, 16, 32, 64, 128, 256, 512, 1024):
+        if t > max(8, n):
+            break
+        n_pad = -(-n // t) * t
+        lab = torch.cat([labels, labels[n - 1:n].expand(n_pad - n)])
+        q = int((lab[t - 1::t] - lab[::t]).max()) + 1
+        cost = q * (3.0 / t + 0.1)  # output traffic per entry + GEMM work per entry (relative)
+        if best is None or cost < best[0]:
+            best = (cost, t, q)
+    return best[1], best[2]
+
+
+class _SegmentedColumnGemm:
+    r"""For a ``c x n`` matrix :math:`W` and points :math:`z`, :math:`Y_{iJa} = \sum_{j \in J} W_{ij}\, v_{ja}`.
+
+    Columns are cut into tiles of ``tile`` columns; a tile spans at most ``q`` consecutive
+    blocks, so each tile is one small dense GEMM against a ``tile x (q * m)`` matrix holding
+    the values in the slot of their block, and the ``q`` partial results are added into the
+    blocks they belong to.
+    """
+
+    def __init__(self, labels: Tensor, num_blocks: int, n: int, d: int):
+        self.n, self.k = n, num_blocks
+        self.tile, self.q = _choose_tile(labels, n)
+        self.n_pad = -(-n // self.tile) * self.tile
+        pad = self.n_pad - n
+        lab = torch.cat([labels, labels[n - 1:n].expand(pad)])
+        nt = self.n_pad // self.tile
+        first = lab[:: self.tile]
+        self.local = (lab.view(nt, self.tile) - first.unsqueeze(-1))  # (nt, tile) in 0 .. q-1
+        slots = first.unsqueeze(-1) + torch.arange(self.q, device=labels.device)
+        self.target = slots.clamp_max(num_blocks).flatten()  # slot -> block (num_blocks: unused slot)
+
+    def matrix(self, v: Tensor) -> Tensor:
+        """The per-tile right factor for values ``v`` of shape (batch, n_pad, m); padded rows must be zero."""
+        bsz, _, m = v.shape
+        nt = self.n_pad // self.tile
+        out = v.new_zeros(bsz, nt, self.tile, self.q, m)
+        index = self.local.view(1, nt, self.tile, 1, 1).expand(bsz, nt, self.tile, 1, m)
+        out.scatter_(3, index, v.view(bsz, nt, self.tile, 1, m))
+        return out.view(bsz, nt, self.tile, self.q * m)
+
+    def apply(self, w: Tensor, factor: Tensor) -> Tensor:
+        """``w`` (batch, c, n_pad), ``factor`` from :meth:`matrix` -> Y (batch, c, k, m)."""
+        bsz, c, _ = w.shape
+        nt = self.n_pad // self.tile
+        m = factor.shape[-1] // self.q
+        tiles = torch.matmul(w.view(bsz, c, nt, self.tile).transpose(1, 2), factor)  # (batch, nt, c, q m)
+        tiles = tiles.view(bsz, nt, c, self.q, m).permute(0, 2, 1, 3, 4).reshape(bsz, c, nt * self.q, m)
+        out = w.new_zeros(bsz, c, self.k + 1, m)
+        out.index_add_(2, self.target, tiles)
+        return out[:, :, : self.k]
+
+
+class _StationaryKernelSums(torch.autograd.Function):
+    r"""Unscaled block sums :math:`T_0 = P^\top f(R) P` and, in the same pass, their lengthscale derivatives."""
+
+    @staticmethod
+    def forward(ctx, plan: _Plan, spec: _Stationary, lengthscale: Tensor):
+        with torch.no_grad():
+            sums, derivs = _stationary_pass(plan, spec, lengthscale)
+        ctx.save_for_backward(lengthscale, derivs)
+        return sums
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_sums: Tensor):
+        lengthscale, derivs = ctx.saved_tensors  # derivs: sum g'(r2) dz_a^2 over blocks, (B, k, k, D)
+        g = torch.einsum("bij,bija->ba", grad_sums.reshape(derivs.shape[:-1]).to(derivs.dtype), derivs)
+        batch = grad_sums.shape[:-2]
+        g = g.reshape(*batch, 1, derivs.shape[-1]).to(lengthscale.dtype)
+        g = g * (-2.0) / lengthscale
+        return None, None, _sum_to_shape(g, lengthscale.shape)
+
+
+def _stationary_pass(plan: _Plan, spec: _Stationary, lengthscale: Tensor) -> tuple[Tensor, Tensor]:
+    x = plan.x
+    n, d = x.shape[-2:]
+    dtype = torch.promote_types(x.dtype, lengthscale.dtype)
+    D = lengthscale.shape[-1]
+    ard = D > 1
+    k = plan.num_blocks
+    centre = x.reshape(-1, d).mean(0)
+    z = (x.to(dtype) - centre.to(dtype)) / lengthscale.to(dtype)  # (*batch, n, d)
+    batch = z.shape[:-2]
+    z = z.reshape(-1, n, d)
+    bsz = z.shape[0]
+    acc = _accumulation_dtype(dtype)
+
+    lengths = plan.sizes
+    gemm = None
+    if ard:
+        gemm = _SegmentedColumnGemm(plan.labels, k, n, d)
+        if gemm.n_pad > n:  # padded columns: a point at the centre, summed into a dropped extra block
+            z = torch.cat([z, z.new_zeros(bsz, gemm.n_pad - n, d)], dim=1)
+            lengths = torch.cat([lengths, lengths.new_tensor([gemm.n_pad - n])])
+        padded = torch.cat([z, z.square()], dim=-1)
+        padded[:, n:] = 0.0
+        factor = gemm.matrix(padded)  # (B, nt, tile, q * 2d)
+    z_sq = z.square().sum(-1)  # (B, n_pad)
+    zt = z.transpose(-1, -2)
+
+    sums = z.new_zeros(bsz, k, k, dtype=acc)
+    derivs = z.new_zeros(bsz, k, k, D, dtype=acc)
+    for a, b in _progress(plan.ranges(), plan.show_progress, "kernel block sums (fused)"):
+        zr = z[:, a:b]
+        r2 = torch.baddbmm(z_sq.unsqueeze(1), zr, zt, alpha=-2.0)
+        r2.add_(z_sq[:, a:b].unsqueeze(-1)).clamp_min_(0.0)
+        torch.diagonal(r2, offset=a, dim1=-2, dim2=-1).zero_()
+        values, weights = spec.values_and_weights(r2, ard)
+        rows = plan.labels[a:b]
+        col_values = _segment_sum(values, lengths)[..., :k]  # (B, c, k)
+        sums.index_add_(1, rows, col_values.to(acc))
+        if not ard:
+            derivs[..., 0].index_add_(1, rows, _segment_sum(weights, lengths)[..., :k].to(acc))
+            continue
+        # sum_{j in J} w_ij (z_ia - z_ja)^2 = z_ia^2 W_iJ - 2 z_ia Y_iJa + Y2_iJa
+        y = gemm.apply(weights, factor)  # (B, c, k, 2d)
+        col_weights = _segment_sum(weights, lengths)[..., :k]
+        zr_ = zr.unsqueeze(2)
+        per_row = y[..., d:].addcmul_(zr_.square(), col_weights.unsqueeze(-1))
+        per_row.addcmul_(zr_, y[..., :d], value=-2.0)
+        derivs.index_add_(1, rows, per_row.to(acc))
+    if plan.group is not None:
+        sums, derivs = _all_reduce([sums, derivs], plan.group)
+    sums = sums.to(dtype).reshape(*batch, k, k)
+    return sums, derivs
+
+
+# ============================================================================ public entry point
+def _check_inputs(kernel, x, partition, chunk_size) -> Tensor:
+    if not isinstance(kernel, Kernel):
+        raise TypeError(f"kernel must be a gpytorch.kernels.Kernel, got {type(kernel).__name__}.")
+    if not torch.is_tensor(x):
+        raise TypeError(f"x must be a torch.Tensor of shape (n, d), got {type(x).__name__}.")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"x must be floating point, got dtype {x.dtype}; convert it with .float().")
+    if x.dim() == 1:
+        x = x.unsqueeze(-1)
+    if x.dim() < 2 or x.shape[-2] == 0:
+        raise ValueError(f"x must have shape (n, d) or (*batch, n, d) with n >= 1, got {tuple(x.shape)}.")
+    if not isinstance(partition, Partition):
+        raise TypeError(
+            f"partition must be a bma_gp.Partition, got {type(partition).__name__}; build one with "
+            "Partition.from_labels(labels) or a builder from bma_gp.partitioning."
+        )
+    if len(partition) != x.shape[-2]:
+        raise ValueError(
+            f"partition has {len(partition)} indices but x has {x.shape[-2]} rows; they must match."
+        )
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}.")
+    return x
+
+
+def kernel_block_mean(
+    kernel: Kernel,
+    x: Tensor,
+    partition: Partition,
+    chunk_size: int | None = None,
+    *,
+    process_group=None,
+    progress: bool | None = None,
+    fused: bool | None = None,
+) -> BlockMeanLinearOperator:
+    r"""The optimal block mean approximation of the kernel matrix ``kernel(x, x)``, in O(n * chunk) memory.
+
+    With :math:`T = P^\top K P` and :math:`d = P^\top \operatorname{diag}(K)` for
+    :math:`K = k(X, X)`, the result is (SPEC section 2)
+
+    .. math::
+        B_{ij} = \frac{T_{ij}}{s_i s_j}\ (i \ne j), \qquad
+        B_{ii} = \frac{T_{ii} - d_i}{s_i (s_i - 1)}, \qquad
+        \lambda_i = \frac{d_i}{s_i} - B_{ii},
+
+    the covariance of the block-exchangeable process. The kernel is evaluated in row
+    chunks of ``chunk_size x n`` entries that are reduced into :math:`T` and :math:`d` at
+    once; the result is differentiable in the kernel's hyperparameters (and in ``x``),
+    with backward also in :math:`O(n \cdot \text{chunk})` memory: the generic path
+    re-evaluates each chunk in backward, the fused path for RBF / Matern kernels
+    reduces the lengthscale derivatives in the forward pass (see the module docstring).
+
+    Args:
+        kernel: any gpytorch kernel; batch kernels give a batch of operators.
+        x: inputs. # shape: (n, d), (*batch, n, d) or (n,)
+        partition: partition of the ``n`` inputs.
+        chunk_size: rows per chunk; default about 64 MB of kernel values per chunk.
+        process_group: a ``torch.distributed`` process group; each rank evaluates its
+            share of the rows and the sums are all-reduced (module docstring). ``None``:
+            single process.
+        progress: show a tqdm progress bar; ``None`` shows one when there are more than
+            :math:`10^9` entries (on rank 0 only).
+        fused: force (``True``) or forbid (``False``) the fused stationary path; ``None``
+            uses it whenever it applies. Forcing it on a kernel it does not support is a
+            ``ValueError``.
+
+    Returns:
+        BlockMeanLinearOperator over ``partition``. # shape: (*batch, n, n)
+
+    Raises:
+        TypeError: ``kernel`` is not a gpytorch kernel, ``x`` not a tensor, ``partition``
+            not a :class:`~bma_gp.Partition`.
+        ValueError: wrong shapes, a bad ``chunk_size``, a process group without an
+            initialised ``torch.distributed``, or ``fused=True`` on an unsupported kernel.
+
+    Example:
+        >>> from gpytorch.kernels import RBFKernel, ScaleKernel
+        >>> x = torch.randn(1000, 2)
+        >>> op = kernel_block_mean(ScaleKernel(RBFKernel()), x, Partition.from_labels(torch.arange(1000) % 10))
+        >>> op.shape
+        torch.Size([1000, 1000])
+    """
+    x = _check_inputs(kernel, x, partition, chunk_size)
+    n = x.shape[-2]
+    partition = partition.to(x.device)
+
+    rank, world = 0, 1
+    if process_group is not None:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("process_group was given but torch.distributed is not initialised; call "
+                             "torch.distributed.init_process_group first (or pass process_group=None).")
+        rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
+
+    # evaluate in the order of sorted labels: every block becomes a contiguous run of columns
+    if partition.is_contiguous:
+        xs, labels = x, partition.labels
+    else:
+        order = torch.argsort(partition.labels, stable=True)
+        xs, labels = x.index_select(-2, order), partition.labels[order]
+    sizes = partition.sizes
+
+    batch_numel = math.prod(x.shape[:-2])
+    spec = _Stationary.match(kernel) if fused is not False else None
+    if spec is not None:
+        batch_numel = max(batch_numel, math.prod(spec.base.lengthscale.shape[:-2]))
+    rows = (rank * n // world, (rank + 1) * n // world)
+    show = bool(progress) if progress is not None else batch_numel * n * n >= _PROGRESS_ENTRIES
+    show = show and rank == 0
+
+    if spec is not None:
+        ls = spec.base.lengthscale
+        D = ls.shape[-1]
+        state = batch_numel * partition.num_blocks ** 2 * D * 8
+        usable = (not (torch.is_grad_enabled() and xs.requires_grad)) and state <= _FUSED_STATE_BYTES \
+            and (D == 1 or D == spec.select_dims(xs).shape[-1])
+        if not usable:
+            if fused:
+                raise ValueError("fused=True, but the fused path needs x without gradient, ARD lengthscales "
+                                 "matching the input columns and k^2 * D small enough; use fused=None.")
+            spec = None
+    elif fused:
+        raise ValueError(f"fused=True, but {type(kernel).__name__} is not an RBF or Matern (nu 0.5, 1.5, 2.5) "
+                         "kernel, optionally in a ScaleKernel; use fused=None.")
+
+    if spec is not None:
+        xd = spec.select_dims(xs).detach()
+        element = torch.promote_types(xd.dtype, ls.dtype).itemsize
+        per_row = batch_numel * n * element * (1 if ls.shape[-1] == 1 else 2)
+        chunk = chunk_size or max(1, _CHUNK_BYTES // per_row)
+        plan = _Plan(xd, sizes, labels, rows, chunk, process_group, show)
+        unscaled = _StationaryKernelSums.apply(plan, spec, ls)
+        dtype = unscaled.dtype
+        size_vec = sizes.to(dtype)
+        if spec.scale is not None:
+            scale = spec.scale.outputscale.to(dtype)
+            block_sums = scale.unsqueeze(-1).unsqueeze(-1) * unscaled
+            diag_sums = scale.unsqueeze(-1) * size_vec
+        else:
+            block_sums, diag_sums = unscaled, size_vec
+        diag_sums = diag_sums.expand(*block_sums.shape[:-1])
+    else:
+        per_row = batch_numel * n * x.element_size()
+        chunk = chunk_size or max(1, _CHUNK_BYTES // per_row)
+        plan = _Plan(xs, sizes, labels, rows, chunk, process_group, show)
+        params = _kernel_parameters(kernel)
+        block_sums, diag_sums = _GenericKernelSums.apply(plan, kernel, xs, *params)
+    return block_mean_from_sums(block_sums, diag_sums, partition)

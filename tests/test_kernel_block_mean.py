@@ -1,0 +1,247 @@
+"""kernel_block_mean: values and hyperparameter gradients against the dense block mean, both paths."""
+
+import os
+import tempfile
+from unittest import mock
+
+import gpytorch
+import pytest
+import torch
+from gpytorch.kernels import LinearKernel, MaternKernel, PeriodicKernel, RBFKernel, ScaleKernel
+
+import bma_gp.kernel_block_mean as kbm
+from bma_gp import BlockMeanLinearOperator, Partition, block_mean
+from bma_gp.kernel_block_mean import kernel_block_mean
+
+N, D = 150, 3
+
+
+def _x(n=N, d=D, dtype=torch.float64, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+PARTITIONS = {
+    "scattered": lambda n: Partition.from_labels(torch.randint(9, (n,), generator=torch.Generator().manual_seed(1))),
+    "contiguous": lambda n: Partition.from_sizes([1, n // 3, n - n // 3 - 3, 2]),  # with a singleton block
+    "one_block": lambda n: Partition.from_labels(torch.zeros(n, dtype=torch.long)),
+    "singletons": lambda n: Partition.from_labels(torch.randperm(n, generator=torch.Generator().manual_seed(2))),
+}
+
+KERNELS = {
+    "rbf": lambda: ScaleKernel(RBFKernel()),
+    "rbf_ard": lambda: ScaleKernel(RBFKernel(ard_num_dims=D)),
+    "rbf_bare": lambda: RBFKernel(),
+    "matern05_ard": lambda: ScaleKernel(MaternKernel(nu=0.5, ard_num_dims=D)),
+    "matern15": lambda: ScaleKernel(MaternKernel(nu=1.5)),
+    "matern25_ard": lambda: ScaleKernel(MaternKernel(nu=2.5, ard_num_dims=D)),
+    "periodic_plus_linear": lambda: ScaleKernel(PeriodicKernel()) + LinearKernel(),  # generic path only
+}
+
+
+def _set_hypers(kernel, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in kernel.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return kernel
+
+
+def _dense_reference(kernel, x, partition):
+    with gpytorch.settings.lazily_evaluate_kernels(False):
+        K = kernel(x, x).to_dense()
+    return block_mean(K, partition)
+
+
+def _loss(op):  # touches lam and every entry of B with different weights
+    w = torch.linspace(-1, 2, op.B.shape[-1], dtype=op.B.dtype)
+    return (op.lam * w).sin().sum() + (op.B * w).square().sum() + (op.B * w.unsqueeze(-1)).sum()
+
+
+def _compare(kernel, x, partition, atol=1e-9, **kwargs):
+    op = kernel_block_mean(kernel, x, partition, **kwargs)
+    ref = _dense_reference(kernel, x, partition)
+    assert isinstance(op, BlockMeanLinearOperator)
+    torch.testing.assert_close(op.B, ref.B, atol=atol, rtol=1e-7)
+    torch.testing.assert_close(op.lam, ref.lam, atol=max(atol, 1e-7), rtol=1e-6)
+    params = [p for p in kernel.parameters()]
+    g = torch.autograd.grad(_loss(op), params)
+    g_ref = torch.autograd.grad(_loss(ref), params)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=max(atol, 1e-7) * 10, rtol=1e-6)
+    return op
+
+
+@pytest.mark.parametrize("kernel_name", list(KERNELS))
+@pytest.mark.parametrize("fused", [None, False])
+def test_values_and_gradients_match_dense(kernel_name, fused):
+    kernel = _set_hypers(KERNELS[kernel_name]().double())
+    _compare(kernel, _x(), PARTITIONS["scattered"](N), chunk_size=40, fused=fused)
+
+
+@pytest.mark.parametrize("partition_name", ["contiguous", "one_block", "singletons"])
+@pytest.mark.parametrize("kernel_name", ["rbf_ard", "matern15", "periodic_plus_linear"])
+def test_partition_shapes(kernel_name, partition_name):
+    kernel = _set_hypers(KERNELS[kernel_name]().double())
+    _compare(kernel, _x(), PARTITIONS[partition_name](N), chunk_size=40)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 10 * N, None])
+def test_chunk_size_does_not_change_the_result(chunk_size):
+    kernel = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D)).double())
+    _compare(kernel, _x(), PARTITIONS["scattered"](N), chunk_size=chunk_size)
+
+
+def test_fused_path_is_taken_for_stationary_kernels():
+    kernel = _set_hypers(ScaleKernel(MaternKernel(nu=2.5, ard_num_dims=D)).double())
+    with mock.patch.object(kbm._GenericKernelSums, "apply", side_effect=AssertionError("generic path used")):
+        op = kernel_block_mean(kernel, _x(), PARTITIONS["scattered"](N), fused=True)
+        _loss(op).backward()
+    assert kernel.base_kernel.raw_lengthscale.grad is not None
+
+
+def test_generic_path_for_other_kernels_and_fused_true_rejects_them():
+    kernel = _set_hypers(ScaleKernel(PeriodicKernel()).double())
+    with mock.patch.object(kbm._StationaryKernelSums, "apply", side_effect=AssertionError("fused path used")):
+        kernel_block_mean(kernel, _x(), PARTITIONS["scattered"](N))
+    with pytest.raises(ValueError, match="fused=True"):
+        kernel_block_mean(kernel, _x(), PARTITIONS["scattered"](N), fused=True)
+
+
+def test_generic_backward_reevaluates_chunks_without_keeping_them():
+    kernel = _set_hypers(ScaleKernel(PeriodicKernel()).double())
+    x, partition = _x(), PARTITIONS["scattered"](N)
+    calls = []
+    real = kbm._evaluate
+
+    def counting(kern, x1, x2):
+        calls.append(x1.shape[-2])
+        return real(kern, x1, x2)
+
+    with mock.patch.object(kbm, "_evaluate", side_effect=counting):
+        op = kernel_block_mean(kernel, x, partition, chunk_size=40)
+        forward_calls = len(calls)
+        _loss(op).backward()
+    assert forward_calls == 4 and len(calls) == 8  # 150 rows in chunks of 40, re-evaluated once in backward
+    assert max(calls) <= 40
+    # the graph holds one custom node instead of per-chunk kernel graphs
+    names, stack, seen = set(), [op.B.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(f for f, _ in node.next_functions)
+    assert any("GenericKernelSums" in name for name in names)
+    assert len(seen) < 40
+
+
+def test_gradient_with_respect_to_inputs():
+    kernel = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D)).double())
+    partition = PARTITIONS["scattered"](N)
+    x1 = _x().requires_grad_(True)
+    x2 = _x().requires_grad_(True)
+    g = torch.autograd.grad(_loss(kernel_block_mean(kernel, x1, partition, chunk_size=31)), x1)[0]
+    g_ref = torch.autograd.grad(_loss(_dense_reference(kernel, x2, partition)), x2)[0]
+    torch.testing.assert_close(g, g_ref, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_batch_kernels_and_batch_inputs(fused):
+    batch = torch.Size([2])
+    kernel = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D, batch_shape=batch), batch_shape=batch).double())
+    op = _compare(kernel, _x(), PARTITIONS["scattered"](N), chunk_size=50, fused=fused)
+    assert op.shape == (2, N, N)
+    x = torch.stack([_x(seed=0), _x(seed=1)])
+    op = _compare(kernel, x, PARTITIONS["contiguous"](N), chunk_size=50, fused=fused)
+    assert op.shape == (2, N, N)
+
+
+def test_active_dims_are_respected():
+    kernel = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=2, active_dims=[0, 2])).double())
+    _compare(kernel, _x(), PARTITIONS["scattered"](N), chunk_size=40)
+
+
+@pytest.mark.parametrize("kernel_name", ["rbf_ard", "matern05_ard", "matern25_ard"])
+def test_float32_fused_is_accurate(kernel_name):
+    kernel64 = _set_hypers(KERNELS[kernel_name]().double())
+    partition = PARTITIONS["scattered"](400)
+    x = _x(400)
+    ref = kernel_block_mean(kernel64, x, partition, fused=False)
+    g_ref = torch.autograd.grad(_loss(ref), list(kernel64.parameters()))
+    kernel32 = kernel64.float()
+    op = kernel_block_mean(kernel32, x.float(), partition, fused=True)
+    assert op.B.dtype == torch.float32
+    torch.testing.assert_close(op.B.double(), ref.B, atol=1e-5, rtol=1e-5)
+    g = torch.autograd.grad(_loss(op), list(kernel32.parameters()))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a.double(), b, atol=1e-3, rtol=1e-4)
+
+
+def test_result_is_positive_semidefinite_block_mean():
+    kernel = _set_hypers(ScaleKernel(MaternKernel(nu=1.5)).double())
+    with torch.no_grad():
+        op = kernel_block_mean(kernel, _x(), PARTITIONS["scattered"](N))
+        assert float(torch.linalg.eigvalsh(op.to_dense()).min()) > -1e-10
+
+
+def test_progress_bar(capsys):
+    kernel = ScaleKernel(RBFKernel()).double()
+    kernel_block_mean(kernel, _x(), PARTITIONS["scattered"](N), chunk_size=10, progress=True)
+    assert "kernel block sums" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: kernel_block_mean("rbf", _x(), PARTITIONS["scattered"](N)), TypeError, "gpytorch"),
+        (lambda: kernel_block_mean(RBFKernel(), _x().tolist(), PARTITIONS["scattered"](N)), TypeError, "x must"),
+        (lambda: kernel_block_mean(RBFKernel(), _x().long(), PARTITIONS["scattered"](N)), ValueError, "floating"),
+        (lambda: kernel_block_mean(RBFKernel(), _x(), torch.zeros(N)), TypeError, "Partition"),
+        (lambda: kernel_block_mean(RBFKernel(), _x(N - 1), PARTITIONS["scattered"](N)), ValueError, "rows"),
+        (lambda: kernel_block_mean(RBFKernel(), _x(), PARTITIONS["scattered"](N), 0), ValueError, "chunk_size"),
+        (lambda: kernel_block_mean(RBFKernel(), _x(), PARTITIONS["scattered"](N), process_group=object()),
+         ValueError, "not initialised"),
+    ],
+)
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# ---------------------------------------------------------------------------- torch.distributed
+def _distributed_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for name, fused in (("fused", None), ("generic", False)):
+            kernel = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D)).double())
+            op = kernel_block_mean(kernel, _x(), PARTITIONS["scattered"](N), chunk_size=16, fused=fused,
+                                   process_group=dist.group.WORLD)
+            _loss(op).backward()
+            results[name] = [op.lam.detach(), op.B.detach()] + [p.grad for p in kernel.parameters()]
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_two_ranks_equal_single_process():
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_distributed_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    for name, fused in (("fused", None), ("generic", False)):
+        kernel = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D)).double())
+        op = kernel_block_mean(kernel, _x(), PARTITIONS["scattered"](N), fused=fused)
+        _loss(op).backward()
+        single = [op.lam.detach(), op.B.detach()] + [p.grad for p in kernel.parameters()]
+        for r in range(2):
+            for got, want in zip(ranks[r][name], single):
+                torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
