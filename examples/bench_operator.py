@@ -4,11 +4,16 @@
    torch's dense Cholesky / eigh on the same matrix, in one run (ratios printed).
 2. ``large``: n = 10,000,000, k = 1,000: solve + logdet + inverse-square-root product, wall time
    and peak resident memory, measured in a fresh subprocess so the peak belongs to this work alone.
+3. ``sweep`` (issue 5): matvec, solve, logdet and inverse-square-root product over n = 10^4 .. 10^7,
+   k = 10 .. 4,000, contiguous and scattered labels, float32 and float64, each as a ratio to one
+   elementwise pass over an n-vector (``x * 2``, the memory-bandwidth floor) measured in the same
+   process; one subprocess per n, whose peak resident memory is reported beside its rows.
 
 Output: JSON lines on stdout (one per measurement) and a summary table.
 
     python examples/bench_operator.py                 # both parts, full size
     python examples/bench_operator.py --smoke         # seconds
+    python examples/bench_operator.py --part sweep    # the issue-5 grid (several minutes)
 """
 
 from __future__ import annotations
@@ -120,14 +125,76 @@ def large_child(n: int, k: int, repeats: int) -> None:
           "baseline_rss_mb": base_rss})
 
 
+SWEEP_KS = (10, 100, 1000, 4000)
+
+
+def sweep_child(n: int, repeats: int, ks: tuple[int, ...]) -> None:
+    """One n: every k, layout and dtype; matvec always, the k^3 operations where k^3 stays affordable."""
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(n, dtype=dtype)
+        floor = best_of(lambda: x * 2.0, repeats)
+        for k in ks:
+            if k > n // 2:
+                continue
+            for scattered in (False, True):
+                lam, B, partition = random_operator(n, k, seed=k, dtype=dtype, scattered=scattered)
+                op = BlockMeanLinearOperator(lam, B, partition)
+                ops = {"matvec": lambda: op @ x}
+                if k <= 1000 or n == 1_000_000:
+                    ops.update({
+                        "solve": lambda: BlockMeanLinearOperator(lam, B, partition).solve(x),
+                        "logdet": lambda: BlockMeanLinearOperator(lam, B, partition).logdet(),
+                        "inv_sqrt_matmul": lambda: BlockMeanLinearOperator(lam, B, partition).sqrt_inv_matmul(x),
+                    })
+                for name, fn in ops.items():
+                    t = best_of(fn, repeats if name == "matvec" or k <= 1000 else 1)
+                    emit({"bench": "operator_sweep", "op": name, "n": n, "k": k,
+                          "labels": "scattered" if scattered else "contiguous", "dtype": str(dtype).split(".")[-1],
+                          "seconds": t, "floor_s": floor, "ratio_to_floor": t / floor,
+                          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def run_sweep(ns, repeats: int, ks) -> list[dict]:
+    records = []
+    for n in ns:
+        out = subprocess.run([sys.executable, __file__, "--_sweep", str(n), str(repeats), ",".join(map(str, ks))],
+                             check=True, capture_output=True, text=True)
+        sys.stdout.write(out.stdout)
+        sys.stdout.flush()
+        records += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    print("\n| n | k | labels | dtype | matvec / floor | solve s | logdet s | inv-sqrt product s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = {}
+    for r in records:
+        rows.setdefault((r["n"], r["k"], r["labels"], r["dtype"]), {})[r["op"]] = r
+    for (n, k, labels, dtype), ops in rows.items():
+        def sec(name):
+            return f"{ops[name]['seconds']:.4f}" if name in ops else "-"
+        peak = max(r["peak_rss_mb"] for r in ops.values())
+        print(f"| {n:,} | {k} | {labels} | {dtype} | {ops['matvec']['ratio_to_floor']:.2f} | {sec('solve')} | "
+              f"{sec('logdet')} | {sec('inv_sqrt_matmul')} | {peak:.0f} |")
+    return records
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, finishes in seconds")
-    parser.add_argument("--part", choices=["all", "dense", "large"], default="all")
+    parser.add_argument("--part", choices=["all", "dense", "large", "sweep"], default="all",
+                        help="all = dense + large (the issue-2 figures); sweep = the issue-5 grid")
     parser.add_argument("--_child", nargs=3, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--_sweep", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._child:
         large_child(*args._child)
+        return 0
+    if args._sweep:
+        n, repeats, ks = args._sweep
+        sweep_child(int(n), int(repeats), tuple(int(k) for k in ks.split(",")))
+        return 0
+    if args.part == "sweep":
+        ns, ks = ((10_000, 100_000), (10, 100)) if args.smoke else ((10_000, 100_000, 1_000_000, 10_000_000),
+                                                                    SWEEP_KS)
+        run_sweep(ns, 2 if args.smoke else 3, ks)
         return 0
     dense_n, dense_k, large_n, large_k, reps = (6000, 60, 10_000_000, 1000, 5)
     if args.smoke:
