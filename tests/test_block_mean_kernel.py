@@ -155,12 +155,15 @@ def test_block_mean_plus_constant_diagonal_stays_block_mean():
 def test_set_train_data_and_set_partition_leave_nothing_stale():
     x, partition, base, kernel = setup()
     K_old = kernel(x).to_dense()
-    x2 = torch.rand(20, 3, dtype=DTYPE)
+    x2 = torch.rand(20, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(7))
     p2 = Partition.from_sizes([5, 15])
     kernel.set_train_data(x2, p2)
     assert isinstance(kernel(x2).evaluate_kernel(), BlockMeanLinearOperator)
     torch.testing.assert_close(kernel(x2).to_dense(), dense_block_mean(dense(base, x2, x2), p2.labels))
     assert not isinstance(kernel(x).evaluate_kernel(), BlockMeanLinearOperator)  # old data are new points now
+    # rows that start with the new training inputs are training + new points (joint: 2 + 10 blocks)
+    joint = kernel(torch.cat([x2, x[:10]])).evaluate_kernel()
+    assert isinstance(joint, BlockMeanLinearOperator) and joint.partition.num_blocks == 12
     p3 = Partition.from_sizes([10, 10])
     kernel.set_partition(p3)
     torch.testing.assert_close(kernel(x2).to_dense(), dense_block_mean(dense(base, x2, x2), p3.labels))
