@@ -242,35 +242,52 @@ class _Stationary:
             x = x.index_select(-1, outer.active_dims.to(x.device))
         return x
 
-    def values_and_weights(self, r2: Tensor, ard: bool) -> tuple[Tensor, Tensor]:
-        r"""Kernel values :math:`f` and, per entry, :math:`g'(r^2)\, r^2` (isotropic) or :math:`g'(r^2)` (ARD).
+    @property
+    def input_scale(self) -> float:
+        r"""Factor on :math:`z = x / \ell` that makes the kernel a function of :math:`\rho = \|z' - z''\|`.
 
-        Here :math:`g(r^2) = f(r)`, so :math:`\partial K / \partial \ell_a = -2 g'(r^2) \Delta z_a^2 / \ell_a`.
-        ``r2`` is overwritten.
+        RBF: :math:`e^{-\rho^2}`; Matern: :math:`p_\nu(\rho)\, e^{-\rho}` with :math:`p = 1`,
+        :math:`1 + \rho`, :math:`1 + \rho + \rho^2 / 3` for :math:`\nu = 1/2, 3/2, 5/2`.
         """
-        if self.nu is None:  # RBF: g = exp(-r2 / 2), g' = -g / 2
-            values = r2.mul(-0.5).exp_()
-            weights = r2.mul_(values).mul_(-0.5) if not ard else values.mul(-0.5)
-            return values, weights
-        r = r2.sqrt()
-        c = math.sqrt(2.0 * self.nu)
-        e = r.mul(-c).exp_()
-        if self.nu == 0.5:  # f = e, g' = -e / (2 r)
-            values = e
+        return math.sqrt(0.5) if self.nu is None else math.sqrt(2.0 * self.nu)
+
+    def evaluate(self, rho2: Tensor, values: Tensor, weights: Tensor, ard: bool) -> float:
+        r"""Fill ``values`` with the kernel and ``weights`` with the derivative weights; return their factor.
+
+        With :math:`g(r^2) = f(r)` the unscaled kernel as a function of the squared distance in
+        lengthscale units, :math:`\partial K / \partial \ell_a = -2 g'(r^2) \Delta z_a^2 / \ell_a`.
+        The returned ``factor`` and ``weights`` :math:`w` satisfy :math:`g'(r^2)\, r^2 = \text{factor}
+        \cdot w` (isotropic) and :math:`g'(r^2) \Delta z_a^2 = \text{factor} \cdot w\, \Delta z'^2_a`
+        (ARD, :math:`z'` the scaled inputs). For RBF, ``rho2`` holds :math:`-\rho^2` (the GEMM
+        writes it negated) and is used as ``weights``' storage; ARD RBF needs no weights (they
+        are the values) and returns them in ``values``.
+        """
+        if self.nu is None:  # f = exp(-rho2); g'(r2) r2 = -K rho2, g'(r2) dz^2 = -K dz'^2
+            torch.exp(rho2, out=values)
             if ard:
-                weights = torch.where(r2 > 0, e / r.clamp_min(torch.finfo(r.dtype).tiny), torch.zeros_like(e))
-                weights = weights.mul_(-0.5)
+                return -1.0
+            weights.mul_(values)  # weights is rho2's storage: -K rho2
+            return 1.0
+        rho = rho2.sqrt()
+        torch.neg(rho, out=values).exp_()  # e = exp(-rho)
+        if self.nu == 0.5:  # f = e; g' r2 = -e rho / 2; g' dz^2 = -(e / rho) dz'^2 / 2
+            if ard:
+                torch.where(rho > 0, values / rho.clamp_min(torch.finfo(rho.dtype).tiny), rho.new_zeros(()), out=weights)
             else:
-                weights = r.mul_(e).mul_(-0.5)
-        elif self.nu == 1.5:  # f = (1 + c r) e, g' = -(3/2) e
-            values = (r * c).add_(1.0).mul_(e)
-            weights = e.mul_(-1.5) if ard else r2.mul_(e).mul_(-1.5)
-        else:  # nu = 2.5: f = (1 + c r + 5 r^2 / 3) e, g' = -(5/6)(1 + c r) e
-            values = r2.mul(5.0 / 3.0).add_(r, alpha=c).add_(1.0).mul_(e)
-            weights = r.mul_(c).add_(1.0).mul_(e).mul_(-5.0 / 6.0)
-            if not ard:
-                weights = weights.mul_(r2)
-        return values, weights
+                torch.mul(values, rho, out=weights)
+            return -0.5
+        if self.nu == 1.5:  # f = (1 + rho) e; g' r2 = -e rho2 / 2; g' dz^2 = -e dz'^2 / 2
+            torch.mul(values, rho2, out=weights) if not ard else weights.copy_(values)
+            values.mul_(rho.add_(1.0))
+            return -0.5
+        # nu = 2.5: f = (1 + rho + rho2 / 3) e; g' r2 = -(1 + rho) e rho2 / 6; g' dz^2 = -(1 + rho) e dz'^2 / 6
+        poly = rho2.mul(1.0 / 3.0).add_(rho).add_(1.0)
+        if ard:
+            torch.mul(values, rho.add_(1.0), out=weights)
+        else:
+            weights.mul_(rho.add_(1.0)).mul_(values)  # weights is rho2's storage
+        values.mul_(poly)
+        return -1.0 / 6.0
 
 
 def _choose_tile(labels: Tensor, n: int) -> tuple[int, int]:
@@ -351,6 +368,12 @@ class _StationaryKernelSums(torch.autograd.Function):
         return None, None, _sum_to_shape(g, lengthscale.shape)
 
 
+def _row_blocks(labels: Tensor, a: int, b: int) -> tuple[int, Tensor]:
+    """First block and per-block row counts of the sorted rows ``a .. b-1``."""
+    blocks, counts = torch.unique_consecutive(labels[a:b], return_counts=True)
+    return int(blocks[0]), counts
+
+
 def _stationary_pass(plan: _Plan, spec: _Stationary, lengthscale: Tensor) -> tuple[Tensor, Tensor]:
     x = plan.x
     n, d = x.shape[-2:]
@@ -359,7 +382,7 @@ def _stationary_pass(plan: _Plan, spec: _Stationary, lengthscale: Tensor) -> tup
     ard = D > 1
     k = plan.num_blocks
     centre = x.reshape(-1, d).mean(0)
-    z = (x.to(dtype) - centre.to(dtype)) / lengthscale.to(dtype)  # (*batch, n, d)
+    z = (x.to(dtype) - centre.to(dtype)) / lengthscale.to(dtype) * spec.input_scale  # (*batch, n, d)
     batch = z.shape[:-2]
     z = z.reshape(-1, n, d)
     bsz = z.shape[0]
@@ -372,33 +395,46 @@ def _stationary_pass(plan: _Plan, spec: _Stationary, lengthscale: Tensor) -> tup
         if gemm.n_pad > n:  # padded columns: a point at the centre, summed into a dropped extra block
             z = torch.cat([z, z.new_zeros(bsz, gemm.n_pad - n, d)], dim=1)
             lengths = torch.cat([lengths, lengths.new_tensor([gemm.n_pad - n])])
-        padded = torch.cat([z, z.square()], dim=-1)
-        padded[:, n:] = 0.0
-        factor = gemm.matrix(padded)  # (B, nt, tile, q * 2d)
-    z_sq = z.square().sum(-1)  # (B, n_pad)
-    zt = z.transpose(-1, -2)
+        factor_matrix = gemm.matrix(torch.cat([z, z.square()], dim=-1))  # (B, nt, tile, q * 2d)
+    n_pad = z.shape[1]
+    # squared distances from one GEMM: [z_i, 1, |z_i|^2] . [-2 z_j, |z_j|^2, 1] (negated for RBF)
+    sign = -1.0 if spec.nu is None else 1.0
+    z_sq = z.square().sum(-1, keepdim=True)
+    ones = torch.ones_like(z_sq)
+    rows_aug = torch.cat([z, sign * ones, sign * z_sq], dim=-1)  # (B, n_pad, d + 2)
+    cols_aug = torch.cat([-2.0 * sign * z, z_sq, ones], dim=-1).transpose(-1, -2)  # (B, d + 2, n_pad)
 
     sums = z.new_zeros(bsz, k, k, dtype=acc)
     derivs = z.new_zeros(bsz, k, k, D, dtype=acc)
+    weight_factor = 1.0
     for a, b in _progress(plan.ranges(), plan.show_progress, "kernel block sums (fused)"):
-        zr = z[:, a:b]
-        r2 = torch.baddbmm(z_sq.unsqueeze(1), zr, zt, alpha=-2.0)
-        r2.add_(z_sq[:, a:b].unsqueeze(-1)).clamp_min_(0.0)
-        torch.diagonal(r2, offset=a, dim1=-2, dim2=-1).zero_()
-        values, weights = spec.values_and_weights(r2, ard)
-        rows = plan.labels[a:b]
-        col_values = _segment_sum(values, lengths)[..., :k]  # (B, c, k)
-        sums.index_add_(1, rows, col_values.to(acc))
+        c = b - a
+        buf = z.new_empty(2, bsz, c, n_pad)
+        values, weights = buf[0], buf[1]
+        rho2 = torch.bmm(rows_aug[:, a:b], cols_aug, out=weights)
+        rho2.clamp_max_(0.0) if sign < 0 else rho2.clamp_min_(0.0)
+        torch.diagonal(rho2, offset=a, dim1=-2, dim2=-1).zero_()
+        weight_factor = spec.evaluate(rho2, values, weights, ard)
+        first, counts = _row_blocks(plan.labels, a, b)
+        m = counts.numel()
+        weights_in_values = ard and spec.nu is None
+        both = values.unsqueeze(0) if weights_in_values else buf
+        cols = _segment_sum(both, lengths)[..., :k]  # (1 or 2, B, c, k)
+        per_block = torch.segment_reduce(cols, "sum", lengths=counts.expand(*cols.shape[:2], m), axis=2)
+        sums[:, first:first + m] += per_block[0].to(acc)
         if not ard:
-            derivs[..., 0].index_add_(1, rows, _segment_sum(weights, lengths)[..., :k].to(acc))
+            derivs[:, first:first + m, :, 0] += per_block[1].to(acc)
             continue
         # sum_{j in J} w_ij (z_ia - z_ja)^2 = z_ia^2 W_iJ - 2 z_ia Y_iJa + Y2_iJa
-        y = gemm.apply(weights, factor)  # (B, c, k, 2d)
-        col_weights = _segment_sum(weights, lengths)[..., :k]
-        zr_ = zr.unsqueeze(2)
-        per_row = y[..., d:].addcmul_(zr_.square(), col_weights.unsqueeze(-1))
-        per_row.addcmul_(zr_, y[..., :d], value=-2.0)
-        derivs.index_add_(1, rows, per_row.to(acc))
+        w = values if weights_in_values else weights
+        col_weights = cols[0] if weights_in_values else cols[1]
+        y = gemm.apply(w, factor_matrix)  # (B, c, k, 2d)
+        zr = z[:, a:b].unsqueeze(2)
+        per_row = y[..., d:].addcmul_(zr.square(), col_weights.unsqueeze(-1))
+        per_row.addcmul_(zr, y[..., :d], value=-2.0)
+        derivs[:, first:first + m] += torch.segment_reduce(
+            per_row, "sum", lengths=counts.expand(bsz, m), axis=1).to(acc)
+    derivs.mul_(weight_factor)
     if plan.group is not None:
         sums, derivs = _all_reduce([sums, derivs], plan.group)
     sums = sums.to(dtype).reshape(*batch, k, k)
