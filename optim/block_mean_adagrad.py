@@ -17,7 +17,7 @@ from torch import Tensor
 from bma_gp import BlockMeanLinearOperator, Partition, block_mean_from_sums
 from optim.flat_optimizer import FlatPreconditionedOptimizer, check_hyperparameter
 from optim.flat_params import FlatParams
-from optim.param_partition import check_partition_rule, param_partition
+from optim.param_partition import ParamBlocks, check_partition_rule
 
 __all__ = ["BlockMeanAdagrad", "inverse_root", "normalised_correlation"]
 
@@ -173,16 +173,19 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         self.partition_rule = partition
         self.update_interval = update_interval
         self._root: BlockMeanLinearOperator | None = None
+        self._h_has_zero = True
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, check_finite=check_finite)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._root = None
+        self._h_has_zero = True
 
     # ------------------------------------------------------------------ structure and state
     def _prepare_layout(self, layout: FlatParams) -> None:
-        layout.partition = param_partition(layout.params, self.partition_rule)
+        layout.blocks = ParamBlocks(layout.params, self.partition_rule)
+        layout.partition = layout.blocks.partition
 
     @property
     def partition(self) -> Partition | None:
@@ -196,6 +199,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
                 "root_lam": None, "root_B": None, "root_step": None}
 
     def _fit_global_state(self, state: dict[str, Any], layout: FlatParams) -> dict[str, Any]:
+        self._h_has_zero = True
         k = layout.partition.num_blocks
         U = state["U"].to(device=layout.device, dtype=layout.dtype)
         w = state["w"].to(device=layout.device, dtype=layout.dtype)
@@ -233,18 +237,49 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
     _correlation = staticmethod(normalised_correlation)
 
     # ------------------------------------------------------------------ the update
-    def _direction(self, g: Tensor, layout: FlatParams) -> Tensor:
+    def _update(self, g: Tensor, layout: FlatParams, active: list[bool]) -> None:
         st = self.global_state
         st["step"] += 1
         h = self._flat["sum"]
         h.addcmul_(g, g)
-        r = h.sqrt().add_(self.eps).rsqrt_()  # z^{-1/2}
-        r.masked_fill_(h == 0, 0.0)
-        v = g * r  # z^{-1/2} g
-        n = v * r  # g / z
-        partition = layout.partition
-        sums = partition.block_sum(torch.stack((n, n.square())), dim=-1)  # (2, k)
-        st["U"].addr_(sums[0], sums[0])
-        st["w"].add_(sums[1])
-        root = self._root_operator(partition)
-        return (root @ v).mul_(r)
+        z = torch.sqrt(h, out=layout.buffer("z")).add_(self.eps)
+        n = torch.div(g, z, out=layout.buffer("n"))  # normalised gradient g / z
+        r = z.rsqrt_()  # z^{-1/2}
+        if self._masking_needed():
+            r.masked_fill_(h == 0, 0.0)
+        blocks = layout.blocks
+        n_sums = blocks.sum(n)
+        st["U"].addr_(n_sums, n_sums)
+        st["w"].add_(blocks.dot(n, n))
+        root = self._root_operator(layout.partition)
+        if blocks.rows is None:  # scattered blocks: apply the operator as it is
+            direction = (root @ g.mul_(r)).mul_(r)
+            self._apply(layout, direction, active)
+            return
+        # contiguous blocks, fused: u = z^{-1/2} [lam_R v + P B_R P^T v], v = z^{-1/2} g,
+        # i.e. u = lam_R[c] n + (B_R P^T v)[c] z^{-1/2}, added straight into the parameters
+        coupling = root.B @ blocks.dot(g, r)
+        n_views, r_views = blocks.param_views(n), blocks.param_views(r)
+        lam_cols, coupling_cols = blocks.param_columns(root.lam), blocks.param_columns(coupling)
+        for lr, wd, indices in self._active_by_group(layout, active):
+            for i in indices:
+                p = layout.params[i]
+                if n_views[i] is None:
+                    continue
+                if wd:
+                    p.mul_(1.0 - lr * wd)
+                if p.is_contiguous():
+                    view = p.view(n_views[i].shape)
+                    view.addcmul_(n_views[i], lam_cols[i], value=-lr).addcmul_(r_views[i], coupling_cols[i], value=-lr)
+                else:
+                    u = torch.addcmul(n_views[i] * lam_cols[i], r_views[i], coupling_cols[i])
+                    p.add_(u.view(p.shape).to(p.dtype), alpha=-lr)
+
+    def _masking_needed(self) -> bool:
+        """Whether some entry of h may still be 0 (never a nonzero gradient); h only grows, so once
+        every entry is positive this stays False. Without ``check_finite`` it never reads the device."""
+        if not self.check_finite:
+            return True
+        if self._h_has_zero:
+            self._h_has_zero = bool(self._flat["sum"].amin() == 0)
+        return self._h_has_zero

@@ -63,6 +63,12 @@ def check_hyperparameter(name: str, value, *, positive: bool = False, integer: b
         raise ValueError(f"Invalid {name} value: {value!r}; it must be {need}.")
 
 
+def _all_finite(g: Tensor) -> bool:
+    """Whether every entry of ``g`` is finite: one cheap sum (one host sync); the exact
+    elementwise test runs only when the sum is not finite (inf/nan entries or overflow)."""
+    return bool(torch.isfinite(g.sum())) or bool(torch.isfinite(g).all())
+
+
 class FlatPreconditionedOptimizer(torch.optim.Optimizer):
     """Base class: joint preconditioning of the flat gradient (see the module docstring).
 
@@ -164,31 +170,35 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         g, active = layout.gather_grads([bool(group["maximize"]) for group in self.param_groups])
         if not any(active):
             return loss
-        if self.check_finite and not bool(torch.isfinite(g).all()):
+        if self.check_finite and not _all_finite(g):
             raise ValueError(
                 f"{type(self).__name__}.step() got a non-finite gradient (inf or nan); no state or parameter was "
                 "changed. Check the loss for overflow or lower the learning rate (check_finite=False skips this "
                 "check and its host synchronisation)."
             )
         self._commit_layout(layout)
-        direction = self._direction(g, layout)
-        self._apply(layout, direction, active)
+        self._update(g, layout, active)
         return loss
+
+    def _update(self, g: Tensor, layout: FlatParams, active: list[bool]) -> None:
+        """Update state and parameters from the flat gradient (default: :meth:`_direction`, then :meth:`_apply`)."""
+        self._apply(layout, self._direction(g, layout), active)
+
+    def _active_by_group(self, layout: FlatParams, active: list[bool]):
+        """Yield ``(lr, weight_decay, indices)`` per group: the flat indices of its parameters that had a gradient."""
+        for gi, group in enumerate(self.param_groups):
+            indices = [i for i, (a, pg) in enumerate(zip(active, layout.group_index)) if a and pg == gi]
+            if indices:
+                lr = group["lr"]
+                yield (float(lr) if isinstance(lr, Tensor) else lr), group.get("weight_decay", 0.0), indices
 
     def _apply(self, layout: FlatParams, direction: Tensor, active: list[bool]) -> None:
         """``theta <- theta - lr * (u + weight_decay * theta)`` per group, for parameters that had a gradient."""
         views = layout.split(direction)
-        for gi, group in enumerate(self.param_groups):
-            params, updates = [], []
-            for p, view, a, pg in zip(layout.params, views, active, layout.group_index):
-                if a and pg == gi:
-                    params.append(p)
-                    updates.append(view if view.dtype == p.dtype else view.to(p.dtype))
-            if not params:
-                continue
-            lr = group["lr"]
-            lr = float(lr) if isinstance(lr, Tensor) else lr
-            wd = group.get("weight_decay", 0.0)
+        for lr, wd, indices in self._active_by_group(layout, active):
+            params = [layout.params[i] for i in indices]
+            updates = [views[i] if views[i].dtype == params[j].dtype else views[i].to(params[j].dtype)
+                       for j, i in enumerate(indices)]
             if wd:
                 torch._foreach_mul_(params, 1.0 - lr * wd)
             torch._foreach_add_(params, updates, alpha=-lr)

@@ -101,8 +101,15 @@ class FlatParams:
         """Views of ``flat`` shaped like the parameters."""
         return [chunk.view(p.shape) for chunk, p in zip(flat.split(self.numels), self.params)]
 
+    def buffer(self, name: str) -> Tensor:
+        """A persistent work vector of length ``d`` (dtype :attr:`dtype`), reused every step."""
+        buffers = self.__dict__.setdefault("_buffers", {})
+        if name not in buffers:
+            buffers[name] = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        return buffers[name]
+
     def gather_grads(self, maximize_of_group: list[bool]) -> tuple[Tensor, list[bool]]:
-        """Concatenate the gradients into one vector of dtype :attr:`dtype`.
+        """Concatenate the gradients into one vector of dtype :attr:`dtype` (a reused buffer).
 
         Parameters without a gradient contribute zeros. Gradients of parameters in a
         group with ``maximize=True`` are negated.
@@ -132,7 +139,6 @@ class FlatParams:
                 flat = -flat
             parts.append(flat)
             active.append(True)
-        g = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
-        if g.dtype != self.dtype:
-            g = g.to(self.dtype)
-        return g, active
+        if any(part.dtype != self.dtype for part in parts):
+            parts = [part.to(self.dtype) for part in parts]
+        return torch.cat(parts, out=self.buffer("grad")), active
