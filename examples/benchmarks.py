@@ -1,0 +1,436 @@
+"""The benchmark suite of issue 5 in one command: JSON lines, a summary table and plots.
+
+Runs the existing benchmark scripts as subprocesses, each figure a ratio against a
+baseline measured in the same run (see each script's docstring for its baseline):
+
+==========  ===========================================  =============================================
+suite       script                                       baseline in the same run
+==========  ===========================================  =============================================
+operator    ``bench_operator.py --part dense`` and       one elementwise pass over an n-vector; torch
+            ``--part sweep``                             dense Cholesky / eigh at n = 6,000
+kernel      ``bench_kernel_block_mean.py``               the same kernel entries in the same chunks,
+                                                         not reduced
+gp          ``bench_gp_iteration.py``                    GPyTorch exact GP (CG), SGPR at m = k
+optimizer   ``bench_optimizer.py``                       ``torch.optim.Adagrad`` step
+==========  ===========================================  =============================================
+
+Writes to ``--out-dir`` (default ``docs/results/bench``; with ``--smoke`` a temporary
+directory unless given): ``results.jsonl`` (a ``machine`` record first, then every record of
+every script with a ``suite`` field), ``summary.md`` (tables, the issue-5 targets as held /
+missed, the machine and the command), ``matvec_ratio.png`` and ``gp_iteration.png``, and the
+raw output of each script in ``logs/``.
+
+    python examples/benchmarks.py                      # everything, full size (about 30-40 minutes on 2 cores)
+    python examples/benchmarks.py --smoke              # tiny sizes, a couple of minutes
+    python examples/benchmarks.py --only gp,optimizer  # a subset
+    python examples/benchmarks.py --device cuda        # GPU sizes where a script accepts --device
+
+With ``--device cuda`` every script whose ``--help`` lists ``--device`` gets it and picks its
+own GPU sizes; without CUDA the suite records that it skipped and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SUITES = ("operator", "kernel", "gp", "optimizer")
+#: Issue-5 targets: (label, limit) used by :func:`targets`.
+MATVEC_LIMITS = {"contiguous": 5.0, "scattered": 8.0}
+
+
+# ============================================================================ running
+def commands(suite: str, smoke: bool, device: str, py: str) -> list[list[str]]:
+    """The subprocess command lines of one suite."""
+    s = ["--smoke"] if smoke else []
+    if suite == "operator":
+        return [[py, str(HERE / "bench_operator.py"), "--part", "dense", *s],
+                [py, str(HERE / "bench_operator.py"), "--part", "sweep", *s]]
+    if suite == "kernel":
+        return [[py, str(HERE / "bench_kernel_block_mean.py"), *s]]
+    if suite == "gp":
+        return [[py, str(HERE / "bench_gp_iteration.py"), *s]]
+    if suite == "optimizer":
+        return [[py, str(HERE / "bench_optimizer.py"), *s]]
+    raise ValueError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}.")
+
+
+def accepts_device(cmd: list[str]) -> bool:
+    """Whether the script's ``--help`` lists a ``--device`` option."""
+    done = subprocess.run([cmd[0], cmd[1], "--help"], capture_output=True, text=True, timeout=120)
+    return "--device" in done.stdout
+
+
+def parse_json_lines(text: str) -> list[dict]:
+    records = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                records.append(value)
+    return records
+
+
+def run_suite(suite: str, smoke: bool, device: str, logs: Path, timeout: float) -> list[dict]:
+    records = []
+    for i, cmd in enumerate(commands(suite, smoke, device, sys.executable)):
+        if device != "cpu":
+            if not accepts_device(cmd):
+                records.append({"suite": suite, "device": device, "command": _show(cmd),
+                                "skipped": f"{Path(cmd[1]).name} has no --device option"})
+                continue
+            cmd = cmd + ["--device", device]
+        print(f"[benchmarks] {suite}: {_show(cmd)}", flush=True)
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+            stdout, stderr, rc = done.stdout, done.stderr, done.returncode
+        except subprocess.TimeoutExpired as exc:
+            stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            stderr, rc = f"timed out after {timeout:.0f} s", None
+        seconds = time.perf_counter() - start
+        (logs / f"{suite}_{i}.out").write_text(stdout)
+        (logs / f"{suite}_{i}.err").write_text(stderr)
+        found = parse_json_lines(stdout)
+        for rec in found:
+            rec.setdefault("suite", suite)
+        records.extend(found)
+        status = {"suite": suite, "status": "ok" if rc == 0 else "failed", "returncode": rc,
+                  "command": _show(cmd), "wall_s": round(seconds, 2), "records": len(found)}
+        if rc != 0:
+            status["stderr_tail"] = stderr.strip().splitlines()[-3:]
+        records.append(status)
+        print(f"[benchmarks] {suite}: {status['status']} in {seconds:.1f} s, {len(found)} records", flush=True)
+    return records
+
+
+def _show(cmd: list[str]) -> str:
+    return shlex.join([Path(cmd[0]).name if cmd[0] == sys.executable else cmd[0],
+                       *[os.path.relpath(c, REPO) if c.startswith(str(REPO)) else c for c in cmd[1:]]])
+
+
+def machine_record(argv: list[str], device: str) -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=REPO, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    try:
+        import gpytorch
+
+        gpytorch_version = gpytorch.__version__
+    except ImportError:  # pragma: no cover
+        gpytorch_version = None
+    rec = {"suite": "machine", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "command": shlex.join(["python", os.path.relpath(__file__, REPO), *argv]), "git_commit": commit,
+           "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "gpytorch": gpytorch_version,
+           "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+           "load_avg_start": [round(v, 2) for v in os.getloadavg()], "device": device}
+    if torch.cuda.is_available():
+        rec["cuda_device"] = torch.cuda.get_device_name(0)
+        rec["cuda_version"] = torch.version.cuda
+    return rec
+
+
+# ============================================================================ summary
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:,.0f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def operator_tables(records: list[dict]) -> list[str]:
+    out = []
+    dense = [r for r in records if r.get("bench") == "operator_vs_dense"]
+    if dense:
+        out += ["### Operator against torch dense factorisations (same matrix, same run)", "",
+                "| op | n | k | dense s | block mean s | speedup |", "|---|---|---|---|---|---|"]
+        out += [f"| {r['op']} | {r['n']:,} | {r['k']} | {r['dense_s']:.4f} | {r['blockmean_s']:.6f} | "
+                f"{r['speedup']:,.0f}x |" for r in dense]
+        out.append("")
+    sweep = [r for r in records if r.get("bench") == "operator_sweep"]
+    if sweep:
+        rows: dict = {}
+        for r in sweep:
+            rows.setdefault((r["n"], r["k"], r["labels"], r["dtype"]), {})[r["op"]] = r
+        out += ["### Operator sweep: seconds as a ratio to one elementwise pass over an n-vector (`x * 2`)", "",
+                "| n | k | labels | dtype | floor s | matvec | solve | logdet | inv-sqrt product | peak RSS MB |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for (n, k, labels, dtype), ops in sorted(rows.items()):
+            def ratio(name):
+                return f"{ops[name]['ratio_to_floor']:.1f}x" if name in ops else "-"
+            floor = next(iter(ops.values()))["floor_s"]
+            peak = max(r["peak_rss_mb"] for r in ops.values())
+            out.append(f"| {n:,} | {k} | {labels} | {dtype} | {floor:.2e} | {ratio('matvec')} | {ratio('solve')} | "
+                       f"{ratio('logdet')} | {ratio('inv_sqrt_matmul')} | {peak:.0f} |")
+        out.append("")
+    return out
+
+
+def kernel_tables(records: list[dict]) -> list[str]:
+    rows = [r for r in records if r.get("suite") == "kernel" and "case" in r]
+    if not rows:
+        return []
+    out = ["### kernel_block_mean against evaluating the same entries in the same chunks", "",
+           "Ratios: forward vs bare forward; forward + backward vs bare forward; forward + backward vs bare "
+           "forward + backward (autograd through every entry).", "",
+           "| case | n | k | dtype | bare fwd s | kbm fwd s | fwd ratio | fwd+bwd / bare fwd | "
+           "fwd+bwd / bare fwd+bwd | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['case']} | - | - | - | - | - | - | - | - | error: {r['error']} |")
+            continue
+        out.append(f"| {r['case']} | {r['n']:,} | {r['k']} | {r['dtype']} | {r['t_bare_fwd_s']:.3f} | "
+                   f"{r['t_kbm_fwd_s']:.3f} | {r['ratio_fwd']:.2f} | {r['ratio_fwd_bwd_vs_bare_fwd']:.2f} | "
+                   f"{r['ratio_fwd_bwd_vs_bare_fwd_bwd']:.2f} | {r['peak_rss_mb']:.0f} |")
+    return out + [""]
+
+
+def gp_tables(records: list[dict]) -> list[str]:
+    rows = [r for r in records if r.get("bench") == "gp_iteration" and "n" in r]
+    if not rows:
+        return []
+    exact = {r["n"]: r["warm_s"] for r in rows if r.get("method") == "exact" and "warm_s" in r}
+    out = ["### GP training iteration (marginal likelihood + backward + Adam step, RBF-ARD, float32)", "",
+           "Warm iteration (fastest of the timed ones after a cold first); ratio = exact CG seconds / this "
+           "method's seconds at the same n in the same run; prep = k-means partition (block mean) before "
+           "training; peak RSS of the case's own process (about 230 MB of it is the imported libraries).", "",
+           "| n | method | k / m | warm s | speedup vs exact CG | cold s | prep s | peak RSS MB |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["n"], ("exact", "blockmean", "sgpr").index(r["method"])
+                                         if r["method"] in ("exact", "blockmean", "sgpr") else 3, r.get("k") or 0)):
+        if "warm_s" not in r:
+            out.append(f"| {r['n']:,} | {r['method']} | {r.get('k') or '-'} | - | - | - | - | "
+                       f"{r.get('skipped') or r.get('error')} |")
+            continue
+        ratio = "baseline" if r["method"] == "exact" else (
+            f"{exact[r['n']] / r['warm_s']:.2f}x" if r["n"] in exact else "(no exact run)")
+        peak = f"{r['peak_rss_mb']:.0f}" + (f" (cuda {r['cuda_peak_mb']:.0f})" if "cuda_peak_mb" in r else "")
+        out.append(f"| {r['n']:,} | {r['method']} | {r.get('k') or '-'} | {r['warm_s']:.3f} | {ratio} | "
+                   f"{r['cold_s']:.3f} | {r['prep_s']:.3f} | {peak} |")
+    return out + [""]
+
+
+def optimizer_tables(records: list[dict]) -> list[str]:
+    rows = [r for r in records if r.get("benchmark") == "optimizer_step"]
+    if not rows:
+        return []
+    out = ["### Optimizer step against torch.optim.Adagrad (same parameters, interleaved rounds)", ""]
+    for r in rows:
+        out += [f"{r['params']:,} parameters in {r['tensors']} tensors, device {r['device']}, "
+                f"{r['steps_timed']} timed steps each (median).", "",
+                "| optimizer | median ms | ratio to Adagrad |", "|---|---|---|"]
+        out += [f"| {name} | {ms:.3f} | {r['ratio_to_adagrad'][name]:.2f} |" for name, ms in r["median_ms"].items()]
+        out.append("")
+    return out
+
+
+def targets(records: list[dict]) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for the issue-5 ratios that the records cover."""
+    res = []
+    for labels, limit in MATVEC_LIMITS.items():
+        rows = [r for r in records if r.get("bench") == "operator_sweep" and r["op"] == "matvec"
+                and r["labels"] == labels and r["n"] == 10_000_000]
+        if rows:
+            worst = max(rows, key=lambda r: r["ratio_to_floor"])
+            res.append((f"matvec n = 10^7, {labels} labels: <= {limit:g}x one elementwise pass",
+                        f"worst {worst['ratio_to_floor']:.2f}x (k = {worst['k']}, {worst['dtype']}); best "
+                        f"{min(r['ratio_to_floor'] for r in rows):.2f}x",
+                        _verdict(worst["ratio_to_floor"] <= limit, worst["ratio_to_floor"] / limit)))
+    rows = [r for r in records if r.get("suite") == "kernel" and r.get("case") == "rbf-ard" and r.get("n") == 20_000]
+    for r in rows:
+        ratio = r["ratio_fwd_bwd_vs_bare_fwd"]
+        res.append(("kernel_block_mean n = 20,000 (RBF-ARD): <= 1.5x bare kernel evaluation",
+                    f"forward {r['ratio_fwd']:.2f}x, forward + backward {ratio:.2f}x the bare forward",
+                    _verdict(ratio <= 1.5, ratio / 1.5)))
+    for r in (r for r in records if r.get("benchmark") == "optimizer_step" and r["params"] >= 1_000_000):
+        ratio = r["ratio_to_adagrad"].get("block_mean_tensor")
+        if ratio is not None:
+            res.append((f"BlockMeanAdagrad step ('tensor', {r['params'] / 1e6:.1f}M params): <= 2x Adagrad",
+                        f"{ratio:.2f}x", _verdict(ratio <= 2.0, ratio / 2.0)))
+    gp = [r for r in records if r.get("bench") == "gp_iteration" and "warm_s" in r and r.get("device") == "cpu"]
+    exact = {r["n"]: r["warm_s"] for r in gp if r["method"] == "exact"}
+    bm20 = [r for r in gp if r["method"] == "blockmean" and r["n"] == 20_000]
+    if bm20 and 20_000 in exact:
+        best = min(bm20, key=lambda r: r["warm_s"])
+        speed = exact[20_000] / best["warm_s"]
+        each = ", ".join(f"k = {r['k']}: {exact[20_000] / r['warm_s']:.2f}x" for r in bm20)
+        res.append(("GP iteration n = 20,000: block mean >= 3x faster than exact CG",
+                    f"exact {exact[20_000]:.2f} s; {each}", _verdict(speed >= 3.0, 3.0 / speed)))
+    bm100 = [r for r in gp if r["method"] == "blockmean" and r["n"] == 100_000]
+    for r in bm100:
+        ok = r["warm_s"] < 60 and r["peak_rss_mb"] < 2048
+        res.append((f"GP iteration n = 100,000 (k = {r['k']}): < 60 s and peak memory < 2 GB",
+                    f"{r['warm_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB",
+                    _verdict(ok, max(r["warm_s"] / 60, r["peak_rss_mb"] / 2048))))
+    return res
+
+
+def _verdict(ok: bool, factor: float) -> str:
+    return "holds" if ok else f"misses by {factor:.2f}x"
+
+
+def summary(records: list[dict], machine: dict) -> str:
+    lines = ["# Benchmark summary", "",
+             f"Command: `{machine['command']}` (git {machine.get('git_commit') or '?'}), {machine['date']}.", "",
+             f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
+             f"({machine['torch_threads']} threads), gpytorch {machine.get('gpytorch')}, Python {machine['python']}, "
+             f"device {machine['device']}" + (f" ({machine['cuda_device']})" if "cuda_device" in machine else "")
+             + f". Load average at start {machine['load_avg_start']}, at end {machine.get('load_avg_end')}.", ""]
+    found = targets(records)
+    if found:
+        lines += ["## Issue-5 targets", "", "| target | measured | verdict |", "|---|---|---|"]
+        lines += [f"| {t} | {m} | {v} |" for t, m, v in found]
+        lines.append("")
+    lines += ["## Tables", ""]
+    for part in (operator_tables, kernel_tables, gp_tables, optimizer_tables):
+        lines += part(records)
+    skipped = [r for r in records if "skipped" in r and r.get("bench") != "gp_iteration"]
+    failed = [r for r in records if r.get("status") == "failed"]
+    if skipped or failed:
+        lines += ["## Skipped or failed", ""]
+        lines += [f"- {r['suite']}: skipped, {r['skipped']}" for r in skipped]
+        lines += [f"- {r['suite']}: `{r['command']}` exited {r['returncode']}: {' / '.join(r.get('stderr_tail', []))}"
+                  for r in failed]
+        lines.append("")
+    runs = [r for r in records if "status" in r]
+    if runs:
+        lines += ["## Runs", "", "| suite | command | status | wall s | records |", "|---|---|---|---|---|"]
+        lines += [f"| {r['suite']} | `{r['command']}` | {r['status']} | {r['wall_s']:.1f} | {r['records']} |"
+                  for r in runs]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(records: list[dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    sweep = [r for r in records if r.get("bench") == "operator_sweep" and r["op"] == "matvec"]
+    if sweep:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        for ax, labels in zip(axes, ("contiguous", "scattered")):
+            series: dict = {}
+            for r in sweep:
+                if r["labels"] == labels:
+                    series.setdefault((r["dtype"], r["k"]), []).append((r["n"], r["ratio_to_floor"]))
+            for (dtype, k), pts in sorted(series.items()):
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                        linestyle="-" if dtype == "float32" else "--", label=f"{dtype}, k={k}")
+            ax.axhline(MATVEC_LIMITS[labels], color="k", linewidth=0.8, linestyle=":")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"matvec, {labels} labels (target <= {MATVEC_LIMITS[labels]:g}x at n=1e7)")
+            ax.set_xlabel("n")
+            ax.legend(fontsize=7)
+        axes[0].set_ylabel("time / one elementwise pass")
+        fig.tight_layout()
+        path = out_dir / "matvec_ratio.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    gp = [r for r in records if r.get("bench") == "gp_iteration" and "warm_s" in r]
+    if gp:
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        series = {}
+        for r in gp:
+            name = r["method"] if r["method"] == "exact" else f"{r['method']} k={r['k']}"
+            series.setdefault(name, []).append((r["n"], r["warm_s"]))
+        for name, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    linestyle="-" if name.startswith("blockmean") else "--", label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("n (training points)")
+        ax.set_ylabel("seconds per warm iteration")
+        ax.set_title("GP training iteration (RBF-ARD, float32)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / "gp_iteration.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ============================================================================ entry point
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (passed to every script)")
+    parser.add_argument("--only", default=",".join(SUITES), help=f"comma-separated subset of {', '.join(SUITES)}")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda; cuda is skipped cleanly without a GPU")
+    parser.add_argument("--out-dir", default=None,
+                        help="where results go (default docs/results/bench; with --smoke a temporary directory)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per script before it is abandoned")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in SUITES]
+    if bad:
+        parser.error(f"--only: unknown suite(s) {', '.join(bad)}; choose from {', '.join(SUITES)}")
+
+    if args.out_dir:
+        out_dir = Path(args.out_dir)
+    elif args.smoke:
+        out_dir = Path(tempfile.mkdtemp(prefix="bma_gp_bench_"))
+    else:
+        out_dir = REPO / "docs" / "results" / "bench"
+    logs = out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    machine = machine_record(argv, args.device)
+    records: list[dict] = []
+    if args.device.startswith("cuda") and "cuda_device" not in machine:
+        records.append({"suite": "all", "device": args.device, "skipped": "CUDA is not available on this machine"})
+        print("[benchmarks] --device cuda: CUDA is not available here; nothing to run.", flush=True)
+    else:
+        for suite in only:
+            records += run_suite(suite, args.smoke, args.device, logs, args.timeout)
+    machine["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
+
+    with open(out_dir / "results.jsonl", "w") as fh:
+        for rec in [machine, *records]:
+            fh.write(json.dumps(rec) + "\n")
+    (out_dir / "summary.md").write_text(summary(records, machine))
+    written = [] if args.no_plots else plots(records, out_dir)
+    print(f"[benchmarks] wrote {out_dir / 'results.jsonl'}, {out_dir / 'summary.md'}"
+          + "".join(f", {p}" for p in written), flush=True)
+    failed = [r for r in records if r.get("status") == "failed"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
