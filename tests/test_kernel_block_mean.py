@@ -248,3 +248,20 @@ def test_distributed_two_ranks_equal_single_process():
         for r in range(2):
             for got, want in zip(ranks[r][name], single):
                 torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fused", [None, False])
+def test_cuda_matches_cpu(fused):
+    kernel = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D)).double())
+    partition = PARTITIONS["scattered"](N)
+    op = kernel_block_mean(kernel, _x(), partition, chunk_size=40, fused=fused)
+    g = torch.autograd.grad(_loss(op), list(kernel.parameters()))
+    kernel_gpu = kernel.cuda()
+    op_gpu = kernel_block_mean(kernel_gpu, _x().cuda(), partition.to("cuda"), chunk_size=40, fused=fused)
+    assert op_gpu.B.device.type == "cuda"
+    torch.testing.assert_close(op_gpu.B.cpu(), op.B, atol=1e-9, rtol=1e-7)
+    g_gpu = torch.autograd.grad(_loss(op_gpu), list(kernel_gpu.parameters()))
+    for a, b in zip(g_gpu, g):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-8, rtol=1e-6)
