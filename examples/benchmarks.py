@@ -45,7 +45,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-SUITES = ("operator", "kernel", "gp", "optimizer")
+SUITES = ("operator", "kernel", "optimizer", "gp")  # the slowest last, so a --budget cuts it first
 #: Issue-5 targets: (label, limit) used by :func:`targets`.
 MATVEC_LIMITS = {"contiguous": 5.0, "scattered": 8.0}
 
@@ -86,23 +86,44 @@ def parse_json_lines(text: str) -> list[dict]:
     return records
 
 
-def run_suite(suite: str, smoke: bool, device: str, logs: Path, timeout: float) -> list[dict]:
+def _run(cmd: list[str], timeout: float) -> tuple[str, str, int | None]:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group (the scripts start
+    subprocesses of their own) and return what was printed so far, with returncode None."""
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=max(1.0, timeout))
+        return stdout, stderr, proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        return stdout, stderr + f"\n[benchmarks] killed after {timeout:.0f} s", None
+
+
+def run_suite(suite: str, smoke: bool, device: str, logs: Path, timeout: float,
+              deadline: float = float("inf")) -> list[dict]:
     records = []
     for i, cmd in enumerate(commands(suite, smoke, device, sys.executable)):
+        if deadline - time.monotonic() < 10:
+            records.append({"suite": suite, "command": _show(cmd), "skipped": "the --budget was spent"})
+            continue
         if device != "cpu":
-            if not accepts_device(cmd):
+            if accepts_device(cmd):
+                cmd = cmd + ["--device", device]
+            elif suite in ("operator", "kernel") and i == 0:
+                # the script has no --device yet: measure the GPU-size figures here instead
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--_gpu-sizes", suite, "--device", device]
+                if smoke:
+                    cmd.append("--smoke")
+            else:
                 records.append({"suite": suite, "device": device, "command": _show(cmd),
                                 "skipped": f"{Path(cmd[1]).name} has no --device option"})
                 continue
-            cmd = cmd + ["--device", device]
         print(f"[benchmarks] {suite}: {_show(cmd)}", flush=True)
         start = time.perf_counter()
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-            stdout, stderr, rc = done.stdout, done.stderr, done.returncode
-        except subprocess.TimeoutExpired as exc:
-            stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            stderr, rc = f"timed out after {timeout:.0f} s", None
+        stdout, stderr, rc = _run(cmd, min(timeout, deadline - time.monotonic()))
         seconds = time.perf_counter() - start
         (logs / f"{suite}_{i}.out").write_text(stdout)
         (logs / f"{suite}_{i}.err").write_text(stderr)
@@ -110,7 +131,8 @@ def run_suite(suite: str, smoke: bool, device: str, logs: Path, timeout: float) 
         for rec in found:
             rec.setdefault("suite", suite)
         records.extend(found)
-        status = {"suite": suite, "status": "ok" if rc == 0 else "failed", "returncode": rc,
+        status = {"suite": suite, "status": "ok" if rc == 0 else ("timed out" if rc is None else "failed"),
+                  "returncode": rc,
                   "command": _show(cmd), "wall_s": round(seconds, 2), "records": len(found)}
         if rc != 0:
             status["stderr_tail"] = stderr.strip().splitlines()[-3:]
@@ -155,6 +177,122 @@ def machine_record(argv: list[str], device: str) -> dict:
         rec["cuda_device"] = torch.cuda.get_device_name(0)
         rec["cuda_version"] = torch.version.cuda
     return rec
+
+
+# ============================================================================ GPU sizes
+GPU_MATVEC_N = 100_000_000
+GPU_KERNEL_N = 1_000_000
+
+
+def _best_of(fn, repeats: int, device, warm_up: bool = True) -> float:
+    import torch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    if warm_up:
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _peak_mb(device) -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
+
+
+def gpu_operator(device_name: str, n: int = GPU_MATVEC_N, k: int = 1000, repeats: int = 5) -> list[dict]:
+    """Matvec and solve of a block mean operator at GPU size, as ratios to one elementwise pass (``x * 2``)."""
+    import torch
+
+    from bma_gp import BlockMeanLinearOperator, Partition
+
+    device = torch.device(device_name)
+    records = []
+    for dtype in (torch.float32, torch.float64):
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(n, dtype=dtype, device=device, generator=gen)
+        floor = _best_of(lambda: x * 2.0, repeats, device)
+        for labels_kind in ("contiguous", "scattered"):
+            if labels_kind == "contiguous":
+                partition = Partition.from_sizes(torch.full((k,), n // k, device=device).index_add_(
+                    0, torch.arange(n % k, device=device), torch.ones(n % k, dtype=torch.long, device=device)))
+            else:
+                labels = torch.randint(0, k, (n,), device=device, generator=gen)
+                labels[:k] = torch.arange(k, device=device)
+                partition = Partition.from_labels(labels, num_blocks=k)
+            root = torch.randn(k, k, dtype=dtype, device=device, generator=gen)
+            lam = torch.rand(k, dtype=dtype, device=device, generator=gen) + 0.5
+            B = root @ root.T / k + 0.1
+            op = BlockMeanLinearOperator(lam, B, partition)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            ops = {"matvec": lambda: op @ x,
+                   "solve": lambda: BlockMeanLinearOperator(lam, B, partition).solve(x)}
+            for name, fn in ops.items():
+                seconds = _best_of(fn, repeats, device)
+                records.append({"bench": "operator_gpu", "op": name, "n": n, "k": k, "labels": labels_kind,
+                                "dtype": str(dtype).split(".")[-1], "device": str(device), "seconds": seconds,
+                                "floor_s": floor, "ratio_to_floor": seconds / floor, "cuda_peak_mb": _peak_mb(device)})
+            del op, partition
+    return records
+
+
+def gpu_kernel(device_name: str, n: int = GPU_KERNEL_N, k: int = 1000, d: int = 4,
+               chunk_bytes: int = 2 * 2**30) -> list[dict]:
+    """kernel_block_mean of RBF-ARD at GPU size against the bare evaluation of the same entries in the same chunks."""
+    import gpytorch
+    import torch
+
+    from bma_gp import Partition, kernel_block_mean
+    from bma_gp.partitioning import kmeans_partition
+
+    device = torch.device(device_name)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.rand(n, d, device=device, generator=gen)
+    t0 = time.perf_counter()
+    partition = kmeans_partition(x, k, seed=0)
+    prep = time.perf_counter() - t0
+    kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(ard_num_dims=d)).to(device)
+    params = list(kernel.parameters())
+    chunk = max(1, chunk_bytes // (n * x.element_size() * 2))
+
+    def bare_fwd():
+        with torch.no_grad(), gpytorch.settings.lazily_evaluate_kernels(False):
+            for a in range(0, n, chunk):
+                kernel(x[a:a + chunk], x).to_dense()
+
+    def kbm_fwd():
+        with torch.no_grad():
+            kernel_block_mean(kernel, x, partition, chunk_size=chunk)
+
+    def kbm_fwd_bwd():
+        op = kernel_block_mean(kernel, x, partition, chunk_size=chunk)
+        torch.autograd.grad(op.lam.sum() + op.B.square().sum(), params)
+
+    # warm up (allocator, kernels' first launch) on a slice, so the full size is evaluated once per variant
+    small = min(n, 20_000)
+    warm = Partition.from_labels(torch.arange(small, device=device) % 10)
+    kernel_block_mean(kernel, x[:small], warm, chunk_size=chunk)
+    with torch.no_grad(), gpytorch.settings.lazily_evaluate_kernels(False):
+        kernel(x[:chunk], x[:small]).to_dense()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = {f.__name__: _best_of(f, 1, device, warm_up=False) for f in (bare_fwd, kbm_fwd, kbm_fwd_bwd)}
+    return [{"bench": "kernel_gpu", "case": "rbf-ard", "n": n, "k": partition.num_blocks, "d": d, "dtype": "float32",
+             "device": str(device), "chunk_rows": chunk, "partition_s": round(prep, 3),
+             **{f"t_{key}_s": round(val, 4) for key, val in times.items()},
+             "ratio_fwd": round(times["kbm_fwd"] / times["bare_fwd"], 3),
+             "ratio_fwd_bwd_vs_bare_fwd": round(times["kbm_fwd_bwd"] / times["bare_fwd"], 3),
+             "cuda_peak_mb": _peak_mb(device)}]
 
 
 # ============================================================================ summary
@@ -211,6 +349,29 @@ def kernel_tables(records: list[dict]) -> list[str]:
                    f"{r['t_kbm_fwd_s']:.3f} | {r['ratio_fwd']:.2f} | {r['ratio_fwd_bwd_vs_bare_fwd']:.2f} | "
                    f"{r['ratio_fwd_bwd_vs_bare_fwd_bwd']:.2f} | {r['peak_rss_mb']:.0f} |")
     return out + [""]
+
+
+def gpu_tables(records: list[dict]) -> list[str]:
+    out = []
+    ops = [r for r in records if r.get("bench") == "operator_gpu"]
+    if ops:
+        out += ["### Operator at GPU size: seconds as a ratio to one elementwise pass (`x * 2`)", "",
+                "| op | n | k | labels | dtype | device | floor s | seconds | ratio | CUDA peak MB |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['op']} | {r['n']:,} | {r['k']} | {r['labels']} | {r['dtype']} | {r['device']} | "
+                f"{r['floor_s']:.2e} | {r['seconds']:.2e} | {r['ratio_to_floor']:.2f}x | {_fmt(r['cuda_peak_mb'], 0)} |"
+                for r in ops]
+        out.append("")
+    ker = [r for r in records if r.get("bench") == "kernel_gpu"]
+    if ker:
+        out += ["### kernel_block_mean at GPU size against the bare evaluation of the same chunks", "",
+                "| case | n | k | device | chunk rows | bare fwd s | kbm fwd s | kbm fwd+bwd s | fwd ratio | "
+                "fwd+bwd / bare fwd | CUDA peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['case']} | {r['n']:,} | {r['k']} | {r['device']} | {r['chunk_rows']} | {r['t_bare_fwd_s']:.3f} | "
+                f"{r['t_kbm_fwd_s']:.3f} | {r['t_kbm_fwd_bwd_s']:.3f} | {r['ratio_fwd']:.2f} | "
+                f"{r['ratio_fwd_bwd_vs_bare_fwd']:.2f} | {_fmt(r['cuda_peak_mb'], 0)} |" for r in ker]
+        out.append("")
+    return out
 
 
 def gp_tables(records: list[dict]) -> list[str]:
@@ -310,15 +471,15 @@ def summary(records: list[dict], machine: dict) -> str:
         lines += [f"| {t} | {m} | {v} |" for t, m, v in found]
         lines.append("")
     lines += ["## Tables", ""]
-    for part in (operator_tables, kernel_tables, gp_tables, optimizer_tables):
+    for part in (operator_tables, kernel_tables, gpu_tables, gp_tables, optimizer_tables):
         lines += part(records)
     skipped = [r for r in records if "skipped" in r and r.get("bench") != "gp_iteration"]
-    failed = [r for r in records if r.get("status") == "failed"]
+    failed = [r for r in records if r.get("status") in ("failed", "timed out")]
     if skipped or failed:
         lines += ["## Skipped or failed", ""]
         lines += [f"- {r['suite']}: skipped, {r['skipped']}" for r in skipped]
-        lines += [f"- {r['suite']}: `{r['command']}` exited {r['returncode']}: {' / '.join(r.get('stderr_tail', []))}"
-                  for r in failed]
+        lines += [f"- {r['suite']}: `{r['command']}` {r['status']} (exit {r['returncode']}): "
+                  f"{' / '.join(r.get('stderr_tail', []))}" for r in failed]
         lines.append("")
     runs = [r for r in records if "status" in r]
     if runs:
@@ -394,9 +555,21 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda; cuda is skipped cleanly without a GPU")
     parser.add_argument("--out-dir", default=None,
                         help="where results go (default docs/results/bench; with --smoke a temporary directory)")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per script before it is abandoned")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per script before it is killed")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole suite: no script starts, and a running one is killed, after it "
+                             "(the summary still covers what finished)")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--_gpu-sizes", dest="gpu_sizes", choices=["operator", "kernel"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.gpu_sizes:  # child: GPU-size figures for a script without --device (smoke: tiny sizes)
+        if args.gpu_sizes == "operator":
+            found = gpu_operator(args.device, **({"n": 100_000, "k": 50, "repeats": 2} if args.smoke else {}))
+        else:
+            found = gpu_kernel(args.device, **({"n": 2_000, "k": 20} if args.smoke else {}))
+        for rec in found:
+            print(json.dumps(rec), flush=True)
+        return 0
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in only if s not in SUITES]
     if bad:
@@ -411,24 +584,29 @@ def main(argv=None) -> int:
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
+    deadline = time.monotonic() + (args.budget if args.budget is not None else float("inf"))
     machine = machine_record(argv, args.device)
     records: list[dict] = []
+
+    def write() -> None:  # after every suite, so a run cut short still leaves its results
+        machine["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
+        with open(out_dir / "results.jsonl", "w") as fh:
+            for rec in [machine, *records]:
+                fh.write(json.dumps(rec) + "\n")
+        (out_dir / "summary.md").write_text(summary(records, machine))
+
     if args.device.startswith("cuda") and "cuda_device" not in machine:
         records.append({"suite": "all", "device": args.device, "skipped": "CUDA is not available on this machine"})
         print("[benchmarks] --device cuda: CUDA is not available here; nothing to run.", flush=True)
     else:
         for suite in only:
-            records += run_suite(suite, args.smoke, args.device, logs, args.timeout)
-    machine["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
-
-    with open(out_dir / "results.jsonl", "w") as fh:
-        for rec in [machine, *records]:
-            fh.write(json.dumps(rec) + "\n")
-    (out_dir / "summary.md").write_text(summary(records, machine))
+            records += run_suite(suite, args.smoke, args.device, logs, args.timeout, deadline)
+            write()
+    write()
     written = [] if args.no_plots else plots(records, out_dir)
     print(f"[benchmarks] wrote {out_dir / 'results.jsonl'}, {out_dir / 'summary.md'}"
           + "".join(f", {p}" for p in written), flush=True)
-    failed = [r for r in records if r.get("status") == "failed"]
+    failed = [r for r in records if r.get("status") in ("failed", "timed out")]
     return 1 if failed else 0
 
 

@@ -103,3 +103,23 @@ def test_summary_tables_show_ratios_against_same_run_baseline():
     assert "| 5,000 | sgpr | 100 | 1.500 | 2.00x |" in text
     assert "| 5,000 | exact | - | 3.000 | baseline |" in text
     assert "too big" in text and "Test CPU, 2 cores" in text
+
+
+def _machine(device="cpu"):
+    return {"command": "python examples/benchmarks.py", "date": "today", "cpu": "Test CPU", "cores": 2,
+            "torch": "x", "torch_threads": 2, "gpytorch": "y", "python": "3", "device": device,
+            "load_avg_start": [1.0, 1.0, 1.0], "load_avg_end": [1.0, 1.0, 1.0]}
+
+
+def test_gpu_size_measurements_run_at_tiny_sizes_on_cpu():
+    bench = _load("benchmarks")
+    ops = bench.gpu_operator("cpu", n=3_000, k=7, repeats=1)
+    assert {(r["op"], r["labels"], r["dtype"]) for r in ops} == {
+        (op, labels, dtype) for op in ("matvec", "solve") for labels in ("contiguous", "scattered")
+        for dtype in ("float32", "float64")}
+    assert all(r["seconds"] > 0 and r["ratio_to_floor"] == r["seconds"] / r["floor_s"] for r in ops)
+    (kernel,) = bench.gpu_kernel("cpu", n=300, k=5)
+    assert kernel["n"] == 300 and 1 <= kernel["k"] <= 5
+    assert kernel["t_kbm_fwd_bwd_s"] > 0 and kernel["ratio_fwd"] > 0
+    text = bench.summary(ops + [kernel], _machine())
+    assert "Operator at GPU size" in text and "kernel_block_mean at GPU size" in text
