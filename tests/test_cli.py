@@ -14,6 +14,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--iters", "2", "--no-progress"]
 
 
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """The default --out is relative: keep whatever a run creates out of the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _results(out):
     with open(os.path.join(out, "results.json"), encoding="utf-8") as handle:
         return json.load(handle)
@@ -179,6 +185,13 @@ def test_constant_input_column(tmp_path, capsys):
 def test_bad_arguments(capsys, argv, message):
     code, err = _exit_code_and_message(capsys, argv)
     assert code == 2 and message in err and err.startswith("usage: bma-gp")
+
+
+def test_out_is_a_file(tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("", encoding="utf-8")
+    code, err = _exit_code_and_message(capsys, ["--out", str(target)])
+    assert code == 2 and "is a file" in err
 
 
 def test_data_without_target(tmp_path, capsys):
