@@ -1,0 +1,43 @@
+"""The optimizer example scripts run (paper CNNs on generated CIFAR-shaped tensors, step benchmark)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+paper_cnn = pytest.importorskip("paper_cnn")
+bench_optimizer = pytest.importorskip("bench_optimizer")
+
+
+@pytest.mark.parametrize("make,params", [(paper_cnn.small_model, 4 * 84 + 130), (paper_cnn.large_model, None)])
+def test_paper_models_take_cifar_shaped_input(make, params):
+    model = make(3)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+    if params is not None:  # 4 convs of 3 channels (84 parameters each with 3 input channels) + linear 12 -> 10
+        assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_train_run_on_generated_cifar_batch():
+    gen = torch.Generator().manual_seed(0)
+    data = (torch.randn(100, 3, 32, 32, generator=gen), torch.randint(0, 10, (100,), generator=gen),
+            torch.randn(20, 3, 32, 32, generator=gen), torch.randint(0, 10, (20,), generator=gen))
+    run = paper_cnn.train_run(lambda: paper_cnn.small_model(3), data, "block_mean_row", 0.05, epochs=2, seed=0,
+                              batch_size=50)
+    assert run["finite"] and len(run["summed_loss"]) == 2 and len(run["test_error"]) == 2
+    assert all(0.0 <= e <= 1.0 for e in run["test_error"])
+    assert math.isclose(run["summed_loss"][0] / 2, run["mean_loss"][0])
+
+
+def test_bench_smoke_prints_one_json_line(capsys):
+    bench_optimizer.main(["--smoke"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(line)
+    assert result["ratio_to_adagrad"]["adagrad"] == 1.0
+    assert result["median_ms"]["block_mean_tensor"] > 0
