@@ -63,7 +63,7 @@ def test_cuda_request_without_gpu_skips_cleanly(tmp_path):
 
 def _gp(method, n, warm, k=None, peak=500.0):
     return {"bench": "gp_iteration", "suite": "gp", "method": method, "n": n, "k": k, "device": "cpu",
-            "warm_s": warm, "cold_s": warm, "prep_s": 0.0, "peak_rss_mb": peak}
+            "warm_s": warm, "warm_cpu_s": 2 * warm, "cold_s": warm, "prep_s": 0.0, "peak_rss_mb": peak}
 
 
 def test_targets_verdicts():
@@ -99,9 +99,9 @@ def test_summary_tables_show_ratios_against_same_run_baseline():
                "torch": "x", "torch_threads": 2, "gpytorch": "y", "python": "3", "device": "cpu",
                "load_avg_start": [1.0, 1.0, 1.0], "load_avg_end": [1.0, 1.0, 1.0]}
     text = bench.summary(records, machine)
-    assert "| 5,000 | blockmean | 100 | 0.500 | 6.00x |" in text
-    assert "| 5,000 | sgpr | 100 | 1.500 | 2.00x |" in text
-    assert "| 5,000 | exact | - | 3.000 | baseline |" in text
+    assert "| 5,000 | blockmean | 100 | 0.500 | 6.00x | 1.000 | 6.00x |" in text
+    assert "| 5,000 | sgpr | 100 | 1.500 | 2.00x | 3.000 | 2.00x |" in text
+    assert "| 5,000 | exact | - | 3.000 | baseline | 6.000 | baseline |" in text
     assert "too big" in text and "Test CPU, 2 cores" in text
 
 
