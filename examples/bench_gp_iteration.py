@@ -261,7 +261,8 @@ def main(argv=None) -> int:
             record = {**run_case(method, n, k or 0, args.d, args.warm, args.device, args.profile), "in_process": True}
         else:
             cmd = [sys.executable, os.path.abspath(__file__), "--_case", method, str(n), str(k or 0), str(args.d),
-                   "--warm", str(args.warm if n < BIG_N else min(args.warm, 1)), "--device", args.device] + (["--profile"] if args.profile else [])
+                   "--warm", str(args.warm if n < BIG_N else min(args.warm, 1)), "--device", args.device]
+            cmd += ["--profile"] if args.profile else []
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                 if args.profile:
