@@ -407,7 +407,7 @@ def _fit_one(method: str, problem: _Problem, kernel_kind: str, period: float, ar
 
 # ---------------------------------------------------------------------------- output
 def _format_table(fits: list[_Fit], target: str) -> str:
-    header = ("method", "k", "train [s]", "predict [s]", f"RMSE", "NLPD")
+    header = ("method", "k", "train [s]", "predict [s]", "RMSE", "NLPD")
     rows = [
         (fit.method, "-" if fit.k is None else str(fit.k), f"{fit.train_seconds:.2f}", f"{fit.predict_seconds:.3f}",
          f"{fit.rmse:.4g}", f"{fit.nlpd:.4g}")
