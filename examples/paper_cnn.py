@@ -169,19 +169,19 @@ def train_run(make_model, data: Dataset, optimizer: str, lr: float, epochs: int,
 
 
 def run_dataset(name: str, data: Dataset, model_name: str, optimizers: list[str], epochs: int,
-                tune_epochs: int, seeds: int, log) -> dict:
+                tune_epochs: int, seeds: int, log, fixed_lr: dict[str, float] | None = None) -> dict:
     in_channels, size = data[0].shape[1], data[0].shape[-1]
     make_model = (lambda: small_model(in_channels, size)) if model_name == "small" else \
         (lambda: large_model(in_channels, size))
     results = {}
     for opt_name in optimizers:
-        grid = OPTIMIZERS[opt_name][1]
+        grid = (fixed_lr[opt_name],) if fixed_lr and opt_name in fixed_lr else OPTIMIZERS[opt_name][1]
         tuning = {}
-        for lr in grid:
+        for lr in grid if len(grid) > 1 else ():
             run = train_run(make_model, data, opt_name, lr, tune_epochs, seed=100)
             tuning[lr] = run["mean_loss"][-1] if run["finite"] else float("inf")
             log(f"  tune {name} {model_name} {opt_name} lr={lr}: final mean loss {tuning[lr]:.4f}")
-        best = min(tuning, key=tuning.get)
+        best = min(tuning, key=tuning.get) if tuning else grid[0]
         runs = [train_run(make_model, data, opt_name, best, epochs, seed=s) for s in range(seeds)]
         results[opt_name] = {"lr": best, "tuning": {str(k): v for k, v in tuning.items()}, "runs": runs}
         last = [r["mean_loss"][-1] for r in runs]
@@ -258,6 +258,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tune-epochs", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lr", default="", help="fixed learning rates, no tuning: name=value,...")
     parser.add_argument("--cifar-root", default=os.environ.get("CIFAR10_ROOT", "data"))
     parser.add_argument("--out", default="docs/results/optim")
     parser.add_argument("--tag", default="", help="suffix of the output file names (default: '' or '_large')")
@@ -273,6 +274,7 @@ def main(argv=None) -> None:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
+    fixed_lr = {k: float(v) for k, v in (item.split("=") for item in args.lr.split(",") if item)}
     loaders = {"digits": load_digits32, "mnist5k": load_mnist5k, "cifar10": lambda: load_cifar10(args.cifar_root)}
     all_results, started = {}, time.time()
     for name in args.datasets.split(","):
@@ -285,7 +287,7 @@ def main(argv=None) -> None:
             data = (data[0][:300], data[1][:300], data[2][:200], data[3][:200])
         log(f"{name}: {len(data[1])} train / {len(data[3])} test images of shape {tuple(data[0].shape[1:])}")
         all_results[f"{name}/{args.model}"] = run_dataset(name, data, args.model, optimizers, args.epochs,
-                                                          args.tune_epochs, args.seeds, log)
+                                                          args.tune_epochs, args.seeds, log, fixed_lr)
     table = markdown_table(all_results)
     print(table)
     elapsed = time.time() - started
