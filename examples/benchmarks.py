@@ -367,8 +367,8 @@ def gpu_tables(records: list[dict]) -> list[str]:
         out += ["### kernel_block_mean at GPU size against the bare evaluation of the same chunks", "",
                 "| case | n | k | device | chunk rows | bare fwd s | kbm fwd s | kbm fwd+bwd s | fwd ratio | "
                 "fwd+bwd / bare fwd | CUDA peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        out += [f"| {r['case']} | {r['n']:,} | {r['k']} | {r['device']} | {r['chunk_rows']} | {r['t_bare_fwd_s']:.3f} | "
-                f"{r['t_kbm_fwd_s']:.3f} | {r['t_kbm_fwd_bwd_s']:.3f} | {r['ratio_fwd']:.2f} | "
+        out += [f"| {r['case']} | {r['n']:,} | {r['k']} | {r['device']} | {r['chunk_rows']} | "
+                f"{r['t_bare_fwd_s']:.3f} | {r['t_kbm_fwd_s']:.3f} | {r['t_kbm_fwd_bwd_s']:.3f} | {r['ratio_fwd']:.2f} | "
                 f"{r['ratio_fwd_bwd_vs_bare_fwd']:.2f} | {_fmt(r['cuda_peak_mb'], 0)} |" for r in ker]
         out.append("")
     return out

@@ -60,7 +60,8 @@ export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 {
     nvidia-smi 2>&1 | head -20
     "$PY" -c "import sys, torch, gpytorch, linear_operator; print('python', sys.version.split()[0], sys.executable); \
-print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0)); \
+print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA DEVICE'); \
 print('gpytorch', gpytorch.__version__, 'linear_operator', linear_operator.__version__)"
 } >>"$LOG" 2>&1 || { say "imports failed; see $LOG"; exit 1; }
 say "python: $PY"
@@ -90,5 +91,6 @@ else
     done
     [ -d "$BENCH_DIR/logs" ] && tar -czf "$DEST/bench_logs.tar.gz" -C "$BENCH_DIR" logs
 fi
+rm -rf "$BENCH_DIR"
 say "done in $(( $(date +%s) - START ))s, status $STATUS; results in $DEST"
 exit $STATUS
