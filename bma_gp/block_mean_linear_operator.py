@@ -177,10 +177,17 @@ class BlockMeanLinearOperator(LinearOperator):
         if vector:
             rhs = rhs.unsqueeze(-1)
         part = self.partition
-        sums = part.block_sum(rhs, dim=-2)  # (*, k, t)
-        coef = self._b_sym() @ sums  # (*, k, t)
-        lam = part.expand(self.lam, dim=-1).unsqueeze(-1)  # (*batch, n, 1)
-        res = torch.addcmul(part.expand(coef, dim=-2), lam, rhs)
+        coef = self._b_sym() @ part.block_sum(rhs, dim=-2)  # B P^T x: (*, k, t)
+        lam = self.lam.unsqueeze(-1)  # (*batch, k, 1)
+        batch = torch.broadcast_shapes(lam.shape[:-2], coef.shape[:-2])
+        k, t = coef.shape[-2:]
+        # one gather brings both per-block numbers to every index: [lam_c, (B P^T x)_c]
+        both = torch.cat([lam.expand(*batch, k, 1), coef.expand(*batch, k, t)], dim=-1)
+        gathered = both[..., part.labels, :]  # (*, n, 1 + t)
+        if torch.is_grad_enabled() and (rhs.requires_grad or both.requires_grad):
+            res = torch.addcmul(gathered[..., 1:], gathered[..., :1], rhs)
+        else:  # no graph to protect: accumulate into the gathered buffer
+            res = gathered[..., 1:].addcmul_(gathered[..., :1], rhs)
         return res.squeeze(-1) if vector else res
 
     def _t_matmul(self, rhs: Tensor) -> Tensor:
