@@ -32,7 +32,7 @@ source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
 # results/ holds benchmark output (JSON, text, PNG): the pages include its figures, but none of
 # its files is a page. README_sections.md is a draft for the repository README.
-exclude_patterns = ["_build", "_generated", "results/**", "README_sections.md", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "_generated", "results/**", "Thumbs.db", ".DS_Store"]
 
 # Markdown: $...$ and $$...$$ math, \begin{align} blocks, heading anchors for [text](page.md#anchor).
 myst_enable_extensions = ["dollarmath", "amsmath", "deflist"]
