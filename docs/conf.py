@@ -31,7 +31,7 @@ extensions = [
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
 # results/ holds benchmark output (JSON, text, PNG): the pages include its figures, but none of
-# its files is a page. README_sections.md is a draft for the repository README.
+# its files is a page.
 exclude_patterns = ["_build", "_generated", "results/**", "Thumbs.db", ".DS_Store"]
 
 # Markdown: $...$ and $$...$$ math, \begin{align} blocks, heading anchors for [text](page.md#anchor).
