@@ -19,8 +19,12 @@ so rows of :math:`K` are evaluated a chunk at a time and reduced into :math:`T` 
   lengthscales: the same pass that reduces the kernel values also reduces their
   derivatives with respect to the lengthscales into block sums, so backward is a
   contraction of two ``k x k`` arrays and forward + backward is one pass over the
-  entries. Distances come from one GEMM per chunk. Used automatically whenever the
-  kernel matches and ``x`` does not require a gradient.
+  entries. Distances come from one GEMM per chunk. With ARD lengthscales the
+  per-dimension derivative sums :math:`\sum w_{pj} (z_{pa} - z_{ja})^2` are reduced rows
+  first: one batched GEMM per chunk weights the rows of each block by
+  :math:`[1, z_p^2, z_p]`, and only its small ``(blocks in the chunk) x (1 + 2d) x n``
+  result is touched per dimension. Used automatically whenever the kernel matches and
+  ``x`` does not require a gradient.
 
 Both paths evaluate the rows in the order of the sorted block labels, so every block
 is a contiguous run of columns and reductions are segment sums.
@@ -69,10 +73,15 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _segment_sum(values: Tensor, lengths: Tensor) -> Tensor:
-    """Sum the last dimension of ``values`` over consecutive runs of the given lengths."""
+    """Sum the last dimension of ``values`` over consecutive runs of the given lengths.
+
+    The leading dimensions are flattened first: ``segment_reduce`` is many times slower with
+    lengths of three or more dimensions than with a (stride-0) two-dimensional one.
+    """
     lead = values.shape[:-1]
-    return torch.segment_reduce(values, "sum", lengths=lengths.expand(*lead, lengths.numel()),
-                                axis=values.dim() - 1)
+    flat = values.reshape(-1, values.shape[-1])
+    out = torch.segment_reduce(flat, "sum", lengths=lengths.expand(flat.shape[0], lengths.numel()), axis=1)
+    return out.view(*lead, lengths.numel())
 
 
 def _chunk_ranges(start: int, stop: int, chunk: int) -> list[tuple[int, int]]:
@@ -290,61 +299,67 @@ class _Stationary:
         return -1.0 / 6.0
 
 
-def _choose_tile(labels: Tensor, n: int) -> tuple[int, int]:
-    """Tile width for the block-segmented GEMM: trade the number of blocks a tile spans against tile size."""
+def _choose_row_tile(labels: Tensor) -> tuple[int, int]:
+    """Rows per tile for :func:`_row_block_sums` and the blocks a tile spans at most.
+
+    Few blocks per tile keep the GEMMs small, tall tiles keep their output (``q`` rows of
+    features per ``t`` rows of kernel values) small; very short tiles make inefficient
+    GEMMs. The cost model, relative per kernel entry, was fitted on CPU timings.
+    """
+    c = labels.numel()
     best = None
-    for t in (8, 16, 32, 64, 128, 256, 512, 1024):
-        if t > max(8, n):
-            break
-        n_pad = -(-n // t) * t
-        lab = torch.cat([labels, labels[n - 1:n].expand(n_pad - n)])
-        q = int((lab[t - 1::t] - lab[::t]).max()) + 1
-        cost = q * (3.0 / t + 0.1)  # output traffic per entry + GEMM work per entry (relative)
+    for t in (16, 32, 64, 128, 256):
+        t = min(t, c)
+        full = c // t * t
+        q = int((labels[t - 1: full: t] - labels[0: full: t]).max()) + 1
+        cost = q * (1.0 / t + 1.0 / 64.0 + 32.0 / t**2)
         if best is None or cost < best[0]:
             best = (cost, t, q)
+        if t == c:
+            break
     return best[1], best[2]
 
 
-class _SegmentedColumnGemm:
-    r"""For a ``c x n`` matrix :math:`W` and points :math:`z`, :math:`Y_{iJa} = \sum_{j \in J} W_{ij}\, v_{ja}`.
+def _row_block_sums(w: Tensor, feats: Tensor, labels: Tensor, m: int) -> Tensor:
+    r"""Row-side weighted block sums :math:`Y_{irj} = \sum_{p:\,\text{label}_p = i} F_{pr} W_{pj}`.
 
-    Columns are cut into tiles of ``tile`` columns; a tile spans at most ``q`` consecutive
-    blocks, so each tile is one small dense GEMM against a ``tile x (q * m)`` matrix holding
-    the values in the slot of their block, and the ``q`` partial results are added into the
-    blocks they belong to.
+    ``labels`` are the sorted block labels of the chunk rows, shifted to ``0 .. m-1``. The rows
+    are cut into tiles of ``t`` rows; a tile spans at most ``q`` blocks, so each tile is one
+    slice of a batched GEMM with a ``(q R) x t`` left factor that holds each row's features
+    in the slot of its block, and the ``q`` partial results are added into their blocks.
+    One pass over ``W`` whatever ``R``: the per-feature weightings come from the GEMM.
+
+    Args:
+        w: kernel values or derivative weights of the chunk. # shape: (B, c, n), contiguous
+        feats: row features. # shape: (B, c, R)
+        labels: sorted block labels of the rows, in ``0 .. m-1``. # shape: (c,)
+        m: number of blocks the chunk spans.
+
+    Returns:
+        Tensor # shape: (B, m, R, n)
     """
-
-    def __init__(self, labels: Tensor, num_blocks: int, n: int, d: int):
-        self.n, self.k = n, num_blocks
-        self.tile, self.q = _choose_tile(labels, n)
-        self.n_pad = -(-n // self.tile) * self.tile
-        pad = self.n_pad - n
-        lab = torch.cat([labels, labels[n - 1:n].expand(pad)])
-        nt = self.n_pad // self.tile
-        first = lab[:: self.tile]
-        self.local = (lab.view(nt, self.tile) - first.unsqueeze(-1))  # (nt, tile) in 0 .. q-1
-        slots = first.unsqueeze(-1) + torch.arange(self.q, device=labels.device)
-        self.target = slots.clamp_max(num_blocks).flatten()  # slot -> block (num_blocks: unused slot)
-
-    def matrix(self, v: Tensor) -> Tensor:
-        """The per-tile right factor for values ``v`` of shape (batch, n_pad, m); padded rows must be zero."""
-        bsz, _, m = v.shape
-        nt = self.n_pad // self.tile
-        out = v.new_zeros(bsz, nt, self.tile, self.q, m)
-        index = self.local.view(1, nt, self.tile, 1, 1).expand(bsz, nt, self.tile, 1, m)
-        out.scatter_(3, index, v.view(bsz, nt, self.tile, 1, m))
-        return out.view(bsz, nt, self.tile, self.q * m)
-
-    def apply(self, w: Tensor, factor: Tensor) -> Tensor:
-        """``w`` (batch, c, n_pad), ``factor`` from :meth:`matrix` -> Y (batch, c, k, m)."""
-        bsz, c, _ = w.shape
-        nt = self.n_pad // self.tile
-        m = factor.shape[-1] // self.q
-        tiles = torch.matmul(w.view(bsz, c, nt, self.tile).transpose(1, 2), factor)  # (batch, nt, c, q m)
-        tiles = tiles.view(bsz, nt, c, self.q, m).permute(0, 2, 1, 3, 4).reshape(bsz, c, nt * self.q, m)
-        out = w.new_zeros(bsz, c, self.k + 1, m)
-        out.index_add_(2, self.target, tiles)
-        return out[:, :, : self.k]
+    bsz, c, n = w.shape
+    r = feats.shape[-1]
+    t, _ = _choose_row_tile(labels)
+    out = w.new_zeros(bsz, m, r, n)
+    full = c // t * t
+    pieces = [(0, full, t)] if full else []
+    if full < c:
+        pieces.append((full, c, c - full))
+    for lo, hi, tt in pieces:
+        nt = (hi - lo) // tt
+        tiles = labels[lo:hi].view(nt, tt)
+        first = tiles[:, :1]
+        local = tiles - first
+        q = int(local[:, -1].max()) + 1
+        left = feats.new_zeros(bsz, nt, tt, q, r)
+        left.scatter_(3, local.view(1, nt, tt, 1, 1).expand(bsz, nt, tt, 1, r),
+                      feats[:, lo:hi].reshape(bsz, nt, tt, 1, r))
+        left = left.view(bsz * nt, tt, q * r).transpose(1, 2)
+        prod = torch.bmm(left, w[:, lo:hi].reshape(bsz * nt, tt, n))  # (B nt, q r, n)
+        index = (first + torch.arange(q, device=labels.device)).clamp_max_(m - 1).flatten()
+        out.index_add_(1, index, prod.view(bsz, nt * q, r, n))  # slots past a tile's last block add zeros
+    return out
 
 
 class _StationaryKernelSums(torch.autograd.Function):
@@ -375,6 +390,19 @@ def _row_blocks(labels: Tensor, a: int, b: int) -> tuple[int, Tensor]:
 
 
 def _stationary_pass(plan: _Plan, spec: _Stationary, lengthscale: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Block sums of the unscaled kernel and of its derivative weights, chunk by chunk.
+
+    Per chunk the kernel values come from one distance GEMM and one elementwise pass. Then
+    (isotropic) values and weights are summed over column blocks and the rows of each block;
+    (ARD) every block of rows is first reduced against its features :math:`[1, z_p^2, z_p]`
+    by one batched GEMM (:func:`_row_block_sums`), and the column side works on the small
+    result only:
+
+    .. math::
+        \sum_{p \in i,\, j \in J} w_{pj} (z_{pa} - z_{ja})^2
+        = \sum_{j \in J} \bigl(Y^{(2)}_{iaj} - 2 z_{ja} Y^{(1)}_{iaj} + z_{ja}^2 Y^{(0)}_{ij}\bigr),
+        \qquad Y^{(e)}_{iaj} = \sum_{p \in i} z_{pa}^e\, w_{pj}.
+    """
     x = plan.x
     n, d = x.shape[-2:]
     dtype = torch.promote_types(x.dtype, lengthscale.dtype)
@@ -387,29 +415,25 @@ def _stationary_pass(plan: _Plan, spec: _Stationary, lengthscale: Tensor) -> tup
     z = z.reshape(-1, n, d)
     bsz = z.shape[0]
     acc = _accumulation_dtype(dtype)
-
     lengths = plan.sizes
-    gemm = None
-    if ard:
-        gemm = _SegmentedColumnGemm(plan.labels, k, n, d)
-        if gemm.n_pad > n:  # padded columns: a point at the centre, summed into a dropped extra block
-            z = torch.cat([z, z.new_zeros(bsz, gemm.n_pad - n, d)], dim=1)
-            lengths = torch.cat([lengths, lengths.new_tensor([gemm.n_pad - n])])
-        factor_matrix = gemm.matrix(torch.cat([z, z.square()], dim=-1))  # (B, nt, tile, q * 2d)
-    n_pad = z.shape[1]
+
     # squared distances from one GEMM: [z_i, 1, |z_i|^2] . [-2 z_j, |z_j|^2, 1] (negated for RBF)
     sign = -1.0 if spec.nu is None else 1.0
     z_sq = z.square().sum(-1, keepdim=True)
     ones = torch.ones_like(z_sq)
-    rows_aug = torch.cat([z, sign * ones, sign * z_sq], dim=-1)  # (B, n_pad, d + 2)
-    cols_aug = torch.cat([-2.0 * sign * z, z_sq, ones], dim=-1).transpose(-1, -2)  # (B, d + 2, n_pad)
+    rows_aug = torch.cat([z, sign * ones, sign * z_sq], dim=-1)  # (B, n, d + 2)
+    cols_aug = torch.cat([-2.0 * sign * z, z_sq, ones], dim=-1).transpose(-1, -2)  # (B, d + 2, n)
+    if ard:
+        feats = torch.cat([ones, z.square(), z], dim=-1)  # (B, n, 1 + 2d): row features [1, z^2, z]
+        zt = z.transpose(1, 2).unsqueeze(1).contiguous()  # (B, 1, d, n)
+        zt2 = zt.square()
 
     sums = z.new_zeros(bsz, k, k, dtype=acc)
     derivs = z.new_zeros(bsz, k, k, D, dtype=acc)
     weight_factor = 1.0
     for a, b in _progress(plan.ranges(), plan.show_progress, "kernel block sums (fused)"):
         c = b - a
-        buf = z.new_empty(2, bsz, c, n_pad)
+        buf = z.new_empty(2, bsz, c, n)
         values, weights = buf[0], buf[1]
         rho2 = torch.bmm(rows_aug[:, a:b], cols_aug, out=weights)
         rho2.clamp_max_(0.0) if sign < 0 else rho2.clamp_min_(0.0)
@@ -417,23 +441,22 @@ def _stationary_pass(plan: _Plan, spec: _Stationary, lengthscale: Tensor) -> tup
         weight_factor = spec.evaluate(rho2, values, weights, ard)
         first, counts = _row_blocks(plan.labels, a, b)
         m = counts.numel()
-        weights_in_values = ard and spec.nu is None
-        both = values.unsqueeze(0) if weights_in_values else buf
-        cols = _segment_sum(both, lengths)[..., :k]  # (1 or 2, B, c, k)
-        per_block = torch.segment_reduce(cols, "sum", lengths=counts.expand(*cols.shape[:2], m), axis=2)
-        sums[:, first:first + m] += per_block[0].to(acc)
         if not ard:
-            derivs[:, first:first + m, :, 0] += per_block[1].to(acc)
+            cols = _segment_sum(buf, lengths)  # (2, B, c, k)
+            per_block = torch.segment_reduce(cols.view(2 * bsz, c, k), "sum", lengths=counts.expand(2 * bsz, m), axis=1)
+            per_block = per_block.view(2, bsz, m, k).to(acc)
+            sums[:, first:first + m] += per_block[0]
+            derivs[:, first:first + m, :, 0] += per_block[1]
             continue
-        # sum_{j in J} w_ij (z_ia - z_ja)^2 = z_ia^2 W_iJ - 2 z_ia Y_iJa + Y2_iJa
-        w = values if weights_in_values else weights
-        col_weights = cols[0] if weights_in_values else cols[1]
-        y = gemm.apply(w, factor_matrix)  # (B, c, k, 2d)
-        zr = z[:, a:b].unsqueeze(2)
-        per_row = y[..., d:].addcmul_(zr.square(), col_weights.unsqueeze(-1))
-        per_row.addcmul_(zr, y[..., :d], value=-2.0)
-        derivs[:, first:first + m] += torch.segment_reduce(
-            per_row, "sum", lengths=counts.expand(bsz, m), axis=1).to(acc)
+        weights_in_values = spec.nu is None  # ARD RBF: the derivative weights are the values
+        local = plan.labels[a:b] - first
+        y = _row_block_sums(values if weights_in_values else weights, feats[:, a:b], local, m)  # (B, m, 1+2d, n)
+        y[:, :, 1:1 + d].addcmul_(y[:, :, 1 + d:], zt, value=-2.0).addcmul_(y[:, :, :1], zt2)
+        seg = _segment_sum(y, lengths)  # (B, m, 1 + 2d, k)
+        derivs[:, first:first + m] += seg[:, :, 1:1 + d].transpose(-1, -2).to(acc)
+        if not weights_in_values:
+            seg = _segment_sum(_row_block_sums(values, feats[:, a:b, :1], local, m), lengths)
+        sums[:, first:first + m] += seg[:, :, 0].to(acc)
     derivs.mul_(weight_factor)
     if plan.group is not None:
         sums, derivs = _all_reduce([sums, derivs], plan.group)

@@ -265,3 +265,49 @@ def test_cuda_matches_cpu(fused):
     g_gpu = torch.autograd.grad(_loss(op_gpu), list(kernel_gpu.parameters()))
     for a, b in zip(g_gpu, g):
         torch.testing.assert_close(a.cpu(), b, atol=1e-8, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- row-first GEMM route of the fused ARD path
+def _row_block_sums_reference(w, feats, labels, m):
+    out = torch.zeros(w.shape[0], m, feats.shape[-1], w.shape[-1], dtype=w.dtype)
+    for p in range(w.shape[1]):
+        out[:, labels[p]] += feats[:, p, :, None] * w[:, p, None, :]
+    return out
+
+
+@pytest.mark.parametrize("sizes", [[1, 23, 5, 40, 17, 3, 1, 2], [1] * 30, [70], [3, 3, 64]])
+def test_row_block_sums_match_a_loop(sizes):
+    g = torch.Generator().manual_seed(3)
+    labels = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    c = labels.numel()
+    w = torch.randn(2, c, 11, generator=g, dtype=torch.float64)
+    feats = torch.randn(2, c, 5, generator=g, dtype=torch.float64)
+    want = _row_block_sums_reference(w, feats, labels, len(sizes))
+    torch.testing.assert_close(kbm._row_block_sums(w, feats, labels, len(sizes)), want)
+    t, q = kbm._choose_row_tile(labels)
+    assert 1 <= t <= c and 1 <= q <= len(sizes)
+    full = c // t * t
+    if full:  # q bounds the blocks any full tile spans
+        spans = labels[:full].view(-1, t)
+        assert int((spans[:, -1] - spans[:, 0]).max()) + 1 <= q
+    for tile in (1, 4, 7, c):  # every tiling (tiles cutting blocks, a short tail) gives the same sums
+        with mock.patch.object(kbm, "_choose_row_tile", return_value=(tile, 0)):
+            torch.testing.assert_close(kbm._row_block_sums(w, feats, labels, len(sizes)), want)
+
+
+@pytest.mark.parametrize("kernel_name", ["rbf_ard", "matern05_ard", "matern25_ard"])
+@pytest.mark.parametrize("chunk_size", [13, 64])
+def test_fused_ard_when_chunks_cut_blocks(kernel_name, chunk_size):
+    # contiguous blocks of very different sizes: chunks of 13 or 64 rows start and end inside blocks
+    sizes = [1, 23, 5, 40, 17, 3, 1, 2, 58]
+    assert sum(sizes) == N
+    kernel = _set_hypers(KERNELS[kernel_name]().double())
+    with mock.patch.object(kbm._GenericKernelSums, "apply", side_effect=AssertionError("generic path used")):
+        _compare(kernel, _x(), Partition.from_sizes(sizes), chunk_size=chunk_size)
+
+
+def test_fused_ard_many_small_blocks_scattered():
+    # k close to n: many tiles span several blocks, and the column side has more rows than the chunk
+    labels = torch.unique(torch.randint(60, (N,), generator=torch.Generator().manual_seed(4)), return_inverse=True)[1]
+    kernel = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D)).double())
+    _compare(kernel, _x(), Partition.from_labels(labels), chunk_size=37, fused=True)
