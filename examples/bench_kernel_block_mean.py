@@ -16,6 +16,10 @@ Output: JSON lines on stdout, and with ``--out`` also written to that file.
 
     python examples/bench_kernel_block_mean.py                 # n = 20,000
     python examples/bench_kernel_block_mean.py --smoke         # n = 2,000, seconds
+
+``--baseline FILE`` also times the ``kernel_block_mean`` of another version of the module
+(for example ``git show REV:bma_gp/kernel_block_mean.py > old.py``) in the same run, so
+before / after ratios share one baseline measurement.
 """
 
 from __future__ import annotations
@@ -56,7 +60,16 @@ def _time(fn, repeat: int) -> float:
     return best
 
 
-def run_case(name: str, n: int, d: int, k: int, repeat: int, dtype_name: str) -> dict:
+def _load_baseline(path: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kernel_block_mean_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.kernel_block_mean
+
+
+def run_case(name: str, n: int, d: int, k: int, repeat: int, dtype_name: str, baseline: str | None = None) -> dict:
     import torch
     from gpytorch import settings as gpt_settings
 
@@ -94,7 +107,24 @@ def run_case(name: str, n: int, d: int, k: int, repeat: int, dtype_name: str) ->
         loss = op.lam.sum() + op.B.square().sum()
         torch.autograd.grad(loss, params)
 
-    times = {f.__name__: _time(f, repeat) for f in (bare_fwd, kbm_fwd, bare_fwd_bwd, kbm_fwd_bwd)}
+    fns = [bare_fwd, kbm_fwd, bare_fwd_bwd, kbm_fwd_bwd]
+    if baseline is not None:
+        base_kbm = _load_baseline(baseline)
+
+        def base_fwd():
+            with torch.no_grad():
+                base_kbm(kernel, x, partition, fused=fused)
+
+        def base_fwd_bwd():
+            op = base_kbm(kernel, x, partition, fused=fused)
+            torch.autograd.grad(op.lam.sum() + op.B.square().sum(), params)
+
+        fns += [base_fwd, base_fwd_bwd]
+    times = {f.__name__: _time(f, repeat) for f in fns}
+    extra = {}
+    if baseline is not None:
+        extra = {"baseline_ratio_fwd": round(times["base_fwd"] / times["bare_fwd"], 3),
+                 "baseline_ratio_fwd_bwd_vs_bare_fwd": round(times["base_fwd_bwd"] / times["bare_fwd"], 3)}
     return {
         "case": name, "n": n, "d": d, "k": partition.num_blocks, "dtype": dtype_name, "chunk_rows": chunk,
         "threads": torch.get_num_threads(),
@@ -102,6 +132,7 @@ def run_case(name: str, n: int, d: int, k: int, repeat: int, dtype_name: str) ->
         "ratio_fwd": round(times["kbm_fwd"] / times["bare_fwd"], 3),
         "ratio_fwd_bwd_vs_bare_fwd": round(times["kbm_fwd_bwd"] / times["bare_fwd"], 3),
         "ratio_fwd_bwd_vs_bare_fwd_bwd": round(times["kbm_fwd_bwd"] / times["bare_fwd_bwd"], 3),
+        **extra,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 
@@ -116,12 +147,20 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--smoke", action="store_true", help="n = 2,000, k = 50, one repeat")
     parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every case")
+    parser.add_argument("--baseline", default=None,
+                        help="a file with another version of bma_gp/kernel_block_mean.py, timed in the same run")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case here
     args = parser.parse_args()
     if args.smoke:
         args.n, args.k, args.repeat = 2_000, 50, 1
     if args.case is not None:
-        print(json.dumps(run_case(args.case, args.n, args.d, args.k, args.repeat, args.dtype)), flush=True)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        print(json.dumps(run_case(args.case, args.n, args.d, args.k, args.repeat, args.dtype, args.baseline)),
+              flush=True)
         return
 
     header = {"benchmark": "kernel_block_mean", "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
@@ -132,6 +171,10 @@ def main() -> None:
     for name in args.cases.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--case", name, "--n", str(args.n), "--d", str(args.d),
                "--k", str(args.k), "--repeat", str(args.repeat), "--dtype", args.dtype]
+        if args.baseline:
+            cmd += ["--baseline", os.path.abspath(args.baseline)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             line = json.dumps({"case": name, "error": done.stderr.strip().splitlines()[-1:]})

@@ -295,9 +295,14 @@ def test_row_block_sums_match_a_loop(sizes):
             torch.testing.assert_close(kbm._row_block_sums(w, feats, labels, len(sizes)), want)
 
 
+ROUTES = {"rows": 0, "columns": 10**9}  # _ROWS_ROUTE_MIN_BLOCK forcing each ARD route
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
 @pytest.mark.parametrize("kernel_name", ["rbf_ard", "matern05_ard", "matern25_ard"])
 @pytest.mark.parametrize("chunk_size", [13, 64])
-def test_fused_ard_when_chunks_cut_blocks(kernel_name, chunk_size):
+def test_fused_ard_when_chunks_cut_blocks(kernel_name, chunk_size, route, monkeypatch):
+    monkeypatch.setattr(kbm, "_ROWS_ROUTE_MIN_BLOCK", ROUTES[route])
     # contiguous blocks of very different sizes: chunks of 13 or 64 rows start and end inside blocks
     sizes = [1, 23, 5, 40, 17, 3, 1, 2, 58]
     assert sum(sizes) == N
@@ -306,8 +311,37 @@ def test_fused_ard_when_chunks_cut_blocks(kernel_name, chunk_size):
         _compare(kernel, _x(), Partition.from_sizes(sizes), chunk_size=chunk_size)
 
 
-def test_fused_ard_many_small_blocks_scattered():
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_fused_ard_many_small_blocks_scattered(route, monkeypatch):
+    monkeypatch.setattr(kbm, "_ROWS_ROUTE_MIN_BLOCK", ROUTES[route])
     # k close to n: many tiles span several blocks, and the column side has more rows than the chunk
     labels = torch.unique(torch.randint(60, (N,), generator=torch.Generator().manual_seed(4)), return_inverse=True)[1]
     kernel = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D)).double())
     _compare(kernel, _x(), Partition.from_labels(labels), chunk_size=37, fused=True)
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_fused_ard_routes_batch_and_float32(route, monkeypatch):
+    monkeypatch.setattr(kbm, "_ROWS_ROUTE_MIN_BLOCK", ROUTES[route])
+    batch = torch.Size([2])
+    base = MaternKernel(nu=2.5, ard_num_dims=D, batch_shape=batch)
+    kernel = _set_hypers(ScaleKernel(base, batch_shape=batch).double())
+    x = torch.stack([_x(seed=0), _x(seed=1)])
+    _compare(kernel, x, PARTITIONS["scattered"](N), chunk_size=50, fused=True)
+    kernel64 = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D)).double())
+    kernel32 = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D)).double()).float()
+    op32 = kernel_block_mean(kernel32, _x().float(), PARTITIONS["contiguous"](N), chunk_size=29)
+    ref = _dense_reference(kernel64, _x(), PARTITIONS["contiguous"](N))
+    torch.testing.assert_close(op32.B.double(), ref.B, atol=1e-5, rtol=1e-4)
+
+
+def test_route_choice_follows_block_size():
+    calls = []
+    real = kbm._row_block_sums
+    kernel = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D)).double())
+    with mock.patch.object(kbm, "_row_block_sums", side_effect=lambda *a: calls.append(1) or real(*a)):
+        kernel_block_mean(kernel, _x(), Partition.from_sizes([50, 50, 50]))  # blocks of 50 rows: rows first
+        assert calls
+        calls.clear()
+        kernel_block_mean(kernel, _x(), PARTITIONS["singletons"](N))  # blocks of one row: column tiles
+        assert not calls
