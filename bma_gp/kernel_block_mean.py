@@ -652,6 +652,8 @@ def kernel_block_mean(
 
     batch_numel = math.prod(x.shape[:-2])
     spec = _Stationary.match(kernel) if fused is not False else None
+    if fused is None and not (torch.is_grad_enabled() and any(p.requires_grad for p in kernel.parameters())):
+        spec = None  # no gradient wanted (e.g. prediction): the derivative sums would be wasted work
     if spec is not None:
         batch_numel = max(batch_numel, math.prod(spec.base.lengthscale.shape[:-2]))
     rows = (rank * n // world, (rank + 1) * n // world)
