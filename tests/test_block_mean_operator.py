@@ -83,14 +83,14 @@ def closed_forms_only(k):
 @pytest.mark.parametrize("name", list(PARTITIONS))
 def test_closed_forms_match_dense(name, dtype, batch):
     labels = PARTITIONS[name]
-    op, lam, B = make_operator(labels, batch, dtype, seed=hash(name) % 1000)
+    op, lam, B = make_operator(labels, batch, dtype, seed=list(PARTITIONS).index(name))
     A = dense(lam, B, labels)
     n = len(labels)
     x = torch.randn(*batch, n, 3, dtype=dtype)
     ref = {
         "matmul": A @ x, "diag": torch.diagonal(A, dim1=-2, dim2=-1), "solve": torch.linalg.solve(A, x),
         "inv": torch.linalg.inv(A), "logdet": torch.logdet(A), "eig": torch.linalg.eigvalsh(A),
-        "sqrt": dense_fn(A, torch.sqrt), "isqrt": dense_fn(A, torch.rsqrt), "exp": torch.linalg.matrix_exp(A),
+        "sqrt": dense_fn(A, torch.sqrt), "isqrt": dense_fn(A, torch.rsqrt), "exp": dense_fn(A, torch.exp),
         "log": dense_fn(A, torch.log),
     }
     ref["quad"] = (x * ref["solve"]).sum(-2)
@@ -107,7 +107,10 @@ def test_closed_forms_match_dense(name, dtype, batch):
         torch.testing.assert_close(op.eigvalsh(), ref["eig"], **t)
         torch.testing.assert_close(op.matrix_sqrt().to_dense(), ref["sqrt"], **t)
         torch.testing.assert_close(op.matrix_inv_sqrt().to_dense(), ref["isqrt"], **t)
-        torch.testing.assert_close(op.matrix_function(torch.exp).to_dense(), ref["exp"], **t)
+        # float32: the error of exp scales with the largest entry (e^{largest eigenvalue})
+        scale = float(ref["exp"].abs().max()) if dtype == torch.float32 else 1.0
+        torch.testing.assert_close(op.matrix_function(torch.exp).to_dense(), ref["exp"], rtol=t["rtol"],
+                                   atol=t["atol"] * scale)
         torch.testing.assert_close(op.matrix_log().to_dense(), ref["log"], **t)
         torch.testing.assert_close(op.sqrt_inv_matmul(x), ref["isqrt"] @ x, **t)
         torch.testing.assert_close(op.root_decomposition() @ x, ref["matmul"], **t)
