@@ -391,3 +391,18 @@ def test_large_operator_memory_is_linear():
     torch.testing.assert_close(op.matrix_sqrt() @ z, x)
     assert torch.isfinite(op.logdet())
     assert op.eigvalsh().shape == (n,)
+
+
+def test_float32_large_blocks_are_not_called_indefinite():
+    """A positive definite float32 operator with a large spread of eigenvalues (a big block
+    constant makes C's top eigenvalue ~ n) passes the definiteness check and matches float64."""
+    partition = Partition.from_sizes(torch.full((40,), 2500))
+    k = partition.num_blocks
+    root = torch.randn(k, k, dtype=torch.float64)
+    B = root @ root.T / k + 0.1
+    lam = torch.rand(k, dtype=torch.float64) + 0.5
+    op64 = BlockMeanLinearOperator(lam, B, partition)
+    op32 = BlockMeanLinearOperator(lam.float(), B.float(), partition)
+    x = torch.randn(len(partition), dtype=torch.float64)
+    ref = op64.sqrt_inv_matmul(x)
+    torch.testing.assert_close(op32.sqrt_inv_matmul(x.float()).double(), ref, rtol=1e-3, atol=1e-3)
