@@ -396,7 +396,7 @@ def test_large_operator_memory_is_linear():
 def test_float32_large_blocks_are_not_called_indefinite():
     """A positive definite float32 operator with a large spread of eigenvalues (a big block
     constant makes C's top eigenvalue ~ n) passes the definiteness check and matches float64."""
-    partition = Partition.from_sizes(torch.full((40,), 2500))
+    partition = Partition.from_sizes(torch.full((40,), 25_000))
     k = partition.num_blocks
     root = torch.randn(k, k, dtype=torch.float64)
     B = root @ root.T / k + 0.1
