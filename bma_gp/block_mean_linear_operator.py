@@ -148,15 +148,27 @@ class BlockMeanLinearOperator(LinearOperator):
     def _sizes(self) -> Tensor:
         return self.partition.sizes.to(self.lam.dtype)
 
+    @property
+    def _core_dtype(self) -> torch.dtype:
+        """The k x k problem runs in float64 for float32 and lower operators: the core matrix mixes
+        lam with s_i B_ij, and at large blocks its condition number outruns single precision."""
+        return torch.float64 if self.lam.dtype in (torch.float32, torch.float16, torch.bfloat16) else self.lam.dtype
+
+    @property
+    def _core_sizes(self) -> Tensor:
+        return self.partition.sizes.to(self._core_dtype)
+
     def _folded(self) -> tuple[Tensor, Tensor]:
-        return _fold_singletons(self.lam, self._b_sym(), self.partition.sizes)
+        """``lam`` and symmetrised ``B`` with singleton blocks folded, in the core dtype."""
+        dtype = self._core_dtype
+        return _fold_singletons(self.lam.to(dtype), self._b_sym().to(dtype), self.partition.sizes)
 
     def core_matrix(self) -> Tensor:
         r"""The :math:`k \times k` matrix :math:`C = \operatorname{diag}(\lambda) + S^{1/2} B S^{1/2}`
         (singleton blocks folded), whose eigenvalues are those of :math:`M` on the span of :math:`P`.
         # shape: (*batch, k, k)"""
         lam, B = self._folded()
-        return _core(lam, B, self._sizes.sqrt())
+        return _core(lam, B, self._core_sizes.sqrt()).to(self.dtype)
 
     def _new(self, lam: Tensor, B: Tensor, symmetric: bool | None = None) -> BlockMeanLinearOperator:
         return BlockMeanLinearOperator(lam, B, self.partition, symmetric=self.symmetric if symmetric is None
@@ -364,7 +376,7 @@ class BlockMeanLinearOperator(LinearOperator):
         """
         self._check_symmetric(_what)
         lam, B = self._folded()
-        C = _core(lam, B, self._sizes.sqrt())
+        C = _core(lam, B, self._core_sizes.sqrt())
         prepare = None
         clamp = _domain == "nonnegative"
         if _domain is not None:
@@ -379,9 +391,9 @@ class BlockMeanLinearOperator(LinearOperator):
 
         fC = symmetric_matrix_function(C, fn, prepare)
         f_lam = fn(lam.clamp_min(0) if clamp else lam)
-        inv_root = self._sizes.rsqrt()
+        inv_root = self._core_sizes.rsqrt()
         D = (fC - torch.diag_embed(f_lam)) * inv_root.unsqueeze(-1) * inv_root.unsqueeze(-2)
-        return self._new(f_lam, 0.5 * (D + D.mT))
+        return self._new(f_lam.to(self.dtype), (0.5 * (D + D.mT)).to(self.dtype))
 
     @cached(name="matrix_sqrt")
     def matrix_sqrt(self, *, check: bool = True) -> BlockMeanLinearOperator:
@@ -409,7 +421,7 @@ class BlockMeanLinearOperator(LinearOperator):
     def _core_cholesky(self) -> Tensor | None:
         """Cholesky factor of C, or None if C is not numerically positive definite."""
         lam, B = self._folded()
-        L, info = torch.linalg.cholesky_ex(_core(lam, B, self._sizes.sqrt()))
+        L, info = torch.linalg.cholesky_ex(_core(lam, B, self._core_sizes.sqrt()))
         if settings.validate.on() and bool((info > 0).any()):
             return None
         return L
@@ -424,7 +436,7 @@ class BlockMeanLinearOperator(LinearOperator):
                 f"the block mean matrix is singular: lam[{i}] = 0{_where(batch)} for block {i} of size "
                 f"{int(self.partition.sizes[i])}. Add a diagonal (add_diagonal / noise) before solving."
             )
-        root = self._sizes.sqrt()
+        root = self._core_sizes.sqrt()
         G = root.unsqueeze(-1) * B * root.unsqueeze(-2)
         L = self._core_cholesky() if self.symmetric else None
         if L is not None:
@@ -442,7 +454,7 @@ class BlockMeanLinearOperator(LinearOperator):
         D = -X * inv_lam.unsqueeze(-2) / (root.unsqueeze(-1) * root.unsqueeze(-2))
         if self.symmetric:
             D = 0.5 * (D + D.mT)
-        return inv_lam, D
+        return inv_lam.to(self.dtype), D.to(self.dtype)
 
     @cached(name="inverse")
     def inverse(self) -> BlockMeanLinearOperator:
@@ -475,18 +487,18 @@ class BlockMeanLinearOperator(LinearOperator):
         lam, B = self._folded()
         multiplicity = (self.partition.sizes - 1).to(lam.dtype)
         if not self.symmetric:
-            sign, logabs = torch.linalg.slogdet(_core(lam, B, self._sizes.sqrt()))
-            return logabs + (multiplicity * lam.abs().log()).sum(-1)
+            sign, logabs = torch.linalg.slogdet(_core(lam, B, self._core_sizes.sqrt()))
+            return (logabs + (multiplicity * lam.abs().log()).sum(-1)).to(self.dtype)
         if settings.validate.on():
             self._check_block_offsets(lam, what, strict=True)
         L = self._core_cholesky()
         if L is None:
-            C = _core(lam, B, self._sizes.sqrt())
+            C = _core(lam, B, self._core_sizes.sqrt())
             self._check_core_eigenvalues(torch.linalg.eigvalsh(C.detach()), what, strict=True)
             raise ValueError(f"{what}: the k x k core matrix is not numerically positive definite.")
         logdet_core = 2 * torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1)
         safe_lam = torch.where(self.partition.sizes > 1, lam, torch.ones_like(lam))
-        return logdet_core + (multiplicity * safe_lam.log()).sum(-1)
+        return (logdet_core + (multiplicity * safe_lam.log()).sum(-1)).to(self.dtype)
 
     def logdet(self) -> Tensor:
         r""":math:`\log\det M = \sum_i (s_i - 1)\log\lambda_i + \log\det C` (positive definite :math:`M`)."""
@@ -540,18 +552,18 @@ class BlockMeanLinearOperator(LinearOperator):
     def _eigen(self, eigenvectors: bool) -> tuple[Tensor, Tensor | None]:
         self._check_symmetric("eigvalsh")
         lam, B = self._folded()
-        C = _core(lam, B, self._sizes.sqrt())
+        C = _core(lam, B, self._core_sizes.sqrt())
         part = self.partition
         n, k = len(part), part.num_blocks
         repeats = part.sizes - 1
         lam_rep = torch.repeat_interleave(lam, repeats, dim=-1, output_size=n - k)
         if not eigenvectors:
             evals = torch.cat([torch.linalg.eigvalsh(C), lam_rep], dim=-1)
-            return evals.sort(dim=-1).values, None
+            return evals.sort(dim=-1).values.to(self.dtype), None
         e, V = torch.linalg.eigh(C)
-        evals = torch.cat([e, lam_rep], dim=-1)
-        span = part.expand(V * self._sizes.rsqrt().unsqueeze(-1), dim=-2)  # P S^{-1/2} V: (*batch, n, k)
-        complement = _helmert_basis(part, lam.dtype).expand(*span.shape[:-2], n, n - k)
+        evals = torch.cat([e, lam_rep], dim=-1).to(self.dtype)
+        span = part.expand((V * self._core_sizes.rsqrt().unsqueeze(-1)).to(self.dtype), dim=-2)  # P S^-1/2 V
+        complement = _helmert_basis(part, self.dtype).expand(*span.shape[:-2], n, n - k)
         evecs = torch.cat([span, complement], dim=-1)
         evals, order = evals.sort(dim=-1)
         evecs = torch.gather(evecs, -1, order.unsqueeze(-2).expand(evecs.shape))
