@@ -13,6 +13,7 @@ from linear_operator.utils.memoize import cached
 from torch import Tensor
 
 from bma_gp import settings
+from bma_gp._broadcast import sum_to_shape
 from bma_gp._symmetric_function import symmetric_matrix_function
 from bma_gp.partition import Partition
 
@@ -263,11 +264,11 @@ class BlockMeanLinearOperator(LinearOperator):
             left_vecs, right_vecs = left_vecs.unsqueeze(-1), right_vecs.unsqueeze(-1)
         part = self.partition
         grad_lam = part.block_sum((left_vecs * right_vecs).sum(-1), dim=-1)
-        grad_lam = _sum_to_shape(grad_lam, self.lam.shape)
+        grad_lam = sum_to_shape(grad_lam, self.lam.shape)
         grad_B = part.block_sum(left_vecs, dim=-2) @ part.block_sum(right_vecs, dim=-2).mT
         if self.symmetric:
             grad_B = 0.5 * (grad_B + grad_B.mT)
-        grad_B = _sum_to_shape(grad_B, self.B.shape)
+        grad_B = sum_to_shape(grad_B, self.B.shape)
         return (grad_lam, grad_B)
 
     # ------------------------------------------------------------------ algebra that keeps the type
@@ -592,16 +593,6 @@ def _tolerance(x: Tensor) -> float:
     """Relative size below which an eigenvalue is indistinguishable from rounding error of the largest."""
     return 10 * torch.finfo(x.dtype).eps
 
-
-
-def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
-    """Sum broadcast dimensions of ``grad`` so it matches ``shape``."""
-    while grad.dim() > len(shape):
-        grad = grad.sum(0)
-    for i, (g, s) in enumerate(zip(grad.shape, shape)):
-        if s == 1 and g != 1:
-            grad = grad.sum(i, keepdim=True)
-    return grad
 
 
 def _helmert_basis(partition: Partition, dtype: torch.dtype) -> Tensor:

@@ -52,6 +52,7 @@ from linear_operator import to_dense
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from bma_gp._broadcast import sum_to_shape
 from bma_gp.approximation import block_mean_from_sums
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.partition import Partition
@@ -109,16 +110,6 @@ def _all_reduce(tensors: Sequence[Tensor], group) -> list[Tensor]:
         out.append(flat[offset: offset + t.numel()].view_as(t))
         offset += t.numel()
     return out
-
-
-def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
-    """Reduce a broadcast gradient back to ``shape``."""
-    while grad.dim() > len(shape):
-        grad = grad.sum(0)
-    for i, size in enumerate(shape):
-        if size == 1 and grad.shape[i] != 1:
-            grad = grad.sum(i, keepdim=True)
-    return grad
 
 
 class _Plan:
@@ -439,7 +430,7 @@ class _StationaryKernelSums(torch.autograd.Function):
         batch = grad_sums.shape[:-2]
         g = g.reshape(*batch, 1, derivs.shape[-1]).to(lengthscale.dtype)
         g = g * (-2.0) / lengthscale
-        return None, None, _sum_to_shape(g, lengthscale.shape)
+        return None, None, sum_to_shape(g, lengthscale.shape)
 
 
 def _row_blocks(labels: Tensor, a: int, b: int) -> tuple[int, Tensor]:
