@@ -65,8 +65,6 @@ _CHUNK_BYTES = 64 * 2**20
 _PROGRESS_ENTRIES = 10**9
 #: Largest size of the derivative block sums the fused path keeps (bytes); beyond it, generic path.
 _FUSED_STATE_BYTES = 512 * 2**20
-#: Mean block size (rows) from which the fused ARD path reduces rows first (below it: column tiles).
-_ROWS_ROUTE_MIN_BLOCK = 20
 
 
 # ============================================================================ shared helpers
@@ -292,124 +290,46 @@ class _Stationary:
         return -1.0 / 6.0
 
 
-def _choose_tile(labels: Tensor, n: int) -> tuple[int, int]:
-    """Tile width for the block-segmented GEMM: trade the number of blocks a tile spans against tile size."""
-    best = None
-    for t in (8, 16, 32, 64, 128, 256, 512, 1024):
-        if t > max(8, n):
-            break
-        n_pad = -(-n // t) * t
-        lab = torch.cat([labels, labels[n - 1:n].expand(n_pad - n)])
-        q = int((lab[t - 1::t] - lab[::t]).max()) + 1
-        cost = q * (3.0 / t + 0.1)  # output traffic per entry + GEMM work per entry (relative)
-        if best is None or cost < best[0]:
-            best = (cost, t, q)
-    return best[1], best[2]
+#: Rows of one tile of the fused path (rounded to a multiple of the column slot width).
+_TILE_ROWS = 512
+#: Columns of one tile of the fused path (a multiple of every slot width).
+_TILE_COLS = 2048
+#: Candidate widths of the column slot tiles (see :func:`_column_slots`).
+_SLOT_WIDTHS = (8, 16, 32, 64, 128, 256)
 
 
-class _SegmentedColumnGemm:
-    r"""For a ``c x n`` matrix :math:`W` and points :math:`z`, :math:`Y_{iJa} = \sum_{j \in J} W_{ij}\, v_{ja}`.
+def _column_slots(labels: Tensor, num_blocks: int, width: int) -> tuple[Tensor, Tensor, int]:
+    """Cut the sorted columns into runs of ``width``; the slot of every column in its run and each slot's block.
 
-    Columns are cut into tiles of ``tile`` columns; a tile spans at most ``q`` consecutive
-    blocks, so each tile is one small dense GEMM against a ``tile x (q * m)`` matrix holding
-    the values in the slot of their block, and the ``q`` partial results are added into the
-    blocks they belong to.
-    """
-
-    def __init__(self, labels: Tensor, num_blocks: int, n: int, d: int):
-        self.n, self.k = n, num_blocks
-        self.tile, self.q = _choose_tile(labels, n)
-        self.n_pad = -(-n // self.tile) * self.tile
-        pad = self.n_pad - n
-        lab = torch.cat([labels, labels[n - 1:n].expand(pad)])
-        nt = self.n_pad // self.tile
-        first = lab[:: self.tile]
-        self.local = (lab.view(nt, self.tile) - first.unsqueeze(-1))  # (nt, tile) in 0 .. q-1
-        slots = first.unsqueeze(-1) + torch.arange(self.q, device=labels.device)
-        self.target = slots.clamp_max(num_blocks).flatten()  # slot -> block (num_blocks: unused slot)
-
-    def matrix(self, v: Tensor) -> Tensor:
-        """The per-tile right factor for values ``v`` of shape (batch, n_pad, m); padded rows must be zero."""
-        bsz, _, m = v.shape
-        nt = self.n_pad // self.tile
-        out = v.new_zeros(bsz, nt, self.tile, self.q, m)
-        index = self.local.view(1, nt, self.tile, 1, 1).expand(bsz, nt, self.tile, 1, m)
-        out.scatter_(3, index, v.view(bsz, nt, self.tile, 1, m))
-        return out.view(bsz, nt, self.tile, self.q * m)
-
-    def apply(self, w: Tensor, factor: Tensor) -> Tensor:
-        """``w`` (batch, c, n_pad), ``factor`` from :meth:`matrix` -> Y (batch, c, k, m)."""
-        bsz, c, _ = w.shape
-        nt = self.n_pad // self.tile
-        m = factor.shape[-1] // self.q
-        tiles = torch.matmul(w.view(bsz, c, nt, self.tile).transpose(1, 2), factor)  # (batch, nt, c, q m)
-        tiles = tiles.view(bsz, nt, c, self.q, m).permute(0, 2, 1, 3, 4).reshape(bsz, c, nt * self.q, m)
-        out = w.new_zeros(bsz, c, self.k + 1, m)
-        out.index_add_(2, self.target, tiles)
-        return out[:, :, : self.k]
-
-
-def _choose_row_tile(labels: Tensor) -> tuple[int, int]:
-    """Rows per tile for :func:`_row_block_sums` and the blocks a tile spans at most.
-
-    Few blocks per tile keep the GEMMs small, tall tiles keep their output (``q`` rows of
-    features per ``t`` rows of kernel values) small; very short tiles make inefficient
-    GEMMs. The cost model, relative per kernel entry, was fitted on CPU timings.
-    """
-    c = labels.numel()
-    best = None
-    for t in (16, 32, 64, 128, 256):
-        t = min(t, c)
-        full = c // t * t
-        q = int((labels[t - 1: full: t] - labels[0: full: t]).max()) + 1
-        cost = q * (1.0 / t + 1.0 / 64.0 + 32.0 / t**2)
-        if best is None or cost < best[0]:
-            best = (cost, t, q)
-        if t == c:
-            break
-    return best[1], best[2]
-
-
-def _row_block_sums(w: Tensor, feats: Tensor, labels: Tensor, m: int) -> Tensor:
-    r"""Row-side weighted block sums :math:`Y_{irj} = \sum_{p:\,\text{label}_p = i} F_{pr} W_{pj}`.
-
-    ``labels`` are the sorted block labels of the chunk rows, shifted to ``0 .. m-1``. The rows
-    are cut into tiles of ``t`` rows; a tile spans at most ``q`` blocks, so each tile is one
-    slice of a batched GEMM with a ``(q R) x t`` left factor that holds each row's features
-    in the slot of its block, and the ``q`` partial results are added into their blocks.
-    One pass over ``W`` whatever ``R``: the per-feature weightings come from the GEMM.
-
-    Args:
-        w: kernel values or derivative weights of the chunk. # shape: (B, c, n), contiguous
-        feats: row features. # shape: (B, c, R)
-        labels: sorted block labels of the rows, in ``0 .. m-1``. # shape: (c,)
-        m: number of blocks the chunk spans.
+    A run spans at most ``q`` consecutive blocks. Column ``j`` sits in slot ``local[j]`` of
+    its run ``j // width``; slot ``s`` of run ``r`` belongs to block ``target[r, s]``
+    (``num_blocks`` for slots past the last block). The columns are padded with copies of
+    the last label to a multiple of ``width``.
 
     Returns:
-        Tensor # shape: (B, m, R, n)
+        (local, target, q) # shapes: (n_pad,), (n_pad / width, q), int
     """
-    bsz, c, n = w.shape
-    r = feats.shape[-1]
-    t, _ = _choose_row_tile(labels)
-    out = w.new_zeros(bsz, m, r, n)
-    full = c // t * t
-    pieces = [(0, full, t)] if full else []
-    if full < c:
-        pieces.append((full, c, c - full))
-    for lo, hi, tt in pieces:
-        nt = (hi - lo) // tt
-        tiles = labels[lo:hi].view(nt, tt)
-        first = tiles[:, :1]
-        local = tiles - first
-        q = int(local[:, -1].max()) + 1
-        left = feats.new_zeros(bsz, nt, tt, q, r)
-        left.scatter_(3, local.view(1, nt, tt, 1, 1).expand(bsz, nt, tt, 1, r),
-                      feats[:, lo:hi].reshape(bsz, nt, tt, 1, r))
-        left = left.view(bsz * nt, tt, q * r).transpose(1, 2)
-        prod = torch.bmm(left, w[:, lo:hi].reshape(bsz * nt, tt, n))  # (B nt, q r, n)
-        index = (first + torch.arange(q, device=labels.device)).clamp_max_(m - 1).flatten()
-        out.index_add_(1, index, prod.view(bsz, nt * q, r, n))  # slots past a tile's last block add zeros
-    return out
+    n = labels.numel()
+    n_pad = -(-n // width) * width
+    runs = torch.cat([labels, labels[n - 1:].expand(n_pad - n)]).view(-1, width)
+    first = runs[:, :1]
+    local = runs - first
+    q = int(local[:, -1].max()) + 1
+    target = (first + torch.arange(q, device=labels.device)).clamp_max_(num_blocks)
+    return local.flatten(), target, q
+
+
+def _choose_slot_width(labels: Tensor, num_blocks: int, max_width: int) -> int:
+    """Slot width trading the GEMM columns per kernel entry (``q`` slots) against short, inefficient runs."""
+    best = None
+    for width in _SLOT_WIDTHS:
+        if width > max(max_width, _SLOT_WIDTHS[0]):
+            break
+        q = _column_slots(labels, num_blocks, width)[2]
+        cost = q * (1.0 + 32.0 / width)
+        if best is None or cost < best[0]:
+            best = (cost, width)
+    return best[1]
 
 
 class _StationaryKernelSums(torch.autograd.Function):
@@ -433,105 +353,151 @@ class _StationaryKernelSums(torch.autograd.Function):
         return None, None, sum_to_shape(g, lengthscale.shape)
 
 
-def _row_blocks(labels: Tensor, a: int, b: int) -> tuple[int, Tensor]:
-    """First block and per-block row counts of the sorted rows ``a .. b-1``."""
-    blocks, counts = torch.unique_consecutive(labels[a:b], return_counts=True)
-    return int(blocks[0]), counts
+def _tiles(n: int, rows: int, cols: int, width: int) -> list[tuple[int, int, int, int, bool]]:
+    """The tiles ``(r0, r1, c0, c1, mirror)`` covering each unordered pair of rows once.
+
+    Rows go in groups of ``rows`` (a multiple of ``width``). A group's diagonal tile holds
+    all its ordered pairs; the tiles to its right (columns from the group's end, in
+    steps of ``cols``) hold its pairs with later rows, whose sums are added twice: as
+    they are and transposed (``mirror``). Column ranges are multiples of ``width``.
+    """
+    n_pad = -(-n // width) * width
+    out = []
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        out.append((r0, r1, r0, -(-r1 // width) * width, False))
+        out.extend((r0, r1, c0, min(n_pad, c0 + cols), True) for c0 in range(r1, n_pad, cols) if r1 < n)
+    return out
 
 
-def _stationary_pass(plan: _Plan, spec: _Stationary, lengthscale: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Block sums of the unscaled kernel and of its derivative weights, chunk by chunk.
+def _stationary_pass(plan: _Plan, spec: _Stationary, lengthscale: Tensor,
+                     derivatives: bool = True) -> tuple[Tensor, Tensor | None]:
+    r"""Block sums of the unscaled kernel and of its lengthscale derivatives, in one pass over half the entries.
 
-    Per chunk the kernel values come from one distance GEMM and one elementwise pass. Then
-    (isotropic) values and weights are summed over column blocks and the rows of each block;
-    (ARD) every block of rows is first reduced against its features :math:`[1, z_p^2, z_p]`
-    by one batched GEMM (:func:`_row_block_sums`), and the column side works on the small
-    result only:
+    The sorted rows are cut into tiles (:func:`_tiles`); the kernel is symmetric, so only
+    tiles on or right of the diagonal are evaluated and the others are their transposes.
+    Per tile (a few MB, so that the passes over it stay in cache): one GEMM for the
+    squared distances in coordinates centred on the tile's rows, one elementwise pass
+    for the values (and derivative weights), then one GEMM against the column
+    features. Columns are grouped in runs of ``width`` spanning at most ``q`` blocks
+    (:func:`_column_slots`), and each run's features sit in the slot of their block, so
+    the GEMM output holds per-row, per-block sums. With ARD lengthscales the column
+    features are :math:`[1, z_j, z_j^2]` and, per row :math:`p` and dimension :math:`a`,
 
     .. math::
-        \sum_{p \in i,\, j \in J} w_{pj} (z_{pa} - z_{ja})^2
-        = \sum_{j \in J} \bigl(Y^{(2)}_{iaj} - 2 z_{ja} Y^{(1)}_{iaj} + z_{ja}^2 Y^{(0)}_{ij}\bigr),
-        \qquad Y^{(e)}_{iaj} = \sum_{p \in i} z_{pa}^e\, w_{pj}.
+        \sum_{j \in J} w_{pj} (z_{pa} - z_{ja})^2
+        = z_{pa}^2 \sum_{j \in J} w_{pj} - 2 z_{pa} \sum_{j \in J} w_{pj} z_{ja} + \sum_{j \in J} w_{pj} z_{ja}^2,
+
+    isotropic kernels sum the weights :math:`w_{pj} r_{pj}^2` directly. A last small GEMM
+    with the rows' block indicator adds the rows of each block.
+
+    Returns:
+        (sums, derivs) # shapes: (*batch, k, k), (B, k, k, D) or None without ``derivatives``
     """
     x = plan.x
     n, d = x.shape[-2:]
     dtype = torch.promote_types(x.dtype, lengthscale.dtype)
     D = lengthscale.shape[-1]
-    ard = D > 1
+    ard = derivatives and D > 1
+    rbf = spec.nu is None
     k = plan.num_blocks
-    centre = x.reshape(-1, d).mean(0)
-    z = (x.to(dtype) - centre.to(dtype)) / lengthscale.to(dtype) * spec.input_scale  # (*batch, n, d)
+    z = x.to(dtype) / lengthscale.to(dtype) * spec.input_scale  # (*batch, n, d)
     batch = z.shape[:-2]
     z = z.reshape(-1, n, d)
     bsz = z.shape[0]
-    acc = _accumulation_dtype(dtype)
-    lengths = plan.sizes
-    # ARD route: rows first for blocks of many rows; column tiles when blocks are small (their
-    # row-side output, (1 + 2d) rows per block, would exceed the chunk; measured at k = 2000, n = 20,000)
-    columns = ard and n < _ROWS_ROUTE_MIN_BLOCK * k
-    if columns:
-        gemm = _SegmentedColumnGemm(plan.labels, k, n, d)
-        if gemm.n_pad > n:  # padded columns: a point at the centre, summed into a dropped extra block
-            z = torch.cat([z, z.new_zeros(bsz, gemm.n_pad - n, d)], dim=1)
-            lengths = torch.cat([lengths, lengths.new_tensor([gemm.n_pad - n])])
-        factor_matrix = gemm.matrix(torch.cat([z, z.square()], dim=-1))  # (B, nt, tile, q * 2d)
-    n_pad = z.shape[1]
+    acc_dtype = _accumulation_dtype(dtype)
+    device = z.device
 
-    # squared distances from one GEMM: [z_i, 1, |z_i|^2] . [-2 z_j, |z_j|^2, 1] (negated for RBF)
-    sign = -1.0 if spec.nu is None else 1.0
-    z_sq = z.square().sum(-1, keepdim=True)
-    ones = torch.ones_like(z_sq)
-    rows_aug = torch.cat([z, sign * ones, sign * z_sq], dim=-1)  # (B, n_pad, d + 2)
-    cols_aug = torch.cat([-2.0 * sign * z, z_sq, ones], dim=-1).transpose(-1, -2)  # (B, d + 2, n_pad)
-    if ard and not columns:
-        feats = torch.cat([ones, z.square(), z], dim=-1)  # (B, n, 1 + 2d): row features [1, z^2, z]
-        zt = z.transpose(1, 2).unsqueeze(1).contiguous()  # (B, 1, d, n)
-        zt2 = zt.square()
+    requested = plan.chunk if plan.chunk else _TILE_ROWS
+    width = _choose_slot_width(plan.labels, k, requested)
+    local, target, q = _column_slots(plan.labels, k, width)
+    rows = max(width, requested // width * width)
+    cols = max(width, _TILE_COLS // max(1, bsz) // width * width)
+    n_pad = target.shape[0] * width
+    if n_pad > n:  # padded columns: copies of the last point, with zero weight in every slot
+        z = torch.cat([z, z[:, -1:].expand(bsz, n_pad - n, d)], dim=1)
+    slots = torch.zeros(n_pad, q, dtype=dtype, device=device)
+    slots.scatter_(1, local.unsqueeze(-1), 1.0)
+    slots[n:] = 0.0
+    slots = slots.view(-1, width, q)  # (runs, width, q): the block indicator of each run's columns
 
-    sums = z.new_zeros(bsz, k, k, dtype=acc)
-    derivs = z.new_zeros(bsz, k, k, D, dtype=acc)
-    weight_factor = 1.0
-    for a, b in _progress(plan.ranges(), plan.show_progress, "kernel block sums (fused)"):
-        c = b - a
-        buf = z.new_empty(2, bsz, c, n_pad)
-        values, weights = buf[0], buf[1]
-        rho2 = torch.bmm(rows_aug[:, a:b], cols_aug, out=weights)
-        rho2.clamp_max_(0.0) if sign < 0 else rho2.clamp_min_(0.0)
-        torch.diagonal(rho2, offset=a, dim1=-2, dim2=-1).zero_()
-        weight_factor = spec.evaluate(rho2, values, weights, ard)
-        first, counts = _row_blocks(plan.labels, a, b)
-        m = counts.numel()
-        weights_in_values = ard and spec.nu is None  # ARD RBF: the derivative weights are the values
-        if not ard or columns:
-            both = buf[:1] if weights_in_values else buf
-            cols = _segment_sum(both, lengths)[..., :k]  # (1 or 2, B, c, k)
-            nb = cols.shape[0] * bsz
-            per_block = torch.segment_reduce(cols.reshape(nb, c, k), "sum", lengths=counts.expand(nb, m), axis=1)
-            per_block = per_block.view(-1, bsz, m, k).to(acc)
-            sums[:, first:first + m] += per_block[0]
-            if not ard:
-                derivs[:, first:first + m, :, 0] += per_block[1]
-                continue
-            # sum_{j in J} w_ij (z_ia - z_ja)^2 = z_ia^2 W_iJ - 2 z_ia Y_iJa + Y2_iJa
-            col_weights = cols[0] if weights_in_values else cols[1]
-            y = gemm.apply(values if weights_in_values else weights, factor_matrix)  # (B, c, k, 2d)
-            zr = z[:, a:b].unsqueeze(2)
-            per_row = y[..., d:].addcmul_(zr.square(), col_weights.unsqueeze(-1))
-            per_row.addcmul_(zr, y[..., :d], value=-2.0)
-            derivs[:, first:first + m] += torch.segment_reduce(
-                per_row, "sum", lengths=counts.expand(bsz, m), axis=1).to(acc)
-            continue
-        local = plan.labels[a:b] - first
-        y = _row_block_sums(values if weights_in_values else weights, feats[:, a:b], local, m)  # (B, m, 1+2d, n)
-        y[:, :, 1:1 + d].addcmul_(y[:, :, 1 + d:], zt, value=-2.0).addcmul_(y[:, :, :1], zt2)
-        seg = _segment_sum(y, lengths)  # (B, m, 1 + 2d, k)
-        derivs[:, first:first + m] += seg[:, :, 1:1 + d].transpose(-1, -2).to(acc)
-        if not weights_in_values:
-            seg = _segment_sum(_row_block_sums(values, feats[:, a:b, :1], local, m), lengths)
-        sums[:, first:first + m] += seg[:, :, 0].to(acc)
-    derivs.mul_(weight_factor)
+    tiles = _tiles(n, rows, cols, width)
     if plan.group is not None:
-        sums, derivs = _all_reduce([sums, derivs], plan.group)
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(plan.group), dist.get_world_size(plan.group)
+        tiles = tiles[rank::world]
+    starts = sorted({t[0] for t in tiles})
+    ends = [min(n, r0 + rows) - 1 for r0 in starts]
+    bounds = plan.labels[torch.tensor(starts + ends, device=device)].tolist() if starts else []
+    row_bounds = dict(zip(starts, zip(bounds[: len(starts)], bounds[len(starts):])))  # one transfer
+    E = 1 + (d if ard else int(derivatives))
+    acc = torch.zeros(bsz, (k + 1) * (k + 1), E, dtype=acc_dtype, device=device)
+    sign = -1.0 if rbf else 1.0  # the distance GEMM writes -r^2 for RBF, so that exp works in place
+    buf = z.new_empty(2 * bsz * rows * min(max(rows, cols), n_pad))
+    factor = 1.0
+    row_state = None
+    for r0, r1, c0, c1, mirror in _progress(tiles, plan.show_progress, "kernel block sums (fused)"):
+        R, C = r1 - r0, c1 - c0
+        runs = C // width
+        if row_state is None or row_state[0] != r0:
+            zr = z[:, r0:r1]
+            centre = zr.mean(1, keepdim=True)
+            zr = zr - centre
+            zr_sq = zr.square()
+            rows_aug = torch.cat([zr, zr.new_full((bsz, R, 1), sign), sign * zr_sq.sum(-1, keepdim=True)], dim=-1)
+            first, last = row_bounds[r0]
+            m = last - first + 1
+            indicator = torch.zeros(m, R, dtype=dtype, device=device)
+            indicator.scatter_(0, (plan.labels[r0:r1] - first).unsqueeze(0), 1.0)
+            row_blocks = torch.arange(first, last + 1, device=device)
+            row_state = (r0, centre, zr, zr_sq, rows_aug, indicator, row_blocks, m)
+        _, centre, zr, zr_sq, rows_aug, indicator, row_blocks, m = row_state
+        zc = z[:, c0:c1] - centre
+        cols_aug = torch.cat([(-2.0 * sign) * zc, zc.square().sum(-1, keepdim=True), zc.new_ones(bsz, C, 1)], dim=-1)
+        values = buf[: bsz * R * C].view(bsz, R, C)
+        weights = buf[bsz * R * C: 2 * bsz * R * C].view(bsz, R, C)
+        rho2 = torch.bmm(rows_aug, cols_aug.transpose(1, 2), out=weights)
+        if not mirror:  # the diagonal tile: a point's distance to itself is exactly zero
+            torch.diagonal(rho2, dim1=-2, dim2=-1).zero_()
+        if not rbf:
+            rho2.clamp_min_(0.0)
+        if rbf and not (derivatives and not ard):
+            torch.exp(rho2, out=values)  # ARD RBF: the derivative weights are the values (factor -1)
+            factor = -1.0
+        else:
+            factor = spec.evaluate(rho2, values, weights, ard or not derivatives)
+        run_slots = slots[c0 // width: c1 // width]  # (runs, width, q)
+
+        def per_block(w: Tensor, right: Tensor) -> Tensor:  # (B, R, C) x (.., runs, width, f) -> (B, runs, R, f)
+            return torch.matmul(w.view(bsz, R, runs, width).transpose(1, 2), right)
+
+        if not derivatives:
+            out = per_block(values, run_slots).unsqueeze(-1)  # (B, runs, R, q, 1)
+        elif not ard:  # sums of the values and of the weights w r^2
+            out = torch.stack([per_block(values, run_slots), per_block(weights, run_slots)], dim=-1)
+        else:
+            feats = torch.cat([zc.new_ones(bsz, C, 1), zc, zc.square()], dim=-1)  # (B, C, 1 + 2d)
+            right = run_slots.unsqueeze(-1) * feats.view(bsz, runs, width, 1, 1 + 2 * d)
+            y = per_block(values if rbf else weights, right.view(bsz, runs, width, q * (1 + 2 * d)))
+            y = y.view(bsz, runs, R, q, 1 + 2 * d)
+            zr_b, zr_sq_b = zr.view(bsz, 1, R, 1, d), zr_sq.view(bsz, 1, R, 1, d)
+            deriv = torch.addcmul(y[..., 1 + d:], zr_sq_b, y[..., :1])
+            deriv.addcmul_(zr_b, y[..., 1:1 + d], value=-2.0)
+            total = y[..., :1] if rbf else per_block(values, run_slots).unsqueeze(-1)
+            out = torch.cat([total, deriv], dim=-1)  # (B, runs, R, q, 1 + d)
+        reduced = torch.matmul(indicator, out.view(bsz, runs, R, q * E))  # (B, runs, m, q E): rows into blocks
+        reduced = reduced.reshape(bsz, -1, E).to(acc_dtype)
+        col_blocks = target[c0 // width: c1 // width].view(runs, 1, q)
+        acc.index_add_(1, (row_blocks.view(1, m, 1) * (k + 1) + col_blocks).flatten(), reduced)
+        if mirror:
+            acc.index_add_(1, (col_blocks * (k + 1) + row_blocks.view(1, m, 1)).flatten(), reduced)
+    acc = acc.view(bsz, k + 1, k + 1, E)[:, :k, :k]
+    sums = acc[..., 0]
+    derivs = acc[..., 1:].mul(factor) if derivatives else None
+    if plan.group is not None:
+        reduced_all = _all_reduce([sums.contiguous()] + ([derivs.contiguous()] if derivatives else []), plan.group)
+        sums, derivs = reduced_all[0], (reduced_all[1] if derivatives else None)
     sums = sums.to(dtype).reshape(*batch, k, k)
     return sums, derivs
 
@@ -643,8 +609,8 @@ def kernel_block_mean(
 
     batch_numel = math.prod(x.shape[:-2])
     spec = _Stationary.match(kernel) if fused is not False else None
-    if fused is None and not (torch.is_grad_enabled() and any(p.requires_grad for p in kernel.parameters())):
-        spec = None  # no gradient wanted (e.g. prediction): the derivative sums would be wasted work
+    # no gradient wanted (e.g. prediction): the fused pass reduces the values only
+    values_only = not (torch.is_grad_enabled() and any(p.requires_grad for p in kernel.parameters()))
     if spec is not None:
         batch_numel = max(batch_numel, math.prod(spec.base.lengthscale.shape[:-2]))
     rows = (rank * n // world, (rank + 1) * n // world)
@@ -668,11 +634,12 @@ def kernel_block_mean(
 
     if spec is not None:
         xd = spec.select_dims(xs).detach()
-        element = torch.promote_types(xd.dtype, ls.dtype).itemsize
-        per_row = batch_numel * n * element * (1 if ls.shape[-1] == 1 else 2)
-        chunk = chunk_size or max(1, _CHUNK_BYTES // per_row)
-        plan = _Plan(xd, sizes, labels, rows, chunk, process_group, show)
-        unscaled = _StationaryKernelSums.apply(plan, spec, ls)
+        plan = _Plan(xd, sizes, labels, rows, chunk_size, process_group, show)
+        if values_only:
+            with torch.no_grad():
+                unscaled = _stationary_pass(plan, spec, ls, derivatives=False)[0]
+        else:
+            unscaled = _StationaryKernelSums.apply(plan, spec, ls)
         dtype = unscaled.dtype
         size_vec = sizes.to(dtype)
         if spec.scale is not None:

@@ -267,43 +267,40 @@ def test_cuda_matches_cpu(fused):
         torch.testing.assert_close(a.cpu(), b, atol=1e-8, rtol=1e-6)
 
 
-# ---------------------------------------------------------------- row-first GEMM route of the fused ARD path
-def _row_block_sums_reference(w, feats, labels, m):
-    out = torch.zeros(w.shape[0], m, feats.shape[-1], w.shape[-1], dtype=w.dtype)
-    for p in range(w.shape[1]):
-        out[:, labels[p]] += feats[:, p, :, None] * w[:, p, None, :]
-    return out
+# ---------------------------------------------------------------- tiles of the fused path
+@pytest.mark.parametrize("n, rows, cols, width", [(37, 8, 16, 8), (150, 64, 64, 32), (5, 8, 8, 8), (64, 16, 2048, 16)])
+def test_tiles_cover_every_ordered_pair_once(n, rows, cols, width):
+    count = torch.zeros(n, n, dtype=torch.long)
+    for r0, r1, c0, c1, mirror in kbm._tiles(n, rows, cols, width):
+        assert r0 % width == 0 and c0 % width == 0 and c1 % width == 0 and r1 - r0 <= rows
+        block = torch.zeros(n, n, dtype=torch.long)
+        block[r0:r1, c0:min(c1, n)] = 1
+        count += block + (block.T if mirror else 0)
+    assert torch.equal(count, torch.ones(n, n, dtype=torch.long))
 
 
 @pytest.mark.parametrize("sizes", [[1, 23, 5, 40, 17, 3, 1, 2], [1] * 30, [70], [3, 3, 64]])
-def test_row_block_sums_match_a_loop(sizes):
-    g = torch.Generator().manual_seed(3)
+@pytest.mark.parametrize("width", [1, 4, 8, 32])
+def test_column_slots_place_every_column_in_its_block(sizes, width):
     labels = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    c = labels.numel()
-    w = torch.randn(2, c, 11, generator=g, dtype=torch.float64)
-    feats = torch.randn(2, c, 5, generator=g, dtype=torch.float64)
-    want = _row_block_sums_reference(w, feats, labels, len(sizes))
-    torch.testing.assert_close(kbm._row_block_sums(w, feats, labels, len(sizes)), want)
-    t, q = kbm._choose_row_tile(labels)
-    assert 1 <= t <= c and 1 <= q <= len(sizes)
-    full = c // t * t
-    if full:  # q bounds the blocks any full tile spans
-        spans = labels[:full].view(-1, t)
-        assert int((spans[:, -1] - spans[:, 0]).max()) + 1 <= q
-    for tile in (1, 4, 7, c):  # every tiling (tiles cutting blocks, a short tail) gives the same sums
-        with mock.patch.object(kbm, "_choose_row_tile", return_value=(tile, 0)):
-            torch.testing.assert_close(kbm._row_block_sums(w, feats, labels, len(sizes)), want)
+    local, target, q = kbm._column_slots(labels, len(sizes), width)
+    n = labels.numel()
+    runs = torch.arange(n) // width
+    assert torch.equal(target[runs, local[:n]], labels)  # slot -> block is the column's block
+    assert int(local.max()) < q <= min(len(sizes), width)
+    assert int(target.max()) <= len(sizes)  # len(sizes): an unused slot
 
 
-ROUTES = {"rows": 0, "columns": 10**9}  # _ROWS_ROUTE_MIN_BLOCK forcing each ARD route
+SLOT_WIDTHS = [(8,), (64,), (256,)]  # forcing short runs spanning one or two blocks, or long ones spanning many
 
 
-@pytest.mark.parametrize("route", list(ROUTES))
-@pytest.mark.parametrize("kernel_name", ["rbf_ard", "matern05_ard", "matern25_ard"])
+@pytest.mark.parametrize("widths", SLOT_WIDTHS)
+@pytest.mark.parametrize("kernel_name", ["rbf", "rbf_ard", "matern05_ard", "matern15", "matern25_ard"])
 @pytest.mark.parametrize("chunk_size", [13, 64])
-def test_fused_ard_when_chunks_cut_blocks(kernel_name, chunk_size, route, monkeypatch):
-    monkeypatch.setattr(kbm, "_ROWS_ROUTE_MIN_BLOCK", ROUTES[route])
-    # contiguous blocks of very different sizes: chunks of 13 or 64 rows start and end inside blocks
+def test_fused_tiles_cut_blocks(kernel_name, chunk_size, widths, monkeypatch):
+    monkeypatch.setattr(kbm, "_SLOT_WIDTHS", widths)
+    monkeypatch.setattr(kbm, "_TILE_COLS", 24)  # several mirrored tiles per row group
+    # contiguous blocks of very different sizes: tiles of 13 or 64 rows start and end inside blocks
     sizes = [1, 23, 5, 40, 17, 3, 1, 2, 58]
     assert sum(sizes) == N
     kernel = _set_hypers(KERNELS[kernel_name]().double())
@@ -311,18 +308,16 @@ def test_fused_ard_when_chunks_cut_blocks(kernel_name, chunk_size, route, monkey
         _compare(kernel, _x(), Partition.from_sizes(sizes), chunk_size=chunk_size)
 
 
-@pytest.mark.parametrize("route", list(ROUTES))
-def test_fused_ard_many_small_blocks_scattered(route, monkeypatch):
-    monkeypatch.setattr(kbm, "_ROWS_ROUTE_MIN_BLOCK", ROUTES[route])
-    # k close to n: many tiles span several blocks, and the column side has more rows than the chunk
+@pytest.mark.parametrize("widths", SLOT_WIDTHS)
+def test_fused_many_small_blocks_scattered(widths, monkeypatch):
+    monkeypatch.setattr(kbm, "_SLOT_WIDTHS", widths)
+    # k close to n: every run of columns spans several blocks
     labels = torch.unique(torch.randint(60, (N,), generator=torch.Generator().manual_seed(4)), return_inverse=True)[1]
     kernel = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D)).double())
     _compare(kernel, _x(), Partition.from_labels(labels), chunk_size=37, fused=True)
 
 
-@pytest.mark.parametrize("route", list(ROUTES))
-def test_fused_ard_routes_batch_and_float32(route, monkeypatch):
-    monkeypatch.setattr(kbm, "_ROWS_ROUTE_MIN_BLOCK", ROUTES[route])
+def test_fused_batch_and_float32():
     batch = torch.Size([2])
     base = MaternKernel(nu=2.5, ard_num_dims=D, batch_shape=batch)
     kernel = _set_hypers(ScaleKernel(base, batch_shape=batch).double())
@@ -335,13 +330,13 @@ def test_fused_ard_routes_batch_and_float32(route, monkeypatch):
     torch.testing.assert_close(op32.B.double(), ref.B, atol=1e-5, rtol=1e-4)
 
 
-def test_route_choice_follows_block_size():
-    calls = []
-    real = kbm._row_block_sums
-    kernel = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D)).double())
-    with mock.patch.object(kbm, "_row_block_sums", side_effect=lambda *a: calls.append(1) or real(*a)):
-        kernel_block_mean(kernel, _x(), Partition.from_sizes([50, 50, 50]))  # blocks of 50 rows: rows first
-        assert calls
-        calls.clear()
-        kernel_block_mean(kernel, _x(), PARTITIONS["singletons"](N))  # blocks of one row: column tiles
-        assert not calls
+@pytest.mark.parametrize("kernel_name", ["rbf", "rbf_ard", "matern05_ard", "matern15"])
+def test_without_gradient_the_fused_pass_reduces_values_only(kernel_name):
+    kernel = _set_hypers(KERNELS[kernel_name]().double())
+    partition = PARTITIONS["scattered"](N)
+    ref = _dense_reference(kernel, _x(), partition)
+    with torch.no_grad(), mock.patch.object(kbm._GenericKernelSums, "apply", side_effect=AssertionError("generic")), \
+            mock.patch.object(kbm._StationaryKernelSums, "apply", side_effect=AssertionError("derivatives")):
+        op = kernel_block_mean(kernel, _x(), partition, chunk_size=40)
+    torch.testing.assert_close(op.B, ref.B, atol=1e-9, rtol=1e-7)  # the tolerances of _compare
+    torch.testing.assert_close(op.lam, ref.lam, atol=1e-7, rtol=1e-6)
