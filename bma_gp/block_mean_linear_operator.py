@@ -9,6 +9,7 @@ import torch
 from linear_operator.operators import LinearOperator
 from linear_operator.operators.diag_linear_operator import ConstantDiagLinearOperator
 from linear_operator.operators.root_linear_operator import RootLinearOperator
+from linear_operator.utils.broadcasting import _matmul_broadcast_shape
 from linear_operator.utils.memoize import cached
 from torch import Tensor
 
@@ -190,18 +191,31 @@ class BlockMeanLinearOperator(LinearOperator):
         if vector:
             rhs = rhs.unsqueeze(-1)
         part = self.partition
-        coef = self._b_sym() @ part.block_sum(rhs, dim=-2)  # B P^T x: (*, k, t)
-        lam = self.lam.unsqueeze(-1)  # (*batch, k, 1)
-        batch = torch.broadcast_shapes(lam.shape[:-2], coef.shape[:-2])
-        k, t = coef.shape[-2:]
-        # one gather brings both per-block numbers to every index: [lam_c, (B P^T x)_c]
-        both = torch.cat([lam.expand(*batch, k, 1), coef.expand(*batch, k, t)], dim=-1)
-        gathered = both[..., part.labels, :]  # (*, n, 1 + t)
-        if torch.is_grad_enabled() and (rhs.requires_grad or both.requires_grad):
-            res = torch.addcmul(gathered[..., 1:], gathered[..., :1], rhs)
-        else:  # no graph to protect: accumulate into the gathered buffer
-            res = gathered[..., 1:].addcmul_(gathered[..., :1], rhs)
+        sums = part.block_sum(rhs, dim=-2)  # P^T x: (*, k, t)
+        if self.symmetric and self._b_sym_cache is None and sums.shape[-1] <= 16:
+            # two k x k products instead of symmetrising B: forming (B + B^T) / 2 reads B transposed,
+            # which costs far more than a few matrix-vector products (operators rebuilt per call, as in
+            # linear_operator's Matmul, never see the cache)
+            coef = 0.5 * (self.B @ sums + self.B.mT @ sums)
+        else:
+            coef = self._b_sym() @ sums  # B P^T x: (*, k, t)
+        # lam * x + P (B P^T x), fused: no n-sized temporaries besides the result
+        res = part.expand_addcmul(coef, self.lam.unsqueeze(-1), rhs, dim=-2)
         return res.squeeze(-1) if vector else res
+
+    def matmul(self, other):
+        if self._same_partition(other):
+            lam1, B1, lam2, B2 = self.lam, self._b_sym(), other.lam, other._b_sym()
+            sizes = self._sizes
+            B = lam1.unsqueeze(-1) * B2 + B1 * lam2.unsqueeze(-2) + (B1 * sizes.unsqueeze(-2)) @ B2
+            return self._new(lam1 * lam2, B, symmetric=other is self and self.symmetric)
+        if (torch.is_tensor(other) and not (torch.is_grad_enabled() and (
+                other.requires_grad or self.lam.requires_grad or self.B.requires_grad))):
+            # nothing to differentiate: skip linear_operator's Matmul function, which rebuilds the operator
+            # (losing its cached symmetrised B) on every call
+            _matmul_broadcast_shape(self.shape, other.shape)
+            return self._matmul(other)
+        return super().matmul(other)
 
     def _t_matmul(self, rhs: Tensor) -> Tensor:
         return self._transpose_nonbatch()._matmul(rhs)
@@ -315,14 +329,6 @@ class BlockMeanLinearOperator(LinearOperator):
             k = self.partition.num_blocks
             return self._new(lam, self.B.expand(*lam.shape[:-1], k, k))
         return super().add_diagonal(diag)
-
-    def matmul(self, other):
-        if self._same_partition(other):
-            lam1, B1, lam2, B2 = self.lam, self._b_sym(), other.lam, other._b_sym()
-            sizes = self._sizes
-            B = lam1.unsqueeze(-1) * B2 + B1 * lam2.unsqueeze(-2) + (B1 * sizes.unsqueeze(-2)) @ B2
-            return self._new(lam1 * lam2, B, symmetric=other is self and self.symmetric)
-        return super().matmul(other)
 
     # ------------------------------------------------------------------ checks
     def _check_symmetric(self, what: str) -> None:

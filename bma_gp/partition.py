@@ -3,9 +3,10 @@
 The partition is the only combinatorial object of the package: every block mean
 matrix, approximation and optimizer state is defined relative to one. It knows
 how to reduce a tensor over its blocks (:math:`P^\\top x`) and how to broadcast
-one value per block back to the indices (:math:`P y`), choosing a contiguous
-segment reduction when the blocks are runs of consecutive indices and a
-scatter-add otherwise.
+one value per block back to the indices (:math:`P y`, or fused with a product:
+:math:`P a + (P b) \\odot x`). Contiguous blocks that fall into a few runs of
+equal size are reshaped views (no index vector is read); other contiguous
+blocks use a segment reduction, scattered ones a scatter-add and a gather.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import torch
 from torch import Tensor
 
 __all__ = ["Partition"]
+
+# Indices per gather chunk on CPU (Partition.expand_addcmul): the chunk buffers stay in cache, and the
+# chunk is below torch's parallel grain size (32768), so no tiny parallel region waits on a busy core.
+_GATHER_CHUNK = 16384
 
 
 def _as_long_vector(values, name: str) -> Tensor:
@@ -37,6 +42,23 @@ def _as_long_vector(values, name: str) -> Tensor:
     if tensor.dim() != 1:
         raise ValueError(f"{name} must be 1-dimensional, got shape {tuple(tensor.shape)}.")
     return tensor.long()
+
+
+def _equal_size_runs(sizes: Tensor, n: int) -> tuple[tuple[int, int, int, int], ...] | None:
+    """Maximal runs of consecutive blocks of equal size in a contiguous partition.
+
+    Each run is ``(first index, first block, number of blocks, block size)``: its indices are a
+    ``(blocks, size)`` view of the data, so block sums and broadcasts over it are plain reshapes.
+    ``None`` when there are more than ``max(4, n // 2**16)`` runs (then one Python-level operation
+    per run would cost more than a gather over the labels).
+    """
+    sizes = sizes.cpu()
+    starts = (torch.nonzero(sizes[1:] != sizes[:-1]).flatten() + 1).tolist()
+    if len(starts) + 1 > max(4, n // 2**16):
+        return None
+    bounds = [0, *starts, sizes.numel()]
+    offsets = [0, *torch.cumsum(sizes, 0).tolist()]
+    return tuple((offsets[a], a, b - a, int(sizes[a])) for a, b in zip(bounds[:-1], bounds[1:]))
 
 
 class Partition:
@@ -71,7 +93,7 @@ class Partition:
     """
 
     def __init__(self, labels, num_blocks: int | None = None, *, _sizes: Tensor | None = None,
-                 _contiguous: bool | None = None):
+                 _contiguous: bool | None = None, _runs=...):
         labels = _as_long_vector(labels, "labels")
         if _sizes is None:
             lo, hi = torch.aminmax(labels)
@@ -109,6 +131,9 @@ class Partition:
         self.num_blocks: int = int(num_blocks)
         self.is_contiguous: bool = _contiguous
         self._max_size: int | None = None
+        if _runs is ...:  # a host-side table, built once here (not in the hot paths that use it)
+            _runs = _equal_size_runs(self.sizes, labels.numel()) if _contiguous else None
+        self._runs: tuple[tuple[int, int, int, int], ...] | None = _runs
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -200,7 +225,8 @@ class Partition:
                 device = arg.device
         if device is None or torch.device(device) == self.device:
             return self
-        res = Partition(self.labels.to(device), _sizes=self.sizes.to(device), _contiguous=self.is_contiguous)
+        res = Partition(self.labels.to(device), _sizes=self.sizes.to(device), _contiguous=self.is_contiguous,
+                        _runs=self._runs)
         res._max_size = self._max_size
         return res
 
@@ -217,6 +243,13 @@ class Partition:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self._runs = _equal_size_runs(self.sizes, self.labels.numel()) if self.is_contiguous else None
+
+    def _run_views(self, x: Tensor, dim: int):
+        """For each equal-size run: ``(first index, first block, blocks, size, x's run as a view)``.
+        ``dim`` counts from the end; the view has the blocks at ``dim - 1`` and the size at ``dim``."""
+        for start, block, count, size in self._runs:
+            yield start, block, count, size, x.narrow(dim, start, count * size).unflatten(dim, (count, size))
 
     # ------------------------------------------------------------------ algebra
     def block_sum(self, x: Tensor, dim: int = -1) -> Tensor:
@@ -230,6 +263,14 @@ class Partition:
             raise ValueError(
                 f"block_sum expected size {len(self)} along dim {dim}, got tensor of shape {tuple(x.shape)}."
             )
+        trail = x.shape[dim + 1:]
+        if trail and all(size == 1 for size in trail):  # (*, n, 1): the 1-d kernels are much faster
+            res = self.block_sum(x.flatten(dim), dim=dim)
+            return res.view(*res.shape, *trail)
+        if self._runs is not None:  # a few runs of equal-size blocks: reshape and sum, no index vector
+            ndim = dim - x.dim()
+            sums = [run.sum(ndim) for *_, run in self._run_views(x, ndim)]
+            return sums[0] if len(sums) == 1 else torch.cat(sums, dim=ndim)
         if self.is_contiguous and x.dtype != torch.half:
             # segment_reduce wants one length vector per leading index
             lengths = self.sizes.expand(*x.shape[:dim], self.num_blocks)
@@ -247,6 +288,81 @@ class Partition:
                 f"expand expected size {self.num_blocks} along dim {dim}, got tensor of shape {tuple(y.shape)}."
             )
         return y.index_select(dim, self.labels)
+
+    def expand_addcmul(self, shift: Tensor, scale: Tensor, x: Tensor, dim: int = -1) -> Tensor:
+        r"""Broadcast two per-block values and combine them with ``x`` in one pass:
+        :math:`(P\,\mathrm{shift}) + (P\,\mathrm{scale}) \odot x`.
+
+        Equal to ``expand(shift, dim) + expand(scale, dim) * x`` (up to the rounding of a fused
+        multiply-add) without materialising either broadcast: contiguous partitions with a few runs
+        of equal-size blocks work on ``(blocks, size)`` views; otherwise, on CPU without autograd,
+        the labels are gathered in cache-sized chunks straight into the result. Differentiable.
+
+        Args:
+            shift: per-block values with ``k`` along ``dim``. # shape: (*, k, *trail)
+            scale: per-block factors with ``k`` along ``dim``. # shape: (*, k, *trail)
+            x: the values at the indices, ``n`` along ``dim``. # shape: (*, n, *trail)
+            dim: the partitioned dimension, counted on every argument from the end when negative.
+
+        Returns:
+            The broadcast shape of the three with ``n`` along ``dim``.
+        """
+        if not -x.dim() <= dim < x.dim():
+            raise ValueError(f"dim {dim} is out of range for x of shape {tuple(x.shape)}.")
+        dim = dim - x.dim() if dim >= 0 else dim  # count from the end: shift and scale may lack batch dims
+        for name, t, size in (("shift", shift, self.num_blocks), ("scale", scale, self.num_blocks),
+                              ("x", x, len(self))):
+            if t.dim() < -dim or t.shape[dim] != size:
+                raise ValueError(
+                    f"expand_addcmul expected {name} with size {size} along dim {dim}, got shape {tuple(t.shape)}."
+                )
+        shape = list(torch.broadcast_shapes(shift.shape, scale.shape, x.shape[:dim] + (1,) + x.shape[dim:][1:]))
+        shape[dim] = len(self)
+        trail = shape[len(shape) + dim + 1:]
+        if trail and all(size == 1 for size in trail):  # (*, n, 1): the 1-d kernels are much faster
+            flat = [t.flatten(dim) for t in (shift, scale, x)]
+            res = self.expand_addcmul(*flat, dim=-1)
+            return res.view(*res.shape, *trail)
+        dtype = torch.promote_types(torch.promote_types(shift.dtype, scale.dtype), x.dtype)
+        grad = torch.is_grad_enabled() and (shift.requires_grad or scale.requires_grad or x.requires_grad)
+        if self._runs is not None:
+            out = None if grad else torch.empty(shape, dtype=dtype, device=x.device)
+            pieces = []
+            for start, block, count, size, run in self._run_views(x, dim):
+                a = shift.narrow(dim, block, count).unsqueeze(dim)  # (*, count, 1, *trail)
+                b = scale.narrow(dim, block, count).unsqueeze(dim)
+                if out is None:
+                    pieces.append(torch.addcmul(a, b, run).flatten(dim - 1, dim))
+                else:
+                    torch.addcmul(a, b, run, out=out.narrow(dim, start, count * size).unflatten(dim, (count, size)))
+            if out is not None:
+                return out
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+        n, labels = len(self), self.labels
+        if grad or x.device.type != "cpu" or n <= 2 * _GATHER_CHUNK:
+            res = shift.index_select(dim, labels)
+            factor = scale.index_select(dim, labels)
+            if not grad and list(res.shape) == shape and res.dtype == dtype:
+                return res.addcmul_(factor, x)  # the gathered shift is the result's buffer
+            return torch.addcmul(res, factor, x)
+        # CPU, no autograd: gather chunk by chunk into small reused buffers, write each chunk's result once
+        out = torch.empty(shape, dtype=dtype, device=x.device)
+        rows = max(1, _GATHER_CHUNK * n // max(1, out.numel()))  # indices per chunk
+        bufs = None
+        for start in range(0, n, rows):
+            m = min(rows, n - start)
+            idx = labels.narrow(0, start, m)
+            if m == rows:
+                if bufs is None:
+                    bufs = (shift.index_select(dim, idx), scale.index_select(dim, idx))
+                else:
+                    torch.index_select(shift, dim, idx, out=bufs[0])
+                    torch.index_select(scale, dim, idx, out=bufs[1])
+                a, b = bufs
+            else:
+                a, b = shift.index_select(dim, idx), scale.index_select(dim, idx)
+            torch.addcmul(a, b, x.narrow(dim, start, m), out=out.narrow(dim, start, m))
+        return out
 
     def block_mean(self, x: Tensor, dim: int = -1) -> Tensor:
         """Mean of ``x`` over each block along ``dim``."""

@@ -1,5 +1,6 @@
 """Closed forms of BlockMeanLinearOperator against dense torch.linalg on random partitions."""
 
+import functools
 import math
 from contextlib import ExitStack, contextmanager
 from unittest import mock
@@ -405,3 +406,63 @@ def test_float32_large_blocks_are_not_called_indefinite():
     x = torch.randn(len(partition), dtype=torch.float64)
     ref = op64.sqrt_inv_matmul(x)
     torch.testing.assert_close(op32.sqrt_inv_matmul(x.float()).double(), ref, rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------- matvec fast paths (issue 5)
+@functools.lru_cache
+def _matvec_partitions():
+    gen = torch.Generator().manual_seed(3)
+    n = 40_000  # above twice the CPU gather chunk: the chunked route runs
+    labels = torch.cat([torch.arange(9), torch.randint(0, 9, (n - 9,), generator=gen)])
+    return {
+        "equal_runs": Partition.from_sizes([n // 8] * 8),
+        "two_runs": Partition.from_sizes([5001] * 4 + [4999] * 4),
+        "many_runs": Partition.from_sizes(torch.randint(1, 160, (500,), generator=gen)),
+        "scattered": Partition.from_labels(labels[torch.randperm(n, generator=gen)]),
+    }
+
+
+@pytest.mark.parametrize("layout", ["equal_runs", "two_runs", "many_runs", "scattered"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,t", [((), None), ((), 4), ((2,), 1)])
+def test_matvec_fast_paths_match_unfused_formula(layout, dtype, batch, t):
+    """lam * x + P B_sym P^T x computed with plain index_add / index_select (B not symmetric on input)."""
+    partition = _matvec_partitions()[layout]
+    n, k = len(partition), partition.num_blocks
+    gen = torch.Generator().manual_seed(1)
+    lam = torch.rand(*batch, k, generator=gen, dtype=torch.float64) + 0.5
+    B = torch.randn(*batch, k, k, generator=gen, dtype=torch.float64)  # symmetrised by the operator
+    x = torch.randn(n, *(() if t is None else (t,)), generator=gen, dtype=torch.float64)
+    xm = x if t is not None else x.unsqueeze(-1)
+    sums = torch.zeros(*batch, k, xm.shape[-1], dtype=torch.float64).index_add_(-2, partition.labels, xm.expand(
+        *batch, *xm.shape))
+    want = (0.5 * (B + B.mT) @ sums).index_select(-2, partition.labels) + lam[..., partition.labels, None] * xm
+    want = want if t is not None else want.squeeze(-1)
+    op = BlockMeanLinearOperator(lam.to(dtype), B.to(dtype), partition)
+    got = op @ x.to(dtype)
+    assert got.dtype == dtype and got.shape == want.shape
+    scale = want.abs().amax() if dtype == torch.float32 else 1.0
+    torch.testing.assert_close(got.double(), want, **{k_: v * scale for k_, v in tol(dtype).items()})
+    op._b_sym()  # with the symmetrised B cached, the other route gives the same numbers
+    torch.testing.assert_close(op @ x.to(dtype), got, **tol(dtype))
+
+
+def test_matvec_without_grad_skips_the_matmul_function():
+    """No autograd: ``@`` calls _matmul directly (the Matmul function rebuilds the operator per call);
+    with autograd it goes through Matmul and its closed-form derivative."""
+    op, lam, B = make_operator(PARTITIONS["scattered"], requires_grad=False)
+    x = torch.randn(op.shape[-1], dtype=torch.float64)
+    with mock.patch("linear_operator.functions._matmul.Matmul.apply", side_effect=AssertionError("Matmul")):
+        y = op @ x
+        with pytest.raises(RuntimeError, match="Incompatible dimensions"):  # linear_operator's check
+            op @ torch.randn(op.shape[-1] + 1, dtype=torch.float64)
+    torch.testing.assert_close(y, dense(lam, B, PARTITIONS["scattered"]) @ x)
+    op, lam, B = make_operator(PARTITIONS["scattered"], requires_grad=True)
+    with mock.patch("linear_operator.functions._matmul.Matmul.apply", side_effect=AssertionError("Matmul")):
+        with pytest.raises(AssertionError, match="Matmul"):
+            op @ x
+    (op @ x).sum().backward()
+    ref_lam, ref_B = lam.detach().clone().requires_grad_(True), B.detach().clone().requires_grad_(True)
+    (dense(ref_lam, ref_B, PARTITIONS["scattered"]) @ x).sum().backward()
+    torch.testing.assert_close(lam.grad, ref_lam.grad)
+    torch.testing.assert_close(B.grad, ref_B.grad)

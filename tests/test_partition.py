@@ -1,5 +1,6 @@
 """Partition: construction, validation, block sums / expansion against the dense indicator matrix."""
 
+import functools
 import pickle
 
 import numpy as np
@@ -107,3 +108,99 @@ def test_partition_and_operator_follow_cuda():
     torch.testing.assert_close(op.solve(op @ x), x)
     torch.testing.assert_close(op.matrix_inv_sqrt().cpu().to_dense(),
                                op.cpu().matrix_inv_sqrt().to_dense())
+
+
+# ---------------------------------------------------------------------------- fast paths (issue 5)
+def _random_sizes(k, mean, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 2 * mean, (k,), generator=gen)
+
+
+@functools.lru_cache
+def _layouts(n_large=40_000):
+    """Partitions that take each route of block_sum / expand_addcmul:
+    equal-size runs (reshape), many runs (segment_reduce + gather), scattered small (one gather),
+    scattered large (chunked gather on CPU: n above twice the chunk)."""
+    gen = torch.Generator().manual_seed(5)
+    scattered_large = torch.cat([torch.arange(7), torch.randint(0, 7, (n_large - 7,), generator=gen)])
+    return {
+        "one_run": Partition.from_sizes([4] * 5),
+        "two_runs": Partition.from_sizes([3, 3, 3, 2, 2]),
+        "many_runs": Partition.from_sizes(_random_sizes(30, 4, seed=1)),
+        "scattered": Partition.from_labels([2, 0, 1, 0, 3, 1, 1, 0, 2, 4, 1, 0]),
+        "scattered_large": Partition.from_labels(scattered_large[torch.randperm(n_large, generator=gen)]),
+        "contiguous_large_many_runs": Partition.from_sizes(_random_sizes(500, 80, seed=2)),
+    }
+
+
+def test_equal_size_runs_table():
+    assert Partition.from_sizes([3, 3, 2, 2, 2])._runs == ((0, 0, 2, 3), (6, 2, 3, 2))
+    assert Partition.from_labels([0, 0, 1, 1])._runs == ((0, 0, 2, 2),)
+    assert Partition.from_sizes([1, 2, 1, 2, 1])._runs is None  # 5 runs over n = 7: gather instead
+    assert Partition.from_labels([1, 0, 1])._runs is None  # scattered
+    p = Partition.from_sizes([2, 2, 5])
+    assert pickle.loads(pickle.dumps(p))._runs == p._runs == ((0, 0, 2, 2), (4, 2, 1, 5))
+
+
+@pytest.mark.parametrize("layout", list(_layouts()))
+@pytest.mark.parametrize("shape_before,t", [((), None), ((), 1), ((), 3), ((2,), 1), ((2, 1), 3)])
+def test_fast_block_sum_and_expand_addcmul_match_reference(layout, shape_before, t):
+    p = _layouts()[layout]
+    n, k = len(p), p.num_blocks
+    trail = () if t is None else (t,)
+    dim = -1 if t is None else -2
+    x = torch.randn(*shape_before, n, *trail, dtype=torch.float64)
+    want = torch.zeros(*shape_before, k, *trail, dtype=torch.float64).index_add_(dim, p.labels, x)
+    torch.testing.assert_close(p.block_sum(x, dim=dim), want)
+    # shift carries the batch; scale broadcasts over the trailing columns and has no batch
+    shift = torch.randn(*shape_before, k, *trail, dtype=torch.float64)
+    scale = torch.randn(k, *([1] if t else []), dtype=torch.float64)
+    ref = shift.index_select(dim, p.labels) + scale.index_select(dim if t else -1, p.labels) * x
+    with torch.no_grad():
+        torch.testing.assert_close(p.expand_addcmul(shift, scale, x, dim=dim), ref)
+    # the same under autograd, with gradients against the unfused formula
+    leaves = [a.clone().requires_grad_(True) for a in (shift, scale, x)]
+    res = p.expand_addcmul(*leaves, dim=dim)
+    torch.testing.assert_close(res, ref)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad((res * g).sum(), leaves)
+    ref_leaves = [a.clone().requires_grad_(True) for a in (shift, scale, x)]
+    ref2 = (ref_leaves[0].index_select(dim, p.labels)
+            + ref_leaves[1].index_select(dim if t else -1, p.labels) * ref_leaves[2])
+    want_grads = torch.autograd.grad((ref2 * g).sum(), ref_leaves)
+    for a, b in zip(got, want_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("layout", ["two_runs", "many_runs", "scattered_large"])
+def test_fast_paths_keep_low_precision_dtypes(layout):
+    p = _layouts()[layout]
+    x = torch.randn(len(p), 1, dtype=torch.float64)
+    for dtype in (torch.float32, torch.float16):
+        got = p.block_sum(x.to(dtype), dim=-2)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), p.block_sum(x, dim=-2), rtol=1e-2, atol=1e-2 * len(p) ** 0.5)
+        shift = torch.randn(p.num_blocks, 1, dtype=dtype)
+        out = p.expand_addcmul(shift, shift, x.to(dtype), dim=-2)
+        assert out.dtype == dtype and out.shape == (len(p), 1)
+
+
+def test_expand_addcmul_shape_errors():
+    p = Partition.from_sizes([2, 2])
+    with pytest.raises(ValueError, match="expected shift with size 2"):
+        p.expand_addcmul(torch.ones(3), torch.ones(2), torch.ones(4))
+    with pytest.raises(ValueError, match="expected x with size 4"):
+        p.expand_addcmul(torch.ones(2), torch.ones(2), torch.ones(5))
+    with pytest.raises(ValueError, match="out of range"):
+        p.expand_addcmul(torch.ones(2), torch.ones(2), torch.ones(4), dim=1)
+
+
+def test_layouts_reach_every_route():
+    from bma_gp.partition import _GATHER_CHUNK
+
+    layouts = _layouts()
+    assert layouts["one_run"]._runs is not None and len(layouts["two_runs"]._runs) == 2
+    assert layouts["many_runs"]._runs is None and layouts["contiguous_large_many_runs"]._runs is None
+    assert layouts["contiguous_large_many_runs"].is_contiguous
+    for name in ("scattered_large", "contiguous_large_many_runs"):
+        assert len(layouts[name]) > 2 * _GATHER_CHUNK  # the chunked gather runs
