@@ -21,6 +21,8 @@ __all__ = ["Partition"]
 # Indices per gather chunk on CPU (Partition.expand_addcmul): the chunk buffers stay in cache, and the
 # chunk is below torch's parallel grain size (32768), so no tiny parallel region waits on a busy core.
 _GATHER_CHUNK = 16384
+# Most runs of equal-size blocks that block sums and broadcasts walk as reshaped views, one by one.
+_MAX_RUNS = 8
 
 
 def _as_long_vector(values, name: str) -> Tensor:
@@ -44,17 +46,19 @@ def _as_long_vector(values, name: str) -> Tensor:
     return tensor.long()
 
 
-def _equal_size_runs(sizes: Tensor, n: int) -> tuple[tuple[int, int, int, int], ...] | None:
+def _equal_size_runs(sizes: Tensor) -> tuple[tuple[int, int, int, int], ...] | None:
     """Maximal runs of consecutive blocks of equal size in a contiguous partition.
 
     Each run is ``(first index, first block, number of blocks, block size)``: its indices are a
     ``(blocks, size)`` view of the data, so block sums and broadcasts over it are plain reshapes.
-    ``None`` when there are more than ``max(4, n // 2**16)`` runs (then one Python-level operation
-    per run would cost more than a gather over the labels).
+    ``None`` when there are more than ``_MAX_RUNS``: every run costs a few operations of its own, and
+    on CPU each is a parallel region, which on a busy machine can wait a scheduler slice for its
+    second thread (10 runs at n = 10^7 cost 3x one pass on the shared 2-core machine); past a few
+    runs the single gather over the labels is the steadier choice.
     """
     sizes = sizes.cpu()
     starts = (torch.nonzero(sizes[1:] != sizes[:-1]).flatten() + 1).tolist()
-    if len(starts) + 1 > max(4, n // 2**16):
+    if len(starts) + 1 > _MAX_RUNS:
         return None
     bounds = [0, *starts, sizes.numel()]
     offsets = [0, *torch.cumsum(sizes, 0).tolist()]
@@ -132,7 +136,7 @@ class Partition:
         self.is_contiguous: bool = _contiguous
         self._max_size: int | None = None
         if _runs is ...:  # a host-side table, built once here (not in the hot paths that use it)
-            _runs = _equal_size_runs(self.sizes, labels.numel()) if _contiguous else None
+            _runs = _equal_size_runs(self.sizes) if _contiguous else None
         self._runs: tuple[tuple[int, int, int, int], ...] | None = _runs
 
     # ------------------------------------------------------------------ builders
@@ -243,7 +247,7 @@ class Partition:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._runs = _equal_size_runs(self.sizes, self.labels.numel()) if self.is_contiguous else None
+        self._runs = _equal_size_runs(self.sizes) if self.is_contiguous else None
 
     def _run_views(self, x: Tensor, dim: int):
         """For each equal-size run: ``(first index, first block, blocks, size, x's run as a view)``.

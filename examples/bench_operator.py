@@ -8,12 +8,17 @@
    k = 10 .. 4,000, contiguous and scattered labels, float32 and float64, each as a ratio to one
    elementwise pass over an n-vector (``x * 2``, the memory-bandwidth floor) measured in the same
    process; one subprocess per n, whose peak resident memory is reported beside its rows.
+4. ``matvec`` (issue 5): the matvec alone at one n (default 10^7) over the same k, layouts and dtypes,
+   interleaved with the floor and, with ``--baseline REV``, with the operator and partition modules
+   as of git revision REV loaded side by side (before / after in one process).
 
 Output: JSON lines on stdout (one per measurement) and a summary table.
 
     python examples/bench_operator.py                 # both parts, full size
     python examples/bench_operator.py --smoke         # seconds
     python examples/bench_operator.py --part sweep    # the issue-5 grid (several minutes)
+    python examples/bench_operator.py --part sweep --ns 10000000 --ks 10,4000   # a corner of it
+    python examples/bench_operator.py --part matvec --baseline 6c1013c --threads 1
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import resource
 import subprocess
 import sys
 import time
+import types
+from pathlib import Path
 
 import torch
 
@@ -167,10 +174,11 @@ def sweep_child(n: int, repeats: int, ks: tuple[int, ...]) -> None:
                           "peak_rss_mb": peak_rss_mb()})
 
 
-def run_sweep(ns, repeats: int, ks) -> list[dict]:
+def run_sweep(ns, repeats: int, ks, threads: int | None = None) -> list[dict]:
     records = []
     for n in ns:
-        out = subprocess.run([sys.executable, __file__, "--_sweep", str(n), str(repeats), ",".join(map(str, ks))],
+        cmd = [sys.executable, __file__, "--_sweep", str(n), str(repeats), ",".join(map(str, ks))]
+        out = subprocess.run(cmd + (["--threads", str(threads)] if threads else []),
                              check=True, capture_output=True, text=True)
         sys.stdout.write(out.stdout)
         sys.stdout.flush()
@@ -189,14 +197,96 @@ def run_sweep(ns, repeats: int, ks) -> list[dict]:
     return records
 
 
+def load_baseline(rev: str):
+    """``BlockMeanLinearOperator`` as of git revision ``rev`` (with that revision's ``Partition``),
+    loaded as separate modules beside the current ones."""
+    root = Path(__file__).resolve().parents[1]
+
+    def module(name: str, path: str, replace: tuple[str, str] | None = None):
+        source = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], check=True,
+                                capture_output=True, text=True).stdout
+        if replace is not None:
+            source = source.replace(*replace)
+        mod = types.ModuleType(name)
+        mod.__file__ = f"{rev}:{path}"
+        sys.modules[name] = mod
+        exec(compile(source, mod.__file__, "exec"), mod.__dict__)
+        return mod
+
+    part = module("_baseline_partition", "bma_gp/partition.py")
+    op = module("_baseline_operator", "bma_gp/block_mean_linear_operator.py",
+                ("from bma_gp.partition import Partition", "from _baseline_partition import Partition"))
+    return op.BlockMeanLinearOperator, part.Partition
+
+
+def interleaved(fns: dict, rounds: int) -> dict:
+    """Best time of each function over ``rounds`` rounds that call every function once, in turn."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def matvec_compare(n: int, ks, rounds: int, baseline: str | None) -> list[dict]:
+    """Matvec / floor at one n for every k, layout and dtype; the baseline revision beside it."""
+    old = load_baseline(baseline) if baseline else None
+    records = []
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(n, dtype=dtype)
+        for k in ks:
+            for scattered in (False, True):
+                lam, B, partition = random_operator(n, k, seed=k, dtype=dtype, scattered=scattered)
+                op = BlockMeanLinearOperator(lam, B, partition)
+                fns = {"floor": lambda: x * 2.0, "matvec": lambda: op @ x}
+                if old is not None:
+                    old_op = old[0](lam, B, old[1](partition.labels, _sizes=partition.sizes,
+                                                   _contiguous=partition.is_contiguous))
+                    new = op @ x  # summation orders differ (reshaped sums are pairwise): compare to the scale
+                    scale = float(new.abs().max()) * (1e-4 if dtype == torch.float32 else 1e-10)
+                    torch.testing.assert_close(old_op @ x, new, rtol=0, atol=scale)
+                    fns["baseline"] = lambda: old_op @ x
+                best = interleaved(fns, rounds)
+                rec = {"bench": "matvec", "n": n, "k": k, "labels": "scattered" if scattered else "contiguous",
+                       "dtype": str(dtype).split(".")[-1], "threads": torch.get_num_threads(),
+                       "floor_s": best["floor"], "seconds": best["matvec"],
+                       "ratio_to_floor": best["matvec"] / best["floor"]}
+                if old is not None:
+                    rec.update({"baseline": baseline, "baseline_s": best["baseline"],
+                                "baseline_ratio_to_floor": best["baseline"] / best["floor"],
+                                "speedup": best["baseline"] / best["matvec"]})
+                emit(rec)
+                records.append(rec)
+    head = "| k | labels | dtype | matvec / floor |" + (f" {baseline} / floor | speedup |" if baseline else "")
+    print("\n" + head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in records:
+        row = f"| {r['k']} | {r['labels']} | {r['dtype']} | {r['ratio_to_floor']:.2f} |"
+        if baseline:
+            row += f" {r['baseline_ratio_to_floor']:.2f} | {r['speedup']:.1f}x |"
+        print(row)
+    return records
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, finishes in seconds")
-    parser.add_argument("--part", choices=["all", "dense", "large", "sweep"], default="all",
-                        help="all = dense + large (the issue-2 figures); sweep = the issue-5 grid")
+    parser.add_argument("--part", choices=["all", "dense", "large", "sweep", "matvec"], default="all",
+                        help="all = dense + large (the issue-2 figures); sweep = the issue-5 grid; "
+                             "matvec = the matvec alone at one n, optionally against --baseline")
+    parser.add_argument("--ns", help="sweep: comma-separated n (default 10^4 .. 10^7); matvec: the one n")
+    parser.add_argument("--ks", help="sweep / matvec: comma-separated k (default 10,100,1000,4000)")
+    parser.add_argument("--baseline", metavar="REV", help="matvec: also time the operator of git revision REV")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (the sweep's subprocesses too)")
     parser.add_argument("--_child", nargs=3, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--_sweep", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args._child:
         large_child(*args._child)
         return 0
@@ -204,10 +294,17 @@ def main(argv=None) -> int:
         n, repeats, ks = args._sweep
         sweep_child(int(n), int(repeats), tuple(int(k) for k in ks.split(",")))
         return 0
+    ks = tuple(int(k) for k in args.ks.split(",")) if args.ks else None
+    ns = tuple(int(n) for n in args.ns.split(",")) if args.ns else None
     if args.part == "sweep":
-        ns, ks = ((10_000, 100_000), (10, 100)) if args.smoke else ((10_000, 100_000, 1_000_000, 10_000_000),
-                                                                    SWEEP_KS)
-        run_sweep(ns, 2 if args.smoke else 3, ks)
+        default_ns, default_ks = ((10_000, 100_000), (10, 100)) if args.smoke else (
+            (10_000, 100_000, 1_000_000, 10_000_000), SWEEP_KS)
+        run_sweep(ns or default_ns, 2 if args.smoke else 3, ks or default_ks, args.threads)
+        return 0
+    if args.part == "matvec":
+        n = ns[0] if ns else (100_000 if args.smoke else 10_000_000)
+        print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
+        matvec_compare(n, ks or ((10, 100) if args.smoke else SWEEP_KS), 2 if args.smoke else 5, args.baseline)
         return 0
     dense_n, dense_k, large_n, large_k, reps = (6000, 60, 10_000_000, 1000, 5)
     if args.smoke:

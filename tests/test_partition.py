@@ -136,7 +136,7 @@ def _layouts(n_large=40_000):
 def test_equal_size_runs_table():
     assert Partition.from_sizes([3, 3, 2, 2, 2])._runs == ((0, 0, 2, 3), (6, 2, 3, 2))
     assert Partition.from_labels([0, 0, 1, 1])._runs == ((0, 0, 2, 2),)
-    assert Partition.from_sizes([1, 2, 1, 2, 1])._runs is None  # 5 runs over n = 7: gather instead
+    assert Partition.from_sizes([1, 2] * 5)._runs is None  # 10 runs: gather instead
     assert Partition.from_labels([1, 0, 1])._runs is None  # scattered
     p = Partition.from_sizes([2, 2, 5])
     assert pickle.loads(pickle.dumps(p))._runs == p._runs == ((0, 0, 2, 2), (4, 2, 1, 5))
