@@ -24,6 +24,7 @@ direction), and how global state is created, checked and grown.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -63,10 +64,17 @@ def check_hyperparameter(name: str, value, *, positive: bool = False, integer: b
         raise ValueError(f"Invalid {name} value: {value!r}; it must be {need}.")
 
 
-def _all_finite(g: Tensor) -> bool:
-    """Whether every entry of ``g`` is finite: one cheap sum (one host sync); the exact
-    elementwise test runs only when the sum is not finite (inf/nan entries or overflow)."""
-    return bool(torch.isfinite(g.sum())) or bool(torch.isfinite(g).all())
+def _all_finite(grads: list[Tensor], dtype: torch.dtype, extra: list[Tensor]) -> tuple[bool, list[float]]:
+    """Whether every entry of every tensor in ``grads`` is finite, and the values of the 0-d tensors ``extra``.
+
+    One cheap sum per tensor and one host synchronisation, which also reads ``extra`` back;
+    the exact elementwise test runs only when a sum is not finite (inf/nan entries or overflow).
+    """
+    device = grads[0].device
+    sums = [g.sum(dtype=dtype) for g in grads] + [x.to(device=device, dtype=dtype) for x in extra]
+    values = torch.stack(sums).tolist()
+    finite = all(math.isfinite(v) for v in values[:len(grads)]) or all(bool(torch.isfinite(g).all()) for g in grads)
+    return finite, values[len(grads):]
 
 
 class FlatPreconditionedOptimizer(torch.optim.Optimizer):
@@ -167,18 +175,38 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         layout = self._current_layout()
-        g, active = layout.gather_grads([bool(group["maximize"]) for group in self.param_groups])
+        grads, active = layout.collect_grads()
         if not any(active):
             return loss
-        if self.check_finite and not _all_finite(g):
+        finite, values = True, []
+        if self.check_finite:
+            present = [grad for grad in grads if grad is not None]
+            finite, values = _all_finite(present, layout.dtype, self._values_to_read_back())
+        if not finite:
             raise ValueError(
                 f"{type(self).__name__}.step() got a non-finite gradient (inf or nan); no state or parameter was "
                 "changed. Check the loss for overflow or lower the learning rate (check_finite=False skips this "
                 "check and its host synchronisation)."
             )
+        self._values_read_back(values)
         self._commit_layout(layout)
-        self._update(g, layout, active)
+        self._update_from_grads(grads, layout, active)
         return loss
+
+    def _maximize_of_group(self) -> list[bool]:
+        return [bool(group["maximize"]) for group in self.param_groups]
+
+    def _update_from_grads(self, grads: list[Tensor | None], layout: FlatParams, active: list[bool]) -> None:
+        """Update state and parameters from the per-parameter gradients (default: gather them into
+        one flat vector, maximize groups negated, and call :meth:`_update`)."""
+        self._update(layout.gather_grads(grads, self._maximize_of_group()), layout, active)
+
+    def _values_to_read_back(self) -> list[Tensor]:
+        """0-d tensors of the current state to read back in the finiteness check's host synchronisation."""
+        return []
+
+    def _values_read_back(self, values: list[float]) -> None:
+        """Receive :meth:`_values_to_read_back`'s values (an empty list without ``check_finite``)."""
 
     def _update(self, g: Tensor, layout: FlatParams, active: list[bool]) -> None:
         """Update state and parameters from the flat gradient (default: :meth:`_direction`, then :meth:`_apply`)."""

@@ -101,44 +101,50 @@ class FlatParams:
         """Views of ``flat`` shaped like the parameters."""
         return [chunk.view(p.shape) for chunk, p in zip(flat.split(self.numels), self.params)]
 
-    def buffer(self, name: str) -> Tensor:
-        """A persistent work vector of length ``d`` (dtype :attr:`dtype`), reused every step."""
+    def buffer(self, name: str, rows: int | None = None, numel: int | None = None) -> Tensor:
+        """A persistent work vector of length ``numel`` (default ``d``; dtype :attr:`dtype`), reused every step.
+
+        With ``rows``, a ``(rows, numel)`` matrix instead: several work vectors stacked, so
+        that one strided view covers them together.
+        """
         buffers = self.__dict__.setdefault("_buffers", {})
-        if name not in buffers:
-            buffers[name] = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        numel = self.numel if numel is None else numel
+        shape = (numel,) if rows is None else (rows, numel)
+        if name not in buffers or buffers[name].shape != shape:
+            buffers[name] = torch.empty(shape, dtype=self.dtype, device=self.device)
         return buffers[name]
 
-    def gather_grads(self, maximize_of_group: list[bool]) -> tuple[Tensor, list[bool]]:
-        """Concatenate the gradients into one vector of dtype :attr:`dtype` (a reused buffer).
-
-        Parameters without a gradient contribute zeros. Gradients of parameters in a
-        group with ``maximize=True`` are negated.
+    def collect_grads(self) -> tuple[list[Tensor | None], list[bool]]:
+        """The parameters' gradients as they are (``None`` where a parameter has none).
 
         Returns:
-            ``(g, active)``: the flat gradient (shape ``(d,)``) and, per parameter,
-            whether it had a gradient.
+            ``(grads, active)``: per parameter, its gradient and whether it has one.
 
         Raises:
             SparseGradientError: a gradient is sparse.
         """
-        parts: list[Tensor] = []
-        active: list[bool] = []
-        for p, gi in zip(self.params, self.group_index):
-            grad = p.grad
-            if grad is None:
-                parts.append(torch.zeros(p.numel(), dtype=self.dtype, device=self.device))
-                active.append(False)
-                continue
-            if grad.is_sparse or grad.layout != torch.strided:
+        grads = [p.grad for p in self.params]
+        for p, grad in zip(self.params, grads):
+            if grad is not None and (grad.is_sparse or grad.layout != torch.strided):
                 raise SparseGradientError(
                     f"sparse gradients are not supported (parameter of shape {tuple(p.shape)} has a "
                     f"{grad.layout} gradient); use dense gradients, e.g. nn.Embedding(..., sparse=False)."
                 )
+        return grads, [grad is not None for grad in grads]
+
+    def gather_grads(self, grads: list[Tensor | None], maximize_of_group: list[bool]) -> Tensor:
+        """Concatenate ``grads`` into one vector of dtype :attr:`dtype` (a reused buffer).
+
+        Missing gradients contribute zeros; gradients of parameters in a group with
+        ``maximize=True`` are negated. # shape: (d,)
+        """
+        parts: list[Tensor] = []
+        for p, gi, grad in zip(self.params, self.group_index, grads):
+            if grad is None:
+                parts.append(torch.zeros(p.numel(), dtype=self.dtype, device=self.device))
+                continue
             flat = grad.reshape(-1)
-            if maximize_of_group[gi]:
-                flat = -flat
-            parts.append(flat)
-            active.append(True)
+            parts.append(-flat if maximize_of_group[gi] else flat)
         if any(part.dtype != self.dtype for part in parts):
             parts = [part.to(self.dtype) for part in parts]
-        return torch.cat(parts, out=self.buffer("grad")), active
+        return torch.cat(parts, out=self.buffer("grad"))

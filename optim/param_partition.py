@@ -112,14 +112,13 @@ def param_partition(params: list[Tensor], rule: PartitionRule) -> Partition:
 
 
 class ParamBlocks:
-    """Per-block reductions and broadcasts over the flat parameter vector.
+    """The blocks of the contiguous rules as the rows of per-parameter matrices.
 
-    For the contiguous rules ("tensor", "row") every parameter's chunk of the flat
-    vector is viewed as a ``(rows, cols)`` matrix whose rows are its blocks (one row
-    for "tensor"), so a block sum is ``view.sum(-1)``, a block inner product is
-    ``torch.linalg.vecdot`` and a broadcast is a column scaling: one loop over the
-    tensors (as ``torch.optim.Adagrad`` does), no index vectors, no temporaries of
-    size ``d``. A callable rule gives scattered blocks and uses
+    For the contiguous rules ("tensor", "row") every parameter's entries are viewed
+    as a ``(rows, cols)`` matrix whose rows are its blocks (one row for "tensor"), so
+    a block sum is a row sum and a broadcast is a column scaling: one loop over the
+    tensors (as ``torch.optim.Adagrad`` does), no index vectors. A callable rule gives
+    scattered blocks (:attr:`rows` is ``None``); they use
     :meth:`bma_gp.Partition.block_sum` / :meth:`~bma_gp.Partition.expand`.
 
     Args:
@@ -128,44 +127,23 @@ class ParamBlocks:
 
     Attributes:
         partition: the :class:`bma_gp.Partition` of the ``d`` entries.
+        rows: per parameter, its number of blocks (``None`` for a callable rule).
+        block_offsets: per parameter, the index of its first block (length ``len(params) + 1``;
+            contiguous rules only).
     """
 
     def __init__(self, params: list[Tensor], rule: PartitionRule):
         self.partition = param_partition(params, rule)
         self.numels = [p.numel() for p in params]
+        self.rows: list[int] | None = None
+        self.block_offsets: list[int] | None = None
         if isinstance(rule, str):
-            self.rows: list[int] | None = [
-                (p.shape[0] if rule == "row" and p.dim() >= 2 else 1) for p in params
-            ]
-        else:
-            self.rows = None
+            self.rows = [(p.shape[0] if rule == "row" and p.dim() >= 2 else 1) for p in params]
+            offsets = [0]
+            for m, r in zip(self.numels, self.rows):
+                offsets.append(offsets[-1] + (r if m else 0))
+            self.block_offsets = offsets
 
     @property
     def num_blocks(self) -> int:
         return self.partition.num_blocks
-
-    def _views(self, x: Tensor) -> list[Tensor]:
-        """``(rows, cols)`` views of every non-empty parameter's chunk of ``x``."""
-        return [c.view(r, -1) for c, r in zip(x.split(self.numels), self.rows) if c.numel()]
-
-    def param_views(self, x: Tensor) -> list[Tensor | None]:
-        """Per parameter (``None`` for an empty one): the ``(rows, cols)`` view of its chunk of ``x``."""
-        return [c.view(r, -1) if c.numel() else None for c, r in zip(x.split(self.numels), self.rows)]
-
-    def param_columns(self, y: Tensor) -> list[Tensor | None]:
-        """Per parameter: its blocks' entries of the per-block vector ``y`` as a ``(rows, 1)`` column."""
-        counts = [r if m else 0 for r, m in zip(self.rows, self.numels)]
-        return [c.unsqueeze(-1) if m else None for c, m in zip(y.split(counts), self.numels)]
-
-    def sum(self, x: Tensor) -> Tensor:
-        """:math:`P^\\top x`. # shape: (d,) -> (k,)"""
-        if self.rows is None:
-            return self.partition.block_sum(x)
-        return torch.cat([v.sum(-1) for v in self._views(x)])
-
-    def dot(self, a: Tensor, b: Tensor) -> Tensor:
-        """:math:`P^\\top (a \\odot b)`, the inner product of ``a`` and ``b`` inside every block."""
-        if self.rows is None:
-            return self.partition.block_sum(a * b)
-        return torch.cat([torch.dot(va[0], vb[0]).unsqueeze(0) if va.shape[0] == 1 else torch.linalg.vecdot(va, vb)
-                          for va, vb in zip(self._views(a), self._views(b))])

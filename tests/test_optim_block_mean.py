@@ -230,3 +230,116 @@ def test_cuda_matches_cpu():
         opt_g.step()
     assert opt_g.global_state["U"].is_cuda and opt_g.partition.labels.is_cuda
     torch.testing.assert_close(flat(gpu.parameters()).cpu(), flat(cpu.parameters()), rtol=1e-9, atol=1e-11)
+
+
+# ---------------------------------------------------------------- the step's fast paths: pieces, masking, layouts
+@pytest.mark.parametrize("rule,piece", [("tensor", 7), ("row", 7), ("row", 13)],
+                         ids=["tensor-runs-of-a-row", "row-runs-of-a-row", "row-groups-of-rows"])
+def test_pieces_match_dense_reference(monkeypatch, rule, piece):
+    # piece 7: the 1 x 18 conv tensor and the 12-column linear rows are cut into runs of columns whose
+    # partial block sums are added up; piece 13: the 3 x 6 conv weight is cut into groups of whole rows
+    monkeypatch.setattr(BlockMeanAdagrad, "cpu_piece_numel", piece)
+    model, ref_model = small_model(), small_model()
+    groups = two_groups(model, wd1=0.01)
+    params = [p for g in groups for p in g["params"]]
+    ref_params = [p for m in (ref_model[0], ref_model[3]) for p in m.parameters()]
+    opt = BlockMeanAdagrad(groups, damping=0.1, partition=rule, update_interval=2)
+    ref = DenseBlockMeanAdagrad(reference_labels(params, rule), per_entry(model, groups, "lr"), damping=0.1,
+                                update_interval=2, weight_decay=per_entry(model, groups, "weight_decay"))
+    active = torch.ones(60, dtype=torch.bool)
+    for t in range(8):
+        opt.zero_grad()
+        loss_of(model, t).backward()
+        opt.step()
+        ref_model.zero_grad()
+        loss_of(ref_model, t).backward()
+        set_flat(ref_params, ref.step(flat(ref_params), flat(p.grad for p in ref_params), active))
+        torch.testing.assert_close(flat(params), flat(ref_params), rtol=1e-10, atol=1e-12)
+    views = opt._layout._contiguous_views
+    assert max(len(segs) for segs in views.segments) > 1  # the pieces were really cut
+
+
+def _zero_some_entries(model, until):
+    """A gradient hook that zeroes two entries of every tensor while ``step[0] < until`` (h stays 0 there)."""
+    step = [0]
+    for p in model.parameters():
+        mask = torch.ones_like(p).reshape(-1)
+        mask[:2] = 0
+        mask = mask.view(p.shape)
+        p.register_hook(lambda g, mask=mask: g * mask if step[0] < until else g)
+    return step
+
+
+@pytest.mark.parametrize("rule", ["tensor", "row", alternate], ids=["tensor", "row", "callable"])
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_entries_without_gradient_stay_and_match_reference(rule, check_finite):
+    # entries whose gradient has always been exactly 0 (h = 0) must not move; after step 4 they get
+    # gradients, h > 0 everywhere and the masking switches off
+    model, ref_model = small_model(), small_model()
+    step, ref_step = _zero_some_entries(model, until=4), _zero_some_entries(ref_model, until=4)
+    params, ref_params = list(model.parameters()), list(ref_model.parameters())
+    start = flat(params).clone()
+    zeroed = torch.cat([torch.arange(p.numel()) < 2 for p in params])
+    opt = BlockMeanAdagrad(params, lr=0.05, partition=rule, check_finite=check_finite)
+    ref = DenseBlockMeanAdagrad(reference_labels(params, rule), torch.full((60,), 0.05, dtype=torch.float64))
+    active = torch.ones(60, dtype=torch.bool)
+    for t in range(7):
+        step[0] = ref_step[0] = t
+        opt.zero_grad()
+        ref_model.zero_grad()
+        loss_of(model, t).backward()
+        loss_of(ref_model, t).backward()
+        opt.step()
+        set_flat(ref_params, ref.step(flat(ref_params), flat(p.grad for p in ref_params), active))
+        torch.testing.assert_close(flat(params), flat(ref_params), rtol=1e-10, atol=1e-12)
+        if t < 4:
+            assert torch.equal(flat(params)[zeroed], start[zeroed])
+            assert opt._h_has_zero
+    assert not opt._h_has_zero
+    assert not torch.equal(flat(params)[zeroed], start[zeroed])
+
+
+@pytest.mark.parametrize("rule", ["tensor", alternate], ids=["tensor", "callable"])
+def test_masking_is_exact_where_h_is_positive(monkeypatch, rule):
+    # the mask min(z^{-1/2}, sqrt(h) * big) leaves every entry with h > 0 bit for bit as it is
+    plain, masked = small_model(), small_model()
+    opt_plain = BlockMeanAdagrad(plain.parameters(), lr=0.05, partition=rule)
+    opt_masked = BlockMeanAdagrad(masked.parameters(), lr=0.05, partition=rule)
+    monkeypatch.setattr(opt_masked, "_masking_needed", lambda h: True)
+    for t in range(4):
+        for model, opt in ((plain, opt_plain), (masked, opt_masked)):
+            opt.zero_grad()
+            loss_of(model, t).backward()
+            opt.step()
+        assert torch.equal(flat(plain.parameters()), flat(masked.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unmask_scale_clears_the_smallest_subnormal(dtype):
+    from optim.block_mean_adagrad import _unmask_scale
+
+    h = torch.tensor([torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps, 1e-30, 1.0, 1e30], dtype=dtype)
+    assert h[0] > 0 and h[0] / 2 == 0  # the smallest subnormal
+    q = h.sqrt()
+    worst = q.rsqrt()  # z^{-1/2} with eps = 0, the largest it can be
+    assert torch.all(q * _unmask_scale(dtype) >= worst)
+    assert torch.isfinite(torch.tensor(_unmask_scale(dtype), dtype=dtype))
+
+
+@pytest.mark.parametrize("rule", ["tensor", "row"])
+def test_non_contiguous_parameter_matches_contiguous(rule):
+    torch.manual_seed(3)
+    value = torch.randn(4, 5, dtype=torch.float64)
+    strided = torch.nn.Parameter(value.T.contiguous().T)  # same values, column-major storage
+    dense = torch.nn.Parameter(value.clone())
+    assert not strided.is_contiguous()
+    opt_s = BlockMeanAdagrad([strided], lr=0.05, partition=rule, weight_decay=0.01)
+    opt_d = BlockMeanAdagrad([dense], lr=0.05, partition=rule, weight_decay=0.01)
+    for t in range(4):
+        x = torch.randn(5, 3, dtype=torch.float64)
+        for p, opt in ((strided, opt_s), (dense, opt_d)):
+            opt.zero_grad()
+            (p @ x).tanh().sum().backward()
+            opt.step()
+        torch.testing.assert_close(strided, dense, rtol=1e-13, atol=1e-15)
+    assert not torch.equal(dense, value)
