@@ -291,7 +291,7 @@ class _Stationary:
 
 
 #: Rows of one tile of the fused path (rounded to a multiple of the column slot width).
-_TILE_ROWS = 512
+_TILE_ROWS = 256
 #: Columns of one tile of the fused path (a multiple of every slot width).
 _TILE_COLS = 2048
 #: Candidate widths of the column slot tiles (see :func:`_column_slots`).
@@ -326,7 +326,7 @@ def _choose_slot_width(labels: Tensor, num_blocks: int, max_width: int) -> int:
         if width > max(max_width, _SLOT_WIDTHS[0]):
             break
         q = _column_slots(labels, num_blocks, width)[2]
-        cost = q * (1.0 + 32.0 / width)
+        cost = q * (1.0 + 128.0 / width)  # small widths make short, inefficient GEMMs (fitted on CPU)
         if best is None or cost < best[0]:
             best = (cost, width)
     return best[1]
