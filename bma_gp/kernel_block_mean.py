@@ -19,18 +19,22 @@ so rows of :math:`K` are evaluated a chunk at a time and reduced into :math:`T` 
   lengthscales: the same pass that reduces the kernel values also reduces their
   derivatives with respect to the lengthscales into block sums, so backward is a
   contraction of two ``k x k`` arrays and forward + backward is one pass over the
-  entries. Distances come from one GEMM per chunk. With ARD lengthscales the
-  per-dimension derivative sums :math:`\sum w_{pj} (z_{pa} - z_{ja})^2` are reduced rows
-  first: one batched GEMM per chunk weights the rows of each block by
-  :math:`[1, z_p^2, z_p]`, and only its small ``(blocks in the chunk) x (1 + 2d) x n``
-  result is touched per dimension. Used automatically whenever the kernel matches and
-  ``x`` does not require a gradient.
+  entries. The kernel is symmetric, so only the tiles on and right of the diagonal are
+  evaluated (half the entries); each tile is a few MB, so the passes over it stay in
+  cache: one GEMM for the distances, one elementwise pass, one GEMM against the
+  column features :math:`[1, z_j, z_j^2]` placed in the slot of their block, and a
+  small GEMM adding the rows of each block (``_stationary_pass``). Used
+  automatically whenever the kernel matches and ``x`` does not require a gradient;
+  without a gradient to compute (prediction, ``torch.no_grad``) it reduces the
+  values only.
 
-Both paths evaluate the rows in the order of the sorted block labels, so every block
-is a contiguous run of columns and reductions are segment sums.
+The generic path evaluates the rows in the order of the sorted block labels, so every
+block is a contiguous run of columns and reductions are segment sums; the fused path
+works in that order too.
 
 **Distributed.** With ``process_group`` every rank evaluates its own share of the rows
-(all ranks must pass the same ``x``, partition and kernel parameters) and the block
+(generic path) or of the tiles (fused path); all ranks must pass the same ``x``,
+partition and kernel parameters, and the block
 sums are all-reduced in forward, so every rank returns the same operator. In backward
 the generic path differentiates its own rows and all-reduces (sums) the hyperparameter
 and input gradients inside the autograd function; the fused path all-reduced the
@@ -560,7 +564,9 @@ def kernel_block_mean(
         kernel: any gpytorch kernel; batch kernels give a batch of operators.
         x: inputs. # shape: (n, d), (*batch, n, d) or (n,)
         partition: partition of the ``n`` inputs.
-        chunk_size: rows per chunk; default about 64 MB of kernel values per chunk.
+        chunk_size: rows per chunk (generic path; default about 64 MB of kernel values
+            per chunk) or per tile (fused path; default 256, rounded to a multiple of the
+            column slot width).
         process_group: a ``torch.distributed`` process group; each rank evaluates its
             share of the rows and the sums are all-reduced (module docstring). ``None``:
             single process.
