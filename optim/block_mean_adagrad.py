@@ -398,10 +398,11 @@ class _Segment:
         self._q: Tensor | None = None
 
     def q(self, layout: FlatParams) -> Tensor:
-        """The piece's view of a scratch buffer (for sqrt(h) while masking)."""
+        """A scratch matrix of the piece's shape (for sqrt(h) while masking), shared by all pieces so
+        that it stays in cache."""
         if self._q is None:
-            shape = self.views.shape[self.param]
-            self._q = layout.buffer("q")[self.start:self.start + shape[0] * shape[1]].view(shape)[self.rows, self.cols]
+            numel = max(seg.h.numel() for segs in self.views.segments for seg in segs)
+            self._q = layout.buffer("q_piece", numel=numel)[:self.h.numel()].view(self.h.shape)
         return self._q
 
 
