@@ -10,6 +10,10 @@ disturb less. ``block_mean_tensor_zeros`` has 1% of its gradient entries always 
 
     python examples/bench_optimizer.py            # ~2.1M parameters, a few seconds per line
     python examples/bench_optimizer.py --smoke    # tiny model, finishes in seconds
+
+``--baseline DIR`` also times the ``BlockMeanAdagrad`` of another version of the ``optim``
+package (``DIR/optim``, e.g. ``git archive REV optim | tar -x -C DIR``) in the same run, so that
+before / after ratios share one Adagrad measurement (configurations ``baseline_*``).
 """
 
 from __future__ import annotations
@@ -47,6 +51,24 @@ def time_steps(opt: torch.optim.Optimizer, steps: int, device: torch.device) -> 
     return times
 
 
+def load_baseline(directory: str):
+    """``BlockMeanAdagrad`` of the ``optim`` package under ``directory``, imported beside the current one."""
+    import importlib
+    import sys
+
+    mine = {name: mod for name, mod in sys.modules.items() if name == "optim" or name.startswith("optim.")}
+    for name in mine:
+        del sys.modules[name]
+    sys.path.insert(0, directory)
+    try:
+        return importlib.import_module("optim").BlockMeanAdagrad
+    finally:
+        sys.path.remove(directory)
+        for name in [n for n in sys.modules if n == "optim" or n.startswith("optim.")]:
+            del sys.modules[name]
+        sys.modules.update(mine)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=1024)
@@ -56,6 +78,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 2 rounds")
+    parser.add_argument("--baseline", default=None, metavar="DIR",
+                        help="also time BlockMeanAdagrad from DIR/optim (an older version), in the same run")
     args = parser.parse_args(argv)
     if args.smoke:
         args.width, args.depth, args.rounds, args.steps = 64, 2, 2, 3
@@ -75,6 +99,11 @@ def main(argv=None) -> None:
         # 1% of the gradient entries always exactly 0 (dead units): h = 0 there, the step masks every time
         "block_mean_tensor_zeros": lambda ps: BlockMeanAdagrad(ps, lr=1e-2, partition="tensor"),
     }
+    if args.baseline:
+        Baseline = load_baseline(args.baseline)
+        configs["baseline_tensor"] = lambda ps: Baseline(ps, lr=1e-2, partition="tensor")
+        configs["baseline_tensor_nocheck"] = lambda ps: Baseline(ps, lr=1e-2, partition="tensor", check_finite=False)
+        configs["baseline_tensor_zeros"] = lambda ps: Baseline(ps, lr=1e-2, partition="tensor")
     runs = {}
     for name, make in configs.items():
         model = build_model(args.width, args.depth).to(device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import sys
 
@@ -41,3 +42,17 @@ def test_bench_smoke_prints_one_json_line(capsys):
     result = json.loads(line)
     assert result["ratio_to_adagrad"]["adagrad"] == 1.0
     assert result["median_ms"]["block_mean_tensor"] > 0
+
+
+def test_bench_baseline_times_another_optim_package(capsys, tmp_path):
+    import shutil
+
+    import optim
+
+    # a copy of the current package stands in for an older version
+    shutil.copytree(os.path.dirname(optim.__file__), tmp_path / "optim")
+    bench_optimizer.main(["--smoke", "--baseline", str(tmp_path)])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["median_cpu_ms"]["baseline_tensor"] > 0 and result["cpu_ratio_to_adagrad"]["adagrad"] == 1.0
+    assert sys.modules["optim"] is optim  # the current package is restored
+    assert optim.BlockMeanAdagrad.__module__ == "optim.block_mean_adagrad"
