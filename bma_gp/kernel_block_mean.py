@@ -298,6 +298,8 @@ class _Stationary:
 _TILE_ROWS = 256
 #: Columns of one tile of the fused path (a multiple of every slot width).
 _TILE_COLS = 2048
+#: Tile rows and columns on CUDA: big tiles, so that per-tile Python overhead is negligible.
+_TILE_ROWS_CUDA, _TILE_COLS_CUDA = 4096, 65536
 #: Candidate widths of the column slot tiles (see :func:`_column_slots`).
 _SLOT_WIDTHS = (8, 16, 32, 64, 128, 256)
 
@@ -412,11 +414,12 @@ def _stationary_pass(plan: _Plan, spec: _Stationary, lengthscale: Tensor,
     acc_dtype = _accumulation_dtype(dtype)
     device = z.device
 
-    requested = plan.chunk if plan.chunk else _TILE_ROWS
+    cuda = device.type == "cuda"
+    requested = plan.chunk if plan.chunk else (_TILE_ROWS_CUDA if cuda else _TILE_ROWS)
     width = _choose_slot_width(plan.labels, k, requested)
     local, target, q = _column_slots(plan.labels, k, width)
     rows = max(width, requested // width * width)
-    cols = max(width, _TILE_COLS // max(1, bsz) // width * width)
+    cols = max(width, (_TILE_COLS_CUDA if cuda else _TILE_COLS) // max(1, bsz) // width * width)
     n_pad = target.shape[0] * width
     if n_pad > n:  # padded columns: copies of the last point, with zero weight in every slot
         z = torch.cat([z, z[:, -1:].expand(bsz, n_pad - n, d)], dim=1)
@@ -565,8 +568,8 @@ def kernel_block_mean(
         x: inputs. # shape: (n, d), (*batch, n, d) or (n,)
         partition: partition of the ``n`` inputs.
         chunk_size: rows per chunk (generic path; default about 64 MB of kernel values
-            per chunk) or per tile (fused path; default 256, rounded to a multiple of the
-            column slot width).
+            per chunk) or per tile (fused path; default 256 on CPU, 4096 on CUDA, rounded to
+            a multiple of the column slot width).
         process_group: a ``torch.distributed`` process group; each rank evaluates its
             share of the rows and the sums are all-reduced (module docstring). ``None``:
             single process.

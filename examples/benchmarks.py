@@ -272,16 +272,16 @@ def gpu_kernel(device_name: str, n: int = GPU_KERNEL_N, k: int = 1000, d: int = 
 
     def kbm_fwd():
         with torch.no_grad():
-            kernel_block_mean(kernel, x, partition, chunk_size=chunk)
+            kernel_block_mean(kernel, x, partition)
 
     def kbm_fwd_bwd():
-        op = kernel_block_mean(kernel, x, partition, chunk_size=chunk)
+        op = kernel_block_mean(kernel, x, partition)
         torch.autograd.grad(op.lam.sum() + op.B.square().sum(), params)
 
     # warm up (allocator, kernels' first launch) on a slice, so the full size is evaluated once per variant
     small = min(n, 20_000)
     warm = Partition.from_labels(torch.arange(small, device=device) % 10)
-    kernel_block_mean(kernel, x[:small], warm, chunk_size=chunk)
+    kernel_block_mean(kernel, x[:small], warm)
     with torch.no_grad(), gpytorch.settings.lazily_evaluate_kernels(False):
         kernel(x[:chunk], x[:small]).to_dense()
     if device.type == "cuda":
