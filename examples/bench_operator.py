@@ -6,8 +6,9 @@
    and peak resident memory, measured in a fresh subprocess so the peak belongs to this work alone.
 3. ``sweep`` (issue 5): matvec, solve, logdet and inverse-square-root product over n = 10^4 .. 10^7,
    k = 10 .. 4,000, contiguous and scattered labels, float32 and float64, each as a ratio to one
-   elementwise pass over an n-vector (``x * 2``, the memory-bandwidth floor) measured in the same
-   process; one subprocess per n, whose peak resident memory is reported beside its rows.
+   elementwise pass over an n-vector (``x * 2``, the memory-bandwidth floor) timed in turn with the
+   matvec in the same process; one subprocess per n, whose peak resident memory is reported beside
+   its rows.
 4. ``matvec`` (issue 5): the matvec alone at one n (default 10^7) over the same k, layouts and dtypes,
    interleaved with the floor and, with ``--baseline REV``, with the operator and partition modules
    as of git revision REV loaded side by side (before / after in one process).
@@ -152,7 +153,6 @@ def sweep_child(n: int, repeats: int, ks: tuple[int, ...]) -> None:
     """One n: every k, layout and dtype; matvec always, the k^3 operations where k^3 stays affordable."""
     for dtype in (torch.float32, torch.float64):
         x = torch.randn(n, dtype=dtype)
-        floor = best_of(lambda: x * 2.0, repeats)
         for k in ks:
             if k > n // 2:
                 continue
@@ -166,8 +166,12 @@ def sweep_child(n: int, repeats: int, ks: tuple[int, ...]) -> None:
                         "logdet": lambda: BlockMeanLinearOperator(lam, B, partition).logdet(),
                         "inv_sqrt_matmul": lambda: BlockMeanLinearOperator(lam, B, partition).sqrt_inv_matmul(x),
                     })
-                for name, fn in ops.items():
-                    t = best_of(fn, repeats if name == "matvec" or k <= 1000 else 1)
+                # the floor is timed in turn with the matvec (best of the same rounds): on a shared machine a
+                # floor measured once per dtype can land in a quiet or a busy moment of its own
+                best = interleaved({"floor": lambda: x * 2.0, "matvec": ops.pop("matvec")}, repeats)
+                floor = best["floor"]
+                for name, fn in [("matvec", None), *ops.items()]:
+                    t = best["matvec"] if fn is None else best_of(fn, repeats if k <= 1000 else 1)
                     emit({"bench": "operator_sweep", "op": name, "n": n, "k": k,
                           "labels": "scattered" if scattered else "contiguous", "dtype": str(dtype).split(".")[-1],
                           "seconds": t, "floor_s": floor, "ratio_to_floor": t / floor,
