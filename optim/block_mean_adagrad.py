@@ -310,8 +310,8 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
     def _apply_contiguous(self, layout: FlatParams, views: _ContiguousViews, active: list[bool], coef: Tensor) -> None:
         """theta <- theta - lr (u + wd theta), u = coef[c, 0] n + coef[c, 1] r, for parameters with a gradient."""
         offsets = layout.blocks.block_offsets
-        for lr, wd, indices in self._active_by_group(layout, active):
-            for i in indices:
+        for lr, wd, indices in reversed(list(self._active_by_group(layout, active))):
+            for i in reversed(indices):  # the last pieces of pass 1 first, while their n and r may be in cache
                 if views.shape[i] is None:
                     continue
                 p = layout.params[i]
