@@ -96,10 +96,9 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
     which would amplify the coupling term by up to :math:`10^5`).
 
     The step (for ``"tensor"`` and ``"row"``) reads each gradient where it is, runs the
-    elementwise chain and the block sums tensor by tensor (on CPU piece by piece, see
-    :attr:`cpu_piece_numel`, so that each piece is still in cache for the next
-    operation), then adds :math:`u` into the parameters: about twenty passes over
-    the :math:`d` entries where ``torch.optim.Adagrad`` makes about eleven.
+    elementwise chain and the block sums tensor by tensor, then adds :math:`u` into the
+    parameters: about twenty passes over the :math:`d` entries where
+    ``torch.optim.Adagrad`` makes about eleven.
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
@@ -247,11 +246,6 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
     _correlation = staticmethod(normalised_correlation)
 
     # ------------------------------------------------------------------ the update
-    #: entries per piece of the CPU update: the elementwise chain and the block reductions run on one
-    #: piece of a tensor at a time, while it is in cache; ``None`` takes every tensor whole (always so on
-    #: other devices, where a piece loop would only add kernel launches)
-    cpu_piece_numel: int | None = 1 << 18
-
     def _update_from_grads(self, grads: list[Tensor | None], layout: FlatParams, active: list[bool]) -> None:
         if layout.blocks.rows is None:  # scattered blocks: flat vectors and the operator as it is
             super()._update_from_grads(grads, layout, active)
@@ -260,14 +254,14 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         st["step"] += 1
         h = self._flat["sum"]
         views = layout.__dict__.get("_contiguous_views")
-        piece = self.cpu_piece_numel if layout.device.type == "cpu" else None
-        if views is None or views.h_buffer is not h or views.piece != piece:
-            views = layout._contiguous_views = _ContiguousViews(layout, h, piece)
+        if views is None or views.h_buffer is not h:
+            views = layout._contiguous_views = _ContiguousViews(layout, h)
         dtype, maximize = layout.dtype, self._maximize_of_group()
         mask = self._masking_needed(h)
         big = _unmask_scale(dtype) if mask else 0.0
-        sums = views.sums  # rows: per block P^T v (v = z^{-1/2} g), P^T n, P^T n^2
+        sums = views.sums  # columns: per block P^T v (v = z^{-1/2} g), P^T n, P^T n^2
         sums.zero_()
+        offsets = layout.blocks.block_offsets
         for i, g in enumerate(grads):
             if g is None or views.shape[i] is None:
                 continue
@@ -277,28 +271,26 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             if maximize[layout.group_index[i]]:
                 g = -g
             g = g.view(views.shape[i]) if g.is_contiguous() else g.reshape(views.shape[i])
-            for seg in views.segments[i]:
-                gc = g[seg.rows, seg.cols]
-                seg.h.addcmul_(gc, gc)  # h += g^2
-                # z = sqrt(h) + eps into r; n = g / z; r = z^{-1/2} in place
-                if mask:
-                    q = seg.q(layout)
-                    torch.sqrt(seg.h, out=q)
-                    torch.add(q, self.eps, out=seg.r)
-                else:
-                    torch.sqrt(seg.h, out=seg.r).add_(self.eps)
-                torch.div(gc, seg.r, out=seg.n)
-                seg.r.rsqrt_()
-                if mask:
-                    # r = 0 where h = 0, exactly and without a boolean mask: min(z^{-1/2}, sqrt(h) * big) is
-                    # z^{-1/2} for every h > 0 (big clears even the smallest subnormal h) and 0 for h = 0
-                    seg.r.clamp_(max=q.mul_(big))
-                if seg.one_row:
-                    part = torch.stack([torch.dot(gc[0], seg.r[0]), seg.n.sum(), torch.dot(seg.n[0], seg.n[0])])
-                    sums[seg.blocks].add_(part)  # a row cut into runs of columns: add up its pieces
-                else:
-                    torch.stack([torch.linalg.vecdot(gc, seg.r), seg.n.sum(-1), torch.linalg.vecdot(seg.n, seg.n)],
-                                dim=-1, out=sums[seg.blocks])
+            h_i, n_i, r_i = views.h[i], views.n[i], views.r[i]
+            h_i.addcmul_(g, g)  # h += g^2
+            # z = sqrt(h) + eps into r; n = g / z; r = z^{-1/2} in place
+            if mask:
+                q = views.scratch(layout, i)
+                torch.sqrt(h_i, out=q)
+                torch.add(q, self.eps, out=r_i)
+            else:
+                torch.sqrt(h_i, out=r_i).add_(self.eps)
+            torch.div(g, r_i, out=n_i)
+            r_i.rsqrt_()
+            if mask:
+                # r = 0 where h = 0, exactly and without a boolean mask: min(z^{-1/2}, sqrt(h) * big) is
+                # z^{-1/2} for every h > 0 (big clears even the smallest subnormal h) and 0 for h = 0
+                r_i.clamp_(max=q.mul_(big))
+            if g.shape[0] == 1:
+                torch.stack([torch.dot(g[0], r_i[0]), n_i.sum(), torch.dot(n_i[0], n_i[0])], out=sums[offsets[i]])
+            else:
+                torch.stack([torch.linalg.vecdot(g, r_i), n_i.sum(-1), torch.linalg.vecdot(n_i, n_i)], dim=-1,
+                            out=sums[offsets[i]:offsets[i + 1]])
         v_sums, n_sums, n_sq = sums.unbind(-1)
         st["U"].addr_(n_sums, n_sums)
         st["w"].add_(n_sq)
@@ -311,7 +303,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         """theta <- theta - lr (u + wd theta), u = coef[c, 0] n + coef[c, 1] r, for parameters with a gradient."""
         offsets = layout.blocks.block_offsets
         for lr, wd, indices in reversed(list(self._active_by_group(layout, active))):
-            for i in reversed(indices):  # the last pieces of pass 1 first, while their n and r may be in cache
+            for i in reversed(indices):  # the tensors of pass 1 last to first: their n and r may still be in cache
                 if views.shape[i] is None:
                     continue
                 p = layout.params[i]
@@ -387,63 +379,35 @@ def _unmask_scale(dtype: torch.dtype) -> float:
     return 2.0 ** (math.frexp(torch.finfo(dtype).max)[1] - 9)
 
 
-class _Segment:
-    """One piece of a parameter's ``(rows, cols)`` block matrix: whole rows, or a run of one row."""
-
-    def __init__(self, views: _ContiguousViews, i: int, a: int, rows: slice, cols: slice, blocks):
-        self.views, self.param, self.start = views, i, a
-        self.rows, self.cols, self.blocks = rows, cols, blocks
-        self.h, self.n, self.r = views.h[i][rows, cols], views.n[i][rows, cols], views.r[i][rows, cols]
-        self.one_row = self.h.shape[0] == 1
-        self._q: Tensor | None = None
-
-    def q(self, layout: FlatParams) -> Tensor:
-        """A scratch matrix of the piece's shape (for sqrt(h) while masking), shared by all pieces so
-        that it stays in cache."""
-        if self._q is None:
-            numel = max(seg.h.numel() for segs in self.views.segments for seg in segs)
-            self._q = layout.buffer("q_piece", numel=numel)[:self.h.numel()].view(self.h.shape)
-        return self._q
-
-
 class _ContiguousViews:
     """Views of the flat buffers for the contiguous rules, built once per layout and state buffer.
 
-    Per parameter: its ``(rows, cols)`` block matrix of h, n and r, its pieces (see
-    :attr:`BlockMeanAdagrad.cpu_piece_numel`) and, for a one-block parameter, the ``(numel, 2)``
-    matrix ``[n r]``: ``n`` and ``r`` are the two rows of one ``(2, d)`` work buffer, so that the
-    update of such a parameter is one matrix-vector product.
+    Per parameter: its ``(rows, cols)`` block matrix of h, n and r and, for a one-block parameter,
+    the ``(numel, 2)`` matrix ``[n r]``: ``n`` and ``r`` are the two rows of one ``(2, d)`` work
+    buffer, so that the update of such a parameter is one matrix-vector product.
     """
 
-    def __init__(self, layout: FlatParams, h: Tensor, piece: int | None):
-        self.h_buffer, self.piece = h, piece
+    def __init__(self, layout: FlatParams, h: Tensor):
+        self.h_buffer = h
         nr = layout.buffer("nr", rows=2)
         blocks = layout.blocks
         count = len(layout.numels)
         self.shape: list[tuple[int, int] | None] = [None] * count
         self.h: list[Tensor | None] = [None] * count
         self.n, self.r, self.nr = list(self.h), list(self.h), list(self.h)
-        self.segments: list[list[_Segment]] = [[] for _ in range(count)]
         for i in range(count):
             a, b = layout.offsets[i], layout.offsets[i + 1]
             if a == b:
                 continue
             rows = blocks.rows[i]
-            cols = (b - a) // rows
-            shape = self.shape[i] = (rows, cols)
+            shape = self.shape[i] = (rows, (b - a) // rows)
             self.h[i], self.n[i], self.r[i] = h[a:b].view(shape), nr[0, a:b].view(shape), nr[1, a:b].view(shape)
             if rows == 1:
                 self.nr[i] = nr[:, a:b].T
-            k0, segs = blocks.block_offsets[i], self.segments[i]
-            if piece is None or rows * cols <= piece:
-                segs.append(_Segment(self, i, a, slice(None), slice(None), slice(k0, k0 + rows)))
-            elif cols <= piece:
-                step = piece // cols
-                for r0 in range(0, rows, step):
-                    r1 = min(r0 + step, rows)
-                    segs.append(_Segment(self, i, a, slice(r0, r1), slice(None), slice(k0 + r0, k0 + r1)))
-            else:
-                for r0 in range(rows):
-                    for c0 in range(0, cols, piece):
-                        segs.append(_Segment(self, i, a, slice(r0, r0 + 1), slice(c0, c0 + piece), k0 + r0))
         self.sums = torch.zeros(blocks.num_blocks, 3, dtype=layout.dtype, device=layout.device)
+
+    def scratch(self, layout: FlatParams, i: int) -> Tensor:
+        """A work matrix of parameter ``i``'s shape (for sqrt(h) while masking), one buffer for all."""
+        numel = max(layout.numels)
+        rows, cols = self.shape[i]
+        return layout.buffer("scratch", numel=numel)[:rows * cols].view(rows, cols)

@@ -232,33 +232,7 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(flat(gpu.parameters()).cpu(), flat(cpu.parameters()), rtol=1e-9, atol=1e-11)
 
 
-# ---------------------------------------------------------------- the step's fast paths: pieces, masking, layouts
-@pytest.mark.parametrize("rule,piece", [("tensor", 7), ("row", 7), ("row", 13)],
-                         ids=["tensor-runs-of-a-row", "row-runs-of-a-row", "row-groups-of-rows"])
-def test_pieces_match_dense_reference(monkeypatch, rule, piece):
-    # piece 7: the 1 x 18 conv tensor and the 12-column linear rows are cut into runs of columns whose
-    # partial block sums are added up; piece 13: the 3 x 6 conv weight is cut into groups of whole rows
-    monkeypatch.setattr(BlockMeanAdagrad, "cpu_piece_numel", piece)
-    model, ref_model = small_model(), small_model()
-    groups = two_groups(model, wd1=0.01)
-    params = [p for g in groups for p in g["params"]]
-    ref_params = [p for m in (ref_model[0], ref_model[3]) for p in m.parameters()]
-    opt = BlockMeanAdagrad(groups, damping=0.1, partition=rule, update_interval=2)
-    ref = DenseBlockMeanAdagrad(reference_labels(params, rule), per_entry(model, groups, "lr"), damping=0.1,
-                                update_interval=2, weight_decay=per_entry(model, groups, "weight_decay"))
-    active = torch.ones(60, dtype=torch.bool)
-    for t in range(8):
-        opt.zero_grad()
-        loss_of(model, t).backward()
-        opt.step()
-        ref_model.zero_grad()
-        loss_of(ref_model, t).backward()
-        set_flat(ref_params, ref.step(flat(ref_params), flat(p.grad for p in ref_params), active))
-        torch.testing.assert_close(flat(params), flat(ref_params), rtol=1e-10, atol=1e-12)
-    views = opt._layout._contiguous_views
-    assert max(len(segs) for segs in views.segments) > 1  # the pieces were really cut
-
-
+# ---------------------------------------------------------------- the step's fast paths: masking, layouts
 def _zero_some_entries(model, until):
     """A gradient hook that zeroes two entries of every tensor while ``step[0] < until`` (h stays 0 there)."""
     step = [0]
