@@ -117,8 +117,9 @@ class BlockMeanLinearOperator(LinearOperator):
             raise ValueError(
                 f"B must have shape (*batch, k, k) with k = partition.num_blocks = {k}, got {tuple(B.shape)}."
             )
-        try:
-            batch = torch.broadcast_shapes(lam.shape[:-1], B.shape[:-2])
+        try:  # (equal batch shapes, the common case, skip the comparatively slow broadcast_shapes)
+            batch = lam.shape[:-1] if lam.shape[:-1] == B.shape[:-2] else torch.broadcast_shapes(
+                lam.shape[:-1], B.shape[:-2])
         except RuntimeError:
             raise ValueError(
                 f"batch shapes of lam {tuple(lam.shape[:-1])} and B {tuple(B.shape[:-2])} do not broadcast."
