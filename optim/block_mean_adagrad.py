@@ -273,19 +273,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             g = g.view(views.shape[i]) if g.is_contiguous() else g.reshape(views.shape[i])
             h_i, n_i, r_i = views.h[i], views.n[i], views.r[i]
             h_i.addcmul_(g, g)  # h += g^2
-            # z = sqrt(h) + eps into r; n = g / z; r = z^{-1/2} in place
-            if mask:
-                q = views.scratch(layout, i)
-                torch.sqrt(h_i, out=q)
-                torch.add(q, self.eps, out=r_i)
-            else:
-                torch.sqrt(h_i, out=r_i).add_(self.eps)
-            torch.div(g, r_i, out=n_i)
-            r_i.rsqrt_()
-            if mask:
-                # r = 0 where h = 0, exactly and without a boolean mask: min(z^{-1/2}, sqrt(h) * big) is
-                # z^{-1/2} for every h > 0 (big clears even the smallest subnormal h) and 0 for h = 0
-                r_i.clamp_(max=q.mul_(big))
+            _normalise(g, h_i, n_i, r_i, self.eps, views.scratch(layout, i) if mask else None, big)
             if g.shape[0] == 1:
                 torch.stack([torch.dot(g[0], r_i[0]), n_i.sum(), torch.dot(n_i[0], n_i[0])], out=sums[offsets[i]])
             else:
@@ -328,15 +316,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         mask = self._masking_needed(h)
         h.addcmul_(g, g)
         n, r = layout.buffer("nr", rows=2).unbind(0)
-        if mask:
-            q = torch.sqrt(h, out=layout.buffer("q"))
-            torch.add(q, self.eps, out=r)
-        else:
-            torch.sqrt(h, out=r).add_(self.eps)
-        torch.div(g, r, out=n)
-        r.rsqrt_()
-        if mask:
-            r.clamp_(max=q.mul_(_unmask_scale(q.dtype)))
+        _normalise(g, h, n, r, self.eps, layout.buffer("q") if mask else None, _unmask_scale(h.dtype))
         partition = layout.partition
         n_sums = partition.block_sum(n)
         st["U"].addr_(n_sums, n_sums)
@@ -367,6 +347,26 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
     def _values_read_back(self, values: list[float]) -> None:
         if values:
             self._h_has_zero = values[0] == 0
+
+
+def _normalise(g: Tensor, h: Tensor, n: Tensor, r: Tensor, eps: float, scratch: Tensor | None,
+               big: float) -> None:
+    """In place, with ``z = sqrt(h) + eps`` (``h`` already holds this step's sum): ``n = g / z`` and
+    ``r = z^{-1/2}``. With a ``scratch`` buffer of ``h``'s shape, also ``r = 0`` where ``h = 0``.
+
+    The mask is exact and needs no boolean tensor: ``min(z^{-1/2}, sqrt(h) * big)`` is ``z^{-1/2}``
+    for every ``h > 0`` (``big`` from :func:`_unmask_scale` clears even the smallest subnormal) and
+    0 for ``h = 0``.
+    """
+    if scratch is not None:
+        torch.sqrt(h, out=scratch)
+        torch.add(scratch, eps, out=r)
+    else:
+        torch.sqrt(h, out=r).add_(eps)
+    torch.div(g, r, out=n)
+    r.rsqrt_()
+    if scratch is not None:
+        r.clamp_(max=scratch.mul_(big))
 
 
 def _unmask_scale(dtype: torch.dtype) -> float:
