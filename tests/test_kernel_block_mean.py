@@ -1,8 +1,6 @@
 """kernel_block_mean: values and hyperparameter gradients against the dense block mean, both paths."""
 
 import importlib
-import os
-import tempfile
 from unittest import mock
 
 import gpytorch
@@ -12,6 +10,7 @@ from gpytorch.kernels import LinearKernel, MaternKernel, PeriodicKernel, RBFKern
 
 from bma_gp import BlockMeanLinearOperator, Partition, block_mean
 from bma_gp.kernel_block_mean import kernel_block_mean
+from gloo_ranks import run_on_ranks
 
 # the package re-exports the function under the module's name, so fetch the module itself
 kbm = importlib.import_module("bma_gp.kernel_block_mean")
@@ -213,33 +212,21 @@ def test_bad_input(call, error, match):
 
 
 # ---------------------------------------------------------------------------- torch.distributed
-def _distributed_worker(rank, world, init_file, out_dir):
+def _distributed_worker(rank, world):
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        results = {}
-        for name, fused in (("fused", None), ("generic", False)):
-            kernel = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D)).double())
-            op = kernel_block_mean(kernel, _x(), PARTITIONS["scattered"](N), chunk_size=16, fused=fused,
-                                   process_group=dist.group.WORLD)
-            _loss(op).backward()
-            results[name] = [op.lam.detach(), op.B.detach()] + [p.grad for p in kernel.parameters()]
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    results = {}
+    for name, fused in (("fused", None), ("generic", False)):
+        kernel = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D)).double())
+        op = kernel_block_mean(kernel, _x(), PARTITIONS["scattered"](N), chunk_size=16, fused=fused,
+                               process_group=dist.group.WORLD)
+        _loss(op).backward()
+        results[name] = [op.lam.detach(), op.B.detach()] + [p.grad for p in kernel.parameters()]
+    return results
 
 
 def test_distributed_two_ranks_equal_single_process():
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available in this build")
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_distributed_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    ranks = run_on_ranks(_distributed_worker, 2)
     for name, fused in (("fused", None), ("generic", False)):
         kernel = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D)).double())
         op = kernel_block_mean(kernel, _x(), PARTITIONS["scattered"](N), fused=fused)

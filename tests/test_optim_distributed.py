@@ -10,12 +10,9 @@ whole batch (to rounding: the two gradients are summed in a different order).
 
 from __future__ import annotations
 
-import os
-import tempfile
-
-import pytest
 import torch
 
+from gloo_ranks import run_on_ranks
 from optim import BlockMeanAdagrad
 
 WORLD = 2
@@ -52,31 +49,19 @@ def _train(model: torch.nn.Module, options: dict, rank: int | None) -> list[torc
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
+def _ddp_worker(rank: int, world: int) -> dict[str, list[torch.Tensor]]:
     from torch.nn.parallel import DistributedDataParallel
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        results = {}
-        for name, options, as_view in CASES:
-            model = DistributedDataParallel(_model(), gradient_as_bucket_view=as_view)
-            results[name] = _train(model, options, rank)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    assert world == WORLD
+    results = {}
+    for name, options, as_view in CASES:
+        model = DistributedDataParallel(_model(), gradient_as_bucket_view=as_view)
+        results[name] = _train(model, options, rank)
+    return results
 
 
 def test_ddp_two_ranks_identical_and_equal_single_process():
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available in this build")
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ddp_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
-        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+    ranks = run_on_ranks(_ddp_worker, WORLD)
     start = [p.detach() for p in _model().parameters()]
     for name, options, _ in CASES:
         single = _train(_model(), options, None)
