@@ -169,13 +169,15 @@ def train_run(make_model, data: Dataset, optimizer: str, lr: float, epochs: int,
 
 
 def run_dataset(name: str, data: Dataset, model_name: str, optimizers: list[str], epochs: int,
-                tune_epochs: int, seeds: int, log, fixed_lr: dict[str, float] | None = None) -> dict:
+                tune_epochs: int, seeds: int, log, fixed_lr: dict[str, float] | None = None,
+                grid_scale: float = 1.0) -> dict:
     in_channels, size = data[0].shape[1], data[0].shape[-1]
     make_model = (lambda: small_model(in_channels, size)) if model_name == "small" else \
         (lambda: large_model(in_channels, size))
     results = {}
     for opt_name in optimizers:
-        grid = (fixed_lr[opt_name],) if fixed_lr and opt_name in fixed_lr else OPTIMIZERS[opt_name][1]
+        grid = (fixed_lr[opt_name],) if fixed_lr and opt_name in fixed_lr else \
+            tuple(lr * grid_scale for lr in OPTIMIZERS[opt_name][1])
         tuning = {}
         for lr in grid if len(grid) > 1 else ():
             run = train_run(make_model, data, opt_name, lr, tune_epochs, seed=100)
@@ -259,6 +261,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lr", default="", help="fixed learning rates, no tuning: name=value,...")
+    parser.add_argument("--grid-scale", type=float, default=1.0,
+                        help="multiply every learning-rate grid by this (e.g. 0.1 for the large model)")
     parser.add_argument("--cifar-root", default=os.environ.get("CIFAR10_ROOT", "data"))
     parser.add_argument("--out", default="docs/results/optim")
     parser.add_argument("--tag", default="", help="suffix of the output file names (default: '' or '_large')")
@@ -287,7 +291,8 @@ def main(argv=None) -> None:
             data = (data[0][:300], data[1][:300], data[2][:200], data[3][:200])
         log(f"{name}: {len(data[1])} train / {len(data[3])} test images of shape {tuple(data[0].shape[1:])}")
         all_results[f"{name}/{args.model}"] = run_dataset(name, data, args.model, optimizers, args.epochs,
-                                                          args.tune_epochs, args.seeds, log, fixed_lr)
+                                                          args.tune_epochs, args.seeds, log, fixed_lr,
+                                                          args.grid_scale)
     table = markdown_table(all_results)
     print(table)
     elapsed = time.time() - started
