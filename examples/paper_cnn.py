@@ -177,7 +177,7 @@ def run_dataset(name: str, data: Dataset, model_name: str, optimizers: list[str]
     results = {}
     for opt_name in optimizers:
         grid = (fixed_lr[opt_name],) if fixed_lr and opt_name in fixed_lr else \
-            tuple(lr * grid_scale for lr in OPTIMIZERS[opt_name][1])
+            tuple(float(f"{lr * grid_scale:.6g}") for lr in OPTIMIZERS[opt_name][1])
         tuning = {}
         for lr in grid if len(grid) > 1 else ():
             run = train_run(make_model, data, opt_name, lr, tune_epochs, seed=100)
