@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from bma_gp import BlockMeanLinearOperator, Partition, block_mean_from_sums
+from optim import _fused
 from optim.flat_optimizer import FlatPreconditionedOptimizer, check_hyperparameter
 from optim.flat_params import FlatParams
 from optim.param_partition import ParamBlocks, check_partition_rule
@@ -168,6 +169,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         *,
         maximize: bool = False,
         check_finite: bool = True,
+        fused: bool = False,
     ):
         check_hyperparameter("learning rate", lr)
         check_hyperparameter("eps", eps)
@@ -177,6 +179,14 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         check_partition_rule(partition)
         if not isinstance(maximize, bool):
             raise ValueError(f"Invalid maximize value: {maximize!r}; it must be True or False.")
+        if not isinstance(fused, bool):
+            raise ValueError(f"Invalid fused value: {fused!r}; it must be True or False.")
+        if fused and callable(partition):
+            raise ValueError(
+                "fused=True supports partition='tensor' and partition='row' (blocks that are rows of each "
+                "parameter); with a callable partition use fused=False."
+            )
+        self.fused = fused
         self.eps = float(eps)
         self.damping = float(damping)
         self.partition_rule = partition
@@ -188,6 +198,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("fused", False)
         self._root = None
         self._h_has_zero = True
 
@@ -256,6 +267,9 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         views = layout.__dict__.get("_contiguous_views")
         if views is None or views.h_buffer is not h:
             views = layout._contiguous_views = _ContiguousViews(layout, h)
+        if self.fused:
+            self._fused_update(grads, layout, views, active)
+            return
         dtype, maximize = layout.dtype, self._maximize_of_group()
         mask = self._masking_needed(h)
         big = _unmask_scale(dtype) if mask else 0.0
@@ -286,6 +300,38 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         # u = z^{-1/2} [lam_R v + P B_R P^T v] = lam_R[c] n + (B_R P^T v)[c] r, c the block of each entry
         coef = torch.stack([root.lam, root.B @ v_sums], dim=-1)  # (k, 2)
         self._apply_contiguous(layout, views, active, coef)
+
+    def _fused_update(self, grads: list[Tensor | None], layout: FlatParams, views: _ContiguousViews,
+                      active: list[bool]) -> None:
+        """The step as two compiled passes over the parameters (:mod:`optim._fused`); ``fused=True``."""
+        st = self.global_state
+        maximize = self._maximize_of_group()
+        present = [i for i, g in enumerate(grads) if g is not None and views.shape[i] is not None]
+        gs = [grads[i].neg() if maximize[layout.group_index[i]] else grads[i] for i in present]
+        hs = [views.h[i] for i in present]
+        sums = _fused.compiled("block_sums")(gs, hs, self.eps)
+        offsets = layout.blocks.block_offsets
+        if len(present) < len(offsets) - 1:  # some parameters had no gradient: their blocks' sums are 0
+            full = views.sums.zero_()
+            row = 0
+            for i in present:
+                a, b = offsets[i], offsets[i + 1]
+                full[a:b] = sums[row:row + b - a]
+                row += b - a
+            sums = full
+        v_sums, n_sums, n_sq = sums.unbind(-1)
+        st["U"].addr_(n_sums, n_sums)
+        st["w"].add_(n_sq)
+        root = self._root_operator(layout.partition)
+        # theta <- (1 - lr wd) theta - lr [lam_R[c] n + (B_R P^T v)[c] r], per block c
+        coef = torch.stack([root.lam, root.B @ v_sums, torch.ones_like(v_sums)], dim=-1)
+        for lr, wd, indices in self._active_by_group(layout, active):
+            a, b = offsets[indices[0]], offsets[indices[-1] + 1]
+            coef[a:b, :2] *= -lr
+            if wd:
+                coef[a:b, 2] = 1.0 - lr * wd
+        _fused.compiled("apply_update")(gs, hs, [layout.params[i] for i in present],
+                                        [coef[offsets[i]:offsets[i + 1]] for i in present], self.eps)
 
     def _apply_contiguous(self, layout: FlatParams, views: _ContiguousViews, active: list[bool], coef: Tensor) -> None:
         """theta <- theta - lr (u + wd theta), u = coef[c, 0] n + coef[c, 1] r, for parameters with a gradient."""
@@ -340,6 +386,8 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
 
     def _values_to_read_back(self) -> list[Tensor]:
         h = self._flat.get("sum")
+        if self.fused:
+            return []  # the fused passes mask h = 0 themselves
         if self._h_has_zero and h is not None and h.numel():
             return [h.amin()]
         return []

@@ -1,0 +1,115 @@
+"""The two passes of :class:`optim.BlockMeanAdagrad`'s ``fused=True`` step, compiled with ``torch.compile``.
+
+Eager PyTorch needs one kernel (one pass over the parameters) per operation and keeps
+``n = g / z`` and ``r = z^{-1/2}`` in buffers between the block sums and the update. Here
+each pass is one generated loop per parameter tensor:
+
+1. :func:`block_sums` reads ``g`` and ``h``, writes ``h += g^2`` and reduces, per block
+   (row of the parameter's ``(rows, cols)`` matrix), ``sum g r``, ``sum n`` and ``sum n^2``;
+2. :func:`apply_update` reads ``g``, ``h`` and ``theta`` and writes
+   ``theta = c2 theta + c0 n + c1 r`` with the per-block coefficients ``c`` (learning rate,
+   preconditioner and weight decay folded in), recomputing ``r`` and ``n = g r^2`` from ``h``
+   instead of storing them.
+
+That is seven streams over the parameters, where ``torch.optim.Adagrad`` makes eleven. The
+entries with ``h = 0`` get ``r = 0`` by a select inside the loop (no host synchronisation).
+Both functions are plain PyTorch, so they also run uncompiled: that is the fallback when
+compilation is unavailable, and the reference the tests compare the compiled code with.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+__all__ = ["apply_update", "block_sums", "compiled"]
+
+
+def block_sums(gs: list[Tensor], hs: list[Tensor], eps: float) -> Tensor:
+    """Pass 1, for every parameter ``i``: ``hs[i] += g^2`` in place, and the per-block sums.
+
+    Args:
+        gs: the gradients, any shape with ``hs[i].numel()`` entries (maximize groups already negated).
+        hs: the running sums of squares as ``(rows, cols)`` matrices, one row per block.
+        eps: added after the square root, ``z = sqrt(h) + eps``.
+
+    Returns:
+        ``(sum_i rows_i, 3)``: per block ``sum r g``, ``sum n`` and ``sum n^2`` with ``r = z^{-1/2}`` and
+        ``n = g / z``, computed as ``r^2 g`` (these passes are compute-bound on square roots and divisions).
+    """
+    out = []
+    for g, h in zip(gs, hs):
+        g = g.reshape(h.shape).to(h.dtype)
+        h.addcmul_(g, g)
+        r = _inv_root(h, eps)
+        v = g * r
+        n = v * r  # g / z to rounding, without a second division
+        out.append(torch.stack([v.sum(-1), n.sum(-1), (n * n).sum(-1)], dim=-1))
+    return torch.cat(out)
+
+
+def apply_update(gs: list[Tensor], hs: list[Tensor], ps: list[Tensor], coefs: list[Tensor], eps: float) -> None:
+    """Pass 2, for every parameter ``i``: ``ps[i] = c2 ps[i] + c0 n + c1 r`` in place, per block.
+
+    Args:
+        gs, hs, eps: as for :func:`block_sums` (``hs`` already holds this step's sums).
+        ps: the parameters (any shape and strides, any floating dtype).
+        coefs: per parameter ``(rows, 3)``: the coefficients ``c0, c1, c2`` of each block.
+    """
+    for g, h, p, c in zip(gs, hs, ps, coefs):
+        g = g.reshape(h.shape).to(h.dtype)
+        r = _inv_root(h, eps)
+        new = p.reshape(h.shape).to(h.dtype) * c[:, 2:3] + (c[:, 0:1] * (g * r) + c[:, 1:2]) * r
+        p.copy_(new.reshape(p.shape).to(p.dtype))
+
+
+def _inv_root(h: Tensor, eps: float) -> Tensor:
+    """``z^{-1/2}`` with ``z = sqrt(h) + eps``, and 0 where ``h = 0``: two square roots and one division per entry."""
+    return torch.where(h > 0, (h.sqrt() + eps).rsqrt(), 0.0)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled(name: str):
+    """The ``torch.compile``'d :func:`block_sums` or :func:`apply_update` (shared by all optimizers).
+
+    Shapes are dynamic, so parameters of new sizes reuse the generated code. Where compilation
+    fails (no C++ compiler for the CPU backend, no Triton for CUDA), the eager function is
+    returned from then on, with one warning: same results, eager speed.
+    """
+    fn = _COMPILED.get(name)
+    if fn is None:
+        eager = {"block_sums": block_sums, "apply_update": apply_update}[name]
+        fn = _COMPILED[name] = _with_eager_fallback(name, eager, torch.compile(eager, dynamic=True, fullgraph=True))
+    return fn
+
+
+def _with_eager_fallback(name: str, eager, fast):
+    def call(*args):
+        if _COMPILED.get(name + ":failed"):
+            return eager(*args)
+        try:
+            return fast(*args)
+        except Exception as exc:  # compilation failed: nothing was written (the compiled code never ran)
+            if not _is_compile_failure(exc):
+                raise
+            _COMPILED[name + ":failed"] = True
+            warnings.warn(
+                f"BlockMeanAdagrad(fused=True): torch.compile of the fused step failed ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); running the same passes eagerly (slower). "
+                "The CPU backend needs a C++ compiler; fused=False avoids torch.compile.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return eager(*args)
+
+    return call
+
+
+def _is_compile_failure(exc: Exception) -> bool:
+    """Whether ``exc`` came from torch.compile's machinery rather than from the computation itself."""
+    module = type(exc).__module__ or ""
+    return module.startswith(("torch._dynamo", "torch._inductor")) or isinstance(exc, (OSError, ImportError))

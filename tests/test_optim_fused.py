@@ -1,0 +1,246 @@
+"""BlockMeanAdagrad(fused=True): the two compiled passes against the dense reference and the eager step.
+
+The compiled code is shared by all optimizers of the process, so these tests reuse a few
+model structures (each new structure or dtype compiles once, a few seconds on two cores).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+
+from optim import BlockMeanAdagrad, _fused
+from optim_reference import DenseBlockMeanAdagrad, flat, loss_of, reference_labels, set_flat, small_batch, small_model
+from test_optim_block_mean import _zero_some_entries, identity_correlation, per_entry, two_groups
+
+
+def _train(model, opt, steps, start=0):
+    for t in range(start, start + steps):
+        opt.zero_grad()
+        loss_of(model, t).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("rule,update_interval", [("tensor", 1), ("row", 1), ("row", 3)],
+                         ids=["tensor", "row", "row-interval3"])
+def test_fused_matches_dense_reference(rule, update_interval):
+    model, ref_model = small_model(), small_model()
+    groups = two_groups(model, wd1=0.01)
+    groups[1]["maximize"] = True
+    params = [p for g in groups for p in g["params"]]
+    opt = BlockMeanAdagrad(groups, damping=0.1, partition=rule, update_interval=update_interval, fused=True)
+    ref = DenseBlockMeanAdagrad(reference_labels(params, rule), per_entry(model, groups, "lr"), damping=0.1,
+                                update_interval=update_interval,
+                                weight_decay=per_entry(model, groups, "weight_decay"))
+    ref_params = [p for m in (ref_model[0], ref_model[3]) for p in m.parameters()]
+    n_conv = sum(p.numel() for p in groups[0]["params"])
+    active = torch.ones(sum(p.numel() for p in params), dtype=torch.bool)
+    for t in range(10):
+        opt.zero_grad()
+        loss_of(model, t).backward()
+        opt.step()
+        ref_model.zero_grad()
+        (-loss_of(ref_model, t)).backward()  # the second group maximizes: its gradient is that of -loss
+        g = flat(p.grad for p in ref_params)
+        g[:n_conv] = -g[:n_conv]
+        set_flat(ref_params, ref.step(flat(ref_params), g, active))
+        torch.testing.assert_close(flat(params), flat(ref_params), rtol=1e-10, atol=1e-12)
+    assert (flat(params) - flat(p for m in (small_model()[0], small_model()[3]) for p in m.parameters())).abs().max() > 1e-2
+
+
+def test_fused_with_missing_grads_and_zero_h_matches_reference():
+    # parameter 2 has no gradient on even steps; two entries of every tensor have a zero gradient
+    # (h = 0, masked inside the compiled loop) until step 4
+    model, ref_model = small_model(), small_model()
+    step, ref_step = _zero_some_entries(model, until=4), _zero_some_entries(ref_model, until=4)
+    params, ref_params = list(model.parameters()), list(ref_model.parameters())
+    start = flat(params).clone()
+    zeroed = torch.cat([torch.arange(p.numel()) < 2 for p in params])
+    opt = BlockMeanAdagrad(params, lr=0.05, partition="tensor", fused=True)
+    ref = DenseBlockMeanAdagrad(reference_labels(params, "tensor"), torch.full((60,), 0.05, dtype=torch.float64))
+    numels = [p.numel() for p in params]
+    for t in range(8):
+        step[0] = ref_step[0] = t
+        opt.zero_grad()
+        ref_model.zero_grad()
+        loss_of(model, t).backward()
+        loss_of(ref_model, t).backward()
+        if t % 2 == 0:
+            params[2].grad = ref_params[2].grad = None
+        frozen = params[2].detach().clone()
+        opt.step()
+        active = torch.cat([torch.full((m,), p.grad is not None) for p, m in zip(ref_params, numels)])
+        grads = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(m)
+                           for p, m in zip(ref_params, numels)])
+        set_flat(ref_params, ref.step(flat(ref_params), grads, active))
+        torch.testing.assert_close(flat(params), flat(ref_params), rtol=1e-10, atol=1e-12)
+        if t % 2 == 0:
+            assert torch.equal(params[2], frozen)
+        if t < 4:
+            assert torch.equal(flat(params)[zeroed], start[zeroed])
+    assert not torch.equal(flat(params)[zeroed], start[zeroed])
+    assert opt._values_to_read_back() == []  # no h.amin() read back: the mask costs no synchronisation
+
+
+def test_fused_identity_correlation_is_torch_adagrad(monkeypatch):
+    monkeypatch.setattr(BlockMeanAdagrad, "_correlation", staticmethod(identity_correlation))
+    ours, theirs = small_model(), small_model()
+    opt = BlockMeanAdagrad(ours.parameters(), lr=0.1, eps=1e-10, damping=0.0, partition="tensor", fused=True)
+    torch_opt = torch.optim.Adagrad(theirs.parameters(), lr=0.1, eps=1e-10)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5) for o in (opt, torch_opt)]
+    for t in range(10):
+        for model, o, s in ((ours, opt, scheds[0]), (theirs, torch_opt, scheds[1])):
+            o.zero_grad()
+            loss_of(model, t).backward()
+            o.step()
+            s.step()
+        torch.testing.assert_close(flat(ours.parameters()), flat(theirs.parameters()), rtol=1e-13, atol=1e-13)
+        # h += g^2 may compile to a fused multiply-add: equal to rounding, not bit for bit
+        torch.testing.assert_close(flat(opt.state[p]["sum"] for p in ours.parameters()),
+                                   flat(torch_opt.state[p]["sum"] for p in theirs.parameters()), rtol=1e-14, atol=0)
+
+
+def test_fused_float32_matches_eager():
+    fused_model, eager_model = small_model(dtype=torch.float32), small_model(dtype=torch.float32)
+    opts = [BlockMeanAdagrad(m.parameters(), lr=0.03, partition="row", fused=f)
+            for m, f in ((fused_model, True), (eager_model, False))]
+    for t in range(8):
+        for m, o in zip((fused_model, eager_model), opts):
+            _train(m, o, 1, start=t)
+        torch.testing.assert_close(flat(fused_model.parameters()), flat(eager_model.parameters()),
+                                   rtol=2e-5, atol=2e-6)
+    assert opts[0].global_state["U"].dtype == torch.float32
+
+
+def test_fused_bfloat16_parameters_keep_float32_statistics():
+    low = small_model().to(torch.bfloat16)
+    high = small_model().to(torch.bfloat16)
+    opt_low = BlockMeanAdagrad(low.parameters(), lr=0.05, fused=True)
+    opt_high = BlockMeanAdagrad(high.parameters(), lr=0.05, fused=False)
+    for t in range(4):
+        for m, o in ((low, opt_low), (high, opt_high)):
+            _train(m, o, 1, start=t)
+    assert opt_low.global_state["U"].dtype == torch.float32
+    assert all(opt_low.state[p]["sum"].dtype == torch.float32 for p in low.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in low.parameters())
+    # both round the float32 update to bfloat16 once per step
+    torch.testing.assert_close(flat(low.parameters()).float(), flat(high.parameters()).float(),
+                               rtol=2e-2, atol=2e-2)
+    assert not torch.equal(flat(low.parameters()), flat(small_model().to(torch.bfloat16).parameters()))
+
+
+def test_fused_non_contiguous_parameter_matches_contiguous():
+    torch.manual_seed(3)
+    value = torch.randn(4, 5, dtype=torch.float64)
+    strided = torch.nn.Parameter(value.T.contiguous().T)  # column-major storage
+    dense = torch.nn.Parameter(value.clone())
+    opt_s = BlockMeanAdagrad([strided], lr=0.05, partition="row", weight_decay=0.01, fused=True)
+    opt_d = BlockMeanAdagrad([dense], lr=0.05, partition="row", weight_decay=0.01, fused=False)
+    for _ in range(4):
+        x = torch.randn(5, 3, dtype=torch.float64)
+        for p, opt in ((strided, opt_s), (dense, opt_d)):
+            opt.zero_grad()
+            (p @ x).tanh().sum().backward()
+            opt.step()
+        torch.testing.assert_close(strided, dense, rtol=1e-12, atol=1e-14)
+    assert not strided.is_contiguous()
+    assert not torch.equal(dense, value)
+
+
+def test_state_dict_moves_between_fused_and_eager():
+    # the state is the same in both modes: an eager checkpoint continues under fused=True and back
+    model = small_model()
+    opt = BlockMeanAdagrad(model.parameters(), lr=0.05, update_interval=3, fused=False)
+    _train(model, opt, 4)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    _train(model, opt, 4, start=4)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2 = small_model(seed=5)
+    model2.load_state_dict(ckpt["model"])
+    opt2 = BlockMeanAdagrad(model2.parameters(), lr=0.05, update_interval=3, fused=True)
+    opt2.load_state_dict(ckpt["opt"])
+    _train(model2, opt2, 4, start=4)
+    torch.testing.assert_close(flat(model2.parameters()), flat(model.parameters()), rtol=1e-11, atol=1e-13)
+    assert opt2.global_state["step"] == opt.global_state["step"] == 8
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"fused": "yes"}, "Invalid fused"),
+    ({"fused": True, "partition": lambda p: torch.zeros(p.numel(), dtype=torch.long)}, "fused=True supports"),
+])
+def test_fused_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BlockMeanAdagrad(small_model().parameters(), **kwargs)
+
+
+def test_non_finite_gradient_changes_nothing_when_fused():
+    model = small_model()
+    opt = BlockMeanAdagrad(model.parameters(), lr=0.05, fused=True)
+    _train(model, opt, 2)
+    before = flat(model.parameters()).clone()
+    state = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.global_state.items()}
+    opt.zero_grad()
+    loss_of(model, 2).backward()
+    next(model.parameters()).grad.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        opt.step()
+    assert torch.equal(flat(model.parameters()), before)
+    for key, value in state.items():
+        assert torch.equal(opt.global_state[key], value) if torch.is_tensor(value) else opt.global_state[key] == value
+
+
+def test_compile_failure_falls_back_to_the_eager_passes(monkeypatch):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def broken_compile(fn, **kwargs):
+        def call(*args):
+            raise BackendCompilerFailed("inductor", RuntimeError("no C++ compiler"), None)
+        return call
+
+    monkeypatch.setattr(_fused, "_COMPILED", {})
+    monkeypatch.setattr(_fused.torch, "compile", broken_compile)
+    fused_model, eager_model = small_model(), small_model()
+    opt_f = BlockMeanAdagrad(fused_model.parameters(), lr=0.05, fused=True)
+    opt_e = BlockMeanAdagrad(eager_model.parameters(), lr=0.05)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the fused step failed"):
+        _train(fused_model, opt_f, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not every step
+        _train(fused_model, opt_f, 3, start=1)
+    _train(eager_model, opt_e, 4)
+    torch.testing.assert_close(flat(fused_model.parameters()), flat(eager_model.parameters()), rtol=1e-12, atol=1e-14)
+
+
+def test_errors_of_the_computation_itself_are_not_swallowed(monkeypatch):
+    def compile_raising_value_error(fn, **kwargs):
+        def call(*args):
+            raise ValueError("a genuine error")
+        return call
+
+    monkeypatch.setattr(_fused, "_COMPILED", {})
+    monkeypatch.setattr(_fused.torch, "compile", compile_raising_value_error)
+    model = small_model()
+    opt = BlockMeanAdagrad(model.parameters(), lr=0.05, fused=True)
+    loss_of(model, 0).backward()
+    with pytest.raises(ValueError, match="a genuine error"):
+        opt.step()
+
+
+@pytest.mark.cuda
+def test_fused_cuda_matches_cpu():
+    cpu, gpu = small_model(), small_model().cuda()
+    opt_c = BlockMeanAdagrad(cpu.parameters(), lr=0.05, partition="row")
+    opt_g = BlockMeanAdagrad(gpu.parameters(), lr=0.05, partition="row", check_finite=False, fused=True)
+    for t in range(6):
+        _train(cpu, opt_c, 1, start=t)
+        opt_g.zero_grad()
+        x, y = small_batch(t)
+        (gpu(x.cuda()) - y.cuda()).pow(2).mean().backward()
+        opt_g.step()
+    assert all(opt_g.state[p]["sum"].is_cuda for p in gpu.parameters())
+    torch.testing.assert_close(flat(gpu.parameters()).cpu(), flat(cpu.parameters()), rtol=1e-9, atol=1e-11)
