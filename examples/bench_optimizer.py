@@ -91,6 +91,10 @@ def main(argv=None) -> None:
     configs = {
         "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=1e-2),
         "adagrad_foreach": lambda ps: torch.optim.Adagrad(ps, lr=1e-2, foreach=True),
+        "adagrad_fused": lambda ps: torch.optim.Adagrad(ps, lr=1e-2, fused=True),
+        "block_mean_tensor_fused": lambda ps: BlockMeanAdagrad(ps, lr=1e-2, partition="tensor", fused=True),
+        "block_mean_row_interval100_fused": lambda ps: BlockMeanAdagrad(ps, lr=1e-2, partition="row",
+                                                                        update_interval=100, fused=True),
         "block_mean_tensor": lambda ps: BlockMeanAdagrad(ps, lr=1e-2, partition="tensor"),
         "block_mean_tensor_nocheck": lambda ps: BlockMeanAdagrad(ps, lr=1e-2, partition="tensor",
                                                                  check_finite=False),

@@ -4,12 +4,14 @@ Eager PyTorch needs one kernel (one pass over the parameters) per operation and 
 ``n = g / z`` and ``r = z^{-1/2}`` in buffers between the block sums and the update. Here
 each pass is one generated loop per parameter tensor:
 
-1. :func:`block_sums` reads ``g`` and ``h``, writes ``h += g^2`` and reduces, per block
-   (row of the parameter's ``(rows, cols)`` matrix), ``sum g r``, ``sum n`` and ``sum n^2``;
-2. :func:`apply_update` reads ``g``, ``h`` and ``theta`` and writes
+1. :func:`block_sums` reads ``g`` and ``h`` and reduces, per block (row of the parameter's
+   ``(rows, cols)`` matrix), ``sum g r``, ``sum n`` and ``sum n^2`` with ``h + g^2`` in place of
+   ``h``, and whether every gradient entry is finite. It writes nothing, so a non-finite
+   gradient can still be refused with the state untouched, without a separate pass to check;
+2. :func:`apply_update` reads ``g``, ``h`` and ``theta`` and writes ``h += g^2`` and
    ``theta = c2 theta + c0 n + c1 r`` with the per-block coefficients ``c`` (learning rate,
-   preconditioner and weight decay folded in), recomputing ``r`` and ``n = g r^2`` from ``h``
-   instead of storing them.
+   preconditioner and weight decay folded in), recomputing ``r`` and ``n = g r^2`` instead of
+   storing them.
 
 That is seven streams over the parameters, where ``torch.optim.Adagrad`` makes eleven. The
 entries with ``h = 0`` get ``r = 0`` by a select inside the loop (no host synchronisation).
@@ -27,41 +29,44 @@ from torch import Tensor
 __all__ = ["apply_update", "block_sums", "compiled"]
 
 
-def block_sums(gs: list[Tensor], hs: list[Tensor], eps: float) -> Tensor:
-    """Pass 1, for every parameter ``i``: ``hs[i] += g^2`` in place, and the per-block sums.
+def block_sums(gs: list[Tensor], hs: list[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    """Pass 1: the per-block sums of this step, and a finiteness flag; reads ``g`` and ``h``, writes nothing.
 
     Args:
         gs: the gradients, any shape with ``hs[i].numel()`` entries (maximize groups already negated).
-        hs: the running sums of squares as ``(rows, cols)`` matrices, one row per block.
-        eps: added after the square root, ``z = sqrt(h) + eps``.
+        hs: the running sums of squares before this step, as ``(rows, cols)`` matrices, one row per block.
+        eps: added after the square root, ``z = sqrt(h + g^2) + eps``.
 
     Returns:
         ``(sum_i rows_i, 3)``: per block ``sum r g``, ``sum n`` and ``sum n^2`` with ``r = z^{-1/2}`` and
-        ``n = g / z``, computed as ``r^2 g`` (these passes are compute-bound on square roots and divisions).
+        ``n = g / z``, computed as ``r^2 g`` (these passes are compute-bound on square roots and divisions);
+        and a 0-d boolean tensor, whether every gradient entry is finite.
     """
-    out = []
+    out, flags = [], []
     for g, h in zip(gs, hs):
         g = g.reshape(h.shape).to(h.dtype)
-        h.addcmul_(g, g)
-        r = _inv_root(h, eps)
+        r = _inv_root(h + g * g, eps)
         v = g * r
         n = v * r  # g / z to rounding, without a second division
         out.append(torch.stack([v.sum(-1), n.sum(-1), (n * n).sum(-1)], dim=-1))
-    return torch.cat(out)
+        flags.append(torch.isfinite(g).all())
+    return torch.cat(out), torch.stack(flags).all()
 
 
 def apply_update(gs: list[Tensor], hs: list[Tensor], ps: list[Tensor], coefs: list[Tensor], eps: float) -> None:
-    """Pass 2, for every parameter ``i``: ``ps[i] = c2 ps[i] + c0 n + c1 r`` in place, per block.
+    """Pass 2, for every parameter ``i``: ``hs[i] += g^2`` and ``ps[i] = c2 ps[i] + c0 n + c1 r`` in place, per block.
 
     Args:
-        gs, hs, eps: as for :func:`block_sums` (``hs`` already holds this step's sums).
+        gs, hs, eps: as for :func:`block_sums` (the same ``h + g^2``, so the same ``r``, is computed again).
         ps: the parameters (any shape and strides, any floating dtype).
         coefs: per parameter ``(rows, 3)``: the coefficients ``c0, c1, c2`` of each block.
     """
     for g, h, p, c in zip(gs, hs, ps, coefs):
         g = g.reshape(h.shape).to(h.dtype)
-        r = _inv_root(h, eps)
+        h_new = h + g * g
+        r = _inv_root(h_new, eps)
         new = p.reshape(h.shape).to(h.dtype) * c[:, 2:3] + (c[:, 0:1] * (g * r) + c[:, 1:2]) * r
+        h.copy_(h_new)
         p.copy_(new.reshape(p.shape).to(p.dtype))
 
 

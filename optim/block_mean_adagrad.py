@@ -17,7 +17,7 @@ from torch import Tensor
 
 from bma_gp import BlockMeanLinearOperator, Partition, block_mean_from_sums
 from optim import _fused
-from optim.flat_optimizer import FlatPreconditionedOptimizer, check_hyperparameter
+from optim.flat_optimizer import FlatPreconditionedOptimizer, _non_finite_message, check_hyperparameter
 from optim.flat_params import FlatParams
 from optim.param_partition import ParamBlocks, check_partition_rule
 
@@ -262,7 +262,6 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             super()._update_from_grads(grads, layout, active)
             return
         st = self.global_state
-        st["step"] += 1
         h = self._flat["sum"]
         views = layout.__dict__.get("_contiguous_views")
         if views is None or views.h_buffer is not h:
@@ -270,6 +269,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         if self.fused:
             self._fused_update(grads, layout, views, active)
             return
+        st["step"] += 1
         dtype, maximize = layout.dtype, self._maximize_of_group()
         mask = self._masking_needed(h)
         big = _unmask_scale(dtype) if mask else 0.0
@@ -309,7 +309,10 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         present = [i for i, g in enumerate(grads) if g is not None and views.shape[i] is not None]
         gs = [grads[i].neg() if maximize[layout.group_index[i]] else grads[i] for i in present]
         hs = [views.h[i] for i in present]
-        sums = _fused.compiled("block_sums")(gs, hs, self.eps)
+        sums, flag = _fused.compiled("block_sums")(gs, hs, self.eps)
+        if self.check_finite and not bool(flag):  # the step's one host synchronisation
+            raise ValueError(_non_finite_message(type(self).__name__))
+        st["step"] += 1
         offsets = layout.blocks.block_offsets
         if len(present) < len(offsets) - 1:  # some parameters had no gradient: their blocks' sums are 0
             full = views.sums.zero_()
@@ -383,6 +386,9 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
                 return True
             self._h_has_zero = bool(h.numel()) and bool(h.amin() == 0)
         return self._h_has_zero
+
+    def _checks_finite_in_update(self) -> bool:
+        return self.fused  # pass 1 of the fused step reads the gradients anyway and writes nothing
 
     def _values_to_read_back(self) -> list[Tensor]:
         h = self._flat.get("sum")

@@ -77,6 +77,14 @@ def _all_finite(grads: list[Tensor], dtype: torch.dtype, extra: list[Tensor]) ->
     return finite, values[len(grads):]
 
 
+def _non_finite_message(name: str) -> str:
+    return (
+        f"{name}.step() got a non-finite gradient (inf or nan); no state or parameter was changed. Check the "
+        "loss for overflow or lower the learning rate (check_finite=False skips this check and its host "
+        "synchronisation)."
+    )
+
+
 class FlatPreconditionedOptimizer(torch.optim.Optimizer):
     """Base class: joint preconditioning of the flat gradient (see the module docstring).
 
@@ -179,19 +187,22 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         if not any(active):
             return loss
         finite, values = True, []
-        if self.check_finite:
+        # a subclass whose update checks the gradients before changing anything does so itself, once the
+        # layout (and so the state) exists: committing a new layout below changes the state
+        if self.check_finite and not (layout is self._layout and self._checks_finite_in_update()):
             present = [grad for grad in grads if grad is not None]
             finite, values = _all_finite(present, layout.dtype, self._values_to_read_back())
         if not finite:
-            raise ValueError(
-                f"{type(self).__name__}.step() got a non-finite gradient (inf or nan); no state or parameter was "
-                "changed. Check the loss for overflow or lower the learning rate (check_finite=False skips this "
-                "check and its host synchronisation)."
-            )
+            raise ValueError(_non_finite_message(type(self).__name__))
         self._values_read_back(values)
         self._commit_layout(layout)
         self._update_from_grads(grads, layout, active)
         return loss
+
+    def _checks_finite_in_update(self) -> bool:
+        """Whether :meth:`_update_from_grads` raises ``ValueError`` on a non-finite gradient itself, before
+        changing any state or parameter (with ``check_finite``), so that :meth:`step` need not check."""
+        return False
 
     def _maximize_of_group(self) -> list[bool]:
         return [bool(group["maximize"]) for group in self.param_groups]
