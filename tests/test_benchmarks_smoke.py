@@ -86,6 +86,13 @@ def test_targets_verdicts():
     assert verdicts["matvec n = 10^7, scattered labels: <= 8x one elementwise pass"] == "holds"
     assert verdicts["BlockMeanAdagrad step ('tensor', 2.0M params): <= 2x Adagrad"] == "holds"
 
+    # with a fused=True configuration in the record, the verdict is on it and both ratios are shown
+    fused = {"benchmark": "optimizer_step", "suite": "optimizer", "params": 2_100_000,
+             "median_ms": {"adagrad": 1.5, "block_mean_tensor": 4.5, "block_mean_tensor_fused": 3.3},
+             "ratio_to_adagrad": {"adagrad": 1.0, "block_mean_tensor": 3.0, "block_mean_tensor_fused": 2.2}}
+    [(_, measured, verdict)] = bench.targets([fused])
+    assert verdict == "misses by 1.10x" and "fused=True 2.20x" in measured and "eager default 3.00x" in measured
+
     slow = [_gp("exact", 20_000, 9.0), _gp("blockmean", 20_000, 4.5, k=100)]
     assert [v for _, _, v in bench.targets(slow)] == ["misses by 1.50x"]
 
