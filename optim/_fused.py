@@ -81,7 +81,9 @@ _COMPILED: dict[str, object] = {}
 def compiled(name: str):
     """The ``torch.compile``'d :func:`block_sums` or :func:`apply_update` (shared by all optimizers).
 
-    Shapes are dynamic, so parameters of new sizes reuse the generated code. Where compilation
+    Shapes are dynamic, so parameters of new sizes reuse the generated code; a new structure
+    (number of tensors, ranks, dtypes) compiles a new variant, up to TorchDynamo's
+    ``recompile_limit`` per function, after which it runs eagerly. Where compilation
     fails (no C++ compiler for the CPU backend, no Triton for CUDA), the eager function is
     returned from then on, with one warning: same results, eager speed.
     """
