@@ -22,6 +22,7 @@ STEPS = 6
 CASES = [
     ("tensor", dict(partition="tensor"), False),
     ("row-interval3", dict(partition="row", update_interval=3, weight_decay=0.01), True),
+    ("tensor-fused", dict(partition="tensor", fused=True), True),  # the torch.compile'd step
 ]
 
 
