@@ -83,14 +83,16 @@ def compiled(name: str):
 
     Shapes are dynamic, so parameters of new sizes reuse the generated code; a new structure
     (number of tensors, ranks, dtypes) compiles a new variant, up to TorchDynamo's
-    ``recompile_limit`` per function, after which it runs eagerly. Where compilation
-    fails (no C++ compiler for the CPU backend, no Triton for CUDA), the eager function is
-    returned from then on, with one warning: same results, eager speed.
+    ``recompile_limit`` per function. Past it, TorchDynamo runs the new structures eagerly (and
+    logs a warning) while the variants already compiled stay in use; ``fullgraph`` is left off
+    for that reason (with it, the limit is an error). Where compilation itself fails (no C++
+    compiler for the CPU backend, no Triton for CUDA), the eager function runs from then on,
+    with one warning: same results, eager speed.
     """
     fn = _COMPILED.get(name)
     if fn is None:
         eager = {"block_sums": block_sums, "apply_update": apply_update}[name]
-        fn = _COMPILED[name] = _with_eager_fallback(name, eager, torch.compile(eager, dynamic=True, fullgraph=True))
+        fn = _COMPILED[name] = _with_eager_fallback(name, eager, torch.compile(eager, dynamic=True))
     return fn
 
 
@@ -103,6 +105,8 @@ def _with_eager_fallback(name: str, eager, fast):
         except Exception as exc:  # compilation failed: nothing was written (the compiled code never ran)
             if not _is_compile_failure(exc):
                 raise
+            if "RecompileLimit" in type(exc).__name__:  # (config.fail_on_recompile_limit_hit): this structure only
+                return eager(*args)
             _COMPILED[name + ":failed"] = True
             warnings.warn(
                 f"BlockMeanAdagrad(fused=True): torch.compile of the fused step failed ({type(exc).__name__}: "

@@ -16,3 +16,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+
+
+def pytest_configure(config):
+    # The suite builds more BlockMeanAdagrad(fused=True) structures (numbers of tensors, ranks,
+    # dtypes) than TorchDynamo's default of 8 compiled variants per function; past that limit the
+    # later tests would run the passes eagerly and no longer test the compiled code.
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = 64

@@ -174,6 +174,34 @@ def test_compile_failure_falls_back_to_the_eager_passes(monkeypatch):
     torch.testing.assert_close(flat(fused_model.parameters()), flat(eager_model.parameters()), rtol=1e-12, atol=1e-14)
 
 
+def test_past_the_recompile_limit_new_structures_run_eagerly_and_compiled_ones_stay():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    def run(model, fused, steps=3):
+        opt = BlockMeanAdagrad(model.parameters(), lr=0.05, partition="row", fused=fused)
+        _train(model, opt, steps)
+        return flat(model.parameters())
+
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            counters.clear()
+            run(small_model(), True)  # compiles one variant of each pass
+            graphs = counters["stats"]["unique_graphs"]
+            assert graphs == 2
+            # a second structure (float32) is past the limit: eager passes, same results as the eager step
+            got = run(small_model(dtype=torch.float32), True)
+            want = run(small_model(dtype=torch.float32), False)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+            # the first structure still runs its compiled code (no new graph, no failure mark)
+            run(small_model(), True)
+            assert counters["stats"]["unique_graphs"] == graphs
+            assert not any(key.endswith(":failed") for key in _fused._COMPILED)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_errors_of_the_computation_itself_are_not_swallowed(monkeypatch):
     def compile_raising_value_error(fn, **kwargs):
         def call(*args):
