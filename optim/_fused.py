@@ -107,6 +107,9 @@ def _with_eager_fallback(name: str, eager, fast):
                 raise
             if "RecompileLimit" in type(exc).__name__:  # (config.fail_on_recompile_limit_hit): this structure only
                 return eager(*args)
+            # an error of the computation itself (TorchDynamo reports it from its trace) raises here again,
+            # as it would without torch.compile, and does not switch compilation off
+            result = eager(*args)
             _COMPILED[name + ":failed"] = True
             warnings.warn(
                 f"BlockMeanAdagrad(fused=True): torch.compile of the fused step failed ({type(exc).__name__}: "
@@ -115,7 +118,7 @@ def _with_eager_fallback(name: str, eager, fast):
                 RuntimeWarning,
                 stacklevel=4,
             )
-            return eager(*args)
+            return result
 
     return call
 

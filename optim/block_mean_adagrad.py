@@ -276,7 +276,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         views = layout.__dict__.get("_contiguous_views")
         if views is None or views.h_buffer is not h:
             views = layout._contiguous_views = _ContiguousViews(layout, h)
-        if self.fused:
+        if self.fused and any(g is not None and views.shape[i] is not None for i, g in enumerate(grads)):
             self._fused_update(grads, layout, views, active)
             return
         st["step"] += 1

@@ -174,6 +174,24 @@ def test_compile_failure_falls_back_to_the_eager_passes(monkeypatch):
     torch.testing.assert_close(flat(fused_model.parameters()), flat(eager_model.parameters()), rtol=1e-12, atol=1e-14)
 
 
+def test_a_step_where_only_empty_parameters_have_gradients():
+    empty, weight = torch.nn.Parameter(torch.zeros(0, 3)), torch.nn.Parameter(torch.ones(2, 3))
+    twin = torch.nn.Parameter(torch.ones(2, 3))
+    opt = BlockMeanAdagrad([empty, weight], lr=0.1, partition="row", fused=True)
+    ref = BlockMeanAdagrad([torch.nn.Parameter(torch.zeros(0, 3)), twin], lr=0.1, partition="row")
+    empty.grad = torch.zeros(0, 3)
+    ref.param_groups[0]["params"][0].grad = torch.zeros(0, 3)
+    opt.step()
+    ref.step()
+    assert opt.global_state["step"] == 1 and torch.equal(weight, torch.ones(2, 3))
+    weight.grad = twin.grad = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, 1.0]])
+    opt.step()
+    ref.step()
+    torch.testing.assert_close(weight, twin, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(weight, torch.ones(2, 3))
+    assert not any(key.endswith(":failed") for key in _fused._COMPILED)
+
+
 def test_past_the_recompile_limit_new_structures_run_eagerly_and_compiled_ones_stay():
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -215,6 +233,31 @@ def test_errors_of_the_computation_itself_are_not_swallowed(monkeypatch):
     loss_of(model, 0).backward()
     with pytest.raises(ValueError, match="a genuine error"):
         opt.step()
+
+
+def test_an_error_torch_compile_reports_for_the_computation_is_raised_by_the_eager_pass(monkeypatch):
+    # TorchDynamo reports errors of the traced computation as its own exceptions; the eager pass then
+    # raises the computation's error, and compilation stays on for other calls
+    from torch._dynamo.exc import TorchRuntimeError
+
+    def compile_reporting(fn, **kwargs):
+        def call(*args):
+            raise TorchRuntimeError("RuntimeError when making fake tensor call")
+        return call
+
+    def broken_eager(*args):
+        raise RuntimeError("shape mismatch in the computation")
+
+    monkeypatch.setattr(_fused, "_COMPILED", {})
+    monkeypatch.setattr(_fused.torch, "compile", compile_reporting)
+    monkeypatch.setattr(_fused, "block_sums", broken_eager)
+    model = small_model()
+    opt = BlockMeanAdagrad(model.parameters(), lr=0.05, fused=True)
+    loss_of(model, 0).backward()
+    with pytest.raises(RuntimeError, match="shape mismatch in the computation"):
+        opt.step()
+    assert "block_sums:failed" not in _fused._COMPILED
+    assert opt.global_state["step"] == 0  # pass 1 writes nothing: the step did not happen
 
 
 @pytest.mark.cuda
