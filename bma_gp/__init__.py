@@ -9,6 +9,7 @@ Public names (see the documentation for the mathematics):
 - :class:`BlockMeanKernel`, :class:`GroupKernel` -- GPyTorch kernels returning block mean operators.
 """
 from bma_gp import settings
+from bma_gp._version import __version__
 from bma_gp.partition import Partition
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.approximation import block_mean, block_mean_from_sums
@@ -24,5 +25,5 @@ __all__ = [
     "BlockMeanKernel",
     "GroupKernel",
     "settings",
+    "__version__",
 ]
-__version__ = "0.1.0"
