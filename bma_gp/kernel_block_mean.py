@@ -524,7 +524,7 @@ def _check_inputs(kernel, x, partition, chunk_size) -> Tensor:
     if not isinstance(partition, Partition):
         raise TypeError(
             f"partition must be a bma_gp.Partition, got {type(partition).__name__}; build one with "
-            "Partition.from_labels(labels) or a builder from bma_gp.partitioning."
+            "Partition.from_labels(labels) or a builder from bma_gp.partition_builders."
         )
     if len(partition) != x.shape[-2]:
         raise ValueError(

@@ -66,7 +66,7 @@ def build_model(method: str, x, y, k: int, seed: int):
     import torch
 
     from bma_gp import BlockMeanKernel
-    from bma_gp.partitioning import kmeans_partition
+    from bma_gp.partition_builders import kmeans_partition
 
     d = x.shape[-1]
     likelihood = gpytorch.likelihoods.GaussianLikelihood()

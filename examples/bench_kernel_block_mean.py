@@ -74,7 +74,7 @@ def run_case(name: str, n: int, d: int, k: int, repeat: int, dtype_name: str, ba
     from gpytorch import settings as gpt_settings
 
     from bma_gp.kernel_block_mean import _CHUNK_BYTES, kernel_block_mean
-    from bma_gp.partitioning import kmeans_partition
+    from bma_gp.partition_builders import kmeans_partition
 
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)

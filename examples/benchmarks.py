@@ -253,7 +253,7 @@ def gpu_kernel(device_name: str, n: int = GPU_KERNEL_N, k: int = 1000, d: int = 
     import torch
 
     from bma_gp import Partition, kernel_block_mean
-    from bma_gp.partitioning import kmeans_partition
+    from bma_gp.partition_builders import kmeans_partition
 
     device = torch.device(device_name)
     gen = torch.Generator(device=device).manual_seed(0)

@@ -54,7 +54,7 @@ from torch import Tensor
 
 from bma_gp import Partition
 from bma_gp.kernels import BlockMeanKernel
-from bma_gp.partitioning import kdtree_partition, kmeans_partition, sorted_partition
+from bma_gp.partition_builders import kdtree_partition, kmeans_partition, sorted_partition
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "evaluation"
 BUILDERS = ("kmeans", "kdtree", "sorted")

@@ -39,7 +39,7 @@ def _check_partition(partition, n: int) -> Partition:
     if not isinstance(partition, Partition):
         raise TypeError(
             f"partition must be a bma_gp.Partition, got {type(partition).__name__}; build one with "
-            "Partition.from_labels(labels) or a builder from bma_gp.partitioning."
+            "Partition.from_labels(labels) or a builder from bma_gp.partition_builders."
         )
     if len(partition) != n:
         raise ValueError(
