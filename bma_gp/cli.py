@@ -292,7 +292,7 @@ class _GP(gpytorch.models.ExactGP):
 
 
 def _build_partition(kind: str, x: Tensor, num_blocks: int, seed: int):
-    from bma_gp.partitioning import kmeans_partition, sorted_partition
+    from bma_gp.partition_builders import kmeans_partition, sorted_partition
 
     if kind == "auto":
         kind = "sorted" if x.shape[-1] == 1 else "kmeans"

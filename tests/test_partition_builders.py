@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bma_gp import Partition
-from bma_gp.partitioning import (
+from bma_gp.partition_builders import (
     group_partition,
     kdtree_partition,
     kmeans_objective,
