@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["validate"]
+__all__ = ["validate", "max_capacitance_size"]
 
 
 class validate:
@@ -39,4 +39,38 @@ class validate:
 
     def __exit__(self, *exc):
         validate._state = self._previous
+        return False
+
+
+class max_capacitance_size:
+    """Largest capacitance matrix a sum of block mean operators may factorise (default: 10,000).
+
+    :class:`~bma_gp.BlockMeanSumLinearOperator` solves through a dense matrix of size
+    ``q = sum_j k_j + m`` (the levels of every partition plus the low-rank columns), less the levels
+    of the largest diagonal grouping, at a cost of ``O(q^3)``. Past this limit it raises a
+    ``ValueError`` that names ``q`` instead of starting a factorisation that may not fit::
+
+        with bma_gp.settings.max_capacitance_size(20_000):
+            model_loss.backward()
+    """
+
+    _value: int = 10_000
+
+    def __init__(self, value: int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"max_capacitance_size must be a non-negative int, got {value!r}.")
+        self.value_ = value
+        self._previous: int | None = None
+
+    @classmethod
+    def value(cls) -> int:
+        return cls._value
+
+    def __enter__(self):
+        self._previous = max_capacitance_size._value
+        max_capacitance_size._value = self.value_
+        return self
+
+    def __exit__(self, *exc):
+        max_capacitance_size._value = self._previous
         return False
