@@ -1,56 +1,140 @@
-"""A context manager that makes every iterative or dense n x n path raise.
+"""The one guard for "closed forms only" tests: iterative and dense n x n paths raise inside it.
 
-Used by the GP tests to prove that training and prediction with block mean kernels take the
-closed forms only: linear_operator's CG and Lanczos raise unconditionally; Cholesky,
-eigendecompositions, LU solves and inverses raise on matrices of size ``>= n`` (the
-``k x k`` core problems of the block mean operator stay allowed).
+Inside :func:`closed_forms_only`:
+
+* linear_operator's iterative solvers raise whenever they are called: ``linear_cg``, ``minres``,
+  ``lanczos_tridiag`` (also behind stochastic Lanczos quadrature) and ``contour_integral_quad``;
+* linear_operator's ``psd_safe_cholesky`` (the dense Cholesky that ``solve``, ``inv_quad_logdet``
+  and GPyTorch's prediction strategy fall back to) raises whenever linear_operator or GPyTorch
+  call it;
+* torch's dense factorisations (Cholesky, eigendecompositions, LU, solves, inverses,
+  log-determinants) raise on a square matrix of size ``>= n``; smaller ones, such as the
+  ``k x k`` core problem of a block mean operator, stay allowed.
+
+A patch has to replace a function where it is *looked up*, not where it is defined: after
+``from linear_operator.utils.cholesky import psd_safe_cholesky`` the importing module holds its
+own reference, and patching ``linear_operator.utils.cholesky.psd_safe_cholesky`` does not reach
+it. So the guard finds every module-level name bound to each function in the loaded modules of
+linear_operator, GPyTorch, bma_gp and optim (and torch / torch.linalg for torch's functions)
+and patches each of them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import sys
+from collections.abc import Callable, Iterator
+from types import ModuleType
 from unittest import mock
 
+import gpytorch  # noqa: F401  (loads the modules whose bindings are patched)
+import linear_operator  # noqa: F401
 import torch
+
+__all__ = ["ForbiddenPath", "closed_forms_only"]
 
 
 class ForbiddenPath(AssertionError):
-    pass
+    """Raised when code inside :func:`closed_forms_only` takes an iterative or dense n x n path."""
 
 
-def _refuse(name):
-    def fn(*args, **kwargs):
+def _module(name: str) -> ModuleType:
+    # import_module, not attribute access: linear_operator.utils.linear_cg is the function, which
+    # linear_operator.utils re-exports under its module's name
+    return importlib.import_module(name)
+
+
+# (module, name) where each function is defined; the functions are read at patch time.
+_ITERATIVE = [
+    (_module("linear_operator.utils.linear_cg"), "linear_cg"),
+    (_module("linear_operator.utils.minres"), "minres"),
+    (_module("linear_operator.utils.lanczos"), "lanczos_tridiag"),
+    (_module("linear_operator.utils.contour_integral_quad"), "contour_integral_quad"),
+]
+_LIBRARY_CHOLESKY = [(_module("linear_operator.utils.cholesky"), "psd_safe_cholesky")]
+_DENSE = [
+    (torch.linalg, name)
+    for name in [
+        "cholesky",
+        "cholesky_ex",
+        "eigh",
+        "eigvalsh",
+        "eig",
+        "eigvals",
+        "solve",
+        "solve_ex",
+        "inv",
+        "inv_ex",
+        "lu_factor",
+        "lu_factor_ex",
+        "slogdet",
+        "det",
+    ]
+] + [(torch, name) for name in ["cholesky", "cholesky_solve", "cholesky_inverse", "logdet", "slogdet", "det"]]
+
+_LIBRARIES = ("linear_operator", "gpytorch")
+_ALL_PACKAGES = (*_LIBRARIES, "bma_gp", "optim")
+
+
+def _loaded_modules(packages: tuple[str, ...]) -> list[ModuleType]:
+    return [
+        module
+        for name, module in list(sys.modules.items())
+        if isinstance(module, ModuleType) and any(name == p or name.startswith(p + ".") for p in packages)
+    ]
+
+
+def _bindings(fn: Callable, modules: list[ModuleType]) -> list[tuple[ModuleType, str]]:
+    """Every ``(module, name)`` with ``module.name is fn``."""
+    return [(module, name) for module in modules for name, value in list(vars(module).items()) if value is fn]
+
+
+def _refuse(name: str) -> Callable:
+    def refused(*args, **kwargs):
         raise ForbiddenPath(f"{name} was called")
-    return fn
+
+    return refused
 
 
-def _size_limited(name, original, limit):
-    def fn(A, *args, **kwargs):
-        if A.shape[-1] >= limit:
-            raise ForbiddenPath(f"{name} on a {tuple(A.shape)} matrix (limit {limit})")
-        return original(A, *args, **kwargs)
-    return fn
+def _size_limited(name: str, original: Callable, limit: int) -> Callable:
+    def limited(*args, **kwargs):
+        for a in (*args, *kwargs.values()):
+            if torch.is_tensor(a) and a.dim() >= 2 and a.shape[-1] == a.shape[-2] and a.shape[-1] >= limit:
+                raise ForbiddenPath(f"{name} on a {tuple(a.shape)} matrix (allowed: smaller than {limit} x {limit})")
+        return original(*args, **kwargs)
+
+    return limited
 
 
 @contextlib.contextmanager
-def closed_forms_only(n: int):
-    """Raise on CG, Lanczos, psd_safe_cholesky and any dense factorisation of size >= ``n``."""
-    patches = [
-        mock.patch("linear_operator.utils.linear_cg", new=_refuse("linear_cg")),
-        mock.patch("linear_operator.utils.linear_cg.linear_cg", new=_refuse("linear_cg")),
-        mock.patch("linear_operator.utils.lanczos.lanczos_tridiag", new=_refuse("lanczos_tridiag")),
-        mock.patch("linear_operator.utils.stochastic_lq.lanczos_tridiag", new=_refuse("lanczos_tridiag")),
-        mock.patch("linear_operator.utils.cholesky.psd_safe_cholesky", new=_refuse("psd_safe_cholesky")),
-        mock.patch("linear_operator.operators._linear_operator.psd_safe_cholesky", new=_refuse("psd_safe_cholesky")),
-        mock.patch("gpytorch.models.exact_prediction_strategies.psd_safe_cholesky",
-                   new=_refuse("psd_safe_cholesky")),
-    ]
-    for mod, name in [(torch.linalg, "cholesky"), (torch.linalg, "cholesky_ex"), (torch, "cholesky"),
-                      (torch.linalg, "eigh"), (torch.linalg, "eigvalsh"), (torch.linalg, "solve"),
-                      (torch.linalg, "solve_ex"), (torch.linalg, "inv"), (torch.linalg, "lu_factor"),
-                      (torch.linalg, "slogdet"), (torch, "cholesky_solve")]:
-        patches.append(mock.patch.object(mod, name, new=_size_limited(name, getattr(mod, name), n)))
+def closed_forms_only(n: int) -> Iterator[None]:
+    """Make CG, MINRES, Lanczos, contour quadrature and dense factorisations of size ``>= n`` raise.
+
+    Args:
+        n: the smallest matrix size a dense factorisation may not have. Pass the number of data
+            points to allow every ``k x k`` problem with ``k < n``; pass ``k + 1`` to allow
+            exactly the ``k x k`` core of a block mean operator and nothing larger.
+
+    Raises:
+        ForbiddenPath: inside the block, when a forbidden routine is called.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int (the smallest forbidden matrix size), got {n!r}.")
+    libraries = _loaded_modules(_LIBRARIES)
+    everywhere = _loaded_modules(_ALL_PACKAGES)
+    replacements: list[tuple[ModuleType, str, Callable]] = []
+    for module, name in _ITERATIVE + _LIBRARY_CHOLESKY:
+        fn = getattr(module, name)
+        replacements += [(m, attr, _refuse(name)) for m, attr in _bindings(fn, [module, *libraries])]
+    for module, name in _DENSE:
+        fn = getattr(module, name)
+        limited = _size_limited(f"{module.__name__}.{name}", fn, n)
+        replacements += [(m, attr, limited) for m, attr in _bindings(fn, [module, *everywhere])]
     with contextlib.ExitStack() as stack:
-        for p in patches:
-            stack.enter_context(p)
+        seen = set()
+        for module, attr, new in replacements:
+            if (id(module), attr) not in seen:
+                seen.add((id(module), attr))
+                stack.enter_context(mock.patch.object(module, attr, new=new))
         yield
