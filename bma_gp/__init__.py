@@ -4,6 +4,9 @@ Public names (see the documentation for the mathematics):
 
 - :class:`Partition` -- a partition of ``n`` indices into ``k`` blocks.
 - :class:`BlockMeanLinearOperator` -- ``diag(lam[labels]) + P B P^T`` with closed-form algebra.
+- :class:`BlockMeanSumLinearOperator` -- ``diag(d) + sum_j P_j B_j P_j^T + U U^T`` (what sums with a noise
+  vector, other partitions and low-rank roots become), solved through one small capacitance matrix.
+- :func:`closed_form` -- rewrite any nesting of such sums as one closed-form operator.
 - :func:`block_mean` -- the Frobenius-nearest block mean matrix of a dense matrix or operator.
 - :func:`kernel_block_mean` -- the same for a GPyTorch kernel matrix, without n x n memory.
 - :class:`BlockMeanKernel`, :class:`GroupKernel` -- GPyTorch kernels returning block mean operators.
@@ -12,13 +15,20 @@ from bma_gp import settings
 from bma_gp._version import __version__
 from bma_gp.partition import Partition
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
+from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
 from bma_gp.approximation import block_mean, block_mean_from_sums
 from bma_gp.kernel_block_mean import kernel_block_mean
 from bma_gp.kernels import BlockMeanKernel, GroupKernel
+from bma_gp._composition import ClosedFormFallbackWarning, closed_form, install as _install_composition
+
+_install_composition()  # sums with diagonals, other partitions and low-rank roots reach the closed forms
 
 __all__ = [
     "Partition",
     "BlockMeanLinearOperator",
+    "BlockMeanSumLinearOperator",
+    "closed_form",
+    "ClosedFormFallbackWarning",
     "block_mean",
     "block_mean_from_sums",
     "kernel_block_mean",

@@ -1,0 +1,239 @@
+"""Recognising sums that stay in the closed-form family, in any order and nesting.
+
+``M + DiagLinearOperator(d)`` starts in this package's ``__add__``, but ``DiagLinearOperator(d) + M``,
+``LowRankRootLinearOperator(U) + M`` and GPyTorch's lazily evaluated kernel tensors start in
+linear_operator's and GPyTorch's own ``__add__``, which would build a generic
+:class:`~linear_operator.operators.SumLinearOperator` (dense Cholesky, or CG and Lanczos). :func:`install`
+wraps those ``__add__`` methods (and ``add_diagonal`` of lazily evaluated kernel tensors) so that
+they hand the sum to :func:`add_structured` *only when one operand is a block mean operator* (or a
+lazily evaluated kernel that contains a :class:`~bma_gp.BlockMeanKernel` or
+:class:`~bma_gp.GroupKernel`); every other sum is left exactly as linear_operator builds it.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from linear_operator.operators import (
+    AddedDiagLinearOperator,
+    DiagLinearOperator,
+    LinearOperator,
+    LowRankRootAddedDiagLinearOperator,
+    RootLinearOperator,
+    SumLinearOperator,
+    ZeroLinearOperator,
+)
+from linear_operator.operators.diag_linear_operator import ConstantDiagLinearOperator
+from torch import Tensor
+
+from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
+from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
+from bma_gp.partition import Partition
+
+__all__ = ["ClosedFormFallbackWarning", "add_structured", "closed_form", "install"]
+
+
+class ClosedFormFallbackWarning(UserWarning):
+    """A sum holds a block mean operator but also a summand without a closed form: linear_operator's generic
+    path (dense Cholesky up to ``max_cholesky_size``, CG and Lanczos beyond) will be used for it."""
+
+
+@dataclass
+class _Parts:
+    diag: list[Tensor] = field(default_factory=list)
+    terms: list[tuple[Partition, Tensor, Tensor | None]] = field(default_factory=list)
+    roots: list[Tensor] = field(default_factory=list)
+
+
+def _involves_block_mean(kernel) -> bool:
+    from bma_gp.kernels import BlockMeanKernel, GroupKernel
+
+    return any(isinstance(module, (BlockMeanKernel, GroupKernel)) for module in kernel.modules())
+
+
+def _is_lazy_block_mean(op) -> bool:
+    from gpytorch.lazy import LazyEvaluatedKernelTensor
+
+    return isinstance(op, LazyEvaluatedKernelTensor) and _involves_block_mean(op.kernel)
+
+
+def _is_ours(op) -> bool:
+    return isinstance(op, (BlockMeanLinearOperator, BlockMeanSumLinearOperator)) or _is_lazy_block_mean(op)
+
+
+def _collect(op, parts: _Parts) -> bool:
+    """Add the pieces of ``op`` to ``parts``; False if some summand has no place in the family."""
+    if isinstance(op, ZeroLinearOperator):
+        return True
+    if isinstance(op, BlockMeanSumLinearOperator):
+        parts.diag.append(op.diag_values)
+        parts.terms.extend(zip(op.partitions, op.blocks, op.weights))
+        if op.root is not None:
+            parts.roots.append(op.root)
+        return True
+    if isinstance(op, BlockMeanLinearOperator):
+        if not op.symmetric:
+            return False
+        parts.diag.append(op.partition.expand(op.lam, dim=-1))
+        parts.terms.append((op.partition, op.B, None))
+        return True
+    if isinstance(op, ConstantDiagLinearOperator):
+        parts.diag.append(op.diag_values.expand(*op.diag_values.shape[:-1], op.shape[-1]))
+        return True
+    if isinstance(op, DiagLinearOperator):
+        parts.diag.append(op._diag)
+        return True
+    if isinstance(op, LowRankRootAddedDiagLinearOperator):
+        return _collect(op._linear_op, parts) and _collect(op._diag_tensor, parts)
+    if isinstance(op, SumLinearOperator):  # also AddedDiagLinearOperator
+        return all(_collect(term, parts) for term in op.linear_ops)
+    if isinstance(op, RootLinearOperator):
+        root = op.root
+        if root.shape[-1] >= root.shape[-2]:
+            return False
+        parts.roots.append(root.to_dense() if isinstance(root, LinearOperator) else root)
+        return True
+    if _is_lazy_block_mean(op):
+        return _collect(op.evaluate_kernel(), parts)
+    return False
+
+
+def _build(parts: _Parts, like: LinearOperator) -> LinearOperator:
+    """The smallest closed-form operator for the collected pieces."""
+    n = like.shape[-1]
+    dtype, device = like.dtype, like.device
+    diag = None
+    for d in parts.diag:
+        diag = d if diag is None else diag + d
+    if diag is None:
+        diag = torch.zeros(n, dtype=dtype, device=device)
+    # one term per distinct (unweighted) partition
+    terms: list[tuple[Partition, Tensor, Tensor | None]] = []
+    for part, B, w in parts.terms:
+        for i, (p2, B2, w2) in enumerate(terms):
+            if w is None and w2 is None and p2.same_as(part):
+                terms[i] = (p2, B2 + B, None)
+                break
+        else:
+            terms.append((part, B, w))
+    root = None
+    if parts.roots:
+        batch = torch.broadcast_shapes(*(r.shape[:-2] for r in parts.roots))
+        root = torch.cat([r.expand(*batch, *r.shape[-2:]) for r in parts.roots], dim=-1)
+    if root is None and len(terms) == 1 and terms[0][2] is None:
+        single = _as_block_mean(diag, terms[0][0], terms[0][1])
+        if single is not None:
+            return single
+    return BlockMeanSumLinearOperator(diag, *(B for _, B, _ in terms), partitions=[p for p, _, _ in terms],
+                                      root=root, weights=[w for _, _, w in terms])
+
+
+def _as_block_mean(diag: Tensor, partition: Partition, B: Tensor) -> BlockMeanLinearOperator | None:
+    """A diagonal constant inside every block keeps the single-partition operator and all its matrix
+    functions. Only taken when ``diag`` needs no gradient (gradients of individual entries differ)."""
+    if torch.is_grad_enabled() and diag.requires_grad:
+        return None
+    lam = partition.block_mean(diag, dim=-1)
+    if not bool((partition.expand(lam, dim=-1) == diag).all()):
+        return None
+    return BlockMeanLinearOperator(lam, B, partition)
+
+
+def add_structured(left, right) -> LinearOperator | None:
+    """``left + right`` as a closed-form operator, or ``None`` when a summand has no closed form."""
+    if isinstance(right, Tensor) or not isinstance(right, LinearOperator):
+        return None
+    if left.shape[-2:] != right.shape[-2:]:
+        return None
+    parts = _Parts()
+    if not (_collect(left, parts) and _collect(right, parts)):
+        return None
+    if not parts.terms:
+        return None
+    return _build(parts, left)
+
+
+def closed_form(op: LinearOperator) -> LinearOperator:
+    """Rewrite a (possibly nested, possibly lazily evaluated) sum as this package's closed-form operator.
+
+    Args:
+        op: a sum of block mean operators, diagonals and low-rank roots, in any nesting
+            (``SumLinearOperator``, ``AddedDiagLinearOperator``, GPyTorch's lazily evaluated kernels).
+
+    Returns:
+        A :class:`~bma_gp.BlockMeanLinearOperator` (one partition, a diagonal constant in every block) or
+        a :class:`~bma_gp.BlockMeanSumLinearOperator`.
+
+    Raises:
+        ValueError: a summand is not a block mean operator, a diagonal or a low-rank root.
+    """
+    parts = _Parts()
+    if not _collect(op, parts) or not parts.terms:
+        raise ValueError(
+            f"{type(op).__name__} of shape {tuple(op.shape)} is not a sum of block mean operators, diagonals and "
+            "low-rank roots (the family with closed forms), so it has no closed-form solve.")
+    return _build(parts, op)
+
+
+def warn_fallback(left, right) -> None:
+    warnings.warn(
+        f"{type(left).__name__} + {type(right).__name__}: one summand is not a block mean operator, a "
+        "diagonal or a low-rank root, so this sum has no closed form; linear_operator's generic path (dense "
+        "Cholesky up to max_cholesky_size, CG and Lanczos beyond) will be used for its solves.",
+        ClosedFormFallbackWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------- hooks
+def _hooked_add(original):
+    @functools.wraps(original)
+    def __add__(self, other):
+        involved = _is_ours(other) or _is_lazy_block_mean(self)
+        if involved and isinstance(other, LinearOperator):
+            res = add_structured(self, other)
+            if res is not None:
+                return res
+            if not isinstance(self, ZeroLinearOperator) and not isinstance(other, ZeroLinearOperator):
+                warn_fallback(self, other)
+        return original(self, other)
+
+    __add__._bma_gp_original = original
+    return __add__
+
+
+def _hooked_add_diagonal(original):
+    @functools.wraps(original)
+    def add_diagonal(self, diag):
+        if _is_lazy_block_mean(self):
+            return self.evaluate_kernel().add_diagonal(diag)
+        return original(self, diag)
+
+    add_diagonal._bma_gp_original = original
+    return add_diagonal
+
+
+def install() -> None:
+    """Route sums that involve block mean operators to the closed forms (idempotent)."""
+    from gpytorch.lazy import LazyEvaluatedKernelTensor
+    from linear_operator.operators import (
+        DenseLinearOperator,
+        KroneckerProductLinearOperator,
+        LowRankRootLinearOperator,
+        TriangularLinearOperator,
+    )
+
+    classes = [LinearOperator, AddedDiagLinearOperator, DenseLinearOperator, DiagLinearOperator,
+               ConstantDiagLinearOperator, LowRankRootAddedDiagLinearOperator, LowRankRootLinearOperator,
+               SumLinearOperator, ZeroLinearOperator, TriangularLinearOperator, KroneckerProductLinearOperator,
+               LazyEvaluatedKernelTensor]
+    for cls in classes:
+        method = cls.__dict__.get("__add__")
+        if method is not None and not hasattr(method, "_bma_gp_original"):
+            cls.__add__ = _hooked_add(method)
+    method = LazyEvaluatedKernelTensor.__dict__.get("add_diagonal", None)
+    if method is None:
+        LazyEvaluatedKernelTensor.add_diagonal = _hooked_add_diagonal(LinearOperator.add_diagonal)
+    elif not hasattr(method, "_bma_gp_original"):
+        LazyEvaluatedKernelTensor.add_diagonal = _hooked_add_diagonal(method)

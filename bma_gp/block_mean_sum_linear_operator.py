@@ -1,0 +1,744 @@
+"""Sums of block mean matrices over several partitions, a per-point diagonal and a low-rank root.
+
+The family closed under the sums users write (a noise vector, a second grouping, an inducing-point
+kernel): :math:`M = D + \\sum_j P_j B_j P_j^\\top + U U^\\top`, solved through one capacitance
+matrix whose size is the number of blocks plus the rank, never ``n``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from linear_operator.operators import LinearOperator
+from linear_operator.operators.root_linear_operator import RootLinearOperator
+from linear_operator.utils.broadcasting import _matmul_broadcast_shape
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from bma_gp import settings
+from bma_gp._precision import core_dtype
+from bma_gp._symmetric_function import symmetric_matrix_function
+from bma_gp.partition import Partition
+
+__all__ = ["BlockMeanSumLinearOperator"]
+
+#: Bytes of one row chunk of the low-rank root processed at a time (in the working precision).
+_CHUNK_BYTES = 2**24
+
+
+# ---------------------------------------------------------------------------- math helpers
+def _chunk_rows(m: int, itemsize: int = 8) -> int:
+    return max(1024, _CHUNK_BYTES // max(1, m * itemsize))
+
+
+def _is_diagonal(B: Tensor) -> bool:
+    """Whether every off-diagonal entry of ``B`` is exactly zero (one host read)."""
+    if B.shape[-1] == 1:
+        return True
+    off = B - torch.diag_embed(torch.diagonal(B, dim1=-2, dim2=-1))
+    return not bool(off.detach().any())
+
+
+def _contingency(part_a: Partition, part_b: Partition, values: Tensor) -> Tensor:
+    r""":math:`P_a^\top \operatorname{diag}(v) P_b`: one scatter-add over the ``n`` indices.
+    ``values`` # shape: (*batch, n) -> # shape: (*batch, k_a, k_b)"""
+    ka, kb = part_a.num_blocks, part_b.num_blocks
+    index = part_a.labels * kb + part_b.labels
+    out = values.new_zeros(*values.shape[:-1], ka * kb)
+    return out.index_add(-1, index, values).unflatten(-1, (ka, kb))
+
+
+@dataclass(frozen=True)
+class _Capacitance:
+    r"""Factorisation of :math:`C = I_q + G A` (:math:`A = Z^\top D^{-1} Z`, :math:`G` block diagonal).
+
+    With ``elim`` the index of a term whose :math:`G_e` is diagonal, :math:`C` is ordered as
+    :math:`[[\Delta, E], [E', F]]` with :math:`\Delta` diagonal; the rest goes through the Schur
+    complement :math:`S = F - E' \Delta^{-1} E` (LU-factorised). Without ``elim``, ``S`` is ``C``.
+    """
+
+    elim: int | None
+    delta: Tensor | None  # (*b, k_e)
+    E: Tensor | None  # (*b, k_e, r)
+    Ep: Tensor | None  # (*b, r, k_e)
+    lu: tuple[Tensor, Tensor] | None  # LU factors of S (r x r), None when r == 0
+    logdet: Tensor  # (*b,)
+
+
+# ---------------------------------------------------------------------------- the operator
+class BlockMeanSumLinearOperator(LinearOperator):
+    r"""A per-point diagonal plus block mean matrices over several partitions plus a low-rank root.
+
+    .. math::
+        M = \operatorname{diag}(d) + \sum_{j=1}^{J} P_j B_j P_j^\top + U U^\top
+          = D + Z G Z^\top, \qquad Z = [P_1, \dots, P_J, U], \quad
+          G = \operatorname{blockdiag}(B_1, \dots, B_J, I_m),
+
+    where :math:`P_j` is the :math:`n \times k_j` indicator matrix of partition :math:`j` (optionally
+    with weighted rows, :math:`(P_j)_{a, c} = w_{j,a}`: a random slope), :math:`B_j` is symmetric
+    and :math:`U` is :math:`n \times m`. With :math:`A = Z^\top D^{-1} Z` (:math:`q \times q`,
+    :math:`q = \sum_j k_j + m`) and the capacitance :math:`C = I_q + G A`,
+
+    .. math::
+        M^{-1} = D^{-1} - D^{-1} Z C^{-1} G Z^\top D^{-1}, \qquad
+        \log\det M = \textstyle\sum_a \log d_a + \log\det C.
+
+    :math:`A` is cheap: the block of a partition with itself is diagonal (block sums of
+    :math:`w^2/d`), two partitions meet in their contingency table weighted by :math:`1/d`, a
+    partition and :math:`U` in the block sums of the rows of :math:`D^{-1} U`. When one
+    :math:`B_e` is diagonal (a random intercept, ``GroupKernel``'s default) its block of
+    :math:`C` is diagonal and is eliminated first, so only a matrix of size :math:`q - k_e` is
+    factorised. Nothing of size :math:`n \times n` is formed: a solve or log-determinant costs
+    :math:`O(n (J + m)^2)` to form :math:`A` and :math:`O((q - k_e)^3)` to factorise.
+
+    Reductions over the ``n`` indices and the capacitance problem run in float64 for float32 (and
+    lower) operators. :math:`C` is never singular when :math:`M` is positive definite, so no jitter
+    is added; a capacitance larger than :class:`bma_gp.settings.max_capacitance_size` raises.
+
+    Build one by adding operators (``M + DiagLinearOperator(d)``, ``M.add_diagonal(d)``,
+    ``M1 + M2`` over different partitions, ``M + LowRankRootLinearOperator(U)``) or directly.
+
+    Args:
+        diag: the positive per-point diagonal :math:`d`. # shape: (*batch, n)
+        *blocks: one symmetric :math:`B_j` per partition. # shape: (*batch, k_j, k_j)
+        partitions: the partitions :math:`P_j`, one per block matrix, each of length ``n``.
+        root: the low-rank root :math:`U`, or ``None``. # shape: (*batch, n, m)
+        weights: per partition ``None`` (plain indicators) or a row weight :math:`w_j`
+            (a covariate: random slopes). # shape: (n,)
+    """
+
+    def __init__(self, diag: Tensor, *blocks: Tensor, partitions: Sequence[Partition],
+                 root: Tensor | None = None, weights: Sequence[Tensor | None] | None = None):
+        partitions = tuple(partitions)
+        if not torch.is_tensor(diag) or not diag.dtype.is_floating_point or diag.dim() < 1:
+            raise TypeError("diag must be a floating point tensor of shape (*batch, n).")
+        n = diag.shape[-1]
+        if len(blocks) != len(partitions):
+            raise ValueError(f"got {len(blocks)} block matrices for {len(partitions)} partitions: pass one "
+                             "B_j per partition.")
+        for j, (B, part) in enumerate(zip(blocks, partitions)):
+            if not isinstance(part, Partition):
+                raise TypeError(f"partitions[{j}] must be a bma_gp.Partition, got {type(part).__name__}.")
+            if len(part) != n:
+                raise ValueError(f"partitions[{j}] has {len(part)} indices but diag has {n}: they must match.")
+            k = part.num_blocks
+            if not torch.is_tensor(B) or B.dim() < 2 or B.shape[-2:] != (k, k):
+                raise ValueError(f"blocks[{j}] must have shape (*batch, {k}, {k}) for a partition with {k} blocks, "
+                                 f"got {tuple(B.shape) if torch.is_tensor(B) else type(B).__name__}.")
+            if B.dtype != diag.dtype:
+                raise TypeError(f"blocks[{j}] has dtype {B.dtype} but diag has {diag.dtype}; cast one with .to().")
+        if root is not None:
+            if not torch.is_tensor(root) or root.dim() < 2 or root.shape[-2] != n:
+                raise ValueError(f"root must have shape (*batch, n={n}, m), got "
+                                 f"{tuple(root.shape) if torch.is_tensor(root) else type(root).__name__}.")
+            if root.dtype != diag.dtype:
+                raise TypeError(f"root has dtype {root.dtype} but diag has {diag.dtype}; cast one with .to().")
+        weights = tuple(weights) if weights is not None else (None,) * len(partitions)
+        if len(weights) != len(partitions):
+            raise ValueError(f"weights must hold one entry (a tensor of shape (n,) or None) per partition, "
+                             f"got {len(weights)} for {len(partitions)}.")
+        for j, w in enumerate(weights):
+            if w is not None and (not torch.is_tensor(w) or w.shape != (n,)):
+                raise ValueError(f"weights[{j}] must be None or a tensor of shape ({n},).")
+        batch = torch.broadcast_shapes(diag.shape[:-1], *(B.shape[:-2] for B in blocks),
+                                       *(() if root is None else (root.shape[:-2],)))
+        diag = diag.expand(*batch, n)
+        blocks = tuple(B.expand(*batch, *B.shape[-2:]) for B in blocks)
+        if root is not None:
+            root = root.expand(*batch, *root.shape[-2:])
+        device = diag.device
+        partitions = tuple(p.to(device) for p in partitions)
+        weights = tuple(None if w is None else w.to(device=device, dtype=diag.dtype) for w in weights)
+        super().__init__(diag, *blocks, partitions=partitions, root=root, weights=weights)
+        self.diag_values = diag
+        self.blocks = blocks
+        self.partitions = partitions
+        self.root = root
+        self.weights = weights
+        self._store: dict[str, object] = {}
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def num_blocks(self) -> tuple[int, ...]:
+        """:math:`k_j` of every partition."""
+        return tuple(p.num_blocks for p in self.partitions)
+
+    @property
+    def rank(self) -> int:
+        """:math:`m`, the number of columns of the low-rank root (0 without one)."""
+        return 0 if self.root is None else self.root.shape[-1]
+
+    @property
+    def capacitance_size(self) -> int:
+        """:math:`q = \\sum_j k_j + m`."""
+        return sum(self.num_blocks) + self.rank
+
+    def _differentiable(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in self.representation())
+
+    def _memo(self, name: str, fn):
+        """Cache ``fn()`` unless autograd records it (a cached graph cannot be backpropagated twice)."""
+        if name in self._store:
+            return self._store[name]
+        value = fn()
+        if not self._differentiable():
+            self._store[name] = value
+        return value
+
+    def _new(self, diag: Tensor | None = None, blocks=None, partitions=None, root=..., weights=None):
+        return BlockMeanSumLinearOperator(
+            self.diag_values if diag is None else diag, *(self.blocks if blocks is None else blocks),
+            partitions=self.partitions if partitions is None else partitions,
+            root=self.root if root is ... else root, weights=self.weights if weights is None else weights)
+
+    def _weighted(self, j: int, x: Tensor, dim: int) -> Tensor:
+        w = self.weights[j]
+        if w is None:
+            return x
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        return x * w.view(shape)
+
+    def _describe(self) -> str:
+        parts = ", ".join(f"k_{j + 1} = {k}" for j, k in enumerate(self.num_blocks))
+        return f"{parts}{', ' if parts else ''}m = {self.rank}"
+
+    # ------------------------------------------------------------------ required hooks
+    def _size(self) -> torch.Size:
+        n = self.diag_values.shape[-1]
+        return torch.Size((*self.diag_values.shape[:-1], n, n))
+
+    def _transpose_nonbatch(self) -> BlockMeanSumLinearOperator:
+        return self
+
+    def _expand_batch(self, batch_shape) -> BlockMeanSumLinearOperator:
+        n = self.diag_values.shape[-1]
+        return self._new(diag=self.diag_values.expand(*batch_shape, n),
+                         blocks=[B.expand(*batch_shape, *B.shape[-2:]) for B in self.blocks],
+                         root=None if self.root is None else self.root.expand(*batch_shape, *self.root.shape[-2:]))
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        vector = rhs.dim() == 1
+        if vector:
+            rhs = rhs.unsqueeze(-1)
+        res = self.diag_values.unsqueeze(-1) * rhs
+        for j, (part, B) in enumerate(zip(self.partitions, self.blocks)):
+            sums = part.block_sum(self._weighted(j, rhs, -2), dim=-2)
+            coef = 0.5 * (B @ sums + B.mT @ sums)
+            res = res + self._weighted(j, part.expand(coef, dim=-2), -2)
+        if self.root is not None:
+            res = res + self.root @ (self.root.mT @ rhs)
+        return res.squeeze(-1) if vector else res
+
+    def matmul(self, other):
+        if torch.is_tensor(other):
+            _matmul_broadcast_shape(self.shape, other.shape)
+            return self._matmul(other)  # plain torch operations: autograd reaches every tensor
+        return super().matmul(other)
+
+    def _t_matmul(self, rhs: Tensor) -> Tensor:
+        return self._matmul(rhs)
+
+    def _diagonal(self) -> Tensor:
+        res = self.diag_values
+        for j, (part, B) in enumerate(zip(self.partitions, self.blocks)):
+            d = part.expand(torch.diagonal(B, dim1=-2, dim2=-1), dim=-1)
+            w = self.weights[j]
+            res = res + (d if w is None else d * w * w)
+        if self.root is not None:
+            res = res + self.root.pow(2).sum(-1)
+        return res
+
+    def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
+        res = torch.where(row_index == col_index, self.diag_values[(*batch_indices, row_index)],
+                          torch.zeros((), dtype=self.dtype, device=self.device))
+        for j, (part, B) in enumerate(zip(self.partitions, self.blocks)):
+            rows, cols = part.labels[row_index], part.labels[col_index]
+            value = 0.5 * (B[(*batch_indices, rows, cols)] + B[(*batch_indices, cols, rows)])
+            w = self.weights[j]
+            res = res + (value if w is None else value * w[row_index] * w[col_index])
+        if self.root is not None:
+            U = self.root
+            res = res + (U[(*batch_indices, row_index)] * U[(*batch_indices, col_index)]).sum(-1)
+        return res
+
+    def to_dense(self) -> Tensor:
+        n = self.shape[-1]
+        eye = torch.eye(n, dtype=self.dtype, device=self.device)
+        return self._matmul(eye.expand(*self.batch_shape, n, n))
+
+    # ------------------------------------------------------------------ sums keep the type
+    def add_diagonal(self, diag: Tensor) -> BlockMeanSumLinearOperator:
+        """Add a scalar, one value per batch entry ``(*batch, 1)`` or a full diagonal ``(*batch, n)``."""
+        if not torch.is_tensor(diag):
+            diag = torch.tensor(diag, dtype=self.dtype, device=self.device)
+        try:
+            new = self.diag_values + diag
+        except RuntimeError:
+            raise ValueError(f"add_diagonal: a diagonal of shape {tuple(diag.shape)} does not broadcast against "
+                             f"the operator's diagonal of shape {tuple(self.diag_values.shape)}.") from None
+        return self._new(diag=new)
+
+    def __add__(self, other):
+        from bma_gp._composition import add_structured
+
+        res = add_structured(self, other)
+        return res if res is not None else super().__add__(other)
+
+    def __radd__(self, other):
+        return self.__add__(other)
+
+    def _mul_constant(self, other):
+        if torch.is_tensor(other) and other.dim() > 0:
+            c = other
+        else:
+            c = torch.as_tensor(other, dtype=self.dtype, device=self.device)
+        if bool((c < 0).any()):  # U U^T cannot carry a negative factor
+            return super()._mul_constant(other)
+        scale = c.unsqueeze(-1) if c.dim() else c
+        return self._new(diag=self.diag_values * scale, blocks=[B * scale.unsqueeze(-1) for B in self.blocks],
+                         root=None if self.root is None else self.root * scale.sqrt().unsqueeze(-1))
+
+    # ------------------------------------------------------------------ the Gram matrix A = Z^T D^{-1} Z
+    def _check_diag(self, what: str) -> None:
+        if not settings.validate.on():
+            return
+        d = self.diag_values
+        bad = ~(d > 0)
+        if bool(bad.any()):
+            index = int(bad.reshape(-1, d.shape[-1]).any(0).nonzero()[0])
+            value = float(d.reshape(-1, d.shape[-1])[:, index][bad.reshape(-1, d.shape[-1])[:, index]][0])
+            kind = "not finite" if not math.isfinite(value) else "<= 0"
+            raise ValueError(f"{what} needs a positive per-point diagonal d, but d[{index}] = {value:.6g} is {kind}. "
+                             "Add noise (add_diagonal) or check the likelihood's noise.")
+
+    def _gram(self) -> tuple[list[Tensor], dict[tuple[int, int], Tensor]]:
+        """``(a, A)``: the diagonal of every partition's own block of :math:`Z^\\top D^{-1} Z` and the other
+        blocks ``A[i, j]`` (``i < j``; index ``J`` is the root), in the working precision."""
+        return self._memo("gram", self._compute_gram)
+
+    def _compute_gram(self):
+        wdt = core_dtype(self.dtype)
+        dinv = self.diag_values.to(wdt).reciprocal()
+        J = len(self.partitions)
+        w = [None if x is None else x.to(wdt) for x in self.weights]
+        a = [p.block_sum(dinv if w[j] is None else dinv * w[j] * w[j], dim=-1)
+             for j, p in enumerate(self.partitions)]
+        blocks: dict[tuple[int, int], Tensor] = {}
+        for i in range(J):
+            for j in range(i + 1, J):
+                values = dinv
+                if w[i] is not None:
+                    values = values * w[i]
+                if w[j] is not None:
+                    values = values * w[j]
+                blocks[i, j] = _contingency(self.partitions[i], self.partitions[j], values)
+        if self.root is not None:
+            cross, gram = self._root_gram(dinv, w)
+            for j in range(J):
+                blocks[j, J] = cross[j]
+            blocks[J, J] = gram
+        return a, blocks
+
+    def _root_gram(self, dinv: Tensor, w: list[Tensor | None]):
+        """:math:`P_j^\\top D^{-1} U` for every partition and :math:`U^\\top D^{-1} U`, in row chunks (float64
+        accumulation; recomputed chunk by chunk in the backward pass, so no ``n x m`` temporaries are kept)."""
+        U = self.root
+        wdt = dinv.dtype
+        m = U.shape[-1]
+        rows = _chunk_rows(m)
+        parts = self.partitions
+        labels = [p.labels for p in parts]
+        ks = [p.num_blocks for p in parts]
+
+        def piece(Uc: Tensor, dc: Tensor, start: int):
+            Uw = Uc.to(wdt)
+            scaled = Uw * dc.unsqueeze(-1)
+            out = [Uw.mT @ scaled]
+            for j, k in enumerate(ks):
+                lab = labels[j].narrow(0, start, Uc.shape[-2])
+                vals = scaled if w[j] is None else scaled * w[j].narrow(0, start, Uc.shape[-2]).unsqueeze(-1)
+                out.append(vals.new_zeros(*vals.shape[:-2], k, m).index_add(-2, lab, vals))
+            return tuple(out)
+
+        total = None
+        grad = torch.is_grad_enabled() and (U.requires_grad or dinv.requires_grad)
+        for start, (Uc, dc) in zip(range(0, U.shape[-2], rows), zip(U.split(rows, -2), dinv.split(rows, -1))):
+            out = checkpoint(piece, Uc, dc, start, use_reentrant=False) if grad else piece(Uc, dc, start)
+            total = list(out) if total is None else [t + o for t, o in zip(total, out)]
+        return total[1:], total[0]
+
+    # ------------------------------------------------------------------ the capacitance
+    def _block_is_diagonal(self, j: int) -> bool:
+        return self._memo(f"diagonal_{j}", lambda: _is_diagonal(self.blocks[j]))
+
+    def _G(self, j: int, x: Tensor) -> Tensor:
+        """:math:`G_j x` in the working precision (``j == J``: the identity of the root)."""
+        if j == len(self.blocks):
+            return x
+        B = self.blocks[j].to(x.dtype)
+        if self._block_is_diagonal(j):
+            return torch.diagonal(B, dim1=-2, dim2=-1).unsqueeze(-1) * x
+        return 0.5 * (B @ x + B.mT @ x)
+
+    def _sizes(self) -> list[int]:
+        return [*self.num_blocks, *([self.rank] if self.root is not None else [])]
+
+    def _A_block(self, i: int, j: int) -> Tensor:
+        a, blocks = self._gram()
+        if i == j and i < len(self.partitions):
+            return torch.diag_embed(a[i])
+        return blocks[i, j] if i <= j else blocks[j, i].mT
+
+    def _capacitance(self) -> _Capacitance:
+        return self._memo("capacitance", self._factorise)
+
+    def _elimination_term(self) -> int | None:
+        best = None
+        for j, k in enumerate(self.num_blocks):
+            if self._block_is_diagonal(j) and (best is None or k > self.num_blocks[best]):
+                best = j
+        return best
+
+    def _factorise(self) -> _Capacitance:
+        self._check_diag("the closed-form solve / log-determinant")
+        sizes = self._sizes()
+        terms = range(len(sizes))
+        elim = self._elimination_term()
+        rest = [t for t in terms if t != elim]
+        r = sum(sizes[t] for t in rest)
+        limit = settings.max_capacitance_size.value()
+        if r > limit:
+            raise ValueError(
+                f"the capacitance matrix of this sum has size q = {sum(sizes)} ({self._describe()}); after "
+                f"eliminating the largest diagonal grouping, {r} x {r} must be factorised, more than "
+                f"bma_gp.settings.max_capacitance_size = {limit}. Raise the limit with "
+                f"`with bma_gp.settings.max_capacitance_size({r}):` if the O({r}^3) factorisation fits your machine, "
+                "or use fewer levels / a smaller rank.")
+        a, _ = self._gram()
+        wdt = a[0].dtype if a else core_dtype(self.dtype)
+        batch = self.batch_shape
+        logdet = torch.zeros(batch, dtype=wdt, device=self.device)
+        delta = E = Ep = None
+        if elim is not None:
+            g = torch.diagonal(self.blocks[elim], dim1=-2, dim2=-1).to(wdt)
+            delta = 1 + g * a[elim]
+            if settings.validate.on() and bool((delta <= 0).any()):
+                raise ValueError(
+                    f"the sum is not positive definite: the block matrix of partition {elim} has a negative diagonal "
+                    "entry large enough to make the capacitance singular. Check the block matrices.")
+            logdet = logdet + delta.log().sum(-1)
+            if rest:
+                E = g.unsqueeze(-1) * torch.cat([self._A_block(elim, t) for t in rest], dim=-1)
+                Ep = torch.cat([self._G(t, self._A_block(t, elim)) for t in rest], dim=-2)
+        lu = None
+        if rest:
+            rows = [torch.cat([self._G(s, self._A_block(s, t)) for t in rest], dim=-1) for s in rest]
+            S = torch.cat(rows, dim=-2) + torch.eye(r, dtype=wdt, device=self.device)
+            if elim is not None:
+                S = S - Ep @ (E / delta.unsqueeze(-1))
+            LU, pivots, info = torch.linalg.lu_factor_ex(S)
+            if settings.validate.on() and bool((info > 0).any()):
+                raise ValueError(f"the capacitance matrix of this sum ({self._describe()}) is singular: the sum is "
+                                 "not positive definite. Check the block matrices and the diagonal.")
+            diag_u = torch.diagonal(LU, dim1=-2, dim2=-1)
+            swaps = pivots != torch.arange(1, r + 1, device=pivots.device, dtype=pivots.dtype)
+            sign = (1 - 2 * (swaps.sum(-1) % 2)).to(wdt) * diag_u.sign().prod(-1)
+            logabs = diag_u.abs().log().sum(-1)
+            if settings.validate.on() and bool((sign <= 0).any()):
+                raise ValueError(f"the sum ({self._describe()}) is not positive definite: its capacitance matrix has "
+                                 "a non-positive determinant. Check the block matrices and the diagonal.")
+            logdet = logdet + torch.where(sign > 0, logabs, torch.full_like(logabs, math.nan))
+            lu = (LU, pivots)
+        return _Capacitance(elim, delta, E, Ep, lu, logdet)
+
+    def _cap_solve(self, y: list[Tensor]) -> list[Tensor]:
+        """Solve :math:`C x = y` with ``y`` given per term (``(*b, k_t, t)`` each)."""
+        cap = self._capacitance()
+        terms = list(range(len(y)))
+        rest = [t for t in terms if t != cap.elim]
+        out: list[Tensor | None] = [None] * len(y)
+        if rest:
+            rhs = torch.cat([y[t] for t in rest], dim=-2)
+            if cap.elim is not None:
+                rhs = rhs - cap.Ep @ (y[cap.elim] / cap.delta.unsqueeze(-1))
+            LU, pivots = cap.lu
+            batch = torch.broadcast_shapes(LU.shape[:-2], rhs.shape[:-2])
+            x_rest = torch.linalg.lu_solve(LU.expand(*batch, *LU.shape[-2:]),
+                                           pivots.expand(*batch, pivots.shape[-1]),
+                                           rhs.expand(*batch, *rhs.shape[-2:]))
+            sizes = [y[t].shape[-2] for t in rest]
+            for t, piece in zip(rest, x_rest.split(sizes, dim=-2)):
+                out[t] = piece
+        if cap.elim is not None:
+            e = cap.elim
+            rhs = y[e] if not rest else y[e] - cap.E @ torch.cat([out[t] for t in rest], dim=-2)
+            out[e] = rhs / cap.delta.unsqueeze(-1)
+        return out
+
+    # ------------------------------------------------------------------ Z^T x and Z y
+    def _z_t(self, x: Tensor) -> list[Tensor]:
+        """:math:`Z^\\top x` per term, in the working precision. ``x`` # shape: (*batch, n, t)"""
+        wdt = core_dtype(self.dtype)
+        x = x.to(wdt)
+        out = [p.block_sum(self._weighted(j, x, -2), dim=-2) for j, p in enumerate(self.partitions)]
+        if self.root is not None:
+            out.append(_chunked_t_matmul(self.root, x))
+        return out
+
+    def _z(self, y: list[Tensor]) -> Tensor:
+        """:math:`Z y` from per-term coefficients, in the working precision. # shape: (*batch, n, t)"""
+        res = None
+        for j, p in enumerate(self.partitions):
+            term = self._weighted(j, p.expand(y[j], dim=-2), -2)
+            res = term if res is None else res + term
+        if self.root is not None:
+            term = _chunked_matmul(self.root, y[-1])
+            res = term if res is None else res + term
+        return res
+
+    # ------------------------------------------------------------------ solves and log-determinants
+    def _check_rhs(self, rhs: Tensor, name: str) -> None:
+        if not torch.is_tensor(rhs):
+            raise TypeError(f"{name} must be a tensor, got {type(rhs).__name__}.")
+        size = rhs.shape[-1] if rhs.dim() == 1 else rhs.shape[-2]
+        if size != self.shape[-1]:
+            raise ValueError(f"{name} of shape {tuple(rhs.shape)} does not match the operator of shape "
+                             f"{tuple(self.shape)}: expected size {self.shape[-1]} in dimension "
+                             f"{-1 if rhs.dim() == 1 else -2}.")
+
+    def _woodbury(self, rhs: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """``(D^{-1} b, u, x)`` with :math:`u = Z^\\top D^{-1} b` and :math:`x = C^{-1} G u` (working precision)."""
+        wdt = core_dtype(self.dtype)
+        scaled = rhs.to(wdt) / self.diag_values.to(wdt).unsqueeze(-1)
+        if not self._sizes():
+            return scaled, [], []
+        u = self._z_t(scaled)
+        x = self._cap_solve([self._G(t, ut) for t, ut in enumerate(u)])
+        return scaled, u, x
+
+    def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
+        r"""Closed-form :math:`M^{-1} R` (or :math:`L M^{-1} R`) through the capacitance: no CG, any size."""
+        self._check_rhs(right_tensor, "right_tensor")
+        self._check_diag("solve")
+        vector = right_tensor.dim() == 1
+        rhs = right_tensor.unsqueeze(-1) if vector else right_tensor
+        scaled, _, x = self._woodbury(rhs)
+        res = scaled
+        if x:
+            res = scaled - self._z(x) / self.diag_values.to(scaled.dtype).unsqueeze(-1)
+        res = res.to(torch.promote_types(self.dtype, right_tensor.dtype))
+        if vector:
+            res = res.squeeze(-1)
+        return res if left_tensor is None else left_tensor @ res
+
+    def _solve(self, rhs: Tensor, preconditioner=None, num_tridiag: int = 0) -> Tensor:
+        return self.solve(rhs)
+
+    def inv_quad(self, inv_quad_rhs: Tensor, reduce_inv_quad: bool = True) -> Tensor:
+        return self.inv_quad_logdet(inv_quad_rhs, logdet=False, reduce_inv_quad=reduce_inv_quad)[0]
+
+    def inv_quad_logdet(self, inv_quad_rhs: Tensor | None = None, logdet: bool = False,
+                        reduce_inv_quad: bool = True) -> tuple[Tensor, Tensor]:
+        r""":math:`R^\top M^{-1} R = R^\top D^{-1} R - u^\top C^{-1} G u` (:math:`u = Z^\top D^{-1} R`) and
+        :math:`\log\det M = \sum \log d + \log\det C`, in closed form at every size."""
+        if inv_quad_rhs is None and not logdet:
+            raise RuntimeError("Either `inv_quad_rhs` or `logdet` must be specified.")
+        wdt = core_dtype(self.dtype)
+        inv_quad_term = torch.empty(0, dtype=self.dtype, device=self.device)
+        if inv_quad_rhs is not None:
+            self._check_rhs(inv_quad_rhs, "inv_quad_rhs")
+            self._check_diag("inv_quad")
+            rhs = inv_quad_rhs.unsqueeze(-1) if inv_quad_rhs.dim() == 1 else inv_quad_rhs
+            scaled, u, x = self._woodbury(rhs)
+            quad = (rhs.to(wdt) * scaled).sum(-2)
+            for ut, xt in zip(u, x):
+                quad = quad - (ut * xt).sum(-2)
+            inv_quad_term = (quad.sum(-1) if reduce_inv_quad else quad).to(self.dtype)
+        logdet_term = torch.zeros([], dtype=self.dtype, device=self.device)
+        if logdet:
+            logdet_term = self.logdet()
+        return inv_quad_term, logdet_term
+
+    def logdet(self) -> Tensor:
+        r""":math:`\log\det M = \sum_a \log d_a + \log\det(I + G Z^\top D^{-1} Z)`."""
+        self._check_diag("logdet")
+        wdt = core_dtype(self.dtype)
+        res = self.diag_values.to(wdt).log().sum(-1)
+        if self._sizes():
+            res = res + self._capacitance().logdet
+        return res.to(self.dtype)
+
+    # ------------------------------------------------------------------ roots
+    def _root_factor(self, j: int, wdt: torch.dtype) -> Tensor:
+        """A symmetric root :math:`L_j = B_j^{1/2}` (positive semidefinite :math:`B_j`)."""
+        B = self.blocks[j].to(wdt)
+        if self._block_is_diagonal(j):
+            values = torch.diagonal(B, dim1=-2, dim2=-1)
+            if settings.validate.on() and bool((values < 0).any()):
+                raise ValueError(f"a root of this sum needs positive semidefinite block matrices, but blocks[{j}] has a "
+                                 "negative diagonal entry.")
+            return torch.diag_embed(values.clamp_min(0).sqrt())
+        B = 0.5 * (B + B.mT)
+
+        def prepare(e: Tensor) -> Tensor:
+            if settings.validate.on():
+                scale = e.abs().amax(-1, keepdim=True)
+                if bool((e < -10 * torch.finfo(e.dtype).eps * scale * e.shape[-1]).any()):
+                    raise ValueError(
+                        f"a root of this sum is computed from roots of its block matrices, but blocks[{j}] is not "
+                        f"positive semidefinite (eigenvalue {float(e.min()):.3g}). A block mean approximation can "
+                        "have an indefinite B while the matrix itself is positive definite; solves and "
+                        "log-determinants still work, roots need a positive semidefinite B.")
+            return e.clamp_min(0)
+
+        return symmetric_matrix_function(B, torch.sqrt, prepare)
+
+    def _root_parts(self, inverse: bool) -> tuple[Tensor, list[Tensor]]:
+        """``(K, L)``: :math:`L = \\operatorname{blockdiag}(B_j^{1/2}, I)` and :math:`K = h(L^\\top A L)`."""
+        q = self.capacitance_size
+        limit = settings.max_capacitance_size.value()
+        if q > limit:
+            raise ValueError(
+                f"a root of this sum needs an eigendecomposition of size q = {q} ({self._describe()}), more than "
+                f"bma_gp.settings.max_capacitance_size = {limit}; raise the limit with "
+                f"`with bma_gp.settings.max_capacitance_size({q}):` if it fits your machine.")
+        self._check_diag("root_decomposition")
+        a, _ = self._gram()
+        wdt = core_dtype(self.dtype)
+        sizes = self._sizes()
+        J = len(self.partitions)
+        L = [self._root_factor(j, wdt) for j in range(J)]
+        if self.root is not None:
+            L.append(torch.eye(self.rank, dtype=wdt, device=self.device))
+        rows = []
+        for s in range(len(sizes)):
+            rows.append(torch.cat([L[s].mT @ self._A_block(s, t) @ L[t] for t in range(len(sizes))], dim=-1))
+        W = torch.cat(rows, dim=-2)
+        W = 0.5 * (W + W.mT)
+        if inverse:
+            def fn(e):
+                r = (1 + e).sqrt()
+                return -1 / (r * (r + 1))
+        else:
+            def fn(e):
+                return 1 / ((1 + e).sqrt() + 1)
+        K = symmetric_matrix_function(W, fn, lambda e: e.clamp_min(0))
+        return K, L
+
+    def root_decomposition(self, method: str | None = None) -> LinearOperator:
+        r""":math:`M = R R^\top` with the square root
+        :math:`R = D^{1/2} + Z L K L^\top Z^\top D^{-1/2}`, :math:`K = h(L^\top A L)`,
+        :math:`h(e) = 1/(\sqrt{1+e}+1)` (``method`` is ignored). Applying :math:`R` costs
+        :math:`O(n(J+m) + q^2)`."""
+        K, L = self._memo("root_parts", lambda: self._root_parts(inverse=False))
+        wdt = K.dtype
+        d = self.diag_values.to(wdt)
+        return RootLinearOperator(_WoodburyRoot(self, K, L, d.sqrt(), torch.ones_like(d), d.rsqrt()))
+
+    def root_inv_decomposition(self, initial_vectors: Tensor | None = None, test_vectors: Tensor | None = None,
+                               method: str | None = None) -> LinearOperator:
+        r""":math:`M^{-1} = R R^\top` with :math:`R = D^{-1/2} + D^{-1} Z L K L^\top Z^\top D^{-1/2}`,
+        :math:`K = g(L^\top A L)`, :math:`g(e) = -1/(\sqrt{1+e}(\sqrt{1+e}+1))` (arguments are ignored)."""
+        K, L = self._memo("root_inv_parts", lambda: self._root_parts(inverse=True))
+        wdt = K.dtype
+        d = self.diag_values.to(wdt)
+        return RootLinearOperator(_WoodburyRoot(self, K, L, d.rsqrt(), d.reciprocal(), d.rsqrt()))
+
+    def sqrt_inv_matmul(self, rhs: Tensor, lhs: Tensor | None = None):
+        r""":math:`R^{-1}`-style products through the closed-form inverse root."""
+        root = self.root_inv_decomposition().root
+        if lhs is None:
+            return root.matmul(rhs)
+        lhs_root = root._t_matmul(lhs.mT).mT  # L R
+        res = lhs_root @ root._t_matmul(rhs.unsqueeze(-1) if rhs.dim() == 1 else rhs)
+        return res, lhs_root.pow(2).sum(-1)
+
+    def __repr__(self) -> str:
+        return (f"BlockMeanSumLinearOperator(shape={tuple(self.shape)}, {self._describe()}, dtype={self.dtype}, "
+                f"device={self.device})")
+
+
+# ---------------------------------------------------------------------------- the roots
+class _WoodburyRoot(LinearOperator):
+    r""":math:`R = \operatorname{diag}(\alpha) + \operatorname{diag}(\beta) Z L K L^\top Z^\top
+    \operatorname{diag}(\gamma)` for a :class:`BlockMeanSumLinearOperator`'s :math:`Z` (never formed)."""
+
+    def __init__(self, parent: BlockMeanSumLinearOperator, K: Tensor, L: list[Tensor], alpha: Tensor, beta: Tensor,
+                 gamma: Tensor, transposed: bool = False):
+        super().__init__(K, alpha, beta, gamma, *L, parent=parent, transposed=transposed)
+        self.parent = parent
+        self.K, self.L = K, L
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        self.transposed = transposed
+
+    def _size(self) -> torch.Size:
+        return self.parent.shape
+
+    def _transpose_nonbatch(self) -> _WoodburyRoot:
+        return _WoodburyRoot(self.parent, self.K, self.L, self.alpha, self.gamma, self.beta, not self.transposed)
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        vector = rhs.dim() == 1
+        x = rhs.unsqueeze(-1) if vector else rhs
+        wdt = self.K.dtype
+        xw = x.to(wdt)
+        u = self.parent._z_t(self.gamma.unsqueeze(-1) * xw)
+        sizes = [t.shape[-2] for t in u]
+        v = torch.cat([Lt.mT @ ut for Lt, ut in zip(self.L, u)], dim=-2)
+        y = (self.K @ v).split(sizes, dim=-2)
+        z = self.parent._z([Lt @ yt for Lt, yt in zip(self.L, y)])
+        res = (self.alpha.unsqueeze(-1) * xw + self.beta.unsqueeze(-1) * z).to(torch.promote_types(rhs.dtype,
+                                                                                              self.parent.dtype))
+        return res.squeeze(-1) if vector else res
+
+    def matmul(self, other):
+        if torch.is_tensor(other):
+            return self._matmul(other)
+        return super().matmul(other)
+
+    def _t_matmul(self, rhs: Tensor) -> Tensor:
+        return self._transpose_nonbatch()._matmul(rhs)
+
+    def _expand_batch(self, batch_shape):
+        return _WoodburyRoot(self.parent._expand_batch(batch_shape), self.K, self.L, self.alpha, self.beta,
+                             self.gamma, self.transposed)
+
+    def to_dense(self) -> Tensor:
+        n = self.shape[-1]
+        eye = torch.eye(n, dtype=self.parent.dtype, device=self.parent.device)
+        return self._matmul(eye.expand(*self.batch_shape, n, n))
+
+
+# ---------------------------------------------------------------------------- chunked products with the root
+def _chunked_t_matmul(U: Tensor, x: Tensor) -> Tensor:
+    """:math:`U^\\top x` accumulated in ``x``'s (working) precision, ``U`` cast one row chunk at a time."""
+    rows = _chunk_rows(U.shape[-1])
+    grad = torch.is_grad_enabled() and (U.requires_grad or x.requires_grad)
+    total = None
+    for Uc, xc in zip(U.split(rows, -2), x.split(rows, -2)):
+        fn = _t_piece
+        out = checkpoint(fn, Uc, xc, use_reentrant=False) if grad else fn(Uc, xc)
+        total = out if total is None else total + out
+    return total
+
+
+def _t_piece(Uc: Tensor, xc: Tensor) -> Tensor:
+    return Uc.to(xc.dtype).mT @ xc
+
+
+def _chunked_matmul(U: Tensor, y: Tensor) -> Tensor:
+    """:math:`U y` in ``y``'s (working) precision, ``U`` cast one row chunk at a time."""
+    rows = _chunk_rows(U.shape[-1])
+    grad = torch.is_grad_enabled() and (U.requires_grad or y.requires_grad)
+    pieces = []
+    for Uc in U.split(rows, -2):
+        pieces.append(checkpoint(_piece, Uc, y, use_reentrant=False) if grad else _piece(Uc, y))
+    return torch.cat(pieces, dim=-2)
+
+
+def _piece(Uc: Tensor, y: Tensor) -> Tensor:
+    return Uc.to(y.dtype) @ y
