@@ -5,8 +5,8 @@ Inside :func:`closed_forms_only`:
 * linear_operator's iterative solvers raise whenever they are called: ``linear_cg``, ``minres``,
   ``lanczos_tridiag`` (also behind stochastic Lanczos quadrature) and ``contour_integral_quad``;
 * linear_operator's ``psd_safe_cholesky`` (the dense Cholesky that ``solve``, ``inv_quad_logdet``
-  and GPyTorch's prediction strategy fall back to) raises whenever linear_operator or GPyTorch
-  call it;
+  and GPyTorch's prediction strategy fall back to) raises on a matrix of size ``>= n`` (SGPR's own
+  ``m x m`` inducing-point Cholesky stays allowed);
 * torch's dense factorisations (Cholesky, eigendecompositions, LU, solves, inverses,
   log-determinants) raise on a square matrix of size ``>= n``; smaller ones, such as the
   ``k x k`` core problem of a block mean operator, stay allowed.
@@ -124,9 +124,13 @@ def closed_forms_only(n: int) -> Iterator[None]:
     libraries = _loaded_modules(_LIBRARIES)
     everywhere = _loaded_modules(_ALL_PACKAGES)
     replacements: list[tuple[ModuleType, str, Callable]] = []
-    for module, name in _ITERATIVE + _LIBRARY_CHOLESKY:
+    for module, name in _ITERATIVE:
         fn = getattr(module, name)
         replacements += [(m, attr, _refuse(name)) for m, attr in _bindings(fn, [module, *libraries])]
+    for module, name in _LIBRARY_CHOLESKY:  # small ones are fine: SGPR factorises its m x m inducing kernel
+        fn = getattr(module, name)
+        limited = _size_limited(f"{module.__name__}.{name}", fn, n)
+        replacements += [(m, attr, limited) for m, attr in _bindings(fn, [module, *libraries])]
     for module, name in _DENSE:
         fn = getattr(module, name)
         limited = _size_limited(f"{module.__name__}.{name}", fn, n)

@@ -25,9 +25,17 @@ def test_library_cholesky_is_refused_although_imported_by_value():
     # _linear_operator.py holds its own reference (from ... import psd_safe_cholesky): patching the
     # defining module alone would let this solve through
     A, b = DenseLinearOperator(spd(30)), torch.ones(30, 1, dtype=torch.float64)
-    with linear_operator.settings.max_cholesky_size(10_000), closed_forms_only(1000):
+    with linear_operator.settings.max_cholesky_size(10_000), closed_forms_only(30):
         with pytest.raises(ForbiddenPath, match="psd_safe_cholesky"):
             A.solve(b)
+
+
+def test_small_library_cholesky_is_allowed():
+    # SGPR factorises its m x m inducing-point kernel with psd_safe_cholesky: below n that is no n x n path
+    A = spd(10)
+    with closed_forms_only(30):
+        L = linear_operator.utils.cholesky.psd_safe_cholesky(A)
+    assert torch.allclose(L @ L.mT, A)
 
 
 def test_lanczos_and_stochastic_logdet_are_refused():
