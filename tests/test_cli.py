@@ -1,5 +1,6 @@
 """The ``bma-gp`` command, run in-process: the bundled demo, a user CSV, and every error path."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from bma_gp.cli import build_parser, main
+from bma_gp.cli import RunConfig, build_parser, main, parse_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--iters", "2", "--no-progress"]
@@ -47,6 +48,7 @@ def _exit_code_and_message(capsys, argv):
 
 
 # ------------------------------------------------------------------------ successful runs
+@pytest.mark.slow
 def test_bundled_co2_demo_all_methods(tmp_path, capsys):
     out = tmp_path / "out"
     assert main([*FAST, "--max-rows", "300", "--blocks", "24", "--out", str(out)]) == 0
@@ -105,6 +107,7 @@ def test_iters_zero_still_predicts(tmp_path):
     assert _results(out)["results"][0]["rmse"] > 0
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point_reports_errors_without_traceback(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "bma_gp", "--data", str(tmp_path / "missing.csv"), "--target", "y"],
@@ -112,6 +115,22 @@ def test_python_dash_m_entry_point_reports_errors_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "bma-gp: error:" in proc.stderr and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_command_line_becomes_a_typed_config():
+    config = parse_config(["--data", "d.csv", "--target", "y", "--features", "u", "v", "--method", "sgpr,exact",
+                           "--dtype", "float32", "--device", "cpu", "--no-plot", "--blocks", "7"])
+    assert isinstance(config, RunConfig)
+    assert config.methods == ("exact", "sgpr") and config.features == ("u", "v") and config.blocks == 7
+    assert config.dtype == torch.float32 and config.dtype_name == "float32" and config.device == torch.device("cpu")
+    assert not config.plot and config.progress and config.kernel_kind() == "rbf"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.blocks = 3
+
+
+def test_config_defaults_are_the_command_line_defaults():
+    assert parse_config(["--device", "cpu"]) == RunConfig()
+    assert RunConfig().kernel_kind() == "seasonal"
 
 
 def test_help_lists_every_option(capsys):

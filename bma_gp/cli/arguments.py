@@ -1,0 +1,226 @@
+"""The command line of ``bma-gp``: the parser, its value types, and the parsed :class:`RunConfig`."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+
+from bma_gp.cli.config import METHODS, PROG, RunConfig
+
+__all__ = ["build_parser", "parse_config"]
+
+
+# ---------------------------------------------------------------------------- value types
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0.0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``bma-gp`` (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Fit exact, block mean and inducing-point Gaussian processes to a data set and compare "
+        "them on held-out points. Without --data it uses the Mauna Loa CO2 series bundled with the package.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", metavar="CSV", help="a CSV file with a header line (default: the bundled CO2 series)")
+    data.add_argument("--target", metavar="COL", help="the column to predict (required with --data)")
+    data.add_argument(
+        "--features",
+        metavar="COL",
+        nargs="+",
+        help="input columns (default: every column except the target); ISO dates become decimal years",
+    )
+    # a repeatable --group COL (action="append") belongs here, with a field in RunConfig
+    data.add_argument(
+        "--max-rows", type=_positive_int, metavar="N", help="use a random subset of at most N rows (default: all rows)"
+    )
+    data.add_argument("--test-fraction", type=_fraction, default=0.2, help="share of rows held out for testing")
+    data.add_argument(
+        "--split",
+        choices=("random", "last"),
+        default="random",
+        help="hold out a random subset, or the rows with the largest first input (extrapolation)",
+    )
+    model = parser.add_argument_group("models")
+    model.add_argument(
+        "--method",
+        action="append",
+        metavar="NAME",
+        help=f"methods to run: all or any of {', '.join(METHODS)}; repeat the option or give a "
+        "comma list (default: all)",
+    )
+    model.add_argument(
+        "--blocks", type=_positive_int, default=256, help="number of blocks (blockmean) and of inducing points (sgpr)"
+    )
+    model.add_argument(
+        "--partition",
+        choices=("auto", "sorted", "kmeans"),
+        default="auto",
+        help="how blockmean groups the training inputs: sorted runs along the first input, "
+        "k-means clusters, or auto (sorted for one input column, k-means otherwise)",
+    )
+    model.add_argument(
+        "--kernel",
+        choices=("auto", "seasonal", "rbf", "matern"),
+        default="auto",
+        help="base kernel: seasonal = long-term RBF + periodic x RBF + short-term Matern "
+        "(one input column), rbf / matern = ARD kernels; auto: seasonal for the CO2 demo, rbf otherwise",
+    )
+    model.add_argument(
+        "--period",
+        type=_positive_float,
+        default=1.0,
+        help="initial period of the seasonal kernel, in units of the input (years for CO2)",
+    )
+    train = parser.add_argument_group("training")
+    train.add_argument("--iters", type=_non_negative_int, default=40, help="Adam steps on the marginal likelihood")
+    train.add_argument("--lr", type=_positive_float, default=0.1, help="Adam learning rate")
+    train.add_argument(
+        "--max-cholesky",
+        type=_non_negative_int,
+        default=5000,
+        help="largest training set the exact GP factorises with Cholesky while training (beyond: "
+        "GPyTorch's CG/Lanczos); predictions use Cholesky up to max(this, 10000) for accurate variances",
+    )
+    train.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda, cuda:1")
+    train.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="floating point precision")
+    train.add_argument("--seed", type=int, default=0, help="random seed (split, inducing points, k-means)")
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--out",
+        metavar="DIR",
+        default="bma_gp_out",
+        help="directory for fits.png and results.json (created if missing)",
+    )
+    output.add_argument("--no-plot", action="store_true", help="skip the plot (matplotlib is then not needed)")
+    output.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return parser
+
+
+# ---------------------------------------------------------------------------- resolution
+def _parse_methods(values: Sequence[str] | None, parser: argparse.ArgumentParser) -> tuple[str, ...]:
+    if not values:
+        return METHODS
+    chosen: list[str] = []
+    for value in values:
+        for name in value.split(","):
+            name = name.strip().lower()
+            if not name:
+                continue
+            if name == "all":
+                names = list(METHODS)
+            elif name in METHODS:
+                names = [name]
+            else:
+                parser.error(f"argument --method: unknown method {name!r}; choose all or any of {', '.join(METHODS)}")
+            chosen += [n for n in names if n not in chosen]
+    if not chosen:
+        parser.error(f"argument --method: no method given; choose all or any of {', '.join(METHODS)}")
+    return tuple(name for name in METHODS if name in chosen)
+
+
+def _resolve_device(text: str, parser: argparse.ArgumentParser) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        parser.error(f"argument --device: {text!r} is not a torch device; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("argument --device: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"argument --device: {text!r} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    elif device.type != "cpu":
+        parser.error(f"argument --device: {text!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def parse_config(argv: Sequence[str] | None, parser: argparse.ArgumentParser | None = None) -> RunConfig:
+    """Parse and check the command line ``argv`` (default ``sys.argv[1:]``) into a :class:`RunConfig`.
+
+    Checks that need no data happen here: the methods, the device, ``--target`` / ``--features``
+    without ``--data`` (and the reverse), and an ``--out`` that names a file.
+
+    Args:
+        argv: the arguments, without the program name.
+        parser: the parser to use and to report errors with (default: :func:`build_parser`).
+
+    Raises:
+        SystemExit: with status 2 after argparse's usage message for bad arguments, 0 after ``--help``.
+    """
+    parser = build_parser() if parser is None else parser
+    args = parser.parse_args(argv)
+    methods = _parse_methods(args.method, parser)
+    device = _resolve_device(args.device, parser)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"argument --out: {args.out!r} is a file; give a directory (it is created if missing)")
+    if args.data is None and (args.target is not None or args.features is not None):
+        parser.error("--target and --features need --data (the bundled CO2 series has fixed columns)")
+    if args.data is not None and args.target is None:
+        parser.error("--data needs --target COL, the column to predict")
+    return RunConfig(
+        data=args.data,
+        target=args.target,
+        features=None if args.features is None else tuple(args.features),
+        max_rows=args.max_rows,
+        test_fraction=args.test_fraction,
+        split=args.split,
+        methods=methods,
+        blocks=args.blocks,
+        partition=args.partition,
+        kernel=args.kernel,
+        period=args.period,
+        iters=args.iters,
+        lr=args.lr,
+        max_cholesky=args.max_cholesky,
+        device=device,
+        dtype=torch.float64 if args.dtype == "float64" else torch.float32,
+        seed=args.seed,
+        out=args.out,
+        plot=not args.no_plot,
+        progress=not args.no_progress,
+    )

@@ -1,0 +1,70 @@
+"""The typed configuration of one ``bma-gp`` run, and the error for unusable arguments or data.
+
+:class:`RunConfig` is what the command line means once parsed and checked
+(:func:`bma_gp.cli.arguments.parse_config` builds it); the data, model and report steps take it,
+never an ``argparse.Namespace``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = ["METHODS", "PROG", "RunConfig", "UsageError"]
+
+#: The methods ``--method`` chooses from, in the order they run and are reported.
+METHODS = ("exact", "blockmean", "sgpr")
+PROG = "bma-gp"
+
+
+class UsageError(ValueError):
+    """Arguments or data the run cannot use. :func:`bma_gp.cli.main` prints the message the way
+    argparse prints its own errors (usage, then ``bma-gp: error: ...``) and exits with status 2."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One ``bma-gp`` run: every option, parsed, checked and resolved (methods, device, dtype).
+
+    The defaults are the command line's, so ``RunConfig()`` is the bundled CO2 demo.
+    """
+
+    # data
+    data: str | None = None  # a CSV path; None: the bundled CO2 series
+    target: str | None = None
+    features: tuple[str, ...] | None = None  # None: every column except the target
+    # (a repeatable --group COL option goes here, e.g. groups: tuple[str, ...] = (),
+    #  next to its argument in arguments.py and its use in data.py and models.py)
+    max_rows: int | None = None
+    test_fraction: float = 0.2
+    split: Literal["random", "last"] = "random"
+    # models
+    methods: tuple[str, ...] = METHODS
+    blocks: int = 256
+    partition: Literal["auto", "sorted", "kmeans"] = "auto"
+    kernel: Literal["auto", "seasonal", "rbf", "matern"] = "auto"
+    period: float = 1.0  # in units of the first input
+    # training
+    iters: int = 40
+    lr: float = 0.1
+    max_cholesky: int = 5000
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float64
+    seed: int = 0
+    # output
+    out: str = "bma_gp_out"
+    plot: bool = True
+    progress: bool = True
+
+    @property
+    def dtype_name(self) -> str:
+        """``"float64"`` or ``"float32"``, as ``--dtype`` spells it."""
+        return str(self.dtype).removeprefix("torch.")
+
+    def kernel_kind(self) -> Literal["seasonal", "rbf", "matern"]:
+        """The base kernel ``--kernel`` resolves to: ``auto`` is seasonal for the CO2 demo, rbf otherwise."""
+        if self.kernel == "auto":
+            return "seasonal" if self.data is None else "rbf"
+        return self.kernel

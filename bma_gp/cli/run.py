@@ -1,0 +1,98 @@
+"""``main``: one ``bma-gp`` run from the command line to the report.
+
+The steps, each in its own module: :mod:`~bma_gp.cli.arguments` (command line to
+:class:`~bma_gp.cli.config.RunConfig`), :mod:`~bma_gp.cli.data` (load, subsample, split,
+standardise), :mod:`~bma_gp.cli.models` (build, train, predict) and :mod:`~bma_gp.cli.report`
+(table, ``results.json``, ``fits.png``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from bma_gp.cli import report
+from bma_gp.cli.arguments import build_parser, parse_config
+from bma_gp.cli.config import PROG, RunConfig, UsageError
+from bma_gp.cli.data import load_dataset, split, subsample
+from bma_gp.cli.models import fit
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``bma-gp`` with the command-line arguments ``argv`` (default ``sys.argv[1:]``).
+
+    Returns:
+        0 on success. Bad arguments or unusable data end the program like argparse does:
+        a message on standard error and ``SystemExit(2)``.
+    """
+    parser = build_parser()
+    config = parse_config(argv, parser)
+    try:
+        return _run(config)
+    except UsageError as err:
+        parser.error(str(err))
+
+
+def _run(config: RunConfig) -> int:
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+
+    dataset = subsample(load_dataset(config), config.max_rows, generator)
+    n_rows, num_inputs = len(dataset.y), dataset.x.shape[-1]
+    kernel_kind = config.kernel_kind()
+    if kernel_kind == "seasonal" and num_inputs != 1:
+        raise UsageError(
+            f"--kernel seasonal needs exactly one input column, the data have {num_inputs} "
+            f"({', '.join(dataset.feature_names)}); choose them with --features or use --kernel rbf"
+        )
+    problem = split(dataset, config.test_fraction, config.split, generator)
+    n_train = len(problem.y_train)
+    if config.blocks > n_train and any(m in config.methods for m in ("blockmean", "sgpr")):
+        raise UsageError(
+            f"argument --blocks: {config.blocks} exceeds the {n_train} training rows; choose --blocks <= {n_train}"
+        )
+    period = config.period / float(problem.x_scale[0])
+    problem.to(config.device)
+
+    grid = None
+    if num_inputs == 1 and config.plot:
+        both = torch.cat([problem.x_train, problem.x_test])
+        lo, hi = float(both.min()), float(both.max())
+        grid = torch.linspace(lo, hi, 2000, dtype=config.dtype, device=config.device).unsqueeze(-1)
+
+    try:
+        os.makedirs(config.out, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"argument --out: cannot create directory {config.out!r} ({err.strerror})") from err
+
+    print(
+        f"{PROG}: {problem.name}: {n_rows} rows -> {n_train} train / {len(problem.y_test)} test "
+        f"({config.split} split); inputs {', '.join(problem.feature_names)} -> target {problem.target_name}"
+    )
+    print(
+        f"{PROG}: kernel {kernel_kind}, methods {', '.join(config.methods)}, k = {config.blocks}, "
+        f"{config.iters} Adam steps (lr {config.lr}), {config.device.type} {config.dtype_name}"
+    )
+    fits = [fit(method, problem, kernel_kind, period, config, generator, grid) for method in config.methods]
+    print()
+    print(report.format_table(fits, problem.target_name))
+
+    json_path = report.write_summary(report.summary(config, problem, kernel_kind, fits), config.out)
+    print(f"\n{PROG}: wrote {json_path}")
+    if config.plot:
+        try:
+            png_path = os.path.join(config.out, "fits.png")
+            report.plot(problem, fits, grid, png_path)
+            print(f"{PROG}: wrote {png_path}")
+        except ImportError:
+            print(
+                f"{PROG}: warning: matplotlib is not installed, no plot written "
+                "(pip install matplotlib, or pass --no-plot)",
+                file=sys.stderr,
+            )
+    return 0
