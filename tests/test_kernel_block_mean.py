@@ -12,8 +12,9 @@ from bma_gp import BlockMeanLinearOperator, Partition, block_mean
 from bma_gp.kernel_block_mean import kernel_block_mean
 from gloo_ranks import run_on_ranks
 
-# the package re-exports the function under the module's name, so fetch the module itself
-kbm = importlib.import_module("bma_gp.kernel_block_mean")
+# the package re-exports the function under the module's name, so fetch the modules themselves
+generic = importlib.import_module("bma_gp._kernel_sums.generic")
+stationary = importlib.import_module("bma_gp._kernel_sums.stationary")
 
 N, D = 150, 3
 
@@ -95,7 +96,7 @@ def test_chunk_size_does_not_change_the_result(chunk_size):
 
 def test_fused_path_is_taken_for_stationary_kernels():
     kernel = _set_hypers(ScaleKernel(MaternKernel(nu=2.5, ard_num_dims=D)).double())
-    with mock.patch.object(kbm._GenericKernelSums, "apply", side_effect=AssertionError("generic path used")):
+    with mock.patch.object(generic.GenericKernelSums, "apply", side_effect=AssertionError("generic path used")):
         op = kernel_block_mean(kernel, _x(), PARTITIONS["scattered"](N), fused=True)
         _loss(op).backward()
     assert kernel.base_kernel.raw_lengthscale.grad is not None
@@ -103,7 +104,7 @@ def test_fused_path_is_taken_for_stationary_kernels():
 
 def test_generic_path_for_other_kernels_and_fused_true_rejects_them():
     kernel = _set_hypers(ScaleKernel(PeriodicKernel()).double())
-    with mock.patch.object(kbm._StationaryKernelSums, "apply", side_effect=AssertionError("fused path used")):
+    with mock.patch.object(stationary.StationaryKernelSums, "apply", side_effect=AssertionError("fused path used")):
         kernel_block_mean(kernel, _x(), PARTITIONS["scattered"](N))
     with pytest.raises(ValueError, match="fused=True"):
         kernel_block_mean(kernel, _x(), PARTITIONS["scattered"](N), fused=True)
@@ -113,13 +114,13 @@ def test_generic_backward_reevaluates_chunks_without_keeping_them():
     kernel = _set_hypers(ScaleKernel(PeriodicKernel()).double())
     x, partition = _x(), PARTITIONS["scattered"](N)
     calls = []
-    real = kbm._evaluate
+    real = generic.evaluate
 
     def counting(kern, x1, x2):
         calls.append(x1.shape[-2])
         return real(kern, x1, x2)
 
-    with mock.patch.object(kbm, "_evaluate", side_effect=counting):
+    with mock.patch.object(generic, "evaluate", side_effect=counting):
         op = kernel_block_mean(kernel, x, partition, chunk_size=40)
         forward_calls = len(calls)
         _loss(op).backward()
@@ -254,54 +255,36 @@ def test_cuda_matches_cpu(fused):
         torch.testing.assert_close(a.cpu(), b, atol=1e-8, rtol=1e-6)
 
 
-# ---------------------------------------------------------------- tiles of the fused path
-@pytest.mark.parametrize("n, rows, cols, width", [(37, 8, 16, 8), (150, 64, 64, 32), (5, 8, 8, 8), (64, 16, 2048, 16)])
-def test_tiles_cover_every_ordered_pair_once(n, rows, cols, width):
+# ---------------------------------------------------------------- tiles of the stationary engine
+@pytest.mark.parametrize("n, rows, cols", [(37, 8, 16), (150, 64, 64), (5, 8, 8), (64, 16, 2048), (10, 1, 3)])
+def test_tiles_cover_every_ordered_pair_once(n, rows, cols):
     count = torch.zeros(n, n, dtype=torch.long)
-    for r0, r1, c0, c1, mirror in kbm._tiles(n, rows, cols, width):
-        assert r0 % width == 0 and c0 % width == 0 and c1 % width == 0 and r1 - r0 <= rows
+    for r0, r1, c0, c1, mirror in stationary.tile_ranges(n, rows, cols):
+        assert r1 - r0 <= rows and c1 - c0 <= max(rows, cols) and mirror == (c0 >= r1)
         block = torch.zeros(n, n, dtype=torch.long)
-        block[r0:r1, c0:min(c1, n)] = 1
+        block[r0:r1, c0:c1] = 1
         count += block + (block.T if mirror else 0)
     assert torch.equal(count, torch.ones(n, n, dtype=torch.long))
 
 
-@pytest.mark.parametrize("sizes", [[1, 23, 5, 40, 17, 3, 1, 2], [1] * 30, [70], [3, 3, 64]])
-@pytest.mark.parametrize("width", [1, 4, 8, 32])
-def test_column_slots_place_every_column_in_its_block(sizes, width):
-    labels = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    local, target, q = kbm._column_slots(labels, len(sizes), width)
-    n = labels.numel()
-    runs = torch.arange(n) // width
-    assert torch.equal(target[runs, local[:n]], labels)  # slot -> block is the column's block
-    assert int(local.max()) < q <= min(len(sizes), width)
-    assert int(target.max()) <= len(sizes)  # len(sizes): an unused slot
-
-
-SLOT_WIDTHS = [(8,), (64,), (256,)]  # forcing short runs spanning one or two blocks, or long ones spanning many
-
-
-@pytest.mark.parametrize("widths", SLOT_WIDTHS)
 @pytest.mark.parametrize("kernel_name", ["rbf", "rbf_ard", "matern05_ard", "matern15", "matern25_ard"])
 @pytest.mark.parametrize("chunk_size", [13, 64])
-def test_fused_tiles_cut_blocks(kernel_name, chunk_size, widths, monkeypatch):
-    monkeypatch.setattr(kbm, "_SLOT_WIDTHS", widths)
-    monkeypatch.setattr(kbm, "_TILE_COLS", 24)  # several mirrored tiles per row group
+def test_fused_tiles_cut_blocks(kernel_name, chunk_size, monkeypatch):
+    monkeypatch.setattr(stationary, "TILE_COLS", 24)  # several mirrored tiles per row group
     # contiguous blocks of very different sizes: tiles of 13 or 64 rows start and end inside blocks
     sizes = [1, 23, 5, 40, 17, 3, 1, 2, 58]
     assert sum(sizes) == N
     kernel = _set_hypers(KERNELS[kernel_name]().double())
-    with mock.patch.object(kbm._GenericKernelSums, "apply", side_effect=AssertionError("generic path used")):
+    with mock.patch.object(generic.GenericKernelSums, "apply", side_effect=AssertionError("generic path used")):
         _compare(kernel, _x(), Partition.from_sizes(sizes), chunk_size=chunk_size)
 
 
-@pytest.mark.parametrize("widths", SLOT_WIDTHS)
-def test_fused_many_small_blocks_scattered(widths, monkeypatch):
-    monkeypatch.setattr(kbm, "_SLOT_WIDTHS", widths)
-    # k close to n: every run of columns spans several blocks
+@pytest.mark.parametrize("chunk_size", [5, 37, 256])
+def test_fused_many_small_blocks_scattered(chunk_size):
+    # k close to n: every tile spans many blocks in its rows and in its columns
     labels = torch.unique(torch.randint(60, (N,), generator=torch.Generator().manual_seed(4)), return_inverse=True)[1]
     kernel = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D)).double())
-    _compare(kernel, _x(), Partition.from_labels(labels), chunk_size=37, fused=True)
+    _compare(kernel, _x(), Partition.from_labels(labels), chunk_size=chunk_size, fused=True)
 
 
 def test_fused_batch_and_float32():
@@ -318,12 +301,12 @@ def test_fused_batch_and_float32():
 
 
 @pytest.mark.parametrize("kernel_name", ["rbf", "rbf_ard", "matern05_ard", "matern15"])
-def test_without_gradient_the_fused_pass_reduces_values_only(kernel_name):
+def test_without_gradient_the_stationary_engine_records_no_graph(kernel_name):
     kernel = _set_hypers(KERNELS[kernel_name]().double())
     partition = PARTITIONS["scattered"](N)
     ref = _dense_reference(kernel, _x(), partition)
-    with torch.no_grad(), mock.patch.object(kbm._GenericKernelSums, "apply", side_effect=AssertionError("generic")), \
-            mock.patch.object(kbm._StationaryKernelSums, "apply", side_effect=AssertionError("derivatives")):
+    with torch.no_grad(), mock.patch.object(generic.GenericKernelSums, "apply", side_effect=AssertionError("generic")), \
+            mock.patch.object(stationary.StationaryKernelSums, "apply", side_effect=AssertionError("autograd")):
         op = kernel_block_mean(kernel, _x(), partition, chunk_size=40)
     torch.testing.assert_close(op.B, ref.B, atol=1e-9, rtol=1e-7)  # the tolerances of _compare
     torch.testing.assert_close(op.lam, ref.lam, atol=1e-7, rtol=1e-6)

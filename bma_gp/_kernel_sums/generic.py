@@ -1,0 +1,121 @@
+r"""Block sums of any gpytorch kernel matrix, by row chunks, checkpointed one chunk at a time.
+
+Forward evaluates ``kernel(x[a:b], x)`` chunk by chunk under ``no_grad`` and reduces each
+chunk into :math:`T = P^\top K P` and :math:`d = P^\top \operatorname{diag}(K)` at once.
+Backward re-evaluates each chunk with autograd on and pulls the incoming gradient on
+:math:`(T, d)`, spread over the chunk's entries, back through it. Memory is
+:math:`O(n \cdot \text{chunk})` in both passes. The rows are sorted by block, so the
+reduction over columns is a segment sum.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from gpytorch import settings as gpt_settings
+from gpytorch.kernels import Kernel
+from linear_operator import to_dense
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from bma_gp._kernel_sums.plan import KernelSumsPlan, all_reduce, chunk_ranges, progress
+from bma_gp._precision import core_dtype
+
+__all__ = ["GenericKernelSums", "evaluate", "kernel_parameters"]
+
+
+def evaluate(kernel: Kernel, x1: Tensor, x2: Tensor) -> Tensor:
+    """The dense matrix ``kernel(x1, x2)``."""
+    with gpt_settings.lazily_evaluate_kernels(False):
+        return to_dense(kernel(x1, x2))
+
+
+def kernel_parameters(kernel: Kernel) -> list[Tensor]:
+    """The kernel's parameters, each once."""
+    seen, out = set(), []
+    for p in kernel.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _segment_sum(values: Tensor, lengths: Tensor) -> Tensor:
+    """Sum the last dimension of ``values`` over consecutive runs of the given lengths.
+
+    The leading dimensions are flattened first: ``segment_reduce`` is many times slower with
+    lengths of three or more dimensions than with a (stride-0) two-dimensional one.
+    """
+    lead = values.shape[:-1]
+    flat = values.reshape(-1, values.shape[-1])
+    out = torch.segment_reduce(flat, "sum", lengths=lengths.expand(flat.shape[0], lengths.numel()), axis=1)
+    return out.view(*lead, lengths.numel())
+
+
+class GenericKernelSums(torch.autograd.Function):
+    """``(T, d)`` of ``kernel(x, x)`` by row chunks; backward re-evaluates each chunk.
+
+    With a process group each rank reduces its own rows; the sums are all-reduced in
+    forward, and the gradients of the hyperparameters and of ``x`` in backward, so every
+    rank ends with the full (identical) gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, plan: KernelSumsPlan, kernel: Kernel, x: Tensor, *params: Tensor) -> tuple[Tensor, Tensor]:
+        k = plan.num_blocks
+        sums = diag = None
+        with torch.no_grad():
+            for a, b in progress(chunk_ranges(*plan.rows, plan.chunk), plan.show_progress, "kernel block sums"):
+                values = evaluate(kernel, x[..., a:b, :], x)  # (*batch, c, n)
+                if sums is None:
+                    dtype, acc = values.dtype, core_dtype(values.dtype)
+                    sums = values.new_zeros(*values.shape[:-2], k, k, dtype=acc)
+                    diag = values.new_zeros(*values.shape[:-2], k, dtype=acc)
+                rows = plan.labels[a:b]
+                sums.index_add_(sums.dim() - 2, rows, _segment_sum(values, plan.sizes).to(acc))
+                diag.index_add_(diag.dim() - 1, rows, torch.diagonal(values, offset=a, dim1=-2, dim2=-1).to(acc))
+            if sums is None:  # this rank has no rows: the shapes come from a one-row evaluation
+                probe = evaluate(kernel, x[..., :1, :], x[..., :1, :])
+                dtype, acc = probe.dtype, core_dtype(probe.dtype)
+                sums = probe.new_zeros(*probe.shape[:-2], k, k, dtype=acc)
+                diag = probe.new_zeros(*probe.shape[:-2], k, dtype=acc)
+            if plan.group is not None:
+                sums, diag = all_reduce([sums, diag], plan.group)
+        ctx.plan, ctx.kernel = plan, kernel
+        ctx.save_for_backward(x, *params)
+        return sums.to(dtype), diag.to(dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_sums: Tensor, grad_diag: Tensor) -> tuple[Tensor | None, ...]:
+        plan, kernel = ctx.plan, ctx.kernel
+        x, *params = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[2]
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
+        grads: list[Tensor | None] = [None] * (len(wanted) + int(need_x))
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(need_x)
+            inputs = [params[i] for i in wanted] + ([x_in] if need_x else [])
+            ranges = chunk_ranges(*plan.rows, plan.chunk)
+            for a, b in progress(ranges, plan.show_progress, "kernel block sums (backward)"):
+                values = evaluate(kernel, x_in[..., a:b, :], x_in)
+                rows = plan.labels[a:b]
+                # dL/dK for this chunk: the k x k gradient spread over its entries (c x n, never n x n)
+                weight = grad_sums.to(values.dtype).index_select(-2, rows).index_select(-1, plan.labels)
+                weight = weight.expand_as(values).clone() if weight.shape != values.shape else weight
+                torch.diagonal(weight, offset=a, dim1=-2, dim2=-1).add_(grad_diag.to(values.dtype).index_select(-1, rows))
+                if not inputs:
+                    continue
+                pieces = torch.autograd.grad(values, inputs, grad_outputs=weight, allow_unused=True)
+                for j, g in enumerate(pieces):
+                    if g is not None:
+                        grads[j] = g if grads[j] is None else grads[j] + g
+        full = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+        if plan.group is not None and full:
+            full = all_reduce(full, plan.group)
+        out_params: list[Tensor | None] = [None] * len(params)
+        for j, i in enumerate(wanted):
+            out_params[i] = full[j]
+        grad_x = full[-1] if need_x else None
+        return (None, None, grad_x, *out_params)

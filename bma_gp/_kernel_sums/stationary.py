@@ -1,0 +1,359 @@
+r"""Block sums of an RBF or Matern kernel matrix in tiles, with work independent of the number of blocks.
+
+The kernel is :math:`K_{pj} = \sigma^2 f(\rho_{pj})` with :math:`\rho_{pj} = \|z_p - z_j\|`
+and :math:`z = c\, x / \ell` (:math:`c` folds the kernel's own constant into the inputs, see
+:attr:`StationaryForm.input_scale`). The rows are sorted by block, so in a tile of rows
+:math:`p \in [r_0, r_1)` and columns :math:`j \in [c_0, c_1)` every block is a contiguous run
+of rows and of columns.
+
+**Forward** (:func:`block_sums`). Only tiles on and right of the diagonal are evaluated
+(each unordered pair once; a tile right of the diagonal is added as it is and transposed).
+Per tile: one GEMM for :math:`\pm\rho^2` in coordinates centred on the tile's rows, one
+elementwise pass for :math:`f`, then two segment sums: the rows of each block (an
+``index_add`` of contiguous rows), then the columns of each block (the same on the
+transposed, much smaller, per-block rows). That is :math:`O(1)` work per entry whatever
+the number of blocks :math:`k`; nothing of size :math:`k` per entry is formed.
+
+**Backward** (:class:`StationaryKernelSums`). With :math:`G` the incoming gradient on
+:math:`T_0 = P^\top f(R) P` and :math:`g(r^2) = f(\rho)`,
+
+.. math::
+    \frac{\partial L}{\partial \ell_a} = -\frac{2}{\ell_a} \sum_{p, j} G_{c_p c_j}\,
+        g'(r_{pj}^2)\, \Delta z_{pja}^2,
+    \qquad
+    \sum_j W_{pj} (z_{pa} - z_{ja})^2 = z_{pa}^2 \sum_j W_{pj} - 2 z_{pa} \sum_j W_{pj} z_{ja}
+        + \sum_j W_{pj} z_{ja}^2,
+
+so a second pass over the same tiles re-evaluates the derivative weights, multiplies them
+by :math:`G` expanded from the tile's blocks (one gather), and contracts them with the
+column features :math:`[1, z_j, z_j^2]` in one GEMM. Again :math:`O(d)` work per entry
+whatever :math:`k`, and no :math:`k \times k \times d` state is kept between the passes.
+
+**Distributed.** Each rank evaluates every ``world``-th tile; the block sums are summed over
+ranks in forward and the lengthscale gradient in backward, so every rank must call backward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from gpytorch.kernels import Kernel, MaternKernel, RBFKernel, ScaleKernel
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from bma_gp._broadcast import sum_to_shape
+from bma_gp._kernel_sums.plan import KernelSumsPlan, all_reduce, progress
+from bma_gp._precision import core_dtype
+
+__all__ = ["StationaryForm", "StationaryKernelSums", "block_sums", "stationary_block_sums"]
+
+#: Rows and columns of one tile on CPU: a few MB, so that the passes over a tile stay in cache.
+TILE_ROWS, TILE_COLS = 256, 2048
+#: Rows and columns of one tile on CUDA: big tiles, so that per-tile Python overhead is negligible.
+TILE_ROWS_CUDA, TILE_COLS_CUDA = 4096, 32768
+
+
+# ============================================================================ the kernel's form
+@dataclass(frozen=True)
+class StationaryForm:
+    r"""A kernel :math:`\sigma^2 f(\rho)` the tiled engine understands: RBF, or Matern with :math:`\nu \in \{1/2, 3/2, 5/2\}`.
+
+    With :math:`\rho = \|z' - z''\|` and :math:`z = c\, x / \ell`: RBF :math:`f = e^{-\rho^2}`;
+    Matern :math:`f = p_\nu(\rho)\, e^{-\rho}` with :math:`p = 1`, :math:`1 + \rho`,
+    :math:`1 + \rho + \rho^2 / 3` for :math:`\nu = 1/2, 3/2, 5/2`.
+
+    Attributes:
+        base: the RBF or Matern kernel (holds the lengthscale).
+        scale: the ``ScaleKernel`` around it, or ``None``.
+        nu: Matern smoothness, ``None`` for RBF.
+    """
+
+    base: Kernel
+    scale: ScaleKernel | None
+    nu: float | None
+
+    @staticmethod
+    def match(kernel: Kernel) -> StationaryForm | None:
+        """The form of ``kernel``, or ``None`` when the tiled engine does not apply."""
+        scale, base = None, kernel
+        if type(kernel) is ScaleKernel:
+            scale, base = kernel, kernel.base_kernel
+        if type(base) is RBFKernel:
+            nu = None
+        elif type(base) is MaternKernel and float(base.nu) in (0.5, 1.5, 2.5):
+            nu = float(base.nu)
+        else:
+            return None
+        if base.lengthscale is None:
+            return None
+        return StationaryForm(base, scale, nu)
+
+    def select_dims(self, x: Tensor) -> Tensor:
+        """The columns the kernel sees: only the outermost kernel's ``__call__`` applies ``active_dims``."""
+        outer = self.scale if self.scale is not None else self.base
+        if outer.active_dims is not None:
+            x = x.index_select(-1, outer.active_dims.to(x.device))
+        return x
+
+    @property
+    def input_scale(self) -> float:
+        r"""The constant :math:`c`: :math:`\sqrt{1/2}` for RBF, :math:`\sqrt{2 \nu}` for Matern."""
+        return math.sqrt(0.5) if self.nu is None else math.sqrt(2.0 * self.nu)
+
+    @property
+    def distance_sign(self) -> float:
+        r"""The sign the distance GEMM writes :math:`\rho^2` with: RBF takes :math:`e^{-\rho^2}` in place."""
+        return -1.0 if self.nu is None else 1.0
+
+    def values(self, rho2: Tensor, spare: Tensor) -> Tensor:
+        r""":math:`f(\rho)` from ``distance_sign * rho^2``, overwriting ``rho2`` and ``spare`` (same shape)."""
+        if self.nu is None:
+            return rho2.exp_()
+        rho = rho2.sqrt_()
+        e = torch.neg(rho, out=spare).exp_()
+        if self.nu == 0.5:
+            return e
+        if self.nu == 1.5:
+            return e.mul_(rho.add_(1.0))
+        # (1 + rho + rho^2 / 3) e = (1 + rho) e + (rho^2 / 3) e
+        tail = torch.mul(rho, rho, out=torch.empty_like(rho)).mul_(1.0 / 3.0).mul_(e)
+        return e.mul_(rho.add_(1.0)).add_(tail)
+
+    def derivative_weights(self, rho2: Tensor, spare: Tensor) -> tuple[Tensor, float]:
+        r"""Weights :math:`w` and a factor with :math:`g'(r^2)\, \Delta z_a^2 = \text{factor} \cdot w\, \Delta z'^2_a`.
+
+        :math:`g(r^2) = f(\rho)` is the kernel as a function of the squared distance in
+        lengthscale units and :math:`z'` are the scaled inputs. RBF: :math:`w = f`, factor
+        :math:`-1`; Matern :math:`\nu = 1/2`: :math:`w = e^{-\rho} / \rho` (0 at :math:`\rho = 0`,
+        where every :math:`\Delta z'_a` is 0), factor :math:`-1/2`; :math:`\nu = 3/2`:
+        :math:`w = e^{-\rho}`, :math:`-1/2`; :math:`\nu = 5/2`: :math:`w = (1 + \rho) e^{-\rho}`,
+        :math:`-1/6`. Overwrites ``rho2`` and ``spare``.
+        """
+        if self.nu is None:
+            return rho2.exp_(), -1.0
+        rho = rho2.sqrt_()
+        e = torch.neg(rho, out=spare).exp_()
+        if self.nu == 0.5:
+            tiny = torch.finfo(rho.dtype).tiny
+            return e.div_(rho.clamp_min_(tiny)).masked_fill_(rho == tiny, 0.0), -0.5
+        if self.nu == 1.5:
+            return e, -0.5
+        return e.mul_(rho.add_(1.0)), -1.0 / 6.0
+
+
+# ============================================================================ tiles
+class Tile(NamedTuple):
+    """Rows ``r0:r1`` against columns ``c0:c1``; ``mirror``: also add the transposed sums.
+
+    ``row_block`` / ``col_block``: the first block of the rows / columns; ``row_blocks`` /
+    ``col_blocks``: how many consecutive blocks they span.
+    """
+
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    mirror: bool
+    row_block: int
+    row_blocks: int
+    col_block: int
+    col_blocks: int
+
+
+def tile_ranges(n: int, rows: int, cols: int) -> list[tuple[int, int, int, int, bool]]:
+    """``(r0, r1, c0, c1, mirror)`` covering each unordered pair of the ``n`` points once.
+
+    Rows go in groups of ``rows``. A group's diagonal tile holds all its ordered pairs; the
+    tiles to its right (in steps of ``cols``) hold its pairs with later rows and are
+    ``mirror``-ed: their sums are added as they are and transposed.
+    """
+    out = []
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        out.append((r0, r1, r0, r1, False))
+        out.extend((r0, r1, c0, min(n, c0 + cols), True) for c0 in range(r1, n, cols))
+    return out
+
+
+def _with_blocks(ranges: list[tuple[int, int, int, int, bool]], labels: Tensor) -> list[Tile]:
+    """Attach each tile's block span, reading all the labels needed with one transfer."""
+    if not ranges:
+        return []
+    ends = torch.tensor([[r0, r1 - 1, c0, c1 - 1] for r0, r1, c0, c1, _ in ranges], device=labels.device)
+    spans = labels[ends].tolist()
+    return [Tile(*t, a, b - a + 1, c, e - c + 1) for t, (a, b, c, e) in zip(ranges, spans)]
+
+
+@dataclass
+class _RowGroup:
+    """The rows ``r0:r1`` shared by consecutive tiles, in coordinates centred on them."""
+
+    r0: int
+    centre: Tensor  # (B, 1, d)
+    z: Tensor  # (B, R, d): the rows' scaled inputs minus the centre
+    lhs: Tensor  # (B, R, d + 2): the rows' factor of the distance GEMM
+    local: Tensor  # (R,): each row's block minus the tile's first row block
+    features: Tensor | None = None  # (B, 1 + 2d, R): [1, z, z^2], made on first use (backward)
+
+    @staticmethod
+    def build(z: Tensor, labels: Tensor, tile: Tile, sign: float) -> _RowGroup:
+        zr = z[:, tile.r0 : tile.r1]
+        centre = zr.mean(1, keepdim=True)
+        zr = zr - centre
+        ones = zr.new_full((*zr.shape[:-1], 1), sign)
+        lhs = torch.cat([zr, ones, sign * zr.square().sum(-1, keepdim=True)], dim=-1)
+        return _RowGroup(tile.r0, centre, zr, lhs, labels[tile.r0 : tile.r1] - tile.row_block)
+
+    def row_features(self) -> Tensor:
+        if self.features is None:
+            zr = self.z
+            self.features = torch.cat([torch.ones_like(zr[..., :1]), zr, zr.square()], -1).transpose(1, 2).contiguous()
+        return self.features
+
+
+class _TilePass:
+    """Evaluates ``distance_sign * rho^2`` tile by tile, reusing the row group and two scratch buffers."""
+
+    def __init__(self, plan: KernelSumsPlan, form: StationaryForm, z: Tensor, tiles: list[Tile]):
+        self.labels, self.form, self.z = plan.labels, form, z
+        self.sign = form.distance_sign
+        size = max(((t.r1 - t.r0) * (t.c1 - t.c0) for t in tiles), default=0) * z.shape[0]
+        self.scratch = z.new_empty(2, size)
+        self.group: _RowGroup | None = None
+
+    def rows(self, tile: Tile) -> _RowGroup:
+        if self.group is None or self.group.r0 != tile.r0:
+            self.group = _RowGroup.build(self.z, self.labels, tile, self.sign)
+        return self.group
+
+    def distances(self, tile: Tile) -> tuple[Tensor, Tensor, Tensor]:
+        """``(sign * rho^2, spare buffer, centred column inputs)`` of one tile."""
+        group = self.rows(tile)
+        zc = self.z[:, tile.c0 : tile.c1] - group.centre
+        rhs = torch.cat([(-2.0 * self.sign) * zc, zc.square().sum(-1, keepdim=True), torch.ones_like(zc[..., :1])], -1)
+        shape = (self.z.shape[0], tile.r1 - tile.r0, tile.c1 - tile.c0)
+        size = math.prod(shape)
+        rho2 = torch.bmm(group.lhs, rhs.transpose(1, 2), out=self.scratch[0, :size].view(shape))
+        if not tile.mirror:  # the diagonal tile: a point's distance to itself is exactly zero
+            torch.diagonal(rho2, dim1=-2, dim2=-1).zero_()
+        if self.sign > 0:
+            rho2.clamp_min_(0.0)
+        return rho2, self.scratch[1, :size].view(shape), zc
+
+
+def _prepare(plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor) -> tuple[Tensor, list[Tile]]:
+    """Scaled inputs ``z`` (batch flattened) and this rank's tiles."""
+    x = plan.x
+    n, d = x.shape[-2:]
+    dtype = torch.promote_types(x.dtype, lengthscale.dtype)
+    z = (x.to(dtype) / lengthscale.to(dtype) * form.input_scale).reshape(-1, n, d)
+    cuda = z.device.type == "cuda"
+    rows = plan.chunk or (TILE_ROWS_CUDA if cuda else TILE_ROWS)
+    cols = max(rows, (TILE_COLS_CUDA if cuda else TILE_COLS) // z.shape[0])
+    rank, world = plan.rank_and_world()
+    return z, _with_blocks(tile_ranges(n, rows, cols)[rank::world], plan.labels)
+
+
+# ============================================================================ forward: block sums
+def _tile_block_sums(values: Tensor, group: _RowGroup, tile: Tile, labels: Tensor) -> Tensor:
+    """Sums of a tile's values over its (row block, column block) rectangles. # shape: (B, m, q)"""
+    bsz, _, cols = values.shape
+    per_row_block = values.new_zeros(bsz, tile.row_blocks, cols).index_add_(1, group.local, values)
+    col_local = labels[tile.c0 : tile.c1] - tile.col_block
+    per_col_block = values.new_zeros(bsz, tile.col_blocks, tile.row_blocks)
+    per_col_block.index_add_(1, col_local, per_row_block.transpose(1, 2).contiguous())
+    return per_col_block.transpose(1, 2)
+
+
+def block_sums(plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor) -> Tensor:
+    r"""Unscaled block sums :math:`T_0 = P^\top f(R) P` by tiles and segment sums. # shape: (*batch, k, k)"""
+    z, tiles = _prepare(plan, form, lengthscale)
+    k, bsz = plan.num_blocks, z.shape[0]
+    acc = z.new_zeros(bsz, k, k, dtype=core_dtype(z.dtype))
+    tiler = _TilePass(plan, form, z, tiles)
+    for tile in progress(tiles, plan.show_progress, "kernel block sums"):
+        rho2, spare, _ = tiler.distances(tile)
+        values = form.values(rho2, spare)
+        sums = _tile_block_sums(values, tiler.rows(tile), tile, plan.labels).to(acc.dtype)
+        rows = slice(tile.row_block, tile.row_block + tile.row_blocks)
+        cols = slice(tile.col_block, tile.col_block + tile.col_blocks)
+        acc[:, rows, cols] += sums
+        if tile.mirror:
+            acc[:, cols, rows] += sums.transpose(1, 2)
+    if plan.group is not None:
+        (acc,) = all_reduce([acc], plan.group)
+    batch = torch.broadcast_shapes(plan.x.shape[:-2], lengthscale.shape[:-2])
+    return acc.to(z.dtype).reshape(*batch, k, k)
+
+
+# ============================================================================ backward: lengthscales
+def _tile_gradient(weights: Tensor, grad: Tensor, group: _RowGroup, zc: Tensor, tile: Tile,
+                   labels: Tensor) -> Tensor:
+    r""":math:`\sum_{p, j} G_{c_p c_j} w_{pj} \Delta z'^2_{pja}` over one tile. # shape: (B, d)
+
+    One GEMM with the row features, :math:`H = [1, z_p, z_p^2]^\top (G \circ w)`, then
+    :math:`\sum_j z_{ja}^2 H_{0j} - 2 z_{ja} H_{aj} + H_{d + a, j}`. When the rows lie in one
+    block, :math:`G` is constant down each column and is applied to :math:`H` instead.
+    """
+    g = grad[:, tile.row_block : tile.row_block + tile.row_blocks, tile.col_block : tile.col_block + tile.col_blocks]
+    g = g.index_select(-1, labels[tile.c0 : tile.c1] - tile.col_block)  # (B, m, C)
+    if tile.row_blocks > 1:
+        weights.mul_(g.index_select(-2, group.local))
+    h = torch.bmm(group.row_features(), weights)  # (B, 1 + 2d, C)
+    if tile.row_blocks == 1:
+        h.mul_(g)
+    d = zc.shape[-1]
+    h = h.transpose(1, 2)  # (B, C, 1 + 2d)
+    out = (zc.square() * h[..., :1]).sum(1) - 2.0 * (zc * h[..., 1 : 1 + d]).sum(1) + h[..., 1 + d :].sum(1)
+    return out if tile.mirror else 0.5 * out  # a diagonal tile holds both orders of its pairs
+
+
+def lengthscale_gradient(plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor, grad_sums: Tensor) -> Tensor:
+    r""":math:`\partial L / \partial \ell` from :math:`G = \partial L / \partial T_0`, by a second pass over the tiles."""
+    z, tiles = _prepare(plan, form, lengthscale)
+    k, bsz, d = plan.num_blocks, z.shape[0], z.shape[-1]
+    grad = grad_sums.to(z.dtype).reshape(bsz, k, k)
+    grad = grad + grad.transpose(1, 2)  # each unordered pair stands for both orders
+    acc = z.new_zeros(bsz, d, dtype=core_dtype(z.dtype))
+    tiler = _TilePass(plan, form, z, tiles)
+    factor = -1.0
+    for tile in progress(tiles, plan.show_progress, "kernel block sums (backward)"):
+        rho2, spare, zc = tiler.distances(tile)
+        weights, factor = form.derivative_weights(rho2, spare)
+        acc += _tile_gradient(weights, grad, tiler.rows(tile), zc, tile, plan.labels).to(acc.dtype)
+    if plan.group is not None:
+        (acc,) = all_reduce([acc], plan.group)
+    ls = lengthscale
+    g = (acc * factor).to(ls.dtype)
+    if ls.shape[-1] == 1:  # one lengthscale for every input dimension
+        g = g.sum(-1, keepdim=True)
+    batch = grad_sums.shape[:-2]
+    g = g.reshape(*batch, 1, g.shape[-1]) * (-2.0) / ls
+    return sum_to_shape(g, ls.shape)
+
+
+class StationaryKernelSums(torch.autograd.Function):
+    r"""Unscaled block sums :math:`T_0 = P^\top f(R) P`, differentiable in the lengthscale."""
+
+    @staticmethod
+    def forward(ctx: Any, plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor) -> Tensor:
+        ctx.plan, ctx.form = plan, form
+        ctx.save_for_backward(lengthscale)
+        return block_sums(plan, form, lengthscale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_sums: Tensor) -> tuple[None, None, Tensor]:
+        (lengthscale,) = ctx.saved_tensors
+        return None, None, lengthscale_gradient(ctx.plan, ctx.form, lengthscale, grad_sums)
+
+
+def stationary_block_sums(plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor) -> Tensor:
+    """``T_0``, through the autograd function only when a lengthscale gradient can be asked for."""
+    if torch.is_grad_enabled() and lengthscale.requires_grad:
+        return StationaryKernelSums.apply(plan, form, lengthscale)
+    with torch.no_grad():
+        return block_sums(plan, form, lengthscale)
