@@ -12,6 +12,7 @@ blocks use a segment reduction, scattered ones a scatter-add and a gather.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import EllipsisType
 
 import torch
 from torch import Tensor
@@ -96,48 +97,87 @@ class Partition:
         tensor([4., 2., 4.])
     """
 
-    def __init__(self, labels, num_blocks: int | None = None, *, _sizes: Tensor | None = None,
-                 _contiguous: bool | None = None, _runs=...):
+    def __init__(self, labels, num_blocks: int | None = None):
         labels = _as_long_vector(labels, "labels")
-        if _sizes is None:
-            lo, hi = torch.aminmax(labels)
-            lo, hi = int(lo), int(hi)
-            if lo < 0:
-                raise ValueError(f"labels must be non-negative block ids, found {lo}.")
-            if num_blocks is None:
-                num_blocks = hi + 1
-            else:
-                if isinstance(num_blocks, bool) or not isinstance(num_blocks, int):
-                    raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}.")
-                if num_blocks <= 0:
-                    raise ValueError(f"num_blocks must be positive, got {num_blocks}.")
-                if hi >= num_blocks:
-                    raise ValueError(
-                        f"label {hi} is out of range for num_blocks={num_blocks}; labels must lie in "
-                        f"0 .. {num_blocks - 1} (or omit num_blocks to infer it)."
-                    )
-            sizes = torch.bincount(labels, minlength=num_blocks)
-            empty = (sizes == 0).nonzero().flatten()
-            if empty.numel():
-                shown = ", ".join(str(int(i)) for i in empty[:5])
-                more = "" if empty.numel() <= 5 else f" and {empty.numel() - 5} more"
-                raise ValueError(
-                    f"block(s) {shown}{more} are empty: every block id in 0 .. {num_blocks - 1} must be used "
-                    "(relabel the blocks consecutively, e.g. with torch.unique(labels, return_inverse=True))."
-                )
+        lo, hi = (int(v) for v in torch.aminmax(labels))
+        if lo < 0:
+            raise ValueError(f"labels must be non-negative block ids, found {lo}.")
+        if num_blocks is None:
+            num_blocks = hi + 1
         else:
-            sizes = _sizes
-            num_blocks = int(sizes.numel())
-        if _contiguous is None:
-            _contiguous = bool(labels.numel() <= 1 or (labels[1:] >= labels[:-1]).all())
-        self.labels: Tensor = labels
-        self.sizes: Tensor = sizes.to(device=labels.device)
-        self.num_blocks: int = int(num_blocks)
-        self.is_contiguous: bool = _contiguous
+            if isinstance(num_blocks, bool) or not isinstance(num_blocks, int):
+                raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}.")
+            if num_blocks <= 0:
+                raise ValueError(f"num_blocks must be positive, got {num_blocks}.")
+            if hi >= num_blocks:
+                raise ValueError(
+                    f"label {hi} is out of range for num_blocks={num_blocks}; labels must lie in "
+                    f"0 .. {num_blocks - 1} (or omit num_blocks to infer it)."
+                )
+        k: int = num_blocks
+        sizes = torch.bincount(labels, minlength=k)
+        empty = (sizes == 0).nonzero().flatten()
+        if empty.numel():
+            shown = ", ".join(str(int(i)) for i in empty[:5])
+            more = "" if empty.numel() <= 5 else f" and {empty.numel() - 5} more"
+            raise ValueError(
+                f"block(s) {shown}{more} are empty: every block id in 0 .. {k - 1} must be used "
+                "(relabel the blocks consecutively, e.g. with torch.unique(labels, return_inverse=True))."
+            )
+        contiguous = bool(labels.numel() <= 1 or (labels[1:] >= labels[:-1]).all())
+        self._setup(labels, sizes, labels.numel(), contiguous)
+
+    @classmethod
+    def _trusted(
+        cls,
+        sizes: Tensor,
+        *,
+        labels: Tensor | None = None,
+        contiguous: bool,
+        runs: tuple[tuple[int, int, int, int], ...] | None | EllipsisType = ...,
+        max_size: int | None = None,
+    ) -> Partition:
+        """A partition from already validated parts, without checks or host synchronisation.
+
+        Args:
+            sizes: the positive block sizes. # shape: (k,)
+            labels: the block id of every index (consistent with ``sizes``); ``None`` for a contiguous
+                partition, whose labels are then built on first use. # shape: (n,)
+            contiguous: whether block ``i`` is the ``i``-th run of indices (must be ``True`` without labels).
+            runs: the equal-size run table (see :func:`_equal_size_runs`); ``...`` builds it.
+            max_size: the largest block size, when known.
+        """
+        if labels is None and not contiguous:
+            raise ValueError("a scattered partition needs its labels.")
+        n = labels.numel() if labels is not None else None
+        res = cls.__new__(cls)
+        res._setup(labels, sizes, n, contiguous, runs)
+        res._max_size = max_size
+        return res
+
+    def _setup(self, labels: Tensor | None, sizes: Tensor, n: int | None, contiguous: bool, runs=...) -> None:
+        device = labels.device if labels is not None else sizes.device
+        self._labels: Tensor | None = labels
+        self.sizes: Tensor = sizes.to(device=device)
+        self.num_blocks: int = int(sizes.numel())
+        self._n: int = int(sizes.sum()) if n is None else n
+        self.is_contiguous: bool = contiguous
         self._max_size: int | None = None
-        if _runs is ...:  # a host-side table, built once here (not in the hot paths that use it)
-            _runs = _equal_size_runs(self.sizes) if _contiguous else None
-        self._runs: tuple[tuple[int, int, int, int], ...] | None = _runs
+        self._hash: int | None = None
+        if runs is ...:  # a host-side table, built once here (not in the hot paths that use it)
+            runs = _equal_size_runs(self.sizes) if contiguous else None
+        self._runs: tuple[tuple[int, int, int, int], ...] | None = runs
+
+    @property
+    def labels(self) -> Tensor:
+        """The block id of every index, a ``LongTensor`` of shape ``(n,)`` (built on first use when the
+        partition came from sizes)."""
+        if self._labels is None:
+            k = self.num_blocks
+            self._labels = torch.repeat_interleave(
+                torch.arange(k, device=self.sizes.device), self.sizes, output_size=self._n
+            )
+        return self._labels
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -175,22 +215,20 @@ class Partition:
                 f"sizes[{i}] = {int(sizes[i])}: every block size must be a positive integer "
                 "(drop empty blocks before building the partition)."
             )
-        n = int(sizes.sum())
-        labels = torch.repeat_interleave(torch.arange(sizes.numel(), device=sizes.device), sizes, output_size=n)
-        return cls(labels, _sizes=sizes, _contiguous=True)
+        return cls._trusted(sizes, contiguous=True)
 
     # ------------------------------------------------------------------ basics
     def __len__(self) -> int:
-        return self.labels.numel()
+        return self._n
 
     @property
     def n(self) -> int:
         """Number of indices."""
-        return self.labels.numel()
+        return self._n
 
     @property
     def device(self) -> torch.device:
-        return self.labels.device
+        return self.sizes.device
 
     @property
     def max_size(self) -> int:
@@ -210,10 +248,20 @@ class Partition:
             return NotImplemented
         if len(self) != len(other) or self.num_blocks != other.num_blocks:
             return False
-        return bool(torch.equal(self.labels, other.labels.to(self.labels.device)))
+        if self.is_contiguous and other.is_contiguous:  # the sizes decide; no label vector is needed
+            return bool(torch.equal(self.sizes, other.sizes.to(self.device)))
+        return bool(torch.equal(self.labels, other.labels.to(self.device)))
 
-    def __hash__(self) -> int:  # identity hash: partitions are compared by content in __eq__
-        return id(self)
+    def __hash__(self) -> int:
+        """A hash of the content, consistent with ``==`` (equal labels give equal hashes).
+
+        Partitions compare by content (``==`` compares the labels), so the hash depends on content
+        too: ``n``, ``k`` and the block sizes, which equal partitions share. It is computed once (one
+        host copy of the ``k`` sizes) and cached; a partition is immutable after construction.
+        """
+        if self._hash is None:
+            self._hash = hash((self._n, self.num_blocks, tuple(self.sizes.tolist())))
+        return self._hash
 
     def same_as(self, other: Partition) -> bool:
         """Cheap check used by operator algebra: identical object, or equal labels."""
@@ -229,30 +277,44 @@ class Partition:
                 device = arg.device
         if device is None or torch.device(device) == self.device:
             return self
-        res = Partition(self.labels.to(device), _sizes=self.sizes.to(device), _contiguous=self.is_contiguous,
-                        _runs=self._runs)
-        res._max_size = self._max_size
-        return res
+        labels = None if self._labels is None else self._labels.to(device)
+        return Partition._trusted(
+            self.sizes.to(device),
+            labels=labels,
+            contiguous=self.is_contiguous,
+            runs=self._runs,
+            max_size=self._max_size,
+        )
 
     def cpu(self) -> Partition:
         return self.to("cpu")
 
     def cuda(self, device=None) -> Partition:
-        return self.to(torch.device("cuda") if device is None else torch.device("cuda", device)
-                       if isinstance(device, int) else device)
+        return self.to(
+            torch.device("cuda")
+            if device is None
+            else torch.device("cuda", device)
+            if isinstance(device, int)
+            else device
+        )
 
     def __getstate__(self):
-        return {"labels": self.labels, "sizes": self.sizes, "num_blocks": self.num_blocks,
-                "is_contiguous": self.is_contiguous, "_max_size": self._max_size}
+        return {
+            "labels": self.labels,
+            "sizes": self.sizes,
+            "num_blocks": self.num_blocks,
+            "is_contiguous": self.is_contiguous,
+            "_max_size": self._max_size,
+        }
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._runs = _equal_size_runs(self.sizes) if self.is_contiguous else None
+        self._setup(state["labels"], state["sizes"], state["labels"].numel(), state["is_contiguous"])
+        self._max_size = state.get("_max_size")
 
     def _run_views(self, x: Tensor, dim: int):
         """For each equal-size run: ``(first index, first block, blocks, size, x's run as a view)``.
         ``dim`` counts from the end; the view has the blocks at ``dim - 1`` and the size at ``dim``."""
-        for start, block, count, size in self._runs:
+        for start, block, count, size in self._runs or ():
             yield start, block, count, size, x.narrow(dim, start, count * size).unflatten(dim, (count, size))
 
     # ------------------------------------------------------------------ algebra
@@ -267,7 +329,7 @@ class Partition:
             raise ValueError(
                 f"block_sum expected size {len(self)} along dim {dim}, got tensor of shape {tuple(x.shape)}."
             )
-        trail = x.shape[dim + 1:]
+        trail = x.shape[dim + 1 :]
         if trail and all(size == 1 for size in trail):  # (*, n, 1): the 1-d kernels are much faster
             res = self.block_sum(x.flatten(dim), dim=dim)
             return res.view(*res.shape, *trail)
@@ -314,18 +376,20 @@ class Partition:
         if not -x.dim() <= dim < x.dim():
             raise ValueError(f"dim {dim} is out of range for x of shape {tuple(x.shape)}.")
         dim = dim - x.dim() if dim >= 0 else dim  # count from the end: shift and scale may lack batch dims
-        for name, t, size in (("shift", shift, self.num_blocks), ("scale", scale, self.num_blocks),
-                              ("x", x, len(self))):
+        for name, t, size in (
+            ("shift", shift, self.num_blocks),
+            ("scale", scale, self.num_blocks),
+            ("x", x, len(self)),
+        ):
             if t.dim() < -dim or t.shape[dim] != size:
                 raise ValueError(
                     f"expand_addcmul expected {name} with size {size} along dim {dim}, got shape {tuple(t.shape)}."
                 )
         shape = list(torch.broadcast_shapes(shift.shape, scale.shape, x.shape[:dim] + (1,) + x.shape[dim:][1:]))
         shape[dim] = len(self)
-        trail = shape[len(shape) + dim + 1:]
+        trail = shape[len(shape) + dim + 1 :]
         if trail and all(size == 1 for size in trail):  # (*, n, 1): the 1-d kernels are much faster
-            flat = [t.flatten(dim) for t in (shift, scale, x)]
-            res = self.expand_addcmul(*flat, dim=-1)
+            res = self.expand_addcmul(shift.flatten(dim), scale.flatten(dim), x.flatten(dim), dim=-1)
             return res.view(*res.shape, *trail)
         dtype = torch.promote_types(torch.promote_types(shift.dtype, scale.dtype), x.dtype)
         grad = torch.is_grad_enabled() and (shift.requires_grad or scale.requires_grad or x.requires_grad)
@@ -375,3 +439,143 @@ class Partition:
         shape = [1] * x.dim()
         shape[dim] = self.num_blocks
         return sums / self.sizes.to(sums.dtype).view(shape)
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def row_shape(self) -> tuple[int, int] | None:
+        """``(k, s)`` when the blocks are contiguous and all of size ``s``, else ``None``.
+
+        Then the indices are the rows of a ``k x s`` matrix: :meth:`as_rows` views a vector that
+        way, a block sum is a row sum and a broadcast is a column scaling.
+        """
+        if self._runs is not None and len(self._runs) == 1:
+            _, _, count, size = self._runs[0]
+            return count, size
+        return None
+
+    def as_rows(self, x: Tensor) -> Tensor:
+        """``x`` (``n`` entries, any shape) as the ``(k, s)`` matrix of its blocks (see :attr:`row_shape`).
+
+        A view when ``x`` is contiguous, a copy otherwise.
+
+        Raises:
+            ValueError: the blocks are not contiguous runs of one size, or ``x`` has not ``n`` entries.
+        """
+        shape = self.row_shape
+        if shape is None:
+            raise ValueError(f"{self!r} has blocks of several sizes or scattered blocks; it has no row view.")
+        if x.numel() != self._n:
+            raise ValueError(f"as_rows expected {self._n} entries, got a tensor of shape {tuple(x.shape)}.")
+        return x.view(shape) if x.is_contiguous() else x.reshape(shape)
+
+    def split(self, bounds: Sequence[int]) -> list[Partition | None]:
+        """The partitions of consecutive index ranges that no block crosses.
+
+        Range ``j`` holds the indices ``bounds[j] .. bounds[j + 1] - 1``; its partition numbers its
+        blocks from 0 in the order they have here, so block ``i`` of range ``j`` is block
+        ``first + i`` of this partition, ``first`` the number of blocks in the earlier ranges.
+        An empty range gives ``None``. Contiguous partitions split without building labels.
+
+        Args:
+            bounds: non-decreasing, from 0 to ``n``. # shape: (ranges + 1,)
+
+        Raises:
+            ValueError: the bounds do not run from 0 to ``n`` in order, or a block has indices in two
+                ranges.
+        """
+        bounds = [int(b) for b in bounds]
+        if not bounds or bounds[0] != 0 or bounds[-1] != self._n or any(a > b for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(
+                f"bounds must be non-decreasing from 0 to n = {self._n}, got {bounds[:3]} ... {bounds[-3:]}."
+            )
+        parts: list[Partition | None] = []
+        if self.is_contiguous:
+            ends = torch.cumsum(self.sizes, 0).tolist()
+            block_of_end = {0: 0, **{end: i + 1 for i, end in enumerate(ends)}}
+            for a, b in zip(bounds, bounds[1:]):
+                if a not in block_of_end or b not in block_of_end:
+                    raise ValueError(f"the range {a} .. {b - 1} cuts a block; split at block boundaries.")
+                if a == b:
+                    parts.append(None)
+                    continue
+                first, last = block_of_end[a], block_of_end[b]
+                sizes = self.sizes[first:last]
+                runs = None
+                if self._runs is not None:  # the runs inside the range, shifted to its start
+                    runs = _runs_within(self._runs, a, first, last)
+                parts.append(Partition._trusted(sizes, contiguous=True, runs=runs if runs is not None else ...))
+            return parts
+        labels = self.labels
+        first = 0
+        for a, b in zip(bounds, bounds[1:]):
+            if a == b:
+                parts.append(None)
+                continue
+            lo, hi = (int(v) for v in torch.aminmax(labels[a:b]))
+            if lo != first:
+                raise ValueError(
+                    f"blocks {first} .. {lo} have indices in two ranges around index {a}; split at block boundaries."
+                )
+            local = labels[a:b] - first
+            sizes = self.sizes[first : hi + 1]
+            if int(torch.bincount(local, minlength=hi + 1 - first).ne(sizes).sum()):
+                raise ValueError(
+                    f"a block of the range {a} .. {b - 1} has indices outside it; split at block boundaries."
+                )
+            contiguous = bool(local.numel() <= 1 or (local[1:] >= local[:-1]).all())
+            parts.append(Partition._trusted(sizes, labels=local, contiguous=contiguous))
+            first = hi + 1
+        return parts
+
+    def block_dot(self, x: Tensor, y: Tensor) -> Tensor:
+        r"""Blockwise inner products along the last dimension, :math:`P^\top (x \odot y)`, without forming
+        :math:`x \odot y` when the blocks are runs of equal size. # shape: (*, k)"""
+        if x.shape[-1] != self._n or y.shape[-1] != self._n:
+            raise ValueError(
+                f"block_dot expected {self._n} entries along the last dim, got shapes "
+                f"{tuple(x.shape)} and {tuple(y.shape)}."
+            )
+        if self.num_blocks == 1 and x.dim() == 1 and y.dim() == 1:
+            return torch.dot(x, y).view(1)
+        if self._runs is not None:
+            dots = [
+                torch.linalg.vecdot(xr, yr)
+                for (*_, xr), (*_, yr) in zip(self._run_views(x, -1), self._run_views(y, -1))
+            ]
+            return dots[0] if len(dots) == 1 else torch.cat(dots, dim=-1)
+        return self.block_sum(x * y)
+
+    def addcmul_(self, out: Tensor, y: Tensor, x: Tensor, value: float = 1.0) -> Tensor:
+        r"""In place, ``out += value * (P y) * x`` along the last dimension: one per-block factor
+        broadcast to its indices, times ``x``, added into ``out``. Returns ``out``.
+
+        Without autograd. Runs of equal-size blocks scale ``(blocks, size)`` views (no index vector);
+        other partitions gather ``y`` by the labels.
+
+        Args:
+            out: updated in place. # shape: (*, n)
+            y: one factor per block. # shape: (*, k)
+            x: the values at the indices. # shape: (*, n)
+            value: a scalar factor.
+        """
+        if out.shape[-1] != self._n or x.shape[-1] != self._n or y.shape[-1] != self.num_blocks:
+            raise ValueError(
+                f"addcmul_ expected out and x with {self._n} and y with {self.num_blocks} entries "
+                f"along the last dim, got {tuple(out.shape)}, {tuple(x.shape)}, {tuple(y.shape)}."
+            )
+        if self._runs is not None:
+            for (_, block, count, _, out_run), (*_, x_run) in zip(self._run_views(out, -1), self._run_views(x, -1)):
+                out_run.addcmul_(x_run, y.narrow(-1, block, count).unsqueeze(-1), value=value)
+            return out
+        return out.addcmul_(x, y.index_select(-1, self.labels), value=value)
+
+
+def _runs_within(runs, start: int, first: int, last: int):
+    """The equal-size runs of blocks ``first .. last - 1`` (which begin at index ``start``), renumbered
+    from there; ``None`` when a run is cut (the caller then rebuilds the table from the sizes)."""
+    inside = []
+    for index, block, count, size in runs:
+        lo, hi = max(block, first), min(block + count, last)
+        if lo < hi:
+            inside.append((index + (lo - block) * size - start, lo - first, hi - lo, size))
+    return tuple(inside) if inside else None

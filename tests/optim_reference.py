@@ -9,6 +9,8 @@ streamed optimizer or with ``bma_gp``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -49,8 +51,16 @@ class DenseBlockMeanAdagrad:
         weight_decay: decoupled weight decay of every entry. # shape: (d,)
     """
 
-    def __init__(self, labels: Tensor, lr: Tensor, eps: float = 1e-10, damping: float = 0.1,
-                 update_interval: int = 1, weight_decay: Tensor | None = None, dtype=torch.float64):
+    def __init__(
+        self,
+        labels: Tensor,
+        lr: Tensor,
+        eps: float = 1e-10,
+        damping: float = 0.1,
+        update_interval: int = 1,
+        weight_decay: Tensor | None = None,
+        dtype=torch.float64,
+    ):
         d = labels.numel()
         self.labels = labels
         self.lr = lr.to(dtype)
@@ -152,3 +162,20 @@ def set_flat(params: list[Tensor], values: Tensor) -> None:
     with torch.no_grad():
         for p, chunk in zip(params, values.split([p.numel() for p in params])):
             p.copy_(chunk.view(p.shape))
+
+
+@contextlib.contextmanager
+def fused_at_any_size():
+    """Let ``fused=True`` take the compiled passes on the tiny test models too.
+
+    Below ``FUSED_MIN_NUMEL`` entries the optimizer takes the eager path (the compiled one is slower
+    there); the tests want the compiled code itself, on models small enough for a dense reference.
+    """
+    from bma_gp.optim import block_mean_adagrad
+
+    old = block_mean_adagrad.FUSED_MIN_NUMEL
+    block_mean_adagrad.FUSED_MIN_NUMEL = 0
+    try:
+        yield
+    finally:
+        block_mean_adagrad.FUSED_MIN_NUMEL = old

@@ -14,6 +14,7 @@ import torch
 
 from gloo_ranks import run_on_ranks
 from optim import BlockMeanAdagrad
+from optim_reference import fused_at_any_size
 
 WORLD = 2
 BATCH = 8  # split evenly over the ranks, so the mean of the rank means is the full-batch mean
@@ -33,13 +34,21 @@ def _model() -> torch.nn.Module:
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(100 + step)
-    return (torch.randn(BATCH, 5, generator=gen, dtype=torch.float64),
-            torch.randn(BATCH, 3, generator=gen, dtype=torch.float64))
+    return (
+        torch.randn(BATCH, 5, generator=gen, dtype=torch.float64),
+        torch.randn(BATCH, 3, generator=gen, dtype=torch.float64),
+    )
 
 
 def _train(model: torch.nn.Module, options: dict, rank: int | None) -> list[torch.Tensor]:
     """``STEPS`` steps on the batch (``rank``'s half of it, or all of it for ``None``); the final parameters."""
     opt = BlockMeanAdagrad(model.parameters(), lr=0.05, damping=0.1, **options)
+    with fused_at_any_size():  # the compiled passes even on this small model
+        _steps(model, opt, rank)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _steps(model: torch.nn.Module, opt: BlockMeanAdagrad, rank: int | None) -> None:
     for step in range(STEPS):
         x, y = _batch(step)
         if rank is not None:
@@ -47,7 +56,6 @@ def _train(model: torch.nn.Module, options: dict, rank: int | None) -> list[torc
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
-    return [p.detach().clone() for p in model.parameters()]
 
 
 def _ddp_worker(rank: int, world: int) -> dict[str, list[torch.Tensor]]:

@@ -7,23 +7,26 @@ import copy
 import pytest
 import torch
 
+from bma_gp.optim import SparseGradientError
 from optim import BlockMeanAdagrad, FullMatrixAdagrad
-from optim.flat_params import SparseGradientError
 from optim_reference import flat, loss_of, small_model
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"lr": -0.1}, "Invalid learning rate"),
-    ({"lr": float("nan")}, "Invalid learning rate"),
-    ({"eps": -1e-8}, "Invalid eps"),
-    ({"damping": -0.1}, "Invalid damping"),
-    ({"update_interval": 0}, "Invalid update_interval"),
-    ({"update_interval": 2.0}, "Invalid update_interval"),
-    ({"weight_decay": -1.0}, "Invalid weight_decay"),
-    ({"partition": "block"}, "Invalid partition"),
-    ({"maximize": "yes"}, "Invalid maximize"),
-    ({"check_finite": 1}, "Invalid check_finite"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"lr": -0.1}, "Invalid learning rate"),
+        ({"lr": float("nan")}, "Invalid learning rate"),
+        ({"eps": -1e-8}, "Invalid eps"),
+        ({"damping": -0.1}, "Invalid damping"),
+        ({"update_interval": 0}, "Invalid update_interval"),
+        ({"update_interval": 2.0}, "Invalid update_interval"),
+        ({"weight_decay": -1.0}, "Invalid weight_decay"),
+        ({"partition": "block"}, "Invalid partition"),
+        ({"maximize": "yes"}, "Invalid maximize"),
+        ({"check_finite": 1}, "Invalid check_finite"),
+    ],
+)
 def test_block_mean_invalid_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BlockMeanAdagrad(small_model().parameters(), **kwargs)
@@ -34,11 +37,14 @@ def test_block_mean_partition_of_wrong_type():
         BlockMeanAdagrad(small_model().parameters(), partition=3)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"lr": -1.0}, "Invalid learning rate"),
-    ({"eps": 0.0}, "Invalid eps"),
-    ({"max_dim": 0}, "Invalid max_dim"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"lr": -1.0}, "Invalid learning rate"),
+        ({"eps": 0.0}, "Invalid eps"),
+        ({"max_dim": 0}, "Invalid max_dim"),
+    ],
+)
 def test_full_matrix_invalid_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FullMatrixAdagrad(small_model().parameters(), **kwargs)
@@ -113,12 +119,15 @@ def test_check_finite_false_skips_the_check():
     assert torch.isnan(opt.state[list(model.parameters())[1]]["sum"]).any()
 
 
-@pytest.mark.parametrize("rule,match", [
-    (lambda p: torch.zeros(3, dtype=torch.long), "one id per entry"),
-    (lambda p: torch.zeros(p.numel()), "dtype"),
-    (lambda p: 2 * torch.arange(p.numel()), "every id used"),
-    (lambda p: torch.arange(p.numel()) - 1, "every id used"),
-])
+@pytest.mark.parametrize(
+    "rule,match",
+    [
+        (lambda p: torch.zeros(3, dtype=torch.long), "one id per entry"),
+        (lambda p: torch.zeros(p.numel()), "dtype"),
+        (lambda p: 2 * torch.arange(p.numel()), "every id used"),
+        (lambda p: torch.arange(p.numel()) - 1, "every id used"),
+    ],
+)
 def test_bad_partition_callable(rule, match):
     model = small_model()
     opt = BlockMeanAdagrad(model.parameters(), partition=rule)

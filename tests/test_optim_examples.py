@@ -27,10 +27,15 @@ def test_paper_models_take_cifar_shaped_input(make, params):
 
 def test_train_run_on_generated_cifar_batch():
     gen = torch.Generator().manual_seed(0)
-    data = (torch.randn(100, 3, 32, 32, generator=gen), torch.randint(0, 10, (100,), generator=gen),
-            torch.randn(20, 3, 32, 32, generator=gen), torch.randint(0, 10, (20,), generator=gen))
-    run = paper_cnn.train_run(lambda: paper_cnn.small_model(3), data, "block_mean_row", 0.05, epochs=2, seed=0,
-                              batch_size=50)
+    data = (
+        torch.randn(100, 3, 32, 32, generator=gen),
+        torch.randint(0, 10, (100,), generator=gen),
+        torch.randn(20, 3, 32, 32, generator=gen),
+        torch.randint(0, 10, (20,), generator=gen),
+    )
+    run = paper_cnn.train_run(
+        lambda: paper_cnn.small_model(3), data, "block_mean_row", 0.05, epochs=2, seed=0, batch_size=50
+    )
     assert run["finite"] and len(run["summed_loss"]) == 2 and len(run["test_error"]) == 2
     assert all(0.0 <= e <= 1.0 for e in run["test_error"])
     assert math.isclose(run["summed_loss"][0] / 2, run["mean_loss"][0])
@@ -55,4 +60,4 @@ def test_bench_baseline_times_another_optim_package(capsys, tmp_path):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["median_cpu_ms"]["baseline_tensor"] > 0 and result["cpu_ratio_to_adagrad"]["adagrad"] == 1.0
     assert sys.modules["optim"] is optim  # the current package is restored
-    assert optim.BlockMeanAdagrad.__module__ == "optim.block_mean_adagrad"
+    assert optim.BlockMeanAdagrad.__module__ == "bma_gp.optim.block_mean_adagrad"

@@ -28,8 +28,12 @@ def test_matches_formula_with_groups_and_none_grads():
         before = params[1].detach().clone()
         opt.step()
         active = torch.cat([torch.full((m,), p.grad is not None) for p, m in zip(ref_params, numels)])
-        g = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(m, dtype=torch.float64)
-                       for p, m in zip(ref_params, numels)])
+        g = torch.cat(
+            [
+                p.grad.reshape(-1) if p.grad is not None else torch.zeros(m, dtype=torch.float64)
+                for p, m in zip(ref_params, numels)
+            ]
+        )
         set_flat(ref_params, ref.step(flat(ref_params), g, active))
         torch.testing.assert_close(flat(params), flat(ref_params), rtol=1e-9, atol=1e-11)
         if t % 3 == 1:

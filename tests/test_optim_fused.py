@@ -15,9 +15,25 @@ import warnings
 import pytest
 import torch
 
-from optim import BlockMeanAdagrad, _fused
-from optim_reference import DenseBlockMeanAdagrad, flat, loss_of, reference_labels, set_flat, small_batch, small_model
+from bma_gp.optim import _fused
+from optim import BlockMeanAdagrad
+from optim_reference import (
+    DenseBlockMeanAdagrad,
+    flat,
+    fused_at_any_size,
+    loss_of,
+    reference_labels,
+    set_flat,
+    small_batch,
+    small_model,
+)
 from test_optim_block_mean import _zero_some_entries, identity_correlation
+
+
+@pytest.fixture(autouse=True)
+def _fused_at_any_size():
+    with fused_at_any_size():
+        yield
 
 
 def _train(model, opt, steps, start=0):
@@ -27,7 +43,7 @@ def _train(model, opt, steps, start=0):
         opt.step()
 
 
-def test_fused_with_missing_grads_and_zero_h_matches_reference():
+def test_fused_with_missing_grads_and_zero_h_matches_reference(monkeypatch):
     # parameter 2 has no gradient on even steps; two entries of every tensor have a zero gradient
     # (h = 0, masked inside the compiled loop) until step 4
     model, ref_model = small_model(), small_model()
@@ -38,6 +54,9 @@ def test_fused_with_missing_grads_and_zero_h_matches_reference():
     opt = BlockMeanAdagrad(params, lr=0.05, partition="tensor", fused=True)
     ref = DenseBlockMeanAdagrad(reference_labels(params, "tensor"), torch.full((60,), 0.05, dtype=torch.float64))
     numels = [p.numel() for p in params]
+    checks = []  # the eager finiteness check (and its h.amin() read back) runs only at the first step
+    check = opt._check_finite
+    monkeypatch.setattr(opt, "_check_finite", lambda *args: checks.append(args) or check(*args))
     for t in range(8):
         step[0] = ref_step[0] = t
         opt.zero_grad()
@@ -49,8 +68,9 @@ def test_fused_with_missing_grads_and_zero_h_matches_reference():
         frozen = params[2].detach().clone()
         opt.step()
         active = torch.cat([torch.full((m,), p.grad is not None) for p, m in zip(ref_params, numels)])
-        grads = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(m)
-                           for p, m in zip(ref_params, numels)])
+        grads = torch.cat(
+            [p.grad.reshape(-1) if p.grad is not None else torch.zeros(m) for p, m in zip(ref_params, numels)]
+        )
         set_flat(ref_params, ref.step(flat(ref_params), grads, active))
         torch.testing.assert_close(flat(params), flat(ref_params), rtol=1e-10, atol=1e-12)
         if t % 2 == 0:
@@ -58,7 +78,7 @@ def test_fused_with_missing_grads_and_zero_h_matches_reference():
         if t < 4:
             assert torch.equal(flat(params)[zeroed], start[zeroed])
     assert not torch.equal(flat(params)[zeroed], start[zeroed])
-    assert opt._values_to_read_back() == []  # no h.amin() read back: the mask costs no synchronisation
+    assert len(checks) == 1  # later steps: pass 1's flag, no h.amin() read back (the mask costs no synchronisation)
 
 
 def test_fused_identity_correlation_is_torch_adagrad(monkeypatch):
@@ -75,19 +95,24 @@ def test_fused_identity_correlation_is_torch_adagrad(monkeypatch):
             s.step()
         torch.testing.assert_close(flat(ours.parameters()), flat(theirs.parameters()), rtol=1e-13, atol=1e-13)
         # h += g^2 may compile to a fused multiply-add: equal to rounding, not bit for bit
-        torch.testing.assert_close(flat(opt.state[p]["sum"] for p in ours.parameters()),
-                                   flat(torch_opt.state[p]["sum"] for p in theirs.parameters()), rtol=1e-14, atol=0)
+        torch.testing.assert_close(
+            flat(opt.state[p]["sum"] for p in ours.parameters()),
+            flat(torch_opt.state[p]["sum"] for p in theirs.parameters()),
+            rtol=1e-14,
+            atol=0,
+        )
 
 
 def test_fused_float32_matches_eager():
     fused_model, eager_model = small_model(dtype=torch.float32), small_model(dtype=torch.float32)
-    opts = [BlockMeanAdagrad(m.parameters(), lr=0.03, partition="row", fused=f)
-            for m, f in ((fused_model, True), (eager_model, False))]
+    opts = [
+        BlockMeanAdagrad(m.parameters(), lr=0.03, partition="row", fused=f)
+        for m, f in ((fused_model, True), (eager_model, False))
+    ]
     for t in range(8):
         for m, o in zip((fused_model, eager_model), opts):
             _train(m, o, 1, start=t)
-        torch.testing.assert_close(flat(fused_model.parameters()), flat(eager_model.parameters()),
-                                   rtol=2e-5, atol=2e-6)
+        torch.testing.assert_close(flat(fused_model.parameters()), flat(eager_model.parameters()), rtol=2e-5, atol=2e-6)
     assert opts[0].global_state["U"].dtype == torch.float32
 
 
@@ -103,8 +128,7 @@ def test_fused_bfloat16_parameters_keep_float32_statistics():
     assert all(opt_low.state[p]["sum"].dtype == torch.float32 for p in low.parameters())
     assert all(p.dtype == torch.bfloat16 for p in low.parameters())
     # both round the float32 update to bfloat16 once per step
-    torch.testing.assert_close(flat(low.parameters()).float(), flat(high.parameters()).float(),
-                               rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(flat(low.parameters()).float(), flat(high.parameters()).float(), rtol=2e-2, atol=2e-2)
     assert not torch.equal(flat(low.parameters()), flat(small_model().to(torch.bfloat16).parameters()))
 
 
@@ -127,10 +151,13 @@ def test_state_dict_moves_between_fused_and_eager():
     assert opt2.global_state["step"] == opt.global_state["step"] == 8
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"fused": "yes"}, "Invalid fused"),
-    ({"fused": True, "partition": lambda p: torch.zeros(p.numel(), dtype=torch.long)}, "fused=True supports"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"fused": "yes"}, "Invalid fused"),
+        ({"fused": True, "partition": lambda p: torch.zeros(p.numel(), dtype=torch.long)}, "fused=True supports"),
+    ],
+)
 def test_fused_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BlockMeanAdagrad(small_model().parameters(), **kwargs)
@@ -158,6 +185,7 @@ def test_compile_failure_falls_back_to_the_eager_passes(monkeypatch):
     def broken_compile(fn, **kwargs):
         def call(*args):
             raise BackendCompilerFailed("inductor", RuntimeError("no C++ compiler"), None)
+
         return call
 
     monkeypatch.setattr(_fused, "_COMPILED", {})
@@ -224,6 +252,7 @@ def test_errors_of_the_computation_itself_are_not_swallowed(monkeypatch):
     def compile_raising_value_error(fn, **kwargs):
         def call(*args):
             raise ValueError("a genuine error")
+
         return call
 
     monkeypatch.setattr(_fused, "_COMPILED", {})
@@ -243,6 +272,7 @@ def test_an_error_torch_compile_reports_for_the_computation_is_raised_by_the_eag
     def compile_reporting(fn, **kwargs):
         def call(*args):
             raise TorchRuntimeError("RuntimeError when making fake tensor call")
+
         return call
 
     def broken_eager(*args):
@@ -273,3 +303,24 @@ def test_fused_cuda_matches_cpu():
         opt_g.step()
     assert all(opt_g.state[p]["sum"].is_cuda for p in gpu.parameters())
     torch.testing.assert_close(flat(gpu.parameters()).cpu(), flat(cpu.parameters()), rtol=1e-9, atol=1e-11)
+
+
+def test_small_models_stay_on_the_eager_path(monkeypatch):
+    # below FUSED_MIN_NUMEL entries fused=True runs the eager step (the compiled passes cost more there)
+    from bma_gp.optim import block_mean_adagrad
+
+    monkeypatch.setattr(block_mean_adagrad, "FUSED_MIN_NUMEL", 61)  # the small model has 60 entries
+
+    def not_compiled(name):
+        raise AssertionError(f"the compiled {name} ran on a small model")
+
+    monkeypatch.setattr(_fused, "compiled", not_compiled)
+    fused_model, eager_model = small_model(), small_model()
+    opt_f = BlockMeanAdagrad(fused_model.parameters(), lr=0.05, fused=True)
+    opt_e = BlockMeanAdagrad(eager_model.parameters(), lr=0.05)
+    _train(fused_model, opt_f, 3)
+    _train(eager_model, opt_e, 3)
+    assert torch.equal(flat(fused_model.parameters()), flat(eager_model.parameters()))
+    monkeypatch.setattr(block_mean_adagrad, "FUSED_MIN_NUMEL", 60)
+    with pytest.raises(AssertionError, match="compiled block_sums ran"):
+        _train(fused_model, opt_f, 1, start=3)

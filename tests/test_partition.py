@@ -106,8 +106,7 @@ def test_partition_and_operator_follow_cuda():
     assert op.partition.labels.is_cuda
     x = torch.randn(4, device="cuda", dtype=torch.float64)
     torch.testing.assert_close(op.solve(op @ x), x)
-    torch.testing.assert_close(op.matrix_inv_sqrt().cpu().to_dense(),
-                               op.cpu().matrix_inv_sqrt().to_dense())
+    torch.testing.assert_close(op.matrix_inv_sqrt().cpu().to_dense(), op.cpu().matrix_inv_sqrt().to_dense())
 
 
 # ---------------------------------------------------------------------------- fast paths (issue 5)
@@ -165,8 +164,10 @@ def test_fast_block_sum_and_expand_addcmul_match_reference(layout, shape_before,
     g = torch.randn_like(ref)
     got = torch.autograd.grad((res * g).sum(), leaves)
     ref_leaves = [a.clone().requires_grad_(True) for a in (shift, scale, x)]
-    ref2 = (ref_leaves[0].index_select(dim, p.labels)
-            + ref_leaves[1].index_select(dim if t else -1, p.labels) * ref_leaves[2])
+    ref2 = (
+        ref_leaves[0].index_select(dim, p.labels)
+        + ref_leaves[1].index_select(dim if t else -1, p.labels) * ref_leaves[2]
+    )
     want_grads = torch.autograd.grad((ref2 * g).sum(), ref_leaves)
     for a, b in zip(got, want_grads):
         torch.testing.assert_close(a, b)
@@ -204,3 +205,99 @@ def test_layouts_reach_every_route():
     assert layouts["contiguous_large_many_runs"].is_contiguous
     for name in ("scattered_large", "contiguous_large_many_runs"):
         assert len(layouts[name]) > 2 * _GATHER_CHUNK  # the chunked gather runs
+
+
+def test_hash_follows_equality():
+    # equal partitions hash alike, also when one was built from labels and one from sizes
+    p, q = Partition.from_sizes([2, 1, 3]), Partition.from_labels([0, 0, 1, 2, 2, 2])
+    assert p == q and hash(p) == hash(q)
+    assert len({p, q, Partition.from_labels([1, 0, 1])}) == 2
+    assert {p: "a"}[q] == "a"
+
+
+def test_private_constructor_is_not_public():
+    import inspect
+
+    assert list(inspect.signature(Partition).parameters) == ["labels", "num_blocks"]
+    p = Partition._trusted(torch.tensor([2, 3]), contiguous=True)
+    assert p == Partition.from_sizes([2, 3]) and p.labels.tolist() == [0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="needs its labels"):
+        Partition._trusted(torch.tensor([2, 3]), contiguous=False)
+
+
+def test_from_sizes_builds_labels_only_when_asked():
+    p = Partition.from_sizes([3, 3])
+    assert p._labels is None and len(p) == 6 and p.block_sum(torch.ones(6)).tolist() == [3.0, 3.0]
+    assert p._labels is None  # the run views need no labels
+    assert p.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "labels,bounds",
+    [
+        ([0, 0, 1, 1, 1, 2, 3, 3], [0, 2, 2, 5, 8]),  # contiguous, with an empty range
+        ([0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 3], [0, 6, 12]),  # a range over two runs of equal-size blocks
+        ([1, 0, 1, 0, 2, 3, 2, 2], [0, 4, 8]),  # scattered inside each range
+    ],
+)
+def test_split_matches_the_labels_of_each_range(labels, bounds):
+    p = Partition.from_labels(labels)
+    parts = p.split(bounds)
+    first = 0
+    for a, b, part in zip(bounds, bounds[1:], parts):
+        if a == b:
+            assert part is None
+            continue
+        assert part.labels.tolist() == [c - first for c in labels[a:b]]
+        assert part == Partition.from_labels([c - first for c in labels[a:b]])
+        x = torch.randn(b - a, dtype=torch.float64)
+        torch.testing.assert_close(part.block_sum(x), indicator(part).T @ x)
+        first += part.num_blocks
+    assert first == p.num_blocks
+
+
+@pytest.mark.parametrize(
+    "labels,bounds,match",
+    [
+        ([0, 0, 1, 1], [0, 1, 4], "cuts a block"),
+        ([0, 1, 0, 1], [0, 2, 4], "outside it"),
+        ([0, 0, 1, 1], [0, 3, 2, 4], "non-decreasing"),
+        ([0, 0, 1, 1], [0, 4, 5], "from 0 to n = 4"),
+    ],
+)
+def test_split_refuses_cut_blocks(labels, bounds, match):
+    with pytest.raises(ValueError, match=match):
+        Partition.from_labels(labels).split(bounds)
+
+
+def test_row_shape_and_as_rows():
+    p = Partition.from_sizes([4] * 3)
+    assert p.row_shape == (3, 4)
+    x = torch.arange(12.0)
+    rows = p.as_rows(x)
+    assert rows.shape == (3, 4) and rows.data_ptr() == x.data_ptr()
+    assert torch.equal(p.as_rows(x.view(3, 4).T.contiguous().T), x.view(3, 4))  # non-contiguous: a copy
+    assert Partition.from_sizes([4, 4, 2]).row_shape is None
+    assert Partition.from_labels([1, 0, 1, 0]).row_shape is None
+    with pytest.raises(ValueError, match="no row view"):
+        Partition.from_sizes([4, 2]).as_rows(torch.ones(6))
+    with pytest.raises(ValueError, match="expected 12 entries"):
+        p.as_rows(torch.ones(11))
+
+
+@pytest.mark.parametrize("layout", list(_layouts()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_block_dot_and_addcmul_match_indicator(layout, dtype):
+    p = _layouts()[layout]
+    P = indicator(p).to(dtype)
+    x, y = torch.randn(2, p.n, dtype=dtype).unbind(0)
+    c = torch.randn(p.num_blocks, dtype=dtype)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(p.block_dot(x, y), P.T @ (x * y), **tol)
+    out = y.clone()
+    assert p.addcmul_(out, c, x, value=-0.5) is out
+    torch.testing.assert_close(out, y - 0.5 * (P @ c) * x, **tol)
+    with pytest.raises(ValueError, match="block_dot expected"):
+        p.block_dot(x[:-1], y[:-1])
+    with pytest.raises(ValueError, match="addcmul_ expected"):
+        p.addcmul_(out, c[:-1], x)

@@ -1,4 +1,4 @@
-"""The two passes of :class:`optim.BlockMeanAdagrad`'s ``fused=True`` step, compiled with ``torch.compile``.
+"""The two passes of :class:`~bma_gp.optim.BlockMeanAdagrad`'s ``fused=True`` step, compiled with ``torch.compile``.
 
 Eager PyTorch needs one kernel (one pass over the parameters) per operation and keeps
 ``n = g / z`` and ``r = z^{-1/2}`` in buffers between the block sums and the update. Here
@@ -14,7 +14,8 @@ each pass is one generated loop per parameter tensor:
    storing them.
 
 That is seven streams over the parameters, where ``torch.optim.Adagrad`` makes eleven. The
-entries with ``h = 0`` get ``r = 0`` by a select inside the loop (no host synchronisation).
+entries with ``h = 0`` get ``r = 0`` by a minimum inside the loop (no host synchronisation; the
+formula is :func:`bma_gp.optim._scaling.z_inv_sqrt`, shared with the eager paths).
 Both functions are plain PyTorch, so they also run uncompiled: that is the fallback when
 compilation is unavailable, and the reference the tests compare the compiled code with.
 """
@@ -22,9 +23,13 @@ compilation is unavailable, and the reference the tests compare the compiled cod
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from bma_gp.optim._scaling import z_inv_sqrt
 
 __all__ = ["apply_update", "block_sums", "compiled"]
 
@@ -71,8 +76,8 @@ def apply_update(gs: list[Tensor], hs: list[Tensor], ps: list[Tensor], coefs: li
 
 
 def _inv_root(h: Tensor, eps: float) -> Tensor:
-    """``z^{-1/2}`` with ``z = sqrt(h) + eps``, and 0 where ``h = 0``: two square roots and one division per entry."""
-    return torch.where(h > 0, (h.sqrt() + eps).rsqrt(), 0.0)
+    """``z^{-1/2}`` with ``z = sqrt(h) + eps``, and 0 where ``h = 0`` (the formula all paths share)."""
+    return z_inv_sqrt(h, eps, mask=True)
 
 
 _COMPILED: dict[str, object] = {}
@@ -91,7 +96,8 @@ def compiled(name: str):
     """
     fn = _COMPILED.get(name)
     if fn is None:
-        eager = {"block_sums": block_sums, "apply_update": apply_update}[name]
+        passes: dict[str, Callable[..., Any]] = {"block_sums": block_sums, "apply_update": apply_update}
+        eager = passes[name]
         fn = _COMPILED[name] = _with_eager_fallback(name, eager, torch.compile(eager, dynamic=True))
     return fn
 

@@ -3,7 +3,7 @@
 :class:`FlatPreconditionedOptimizer` is a ``torch.optim.Optimizer`` whose update is
 a function of the concatenated gradient of every parameter. It owns:
 
-* the flat layout (:class:`~optim.flat_params.FlatParams`), built lazily at the
+* the flat layout (:class:`~bma_gp.optim.flat_params.FlatParams`), built lazily at the
   first step on the parameters' device and rebuilt when ``add_param_group`` adds
   parameters or the parameters move to another device;
 * per-parameter state that lives in flat buffers (``self.state[p][key]`` is a
@@ -11,26 +11,28 @@ a function of the concatenated gradient of every parameter. It owns:
 * *global* state spanning all parameters (``self.global_state``: a k x k or
   d x d matrix, a step count), kept in float32 or wider and saved under the
   extra key ``"global_state"`` of :meth:`state_dict`;
-* the torch.optim protocol: ``step(closure)``, gradients gathered under
-  ``torch.no_grad()``, ``maximize``, parameters without a gradient left alone,
-  per-group learning rate and decoupled weight decay applied after
-  preconditioning, sparse and non-finite gradients rejected before anything
-  changes.
+* the torch.optim protocol: ``step(closure)`` under ``torch.no_grad()``, parameters
+  without a gradient left alone, sparse gradients rejected, and helpers for what every
+  subclass needs (the finiteness check, the per-group learning rate and decoupled
+  weight decay applied after preconditioning).
 
-Subclasses implement the math: :meth:`_direction` (flat gradient to flat update
-direction), and how global state is created, checked and grown.
+A subclass implements three hooks: :meth:`_init_global_state` and
+:meth:`_fit_global_state` (its state spanning all parameters) and :meth:`_step` (the
+update: check the gradients, then commit the layout with :meth:`_commit_layout`,
+then change state and parameters).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from optim.flat_params import FlatParams, state_dtype
+from bma_gp.optim.flat_params import FlatParams, state_dtype
 
 __all__ = ["FlatPreconditionedOptimizer", "check_hyperparameter"]
 
@@ -52,7 +54,9 @@ def check_hyperparameter(name: str, value, *, positive: bool = False, integer: b
         return
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(f"Invalid {name} value: a tensor {name} must have one element, got shape {tuple(value.shape)}.")
+            raise ValueError(
+                f"Invalid {name} value: a tensor {name} must have one element, got shape {tuple(value.shape)}."
+            )
         number = float(value)
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         number = float(value)
@@ -73,8 +77,8 @@ def _all_finite(grads: list[Tensor], dtype: torch.dtype, extra: list[Tensor]) ->
     device = grads[0].device
     sums = [g.sum(dtype=dtype) for g in grads] + [x.to(device=device, dtype=dtype) for x in extra]
     values = torch.stack(sums).tolist()
-    finite = all(math.isfinite(v) for v in values[:len(grads)]) or all(bool(torch.isfinite(g).all()) for g in grads)
-    return finite, values[len(grads):]
+    finite = all(math.isfinite(v) for v in values[: len(grads)]) or all(bool(torch.isfinite(g).all()) for g in grads)
+    return finite, values[len(grads) :]
 
 
 def _non_finite_message(name: str) -> str:
@@ -117,21 +121,21 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         """
         raise NotImplementedError
 
-    def _direction(self, g: Tensor, layout: FlatParams) -> Tensor:
-        """The update direction ``u`` (flat, shape ``(d,)``); updates the state. Parameters move by ``-lr * u``."""
-        raise NotImplementedError
+    def _step(self, grads: list[Tensor | None], layout: FlatParams, active: list[bool]) -> None:
+        """One update from the per-parameter gradients (``None`` where a parameter has none).
 
-    def _prepare_layout(self, layout: FlatParams) -> None:
-        """Attach derived structure (e.g. a partition) to a new layout; may raise ValueError."""
+        Called by :meth:`step` when some parameter has a gradient. It must raise (``ValueError``)
+        before changing anything when the gradients are refused, then call
+        :meth:`_commit_layout` before it touches the state.
+        """
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ layout and state
     def _current_layout(self) -> FlatParams:
         key = FlatParams.key_of(self.param_groups)
         if self._layout is not None and self._layout.key == key:
             return self._layout
-        layout = FlatParams(self.param_groups)
-        self._prepare_layout(layout)
-        return layout
+        return FlatParams(self.param_groups)
 
     def _commit_layout(self, layout: FlatParams) -> None:
         """Make ``layout`` current: (re)build flat buffers from per-parameter state, fit global state."""
@@ -184,44 +188,26 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         layout = self._current_layout()
         grads, active = layout.collect_grads()
-        if not any(active):
-            return loss
-        finite, values = True, []
-        # a subclass whose update checks the gradients before changing anything does so itself, once the
-        # layout (and so the state) exists: committing a new layout below changes the state
-        if self.check_finite and not (layout is self._layout and self._checks_finite_in_update()):
-            present = [grad for grad in grads if grad is not None]
-            finite, values = _all_finite(present, layout.dtype, self._values_to_read_back())
-        if not finite:
-            raise ValueError(_non_finite_message(type(self).__name__))
-        self._values_read_back(values)
-        self._commit_layout(layout)
-        self._update_from_grads(grads, layout, active)
+        if any(active):
+            self._step(grads, layout, active)
         return loss
 
-    def _checks_finite_in_update(self) -> bool:
-        """Whether :meth:`_update_from_grads` raises ``ValueError`` on a non-finite gradient itself, before
-        changing any state or parameter (with ``check_finite``), so that :meth:`step` need not check."""
-        return False
+    def _check_finite(
+        self, grads: list[Tensor | None], layout: FlatParams, extra: Sequence[Tensor] = ()
+    ) -> list[float]:
+        """Raise ``ValueError`` when a gradient holds inf or nan; return the values of the 0-d tensors ``extra``.
+
+        One cheap sum per gradient and one host synchronisation, which also reads ``extra`` back (so
+        a subclass gets host values of its state at no further synchronisation).
+        """
+        present = [grad for grad in grads if grad is not None]
+        finite, values = _all_finite(present, layout.dtype, list(extra))
+        if not finite:
+            raise ValueError(_non_finite_message(type(self).__name__))
+        return values
 
     def _maximize_of_group(self) -> list[bool]:
         return [bool(group["maximize"]) for group in self.param_groups]
-
-    def _update_from_grads(self, grads: list[Tensor | None], layout: FlatParams, active: list[bool]) -> None:
-        """Update state and parameters from the per-parameter gradients (default: gather them into
-        one flat vector, maximize groups negated, and call :meth:`_update`)."""
-        self._update(layout.gather_grads(grads, self._maximize_of_group()), layout, active)
-
-    def _values_to_read_back(self) -> list[Tensor]:
-        """0-d tensors of the current state to read back in the finiteness check's host synchronisation."""
-        return []
-
-    def _values_read_back(self, values: list[float]) -> None:
-        """Receive :meth:`_values_to_read_back`'s values (an empty list without ``check_finite``)."""
-
-    def _update(self, g: Tensor, layout: FlatParams, active: list[bool]) -> None:
-        """Update state and parameters from the flat gradient (default: :meth:`_direction`, then :meth:`_apply`)."""
-        self._apply(layout, self._direction(g, layout), active)
 
     def _active_by_group(self, layout: FlatParams, active: list[bool]):
         """Yield ``(lr, weight_decay, indices)`` per group: the flat indices of its parameters that had a gradient."""
@@ -236,8 +222,10 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         views = layout.split(direction)
         for lr, wd, indices in self._active_by_group(layout, active):
             params = [layout.params[i] for i in indices]
-            updates = [views[i] if views[i].dtype == params[j].dtype else views[i].to(params[j].dtype)
-                       for j, i in enumerate(indices)]
+            updates = [
+                views[i] if views[i].dtype == params[j].dtype else views[i].to(params[j].dtype)
+                for j, i in enumerate(indices)
+            ]
             if wd:
                 torch._foreach_mul_(params, 1.0 - lr * wd)
             torch._foreach_add_(params, updates, alpha=-lr)
@@ -257,7 +245,7 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
 
         Torch casts per-parameter floating state to the parameter's dtype; here the flat
         per-parameter state and the global state keep their precision: they are
-        moved to the parameters' device and cast to :func:`~optim.flat_params.state_dtype`
+        moved to the parameters' device and cast to :func:`~bma_gp.optim.flat_params.state_dtype`
         of the parameters (float32 or wider), so a run continues bit for bit on the
         same device and dtype.
         """
@@ -281,8 +269,11 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
                 for k, v in entries.items():
                     self.state[id_map[idx]][k] = v.to(device=device, dtype=dtype, copy=True)
         self.global_state = {
-            k: (v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype, copy=True)
-                if isinstance(v, Tensor) else copy.deepcopy(v))
+            k: (
+                v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype, copy=True)
+                if isinstance(v, Tensor)
+                else copy.deepcopy(v)
+            )
             for k, v in global_state.items()
         }
         self._layout = None

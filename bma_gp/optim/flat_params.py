@@ -84,6 +84,7 @@ class FlatParams:
         self.device = params[0].device if params else torch.device("cpu")
         self.dtype = state_dtype(p.dtype for p in params)
         self.key = self.key_of(param_groups)
+        self._buffers: dict[str, Tensor] = {}
 
     @staticmethod
     def key_of(param_groups: list[dict]) -> tuple:
@@ -107,7 +108,7 @@ class FlatParams:
         With ``rows``, a ``(rows, numel)`` matrix instead: several work vectors stacked, so
         that one strided view covers them together.
         """
-        buffers = self.__dict__.setdefault("_buffers", {})
+        buffers = self._buffers
         numel = self.numel if numel is None else numel
         shape = (numel,) if rows is None else (rows, numel)
         if name not in buffers or buffers[name].shape != shape:

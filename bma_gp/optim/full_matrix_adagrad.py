@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optim.flat_optimizer import FlatPreconditionedOptimizer, check_hyperparameter
-from optim.flat_params import FlatParams
+from bma_gp.optim.flat_optimizer import FlatPreconditionedOptimizer, check_hyperparameter
+from bma_gp.optim.flat_params import FlatParams
 
 __all__ = ["FullMatrixAdagrad", "full_matrix_direction"]
 
@@ -45,7 +45,7 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
     The dense :math:`d \times d` matrix :math:`H_t` costs :math:`O(d^2)` memory and an
     :math:`O(d^3)` eigendecomposition per step, so this is a reference for small
     models (it is what block-mean AdaGrad approximates, see
-    :class:`optim.BlockMeanAdagrad` and Lu et al., 2018). Models with more than
+    :class:`~bma_gp.optim.BlockMeanAdagrad` and Lu et al., 2018). Models with more than
     ``max_dim`` parameters are refused.
 
     Args:
@@ -93,8 +93,11 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
         d = sum(p.numel() for group in self.param_groups for p in group["params"])
         if d > self.max_dim:
             self.param_groups.pop()
-            dtype = max((p.dtype for group in self.param_groups for p in group["params"]),
-                        key=lambda t: torch.finfo(t).bits, default=torch.float32)
+            dtype = max(
+                (p.dtype for group in self.param_groups for p in group["params"]),
+                key=lambda t: torch.finfo(t).bits,
+                default=torch.float32,
+            )
             nbytes = d * d * max(torch.finfo(dtype).bits, 32) // 8
             raise ValueError(
                 f"FullMatrixAdagrad keeps a dense d x d matrix: d = {d} parameters need {nbytes} bytes "
@@ -116,8 +119,12 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
             H = grown
         return {**state, "H": H}
 
-    def _direction(self, g: Tensor, layout: FlatParams) -> Tensor:
+    def _step(self, grads: list[Tensor | None], layout: FlatParams, active: list[bool]) -> None:
+        if self.check_finite:
+            self._check_finite(grads, layout)
+        self._commit_layout(layout)
+        g = layout.gather_grads(grads, self._maximize_of_group())
         st = self.global_state
         st["step"] += 1
         st["H"].addr_(g, g)
-        return full_matrix_direction(st["H"], g, self.eps)
+        self._apply(layout, full_matrix_direction(st["H"], g, self.eps), active)

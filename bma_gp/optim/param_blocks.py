@@ -1,21 +1,23 @@
-"""A partition of all parameter entries of an optimizer into blocks.
+"""The blocks of an optimizer's parameter entries: a partition rule made into a typed layout.
 
 Block-mean AdaGrad approximates the correlation of normalised gradients by a block
 mean matrix over a partition of the ``d`` parameter entries. This module turns a
 rule (``"tensor"``, ``"row"`` or a callable) into one :class:`bma_gp.Partition`
-over the flat layout of :class:`optim.flat_params.FlatParams`.
+over the flat layout of :class:`~bma_gp.optim.flat_params.FlatParams`, and that
+partition into :class:`ParamBlocks`: the same blocks seen tensor by tensor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from bma_gp import Partition
 
-__all__ = ["check_partition_rule", "param_partition"]
+__all__ = ["ParamBlocks", "check_partition_rule", "param_partition"]
 
 PartitionRule = str | Callable[[Tensor], Tensor]
 
@@ -111,39 +113,52 @@ def param_partition(params: list[Tensor], rule: PartitionRule) -> Partition:
     return Partition.from_labels(torch.cat(parts), offset)
 
 
+@dataclass(frozen=True, eq=False)
 class ParamBlocks:
-    """The blocks of the contiguous rules as the rows of per-parameter matrices.
+    """The partition of the ``d`` parameter entries and, per parameter tensor, its own blocks.
 
-    For the contiguous rules ("tensor", "row") every parameter's entries are viewed
-    as a ``(rows, cols)`` matrix whose rows are its blocks (one row for "tensor"), so
-    a block sum is a row sum and a broadcast is a column scaling: one loop over the
-    tensors (as ``torch.optim.Adagrad`` does), no index vectors. A callable rule gives
-    scattered blocks (:attr:`rows` is ``None``); they use
-    :meth:`bma_gp.Partition.block_sum` / :meth:`~bma_gp.Partition.expand`.
-
-    Args:
-        params: the parameters in flat order.
-        rule: the partition rule (see :func:`param_partition`).
+    No block spans two tensors under any rule, so :meth:`bma_gp.Partition.split` at the
+    tensors' bounds gives each tensor's partition: the one source of the layout is
+    :attr:`partition`, everything else is derived from it. For ``"tensor"`` and ``"row"``
+    every tensor's blocks are the rows of its ``(rows, cols)`` matrix
+    (:attr:`bma_gp.Partition.row_shape`), so block sums and broadcasts are row operations
+    on views (:attr:`by_rows`).
 
     Attributes:
-        partition: the :class:`bma_gp.Partition` of the ``d`` entries.
-        rows: per parameter, its number of blocks (``None`` for a callable rule).
-        block_offsets: per parameter, the index of its first block (length ``len(params) + 1``;
-            contiguous rules only).
+        partition: the blocks of all ``d`` entries, in the optimizer's flat order.
+        bounds: parameter ``i`` holds the flat entries ``bounds[i] .. bounds[i + 1] - 1``.
+        segments: per parameter, the partition of its own entries (``None`` for an empty tensor);
+            block ``j`` of parameter ``i`` is block ``first_block[i] + j`` of :attr:`partition`.
+        first_block: parameter ``i`` holds blocks ``first_block[i] .. first_block[i + 1] - 1``.
     """
 
-    def __init__(self, params: list[Tensor], rule: PartitionRule):
-        self.partition = param_partition(params, rule)
-        self.numels = [p.numel() for p in params]
-        self.rows: list[int] | None = None
-        self.block_offsets: list[int] | None = None
-        if isinstance(rule, str):
-            self.rows = [(p.shape[0] if rule == "row" and p.dim() >= 2 else 1) for p in params]
-            offsets = [0]
-            for m, r in zip(self.numels, self.rows):
-                offsets.append(offsets[-1] + (r if m else 0))
-            self.block_offsets = offsets
+    partition: Partition
+    bounds: tuple[int, ...]
+    segments: tuple[Partition | None, ...]
+    first_block: tuple[int, ...]
+
+    @classmethod
+    def build(cls, params: list[Tensor], rule: PartitionRule) -> ParamBlocks:
+        """The blocks of ``params`` (in flat order) under ``rule`` (see :func:`param_partition`).
+
+        Raises:
+            ValueError: as :func:`param_partition`.
+        """
+        partition = param_partition(params, rule)
+        bounds = [0]
+        for p in params:
+            bounds.append(bounds[-1] + p.numel())
+        segments = tuple(partition.split(bounds))
+        first = [0]
+        for seg in segments:
+            first.append(first[-1] + (seg.num_blocks if seg is not None else 0))
+        return cls(partition, tuple(bounds), segments, tuple(first))
 
     @property
     def num_blocks(self) -> int:
         return self.partition.num_blocks
+
+    @property
+    def by_rows(self) -> bool:
+        """Whether every non-empty tensor's blocks are the rows of its ``(rows, cols)`` matrix."""
+        return all(seg is None or seg.row_shape is not None for seg in self.segments)

@@ -1,0 +1,66 @@
+r"""The per-entry scaling of block-mean AdaGrad, :math:`r = z^{-1/2}` with :math:`z = \sqrt{h} + \epsilon`.
+
+One formula for every path of the step (eager, fused and scattered): entries whose gradient has
+always been exactly 0 (:math:`h = 0`) get :math:`r = 0` instead of :math:`\epsilon^{-1/2}`, which
+would amplify the coupling term of their block by up to :math:`10^5`. The mask needs no boolean
+tensor: :math:`\min(z^{-1/2}, \sqrt{h}\,\beta)` is :math:`z^{-1/2}` for every :math:`h > 0` and 0 for
+:math:`h = 0`, with :math:`\beta` from :func:`unmask_scale`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["unmask_scale", "z_inv_sqrt"]
+
+
+def unmask_scale(dtype: torch.dtype) -> float:
+    """A power of two ``big`` with ``sqrt(h) * big >= (sqrt(h) + eps)^{-1/2}`` for every representable h > 0.
+
+    The worst case is the smallest subnormal h with ``eps = 0``: ``sqrt(h) * big = 2^{e/2} big`` against
+    ``2^{-e/4}`` (``e`` its exponent, -149 in float32, -1074 in float64). ``big = 2^{m - 9}``, ``m`` the
+    exponent of the largest finite value, clears it by more than ``2^7`` in both.
+    """
+    return 2.0 ** (math.frexp(torch.finfo(dtype).max)[1] - 9)
+
+
+def z_inv_sqrt(
+    h: Tensor,
+    eps: float,
+    *,
+    mask: bool = True,
+    out: Tensor | None = None,
+    scratch: Tensor | None = None,
+    divide: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    r""":math:`r = (\sqrt{h} + \epsilon)^{-1/2}`, and with ``mask`` :math:`r = 0` where :math:`h = 0`.
+
+    Written once for the eager step (``out`` and ``scratch`` are reused buffers of ``h``'s shape; the
+    mask costs two more passes, so the eager step skips it once no entry of ``h`` is 0) and for the
+    compiled passes (no buffers: the compiler fuses everything into one loop).
+
+    Args:
+        h: the running sums of squares, this step's included.
+        eps: :math:`\epsilon`, added after the square root.
+        mask: zero the entries with ``h == 0``.
+        out: receives ``r``.
+        scratch: receives :math:`\sqrt{h}` (then overwritten when masking).
+        divide: ``(g, n)``: also write :math:`n = g / z` into ``n`` (with ``out``), divided exactly as
+            ``torch.optim.Adagrad`` divides, before ``z`` becomes ``r`` in place.
+    """
+    big = unmask_scale(h.dtype)
+    if out is None:  # functional form (compiled passes)
+        root = h.sqrt()
+        r = (root + eps).rsqrt()
+        return torch.minimum(r, root * big) if mask else r
+    root = torch.sqrt(h, out=scratch) if scratch is not None else h.sqrt()
+    z = torch.add(root, eps, out=out)
+    if divide is not None:
+        torch.div(divide[0], z, out=divide[1])
+    z.rsqrt_()
+    if mask:
+        torch.minimum(out, root.mul_(big), out=out)
+    return out

@@ -1,0 +1,376 @@
+r"""The math of block-mean AdaGrad's step, as functions of tensors (the optimizer class is bookkeeping).
+
+Laid out like ``torch.optim.adagrad``: :func:`block_mean_adagrad` is the one entry point,
+with one signature, and dispatches to one implementation per path:
+
+* :func:`_single_tensor_block_mean_adagrad`: eager, tensor by tensor, for partitions whose
+  blocks are the rows of every tensor (``"tensor"``, ``"row"``). The gradients are read where
+  they are; block sums and broadcasts are :class:`bma_gp.Partition` row operations on each
+  tensor's own partition (:attr:`~bma_gp.optim.param_blocks.ParamBlocks.segments`);
+* :func:`_fused_block_mean_adagrad`: the same step as two ``torch.compile``'d passes
+  (:mod:`bma_gp.optim._fused`);
+* :func:`_scattered_block_mean_adagrad`: any partition, on the flat gradient, applying the
+  preconditioner as the operator it is (``root @ v``).
+
+All three compute, with :math:`r = z^{-1/2}` (:func:`~bma_gp.optim._scaling.z_inv_sqrt`),
+:math:`v = r g` and :math:`n = r v = g / z`,
+
+.. math::
+
+    h \mathrel{+}= g^2, \quad U \mathrel{+}= (P^\top n)(P^\top n)^\top, \quad
+    w \mathrel{+}= P^\top n^2, \quad
+    \theta \leftarrow (1 - \mathrm{lr}\,\mathrm{wd})\,\theta - \mathrm{lr}\; r \odot R v,
+
+where :math:`R = (F + \delta I)^{-1/2} = \operatorname{diag}(\lambda_R[c]) + P B_R P^\top` is
+the block mean root of :func:`preconditioner`. The product :math:`R v` is the operator's
+matrix-vector product, written per tensor as
+:math:`r \odot R v = \lambda_R[c]\, n + (B_R P^\top v)[c]\, r`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bma_gp import BlockMeanLinearOperator, Partition, block_mean_from_sums
+from bma_gp.optim import _fused
+from bma_gp.optim._scaling import z_inv_sqrt
+from bma_gp.optim.flat_optimizer import _non_finite_message
+from bma_gp.optim.param_blocks import ParamBlocks
+
+__all__ = ["Workspace", "block_mean_adagrad", "inverse_root", "normalised_correlation", "preconditioner"]
+
+Correlation = Callable[[Tensor, Tensor, Partition], BlockMeanLinearOperator]
+
+
+def normalised_correlation(U: Tensor, w: Tensor, partition: Partition) -> BlockMeanLinearOperator:
+    r"""The block mean correlation matrix :math:`F` of the normalised gradients.
+
+    :math:`\tilde F` is the Frobenius-nearest block mean matrix of
+    :math:`N = \sum_\tau n_\tau n_\tau^\top` (see docs/math.md), computed from its
+    block sums :math:`U = P^\top N P` and :math:`w = P^\top \operatorname{diag}(N)`.
+    It is rescaled to unit mean diagonal in every block,
+
+    .. math::
+
+        F = D^{-1/2} \tilde F D^{-1/2}, \quad D = \operatorname{diag}(w / s), \qquad
+        \lambda^F_i = \tilde\lambda_i / d_i, \quad B^F_{ij} = \tilde B_{ij} / \sqrt{d_i d_j},
+
+    which keeps the block mean structure and positive semidefiniteness. A block
+    with :math:`w_i = 0` (no gradient yet) is the identity in :math:`F`
+    (:math:`\lambda^F_i = 1`, row and column :math:`i` of :math:`B^F` zero).
+
+    Args:
+        U: block sums of :math:`N`. # shape: (k, k)
+        w: block sums of its diagonal. # shape: (k,)
+        partition: the partition of the ``d`` parameter entries into ``k`` blocks.
+    """
+    F_tilde = block_mean_from_sums(U, w, partition)
+    d = w / partition.sizes.to(w.dtype)
+    seen = d > 0
+    d_safe = torch.where(seen, d, torch.ones_like(d))
+    lam = torch.where(seen, F_tilde.lam / d_safe, torch.ones_like(d))
+    scale = torch.where(seen, d_safe.rsqrt(), torch.zeros_like(d))
+    B = F_tilde.B * scale.unsqueeze(-1) * scale.unsqueeze(-2)
+    return BlockMeanLinearOperator(lam, B, partition)
+
+
+def inverse_root(F: BlockMeanLinearOperator, damping: float) -> BlockMeanLinearOperator:
+    r""":math:`(F + \delta I)^{-1/2}` as a block mean operator, without validation (no host sync).
+
+    With ``damping`` :math:`\delta = 0` and a singular :math:`F` the result holds ``inf``/``nan``.
+    """
+    return F.add_diagonal(torch.tensor(damping, dtype=F.dtype, device=F.device)).matrix_inv_sqrt(check=False)
+
+
+@dataclass(eq=False)
+class Workspace:
+    """Work buffers of the eager paths, reused every step, for one layout and one ``h`` buffer.
+
+    ``n`` and ``r`` are the two rows of one ``(2, d)`` buffer, so that a one-block tensor's update
+    ``lam_R n + c r`` is one matrix-vector product with its ``(numel, 2)`` column view.
+
+    Attributes:
+        h: the flat ``h`` the views below belong to. # shape: (d,)
+        nr: ``n`` and ``r``. # shape: (2, d)
+        sums: per block, ``P^T v``, ``P^T n`` and ``P^T n^2``. # shape: (k, 3)
+        scratch: ``sqrt(h)`` while masking, one tensor long. # shape: (max numel,)
+        grad: the gathered flat gradient (scattered path only, allocated there). # shape: (d,)
+        root: the preconditioner operator of the last root step (scattered path), and that step.
+    """
+
+    h: Tensor
+    nr: Tensor
+    sums: Tensor
+    scratch: Tensor
+    grad: Tensor | None = None
+    root: tuple[int, BlockMeanLinearOperator] | None = field(default=None)
+
+    @classmethod
+    def build(cls, blocks: ParamBlocks, h: Tensor) -> Workspace:
+        numels = [b - a for a, b in zip(blocks.bounds, blocks.bounds[1:])]
+        scratch = max(numels, default=0) if blocks.by_rows else h.numel()  # per tensor, or the flat vector
+        return cls(
+            h=h,
+            nr=torch.empty(2, h.numel(), dtype=h.dtype, device=h.device),
+            sums=torch.zeros(blocks.num_blocks, 3, dtype=h.dtype, device=h.device),
+            scratch=torch.empty(scratch, dtype=h.dtype, device=h.device),
+        )
+
+
+def preconditioner(
+    stats: dict[str, Any],
+    partition: Partition,
+    *,
+    damping: float,
+    update_interval: int,
+    correlation: Correlation = normalised_correlation,
+) -> tuple[Tensor, Tensor]:
+    r"""``(lam_R, B_R)`` of :math:`R = (F + \delta I)^{-1/2}` from the statistics ``U`` and ``w``.
+
+    Recomputed when ``stats["step"] - stats["root_step"] >= update_interval`` (or when there is
+    none yet) and cached in ``stats`` (``root_lam``, ``root_B``, ``root_step``); otherwise the
+    stale root is returned.
+    """
+    due = stats["root_lam"] is None or (stats["step"] - stats["root_step"]) >= update_interval
+    if due:
+        root = inverse_root(correlation(stats["U"], stats["w"], partition), damping)
+        stats.update(root_lam=root.lam, root_B=root.B, root_step=stats["step"])
+    return stats["root_lam"], stats["root_B"]
+
+
+def block_mean_adagrad(
+    params: list[Tensor],
+    grads: list[Tensor | None],
+    state_sum: Tensor,
+    stats: dict[str, Any],
+    blocks: ParamBlocks,
+    workspace: Workspace | None,
+    *,
+    lr: list[float],
+    weight_decay: list[float],
+    maximize: list[bool],
+    eps: float,
+    damping: float,
+    update_interval: int,
+    correlation: Correlation = normalised_correlation,
+    mask: bool,
+    check_finite: bool,
+    fused: bool,
+) -> None:
+    r"""One step of block-mean AdaGrad on every parameter (see the module docstring for the math).
+
+    Args:
+        params: all parameters, in the flat order of ``blocks``.
+        grads: their gradients, ``None`` for a parameter without one (it keeps its ``h``, adds
+            nothing to the statistics and does not move).
+        state_sum: :math:`h` of all parameters, updated in place. # shape: (d,)
+        stats: the global state, updated in place: ``U`` (``k x k``), ``w`` (``k``), ``step`` and the
+            cached root (see :func:`preconditioner`).
+        blocks: the partition of the ``d`` entries, per tensor.
+        workspace: buffers for ``state_sum`` (:meth:`Workspace.build`); unused by the fused path.
+        lr, weight_decay, maximize: per parameter.
+        eps, damping, update_interval, correlation: as in :class:`~bma_gp.optim.BlockMeanAdagrad`.
+        mask: whether some entry of :math:`h` may be 0 before this step (the eager paths then zero
+            :math:`r` there; the fused path always does, at no cost).
+        check_finite: the fused path raises ``ValueError`` on an inf/nan gradient before changing
+            anything (its first pass computes the flag); the eager paths expect the caller to check.
+        fused: take the compiled path (``blocks.by_rows`` required).
+
+    Raises:
+        ValueError: with ``fused`` and ``check_finite``, a gradient holds inf or nan.
+    """
+    kwargs = dict(
+        lr=lr,
+        weight_decay=weight_decay,
+        maximize=maximize,
+        eps=eps,
+        damping=damping,
+        update_interval=update_interval,
+        correlation=correlation,
+        mask=mask,
+        check_finite=check_finite,
+    )
+    if fused:
+        if not blocks.by_rows:
+            raise ValueError("the fused step needs blocks that are rows of every tensor ('tensor' or 'row').")
+        impl = _fused_block_mean_adagrad
+    elif blocks.by_rows:
+        impl = _single_tensor_block_mean_adagrad
+    else:
+        impl = _scattered_block_mean_adagrad
+    impl(params, grads, state_sum, stats, blocks, workspace, **kwargs)
+
+
+def _accumulate(stats: dict[str, Any], n_sums: Tensor, n_sq: Tensor) -> None:
+    """The step's block statistics: ``U += (P^T n)(P^T n)^T``, ``w += P^T n^2``."""
+    stats["U"].addr_(n_sums, n_sums)
+    stats["w"].add_(n_sq)
+
+
+def _single_tensor_block_mean_adagrad(
+    params,
+    grads,
+    state_sum,
+    stats,
+    blocks,
+    ws,
+    *,
+    lr,
+    weight_decay,
+    maximize,
+    eps,
+    damping,
+    update_interval,
+    correlation,
+    mask,
+    check_finite,
+) -> None:
+    del check_finite  # checked by the caller
+    stats["step"] += 1
+    dtype = state_sum.dtype
+    sums = ws.sums.zero_()  # columns: per block P^T v, P^T n, P^T n^2
+    n_all, r_all = ws.nr.unbind(0)
+    present = []
+    for i, g in enumerate(grads):
+        seg = blocks.segments[i]
+        if g is None or seg is None:
+            continue
+        present.append(i)
+        a, b = blocks.bounds[i], blocks.bounds[i + 1]
+        g = g.reshape(-1)  # a view where it can be: read where it is
+        if g.dtype != dtype:
+            g = g.to(dtype)
+        if maximize[i]:
+            g = -g
+        h, n, r = state_sum[a:b], n_all[a:b], r_all[a:b]
+        h.addcmul_(g, g)
+        z_inv_sqrt(h, eps, mask=mask, out=r, scratch=ws.scratch[: b - a], divide=(g, n))  # r, and n = g / z
+        first, last = blocks.first_block[i], blocks.first_block[i + 1]
+        torch.stack([seg.block_dot(g, r), seg.block_sum(n), seg.block_dot(n, n)], dim=-1, out=sums[first:last])
+    v_sums, n_sums, n_sq = sums.unbind(-1)
+    _accumulate(stats, n_sums, n_sq)
+    lam, B = preconditioner(
+        stats, blocks.partition, damping=damping, update_interval=update_interval, correlation=correlation
+    )
+    coupling = B @ v_sums  # (B_R P^T v): the k x k step of the operator's product
+    for i in reversed(present):  # the tensors of the first loop last to first: their n and r may still be cached
+        seg, p = blocks.segments[i], params[i]
+        a, b = blocks.bounds[i], blocks.bounds[i + 1]
+        first, last = blocks.first_block[i], blocks.first_block[i + 1]
+        n, r = n_all[a:b], r_all[a:b]
+        if weight_decay[i]:
+            p.mul_(1.0 - lr[i] * weight_decay[i])
+        if seg.num_blocks == 1 and p.is_contiguous() and p.dtype == dtype:
+            # one block: both terms in one pass, p += -lr [n r] @ (lam_R, coupling)
+            p.view(-1).addmv_(ws.nr[:, a:b].T, torch.stack([lam[first], coupling[first]]), alpha=-lr[i])
+            continue
+        target = p.view(-1) if p.is_contiguous() and p.dtype == dtype else torch.zeros_like(n)
+        seg.addcmul_(target, lam[first:last], n, value=-lr[i])
+        seg.addcmul_(target, coupling[first:last], r, value=-lr[i])
+        if target.data_ptr() != p.data_ptr():
+            p.add_(target.view(p.shape).to(p.dtype))
+
+
+def _fused_block_mean_adagrad(
+    params,
+    grads,
+    state_sum,
+    stats,
+    blocks,
+    ws,
+    *,
+    lr,
+    weight_decay,
+    maximize,
+    eps,
+    damping,
+    update_interval,
+    correlation,
+    mask,
+    check_finite,
+) -> None:
+    del ws, mask  # the compiled passes need no buffers and always mask
+    present = [i for i, g in enumerate(grads) if g is not None and blocks.segments[i] is not None]
+    gs = [grads[i].neg() if maximize[i] else grads[i] for i in present]
+    hs = [blocks.segments[i].as_rows(state_sum[blocks.bounds[i] : blocks.bounds[i + 1]]) for i in present]
+    sums, finite = _fused.compiled("block_sums")(gs, hs, eps)
+    if check_finite and not bool(finite):  # the step's one host synchronisation
+        raise ValueError(_non_finite_message("BlockMeanAdagrad"))
+    stats["step"] += 1
+    first = blocks.first_block
+    if len(present) < len(blocks.segments):  # some parameters had no gradient: their blocks' sums are 0
+        full = sums.new_zeros(blocks.num_blocks, 3)
+        row = 0
+        for i in present:
+            full[first[i] : first[i + 1]] = sums[row : row + first[i + 1] - first[i]]
+            row += first[i + 1] - first[i]
+        sums = full
+    v_sums, n_sums, n_sq = sums.unbind(-1)
+    _accumulate(stats, n_sums, n_sq)
+    lam, B = preconditioner(
+        stats, blocks.partition, damping=damping, update_interval=update_interval, correlation=correlation
+    )
+    # theta <- c2 theta + c0 n + c1 r per block: c0 = -lr lam_R, c1 = -lr (B_R P^T v), c2 = 1 - lr wd
+    coef = torch.stack([lam, B @ v_sums, torch.ones_like(v_sums)], dim=-1)
+    coefs = []
+    for i in present:
+        c = coef[first[i] : first[i + 1]].clone()
+        c[:, :2] *= -lr[i]
+        if weight_decay[i]:
+            c[:, 2] = 1.0 - lr[i] * weight_decay[i]
+        coefs.append(c)
+    _fused.compiled("apply_update")(gs, hs, [params[i] for i in present], coefs, eps)
+
+
+def _scattered_block_mean_adagrad(
+    params,
+    grads,
+    state_sum,
+    stats,
+    blocks,
+    ws,
+    *,
+    lr,
+    weight_decay,
+    maximize,
+    eps,
+    damping,
+    update_interval,
+    correlation,
+    mask,
+    check_finite,
+) -> None:
+    del check_finite  # checked by the caller
+    stats["step"] += 1
+    dtype, partition = state_sum.dtype, blocks.partition
+    if ws.grad is None:
+        ws.grad = torch.empty_like(state_sum)
+    g = ws.grad
+    for i, grad in enumerate(grads):
+        chunk = g[blocks.bounds[i] : blocks.bounds[i + 1]]
+        if grad is None:
+            chunk.zero_()
+        else:
+            torch.mul(grad.reshape(-1).to(dtype), -1.0 if maximize[i] else 1.0, out=chunk)
+    h = state_sum
+    h.addcmul_(g, g)
+    n, r = ws.nr.unbind(0)
+    z_inv_sqrt(h, eps, mask=mask, out=r, scratch=ws.scratch, divide=(g, n))  # r, and n = g / z
+    n_sums = partition.block_sum(n)
+    _accumulate(stats, n_sums, partition.block_sum(n.square_()))
+    lam, B = preconditioner(stats, partition, damping=damping, update_interval=update_interval, correlation=correlation)
+    if ws.root is None or ws.root[0] != stats["root_step"] or ws.root[1].lam is not lam:
+        ws.root = (stats["root_step"], BlockMeanLinearOperator(lam, B, partition))
+    u = (ws.root[1] @ g.mul_(r)).mul_(r)  # z^{-1/2} R z^{-1/2} g: the operator's own product
+    for i, grad in enumerate(grads):
+        if grad is None:
+            continue
+        p = params[i]
+        if weight_decay[i]:
+            p.mul_(1.0 - lr[i] * weight_decay[i])
+        p.add_(u[blocks.bounds[i] : blocks.bounds[i + 1]].view(p.shape).to(p.dtype), alpha=-lr[i])
