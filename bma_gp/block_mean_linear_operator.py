@@ -15,6 +15,7 @@ from torch import Tensor
 
 from bma_gp import settings
 from bma_gp._broadcast import sum_to_shape
+from bma_gp._precision import core_dtype
 from bma_gp._symmetric_function import symmetric_matrix_function
 from bma_gp.partition import Partition
 
@@ -23,14 +24,18 @@ __all__ = ["BlockMeanLinearOperator"]
 
 # ---------------------------------------------------------------------------- math helpers
 def _fold_singletons(lam: Tensor, B: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
-    """Move ``lam_i`` of singleton blocks into ``B_ii`` and put the placeholder 1 in its place.
+    """Give singleton blocks a placeholder ``lam_i`` that every ``f`` accepts, keeping ``lam_i + B_ii``.
 
-    For a block of size one only ``lam_i + B_ii`` is visible; ``lam_i`` is not an eigenvalue.
-    After folding, every ``f(lam_i)`` is defined and cancels in the matrix-function formula.
+    For a block of size one only ``v_i = lam_i + B_ii`` is visible; ``lam_i`` is not an eigenvalue.
+    The placeholder is ``v_i`` itself when positive (then ``B_ii`` becomes 0 and ``C_ii = v_i``
+    exactly, at any scale), else 1. Every ``f(lam_i)`` is then defined and cancels in the
+    matrix-function formula.
     """
     single = sizes == 1
-    extra = torch.where(single, lam - 1, torch.zeros_like(lam))
-    return torch.where(single, torch.ones_like(lam), lam), B + torch.diag_embed(extra)
+    value = lam + torch.diagonal(B, dim1=-2, dim2=-1)
+    placeholder = torch.where(value > 0, value, torch.ones_like(value))
+    folded = torch.where(single, placeholder, lam)
+    return folded, B + torch.diag_embed(torch.where(single, lam - folded, torch.zeros_like(lam)))
 
 
 def _core(lam: Tensor, B: Tensor, root_sizes: Tensor) -> Tensor:
@@ -135,6 +140,7 @@ class BlockMeanLinearOperator(LinearOperator):
         self.partition = partition
         self.symmetric = bool(symmetric)
         self._b_sym_cache: Tensor | None = None
+        self._core_cache: tuple[Tensor, Tensor] | None = None
 
     # ------------------------------------------------------------------ cheap views
     def _b_sym(self) -> Tensor:
@@ -152,26 +158,99 @@ class BlockMeanLinearOperator(LinearOperator):
         return self.partition.sizes.to(self.lam.dtype)
 
     @property
-    def _core_dtype(self) -> torch.dtype:
-        """The k x k problem runs in float64 for float32 and lower operators: the core matrix mixes
-        lam with s_i B_ij, and at large blocks its condition number outruns single precision."""
-        return torch.float64 if self.lam.dtype in (torch.float32, torch.float16, torch.bfloat16) else self.lam.dtype
+    def core_dtype(self) -> torch.dtype:
+        """The dtype of every ``k x k`` problem: ``float64`` for ``float32`` and lower operators,
+        the operator's dtype otherwise (:func:`bma_gp._precision.core_dtype`). The core matrix mixes
+        ``lam`` with ``s_i B_ij``, and at large blocks its condition number outruns single precision."""
+        return core_dtype(self.lam.dtype)
 
     @property
     def _core_sizes(self) -> Tensor:
-        return self.partition.sizes.to(self._core_dtype)
+        return self.partition.sizes.to(self.core_dtype)
 
-    def _folded(self) -> tuple[Tensor, Tensor]:
-        """``lam`` and symmetrised ``B`` with singleton blocks folded, in the core dtype."""
-        dtype = self._core_dtype
+    def _folded(self, check: bool = True) -> tuple[Tensor, Tensor]:
+        """``lam`` and symmetrised ``B`` with singleton blocks folded, in the core dtype.
+
+        Every closed form beyond products starts here, so this is where non-finite input is caught
+        (``check`` and validation on; one host synchronisation)."""
+        if check and settings.validate.on():
+            self._check_finite()
+        dtype = self.core_dtype
         return _fold_singletons(self.lam.to(dtype), self._b_sym().to(dtype), self.partition.sizes)
 
+    def core(self) -> tuple[Tensor, Tensor]:
+        r"""The block offsets and the :math:`k \times k` core matrix, ``(lam, C)``, in :attr:`core_dtype`.
+
+        .. math::
+            C = \operatorname{diag}(\lambda) + S^{1/2} B S^{1/2}, \qquad
+            M = \operatorname{diag}(\lambda_c) + P S^{-1/2} (C - \operatorname{diag}\lambda) S^{-1/2} P^\top.
+
+        :math:`C` holds the spectrum of :math:`M` on the block-constant vectors and ``lam`` (of
+        blocks with more than one index) the rest; singleton blocks are folded first (``lam``
+        becomes 1 there and :math:`C_{ii}` keeps :math:`\lambda_i + B_{ii}`).
+        :meth:`from_core` inverts this map. Cached when no gradient is being recorded.
+
+        Raises:
+            ValueError: ``lam`` or ``B`` holds NaN or inf (with :class:`bma_gp.settings.validate` on).
+
+        Returns:
+            ``lam`` # shape: (*batch, k) and ``C`` # shape: (*batch, k, k)
+        """
+        if settings.validate.on():
+            self._check_finite()
+        return self._unchecked_core()
+
+    def _unchecked_core(self) -> tuple[Tensor, Tensor]:
+        cached_core = self._core_cache
+        if cached_core is not None:
+            return cached_core
+        lam, B = self._folded(check=False)
+        res = (lam, _core(lam, B, self._core_sizes.sqrt()))
+        if not (torch.is_grad_enabled() and (self.lam.requires_grad or self.B.requires_grad)):
+            self._core_cache = res  # a cached graph would break a second backward pass
+        return res
+
     def core_matrix(self) -> Tensor:
-        r"""The :math:`k \times k` matrix :math:`C = \operatorname{diag}(\lambda) + S^{1/2} B S^{1/2}`
-        (singleton blocks folded), whose eigenvalues are those of :math:`M` on the span of :math:`P`.
-        # shape: (*batch, k, k)"""
-        lam, B = self._folded()
-        return _core(lam, B, self._core_sizes.sqrt()).to(self.dtype)
+        r"""The :math:`k \times k` core matrix :math:`C = \operatorname{diag}(\lambda) + S^{1/2} B S^{1/2}`
+        (singleton blocks folded) in :attr:`core_dtype`; its eigenvalues are those of :math:`M` on the
+        span of :math:`P`. See :meth:`core`. # shape: (*batch, k, k)"""
+        return self.core()[1]
+
+    @classmethod
+    def from_core(cls, lam: Tensor, C: Tensor, partition: Partition, *,
+                  dtype: torch.dtype | None = None) -> BlockMeanLinearOperator:
+        r"""The symmetric block mean operator with block offsets ``lam`` and core matrix ``C``.
+
+        The inverse of :meth:`core`: :math:`B = S^{-1/2} (C - \operatorname{diag}\lambda) S^{-1/2}`,
+        symmetrised. For a singleton block only :math:`C_{ii}` matters: the result stores it in
+        ``lam_i`` (and :math:`B_{ii} = 0`), whatever ``lam_i`` was passed.
+        Algebra done on cores (products, inverses, Schur complements of operators on one partition
+        act on ``lam`` elementwise and on ``C`` as matrices) comes back as an operator this way.
+
+        Args:
+            lam: block offsets. # shape: (*batch, k)
+            C: symmetric core matrix. # shape: (*batch, k, k)
+            partition: the partition of the operator.
+            dtype: dtype of the operator (default: that of ``C``); the conversion to ``B`` runs in
+                the dtype of ``C``, so pass float64 cores for float32 operators.
+        """
+        if not torch.is_tensor(C) or C.dim() < 2 or C.shape[-1] != C.shape[-2]:
+            raise ValueError(f"C must be a square tensor of shape (*batch, k, k), got "
+                             f"{tuple(C.shape) if torch.is_tensor(C) else type(C).__name__}.")
+        if not torch.is_tensor(lam) or lam.shape[-1:] != C.shape[-1:]:
+            raise ValueError(f"lam must be a tensor of shape (*batch, k) with k = {C.shape[-1]} (the size of C), "
+                             f"got {tuple(lam.shape) if torch.is_tensor(lam) else type(lam).__name__}.")
+        if not isinstance(partition, Partition) or partition.num_blocks != C.shape[-1]:
+            raise ValueError(f"partition must be a bma_gp.Partition with num_blocks = {C.shape[-1]} (the size of C).")
+        partition = partition.to(C.device)
+        # a singleton block stores its one entry in lam (B_ii = 0), the convention of block_mean: a
+        # placeholder lam_i would leave B_ii = C_ii - lam_i to cancel in a float32 operator
+        lam = torch.where(partition.sizes == 1, torch.diagonal(C, dim1=-2, dim2=-1), lam.to(C.dtype))
+        inv_root = partition.sizes.to(C.dtype).rsqrt()
+        D = (C - torch.diag_embed(lam)) * inv_root.unsqueeze(-1) * inv_root.unsqueeze(-2)
+        D = 0.5 * (D + D.mT)
+        dtype = C.dtype if dtype is None else dtype
+        return cls(lam.to(dtype), D.to(dtype), partition)
 
     def _new(self, lam: Tensor, B: Tensor, symmetric: bool | None = None) -> BlockMeanLinearOperator:
         return BlockMeanLinearOperator(lam, B, self.partition, symmetric=self.symmetric if symmetric is None
@@ -339,10 +418,32 @@ class BlockMeanLinearOperator(LinearOperator):
                 "(e.g. as the product of two operators that do not commute)."
             )
 
+    def _check_finite(self) -> None:
+        """NaN or inf in ``lam`` or ``B`` would surface as a misleading definiteness error, or as a
+        silent NaN result: name the input instead (one host synchronisation)."""
+        lam_bad = ~torch.isfinite(self.lam)
+        B_bad = ~torch.isfinite(self.B)
+        if not bool(lam_bad.any() | B_bad.any()):
+            return
+        found = _first_bad(lam_bad)
+        if found is not None:
+            batch, i = found
+            value, where = float(self.lam[batch][i]), f"lam[{i}]"
+        else:
+            k = self.partition.num_blocks
+            batch, flat = _first_bad(B_bad.reshape(*B_bad.shape[:-2], k * k))
+            i, j = divmod(flat, k)
+            value, where = float(self.B[batch][i, j]), f"B[{i}, {j}]"
+        raise ValueError(
+            f"the block mean operator's input is not finite: {where} = {value}{_where(batch)}. lam and B must be "
+            "finite; check the kernel hyperparameters or the data that produced them."
+        )
+
     def _check_block_offsets(self, lam: Tensor, what: str, strict: bool) -> None:
         """``lam_i`` of blocks with ``s_i > 1`` are eigenvalues: they must be positive (>= 0 if not strict)."""
         multi = self.partition.sizes > 1
-        bad = multi & ((lam <= 0) if strict else (lam < -_tolerance(lam) * lam.abs().amax(-1, keepdim=True)))
+        tol = _tolerance(self.dtype)
+        bad = multi & ((lam <= 0) if strict else (lam < -tol * lam.abs().amax(-1, keepdim=True)))
         found = _first_bad(bad)
         if found is not None:
             batch, i = found
@@ -356,8 +457,14 @@ class BlockMeanLinearOperator(LinearOperator):
             )
 
     def _check_core_eigenvalues(self, evals: Tensor, what: str, strict: bool) -> None:
+        """Eigenvalues of C within rounding of the operator's own precision (``lam`` and ``B`` are only
+        known to it, whatever the core dtype) count as zero: an error if ``strict``, else allowed
+        (and clamped). The semidefinite tolerance is ``max(10, k) eps`` relative to the largest."""
         scale = evals.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(evals.dtype).tiny)
-        bad = (evals <= _tolerance(evals) * scale) if strict else (evals < -_tolerance(evals) * scale)
+        if strict:
+            bad = evals <= _tolerance(self.dtype) * scale
+        else:  # the rounding of an eigendecomposition grows with k (numpy's matrix_rank tolerance)
+            bad = evals < -max(1, evals.shape[-1] // 10) * _tolerance(self.dtype) * scale
         found = _first_bad(bad)
         if found is not None:
             batch, i = found
@@ -368,33 +475,44 @@ class BlockMeanLinearOperator(LinearOperator):
             )
 
     # ------------------------------------------------------------------ matrix functions
-    def matrix_function(self, fn: Callable[[Tensor], Tensor], *, check: bool = True,
-                        _domain: str | None = None, _what: str = "matrix_function") -> BlockMeanLinearOperator:
+    def matrix_function(self, fn: Callable[[Tensor], Tensor], *, check: bool = True) -> BlockMeanLinearOperator:
         r"""Apply ``fn`` to :math:`M` through its eigenvalues: :math:`f(M) = V f(\Lambda) V^\top`.
 
         Returns the block mean operator
         :math:`\operatorname{diag}(f(\lambda)_c) + P\, S^{-1/2}[f(C) - \operatorname{diag} f(\lambda)] S^{-1/2} P^\top`.
         Gradients with respect to ``lam`` and ``B`` are exact, also for repeated eigenvalues.
+        ``fn`` must be defined on the whole spectrum; :meth:`matrix_sqrt`, :meth:`matrix_inv_sqrt`
+        and :meth:`matrix_log` check their domains first.
 
         Args:
             fn: maps a tensor of eigenvalues elementwise (e.g. ``torch.exp``); must be differentiable
                 through autograd if gradients are needed.
-            check: validate the spectrum for the functions with a restricted domain
-                (``matrix_sqrt``, ``matrix_inv_sqrt``, ``matrix_log``). ``False`` skips the host sync.
+            check: with :class:`bma_gp.settings.validate` on, raise a ``ValueError`` for NaN or inf
+                in ``lam`` or ``B``. ``False`` skips that host synchronisation.
+
+        Raises:
+            ValueError: the operator was built with ``symmetric=False``, or (``check``) its input is
+                not finite.
         """
-        self._check_symmetric(_what)
-        lam, B = self._folded()
-        C = _core(lam, B, self._core_sizes.sqrt())
+        return self._spectral(fn, domain=None, what="matrix_function", check=check and settings.validate.on())
+
+    def _spectral(self, fn: Callable[[Tensor], Tensor], *, domain: str | None, what: str,
+                  check: bool) -> BlockMeanLinearOperator:
+        """:meth:`matrix_function` for ``fn`` defined on ``domain`` (None: everywhere; "positive";
+        "nonnegative": tiny negative eigenvalues are clamped to 0). ``check`` validates the input and,
+        for a restricted domain, the spectrum, naming ``what`` in the error."""
+        self._check_symmetric(what)
+        lam, C = self.core() if check else self._unchecked_core()
         prepare = None
-        clamp = _domain == "nonnegative"
-        if _domain is not None:
-            strict = _domain == "positive"
+        clamp = domain == "nonnegative"
+        if domain is not None:
+            strict = domain == "positive"
             if check:
-                self._check_block_offsets(lam, _what, strict=strict)
+                self._check_block_offsets(lam, what, strict=strict)
 
             def prepare(e: Tensor) -> Tensor:  # runs on the eigenvalues of the one eigh of C
                 if check:
-                    self._check_core_eigenvalues(e, _what, strict=strict)
+                    self._check_core_eigenvalues(e, what, strict=strict)
                 return e.clamp_min(0) if clamp else e
 
         fC = symmetric_matrix_function(C, fn, prepare)
@@ -405,35 +523,71 @@ class BlockMeanLinearOperator(LinearOperator):
 
     @cached(name="matrix_sqrt")
     def matrix_sqrt(self, *, check: bool = True) -> BlockMeanLinearOperator:
-        r"""The symmetric square root :math:`M^{1/2}` (positive semidefinite :math:`M`), a block mean operator."""
-        return self.matrix_function(torch.sqrt, check=check and settings.validate.on(), _domain="nonnegative",
-                                    _what="matrix_sqrt")
+        r"""The symmetric square root :math:`M^{1/2}` (positive semidefinite :math:`M`), a block mean operator.
+
+        With ``check`` and validation on, a ``ValueError`` names a non-finite input or a negative
+        eigenvalue beyond rounding; otherwise (and always for eigenvalues within rounding of zero)
+        negative eigenvalues are clamped to zero."""
+        return self._spectral(torch.sqrt, domain="nonnegative", what="matrix_sqrt",
+                              check=check and settings.validate.on())
 
     @cached(name="matrix_inv_sqrt")
     def matrix_inv_sqrt(self, *, check: bool = True) -> BlockMeanLinearOperator:
-        r"""The inverse square root :math:`M^{-1/2}` (positive definite :math:`M`), a block mean operator."""
-        return self.matrix_function(torch.rsqrt, check=check and settings.validate.on(), _domain="positive",
-                                    _what="matrix_inv_sqrt")
+        r"""The inverse square root :math:`M^{-1/2}` (positive definite :math:`M`), a block mean operator.
+
+        With ``check`` and validation on, a ``ValueError`` names a non-finite input or a non-positive
+        eigenvalue; otherwise those give NaN or inf."""
+        return self._spectral(torch.rsqrt, domain="positive", what="matrix_inv_sqrt",
+                              check=check and settings.validate.on())
 
     def matrix_log(self, *, check: bool = True) -> BlockMeanLinearOperator:
-        r"""The matrix logarithm (positive definite :math:`M`), a block mean operator."""
-        return self.matrix_function(torch.log, check=check and settings.validate.on(), _domain="positive",
-                                    _what="matrix_log")
+        r"""The matrix logarithm (positive definite :math:`M`), a block mean operator (checks as
+        :meth:`matrix_inv_sqrt`)."""
+        return self._spectral(torch.log, domain="positive", what="matrix_log", check=check and settings.validate.on())
 
     def matrix_exp(self) -> BlockMeanLinearOperator:
         r"""The matrix exponential, a block mean operator."""
-        return self.matrix_function(torch.exp, _what="matrix_exp")
+        return self._spectral(torch.exp, domain=None, what="matrix_exp", check=settings.validate.on())
 
-    # ------------------------------------------------------------------ inverse, solves, log-det
-    @cached(name="core_cholesky")
-    def _core_cholesky(self) -> Tensor | None:
-        """Cholesky factor of C, or None if C is not numerically positive definite."""
-        lam, B = self._folded()
-        L, info = torch.linalg.cholesky_ex(_core(lam, B, self._core_sizes.sqrt()))
+    # ------------------------------------------------------------------ factorisation of the core
+    @cached(name="core_cholesky_ex")
+    def _core_cholesky_ex(self) -> tuple[Tensor, Tensor]:
+        """``torch.linalg.cholesky_ex`` of C, factors of failed batch entries set to NaN (no host sync)."""
+        L, info = torch.linalg.cholesky_ex(self._unchecked_core()[1])
+        failed = (info > 0).unsqueeze(-1).unsqueeze(-1)
+        return torch.where(failed, torch.full_like(L, float("nan")), L), info
+
+    def core_cholesky(self) -> Tensor:
+        r"""The lower Cholesky factor :math:`L` of the core matrix, :math:`L L^\top = C`, in :attr:`core_dtype`.
+
+        Computed once per operator and shared by :meth:`inverse`, :meth:`solve`, :meth:`logdet` and
+        GP prediction. :math:`C` is positive definite whenever :math:`M` is; an indefinite
+        :math:`M` can still be inverted (:meth:`inverse` falls back to an LU solve of the core).
+
+        Raises:
+            ValueError: the operator was built with ``symmetric=False``; with
+                :class:`bma_gp.settings.validate` on, also when ``lam`` or ``B`` is not finite, or
+                when :math:`C` is not numerically positive definite (naming an eigenvalue). With
+                validation off nothing is checked (no host synchronisation): the factor of every
+                batch entry whose factorisation failed is NaN, and so is everything computed from it.
+
+        Returns:
+            # shape: (*batch, k, k)
+        """
+        self._check_symmetric("core_cholesky")
+        if settings.validate.on():
+            self._check_finite()
+        L, info = self._core_cholesky_ex()
         if settings.validate.on() and bool((info > 0).any()):
-            return None
+            self._raise_not_positive_definite("core_cholesky")
         return L
 
+    def _raise_not_positive_definite(self, what: str) -> None:
+        self._check_core_eigenvalues(torch.linalg.eigvalsh(self.core()[1].detach()), what, strict=True)
+        raise ValueError(f"{what}: the k x k core matrix C = diag(lam) + S^1/2 B S^1/2 is not numerically positive "
+                         "definite (its Cholesky factorisation failed). Add a diagonal (add_diagonal / noise).")
+
+    # ------------------------------------------------------------------ inverse, solves, log-det
     @cached(name="inverse_parts")
     def _inverse_parts(self) -> tuple[Tensor, Tensor]:
         lam, B = self._folded()
@@ -446,7 +600,11 @@ class BlockMeanLinearOperator(LinearOperator):
             )
         root = self._core_sizes.sqrt()
         G = root.unsqueeze(-1) * B * root.unsqueeze(-2)
-        L = self._core_cholesky() if self.symmetric else None
+        L = None
+        if self.symmetric:
+            L, info = self._core_cholesky_ex()
+            if settings.validate.on() and bool((info > 0).any()):
+                L = None  # symmetric but indefinite: still invertible, through LU below
         if L is not None:
             X = torch.cholesky_solve(G, L)  # C^{-1} G
         else:
@@ -492,24 +650,35 @@ class BlockMeanLinearOperator(LinearOperator):
             )
 
     def _logdet(self, what: str) -> Tensor:
-        lam, B = self._folded()
-        multiplicity = (self.partition.sizes - 1).to(lam.dtype)
+        multiplicity = (self.partition.sizes - 1).to(self.core_dtype)
         if not self.symmetric:
-            sign, logabs = torch.linalg.slogdet(_core(lam, B, self._core_sizes.sqrt()))
-            return (logabs + (multiplicity * lam.abs().log()).sum(-1)).to(self.dtype)
+            # det M = det C * prod lam_i^(s_i - 1), of any sign: torch.logdet semantics (nan below zero)
+            lam, C = self.core()
+            sign, logabs = torch.linalg.slogdet(C)
+            odd = (self.partition.sizes - 1) % 2 == 1
+            sign = sign * torch.where(odd, torch.sign(lam), torch.ones_like(lam)).prod(-1)
+            multi = self.partition.sizes > 1
+            logabs = logabs + (multiplicity * torch.where(multi, lam, torch.ones_like(lam)).abs().log()).sum(-1)
+            logabs = torch.where(sign < 0, torch.full_like(logabs, float("nan")), logabs)
+            return logabs.to(self.dtype)
+        lam, _ = self.core()
         if settings.validate.on():
             self._check_block_offsets(lam, what, strict=True)
-        L = self._core_cholesky()
-        if L is None:
-            C = _core(lam, B, self._core_sizes.sqrt())
-            self._check_core_eigenvalues(torch.linalg.eigvalsh(C.detach()), what, strict=True)
-            raise ValueError(f"{what}: the k x k core matrix is not numerically positive definite.")
+            if bool((self._core_cholesky_ex()[1] > 0).any()):
+                self._raise_not_positive_definite(what)
+        L = self._core_cholesky_ex()[0]
         logdet_core = 2 * torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1)
         safe_lam = torch.where(self.partition.sizes > 1, lam, torch.ones_like(lam))
         return (logdet_core + (multiplicity * safe_lam.log()).sum(-1)).to(self.dtype)
 
     def logdet(self) -> Tensor:
-        r""":math:`\log\det M = \sum_i (s_i - 1)\log\lambda_i + \log\det C` (positive definite :math:`M`)."""
+        r""":math:`\log\det M = \sum_i (s_i - 1)\log\lambda_i + \log\det C`.
+
+        A symmetric operator must be positive definite: with :class:`bma_gp.settings.validate` on a
+        ``ValueError`` names the offending ``lam_i`` or core eigenvalue (or a non-finite input);
+        with validation off the result is NaN instead. A non-symmetric operator (a product of two)
+        follows ``torch.logdet``: NaN for a negative determinant, ``-inf`` for a zero one.
+        """
         return self._logdet("logdet")
 
     def inv_quad(self, inv_quad_rhs: Tensor, reduce_inv_quad: bool = True) -> Tensor:
@@ -559,8 +728,7 @@ class BlockMeanLinearOperator(LinearOperator):
 
     def _eigen(self, eigenvectors: bool) -> tuple[Tensor, Tensor | None]:
         self._check_symmetric("eigvalsh")
-        lam, B = self._folded()
-        C = _core(lam, B, self._core_sizes.sqrt())
+        lam, C = self.core()
         part = self.partition
         n, k = len(part), part.num_blocks
         repeats = part.sizes - 1
@@ -596,9 +764,10 @@ class BlockMeanLinearOperator(LinearOperator):
 
 
 # ---------------------------------------------------------------------------- private helpers
-def _tolerance(x: Tensor) -> float:
-    """Relative size below which an eigenvalue is indistinguishable from rounding error of the largest."""
-    return 10 * torch.finfo(x.dtype).eps
+def _tolerance(dtype: torch.dtype) -> float:
+    """Relative size below which an eigenvalue is indistinguishable from rounding error of the largest,
+    for an operator whose ``lam`` and ``B`` are stored in ``dtype``."""
+    return 10 * torch.finfo(dtype).eps
 
 
 

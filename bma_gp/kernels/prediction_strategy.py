@@ -29,7 +29,9 @@ from linear_operator import to_linear_operator
 from linear_operator.operators import LinearOperator, MatmulLinearOperator, ZeroLinearOperator
 from torch import Tensor
 
+from bma_gp import settings as bma_settings
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
+from bma_gp._symmetric_function import symmetric_matrix_function
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 
 __all__ = ["BlockMeanPredictionStrategy"]
@@ -42,6 +44,74 @@ def _attach_clear_hook(strategy, tensor: Tensor) -> Tensor:
         functools.update_wrapper(wrapper, clear_cache_hook)
         tensor.grad_fn.register_hook(wrapper)
     return tensor
+
+
+def _posterior_at_training_points(prior: BlockMeanLinearOperator, cross: BlockMeanLinearOperator,
+                                  noisy: BlockMeanLinearOperator) -> BlockMeanLinearOperator:
+    r"""The posterior covariance :math:`K_{**} - K_{*X} (\hat K + \sigma^2 I)^{-1} K_{X*}` when all three
+    are block mean operators on one partition, as a *symmetric* block mean operator.
+
+    Operators on one partition act on the block-constant vectors through their cores and on the rest
+    through their block offsets, so the result has
+
+    .. math::
+        \lambda = \lambda_{**} - \lambda_{*X}^2 / \hat\lambda, \qquad
+        C = C_{**} - W^\top W, \quad W = L^{-1} C_{*X}^\top, \quad L L^\top = \hat C,
+
+    a difference of positive semidefinite matrices that is itself positive semidefinite. Rounding
+    leaves eigenvalues of order :math:`\epsilon \lVert C_{**} \rVert` that may be slightly negative,
+    far below zero relative to the posterior's own scale (the noise); they are set to zero so that
+    square roots (sampling) work. With validation on, an eigenvalue below rounding level raises.
+    """
+    lam_T, C_T = prior.core()
+    lam_A, C_A = cross.core()
+    lam_M, _ = noisy.core()
+    L = noisy.core_cholesky()
+    work = L.dtype
+    lam_T, C_T, lam_A, C_A, lam_M = (t.to(work) for t in (lam_T, C_T, lam_A, C_A, lam_M))
+    batch = torch.broadcast_shapes(L.shape[:-2], C_A.shape[:-2])
+    k = L.shape[-1]
+    W = torch.linalg.solve_triangular(L.expand(*batch, k, k), C_A.mT.expand(*batch, k, k), upper=False)
+    gram = W.mT @ W
+    C = C_T - gram
+    C = 0.5 * (C + C.mT)
+    lam = lam_T - lam_A * lam_A / lam_M
+    multi = prior.partition.sizes > 1
+    lam = torch.where(multi, lam, torch.ones_like(lam))  # singleton blocks: only C_ii is visible
+    if bma_settings.validate.on():
+        _check_rounding_level(C, lam, C_T, gram, lam_T, lam_A * lam_A / lam_M, multi, prior.dtype)
+    C = symmetric_matrix_function(C, _identity, _clamp_nonnegative)
+    lam = torch.where(multi, lam.clamp_min(0), lam)
+    return BlockMeanLinearOperator.from_core(lam, C, prior.partition, dtype=prior.dtype)
+
+
+def _identity(e: Tensor) -> Tensor:
+    return e
+
+
+def _clamp_nonnegative(e: Tensor) -> Tensor:
+    return e.clamp_min(0)
+
+
+def _check_rounding_level(C: Tensor, lam: Tensor, C_T: Tensor, gram: Tensor, lam_T: Tensor, lam_corr: Tensor,
+                          multi: Tensor, dtype: torch.dtype) -> None:
+    """Negative eigenvalues of a difference ``C_T - gram`` of positive semidefinite matrices (and of the
+    offsets ``lam_T - lam_corr``) are rounding only if they are within ``max(10, k)`` ulps of the size
+    of the terms, in the model's dtype (``lam`` and ``B`` are known to that precision only)."""
+    eps = max(10, C.shape[-1]) * torch.finfo(dtype).eps
+    tiny = torch.finfo(C.dtype).tiny
+    norm = (C_T.abs().sum(-1).amax(-1) + gram.abs().sum(-1).amax(-1)).clamp_min(tiny)  # >= spectral norms
+    evals = torch.linalg.eigvalsh(C.detach())
+    worst = evals.amin(-1) / norm.detach()
+    offsets = torch.where(multi, lam / (lam_T.abs() + lam_corr.abs()).clamp_min(tiny), torch.zeros_like(lam))
+    if bool((worst < -eps).any()) or bool((offsets.detach() < -eps).any()):
+        raise ValueError(
+            "the posterior covariance at the training inputs is not positive semidefinite beyond rounding "
+            f"(smallest core eigenvalue {float(evals.amin()):.6g}, smallest block offset {float(lam.amin()):.6g}), "
+            "so the training covariance is not positive semidefinite, or the noisy training covariance is not "
+            "the prior covariance plus a positive semidefinite noise. Check the kernel, or switch validation "
+            "off (bma_gp.settings.validate(False)) to clamp the negative eigenvalues to zero."
+        )
 
 
 class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
@@ -82,43 +152,32 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
 
     @property
     @cached(name="block_covar_root")
-    def block_covar_root(self) -> tuple[Tensor, Tensor, bool]:
-        r"""``(sqrt(s), T, lower)``: :math:`A W = (A S^{1/2}) T^{-\top}` (Cholesky, ``lower=True``) or
-        :math:`(A S^{1/2}) T` (eigendecomposition fallback), with
+    def block_covar_root(self) -> tuple[Tensor, Tensor]:
+        r"""``(sqrt(s), L)`` with :math:`L L^\top = C` the operator's Cholesky factor of the core
+        matrix of the noisy training covariance (:meth:`BlockMeanLinearOperator.core_cholesky`), so
+        that :math:`W = S^{1/2} L^{-\top}` satisfies
         :math:`W W^\top = P^\top (\hat K + \sigma^2 I)^{-1} P = S^{1/2} C^{-1} S^{1/2}`.
 
-        The :math:`k \times k` problem is solved in double precision for single- and
-        half-precision models: :math:`C` is ill-conditioned when blocks are large (entries
-        :math:`\sim s B` against :math:`\lambda \sim` noise), and in float32 that cancels the
-        posterior variance away."""
+        Both are in the operator's core dtype (double precision for single- and half-precision
+        models: :math:`C` is ill-conditioned when blocks are large, entries :math:`\sim s B` against
+        :math:`\lambda \sim` noise, and in float32 that cancels the posterior variance away). A core
+        that is not positive definite raises the operator's ``ValueError`` (validation on) or gives
+        NaN (validation off)."""
         M = self.block_mean_covar
-        work = torch.float64 if M.dtype in (torch.float16, torch.bfloat16, torch.float32) else M.dtype
-        lam, B = M.lam.to(work), M.B.to(work)
-        root_sizes = M.partition.sizes.to(device=lam.device, dtype=work).sqrt()
-        # C = diag(lam) + S^{1/2} B S^{1/2}; singleton blocks need no folding here (C_ii = lam_i + B_ii)
-        core = torch.diag_embed(lam) + root_sizes.unsqueeze(-1) * (0.5 * (B + B.mT)) * root_sizes.unsqueeze(-2)
-        L, info = torch.linalg.cholesky_ex(core)
-        if not bool((info > 0).any()):
-            factor, lower = L, True
-        else:  # numerically semidefinite: clamp the spectrum instead of failing
-            evals, evecs = torch.linalg.eigh(core)
-            factor = evecs * evals.clamp_min(torch.finfo(work).tiny).rsqrt().unsqueeze(-2)
-            lower = False
+        factor = M.core_cholesky()
+        root_sizes = M.partition.sizes.to(device=factor.device, dtype=factor.dtype).sqrt()
         if settings.detach_test_caches.on():
-            root_sizes, factor = root_sizes.detach(), factor.detach()
-        return root_sizes, _attach_clear_hook(self, factor), lower
+            factor = factor.detach()
+        return root_sizes, _attach_clear_hook(self, factor)
 
     def _cross_factor(self, values: Tensor) -> Tensor:
         """:math:`A W` for the cross values :math:`A`, in the dtype of ``values``. # shape: (*batch, t, k)"""
-        root_sizes, factor, lower = self.block_covar_root
+        root_sizes, factor = self.block_covar_root
         scaled = values.to(factor.dtype) * root_sizes
-        if lower:
-            batch = torch.broadcast_shapes(scaled.shape[:-2], factor.shape[:-2])
-            k = factor.shape[-1]
-            res = torch.linalg.solve_triangular(factor.expand(*batch, k, k),
-                                                scaled.expand(*batch, *scaled.shape[-2:]).mT, upper=False).mT
-        else:
-            res = scaled @ factor
+        batch = torch.broadcast_shapes(scaled.shape[:-2], factor.shape[:-2])
+        k = factor.shape[-1]
+        res = torch.linalg.solve_triangular(factor.expand(*batch, k, k),
+                                            scaled.expand(*batch, *scaled.shape[-2:]).mT, upper=False).mT
         return res.to(values.dtype)
 
     def _block_cross(self, test_train_covar) -> Tensor | None:
@@ -145,8 +204,8 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
             if settings.skip_posterior_variances.on():
                 return mean, ZeroLinearOperator(*test_test_covar.size(), dtype=test_test_covar.dtype,
                                                 device=test_test_covar.device)
-            correction = test_train_covar.matmul(self.block_mean_covar.inverse()).matmul(test_train_covar)
-            return mean, test_test_covar + correction.mul(-1.0)
+            covar = _posterior_at_training_points(test_test_covar, test_train_covar, self.block_mean_covar)
+            return mean, covar
         if self._block_cross(test_train_covar) is None:
             return super().exact_prediction(test_mean, test_test_covar, test_train_covar)
         # no densification of the (t x n) cross-covariance, whatever max_eager_kernel_size says
