@@ -18,6 +18,7 @@ def _load(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_suite_smoke_writes_parseable_results(tmp_path):
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / "benchmarks.py"), "--smoke", "--only", "gp,optimizer",
@@ -47,6 +48,7 @@ def test_suite_smoke_writes_parseable_results(tmp_path):
     assert (tmp_path / "logs" / "gp_0.out").exists()
 
 
+@pytest.mark.slow
 def test_cuda_request_without_gpu_skips_cleanly(tmp_path):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():

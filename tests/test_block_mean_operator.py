@@ -142,6 +142,7 @@ def test_matrix_functions_return_block_mean_operators(name):
 
 @pytest.mark.parametrize("name", ["scattered", "one_block", "all_singletons", "contiguous"])
 @pytest.mark.parametrize("method", ["solve", "logdet", "inv_quad", "sqrt", "inv_sqrt", "exp", "log", "eigvalsh"])
+@pytest.mark.slow
 def test_gradients_match_finite_differences(name, method):
     labels = PARTITIONS[name]
     partition = Partition.from_labels(torch.tensor(labels))

@@ -74,6 +74,7 @@ def test_sorted_partition_follows_the_first_principal_direction(ev):
     assert all(spans[i][1] < spans[i + 1][0] + 0.05 for i in range(7))
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_sane_results(ev, tmp_path):
     result = ev.main(["--smoke", "--out", str(tmp_path)])
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]

@@ -150,6 +150,7 @@ def test_training_step_matches_dense_reference(contiguous, scale, max_chol):
     assert any(float(g.abs().max()) > 1e-6 for g in grads)  # the check is not vacuous
 
 
+@pytest.mark.slow
 def test_optimizer_steps_run_in_closed_form_and_decrease_loss():
     x, y = make_data(n=60)
     partition = make_partition(60, 6, contiguous=False)

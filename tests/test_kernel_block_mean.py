@@ -226,6 +226,7 @@ def _distributed_worker(rank, world):
     return results
 
 
+@pytest.mark.slow
 def test_distributed_two_ranks_equal_single_process():
     ranks = run_on_ranks(_distributed_worker, 2)
     for name, fused in (("fused", None), ("generic", False)):

@@ -42,6 +42,7 @@ def test_exam():
     check_ids(data, frame, "school", 0)
 
 
+@pytest.mark.slow
 def test_flights():
     data = load_flights()
     frame = raw("nycflights13", "flights").dropna(subset=["arr_delay", "dep_time", "tailnum"])
