@@ -23,6 +23,8 @@ import functools
 
 import torch
 from gpytorch import settings
+from gpytorch.likelihoods import GaussianLikelihood
+from gpytorch.likelihoods.noise_models import HomoskedasticNoise
 from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
 from gpytorch.utils.memoize import cached, clear_cache_hook
 from linear_operator import to_linear_operator
@@ -133,10 +135,28 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
         super().__init__(train_inputs, train_prior_dist, train_labels, likelihood, root=root, inv_root=inv_root)
         covar = self.lik_train_train_covar
         evaluated = covar.evaluate_kernel() if isinstance(covar, LinearOperator) else covar
+        if not isinstance(evaluated, BlockMeanLinearOperator):
+            evaluated = self._prior_plus_homoskedastic_noise() or evaluated
         self.block_mean_covar: BlockMeanLinearOperator | None = (
             evaluated if isinstance(evaluated, BlockMeanLinearOperator) else None)
         if self.block_mean_covar is not None:
             self.lik_train_train_covar = evaluated
+
+    def _prior_plus_homoskedastic_noise(self) -> BlockMeanLinearOperator | None:
+        """``K + sigma^2 I`` as a block mean operator when the likelihood is a plain
+        :class:`~gpytorch.likelihoods.GaussianLikelihood` (one noise value per batch entry, whose
+        gradient is exact through the block offsets) and the prior is one block mean operator.
+        Summing a lazily evaluated kernel with a noise that needs gradients may give a more general
+        operator; this keeps prediction on the single-partition closed forms."""
+        likelihood = self.likelihood
+        if type(likelihood) is not GaussianLikelihood or not isinstance(likelihood.noise_covar, HomoskedasticNoise):
+            return None
+        prior = self.train_prior_dist.lazy_covariance_matrix
+        prior = prior.evaluate_kernel() if isinstance(prior, LinearOperator) else prior
+        if not isinstance(prior, BlockMeanLinearOperator) or not prior.symmetric:
+            return None
+        noisy = prior.add_diagonal(likelihood.noise)
+        return noisy if isinstance(noisy, BlockMeanLinearOperator) else None
 
     # ------------------------------------------------------------------ caches
     @cached(name="mean_cache")
