@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 from linear_operator.operators import LinearOperator
+from linear_operator.operators import ZeroLinearOperator
 from linear_operator.operators.diag_linear_operator import ConstantDiagLinearOperator
 from linear_operator.operators.root_linear_operator import RootLinearOperator
 from linear_operator.utils.broadcasting import _matmul_broadcast_shape
@@ -141,6 +142,7 @@ class BlockMeanLinearOperator(LinearOperator):
         self.symmetric = bool(symmetric)
         self._b_sym_cache: Tensor | None = None
         self._core_cache: tuple[Tensor, Tensor] | None = None
+        self._checked_finite = False
 
     # ------------------------------------------------------------------ cheap views
     def _b_sym(self) -> Tensor:
@@ -390,11 +392,23 @@ class BlockMeanLinearOperator(LinearOperator):
             return self._new(self.lam + other.lam, self.B + other.B, symmetric=self.symmetric and other.symmetric)
         if isinstance(other, ConstantDiagLinearOperator) and other.shape[-1] == self.shape[-1]:
             return self.add_diagonal(other.diag_values)
+        from bma_gp._composition import add_structured, warn_fallback
+
+        res = add_structured(self, other) if isinstance(other, LinearOperator) else None
+        if res is not None:  # a per-point diagonal, another partition, a low-rank root: closed form
+            return res
+        if isinstance(other, LinearOperator) and not isinstance(other, ZeroLinearOperator):
+            warn_fallback(self, other)
         return super().__add__(other)
+
+    def __radd__(self, other):
+        return self.__add__(other)
 
     def add_diagonal(self, diag: Tensor) -> LinearOperator:
         """Add ``diag`` to the diagonal. A scalar (or one value per batch entry, shape ``(*batch, 1)``)
-        keeps the block mean type; a full diagonal falls back to linear_operator's AddedDiagLinearOperator."""
+        keeps the block mean type; a full diagonal ``(*batch, n)`` gives a
+        :class:`~bma_gp.BlockMeanSumLinearOperator` (or again a block mean operator when ``diag`` is
+        constant inside every block and needs no gradient), with closed forms either way."""
         if not torch.is_tensor(diag):
             diag = torch.tensor(diag, dtype=self.dtype, device=self.device)
         if diag.dim() == 0 or diag.shape[-1] == 1:
@@ -408,7 +422,19 @@ class BlockMeanLinearOperator(LinearOperator):
                 ) from None
             k = self.partition.num_blocks
             return self._new(lam, self.B.expand(*lam.shape[:-1], k, k))
-        return super().add_diagonal(diag)
+        from linear_operator.operators import DiagLinearOperator
+
+        from bma_gp._composition import add_structured
+
+        try:
+            diag = diag.expand(*self.batch_shape, self.shape[-1]) if diag.dim() == 1 else diag
+            res = add_structured(self, DiagLinearOperator(diag))
+        except RuntimeError:
+            res = None
+        if res is None:
+            raise ValueError(f"add_diagonal: expected a scalar, shape (*batch, 1) or (*batch, {self.shape[-1]}), got "
+                             f"{tuple(diag.shape)}.")
+        return res
 
     # ------------------------------------------------------------------ checks
     def _check_symmetric(self, what: str) -> None:
@@ -420,10 +446,13 @@ class BlockMeanLinearOperator(LinearOperator):
 
     def _check_finite(self) -> None:
         """NaN or inf in ``lam`` or ``B`` would surface as a misleading definiteness error, or as a
-        silent NaN result: name the input instead (one host synchronisation)."""
+        silent NaN result: name the input instead (one host synchronisation, once per operator)."""
+        if self._checked_finite:
+            return
         lam_bad = ~torch.isfinite(self.lam)
         B_bad = ~torch.isfinite(self.B)
         if not bool(lam_bad.any() | B_bad.any()):
+            self._checked_finite = True  # operators are immutable
             return
         found = _first_bad(lam_bad)
         if found is not None:

@@ -55,15 +55,17 @@ def _contingency(part_a: Partition, part_b: Partition, values: Tensor) -> Tensor
 class _Capacitance:
     r"""Factorisation of :math:`C = I_q + G A` (:math:`A = Z^\top D^{-1} Z`, :math:`G` block diagonal).
 
-    With ``elim`` the index of a term whose :math:`G_e` is diagonal, :math:`C` is ordered as
-    :math:`[[\Delta, E], [E', F]]` with :math:`\Delta` diagonal; the rest goes through the Schur
-    complement :math:`S = F - E' \Delta^{-1} E` (LU-factorised). Without ``elim``, ``S`` is ``C``.
+    With ``elim`` the index of a term whose :math:`G_e = \operatorname{diag}(g_e)` is diagonal, :math:`C`
+    is ordered as :math:`[[\Delta, g_e A_{er}], [G_r A_{re}, I + G_r A_{rr}]]` with
+    :math:`\Delta = I + g_e A_{ee}` diagonal; the rest goes through the Schur complement
+    :math:`S = I + G_r (A_{rr} - A_{re} \operatorname{diag}(g_e / \Delta) A_{er})` (LU-factorised).
+    Without ``elim``, ``S`` is ``C``.
     """
 
     elim: int | None
     delta: Tensor | None  # (*b, k_e)
-    E: Tensor | None  # (*b, k_e, r)
-    Ep: Tensor | None  # (*b, r, k_e)
+    g: Tensor | None  # (*b, k_e): the diagonal of G_e
+    A_re: Tensor | None  # (*b, r, k_e)
     lu: tuple[Tensor, Tensor] | None  # LU factors of S (r x r), None when r == 0
     logdet: Tensor  # (*b,)
 
@@ -344,32 +346,12 @@ class BlockMeanSumLinearOperator(LinearOperator):
         return a, blocks
 
     def _root_gram(self, dinv: Tensor, w: list[Tensor | None]):
-        """:math:`P_j^\\top D^{-1} U` for every partition and :math:`U^\\top D^{-1} U`, in row chunks (float64
-        accumulation; recomputed chunk by chunk in the backward pass, so no ``n x m`` temporaries are kept)."""
-        U = self.root
-        wdt = dinv.dtype
-        m = U.shape[-1]
-        rows = _chunk_rows(m)
-        parts = self.partitions
-        labels = [p.labels for p in parts]
-        ks = [p.num_blocks for p in parts]
-
-        def piece(Uc: Tensor, dc: Tensor, start: int):
-            Uw = Uc.to(wdt)
-            scaled = Uw * dc.unsqueeze(-1)
-            out = [Uw.mT @ scaled]
-            for j, k in enumerate(ks):
-                lab = labels[j].narrow(0, start, Uc.shape[-2])
-                vals = scaled if w[j] is None else scaled * w[j].narrow(0, start, Uc.shape[-2]).unsqueeze(-1)
-                out.append(vals.new_zeros(*vals.shape[:-2], k, m).index_add(-2, lab, vals))
-            return tuple(out)
-
-        total = None
-        grad = torch.is_grad_enabled() and (U.requires_grad or dinv.requires_grad)
-        for start, (Uc, dc) in zip(range(0, U.shape[-2], rows), zip(U.split(rows, -2), dinv.split(rows, -1))):
-            out = checkpoint(piece, Uc, dc, start, use_reentrant=False) if grad else piece(Uc, dc, start)
-            total = list(out) if total is None else [t + o for t, o in zip(total, out)]
-        return total[1:], total[0]
+        """:math:`P_j^\top W_j D^{-1} U` for every partition and :math:`U^\top D^{-1} U`, in row chunks:
+        products in the root's precision, sums over chunks in the working precision, and a backward pass
+        that needs one product with :math:`U` and no ``n x m`` temporaries kept from the forward."""
+        out = _RootGram.apply(self.root, dinv, tuple(p.labels for p in self.partitions),
+                              tuple(p.num_blocks for p in self.partitions), tuple(w))
+        return list(out[1:]), out[0]
 
     # ------------------------------------------------------------------ the capacitance
     def _block_is_diagonal(self, j: int) -> bool:
@@ -406,9 +388,8 @@ class BlockMeanSumLinearOperator(LinearOperator):
     def _factorise(self) -> _Capacitance:
         self._check_diag("the closed-form solve / log-determinant")
         sizes = self._sizes()
-        terms = range(len(sizes))
         elim = self._elimination_term()
-        rest = [t for t in terms if t != elim]
+        rest = [t for t in range(len(sizes)) if t != elim]
         r = sum(sizes[t] for t in rest)
         limit = settings.max_capacitance_size.value()
         if r > limit:
@@ -419,27 +400,28 @@ class BlockMeanSumLinearOperator(LinearOperator):
                 f"`with bma_gp.settings.max_capacitance_size({r}):` if the O({r}^3) factorisation fits your machine, "
                 "or use fewer levels / a smaller rank.")
         a, _ = self._gram()
-        wdt = a[0].dtype if a else core_dtype(self.dtype)
-        batch = self.batch_shape
-        logdet = torch.zeros(batch, dtype=wdt, device=self.device)
-        delta = E = Ep = None
+        wdt = core_dtype(self.dtype)
+        logdet = torch.zeros(self.batch_shape, dtype=wdt, device=self.device)
+        delta = g = A_re = None
         if elim is not None:
             g = torch.diagonal(self.blocks[elim], dim1=-2, dim2=-1).to(wdt)
             delta = 1 + g * a[elim]
             if settings.validate.on() and bool((delta <= 0).any()):
                 raise ValueError(
-                    f"the sum is not positive definite: the block matrix of partition {elim} has a negative diagonal "
+                    f"the sum ({self._describe()}) is not positive definite: blocks[{elim}] has a negative diagonal "
                     "entry large enough to make the capacitance singular. Check the block matrices.")
             logdet = logdet + delta.log().sum(-1)
-            if rest:
-                E = g.unsqueeze(-1) * torch.cat([self._A_block(elim, t) for t in rest], dim=-1)
-                Ep = torch.cat([self._G(t, self._A_block(t, elim)) for t in rest], dim=-2)
         lu = None
         if rest:
-            rows = [torch.cat([self._G(s, self._A_block(s, t)) for t in rest], dim=-1) for s in rest]
-            S = torch.cat(rows, dim=-2) + torch.eye(r, dtype=wdt, device=self.device)
-            if elim is not None:
-                S = S - Ep @ (E / delta.unsqueeze(-1))
+            A_rr = torch.cat([torch.cat([self._A_block(s_, t) for t in rest], dim=-1) for s_ in rest], dim=-2)
+            if elim is not None:  # A_rr - A_re diag(g / delta) A_er: one product with the eliminated grouping
+                A_re = torch.cat([self._A_block(t, elim) for t in rest], dim=-2)
+                A_rr = A_rr - (A_re * (g / delta).unsqueeze(-2)) @ A_re.mT
+            offsets = [0]
+            for t in rest:
+                offsets.append(offsets[-1] + sizes[t])
+            S = torch.cat([self._G(t, A_rr[..., offsets[i]:offsets[i + 1], :]) for i, t in enumerate(rest)], dim=-2)
+            S = S + torch.eye(r, dtype=wdt, device=self.device)
             LU, pivots, info = torch.linalg.lu_factor_ex(S)
             if settings.validate.on() and bool((info > 0).any()):
                 raise ValueError(f"the capacitance matrix of this sum ({self._describe()}) is singular: the sum is "
@@ -453,29 +435,34 @@ class BlockMeanSumLinearOperator(LinearOperator):
                                  "a non-positive determinant. Check the block matrices and the diagonal.")
             logdet = logdet + torch.where(sign > 0, logabs, torch.full_like(logabs, math.nan))
             lu = (LU, pivots)
-        return _Capacitance(elim, delta, E, Ep, lu, logdet)
+        return _Capacitance(elim, delta, g, A_re, lu, logdet)
+
+    def _apply_G_rest(self, rest: list[int], x: Tensor) -> Tensor:
+        """:math:`G_r x` for the stacked non-eliminated terms."""
+        sizes = [self._sizes()[t] for t in rest]
+        return torch.cat([self._G(t, piece) for t, piece in zip(rest, x.split(sizes, dim=-2))], dim=-2)
 
     def _cap_solve(self, y: list[Tensor]) -> list[Tensor]:
         """Solve :math:`C x = y` with ``y`` given per term (``(*b, k_t, t)`` each)."""
         cap = self._capacitance()
-        terms = list(range(len(y)))
-        rest = [t for t in terms if t != cap.elim]
+        rest = [t for t in range(len(y)) if t != cap.elim]
         out: list[Tensor | None] = [None] * len(y)
         if rest:
             rhs = torch.cat([y[t] for t in rest], dim=-2)
             if cap.elim is not None:
-                rhs = rhs - cap.Ep @ (y[cap.elim] / cap.delta.unsqueeze(-1))
+                rhs = rhs - self._apply_G_rest(rest, cap.A_re @ (y[cap.elim] / cap.delta.unsqueeze(-1)))
             LU, pivots = cap.lu
             batch = torch.broadcast_shapes(LU.shape[:-2], rhs.shape[:-2])
             x_rest = torch.linalg.lu_solve(LU.expand(*batch, *LU.shape[-2:]),
                                            pivots.expand(*batch, pivots.shape[-1]),
                                            rhs.expand(*batch, *rhs.shape[-2:]))
-            sizes = [y[t].shape[-2] for t in rest]
-            for t, piece in zip(rest, x_rest.split(sizes, dim=-2)):
+            for t, piece in zip(rest, x_rest.split([y[t].shape[-2] for t in rest], dim=-2)):
                 out[t] = piece
         if cap.elim is not None:
             e = cap.elim
-            rhs = y[e] if not rest else y[e] - cap.E @ torch.cat([out[t] for t in rest], dim=-2)
+            rhs = y[e]
+            if rest:
+                rhs = rhs - cap.g.unsqueeze(-1) * (cap.A_re.mT @ torch.cat([out[t] for t in rest], dim=-2))
             out[e] = rhs / cap.delta.unsqueeze(-1)
         return out
 
@@ -714,6 +701,61 @@ class _WoodburyRoot(LinearOperator):
 
 
 # ---------------------------------------------------------------------------- chunked products with the root
+class _RootGram(torch.autograd.Function):
+    r"""``(U^T D^{-1} U, P_1^T W_1 D^{-1} U, ...)`` over row chunks of ``U`` (``dinv`` = :math:`1/d`)."""
+
+    @staticmethod
+    def forward(ctx, U: Tensor, dinv: Tensor, labels: tuple, ks: tuple, weights: tuple):
+        wdt = dinv.dtype
+        m = U.shape[-1]
+        rows = _chunk_rows(m, U.element_size())
+        gram = U.new_zeros(*U.shape[:-2], m, m, dtype=wdt)
+        cross = [U.new_zeros(*U.shape[:-2], k, m, dtype=wdt) for k in ks]
+        for start in range(0, U.shape[-2], rows):
+            Uc = U.narrow(-2, start, min(rows, U.shape[-2] - start))
+            c = Uc.shape[-2]
+            scaled = Uc * dinv.narrow(-1, start, c).to(U.dtype).unsqueeze(-1)
+            gram += (Uc.mT @ scaled).to(wdt)
+            scaled_w = scaled.to(wdt)
+            for j, k in enumerate(ks):
+                vals = scaled_w if weights[j] is None else scaled_w * weights[j].narrow(0, start, c).unsqueeze(-1)
+                cross[j].index_add_(-2, labels[j].narrow(0, start, c), vals)
+        ctx.save_for_backward(U, dinv)
+        ctx.labels, ctx.weights = labels, weights
+        return (gram, *cross)
+
+    @staticmethod
+    def backward(ctx, grad_gram: Tensor, *grad_cross: Tensor):
+        U, dinv = ctx.saved_tensors
+        wdt = dinv.dtype
+        sym = (grad_gram + grad_gram.mT).to(U.dtype)
+        grad_U = torch.empty_like(U) if ctx.needs_input_grad[0] else None
+        grad_dinv = torch.empty_like(dinv) if ctx.needs_input_grad[1] else None
+        rows = _chunk_rows(U.shape[-1], U.element_size())
+        for start in range(0, U.shape[-2], rows):
+            Uc = U.narrow(-2, start, min(rows, U.shape[-2] - start))
+            c = Uc.shape[-2]
+            dc = dinv.narrow(-1, start, c)
+            V = Uc @ sym  # (U (G + G^T)) for this chunk
+            gathered = None
+            for j, g in enumerate(grad_cross):
+                if g is None:
+                    continue
+                piece = g.index_select(-2, ctx.labels[j].narrow(0, start, c))
+                if ctx.weights[j] is not None:
+                    piece = piece * ctx.weights[j].narrow(0, start, c).unsqueeze(-1)
+                gathered = piece if gathered is None else gathered + piece
+            total = V.to(wdt) if gathered is None else V.to(wdt) + gathered
+            if grad_U is not None:
+                grad_U.narrow(-2, start, c).copy_(total * dc.unsqueeze(-1))
+            if grad_dinv is not None:
+                quad = 0.5 * (V * Uc).sum(-1).to(wdt)
+                if gathered is not None:
+                    quad = quad + (gathered * Uc.to(wdt)).sum(-1)
+                grad_dinv.narrow(-1, start, c).copy_(quad)
+        return grad_U, grad_dinv, None, None, None
+
+
 def _chunked_t_matmul(U: Tensor, x: Tensor) -> Tensor:
     """:math:`U^\\top x` accumulated in ``x``'s (working) precision, ``U`` cast one row chunk at a time."""
     rows = _chunk_rows(U.shape[-1])
