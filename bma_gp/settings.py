@@ -6,7 +6,12 @@ __all__ = ["validate", "max_capacitance_size"]
 
 
 class validate:
-    """Validate definiteness and singularity in the closed forms (default: on).
+    """Validate the input, definiteness and singularity in the closed forms (default: on).
+
+    With validation on, every closed form of a block mean operator beyond products (solves,
+    log-determinants, roots, matrix functions, eigenvalues, the core factorisation) raises a
+    ``ValueError`` that names the cause: NaN or inf in ``lam`` or ``B`` (entry and batch index),
+    a non-positive block offset or core eigenvalue, a singular matrix.
 
     The checks read a few numbers back from the device (a host synchronisation). Code that
     must not synchronise, such as a training step on a GPU, can switch them off::
@@ -14,8 +19,9 @@ class validate:
         with bma_gp.settings.validate(False):
             root = op.matrix_inv_sqrt()
 
-    With validation off, an indefinite or singular matrix gives ``nan``/``inf`` instead of a
-    ``ValueError``; square roots clamp negative eigenvalues to zero.
+    With validation off, non-finite input, an indefinite or a singular matrix gives
+    ``nan``/``inf`` instead of a ``ValueError`` (``solve`` included); square roots clamp
+    negative eigenvalues to zero.
     """
 
     _state: bool = True

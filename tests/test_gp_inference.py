@@ -1,6 +1,6 @@
 """ExactGP training and prediction with block mean kernels, against a dense reference.
 
-The reference builds the block-exchangeable joint covariance entry by entry (SPEC section 2)
+The reference builds the block-exchangeable joint covariance entry by entry (docs/math.md, section 2)
 and conditions with dense LU solves. The model runs under ``closed_forms_only``: CG,
 Lanczos, ``psd_safe_cholesky`` and every dense factorisation of an ``n x n`` matrix raise.
 """
@@ -22,7 +22,7 @@ DTYPE = torch.float64
 
 # ---------------------------------------------------------------------------- dense reference
 def dense_block_mean(K: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """SPEC section 2 entry by entry: block means off the diagonal, diagonal means on it."""
+    """The block mean approximation (docs/math.md, section 2) entry by entry: block means off the diagonal, diagonal means on it."""
     k = int(labels.max()) + 1
     onehot = torch.nn.functional.one_hot(labels, k).to(K.dtype)  # (n, k)
     B = torch.zeros(*K.shape[:-2], k, k, dtype=K.dtype)

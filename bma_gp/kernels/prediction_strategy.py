@@ -12,9 +12,12 @@ only closed forms:
     \\Sigma_* = K_{**} - A\\, G\\, A^\\top, \\qquad
     G = P^\\top (\\hat K + \\sigma^2 I)^{-1} P = S^{1/2} C^{-1} S^{1/2},
 
-where :math:`C` is the :math:`k \\times k` core matrix of the noisy training covariance (SPEC
-section 1: :math:`M U = U C` for :math:`U = P S^{-1/2}`). The cost after the training
-covariance is :math:`O(n + k^3)` once and :math:`O(tk^2)` per batch of :math:`t` test points.
+where :math:`C` is the :math:`k \\times k` core matrix of the noisy training covariance
+(:math:`M U = U C` for :math:`U = P S^{-1/2}`, see "Two invariant subspaces" in docs/math.md),
+factorised once by :meth:`~bma_gp.BlockMeanLinearOperator.core_cholesky`. At the training
+inputs themselves the posterior covariance is again a symmetric block mean operator, so it can
+be sampled. The cost after the training covariance is :math:`O(n + k^3)` once and
+:math:`O(tk^2)` per batch of :math:`t` test points.
 """
 
 from __future__ import annotations
