@@ -14,7 +14,7 @@ accurate gradients for block mean matrices, whose core matrices often have clust
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-from linear_operator.operators import LinearOperator
-from linear_operator.operators import ZeroLinearOperator
+from linear_operator.operators import LinearOperator, ZeroLinearOperator
 from linear_operator.operators.diag_linear_operator import ConstantDiagLinearOperator
 from linear_operator.operators.root_linear_operator import RootLinearOperator
 from linear_operator.utils.broadcasting import _matmul_broadcast_shape
@@ -460,7 +458,9 @@ class BlockMeanLinearOperator(LinearOperator):
             value, where = float(self.lam[batch][i]), f"lam[{i}]"
         else:
             k = self.partition.num_blocks
-            batch, flat = _first_bad(B_bad.reshape(*B_bad.shape[:-2], k * k))
+            found_B = _first_bad(B_bad.reshape(*B_bad.shape[:-2], k * k))
+            assert found_B is not None  # some entry of lam or B is not finite
+            batch, flat = found_B
             i, j = divmod(flat, k)
             value, where = float(self.B[batch][i, j]), f"B[{i}, {j}]"
         raise ValueError(
@@ -622,6 +622,7 @@ class BlockMeanLinearOperator(LinearOperator):
         lam, B = self._folded()
         if settings.validate.on() and bool(((lam == 0) & (self.partition.sizes > 1)).any()):
             found = _first_bad((lam == 0) & (self.partition.sizes > 1))
+            assert found is not None
             batch, i = found
             raise ValueError(
                 f"the block mean matrix is singular: lam[{i}] = 0{_where(batch)} for block {i} of size "

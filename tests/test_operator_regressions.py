@@ -20,10 +20,19 @@ import torch
 import bma_gp
 from bma_gp import BlockMeanLinearOperator, Partition, block_mean
 from bma_gp._precision import core_dtype
-from bma_gp.kernels import GroupKernel
+from bma_gp.kernels import BlockMeanKernel, GroupKernel
 from bma_gp.kernels.prediction_strategy import _posterior_at_training_points
 from closed_form_guard import closed_forms_only
-from test_gp_inference import GP, build_model, dense_posterior, group_data, make_data, make_partition, reference_pieces
+from test_gp_inference import (
+    GP,
+    build_model,
+    dense_block_mean,
+    dense_posterior,
+    group_data,
+    make_data,
+    make_partition,
+    reference_pieces,
+)
 
 DTYPE = torch.float64
 
@@ -107,6 +116,30 @@ def test_posterior_at_training_inputs_is_symmetric_and_samples(case):
                                rtol=1e-8, atol=1e-9)
     torch.testing.assert_close(samples, post.mean + (root @ eps).mT, rtol=1e-9, atol=1e-9)
     assert plain.shape == (2, n) and fast.shape == (2, n) and bool(torch.isfinite(plain).all())
+
+
+def test_posterior_at_training_inputs_of_a_batch_of_gps():
+    x, y = make_data(n=36)
+    ys = torch.stack([y, -2 * y + 0.3])
+    partition = make_partition(36, 4, contiguous=False)
+    base = gpytorch.kernels.RBFKernel(batch_shape=torch.Size([2]))
+    base.lengthscale = torch.tensor([[[0.2]], [[0.5]]])
+    likelihood = gpytorch.likelihoods.GaussianLikelihood(batch_shape=torch.Size([2]))
+    likelihood.noise = torch.tensor([[0.1], [0.3]])
+    model = GP(x, ys, likelihood, BlockMeanKernel(base, x, partition), batch_shape=torch.Size([2])).to(DTYPE)
+    model.eval()
+    with torch.no_grad(), closed_forms_only(36):
+        post = _call(model, x)
+        cov = post.lazy_covariance_matrix
+        root = cov.root_decomposition().root.to_dense()
+        assert post.rsample(torch.Size([3])).shape == (3, 2, 36)
+    assert isinstance(cov, BlockMeanLinearOperator) and cov.symmetric
+    for b in range(2):
+        with gpytorch.settings.lazily_evaluate_kernels(False):
+            K = base(x, x).to_dense()[b].detach()
+        Kt = dense_block_mean(K, partition.labels)
+        _, ref = dense_posterior(Kt, likelihood.noise[b].detach(), ys[b], 0.0, Kt, Kt)
+        torch.testing.assert_close(root[b] @ root[b].mT, ref, rtol=1e-8, atol=1e-10)
 
 
 def test_posterior_samples_have_the_dense_covariance():
@@ -348,7 +381,8 @@ def test_core_cholesky_of_an_indefinite_core():
     lam = torch.ones(2, 2, dtype=DTYPE)
     B = torch.stack([torch.eye(2, dtype=DTYPE), -torch.eye(2, dtype=DTYPE)])  # batch 1 is indefinite
     op = BlockMeanLinearOperator(lam, B, partition)
-    with pytest.raises(ValueError, match=r"core_cholesky needs a positive definite.*eigenvalue -\d.*batch index \(1,\)"):
+    message = r"core_cholesky needs a positive definite.*eigenvalue -\d.*batch index \(1,\)"
+    with pytest.raises(ValueError, match=message):
         op.core_cholesky()
     with bma_gp.settings.validate(False):
         L = BlockMeanLinearOperator(lam, B, partition).core_cholesky()

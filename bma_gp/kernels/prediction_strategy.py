@@ -35,8 +35,8 @@ from linear_operator.operators import LinearOperator, MatmulLinearOperator, Zero
 from torch import Tensor
 
 from bma_gp import settings as bma_settings
-from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp._symmetric_function import symmetric_matrix_function
+from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 
 __all__ = ["BlockMeanPredictionStrategy"]
@@ -187,6 +187,7 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
         that is not positive definite raises the operator's ``ValueError`` (validation on) or gives
         NaN (validation off)."""
         M = self.block_mean_covar
+        assert M is not None  # only asked for by the block mean paths
         factor = M.core_cholesky()
         root_sizes = M.partition.sizes.to(device=factor.device, dtype=factor.dtype).sqrt()
         if settings.detach_test_caches.on():
@@ -227,8 +228,9 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
             if settings.skip_posterior_variances.on():
                 return mean, ZeroLinearOperator(*test_test_covar.size(), dtype=test_test_covar.dtype,
                                                 device=test_test_covar.device)
-            covar = _posterior_at_training_points(test_test_covar, test_train_covar, self.block_mean_covar)
-            return mean, covar
+            noisy = self.block_mean_covar
+            assert noisy is not None  # _at_training_points checked it
+            return mean, _posterior_at_training_points(test_test_covar, test_train_covar, noisy)
         if self._block_cross(test_train_covar) is None:
             return super().exact_prediction(test_mean, test_test_covar, test_train_covar)
         # no densification of the (t x n) cross-covariance, whatever max_eager_kernel_size says
