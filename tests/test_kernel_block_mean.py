@@ -166,7 +166,9 @@ def test_active_dims_are_respected():
 
 
 @pytest.mark.parametrize("kernel_name", ["rbf_ard", "matern05_ard", "matern25_ard"])
-def test_float32_fused_is_accurate(kernel_name):
+@pytest.mark.parametrize("derivatives", ["kept", "evaluated_again"])
+def test_float32_fused_is_accurate(kernel_name, derivatives, monkeypatch):
+    _derivatives_from(monkeypatch, derivatives)
     kernel64 = _set_hypers(KERNELS[kernel_name]().double())
     partition = PARTITIONS["scattered"](400)
     x = _x(400)
@@ -217,7 +219,9 @@ def _distributed_worker(rank, world):
     import torch.distributed as dist
 
     results = {}
-    for name, fused in (("fused", None), ("generic", False)):
+    for name, fused in DISTRIBUTED_CASES:
+        # "fused_again": the stationary engine evaluates every tile again in backward
+        stationary.MAX_ROW_BLOCKS = 0 if name == "fused_again" else 32
         kernel = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D)).double())
         op = kernel_block_mean(kernel, _x(), PARTITIONS["scattered"](N), chunk_size=16, fused=fused,
                                process_group=dist.group.WORLD)
@@ -226,10 +230,13 @@ def _distributed_worker(rank, world):
     return results
 
 
+DISTRIBUTED_CASES = (("fused", None), ("fused_again", None), ("generic", False))
+
+
 @pytest.mark.slow
 def test_distributed_two_ranks_equal_single_process():
     ranks = run_on_ranks(_distributed_worker, 2)
-    for name, fused in (("fused", None), ("generic", False)):
+    for name, fused in DISTRIBUTED_CASES:
         kernel = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D)).double())
         op = kernel_block_mean(kernel, _x(), PARTITIONS["scattered"](N), fused=fused)
         _loss(op).backward()
@@ -268,10 +275,22 @@ def test_tiles_cover_every_ordered_pair_once(n, rows, cols):
     assert torch.equal(count, torch.ones(n, n, dtype=torch.long))
 
 
+# where backward gets the lengthscale derivatives from: sums kept from forward (rows of few
+# blocks), a second evaluation of every tile, or both (a budget that keeps some tiles only)
+DERIVATIVES = {"kept": {}, "evaluated_again": {"MAX_ROW_BLOCKS": 0}, "mixed": {"KEPT_DERIVATIVE_BYTES": 2000}}
+
+
+def _derivatives_from(monkeypatch, name):
+    for attr, value in DERIVATIVES[name].items():
+        monkeypatch.setattr(stationary, attr, value)
+
+
+@pytest.mark.parametrize("derivatives", list(DERIVATIVES))
 @pytest.mark.parametrize("kernel_name", ["rbf", "rbf_ard", "matern05_ard", "matern15", "matern25_ard"])
 @pytest.mark.parametrize("chunk_size", [13, 64])
-def test_fused_tiles_cut_blocks(kernel_name, chunk_size, monkeypatch):
+def test_fused_tiles_cut_blocks(kernel_name, chunk_size, derivatives, monkeypatch):
     monkeypatch.setattr(stationary, "TILE_COLS", 24)  # several mirrored tiles per row group
+    _derivatives_from(monkeypatch, derivatives)
     # contiguous blocks of very different sizes: tiles of 13 or 64 rows start and end inside blocks
     sizes = [1, 23, 5, 40, 17, 3, 1, 2, 58]
     assert sum(sizes) == N
@@ -280,12 +299,36 @@ def test_fused_tiles_cut_blocks(kernel_name, chunk_size, monkeypatch):
         _compare(kernel, _x(), Partition.from_sizes(sizes), chunk_size=chunk_size)
 
 
+@pytest.mark.parametrize("derivatives", list(DERIVATIVES))
 @pytest.mark.parametrize("chunk_size", [5, 37, 256])
-def test_fused_many_small_blocks_scattered(chunk_size):
+def test_fused_many_small_blocks_scattered(chunk_size, derivatives, monkeypatch):
+    _derivatives_from(monkeypatch, derivatives)
     # k close to n: every tile spans many blocks in its rows and in its columns
     labels = torch.unique(torch.randint(60, (N,), generator=torch.Generator().manual_seed(4)), return_inverse=True)[1]
     kernel = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D)).double())
     _compare(kernel, _x(), Partition.from_labels(labels), chunk_size=chunk_size, fused=True)
+
+
+def test_backward_evaluates_again_only_the_tiles_it_did_not_keep(monkeypatch):
+    kernel = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D)).double())
+    partition = PARTITIONS["scattered"](N)
+    calls = []
+    real = stationary._TilePass.distances
+
+    def counting(self, tile):
+        calls.append(tile)
+        return real(self, tile)
+
+    monkeypatch.setattr(stationary._TilePass, "distances", counting)
+    monkeypatch.setattr(stationary, "TILE_COLS", 32)
+    op = kernel_block_mean(kernel, _x(), partition, chunk_size=32)
+    forward = len(calls)
+    _loss(op).backward()
+    assert forward == 5 + 4 + 3 + 2 + 1 and len(calls) == forward  # everything kept: no second evaluation
+    monkeypatch.setattr(stationary, "MAX_ROW_BLOCKS", 0)
+    calls.clear()
+    _loss(kernel_block_mean(kernel, _x(), partition, chunk_size=32)).backward()
+    assert len(calls) == 2 * forward
 
 
 def test_fused_batch_and_float32():

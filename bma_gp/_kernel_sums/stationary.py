@@ -122,6 +122,24 @@ class StationaryForm:
         tail = torch.mul(rho, rho, out=torch.empty_like(rho)).mul_(1.0 / 3.0).mul_(e)
         return e.mul_(rho.add_(1.0)).add_(tail)
 
+    def values_and_weights(self, rho2: Tensor, spare: Tensor, extra: Tensor) -> tuple[Tensor, Tensor, float]:
+        """``values(...)`` and ``derivative_weights(...)`` from one evaluation, in three buffers."""
+        if self.nu is None:
+            values = rho2.exp_()
+            return values, values, -1.0
+        rho = rho2.sqrt_()
+        e = torch.neg(rho, out=spare).exp_()
+        if self.nu == 0.5:
+            tiny = torch.finfo(rho.dtype).tiny
+            weights = torch.div(e, rho.clamp_min_(tiny), out=extra).masked_fill_(rho == tiny, 0.0)
+            return e, weights, -0.5
+        if self.nu == 1.5:
+            weights = extra.copy_(e)
+            return e.mul_(rho.add_(1.0)), weights, -0.5
+        weights = torch.add(rho, 1.0, out=extra).mul_(e)  # (1 + rho) e
+        tail = rho.square_().mul_(1.0 / 3.0).mul_(e)  # (rho^2 / 3) e
+        return torch.add(weights, tail, out=spare), weights, -1.0 / 6.0
+
     def derivative_weights(self, rho2: Tensor, spare: Tensor) -> tuple[Tensor, float]:
         r"""Weights :math:`w` and a factor with :math:`g'(r^2)\, \Delta z_a^2 = \text{factor} \cdot w\, \Delta z'^2_a`.
 
@@ -195,8 +213,9 @@ class _RowGroup:
     centre: Tensor  # (B, 1, d)
     z: Tensor  # (B, R, d): the rows' scaled inputs minus the centre
     lhs: Tensor  # (B, R, d + 2): the rows' factor of the distance GEMM
-    local: Tensor  # (R,): each row's block minus the tile's first row block
-    features: Tensor | None = None  # (B, 1 + 2d, R): [1, z, z^2], made on first use (backward)
+    local: Tensor  # (R,): each row's block minus the group's first block
+    _features: Tensor | None = None
+    _bounds: list[int] | None = None
 
     @staticmethod
     def build(z: Tensor, labels: Tensor, tile: Tile, sign: float) -> _RowGroup:
@@ -207,21 +226,29 @@ class _RowGroup:
         lhs = torch.cat([zr, ones, sign * zr.square().sum(-1, keepdim=True)], dim=-1)
         return _RowGroup(tile.r0, centre, zr, lhs, labels[tile.r0 : tile.r1] - tile.row_block)
 
-    def row_features(self) -> Tensor:
-        if self.features is None:
+    def features(self) -> Tensor:
+        """The row features :math:`[1, z_p, z_p^2]`, made on first use. # shape: (B, 1 + 2d, R)"""
+        if self._features is None:
             zr = self.z
-            self.features = torch.cat([torch.ones_like(zr[..., :1]), zr, zr.square()], -1).transpose(1, 2).contiguous()
-        return self.features
+            self._features = torch.cat([torch.ones_like(zr[..., :1]), zr, zr.square()], -1).transpose(1, 2).contiguous()
+        return self._features
+
+    def bounds(self) -> list[int]:
+        """Where each row block starts in the group, and the group's end (one transfer, on first use)."""
+        if self._bounds is None:
+            counts = torch.bincount(self.local)
+            self._bounds = [0, *torch.cumsum(counts, 0).tolist()]
+        return self._bounds
 
 
 class _TilePass:
-    """Evaluates ``distance_sign * rho^2`` tile by tile, reusing the row group and two scratch buffers."""
+    """Evaluates ``distance_sign * rho^2`` tile by tile, reusing the row group and three scratch buffers."""
 
-    def __init__(self, plan: KernelSumsPlan, form: StationaryForm, z: Tensor, tiles: list[Tile]):
-        self.labels, self.form, self.z = plan.labels, form, z
+    def __init__(self, labels: Tensor, form: StationaryForm, z: Tensor, tiles: list[Tile]):
+        self.labels, self.form, self.z = labels, form, z
         self.sign = form.distance_sign
         size = max(((t.r1 - t.r0) * (t.c1 - t.c0) for t in tiles), default=0) * z.shape[0]
-        self.scratch = z.new_empty(2, size)
+        self.scratch = z.new_empty(3, size)
         self.group: _RowGroup | None = None
 
     def rows(self, tile: Tile) -> _RowGroup:
@@ -229,19 +256,19 @@ class _TilePass:
             self.group = _RowGroup.build(self.z, self.labels, tile, self.sign)
         return self.group
 
-    def distances(self, tile: Tile) -> tuple[Tensor, Tensor, Tensor]:
-        """``(sign * rho^2, spare buffer, centred column inputs)`` of one tile."""
+    def distances(self, tile: Tile) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(sign * rho^2, spare, extra, centred column inputs)`` of one tile; ``spare``, ``extra``: free buffers."""
         group = self.rows(tile)
         zc = self.z[:, tile.c0 : tile.c1] - group.centre
         rhs = torch.cat([(-2.0 * self.sign) * zc, zc.square().sum(-1, keepdim=True), torch.ones_like(zc[..., :1])], -1)
         shape = (self.z.shape[0], tile.r1 - tile.r0, tile.c1 - tile.c0)
-        size = math.prod(shape)
-        rho2 = torch.bmm(group.lhs, rhs.transpose(1, 2), out=self.scratch[0, :size].view(shape))
+        rho2, spare, extra = (buf[: math.prod(shape)].view(shape) for buf in self.scratch)
+        torch.bmm(group.lhs, rhs.transpose(1, 2), out=rho2)
         if not tile.mirror:  # the diagonal tile: a point's distance to itself is exactly zero
             torch.diagonal(rho2, dim1=-2, dim2=-1).zero_()
         if self.sign > 0:
             rho2.clamp_min_(0.0)
-        return rho2, self.scratch[1, :size].view(shape), zc
+        return rho2, spare, extra, zc
 
 
 def _prepare(plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor) -> tuple[Tensor, list[Tile]]:
@@ -257,7 +284,12 @@ def _prepare(plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor) ->
     return z, _with_blocks(tile_ranges(n, rows, cols)[rank::world], plan.labels)
 
 
-# ============================================================================ forward: block sums
+def _block_slices(tile: Tile) -> tuple[slice, slice]:
+    return (slice(tile.row_block, tile.row_block + tile.row_blocks),
+            slice(tile.col_block, tile.col_block + tile.col_blocks))
+
+
+# ============================================================================ segment sums of one tile
 def _tile_block_sums(values: Tensor, group: _RowGroup, tile: Tile, labels: Tensor) -> Tensor:
     """Sums of a tile's values over its (row block, column block) rectangles. # shape: (B, m, q)"""
     bsz, _, cols = values.shape
@@ -268,66 +300,119 @@ def _tile_block_sums(values: Tensor, group: _RowGroup, tile: Tile, labels: Tenso
     return per_col_block.transpose(1, 2)
 
 
-def block_sums(plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor) -> Tensor:
-    r"""Unscaled block sums :math:`T_0 = P^\top f(R) P` by tiles and segment sums. # shape: (*batch, k, k)"""
+def _column_combination(h: Tensor, zc: Tensor) -> Tensor:
+    r""":math:`z_{ja}^2 H_{0j} - 2 z_{ja} H_{aj} + H_{d + a, j}` from :math:`H = [1, z_p, z_p^2]^\top W`. # shape: (..., C, d)"""
+    d = zc.shape[-1]
+    h = h.transpose(-1, -2)  # (..., C, 1 + 2d)
+    return torch.addcmul(h[..., 1 + d :], zc.square(), h[..., :1]).addcmul_(zc, h[..., 1 : 1 + d], value=-2.0)
+
+
+def _tile_derivative_sums(weights: Tensor, group: _RowGroup, zc: Tensor, tile: Tile, labels: Tensor) -> Tensor:
+    r""":math:`\sum_{p \in I, j \in J} w_{pj} \Delta z'^2_{pja}` per (row block, column block) of a tile.
+
+    One GEMM per row block with its row features, then the column combination and a segment
+    sum over the column blocks. # shape: (B, m, q, d)
+    """
+    bounds, feats = group.bounds(), group.features()
+    h = torch.stack([torch.bmm(feats[:, :, a:b], weights[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])], 1)
+    per_column = _column_combination(h, zc.unsqueeze(1))  # (B, m, C, d)
+    col_local = labels[tile.c0 : tile.c1] - tile.col_block
+    bsz, m, _, d = per_column.shape
+    out = per_column.new_zeros(bsz, tile.col_blocks, m, d)
+    out.index_add_(1, col_local, per_column.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def _tile_gradient(weights: Tensor, grad: Tensor, group: _RowGroup, zc: Tensor, tile: Tile,
+                   labels: Tensor) -> Tensor:
+    r""":math:`\sum_{p, j} G_{c_p c_j} w_{pj} \Delta z'^2_{pja}` over one tile. # shape: (B, d)
+
+    One GEMM with the row features, :math:`H = [1, z_p, z_p^2]^\top (G \circ w)`, then the
+    column combination summed over the columns. When the rows lie in one block, :math:`G` is
+    constant down each column and is applied to :math:`H` instead.
+    """
+    rows, cols = _block_slices(tile)
+    g = grad[:, rows, cols].index_select(-1, labels[tile.c0 : tile.c1] - tile.col_block)  # (B, m, C)
+    if tile.row_blocks > 1:
+        weights.mul_(g.index_select(-2, group.local))
+    h = torch.bmm(group.features(), weights)  # (B, 1 + 2d, C)
+    if tile.row_blocks == 1:
+        h.mul_(g)
+    return _column_combination(h, zc).sum(1)
+
+
+# ============================================================================ the two passes
+#: Tiles whose rows span at most this many blocks reduce their derivative sums in forward
+#: (one small GEMM per row block); the others are re-evaluated in backward.
+MAX_ROW_BLOCKS = 32
+#: Bytes of derivative sums kept from forward for backward; tiles past it are re-evaluated.
+KEPT_DERIVATIVE_BYTES = 64 * 2**20
+
+
+def block_sums(plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor,
+               keep_derivatives: bool = False) -> tuple[Tensor, dict[int, Tensor]]:
+    r"""Unscaled block sums :math:`T_0 = P^\top f(R) P` by tiles and segment sums.
+
+    With ``keep_derivatives``, tiles whose rows span at most :data:`MAX_ROW_BLOCKS` blocks
+    also reduce their derivative sums (:func:`_tile_derivative_sums`), while they fit in
+    :data:`KEPT_DERIVATIVE_BYTES`; backward then needs no second evaluation of them.
+
+    Returns:
+        (sums, kept) # shapes: (*batch, k, k), {tile index: (B, m, q, d)}
+    """
     z, tiles = _prepare(plan, form, lengthscale)
     k, bsz = plan.num_blocks, z.shape[0]
     acc = z.new_zeros(bsz, k, k, dtype=core_dtype(z.dtype))
-    tiler = _TilePass(plan, form, z, tiles)
-    for tile in progress(tiles, plan.show_progress, "kernel block sums"):
-        rho2, spare, _ = tiler.distances(tile)
-        values = form.values(rho2, spare)
-        sums = _tile_block_sums(values, tiler.rows(tile), tile, plan.labels).to(acc.dtype)
-        rows = slice(tile.row_block, tile.row_block + tile.row_blocks)
-        cols = slice(tile.col_block, tile.col_block + tile.col_blocks)
+    kept: dict[int, Tensor] = {}
+    budget = KEPT_DERIVATIVE_BYTES if keep_derivatives else 0
+    tiler = _TilePass(plan.labels, form, z, tiles)
+    for index, tile in enumerate(progress(tiles, plan.show_progress, "kernel block sums")):
+        rho2, spare, extra, zc = tiler.distances(tile)
+        group = tiler.rows(tile)
+        size = bsz * tile.row_blocks * tile.col_blocks * z.shape[-1] * acc.element_size()
+        if tile.row_blocks <= MAX_ROW_BLOCKS and size <= budget:
+            values, weights, factor = form.values_and_weights(rho2, spare, extra)
+            kept[index] = factor * _tile_derivative_sums(weights, group, zc, tile, plan.labels).to(acc.dtype)
+            budget -= size
+        else:
+            values = form.values(rho2, spare)
+        sums = _tile_block_sums(values, group, tile, plan.labels).to(acc.dtype)
+        rows, cols = _block_slices(tile)
         acc[:, rows, cols] += sums
         if tile.mirror:
             acc[:, cols, rows] += sums.transpose(1, 2)
     if plan.group is not None:
         (acc,) = all_reduce([acc], plan.group)
     batch = torch.broadcast_shapes(plan.x.shape[:-2], lengthscale.shape[:-2])
-    return acc.to(z.dtype).reshape(*batch, k, k)
+    return acc.to(z.dtype).reshape(*batch, k, k), kept
 
 
-# ============================================================================ backward: lengthscales
-def _tile_gradient(weights: Tensor, grad: Tensor, group: _RowGroup, zc: Tensor, tile: Tile,
-                   labels: Tensor) -> Tensor:
-    r""":math:`\sum_{p, j} G_{c_p c_j} w_{pj} \Delta z'^2_{pja}` over one tile. # shape: (B, d)
+def lengthscale_gradient(plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor, grad_sums: Tensor,
+                         kept: dict[int, Tensor]) -> Tensor:
+    r""":math:`\partial L / \partial \ell` from :math:`G = \partial L / \partial T_0`.
 
-    One GEMM with the row features, :math:`H = [1, z_p, z_p^2]^\top (G \circ w)`, then
-    :math:`\sum_j z_{ja}^2 H_{0j} - 2 z_{ja} H_{aj} + H_{d + a, j}`. When the rows lie in one
-    block, :math:`G` is constant down each column and is applied to :math:`H` instead.
+    Kept tiles contract their derivative sums with :math:`G`; the others are evaluated again.
     """
-    g = grad[:, tile.row_block : tile.row_block + tile.row_blocks, tile.col_block : tile.col_block + tile.col_blocks]
-    g = g.index_select(-1, labels[tile.c0 : tile.c1] - tile.col_block)  # (B, m, C)
-    if tile.row_blocks > 1:
-        weights.mul_(g.index_select(-2, group.local))
-    h = torch.bmm(group.row_features(), weights)  # (B, 1 + 2d, C)
-    if tile.row_blocks == 1:
-        h.mul_(g)
-    d = zc.shape[-1]
-    h = h.transpose(1, 2)  # (B, C, 1 + 2d)
-    out = (zc.square() * h[..., :1]).sum(1) - 2.0 * (zc * h[..., 1 : 1 + d]).sum(1) + h[..., 1 + d :].sum(1)
-    return out if tile.mirror else 0.5 * out  # a diagonal tile holds both orders of its pairs
-
-
-def lengthscale_gradient(plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor, grad_sums: Tensor) -> Tensor:
-    r""":math:`\partial L / \partial \ell` from :math:`G = \partial L / \partial T_0`, by a second pass over the tiles."""
     z, tiles = _prepare(plan, form, lengthscale)
     k, bsz, d = plan.num_blocks, z.shape[0], z.shape[-1]
     grad = grad_sums.to(z.dtype).reshape(bsz, k, k)
     grad = grad + grad.transpose(1, 2)  # each unordered pair stands for both orders
     acc = z.new_zeros(bsz, d, dtype=core_dtype(z.dtype))
-    tiler = _TilePass(plan, form, z, tiles)
-    factor = -1.0
-    for tile in progress(tiles, plan.show_progress, "kernel block sums (backward)"):
-        rho2, spare, zc = tiler.distances(tile)
+    again = [(i, t) for i, t in enumerate(tiles) if i not in kept]
+    for index, derivs in kept.items():
+        rows, cols = _block_slices(tiles[index])
+        g = grad[:, rows, cols].to(acc.dtype).unsqueeze(-1)
+        acc += (g * derivs).sum((1, 2)) * (1.0 if tiles[index].mirror else 0.5)
+    tiler = _TilePass(plan.labels, form, z, [t for _, t in again])
+    for _, tile in progress(again, plan.show_progress, "kernel block sums (backward)"):
+        rho2, spare, _, zc = tiler.distances(tile)
         weights, factor = form.derivative_weights(rho2, spare)
-        acc += _tile_gradient(weights, grad, tiler.rows(tile), zc, tile, plan.labels).to(acc.dtype)
+        part = _tile_gradient(weights, grad, tiler.rows(tile), zc, tile, plan.labels).to(acc.dtype)
+        acc += part * (factor if tile.mirror else 0.5 * factor)  # a diagonal tile holds both orders of its pairs
     if plan.group is not None:
         (acc,) = all_reduce([acc], plan.group)
     ls = lengthscale
-    g = (acc * factor).to(ls.dtype)
+    g = acc.to(ls.dtype)
     if ls.shape[-1] == 1:  # one lengthscale for every input dimension
         g = g.sum(-1, keepdim=True)
     batch = grad_sums.shape[:-2]
@@ -340,15 +425,16 @@ class StationaryKernelSums(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor) -> Tensor:
-        ctx.plan, ctx.form = plan, form
+        sums, kept = block_sums(plan, form, lengthscale, keep_derivatives=True)
+        ctx.plan, ctx.form, ctx.kept = plan, form, kept
         ctx.save_for_backward(lengthscale)
-        return block_sums(plan, form, lengthscale)
+        return sums
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_sums: Tensor) -> tuple[None, None, Tensor]:
         (lengthscale,) = ctx.saved_tensors
-        return None, None, lengthscale_gradient(ctx.plan, ctx.form, lengthscale, grad_sums)
+        return None, None, lengthscale_gradient(ctx.plan, ctx.form, lengthscale, grad_sums, ctx.kept)
 
 
 def stationary_block_sums(plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor) -> Tensor:
@@ -356,4 +442,4 @@ def stationary_block_sums(plan: KernelSumsPlan, form: StationaryForm, lengthscal
     if torch.is_grad_enabled() and lengthscale.requires_grad:
         return StationaryKernelSums.apply(plan, form, lengthscale)
     with torch.no_grad():
-        return block_sums(plan, form, lengthscale)
+        return block_sums(plan, form, lengthscale)[0]
