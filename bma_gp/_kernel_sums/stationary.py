@@ -319,8 +319,19 @@ def _tile_derivative_sums(weights: Tensor, group: _RowGroup, zc: Tensor, tile: T
     col_local = labels[tile.c0 : tile.c1] - tile.col_block
     bsz, m, _, d = per_column.shape
     out = per_column.new_zeros(bsz, tile.col_blocks, m, d)
-    out.index_add_(1, col_local, per_column.transpose(1, 2))
+    out.index_add_(1, col_local, per_column.transpose(1, 2).contiguous())
     return out.transpose(1, 2)
+
+
+def _tile_weights(grad: Tensor, tile: Tile) -> Tensor:
+    r"""The incoming gradient on the tile's block pairs, both orders of a pair added. # shape: (B, m, q)
+
+    A diagonal tile holds both orders of its pairs itself; a tile right of the diagonal also
+    stands for its transpose, so :math:`G_{IJ} + G_{JI}`.
+    """
+    rows, cols = _block_slices(tile)
+    g = grad[:, rows, cols]
+    return g + grad[:, cols, rows].transpose(1, 2) if tile.mirror else g
 
 
 def _tile_gradient(weights: Tensor, grad: Tensor, group: _RowGroup, zc: Tensor, tile: Tile,
@@ -331,12 +342,14 @@ def _tile_gradient(weights: Tensor, grad: Tensor, group: _RowGroup, zc: Tensor, 
     column combination summed over the columns. When the rows lie in one block, :math:`G` is
     constant down each column and is applied to :math:`H` instead.
     """
-    rows, cols = _block_slices(tile)
-    g = grad[:, rows, cols].index_select(-1, labels[tile.c0 : tile.c1] - tile.col_block)  # (B, m, C)
-    if tile.row_blocks > 1:
-        weights.mul_(g.index_select(-2, group.local))
+    g = _tile_weights(grad, tile)
+    bsz, m, q = g.shape
+    # spread over the columns: a gather along the last dimension is fast on a 2-d tensor only
+    g = g.reshape(bsz * m, q).index_select(1, labels[tile.c0 : tile.c1] - tile.col_block).view(bsz, m, -1)
+    if m > 1:
+        weights.mul_(g.index_select(1, group.local))
     h = torch.bmm(group.features(), weights)  # (B, 1 + 2d, C)
-    if tile.row_blocks == 1:
+    if m == 1:
         h.mul_(g)
     return _column_combination(h, zc).sum(1)
 
@@ -396,19 +409,16 @@ def lengthscale_gradient(plan: KernelSumsPlan, form: StationaryForm, lengthscale
     z, tiles = _prepare(plan, form, lengthscale)
     k, bsz, d = plan.num_blocks, z.shape[0], z.shape[-1]
     grad = grad_sums.to(z.dtype).reshape(bsz, k, k)
-    grad = grad + grad.transpose(1, 2)  # each unordered pair stands for both orders
     acc = z.new_zeros(bsz, d, dtype=core_dtype(z.dtype))
-    again = [(i, t) for i, t in enumerate(tiles) if i not in kept]
     for index, derivs in kept.items():
-        rows, cols = _block_slices(tiles[index])
-        g = grad[:, rows, cols].to(acc.dtype).unsqueeze(-1)
-        acc += (g * derivs).sum((1, 2)) * (1.0 if tiles[index].mirror else 0.5)
-    tiler = _TilePass(plan.labels, form, z, [t for _, t in again])
-    for _, tile in progress(again, plan.show_progress, "kernel block sums (backward)"):
+        g = _tile_weights(grad, tiles[index]).to(acc.dtype)
+        acc += (g.unsqueeze(-1) * derivs).sum((1, 2))
+    again = [t for i, t in enumerate(tiles) if i not in kept]
+    tiler = _TilePass(plan.labels, form, z, again)
+    for tile in progress(again, plan.show_progress, "kernel block sums (backward)"):
         rho2, spare, _, zc = tiler.distances(tile)
         weights, factor = form.derivative_weights(rho2, spare)
-        part = _tile_gradient(weights, grad, tiler.rows(tile), zc, tile, plan.labels).to(acc.dtype)
-        acc += part * (factor if tile.mirror else 0.5 * factor)  # a diagonal tile holds both orders of its pairs
+        acc += factor * _tile_gradient(weights, grad, tiler.rows(tile), zc, tile, plan.labels).to(acc.dtype)
     if plan.group is not None:
         (acc,) = all_reduce([acc], plan.group)
     ls = lengthscale
