@@ -7,6 +7,7 @@ matrix whose size is the number of blocks plus the rank, never ``n``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,6 +69,25 @@ class _Capacitance:
     A_re: Tensor | None  # (*b, r, k_e)
     lu: tuple[Tensor, Tensor] | None  # LU factors of S (r x r), None when r == 0
     logdet: Tensor  # (*b,)
+
+
+def _scoped(method):
+    """Share the Gram matrix and the capacitance among everything one public call computes, and drop the
+    parts that carry an autograd graph when it returns (so a second backward pass builds its own)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        self._depth += 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._depth -= 1
+            if not self._depth:
+                for name in self._scoped_names:
+                    self._store.pop(name, None)
+                self._scoped_names.clear()
+
+    return wrapper
 
 
 # ---------------------------------------------------------------------------- the operator
@@ -161,6 +181,8 @@ class BlockMeanSumLinearOperator(LinearOperator):
         self.root = root
         self.weights = weights
         self._store: dict[str, object] = {}
+        self._depth = 0
+        self._scoped_names: set[str] = set()
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -182,12 +204,15 @@ class BlockMeanSumLinearOperator(LinearOperator):
         return torch.is_grad_enabled() and any(t.requires_grad for t in self.representation())
 
     def _memo(self, name: str, fn):
-        """Cache ``fn()`` unless autograd records it (a cached graph cannot be backpropagated twice)."""
+        """Cache ``fn()``. Values that autograd records live only until the outermost public call returns
+        (see :func:`_scoped`): a cached graph cannot be backpropagated twice."""
         if name in self._store:
             return self._store[name]
         value = fn()
-        if not self._differentiable():
+        if self._depth or not self._differentiable():
             self._store[name] = value
+            if self._differentiable():
+                self._scoped_names.add(name)
         return value
 
     def _new(self, diag: Tensor | None = None, blocks=None, partitions=None, root=..., weights=None):
@@ -507,6 +532,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         x = self._cap_solve([self._G(t, ut) for t, ut in enumerate(u)])
         return scaled, u, x
 
+    @_scoped
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
         r"""Closed-form :math:`M^{-1} R` (or :math:`L M^{-1} R`) through the capacitance: no CG, any size."""
         self._check_rhs(right_tensor, "right_tensor")
@@ -528,6 +554,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
     def inv_quad(self, inv_quad_rhs: Tensor, reduce_inv_quad: bool = True) -> Tensor:
         return self.inv_quad_logdet(inv_quad_rhs, logdet=False, reduce_inv_quad=reduce_inv_quad)[0]
 
+    @_scoped
     def inv_quad_logdet(self, inv_quad_rhs: Tensor | None = None, logdet: bool = False,
                         reduce_inv_quad: bool = True) -> tuple[Tensor, Tensor]:
         r""":math:`R^\top M^{-1} R = R^\top D^{-1} R - u^\top C^{-1} G u` (:math:`u = Z^\top D^{-1} R`) and
@@ -550,6 +577,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
             logdet_term = self.logdet()
         return inv_quad_term, logdet_term
 
+    @_scoped
     def logdet(self) -> Tensor:
         r""":math:`\log\det M = \sum_a \log d_a + \log\det(I + G Z^\top D^{-1} Z)`."""
         self._check_diag("logdet")
@@ -616,6 +644,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         K = symmetric_matrix_function(W, fn, lambda e: e.clamp_min(0))
         return K, L
 
+    @_scoped
     def root_decomposition(self, method: str | None = None) -> LinearOperator:
         r""":math:`M = R R^\top` with the square root
         :math:`R = D^{1/2} + Z L K L^\top Z^\top D^{-1/2}`, :math:`K = h(L^\top A L)`,
@@ -626,6 +655,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         d = self.diag_values.to(wdt)
         return RootLinearOperator(_WoodburyRoot(self, K, L, d.sqrt(), torch.ones_like(d), d.rsqrt()))
 
+    @_scoped
     def root_inv_decomposition(self, initial_vectors: Tensor | None = None, test_vectors: Tensor | None = None,
                                method: str | None = None) -> LinearOperator:
         r""":math:`M^{-1} = R R^\top` with :math:`R = D^{-1/2} + D^{-1} Z L K L^\top Z^\top D^{-1/2}`,
