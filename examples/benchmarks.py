@@ -8,6 +8,8 @@ suite       script                                       baseline in the same ru
 ==========  ===========================================  =============================================
 operator    ``bench_operator.py --part dense`` and       one elementwise pass over an n-vector; torch
             ``--part sweep``                             dense Cholesky / eigh at n = 6,000
+compositions ``bench_compositions.py``                   linear_operator's generic path (CG, stochastic
+                                                         Lanczos) on the same sum; dense Cholesky
 kernel      ``bench_kernel_block_mean.py``               the same kernel entries in the same chunks,
                                                          not reduced
 gp          ``bench_gp_iteration.py``                    GPyTorch exact GP (CG), SGPR at m = k
@@ -45,7 +47,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-SUITES = ("operator", "kernel", "optimizer", "gp")  # the slowest last, so a --budget cuts it first
+SUITES = ("operator", "compositions", "kernel", "optimizer", "gp")  # the slowest last, so a --budget cuts it first
 #: Issue-5 targets: (label, limit) used by :func:`targets`.
 MATVEC_LIMITS = {"contiguous": 5.0, "scattered": 8.0}
 
@@ -57,6 +59,8 @@ def commands(suite: str, smoke: bool, device: str, py: str) -> list[list[str]]:
     if suite == "operator":
         return [[py, str(HERE / "bench_operator.py"), "--part", "dense", *s],
                 [py, str(HERE / "bench_operator.py"), "--part", "sweep", *s]]
+    if suite == "compositions":
+        return [[py, str(HERE / "bench_compositions.py"), *s]]
     if suite == "kernel":
         return [[py, str(HERE / "bench_kernel_block_mean.py"), *s]]
     if suite == "gp":
@@ -447,6 +451,21 @@ def targets(records: list[dict]) -> list[tuple[str, str, str]]:
                 f"{r['median_ms']['adagrad']:.2f} ms); the eager default {eager:.2f}x")
             res.append((f"BlockMeanAdagrad step ('tensor', {r['params'] / 1e6:.1f}M params): <= 2x Adagrad",
                         measured, _verdict(ratio <= 2.0, ratio / 2.0)))
+    for r in (r for r in records if r.get("bench") == "compositions_large" and r["n"] >= 1_000_000):
+        ok = r["seconds"] < 10 and r["peak_rss_mb"] < 3072
+        res.append((f"sum n = 10^6 (crossed k = {r['k1']} x {r['k2']}, m = {r['m']}, {r['dtype']}): inv_quad_logdet + "
+                    "backward < 10 s and < 3 GB",
+                    f"{r['seconds']:.2f} s, peak RSS {r['peak_rss_mb'] / 1024:.2f} GB ({r['threads']} threads)",
+                    _verdict(ok, max(r["seconds"] / 10, r["peak_rss_mb"] / 3072))))
+    for r in (r for r in records if r.get("bench") == "compositions_vs_cg" and r["n"] >= 20_000):
+        res.append(("sum n = 2x10^4: closed form >= 100x faster than linear_operator's generic CG path",
+                    f"{r['closed_form_s']:.3f} s vs {r['generic_cg_s']:.2f} s ({r['speedup']:.0f}x)",
+                    _verdict(r["speedup"] >= 100, 100 / r["speedup"])))
+    for r in (r for r in records if r.get("bench") == "compositions_exactness" and r["n"] >= 2000):
+        err = max(r["closed_form_inv_quad_rel_err"], r["closed_form_logdet_rel_err"])
+        res.append(("sum n = 2000, float64: relative error < 1e-8 against dense Cholesky",
+                    f"closed form {err:.1e}; generic CG path inv_quad {r['generic_cg_inv_quad_rel_err']:.1e}, logdet "
+                    f"{r['generic_cg_logdet_rel_err']:.1e}", _verdict(err < 1e-8, err / 1e-8)))
     gp = [r for r in records if r.get("bench") == "gp_iteration" and "warm_s" in r and r.get("device") == "cpu"]
     exact = {r["n"]: r["warm_s"] for r in gp if r["method"] == "exact"}
     bm20 = [r for r in gp if r["method"] == "blockmean" and r["n"] == 20_000]
