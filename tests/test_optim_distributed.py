@@ -10,6 +10,7 @@ whole batch (to rounding: the two gradients are summed in a different order).
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gloo_ranks import run_on_ranks
@@ -69,6 +70,7 @@ def _ddp_worker(rank: int, world: int) -> dict[str, list[torch.Tensor]]:
     return results
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_identical_and_equal_single_process():
     ranks = run_on_ranks(_ddp_worker, WORLD)
     start = [p.detach() for p in _model().parameters()]

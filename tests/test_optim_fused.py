@@ -43,6 +43,7 @@ def _train(model, opt, steps, start=0):
         opt.step()
 
 
+@pytest.mark.slow
 def test_fused_with_missing_grads_and_zero_h_matches_reference(monkeypatch):
     # parameter 2 has no gradient on even steps; two entries of every tensor have a zero gradient
     # (h = 0, masked inside the compiled loop) until step 4
@@ -103,6 +104,7 @@ def test_fused_identity_correlation_is_torch_adagrad(monkeypatch):
         )
 
 
+@pytest.mark.slow
 def test_fused_float32_matches_eager():
     fused_model, eager_model = small_model(dtype=torch.float32), small_model(dtype=torch.float32)
     opts = [
@@ -116,6 +118,7 @@ def test_fused_float32_matches_eager():
     assert opts[0].global_state["U"].dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_fused_bfloat16_parameters_keep_float32_statistics():
     low = small_model().to(torch.bfloat16)
     high = small_model().to(torch.bfloat16)
@@ -220,6 +223,7 @@ def test_a_step_where_only_empty_parameters_have_gradients():
     assert not any(key.endswith(":failed") for key in _fused._COMPILED)
 
 
+@pytest.mark.slow
 def test_past_the_recompile_limit_new_structures_run_eagerly_and_compiled_ones_stay():
     import torch._dynamo
     from torch._dynamo.utils import counters
