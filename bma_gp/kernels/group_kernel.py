@@ -163,9 +163,14 @@ class GroupKernel(Kernel):
             return out if W is None else out + W @ W.mT
         rows = torch.arange(G, device=var.device) if rows is None else rows
         cols = torch.arange(G, device=var.device) if cols is None else cols
-        v_rows = var.expand(*var.shape[:-1], G).index_select(-1, rows) if self.per_group_variance else var
-        same = (rows.unsqueeze(-1) == cols.unsqueeze(-2)).to(var.dtype)
-        out = v_rows.unsqueeze(-1) * same
+        if self.per_group_variance:
+            v_rows = var.expand(*var.shape[:-1], G).index_select(-1, rows)
+        else:
+            v_rows = var.expand(*var.shape[:-1], rows.shape[-1])
+        if rows is cols:  # the training covariance: exactly diag(v) over the present ids
+            out = torch.diag_embed(v_rows)
+        else:
+            out = v_rows.unsqueeze(-1) * (rows.unsqueeze(-1) == cols.unsqueeze(-2)).to(var.dtype)
         if W is not None:
             out = out + W.index_select(-2, rows) @ W.index_select(-2, cols).mT
         return out
