@@ -141,6 +141,7 @@ class BlockMeanLinearOperator(LinearOperator):
         self._b_sym_cache: Tensor | None = None
         self._core_cache: tuple[Tensor, Tensor] | None = None
         self._checked_finite = False
+        self._rounding: Tensor | None = None  # set by schur_complement: absolute rounding of C's spectrum
 
     # ------------------------------------------------------------------ cheap views
     def _b_sym(self) -> Tensor:
@@ -251,6 +252,60 @@ class BlockMeanLinearOperator(LinearOperator):
         D = 0.5 * (D + D.mT)
         dtype = C.dtype if dtype is None else dtype
         return cls(lam.to(dtype), D.to(dtype), partition)
+
+    def schur_complement(self, cross: BlockMeanLinearOperator,
+                         other: BlockMeanLinearOperator) -> BlockMeanLinearOperator:
+        r"""The symmetric block mean operator :math:`M - A N^{-1} A^\top` for ``cross`` :math:`A` and
+        ``other`` :math:`N` (positive definite) on the partition of ``self`` :math:`M`.
+
+        Operators on one partition act on the block-constant vectors through their cores and on
+        the rest through their block offsets, so the result has
+
+        .. math::
+            \lambda = \lambda_M - \lambda_A^2 / \lambda_N, \qquad
+            C = C_M - W^\top W, \quad W = L^{-1} C_A^\top, \quad L L^\top = C_N,
+
+        computed from :meth:`core` and :meth:`core_cholesky` in :attr:`core_dtype`: :math:`O(k^3)`,
+        no :math:`n \times n` matrix. This is the conditional covariance of a Gaussian vector
+        (a GP posterior at its training inputs), positive semidefinite when the joint covariance is.
+        Its computed core can then have eigenvalues of order :math:`\epsilon (\lVert C_M \rVert +
+        \lVert W \rVert^2)` below zero, which may be large against its own scale (the noise): the
+        result remembers that rounding level, and :meth:`matrix_sqrt` (sampling) clamps eigenvalues
+        above it to zero. With :class:`bma_gp.settings.validate` on, one below it raises there.
+
+        Args:
+            cross: :math:`A`, a block mean operator on the same partition (any symmetry).
+            other: :math:`N`, a symmetric positive definite block mean operator on the same partition.
+
+        Raises:
+            ValueError: the partitions differ, ``self`` or ``other`` is not symmetric, or ``other``
+                is not positive definite (validation on; see :meth:`core_cholesky`).
+        """
+        for name, op in (("cross", cross), ("other", other)):
+            if not self._same_partition(op):
+                raise ValueError(f"schur_complement: {name} must be a BlockMeanLinearOperator on the same partition "
+                                 f"as self (k = {self.partition.num_blocks}), got {type(op).__name__}.")
+        self._check_symmetric("schur_complement")
+        lam_M, C_M = self.core()
+        lam_A, C_A = cross.core()
+        lam_N, _ = other.core()
+        L = other.core_cholesky()
+        work = L.dtype
+        lam_M, C_M, lam_A, C_A, lam_N = (t.to(work) for t in (lam_M, C_M, lam_A, C_A, lam_N))
+        batch = torch.broadcast_shapes(L.shape[:-2], C_A.shape[:-2])
+        k = L.shape[-1]
+        W = torch.linalg.solve_triangular(L.expand(*batch, k, k), C_A.mT.expand(*batch, k, k), upper=False)
+        gram = W.mT @ W
+        C = C_M - gram
+        correction = lam_A * lam_A / lam_N
+        lam = lam_M - correction
+        # block offsets within rounding of zero are zero (the core's spectrum is handled by matrix_sqrt)
+        rounding = max(10, k) * torch.finfo(self.dtype).eps
+        lam = torch.where((lam < 0) & (lam >= -rounding * (lam_M.abs() + correction.abs())), 0.0, lam)
+        res = BlockMeanLinearOperator.from_core(lam, 0.5 * (C + C.mT), self.partition, dtype=self.dtype)
+        norm = C_M.abs().sum(-1).amax(-1) + gram.abs().sum(-1).amax(-1)  # bounds the spectral norms
+        res._rounding = (rounding * norm).detach()
+        return res
 
     def _new(self, lam: Tensor, B: Tensor, symmetric: bool | None = None) -> BlockMeanLinearOperator:
         return BlockMeanLinearOperator(lam, B, self.partition, symmetric=self.symmetric if symmetric is None
@@ -493,7 +548,10 @@ class BlockMeanLinearOperator(LinearOperator):
         if strict:
             bad = evals <= _tolerance(self.dtype) * scale
         else:  # the rounding of an eigendecomposition grows with k (numpy's matrix_rank tolerance)
-            bad = evals < -max(1, evals.shape[-1] // 10) * _tolerance(self.dtype) * scale
+            tol = max(1, evals.shape[-1] // 10) * _tolerance(self.dtype) * scale
+            if self._rounding is not None:  # a difference of larger matrices: rounding of its terms
+                tol = torch.maximum(tol, self._rounding.to(evals).unsqueeze(-1))
+            bad = evals < -tol
         found = _first_bad(bad)
         if found is not None:
             batch, i = found

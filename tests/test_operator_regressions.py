@@ -21,7 +21,6 @@ import bma_gp
 from bma_gp import BlockMeanLinearOperator, Partition, block_mean
 from bma_gp._precision import core_dtype
 from bma_gp.kernels import BlockMeanKernel, GroupKernel
-from bma_gp.kernels.prediction_strategy import _posterior_at_training_points
 from closed_form_guard import closed_forms_only
 from test_gp_inference import (
     GP,
@@ -190,27 +189,40 @@ def test_posterior_of_a_smooth_kernel_with_many_blocks_has_a_root(dtype):
     M = K.add_diagonal(torch.tensor(1e-4, dtype=dtype))
     Kd = dense64(K)
     ref = Kd - Kd @ torch.linalg.solve(dense64(M), Kd)
-    post = _posterior_at_training_points(K, K, M)
+    post = K.schur_complement(K, M)
     assert post.symmetric and post.dtype == dtype
     root = post.matrix_sqrt()
     R = dense64(root)
     scale = float(ref.diagonal().max())
+    assert float((dense64(post) - ref).abs().max()) < (1e-7 if dtype == torch.float64 else 1e-4) * scale
     # float64: exact to rounding. float32: the prior itself is indefinite at ~eps32 |K|, far above the
-    # noise here; those directions are clamped, which moves entries by that much.
-    tol = 1e-7 if dtype == torch.float64 else 5e-2
-    assert float((dense64(post) - ref).abs().max()) < tol * scale
-    assert float((R @ R - dense64(post)).abs().max()) < (1e-9 if dtype == torch.float64 else 1e-4) * scale
+    # noise here; the square root clamps those directions, which moves entries by that much.
+    assert float((R @ R - ref).abs().max()) < (1e-7 if dtype == torch.float64 else 5e-2) * scale
 
 
-def test_posterior_that_is_indefinite_beyond_rounding_raises_under_validation():
+def test_schur_complement_that_is_indefinite_beyond_rounding_has_no_square_root_under_validation():
     K = random_operator(SCATTERED, seed=3)
     M = K.add_diagonal(torch.tensor(0.1, dtype=DTYPE))
     wrong_prior = K * 0.5  # K/2 - K M^-1 K is indefinite: not a posterior
-    with pytest.raises(ValueError, match="not positive semidefinite beyond rounding"):
-        _posterior_at_training_points(wrong_prior, K, M)
+    S = wrong_prior.schur_complement(K, M)
+    dense = dense64(S)
+    torch.testing.assert_close(dense, dense64(wrong_prior) - dense64(K) @ torch.linalg.solve(dense64(M), dense64(K)),
+                               rtol=1e-10, atol=1e-12)
+    assert float(torch.linalg.eigvalsh(dense).min()) < -1e-3
+    with pytest.raises(ValueError, match="matrix_sqrt needs a positive semidefinite"):
+        S.matrix_sqrt()
     with bma_gp.settings.validate(False):
-        clamped = _posterior_at_training_points(wrong_prior, K, M)
-    assert float(torch.linalg.eigvalsh(clamped.to_dense()).min()) > -1e-12
+        root = wrong_prior.schur_complement(K, M).matrix_sqrt()
+    assert float(torch.linalg.eigvalsh(dense64(root)).min()) > -1e-12  # negative eigenvalues clamped
+
+
+def test_schur_complement_rejects_other_partitions():
+    K = random_operator(SCATTERED)
+    other = random_operator([0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 4, 4])
+    with pytest.raises(ValueError, match="other must be a BlockMeanLinearOperator on the same partition"):
+        K.schur_complement(K, other)
+    with pytest.raises(ValueError, match="cross must be"):
+        K.schur_complement(torch.eye(12, dtype=DTYPE), K)
 
 
 # ---------------------------------------------------------------------------- logdet of non-symmetric operators

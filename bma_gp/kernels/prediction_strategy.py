@@ -34,8 +34,6 @@ from linear_operator import to_linear_operator
 from linear_operator.operators import LinearOperator, MatmulLinearOperator, ZeroLinearOperator
 from torch import Tensor
 
-from bma_gp import settings as bma_settings
-from bma_gp._symmetric_function import symmetric_matrix_function
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 
@@ -53,70 +51,10 @@ def _attach_clear_hook(strategy, tensor: Tensor) -> Tensor:
 
 def _posterior_at_training_points(prior: BlockMeanLinearOperator, cross: BlockMeanLinearOperator,
                                   noisy: BlockMeanLinearOperator) -> BlockMeanLinearOperator:
-    r"""The posterior covariance :math:`K_{**} - K_{*X} (\hat K + \sigma^2 I)^{-1} K_{X*}` when all three
-    are block mean operators on one partition, as a *symmetric* block mean operator.
-
-    Operators on one partition act on the block-constant vectors through their cores and on the rest
-    through their block offsets, so the result has
-
-    .. math::
-        \lambda = \lambda_{**} - \lambda_{*X}^2 / \hat\lambda, \qquad
-        C = C_{**} - W^\top W, \quad W = L^{-1} C_{*X}^\top, \quad L L^\top = \hat C,
-
-    a difference of positive semidefinite matrices that is itself positive semidefinite. Rounding
-    leaves eigenvalues of order :math:`\epsilon \lVert C_{**} \rVert` that may be slightly negative,
-    far below zero relative to the posterior's own scale (the noise); they are set to zero so that
-    square roots (sampling) work. With validation on, an eigenvalue below rounding level raises.
-    """
-    lam_T, C_T = prior.core()
-    lam_A, C_A = cross.core()
-    lam_M, _ = noisy.core()
-    L = noisy.core_cholesky()
-    work = L.dtype
-    lam_T, C_T, lam_A, C_A, lam_M = (t.to(work) for t in (lam_T, C_T, lam_A, C_A, lam_M))
-    batch = torch.broadcast_shapes(L.shape[:-2], C_A.shape[:-2])
-    k = L.shape[-1]
-    W = torch.linalg.solve_triangular(L.expand(*batch, k, k), C_A.mT.expand(*batch, k, k), upper=False)
-    gram = W.mT @ W
-    C = C_T - gram
-    C = 0.5 * (C + C.mT)
-    lam = lam_T - lam_A * lam_A / lam_M
-    multi = prior.partition.sizes > 1
-    lam = torch.where(multi, lam, torch.ones_like(lam))  # singleton blocks: only C_ii is visible
-    if bma_settings.validate.on():
-        _check_rounding_level(C, lam, C_T, gram, lam_T, lam_A * lam_A / lam_M, multi, prior.dtype)
-    C = symmetric_matrix_function(C, _identity, _clamp_nonnegative)
-    lam = torch.where(multi, lam.clamp_min(0), lam)
-    return BlockMeanLinearOperator.from_core(lam, C, prior.partition, dtype=prior.dtype)
-
-
-def _identity(e: Tensor) -> Tensor:
-    return e
-
-
-def _clamp_nonnegative(e: Tensor) -> Tensor:
-    return e.clamp_min(0)
-
-
-def _check_rounding_level(C: Tensor, lam: Tensor, C_T: Tensor, gram: Tensor, lam_T: Tensor, lam_corr: Tensor,
-                          multi: Tensor, dtype: torch.dtype) -> None:
-    """Negative eigenvalues of a difference ``C_T - gram`` of positive semidefinite matrices (and of the
-    offsets ``lam_T - lam_corr``) are rounding only if they are within ``max(10, k)`` ulps of the size
-    of the terms, in the model's dtype (``lam`` and ``B`` are known to that precision only)."""
-    eps = max(10, C.shape[-1]) * torch.finfo(dtype).eps
-    tiny = torch.finfo(C.dtype).tiny
-    norm = (C_T.abs().sum(-1).amax(-1) + gram.abs().sum(-1).amax(-1)).clamp_min(tiny)  # >= spectral norms
-    evals = torch.linalg.eigvalsh(C.detach())
-    worst = evals.amin(-1) / norm.detach()
-    offsets = torch.where(multi, lam / (lam_T.abs() + lam_corr.abs()).clamp_min(tiny), torch.zeros_like(lam))
-    if bool((worst < -eps).any()) or bool((offsets.detach() < -eps).any()):
-        raise ValueError(
-            "the posterior covariance at the training inputs is not positive semidefinite beyond rounding "
-            f"(smallest core eigenvalue {float(evals.amin()):.6g}, smallest block offset {float(lam.amin()):.6g}), "
-            "so the training covariance is not positive semidefinite, or the noisy training covariance is not "
-            "the prior covariance plus a positive semidefinite noise. Check the kernel, or switch validation "
-            "off (bma_gp.settings.validate(False)) to clamp the negative eigenvalues to zero."
-        )
+    r""":math:`K_{**} - K_{*X} (\hat K + \sigma^2 I)^{-1} K_{X*}` when all three are block mean
+    operators on one partition: a symmetric block mean operator
+    (:meth:`~bma_gp.BlockMeanLinearOperator.schur_complement`), so it can be sampled."""
+    return prior.schur_complement(cross, noisy)
 
 
 class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
