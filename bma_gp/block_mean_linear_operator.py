@@ -720,7 +720,11 @@ class BlockMeanLinearOperator(LinearOperator):
         return self.inverse()._matmul(rhs)
 
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
-        r"""Closed-form :math:`M^{-1} R` (or :math:`L M^{-1} R`): no CG, no dense Cholesky, at any size."""
+        r"""Closed-form :math:`M^{-1} R` (or :math:`L M^{-1} R`): no CG, no dense Cholesky, at any size.
+
+        With :class:`bma_gp.settings.validate` on, a singular :math:`M` or NaN/inf in ``lam`` or ``B``
+        raises a ``ValueError`` naming the cause; with it off the result is NaN/inf instead (no host
+        synchronisation)."""
         self._check_rhs(right_tensor, "right_tensor")
         res = self.inverse().matmul(right_tensor)
         if left_tensor is not None:
