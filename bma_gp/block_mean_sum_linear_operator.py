@@ -43,6 +43,40 @@ def _is_diagonal(B: Tensor) -> bool:
     return not bool(off.detach().any())
 
 
+def _is_full(index) -> bool:
+    return isinstance(index, slice) and index == slice(None, None, None)
+
+
+_VIEWS = {"ExpandBackward0", "ViewBackward0", "UnsqueezeBackward0", "CloneBackward0", "ToCopyBackward0",
+          "AliasBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "SqueezeBackward0", "SqueezeBackward1"}
+
+
+def _structurally_diagonal(fn, depth: int = 0) -> bool:
+    """Whether the autograd node ``fn`` makes a matrix whose off-diagonal entries are zero by construction
+    (``diag_embed``, or a product with a constant diagonal mask), so that no gradient can reach them."""
+    if fn is None or depth > 32:
+        return False
+    name = type(fn).__name__
+    inputs = [f for f, _ in fn.next_functions if f is not None]
+    if name == "DiagEmbedBackward0":
+        return True
+    if name in _VIEWS:
+        return bool(inputs) and _structurally_diagonal(inputs[0], depth + 1)
+    if name == "MulBackward0":
+        for attr in ("_saved_self", "_saved_other"):
+            try:
+                saved = getattr(fn, attr)
+            except (AttributeError, RuntimeError):
+                continue
+            if torch.is_tensor(saved) and not saved.requires_grad and saved.dim() >= 2 \
+                    and saved.shape[-1] == saved.shape[-2] and saved.shape[-1] > 1 and _is_diagonal(saved):
+                return True
+        return any(_structurally_diagonal(f, depth + 1) for f in inputs)
+    if name in ("AddBackward0", "SubBackward0"):
+        return bool(inputs) and all(_structurally_diagonal(f, depth + 1) for f in inputs)
+    return False
+
+
 def _contingency(part_a: Partition, part_b: Partition, values: Tensor) -> Tensor:
     r""":math:`P_a^\top \operatorname{diag}(v) P_b`: one scatter-add over the ``n`` indices.
     ``values`` # shape: (*batch, n) -> # shape: (*batch, k_a, k_b)"""
@@ -247,6 +281,23 @@ class BlockMeanSumLinearOperator(LinearOperator):
                          blocks=[B.expand(*batch_shape, *B.shape[-2:]) for B in self.blocks],
                          root=None if self.root is None else self.root.expand(*batch_shape, *self.root.shape[-2:]))
 
+    def _map_batch(self, fn) -> BlockMeanSumLinearOperator:
+        """Apply ``fn(tensor, trailing_dims)`` to the batch dimensions of every tensor (the root included)."""
+        return self._new(diag=fn(self.diag_values, 1), blocks=[fn(B, 2) for B in self.blocks],
+                         root=None if self.root is None else fn(self.root, 2))
+
+    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+        full = slice(None, None, None)
+        if _is_full(row_index) and _is_full(col_index):  # only batch indexing: stays in the family
+            return self._map_batch(lambda t, trail: t[(*batch_indices, *([full] * trail))])
+        return super()._getitem(row_index, col_index, *batch_indices)
+
+    def _unsqueeze_batch(self, dim: int) -> BlockMeanSumLinearOperator:
+        return self._map_batch(lambda t, trail: t.unsqueeze(dim))
+
+    def _permute_batch(self, *dims: int) -> BlockMeanSumLinearOperator:
+        return self._map_batch(lambda t, trail: t.permute(*dims, *range(len(dims), t.dim())))
+
     def _matmul(self, rhs: Tensor) -> Tensor:
         vector = rhs.dim() == 1
         if vector:
@@ -380,7 +431,16 @@ class BlockMeanSumLinearOperator(LinearOperator):
 
     # ------------------------------------------------------------------ the capacitance
     def _block_is_diagonal(self, j: int) -> bool:
-        return self._memo(f"diagonal_{j}", lambda: _is_diagonal(self.blocks[j]))
+        """A diagonal ``B_j`` is eliminated first. With gradients, only when its off-diagonal entries are zero by
+        construction (``diag_embed``, a diagonal mask): a leaf that is diagonal by value still needs the
+        gradient of its off-diagonal entries, which the elimination does not produce."""
+        def decide() -> bool:
+            B = self.blocks[j]
+            if not _is_diagonal(B):
+                return False
+            return not B.requires_grad or _structurally_diagonal(B.grad_fn)
+
+        return self._memo(f"diagonal_{j}", decide)
 
     def _G(self, j: int, x: Tensor) -> Tensor:
         """:math:`G_j x` in the working precision (``j == J``: the identity of the root)."""
@@ -653,7 +713,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         K, L = self._memo("root_parts", lambda: self._root_parts(inverse=False))
         wdt = K.dtype
         d = self.diag_values.to(wdt)
-        return RootLinearOperator(_WoodburyRoot(self, K, L, d.sqrt(), torch.ones_like(d), d.rsqrt()))
+        return RootLinearOperator(_WoodburyRoot(K, d.sqrt(), torch.ones_like(d), d.rsqrt(), *L, parent=self))
 
     @_scoped
     def root_inv_decomposition(self, initial_vectors: Tensor | None = None, test_vectors: Tensor | None = None,
@@ -663,16 +723,32 @@ class BlockMeanSumLinearOperator(LinearOperator):
         K, L = self._memo("root_inv_parts", lambda: self._root_parts(inverse=True))
         wdt = K.dtype
         d = self.diag_values.to(wdt)
-        return RootLinearOperator(_WoodburyRoot(self, K, L, d.rsqrt(), d.reciprocal(), d.rsqrt()))
+        return RootLinearOperator(_WoodburyRoot(K, d.rsqrt(), d.reciprocal(), d.rsqrt(), *L, parent=self))
 
+    @_scoped
     def sqrt_inv_matmul(self, rhs: Tensor, lhs: Tensor | None = None):
-        r""":math:`R^{-1}`-style products through the closed-form inverse root."""
+        r""":math:`M^{-1/2} R` with the symmetric inverse square root (or :math:`(L M^{-1/2} R,
+        \operatorname{diag}(L M^{-1} L^\top))`), in closed form when :math:`d` is one constant: then the
+        inverse root of :meth:`root_inv_decomposition` is symmetric and is :math:`M^{-1/2}`.
+
+        Raises:
+            NotImplementedError: ``d`` is not constant; the symmetric :math:`M^{-1/2}` has no closed form in
+                this family (``root_inv_decomposition()`` still gives a root :math:`R R^\top = M^{-1}`).
+        """
+        self._check_rhs(rhs, "rhs")
+        d = self.diag_values
+        if not bool((d == d[..., :1]).all()):
+            raise NotImplementedError(
+                "sqrt_inv_matmul needs the symmetric inverse square root M^{-1/2}, which has a closed form in "
+                "BlockMeanSumLinearOperator only when the diagonal d is one constant; this operator has a "
+                "per-point diagonal. root_inv_decomposition() gives a (non-symmetric) root R with R R^T = M^{-1} "
+                "and solve() gives M^{-1} R, both in closed form.")
         root = self.root_inv_decomposition().root
+        res = root.matmul(rhs)
         if lhs is None:
-            return root.matmul(rhs)
-        lhs_root = root._t_matmul(lhs.mT).mT  # L R
-        res = lhs_root @ root._t_matmul(rhs.unsqueeze(-1) if rhs.dim() == 1 else rhs)
-        return res, lhs_root.pow(2).sum(-1)
+            return res
+        lhs_root = root._t_matmul(lhs.mT).mT  # L R (R symmetric here)
+        return lhs @ res, lhs_root.pow(2).sum(-1)
 
     def __repr__(self) -> str:
         return (f"BlockMeanSumLinearOperator(shape={tuple(self.shape)}, {self._describe()}, dtype={self.dtype}, "
@@ -684,19 +760,28 @@ class _WoodburyRoot(LinearOperator):
     r""":math:`R = \operatorname{diag}(\alpha) + \operatorname{diag}(\beta) Z L K L^\top Z^\top
     \operatorname{diag}(\gamma)` for a :class:`BlockMeanSumLinearOperator`'s :math:`Z` (never formed)."""
 
-    def __init__(self, parent: BlockMeanSumLinearOperator, K: Tensor, L: list[Tensor], alpha: Tensor, beta: Tensor,
-                 gamma: Tensor, transposed: bool = False):
+    def __init__(self, K: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, *L: Tensor,
+                 parent: BlockMeanSumLinearOperator, transposed: bool = False):
         super().__init__(K, alpha, beta, gamma, *L, parent=parent, transposed=transposed)
         self.parent = parent
-        self.K, self.L = K, L
+        self.K, self.L = K, list(L)
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.transposed = transposed
+
+    @property
+    def dtype(self) -> torch.dtype:  # K and the scalings are held in the working precision
+        return self.parent.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.parent.device
 
     def _size(self) -> torch.Size:
         return self.parent.shape
 
     def _transpose_nonbatch(self) -> _WoodburyRoot:
-        return _WoodburyRoot(self.parent, self.K, self.L, self.alpha, self.gamma, self.beta, not self.transposed)
+        return _WoodburyRoot(self.K, self.alpha, self.gamma, self.beta, *self.L, parent=self.parent,
+                             transposed=not self.transposed)
 
     def _matmul(self, rhs: Tensor) -> Tensor:
         vector = rhs.dim() == 1
@@ -721,8 +806,11 @@ class _WoodburyRoot(LinearOperator):
         return self._transpose_nonbatch()._matmul(rhs)
 
     def _expand_batch(self, batch_shape):
-        return _WoodburyRoot(self.parent._expand_batch(batch_shape), self.K, self.L, self.alpha, self.beta,
-                             self.gamma, self.transposed)
+        return _WoodburyRoot(self.K, self.alpha, self.beta, self.gamma, *self.L,
+                             parent=self.parent._expand_batch(batch_shape), transposed=self.transposed)
+
+    def _getitem(self, row_index, col_index, *batch_indices):
+        return self.to_dense()[(*batch_indices, row_index, col_index)]
 
     def to_dense(self) -> Tensor:
         n = self.shape[-1]

@@ -276,9 +276,15 @@ def test_batch_indexing(structure):
 @pytest.mark.parametrize("structure", ["one", "crossed", "crossed_root"])
 def test_sqrt_inv_matmul(structure):
     # sqrt_inv_matmul(rhs) is M^{-1/2} rhs with the *symmetric* inverse square root (linear_operator's
-    # contract); a non-symmetric R with R R^T = M^{-1} does not give it when d is not constant.
+    # contract); a non-symmetric R with R R^T = M^{-1} does not give it when d is not constant, so that
+    # case raises instead of handing back an iterative estimate, and a constant d is exact.
     case = Case(structure)
-    op, A = case.op(), case.dense()
+    per_point = case.op()
+    with pytest.raises(NotImplementedError, match="constant"):
+        per_point.sqrt_inv_matmul(torch.randn(N, 2, dtype=torch.float64))
+    op = BlockMeanSumLinearOperator(torch.full_like(per_point.diag_values, 0.7), *per_point.blocks,
+                                    partitions=per_point.partitions, root=per_point.root, weights=per_point.weights)
+    A = op.to_dense()
     evals, evecs = torch.linalg.eigh(A)
     inv_sqrt = evecs @ torch.diag_embed(evals.rsqrt()) @ evecs.mT
     rhs, lhs = torch.randn(N, 3, dtype=torch.float64), torch.randn(2, N, dtype=torch.float64)

@@ -103,6 +103,22 @@ class _Common:
     # Lanczos by design. The inherited test would demand "no Lanczos" from should_call_lanczos_diagonalization
     # (False here, because every contract method must stay Lanczos-free). Same accuracy check, and the
     # dense path (max_cholesky_size(inf)) must still avoid Lanczos.
+    # sqrt_inv_matmul needs the symmetric M^{-1/2}, which has a closed form here only for a constant d (tested
+    # for exactness in test_block_mean_sum.py); these operators have a per-point d, so it must refuse in words
+    # instead of returning linear_operator's contour-quadrature estimate.
+    def test_sqrt_inv_matmul(self):
+        linear_op = self.create_linear_op()
+        rhs = torch.randn(*linear_op.batch_shape, linear_op.size(-1), 3, dtype=linear_op.dtype)
+        lhs = torch.randn(*linear_op.batch_shape, 2, linear_op.size(-1), dtype=linear_op.dtype)
+        with self.assertRaisesRegex(NotImplementedError, "constant"):
+            linear_op.sqrt_inv_matmul(rhs, lhs)
+
+    def test_sqrt_inv_matmul_no_lhs(self):
+        linear_op = self.create_linear_op()
+        rhs = torch.randn(*linear_op.batch_shape, linear_op.size(-1), 3, dtype=linear_op.dtype)
+        with self.assertRaisesRegex(NotImplementedError, "constant"):
+            linear_op.sqrt_inv_matmul(rhs)
+
     def test_diagonalization(self, symeig=False):
         import math
         from unittest.mock import MagicMock, patch
