@@ -445,14 +445,16 @@ def targets(records: list[dict]) -> list[tuple[str, str, str]]:
         ratios = r["ratio_to_adagrad"]
         eager, fused = ratios.get("block_mean_tensor"), ratios.get("block_mean_tensor_fused")
         size = f"'tensor', {r['params'] / 1e6:.1f}M params, {r.get('threads', '?')} threads"
-        ms = r["median_ms"]
+        ms = r.get("median_ms", {})
         if eager is not None:  # issue 13: the default step, no compiler
             res.append((f"BlockMeanAdagrad eager step ({size}): <= 2x Adagrad",
-                        f"{eager:.2f}x ({ms['block_mean_tensor']:.2f} ms vs Adagrad {ms['adagrad']:.2f} ms)",
+                        f"{eager:.2f}x ({ms.get('block_mean_tensor', float('nan')):.2f} ms vs Adagrad "
+                        f"{ms.get('adagrad', float('nan')):.2f} ms)",
                         _verdict(eager <= 2.0, eager / 2.0)))
         if fused is not None:
             res.append((f"BlockMeanAdagrad fused=True step ({size}): <= 1.5x Adagrad",
-                        f"{fused:.2f}x ({ms['block_mean_tensor_fused']:.2f} ms vs Adagrad {ms['adagrad']:.2f} ms)",
+                        f"{fused:.2f}x ({ms.get('block_mean_tensor_fused', float('nan')):.2f} ms vs Adagrad "
+                        f"{ms.get('adagrad', float('nan')):.2f} ms)",
                         _verdict(fused <= 1.5, fused / 1.5)))
     for r in (r for r in records if r.get("bench") == "compositions_large" and r["n"] >= 1_000_000):
         ok = r["seconds"] < 10 and r["peak_rss_mb"] < 3072
