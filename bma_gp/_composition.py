@@ -122,7 +122,8 @@ def _build(parts: _Parts, like: LinearOperator) -> LinearOperator:
     root = None
     if parts.roots:
         batch = torch.broadcast_shapes(*(r.shape[:-2] for r in parts.roots))
-        root = torch.cat([r.expand(*batch, *r.shape[-2:]) for r in parts.roots], dim=-1)
+        root = parts.roots[0] if len(parts.roots) == 1 else torch.cat(
+            [r.expand(*batch, *r.shape[-2:]) for r in parts.roots], dim=-1)
     if root is None and len(terms) == 1 and terms[0][2] is None:
         single = _as_block_mean(diag, terms[0][0], terms[0][1])
         if single is not None:

@@ -398,7 +398,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         blocks ``A[i, j]`` (``i < j``; index ``J`` is the root), in the working precision."""
         return self._memo("gram", self._compute_gram)
 
-    def _compute_gram(self):
+    def _compute_gram(self, extra: Tensor | None = None):
         wdt = core_dtype(self.dtype)
         dinv = self.diag_values.to(wdt).reciprocal()
         J = len(self.partitions)
@@ -414,20 +414,23 @@ class BlockMeanSumLinearOperator(LinearOperator):
                 if w[j] is not None:
                     values = values * w[j]
                 blocks[i, j] = _contingency(self.partitions[i], self.partitions[j], values)
+        root_t_extra = None
         if self.root is not None:
-            cross, gram = self._root_gram(dinv, w)
+            cross, gram, root_t_extra = self._root_gram(dinv, w, extra)
             for j in range(J):
                 blocks[j, J] = cross[j]
             blocks[J, J] = gram
-        return a, blocks
+        return (a, blocks) if extra is None else (a, blocks, root_t_extra)
 
-    def _root_gram(self, dinv: Tensor, w: list[Tensor | None]):
-        """:math:`P_j^\top W_j D^{-1} U` for every partition and :math:`U^\top D^{-1} U`, in row chunks:
-        products in the root's precision, sums over chunks in the working precision, and a backward pass
-        that needs one product with :math:`U` and no ``n x m`` temporaries kept from the forward."""
-        out = _RootGram.apply(self.root, dinv, tuple(p.labels for p in self.partitions),
+    def _root_gram(self, dinv: Tensor, w: list[Tensor | None], extra: Tensor | None):
+        """:math:`P_j^\top W_j D^{-1} U` for every partition, :math:`U^\top D^{-1} U` and (with ``extra``)
+        :math:`U^\top x`, in one pass over row chunks: products in the root's precision, sums over chunks in
+        the working precision, and a backward pass that needs one product with :math:`U`, writes one gradient
+        buffer and keeps no ``n x m`` temporaries from the forward."""
+        x = extra if extra is not None else dinv.new_zeros(*dinv.shape, 0)
+        out = _RootGram.apply(self.root, dinv, x, tuple(p.labels for p in self.partitions),
                               tuple(p.num_blocks for p in self.partitions), tuple(w))
-        return list(out[1:]), out[0]
+        return list(out[2:]), out[0], (out[1] if extra is not None else None)
 
     # ------------------------------------------------------------------ the capacitance
     def _block_is_diagonal(self, j: int) -> bool:
@@ -552,13 +555,14 @@ class BlockMeanSumLinearOperator(LinearOperator):
         return out
 
     # ------------------------------------------------------------------ Z^T x and Z y
-    def _z_t(self, x: Tensor) -> list[Tensor]:
-        """:math:`Z^\\top x` per term, in the working precision. ``x`` # shape: (*batch, n, t)"""
+    def _z_t(self, x: Tensor, root_t: Tensor | None = None) -> list[Tensor]:
+        """:math:`Z^\\top x` per term, in the working precision (``root_t``: :math:`U^\\top x` if already known).
+        ``x`` # shape: (*batch, n, t)"""
         wdt = core_dtype(self.dtype)
         x = x.to(wdt)
         out = [p.block_sum(self._weighted(j, x, -2), dim=-2) for j, p in enumerate(self.partitions)]
         if self.root is not None:
-            out.append(_chunked_t_matmul(self.root, x))
+            out.append(root_t if root_t is not None else _chunked_t_matmul(self.root, x))
         return out
 
     def _z(self, y: list[Tensor]) -> Tensor:
@@ -588,7 +592,15 @@ class BlockMeanSumLinearOperator(LinearOperator):
         scaled = rhs.to(wdt) / self.diag_values.to(wdt).unsqueeze(-1)
         if not self._sizes():
             return scaled, [], []
-        u = self._z_t(scaled)
+        root_t = None
+        if (self.root is not None and "gram" not in self._store and self._depth
+                and scaled.shape[:-2] == self.root.shape[:-2]):
+            # one pass over U for its Gram matrix and U^T D^{-1} b (and one gradient buffer for U)
+            a, blocks, root_t = self._compute_gram(extra=scaled)
+            self._store["gram"] = (a, blocks)
+            if self._differentiable():
+                self._scoped_names.add("gram")
+        u = self._z_t(scaled, root_t)
         x = self._cap_solve([self._G(t, ut) for t, ut in enumerate(u)])
         return scaled, u, x
 
@@ -820,42 +832,48 @@ class _WoodburyRoot(LinearOperator):
 
 # ---------------------------------------------------------------------------- chunked products with the root
 class _RootGram(torch.autograd.Function):
-    r"""``(U^T D^{-1} U, P_1^T W_1 D^{-1} U, ...)`` over row chunks of ``U`` (``dinv`` = :math:`1/d`)."""
+    r"""``(U^T D^{-1} U, U^T x, P_1^T W_1 D^{-1} U, ...)`` over row chunks of ``U`` (``dinv`` = :math:`1/d`)."""
 
     @staticmethod
-    def forward(ctx, U: Tensor, dinv: Tensor, labels: tuple, ks: tuple, weights: tuple):
+    def forward(ctx, U: Tensor, dinv: Tensor, x: Tensor, labels: tuple, ks: tuple, weights: tuple):
         wdt = dinv.dtype
         m = U.shape[-1]
         rows = _chunk_rows(m, U.element_size())
+        batch = torch.broadcast_shapes(U.shape[:-2], x.shape[:-2])
         gram = U.new_zeros(*U.shape[:-2], m, m, dtype=wdt)
+        root_t = U.new_zeros(*batch, m, x.shape[-1], dtype=wdt)
         cross = [U.new_zeros(*U.shape[:-2], k, m, dtype=wdt) for k in ks]
         for start in range(0, U.shape[-2], rows):
             Uc = U.narrow(-2, start, min(rows, U.shape[-2] - start))
             c = Uc.shape[-2]
             scaled = Uc * dinv.narrow(-1, start, c).to(U.dtype).unsqueeze(-1)
             gram += (Uc.mT @ scaled).to(wdt)
-            scaled_w = scaled.to(wdt)
+            Uw = Uc.to(wdt)
+            if x.shape[-1]:
+                root_t += Uw.mT @ x.narrow(-2, start, c)
+            scaled_w = Uw * dinv.narrow(-1, start, c).unsqueeze(-1)
             for j, k in enumerate(ks):
                 vals = scaled_w if weights[j] is None else scaled_w * weights[j].narrow(0, start, c).unsqueeze(-1)
                 cross[j].index_add_(-2, labels[j].narrow(0, start, c), vals)
-        ctx.save_for_backward(U, dinv)
+        ctx.save_for_backward(U, dinv, x)
         ctx.labels, ctx.weights = labels, weights
-        return (gram, *cross)
+        return (gram, root_t, *cross)
 
     @staticmethod
-    def backward(ctx, grad_gram: Tensor, *grad_cross: Tensor):
-        U, dinv = ctx.saved_tensors
+    def backward(ctx, grad_gram: Tensor, grad_root_t: Tensor, *grad_cross: Tensor):
+        U, dinv, x = ctx.saved_tensors
         wdt = dinv.dtype
-        sym = (grad_gram + grad_gram.mT).to(U.dtype)
+        sym = None if grad_gram is None else (grad_gram + grad_gram.mT).to(U.dtype)
         grad_U = torch.empty_like(U) if ctx.needs_input_grad[0] else None
-        grad_dinv = torch.empty_like(dinv) if ctx.needs_input_grad[1] else None
+        grad_dinv = torch.zeros_like(dinv) if ctx.needs_input_grad[1] else None
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[2] and grad_root_t is not None else None
         rows = _chunk_rows(U.shape[-1], U.element_size())
         for start in range(0, U.shape[-2], rows):
             Uc = U.narrow(-2, start, min(rows, U.shape[-2] - start))
             c = Uc.shape[-2]
             dc = dinv.narrow(-1, start, c)
-            V = Uc @ sym  # (U (G + G^T)) for this chunk
-            gathered = None
+            V = Uc @ sym if sym is not None else None  # U (G + G^T) for this chunk
+            gathered = None  # sum_j W_j P_j (grad of P_j^T W_j D^{-1} U)
             for j, g in enumerate(grad_cross):
                 if g is None:
                     continue
@@ -863,15 +881,28 @@ class _RootGram(torch.autograd.Function):
                 if ctx.weights[j] is not None:
                     piece = piece * ctx.weights[j].narrow(0, start, c).unsqueeze(-1)
                 gathered = piece if gathered is None else gathered + piece
-            total = V.to(wdt) if gathered is None else V.to(wdt) + gathered
+            scaled_part = gathered if V is None else (V.to(wdt) if gathered is None else V.to(wdt) + gathered)
             if grad_U is not None:
-                grad_U.narrow(-2, start, c).copy_(total * dc.unsqueeze(-1))
+                total = torch.zeros((), dtype=wdt, device=U.device) if scaled_part is None \
+                    else scaled_part * dc.unsqueeze(-1)
+                if grad_root_t is not None and x.shape[-1]:
+                    total = total + x.narrow(-2, start, c) @ grad_root_t.mT
+                grad_U.narrow(-2, start, c).copy_(total.expand(grad_U.narrow(-2, start, c).shape)
+                                                  if total.dim() == 0 else total)
             if grad_dinv is not None:
-                quad = 0.5 * (V * Uc).sum(-1).to(wdt)
+                quad = None
+                if V is not None:
+                    quad = 0.5 * (V * Uc).sum(-1).to(wdt)
                 if gathered is not None:
-                    quad = quad + (gathered * Uc.to(wdt)).sum(-1)
-                grad_dinv.narrow(-1, start, c).copy_(quad)
-        return grad_U, grad_dinv, None, None, None
+                    extra = (gathered * Uc.to(wdt)).sum(-1)
+                    quad = extra if quad is None else quad + extra
+                if quad is not None:
+                    grad_dinv.narrow(-1, start, c).copy_(quad)
+            if grad_x is not None:
+                grad_x.narrow(-2, start, c).copy_(Uc.to(wdt) @ grad_root_t)
+        if grad_x is not None and grad_x.shape != x.shape:
+            grad_x = grad_x.sum_to_size(x.shape)
+        return grad_U, grad_dinv, grad_x, None, None, None
 
 
 def _chunked_t_matmul(U: Tensor, x: Tensor) -> Tensor:
