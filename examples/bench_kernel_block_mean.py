@@ -17,6 +17,14 @@ Output: JSON lines on stdout, and with ``--out`` also written to that file.
     python examples/bench_kernel_block_mean.py                 # n = 20,000
     python examples/bench_kernel_block_mean.py --smoke         # n = 2,000, seconds
 
+``--k-sweep 10,100,...`` instead times RBF-ARD (values plus lengthscale backward) at several
+numbers of blocks in one process, in interleaved rounds (the fastest of each), against one bare
+forward of all entries measured in the same rounds: the issue-13 figures (the cost at k against
+the cost at the smallest k, and against the bare forward). Wall and process CPU time are both
+recorded; CPU time is steadier on a shared machine.
+
+    python examples/bench_kernel_block_mean.py --k-sweep 10,100,1000,2000,5000 --d 3
+
 ``--baseline FILE`` also times the ``kernel_block_mean`` of another version of the module
 (for example ``git show REV:bma_gp/kernel_block_mean.py > old.py``) in the same run, so
 before / after ratios share one baseline measurement.
@@ -137,6 +145,70 @@ def run_case(name: str, n: int, d: int, k: int, repeat: int, dtype_name: str, ba
     }
 
 
+def run_k_sweep(n: int, d: int, ks: list[int], rounds: int, dtype_name: str) -> list[dict]:
+    """RBF-ARD forward and forward + backward at each k, interleaved with the bare forward, best of ``rounds``."""
+    import torch
+    from gpytorch import settings as gpt_settings
+
+    from bma_gp.kernel_block_mean import _CHUNK_BYTES, kernel_block_mean
+    from bma_gp.partition_builders import kmeans_partition
+
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    x = torch.randn(n, d, dtype=dtype)
+    kernel = _kernel("rbf-ard", d).to(dtype)
+    params = list(kernel.parameters())
+    chunk = max(1, _CHUNK_BYTES // (n * x.element_size()))
+    partitions = {k: kmeans_partition(x, k, seed=0) for k in ks}
+
+    def bare_fwd():
+        with torch.no_grad(), gpt_settings.lazily_evaluate_kernels(False):
+            for a in range(0, n, chunk):
+                kernel(x[a:a + chunk], x).to_dense()
+
+    def kbm_fwd(partition):
+        with torch.no_grad():
+            kernel_block_mean(kernel, x, partition)
+
+    def kbm_fwd_bwd(partition):
+        op = kernel_block_mean(kernel, x, partition)
+        torch.autograd.grad(op.lam.sum() + op.B.square().sum(), params)
+
+    def timed(fn, *args) -> tuple[float, float]:
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn(*args)
+        return time.perf_counter() - w0, time.process_time() - c0
+
+    bare_fwd(), kbm_fwd_bwd(partitions[ks[0]])  # warm-up
+    best: dict[tuple, tuple[float, float]] = {}
+
+    def keep(key, value):
+        old = best.get(key, (float("inf"), float("inf")))
+        best[key] = (min(old[0], value[0]), min(old[1], value[1]))
+
+    for _ in range(rounds):
+        keep(("bare",), timed(bare_fwd))
+        for k in ks:
+            keep(("fwd", k), timed(kbm_fwd, partitions[k]))
+            keep(("fwd_bwd", k), timed(kbm_fwd_bwd, partitions[k]))
+    bare_wall, bare_cpu = best[("bare",)]
+    first_wall, first_cpu = best[("fwd_bwd", ks[0])]
+    out = []
+    for k in ks:
+        (fw, fc), (bw, bc) = best[("fwd", k)], best[("fwd_bwd", k)]
+        out.append({
+            "bench": "kernel_k_sweep", "case": "rbf-ard", "n": n, "d": d, "k": partitions[k].num_blocks,
+            "k_first": ks[0], "dtype": dtype_name, "threads": torch.get_num_threads(), "rounds": rounds,
+            "t_bare_fwd_s": round(bare_wall, 4), "t_kbm_fwd_s": round(fw, 4), "t_kbm_fwd_bwd_s": round(bw, 4),
+            "cpu_bare_fwd_s": round(bare_cpu, 4), "cpu_kbm_fwd_s": round(fc, 4), "cpu_kbm_fwd_bwd_s": round(bc, 4),
+            "ratio_fwd_bwd_vs_bare_fwd": round(bw / bare_wall, 3),
+            "ratio_fwd_bwd_vs_first_k": round(bw / first_wall, 3),
+            "cpu_ratio_fwd_bwd_vs_bare_fwd": round(bc / bare_cpu, 3),
+            "cpu_ratio_fwd_bwd_vs_first_k": round(bc / first_cpu, 3),
+        })
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=20_000)
@@ -150,10 +222,31 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every case")
     parser.add_argument("--baseline", default=None,
                         help="a file with another version of bma_gp/kernel_block_mean.py, timed in the same run")
+    parser.add_argument("--k-sweep", default=None,
+                        help="comma-separated k: time RBF-ARD at each k in one process instead of the cases")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case here
     args = parser.parse_args()
     if args.smoke:
         args.n, args.k, args.repeat = 2_000, 50, 1
+    if args.k_sweep is not None:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        ks = sorted(int(v) for v in args.k_sweep.split(","))
+        if args.smoke:
+            ks = [k for k in ks if k <= args.n // 4] or [10]
+        header = {"benchmark": "kernel_k_sweep", "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+                  "load_avg_1m": round(os.getloadavg()[0], 2)}
+        print(json.dumps(header), flush=True)
+        lines = [json.dumps(header)]
+        for rec in run_k_sweep(args.n, args.d, ks, max(2, args.repeat), args.dtype):
+            lines.append(json.dumps(rec))
+            print(lines[-1], flush=True)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write("\n".join(lines) + "\n")
+        return
     if args.case is not None:
         if args.threads:
             import torch

@@ -236,7 +236,7 @@ class _RowGroup:
     def bounds(self) -> list[int]:
         """Where each row block starts in the group, and the group's end (one transfer, on first use)."""
         if self._bounds is None:
-            counts = torch.bincount(self.local)
+            counts = torch.unique_consecutive(self.local, return_counts=True)[1]
             self._bounds = [0, *torch.cumsum(counts, 0).tolist()]
         return self._bounds
 
@@ -290,37 +290,46 @@ def _block_slices(tile: Tile) -> tuple[slice, slice]:
 
 
 # ============================================================================ segment sums of one tile
+def _column_segment_sum(values: Tensor, tile: Tile, labels: Tensor) -> Tensor:
+    """Sum the last dimension (the tile's columns) over the column blocks. # shape: (..., C) -> (..., q)
+
+    The columns go first so that ``index_add_`` adds one contiguous row per column.
+    """
+    lead, cols = values.shape[:-1], values.shape[-1]
+    by_column = values.reshape(-1, cols).transpose(0, 1).contiguous()  # (C, rest)
+    out = values.new_zeros(tile.col_blocks, by_column.shape[1])
+    out.index_add_(0, labels[tile.c0 : tile.c1] - tile.col_block, by_column)
+    return out.transpose(0, 1).reshape(*lead, tile.col_blocks)
+
+
 def _tile_block_sums(values: Tensor, group: _RowGroup, tile: Tile, labels: Tensor) -> Tensor:
     """Sums of a tile's values over its (row block, column block) rectangles. # shape: (B, m, q)"""
     bsz, _, cols = values.shape
     per_row_block = values.new_zeros(bsz, tile.row_blocks, cols).index_add_(1, group.local, values)
-    col_local = labels[tile.c0 : tile.c1] - tile.col_block
-    per_col_block = values.new_zeros(bsz, tile.col_blocks, tile.row_blocks)
-    per_col_block.index_add_(1, col_local, per_row_block.transpose(1, 2).contiguous())
-    return per_col_block.transpose(1, 2)
+    return _column_segment_sum(per_row_block, tile, labels)
 
 
 def _column_combination(h: Tensor, zc: Tensor) -> Tensor:
-    r""":math:`z_{ja}^2 H_{0j} - 2 z_{ja} H_{aj} + H_{d + a, j}` from :math:`H = [1, z_p, z_p^2]^\top W`. # shape: (..., C, d)"""
+    r""":math:`z_{ja}^2 H_{0j} - 2 z_{ja} H_{aj} + H_{d + a, j}` from :math:`H = [1, z_p, z_p^2]^\top W`.
+
+    ``h``: (..., 1 + 2d, C); ``zc``: the columns' inputs, (B, C, d). # shape: (..., d, C)
+    """
     d = zc.shape[-1]
-    h = h.transpose(-1, -2)  # (..., C, 1 + 2d)
-    return torch.addcmul(h[..., 1 + d :], zc.square(), h[..., :1]).addcmul_(zc, h[..., 1 : 1 + d], value=-2.0)
+    zt = zc.transpose(-1, -2)  # (B, d, C)
+    if h.dim() == 4:  # one H per row block
+        zt = zt.unsqueeze(1)
+    return torch.addcmul(h[..., 1 + d :, :], zt.square(), h[..., :1, :]).addcmul_(zt, h[..., 1 : 1 + d, :], value=-2.0)
 
 
 def _tile_derivative_sums(weights: Tensor, group: _RowGroup, zc: Tensor, tile: Tile, labels: Tensor) -> Tensor:
     r""":math:`\sum_{p \in I, j \in J} w_{pj} \Delta z'^2_{pja}` per (row block, column block) of a tile.
 
     One GEMM per row block with its row features, then the column combination and a segment
-    sum over the column blocks. # shape: (B, m, q, d)
+    sum over the column blocks. # shape: (B, m, d, q)
     """
     bounds, feats = group.bounds(), group.features()
     h = torch.stack([torch.bmm(feats[:, :, a:b], weights[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])], 1)
-    per_column = _column_combination(h, zc.unsqueeze(1))  # (B, m, C, d)
-    col_local = labels[tile.c0 : tile.c1] - tile.col_block
-    bsz, m, _, d = per_column.shape
-    out = per_column.new_zeros(bsz, tile.col_blocks, m, d)
-    out.index_add_(1, col_local, per_column.transpose(1, 2).contiguous())
-    return out.transpose(1, 2)
+    return _column_segment_sum(_column_combination(h, zc), tile, labels)  # (B, m, d, C) -> (B, m, d, q)
 
 
 def _tile_weights(grad: Tensor, tile: Tile) -> Tensor:
@@ -351,7 +360,7 @@ def _tile_gradient(weights: Tensor, grad: Tensor, group: _RowGroup, zc: Tensor, 
     h = torch.bmm(group.features(), weights)  # (B, 1 + 2d, C)
     if m == 1:
         h.mul_(g)
-    return _column_combination(h, zc).sum(1)
+    return _column_combination(h, zc).sum(-1)
 
 
 # ============================================================================ the two passes
@@ -371,7 +380,7 @@ def block_sums(plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor,
     :data:`KEPT_DERIVATIVE_BYTES`; backward then needs no second evaluation of them.
 
     Returns:
-        (sums, kept) # shapes: (*batch, k, k), {tile index: (B, m, q, d)}
+        (sums, kept) # shapes: (*batch, k, k), {tile index: (B, m, d, q)}
     """
     z, tiles = _prepare(plan, form, lengthscale)
     k, bsz = plan.num_blocks, z.shape[0]
@@ -412,7 +421,7 @@ def lengthscale_gradient(plan: KernelSumsPlan, form: StationaryForm, lengthscale
     acc = z.new_zeros(bsz, d, dtype=core_dtype(z.dtype))
     for index, derivs in kept.items():
         g = _tile_weights(grad, tiles[index]).to(acc.dtype)
-        acc += (g.unsqueeze(-1) * derivs).sum((1, 2))
+        acc += (g.unsqueeze(2) * derivs).sum((1, 3))
     again = [t for i, t in enumerate(tiles) if i not in kept]
     tiler = _TilePass(plan.labels, form, z, again)
     for tile in progress(again, plan.show_progress, "kernel block sums (backward)"):
