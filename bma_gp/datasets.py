@@ -292,8 +292,9 @@ class GroupedData:
 
     def subset(self, index: Tensor) -> GroupedData:
         """The rows ``index`` (a LongTensor of positions or a boolean mask); ids and levels are kept."""
-        return GroupedData(self.x[index], self.groups[index], self.y[index], self.x_names, self.group_names,
-                           self.levels)
+        return GroupedData(
+            self.x[index], self.groups[index], self.y[index], self.x_names, self.group_names, self.levels
+        )
 
 
 def _read_rdataset(package: str, name: str):
@@ -311,8 +312,7 @@ def _read_rdataset(package: str, name: str):
     return pd.read_pickle(path, compression="xz")
 
 
-def _grouped(frame, target: str, x_names: Sequence[str], group_names: Sequence[str],
-             dtype: torch.dtype) -> GroupedData:
+def _grouped(frame, target: str, x_names: Sequence[str], group_names: Sequence[str], dtype: torch.dtype) -> GroupedData:
     import pandas as pd
 
     ids, levels = [], []

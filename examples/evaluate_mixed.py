@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import signal
 import sys
@@ -98,13 +97,19 @@ def make_split(data: GroupedData, seed: int, n_train: int, n_test: int) -> Split
     if n_train + n_test >= len(data):
         n_test = len(data) // 5
         n_train = len(data) - n_test
-    train, test = order[:n_train], order[n_train:n_train + n_test]
+    train, test = order[:n_train], order[n_train : n_train + n_test]
     x_mean, x_sd = data.x[train].mean(0), data.x[train].std(0)
     y_mean, y_sd = data.y[train].mean(), data.y[train].std()
     return Split(
-        (data.x[train] - x_mean) / x_sd, data.groups[train], (data.y[train] - y_mean) / y_sd,
-        (data.x[test] - x_mean) / x_sd, data.groups[test], (data.y[test] - y_mean) / y_sd,
-        data.num_groups, data.group_names, float(y_sd),
+        (data.x[train] - x_mean) / x_sd,
+        data.groups[train],
+        (data.y[train] - y_mean) / y_sd,
+        (data.x[test] - x_mean) / x_sd,
+        data.groups[test],
+        (data.y[test] - y_mean) / y_sd,
+        data.num_groups,
+        data.group_names,
+        float(y_sd),
     )
 
 
@@ -121,7 +126,7 @@ class MixedGP(gpytorch.models.ExactGP):
         self.covar_module = covar_module
 
     def forward(self, x: Tensor) -> gpytorch.distributions.MultivariateNormal:
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(x[..., :self.d]), self.covar_module(x))
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x[..., : self.d]), self.covar_module(x))
 
 
 def kmeans_centres(x: Tensor, m: int, seed: int, iters: int = 10) -> Tensor:
@@ -138,7 +143,7 @@ def kmeans_centres(x: Tensor, m: int, seed: int, iters: int = 10) -> Tensor:
 
 def build_gp(model: str, split: Split, seed: int, num_inducing: int, exact_max_train: int) -> tuple[MixedGP, dict]:
     x, y = split.train_inputs, split.y_train
-    d, J = split.x_train.shape[-1], len(split.num_groups)
+    d = split.x_train.shape[-1]
     info = {"n_used": x.shape[0]}
     if model == "exact+groups" and x.shape[0] > exact_max_train:
         keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:exact_max_train]
@@ -195,8 +200,11 @@ def predict_gp(model: MixedGP, x: Tensor, chunk: int = 500) -> tuple[Tensor, Ten
 
 def gp_hyperparameters(model: MixedGP, names: tuple[str, ...]) -> dict:
     out = {"noise": round(model.likelihood.noise.item(), 5)}
-    kernels = model.covar_module.kernels if isinstance(model.covar_module, gpytorch.kernels.AdditiveKernel) \
+    kernels = (
+        model.covar_module.kernels
+        if isinstance(model.covar_module, gpytorch.kernels.AdditiveKernel)
         else [model.covar_module]
+    )
     groups = [k for k in kernels if isinstance(k, GroupKernel)]
     for name, kernel in zip(names, groups):
         out[f"var_{name}"] = round(kernel.var.item(), 5)
@@ -218,8 +226,15 @@ def fit_gpytorch(model_name: str, split: Split, seed: int, args) -> dict:
         start = time.perf_counter()
         mean, var = predict_gp(model, split.test_inputs)
         predict_s = time.perf_counter() - start
-    return {**info, "fit_s": fit_s, "predict_s": predict_s, "final_loss": loss, "mean": mean, "var": var,
-            "hyper": gp_hyperparameters(model, split.group_names)}
+    return {
+        **info,
+        "fit_s": fit_s,
+        "predict_s": predict_s,
+        "final_loss": loss,
+        "mean": mean,
+        "var": var,
+        "hyper": gp_hyperparameters(model, split.group_names),
+    }
 
 
 # ---------------------------------------------------------------------------- statsmodels and gpboost
@@ -280,7 +295,7 @@ def fit_mixedlm(split: Split, seed: int, args) -> dict:
             means, cvars = {}, {}
             for pos, label in enumerate(series.index):
                 if label.startswith(prefix):
-                    level = int(label[len(prefix):].split("]")[0])
+                    level = int(label[len(prefix) :].split("]")[0])
                     means[level] = float(series.iloc[pos])
                     cvars[level] = float(cov[pos, pos])
         ids = split.g_test[:, j].tolist()
@@ -289,9 +304,16 @@ def fit_mixedlm(split: Split, seed: int, args) -> dict:
     mean = fixed + effect
     var = effect_var + float(result.scale)  # the fixed effects' own uncertainty is left out
     predict_s = time.perf_counter() - start
-    return {"n_used": n, "fit_s": fit_s, "predict_s": predict_s, "mean": mean, "var": var, "groupings": names,
-            "hyper": {"noise": round(float(result.scale), 5), **{f"var_{k}": round(v, 5) for k, v in variances.items()}},
-            "loglik": float(result.llf)}
+    return {
+        "n_used": n,
+        "fit_s": fit_s,
+        "predict_s": predict_s,
+        "mean": mean,
+        "var": var,
+        "groupings": names,
+        "hyper": {"noise": round(float(result.scale), 5), **{f"var_{k}": round(v, 5) for k, v in variances.items()}},
+        "loglik": float(result.llf),
+    }
 
 
 def fit_gpboost(model_name: str, split: Split, seed: int, args) -> dict:
@@ -302,7 +324,7 @@ def fit_gpboost(model_name: str, split: Split, seed: int, args) -> dict:
     kwargs = {}
     if model_name == "gpboost+gp":
         if len(y) > args.gpboost_gp_max_train:
-            keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:args.gpboost_gp_max_train]
+            keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[: args.gpboost_gp_max_train]
             x, g, y = x[keep.numpy()], g[keep.numpy()], y[keep.numpy()]
             info["n_used"] = len(y)
         kwargs = {"gp_coords": x, "cov_function": "matern", "cov_fct_shape": 1.5, "gp_approx": args.gpboost_gp_approx}
@@ -315,17 +337,26 @@ def fit_gpboost(model_name: str, split: Split, seed: int, args) -> dict:
     start = time.perf_counter()
     xt = split.x_test.numpy()
     pred_kwargs = {"gp_coords_pred": xt} if model_name == "gpboost+gp" else {}
-    pred = gpm.predict(group_data_pred=split.g_test.numpy(), X_pred=np.column_stack([np.ones(len(xt)), xt]),
-                       predict_var=True, predict_response=True, **pred_kwargs)
+    pred = gpm.predict(
+        group_data_pred=split.g_test.numpy(),
+        X_pred=np.column_stack([np.ones(len(xt)), xt]),
+        predict_var=True,
+        predict_response=True,
+        **pred_kwargs,
+    )
     predict_s = time.perf_counter() - start
     cov_pars = gpm.get_cov_pars()
     values = np.asarray(cov_pars).ravel().tolist()
     names = list(getattr(cov_pars, "columns", range(len(values))))
-    return {**info, "fit_s": fit_s, "predict_s": predict_s,
-            "mean": torch.tensor(np.array(pred["mu"]), dtype=split.y_test.dtype),
-            "var": torch.tensor(np.array(pred["var"]), dtype=split.y_test.dtype),
-            "hyper": {str(k): round(float(v), 5) for k, v in zip(names, values)},
-            "loglik": -float(gpm.get_current_neg_log_likelihood())}
+    return {
+        **info,
+        "fit_s": fit_s,
+        "predict_s": predict_s,
+        "mean": torch.tensor(np.array(pred["mu"]), dtype=split.y_test.dtype),
+        "var": torch.tensor(np.array(pred["var"]), dtype=split.y_test.dtype),
+        "hyper": {str(k): round(float(v), 5) for k, v in zip(names, values)},
+        "loglik": -float(gpm.get_current_neg_log_likelihood()),
+    }
 
 
 # ---------------------------------------------------------------------------- one fit
@@ -352,8 +383,13 @@ class _TimeLimit:
 
 def run_fit(dataset: str, model_name: str, split: Split, seed: int, args) -> dict:
     torch.manual_seed(seed)
-    record: dict = {"dataset": dataset, "model": model_name, "seed": seed, "n_train": split.y_train.shape[0],
-                    "n_test": split.y_test.shape[0]}
+    record: dict = {
+        "dataset": dataset,
+        "model": model_name,
+        "seed": seed,
+        "n_train": split.y_train.shape[0],
+        "n_test": split.y_test.shape[0],
+    }
     if model_name in ("groups", "sgpr", "sgpr+groups", "exact+groups"):
         record.update(iters=args.iters, lr=args.lr)
     try:
@@ -379,11 +415,17 @@ def run_fit(dataset: str, model_name: str, split: Split, seed: int, args) -> dic
 
 
 def warm_up(args) -> None:
-    """One tiny untimed fit per GPyTorch model, so first-call costs (imports, dispatch caches) stay out of the timings."""
+    """One tiny untimed fit per GPyTorch model: first-call costs (imports, dispatch caches) stay out of the timings."""
     gen = torch.Generator().manual_seed(0)
     n = 60
-    data = GroupedData(torch.randn(n, 2, generator=gen), torch.randint(0, 3, (n, 2), generator=gen),
-                       torch.randn(n, generator=gen), ("a", "b"), ("g", "h"), ((0, 1, 2), (0, 1, 2)))
+    data = GroupedData(
+        torch.randn(n, 2, generator=gen),
+        torch.randint(0, 3, (n, 2), generator=gen),
+        torch.randn(n, generator=gen),
+        ("a", "b"),
+        ("g", "h"),
+        ((0, 1, 2), (0, 1, 2)),
+    )
     split = make_split(data, 0, 40, 20)
     small = argparse.Namespace(**{**vars(args), "iters": 2, "inducing": 4, "exact_max_train": 40})
     for model_name in args.models:
@@ -404,8 +446,14 @@ def summarise(records: list[dict]) -> list[dict]:
     rows = []
     for (dataset, model), runs in groups.items():
         ok = [r for r in runs if "error" not in r]
-        row = {"dataset": dataset, "model": model, "runs": len(runs), "ok": len(ok),
-               "n_train": runs[0]["n_train"], "n_used": ok[0].get("n_used") if ok else None}
+        row = {
+            "dataset": dataset,
+            "model": model,
+            "runs": len(runs),
+            "ok": len(ok),
+            "n_train": runs[0]["n_train"],
+            "n_used": ok[0].get("n_used") if ok else None,
+        }
         for key in ("rmse", "nlpd", "fit_s", "predict_s", "peak_mem_mb"):
             row[key] = _mean_sd([r[key] for r in ok]) if ok else None
         row["error"] = next((r["error"] for r in runs if "error" in r), None)
@@ -420,16 +468,24 @@ def _fmt(pair, digits: int = 3) -> str:
 
 
 def markdown_table(rows: list[dict], meta: dict) -> str:
-    lines = [f"Run {meta.get('date', '')} on {meta.get('machine', '')}; git {meta.get('git', '?')}; "
-             f"seeds {meta.get('seeds')}; {meta.get('note', '')}", ""]
+    lines = [
+        f"Run {meta.get('date', '')} on {meta.get('machine', '')}; git {meta.get('git', '?')}; "
+        f"seeds {meta.get('seeds')}; {meta.get('note', '')}",
+        "",
+    ]
     for dataset in sorted({r["dataset"] for r in rows}):
-        lines += [f"### {dataset}", "",
-                  "| model | n train (used) | RMSE | NLPD | fit s | predict s | peak MB | runs ok |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {dataset}",
+            "",
+            "| model | n train (used) | RMSE | NLPD | fit s | predict s | peak MB | runs ok |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in (r for r in rows if r["dataset"] == dataset):
             used = f"{r['n_train']}" + (f" ({r['n_used']})" if r["n_used"] not in (None, r["n_train"]) else "")
-            lines.append(f"| {r['model']} | {used} | {_fmt(r['rmse'])} | {_fmt(r['nlpd'])} | {_fmt(r['fit_s'], 1)} | "
-                         f"{_fmt(r['predict_s'], 2)} | {_fmt(r['peak_mem_mb'], 0)} | {r['ok']}/{r['runs']} |")
+            lines.append(
+                f"| {r['model']} | {used} | {_fmt(r['rmse'])} | {_fmt(r['nlpd'])} | {_fmt(r['fit_s'], 1)} | "
+                f"{_fmt(r['predict_s'], 2)} | {_fmt(r['peak_mem_mb'], 0)} | {r['ok']}/{r['runs']} |"
+            )
         errors = [r for r in rows if r["dataset"] == dataset and r["error"]]
         if errors:
             lines.append("")
@@ -451,7 +507,9 @@ def plot(rows: list[dict], path: Path) -> None:
             if r["dataset"] != dataset or r["rmse"] is None:
                 continue
             ax.errorbar(r["fit_s"][0], r["rmse"][0], xerr=r["fit_s"][1], yerr=r["rmse"][1], fmt="o", capsize=3)
-            ax.annotate(r["model"], (r["fit_s"][0], r["rmse"][0]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.annotate(
+                r["model"], (r["fit_s"][0], r["rmse"][0]), textcoords="offset points", xytext=(5, 4), fontsize=8
+            )
         ax.set_xscale("log")
         ax.set_xlabel("fit time (s, log scale)")
         ax.set_ylabel("test RMSE (standardised)")
@@ -483,11 +541,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inducing", type=int, default=128, help="SGPR inducing points m")
     parser.add_argument("--exact-max-train", type=int, default=2000)
     parser.add_argument("--mixedlm-max-train", type=int, default=50000)
-    parser.add_argument("--mixedlm-groups", choices=["largest", "all"], default="largest",
-                        help="MixedLM's random intercepts: the grouping with most levels only, or all (dense)")
+    parser.add_argument(
+        "--mixedlm-groups",
+        choices=["largest", "all"],
+        default="largest",
+        help="MixedLM's random intercepts: the grouping with most levels only, or all (dense)",
+    )
     parser.add_argument("--gpboost-gp-max-train", type=int, default=1000)
-    parser.add_argument("--gpboost-gp-approx", default="none",
-                        help="gpboost GP approximation (fitc, vif, full_scale_tapering stop with an internal check when combined with grouped effects in gpboost 1.8.0; vecchia ran past 300 s at n = 1,000 on flights)")
+    parser.add_argument(
+        "--gpboost-gp-approx",
+        default="none",
+        help="gpboost's GP approximation: fitc, vif and full_scale_tapering stop with an internal check "
+        "when combined with grouped effects (gpboost 1.8.0); vecchia ran past 300 s at n = 1,000 "
+        "on flights",
+    )
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds per fit; 0 for none")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny subsets and 2 steps, into a temporary directory")
@@ -505,11 +572,15 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or (Path(tempfile.mkdtemp(prefix="evaluate_mixed_")) if args.smoke else DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)
     records_path = out / "runs.jsonl"
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine() + ", " +
-            f"{torch.get_num_threads()} torch threads", "seeds": args.seeds, "git": _git_head(),
-            "argv": sys.argv[1:] if argv is None else argv,
-            "note": f"n_train {args.n_train}, n_test {args.n_test}, Adam {args.iters} steps lr {args.lr}, "
-                    f"SGPR m = {args.inducing}, float64"}
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": platform.machine() + ", " + f"{torch.get_num_threads()} torch threads",
+        "seeds": args.seeds,
+        "git": _git_head(),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "note": f"n_train {args.n_train}, n_test {args.n_test}, Adam {args.iters} steps lr {args.lr}, "
+        f"SGPR m = {args.inducing}, float64",
+    }
     if args.table_only:
         records = [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
         return write_reports(out, records, meta, make_plot=not args.no_plot)
@@ -527,8 +598,10 @@ def main(argv: list[str] | None = None) -> dict:
                     records.append(record)
                     sink.write(json.dumps(record) + "\n")
                     sink.flush()
-                    status = record.get("error") or (f"rmse {record['rmse']:.3f} nlpd {record['nlpd']:.3f} "
-                                                     f"fit {record['fit_s']:.1f}s mem {record['peak_mem_mb']:.0f}MB")
+                    status = record.get("error") or (
+                        f"rmse {record['rmse']:.3f} nlpd {record['nlpd']:.3f} "
+                        f"fit {record['fit_s']:.1f}s mem {record['peak_mem_mb']:.0f}MB"
+                    )
                     print(f"{dataset:8s} seed {seed} {model_name:13s} {status}", flush=True)
     summary = write_reports(out, records, meta, make_plot=not args.no_plot)
     print(markdown_table(summary["rows"], meta))
@@ -540,8 +613,13 @@ def _git_head() -> str:
     import subprocess
 
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "?"
 

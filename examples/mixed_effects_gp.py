@@ -58,7 +58,7 @@ class MixedEffectsGP(gpytorch.models.ExactGP):
         self.covar_module = covar
 
     def forward(self, x):
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(x[..., :self.d]), self.covar_module(x))
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x[..., : self.d]), self.covar_module(x))
 
     @property
     def group_kernels(self) -> list[GroupKernel]:
@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
     data = load_exam() if args.data == "exam" else load_flights()
     order = torch.randperm(len(data))
     if args.data == "flights" or args.smoke:
-        order = order[:args.n]
+        order = order[: args.n]
     n_test = len(order) // 5
     train, test = data.subset(order[n_test:]), data.subset(order[:n_test])
     x_mean, x_sd = train.x.mean(0), train.x.std(0)
@@ -115,8 +115,10 @@ def main(argv=None) -> dict:
         yt = (test.y - y_mean) / y_sd
         rmse = (pred.mean - yt).square().mean().sqrt().item()
         nlpd = (0.5 * torch.log(2 * math.pi * pred.variance) + 0.5 * (yt - pred.mean) ** 2 / pred.variance).mean()
-    print(f"{args.data}: n_train {len(train)}, n_test {len(test)}, fit {fit_s:.1f} s; held-out RMSE {rmse:.3f}, "
-          f"NLPD {nlpd.item():.3f} (standardised units)")
+    print(
+        f"{args.data}: n_train {len(train)}, n_test {len(test)}, fit {fit_s:.1f} s; held-out RMSE {rmse:.3f}, "
+        f"NLPD {nlpd.item():.3f} (standardised units)"
+    )
     scale = y_sd.item() ** 2
     components = {"noise": likelihood.noise.item() * scale}
     for name, kernel in zip(data.group_names, model.group_kernels):
@@ -138,8 +140,14 @@ def main(argv=None) -> dict:
     curve_in[:, d:] = torch.tensor(levels, dtype=torch.float64)
     with torch.no_grad():
         curve = model(curve_in)
-    result = {"rmse": rmse, "nlpd": nlpd.item(), "fit_s": fit_s, "components": components,
-              "effects": effects, "min_var": pred.variance.min().item()}
+    result = {
+        "rmse": rmse,
+        "nlpd": nlpd.item(),
+        "fit_s": fit_s,
+        "components": components,
+        "effects": effects,
+        "min_var": pred.variance.min().item(),
+    }
     try:
         import matplotlib
 

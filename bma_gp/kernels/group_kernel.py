@@ -99,8 +99,15 @@ class GroupKernel(Kernel):
 
     has_lengthscale = False
 
-    def __init__(self, num_groups: int, rank: int = 0, per_group_variance: bool = False,
-                 prior: Prior | None = None, var_constraint: Interval | None = None, **kwargs):
+    def __init__(
+        self,
+        num_groups: int,
+        rank: int = 0,
+        per_group_variance: bool = False,
+        prior: Prior | None = None,
+        var_constraint: Interval | None = None,
+        **kwargs,
+    ):
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"num_groups must be a positive int, got {num_groups!r}.")
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= num_groups:
@@ -116,8 +123,9 @@ class GroupKernel(Kernel):
         if var_constraint is None:
             var_constraint = Positive()
         if rank > 0:
-            self.register_parameter("covar_factor",
-                                    torch.nn.Parameter(torch.randn(*self.batch_shape, num_groups, rank)))
+            self.register_parameter(
+                "covar_factor", torch.nn.Parameter(torch.randn(*self.batch_shape, num_groups, rank))
+            )
         else:
             self.register_parameter("covar_factor", None)
         num_vars = num_groups if per_group_variance else 1
@@ -141,9 +149,11 @@ class GroupKernel(Kernel):
         try:
             value = value.expand_as(self.raw_var)
         except RuntimeError:
-            raise ValueError(f"var of shape {tuple(value.shape)} does not fit the kernel's variance of shape "
-                             f"{tuple(self.raw_var.shape)} (per_group_variance={self.per_group_variance}); pass a "
-                             "scalar or a tensor of that shape.") from None
+            raise ValueError(
+                f"var of shape {tuple(value.shape)} does not fit the kernel's variance of shape "
+                f"{tuple(self.raw_var.shape)} (per_group_variance={self.per_group_variance}); pass a "
+                "scalar or a tensor of that shape."
+            ) from None
         self.initialize(raw_var=self.raw_var_constraint.inverse_transform(value))
 
     @property
@@ -202,8 +212,9 @@ class GroupKernel(Kernel):
         return values.long()
 
     # ------------------------------------------------------------------ kernel interface
-    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False,
-                **params) -> Tensor | LinearOperator:
+    def forward(
+        self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params
+    ) -> Tensor | LinearOperator:
         if last_dim_is_batch:
             raise NotImplementedError("GroupKernel does not support the deprecated last_dim_is_batch mode.")
         ids1 = self.group_ids(x1, "x1")
@@ -211,8 +222,9 @@ class GroupKernel(Kernel):
         batch = torch.broadcast_shapes(ids1.shape[:-1], ids2.shape[:-1], self.raw_var.shape[:-1])
         if diag:
             if ids1.shape[-1] != ids2.shape[-1]:
-                raise ValueError(f"diag=True needs x1 and x2 of the same length, got {ids1.shape[-1]} and "
-                                 f"{ids2.shape[-1]}.")
+                raise ValueError(
+                    f"diag=True needs x1 and x2 of the same length, got {ids1.shape[-1]} and {ids2.shape[-1]}."
+                )
             return self._covar_pairs(ids1, ids2, batch)
 
         shared1, shared2 = _shared_ids(ids1), _shared_ids(ids2)
@@ -227,8 +239,9 @@ class GroupKernel(Kernel):
         if shared1 is not None:
             return self._cross(ids2, shared1, batch).mT
         # ids that differ across batch entries: no shared partition; assemble densely
-        return to_linear_operator(_gather_pairs(self.covar_matrix, ids1, ids2).expand(*batch, ids1.shape[-1],
-                                                                                       ids2.shape[-1]))
+        return to_linear_operator(
+            _gather_pairs(self.covar_matrix, ids1, ids2).expand(*batch, ids1.shape[-1], ids2.shape[-1])
+        )
 
     def _covar_pairs(self, ids1: Tensor, ids2: Tensor, batch: torch.Size) -> Tensor:
         """``C[ids1[..., i], ids2[..., i]]`` for each i. # shape: (*batch, n)"""
@@ -253,8 +266,9 @@ class GroupKernel(Kernel):
             values = self._covar_between(rows, present)
         else:
             by_block = self._covar_between(None, present).expand(*batch, self.num_groups, k)  # (*batch, G, k)
-            values = by_block.gather(-2, rows.expand(*batch, rows.shape[-1]).unsqueeze(-1).expand(*batch,
-                                                                                                  rows.shape[-1], k))
+            values = by_block.gather(
+                -2, rows.expand(*batch, rows.shape[-1]).unsqueeze(-1).expand(*batch, rows.shape[-1], k)
+            )
         return BlockCrossLinearOperator(values.expand(*batch, rows.shape[-1], k), partition)
 
     def num_outputs_per_input(self, x1: Tensor, x2: Tensor) -> int:
