@@ -198,7 +198,7 @@ def run_k_sweep(n: int, d: int, ks: list[int], rounds: int, dtype_name: str) -> 
         (fw, fc), (bw, bc) = best[("fwd", k)], best[("fwd_bwd", k)]
         out.append({
             "bench": "kernel_k_sweep", "case": "rbf-ard", "n": n, "d": d, "k": partitions[k].num_blocks,
-            "k_first": ks[0], "dtype": dtype_name, "threads": torch.get_num_threads(), "rounds": rounds,
+            "k_requested": k, "k_first": ks[0], "dtype": dtype_name, "threads": torch.get_num_threads(), "rounds": rounds,
             "t_bare_fwd_s": round(bare_wall, 4), "t_kbm_fwd_s": round(fw, 4), "t_kbm_fwd_bwd_s": round(bw, 4),
             "cpu_bare_fwd_s": round(bare_cpu, 4), "cpu_kbm_fwd_s": round(fc, 4), "cpu_kbm_fwd_bwd_s": round(bc, 4),
             "ratio_fwd_bwd_vs_bare_fwd": round(bw / bare_wall, 3),

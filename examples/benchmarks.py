@@ -50,6 +50,8 @@ REPO = HERE.parent
 SUITES = ("operator", "compositions", "kernel", "optimizer", "gp")  # the slowest last, so a --budget cuts it first
 #: Issue-5 targets: (label, limit) used by :func:`targets`.
 MATVEC_LIMITS = {"contiguous": 5.0, "scattered": 8.0}
+#: Issue-13 kernel block sums: the numbers of blocks timed at n = 20,000 (RBF-ARD, d = 3).
+KERNEL_SWEEP_KS = "10,100,1000,2000,5000"
 
 
 # ============================================================================ running
@@ -62,7 +64,8 @@ def commands(suite: str, smoke: bool, device: str, py: str) -> list[list[str]]:
     if suite == "compositions":
         return [[py, str(HERE / "bench_compositions.py"), *s]]
     if suite == "kernel":
-        return [[py, str(HERE / "bench_kernel_block_mean.py"), *s]]
+        return [[py, str(HERE / "bench_kernel_block_mean.py"), *s],
+                [py, str(HERE / "bench_kernel_block_mean.py"), "--k-sweep", KERNEL_SWEEP_KS, "--d", "3", *s]]
     if suite == "gp":
         return [[py, str(HERE / "bench_gp_iteration.py"), *s]]
     if suite == "optimizer":
@@ -337,9 +340,12 @@ def operator_tables(records: list[dict]) -> list[str]:
 
 
 def kernel_tables(records: list[dict]) -> list[str]:
-    rows = [r for r in records if r.get("suite") == "kernel" and "case" in r]
-    if not rows:
+    rows = [r for r in records if r.get("suite") == "kernel" and "case" in r and r.get("bench") != "kernel_k_sweep"]
+    sweep = [r for r in records if r.get("bench") == "kernel_k_sweep"]
+    if not rows and not sweep:
         return []
+    if not rows:
+        return _kernel_sweep_table(sweep)
     out = ["### kernel_block_mean against evaluating the same entries in the same chunks", "",
            "Ratios: forward vs bare forward; forward + backward vs bare forward; forward + backward vs bare "
            "forward + backward (autograd through every entry).", "",
@@ -352,7 +358,23 @@ def kernel_tables(records: list[dict]) -> list[str]:
         out.append(f"| {r['case']} | {r['n']:,} | {r['k']} | {r['dtype']} | {r['t_bare_fwd_s']:.3f} | "
                    f"{r['t_kbm_fwd_s']:.3f} | {r['ratio_fwd']:.2f} | {r['ratio_fwd_bwd_vs_bare_fwd']:.2f} | "
                    f"{r['ratio_fwd_bwd_vs_bare_fwd_bwd']:.2f} | {r['peak_rss_mb']:.0f} |")
+    return out + [""] + _kernel_sweep_table(sweep)
+
+
+def _kernel_sweep_table(sweep: list[dict]) -> list[str]:
+    if not sweep:
+        return []
+    out = ["### Kernel block sums against the number of blocks (issue 13; RBF-ARD, values + lengthscale backward)", "",
+           "One process, interleaved rounds, fastest of each; wall and process CPU time. Ratios: forward + backward "
+           "against the bare forward of all n^2 entries, and against the same at the smallest k.", "",
+           "| n | d | k | bare fwd s | kbm fwd s | kbm fwd+bwd s | fwd+bwd / bare fwd | fwd+bwd / smallest k | "
+           "CPU: fwd+bwd / bare fwd | CPU: / smallest k |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out += [f"| {r['n']:,} | {r['d']} | {r['k']} | {r['t_bare_fwd_s']:.3f} | {r['t_kbm_fwd_s']:.3f} | "
+            f"{r['t_kbm_fwd_bwd_s']:.3f} | {r['ratio_fwd_bwd_vs_bare_fwd']:.2f} | {r['ratio_fwd_bwd_vs_first_k']:.2f} | "
+            f"{r['cpu_ratio_fwd_bwd_vs_bare_fwd']:.2f} | {r['cpu_ratio_fwd_bwd_vs_first_k']:.2f} |" for r in sweep]
     return out + [""]
+
+
 
 
 def gpu_tables(records: list[dict]) -> list[str]:
@@ -434,13 +456,28 @@ def targets(records: list[dict]) -> list[tuple[str, str, str]]:
                         f"worst {worst['ratio_to_floor']:.2f}x (k = {worst['k']}, {worst['dtype']}); best "
                         f"{min(r['ratio_to_floor'] for r in rows):.2f}x",
                         _verdict(worst["ratio_to_floor"] <= limit, worst["ratio_to_floor"] / limit)))
-    rows = [r for r in records if r.get("suite") == "kernel" and r.get("case") == "rbf-ard" and r.get("n") == 20_000]
+    rows = [r for r in records if r.get("suite") == "kernel" and r.get("case") == "rbf-ard" and r.get("n") == 20_000
+            and r.get("bench") != "kernel_k_sweep"]
     for r in rows:
         ratio = r["ratio_fwd_bwd_vs_bare_fwd"]
         res.append(("kernel_block_mean n = 20,000 (RBF-ARD): <= 1.5x bare kernel evaluation",
                     f"forward {r['ratio_fwd']:.2f}x, forward + backward {ratio:.2f}x the bare forward of all "
                     "n^2 entries (the fused pass evaluates each unordered pair once, about half of them)",
                     _verdict(ratio <= 1.5, ratio / 1.5)))
+    sweep = {r.get("k_requested", r["k"]): r for r in records if r.get("bench") == "kernel_k_sweep" and r.get("n") == 20_000}
+    if 10 in sweep and 2000 in sweep:
+        ratio = sweep[2000]["t_kbm_fwd_bwd_s"] / sweep[10]["t_kbm_fwd_bwd_s"]
+        cpu = sweep[2000]["cpu_kbm_fwd_bwd_s"] / sweep[10]["cpu_kbm_fwd_bwd_s"]
+        res.append(("kernel block sums n = 20,000 (RBF-ARD, d = 3, fwd + bwd): k = 2,000 <= 1.5x k = 10",
+                    f"{ratio:.2f}x ({sweep[2000]['t_kbm_fwd_bwd_s']:.2f} s vs {sweep[10]['t_kbm_fwd_bwd_s']:.2f} s; "
+                    f"CPU time {cpu:.2f}x)", _verdict(ratio <= 1.5, ratio / 1.5)))
+    small = [r for k, r in sorted(sweep.items()) if k <= 20_000 // 4]
+    if small:
+        worst = max(small, key=lambda r: r["ratio_fwd_bwd_vs_bare_fwd"])
+        res.append(("kernel block sums n = 20,000: fwd + bwd <= 1.5x one bare forward at every k <= n / 4",
+                    "worst " + f"{worst['ratio_fwd_bwd_vs_bare_fwd']:.2f}x at k = {worst['k']}; "
+                    + ", ".join(f"k = {r['k']}: {r['ratio_fwd_bwd_vs_bare_fwd']:.2f}x" for r in small),
+                    _verdict(worst["ratio_fwd_bwd_vs_bare_fwd"] <= 1.5, worst["ratio_fwd_bwd_vs_bare_fwd"] / 1.5)))
     for r in (r for r in records if r.get("benchmark") == "optimizer_step" and r["params"] >= 1_000_000):
         ratios = r["ratio_to_adagrad"]
         eager, fused = ratios.get("block_mean_tensor"), ratios.get("block_mean_tensor_fused")
