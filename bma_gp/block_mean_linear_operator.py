@@ -187,9 +187,9 @@ class BlockMeanLinearOperator(LinearOperator):
             M = \operatorname{diag}(\lambda_c) + P S^{-1/2} (C - \operatorname{diag}\lambda) S^{-1/2} P^\top.
 
         :math:`C` holds the spectrum of :math:`M` on the block-constant vectors and ``lam`` (of
-        blocks with more than one index) the rest; singleton blocks are folded first (``lam``
-        becomes 1 there and :math:`C_{ii}` keeps :math:`\lambda_i + B_{ii}`).
-        :meth:`from_core` inverts this map. Cached when no gradient is being recorded.
+        blocks with more than one index) the rest; singleton blocks are folded first (``lam_i``
+        becomes a positive placeholder there and :math:`C_{ii}` keeps :math:`\lambda_i + B_{ii}`).
+        :meth:`from_core` inverts this map. Cached unless ``lam`` or ``B`` requires gradients.
 
         Raises:
             ValueError: ``lam`` or ``B`` holds NaN or inf (with :class:`bma_gp.settings.validate` on).
@@ -207,8 +207,10 @@ class BlockMeanLinearOperator(LinearOperator):
             return cached_core
         lam, B = self._folded(check=False)
         res = (lam, _core(lam, B, self._core_sizes.sqrt()))
-        if not (torch.is_grad_enabled() and (self.lam.requires_grad or self.B.requires_grad)):
-            self._core_cache = res  # a cached graph would break a second backward pass
+        if not (self.lam.requires_grad or self.B.requires_grad):
+            # with gradients, a cached graph would break a second backward pass (and a core cached
+            # under no_grad would silently drop them later)
+            self._core_cache = res
         return res
 
     def core_matrix(self) -> Tensor:

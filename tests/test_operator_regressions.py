@@ -377,6 +377,12 @@ def test_core_is_cached_without_gradients_and_fresh_with():
     op2.logdet().backward()
     op2.core()[1].sum().backward()  # a second backward through a fresh graph works
     assert lam.grad is not None
+    # a core computed under no_grad is not reused once gradients are recorded
+    op3 = BlockMeanLinearOperator(lam, op.B, op.partition)
+    with torch.no_grad():
+        op3.core()
+    (grad,) = torch.autograd.grad(op3.core()[1].diagonal().sum(), lam)
+    torch.testing.assert_close(grad, torch.ones_like(lam))  # d trace(C) / d lam_i = 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
