@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from optim import BlockMeanAdagrad
+from bma_gp.optim import BlockMeanAdagrad
 
 
 def build_model(width: int, depth: int) -> torch.nn.Module:

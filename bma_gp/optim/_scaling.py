@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["unmask_scale", "z_inv_sqrt"]
+__all__ = ["unmask_scale", "z_inv_sqrt", "zero_entries"]
 
 
 def unmask_scale(dtype: torch.dtype) -> float:
@@ -56,11 +56,34 @@ def z_inv_sqrt(
         root = h.sqrt()
         r = (root + eps).rsqrt()
         return torch.minimum(r, root * big) if mask else r
-    root = torch.sqrt(h, out=scratch) if scratch is not None else h.sqrt()
-    z = torch.add(root, eps, out=out)
+    if mask:  # sqrt(h) is needed twice: keep it in the scratch buffer
+        root = torch.sqrt(h, out=scratch) if scratch is not None else h.sqrt()
+        z = torch.add(root, eps, out=out)
+    else:  # in place in ``out``: no third buffer in the working set
+        z = torch.sqrt(h, out=out).add_(eps)
     if divide is not None:
         torch.div(divide[0], z, out=divide[1])
     z.rsqrt_()
     if mask:
         torch.minimum(out, root.mul_(big), out=out)
     return out
+
+
+def zero_entries(h: Tensor, known: Tensor | None) -> Tensor:
+    """The flat indices where ``h == 0``, updated from the previous step's list ``known``.
+
+    ``h`` only grows, so the entries that are 0 now are among those that were 0 before: after the
+    first step this looks at those few entries only, not at all of ``h``. The eager step on CPU
+    masks ``r`` with it (:meth:`torch.Tensor.index_fill_`), which costs nothing once every entry has
+    had a gradient, where :func:`z_inv_sqrt`'s ``mask`` costs two more passes. On an accelerator
+    the list would need a host synchronisation per step, so the formula is used there.
+
+    Args:
+        h: the running sums of squares, this step's included. # shape: (m,)
+        known: the list of the previous step, or ``None`` to search all of ``h``.
+    """
+    if known is None:
+        return (h == 0).nonzero().flatten()
+    if known.numel() == 0:
+        return known
+    return known[h[known] == 0]

@@ -21,9 +21,10 @@ from bma_gp.optim.param_blocks import ParamBlocks, check_partition_rule
 
 __all__ = ["BlockMeanAdagrad"]
 
-#: below this many parameter entries ``fused=True`` takes the eager path: the compiled passes'
-#: fixed cost (guards, two calls) exceeds what they save (measured in docs/optimizer.md)
-FUSED_MIN_NUMEL = 2**16
+#: below this many parameter entries (with a gradient) ``fused=True`` takes the eager path: there the
+#: compiled passes' fixed cost (guards, two calls) is more than they save (CPU crossover measured between
+#: 1.3e5 and 5.3e5 entries; see docs/optimizer.md)
+FUSED_MIN_NUMEL = 2**18
 
 
 class BlockMeanAdagrad(FlatPreconditionedOptimizer):
@@ -83,8 +84,9 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         maximize: ascend instead of descend (per group). Default: ``False``.
         check_finite: raise ``ValueError`` on an inf/nan gradient before any state or
             parameter changes. This costs one sum over the gradients and reads it back
-            from the device every step: the step's one host synchronisation (it also
-            reads whether some entry of :math:`h` is still 0, see above). ``False`` skips
+            from the device every step: the step's one host synchronisation (on an
+            accelerator it also reads whether some entry of :math:`h` is still 0, see
+            above). ``False`` skips
             it, and the step then has no host synchronisation on an accelerator; a
             non-finite gradient then turns the state into ``nan`` (on CPU the
             eigendecomposition of the ``k x k`` core may raise
@@ -93,8 +95,10 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             (``"tensor"`` and ``"row"`` partitions only): pass 1 reduces the block sums and the
             finiteness flag without writing, pass 2 writes ``h`` and the parameters. Same
             results to rounding, same state (checkpoints move between both modes), about half
-            the eager step's time at millions of parameters; the first step of each new
-            parameter structure compiles for a few seconds (cached on disk by PyTorch). Where
+            the eager step's time at millions of parameters. Steps with fewer than
+            :data:`FUSED_MIN_NUMEL` gradient entries take the eager path, where it is faster.
+            The first compiled step of each new parameter structure compiles once per process
+            (seconds; see docs/optimizer.md for the cost). Where
             ``torch.compile`` fails (the CPU backend needs a C++ compiler) the same passes run
             eagerly, with one ``RuntimeWarning``. Like ``torch.optim``'s ``fused``, it is
             opt-in. Default: ``False``.
@@ -239,15 +243,14 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         h = self._flat.get("sum") if committed else None
         if self.check_finite and not (fused and committed):
             # the fused path's first pass checks the gradients itself, writing nothing; a new layout is
-            # checked first, since committing it changes the state
-            h_min = [h.amin()] if self._h_has_zero and h is not None and h.numel() else []
-            values = self._check_finite(grads, layout, h_min)
+            # checked first, since committing it changes the state. On an accelerator, whether some entry
+            # of h is still 0 is read back with the check (on CPU the eager step keeps a list of them)
+            read = self._h_has_zero and h is not None and h.numel() > 0 and h.device.type != "cpu"
+            values = self._check_finite(grads, layout, [h.amin()] if read and h is not None else [])
             if values:
                 self._h_has_zero = values[0] == 0
         self._commit_layout(layout)
         h = self._flat["sum"]
-        if self._h_has_zero and not self.check_finite and h.device.type == "cpu":
-            self._h_has_zero = bool(h.numel()) and bool(h.amin() == 0)  # no synchronisation exists on CPU
         if not fused and (self._workspace is None or self._workspace.h is not h):
             self._workspace = Workspace.build(blocks, h)
         groups = [self.param_groups[gi] for gi in layout.group_index]
@@ -270,3 +273,5 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             check_finite=self.check_finite,
             fused=fused,
         )
+        if h.device.type == "cpu" and self._workspace is not None and not fused:
+            self._h_has_zero = self._workspace.has_zeros()

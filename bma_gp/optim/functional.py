@@ -38,7 +38,7 @@ from torch import Tensor
 
 from bma_gp import BlockMeanLinearOperator, Partition, block_mean_from_sums
 from bma_gp.optim import _fused
-from bma_gp.optim._scaling import z_inv_sqrt
+from bma_gp.optim._scaling import z_inv_sqrt, zero_entries
 from bma_gp.optim.flat_optimizer import _non_finite_message
 from bma_gp.optim.param_blocks import ParamBlocks
 
@@ -101,6 +101,8 @@ class Workspace:
         scratch: ``sqrt(h)`` while masking, one tensor long. # shape: (max numel,)
         grad: the gathered flat gradient (scattered path only, allocated there). # shape: (d,)
         root: the preconditioner operator of the last root step (scattered path), and that step.
+        zeros: on CPU, per tensor (``-1``: the flat vector), the entries where ``h == 0``
+            (:func:`~bma_gp.optim._scaling.zero_entries`); rebuilt from ``h`` when missing.
     """
 
     h: Tensor
@@ -109,6 +111,17 @@ class Workspace:
     scratch: Tensor
     grad: Tensor | None = None
     root: tuple[int, BlockMeanLinearOperator] | None = field(default=None)
+    zeros: dict[int, Tensor] = field(default_factory=dict)
+
+    def has_zeros(self) -> bool:
+        """Whether some entry of ``h`` was 0 after the last step (CPU; ``True`` before the first)."""
+        return not self.zeros or any(idx.numel() for idx in self.zeros.values())
+
+    def mask_zeros(self, key: int, h: Tensor, r: Tensor) -> None:
+        """``r = 0`` where ``h = 0``, by the list of such entries (CPU)."""
+        idx = self.zeros[key] = zero_entries(h, self.zeros.get(key))
+        if idx.numel():
+            r.index_fill_(0, idx, 0.0)
 
     @classmethod
     def build(cls, blocks: ParamBlocks, h: Tensor) -> Workspace:
@@ -175,8 +188,9 @@ def block_mean_adagrad(
         workspace: buffers for ``state_sum`` (:meth:`Workspace.build`); unused by the fused path.
         lr, weight_decay, maximize: per parameter.
         eps, damping, update_interval, correlation: as in :class:`~bma_gp.optim.BlockMeanAdagrad`.
-        mask: whether some entry of :math:`h` may be 0 before this step (the eager paths then zero
-            :math:`r` there; the fused path always does, at no cost).
+        mask: whether some entry of :math:`h` may be 0 before this step (the eager paths on an
+            accelerator then zero :math:`r` there by formula; on CPU they keep the list of such entries
+            in ``workspace`` instead, and the fused path always masks, at no cost).
         check_finite: the fused path raises ``ValueError`` on an inf/nan gradient before changing
             anything (its first pass computes the flag); the eager paths expect the caller to check.
         fused: take the compiled path (``blocks.by_rows`` required).
@@ -232,7 +246,7 @@ def _single_tensor_block_mean_adagrad(
 ) -> None:
     del check_finite  # checked by the caller
     stats["step"] += 1
-    dtype = state_sum.dtype
+    dtype, cpu = state_sum.dtype, state_sum.device.type == "cpu"
     sums = ws.sums.zero_()  # columns: per block P^T v, P^T n, P^T n^2
     n_all, r_all = ws.nr.unbind(0)
     present = []
@@ -249,7 +263,9 @@ def _single_tensor_block_mean_adagrad(
             g = -g
         h, n, r = state_sum[a:b], n_all[a:b], r_all[a:b]
         h.addcmul_(g, g)
-        z_inv_sqrt(h, eps, mask=mask, out=r, scratch=ws.scratch[: b - a], divide=(g, n))  # r, and n = g / z
+        z_inv_sqrt(h, eps, mask=mask and not cpu, out=r, scratch=ws.scratch[: b - a], divide=(g, n))  # n = g / z
+        if cpu:
+            ws.mask_zeros(i, h, r)
         first, last = blocks.first_block[i], blocks.first_block[i + 1]
         torch.stack([seg.block_dot(g, r), seg.block_sum(n), seg.block_dot(n, n)], dim=-1, out=sums[first:last])
     v_sums, n_sums, n_sq = sums.unbind(-1)
@@ -360,7 +376,10 @@ def _scattered_block_mean_adagrad(
     h = state_sum
     h.addcmul_(g, g)
     n, r = ws.nr.unbind(0)
-    z_inv_sqrt(h, eps, mask=mask, out=r, scratch=ws.scratch, divide=(g, n))  # r, and n = g / z
+    cpu = h.device.type == "cpu"
+    z_inv_sqrt(h, eps, mask=mask and not cpu, out=r, scratch=ws.scratch, divide=(g, n))  # r, and n = g / z
+    if cpu:
+        ws.mask_zeros(-1, h, r)
     n_sums = partition.block_sum(n)
     _accumulate(stats, n_sums, partition.block_sum(n.square_()))
     lam, B = preconditioner(stats, partition, damping=damping, update_interval=update_interval, correlation=correlation)
