@@ -832,7 +832,12 @@ class _WoodburyRoot(LinearOperator):
 
 # ---------------------------------------------------------------------------- chunked products with the root
 class _RootGram(torch.autograd.Function):
-    r"""``(U^T D^{-1} U, U^T x, P_1^T W_1 D^{-1} U, ...)`` over row chunks of ``U`` (``dinv`` = :math:`1/d`)."""
+    r"""``(U^T D^{-1} U, U^T x, P_1^T W_1 D^{-1} U, ...)`` over row chunks of ``U`` (``dinv`` = :math:`1/d`).
+
+    The ``n x m`` work runs in ``U``'s precision (products, block sums of one chunk, every gradient term);
+    only the per-chunk results (``m x m``, ``k x m``) are accumulated in ``dinv``'s working precision, and
+    ``U^T x`` (the right-hand sides, whose quadratic form cancels against ``b^T D^{-1} b``) is formed in it.
+    """
 
     @staticmethod
     def forward(ctx, U: Tensor, dinv: Tensor, x: Tensor, labels: tuple, ks: tuple, weights: tuple):
@@ -843,65 +848,65 @@ class _RootGram(torch.autograd.Function):
         gram = U.new_zeros(*U.shape[:-2], m, m, dtype=wdt)
         root_t = U.new_zeros(*batch, m, x.shape[-1], dtype=wdt)
         cross = [U.new_zeros(*U.shape[:-2], k, m, dtype=wdt) for k in ks]
+        buffers = [U.new_zeros(*U.shape[:-2], k, m) for k in ks]  # one chunk's block sums, U's precision
+        weights_u = [None if w is None else w.to(U.dtype) for w in weights]
         for start in range(0, U.shape[-2], rows):
             Uc = U.narrow(-2, start, min(rows, U.shape[-2] - start))
             c = Uc.shape[-2]
             scaled = Uc * dinv.narrow(-1, start, c).to(U.dtype).unsqueeze(-1)
             gram += (Uc.mT @ scaled).to(wdt)
-            Uw = Uc.to(wdt)
             if x.shape[-1]:
-                root_t += Uw.mT @ x.narrow(-2, start, c)
-            scaled_w = Uw * dinv.narrow(-1, start, c).unsqueeze(-1)
-            for j, k in enumerate(ks):
-                vals = scaled_w if weights[j] is None else scaled_w * weights[j].narrow(0, start, c).unsqueeze(-1)
-                cross[j].index_add_(-2, labels[j].narrow(0, start, c), vals)
+                root_t += Uc.to(wdt).mT @ x.narrow(-2, start, c)
+            for j, buf in enumerate(buffers):
+                vals = scaled if weights_u[j] is None else scaled * weights_u[j].narrow(0, start, c).unsqueeze(-1)
+                buf.zero_().index_add_(-2, labels[j].narrow(0, start, c), vals)
+                cross[j] += buf.to(wdt)
         ctx.save_for_backward(U, dinv, x)
-        ctx.labels, ctx.weights = labels, weights
+        ctx.labels, ctx.weights = labels, weights_u
         return (gram, root_t, *cross)
 
     @staticmethod
     def backward(ctx, grad_gram: Tensor, grad_root_t: Tensor, *grad_cross: Tensor):
         U, dinv, x = ctx.saved_tensors
-        wdt = dinv.dtype
-        sym = None if grad_gram is None else (grad_gram + grad_gram.mT).to(U.dtype)
+        dt = U.dtype
+        sym = None if grad_gram is None else (grad_gram + grad_gram.mT).to(dt)
+        g_cross = [None if g is None else g.to(dt) for g in grad_cross]
+        g_root = None if grad_root_t is None or not x.shape[-1] else grad_root_t
         grad_U = torch.empty_like(U) if ctx.needs_input_grad[0] else None
         grad_dinv = torch.zeros_like(dinv) if ctx.needs_input_grad[1] else None
-        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[2] and grad_root_t is not None else None
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[2] and g_root is not None else None
         rows = _chunk_rows(U.shape[-1], U.element_size())
         for start in range(0, U.shape[-2], rows):
             Uc = U.narrow(-2, start, min(rows, U.shape[-2] - start))
             c = Uc.shape[-2]
-            dc = dinv.narrow(-1, start, c)
-            V = Uc @ sym if sym is not None else None  # U (G + G^T) for this chunk
-            gathered = None  # sum_j W_j P_j (grad of P_j^T W_j D^{-1} U)
-            for j, g in enumerate(grad_cross):
+            # rows a: d/ds_a = u_a^T (G_bar u_a) + w_a X_bar[l_a] . u_a, and
+            # d/du_a = s_a ((G_bar + G_bar^T) u_a + w_a X_bar[l_a]) + R_bar x_a
+            half = None if sym is None else (Uc @ sym).mul_(0.5)
+            gathered = None
+            for j, g in enumerate(g_cross):
                 if g is None:
                     continue
                 piece = g.index_select(-2, ctx.labels[j].narrow(0, start, c))
                 if ctx.weights[j] is not None:
-                    piece = piece * ctx.weights[j].narrow(0, start, c).unsqueeze(-1)
-                gathered = piece if gathered is None else gathered + piece
-            scaled_part = gathered if V is None else (V.to(wdt) if gathered is None else V.to(wdt) + gathered)
+                    piece.mul_(ctx.weights[j].narrow(0, start, c).unsqueeze(-1))
+                gathered = piece if gathered is None else gathered.add_(piece)
+            if half is None:
+                T = gathered
+            else:
+                T = half if gathered is None else half + gathered
+            if grad_dinv is not None and T is not None:
+                grad_dinv.narrow(-1, start, c).copy_((T * Uc).sum(-1))
             if grad_U is not None:
-                total = torch.zeros((), dtype=wdt, device=U.device) if scaled_part is None \
-                    else scaled_part * dc.unsqueeze(-1)
-                if grad_root_t is not None and x.shape[-1]:
-                    total = total + x.narrow(-2, start, c) @ grad_root_t.mT
-                grad_U.narrow(-2, start, c).copy_(total.expand(grad_U.narrow(-2, start, c).shape)
-                                                  if total.dim() == 0 else total)
-            if grad_dinv is not None:
-                quad = None
-                if V is not None:
-                    quad = 0.5 * (V * Uc).sum(-1).to(wdt)
-                if gathered is not None:
-                    extra = (gathered * Uc.to(wdt)).sum(-1)
-                    quad = extra if quad is None else quad + extra
-                if quad is not None:
-                    grad_dinv.narrow(-1, start, c).copy_(quad)
+                out = grad_U.narrow(-2, start, c)
+                if T is None:
+                    out.zero_()
+                else:
+                    full = T if half is None else (T.add_(half) if T is not half else T.mul_(2))
+                    torch.mul(full, dinv.narrow(-1, start, c).to(dt).unsqueeze(-1), out=out)
+                if g_root is not None:
+                    out.add_((x.narrow(-2, start, c) @ g_root.mT).to(dt))
             if grad_x is not None:
-                grad_x.narrow(-2, start, c).copy_(Uc.to(wdt) @ grad_root_t)
-        if grad_x is not None and grad_x.shape != x.shape:
-            grad_x = grad_x.sum_to_size(x.shape)
+                grad_x.narrow(-2, start, c).copy_(Uc.to(grad_root_t.dtype) @ grad_root_t)
         return grad_U, grad_dinv, grad_x, None, None, None
 
 
