@@ -83,7 +83,6 @@ class Partition:
         num_blocks: ``k``; inferred as ``labels.max() + 1`` when omitted.
 
     Attributes:
-        labels: ``LongTensor`` of shape ``(n,)``.
         sizes: ``LongTensor`` of shape ``(k,)``, the number of indices in each block.
         num_blocks: ``k``.
         is_contiguous: whether block ``i`` is the run of indices
@@ -170,7 +169,7 @@ class Partition:
 
     @property
     def labels(self) -> Tensor:
-        """The block id of every index, a ``LongTensor`` of shape ``(n,)`` (built on first use when the
+        """The block id of every index: a ``LongTensor`` of shape ``(n,)`` (built on first use when the
         partition came from sizes)."""
         if self._labels is None:
             k = self.num_blocks
