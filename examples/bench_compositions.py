@@ -80,22 +80,23 @@ def generic(inputs: dict, x: dict):
     return SumLinearOperator(M1, M2, LowRankRootLinearOperator(x["U"]), DiagLinearOperator(x["d"]))
 
 
-def step(build, inputs: dict) -> tuple[float, float, float]:
-    """(seconds forward + backward, inverse quadratic form, log-determinant)."""
+def step(build, inputs: dict, cpu: bool = False):
+    """(seconds forward + backward, inverse quadratic form, log-determinant[, process CPU seconds])."""
     x = leaves(inputs)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     M = build(inputs, x)
     inv_quad, logdet = M.inv_quad_logdet(inputs["y"], logdet=True)
     (inv_quad + logdet).backward()
-    return time.perf_counter() - start, float(inv_quad.detach()), float(logdet.detach())
+    res = (time.perf_counter() - start, float(inv_quad.detach()), float(logdet.detach()))
+    return (*res, time.process_time() - start_cpu) if cpu else res
 
 
 def part_large(n: int, k1: int, k2: int, m: int, dtype: torch.dtype) -> dict:
     inputs = make_inputs(n, k1, k2, m, dtype)
     rss_inputs = _peak_rss_mb()
-    seconds, inv_quad, logdet = step(closed_form, inputs)
+    seconds, inv_quad, logdet, cpu_seconds = step(closed_form, inputs, cpu=True)
     return {"bench": "compositions_large", "n": n, "k1": k1, "k2": k2, "m": m, "dtype": str(dtype).split(".")[-1],
-            "seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "rss_after_inputs_mb": rss_inputs,
+            "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_mb": _peak_rss_mb(), "rss_after_inputs_mb": rss_inputs,
             "inv_quad": inv_quad, "logdet": logdet}
 
 
@@ -156,7 +157,8 @@ def main(argv=None) -> int:
     for r in records:
         if r["bench"] == "compositions_large":
             print(f"# n = {r['n']:,}, k = {r['k1']} x {r['k2']}, m = {r['m']}, {r['dtype']}: inv_quad_logdet + backward "
-                  f"{r['seconds']:.2f} s, peak RSS {r['peak_rss_mb'] / 1024:.2f} GB")
+                  f"{r['seconds']:.2f} s (process CPU time {r['cpu_seconds']:.2f} s, {r['threads']} threads, load "
+                  f"{r['load_avg']:.1f}), peak RSS {r['peak_rss_mb'] / 1024:.2f} GB")
         elif r["bench"] == "compositions_vs_cg":
             print(f"# n = {r['n']:,}: closed form {r['closed_form_s']:.3f} s, generic CG path {r['generic_cg_s']:.2f} s "
                   f"({r['speedup']:.0f}x)")
