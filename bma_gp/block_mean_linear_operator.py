@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -9,7 +10,8 @@ from linear_operator.operators import LinearOperator, ZeroLinearOperator
 from linear_operator.operators.diag_linear_operator import ConstantDiagLinearOperator
 from linear_operator.operators.root_linear_operator import RootLinearOperator
 from linear_operator.utils.broadcasting import _matmul_broadcast_shape
-from linear_operator.utils.memoize import cached
+from linear_operator.utils.errors import CachingError
+from linear_operator.utils.memoize import add_to_cache, cached, get_from_cache
 from torch import Tensor
 
 from bma_gp import settings
@@ -55,6 +57,29 @@ def _first_bad(mask: Tensor) -> tuple[tuple[int, ...], int] | None:
 
 def _where(batch: tuple[int, ...]) -> str:
     return f" (batch index {batch})" if batch else ""
+
+
+def _cached_unless_grad(name: str):
+    """linear_operator's ``@cached``, except that results are stored only when neither ``lam`` nor ``B``
+    requires gradients: a stored graph breaks a second backward pass, and a result stored under
+    ``no_grad`` would silently drop the gradients of later calls. Entries put in the cache by
+    others (GPyTorch's ``add_to_cache``) are still returned."""
+
+    def decorator(method):
+        @functools.wraps(method)
+        def wrapped(self, *args, **kwargs):
+            try:
+                return get_from_cache(self, name, *args, **kwargs)
+            except CachingError:
+                pass
+            res = method(self, *args, **kwargs)
+            if not (self.lam.requires_grad or self.B.requires_grad):
+                add_to_cache(self, name, res, *args, **kwargs)
+            return res
+
+        return wrapped
+
+    return decorator
 
 
 # ---------------------------------------------------------------------------- the operator
@@ -142,6 +167,7 @@ class BlockMeanLinearOperator(LinearOperator):
         self._core_cache: tuple[Tensor, Tensor] | None = None
         self._checked_finite = False
         self._rounding: Tensor | None = None  # set by schur_complement: absolute rounding of C's spectrum
+        self._shared_factor: tuple[Tensor, Tensor] | None = None  # inside inv_quad_logdet
 
     # ------------------------------------------------------------------ cheap views
     def _b_sym(self) -> Tensor:
@@ -610,7 +636,7 @@ class BlockMeanLinearOperator(LinearOperator):
         D = (fC - torch.diag_embed(f_lam)) * inv_root.unsqueeze(-1) * inv_root.unsqueeze(-2)
         return self._new(f_lam.to(self.dtype), (0.5 * (D + D.mT)).to(self.dtype))
 
-    @cached(name="matrix_sqrt")
+    @_cached_unless_grad("matrix_sqrt")
     def matrix_sqrt(self, *, check: bool = True) -> BlockMeanLinearOperator:
         r"""The symmetric square root :math:`M^{1/2}` (positive semidefinite :math:`M`), a block mean operator.
 
@@ -620,7 +646,7 @@ class BlockMeanLinearOperator(LinearOperator):
         return self._spectral(torch.sqrt, domain="nonnegative", what="matrix_sqrt",
                               check=check and settings.validate.on())
 
-    @cached(name="matrix_inv_sqrt")
+    @_cached_unless_grad("matrix_inv_sqrt")
     def matrix_inv_sqrt(self, *, check: bool = True) -> BlockMeanLinearOperator:
         r"""The inverse square root :math:`M^{-1/2}` (positive definite :math:`M`), a block mean operator.
 
@@ -639,9 +665,12 @@ class BlockMeanLinearOperator(LinearOperator):
         return self._spectral(torch.exp, domain=None, what="matrix_exp", check=settings.validate.on())
 
     # ------------------------------------------------------------------ factorisation of the core
-    @cached(name="core_cholesky_ex")
+    @_cached_unless_grad("core_cholesky_ex")
     def _core_cholesky_ex(self) -> tuple[Tensor, Tensor]:
-        """``torch.linalg.cholesky_ex`` of C, factors of failed batch entries set to NaN (no host sync)."""
+        """``torch.linalg.cholesky_ex`` of C, factors of failed batch entries set to NaN (no host sync).
+        Inside :meth:`inv_quad_logdet` one factorisation serves both terms, also with gradients."""
+        if self._shared_factor is not None:
+            return self._shared_factor
         L, info = torch.linalg.cholesky_ex(self._unchecked_core()[1])
         failed = (info > 0).unsqueeze(-1).unsqueeze(-1)
         return torch.where(failed, torch.full_like(L, float("nan")), L), info
@@ -677,7 +706,7 @@ class BlockMeanLinearOperator(LinearOperator):
                          "definite (its Cholesky factorisation failed). Add a diagonal (add_diagonal / noise).")
 
     # ------------------------------------------------------------------ inverse, solves, log-det
-    @cached(name="inverse_parts")
+    @_cached_unless_grad("inverse_parts")
     def _inverse_parts(self) -> tuple[Tensor, Tensor]:
         lam, B = self._folded()
         if settings.validate.on() and bool(((lam == 0) & (self.partition.sizes > 1)).any()):
@@ -712,7 +741,7 @@ class BlockMeanLinearOperator(LinearOperator):
             D = 0.5 * (D + D.mT)
         return inv_lam.to(self.dtype), D.to(self.dtype)
 
-    @cached(name="inverse")
+    @_cached_unless_grad("inverse")
     def inverse(self) -> BlockMeanLinearOperator:
         r""":math:`M^{-1}`, a block mean operator (any invertible :math:`M`)."""
         inv_lam, D = self._inverse_parts()
@@ -756,11 +785,11 @@ class BlockMeanLinearOperator(LinearOperator):
             logabs = torch.where(sign < 0, torch.full_like(logabs, float("nan")), logabs)
             return logabs.to(self.dtype)
         lam, _ = self.core()
+        L, info = self._core_cholesky_ex()
         if settings.validate.on():
             self._check_block_offsets(lam, what, strict=True)
-            if bool((self._core_cholesky_ex()[1] > 0).any()):
+            if bool((info > 0).any()):
                 self._raise_not_positive_definite(what)
-        L = self._core_cholesky_ex()[0]
         logdet_core = 2 * torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1)
         safe_lam = torch.where(self.partition.sizes > 1, lam, torch.ones_like(lam))
         return (logdet_core + (multiplicity * safe_lam.log()).sum(-1)).to(self.dtype)
@@ -786,6 +815,14 @@ class BlockMeanLinearOperator(LinearOperator):
         r"""Closed-form :math:`R^\top M^{-1} R` and :math:`\log\det M` (never CG or a dense Cholesky)."""
         if inv_quad_rhs is None and not logdet:
             raise RuntimeError("Either `inv_quad_rhs` or `logdet` must be specifed.")
+        if inv_quad_rhs is not None and logdet and self.symmetric and self._shared_factor is None:
+            if settings.validate.on():
+                self._check_finite()
+            self._shared_factor = self._core_cholesky_ex()  # one factorisation for both terms
+            try:
+                return self.inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
+            finally:
+                self._shared_factor = None
         inv_quad_term = (self.inv_quad(inv_quad_rhs, reduce_inv_quad) if inv_quad_rhs is not None
                          else torch.empty(0, dtype=self.dtype, device=self.device))
         logdet_term = (self._logdet("inv_quad_logdet") if logdet
@@ -793,12 +830,12 @@ class BlockMeanLinearOperator(LinearOperator):
         return inv_quad_term, logdet_term
 
     # ------------------------------------------------------------------ roots
-    @cached(name="root_decomposition")
+    @_cached_unless_grad("root_decomposition")
     def root_decomposition(self, method: str | None = None) -> LinearOperator:
         r""":math:`M = R R^\top` with :math:`R = M^{1/2}`, itself a block mean operator (``method`` is ignored)."""
         return RootLinearOperator(self.matrix_sqrt())
 
-    @cached(name="root_inv_decomposition")
+    @_cached_unless_grad("root_inv_decomposition")
     def root_inv_decomposition(self, initial_vectors: Tensor | None = None, test_vectors: Tensor | None = None,
                                method: str | None = None) -> LinearOperator:
         r""":math:`M^{-1} = R R^\top` with :math:`R = M^{-1/2}`, a block mean operator (arguments are ignored)."""

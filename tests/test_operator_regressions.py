@@ -385,6 +385,26 @@ def test_core_is_cached_without_gradients_and_fresh_with():
     torch.testing.assert_close(grad, torch.ones_like(lam))  # d trace(C) / d lam_i = 1
 
 
+def test_results_are_not_cached_with_gradients():
+    """A factorisation cached under no_grad used to drop the gradient of a later logdet through C
+    (silently), and one cached with its graph broke a second backward pass."""
+    labels = [0, 0, 1, 1, 1, 2]
+    lam = torch.tensor([1.0, 2.0, 0.5], dtype=DTYPE, requires_grad=True)
+    B = 0.3 * torch.eye(3, dtype=DTYPE)
+    op = BlockMeanLinearOperator(lam, B, Partition.from_labels(torch.tensor(labels)))
+    with torch.no_grad():
+        op.logdet(), op.inverse(), op.matrix_sqrt()
+    (grad,) = torch.autograd.grad(op.logdet(), lam)
+    (ref,) = torch.autograd.grad(torch.logdet(op.to_dense()), lam)
+    torch.testing.assert_close(grad, ref, rtol=1e-12, atol=1e-12)
+    x = torch.randn(6, dtype=DTYPE)
+    for _ in range(2):  # twice: no graph is kept between calls
+        op.inv_quad_logdet(x, logdet=True)[1].backward()
+        op.matrix_sqrt().to_dense().sum().backward()
+    fixed = BlockMeanLinearOperator(lam.detach(), B, op.partition)
+    assert fixed.inverse() is fixed.inverse() and fixed.core_cholesky() is fixed.core_cholesky()
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_core_cholesky_factorises_the_core_in_core_dtype(dtype):
     op = random_operator(SCATTERED, batch=(3,), dtype=dtype)
