@@ -21,13 +21,21 @@ the number of blocks :math:`k`; nothing of size :math:`k` per entry is formed.
     \frac{\partial L}{\partial \ell_a} = -\frac{2}{\ell_a} \sum_{p, j} G_{c_p c_j}\,
         g'(r_{pj}^2)\, \Delta z_{pja}^2,
     \qquad
-    \sum_j W_{pj} (z_{pa} - z_{ja})^2 = z_{pa}^2 \sum_j W_{pj} - 2 z_{pa} \sum_j W_{pj} z_{ja}
-        + \sum_j W_{pj} z_{ja}^2,
+    \sum_p W_{pj} (z_{pa} - z_{ja})^2 = z_{ja}^2 \sum_p W_{pj} - 2 z_{ja} \sum_p W_{pj} z_{pa}
+        + \sum_p W_{pj} z_{pa}^2,
 
-so a second pass over the same tiles re-evaluates the derivative weights, multiplies them
-by :math:`G` expanded from the tile's blocks (one gather), and contracts them with the
-column features :math:`[1, z_j, z_j^2]` in one GEMM. Again :math:`O(d)` work per entry
-whatever :math:`k`, and no :math:`k \times k \times d` state is kept between the passes.
+so one GEMM of the derivative weights :math:`W` with the row features :math:`[1, z_p,
+z_p^2]` gives every lengthscale's sum. Each tile takes the cheaper of two routes:
+
+* rows spanning few blocks (at most :data:`MAX_ROW_BLOCKS`, the usual case with large
+  blocks): forward also runs that GEMM once per row block and keeps the tile's derivative
+  sums per (row block, column block), within :data:`KEPT_DERIVATIVE_BYTES`; backward
+  contracts them with :math:`G`;
+* the others (many small blocks): backward evaluates the tile again, multiplies
+  :math:`W` by :math:`G` spread over the tile (one gather) and runs the GEMM once.
+
+Both are :math:`O(d)` work per entry whatever :math:`k`, and the memory kept between
+the passes is bounded.
 
 **Distributed.** Each rank evaluates every ``world``-th tile; the block sums are summed over
 ranks in forward and the lengthscale gradient in backward, so every rank must call backward.
@@ -344,7 +352,7 @@ def _tile_weights(grad: Tensor, tile: Tile) -> Tensor:
 
 
 def _tile_gradient(weights: Tensor, grad: Tensor, group: _RowGroup, zc: Tensor, tile: Tile,
-                   labels: Tensor) -> Tensor:
+                   labels: Tensor, spare: Tensor) -> Tensor:
     r""":math:`\sum_{p, j} G_{c_p c_j} w_{pj} \Delta z'^2_{pja}` over one tile. # shape: (B, d)
 
     One GEMM with the row features, :math:`H = [1, z_p, z_p^2]^\top (G \circ w)`, then the
@@ -355,8 +363,8 @@ def _tile_gradient(weights: Tensor, grad: Tensor, group: _RowGroup, zc: Tensor, 
     bsz, m, q = g.shape
     # spread over the columns: a gather along the last dimension is fast on a 2-d tensor only
     g = g.reshape(bsz * m, q).index_select(1, labels[tile.c0 : tile.c1] - tile.col_block).view(bsz, m, -1)
-    if m > 1:
-        weights.mul_(g.index_select(1, group.local))
+    if m > 1:  # spread down the rows into the free buffer ``spare``
+        weights.mul_(torch.index_select(g, 1, group.local, out=spare))
     h = torch.bmm(group.features(), weights)  # (B, 1 + 2d, C)
     if m == 1:
         h.mul_(g)
@@ -425,9 +433,10 @@ def lengthscale_gradient(plan: KernelSumsPlan, form: StationaryForm, lengthscale
     again = [t for i, t in enumerate(tiles) if i not in kept]
     tiler = _TilePass(plan.labels, form, z, again)
     for tile in progress(again, plan.show_progress, "kernel block sums (backward)"):
-        rho2, spare, _, zc = tiler.distances(tile)
+        rho2, spare, extra, zc = tiler.distances(tile)
         weights, factor = form.derivative_weights(rho2, spare)
-        acc += factor * _tile_gradient(weights, grad, tiler.rows(tile), zc, tile, plan.labels).to(acc.dtype)
+        part = _tile_gradient(weights, grad, tiler.rows(tile), zc, tile, plan.labels, extra)
+        acc += factor * part.to(acc.dtype)
     if plan.group is not None:
         (acc,) = all_reduce([acc], plan.group)
     ls = lengthscale
