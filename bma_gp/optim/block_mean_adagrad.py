@@ -253,8 +253,9 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         h = self._flat["sum"]
         if not fused and (self._workspace is None or self._workspace.h is not h):
             self._workspace = Workspace.build(blocks, h)
+        group_lr = [float(g["lr"]) if isinstance(g["lr"], Tensor) else g["lr"] for g in self.param_groups]
+        lr = [group_lr[gi] for gi in layout.group_index]  # per parameter, as the functional core takes them
         groups = [self.param_groups[gi] for gi in layout.group_index]
-        lr = [float(g["lr"]) if isinstance(g["lr"], Tensor) else g["lr"] for g in groups]
         block_mean_adagrad(
             layout.params,
             grads,
