@@ -43,7 +43,9 @@ class ClosedFormFallbackWarning(UserWarning):
 
 @dataclass
 class _Parts:
-    diag: list[Tensor] = field(default_factory=list)
+    diag: list[Tensor] = field(default_factory=list)  # per point
+    scalars: list[Tensor] = field(default_factory=list)  # one value per batch entry, shape (*batch, 1)
+    lams: list[tuple[Partition, Tensor]] = field(default_factory=list)  # constant inside the blocks
     terms: list[tuple[Partition, Tensor, Tensor | None]] = field(default_factory=list)
     roots: list[Tensor] = field(default_factory=list)
 
@@ -77,11 +79,11 @@ def _collect(op, parts: _Parts) -> bool:
     if isinstance(op, BlockMeanLinearOperator):
         if not op.symmetric:
             return False
-        parts.diag.append(op.partition.expand(op.lam, dim=-1))
+        parts.lams.append((op.partition, op.lam))
         parts.terms.append((op.partition, op.B, None))
         return True
     if isinstance(op, ConstantDiagLinearOperator):
-        parts.diag.append(op.diag_values.expand(*op.diag_values.shape[:-1], op.shape[-1]))
+        parts.scalars.append(op.diag_values)
         return True
     if isinstance(op, DiagLinearOperator):
         parts.diag.append(op._diag)
@@ -105,11 +107,29 @@ def _build(parts: _Parts, like: LinearOperator) -> LinearOperator:
     """The smallest closed-form operator for the collected pieces."""
     n = like.shape[-1]
     dtype, device = like.dtype, like.device
+    if not parts.diag and not parts.roots and len(parts.terms) == 1 and parts.terms[0][2] is None:
+        # one partition, offsets constant in its blocks by construction (lam, a scalar noise): still one
+        # block mean matrix, whatever needs gradients
+        part, B, _ = parts.terms[0]
+        lam = None
+        for p, value in parts.lams:
+            value = value if p.same_as(part) else None
+            if value is None:
+                break
+            lam = value if lam is None else lam + value
+        else:
+            lam = torch.zeros(part.num_blocks, dtype=dtype, device=device) if lam is None else lam
+            for c in parts.scalars:
+                lam = lam + c
+            return BlockMeanLinearOperator(lam, B.expand(*lam.shape[:-1], *B.shape[-2:]), part)
     diag = None
-    for d in parts.diag:
+    pieces = [*parts.diag, *(p.expand(lam, dim=-1) for p, lam in parts.lams)]
+    for d in pieces:
         diag = d if diag is None else diag + d
     if diag is None:
         diag = torch.zeros(n, dtype=dtype, device=device)
+    for c in parts.scalars:
+        diag = diag + c
     # one term per distinct (unweighted) partition
     terms: list[tuple[Partition, Tensor, Tensor | None]] = []
     for part, B, w in parts.terms:

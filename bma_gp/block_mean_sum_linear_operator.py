@@ -403,16 +403,14 @@ class BlockMeanSumLinearOperator(LinearOperator):
         dinv = self.diag_values.to(wdt).reciprocal()
         J = len(self.partitions)
         w = [None if x is None else x.to(wdt) for x in self.weights]
-        a = [p.block_sum(dinv if w[j] is None else dinv * w[j] * w[j], dim=-1)
-             for j, p in enumerate(self.partitions)]
+        a = [p.block_sum(dinv if wj is None else dinv * wj * wj, dim=-1) for wj, p in zip(w, self.partitions)]
         blocks: dict[tuple[int, int], Tensor] = {}
         for i in range(J):
             for j in range(i + 1, J):
                 values = dinv
-                if w[i] is not None:
-                    values = values * w[i]
-                if w[j] is not None:
-                    values = values * w[j]
+                for wt in (w[i], w[j]):
+                    if wt is not None:
+                        values = values * wt
                 blocks[i, j] = _contingency(self.partitions[i], self.partitions[j], values)
         root_t_extra = None
         if self.root is not None:
@@ -504,6 +502,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
             A_rr = torch.cat([torch.cat([self._A_block(s_, t) for t in rest], dim=-1) for s_ in rest], dim=-2)
             if elim is not None:  # A_rr - A_re diag(g / delta) A_er: one product with the eliminated grouping
                 A_re = torch.cat([self._A_block(t, elim) for t in rest], dim=-2)
+                assert g is not None and delta is not None
                 A_rr = A_rr - (A_re * (g / delta).unsqueeze(-2)) @ A_re.mT
             offsets = [0]
             for t in rest:
@@ -534,11 +533,13 @@ class BlockMeanSumLinearOperator(LinearOperator):
         """Solve :math:`C x = y` with ``y`` given per term (``(*b, k_t, t)`` each)."""
         cap = self._capacitance()
         rest = [t for t in range(len(y)) if t != cap.elim]
-        out: list[Tensor | None] = [None] * len(y)
+        out: list[Tensor] = list(y)  # every entry is replaced below
         if rest:
             rhs = torch.cat([y[t] for t in rest], dim=-2)
             if cap.elim is not None:
+                assert cap.A_re is not None and cap.delta is not None
                 rhs = rhs - self._apply_G_rest(rest, cap.A_re @ (y[cap.elim] / cap.delta.unsqueeze(-1)))
+            assert cap.lu is not None
             LU, pivots = cap.lu
             batch = torch.broadcast_shapes(LU.shape[:-2], rhs.shape[:-2])
             x_rest = torch.linalg.lu_solve(LU.expand(*batch, *LU.shape[-2:]),
@@ -548,8 +549,10 @@ class BlockMeanSumLinearOperator(LinearOperator):
                 out[t] = piece
         if cap.elim is not None:
             e = cap.elim
+            assert cap.delta is not None
             rhs = y[e]
             if rest:
+                assert cap.g is not None and cap.A_re is not None
                 rhs = rhs - cap.g.unsqueeze(-1) * (cap.A_re.mT @ torch.cat([out[t] for t in rest], dim=-2))
             out[e] = rhs / cap.delta.unsqueeze(-1)
         return out
@@ -574,6 +577,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         if self.root is not None:
             term = _chunked_matmul(self.root, y[-1])
             res = term if res is None else res + term
+        assert res is not None, "_z needs at least one term"
         return res
 
     # ------------------------------------------------------------------ solves and log-determinants
@@ -858,7 +862,8 @@ class _RootGram(torch.autograd.Function):
             if x.shape[-1]:
                 root_t += Uc.to(wdt).mT @ x.narrow(-2, start, c)
             for j, buf in enumerate(buffers):
-                vals = scaled if weights_u[j] is None else scaled * weights_u[j].narrow(0, start, c).unsqueeze(-1)
+                wj = weights_u[j]
+                vals = scaled if wj is None else scaled * wj.narrow(0, start, c).unsqueeze(-1)
                 buf.zero_().index_add_(-2, labels[j].narrow(0, start, c), vals)
                 cross[j] += buf.to(wdt)
         ctx.save_for_backward(U, dinv, x)
@@ -914,11 +919,11 @@ def _chunked_t_matmul(U: Tensor, x: Tensor) -> Tensor:
     """:math:`U^\\top x` accumulated in ``x``'s (working) precision, ``U`` cast one row chunk at a time."""
     rows = _chunk_rows(U.shape[-1])
     grad = torch.is_grad_enabled() and (U.requires_grad or x.requires_grad)
-    total = None
+    total: Tensor | None = None
     for Uc, xc in zip(U.split(rows, -2), x.split(rows, -2)):
-        fn = _t_piece
-        out = checkpoint(fn, Uc, xc, use_reentrant=False) if grad else fn(Uc, xc)
+        out = checkpoint(_t_piece, Uc, xc, use_reentrant=False) if grad else _t_piece(Uc, xc)
         total = out if total is None else total + out
+    assert total is not None
     return total
 
 
