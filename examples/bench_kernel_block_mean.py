@@ -96,14 +96,14 @@ def run_case(name: str, n: int, d: int, k: int, repeat: int, dtype_name: str, ba
     def bare_fwd():
         with torch.no_grad(), gpt_settings.lazily_evaluate_kernels(False):
             for a in range(0, n, chunk):
-                kernel(x[a:a + chunk], x).to_dense()
+                kernel(x[a : a + chunk], x).to_dense()
 
     weight = torch.randn(chunk, n, dtype=dtype)
 
     def bare_fwd_bwd():
         with gpt_settings.lazily_evaluate_kernels(False):
             for a in range(0, n, chunk):
-                values = kernel(x[a:a + chunk], x).to_dense()
+                values = kernel(x[a : a + chunk], x).to_dense()
                 torch.autograd.grad(values, params, grad_outputs=weight[: values.shape[-2]])
 
     def kbm_fwd():
@@ -131,10 +131,17 @@ def run_case(name: str, n: int, d: int, k: int, repeat: int, dtype_name: str, ba
     times = {f.__name__: _time(f, repeat) for f in fns}
     extra = {}
     if baseline is not None:
-        extra = {"baseline_ratio_fwd": round(times["base_fwd"] / times["bare_fwd"], 3),
-                 "baseline_ratio_fwd_bwd_vs_bare_fwd": round(times["base_fwd_bwd"] / times["bare_fwd"], 3)}
+        extra = {
+            "baseline_ratio_fwd": round(times["base_fwd"] / times["bare_fwd"], 3),
+            "baseline_ratio_fwd_bwd_vs_bare_fwd": round(times["base_fwd_bwd"] / times["bare_fwd"], 3),
+        }
     return {
-        "case": name, "n": n, "d": d, "k": partition.num_blocks, "dtype": dtype_name, "chunk_rows": chunk,
+        "case": name,
+        "n": n,
+        "d": d,
+        "k": partition.num_blocks,
+        "dtype": dtype_name,
+        "chunk_rows": chunk,
         "threads": torch.get_num_threads(),
         **{f"t_{key}_s": round(val, 4) for key, val in times.items()},
         "ratio_fwd": round(times["kbm_fwd"] / times["bare_fwd"], 3),
@@ -164,7 +171,7 @@ def run_k_sweep(n: int, d: int, ks: list[int], rounds: int, dtype_name: str) -> 
     def bare_fwd():
         with torch.no_grad(), gpt_settings.lazily_evaluate_kernels(False):
             for a in range(0, n, chunk):
-                kernel(x[a:a + chunk], x).to_dense()
+                kernel(x[a : a + chunk], x).to_dense()
 
     def kbm_fwd(partition):
         with torch.no_grad():
@@ -196,16 +203,30 @@ def run_k_sweep(n: int, d: int, ks: list[int], rounds: int, dtype_name: str) -> 
     out = []
     for k in ks:
         (fw, fc), (bw, bc) = best[("fwd", k)], best[("fwd_bwd", k)]
-        out.append({
-            "bench": "kernel_k_sweep", "case": "rbf-ard", "n": n, "d": d, "k": partitions[k].num_blocks,
-            "k_requested": k, "k_first": ks[0], "dtype": dtype_name, "threads": torch.get_num_threads(), "rounds": rounds,
-            "t_bare_fwd_s": round(bare_wall, 4), "t_kbm_fwd_s": round(fw, 4), "t_kbm_fwd_bwd_s": round(bw, 4),
-            "cpu_bare_fwd_s": round(bare_cpu, 4), "cpu_kbm_fwd_s": round(fc, 4), "cpu_kbm_fwd_bwd_s": round(bc, 4),
-            "ratio_fwd_bwd_vs_bare_fwd": round(bw / bare_wall, 3),
-            "ratio_fwd_bwd_vs_first_k": round(bw / first_wall, 3),
-            "cpu_ratio_fwd_bwd_vs_bare_fwd": round(bc / bare_cpu, 3),
-            "cpu_ratio_fwd_bwd_vs_first_k": round(bc / first_cpu, 3),
-        })
+        out.append(
+            {
+                "bench": "kernel_k_sweep",
+                "case": "rbf-ard",
+                "n": n,
+                "d": d,
+                "k": partitions[k].num_blocks,
+                "k_requested": k,
+                "k_first": ks[0],
+                "dtype": dtype_name,
+                "threads": torch.get_num_threads(),
+                "rounds": rounds,
+                "t_bare_fwd_s": round(bare_wall, 4),
+                "t_kbm_fwd_s": round(fw, 4),
+                "t_kbm_fwd_bwd_s": round(bw, 4),
+                "cpu_bare_fwd_s": round(bare_cpu, 4),
+                "cpu_kbm_fwd_s": round(fc, 4),
+                "cpu_kbm_fwd_bwd_s": round(bc, 4),
+                "ratio_fwd_bwd_vs_bare_fwd": round(bw / bare_wall, 3),
+                "ratio_fwd_bwd_vs_first_k": round(bw / first_wall, 3),
+                "cpu_ratio_fwd_bwd_vs_bare_fwd": round(bc / bare_cpu, 3),
+                "cpu_ratio_fwd_bwd_vs_first_k": round(bc / first_cpu, 3),
+            }
+        )
     return out
 
 
@@ -220,10 +241,14 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="n = 2,000, k = 50, one repeat")
     parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every case")
-    parser.add_argument("--baseline", default=None,
-                        help="a file with another version of bma_gp/kernel_block_mean.py, timed in the same run")
-    parser.add_argument("--k-sweep", default=None,
-                        help="comma-separated k: time RBF-ARD at each k in one process instead of the cases")
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="a file with another version of bma_gp/kernel_block_mean.py, timed in the same run",
+    )
+    parser.add_argument(
+        "--k-sweep", default=None, help="comma-separated k: time RBF-ARD at each k in one process instead of the cases"
+    )
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case here
     args = parser.parse_args()
     if args.smoke:
@@ -236,8 +261,11 @@ def main() -> None:
         ks = sorted(int(v) for v in args.k_sweep.split(","))
         if args.smoke:
             ks = [k for k in ks if k <= args.n // 4] or [10]
-        header = {"benchmark": "kernel_k_sweep", "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-                  "load_avg_1m": round(os.getloadavg()[0], 2)}
+        header = {
+            "benchmark": "kernel_k_sweep",
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+        }
         print(json.dumps(header), flush=True)
         lines = [json.dumps(header)]
         for rec in run_k_sweep(args.n, args.d, ks, max(2, args.repeat), args.dtype):
@@ -252,18 +280,37 @@ def main() -> None:
             import torch
 
             torch.set_num_threads(args.threads)
-        print(json.dumps(run_case(args.case, args.n, args.d, args.k, args.repeat, args.dtype, args.baseline)),
-              flush=True)
+        print(
+            json.dumps(run_case(args.case, args.n, args.d, args.k, args.repeat, args.dtype, args.baseline)), flush=True
+        )
         return
 
-    header = {"benchmark": "kernel_block_mean", "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-              "machine": f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}".strip(),
-              "python": platform.python_version(), "load_avg_1m": round(os.getloadavg()[0], 2)}
+    header = {
+        "benchmark": "kernel_block_mean",
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "machine": f"{platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}".strip(),
+        "python": platform.python_version(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
     lines = [json.dumps(header)]
     print(lines[0], flush=True)
     for name in args.cases.split(","):
-        cmd = [sys.executable, os.path.abspath(__file__), "--case", name, "--n", str(args.n), "--d", str(args.d),
-               "--k", str(args.k), "--repeat", str(args.repeat), "--dtype", args.dtype]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--case",
+            name,
+            "--n",
+            str(args.n),
+            "--d",
+            str(args.d),
+            "--k",
+            str(args.k),
+            "--repeat",
+            str(args.repeat),
+            "--dtype",
+            args.dtype,
+        ]
         if args.baseline:
             cmd += ["--baseline", os.path.abspath(args.baseline)]
         if args.threads:

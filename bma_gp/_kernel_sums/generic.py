@@ -53,6 +53,13 @@ def _segment_sum(values: Tensor, lengths: Tensor) -> Tensor:
     return out.view(*lead, lengths.numel())
 
 
+def _ranges(plan: KernelSumsPlan) -> list[tuple[int, int]]:
+    """This rank's row chunks."""
+    if plan.chunk is None:
+        raise ValueError("the generic engine needs plan.chunk, the rows per chunk; kernel_block_mean sets it.")
+    return chunk_ranges(plan.rows[0], plan.rows[1], plan.chunk)
+
+
 class GenericKernelSums(torch.autograd.Function):
     """``(T, d)`` of ``kernel(x, x)`` by row chunks; backward re-evaluates each chunk.
 
@@ -64,22 +71,17 @@ class GenericKernelSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, plan: KernelSumsPlan, kernel: Kernel, x: Tensor, *params: Tensor) -> tuple[Tensor, Tensor]:
         k = plan.num_blocks
-        sums = diag = None
         with torch.no_grad():
-            for a, b in progress(chunk_ranges(*plan.rows, plan.chunk), plan.show_progress, "kernel block sums"):
+            # the shapes and dtype of the sums come from a one-entry evaluation (a rank may have no rows)
+            probe = evaluate(kernel, x[..., :1, :], x[..., :1, :])
+            dtype, acc = probe.dtype, core_dtype(probe.dtype)
+            sums = probe.new_zeros(*probe.shape[:-2], k, k, dtype=acc)
+            diag = probe.new_zeros(*probe.shape[:-2], k, dtype=acc)
+            for a, b in progress(_ranges(plan), plan.show_progress, "kernel block sums"):
                 values = evaluate(kernel, x[..., a:b, :], x)  # (*batch, c, n)
-                if sums is None:
-                    dtype, acc = values.dtype, core_dtype(values.dtype)
-                    sums = values.new_zeros(*values.shape[:-2], k, k, dtype=acc)
-                    diag = values.new_zeros(*values.shape[:-2], k, dtype=acc)
                 rows = plan.labels[a:b]
                 sums.index_add_(sums.dim() - 2, rows, _segment_sum(values, plan.sizes).to(acc))
                 diag.index_add_(diag.dim() - 1, rows, torch.diagonal(values, offset=a, dim1=-2, dim2=-1).to(acc))
-            if sums is None:  # this rank has no rows: the shapes come from a one-row evaluation
-                probe = evaluate(kernel, x[..., :1, :], x[..., :1, :])
-                dtype, acc = probe.dtype, core_dtype(probe.dtype)
-                sums = probe.new_zeros(*probe.shape[:-2], k, k, dtype=acc)
-                diag = probe.new_zeros(*probe.shape[:-2], k, dtype=acc)
             if plan.group is not None:
                 sums, diag = all_reduce([sums, diag], plan.group)
         ctx.plan, ctx.kernel = plan, kernel
@@ -97,20 +99,22 @@ class GenericKernelSums(torch.autograd.Function):
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(need_x)
             inputs = [params[i] for i in wanted] + ([x_in] if need_x else [])
-            ranges = chunk_ranges(*plan.rows, plan.chunk)
-            for a, b in progress(ranges, plan.show_progress, "kernel block sums (backward)"):
+            for a, b in progress(_ranges(plan), plan.show_progress, "kernel block sums (backward)"):
                 values = evaluate(kernel, x_in[..., a:b, :], x_in)
                 rows = plan.labels[a:b]
                 # dL/dK for this chunk: the k x k gradient spread over its entries (c x n, never n x n)
                 weight = grad_sums.to(values.dtype).index_select(-2, rows).index_select(-1, plan.labels)
                 weight = weight.expand_as(values).clone() if weight.shape != values.shape else weight
-                torch.diagonal(weight, offset=a, dim1=-2, dim2=-1).add_(grad_diag.to(values.dtype).index_select(-1, rows))
+                torch.diagonal(weight, offset=a, dim1=-2, dim2=-1).add_(
+                    grad_diag.to(values.dtype).index_select(-1, rows)
+                )
                 if not inputs:
                     continue
                 pieces = torch.autograd.grad(values, inputs, grad_outputs=weight, allow_unused=True)
                 for j, g in enumerate(pieces):
+                    total = grads[j]
                     if g is not None:
-                        grads[j] = g if grads[j] is None else grads[j] + g
+                        grads[j] = g if total is None else total + g
         full = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
         if plan.group is not None and full:
             full = all_reduce(full, plan.group)

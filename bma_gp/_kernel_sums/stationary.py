@@ -67,7 +67,7 @@ TILE_ROWS_CUDA, TILE_COLS_CUDA = 4096, 32768
 # ============================================================================ the kernel's form
 @dataclass(frozen=True)
 class StationaryForm:
-    r"""A kernel :math:`\sigma^2 f(\rho)` the tiled engine understands: RBF, or Matern with :math:`\nu \in \{1/2, 3/2, 5/2\}`.
+    r"""A kernel :math:`\sigma^2 f(\rho)` the tiled engine handles: RBF or Matern :math:`\nu \in \{1/2, 3/2, 5/2\}`.
 
     With :math:`\rho = \|z' - z''\|` and :math:`z = c\, x / \ell`: RBF :math:`f = e^{-\rho^2}`;
     Matern :math:`f = p_\nu(\rho)\, e^{-\rho}` with :math:`p = 1`, :math:`1 + \rho`,
@@ -293,8 +293,10 @@ def _prepare(plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor) ->
 
 
 def _block_slices(tile: Tile) -> tuple[slice, slice]:
-    return (slice(tile.row_block, tile.row_block + tile.row_blocks),
-            slice(tile.col_block, tile.col_block + tile.col_blocks))
+    return (
+        slice(tile.row_block, tile.row_block + tile.row_blocks),
+        slice(tile.col_block, tile.col_block + tile.col_blocks),
+    )
 
 
 # ============================================================================ segment sums of one tile
@@ -351,8 +353,9 @@ def _tile_weights(grad: Tensor, tile: Tile) -> Tensor:
     return g + grad[:, cols, rows].transpose(1, 2) if tile.mirror else g
 
 
-def _tile_gradient(weights: Tensor, grad: Tensor, group: _RowGroup, zc: Tensor, tile: Tile,
-                   labels: Tensor, spare: Tensor) -> Tensor:
+def _tile_gradient(
+    weights: Tensor, grad: Tensor, group: _RowGroup, zc: Tensor, tile: Tile, labels: Tensor, spare: Tensor
+) -> Tensor:
     r""":math:`\sum_{p, j} G_{c_p c_j} w_{pj} \Delta z'^2_{pja}` over one tile. # shape: (B, d)
 
     One GEMM with the row features, :math:`H = [1, z_p, z_p^2]^\top (G \circ w)`, then the
@@ -379,8 +382,9 @@ MAX_ROW_BLOCKS = 32
 KEPT_DERIVATIVE_BYTES = 64 * 2**20
 
 
-def block_sums(plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor,
-               keep_derivatives: bool = False) -> tuple[Tensor, dict[int, Tensor]]:
+def block_sums(
+    plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor, keep_derivatives: bool = False
+) -> tuple[Tensor, dict[int, Tensor]]:
     r"""Unscaled block sums :math:`T_0 = P^\top f(R) P` by tiles and segment sums.
 
     With ``keep_derivatives``, tiles whose rows span at most :data:`MAX_ROW_BLOCKS` blocks
@@ -417,8 +421,9 @@ def block_sums(plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor,
     return acc.to(z.dtype).reshape(*batch, k, k), kept
 
 
-def lengthscale_gradient(plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor, grad_sums: Tensor,
-                         kept: dict[int, Tensor]) -> Tensor:
+def lengthscale_gradient(
+    plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor, grad_sums: Tensor, kept: dict[int, Tensor]
+) -> Tensor:
     r""":math:`\partial L / \partial \ell` from :math:`G = \partial L / \partial T_0`.
 
     Kept tiles contract their derivative sums with :math:`G`; the others are evaluated again.
