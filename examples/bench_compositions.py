@@ -9,7 +9,8 @@ Parts (one JSON line each, then a readable line):
 
 * ``large``: ``inv_quad_logdet`` plus backward to every input at ``n = 10^6`` (``k_1 = 1000``,
   ``k_2 = 5000``, ``m = 256``), wall time and peak resident memory of the process.
-* ``cg``: the same kind of operator at ``n = 2 x 10^4`` against linear_operator's generic path on the
+* ``cg``: the same kind of operator at ``n = 2 x 10^4`` (with the same levels and rank, and with levels
+  in proportion to ``n``: ``k = 100 x 500``, ``m = 64``) against linear_operator's generic path on the
   same matrix (a ``SumLinearOperator`` of the same summands at ``max_cholesky_size(0)``: CG and
   stochastic Lanczos quadrature), forward plus backward, timed in the same run.
 * ``exact``: relative error of the closed form and of the generic path against dense Cholesky at
@@ -148,6 +149,8 @@ def main(argv=None) -> int:
         records.append(part_exact(*exact))
     if args.part in ("cg", "all"):
         records.append(part_cg(*cg, dtype=torch.float64, repeats=1 if args.smoke else 3))
+        if not args.smoke:  # levels in proportion to n (about 200 and 40 points per level), m = 64
+            records.append(part_cg(20_000, 100, 500, 64, dtype=torch.float64, repeats=3))
     if args.part in ("large", "all"):
         records.append(part_large(*large, dtype=dtype))
     for r in records:
@@ -160,7 +163,7 @@ def main(argv=None) -> int:
                   f"{r['seconds']:.2f} s (process CPU time {r['cpu_seconds']:.2f} s, {r['threads']} threads, load "
                   f"{r['load_avg']:.1f}), peak RSS {r['peak_rss_mb'] / 1024:.2f} GB")
         elif r["bench"] == "compositions_vs_cg":
-            print(f"# n = {r['n']:,}: closed form {r['closed_form_s']:.3f} s, generic CG path {r['generic_cg_s']:.2f} s "
+            print(f"# n = {r['n']:,}, k = {r['k1']} x {r['k2']}, m = {r['m']}: closed form {r['closed_form_s']:.3f} s, generic CG path {r['generic_cg_s']:.2f} s "
                   f"({r['speedup']:.0f}x)")
         else:
             print(f"# n = {r['n']}, float64, relative error vs dense Cholesky: closed form inv_quad "
