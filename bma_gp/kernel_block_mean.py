@@ -65,7 +65,7 @@ def _check_inputs(kernel: Any, x: Any, partition: Any, chunk_size: Any) -> Tenso
     if not isinstance(partition, Partition):
         raise TypeError(
             f"partition must be a bma_gp.Partition, got {type(partition).__name__}; build one with "
-            "Partition.from_labels(labels) or a builder from bma_gp.partitioning."
+            "Partition.from_labels(labels) or a builder from bma_gp.partition_builders."
         )
     if len(partition) != x.shape[-2]:
         raise ValueError(f"partition has {len(partition)} indices but x has {x.shape[-2]} rows; they must match.")
