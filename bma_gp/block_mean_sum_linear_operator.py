@@ -877,6 +877,7 @@ class _RootGram(torch.autograd.Function):
         sym = None if grad_gram is None else (grad_gram + grad_gram.mT).to(dt)
         g_cross = [None if g is None else g.to(dt) for g in grad_cross]
         g_root = None if grad_root_t is None or not x.shape[-1] else grad_root_t
+        g_root_u = None if g_root is None else g_root.to(dt)
         grad_U = torch.empty_like(U) if ctx.needs_input_grad[0] else None
         grad_dinv = torch.zeros_like(dinv) if ctx.needs_input_grad[1] else None
         grad_x = torch.zeros_like(x) if ctx.needs_input_grad[2] and g_root is not None else None
@@ -908,10 +909,10 @@ class _RootGram(torch.autograd.Function):
                 else:
                     full = T if half is None else (T.add_(half) if T is not half else T.mul_(2))
                     torch.mul(full, dinv.narrow(-1, start, c).to(dt).unsqueeze(-1), out=out)
-                if g_root is not None:
-                    out.add_((x.narrow(-2, start, c) @ g_root.mT).to(dt))
+                if g_root is not None:  # gradients need no more than U's precision
+                    out.add_(x.narrow(-2, start, c).to(dt) @ g_root_u.mT)
             if grad_x is not None:
-                grad_x.narrow(-2, start, c).copy_(Uc.to(grad_root_t.dtype) @ grad_root_t)
+                grad_x.narrow(-2, start, c).copy_(Uc @ g_root_u)
         return grad_U, grad_dinv, grad_x, None, None, None
 
 
