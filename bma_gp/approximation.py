@@ -1,4 +1,4 @@
-"""The Frobenius-nearest block mean matrix (SPEC section 2), from a dense matrix, an operator or block sums."""
+"""The Frobenius-nearest block mean matrix (:doc:`docs/math.md, section 2 </math>`), from a dense matrix, an operator or block sums."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def _operator_block_sums(A: LinearOperator, partition: Partition, chunk_columns:
 
 def block_mean(A: Tensor | LinearOperator, partition: Partition, *, symmetric: bool = True,
                chunk_columns: int | None = None) -> BlockMeanLinearOperator:
-    r"""The Frobenius-nearest block mean matrix to ``A`` (SPEC section 2).
+    r"""The Frobenius-nearest block mean matrix to ``A`` (:doc:`docs/math.md, section 2 </math>`).
 
     Equal to the average of :math:`Q A Q^\top` over all permutations :math:`Q` that shuffle indices
     only inside blocks, so a positive semidefinite ``A`` gives a positive semidefinite result. Costs
