@@ -1,6 +1,6 @@
 """The cross-covariance between new points and block-exchangeable training points.
 
-Under a block mean covariance over training points (SPEC section 2), the
+Under a block mean covariance over training points (:doc:`docs/math.md, section 2 </math>`), the
 covariance between a new point and training point :math:`m` depends on :math:`m`
 only through its block. The :math:`t \\times n` cross-covariance is therefore
 :math:`A P^\\top` with :math:`A` of shape :math:`t \\times k`: it costs
