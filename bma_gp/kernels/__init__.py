@@ -1,7 +1,7 @@
 """GPyTorch kernels whose covariance is a block mean matrix, and exact prediction for them.
 
 - :class:`BlockMeanKernel` -- the block-exchangeable process of any base kernel over a
-  partition of the training inputs (SPEC section 2).
+  partition of the training inputs (:doc:`docs/math.md, section 2 </math>`).
 - :class:`GroupKernel` -- a covariance over integer group ids, exactly a block mean matrix.
 - :class:`BlockMeanPredictionStrategy` -- closed-form posterior mean and covariance.
 - :class:`BlockCrossLinearOperator` -- the ``t x n`` cross-covariance ``A P^T`` they return.
