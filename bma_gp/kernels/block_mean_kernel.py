@@ -80,7 +80,7 @@ class BlockMeanKernel(Kernel):
 
     With training inputs :math:`X` in blocks :math:`X_1, \dots, X_k` (a :class:`~bma_gp.Partition`),
     the training covariance is the Frobenius-nearest block mean matrix to
-    :math:`K = k(X, X)` (SPEC section 2):
+    :math:`K = k(X, X)` (:doc:`docs/math.md, section 2 </math>`):
 
     .. math::
 
