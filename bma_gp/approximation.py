@@ -1,4 +1,7 @@
-"""The Frobenius-nearest block mean matrix (:doc:`docs/math.md, section 2 </math>`), from a dense matrix, an operator or block sums."""
+"""The Frobenius-nearest block mean matrix, from a dense matrix, an operator or block sums.
+
+The mathematics: :doc:`docs/math.md, section 2 </math>`.
+"""
 
 from __future__ import annotations
 
