@@ -4,7 +4,7 @@
 
 The covariance of the data is a low-rank root (SGPR's m inducing points) plus one block mean matrix per
 grouping plus the noise diagonal, which bma-gp solves through a capacitance matrix of size m + sum_j k_j
-(SPEC section 5): no CG, no Lanczos, no n x n matrix. Inside GPyTorch this is simply ``+``:
+(docs/math.md, section 4): no CG, no Lanczos, no n x n matrix. Inside GPyTorch this is simply ``+``:
 
     covar = InducingPointKernel(ScaleKernel(RBFKernel()), Z, likelihood, active_dims=smooth_columns)
     for j, k in enumerate(levels):
