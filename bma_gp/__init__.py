@@ -19,7 +19,7 @@ from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
 from bma_gp.approximation import block_mean, block_mean_from_sums
 from bma_gp.kernel_block_mean import kernel_block_mean
 from bma_gp.kernels import BlockMeanKernel, GroupKernel
-from bma_gp._composition import ClosedFormFallbackWarning, closed_form, install as _install_composition
+from bma_gp._composition import ClosedFormFallbackWarning, FallbackSumLinearOperator, closed_form, install as _install_composition
 
 _install_composition()  # sums with diagonals, other partitions and low-rank roots reach the closed forms
 
@@ -29,6 +29,7 @@ __all__ = [
     "BlockMeanSumLinearOperator",
     "closed_form",
     "ClosedFormFallbackWarning",
+    "FallbackSumLinearOperator",
     "block_mean",
     "block_mean_from_sums",
     "kernel_block_mean",

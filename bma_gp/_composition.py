@@ -7,7 +7,8 @@ linear_operator's and GPyTorch's own ``__add__``, which would build a generic
 wraps those ``__add__`` methods (and ``add_diagonal`` of lazily evaluated kernel tensors) so that
 they hand the sum to :func:`add_structured` *only when one operand is a block mean operator* (or a
 lazily evaluated kernel that contains a :class:`~bma_gp.BlockMeanKernel` or
-:class:`~bma_gp.GroupKernel`); every other sum is left exactly as linear_operator builds it.
+:class:`~bma_gp.GroupKernel`); every other sum is left exactly as linear_operator builds it. A sum with a summand outside the family becomes a
+:class:`FallbackSumLinearOperator`, which warns when a solve or log-determinant actually runs.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
 from bma_gp.partition import Partition
 
-__all__ = ["ClosedFormFallbackWarning", "add_structured", "closed_form", "install"]
+__all__ = ["ClosedFormFallbackWarning", "FallbackSumLinearOperator", "add_structured", "closed_form", "install"]
 
 
 class ClosedFormFallbackWarning(UserWarning):
@@ -92,10 +93,8 @@ def _collect(op, parts: _Parts) -> bool:
         return _collect(op._linear_op, parts) and _collect(op._diag_tensor, parts)
     if isinstance(op, SumLinearOperator):  # also AddedDiagLinearOperator
         return all(_collect(term, parts) for term in op.linear_ops)
-    if isinstance(op, RootLinearOperator):
+    if isinstance(op, RootLinearOperator):  # U U^T with any number of columns (the capacitance limit bounds it)
         root = op.root
-        if root.shape[-1] >= root.shape[-2]:
-            return False
         parts.roots.append(root.to_dense() if isinstance(root, LinearOperator) else root)
         return True
     if _is_lazy_block_mean(op):
@@ -199,12 +198,52 @@ def closed_form(op: LinearOperator) -> LinearOperator:
     return _build(parts, op)
 
 
-def warn_fallback(left, right) -> None:
-    warnings.warn(
-        f"{type(left).__name__} + {type(right).__name__}: one summand is not a block mean operator, a "
-        "diagonal or a low-rank root, so this sum has no closed form; linear_operator's generic path (dense "
-        "Cholesky up to max_cholesky_size, CG and Lanczos beyond) will be used for its solves.",
-        ClosedFormFallbackWarning, stacklevel=3)
+class FallbackSumLinearOperator(SumLinearOperator):
+    """A sum of a block mean operator and a summand outside the closed-form family (an exact kernel, a dense
+    matrix). It multiplies like any sum; its solves, log-determinants and roots take linear_operator's generic
+    path, and say so with a :class:`ClosedFormFallbackWarning` when they run (a product, such as a posterior
+    covariance that is only ever multiplied, stays silent)."""
+
+    def _warn(self, what: str) -> None:
+        names = " + ".join(type(op).__name__ for op in self.linear_ops)
+        warnings.warn(
+            f"{what} of {names}: one summand is not a block mean operator, a diagonal or a low-rank root, so this "
+            "sum has no closed form; linear_operator's generic path (dense Cholesky up to max_cholesky_size, CG "
+            "and Lanczos beyond) is used.", ClosedFormFallbackWarning, stacklevel=3)
+
+    def add_diagonal(self, diag):
+        res = super().add_diagonal(diag)  # an AddedDiagLinearOperator around this sum: keep the warning
+        if isinstance(res, AddedDiagLinearOperator):
+            return FallbackSumLinearOperator(*self.linear_ops, res._diag_tensor)
+        return res
+
+    def solve(self, right_tensor, left_tensor=None):
+        self._warn("solve")
+        return super().solve(right_tensor, left_tensor)
+
+    def inv_quad_logdet(self, inv_quad_rhs=None, logdet=False, reduce_inv_quad=True):
+        self._warn("inv_quad_logdet")
+        return super().inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
+
+    def logdet(self):
+        self._warn("logdet")
+        return super().logdet()
+
+    def root_decomposition(self, method=None):
+        self._warn("root_decomposition")
+        return super().root_decomposition(method)
+
+    def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method=None):
+        self._warn("root_inv_decomposition")
+        return super().root_inv_decomposition(initial_vectors, test_vectors, method)
+
+
+def fallback_sum(left, right) -> LinearOperator | None:
+    """``left + right`` as a :class:`FallbackSumLinearOperator` when both are operators of one shape, else None."""
+    if isinstance(right, LinearOperator) and not isinstance(right, ZeroLinearOperator) \
+            and not isinstance(left, ZeroLinearOperator) and left.shape == right.shape:
+        return FallbackSumLinearOperator(left, right)
+    return None
 
 
 # ---------------------------------------------------------------------------- hooks
@@ -216,8 +255,9 @@ def _hooked_add(original):
             res = add_structured(self, other)
             if res is not None:
                 return res
-            if not isinstance(self, ZeroLinearOperator) and not isinstance(other, ZeroLinearOperator):
-                warn_fallback(self, other)
+            fallback = fallback_sum(self, other)
+            if fallback is not None:
+                return fallback
         return original(self, other)
 
     __add__._bma_gp_original = original

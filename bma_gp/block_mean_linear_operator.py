@@ -473,14 +473,12 @@ class BlockMeanLinearOperator(LinearOperator):
             return self._new(self.lam + other.lam, self.B + other.B, symmetric=self.symmetric and other.symmetric)
         if isinstance(other, ConstantDiagLinearOperator) and other.shape[-1] == self.shape[-1]:
             return self.add_diagonal(other.diag_values)
-        from bma_gp._composition import add_structured, warn_fallback
+        from bma_gp._composition import add_structured, fallback_sum
 
         res = add_structured(self, other) if isinstance(other, LinearOperator) else None
-        if res is not None:  # a per-point diagonal, another partition, a low-rank root: closed form
-            return res
-        if isinstance(other, LinearOperator) and not isinstance(other, ZeroLinearOperator):
-            warn_fallback(self, other)
-        return super().__add__(other)
+        if res is None:  # no closed form: a sum that warns when it is solved
+            res = fallback_sum(self, other)
+        return res if res is not None else super().__add__(other)
 
     def __radd__(self, other):
         return self.__add__(other)

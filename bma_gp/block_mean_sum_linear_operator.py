@@ -361,9 +361,11 @@ class BlockMeanSumLinearOperator(LinearOperator):
         return self._new(diag=new)
 
     def __add__(self, other):
-        from bma_gp._composition import add_structured
+        from bma_gp._composition import add_structured, fallback_sum
 
         res = add_structured(self, other)
+        if res is None:
+            res = fallback_sum(self, other)
         return res if res is not None else super().__add__(other)
 
     def __radd__(self, other):

@@ -62,9 +62,13 @@ def test_lazy_kernel_sums_solve_in_closed_form(name, how, max_chol):
 def test_sum_with_an_exact_kernel_warns_and_takes_the_generic_path():
     kernel, x = _kernels()["group"]
     rbf = gpytorch.kernels.RBFKernel().double()
-    with pytest.warns(bma_gp.ClosedFormFallbackWarning, match="no closed form"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # building (and multiplying) the sum is silent
         total = kernel(x).evaluate_kernel() + rbf(x[:, :1]).evaluate_kernel()
-    assert not isinstance(total, (BlockMeanSumLinearOperator, BlockMeanLinearOperator))
+        total @ torch.ones(N, 1, dtype=torch.float64)
+    assert isinstance(total, bma_gp.FallbackSumLinearOperator)
+    with pytest.warns(bma_gp.ClosedFormFallbackWarning, match="no closed form"):
+        total.add_diagonal(torch.tensor(1.0, dtype=torch.float64)).logdet()
 
 
 def test_plain_linear_operator_sums_are_untouched():
