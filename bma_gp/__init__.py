@@ -11,15 +11,17 @@ Public names (see the documentation for the mathematics):
 - :func:`kernel_block_mean` -- the same for a GPyTorch kernel matrix, without n x n memory.
 - :class:`BlockMeanKernel`, :class:`GroupKernel` -- GPyTorch kernels returning block mean operators.
 """
+
 from bma_gp import settings
+from bma_gp._composition import ClosedFormFallbackWarning, FallbackSumLinearOperator, closed_form
+from bma_gp._composition import install as _install_composition
 from bma_gp._version import __version__
-from bma_gp.partition import Partition
+from bma_gp.approximation import block_mean, block_mean_from_sums
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
-from bma_gp.approximation import block_mean, block_mean_from_sums
 from bma_gp.kernel_block_mean import kernel_block_mean
 from bma_gp.kernels import BlockMeanKernel, GroupKernel
-from bma_gp._composition import ClosedFormFallbackWarning, FallbackSumLinearOperator, closed_form, install as _install_composition
+from bma_gp.partition import Partition
 
 _install_composition()  # sums with diagonals, other partitions and low-rank roots reach the closed forms
 

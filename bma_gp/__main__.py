@@ -1,4 +1,5 @@
 """``python -m bma_gp``: the same as the ``bma-gp`` command (see :mod:`bma_gp.cli`)."""
+
 import sys
 
 from bma_gp.cli import main

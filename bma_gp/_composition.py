@@ -7,8 +7,9 @@ linear_operator's and GPyTorch's own ``__add__``, which would build a generic
 wraps those ``__add__`` methods (and ``add_diagonal`` of lazily evaluated kernel tensors) so that
 they hand the sum to :func:`add_structured` *only when one operand is a block mean operator* (or a
 lazily evaluated kernel that contains a :class:`~bma_gp.BlockMeanKernel` or
-:class:`~bma_gp.GroupKernel`); every other sum is left exactly as linear_operator builds it. A sum with a summand outside the family becomes a
-:class:`FallbackSumLinearOperator`, which warns when a solve or log-determinant actually runs.
+:class:`~bma_gp.GroupKernel`); every other sum is left exactly as linear_operator builds it. A sum
+with a summand outside the family becomes a :class:`FallbackSumLinearOperator`, which warns when a
+solve or log-determinant actually runs.
 """
 
 from __future__ import annotations
@@ -110,10 +111,9 @@ def _build(parts: _Parts, like: LinearOperator) -> LinearOperator:
         # one partition, offsets constant in its blocks by construction (lam, a scalar noise): still one
         # block mean matrix, whatever needs gradients
         part, B, _ = parts.terms[0]
-        lam = None
+        lam: Tensor | None = None
         for p, value in parts.lams:
-            value = value if p.same_as(part) else None
-            if value is None:
+            if not p.same_as(part):
                 break
             lam = value if lam is None else lam + value
         else:
@@ -141,14 +141,22 @@ def _build(parts: _Parts, like: LinearOperator) -> LinearOperator:
     root = None
     if parts.roots:
         batch = torch.broadcast_shapes(*(r.shape[:-2] for r in parts.roots))
-        root = parts.roots[0] if len(parts.roots) == 1 else torch.cat(
-            [r.expand(*batch, *r.shape[-2:]) for r in parts.roots], dim=-1)
+        root = (
+            parts.roots[0]
+            if len(parts.roots) == 1
+            else torch.cat([r.expand(*batch, *r.shape[-2:]) for r in parts.roots], dim=-1)
+        )
     if root is None and len(terms) == 1 and terms[0][2] is None:
         single = _as_block_mean(diag, terms[0][0], terms[0][1])
         if single is not None:
             return single
-    return BlockMeanSumLinearOperator(diag, *(B for _, B, _ in terms), partitions=[p for p, _, _ in terms],
-                                      root=root, weights=[w for _, _, w in terms])
+    return BlockMeanSumLinearOperator(
+        diag,
+        *(B for _, B, _ in terms),
+        partitions=[p for p, _, _ in terms],
+        root=root,
+        weights=[w for _, _, w in terms],
+    )
 
 
 def _as_block_mean(diag: Tensor, partition: Partition, B: Tensor) -> BlockMeanLinearOperator | None:
@@ -194,7 +202,8 @@ def closed_form(op: LinearOperator) -> LinearOperator:
     if not _collect(op, parts) or not parts.terms:
         raise ValueError(
             f"{type(op).__name__} of shape {tuple(op.shape)} is not a sum of block mean operators, diagonals and "
-            "low-rank roots (the family with closed forms), so it has no closed-form solve.")
+            "low-rank roots (the family with closed forms), so it has no closed-form solve."
+        )
     return _build(parts, op)
 
 
@@ -209,7 +218,10 @@ class FallbackSumLinearOperator(SumLinearOperator):
         warnings.warn(
             f"{what} of {names}: one summand is not a block mean operator, a diagonal or a low-rank root, so this "
             "sum has no closed form; linear_operator's generic path (dense Cholesky up to max_cholesky_size, CG "
-            "and Lanczos beyond) is used.", ClosedFormFallbackWarning, stacklevel=3)
+            "and Lanczos beyond) is used.",
+            ClosedFormFallbackWarning,
+            stacklevel=3,
+        )
 
     def add_diagonal(self, diag):
         res = super().add_diagonal(diag)  # an AddedDiagLinearOperator around this sum: keep the warning
@@ -240,8 +252,12 @@ class FallbackSumLinearOperator(SumLinearOperator):
 
 def fallback_sum(left, right) -> LinearOperator | None:
     """``left + right`` as a :class:`FallbackSumLinearOperator` when both are operators of one shape, else None."""
-    if isinstance(right, LinearOperator) and not isinstance(right, ZeroLinearOperator) \
-            and not isinstance(left, ZeroLinearOperator) and left.shape == right.shape:
+    if (
+        isinstance(right, LinearOperator)
+        and not isinstance(right, ZeroLinearOperator)
+        and not isinstance(left, ZeroLinearOperator)
+        and left.shape == right.shape
+    ):
         return FallbackSumLinearOperator(left, right)
     return None
 
@@ -285,10 +301,20 @@ def install() -> None:
         TriangularLinearOperator,
     )
 
-    classes = [LinearOperator, AddedDiagLinearOperator, DenseLinearOperator, DiagLinearOperator,
-               ConstantDiagLinearOperator, LowRankRootAddedDiagLinearOperator, LowRankRootLinearOperator,
-               SumLinearOperator, ZeroLinearOperator, TriangularLinearOperator, KroneckerProductLinearOperator,
-               LazyEvaluatedKernelTensor]
+    classes = [
+        LinearOperator,
+        AddedDiagLinearOperator,
+        DenseLinearOperator,
+        DiagLinearOperator,
+        ConstantDiagLinearOperator,
+        LowRankRootAddedDiagLinearOperator,
+        LowRankRootLinearOperator,
+        SumLinearOperator,
+        ZeroLinearOperator,
+        TriangularLinearOperator,
+        KroneckerProductLinearOperator,
+        LazyEvaluatedKernelTensor,
+    ]
     for cls in classes:
         method = cls.__dict__.get("__add__")
         if method is not None and not hasattr(method, "_bma_gp_original"):

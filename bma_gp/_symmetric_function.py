@@ -47,7 +47,7 @@ def divided_differences(fn: EigenvalueFunction, e: Tensor, fe: Tensor) -> Tensor
     df = fe.unsqueeze(-1) - fe.unsqueeze(-2)
     scale = torch.maximum(e.abs().unsqueeze(-1), e.abs().unsqueeze(-2))
     tiny = torch.finfo(e.dtype).tiny
-    close = de.abs() <= (torch.finfo(e.dtype).eps ** 0.5) * scale.clamp_min(tiny ** 0.5)
+    close = de.abs() <= (torch.finfo(e.dtype).eps ** 0.5) * scale.clamp_min(tiny**0.5)
     deriv = _derivative(fn, e)
     mean_deriv = 0.5 * (deriv.unsqueeze(-1) + deriv.unsqueeze(-2))
     safe_de = torch.where(close, torch.ones_like(de), de)
@@ -77,7 +77,8 @@ class SymmetricMatrixFunction(torch.autograd.Function):
         return grad_C, None, None
 
 
-def symmetric_matrix_function(C: Tensor, fn: EigenvalueFunction,
-                              prepare: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+def symmetric_matrix_function(
+    C: Tensor, fn: EigenvalueFunction, prepare: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """Apply ``fn`` to the eigenvalues of the symmetric matrices ``C`` (``prepare`` may clamp them first)."""
     return SymmetricMatrixFunction.apply(C, fn, prepare)

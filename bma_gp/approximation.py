@@ -15,8 +15,9 @@ from bma_gp.partition import Partition
 __all__ = ["block_mean", "block_mean_from_sums"]
 
 
-def block_mean_from_sums(block_sums: Tensor, diag_sums: Tensor, partition: Partition, *,
-                         symmetric: bool = True) -> BlockMeanLinearOperator:
+def block_mean_from_sums(
+    block_sums: Tensor, diag_sums: Tensor, partition: Partition, *, symmetric: bool = True
+) -> BlockMeanLinearOperator:
     r"""The optimal block mean matrix from the block sums of :math:`A`.
 
     .. math::
@@ -62,8 +63,9 @@ def _operator_block_sums(A: LinearOperator, partition: Partition, chunk_columns:
     return torch.cat(pieces, dim=-1)
 
 
-def block_mean(A: Tensor | LinearOperator, partition: Partition, *, symmetric: bool = True,
-               chunk_columns: int | None = None) -> BlockMeanLinearOperator:
+def block_mean(
+    A: Tensor | LinearOperator, partition: Partition, *, symmetric: bool = True, chunk_columns: int | None = None
+) -> BlockMeanLinearOperator:
     r"""The Frobenius-nearest block mean matrix to ``A`` (:doc:`docs/math.md, section 2 </math>`).
 
     Equal to the average of :math:`Q A Q^\top` over all permutations :math:`Q` that shuffle indices
@@ -89,8 +91,7 @@ def block_mean(A: Tensor | LinearOperator, partition: Partition, *, symmetric: b
     partition = partition.to(A.device)
     if isinstance(A, BlockMeanLinearOperator) and A.partition.same_as(partition):
         return A  # already a block mean matrix on this partition: its own nearest approximation
-    diag_sums = partition.block_sum(torch.diagonal(A, dim1=-2, dim2=-1) if torch.is_tensor(A) else A.diagonal(),
-                                    dim=-1)
+    diag_sums = partition.block_sum(torch.diagonal(A, dim1=-2, dim2=-1) if torch.is_tensor(A) else A.diagonal(), dim=-1)
     if torch.is_tensor(A):
         block_sums = partition.block_sum(partition.block_sum(A, dim=-1), dim=-2)
     else:

@@ -6,7 +6,7 @@ import functools
 from collections.abc import Callable
 
 import torch
-from linear_operator.operators import LinearOperator, ZeroLinearOperator
+from linear_operator.operators import LinearOperator
 from linear_operator.operators.diag_linear_operator import ConstantDiagLinearOperator
 from linear_operator.operators.root_linear_operator import RootLinearOperator
 from linear_operator.utils.broadcasting import _matmul_broadcast_shape
@@ -147,8 +147,11 @@ class BlockMeanLinearOperator(LinearOperator):
                 f"B must have shape (*batch, k, k) with k = partition.num_blocks = {k}, got {tuple(B.shape)}."
             )
         try:  # (equal batch shapes, the common case, skip the comparatively slow broadcast_shapes)
-            batch = lam.shape[:-1] if lam.shape[:-1] == B.shape[:-2] else torch.broadcast_shapes(
-                lam.shape[:-1], B.shape[:-2])
+            batch = (
+                lam.shape[:-1]
+                if lam.shape[:-1] == B.shape[:-2]
+                else torch.broadcast_shapes(lam.shape[:-1], B.shape[:-2])
+            )
         except RuntimeError:
             raise ValueError(
                 f"batch shapes of lam {tuple(lam.shape[:-1])} and B {tuple(B.shape[:-2])} do not broadcast."
@@ -246,8 +249,9 @@ class BlockMeanLinearOperator(LinearOperator):
         return self.core()[1]
 
     @classmethod
-    def from_core(cls, lam: Tensor, C: Tensor, partition: Partition, *,
-                  dtype: torch.dtype | None = None) -> BlockMeanLinearOperator:
+    def from_core(
+        cls, lam: Tensor, C: Tensor, partition: Partition, *, dtype: torch.dtype | None = None
+    ) -> BlockMeanLinearOperator:
         r"""The symmetric block mean operator with block offsets ``lam`` and core matrix ``C``.
 
         The inverse of :meth:`core`: :math:`B = S^{-1/2} (C - \operatorname{diag}\lambda) S^{-1/2}`,
@@ -264,11 +268,15 @@ class BlockMeanLinearOperator(LinearOperator):
                 the dtype of ``C``, so pass float64 cores for float32 operators.
         """
         if not torch.is_tensor(C) or C.dim() < 2 or C.shape[-1] != C.shape[-2]:
-            raise ValueError(f"C must be a square tensor of shape (*batch, k, k), got "
-                             f"{tuple(C.shape) if torch.is_tensor(C) else type(C).__name__}.")
+            raise ValueError(
+                f"C must be a square tensor of shape (*batch, k, k), got "
+                f"{tuple(C.shape) if torch.is_tensor(C) else type(C).__name__}."
+            )
         if not torch.is_tensor(lam) or lam.shape[-1:] != C.shape[-1:]:
-            raise ValueError(f"lam must be a tensor of shape (*batch, k) with k = {C.shape[-1]} (the size of C), "
-                             f"got {tuple(lam.shape) if torch.is_tensor(lam) else type(lam).__name__}.")
+            raise ValueError(
+                f"lam must be a tensor of shape (*batch, k) with k = {C.shape[-1]} (the size of C), "
+                f"got {tuple(lam.shape) if torch.is_tensor(lam) else type(lam).__name__}."
+            )
         if not isinstance(partition, Partition) or partition.num_blocks != C.shape[-1]:
             raise ValueError(f"partition must be a bma_gp.Partition with num_blocks = {C.shape[-1]} (the size of C).")
         partition = partition.to(C.device)
@@ -281,8 +289,9 @@ class BlockMeanLinearOperator(LinearOperator):
         dtype = C.dtype if dtype is None else dtype
         return cls(lam.to(dtype), D.to(dtype), partition)
 
-    def schur_complement(self, cross: BlockMeanLinearOperator,
-                         other: BlockMeanLinearOperator) -> BlockMeanLinearOperator:
+    def schur_complement(
+        self, cross: BlockMeanLinearOperator, other: BlockMeanLinearOperator
+    ) -> BlockMeanLinearOperator:
         r"""The symmetric block mean operator :math:`M - A N^{-1} A^\top` for ``cross`` :math:`A` and
         ``other`` :math:`N` (positive definite) on the partition of ``self`` :math:`M`.
 
@@ -311,8 +320,10 @@ class BlockMeanLinearOperator(LinearOperator):
         """
         for name, op in (("cross", cross), ("other", other)):
             if not self._same_partition(op):
-                raise ValueError(f"schur_complement: {name} must be a BlockMeanLinearOperator on the same partition "
-                                 f"as self (k = {self.partition.num_blocks}), got {type(op).__name__}.")
+                raise ValueError(
+                    f"schur_complement: {name} must be a BlockMeanLinearOperator on the same partition "
+                    f"as self (k = {self.partition.num_blocks}), got {type(op).__name__}."
+                )
         self._check_symmetric("schur_complement")
         lam_M, C_M = self.core()
         lam_A, C_A = cross.core()
@@ -336,8 +347,9 @@ class BlockMeanLinearOperator(LinearOperator):
         return res
 
     def _new(self, lam: Tensor, B: Tensor, symmetric: bool | None = None) -> BlockMeanLinearOperator:
-        return BlockMeanLinearOperator(lam, B, self.partition, symmetric=self.symmetric if symmetric is None
-                                       else symmetric)
+        return BlockMeanLinearOperator(
+            lam, B, self.partition, symmetric=self.symmetric if symmetric is None else symmetric
+        )
 
     # ------------------------------------------------------------------ required hooks
     def _size(self) -> torch.Size:
@@ -372,8 +384,9 @@ class BlockMeanLinearOperator(LinearOperator):
             sizes = self._sizes
             B = lam1.unsqueeze(-1) * B2 + B1 * lam2.unsqueeze(-2) + (B1 * sizes.unsqueeze(-2)) @ B2
             return self._new(lam1 * lam2, B, symmetric=other is self and self.symmetric)
-        if (torch.is_tensor(other) and not (torch.is_grad_enabled() and (
-                other.requires_grad or self.lam.requires_grad or self.B.requires_grad))):
+        if torch.is_tensor(other) and not (
+            torch.is_grad_enabled() and (other.requires_grad or self.lam.requires_grad or self.B.requires_grad)
+        ):
             # nothing to differentiate: skip linear_operator's Matmul function, which rebuilds the operator
             # (losing its cached symmetrised B) on every call
             _matmul_broadcast_shape(self.shape, other.shape)
@@ -409,17 +422,24 @@ class BlockMeanLinearOperator(LinearOperator):
 
     def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
         # A principal submatrix over a slice keeps the structure: relabel the blocks it touches.
-        if (isinstance(row_index, slice) and isinstance(col_index, slice) and row_index == col_index
-                and not (row_index == slice(None, None, None))):
+        if (
+            isinstance(row_index, slice)
+            and isinstance(col_index, slice)
+            and row_index == col_index
+            and not (row_index == slice(None, None, None))
+        ):
             labels = self.partition.labels[row_index]
             if labels.numel() > 0:
                 kept, new_labels = torch.unique(labels, return_inverse=True)
                 lam = self.lam[(*batch_indices, slice(None))] if batch_indices else self.lam
                 B = self.B[(*batch_indices, slice(None), slice(None))] if batch_indices else self.B
                 sub = Partition(new_labels, num_blocks=kept.numel())
-                return BlockMeanLinearOperator(lam.index_select(-1, kept),
-                                               B.index_select(-2, kept).index_select(-1, kept), sub,
-                                               symmetric=self.symmetric)
+                return BlockMeanLinearOperator(
+                    lam.index_select(-1, kept),
+                    B.index_select(-2, kept).index_select(-1, kept),
+                    sub,
+                    symmetric=self.symmetric,
+                )
         return super()._getitem(row_index, col_index, *batch_indices)
 
     def _sum_batch(self, dim: int) -> BlockMeanLinearOperator:
@@ -511,8 +531,10 @@ class BlockMeanLinearOperator(LinearOperator):
         except RuntimeError:
             res = None
         if res is None:
-            raise ValueError(f"add_diagonal: expected a scalar, shape (*batch, 1) or (*batch, {self.shape[-1]}), got "
-                             f"{tuple(diag.shape)}.")
+            raise ValueError(
+                f"add_diagonal: expected a scalar, shape (*batch, 1) or (*batch, {self.shape[-1]}), got "
+                f"{tuple(diag.shape)}."
+            )
         return res
 
     # ------------------------------------------------------------------ checks
@@ -609,8 +631,9 @@ class BlockMeanLinearOperator(LinearOperator):
         """
         return self._spectral(fn, domain=None, what="matrix_function", check=check and settings.validate.on())
 
-    def _spectral(self, fn: Callable[[Tensor], Tensor], *, domain: str | None, what: str,
-                  check: bool) -> BlockMeanLinearOperator:
+    def _spectral(
+        self, fn: Callable[[Tensor], Tensor], *, domain: str | None, what: str, check: bool
+    ) -> BlockMeanLinearOperator:
         """:meth:`matrix_function` for ``fn`` defined on ``domain`` (None: everywhere; "positive";
         "nonnegative": tiny negative eigenvalues are clamped to 0). ``check`` validates the input and,
         for a restricted domain, the spectrum, naming ``what`` in the error."""
@@ -641,8 +664,9 @@ class BlockMeanLinearOperator(LinearOperator):
         With ``check`` and validation on, a ``ValueError`` names a non-finite input or a negative
         eigenvalue beyond rounding; otherwise (and always for eigenvalues within rounding of zero)
         negative eigenvalues are clamped to zero."""
-        return self._spectral(torch.sqrt, domain="nonnegative", what="matrix_sqrt",
-                              check=check and settings.validate.on())
+        return self._spectral(
+            torch.sqrt, domain="nonnegative", what="matrix_sqrt", check=check and settings.validate.on()
+        )
 
     @_cached_unless_grad("matrix_inv_sqrt")
     def matrix_inv_sqrt(self, *, check: bool = True) -> BlockMeanLinearOperator:
@@ -650,8 +674,9 @@ class BlockMeanLinearOperator(LinearOperator):
 
         With ``check`` and validation on, a ``ValueError`` names a non-finite input or a non-positive
         eigenvalue; otherwise those give NaN or inf."""
-        return self._spectral(torch.rsqrt, domain="positive", what="matrix_inv_sqrt",
-                              check=check and settings.validate.on())
+        return self._spectral(
+            torch.rsqrt, domain="positive", what="matrix_inv_sqrt", check=check and settings.validate.on()
+        )
 
     def matrix_log(self, *, check: bool = True) -> BlockMeanLinearOperator:
         r"""The matrix logarithm (positive definite :math:`M`), a block mean operator (checks as
@@ -700,8 +725,10 @@ class BlockMeanLinearOperator(LinearOperator):
 
     def _raise_not_positive_definite(self, what: str) -> None:
         self._check_core_eigenvalues(torch.linalg.eigvalsh(self.core()[1].detach()), what, strict=True)
-        raise ValueError(f"{what}: the k x k core matrix C = diag(lam) + S^1/2 B S^1/2 is not numerically positive "
-                         "definite (its Cholesky factorisation failed). Add a diagonal (add_diagonal / noise).")
+        raise ValueError(
+            f"{what}: the k x k core matrix C = diag(lam) + S^1/2 B S^1/2 is not numerically positive "
+            "definite (its Cholesky factorisation failed). Add a diagonal (add_diagonal / noise)."
+        )
 
     # ------------------------------------------------------------------ inverse, solves, log-det
     @_cached_unless_grad("inverse_parts")
@@ -808,8 +835,9 @@ class BlockMeanLinearOperator(LinearOperator):
         res = (rhs * self.inverse()._matmul(rhs)).sum(-2)
         return res.sum(-1) if reduce_inv_quad else res
 
-    def inv_quad_logdet(self, inv_quad_rhs: Tensor | None = None, logdet: bool = False,
-                        reduce_inv_quad: bool = True) -> tuple[Tensor, Tensor]:
+    def inv_quad_logdet(
+        self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True
+    ) -> tuple[Tensor, Tensor]:
         r"""Closed-form :math:`R^\top M^{-1} R` and :math:`\log\det M` (never CG or a dense Cholesky)."""
         if inv_quad_rhs is None and not logdet:
             raise RuntimeError("Either `inv_quad_rhs` or `logdet` must be specifed.")
@@ -821,10 +849,14 @@ class BlockMeanLinearOperator(LinearOperator):
                 return self.inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
             finally:
                 self._shared_factor = None
-        inv_quad_term = (self.inv_quad(inv_quad_rhs, reduce_inv_quad) if inv_quad_rhs is not None
-                         else torch.empty(0, dtype=self.dtype, device=self.device))
-        logdet_term = (self._logdet("inv_quad_logdet") if logdet
-                       else torch.zeros([], dtype=self.dtype, device=self.device))
+        inv_quad_term = (
+            self.inv_quad(inv_quad_rhs, reduce_inv_quad)
+            if inv_quad_rhs is not None
+            else torch.empty(0, dtype=self.dtype, device=self.device)
+        )
+        logdet_term = (
+            self._logdet("inv_quad_logdet") if logdet else torch.zeros([], dtype=self.dtype, device=self.device)
+        )
         return inv_quad_term, logdet_term
 
     # ------------------------------------------------------------------ roots
@@ -834,8 +866,9 @@ class BlockMeanLinearOperator(LinearOperator):
         return RootLinearOperator(self.matrix_sqrt())
 
     @_cached_unless_grad("root_inv_decomposition")
-    def root_inv_decomposition(self, initial_vectors: Tensor | None = None, test_vectors: Tensor | None = None,
-                               method: str | None = None) -> LinearOperator:
+    def root_inv_decomposition(
+        self, initial_vectors: Tensor | None = None, test_vectors: Tensor | None = None, method: str | None = None
+    ) -> LinearOperator:
         r""":math:`M^{-1} = R R^\top` with :math:`R = M^{-1/2}`, a block mean operator (arguments are ignored)."""
         return RootLinearOperator(self.matrix_inv_sqrt())
 
@@ -888,8 +921,10 @@ class BlockMeanLinearOperator(LinearOperator):
         return self._symeig(eigenvectors=True)
 
     def __repr__(self) -> str:
-        return (f"BlockMeanLinearOperator(shape={tuple(self.shape)}, num_blocks={self.partition.num_blocks}, "
-                f"dtype={self.dtype}, device={self.device}{'' if self.symmetric else ', symmetric=False'})")
+        return (
+            f"BlockMeanLinearOperator(shape={tuple(self.shape)}, num_blocks={self.partition.num_blocks}, "
+            f"dtype={self.dtype}, device={self.device}{'' if self.symmetric else ', symmetric=False'})"
+        )
 
 
 # ---------------------------------------------------------------------------- private helpers
@@ -897,7 +932,6 @@ def _tolerance(dtype: torch.dtype) -> float:
     """Relative size below which an eigenvalue is indistinguishable from rounding error of the largest,
     for an operator whose ``lam`` and ``B`` are stored in ``dtype``."""
     return 10 * torch.finfo(dtype).eps
-
 
 
 def _helmert_basis(partition: Partition, dtype: torch.dtype) -> Tensor:
@@ -920,6 +954,7 @@ def _helmert_basis(partition: Partition, dtype: torch.dtype) -> Tensor:
     j = col_j.unsqueeze(0).to(dtype)
     r = rank.unsqueeze(-1)
     norm = (j * (j + 1)).rsqrt()
-    values = torch.where(r < col_j.unsqueeze(0), norm, torch.where(r == col_j.unsqueeze(0), -j * norm,
-                                                                    torch.zeros_like(norm)))
+    values = torch.where(
+        r < col_j.unsqueeze(0), norm, torch.where(r == col_j.unsqueeze(0), -j * norm, torch.zeros_like(norm))
+    )
     return torch.where(same, values, torch.zeros_like(values))

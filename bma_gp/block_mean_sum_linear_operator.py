@@ -47,8 +47,18 @@ def _is_full(index) -> bool:
     return isinstance(index, slice) and index == slice(None, None, None)
 
 
-_VIEWS = {"ExpandBackward0", "ViewBackward0", "UnsqueezeBackward0", "CloneBackward0", "ToCopyBackward0",
-          "AliasBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "SqueezeBackward0", "SqueezeBackward1"}
+_VIEWS = {
+    "ExpandBackward0",
+    "ViewBackward0",
+    "UnsqueezeBackward0",
+    "CloneBackward0",
+    "ToCopyBackward0",
+    "AliasBackward0",
+    "ReshapeAliasBackward0",
+    "UnsafeViewBackward0",
+    "SqueezeBackward0",
+    "SqueezeBackward1",
+}
 
 
 def _structurally_diagonal(fn, depth: int = 0) -> bool:
@@ -68,8 +78,14 @@ def _structurally_diagonal(fn, depth: int = 0) -> bool:
                 saved = getattr(fn, attr)
             except (AttributeError, RuntimeError):
                 continue
-            if torch.is_tensor(saved) and not saved.requires_grad and saved.dim() >= 2 \
-                    and saved.shape[-1] == saved.shape[-2] and saved.shape[-1] > 1 and _is_diagonal(saved):
+            if (
+                torch.is_tensor(saved)
+                and not saved.requires_grad
+                and saved.dim() >= 2
+                and saved.shape[-1] == saved.shape[-2]
+                and saved.shape[-1] > 1
+                and _is_diagonal(saved)
+            ):
                 return True
         return any(_structurally_diagonal(f, depth + 1) for f in inputs)
     if name in ("AddBackward0", "SubBackward0"):
@@ -166,15 +182,22 @@ class BlockMeanSumLinearOperator(LinearOperator):
             (a covariate: random slopes). # shape: (n,)
     """
 
-    def __init__(self, diag: Tensor, *blocks: Tensor, partitions: Sequence[Partition],
-                 root: Tensor | None = None, weights: Sequence[Tensor | None] | None = None):
+    def __init__(
+        self,
+        diag: Tensor,
+        *blocks: Tensor,
+        partitions: Sequence[Partition],
+        root: Tensor | None = None,
+        weights: Sequence[Tensor | None] | None = None,
+    ):
         partitions = tuple(partitions)
         if not torch.is_tensor(diag) or not diag.dtype.is_floating_point or diag.dim() < 1:
             raise TypeError("diag must be a floating point tensor of shape (*batch, n).")
         n = diag.shape[-1]
         if len(blocks) != len(partitions):
-            raise ValueError(f"got {len(blocks)} block matrices for {len(partitions)} partitions: pass one "
-                             "B_j per partition.")
+            raise ValueError(
+                f"got {len(blocks)} block matrices for {len(partitions)} partitions: pass one B_j per partition."
+            )
         for j, (B, part) in enumerate(zip(blocks, partitions)):
             if not isinstance(part, Partition):
                 raise TypeError(f"partitions[{j}] must be a bma_gp.Partition, got {type(part).__name__}.")
@@ -182,25 +205,32 @@ class BlockMeanSumLinearOperator(LinearOperator):
                 raise ValueError(f"partitions[{j}] has {len(part)} indices but diag has {n}: they must match.")
             k = part.num_blocks
             if not torch.is_tensor(B) or B.dim() < 2 or B.shape[-2:] != (k, k):
-                raise ValueError(f"blocks[{j}] must have shape (*batch, {k}, {k}) for a partition with {k} blocks, "
-                                 f"got {tuple(B.shape) if torch.is_tensor(B) else type(B).__name__}.")
+                raise ValueError(
+                    f"blocks[{j}] must have shape (*batch, {k}, {k}) for a partition with {k} blocks, "
+                    f"got {tuple(B.shape) if torch.is_tensor(B) else type(B).__name__}."
+                )
             if B.dtype != diag.dtype:
                 raise TypeError(f"blocks[{j}] has dtype {B.dtype} but diag has {diag.dtype}; cast one with .to().")
         if root is not None:
             if not torch.is_tensor(root) or root.dim() < 2 or root.shape[-2] != n:
-                raise ValueError(f"root must have shape (*batch, n={n}, m), got "
-                                 f"{tuple(root.shape) if torch.is_tensor(root) else type(root).__name__}.")
+                raise ValueError(
+                    f"root must have shape (*batch, n={n}, m), got "
+                    f"{tuple(root.shape) if torch.is_tensor(root) else type(root).__name__}."
+                )
             if root.dtype != diag.dtype:
                 raise TypeError(f"root has dtype {root.dtype} but diag has {diag.dtype}; cast one with .to().")
         weights = tuple(weights) if weights is not None else (None,) * len(partitions)
         if len(weights) != len(partitions):
-            raise ValueError(f"weights must hold one entry (a tensor of shape (n,) or None) per partition, "
-                             f"got {len(weights)} for {len(partitions)}.")
+            raise ValueError(
+                f"weights must hold one entry (a tensor of shape (n,) or None) per partition, "
+                f"got {len(weights)} for {len(partitions)}."
+            )
         for j, w in enumerate(weights):
             if w is not None and (not torch.is_tensor(w) or w.shape != (n,)):
                 raise ValueError(f"weights[{j}] must be None or a tensor of shape ({n},).")
-        batch = torch.broadcast_shapes(diag.shape[:-1], *(B.shape[:-2] for B in blocks),
-                                       *(() if root is None else (root.shape[:-2],)))
+        batch = torch.broadcast_shapes(
+            diag.shape[:-1], *(B.shape[:-2] for B in blocks), *(() if root is None else (root.shape[:-2],))
+        )
         diag = diag.expand(*batch, n)
         blocks = tuple(B.expand(*batch, *B.shape[-2:]) for B in blocks)
         if root is not None:
@@ -251,9 +281,12 @@ class BlockMeanSumLinearOperator(LinearOperator):
 
     def _new(self, diag: Tensor | None = None, blocks=None, partitions=None, root=..., weights=None):
         return BlockMeanSumLinearOperator(
-            self.diag_values if diag is None else diag, *(self.blocks if blocks is None else blocks),
+            self.diag_values if diag is None else diag,
+            *(self.blocks if blocks is None else blocks),
             partitions=self.partitions if partitions is None else partitions,
-            root=self.root if root is ... else root, weights=self.weights if weights is None else weights)
+            root=self.root if root is ... else root,
+            weights=self.weights if weights is None else weights,
+        )
 
     def _weighted(self, j: int, x: Tensor, dim: int) -> Tensor:
         w = self.weights[j]
@@ -277,14 +310,19 @@ class BlockMeanSumLinearOperator(LinearOperator):
 
     def _expand_batch(self, batch_shape) -> BlockMeanSumLinearOperator:
         n = self.diag_values.shape[-1]
-        return self._new(diag=self.diag_values.expand(*batch_shape, n),
-                         blocks=[B.expand(*batch_shape, *B.shape[-2:]) for B in self.blocks],
-                         root=None if self.root is None else self.root.expand(*batch_shape, *self.root.shape[-2:]))
+        return self._new(
+            diag=self.diag_values.expand(*batch_shape, n),
+            blocks=[B.expand(*batch_shape, *B.shape[-2:]) for B in self.blocks],
+            root=None if self.root is None else self.root.expand(*batch_shape, *self.root.shape[-2:]),
+        )
 
     def _map_batch(self, fn) -> BlockMeanSumLinearOperator:
         """Apply ``fn(tensor, trailing_dims)`` to the batch dimensions of every tensor (the root included)."""
-        return self._new(diag=fn(self.diag_values, 1), blocks=[fn(B, 2) for B in self.blocks],
-                         root=None if self.root is None else fn(self.root, 2))
+        return self._new(
+            diag=fn(self.diag_values, 1),
+            blocks=[fn(B, 2) for B in self.blocks],
+            root=None if self.root is None else fn(self.root, 2),
+        )
 
     def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
         full = slice(None, None, None)
@@ -331,8 +369,11 @@ class BlockMeanSumLinearOperator(LinearOperator):
         return res
 
     def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
-        res = torch.where(row_index == col_index, self.diag_values[(*batch_indices, row_index)],
-                          torch.zeros((), dtype=self.dtype, device=self.device))
+        res = torch.where(
+            row_index == col_index,
+            self.diag_values[(*batch_indices, row_index)],
+            torch.zeros((), dtype=self.dtype, device=self.device),
+        )
         for j, (part, B) in enumerate(zip(self.partitions, self.blocks)):
             rows, cols = part.labels[row_index], part.labels[col_index]
             value = 0.5 * (B[(*batch_indices, rows, cols)] + B[(*batch_indices, cols, rows)])
@@ -356,8 +397,10 @@ class BlockMeanSumLinearOperator(LinearOperator):
         try:
             new = self.diag_values + diag
         except RuntimeError:
-            raise ValueError(f"add_diagonal: a diagonal of shape {tuple(diag.shape)} does not broadcast against "
-                             f"the operator's diagonal of shape {tuple(self.diag_values.shape)}.") from None
+            raise ValueError(
+                f"add_diagonal: a diagonal of shape {tuple(diag.shape)} does not broadcast against "
+                f"the operator's diagonal of shape {tuple(self.diag_values.shape)}."
+            ) from None
         return self._new(diag=new)
 
     def __add__(self, other):
@@ -379,8 +422,11 @@ class BlockMeanSumLinearOperator(LinearOperator):
         if bool((c < 0).any()):  # U U^T cannot carry a negative factor
             return super()._mul_constant(other)
         scale = c.unsqueeze(-1) if c.dim() else c
-        return self._new(diag=self.diag_values * scale, blocks=[B * scale.unsqueeze(-1) for B in self.blocks],
-                         root=None if self.root is None else self.root * scale.sqrt().unsqueeze(-1))
+        return self._new(
+            diag=self.diag_values * scale,
+            blocks=[B * scale.unsqueeze(-1) for B in self.blocks],
+            root=None if self.root is None else self.root * scale.sqrt().unsqueeze(-1),
+        )
 
     # ------------------------------------------------------------------ the Gram matrix A = Z^T D^{-1} Z
     def _check_diag(self, what: str) -> None:
@@ -392,8 +438,10 @@ class BlockMeanSumLinearOperator(LinearOperator):
             index = int(bad.reshape(-1, d.shape[-1]).any(0).nonzero()[0])
             value = float(d.reshape(-1, d.shape[-1])[:, index][bad.reshape(-1, d.shape[-1])[:, index]][0])
             kind = "not finite" if not math.isfinite(value) else "<= 0"
-            raise ValueError(f"{what} needs a positive per-point diagonal d, but d[{index}] = {value:.6g} is {kind}. "
-                             "Add noise (add_diagonal) or check the likelihood's noise.")
+            raise ValueError(
+                f"{what} needs a positive per-point diagonal d, but d[{index}] = {value:.6g} is {kind}. "
+                "Add noise (add_diagonal) or check the likelihood's noise."
+            )
 
     def _gram(self) -> tuple[list[Tensor], dict[tuple[int, int], Tensor]]:
         """``(a, A)``: the diagonal of every partition's own block of :math:`Z^\\top D^{-1} Z` and the other
@@ -428,8 +476,14 @@ class BlockMeanSumLinearOperator(LinearOperator):
         the working precision, and a backward pass that needs one product with :math:`U`, writes one gradient
         buffer and keeps no ``n x m`` temporaries from the forward."""
         x = extra if extra is not None else dinv.new_zeros(*dinv.shape, 0)
-        out = _RootGram.apply(self.root, dinv, x, tuple(p.labels for p in self.partitions),
-                              tuple(p.num_blocks for p in self.partitions), tuple(w))
+        out = _RootGram.apply(
+            self.root,
+            dinv,
+            x,
+            tuple(p.labels for p in self.partitions),
+            tuple(p.num_blocks for p in self.partitions),
+            tuple(w),
+        )
         return list(out[2:]), out[0], (out[1] if extra is not None else None)
 
     # ------------------------------------------------------------------ the capacitance
@@ -437,6 +491,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         """A diagonal ``B_j`` is eliminated first. With gradients, only when its off-diagonal entries are zero by
         construction (``diag_embed``, a diagonal mask): a leaf that is diagonal by value still needs the
         gradient of its off-diagonal entries, which the elimination does not produce."""
+
         def decide() -> bool:
             B = self.blocks[j]
             if not _is_diagonal(B):
@@ -486,7 +541,8 @@ class BlockMeanSumLinearOperator(LinearOperator):
                 f"eliminating the largest diagonal grouping, {r} x {r} must be factorised, more than "
                 f"bma_gp.settings.max_capacitance_size = {limit}. Raise the limit with "
                 f"`with bma_gp.settings.max_capacitance_size({r}):` if the O({r}^3) factorisation fits your machine, "
-                "or use fewer levels / a smaller rank.")
+                "or use fewer levels / a smaller rank."
+            )
         a, _ = self._gram()
         wdt = core_dtype(self.dtype)
         logdet = torch.zeros(self.batch_shape, dtype=wdt, device=self.device)
@@ -497,7 +553,8 @@ class BlockMeanSumLinearOperator(LinearOperator):
             if settings.validate.on() and bool((delta <= 0).any()):
                 raise ValueError(
                     f"the sum ({self._describe()}) is not positive definite: blocks[{elim}] has a negative diagonal "
-                    "entry large enough to make the capacitance singular. Check the block matrices.")
+                    "entry large enough to make the capacitance singular. Check the block matrices."
+                )
             logdet = logdet + delta.log().sum(-1)
         lu = None
         if rest:
@@ -509,19 +566,23 @@ class BlockMeanSumLinearOperator(LinearOperator):
             offsets = [0]
             for t in rest:
                 offsets.append(offsets[-1] + sizes[t])
-            S = torch.cat([self._G(t, A_rr[..., offsets[i]:offsets[i + 1], :]) for i, t in enumerate(rest)], dim=-2)
+            S = torch.cat([self._G(t, A_rr[..., offsets[i] : offsets[i + 1], :]) for i, t in enumerate(rest)], dim=-2)
             S = S + torch.eye(r, dtype=wdt, device=self.device)
             LU, pivots, info = torch.linalg.lu_factor_ex(S)
             if settings.validate.on() and bool((info > 0).any()):
-                raise ValueError(f"the capacitance matrix of this sum ({self._describe()}) is singular: the sum is "
-                                 "not positive definite. Check the block matrices and the diagonal.")
+                raise ValueError(
+                    f"the capacitance matrix of this sum ({self._describe()}) is singular: the sum is "
+                    "not positive definite. Check the block matrices and the diagonal."
+                )
             diag_u = torch.diagonal(LU, dim1=-2, dim2=-1)
             swaps = pivots != torch.arange(1, r + 1, device=pivots.device, dtype=pivots.dtype)
             sign = (1 - 2 * (swaps.sum(-1) % 2)).to(wdt) * diag_u.sign().prod(-1)
             logabs = diag_u.abs().log().sum(-1)
             if settings.validate.on() and bool((sign <= 0).any()):
-                raise ValueError(f"the sum ({self._describe()}) is not positive definite: its capacitance matrix has "
-                                 "a non-positive determinant. Check the block matrices and the diagonal.")
+                raise ValueError(
+                    f"the sum ({self._describe()}) is not positive definite: its capacitance matrix has "
+                    "a non-positive determinant. Check the block matrices and the diagonal."
+                )
             logdet = logdet + torch.where(sign > 0, logabs, torch.full_like(logabs, math.nan))
             lu = (LU, pivots)
         return _Capacitance(elim, delta, g, A_re, lu, logdet)
@@ -544,9 +605,11 @@ class BlockMeanSumLinearOperator(LinearOperator):
             assert cap.lu is not None
             LU, pivots = cap.lu
             batch = torch.broadcast_shapes(LU.shape[:-2], rhs.shape[:-2])
-            x_rest = torch.linalg.lu_solve(LU.expand(*batch, *LU.shape[-2:]),
-                                           pivots.expand(*batch, pivots.shape[-1]),
-                                           rhs.expand(*batch, *rhs.shape[-2:]))
+            x_rest = torch.linalg.lu_solve(
+                LU.expand(*batch, *LU.shape[-2:]),
+                pivots.expand(*batch, pivots.shape[-1]),
+                rhs.expand(*batch, *rhs.shape[-2:]),
+            )
             for t, piece in zip(rest, x_rest.split([y[t].shape[-2] for t in rest], dim=-2)):
                 out[t] = piece
         if cap.elim is not None:
@@ -588,9 +651,11 @@ class BlockMeanSumLinearOperator(LinearOperator):
             raise TypeError(f"{name} must be a tensor, got {type(rhs).__name__}.")
         size = rhs.shape[-1] if rhs.dim() == 1 else rhs.shape[-2]
         if size != self.shape[-1]:
-            raise ValueError(f"{name} of shape {tuple(rhs.shape)} does not match the operator of shape "
-                             f"{tuple(self.shape)}: expected size {self.shape[-1]} in dimension "
-                             f"{-1 if rhs.dim() == 1 else -2}.")
+            raise ValueError(
+                f"{name} of shape {tuple(rhs.shape)} does not match the operator of shape "
+                f"{tuple(self.shape)}: expected size {self.shape[-1]} in dimension "
+                f"{-1 if rhs.dim() == 1 else -2}."
+            )
 
     def _woodbury(self, rhs: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """``(D^{-1} b, u, x)`` with :math:`u = Z^\\top D^{-1} b` and :math:`x = C^{-1} G u` (working precision)."""
@@ -599,8 +664,12 @@ class BlockMeanSumLinearOperator(LinearOperator):
         if not self._sizes():
             return scaled, [], []
         root_t = None
-        if (self.root is not None and "gram" not in self._store and self._depth
-                and scaled.shape[:-2] == self.root.shape[:-2]):
+        if (
+            self.root is not None
+            and "gram" not in self._store
+            and self._depth
+            and scaled.shape[:-2] == self.root.shape[:-2]
+        ):
             # one pass over U for its Gram matrix and U^T D^{-1} b (and one gradient buffer for U)
             a, blocks, root_t = self._compute_gram(extra=scaled)
             self._store["gram"] = (a, blocks)
@@ -633,8 +702,9 @@ class BlockMeanSumLinearOperator(LinearOperator):
         return self.inv_quad_logdet(inv_quad_rhs, logdet=False, reduce_inv_quad=reduce_inv_quad)[0]
 
     @_scoped
-    def inv_quad_logdet(self, inv_quad_rhs: Tensor | None = None, logdet: bool = False,
-                        reduce_inv_quad: bool = True) -> tuple[Tensor, Tensor]:
+    def inv_quad_logdet(
+        self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True
+    ) -> tuple[Tensor, Tensor]:
         r""":math:`R^\top M^{-1} R = R^\top D^{-1} R - u^\top C^{-1} G u` (:math:`u = Z^\top D^{-1} R`) and
         :math:`\log\det M = \sum \log d + \log\det C`, in closed form at every size."""
         if inv_quad_rhs is None and not logdet:
@@ -672,8 +742,10 @@ class BlockMeanSumLinearOperator(LinearOperator):
         if self._block_is_diagonal(j):
             values = torch.diagonal(B, dim1=-2, dim2=-1)
             if settings.validate.on() and bool((values < 0).any()):
-                raise ValueError(f"a root of this sum needs positive semidefinite block matrices, but blocks[{j}] has a "
-                                 "negative diagonal entry.")
+                raise ValueError(
+                    f"a root of this sum needs positive semidefinite block matrices, but blocks[{j}] has a "
+                    "negative diagonal entry."
+                )
             return torch.diag_embed(values.clamp_min(0).sqrt())
         B = 0.5 * (B + B.mT)
 
@@ -685,7 +757,8 @@ class BlockMeanSumLinearOperator(LinearOperator):
                         f"a root of this sum is computed from roots of its block matrices, but blocks[{j}] is not "
                         f"positive semidefinite (eigenvalue {float(e.min()):.3g}). A block mean approximation can "
                         "have an indefinite B while the matrix itself is positive definite; solves and "
-                        "log-determinants still work, roots need a positive semidefinite B.")
+                        "log-determinants still work, roots need a positive semidefinite B."
+                    )
             return e.clamp_min(0)
 
         return symmetric_matrix_function(B, torch.sqrt, prepare)
@@ -698,7 +771,8 @@ class BlockMeanSumLinearOperator(LinearOperator):
             raise ValueError(
                 f"a root of this sum needs an eigendecomposition of size q = {q} ({self._describe()}), more than "
                 f"bma_gp.settings.max_capacitance_size = {limit}; raise the limit with "
-                f"`with bma_gp.settings.max_capacitance_size({q}):` if it fits your machine.")
+                f"`with bma_gp.settings.max_capacitance_size({q}):` if it fits your machine."
+            )
         self._check_diag("root_decomposition")
         a, _ = self._gram()
         wdt = core_dtype(self.dtype)
@@ -713,12 +787,15 @@ class BlockMeanSumLinearOperator(LinearOperator):
         W = torch.cat(rows, dim=-2)
         W = 0.5 * (W + W.mT)
         if inverse:
+
             def fn(e):
                 r = (1 + e).sqrt()
                 return -1 / (r * (r + 1))
         else:
+
             def fn(e):
                 return 1 / ((1 + e).sqrt() + 1)
+
         K = symmetric_matrix_function(W, fn, lambda e: e.clamp_min(0))
         return K, L
 
@@ -734,8 +811,9 @@ class BlockMeanSumLinearOperator(LinearOperator):
         return RootLinearOperator(_WoodburyRoot(K, d.sqrt(), torch.ones_like(d), d.rsqrt(), *L, parent=self))
 
     @_scoped
-    def root_inv_decomposition(self, initial_vectors: Tensor | None = None, test_vectors: Tensor | None = None,
-                               method: str | None = None) -> LinearOperator:
+    def root_inv_decomposition(
+        self, initial_vectors: Tensor | None = None, test_vectors: Tensor | None = None, method: str | None = None
+    ) -> LinearOperator:
         r""":math:`M^{-1} = R R^\top` with :math:`R = D^{-1/2} + D^{-1} Z L K L^\top Z^\top D^{-1/2}`,
         :math:`K = g(L^\top A L)`, :math:`g(e) = -1/(\sqrt{1+e}(\sqrt{1+e}+1))` (arguments are ignored)."""
         K, L = self._memo("root_inv_parts", lambda: self._root_parts(inverse=True))
@@ -760,7 +838,8 @@ class BlockMeanSumLinearOperator(LinearOperator):
                 "sqrt_inv_matmul needs the symmetric inverse square root M^{-1/2}, which has a closed form in "
                 "BlockMeanSumLinearOperator only when the diagonal d is one constant; this operator has a "
                 "per-point diagonal. root_inv_decomposition() gives a (non-symmetric) root R with R R^T = M^{-1} "
-                "and solve() gives M^{-1} R, both in closed form.")
+                "and solve() gives M^{-1} R, both in closed form."
+            )
         root = self.root_inv_decomposition().root
         res = root.matmul(rhs)
         if lhs is None:
@@ -769,8 +848,10 @@ class BlockMeanSumLinearOperator(LinearOperator):
         return lhs @ res, lhs_root.pow(2).sum(-1)
 
     def __repr__(self) -> str:
-        return (f"BlockMeanSumLinearOperator(shape={tuple(self.shape)}, {self._describe()}, dtype={self.dtype}, "
-                f"device={self.device})")
+        return (
+            f"BlockMeanSumLinearOperator(shape={tuple(self.shape)}, {self._describe()}, dtype={self.dtype}, "
+            f"device={self.device})"
+        )
 
 
 # ---------------------------------------------------------------------------- the roots
@@ -778,8 +859,16 @@ class _WoodburyRoot(LinearOperator):
     r""":math:`R = \operatorname{diag}(\alpha) + \operatorname{diag}(\beta) Z L K L^\top Z^\top
     \operatorname{diag}(\gamma)` for a :class:`BlockMeanSumLinearOperator`'s :math:`Z` (never formed)."""
 
-    def __init__(self, K: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, *L: Tensor,
-                 parent: BlockMeanSumLinearOperator, transposed: bool = False):
+    def __init__(
+        self,
+        K: Tensor,
+        alpha: Tensor,
+        beta: Tensor,
+        gamma: Tensor,
+        *L: Tensor,
+        parent: BlockMeanSumLinearOperator,
+        transposed: bool = False,
+    ):
         super().__init__(K, alpha, beta, gamma, *L, parent=parent, transposed=transposed)
         self.parent = parent
         self.K, self.L = K, list(L)
@@ -798,8 +887,9 @@ class _WoodburyRoot(LinearOperator):
         return self.parent.shape
 
     def _transpose_nonbatch(self) -> _WoodburyRoot:
-        return _WoodburyRoot(self.K, self.alpha, self.gamma, self.beta, *self.L, parent=self.parent,
-                             transposed=not self.transposed)
+        return _WoodburyRoot(
+            self.K, self.alpha, self.gamma, self.beta, *self.L, parent=self.parent, transposed=not self.transposed
+        )
 
     def _matmul(self, rhs: Tensor) -> Tensor:
         vector = rhs.dim() == 1
@@ -811,8 +901,9 @@ class _WoodburyRoot(LinearOperator):
         v = torch.cat([Lt.mT @ ut for Lt, ut in zip(self.L, u)], dim=-2)
         y = (self.K @ v).split(sizes, dim=-2)
         z = self.parent._z([Lt @ yt for Lt, yt in zip(self.L, y)])
-        res = (self.alpha.unsqueeze(-1) * xw + self.beta.unsqueeze(-1) * z).to(torch.promote_types(rhs.dtype,
-                                                                                              self.parent.dtype))
+        res = (self.alpha.unsqueeze(-1) * xw + self.beta.unsqueeze(-1) * z).to(
+            torch.promote_types(rhs.dtype, self.parent.dtype)
+        )
         return res.squeeze(-1) if vector else res
 
     def matmul(self, other):
@@ -824,8 +915,15 @@ class _WoodburyRoot(LinearOperator):
         return self._transpose_nonbatch()._matmul(rhs)
 
     def _expand_batch(self, batch_shape):
-        return _WoodburyRoot(self.K, self.alpha, self.beta, self.gamma, *self.L,
-                             parent=self.parent._expand_batch(batch_shape), transposed=self.transposed)
+        return _WoodburyRoot(
+            self.K,
+            self.alpha,
+            self.beta,
+            self.gamma,
+            *self.L,
+            parent=self.parent._expand_batch(batch_shape),
+            transposed=self.transposed,
+        )
 
     def _getitem(self, row_index, col_index, *batch_indices):
         return self.to_dense()[(*batch_indices, row_index, col_index)]
@@ -911,9 +1009,9 @@ class _RootGram(torch.autograd.Function):
                 else:
                     full = T if half is None else (T.add_(half) if T is not half else T.mul_(2))
                     torch.mul(full, dinv.narrow(-1, start, c).to(dt).unsqueeze(-1), out=out)
-                if g_root is not None:  # gradients need no more than U's precision
+                if g_root_u is not None:  # gradients need no more than U's precision
                     out.add_(x.narrow(-2, start, c).to(dt) @ g_root_u.mT)
-            if grad_x is not None:
+            if grad_x is not None and g_root_u is not None:
                 grad_x.narrow(-2, start, c).copy_(Uc @ g_root_u)
         return grad_U, grad_dinv, grad_x, None, None, None
 

@@ -252,8 +252,9 @@ def kdtree_partition(x: Tensor, leaf_size: int) -> Partition:
         valid = slot.unsqueeze(0) < sizes.unsqueeze(-1)  # (cells, width)
         flat = (starts.unsqueeze(-1) + slot).clamp_max(n - 1)  # positions in `order`
         lengths = sizes
-        span = (torch.segment_reduce(xs, "max", lengths=lengths, axis=0)
-                - torch.segment_reduce(xs, "min", lengths=lengths, axis=0))
+        span = torch.segment_reduce(xs, "max", lengths=lengths, axis=0) - torch.segment_reduce(
+            xs, "min", lengths=lengths, axis=0
+        )
         widest = span.argmax(-1)  # (cells,)
         key = xs[flat, widest.unsqueeze(-1)]  # (cells, width)
         split = sizes > leaf_size
@@ -343,4 +344,3 @@ def group_partition(ids) -> Partition:
                 f"ids of dtype {ids.dtype} this large are not exact integers; pass them as an integer tensor."
             )
     return _relabel(ids.detach())
-

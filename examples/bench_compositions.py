@@ -65,8 +65,9 @@ def leaves(inputs: dict) -> dict:
 def closed_form(inputs: dict, x: dict):
     dtype = x["d"].dtype
     M1 = BlockMeanLinearOperator(torch.zeros(inputs["p1"].num_blocks, dtype=dtype), x["B1"], inputs["p1"])
-    M2 = BlockMeanLinearOperator(torch.zeros(inputs["p2"].num_blocks, dtype=dtype), torch.diag_embed(x["v2"]),
-                                 inputs["p2"])
+    M2 = BlockMeanLinearOperator(
+        torch.zeros(inputs["p2"].num_blocks, dtype=dtype), torch.diag_embed(x["v2"]), inputs["p2"]
+    )
     M = M1 + M2 + LowRankRootLinearOperator(x["U"]) + DiagLinearOperator(x["d"])
     assert isinstance(M, BlockMeanSumLinearOperator), type(M)
     return M
@@ -76,8 +77,9 @@ def generic(inputs: dict, x: dict):
     """The same summands in linear_operator's own SumLinearOperator (constructed directly, so no closed form)."""
     dtype = x["d"].dtype
     M1 = BlockMeanLinearOperator(torch.zeros(inputs["p1"].num_blocks, dtype=dtype), x["B1"], inputs["p1"])
-    M2 = BlockMeanLinearOperator(torch.zeros(inputs["p2"].num_blocks, dtype=dtype), torch.diag_embed(x["v2"]),
-                                 inputs["p2"])
+    M2 = BlockMeanLinearOperator(
+        torch.zeros(inputs["p2"].num_blocks, dtype=dtype), torch.diag_embed(x["v2"]), inputs["p2"]
+    )
     return SumLinearOperator(M1, M2, LowRankRootLinearOperator(x["U"]), DiagLinearOperator(x["d"]))
 
 
@@ -96,9 +98,20 @@ def part_large(n: int, k1: int, k2: int, m: int, dtype: torch.dtype) -> dict:
     inputs = make_inputs(n, k1, k2, m, dtype)
     rss_inputs = _peak_rss_mb()
     seconds, inv_quad, logdet, cpu_seconds = step(closed_form, inputs, cpu=True)
-    return {"bench": "compositions_large", "n": n, "k1": k1, "k2": k2, "m": m, "dtype": str(dtype).split(".")[-1],
-            "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_mb": _peak_rss_mb(), "rss_after_inputs_mb": rss_inputs,
-            "inv_quad": inv_quad, "logdet": logdet}
+    return {
+        "bench": "compositions_large",
+        "n": n,
+        "k1": k1,
+        "k2": k2,
+        "m": m,
+        "dtype": str(dtype).split(".")[-1],
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_after_inputs_mb": rss_inputs,
+        "inv_quad": inv_quad,
+        "logdet": logdet,
+    }
 
 
 def part_cg(n: int, k1: int, k2: int, m: int, dtype: torch.dtype, repeats: int) -> dict:
@@ -110,8 +123,17 @@ def part_cg(n: int, k1: int, k2: int, m: int, dtype: torch.dtype, repeats: int) 
             ours.append(step(closed_form, inputs)[0])
             theirs.append(step(generic, inputs)[0])
     best_ours, best_theirs = min(ours), min(theirs)
-    return {"bench": "compositions_vs_cg", "n": n, "k1": k1, "k2": k2, "m": m, "dtype": str(dtype).split(".")[-1],
-            "closed_form_s": best_ours, "generic_cg_s": best_theirs, "speedup": best_theirs / best_ours}
+    return {
+        "bench": "compositions_vs_cg",
+        "n": n,
+        "k1": k1,
+        "k2": k2,
+        "m": m,
+        "dtype": str(dtype).split(".")[-1],
+        "closed_form_s": best_ours,
+        "generic_cg_s": best_theirs,
+        "speedup": best_theirs / best_ours,
+    }
 
 
 def part_exact(n: int, k1: int, k2: int, m: int) -> dict:
@@ -159,16 +181,22 @@ def main(argv=None) -> int:
         print(json.dumps(r), flush=True)
     for r in records:
         if r["bench"] == "compositions_large":
-            print(f"# n = {r['n']:,}, k = {r['k1']} x {r['k2']}, m = {r['m']}, {r['dtype']}: inv_quad_logdet + backward "
-                  f"{r['seconds']:.2f} s (process CPU time {r['cpu_seconds']:.2f} s, {r['threads']} threads, load "
-                  f"{r['load_avg']:.1f}), peak RSS {r['peak_rss_mb'] / 1024:.2f} GB")
+            print(
+                f"# n = {r['n']:,}, k = {r['k1']} x {r['k2']}, m = {r['m']}, {r['dtype']}: inv_quad_logdet + backward "
+                f"{r['seconds']:.2f} s (process CPU time {r['cpu_seconds']:.2f} s, {r['threads']} threads, load "
+                f"{r['load_avg']:.1f}), peak RSS {r['peak_rss_mb'] / 1024:.2f} GB"
+            )
         elif r["bench"] == "compositions_vs_cg":
-            print(f"# n = {r['n']:,}, k = {r['k1']} x {r['k2']}, m = {r['m']}: closed form {r['closed_form_s']:.3f} s, generic CG path {r['generic_cg_s']:.2f} s "
-                  f"({r['speedup']:.0f}x)")
+            print(
+                f"# n = {r['n']:,}, k = {r['k1']} x {r['k2']}, m = {r['m']}: closed form {r['closed_form_s']:.3f} s, "
+                f"generic CG path {r['generic_cg_s']:.2f} s ({r['speedup']:.0f}x)"
+            )
         else:
-            print(f"# n = {r['n']}, float64, relative error vs dense Cholesky: closed form inv_quad "
-                  f"{r['closed_form_inv_quad_rel_err']:.1e}, logdet {r['closed_form_logdet_rel_err']:.1e}; generic CG "
-                  f"path inv_quad {r['generic_cg_inv_quad_rel_err']:.1e}, logdet {r['generic_cg_logdet_rel_err']:.1e}")
+            print(
+                f"# n = {r['n']}, float64, relative error vs dense Cholesky: closed form inv_quad "
+                f"{r['closed_form_inv_quad_rel_err']:.1e}, logdet {r['closed_form_logdet_rel_err']:.1e}; generic CG "
+                f"path inv_quad {r['generic_cg_inv_quad_rel_err']:.1e}, logdet {r['generic_cg_logdet_rel_err']:.1e}"
+            )
     return 0
 
 

@@ -140,12 +140,22 @@ def run_case(method: str, n: int, k: int, d: int, warm: int, device_name: str, p
         cpu_times.append(cpu_seconds)
         losses.append(loss)
     record = {
-        "bench": "gp_iteration", "method": method, "n": n, "k": k if method != "exact" else None, "d": d,
-        "dtype": "float32", "device": str(device), "threads": torch.get_num_threads(),
-        "cold_s": round(cold_s, 4), "warm_s": round(min(warm_times), 4),
-        "warm_all_s": [round(t, 4) for t in warm_times], "warm_cpu_s": round(min(cpu_times), 4),
+        "bench": "gp_iteration",
+        "method": method,
+        "n": n,
+        "k": k if method != "exact" else None,
+        "d": d,
+        "dtype": "float32",
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "cold_s": round(cold_s, 4),
+        "warm_s": round(min(warm_times), 4),
+        "warm_all_s": [round(t, 4) for t in warm_times],
+        "warm_cpu_s": round(min(cpu_times), 4),
         "prep_s": round(prep_s, 4),
-        "loss": round(losses[-1], 5), "peak_rss_mb": round(_rss_mb(), 1), "baseline_rss_mb": round(base_rss, 1),
+        "loss": round(losses[-1], 5),
+        "peak_rss_mb": round(_rss_mb(), 1),
+        "baseline_rss_mb": round(base_rss, 1),
     }
     if cuda:
         record["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -168,8 +178,15 @@ def run_case(method: str, n: int, k: int, d: int, warm: int, device_name: str, p
 
 
 def _skip(method: str, n: int, k, reason: str, device: str) -> dict:
-    return {"bench": "gp_iteration", "method": method, "n": n, "k": k, "dtype": "float32", "device": device,
-            "skipped": reason}
+    return {
+        "bench": "gp_iteration",
+        "method": method,
+        "n": n,
+        "k": k,
+        "dtype": "float32",
+        "device": device,
+        "skipped": reason,
+    }
 
 
 def plan(ns, ks, methods, exact_max_n: int, device: str) -> list[tuple[str, int, int | None, str | None]]:
@@ -177,9 +194,14 @@ def plan(ns, ks, methods, exact_max_n: int, device: str) -> list[tuple[str, int,
     for n in ns:
         for method in methods:
             if method == "exact":
-                reason = None if n <= exact_max_n else (
-                    f"exact GP evaluates the n x n kernel matrix ({n * n * 4 / 2**30:.1f} GB in float32) "
-                    f"and more for its backward; run only up to --exact-max-n {exact_max_n}")
+                reason = (
+                    None
+                    if n <= exact_max_n
+                    else (
+                        f"exact GP evaluates the n x n kernel matrix ({n * n * 4 / 2**30:.1f} GB in float32) "
+                        f"and more for its backward; run only up to --exact-max-n {exact_max_n}"
+                    )
+                )
                 cases.append(("exact", n, None, reason))
             else:
                 cases.extend((method, n, k, None) for k in ks if k < n)
@@ -188,42 +210,69 @@ def plan(ns, ks, methods, exact_max_n: int, device: str) -> list[tuple[str, int,
 
 def table(records: list[dict]) -> str:
     exact = {r["n"]: r["warm_s"] for r in records if r.get("method") == "exact" and "warm_s" in r}
-    lines = ["| n | method | k / m | warm iteration s | vs exact CG | CPU s | cold s | prep s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| n | method | k / m | warm iteration s | vs exact CG | CPU s | cold s | prep s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         if r.get("bench") != "gp_iteration":
             continue
         if "warm_s" not in r:
-            lines.append(f"| {r['n']:,} | {r['method']} | {r.get('k') or '-'} | - | - | - | - | - | "
-                         f"{r.get('skipped') or r.get('error')} |")
+            lines.append(
+                f"| {r['n']:,} | {r['method']} | {r.get('k') or '-'} | - | - | - | - | - | "
+                f"{r.get('skipped') or r.get('error')} |"
+            )
             continue
-        ratio = "baseline" if r["method"] == "exact" else (
-            f"{exact[r['n']] / r['warm_s']:.2f}x faster" if r["n"] in exact else "-")
+        ratio = (
+            "baseline"
+            if r["method"] == "exact"
+            else (f"{exact[r['n']] / r['warm_s']:.2f}x faster" if r["n"] in exact else "-")
+        )
         peak = f"{r['peak_rss_mb']:.0f}" + (f" (cuda {r['cuda_peak_mb']:.0f})" if "cuda_peak_mb" in r else "")
-        lines.append(f"| {r['n']:,} | {r['method']} | {r.get('k') or '-'} | {r['warm_s']:.3f} | {ratio} | "
-                     f"{r['warm_cpu_s']:.3f} | {r['cold_s']:.3f} | {r['prep_s']:.3f} | {peak} |")
+        lines.append(
+            f"| {r['n']:,} | {r['method']} | {r.get('k') or '-'} | {r['warm_s']:.3f} | {ratio} | "
+            f"{r['warm_cpu_s']:.3f} | {r['cold_s']:.3f} | {r['prep_s']:.3f} | {peak} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=lambda s: [int(v) for v in s.split(",")], default=None,
-                        help="comma-separated training sizes (default 5k,10k,20k,50k,100k; on CUDA 20k .. 1M)")
-    parser.add_argument("--ks", type=lambda s: [int(v) for v in s.split(",")], default=None,
-                        help="blocks / inducing points (default 100,1000)")
+    parser.add_argument(
+        "--n",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=None,
+        help="comma-separated training sizes (default 5k,10k,20k,50k,100k; on CUDA 20k .. 1M)",
+    )
+    parser.add_argument(
+        "--ks",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=None,
+        help="blocks / inducing points (default 100,1000)",
+    )
     parser.add_argument("--methods", default="exact,blockmean,sgpr")
     parser.add_argument("--d", type=int, default=4)
     parser.add_argument("--warm", type=int, default=2, help="timed warm iterations after the cold one")
-    parser.add_argument("--exact-max-n", type=int, default=None,
-                        help="largest n for the exact GP (default 20,000 on CPU, 50,000 on CUDA)")
+    parser.add_argument(
+        "--exact-max-n",
+        type=int,
+        default=None,
+        help="largest n for the exact GP (default 20,000 on CPU, 50,000 on CUDA)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (skips cleanly when CUDA is missing)")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per case before it is abandoned")
     parser.add_argument("--profile", action="store_true", help="cProfile one more iteration (to stderr)")
     parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
-    parser.add_argument("--smoke", action="store_true",
-                        help="n = 1,000, k = 20, one warm iteration, all cases in this process (seconds)")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run the cases here instead of one subprocess each (peak memory is then shared)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="n = 1,000, k = 20, one warm iteration, all cases in this process (seconds)",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the cases here instead of one subprocess each (peak memory is then shared)",
+    )
     parser.add_argument("--_case", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -238,8 +287,12 @@ def main(argv=None) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            print(json.dumps({"bench": "gp_iteration", "device": args.device,
-                              "skipped": "CUDA is not available on this machine"}), flush=True)
+            print(
+                json.dumps(
+                    {"bench": "gp_iteration", "device": args.device, "skipped": "CUDA is not available on this machine"}
+                ),
+                flush=True,
+            )
             return 0
     if args.smoke:
         ns, ks, args.warm, args.in_process = [1_000], [20], 1, True
@@ -257,8 +310,19 @@ def main(argv=None) -> int:
         elif args.in_process:
             record = {**run_case(method, n, k or 0, args.d, args.warm, args.device, args.profile), "in_process": True}
         else:
-            cmd = [sys.executable, os.path.abspath(__file__), "--_case", method, str(n), str(k or 0), str(args.d),
-                   "--warm", str(args.warm if n < BIG_N else min(args.warm, 1)), "--device", args.device]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--_case",
+                method,
+                str(n),
+                str(k or 0),
+                str(args.d),
+                "--warm",
+                str(args.warm if n < BIG_N else min(args.warm, 1)),
+                "--device",
+                args.device,
+            ]
             cmd += ["--profile"] if args.profile else []
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)

@@ -104,8 +104,16 @@ def dense_comparison(n: int, k: int, repeats: int) -> list[dict]:
         torch.testing.assert_close(blockmean[name](), dense[name](), rtol=1e-6, atol=1e-8)
         t_dense = best_of(dense[name], max(1, repeats // 5) if name != "inv_sqrt_matmul" else 1)
         t_bm = best_of(blockmean[name], repeats)
-        rec = {"bench": "operator_vs_dense", "op": name, "n": n, "k": k, "dtype": "float64",
-               "dense_s": t_dense, "blockmean_s": t_bm, "speedup": t_dense / t_bm}
+        rec = {
+            "bench": "operator_vs_dense",
+            "op": name,
+            "n": n,
+            "k": k,
+            "dtype": "float64",
+            "dense_s": t_dense,
+            "blockmean_s": t_bm,
+            "speedup": t_dense / t_bm,
+        }
         emit(rec)
         records.append(rec)
     return records
@@ -136,14 +144,28 @@ def large_child(n: int, k: int, repeats: int) -> None:
         op.sqrt_inv_matmul(x)
         t3 = time.perf_counter()
         t_total.append(t3 - t0)
-        times = {"solve_s": t1 - t0, "logdet_s": t2 - t1, "inv_sqrt_matmul_s": t3 - t2} if t3 - t0 <= min(
-            t_total) else times
+        times = (
+            {"solve_s": t1 - t0, "logdet_s": t2 - t1, "inv_sqrt_matmul_s": t3 - t2}
+            if t3 - t0 <= min(t_total)
+            else times
+        )
     y, ld, z = work()
     check = float((BlockMeanLinearOperator(lam, B, partition) @ y - x).abs().max())
-    emit({"bench": "large", "n": n, "k": k, "dtype": "float64", "labels": "scattered", "total_s": min(t_total),
-          **times, "residual_max": check, "threads": torch.get_num_threads(),
-          "peak_rss_mb": peak_rss_mb(),
-          "baseline_rss_mb": base_rss})
+    emit(
+        {
+            "bench": "large",
+            "n": n,
+            "k": k,
+            "dtype": "float64",
+            "labels": "scattered",
+            "total_s": min(t_total),
+            **times,
+            "residual_max": check,
+            "threads": torch.get_num_threads(),
+            "peak_rss_mb": peak_rss_mb(),
+            "baseline_rss_mb": base_rss,
+        }
+    )
 
 
 SWEEP_KS = (10, 100, 1000, 4000)
@@ -161,29 +183,42 @@ def sweep_child(n: int, repeats: int, ks: tuple[int, ...]) -> None:
                 op = BlockMeanLinearOperator(lam, B, partition)
                 ops = {"matvec": lambda: op @ x}
                 if k <= 1000 or n == 1_000_000:
-                    ops.update({
-                        "solve": lambda: BlockMeanLinearOperator(lam, B, partition).solve(x),
-                        "logdet": lambda: BlockMeanLinearOperator(lam, B, partition).logdet(),
-                        "inv_sqrt_matmul": lambda: BlockMeanLinearOperator(lam, B, partition).sqrt_inv_matmul(x),
-                    })
+                    ops.update(
+                        {
+                            "solve": lambda: BlockMeanLinearOperator(lam, B, partition).solve(x),
+                            "logdet": lambda: BlockMeanLinearOperator(lam, B, partition).logdet(),
+                            "inv_sqrt_matmul": lambda: BlockMeanLinearOperator(lam, B, partition).sqrt_inv_matmul(x),
+                        }
+                    )
                 # the floor is timed in turn with the matvec (best of the same rounds): on a shared machine a
                 # floor measured once per dtype can land in a quiet or a busy moment of its own
                 best = interleaved({"floor": lambda: x * 2.0, "matvec": ops.pop("matvec")}, repeats)
                 floor = best["floor"]
                 for name, fn in [("matvec", None), *ops.items()]:
                     t = best["matvec"] if fn is None else best_of(fn, repeats if k <= 1000 else 1)
-                    emit({"bench": "operator_sweep", "op": name, "n": n, "k": k,
-                          "labels": "scattered" if scattered else "contiguous", "dtype": str(dtype).split(".")[-1],
-                          "seconds": t, "floor_s": floor, "ratio_to_floor": t / floor,
-                          "peak_rss_mb": peak_rss_mb()})
+                    emit(
+                        {
+                            "bench": "operator_sweep",
+                            "op": name,
+                            "n": n,
+                            "k": k,
+                            "labels": "scattered" if scattered else "contiguous",
+                            "dtype": str(dtype).split(".")[-1],
+                            "seconds": t,
+                            "floor_s": floor,
+                            "ratio_to_floor": t / floor,
+                            "peak_rss_mb": peak_rss_mb(),
+                        }
+                    )
 
 
 def run_sweep(ns, repeats: int, ks, threads: int | None = None) -> list[dict]:
     records = []
     for n in ns:
         cmd = [sys.executable, __file__, "--_sweep", str(n), str(repeats), ",".join(map(str, ks))]
-        out = subprocess.run(cmd + (["--threads", str(threads)] if threads else []),
-                             check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            cmd + (["--threads", str(threads)] if threads else []), check=True, capture_output=True, text=True
+        )
         sys.stdout.write(out.stdout)
         sys.stdout.flush()
         records += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
@@ -193,11 +228,15 @@ def run_sweep(ns, repeats: int, ks, threads: int | None = None) -> list[dict]:
     for r in records:
         rows.setdefault((r["n"], r["k"], r["labels"], r["dtype"]), {})[r["op"]] = r
     for (n, k, labels, dtype), ops in rows.items():
+
         def sec(name):
             return f"{ops[name]['seconds']:.4f}" if name in ops else "-"
+
         peak = max(r["peak_rss_mb"] for r in ops.values())
-        print(f"| {n:,} | {k} | {labels} | {dtype} | {ops['matvec']['ratio_to_floor']:.2f} | {sec('solve')} | "
-              f"{sec('logdet')} | {sec('inv_sqrt_matmul')} | {peak:.0f} |")
+        print(
+            f"| {n:,} | {k} | {labels} | {dtype} | {ops['matvec']['ratio_to_floor']:.2f} | {sec('solve')} | "
+            f"{sec('logdet')} | {sec('inv_sqrt_matmul')} | {peak:.0f} |"
+        )
     return records
 
 
@@ -207,8 +246,9 @@ def load_baseline(rev: str):
     root = Path(__file__).resolve().parents[1]
 
     def module(name: str, path: str, replace: tuple[str, str] | None = None):
-        source = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], check=True,
-                                capture_output=True, text=True).stdout
+        source = subprocess.run(
+            ["git", "-C", str(root), "show", f"{rev}:{path}"], check=True, capture_output=True, text=True
+        ).stdout
         if replace is not None:
             source = source.replace(*replace)
         mod = types.ModuleType(name)
@@ -218,8 +258,11 @@ def load_baseline(rev: str):
         return mod
 
     part = module("_baseline_partition", "bma_gp/partition.py")
-    op = module("_baseline_operator", "bma_gp/block_mean_linear_operator.py",
-                ("from bma_gp.partition import Partition", "from _baseline_partition import Partition"))
+    op = module(
+        "_baseline_operator",
+        "bma_gp/block_mean_linear_operator.py",
+        ("from bma_gp.partition import Partition", "from _baseline_partition import Partition"),
+    )
     return op.BlockMeanLinearOperator, part.Partition
 
 
@@ -254,14 +297,26 @@ def matvec_compare(n: int, ks, rounds: int, baseline: str | None) -> list[dict]:
                     torch.testing.assert_close(old_op @ x, new, rtol=0, atol=scale)
                     fns["baseline"] = lambda: old_op @ x
                 best = interleaved(fns, rounds)
-                rec = {"bench": "matvec", "n": n, "k": k, "labels": "scattered" if scattered else "contiguous",
-                       "dtype": str(dtype).split(".")[-1], "threads": torch.get_num_threads(),
-                       "floor_s": best["floor"], "seconds": best["matvec"],
-                       "ratio_to_floor": best["matvec"] / best["floor"]}
+                rec = {
+                    "bench": "matvec",
+                    "n": n,
+                    "k": k,
+                    "labels": "scattered" if scattered else "contiguous",
+                    "dtype": str(dtype).split(".")[-1],
+                    "threads": torch.get_num_threads(),
+                    "floor_s": best["floor"],
+                    "seconds": best["matvec"],
+                    "ratio_to_floor": best["matvec"] / best["floor"],
+                }
                 if old is not None:
-                    rec.update({"baseline": baseline, "baseline_s": best["baseline"],
-                                "baseline_ratio_to_floor": best["baseline"] / best["floor"],
-                                "speedup": best["baseline"] / best["matvec"]})
+                    rec.update(
+                        {
+                            "baseline": baseline,
+                            "baseline_s": best["baseline"],
+                            "baseline_ratio_to_floor": best["baseline"] / best["floor"],
+                            "speedup": best["baseline"] / best["matvec"],
+                        }
+                    )
                 emit(rec)
                 records.append(rec)
     head = "| k | labels | dtype | matvec / floor |" + (f" {baseline} / floor | speedup |" if baseline else "")
@@ -278,9 +333,13 @@ def matvec_compare(n: int, ks, rounds: int, baseline: str | None) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, finishes in seconds")
-    parser.add_argument("--part", choices=["all", "dense", "large", "sweep", "matvec"], default="all",
-                        help="all = dense + large (the issue-2 figures); sweep = the issue-5 grid; "
-                             "matvec = the matvec alone at one n, optionally against --baseline")
+    parser.add_argument(
+        "--part",
+        choices=["all", "dense", "large", "sweep", "matvec"],
+        default="all",
+        help="all = dense + large (the issue-2 figures); sweep = the issue-5 grid; "
+        "matvec = the matvec alone at one n, optionally against --baseline",
+    )
     parser.add_argument("--ns", help="sweep: comma-separated n (default 10^4 .. 10^7); matvec: the one n")
     parser.add_argument("--ks", help="sweep / matvec: comma-separated k (default 10,100,1000,4000)")
     parser.add_argument("--baseline", metavar="REV", help="matvec: also time the operator of git revision REV")
@@ -300,8 +359,9 @@ def main(argv=None) -> int:
     ks = tuple(int(k) for k in args.ks.split(",")) if args.ks else None
     ns = tuple(int(n) for n in args.ns.split(",")) if args.ns else None
     if args.part == "sweep":
-        default_ns, default_ks = ((10_000, 100_000), (10, 100)) if args.smoke else (
-            (10_000, 100_000, 1_000_000, 10_000_000), SWEEP_KS)
+        default_ns, default_ks = (
+            ((10_000, 100_000), (10, 100)) if args.smoke else ((10_000, 100_000, 1_000_000, 10_000_000), SWEEP_KS)
+        )
         run_sweep(ns or default_ns, 2 if args.smoke else 3, ks or default_ks, args.threads)
         return 0
     if args.part == "matvec":
@@ -321,13 +381,19 @@ def main(argv=None) -> int:
             print(f"| {r['op']} | {r['dense_s']:.4f} | {r['blockmean_s']:.6f} | {r['speedup']:.0f}x |")
         print(flush=True)
     if args.part in ("all", "large"):
-        out = subprocess.run([sys.executable, __file__, "--_child", str(large_n), str(large_k), str(reps)],
-                             check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--_child", str(large_n), str(large_k), str(reps)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         sys.stdout.write(out.stdout)
         rec = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"\nn={large_n:,} k={large_k}: solve + logdet + inverse-sqrt product {rec['total_s']:.3f} s "
-              f"(solve {rec['solve_s']:.3f}, logdet {rec['logdet_s']:.3f}, inv-sqrt {rec['inv_sqrt_matmul_s']:.3f}); "
-              f"peak RSS {rec['peak_rss_mb']:.0f} MB (after importing torch: {rec['baseline_rss_mb']:.0f} MB)")
+        print(
+            f"\nn={large_n:,} k={large_k}: solve + logdet + inverse-sqrt product {rec['total_s']:.3f} s "
+            f"(solve {rec['solve_s']:.3f}, logdet {rec['logdet_s']:.3f}, inv-sqrt {rec['inv_sqrt_matmul_s']:.3f}); "
+            f"peak RSS {rec['peak_rss_mb']:.0f} MB (after importing torch: {rec['baseline_rss_mb']:.0f} MB)"
+        )
     return 0
 
 

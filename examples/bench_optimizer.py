@@ -78,8 +78,12 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 2 rounds")
-    parser.add_argument("--baseline", default=None, metavar="DIR",
-                        help="also time BlockMeanAdagrad from DIR/optim (an older version), in the same run")
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="DIR",
+        help="also time BlockMeanAdagrad from DIR/optim (an older version), in the same run",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.width, args.depth, args.rounds, args.steps = 64, 2, 2, 3
@@ -93,13 +97,12 @@ def main(argv=None) -> None:
         "adagrad_foreach": lambda ps: torch.optim.Adagrad(ps, lr=1e-2, foreach=True),
         "adagrad_fused": lambda ps: torch.optim.Adagrad(ps, lr=1e-2, fused=True),
         "block_mean_tensor_fused": lambda ps: BlockMeanAdagrad(ps, lr=1e-2, partition="tensor", fused=True),
-        "block_mean_row_interval100_fused": lambda ps: BlockMeanAdagrad(ps, lr=1e-2, partition="row",
-                                                                        update_interval=100, fused=True),
+        "block_mean_row_interval100_fused": lambda ps: BlockMeanAdagrad(
+            ps, lr=1e-2, partition="row", update_interval=100, fused=True
+        ),
         "block_mean_tensor": lambda ps: BlockMeanAdagrad(ps, lr=1e-2, partition="tensor"),
-        "block_mean_tensor_nocheck": lambda ps: BlockMeanAdagrad(ps, lr=1e-2, partition="tensor",
-                                                                 check_finite=False),
-        "block_mean_row_interval100": lambda ps: BlockMeanAdagrad(ps, lr=1e-2, partition="row",
-                                                                  update_interval=100),
+        "block_mean_tensor_nocheck": lambda ps: BlockMeanAdagrad(ps, lr=1e-2, partition="tensor", check_finite=False),
+        "block_mean_row_interval100": lambda ps: BlockMeanAdagrad(ps, lr=1e-2, partition="row", update_interval=100),
         # 1% of the gradient entries always exactly 0 (dead units): h = 0 there, the step masks every time
         "block_mean_tensor_zeros": lambda ps: BlockMeanAdagrad(ps, lr=1e-2, partition="tensor"),
     }
@@ -120,15 +123,20 @@ def main(argv=None) -> None:
         runs[name] = (model, opt, [])
     d = sum(p.numel() for p in runs["adagrad"][0].parameters())
     for _ in range(args.rounds):
-        for name, (_, opt, times) in runs.items():
+        for _name, (_, opt, times) in runs.items():
             times.extend(time_steps(opt, args.steps, device))
 
     wall = {name: statistics.median(w for w, _ in t) for name, (_, _, t) in runs.items()}
     cpu = {name: statistics.median(c for _, c in t) for name, (_, _, t) in runs.items()}
     result = {
-        "benchmark": "optimizer_step", "device": str(device), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "params": d,
-        "tensors": 2 * args.depth, "steps_timed": args.rounds * args.steps,
+        "benchmark": "optimizer_step",
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "params": d,
+        "tensors": 2 * args.depth,
+        "steps_timed": args.rounds * args.steps,
         "median_ms": {name: round(1e3 * t, 3) for name, t in wall.items()},
         "ratio_to_adagrad": {name: round(t / wall["adagrad"], 3) for name, t in wall.items()},
         # process CPU time (all threads): less sensitive than wall time to other jobs on a shared machine

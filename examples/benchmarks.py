@@ -59,13 +59,17 @@ def commands(suite: str, smoke: bool, device: str, py: str) -> list[list[str]]:
     """The subprocess command lines of one suite."""
     s = ["--smoke"] if smoke else []
     if suite == "operator":
-        return [[py, str(HERE / "bench_operator.py"), "--part", "dense", *s],
-                [py, str(HERE / "bench_operator.py"), "--part", "sweep", *s]]
+        return [
+            [py, str(HERE / "bench_operator.py"), "--part", "dense", *s],
+            [py, str(HERE / "bench_operator.py"), "--part", "sweep", *s],
+        ]
     if suite == "compositions":
         return [[py, str(HERE / "bench_compositions.py"), *s]]
     if suite == "kernel":
-        return [[py, str(HERE / "bench_kernel_block_mean.py"), *s],
-                [py, str(HERE / "bench_kernel_block_mean.py"), "--k-sweep", KERNEL_SWEEP_KS, "--d", "3", *s]]
+        return [
+            [py, str(HERE / "bench_kernel_block_mean.py"), *s],
+            [py, str(HERE / "bench_kernel_block_mean.py"), "--k-sweep", KERNEL_SWEEP_KS, "--d", "3", *s],
+        ]
     if suite == "gp":
         return [[py, str(HERE / "bench_gp_iteration.py"), *s]]
     if suite == "optimizer":
@@ -98,8 +102,9 @@ def _run(cmd: list[str], timeout: float) -> tuple[str, str, int | None]:
     subprocesses of their own) and return what was printed so far, with returncode None."""
     import signal
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True
+    )
     try:
         stdout, stderr = proc.communicate(timeout=max(1.0, timeout))
         return stdout, stderr, proc.returncode
@@ -109,8 +114,9 @@ def _run(cmd: list[str], timeout: float) -> tuple[str, str, int | None]:
         return stdout, stderr + f"\n[benchmarks] killed after {timeout:.0f} s", None
 
 
-def run_suite(suite: str, smoke: bool, device: str, logs: Path, timeout: float,
-              deadline: float = float("inf")) -> list[dict]:
+def run_suite(
+    suite: str, smoke: bool, device: str, logs: Path, timeout: float, deadline: float = float("inf")
+) -> list[dict]:
     records = []
     for i, cmd in enumerate(commands(suite, smoke, device, sys.executable)):
         if deadline - time.monotonic() < 10:
@@ -125,8 +131,14 @@ def run_suite(suite: str, smoke: bool, device: str, logs: Path, timeout: float,
                 if smoke:
                     cmd.append("--smoke")
             else:
-                records.append({"suite": suite, "device": device, "command": _show(cmd),
-                                "skipped": f"{Path(cmd[1]).name} has no --device option"})
+                records.append(
+                    {
+                        "suite": suite,
+                        "device": device,
+                        "command": _show(cmd),
+                        "skipped": f"{Path(cmd[1]).name} has no --device option",
+                    }
+                )
                 continue
         print(f"[benchmarks] {suite}: {_show(cmd)}", flush=True)
         start = time.perf_counter()
@@ -138,9 +150,14 @@ def run_suite(suite: str, smoke: bool, device: str, logs: Path, timeout: float,
         for rec in found:
             rec.setdefault("suite", suite)
         records.extend(found)
-        status = {"suite": suite, "status": "ok" if rc == 0 else ("timed out" if rc is None else "failed"),
-                  "returncode": rc,
-                  "command": _show(cmd), "wall_s": round(seconds, 2), "records": len(found)}
+        status = {
+            "suite": suite,
+            "status": "ok" if rc == 0 else ("timed out" if rc is None else "failed"),
+            "returncode": rc,
+            "command": _show(cmd),
+            "wall_s": round(seconds, 2),
+            "records": len(found),
+        }
         if rc != 0:
             status["stderr_tail"] = stderr.strip().splitlines()[-3:]
         records.append(status)
@@ -149,8 +166,12 @@ def run_suite(suite: str, smoke: bool, device: str, logs: Path, timeout: float,
 
 
 def _show(cmd: list[str]) -> str:
-    return shlex.join([Path(cmd[0]).name if cmd[0] == sys.executable else cmd[0],
-                       *[os.path.relpath(c, REPO) if c.startswith(str(REPO)) else c for c in cmd[1:]]])
+    return shlex.join(
+        [
+            Path(cmd[0]).name if cmd[0] == sys.executable else cmd[0],
+            *[os.path.relpath(c, REPO) if c.startswith(str(REPO)) else c for c in cmd[1:]],
+        ]
+    )
 
 
 def machine_record(argv: list[str], device: str) -> dict:
@@ -165,8 +186,9 @@ def machine_record(argv: list[str], device: str) -> dict:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=REPO, timeout=30).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO, timeout=30
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     try:
@@ -175,11 +197,20 @@ def machine_record(argv: list[str], device: str) -> dict:
         gpytorch_version = gpytorch.__version__
     except ImportError:  # pragma: no cover
         gpytorch_version = None
-    rec = {"suite": "machine", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": shlex.join(["python", os.path.relpath(__file__, REPO), *argv]), "git_commit": commit,
-           "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "gpytorch": gpytorch_version,
-           "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-           "load_avg_start": [round(v, 2) for v in os.getloadavg()], "device": device}
+    rec = {
+        "suite": "machine",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", os.path.relpath(__file__, REPO), *argv]),
+        "git_commit": commit,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "gpytorch": gpytorch_version,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "load_avg_start": [round(v, 2) for v in os.getloadavg()],
+        "device": device,
+    }
     if torch.cuda.is_available():
         rec["cuda_device"] = torch.cuda.get_device_name(0)
         rec["cuda_version"] = torch.version.cuda
@@ -230,8 +261,11 @@ def gpu_operator(device_name: str, n: int = GPU_MATVEC_N, k: int = 1000, repeats
         floor = _best_of(lambda: x * 2.0, repeats, device)
         for labels_kind in ("contiguous", "scattered"):
             if labels_kind == "contiguous":
-                partition = Partition.from_sizes(torch.full((k,), n // k, device=device).index_add_(
-                    0, torch.arange(n % k, device=device), torch.ones(n % k, dtype=torch.long, device=device)))
+                partition = Partition.from_sizes(
+                    torch.full((k,), n // k, device=device).index_add_(
+                        0, torch.arange(n % k, device=device), torch.ones(n % k, dtype=torch.long, device=device)
+                    )
+                )
             else:
                 labels = torch.randint(0, k, (n,), device=device, generator=gen)
                 labels[:k] = torch.arange(k, device=device)
@@ -242,19 +276,36 @@ def gpu_operator(device_name: str, n: int = GPU_MATVEC_N, k: int = 1000, repeats
             op = BlockMeanLinearOperator(lam, B, partition)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            ops = {"matvec": lambda: op @ x,
-                   "solve": lambda: BlockMeanLinearOperator(lam, B, partition).solve(x)}
+            ops = {
+                "matvec": lambda op=op, x=x: op @ x,
+                "solve": lambda lam=lam, B=B, partition=partition, x=x: BlockMeanLinearOperator(
+                    lam, B, partition
+                ).solve(x),
+            }
             for name, fn in ops.items():
                 seconds = _best_of(fn, repeats, device)
-                records.append({"bench": "operator_gpu", "op": name, "n": n, "k": k, "labels": labels_kind,
-                                "dtype": str(dtype).split(".")[-1], "device": str(device), "seconds": seconds,
-                                "floor_s": floor, "ratio_to_floor": seconds / floor, "cuda_peak_mb": _peak_mb(device)})
+                records.append(
+                    {
+                        "bench": "operator_gpu",
+                        "op": name,
+                        "n": n,
+                        "k": k,
+                        "labels": labels_kind,
+                        "dtype": str(dtype).split(".")[-1],
+                        "device": str(device),
+                        "seconds": seconds,
+                        "floor_s": floor,
+                        "ratio_to_floor": seconds / floor,
+                        "cuda_peak_mb": _peak_mb(device),
+                    }
+                )
             del op, partition
     return records
 
 
-def gpu_kernel(device_name: str, n: int = GPU_KERNEL_N, k: int = 1000, d: int = 4,
-               chunk_bytes: int = 2 * 2**30) -> list[dict]:
+def gpu_kernel(
+    device_name: str, n: int = GPU_KERNEL_N, k: int = 1000, d: int = 4, chunk_bytes: int = 2 * 2**30
+) -> list[dict]:
     """kernel_block_mean of RBF-ARD at GPU size against the bare evaluation of the same entries in the same chunks."""
     import gpytorch
     import torch
@@ -275,7 +326,7 @@ def gpu_kernel(device_name: str, n: int = GPU_KERNEL_N, k: int = 1000, d: int = 
     def bare_fwd():
         with torch.no_grad(), gpytorch.settings.lazily_evaluate_kernels(False):
             for a in range(0, n, chunk):
-                kernel(x[a:a + chunk], x).to_dense()
+                kernel(x[a : a + chunk], x).to_dense()
 
     def kbm_fwd():
         with torch.no_grad():
@@ -294,12 +345,23 @@ def gpu_kernel(device_name: str, n: int = GPU_KERNEL_N, k: int = 1000, d: int = 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = {f.__name__: _best_of(f, 1, device, warm_up=False) for f in (bare_fwd, kbm_fwd, kbm_fwd_bwd)}
-    return [{"bench": "kernel_gpu", "case": "rbf-ard", "n": n, "k": partition.num_blocks, "d": d, "dtype": "float32",
-             "device": str(device), "chunk_rows": chunk, "partition_s": round(prep, 3),
-             **{f"t_{key}_s": round(val, 4) for key, val in times.items()},
-             "ratio_fwd": round(times["kbm_fwd"] / times["bare_fwd"], 3),
-             "ratio_fwd_bwd_vs_bare_fwd": round(times["kbm_fwd_bwd"] / times["bare_fwd"], 3),
-             "cuda_peak_mb": _peak_mb(device)}]
+    return [
+        {
+            "bench": "kernel_gpu",
+            "case": "rbf-ard",
+            "n": n,
+            "k": partition.num_blocks,
+            "d": d,
+            "dtype": "float32",
+            "device": str(device),
+            "chunk_rows": chunk,
+            "partition_s": round(prep, 3),
+            **{f"t_{key}_s": round(val, 4) for key, val in times.items()},
+            "ratio_fwd": round(times["kbm_fwd"] / times["bare_fwd"], 3),
+            "ratio_fwd_bwd_vs_bare_fwd": round(times["kbm_fwd_bwd"] / times["bare_fwd"], 3),
+            "cuda_peak_mb": _peak_mb(device),
+        }
+    ]
 
 
 # ============================================================================ summary
@@ -315,26 +377,40 @@ def operator_tables(records: list[dict]) -> list[str]:
     out = []
     dense = [r for r in records if r.get("bench") == "operator_vs_dense"]
     if dense:
-        out += ["### Operator against torch dense factorisations (same matrix, same run)", "",
-                "| op | n | k | dense s | block mean s | speedup |", "|---|---|---|---|---|---|"]
-        out += [f"| {r['op']} | {r['n']:,} | {r['k']} | {r['dense_s']:.4f} | {r['blockmean_s']:.6f} | "
-                f"{r['speedup']:,.0f}x |" for r in dense]
+        out += [
+            "### Operator against torch dense factorisations (same matrix, same run)",
+            "",
+            "| op | n | k | dense s | block mean s | speedup |",
+            "|---|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {r['op']} | {r['n']:,} | {r['k']} | {r['dense_s']:.4f} | {r['blockmean_s']:.6f} | "
+            f"{r['speedup']:,.0f}x |"
+            for r in dense
+        ]
         out.append("")
     sweep = [r for r in records if r.get("bench") == "operator_sweep"]
     if sweep:
         rows: dict = {}
         for r in sweep:
             rows.setdefault((r["n"], r["k"], r["labels"], r["dtype"]), {})[r["op"]] = r
-        out += ["### Operator sweep: seconds as a ratio to one elementwise pass over an n-vector (`x * 2`)", "",
-                "| n | k | labels | dtype | floor s | matvec | solve | logdet | inv-sqrt product | peak RSS MB |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+        out += [
+            "### Operator sweep: seconds as a ratio to one elementwise pass over an n-vector (`x * 2`)",
+            "",
+            "| n | k | labels | dtype | floor s | matvec | solve | logdet | inv-sqrt product | peak RSS MB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for (n, k, labels, dtype), ops in sorted(rows.items()):
+
             def ratio(name):
                 return f"{ops[name]['ratio_to_floor']:.1f}x" if name in ops else "-"
+
             floor = next(iter(ops.values()))["floor_s"]
             peak = max(r["peak_rss_mb"] for r in ops.values())
-            out.append(f"| {n:,} | {k} | {labels} | {dtype} | {floor:.2e} | {ratio('matvec')} | {ratio('solve')} | "
-                       f"{ratio('logdet')} | {ratio('inv_sqrt_matmul')} | {peak:.0f} |")
+            out.append(
+                f"| {n:,} | {k} | {labels} | {dtype} | {floor:.2e} | {ratio('matvec')} | {ratio('solve')} | "
+                f"{ratio('logdet')} | {ratio('inv_sqrt_matmul')} | {peak:.0f} |"
+            )
         out.append("")
     return out
 
@@ -346,56 +422,81 @@ def kernel_tables(records: list[dict]) -> list[str]:
         return []
     if not rows:
         return _kernel_sweep_table(sweep)
-    out = ["### kernel_block_mean against evaluating the same entries in the same chunks", "",
-           "Ratios: forward vs bare forward; forward + backward vs bare forward; forward + backward vs bare "
-           "forward + backward (autograd through every entry).", "",
-           "| case | n | k | dtype | bare fwd s | kbm fwd s | fwd ratio | fwd+bwd / bare fwd | "
-           "fwd+bwd / bare fwd+bwd | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "### kernel_block_mean against evaluating the same entries in the same chunks",
+        "",
+        "Ratios: forward vs bare forward; forward + backward vs bare forward; forward + backward vs bare "
+        "forward + backward (autograd through every entry).",
+        "",
+        "| case | n | k | dtype | bare fwd s | kbm fwd s | fwd ratio | fwd+bwd / bare fwd | "
+        "fwd+bwd / bare fwd+bwd | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['case']} | - | - | - | - | - | - | - | - | error: {r['error']} |")
             continue
-        out.append(f"| {r['case']} | {r['n']:,} | {r['k']} | {r['dtype']} | {r['t_bare_fwd_s']:.3f} | "
-                   f"{r['t_kbm_fwd_s']:.3f} | {r['ratio_fwd']:.2f} | {r['ratio_fwd_bwd_vs_bare_fwd']:.2f} | "
-                   f"{r['ratio_fwd_bwd_vs_bare_fwd_bwd']:.2f} | {r['peak_rss_mb']:.0f} |")
+        out.append(
+            f"| {r['case']} | {r['n']:,} | {r['k']} | {r['dtype']} | {r['t_bare_fwd_s']:.3f} | "
+            f"{r['t_kbm_fwd_s']:.3f} | {r['ratio_fwd']:.2f} | {r['ratio_fwd_bwd_vs_bare_fwd']:.2f} | "
+            f"{r['ratio_fwd_bwd_vs_bare_fwd_bwd']:.2f} | {r['peak_rss_mb']:.0f} |"
+        )
     return out + [""] + _kernel_sweep_table(sweep)
 
 
 def _kernel_sweep_table(sweep: list[dict]) -> list[str]:
     if not sweep:
         return []
-    out = ["### Kernel block sums against the number of blocks (issue 13; RBF-ARD, values + lengthscale backward)", "",
-           "One process, interleaved rounds, fastest of each; wall and process CPU time. Ratios: forward + backward "
-           "against the bare forward of all n^2 entries, and against the same at the smallest k.", "",
-           "| n | d | k | bare fwd s | kbm fwd s | kbm fwd+bwd s | fwd+bwd / bare fwd | fwd+bwd / smallest k | "
-           "CPU: fwd+bwd / bare fwd | CPU: / smallest k |", "|---|---|---|---|---|---|---|---|---|---|"]
-    out += [f"| {r['n']:,} | {r['d']} | {r['k']} | {r['t_bare_fwd_s']:.3f} | {r['t_kbm_fwd_s']:.3f} | "
-            f"{r['t_kbm_fwd_bwd_s']:.3f} | {r['ratio_fwd_bwd_vs_bare_fwd']:.2f} | {r['ratio_fwd_bwd_vs_first_k']:.2f} | "
-            f"{r['cpu_ratio_fwd_bwd_vs_bare_fwd']:.2f} | {r['cpu_ratio_fwd_bwd_vs_first_k']:.2f} |" for r in sweep]
+    out = [
+        "### Kernel block sums against the number of blocks (issue 13; RBF-ARD, values + lengthscale backward)",
+        "",
+        "One process, interleaved rounds, fastest of each; wall and process CPU time. Ratios: forward + backward "
+        "against the bare forward of all n^2 entries, and against the same at the smallest k.",
+        "",
+        "| n | d | k | bare fwd s | kbm fwd s | kbm fwd+bwd s | fwd+bwd / bare fwd | fwd+bwd / smallest k | "
+        "CPU: fwd+bwd / bare fwd | CPU: / smallest k |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    out += [
+        f"| {r['n']:,} | {r['d']} | {r['k']} | {r['t_bare_fwd_s']:.3f} | {r['t_kbm_fwd_s']:.3f} | "
+        f"{r['t_kbm_fwd_bwd_s']:.3f} | {r['ratio_fwd_bwd_vs_bare_fwd']:.2f} | {r['ratio_fwd_bwd_vs_first_k']:.2f} | "
+        f"{r['cpu_ratio_fwd_bwd_vs_bare_fwd']:.2f} | {r['cpu_ratio_fwd_bwd_vs_first_k']:.2f} |"
+        for r in sweep
+    ]
     return out + [""]
-
-
 
 
 def gpu_tables(records: list[dict]) -> list[str]:
     out = []
     ops = [r for r in records if r.get("bench") == "operator_gpu"]
     if ops:
-        out += ["### Operator at GPU size: seconds as a ratio to one elementwise pass (`x * 2`)", "",
-                "| op | n | k | labels | dtype | device | floor s | seconds | ratio | CUDA peak MB |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
-        out += [f"| {r['op']} | {r['n']:,} | {r['k']} | {r['labels']} | {r['dtype']} | {r['device']} | "
-                f"{r['floor_s']:.2e} | {r['seconds']:.2e} | {r['ratio_to_floor']:.2f}x | {_fmt(r['cuda_peak_mb'], 0)} |"
-                for r in ops]
+        out += [
+            "### Operator at GPU size: seconds as a ratio to one elementwise pass (`x * 2`)",
+            "",
+            "| op | n | k | labels | dtype | device | floor s | seconds | ratio | CUDA peak MB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {r['op']} | {r['n']:,} | {r['k']} | {r['labels']} | {r['dtype']} | {r['device']} | "
+            f"{r['floor_s']:.2e} | {r['seconds']:.2e} | {r['ratio_to_floor']:.2f}x | {_fmt(r['cuda_peak_mb'], 0)} |"
+            for r in ops
+        ]
         out.append("")
     ker = [r for r in records if r.get("bench") == "kernel_gpu"]
     if ker:
-        out += ["### kernel_block_mean at GPU size against the bare evaluation of the same chunks", "",
-                "| case | n | k | device | chunk rows | bare fwd s | kbm fwd s | kbm fwd+bwd s | fwd ratio | "
-                "fwd+bwd / bare fwd | CUDA peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        out += [f"| {r['case']} | {r['n']:,} | {r['k']} | {r['device']} | {r['chunk_rows']} | "
-                f"{r['t_bare_fwd_s']:.3f} | {r['t_kbm_fwd_s']:.3f} | {r['t_kbm_fwd_bwd_s']:.3f} | {r['ratio_fwd']:.2f} | "
-                f"{r['ratio_fwd_bwd_vs_bare_fwd']:.2f} | {_fmt(r['cuda_peak_mb'], 0)} |" for r in ker]
+        out += [
+            "### kernel_block_mean at GPU size against the bare evaluation of the same chunks",
+            "",
+            "| case | n | k | device | chunk rows | bare fwd s | kbm fwd s | kbm fwd+bwd s | fwd ratio | "
+            "fwd+bwd / bare fwd | CUDA peak MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {r['case']} | {r['n']:,} | {r['k']} | {r['device']} | {r['chunk_rows']} | "
+            f"{r['t_bare_fwd_s']:.3f} | {r['t_kbm_fwd_s']:.3f} | {r['t_kbm_fwd_bwd_s']:.3f} | {r['ratio_fwd']:.2f} | "
+            f"{r['ratio_fwd_bwd_vs_bare_fwd']:.2f} | {_fmt(r['cuda_peak_mb'], 0)} |"
+            for r in ker
+        ]
         out.append("")
     return out
 
@@ -406,27 +507,48 @@ def gp_tables(records: list[dict]) -> list[str]:
         return []
     exact = {r["n"]: r["warm_s"] for r in rows if r.get("method") == "exact" and "warm_s" in r}
     exact_cpu = {r["n"]: r["warm_cpu_s"] for r in rows if r.get("method") == "exact" and "warm_cpu_s" in r}
-    out = ["### GP training iteration (marginal likelihood + backward + Adam step, RBF-ARD, float32)", "",
-           "Warm iteration (fastest of the timed ones after a cold first); speedup = exact CG seconds / this "
-           "method's seconds at the same n in the same run, on wall time and on process CPU time (all threads; "
-           "steadier on a loaded machine); prep = k-means partition (block mean) before training; peak RSS of "
-           "the case's own process (about 230 MB of it is the imported libraries).", "",
-           "| n | method | k / m | warm s | speedup vs exact CG | CPU s | CPU-time speedup | cold s | prep s "
-           "| peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["n"], ("exact", "blockmean", "sgpr").index(r["method"])
-                                         if r["method"] in ("exact", "blockmean", "sgpr") else 3, r.get("k") or 0)):
+    out = [
+        "### GP training iteration (marginal likelihood + backward + Adam step, RBF-ARD, float32)",
+        "",
+        "Warm iteration (fastest of the timed ones after a cold first); speedup = exact CG seconds / this "
+        "method's seconds at the same n in the same run, on wall time and on process CPU time (all threads; "
+        "steadier on a loaded machine); prep = k-means partition (block mean) before training; peak RSS of "
+        "the case's own process (about 230 MB of it is the imported libraries).",
+        "",
+        "| n | method | k / m | warm s | speedup vs exact CG | CPU s | CPU-time speedup | cold s | prep s "
+        "| peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(
+        rows,
+        key=lambda r: (
+            r["n"],
+            ("exact", "blockmean", "sgpr").index(r["method"]) if r["method"] in ("exact", "blockmean", "sgpr") else 3,
+            r.get("k") or 0,
+        ),
+    ):
         if "warm_s" not in r:
-            out.append(f"| {r['n']:,} | {r['method']} | {r.get('k') or '-'} | - | - | - | - | - | - | "
-                       f"{r.get('skipped') or r.get('error')} |")
+            out.append(
+                f"| {r['n']:,} | {r['method']} | {r.get('k') or '-'} | - | - | - | - | - | - | "
+                f"{r.get('skipped') or r.get('error')} |"
+            )
             continue
-        ratio = "baseline" if r["method"] == "exact" else (
-            f"{exact[r['n']] / r['warm_s']:.2f}x" if r["n"] in exact else "(no exact run)")
+        ratio = (
+            "baseline"
+            if r["method"] == "exact"
+            else (f"{exact[r['n']] / r['warm_s']:.2f}x" if r["n"] in exact else "(no exact run)")
+        )
         cpu = r.get("warm_cpu_s")
-        cpu_ratio = "baseline" if r["method"] == "exact" else (
-            f"{exact_cpu[r['n']] / cpu:.2f}x" if r["n"] in exact_cpu and cpu else "-")
+        cpu_ratio = (
+            "baseline"
+            if r["method"] == "exact"
+            else (f"{exact_cpu[r['n']] / cpu:.2f}x" if r["n"] in exact_cpu and cpu else "-")
+        )
         peak = f"{r['peak_rss_mb']:.0f}" + (f" (cuda {r['cuda_peak_mb']:.0f})" if "cuda_peak_mb" in r else "")
-        out.append(f"| {r['n']:,} | {r['method']} | {r.get('k') or '-'} | {r['warm_s']:.3f} | {ratio} | "
-                   f"{_fmt(cpu)} | {cpu_ratio} | {r['cold_s']:.3f} | {r['prep_s']:.3f} | {peak} |")
+        out.append(
+            f"| {r['n']:,} | {r['method']} | {r.get('k') or '-'} | {r['warm_s']:.3f} | {ratio} | "
+            f"{_fmt(cpu)} | {cpu_ratio} | {r['cold_s']:.3f} | {r['prep_s']:.3f} | {peak} |"
+        )
     return out + [""]
 
 
@@ -436,9 +558,13 @@ def optimizer_tables(records: list[dict]) -> list[str]:
         return []
     out = ["### Optimizer step against torch.optim.Adagrad (same parameters, interleaved rounds)", ""]
     for r in rows:
-        out += [f"{r['params']:,} parameters in {r['tensors']} tensors, device {r['device']}, "
-                f"{r['steps_timed']} timed steps each (median).", "",
-                "| optimizer | median ms | ratio to Adagrad |", "|---|---|---|"]
+        out += [
+            f"{r['params']:,} parameters in {r['tensors']} tensors, device {r['device']}, "
+            f"{r['steps_timed']} timed steps each (median).",
+            "",
+            "| optimizer | median ms | ratio to Adagrad |",
+            "|---|---|---|",
+        ]
         out += [f"| {name} | {ms:.3f} | {r['ratio_to_adagrad'][name]:.2f} |" for name, ms in r["median_ms"].items()]
         out.append("")
     return out
@@ -448,67 +574,120 @@ def targets(records: list[dict]) -> list[tuple[str, str, str]]:
     """(target, measured, verdict) for the issue-5 ratios that the records cover."""
     res = []
     for labels, limit in MATVEC_LIMITS.items():
-        rows = [r for r in records if r.get("bench") == "operator_sweep" and r["op"] == "matvec"
-                and r["labels"] == labels and r["n"] == 10_000_000]
+        rows = [
+            r
+            for r in records
+            if r.get("bench") == "operator_sweep"
+            and r["op"] == "matvec"
+            and r["labels"] == labels
+            and r["n"] == 10_000_000
+        ]
         if rows:
             worst = max(rows, key=lambda r: r["ratio_to_floor"])
-            res.append((f"matvec n = 10^7, {labels} labels: <= {limit:g}x one elementwise pass",
-                        f"worst {worst['ratio_to_floor']:.2f}x (k = {worst['k']}, {worst['dtype']}); best "
-                        f"{min(r['ratio_to_floor'] for r in rows):.2f}x",
-                        _verdict(worst["ratio_to_floor"] <= limit, worst["ratio_to_floor"] / limit)))
-    rows = [r for r in records if r.get("suite") == "kernel" and r.get("case") == "rbf-ard" and r.get("n") == 20_000
-            and r.get("bench") != "kernel_k_sweep"]
+            res.append(
+                (
+                    f"matvec n = 10^7, {labels} labels: <= {limit:g}x one elementwise pass",
+                    f"worst {worst['ratio_to_floor']:.2f}x (k = {worst['k']}, {worst['dtype']}); best "
+                    f"{min(r['ratio_to_floor'] for r in rows):.2f}x",
+                    _verdict(worst["ratio_to_floor"] <= limit, worst["ratio_to_floor"] / limit),
+                )
+            )
+    rows = [
+        r
+        for r in records
+        if r.get("suite") == "kernel"
+        and r.get("case") == "rbf-ard"
+        and r.get("n") == 20_000
+        and r.get("bench") != "kernel_k_sweep"
+    ]
     for r in rows:
         ratio = r["ratio_fwd_bwd_vs_bare_fwd"]
-        res.append(("kernel_block_mean n = 20,000 (RBF-ARD): <= 1.5x bare kernel evaluation",
-                    f"forward {r['ratio_fwd']:.2f}x, forward + backward {ratio:.2f}x the bare forward of all "
-                    "n^2 entries (the fused pass evaluates each unordered pair once, about half of them)",
-                    _verdict(ratio <= 1.5, ratio / 1.5)))
-    sweep = {r.get("k_requested", r["k"]): r for r in records if r.get("bench") == "kernel_k_sweep" and r.get("n") == 20_000}
+        res.append(
+            (
+                "kernel_block_mean n = 20,000 (RBF-ARD): <= 1.5x bare kernel evaluation",
+                f"forward {r['ratio_fwd']:.2f}x, forward + backward {ratio:.2f}x the bare forward of all "
+                "n^2 entries (the fused pass evaluates each unordered pair once, about half of them)",
+                _verdict(ratio <= 1.5, ratio / 1.5),
+            )
+        )
+    sweep = {
+        r.get("k_requested", r["k"]): r for r in records if r.get("bench") == "kernel_k_sweep" and r.get("n") == 20_000
+    }
     if 10 in sweep and 2000 in sweep:
         ratio = sweep[2000]["t_kbm_fwd_bwd_s"] / sweep[10]["t_kbm_fwd_bwd_s"]
         cpu = sweep[2000]["cpu_kbm_fwd_bwd_s"] / sweep[10]["cpu_kbm_fwd_bwd_s"]
-        res.append(("kernel block sums n = 20,000 (RBF-ARD, d = 3, fwd + bwd): k = 2,000 <= 1.5x k = 10",
-                    f"{ratio:.2f}x ({sweep[2000]['t_kbm_fwd_bwd_s']:.2f} s vs {sweep[10]['t_kbm_fwd_bwd_s']:.2f} s; "
-                    f"CPU time {cpu:.2f}x)", _verdict(ratio <= 1.5, ratio / 1.5)))
+        res.append(
+            (
+                "kernel block sums n = 20,000 (RBF-ARD, d = 3, fwd + bwd): k = 2,000 <= 1.5x k = 10",
+                f"{ratio:.2f}x ({sweep[2000]['t_kbm_fwd_bwd_s']:.2f} s vs {sweep[10]['t_kbm_fwd_bwd_s']:.2f} s; "
+                f"CPU time {cpu:.2f}x)",
+                _verdict(ratio <= 1.5, ratio / 1.5),
+            )
+        )
     small = [r for k, r in sorted(sweep.items()) if k <= 20_000 // 4]
     if small:
         worst = max(small, key=lambda r: r["ratio_fwd_bwd_vs_bare_fwd"])
-        res.append(("kernel block sums n = 20,000: fwd + bwd <= 1.5x one bare forward at every k <= n / 4",
-                    "worst " + f"{worst['ratio_fwd_bwd_vs_bare_fwd']:.2f}x at k = {worst['k']}; "
-                    + ", ".join(f"k = {r['k']}: {r['ratio_fwd_bwd_vs_bare_fwd']:.2f}x" for r in small),
-                    _verdict(worst["ratio_fwd_bwd_vs_bare_fwd"] <= 1.5, worst["ratio_fwd_bwd_vs_bare_fwd"] / 1.5)))
+        res.append(
+            (
+                "kernel block sums n = 20,000: fwd + bwd <= 1.5x one bare forward at every k <= n / 4",
+                "worst "
+                + f"{worst['ratio_fwd_bwd_vs_bare_fwd']:.2f}x at k = {worst['k']}; "
+                + ", ".join(f"k = {r['k']}: {r['ratio_fwd_bwd_vs_bare_fwd']:.2f}x" for r in small),
+                _verdict(worst["ratio_fwd_bwd_vs_bare_fwd"] <= 1.5, worst["ratio_fwd_bwd_vs_bare_fwd"] / 1.5),
+            )
+        )
     for r in (r for r in records if r.get("benchmark") == "optimizer_step" and r["params"] >= 1_000_000):
         ratios = r["ratio_to_adagrad"]
         eager, fused = ratios.get("block_mean_tensor"), ratios.get("block_mean_tensor_fused")
         size = f"'tensor', {r['params'] / 1e6:.1f}M params, {r.get('threads', '?')} threads"
         ms = r.get("median_ms", {})
         if eager is not None:  # issue 13: the default step, no compiler
-            res.append((f"BlockMeanAdagrad eager step ({size}): <= 2x Adagrad",
-                        f"{eager:.2f}x ({ms.get('block_mean_tensor', float('nan')):.2f} ms vs Adagrad "
-                        f"{ms.get('adagrad', float('nan')):.2f} ms)",
-                        _verdict(eager <= 2.0, eager / 2.0)))
+            res.append(
+                (
+                    f"BlockMeanAdagrad eager step ({size}): <= 2x Adagrad",
+                    f"{eager:.2f}x ({ms.get('block_mean_tensor', float('nan')):.2f} ms vs Adagrad "
+                    f"{ms.get('adagrad', float('nan')):.2f} ms)",
+                    _verdict(eager <= 2.0, eager / 2.0),
+                )
+            )
         if fused is not None:
-            res.append((f"BlockMeanAdagrad fused=True step ({size}): <= 1.5x Adagrad",
-                        f"{fused:.2f}x ({ms.get('block_mean_tensor_fused', float('nan')):.2f} ms vs Adagrad "
-                        f"{ms.get('adagrad', float('nan')):.2f} ms)",
-                        _verdict(fused <= 1.5, fused / 1.5)))
+            res.append(
+                (
+                    f"BlockMeanAdagrad fused=True step ({size}): <= 1.5x Adagrad",
+                    f"{fused:.2f}x ({ms.get('block_mean_tensor_fused', float('nan')):.2f} ms vs Adagrad "
+                    f"{ms.get('adagrad', float('nan')):.2f} ms)",
+                    _verdict(fused <= 1.5, fused / 1.5),
+                )
+            )
     for r in (r for r in records if r.get("bench") == "compositions_large" and r["n"] >= 1_000_000):
         ok = r["seconds"] < 10 and r["peak_rss_mb"] < 3072
-        res.append((f"sum n = 10^6 (crossed k = {r['k1']} x {r['k2']}, m = {r['m']}, {r['dtype']}): inv_quad_logdet + "
-                    "backward < 10 s and < 3 GB",
-                    f"{r['seconds']:.2f} s, peak RSS {r['peak_rss_mb'] / 1024:.2f} GB ({r['threads']} threads)",
-                    _verdict(ok, max(r["seconds"] / 10, r["peak_rss_mb"] / 3072))))
+        res.append(
+            (
+                f"sum n = 10^6 (crossed k = {r['k1']} x {r['k2']}, m = {r['m']}, {r['dtype']}): inv_quad_logdet + "
+                "backward < 10 s and < 3 GB",
+                f"{r['seconds']:.2f} s, peak RSS {r['peak_rss_mb'] / 1024:.2f} GB ({r['threads']} threads)",
+                _verdict(ok, max(r["seconds"] / 10, r["peak_rss_mb"] / 3072)),
+            )
+        )
     for r in (r for r in records if r.get("bench") == "compositions_vs_cg" and r["n"] >= 20_000):
-        res.append((f"sum n = 2x10^4 (k = {r['k1']} x {r['k2']}, m = {r['m']}): closed form >= 100x faster than "
-                    "linear_operator's generic CG path",
-                    f"{r['closed_form_s']:.3f} s vs {r['generic_cg_s']:.2f} s ({r['speedup']:.0f}x)",
-                    _verdict(r["speedup"] >= 100, 100 / r["speedup"])))
+        res.append(
+            (
+                f"sum n = 2x10^4 (k = {r['k1']} x {r['k2']}, m = {r['m']}): closed form >= 100x faster than "
+                "linear_operator's generic CG path",
+                f"{r['closed_form_s']:.3f} s vs {r['generic_cg_s']:.2f} s ({r['speedup']:.0f}x)",
+                _verdict(r["speedup"] >= 100, 100 / r["speedup"]),
+            )
+        )
     for r in (r for r in records if r.get("bench") == "compositions_exactness" and r["n"] >= 2000):
         err = max(r["closed_form_inv_quad_rel_err"], r["closed_form_logdet_rel_err"])
-        res.append(("sum n = 2000, float64: relative error < 1e-8 against dense Cholesky",
-                    f"closed form {err:.1e}; generic CG path inv_quad {r['generic_cg_inv_quad_rel_err']:.1e}, logdet "
-                    f"{r['generic_cg_logdet_rel_err']:.1e}", _verdict(err < 1e-8, err / 1e-8)))
+        res.append(
+            (
+                "sum n = 2000, float64: relative error < 1e-8 against dense Cholesky",
+                f"closed form {err:.1e}; generic CG path inv_quad {r['generic_cg_inv_quad_rel_err']:.1e}, logdet "
+                f"{r['generic_cg_logdet_rel_err']:.1e}",
+                _verdict(err < 1e-8, err / 1e-8),
+            )
+        )
     gp = [r for r in records if r.get("bench") == "gp_iteration" and "warm_s" in r and r.get("device") == "cpu"]
     exact = {r["n"]: r["warm_s"] for r in gp if r["method"] == "exact"}
     bm20 = [r for r in gp if r["method"] == "blockmean" and r["n"] == 20_000]
@@ -519,15 +698,24 @@ def targets(records: list[dict]) -> list[tuple[str, str, str]]:
         ex_cpu = next((r.get("warm_cpu_s") for r in gp if r["method"] == "exact" and r["n"] == 20_000), None)
         if ex_cpu and all(r.get("warm_cpu_s") for r in bm20):
             each += " (CPU time: " + ", ".join(f"k = {r['k']}: {ex_cpu / r['warm_cpu_s']:.2f}x" for r in bm20) + ")"
-        res.append(("GP iteration n = 20,000: block mean >= 3x faster than exact CG",
-                    f"exact {exact[20_000]:.2f} s; {each}", _verdict(speed >= 3.0, 3.0 / speed)))
+        res.append(
+            (
+                "GP iteration n = 20,000: block mean >= 3x faster than exact CG",
+                f"exact {exact[20_000]:.2f} s; {each}",
+                _verdict(speed >= 3.0, 3.0 / speed),
+            )
+        )
     bm100 = [r for r in gp if r["method"] == "blockmean" and r["n"] == 100_000]
     for r in bm100:
         ok = r["warm_s"] < 60 and r["peak_rss_mb"] < 2048
         cpu = f" (process CPU time {r['warm_cpu_s']:.1f} s)" if r.get("warm_cpu_s") else ""
-        res.append((f"GP iteration n = 100,000 (k = {r['k']}): < 60 s and peak memory < 2 GB",
-                    f"{r['warm_s']:.1f} s{cpu}, peak RSS {r['peak_rss_mb']:.0f} MB",
-                    _verdict(ok, max(r["warm_s"] / 60, r["peak_rss_mb"] / 2048))))
+        res.append(
+            (
+                f"GP iteration n = 100,000 (k = {r['k']}): < 60 s and peak memory < 2 GB",
+                f"{r['warm_s']:.1f} s{cpu}, peak RSS {r['peak_rss_mb']:.0f} MB",
+                _verdict(ok, max(r["warm_s"] / 60, r["peak_rss_mb"] / 2048)),
+            )
+        )
     return res
 
 
@@ -536,12 +724,18 @@ def _verdict(ok: bool, factor: float) -> str:
 
 
 def summary(records: list[dict], machine: dict) -> str:
-    lines = ["# Benchmark summary", "",
-             f"Command: `{machine['command']}` (git {machine.get('git_commit') or '?'}), {machine['date']}.", "",
-             f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
-             f"({machine['torch_threads']} threads), gpytorch {machine.get('gpytorch')}, Python {machine['python']}, "
-             f"device {machine['device']}" + (f" ({machine['cuda_device']})" if "cuda_device" in machine else "")
-             + f". Load average at start {machine['load_avg_start']}, at end {machine.get('load_avg_end')}.", ""]
+    lines = [
+        "# Benchmark summary",
+        "",
+        f"Command: `{machine['command']}` (git {machine.get('git_commit') or '?'}), {machine['date']}.",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
+        f"({machine['torch_threads']} threads), gpytorch {machine.get('gpytorch')}, Python {machine['python']}, "
+        f"device {machine['device']}"
+        + (f" ({machine['cuda_device']})" if "cuda_device" in machine else "")
+        + f". Load average at start {machine['load_avg_start']}, at end {machine.get('load_avg_end')}.",
+        "",
+    ]
     found = targets(records)
     if found:
         lines += ["## Issue-5 targets", "", "| target | measured | verdict |", "|---|---|---|"]
@@ -555,14 +749,18 @@ def summary(records: list[dict], machine: dict) -> str:
     if skipped or failed:
         lines += ["## Skipped or failed", ""]
         lines += [f"- {r['suite']}: skipped, {r['skipped']}" for r in skipped]
-        lines += [f"- {r['suite']}: `{r['command']}` {r['status']} (exit {r['returncode']}): "
-                  f"{' / '.join(r.get('stderr_tail', []))}" for r in failed]
+        lines += [
+            f"- {r['suite']}: `{r['command']}` {r['status']} (exit {r['returncode']}): "
+            f"{' / '.join(r.get('stderr_tail', []))}"
+            for r in failed
+        ]
         lines.append("")
     runs = [r for r in records if "status" in r]
     if runs:
         lines += ["## Runs", "", "| suite | command | status | wall s | records |", "|---|---|---|---|---|"]
-        lines += [f"| {r['suite']} | `{r['command']}` | {r['status']} | {r['wall_s']:.1f} | {r['records']} |"
-                  for r in runs]
+        lines += [
+            f"| {r['suite']} | `{r['command']}` | {r['status']} | {r['wall_s']:.1f} | {r['records']} |" for r in runs
+        ]
         lines.append("")
     return "\n".join(lines)
 
@@ -584,8 +782,13 @@ def plots(records: list[dict], out_dir: Path) -> list[Path]:
                     series.setdefault((r["dtype"], r["k"]), []).append((r["n"], r["ratio_to_floor"]))
             for (dtype, k), pts in sorted(series.items()):
                 pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                        linestyle="-" if dtype == "float32" else "--", label=f"{dtype}, k={k}")
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    marker="o",
+                    linestyle="-" if dtype == "float32" else "--",
+                    label=f"{dtype}, k={k}",
+                )
             ax.axhline(MATVEC_LIMITS[labels], color="k", linewidth=0.8, linestyle=":")
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -607,8 +810,13 @@ def plots(records: list[dict], out_dir: Path) -> list[Path]:
             series.setdefault(name, []).append((r["n"], r["warm_s"]))
         for name, pts in sorted(series.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    linestyle="-" if name.startswith("blockmean") else "--", label=name)
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                linestyle="-" if name.startswith("blockmean") else "--",
+                label=name,
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("n (training points)")
@@ -630,15 +838,26 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (passed to every script)")
     parser.add_argument("--only", default=",".join(SUITES), help=f"comma-separated subset of {', '.join(SUITES)}")
     parser.add_argument("--device", default="cpu", help="cpu or cuda; cuda is skipped cleanly without a GPU")
-    parser.add_argument("--out-dir", default=None,
-                        help="where results go (default docs/results/bench; with --smoke a temporary directory)")
+    parser.add_argument(
+        "--out-dir",
+        default=None,
+        help="where results go (default docs/results/bench; with --smoke a temporary directory)",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per script before it is killed")
-    parser.add_argument("--budget", type=float, default=None,
-                        help="seconds for the whole suite: no script starts, and a running one is killed, after it "
-                             "(the summary still covers what finished)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for the whole suite: no script starts, and a running one is killed, after it "
+        "(the summary still covers what finished)",
+    )
     parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--resummarize", metavar="DIR", default=None,
-                        help="run nothing: rewrite DIR/summary.md and the plots from DIR/results.jsonl")
+    parser.add_argument(
+        "--resummarize",
+        metavar="DIR",
+        default=None,
+        help="run nothing: rewrite DIR/summary.md and the plots from DIR/results.jsonl",
+    )
     parser.add_argument("--_gpu-sizes", dest="gpu_sizes", choices=["operator", "kernel"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.resummarize:
@@ -693,8 +912,11 @@ def main(argv=None) -> int:
             write()
     write()
     written = [] if args.no_plots else plots(records, out_dir)
-    print(f"[benchmarks] wrote {out_dir / 'results.jsonl'}, {out_dir / 'summary.md'}"
-          + "".join(f", {p}" for p in written), flush=True)
+    print(
+        f"[benchmarks] wrote {out_dir / 'results.jsonl'}, {out_dir / 'summary.md'}"
+        + "".join(f", {p}" for p in written),
+        flush=True,
+    )
     failed = [r for r in records if r.get("status") in ("failed", "timed out")]
     return 1 if failed else 0
 

@@ -43,9 +43,9 @@ import threading
 import time
 import traceback
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import gpytorch
 import numpy as np
@@ -310,8 +310,9 @@ class PeakMemory:
 
 
 # ---------------------------------------------------------------------------- one fit
-def run_fit(spec: FitSpec, data: Split, seed: int, iters: int, lr: float, exact_max_train: int,
-            max_cholesky: int) -> dict:
+def run_fit(
+    spec: FitSpec, data: Split, seed: int, iters: int, lr: float, exact_max_train: int, max_cholesky: int
+) -> dict:
     torch.manual_seed(seed)
     record: dict = {"method": spec.method, "builder": spec.builder, "k": spec.k, "iters": iters, "lr": lr}
     try:
@@ -326,7 +327,10 @@ def run_fit(spec: FitSpec, data: Split, seed: int, iters: int, lr: float, exact_
             predict_seconds = time.perf_counter() - start
         record.update(info)
         record.update(
-            setup_s=setup, train_s=train_seconds, predict_s=predict_seconds, final_loss=loss,
+            setup_s=setup,
+            train_s=train_seconds,
+            predict_s=predict_seconds,
+            final_loss=loss,
             rmse=float((mean - data.y_test).square().mean().sqrt()),
             nlpd=gaussian_nlpd(data.y_test, mean, var),
             min_var=float(var.min()),
@@ -348,8 +352,9 @@ def warm_up(methods: tuple[str, ...], builders: tuple[str, ...], dtype: torch.dt
         run_fit(fit, data, 0, 2, 0.1, 40, 800)
 
 
-def fit_specs(spec: DatasetSpec, methods: tuple[str, ...], builders: tuple[str, ...],
-              blocks: tuple[int, ...], n_train: int) -> list[FitSpec]:
+def fit_specs(
+    spec: DatasetSpec, methods: tuple[str, ...], builders: tuple[str, ...], blocks: tuple[int, ...], n_train: int
+) -> list[FitSpec]:
     """The models to fit on one split; with ``blocks`` other than the data set's own, every builder at every k."""
     builders_at = spec.builders_at if blocks == spec.blocks else None
     blocks = tuple(k for k in blocks if k <= n_train)
@@ -385,9 +390,17 @@ def summarise(records: list[dict]) -> list[dict]:
     for key in order:
         group = groups[key]
         ok = [r for r in group if "error" not in r]
-        row = {"dataset": key[0], "method": key[1], "builder": key[2], "k": key[3], "seeds": len(ok),
-               "failed": len(group) - len(ok), "n_train": group[0]["n_train"], "n_test": group[0]["n_test"],
-               "errors": sorted({r["error"] for r in group if "error" in r})}
+        row = {
+            "dataset": key[0],
+            "method": key[1],
+            "builder": key[2],
+            "k": key[3],
+            "seeds": len(ok),
+            "failed": len(group) - len(ok),
+            "n_train": group[0]["n_train"],
+            "n_test": group[0]["n_test"],
+            "errors": sorted({r["error"] for r in group if "error" in r}),
+        }
         if ok:
             row["n_used"] = ok[0]["n_used"]
             row["k_actual"] = sorted({r["k_actual"] for r in ok if "k_actual" in r})
@@ -413,12 +426,16 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         sub = [r for r in rows if r["dataset"] == dataset]
         info = meta.get("datasets", {}).get(dataset, {})
-        lines.append(f"### {dataset}: n_train = {sub[0]['n_train']:,}, n_test = {sub[0]['n_test']:,}, "
-                     f"d = {info.get('d', '?')}, {info.get('iters', '?')} Adam steps (lr {meta.get('lr', '?')}), "
-                     f"{meta.get('seeds', '?')} seeds")
+        lines.append(
+            f"### {dataset}: n_train = {sub[0]['n_train']:,}, n_test = {sub[0]['n_test']:,}, "
+            f"d = {info.get('d', '?')}, {info.get('iters', '?')} Adam steps (lr {meta.get('lr', '?')}), "
+            f"{meta.get('seeds', '?')} seeds"
+        )
         lines.append("")
-        lines.append("| model | partition | k (actual) | n used | test RMSE | test NLPD | train [s] | predict [s] "
-                     "| peak mem [MB] |")
+        lines.append(
+            "| model | partition | k (actual) | n used | test RMSE | test NLPD | train [s] | predict [s] "
+            "| peak mem [MB] |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|---|")
         for r in sub:
             name = {"exact": "exact GP", "sgpr": "SGPR", "blockmean": "block mean"}[r["method"]]
@@ -435,7 +452,8 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
             failed = f" ({r['failed']} failed)" if r["failed"] else ""
             lines.append(
                 f"| {name}{failed} | {part} | {k} | {used} | {_fmt(r['rmse'])} | {_fmt(r['nlpd'])} | "
-                f"{_fmt_time(r['train_s'])} | {_fmt_time(r['predict_s'])} | {r['peak_mem_mb'][0]:.0f} |")
+                f"{_fmt_time(r['train_s'])} | {_fmt_time(r['predict_s'])} | {r['peak_mem_mb'][0]:.0f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -449,9 +467,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4.2), squeeze=False)
-    style = {("exact", None): ("k", "*"), ("sgpr", None): ("tab:blue", "o"),
-             ("blockmean", "kmeans"): ("tab:red", "s"), ("blockmean", "kdtree"): ("tab:orange", "^"),
-             ("blockmean", "sorted"): ("tab:green", "v")}
+    style = {
+        ("exact", None): ("k", "*"),
+        ("sgpr", None): ("tab:blue", "o"),
+        ("blockmean", "kmeans"): ("tab:red", "s"),
+        ("blockmean", "kdtree"): ("tab:orange", "^"),
+        ("blockmean", "sorted"): ("tab:green", "v"),
+    }
     for ax, dataset in zip(axes[0], datasets):
         sub = [r for r in rows if r["dataset"] == dataset and r["seeds"]]
         for (method, builder), (colour, marker) in style.items():
@@ -463,12 +485,27 @@ def plot(rows: list[dict], path: Path) -> None:
             e = [r["rmse"][0] for r in pts]
             s = [r["rmse"][1] for r in pts]
             label = method if builder is None else f"{method} ({builder})"
-            ax.errorbar(t, e, yerr=s, color=colour, marker=marker, ls="-" if len(pts) > 1 else "none",
-                        capsize=2, label=label, ms=7 if marker != "*" else 12)
+            ax.errorbar(
+                t,
+                e,
+                yerr=s,
+                color=colour,
+                marker=marker,
+                ls="-" if len(pts) > 1 else "none",
+                capsize=2,
+                label=label,
+                ms=7 if marker != "*" else 12,
+            )
             for r in pts:
                 if r["k"] is not None:
-                    ax.annotate(str(r["k"]), (r["train_s"][0], r["rmse"][0]), textcoords="offset points",
-                                xytext=(4, 3), fontsize=7, color=colour)
+                    ax.annotate(
+                        str(r["k"]),
+                        (r["train_s"][0], r["rmse"][0]),
+                        textcoords="offset points",
+                        xytext=(4, 3),
+                        fontsize=7,
+                        color=colour,
+                    )
         n_used = [r for r in sub if r["method"] == "exact"]
         title = f"{dataset} (n_train = {sub[0]['n_train']:,})" if sub else dataset
         if n_used and n_used[0]["n_used"] < n_used[0]["n_train"]:
@@ -482,8 +519,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("test RMSE (standardised)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Test RMSE vs training time (mean ± sd over seeds; labels: k blocks / m inducing points)",
-                 fontsize=10)
+    fig.suptitle("Test RMSE vs training time (mean ± sd over seeds; labels: k blocks / m inducing points)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -498,7 +534,8 @@ def write_reports(out: Path, records: list[dict], meta: dict, make_plot: bool = 
         f"Machine: {meta.get('machine', '?')}\n\n"
         "RMSE and NLPD on held-out rows in standardised target units; mean ± sd over seeds. "
         "train = set-up (k-means / partition) + Adam steps; peak mem = growth of the process RSS during the fit.\n\n"
-        + table)
+        + table
+    )
     (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     if make_plot:
         plot(rows, out / "rmse_vs_train_time.png")
@@ -516,6 +553,7 @@ def _csv(kind: type, choices: tuple[str, ...] | None = None):
             if bad:
                 raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {','.join(choices)}")
         return items
+
     return parse
 
 
@@ -529,17 +567,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", type=_csv(int), default=None, help="k values (default: per data set)")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--exact-max-train", type=int, default=2000,
-                   help="the exact GP trains and conditions on a random subset of at most this many rows")
-    p.add_argument("--max-cholesky", type=int, default=4000,
-                   help="gpytorch.settings.max_cholesky_size during all fits (exact GP: Cholesky up to here, CG beyond)")
+    p.add_argument(
+        "--exact-max-train",
+        type=int,
+        default=2000,
+        help="the exact GP trains and conditions on a random subset of at most this many rows",
+    )
+    p.add_argument(
+        "--max-cholesky",
+        type=int,
+        default=4000,
+        help="gpytorch.settings.max_cholesky_size during all fits (exact GP: Cholesky up to here, CG beyond)",
+    )
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's choice; --smoke uses 1)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice; --smoke uses 1)"
+    )
     p.add_argument("--max-rows", type=int, default=None, help="random subset of rows of every data set")
     p.add_argument("--smoke", action="store_true", help="tiny subsets, 2 Adam steps, small k, 2 seeds")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"output directory (default {DEFAULT_OUT}; a temporary directory with --smoke)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output directory (default {DEFAULT_OUT}; a temporary directory with --smoke)",
+    )
     p.add_argument("--table-only", action="store_true", help="rebuild table and plot from OUT/results.jsonl")
     p.add_argument("--no-plot", action="store_true")
     return p
@@ -580,9 +631,13 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     meta = {
         "command": "python examples/evaluate_gp.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
-                   f"({torch.get_num_threads()} threads), gpytorch {gpytorch.__version__}, {args.dtype}",
-        "lr": args.lr, "seeds": args.seeds, "test_fraction": args.test_fraction,
-        "exact_max_train": args.exact_max_train, "max_cholesky": args.max_cholesky, "datasets": {},
+        f"({torch.get_num_threads()} threads), gpytorch {gpytorch.__version__}, {args.dtype}",
+        "lr": args.lr,
+        "seeds": args.seeds,
+        "test_fraction": args.test_fraction,
+        "exact_max_train": args.exact_max_train,
+        "max_cholesky": args.max_cholesky,
+        "datasets": {},
     }
     records: list[dict] = []
     jsonl.write_text("")
@@ -596,8 +651,13 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> dict:
             x, y = x[keep], y[keep]
         iters = args.iters if args.iters is not None else spec.iters
         blocks = args.blocks or spec.blocks
-        meta["datasets"][name] = {"n": len(y), "d": x.shape[1], "features": features, "iters": iters,
-                                  "blocks": list(blocks)}
+        meta["datasets"][name] = {
+            "n": len(y),
+            "d": x.shape[1],
+            "features": features,
+            "iters": iters,
+            "blocks": list(blocks),
+        }
         meta_path.write_text(json.dumps(meta, indent=1))
         for seed in range(args.seeds):
             data = make_split(x, y, seed, args.test_fraction, dtype)
@@ -610,9 +670,11 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> dict:
                     f.write(json.dumps(record) + "\n")
                 status = record.get("error") or (
                     f"rmse {record['rmse']:.3f} nlpd {record['nlpd']:.3f} train {record['train_s']:.1f}s "
-                    f"predict {record['predict_s']:.2f}s mem {record['peak_mem_mb']:.0f}MB")
-                print(f"[{time.perf_counter() - total_start:7.1f}s] {name} seed {seed} {fit.label}: {status}",
-                      flush=True)
+                    f"predict {record['predict_s']:.2f}s mem {record['peak_mem_mb']:.0f}MB"
+                )
+                print(
+                    f"[{time.perf_counter() - total_start:7.1f}s] {name} seed {seed} {fit.label}: {status}", flush=True
+                )
     meta["total_s"] = time.perf_counter() - total_start
     meta_path.write_text(json.dumps(meta, indent=1))
     report = write_reports(out, records, meta, make_plot=not args.no_plot)

@@ -34,16 +34,17 @@ def load_co2() -> tuple[torch.Tensor, torch.Tensor]:
     frame = co2.load_pandas().data.dropna()
     index = frame.index
     years = index.year + (index.day_of_year - 1) / 365.25
-    return (torch.tensor(years.to_numpy(), dtype=torch.float64),
-            torch.tensor(frame["co2"].to_numpy(), dtype=torch.float64))
+    return (
+        torch.tensor(years.to_numpy(), dtype=torch.float64),
+        torch.tensor(frame["co2"].to_numpy(), dtype=torch.float64),
+    )
 
 
 class BlockMeanGP(gpytorch.models.ExactGP):
     def __init__(self, train_x, train_y, likelihood, partition):
         super().__init__(train_x, train_y, likelihood)
         trend = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
-        seasonal = gpytorch.kernels.ScaleKernel(gpytorch.kernels.PeriodicKernel()
-                                                * gpytorch.kernels.RBFKernel())
+        seasonal = gpytorch.kernels.ScaleKernel(gpytorch.kernels.PeriodicKernel() * gpytorch.kernels.RBFKernel())
         base = trend + seasonal
         self.mean_module = gpytorch.means.LinearMean(1)
         self.covar_module = BlockMeanKernel(base, train_x, partition)
@@ -106,13 +107,17 @@ def main(argv=None) -> dict:
         mean, var = pred.mean, pred.variance
     predict_time = time.perf_counter() - start
     rmse = float(((mean - test_y) ** 2).mean().sqrt() * y_std)
-    nlpd = float((0.5 * torch.log(2 * math.pi * var) + 0.5 * (mean - test_y) ** 2 / var).mean()
-                 + math.log(float(y_std)))
+    nlpd = float(
+        (0.5 * torch.log(2 * math.pi * var) + 0.5 * (mean - test_y) ** 2 / var).mean() + math.log(float(y_std))
+    )
     print(f"n_train={n} k={partition.num_blocks} train {train_time:.1f}s predict {predict_time:.2f}s")
     print(f"held-out last {args.test_years:g} years: RMSE {rmse:.3f} ppm, NLPD {nlpd:.3f} (ppm scale)")
 
-    out = args.out or (Path(tempfile.mkdtemp()) if args.smoke
-                       else Path(__file__).resolve().parents[1] / "docs" / "results" / "gp_examples")
+    out = args.out or (
+        Path(tempfile.mkdtemp())
+        if args.smoke
+        else Path(__file__).resolve().parents[1] / "docs" / "results" / "gp_examples"
+    )
     out.mkdir(parents=True, exist_ok=True)
     grid = torch.linspace(float(x.min()), float(x.max()) + 0.1, 600, dtype=torch.float64).unsqueeze(-1)
     with torch.no_grad():

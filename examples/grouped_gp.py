@@ -42,8 +42,7 @@ def load_weather():
     origins = sorted(frame["origin"].unique())
     origin = frame["origin"].map({o: i for i, o in enumerate(origins)}).to_numpy()
     group = origin * 288 + (frame["month"].to_numpy() - 1) * 24 + frame["hour"].to_numpy()
-    return (torch.tensor(group, dtype=torch.long), torch.tensor(frame["temp"].to_numpy(), dtype=torch.float64),
-            origins)
+    return (torch.tensor(group, dtype=torch.long), torch.tensor(frame["temp"].to_numpy(), dtype=torch.float64), origins)
 
 
 class GroupedGP(gpytorch.models.ExactGP):
@@ -104,8 +103,9 @@ def main(argv=None) -> dict:
         mean, var = pred.mean, pred.variance
     predict_time = time.perf_counter() - start
     rmse = float(((mean - test_y) ** 2).mean().sqrt() * y_std)
-    nlpd = float((0.5 * torch.log(2 * math.pi * var) + 0.5 * (mean - test_y) ** 2 / var).mean()
-                 + math.log(float(y_std)))
+    nlpd = float(
+        (0.5 * torch.log(2 * math.pi * var) + 0.5 * (mean - test_y) ** 2 / var).mean() + math.log(float(y_std))
+    )
 
     # baseline: raw per-group training mean (overall mean for a group without training data)
     ids = train_x[:, 0].long()
@@ -114,12 +114,17 @@ def main(argv=None) -> dict:
     group_mean = torch.where(counts > 0, sums / counts.clamp_min(1), train_y.mean())
     base_pred = group_mean[test_x[:, 0].long()]
     base_rmse = float(((base_pred - test_y) ** 2).mean().sqrt() * y_std)
-    print(f"n_train={train_x.shape[0]} groups present={int((counts > 0).sum())} rank={args.rank} "
-          f"train {train_time:.1f}s ({train_time / max(args.iters, 1):.3f}s/iter) predict {predict_time:.2f}s")
+    print(
+        f"n_train={train_x.shape[0]} groups present={int((counts > 0).sum())} rank={args.rank} "
+        f"train {train_time:.1f}s ({train_time / max(args.iters, 1):.3f}s/iter) predict {predict_time:.2f}s"
+    )
     print(f"held out: GP RMSE {rmse:.3f} F, NLPD {nlpd:.3f}; per-group mean RMSE {base_rmse:.3f} F")
 
-    out = args.out or (Path(tempfile.mkdtemp()) if args.smoke
-                       else Path(__file__).resolve().parents[1] / "docs" / "results" / "gp_examples")
+    out = args.out or (
+        Path(tempfile.mkdtemp())
+        if args.smoke
+        else Path(__file__).resolve().parents[1] / "docs" / "results" / "gp_examples"
+    )
     out.mkdir(parents=True, exist_ok=True)
     import matplotlib
 
@@ -143,15 +148,22 @@ def main(argv=None) -> dict:
         ax.plot(hours[raw], to_f(group_mean[gids][raw]), "o", ms=3, color=colour, alpha=0.7)
     ax.set_xlabel("hour of day (UTC)")
     ax.set_ylabel("temperature (F)")
-    ax.set_title(f"{origins[origin]}: group effects (line, 95% band) vs raw group means (dots); "
-                 f"held-out RMSE {rmse:.2f} F")
+    ax.set_title(
+        f"{origins[origin]}: group effects (line, 95% band) vs raw group means (dots); held-out RMSE {rmse:.2f} F"
+    )
     ax.legend(ncol=6, fontsize=8, loc="lower center")
     fig.tight_layout()
     path = out / "grouped_weather.png"
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
-    return {"rmse": rmse, "nlpd": nlpd, "baseline_rmse": base_rmse, "train_time": train_time,
-            "predict_time": predict_time, "png": path}
+    return {
+        "rmse": rmse,
+        "nlpd": nlpd,
+        "baseline_rmse": base_rmse,
+        "train_time": train_time,
+        "predict_time": predict_time,
+        "png": path,
+    }
 
 
 if __name__ == "__main__":

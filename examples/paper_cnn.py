@@ -125,18 +125,23 @@ OPTIMIZERS = {
     "block_mean_tensor": (lambda ps, lr: BlockMeanAdagrad(ps, lr=lr, partition="tensor"), (0.01, 0.03, 0.1, 0.3)),
     "block_mean_row": (lambda ps, lr: BlockMeanAdagrad(ps, lr=lr, partition="row"), (0.01, 0.03, 0.1, 0.3)),
     # stronger damping: (F + delta I)^{-1/2} moves toward delta^{-1/2} I, i.e. toward diagonal AdaGrad
-    "block_mean_tensor_damping1": (lambda ps, lr: BlockMeanAdagrad(ps, lr=lr, damping=1.0, partition="tensor"),
-                                   (0.03, 0.1, 0.3, 1.0)),
-    "block_mean_row_damping1": (lambda ps, lr: BlockMeanAdagrad(ps, lr=lr, damping=1.0, partition="row"),
-                                (0.03, 0.1, 0.3, 1.0)),
+    "block_mean_tensor_damping1": (
+        lambda ps, lr: BlockMeanAdagrad(ps, lr=lr, damping=1.0, partition="tensor"),
+        (0.03, 0.1, 0.3, 1.0),
+    ),
+    "block_mean_row_damping1": (
+        lambda ps, lr: BlockMeanAdagrad(ps, lr=lr, damping=1.0, partition="row"),
+        (0.03, 0.1, 0.3, 1.0),
+    ),
     "full_matrix": (lambda ps, lr: FullMatrixAdagrad(ps, lr=lr, eps=1e-4), (0.03, 0.1, 0.3, 1.0)),
     "adam": (lambda ps, lr: torch.optim.Adam(ps, lr=lr), (0.001, 0.003, 0.01, 0.03)),
 }
 
 
 # ---------------------------------------------------------------------------- training
-def train_run(make_model, data: Dataset, optimizer: str, lr: float, epochs: int, seed: int,
-              batch_size: int = 100) -> dict:
+def train_run(
+    make_model, data: Dataset, optimizer: str, lr: float, epochs: int, seed: int, batch_size: int = 100
+) -> dict:
     """Train from seed ``seed``; per epoch: summed and mean minibatch loss, test error; time per step."""
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(seed)
@@ -148,7 +153,7 @@ def train_run(make_model, data: Dataset, optimizer: str, lr: float, epochs: int,
         perm = torch.randperm(len(y_train), generator=gen)
         total, batches = 0.0, 0
         for start in range(0, len(perm), batch_size):
-            idx = perm[start:start + batch_size]
+            idx = perm[start : start + batch_size]
             loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
             opt.zero_grad()
             loss.backward()
@@ -160,24 +165,42 @@ def train_run(make_model, data: Dataset, optimizer: str, lr: float, epochs: int,
         summed.append(total)
         mean_loss.append(total / batches)
         with torch.no_grad():
-            pred = torch.cat([model(x_test[i:i + 500]).argmax(1) for i in range(0, len(y_test), 500)])
+            pred = torch.cat([model(x_test[i : i + 500]).argmax(1) for i in range(0, len(y_test), 500)])
         test_error.append(float((pred != y_test).float().mean()))
     finite = all(math.isfinite(v) for v in summed)
-    return {"summed_loss": summed, "mean_loss": mean_loss, "test_error": test_error, "finite": finite,
-            "step_ms": 1e3 * statistics.median(step_time),
-            "params": sum(p.numel() for p in model.parameters())}
+    return {
+        "summed_loss": summed,
+        "mean_loss": mean_loss,
+        "test_error": test_error,
+        "finite": finite,
+        "step_ms": 1e3 * statistics.median(step_time),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
-def run_dataset(name: str, data: Dataset, model_name: str, optimizers: list[str], epochs: int,
-                tune_epochs: int, seeds: int, log, fixed_lr: dict[str, float] | None = None,
-                grid_scale: float = 1.0) -> dict:
+def run_dataset(
+    name: str,
+    data: Dataset,
+    model_name: str,
+    optimizers: list[str],
+    epochs: int,
+    tune_epochs: int,
+    seeds: int,
+    log,
+    fixed_lr: dict[str, float] | None = None,
+    grid_scale: float = 1.0,
+) -> dict:
     in_channels, size = data[0].shape[1], data[0].shape[-1]
-    make_model = (lambda: small_model(in_channels, size)) if model_name == "small" else \
-        (lambda: large_model(in_channels, size))
+    make_model = (
+        (lambda: small_model(in_channels, size)) if model_name == "small" else (lambda: large_model(in_channels, size))
+    )
     results = {}
     for opt_name in optimizers:
-        grid = (fixed_lr[opt_name],) if fixed_lr and opt_name in fixed_lr else \
-            tuple(float(f"{lr * grid_scale:.6g}") for lr in OPTIMIZERS[opt_name][1])
+        grid = (
+            (fixed_lr[opt_name],)
+            if fixed_lr and opt_name in fixed_lr
+            else tuple(float(f"{lr * grid_scale:.6g}") for lr in OPTIMIZERS[opt_name][1])
+        )
         tuning = {}
         for lr in grid if len(grid) > 1 else ():
             run = train_run(make_model, data, opt_name, lr, tune_epochs, seed=100)
@@ -188,8 +211,10 @@ def run_dataset(name: str, data: Dataset, model_name: str, optimizers: list[str]
         results[opt_name] = {"lr": best, "tuning": {str(k): v for k, v in tuning.items()}, "runs": runs}
         last = [r["mean_loss"][-1] for r in runs]
         err = [r["test_error"][-1] for r in runs]
-        log(f"  {name} {model_name} {opt_name} lr={best}: final loss {statistics.mean(last):.4f}, "
-            f"test error {statistics.mean(err):.4f}, step {runs[0]['step_ms']:.2f} ms")
+        log(
+            f"  {name} {model_name} {opt_name} lr={best}: final loss {statistics.mean(last):.4f}, "
+            f"test error {statistics.mean(err):.4f}, step {runs[0]['step_ms']:.2f} ms"
+        )
     return results
 
 
@@ -199,8 +224,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def markdown_table(all_results: dict) -> str:
-    lines = ["| data | model | optimizer | lr | first-epoch loss (sum) | final loss (sum) | final loss (mean) "
-             "| final test error | step ms | seeds |", "|" + "---|" * 10]
+    lines = [
+        "| data | model | optimizer | lr | first-epoch loss (sum) | final loss (sum) | final loss (mean) "
+        "| final test error | step ms | seeds |",
+        "|" + "---|" * 10,
+    ]
     for key, results in all_results.items():
         data_name, model_name = key.split("/")
         for opt_name, res in results.items():
@@ -210,9 +238,11 @@ def markdown_table(all_results: dict) -> str:
             final_mean = _mean_std([r["mean_loss"][-1] for r in runs])
             err = _mean_std([r["test_error"][-1] for r in runs])
             step = statistics.median(r["step_ms"] for r in runs)
-            lines.append(f"| {data_name} | {model_name} | {opt_name} | {res['lr']} | {first[0]:.2f} ± {first[1]:.2f} "
-                         f"| {final[0]:.2f} ± {final[1]:.2f} | {final_mean[0]:.4f} ± {final_mean[1]:.4f} "
-                         f"| {err[0]:.4f} ± {err[1]:.4f} | {step:.2f} | {len(runs)} |")
+            lines.append(
+                f"| {data_name} | {model_name} | {opt_name} | {res['lr']} | {first[0]:.2f} ± {first[1]:.2f} "
+                f"| {final[0]:.2f} ± {final[1]:.2f} | {final_mean[0]:.4f} ± {final_mean[1]:.4f} "
+                f"| {err[0]:.4f} ± {err[1]:.4f} | {step:.2f} | {len(runs)} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -254,15 +284,22 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Block-mean AdaGrad on the paper's CNNs (offline data).")
     parser.add_argument("--datasets", default="digits,mnist5k", help="comma list of digits, mnist5k, cifar10")
     parser.add_argument("--model", choices=["small", "large"], default="small")
-    parser.add_argument("--optimizers", default="adagrad,block_mean_tensor,block_mean_row,full_matrix,adam",
-                        help=f"comma list of {', '.join(OPTIMIZERS)}")
+    parser.add_argument(
+        "--optimizers",
+        default="adagrad,block_mean_tensor,block_mean_row,full_matrix,adam",
+        help=f"comma list of {', '.join(OPTIMIZERS)}",
+    )
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--tune-epochs", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lr", default="", help="fixed learning rates, no tuning: name=value,...")
-    parser.add_argument("--grid-scale", type=float, default=1.0,
-                        help="multiply every learning-rate grid by this (e.g. 0.1 for the large model)")
+    parser.add_argument(
+        "--grid-scale",
+        type=float,
+        default=1.0,
+        help="multiply every learning-rate grid by this (e.g. 0.1 for the large model)",
+    )
     parser.add_argument("--cifar-root", default=os.environ.get("CIFAR10_ROOT", "data"))
     parser.add_argument("--out", default="docs/results/optim")
     parser.add_argument("--tag", default="", help="suffix of the output file names (default: '' or '_large')")
@@ -290,9 +327,18 @@ def main(argv=None) -> None:
         if args.smoke:
             data = (data[0][:300], data[1][:300], data[2][:200], data[3][:200])
         log(f"{name}: {len(data[1])} train / {len(data[3])} test images of shape {tuple(data[0].shape[1:])}")
-        all_results[f"{name}/{args.model}"] = run_dataset(name, data, args.model, optimizers, args.epochs,
-                                                          args.tune_epochs, args.seeds, log, fixed_lr,
-                                                          args.grid_scale)
+        all_results[f"{name}/{args.model}"] = run_dataset(
+            name,
+            data,
+            args.model,
+            optimizers,
+            args.epochs,
+            args.tune_epochs,
+            args.seeds,
+            log,
+            fixed_lr,
+            args.grid_scale,
+        )
     table = markdown_table(all_results)
     print(table)
     elapsed = time.time() - started

@@ -21,9 +21,18 @@ def _load(name: str):
 @pytest.mark.slow
 def test_suite_smoke_writes_parseable_results(tmp_path):
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / "benchmarks.py"), "--smoke", "--only", "gp,optimizer",
-         "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(EXAMPLES / "benchmarks.py"),
+            "--smoke",
+            "--only",
+            "gp,optimizer",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
@@ -55,7 +64,9 @@ def test_cuda_request_without_gpu_skips_cleanly(tmp_path):
         pytest.skip("a GPU is present; the skip path is not taken")
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / "benchmarks.py"), "--device", "cuda", "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -64,21 +75,51 @@ def test_cuda_request_without_gpu_skips_cleanly(tmp_path):
 
 
 def _gp(method, n, warm, k=None, peak=500.0):
-    return {"bench": "gp_iteration", "suite": "gp", "method": method, "n": n, "k": k, "device": "cpu",
-            "warm_s": warm, "warm_cpu_s": 2 * warm, "cold_s": warm, "prep_s": 0.0, "peak_rss_mb": peak}
+    return {
+        "bench": "gp_iteration",
+        "suite": "gp",
+        "method": method,
+        "n": n,
+        "k": k,
+        "device": "cpu",
+        "warm_s": warm,
+        "warm_cpu_s": 2 * warm,
+        "cold_s": warm,
+        "prep_s": 0.0,
+        "peak_rss_mb": peak,
+    }
 
 
 def test_targets_verdicts():
     bench = _load("benchmarks")
     records = [
-        _gp("exact", 20_000, 9.0), _gp("blockmean", 20_000, 2.0, k=100), _gp("blockmean", 20_000, 4.5, k=1000),
-        _gp("blockmean", 100_000, 70.0, k=1000, peak=900.0), _gp("blockmean", 100_000, 30.0, k=100, peak=3000.0),
-        *[{"bench": "operator_sweep", "suite": "operator", "op": "matvec", "n": 10_000_000, "k": k,
-           "labels": labels, "dtype": "float32", "ratio_to_floor": ratio, "seconds": 1.0, "floor_s": 0.1,
-           "peak_rss_mb": 100.0}
-          for k, labels, ratio in ((10, "contiguous", 2.0), (4000, "contiguous", 6.0), (10, "scattered", 7.9))],
-        {"benchmark": "optimizer_step", "suite": "optimizer", "params": 2_000_000,
-         "ratio_to_adagrad": {"adagrad": 1.0, "block_mean_tensor": 1.6}},
+        _gp("exact", 20_000, 9.0),
+        _gp("blockmean", 20_000, 2.0, k=100),
+        _gp("blockmean", 20_000, 4.5, k=1000),
+        _gp("blockmean", 100_000, 70.0, k=1000, peak=900.0),
+        _gp("blockmean", 100_000, 30.0, k=100, peak=3000.0),
+        *[
+            {
+                "bench": "operator_sweep",
+                "suite": "operator",
+                "op": "matvec",
+                "n": 10_000_000,
+                "k": k,
+                "labels": labels,
+                "dtype": "float32",
+                "ratio_to_floor": ratio,
+                "seconds": 1.0,
+                "floor_s": 0.1,
+                "peak_rss_mb": 100.0,
+            }
+            for k, labels, ratio in ((10, "contiguous", 2.0), (4000, "contiguous", 6.0), (10, "scattered", 7.9))
+        ],
+        {
+            "benchmark": "optimizer_step",
+            "suite": "optimizer",
+            "params": 2_000_000,
+            "ratio_to_adagrad": {"adagrad": 1.0, "block_mean_tensor": 1.6},
+        },
     ]
     verdicts = {target: verdict for target, _, verdict in bench.targets(records)}
     assert verdicts["GP iteration n = 20,000: block mean >= 3x faster than exact CG"] == "holds"  # 9 / 2 = 4.5x
@@ -89,9 +130,14 @@ def test_targets_verdicts():
     assert verdicts["BlockMeanAdagrad eager step ('tensor', 2.0M params, ? threads): <= 2x Adagrad"] == "holds"
 
     # with a fused=True configuration in the record, each mode is judged against its own target
-    fused = {"benchmark": "optimizer_step", "suite": "optimizer", "params": 2_100_000, "threads": 2,
-             "median_ms": {"adagrad": 1.5, "block_mean_tensor": 4.5, "block_mean_tensor_fused": 3.3},
-             "ratio_to_adagrad": {"adagrad": 1.0, "block_mean_tensor": 3.0, "block_mean_tensor_fused": 2.2}}
+    fused = {
+        "benchmark": "optimizer_step",
+        "suite": "optimizer",
+        "params": 2_100_000,
+        "threads": 2,
+        "median_ms": {"adagrad": 1.5, "block_mean_tensor": 4.5, "block_mean_tensor_fused": 3.3},
+        "ratio_to_adagrad": {"adagrad": 1.0, "block_mean_tensor": 3.0, "block_mean_tensor_fused": 2.2},
+    }
     (_, eager_measured, eager_verdict), (_, measured, verdict) = bench.targets([fused])
     assert eager_verdict == "misses by 1.50x" and "3.00x (4.50 ms vs Adagrad 1.50 ms)" in eager_measured
     assert verdict == "misses by 1.47x" and "2.20x (3.30 ms" in measured
@@ -102,12 +148,25 @@ def test_targets_verdicts():
 
 def test_summary_tables_show_ratios_against_same_run_baseline():
     bench = _load("benchmarks")
-    records = [_gp("exact", 5_000, 3.0), _gp("blockmean", 5_000, 0.5, k=100), _gp("sgpr", 5_000, 1.5, k=100),
-               {"bench": "gp_iteration", "suite": "gp", "method": "exact", "n": 50_000, "k": None,
-                "skipped": "too big"}]
-    machine = {"command": "python examples/benchmarks.py", "date": "today", "cpu": "Test CPU", "cores": 2,
-               "torch": "x", "torch_threads": 2, "gpytorch": "y", "python": "3", "device": "cpu",
-               "load_avg_start": [1.0, 1.0, 1.0], "load_avg_end": [1.0, 1.0, 1.0]}
+    records = [
+        _gp("exact", 5_000, 3.0),
+        _gp("blockmean", 5_000, 0.5, k=100),
+        _gp("sgpr", 5_000, 1.5, k=100),
+        {"bench": "gp_iteration", "suite": "gp", "method": "exact", "n": 50_000, "k": None, "skipped": "too big"},
+    ]
+    machine = {
+        "command": "python examples/benchmarks.py",
+        "date": "today",
+        "cpu": "Test CPU",
+        "cores": 2,
+        "torch": "x",
+        "torch_threads": 2,
+        "gpytorch": "y",
+        "python": "3",
+        "device": "cpu",
+        "load_avg_start": [1.0, 1.0, 1.0],
+        "load_avg_end": [1.0, 1.0, 1.0],
+    }
     text = bench.summary(records, machine)
     assert "| 5,000 | blockmean | 100 | 0.500 | 6.00x | 1.000 | 6.00x |" in text
     assert "| 5,000 | sgpr | 100 | 1.500 | 2.00x | 3.000 | 2.00x |" in text
@@ -116,17 +175,30 @@ def test_summary_tables_show_ratios_against_same_run_baseline():
 
 
 def _machine(device="cpu"):
-    return {"command": "python examples/benchmarks.py", "date": "today", "cpu": "Test CPU", "cores": 2,
-            "torch": "x", "torch_threads": 2, "gpytorch": "y", "python": "3", "device": device,
-            "load_avg_start": [1.0, 1.0, 1.0], "load_avg_end": [1.0, 1.0, 1.0]}
+    return {
+        "command": "python examples/benchmarks.py",
+        "date": "today",
+        "cpu": "Test CPU",
+        "cores": 2,
+        "torch": "x",
+        "torch_threads": 2,
+        "gpytorch": "y",
+        "python": "3",
+        "device": device,
+        "load_avg_start": [1.0, 1.0, 1.0],
+        "load_avg_end": [1.0, 1.0, 1.0],
+    }
 
 
 def test_gpu_size_measurements_run_at_tiny_sizes_on_cpu():
     bench = _load("benchmarks")
     ops = bench.gpu_operator("cpu", n=3_000, k=7, repeats=1)
     assert {(r["op"], r["labels"], r["dtype"]) for r in ops} == {
-        (op, labels, dtype) for op in ("matvec", "solve") for labels in ("contiguous", "scattered")
-        for dtype in ("float32", "float64")}
+        (op, labels, dtype)
+        for op in ("matvec", "solve")
+        for labels in ("contiguous", "scattered")
+        for dtype in ("float32", "float64")
+    }
     assert all(r["seconds"] > 0 and r["ratio_to_floor"] == r["seconds"] / r["floor_s"] for r in ops)
     (kernel,) = bench.gpu_kernel("cpu", n=300, k=5)
     assert kernel["n"] == 300 and 1 <= kernel["k"] <= 5

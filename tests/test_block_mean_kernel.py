@@ -9,8 +9,8 @@ import gpytorch
 import pytest
 import torch
 from gpytorch.test.base_kernel_test_case import BaseKernelTestCase
-from linear_operator.test.linear_operator_test_case import RectangularLinearOperatorTestCase
 from linear_operator.operators import ConstantDiagLinearOperator
+from linear_operator.test.linear_operator_test_case import RectangularLinearOperatorTestCase
 
 from bma_gp import BlockMeanLinearOperator, Partition
 from bma_gp.kernels import BlockCrossLinearOperator, BlockMeanKernel
@@ -67,9 +67,15 @@ def test_train_followed_by_new_points_is_joint_block_mean_operator():
     joint = kernel(full).evaluate_kernel()
     assert isinstance(joint, BlockMeanLinearOperator) and joint.partition.num_blocks == 5 + 5
     K = dense(base, full, full)
-    ref = torch.cat([torch.cat([dense_block_mean(K[:30, :30], partition.labels),
-                                dense_cross(K[30:, :30], partition.labels).T], -1),
-                     torch.cat([dense_cross(K[30:, :30], partition.labels), K[30:, 30:]], -1)], -2)
+    ref = torch.cat(
+        [
+            torch.cat(
+                [dense_block_mean(K[:30, :30], partition.labels), dense_cross(K[30:, :30], partition.labels).T], -1
+            ),
+            torch.cat([dense_cross(K[30:, :30], partition.labels), K[30:, 30:]], -1),
+        ],
+        -2,
+    )
     torch.testing.assert_close(joint.to_dense(), ref)
     # positive semidefinite: the block-exchangeable joint is a covariance
     assert float(torch.linalg.eigvalsh(ref).min()) > -1e-10
@@ -101,12 +107,12 @@ def test_active_dims_of_base_kernel_are_respected():
     x, partition, _, _ = setup(d=4)
     base = gpytorch.kernels.RBFKernel(active_dims=[1, 3]).to(DTYPE)
     kernel = BlockMeanKernel(base, x, partition)
-    ref = dense_block_mean(dense(gpytorch.kernels.RBFKernel().to(DTYPE), x[:, [1, 3]], x[:, [1, 3]]),
-                           partition.labels)
+    ref = dense_block_mean(dense(gpytorch.kernels.RBFKernel().to(DTYPE), x[:, [1, 3]], x[:, [1, 3]]), partition.labels)
     torch.testing.assert_close(kernel(x).to_dense(), ref)
     xt = torch.rand(3, 4, dtype=DTYPE)
-    ref_cross = dense_cross(dense(gpytorch.kernels.RBFKernel().to(DTYPE), xt[:, [1, 3]], x[:, [1, 3]]),
-                            partition.labels)
+    ref_cross = dense_cross(
+        dense(gpytorch.kernels.RBFKernel().to(DTYPE), xt[:, [1, 3]], x[:, [1, 3]]), partition.labels
+    )
     torch.testing.assert_close(kernel(xt, x).to_dense(), ref_cross)
 
 
@@ -146,7 +152,7 @@ def test_block_mean_plus_constant_diagonal_stays_block_mean():
     K = kernel(x).evaluate_kernel()
     noisy = K + ConstantDiagLinearOperator(torch.tensor([0.3], dtype=DTYPE), diag_shape=30)
     assert isinstance(noisy, BlockMeanLinearOperator)
-    lazy_noisy = (kernel(x) + ConstantDiagLinearOperator(torch.tensor([0.3], dtype=DTYPE), diag_shape=30))
+    lazy_noisy = kernel(x) + ConstantDiagLinearOperator(torch.tensor([0.3], dtype=DTYPE), diag_shape=30)
     assert isinstance(lazy_noisy.evaluate_kernel(), BlockMeanLinearOperator)
     torch.testing.assert_close(lazy_noisy.evaluate_kernel().to_dense(), K.to_dense() + 0.3 * torch.eye(30))
 
@@ -181,12 +187,15 @@ def test_dtype_conversion_moves_bound_inputs():
     assert isinstance(kernel32(x.float()).evaluate_kernel(), BlockMeanLinearOperator)
 
 
-@pytest.mark.parametrize("bad_x, error", [
-    (torch.rand(()), ValueError),
-    (torch.rand(30, 0), ValueError),
-    (torch.arange(30).view(30, 1), ValueError),
-    ([[0.0]] * 30, TypeError),
-])
+@pytest.mark.parametrize(
+    "bad_x, error",
+    [
+        (torch.rand(()), ValueError),
+        (torch.rand(30, 0), ValueError),
+        (torch.arange(30).view(30, 1), ValueError),
+        ([[0.0]] * 30, TypeError),
+    ],
+)
 def test_bad_train_x(bad_x, error):
     _, partition, base, _ = setup()
     with pytest.raises(error, match="train_x"):
@@ -228,8 +237,9 @@ class TestBlockMeanKernelBaseSuite(BaseKernelTestCase, unittest.TestCase):
 
     def create_kernel_ard(self, num_dims, **kwargs):
         train_x = torch.rand(6, num_dims)
-        return BlockMeanKernel(gpytorch.kernels.RBFKernel(ard_num_dims=num_dims, **kwargs), train_x,
-                               Partition.from_sizes([2, 4]))
+        return BlockMeanKernel(
+            gpytorch.kernels.RBFKernel(ard_num_dims=num_dims, **kwargs), train_x, Partition.from_sizes([2, 4])
+        )
 
 
 # ---------------------------------------------------------------------------- the cross operator

@@ -63,9 +63,15 @@ def test_closed_forms_match_dense(name, dtype, batch):
     n = len(labels)
     x = torch.randn(*batch, n, 3, dtype=dtype)
     ref = {
-        "matmul": A @ x, "diag": torch.diagonal(A, dim1=-2, dim2=-1), "solve": torch.linalg.solve(A, x),
-        "inv": torch.linalg.inv(A), "logdet": torch.logdet(A), "eig": torch.linalg.eigvalsh(A),
-        "sqrt": dense_fn(A, torch.sqrt), "isqrt": dense_fn(A, torch.rsqrt), "exp": dense_fn(A, torch.exp),
+        "matmul": A @ x,
+        "diag": torch.diagonal(A, dim1=-2, dim2=-1),
+        "solve": torch.linalg.solve(A, x),
+        "inv": torch.linalg.inv(A),
+        "logdet": torch.logdet(A),
+        "eig": torch.linalg.eigvalsh(A),
+        "sqrt": dense_fn(A, torch.sqrt),
+        "isqrt": dense_fn(A, torch.rsqrt),
+        "exp": dense_fn(A, torch.exp),
         "log": dense_fn(A, torch.log),
     }
     ref["quad"] = (x * ref["solve"]).sum(-2)
@@ -84,8 +90,9 @@ def test_closed_forms_match_dense(name, dtype, batch):
         torch.testing.assert_close(op.matrix_inv_sqrt().to_dense(), ref["isqrt"], **t)
         # float32: the error of exp scales with the largest entry (e^{largest eigenvalue})
         scale = float(ref["exp"].abs().max()) if dtype == torch.float32 else 1.0
-        torch.testing.assert_close(op.matrix_function(torch.exp).to_dense(), ref["exp"], rtol=t["rtol"],
-                                   atol=t["atol"] * scale)
+        torch.testing.assert_close(
+            op.matrix_function(torch.exp).to_dense(), ref["exp"], rtol=t["rtol"], atol=t["atol"] * scale
+        )
         torch.testing.assert_close(op.matrix_log().to_dense(), ref["log"], **t)
         torch.testing.assert_close(op.sqrt_inv_matmul(x), ref["isqrt"] @ x, **t)
         torch.testing.assert_close(op.root_decomposition() @ x, ref["matmul"], **t)
@@ -104,8 +111,14 @@ def test_closed_forms_match_dense(name, dtype, batch):
 @pytest.mark.parametrize("name", list(PARTITIONS))
 def test_matrix_functions_return_block_mean_operators(name):
     op, _, _ = make_operator(PARTITIONS[name])
-    for result in (op.matrix_sqrt(), op.matrix_inv_sqrt(), op.matrix_function(torch.exp), op.inverse(),
-                   op.root_decomposition().root, op.root_inv_decomposition().root):
+    for result in (
+        op.matrix_sqrt(),
+        op.matrix_inv_sqrt(),
+        op.matrix_function(torch.exp),
+        op.inverse(),
+        op.root_decomposition().root,
+        op.root_inv_decomposition().root,
+    ):
         assert isinstance(result, BlockMeanLinearOperator)
         assert result.partition is op.partition
     sq = op.matrix_sqrt()
@@ -200,12 +213,16 @@ def test_algebra_keeps_type():
     op1, lam1, B1 = make_operator(PARTITIONS["scattered"], seed=1)
     op2, lam2, B2 = make_operator(PARTITIONS["scattered"], seed=2)
     A1, A2 = op1.to_dense(), op2.to_dense()
-    for res, ref in [(op1 + op2, A1 + A2), (op1 * 2.5, A1 * 2.5), (2.5 * op1, A1 * 2.5), (op1 @ op2, A1 @ A2),
-                     (op1.add_diagonal(torch.tensor(0.3, dtype=torch.float64)), A1 + 0.3 * torch.eye(12)),
-                     (op1.add_jitter(0.1), A1 + 0.1 * torch.eye(12)),
-                     (op1 + ConstantDiagLinearOperator(torch.tensor([0.7], dtype=torch.float64), 12),
-                      A1 + 0.7 * torch.eye(12)),
-                     (op1 * op2, A1 * A2)]:
+    for res, ref in [
+        (op1 + op2, A1 + A2),
+        (op1 * 2.5, A1 * 2.5),
+        (2.5 * op1, A1 * 2.5),
+        (op1 @ op2, A1 @ A2),
+        (op1.add_diagonal(torch.tensor(0.3, dtype=torch.float64)), A1 + 0.3 * torch.eye(12)),
+        (op1.add_jitter(0.1), A1 + 0.1 * torch.eye(12)),
+        (op1 + ConstantDiagLinearOperator(torch.tensor([0.7], dtype=torch.float64), 12), A1 + 0.7 * torch.eye(12)),
+        (op1 * op2, A1 * A2),
+    ]:
         assert isinstance(res, BlockMeanLinearOperator), type(res)
         torch.testing.assert_close(res.to_dense(), ref)
     # the product of two block mean matrices is one, but not symmetric: it still solves
@@ -252,8 +269,9 @@ def test_singular_but_allowed_operators_multiply_and_add():
     A = dense(torch.zeros(2, dtype=torch.float64), B, partition.labels)
     x = torch.randn(5, dtype=torch.float64)
     torch.testing.assert_close(op @ x, A @ x)
-    torch.testing.assert_close(op.matrix_sqrt().to_dense(), dense_fn(A, lambda e: e.clamp_min(0).sqrt()),
-                               atol=1e-7, rtol=1e-7)
+    torch.testing.assert_close(
+        op.matrix_sqrt().to_dense(), dense_fn(A, lambda e: e.clamp_min(0).sqrt()), atol=1e-7, rtol=1e-7
+    )
     noisy = op.add_diagonal(torch.tensor(0.1, dtype=torch.float64))
     torch.testing.assert_close(noisy.solve(x), torch.linalg.solve(A + 0.1 * torch.eye(5), x))
     with pytest.raises(ValueError, match=r"singular: lam\[0\] = 0"):
@@ -288,8 +306,12 @@ def test_not_positive_definite_errors_name_the_culprit():
 
 @pytest.mark.parametrize(
     "lam_shape, B_shape, match",
-    [((3,), (2, 2), "lam must have shape"), ((2,), (2, 3), "B must be square"), ((2,), (3, 3), "B must have shape"),
-     ((2, 2), (3, 2, 2), "do not broadcast")],
+    [
+        ((3,), (2, 2), "lam must have shape"),
+        ((2,), (2, 3), "B must be square"),
+        ((2,), (3, 3), "B must have shape"),
+        ((2, 2), (3, 2, 2), "do not broadcast"),
+    ],
 )
 def test_bad_shapes(lam_shape, B_shape, match):
     partition = Partition.from_sizes([2, 2])
@@ -422,8 +444,9 @@ def test_matvec_fast_paths_match_unfused_formula(layout, dtype, batch, t):
     B = torch.randn(*batch, k, k, generator=gen, dtype=torch.float64)  # symmetrised by the operator
     x = torch.randn(n, *(() if t is None else (t,)), generator=gen, dtype=torch.float64)
     xm = x if t is not None else x.unsqueeze(-1)
-    sums = torch.zeros(*batch, k, xm.shape[-1], dtype=torch.float64).index_add_(-2, partition.labels, xm.expand(
-        *batch, *xm.shape))
+    sums = torch.zeros(*batch, k, xm.shape[-1], dtype=torch.float64).index_add_(
+        -2, partition.labels, xm.expand(*batch, *xm.shape)
+    )
     want = (0.5 * (B + B.mT) @ sums).index_select(-2, partition.labels) + lam[..., partition.labels, None] * xm
     want = want if t is not None else want.squeeze(-1)
     op = BlockMeanLinearOperator(lam.to(dtype), B.to(dtype), partition)

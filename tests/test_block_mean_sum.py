@@ -96,8 +96,10 @@ class Case:
         self.root = None
         if m:
             self.root = (torch.randn(*batch, n, m, generator=gen, dtype=torch.float64) / math.sqrt(m)).to(dtype)
-        self.weights = [(torch.randn(n, generator=gen, dtype=torch.float64).to(dtype) if j in weighted else None)
-                        for j in range(len(sizes))]
+        self.weights = [
+            (torch.randn(n, generator=gen, dtype=torch.float64).to(dtype) if j in weighted else None)
+            for j in range(len(sizes))
+        ]
         self.dtype, self.batch, self.n = dtype, tuple(batch), n
 
     def leaves(self):
@@ -111,8 +113,9 @@ class Case:
         return self
 
     def op(self):
-        return BlockMeanSumLinearOperator(self.d, *self.blocks, partitions=self.partitions, root=self.root,
-                                          weights=self.weights)
+        return BlockMeanSumLinearOperator(
+            self.d, *self.blocks, partitions=self.partitions, root=self.root, weights=self.weights
+        )
 
     def dense(self, dtype=None):
         """``D + Z G Z^T`` from the leaves (differentiable), optionally in another dtype."""
@@ -181,15 +184,19 @@ def _value_checks(op, A, dtype, batch, seed):
     check("solve(vector)", lambda: assert_close(op.solve(vec), Ainv_vec, dtype))
     check("solve(rhs, left)", lambda: assert_close(op.solve(rhs, left), left.double() @ Ainv_rhs, dtype))
     for reduce in (True, False):
+
         def iql(reduce=reduce):
             inv_quad, logdet = op.inv_quad_logdet(rhs, logdet=True, reduce_inv_quad=reduce)
             assert inv_quad.dtype == dtype and logdet.dtype == dtype
             assert_close(inv_quad, quad.sum(-1) if reduce else quad, dtype)
             assert_close(logdet, torch.logdet(A), dtype)
             assert_close(op.inv_quad(rhs, reduce_inv_quad=reduce), quad.sum(-1) if reduce else quad, dtype)
+
         check(f"inv_quad_logdet(reduce_inv_quad={reduce})", iql)
-    check("inv_quad(vector)", lambda: assert_close(op.inv_quad_logdet(vec, logdet=False)[0],
-                                                   (vec.double() * Ainv_vec).sum(-1), dtype))
+    check(
+        "inv_quad(vector)",
+        lambda: assert_close(op.inv_quad_logdet(vec, logdet=False)[0], (vec.double() * Ainv_vec).sum(-1), dtype),
+    )
     check("logdet", lambda: assert_close(op.logdet(), torch.logdet(A), dtype))
     check("diagonal", lambda: assert_close(op.diagonal(), torch.diagonal(A, dim1=-2, dim2=-1), dtype))
     check("matmul", lambda: assert_close(op.matmul(rhs), A @ r64, dtype))
@@ -250,7 +257,8 @@ def test_sample_through_root():
     # GPyTorch's sampler on the operator: closed-form root, empirical covariance close to M
     with closed_forms_only(N):
         samples = gpytorch.distributions.MultivariateNormal(torch.zeros(2, N, dtype=torch.float64), op).rsample(
-            torch.Size([20000]))
+            torch.Size([20000])
+        )
     cov = torch.einsum("sbi,sbj->bij", samples, samples) / samples.shape[0]
     scale = torch.diagonal(A, dim1=-2, dim2=-1).sqrt()
     corr_error = (cov - A) / (scale.unsqueeze(-1) * scale.unsqueeze(-2))
@@ -265,8 +273,10 @@ def test_batch_indexing(structure):
     op, A = case.op(), case.dense()
     check = Checks()
     check("op[1]", lambda: assert_close(op[1].to_dense(), A[1], torch.float64))
-    check("op[1] solve", lambda: assert_close(op[1].solve(A[1][:, :2]), torch.eye(N, 2, dtype=torch.float64),
-                                               torch.float64))
+    check(
+        "op[1] solve",
+        lambda: assert_close(op[1].solve(A[1][:, :2]), torch.eye(N, 2, dtype=torch.float64), torch.float64),
+    )
     check("unsqueeze(0)[0]", lambda: assert_close(op.unsqueeze(0)[0].to_dense(), A, torch.float64))
     check("expand", lambda: assert_close(op.expand(3, 2, N, N).to_dense(), A.expand(3, 2, N, N), torch.float64))
     check("op[:, :5, :5]", lambda: assert_close(op[:, :5, :5].to_dense(), A[:, :5, :5], torch.float64))
@@ -282,8 +292,13 @@ def test_sqrt_inv_matmul(structure):
     per_point = case.op()
     with pytest.raises(NotImplementedError, match="constant"):
         per_point.sqrt_inv_matmul(torch.randn(N, 2, dtype=torch.float64))
-    op = BlockMeanSumLinearOperator(torch.full_like(per_point.diag_values, 0.7), *per_point.blocks,
-                                    partitions=per_point.partitions, root=per_point.root, weights=per_point.weights)
+    op = BlockMeanSumLinearOperator(
+        torch.full_like(per_point.diag_values, 0.7),
+        *per_point.blocks,
+        partitions=per_point.partitions,
+        root=per_point.root,
+        weights=per_point.weights,
+    )
     A = op.to_dense()
     evals, evecs = torch.linalg.eigh(A)
     inv_sqrt = evecs @ torch.diag_embed(evals.rsqrt()) @ evecs.mT
@@ -304,8 +319,7 @@ def _losses(op, rhs, weight):
         "diagonal": lambda: (op.diagonal() * weight[..., 0]).sum(),
         "matmul": lambda: (op.matmul(rhs) * weight).sum(),
         "root": lambda: ((lambda R: R @ R.mT)(op.root_decomposition().root.to_dense()) * weight[..., :1]).sum(),
-        "root_inv": lambda: ((lambda R: R @ R.mT)(op.root_inv_decomposition().root.to_dense())
-                             * weight[..., :1]).sum(),
+        "root_inv": lambda: ((lambda R: R @ R.mT)(op.root_inv_decomposition().root.to_dense()) * weight[..., :1]).sum(),
     }
 
 
@@ -354,11 +368,13 @@ def _gradient_checks(case, batch, seed, methods=None):
     leaves, names = case.leaves(), _leaf_names(case)
     check = Checks()
     for method in methods or METHODS:
+
         def run(method=method):
             w = weight if method.startswith("root") else weight[..., :3]
             actual = _grads(_losses(case.op(), rhs, w)[method](), leaves)
             expected = _grads(_dense_losses(case.dense(), rhs, w)[method](), leaves)
             assert_grads_close(actual, expected, names)
+
         check(method, run)
     check.done()
 
@@ -462,8 +478,7 @@ def test_indefinite_block_mean_plus_second_partition():
     K = torch.exp(-0.5 * (x - x.mT) ** 2)
     bm = bma_gp.block_mean(K, p1)
     assert torch.linalg.eigvalsh(bm.B).min() < -1e-3, "the test needs an indefinite B"
-    second = BlockMeanLinearOperator(torch.rand(4, generator=gen, dtype=torch.float64) + 0.2,
-                                     psd(4, (), gen), p2)
+    second = BlockMeanLinearOperator(torch.rand(4, generator=gen, dtype=torch.float64) + 0.2, psd(4, (), gen), p2)
     noise = torch.rand(N, generator=gen, dtype=torch.float64) + 0.1
     op = bm + second + DiagLinearOperator(noise)
     assert isinstance(op, BlockMeanSumLinearOperator)
@@ -484,10 +499,12 @@ def _pieces(batch=(), dtype=torch.float64):
     gen = torch.Generator().manual_seed(11)
     p1 = Partition.from_labels(random_labels(N, 7, gen))
     p2 = Partition.from_labels(random_labels(N, 4, gen))
-    M1 = BlockMeanLinearOperator((torch.rand(*batch, 7, generator=gen, dtype=torch.float64) + 0.3).to(dtype),
-                                 psd(7, batch, gen).to(dtype), p1)
-    M2 = BlockMeanLinearOperator((torch.rand(*batch, 4, generator=gen, dtype=torch.float64) + 0.3).to(dtype),
-                                 psd(4, batch, gen).to(dtype), p2)
+    M1 = BlockMeanLinearOperator(
+        (torch.rand(*batch, 7, generator=gen, dtype=torch.float64) + 0.3).to(dtype), psd(7, batch, gen).to(dtype), p1
+    )
+    M2 = BlockMeanLinearOperator(
+        (torch.rand(*batch, 4, generator=gen, dtype=torch.float64) + 0.3).to(dtype), psd(4, batch, gen).to(dtype), p2
+    )
     d = (torch.rand(*batch, N, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
     U = torch.randn(*batch, N, 3, generator=gen, dtype=torch.float64).to(dtype)
     return M1, M2, d, U
@@ -500,24 +517,28 @@ ENTRY_POINTS = {
     "M+ConstantDiag": lambda M1, M2, d, U: M1 + ConstantDiagLinearOperator(d[..., :1] * 0 + 0.7, N),
     "M+LowRank": lambda M1, M2, d, U: M1 + LowRankRootLinearOperator(U),
     "LowRank+M": lambda M1, M2, d, U: LowRankRootLinearOperator(U) + M1,
-    "LowRankAddedDiag+M": lambda M1, M2, d, U: LowRankRootAddedDiagLinearOperator(
-        LowRankRootLinearOperator(U), DiagLinearOperator(d)) + M1,
+    "LowRankAddedDiag+M": lambda M1, M2, d, U: (
+        LowRankRootAddedDiagLinearOperator(LowRankRootLinearOperator(U), DiagLinearOperator(d)) + M1
+    ),
     "M1+M2": lambda M1, M2, d, U: M1 + M2,
     "(M1+Diag)+(LowRank+M2)": lambda M1, M2, d, U: (M1 + DiagLinearOperator(d)) + (LowRankRootLinearOperator(U) + M2),
     "Diag+(M1+M2)": lambda M1, M2, d, U: DiagLinearOperator(d) + (M1 + M2),
-    "LowRank+(Diag+(M2+M1))": lambda M1, M2, d, U: LowRankRootLinearOperator(U) + (
-        DiagLinearOperator(d) + (M2 + M1)),
+    "LowRank+(Diag+(M2+M1))": lambda M1, M2, d, U: LowRankRootLinearOperator(U) + (DiagLinearOperator(d) + (M2 + M1)),
     "(LowRank+Diag)+M1+M2": lambda M1, M2, d, U: (LowRankRootLinearOperator(U) + DiagLinearOperator(d)) + M1 + M2,
     "(M1+M2).add_diagonal": lambda M1, M2, d, U: (M1 + M2).add_diagonal(d),
-    "(M1+LowRank)+ConstantDiag": lambda M1, M2, d, U: (M1 + LowRankRootLinearOperator(U))
-    + ConstantDiagLinearOperator(d[..., :1] * 0 + 0.7, N),
+    "(M1+LowRank)+ConstantDiag": lambda M1, M2, d, U: (
+        (M1 + LowRankRootLinearOperator(U)) + ConstantDiagLinearOperator(d[..., :1] * 0 + 0.7, N)
+    ),
     "M1+M1": lambda M1, M2, d, U: M1 + M1,
     "closed_form(Sum)": lambda M1, M2, d, U: bma_gp.closed_form(
-        SumLinearOperator(M1, DiagLinearOperator(d), LowRankRootLinearOperator(U))),
+        SumLinearOperator(M1, DiagLinearOperator(d), LowRankRootLinearOperator(U))
+    ),
     "closed_form(AddedDiag)": lambda M1, M2, d, U: bma_gp.closed_form(
-        AddedDiagLinearOperator(M1, DiagLinearOperator(d))),
+        AddedDiagLinearOperator(M1, DiagLinearOperator(d))
+    ),
     "closed_form(nested)": lambda M1, M2, d, U: bma_gp.closed_form(
-        SumLinearOperator(SumLinearOperator(M1, M2), AddedDiagLinearOperator(M2, DiagLinearOperator(d)))),
+        SumLinearOperator(SumLinearOperator(M1, M2), AddedDiagLinearOperator(M2, DiagLinearOperator(d)))
+    ),
 }
 _DENSE_ENTRY = {
     "M+Diag": lambda M1, M2, d, U: M1 + torch.diag_embed(d),
@@ -547,6 +568,7 @@ def test_entry_points_return_the_closed_form_class(batch):
     rhs = torch.randn(*batch, N, 2, dtype=torch.float64)
     check = Checks()
     for entry, build in ENTRY_POINTS.items():
+
         def run(build=build, entry=entry):
             op = build(M1, M2, d, U)
             assert isinstance(op, CLOSED), f"gave {type(op).__name__}"
@@ -557,6 +579,7 @@ def test_entry_points_return_the_closed_form_class(batch):
                 solved, logdet = op.solve(rhs), op.logdet()
             assert_close(solved, expected[0], torch.float64)
             assert_close(logdet, expected[1], torch.float64)
+
         check(entry, run)
     check.done()
 
@@ -566,8 +589,18 @@ def test_entry_point_classes():
     # a diagonal that is constant inside every block keeps the single-partition operator
     assert type(M1 + ConstantDiagLinearOperator(torch.tensor([0.7], dtype=torch.float64), N)) is BlockMeanLinearOperator
     assert type(M1 + M1) is BlockMeanLinearOperator
-    for entry in ["M+Diag", "Diag+M", "add_diagonal", "M+LowRank", "LowRank+M", "LowRankAddedDiag+M", "M1+M2",
-                  "(M1+Diag)+(LowRank+M2)", "LowRank+(Diag+(M2+M1))", "closed_form(Sum)"]:
+    for entry in [
+        "M+Diag",
+        "Diag+M",
+        "add_diagonal",
+        "M+LowRank",
+        "LowRank+M",
+        "LowRankAddedDiag+M",
+        "M1+M2",
+        "(M1+Diag)+(LowRank+M2)",
+        "LowRank+(Diag+(M2+M1))",
+        "closed_form(Sum)",
+    ]:
         assert type(ENTRY_POINTS[entry](M1, M2, d, U)) is BlockMeanSumLinearOperator, entry
     # the structure is kept: one term per distinct partition, the roots concatenated
     op = ENTRY_POINTS["LowRank+(Diag+(M2+M1))"](M1, M2, d, U)
@@ -590,10 +623,18 @@ def _all_methods(op, rhs, weight):
     Rinv = op.root_inv_decomposition().root
     eps = torch.randn(*op.batch_shape, R.shape[-1], 2, dtype=op.dtype)
     values = [
-        op.solve(rhs), op.solve(rhs, rhs.mT),
-        *op.inv_quad_logdet(rhs, logdet=True), *op.inv_quad_logdet(rhs, logdet=True, reduce_inv_quad=False),
-        op.inv_quad(rhs), op.logdet(), op.diagonal(), op.matmul(rhs), R.matmul(eps), Rinv.matmul(rhs),
-        R._t_matmul(rhs), Rinv._t_matmul(rhs),
+        op.solve(rhs),
+        op.solve(rhs, rhs.mT),
+        *op.inv_quad_logdet(rhs, logdet=True),
+        *op.inv_quad_logdet(rhs, logdet=True, reduce_inv_quad=False),
+        op.inv_quad(rhs),
+        op.logdet(),
+        op.diagonal(),
+        op.matmul(rhs),
+        R.matmul(eps),
+        Rinv.matmul(rhs),
+        R._t_matmul(rhs),
+        Rinv._t_matmul(rhs),
     ]
     return sum((v * (weight if v.shape == weight.shape else 1)).sum() for v in values)
 
@@ -607,6 +648,7 @@ def test_closed_forms_only(size):
         with closed_forms_only(N):
             for structure, batch in [("crossed_diagB", ()), ("nested_root", (2,))]:
                 if True:
+
                     def run(structure=structure, batch=batch):
                         case = Case(structure, torch.float64, batch, seed=12).requires_grad_()
                         rhs = torch.randn(*batch, N, 3, dtype=torch.float64, requires_grad=True)
@@ -618,6 +660,7 @@ def test_closed_forms_only(size):
                         linear_operator.solve(op, rhs)
                         for leaf in [rhs, *case.leaves()]:
                             assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
                     check(f"{structure}{batch}", run)
     check.done()
 
@@ -657,8 +700,12 @@ def test_capacitance_limit_names_q(structure):
     # factorised (SPEC section 5): the limit applies to that
     limit = 4 if structure == "crossed_diagB" else 5
     rhs = torch.randn(N, 2, dtype=torch.float64)
-    for method in (lambda op: op.solve(rhs), lambda op: op.logdet(), lambda op: op.inv_quad_logdet(rhs, True),
-                   lambda op: op.root_decomposition().root.to_dense()):
+    for method in (
+        lambda op: op.solve(rhs),
+        lambda op: op.logdet(),
+        lambda op: op.inv_quad_logdet(rhs, True),
+        lambda op: op.root_decomposition().root.to_dense(),
+    ):
         with bma_gp.settings.max_capacitance_size(limit):
             with pytest.raises(ValueError, match=rf"\bq = {q}\b"):
                 method(case.op())
@@ -673,8 +720,13 @@ def test_non_positive_diagonal_names_d(bad):
     case.d = case.d.clone()
     case.d[17] = bad
     rhs = torch.randn(N, 2, dtype=torch.float64)
-    for method in (lambda op: op.solve(rhs), lambda op: op.logdet(), lambda op: op.inv_quad_logdet(rhs, True),
-                   lambda op: op.inv_quad(rhs), lambda op: op.root_decomposition().root.to_dense()):
+    for method in (
+        lambda op: op.solve(rhs),
+        lambda op: op.logdet(),
+        lambda op: op.inv_quad_logdet(rhs, True),
+        lambda op: op.inv_quad(rhs),
+        lambda op: op.root_decomposition().root.to_dense(),
+    ):
         with pytest.raises(ValueError, match=r"\bd\[17\]"):
             method(case.op())
 
@@ -715,8 +767,9 @@ def test_large_crossed_float32_matches_float64():
     rhs = torch.randn(n, 2, generator=gen, dtype=torch.float64)
     results = {}
     for dtype in (torch.float64, torch.float32):
-        op = BlockMeanSumLinearOperator(d.to(dtype), B1.to(dtype), B2.to(dtype), partitions=partitions,
-                                        root=U.to(dtype))
+        op = BlockMeanSumLinearOperator(
+            d.to(dtype), B1.to(dtype), B2.to(dtype), partitions=partitions, root=U.to(dtype)
+        )
         with closed_forms_only(1000):
             inv_quad, logdet = op.inv_quad_logdet(rhs.to(dtype), logdet=True, reduce_inv_quad=False)
             results[dtype] = (op.solve(rhs.to(dtype)), op.logdet(), inv_quad, logdet)

@@ -38,11 +38,13 @@ def _random_sum(labels, *, diagonal=(), rank=0, batch_shape=(), seed=0, dtype=to
     partitions = [Partition.from_labels(torch.tensor(lab)) for lab in labels]
     n = len(labels[0])
     d = (torch.rand(*batch_shape, n, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
-    blocks = [(_diag_block if j in diagonal else _psd)(p.num_blocks, batch_shape, gen, dtype)
-              for j, p in enumerate(partitions)]
+    blocks = [
+        (_diag_block if j in diagonal else _psd)(p.num_blocks, batch_shape, gen, dtype)
+        for j, p in enumerate(partitions)
+    ]
     root = None
     if rank:
-        root = (torch.randn(*batch_shape, n, rank, generator=gen, dtype=torch.float64) / rank ** 0.5).to(dtype)
+        root = (torch.randn(*batch_shape, n, rank, generator=gen, dtype=torch.float64) / rank**0.5).to(dtype)
     return BlockMeanSumLinearOperator(d, *blocks, partitions=partitions, root=root)
 
 
@@ -50,7 +52,7 @@ def dense_twin(linear_op):
     """Dense matrix from the operator's own tensors, so autograd reaches ``d``, every ``B_j`` and ``U``."""
     rep = linear_op.representation()
     J = len(linear_op.partitions)
-    d, blocks = rep[0], rep[1:1 + J]
+    d, blocks = rep[0], rep[1 : 1 + J]
     res = torch.diag_embed(d)
     for j, (part, B) in enumerate(zip(linear_op.partitions, blocks)):
         P = torch.nn.functional.one_hot(part.labels, part.num_blocks).to(d.dtype)

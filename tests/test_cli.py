@@ -70,8 +70,26 @@ def test_bundled_co2_demo_all_methods(tmp_path, capsys):
 def test_user_csv_with_missing_values_comma_methods_and_kmeans(tmp_path, capsys):
     data = _csv(tmp_path, nan_rows=(3, 50, 51))
     out = tmp_path / "res"
-    code = main([*FAST, "--data", str(data), "--target", "y", "--features", "u", "v",
-                 "--method", "exact,blockmean", "--blocks", "10", "--out", str(out), "--seed", "3"])
+    code = main(
+        [
+            *FAST,
+            "--data",
+            str(data),
+            "--target",
+            "y",
+            "--features",
+            "u",
+            "v",
+            "--method",
+            "exact,blockmean",
+            "--blocks",
+            "10",
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+        ]
+    )
     assert code == 0
     captured = capsys.readouterr()
     assert "warning: " in captured.err and "dropped 3 of 120 rows" in captured.err
@@ -89,9 +107,32 @@ def test_user_csv_with_missing_values_comma_methods_and_kmeans(tmp_path, capsys)
 def test_repeated_method_option_last_split_and_no_plot(tmp_path, capsys):
     data = _csv(tmp_path, n=60)
     out = tmp_path / "o"
-    code = main([*FAST, "--data", str(data), "--target", "y", "--features", "u", "--method", "sgpr",
-                 "--method", "exact", "--split", "last", "--blocks", "8", "--kernel", "matern",
-                 "--no-plot", "--out", str(out), "--dtype", "float32"])
+    code = main(
+        [
+            *FAST,
+            "--data",
+            str(data),
+            "--target",
+            "y",
+            "--features",
+            "u",
+            "--method",
+            "sgpr",
+            "--method",
+            "exact",
+            "--split",
+            "last",
+            "--blocks",
+            "8",
+            "--kernel",
+            "matern",
+            "--no-plot",
+            "--out",
+            str(out),
+            "--dtype",
+            "float32",
+        ]
+    )
     assert code == 0
     summary = _results(out)
     assert [r["method"] for r in summary["results"]] == ["exact", "sgpr"]  # canonical order
@@ -102,24 +143,70 @@ def test_repeated_method_option_last_split_and_no_plot(tmp_path, capsys):
 def test_iters_zero_still_predicts(tmp_path):
     data = _csv(tmp_path, n=40)
     out = tmp_path / "o"
-    assert main(["--iters", "0", "--no-progress", "--no-plot", "--data", str(data), "--target", "y",
-                 "--features", "u", "v", "--method", "blockmean", "--blocks", "4", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--iters",
+                "0",
+                "--no-progress",
+                "--no-plot",
+                "--data",
+                str(data),
+                "--target",
+                "y",
+                "--features",
+                "u",
+                "v",
+                "--method",
+                "blockmean",
+                "--blocks",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert _results(out)["results"][0]["rmse"] > 0
 
 
 @pytest.mark.slow
 def test_python_dash_m_entry_point_reports_errors_without_traceback(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "bma_gp", "--data", str(tmp_path / "missing.csv"), "--target", "y"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bma_gp", "--data", str(tmp_path / "missing.csv"), "--target", "y"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "bma-gp: error:" in proc.stderr and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
 def test_command_line_becomes_a_typed_config():
-    config = parse_config(["--data", "d.csv", "--target", "y", "--features", "u", "v", "--method", "sgpr,exact",
-                           "--dtype", "float32", "--device", "cpu", "--no-plot", "--blocks", "7"])
+    config = parse_config(
+        [
+            "--data",
+            "d.csv",
+            "--target",
+            "y",
+            "--features",
+            "u",
+            "v",
+            "--method",
+            "sgpr,exact",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--no-plot",
+            "--blocks",
+            "7",
+        ]
+    )
     assert isinstance(config, RunConfig)
     assert config.methods == ("exact", "sgpr") and config.features == ("u", "v") and config.blocks == 7
     assert config.dtype == torch.float32 and config.dtype_name == "float32" and config.device == torch.device("cpu")
@@ -138,8 +225,19 @@ def test_help_lists_every_option(capsys):
         main(["--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--data", "--target", "--features", "--blocks", "--method", "--iters", "--device", "--out",
-                   "--seed", "--split", "--kernel"):
+    for option in (
+        "--data",
+        "--target",
+        "--features",
+        "--blocks",
+        "--method",
+        "--iters",
+        "--device",
+        "--out",
+        "--seed",
+        "--split",
+        "--kernel",
+    ):
         assert option in text
     assert build_parser().prog == "bma-gp"
 
@@ -219,8 +317,9 @@ def test_data_without_target(tmp_path, capsys):
 
 
 def test_seasonal_kernel_needs_one_input(tmp_path, capsys):
-    code, err = _exit_code_and_message(capsys, ["--data", str(_csv(tmp_path)), "--target", "y",
-                                                "--features", "u", "v", "--kernel", "seasonal"])
+    code, err = _exit_code_and_message(
+        capsys, ["--data", str(_csv(tmp_path)), "--target", "y", "--features", "u", "v", "--kernel", "seasonal"]
+    )
     assert code == 2 and "needs exactly one input column" in err
 
 

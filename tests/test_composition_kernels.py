@@ -11,12 +11,12 @@ import gpytorch
 import linear_operator
 import pytest
 import torch
-from closed_form_guard import closed_forms_only
 from gpytorch.lazy import LazyEvaluatedKernelTensor
 from linear_operator.operators import DiagLinearOperator
 
 import bma_gp
 from bma_gp import BlockMeanKernel, BlockMeanLinearOperator, BlockMeanSumLinearOperator, GroupKernel, Partition
+from closed_form_guard import closed_forms_only
 
 N = 120
 
@@ -46,10 +46,16 @@ def test_lazy_kernel_sums_solve_in_closed_form(name, how, max_chol):
     with gpytorch.settings.lazily_evaluate_kernels(True):
         K = kernel(x)
     assert isinstance(K, LazyEvaluatedKernelTensor)
-    with closed_forms_only(N), gpytorch.settings.max_cholesky_size(max_chol), \
-            linear_operator.settings.max_cholesky_size(max_chol):
-        A = {"add_diagonal": lambda: K.add_diagonal(v), "plus_diag": lambda: K + DiagLinearOperator(v),
-             "diag_plus": lambda: DiagLinearOperator(v) + K}[how]()
+    with (
+        closed_forms_only(N),
+        gpytorch.settings.max_cholesky_size(max_chol),
+        linear_operator.settings.max_cholesky_size(max_chol),
+    ):
+        A = {
+            "add_diagonal": lambda: K.add_diagonal(v),
+            "plus_diag": lambda: K + DiagLinearOperator(v),
+            "diag_plus": lambda: DiagLinearOperator(v) + K,
+        }[how]()
         assert isinstance(A, (BlockMeanSumLinearOperator, BlockMeanLinearOperator))
         x_sol = A.solve(b)
         quad, logdet = A.inv_quad_logdet(b, logdet=True)

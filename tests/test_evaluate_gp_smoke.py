@@ -29,8 +29,11 @@ def ev():
 
 
 def test_gaussian_nlpd_matches_torch_normal(ev):
-    y, mean, var = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64), \
-        torch.rand(50, dtype=torch.float64) + 0.1
+    y, mean, var = (
+        torch.randn(50, dtype=torch.float64),
+        torch.randn(50, dtype=torch.float64),
+        torch.rand(50, dtype=torch.float64) + 0.1,
+    )
     expected = -torch.distributions.Normal(mean, var.sqrt()).log_prob(y).mean()
     assert ev.gaussian_nlpd(y, mean, var) == pytest.approx(float(expected), rel=1e-12)
 
@@ -84,8 +87,13 @@ def test_smoke_run_writes_sane_results(ev, tmp_path):
     assert {r["dataset"] for r in records} == {"diabetes", "concrete", "elecdemand"}
     assert {r["seed"] for r in records} == {0, 1}
     kinds = {(r["method"], r["builder"]) for r in records}
-    assert kinds == {("exact", None), ("sgpr", None), ("blockmean", "kmeans"), ("blockmean", "kdtree"),
-                     ("blockmean", "sorted")}
+    assert kinds == {
+        ("exact", None),
+        ("sgpr", None),
+        ("blockmean", "kmeans"),
+        ("blockmean", "kdtree"),
+        ("blockmean", "sorted"),
+    }
     for r in records:
         assert r["n_train"] == 96 and r["n_test"] == 24
         assert r["iters"] == 2

@@ -22,7 +22,8 @@ DTYPE = torch.float64
 
 # ---------------------------------------------------------------------------- dense reference
 def dense_block_mean(K: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The block mean approximation (docs/math.md, section 2) entry by entry: block means off the diagonal, diagonal means on it."""
+    """The block mean approximation (docs/math.md, section 2) entry by entry: block means off the diagonal,
+    diagonal means on it."""
     k = int(labels.max()) + 1
     onehot = torch.nn.functional.one_hot(labels, k).to(K.dtype)  # (n, k)
     B = torch.zeros(*K.shape[:-2], k, k, dtype=K.dtype)
@@ -69,8 +70,9 @@ def dense_mll(Ktrain, noise, y, mean):
 
 # ---------------------------------------------------------------------------- models
 class GP(gpytorch.models.ExactGP):
-    def __init__(self, x, y, likelihood, covar_module, batch_shape=torch.Size()):
+    def __init__(self, x, y, likelihood, covar_module, batch_shape=()):
         super().__init__(x, y, likelihood)
+        batch_shape = torch.Size(batch_shape)
         self.mean_module = gpytorch.means.ConstantMean(batch_shape=batch_shape)
         self.covar_module = covar_module
 
@@ -180,8 +182,11 @@ def test_prediction_matches_dense_reference(contiguous, scale, fast_pred_var, ma
     model, likelihood, base = build_model(x, y, partition, scale)
     model.eval()
     likelihood.eval()
-    with closed_forms_only(x.shape[0]), gpytorch.settings.max_cholesky_size(max_chol), \
-            gpytorch.settings.fast_pred_var(fast_pred_var):
+    with (
+        closed_forms_only(x.shape[0]),
+        gpytorch.settings.max_cholesky_size(max_chol),
+        gpytorch.settings.fast_pred_var(fast_pred_var),
+    ):
         latent = model(xt)
         mean, var, cov = latent.mean, latent.variance, latent.covariance_matrix
         observed = likelihood(model(xt))
@@ -272,9 +277,17 @@ def test_batch_independent_outputs():
         ref_mean, ref_cov = dense_posterior(Ktrain, noise, ys[b], c, dense_cross(Kx, partition.labels), Kt)
         torch.testing.assert_close(mean[b], ref_mean, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(var[b], ref_cov.diagonal(), rtol=1e-9, atol=1e-9)
-    ref_loss = torch.stack([dense_mll(dense_block_mean(base(x, x).to_dense()[b], partition.labels),
-                                      likelihood.noise[b], ys[b], model.mean_module.constant[b])
-                            for b in range(2)])
+    ref_loss = torch.stack(
+        [
+            dense_mll(
+                dense_block_mean(base(x, x).to_dense()[b], partition.labels),
+                likelihood.noise[b],
+                ys[b],
+                model.mean_module.constant[b],
+            )
+            for b in range(2)
+        ]
+    )
     torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-9)
 
 
@@ -330,8 +343,9 @@ def test_group_kernel_gp_matches_dense_exact_gp(fast_pred_var):
         post = model(xt)
         mean, cov = post.mean, post.covariance_matrix
     tid = xt[:, 0].long()
-    ref_mean, ref_cov = dense_posterior(K, likelihood.noise, y, model.mean_module.constant, C[tid][:, ids],
-                                        C[tid][:, tid])
+    ref_mean, ref_cov = dense_posterior(
+        K, likelihood.noise, y, model.mean_module.constant, C[tid][:, ids], C[tid][:, tid]
+    )
     torch.testing.assert_close(mean, ref_mean, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(cov, ref_cov, rtol=1e-9, atol=1e-9)
     assert bool((post.variance >= 0).all())
@@ -354,8 +368,9 @@ def test_group_kernel_plus_rbf_uses_generic_path_correctly():
     il = ids.long()
     with gpytorch.settings.lazily_evaluate_kernels(False):
         K = C[il][:, il] + rbf(x, x).to_dense()
-    torch.testing.assert_close(loss, dense_mll(K, likelihood.noise, y, model.mean_module.constant),
-                               rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(
+        loss, dense_mll(K, likelihood.noise, y, model.mean_module.constant), rtol=1e-8, atol=1e-8
+    )
     xt = torch.tensor([[1.0, 0.5], [4.0, 0.1]], dtype=DTYPE)
     model.eval()
     mean = model(xt).mean

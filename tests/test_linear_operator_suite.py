@@ -125,7 +125,7 @@ class _RepeatedEigenvalues:
             for i, size in enumerate(linear_op.partition.sizes.tolist()):
                 if size < 2:
                     continue
-                close = lambda e: (e - lam[i]).abs() < 1e-3 * (1 + lam[i].abs())  # noqa: E731
+                close = lambda e, c=lam[i]: (e - c).abs() < 1e-3 * (1 + c.abs())  # noqa: E731
                 V, W = flat_vecs[:, close(flat_evals)], flat_vecs_actual[:, close(flat_actual)]
                 self.assertEqual(V.shape[-1], W.shape[-1])
                 self.assertAllClose(V @ V.mT, W @ W.mT, rtol=1e-3, atol=1e-3)

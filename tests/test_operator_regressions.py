@@ -48,8 +48,7 @@ def random_operator(labels, batch=(), dtype=DTYPE, seed=0, shift=0.5, scale=1.0)
 
 def dense64(op: BlockMeanLinearOperator) -> torch.Tensor:
     """The dense matrix of ``op`` from its stored values, in float64 (no float32 rounding of the sum)."""
-    return BlockMeanLinearOperator(op.lam.double(), op.B.double(), op.partition,
-                                   symmetric=op.symmetric).to_dense()
+    return BlockMeanLinearOperator(op.lam.double(), op.B.double(), op.partition, symmetric=op.symmetric).to_dense()
 
 
 CONTIGUOUS = False
@@ -65,8 +64,9 @@ def _gp_models():
     for scale in (False, True):
         model, likelihood, base = build_model(x, y, partition, scale=scale)
         Ktrain, _, _ = reference_pieces(model, base, x, None, partition)
-        out.append(("ScaleKernel(BlockMeanKernel)" if scale else "BlockMeanKernel", model, likelihood, x, y,
-                    Ktrain.detach()))
+        out.append(
+            ("ScaleKernel(BlockMeanKernel)" if scale else "BlockMeanKernel", model, likelihood, x, y, Ktrain.detach())
+        )
     gx, gy = group_data(n=60)
     if CONTIGUOUS:
         order = torch.argsort(gx[:, 0], stable=True)
@@ -111,8 +111,9 @@ def test_posterior_at_training_inputs_is_symmetric_and_samples(case):
             fast = _call(model, x).rsample(torch.Size([2]))
     torch.testing.assert_close(cov.to_dense(), ref_cov, rtol=1e-8, atol=1e-9)
     torch.testing.assert_close(root @ root.mT, ref_cov, rtol=1e-8, atol=1e-9)
-    torch.testing.assert_close(noisy_root @ noisy_root.mT, ref_cov + noise * torch.eye(n, dtype=DTYPE),
-                               rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(
+        noisy_root @ noisy_root.mT, ref_cov + noise * torch.eye(n, dtype=DTYPE), rtol=1e-8, atol=1e-9
+    )
     torch.testing.assert_close(samples, post.mean + (root @ eps).mT, rtol=1e-9, atol=1e-9)
     assert plain.shape == (2, n) and fast.shape == (2, n) and bool(torch.isfinite(plain).all())
 
@@ -144,8 +145,9 @@ def test_posterior_at_training_inputs_of_a_batch_of_gps():
 def test_posterior_samples_have_the_dense_covariance():
     """Monte Carlo: 4000 draws, the sample covariance agrees with the dense posterior to sampling error."""
     name, model, likelihood, x, y, Ktrain = _gp_models()[0]
-    _, ref_cov = dense_posterior(Ktrain, likelihood.noise.detach(), y, model.mean_module.constant.detach(),
-                                 Ktrain, Ktrain)
+    _, ref_cov = dense_posterior(
+        Ktrain, likelihood.noise.detach(), y, model.mean_module.constant.detach(), Ktrain, Ktrain
+    )
     with torch.no_grad():
         draws = _call(model, x).rsample(torch.Size([4000]))
     centred = draws - draws.mean(0)
@@ -206,8 +208,9 @@ def test_schur_complement_that_is_indefinite_beyond_rounding_has_no_square_root_
     wrong_prior = K * 0.5  # K/2 - K M^-1 K is indefinite: not a posterior
     S = wrong_prior.schur_complement(K, M)
     dense = dense64(S)
-    torch.testing.assert_close(dense, dense64(wrong_prior) - dense64(K) @ torch.linalg.solve(dense64(M), dense64(K)),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        dense, dense64(wrong_prior) - dense64(K) @ torch.linalg.solve(dense64(M), dense64(K)), rtol=1e-10, atol=1e-12
+    )
     assert float(torch.linalg.eigvalsh(dense).min()) < -1e-3
     with pytest.raises(ValueError, match="matrix_sqrt needs a positive semidefinite"):
         S.matrix_sqrt()
@@ -259,9 +262,12 @@ def test_logdet_of_a_product_follows_torch_logdet(sign):
 def test_logdet_of_a_product_negative_lam_with_even_multiplicity_is_finite():
     labels = [0, 0, 0, 1, 2, 2]  # multiplicities 2, 0, 1
     P = random_operator(labels, seed=2).matmul(
-        BlockMeanLinearOperator(torch.tensor([-1.5, 1.0, 2.0], dtype=DTYPE),
-                                torch.diag(torch.tensor([0.8, 0.3, 0.3], dtype=DTYPE)),
-                                Partition.from_labels(torch.tensor(labels))))
+        BlockMeanLinearOperator(
+            torch.tensor([-1.5, 1.0, 2.0], dtype=DTYPE),
+            torch.diag(torch.tensor([0.8, 0.3, 0.3], dtype=DTYPE)),
+            Partition.from_labels(torch.tensor(labels)),
+        )
+    )
     torch.testing.assert_close(P.logdet(), torch.logdet(P.to_dense()), rtol=1e-10, atol=1e-10)
     assert torch.isfinite(P.logdet())
 
@@ -269,8 +275,9 @@ def test_logdet_of_a_product_negative_lam_with_even_multiplicity_is_finite():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_logdet_of_products_in_a_batch_with_mixed_signs(dtype):
     pos, neg = _product_with_determinant(1), _product_with_determinant(-1)
-    P = BlockMeanLinearOperator(torch.stack([pos.lam, neg.lam]).to(dtype), torch.stack([pos.B, neg.B]).to(dtype),
-                                pos.partition, symmetric=False)
+    P = BlockMeanLinearOperator(
+        torch.stack([pos.lam, neg.lam]).to(dtype), torch.stack([pos.B, neg.B]).to(dtype), pos.partition, symmetric=False
+    )
     ours = P.logdet()
     ref = torch.logdet(dense64(P))
     assert ours.dtype == dtype
@@ -336,8 +343,10 @@ def test_non_finite_input_names_the_batch_index():
 
 def test_non_finite_input_with_validation_off_propagates_without_checking():
     op = _with_bad("lam", float("nan"))
-    with bma_gp.settings.validate(False), \
-            mock.patch.object(BlockMeanLinearOperator, "_check_finite", side_effect=AssertionError("host sync")):
+    with (
+        bma_gp.settings.validate(False),
+        mock.patch.object(BlockMeanLinearOperator, "_check_finite", side_effect=AssertionError("host sync")),
+    ):
         x = op.solve(torch.ones(op.shape[-1], dtype=DTYPE))
         assert bool(torch.isnan(x).any())
         assert torch.isnan(op.logdet())
@@ -365,8 +374,12 @@ def test_core_round_trips_through_from_core(dtype, batch):
     torch.testing.assert_close(op.core_matrix(), C, rtol=0, atol=0)
     back = BlockMeanLinearOperator.from_core(lam, C, op.partition, dtype=dtype)
     assert back.dtype == dtype
-    torch.testing.assert_close(back.to_dense(), op.to_dense(), rtol=1e-6 if dtype == torch.float32 else 1e-12,
-                               atol=1e-6 if dtype == torch.float32 else 1e-12)
+    torch.testing.assert_close(
+        back.to_dense(),
+        op.to_dense(),
+        rtol=1e-6 if dtype == torch.float32 else 1e-12,
+        atol=1e-6 if dtype == torch.float32 else 1e-12,
+    )
 
 
 def test_core_is_cached_without_gradients_and_fresh_with():
@@ -452,8 +465,11 @@ def test_prediction_uses_the_operators_cholesky():
         calls.append(self)
         return original(self)
 
-    with torch.no_grad(), mock.patch.object(BlockMeanLinearOperator, "core_cholesky", spy), \
-            mock.patch.object(torch.linalg, "eigh", side_effect=AssertionError("eigh in prediction")):
+    with (
+        torch.no_grad(),
+        mock.patch.object(BlockMeanLinearOperator, "core_cholesky", spy),
+        mock.patch.object(torch.linalg, "eigh", side_effect=AssertionError("eigh in prediction")),
+    ):
         var = model(xt).variance
     strategy = model.prediction_strategy
     assert calls and calls[0] is strategy.block_mean_covar
@@ -474,8 +490,9 @@ def test_matrix_function_has_no_private_parameters():
     params = list(inspect.signature(BlockMeanLinearOperator.matrix_function).parameters)
     assert params == ["self", "fn", "check"]
     op = random_operator(SCATTERED)
-    torch.testing.assert_close(op.matrix_function(torch.exp).to_dense(), torch.linalg.matrix_exp(op.to_dense()),
-                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        op.matrix_function(torch.exp).to_dense(), torch.linalg.matrix_exp(op.to_dense()), rtol=1e-10, atol=1e-10
+    )
 
 
 def test_singleton_blocks_keep_relative_precision_at_small_scale():

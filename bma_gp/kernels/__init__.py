@@ -6,9 +6,10 @@
 - :class:`BlockMeanPredictionStrategy` -- closed-form posterior mean and covariance.
 - :class:`BlockCrossLinearOperator` -- the ``t x n`` cross-covariance ``A P^T`` they return.
 """
+
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
-from bma_gp.kernels.prediction_strategy import BlockMeanPredictionStrategy
 from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
 from bma_gp.kernels.group_kernel import GroupKernel
+from bma_gp.kernels.prediction_strategy import BlockMeanPredictionStrategy
 
 __all__ = ["BlockMeanKernel", "GroupKernel", "BlockMeanPredictionStrategy", "BlockCrossLinearOperator"]

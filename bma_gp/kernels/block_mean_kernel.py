@@ -53,8 +53,13 @@ def _same_rows(x: Tensor, ref: Tensor) -> bool:
     """Whether ``x`` (*batch, n, d) holds exactly the rows of ``ref`` (*batch', n, d), batches broadcast."""
     if x.shape[-2:] != ref.shape[-2:]:
         return False
-    if x.shape == ref.shape and x.device == ref.device and x.data_ptr() == ref.data_ptr() \
-            and x.stride() == ref.stride() and x.dtype == ref.dtype:
+    if (
+        x.shape == ref.shape
+        and x.device == ref.device
+        and x.data_ptr() == ref.data_ptr()
+        and x.stride() == ref.stride()
+        and x.dtype == ref.dtype
+    ):
         return True  # the same memory: nothing to compare
     try:
         torch.broadcast_shapes(x.shape, ref.shape)
@@ -136,8 +141,9 @@ class BlockMeanKernel(Kernel):
 
     has_lengthscale = False
 
-    def __init__(self, base_kernel: Kernel, train_x: Tensor, partition: Partition, *,
-                 chunk_size: int | None = None, **kwargs):
+    def __init__(
+        self, base_kernel: Kernel, train_x: Tensor, partition: Partition, *, chunk_size: int | None = None, **kwargs
+    ):
         if not isinstance(base_kernel, Kernel):
             raise TypeError(f"base_kernel must be a gpytorch Kernel, got {type(base_kernel).__name__}.")
         if "active_dims" in kwargs and kwargs["active_dims"] is not None:
@@ -145,8 +151,9 @@ class BlockMeanKernel(Kernel):
                 "BlockMeanKernel does not take active_dims itself: set active_dims on base_kernel "
                 "(it is respected; train_x keeps all input columns)."
             )
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size <= 0):
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
+        ):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
         super().__init__(**kwargs)
         self.base_kernel = base_kernel
@@ -187,8 +194,9 @@ class BlockMeanKernel(Kernel):
             ValueError: ``train_x`` has a bad shape or dtype, or the partition has the wrong length.
         """
         train_x = _check_train_x(train_x)
-        partition = _check_partition(self._partition if partition is None and hasattr(self, "_partition")
-                                     else partition, train_x.shape[-2])
+        partition = _check_partition(
+            self._partition if partition is None and hasattr(self, "_partition") else partition, train_x.shape[-2]
+        )
         self._train_x = train_x
         self._partition = partition
 
@@ -248,15 +256,15 @@ class BlockMeanKernel(Kernel):
         return n if _same_rows(x[..., :n, :], train_x) else 0
 
     # ------------------------------------------------------------------ kernel interface
-    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False,
-                **params) -> Tensor | LinearOperator:
+    def forward(
+        self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params
+    ) -> Tensor | LinearOperator:
         if last_dim_is_batch:
             raise NotImplementedError("BlockMeanKernel does not support the deprecated last_dim_is_batch mode.")
         train_x = self._train_x.to(device=x1.device, dtype=x1.dtype)
-        n = train_x.shape[-2]
         r1, r2 = self._num_train_rows(x1), self._num_train_rows(x2)
         new1, new2 = x1[..., r1:, :], x2[..., r2:, :]
-        t1, t2 = new1.shape[-2], new2.shape[-2]
+        t1 = new1.shape[-2]
 
         if diag:
             if x1.shape[-2] != x2.shape[-2] or r1 != r2:
@@ -283,11 +291,9 @@ class BlockMeanKernel(Kernel):
         if r1 and r2 and same_inputs:
             return self._joint_block_mean(train_x, new1)
         if not r1 and r2 and not t2:
-            return BlockCrossLinearOperator(self._cross_block_means(new1, train_x),
-                                            self._partition_on(train_x.device))
+            return BlockCrossLinearOperator(self._cross_block_means(new1, train_x), self._partition_on(train_x.device))
         if r1 and not t1 and not r2:
-            cross = BlockCrossLinearOperator(self._cross_block_means(new2, train_x),
-                                             self._partition_on(train_x.device))
+            cross = BlockCrossLinearOperator(self._cross_block_means(new2, train_x), self._partition_on(train_x.device))
             return cross.mT
         if not r1 and not r2:
             return to_linear_operator(self._base_dense(new1, new2))
@@ -304,10 +310,10 @@ class BlockMeanKernel(Kernel):
         lam = torch.cat([train.lam.expand(*batch, k), train.lam.new_zeros(*batch, t)], dim=-1)
         top = torch.cat([train.B.expand(*batch, k, k), cross.mT.expand(*batch, k, t)], dim=-1)
         bottom = torch.cat([cross.expand(*batch, t, k), new_new.expand(*batch, t, t)], dim=-1)
-        labels = torch.cat([train.partition.labels,
-                            torch.arange(k, k + t, device=train.partition.labels.device)])
-        return BlockMeanLinearOperator(lam, torch.cat([top, bottom], dim=-2),
-                                       Partition.from_labels(labels, num_blocks=k + t))
+        labels = torch.cat([train.partition.labels, torch.arange(k, k + t, device=train.partition.labels.device)])
+        return BlockMeanLinearOperator(
+            lam, torch.cat([top, bottom], dim=-2), Partition.from_labels(labels, num_blocks=k + t)
+        )
 
     def _dense_mixture(self, train_x: Tensor, r1: int, new1: Tensor, r2: int, new2: Tensor) -> Tensor:
         rows = []
@@ -316,21 +322,26 @@ class BlockMeanKernel(Kernel):
             if r2:
                 row.append(self._train_block_mean(train_x).to_dense())
             if new2.shape[-2]:
-                row.append(BlockCrossLinearOperator(self._cross_block_means(new2, train_x),
-                                                    self._partition_on(train_x.device)).to_dense().mT)
+                row.append(
+                    BlockCrossLinearOperator(self._cross_block_means(new2, train_x), self._partition_on(train_x.device))
+                    .to_dense()
+                    .mT
+                )
             rows.append(row)
         if new1.shape[-2]:
             row = []
             if r2:
-                row.append(BlockCrossLinearOperator(self._cross_block_means(new1, train_x),
-                                                    self._partition_on(train_x.device)).to_dense())
+                row.append(
+                    BlockCrossLinearOperator(
+                        self._cross_block_means(new1, train_x), self._partition_on(train_x.device)
+                    ).to_dense()
+                )
             if new2.shape[-2]:
                 row.append(self._base_dense(new1, new2))
             rows.append(row)
         blocks = [b for row in rows for b in row]
         batch = torch.broadcast_shapes(*(b.shape[:-2] for b in blocks))
-        return torch.cat([torch.cat([b.expand(*batch, *b.shape[-2:]) for b in row], dim=-1) for row in rows],
-                         dim=-2)
+        return torch.cat([torch.cat([b.expand(*batch, *b.shape[-2:]) for b in row], dim=-1) for row in rows], dim=-2)
 
     def num_outputs_per_input(self, x1: Tensor, x2: Tensor) -> int:
         return 1
@@ -347,8 +358,9 @@ class BlockMeanKernel(Kernel):
         return strategy
 
 
-def _kernel_block_mean(kernel: Kernel, x: Tensor, partition: Partition,
-                       chunk_size: int | None) -> BlockMeanLinearOperator:
+def _kernel_block_mean(
+    kernel: Kernel, x: Tensor, partition: Partition, chunk_size: int | None
+) -> BlockMeanLinearOperator:
     """The block mean of ``kernel(x, x)``; uses :func:`bma_gp.kernel_block_mean` when available."""
     try:
         from bma_gp.kernel_block_mean import kernel_block_mean

@@ -49,8 +49,9 @@ def _attach_clear_hook(strategy, tensor: Tensor) -> Tensor:
     return tensor
 
 
-def _posterior_at_training_points(prior: BlockMeanLinearOperator, cross: BlockMeanLinearOperator,
-                                  noisy: BlockMeanLinearOperator) -> BlockMeanLinearOperator:
+def _posterior_at_training_points(
+    prior: BlockMeanLinearOperator, cross: BlockMeanLinearOperator, noisy: BlockMeanLinearOperator
+) -> BlockMeanLinearOperator:
     r""":math:`K_{**} - K_{*X} (\hat K + \sigma^2 I)^{-1} K_{X*}` when all three are block mean
     operators on one partition: a symmetric block mean operator
     (:meth:`~bma_gp.BlockMeanLinearOperator.schur_complement`), so it can be sampled."""
@@ -79,7 +80,8 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
         if not isinstance(evaluated, BlockMeanLinearOperator):
             evaluated = self._prior_plus_homoskedastic_noise() or evaluated
         self.block_mean_covar: BlockMeanLinearOperator | None = (
-            evaluated if isinstance(evaluated, BlockMeanLinearOperator) else None)
+            evaluated if isinstance(evaluated, BlockMeanLinearOperator) else None
+        )
         if self.block_mean_covar is not None:
             self.lik_train_train_covar = evaluated
 
@@ -138,8 +140,9 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
         scaled = values.to(factor.dtype) * root_sizes
         batch = torch.broadcast_shapes(scaled.shape[:-2], factor.shape[:-2])
         k = factor.shape[-1]
-        res = torch.linalg.solve_triangular(factor.expand(*batch, k, k),
-                                            scaled.expand(*batch, *scaled.shape[-2:]).mT, upper=False).mT
+        res = torch.linalg.solve_triangular(
+            factor.expand(*batch, k, k), scaled.expand(*batch, *scaled.shape[-2:]).mT, upper=False
+        ).mT
         return res.to(values.dtype)
 
     def _block_cross(self, test_train_covar) -> Tensor | None:
@@ -153,10 +156,13 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
     def _at_training_points(self, test_test_covar, test_train_covar) -> bool:
         """Whether the test points are the training points themselves (block mean on both sides)."""
         M = self.block_mean_covar
-        return (M is not None and isinstance(test_train_covar, BlockMeanLinearOperator)
-                and isinstance(test_test_covar, BlockMeanLinearOperator)
-                and test_train_covar.partition.same_as(M.partition)
-                and test_test_covar.partition.same_as(M.partition))
+        return (
+            M is not None
+            and isinstance(test_train_covar, BlockMeanLinearOperator)
+            and isinstance(test_test_covar, BlockMeanLinearOperator)
+            and test_train_covar.partition.same_as(M.partition)
+            and test_test_covar.partition.same_as(M.partition)
+        )
 
     # ------------------------------------------------------------------ prediction
     def exact_prediction(self, test_mean: Tensor, test_test_covar, test_train_covar):
@@ -164,16 +170,19 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
             # K_** - K_*X M^{-1} K_X*: products and sums of block mean operators on one partition
             mean = self.exact_predictive_mean(test_mean, test_train_covar)
             if settings.skip_posterior_variances.on():
-                return mean, ZeroLinearOperator(*test_test_covar.size(), dtype=test_test_covar.dtype,
-                                                device=test_test_covar.device)
+                return mean, ZeroLinearOperator(
+                    *test_test_covar.size(), dtype=test_test_covar.dtype, device=test_test_covar.device
+                )
             noisy = self.block_mean_covar
             assert noisy is not None  # _at_training_points checked it
             return mean, _posterior_at_training_points(test_test_covar, test_train_covar, noisy)
         if self._block_cross(test_train_covar) is None:
             return super().exact_prediction(test_mean, test_test_covar, test_train_covar)
         # no densification of the (t x n) cross-covariance, whatever max_eager_kernel_size says
-        return (self.exact_predictive_mean(test_mean, test_train_covar),
-                self.exact_predictive_covar(test_test_covar, test_train_covar))
+        return (
+            self.exact_predictive_mean(test_mean, test_train_covar),
+            self.exact_predictive_covar(test_test_covar, test_train_covar),
+        )
 
     def exact_predictive_covar(self, test_test_covar, test_train_covar) -> LinearOperator:
         values = self._block_cross(test_train_covar)
@@ -182,8 +191,9 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
         if settings.fast_pred_var.on():
             self._last_test_train_covar = test_train_covar
         if settings.skip_posterior_variances.on():
-            return ZeroLinearOperator(*test_test_covar.size(), dtype=test_test_covar.dtype,
-                                      device=test_test_covar.device)
+            return ZeroLinearOperator(
+                *test_test_covar.size(), dtype=test_test_covar.dtype, device=test_test_covar.device
+            )
         factor = self._cross_factor(values)  # (*batch, t, k): A W
         if torch.is_tensor(test_test_covar):
             return to_linear_operator(test_test_covar - factor @ factor.mT)
