@@ -564,6 +564,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    previous = torch.get_default_dtype()
+    try:  # the evaluation runs in float64; callers in the same process (tests) get their default back
+        return _main(argv)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _main(argv: list[str] | None) -> dict:
     args = build_parser().parse_args(argv)
     if args.smoke:
         args.seeds, args.n_train, args.n_test, args.iters = [0], 300, 100, 2
