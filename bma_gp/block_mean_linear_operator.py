@@ -55,6 +55,18 @@ def _first_bad(mask: Tensor) -> tuple[tuple[int, ...], int] | None:
     return batch, col
 
 
+def check_rhs(shape: torch.Size, rhs: Tensor, name: str) -> None:
+    """A right-hand side for an operator of ``shape``: a tensor with ``n`` rows (or ``n`` entries)."""
+    if not torch.is_tensor(rhs):
+        raise TypeError(f"{name} must be a tensor, got {type(rhs).__name__}.")
+    size = rhs.shape[-1] if rhs.dim() == 1 else rhs.shape[-2]
+    if size != shape[-1]:
+        raise ValueError(
+            f"{name} of shape {tuple(rhs.shape)} does not match the operator of shape {tuple(shape)}: "
+            f"expected size {shape[-1]} in dimension {-1 if rhs.dim() == 1 else -2}."
+        )
+
+
 def _where(batch: tuple[int, ...]) -> str:
     return f" (batch index {batch})" if batch else ""
 
@@ -788,14 +800,7 @@ class BlockMeanLinearOperator(LinearOperator):
         return res
 
     def _check_rhs(self, rhs: Tensor, name: str) -> None:
-        if not torch.is_tensor(rhs):
-            raise TypeError(f"{name} must be a tensor, got {type(rhs).__name__}.")
-        size = rhs.shape[-1] if rhs.dim() == 1 else rhs.shape[-2]
-        if size != self.shape[-1]:
-            raise ValueError(
-                f"{name} of shape {tuple(rhs.shape)} does not match the operator of shape {tuple(self.shape)}: "
-                f"expected size {self.shape[-1]} in dimension {-1 if rhs.dim() == 1 else -2}."
-            )
+        check_rhs(self.shape, rhs, name)
 
     def _logdet(self, what: str) -> Tensor:
         multiplicity = (self.partition.sizes - 1).to(self.core_dtype)

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from bma_gp import settings
 from bma_gp._precision import core_dtype
 from bma_gp._symmetric_function import symmetric_matrix_function
+from bma_gp.block_mean_linear_operator import check_rhs
 from bma_gp.partition import Partition
 
 __all__ = ["BlockMeanSumLinearOperator"]
@@ -647,15 +648,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
 
     # ------------------------------------------------------------------ solves and log-determinants
     def _check_rhs(self, rhs: Tensor, name: str) -> None:
-        if not torch.is_tensor(rhs):
-            raise TypeError(f"{name} must be a tensor, got {type(rhs).__name__}.")
-        size = rhs.shape[-1] if rhs.dim() == 1 else rhs.shape[-2]
-        if size != self.shape[-1]:
-            raise ValueError(
-                f"{name} of shape {tuple(rhs.shape)} does not match the operator of shape "
-                f"{tuple(self.shape)}: expected size {self.shape[-1]} in dimension "
-                f"{-1 if rhs.dim() == 1 else -2}."
-            )
+        check_rhs(self.shape, rhs, name)
 
     def _woodbury(self, rhs: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """``(D^{-1} b, u, x)`` with :math:`u = Z^\\top D^{-1} b` and :math:`x = C^{-1} G u` (working precision)."""
