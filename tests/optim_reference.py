@@ -1,8 +1,8 @@
 """Dense references for the optimizers in ``optim`` (test helpers, O(d^2) memory).
 
-``DenseBlockMeanAdagrad`` implements SPEC section 3 with every matrix formed
+``DenseBlockMeanAdagrad`` implements docs/math.md section 3 with every matrix formed
 explicitly: the normalised outer-product sum N_t (d x d), its block mean
-approximation by direct block averages (SPEC section 2), the rescaled F, and
+approximation by direct block averages (docs/math.md section 2), the rescaled F, and
 (F + damping I)^{-1/2} from ``torch.linalg.eigh``. It shares no code with the
 streamed optimizer or with ``bma_gp``.
 """
@@ -16,7 +16,7 @@ from torch import Tensor
 
 
 def dense_block_mean(A: Tensor, labels: Tensor) -> Tensor:
-    """SPEC section 2 by direct averaging over the blocks of ``labels`` (d x d -> d x d)."""
+    """docs/math.md section 2 by direct averaging over the blocks of ``labels`` (d x d -> d x d)."""
     k = int(labels.max()) + 1
     M = torch.zeros_like(A)
     for i in range(k):
@@ -42,7 +42,7 @@ def dense_inv_sqrt(A: Tensor) -> Tensor:
 
 
 class DenseBlockMeanAdagrad:
-    """Block-mean AdaGrad of SPEC section 3 on an explicit flat parameter vector.
+    """Block-mean AdaGrad of docs/math.md section 3 on an explicit flat parameter vector.
 
     Args:
         labels: block id of every parameter entry. # shape: (d,)

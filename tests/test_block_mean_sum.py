@@ -1,4 +1,4 @@
-"""BlockMeanSumLinearOperator (SPEC section 5) against dense torch.linalg and dense autograd.
+"""BlockMeanSumLinearOperator (docs/math.md section 4) against dense torch.linalg and dense autograd.
 
 ``M = diag(d) + sum_j W_j P_j B_j P_j^T W_j + U U^T`` on random partitions with singleton blocks,
 unequal sizes and scattered labels; crossed and nested groupings; float32 and float64; batch shapes
@@ -697,7 +697,7 @@ def test_capacitance_limit_names_q(structure):
     case = Case(structure)
     q = sum(p.num_blocks for p in case.partitions) + (0 if case.root is None else case.root.shape[-1])
     # with a diagonal B the largest diagonal grouping is eliminated and only q - k_e (here 5) is
-    # factorised (SPEC section 5): the limit applies to that
+    # factorised (docs/math.md section 4): the limit applies to that
     limit = 4 if structure == "crossed_diagB" else 5
     rhs = torch.randn(N, 2, dtype=torch.float64)
     for method in (

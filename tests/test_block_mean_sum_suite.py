@@ -99,7 +99,7 @@ class _Common:
     def evaluate_linear_op(self, linear_op):
         return dense_twin(linear_op)
 
-    # An eigendecomposition is outside SPEC section 5's closed-form contract (solve, inv_quad_logdet,
+    # An eigendecomposition is outside the closed-form contract (docs/math.md section 4) (solve, inv_quad_logdet,
     # logdet, diagonal, root_decomposition, matmul): diag(d) + Z G Z^T with a non-constant d has no
     # closed-form spectrum, so at max_cholesky_size(0) linear_operator's generic diagonalization runs
     # Lanczos by design. The inherited test would demand "no Lanczos" from should_call_lanczos_diagonalization

@@ -1,4 +1,4 @@
-"""Mixed-effects GPs that need the closed-form sums (SPEC section 5), against dense references.
+"""Mixed-effects GPs that need the closed-form sums (docs/math.md section 4), against dense references.
 
 * crossed groupings: two ``GroupKernel`` on their own id columns, summed with ``+``;
 * SGPR (``InducingPointKernel``) plus group kernels: low rank plus block mean;
