@@ -164,7 +164,7 @@ def _as_block_mean(diag: Tensor, partition: Partition, B: Tensor) -> BlockMeanLi
     functions. Only taken when ``diag`` needs no gradient (gradients of individual entries differ)."""
     if torch.is_grad_enabled() and diag.requires_grad:
         return None
-    lam = partition.block_mean(diag, dim=-1)
+    lam = partition.block_average(diag, dim=-1)
     if not bool((partition.expand(lam, dim=-1) == diag).all()):
         return None
     return BlockMeanLinearOperator(lam, B, partition)

@@ -11,6 +11,7 @@ blocks use a segment reduction, scattered ones a scatter-add and a gather.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from types import EllipsisType
 
@@ -431,13 +432,27 @@ class Partition:
             torch.addcmul(a, b, x.narrow(dim, start, m), out=out.narrow(dim, start, m))
         return out
 
-    def block_mean(self, x: Tensor, dim: int = -1) -> Tensor:
-        """Mean of ``x`` over each block along ``dim``."""
+    def block_average(self, x: Tensor, dim: int = -1) -> Tensor:
+        """Average of ``x`` over the indices of each block along ``dim``: :math:`S^{-1} P^\\top x`.
+
+        (Named apart from :func:`bma_gp.block_mean`, the block mean approximation of a matrix.)
+        """
         dim = dim % x.dim()
         sums = self.block_sum(x, dim)
         shape = [1] * x.dim()
         shape[dim] = self.num_blocks
         return sums / self.sizes.to(sums.dtype).view(shape)
+
+    def block_mean(self, x: Tensor, dim: int = -1) -> Tensor:
+        """Deprecated alias of :meth:`block_average` (kept for one release; the name collided with
+        :func:`bma_gp.block_mean`)."""
+        warnings.warn(
+            "Partition.block_mean is deprecated and will be removed in the next release: use "
+            "Partition.block_average (bma_gp.block_mean is the block mean approximation of a matrix).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.block_average(x, dim)
 
     # ------------------------------------------------------------------ layout
     @property

@@ -212,7 +212,7 @@ def kmeans_objective(x: Tensor, partition: Partition) -> Tensor:
     x = _as_points(x)
     if len(partition) != x.shape[0]:
         raise ValueError(f"partition has {len(partition)} indices but x has {x.shape[0]} points.")
-    means = partition.block_mean(x.T.double(), dim=-1).T
+    means = partition.block_average(x.T.double(), dim=-1).T
     return (x.double() - means[partition.labels]).square().sum()
 
 

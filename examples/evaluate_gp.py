@@ -210,7 +210,7 @@ def build_model(spec: FitSpec, data: Split, seed: int, exact_max_train: int) -> 
         covar = base_kernel(d)
     elif spec.method == "sgpr":
         partition = kmeans_partition(x, spec.k, seed=seed)
-        centres = partition.block_mean(x.T, dim=-1).T.contiguous()
+        centres = partition.block_average(x.T, dim=-1).T.contiguous()
         info["k_actual"] = centres.shape[0]
         covar = gpytorch.kernels.InducingPointKernel(base_kernel(d), centres, likelihood)
     elif spec.method == "blockmean":

@@ -75,7 +75,9 @@ def test_block_sum_and_expand_match_indicator(labels, shape_before):
     torch.testing.assert_close(grad, P @ g)
     y = torch.randn(*shape_before, p.num_blocks, dtype=torch.float64)
     torch.testing.assert_close(p.expand(y, dim=-1), y @ P.T)
-    torch.testing.assert_close(p.block_mean(x.detach(), dim=-2), (P.T @ x.detach()) / p.sizes.double()[:, None])
+    torch.testing.assert_close(p.block_average(x.detach(), dim=-2), (P.T @ x.detach()) / p.sizes.double()[:, None])
+    with pytest.warns(DeprecationWarning, match="block_average"):
+        torch.testing.assert_close(p.block_mean(x.detach(), dim=-2), p.block_average(x.detach(), dim=-2))
 
 
 def test_block_sum_shape_errors():

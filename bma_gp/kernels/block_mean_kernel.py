@@ -237,7 +237,7 @@ class BlockMeanKernel(Kernel):
         chunk = self.chunk_size or max(1, _CROSS_CHUNK_ENTRIES // n)
 
         def block_means(rows: Tensor) -> Tensor:
-            return partition.block_mean(self._base_dense(rows, train_x), dim=-1)
+            return partition.block_average(self._base_dense(rows, train_x), dim=-1)
 
         return _chunked_rows(block_means, x_new, chunk)
 
@@ -245,7 +245,7 @@ class BlockMeanKernel(Kernel):
         # lam_i + B_ii is the mean of the diagonal of block i: O(n), no block sums needed
         partition = self._partition_on(train_x.device)
         diag = to_dense(self.base_kernel(train_x, diag=True))
-        return partition.expand(partition.block_mean(diag, dim=-1), dim=-1)
+        return partition.expand(partition.block_average(diag, dim=-1), dim=-1)
 
     def _num_train_rows(self, x: Tensor) -> int:
         """n if ``x`` starts with the training inputs (possibly followed by new points), else 0."""
