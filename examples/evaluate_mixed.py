@@ -60,7 +60,7 @@ from bma_gp import GroupKernel
 from bma_gp.datasets import GroupedData, load_exam, load_flights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate_gp import PeakMemory, _release_freed_memory_to_os, gaussian_nlpd  # noqa: E402
+from evaluate_gp import PeakMemory, _release_freed_memory_to_os, gaussian_nlpd, predict, train  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "mixed"
 MODELS = ("groups", "sgpr", "sgpr+groups", "exact+groups", "mixedlm", "gpboost", "gpboost+gp")
@@ -174,28 +174,13 @@ def build_gp(model: str, split: Split, seed: int, num_inducing: int, exact_max_t
 
 
 def train_gp(model: MixedGP, iters: int, lr: float) -> float:
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
-    x, y = model.train_inputs[0], model.train_targets
-    loss = torch.tensor(float("nan"))
-    for _ in range(iters):
-        optimizer.zero_grad(set_to_none=True)
-        loss = -mll(model(x), y)
-        loss.backward()
-        optimizer.step()
-    return float(loss.detach())
+    """Adam on the negative exact marginal log likelihood (the same loop as the smooth-kernel evaluation)."""
+    return train(model, iters, lr)
 
 
 def predict_gp(model: MixedGP, x: Tensor, chunk: int = 500) -> tuple[Tensor, Tensor]:
-    model.eval()
-    means, variances = [], []
-    with torch.no_grad():
-        for rows in x.split(chunk):
-            predictive = model.likelihood(model(rows))
-            means.append(predictive.mean)
-            variances.append(predictive.variance)
-    return torch.cat(means), torch.cat(variances)
+    """Mean and variance of noisy observations at ``x``, in chunks of test points."""
+    return predict(model, x, chunk)
 
 
 def gp_hyperparameters(model: MixedGP, names: tuple[str, ...]) -> dict:
