@@ -505,10 +505,10 @@ class BlockMeanSumLinearOperator(LinearOperator):
         """:math:`G_j x` in the working precision (``j == J``: the identity of the root)."""
         if j == len(self.blocks):
             return x
+        if self._block_is_diagonal(j):  # the diagonal first: no k x k copy in the working precision
+            return torch.diagonal(self.blocks[j], dim1=-2, dim2=-1).to(x.dtype).unsqueeze(-1) * x
         B = self.blocks[j].to(x.dtype)
-        if self._block_is_diagonal(j):
-            return torch.diagonal(B, dim1=-2, dim2=-1).unsqueeze(-1) * x
-        return 0.5 * (B @ x + B.mT @ x)
+        return (0.5 * (B + B.mT)) @ x  # one product: k <= the columns of x wherever it matters
 
     def _sizes(self) -> list[int]:
         return [*self.num_blocks, *([self.rank] if self.root is not None else [])]
@@ -933,80 +933,151 @@ class _RootGram(torch.autograd.Function):
 
     The ``n x m`` work runs in ``U``'s precision (products, block sums of one chunk, every gradient term);
     only the per-chunk results (``m x m``, ``k x m``) are accumulated in ``dinv``'s working precision, and
-    ``U^T x`` (the right-hand sides, whose quadratic form cancels against ``b^T D^{-1} b``) is formed in it.
+    ``U^T x`` (the right-hand sides, whose quadratic form cancels against ``b^T D^{-1} b``) is formed in it,
+    casting ``U`` through a cache-sized buffer. Chunk temporaries are allocated once per pass and reused:
+    a fresh ``n x m``-sized allocation per chunk costs page faults that were a third of the time at
+    ``n = 10^6``.
     """
 
     @staticmethod
     def forward(ctx, U: Tensor, dinv: Tensor, x: Tensor, labels: tuple, ks: tuple, weights: tuple):
         wdt = dinv.dtype
-        m = U.shape[-1]
-        rows = _chunk_rows(m, U.element_size())
+        m, n = U.shape[-1], U.shape[-2]
+        rows = min(n, _chunk_rows(m, U.element_size()))
         batch = torch.broadcast_shapes(U.shape[:-2], x.shape[:-2])
         gram = U.new_zeros(*U.shape[:-2], m, m, dtype=wdt)
         root_t = U.new_zeros(*batch, m, x.shape[-1], dtype=wdt)
         cross = [U.new_zeros(*U.shape[:-2], k, m, dtype=wdt) for k in ks]
-        buffers = [U.new_zeros(*U.shape[:-2], k, m) for k in ks]  # one chunk's block sums, U's precision
+        buffers = [U.new_empty(*U.shape[:-2], k, m) for k in ks]  # one chunk's block sums, U's precision
         weights_u = [None if w is None else w.to(U.dtype) for w in weights]
-        for start in range(0, U.shape[-2], rows):
-            Uc = U.narrow(-2, start, min(rows, U.shape[-2] - start))
-            c = Uc.shape[-2]
-            scaled = Uc * dinv.narrow(-1, start, c).to(U.dtype).unsqueeze(-1)
+        dinv_u = dinv.to(U.dtype)
+        scaled_buf = U.new_empty(*U.shape[:-2], rows, m)
+        weighted_buf = U.new_empty(*U.shape[:-2], rows, m) if any(w is not None for w in weights_u) else None
+        # block sums stay in U's precision for about _FLUSH_TERMS rows per level (at least one chunk), then
+        # join the working-precision total: the cast of a k x m buffer per chunk cost more than the sums
+        flush_every = [max(1, (_FLUSH_TERMS * k) // rows) for k in ks]
+        for buf in buffers:
+            buf.zero_()
+        for chunk, start in enumerate(range(0, n, rows)):
+            last = start + rows >= n
+            c = min(rows, n - start)
+            Uc = U.narrow(-2, start, c)
+            scaled = torch.mul(Uc, dinv_u.narrow(-1, start, c).unsqueeze(-1), out=scaled_buf.narrow(-2, 0, c))
             gram += (Uc.mT @ scaled).to(wdt)
             if x.shape[-1]:
-                root_t += Uc.to(wdt).mT @ x.narrow(-2, start, c)
+                root_t += _t_matmul_wide(Uc, x.narrow(-2, start, c))
             for j, buf in enumerate(buffers):
                 wj = weights_u[j]
-                vals = scaled if wj is None else scaled * wj.narrow(0, start, c).unsqueeze(-1)
-                buf.zero_().index_add_(-2, labels[j].narrow(0, start, c), vals)
-                cross[j] += buf.to(wdt)
+                vals = scaled
+                if wj is not None:
+                    assert weighted_buf is not None
+                    vals = torch.mul(scaled, wj.narrow(0, start, c).unsqueeze(-1), out=weighted_buf.narrow(-2, 0, c))
+                buf.index_add_(-2, labels[j].narrow(0, start, c), vals)
+                if last or (chunk + 1) % flush_every[j] == 0:
+                    cross[j] += buf.to(wdt)
+                    buf.zero_()
         ctx.save_for_backward(U, dinv, x)
         ctx.labels, ctx.weights = labels, weights_u
         return (gram, root_t, *cross)
 
     @staticmethod
     def backward(ctx, grad_gram: Tensor, grad_root_t: Tensor, *grad_cross: Tensor):
+        # rows a (s = 1/d, G the gradient of the Gram matrix, X_j that of the block sums, R that of U^T x):
+        #   d/ds_a = u_a^T G u_a + sum_j w_ja X_j[l_ja] . u_a = u_a . T_a,  T_a = u_a (G + G^T)/2 + g_a,
+        #   d/du_a = s_a (u_a (G + G^T) + g_a) + R x_a = 2 s_a (T_a - g_a / 2) + R x_a,
+        # with g_a = sum_j w_ja X_j[l_ja], gathered per chunk.
         U, dinv, x = ctx.saved_tensors
         dt = U.dtype
-        sym = None if grad_gram is None else (grad_gram + grad_gram.mT).to(dt)
-        g_cross = [None if g is None else g.to(dt) for g in grad_cross]
-        g_root = None if grad_root_t is None or not x.shape[-1] else grad_root_t
-        g_root_u = None if g_root is None else g_root.to(dt)
+        m, n = U.shape[-1], U.shape[-2]
+        sym_half = None if grad_gram is None else ((grad_gram + grad_gram.mT) * 0.5).to(dt)
+        g_cross = [None if g is None else g.to(dt).contiguous() for g in grad_cross]  # gathers need rows in memory
+        g_root = None if grad_root_t is None or not x.shape[-1] else grad_root_t.to(dt)
         grad_U = torch.empty_like(U) if ctx.needs_input_grad[0] else None
         grad_dinv = torch.zeros_like(dinv) if ctx.needs_input_grad[1] else None
         grad_x = torch.zeros_like(x) if ctx.needs_input_grad[2] and g_root is not None else None
-        rows = _chunk_rows(U.shape[-1], U.element_size())
-        for start in range(0, U.shape[-2], rows):
-            Uc = U.narrow(-2, start, min(rows, U.shape[-2] - start))
-            c = Uc.shape[-2]
-            # rows a: d/ds_a = u_a^T (G_bar u_a) + w_a X_bar[l_a] . u_a, and
-            # d/du_a = s_a ((G_bar + G_bar^T) u_a + w_a X_bar[l_a]) + R_bar x_a
-            half = None if sym is None else (Uc @ sym).mul_(0.5)
-            gathered = None
-            for j, g in enumerate(g_cross):
-                if g is None:
+        have_g = any(g is not None for g in g_cross)
+        if sym_half is None and not have_g:
+            if grad_U is not None:
+                grad_U.zero_()
+        rows = min(n, _chunk_rows(m, U.element_size()))
+        shape = (*U.shape[:-2], rows, m)
+        g_buf = U.new_empty(shape) if have_g else None
+        t_buf = U.new_empty(shape) if (sym_half is not None or sum(g is not None for g in g_cross) > 1) else None
+        dinv_u = dinv.to(dt)
+        for start in range(0, n, rows):
+            c = min(rows, n - start)
+            Uc = U.narrow(-2, start, c)
+            g = None
+            for j, gj in enumerate(g_cross):
+                if gj is None:
                     continue
-                piece = g.index_select(-2, ctx.labels[j].narrow(0, start, c))
-                if ctx.weights[j] is not None:
-                    piece.mul_(ctx.weights[j].narrow(0, start, c).unsqueeze(-1))
-                gathered = piece if gathered is None else gathered.add_(piece)
-            if half is None:
-                T = gathered
-            else:
-                T = half if gathered is None else half + gathered
+                idx = ctx.labels[j].narrow(0, start, c)
+                if g is None:
+                    assert g_buf is not None
+                    g = torch.index_select(gj, -2, idx, out=g_buf.narrow(-2, 0, c))
+                    if ctx.weights[j] is not None:
+                        g.mul_(ctx.weights[j].narrow(0, start, c).unsqueeze(-1))
+                else:
+                    assert t_buf is not None
+                    piece = torch.index_select(gj, -2, idx, out=t_buf.narrow(-2, 0, c))
+                    if ctx.weights[j] is not None:
+                        g.addcmul_(piece, ctx.weights[j].narrow(0, start, c).unsqueeze(-1))
+                    else:
+                        g.add_(piece)
+            T = g
+            if sym_half is not None:
+                assert t_buf is not None
+                T = t_buf.narrow(-2, 0, c)
+                if g is not None and Uc.dim() == 2:
+                    torch.addmm(g, Uc, sym_half, out=T)
+                else:
+                    torch.matmul(Uc, sym_half, out=T)
+                    if g is not None:
+                        T.add_(g)
+            s = dinv_u.narrow(-1, start, c).unsqueeze(-1)
             if grad_dinv is not None and T is not None:
-                grad_dinv.narrow(-1, start, c).copy_((T * Uc).sum(-1))
+                grad_dinv.narrow(-1, start, c).copy_(torch.linalg.vecdot(T, Uc))
             if grad_U is not None:
                 out = grad_U.narrow(-2, start, c)
-                if T is None:
-                    out.zero_()
-                else:
-                    full = T if half is None else (T.add_(half) if T is not half else T.mul_(2))
-                    torch.mul(full, dinv.narrow(-1, start, c).to(dt).unsqueeze(-1), out=out)
-                if g_root_u is not None:  # gradients need no more than U's precision
-                    out.add_(x.narrow(-2, start, c).to(dt) @ g_root_u.mT)
-            if grad_x is not None and g_root_u is not None:
-                grad_x.narrow(-2, start, c).copy_(Uc @ g_root_u)
+                if T is not None:
+                    if sym_half is None:  # T = g
+                        torch.mul(T, s, out=out)
+                    else:
+                        if g is not None:
+                            T.sub_(g, alpha=0.5)
+                        torch.mul(T, s, out=out).mul_(2)
+                if g_root is not None:  # gradients need no more than U's precision
+                    xc = x.narrow(-2, start, c).to(dt)
+                    if xc.shape[-1] <= 4:  # outer products: an elementwise pass beats a GEMM with inner size t
+                        for i in range(xc.shape[-1]):
+                            out.addcmul_(xc[..., i : i + 1], g_root[..., :, i].unsqueeze(-2))
+                    else:
+                        out.add_(xc @ g_root.mT)
+            if grad_x is not None and g_root is not None:
+                grad_x.narrow(-2, start, c).copy_(Uc @ g_root)
         return grad_U, grad_dinv, grad_x, None, None, None
+
+
+#: Rows per level summed in ``U``'s precision before they join the working-precision block sums.
+_FLUSH_TERMS = 2048
+
+#: Rows of ``U`` cast to the working precision at a time for ``U^T x`` (a buffer that stays in cache).
+_CAST_ROWS = 2048
+
+
+def _t_matmul_wide(Uc: Tensor, xc: Tensor) -> Tensor:
+    """:math:`U_c^\\top x_c` in ``x``'s (wider) precision, ``U_c`` cast through one reused cache-sized buffer
+    (casting the whole chunk at once allocates and faults in twice its memory)."""
+    if Uc.dtype == xc.dtype:
+        return Uc.mT @ xc
+    buf = xc.new_empty(*Uc.shape[:-2], min(_CAST_ROWS, Uc.shape[-2]), Uc.shape[-1])
+    total = None
+    for s in range(0, Uc.shape[-2], _CAST_ROWS):
+        c = min(_CAST_ROWS, Uc.shape[-2] - s)
+        piece = buf.narrow(-2, 0, c).copy_(Uc.narrow(-2, s, c)).mT @ xc.narrow(-2, s, c)
+        total = piece if total is None else total.add_(piece)
+    assert total is not None
+    return total
 
 
 def _chunked_t_matmul(U: Tensor, x: Tensor) -> Tensor:
