@@ -73,7 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         help="input columns (default: every column except the target); ISO dates become decimal years",
     )
-    # a repeatable --group COL (action="append") belongs here, with a field in RunConfig
+    data.add_argument(
+        "--group",
+        action="append",
+        dest="groups",
+        metavar="COL",
+        help="add a random intercept for the levels of COL, lme4's (1 | COL), to every model; repeat it for "
+        "several (crossed or nested) groupings. Text labels and whole numbers are levels; the column is "
+        "not an input of the smooth kernel. Levels seen only in held-out rows are predicted as new "
+        "levels (effect 0)",
+    )
     data.add_argument(
         "--max-rows", type=_positive_int, metavar="N", help="use a random subset of at most N rows (default: all rows)"
     )
@@ -179,11 +188,40 @@ def _resolve_device(text: str, parser: argparse.ArgumentParser) -> torch.device:
     return device
 
 
+def _check_groups(
+    groups: Sequence[str] | None,
+    data: str | None,
+    target: str | None,
+    features: Sequence[str] | None,
+    parser: argparse.ArgumentParser,
+) -> tuple[str, ...]:
+    """The ``--group`` columns, checked against the other column options (the data are not read yet)."""
+    if not groups:
+        return ()
+    if data is None:
+        parser.error(
+            "argument --group: the bundled CO2 series has no grouping columns; "
+            "use --group with your own CSV (--data FILE --target COL)"
+        )
+    for i, name in enumerate(groups):
+        if name in groups[:i]:
+            parser.error(f"argument --group: column {name!r} is given twice; name each grouping once")
+        if name == target:
+            parser.error(f"argument --group: column {name!r} is the --target; a grouping must be another column")
+        if features is not None and name in features:
+            parser.error(
+                f"argument --group: column {name!r} is also in --features; a grouping gets a random "
+                "intercept, not a smooth kernel: drop it from --features"
+            )
+    return tuple(groups)
+
+
 def parse_config(argv: Sequence[str] | None, parser: argparse.ArgumentParser | None = None) -> RunConfig:
     """Parse and check the command line ``argv`` (default ``sys.argv[1:]``) into a :class:`RunConfig`.
 
-    Checks that need no data happen here: the methods, the device, ``--target`` / ``--features``
-    without ``--data`` (and the reverse), and an ``--out`` that names a file.
+    Checks that need no data happen here: the methods, the device, ``--target`` / ``--features`` /
+    ``--group`` without ``--data`` (and the reverse), a ``--group`` column that is also the target,
+    a feature or another ``--group``, and an ``--out`` that names a file.
 
     Args:
         argv: the arguments, without the program name.
@@ -202,10 +240,12 @@ def parse_config(argv: Sequence[str] | None, parser: argparse.ArgumentParser | N
         parser.error("--target and --features need --data (the bundled CO2 series has fixed columns)")
     if args.data is not None and args.target is None:
         parser.error("--data needs --target COL, the column to predict")
+    groups = _check_groups(args.groups, args.data, args.target, args.features, parser)
     return RunConfig(
         data=args.data,
         target=args.target,
         features=None if args.features is None else tuple(args.features),
+        groups=groups,
         max_rows=args.max_rows,
         test_fraction=args.test_fraction,
         split=args.split,

@@ -35,8 +35,7 @@ class RunConfig:
     data: str | None = None  # a CSV path; None: the bundled CO2 series
     target: str | None = None
     features: tuple[str, ...] | None = None  # None: every column except the target
-    # (a repeatable --group COL option goes here, e.g. groups: tuple[str, ...] = (),
-    #  next to its argument in arguments.py and its use in data.py and models.py)
+    groups: tuple[str, ...] = ()  # columns with a random intercept (1 | col) each; not smooth inputs
     max_rows: int | None = None
     test_fraction: float = 0.2
     split: Literal["random", "last"] = "random"

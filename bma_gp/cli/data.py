@@ -1,37 +1,66 @@
 """The data of a ``bma-gp`` run: loading (bundled CO2 or a CSV), subsampling, the train/test split
-and the standardisation the models see."""
+and the standardisation the models see.
+
+Grouping columns (``--group``) are read as labels, not numbers: a column whose every cell is a
+number must hold whole numbers (``3`` and ``3.0`` are one level), any other column is text (each
+distinct string is a level). The split encodes the levels that occur in the *training* rows as
+ids ``0 .. G-1`` (in sorted label order); a level seen only in held-out rows gets the id ``G``, a
+level unknown to the model, whose predicted effect is 0 with the group's prior variance (what
+lme4's ``predict(..., allow.new.levels = TRUE)`` gives).
+"""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass
-from typing import cast
+from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
 import torch
 from torch import Tensor
 
 from bma_gp.cli.config import PROG, RunConfig, UsageError
-from bma_gp.datasets import DatasetError, MissingValuesWarning, load_co2, load_csv
+from bma_gp.datasets import (  # the CSV rules load_csv applies
+    _MISSING,
+    DatasetError,
+    MissingValuesWarning,
+    _convert_column,
+    _read_table,
+    load_co2,
+    load_csv,
+)
 
 __all__ = ["Dataset", "Problem", "load_dataset", "split", "subsample"]
+
+_Label = TypeVar("_Label", int, str)  # a group label: a whole number or a text
 
 
 @dataclass
 class Dataset:
-    """The rows of a run before the split: inputs ``x`` (n, d) and targets ``y`` (n,)."""
+    """The rows of a run before the split: inputs ``x`` (n, d), targets ``y`` (n,) and, with groupings,
+    one level code per row and grouping in ``group_codes`` (n, J) (``group_labels[j][c]`` is the label of
+    code ``c`` of grouping ``j``; the codes index all levels of the file, the split re-encodes them)."""
 
     name: str
     feature_names: list[str]
     target_name: str
     x: Tensor
     y: Tensor
+    group_names: list[str] = field(default_factory=list)
+    group_labels: list[list[int] | list[str]] = field(default_factory=list)
+    group_codes: Tensor | None = None  # LongTensor (n, J); None without groupings
 
 
 @dataclass
 class Problem:
-    """A standardised train/test split and what is needed to undo the scaling."""
+    """A standardised train/test split and what is needed to undo the scaling.
+
+    The columns of ``x_train`` and ``x_test`` are the standardised features, then one column of
+    group ids per grouping (whole numbers as floats: ``0 .. G_j - 1`` for the levels of the training
+    rows, ``G_j`` for a level seen only in held-out rows).
+    """
 
     name: str
     feature_names: list[str]
@@ -44,9 +73,23 @@ class Problem:
     x_scale: Tensor
     y_mean: float
     y_scale: float
+    group_names: list[str] = field(default_factory=list)
+    group_levels: list[list[int] | list[str]] = field(default_factory=list)  # training levels, in id order
+    test_only: list[tuple[int, int]] = field(default_factory=list)  # per grouping: (levels, held-out rows)
+
+    @property
+    def num_features(self) -> int:
+        """The number of smooth input columns (the group id columns follow them)."""
+        return len(self.feature_names)
+
+    @property
+    def num_levels(self) -> list[int]:
+        """``G_j``: the levels of each grouping in the training rows."""
+        return [len(levels) for levels in self.group_levels]
 
     def x_original(self, x: Tensor) -> Tensor:
-        return x * self.x_scale + self.x_mean
+        """The feature columns of ``x`` in their original units (group id columns dropped)."""
+        return x[..., : self.num_features] * self.x_scale + self.x_mean
 
     def y_original(self, y: Tensor) -> Tensor:
         return y * self.y_scale + self.y_mean
@@ -65,11 +108,17 @@ def load_dataset(config: RunConfig) -> Dataset:
         UsageError: the file is missing or unusable (the message says why).
     """
     if config.data is None:
+        if config.groups:
+            raise UsageError("--group needs --data: the bundled CO2 series has no grouping columns")
         x, y = load_co2(dtype=config.dtype)
         return Dataset("bundled Mauna Loa CO2 (weekly, 1958-2001)", ["date"], "co2", x, y)
     if config.target is None:
         raise UsageError("--data needs --target COL, the column to predict")
     features = None if config.features is None else list(config.features)
+    table: tuple[list[str], list[list[str]]] | None = None
+    if config.groups:
+        table = _read_csv_table(config.data)
+        features = _group_features(table[0], config, features)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MissingValuesWarning)
         try:
@@ -83,7 +132,103 @@ def load_dataset(config: RunConfig) -> Dataset:
             print(f"{PROG}: warning: {warning.message}", file=sys.stderr)
         else:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    return Dataset(os.path.basename(config.data), names, config.target, x, y)
+    dataset = Dataset(os.path.basename(config.data), names, config.target, x, y)
+    if table is not None:
+        _add_groups(dataset, table, config.groups)
+    return dataset
+
+
+# ---------------------------------------------------------------------------- grouping columns
+def _read_csv_table(path: str) -> tuple[list[str], list[list[str]]]:
+    """The header and the data rows of the CSV file, read as :func:`~bma_gp.datasets.load_csv` reads them."""
+    description = f"CSV file {path!r}"
+    if not os.path.isfile(path):
+        reason = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise UsageError(f"data file {path!r} {reason}; pass the path of a CSV file.")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as source:
+            return _read_table(source, description)
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{description} is not UTF-8 text ({err.reason}); save it as UTF-8 CSV.") from None
+    except DatasetError as err:
+        raise UsageError(str(err)) from err
+
+
+def _group_features(header: list[str], config: RunConfig, features: list[str] | None) -> list[str]:
+    """Check that the ``--group`` columns exist; the smooth features (default: every other column)."""
+    missing = [name for name in config.groups if name not in header]
+    if missing:
+        raise UsageError(
+            f"CSV file {config.data!r} has no column(s) {', '.join(map(repr, missing))} (given to --group); "
+            f"available columns: {', '.join(map(repr, header))}."
+        )
+    if features is None:
+        features = [name for name in header if name != config.target and name not in config.groups]
+        if not features:
+            raise UsageError(
+                f"CSV file {config.data!r} has no input columns besides the target {config.target!r} and the "
+                f"--group columns; the models need at least one smooth input"
+            )
+    return features
+
+
+def _add_groups(dataset: Dataset, table: tuple[list[str], list[list[str]]], groups: tuple[str, ...]) -> None:
+    """Read the ``groups`` columns of the rows ``load_csv`` kept into ``dataset`` (labels and codes)."""
+    header, rows = table
+    # the rows load_csv kept: those without a missing value in a feature or the target
+    used = [*dataset.feature_names, dataset.target_name]
+    complete = torch.ones(len(rows), dtype=torch.bool)
+    for name in used:
+        index = header.index(name)
+        complete &= ~torch.tensor(_convert_column(name, [row[index] for row in rows])).isnan()
+    kept = complete.nonzero().squeeze(-1).tolist()
+    if len(kept) != len(dataset.y):  # pragma: no cover - load_csv and this module disagree on the rows
+        raise RuntimeError(f"the CSV reader kept {len(dataset.y)} rows, the group reader {len(kept)}")
+    codes, labels = [], []
+    for name in groups:
+        index = header.index(name)
+        column_labels, column_codes = _encode_labels(name, [rows[r][index].strip() for r in kept], kept)
+        labels.append(column_labels)
+        codes.append(column_codes)
+    dataset.group_names = list(groups)
+    dataset.group_labels = labels
+    dataset.group_codes = torch.stack(codes, dim=-1)
+
+
+def _encode_labels(name: str, cells: list[str], rows: list[int]) -> tuple[list[int] | list[str], Tensor]:
+    """The levels of one grouping column (sorted) and each cell's code; ``rows`` are the data row indices.
+
+    Raises:
+        UsageError: a missing cell, or a numeric column with a number that is not whole.
+    """
+    absent = [r for r, cell in zip(rows, cells) if cell.lower() in _MISSING]
+    if absent:
+        raise UsageError(
+            f"--group column {name!r} has {len(absent)} missing value(s) (first in data row {absent[0] + 1}); "
+            "every row needs a group label: fill them in or remove those rows"
+        )
+    numbers: list[float] = []
+    for cell in cells:
+        try:
+            numbers.append(float(cell))
+        except ValueError:
+            break
+    if len(numbers) == len(cells):  # a numeric column: whole numbers are the labels
+        for r, cell, number in zip(rows, cells, numbers):
+            if not (math.isfinite(number) and number.is_integer()):
+                raise UsageError(
+                    f"--group column {name!r} holds {cell!r} (data row {r + 1}): group labels must be whole "
+                    "numbers or text. A continuous column is an input: give it with --features instead"
+                )
+        return _sorted_codes([int(number) for number in numbers])
+    return _sorted_codes(cells)
+
+
+def _sorted_codes(labels: list[_Label]) -> tuple[list[_Label], Tensor]:
+    """The distinct ``labels`` in sorted order, and the position of each label among them."""
+    levels = sorted(set(labels))
+    code = {level: i for i, level in enumerate(levels)}
+    return levels, torch.tensor([code[label] for label in labels], dtype=torch.long)
 
 
 def subsample(dataset: Dataset, max_rows: int | None, generator: torch.Generator) -> Dataset:
@@ -91,12 +236,25 @@ def subsample(dataset: Dataset, max_rows: int | None, generator: torch.Generator
     if max_rows is None or len(dataset.y) <= max_rows:
         return dataset
     keep = torch.randperm(len(dataset.y), generator=generator)[:max_rows].sort().values
-    return Dataset(dataset.name, dataset.feature_names, dataset.target_name, dataset.x[keep], dataset.y[keep])
+    codes = dataset.group_codes
+    return Dataset(
+        dataset.name,
+        dataset.feature_names,
+        dataset.target_name,
+        dataset.x[keep],
+        dataset.y[keep],
+        dataset.group_names,
+        dataset.group_labels,
+        None if codes is None else codes[keep],
+    )
 
 
 def split(dataset: Dataset, fraction: float, mode: str, generator: torch.Generator) -> Problem:
     """Hold out ``fraction`` of the rows (random ones, or with ``mode="last"`` those with the largest
     first input) and standardise inputs and targets with the training statistics.
+
+    Group levels are encoded from the training rows (see the module docstring); the id columns
+    follow the features in ``x_train`` and ``x_test``.
 
     Raises:
         UsageError: too few rows, or a constant input column or target on the training rows.
@@ -125,16 +283,36 @@ def split(dataset: Dataset, fraction: float, mode: str, generator: torch.Generat
     y_mean, y_scale = float(y[train].mean()), float(y[train].std())
     if not y_scale > 0:
         raise UsageError(f"the target column {target!r} is constant on the training rows: nothing to model")
+    x_train, x_test = (x[train] - x_mean) / x_scale, (x[test] - x_mean) / x_scale
+    levels: list[list[int] | list[str]] = []
+    test_only: list[tuple[int, int]] = []
+    if dataset.group_codes is not None:
+        ids_train, ids_test = [], []
+        for j, labels in enumerate(dataset.group_labels):
+            seen, train_ids = torch.unique(dataset.group_codes[train, j], sorted=True, return_inverse=True)
+            lookup = torch.full((len(labels),), len(seen), dtype=torch.long)  # unseen levels: id G
+            lookup[seen] = torch.arange(len(seen))
+            test_ids = lookup[dataset.group_codes[test, j]]
+            new_rows = test_ids == len(seen)
+            levels.append([labels[c] for c in seen.tolist()])
+            test_only.append((int(dataset.group_codes[test, j][new_rows].unique().numel()), int(new_rows.sum())))
+            ids_train.append(train_ids)
+            ids_test.append(test_ids)
+        x_train = torch.cat([x_train, torch.stack(ids_train, -1).to(x.dtype)], dim=-1)
+        x_test = torch.cat([x_test, torch.stack(ids_test, -1).to(x.dtype)], dim=-1)
     return Problem(
         name=dataset.name,
         feature_names=features,
         target_name=target,
-        x_train=(x[train] - x_mean) / x_scale,
+        x_train=x_train,
         y_train=(y[train] - y_mean) / y_scale,
-        x_test=(x[test] - x_mean) / x_scale,
+        x_test=x_test,
         y_test=(y[test] - y_mean) / y_scale,
         x_mean=x_mean,
         x_scale=x_scale,
         y_mean=y_mean,
         y_scale=y_scale,
+        group_names=list(dataset.group_names),
+        group_levels=levels,
+        test_only=test_only,
     )

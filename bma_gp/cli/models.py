@@ -8,6 +8,12 @@ The three methods share the base kernel, mean, likelihood, optimiser and schedul
   training inputs into ``blocks`` blocks (sorted runs for one input column, k-means otherwise);
 * ``sgpr``: :class:`gpytorch.kernels.InducingPointKernel` (Titsias' SGPR) with ``blocks`` inducing
   points initialised at random training inputs.
+
+With groupings (``--group``) each model's covariance is that kernel, on the feature columns only,
+plus one :class:`bma_gp.GroupKernel` (lme4's ``(1 | g)``: one shared variance) per grouping on its
+id column. For ``blockmean`` and ``sgpr`` the sum keeps its closed forms (a
+:class:`~bma_gp.BlockMeanSumLinearOperator`); ``exact`` adds a dense kernel matrix to it and takes
+GPyTorch's generic path, as it does without groups.
 """
 
 from __future__ import annotations
@@ -15,14 +21,18 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import gpytorch
 import torch
 from torch import Tensor
 
+from bma_gp import ClosedFormFallbackWarning
 from bma_gp.cli.config import RunConfig
 from bma_gp.cli.data import Problem
+from bma_gp.kernels import GroupKernel
 from bma_gp.partition import Partition
 
 __all__ = ["PREDICT_CHOLESKY", "Fit", "GP", "base_kernel", "build_model", "build_partition", "fit", "predict", "train"]
@@ -31,12 +41,19 @@ __all__ = ["PREDICT_CHOLESKY", "Fit", "GP", "base_kernel", "build_model", "build
 PREDICT_CHOLESKY = 10_000
 
 
-def base_kernel(kind: str, num_dims: int, period: float) -> gpytorch.kernels.Kernel:
-    """The base kernel, initialised for standardised inputs; ``period`` is in standardised units."""
+def base_kernel(
+    kind: str, num_dims: int, period: float, active_dims: Sequence[int] | None = None
+) -> gpytorch.kernels.Kernel:
+    """The base kernel, initialised for standardised inputs; ``period`` is in standardised units.
+
+    ``active_dims``: the input columns it reads (default: all; with groupings, the feature columns).
+    """
     from gpytorch.kernels import MaternKernel, PeriodicKernel, RBFKernel, ScaleKernel
 
+    dims = None if active_dims is None else tuple(active_dims)
+
     if kind == "seasonal":
-        trend = ScaleKernel(RBFKernel())
+        trend = ScaleKernel(RBFKernel(), active_dims=dims)
         trend.base_kernel.lengthscale = 1.0
         trend.outputscale = 1.0
         periodic = PeriodicKernel()
@@ -44,21 +61,26 @@ def base_kernel(kind: str, num_dims: int, period: float) -> gpytorch.kernels.Ker
         periodic.lengthscale = 1.0
         decay = RBFKernel()
         decay.lengthscale = 10.0 * period
-        seasonal = ScaleKernel(periodic * decay)
+        seasonal = ScaleKernel(periodic * decay, active_dims=dims)
         seasonal.outputscale = 0.03
-        short = ScaleKernel(MaternKernel(nu=1.5))
+        short = ScaleKernel(MaternKernel(nu=1.5), active_dims=dims)
         short.base_kernel.lengthscale = 0.5 * period
         short.outputscale = 0.003
         return trend + seasonal + short
     base = RBFKernel(ard_num_dims=num_dims) if kind == "rbf" else MaternKernel(nu=2.5, ard_num_dims=num_dims)
     base.lengthscale = 1.0
-    kernel = ScaleKernel(base)
+    kernel = ScaleKernel(base, active_dims=dims)
     kernel.outputscale = 1.0
     return kernel
 
 
 class GP(gpytorch.models.ExactGP):
-    """Constant mean, the given covariance module, Gaussian likelihood."""
+    """Constant mean, the given covariance module plus one kernel per grouping, Gaussian likelihood.
+
+    Without ``group_kernels`` the covariance is ``covar_module``; with them it is
+    ``AdditiveKernel(covar_module, *group_kernels)``, built directly so that ``covar_module`` stays the
+    first summand (``+`` would flatten an additive ``covar_module`` into its parts).
+    """
 
     def __init__(
         self,
@@ -66,10 +88,24 @@ class GP(gpytorch.models.ExactGP):
         train_y: Tensor,
         likelihood: gpytorch.likelihoods.GaussianLikelihood,
         covar_module: gpytorch.kernels.Kernel,
+        group_kernels: Sequence[GroupKernel] = (),
     ):
         super().__init__(train_x, train_y, likelihood)
         self.mean_module = gpytorch.means.ConstantMean()
+        self.num_groupings = len(group_kernels)
+        if group_kernels:
+            covar_module = gpytorch.kernels.AdditiveKernel(covar_module, *group_kernels)
         self.covar_module = covar_module
+
+    @property
+    def smooth_kernel(self) -> gpytorch.kernels.Kernel:
+        """The kernel on the feature columns (the whole covariance without groupings)."""
+        return self.covar_module.kernels[0] if self.num_groupings else self.covar_module
+
+    @property
+    def group_kernels(self) -> list[GroupKernel]:
+        """One :class:`~bma_gp.GroupKernel` per grouping, in ``--group`` order."""
+        return list(self.covar_module.kernels[1:]) if self.num_groupings else []
 
     def forward(self, x: Tensor) -> gpytorch.distributions.MultivariateNormal:
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
@@ -89,22 +125,36 @@ def build_partition(kind: str, x: Tensor, num_blocks: int, seed: int) -> Partiti
 def build_model(
     method: str, problem: Problem, kernel_kind: str, period: float, config: RunConfig, generator: torch.Generator
 ) -> GP:
-    """The GP of ``method`` on the training rows of ``problem`` (``period`` in standardised units)."""
+    """The GP of ``method`` on the training rows of ``problem`` (``period`` in standardised units).
+
+    With groupings the smooth kernel reads the feature columns only, and grouping ``j`` gets
+    ``GroupKernel(G_j + 1)`` on its id column: ids ``0 .. G_j - 1`` are the training levels, id ``G_j``
+    the held-out rows' new levels (covariance 0 with every training group).
+    """
     likelihood = gpytorch.likelihoods.GaussianLikelihood()
     likelihood.noise = 1e-2
-    base = base_kernel(kernel_kind, problem.x_train.shape[-1], period)
+    d = problem.num_features
+    features = tuple(range(d)) if problem.group_names else None
     covar: gpytorch.kernels.Kernel
     if method == "exact":
-        covar = base
+        covar = base_kernel(kernel_kind, d, period, active_dims=features)
     elif method == "blockmean":
         from bma_gp.kernels import BlockMeanKernel
 
-        partition = build_partition(config.partition, problem.x_train, config.blocks, config.seed)
-        covar = BlockMeanKernel(base, problem.x_train, partition)
+        partition = build_partition(config.partition, problem.x_train[:, :d], config.blocks, config.seed)
+        covar = BlockMeanKernel(base_kernel(kernel_kind, d, period, active_dims=features), problem.x_train, partition)
     else:
         pick = torch.randperm(len(problem.y_train), generator=generator)[: config.blocks]
-        covar = gpytorch.kernels.InducingPointKernel(base, problem.x_train[pick].clone(), likelihood)
-    return GP(problem.x_train, problem.y_train, likelihood, covar)
+        inducing = problem.x_train[pick, :d].clone()
+        covar = gpytorch.kernels.InducingPointKernel(
+            base_kernel(kernel_kind, d, period), inducing, likelihood, active_dims=features
+        )
+    groups = []
+    for j, num_levels in enumerate(problem.num_levels):
+        group = GroupKernel(num_levels + 1, active_dims=[d + j])
+        group.var = 0.1
+        groups.append(group)
+    return GP(problem.x_train, problem.y_train, likelihood, covar, groups)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -128,6 +178,7 @@ class Fit:
     test_std: Tensor = field(repr=False)
     grid_mean: Tensor | None = field(default=None, repr=False)
     grid_std: Tensor | None = field(default=None, repr=False)
+    group_variances: dict[str, float] = field(default_factory=dict)  # in the target's units, squared
 
 
 def train(model: GP, iters: int, lr: float, progress: bool, label: str) -> float:
@@ -175,6 +226,14 @@ def fit(
     """Build, train and evaluate one method; predictions on ``grid`` too when it is given (for the plot)."""
     device = config.device
     model = build_model(method, problem, kernel_kind, period, config, generator).to(device=device, dtype=config.dtype)
+    with warnings.catch_warnings():
+        if method == "exact":  # the exact GP is the dense path by design: the fallback warning says nothing new
+            warnings.simplefilter("ignore", ClosedFormFallbackWarning)
+        return _fit(model, method, problem, config, grid)
+
+
+def _fit(model: GP, method: str, problem: Problem, config: RunConfig, grid: Tensor | None) -> Fit:
+    device = config.device
     with gpytorch.settings.max_cholesky_size(config.max_cholesky):
         _synchronize(device)
         start = time.perf_counter()
@@ -197,9 +256,13 @@ def fit(
     nlpd = float((0.5 * torch.log(2 * math.pi * var) + 0.5 * (y - mean) ** 2 / var).mean()) + math.log(scale)
     k: int | None = None
     if method == "blockmean":
-        k = model.covar_module.partition.num_blocks
+        k = model.smooth_kernel.partition.num_blocks
     elif method == "sgpr":
-        k = model.covar_module.inducing_points.shape[0]
+        k = model.smooth_kernel.inducing_points.shape[0]
+    variances = {
+        name: float(kernel.var.detach().squeeze()) * scale**2
+        for name, kernel in zip(problem.group_names, model.group_kernels)
+    }
     return Fit(
         method=method,
         k=k,
@@ -212,4 +275,5 @@ def fit(
         grid_std=None if grid_var is None else (grid_var.sqrt() * scale).cpu(),
         test_mean=problem.y_original(mean).cpu(),
         test_std=(var.sqrt() * scale).cpu(),
+        group_variances=variances,
     )

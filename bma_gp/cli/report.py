@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -12,12 +13,13 @@ from bma_gp.cli.config import RunConfig
 from bma_gp.cli.data import Problem
 from bma_gp.cli.models import Fit
 
-__all__ = ["format_table", "plot", "summary", "write_summary"]
+__all__ = ["format_table", "group_terms", "plot", "summary", "write_summary"]
 
 
-def format_table(fits: list[Fit], target: str) -> str:
-    """The results as a text table: method, k, timings, RMSE and NLPD, then a note on the units."""
-    header = ("method", "k", "train [s]", "predict [s]", "RMSE", "NLPD")
+def format_table(fits: list[Fit], target: str, groups: Sequence[str] = ()) -> str:
+    """The results as a text table: method, k, timings, RMSE and NLPD, with groupings one fitted
+    variance column ``var(g)`` per grouping ``g``; then notes on the units and the groupings."""
+    header = ("method", "k", "train [s]", "predict [s]", "RMSE", "NLPD", *(f"var({g})" for g in groups))
     rows = [
         (
             fit.method,
@@ -26,6 +28,7 @@ def format_table(fits: list[Fit], target: str) -> str:
             f"{fit.predict_seconds:.3f}",
             f"{fit.rmse:.4g}",
             f"{fit.nlpd:.4g}",
+            *(f"{fit.group_variances[g]:.4g}" for g in groups),
         )
         for fit in fits
     ]
@@ -35,8 +38,20 @@ def format_table(fits: list[Fit], target: str) -> str:
         return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
 
     rule = "-" * len(line(header))
-    notes = f"k: blocks (blockmean) or inducing points (sgpr).  RMSE and NLPD on held-out rows, in units of {target!r}."
-    return "\n".join([line(header), rule, *map(line, rows), rule, notes])
+    notes = [
+        f"k: blocks (blockmean) or inducing points (sgpr).  RMSE and NLPD on held-out rows, in units of {target!r}."
+    ]
+    if groups:
+        notes.append(
+            f"Every model adds {group_terms(groups)}: one random intercept per level; var(g) is its fitted "
+            f"variance, in units of {target!r} squared."
+        )
+    return "\n".join([line(header), rule, *map(line, rows), rule, *notes])
+
+
+def group_terms(groups: Sequence[str]) -> str:
+    """The groupings as lme4 writes them: ``(1 | school) + (1 | class)``."""
+    return " + ".join(f"(1 | {g})" for g in groups)
 
 
 def summary(config: RunConfig, problem: Problem, kernel_kind: str, fits: list[Fit]) -> dict:
@@ -45,6 +60,11 @@ def summary(config: RunConfig, problem: Problem, kernel_kind: str, fits: list[Fi
         "data": problem.name,
         "target": problem.target_name,
         "features": problem.feature_names,
+        "groups": problem.group_names,
+        "group_levels": {
+            name: {"train_levels": levels, "test_only_levels": new_levels, "test_only_rows": new_rows}
+            for name, levels, (new_levels, new_rows) in zip(problem.group_names, problem.num_levels, problem.test_only)
+        },
         "n_train": len(problem.y_train),
         "n_test": len(problem.y_test),
         "split": config.split,
@@ -63,6 +83,7 @@ def summary(config: RunConfig, problem: Problem, kernel_kind: str, fits: list[Fi
                 "rmse": f.rmse,
                 "nlpd": f.nlpd,
                 "final_train_loss": f.final_loss,
+                "group_variances": f.group_variances,
             }
             for f in fits
         ],
@@ -161,5 +182,8 @@ def plot(problem: Problem, fits: list[Fit], grid: Tensor | None, path: str) -> N
             ax.set_title(f"{titles[fit.method]}: RMSE {fit.rmse:.3g}, NLPD {fit.nlpd:.3g}", fontsize=10)
             ax.set_xlabel(f"observed {ylabel}")
             ax.set_ylabel(r"predicted (mean $\pm 2$ sd)")
-    fig.suptitle(f"{problem.name}: {len(problem.y_train)} training, {len(problem.y_test)} held-out rows")
+    title = f"{problem.name}: {len(problem.y_train)} training, {len(problem.y_test)} held-out rows"
+    if problem.group_names:
+        title += f"; every model + {group_terms(problem.group_names)}"
+    fig.suptitle(title)
     fig.savefig(path, dpi=110)

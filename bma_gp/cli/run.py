@@ -59,8 +59,8 @@ def _run(config: RunConfig) -> int:
     period = config.period / float(problem.x_scale[0])
     problem.to(config.device)
 
-    grid = None
-    if num_inputs == 1 and config.plot:
+    grid = None  # with groupings the plot shows predicted against observed held-out values
+    if num_inputs == 1 and config.plot and not problem.group_names:
         both = torch.cat([problem.x_train, problem.x_test])
         lo, hi = float(both.min()), float(both.max())
         grid = torch.linspace(lo, hi, 2000, dtype=config.dtype, device=config.device).unsqueeze(-1)
@@ -78,9 +78,19 @@ def _run(config: RunConfig) -> int:
         f"{PROG}: kernel {kernel_kind}, methods {', '.join(config.methods)}, k = {config.blocks}, "
         f"{config.iters} Adam steps (lr {config.lr}), {config.device.type} {config.dtype_name}"
     )
+    if problem.group_names:
+        levels = ", ".join(f"{g} ({k} levels)" for g, k in zip(problem.group_names, problem.num_levels))
+        print(f"{PROG}: random intercepts {report.group_terms(problem.group_names)} in every model; {levels}")
+        for name, (new_levels, new_rows) in zip(problem.group_names, problem.test_only):
+            if new_levels:
+                print(
+                    f"{PROG}: note: {new_levels} level(s) of {name!r} occur only in held-out rows ({new_rows} rows); "
+                    "they are predicted as new levels: effect 0 with the group's variance "
+                    "(lme4's allow.new.levels = TRUE)"
+                )
     fits = [fit(method, problem, kernel_kind, period, config, generator, grid) for method in config.methods]
     print()
-    print(report.format_table(fits, problem.target_name))
+    print(report.format_table(fits, problem.target_name, problem.group_names))
 
     json_path = report.write_summary(report.summary(config, problem, kernel_kind, fits), config.out)
     print(f"\n{PROG}: wrote {json_path}")
