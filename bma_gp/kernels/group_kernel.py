@@ -7,15 +7,36 @@ from gpytorch.constraints import Interval, Positive
 from gpytorch.kernels import Kernel
 from gpytorch.priors import Prior
 from linear_operator import to_linear_operator
-from linear_operator.operators import LinearOperator
+from linear_operator.operators import DiagLinearOperator, LinearOperator, MatmulLinearOperator, SumLinearOperator
 from torch import Tensor
 
+from bma_gp import settings
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
+from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.kernels.prediction_strategy import BlockMeanPredictionStrategy
 from bma_gp.partition import Partition
 
-__all__ = ["GroupKernel"]
+__all__ = ["GroupKernel", "check_group_ids"]
+
+
+def check_group_ids(values: Tensor, num_groups: int, name: str = "x") -> Tensor:
+    """``values`` (*batch, n) as a LongTensor of group ids; ``ValueError`` unless every entry is an integer in
+    ``[0, num_groups)`` (floating point values must be whole numbers)."""
+    if values.dtype == torch.bool or values.dtype.is_complex:
+        raise ValueError(f"{name} must hold integer group ids, got dtype {values.dtype}.")
+    if values.numel() == 0:
+        return values.long()
+    bad = (values < 0) | (values >= num_groups)
+    if values.dtype.is_floating_point:
+        bad = bad | (values != values.round())
+    if bool(bad.any()):
+        value = values[bad].reshape(-1)[0].item()
+        raise ValueError(
+            f"{name} holds {value!r}, which is not an integer group id in [0, {num_groups}); "
+            f"group ids must be whole numbers 0 .. num_groups - 1 = {num_groups - 1}."
+        )
+    return values.long()
 
 
 def _shared_ids(ids: Tensor) -> Tensor | None:
@@ -25,6 +46,14 @@ def _shared_ids(ids: Tensor) -> Tensor | None:
     flat = ids.reshape(-1, ids.shape[-1])
     first = flat[0]
     return first if bool((flat == first).all()) else None
+
+
+def _shared_rows(ids: Tensor, covariate: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(ids, covariate)`` as 1-D vectors if every batch entry holds the same rows, else None."""
+    shared_ids, shared_cov = _shared_ids(ids), _shared_ids(covariate)
+    if shared_ids is None or shared_cov is None:
+        return None
+    return shared_ids, shared_cov
 
 
 def _present_partition(ids: Tensor) -> tuple[Tensor, Partition]:
@@ -58,7 +87,37 @@ class GroupKernel(Kernel):
     * ``per_group_variance=True``: one variance :math:`v_g` per group (``num_groups``
       parameters; a maximum-likelihood fit sets many of them to 0 on small data);
     * ``rank=r``: a rank-:math:`r` cross-group part :math:`W W^\top` (correlated group effects,
-      like :class:`gpytorch.kernels.IndexKernel`; :math:`W` starts random).
+      like :class:`gpytorch.kernels.IndexKernel`; :math:`W` starts random);
+    * ``slope=True``: a random slope on a covariate :math:`x` (see below).
+
+    **Random slopes.** With ``slope=True`` the inputs have two columns, the group id and then the
+    covariate (``active_dims=[id_column, covariate_column]``, in that order), and
+
+    .. math::
+
+        k((g, x), (g', x')) = [g = g']\; [1, x]\, S\, [1, x']^\top, \qquad
+        S = \begin{bmatrix} v_0 & \rho \sqrt{v_0 v_1} \\ \rho \sqrt{v_0 v_1} & v_1 \end{bmatrix},
+
+    one 2 x 2 covariance :math:`S` of (intercept, slope) shared by all groups (:attr:`slope_covar`),
+    with variances ``var`` :math:`= (v_0, v_1) > 0` and correlation ``corr`` :math:`= \rho \in (-1, 1)`.
+    In lme4's terms:
+
+    * ``GroupKernel(k, slope=True)``: ``(1 + x | g)``, correlated intercept and slope;
+    * ``GroupKernel(k, slope=True, correlated=False)``: ``(x || g)`` = ``(1 | g) + (0 + x | g)``
+      (:math:`\rho = 0`; not invariant under a shift of :math:`x`, as in lme4);
+    * ``GroupKernel(k, slope=True, intercept=False)``: ``(0 + x | g)``, slope only (``var`` is
+      :math:`(v_1,)`).
+
+    On one set of inputs this is returned as weighted block terms of a
+    :class:`~bma_gp.BlockMeanSumLinearOperator` (zero diagonal) over the partition by group id:
+    weight :math:`1` (the intercept), weight :math:`x` (the slope) and, for the correlation,
+    weight :math:`1 + c x` with a constant :math:`c` chosen so that all three coefficients are
+    nonnegative (see ``docs/mixed.md``). So sums with the likelihood's noise, other groupings and
+    an inducing-point root keep the closed forms. Against other inputs the result is
+    :math:`A_0 P^\top + A_1 P^\top \operatorname{diag}(x)`, built from two
+    :class:`~bma_gp.kernels.BlockCrossLinearOperator` terms of ``t x k`` values each. ``slope=True``
+    does not combine with ``rank`` or ``per_group_variance``; ``covar_matrix`` is not defined
+    for it.
 
     On one set of inputs the covariance is constant over every pair of groups, so it is returned
     as a :class:`~bma_gp.BlockMeanLinearOperator` with :math:`\lambda = 0` over the partition
@@ -83,11 +142,18 @@ class GroupKernel(Kernel):
         per_group_variance: one variance per group instead of one shared variance (default False).
         prior: optional prior on :math:`C` (forms the ``num_groups x num_groups`` matrix).
         var_constraint: constraint on :math:`v` (default ``Positive()``).
-        **kwargs: ``batch_shape``, ``active_dims`` (select the id column) and the rest of
-            :class:`~gpytorch.kernels.Kernel`'s arguments.
+        slope: add a random slope on the second input column (default False).
+        intercept: with ``slope=True``, keep the random intercept (default True); False is
+            ``(0 + x | g)``.
+        correlated: with ``slope=True`` and ``intercept=True``, learn the correlation
+            :math:`\rho` of intercept and slope (default True); False fixes :math:`\rho = 0`.
+        corr_constraint: constraint on :math:`\rho` (default ``Interval(-1, 1)``).
+        **kwargs: ``batch_shape``, ``active_dims`` (select the id column, or the id and covariate
+            columns with ``slope=True``) and the rest of :class:`~gpytorch.kernels.Kernel`'s arguments.
 
     Inputs have shape ``(*batch, n, 1)`` (one id column; floating point holding whole numbers,
-    or an integer dtype). Ids that are not integers in ``[0, num_groups)`` raise ``ValueError``.
+    or an integer dtype), or ``(*batch, n, 2)`` with ``slope=True`` (ids, then a finite
+    covariate). Ids that are not integers in ``[0, num_groups)`` raise ``ValueError``.
 
     Example:
         >>> kernel = GroupKernel(18)                      # (1 | Subject)
@@ -95,6 +161,9 @@ class GroupKernel(Kernel):
         torch.Size([1])
         >>> GroupKernel(18, rank=2, per_group_variance=True).var.shape
         torch.Size([18])
+        >>> slopes = GroupKernel(18, slope=True, active_dims=[1, 0])  # (1 + Days | Subject)
+        >>> slopes.var.shape, slopes.corr.shape, slopes.slope_covar.shape
+        (torch.Size([2]), torch.Size([1]), torch.Size([2, 2]))
     """
 
     has_lengthscale = False
@@ -106,6 +175,10 @@ class GroupKernel(Kernel):
         per_group_variance: bool = False,
         prior: Prior | None = None,
         var_constraint: Interval | None = None,
+        slope: bool = False,
+        intercept: bool = True,
+        correlated: bool = True,
+        corr_constraint: Interval | None = None,
         **kwargs,
     ):
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
@@ -116,10 +189,25 @@ class GroupKernel(Kernel):
             raise TypeError(f"per_group_variance must be True or False, got {per_group_variance!r}.")
         if prior is not None and not isinstance(prior, Prior):
             raise TypeError(f"prior must be a gpytorch.priors.Prior, got {type(prior).__name__}.")
+        for flag, value in (("slope", slope), ("intercept", intercept), ("correlated", correlated)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be True or False, got {value!r}.")
+        if not slope and not intercept:
+            raise ValueError(
+                "intercept=False needs slope=True: (0 + x | g) is GroupKernel(num_groups, slope=True, intercept=False)."
+            )
+        if slope and (rank or per_group_variance):
+            raise ValueError(
+                "slope=True takes one 2 x 2 covariance of (intercept, slope) shared by all groups: it does not "
+                f"combine with rank={rank} or per_group_variance={per_group_variance}."
+            )
         super().__init__(**kwargs)
         self.num_groups = num_groups
         self.rank = rank
         self.per_group_variance = per_group_variance
+        self.slope = slope
+        self.intercept = intercept
+        self.correlated = bool(slope and intercept and correlated)
         if var_constraint is None:
             var_constraint = Positive()
         if rank > 0:
@@ -128,22 +216,39 @@ class GroupKernel(Kernel):
             )
         else:
             self.register_parameter("covar_factor", None)
-        num_vars = num_groups if per_group_variance else 1
+        if slope:
+            num_vars = 2 if intercept else 1
+        else:
+            num_vars = num_groups if per_group_variance else 1
         self.register_parameter("raw_var", torch.nn.Parameter(torch.zeros(*self.batch_shape, num_vars)))
         self.register_constraint("raw_var", var_constraint)
+        if self.correlated:
+            self.register_parameter("raw_corr", torch.nn.Parameter(torch.zeros(*self.batch_shape, 1)))
+            self.register_constraint("raw_corr", Interval(-1.0, 1.0) if corr_constraint is None else corr_constraint)
+        else:
+            if corr_constraint is not None:
+                raise ValueError(
+                    "corr_constraint needs a correlated intercept and slope (slope=True, intercept=True, "
+                    "correlated=True)."
+                )
+            self.register_parameter("raw_corr", None)
         if prior is not None:
-            self.register_prior("GroupKernelPrior", prior, lambda m: m.covar_matrix)
+            if slope:
+                self.register_prior("GroupKernelPrior", prior, lambda m: m.slope_covar)
+            else:
+                self.register_prior("GroupKernelPrior", prior, lambda m: m.covar_matrix)
 
     # ------------------------------------------------------------------ parameters
     @property
     def var(self) -> Tensor:
         """The variance :math:`v`: shape ``(*batch, 1)`` when shared (the default), ``(*batch, num_groups)``
-        with ``per_group_variance=True``."""
+        with ``per_group_variance=True``; with ``slope=True`` the variances of the intercept and the slope
+        ``(*batch, 2)``, or of the slope alone ``(*batch, 1)`` with ``intercept=False``."""
         return self.raw_var_constraint.transform(self.raw_var)
 
     @var.setter
     def var(self, value) -> None:
-        value = torch.as_tensor(value).to(self.raw_var)
+        value = torch.as_tensor(value, dtype=self.raw_var.dtype, device=self.raw_var.device)
         if value.dim() == 0:
             value = value.expand_as(self.raw_var)
         try:
@@ -158,8 +263,53 @@ class GroupKernel(Kernel):
 
     @property
     def covar_matrix(self) -> Tensor:
-        r""":math:`C = W W^\top + \operatorname{diag}(v)`. # shape: (*batch, num_groups, num_groups)"""
+        r""":math:`C = W W^\top + \operatorname{diag}(v)`. # shape: (*batch, num_groups, num_groups)
+
+        A kernel with ``slope=True`` has no covariance over ids alone (it depends on the covariate): see
+        :attr:`slope_covar`."""
+        if self.slope:
+            raise NotImplementedError(
+                "a GroupKernel with slope=True has no covariance over group ids alone; its covariance per group is "
+                "slope_covar, the 2 x 2 covariance of (intercept, slope)."
+            )
         return self._covar_between(None, None)
+
+    @property
+    def corr(self) -> Tensor | None:
+        """The correlation of a group's intercept and slope, in ``(-1, 1)`` (``slope=True``,
+        ``intercept=True``, ``correlated=True``; else ``None``). # shape: (*batch, 1)"""
+        if self.raw_corr is None:
+            return None
+        return self.raw_corr_constraint.transform(self.raw_corr)
+
+    @corr.setter
+    def corr(self, value) -> None:
+        if self.raw_corr is None:
+            raise ValueError("corr needs slope=True, intercept=True and correlated=True.")
+        value = torch.as_tensor(value, dtype=self.raw_corr.dtype, device=self.raw_corr.device)
+        self.initialize(raw_corr=self.raw_corr_constraint.inverse_transform(value.expand_as(self.raw_corr)))
+
+    @property
+    def slope_covar(self) -> Tensor:
+        r""":math:`S`, the covariance of a group's (intercept, slope) (``slope=True`` only).
+
+        :math:`S = [[v_0, \rho\sqrt{v_0 v_1}], [\rho\sqrt{v_0 v_1}, v_1]]` with ``var`` :math:`= (v_0, v_1)` and
+        ``corr`` :math:`= \rho`; :math:`\rho = 0` with ``correlated=False``; with ``intercept=False`` the
+        intercept row and column are zero. # shape: (*batch, 2, 2)"""
+        if not self.slope:
+            raise NotImplementedError("slope_covar needs slope=True; an intercept-only kernel has covar_matrix.")
+        var = self.var
+        if not self.intercept:
+            zero = torch.zeros_like(var)
+            var = torch.cat([zero, var], -1)
+        v0, v1 = var[..., 0], var[..., 1]
+        if self.correlated:
+            corr = self.corr
+            assert corr is not None  # correlated kernels have it
+            off = corr[..., 0] * (v0 * v1).sqrt()
+        else:
+            off = torch.zeros_like(v0)
+        return torch.stack([torch.stack([v0, off], -1), torch.stack([off, v1], -1)], -2)
 
     def _covar_between(self, rows: Tensor | None, cols: Tensor | None) -> Tensor:
         """:math:`C[rows][:, cols]` for 1-D id vectors (``None``: all ids), without forming :math:`C`.
@@ -187,29 +337,33 @@ class GroupKernel(Kernel):
 
     # ------------------------------------------------------------------ inputs
     def group_ids(self, x: Tensor, name: str = "x") -> Tensor:
-        """Validate ``x`` (*batch, n, 1) and return its ids as a LongTensor (*batch, n)."""
+        """Validate ``x`` and return its ids as a LongTensor (*batch, n).
+
+        ``x`` has shape ``(*batch, n, 1)`` (the id column), or ``(*batch, n, 2)`` (the id column, then the
+        covariate) for a kernel with ``slope=True``."""
         if not torch.is_tensor(x):
             raise TypeError(f"{name} must be a tensor of group ids, got {type(x).__name__}.")
-        if x.dim() < 2 or x.shape[-1] != 1:
+        columns = 2 if self.slope else 1
+        if x.dim() < 2 or x.shape[-1] != columns:
+            if self.slope:
+                raise ValueError(
+                    f"{name} must hold two columns, the group id and the slope covariate, shape (*batch, n, 2), "
+                    f"got {tuple(x.shape)}; select them with active_dims=[id_column, covariate_column]."
+                )
             raise ValueError(
                 f"{name} must hold one column of group ids, shape (*batch, n, 1), got {tuple(x.shape)}; "
                 "select the id column with active_dims=[j]."
             )
-        values = x[..., 0]
-        if x.dtype == torch.bool or x.dtype.is_complex:
-            raise ValueError(f"{name} must hold integer group ids, got dtype {x.dtype}.")
-        if values.numel() == 0:
-            return values.long()
-        bad = (values < 0) | (values >= self.num_groups)
-        if values.dtype.is_floating_point:
-            bad = bad | (values != values.round())
-        if bool(bad.any()):
-            value = values[bad].reshape(-1)[0].item()
-            raise ValueError(
-                f"{name} holds {value!r}, which is not an integer group id in [0, {self.num_groups}); "
-                f"group ids must be whole numbers 0 .. num_groups - 1 = {self.num_groups - 1}."
-            )
-        return values.long()
+        return check_group_ids(x[..., 0], self.num_groups, name)
+
+    def slope_covariate(self, x: Tensor, name: str = "x") -> Tensor:
+        """The covariate column of ``x`` (*batch, n, 2) of a kernel with ``slope=True``. # shape: (*batch, n)"""
+        values = x[..., 1]
+        if not values.dtype.is_floating_point:
+            values = values.to(self.raw_var.dtype)
+        if settings.validate.on() and values.numel() and not bool(torch.isfinite(values).all()):
+            raise ValueError(f"{name} holds a slope covariate that is not finite (nan or inf).")
+        return values
 
     # ------------------------------------------------------------------ kernel interface
     def forward(
@@ -217,6 +371,8 @@ class GroupKernel(Kernel):
     ) -> Tensor | LinearOperator:
         if last_dim_is_batch:
             raise NotImplementedError("GroupKernel does not support the deprecated last_dim_is_batch mode.")
+        if self.slope:
+            return self._slope_forward(x1, x2, diag)
         ids1 = self.group_ids(x1, "x1")
         ids2 = ids1 if x2 is x1 else self.group_ids(x2, "x2")
         batch = torch.broadcast_shapes(ids1.shape[:-1], ids2.shape[:-1], self.raw_var.shape[:-1])
@@ -270,6 +426,105 @@ class GroupKernel(Kernel):
                 -2, rows.expand(*batch, rows.shape[-1]).unsqueeze(-1).expand(*batch, rows.shape[-1], k)
             )
         return BlockCrossLinearOperator(values.expand(*batch, rows.shape[-1], k), partition)
+
+    # ------------------------------------------------------------------ random slopes
+    def _slope_forward(self, x1: Tensor, x2: Tensor, diag: bool) -> Tensor | LinearOperator:
+        r"""``[1, x_a] S [1, x_b]^T`` for points of one group, 0 across groups."""
+        S = self.slope_covar
+        ids1, cov1 = self.group_ids(x1, "x1"), self.slope_covariate(x1, "x1").to(S.dtype)
+        if x2 is x1:
+            ids2, cov2 = ids1, cov1
+        else:
+            ids2, cov2 = self.group_ids(x2, "x2"), self.slope_covariate(x2, "x2").to(S.dtype)
+        batch = torch.broadcast_shapes(ids1.shape[:-1], ids2.shape[:-1], cov1.shape[:-1], cov2.shape[:-1], S.shape[:-2])
+        t, n = ids1.shape[-1], ids2.shape[-1]
+        if diag:
+            if t != n:
+                raise ValueError(f"diag=True needs x1 and x2 of the same length, got {t} and {n}.")
+            rows = torch.stack([torch.ones_like(cov1), cov1], -1).unsqueeze(-2) @ S.unsqueeze(-3)  # (*b, n, 1, 2)
+            value = (rows.squeeze(-2) * torch.stack([torch.ones_like(cov2), cov2], -1)).sum(-1)
+            return (value * (ids1 == ids2).to(S.dtype)).expand(*batch, n)
+
+        shared1, shared2 = _shared_rows(ids1, cov1), _shared_rows(ids2, cov2)
+        same = x2 is x1 or (
+            ids1.shape == ids2.shape
+            and torch.equal(ids1, ids2)
+            and cov1.shape == cov2.shape
+            and torch.equal(cov1, cov2)
+        )
+        if same and shared1 is not None:
+            return self._slope_train(*shared1, S, batch)
+        if shared2 is not None:
+            return self._slope_cross(ids1, cov1, *shared2, S, batch)
+        if shared1 is not None:
+            return self._slope_cross(ids2, cov2, *shared1, S, batch).mT
+        # rows that differ across batch entries: no shared partition; assemble densely
+        f1 = torch.stack([torch.ones_like(cov1), cov1], -1)
+        f2 = torch.stack([torch.ones_like(cov2), cov2], -1)
+        dense = (f1 @ S @ f2.mT) * (ids1.unsqueeze(-1) == ids2.unsqueeze(-2)).to(S.dtype)
+        return to_linear_operator(dense.expand(*batch, t, n))
+
+    def _slope_terms(self, S: Tensor, covariate: Tensor) -> list[tuple[Tensor, Tensor | None]]:
+        r"""``S`` as weighted indicator terms over one partition: ``(b_r, w_r)`` with
+        :math:`[1, x_a] S [1, x_b]^\top = \sum_r b_r w_r(a) w_r(b)` (``w_r = None``: the plain indicator).
+
+        The operator's terms are independent (block diagonal :math:`G`), so the correlation goes into a third
+        direction: with a constant :math:`c` (no gradient),
+
+        .. math::
+            S = (s_{00} - s_{01}/c)\, e_0 e_0^\top + (s_{11} - c\, s_{01})\, e_1 e_1^\top
+                + (s_{01}/c)\, (1, c)(1, c)^\top,
+
+        an identity in :math:`S` for every :math:`c \ne 0` (so the coefficients carry the exact gradient), with
+        weights :math:`1`, :math:`x` and :math:`1 + c x`. :math:`c = \operatorname{sign}(s_{01})
+        \sqrt{s_{11}/s_{00}}` makes all three coefficients nonnegative, :math:`v_0 (1 - |\rho|)`,
+        :math:`v_1 (1 - |\rho|)` and :math:`|\rho| v_0`, so every block stays positive semidefinite (roots
+        and sampling need that)."""
+        if not self.intercept:
+            return [(S[..., 1, 1], covariate)]
+        if not self.correlated:
+            return [(S[..., 0, 0], None), (S[..., 1, 1], covariate)]
+        s00, s01, s11 = S[..., 0, 0], S[..., 0, 1], S[..., 1, 1]
+        with torch.no_grad():
+            ratio = (s11 / s00).sqrt().reshape(-1)
+            positive = (s01 >= 0).reshape(-1)
+            if ratio.numel() == 1:
+                c = torch.where(positive, ratio, -ratio).reshape(())
+            else:
+                # one c for the whole batch (the weights have no batch dimensions): exact for every c != 0; the
+                # blocks of a batch entry whose correlation has the other sign, or a very different ratio, may be
+                # indefinite, which solves and log-determinants allow but roots do not
+                sign = 1.0 if 2 * int(positive.sum()) >= positive.numel() else -1.0
+                c = sign * ratio.log().mean().exp()
+        return [(s00 - s01 / c, None), (s11 - s01 * c, covariate), (s01 / c, 1 + c * covariate)]
+
+    def _slope_train(self, ids: Tensor, covariate: Tensor, S: Tensor, batch: torch.Size) -> LinearOperator:
+        """The covariance among one set of inputs: weighted block terms over the partition by group id."""
+        _, partition = _present_partition(ids)
+        k, n = partition.num_blocks, ids.shape[-1]
+        terms = self._slope_terms(S, covariate)
+        blocks = [torch.diag_embed(b.unsqueeze(-1).expand(*b.shape, k)).expand(*batch, k, k) for b, _ in terms]
+        return BlockMeanSumLinearOperator(
+            S.new_zeros(*batch, n), *blocks, partitions=[partition] * len(terms), weights=[w for _, w in terms]
+        )
+
+    def _slope_cross(
+        self, rows: Tensor, row_cov: Tensor, column_ids: Tensor, column_cov: Tensor, S: Tensor, batch: torch.Size
+    ) -> LinearOperator:
+        r""":math:`A_0 P^\top + A_1 P^\top \operatorname{diag}(x)` over the partition of ``column_ids``:
+        :math:`(A_0)_{tc} = (s_{00} + s_{01} x_t) [g_t = c]`, :math:`(A_1)_{tc} = (s_{01} + s_{11} x_t) [g_t = c]`."""
+        present, partition = _present_partition(column_ids)
+        k, t = present.numel(), rows.shape[-1]
+        features = torch.stack([torch.ones_like(row_cov), row_cov], -1)  # (*b, t, 2)
+        coef = features @ S  # (*batch, t, 2)
+        match = (rows.unsqueeze(-1) == present).to(S.dtype)  # (*b, t, k)
+        slope = BlockCrossLinearOperator((coef[..., 1:] * match).expand(*batch, t, k), partition)
+        res: LinearOperator = MatmulLinearOperator(slope, DiagLinearOperator(column_cov))
+        if self.intercept:
+            res = SumLinearOperator(
+                BlockCrossLinearOperator((coef[..., :1] * match).expand(*batch, t, k), partition), res
+            )
+        return res
 
     def num_outputs_per_input(self, x1: Tensor, x2: Tensor) -> int:
         return 1
