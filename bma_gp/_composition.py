@@ -324,3 +324,7 @@ def install() -> None:
         LazyEvaluatedKernelTensor.add_diagonal = _hooked_add_diagonal(LinearOperator.add_diagonal)
     elif not hasattr(method, "_bma_gp_original"):
         LazyEvaluatedKernelTensor.add_diagonal = _hooked_add_diagonal(method)
+    # kernel sums (AdditiveKernel) with a group or block mean kernel: the posterior at the training inputs too
+    from bma_gp.kernels.sum_prediction_strategy import install as install_prediction
+
+    install_prediction()

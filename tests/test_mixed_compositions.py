@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from bma_gp import GroupKernel
-from closed_form_guard import ForbiddenPath, closed_forms_only
+from closed_form_guard import closed_forms_only
 
 DTYPE = torch.float64
 K1, K2 = 7, 4  # levels of the two groupings
@@ -123,18 +123,21 @@ def dense_posterior(model, kernels, x, y, noise_diag, xt, diag_correction, test_
     """Latent posterior mean and covariance at xt; SGPR's eval-mode diagonal correction where gpytorch applies it.
 
     ``test_kernels`` (default ``kernels``): the parts whose sum is predicted (its covariances with the data and
-    at xt); the data's covariance always sums all ``kernels``."""
+    at xt); the data's covariance always sums all ``kernels``. When xt is x itself, gpytorch's InducingPointKernel
+    sees equal inputs for the test-by-training covariance too, so the correction is on its diagonal as well."""
     test_kernels = kernels if test_kernels is None else test_kernels
     K = dense_prior(kernels, x, x) + torch.diag(noise_diag)
     Kt = dense_prior(test_kernels, xt, xt)
+    Kx = dense_prior(test_kernels, xt, x)
+    at_training = xt.shape == x.shape and torch.equal(xt, x)
     if diag_correction:
         for kernel in kernels:
             if isinstance(kernel, gpytorch.kernels.InducingPointKernel):
-                for inputs, mat in ((x, K), (xt, Kt)) if kernel in test_kernels else ((x, K),):
+                mats = ((x, K), (xt, Kt), *(((x, Kx),) if at_training else ())) if kernel in test_kernels else ((x, K),)
+                for inputs, mat in mats:
                     t = inputs[:, 0]
                     corr = kernel.base_kernel.outputscale - torch.diagonal(dense_nystrom(kernel, t, t))
                     mat += torch.diag(corr.clamp_min(0))
-    Kx = dense_prior(test_kernels, xt, x)
     mean = model.mean_module.constant
     mu = mean + Kx @ torch.linalg.solve(K, y - mean)
     cov = Kt - Kx @ torch.linalg.solve(K, Kx.mT)
@@ -246,18 +249,10 @@ def test_rsample_at_new_inputs(case):
     assert bool(((draws.mean(0) - ref_mean).abs() < 5 * sd / math.sqrt(4000)).all())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ForbiddenPath,
-    reason=(
-        "open gap (issue 11): for a kernel sum, gpytorch's DefaultPredictionStrategy returns the posterior covariance "
-        "at the training inputs as a dense n x n DenseLinearOperator; rsample -> root_decomposition -> Lanczos at "
-        "max_cholesky_size 0 (dense Cholesky of n x n below it)"
-    ),
-)
 @pytest.mark.parametrize("case", ["crossed", "sgpr_crossed"])
 def test_rsample_at_training_inputs(case):
-    """The n x n posterior covariance at the training inputs needs a structured root: no Lanczos, no n x n Cholesky."""
+    """The n x n posterior covariance at the training inputs has a structured root (tests/test_mixed_posterior.py):
+    no Lanczos, no n x n Cholesky."""
     model, kernels, x, y, noise_diag = build(case)
     model.eval()
     torch.manual_seed(1)

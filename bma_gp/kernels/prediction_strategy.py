@@ -36,6 +36,7 @@ from torch import Tensor
 
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
+from bma_gp.kernels.sum_prediction_strategy import training_prediction
 
 __all__ = ["BlockMeanPredictionStrategy"]
 
@@ -176,6 +177,10 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
             noisy = self.block_mean_covar
             assert noisy is not None  # _at_training_points checked it
             return mean, _posterior_at_training_points(test_test_covar, test_train_covar, noisy)
+        if self.block_mean_covar is None:  # e.g. per-point noise: the sum strategy's closed form at the training inputs
+            res = training_prediction(self, test_mean, test_test_covar, test_train_covar)
+            if res is not None:
+                return res
         if self._block_cross(test_train_covar) is None:
             return super().exact_prediction(test_mean, test_test_covar, test_train_covar)
         # no densification of the (t x n) cross-covariance, whatever max_eager_kernel_size says

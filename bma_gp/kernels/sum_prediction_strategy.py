@@ -1,0 +1,551 @@
+"""The posterior covariance at the training inputs when the prior is a closed-form sum.
+
+At the training inputs an exact GP's posterior covariance is :math:`S = K - K M^{-1} K` with
+:math:`M = K + N` the noisy training covariance and :math:`N = \\operatorname{diag}(\\nu)` the
+likelihood's noise. GPyTorch builds it as a dense ``n x n`` matrix, which then needs Lanczos or an
+``n x n`` Cholesky to be sampled. When the prior :math:`K = \\operatorname{diag}(c) + Z G Z^\\top`
+is in the family of :class:`~bma_gp.BlockMeanSumLinearOperator` (group kernels, block mean kernels,
+an inducing-point kernel with or without its diagonal correction :math:`c`), :math:`K = M - N`
+turns it into :math:`S = N - N M^{-1} N`, and Woodbury with a root :math:`G = L L^\\top`
+(:math:`E = \\operatorname{diag}(c + \\nu)`, :math:`A = Z^\\top E^{-1} Z`) gives
+
+.. math::
+
+    S = \\operatorname{diag}\\Big(\\frac{\\nu c}{c + \\nu}\\Big) + V V^\\top, \\qquad
+    V = \\operatorname{diag}\\Big(\\frac{\\nu}{c + \\nu}\\Big) Z L (I + L^\\top A L)^{-1/2},
+
+a non-negative diagonal plus a positive semidefinite term of rank :math:`q`, with no subtraction
+left and no inverse of :math:`G` (singular :math:`B_j` are fine). :math:`[\\operatorname{diag}(
+\\sqrt{\\nu c / (c + \\nu)}), V]` is a root, or :math:`V` alone (``n x q``) when :math:`c = 0`; one
+``q x q`` eigendecomposition builds it. See docs/math.md, section 4.
+
+:class:`SumPredictionStrategy` is what :class:`gpytorch.kernels.AdditiveKernel` (``k1 + k2``) returns
+for sums that contain a :class:`~bma_gp.GroupKernel` or :class:`~bma_gp.BlockMeanKernel` once
+:func:`install` has run (importing ``bma_gp`` runs it); at any other test inputs, and when the
+prior or the likelihood is outside the family, it is GPyTorch's default strategy.
+"""
+
+from __future__ import annotations
+
+import torch
+from gpytorch import settings as gpytorch_settings
+from gpytorch.distributions import MultivariateNormal
+from gpytorch.likelihoods import GaussianLikelihoodWithMissingObs
+from gpytorch.likelihoods.gaussian_likelihood import _GaussianLikelihoodBase
+from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
+from linear_operator.operators import DiagLinearOperator, LinearOperator, RootLinearOperator
+from torch import Tensor
+
+from bma_gp import settings
+from bma_gp._composition import _build, _collect, _Parts
+from bma_gp._precision import core_dtype
+from bma_gp._symmetric_function import symmetric_matrix_function
+from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
+from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
+
+__all__ = ["SumPredictionStrategy", "TrainingPosteriorLinearOperator", "install", "training_posterior"]
+
+#: Rows of the low-rank root processed at a time in the diagonal (bounds the ``n x m`` temporaries).
+_CHUNK_ELEMENTS = 2**21
+
+
+# ---------------------------------------------------------------------------- the family, as one sum
+def as_sum(op) -> BlockMeanSumLinearOperator | None:
+    """``op`` as a :class:`~bma_gp.BlockMeanSumLinearOperator` (a single block mean operator too), or None
+    when some summand is outside the family or the operator is not symmetric."""
+    if isinstance(op, BlockMeanSumLinearOperator):
+        return op
+    if not isinstance(op, LinearOperator):
+        return None
+    parts = _Parts()
+    if not _collect(op, parts) or not parts.terms:
+        return None
+    res = _build(parts, op)
+    if isinstance(res, BlockMeanLinearOperator):
+        if not res.symmetric:
+            return None
+        return BlockMeanSumLinearOperator(res.partition.expand(res.lam, dim=-1), res.B, partitions=[res.partition])
+    return res if isinstance(res, BlockMeanSumLinearOperator) else None
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    """Equal, or equal up to a few units of rounding (the same kernel evaluated on two copies of the inputs)."""
+    if a.shape != b.shape:
+        try:
+            a, b = torch.broadcast_tensors(a, b)
+        except RuntimeError:
+            return False
+    if torch.equal(a, b):
+        return True
+    a, b = a.detach(), b.detach()
+    scale = torch.maximum(a.abs().amax(), b.abs().amax())
+    return bool(((a - b).abs() <= 16 * torch.finfo(a.dtype).eps * scale).all())
+
+
+def _same(a: BlockMeanSumLinearOperator, b: BlockMeanSumLinearOperator) -> bool:
+    """Whether the two sums are the same matrix term by term (same partitions and weights, equal tensors)."""
+    if a.shape != b.shape or len(a.partitions) != len(b.partitions) or (a.root is None) != (b.root is None):
+        return False
+    for pa, pb, wa, wb, Ba, Bb in zip(a.partitions, b.partitions, a.weights, b.weights, a.blocks, b.blocks):
+        if not pa.same_as(pb) or (wa is None) != (wb is None):
+            return False
+        if wa is not None and wb is not None and not torch.equal(wa, wb):
+            return False
+        if not _close(Ba, Bb):
+            return False
+    if a.root is not None and b.root is not None and (a.root.shape != b.root.shape or not _close(a.root, b.root)):
+        return False
+    return _close(a.diag_values, b.diag_values)
+
+
+def _noise_diagonal(strategy: DefaultPredictionStrategy) -> Tensor | None:
+    """The likelihood's noise at the training inputs as a vector, when it adds a diagonal (else None).
+
+    The likelihood is applied to a zero covariance exactly as the strategy applies it to the prior, so the
+    noise is what the training covariance holds: ``M = K + diag(noise)``."""
+    likelihood = strategy.likelihood
+    if not isinstance(likelihood, _GaussianLikelihoodBase) or isinstance(likelihood, GaussianLikelihoodWithMissingObs):
+        return None
+    mean = strategy.train_prior_dist.mean
+    zero = MultivariateNormal(torch.zeros_like(mean), DiagLinearOperator(torch.zeros_like(mean)))
+    covar = likelihood(zero, strategy.train_inputs).lazy_covariance_matrix
+    if not isinstance(covar, DiagLinearOperator):
+        return None
+    noise = covar.diagonal(dim1=-2, dim2=-1)
+    if not bool((noise > 0).all()):
+        return None
+    return noise
+
+
+# ---------------------------------------------------------------------------- the factor
+def _root_of_block(B: Tensor, wdt: torch.dtype) -> Tensor | None:
+    """A root of a positive semidefinite ``B``: a vector ``l`` (``B = diag(l^2)``, when ``B`` is diagonal) or the
+    symmetric square root; None when ``B`` has a clearly negative eigenvalue (no root exists)."""
+    B = B.to(wdt)
+    values = torch.diagonal(B, dim1=-2, dim2=-1)
+    if B.shape[-1] == 1 or not bool((B - torch.diag_embed(values)).detach().any()):
+        if bool((values < 0).any()):
+            return None
+        positive = values > 0
+        return torch.where(positive, torch.where(positive, values, torch.ones_like(values)).sqrt(), 0)
+    B = 0.5 * (B + B.mT)
+    e = torch.linalg.eigvalsh(B.detach())
+    if bool((e[..., 0] < -16 * torch.finfo(wdt).eps * B.shape[-1] * e.abs().amax(-1)).any()):
+        return None
+    return symmetric_matrix_function(B, torch.sqrt, lambda x: x.clamp_min(0))
+
+
+def _left(L: Tensor | None, X: Tensor, transpose: bool = False) -> Tensor:
+    """``L X`` (or ``L^T X``) for a root given as None (identity), a vector (diagonal) or a matrix."""
+    if L is None:
+        return X
+    if L.dim() == X.dim() - 1:
+        return L.unsqueeze(-1) * X
+    return (L.mT if transpose else L) @ X
+
+
+def _right(X: Tensor, L: Tensor | None) -> Tensor:
+    """``X L``."""
+    if L is None:
+        return X
+    if L.dim() == X.dim() - 1:
+        return X * L.unsqueeze(-2)
+    return X @ L
+
+
+class _Factor:
+    r"""Everything :math:`S = \operatorname{diag}(s) + V V^\top` needs, in the working precision:
+    the noisy training covariance ``M`` (its :math:`Z` applies :math:`V`), :math:`s = \nu c / (c + \nu)`,
+    :math:`\beta = \nu / (c + \nu)`, :math:`Y = L (I + L^\top A L)^{-1/2}` (:math:`q \times q`) and
+    :math:`H = Y Y^\top`; :math:`V = \operatorname{diag}(\beta) Z Y`."""
+
+    def __init__(self, prior: BlockMeanSumLinearOperator, noise: Tensor):
+        wdt = core_dtype(prior.dtype)
+        M = prior.add_diagonal(noise.to(prior.dtype))
+        sizes = M._sizes()
+        q = sum(sizes)
+        limit = settings.max_capacitance_size.value()
+        if q > limit:
+            raise ValueError(
+                f"the posterior covariance at the training inputs needs an eigendecomposition of size q = {q} "
+                f"({M._describe()}), more than bma_gp.settings.max_capacitance_size = {limit}; raise the limit with "
+                f"`with bma_gp.settings.max_capacitance_size({q}):` if it fits your machine."
+            )
+        c = prior.diag_values.to(wdt)
+        nu = noise.to(wdt).expand_as(c)
+        e = c + nu
+        self.M = M
+        self.s = nu * c / e
+        self.beta = nu / e
+        self.has_diag = bool((c != 0).any())
+        roots: list[Tensor | None] = [_root_of_block(B, wdt) for B in M.blocks]
+        if any(L is None for L in roots):
+            raise _NotPositive
+        if M.root is not None:
+            roots.append(None)
+        a, blocks = M._gram()
+        J = len(M.partitions)
+
+        def A(i: int, j: int) -> Tensor:
+            if i == j and i < J:
+                return torch.diag_embed(a[i])
+            return blocks[i, j] if i < j else blocks[j, i].mT
+
+        W = torch.cat(
+            [
+                torch.cat([_right(_left(roots[i], A(i, j), transpose=True), roots[j]) for j in range(len(sizes))], -1)
+                for i in range(len(sizes))
+            ],
+            dim=-2,
+        )
+        F = symmetric_matrix_function(0.5 * (W + W.mT), lambda x: (1 + x).rsqrt(), lambda x: x.clamp_min(0))
+        self.Y = torch.cat([_left(L, piece) for L, piece in zip(roots, F.split(sizes, dim=-2))], dim=-2)
+        self.H = self.Y @ self.Y.mT
+        self.sizes = sizes
+
+
+class _NotPositive(Exception):
+    """A block matrix of the prior has no root: the closed form does not apply."""
+
+
+def training_posterior(strategy: DefaultPredictionStrategy, test_test_covar, test_train_covar):
+    """The closed-form posterior covariance when the test inputs are the training inputs, or None.
+
+    None when the test covariances are not the prior covariance at the training inputs, the prior is
+    outside the family (or has a block matrix that is not positive semidefinite, or a negative diagonal),
+    or the likelihood is not Gaussian with a positive diagonal noise; also with ``skip_posterior_variances`` and
+    with an observation NaN policy other than ``"ignore"`` (GPyTorch's own path handles those)."""
+    if gpytorch_settings.skip_posterior_variances.on() or gpytorch_settings.observation_nan_policy.value() != "ignore":
+        return None
+    n = strategy.num_train
+    if tuple(test_train_covar.shape[-2:]) != (n, n) or tuple(test_test_covar.shape[-2:]) != (n, n):
+        return None
+    prior = _training_prior(strategy)
+    if prior is None:
+        return None
+    for op in (test_train_covar, test_test_covar):
+        other = as_sum(op)
+        if other is None or not _same(other, prior):
+            return None
+    factor = _training_factor(strategy, prior)
+    if factor is None:
+        return None
+    return TrainingPosteriorLinearOperator(
+        factor.s, factor.beta, factor.Y, factor.H, factor.M, has_diag=factor.has_diag
+    )
+
+
+def _training_prior(strategy: DefaultPredictionStrategy) -> BlockMeanSumLinearOperator | None:
+    if not hasattr(strategy, "_bma_gp_prior"):
+        covar = strategy.train_prior_dist.lazy_covariance_matrix
+        prior = as_sum(covar.evaluate_kernel() if isinstance(covar, LinearOperator) else covar)
+        if prior is not None and not bool((prior.diag_values >= 0).all()):
+            prior = None
+        strategy._bma_gp_prior = prior
+    return strategy._bma_gp_prior
+
+
+def _training_factor(strategy: DefaultPredictionStrategy, prior: BlockMeanSumLinearOperator) -> _Factor | None:
+    """The factor, kept on the strategy when it carries no autograd graph (GPyTorch drops the strategy when the
+    model is trained or its data change)."""
+    cached = getattr(strategy, "_bma_gp_factor", None)
+    if cached is not None:
+        return cached
+    noise = _noise_diagonal(strategy)
+    if noise is None:
+        return None
+    try:
+        factor = _Factor(prior, noise)
+    except _NotPositive:
+        return None
+    if not (factor.Y.requires_grad or factor.s.requires_grad or factor.M._differentiable()):
+        strategy._bma_gp_factor = factor
+    return factor
+
+
+def training_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor, test_test_covar, test_train_covar):
+    """``(mean, covariance)`` in closed form at the training inputs, or None (then use the strategy's own path).
+    The mean is the strategy's own :meth:`exact_predictive_mean`."""
+    covar = training_posterior(strategy, test_test_covar, test_train_covar)
+    if covar is None:
+        return None
+    return strategy.exact_predictive_mean(test_mean, test_train_covar), covar
+
+
+class SumPredictionStrategy(DefaultPredictionStrategy):
+    """GPyTorch's default exact prediction, with the posterior covariance at the training inputs in closed form
+    when the prior there is a :class:`~bma_gp.BlockMeanSumLinearOperator` (see the module docstring). Solves
+    against the training covariance already reach the closed forms through the operator itself."""
+
+    def exact_prediction(self, test_mean: Tensor, test_test_covar, test_train_covar):
+        res = training_prediction(self, test_mean, test_test_covar, test_train_covar)
+        if res is not None:
+            return res
+        return super().exact_prediction(test_mean, test_test_covar, test_train_covar)
+
+
+# ---------------------------------------------------------------------------- the operator
+class TrainingPosteriorLinearOperator(LinearOperator):
+    r""":math:`S = \operatorname{diag}(s) + V V^\top` with :math:`V = \operatorname{diag}(\beta) Z Y`
+    (:math:`Z` the columns of the noisy training covariance ``M``, :math:`Y` of size :math:`q \times q`).
+
+    Products cost :math:`O(n (J + m) + q^2)` per column, the diagonal :math:`O(n (J + m)^2)`; both terms of the
+    diagonal are non-negative (:math:`s \ge 0` exactly, and :math:`z_a^\top H z_a` with :math:`H = Y Y^\top
+    \succeq 0` is clamped at zero, where only rounding can take it). Adding a diagonal (the likelihood's noise)
+    keeps the type. :meth:`root_decomposition` is :math:`V` (``n x q``) without a diagonal and
+    :math:`[\operatorname{diag}(\sqrt{s}), V]` (``n x (n + q)``) with one.
+
+    Args:
+        s: the diagonal. # shape: (*batch, n)
+        beta: the row scaling of :math:`Z`. # shape: (*batch, n)
+        Y: # shape: (*batch, q, q)
+        H: :math:`Y Y^\top`. # shape: (*batch, q, q)
+        M: the noisy training covariance, a :class:`~bma_gp.BlockMeanSumLinearOperator`.
+        has_diag: whether ``s`` may be non-zero (its root then needs ``n`` more columns).
+    """
+
+    def __init__(self, s: Tensor, beta: Tensor, Y: Tensor, H: Tensor, M: BlockMeanSumLinearOperator, has_diag=True):
+        batch = torch.broadcast_shapes(s.shape[:-1], beta.shape[:-1], Y.shape[:-2], H.shape[:-2], M.batch_shape)
+        n, q = s.shape[-1], Y.shape[-1]
+        s, beta = s.expand(*batch, n), beta.expand(*batch, n)
+        Y, H = Y.expand(*batch, q, q), H.expand(*batch, q, q)
+        if M.batch_shape != batch:
+            M = M._expand_batch(batch)
+        super().__init__(s, beta, Y, H, M, has_diag=has_diag)
+        self.s, self.beta, self.Y, self.H, self.M = s, beta, Y, H, M
+        self.has_diag = bool(has_diag)
+
+    @property
+    def dtype(self) -> torch.dtype:  # the factors are held in the working precision
+        return self.M.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.M.device
+
+    def _size(self) -> torch.Size:
+        return self.M.shape
+
+    def _transpose_nonbatch(self) -> TrainingPosteriorLinearOperator:
+        return self
+
+    def _new(self, s: Tensor | None = None, has_diag: bool | None = None) -> TrainingPosteriorLinearOperator:
+        return TrainingPosteriorLinearOperator(
+            self.s if s is None else s,
+            self.beta,
+            self.Y,
+            self.H,
+            self.M,
+            has_diag=self.has_diag if has_diag is None else has_diag,
+        )
+
+    def _expand_batch(self, batch_shape) -> TrainingPosteriorLinearOperator:
+        n, q = self.s.shape[-1], self.Y.shape[-1]
+        return TrainingPosteriorLinearOperator(
+            self.s.expand(*batch_shape, n),
+            self.beta.expand(*batch_shape, n),
+            self.Y.expand(*batch_shape, q, q),
+            self.H.expand(*batch_shape, q, q),
+            self.M._expand_batch(batch_shape),
+            has_diag=self.has_diag,
+        )
+
+    def evaluate_kernel(self) -> TrainingPosteriorLinearOperator:
+        return self
+
+    # ------------------------------------------------------------------ V and V^T
+    def _v(self, x: Tensor) -> Tensor:
+        """:math:`V x` in the working precision. ``x`` # shape: (*batch, q, t)"""
+        y = (self.Y @ x.to(self.Y.dtype)).split(self.M._sizes(), dim=-2)
+        return self.beta.unsqueeze(-1) * self.M._z(list(y))
+
+    def _v_t(self, x: Tensor) -> Tensor:
+        """:math:`V^\\top x` in the working precision. ``x`` # shape: (*batch, n, t)"""
+        u = self.M._z_t(self.beta.unsqueeze(-1) * x.to(self.beta.dtype))
+        return self.Y.mT @ torch.cat(u, dim=-2)
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        vector = rhs.dim() == 1
+        x = rhs.unsqueeze(-1) if vector else rhs
+        xw = x.to(self.s.dtype)
+        res = self.s.unsqueeze(-1) * xw + self._v(self._v_t(xw))
+        res = res.to(torch.promote_types(rhs.dtype, self.dtype))
+        return res.squeeze(-1) if vector else res
+
+    def matmul(self, other):
+        if torch.is_tensor(other):
+            return self._matmul(other)  # plain torch operations: autograd reaches every tensor
+        return super().matmul(other)
+
+    def _t_matmul(self, rhs: Tensor) -> Tensor:
+        return self._matmul(rhs)
+
+    def _diagonal(self) -> Tensor:
+        quad = _quadratic_diagonal(self.M, self.H, self.M._sizes()).clamp_min(0)  # >= 0 up to rounding
+        return (self.s + self.beta.pow(2) * quad).to(self.dtype)
+
+    def to_dense(self) -> Tensor:
+        n = self.shape[-1]
+        eye = torch.eye(n, dtype=self.dtype, device=self.device)
+        return self._matmul(eye.expand(*self.batch_shape, n, n))
+
+    # ------------------------------------------------------------------ sums and roots
+    def add_diagonal(self, diag: Tensor) -> TrainingPosteriorLinearOperator:
+        """Add a scalar, one value per batch entry ``(*batch, 1)`` or a full diagonal ``(*batch, n)``."""
+        if not torch.is_tensor(diag):
+            diag = torch.tensor(diag, dtype=self.dtype, device=self.device)
+        return self._new(s=self.s + diag.to(self.s.dtype), has_diag=True)
+
+    def __add__(self, other):
+        if isinstance(other, DiagLinearOperator):
+            return self.add_diagonal(other.diagonal(dim1=-2, dim2=-1))
+        return super().__add__(other)
+
+    def root_decomposition(self, method: str | None = None) -> LinearOperator:
+        r""":math:`S = R R^\top` with :math:`R = V` (no diagonal) or :math:`[\operatorname{diag}(\sqrt{s}), V]`
+        (``method`` is ignored): no factorisation beyond the one that built :math:`Y`."""
+        return RootLinearOperator(_PosteriorRoot(self))
+
+    def __repr__(self) -> str:
+        return (
+            f"TrainingPosteriorLinearOperator(shape={tuple(self.shape)}, q={self.Y.shape[-1]}, "
+            f"diagonal={self.has_diag}, dtype={self.dtype}, device={self.device})"
+        )
+
+
+def _quadratic_diagonal(M: BlockMeanSumLinearOperator, H: Tensor, sizes: list[int]) -> Tensor:
+    r""":math:`z_a^\top H z_a` for every row :math:`z_a` of :math:`Z`, in ``H``'s precision. # shape: (*batch, n)"""
+    wdt = H.dtype
+    J = len(M.partitions)
+    offsets = [0]
+    for k in sizes:
+        offsets.append(offsets[-1] + k)
+
+    def block(i: int, j: int) -> Tensor:
+        return H[..., offsets[i] : offsets[i + 1], offsets[j] : offsets[j + 1]]
+
+    weights = [None if w is None else w.to(wdt) for w in M.weights]
+    n = M.shape[-1]
+    out = torch.zeros(*H.shape[:-2], n, dtype=wdt, device=H.device)
+    for i in range(J):
+        li, ki = M.partitions[i].labels, sizes[i]
+        for j in range(i, J):
+            lj, kj = M.partitions[j].labels, sizes[j]
+            values = block(i, j).reshape(*H.shape[:-2], ki * kj).index_select(-1, li * kj + lj)
+            for w in (weights[i], weights[j]):
+                if w is not None:
+                    values = values * w
+            out = out + (values if i == j else 2 * values)
+    if M.root is not None:
+        m = M.rank
+        H_uu = block(J, J)
+        cross = [block(i, J) for i in range(J)]  # (*batch, k_i, m)
+        rows = max(1024, _CHUNK_ELEMENTS // max(1, m))
+        pieces = []
+        for start in range(0, n, rows):
+            c = min(rows, n - start)
+            Uc = M.root.narrow(-2, start, c).to(wdt)
+            T = Uc @ H_uu
+            for i in range(J):
+                g = 2 * cross[i].index_select(-2, M.partitions[i].labels.narrow(0, start, c))
+                w = weights[i]
+                T = T + (g if w is None else g * w.narrow(0, start, c).unsqueeze(-1))
+            pieces.append((T * Uc).sum(-1))
+        out = out + torch.cat(pieces, dim=-1)
+    return out
+
+
+class _PosteriorRoot(LinearOperator):
+    """:math:`V` or :math:`[\\operatorname{diag}(\\sqrt{s}), V]` for a :class:`TrainingPosteriorLinearOperator`."""
+
+    def __init__(self, parent: TrainingPosteriorLinearOperator, transposed: bool = False):
+        super().__init__(parent, transposed=transposed)
+        self.parent = parent
+        self.transposed = transposed
+        s = parent.s
+        positive = s > 0
+        self.sqrt_s = torch.where(positive, torch.where(positive, s, torch.ones_like(s)).sqrt(), 0)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parent.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.parent.device
+
+    def _size(self) -> torch.Size:
+        n, q = self.parent.shape[-1], self.parent.Y.shape[-1]
+        cols = n + q if self.parent.has_diag else q
+        shape = (cols, n) if self.transposed else (n, cols)
+        return torch.Size((*self.parent.batch_shape, *shape))
+
+    def _transpose_nonbatch(self) -> _PosteriorRoot:
+        return _PosteriorRoot(self.parent, transposed=not self.transposed)
+
+    def _expand_batch(self, batch_shape) -> _PosteriorRoot:
+        return _PosteriorRoot(self.parent._expand_batch(batch_shape), transposed=self.transposed)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        """:math:`R x`. ``x`` # shape: (*batch, cols, t)"""
+        n = self.parent.shape[-1]
+        if not self.parent.has_diag:
+            return self.parent._v(x)
+        head, tail = x.narrow(-2, 0, n), x.narrow(-2, n, x.shape[-2] - n)
+        return self.sqrt_s.unsqueeze(-1) * head.to(self.sqrt_s.dtype) + self.parent._v(tail)
+
+    def _backward(self, x: Tensor) -> Tensor:
+        """:math:`R^\\top x`. ``x`` # shape: (*batch, n, t)"""
+        tail = self.parent._v_t(x)
+        if not self.parent.has_diag:
+            return tail
+        head = self.sqrt_s.unsqueeze(-1) * x.to(self.sqrt_s.dtype)
+        batch = torch.broadcast_shapes(head.shape[:-2], tail.shape[:-2])
+        return torch.cat([head.expand(*batch, *head.shape[-2:]), tail.expand(*batch, *tail.shape[-2:])], dim=-2)
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        vector = rhs.dim() == 1
+        x = rhs.unsqueeze(-1) if vector else rhs
+        res = self._backward(x) if self.transposed else self._forward(x)
+        res = res.to(torch.promote_types(rhs.dtype, self.dtype))
+        return res.squeeze(-1) if vector else res
+
+    def matmul(self, other):
+        if torch.is_tensor(other):
+            return self._matmul(other)
+        return super().matmul(other)
+
+    def _t_matmul(self, rhs: Tensor) -> Tensor:
+        return self._transpose_nonbatch()._matmul(rhs)
+
+    def _getitem(self, row_index, col_index, *batch_indices):
+        return self.to_dense()[(*batch_indices, row_index, col_index)]
+
+    def to_dense(self) -> Tensor:
+        cols = self.shape[-1]
+        eye = torch.eye(cols, dtype=self.dtype, device=self.device)
+        return self._matmul(eye.expand(*self.batch_shape, cols, cols))
+
+
+# ---------------------------------------------------------------------------- the hook
+def install() -> None:
+    """Make :class:`gpytorch.kernels.AdditiveKernel` (``k1 + k2``, also inside a ``ScaleKernel``) pick
+    :class:`SumPredictionStrategy` when it contains a :class:`~bma_gp.GroupKernel` or
+    :class:`~bma_gp.BlockMeanKernel` (idempotent); every other sum keeps GPyTorch's strategy."""
+    from gpytorch.kernels import AdditiveKernel, Kernel
+
+    from bma_gp._composition import _involves_block_mean
+
+    current = AdditiveKernel.__dict__.get("prediction_strategy", Kernel.prediction_strategy)
+    if hasattr(current, "_bma_gp_original"):
+        return
+    original = current
+
+    def prediction_strategy(self, train_inputs, train_prior_dist, train_labels, likelihood):
+        if _involves_block_mean(self):
+            return SumPredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood)
+        return original(self, train_inputs, train_prior_dist, train_labels, likelihood)
+
+    prediction_strategy.__doc__ = original.__doc__
+    prediction_strategy._bma_gp_original = original  # type: ignore[attr-defined]
+    AdditiveKernel.prediction_strategy = prediction_strategy
