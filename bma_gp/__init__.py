@@ -10,6 +10,7 @@ Public names (see the documentation for the mathematics):
 - :func:`block_mean` -- the Frobenius-nearest block mean matrix of a dense matrix or operator.
 - :func:`kernel_block_mean` -- the same for a GPyTorch kernel matrix, without n x n memory.
 - :class:`BlockMeanKernel`, :class:`GroupKernel` -- GPyTorch kernels returning block mean operators.
+- :class:`GroupGaussianLikelihood` -- a Gaussian likelihood with one learned noise variance per group.
 """
 
 from bma_gp import settings
@@ -21,6 +22,7 @@ from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
 from bma_gp.kernel_block_mean import kernel_block_mean
 from bma_gp.kernels import BlockMeanKernel, GroupKernel
+from bma_gp.likelihoods import GroupGaussianLikelihood, GroupNoise
 from bma_gp.partition import Partition
 
 _install_composition()  # sums with diagonals, other partitions and low-rank roots reach the closed forms
@@ -37,6 +39,8 @@ __all__ = [
     "kernel_block_mean",
     "BlockMeanKernel",
     "GroupKernel",
+    "GroupGaussianLikelihood",
+    "GroupNoise",
     "settings",
     "__version__",
 ]

@@ -1,0 +1,287 @@
+r"""Gaussian likelihoods whose noise depends on a point's group: one learned noise variance per level.
+
+The training covariance of an :class:`~gpytorch.models.ExactGP` with :class:`GroupGaussianLikelihood`
+is :math:`K + \operatorname{diag}(\sigma^2_{g_a})`: a per-point diagonal, which keeps group kernels
+(:class:`~bma_gp.GroupKernel`), their sums and an inducing-point root in the closed forms of
+:class:`~bma_gp.BlockMeanSumLinearOperator` (``docs/math.md``, section 4).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from gpytorch.constraints import GreaterThan, Interval
+from gpytorch.likelihoods.gaussian_likelihood import _GaussianLikelihoodBase
+from gpytorch.likelihoods.noise_models import Noise
+from gpytorch.priors import Prior
+from linear_operator.operators import DiagLinearOperator
+from torch import Tensor
+
+from bma_gp.kernels.group_kernel import check_group_ids
+
+__all__ = ["GroupGaussianLikelihood", "GroupNoise"]
+
+_UNSEEN = ("mean", "error")
+_NO_BATCH = torch.Size()
+
+
+class GroupNoise(Noise):
+    r"""A noise model with one variance per group: point :math:`a` gets :math:`\sigma^2_{g_a}`.
+
+    The noise model of :class:`GroupGaussianLikelihood` (see there for how the groups are found and
+    for unseen levels). Returns a :class:`~linear_operator.operators.DiagLinearOperator` of shape
+    ``(*batch, n, n)``.
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        group_dim: int = -1,
+        noise_prior: Prior | None = None,
+        noise_constraint: Interval | None = None,
+        batch_shape: torch.Size = _NO_BATCH,
+        unseen: str = "mean",
+        train_inputs: Tensor | None = None,
+    ):
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+            raise ValueError(f"num_groups must be a positive int, got {num_groups!r}.")
+        if isinstance(group_dim, bool) or not isinstance(group_dim, int):
+            raise TypeError(f"group_dim must be an int (the column of the group ids), got {group_dim!r}.")
+        if unseen not in _UNSEEN:
+            raise ValueError(f"unseen must be one of {_UNSEEN}, got {unseen!r}.")
+        if noise_prior is not None and not isinstance(noise_prior, Prior):
+            raise TypeError(f"noise_prior must be a gpytorch.priors.Prior, got {type(noise_prior).__name__}.")
+        super().__init__()
+        self.num_groups = num_groups
+        self.group_dim = group_dim
+        self.unseen = unseen
+        self.register_parameter("raw_noise", torch.nn.Parameter(torch.zeros(*batch_shape, num_groups)))
+        self.register_constraint("raw_noise", GreaterThan(1e-4) if noise_constraint is None else noise_constraint)
+        if noise_prior is not None:
+            self.register_prior("noise_prior", noise_prior, lambda m: m.noise, lambda m, v: m._set_noise(v))
+        # which levels the likelihood has been trained on (saved with the state dict)
+        self.register_buffer("observed", torch.zeros(num_groups, dtype=torch.bool))
+        self.register_buffer("train_groups", None, persistent=False)
+        if train_inputs is not None:
+            self.set_train_inputs(train_inputs)
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def noise(self) -> Tensor:
+        """The noise variance of every level. # shape: (*batch, num_groups)"""
+        return self.raw_noise_constraint.transform(self.raw_noise)
+
+    @noise.setter
+    def noise(self, value) -> None:
+        self._set_noise(value)
+
+    def _set_noise(self, value) -> None:
+        value = torch.as_tensor(value, dtype=self.raw_noise.dtype, device=self.raw_noise.device)
+        try:
+            value = value.expand_as(self.raw_noise)
+        except RuntimeError:
+            raise ValueError(
+                f"noise of shape {tuple(value.shape)} does not fit the likelihood's noise of shape "
+                f"{tuple(self.raw_noise.shape)} (one value per group); pass a scalar or a tensor of that shape."
+            ) from None
+        self.initialize(raw_noise=self.raw_noise_constraint.inverse_transform(value))
+
+    # ------------------------------------------------------------------ groups
+    def groups_of(self, inputs, name: str = "inputs") -> Tensor:
+        """The group ids of ``inputs``: a tensor ``(*batch, n, d)`` (ids in column ``group_dim``), a 1-D tensor
+        of ids, or a list or tuple whose first entry is one of these (GPyTorch's ``train_inputs``).
+        # shape: (*batch, n)"""
+        if isinstance(inputs, (list, tuple)):
+            if not inputs:
+                raise ValueError(f"{name} is empty; pass the inputs whose group ids the noise depends on.")
+            inputs = inputs[0]
+        if not torch.is_tensor(inputs):
+            raise TypeError(f"{name} must be a tensor of inputs, got {type(inputs).__name__}.")
+        if inputs.dim() == 1:
+            values = inputs
+        else:
+            d = inputs.shape[-1]
+            if not -d <= self.group_dim < d:
+                raise ValueError(
+                    f"group_dim={self.group_dim} is not a column of {name}, which has {d} column(s) "
+                    f"(shape {tuple(inputs.shape)})."
+                )
+            values = inputs[..., self.group_dim]
+        return check_group_ids(values, self.num_groups, f"{name}[..., {self.group_dim}]")
+
+    def set_train_inputs(self, train_inputs) -> None:
+        """Remember the training points' groups, used when the likelihood is called without inputs in
+        training mode (``mll(model(train_x), train_y)``). Call it again after ``model.set_train_data``."""
+        ids = self.groups_of(train_inputs, "train_inputs")
+        self.train_groups = ids.to(self.raw_noise.device)
+        self._mark_observed(ids)
+
+    def _mark_observed(self, ids: Tensor) -> None:
+        with torch.no_grad():
+            self.observed[ids.reshape(-1).to(self.observed.device)] = True
+
+    def _groups(self, params: tuple, groups, shape: torch.Size | None) -> Tensor:
+        if groups is not None:
+            ids = check_group_ids(torch.as_tensor(groups, device=self.raw_noise.device), self.num_groups, "groups")
+        elif params and params[0] is not None:
+            ids = self.groups_of(params[0])
+        elif self.training and self.train_groups is not None:
+            ids = self.train_groups
+        else:
+            where = (
+                "pass the training inputs once (GroupGaussianLikelihood(..., train_inputs=train_x) or "
+                "likelihood.set_train_inputs(train_x)), or "
+                if self.training
+                else ""
+            )
+            raise ValueError(
+                "GroupGaussianLikelihood needs the group of every point: "
+                f"{where}pass the inputs with the call: likelihood(model(x), x), mll(model(x), y, x)."
+            )
+        if shape is not None and ids.shape[-1] != shape[-1]:
+            raise ValueError(
+                f"the group ids hold {ids.shape[-1]} points but the distribution has {shape[-1]}; pass the inputs of "
+                "these points (likelihood(model(x), x)) or update the training inputs (set_train_inputs)."
+            )
+        return ids
+
+    def _per_point(self, ids: Tensor, batch: torch.Size) -> Tensor:
+        """:math:`\\sigma^2_{g_a}` for every point, with the policy for unseen levels. # shape: (*batch, n)"""
+        noise = self.noise
+        n = ids.shape[-1]
+        values = noise.expand(*batch, self.num_groups).gather(-1, ids.expand(*batch, n))
+        observed = self.observed
+        if self.training or not bool(observed.any()):
+            return values
+        seen = observed[ids]  # (*b, n)
+        if bool(seen.all()):
+            return values
+        if self.unseen == "error":
+            level = int(ids[~seen].reshape(-1)[0])
+            raise ValueError(
+                f"group {level} was not in the training data, so its noise was never learned; pass unseen='mean' "
+                "to use the mean noise of the trained levels for it."
+            )
+        weights = observed.to(noise.dtype)
+        mean = (noise * weights).sum(-1, keepdim=True) / weights.sum()  # (*nb, 1)
+        return torch.where(seen, values, mean.expand(*batch, 1))
+
+    def forward(
+        self,
+        *params: Any,
+        shape: torch.Size | None = None,
+        groups: Tensor | None = None,
+        noise: Tensor | None = None,
+        **kwargs: Any,
+    ) -> DiagLinearOperator:
+        if noise is not None:  # GPyTorch's convention: an explicit noise is used as it is
+            return DiagLinearOperator(noise)
+        ids = self._groups(params, groups, shape)
+        if self.training:
+            self._mark_observed(ids)
+        shape_batch = shape[:-1] if shape is not None else torch.Size()
+        batch = torch.broadcast_shapes(shape_batch, ids.shape[:-1], self.raw_noise.shape[:-1])
+        return DiagLinearOperator(self._per_point(ids, batch))
+
+
+class GroupGaussianLikelihood(_GaussianLikelihoodBase):
+    r"""Gaussian observation noise with one learned variance per group: :math:`y_a = f(x_a) + \epsilon_a`,
+    :math:`\epsilon_a \sim N(0, \sigma^2_{g_a})`.
+
+    The noisy training covariance is :math:`K + \operatorname{diag}(\sigma^2_{g})`, a per-point diagonal: with
+    :class:`~bma_gp.GroupKernel` (and its sums, random slopes, SGPR) it stays in the closed forms of
+    :class:`~bma_gp.BlockMeanSumLinearOperator`; no CG, Lanczos or :math:`n \times n` factorisation.
+
+    **Where the groups come from.** A point's group is column ``group_dim`` of its inputs (the same
+    column a :class:`~bma_gp.GroupKernel` reads through ``active_dims``). The likelihood finds the ids,
+    in this order, from:
+
+    1. the ``groups=`` keyword (a tensor of ids, ``(*batch, n)``);
+    2. the inputs passed after the distribution: ``likelihood(model(x), x)``, ``mll(model(x), y, x)``
+       (GPyTorch's prediction strategies pass the training inputs this way themselves);
+    3. in training mode only, the training inputs given once to the constructor (``train_inputs=``) or to
+       :meth:`set_train_inputs`: this is what makes GPyTorch's usual ``mll(model(train_x), train_y)`` work,
+       since :class:`~gpytorch.mlls.ExactMarginalLogLikelihood` passes the likelihood no inputs.
+
+    Without any of them it raises ``ValueError``; in eval mode the inputs must be passed, so the
+    training groups are never used silently for test points.
+
+    **Unseen levels.** Every level in ``[0, num_groups)`` has a parameter, but only the levels in the
+    training data are learned. The likelihood records them (buffer ``observed``, saved in the state
+    dict): the levels of ``train_inputs`` and of every call in training mode. In eval mode a point of
+    a level never observed gets, with ``unseen="mean"`` (the default), the mean noise variance of the
+    observed levels, and with ``unseen="error"`` a ``ValueError``. Before any level is observed, every
+    level uses its own noise.
+
+    Args:
+        num_groups: number of possible ids; ids must be integers in ``[0, num_groups)``.
+        group_dim: the input column that holds the group id (default -1, the last one).
+        train_inputs: the training inputs (optional, see above).
+        noise_prior: optional prior on the noise variances.
+        noise_constraint: constraint on the noise variances (default ``GreaterThan(1e-4)``, as GPyTorch's).
+        batch_shape: batch shape of the noise parameter (default ``torch.Size()``).
+        unseen: ``"mean"`` or ``"error"``, the policy for levels absent from training (see above).
+
+    Example:
+        >>> import gpytorch
+        >>> likelihood = GroupGaussianLikelihood(18, group_dim=1)
+        >>> likelihood.noise.shape
+        torch.Size([18])
+        >>> x = torch.tensor([[0.5, 3.0], [1.5, 0.0]])
+        >>> f = gpytorch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
+        >>> likelihood.noise = torch.linspace(0.1, 1.8, 18)
+        >>> likelihood(f, x).variance.detach()
+        tensor([1.4000, 1.1000])
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        group_dim: int = -1,
+        train_inputs: Tensor | None = None,
+        noise_prior: Prior | None = None,
+        noise_constraint: Interval | None = None,
+        batch_shape: torch.Size = _NO_BATCH,
+        unseen: str = "mean",
+    ):
+        noise_covar = GroupNoise(
+            num_groups,
+            group_dim=group_dim,
+            noise_prior=noise_prior,
+            noise_constraint=noise_constraint,
+            batch_shape=batch_shape,
+            unseen=unseen,
+            train_inputs=train_inputs,
+        )
+        super().__init__(noise_covar=noise_covar)
+
+    @property
+    def num_groups(self) -> int:
+        return self.noise_covar.num_groups
+
+    @property
+    def group_dim(self) -> int:
+        return self.noise_covar.group_dim
+
+    @property
+    def noise(self) -> Tensor:
+        """The noise variance of every level. # shape: (*batch, num_groups)"""
+        return self.noise_covar.noise
+
+    @noise.setter
+    def noise(self, value) -> None:
+        self.noise_covar.noise = value
+
+    @property
+    def raw_noise(self) -> Tensor:
+        return self.noise_covar.raw_noise
+
+    @property
+    def observed(self) -> Tensor:
+        """Which levels the likelihood has seen in training. # shape: (num_groups,), bool"""
+        return self.noise_covar.observed
+
+    def set_train_inputs(self, train_inputs) -> None:
+        """See :meth:`GroupNoise.set_train_inputs`."""
+        self.noise_covar.set_train_inputs(train_inputs)
