@@ -239,6 +239,30 @@ def test_prediction_matches_dense_posterior(case, fast_pred_var):
     torch.testing.assert_close(pred_var, torch.diagonal(ref_cov) + test_noise, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("case", ["intercept", "crossed"])
+def test_rsample_at_training_inputs_is_closed_form(case):
+    model, x, y = build(case)
+    model.train()
+    model(x)
+    model.eval()
+    torch.manual_seed(2)
+    with (
+        closed_forms_only(x.shape[0]),
+        gpytorch.settings.max_cholesky_size(0),
+        gpytorch.settings.debug(False),  # predicting at the training inputs on purpose
+        torch.no_grad(),
+    ):
+        draws = model(x).rsample(torch.Size([3000]))
+    with torch.no_grad():
+        prior = dense_prior(model, x, x)
+        covar = prior + torch.diag(dense_noise(model, x))
+        c = model.mean_module.constant
+        ref_mean = c + prior @ torch.linalg.solve(covar, y - c)
+        ref_var = torch.diagonal(prior - prior @ torch.linalg.solve(covar, prior))
+    assert bool(((draws.mean(0) - ref_mean).abs() <= 5 * ref_var.clamp_min(0).sqrt() / math.sqrt(3000) + 1e-9).all())
+    assert draws.var(0).sub(ref_var).abs().max().item() < 0.2 * ref_var.max().item()
+
+
 # ---------------------------------------------------------------------------- recovering the noises
 def simulate(seed=5, per_group=300):
     """Four groups with noise variances 0.05 .. 1.0, a random intercept of variance 1 and a linear trend."""
