@@ -8,6 +8,7 @@ a plot of the fits with their :math:`\\pm 2` standard deviation bands::
     bma-gp                                   # the bundled CO2 demo
     bma-gp --data my.csv --target y          # your own CSV (all other columns are inputs)
     bma-gp --method exact,blockmean --blocks 128 --iters 100 --out results/
+    bma-gp --data my.csv --target y --group site   # plus lme4's (1 | site) in every model
 
 The three methods share the base kernel, mean, likelihood, optimiser and schedule:
 
@@ -20,8 +21,10 @@ The three methods share the base kernel, mean, likelihood, optimiser and schedul
 * ``sgpr`` -- :class:`gpytorch.kernels.InducingPointKernel` (Titsias' SGPR) with
   ``--blocks`` inducing points initialised at random training inputs.
 
-Inputs and targets are standardised with the training statistics; RMSE and NLPD are
-reported in the units of the target.
+With ``--group COL`` (repeatable) each model's covariance also has one
+:class:`bma_gp.GroupKernel` per grouping column: a random intercept per level. Inputs and targets
+are standardised with the training statistics; RMSE and NLPD are reported in the units of the
+target.
 
 The package, one module per step:
 
