@@ -15,14 +15,17 @@ turns it into :math:`S = N - N M^{-1} N`, and Woodbury with a root :math:`G = L 
     V = \\operatorname{diag}\\Big(\\frac{\\nu}{c + \\nu}\\Big) Z L (I + L^\\top A L)^{-1/2},
 
 a non-negative diagonal plus a positive semidefinite term of rank :math:`q`, with no subtraction
-left and no inverse of :math:`G` (singular :math:`B_j` are fine). :math:`[\\operatorname{diag}(
-\\sqrt{\\nu c / (c + \\nu)}), V]` is a root, or :math:`V` alone (``n x q``) when :math:`c = 0`; one
-``q x q`` eigendecomposition builds it. See docs/math.md, section 4.
+left and no inverse of :math:`G` (singular :math:`B_j` are fine); one ``q x q`` eigendecomposition
+builds it. Its roots (:class:`TrainingPosteriorLinearOperator`) are :math:`[V, 0]` when :math:`c = 0`,
+:math:`[\\operatorname{diag}(\\sqrt{\\nu c / (c + \\nu)}), V]` otherwise, and, once the likelihood has added
+its noise, a square root through Woodbury as for the sums themselves (docs/math.md, section 4).
 
 :class:`SumPredictionStrategy` is what :class:`gpytorch.kernels.AdditiveKernel` (``k1 + k2``) returns
 for sums that contain a :class:`~bma_gp.GroupKernel` or :class:`~bma_gp.BlockMeanKernel` once
 :func:`install` has run (importing ``bma_gp`` runs it); at any other test inputs, and when the
-prior or the likelihood is outside the family, it is GPyTorch's default strategy.
+prior or the likelihood is outside the family, it is GPyTorch's default strategy. A single block mean
+kernel whose noisy training covariance leaves the one-partition form (per-point noise) reaches the same
+closed form through :class:`~bma_gp.kernels.BlockMeanPredictionStrategy`.
 """
 
 from __future__ import annotations
@@ -153,6 +156,26 @@ def _right(X: Tensor, L: Tensor | None) -> Tensor:
     return X @ L
 
 
+def _scaled_gram(op: BlockMeanSumLinearOperator, roots: list[Tensor | None]) -> Tensor:
+    r""":math:`L^\top A L` with :math:`A = Z^\top D^{-1} Z` the Gram matrix of ``op`` (its diagonal :math:`D`) and
+    :math:`L = \operatorname{blockdiag}(\text{roots})`. # shape: (*batch, q, q)"""
+    a, blocks = op._gram()
+    J = len(op.partitions)
+    T = len(op._sizes())
+
+    def scaled(i: int, j: int) -> Tensor:
+        if i == j and i < J:  # a diagonal block: scale its diagonal, then embed
+            Li = roots[i]
+            if Li is None or Li.dim() == a[i].dim():
+                values = a[i] if Li is None else Li * a[i] * Li
+                return torch.diag_embed(values)
+            return Li.mT @ (a[i].unsqueeze(-1) * Li)
+        A_ij = blocks[i, j] if i < j else blocks[j, i].mT
+        return _right(_left(roots[i], A_ij, transpose=True), roots[j])
+
+    return torch.cat([torch.cat([scaled(i, j) for j in range(T)], dim=-1) for i in range(T)], dim=-2)
+
+
 class _Factor:
     r"""Everything :math:`S = \operatorname{diag}(s) + V V^\top` needs, in the working precision:
     the noisy training covariance ``M`` (its :math:`Z` applies :math:`V`), :math:`s = \nu c / (c + \nu)`,
@@ -177,27 +200,13 @@ class _Factor:
         self.M = M
         self.s = nu * c / e
         self.beta = nu / e
-        self.has_diag = bool((c != 0).any())
+        self.diag_kind = "nonnegative" if bool((c != 0).any()) else "zero"
         roots: list[Tensor | None] = [_root_of_block(B, wdt) for B in M.blocks]
         if any(L is None for L in roots):
             raise _NotPositive
         if M.root is not None:
             roots.append(None)
-        a, blocks = M._gram()
-        J = len(M.partitions)
-
-        def A(i: int, j: int) -> Tensor:
-            if i == j and i < J:
-                return torch.diag_embed(a[i])
-            return blocks[i, j] if i < j else blocks[j, i].mT
-
-        W = torch.cat(
-            [
-                torch.cat([_right(_left(roots[i], A(i, j), transpose=True), roots[j]) for j in range(len(sizes))], -1)
-                for i in range(len(sizes))
-            ],
-            dim=-2,
-        )
+        W = _scaled_gram(M, roots)
         F = symmetric_matrix_function(0.5 * (W + W.mT), lambda x: (1 + x).rsqrt(), lambda x: x.clamp_min(0))
         self.Y = torch.cat([_left(L, piece) for L, piece in zip(roots, F.split(sizes, dim=-2))], dim=-2)
         self.H = self.Y @ self.Y.mT
@@ -214,51 +223,50 @@ def training_posterior(strategy: DefaultPredictionStrategy, test_test_covar, tes
     None when the test covariances are not the prior covariance at the training inputs, the prior is
     outside the family (or has a block matrix that is not positive semidefinite, or a negative diagonal),
     or the likelihood is not Gaussian with a positive diagonal noise; also with ``skip_posterior_variances`` and
-    with an observation NaN policy other than ``"ignore"`` (GPyTorch's own path handles those)."""
+    with an observation NaN policy other than ``"ignore"`` (GPyTorch's own path handles those).
+
+    The operator is built from the test-by-training covariance (equal to the training prior, and evaluated afresh
+    by every call), so gradients are those of the exact posterior covariance and never reach back into a graph an
+    earlier backward pass has freed; GPyTorch's ``detach_test_caches`` does not cut them."""
     if gpytorch_settings.skip_posterior_variances.on() or gpytorch_settings.observation_nan_policy.value() != "ignore":
         return None
     n = strategy.num_train
     if tuple(test_train_covar.shape[-2:]) != (n, n) or tuple(test_test_covar.shape[-2:]) != (n, n):
         return None
-    prior = _training_prior(strategy)
-    if prior is None:
+    covar = strategy.train_prior_dist.lazy_covariance_matrix
+    prior = as_sum(covar.evaluate_kernel() if isinstance(covar, LinearOperator) else covar)  # GPyTorch memoises it
+    if prior is None or not bool((prior.diag_values >= 0).all()):
         return None
-    for op in (test_train_covar, test_test_covar):
-        other = as_sum(op)
+    cross = as_sum(test_train_covar)
+    if cross is None or not _same(cross, prior):
+        return None
+    if test_test_covar is not test_train_covar:
+        other = as_sum(test_test_covar)
         if other is None or not _same(other, prior):
             return None
-    factor = _training_factor(strategy, prior)
+    factor = _training_factor(strategy, cross)
     if factor is None:
         return None
     return TrainingPosteriorLinearOperator(
-        factor.s, factor.beta, factor.Y, factor.H, factor.M, has_diag=factor.has_diag
+        factor.s, factor.beta, factor.Y, factor.H, factor.M, diag_kind=factor.diag_kind
     )
 
 
-def _training_prior(strategy: DefaultPredictionStrategy) -> BlockMeanSumLinearOperator | None:
-    if not hasattr(strategy, "_bma_gp_prior"):
-        covar = strategy.train_prior_dist.lazy_covariance_matrix
-        prior = as_sum(covar.evaluate_kernel() if isinstance(covar, LinearOperator) else covar)
-        if prior is not None and not bool((prior.diag_values >= 0).all()):
-            prior = None
-        strategy._bma_gp_prior = prior
-    return strategy._bma_gp_prior
-
-
 def _training_factor(strategy: DefaultPredictionStrategy, prior: BlockMeanSumLinearOperator) -> _Factor | None:
-    """The factor, kept on the strategy when it carries no autograd graph (GPyTorch drops the strategy when the
-    model is trained or its data change)."""
-    cached = getattr(strategy, "_bma_gp_factor", None)
-    if cached is not None:
-        return cached
+    """The factor; one computed without autograd is kept on the strategy for later calls that need no gradient
+    (GPyTorch drops the strategy when the model is trained or its data change)."""
     noise = _noise_diagonal(strategy)
     if noise is None:
         return None
+    needs_grad = torch.is_grad_enabled() and (noise.requires_grad or prior._differentiable())
+    cached = getattr(strategy, "_bma_gp_factor", None)
+    if cached is not None and not needs_grad:
+        return cached
     try:
         factor = _Factor(prior, noise)
     except _NotPositive:
         return None
-    if not (factor.Y.requires_grad or factor.s.requires_grad or factor.M._differentiable()):
+    if not needs_grad:
         strategy._bma_gp_factor = factor
     return factor
 
@@ -285,6 +293,11 @@ class SumPredictionStrategy(DefaultPredictionStrategy):
 
 
 # ---------------------------------------------------------------------------- the operator
+#: ``s`` is zero (the root is ``V``), non-negative (it may vanish somewhere: ``[diag(sqrt s), V]``), or at least a
+#: positive diagonal that was added to it (a likelihood's noise: a square root through Woodbury).
+_DIAG_KINDS = ("zero", "nonnegative", "positive")
+
+
 class TrainingPosteriorLinearOperator(LinearOperator):
     r""":math:`S = \operatorname{diag}(s) + V V^\top` with :math:`V = \operatorname{diag}(\beta) Z Y`
     (:math:`Z` the columns of the noisy training covariance ``M``, :math:`Y` of size :math:`q \times q`).
@@ -292,8 +305,16 @@ class TrainingPosteriorLinearOperator(LinearOperator):
     Products cost :math:`O(n (J + m) + q^2)` per column, the diagonal :math:`O(n (J + m)^2)`; both terms of the
     diagonal are non-negative (:math:`s \ge 0` exactly, and :math:`z_a^\top H z_a` with :math:`H = Y Y^\top
     \succeq 0` is clamped at zero, where only rounding can take it). Adding a diagonal (the likelihood's noise)
-    keeps the type. :meth:`root_decomposition` is :math:`V` (``n x q``) without a diagonal and
-    :math:`[\operatorname{diag}(\sqrt{s}), V]` (``n x (n + q)``) with one.
+    keeps the type. :meth:`root_decomposition`:
+
+    * :math:`s = 0` (no inducing-point correction): :math:`[V, 0]`, ``n x max(n, q)`` (zero columns pad it to a
+      square so that GPyTorch's ``rsample(base_samples=...)`` takes ``n`` base samples);
+    * :math:`s \ge 0`, possibly zero somewhere: :math:`[\operatorname{diag}(\sqrt{s}), V]`, ``n x (n + q)``;
+    * :math:`s` at least an added positive diagonal (``likelihood(model(train_x))``): the square root
+      :math:`\operatorname{diag}(\sqrt{s}) + V K V^\top \operatorname{diag}(1/\sqrt{s})`,
+      :math:`K = h(V^\top \operatorname{diag}(1/s) V)`, :math:`h(e) = 1 / (\sqrt{1 + e} + 1)`, as for the sums'
+      own roots (docs/math.md, section 4); :math:`V^\top \operatorname{diag}(1/s) V = Y^\top Z^\top
+      \operatorname{diag}(\beta^2 / s) Z Y` is one more Gram matrix.
 
     Args:
         s: the diagonal. # shape: (*batch, n)
@@ -301,19 +322,23 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         Y: # shape: (*batch, q, q)
         H: :math:`Y Y^\top`. # shape: (*batch, q, q)
         M: the noisy training covariance, a :class:`~bma_gp.BlockMeanSumLinearOperator`.
-        has_diag: whether ``s`` may be non-zero (its root then needs ``n`` more columns).
+        diag_kind: ``"zero"``, ``"nonnegative"`` or ``"positive"`` (see above).
     """
 
-    def __init__(self, s: Tensor, beta: Tensor, Y: Tensor, H: Tensor, M: BlockMeanSumLinearOperator, has_diag=True):
+    def __init__(
+        self, s: Tensor, beta: Tensor, Y: Tensor, H: Tensor, M: BlockMeanSumLinearOperator, diag_kind: str = "zero"
+    ):
+        if diag_kind not in _DIAG_KINDS:
+            raise ValueError(f"diag_kind must be one of {_DIAG_KINDS}, got {diag_kind!r}.")
         batch = torch.broadcast_shapes(s.shape[:-1], beta.shape[:-1], Y.shape[:-2], H.shape[:-2], M.batch_shape)
         n, q = s.shape[-1], Y.shape[-1]
         s, beta = s.expand(*batch, n), beta.expand(*batch, n)
         Y, H = Y.expand(*batch, q, q), H.expand(*batch, q, q)
         if M.batch_shape != batch:
             M = M._expand_batch(batch)
-        super().__init__(s, beta, Y, H, M, has_diag=has_diag)
+        super().__init__(s, beta, Y, H, M, diag_kind=diag_kind)
         self.s, self.beta, self.Y, self.H, self.M = s, beta, Y, H, M
-        self.has_diag = bool(has_diag)
+        self.diag_kind = diag_kind
 
     @property
     def dtype(self) -> torch.dtype:  # the factors are held in the working precision
@@ -329,16 +354,6 @@ class TrainingPosteriorLinearOperator(LinearOperator):
     def _transpose_nonbatch(self) -> TrainingPosteriorLinearOperator:
         return self
 
-    def _new(self, s: Tensor | None = None, has_diag: bool | None = None) -> TrainingPosteriorLinearOperator:
-        return TrainingPosteriorLinearOperator(
-            self.s if s is None else s,
-            self.beta,
-            self.Y,
-            self.H,
-            self.M,
-            has_diag=self.has_diag if has_diag is None else has_diag,
-        )
-
     def _expand_batch(self, batch_shape) -> TrainingPosteriorLinearOperator:
         n, q = self.s.shape[-1], self.Y.shape[-1]
         return TrainingPosteriorLinearOperator(
@@ -347,7 +362,7 @@ class TrainingPosteriorLinearOperator(LinearOperator):
             self.Y.expand(*batch_shape, q, q),
             self.H.expand(*batch_shape, q, q),
             self.M._expand_batch(batch_shape),
-            has_diag=self.has_diag,
+            diag_kind=self.diag_kind,
         )
 
     def evaluate_kernel(self) -> TrainingPosteriorLinearOperator:
@@ -394,7 +409,14 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         """Add a scalar, one value per batch entry ``(*batch, 1)`` or a full diagonal ``(*batch, n)``."""
         if not torch.is_tensor(diag):
             diag = torch.tensor(diag, dtype=self.dtype, device=self.device)
-        return self._new(s=self.s + diag.to(self.s.dtype), has_diag=True)
+        diag = diag.to(self.s.dtype)
+        if bool((diag > 0).all()):
+            kind = "positive"
+        elif bool((diag >= 0).all()):
+            kind = "nonnegative" if self.diag_kind == "zero" else self.diag_kind
+        else:  # some entry < 0: the sum need not be positive semidefinite; linear_operator's generic sum
+            return super().add_diagonal(diag.to(self.dtype))
+        return TrainingPosteriorLinearOperator(self.s + diag, self.beta, self.Y, self.H, self.M, diag_kind=kind)
 
     def __add__(self, other):
         if isinstance(other, DiagLinearOperator):
@@ -402,14 +424,32 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         return super().__add__(other)
 
     def root_decomposition(self, method: str | None = None) -> LinearOperator:
-        r""":math:`S = R R^\top` with :math:`R = V` (no diagonal) or :math:`[\operatorname{diag}(\sqrt{s}), V]`
-        (``method`` is ignored): no factorisation beyond the one that built :math:`Y`."""
+        r""":math:`S = R R^\top` (``method`` is ignored; see the class docstring for the three forms). Only the
+        square form factorises anything: one more :math:`q \times q` eigendecomposition."""
+        if self.diag_kind == "positive":
+            return RootLinearOperator(_SquareRoot(self, self._square_root_core()))
         return RootLinearOperator(_PosteriorRoot(self))
+
+    def _square_root_core(self) -> Tensor:
+        r""":math:`K = h(Y^\top A' Y)` with :math:`A' = Z^\top \operatorname{diag}(\beta^2 / s) Z`."""
+        M = self.M
+        wdt = self.s.dtype
+        blocks = [B.to(wdt) for B in M.blocks]  # not used by the Gram matrix; only their shapes are checked
+        aux = BlockMeanSumLinearOperator(
+            self.s / self.beta.pow(2),
+            *blocks,
+            partitions=M.partitions,
+            root=None if M.root is None else M.root.to(wdt),
+            weights=M.weights,
+        )
+        gram = _scaled_gram(aux, [None] * len(M._sizes()))
+        E = self.Y.mT @ gram @ self.Y
+        return symmetric_matrix_function(0.5 * (E + E.mT), lambda x: 1 / ((1 + x).sqrt() + 1), lambda x: x.clamp_min(0))
 
     def __repr__(self) -> str:
         return (
             f"TrainingPosteriorLinearOperator(shape={tuple(self.shape)}, q={self.Y.shape[-1]}, "
-            f"diagonal={self.has_diag}, dtype={self.dtype}, device={self.device})"
+            f"diagonal={self.diag_kind}, dtype={self.dtype}, device={self.device})"
         )
 
 
@@ -455,15 +495,17 @@ def _quadratic_diagonal(M: BlockMeanSumLinearOperator, H: Tensor, sizes: list[in
     return out
 
 
-class _PosteriorRoot(LinearOperator):
-    """:math:`V` or :math:`[\\operatorname{diag}(\\sqrt{s}), V]` for a :class:`TrainingPosteriorLinearOperator`."""
+class _Root(LinearOperator):
+    """A root of a :class:`TrainingPosteriorLinearOperator`, applied without forming it (``transposed``: its
+    transpose)."""
 
-    def __init__(self, parent: TrainingPosteriorLinearOperator, transposed: bool = False):
-        super().__init__(parent, transposed=transposed)
+    def __init__(self, parent: TrainingPosteriorLinearOperator, *tensors: Tensor, transposed: bool = False):
+        super().__init__(parent, *tensors, transposed=transposed)
         self.parent = parent
         self.transposed = transposed
         s = parent.s
         positive = s > 0
+        # sqrt(s) with a zero (not an infinite) derivative where s vanishes
         self.sqrt_s = torch.where(positive, torch.where(positive, s, torch.ones_like(s)).sqrt(), 0)
 
     @property
@@ -474,38 +516,24 @@ class _PosteriorRoot(LinearOperator):
     def device(self) -> torch.device:
         return self.parent.device
 
+    def _columns(self) -> int:
+        raise NotImplementedError
+
     def _size(self) -> torch.Size:
-        n, q = self.parent.shape[-1], self.parent.Y.shape[-1]
-        cols = n + q if self.parent.has_diag else q
+        n, cols = self.parent.shape[-1], self._columns()
         shape = (cols, n) if self.transposed else (n, cols)
         return torch.Size((*self.parent.batch_shape, *shape))
 
-    def _transpose_nonbatch(self) -> _PosteriorRoot:
-        return _PosteriorRoot(self.parent, transposed=not self.transposed)
-
-    def _expand_batch(self, batch_shape) -> _PosteriorRoot:
-        return _PosteriorRoot(self.parent._expand_batch(batch_shape), transposed=self.transposed)
-
     def _forward(self, x: Tensor) -> Tensor:
-        """:math:`R x`. ``x`` # shape: (*batch, cols, t)"""
-        n = self.parent.shape[-1]
-        if not self.parent.has_diag:
-            return self.parent._v(x)
-        head, tail = x.narrow(-2, 0, n), x.narrow(-2, n, x.shape[-2] - n)
-        return self.sqrt_s.unsqueeze(-1) * head.to(self.sqrt_s.dtype) + self.parent._v(tail)
+        raise NotImplementedError
 
     def _backward(self, x: Tensor) -> Tensor:
-        """:math:`R^\\top x`. ``x`` # shape: (*batch, n, t)"""
-        tail = self.parent._v_t(x)
-        if not self.parent.has_diag:
-            return tail
-        head = self.sqrt_s.unsqueeze(-1) * x.to(self.sqrt_s.dtype)
-        batch = torch.broadcast_shapes(head.shape[:-2], tail.shape[:-2])
-        return torch.cat([head.expand(*batch, *head.shape[-2:]), tail.expand(*batch, *tail.shape[-2:])], dim=-2)
+        raise NotImplementedError
 
     def _matmul(self, rhs: Tensor) -> Tensor:
         vector = rhs.dim() == 1
         x = rhs.unsqueeze(-1) if vector else rhs
+        x = x.to(self.parent.s.dtype)
         res = self._backward(x) if self.transposed else self._forward(x)
         res = res.to(torch.promote_types(rhs.dtype, self.dtype))
         return res.squeeze(-1) if vector else res
@@ -525,6 +553,71 @@ class _PosteriorRoot(LinearOperator):
         cols = self.shape[-1]
         eye = torch.eye(cols, dtype=self.dtype, device=self.device)
         return self._matmul(eye.expand(*self.batch_shape, cols, cols))
+
+
+def _stack(head: Tensor, tail: Tensor) -> Tensor:
+    batch = torch.broadcast_shapes(head.shape[:-2], tail.shape[:-2])
+    return torch.cat([head.expand(*batch, *head.shape[-2:]), tail.expand(*batch, *tail.shape[-2:])], dim=-2)
+
+
+class _PosteriorRoot(_Root):
+    r""":math:`[V, 0]` (``n x max(n, q)``) when :math:`s = 0`, else :math:`[\operatorname{diag}(\sqrt{s}), V]`
+    (``n x (n + q)``)."""
+
+    def _columns(self) -> int:
+        n, q = self.parent.shape[-1], self.parent.Y.shape[-1]
+        return max(n, q) if self.parent.diag_kind == "zero" else n + q
+
+    def _transpose_nonbatch(self) -> _PosteriorRoot:
+        return _PosteriorRoot(self.parent, transposed=not self.transposed)
+
+    def _expand_batch(self, batch_shape) -> _PosteriorRoot:
+        return _PosteriorRoot(self.parent._expand_batch(batch_shape), transposed=self.transposed)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        n, q = self.parent.shape[-1], self.parent.Y.shape[-1]
+        if self.parent.diag_kind == "zero":
+            return self.parent._v(x.narrow(-2, 0, q))  # the padding columns are zero
+        head, tail = x.narrow(-2, 0, n), x.narrow(-2, n, q)
+        return self.sqrt_s.unsqueeze(-1) * head + self.parent._v(tail)
+
+    def _backward(self, x: Tensor) -> Tensor:
+        n, q = self.parent.shape[-1], self.parent.Y.shape[-1]
+        tail = self.parent._v_t(x)
+        if self.parent.diag_kind == "zero":
+            if q >= n:
+                return tail
+            return _stack(tail, tail.new_zeros(1).expand(*tail.shape[:-2], n - q, tail.shape[-1]))
+        return _stack(self.sqrt_s.unsqueeze(-1) * x, tail)
+
+
+class _SquareRoot(_Root):
+    r""":math:`R = \operatorname{diag}(\sqrt{s}) + V K V^\top \operatorname{diag}(1/\sqrt{s})` for :math:`s > 0`:
+    :math:`R R^\top = \operatorname{diag}(s) + V V^\top` when :math:`K = h(V^\top \operatorname{diag}(1/s) V)`."""
+
+    def __init__(self, parent: TrainingPosteriorLinearOperator, K: Tensor, transposed: bool = False):
+        super().__init__(parent, K, transposed=transposed)
+        self.K = K
+
+    def _columns(self) -> int:
+        return self.parent.shape[-1]
+
+    def _transpose_nonbatch(self) -> _SquareRoot:
+        return _SquareRoot(self.parent, self.K, transposed=not self.transposed)
+
+    def _expand_batch(self, batch_shape) -> _SquareRoot:
+        q = self.K.shape[-1]
+        return _SquareRoot(
+            self.parent._expand_batch(batch_shape), self.K.expand(*batch_shape, q, q), transposed=self.transposed
+        )
+
+    def _forward(self, x: Tensor) -> Tensor:
+        r = self.sqrt_s.unsqueeze(-1)
+        return r * x + self.parent._v(self.K @ self.parent._v_t(x / r))
+
+    def _backward(self, x: Tensor) -> Tensor:
+        r = self.sqrt_s.unsqueeze(-1)
+        return r * x + self.parent._v(self.K @ self.parent._v_t(x)) / r
 
 
 # ---------------------------------------------------------------------------- the hook

@@ -1,0 +1,333 @@
+"""The posterior covariance at the training inputs of a kernel sum in closed form (kernels.sum_prediction_strategy).
+
+At the training inputs GPyTorch's default strategy forms ``K - K M^{-1} K`` densely and samples it through
+Lanczos or an ``n x n`` Cholesky. With group kernels and an inducing-point kernel the prior is a
+``BlockMeanSumLinearOperator`` and the posterior is ``diag(nu c / (c + nu)) + V V^T`` with an ``n x q`` ``V``.
+Every check of the closed form runs inside ``closed_forms_only(n)`` (no CG, no Lanczos, no factorisation of an
+``n x n`` matrix), at ``max_cholesky_size`` 0 and at a size above ``n``. The references are GPyTorch's own dense
+computation (its default strategy with a dense Cholesky, outside the guard) and the covariances assembled entry by
+entry in tests/test_mixed_compositions.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from unittest import mock
+
+import gpytorch
+import pytest
+import torch
+from gpytorch.kernels import AdditiveKernel, Kernel
+from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
+
+from bma_gp import GroupKernel
+from bma_gp.kernels.sum_prediction_strategy import SumPredictionStrategy, TrainingPosteriorLinearOperator, install
+from closed_form_guard import closed_forms_only
+from test_mixed_compositions import DTYPE, GP, K1, K2, build, crossed_data, dense_posterior
+
+pytestmark = pytest.mark.filterwarnings("ignore:The input matches the stored training data")
+
+CASES = [
+    "crossed",
+    "crossed_per_group",
+    "crossed_fixed_noise",
+    "one_group_fixed_noise",
+    "sgpr_crossed",
+    "sgpr_crossed_fixed_noise",
+]
+CHOLESKY_SIZES = [0, 10**6]
+
+
+def noise_of(model, case, noise_diag):
+    return noise_diag if case.endswith("fixed_noise") else model.likelihood.noise.expand(noise_diag.shape[0])
+
+
+@contextlib.contextmanager
+def gpytorch_default(model):
+    """GPyTorch's own strategy (dense Cholesky at this size) for the model's kernels, outside the guard."""
+    model.prediction_strategy = None
+    with (
+        mock.patch.object(AdditiveKernel, "prediction_strategy", Kernel.prediction_strategy),
+        mock.patch.object(GroupKernel, "prediction_strategy", Kernel.prediction_strategy),
+        gpytorch.settings.max_cholesky_size(10**6),
+    ):
+        yield
+    model.prediction_strategy = None
+
+
+def reference(model, x):
+    """Mean and covariance of GPyTorch's default strategy at x (float64, dense)."""
+    with gpytorch_default(model), torch.no_grad():
+        post = model(x)
+        assert type(model.prediction_strategy) is DefaultPredictionStrategy
+        return post.mean, post.covariance_matrix
+
+
+def closed_form_posterior(model, x, cholesky_size=0):
+    with closed_forms_only(x.shape[0]), gpytorch.settings.max_cholesky_size(cholesky_size), torch.no_grad():
+        post = model(x)
+        covar = post.lazy_covariance_matrix
+        return post, covar, post.mean, covar.to_dense(), covar.diagonal(dim1=-2, dim2=-1)
+
+
+# ---------------------------------------------------------------------------- against GPyTorch and dense references
+@pytest.mark.parametrize("cholesky_size", CHOLESKY_SIZES)
+@pytest.mark.parametrize("case", CASES)
+def test_posterior_at_training_inputs_matches_gpytorch(case, cholesky_size):
+    model, kernels, x, y, noise_diag = build(case)
+    model.eval()
+    _, covar, mean, dense, var = closed_form_posterior(model, x, cholesky_size)
+    assert isinstance(covar, TrainingPosteriorLinearOperator)
+    ref_mean, ref_cov = reference(model, x)
+    # GPyTorch's K - K M^{-1} K cancels (entries ~1 against a posterior ~1e-3): it is the less accurate of the two
+    torch.testing.assert_close(dense, ref_cov, rtol=1e-8, atol=1e-11)
+    torch.testing.assert_close(var, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-11)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-10, atol=1e-12)  # the mean is unchanged
+    with torch.no_grad():
+        entry_mean, entry_cov = dense_posterior(
+            model, kernels, x, y, noise_of(model, case, noise_diag), x, diag_correction=True
+        )
+    torch.testing.assert_close(dense, entry_cov, rtol=1e-8, atol=1e-13)
+    torch.testing.assert_close(var, torch.diagonal(entry_cov), rtol=1e-8, atol=1e-13)
+    torch.testing.assert_close(mean, entry_mean, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_posterior_variances_are_between_zero_and_the_one_point_bound(case):
+    """0 <= Var(f_a | y) <= Var(f_a | y_a) = K_aa nu_a / (K_aa + nu_a), checked on the values the operator returns."""
+    model, kernels, x, y, noise_diag = build(case)
+    model.eval()
+    post, covar, _, _, var = closed_form_posterior(model, x)
+    nu = noise_of(model, case, noise_diag).detach()
+    with closed_forms_only(x.shape[0]), torch.no_grad():
+        prior = model.prediction_strategy.train_prior_dist.lazy_covariance_matrix.diagonal(dim1=-2, dim2=-1)
+    assert bool((var >= 0).all())
+    assert bool((var <= prior * nu / (prior + nu) * (1 + 1e-12)).all())
+
+
+def test_variances_stay_non_negative_and_exact_when_the_noise_is_tiny():
+    """One grouping, per-point noise 1e-10 against a group variance 1e4: the dense K - K M^{-1} K loses every digit
+    (its entries are 1e4, the posterior 1e-12), the closed form keeps them. Exact: the posterior of a group effect
+    has precision 1/v + sum_a 1/nu_a, and S_ab = [g_a = g_b] / (1/v + sum_{a in g} 1/nu_a)."""
+    x, y, _ = crossed_data()
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(3)
+    nu = 1e-10 * (1 + torch.rand(n, generator=g, dtype=DTYPE))
+    with gpytorch.settings.min_fixed_noise(double_value=1e-12):  # by default GPyTorch raises the noise to 1e-6
+        likelihood = gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise=nu)
+    kernel = GroupKernel(K1, active_dims=[1])
+    kernel.var = 1e4
+    model = GP(x, y, likelihood, kernel).to(DTYPE)
+    model.eval()
+    _, covar, _, dense, var = closed_form_posterior(model, x)
+    assert isinstance(covar, TrainingPosteriorLinearOperator)
+    ids = x[:, 1].long()
+    precision = 1 / kernel.var.detach().reshape(()) + torch.zeros(K1, dtype=DTYPE).index_add(0, ids, 1 / nu)
+    exact = (ids.unsqueeze(-1) == ids.unsqueeze(-2)).to(DTYPE) / precision[ids].unsqueeze(-1)
+    assert bool((var > 0).all())
+    torch.testing.assert_close(var, torch.diagonal(exact), rtol=1e-8, atol=0)
+    torch.testing.assert_close(dense, exact, rtol=1e-8, atol=1e-20)
+
+
+# ---------------------------------------------------------------------------- sampling
+@pytest.mark.parametrize("cholesky_size", CHOLESKY_SIZES)
+@pytest.mark.parametrize("case", CASES)
+def test_roots_reproduce_the_posterior_with_and_without_the_likelihood(case, cholesky_size):
+    model, kernels, x, y, noise_diag = build(case)
+    model.eval()
+    n = x.shape[0]
+    nu = noise_of(model, case, noise_diag).detach()
+    with closed_forms_only(n), gpytorch.settings.max_cholesky_size(cholesky_size), torch.no_grad():
+        post = model(x)
+        noisy = model.likelihood(post)
+        latent, observed = post.lazy_covariance_matrix, noisy.lazy_covariance_matrix
+        assert isinstance(observed, TrainingPosteriorLinearOperator)
+        for op in (latent, observed):
+            root = op.root_decomposition().root
+            torch.testing.assert_close(root.to_dense() @ root.to_dense().mT, op.to_dense(), rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(observed.to_dense(), latent.to_dense() + torch.diag(nu), rtol=1e-12, atol=0)
+        samples = noisy.rsample(torch.Size([3]))
+        latent_samples = post.rsample(torch.Size([3]))
+    assert samples.shape == latent_samples.shape == (3, n)
+    assert bool(torch.isfinite(samples).all() and torch.isfinite(latent_samples).all())
+    # square roots, except the latent one with SGPR's diagonal correction ([diag(sqrt s), V], n + q columns)
+    assert observed.root_decomposition().root.shape == (n, n)
+    columns = latent.root_decomposition().root.shape[-1]
+    assert columns == n if case.startswith(("crossed", "one_group")) else columns > n
+
+
+@pytest.mark.parametrize("case", ["crossed", "sgpr_crossed_fixed_noise"])
+def test_likelihood_rsample_at_training_inputs_has_the_posterior_moments(case):
+    model, kernels, x, y, noise_diag = build(case)
+    model.eval()
+    torch.manual_seed(2)
+    with closed_forms_only(x.shape[0]), gpytorch.settings.max_cholesky_size(0), torch.no_grad():
+        draws = model.likelihood(model(x)).rsample(torch.Size([4000]))
+    ref_mean, ref_cov = reference(model, x)
+    sd = (torch.diagonal(ref_cov) + noise_of(model, case, noise_diag).detach()).sqrt()
+    assert bool(((draws.mean(0) - ref_mean).abs() < 5 * sd / math.sqrt(4000)).all())
+    # the sample variances, within 6 standard errors (sd^2 sqrt(2 / N) for a normal sample)
+    assert bool(((draws.var(0) - sd**2).abs() < 6 * sd**2 * math.sqrt(2 / 4000)).all())
+
+
+@pytest.mark.parametrize("case", ["crossed", "sgpr_crossed_fixed_noise"])
+def test_base_samples_of_the_size_of_the_data(case):
+    """GPyTorch's rsample(base_samples=...) takes n base samples per draw when the root is square: the latent
+    posterior without SGPR's correction ([V, 0]) and every posterior with the likelihood's noise."""
+    model, kernels, x, y, noise_diag = build(case)
+    model.eval()
+    base = torch.randn(5, x.shape[0], dtype=DTYPE)
+    with closed_forms_only(x.shape[0]), gpytorch.settings.max_cholesky_size(0), torch.no_grad():
+        post = model(x)
+        dists = [model.likelihood(post)] + ([post] if case == "crossed" else [])
+        for dist in dists:
+            draws = dist.rsample(base_samples=base)
+            root = dist.lazy_covariance_matrix.root_decomposition().root.to_dense()
+            torch.testing.assert_close(draws, dist.mean + base @ root.mT)
+
+
+@pytest.mark.parametrize("case", ["crossed", "sgpr_crossed", "one_group_fixed_noise"])
+def test_fast_pred_settings_change_nothing(case):
+    model, kernels, x, y, noise_diag = build(case)
+    model.eval()
+    _, _, mean, dense, _ = closed_form_posterior(model, x)
+    model.prediction_strategy = None
+    with (
+        closed_forms_only(x.shape[0]),
+        gpytorch.settings.max_cholesky_size(0),
+        gpytorch.settings.fast_pred_var(),
+        gpytorch.settings.fast_pred_samples(),
+        torch.no_grad(),
+    ):
+        post = model(x)
+        assert isinstance(post.lazy_covariance_matrix, TrainingPosteriorLinearOperator)
+        torch.testing.assert_close(post.mean, mean, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(post.covariance_matrix, dense, rtol=1e-12, atol=1e-16)
+        draws = model.likelihood(model(x)).rsample(torch.Size([2]))
+    assert bool(torch.isfinite(draws).all())
+
+
+# ---------------------------------------------------------------------------- gradients, batches, precision
+@pytest.mark.parametrize("case", ["crossed_per_group", "sgpr_crossed_fixed_noise"])
+def test_gradients_of_the_posterior_variances_match_the_dense_reference(case):
+    """Gradients of the exact posterior covariance (GPyTorch's detached test caches do not cut them here)."""
+    model, kernels, x, y, noise_diag = build(case)
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    w = torch.randn(x.shape[0], dtype=DTYPE)
+    with closed_forms_only(x.shape[0]), gpytorch.settings.max_cholesky_size(0):
+        covar = model(x).lazy_covariance_matrix
+        probe = torch.randn(x.shape[0], 2, dtype=DTYPE)
+        value = (covar.diagonal(dim1=-2, dim2=-1) * w).sum() + (probe * covar.matmul(probe)).sum()
+        grads = torch.autograd.grad(value, params, allow_unused=True)
+    _, cov = dense_posterior(model, kernels, x, y, noise_of(model, case, noise_diag), x, diag_correction=True)
+    ref = (torch.diagonal(cov) * w).sum() + (probe * (cov @ probe)).sum()
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    for p, g, r in zip(params, grads, ref_grads):
+        g = torch.zeros_like(p) if g is None else g
+        r = torch.zeros_like(p) if r is None else r
+        torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
+
+
+def test_repeated_calls_with_and_without_gradients():
+    """A factor computed under no_grad is reused only by calls that need no gradient, and every call with gradients
+    builds its own graph from the covariances GPyTorch evaluates afresh (two backward passes in a row work)."""
+    model, kernels, x, y, noise_diag = build("crossed")
+    model.eval()
+    _, _, _, dense, _ = closed_form_posterior(model, x)  # fills the strategy's no-grad cache
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for _ in range(2):
+        with closed_forms_only(x.shape[0]), gpytorch.settings.max_cholesky_size(0):
+            covar = model(x).lazy_covariance_matrix
+            torch.testing.assert_close(covar.to_dense().detach(), dense, rtol=1e-12, atol=1e-15)
+            grads.append(torch.autograd.grad(covar.diagonal(dim1=-2, dim2=-1).sum(), params, allow_unused=True))
+    _, cov = dense_posterior(model, kernels, x, y, noise_of(model, "crossed", noise_diag), x, diag_correction=True)
+    ref = torch.autograd.grad(torch.diagonal(cov).sum(), params, allow_unused=True)
+    for g1, g2, r in zip(*grads, ref):
+        if r is None:
+            assert g1 is None and g2 is None
+            continue
+        torch.testing.assert_close(g1, r, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(g2, r, rtol=1e-8, atol=1e-10)
+
+
+class BatchGP(gpytorch.models.ExactGP):
+    def __init__(self, x, y, likelihood, covar_module, batch_shape):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean(batch_shape=batch_shape)
+        self.covar_module = covar_module
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def test_batch_of_crossed_models():
+    """Two models over the same data in one batch (batch-shaped variances and noise)."""
+    x, y, _ = crossed_data()
+    batch = torch.Size([2])
+    likelihood = gpytorch.likelihoods.GaussianLikelihood(batch_shape=batch)
+    likelihood.noise = torch.tensor([[0.05], [0.1]])
+    ka = GroupKernel(K1, active_dims=[1], batch_shape=batch)
+    kb = GroupKernel(K2, active_dims=[2], batch_shape=batch)
+    ka.var, kb.var = torch.tensor([[0.8], [0.4]]), torch.tensor([[0.3], [0.6]])
+    model = BatchGP(x, torch.stack([y, 2 * y]), likelihood, ka + kb, batch).to(DTYPE)
+    model.eval()
+    post, covar, mean, dense, var = closed_form_posterior(model, x)
+    assert isinstance(covar, TrainingPosteriorLinearOperator) and covar.shape == (2, 90, 90)
+    with closed_forms_only(x.shape[0]), torch.no_grad():
+        draws = likelihood(post).rsample(torch.Size([3]))
+    assert draws.shape == (3, 2, 90) and bool(torch.isfinite(draws).all())
+    ref_mean, ref_cov = reference(model, x)
+    torch.testing.assert_close(dense, ref_cov, rtol=1e-8, atol=1e-11)
+    torch.testing.assert_close(var, torch.diagonal(ref_cov, dim1=-2, dim2=-1), rtol=1e-8, atol=1e-11)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_models_sample_at_training_inputs():
+    model, kernels, x, y, noise_diag = build("sgpr_crossed")
+    _, _, _, ref64, _ = closed_form_posterior(model.eval(), x)
+    model = build("sgpr_crossed")[0].float().eval()  # a fresh model: SGPR caches its inducing matrices in eval mode
+    x = x.float()
+    with closed_forms_only(x.shape[0]), gpytorch.settings.max_cholesky_size(0), torch.no_grad():
+        post = model(x)
+        covar = post.lazy_covariance_matrix
+        draws = model.likelihood(post).rsample(torch.Size([2]))
+        var = covar.diagonal(dim1=-2, dim2=-1)
+    assert covar.dtype == var.dtype == draws.dtype == torch.float32
+    assert bool((var >= 0).all())
+    torch.testing.assert_close(covar.to_dense().double(), ref64, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- where the closed form does not apply
+def test_new_inputs_and_sums_outside_the_family_keep_gpytorchs_path():
+    model, kernels, x, y, noise_diag = build("crossed")
+    model.eval()
+    with torch.no_grad():
+        post = model(x[:20])  # a subset of the training inputs: not the training covariance
+    assert isinstance(model.prediction_strategy, SumPredictionStrategy)
+    assert not isinstance(post.lazy_covariance_matrix, TrainingPosteriorLinearOperator)
+
+    exact = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(active_dims=[0]))  # no closed form
+    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), exact + GroupKernel(K1, active_dims=[1])).to(DTYPE)
+    model.eval()
+    with torch.no_grad(), pytest.warns(UserWarning):  # ClosedFormFallbackWarning from the generic solve
+        post = model(x)
+        covar = post.covariance_matrix
+    assert not isinstance(post.lazy_covariance_matrix, TrainingPosteriorLinearOperator)
+    _, ref_cov = reference(model, x)
+    torch.testing.assert_close(covar, ref_cov, rtol=1e-6, atol=1e-9)
+
+
+def test_sums_without_our_kernels_keep_gpytorchs_strategy_and_install_is_idempotent():
+    install()
+    install()
+    assert not hasattr(AdditiveKernel.prediction_strategy._bma_gp_original, "_bma_gp_original")
+    x, y, _ = crossed_data()
+    covar = gpytorch.kernels.RBFKernel(active_dims=[0]) + gpytorch.kernels.LinearKernel(active_dims=[0])
+    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), covar).to(DTYPE)
+    model.eval()
+    with torch.no_grad():
+        model(x[:3])
+    assert type(model.prediction_strategy) is DefaultPredictionStrategy
