@@ -57,7 +57,7 @@ def _error(capsys, argv):
 def test_group_intercepts_beat_the_same_models_without_them(tmp_path, capsys):
     data = _grouped_csv(tmp_path)
     with_groups, without = tmp_path / "with", tmp_path / "without"
-    base = [*FAST, "--data", str(data), "--target", "y"]
+    base = [*FAST, "--data", str(data), "--target", "y", "--max-rows", "200"]
     assert main([*base, "--group", "school", "--group", "klass", "--out", str(with_groups)]) == 0
     stdout = capsys.readouterr().out
     assert "(1 | school) + (1 | klass)" in stdout and "var(school)" in stdout and "var(klass)" in stdout
@@ -66,6 +66,7 @@ def test_group_intercepts_beat_the_same_models_without_them(tmp_path, capsys):
     grouped, plain = _results(with_groups), _results(without)
     assert grouped["groups"] == ["school", "klass"] and plain["groups"] == []
     assert grouped["features"] == ["x"]  # the group columns are not smooth inputs
+    assert grouped["n_train"] + grouped["n_test"] == 200  # --max-rows subsamples the group labels too
     assert grouped["group_levels"]["school"]["train_levels"] == 10
     assert grouped["group_levels"]["klass"]["train_levels"] == 5
     methods = [row["method"] for row in grouped["results"]]
