@@ -427,7 +427,12 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         r""":math:`S = R R^\top` (``method`` is ignored; see the class docstring for the three forms). Only the
         square form factorises anything: one more :math:`q \times q` eigendecomposition."""
         if self.diag_kind == "positive":
-            return RootLinearOperator(_SquareRoot(self, self._square_root_core()))
+            core = getattr(self, "_square_core", None)
+            if core is None:
+                core = self._square_root_core()
+                if not core.requires_grad:  # kept for the next draw; one with a graph is rebuilt per call
+                    self._square_core = core
+            return RootLinearOperator(_SquareRoot(self, core))
         return RootLinearOperator(_PosteriorRoot(self))
 
     def _square_root_core(self) -> Tensor:
