@@ -21,7 +21,7 @@ from bma_gp.approximation import block_mean, block_mean_from_sums
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
 from bma_gp.kernel_block_mean import kernel_block_mean
-from bma_gp.kernels import BlockMeanKernel, GroupKernel
+from bma_gp.kernels import BlockMeanKernel, ChunkedInducingPointKernel, GroupKernel
 from bma_gp.likelihoods import GroupGaussianLikelihood, GroupNoise
 from bma_gp.partition import Partition
 
@@ -39,6 +39,7 @@ __all__ = [
     "kernel_block_mean",
     "BlockMeanKernel",
     "GroupKernel",
+    "ChunkedInducingPointKernel",
     "GroupGaussianLikelihood",
     "GroupNoise",
     "settings",
