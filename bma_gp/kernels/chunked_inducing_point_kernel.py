@@ -6,9 +6,9 @@ exponentials, the kernel matrix) for the backward pass, and the SGPR trace term 
 At ``n = 10^6`` and ``m = 256`` in float32 each of these is 1 GB.
 
 :class:`ChunkedInducingPointKernel` computes ``U`` and the row sums of ``U**2`` (the diagonal the trace
-term needs) one block of rows at a time under :func:`torch.utils.checkpoint.checkpoint`. Only ``U``
-itself is kept; the backward pass recomputes one block's kernel at a time. The price is one more
-evaluation of the base kernel per training step.
+term needs) one block of rows at a time, written into one ``n x m`` result. The forward
+pass keeps no graph; the backward pass recomputes one block's kernel at a time and differentiates it.
+The price is one more evaluation of the base kernel per training step.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from linear_operator.operators import (
     LowRankRootLinearOperator,
 )
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 __all__ = ["ChunkedInducingPointKernel"]
 
@@ -53,12 +52,81 @@ def _root_block(kernel, x: Tensor, inducing: Tensor, inv_root: Tensor) -> tuple[
     return root, root.square().sum(-1)
 
 
+def _fill_blocks(kernel, rows: int, x: Tensor, inducing: Tensor, inv_root: Tensor) -> tuple[Tensor, Tensor]:
+    """``(U, rowsum(U**2))`` without a graph, one row block at a time into preallocated results."""
+    n = x.shape[-2]
+    if n <= rows:
+        return _root_block(kernel, x, inducing, inv_root)
+    root = diag = None
+    for start in range(0, n, rows):
+        block, block_diag = _root_block(kernel, x.narrow(-2, start, min(rows, n - start)), inducing, inv_root)
+        if root is None or diag is None:
+            root = block.new_empty(*block.shape[:-2], n, block.shape[-1])
+            diag = block_diag.new_empty(*block_diag.shape[:-1], n)
+        root.narrow(-2, start, block.shape[-2]).copy_(block)
+        diag.narrow(-1, start, block.shape[-2]).copy_(block_diag)
+    assert root is not None and diag is not None
+    return root, diag
+
+
+class _ChunkedRoot(torch.autograd.Function):
+    """``(U, rowsum(U**2))`` with ``U = K(x, Z) L^{-T}``: the forward keeps no graph; the backward recomputes
+    one row block at a time and differentiates it (``x``, ``Z``, ``L^{-T}`` and the base kernel's parameters)."""
+
+    @staticmethod
+    def forward(ctx, kernel, rows: int, params: tuple, x: Tensor, inducing: Tensor, inv_root: Tensor, *flat_params):
+        with torch.no_grad():
+            root, diag = _fill_blocks(kernel, rows, x, inducing, inv_root)
+        ctx.kernel, ctx.rows, ctx.params = kernel, rows, params
+        ctx.save_for_backward(x, inducing, inv_root)
+        return root, diag
+
+    @staticmethod
+    def backward(ctx, grad_root: Tensor | None, grad_diag: Tensor | None):
+        x, inducing, inv_root = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:]
+        n = x.shape[-2]
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(needs[0]), inducing.detach().requires_grad_(needs[1])]
+            leaves.append(inv_root.detach().requires_grad_(needs[2]))
+            targets = [t for t, need in zip([*leaves, *ctx.params], needs) if need]
+            totals: list[Tensor | None] = [None] * len(targets)
+            for start in range(0, n, ctx.rows):
+                c = min(ctx.rows, n - start)
+                block, block_diag = _root_block(ctx.kernel, leaves[0].narrow(-2, start, c), leaves[1], leaves[2])
+                outputs, grads = [], []
+                if grad_root is not None:
+                    outputs.append(block)
+                    grads.append(grad_root.narrow(-2, start, c))
+                if grad_diag is not None:
+                    outputs.append(block_diag)
+                    grads.append(grad_diag.narrow(-1, start, c))
+                if not outputs or not targets:
+                    break
+                pieces = torch.autograd.grad(outputs, targets, grads, allow_unused=True)
+                for i, piece in enumerate(pieces):
+                    if piece is None:
+                        continue
+                    if targets[i] is leaves[0]:  # only this block's rows of x
+                        total = totals[i]
+                        if total is None:
+                            total = totals[i] = torch.zeros_like(x)
+                        total.narrow(-2, start, c).add_(piece.narrow(-2, start, c))
+                    else:
+                        totals[i] = piece if totals[i] is None else totals[i].add_(piece)
+        res: list[Tensor | None] = []
+        it = iter(totals)
+        for need in needs:
+            res.append(next(it) if need else None)
+        return (None, None, None, *res)
+
+
 class ChunkedInducingPointKernel(InducingPointKernel):
     r"""A drop-in :class:`gpytorch.kernels.InducingPointKernel` (same arguments, parameters, added loss term
     and predictions) whose root :math:`U = K_{xZ} L^{-\top}` is computed ``chunk_rows`` rows at a time.
 
-    With gradients, each block runs under non-reentrant checkpointing, so the autograd graph holds ``U``
-    and the inputs rather than every ``n x m`` intermediate of the base kernel. Summed with
+    With gradients, the autograd graph holds ``U`` and the inputs rather than every ``n x m`` intermediate of
+    the base kernel; the backward pass recomputes and differentiates one row block at a time. Summed with
     :class:`~bma_gp.GroupKernel` or :class:`~bma_gp.BlockMeanKernel` the result is the same closed-form
     :class:`~bma_gp.BlockMeanSumLinearOperator` as with GPyTorch's class.
 
@@ -87,31 +155,13 @@ class ChunkedInducingPointKernel(InducingPointKernel):
         return max(1024, CHUNK_BYTES // max(1, m * torch.finfo(dtype).bits // 8))
 
     def _root(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(U, rowsum(U**2))``, block by block, written into one ``n x m`` result (no list of blocks to join)."""
+        """``(U, rowsum(U**2))``, block by block, written into one ``n x m`` result."""
         inv_root = self._inducing_inv_root
-        grad = torch.is_grad_enabled()
         rows = self._rows(x.dtype)
-        n, m = x.shape[-2], inv_root.shape[-1]
-        if n <= rows:
-            return _root_block(self.base_kernel, x, self.inducing_points, inv_root)
-        root = diag = None
-        for start in range(0, n, rows):
-            xc = x.narrow(-2, start, min(rows, n - start))
-            if grad:
-                block, block_diag = checkpoint(
-                    _root_block, self.base_kernel, xc, self.inducing_points, inv_root, use_reentrant=False
-                )
-            else:
-                block, block_diag = _root_block(self.base_kernel, xc, self.inducing_points, inv_root)
-            if root is None or diag is None:
-                batch = block.shape[:-2]
-                root = block.new_empty(*batch, n, m)
-                diag = block_diag.new_empty(*batch, n)
-            # in-place copies into slices: autograd hands each block its slice of the gradient
-            root[..., start : start + block.shape[-2], :] = block
-            diag[..., start : start + block.shape[-2]] = block_diag
-        assert root is not None and diag is not None
-        return root, diag
+        params = tuple(p for p in self.base_kernel.parameters() if p.requires_grad)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, self.inducing_points, inv_root, *params)):
+            return _ChunkedRoot.apply(self.base_kernel, rows, params, x, self.inducing_points, inv_root, *params)
+        return _fill_blocks(self.base_kernel, rows, x, self.inducing_points, inv_root)
 
     def _get_covariance(self, x1: Tensor, x2: Tensor):
         if not torch.equal(x1, x2):  # test x train: t x n, built from two roots as GPyTorch does
