@@ -113,7 +113,8 @@ class _ChunkedRoot(torch.autograd.Function):
                             total = totals[i] = torch.zeros_like(x)
                         total.narrow(-2, start, c).add_(piece.narrow(-2, start, c))
                     else:
-                        totals[i] = piece if totals[i] is None else totals[i].add_(piece)
+                        total = totals[i]
+                        totals[i] = piece if total is None else total.add_(piece)
         res: list[Tensor | None] = []
         it = iter(totals)
         for need in needs:
