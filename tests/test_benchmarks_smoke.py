@@ -205,3 +205,28 @@ def test_gpu_size_measurements_run_at_tiny_sizes_on_cpu():
     assert kernel["t_kbm_fwd_bwd_s"] > 0 and kernel["ratio_fwd"] > 0
     text = bench.summary(ops + [kernel], _machine())
     assert "Operator at GPU size" in text and "kernel_block_mean at GPU size" in text
+
+
+def test_mixed_target_verdicts():
+    """Issue 11's n = 10^6 mixed GP iteration: the best iteration against 10 s, the process's peak against 4 GB."""
+    bench = _load("benchmarks")
+
+    def rec(seconds, peak_mb, n=1_000_000):
+        return {
+            "bench": "mixed_iteration",
+            "n": n,
+            "levels": [1000, 5000],
+            "m": 256,
+            "sgpr": "chunked",
+            "dtype": "float32",
+            "seconds": seconds,
+            "cpu_seconds": seconds * 1.8,
+            "peak_rss_mb": peak_mb,
+            "threads": 2,
+            "load_avg": 1.0,
+        }
+
+    assert [v for _, _, v in bench.targets([rec(30.0, 2500), rec(8.0, 2600)])] == ["holds"]
+    assert [v for _, _, v in bench.targets([rec(24.0, 2800)])] == ["misses by 2.40x"]
+    assert [v for _, _, v in bench.targets([rec(5.0, 5120)])] == ["misses by 1.25x"]
+    assert bench.targets([rec(1.0, 100, n=5000)]) == []  # smoke sizes are not judged
