@@ -40,8 +40,8 @@ def _is_diagonal(B: Tensor) -> bool:
     """Whether every off-diagonal entry of ``B`` is exactly zero (one host read)."""
     if B.shape[-1] == 1:
         return True
-    off = B - torch.diag_embed(torch.diagonal(B, dim1=-2, dim2=-1))
-    return not bool(off.detach().any())
+    B = B.detach()  # counts, no k x k temporary: the nonzeros are all on the diagonal
+    return bool(B.count_nonzero() == torch.diagonal(B, dim1=-2, dim2=-1).count_nonzero())
 
 
 def _is_full(index) -> bool:
@@ -501,12 +501,17 @@ class BlockMeanSumLinearOperator(LinearOperator):
 
         return self._memo(f"diagonal_{j}", decide)
 
+    def _block_diagonal(self, j: int) -> Tensor:
+        """The diagonal of ``B_j``, taken once per public call: each ``torch.diagonal`` of a ``k x k`` leaf costs a
+        zero-filled ``k x k`` gradient in the backward pass."""
+        return self._memo(f"block_diagonal_{j}", lambda: torch.diagonal(self.blocks[j], dim1=-2, dim2=-1))
+
     def _G(self, j: int, x: Tensor) -> Tensor:
         """:math:`G_j x` in the working precision (``j == J``: the identity of the root)."""
         if j == len(self.blocks):
             return x
         if self._block_is_diagonal(j):  # the diagonal first: no k x k copy in the working precision
-            return torch.diagonal(self.blocks[j], dim1=-2, dim2=-1).to(x.dtype).unsqueeze(-1) * x
+            return self._block_diagonal(j).to(x.dtype).unsqueeze(-1) * x
         B = self.blocks[j].to(x.dtype)
         return (0.5 * (B + B.mT)) @ x  # one product: k <= the columns of x wherever it matters
 
@@ -549,7 +554,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         logdet = torch.zeros(self.batch_shape, dtype=wdt, device=self.device)
         delta = g = A_re = None
         if elim is not None:
-            g = torch.diagonal(self.blocks[elim], dim1=-2, dim2=-1).to(wdt)
+            g = self._block_diagonal(elim).to(wdt)
             delta = 1 + g * a[elim]
             if settings.validate.on() and bool((delta <= 0).any()):
                 raise ValueError(
