@@ -36,7 +36,15 @@ from gpytorch.distributions import MultivariateNormal
 from gpytorch.likelihoods import GaussianLikelihoodWithMissingObs
 from gpytorch.likelihoods.gaussian_likelihood import _GaussianLikelihoodBase
 from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
-from linear_operator.operators import DiagLinearOperator, LinearOperator, RootLinearOperator
+from linear_operator.operators import (
+    DenseLinearOperator,
+    DiagLinearOperator,
+    LinearOperator,
+    MatmulLinearOperator,
+    RootLinearOperator,
+    SumLinearOperator,
+    ZeroLinearOperator,
+)
 from torch import Tensor
 
 from bma_gp import settings
@@ -44,9 +52,18 @@ from bma_gp._composition import _build, _collect, _Parts
 from bma_gp._precision import core_dtype
 from bma_gp._symmetric_function import symmetric_matrix_function
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
-from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
+from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator, _scoped
+from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
+from bma_gp.partition import Partition
 
-__all__ = ["SumPredictionStrategy", "TrainingPosteriorLinearOperator", "install", "training_posterior"]
+__all__ = [
+    "PredictiveCovarianceLinearOperator",
+    "SumPredictionStrategy",
+    "TrainingPosteriorLinearOperator",
+    "install",
+    "new_input_prediction",
+    "training_posterior",
+]
 
 #: Rows of the low-rank root processed at a time in the diagonal (bounds the ``n x m`` temporaries).
 _CHUNK_ELEMENTS = 2**21
@@ -281,15 +298,385 @@ def training_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor, 
 
 
 class SumPredictionStrategy(DefaultPredictionStrategy):
-    """GPyTorch's default exact prediction, with the posterior covariance at the training inputs in closed form
-    when the prior there is a :class:`~bma_gp.BlockMeanSumLinearOperator` (see the module docstring). Solves
-    against the training covariance already reach the closed forms through the operator itself."""
+    """GPyTorch's default exact prediction, with the posterior covariance in closed form when the noisy training
+    covariance is a :class:`~bma_gp.BlockMeanSumLinearOperator`: at the training inputs (see the module docstring)
+    and at new inputs whose covariance with the data is a sum of :class:`~bma_gp.kernels.BlockCrossLinearOperator`
+    terms and inducing-point products (:func:`new_input_prediction`). Both are taken before GPyTorch's own
+    ``exact_prediction``, so neither ``fast_pred_var`` (LOVE) nor ``max_eager_kernel_size`` changes them. Solves
+    against the training covariance (the mean) reach the closed forms through the operator itself."""
 
     def exact_prediction(self, test_mean: Tensor, test_test_covar, test_train_covar):
         res = training_prediction(self, test_mean, test_test_covar, test_train_covar)
         if res is not None:
             return res
+        res = new_input_prediction(self, test_mean, test_test_covar, test_train_covar)
+        if res is not None:
+            return res
         return super().exact_prediction(test_mean, test_test_covar, test_train_covar)
+
+
+# ---------------------------------------------------------------------------- new inputs
+_Piece = tuple  # ("term", values, partition, weight) or ("root", left, right)
+
+
+def _cross_pieces(op, out: list[_Piece]) -> bool:
+    r"""Add the summands of a test-by-training covariance to ``out``; False when one is not of the form
+    :math:`A P_j^\top` (a group or block mean kernel), :math:`A P_j^\top \operatorname{diag}(w)` (a random slope)
+    or :math:`U_* U^\top` (an inducing-point kernel)."""
+    if isinstance(op, ZeroLinearOperator):
+        return True
+    if isinstance(op, SumLinearOperator):
+        return all(_cross_pieces(term, out) for term in op.linear_ops)
+    if isinstance(op, BlockCrossLinearOperator):
+        if op.transposed:
+            return False
+        out.append(("term", op.values, op.partition, None))
+        return True
+    if isinstance(op, MatmulLinearOperator):
+        left, right = op.left_linear_op, op.right_linear_op
+        if isinstance(left, BlockCrossLinearOperator) and isinstance(right, DiagLinearOperator):
+            if left.transposed:
+                return False
+            out.append(("term", left.values, left.partition, right.diagonal(dim1=-2, dim2=-1)))
+            return True
+        if isinstance(left, DenseLinearOperator) and isinstance(right, DenseLinearOperator):
+            out.append(("root", left.to_dense(), right.to_dense()))
+            return True
+    return False
+
+
+def _same_weight(a: Tensor | None, b: Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    if a.shape != b.shape:
+        return False
+    return torch.equal(a.to(b.dtype), b)
+
+
+def _same_root(a: Tensor, b: Tensor) -> bool:
+    """The training root and the right factor of a cross covariance: the same columns computed twice (in row
+    chunks and at once), so equal up to the rounding of one product with ``m`` terms."""
+    if a.shape[-2:] != b.shape[-2:]:
+        return False
+    a, b = a.detach(), b.detach().to(a.dtype)
+    scale = torch.maximum(a.abs().amax(), b.abs().amax())
+    tol = 64 * a.shape[-1] * torch.finfo(a.dtype).eps * scale
+    return bool(((a - b).abs() <= tol).all())
+
+
+def _cross_factor(M: BlockMeanSumLinearOperator, pieces: list[_Piece]) -> list[Tensor | None] | None:
+    r""":math:`F` with :math:`K_{*x} = F Z^\top` for the columns :math:`Z` of ``M``, one block per term of ``M``
+    (None: zero), or None when a piece has no matching column block in ``M``."""
+    sizes = M._sizes()
+    J = len(M.partitions)
+    blocks: list[Tensor | None] = [None] * len(sizes)
+
+    def add(j: int, values: Tensor) -> None:
+        current = blocks[j]
+        blocks[j] = values if current is None else current + values
+
+    for piece in pieces:
+        if piece[0] == "term":
+            _, values, partition, weight = piece
+            for j, (p, w) in enumerate(zip(M.partitions, M.weights)):
+                if _same_weight(weight, w) and isinstance(partition, Partition) and p.same_as(partition):
+                    add(j, values)
+                    break
+            else:
+                return None
+        else:
+            _, left, right = piece
+            if M.root is None:
+                return None
+            m, rank = left.shape[-1], M.rank
+            cols = right.mT
+            for offset in range(rank - m + 1):
+                if _same_root(M.root.narrow(-1, offset, m), cols):
+                    break
+            else:
+                return None
+            if m < rank:
+                left = torch.nn.functional.pad(left, (offset, rank - m - offset))
+            add(J, left)
+    return blocks
+
+
+def _posterior_weight(M: BlockMeanSumLinearOperator) -> Tensor:
+    r""":math:`W = Z^\top M^{-1} Z = A (I + G A)^{-1} = A - A C^{-1} G A` (``q x q``, working precision) through
+    the operator's own capacitance factorisation (its largest diagonal grouping eliminated first)."""
+    sizes = M._sizes()
+    q = sum(sizes)
+    limit = settings.max_capacitance_size.value()
+    if q > limit:
+        raise ValueError(
+            f"the posterior covariance at new inputs needs a {q} x {q} matrix Z^T M^-1 Z ({M._describe()}), more "
+            f"than bma_gp.settings.max_capacitance_size = {limit}; raise the limit with "
+            f"`with bma_gp.settings.max_capacitance_size({q}):` if it fits your machine."
+        )
+    A = _scaled_gram(M, [None] * len(sizes))
+    GA = [M._G(t, piece) for t, piece in enumerate(A.split(sizes, dim=-2))]
+    X = torch.cat(M._cap_solve(GA), dim=-2)  # C^{-1} G A
+    W = A - A @ X
+    return 0.5 * (W + W.mT)
+
+
+def _new_input_weight(strategy: DefaultPredictionStrategy) -> tuple[BlockMeanSumLinearOperator, Tensor] | None:
+    """``(M, W)`` for the strategy's noisy training covariance, or None outside the family. One computed without
+    autograd is kept on the strategy (GPyTorch drops the strategy when the model is trained or its data change);
+    with gradients it is rebuilt per call, as at the training inputs."""
+    cached = getattr(strategy, "_bma_gp_weight", None)
+    if cached is not None and not torch.is_grad_enabled():
+        return cached
+    covar = strategy.likelihood(strategy.train_prior_dist, strategy.train_inputs).lazy_covariance_matrix
+    M = as_sum(covar.evaluate_kernel() if isinstance(covar, LinearOperator) else covar)
+    if M is None or not M._sizes() or not bool((M.diag_values > 0).all()):
+        return None
+    needs_grad = M._differentiable()
+    if cached is not None and not needs_grad:
+        return cached
+    W = _scoped(_posterior_weight)(M)
+    if not needs_grad:
+        strategy._bma_gp_weight = (M, W)
+    return M, W
+
+
+def new_input_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor, test_test_covar, test_train_covar):
+    r"""``(mean, covariance)`` at new inputs in closed form, or None (then GPyTorch's path).
+
+    With the noisy training covariance :math:`M = D + Z G Z^\top` (:math:`Z = [P_1 W_1, \dots, U]`) and the
+    test-by-training covariance :math:`K_{*x} = F Z^\top` (each group term :math:`A_j P_j^\top`, with the slope's
+    weights, an inducing-point kernel :math:`U_* U^\top`), the posterior covariance is
+
+    .. math::
+        K_{**} - K_{*x} M^{-1} K_{x*} = K_{**} - F W F^\top, \qquad W = Z^\top M^{-1} Z = A (I + G A)^{-1},
+
+    :math:`A = Z^\top D^{-1} Z`: memory :math:`O(t q + q^2)`, never :math:`t \times n`. The mean is the strategy's
+    own :meth:`exact_predictive_mean` (a closed-form solve). None with ``skip_posterior_variances``, an observation
+    NaN policy other than ``"ignore"``, a summand outside the family (an exact kernel: then GPyTorch's path, with
+    the :class:`~bma_gp.ClosedFormFallbackWarning` of its solves) or a likelihood whose noisy covariance leaves it."""
+    if gpytorch_settings.skip_posterior_variances.on() or gpytorch_settings.observation_nan_policy.value() != "ignore":
+        return None
+    if not isinstance(test_train_covar, LinearOperator) or tuple(test_train_covar.shape[-1:]) != (strategy.num_train,):
+        return None
+    pieces: list[_Piece] = []
+    if not _cross_pieces(test_train_covar, pieces) or not pieces:
+        return None
+    found = _new_input_weight(strategy)
+    if found is None:
+        return None
+    M, W = found
+    blocks = _cross_factor(M, pieces)
+    if blocks is None or all(b is None for b in blocks):
+        return None
+    mean = strategy.exact_predictive_mean(test_mean, test_train_covar)
+    return mean, PredictiveCovarianceLinearOperator.from_blocks(test_test_covar, W, blocks, M._sizes())
+
+
+#: Elements of the row chunk of ``F`` (and of ``F W``) formed at a time for the diagonal.
+_DIAG_CHUNK = 2**22
+
+#: A block of ``F`` with more columns than this, and at most one nonzero per row (a random intercept's cross
+#: covariance at seen or unseen levels), enters the diagonal as (column, value) pairs.
+_SPARSE_COLUMNS = 64
+
+
+class PredictiveCovarianceLinearOperator(LinearOperator):
+    r"""The posterior covariance at new inputs :math:`K_{**} - F W F^\top` (see :func:`new_input_prediction`).
+
+    ``F`` is held in blocks, one per term of the training covariance (the tensors the kernels returned, not
+    copied; None for a term the test points do not touch), :math:`W` is ``q x q``. Products cost
+    :math:`O(t q)` per column beyond :math:`K_{**}`'s; the diagonal is formed ``_DIAG_CHUNK / q`` rows at a time,
+    a block with one nonzero per row (a random intercept) by gathers, so nothing ``t x t`` or ``t x n`` is formed
+    (only :meth:`to_dense` forms ``t x t``). The diagonal is clamped at 0, where only rounding can take it
+    (:math:`F W F^\top` is bounded by :math:`K_{**}`'s diagonal in exact arithmetic).
+
+    Args:
+        prior: :math:`K_{**}`, a :class:`~linear_operator.operators.LinearOperator` or tensor. # shape: (*batch, t, t)
+        W: # shape: (*batch, q, q)
+        tensors: the blocks of :math:`F` that are not zero, ``(*batch, t, k_j)`` each.
+        present: per term of the training covariance, whether its block is among ``tensors`` (else zero).
+        sizes: :math:`k_j` per term (the root's ``m`` last). :meth:`from_blocks` builds it from a list.
+    """
+
+    def __init__(self, prior, W: Tensor, *tensors: Tensor, present: tuple[bool, ...], sizes: tuple[int, ...]):
+        super().__init__(prior, W, *tensors, present=tuple(present), sizes=tuple(sizes))
+        given = iter(tensors)
+        self.prior = prior
+        self.W = W
+        self.blocks: list[Tensor | None] = [next(given) if p else None for p in present]
+        self.sizes = list(sizes)
+        self._sparse: list[bool] | None = None
+
+    @classmethod
+    def from_blocks(cls, prior, W: Tensor, blocks: list[Tensor | None], sizes: list[int]):
+        """The operator from :math:`F`'s blocks (None: a zero block)."""
+        present = tuple(b is not None for b in blocks)
+        return cls(prior, W, *(b for b in blocks if b is not None), present=present, sizes=tuple(sizes))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.prior.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.prior.device
+
+    def _size(self) -> torch.Size:
+        batch = torch.broadcast_shapes(
+            self.prior.shape[:-2], self.W.shape[:-2], *(b.shape[:-2] for b in self.blocks if b is not None)
+        )
+        return torch.Size((*batch, *self.prior.shape[-2:]))
+
+    def _transpose_nonbatch(self) -> PredictiveCovarianceLinearOperator:
+        return self
+
+    def _expand_batch(self, batch_shape) -> PredictiveCovarianceLinearOperator:
+        t = self.shape[-1]
+        prior = self.prior.expand(*batch_shape, t, t)
+        W = self.W.expand(*batch_shape, *self.W.shape[-2:])
+        blocks = [None if b is None else b.expand(*batch_shape, *b.shape[-2:]) for b in self.blocks]
+        return PredictiveCovarianceLinearOperator.from_blocks(prior, W, blocks, self.sizes)
+
+    def evaluate_kernel(self) -> PredictiveCovarianceLinearOperator:
+        return self
+
+    # ------------------------------------------------------------------ F and F^T
+    def _f_t(self, x: Tensor) -> Tensor:
+        """:math:`F^\top x` in the working precision. ``x`` # shape: (*batch, t, c)"""
+        wdt = self.W.dtype
+        pieces = []
+        for b, k in zip(self.blocks, self.sizes):
+            if b is None:
+                pieces.append(x.new_zeros(*x.shape[:-2], k, x.shape[-1], dtype=wdt))
+            else:
+                pieces.append(b.to(wdt).mT @ x.to(wdt))
+        batch = torch.broadcast_shapes(*(p.shape[:-2] for p in pieces))
+        return torch.cat([p.expand(*batch, *p.shape[-2:]) for p in pieces], dim=-2)
+
+    def _f(self, y: Tensor) -> Tensor:
+        """:math:`F y` in the working precision. ``y`` # shape: (*batch, q, c)"""
+        wdt = self.W.dtype
+        res = None
+        for b, piece in zip(self.blocks, y.split(self.sizes, dim=-2)):
+            if b is not None:
+                term = b.to(wdt) @ piece
+                res = term if res is None else res + term
+        assert res is not None
+        return res
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        vector = rhs.dim() == 1
+        x = rhs.unsqueeze(-1) if vector else rhs
+        res = self.prior @ x
+        correction = self._f(self.W @ self._f_t(x))
+        res = (res.to(correction.dtype) - correction).to(torch.promote_types(rhs.dtype, self.dtype))
+        return res.squeeze(-1) if vector else res
+
+    def matmul(self, other):
+        if torch.is_tensor(other):
+            return self._matmul(other)
+        return super().matmul(other)
+
+    def _t_matmul(self, rhs: Tensor) -> Tensor:
+        return self._matmul(rhs)
+
+    def to_dense(self) -> Tensor:
+        t = self.shape[-1]
+        eye = torch.eye(t, dtype=self.dtype, device=self.device)
+        return self._matmul(eye.expand(*self.batch_shape, t, t))
+
+    def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
+        prior = self.prior
+        if isinstance(prior, LinearOperator):
+            base = prior._expand_batch(self.batch_shape)._get_indices(row_index, col_index, *batch_indices)
+        else:
+            base = prior.expand(*self.shape)[(*batch_indices, row_index, col_index)]
+        wdt = self.W.dtype
+
+        def rows(index: Tensor) -> Tensor:
+            pieces = []
+            for b, k in zip(self.blocks, self.sizes):
+                if b is None:
+                    pieces.append(torch.zeros(*index.shape, k, dtype=wdt, device=index.device))
+                else:
+                    b = b.expand(*self.batch_shape, *b.shape[-2:])
+                    pieces.append(b[(*batch_indices, index)].to(wdt))
+            shape = torch.broadcast_shapes(*(p.shape[:-1] for p in pieces))
+            return torch.cat([p.expand(*shape, p.shape[-1]) for p in pieces], dim=-1)
+
+        W = self.W.expand(*self.batch_shape, *self.W.shape[-2:])[batch_indices] if batch_indices else self.W
+        fr, fc = rows(row_index), rows(col_index)
+        quad = ((fr.unsqueeze(-2) @ W).squeeze(-2) * fc).sum(-1)
+        return (base.to(wdt) - quad).to(self.dtype)
+
+    # ------------------------------------------------------------------ the diagonal
+    def _sparse_blocks(self) -> list[bool]:
+        """Which blocks have more than ``_SPARSE_COLUMNS`` columns and at most one nonzero per row (no batch)."""
+        if self._sparse is None:
+            flags = []
+            for b in self.blocks:
+                ok = b is not None and b.dim() == 2 and self.W.dim() == 2 and b.shape[-1] > _SPARSE_COLUMNS
+                if ok:
+                    assert b is not None
+                    rows = max(1, _DIAG_CHUNK // b.shape[-1])
+                    ok = all(bool(((c != 0).sum(-1) <= 1).all()) for c in b.detach().split(rows, dim=-2))
+                flags.append(ok)
+            self._sparse = flags
+        return self._sparse
+
+    def _quadratic_diagonal(self) -> Tensor:
+        r""":math:`\operatorname{diag}(F W F^\top)` in row chunks, in the working precision. # shape: (*batch, t)"""
+        W, wdt = self.W, self.W.dtype
+        sparse = self._sparse_blocks()
+        offsets = [0]
+        for k in self.sizes:
+            offsets.append(offsets[-1] + k)
+        dense = [i for i, b in enumerate(self.blocks) if b is not None and not sparse[i]]
+        scattered = [i for i, b in enumerate(self.blocks) if b is not None and sparse[i]]
+        dense_cols = torch.cat(
+            [torch.arange(offsets[i], offsets[i + 1], device=W.device) for i in dense]
+            or [torch.zeros(0, dtype=torch.long, device=W.device)]
+        )
+        W_dd = W.index_select(-2, dense_cols).index_select(-1, dense_cols)
+        W_d = W.index_select(-1, dense_cols)  # rows of all terms, dense columns
+        qd = dense_cols.numel()
+        t = self.shape[-1]
+        rows = max(1, _DIAG_CHUNK // max(1, qd, max((self.sizes[i] for i in scattered), default=1)))
+        out = []
+        for start in range(0, t, rows):
+            c = min(rows, t - start)
+            total = torch.zeros(*self.batch_shape, c, dtype=wdt, device=W.device)
+            Fd = None
+            if dense:
+                pieces = [self.blocks[i].narrow(-2, start, c).to(wdt) for i in dense]  # type: ignore[union-attr]
+                batch = torch.broadcast_shapes(*(p.shape[:-2] for p in pieces))
+                Fd = torch.cat([p.expand(*batch, *p.shape[-2:]) for p in pieces], dim=-1)
+                total = total + ((Fd @ W_dd) * Fd).sum(-1)
+            coords = []
+            for i in scattered:
+                values = self.blocks[i].narrow(-2, start, c).to(wdt)  # type: ignore[union-attr]
+                column = values.abs().argmax(-1)
+                coords.append((offsets[i] + column, values.gather(-1, column.unsqueeze(-1)).squeeze(-1)))
+            for a, (col_a, val_a) in enumerate(coords):
+                if Fd is not None:
+                    total = total + 2 * val_a * (W_d.index_select(-2, col_a) * Fd).sum(-1)
+                for col_b, val_b in coords[a:]:
+                    factor = 1 if col_b is col_a else 2
+                    total = total + factor * val_a * val_b * W[col_a, col_b]
+            out.append(total)
+        return torch.cat(out, dim=-1)
+
+    def _diagonal(self) -> Tensor:
+        prior = self.prior
+        base = prior.diagonal(dim1=-2, dim2=-1)
+        quad = self._quadratic_diagonal()
+        return (base.to(quad.dtype) - quad).clamp_min(0).to(self.dtype)  # >= 0 up to rounding
+
+    def __repr__(self) -> str:
+        return (
+            f"PredictiveCovarianceLinearOperator(shape={tuple(self.shape)}, q={self.W.shape[-1]}, "
+            f"dtype={self.dtype}, device={self.device})"
+        )
 
 
 # ---------------------------------------------------------------------------- the operator
