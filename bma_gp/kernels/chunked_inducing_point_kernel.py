@@ -8,7 +8,10 @@ At ``n = 10^6`` and ``m = 256`` in float32 each of these is 1 GB.
 :class:`ChunkedInducingPointKernel` computes ``U`` and the row sums of ``U**2`` (the diagonal the trace
 term needs) one block of rows at a time, written into one ``n x m`` result. The forward
 pass keeps no graph; the backward pass recomputes one block's kernel at a time and differentiates it.
-The price is one more evaluation of the base kernel per training step.
+The price is one more evaluation of the base kernel per training step. For ``RBFKernel`` and
+``ScaleKernel(RBFKernel)``, the kernel of most SGPR models, the backward pass is written out by hand
+(:mod:`bma_gp.kernels._rbf_root`): two ``c x m x m`` GEMMs and a few elementwise passes per block instead of
+autograd through every step of GPyTorch's distance computation.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from linear_operator.operators import (
     LowRankRootLinearOperator,
 )
 from torch import Tensor
+
+from bma_gp.kernels._rbf_root import rbf_parts, rbf_root
 
 __all__ = ["ChunkedInducingPointKernel"]
 
@@ -136,6 +141,10 @@ class ChunkedInducingPointKernel(InducingPointKernel):
         chunk_rows: rows per block; default: about 16 MB of kernel matrix per block.
     """
 
+    #: Use the hand-written RBF root (:mod:`bma_gp.kernels._rbf_root`) when the base kernel is ``RBFKernel`` or
+    #: ``ScaleKernel(RBFKernel)``; ``False`` differentiates every base kernel by recomputation under autograd.
+    analytic_rbf: bool = True
+
     def __init__(self, base_kernel, inducing_points, likelihood, active_dims=None, chunk_rows: int | None = None):
         if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)):
             raise TypeError(f"chunk_rows must be a positive int or None, got {type(chunk_rows).__name__}")
@@ -159,6 +168,9 @@ class ChunkedInducingPointKernel(InducingPointKernel):
         """``(U, rowsum(U**2))``, block by block, written into one ``n x m`` result."""
         inv_root = self._inducing_inv_root
         rows = self._rows(x.dtype)
+        parts = rbf_parts(self.base_kernel, x, self.inducing_points) if self.analytic_rbf else None
+        if parts is not None:  # (Scale)RBF: derivatives written out, no autograd recomputation
+            return rbf_root(rows, x, self.inducing_points, inv_root, *parts)
         params = tuple(p for p in self.base_kernel.parameters() if p.requires_grad)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, self.inducing_points, inv_root, *params)):
             return _ChunkedRoot.apply(self.base_kernel, rows, params, x, self.inducing_points, inv_root, *params)
