@@ -14,7 +14,8 @@ mixed       ``bench_mixed.py``                           absolute targets (issue
                                                          training iteration at n = 10^6, < 10 s, < 4 GB)
 kernel      ``bench_kernel_block_mean.py``               the same kernel entries in the same chunks,
                                                          not reduced
-gp          ``bench_gp_iteration.py``                    GPyTorch exact GP (CG), SGPR at m = k
+gp          ``bench_gp_iteration.py``,                   GPyTorch exact GP (CG), SGPR at m = k
+            ``bench_elecdemand_step.py``
 optimizer   ``bench_optimizer.py``                       ``torch.optim.Adagrad`` step
 ==========  ===========================================  =============================================
 
@@ -76,7 +77,7 @@ def commands(suite: str, smoke: bool, device: str, py: str) -> list[list[str]]:
             [py, str(HERE / "bench_kernel_block_mean.py"), "--k-sweep", KERNEL_SWEEP_KS, "--d", "3", *s],
         ]
     if suite == "gp":
-        return [[py, str(HERE / "bench_gp_iteration.py"), *s]]
+        return [[py, str(HERE / "bench_gp_iteration.py"), *s], [py, str(HERE / "bench_elecdemand_step.py"), *s]]
     if suite == "optimizer":
         return [[py, str(HERE / "bench_optimizer.py"), *s]]
     raise ValueError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}.")
@@ -733,6 +734,15 @@ def targets(records: list[dict]) -> list[tuple[str, str, str]]:
                 f"GP iteration n = 100,000 (k = {r['k']}): < 60 s and peak memory < 2 GB",
                 f"{r['warm_s']:.1f} s{cpu}, peak RSS {r['peak_rss_mb']:.0f} MB",
                 _verdict(ok, max(r["warm_s"] / 60, r["peak_rss_mb"] / 2048)),
+            )
+        )
+    for r in (r for r in records if r.get("bench") == "elecdemand_step"):  # issue 13
+        res.append(
+            (
+                f"GP step on elecdemand (n = {r['n_train']:,}, {r['dtype']}, {r['threads']} threads): block mean "
+                f"k = {r['k']} no slower than SGPR m = {r['k']}",
+                f"{r['blockmean_s']:.3f} s vs {r['sgpr_s']:.3f} s ({r['ratio']:.2f}x)",
+                _verdict(r["ratio"] <= 1.0, r["ratio"]),
             )
         )
     return res

@@ -142,6 +142,13 @@ def test_targets_verdicts():
     assert eager_verdict == "misses by 1.50x" and "3.00x (4.50 ms vs Adagrad 1.50 ms)" in eager_measured
     assert verdict == "misses by 1.47x" and "2.20x (3.30 ms" in measured
 
+    # issue 13: the block mean GP step against SGPR at equal k on elecdemand, judged per dtype and thread count
+    step = {"bench": "elecdemand_step", "dtype": "float32", "n_train": 14016, "k": 400, "threads": 2}
+    faster = {**step, "blockmean_s": 0.5, "sgpr_s": 0.6, "ratio": 0.5 / 0.6}
+    slower = {**step, "blockmean_s": 0.69, "sgpr_s": 0.6, "ratio": 0.69 / 0.6}
+    assert [v for _, _, v in bench.targets([faster, slower])] == ["holds", "misses by 1.15x"]
+    assert "0.690 s vs 0.600 s (1.15x)" in bench.targets([slower])[0][1]
+
     slow = [_gp("exact", 20_000, 9.0), _gp("blockmean", 20_000, 4.5, k=100)]
     assert [v for _, _, v in bench.targets(slow)] == ["misses by 1.50x"]
 
