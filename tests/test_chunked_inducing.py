@@ -160,6 +160,8 @@ def test_deepcopy_and_arguments():
     x, y, (_, model) = pair(False, 40)
     kernel = model.covar_module
     assert copy.deepcopy(kernel).chunk_rows == 40
+    kernel.analytic_rbf = False  # the generic (recomputed under autograd) path survives a copy too
+    assert copy.deepcopy(kernel).analytic_rbf is False and copy.deepcopy(kernel).chunk_rows == 40
     smooth = gpytorch.kernels.RBFKernel()
     with pytest.raises(ValueError, match="chunk_rows"):
         ChunkedInducingPointKernel(smooth, torch.rand(3, 1), gpytorch.likelihoods.GaussianLikelihood(), chunk_rows=0)

@@ -156,6 +156,7 @@ class ChunkedInducingPointKernel(InducingPointKernel):
     def __deepcopy__(self, memo):
         copied = super().__deepcopy__(memo)
         copied.chunk_rows = self.chunk_rows
+        copied.analytic_rbf = self.analytic_rbf
         return copied
 
     def _rows(self, dtype: torch.dtype) -> int:
