@@ -216,12 +216,13 @@ def run_sweep(ns, repeats: int, ks, threads: int | None = None) -> list[dict]:
     records = []
     for n in ns:
         cmd = [sys.executable, __file__, "--_sweep", str(n), str(repeats), ",".join(map(str, ks))]
-        out = subprocess.run(
-            cmd + (["--threads", str(threads)] if threads else []), check=True, capture_output=True, text=True
-        )
-        sys.stdout.write(out.stdout)
+        out = subprocess.run(cmd + (["--threads", str(threads)] if threads else []), capture_output=True, text=True)
+        sys.stdout.write(out.stdout)  # the records of a child that failed part way are kept
         sys.stdout.flush()
         records += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        if out.returncode != 0:  # say why: the suite's log showed only the exit status before
+            sys.stderr.write(f"n = {n}: child exited {out.returncode}; its stderr ends:\n{out.stderr[-3000:]}\n")
+            raise subprocess.CalledProcessError(out.returncode, cmd)
     print("\n| n | k | labels | dtype | matvec / floor | solve s | logdet s | inv-sqrt product s | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|")
     rows = {}
