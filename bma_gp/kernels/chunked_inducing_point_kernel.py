@@ -26,6 +26,7 @@ from linear_operator.operators import (
     DiagLinearOperator,
     LowRankRootAddedDiagLinearOperator,
     LowRankRootLinearOperator,
+    MatmulLinearOperator,
 )
 from torch import Tensor
 
@@ -179,6 +180,10 @@ class ChunkedInducingPointKernel(InducingPointKernel):
 
     def _get_covariance(self, x1: Tensor, x2: Tensor):
         if not torch.equal(x1, x2):  # test x train: t x n, built from two roots as GPyTorch does
+            if x1.dim() == x2.dim() == 2:
+                # both roots by the training root's own formula and row blocks: the prediction strategy recognises
+                # the right factor as the training root (an ill-conditioned L^{-T} magnifies any other rounding)
+                return MatmulLinearOperator(self._root(x1)[0], self._root(x2)[0].mT)
             return super()._get_covariance(x1, x2)
         root, diag = self._root(x1)
         covar = _RootWithDiagonal(root, diag)
