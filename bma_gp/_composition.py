@@ -31,6 +31,7 @@ from linear_operator.operators import (
 from linear_operator.operators.diag_linear_operator import ConstantDiagLinearOperator
 from torch import Tensor
 
+from bma_gp._lazy_root import LazyRoot
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
 from bma_gp.partition import Partition
@@ -49,7 +50,7 @@ class _Parts:
     scalars: list[Tensor] = field(default_factory=list)  # one value per batch entry, shape (*batch, 1)
     lams: list[tuple[Partition, Tensor]] = field(default_factory=list)  # constant inside the blocks
     terms: list[tuple[Partition, Tensor, Tensor | None]] = field(default_factory=list)
-    roots: list[Tensor] = field(default_factory=list)
+    roots: list = field(default_factory=list)  # tensors and LazyRoots
 
 
 def _involves_block_mean(kernel) -> bool:
@@ -64,6 +65,34 @@ def _is_lazy_block_mean(op) -> bool:
     return isinstance(op, LazyEvaluatedKernelTensor) and _involves_block_mean(op.kernel)
 
 
+def _is_lazy_root(op) -> bool:
+    """A low-rank root held as its inputs (``ChunkedInducingPointKernel`` in training), evaluated or lazily."""
+    from gpytorch.lazy import LazyEvaluatedKernelTensor
+
+    from bma_gp.kernels import ChunkedInducingPointKernel
+
+    if isinstance(op, RootLinearOperator):
+        return isinstance(op.root, LazyRoot)
+    return (
+        isinstance(op, LazyEvaluatedKernelTensor)
+        and op.kernel.training
+        and any(isinstance(module, ChunkedInducingPointKernel) for module in op.kernel.modules())
+    )
+
+
+def add_lazy_root(left, right) -> LinearOperator | None:
+    """``U U^T + D`` (``U`` a :class:`~bma_gp._lazy_root.LazyRoot`) as a :class:`BlockMeanSumLinearOperator`
+    without partitions, so that its solve and log-determinant never form ``U``; None if it does not apply."""
+    if not isinstance(right, DiagLinearOperator) or left.shape[-2:] != right.shape[-2:]:
+        return None
+    parts = _Parts()
+    if not (_collect(left, parts) and _collect(right, parts)):
+        return None
+    if parts.terms or len(parts.roots) != 1 or not isinstance(parts.roots[0], LazyRoot):
+        return None
+    return _build(parts, left)
+
+
 def _is_ours(op) -> bool:
     return isinstance(op, (BlockMeanLinearOperator, BlockMeanSumLinearOperator)) or _is_lazy_block_mean(op)
 
@@ -75,8 +104,8 @@ def _collect(op, parts: _Parts) -> bool:
     if isinstance(op, BlockMeanSumLinearOperator):
         parts.diag.append(op.diag_values)
         parts.terms.extend(zip(op.partitions, op.blocks, op.weights))
-        if op.root is not None:
-            parts.roots.append(op.root)
+        if op._root_arg is not None:  # a lazy root stays lazy
+            parts.roots.append(op._root_arg)
         return True
     if isinstance(op, BlockMeanLinearOperator):
         if not op.symmetric:
@@ -96,9 +125,12 @@ def _collect(op, parts: _Parts) -> bool:
         return all(_collect(term, parts) for term in op.linear_ops)
     if isinstance(op, RootLinearOperator):  # U U^T with any number of columns (the capacitance limit bounds it)
         root = op.root
-        parts.roots.append(root.to_dense() if isinstance(root, LinearOperator) else root)
+        if isinstance(root, LazyRoot):  # formed only if something other than a solve needs it
+            parts.roots.append(root)
+        else:
+            parts.roots.append(root.to_dense() if isinstance(root, LinearOperator) else root)
         return True
-    if _is_lazy_block_mean(op):
+    if _is_lazy_block_mean(op) or _is_lazy_root(op):
         return _collect(op.evaluate_kernel(), parts)
     return False
 
@@ -140,12 +172,12 @@ def _build(parts: _Parts, like: LinearOperator) -> LinearOperator:
             terms.append((part, B, w))
     root = None
     if parts.roots:
-        batch = torch.broadcast_shapes(*(r.shape[:-2] for r in parts.roots))
-        root = (
-            parts.roots[0]
-            if len(parts.roots) == 1
-            else torch.cat([r.expand(*batch, *r.shape[-2:]) for r in parts.roots], dim=-1)
-        )
+        if len(parts.roots) == 1:
+            root = parts.roots[0]
+        else:
+            tensors = [r.materialize() if isinstance(r, LazyRoot) else r for r in parts.roots]
+            batch = torch.broadcast_shapes(*(r.shape[:-2] for r in tensors))
+            root = torch.cat([r.expand(*batch, *r.shape[-2:]) for r in tensors], dim=-1)
     if root is None and len(terms) == 1 and terms[0][2] is None:
         single = _as_block_mean(diag, terms[0][0], terms[0][1])
         if single is not None:
@@ -274,6 +306,10 @@ def _hooked_add(original):
             fallback = fallback_sum(self, other)
             if fallback is not None:
                 return fallback
+        elif isinstance(other, DiagLinearOperator) and _is_lazy_root(self):
+            res = add_lazy_root(self, other)
+            if res is not None:
+                return res
         return original(self, other)
 
     __add__._bma_gp_original = original

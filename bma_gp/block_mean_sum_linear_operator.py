@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from bma_gp import settings
+from bma_gp._lazy_root import LazyRoot
 from bma_gp._precision import core_dtype
 from bma_gp._symmetric_function import symmetric_matrix_function
 from bma_gp.block_mean_linear_operator import check_rhs
@@ -212,8 +213,13 @@ class BlockMeanSumLinearOperator(LinearOperator):
                 )
             if B.dtype != diag.dtype:
                 raise TypeError(f"blocks[{j}] has dtype {B.dtype} but diag has {diag.dtype}; cast one with .to().")
+        if isinstance(root, LazyRoot):
+            if len(root.shape) != 2 or root.shape[-2] != n:
+                raise ValueError(f"a lazy root must have shape (n={n}, m), got {tuple(root.shape)}.")
+            if diag.dim() > 1 or any(B.dim() > 2 for B in blocks):
+                root = root.materialize()  # a batch of sums: the lazy products are for one matrix
         if root is not None:
-            if not torch.is_tensor(root) or root.dim() < 2 or root.shape[-2] != n:
+            if not isinstance(root, LazyRoot) and (not torch.is_tensor(root) or root.dim() < 2 or root.shape[-2] != n):
                 raise ValueError(
                     f"root must have shape (*batch, n={n}, m), got "
                     f"{tuple(root.shape) if torch.is_tensor(root) else type(root).__name__}."
@@ -230,11 +236,11 @@ class BlockMeanSumLinearOperator(LinearOperator):
             if w is not None and (not torch.is_tensor(w) or w.shape != (n,)):
                 raise ValueError(f"weights[{j}] must be None or a tensor of shape ({n},).")
         batch = torch.broadcast_shapes(
-            diag.shape[:-1], *(B.shape[:-2] for B in blocks), *(() if root is None else (root.shape[:-2],))
+            diag.shape[:-1], *(B.shape[:-2] for B in blocks), *(() if root is None else (tuple(root.shape[:-2]),))
         )
         diag = diag.expand(*batch, n)
         blocks = tuple(B.expand(*batch, *B.shape[-2:]) for B in blocks)
-        if root is not None:
+        if torch.is_tensor(root):
             root = root.expand(*batch, *root.shape[-2:])
         device = diag.device
         partitions = tuple(p.to(device) for p in partitions)
@@ -243,13 +249,26 @@ class BlockMeanSumLinearOperator(LinearOperator):
         self.diag_values = diag
         self.blocks = blocks
         self.partitions = partitions
-        self.root = root
+        self._root_arg = root  # a tensor, a LazyRoot (formed only when something other than a solve needs it) or None
+        self._root_tensor = root if torch.is_tensor(root) else None
         self.weights = weights
         self._store: dict[str, object] = {}
         self._depth = 0
         self._scoped_names: set[str] = set()
 
     # ------------------------------------------------------------------ bookkeeping
+    def evaluate_kernel(self) -> BlockMeanSumLinearOperator:
+        """Itself: its summands were evaluated when it was built (linear_operator's default rebuilds the operator
+        from its tensors and would drop what it has computed)."""
+        return self
+
+    @property
+    def root(self) -> Tensor | None:
+        """:math:`U` (``None`` without a low-rank part); a lazy root is formed on first use here."""
+        if self._root_tensor is None and isinstance(self._root_arg, LazyRoot):
+            self._root_tensor = self._root_arg.materialize()
+        return self._root_tensor
+
     @property
     def num_blocks(self) -> tuple[int, ...]:
         """:math:`k_j` of every partition."""
@@ -258,7 +277,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
     @property
     def rank(self) -> int:
         """:math:`m`, the number of columns of the low-rank root (0 without one)."""
-        return 0 if self.root is None else self.root.shape[-1]
+        return 0 if self._root_arg is None else self._root_arg.shape[-1]
 
     @property
     def capacitance_size(self) -> int:
@@ -285,7 +304,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
             self.diag_values if diag is None else diag,
             *(self.blocks if blocks is None else blocks),
             partitions=self.partitions if partitions is None else partitions,
-            root=self.root if root is ... else root,
+            root=self._root_arg if root is ... else root,
             weights=self.weights if weights is None else weights,
         )
 
@@ -464,7 +483,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
                         values = values * wt
                 blocks[i, j] = _contingency(self.partitions[i], self.partitions[j], values)
         root_t_extra = None
-        if self.root is not None:
+        if self._root_arg is not None:
             cross, gram, root_t_extra = self._root_gram(dinv, w, extra)
             for j in range(J):
                 blocks[j, J] = cross[j]
@@ -477,6 +496,13 @@ class BlockMeanSumLinearOperator(LinearOperator):
         the working precision, and a backward pass that needs one product with :math:`U`, writes one gradient
         buffer and keeps no ``n x m`` temporaries from the forward."""
         x = extra if extra is not None else dinv.new_zeros(*dinv.shape, 0)
+        lazy = self._root_arg
+        if isinstance(lazy, LazyRoot) and self._root_tensor is None:
+            labels = [p.labels for p in self.partitions]
+            gram, root_t, cross = lazy.weighted_products(
+                self.diag_values, dinv, x, labels, [p.num_blocks for p in self.partitions], w
+            )
+            return cross, gram, (root_t if extra is not None else None)
         out = _RootGram.apply(
             self.root,
             dinv,
@@ -516,7 +542,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         return (0.5 * (B + B.mT)) @ x  # one product: k <= the columns of x wherever it matters
 
     def _sizes(self) -> list[int]:
-        return [*self.num_blocks, *([self.rank] if self.root is not None else [])]
+        return [*self.num_blocks, *([self.rank] if self._root_arg is not None else [])]
 
     def _A_block(self, i: int, j: int) -> Tensor:
         a, blocks = self._gram()
@@ -635,8 +661,10 @@ class BlockMeanSumLinearOperator(LinearOperator):
         wdt = core_dtype(self.dtype)
         x = x.to(wdt)
         out = [p.block_sum(self._weighted(j, x, -2), dim=-2) for j, p in enumerate(self.partitions)]
-        if self.root is not None:
-            out.append(root_t if root_t is not None else _chunked_t_matmul(self.root, x))
+        if root_t is not None:
+            out.append(root_t)
+        elif self.root is not None:  # forms a lazy root: only the first solve's U^T D^-1 b comes with its Gram pass
+            out.append(_chunked_t_matmul(self.root, x))
         return out
 
     def _z(self, y: list[Tensor]) -> Tensor:
@@ -663,10 +691,10 @@ class BlockMeanSumLinearOperator(LinearOperator):
             return scaled, [], []
         root_t = None
         if (
-            self.root is not None
+            self._root_arg is not None
             and "gram" not in self._store
             and self._depth
-            and scaled.shape[:-2] == self.root.shape[:-2]
+            and scaled.shape[:-2] == tuple(self._root_arg.shape[:-2])
         ):
             # one pass over U for its Gram matrix and U^T D^{-1} b (and one gradient buffer for U)
             a, blocks, root_t = self._compute_gram(extra=scaled)

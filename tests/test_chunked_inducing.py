@@ -74,7 +74,8 @@ def test_training_matches_gpytorch(groups, chunk_rows):
         loss.backward()
         losses.append(loss.detach())
         grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=0)
+    # in training the RBF root is never formed: U^T D^-1 U = A^T (K^T D^-1 K) A rounds differently (~1e-11)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-9, atol=0)
     assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-9, atol=1e-12, msg=name)
@@ -134,7 +135,7 @@ def _saved_bytes(model, x, y, at_least: int) -> int:
     return sum(seen.values())
 
 
-def test_graph_keeps_the_root_but_not_the_kernel_intermediates():
+def test_graph_keeps_no_n_by_m_intermediates():
     n, m = 4000, 12
     x, y = data(n, seed=1)
     root_bytes = n * m * 8
@@ -150,10 +151,10 @@ def test_graph_keeps_the_root_but_not_the_kernel_intermediates():
                 old.base_kernel, old.inducing_points.detach().clone(), likelihood, active_dims=(0, 1), **kwargs
             ).to(DTYPE)
         saved[cls.__name__] = _saved_bytes(model, x, y, at_least=n * m // 2)
-    # GPyTorch keeps several n x m tensors (distances, the kernel matrix, the root); the chunked kernel keeps
-    # the root (for the closed-form solve) and, per block, only its inputs
+    # GPyTorch keeps several n x m tensors (distances, the kernel matrix, the root); the chunked (RBF) kernel in
+    # training keeps none: the closed-form sum asks its root for U^T D^-1 U and the rest, formed block by block
     assert saved["InducingPointKernel"] >= 3 * root_bytes, saved
-    assert saved["ChunkedInducingPointKernel"] == root_bytes, saved
+    assert saved["ChunkedInducingPointKernel"] == 0, saved
 
 
 def test_deepcopy_and_arguments():

@@ -23,7 +23,7 @@ import torch
 from gpytorch.kernels import RBFKernel, ScaleKernel
 from torch import Tensor
 
-__all__ = ["rbf_parts", "rbf_root"]
+__all__ = ["input_grads", "rbf_parts", "rbf_root"]
 
 
 def rbf_parts(kernel, x: Tensor, inducing: Tensor) -> tuple[Tensor, Tensor | None] | None:
@@ -66,6 +66,24 @@ def _scaled(x: Tensor, inducing: Tensor, lengthscale: Tensor) -> tuple[Tensor, T
     shift's terms cancel because ``sum_i dx'_i + sum_j dz'_j = 0``."""
     shift = inducing.mean(-2, keepdim=True)
     return (x - shift) / lengthscale, (inducing - shift) / lengthscale
+
+
+def input_grads(
+    col: Tensor, zs: Tensor, lengthscale: Tensor, need_z: bool, need_l: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(dZ, dl)`` from ``col = E^T [x', x'^2, 1]`` summed over every row block (``E = dK o K``): with
+    ``q = E^T x'``, ``q2 = E^T x'^2``, ``dz' = q - z' colsum(E)`` and
+    ``sum_i dx'_i o x'_i = sum_j (q_j o z'_j - q2_j)``."""
+    d = zs.shape[-1]
+    q, q2, colsum = col[:d].T, col[d : 2 * d].T, col[2 * d]
+    dzs = q - zs * colsum.unsqueeze(-1)
+    dz = dzs / lengthscale if need_z else None
+    dl = None
+    if need_l:
+        sx = (q * zs - q2).sum(0)
+        per = -(sx + (dzs * zs).sum(0)) / lengthscale.reshape(-1)
+        dl = per.sum().reshape(lengthscale.shape) if lengthscale.numel() == 1 else per.reshape(lengthscale.shape)
+    return dz, dl
 
 
 def _kernel_block(xa: Tensor, za_t: Tensor, out: Tensor) -> Tensor:
@@ -142,18 +160,8 @@ class _RBFRoot(torch.autograd.Function):
                 dx[start : start + c] = (e @ zs).sub_(xs_blk * e.sum(-1, keepdim=True)) / lengthscale
         grads: list[Tensor | None] = [None, None, None, None, None, None]
         if need_inputs:
-            q, q2, colsum = col[:d].T, col[d : 2 * d].T, col[2 * d]  # E^T x', E^T x'^2, colsum(E)
-            dzs = q - zs * colsum.unsqueeze(-1)
-            if need_z:
-                grads[2] = dzs / lengthscale
-            if need_x:
-                grads[1] = dx
-            if need_l:  # sum_i dx'_i o x'_i = sum_j (q_j o z'_j - q2_j)
-                sx = (q * zs - q2).sum(0)
-                dl = -(sx + (dzs * zs).sum(0)) / lengthscale.reshape(-1)
-                grads[4] = (
-                    dl.sum().reshape(lengthscale.shape) if lengthscale.numel() == 1 else dl.reshape(lengthscale.shape)
-                )
+            grads[1] = dx
+            grads[2], grads[4] = input_grads(col, zs, lengthscale, need_z, need_l)
         if need_a:
             grads[3] = g_as if scale is None else g_as * scale
         if need_s:

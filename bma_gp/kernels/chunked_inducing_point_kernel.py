@@ -12,6 +12,13 @@ The price is one more evaluation of the base kernel per training step. For ``RBF
 ``ScaleKernel(RBFKernel)``, the kernel of most SGPR models, the backward pass is written out by hand
 (:mod:`bma_gp.kernels._rbf_root`): two ``c x m x m`` GEMMs and a few elementwise passes per block instead of
 autograd through every step of GPyTorch's distance computation.
+
+In training, with an RBF base kernel, ``U`` is not formed at all: the kernel returns its root as its inputs
+(:class:`~bma_gp.kernels._rbf_gram.RBFRootFactor`). Added to a noise diagonal and to group kernels it becomes a
+closed-form :class:`~bma_gp.BlockMeanSumLinearOperator` that asks the root for ``U^T D^{-1} U``, ``U^T D^{-1} y`` and
+the block sums of ``D^{-1} U`` (one pass over row blocks, one more for the gradients), and the SGPR trace term
+reads its sum from the same Gram matrix. Anything else asked of the operator forms ``U`` as above. Evaluation
+mode keeps the formed root, which the prediction strategy caches.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import math
 
 import torch
 from gpytorch import settings
+from gpytorch.distributions import MultivariateNormal
 from gpytorch.kernels import InducingPointKernel
 from linear_operator import to_dense
 from linear_operator.operators import (
@@ -30,6 +38,7 @@ from linear_operator.operators import (
 )
 from torch import Tensor
 
+from bma_gp.kernels._rbf_gram import LazyRootOperator, RBFRootFactor, TraceTerm
 from bma_gp.kernels._rbf_root import rbf_parts, rbf_root
 
 __all__ = ["ChunkedInducingPointKernel"]
@@ -143,7 +152,8 @@ class ChunkedInducingPointKernel(InducingPointKernel):
     """
 
     #: Use the hand-written RBF root (:mod:`bma_gp.kernels._rbf_root`) when the base kernel is ``RBFKernel`` or
-    #: ``ScaleKernel(RBFKernel)``; ``False`` differentiates every base kernel by recomputation under autograd.
+    #: ``ScaleKernel(RBFKernel)``, and in training keep the root as its inputs (:mod:`bma_gp.kernels._rbf_gram`);
+    #: ``False`` forms ``U`` and differentiates every base kernel by recomputation under autograd.
     analytic_rbf: bool = True
 
     def __init__(self, base_kernel, inducing_points, likelihood, active_dims=None, chunk_rows: int | None = None):
@@ -178,6 +188,24 @@ class ChunkedInducingPointKernel(InducingPointKernel):
             return _ChunkedRoot.apply(self.base_kernel, rows, params, x, self.inducing_points, inv_root, *params)
         return _fill_blocks(self.base_kernel, rows, x, self.inducing_points, inv_root)
 
+    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, **kwargs):
+        """GPyTorch's forward, with a trace term (:class:`~bma_gp.kernels._rbf_gram.TraceTerm`) that reads the
+        Gram matrix a closed-form marginal likelihood formed already."""
+        covar = self._get_covariance(x1, x2)
+        if self.training:
+            if not torch.equal(x1, x2):
+                raise RuntimeError("x1 should equal x2 in training mode")
+            zero_mean = torch.zeros_like(x1.select(-1, 0))
+            term = TraceTerm(
+                MultivariateNormal(zero_mean, self._covar_diag(x1)),
+                MultivariateNormal(zero_mean, covar),
+                self.likelihood,
+            )
+            self.update_added_loss_term("inducing_point_loss_term", term)
+        if diag:
+            return covar.diagonal(dim1=-1, dim2=-2)
+        return covar
+
     def _get_covariance(self, x1: Tensor, x2: Tensor):
         if not torch.equal(x1, x2):  # test x train: t x n, built from two roots as GPyTorch does
             if x1.dim() == x2.dim() == 2:
@@ -185,6 +213,16 @@ class ChunkedInducingPointKernel(InducingPointKernel):
                 # the right factor as the training root (an ill-conditioned L^{-T} magnifies any other rounding)
                 return MatmulLinearOperator(self._root(x1)[0], self._root(x2)[0].mT)
             return super()._get_covariance(x1, x2)
+        if self.training and self.analytic_rbf:
+            parts = rbf_parts(self.base_kernel, x1, self.inducing_points)
+            if parts is not None:  # the root stays its inputs: sums with groupings form K^T D^-1 K, never U
+                lengthscale, scale = parts
+                if scale is None:
+                    scale = torch.ones((), dtype=x1.dtype, device=x1.device)
+                factor = RBFRootFactor(
+                    x1, self.inducing_points, self._inducing_inv_root, lengthscale, scale, self._rows(x1.dtype)
+                )
+                return LazyRootOperator(factor)
         root, diag = self._root(x1)
         covar = _RootWithDiagonal(root, diag)
         if not self.training and settings.sgpr_diagonal_correction.on():

@@ -1,0 +1,344 @@
+r"""The SGPR root of an RBF kernel held as its inputs: one training step of SGPR plus groupings in three ``n m^2``
+passes instead of five, with no ``n x m`` tensor kept.
+
+A closed-form sum ``M = D + sum_j P_j B_j P_j^T + U U^T`` needs only these products with its root
+(:class:`~bma_gp.BlockMeanSumLinearOperator`): ``U^T D^{-1} U``, ``U^T D^{-1} y`` and the block sums
+``P_j^T W_j D^{-1} U``. For ``U = K A`` (``K = exp(-|x' - z'|^2 / 2)``, ``A = s L^{-T}``), :class:`_RBFGram` forms
+them one row block at a time: the block of ``K`` (one ``exp`` pass), the block of ``U`` (one GEMM) and its
+products (one more). Its backward pass works on ``K``'s side with one GEMM per block, because every gradient
+can be written with ``A`` moved to the small side:
+
+* ``dK = S (2 K (A H A^T) + g A^T) + b (A dR)^T`` (``H = sym(dG)``, ``g`` the gathered gradients of the block sums);
+* ``dA = A^{-T} (2 G H + sum_j C_j^T dC_j + R dR^T)``, from the outputs ``G``, ``C_j`` and ``R`` themselves.
+
+Forming ``U`` (one pass, 1 GB at ``n = 10^6``, ``m = 256`` in float32), its products (one pass) and the
+gradients back through both (three passes) did the same work in five.
+
+The forward pass keeps ``U``'s side on purpose: ``A^T (K^T S K) A`` would be one GEMM fewer, but it multiplies
+the rounding of ``K^T S K`` by ``|A|^2``, and in float32 at ``n = 10^6`` the capacitance lost its positive
+determinant. The Gram matrix of the rounded ``U`` blocks stays positive semidefinite.
+
+SGPR's trace term, ``sum_i (k_ii - |u_i|^2) / sigma_i^2``, needs ``sum_i |u_i|^2 / sigma_i^2 = tr(U^T S^{-1} U)``
+with ``S = diag(sigma^2)``. When the sum's diagonal is the likelihood's noise (Gaussian and fixed-noise
+likelihoods), that is the trace of the Gram matrix the marginal likelihood formed already, so the term costs no
+pass at all (:class:`TraceTerm`).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from gpytorch.likelihoods import MultitaskGaussianLikelihood
+from gpytorch.mlls import InducingPointKernelAddedLossTerm
+from linear_operator.operators import (
+    DenseLinearOperator,
+    LinearOperator,
+    LowRankRootAddedDiagLinearOperator,
+    LowRankRootLinearOperator,
+)
+from torch import Tensor
+
+from bma_gp._lazy_root import LazyRoot
+from bma_gp._precision import core_dtype
+from bma_gp.kernels._rbf_root import _augment, _kernel_block, _scaled, input_grads, rbf_root
+
+__all__ = ["RBFRootFactor", "LazyRootOperator", "TraceTerm"]
+
+#: Rows of ``K`` cast to the working precision at a time for ``K^T y`` (a buffer that stays in cache).
+_CAST_ROWS = 2048
+
+
+def _t_matmul_wide(k: Tensor, rhs: Tensor, buf: Tensor) -> Tensor:
+    """``k^T rhs`` in ``rhs``'s (wider) precision, ``k`` cast through ``buf`` a cache-sized piece at a time."""
+    if k.dtype == rhs.dtype:
+        return k.T @ rhs
+    total = None
+    for s in range(0, k.shape[0], _CAST_ROWS):
+        c = min(_CAST_ROWS, k.shape[0] - s)
+        piece = buf[:c].copy_(k[s : s + c]).T @ rhs[s : s + c]
+        total = piece if total is None else total.add_(piece)
+    assert total is not None
+    return total
+
+
+class _RBFGram(torch.autograd.Function):
+    """``(U^T S U, U^T b, P_1^T W_1 S U, ...)`` with ``U = K A``, ``K = exp(-|x' - z'|^2 / 2)`` and ``S = diag(dinv)``,
+    one row block of ``K`` and ``U`` at a time (neither is stored).
+
+    The forward pass forms ``U``'s products from ``U``'s blocks, so the Gram matrix is a Gram matrix of the rounded
+    ``U`` (positive semidefinite to rounding). Forming ``A^T (K^T S K) A`` instead would multiply the rounding of
+    ``K^T S K`` by ``|A|^2`` (``L^{-T}`` reaches 10^3 for ill-conditioned inducing points): in float32 at
+    ``n = 10^6`` the capacitance lost its positive determinant. The backward pass works on ``K``'s side, one GEMM
+    per block: with ``H = sym(dG)``, ``dU = S (2 U H + g) + b dR^T`` gives
+    ``dK = dU A^T = S (2 K (A H A^T) + g A^T) + b (A dR)^T``, and
+    ``dA = K^T dU = A^{-T} (2 G H + sum_j C_j^T dC_j + R dR^T)`` from the outputs themselves
+    (``K^T S U = A^{-T} U^T S U``). Products run in ``x``'s precision, sums over blocks in ``dinv``'s.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, labels, ks, weights, x, inducing, lengthscale, a, dinv, rhs):
+        wdt, dt = dinv.dtype, x.dtype
+        n, m, r = x.shape[0], inducing.shape[0], a.shape[-1]
+        xs, zs = _scaled(x, inducing, lengthscale)
+        xa, za_t = _augment(xs, rows=True), _augment(zs, rows=False).T.contiguous()
+        c_max = min(rows, n)
+        kbuf, ubuf, sbuf = x.new_empty(c_max, m), x.new_empty(c_max, r), x.new_empty(c_max, r)
+        wbuf = x.new_empty(c_max, r) if any(w is not None for w in weights) else None
+        cast_buf = x.new_empty(min(_CAST_ROWS, c_max), r, dtype=rhs.dtype) if rhs.shape[-1] else None
+        gram = x.new_zeros(r, r, dtype=wdt)
+        root_t = x.new_zeros(r, rhs.shape[-1], dtype=wdt)
+        cross = [x.new_zeros(k, r, dtype=wdt) for k in ks]
+        sums = [x.new_empty(k, r) for k in ks]  # one block's sums, x's precision
+        a_x = a.to(dt)
+        dinv_x = dinv.to(dt)
+        weights_x = [None if w is None else w.to(dt) for w in weights]
+        for start in range(0, n, rows):
+            c = min(rows, n - start)
+            k = _kernel_block(xa[start : start + c], za_t, kbuf[:c])
+            u = torch.mm(k, a_x, out=ubuf[:c])
+            # expanded columns: a broadcast multiply is 1.5x slower here
+            scaled = torch.mul(u, dinv_x[start : start + c].unsqueeze(-1).expand(c, r), out=sbuf[:c])
+            gram += (u.T @ scaled).to(wdt)
+            if cast_buf is not None:
+                root_t += _t_matmul_wide(u, rhs[start : start + c], cast_buf)
+            for j, buf in enumerate(sums):
+                vals = scaled
+                wj = weights_x[j]
+                if wj is not None:
+                    assert wbuf is not None
+                    vals = torch.mul(scaled, wj[start : start + c].unsqueeze(-1).expand(c, r), out=wbuf[:c])
+                buf.zero_().index_add_(0, labels[j][start : start + c], vals)
+                cross[j] += buf.to(wdt)
+        ctx.rows, ctx.labels, ctx.weights = rows, labels, weights_x
+        ctx.save_for_backward(x, inducing, lengthscale, a, dinv, rhs, gram, root_t, *cross)
+        return (gram, root_t, *cross)
+
+    @staticmethod
+    def backward(ctx, grad_gram, grad_root_t, *grad_cross):
+        # per row a, on K's side (W = A H A^T, g_a = sum_j w_ja (dC_j A^T)[l_ja], T_a = k_a W + g_a):
+        #   d/ds_a = k_a . T_a,   d/db_a = dR^T u_a = (A dR)^T k_a,   d/dk_a = s_a (2 T_a - g_a) + b_a (A dR)^T
+        x, inducing, lengthscale, a, dinv, rhs, gram, root_t, *cross = ctx.saved_tensors
+        need_x, need_z, need_l, need_a, need_d, need_b = ctx.needs_input_grad[4:10]
+        dt, wdt = x.dtype, dinv.dtype
+        n, m, d = x.shape[0], inducing.shape[0], x.shape[-1]
+        rows = ctx.rows
+        a_w = a.to(wdt)
+        sym = None if grad_gram is None else 0.5 * (grad_gram + grad_gram.mT)
+        g_root = None if grad_root_t is None or not rhs.shape[-1] else grad_root_t
+        grads: list[Tensor | None] = [None] * 10
+        if need_a:  # dA = A^{-T} (2 G H + sum_j C_j^T dC_j + R dR^T), all r x r
+            inner = torch.zeros_like(gram)
+            if sym is not None:
+                inner += 2 * gram @ sym
+            for cj, gj in zip(cross, grad_cross):
+                if gj is not None:
+                    inner += cj.mT @ gj
+            if g_root is not None:
+                inner += root_t @ g_root.mT
+            grads[7] = torch.linalg.solve(a_w.mT, inner).to(a.dtype)
+        w_k = None if sym is None else (a_w @ sym @ a_w.mT).to(dt)  # K's side of H
+        g_cross = [None if g is None else (g @ a_w.mT).to(dt).contiguous() for g in grad_cross]
+        b_k = None if g_root is None else (a_w @ g_root).to(dt)  # m x t
+        have_g = any(g is not None for g in g_cross)
+        need_inputs = need_x or need_z or need_l
+        grad_d = torch.zeros_like(dinv) if need_d else None
+        grad_b = torch.zeros_like(rhs) if need_b and b_k is not None else None
+        if w_k is None and not have_g and b_k is None or not (need_inputs or need_d or grad_b is not None):
+            return tuple(grads)
+        dx = torch.zeros_like(x) if need_x else None
+        xs, zs = _scaled(x, inducing, lengthscale)
+        xa, za_t = _augment(xs, rows=True), _augment(zs, rows=False).T.contiguous()
+        xb = torch.cat([xs, xs.square(), torch.ones_like(xs[:, :1])], dim=-1) if need_inputs else None
+        col = x.new_zeros(2 * d + 1, m)
+        c_max = min(rows, n)
+        kbuf, tbuf, gbuf = (x.new_empty(c_max, m) for _ in range(3))
+        dinv_x = dinv.to(dt)
+        for start in range(0, n, rows):
+            c = min(rows, n - start)
+            k = _kernel_block(xa[start : start + c], za_t, kbuf[:c])
+            g = None
+            for j, gj in enumerate(g_cross):
+                if gj is None:
+                    continue
+                idx = ctx.labels[j][start : start + c]
+                piece = torch.index_select(gj, 0, idx, out=tbuf[:c] if g is not None else gbuf[:c])
+                wj = ctx.weights[j]
+                if wj is not None:
+                    piece.mul_(wj[start : start + c].unsqueeze(-1).expand(c, m))
+                g = piece if g is None else g.add_(piece)
+            T = g
+            if w_k is not None:  # T = k (W / 2) + g, W / 2 = A H A^T
+                T = torch.mm(k, w_k, out=tbuf[:c]) if g is None else torch.addmm(g, k, w_k, out=tbuf[:c])
+            if grad_d is not None and T is not None:  # row dot products: a batched GEMM, 2x vecdot's speed
+                grad_d[start : start + c] = (T.unsqueeze(-2) @ k.unsqueeze(-1)).reshape(c)
+            if grad_b is not None:
+                assert b_k is not None
+                grad_b[start : start + c] = k @ b_k
+            if not need_inputs:
+                continue
+            s = dinv_x[start : start + c].unsqueeze(-1).expand(c, m)
+            if T is None:  # only U^T b was used
+                dk = gbuf[:c].zero_()
+            elif w_k is None:  # T = g
+                dk = T.mul_(s)
+            else:
+                if g is not None:
+                    T.sub_(g, alpha=0.5)
+                dk = T.mul_(s).mul_(2.0)
+            if b_k is not None:
+                dk.addmm_(rhs[start : start + c].to(dt), b_k.T)
+            e = dk.mul_(k)  # E = dK o K
+            assert xb is not None
+            col.addmm_(xb[start : start + c].T, e)
+            if dx is not None:  # dx' = E z' - x' rowsum(E)
+                dx[start : start + c] = (e @ zs).sub_(xs[start : start + c] * e.sum(-1, keepdim=True)) / lengthscale
+        grads[4] = dx
+        if need_inputs:
+            grads[5], grads[6] = input_grads(col, zs, lengthscale, need_z, need_l)
+        grads[8], grads[9] = grad_d, grad_b
+        return tuple(grads)
+
+
+#: Gram matrices per ``L^{-T}`` tensor (by id; a fresh tensor each training forward pass); entries go with the tensor.
+_GRAMS: dict[int, list[tuple[Tensor, Tensor]]] = {}
+
+
+class RBFRootFactor(LinearOperator, LazyRoot):
+    r"""The ``n x m`` SGPR root :math:`U = s\,\exp(-\lVert x/l - Z/l \rVert^2 / 2)\, L^{-\top}`, held as its inputs.
+
+    :class:`~bma_gp.BlockMeanSumLinearOperator` asks it for :math:`U^\top D^{-1} U`, :math:`U^\top D^{-1} y` and
+    the block sums of :math:`D^{-1} U` (:meth:`weighted_products`), which it forms without ``U``. Anything else
+    (a product, an index, a root decomposition) forms ``U`` once, in row blocks, with the hand-written backward
+    pass of :mod:`bma_gp.kernels._rbf_root`.
+    """
+
+    def __init__(self, x: Tensor, inducing: Tensor, inv_root: Tensor, lengthscale: Tensor, scale: Tensor, rows: int):
+        super().__init__(x, inducing, inv_root, lengthscale, scale, rows=rows)
+        self.x, self.inducing, self.inv_root = x, inducing, inv_root
+        self.lengthscale, self.scale, self.rows = lengthscale, scale, rows
+        self._formed: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def _grams(self) -> list[tuple[Tensor, Tensor]]:
+        """``(d, U^T D^{-1} U)`` of each :meth:`weighted_products`, shared by every factor over the same ``L^{-T}``
+        tensor: linear_operator rebuilds operators from their tensors (``evaluate_kernel``), and the trace term must
+        find the Gram matrix the marginal likelihood formed."""
+        key = id(self.inv_root)
+        grams = _GRAMS.get(key)
+        if grams is None:
+            grams = _GRAMS[key] = []
+            weakref.finalize(self.inv_root, _GRAMS.pop, key, None)
+        return grams
+
+    # ---------------------------------------------------------------- U itself, on demand
+    def _pair(self) -> tuple[Tensor, Tensor]:
+        if self._formed is None:
+            self._formed = rbf_root(self.rows, self.x, self.inducing, self.inv_root, self.lengthscale, self.scale)
+        return self._formed
+
+    def materialize(self) -> Tensor:
+        return self._pair()[0]
+
+    def to_dense(self) -> Tensor:
+        return self._pair()[0]
+
+    def row_norms(self) -> Tensor:
+        """``rowsum(U**2)``, formed with ``U``."""
+        return self._pair()[1]
+
+    def _dense(self) -> DenseLinearOperator:
+        return DenseLinearOperator(self.materialize())
+
+    def _size(self) -> torch.Size:
+        return torch.Size([self.x.shape[-2], self.inv_root.shape[-1]])
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        return self.materialize() @ rhs
+
+    def _t_matmul(self, rhs: Tensor) -> Tensor:
+        return self.materialize().mT @ rhs
+
+    def _transpose_nonbatch(self) -> LinearOperator:
+        return DenseLinearOperator(self.materialize().mT)
+
+    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+        return self._dense()._getitem(row_index, col_index, *batch_indices)
+
+    def _get_indices(self, row_index, col_index, *batch_indices) -> Tensor:
+        return self._dense()._get_indices(row_index, col_index, *batch_indices)
+
+    def _expand_batch(self, batch_shape) -> LinearOperator:
+        return self._dense()._expand_batch(batch_shape)
+
+    # ---------------------------------------------------------------- products without U
+    def _scale_matrix(self) -> Tensor:
+        return self.inv_root * self.scale
+
+    def _gram(self, dinv: Tensor, rhs: Tensor, labels, ks, weights) -> tuple[Tensor, ...]:
+        return _RBFGram.apply(
+            self.rows,
+            tuple(labels),
+            tuple(ks),
+            tuple(weights),
+            self.x,
+            self.inducing,
+            self.lengthscale,
+            self._scale_matrix(),
+            dinv,
+            rhs,
+        )
+
+    def weighted_products(self, diag_values, dinv, rhs, labels, ks, weights):
+        out = self._gram(dinv, rhs, labels, ks, weights)
+        self._grams.append((diag_values, out[0]))
+        return out[0], out[1], list(out[2:])
+
+    def weighted_trace(self, noise: Tensor) -> Tensor:
+        r""":math:`\sum_i \lVert u_i \rVert^2 / \sigma_i^2 = \operatorname{tr}(U^\top S^{-1} U)`: the trace of the Gram
+        matrix of an earlier :meth:`weighted_products` with the same diagonal when there is one (working precision)."""
+        for diag_values, gram in reversed(self._grams):
+            if diag_values.shape == noise.shape and (diag_values is noise or torch.equal(diag_values, noise)):
+                if gram.requires_grad or not (torch.is_grad_enabled() and self._needs_grad(noise)):
+                    return torch.diagonal(gram).sum()
+        wdt = core_dtype(self.dtype)
+        empty = noise.new_zeros(noise.shape[-1], 0, dtype=wdt)
+        return torch.diagonal(self._gram(noise.to(wdt).reciprocal(), empty, (), (), ())[0]).sum()
+
+    def _needs_grad(self, noise: Tensor) -> bool:
+        return noise.requires_grad or any(t.requires_grad for t in self.representation())
+
+
+class LazyRootOperator(LowRankRootLinearOperator):
+    """``U U^T`` for an :class:`RBFRootFactor`: its diagonal comes with ``U``; sums with block mean operators take
+    the factor as it is."""
+
+    def _diagonal(self) -> Tensor:
+        if isinstance(self.root, RBFRootFactor):
+            return self.root.row_norms()
+        return super()._diagonal()
+
+    def add_diagonal(self, diag: Tensor) -> LinearOperator:
+        from bma_gp._composition import add_lazy_root
+
+        res = super().add_diagonal(diag)  # linear_operator's reading of a scalar, one-entry or per-point diag
+        closed = add_lazy_root(self, res._diag_tensor) if isinstance(res, LowRankRootAddedDiagLinearOperator) else None
+        return res if closed is None else closed
+
+
+class TraceTerm(InducingPointKernelAddedLossTerm):
+    """GPyTorch's SGPR trace term, :math:`-\\tfrac12 \\sum_i (k_{ii} - q_{ii}) / \\sigma_i^2`, with
+    :math:`\\sum_i q_{ii} / \\sigma_i^2` taken from the factor's Gram matrix (:meth:`RBFRootFactor.weighted_trace`)."""
+
+    def loss(self, *params) -> Tensor:
+        variational = self.variational_dist.lazy_covariance_matrix
+        factor = getattr(variational, "root", None)
+        if not isinstance(factor, RBFRootFactor) or isinstance(self.likelihood, MultitaskGaussianLikelihood):
+            return super().loss(*params)
+        prior_covar = self.prior_dist.lazy_covariance_matrix
+        shape = prior_covar.shape[:-1]
+        noise = self.likelihood._shaped_noise_covar(shape, *params).diagonal(dim1=-1, dim2=-2)
+        if noise.shape != shape:
+            return super().loss(*params)
+        prior = (prior_covar.diagonal(dim1=-1, dim2=-2) / noise).sum(-1)
+        return -0.5 * (prior - factor.weighted_trace(noise).to(prior.dtype))
