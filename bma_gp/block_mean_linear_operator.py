@@ -601,12 +601,16 @@ class BlockMeanLinearOperator(LinearOperator):
             )
 
     def _check_core_eigenvalues(self, evals: Tensor, what: str, strict: bool) -> None:
-        """Eigenvalues of C within rounding of the operator's own precision (``lam`` and ``B`` are only
-        known to it, whatever the core dtype) count as zero: an error if ``strict``, else allowed
-        (and clamped). The semidefinite tolerance is ``max(10, k) eps`` relative to the largest."""
+        """``strict`` (a function undefined at 0: inverse square root, log): an eigenvalue within rounding of zero
+        *in the precision C was factorised in* is an error. A float32 operator whose C is merely ill-conditioned
+        for float32 (a smallest eigenvalue of 1 beside a largest of 10^6, as a block mean of 10^4 points per
+        block gives) is positive definite, and its core is factorised in float64; solves accept it, and so
+        does its inverse square root. Not ``strict``: negative eigenvalues within rounding of the operator's
+        own precision (``lam`` and ``B`` were rounded to it) are allowed and clamped, with a tolerance of
+        ``max(10, k) eps`` relative to the largest."""
         scale = evals.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(evals.dtype).tiny)
         if strict:
-            bad = evals <= _tolerance(self.dtype) * scale
+            bad = evals <= _tolerance(evals.dtype) * scale
         else:  # the rounding of an eigendecomposition grows with k (numpy's matrix_rank tolerance)
             tol = max(1, evals.shape[-1] // 10) * _tolerance(self.dtype) * scale
             if self._rounding is not None:  # a difference of larger matrices: rounding of its terms

@@ -505,3 +505,29 @@ def test_singleton_blocks_keep_relative_precision_at_small_scale():
     inv = op.inverse().to_dense()
     eye = torch.eye(dense.shape[-1], dtype=DTYPE)
     assert float((inv @ dense - eye).abs().max()) < 1e-12
+
+
+@pytest.mark.parametrize("fn", ["matrix_inv_sqrt", "matrix_log"])
+def test_float32_operator_ill_conditioned_for_float32_keeps_its_inverse_square_root(fn):
+    """The operator sweep at n = 10^7 (blocks of 10^4 points) failed: ``matrix_inv_sqrt`` of a positive definite
+    float32 operator raised "needs a positive definite matrix, but ... has eigenvalue 1.02284", because the
+    smallest eigenvalue of its core (factorised in float64) was below 10 eps32 of the largest. Solves accepted
+    the same operator. Only eigenvalues within rounding of the core's own precision count as zero now."""
+    partition = Partition.from_sizes(torch.tensor([50, 70]))
+    lam = torch.tensor([1.0, 1.5])
+    B = torch.full((2, 2), 1e5)  # C's eigenvalues: about 1.2e7 and about 1, a ratio below 10 eps32
+    op = BlockMeanLinearOperator(lam, B, partition)
+    evals = torch.linalg.eigvalsh(op.core_matrix())
+    assert float(evals.min() / evals.max()) < 10 * torch.finfo(torch.float32).eps
+    v = torch.randn(120, generator=torch.Generator().manual_seed(0))
+    res = getattr(op, fn)() @ v
+    e, V = torch.linalg.eigh(dense64(op))
+    f = e.rsqrt() if fn == "matrix_inv_sqrt" else e.log()
+    ref = (V * f) @ V.mT @ v.double()
+    assert float((res.double() - ref).norm() / ref.norm()) < 1e-5
+    # a core that is singular in its own precision still raises: C = I + diag(-1, 1) has eigenvalue 0
+    singular = BlockMeanLinearOperator(
+        torch.ones(2), torch.diag(torch.tensor([-1.0, 1.0])), Partition.from_sizes(torch.tensor([1, 1]))
+    )
+    with pytest.raises(ValueError, match="positive definite"):
+        getattr(singular, fn)()

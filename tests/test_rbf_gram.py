@@ -5,7 +5,7 @@
   unequal sizes, scattered labels and row weights, one row or many per block; gradcheck; float32;
 * in a training loss ``U`` is never formed, the SGPR trace term reuses the marginal likelihood's Gram
   matrix (one pass forward, one backward), and the model equals GPyTorch's on well-conditioned inducing
-  points to 1e-12 (Gaussian and fixed-noise likelihoods, alone and with groupings);
+  points to 1e-12 (Gaussian, fixed-noise and per-group noise likelihoods, alone and with groupings);
 * everything else (products, diagonals, batches, a trace with another noise) forms ``U`` and is exact.
 """
 
@@ -16,7 +16,13 @@ import pytest
 import torch
 
 import bma_gp.kernels._rbf_gram as rbf_gram
-from bma_gp import BlockMeanSumLinearOperator, ChunkedInducingPointKernel, GroupKernel, Partition
+from bma_gp import (
+    BlockMeanSumLinearOperator,
+    ChunkedInducingPointKernel,
+    GroupGaussianLikelihood,
+    GroupKernel,
+    Partition,
+)
 from bma_gp.kernels._rbf_gram import LazyRootOperator, RBFRootFactor
 from closed_form_guard import closed_forms_only
 
@@ -129,9 +135,13 @@ class Model(gpytorch.models.ExactGP):
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
 
-def likelihood_for(kind, n):
+def likelihood_for(kind, n, x=None):
     if kind == "gaussian":
         return gpytorch.likelihoods.GaussianLikelihood()
+    if kind == "per-group":  # the trace term's noise is found from the training inputs: Gram matrix shared too
+        likelihood = GroupGaussianLikelihood(6, group_dim=2, train_inputs=x)
+        likelihood.noise = torch.linspace(0.01, 0.06, 6)
+        return likelihood
     noise = torch.linspace(0.01, 0.05, n, dtype=D64)
     return gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise, learn_additional_noise=True)
 
@@ -146,13 +156,13 @@ def train_loss(model, x, y, guard=False):
 
 
 @pytest.mark.parametrize("groups", [False, True], ids=["sgpr", "sgpr+groups"])
-@pytest.mark.parametrize("noise", ["gaussian", "fixed"])
+@pytest.mark.parametrize("noise", ["gaussian", "fixed", "per-group"])
 def test_model_matches_gpytorch_and_never_forms_the_root(groups, noise, monkeypatch):
     x, y = model_data()
     models = []
     for cls in (gpytorch.kernels.InducingPointKernel, ChunkedInducingPointKernel):
         torch.manual_seed(0)
-        models.append(Model(x, y, likelihood_for(noise, x.shape[0]), cls, groups).to(D64))
+        models.append(Model(x, y, likelihood_for(noise, x.shape[0], x), cls, groups).to(D64))
     models[1].load_state_dict(models[0].state_dict())
     ref_loss, ref_grads = train_loss(models[0], x, y)
 
