@@ -1100,12 +1100,14 @@ _FLUSH_TERMS = 2048
 _CAST_ROWS = 2048
 
 
-def _t_matmul_wide(Uc: Tensor, xc: Tensor) -> Tensor:
+def _t_matmul_wide(Uc: Tensor, xc: Tensor, buf: Tensor | None = None) -> Tensor:
     """:math:`U_c^\\top x_c` in ``x``'s (wider) precision, ``U_c`` cast through one reused cache-sized buffer
-    (casting the whole chunk at once allocates and faults in twice its memory)."""
+    (casting the whole chunk at once allocates and faults in twice its memory). ``buf``: that buffer, at least
+    ``min(_CAST_ROWS, rows)`` rows of ``x``'s dtype, to reuse across calls."""
     if Uc.dtype == xc.dtype:
         return Uc.mT @ xc
-    buf = xc.new_empty(*Uc.shape[:-2], min(_CAST_ROWS, Uc.shape[-2]), Uc.shape[-1])
+    if buf is None:
+        buf = xc.new_empty(*Uc.shape[:-2], min(_CAST_ROWS, Uc.shape[-2]), Uc.shape[-1])
     total = None
     for s in range(0, Uc.shape[-2], _CAST_ROWS):
         c = min(_CAST_ROWS, Uc.shape[-2] - s)

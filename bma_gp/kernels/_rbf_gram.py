@@ -38,28 +38,14 @@ from linear_operator.operators import (
     LowRankRootLinearOperator,
 )
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._precision import core_dtype
+from bma_gp.block_mean_sum_linear_operator import _CAST_ROWS, _t_matmul_wide
 from bma_gp.kernels._rbf_root import _augment, _kernel_block, _scaled, input_grads, rbf_root
 
 __all__ = ["RBFRootFactor", "LazyRootOperator", "TraceTerm"]
-
-#: Rows of ``K`` cast to the working precision at a time for ``K^T y`` (a buffer that stays in cache).
-_CAST_ROWS = 2048
-
-
-def _t_matmul_wide(k: Tensor, rhs: Tensor, buf: Tensor) -> Tensor:
-    """``k^T rhs`` in ``rhs``'s (wider) precision, ``k`` cast through ``buf`` a cache-sized piece at a time."""
-    if k.dtype == rhs.dtype:
-        return k.T @ rhs
-    total = None
-    for s in range(0, k.shape[0], _CAST_ROWS):
-        c = min(_CAST_ROWS, k.shape[0] - s)
-        piece = buf[:c].copy_(k[s : s + c]).T @ rhs[s : s + c]
-        total = piece if total is None else total.add_(piece)
-    assert total is not None
-    return total
 
 
 class _RBFGram(torch.autograd.Function):
@@ -115,6 +101,7 @@ class _RBFGram(torch.autograd.Function):
         return (gram, root_t, *cross)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_gram, grad_root_t, *grad_cross):
         # per row a, on K's side (W = A H A^T, g_a = sum_j w_ja (dC_j A^T)[l_ja], T_a = k_a W + g_a):
         #   d/ds_a = k_a . T_a,   d/db_a = dR^T u_a = (A dR)^T k_a,   d/dk_a = s_a (2 T_a - g_a) + b_a (A dR)^T

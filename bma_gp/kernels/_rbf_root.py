@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from gpytorch.kernels import RBFKernel, ScaleKernel
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["input_grads", "rbf_parts", "rbf_root"]
 
@@ -115,6 +116,7 @@ class _RBFRoot(torch.autograd.Function):
         return root, diag
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_root: Tensor | None, grad_diag: Tensor | None):
         x, inducing, inv_root, lengthscale, scale, root = ctx.saved_tensors
         scale = scale if ctx.has_scale else None
