@@ -37,10 +37,15 @@ def build_model(width: int, depth: int) -> torch.nn.Module:
     return torch.nn.Sequential(*layers)
 
 
-def time_steps(opt: torch.optim.Optimizer, steps: int, device: torch.device) -> list[tuple[float, float]]:
-    """Wall-clock and process CPU time of ``steps`` calls of ``opt.step()``."""
+def time_steps(
+    opt: torch.optim.Optimizer, steps: int, device: torch.device, flush: torch.Tensor | None = None
+) -> list[tuple[float, float]]:
+    """Wall-clock and process CPU time of ``steps`` calls of ``opt.step()``; with ``flush``, that buffer is written
+    (untimed) before every step, evicting the caches as a training step's forward and backward pass would."""
     times = []
     for _ in range(steps):
+        if flush is not None:
+            flush.fill_(1.0)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -79,12 +84,22 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 2 rounds")
     parser.add_argument(
+        "--flush-mb",
+        type=float,
+        default=0.0,
+        help="write a buffer of this many MB before every timed step (untimed): steps start with cold caches, "
+        "as after a forward and backward pass; 0 (the default) times back-to-back steps, whose data can stay "
+        "in the last-level cache when it is small enough (2.1M float32 parameters: 25 MB for Adagrad)",
+    )
+    parser.add_argument(
         "--baseline",
         default=None,
         metavar="DIR",
         help="also time BlockMeanAdagrad from DIR/optim (an older version), in the same run",
     )
     args = parser.parse_args(argv)
+    if args.flush_mb < 0:
+        parser.error(f"--flush-mb must be >= 0, got {args.flush_mb}")
     if args.smoke:
         args.width, args.depth, args.rounds, args.steps = 64, 2, 2, 3
     if args.threads:
@@ -122,9 +137,12 @@ def main(argv=None) -> None:
         time_steps(opt, 2, device)  # warm-up: lazy state, first root
         runs[name] = (model, opt, [])
     d = sum(p.numel() for p in runs["adagrad"][0].parameters())
+    flush = None
+    if args.flush_mb:
+        flush = torch.empty(int(args.flush_mb * 2**20) // 4, dtype=torch.float32, device=device)
     for _ in range(args.rounds):
         for _name, (_, opt, times) in runs.items():
-            times.extend(time_steps(opt, args.steps, device))
+            times.extend(time_steps(opt, args.steps, device, flush))
 
     wall = {name: statistics.median(w for w, _ in t) for name, (_, _, t) in runs.items()}
     cpu = {name: statistics.median(c for _, c in t) for name, (_, _, t) in runs.items()}
@@ -137,6 +155,7 @@ def main(argv=None) -> None:
         "params": d,
         "tensors": 2 * args.depth,
         "steps_timed": args.rounds * args.steps,
+        "flush_mb": args.flush_mb,
         "median_ms": {name: round(1e3 * t, 3) for name, t in wall.items()},
         "ratio_to_adagrad": {name: round(t / wall["adagrad"], 3) for name, t in wall.items()},
         # process CPU time (all threads): less sensitive than wall time to other jobs on a shared machine

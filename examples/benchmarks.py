@@ -78,8 +78,9 @@ def commands(suite: str, smoke: bool, device: str, py: str) -> list[list[str]]:
         ]
     if suite == "gp":
         return [[py, str(HERE / "bench_gp_iteration.py"), *s], [py, str(HERE / "bench_elecdemand_step.py"), *s]]
-    if suite == "optimizer":
-        return [[py, str(HERE / "bench_optimizer.py"), *s]]
+    if suite == "optimizer":  # back-to-back steps (caches warm), then with the caches flushed before each step
+        script = str(HERE / "bench_optimizer.py")
+        return [[py, script, *s], [py, script, "--flush-mb", "64", *s]]
     raise ValueError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}.")
 
 
@@ -564,9 +565,14 @@ def optimizer_tables(records: list[dict]) -> list[str]:
         return []
     out = ["### Optimizer step against torch.optim.Adagrad (same parameters, interleaved rounds)", ""]
     for r in rows:
+        cache = (
+            f"caches flushed before every step ({r['flush_mb']:g} MB written, untimed)"
+            if r.get("flush_mb")
+            else "back-to-back steps (caches warm)"
+        )
         out += [
             f"{r['params']:,} parameters in {r['tensors']} tensors, device {r['device']}, "
-            f"{r['steps_timed']} timed steps each (median).",
+            f"{r['steps_timed']} timed steps each (median); {cache}.",
             "",
             "| optimizer | median ms | ratio to Adagrad |",
             "|---|---|---|",
@@ -646,6 +652,8 @@ def targets(records: list[dict]) -> list[tuple[str, str, str]]:
         ratios = r["ratio_to_adagrad"]
         eager, fused = ratios.get("block_mean_tensor"), ratios.get("block_mean_tensor_fused")
         size = f"'tensor', {r['params'] / 1e6:.1f}M params, {r.get('threads', '?')} threads"
+        if r.get("flush_mb"):
+            size += f", caches flushed before each step ({r['flush_mb']:g} MB)"
         ms = r.get("median_ms", {})
         if eager is not None:  # issue 13: the default step, no compiler
             res.append(

@@ -47,7 +47,8 @@ def test_suite_smoke_writes_parseable_results(tmp_path):
         assert r["warm_s"] > 0 and r["cold_s"] > 0 and r["peak_rss_mb"] > 0
         assert r["loss"] == r["loss"]  # a finite number, not NaN
     opt = [r for r in records if r.get("benchmark") == "optimizer_step"]
-    assert len(opt) == 1 and opt[0]["ratio_to_adagrad"]["adagrad"] == 1.0
+    # back-to-back steps, then steps that start with flushed caches
+    assert sorted(r["flush_mb"] for r in opt) == [0, 64] and all(r["ratio_to_adagrad"]["adagrad"] == 1.0 for r in opt)
     runs = [r for r in records if "status" in r]
     assert {r["suite"] for r in runs} == {"gp", "optimizer"} and all(r["status"] == "ok" for r in runs)
 
@@ -141,6 +142,10 @@ def test_targets_verdicts():
     (_, eager_measured, eager_verdict), (_, measured, verdict) = bench.targets([fused])
     assert eager_verdict == "misses by 1.50x" and "3.00x (4.50 ms vs Adagrad 1.50 ms)" in eager_measured
     assert verdict == "misses by 1.47x" and "2.20x (3.30 ms" in measured
+    # the same with the caches flushed before every step: judged again, and said so in the target
+    (eager_target, _, _), (fused_target, _, _) = bench.targets([{**fused, "flush_mb": 64.0}])
+    assert "caches flushed before each step (64 MB)" in eager_target and "<= 2x Adagrad" in eager_target
+    assert "caches flushed before each step (64 MB)" in fused_target and "<= 1.5x Adagrad" in fused_target
 
     # issue 13: the block mean GP step against SGPR at equal k on elecdemand, judged per dtype and thread count
     step = {"bench": "elecdemand_step", "dtype": "float32", "n_train": 14016, "k": 400, "threads": 2}
