@@ -686,7 +686,8 @@ def targets(records: list[dict]) -> list[tuple[str, str, str]]:
     for r in (r for r in records if r.get("bench") == "compositions_vs_cg" and r["n"] >= 20_000):
         res.append(
             (
-                f"sum n = 2x10^4 (k = {r['k1']} x {r['k2']}, m = {r['m']}): closed form >= 100x faster than "
+                f"sum n = 2x10^4 (k = {r['k1']} x {r['k2']}, m = {r['m']}, noise x {r.get('noise_scale', 1.0):g}): "
+                "closed form >= 100x faster than "
                 "linear_operator's generic CG path",
                 f"{r['closed_form_s']:.3f} s vs {r['generic_cg_s']:.2f} s ({r['speedup']:.0f}x)",
                 _verdict(r["speedup"] >= 100, 100 / r["speedup"]),
