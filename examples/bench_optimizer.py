@@ -11,8 +11,8 @@ disturb less. ``block_mean_tensor_zeros`` has 1% of its gradient entries always 
     python examples/bench_optimizer.py            # ~2.1M parameters, a few seconds per line
     python examples/bench_optimizer.py --smoke    # tiny model, finishes in seconds
 
-``--baseline DIR`` also times the ``BlockMeanAdagrad`` of another version of the ``optim``
-package (``DIR/optim``, e.g. ``git archive REV optim | tar -x -C DIR``) in the same run, so that
+``--baseline DIR`` also times the ``BlockMeanAdagrad`` of another checkout's ``bma_gp/optim``
+(``DIR/bma_gp/optim``, e.g. ``git worktree add DIR REV``) in the same run, so that
 before / after ratios share one Adagrad measurement (configurations ``baseline_*``).
 """
 
@@ -23,6 +23,7 @@ import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -57,21 +58,35 @@ def time_steps(
 
 
 def load_baseline(directory: str):
-    """``BlockMeanAdagrad`` of the ``optim`` package under ``directory``, imported beside the current one."""
+    """``BlockMeanAdagrad`` of the ``bma_gp.optim`` package of another checkout, imported beside the current one.
+
+    ``directory`` holds that version's ``bma_gp/optim`` (e.g. ``git worktree add DIR REV``). Only the optimizer
+    package is swapped: its modules are imported from ``directory`` while the rest of ``bma_gp`` (the operator)
+    stays the current one, then the current ``bma_gp.optim`` modules are put back.
+    """
     import importlib
     import sys
 
-    mine = {name: mod for name, mod in sys.modules.items() if name == "optim" or name.startswith("optim.")}
-    for name in mine:
+    import bma_gp
+
+    def ours(name: str) -> bool:
+        return name == "bma_gp.optim" or name.startswith("bma_gp.optim.")
+
+    saved = {name: mod for name, mod in sys.modules.items() if ours(name)}
+    saved_attr = getattr(bma_gp, "optim", None)
+    for name in saved:
         del sys.modules[name]
-    sys.path.insert(0, directory)
+    path = list(bma_gp.__path__)
+    bma_gp.__path__[:] = [str(Path(directory) / "bma_gp"), *path]
     try:
-        return importlib.import_module("optim").BlockMeanAdagrad
+        return importlib.import_module("bma_gp.optim").BlockMeanAdagrad
     finally:
-        sys.path.remove(directory)
-        for name in [n for n in sys.modules if n == "optim" or n.startswith("optim.")]:
+        bma_gp.__path__[:] = path
+        for name in [n for n in sys.modules if ours(n)]:
             del sys.modules[name]
-        sys.modules.update(mine)
+        sys.modules.update(saved)
+        if saved_attr is not None:
+            bma_gp.optim = saved_attr
 
 
 def main(argv=None) -> None:
