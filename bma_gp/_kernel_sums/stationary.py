@@ -58,12 +58,14 @@ from bma_gp._precision import core_dtype
 
 __all__ = ["StationaryForm", "StationaryKernelSums", "block_sums", "stationary_block_sums"]
 
-#: Rows and columns of one tile on CPU: 4 MB per float32 buffer (three of them), so that the passes over a tile
-#: stay in cache. 512 rows rather than 256 halve the tiles and their per-tile Python and dispatch cost: on the
-#: 2-core machine fwd + bwd of RBF-ARD block sums at n = 2x10^4 went 0.54 -> 0.42 s (k = 10), 1.09 -> 0.81 s
-#: (k = 2000), and the elecdemand pass (n = 14,016, k = 400) 0.38 -> 0.32 s with two threads (0.44 -> 0.36 s
-#: with one); 4096 columns or 1024 rows measured the same within noise.
-TILE_ROWS, TILE_COLS = 512, 2048
+#: Rows and columns of one tile on CPU: 8 MB per float32 buffer (three of them). 512 rows rather than 256 halve the
+#: tiles and their per-tile Python and dispatch cost (2 Dec 2026: fwd + bwd of RBF-ARD block sums at n = 2x10^4
+#: 0.54 -> 0.42 s at k = 10). 4096 columns rather than 2048 make each row block's derivative GEMM twice as wide,
+#: and these small GEMMs run on one thread whatever torch's thread count (3 Dec 2026, 2 threads, alternating
+#: processes: fwd + bwd 0.40 -> 0.355 s at k = 10, 0.49 -> 0.43 s at k = 400, 0.74 -> 0.68 s at k = 2000; the
+#: elecdemand step, n = 14,016, k = 400, float32, 0.288 -> 0.257 s). 8192 columns gained little more for twice
+#: the buffers; 128 or 256 rows were slower at every k.
+TILE_ROWS, TILE_COLS = 512, 4096
 #: Rows and columns of one tile on CUDA: big tiles, so that per-tile Python overhead is negligible.
 TILE_ROWS_CUDA, TILE_COLS_CUDA = 4096, 32768
 
