@@ -104,6 +104,77 @@ def _contingency(part_a: Partition, part_b: Partition, values: Tensor) -> Tensor
     return out.index_add(-1, index, values).unflatten(-1, (ka, kb))
 
 
+#: A grouping's contingency table with the eliminated grouping enters the Schur complement through its nonzero
+#: cells (:class:`_Cells`) when at most this fraction of its cells can be nonzero (``n <= density * k_t * k_e``:
+#: decided without looking at the labels); denser tables take the GEMM.
+SPARSE_CELLS_DENSITY = 0.05
+
+
+@dataclass(frozen=True)
+class _Cells:
+    r"""The cells :math:`(i, l)` of partition ``a`` against partition ``e`` that hold at least one index, in order of
+    :math:`l` (then :math:`i`): the nonzero pattern of :math:`P_a^\top \operatorname{diag}(v) P_e`.
+
+    Attributes:
+        row: each cell's block of ``a``. # shape: (c,)
+        col: each cell's block of ``e``. # shape: (c,)
+        of_index: each of the ``n`` indices' cell. # shape: (n,)
+        starts: the cells of block ``l`` of ``e`` are ``starts[l]:starts[l + 1]``. # shape: (k_e + 1,)
+    """
+
+    row: Tensor
+    col: Tensor
+    of_index: Tensor
+    starts: Tensor
+
+    @staticmethod
+    def build(part_a: Partition, part_e: Partition) -> _Cells:
+        ka, ke = part_a.num_blocks, part_e.num_blocks
+        cells, of_index = torch.unique(part_e.labels * ka + part_a.labels, return_inverse=True)  # sorted: by l, then i
+        col = cells // ka
+        counts = torch.bincount(col, minlength=ke)
+        starts = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        return _Cells(cells % ka, col, of_index, starts)
+
+    @property
+    def count(self) -> int:
+        return self.row.shape[0]
+
+    def values(self, point_values: Tensor) -> Tensor:
+        """The table's entries at the cells: ``point_values`` summed per cell. # shape: (*b, n) -> (*b, c)"""
+        out = point_values.new_zeros(*point_values.shape[:-1], self.count)
+        return out.index_add(-1, self.of_index, point_values)
+
+    def join(self, other: _Cells) -> tuple[Tensor, Tensor]:
+        r"""Every pair of a cell of ``self`` and a cell of ``other`` in the same block ``l`` of ``e``: two index
+        vectors of length :math:`\sum_l c_l c'_l`."""
+        reps = (other.starts[1:] - other.starts[:-1])[self.col]
+        total = int(reps.sum())
+        mine = torch.repeat_interleave(torch.arange(self.count, device=reps.device), reps, output_size=total)
+        first = torch.cumsum(reps, 0) - reps
+        theirs = other.starts[self.col[mine]] + (torch.arange(total, device=reps.device) - first[mine])
+        return mine, theirs
+
+
+def _cells_product(cells_a: _Cells, va: Tensor, cells_b: _Cells, vb: Tensor, c: Tensor, kb: int, ka: int) -> Tensor:
+    r""":math:`N_a \operatorname{diag}(c) N_b^\top` from the nonzero cells of two contingency tables against the
+    same partition: one product per joined pair of cells and one ``index_add``. # shape: (*b, k_a, k_b)"""
+    mine, theirs = cells_a.join(cells_b)
+    terms = va[..., mine] * c[..., cells_a.col[mine]] * vb[..., theirs]
+    flat = cells_a.row[mine] * kb + cells_b.row[theirs]
+    batch = torch.broadcast_shapes(va.shape[:-1], vb.shape[:-1], c.shape[:-1])
+    out = terms.new_zeros(*batch, ka * kb)
+    return out.index_add(-1, flat, terms.expand(*batch, terms.shape[-1])).unflatten(-1, (ka, kb))
+
+
+def _cells_dense_product(cells: _Cells, values: Tensor, c: Tensor, dense: Tensor, ka: int) -> Tensor:
+    r""":math:`N \operatorname{diag}(c) X` for the nonzero cells of :math:`N` (``k_a x k_e``) and a dense
+    :math:`X` (``k_e x m``): one gathered row of :math:`X` per cell. # shape: (*b, k_a, m)"""
+    scaled = (values * c[..., cells.col]).unsqueeze(-1) * dense[..., cells.col, :]
+    out = scaled.new_zeros(*scaled.shape[:-2], ka, dense.shape[-1])
+    return out.index_add(-2, cells.row, scaled)
+
+
 @dataclass(frozen=True)
 class _Capacitance:
     r"""Factorisation of :math:`C = I_q + G A` (:math:`A = Z^\top D^{-1} Z`, :math:`G` block diagonal).
@@ -594,7 +665,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
             if elim is not None:  # A_rr - A_re diag(g / delta) A_er: one product with the eliminated grouping
                 A_re = torch.cat([self._A_block(t, elim) for t in rest], dim=-2)
                 assert g is not None and delta is not None
-                A_rr = A_rr - (A_re * (g / delta).unsqueeze(-2)) @ A_re.mT
+                A_rr = A_rr - self._schur_correction(rest, elim, A_re, g / delta)
             offsets = [0]
             for t in rest:
                 offsets.append(offsets[-1] + sizes[t])
@@ -618,6 +689,57 @@ class BlockMeanSumLinearOperator(LinearOperator):
             logdet = logdet + torch.where(sign > 0, logabs, torch.full_like(logabs, math.nan))
             lu = (LU, pivots)
         return _Capacitance(elim, delta, g, A_re, lu, logdet)
+
+    def _schur_correction(self, rest: list[int], elim: int, A_re: Tensor, c: Tensor) -> Tensor:
+        r""":math:`A_{re} \operatorname{diag}(c) A_{er}` for the Schur complement onto the non-eliminated terms.
+
+        One GEMM in general. When a grouping's contingency table with the eliminated grouping is sparse (at most
+        :data:`SPARSE_CELLS_DENSITY` of its cells can hold an index: many crossed levels), its blocks come from the
+        nonzero cells instead: the products of cells that share an eliminated level, and one gathered row of the
+        root's block sums per cell. Equal to the GEMM up to the order of summation, and differentiable the same way.
+        """
+        J = len(self.partitions)
+        sizes = self._sizes()
+        ke = sizes[elim]
+        cells: dict[int, tuple[_Cells, Tensor]] = {}
+        wdt = c.dtype
+        dinv = None
+        n = self.diag_values.shape[-1]
+        for t in rest:
+            if t == J or n > SPARSE_CELLS_DENSITY * sizes[t] * ke:  # at most n of the k_t k_e cells hold an index
+                continue
+            table = _Cells.build(self.partitions[t], self.partitions[elim])
+            if dinv is None:
+                dinv = self.diag_values.to(wdt).reciprocal()
+            point_values = dinv
+            for wt in (self.weights[t], self.weights[elim]):
+                if wt is not None:
+                    point_values = point_values * wt.to(wdt)
+            cells[t] = (table, table.values(point_values))
+        if not cells:
+            return (A_re * c.unsqueeze(-2)) @ A_re.mT
+        offsets = [0]
+        for t in rest:
+            offsets.append(offsets[-1] + sizes[t])
+        rows: list[list[Tensor]] = []
+        for i, s_ in enumerate(rest):
+            row = []
+            for j, t in enumerate(rest):
+                if j < i:  # the lower blocks are the transposes of the upper ones
+                    row.append(rows[j][i].mT)
+                elif s_ in cells and t in cells:
+                    (ca, va), (cb, vb) = cells[s_], cells[t]
+                    row.append(_cells_product(ca, va, cb, vb, c, sizes[t], sizes[s_]))
+                elif s_ in cells and t == J:
+                    ca, va = cells[s_]
+                    row.append(_cells_dense_product(ca, va, c, self._A_block(elim, J), sizes[s_]))
+                else:
+                    a_s = A_re[..., offsets[i] : offsets[i + 1], :]
+                    a_t = A_re[..., offsets[j] : offsets[j + 1], :]
+                    row.append((a_s * c.unsqueeze(-2)) @ a_t.mT)
+            rows.append(row)
+        batch = torch.broadcast_shapes(*(blk.shape[:-2] for row in rows for blk in row))
+        return torch.cat([torch.cat([blk.expand(*batch, *blk.shape[-2:]) for blk in row], -1) for row in rows], -2)
 
     def _apply_G_rest(self, rest: list[int], x: Tensor) -> Tensor:
         """:math:`G_r x` for the stacked non-eliminated terms."""
