@@ -9,7 +9,6 @@ tensor: :math:`\min(z^{-1/2}, \sqrt{h}\,\beta)` is :math:`z^{-1/2}` for every :m
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -18,7 +17,6 @@ from torch import Tensor
 __all__ = ["unmask_scale", "z_inv_sqrt", "zero_entries"]
 
 
-@functools.cache
 def unmask_scale(dtype: torch.dtype) -> float:
     """A power of two ``big`` with ``sqrt(h) * big >= (sqrt(h) + eps)^{-1/2}`` for every representable h > 0.
 
