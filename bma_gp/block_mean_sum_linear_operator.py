@@ -108,6 +108,10 @@ def _contingency(part_a: Partition, part_b: Partition, values: Tensor) -> Tensor
 #: cells (:class:`_Cells`) when at most this fraction of its cells can be nonzero (``n <= density * k_t * k_e``:
 #: decided without looking at the labels); denser tables take the GEMM.
 SPARSE_CELLS_DENSITY = 0.05
+#: Pairs of cells (sharing an eliminated level) one block of the Schur product may join; past it (a few eliminated
+#: levels with very many indices each) that block takes the GEMM, so the index vectors and what autograd keeps of
+#: them stay bounded.
+MAX_CELL_PAIRS = 2**25
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,10 @@ class _Cells:
     @property
     def count(self) -> int:
         return self.row.shape[0]
+
+    def pairs(self, other: _Cells) -> int:
+        """How many pairs :meth:`join` would list."""
+        return int(((self.starts[1:] - self.starts[:-1]) * (other.starts[1:] - other.starts[:-1])).sum())
 
     def values(self, point_values: Tensor) -> Tensor:
         """The table's entries at the cells: ``point_values`` summed per cell. # shape: (*b, n) -> (*b, c)"""
@@ -727,7 +735,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
             for j, t in enumerate(rest):
                 if j < i:  # the lower blocks are the transposes of the upper ones
                     row.append(rows[j][i].mT)
-                elif s_ in cells and t in cells:
+                elif s_ in cells and t in cells and cells[s_][0].pairs(cells[t][0]) <= MAX_CELL_PAIRS:
                     (ca, va), (cb, vb) = cells[s_], cells[t]
                     row.append(_cells_product(ca, va, cb, vb, c, sizes[t], sizes[s_]))
                 elif s_ in cells and t == J:

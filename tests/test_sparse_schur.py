@@ -195,3 +195,19 @@ def test_join_pairs_every_cell_of_a_level():
     table.index_put_((pa.labels, pe.labels), torch.ones(n), accumulate=True)
     assert ca.count == int((table > 0).sum())
     torch.testing.assert_close(ca.values(torch.ones(n, dtype=torch.float64)), table[ca.row, ca.col].double())
+
+
+def test_too_many_cell_pairs_take_the_gemm(monkeypatch):
+    """Past MAX_CELL_PAIRS a block of the Schur product takes the GEMM; the answer is the same."""
+    case = CrossedCase((5, 7, 20), (2,), 2, seed=12)
+    monkeypatch.setattr(bms, "SPARSE_CELLS_DENSITY", math.inf)
+    reference = case.op().logdet()
+    calls = []
+    original = bms._cells_product
+    monkeypatch.setattr(bms, "_cells_product", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(bms, "MAX_CELL_PAIRS", 0)
+    assert_close(case.op().logdet(), reference, torch.float64)
+    assert not calls
+    ca = bms._Cells.build(case.partitions[0], case.partitions[2])
+    cb = bms._Cells.build(case.partitions[1], case.partitions[2])
+    assert ca.pairs(cb) == ca.join(cb)[0].numel()
