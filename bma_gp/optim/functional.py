@@ -110,26 +110,41 @@ def _normalised_inverse_root(U: Tensor, w: Tensor, partition: Partition, damping
     """
     dtype = w.dtype
     cd = core_dtype(dtype)
-    U, w, s = U.to(cd), w.to(cd), partition.sizes.to(cd)
-    d = w / s
+    inv_s, inv_within, single, outer_rsqrt = _root_constants(partition, cd, w.device)
+    U, w = U.to(cd), w.to(cd)
+    d = w * inv_s
     seen = d > 0
-    inv_d = torch.where(seen, d.reciprocal(), torch.zeros_like(d))
-    within = s - 1
-    off = (
-        torch.where(within > 0, (U.diagonal() - w) / within.clamp_min(1), torch.zeros_like(w)) * inv_d
-    )  # s_i B_ii / d_i
-    lam = torch.where(seen, 1 - off / s, torch.ones_like(d)) + damping
-    t = (inv_d / s).sqrt()
-    C = U * t.unsqueeze(-1) * t.unsqueeze(-2)
+    inv_d = torch.where(seen, d.reciprocal(), 0.0)
+    off = (U.diagonal() - w) * inv_within * inv_d  # s_i B_ii / d_i (0 for singletons)
+    lam = torch.where(seen, 1 - off * inv_s, 1.0) + damping
+    t = (inv_d * inv_s).sqrt()
+    C = U * torch.outer(t, t)
     C.diagonal().copy_(lam + off)
-    C = 0.5 * (C + C.mT)
+    C = (C + C.mT).mul_(0.5)
     diag_C = C.diagonal()  # a singleton block's lam_i is not an eigenvalue: fold it as the operator does
-    lam = torch.where(s == 1, torch.where(diag_C > 0, diag_C, torch.ones_like(diag_C)), lam)
+    lam = torch.where(single, torch.where(diag_C > 0, diag_C, 1.0), lam)
     e, V = torch.linalg.eigh(C)
     f_lam = lam.rsqrt()
-    r = s.rsqrt()
-    D = ((V * e.rsqrt().unsqueeze(-2)) @ V.mT - torch.diag_embed(f_lam)) * r.unsqueeze(-1) * r.unsqueeze(-2)
-    return f_lam.to(dtype), (0.5 * (D + D.mT)).to(dtype)
+    D = (V * e.rsqrt().unsqueeze(-2)) @ V.mT
+    D.diagonal().sub_(f_lam)
+    D.mul_(outer_rsqrt)
+    return f_lam.to(dtype), (D + D.mT).mul_(0.5).to(dtype)
+
+
+def _root_constants(partition: Partition, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+    """What :func:`_normalised_inverse_root` needs of the block sizes, made once per partition, dtype and device
+    (kept on the partition): ``1 / s``, ``1 / (s - 1)`` (0 for singletons), the singleton mask and
+    ``s_i^{-1/2} s_j^{-1/2}``."""
+    key = (dtype, device)
+    cached = getattr(partition, "_inverse_root_constants", None)
+    if cached is None or cached[0] != key:
+        s = partition.sizes.to(device=device, dtype=dtype)
+        single = s == 1
+        inv_within = torch.where(single, 0.0, (s - 1).clamp_min(1).reciprocal())
+        r = s.rsqrt()
+        cached = (key, (s.reciprocal(), inv_within, single, torch.outer(r, r)))
+        partition._inverse_root_constants = cached  # type: ignore[attr-defined]
+    return cached[1]
 
 
 @dataclass(eq=False)
@@ -386,13 +401,16 @@ def _fused_block_mean_adagrad(
     )
     # theta <- c2 theta + c0 n + c1 r per block: c0 = -lr lam_R, c1 = -lr (B_R P^T v), c2 = 1 - lr wd
     coef = torch.stack([lam, B @ v_sums, torch.ones_like(v_sums)], dim=-1)
-    coefs = []
-    for i in present:
-        c = coef[first[i] : first[i + 1]].clone()
-        c[:, :2] *= -lr[i]
-        if weight_decay[i]:
-            c[:, 2] = 1.0 - lr[i] * weight_decay[i]
-        coefs.append(c)
+    rates = {lr[i] for i in present}
+    if len(rates) == 1 and not any(weight_decay[i] for i in present):  # one learning rate: one scaling
+        coef[:, :2] *= -rates.pop()
+    else:
+        for i in present:  # the blocks of different tensors do not overlap: scale each in place
+            c = coef[first[i] : first[i + 1]]
+            c[:, :2] *= -lr[i]
+            if weight_decay[i]:
+                c[:, 2] = 1.0 - lr[i] * weight_decay[i]
+    coefs = [coef[first[i] : first[i + 1]] for i in present]  # views of one table, in either case
     _fused.compiled("apply_update")(gs, hs, [params[i] for i in present], coefs, eps)
 
 
