@@ -82,8 +82,9 @@ STRUCTURES = {
 class Case:
     """Leaf tensors of one operator and its dense twin."""
 
-    def __init__(self, structure: str, dtype=torch.float64, batch=(), seed=0, n=N, weights=()):
-        sizes, diagonal, m, nested, weighted = STRUCTURES[structure]
+    def __init__(self, structure, dtype=torch.float64, batch=(), seed=0, n=N, weights=()):
+        """``structure``: a name in :data:`STRUCTURES`, or such a tuple itself."""
+        sizes, diagonal, m, nested, weighted = STRUCTURES[structure] if isinstance(structure, str) else structure
         weighted = tuple(weighted) + tuple(weights)
         gen = torch.Generator().manual_seed(seed)
         labels = [random_labels(n, sizes[0], gen)]

@@ -23,7 +23,6 @@ from test_block_mean_sum import (
     _gradient_checks,
     _value_checks,
     assert_close,
-    diag_block,
     psd,
     random_labels,
 )
@@ -42,19 +41,7 @@ class CrossedCase(Case):
     them is eliminated), ``m``: the root's rank, ``weighted``: which groupings have row weights."""
 
     def __init__(self, sizes, diagonal, m, weighted=(), dtype=torch.float64, batch=(), seed=0, n=60):
-        gen = torch.Generator().manual_seed(seed)
-        labels = [random_labels(n, k, gen, singletons=1) for k in sizes]
-        self.partitions = [Partition.from_labels(lab) for lab in labels]
-        self.d = (torch.rand(*batch, n, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
-        self.blocks = [(diag_block if j in diagonal else psd)(k, batch, gen).to(dtype) for j, k in enumerate(sizes)]
-        self.root = None
-        if m:
-            self.root = (torch.randn(*batch, n, m, generator=gen, dtype=torch.float64) / math.sqrt(m)).to(dtype)
-        self.weights = [
-            (torch.randn(n, generator=gen, dtype=torch.float64).to(dtype) if j in weighted else None)
-            for j in range(len(sizes))
-        ]
-        self.dtype, self.batch, self.n = dtype, tuple(batch), n
+        super().__init__((sizes, diagonal, m, False, weighted), dtype=dtype, batch=batch, seed=seed, n=n)
         self.diagonal = tuple(diagonal)
         self._leaves = None
 
