@@ -52,12 +52,19 @@ def test_bench_smoke_prints_one_json_line(capsys):
 def test_bench_baseline_times_another_optim_package(capsys, tmp_path):
     import shutil
 
+    import bma_gp.optim
     import optim
 
-    # a copy of the current package stands in for an older version
-    shutil.copytree(os.path.dirname(optim.__file__), tmp_path / "optim")
+    # a copy of the current optimizer package stands in for another checkout's
+    shutil.copytree(os.path.dirname(bma_gp.optim.__file__), tmp_path / "bma_gp" / "optim")
+    current = {name: mod for name, mod in sys.modules.items() if name.startswith("bma_gp.optim")}
+    Baseline = bench_optimizer.load_baseline(str(tmp_path))
+    assert Baseline is not optim.BlockMeanAdagrad
+    assert Baseline._step.__code__.co_filename.startswith(str(tmp_path))  # the copy's code, not the current one
+    assert {name: mod for name, mod in sys.modules.items() if name.startswith("bma_gp.optim")} == current
+    assert bma_gp.optim.BlockMeanAdagrad is optim.BlockMeanAdagrad  # the current package is restored
     bench_optimizer.main(["--smoke", "--baseline", str(tmp_path)])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["median_cpu_ms"]["baseline_tensor"] > 0 and result["cpu_ratio_to_adagrad"]["adagrad"] == 1.0
-    assert sys.modules["optim"] is optim  # the current package is restored
+    assert sys.modules["optim"] is optim
     assert optim.BlockMeanAdagrad.__module__ == "bma_gp.optim.block_mean_adagrad"
