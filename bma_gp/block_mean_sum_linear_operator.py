@@ -198,8 +198,64 @@ class _Capacitance:
     delta: Tensor | None  # (*b, k_e)
     g: Tensor | None  # (*b, k_e): the diagonal of G_e
     A_re: Tensor | None  # (*b, r, k_e)
-    lu: tuple[Tensor, Tensor] | None  # LU factors of S (r x r), None when r == 0
+    lu: tuple[Tensor, Tensor, Tensor] | None  # S (r x r, with its graph) and its LU factors; None when r == 0
     logdet: Tensor  # (*b,)
+
+
+def _sum_to(x: Tensor, shape: torch.Size) -> Tensor:
+    """``x`` summed over the leading dimensions that broadcasting added to a tensor of ``shape``."""
+    extra = x.dim() - len(shape)
+    if extra > 0:
+        x = x.sum(tuple(range(extra)))
+    dims = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1)
+    return x.sum(dims, keepdim=True) if dims else x
+
+
+class _LUSolve(torch.autograd.Function):
+    r""":math:`x = S^{-1} y` from the LU factors of :math:`S`, with the gradients written directly:
+    :math:`\bar y = S^{-\top} \bar x` (one more solve with the same factors) and :math:`\bar S = -\bar y x^\top`.
+
+    Differentiating through ``lu_factor`` instead costs four ``r x r`` products and two triangular solves with
+    ``r`` right-hand sides per backward pass; here a backward pass costs one solve per right-hand side.
+    Second derivatives are refused rather than wrong."""
+
+    @staticmethod
+    def forward(ctx, S: Tensor, LU: Tensor, pivots: Tensor, rhs: Tensor) -> Tensor:
+        batch = torch.broadcast_shapes(LU.shape[:-2], rhs.shape[:-2])
+        LU_b, piv_b = LU.expand(*batch, *LU.shape[-2:]), pivots.expand(*batch, pivots.shape[-1])
+        x = torch.linalg.lu_solve(LU_b, piv_b, rhs.expand(*batch, *rhs.shape[-2:]))
+        ctx.save_for_backward(LU_b, piv_b, x)
+        ctx.shapes = (S.shape, rhs.shape)
+        return x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_x: Tensor):
+        LU_b, piv_b, x = ctx.saved_tensors
+        s_shape, rhs_shape = ctx.shapes
+        lam = torch.linalg.lu_solve(LU_b, piv_b, grad_x, adjoint=True)
+        grad_S = _sum_to(-(lam @ x.mT), s_shape) if ctx.needs_input_grad[0] else None
+        grad_rhs = _sum_to(lam, rhs_shape) if ctx.needs_input_grad[3] else None
+        return grad_S, None, None, grad_rhs
+
+
+class _LULogAbsDet(torch.autograd.Function):
+    r""":math:`\log |\det S|` from the LU factors of :math:`S`; its gradient :math:`S^{-\top}` is one solve with
+    the identity (``2 r^3`` operations, against about ``6 r^3`` through ``lu_factor``'s own backward).
+    Second derivatives are refused rather than wrong."""
+
+    @staticmethod
+    def forward(ctx, S: Tensor, LU: Tensor, pivots: Tensor) -> Tensor:
+        ctx.save_for_backward(LU, pivots)
+        return torch.diagonal(LU, dim1=-2, dim2=-1).abs().log().sum(-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        LU, pivots = ctx.saved_tensors
+        eye = torch.eye(LU.shape[-1], dtype=LU.dtype, device=LU.device).expand_as(LU)
+        inv_t = torch.linalg.lu_solve(LU, pivots, eye, adjoint=True)  # S^{-T}
+        return inv_t * grad.unsqueeze(-1).unsqueeze(-1), None, None
 
 
 def _scoped(method):
@@ -679,7 +735,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
                 offsets.append(offsets[-1] + sizes[t])
             S = torch.cat([self._G(t, A_rr[..., offsets[i] : offsets[i + 1], :]) for i, t in enumerate(rest)], dim=-2)
             S = S + torch.eye(r, dtype=wdt, device=self.device)
-            LU, pivots, info = torch.linalg.lu_factor_ex(S)
+            LU, pivots, info = torch.linalg.lu_factor_ex(S.detach())  # the gradients come from _LUSolve/_LULogAbsDet
             if settings.validate.on() and bool((info > 0).any()):
                 raise ValueError(
                     f"the capacitance matrix of this sum ({self._describe()}) is singular: the sum is "
@@ -688,14 +744,14 @@ class BlockMeanSumLinearOperator(LinearOperator):
             diag_u = torch.diagonal(LU, dim1=-2, dim2=-1)
             swaps = pivots != torch.arange(1, r + 1, device=pivots.device, dtype=pivots.dtype)
             sign = (1 - 2 * (swaps.sum(-1) % 2)).to(wdt) * diag_u.sign().prod(-1)
-            logabs = diag_u.abs().log().sum(-1)
+            logabs = _LULogAbsDet.apply(S, LU, pivots)
             if settings.validate.on() and bool((sign <= 0).any()):
                 raise ValueError(
                     f"the sum ({self._describe()}) is not positive definite: its capacitance matrix has "
                     "a non-positive determinant. Check the block matrices and the diagonal."
                 )
             logdet = logdet + torch.where(sign > 0, logabs, torch.full_like(logabs, math.nan))
-            lu = (LU, pivots)
+            lu = (S, LU, pivots)
         return _Capacitance(elim, delta, g, A_re, lu, logdet)
 
     def _schur_correction(self, rest: list[int], elim: int, A_re: Tensor, c: Tensor) -> Tensor:
@@ -765,13 +821,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
                 assert cap.A_re is not None and cap.delta is not None
                 rhs = rhs - self._apply_G_rest(rest, cap.A_re @ (y[cap.elim] / cap.delta.unsqueeze(-1)))
             assert cap.lu is not None
-            LU, pivots = cap.lu
-            batch = torch.broadcast_shapes(LU.shape[:-2], rhs.shape[:-2])
-            x_rest = torch.linalg.lu_solve(
-                LU.expand(*batch, *LU.shape[-2:]),
-                pivots.expand(*batch, pivots.shape[-1]),
-                rhs.expand(*batch, *rhs.shape[-2:]),
-            )
+            x_rest = _LUSolve.apply(*cap.lu, rhs)
             for t, piece in zip(rest, x_rest.split([y[t].shape[-2] for t in rest], dim=-2)):
                 out[t] = piece
         if cap.elim is not None:
