@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from bma_gp import settings
 from bma_gp._broadcast import sum_to_shape
+from bma_gp._diagonal import is_diagonal, structurally_diagonal
 from bma_gp._precision import core_dtype
 from bma_gp._symmetric_function import symmetric_matrix_function
 from bma_gp.partition import Partition
@@ -183,6 +185,7 @@ class BlockMeanLinearOperator(LinearOperator):
         self._checked_finite = False
         self._rounding: Tensor | None = None  # set by schur_complement: absolute rounding of C's spectrum
         self._shared_factor: tuple[Tensor, Tensor] | None = None  # inside inv_quad_logdet
+        self._diagonal_flag: bool | None = None  # whether B (so C) is diagonal: see _diagonal_core
 
     # ------------------------------------------------------------------ cheap views
     def _b_sym(self) -> Tensor:
@@ -194,6 +197,43 @@ class BlockMeanLinearOperator(LinearOperator):
         if self._b_sym_cache is None:
             self._b_sym_cache = 0.5 * (self.B + self.B.mT)
         return self._b_sym_cache
+
+    def _diagonal_core(self, read_back: bool = True) -> bool:
+        """Whether ``B``, and so the core matrix ``C``, is diagonal (a grouping's per-level variances, as
+        :class:`~bma_gp.kernels.GroupKernel` builds them). Then the Cholesky factor, the inverse, every matrix
+        function and the eigenvalues of ``C`` are elementwise: ``O(k)`` work in place of ``O(k^3)``.
+
+        With gradients only a ``B`` that is diagonal by construction (``diag_embed``, a diagonal mask) qualifies:
+        a leaf that happens to be diagonal needs the gradient of its off-diagonal entries, which the
+        elementwise forms do not give. Without gradients the value is checked (one host read), on CPU or with
+        :class:`bma_gp.settings.validate` on; on an accelerator with validation off nothing is read back
+        and the general path runs."""
+        if self._diagonal_flag is None:
+            B = self.B
+            if B.shape[-1] == 1:
+                self._diagonal_flag = True
+            elif B.requires_grad:
+                self._diagonal_flag = structurally_diagonal(B.grad_fn)
+            elif B.device.type == "cpu" or settings.validate.on():
+                if not read_back and B.device.type != "cpu":
+                    return False  # a product alone does not read back (the next closed form decides)
+                self._diagonal_flag = is_diagonal(B)
+            else:
+                self._diagonal_flag = False
+        return self._diagonal_flag
+
+    def _diagonal_parts(self) -> tuple[Tensor, Tensor, Tensor]:
+        """For a diagonal ``B`` (:meth:`_diagonal_core`): ``(lam, b, c)`` in :attr:`core_dtype`, the block offsets
+        and ``b = diag(B)`` with singleton blocks folded as :meth:`_folded` folds them, and the core matrix's
+        diagonal ``c = lam + s b``: vectors only, so no ``k x k`` temporary is formed (nor differentiated)."""
+        dtype = self.core_dtype
+        lam = self.lam.to(dtype)
+        b = torch.diagonal(self.B, dim1=-2, dim2=-1).to(dtype)
+        single = self.partition.sizes == 1
+        value = lam + b
+        folded = torch.where(single, torch.where(value > 0, value, torch.ones_like(value)), lam)
+        b = torch.where(single, value - folded, b)
+        return folded, b, folded + self._core_sizes * b
 
     @property
     def _sizes(self) -> Tensor:
@@ -379,7 +419,9 @@ class BlockMeanLinearOperator(LinearOperator):
             rhs = rhs.unsqueeze(-1)
         part = self.partition
         sums = part.block_sum(rhs, dim=-2)  # P^T x: (*, k, t)
-        if self.symmetric and self._b_sym_cache is None and sums.shape[-1] <= 16:
+        if self._diagonal_core(read_back=False):  # B P^T x = diag(B) * P^T x: no k x k product
+            coef = torch.diagonal(self.B, dim1=-2, dim2=-1).unsqueeze(-1) * sums
+        elif self.symmetric and self._b_sym_cache is None and sums.shape[-1] <= 16:
             # two k x k products instead of symmetrising B: forming (B + B^T) / 2 reads B transposed,
             # which costs far more than a few matrix-vector products (operators rebuilt per call, as in
             # linear_operator's Matmul, never see the cache)
@@ -409,7 +451,7 @@ class BlockMeanLinearOperator(LinearOperator):
         return self._transpose_nonbatch()._matmul(rhs)
 
     def _diagonal(self) -> Tensor:
-        B = self._b_sym()
+        B = self.B if self._diagonal_core(read_back=False) else self._b_sym()  # the same diagonal, no k x k sum
         return self.partition.expand(self.lam + torch.diagonal(B, dim1=-2, dim2=-1), dim=-1)
 
     @cached
@@ -654,7 +696,13 @@ class BlockMeanLinearOperator(LinearOperator):
         "nonnegative": tiny negative eigenvalues are clamped to 0). ``check`` validates the input and,
         for a restricted domain, the spectrum, naming ``what`` in the error."""
         self._check_symmetric(what)
-        lam, C = self.core() if check else self._unchecked_core()
+        diagonal = self._diagonal_core()
+        if diagonal:  # C = diag(c): its eigenvalues, no k x k matrix
+            if check:
+                self._check_finite()
+            lam, b, C = self._diagonal_parts()
+        else:
+            lam, C = self.core() if check else self._unchecked_core()
         prepare = None
         clamp = domain == "nonnegative"
         if domain is not None:
@@ -667,8 +715,11 @@ class BlockMeanLinearOperator(LinearOperator):
                     self._check_core_eigenvalues(e, what, strict=strict)
                 return e.clamp_min(0) if clamp else e
 
-        fC = symmetric_matrix_function(C, fn, prepare)
         f_lam = fn(lam.clamp_min(0) if clamp else lam)
+        if diagonal:  # f acts on the eigenvalues c elementwise: D = diag((f(c) - f(lam)) / s)
+            f_c = fn(C if prepare is None else prepare(C))
+            return self._new(f_lam.to(self.dtype), torch.diag_embed((f_c - f_lam) / self._core_sizes).to(self.dtype))
+        fC = symmetric_matrix_function(C, fn, prepare)
         inv_root = self._core_sizes.rsqrt()
         D = (fC - torch.diag_embed(f_lam)) * inv_root.unsqueeze(-1) * inv_root.unsqueeze(-2)
         return self._new(f_lam.to(self.dtype), (0.5 * (D + D.mT)).to(self.dtype))
@@ -710,7 +761,13 @@ class BlockMeanLinearOperator(LinearOperator):
         Inside :meth:`inv_quad_logdet` one factorisation serves both terms, also with gradients."""
         if self._shared_factor is not None:
             return self._shared_factor
-        L, info = torch.linalg.cholesky_ex(self._unchecked_core()[1])
+        if self._diagonal_core():  # C = diag(c): L = diag(sqrt(c)), info names the first c <= 0 as cholesky_ex does
+            c = self._diagonal_parts()[2]
+            ok = c > 0
+            info = torch.where(ok.all(-1), 0, (~ok).to(torch.int32).argmax(-1) + 1).to(torch.int32)
+            L = torch.diag_embed(torch.where(ok, c, torch.ones_like(c)).sqrt())
+        else:
+            L, info = torch.linalg.cholesky_ex(self._unchecked_core()[1])
         failed = (info > 0).unsqueeze(-1).unsqueeze(-1)
         return torch.where(failed, torch.full_like(L, float("nan")), L), info
 
@@ -749,15 +806,21 @@ class BlockMeanLinearOperator(LinearOperator):
     # ------------------------------------------------------------------ inverse, solves, log-det
     @_cached_unless_grad("inverse_parts")
     def _inverse_parts(self) -> tuple[Tensor, Tensor]:
+        if self._diagonal_core():
+            if settings.validate.on():
+                self._check_finite()
+            lam, b, c = self._diagonal_parts()
+            self._check_invertible_offsets(lam)
+            if settings.validate.on() and bool((c == 0).any()):
+                raise ValueError(
+                    "the block mean matrix is singular: its k x k core matrix C = diag(lam) + S^1/2 B S^1/2 "
+                    "cannot be inverted. Add a diagonal (add_diagonal / noise) before solving."
+                )
+            # C^{-1} - diag(1/lam) = -diag(s b / (c lam)), in B's scaling -diag(b / (c lam)): O(k)
+            inv_lam = lam.reciprocal()
+            return inv_lam.to(self.dtype), torch.diag_embed(-b * inv_lam / c).to(self.dtype)
         lam, B = self._folded()
-        if settings.validate.on() and bool(((lam == 0) & (self.partition.sizes > 1)).any()):
-            found = _first_bad((lam == 0) & (self.partition.sizes > 1))
-            assert found is not None
-            batch, i = found
-            raise ValueError(
-                f"the block mean matrix is singular: lam[{i}] = 0{_where(batch)} for block {i} of size "
-                f"{int(self.partition.sizes[i])}. Add a diagonal (add_diagonal / noise) before solving."
-            )
+        self._check_invertible_offsets(lam)
         root = self._core_sizes.sqrt()
         G = root.unsqueeze(-1) * B * root.unsqueeze(-2)
         L = None
@@ -781,6 +844,16 @@ class BlockMeanLinearOperator(LinearOperator):
         if self.symmetric:
             D = 0.5 * (D + D.mT)
         return inv_lam.to(self.dtype), D.to(self.dtype)
+
+    def _check_invertible_offsets(self, lam: Tensor) -> None:
+        if settings.validate.on() and bool(((lam == 0) & (self.partition.sizes > 1)).any()):
+            found = _first_bad((lam == 0) & (self.partition.sizes > 1))
+            assert found is not None
+            batch, i = found
+            raise ValueError(
+                f"the block mean matrix is singular: lam[{i}] = 0{_where(batch)} for block {i} of size "
+                f"{int(self.partition.sizes[i])}. Add a diagonal (add_diagonal / noise) before solving."
+            )
 
     @_cached_unless_grad("inverse")
     def inverse(self) -> BlockMeanLinearOperator:
@@ -818,13 +891,23 @@ class BlockMeanLinearOperator(LinearOperator):
             logabs = logabs + (multiplicity * torch.where(multi, lam, torch.ones_like(lam)).abs().log()).sum(-1)
             logabs = torch.where(sign < 0, torch.full_like(logabs, float("nan")), logabs)
             return logabs.to(self.dtype)
-        lam, _ = self.core()
-        L, info = self._core_cholesky_ex()
-        if settings.validate.on():
-            self._check_block_offsets(lam, what, strict=True)
-            if bool((info > 0).any()):
-                self._raise_not_positive_definite(what)
-        logdet_core = 2 * torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1)
+        if self._diagonal_core():  # log det C = sum log c: O(k)
+            if settings.validate.on():
+                self._check_finite()
+            lam, _, c = self._diagonal_parts()
+            if settings.validate.on():
+                self._check_block_offsets(lam, what, strict=True)
+                if bool((c <= 0).any()):
+                    self._raise_not_positive_definite(what)
+            logdet_core = torch.where(c > 0, c, torch.full_like(c, math.nan)).log().sum(-1)
+        else:
+            lam, _ = self.core()
+            L, info = self._core_cholesky_ex()
+            if settings.validate.on():
+                self._check_block_offsets(lam, what, strict=True)
+                if bool((info > 0).any()):
+                    self._raise_not_positive_definite(what)
+            logdet_core = 2 * torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1)
         safe_lam = torch.where(self.partition.sizes > 1, lam, torch.ones_like(lam))
         return (logdet_core + (multiplicity * safe_lam.log()).sum(-1)).to(self.dtype)
 
@@ -850,7 +933,13 @@ class BlockMeanLinearOperator(LinearOperator):
         r"""Closed-form :math:`R^\top M^{-1} R` and :math:`\log\det M` (never CG or a dense Cholesky)."""
         if inv_quad_rhs is None and not logdet:
             raise RuntimeError("Either `inv_quad_rhs` or `logdet` must be specifed.")
-        if inv_quad_rhs is not None and logdet and self.symmetric and self._shared_factor is None:
+        if (
+            inv_quad_rhs is not None
+            and logdet
+            and self.symmetric
+            and self._shared_factor is None
+            and not self._diagonal_core()
+        ):
             if settings.validate.on():
                 self._check_finite()
             self._shared_factor = self._core_cholesky_ex()  # one factorisation for both terms
@@ -904,10 +993,15 @@ class BlockMeanLinearOperator(LinearOperator):
         n, k = len(part), part.num_blocks
         repeats = part.sizes - 1
         lam_rep = torch.repeat_interleave(lam, repeats, dim=-1, output_size=n - k)
+        diagonal = self._diagonal_core()
         if not eigenvectors:
-            evals = torch.cat([torch.linalg.eigvalsh(C), lam_rep], dim=-1)
+            core_evals = torch.diagonal(C, dim1=-2, dim2=-1) if diagonal else torch.linalg.eigvalsh(C)  # C = diag(c)
+            evals = torch.cat([core_evals, lam_rep], dim=-1)
             return evals.sort(dim=-1).values.to(self.dtype), None
-        e, V = torch.linalg.eigh(C)
+        if diagonal:  # V = I (the final sort orders the pairs)
+            e, V = torch.diagonal(C, dim1=-2, dim2=-1), torch.eye(k, dtype=C.dtype, device=C.device).expand_as(C)
+        else:
+            e, V = torch.linalg.eigh(C)
         evals = torch.cat([e, lam_rep], dim=-1).to(self.dtype)
         span = part.expand((V * self._core_sizes.rsqrt().unsqueeze(-1)).to(self.dtype), dim=-2)  # P S^-1/2 V
         complement = _helmert_basis(part, self.dtype).expand(*span.shape[:-2], n, n - k)

@@ -20,6 +20,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from bma_gp import settings
+from bma_gp._diagonal import is_diagonal as _is_diagonal
+from bma_gp._diagonal import structurally_diagonal as _structurally_diagonal
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._precision import core_dtype
 from bma_gp._symmetric_function import symmetric_matrix_function
@@ -37,62 +39,8 @@ def _chunk_rows(m: int, itemsize: int = 8) -> int:
     return max(1024, _CHUNK_BYTES // max(1, m * itemsize))
 
 
-def _is_diagonal(B: Tensor) -> bool:
-    """Whether every off-diagonal entry of ``B`` is exactly zero (one host read)."""
-    if B.shape[-1] == 1:
-        return True
-    B = B.detach()  # counts, no k x k temporary: the nonzeros are all on the diagonal
-    return bool(B.count_nonzero() == torch.diagonal(B, dim1=-2, dim2=-1).count_nonzero())
-
-
 def _is_full(index) -> bool:
     return isinstance(index, slice) and index == slice(None, None, None)
-
-
-_VIEWS = {
-    "ExpandBackward0",
-    "ViewBackward0",
-    "UnsqueezeBackward0",
-    "CloneBackward0",
-    "ToCopyBackward0",
-    "AliasBackward0",
-    "ReshapeAliasBackward0",
-    "UnsafeViewBackward0",
-    "SqueezeBackward0",
-    "SqueezeBackward1",
-}
-
-
-def _structurally_diagonal(fn, depth: int = 0) -> bool:
-    """Whether the autograd node ``fn`` makes a matrix whose off-diagonal entries are zero by construction
-    (``diag_embed``, or a product with a constant diagonal mask), so that no gradient can reach them."""
-    if fn is None or depth > 32:
-        return False
-    name = type(fn).__name__
-    inputs = [f for f, _ in fn.next_functions if f is not None]
-    if name == "DiagEmbedBackward0":
-        return True
-    if name in _VIEWS:
-        return bool(inputs) and _structurally_diagonal(inputs[0], depth + 1)
-    if name == "MulBackward0":
-        for attr in ("_saved_self", "_saved_other"):
-            try:
-                saved = getattr(fn, attr)
-            except (AttributeError, RuntimeError):
-                continue
-            if (
-                torch.is_tensor(saved)
-                and not saved.requires_grad
-                and saved.dim() >= 2
-                and saved.shape[-1] == saved.shape[-2]
-                and saved.shape[-1] > 1
-                and _is_diagonal(saved)
-            ):
-                return True
-        return any(_structurally_diagonal(f, depth + 1) for f in inputs)
-    if name in ("AddBackward0", "SubBackward0"):
-        return bool(inputs) and all(_structurally_diagonal(f, depth + 1) for f in inputs)
-    return False
 
 
 def _contingency(part_a: Partition, part_b: Partition, values: Tensor) -> Tensor:
