@@ -10,8 +10,9 @@ operator    ``bench_operator.py --part dense`` and       one elementwise pass ov
             ``--part sweep``                             dense Cholesky / eigh at n = 6,000
 compositions ``bench_compositions.py``                   linear_operator's generic path (CG, stochastic
                                                          Lanczos) on the same sum; dense Cholesky
-mixed       ``bench_mixed.py``                           absolute targets (issue 11: one SGPR + groups
-                                                         training iteration at n = 10^6, < 10 s, < 4 GB)
+mixed       ``bench_mixed.py``,                          absolute targets (issue 11: one SGPR + groups
+            ``bench_groups.py``                          training iteration at n = 10^6, < 10 s, < 4 GB);
+                                                         random intercepts: the general k x k path
 kernel      ``bench_kernel_block_mean.py``               the same kernel entries in the same chunks,
                                                          not reduced
 gp          ``bench_gp_iteration.py``,                   GPyTorch exact GP (CG), SGPR at m = k
@@ -70,7 +71,7 @@ def commands(suite: str, smoke: bool, device: str, py: str) -> list[list[str]]:
     if suite == "compositions":
         return [[py, str(HERE / "bench_compositions.py"), *s]]
     if suite == "mixed":
-        return [[py, str(HERE / "bench_mixed.py"), *s]]
+        return [[py, str(HERE / "bench_mixed.py"), *s], [py, str(HERE / "bench_groups.py"), *s]]
     if suite == "kernel":
         return [
             [py, str(HERE / "bench_kernel_block_mean.py"), *s],
@@ -559,6 +560,27 @@ def gp_tables(records: list[dict]) -> list[str]:
     return out + [""]
 
 
+def group_tables(records: list[dict]) -> list[str]:
+    """Random intercepts (``bench_groups.py``): the elementwise path against the general ``k x k`` path."""
+    rows = [r for r in records if r.get("bench") == "group_iteration"]
+    if not rows:
+        return []
+    lines = [
+        "### Random-intercept GP, one training iteration (elementwise diagonal core vs general k x k path)",
+        "",
+        "| n | groups k | elementwise s | general s | ratio | loss equal |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        general = r.get("general_s")
+        equal = "" if general is None else str(abs(r["general_loss"] - r["elementwise_loss"]) <= 1e-5)
+        lines.append(
+            f"| {r['n']:,} | {r['k']:,} | {_fmt(r.get('elementwise_s'))} | {_fmt(general)} | "
+            f"{_fmt(r.get('speedup'), 1)} | {equal} |"
+        )
+    return [*lines, ""]
+
+
 def optimizer_tables(records: list[dict]) -> list[str]:
     rows = [r for r in records if r.get("benchmark") == "optimizer_step"]
     if not rows:
@@ -780,7 +802,7 @@ def summary(records: list[dict], machine: dict) -> str:
         lines += [f"| {t} | {m} | {v} |" for t, m, v in found]
         lines.append("")
     lines += ["## Tables", ""]
-    for part in (operator_tables, kernel_tables, gpu_tables, gp_tables, optimizer_tables):
+    for part in (operator_tables, kernel_tables, gpu_tables, gp_tables, group_tables, optimizer_tables):
         lines += part(records)
     skipped = [r for r in records if "skipped" in r and r.get("bench") != "gp_iteration"]
     failed = [r for r in records if r.get("status") in ("failed", "timed out")]

@@ -242,3 +242,16 @@ def test_mixed_target_verdicts():
     assert [v for _, _, v in bench.targets([rec(24.0, 2800)])] == ["misses by 2.40x"]
     assert [v for _, _, v in bench.targets([rec(5.0, 5120)])] == ["misses by 1.25x"]
     assert bench.targets([rec(1.0, 100, n=5000)]) == []  # smoke sizes are not judged
+
+
+def test_group_benchmark_compares_both_paths_on_one_loss(capsys):
+    bench = _load("bench_groups")
+    assert bench.main(["--smoke", "--repeats", "1"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["k"] for r in records] == [50, 200]
+    for r in records:
+        assert r["elementwise_s"] > 0 and r["general_s"] > 0
+        assert abs(r["elementwise_loss"] - r["general_loss"]) < 1e-5  # the same model, two ways
+    benchmarks = _load("benchmarks")
+    table = "\n".join(benchmarks.group_tables(records))
+    assert "| 3,000 | 200 |" in table and "True" in table
