@@ -36,10 +36,13 @@ def _stats(sizes, dtype, unseen=(), seed=0):
     [([5, 1, 3, 1, 7], ()), ([4, 4, 4], (1,)), ([1], ()), ([2, 9, 1, 1, 6, 3], (0, 3)), ([300, 1000], ())],
 )
 @pytest.mark.parametrize("damping", [1e-3, 0.5])
-def test_lean_root_matches_operator_path(sizes, unseen, dtype, rtol, damping):
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_lean_root_matches_operator_path(sizes, unseen, dtype, rtol, damping, backend, monkeypatch):
     """The reference is the operator path in float64 on the same statistics. In float32 the lean path
     works in float64 from the start, where the operator path normalises in float32 first: it must be at
     least as close to the reference (measured: 4.5e-7 against 3.1e-4 on B for the first case)."""
+    if backend == "torch":  # CPU roots of up to NUMPY_ROOT_MAX_BLOCKS blocks take numpy; this forces torch
+        monkeypatch.setattr(F, "NUMPY_ROOT_MAX_BLOCKS", 0)
     U, w, partition = _stats(sizes, dtype, unseen)
     ref = inverse_root(normalised_correlation(U.double(), w.double(), partition), damping)
     lam, B = F._normalised_inverse_root(U, w, partition, damping)
@@ -67,3 +70,15 @@ def test_preconditioner_takes_the_lean_path_only_for_the_default_correlation(mon
 
     F.preconditioner(stats, partition, damping=1e-3, update_interval=1, correlation=identity)
     assert len(calls) == 1  # a replaced correlation goes through the operator
+
+
+def test_numpy_and_torch_roots_agree_and_leave_the_statistics_alone(monkeypatch):
+    U, w, partition = _stats([5, 1, 3, 1, 7, 2], torch.float32, unseen=(4,))
+    U0, w0 = U.clone(), w.clone()
+    lam_np, B_np = F._normalised_inverse_root(U, w, partition, 1e-3)
+    monkeypatch.setattr(F, "NUMPY_ROOT_MAX_BLOCKS", 0)
+    lam_t, B_t = F._normalised_inverse_root(U, w, partition, 1e-3)
+    assert lam_np.dtype == lam_t.dtype == torch.float32 and B_np.shape == B_t.shape == (6, 6)
+    torch.testing.assert_close(lam_np, lam_t, rtol=1e-6, atol=0)
+    torch.testing.assert_close(B_np, B_t, rtol=1e-6, atol=1e-7 * float(B_t.abs().max()))
+    assert torch.equal(U, U0) and torch.equal(w, w0)  # no in-place change reaches the optimizer's state

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -108,41 +109,74 @@ def _normalised_inverse_root(U: Tensor, w: Tensor, partition: Partition, damping
     arithmetic on two million parameters. Equal to the operator path to rounding
     (tests/test_optim_functional.py). No validation, no host sync.
     """
-    dtype = w.dtype
+    dtype, device = w.dtype, w.device
     cd = core_dtype(dtype)
-    inv_s, inv_within, single, outer_rsqrt = _root_constants(partition, cd, w.device)
-    U, w = U.to(cd), w.to(cd)
+    if device.type == "cpu" and cd == torch.float64 and w.shape[-1] <= NUMPY_ROOT_MAX_BLOCKS:
+        # the same formulas on numpy arrays: about 1 us per operation where torch's dispatch costs 2-10 us,
+        # and at a few blocks the step's root is nothing but such operations
+        consts = _root_constants(partition, cd, device, numpy=True)
+        U_np, w_np = U.detach().numpy().astype(np.float64), w.detach().numpy().astype(np.float64)
+        try:
+            lam, B = _inverse_root_formulas(np, U_np, w_np, consts, damping)
+        except np.linalg.LinAlgError:  # non-finite statistics (check_finite=False): torch's eigh gives NaN instead
+            return _normalised_inverse_root_torch(U, w, partition, damping)
+        np_dtype = _NUMPY_DTYPES.get(dtype)
+        if np_dtype is not None:  # the cast back in numpy too: no torch dispatch
+            return torch.from_numpy(lam.astype(np_dtype)), torch.from_numpy(B.astype(np_dtype))
+        return torch.from_numpy(lam).to(dtype), torch.from_numpy(B).to(dtype)
+    return _normalised_inverse_root_torch(U, w, partition, damping)
+
+
+def _normalised_inverse_root_torch(U: Tensor, w: Tensor, partition: Partition, damping: float) -> tuple[Tensor, Tensor]:
+    dtype, cd = w.dtype, core_dtype(w.dtype)
+    consts = _root_constants(partition, cd, w.device)
+    lam, B = _inverse_root_formulas(torch, U.to(cd), w.to(cd), consts, damping)
+    return lam.to(dtype), B.to(dtype)
+
+
+#: Up to this many blocks a CPU root is computed with numpy (its ``eigh`` and elementwise operations carry less
+#: fixed cost than torch's at small sizes); above it with torch, whose ``eigh`` uses more threads.
+NUMPY_ROOT_MAX_BLOCKS = 128
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+
+
+def _inverse_root_formulas(xp, U, w, consts, damping: float):
+    """The body of :func:`_normalised_inverse_root` for ``xp`` = ``torch`` or ``numpy`` (2-D ``U``; the same
+    operations exist under the same names in both)."""
+    inv_s, inv_within, single, outer_rsqrt = consts
     d = w * inv_s
     seen = d > 0
-    inv_d = torch.where(seen, d.reciprocal(), 0.0)
-    off = (U.diagonal() - w) * inv_within * inv_d  # s_i B_ii / d_i (0 for singletons)
-    lam = torch.where(seen, 1 - off * inv_s, 1.0) + damping
-    t = (inv_d * inv_s).sqrt()
-    C = U * torch.outer(t, t)
-    C.diagonal().copy_(lam + off)
-    C = (C + C.mT).mul_(0.5)
-    diag_C = C.diagonal()  # a singleton block's lam_i is not an eigenvalue: fold it as the operator does
-    lam = torch.where(single, torch.where(diag_C > 0, diag_C, 1.0), lam)
-    e, V = torch.linalg.eigh(C)
-    f_lam = lam.rsqrt()
-    D = (V * e.rsqrt().unsqueeze(-2)) @ V.mT
-    D.diagonal().sub_(f_lam)
-    D.mul_(outer_rsqrt)
-    return f_lam.to(dtype), (D + D.mT).mul_(0.5).to(dtype)
+    inv_d = xp.where(seen, 1 / xp.where(seen, d, 1.0), 0.0)
+    diag_U = xp.diagonal(U)
+    off = (diag_U - w) * inv_within * inv_d  # s_i B_ii / d_i (0 for singletons)
+    lam = xp.where(seen, 1 - off * inv_s, 1.0) + damping
+    t = xp.sqrt(inv_d * inv_s)
+    C = U * xp.outer(t, t)
+    idx = xp.arange(C.shape[-1])
+    C[idx, idx] = lam + off
+    # eigh reads one triangle: no symmetrisation needed
+    lam = xp.where(single, xp.where(C[idx, idx] > 0, C[idx, idx], 1.0), lam)  # fold singletons as the operator does
+    e, V = xp.linalg.eigh(C)
+    f_lam = 1 / xp.sqrt(lam)
+    D = (V * (1 / xp.sqrt(e))) @ V.T
+    D[idx, idx] -= f_lam
+    D = D * outer_rsqrt
+    return f_lam, (D + D.T) * 0.5
 
 
-def _root_constants(partition: Partition, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+def _root_constants(partition: Partition, dtype: torch.dtype, device: torch.device, numpy: bool = False) -> tuple:
     """What :func:`_normalised_inverse_root` needs of the block sizes, made once per partition, dtype and device
     (kept on the partition): ``1 / s``, ``1 / (s - 1)`` (0 for singletons), the singleton mask and
-    ``s_i^{-1/2} s_j^{-1/2}``."""
-    key = (dtype, device)
+    ``s_i^{-1/2} s_j^{-1/2}``; with ``numpy``, as numpy arrays (CPU only)."""
+    key = (dtype, device, numpy)
     cached = getattr(partition, "_inverse_root_constants", None)
     if cached is None or cached[0] != key:
         s = partition.sizes.to(device=device, dtype=dtype)
         single = s == 1
         inv_within = torch.where(single, 0.0, (s - 1).clamp_min(1).reciprocal())
         r = s.rsqrt()
-        cached = (key, (s.reciprocal(), inv_within, single, torch.outer(r, r)))
+        consts = (s.reciprocal(), inv_within, single, torch.outer(r, r))
+        cached = (key, tuple(c.numpy() for c in consts) if numpy else consts)
         partition._inverse_root_constants = cached  # type: ignore[attr-defined]
     return cached[1]
 
