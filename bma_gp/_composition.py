@@ -49,7 +49,7 @@ class _Parts:
     diag: list[Tensor] = field(default_factory=list)  # per point
     scalars: list[Tensor] = field(default_factory=list)  # one value per batch entry, shape (*batch, 1)
     lams: list[tuple[Partition, Tensor]] = field(default_factory=list)  # constant inside the blocks
-    terms: list[tuple[Partition, Tensor, Tensor | None]] = field(default_factory=list)
+    terms: list[tuple[Partition, Tensor | _Diagonal, Tensor | None]] = field(default_factory=list)
     roots: list = field(default_factory=list)  # tensors and LazyRoots
 
 
@@ -93,6 +93,26 @@ def add_lazy_root(left, right) -> LinearOperator | None:
     return _build(parts, left)
 
 
+class _Diagonal:
+    """A term's ``B`` held as its diagonal (from an operator built with ``diagonal=True``), so that a sum that
+    is still one block mean matrix keeps it that way; :func:`_dense` forms the matrix where a sum needs it."""
+
+    def __init__(self, values: Tensor):
+        self.values = values  # (*batch, k)
+
+    def __add__(self, other):
+        if isinstance(other, _Diagonal):
+            return _Diagonal(self.values + other.values)
+        return _dense(self) + other
+
+    def __radd__(self, other):
+        return other + _dense(self)
+
+
+def _dense(B) -> Tensor:
+    return torch.diag_embed(B.values) if isinstance(B, _Diagonal) else B
+
+
 def _is_ours(op) -> bool:
     return isinstance(op, (BlockMeanLinearOperator, BlockMeanSumLinearOperator)) or _is_lazy_block_mean(op)
 
@@ -111,7 +131,8 @@ def _collect(op, parts: _Parts) -> bool:
         if not op.symmetric:
             return False
         parts.lams.append((op.partition, op.lam))
-        parts.terms.append((op.partition, op.B, None))
+        b = op._b_diag
+        parts.terms.append((op.partition, op.B if b is None else _Diagonal(b), None))
         return True
     if isinstance(op, ConstantDiagLinearOperator):
         parts.scalars.append(op.diag_values)
@@ -152,6 +173,10 @@ def _build(parts: _Parts, like: LinearOperator) -> LinearOperator:
             lam = torch.zeros(part.num_blocks, dtype=dtype, device=device) if lam is None else lam
             for c in parts.scalars:
                 lam = lam + c
+            if isinstance(B, _Diagonal):
+                return BlockMeanLinearOperator(
+                    lam, B.values.expand(*lam.shape[:-1], B.values.shape[-1]), part, diagonal=True
+                )
             return BlockMeanLinearOperator(lam, B.expand(*lam.shape[:-1], *B.shape[-2:]), part)
     diag = None
     pieces = [*parts.diag, *(p.expand(lam, dim=-1) for p, lam in parts.lams)]
@@ -162,7 +187,7 @@ def _build(parts: _Parts, like: LinearOperator) -> LinearOperator:
     for c in parts.scalars:
         diag = diag + c
     # one term per distinct (unweighted) partition
-    terms: list[tuple[Partition, Tensor, Tensor | None]] = []
+    terms: list[tuple[Partition, Tensor | _Diagonal, Tensor | None]] = []
     for part, B, w in parts.terms:
         for i, (p2, B2, w2) in enumerate(terms):
             if w is None and w2 is None and p2.same_as(part):
@@ -184,14 +209,14 @@ def _build(parts: _Parts, like: LinearOperator) -> LinearOperator:
             return single
     return BlockMeanSumLinearOperator(
         diag,
-        *(B for _, B, _ in terms),
+        *(_dense(B) for _, B, _ in terms),
         partitions=[p for p, _, _ in terms],
         root=root,
         weights=[w for _, _, w in terms],
     )
 
 
-def _as_block_mean(diag: Tensor, partition: Partition, B: Tensor) -> BlockMeanLinearOperator | None:
+def _as_block_mean(diag: Tensor, partition: Partition, B) -> BlockMeanLinearOperator | None:
     """A diagonal constant inside every block keeps the single-partition operator and all its matrix
     functions. Only taken when ``diag`` needs no gradient (gradients of individual entries differ)."""
     if torch.is_grad_enabled() and diag.requires_grad:
@@ -199,6 +224,8 @@ def _as_block_mean(diag: Tensor, partition: Partition, B: Tensor) -> BlockMeanLi
     lam = partition.block_average(diag, dim=-1)
     if not bool((partition.expand(lam, dim=-1) == diag).all()):
         return None
+    if isinstance(B, _Diagonal):
+        return BlockMeanLinearOperator(lam, B.values, partition, diagonal=True)
     return BlockMeanLinearOperator(lam, B, partition)
 
 

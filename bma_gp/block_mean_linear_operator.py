@@ -87,7 +87,7 @@ def _cached_unless_grad(name: str):
             except CachingError:
                 pass
             res = method(self, *args, **kwargs)
-            if not (self.lam.requires_grad or self.B.requires_grad):
+            if not (self.lam.requires_grad or self._b_requires_grad()):
                 add_to_cache(self, name, res, *args, **kwargs)
             return res
 
@@ -126,6 +126,11 @@ class BlockMeanLinearOperator(LinearOperator):
             symmetric). Products of two block mean operators are generally not symmetric and
             carry ``symmetric=False``: they multiply, solve and take log-determinants (through
             a general ``k x k`` solve) but have no square roots or eigenvalues.
+        diagonal: ``True`` passes ``B`` as its diagonal, shape ``(*batch, k)`` (independent per-block
+            effects, as :class:`~bma_gp.kernels.GroupKernel` builds them): every closed form is then
+            elementwise, ``O(n + k)`` time and memory, and the ``k x k`` matrix :attr:`B` is formed only if
+            asked for. A dense ``B`` that is diagonal by construction (``diag_embed``) or, without gradients,
+            by value gets the same elementwise closed forms, with ``O(k^2)`` memory for ``B`` itself.
 
     Example:
         >>> p = Partition.from_sizes([3, 2])
@@ -135,7 +140,7 @@ class BlockMeanLinearOperator(LinearOperator):
         True
     """
 
-    def __init__(self, lam: Tensor, B: Tensor, partition: Partition, *, symmetric: bool = True):
+    def __init__(self, lam: Tensor, B: Tensor, partition: Partition, *, symmetric: bool = True, diagonal: bool = False):
         if not isinstance(partition, Partition):
             raise TypeError(
                 f"partition must be a bma_gp.Partition, got {type(partition).__name__}; build one with "
@@ -154,30 +159,41 @@ class BlockMeanLinearOperator(LinearOperator):
             raise ValueError(
                 f"lam must have shape (*batch, k) with k = partition.num_blocks = {k}, got {tuple(lam.shape)}."
             )
-        if B.dim() < 2 or B.shape[-1] != B.shape[-2]:
+        if not isinstance(diagonal, bool):
+            raise TypeError(f"diagonal must be True or False, got {diagonal!r}.")
+        if diagonal:  # B given by its diagonal: (*batch, k); the k x k matrix is formed only where asked for
+            if B.dim() < 1 or B.shape[-1] != k:
+                raise ValueError(
+                    f"with diagonal=True, B is the diagonal of the block matrix, shape (*batch, k) with k = "
+                    f"partition.num_blocks = {k}; got {tuple(B.shape)}."
+                )
+            B_batch = B.shape[:-1]
+        elif B.dim() < 2 or B.shape[-1] != B.shape[-2]:
             raise ValueError(f"B must be square with shape (*batch, k, k), got {tuple(B.shape)}.")
-        if B.shape[-1] != k:
+        elif B.shape[-1] != k:
             raise ValueError(
                 f"B must have shape (*batch, k, k) with k = partition.num_blocks = {k}, got {tuple(B.shape)}."
             )
+        else:
+            B_batch = B.shape[:-2]
         try:  # (equal batch shapes, the common case, skip the comparatively slow broadcast_shapes)
-            batch = (
-                lam.shape[:-1]
-                if lam.shape[:-1] == B.shape[:-2]
-                else torch.broadcast_shapes(lam.shape[:-1], B.shape[:-2])
-            )
+            batch = lam.shape[:-1] if lam.shape[:-1] == B_batch else torch.broadcast_shapes(lam.shape[:-1], B_batch)
         except RuntimeError:
             raise ValueError(
-                f"batch shapes of lam {tuple(lam.shape[:-1])} and B {tuple(B.shape[:-2])} do not broadcast."
+                f"batch shapes of lam {tuple(lam.shape[:-1])} and B {tuple(B_batch)} do not broadcast."
             ) from None
         if lam.shape[:-1] != batch:
             lam = lam.expand(*batch, k)
-        if B.shape[:-2] != batch:
-            B = B.expand(*batch, k, k)
+        if B_batch != batch:
+            B = B.expand(*batch, k) if diagonal else B.expand(*batch, k, k)
         partition = partition.to(lam.device)
-        super().__init__(lam, B, partition=partition, symmetric=bool(symmetric))
+        if diagonal:
+            super().__init__(lam, B, partition=partition, symmetric=bool(symmetric), diagonal=True)
+        else:
+            super().__init__(lam, B, partition=partition, symmetric=bool(symmetric))
         self.lam = lam
-        self.B = B
+        self._b_diag: Tensor | None = B if diagonal else None
+        self._B: Tensor | None = None if diagonal else B
         self.partition = partition
         self.symmetric = bool(symmetric)
         self._b_sym_cache: Tensor | None = None
@@ -188,6 +204,38 @@ class BlockMeanLinearOperator(LinearOperator):
         self._diagonal_flag: bool | None = None  # whether B (so C) is diagonal: see _diagonal_core
 
     # ------------------------------------------------------------------ cheap views
+    @property
+    def B(self) -> Tensor:
+        """The ``k x k`` block matrix. # shape: (*batch, k, k)
+
+        An operator built with ``diagonal=True`` holds only its diagonal and forms this matrix on first use
+        (kept unless it requires gradients); its closed forms work on the diagonal and never ask for it."""
+        if self._B is not None:
+            return self._B
+        assert self._b_diag is not None
+        B = torch.diag_embed(self._b_diag)
+        if not self._b_diag.requires_grad:
+            self._B = B
+        return B
+
+    @property
+    def is_diagonal_mode(self) -> bool:
+        """Whether the operator was built with ``diagonal=True`` (``B`` held as its diagonal)."""
+        return self._b_diag is not None
+
+    def _b_vector(self) -> Tensor:
+        """The diagonal of ``B`` (without forming ``B`` in diagonal mode). # shape: (*batch, k)"""
+        if self._b_diag is not None:
+            return self._b_diag
+        return torch.diagonal(self.B, dim1=-2, dim2=-1)
+
+    def _b_requires_grad(self) -> bool:
+        return (self._b_diag if self._b_diag is not None else self.B).requires_grad
+
+    def _new_diagonal(self, lam: Tensor, b: Tensor) -> BlockMeanLinearOperator:
+        """A symmetric operator of this partition with ``B = diag(b)``, in diagonal mode."""
+        return BlockMeanLinearOperator(lam, b, self.partition, diagonal=True)
+
     def _b_sym(self) -> Tensor:
         """``B`` as used by every path: symmetrised unless ``symmetric=False``."""
         if not self.symmetric:
@@ -209,6 +257,9 @@ class BlockMeanLinearOperator(LinearOperator):
         :class:`bma_gp.settings.validate` on; on an accelerator with validation off nothing is read back
         and the general path runs."""
         if self._diagonal_flag is None:
+            if self._b_diag is not None:
+                self._diagonal_flag = True
+                return True
             B = self.B
             if B.shape[-1] == 1:
                 self._diagonal_flag = True
@@ -228,7 +279,7 @@ class BlockMeanLinearOperator(LinearOperator):
         diagonal ``c = lam + s b``: vectors only, so no ``k x k`` temporary is formed (nor differentiated)."""
         dtype = self.core_dtype
         lam = self.lam.to(dtype)
-        b = torch.diagonal(self.B, dim1=-2, dim2=-1).to(dtype)
+        b = self._b_vector().to(dtype)
         single = self.partition.sizes == 1
         value = lam + b
         folded = torch.where(single, torch.where(value > 0, value, torch.ones_like(value)), lam)
@@ -288,7 +339,7 @@ class BlockMeanLinearOperator(LinearOperator):
             return cached_core
         lam, B = self._folded(check=False)
         res = (lam, _core(lam, B, self._core_sizes.sqrt()))
-        if not (self.lam.requires_grad or self.B.requires_grad):
+        if not (self.lam.requires_grad or self._b_requires_grad()):
             # with gradients, a cached graph would break a second backward pass (and a core cached
             # under no_grad would silently drop them later)
             self._core_cache = res
@@ -420,7 +471,7 @@ class BlockMeanLinearOperator(LinearOperator):
         part = self.partition
         sums = part.block_sum(rhs, dim=-2)  # P^T x: (*, k, t)
         if self._diagonal_core(read_back=False):  # B P^T x = diag(B) * P^T x: no k x k product
-            coef = torch.diagonal(self.B, dim1=-2, dim2=-1).unsqueeze(-1) * sums
+            coef = self._b_vector().unsqueeze(-1) * sums
         elif self.symmetric and self._b_sym_cache is None and sums.shape[-1] <= 16:
             # two k x k products instead of symmetrising B: forming (B + B^T) / 2 reads B transposed,
             # which costs far more than a few matrix-vector products (operators rebuilt per call, as in
@@ -439,7 +490,7 @@ class BlockMeanLinearOperator(LinearOperator):
             B = lam1.unsqueeze(-1) * B2 + B1 * lam2.unsqueeze(-2) + (B1 * sizes.unsqueeze(-2)) @ B2
             return self._new(lam1 * lam2, B, symmetric=other is self and self.symmetric)
         if torch.is_tensor(other) and not (
-            torch.is_grad_enabled() and (other.requires_grad or self.lam.requires_grad or self.B.requires_grad)
+            torch.is_grad_enabled() and (other.requires_grad or self.lam.requires_grad or self._b_requires_grad())
         ):
             # nothing to differentiate: skip linear_operator's Matmul function, which rebuilds the operator
             # (losing its cached symmetrised B) on every call
@@ -451,8 +502,9 @@ class BlockMeanLinearOperator(LinearOperator):
         return self._transpose_nonbatch()._matmul(rhs)
 
     def _diagonal(self) -> Tensor:
-        B = self.B if self._diagonal_core(read_back=False) else self._b_sym()  # the same diagonal, no k x k sum
-        return self.partition.expand(self.lam + torch.diagonal(B, dim1=-2, dim2=-1), dim=-1)
+        if self._diagonal_core(read_back=False):  # the same diagonal, no k x k sum
+            return self.partition.expand(self.lam + self._b_vector(), dim=-1)
+        return self.partition.expand(self.lam + torch.diagonal(self._b_sym(), dim1=-2, dim2=-1), dim=-1)
 
     @cached
     def to_dense(self) -> Tensor:
@@ -464,6 +516,8 @@ class BlockMeanLinearOperator(LinearOperator):
     # ------------------------------------------------------------------ batching and indexing
     def _expand_batch(self, batch_shape) -> BlockMeanLinearOperator:
         k = self.partition.num_blocks
+        if self._b_diag is not None:
+            return self._new_diagonal(self.lam.expand(*batch_shape, k), self._b_diag.expand(*batch_shape, k))
         return self._new(self.lam.expand(*batch_shape, k), self.B.expand(*batch_shape, k, k))
 
     def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
@@ -516,6 +570,9 @@ class BlockMeanLinearOperator(LinearOperator):
         part = self.partition
         grad_lam = part.block_sum((left_vecs * right_vecs).sum(-1), dim=-1)
         grad_lam = sum_to_shape(grad_lam, self.lam.shape)
+        if self._b_diag is not None:  # the gradient of the diagonal: (P^T l)_i . (P^T r)_i
+            grad_b = (part.block_sum(left_vecs, dim=-2) * part.block_sum(right_vecs, dim=-2)).sum(-1)
+            return (grad_lam, sum_to_shape(grad_b, self._b_diag.shape))
         grad_B = part.block_sum(left_vecs, dim=-2) @ part.block_sum(right_vecs, dim=-2).mT
         if self.symmetric:
             grad_B = 0.5 * (grad_B + grad_B.mT)
@@ -524,6 +581,9 @@ class BlockMeanLinearOperator(LinearOperator):
 
     # ------------------------------------------------------------------ algebra that keeps the type
     def _mul_constant(self, other) -> BlockMeanLinearOperator:
+        if self._b_diag is not None:
+            factor = other.unsqueeze(-1) if torch.is_tensor(other) and other.dim() > 0 else other
+            return self._new_diagonal(self.lam * factor, self._b_diag * factor)
         if torch.is_tensor(other) and other.dim() > 0:
             return self._new(self.lam * other.unsqueeze(-1), self.B * other.unsqueeze(-1).unsqueeze(-1))
         return self._new(self.lam * other, self.B * other)
@@ -574,6 +634,8 @@ class BlockMeanLinearOperator(LinearOperator):
                     f"shape {tuple(self.batch_shape)}."
                 ) from None
             k = self.partition.num_blocks
+            if self._b_diag is not None:
+                return self._new_diagonal(lam, self._b_diag.expand(*lam.shape[:-1], k))
             return self._new(lam, self.B.expand(*lam.shape[:-1], k, k))
         from linear_operator.operators import DiagLinearOperator
 
@@ -605,6 +667,22 @@ class BlockMeanLinearOperator(LinearOperator):
         if self._checked_finite:
             return
         lam_bad = ~torch.isfinite(self.lam)
+        if self._b_diag is not None:  # no k x k check (nor matrix)
+            b_bad = ~torch.isfinite(self._b_diag)
+            if not bool(lam_bad.any() | b_bad.any()):
+                self._checked_finite = True
+                return
+            found = _first_bad(lam_bad)
+            which, bad = ("lam", lam_bad) if found is not None else ("B", b_bad)
+            found = found or _first_bad(b_bad)
+            assert found is not None
+            batch, i = found
+            value = float((self.lam if which == "lam" else self._b_diag)[batch][i])
+            raise ValueError(
+                f"the block mean operator's input is not finite: {which}[{i}{', ' + str(i) if which == 'B' else ''}] = "
+                f"{value}{_where(batch)}. lam and B must be finite; check the kernel hyperparameters or the data that "
+                "produced them."
+            )
         B_bad = ~torch.isfinite(self.B)
         if not bool(lam_bad.any() | B_bad.any()):
             self._checked_finite = True  # operators are immutable
@@ -718,7 +796,7 @@ class BlockMeanLinearOperator(LinearOperator):
         f_lam = fn(lam.clamp_min(0) if clamp else lam)
         if diagonal:  # f acts on the eigenvalues c elementwise: D = diag((f(c) - f(lam)) / s)
             f_c = fn(C if prepare is None else prepare(C))
-            return self._new(f_lam.to(self.dtype), torch.diag_embed((f_c - f_lam) / self._core_sizes).to(self.dtype))
+            return self._new_diagonal(f_lam.to(self.dtype), ((f_c - f_lam) / self._core_sizes).to(self.dtype))
         fC = symmetric_matrix_function(C, fn, prepare)
         inv_root = self._core_sizes.rsqrt()
         D = (fC - torch.diag_embed(f_lam)) * inv_root.unsqueeze(-1) * inv_root.unsqueeze(-2)
@@ -818,7 +896,7 @@ class BlockMeanLinearOperator(LinearOperator):
                 )
             # C^{-1} - diag(1/lam) = -diag(s b / (c lam)), in B's scaling -diag(b / (c lam)): O(k)
             inv_lam = lam.reciprocal()
-            return inv_lam.to(self.dtype), torch.diag_embed(-b * inv_lam / c).to(self.dtype)
+            return inv_lam.to(self.dtype), (-b * inv_lam / c).to(self.dtype)  # the diagonal of D
         lam, B = self._folded()
         self._check_invertible_offsets(lam)
         root = self._core_sizes.sqrt()
@@ -859,6 +937,8 @@ class BlockMeanLinearOperator(LinearOperator):
     def inverse(self) -> BlockMeanLinearOperator:
         r""":math:`M^{-1}`, a block mean operator (any invertible :math:`M`)."""
         inv_lam, D = self._inverse_parts()
+        if self._diagonal_core():
+            return self._new_diagonal(inv_lam, D)
         return self._new(inv_lam, D)
 
     def _solve(self, rhs: Tensor, preconditioner=None, num_tridiag: int = 0) -> Tensor:
@@ -988,18 +1068,23 @@ class BlockMeanLinearOperator(LinearOperator):
 
     def _eigen(self, eigenvectors: bool) -> tuple[Tensor, Tensor | None]:
         self._check_symmetric("eigvalsh")
-        lam, C = self.core()
+        diagonal = self._diagonal_core()
+        if diagonal:  # C = diag(c): its eigenvalues are c, no k x k matrix
+            if settings.validate.on():
+                self._check_finite()
+            lam, _, c = self._diagonal_parts()
+        else:
+            lam, C = self.core()
         part = self.partition
         n, k = len(part), part.num_blocks
         repeats = part.sizes - 1
         lam_rep = torch.repeat_interleave(lam, repeats, dim=-1, output_size=n - k)
-        diagonal = self._diagonal_core()
         if not eigenvectors:
-            core_evals = torch.diagonal(C, dim1=-2, dim2=-1) if diagonal else torch.linalg.eigvalsh(C)  # C = diag(c)
+            core_evals = c if diagonal else torch.linalg.eigvalsh(C)
             evals = torch.cat([core_evals, lam_rep], dim=-1)
             return evals.sort(dim=-1).values.to(self.dtype), None
         if diagonal:  # V = I (the final sort orders the pairs)
-            e, V = torch.diagonal(C, dim1=-2, dim2=-1), torch.eye(k, dtype=C.dtype, device=C.device).expand_as(C)
+            e, V = c, torch.eye(k, dtype=c.dtype, device=c.device).expand(*c.shape, k)
         else:
             e, V = torch.linalg.eigh(C)
         evals = torch.cat([e, lam_rep], dim=-1).to(self.dtype)

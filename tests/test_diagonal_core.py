@@ -7,6 +7,7 @@ entries have gradients).
 
 from __future__ import annotations
 
+import math
 from unittest import mock
 
 import pytest
@@ -210,3 +211,112 @@ def test_group_kernel_training_step_has_no_k_by_k_factorisation():
     ref = y @ torch.linalg.solve(dense_M, y) + torch.logdet(dense_M)
     torch.testing.assert_close(quad + logdet, ref, rtol=1e-10, atol=1e-10)
     assert kernel.raw_var.grad is not None and torch.isfinite(kernel.raw_var.grad).all()
+
+
+# ---------------------------------------------------------------------------- diagonal=True: B held as a vector
+def _pair(labels, batch=(), dtype=torch.float64, seed=3):
+    lam, b = make(labels, batch, dtype, seed)
+    partition = Partition.from_labels(torch.tensor(labels))
+    vec = BlockMeanLinearOperator(lam, b, partition, diagonal=True)
+    full = BlockMeanLinearOperator(lam, torch.diag_embed(b), partition)
+    return vec, full, lam, b
+
+
+@pytest.mark.parametrize("batch", [(), (2,)])
+@pytest.mark.parametrize("name", list(PARTITIONS))
+def test_diagonal_mode_matches_the_dense_b_and_never_forms_it(name, batch):
+    labels = PARTITIONS[name]
+    vec, full, lam, b = _pair(labels, batch)
+    n = len(labels)
+    rhs = torch.randn(*batch, n, 2, dtype=torch.float64)
+    ops = {
+        "solve": lambda M: M.solve(rhs),
+        "inv_quad_logdet": lambda M: torch.stack(M.inv_quad_logdet(rhs, logdet=True)),
+        "sqrt": lambda M: M.matrix_sqrt() @ rhs,
+        "inv_sqrt": lambda M: M.matrix_inv_sqrt() @ rhs,
+        "inverse": lambda M: M.inverse() @ rhs,
+        "matmul": lambda M: M @ rhs,
+        "diagonal": lambda M: M.diagonal(),
+        "eigvalsh": lambda M: M.eigvalsh(),
+        "scaled": lambda M: (M * 2.5) @ rhs,
+        "noise": lambda M: M.add_diagonal(torch.tensor(0.3, dtype=torch.float64)).logdet(),
+        "expanded": lambda M: M._expand_batch((3, *batch)) @ rhs,
+    }
+    for key, fn in ops.items():
+        got, want = fn(vec), fn(full)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=key)
+        grads = torch.autograd.grad(got.sum(), (lam, b))
+        want_grads = torch.autograd.grad(want.sum(), (lam, b))
+        for g, w in zip(grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11, msg=key)
+    assert vec._B is None  # none of the above formed the k x k matrix
+    torch.testing.assert_close(vec.to_dense(), full.to_dense())  # asked for explicitly: formed on demand
+    assert torch.equal(vec.B, torch.diag_embed(b))
+
+
+def test_diagonal_mode_survives_conversions_and_products_with_gradients():
+    vec, full, lam, b = _pair(PARTITIONS["scattered"])
+    assert vec.to(torch.float32).is_diagonal_mode and vec.to(torch.float32).dtype == torch.float32
+    assert vec.add_diagonal(torch.tensor(0.5, dtype=torch.float64)).is_diagonal_mode
+    assert vec.inverse().is_diagonal_mode and vec.matrix_sqrt().is_diagonal_mode
+    x = torch.randn(len(PARTITIONS["scattered"]), 3, dtype=torch.float64, requires_grad=True)
+    # linear_operator's Matmul autograd function: the operator's gradient comes from _bilinear_derivative
+    got = torch.autograd.grad((vec.matmul(x) ** 2).sum(), (lam, b, x))
+    want = torch.autograd.grad((full.matmul(x) ** 2).sum(), (lam, b, x))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_diagonal_mode_input_errors_name_the_argument():
+    partition = Partition.from_labels(torch.tensor([0, 0, 1]))
+    lam = torch.ones(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="diagonal=True"):
+        BlockMeanLinearOperator(lam, torch.ones(3, dtype=torch.float64), partition, diagonal=True)
+    with pytest.raises(TypeError, match="diagonal"):
+        BlockMeanLinearOperator(lam, lam, partition, diagonal=1)
+    M = BlockMeanLinearOperator(lam, torch.tensor([1.0, float("nan")], dtype=torch.float64), partition, diagonal=True)
+    with pytest.raises(ValueError, match=r"B\[1, 1\] = nan"):
+        M.logdet()
+
+
+def test_group_kernel_with_many_groups_never_forms_a_k_by_k_matrix(monkeypatch):
+    import gpytorch
+
+    from bma_gp.kernels import GroupKernel
+
+    k, n = 1500, 3000
+    formed = []
+    real = torch.diag_embed
+
+    def watch(values, *args, **kwargs):
+        if values.shape[-1] >= k // 2:
+            formed.append(tuple(values.shape))
+        return real(values, *args, **kwargs)
+
+    torch.manual_seed(1)
+    x = torch.randint(0, k, (n, 1)).double()
+    y = torch.randn(n, dtype=torch.float64)
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
+
+    class Model(gpytorch.models.ExactGP):
+        def __init__(self):
+            super().__init__(x, y, likelihood)
+            self.mean_module = gpytorch.means.ConstantMean()
+            self.covar_module = GroupKernel(k, per_group_variance=True)
+
+        def forward(self, inputs):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(inputs), self.covar_module(inputs))
+
+    model = Model().double()
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+    monkeypatch.setattr(torch, "diag_embed", watch)
+    loss = -mll(model(x), y)
+    loss.backward()
+    monkeypatch.setattr(torch, "diag_embed", real)
+    assert formed == []
+    # the same loss from the dense covariance
+    covar = model.covar_module(x).to_dense().detach() + likelihood.noise.detach() * torch.eye(n, dtype=torch.float64)
+    resid = y - model.mean_module.constant.detach()
+    dense_loss = 0.5 * (resid @ torch.linalg.solve(covar, resid) + torch.logdet(covar) + n * math.log(2 * math.pi)) / n
+    torch.testing.assert_close(loss.detach(), dense_loss, rtol=1e-9, atol=1e-9)
+    assert model.covar_module.raw_var.grad is not None and bool(torch.isfinite(model.covar_module.raw_var.grad).all())

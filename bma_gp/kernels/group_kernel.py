@@ -311,6 +311,13 @@ class GroupKernel(Kernel):
             off = torch.zeros_like(v0)
         return torch.stack([torch.stack([v0, off], -1), torch.stack([off, v1], -1)], -2)
 
+    def _variances_of(self, ids: Tensor) -> Tensor:
+        """The variances ``v_g`` of the groups ``ids`` (1-D). # shape: (*batch, len(ids))"""
+        var = self.var
+        if self.per_group_variance:
+            return var.expand(*var.shape[:-1], self.num_groups).index_select(-1, ids)
+        return var.expand(*var.shape[:-1], ids.shape[-1])
+
     def _covar_between(self, rows: Tensor | None, cols: Tensor | None) -> Tensor:
         """:math:`C[rows][:, cols]` for 1-D id vectors (``None``: all ids), without forming :math:`C`.
 
@@ -323,10 +330,7 @@ class GroupKernel(Kernel):
             return out if W is None else out + W @ W.mT
         rows = torch.arange(G, device=var.device) if rows is None else rows
         cols = torch.arange(G, device=var.device) if cols is None else cols
-        if self.per_group_variance:
-            v_rows = var.expand(*var.shape[:-1], G).index_select(-1, rows)
-        else:
-            v_rows = var.expand(*var.shape[:-1], rows.shape[-1])
+        v_rows = self._variances_of(rows)
         if rows is cols:  # the training covariance: exactly diag(v) over the present ids
             out = torch.diag_embed(v_rows)
         else:
@@ -388,6 +392,9 @@ class GroupKernel(Kernel):
         if same and shared1 is not None:
             present, partition = _present_partition(shared1)
             k = present.numel()
+            if self.covar_factor is None:  # C = diag(v): the operator holds the k variances, never a k x k matrix
+                v = self._variances_of(present).expand(*batch, k)
+                return BlockMeanLinearOperator(torch.zeros_like(v), v, partition, diagonal=True)
             B = self._covar_between(present, present).expand(*batch, k, k)
             return BlockMeanLinearOperator(torch.zeros_like(B[..., 0]), B, partition)
         if shared2 is not None:
