@@ -839,15 +839,22 @@ class BlockMeanLinearOperator(LinearOperator):
         Inside :meth:`inv_quad_logdet` one factorisation serves both terms, also with gradients."""
         if self._shared_factor is not None:
             return self._shared_factor
-        if self._diagonal_core():  # C = diag(c): L = diag(sqrt(c)), info names the first c <= 0 as cholesky_ex does
-            c = self._diagonal_parts()[2]
-            ok = c > 0
-            info = torch.where(ok.all(-1), 0, (~ok).to(torch.int32).argmax(-1) + 1).to(torch.int32)
-            L = torch.diag_embed(torch.where(ok, c, torch.ones_like(c)).sqrt())
-        else:
-            L, info = torch.linalg.cholesky_ex(self._unchecked_core()[1])
+        if self._diagonal_core():
+            d, info = self._core_cholesky_diagonal()
+            return torch.diag_embed(d), info
+        L, info = torch.linalg.cholesky_ex(self._unchecked_core()[1])
         failed = (info > 0).unsqueeze(-1).unsqueeze(-1)
         return torch.where(failed, torch.full_like(L, float("nan")), L), info
+
+    def _core_cholesky_diagonal(self) -> tuple[Tensor, Tensor]:
+        """For a diagonal core (:meth:`_diagonal_core`) ``C = diag(c)``: the diagonal ``sqrt(c)`` of its Cholesky
+        factor (NaN for failed batch entries) and ``info`` as ``cholesky_ex`` gives it (the first ``c_i <= 0``,
+        counted from 1), without a ``k x k`` matrix. # shape: (*batch, k), (*batch,)"""
+        c = self._diagonal_parts()[2]
+        ok = c > 0
+        info = torch.where(ok.all(-1), 0, (~ok).to(torch.int32).argmax(-1) + 1).to(torch.int32)
+        d = torch.where(ok, c, torch.ones_like(c)).sqrt()
+        return torch.where((info > 0).unsqueeze(-1), torch.full_like(d, float("nan")), d), info
 
     def core_cholesky(self) -> Tensor:
         r"""The lower Cholesky factor :math:`L` of the core matrix, :math:`L L^\top = C`, in :attr:`core_dtype`.
@@ -875,7 +882,10 @@ class BlockMeanLinearOperator(LinearOperator):
         return L
 
     def _raise_not_positive_definite(self, what: str) -> None:
-        self._check_core_eigenvalues(torch.linalg.eigvalsh(self.core()[1].detach()), what, strict=True)
+        if self._diagonal_core():  # the eigenvalues of C = diag(c) are c
+            self._check_core_eigenvalues(self._diagonal_parts()[2].detach(), what, strict=True)
+        else:
+            self._check_core_eigenvalues(torch.linalg.eigvalsh(self.core()[1].detach()), what, strict=True)
         raise ValueError(
             f"{what}: the k x k core matrix C = diag(lam) + S^1/2 B S^1/2 is not numerically positive "
             "definite (its Cholesky factorisation failed). Add a diagonal (add_diagonal / noise)."

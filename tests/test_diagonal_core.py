@@ -320,3 +320,20 @@ def test_group_kernel_with_many_groups_never_forms_a_k_by_k_matrix(monkeypatch):
     dense_loss = 0.5 * (resid @ torch.linalg.solve(covar, resid) + torch.logdet(covar) + n * math.log(2 * math.pi)) / n
     torch.testing.assert_close(loss.detach(), dense_loss, rtol=1e-9, atol=1e-9)
     assert model.covar_module.raw_var.grad is not None and bool(torch.isfinite(model.covar_module.raw_var.grad).all())
+
+    # prediction at new inputs (seen and unseen groups) forms no k x k matrix either, and matches dense algebra
+    model.eval()
+    x_test = torch.cat([x[:40], torch.full((5, 1), float(k - 1))])  # the last id may be unseen
+    monkeypatch.setattr(torch, "diag_embed", watch)
+    with torch.no_grad(), gpytorch.settings.fast_pred_var(False):
+        pred = model(x_test)
+        mean, var = pred.mean, pred.variance
+    monkeypatch.setattr(torch, "diag_embed", real)
+    assert formed == []
+    with torch.no_grad():
+        K_tx = model.covar_module(x_test, x).to_dense()
+        K_tt = model.covar_module(x_test).to_dense()
+        want_mean = model.mean_module.constant + K_tx @ torch.linalg.solve(covar, resid)
+        want_var = torch.diagonal(K_tt - K_tx @ torch.linalg.solve(covar, K_tx.mT))
+    torch.testing.assert_close(mean, want_mean, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(var, want_var, rtol=1e-8, atol=1e-10)

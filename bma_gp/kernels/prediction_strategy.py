@@ -34,6 +34,7 @@ from linear_operator import to_linear_operator
 from linear_operator.operators import LinearOperator, MatmulLinearOperator, ZeroLinearOperator
 from torch import Tensor
 
+from bma_gp import settings as bma_settings
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.kernels.sum_prediction_strategy import training_prediction
@@ -129,7 +130,14 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
         NaN (validation off)."""
         M = self.block_mean_covar
         assert M is not None  # only asked for by the block mean paths
-        factor = M.core_cholesky()
+        if M._diagonal_core():  # C = diag(c): L is the vector sqrt(c), no k x k matrix (many groups)
+            if bma_settings.validate.on():
+                M._check_finite()
+            factor, info = M._core_cholesky_diagonal()
+            if bma_settings.validate.on() and bool((info > 0).any()):
+                M._raise_not_positive_definite("core_cholesky")
+        else:
+            factor = M.core_cholesky()
         root_sizes = M.partition.sizes.to(device=factor.device, dtype=factor.dtype).sqrt()
         if settings.detach_test_caches.on():
             factor = factor.detach()
@@ -139,6 +147,8 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
         """:math:`A W` for the cross values :math:`A`, in the dtype of ``values``. # shape: (*batch, t, k)"""
         root_sizes, factor = self.block_covar_root
         scaled = values.to(factor.dtype) * root_sizes
+        if self.block_mean_covar is not None and self.block_mean_covar._diagonal_core():  # L = diag(factor)
+            return (scaled / factor.unsqueeze(-2)).to(values.dtype)
         batch = torch.broadcast_shapes(scaled.shape[:-2], factor.shape[:-2])
         k = factor.shape[-1]
         res = torch.linalg.solve_triangular(
