@@ -123,7 +123,8 @@ def _collect(op, parts: _Parts) -> bool:
         return True
     if isinstance(op, BlockMeanSumLinearOperator):
         parts.diag.append(op.diag_values)
-        parts.terms.extend(zip(op.partitions, op.blocks, op.weights))
+        blocks = [_Diagonal(B) if flag else B for B, flag in zip(op._block_args, op.diagonal_blocks)]
+        parts.terms.extend(zip(op.partitions, blocks, op.weights))
         if op._root_arg is not None:  # a lazy root stays lazy
             parts.roots.append(op._root_arg)
         return True
@@ -209,10 +210,11 @@ def _build(parts: _Parts, like: LinearOperator) -> LinearOperator:
             return single
     return BlockMeanSumLinearOperator(
         diag,
-        *(_dense(B) for _, B, _ in terms),
+        *(B.values if isinstance(B, _Diagonal) else B for _, B, _ in terms),
         partitions=[p for p, _, _ in terms],
         root=root,
         weights=[w for _, _, w in terms],
+        diagonal=[isinstance(B, _Diagonal) for _, B, _ in terms],
     )
 
 

@@ -841,8 +841,9 @@ class BlockMeanLinearOperator(LinearOperator):
             return self._shared_factor
         if self._diagonal_core():
             d, info = self._core_cholesky_diagonal()
-            return torch.diag_embed(d), info
-        L, info = torch.linalg.cholesky_ex(self._unchecked_core()[1])
+            L = torch.diag_embed(d)
+        else:
+            L, info = torch.linalg.cholesky_ex(self._unchecked_core()[1])
         failed = (info > 0).unsqueeze(-1).unsqueeze(-1)
         return torch.where(failed, torch.full_like(L, float("nan")), L), info
 

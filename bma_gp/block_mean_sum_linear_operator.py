@@ -265,6 +265,9 @@ class BlockMeanSumLinearOperator(LinearOperator):
         root: the low-rank root :math:`U`, or ``None``. # shape: (*batch, n, m)
         weights: per partition ``None`` (plain indicators) or a row weight :math:`w_j`
             (a covariate: random slopes). # shape: (n,)
+        diagonal: per partition, whether ``blocks[j]`` is given as the diagonal of a diagonal :math:`B_j`,
+            shape ``(*batch, k_j)`` (per-level variances): then no ``k_j x k_j`` matrix is formed for it,
+            and :attr:`blocks` forms it only on demand. Default: all ``False``.
     """
 
     def __init__(
@@ -274,8 +277,14 @@ class BlockMeanSumLinearOperator(LinearOperator):
         partitions: Sequence[Partition],
         root: Tensor | None = None,
         weights: Sequence[Tensor | None] | None = None,
+        diagonal: Sequence[bool] | None = None,
     ):
         partitions = tuple(partitions)
+        flags = tuple(bool(f) for f in diagonal) if diagonal is not None else (False,) * len(partitions)
+        if len(flags) != len(partitions):
+            raise ValueError(
+                f"diagonal must hold one flag per partition, got {len(flags)} for {len(partitions)} partitions."
+            )
         if not torch.is_tensor(diag) or not diag.dtype.is_floating_point or diag.dim() < 1:
             raise TypeError("diag must be a floating point tensor of shape (*batch, n).")
         n = diag.shape[-1]
@@ -289,7 +298,13 @@ class BlockMeanSumLinearOperator(LinearOperator):
             if len(part) != n:
                 raise ValueError(f"partitions[{j}] has {len(part)} indices but diag has {n}: they must match.")
             k = part.num_blocks
-            if not torch.is_tensor(B) or B.dim() < 2 or B.shape[-2:] != (k, k):
+            if flags[j]:
+                if not torch.is_tensor(B) or B.dim() < 1 or B.shape[-1] != k:
+                    raise ValueError(
+                        f"blocks[{j}] is given as its diagonal (diagonal[{j}] = True) and must have shape "
+                        f"(*batch, {k}), got {tuple(B.shape) if torch.is_tensor(B) else type(B).__name__}."
+                    )
+            elif not torch.is_tensor(B) or B.dim() < 2 or B.shape[-2:] != (k, k):
                 raise ValueError(
                     f"blocks[{j}] must have shape (*batch, {k}, {k}) for a partition with {k} blocks, "
                     f"got {tuple(B.shape) if torch.is_tensor(B) else type(B).__name__}."
@@ -299,7 +314,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         if isinstance(root, LazyRoot):
             if len(root.shape) != 2 or root.shape[-2] != n:
                 raise ValueError(f"a lazy root must have shape (n={n}, m), got {tuple(root.shape)}.")
-            if diag.dim() > 1 or any(B.dim() > 2 for B in blocks):
+            if diag.dim() > 1 or any(B.dim() > (1 if f else 2) for B, f in zip(blocks, flags)):
                 root = root.materialize()  # a batch of sums: the lazy products are for one matrix
         if root is not None:
             if not isinstance(root, LazyRoot) and (not torch.is_tensor(root) or root.dim() < 2 or root.shape[-2] != n):
@@ -318,19 +333,27 @@ class BlockMeanSumLinearOperator(LinearOperator):
         for j, w in enumerate(weights):
             if w is not None and (not torch.is_tensor(w) or w.shape != (n,)):
                 raise ValueError(f"weights[{j}] must be None or a tensor of shape ({n},).")
+        trail = [1 if f else 2 for f in flags]  # the non-batch dimensions of each block argument
         batch = torch.broadcast_shapes(
-            diag.shape[:-1], *(B.shape[:-2] for B in blocks), *(() if root is None else (tuple(root.shape[:-2]),))
+            diag.shape[:-1],
+            *(B.shape[: B.dim() - t] for B, t in zip(blocks, trail)),
+            *(() if root is None else (tuple(root.shape[:-2]),)),
         )
         diag = diag.expand(*batch, n)
-        blocks = tuple(B.expand(*batch, *B.shape[-2:]) for B in blocks)
+        blocks = tuple(B.expand(*batch, *B.shape[B.dim() - t :]) for B, t in zip(blocks, trail))
         if torch.is_tensor(root):
             root = root.expand(*batch, *root.shape[-2:])
         device = diag.device
         partitions = tuple(p.to(device) for p in partitions)
         weights = tuple(None if w is None else w.to(device=device, dtype=diag.dtype) for w in weights)
-        super().__init__(diag, *blocks, partitions=partitions, root=root, weights=weights)
+        if any(flags):
+            super().__init__(diag, *blocks, partitions=partitions, root=root, weights=weights, diagonal=flags)
+        else:
+            super().__init__(diag, *blocks, partitions=partitions, root=root, weights=weights)
         self.diag_values = diag
-        self.blocks = blocks
+        self._block_args = blocks  # B_j, or its diagonal where diagonal[j]
+        self.diagonal_blocks = flags
+        self._dense_blocks: list[Tensor | None] = [None if f else B for B, f in zip(blocks, flags)]
         self.partitions = partitions
         self._root_arg = root  # a tensor, a LazyRoot (formed only when something other than a solve needs it) or None
         self._root_tensor = root if torch.is_tensor(root) else None
@@ -344,6 +367,23 @@ class BlockMeanSumLinearOperator(LinearOperator):
         """Itself: its summands were evaluated when it was built (linear_operator's default rebuilds the operator
         from its tensors and would drop what it has computed)."""
         return self
+
+    @property
+    def blocks(self) -> tuple[Tensor, ...]:
+        """The block matrices :math:`B_j` (*batch, k_j, k_j); one given as its diagonal is formed here on demand
+        (kept unless it requires gradients). The closed forms never ask for it."""
+        out = []
+        for j, (B, dense) in enumerate(zip(self._block_args, self._dense_blocks)):
+            if dense is None:
+                dense = torch.diag_embed(B)
+                if not B.requires_grad:
+                    self._dense_blocks[j] = dense
+            out.append(dense)
+        return tuple(out)
+
+    def _trail(self, j: int) -> int:
+        """The non-batch dimensions of block argument ``j``."""
+        return 1 if self.diagonal_blocks[j] else 2
 
     @property
     def root(self) -> Tensor | None:
@@ -383,12 +423,15 @@ class BlockMeanSumLinearOperator(LinearOperator):
         return value
 
     def _new(self, diag: Tensor | None = None, blocks=None, partitions=None, root=..., weights=None):
+        """A sum like this one with some parts replaced (``blocks``: in argument form, diagonals where
+        :attr:`diagonal_blocks` says so)."""
         return BlockMeanSumLinearOperator(
             self.diag_values if diag is None else diag,
-            *(self.blocks if blocks is None else blocks),
+            *(self._block_args if blocks is None else blocks),
             partitions=self.partitions if partitions is None else partitions,
             root=self._root_arg if root is ... else root,
             weights=self.weights if weights is None else weights,
+            diagonal=self.diagonal_blocks,
         )
 
     def _weighted(self, j: int, x: Tensor, dim: int) -> Tensor:
@@ -415,7 +458,9 @@ class BlockMeanSumLinearOperator(LinearOperator):
         n = self.diag_values.shape[-1]
         return self._new(
             diag=self.diag_values.expand(*batch_shape, n),
-            blocks=[B.expand(*batch_shape, *B.shape[-2:]) for B in self.blocks],
+            blocks=[
+                B.expand(*batch_shape, *B.shape[B.dim() - self._trail(j) :]) for j, B in enumerate(self._block_args)
+            ],
             root=None if self.root is None else self.root.expand(*batch_shape, *self.root.shape[-2:]),
         )
 
@@ -423,7 +468,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         """Apply ``fn(tensor, trailing_dims)`` to the batch dimensions of every tensor (the root included)."""
         return self._new(
             diag=fn(self.diag_values, 1),
-            blocks=[fn(B, 2) for B in self.blocks],
+            blocks=[fn(B, self._trail(j)) for j, B in enumerate(self._block_args)],
             root=None if self.root is None else fn(self.root, 2),
         )
 
@@ -444,9 +489,9 @@ class BlockMeanSumLinearOperator(LinearOperator):
         if vector:
             rhs = rhs.unsqueeze(-1)
         res = self.diag_values.unsqueeze(-1) * rhs
-        for j, (part, B) in enumerate(zip(self.partitions, self.blocks)):
+        for j, (part, B) in enumerate(zip(self.partitions, self._block_args)):
             sums = part.block_sum(self._weighted(j, rhs, -2), dim=-2)
-            coef = 0.5 * (B @ sums + B.mT @ sums)
+            coef = B.unsqueeze(-1) * sums if self.diagonal_blocks[j] else 0.5 * (B @ sums + B.mT @ sums)
             res = res + self._weighted(j, part.expand(coef, dim=-2), -2)
         if self.root is not None:
             res = res + self.root @ (self.root.mT @ rhs)
@@ -463,8 +508,8 @@ class BlockMeanSumLinearOperator(LinearOperator):
 
     def _diagonal(self) -> Tensor:
         res = self.diag_values
-        for j, (part, B) in enumerate(zip(self.partitions, self.blocks)):
-            d = part.expand(torch.diagonal(B, dim1=-2, dim2=-1), dim=-1)
+        for j, (part, B) in enumerate(zip(self.partitions, self._block_args)):
+            d = part.expand(B if self.diagonal_blocks[j] else torch.diagonal(B, dim1=-2, dim2=-1), dim=-1)
             w = self.weights[j]
             res = res + (d if w is None else d * w * w)
         if self.root is not None:
@@ -477,9 +522,12 @@ class BlockMeanSumLinearOperator(LinearOperator):
             self.diag_values[(*batch_indices, row_index)],
             torch.zeros((), dtype=self.dtype, device=self.device),
         )
-        for j, (part, B) in enumerate(zip(self.partitions, self.blocks)):
+        for j, (part, B) in enumerate(zip(self.partitions, self._block_args)):
             rows, cols = part.labels[row_index], part.labels[col_index]
-            value = 0.5 * (B[(*batch_indices, rows, cols)] + B[(*batch_indices, cols, rows)])
+            if self.diagonal_blocks[j]:
+                value = torch.where(rows == cols, B[(*batch_indices, rows)], B.new_zeros(()))
+            else:
+                value = 0.5 * (B[(*batch_indices, rows, cols)] + B[(*batch_indices, cols, rows)])
             w = self.weights[j]
             res = res + (value if w is None else value * w[row_index] * w[col_index])
         if self.root is not None:
@@ -527,7 +575,9 @@ class BlockMeanSumLinearOperator(LinearOperator):
         scale = c.unsqueeze(-1) if c.dim() else c
         return self._new(
             diag=self.diag_values * scale,
-            blocks=[B * scale.unsqueeze(-1) for B in self.blocks],
+            blocks=[
+                B * (scale if self.diagonal_blocks[j] else scale.unsqueeze(-1)) for j, B in enumerate(self._block_args)
+            ],
             root=None if self.root is None else self.root * scale.sqrt().unsqueeze(-1),
         )
 
@@ -603,6 +653,8 @@ class BlockMeanSumLinearOperator(LinearOperator):
         gradient of its off-diagonal entries, which the elimination does not produce."""
 
         def decide() -> bool:
+            if self.diagonal_blocks[j]:
+                return True
             B = self.blocks[j]
             if not _is_diagonal(B):
                 return False
@@ -613,11 +665,13 @@ class BlockMeanSumLinearOperator(LinearOperator):
     def _block_diagonal(self, j: int) -> Tensor:
         """The diagonal of ``B_j``, taken once per public call: each ``torch.diagonal`` of a ``k x k`` leaf costs a
         zero-filled ``k x k`` gradient in the backward pass."""
+        if self.diagonal_blocks[j]:
+            return self._block_args[j]
         return self._memo(f"block_diagonal_{j}", lambda: torch.diagonal(self.blocks[j], dim1=-2, dim2=-1))
 
     def _G(self, j: int, x: Tensor) -> Tensor:
         """:math:`G_j x` in the working precision (``j == J``: the identity of the root)."""
-        if j == len(self.blocks):
+        if j == len(self._block_args):
             return x
         if self._block_is_diagonal(j):  # the diagonal first: no k x k copy in the working precision
             return self._block_diagonal(j).to(x.dtype).unsqueeze(-1) * x
@@ -892,15 +946,15 @@ class BlockMeanSumLinearOperator(LinearOperator):
     # ------------------------------------------------------------------ roots
     def _root_factor(self, j: int, wdt: torch.dtype) -> Tensor:
         """A symmetric root :math:`L_j = B_j^{1/2}` (positive semidefinite :math:`B_j`)."""
-        B = self.blocks[j].to(wdt)
         if self._block_is_diagonal(j):
-            values = torch.diagonal(B, dim1=-2, dim2=-1)
+            values = self._block_diagonal(j).to(wdt)
             if settings.validate.on() and bool((values < 0).any()):
                 raise ValueError(
                     f"a root of this sum needs positive semidefinite block matrices, but blocks[{j}] has a "
                     "negative diagonal entry."
                 )
             return torch.diag_embed(values.clamp_min(0).sqrt())
+        B = self.blocks[j].to(wdt)
         B = 0.5 * (B + B.mT)
 
         def prepare(e: Tensor) -> Tensor:

@@ -337,3 +337,97 @@ def test_group_kernel_with_many_groups_never_forms_a_k_by_k_matrix(monkeypatch):
         want_var = torch.diagonal(K_tt - K_tx @ torch.linalg.solve(covar, K_tx.mT))
     torch.testing.assert_close(mean, want_mean, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(var, want_var, rtol=1e-8, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------- sums with diagonal blocks
+def _sum_pair(seed=0, batch=()):
+    """The same crossed sum ``diag(d) + P_1 B_1 P_1^T + P_2 diag(b_2) P_2^T``, with ``b_2`` given as a vector
+    (``diagonal=[False, True]``) and as ``diag_embed(b_2)``."""
+    from bma_gp import BlockMeanSumLinearOperator
+
+    gen = torch.Generator().manual_seed(seed)
+    n, k1, k2 = 40, 3, 11
+    p1 = Partition.from_labels(torch.randperm(n, generator=gen) % k1)
+    p2 = Partition.from_labels(torch.unique(torch.randint(0, k2, (n,), generator=gen), return_inverse=True)[1])
+    k2 = p2.num_blocks
+    W = torch.randn(*batch, k1, k1, generator=gen, dtype=torch.float64)
+    B1 = (W @ W.mT / k1).requires_grad_(True)
+    b2 = (torch.rand(*batch, k2, generator=gen, dtype=torch.float64) + 0.2).requires_grad_(True)
+    d = (torch.rand(n, generator=gen, dtype=torch.float64) + 0.5).requires_grad_(True)
+    vec = BlockMeanSumLinearOperator(d, B1, b2, partitions=[p1, p2], diagonal=[False, True])
+    full = BlockMeanSumLinearOperator(d, B1, torch.diag_embed(b2), partitions=[p1, p2])
+    return vec, full, (d, B1, b2)
+
+
+@pytest.mark.parametrize("batch", [(), (2,)])
+def test_sum_with_a_diagonal_block_matches_the_dense_block(batch):
+    vec, full, leaves = _sum_pair(batch=batch)
+    n = vec.shape[-1]
+    rhs = torch.randn(*batch, n, 2, dtype=torch.float64)
+    ops = {
+        "inv_quad_logdet": lambda M: torch.stack(M.inv_quad_logdet(rhs, logdet=True)),
+        "solve": lambda M: M.solve(rhs),
+        "matmul": lambda M: M @ rhs,
+        "diagonal": lambda M: M.diagonal(),
+        "entries": lambda M: M[..., 3:9, 2:7].to_dense(),
+        "root": lambda M: M.root_decomposition().root.to_dense() @ M.root_decomposition().root.to_dense().mT,
+        "scaled": lambda M: (M * 1.7) @ rhs,
+        "noise": lambda M: M.add_diagonal(torch.tensor(0.2, dtype=torch.float64)).logdet(),
+        "expanded": lambda M: M._expand_batch((3, *batch)) @ rhs,
+    }
+    for key, fn in ops.items():
+        got, want = fn(vec), fn(full)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=key)
+        got_g = torch.autograd.grad(got.sum(), leaves, allow_unused=True)
+        want_g = torch.autograd.grad(want.sum(), leaves, allow_unused=True)
+        for g, w in zip(got_g, want_g):
+            assert (g is None) == (w is None), key
+            if g is not None:
+                torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11, msg=key)
+    assert vec._dense_blocks[1] is None  # none of the above formed diag(b_2) (root_decomposition forms its root)
+    torch.testing.assert_close(vec.blocks[1], torch.diag_embed(leaves[2]))  # asked for: formed on demand
+
+
+def test_sum_diagonal_flags_are_checked():
+    from bma_gp import BlockMeanSumLinearOperator
+
+    vec, _, (d, B1, b2) = _sum_pair()
+    with pytest.raises(ValueError, match="one flag per partition"):
+        BlockMeanSumLinearOperator(d, B1, b2, partitions=vec.partitions, diagonal=[True])
+    with pytest.raises(ValueError, match=r"blocks\[1\] is given as its diagonal"):
+        BlockMeanSumLinearOperator(d, B1, b2[:-1], partitions=vec.partitions, diagonal=[False, True])
+
+
+def test_crossed_group_kernels_keep_their_variances_as_vectors(monkeypatch):
+    from bma_gp import BlockMeanSumLinearOperator
+    from bma_gp.kernels import GroupKernel
+
+    ka, kb, n = 40, 1200, 3000
+    torch.manual_seed(2)
+    x = torch.stack([torch.randint(0, ka, (n,)), torch.randint(0, kb, (n,))], -1).double()
+    y = torch.randn(n, dtype=torch.float64)
+    kernel = (
+        GroupKernel(ka, active_dims=[0], per_group_variance=True).double() + GroupKernel(kb, active_dims=[1]).double()
+    )
+    noise = torch.tensor(0.3, dtype=torch.float64)
+    formed = []
+    real = torch.diag_embed
+
+    def watch(values, *args, **kwargs):
+        if values.shape[-1] >= kb // 2:
+            formed.append(tuple(values.shape))
+        return real(values, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "diag_embed", watch)
+    M = kernel(x).add_diagonal(noise)
+    assert isinstance(M, BlockMeanSumLinearOperator) and M.diagonal_blocks == (True, True)
+    quad, logdet = M.inv_quad_logdet(y.unsqueeze(-1), logdet=True)
+    (quad + logdet).backward()
+    monkeypatch.setattr(torch, "diag_embed", real)
+    assert formed == []
+    dense = kernel(x).to_dense().detach() + noise * torch.eye(n, dtype=torch.float64)
+    torch.testing.assert_close(
+        quad + logdet, y @ torch.linalg.solve(dense, y) + torch.logdet(dense), rtol=1e-10, atol=0
+    )
+    for k in kernel.kernels:
+        assert k.raw_var.grad is not None and bool(torch.isfinite(k.raw_var.grad).all())

@@ -510,9 +510,13 @@ class GroupKernel(Kernel):
         _, partition = _present_partition(ids)
         k, n = partition.num_blocks, ids.shape[-1]
         terms = self._slope_terms(S, covariate)
-        blocks = [torch.diag_embed(b.unsqueeze(-1).expand(*b.shape, k)).expand(*batch, k, k) for b, _ in terms]
+        blocks = [b.unsqueeze(-1).expand(*b.shape, k).expand(*batch, k) for b, _ in terms]  # diagonals: b I
         return BlockMeanSumLinearOperator(
-            S.new_zeros(*batch, n), *blocks, partitions=[partition] * len(terms), weights=[w for _, w in terms]
+            S.new_zeros(*batch, n),
+            *blocks,
+            partitions=[partition] * len(terms),
+            weights=[w for _, w in terms],
+            diagonal=[True] * len(terms),
         )
 
     def _slope_cross(
