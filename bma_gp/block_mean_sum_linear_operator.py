@@ -112,6 +112,82 @@ class _Cells:
         return mine, theirs
 
 
+class _Contingencies(dict):
+    """The blocks ``A[i, j]`` of :math:`Z^\top D^{-1} Z`; a table of two partitions, :math:`P_i^\top W_i D^{-1} W_j
+    P_j` (``k_i x k_j``, dense), is formed on first access, so that one the capacitance only needs as its nonzero
+    cells (:class:`_CrossBlocks`) never is."""
+
+    def __init__(self, partitions: Sequence[Partition], dinv: Tensor, weights: Sequence[Tensor | None]):
+        super().__init__()
+        self.partitions, self.dinv, self.weights = partitions, dinv, weights
+
+    def point_values(self, i: int, j: int) -> Tensor:
+        values = self.dinv
+        for wt in (self.weights[i], self.weights[j]):
+            if wt is not None:
+                values = values * wt
+        return values
+
+    def __missing__(self, key: tuple[int, int]) -> Tensor:
+        i, j = key
+        if not (0 <= i < j < len(self.partitions)):
+            raise KeyError(key)
+        value = _contingency(self.partitions[i], self.partitions[j], self.point_values(i, j))
+        self[key] = value
+        return value
+
+
+class _CrossBlocks:
+    r""":math:`A_{re}`: the blocks :math:`A_{te}` of the non-eliminated terms against the eliminated grouping,
+    stacked (``r x k_e``). Each is a dense tensor (``k_t x k_e``) or, for a grouping whose table with the eliminated
+    one is sparse, its nonzero cells and their values: then no ``k_t x k_e`` matrix is formed, and products with
+    it cost one gather and one ``index_add`` over the cells."""
+
+    def __init__(self, pieces: list, sizes: list[int], ke: int):
+        self.pieces = pieces  # per term: a Tensor (*b, k_t, k_e) or (cells, values (*b, c))
+        self.sizes = sizes
+        self.ke = ke
+
+    def dense(self, i: int) -> Tensor:
+        """Piece ``i`` as a ``k_t x k_e`` tensor (formed from the cells if needed)."""
+        piece = self.pieces[i]
+        if torch.is_tensor(piece):
+            return piece
+        cells, values = piece
+        flat = cells.row * self.ke + cells.col
+        out = values.new_zeros(*values.shape[:-1], self.sizes[i] * self.ke)
+        return out.index_add(-1, flat, values).unflatten(-1, (self.sizes[i], self.ke))
+
+    def matmul(self, X: Tensor) -> Tensor:
+        """:math:`A_{re} X` for ``X`` (*b, k_e, m). # shape: (*b, r, m)"""
+        parts = []
+        for i, piece in enumerate(self.pieces):
+            if torch.is_tensor(piece):
+                parts.append(piece @ X)
+            else:
+                cells, values = piece
+                scaled = values.unsqueeze(-1) * X[..., cells.col, :]
+                parts.append(
+                    scaled.new_zeros(*scaled.shape[:-2], self.sizes[i], X.shape[-1]).index_add(-2, cells.row, scaled)
+                )
+        batch = torch.broadcast_shapes(*(p.shape[:-2] for p in parts))
+        return torch.cat([p.expand(*batch, *p.shape[-2:]) for p in parts], dim=-2)
+
+    def t_matmul(self, x: Tensor) -> Tensor:
+        """:math:`A_{re}^\top x` for ``x`` (*b, r, m). # shape: (*b, k_e, m)"""
+        out = None
+        for piece, xi in zip(self.pieces, x.split(self.sizes, dim=-2)):
+            if torch.is_tensor(piece):
+                term = piece.mT @ xi
+            else:
+                cells, values = piece
+                scaled = values.unsqueeze(-1) * xi[..., cells.row, :]
+                term = scaled.new_zeros(*scaled.shape[:-2], self.ke, xi.shape[-1]).index_add(-2, cells.col, scaled)
+            out = term if out is None else out + term
+        assert out is not None
+        return out
+
+
 def _cells_product(cells_a: _Cells, va: Tensor, cells_b: _Cells, vb: Tensor, c: Tensor, kb: int, ka: int) -> Tensor:
     r""":math:`N_a \operatorname{diag}(c) N_b^\top` from the nonzero cells of two contingency tables against the
     same partition: one product per joined pair of cells and one ``index_add``. # shape: (*b, k_a, k_b)"""
@@ -123,10 +199,47 @@ def _cells_product(cells_a: _Cells, va: Tensor, cells_b: _Cells, vb: Tensor, c: 
     return out.index_add(-1, flat, terms.expand(*batch, terms.shape[-1])).unflatten(-1, (ka, kb))
 
 
+#: Cells per chunk of :class:`_GatherScatter` (``chunk x m`` temporaries).
+GATHER_CHUNK = 2**16
+
+
+class _GatherScatter(torch.autograd.Function):
+    r"""``out[row[c]] += v[c] X[col[c]]`` over the cells ``c``, in chunks, for a 1-D ``v`` and a 2-D ``X``:
+    ``(k_a, m)`` out, and no ``cells x m`` tensor kept for the backward pass (it regathers per chunk)."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, X: Tensor, row: Tensor, col: Tensor, ka: int) -> Tensor:
+        out = X.new_zeros(ka, X.shape[-1])
+        for start in range(0, v.shape[0], GATHER_CHUNK):
+            sl = slice(start, start + GATHER_CHUNK)
+            out.index_add_(0, row[sl], v[sl].unsqueeze(-1) * X[col[sl]])
+        ctx.save_for_backward(v, X, row, col)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        v, X, row, col = ctx.saved_tensors
+        grad_v = torch.empty_like(v) if ctx.needs_input_grad[0] else None
+        grad_X = torch.zeros_like(X) if ctx.needs_input_grad[1] else None
+        for start in range(0, v.shape[0], GATHER_CHUNK):
+            sl = slice(start, start + GATHER_CHUNK)
+            g_rows = grad[row[sl]]
+            if grad_v is not None:
+                grad_v[sl] = (g_rows * X[col[sl]]).sum(-1)
+            if grad_X is not None:
+                grad_X.index_add_(0, col[sl], v[sl].unsqueeze(-1) * g_rows)
+        return grad_v, grad_X, None, None, None
+
+
 def _cells_dense_product(cells: _Cells, values: Tensor, c: Tensor, dense: Tensor, ka: int) -> Tensor:
     r""":math:`N \operatorname{diag}(c) X` for the nonzero cells of :math:`N` (``k_a x k_e``) and a dense
-    :math:`X` (``k_e x m``): one gathered row of :math:`X` per cell. # shape: (*b, k_a, m)"""
-    scaled = (values * c[..., cells.col]).unsqueeze(-1) * dense[..., cells.col, :]
+    :math:`X` (``k_e x m``): one gathered row of :math:`X` per cell (in chunks, without batch dimensions).
+    # shape: (*b, k_a, m)"""
+    vc = values * c[..., cells.col]
+    if vc.dim() == 1 and dense.dim() == 2:
+        return _GatherScatter.apply(vc, dense, cells.row, cells.col, ka)
+    scaled = vc.unsqueeze(-1) * dense[..., cells.col, :]
     out = scaled.new_zeros(*scaled.shape[:-2], ka, dense.shape[-1])
     return out.index_add(-2, cells.row, scaled)
 
@@ -145,7 +258,7 @@ class _Capacitance:
     elim: int | None
     delta: Tensor | None  # (*b, k_e)
     g: Tensor | None  # (*b, k_e): the diagonal of G_e
-    A_re: Tensor | None  # (*b, r, k_e)
+    A_re: _CrossBlocks | None  # A_{re}, (*b, r, k_e)
     lu: tuple[Tensor, Tensor, Tensor] | None  # S (r x r, with its graph) and its LU factors; None when r == 0
     logdet: Tensor  # (*b,)
 
@@ -596,7 +709,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
                 "Add noise (add_diagonal) or check the likelihood's noise."
             )
 
-    def _gram(self) -> tuple[list[Tensor], dict[tuple[int, int], Tensor]]:
+    def _gram(self) -> tuple[list[Tensor], _Contingencies]:
         """``(a, A)``: the diagonal of every partition's own block of :math:`Z^\\top D^{-1} Z` and the other
         blocks ``A[i, j]`` (``i < j``; index ``J`` is the root), in the working precision."""
         return self._memo("gram", self._compute_gram)
@@ -607,14 +720,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         J = len(self.partitions)
         w = [None if x is None else x.to(wdt) for x in self.weights]
         a = [p.block_sum(dinv if wj is None else dinv * wj * wj, dim=-1) for wj, p in zip(w, self.partitions)]
-        blocks: dict[tuple[int, int], Tensor] = {}
-        for i in range(J):
-            for j in range(i + 1, J):
-                values = dinv
-                for wt in (w[i], w[j]):
-                    if wt is not None:
-                        values = values * wt
-                blocks[i, j] = _contingency(self.partitions[i], self.partitions[j], values)
+        blocks = _Contingencies(self.partitions, dinv, w)  # two partitions' table: formed when first asked for
         root_t_extra = None
         if self._root_arg is not None:
             cross, gram, root_t_extra = self._root_gram(dinv, w, extra)
@@ -729,7 +835,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         if rest:
             A_rr = torch.cat([torch.cat([self._A_block(s_, t) for t in rest], dim=-1) for s_ in rest], dim=-2)
             if elim is not None:  # A_rr - A_re diag(g / delta) A_er: one product with the eliminated grouping
-                A_re = torch.cat([self._A_block(t, elim) for t in rest], dim=-2)
+                A_re = self._cross_blocks(rest, elim)
                 assert g is not None and delta is not None
                 A_rr = A_rr - self._schur_correction(rest, elim, A_re, g / delta)
             offsets = [0]
@@ -756,52 +862,48 @@ class BlockMeanSumLinearOperator(LinearOperator):
             lu = (S, LU, pivots)
         return _Capacitance(elim, delta, g, A_re, lu, logdet)
 
-    def _schur_correction(self, rest: list[int], elim: int, A_re: Tensor, c: Tensor) -> Tensor:
-        r""":math:`A_{re} \operatorname{diag}(c) A_{er}` for the Schur complement onto the non-eliminated terms.
-
-        One GEMM in general. When a grouping's contingency table with the eliminated grouping is sparse (at most
-        :data:`SPARSE_CELLS_DENSITY` of its cells can hold an index: many crossed levels), its blocks come from the
-        nonzero cells instead: the products of cells that share an eliminated level, and one gathered row of the
-        root's block sums per cell. Equal to the GEMM up to the order of summation, and differentiable the same way.
-        """
+    def _cross_blocks(self, rest: list[int], elim: int) -> _CrossBlocks:
+        """:math:`A_{re}`, with the nonzero cells of a grouping's table with the eliminated one where at most
+        :data:`SPARSE_CELLS_DENSITY` of its cells can hold an index (many crossed levels): that table is never
+        formed as a ``k_t x k_e`` matrix."""
         J = len(self.partitions)
         sizes = self._sizes()
         ke = sizes[elim]
-        cells: dict[int, tuple[_Cells, Tensor]] = {}
-        wdt = c.dtype
-        dinv = None
         n = self.diag_values.shape[-1]
+        pieces: list = []
         for t in rest:
             if t == J or n > SPARSE_CELLS_DENSITY * sizes[t] * ke:  # at most n of the k_t k_e cells hold an index
+                pieces.append(self._A_block(t, elim))
                 continue
+            _, blocks = self._gram()
             table = _Cells.build(self.partitions[t], self.partitions[elim])
-            if dinv is None:
-                dinv = self.diag_values.to(wdt).reciprocal()
-            point_values = dinv
-            for wt in (self.weights[t], self.weights[elim]):
-                if wt is not None:
-                    point_values = point_values * wt.to(wdt)
-            cells[t] = (table, table.values(point_values))
-        if not cells:
-            return (A_re * c.unsqueeze(-2)) @ A_re.mT
-        offsets = [0]
-        for t in rest:
-            offsets.append(offsets[-1] + sizes[t])
+            i, j = min(t, elim), max(t, elim)
+            pieces.append((table, table.values(blocks.point_values(i, j))))
+        return _CrossBlocks(pieces, [sizes[t] for t in rest], ke)
+
+    def _schur_correction(self, rest: list[int], elim: int, A_re: _CrossBlocks, c: Tensor) -> Tensor:
+        r""":math:`A_{re} \operatorname{diag}(c) A_{er}` for the Schur complement onto the non-eliminated terms.
+
+        One GEMM per pair of dense blocks. When a grouping's contingency table with the eliminated grouping is
+        sparse (:meth:`_cross_blocks`), its blocks come from the nonzero cells instead: the products of cells that
+        share an eliminated level, and one gathered row of the root's block sums per cell. Equal to the GEMM up to
+        the order of summation, and differentiable the same way.
+        """
+        J = len(self.partitions)
+        sizes = self._sizes()
         rows: list[list[Tensor]] = []
         for i, s_ in enumerate(rest):
             row = []
             for j, t in enumerate(rest):
+                pa, pb = A_re.pieces[i], A_re.pieces[j]
                 if j < i:  # the lower blocks are the transposes of the upper ones
                     row.append(rows[j][i].mT)
-                elif s_ in cells and t in cells and cells[s_][0].pairs(cells[t][0]) <= MAX_CELL_PAIRS:
-                    (ca, va), (cb, vb) = cells[s_], cells[t]
-                    row.append(_cells_product(ca, va, cb, vb, c, sizes[t], sizes[s_]))
-                elif s_ in cells and t == J:
-                    ca, va = cells[s_]
-                    row.append(_cells_dense_product(ca, va, c, self._A_block(elim, J), sizes[s_]))
+                elif not torch.is_tensor(pa) and not torch.is_tensor(pb) and pa[0].pairs(pb[0]) <= MAX_CELL_PAIRS:
+                    row.append(_cells_product(pa[0], pa[1], pb[0], pb[1], c, sizes[t], sizes[s_]))
+                elif not torch.is_tensor(pa) and t == J:
+                    row.append(_cells_dense_product(pa[0], pa[1], c, A_re.dense(j).mT, sizes[s_]))
                 else:
-                    a_s = A_re[..., offsets[i] : offsets[i + 1], :]
-                    a_t = A_re[..., offsets[j] : offsets[j + 1], :]
+                    a_s, a_t = A_re.dense(i), A_re.dense(j)
                     row.append((a_s * c.unsqueeze(-2)) @ a_t.mT)
             rows.append(row)
         batch = torch.broadcast_shapes(*(blk.shape[:-2] for row in rows for blk in row))
@@ -821,7 +923,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
             rhs = torch.cat([y[t] for t in rest], dim=-2)
             if cap.elim is not None:
                 assert cap.A_re is not None and cap.delta is not None
-                rhs = rhs - self._apply_G_rest(rest, cap.A_re @ (y[cap.elim] / cap.delta.unsqueeze(-1)))
+                rhs = rhs - self._apply_G_rest(rest, cap.A_re.matmul(y[cap.elim] / cap.delta.unsqueeze(-1)))
             assert cap.lu is not None
             x_rest = _LUSolve.apply(*cap.lu, rhs)
             for t, piece in zip(rest, x_rest.split([y[t].shape[-2] for t in rest], dim=-2)):
@@ -832,7 +934,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
             rhs = y[e]
             if rest:
                 assert cap.g is not None and cap.A_re is not None
-                rhs = rhs - cap.g.unsqueeze(-1) * (cap.A_re.mT @ torch.cat([out[t] for t in rest], dim=-2))
+                rhs = rhs - cap.g.unsqueeze(-1) * cap.A_re.t_matmul(torch.cat([out[t] for t in rest], dim=-2))
             out[e] = rhs / cap.delta.unsqueeze(-1)
         return out
 

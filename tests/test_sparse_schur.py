@@ -198,3 +198,39 @@ def test_too_many_cell_pairs_take_the_gemm(monkeypatch):
     ca = bms._Cells.build(case.partitions[0], case.partitions[2])
     cb = bms._Cells.build(case.partitions[1], case.partitions[2])
     assert ca.pairs(cb) == ca.join(cb)[0].numel()
+
+
+def test_a_sparse_crossing_never_forms_its_contingency_table(monkeypatch):
+    """With the cells path, training (inv_quad_logdet and its backward) forms no ``k_t x k_e`` table of the
+    grouping crossed with the eliminated one: the solves multiply by its cells."""
+    gen = torch.Generator().manual_seed(5)
+    n, k1, k2 = 2000, 200, 1000  # n <= 0.05 k1 k2: sparse
+    p1 = Partition.from_labels(torch.randperm(n, generator=gen) % k1)
+    p2 = Partition.from_labels(torch.randperm(n, generator=gen) % k2)
+    W = torch.randn(k1, k1, generator=gen, dtype=torch.float64) / k1**0.5
+    B1 = (W @ W.mT).requires_grad_(True)
+    v2 = (torch.rand(k2, generator=gen, dtype=torch.float64) + 0.1).requires_grad_(True)
+    d = (torch.rand(n, generator=gen, dtype=torch.float64) + 0.5).requires_grad_(True)
+    U = torch.randn(n, 3, generator=gen, dtype=torch.float64).requires_grad_(True)
+    y = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    tables = []
+    real = bms._contingency
+    monkeypatch.setattr(
+        bms, "_contingency", lambda a, b, v: tables.append((a.num_blocks, b.num_blocks)) or real(a, b, v)
+    )
+
+    def loss(M):
+        quad, logdet = M.inv_quad_logdet(y, logdet=True)
+        return quad + logdet + (M.solve(y) * y).sum()
+
+    M = BlockMeanSumLinearOperator(d, B1, v2, partitions=[p1, p2], root=U, diagonal=[False, True])
+    value = loss(M)
+    grads = torch.autograd.grad(value, (d, B1, v2, U))
+    assert tables == []
+    dense = M.to_dense()
+    solved = torch.linalg.solve(dense, y)
+    loss_dense = 2 * (y * solved).sum() + torch.logdet(dense)
+    want_grads = torch.autograd.grad(loss_dense, (d, B1, v2, U))
+    torch.testing.assert_close(value, loss_dense, rtol=1e-10, atol=0)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
