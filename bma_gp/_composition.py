@@ -113,6 +113,13 @@ def _dense(B) -> Tensor:
     return torch.diag_embed(B.values) if isinstance(B, _Diagonal) else B
 
 
+def _block_mean(lam: Tensor, B: Tensor | _Diagonal, partition: Partition) -> BlockMeanLinearOperator:
+    """The one-partition operator of a term, keeping a diagonal ``B`` as its values."""
+    if isinstance(B, _Diagonal):
+        return BlockMeanLinearOperator(lam, B.values, partition, diagonal=True)
+    return BlockMeanLinearOperator(lam, B, partition)
+
+
 def _is_ours(op) -> bool:
     return isinstance(op, (BlockMeanLinearOperator, BlockMeanSumLinearOperator)) or _is_lazy_block_mean(op)
 
@@ -174,11 +181,7 @@ def _build(parts: _Parts, like: LinearOperator) -> LinearOperator:
             lam = torch.zeros(part.num_blocks, dtype=dtype, device=device) if lam is None else lam
             for c in parts.scalars:
                 lam = lam + c
-            if isinstance(B, _Diagonal):
-                return BlockMeanLinearOperator(
-                    lam, B.values.expand(*lam.shape[:-1], B.values.shape[-1]), part, diagonal=True
-                )
-            return BlockMeanLinearOperator(lam, B.expand(*lam.shape[:-1], *B.shape[-2:]), part)
+            return _block_mean(lam, B, part)  # (the operator broadcasts lam's batch against B's)
     diag = None
     pieces = [*parts.diag, *(p.expand(lam, dim=-1) for p, lam in parts.lams)]
     for d in pieces:
@@ -218,7 +221,7 @@ def _build(parts: _Parts, like: LinearOperator) -> LinearOperator:
     )
 
 
-def _as_block_mean(diag: Tensor, partition: Partition, B) -> BlockMeanLinearOperator | None:
+def _as_block_mean(diag: Tensor, partition: Partition, B: Tensor | _Diagonal) -> BlockMeanLinearOperator | None:
     """A diagonal constant inside every block keeps the single-partition operator and all its matrix
     functions. Only taken when ``diag`` needs no gradient (gradients of individual entries differ)."""
     if torch.is_grad_enabled() and diag.requires_grad:
@@ -226,9 +229,7 @@ def _as_block_mean(diag: Tensor, partition: Partition, B) -> BlockMeanLinearOper
     lam = partition.block_average(diag, dim=-1)
     if not bool((partition.expand(lam, dim=-1) == diag).all()):
         return None
-    if isinstance(B, _Diagonal):
-        return BlockMeanLinearOperator(lam, B.values, partition, diagonal=True)
-    return BlockMeanLinearOperator(lam, B, partition)
+    return _block_mean(lam, B, partition)
 
 
 def add_structured(left, right) -> LinearOperator | None:
