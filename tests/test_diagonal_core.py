@@ -213,6 +213,19 @@ def test_group_kernel_training_step_has_no_k_by_k_factorisation():
     assert kernel.raw_var.grad is not None and torch.isfinite(kernel.raw_var.grad).all()
 
 
+def _assert_same_values_and_gradients(ops, vec, full, leaves):
+    """Every ``fn`` of ``ops`` gives the same value on both operators, and the same gradients to ``leaves``."""
+    for key, fn in ops.items():
+        got, want = fn(vec), fn(full)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=key)
+        got_g = torch.autograd.grad(got.sum(), leaves, allow_unused=True)
+        want_g = torch.autograd.grad(want.sum(), leaves, allow_unused=True)
+        for g, w in zip(got_g, want_g):
+            assert (g is None) == (w is None), key
+            if g is not None:
+                torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11, msg=key)
+
+
 # ---------------------------------------------------------------------------- diagonal=True: B held as a vector
 def _pair(labels, batch=(), dtype=torch.float64, seed=3):
     lam, b = make(labels, batch, dtype, seed)
@@ -242,13 +255,7 @@ def test_diagonal_mode_matches_the_dense_b_and_never_forms_it(name, batch):
         "noise": lambda M: M.add_diagonal(torch.tensor(0.3, dtype=torch.float64)).logdet(),
         "expanded": lambda M: M._expand_batch((3, *batch)) @ rhs,
     }
-    for key, fn in ops.items():
-        got, want = fn(vec), fn(full)
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=key)
-        grads = torch.autograd.grad(got.sum(), (lam, b))
-        want_grads = torch.autograd.grad(want.sum(), (lam, b))
-        for g, w in zip(grads, want_grads):
-            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11, msg=key)
+    _assert_same_values_and_gradients(ops, vec, full, (lam, b))
     assert vec._B is None  # none of the above formed the k x k matrix
     torch.testing.assert_close(vec.to_dense(), full.to_dense())  # asked for explicitly: formed on demand
     assert torch.equal(vec.B, torch.diag_embed(b))
@@ -375,15 +382,7 @@ def test_sum_with_a_diagonal_block_matches_the_dense_block(batch):
         "noise": lambda M: M.add_diagonal(torch.tensor(0.2, dtype=torch.float64)).logdet(),
         "expanded": lambda M: M._expand_batch((3, *batch)) @ rhs,
     }
-    for key, fn in ops.items():
-        got, want = fn(vec), fn(full)
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=key)
-        got_g = torch.autograd.grad(got.sum(), leaves, allow_unused=True)
-        want_g = torch.autograd.grad(want.sum(), leaves, allow_unused=True)
-        for g, w in zip(got_g, want_g):
-            assert (g is None) == (w is None), key
-            if g is not None:
-                torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11, msg=key)
+    _assert_same_values_and_gradients(ops, vec, full, leaves)
     assert vec._dense_blocks[1] is None  # none of the above formed diag(b_2) (root_decomposition forms its root)
     torch.testing.assert_close(vec.blocks[1], torch.diag_embed(leaves[2]))  # asked for: formed on demand
 
