@@ -61,9 +61,12 @@ def fused(rows, x, z, lengthscale, a, dinv, rhs, labels, ks, weights):
     return rbf_gram._RBFGram.apply(rows, labels, ks, weights, x, z, lengthscale, a, dinv, rhs)
 
 
+@pytest.mark.parametrize("flush", ["default", "every_block"])
 @pytest.mark.parametrize("rows", [1, 13, 1000], ids=["rows1", "rows13", "onechunk"])
 @pytest.mark.parametrize("used", ["all", "gram", "cross", "rhs"])
-def test_products_and_gradients_match_dense(rows, used):
+def test_products_and_gradients_match_dense(rows, used, flush, monkeypatch):
+    if flush == "every_block":  # block sums join the working-precision total after every row block
+        monkeypatch.setattr(rbf_gram, "_FLUSH_TERMS", 0)
     x, z, ls, a, dinv, rhs, labels, ks, weights = setup()
     leaves = [t.requires_grad_() for t in (x, z, ls, a, dinv, rhs)]
     gen = torch.Generator().manual_seed(3)

@@ -42,7 +42,7 @@ from torch.autograd.function import once_differentiable
 
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._precision import core_dtype
-from bma_gp.block_mean_sum_linear_operator import _CAST_ROWS, _t_matmul_wide
+from bma_gp.block_mean_sum_linear_operator import _CAST_ROWS, _FLUSH_TERMS, _t_matmul_wide
 from bma_gp.kernels._rbf_root import _augment, _kernel_block, _scaled, input_grads, rbf_root
 
 __all__ = ["RBFRootFactor", "LazyRootOperator", "TraceTerm"]
@@ -75,12 +75,17 @@ class _RBFGram(torch.autograd.Function):
         gram = x.new_zeros(r, r, dtype=wdt)
         root_t = x.new_zeros(r, rhs.shape[-1], dtype=wdt)
         cross = [x.new_zeros(k, r, dtype=wdt) for k in ks]
-        sums = [x.new_empty(k, r) for k in ks]  # one block's sums, x's precision
+        sums = [x.new_zeros(k, r) for k in ks]  # block sums in x's precision, flushed into ``cross`` (below)
+        # as in the sum's own root pass: about _FLUSH_TERMS rows per level are summed in x's precision before
+        # they join the working-precision total; a cast of the k x r buffer per row block cost more than the
+        # sums when k is large (10^5 levels: 61 casts of 2.6e7 entries per pass)
+        flush_every = [max(1, (_FLUSH_TERMS * k) // rows) for k in ks]
         a_x = a.to(dt)
         dinv_x = dinv.to(dt)
         weights_x = [None if w is None else w.to(dt) for w in weights]
-        for start in range(0, n, rows):
+        for block, start in enumerate(range(0, n, rows)):
             c = min(rows, n - start)
+            last = start + rows >= n
             k = _kernel_block(xa[start : start + c], za_t, kbuf[:c])
             u = torch.mm(k, a_x, out=ubuf[:c])
             # expanded columns: a broadcast multiply is 1.5x slower here
@@ -94,8 +99,10 @@ class _RBFGram(torch.autograd.Function):
                 if wj is not None:
                     assert wbuf is not None
                     vals = torch.mul(scaled, wj[start : start + c].unsqueeze(-1).expand(c, r), out=wbuf[:c])
-                buf.zero_().index_add_(0, labels[j][start : start + c], vals)
-                cross[j] += buf.to(wdt)
+                buf.index_add_(0, labels[j][start : start + c], vals)
+                if last or (block + 1) % flush_every[j] == 0:
+                    cross[j] += buf.to(wdt)
+                    buf.zero_()
         ctx.rows, ctx.labels, ctx.weights = rows, labels, weights_x
         ctx.save_for_backward(x, inducing, lengthscale, a, dinv, rhs, gram, root_t, *cross)
         return (gram, root_t, *cross)
