@@ -7,7 +7,13 @@ from gpytorch.constraints import Interval, Positive
 from gpytorch.kernels import Kernel
 from gpytorch.priors import Prior
 from linear_operator import to_linear_operator
-from linear_operator.operators import DiagLinearOperator, LinearOperator, MatmulLinearOperator, SumLinearOperator
+from linear_operator.operators import (
+    DenseLinearOperator,
+    DiagLinearOperator,
+    LinearOperator,
+    MatmulLinearOperator,
+    SumLinearOperator,
+)
 from torch import Tensor
 
 from bma_gp import settings
@@ -72,6 +78,13 @@ def _gather_pairs(C: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     return flat.gather(-1, index.reshape(*batch, -1)).reshape(index.shape)
 
 
+#: With a cross-group factor (``rank > 0``), the covariance among one set of inputs that hold more groups than
+#: this is a diagonal block term plus a low-rank root (:meth:`GroupKernel._factor_train`: ``r x r`` work after
+#: eliminating the grouping) instead of a block mean operator with a dense ``k x k`` ``B`` (``k^3`` work, and every
+#: matrix function of the one-partition form). See docs/mixed.md for the measured crossover.
+FACTOR_DENSE_MAX_GROUPS = 256
+
+
 class GroupKernel(Kernel):
     r"""A random effect per group: a covariance over integer group ids.
 
@@ -129,6 +142,15 @@ class GroupKernel(Kernel):
     :class:`~bma_gp.kernels.BlockCrossLinearOperator` of size ``t x k``; an id that does not
     occur in training has covariance 0 with the training groups (with ``rank=0``), so its
     predicted effect is 0 with its prior variance.
+
+    With ``rank=r`` and more than :data:`FACTOR_DENSE_MAX_GROUPS` groups present, the same matrix
+    :math:`P (\operatorname{diag}(v) + W W^\top) P^\top` is returned as a
+    :class:`~bma_gp.BlockMeanSumLinearOperator` instead: the diagonal block term :math:`P
+    \operatorname{diag}(v) P^\top` plus the low-rank root :math:`P W` (row :math:`a` is :math:`W_{g_a}`),
+    so the sums' closed forms eliminate the grouping and factorise an :math:`r \times r` matrix, not
+    the :math:`k \times k` matrix :math:`B` (at 4,000 groups and rank 2 a training iteration takes
+    milliseconds instead of about 20 s; docs/mixed.md). Against other inputs the covariance is then
+    :math:`A P^\top + W_{\text{rows}} (P W)^\top`, which prediction at new inputs reads in closed form.
 
     A block mean matrix with :math:`\lambda = 0` is singular wherever a group holds more than
     one input; the likelihood's noise (a constant diagonal) makes it positive definite, and
@@ -395,6 +417,8 @@ class GroupKernel(Kernel):
             if self.covar_factor is None:  # C = diag(v): the operator holds the k variances, never a k x k matrix
                 v = self._variances_of(present).expand(*batch, k)
                 return BlockMeanLinearOperator(torch.zeros_like(v), v, partition, diagonal=True)
+            if k > FACTOR_DENSE_MAX_GROUPS:
+                return self._factor_train(shared1, present, partition, batch)
             B = self._covar_between(present, present).expand(*batch, k, k)
             return BlockMeanLinearOperator(torch.zeros_like(B[..., 0]), B, partition)
         if shared2 is not None:
@@ -405,6 +429,42 @@ class GroupKernel(Kernel):
         return to_linear_operator(
             _gather_pairs(self.covar_matrix, ids1, ids2).expand(*batch, ids1.shape[-1], ids2.shape[-1])
         )
+
+    def _factor_train(self, ids: Tensor, present: Tensor, partition: Partition, batch: torch.Size) -> LinearOperator:
+        r""":math:`P \operatorname{diag}(v) P^\top + (P W)(P W)^\top` among one set of inputs, with a rank-:math:`r`
+        factor: a diagonal block term plus the low-rank root :math:`P W` (row :math:`a` is :math:`W_{g_a}`), so
+        the sums' closed forms eliminate the grouping and factorise an :math:`r \times r` matrix instead of the
+        :math:`k \times k` matrix :math:`B = \operatorname{diag}(v) + W W^\top`. The same matrix as the block mean
+        operator of :math:`B`, without forming :math:`B`."""
+        k, n = present.numel(), ids.shape[-1]
+        v = self._variances_of(present).expand(*batch, k)
+        W = self.covar_factor
+        root = W.index_select(-2, ids)  # (*b, n, r)
+        return BlockMeanSumLinearOperator(
+            v.new_zeros(*batch, n),
+            v,
+            partitions=[partition],
+            root=root.expand(*batch, *root.shape[-2:]),
+            diagonal=[True],
+        )
+
+    def _factor_cross(
+        self, rows: Tensor, column_ids: Tensor, present: Tensor, partition: Partition, batch: torch.Size
+    ) -> LinearOperator:
+        r""":math:`C[rows, ids] = A P^\top + W_{rows} (P W)^\top`, the cross covariance that matches
+        :meth:`_factor_train`: the variances of the groups both sides share (:math:`A_{tc} = v_c [g_t = c]`) and
+        the factor's product, whose right-hand side is the training covariance's root, so that prediction at new
+        inputs stays in closed form (:func:`~bma_gp.kernels.sum_prediction_strategy.new_input_prediction`)."""
+        t, k = rows.shape[-1], present.numel()
+        match = (rows.unsqueeze(-1) == present).to(self.raw_var.dtype)  # (t, k)
+        values = self._variances_of(rows).unsqueeze(-1) * match
+        W = self.covar_factor
+        left, right = W.index_select(-2, rows), W.index_select(-2, column_ids)
+        r = W.shape[-1]
+        low_rank = MatmulLinearOperator(
+            DenseLinearOperator(left.expand(*batch, t, r)), DenseLinearOperator(right.expand(*batch, -1, r).mT)
+        )
+        return SumLinearOperator(BlockCrossLinearOperator(values.expand(*batch, t, k), partition), low_rank)
 
     def _covar_pairs(self, ids1: Tensor, ids2: Tensor, batch: torch.Size) -> Tensor:
         """``C[ids1[..., i], ids2[..., i]]`` for each i. # shape: (*batch, n)"""
@@ -425,6 +485,8 @@ class GroupKernel(Kernel):
         r"""``C[rows, column_ids]`` as :math:`A P^\top` over the partition of ``column_ids``."""
         present, partition = _present_partition(column_ids)
         k = present.numel()
+        if self.covar_factor is not None and k > FACTOR_DENSE_MAX_GROUPS and rows.dim() == 1:
+            return self._factor_cross(rows, column_ids, present, partition, batch)
         if rows.dim() == 1:
             values = self._covar_between(rows, present)
         else:

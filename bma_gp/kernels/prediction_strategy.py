@@ -37,7 +37,7 @@ from torch import Tensor
 from bma_gp import settings as bma_settings
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
-from bma_gp.kernels.sum_prediction_strategy import training_prediction
+from bma_gp.kernels.sum_prediction_strategy import new_input_prediction, training_prediction
 
 __all__ = ["BlockMeanPredictionStrategy"]
 
@@ -187,8 +187,11 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
             noisy = self.block_mean_covar
             assert noisy is not None  # _at_training_points checked it
             return mean, _posterior_at_training_points(test_test_covar, test_train_covar, noisy)
-        if self.block_mean_covar is None:  # e.g. per-point noise: the sum strategy's closed form at the training inputs
+        if self.block_mean_covar is None:  # e.g. per-point noise, or a group kernel's factor: the sum strategy's
+            # closed forms at the training inputs and at new ones
             res = training_prediction(self, test_mean, test_test_covar, test_train_covar)
+            if res is None:
+                res = new_input_prediction(self, test_mean, test_test_covar, test_train_covar)
             if res is not None:
                 return res
         if self._block_cross(test_train_covar) is None:

@@ -37,6 +37,7 @@ from gpytorch.likelihoods import GaussianLikelihoodWithMissingObs
 from gpytorch.likelihoods.gaussian_likelihood import _GaussianLikelihoodBase
 from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
 from linear_operator.operators import (
+    ConstantMulLinearOperator,
     DenseLinearOperator,
     DiagLinearOperator,
     LinearOperator,
@@ -342,6 +343,17 @@ def _cross_pieces(op, out: list[_Piece]) -> bool:
         if isinstance(left, DenseLinearOperator) and isinstance(right, DenseLinearOperator):
             out.append(("root", left.to_dense(), right.to_dense()))
             return True
+    if isinstance(op, ConstantMulLinearOperator):  # a ScaleKernel around a group kernel's factor product
+        base, c = op.base_linear_op, op.expanded_constant
+        if not isinstance(base, MatmulLinearOperator) or not bool((c >= 0).all()):
+            return False
+        inner: list[_Piece] = []
+        if not _cross_pieces(base, inner) or len(inner) != 1 or inner[0][0] != "root":
+            return False
+        # the scale split as sqrt(c) on both sides: the training operator's root is sqrt(c) U
+        half = c.sqrt()  # (*batch, 1, 1)
+        out.append(("root", inner[0][1] * half, inner[0][2] * half))
+        return True
     return False
 
 
@@ -401,6 +413,29 @@ def _cross_factor(M: BlockMeanSumLinearOperator, pieces: list[_Piece]) -> list[T
     return blocks
 
 
+def _gram_matmul(M: BlockMeanSumLinearOperator, A: Tensor, X: Tensor) -> Tensor:
+    r""":math:`A X` for the Gram matrix :math:`A = Z^\top D^{-1} Z` of ``M`` (formed, ``q x q``) by its term blocks:
+    a partition's own block is diagonal (block sums of :math:`1/d`), so it scales rows instead of a ``k x k``
+    product. With one grouping of ``k`` levels and a root of rank ``m`` that is :math:`O(k m q)` instead of
+    :math:`O(q^3)`. # shape: (*batch, q, c)"""
+    sizes = M._sizes()
+    J = len(M.partitions)
+    a, _ = M._gram()
+    A_rows = [row.split(sizes, dim=-1) for row in A.split(sizes, dim=-2)]
+    X_blocks = X.split(sizes, dim=-2)
+    out: list[Tensor] = []
+    for i, row in enumerate(A_rows):
+        terms = [
+            a[i].to(X_j.dtype).unsqueeze(-1) * X_j if i == j and i < J else A_ij @ X_j
+            for j, (A_ij, X_j) in enumerate(zip(row, X_blocks))
+        ]
+        acc = terms[0]
+        for term in terms[1:]:
+            acc = acc + term
+        out.append(acc)
+    return torch.cat(out, dim=-2)
+
+
 def _posterior_weight(M: BlockMeanSumLinearOperator) -> Tensor:
     r""":math:`W = Z^\top M^{-1} Z = A (I + G A)^{-1} = A - A C^{-1} G A` (``q x q``, working precision) through
     the operator's own capacitance factorisation (its largest diagonal grouping eliminated first)."""
@@ -416,8 +451,22 @@ def _posterior_weight(M: BlockMeanSumLinearOperator) -> Tensor:
     A = _scaled_gram(M, [None] * len(sizes))
     GA = [M._G(t, piece) for t, piece in enumerate(A.split(sizes, dim=-2))]
     X = torch.cat(M._cap_solve(GA), dim=-2)  # C^{-1} G A
-    W = A - A @ X
+    W = A - _gram_matmul(M, A, X)
     return 0.5 * (W + W.mT)
+
+
+def _posterior_coefficients(strategy: DefaultPredictionStrategy, M: BlockMeanSumLinearOperator, A: Tensor) -> Tensor:
+    r""":math:`Z^\top M^{-1} (y - \mu)`, the posterior mean's coefficients, in the working precision (``q``).
+
+    From Woodbury, :math:`Z^\top M^{-1} r = u - A x` with :math:`u = Z^\top D^{-1} r` and :math:`x = C^{-1} G u`:
+    the cancellation between the two happens among ``q`` numbers in the working precision, not among the ``n``
+    entries of :math:`M^{-1} r` in the model's (float32: GPyTorch's :math:`K_{*x} M^{-1} r` lost two to three
+    digits of the mean at a group kernel's factor, n = 10^5)."""
+    train_mean = strategy.likelihood(strategy.train_prior_dist, strategy.train_inputs).loc
+    offset = (strategy.train_labels - train_mean).unsqueeze(-1)
+    _, u, x = M._woodbury(offset)
+    coef = torch.cat(u, dim=-2) - _gram_matmul(M, A, torch.cat(x, dim=-2))
+    return coef.squeeze(-1)
 
 
 def _new_input_weight(strategy: DefaultPredictionStrategy) -> tuple[BlockMeanSumLinearOperator, Tensor] | None:
@@ -440,6 +489,23 @@ def _new_input_weight(strategy: DefaultPredictionStrategy) -> tuple[BlockMeanSum
     return M, W
 
 
+def _new_input_coefficients(strategy: DefaultPredictionStrategy, M: BlockMeanSumLinearOperator) -> Tensor:
+    """:func:`_posterior_coefficients` of the strategy's data, kept like the weight when no gradient is needed."""
+    cached = getattr(strategy, "_bma_gp_coefficients", None)
+    if cached is not None and cached[0] is M:
+        return cached[1]
+
+    def compute(M):
+        return _posterior_coefficients(strategy, M, _scaled_gram(M, [None] * len(M._sizes())))
+
+    coef = _scoped(compute)(M)
+    if gpytorch_settings.detach_test_caches.on():  # as GPyTorch's mean cache
+        coef = coef.detach()
+    if not M._differentiable() and not torch.is_grad_enabled():
+        strategy._bma_gp_coefficients = (M, coef)
+    return coef
+
+
 def new_input_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor, test_test_covar, test_train_covar):
     r"""``(mean, covariance)`` at new inputs in closed form, or None (then GPyTorch's path).
 
@@ -450,10 +516,12 @@ def new_input_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor,
     .. math::
         K_{**} - K_{*x} M^{-1} K_{x*} = K_{**} - F W F^\top, \qquad W = Z^\top M^{-1} Z = A (I + G A)^{-1},
 
-    :math:`A = Z^\top D^{-1} Z`: memory :math:`O(t q + q^2)`, never :math:`t \times n`. The mean is the strategy's
-    own :meth:`exact_predictive_mean` (a closed-form solve). None with ``skip_posterior_variances``, an observation
-    NaN policy other than ``"ignore"``, a summand outside the family (an exact kernel: then GPyTorch's path, with
-    the :class:`~bma_gp.ClosedFormFallbackWarning` of its solves) or a likelihood whose noisy covariance leaves it."""
+    :math:`A = Z^\top D^{-1} Z`: memory :math:`O(t q + q^2)`, never :math:`t \times n`. None with
+    ``skip_posterior_variances``, an observation NaN policy other than ``"ignore"``, a summand outside the family
+    (an exact kernel: then GPyTorch's path, with the :class:`~bma_gp.ClosedFormFallbackWarning` of its solves) or a
+    likelihood whose noisy covariance leaves it.
+    The mean is :math:`\mu_* + F c` with the coefficients :math:`c = Z^\top M^{-1} (y - \mu)` of
+    :func:`_posterior_coefficients`, in the working precision."""
     if gpytorch_settings.skip_posterior_variances.on() or gpytorch_settings.observation_nan_policy.value() != "ignore":
         return None
     if not isinstance(test_train_covar, LinearOperator) or tuple(test_train_covar.shape[-1:]) != (strategy.num_train,):
@@ -468,7 +536,15 @@ def new_input_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor,
     blocks = _cross_factor(M, pieces)
     if blocks is None or all(b is None for b in blocks):
         return None
-    mean = strategy.exact_predictive_mean(test_mean, test_train_covar)
+    # the mean as F (Z^T M^{-1} r), its coefficients in the working precision
+    coef = _new_input_coefficients(strategy, M)
+    shift = None
+    for block, c in zip(blocks, coef.split(M._sizes(), dim=-1)):
+        if block is not None:
+            term = (block.to(c.dtype) @ c.unsqueeze(-1)).squeeze(-1)
+            shift = term if shift is None else shift + term
+    assert shift is not None  # some block is not None (checked above)
+    mean = test_mean + shift.to(test_mean.dtype)
     return mean, PredictiveCovarianceLinearOperator.from_blocks(test_test_covar, W, blocks, M._sizes())
 
 
