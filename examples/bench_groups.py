@@ -13,6 +13,14 @@ uniformly over ``k`` groups. Prints one JSON line per (path, k), then a readable
     python examples/bench_groups.py                      # n = 10^5, k = 1000 and 4000, both paths
     python examples/bench_groups.py --ks 20000 --only elementwise --n 1000000
     python examples/bench_groups.py --smoke
+
+``--rank r`` times correlated group effects instead, ``GroupKernel(k, rank=r)`` (``C = diag(v) + W W^T``): the
+factor form (a diagonal block term plus the low-rank root ``P W``, the default past
+``bma_gp.kernels.group_kernel.FACTOR_DENSE_MAX_GROUPS`` groups) against the dense ``k x k`` ``B`` (forced by raising
+that threshold), the iteration (with ``backward`` to ``W`` too) and the prediction of 1000 new points (500 of them
+in groups unseen in training), as records ``group_factor_iteration``.
+
+    python examples/bench_groups.py --rank 2             # n = 10^5, k = 1000 and 4000, both forms
 """
 
 from __future__ import annotations
@@ -32,10 +40,10 @@ from bma_gp import BlockMeanLinearOperator, GroupKernel
 
 
 class RandomIntercepts(gpytorch.models.ExactGP):
-    def __init__(self, x, y, likelihood, k: int):
+    def __init__(self, x, y, likelihood, k: int, rank: int = 0):
         super().__init__(x, y, likelihood)
         self.mean_module = gpytorch.means.ConstantMean()
-        self.covar_module = GroupKernel(k)
+        self.covar_module = GroupKernel(k, rank=rank)
 
     def forward(self, x):
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
@@ -68,18 +76,92 @@ def iteration_seconds(n: int, k: int, general: bool, repeats: int) -> tuple[floa
     return best, loss
 
 
+def factor_seconds(n: int, k: int, rank: int, dense: bool, repeats: int) -> dict:
+    """Best iteration seconds, loss, and the seconds and mean of one prediction of 1000 new points, for
+    ``GroupKernel(k, rank=rank)`` in its factor form or (``dense``) with the ``k x k`` matrix ``B``."""
+    from bma_gp.kernels import group_kernel
+
+    gen = torch.Generator().manual_seed(k)
+    ids = torch.randint(0, k, (n,), generator=gen)
+    y = torch.randn(k, generator=gen)[ids] + 0.5 * torch.randn(n, generator=gen)
+    x = ids.unsqueeze(-1).float()
+    test = torch.cat([torch.randint(0, k, (500,), generator=gen), torch.arange(k, k + 500)]).unsqueeze(-1).float()
+    likelihood = gpytorch.likelihoods.GaussianLikelihood()
+    torch.manual_seed(0)  # the same random W for both forms
+    model = RandomIntercepts(x, y, likelihood, k + 500, rank)  # ids k .. k + 499 never occur in training
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+    threshold = 10**12 if dense else group_kernel.FACTOR_DENSE_MAX_GROUPS
+    best, loss = float("inf"), float("nan")
+    with mock.patch.object(group_kernel, "FACTOR_DENSE_MAX_GROUPS", threshold):
+        model.train()
+        for _ in range(repeats):
+            model.zero_grad()
+            start = time.perf_counter()
+            value = -mll(model(x), y)
+            value.backward()
+            best = min(best, time.perf_counter() - start)
+            loss = float(value.detach())
+        model.eval()
+        start = time.perf_counter()
+        with torch.no_grad():
+            pred = likelihood(model(test))
+            mean, variance = pred.mean, pred.variance
+        predict = time.perf_counter() - start
+    return {"s": best, "loss": loss, "predict_s": predict, "mean": mean, "variance": variance}
+
+
+def run_factor(n: int, ks: list[int], rank: int, paths: list[str], repeats: int) -> list[dict]:
+    records = []
+    for k in ks:
+        rec = {"bench": "group_factor_iteration", "n": n, "k": k, "rank": rank, "dtype": "float32"}
+        rec["threads"] = torch.get_num_threads()
+        results = {path: factor_seconds(n, k, rank, path == "dense", repeats) for path in paths}
+        for path, res in results.items():
+            rec.update({f"{path}_s": res["s"], f"{path}_loss": res["loss"], f"{path}_predict_s": res["predict_s"]})
+        if len(results) == 2:
+            a, b = results["factor"], results["dense"]
+            rec["speedup"] = b["s"] / a["s"]
+            rec["predict_speedup"] = b["predict_s"] / a["predict_s"]
+            rec["max_mean_diff"] = float((a["mean"] - b["mean"]).abs().max())
+            rec["max_variance_rel_diff"] = float(((a["variance"] - b["variance"]) / b["variance"]).abs().max())
+        rec["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rec["load_avg"] = os.getloadavg()[0]
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+    for r in records:
+        parts = [
+            f"{p} {r[p + '_s']:.3f} s (loss {r[p + '_loss']:.6f}), predict {r[p + '_predict_s']:.3f} s" for p in paths
+        ]
+        extra = f"; {r['speedup']:.0f}x, predict {r['predict_speedup']:.1f}x" if "speedup" in r else ""
+        print(f"# n = {r['n']:,}, k = {r['k']:,} groups, rank {r['rank']}: " + "; ".join(parts) + extra)
+    return records
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--ks", default="1000,4000", help="comma-separated numbers of groups")
-    parser.add_argument("--only", choices=("elementwise", "general", "both"), default="both")
+    parser.add_argument(
+        "--only",
+        choices=("elementwise", "general", "both"),
+        default="both",
+        help="with --rank: elementwise = the factor form, general = the dense form",
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--smoke", action="store_true", help="n = 3000, k = 50 and 200")
+    parser.add_argument("--smoke", action="store_true", help="n = 3000, k = 50 and 200 (300 with --rank)")
+    parser.add_argument("--rank", type=int, default=0, help="correlated effects of this rank: factor vs dense form")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     n, ks = (3000, [50, 200]) if args.smoke else (args.n, [int(k) for k in args.ks.split(",")])
+    if args.rank:
+        if args.smoke:
+            ks = [300]  # past the factor threshold
+        paths = {"both": ["factor", "dense"], "elementwise": ["factor"], "general": ["dense"]}[args.only]
+        records = run_factor(n, ks, args.rank, paths, args.repeats)
+        print(f"# peak RSS of the process {records[-1]['peak_rss_mb'] / 1024:.2f} GB")
+        return 0
     paths = {"both": ["elementwise", "general"], "elementwise": ["elementwise"], "general": ["general"]}[args.only]
     records = []
     for k in ks:

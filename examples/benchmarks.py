@@ -71,7 +71,11 @@ def commands(suite: str, smoke: bool, device: str, py: str) -> list[list[str]]:
     if suite == "compositions":
         return [[py, str(HERE / "bench_compositions.py"), *s]]
     if suite == "mixed":
-        return [[py, str(HERE / "bench_mixed.py"), *s], [py, str(HERE / "bench_groups.py"), *s]]
+        return [
+            [py, str(HERE / "bench_mixed.py"), *s],
+            [py, str(HERE / "bench_groups.py"), *s],
+            [py, str(HERE / "bench_groups.py"), "--rank", "2", *s],
+        ]
     if suite == "kernel":
         return [
             [py, str(HERE / "bench_kernel_block_mean.py"), *s],
@@ -563,7 +567,7 @@ def gp_tables(records: list[dict]) -> list[str]:
 def group_tables(records: list[dict]) -> list[str]:
     """Random intercepts (``bench_groups.py``): the elementwise path against the general ``k x k`` path."""
     rows = [r for r in records if r.get("bench") == "group_iteration"]
-    if not rows:
+    if not rows and not any(r.get("bench") == "group_factor_iteration" for r in records):
         return []
     lines = [
         "### Random-intercept GP, one training iteration (elementwise diagonal core vs general k x k path)",
@@ -578,6 +582,24 @@ def group_tables(records: list[dict]) -> list[str]:
             f"| {r['n']:,} | {r['k']:,} | {_fmt(r.get('elementwise_s'))} | {_fmt(general)} | "
             f"{_fmt(r.get('speedup'), 1)} | {equal} |"
         )
+    factor = [r for r in records if r.get("bench") == "group_factor_iteration"]
+    if factor:
+        lines += [
+            "",
+            "### Correlated group effects (`GroupKernel(k, rank=r)`): factor form vs dense k x k B",
+            "",
+            "| n | groups k | rank | factor s | dense s | ratio | predict factor s | predict dense s | loss equal |"
+            " max mean diff |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in factor:
+            dense = r.get("dense_s")
+            equal = "" if dense is None else str(abs(r["dense_loss"] - r["factor_loss"]) <= 1e-5)
+            lines.append(
+                f"| {r['n']:,} | {r['k']:,} | {r['rank']} | {_fmt(r.get('factor_s'))} | {_fmt(dense)} | "
+                f"{_fmt(r.get('speedup'), 1)} | {_fmt(r.get('factor_predict_s'))} | {_fmt(r.get('dense_predict_s'))} | "
+                f"{equal} | {_fmt(r.get('max_mean_diff'))} |"
+            )
     return [*lines, ""]
 
 
