@@ -49,31 +49,40 @@ class RandomIntercepts(gpytorch.models.ExactGP):
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
 
-def iteration_seconds(n: int, k: int, general: bool, repeats: int) -> tuple[float, float]:
-    """(best seconds of ``repeats`` iterations, loss)."""
+def synthetic(n: int, k: int) -> tuple[torch.Generator, torch.Tensor, torch.Tensor]:
+    """``(generator, x, y)``: ``n`` points spread uniformly over ``k`` groups, a group effect plus noise."""
     gen = torch.Generator().manual_seed(k)
     ids = torch.randint(0, k, (n,), generator=gen)
     y = torch.randn(k, generator=gen)[ids] + 0.5 * torch.randn(n, generator=gen)
-    x = ids.unsqueeze(-1).float()
-    likelihood = gpytorch.likelihoods.GaussianLikelihood()
-    model = RandomIntercepts(x, y, likelihood, k)
-    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+    return gen, ids.unsqueeze(-1).float(), y
+
+
+def best_iteration(model: RandomIntercepts, x: torch.Tensor, y: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """(best seconds of ``repeats`` iterations of the negative marginal likelihood and its backward, loss)."""
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
     model.train()
+    best, loss = float("inf"), float("nan")
+    for _ in range(repeats):
+        model.zero_grad()
+        start = time.perf_counter()
+        value = -mll(model(x), y)
+        value.backward()
+        best = min(best, time.perf_counter() - start)
+        loss = float(value.detach())
+    return best, loss
+
+
+def iteration_seconds(n: int, k: int, general: bool, repeats: int) -> tuple[float, float]:
+    """(best seconds of ``repeats`` iterations, loss)."""
+    _, x, y = synthetic(n, k)
+    model = RandomIntercepts(x, y, gpytorch.likelihoods.GaussianLikelihood(), k)
     patch = (
         mock.patch.object(BlockMeanLinearOperator, "_diagonal_core", lambda self, read_back=True: False)
         if general
         else contextlib.nullcontext()
     )
-    best, loss = float("inf"), float("nan")
     with patch:
-        for _ in range(repeats):
-            model.zero_grad()
-            start = time.perf_counter()
-            value = -mll(model(x), y)
-            value.backward()
-            best = min(best, time.perf_counter() - start)
-            loss = float(value.detach())
-    return best, loss
+        return best_iteration(model, x, y, repeats)
 
 
 def factor_seconds(n: int, k: int, rank: int, dense: bool, repeats: int) -> dict:
@@ -81,26 +90,14 @@ def factor_seconds(n: int, k: int, rank: int, dense: bool, repeats: int) -> dict
     ``GroupKernel(k, rank=rank)`` in its factor form or (``dense``) with the ``k x k`` matrix ``B``."""
     from bma_gp.kernels import group_kernel
 
-    gen = torch.Generator().manual_seed(k)
-    ids = torch.randint(0, k, (n,), generator=gen)
-    y = torch.randn(k, generator=gen)[ids] + 0.5 * torch.randn(n, generator=gen)
-    x = ids.unsqueeze(-1).float()
+    gen, x, y = synthetic(n, k)
     test = torch.cat([torch.randint(0, k, (500,), generator=gen), torch.arange(k, k + 500)]).unsqueeze(-1).float()
     likelihood = gpytorch.likelihoods.GaussianLikelihood()
     torch.manual_seed(0)  # the same random W for both forms
     model = RandomIntercepts(x, y, likelihood, k + 500, rank)  # ids k .. k + 499 never occur in training
-    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
     threshold = 10**12 if dense else group_kernel.FACTOR_DENSE_MAX_GROUPS
-    best, loss = float("inf"), float("nan")
     with mock.patch.object(group_kernel, "FACTOR_DENSE_MAX_GROUPS", threshold):
-        model.train()
-        for _ in range(repeats):
-            model.zero_grad()
-            start = time.perf_counter()
-            value = -mll(model(x), y)
-            value.backward()
-            best = min(best, time.perf_counter() - start)
-            loss = float(value.detach())
+        best, loss = best_iteration(model, x, y, repeats)
         model.eval()
         start = time.perf_counter()
         with torch.no_grad():
