@@ -203,3 +203,34 @@ def test_crossed_with_a_second_grouping_matches_the_dense_path(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(factor[2], dense[2], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(factor[3], dense[3], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_per_point_noise_predicts_new_inputs_through_the_sum_closed_form(monkeypatch, rank):
+    # one GroupKernel (dense or diagonal B, below the factor threshold) with per-point noise: the noisy training
+    # covariance is a sum, so BlockMeanPredictionStrategy now takes the sums' closed form at new inputs
+    g = torch.Generator().manual_seed(0)
+    n = 50
+    ids = torch.randint(0, 8, (n,), generator=g)
+    x = ids.to(DTYPE).unsqueeze(-1)
+    y = torch.randn(n, generator=g, dtype=DTYPE)
+    noise = torch.rand(n, generator=g, dtype=DTYPE) * 0.2 + 0.05
+    torch.manual_seed(0)
+    kernel = GroupKernel(10, rank=rank).to(DTYPE)
+    model = GP(x, y, gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise=noise), kernel).to(DTYPE)
+    model.eval()
+    weights = []
+    real = sum_prediction_strategy._posterior_weight
+    monkeypatch.setattr(sum_prediction_strategy, "_posterior_weight", lambda M: weights.append(1) or real(M))
+    xt = torch.tensor([[0.0], [9.0], [3.0], [8.0]], dtype=DTYPE)  # 8, 9: unseen groups
+    with torch.no_grad(), closed_forms_only(n):
+        post = model(xt)
+        mean, cov = post.mean, post.covariance_matrix
+    assert weights
+    C = kernel.covar_matrix.detach()
+    tid = xt[:, 0].long()
+    noisy = C[ids][:, ids] + torch.diag(noise)  # the per-point noise in the training covariance, none added
+    mean0 = model.mean_module.constant.detach()
+    ref_mean, ref_cov = dense_posterior(noisy, 0.0, y, mean0, C[tid][:, ids], C[tid][:, tid])
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(cov, ref_cov, rtol=1e-10, atol=1e-10)
