@@ -413,27 +413,27 @@ def _cross_factor(M: BlockMeanSumLinearOperator, pieces: list[_Piece]) -> list[T
     return blocks
 
 
-def _gram_matmul(M: BlockMeanSumLinearOperator, A: Tensor, X: Tensor) -> Tensor:
-    r""":math:`A X` for the Gram matrix :math:`A = Z^\top D^{-1} Z` of ``M`` (formed, ``q x q``) by its term blocks:
-    a partition's own block is diagonal (block sums of :math:`1/d`), so it scales rows instead of a ``k x k``
-    product. With one grouping of ``k`` levels and a root of rank ``m`` that is :math:`O(k m q)` instead of
-    :math:`O(q^3)`. # shape: (*batch, q, c)"""
+def _gram_matmul(M: BlockMeanSumLinearOperator, X: Tensor) -> Tensor:
+    r""":math:`A X` for the Gram matrix :math:`A = Z^\top D^{-1} Z` of ``M``, from its term blocks without forming
+    it: a partition's own block is diagonal (block sums of :math:`1/d`), so it scales rows instead of a ``k x k``
+    product. With one grouping of ``k`` levels and a root of rank ``m`` that is :math:`O(k m c)` for ``c``
+    columns, where the formed ``q x q`` matrix costs :math:`O(q^2 c)`. # shape: (*batch, q, c)"""
     sizes = M._sizes()
     J = len(M.partitions)
     a, _ = M._gram()
-    A_rows = [row.split(sizes, dim=-1) for row in A.split(sizes, dim=-2)]
     X_blocks = X.split(sizes, dim=-2)
     out: list[Tensor] = []
-    for i, row in enumerate(A_rows):
+    for i in range(len(sizes)):
         terms = [
-            a[i].to(X_j.dtype).unsqueeze(-1) * X_j if i == j and i < J else A_ij @ X_j
-            for j, (A_ij, X_j) in enumerate(zip(row, X_blocks))
+            a[i].to(X_j.dtype).unsqueeze(-1) * X_j if i == j and i < J else M._A_block(i, j).to(X_j.dtype) @ X_j
+            for j, X_j in enumerate(X_blocks)
         ]
         acc = terms[0]
         for term in terms[1:]:
             acc = acc + term
         out.append(acc)
-    return torch.cat(out, dim=-2)
+    batch = torch.broadcast_shapes(*(o.shape[:-2] for o in out))
+    return torch.cat([o.expand(*batch, *o.shape[-2:]) for o in out], dim=-2)
 
 
 def _posterior_weight(M: BlockMeanSumLinearOperator) -> Tensor:
@@ -451,11 +451,11 @@ def _posterior_weight(M: BlockMeanSumLinearOperator) -> Tensor:
     A = _scaled_gram(M, [None] * len(sizes))
     GA = [M._G(t, piece) for t, piece in enumerate(A.split(sizes, dim=-2))]
     X = torch.cat(M._cap_solve(GA), dim=-2)  # C^{-1} G A
-    W = A - _gram_matmul(M, A, X)
+    W = A - _gram_matmul(M, X)
     return 0.5 * (W + W.mT)
 
 
-def _posterior_coefficients(strategy: DefaultPredictionStrategy, M: BlockMeanSumLinearOperator, A: Tensor) -> Tensor:
+def _posterior_coefficients(strategy: DefaultPredictionStrategy, M: BlockMeanSumLinearOperator) -> Tensor:
     r""":math:`Z^\top M^{-1} (y - \mu)`, the posterior mean's coefficients, in the working precision (``q``).
 
     From Woodbury, :math:`Z^\top M^{-1} r = u - A x` with :math:`u = Z^\top D^{-1} r` and :math:`x = C^{-1} G u`:
@@ -465,7 +465,7 @@ def _posterior_coefficients(strategy: DefaultPredictionStrategy, M: BlockMeanSum
     train_mean = strategy.likelihood(strategy.train_prior_dist, strategy.train_inputs).loc
     offset = (strategy.train_labels - train_mean).unsqueeze(-1)
     _, u, x = M._woodbury(offset)
-    coef = torch.cat(u, dim=-2) - _gram_matmul(M, A, torch.cat(x, dim=-2))
+    coef = torch.cat(u, dim=-2) - _gram_matmul(M, torch.cat(x, dim=-2))
     return coef.squeeze(-1)
 
 
@@ -495,10 +495,7 @@ def _new_input_coefficients(strategy: DefaultPredictionStrategy, M: BlockMeanSum
     if cached is not None and cached[0] is M:
         return cached[1]
 
-    def compute(M):
-        return _posterior_coefficients(strategy, M, _scaled_gram(M, [None] * len(M._sizes())))
-
-    coef = _scoped(compute)(M)
+    coef = _scoped(lambda op: _posterior_coefficients(strategy, op))(M)  # one scope of the operator's caches
     if gpytorch_settings.detach_test_caches.on():  # as GPyTorch's mean cache
         coef = coef.detach()
     if not M._differentiable() and not torch.is_grad_enabled():
