@@ -234,3 +234,46 @@ def test_per_point_noise_predicts_new_inputs_through_the_sum_closed_form(monkeyp
     ref_mean, ref_cov = dense_posterior(noisy, 0.0, y, mean0, C[tid][:, ids], C[tid][:, tid])
     torch.testing.assert_close(mean, ref_mean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(cov, ref_cov, rtol=1e-10, atol=1e-10)
+
+
+def test_sgpr_plus_factor_matches_the_dense_form(monkeypatch):
+    # two low-rank roots in one sum (SGPR's and the factor's): prediction at new inputs matches each cross
+    # covariance piece to its own columns of the combined root
+    from bma_gp.kernels import ChunkedInducingPointKernel
+
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    t = torch.rand(n, generator=g, dtype=DTYPE)
+    ids = torch.randint(0, 20, (n,), generator=g).to(DTYPE)
+    x = torch.stack([t, ids], -1)
+    y = torch.sin(6 * t) + torch.randn(20, generator=g, dtype=DTYPE)[ids.long()] + 0.1 * torch.randn(n, generator=g)
+    xt = torch.tensor([[0.1, 0.0], [0.5, 19.0], [0.9, 21.0]], dtype=DTYPE)  # 21: an unseen group
+
+    def fit(threshold):
+        monkeypatch.setattr(group_kernel, "FACTOR_DENSE_MAX_GROUPS", threshold)
+        torch.manual_seed(0)
+        likelihood = gpytorch.likelihoods.GaussianLikelihood()
+        smooth = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(active_dims=(0,)))
+        inducing = torch.linspace(0, 1, 8, dtype=DTYPE).unsqueeze(-1)
+        covar = ChunkedInducingPointKernel(smooth, inducing, likelihood) + GroupKernel(22, rank=2, active_dims=[1])
+        model = GP(x, y, likelihood, covar).to(DTYPE)
+        mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+        with closed_forms_only(n):
+            loss = mll(model(x), y)
+            grads = torch.autograd.grad(loss, list(model.parameters()))
+        model.eval()
+        with torch.no_grad(), closed_forms_only(n):
+            post = model(xt)
+            return loss, grads, post.mean, post.covariance_matrix
+
+    sizes = []
+    real = sum_prediction_strategy._posterior_weight
+    monkeypatch.setattr(sum_prediction_strategy, "_posterior_weight", lambda M: sizes.append(M._sizes()) or real(M))
+    factor, dense = fit(0), fit(10**9)
+    k = int(ids.unique().numel())
+    assert sizes == [[k, 10], [k, 8]]  # one root: SGPR's 8 columns, then the factor's 2 (the dense form: SGPR's)
+    torch.testing.assert_close(factor[0], dense[0], rtol=1e-10, atol=1e-10)
+    for a, b in zip(factor[1], dense[1]):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(factor[2], dense[2], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(factor[3], dense[3], rtol=1e-9, atol=1e-9)
