@@ -40,6 +40,29 @@ def make_kernel(num_groups, rank, per_group_variance, batch_shape=None, seed=1):
     return kernel
 
 
+def _fit_and_predict(model, x, y, xt):
+    """``(loss, gradients, mean, covariance)``: the exact marginal likelihood and its gradients at the training
+    inputs, then the posterior at ``xt``, all under ``closed_forms_only``."""
+    n = x.shape[-2]
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    with closed_forms_only(n):
+        loss = mll(model(x), y)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+    model.eval()
+    with torch.no_grad(), closed_forms_only(n):
+        post = model(xt)
+        return loss, grads, post.mean, post.covariance_matrix
+
+
+def _assert_same_fit(factor, dense):
+    """Two results of :func:`_fit_and_predict` agree: loss rtol 1e-10, gradients 1e-8, mean and covariance 1e-9."""
+    torch.testing.assert_close(factor[0], dense[0], rtol=1e-10, atol=1e-10)
+    for a, b in zip(factor[1], dense[1]):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(factor[2], dense[2], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(factor[3], dense[3], rtol=1e-9, atol=1e-9)
+
+
 @pytest.fixture
 def factor_path(monkeypatch):
     monkeypatch.setattr(group_kernel, "FACTOR_DENSE_MAX_GROUPS", 0)
@@ -188,21 +211,10 @@ def test_crossed_with_a_second_grouping_matches_the_dense_path(monkeypatch):
         torch.manual_seed(0)
         covar = GroupKernel(14, rank=2, active_dims=[0]) + GroupKernel(7, active_dims=[1])
         model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), covar).to(DTYPE)
-        mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
-        with closed_forms_only(n):
-            loss = mll(model(x), y)
-            grads = torch.autograd.grad(loss, list(model.parameters()))
-        model.eval()
-        with torch.no_grad(), closed_forms_only(n):
-            post = model(xt)
-            return loss, grads, post.mean, post.covariance_matrix
+        return _fit_and_predict(model, x, y, xt)
 
     factor, dense = fit(0), fit(10**9)
-    torch.testing.assert_close(factor[0], dense[0], rtol=1e-10, atol=1e-10)
-    for a, b in zip(factor[1], dense[1]):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(factor[2], dense[2], rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(factor[3], dense[3], rtol=1e-9, atol=1e-9)
+    _assert_same_fit(factor, dense)
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -257,14 +269,7 @@ def test_sgpr_plus_factor_matches_the_dense_form(monkeypatch):
         inducing = torch.linspace(0, 1, 8, dtype=DTYPE).unsqueeze(-1)
         covar = ChunkedInducingPointKernel(smooth, inducing, likelihood) + GroupKernel(22, rank=2, active_dims=[1])
         model = GP(x, y, likelihood, covar).to(DTYPE)
-        mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
-        with closed_forms_only(n):
-            loss = mll(model(x), y)
-            grads = torch.autograd.grad(loss, list(model.parameters()))
-        model.eval()
-        with torch.no_grad(), closed_forms_only(n):
-            post = model(xt)
-            return loss, grads, post.mean, post.covariance_matrix
+        return _fit_and_predict(model, x, y, xt)
 
     sizes = []
     real = sum_prediction_strategy._posterior_weight
@@ -272,8 +277,4 @@ def test_sgpr_plus_factor_matches_the_dense_form(monkeypatch):
     factor, dense = fit(0), fit(10**9)
     k = int(ids.unique().numel())
     assert sizes == [[k, 10], [k, 8]]  # one root: SGPR's 8 columns, then the factor's 2 (the dense form: SGPR's)
-    torch.testing.assert_close(factor[0], dense[0], rtol=1e-10, atol=1e-10)
-    for a, b in zip(factor[1], dense[1]):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(factor[2], dense[2], rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(factor[3], dense[3], rtol=1e-9, atol=1e-9)
+    _assert_same_fit(factor, dense)
