@@ -1,0 +1,215 @@
+"""The posterior weight ``W = Z^T M^{-1} Z`` applied as products instead of formed (``_ImplicitWeight``).
+
+Past ``_DENSE_WEIGHT_MAX_ELIMINATED`` levels in the eliminated (largest diagonal) grouping, prediction at new
+inputs multiplies by ``W = A - A C^{-1} G A`` through the sum's Gram blocks and capacitance factorisation, so no
+``q x q`` matrix exists and ``q`` may exceed ``max_capacitance_size``. The tests force that path at small sizes and
+compare it with GPyTorch's dense computation (the cases of test_mixed_prediction), with the formed ``W``, and with
+dense algebra past the size limit; and check gradients, batches and the one unsupported indexing.
+"""
+
+from __future__ import annotations
+
+import gpytorch
+import pytest
+import torch
+
+from bma_gp import GroupKernel, settings
+from bma_gp.kernels import group_kernel
+from bma_gp.kernels import sum_prediction_strategy as sps
+from closed_form_guard import closed_forms_only
+from test_gp_inference import GP as SingleGP
+from test_gp_inference import dense_posterior
+from test_mixed_posterior import gpytorch_default, reference
+from test_mixed_prediction import CASES, K1, K2, build, closed_form, new_inputs
+
+pytestmark = pytest.mark.filterwarnings("ignore:The input matches the stored training data")
+
+DTYPE = torch.float64
+
+
+@pytest.fixture
+def implicit(monkeypatch):
+    """Every sum with a diagonal grouping to eliminate predicts through the implicit weight."""
+    monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+
+
+@pytest.mark.parametrize("fast_pred_var", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_matches_gpytorch_and_the_formed_weight(implicit, monkeypatch, case, fast_pred_var):
+    model, x, y = build(case)
+    model.eval()
+    xt = new_inputs()
+    covar, (mean, dense, diag, variance), _ = closed_form(model, xt, fast_pred_var)
+    assert isinstance(covar, sps.PredictiveCovarianceLinearOperator)
+    assert isinstance(covar.W, sps._ImplicitWeight)
+    ref_mean, ref_cov = reference(model, xt)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(dense, ref_cov, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(diag, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(variance, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-10)
+    rhs = torch.randn(xt.shape[0], 3, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(covar @ rhs, dense @ rhs, rtol=1e-10, atol=1e-12)
+    rows, cols = torch.tensor([0, 2, 5, 1]), torch.tensor([1, 2, 3, 1])
+    torch.testing.assert_close(covar[..., rows, cols], dense[rows, cols], rtol=1e-10, atol=1e-12)
+
+    # the same numbers as the formed q x q weight
+    monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 10**9)
+    model.train()
+    model.eval()
+    formed, (_, dense_formed, diag_formed, _), _ = closed_form(model, xt, fast_pred_var)
+    assert torch.is_tensor(formed.W)
+    torch.testing.assert_close(dense, dense_formed, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(diag, diag_formed, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["crossed", "sgpr_chunked", "slopes"])
+def test_chunked_diagonal(implicit, monkeypatch, case):
+    """More test points than one row chunk: the diagonal is built chunk by chunk, each with its own products."""
+    monkeypatch.setattr(sps, "_DIAG_CHUNK", 64)
+    model, x, y = build(case)
+    model.eval()
+    g = torch.Generator().manual_seed(4)
+    t = 150
+    xt = torch.stack(
+        [
+            1.2 * torch.rand(t, generator=g, dtype=DTYPE),
+            torch.randint(0, K1, (t,), generator=g).to(DTYPE),
+            torch.randint(0, K2, (t,), generator=g).to(DTYPE),
+        ],
+        -1,
+    )
+    calls = []
+    real = sps._weight_matmul
+    monkeypatch.setattr(sps, "_weight_matmul", lambda M, X: calls.append(X.shape[-1]) or real(M, X))
+    covar, (mean, _, diag, _), _ = closed_form(model, xt, False)
+    assert isinstance(covar.W, sps._ImplicitWeight)
+    q = covar.W.shape[-1]
+    assert max(1, 64 // q) in calls and len(calls) > 2  # the diagonal went chunk by chunk
+    ref_mean, ref_cov = reference(model, xt)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(diag, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-10)
+
+
+def test_gradients_match_gpytorch(implicit):
+    """With autograd on, the weight keeps its own copy of the sum's factorisation and graph: the gradients of the
+    predictive mean and variance equal GPyTorch's (``detach_test_caches(False)``, as for the formed weight)."""
+    model, x, y = build("sgpr_gpytorch")
+    model.eval()
+    xt = new_inputs()
+    params = [p for p in model.parameters() if p.requires_grad]
+    with (
+        closed_forms_only(x.shape[0]),
+        gpytorch.settings.max_cholesky_size(0),
+        gpytorch.settings.detach_test_caches(False),
+    ):
+        post = model(xt)
+        assert isinstance(post.lazy_covariance_matrix.W, sps._ImplicitWeight)
+        loss = post.variance.sum() + post.mean.square().sum() + post.covariance_matrix[0, 1]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    model.train()
+    model.eval()
+    with gpytorch_default(model), gpytorch.settings.detach_test_caches(False):
+        post = model(xt)
+        ref = post.variance.sum() + post.mean.square().sum() + post.covariance_matrix[0, 1]
+        ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    torch.testing.assert_close(loss, ref, rtol=1e-8, atol=1e-10)
+    for g, r, p in zip(grads, ref_grads, params):
+        g = torch.zeros_like(p) if g is None else g
+        r = torch.zeros_like(p) if r is None else r
+        torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-9)
+
+
+def factor_model(num_groups, n=400, batch_shape=(), seed=0):
+    """A correlated random intercept (rank 2) over many groups, in its factor form (a diagonal grouping plus a
+    root), with groups ``num_groups - 5 ..`` unseen in training and every other group seen."""
+    batch_shape = torch.Size(batch_shape)
+    g = torch.Generator().manual_seed(seed)
+    seen = num_groups - 5
+    ids = torch.cat([torch.arange(seen), torch.randint(0, seen, (n - seen,), generator=g)])  # every seen group
+    x = ids.to(DTYPE).unsqueeze(-1)
+    y = torch.randn(num_groups, generator=g, dtype=DTYPE)[ids] + 0.3 * torch.randn(n, generator=g, dtype=DTYPE)
+    torch.manual_seed(seed)
+    kernel = GroupKernel(num_groups, rank=2, batch_shape=batch_shape).to(DTYPE)
+    with torch.no_grad():
+        kernel.var = torch.rand(*batch_shape, 1, dtype=DTYPE) + 0.5
+    likelihood = gpytorch.likelihoods.GaussianLikelihood(batch_shape=batch_shape).to(DTYPE)
+    likelihood.noise = 0.1
+    model = SingleGP(x, y.expand(*batch_shape, n), likelihood, kernel).to(DTYPE)
+    model.eval()
+    xt = torch.tensor([[0.0], [3.0], [num_groups - 1.0], [7.0], [num_groups - 2.0]], dtype=DTYPE)
+    return model, kernel, x, y, xt
+
+
+def test_past_the_capacitance_limit(monkeypatch):
+    """300 groups, ``max_capacitance_size`` 50: the formed weight (300 + 2 square) must refuse; the implicit one
+    factorises only the root's 2 x 2 capacitance and gives dense algebra's posterior."""
+    monkeypatch.setattr(group_kernel, "FACTOR_DENSE_MAX_GROUPS", 0)
+    monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 10**9)
+    model, kernel, x, y, xt = factor_model(300)
+    k = int(x[:, 0].unique().numel())
+    with torch.no_grad(), settings.max_capacitance_size(50):
+        with pytest.raises(ValueError, match=f"needs a {k + 2} x {k + 2} matrix"):
+            _ = model(xt).variance
+    monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    model.train()
+    model.eval()
+    with torch.no_grad(), settings.max_capacitance_size(50), closed_forms_only(x.shape[0]):
+        post = model(xt)
+        assert isinstance(post.lazy_covariance_matrix.W, sps._ImplicitWeight)
+        mean, cov, var = post.mean, post.covariance_matrix, post.variance
+    C = kernel.covar_matrix.detach()
+    ids, tid = x[:, 0].long(), xt[:, 0].long()
+    ref_mean, ref_cov = dense_posterior(
+        C[ids][:, ids],
+        model.likelihood.noise.detach(),
+        y,
+        model.mean_module.constant.detach(),
+        C[tid][:, ids],
+        C[tid][:, tid],
+    )
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(cov, ref_cov, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(var, torch.diagonal(ref_cov), rtol=1e-9, atol=1e-10)
+
+
+def test_default_threshold_takes_the_implicit_weight_for_many_levels(monkeypatch):
+    """With the package's defaults, a random intercept with more levels than the threshold predicts through
+    products, and the formed weight is the same matrix (checked through its products)."""
+    levels = sps._DENSE_WEIGHT_MAX_ELIMINATED + 40
+    model, kernel, x, y, xt = factor_model(levels, n=2 * levels)
+    with torch.no_grad():
+        post = model(xt)
+        covar = post.lazy_covariance_matrix
+        assert isinstance(covar.W, sps._ImplicitWeight)
+        M = covar.W.M
+        X = torch.randn(covar.W.shape[-1], 3, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 10**9)
+            formed = sps._posterior_weight(M)
+        assert torch.is_tensor(formed)
+        torch.testing.assert_close(covar.W @ X, formed @ X, rtol=1e-9, atol=1e-11)
+
+
+def test_batch(implicit, monkeypatch):
+    monkeypatch.setattr(group_kernel, "FACTOR_DENSE_MAX_GROUPS", 0)
+    model, kernel, x, y, xt = factor_model(30, n=120, batch_shape=(2,))
+    with torch.no_grad():
+        post = model(xt)
+        covar = post.lazy_covariance_matrix
+        assert isinstance(covar.W, sps._ImplicitWeight)
+        mean, cov, var = post.mean, covar.to_dense(), post.variance
+        assert cov.shape == (2, xt.shape[0], xt.shape[0])
+        with pytest.raises(ValueError, match="index the batch first"):
+            covar[torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([1, 2])]
+    C = kernel.covar_matrix.detach()
+    ids, tid = x[:, 0].long(), xt[:, 0].long()
+    noise = model.likelihood.noise.detach()
+    const = model.mean_module.constant.detach()
+    for b in range(2):
+        Cb = C[b]
+        ref_mean, ref_cov = dense_posterior(
+            Cb[ids][:, ids], noise[b], y, const[b] if const.dim() else const, Cb[tid][:, ids], Cb[tid][:, tid]
+        )
+        torch.testing.assert_close(mean[b], ref_mean, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(cov[b], ref_cov, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(var[b], torch.diagonal(ref_cov), rtol=1e-9, atol=1e-10)
