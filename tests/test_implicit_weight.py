@@ -213,3 +213,27 @@ def test_batch(implicit, monkeypatch):
         torch.testing.assert_close(mean[b], ref_mean, rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(cov[b], ref_cov, rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(var[b], torch.diagonal(ref_cov), rtol=1e-9, atol=1e-10)
+
+
+def test_float32_agrees_with_float64(implicit, monkeypatch):
+    """The products run in double precision for a float32 model: means and variances agree with float64's."""
+    monkeypatch.setattr(group_kernel, "FACTOR_DENSE_MAX_GROUPS", 0)
+    n, num_groups = 20000, 300
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, num_groups, (n,), generator=g)
+    y = torch.randn(num_groups, generator=g)[ids] + 0.5 * torch.randn(n, generator=g)
+    test = torch.cat([torch.arange(0, num_groups, 7), torch.arange(num_groups, num_groups + 5)])
+    res = {}
+    for dtype in (torch.float32, torch.float64):
+        torch.manual_seed(0)
+        kernel = GroupKernel(num_groups + 5, rank=2)
+        model = SingleGP(ids.unsqueeze(-1).to(dtype), y.to(dtype), gpytorch.likelihoods.GaussianLikelihood(), kernel)
+        model = model.to(dtype)
+        model.eval()
+        with torch.no_grad():
+            post = model(test.unsqueeze(-1).to(dtype))
+            assert isinstance(post.lazy_covariance_matrix.W, sps._ImplicitWeight)
+            res[dtype] = post.mean.double(), post.variance.double()
+    (mean32, var32), (mean64, var64) = res[torch.float32], res[torch.float64]
+    assert float((mean32 - mean64).abs().max()) < 1e-4 * float(mean64.abs().max())
+    assert float(((var32 - var64) / var64).abs().max()) < 1e-4  # each variance, the small ones at seen groups too
