@@ -4,7 +4,8 @@ Past ``_DENSE_WEIGHT_MAX_ELIMINATED`` levels in the eliminated (largest diagonal
 inputs multiplies by ``W = A - A C^{-1} G A`` through the sum's Gram blocks and capacitance factorisation, so no
 ``q x q`` matrix exists and ``q`` may exceed ``max_capacitance_size``. The tests force that path at small sizes and
 compare it with GPyTorch's dense computation (the cases of test_mixed_prediction), with the formed ``W``, and with
-dense algebra past the size limit; and check gradients, batches and the one unsupported indexing.
+dense algebra past the size limit; and check batches, float32 and the one unsupported indexing (the gradients are
+in test_mixed_prediction, for both weights).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from bma_gp.kernels import sum_prediction_strategy as sps
 from closed_form_guard import closed_forms_only
 from test_gp_inference import GP as SingleGP
 from test_gp_inference import dense_posterior
-from test_mixed_posterior import gpytorch_default, reference
-from test_mixed_prediction import CASES, K1, K2, build, closed_form, new_inputs
+from test_group_factor import posteriors_in_both_precisions
+from test_mixed_posterior import reference
+from test_mixed_prediction import CASES, build, closed_form, new_inputs, random_new_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:The input matches the stored training data")
 
@@ -68,16 +70,7 @@ def test_chunked_diagonal(implicit, monkeypatch, case):
     monkeypatch.setattr(sps, "_DIAG_CHUNK", 64)
     model, x, y = build(case)
     model.eval()
-    g = torch.Generator().manual_seed(4)
-    t = 150
-    xt = torch.stack(
-        [
-            1.2 * torch.rand(t, generator=g, dtype=DTYPE),
-            torch.randint(0, K1, (t,), generator=g).to(DTYPE),
-            torch.randint(0, K2, (t,), generator=g).to(DTYPE),
-        ],
-        -1,
-    )
+    xt = random_new_inputs(150)
     calls = []
     real = sps._weight_matmul
     monkeypatch.setattr(sps, "_weight_matmul", lambda M, X: calls.append(X.shape[-1]) or real(M, X))
@@ -88,35 +81,6 @@ def test_chunked_diagonal(implicit, monkeypatch, case):
     ref_mean, ref_cov = reference(model, xt)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(diag, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-10)
-
-
-def test_gradients_match_gpytorch(implicit):
-    """With autograd on, the weight keeps its own copy of the sum's factorisation and graph: the gradients of the
-    predictive mean and variance equal GPyTorch's (``detach_test_caches(False)``, as for the formed weight)."""
-    model, x, y = build("sgpr_gpytorch")
-    model.eval()
-    xt = new_inputs()
-    params = [p for p in model.parameters() if p.requires_grad]
-    with (
-        closed_forms_only(x.shape[0]),
-        gpytorch.settings.max_cholesky_size(0),
-        gpytorch.settings.detach_test_caches(False),
-    ):
-        post = model(xt)
-        assert isinstance(post.lazy_covariance_matrix.W, sps._ImplicitWeight)
-        loss = post.variance.sum() + post.mean.square().sum() + post.covariance_matrix[0, 1]
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-    model.train()
-    model.eval()
-    with gpytorch_default(model), gpytorch.settings.detach_test_caches(False):
-        post = model(xt)
-        ref = post.variance.sum() + post.mean.square().sum() + post.covariance_matrix[0, 1]
-        ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
-    torch.testing.assert_close(loss, ref, rtol=1e-8, atol=1e-10)
-    for g, r, p in zip(grads, ref_grads, params):
-        g = torch.zeros_like(p) if g is None else g
-        r = torch.zeros_like(p) if r is None else r
-        torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-9)
 
 
 def factor_model(num_groups, n=400, batch_shape=(), seed=0):
@@ -218,22 +182,8 @@ def test_batch(implicit, monkeypatch):
 def test_float32_agrees_with_float64(implicit, monkeypatch):
     """The products run in double precision for a float32 model: means and variances agree with float64's."""
     monkeypatch.setattr(group_kernel, "FACTOR_DENSE_MAX_GROUPS", 0)
-    n, num_groups = 20000, 300
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, num_groups, (n,), generator=g)
-    y = torch.randn(num_groups, generator=g)[ids] + 0.5 * torch.randn(n, generator=g)
-    test = torch.cat([torch.arange(0, num_groups, 7), torch.arange(num_groups, num_groups + 5)])
-    res = {}
-    for dtype in (torch.float32, torch.float64):
-        torch.manual_seed(0)
-        kernel = GroupKernel(num_groups + 5, rank=2)
-        model = SingleGP(ids.unsqueeze(-1).to(dtype), y.to(dtype), gpytorch.likelihoods.GaussianLikelihood(), kernel)
-        model = model.to(dtype)
-        model.eval()
-        with torch.no_grad():
-            post = model(test.unsqueeze(-1).to(dtype))
-            assert isinstance(post.lazy_covariance_matrix.W, sps._ImplicitWeight)
-            res[dtype] = post.mean.double(), post.variance.double()
-    (mean32, var32), (mean64, var64) = res[torch.float32], res[torch.float64]
+    res = posteriors_in_both_precisions(seen_inputs=False)
+    (mean32, var32, covar32), (mean64, var64, covar64) = res[torch.float32], res[torch.float64]
+    assert isinstance(covar32.W, sps._ImplicitWeight) and isinstance(covar64.W, sps._ImplicitWeight)
     assert float((mean32 - mean64).abs().max()) < 1e-4 * float(mean64.abs().max())
     assert float(((var32 - var64) / var64).abs().max()) < 1e-4  # each variance, the small ones at seen groups too

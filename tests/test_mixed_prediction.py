@@ -54,6 +54,19 @@ def new_inputs():
     )
 
 
+def random_new_inputs(t, seed=4):
+    """``t`` random test points: smooth inputs past the training range too, every level of both groupings."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack(
+        [
+            1.2 * torch.rand(t, generator=g, dtype=DTYPE),
+            torch.randint(0, K1, (t,), generator=g).to(DTYPE),
+            torch.randint(0, K2, (t,), generator=g).to(DTYPE),
+        ],
+        -1,
+    )
+
+
 class GP(gpytorch.models.ExactGP):
     def __init__(self, x, y, likelihood, kernels):
         super().__init__(x, y, likelihood)
@@ -193,16 +206,7 @@ def test_many_new_inputs_and_the_chunked_diagonal(case, monkeypatch):
     monkeypatch.setattr(sps, "_SPARSE_COLUMNS", 2)
     model, x, y = build(case)
     model.eval()
-    g = torch.Generator().manual_seed(4)
-    t = 300
-    xt = torch.stack(
-        [
-            1.2 * torch.rand(t, generator=g, dtype=DTYPE),
-            torch.randint(0, K1, (t,), generator=g).to(DTYPE),
-            torch.randint(0, K2, (t,), generator=g).to(DTYPE),
-        ],
-        -1,
-    )
+    xt = random_new_inputs(300)
     covar, (mean, dense, diag, _), _ = closed_form(model, xt, False)
     assert isinstance(covar, PredictiveCovarianceLinearOperator)
     assert any(covar._sparse_blocks())
@@ -212,9 +216,14 @@ def test_many_new_inputs_and_the_chunked_diagonal(case, monkeypatch):
     torch.testing.assert_close(dense, ref_cov, rtol=1e-8, atol=1e-10)
 
 
-def test_gradients_of_the_predictive_variance_match_gpytorch():
+@pytest.mark.parametrize("weight", ["formed", "products"])
+def test_gradients_of_the_predictive_variance_match_gpytorch(weight, monkeypatch):
     """Against GPyTorch with ``detach_test_caches(False)`` (its default detaches the mean cache and, for the
-    variances, the training covariance; ``W`` here keeps its graph, as the posterior at the training inputs does)."""
+    variances, the training covariance; ``W`` here keeps its graph, as the posterior at the training inputs does).
+    ``products``: ``W`` applied through a copy of the sum that keeps its factorisation and graph (_ImplicitWeight)."""
+    import bma_gp.kernels.sum_prediction_strategy as sps
+
+    monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 10**9 if weight == "formed" else 0)
     model, x, y = build("sgpr_gpytorch")
     model.eval()
     xt = new_inputs()
@@ -225,14 +234,16 @@ def test_gradients_of_the_predictive_variance_match_gpytorch():
         gpytorch.settings.detach_test_caches(False),
     ):
         post = model(xt)
-        assert isinstance(post.lazy_covariance_matrix, PredictiveCovarianceLinearOperator)
-        loss = post.variance.sum() + post.mean.square().sum()
+        covar = post.lazy_covariance_matrix
+        assert isinstance(covar, PredictiveCovarianceLinearOperator)
+        assert isinstance(covar.W, sps._ImplicitWeight) == (weight == "products")
+        loss = post.variance.sum() + post.mean.square().sum() + post.covariance_matrix[0, 1]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     model.train()  # drops the inducing-point kernel's cached inverse root (its graph was used above)
     model.eval()
     with gpytorch_default(model), gpytorch.settings.detach_test_caches(False):
         post = model(xt)
-        ref = post.variance.sum() + post.mean.square().sum()
+        ref = post.variance.sum() + post.mean.square().sum() + post.covariance_matrix[0, 1]
         ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
     torch.testing.assert_close(loss, ref, rtol=1e-8, atol=1e-10)
     for g, r, p in zip(grads, ref_grads, params):
