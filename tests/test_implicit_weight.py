@@ -31,8 +31,10 @@ DTYPE = torch.float64
 
 @pytest.fixture
 def implicit(monkeypatch):
-    """Every sum with a diagonal grouping to eliminate predicts through the implicit weight."""
+    """Every sum with a diagonal grouping to eliminate predicts through the implicit weight, by products only (it
+    never forms ``W``, however many columns are asked for; that switch is tested on its own below)."""
     monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    monkeypatch.setattr(sps._ImplicitWeight, "formed", lambda self, columns: None)
 
 
 @pytest.mark.parametrize("fast_pred_var", [False, True])
@@ -187,3 +189,43 @@ def test_float32_agrees_with_float64(implicit, monkeypatch):
     assert isinstance(covar32.W, sps._ImplicitWeight) and isinstance(covar64.W, sps._ImplicitWeight)
     assert float((mean32 - mean64).abs().max()) < 1e-4 * float(mean64.abs().max())
     assert float(((var32 - var64) / var64).abs().max()) < 1e-4  # each variance, the small ones at seen groups too
+
+
+def test_forms_the_weight_once_products_reach_q(monkeypatch):
+    """Fewer test points than ``q``: products. Once the columns asked for reach ``q`` in all (here after several
+    calls), or at once for ``t >= q`` points, ``W`` is formed, and the numbers do not change."""
+    monkeypatch.setattr(group_kernel, "FACTOR_DENSE_MAX_GROUPS", 0)
+    monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    model, kernel, x, y, xt = factor_model(30, n=120)
+    with torch.no_grad():
+        covar = model(xt).lazy_covariance_matrix
+        W = covar.W
+        assert isinstance(W, sps._ImplicitWeight)
+        q = W.shape[-1]
+        first = covar.diagonal()
+        assert W._formed is None and W._columns == xt.shape[0] < q
+        calls = 1
+        while W._formed is None:
+            torch.testing.assert_close(covar.diagonal(), first, rtol=1e-9, atol=1e-12)
+            calls += 1
+        assert calls == -(-q // xt.shape[0])  # the call that brought the count to q formed it
+        torch.testing.assert_close(covar.diagonal(), first, rtol=1e-9, atol=1e-12)
+        eye = torch.eye(q, dtype=DTYPE)
+        torch.testing.assert_close(W._formed @ eye, W._matmul(eye), rtol=1e-10, atol=1e-12)
+
+        # many test points at once: formed before the diagonal, which then takes the formed weight's gathers
+        many = torch.arange(30, dtype=DTYPE).repeat(2).unsqueeze(-1)
+        model.prediction_strategy = None
+        covar = model(many).lazy_covariance_matrix
+        assert isinstance(covar.W, sps._ImplicitWeight) and covar.W._formed is None
+        diag = covar.diagonal()
+        assert covar.W._formed is not None
+        with pytest.MonkeyPatch.context() as m:  # the same diagonal by products only
+            m.setattr(sps._ImplicitWeight, "formed", lambda self, columns: None)
+            torch.testing.assert_close(diag, covar.diagonal(), rtol=1e-8, atol=1e-12)
+    # past max_capacitance_size the weight is never formed, whatever was asked
+    model.prediction_strategy = None
+    with torch.no_grad(), settings.max_capacitance_size(q - 1):
+        covar = model(many).lazy_covariance_matrix
+        covar.diagonal()
+        assert covar.W._formed is None

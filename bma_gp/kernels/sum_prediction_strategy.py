@@ -451,10 +451,16 @@ def _posterior_weight(M: BlockMeanSumLinearOperator) -> Tensor | _ImplicitWeight
     does); otherwise applied as products (:class:`_ImplicitWeight`), which needs no ``q x q`` matrix at all:
     a random intercept with many levels predicts in :math:`O(q)` memory, however large ``q`` is."""
     sizes = M._sizes()
-    q = sum(sizes)
     elim = M._elimination_term()
     if elim is not None and sizes[elim] > _DENSE_WEIGHT_MAX_ELIMINATED:
         return _ImplicitWeight(M)
+    return _formed_weight(M)
+
+
+def _formed_weight(M: BlockMeanSumLinearOperator) -> Tensor:
+    """:math:`W` formed as a ``q x q`` matrix (working precision); past ``max_capacitance_size`` a ``ValueError``."""
+    sizes = M._sizes()
+    q = sum(sizes)
     limit = settings.max_capacitance_size.value()
     if q > limit:
         raise ValueError(
@@ -485,6 +491,12 @@ class _ImplicitWeight(LinearOperator):
     the weight is built (so its errors surface there) and kept with ``M``: when ``M`` carries an autograd graph,
     the weight holds a copy of it whose caches live as long as the weight does, as a formed matrix's graph would.
 
+    A product with ``c`` columns costs about what ``c`` columns of the formed matrix do, and a cross table stored
+    as its cells costs up to ``n`` per column. So once products with ``q`` columns in all have been asked for
+    (one diagonal of ``t >= q`` test points, or several smaller ones), :meth:`formed` forms :math:`W` after all,
+    if ``q`` fits ``max_capacitance_size``: from then on the cost is that of the formed weight, and the total is
+    at most about twice the cheaper of the two.
+
     Args:
         M: the noisy training covariance.
         batch: a batch shape it was expanded to (default: ``M``'s).
@@ -497,7 +509,20 @@ class _ImplicitWeight(LinearOperator):
         super().__init__(M, batch=batch)
         self.M = M
         self._batch = tuple(M.batch_shape) if batch is None else tuple(batch)
+        self._columns = 0  # product columns asked for so far
+        self._formed: Tensor | None = None
         M._capacitance()  # factorise now: a size limit or an indefinite sum raises here, not at first use
+
+    def formed(self, columns: int) -> Tensor | None:
+        """:math:`W` as a matrix once products with at least ``q`` columns in all have been asked for, counting the
+        ``columns`` about to be (see the class docstring); None before, and whenever ``q`` exceeds
+        ``max_capacitance_size``. # shape: (*batch, q, q)"""
+        if self._formed is None:
+            q = self.shape[-1]
+            self._columns += columns
+            if self._columns >= q and q <= settings.max_capacitance_size.value():
+                self._formed = _formed_weight(self.M)
+        return self._formed
 
     @property
     def dtype(self) -> torch.dtype:
@@ -733,7 +758,11 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
 
     def _w(self, X: Tensor) -> Tensor:
         """:math:`W X` (working precision), by plain tensor operations whether or not ``W`` is formed."""
-        return self.W._matmul(X) if isinstance(self.W, _ImplicitWeight) else self.W @ X
+        W = self.W
+        if isinstance(W, _ImplicitWeight):
+            formed = W.formed(X.shape[-1])
+            return W._matmul(X) if formed is None else formed @ X
+        return W @ X
 
     def to_dense(self) -> Tensor:
         t = self.shape[-1]
@@ -760,7 +789,10 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
             return torch.cat([p.expand(*shape, p.shape[-1]) for p in pieces], dim=-1)
 
         fr, fc = rows(row_index), rows(col_index)
-        if isinstance(self.W, _ImplicitWeight):
+        implicit = self.W if isinstance(self.W, _ImplicitWeight) else None
+        W = self.W if implicit is None else implicit.formed(fc[..., 0].numel())
+        if W is None:
+            assert implicit is not None
             if batch_indices:
                 raise ValueError(
                     f"indexing a batch of posterior covariances whose weight is not formed (q = {self.W.shape[-1]}) "
@@ -768,9 +800,9 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
                 )
             shape = torch.broadcast_shapes(fr.shape, fc.shape)
             fr, fc = fr.expand(shape).reshape(-1, shape[-1]), fc.expand(shape).reshape(-1, shape[-1])
-            quad = (fr * self._w(fc.mT).mT).sum(-1).reshape(shape[:-1])
+            quad = (fr * implicit._matmul(fc.mT).mT).sum(-1).reshape(shape[:-1])
             return (base.to(wdt) - quad).to(self.dtype)
-        W = self.W.expand(*self.batch_shape, *self.W.shape[-2:])[batch_indices] if batch_indices else self.W
+        W = W.expand(*self.batch_shape, *W.shape[-2:])[batch_indices] if batch_indices else W
         quad = ((fr.unsqueeze(-2) @ W).squeeze(-2) * fc).sum(-1)
         return (base.to(wdt) - quad).to(self.dtype)
 
@@ -792,7 +824,9 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
     def _implicit_quadratic_diagonal(self) -> Tensor:
         r""":math:`\operatorname{diag}(F W F^\top)` with :math:`W` applied as products: per chunk of rows,
         :math:`W F_c^\top` (``q`` x rows) and a row-wise product with :math:`F_c`. # shape: (*batch, t)"""
-        wdt, t, q = self.W.dtype, self.shape[-1], self.W.shape[-1]
+        W = self.W
+        assert isinstance(W, _ImplicitWeight)
+        wdt, t, q = W.dtype, self.shape[-1], W.shape[-1]
         rows = max(1, _DIAG_CHUNK // q)
         out = []
         for start in range(0, t, rows):
@@ -803,15 +837,20 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
             ]
             batch = torch.broadcast_shapes(*(p.shape[:-2] for p in pieces))
             Fc = torch.cat([p.expand(*batch, *p.shape[-2:]) for p in pieces], dim=-1)  # (*batch, c, q)
-            out.append((Fc * self._w(Fc.mT).mT).sum(-1))
+            out.append((Fc * W._matmul(Fc.mT).mT).sum(-1))
         res = torch.cat(out, dim=-1)
         return res.expand(*self.batch_shape, t)
 
     def _quadratic_diagonal(self) -> Tensor:
         r""":math:`\operatorname{diag}(F W F^\top)` in row chunks, in the working precision. # shape: (*batch, t)"""
         if isinstance(self.W, _ImplicitWeight):
-            return self._implicit_quadratic_diagonal()
-        W, wdt = self.W, self.W.dtype
+            formed = self.W.formed(self.shape[-1])
+            if formed is None:
+                return self._implicit_quadratic_diagonal()
+            W = formed
+        else:
+            W = self.W
+        wdt = W.dtype
         sparse = self._sparse_blocks()
         offsets = [0]
         for k in self.sizes:
