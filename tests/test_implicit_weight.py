@@ -14,6 +14,7 @@ import gpytorch
 import pytest
 import torch
 
+import bma_gp.block_mean_sum_linear_operator as bmsl
 from bma_gp import GroupKernel, settings
 from bma_gp.kernels import group_kernel
 from bma_gp.kernels import sum_prediction_strategy as sps
@@ -23,6 +24,7 @@ from test_gp_inference import dense_posterior
 from test_group_factor import posteriors_in_both_precisions
 from test_mixed_posterior import reference
 from test_mixed_prediction import CASES, build, closed_form, new_inputs, random_new_inputs
+from test_mixed_prediction import GP as SumGP
 
 pytestmark = pytest.mark.filterwarnings("ignore:The input matches the stored training data")
 
@@ -229,3 +231,43 @@ def test_forms_the_weight_once_products_reach_q(monkeypatch):
         covar = model(many).lazy_covariance_matrix
         covar.diagonal()
         assert covar.W._formed is None
+
+
+def test_crossed_levels_kept_as_cells(implicit):
+    """Two crossed groupings whose table is sparse (300 x 40 levels, 400 points: the capacitance keeps the table
+    as its nonzero cells): the products take the blocks against the eliminated grouping from those cells, no
+    ``40 x 300`` table is formed, and the posterior equals GPyTorch's dense one (training and new levels)."""
+    g = torch.Generator().manual_seed(5)
+    n, k1, k2 = 400, 300, 40
+    a, b = torch.randint(0, k1 - 2, (n,), generator=g), torch.randint(0, k2 - 2, (n,), generator=g)
+    x = torch.stack([a, b], -1).to(DTYPE)
+    y = torch.randn(k1, generator=g, dtype=DTYPE)[a] + torch.randn(k2, generator=g, dtype=DTYPE)[b]
+    y = y + 0.3 * torch.randn(n, generator=g, dtype=DTYPE)
+    ka, kb = GroupKernel(k1, active_dims=[0]), GroupKernel(k2, active_dims=[1])
+    ka.var, kb.var = 0.7, 0.4
+    likelihood = gpytorch.likelihoods.GaussianLikelihood()
+    model = SumGP(x, y, likelihood, [ka, kb]).to(DTYPE)
+    likelihood.noise = 0.1
+    model.eval()
+    xt = torch.tensor([[0.0, 1.0], [k1 - 1.0, 3.0], [5.0, k2 - 1.0], [k1 - 2.0, k2 - 2.0], [17.0, 9.0]], dtype=DTYPE)
+    formed = []
+    watched = bmsl._Contingencies.__missing__  # where a table of two partitions is formed
+
+    def missing(self, key):
+        formed.append(key)
+        return watched(self, key)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(bmsl._Contingencies, "__missing__", missing)
+        with torch.no_grad(), closed_forms_only(n):
+            post = model(xt)
+            covar = post.lazy_covariance_matrix
+            assert isinstance(covar.W, sps._ImplicitWeight)
+            mean, dense, var = post.mean, covar.to_dense(), post.variance
+            cap = covar.W.M._capacitance()
+            assert any(not torch.is_tensor(piece) for piece in cap.A_re.pieces)  # the table as cells
+    assert (0, 1) not in formed  # and never as a k1 x k2 matrix
+    ref_mean, ref_cov = reference(model, xt)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(dense, ref_cov, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(var, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-10)
