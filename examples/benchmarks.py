@@ -10,7 +10,7 @@ operator    ``bench_operator.py --part dense`` and       one elementwise pass ov
             ``--part sweep``                             dense Cholesky / eigh at n = 6,000
 compositions ``bench_compositions.py``                   linear_operator's generic path (CG, stochastic
                                                          Lanczos) on the same sum; dense Cholesky
-mixed       ``bench_mixed.py``,                          absolute targets (issue 11: one SGPR + groups
+mixed       ``bench_mixed.py --predict 1000``,           absolute targets (issue 11: one SGPR + groups
             ``bench_groups.py``                          training iteration at n = 10^6, < 10 s, < 4 GB);
                                                          random intercepts: the general k x k path
 kernel      ``bench_kernel_block_mean.py``               the same kernel entries in the same chunks,
@@ -72,7 +72,7 @@ def commands(suite: str, smoke: bool, device: str, py: str) -> list[list[str]]:
         return [[py, str(HERE / "bench_compositions.py"), *s]]
     if suite == "mixed":
         return [
-            [py, str(HERE / "bench_mixed.py"), *s],
+            [py, str(HERE / "bench_mixed.py"), "--predict", "1000", *s],
             [py, str(HERE / "bench_groups.py"), *s],
             [py, str(HERE / "bench_groups.py"), "--rank", "2", *s],
         ]
@@ -567,7 +567,8 @@ def gp_tables(records: list[dict]) -> list[str]:
 def group_tables(records: list[dict]) -> list[str]:
     """Random intercepts (``bench_groups.py``): the elementwise path against the general ``k x k`` path."""
     rows = [r for r in records if r.get("bench") == "group_iteration"]
-    if not rows and not any(r.get("bench") == "group_factor_iteration" for r in records):
+    others = ("group_factor_iteration", "mixed_prediction")
+    if not rows and not any(r.get("bench") in others for r in records):
         return []
     lines = [
         "### Random-intercept GP, one training iteration (elementwise diagonal core vs general k x k path)",
@@ -599,6 +600,20 @@ def group_tables(records: list[dict]) -> list[str]:
                 f"| {r['n']:,} | {r['k']:,} | {r['rank']} | {_fmt(r.get('factor_s'))} | {_fmt(dense)} | "
                 f"{_fmt(r.get('speedup'), 1)} | {_fmt(r.get('factor_predict_s'))} | {_fmt(r.get('dense_predict_s'))} | "
                 f"{equal} | {_fmt(r.get('max_mean_diff'))} |"
+            )
+    prediction = [r for r in records if r.get("bench") == "mixed_prediction"]
+    if prediction:
+        lines += [
+            "",
+            "### Mixed GP prediction after training (`bench_mixed.py --predict`): mean and variance at new points",
+            "",
+            "| n | SGPR m | groups | new points | seconds | peak RSS GB |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in prediction:
+            lines.append(
+                f"| {r['n']:,} | {r['m']} | {r['levels'][0]:,} x {r['levels'][1]:,} | {r['t']:,} | "
+                f"{_fmt(r['seconds'])} | {r['peak_rss_mb'] / 1024:.2f} |"
             )
     return [*lines, ""]
 
