@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -92,6 +93,27 @@ class _Cells:
     def count(self) -> int:
         return self.row.shape[0]
 
+    def csr(self, values: Tensor, transpose: bool, rows: int, cols: int) -> Tensor:
+        """The table (``transpose``: its transpose, ``k_e x k_a``) as a sparse CSR tensor of ``values`` (one per
+        cell). The cells are in order of ``e``'s blocks, so the transpose is CSR as it is; the table itself
+        needs them by ``a``'s blocks (that order is computed once)."""
+        with warnings.catch_warnings():  # torch's note that CSR support is in beta, once per process, is not ours
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+            return self._csr(values, transpose, rows, cols)
+
+    def _csr(self, values: Tensor, transpose: bool, rows: int, cols: int) -> Tensor:
+        if transpose:  # rows of N^T: the blocks of e
+            return torch.sparse_csr_tensor(self.starts, self.row, values, (rows, cols), check_invariants=False)
+        order = getattr(self, "_by_row", None)
+        if order is None:
+            order = torch.argsort(self.row, stable=True)  # by i, then l
+            counts = torch.bincount(self.row, minlength=rows)
+            crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+            order = (order, crow)
+            object.__setattr__(self, "_by_row", order)  # a cache on the frozen dataclass
+        perm, crow = order
+        return torch.sparse_csr_tensor(crow, self.col[perm], values[perm], (rows, cols), check_invariants=False)
+
     def pairs(self, other: _Cells) -> int:
         """How many pairs :meth:`join` would list."""
         return int(((self.starts[1:] - self.starts[:-1]) * (other.starts[1:] - other.starts[:-1])).sum())
@@ -137,6 +159,28 @@ class _Contingencies(dict):
         return value
 
 
+#: Columns are taken in chunks so that a product from a table's nonzero cells gathers at most this many elements
+#: at a time (a cells x columns temporary).
+CELL_PRODUCT_ELEMENTS = 2**22
+
+
+def _cells_matmul(cells: _Cells, values: Tensor, X: Tensor, rows: int, transpose: bool = False) -> Tensor:
+    """``N X`` (``N^T X`` with ``transpose``) for the table ``N`` (``rows`` x its other size) given by its nonzero
+    ``cells`` and their ``values``: a sparse CSR product when no gradient is asked for and nothing is batched (3-4x
+    faster than gathers, and no ``cells x c`` temporary), else gathers and ``index_add`` in column chunks of
+    bounded size. # shape: (*batch, rows, c)"""
+    needs_grad = torch.is_grad_enabled() and (values.requires_grad or X.requires_grad)
+    if values.dim() == 1 and X.dim() == 2 and not needs_grad:
+        return cells.csr(values, transpose, rows, X.shape[0]) @ X
+    src, dst = (cells.row, cells.col) if transpose else (cells.col, cells.row)
+    step = max(1, CELL_PRODUCT_ELEMENTS // max(1, src.numel()))
+    out = []
+    for start in range(0, X.shape[-1], step):
+        scaled = values.unsqueeze(-1) * X[..., src, start : start + step]
+        out.append(scaled.new_zeros(*scaled.shape[:-2], rows, scaled.shape[-1]).index_add_(-2, dst, scaled))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
+
+
 class _CrossBlocks:
     r""":math:`A_{re}`: the blocks :math:`A_{te}` of the non-eliminated terms against the eliminated grouping,
     stacked (``r x k_e``). Each is a dense tensor (``k_t x k_e``) or, for a grouping whose table with the eliminated
@@ -172,10 +216,7 @@ class _CrossBlocks:
                 parts.append(piece @ X)
             else:
                 cells, values = piece
-                scaled = values.unsqueeze(-1) * X[..., cells.col, :]
-                parts.append(
-                    scaled.new_zeros(*scaled.shape[:-2], self.sizes[i], X.shape[-1]).index_add(-2, cells.row, scaled)
-                )
+                parts.append(_cells_matmul(cells, values, X, self.sizes[i]))
         batch = torch.broadcast_shapes(*(p.shape[:-2] for p in parts))
         return torch.cat([p.expand(*batch, *p.shape[-2:]) for p in parts], dim=-2)
 
@@ -187,8 +228,7 @@ class _CrossBlocks:
                 term = piece.mT @ xi
             else:
                 cells, values = piece
-                scaled = values.unsqueeze(-1) * xi[..., cells.row, :]
-                term = scaled.new_zeros(*scaled.shape[:-2], self.ke, xi.shape[-1]).index_add(-2, cells.col, scaled)
+                term = _cells_matmul(cells, values, xi, self.ke, transpose=True)
             out = term if out is None else out + term
         assert out is not None
         return out

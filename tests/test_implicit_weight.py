@@ -233,10 +233,13 @@ def test_forms_the_weight_once_products_reach_q(monkeypatch):
         assert covar.W._formed is None
 
 
-def test_crossed_levels_kept_as_cells(implicit):
+def test_crossed_levels_kept_as_cells(implicit, monkeypatch):
     """Two crossed groupings whose table is sparse (300 x 40 levels, 400 points: the capacitance keeps the table
-    as its nonzero cells): the products take the blocks against the eliminated grouping from those cells, no
-    ``40 x 300`` table is formed, and the posterior equals GPyTorch's dense one (training and new levels)."""
+    as its nonzero cells): with tables that large treated as too large to form, the products take the blocks
+    against the eliminated grouping from those cells, a few columns at a time; no ``40 x 300`` table is formed, and
+    the posterior equals GPyTorch's dense one (training and new levels)."""
+    monkeypatch.setattr(sps, "_DENSE_TABLE_ELEMENTS", 0)
+    monkeypatch.setattr(bmsl, "CELL_PRODUCT_ELEMENTS", 1000)  # about 3 columns per chunk
     g = torch.Generator().manual_seed(5)
     n, k1, k2 = 400, 300, 40
     a, b = torch.randint(0, k1 - 2, (n,), generator=g), torch.randint(0, k2 - 2, (n,), generator=g)
@@ -267,6 +270,14 @@ def test_crossed_levels_kept_as_cells(implicit):
             cap = covar.W.M._capacitance()
             assert any(not torch.is_tensor(piece) for piece in cap.A_re.pieces)  # the table as cells
     assert (0, 1) not in formed  # and never as a k1 x k2 matrix
+    # with autograd on, the products from the cells take gathers instead of the sparse CSR product: same numbers
+    model.train()
+    model.eval()
+    with closed_forms_only(n):
+        post = model(xt)
+        var_grad = post.variance
+        assert var_grad.requires_grad
+    torch.testing.assert_close(var_grad.detach(), var, rtol=1e-10, atol=1e-12)
     ref_mean, ref_cov = reference(model, xt)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(dense, ref_cov, rtol=1e-8, atol=1e-10)

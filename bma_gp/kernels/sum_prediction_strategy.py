@@ -53,7 +53,7 @@ from bma_gp._composition import _build, _collect, _Parts
 from bma_gp._precision import core_dtype
 from bma_gp._symmetric_function import symmetric_matrix_function
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
-from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator, _scoped
+from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator, _cells_matmul, _scoped
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.partition import Partition
 
@@ -413,40 +413,48 @@ def _cross_factor(M: BlockMeanSumLinearOperator, pieces: list[_Piece]) -> list[T
     return blocks
 
 
+#: A table of two partitions is multiplied as a dense ``k_i x k_j`` matrix up to this many entries; a larger one
+#: that the capacitance keeps as its nonzero cells (many crossed levels) is multiplied from the cells.
+_DENSE_TABLE_ELEMENTS = 2**24
+
+
 def _gram_matmul(M: BlockMeanSumLinearOperator, X: Tensor) -> Tensor:
     r""":math:`A X` for the Gram matrix :math:`A = Z^\top D^{-1} Z` of ``M``, from its term blocks without forming
     it: a partition's own block is diagonal (block sums of :math:`1/d`), so it scales rows instead of a ``k x k``
-    product. The blocks against the grouping the capacitance eliminates come from the capacitance's own
-    :math:`A_{re}`, kept as its nonzero cells where that grouping's tables are sparse (many crossed levels): no
-    ``k_t x k_e`` table is formed that training did not form. With one grouping of ``k`` levels and a root of rank
-    ``m`` that is :math:`O(k m c)` for ``c`` columns, where the formed ``q x q`` matrix costs :math:`O(q^2 c)`.
+    product. A table with the grouping the capacitance eliminates that the capacitance keeps as its nonzero cells
+    (many crossed levels) and that has more than ``_DENSE_TABLE_ELEMENTS`` entries is multiplied from those cells,
+    so no table is formed that training did not form. With one grouping of ``k`` levels and a root of rank ``m``
+    that is :math:`O(k m c)` for ``c`` columns, where the formed ``q x q`` matrix costs :math:`O(q^2 c)`.
     # shape: (*batch, q, c)"""
     sizes = M._sizes()
     J = len(M.partitions)
     a, _ = M._gram()
-    cap = M._capacitance()
-    e = cap.elim
+    cells: dict[int, tuple] = {}  # term -> (cells, values) of its table with the eliminated grouping
+    e = None
+    if M._elimination_term() is not None and len(sizes) > 1:
+        cap = M._capacitance()
+        e = cap.elim
+        assert cap.A_re is not None and e is not None
+        rest = [t for t in range(len(sizes)) if t != e]
+        for t, piece in zip(rest, cap.A_re.pieces):
+            if not torch.is_tensor(piece) and sizes[t] * sizes[e] > _DENSE_TABLE_ELEMENTS:
+                cells[t] = piece
     X_blocks = X.split(sizes, dim=-2)
     out: list[Tensor] = []
     for i in range(len(sizes)):
-        terms = [
-            a[i].to(X_j.dtype).unsqueeze(-1) * X_j if i == j and i < J else M._A_block(i, j).to(X_j.dtype) @ X_j
-            for j, X_j in enumerate(X_blocks)
-            if e is None or i == j or e not in (i, j)  # the blocks against the eliminated grouping: below
-        ]
+        terms = []
+        for j, X_j in enumerate(X_blocks):
+            if i == j and i < J:
+                terms.append(a[i].to(X_j.dtype).unsqueeze(-1) * X_j)
+            elif e in (i, j) and i != j and (j if i == e else i) in cells:
+                table, values = cells[j if i == e else i]  # the pair's other term's table with the eliminated one
+                terms.append(_cells_matmul(table, values.to(X_j.dtype), X_j, sizes[i], transpose=i == e))
+            else:
+                terms.append(M._A_block(i, j).to(X_j.dtype) @ X_j)
         acc = terms[0]
         for term in terms[1:]:
             acc = acc + term
         out.append(acc)
-    if e is not None and len(sizes) > 1:
-        assert cap.A_re is not None
-        rest = [t for t in range(len(sizes)) if t != e]
-        wdt = X.dtype
-        from_e = cap.A_re.matmul(X_blocks[e].to(cap.A_re.dtype)).to(wdt).split([sizes[t] for t in rest], dim=-2)
-        for t, piece in zip(rest, from_e):
-            out[t] = out[t] + piece
-        X_rest = torch.cat([X_blocks[t].expand(*X.shape[:-2], *X_blocks[t].shape[-2:]) for t in rest], dim=-2)
-        out[e] = out[e] + cap.A_re.t_matmul(X_rest.to(cap.A_re.dtype)).to(wdt)
     batch = torch.broadcast_shapes(*(o.shape[:-2] for o in out))
     return torch.cat([o.expand(*batch, *o.shape[-2:]) for o in out], dim=-2)
 
