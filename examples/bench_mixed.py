@@ -90,7 +90,9 @@ def predict(model, levels: list[int], t: int) -> dict:
     return {"bench": "mixed_prediction", "t": t, "seconds": seconds, "peak_rss_mb": _peak_rss_mb()}
 
 
-def run(n: int, levels: list[int], m: int, iters: int, sgpr: str = "chunked", t: int = 0) -> list[dict]:
+def run(
+    n: int, levels: list[int], m: int, iters: int, sgpr: str = "chunked", t: int = 0, weight: str = "auto"
+) -> list[dict]:
     x, y = make_data(n, levels)
     gen = torch.Generator().manual_seed(1)
     inducing = x[torch.randperm(n, generator=gen)[:m], :2].clone()
@@ -128,7 +130,7 @@ def run(n: int, levels: list[int], m: int, iters: int, sgpr: str = "chunked", t:
             }
         )
     if t:
-        records.append({**predict(model, levels, t), "n": n, "levels": levels, "m": m, "sgpr": sgpr})
+        records.append({**predict(model, levels, t), "n": n, "levels": levels, "m": m, "sgpr": sgpr, "weight": weight})
     return records
 
 
@@ -147,7 +149,17 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--smoke", action="store_true", help="n = 5000, 16 inducing points, levels 50 x 200")
     parser.add_argument("--predict", type=int, default=0, help="then predict mean and variance at this many new points")
+    parser.add_argument(
+        "--weight",
+        choices=("auto", "formed"),
+        default="auto",
+        help="prediction: the package's choice, or always the formed q x q posterior weight (the path before products)",
+    )
     args = parser.parse_args(argv)
+    if args.weight == "formed":
+        from bma_gp.kernels import sum_prediction_strategy
+
+        sum_prediction_strategy._DENSE_WEIGHT_MAX_ELIMINATED = 2**62
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.smoke:
@@ -155,7 +167,7 @@ def main(argv=None) -> int:
     # closed forms only: a summand outside the family would warn (here: fail), and CG is never the dense path
     with warnings.catch_warnings(), gpytorch.settings.max_cholesky_size(0):
         warnings.simplefilter("error", ClosedFormFallbackWarning)
-        records = run(args.n, list(args.levels), args.inducing, args.iters, args.sgpr, args.predict)
+        records = run(args.n, list(args.levels), args.inducing, args.iters, args.sgpr, args.predict, args.weight)
     for r in records:
         print(json.dumps(r), flush=True)
     prediction = [r for r in records if r["bench"] == "mixed_prediction"]
@@ -168,7 +180,10 @@ def main(argv=None) -> int:
         f"peak RSS {records[-1]['peak_rss_mb'] / 1024:.2f} GB"
     )
     for r in prediction:
-        print(f"# prediction at {r['t']:,} new points: {r['seconds']:.2f} s, peak RSS {r['peak_rss_mb'] / 1024:.2f} GB")
+        print(
+            f"# prediction at {r['t']:,} new points ({args.weight} weight): {r['seconds']:.2f} s, peak RSS "
+            f"{r['peak_rss_mb'] / 1024:.2f} GB"
+        )
     return 0
 
 
