@@ -282,3 +282,18 @@ def test_crossed_levels_kept_as_cells(implicit, monkeypatch):
     torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(dense, ref_cov, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(var, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-10)
+
+
+def test_root_comparison_goes_piece_by_piece(monkeypatch):
+    """The training root and a cross covariance's right factor (``n x m`` each) are compared in pieces of rows, so
+    no ``n x m`` temporary is made; rounding anywhere passes, a real difference in the last piece does not."""
+    monkeypatch.setattr(sps, "_COMPARE_CHUNK", 64)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(100, 8, generator=g, dtype=DTYPE)
+    b = a * (1 + 2 * torch.finfo(DTYPE).eps * torch.randn(100, 8, generator=g, dtype=DTYPE))
+    assert len(sps._pieces(a)) == 13 and all(p.shape[-1] == 8 for p in sps._pieces(a))
+    assert sps._same_root(a, b) and sps._close(a, b)
+    c = b.clone()
+    c[-1, 3] += 1e-6
+    assert not sps._same_root(a, c) and not sps._close(a, c)
+    assert not sps._same_root(a, b[:, :7]) and sps._close(a[0, 0], a[0, 0].clone())

@@ -89,6 +89,31 @@ def as_sum(op) -> BlockMeanSumLinearOperator | None:
     return res if isinstance(res, BlockMeanSumLinearOperator) else None
 
 
+#: Elements per piece when two large tensors are compared (an ``n x m`` root: no ``n x m`` temporaries).
+_COMPARE_CHUNK = 2**22
+
+
+def _pieces(x: Tensor) -> list[Tensor]:
+    """``x`` split along its rows (its only dimension for a vector) into views of about ``_COMPARE_CHUNK`` elements."""
+    if x.dim() == 0 or x.numel() == 0:
+        return [x]
+    dim = -2 if x.dim() >= 2 else 0
+    per_row = max(1, x.numel() // x.shape[dim])
+    return list(x.split(max(1, _COMPARE_CHUNK // per_row), dim=dim))
+
+
+def _within(a: Tensor, b: Tensor, units: float) -> bool:
+    """Whether every entry of ``a`` and ``b`` (same shape) differs by at most ``units`` times the unit roundoff of
+    the larger magnitude in either, compared piece by piece."""
+    a, b = a.detach(), b.detach().to(a.dtype)
+    if torch.equal(a, b):
+        return True
+    pa, pb = _pieces(a), _pieces(b)
+    scale = max(float(torch.maximum(x.abs().amax(), y.abs().amax())) for x, y in zip(pa, pb))
+    tol = units * torch.finfo(a.dtype).eps * scale
+    return all(bool(((x - y).abs() <= tol).all()) for x, y in zip(pa, pb))
+
+
 def _close(a: Tensor, b: Tensor) -> bool:
     """Equal, or equal up to a few units of rounding (the same kernel evaluated on two copies of the inputs)."""
     if a.shape != b.shape:
@@ -96,11 +121,7 @@ def _close(a: Tensor, b: Tensor) -> bool:
             a, b = torch.broadcast_tensors(a, b)
         except RuntimeError:
             return False
-    if torch.equal(a, b):
-        return True
-    a, b = a.detach(), b.detach()
-    scale = torch.maximum(a.abs().amax(), b.abs().amax())
-    return bool(((a - b).abs() <= 16 * torch.finfo(a.dtype).eps * scale).all())
+    return _within(a, b, 16)
 
 
 def _same(a: BlockMeanSumLinearOperator, b: BlockMeanSumLinearOperator) -> bool:
@@ -370,10 +391,11 @@ def _same_root(a: Tensor, b: Tensor) -> bool:
     chunks and at once), so equal up to the rounding of one product with ``m`` terms."""
     if a.shape[-2:] != b.shape[-2:]:
         return False
-    a, b = a.detach(), b.detach().to(a.dtype)
-    scale = torch.maximum(a.abs().amax(), b.abs().amax())
-    tol = 64 * a.shape[-1] * torch.finfo(a.dtype).eps * scale
-    return bool(((a - b).abs() <= tol).all())
+    try:
+        a, b = torch.broadcast_tensors(a, b)
+    except RuntimeError:
+        return False
+    return _within(a, b, 64 * a.shape[-1])
 
 
 def _cross_factor(M: BlockMeanSumLinearOperator, pieces: list[_Piece]) -> list[Tensor | None] | None:
