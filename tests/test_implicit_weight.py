@@ -4,8 +4,8 @@ Past ``_DENSE_WEIGHT_MAX_ELIMINATED`` levels in the eliminated (largest diagonal
 inputs multiplies by ``W = A - A C^{-1} G A`` through the sum's Gram blocks and capacitance factorisation, so no
 ``q x q`` matrix exists and ``q`` may exceed ``max_capacitance_size``. The tests force that path at small sizes and
 compare it with GPyTorch's dense computation (the cases of test_mixed_prediction), with the formed ``W``, and with
-dense algebra past the size limit; and check batches, float32 and the one unsupported indexing (the gradients are
-in test_mixed_prediction, for both weights).
+dense algebra past the size limit; and check batches (entries of several members at once too) and float32 (the
+gradients are in test_mixed_prediction, for both weights).
 """
 
 from __future__ import annotations
@@ -167,8 +167,10 @@ def test_batch(implicit, monkeypatch):
         assert isinstance(covar.W, sps._ImplicitWeight)
         mean, cov, var = post.mean, covar.to_dense(), post.variance
         assert cov.shape == (2, xt.shape[0], xt.shape[0])
-        with pytest.raises(ValueError, match="index the batch first"):
-            covar[torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([1, 2])]
+        # entries of different batch members at once (each column multiplied by its own member's weight)
+        bi, ri, ci = torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 4, 3]), torch.tensor([1, 2, 0, 3])
+        entries = covar[bi, ri, ci]
+        torch.testing.assert_close(entries, cov[bi, ri, ci], rtol=1e-10, atol=1e-12)
     C = kernel.covar_matrix.detach()
     ids, tid = x[:, 0].long(), xt[:, 0].long()
     noise = model.likelihood.noise.detach()

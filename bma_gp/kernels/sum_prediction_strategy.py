@@ -30,6 +30,8 @@ closed form through :class:`~bma_gp.kernels.BlockMeanPredictionStrategy`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from gpytorch import settings as gpytorch_settings
 from gpytorch.distributions import MultivariateNormal
@@ -836,17 +838,25 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
         fr, fc = rows(row_index), rows(col_index)
         implicit = self.W if isinstance(self.W, _ImplicitWeight) else None
         W = self.W if implicit is None else implicit.formed(fc[..., 0].numel())
-        if W is None:
+        if W is None:  # products: W applied to the entries' columns of F
             assert implicit is not None
-            if batch_indices:
-                raise ValueError(
-                    f"indexing a batch of posterior covariances whose weight is not formed (q = {self.W.shape[-1]}) "
-                    "is not supported; index the batch first (covar[i]) or take .diagonal() / .to_dense()."
-                )
             shape = torch.broadcast_shapes(fr.shape, fc.shape)
-            fr, fc = fr.expand(shape).reshape(-1, shape[-1]), fc.expand(shape).reshape(-1, shape[-1])
-            quad = (fr * implicit._matmul(fc.mT).mT).sum(-1).reshape(shape[:-1])
-            return (base.to(wdt) - quad).to(self.dtype)
+            q = shape[-1]
+            fr, fc = fr.expand(shape).reshape(-1, q), fc.expand(shape).reshape(-1, q)
+            if not batch_indices:
+                quad = (fr * implicit._matmul(fc.mT).mT).sum(-1)
+            else:  # each entry's column goes to its own batch member; one product for all
+                batch = tuple(self.batch_shape)
+                flat = torch.zeros(shape[:-1], dtype=torch.long, device=fr.device)
+                for index, size in zip(batch_indices, batch):
+                    flat = flat * size + index.to(flat.device).expand(shape[:-1])
+                flat = flat.reshape(-1)
+                entries = torch.arange(flat.numel(), device=fr.device)
+                X = fc.new_zeros(math.prod(batch), q, flat.numel())
+                X[flat, :, entries] = fc
+                Y = implicit._matmul(X.view(*batch, q, -1)).reshape(-1, q, flat.numel())
+                quad = (fr * Y[flat, :, entries]).sum(-1)
+            return (base.to(wdt) - quad.reshape(shape[:-1])).to(self.dtype)
         W = W.expand(*self.batch_shape, *W.shape[-2:])[batch_indices] if batch_indices else W
         quad = ((fr.unsqueeze(-2) @ W).squeeze(-2) * fc).sum(-1)
         return (base.to(wdt) - quad).to(self.dtype)
