@@ -496,7 +496,7 @@ def _posterior_weight(M: BlockMeanSumLinearOperator) -> Tensor | _ImplicitWeight
 
     Formed as a matrix when the eliminated grouping is small (then :math:`W` costs about what the capacitance
     does); otherwise applied as products (:class:`_ImplicitWeight`), which needs no ``q x q`` matrix at all:
-    a random intercept with many levels predicts in :math:`O(q)` memory, however large ``q`` is."""
+    a random intercept with many levels predicts ``t`` points in :math:`O(t q)` memory, however large ``q`` is."""
     sizes = M._sizes()
     elim = M._elimination_term()
     if elim is not None and sizes[elim] > _DENSE_WEIGHT_MAX_ELIMINATED:
