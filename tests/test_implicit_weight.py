@@ -235,15 +235,10 @@ def test_forms_the_weight_once_products_reach_q(monkeypatch):
         assert covar.W._formed is None
 
 
-def test_crossed_levels_kept_as_cells(implicit, monkeypatch):
-    """Two crossed groupings whose table is sparse (300 x 40 levels, 400 points: the capacitance keeps the table
-    as its nonzero cells): with tables that large treated as too large to form, the products take the blocks
-    against the eliminated grouping from those cells, a few columns at a time; no ``40 x 300`` table is formed, and
-    the posterior equals GPyTorch's dense one (training and new levels)."""
-    monkeypatch.setattr(sps, "_DENSE_TABLE_ELEMENTS", 0)
-    monkeypatch.setattr(bmsl, "CELL_PRODUCT_ELEMENTS", 1000)  # about 3 columns per chunk
+def crossed_model(n=400, k1=300, k2=40):
+    """Random intercepts of two crossed groupings (``k1`` and ``k2`` levels, the last two of each unseen in
+    training) in eval mode, and test inputs at seen and unseen levels."""
     g = torch.Generator().manual_seed(5)
-    n, k1, k2 = 400, 300, 40
     a, b = torch.randint(0, k1 - 2, (n,), generator=g), torch.randint(0, k2 - 2, (n,), generator=g)
     x = torch.stack([a, b], -1).to(DTYPE)
     y = torch.randn(k1, generator=g, dtype=DTYPE)[a] + torch.randn(k2, generator=g, dtype=DTYPE)[b]
@@ -255,6 +250,18 @@ def test_crossed_levels_kept_as_cells(implicit, monkeypatch):
     likelihood.noise = 0.1
     model.eval()
     xt = torch.tensor([[0.0, 1.0], [k1 - 1.0, 3.0], [5.0, k2 - 1.0], [k1 - 2.0, k2 - 2.0], [17.0, 9.0]], dtype=DTYPE)
+    return model, xt
+
+
+def test_crossed_levels_kept_as_cells(implicit, monkeypatch):
+    """Two crossed groupings whose table is sparse (300 x 40 levels, 400 points: the capacitance keeps the table
+    as its nonzero cells): with tables that large treated as too large to form, the products take the blocks
+    against the eliminated grouping from those cells, a few columns at a time; no ``40 x 300`` table is formed, and
+    the posterior equals GPyTorch's dense one (training and new levels)."""
+    monkeypatch.setattr(sps, "_DENSE_TABLE_ELEMENTS", 0)
+    monkeypatch.setattr(bmsl, "CELL_PRODUCT_ELEMENTS", 1000)  # about 3 columns per chunk
+    model, xt = crossed_model()
+    n = model.train_targets.shape[-1]
     formed = []
     watched = bmsl._Contingencies.__missing__  # where a table of two partitions is formed
 
@@ -299,3 +306,21 @@ def test_root_comparison_goes_piece_by_piece(monkeypatch):
     c[-1, 3] += 1e-6
     assert not sps._same_root(a, c) and not sps._close(a, c)
     assert not sps._same_root(a, b[:, :7]) and sps._close(a[0, 0], a[0, 0].clone())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(implicit, monkeypatch):
+    """The implicit weight and the products from a table's cells (the sparse CSR product) on the device."""
+    monkeypatch.setattr(sps, "_DENSE_TABLE_ELEMENTS", 0)
+    model, xt = crossed_model()
+    gpu_model = crossed_model()[0].cuda()  # a fresh model (no strategy cached on the CPU), the same numbers
+    with torch.no_grad():
+        post = model(xt)
+        mean, var = post.mean, post.variance
+        post = gpu_model(xt.cuda())
+        assert isinstance(post.lazy_covariance_matrix.W, sps._ImplicitWeight)
+        mean_gpu, var_gpu = post.mean, post.variance
+    assert mean_gpu.device.type == "cuda"
+    torch.testing.assert_close(mean_gpu.cpu(), mean, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(var_gpu.cpu(), var, rtol=1e-9, atol=1e-10)
