@@ -192,12 +192,6 @@ class _CrossBlocks:
         self.sizes = sizes
         self.ke = ke
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The pieces' dtype (the working precision)."""
-        piece = self.pieces[0]
-        return piece.dtype if torch.is_tensor(piece) else piece[1].dtype
-
     def dense(self, i: int) -> Tensor:
         """Piece ``i`` as a ``k_t x k_e`` tensor (formed from the cells if needed)."""
         piece = self.pieces[i]
