@@ -525,14 +525,18 @@ class BlockMeanSumLinearOperator(LinearOperator):
     def blocks(self) -> tuple[Tensor, ...]:
         """The block matrices :math:`B_j` (*batch, k_j, k_j); one given as its diagonal is formed here on demand
         (kept unless it requires gradients). The closed forms never ask for it."""
-        out = []
-        for j, (B, dense) in enumerate(zip(self._block_args, self._dense_blocks)):
-            if dense is None:
-                dense = torch.diag_embed(B)
-                if not B.requires_grad:
-                    self._dense_blocks[j] = dense
-            out.append(dense)
-        return tuple(out)
+        return tuple(self._dense_block(j) for j in range(len(self._block_args)))
+
+    def _dense_block(self, j: int) -> Tensor:
+        """:math:`B_j` as a (*batch, k_j, k_j) matrix, formed from its diagonal (and kept unless it requires
+        gradients) only for this ``j``: :attr:`blocks` would form every one."""
+        dense = self._dense_blocks[j]
+        if dense is None:
+            B = self._block_args[j]
+            dense = torch.diag_embed(B)
+            if not B.requires_grad:
+                self._dense_blocks[j] = dense
+        return dense
 
     def _trail(self, j: int) -> int:
         """The non-batch dimensions of block argument ``j``."""
@@ -801,7 +805,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         def decide() -> bool:
             if self.diagonal_blocks[j]:
                 return True
-            B = self.blocks[j]
+            B = self._dense_block(j)
             if not _is_diagonal(B):
                 return False
             return not B.requires_grad or _structurally_diagonal(B.grad_fn)
@@ -813,7 +817,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         zero-filled ``k x k`` gradient in the backward pass."""
         if self.diagonal_blocks[j]:
             return self._block_args[j]
-        return self._memo(f"block_diagonal_{j}", lambda: torch.diagonal(self.blocks[j], dim1=-2, dim2=-1))
+        return self._memo(f"block_diagonal_{j}", lambda: torch.diagonal(self._dense_block(j), dim1=-2, dim2=-1))
 
     def _G(self, j: int, x: Tensor) -> Tensor:
         """:math:`G_j x` in the working precision (``j == J``: the identity of the root)."""
@@ -821,7 +825,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
             return x
         if self._block_is_diagonal(j):  # the diagonal first: no k x k copy in the working precision
             return self._block_diagonal(j).to(x.dtype).unsqueeze(-1) * x
-        B = self.blocks[j].to(x.dtype)
+        B = self._dense_block(j).to(x.dtype)
         return (0.5 * (B + B.mT)) @ x  # one product: k <= the columns of x wherever it matters
 
     def _sizes(self) -> list[int]:
@@ -1096,7 +1100,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
                     "negative diagonal entry."
                 )
             return torch.diag_embed(values.clamp_min(0).sqrt())
-        B = self.blocks[j].to(wdt)
+        B = self._dense_block(j).to(wdt)
         B = 0.5 * (B + B.mT)
 
         def prepare(e: Tensor) -> Tensor:

@@ -1,9 +1,9 @@
 """Closed-form sums: a per-point diagonal, two crossed partitions and a low-rank root.
 
 The operator is ``diag(d) + P_1 B_1 P_1^T + P_2 B_2 P_2^T + U U^T`` with non-constant ``d``, a dense
-positive definite ``B_1`` (``k_1`` levels), a diagonal ``B_2`` (``k_2`` levels: per-level variances, the
-grouping that is eliminated first) and ``U`` of rank ``m``, built by adding operators the way a user
-would (``M1 + M2 + LowRankRootLinearOperator(U) + DiagLinearOperator(d)``).
+positive definite ``B_1`` (``k_1`` levels), a diagonal ``B_2`` (``k_2`` levels: per-level variances, given
+as a vector with ``diagonal=True``; the grouping that is eliminated first) and ``U`` of rank ``m``, built by
+adding operators the way a user would (``M1 + M2 + LowRankRootLinearOperator(U) + DiagLinearOperator(d)``).
 
 Parts (one JSON line each, then a readable line):
 
@@ -62,25 +62,28 @@ def leaves(inputs: dict) -> dict:
     return {name: inputs[name].detach().requires_grad_(True) for name in ("B1", "v2", "d", "U")}
 
 
-def closed_form(inputs: dict, x: dict):
+def summands(inputs: dict, x: dict) -> list:
+    """``M1``, ``M2`` (per-level variances held as their diagonal), ``U U^T`` and ``diag(d)``."""
     dtype = x["d"].dtype
-    M1 = BlockMeanLinearOperator(torch.zeros(inputs["p1"].num_blocks, dtype=dtype), x["B1"], inputs["p1"])
-    M2 = BlockMeanLinearOperator(
-        torch.zeros(inputs["p2"].num_blocks, dtype=dtype), torch.diag_embed(x["v2"]), inputs["p2"]
-    )
-    M = M1 + M2 + LowRankRootLinearOperator(x["U"]) + DiagLinearOperator(x["d"])
+    p1, p2 = inputs["p1"], inputs["p2"]
+    return [
+        BlockMeanLinearOperator(torch.zeros(p1.num_blocks, dtype=dtype), x["B1"], p1),
+        BlockMeanLinearOperator(torch.zeros(p2.num_blocks, dtype=dtype), x["v2"], p2, diagonal=True),
+        LowRankRootLinearOperator(x["U"]),
+        DiagLinearOperator(x["d"]),
+    ]
+
+
+def closed_form(inputs: dict, x: dict):
+    M1, M2, low_rank, diag = summands(inputs, x)
+    M = M1 + M2 + low_rank + diag
     assert isinstance(M, BlockMeanSumLinearOperator), type(M)
     return M
 
 
 def generic(inputs: dict, x: dict):
     """The same summands in linear_operator's own SumLinearOperator (constructed directly, so no closed form)."""
-    dtype = x["d"].dtype
-    M1 = BlockMeanLinearOperator(torch.zeros(inputs["p1"].num_blocks, dtype=dtype), x["B1"], inputs["p1"])
-    M2 = BlockMeanLinearOperator(
-        torch.zeros(inputs["p2"].num_blocks, dtype=dtype), torch.diag_embed(x["v2"]), inputs["p2"]
-    )
-    return SumLinearOperator(M1, M2, LowRankRootLinearOperator(x["U"]), DiagLinearOperator(x["d"]))
+    return SumLinearOperator(*summands(inputs, x))
 
 
 def step(build, inputs: dict, cpu: bool = False):

@@ -27,6 +27,7 @@ from linear_operator.operators import (
 import bma_gp
 from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, Partition
 from closed_form_guard import closed_forms_only
+from largest_tensor import LargestTensor
 
 N = 40
 CLOSED = (BlockMeanLinearOperator, BlockMeanSumLinearOperator)
@@ -752,6 +753,43 @@ def test_dense_summand_warns_fallback():
         warnings.simplefilter("error")
         res = DiagLinearOperator(d) + dense
     assert not isinstance(res, CLOSED)
+
+
+# ---------------------------------------------------------------------------- memory: no k x k from a diagonal B_j
+def test_diagonal_block_is_never_formed_when_another_block_is_dense():
+    # A many-level grouping held as its diagonal next to a dense one: asking for the dense B_1 once formed every
+    # block as a matrix, the diagonal grouping's k_2 x k_2 included (80 GB at 10^5 levels in float64).
+    n, k1, k2 = 6000, 20, 3000
+    gen = torch.Generator().manual_seed(21)
+    p1 = Partition.from_labels(torch.randint(k1, (n,), generator=gen))
+    p2 = Partition.from_labels(torch.randperm(n, generator=gen) % k2)
+    B1 = psd(k1, (), gen).requires_grad_(True)
+    v2 = (torch.rand(k2, generator=gen, dtype=torch.float64) + 0.1).requires_grad_(True)
+    d = (torch.rand(n, generator=gen, dtype=torch.float64) + 0.5).requires_grad_(True)
+    U = torch.randn(n, 3, generator=gen, dtype=torch.float64).requires_grad_(True)
+    rhs = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    mode = LargestTensor()
+    with closed_forms_only(n), mode:
+        op = (
+            BlockMeanLinearOperator(torch.zeros(k1, dtype=torch.float64), B1, p1)
+            + BlockMeanLinearOperator(torch.zeros(k2, dtype=torch.float64), v2, p2, diagonal=True)
+            + LowRankRootLinearOperator(U)
+            + DiagLinearOperator(d)
+        )
+        assert isinstance(op, BlockMeanSumLinearOperator) and op.diagonal_blocks == (False, True)
+        inv_quad, logdet = op.inv_quad_logdet(rhs, logdet=True)
+        x = op.solve(rhs)
+        (inv_quad + logdet + x.sum() + op.diagonal().sum()).backward()
+    assert mode.largest < k2 * k2 // 2, f"{mode.where} returned a tensor of {mode.largest} elements"
+    # the same answers as the operator with B_2 given as a matrix
+    ref = BlockMeanSumLinearOperator(
+        d.detach(), B1.detach(), torch.diag_embed(v2.detach()), partitions=[p1, p2], root=U.detach()
+    )
+    ref_quad, ref_logdet = ref.inv_quad_logdet(rhs, logdet=True)
+    assert_close(inv_quad.detach(), ref_quad, torch.float64)
+    assert_close(logdet.detach(), ref_logdet, torch.float64)
+    assert_close(x.detach(), ref.solve(rhs), torch.float64)
+    assert v2.grad is not None and B1.grad is not None and bool(v2.grad.abs().sum() > 0)
 
 
 # ---------------------------------------------------------------------------- large

@@ -13,12 +13,12 @@ from __future__ import annotations
 import gpytorch
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bma_gp import ChunkedInducingPointKernel, GroupKernel
 from bma_gp.kernels.sum_prediction_strategy import PredictiveCovarianceLinearOperator, SumPredictionStrategy
 from bma_gp.likelihoods import GroupGaussianLikelihood
 from closed_form_guard import closed_forms_only
+from largest_tensor import LargestTensor
 from test_mixed_posterior import gpytorch_default, reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:The input matches the stored training data")
@@ -266,22 +266,6 @@ def test_exact_kernels_keep_gpytorchs_path():
 
 
 # ---------------------------------------------------------------------------- memory: no t x n matrix
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any torch operation returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-        self.where = ""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for value in out if isinstance(out, (tuple, list)) else (out,):
-            if torch.is_tensor(value) and value.numel() > self.largest:
-                self.largest, self.where = value.numel(), str(func)
-        return out
-
-
 def test_no_test_by_training_matrix_at_twenty_thousand_points():
     n = t = 20_000
     g = torch.Generator().manual_seed(0)
@@ -305,7 +289,7 @@ def test_no_test_by_training_matrix_at_twenty_thousand_points():
     ka, kb = GroupKernel(k1 + 1, active_dims=[1]), GroupKernel(k2 + 1, active_dims=[2])
     model = GP(x, y, likelihood, [ipk, ka, kb])
     model.eval()
-    mode = _LargestTensor()
+    mode = LargestTensor()
     with closed_forms_only(n), torch.no_grad(), mode:
         pred = likelihood(model(xt))
         mean, variance = pred.mean, pred.variance

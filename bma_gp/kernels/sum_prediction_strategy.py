@@ -130,12 +130,15 @@ def _same(a: BlockMeanSumLinearOperator, b: BlockMeanSumLinearOperator) -> bool:
     """Whether the two sums are the same matrix term by term (same partitions and weights, equal tensors)."""
     if a.shape != b.shape or len(a.partitions) != len(b.partitions) or (a.root is None) != (b.root is None):
         return False
-    for pa, pb, wa, wb, Ba, Bb in zip(a.partitions, b.partitions, a.weights, b.weights, a.blocks, b.blocks):
+    for j, (pa, pb, wa, wb) in enumerate(zip(a.partitions, b.partitions, a.weights, b.weights)):
         if not pa.same_as(pb) or (wa is None) != (wb is None):
             return False
         if wa is not None and wb is not None and not torch.equal(wa, wb):
             return False
-        if not _close(Ba, Bb):
+        if a.diagonal_blocks[j] and b.diagonal_blocks[j]:  # both held as diagonals: no k x k matrices
+            if not _close(a._block_args[j], b._block_args[j]):
+                return False
+        elif not _close(a._dense_block(j), b._dense_block(j)):
             return False
     if a.root is not None and b.root is not None and (a.root.shape != b.root.shape or not _close(a.root, b.root)):
         return False
@@ -162,12 +165,17 @@ def _noise_diagonal(strategy: DefaultPredictionStrategy) -> Tensor | None:
 
 
 # ---------------------------------------------------------------------------- the factor
-def _root_of_block(B: Tensor, wdt: torch.dtype) -> Tensor | None:
-    """A root of a positive semidefinite ``B``: a vector ``l`` (``B = diag(l^2)``, when ``B`` is diagonal) or the
-    symmetric square root; None when ``B`` has a clearly negative eigenvalue (no root exists)."""
-    B = B.to(wdt)
-    values = torch.diagonal(B, dim1=-2, dim2=-1)
-    if B.shape[-1] == 1 or not bool((B - torch.diag_embed(values)).detach().any()):
+def _root_of_block(M: BlockMeanSumLinearOperator, j: int, wdt: torch.dtype) -> Tensor | None:
+    """A root of the positive semidefinite ``B_j`` of ``M``: a vector ``l`` (``B_j = diag(l^2)``, when ``B_j`` is
+    diagonal) or the symmetric square root; None when ``B_j`` has a clearly negative eigenvalue (no root exists).
+    A block held as its diagonal is never formed as a matrix."""
+    if M.diagonal_blocks[j]:
+        values = M._block_args[j].to(wdt)
+        B = None
+    else:
+        B = M._dense_block(j).to(wdt)
+        values = torch.diagonal(B, dim1=-2, dim2=-1)
+    if B is None or B.shape[-1] == 1 or not bool((B - torch.diag_embed(values)).detach().any()):
         if bool((values < 0).any()):
             return None
         positive = values > 0
@@ -242,7 +250,7 @@ class _Factor:
         self.s = nu * c / e
         self.beta = nu / e
         self.diag_kind = "nonnegative" if bool((c != 0).any()) else "zero"
-        roots: list[Tensor | None] = [_root_of_block(B, wdt) for B in M.blocks]
+        roots: list[Tensor | None] = [_root_of_block(M, j, wdt) for j in range(len(M.partitions))]
         if any(L is None for L in roots):
             raise _NotPositive
         if M.root is not None:
