@@ -117,14 +117,58 @@ def part_large(n: int, k1: int, k2: int, m: int, dtype: torch.dtype) -> dict:
     }
 
 
+def gram_floor(inputs: dict) -> float:
+    """Seconds for ``U^T D^{-1} U`` and its gradient with respect to ``U`` and ``d``, alone and at the fewest
+    operations (``V = D^{-1/2} U``, one GEMM ``V^T V`` forward, one ``V (W + W^T)`` backward, no autograd): the
+    part of the closed form that SPEC section 5 prices at ``O(n m^2)`` and that no other step can avoid. The closed
+    form's speedup over CG cannot pass (CG seconds) / (these seconds)."""
+    U, d = inputs["U"], inputs["d"]
+    upstream = torch.randn(U.shape[-1], U.shape[-1], dtype=U.dtype, generator=torch.Generator().manual_seed(3))
+    start = time.perf_counter()
+    with torch.no_grad():
+        scale = d.rsqrt().unsqueeze(-1)
+        V = U * scale
+        _ = V.mT @ V  # forward
+        grad_V = V @ (upstream + upstream.mT)  # backward
+        _ = grad_V * scale  # dU
+        _ = -0.5 * (grad_V * V).sum(-1) / d  # dd
+    return time.perf_counter() - start
+
+
+class _CountProducts:
+    """Counts the products (and their columns) linear_operator's generic path asks of the sum."""
+
+    def __init__(self):
+        self.calls = self.columns = 0
+        self._original = SumLinearOperator._matmul
+
+    def __enter__(self):
+        counter = self
+
+        def counted(op, rhs):
+            counter.calls += 1
+            counter.columns += rhs.shape[-1] if rhs.dim() > 1 else 1
+            return counter._original(op, rhs)
+
+        SumLinearOperator._matmul = counted
+        return self
+
+    def __exit__(self, *exc):
+        SumLinearOperator._matmul = self._original
+
+
 def part_cg(n: int, k1: int, k2: int, m: int, dtype: torch.dtype, repeats: int, noise: float = 1.0) -> dict:
     inputs = make_inputs(n, k1, k2, m, dtype, seed=1, noise=noise)
-    ours, theirs = [], []
+    ours, theirs, floor = [], [], []
     with gpytorch.settings.max_cholesky_size(0), linear_operator.settings.max_cholesky_size(0):
         step(closed_form, inputs)  # warm-up
-        for _ in range(repeats):  # interleaved: a busy moment hits both
+        gram_floor(inputs)
+        with _CountProducts() as products:
+            step(generic, inputs)
+        for _ in range(repeats):  # interleaved: a busy moment hits all three
             ours.append(step(closed_form, inputs)[0])
             theirs.append(step(generic, inputs)[0])
+            floor.append(gram_floor(inputs))
     best_ours, best_theirs = min(ours), min(theirs)
     return {
         "bench": "compositions_vs_cg",
@@ -137,6 +181,10 @@ def part_cg(n: int, k1: int, k2: int, m: int, dtype: torch.dtype, repeats: int, 
         "generic_cg_s": best_theirs,
         "speedup": best_theirs / best_ours,
         "noise_scale": noise,
+        "gram_floor_s": min(floor),
+        "speedup_ceiling": best_theirs / min(floor),
+        "cg_products": products.calls,
+        "cg_product_columns": products.columns,
     }
 
 
@@ -200,7 +248,9 @@ def main(argv=None) -> int:
         elif r["bench"] == "compositions_vs_cg":
             print(
                 f"# n = {r['n']:,}, k = {r['k1']} x {r['k2']}, m = {r['m']}: closed form {r['closed_form_s']:.3f} s, "
-                f"generic CG path {r['generic_cg_s']:.2f} s ({r['speedup']:.0f}x)"
+                f"generic CG path {r['generic_cg_s']:.2f} s ({r['speedup']:.0f}x; {r['cg_products']} products with "
+                f"{r['cg_product_columns']} columns in all); U^T D^-1 U and its gradient alone "
+                f"{r['gram_floor_s'] * 1e3:.1f} ms, so at most {r['speedup_ceiling']:.0f}x"
             )
         else:
             print(

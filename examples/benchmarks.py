@@ -748,7 +748,13 @@ def targets(records: list[dict]) -> list[tuple[str, str, str]]:
                 f"sum n = 2x10^4 (k = {r['k1']} x {r['k2']}, m = {r['m']}, noise x {r.get('noise_scale', 1.0):g}): "
                 "closed form >= 100x faster than "
                 "linear_operator's generic CG path",
-                f"{r['closed_form_s']:.3f} s vs {r['generic_cg_s']:.2f} s ({r['speedup']:.0f}x)",
+                f"{r['closed_form_s']:.3f} s vs {r['generic_cg_s']:.2f} s ({r['speedup']:.0f}x)"
+                + (
+                    f"; U^T D^-1 U and its gradient alone {r['gram_floor_s'] * 1e3:.1f} ms, so at most "
+                    f"{r['speedup_ceiling']:.0f}x on this machine"
+                    if "gram_floor_s" in r
+                    else ""
+                ),
                 _verdict(r["speedup"] >= 100, 100 / r["speedup"]),
             )
         )
