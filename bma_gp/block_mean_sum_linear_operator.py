@@ -293,6 +293,11 @@ class _Capacitance:
     :math:`\Delta = I + g_e A_{ee}` diagonal; the rest goes through the Schur complement
     :math:`S = I + G_r (A_{rr} - A_{re} \operatorname{diag}(g_e / \Delta) A_{er})` (LU-factorised).
     Without ``elim``, ``S`` is ``C``.
+
+    With ``joint`` (several diagonal terms over the eliminated grouping's partition, such as a correlated random
+    intercept and slope), those terms are eliminated together: their block of :math:`C` is block diagonal with one
+    ``r_e x r_e`` block :math:`\Delta_c = I + \operatorname{diag}(g_c) A_c` per level (``elim``, ``delta``, ``g``
+    and ``A_re`` are then None; see :meth:`BlockMeanSumLinearOperator._factorise_joint`).
     """
 
     elim: int | None
@@ -301,6 +306,17 @@ class _Capacitance:
     A_re: _CrossBlocks | None  # A_{re}, (*b, r, k_e)
     lu: tuple[Tensor, Tensor, Tensor] | None  # S (r x r, with its graph) and its LU factors; None when r == 0
     logdet: Tensor  # (*b,)
+    joint: _JointElimination | None = None
+
+
+@dataclass(frozen=True)
+class _JointElimination:
+    """Terms ``E`` over one partition of ``k`` levels, all with diagonal :math:`B`, eliminated level by level."""
+
+    terms: tuple[int, ...]
+    g: Tensor  # (*b, k, r_e): the diagonals of G_E, level-major
+    delta: Tensor  # (*b, k, r_e, r_e): I + diag(g_c) A_c per level
+    A_rE: Tensor | None  # (*b, r, k, r_e): the blocks of Z^T D^-1 Z between the other terms and E; None when r == 0
 
 
 def _sum_to(x: Tensor, shape: torch.Size) -> Tensor:
@@ -840,18 +856,50 @@ class BlockMeanSumLinearOperator(LinearOperator):
     def _capacitance(self) -> _Capacitance:
         return self._memo("capacitance", self._factorise)
 
+    def _elimination_terms(self) -> list[int]:
+        """The terms the capacitance eliminates first: every diagonal term over the partition whose diagonal terms
+        have the most columns in all (the largest diagonal grouping; with a correlated random slope, its
+        intercept, slope and correlation terms together); ``[]`` without a diagonal term."""
+
+        def decide() -> list[int]:
+            groups: list[list[int]] = []
+            for j in range(len(self.partitions)):
+                if not self._block_is_diagonal(j):
+                    continue
+                for group in groups:
+                    if self.partitions[group[0]].same_as(self.partitions[j]):
+                        group.append(j)
+                        break
+                else:
+                    groups.append([j])
+            if not groups:
+                return []
+            return max(groups, key=lambda group: len(group) * self.num_blocks[group[0]])  # the first on ties
+
+        return self._memo("elimination_terms", decide)
+
     def _elimination_term(self) -> int | None:
-        best = None
-        for j, k in enumerate(self.num_blocks):
-            if self._block_is_diagonal(j) and (best is None or k > self.num_blocks[best]):
-                best = j
-        return best
+        """The first of :meth:`_elimination_terms` (its partition is the eliminated grouping), or None."""
+        terms = self._elimination_terms()
+        return terms[0] if terms else None
+
+    def _level_gram(self, i: int, j: int) -> Tensor:
+        r""":math:`P^\top W_i D^{-1} W_j P` for two terms over the same partition: diagonal, returned as its ``k``
+        values (the contingency table of a partition with itself would be a ``k x k`` matrix)."""
+        a, blocks = self._gram()
+        if i == j:
+            return a[i]
+        i, j = min(i, j), max(i, j)
+        return self._memo(
+            f"level_gram_{i}_{j}", lambda: self.partitions[i].block_sum(blocks.point_values(i, j), dim=-1)
+        )
 
     def _factorise(self) -> _Capacitance:
         self._check_diag("the closed-form solve / log-determinant")
         sizes = self._sizes()
-        elim = self._elimination_term()
-        rest = [t for t in range(len(sizes)) if t != elim]
+        eliminated = self._elimination_terms()
+        elim = eliminated[0] if eliminated else None
+        rest = [t for t in range(len(sizes)) if t not in eliminated]
         r = sum(sizes[t] for t in rest)
         limit = settings.max_capacitance_size.value()
         if r > limit:
@@ -862,6 +910,8 @@ class BlockMeanSumLinearOperator(LinearOperator):
                 f"`with bma_gp.settings.max_capacitance_size({r}):` if the O({r}^3) factorisation fits your machine, "
                 "or use fewer levels / a smaller rank."
             )
+        if len(eliminated) > 1:
+            return self._factorise_joint(eliminated, rest)
         a, _ = self._gram()
         wdt = core_dtype(self.dtype)
         logdet = torch.zeros(self.batch_shape, dtype=wdt, device=self.device)
@@ -882,29 +932,78 @@ class BlockMeanSumLinearOperator(LinearOperator):
                 A_re = self._cross_blocks(rest, elim)
                 assert g is not None and delta is not None
                 A_rr = A_rr - self._schur_correction(rest, elim, A_re, g / delta)
-            offsets = [0]
-            for t in rest:
-                offsets.append(offsets[-1] + sizes[t])
-            S = torch.cat([self._G(t, A_rr[..., offsets[i] : offsets[i + 1], :]) for i, t in enumerate(rest)], dim=-2)
-            S = S + torch.eye(r, dtype=wdt, device=self.device)
-            LU, pivots, info = torch.linalg.lu_factor_ex(S.detach())  # the gradients come from _LUSolve/_LULogAbsDet
-            if settings.validate.on() and bool((info > 0).any()):
-                raise ValueError(
-                    f"the capacitance matrix of this sum ({self._describe()}) is singular: the sum is "
-                    "not positive definite. Check the block matrices and the diagonal."
-                )
-            diag_u = torch.diagonal(LU, dim1=-2, dim2=-1)
-            swaps = pivots != torch.arange(1, r + 1, device=pivots.device, dtype=pivots.dtype)
-            sign = (1 - 2 * (swaps.sum(-1) % 2)).to(wdt) * diag_u.sign().prod(-1)
-            logabs = _LULogAbsDet.apply(S, LU, pivots)
-            if settings.validate.on() and bool((sign <= 0).any()):
-                raise ValueError(
-                    f"the sum ({self._describe()}) is not positive definite: its capacitance matrix has "
-                    "a non-positive determinant. Check the block matrices and the diagonal."
-                )
-            logdet = logdet + torch.where(sign > 0, logabs, torch.full_like(logabs, math.nan))
-            lu = (S, LU, pivots)
+            lu, rest_logdet = self._factorise_rest(A_rr, rest)
+            logdet = logdet + rest_logdet
         return _Capacitance(elim, delta, g, A_re, lu, logdet)
+
+    def _factorise_rest(self, A_rr: Tensor, rest: list[int]) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+        r"""LU factors of :math:`S = I + G_r A_{rr}` (``A_rr`` with the eliminated terms' correction already
+        subtracted) and :math:`\log\det S`."""
+        sizes = self._sizes()
+        wdt = A_rr.dtype
+        r = sum(sizes[t] for t in rest)
+        offsets = [0]
+        for t in rest:
+            offsets.append(offsets[-1] + sizes[t])
+        S = torch.cat([self._G(t, A_rr[..., offsets[i] : offsets[i + 1], :]) for i, t in enumerate(rest)], dim=-2)
+        S = S + torch.eye(r, dtype=wdt, device=self.device)
+        LU, pivots, info = torch.linalg.lu_factor_ex(S.detach())  # the gradients come from _LUSolve/_LULogAbsDet
+        if settings.validate.on() and bool((info > 0).any()):
+            raise ValueError(
+                f"the capacitance matrix of this sum ({self._describe()}) is singular: the sum is "
+                "not positive definite. Check the block matrices and the diagonal."
+            )
+        diag_u = torch.diagonal(LU, dim1=-2, dim2=-1)
+        swaps = pivots != torch.arange(1, r + 1, device=pivots.device, dtype=pivots.dtype)
+        sign = (1 - 2 * (swaps.sum(-1) % 2)).to(wdt) * diag_u.sign().prod(-1)
+        logabs = _LULogAbsDet.apply(S, LU, pivots)
+        if settings.validate.on() and bool((sign <= 0).any()):
+            raise ValueError(
+                f"the sum ({self._describe()}) is not positive definite: its capacitance matrix has "
+                "a non-positive determinant. Check the block matrices and the diagonal."
+            )
+        return (S, LU, pivots), torch.where(sign > 0, logabs, torch.full_like(logabs, math.nan))
+
+    def _factorise_joint(self, eliminated: list[int], rest: list[int]) -> _Capacitance:
+        r"""The capacitance with several diagonal terms ``E`` over one partition eliminated together.
+
+        Their block of :math:`Z^\top D^{-1} Z` is diagonal pairwise (:meth:`_level_gram`), so ordered level by
+        level it is block diagonal with one ``r_e x r_e`` block :math:`A_c` per level, and so is
+        :math:`\Delta = I + G_E A_{EE}`: :math:`\Delta_c = I + \operatorname{diag}(g_c) A_c`. Its
+        log-determinant is a sum of ``k`` small ones; the other terms go through
+        :math:`S = I + G_r (A_{rr} - A_{rE} \Delta^{-1} G_E A_{Er})`. ``O(k r_e^3 + k r_e r^2)`` where one
+        eliminated term would leave a dense capacitance of ``(r_e - 1) k + r`` columns."""
+        sizes = self._sizes()
+        wdt = core_dtype(self.dtype)
+        g = torch.stack([self._block_diagonal(e).to(wdt) for e in eliminated], -1)  # (*b, k, r_e)
+        A_EE = torch.stack([torch.stack([self._level_gram(i, j) for j in eliminated], -1) for i in eliminated], -2)
+        eye = torch.eye(len(eliminated), dtype=wdt, device=self.device)
+        delta = eye + g.unsqueeze(-1) * A_EE  # (*b, k, r_e, r_e)
+        sign, logabs = torch.linalg.slogdet(delta)
+        if settings.validate.on() and bool((sign <= 0).any()):
+            raise ValueError(
+                f"the sum ({self._describe()}) is not positive definite: the block of the capacitance of the "
+                f"terms {[e + 1 for e in eliminated]} over one grouping has a non-positive determinant at some level. "
+                "Check the block matrices and the diagonal."
+            )
+        logdet = torch.where(sign > 0, logabs, torch.full_like(logabs, math.nan)).sum(-1)
+        A_rE = lu = None
+        if rest:
+            A_rr = torch.cat([torch.cat([self._A_block(s_, t) for t in rest], dim=-1) for s_ in rest], dim=-2)
+            A_rE = torch.stack(
+                [torch.cat([self._A_block(t, e).to(wdt) for t in rest], dim=-2) for e in eliminated], -1
+            )  # (*b, r, k, r_e)
+            batch = torch.broadcast_shapes(A_rE.shape[:-3], g.shape[:-2])
+            A_rE = A_rE.expand(*batch, *A_rE.shape[-3:])
+            GA_Er = g.unsqueeze(-1) * A_rE.movedim(-3, -1)  # (*b, k, r_e, r)
+            X = torch.linalg.solve(delta, GA_Er)  # Delta^{-1} G_E A_{Er}, level by level
+            A_rr = A_rr - torch.einsum("...rci,...cis->...rs", A_rE, X)
+            lu, rest_logdet = self._factorise_rest(A_rr, rest)
+            logdet = logdet + rest_logdet
+        elif sum(sizes) == 0:  # pragma: no cover - a sum has at least one term here
+            raise AssertionError
+        joint = _JointElimination(tuple(eliminated), g, delta, A_rE)
+        return _Capacitance(None, None, None, None, lu, logdet, joint)
 
     def _cross_blocks(self, rest: list[int], elim: int) -> _CrossBlocks:
         """:math:`A_{re}`, with the nonzero cells of a grouping's table with the eliminated one where at most
@@ -961,6 +1060,8 @@ class BlockMeanSumLinearOperator(LinearOperator):
     def _cap_solve(self, y: list[Tensor]) -> list[Tensor]:
         """Solve :math:`C x = y` with ``y`` given per term (``(*b, k_t, t)`` each)."""
         cap = self._capacitance()
+        if cap.joint is not None:
+            return self._joint_solve(cap, y)
         rest = [t for t in range(len(y)) if t != cap.elim]
         out: list[Tensor] = list(y)  # every entry is replaced below
         if rest:
@@ -980,6 +1081,30 @@ class BlockMeanSumLinearOperator(LinearOperator):
                 assert cap.g is not None and cap.A_re is not None
                 rhs = rhs - cap.g.unsqueeze(-1) * cap.A_re.t_matmul(torch.cat([out[t] for t in rest], dim=-2))
             out[e] = rhs / cap.delta.unsqueeze(-1)
+        return out
+
+    def _joint_solve(self, cap: _Capacitance, y: list[Tensor]) -> list[Tensor]:
+        r""":meth:`_cap_solve` with jointly eliminated terms: level-by-level ``r_e x r_e`` solves with
+        :math:`\Delta`, the Schur complement for the rest."""
+        joint = cap.joint
+        assert joint is not None
+        E = joint.terms
+        rest = [t for t in range(len(y)) if t not in E]
+        out: list[Tensor] = list(y)
+        batch = torch.broadcast_shapes(*(y[e].shape[:-2] for e in E))
+        yE = torch.stack([y[e].expand(*batch, *y[e].shape[-2:]) for e in E], -2)  # (*b, k, r_e, t)
+        if rest:
+            assert cap.lu is not None and joint.A_rE is not None
+            zE = torch.linalg.solve(joint.delta, yE)
+            rhs = torch.cat([y[t] for t in rest], dim=-2)
+            rhs = rhs - self._apply_G_rest(rest, torch.einsum("...rci,...cit->...rt", joint.A_rE, zE))
+            x_rest = _LUSolve.apply(*cap.lu, rhs)
+            for t, piece in zip(rest, x_rest.split([y[t].shape[-2] for t in rest], dim=-2)):
+                out[t] = piece
+            yE = yE - joint.g.unsqueeze(-1) * torch.einsum("...rci,...rt->...cit", joint.A_rE, x_rest)
+        xE = torch.linalg.solve(joint.delta, yE)
+        for i, e in enumerate(E):
+            out[e] = xE[..., i, :]
         return out
 
     # ------------------------------------------------------------------ Z^T x and Z y

@@ -21,6 +21,13 @@ that threshold), the iteration (with ``backward`` to ``W`` too) and the predicti
 in groups unseen in training), as records ``group_factor_iteration``.
 
     python examples/bench_groups.py --rank 2             # n = 10^5, k = 1000 and 4000, both forms
+
+``--slope`` times ``GroupKernel(k, slope=True)`` (a correlated random intercept and slope: three diagonal terms
+over one grouping) with the three terms eliminated together, level by level (``factor`` in the output), against
+one of them eliminated alone as before (``dense``: the other two in a ``2k x 2k`` capacitance), as records
+``group_slope_iteration``.
+
+    python examples/bench_groups.py --slope --n 20000 --ks 1000,5000
 """
 
 from __future__ import annotations
@@ -40,10 +47,10 @@ from bma_gp import BlockMeanLinearOperator, GroupKernel
 
 
 class RandomIntercepts(gpytorch.models.ExactGP):
-    def __init__(self, x, y, likelihood, k: int, rank: int = 0):
+    def __init__(self, x, y, likelihood, k: int, rank: int = 0, slope: bool = False):
         super().__init__(x, y, likelihood)
         self.mean_module = gpytorch.means.ConstantMean()
-        self.covar_module = GroupKernel(k, rank=rank)
+        self.covar_module = GroupKernel(k, rank=rank, slope=slope)
 
     def forward(self, x):
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
@@ -87,16 +94,31 @@ def iteration_seconds(n: int, k: int, general: bool, repeats: int) -> tuple[floa
 
 def factor_seconds(n: int, k: int, rank: int, dense: bool, repeats: int) -> dict:
     """Best iteration seconds, loss, and the seconds and mean of one prediction of 1000 new points, for
-    ``GroupKernel(k, rank=rank)`` in its factor form or (``dense``) with the ``k x k`` matrix ``B``."""
+    ``GroupKernel(k, rank=rank)`` in its factor form or (``dense``) with the ``k x k`` matrix ``B``; with
+    ``rank=0``, ``GroupKernel(k, slope=True)`` on a covariate, its three terms eliminated together or (``dense``)
+    one of them alone, as before the joint elimination (the other two in a dense ``2k x 2k`` capacitance)."""
+    from bma_gp import BlockMeanSumLinearOperator
     from bma_gp.kernels import group_kernel
 
     gen, x, y = synthetic(n, k)
     test = torch.cat([torch.randint(0, k, (500,), generator=gen), torch.arange(k, k + 500)]).unsqueeze(-1).float()
+    slope = rank == 0
+    if slope:  # ids, then a covariate; the response gets a slope per group
+        covariate = torch.rand(n, generator=gen) * 2 - 1
+        y = y + torch.randn(k, generator=gen)[x[:, 0].long()] * covariate
+        x = torch.cat([x, covariate.unsqueeze(-1)], -1)
+        test = torch.cat([test, torch.rand(test.shape[0], 1, generator=gen) * 2 - 1], -1)
     likelihood = gpytorch.likelihoods.GaussianLikelihood()
     torch.manual_seed(0)  # the same random W for both forms
-    model = RandomIntercepts(x, y, likelihood, k + 500, rank)  # ids k .. k + 499 never occur in training
-    threshold = 10**12 if dense else group_kernel.FACTOR_DENSE_MAX_GROUPS
-    with mock.patch.object(group_kernel, "FACTOR_DENSE_MAX_GROUPS", threshold):
+    model = RandomIntercepts(x, y, likelihood, k + 500, rank, slope)  # ids k .. k + 499 never occur in training
+    if slope:
+        original = BlockMeanSumLinearOperator._elimination_terms
+        one_term = mock.patch.object(BlockMeanSumLinearOperator, "_elimination_terms", lambda self: original(self)[:1])
+        patch = one_term if dense else contextlib.nullcontext()
+    else:
+        threshold = 10**12 if dense else group_kernel.FACTOR_DENSE_MAX_GROUPS
+        patch = mock.patch.object(group_kernel, "FACTOR_DENSE_MAX_GROUPS", threshold)
+    with patch:
         best, loss = best_iteration(model, x, y, repeats)
         model.eval()
         start = time.perf_counter()
@@ -110,7 +132,8 @@ def factor_seconds(n: int, k: int, rank: int, dense: bool, repeats: int) -> dict
 def run_factor(n: int, ks: list[int], rank: int, paths: list[str], repeats: int) -> list[dict]:
     records = []
     for k in ks:
-        rec = {"bench": "group_factor_iteration", "n": n, "k": k, "rank": rank, "dtype": "float32"}
+        bench = "group_factor_iteration" if rank else "group_slope_iteration"
+        rec = {"bench": bench, "n": n, "k": k, "rank": rank, "dtype": "float32"}
         rec["threads"] = torch.get_num_threads()
         results = {path: factor_seconds(n, k, rank, path == "dense", repeats) for path in paths}
         for path, res in results.items():
@@ -130,7 +153,8 @@ def run_factor(n: int, ks: list[int], rank: int, paths: list[str], repeats: int)
             f"{p} {r[p + '_s']:.3f} s (loss {r[p + '_loss']:.6f}), predict {r[p + '_predict_s']:.3f} s" for p in paths
         ]
         extra = f"; {r['speedup']:.0f}x, predict {r['predict_speedup']:.1f}x" if "speedup" in r else ""
-        print(f"# n = {r['n']:,}, k = {r['k']:,} groups, rank {r['rank']}: " + "; ".join(parts) + extra)
+        what = f"rank {r['rank']}" if r["rank"] else "correlated slope"
+        print(f"# n = {r['n']:,}, k = {r['k']:,} groups, {what}: " + "; ".join(parts) + extra)
     return records
 
 
@@ -148,11 +172,18 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--smoke", action="store_true", help="n = 3000, k = 50 and 200 (300 with --rank)")
     parser.add_argument("--rank", type=int, default=0, help="correlated effects of this rank: factor vs dense form")
+    parser.add_argument(
+        "--slope",
+        action="store_true",
+        help="a correlated random slope: its three terms eliminated together ('factor') vs one ('dense')",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     n, ks = (3000, [50, 200]) if args.smoke else (args.n, [int(k) for k in args.ks.split(",")])
-    if args.rank:
+    if args.rank or args.slope:
+        if args.rank and args.slope:
+            parser.error("--rank and --slope are two different benchmarks; pass one")
         if args.smoke:
             ks = [300]  # past the factor threshold
         paths = {"both": ["factor", "dense"], "elementwise": ["factor"], "general": ["dense"]}[args.only]

@@ -69,7 +69,8 @@ def diag_block(k, batch, gen):
     return torch.diag_embed(torch.rand(*batch, k, generator=gen, dtype=torch.float64) + 0.2)
 
 
-# name -> (block sizes, which B are diagonal, rank m, nested second partition, weighted partitions)
+# name -> (block sizes, which B are diagonal, rank m, nested second partition, weighted partitions[, shared]);
+# ``shared`` maps a term to an earlier term whose labels it reuses (a random intercept and slope on one grouping)
 STRUCTURES = {
     "one": ((7,), (), 0, False, ()),
     "one_root": ((6,), (), 3, False, ()),
@@ -77,6 +78,10 @@ STRUCTURES = {
     "crossed_diagB": ((8, 5), (0,), 0, False, ()),
     "crossed_root": ((8, 5), (1,), 3, False, ()),
     "nested_root": ((9, 3), (), 2, True, ()),
+    # three diagonal terms over one grouping (eliminated together, level by level), alone and beside a crossed
+    # dense grouping and a root
+    "joint": ((9, 9, 9), (0, 1, 2), 0, False, (1, 2), {1: 0, 2: 0}),
+    "joint_root": ((9, 9, 5), (0, 1), 3, False, (1,), {1: 0}),
 }
 
 
@@ -85,12 +90,16 @@ class Case:
 
     def __init__(self, structure, dtype=torch.float64, batch=(), seed=0, n=N, weights=()):
         """``structure``: a name in :data:`STRUCTURES`, or such a tuple itself."""
-        sizes, diagonal, m, nested, weighted = STRUCTURES[structure] if isinstance(structure, str) else structure
+        sizes, diagonal, m, nested, weighted, *more = STRUCTURES[structure] if isinstance(structure, str) else structure
+        shared = more[0] if more else {}
         weighted = tuple(weighted) + tuple(weights)
         gen = torch.Generator().manual_seed(seed)
         labels = [random_labels(n, sizes[0], gen)]
-        for k in sizes[1:]:
-            labels.append(nested_labels(labels[0], sizes[0], k, gen) if nested else random_labels(n, k, gen))
+        for j, k in enumerate(sizes[1:], start=1):
+            if j in shared:  # equal labels, a Partition of its own
+                labels.append(labels[shared[j]].clone())
+            else:
+                labels.append(nested_labels(labels[0], sizes[0], k, gen) if nested else random_labels(n, k, gen))
         self.partitions = [Partition.from_labels(lab) for lab in labels]
         assert [p.num_blocks for p in self.partitions] == list(sizes)
         self.d = (torch.rand(*batch, n, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
@@ -436,6 +445,88 @@ def test_gradients_from_block_mean_operators(with_root, batch):
     loss = inv_quad.sum() + logdet.sum() + op.solve(rhs).sum()
     loss_dense = (rhs * torch.linalg.solve(A, rhs)).sum() + torch.logdet(A).sum() + torch.linalg.solve(A, rhs).sum()
     assert_grads_close(_grads(loss, leaves), _grads(loss_dense, leaves), names)
+
+
+# ---------------------------------------------------------------------------- joint elimination
+@batches
+@pytest.mark.parametrize("with_rest", [False, True], ids=["alone", "crossed_root"])
+def test_joint_elimination_gradients(with_rest, batch, monkeypatch):
+    # A correlated intercept and slope (three diagonal terms over one grouping, two weighted) given as vectors
+    # with diagonal=True, so the gradients flow through the level-by-level elimination; with a crossed dense
+    # grouping and a root beside them, through the Schur complement as well.
+    import bma_gp.block_mean_sum_linear_operator as module
+
+    calls = []
+    original = module.BlockMeanSumLinearOperator._factorise_joint
+    monkeypatch.setattr(
+        module.BlockMeanSumLinearOperator,
+        "_factorise_joint",
+        lambda self, E, rest: calls.append((tuple(E), tuple(rest))) or original(self, E, rest),
+    )
+    gen = torch.Generator().manual_seed(31)
+    n, k = 60, 11
+    labels = random_labels(n, k, gen)
+    x = torch.randn(n, generator=gen, dtype=torch.float64)
+    partitions = [Partition.from_labels(labels)] * 3
+    weights = [None, x, 1 + 0.5 * x]
+    diagonals = [
+        (torch.rand(*batch, k, generator=gen, dtype=torch.float64) + 0.1).requires_grad_(True) for _ in range(3)
+    ]
+    d = (torch.rand(*batch, n, generator=gen, dtype=torch.float64) + 0.5).requires_grad_(True)
+    blocks, flags, root = list(diagonals), [True] * 3, None
+    if with_rest:
+        partitions.append(Partition.from_labels(random_labels(n, 4, gen)))
+        weights.append(None)
+        blocks.append(psd(4, batch, gen).requires_grad_(True))
+        flags.append(False)
+        root = torch.randn(*batch, n, 2, generator=gen, dtype=torch.float64).requires_grad_(True)
+    leaves = [d, *blocks] + ([root] if root is not None else [])
+    op = BlockMeanSumLinearOperator(d, *blocks, partitions=partitions, root=root, weights=weights, diagonal=flags)
+
+    def dense():
+        res = torch.diag_embed(d)
+        for part, B, w, flag in zip(partitions, blocks, weights, flags):
+            Z = torch.nn.functional.one_hot(part.labels, part.num_blocks).double()
+            Z = Z if w is None else Z * w.unsqueeze(-1)
+            B = torch.diag_embed(B) if flag else 0.5 * (B + B.mT)
+            res = res + Z @ B @ Z.mT
+        return res + (root @ root.mT if root is not None else 0)
+
+    A = dense()
+    rhs = torch.randn(*batch, n, 2, generator=gen, dtype=torch.float64)
+    inv_quad, logdet = op.inv_quad_logdet(rhs, logdet=True)
+    solved = op.solve(rhs)
+    assert calls and calls[0] == ((0, 1, 2), (3, 4) if with_rest else ())
+    ref = torch.linalg.solve(A, rhs)
+    assert_close(inv_quad, (rhs * ref).sum((-2, -1)), torch.float64)
+    assert_close(logdet, torch.logdet(A), torch.float64)
+    assert_close(solved, ref, torch.float64)
+    loss = inv_quad.sum() + logdet.sum() + (solved * rhs.flip(-1)).sum()
+    loss_dense = (rhs * ref).sum() + torch.logdet(A).sum() + (ref * rhs.flip(-1)).sum()
+    names = ["d"] + [f"B_{j + 1}" for j in range(len(blocks))] + (["U"] if root is not None else [])
+    assert_grads_close(_grads(loss, leaves), _grads(loss_dense, leaves), names)
+
+
+def test_joint_elimination_factorises_only_the_rest():
+    # 300 levels with intercept, slope and correlation terms plus a rank-3 root: one eliminated term would leave
+    # 600 + 3 columns to factorise; the joint elimination leaves the root's 3, so a limit of 10 is enough.
+    gen = torch.Generator().manual_seed(32)
+    n, k = 1200, 300
+    labels = torch.randperm(n, generator=gen) % k
+    x = torch.randn(n, generator=gen, dtype=torch.float64)
+    p = Partition.from_labels(labels)
+    d = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    values = [torch.rand(k, generator=gen, dtype=torch.float64) + 0.1 for _ in range(3)]
+    U = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    op = BlockMeanSumLinearOperator(
+        d, *values, partitions=[p] * 3, root=U, weights=[None, x, 1 - x], diagonal=[True] * 3
+    )
+    rhs = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    with bma_gp.settings.max_capacitance_size(10), closed_forms_only(n):
+        solved, logdet = op.solve(rhs), op.logdet()
+    dense = op.to_dense()
+    assert_close(solved, torch.linalg.solve(dense, rhs), torch.float64)
+    assert_close(logdet, torch.logdet(dense), torch.float64)
 
 
 # ---------------------------------------------------------------------------- random slopes

@@ -138,16 +138,29 @@ def test_gp_matches_dense_exact_gp(factor_path, monkeypatch, scaled):
     assert sample.shape == (3, x.shape[0]) and bool(torch.isfinite(sample).all())
 
 
-def test_prediction_past_the_capacitance_limit_raises_naming_q(factor_path):
+def test_prediction_past_the_capacitance_limit_uses_products(factor_path):
+    # q = k + 2 past max_capacitance_size: the posterior weight is not formed (that raises, naming q) but applied
+    # as products, which factorise only the root's 2 x 2 capacitance; the same posterior as the formed weight.
     x, y = group_data()
     model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), make_kernel(14, 2, False)).to(DTYPE)
     model.eval()
     k = int(x[:, 0].unique().numel())
+    xt = torch.tensor([[1.0], [13.0]], dtype=DTYPE)
     with torch.no_grad(), settings.max_capacitance_size(k + 1):
+        post = model(xt)
+        W = post.lazy_covariance_matrix.W
+        assert isinstance(W, sum_prediction_strategy._ImplicitWeight)
         with pytest.raises(ValueError, match=f"needs a {k + 2} x {k + 2} matrix"):
-            _ = model(torch.tensor([[1.0], [13.0]], dtype=DTYPE)).variance
+            sum_prediction_strategy._formed_weight(W.M)
+        mean, variance = post.mean, post.variance
+    model.train()
+    model.eval()
     with torch.no_grad(), settings.max_capacitance_size(k + 2):
-        assert bool((model(torch.tensor([[1.0], [13.0]], dtype=DTYPE)).variance > 0).all())
+        post = model(xt)
+        assert torch.is_tensor(post.lazy_covariance_matrix.W)  # formed
+        torch.testing.assert_close(post.mean, mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(post.variance, variance, rtol=1e-10, atol=1e-12)
+        assert bool((variance > 0).all())
 
 
 def posteriors_in_both_precisions(seen_inputs: bool) -> dict:

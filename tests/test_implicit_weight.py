@@ -108,23 +108,22 @@ def factor_model(num_groups, n=400, batch_shape=(), seed=0):
     return model, kernel, x, y, xt
 
 
-def test_past_the_capacitance_limit(monkeypatch):
+@pytest.mark.parametrize("few_levels_formed", [False, True], ids=["products", "q_past_the_limit"])
+def test_past_the_capacitance_limit(monkeypatch, few_levels_formed):
     """300 groups, ``max_capacitance_size`` 50: the formed weight (300 + 2 square) must refuse; the implicit one
-    factorises only the root's 2 x 2 capacitance and gives dense algebra's posterior."""
+    factorises only the root's 2 x 2 capacitance and gives dense algebra's posterior. It is chosen for q past
+    the limit even where the eliminated grouping is small enough for the formed weight."""
     monkeypatch.setattr(group_kernel, "FACTOR_DENSE_MAX_GROUPS", 0)
-    monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 10**9)
     model, kernel, x, y, xt = factor_model(300)
     k = int(x[:, 0].unique().numel())
-    with torch.no_grad(), settings.max_capacitance_size(50):
-        with pytest.raises(ValueError, match=f"needs a {k + 2} x {k + 2} matrix"):
-            _ = model(xt).variance
-    monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
-    model.train()
-    model.eval()
+    monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 10**9 if few_levels_formed else 0)
     with torch.no_grad(), settings.max_capacitance_size(50), closed_forms_only(x.shape[0]):
         post = model(xt)
-        assert isinstance(post.lazy_covariance_matrix.W, sps._ImplicitWeight)
+        W = post.lazy_covariance_matrix.W
+        assert isinstance(W, sps._ImplicitWeight)
         mean, cov, var = post.mean, post.covariance_matrix, post.variance
+        with pytest.raises(ValueError, match=f"needs a {k + 2} x {k + 2} matrix"):
+            sps._formed_weight(W.M)
     C = kernel.covar_matrix.detach()
     ids, tid = x[:, 0].long(), xt[:, 0].long()
     ref_mean, ref_cov = dense_posterior(

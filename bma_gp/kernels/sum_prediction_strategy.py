@@ -463,10 +463,10 @@ def _gram_matmul(M: BlockMeanSumLinearOperator, X: Tensor) -> Tensor:
     a, _ = M._gram()
     cells: dict[int, tuple] = {}  # term -> (cells, values) of its table with the eliminated grouping
     e = None
-    if M._elimination_term() is not None and len(sizes) > 1:
-        cap = M._capacitance()
+    cap = M._capacitance() if M._elimination_term() is not None and len(sizes) > 1 else None
+    if cap is not None and cap.A_re is not None:  # one eliminated term (a joint elimination keeps no cells)
         e = cap.elim
-        assert cap.A_re is not None and e is not None
+        assert e is not None
         rest = [t for t in range(len(sizes)) if t != e]
         for t, piece in zip(rest, cap.A_re.pieces):
             if not torch.is_tensor(piece) and sizes[t] * sizes[e] > _DENSE_TABLE_ELEMENTS:
@@ -478,6 +478,8 @@ def _gram_matmul(M: BlockMeanSumLinearOperator, X: Tensor) -> Tensor:
         for j, X_j in enumerate(X_blocks):
             if i == j and i < J:
                 terms.append(a[i].to(X_j.dtype).unsqueeze(-1) * X_j)
+            elif i < J and j < J and M.partitions[i].same_as(M.partitions[j]):  # diagonal: no k x k table
+                terms.append(M._level_gram(i, j).to(X_j.dtype).unsqueeze(-1) * X_j)
             elif e in (i, j) and i != j and (j if i == e else i) in cells:
                 table, values = cells[j if i == e else i]  # the pair's other term's table with the eliminated one
                 terms.append(_cells_matmul(table, values.to(X_j.dtype), X_j, sizes[i], transpose=i == e))
@@ -503,11 +505,14 @@ def _posterior_weight(M: BlockMeanSumLinearOperator) -> Tensor | _ImplicitWeight
     the operator's own capacitance factorisation (its largest diagonal grouping eliminated first).
 
     Formed as a matrix when the eliminated grouping is small (then :math:`W` costs about what the capacitance
-    does); otherwise applied as products (:class:`_ImplicitWeight`), which needs no ``q x q`` matrix at all:
-    a random intercept with many levels predicts ``t`` points in :math:`O(t q)` memory, however large ``q`` is."""
+    does) and ``q`` fits ``max_capacitance_size``; otherwise applied as products (:class:`_ImplicitWeight`), which
+    needs no ``q x q`` matrix at all: a random intercept with many levels predicts ``t`` points in :math:`O(t q)`
+    memory, however large ``q`` is."""
     sizes = M._sizes()
     elim = M._elimination_term()
-    if elim is not None and sizes[elim] > _DENSE_WEIGHT_MAX_ELIMINATED:
+    if elim is not None and (
+        sizes[elim] > _DENSE_WEIGHT_MAX_ELIMINATED or sum(sizes) > settings.max_capacitance_size.value()
+    ):  # many levels, or q past the limit while the factorisation itself fits (e.g. a random slope's three terms)
         return _ImplicitWeight(M)
     return _formed_weight(M)
 
