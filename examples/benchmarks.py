@@ -75,6 +75,7 @@ def commands(suite: str, smoke: bool, device: str, py: str) -> list[list[str]]:
             [py, str(HERE / "bench_mixed.py"), "--predict", "1000", *s],
             [py, str(HERE / "bench_groups.py"), *s],
             [py, str(HERE / "bench_groups.py"), "--rank", "2", *s],
+            [py, str(HERE / "bench_groups.py"), "--slope", *(s or ["--n", "20000", "--ks", "1000,5000"])],
         ]
     if suite == "kernel":
         return [
@@ -567,7 +568,7 @@ def gp_tables(records: list[dict]) -> list[str]:
 def group_tables(records: list[dict]) -> list[str]:
     """Random intercepts (``bench_groups.py``): the elementwise path against the general ``k x k`` path."""
     rows = [r for r in records if r.get("bench") == "group_iteration"]
-    others = ("group_factor_iteration", "mixed_prediction")
+    others = ("group_factor_iteration", "group_slope_iteration", "mixed_prediction")
     if not rows and not any(r.get("bench") in others for r in records):
         return []
     lines = [
@@ -600,6 +601,22 @@ def group_tables(records: list[dict]) -> list[str]:
                 f"| {r['n']:,} | {r['k']:,} | {r['rank']} | {_fmt(r.get('factor_s'))} | {_fmt(dense)} | "
                 f"{_fmt(r.get('speedup'), 1)} | {_fmt(r.get('factor_predict_s'))} | {_fmt(r.get('dense_predict_s'))} | "
                 f"{equal} | {_fmt(r.get('max_mean_diff'))} |"
+            )
+    slope = [r for r in records if r.get("bench") == "group_slope_iteration"]
+    if slope:
+        lines += [
+            "",
+            "### Correlated random slopes (`GroupKernel(k, slope=True)`): three terms eliminated together vs one",
+            "",
+            "| n | groups k | joint s | one term s | ratio | predict joint s | predict one term s | loss equal |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in slope:
+            one = r.get("dense_s")
+            equal = "" if one is None else str(abs(r["dense_loss"] - r["factor_loss"]) <= 1e-5)
+            lines.append(
+                f"| {r['n']:,} | {r['k']:,} | {_fmt(r.get('factor_s'))} | {_fmt(one)} | {_fmt(r.get('speedup'), 1)} | "
+                f"{_fmt(r.get('factor_predict_s'))} | {_fmt(r.get('dense_predict_s'))} | {equal} |"
             )
     prediction = [r for r in records if r.get("bench") == "mixed_prediction"]
     if prediction:

@@ -257,6 +257,19 @@ def test_group_benchmark_compares_both_paths_on_one_loss(capsys):
     assert "| 3,000 | 200 |" in table and "True" in table
 
 
+def test_group_slope_benchmark_compares_joint_and_single_elimination(capsys):
+    bench = _load("bench_groups")
+    assert bench.main(["--smoke", "--repeats", "1", "--slope"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["bench"], r["k"]) for r in records] == [("group_slope_iteration", 300)]
+    r = records[0]
+    assert r["factor_s"] > 0 and r["dense_s"] > 0 and r["factor_predict_s"] > 0
+    assert abs(r["factor_loss"] - r["dense_loss"]) < 1e-5  # the same model, two eliminations
+    assert r["max_mean_diff"] < 1e-3 and r["max_variance_rel_diff"] < 1e-3
+    table = "\n".join(_load("benchmarks").group_tables(records))
+    assert "Correlated random slopes" in table and "| 3,000 | 300 |" in table and "True" in table
+
+
 def test_group_factor_benchmark_compares_both_forms(capsys):
     bench = _load("bench_groups")
     assert bench.main(["--smoke", "--repeats", "1", "--rank", "2"]) == 0
