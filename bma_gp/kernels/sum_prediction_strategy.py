@@ -226,10 +226,12 @@ def _scaled_gram(op: BlockMeanSumLinearOperator, roots: list[Tensor | None]) -> 
 
 
 class _Factor:
-    r"""Everything :math:`S = \operatorname{diag}(s) + V V^\top` needs, in the working precision:
-    the noisy training covariance ``M`` (its :math:`Z` applies :math:`V`), :math:`s = \nu c / (c + \nu)`,
-    :math:`\beta = \nu / (c + \nu)`, :math:`Y = L (I + L^\top A L)^{-1/2}` (:math:`q \times q`) and
-    :math:`H = Y Y^\top`; :math:`V = \operatorname{diag}(\beta) Z Y`."""
+    r"""Everything :math:`S = \operatorname{diag}(s) + \operatorname{diag}(\beta) Z H Z^\top \operatorname{diag}(\beta)`
+    needs, in the working precision: the noisy training covariance ``M`` (its :math:`Z`), :math:`s = \nu c /
+    (c + \nu)`, :math:`\beta = \nu / (c + \nu)` and :math:`H = C^{-1} G = L (I + L^\top A L)^{-1} L^\top`
+    (:math:`q \times q`), formed by solves with ``M``'s own capacitance factorisation (its largest diagonal
+    grouping eliminated first): no :math:`q \times q` factorisation. A root :math:`Y` with :math:`Y Y^\top = H`
+    is formed only for sampling (:func:`_posterior_root_factor`)."""
 
     def __init__(self, prior: BlockMeanSumLinearOperator, noise: Tensor):
         wdt = core_dtype(prior.dtype)
@@ -239,7 +241,7 @@ class _Factor:
         limit = settings.max_capacitance_size.value()
         if q > limit:
             raise ValueError(
-                f"the posterior covariance at the training inputs needs an eigendecomposition of size q = {q} "
+                f"the posterior covariance at the training inputs needs a {q} x {q} matrix "
                 f"({M._describe()}), more than bma_gp.settings.max_capacitance_size = {limit}; raise the limit with "
                 f"`with bma_gp.settings.max_capacitance_size({q}):` if it fits your machine."
             )
@@ -250,16 +252,31 @@ class _Factor:
         self.s = nu * c / e
         self.beta = nu / e
         self.diag_kind = "nonnegative" if bool((c != 0).any()) else "zero"
-        roots: list[Tensor | None] = [_root_of_block(M, j, wdt) for j in range(len(M.partitions))]
-        if any(L is None for L in roots):
+        if any(_root_of_block(M, j, wdt) is None for j in range(len(M.partitions))):
             raise _NotPositive
-        if M.root is not None:
-            roots.append(None)
-        W = _scaled_gram(M, roots)
-        F = symmetric_matrix_function(0.5 * (W + W.mT), lambda x: (1 + x).rsqrt(), lambda x: x.clamp_min(0))
-        self.Y = torch.cat([_left(L, piece) for L, piece in zip(roots, F.split(sizes, dim=-2))], dim=-2)
-        self.H = self.Y @ self.Y.mT
+        eye = torch.eye(q, dtype=wdt, device=M.device)
+        H = torch.cat(M._cap_solve([M._G(t, piece) for t, piece in enumerate(eye.split(sizes, dim=-2))]), dim=-2)
+        self.H = 0.5 * (H + H.mT)
         self.sizes = sizes
+
+
+def _posterior_root_factor(M: BlockMeanSumLinearOperator) -> Tensor:
+    r""":math:`Y = L R^{-\top}` with :math:`R R^\top = I + L^\top A L` (Cholesky; :math:`L` the roots of the
+    blocks of ``M``), so :math:`Y Y^\top = L (I + L^\top A L)^{-1} L^\top = H`: the ``q x q`` root that sampling
+    at the training inputs applies. A Cholesky factorisation and a triangular inverse, about a sixth of the work
+    of the eigendecomposition a symmetric root would take. # shape: (*batch, q, q)"""
+    wdt = core_dtype(M.dtype)
+    sizes = M._sizes()
+    roots: list[Tensor | None] = [_root_of_block(M, j, wdt) for j in range(len(M.partitions))]
+    if any(L is None for L in roots):  # pragma: no cover - _Factor refused such a prior
+        raise _NotPositive
+    if M.root is not None:
+        roots.append(None)
+    W = _scaled_gram(M, roots)
+    eye = torch.eye(W.shape[-1], dtype=wdt, device=W.device).expand_as(W)
+    R = torch.linalg.cholesky(eye + 0.5 * (W + W.mT))  # I + W >= I: positive definite
+    F = torch.linalg.solve_triangular(R, eye, upper=False).mT  # R^{-T}
+    return torch.cat([_left(L, piece) for L, piece in zip(roots, F.split(sizes, dim=-2))], dim=-2)
 
 
 class _NotPositive(Exception):
@@ -296,9 +313,7 @@ def training_posterior(strategy: DefaultPredictionStrategy, test_test_covar, tes
     factor = _training_factor(strategy, cross)
     if factor is None:
         return None
-    return TrainingPosteriorLinearOperator(
-        factor.s, factor.beta, factor.Y, factor.H, factor.M, diag_kind=factor.diag_kind
-    )
+    return TrainingPosteriorLinearOperator(factor.s, factor.beta, factor.H, factor.M, diag_kind=factor.diag_kind)
 
 
 def _training_factor(strategy: DefaultPredictionStrategy, prior: BlockMeanSumLinearOperator) -> _Factor | None:
@@ -979,7 +994,8 @@ _DIAG_KINDS = ("zero", "nonnegative", "positive")
 
 class TrainingPosteriorLinearOperator(LinearOperator):
     r""":math:`S = \operatorname{diag}(s) + V V^\top` with :math:`V = \operatorname{diag}(\beta) Z Y`
-    (:math:`Z` the columns of the noisy training covariance ``M``, :math:`Y` of size :math:`q \times q`).
+    (:math:`Z` the columns of the noisy training covariance ``M``, :math:`Y` of size :math:`q \times q` with
+    :math:`Y Y^\top = H`; products and the diagonal use :math:`H`, and :math:`Y` is formed on first use by a root).
 
     Products cost :math:`O(n (J + m) + q^2)` per column, the diagonal :math:`O(n (J + m)^2)`; both terms of the
     diagonal are non-negative (:math:`s \ge 0` exactly, and :math:`z_a^\top H z_a` with :math:`H = Y Y^\top
@@ -998,26 +1014,40 @@ class TrainingPosteriorLinearOperator(LinearOperator):
     Args:
         s: the diagonal. # shape: (*batch, n)
         beta: the row scaling of :math:`Z`. # shape: (*batch, n)
-        Y: # shape: (*batch, q, q)
-        H: :math:`Y Y^\top`. # shape: (*batch, q, q)
+        H: :math:`L (I + L^\top A L)^{-1} L^\top` (see :class:`_Factor`). # shape: (*batch, q, q)
         M: the noisy training covariance, a :class:`~bma_gp.BlockMeanSumLinearOperator`.
         diag_kind: ``"zero"``, ``"nonnegative"`` or ``"positive"`` (see above).
+        Y: a root of ``H`` already formed (:func:`_posterior_root_factor`), or None to form it on first use.
     """
 
     def __init__(
-        self, s: Tensor, beta: Tensor, Y: Tensor, H: Tensor, M: BlockMeanSumLinearOperator, diag_kind: str = "zero"
+        self,
+        s: Tensor,
+        beta: Tensor,
+        H: Tensor,
+        M: BlockMeanSumLinearOperator,
+        diag_kind: str = "zero",
+        Y: Tensor | None = None,
     ):
         if diag_kind not in _DIAG_KINDS:
             raise ValueError(f"diag_kind must be one of {_DIAG_KINDS}, got {diag_kind!r}.")
-        batch = torch.broadcast_shapes(s.shape[:-1], beta.shape[:-1], Y.shape[:-2], H.shape[:-2], M.batch_shape)
-        n, q = s.shape[-1], Y.shape[-1]
+        batch = torch.broadcast_shapes(s.shape[:-1], beta.shape[:-1], H.shape[:-2], M.batch_shape)
+        n, q = s.shape[-1], H.shape[-1]
         s, beta = s.expand(*batch, n), beta.expand(*batch, n)
-        Y, H = Y.expand(*batch, q, q), H.expand(*batch, q, q)
+        H = H.expand(*batch, q, q)
         if M.batch_shape != batch:
             M = M._expand_batch(batch)
-        super().__init__(s, beta, Y, H, M, diag_kind=diag_kind)
-        self.s, self.beta, self.Y, self.H, self.M = s, beta, Y, H, M
+        super().__init__(s, beta, H, M, diag_kind=diag_kind)
+        self.s, self.beta, self.H, self.M = s, beta, H, M
         self.diag_kind = diag_kind
+        self._y = None if Y is None else Y.expand(*batch, q, q)
+
+    @property
+    def Y(self) -> Tensor:
+        """:math:`Y` with :math:`Y Y^\top = H`, formed on first use (only roots need it). # shape: (*batch, q, q)"""
+        if self._y is None:
+            self._y = _posterior_root_factor(self.M)
+        return self._y
 
     @property
     def dtype(self) -> torch.dtype:  # the factors are held in the working precision
@@ -1034,14 +1064,14 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         return self
 
     def _expand_batch(self, batch_shape) -> TrainingPosteriorLinearOperator:
-        n, q = self.s.shape[-1], self.Y.shape[-1]
+        n, q = self.s.shape[-1], self.H.shape[-1]
         return TrainingPosteriorLinearOperator(
             self.s.expand(*batch_shape, n),
             self.beta.expand(*batch_shape, n),
-            self.Y.expand(*batch_shape, q, q),
             self.H.expand(*batch_shape, q, q),
             self.M._expand_batch(batch_shape),
             diag_kind=self.diag_kind,
+            Y=None if self._y is None else self._y.expand(*batch_shape, q, q),
         )
 
     def evaluate_kernel(self) -> TrainingPosteriorLinearOperator:
@@ -1062,7 +1092,9 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         vector = rhs.dim() == 1
         x = rhs.unsqueeze(-1) if vector else rhs
         xw = x.to(self.s.dtype)
-        res = self.s.unsqueeze(-1) * xw + self._v(self._v_t(xw))
+        u = torch.cat(self.M._z_t(self.beta.unsqueeze(-1) * xw), dim=-2)  # Z^T diag(beta) x
+        coef = (self.H @ u).split(self.M._sizes(), dim=-2)
+        res = self.s.unsqueeze(-1) * xw + self.beta.unsqueeze(-1) * self.M._z(list(coef))
         res = res.to(torch.promote_types(rhs.dtype, self.dtype))
         return res.squeeze(-1) if vector else res
 
@@ -1095,7 +1127,7 @@ class TrainingPosteriorLinearOperator(LinearOperator):
             kind = "nonnegative" if self.diag_kind == "zero" else self.diag_kind
         else:  # some entry < 0: the sum need not be positive semidefinite; linear_operator's generic sum
             return super().add_diagonal(diag.to(self.dtype))
-        return TrainingPosteriorLinearOperator(self.s + diag, self.beta, self.Y, self.H, self.M, diag_kind=kind)
+        return TrainingPosteriorLinearOperator(self.s + diag, self.beta, self.H, self.M, diag_kind=kind, Y=self._y)
 
     def __add__(self, other):
         if isinstance(other, DiagLinearOperator):
@@ -1132,7 +1164,7 @@ class TrainingPosteriorLinearOperator(LinearOperator):
 
     def __repr__(self) -> str:
         return (
-            f"TrainingPosteriorLinearOperator(shape={tuple(self.shape)}, q={self.Y.shape[-1]}, "
+            f"TrainingPosteriorLinearOperator(shape={tuple(self.shape)}, q={self.H.shape[-1]}, "
             f"diagonal={self.diag_kind}, dtype={self.dtype}, device={self.device})"
         )
 
@@ -1249,7 +1281,7 @@ class _PosteriorRoot(_Root):
     (``n x (n + q)``)."""
 
     def _columns(self) -> int:
-        n, q = self.parent.shape[-1], self.parent.Y.shape[-1]
+        n, q = self.parent.shape[-1], self.parent.H.shape[-1]
         return max(n, q) if self.parent.diag_kind == "zero" else n + q
 
     def _transpose_nonbatch(self) -> _PosteriorRoot:
@@ -1259,14 +1291,14 @@ class _PosteriorRoot(_Root):
         return _PosteriorRoot(self.parent._expand_batch(batch_shape), transposed=self.transposed)
 
     def _forward(self, x: Tensor) -> Tensor:
-        n, q = self.parent.shape[-1], self.parent.Y.shape[-1]
+        n, q = self.parent.shape[-1], self.parent.H.shape[-1]
         if self.parent.diag_kind == "zero":
             return self.parent._v(x.narrow(-2, 0, q))  # the padding columns are zero
         head, tail = x.narrow(-2, 0, n), x.narrow(-2, n, q)
         return self.sqrt_s.unsqueeze(-1) * head + self.parent._v(tail)
 
     def _backward(self, x: Tensor) -> Tensor:
-        n, q = self.parent.shape[-1], self.parent.Y.shape[-1]
+        n, q = self.parent.shape[-1], self.parent.H.shape[-1]
         tail = self.parent._v_t(x)
         if self.parent.diag_kind == "zero":
             if q >= n:
