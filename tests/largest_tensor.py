@@ -10,14 +10,22 @@ from torch.utils._python_dispatch import TorchDispatchMode
 class LargestTensor(TorchDispatchMode):
     """Records the largest tensor any torch operation returns, and the operation that returned it."""
 
-    def __init__(self):
+    def __init__(self, square: int | None = None):
+        """``square``: also record, in :attr:`squares`, every operation that returns a ``square x square`` matrix
+        (its last two dimensions)."""
         super().__init__()
         self.largest = 0
         self.where = ""
+        self.square = square
+        self.squares: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for value in out if isinstance(out, (tuple, list)) else (out,):
-            if torch.is_tensor(value) and value.numel() > self.largest:
+            if not torch.is_tensor(value):
+                continue
+            if value.numel() > self.largest:
                 self.largest, self.where = value.numel(), str(func)
+            if self.square is not None and tuple(value.shape[-2:]) == (self.square, self.square):
+                self.squares.append(str(func))
         return out

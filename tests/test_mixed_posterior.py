@@ -157,6 +157,52 @@ def test_roots_reproduce_the_posterior_with_and_without_the_likelihood(case, cho
     assert columns == n if case.startswith(("crossed", "one_group")) else columns > n
 
 
+def test_block_mean_kernel_with_indefinite_B_keeps_closed_form_variances():
+    # A block mean kernel's B averages the off-diagonal entries of each diagonal block, so B itself can be
+    # indefinite while diag(lam) + P B P^T is not: then H has no root, but products and variances at the training
+    # inputs stay closed form (they were GPyTorch's dense n x n path, silently); a root warns and is generic.
+    from bma_gp import BlockMeanKernel, ClosedFormFallbackWarning, Partition
+    from bma_gp.kernels.sum_prediction_strategy import _root_of_block, as_sum
+    from largest_tensor import LargestTensor
+
+    g = torch.Generator().manual_seed(6)
+    n = 400
+    t = torch.rand(n, generator=g, dtype=DTYPE)
+    ids = torch.randint(0, 30, (n,), generator=g)
+    x = torch.stack([t, ids.to(DTYPE)], -1)
+    y = (
+        torch.sin(6 * t)
+        + torch.randn(30, generator=g, dtype=DTYPE)[ids]
+        + 0.1 * torch.randn(n, generator=g, dtype=DTYPE)
+    )
+    smooth = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(active_dims=(0,)))
+    smooth.base_kernel.lengthscale = 1.0
+    partition = Partition.from_labels((t * 20).long().clamp(max=19))
+    kernel = BlockMeanKernel(smooth, x, partition, chunk_size=50) + GroupKernel(30, active_dims=[1])  # tiles 50 x n
+    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).to(DTYPE)
+    model.likelihood.noise = 0.05
+    model.eval()
+    with torch.no_grad():
+        prior = as_sum(model.covar_module(x).evaluate_kernel())
+        assert _root_of_block(prior, 0, DTYPE) is None  # the precondition: B of the block mean kernel is indefinite
+    mode = LargestTensor(square=n)
+    with closed_forms_only(n), mode, torch.no_grad():
+        post = model(x)
+        covar = post.lazy_covariance_matrix
+        assert isinstance(covar, TrainingPosteriorLinearOperator) and not covar.psd
+        variance, mean = post.variance, post.mean
+        probe = torch.randn(n, 2, generator=g, dtype=DTYPE)
+        product = covar @ probe
+    assert not mode.squares, f"n x n matrices from {mode.squares}"
+    ref_mean, ref_cov = reference(model, x)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(variance, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-11)
+    torch.testing.assert_close(product, ref_cov @ probe, rtol=1e-8, atol=1e-10)
+    with torch.no_grad(), pytest.warns(ClosedFormFallbackWarning, match="B_j of the prior is indefinite"):
+        root = covar.root_decomposition().root.to_dense()  # n below max_cholesky_size: a dense Cholesky
+    torch.testing.assert_close(root @ root.mT, ref_cov, rtol=1e-6, atol=1e-8)
+
+
 def test_no_eigendecomposition_of_size_q():
     # 300 x 40 crossed random intercepts (q = 340): H comes from solves with the capacitance (the 300-level
     # grouping eliminated), the sampling root from a Cholesky factorisation; no q x q eigendecomposition, which

@@ -31,6 +31,7 @@ closed form through :class:`~bma_gp.kernels.BlockMeanPredictionStrategy`.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from gpytorch import settings as gpytorch_settings
@@ -51,7 +52,7 @@ from linear_operator.operators import (
 from torch import Tensor
 
 from bma_gp import settings
-from bma_gp._composition import _build, _collect, _Parts
+from bma_gp._composition import ClosedFormFallbackWarning, _build, _collect, _Parts
 from bma_gp._precision import core_dtype
 from bma_gp._symmetric_function import symmetric_matrix_function
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
@@ -252,8 +253,9 @@ class _Factor:
         self.s = nu * c / e
         self.beta = nu / e
         self.diag_kind = "nonnegative" if bool((c != 0).any()) else "zero"
-        if any(_root_of_block(M, j, wdt) is None for j in range(len(M.partitions))):
-            raise _NotPositive
+        # H needs no root of G; a root of H (sampling) exists only when every B_j is positive semidefinite. A block
+        # mean kernel's B can be indefinite while its block mean matrix is not (B_ii averages off-diagonal entries).
+        self.psd = all(_root_of_block(M, j, wdt) is not None for j in range(len(M.partitions)))
         eye = torch.eye(q, dtype=wdt, device=M.device)
         H = torch.cat(M._cap_solve([M._G(t, piece) for t, piece in enumerate(eye.split(sizes, dim=-2))]), dim=-2)
         self.H = 0.5 * (H + H.mT)
@@ -313,7 +315,9 @@ def training_posterior(strategy: DefaultPredictionStrategy, test_test_covar, tes
     factor = _training_factor(strategy, cross)
     if factor is None:
         return None
-    return TrainingPosteriorLinearOperator(factor.s, factor.beta, factor.H, factor.M, diag_kind=factor.diag_kind)
+    return TrainingPosteriorLinearOperator(
+        factor.s, factor.beta, factor.H, factor.M, diag_kind=factor.diag_kind, psd=factor.psd
+    )
 
 
 def _training_factor(strategy: DefaultPredictionStrategy, prior: BlockMeanSumLinearOperator) -> _Factor | None:
@@ -1018,6 +1022,9 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         M: the noisy training covariance, a :class:`~bma_gp.BlockMeanSumLinearOperator`.
         diag_kind: ``"zero"``, ``"nonnegative"`` or ``"positive"`` (see above).
         Y: a root of ``H`` already formed (:func:`_posterior_root_factor`), or None to form it on first use.
+        psd: whether every block matrix of ``M`` is positive semidefinite, so that ``H`` is and has the root ``Y``.
+            Without it (a block mean kernel's indefinite ``B``) products and the diagonal stay closed form, and a
+            root is linear_operator's generic one, with a :class:`~bma_gp.ClosedFormFallbackWarning`.
     """
 
     def __init__(
@@ -1028,6 +1035,7 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         M: BlockMeanSumLinearOperator,
         diag_kind: str = "zero",
         Y: Tensor | None = None,
+        psd: bool = True,
     ):
         if diag_kind not in _DIAG_KINDS:
             raise ValueError(f"diag_kind must be one of {_DIAG_KINDS}, got {diag_kind!r}.")
@@ -1037,9 +1045,10 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         H = H.expand(*batch, q, q)
         if M.batch_shape != batch:
             M = M._expand_batch(batch)
-        super().__init__(s, beta, H, M, diag_kind=diag_kind)
+        super().__init__(s, beta, H, M, diag_kind=diag_kind, psd=psd)
         self.s, self.beta, self.H, self.M = s, beta, H, M
         self.diag_kind = diag_kind
+        self.psd = bool(psd)
         self._y = None if Y is None else Y.expand(*batch, q, q)
 
     @property
@@ -1072,6 +1081,7 @@ class TrainingPosteriorLinearOperator(LinearOperator):
             self.M._expand_batch(batch_shape),
             diag_kind=self.diag_kind,
             Y=None if self._y is None else self._y.expand(*batch_shape, q, q),
+            psd=self.psd,
         )
 
     def evaluate_kernel(self) -> TrainingPosteriorLinearOperator:
@@ -1107,8 +1117,10 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         return self._matmul(rhs)
 
     def _diagonal(self) -> Tensor:
-        quad = _quadratic_diagonal(self.M, self.H, self.M._sizes()).clamp_min(0)  # >= 0 up to rounding
-        return (self.s + self.beta.pow(2) * quad).to(self.dtype)
+        quad = _quadratic_diagonal(self.M, self.H, self.M._sizes())
+        if self.psd:
+            return (self.s + self.beta.pow(2) * quad.clamp_min(0)).to(self.dtype)  # quad >= 0 up to rounding
+        return (self.s + self.beta.pow(2) * quad).clamp_min(0).to(self.dtype)  # H indefinite: the sum is >= 0
 
     def to_dense(self) -> Tensor:
         n = self.shape[-1]
@@ -1127,7 +1139,9 @@ class TrainingPosteriorLinearOperator(LinearOperator):
             kind = "nonnegative" if self.diag_kind == "zero" else self.diag_kind
         else:  # some entry < 0: the sum need not be positive semidefinite; linear_operator's generic sum
             return super().add_diagonal(diag.to(self.dtype))
-        return TrainingPosteriorLinearOperator(self.s + diag, self.beta, self.H, self.M, diag_kind=kind, Y=self._y)
+        return TrainingPosteriorLinearOperator(
+            self.s + diag, self.beta, self.H, self.M, diag_kind=kind, Y=self._y, psd=self.psd
+        )
 
     def __add__(self, other):
         if isinstance(other, DiagLinearOperator):
@@ -1136,7 +1150,19 @@ class TrainingPosteriorLinearOperator(LinearOperator):
 
     def root_decomposition(self, method: str | None = None) -> LinearOperator:
         r""":math:`S = R R^\top` (``method`` is ignored; see the class docstring for the three forms). Only the
-        square form factorises anything: one more :math:`q \times q` eigendecomposition."""
+        square form factorises anything: one more :math:`q \times q` eigendecomposition. Without :attr:`psd`
+        ``H`` has no root: linear_operator's generic root (dense Cholesky up to ``max_cholesky_size``, Lanczos
+        beyond), with a warning."""
+        if not self.psd:
+            warnings.warn(
+                "root_decomposition of the posterior covariance at the training inputs: a block matrix B_j of the "
+                "prior is indefinite (a block mean kernel's B can be, while its block mean matrix is positive "
+                "semidefinite), so the closed-form root does not exist; linear_operator's generic root (dense "
+                "Cholesky up to max_cholesky_size, Lanczos beyond) is used.",
+                ClosedFormFallbackWarning,
+                stacklevel=2,
+            )
+            return super().root_decomposition(method=method)
         if self.diag_kind == "positive":
             core = getattr(self, "_square_core", None)
             if core is None:
