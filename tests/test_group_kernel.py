@@ -133,6 +133,11 @@ def test_batch_shapes(rank, per_group_variance):
     for b in range(3):
         ib = ids_b[b, :, 0].long()
         torch.testing.assert_close(Kb[b], kernel.covar_matrix[b][ib][:, ib])
+    # ids that differ across the batch against shared ones: C[rows, present] per batch entry (no G x k table)
+    cross = kernel(ids_b, ids).to_dense()
+    for b in range(3):
+        ib = ids_b[b, :, 0].long()
+        torch.testing.assert_close(cross[b], kernel.covar_matrix[b][ib][:, il])
     # shared ids across an input batch keep the structure
     assert isinstance(kernel(ids.expand(3, 4, 1)).evaluate_kernel(), BlockMeanLinearOperator)
 

@@ -489,11 +489,20 @@ class GroupKernel(Kernel):
             return self._factor_cross(rows, column_ids, present, partition, batch)
         if rows.dim() == 1:
             values = self._covar_between(rows, present)
-        else:
-            by_block = self._covar_between(None, present).expand(*batch, self.num_groups, k)  # (*batch, G, k)
-            values = by_block.gather(
-                -2, rows.expand(*batch, rows.shape[-1]).unsqueeze(-1).expand(*batch, rows.shape[-1], k)
-            )
+        else:  # ids that differ across the batch: C[rows, present] per batch entry, no G x k table
+            t = rows.shape[-1]
+            rows = rows.expand(*batch, t)
+            var = self.var
+            if self.per_group_variance:
+                v = var.expand(*batch, self.num_groups).gather(-1, rows)
+            else:
+                v = var.expand(*batch, 1)
+            values = v.unsqueeze(-1) * (rows.unsqueeze(-1) == present).to(var.dtype)  # (*batch, t, k)
+            W = self.covar_factor
+            if W is not None:
+                W = W.expand(*batch, *W.shape[-2:])
+                W_rows = W.gather(-2, rows.unsqueeze(-1).expand(*batch, t, W.shape[-1]))
+                values = values + W_rows @ W.index_select(-2, present).mT
         return BlockCrossLinearOperator(values.expand(*batch, rows.shape[-1], k), partition)
 
     # ------------------------------------------------------------------ random slopes
