@@ -1283,7 +1283,14 @@ class BlockMeanSumLinearOperator(LinearOperator):
         r""":math:`M = R R^\top` with the square root
         :math:`R = D^{1/2} + Z L K L^\top Z^\top D^{-1/2}`, :math:`K = h(L^\top A L)`,
         :math:`h(e) = 1/(\sqrt{1+e}+1)` (``method`` is ignored). Applying :math:`R` costs
-        :math:`O(n(J+m) + q^2)`."""
+        :math:`O(n(J+m) + q^2)`. With :math:`d = 0` (a prior of group kernels without noise) it is
+        :math:`R = Z L`, ``n x q``."""
+        if bool((self.diag_values == 0).all()):  # no per-point part: R = Z L, n x q, no eigendecomposition
+            wdt = core_dtype(self.dtype)
+            L = [self._root_factor(j, wdt) for j in range(len(self.partitions))]
+            if self.root is not None:
+                L.append(torch.eye(self.rank, dtype=wdt, device=self.device))
+            return RootLinearOperator(_ZLRoot(*L, parent=self))
         K, L = self._memo("root_parts", lambda: self._root_parts(inverse=False))
         wdt = K.dtype
         d = self.diag_values.to(wdt)
@@ -1411,6 +1418,61 @@ class _WoodburyRoot(LinearOperator):
         n = self.shape[-1]
         eye = torch.eye(n, dtype=self.parent.dtype, device=self.parent.device)
         return self._matmul(eye.expand(*self.batch_shape, n, n))
+
+
+class _ZLRoot(LinearOperator):
+    r""":math:`R = Z L` (``n x q``; ``transposed``: :math:`R^\top`) with :math:`L = \operatorname{blockdiag}(L_1,
+    \dots, L_J, I_m)`, so that :math:`R R^\top = Z G Z^\top`: the root of a :class:`BlockMeanSumLinearOperator`
+    whose diagonal is 0 (SPEC section 5's :math:`[D^{1/2}, Z L]` without its zero columns)."""
+
+    def __init__(self, *L: Tensor, parent: BlockMeanSumLinearOperator, transposed: bool = False):
+        super().__init__(*L, parent=parent, transposed=transposed)
+        self.L, self.parent, self.transposed = list(L), parent, transposed
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parent.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.parent.device
+
+    def _size(self) -> torch.Size:
+        n, q = self.parent.shape[-1], sum(self.parent._sizes())
+        return torch.Size((*self.parent.batch_shape, *((q, n) if self.transposed else (n, q))))
+
+    def _transpose_nonbatch(self) -> _ZLRoot:
+        return _ZLRoot(*self.L, parent=self.parent, transposed=not self.transposed)
+
+    def _expand_batch(self, batch_shape) -> _ZLRoot:
+        return _ZLRoot(*self.L, parent=self.parent._expand_batch(batch_shape), transposed=self.transposed)
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        vector = rhs.dim() == 1
+        x = (rhs.unsqueeze(-1) if vector else rhs).to(self.L[0].dtype)
+        if self.transposed:  # L^T Z^T x
+            res = torch.cat([Lt.mT @ ut for Lt, ut in zip(self.L, self.parent._z_t(x))], dim=-2)
+        else:  # Z L x
+            pieces = x.split(self.parent._sizes(), dim=-2)
+            res = self.parent._z([Lt @ piece for Lt, piece in zip(self.L, pieces)])
+        res = res.to(torch.promote_types(rhs.dtype, self.parent.dtype))
+        return res.squeeze(-1) if vector else res
+
+    def matmul(self, other):
+        if torch.is_tensor(other):
+            return self._matmul(other)
+        return super().matmul(other)
+
+    def _t_matmul(self, rhs: Tensor) -> Tensor:
+        return self._transpose_nonbatch()._matmul(rhs)
+
+    def _getitem(self, row_index, col_index, *batch_indices):
+        return self.to_dense()[(*batch_indices, row_index, col_index)]
+
+    def to_dense(self) -> Tensor:
+        cols = self.shape[-1]
+        eye = torch.eye(cols, dtype=self.parent.dtype, device=self.parent.device)
+        return self._matmul(eye.expand(*self.batch_shape, cols, cols))
 
 
 # ---------------------------------------------------------------------------- chunked products with the root

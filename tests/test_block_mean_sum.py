@@ -447,6 +447,27 @@ def test_gradients_from_block_mean_operators(with_root, batch):
     assert_grads_close(_grads(loss, leaves), _grads(loss_dense, leaves), names)
 
 
+@batches
+def test_root_without_a_diagonal_is_z_l(batch):
+    # d = 0 (a prior of group kernels and an inducing-point root, without noise): R = Z L, n x q, R R^T = M
+    case = Case("crossed_root", torch.float64, batch, seed=41)
+    op = BlockMeanSumLinearOperator(
+        torch.zeros_like(case.d), *case.blocks, partitions=case.partitions, root=case.root, weights=case.weights
+    )
+    case.d = torch.zeros_like(case.d)
+    dense = case.dense()
+    with closed_forms_only(N):
+        R = op.root_decomposition().root
+        assert R.shape == (*batch, N, op.capacitance_size)
+        R_dense = R.to_dense()
+        x = torch.randn(*batch, N, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        Rt_x = R.mT @ x
+    assert_close(R_dense @ R_dense.mT, dense, torch.float64)
+    assert_close(Rt_x, R_dense.mT @ x, torch.float64)
+    sample = gpytorch.distributions.MultivariateNormal(torch.zeros(*batch, N, dtype=torch.float64), op).rsample()
+    assert sample.shape == (*batch, N) and bool(torch.isfinite(sample).all())
+
+
 # ---------------------------------------------------------------------------- joint elimination
 @batches
 @pytest.mark.parametrize("with_rest", [False, True], ids=["alone", "crossed_root"])
