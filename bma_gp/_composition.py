@@ -357,18 +357,18 @@ def _hooked_add_diagonal(original):
     return add_diagonal
 
 
-def _hooked_evaluated(original, name: str):
+def _hooked_evaluated(original, name):
     """``name`` of a lazily evaluated kernel tensor: with a block mean or group kernel, the evaluated operator's own
     (closed-form) method; linear_operator's default would run Lanczos on its products (a rank-100 root of a
     random-intercept covariance with 300 groups reproduced 3% of it)."""
 
+    @functools.wraps(original)
     def hooked(self, *args, **kwargs):
         if _is_lazy_block_mean(self):
             return getattr(self.evaluate_kernel(), name)(*args, **kwargs)
         return original(self, *args, **kwargs)
 
     hooked._bma_gp_original = original
-    hooked.__name__ = name
     return hooked
 
 
