@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from bma_gp import settings
+from bma_gp._by_products import ByProducts
 from bma_gp._diagonal import is_diagonal as _is_diagonal
 from bma_gp._diagonal import structurally_diagonal as _structurally_diagonal
 from bma_gp._lazy_root import LazyRoot
@@ -1341,7 +1342,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
 
 
 # ---------------------------------------------------------------------------- the roots
-class _WoodburyRoot(LinearOperator):
+class _WoodburyRoot(ByProducts):
     r""":math:`R = \operatorname{diag}(\alpha) + \operatorname{diag}(\beta) Z L K L^\top Z^\top
     \operatorname{diag}(\gamma)` for a :class:`BlockMeanSumLinearOperator`'s :math:`Z` (never formed)."""
 
@@ -1392,14 +1393,6 @@ class _WoodburyRoot(LinearOperator):
         )
         return res.squeeze(-1) if vector else res
 
-    def matmul(self, other):
-        if torch.is_tensor(other):
-            return self._matmul(other)
-        return super().matmul(other)
-
-    def _t_matmul(self, rhs: Tensor) -> Tensor:
-        return self._transpose_nonbatch()._matmul(rhs)
-
     def _expand_batch(self, batch_shape):
         return _WoodburyRoot(
             self.K,
@@ -1411,16 +1404,8 @@ class _WoodburyRoot(LinearOperator):
             transposed=self.transposed,
         )
 
-    def _getitem(self, row_index, col_index, *batch_indices):
-        return self.to_dense()[(*batch_indices, row_index, col_index)]
 
-    def to_dense(self) -> Tensor:
-        n = self.shape[-1]
-        eye = torch.eye(n, dtype=self.parent.dtype, device=self.parent.device)
-        return self._matmul(eye.expand(*self.batch_shape, n, n))
-
-
-class _ZLRoot(LinearOperator):
+class _ZLRoot(ByProducts):
     r""":math:`R = Z L` (``n x q``; ``transposed``: :math:`R^\top`) with :math:`L = \operatorname{blockdiag}(L_1,
     \dots, L_J, I_m)`, so that :math:`R R^\top = Z G Z^\top`: the root of a :class:`BlockMeanSumLinearOperator`
     whose diagonal is 0 (SPEC section 5's :math:`[D^{1/2}, Z L]` without its zero columns)."""
@@ -1457,22 +1442,6 @@ class _ZLRoot(LinearOperator):
             res = self.parent._z([Lt @ piece for Lt, piece in zip(self.L, pieces)])
         res = res.to(torch.promote_types(rhs.dtype, self.parent.dtype))
         return res.squeeze(-1) if vector else res
-
-    def matmul(self, other):
-        if torch.is_tensor(other):
-            return self._matmul(other)
-        return super().matmul(other)
-
-    def _t_matmul(self, rhs: Tensor) -> Tensor:
-        return self._transpose_nonbatch()._matmul(rhs)
-
-    def _getitem(self, row_index, col_index, *batch_indices):
-        return self.to_dense()[(*batch_indices, row_index, col_index)]
-
-    def to_dense(self) -> Tensor:
-        cols = self.shape[-1]
-        eye = torch.eye(cols, dtype=self.parent.dtype, device=self.parent.device)
-        return self._matmul(eye.expand(*self.batch_shape, cols, cols))
 
 
 # ---------------------------------------------------------------------------- chunked products with the root

@@ -98,6 +98,16 @@ def dense_parts(model, x):
     return mean, reference_covar(model.covar_module, x, x) + noise * torch.eye(x.shape[0], dtype=DTYPE)
 
 
+def dense_posterior(model, x, y, xt):
+    """Mean and covariance of the posterior at ``xt``, assembled densely from the reference covariances."""
+    with torch.no_grad():
+        prior_mean, covar = dense_parts(model, x)
+        cross = reference_covar(model.covar_module, xt, x)
+        mean = xt[:, :1] @ model.mean_module.weights[:, 0] + model.mean_module.bias
+        mean = mean + cross @ torch.linalg.solve(covar, y - prior_mean)
+        return mean, reference_covar(model.covar_module, xt, xt) - cross @ torch.linalg.solve(covar, cross.T)
+
+
 def dense_mll(model, x, y):
     mean, covar = dense_parts(model, x)
     return torch.distributions.MultivariateNormal(mean, covar).log_prob(y) / y.shape[0]
@@ -272,12 +282,7 @@ def test_many_groups_factorise_nothing_of_size_k():
     with bma_gp.settings.max_capacitance_size(1), closed_forms_only(n), torch.no_grad():
         post = model(xt)
         mean, cov = post.mean, post.covariance_matrix
-    with torch.no_grad():
-        prior_mean, covar = dense_parts(model, inputs)
-        cross = reference_covar(model.covar_module, xt, inputs)
-        ref_mean = xt[:, :1] @ model.mean_module.weights[:, 0] + model.mean_module.bias
-        ref_mean = ref_mean + cross @ torch.linalg.solve(covar, y - prior_mean)
-        ref_cov = reference_covar(model.covar_module, xt, xt) - cross @ torch.linalg.solve(covar, cross.T)
+    ref_mean, ref_cov = dense_posterior(model, inputs, y, xt)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(cov, ref_cov, rtol=1e-8, atol=1e-10)
 
@@ -298,12 +303,7 @@ def test_prediction_matches_dense_posterior(mode, fast_pred_var):
         mean, cov = post.mean, post.covariance_matrix
         noisy = model.likelihood(post)
         noisy_var = noisy.variance
-    with torch.no_grad():
-        prior_mean, covar = dense_parts(model, x)
-        cross = reference_covar(model.covar_module, xt, x)
-        ref_mean = xt[:, :1] @ model.mean_module.weights[:, 0] + model.mean_module.bias
-        ref_mean = ref_mean + cross @ torch.linalg.solve(covar, y - prior_mean)
-        ref_cov = reference_covar(model.covar_module, xt, xt) - cross @ torch.linalg.solve(covar, cross.T)
+    ref_mean, ref_cov = dense_posterior(model, x, y, xt)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(cov, ref_cov, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(noisy_var, torch.diagonal(ref_cov) + model.likelihood.noise, rtol=1e-8, atol=1e-10)

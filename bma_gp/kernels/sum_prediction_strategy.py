@@ -52,6 +52,7 @@ from linear_operator.operators import (
 from torch import Tensor
 
 from bma_gp import settings
+from bma_gp._by_products import ByProducts
 from bma_gp._composition import ClosedFormFallbackWarning, _build, _collect, _Parts
 from bma_gp._precision import core_dtype
 from bma_gp._symmetric_function import symmetric_matrix_function
@@ -1237,7 +1238,7 @@ def _quadratic_diagonal(M: BlockMeanSumLinearOperator, H: Tensor, sizes: list[in
     return out
 
 
-class _Root(LinearOperator):
+class _Root(ByProducts):
     """A root of a :class:`TrainingPosteriorLinearOperator`, applied without forming it (``transposed``: its
     transpose)."""
 
@@ -1279,22 +1280,6 @@ class _Root(LinearOperator):
         res = self._backward(x) if self.transposed else self._forward(x)
         res = res.to(torch.promote_types(rhs.dtype, self.dtype))
         return res.squeeze(-1) if vector else res
-
-    def matmul(self, other):
-        if torch.is_tensor(other):
-            return self._matmul(other)
-        return super().matmul(other)
-
-    def _t_matmul(self, rhs: Tensor) -> Tensor:
-        return self._transpose_nonbatch()._matmul(rhs)
-
-    def _getitem(self, row_index, col_index, *batch_indices):
-        return self.to_dense()[(*batch_indices, row_index, col_index)]
-
-    def to_dense(self) -> Tensor:
-        cols = self.shape[-1]
-        eye = torch.eye(cols, dtype=self.dtype, device=self.device)
-        return self._matmul(eye.expand(*self.batch_shape, cols, cols))
 
 
 def _stack(head: Tensor, tail: Tensor) -> Tensor:

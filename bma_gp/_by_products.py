@@ -1,0 +1,32 @@
+"""A base for operators known only through their products (roots applied without being formed)."""
+
+from __future__ import annotations
+
+import torch
+from linear_operator.operators import LinearOperator
+from torch import Tensor
+
+__all__ = ["ByProducts"]
+
+
+class ByProducts(LinearOperator):
+    """A :class:`~linear_operator.operators.LinearOperator` defined by ``_matmul`` and ``_transpose_nonbatch``:
+    a product with a tensor calls ``_matmul`` directly (plain torch operations, so autograd reaches every tensor),
+    a transposed product goes through the transpose, and entries and :meth:`to_dense` are products with the
+    identity (no other representation exists)."""
+
+    def matmul(self, other):
+        if torch.is_tensor(other):
+            return self._matmul(other)
+        return super().matmul(other)
+
+    def _t_matmul(self, rhs: Tensor) -> Tensor:
+        return self._transpose_nonbatch()._matmul(rhs)
+
+    def _getitem(self, row_index, col_index, *batch_indices):
+        return self.to_dense()[(*batch_indices, row_index, col_index)]
+
+    def to_dense(self) -> Tensor:
+        cols = self.shape[-1]
+        eye = torch.eye(cols, dtype=self.dtype, device=self.device)
+        return self._matmul(eye.expand(*self.batch_shape, cols, cols))
