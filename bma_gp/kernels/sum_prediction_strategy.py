@@ -271,8 +271,8 @@ def _posterior_root_factor(M: BlockMeanSumLinearOperator) -> Tensor:
     wdt = core_dtype(M.dtype)
     sizes = M._sizes()
     roots: list[Tensor | None] = [_root_of_block(M, j, wdt) for j in range(len(M.partitions))]
-    if any(L is None for L in roots):  # pragma: no cover - _Factor refused such a prior
-        raise _NotPositive
+    if any(L is None for L in roots):  # pragma: no cover - root_decomposition checks TrainingPosterior...psd first
+        raise RuntimeError("a root of the training posterior needs positive semidefinite block matrices")
     if M.root is not None:
         roots.append(None)
     W = _scaled_gram(M, roots)
@@ -282,15 +282,11 @@ def _posterior_root_factor(M: BlockMeanSumLinearOperator) -> Tensor:
     return torch.cat([_left(L, piece) for L, piece in zip(roots, F.split(sizes, dim=-2))], dim=-2)
 
 
-class _NotPositive(Exception):
-    """A block matrix of the prior has no root: the closed form does not apply."""
-
-
 def training_posterior(strategy: DefaultPredictionStrategy, test_test_covar, test_train_covar):
     """The closed-form posterior covariance when the test inputs are the training inputs, or None.
 
     None when the test covariances are not the prior covariance at the training inputs, the prior is
-    outside the family (or has a block matrix that is not positive semidefinite, or a negative diagonal),
+    outside the family (or has a negative diagonal; an indefinite block matrix only takes the root away),
     or the likelihood is not Gaussian with a positive diagonal noise; also with ``skip_posterior_variances`` and
     with an observation NaN policy other than ``"ignore"`` (GPyTorch's own path handles those).
 
@@ -331,10 +327,7 @@ def _training_factor(strategy: DefaultPredictionStrategy, prior: BlockMeanSumLin
     cached = getattr(strategy, "_bma_gp_factor", None)
     if cached is not None and not needs_grad:
         return cached
-    try:
-        factor = _Factor(prior, noise)
-    except _NotPositive:
-        return None
+    factor = _Factor(prior, noise)
     if not needs_grad:
         strategy._bma_gp_factor = factor
     return factor
