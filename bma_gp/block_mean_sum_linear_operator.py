@@ -136,7 +136,7 @@ class _Cells:
 
 
 class _Contingencies(dict):
-    """The blocks ``A[i, j]`` of :math:`Z^\top D^{-1} Z`; a table of two partitions, :math:`P_i^\top W_i D^{-1} W_j
+    r"""The blocks ``A[i, j]`` of :math:`Z^\top D^{-1} Z`; a table of two partitions, :math:`P_i^\top W_i D^{-1} W_j
     P_j` (``k_i x k_j``, dense), is formed on first access, so that one the capacitance only needs as its nonzero
     cells (:class:`_CrossBlocks`) never is."""
 
@@ -216,7 +216,7 @@ class _CrossBlocks:
         return torch.cat([p.expand(*batch, *p.shape[-2:]) for p in parts], dim=-2)
 
     def t_matmul(self, x: Tensor) -> Tensor:
-        """:math:`A_{re}^\top x` for ``x`` (*b, r, m). # shape: (*b, k_e, m)"""
+        r""":math:`A_{re}^\top x` for ``x`` (*b, r, m). # shape: (*b, k_e, m)"""
         out = None
         for piece, xi in zip(self.pieces, x.split(self.sizes, dim=-2)):
             if torch.is_tensor(piece):
@@ -791,7 +791,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         return (a, blocks) if extra is None else (a, blocks, root_t_extra)
 
     def _root_gram(self, dinv: Tensor, w: list[Tensor | None], extra: Tensor | None):
-        """:math:`P_j^\top W_j D^{-1} U` for every partition, :math:`U^\top D^{-1} U` and (with ``extra``)
+        r""":math:`P_j^\top W_j D^{-1} U` for every partition, :math:`U^\top D^{-1} U` and (with ``extra``)
         :math:`U^\top x`, in one pass over row chunks: products in the root's precision, sums over chunks in
         the working precision, and a backward pass that needs one product with :math:`U`, writes one gradient
         buffer and keeps no ``n x m`` temporaries from the forward."""

@@ -791,7 +791,7 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
 
     # ------------------------------------------------------------------ F and F^T
     def _f_t(self, x: Tensor) -> Tensor:
-        """:math:`F^\top x` in the working precision. ``x`` # shape: (*batch, t, c)"""
+        r""":math:`F^\top x` in the working precision. ``x`` # shape: (*batch, t, c)"""
         wdt = self.W.dtype
         pieces = []
         for b, k in zip(self.blocks, self.sizes):
@@ -1047,7 +1047,7 @@ class TrainingPosteriorLinearOperator(LinearOperator):
 
     @property
     def Y(self) -> Tensor:
-        """:math:`Y` with :math:`Y Y^\top = H`, formed on first use (only roots need it). # shape: (*batch, q, q)"""
+        r""":math:`Y` with :math:`Y Y^\top = H`, formed on first use (only roots need it). # shape: (*batch, q, q)"""
         if self._y is None:
             self._y = _posterior_root_factor(self.M)
         return self._y
