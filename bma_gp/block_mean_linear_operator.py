@@ -428,6 +428,8 @@ class BlockMeanLinearOperator(LinearOperator):
                     f"as self (k = {self.partition.num_blocks}), got {type(op).__name__}."
                 )
         self._check_symmetric("schur_complement")
+        if self._diagonal_core() and cross._diagonal_core() and other._diagonal_core():
+            return self._diagonal_schur_complement(cross, other)
         lam_M, C_M = self.core()
         lam_A, C_A = cross.core()
         lam_N, _ = other.core()
@@ -447,6 +449,36 @@ class BlockMeanLinearOperator(LinearOperator):
         res = BlockMeanLinearOperator.from_core(lam, 0.5 * (C + C.mT), self.partition, dtype=self.dtype)
         norm = C_M.abs().sum(-1).amax(-1) + gram.abs().sum(-1).amax(-1)  # bounds the spectral norms
         res._rounding = (rounding * norm).detach()
+        return res
+
+    def _diagonal_schur_complement(
+        self, cross: BlockMeanLinearOperator, other: BlockMeanLinearOperator
+    ) -> BlockMeanLinearOperator:
+        r""":meth:`schur_complement` when all three cores are diagonal (a grouping's per-level variances, as a
+        random-intercept model's prior, cross and noisy covariances are): :math:`W = C_N^{-1/2} C_A^\top` is
+        diagonal, so :math:`C = \operatorname{diag}(c_M - c_A^2 / c_N)`. ``O(k)``: no ``k x k`` matrix, and the
+        result is held in diagonal mode."""
+        if settings.validate.on():  # as core() and core_cholesky() check, without a k x k matrix
+            for op in (self, cross, other):
+                op._check_finite()
+            if bool((other._core_cholesky_diagonal()[1] > 0).any()):
+                other._raise_not_positive_definite("schur_complement")
+        lam_M, _, c_M = self._diagonal_parts()
+        lam_A, _, c_A = cross._diagonal_parts()
+        lam_N, _, c_N = other._diagonal_parts()
+        gram = c_A * c_A / c_N
+        c = c_M - gram
+        correction = lam_A * lam_A / lam_N
+        lam = lam_M - correction
+        k = c.shape[-1]
+        rounding = max(10, k) * torch.finfo(self.dtype).eps
+        lam = torch.where((lam < 0) & (lam >= -rounding * (lam_M.abs() + correction.abs())), 0.0, lam)
+        single = self.partition.sizes == 1
+        lam = torch.where(single, c, lam)  # a singleton block keeps its one entry in lam (as from_core does)
+        b = torch.where(single, 0.0, (c - lam) / self._core_sizes)
+        lam, b = torch.broadcast_tensors(lam, b)
+        res = BlockMeanLinearOperator(lam.to(self.dtype), b.to(self.dtype), self.partition, diagonal=True)
+        res._rounding = (rounding * (c_M.abs().amax(-1) + gram.abs().amax(-1))).detach()
         return res
 
     def _new(self, lam: Tensor, B: Tensor, symmetric: bool | None = None) -> BlockMeanLinearOperator:
