@@ -204,9 +204,9 @@ def test_block_mean_kernel_with_indefinite_B_keeps_closed_form_variances():
 
 
 def test_no_eigendecomposition_of_size_q():
-    # 300 x 40 crossed random intercepts (q = 340): H comes from solves with the capacitance (the 300-level
-    # grouping eliminated), the sampling root from a Cholesky factorisation; no q x q eigendecomposition, which
-    # took 29 s at q = 5050 (the variances now 1.6 s, a draw 5.5 s).
+    # 300 x 40 crossed random intercepts (q = 340): products and variances come from the capacitance (the
+    # 300-level grouping eliminated), draws from conditioned prior draws, the root from a Cholesky factorisation;
+    # no q x q eigendecomposition, which took 29 s at q = 5050 (the variances now 0.07 s, a draw 0.04 s).
     g = torch.Generator().manual_seed(4)
     n, k1, k2 = 1500, 300, 40
     a, b = torch.randint(0, k1, (n,), generator=g), torch.randint(0, k2, (n,), generator=g)
@@ -250,6 +250,48 @@ def test_no_eigendecomposition_of_size_q():
     torch.testing.assert_close(via_covar, ref_cov @ probe, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(via_root, via_covar, rtol=1e-9, atol=1e-11)
     assert draws.shape == (2, n) and bool(torch.isfinite(draws).all())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_draws_condition_prior_draws_exactly(case):
+    """rsample at the training inputs draws ``diag(sqrt s) e + diag(beta) Z h`` with ``h`` a prior draw of the
+    coefficients conditioned on simulated data (no q x q factorisation): a linear map ``T`` of ``q + 2n`` standard
+    normals. ``T T^T`` must be the posterior covariance, with and without the likelihood's noise, and
+    ``rsample`` must use that map (and no root)."""
+    model, kernels, x, y, noise_diag = build(case)
+    model.eval()
+    n = x.shape[0]
+    with closed_forms_only(n), gpytorch.settings.max_cholesky_size(0), torch.no_grad():
+        post = model(x)
+        for dist in (post, model.likelihood(post)):
+            covar = dist.lazy_covariance_matrix
+            assert isinstance(covar, TrainingPosteriorLinearOperator)
+            q = sum(covar.M._sizes())
+            T = covar._pathwise(torch.eye(q + 2 * n, dtype=DTYPE))
+            torch.testing.assert_close(T @ T.mT, covar.to_dense(), rtol=1e-10, atol=1e-13)
+            with mock.patch.object(TrainingPosteriorLinearOperator, "root_decomposition", side_effect=AssertionError):
+                torch.manual_seed(5)
+                draws = dist.rsample(torch.Size([3]))
+            torch.manual_seed(5)
+            noise = torch.randn(q + 2 * n, 3, dtype=DTYPE)
+            torch.testing.assert_close(draws, dist.mean + (T @ noise).mT, rtol=1e-12, atol=1e-12)
+
+
+def test_draws_of_a_batch_condition_prior_draws_exactly():
+    x, y, _ = crossed_data()
+    batch = torch.Size([2])
+    likelihood = gpytorch.likelihoods.GaussianLikelihood(batch_shape=batch)
+    likelihood.noise = torch.tensor([[0.05], [0.1]])
+    ka = GroupKernel(K1, active_dims=[1], batch_shape=batch)
+    kb = GroupKernel(K2, active_dims=[2], batch_shape=batch, per_group_variance=True)
+    model = BatchGP(x, torch.stack([y, 2 * y]), likelihood, ka + kb, batch).to(DTYPE)
+    model.eval()
+    n = x.shape[0]
+    with closed_forms_only(n), torch.no_grad():
+        covar = likelihood(model(x)).lazy_covariance_matrix
+        q = sum(covar.M._sizes())
+        T = covar._pathwise(torch.eye(q + 2 * n, dtype=DTYPE).expand(2, -1, -1))
+    torch.testing.assert_close(T @ T.mT, covar.to_dense(), rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.parametrize("case", ["crossed", "sgpr_crossed_fixed_noise"])

@@ -57,7 +57,7 @@ from bma_gp._composition import ClosedFormFallbackWarning, _build, _collect, _Pa
 from bma_gp._precision import core_dtype
 from bma_gp._symmetric_function import symmetric_matrix_function
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
-from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator, _cells_matmul, _scoped
+from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator, _cells_matmul, _LUSolve, _scoped
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.partition import Partition
 
@@ -227,26 +227,44 @@ def _scaled_gram(op: BlockMeanSumLinearOperator, roots: list[Tensor | None]) -> 
     return torch.cat([torch.cat([scaled(i, j) for j in range(T)], dim=-1) for i in range(T)], dim=-2)
 
 
+def _check_weight_size(M: BlockMeanSumLinearOperator, what: str) -> None:
+    """Raise a ``ValueError`` naming ``q`` when a ``q x q`` matrix of the training posterior (``what``) would pass
+    ``max_capacitance_size``."""
+    q = sum(M._sizes())
+    limit = settings.max_capacitance_size.value()
+    if q > limit:
+        raise ValueError(
+            f"{what} of the posterior covariance at the training inputs needs a {q} x {q} matrix "
+            f"({M._describe()}), more than bma_gp.settings.max_capacitance_size = {limit}; raise the limit with "
+            f"`with bma_gp.settings.max_capacitance_size({q}):` if it fits your machine. Its products, variances "
+            "and draws (rsample without base_samples) need no such matrix."
+        )
+
+
+def _training_weight(M: BlockMeanSumLinearOperator) -> Tensor:
+    r""":math:`H = C^{-1} G = L (I + L^\top A L)^{-1} L^\top` as a ``q x q`` matrix, by solves with ``M``'s own
+    capacitance factorisation (no :math:`q \times q` factorisation). Only a sum without an eliminated grouping
+    needs it (for its variances), and then ``q`` is the size of that factorisation. # shape: (*batch, q, q)"""
+    _check_weight_size(M, "the weight H")
+    sizes = M._sizes()
+    q = sum(sizes)
+    eye = torch.eye(q, dtype=core_dtype(M.dtype), device=M.device).expand(*M.batch_shape, q, q)
+    H = torch.cat(M._cap_solve([M._G(t, piece) for t, piece in enumerate(eye.split(sizes, dim=-2))]), dim=-2)
+    return 0.5 * (H + H.mT)
+
+
 class _Factor:
     r"""Everything :math:`S = \operatorname{diag}(s) + \operatorname{diag}(\beta) Z H Z^\top \operatorname{diag}(\beta)`
-    needs, in the working precision: the noisy training covariance ``M`` (its :math:`Z`), :math:`s = \nu c /
-    (c + \nu)`, :math:`\beta = \nu / (c + \nu)` and :math:`H = C^{-1} G = L (I + L^\top A L)^{-1} L^\top`
-    (:math:`q \times q`), formed by solves with ``M``'s own capacitance factorisation (its largest diagonal
-    grouping eliminated first): no :math:`q \times q` factorisation. A root :math:`Y` with :math:`Y Y^\top = H`
-    is formed only for sampling (:func:`_posterior_root_factor`)."""
+    needs, in the working precision: the noisy training covariance ``M`` (its :math:`Z`, and its capacitance
+    factorisation, which applies :math:`H = C^{-1} G`), :math:`s = \nu c / (c + \nu)` and
+    :math:`\beta = \nu / (c + \nu)`. :math:`H` itself (``q x q``) is never formed when ``M`` eliminates a grouping
+    (:func:`_posterior_quadratic_diagonal`); a root :math:`Y` with :math:`Y Y^\top = H` only for
+    ``root_decomposition`` (:func:`_posterior_root_factor`)."""
 
     def __init__(self, prior: BlockMeanSumLinearOperator, noise: Tensor):
         wdt = core_dtype(prior.dtype)
         M = prior.add_diagonal(noise.to(prior.dtype))
         sizes = M._sizes()
-        q = sum(sizes)
-        limit = settings.max_capacitance_size.value()
-        if q > limit:
-            raise ValueError(
-                f"the posterior covariance at the training inputs needs a {q} x {q} matrix "
-                f"({M._describe()}), more than bma_gp.settings.max_capacitance_size = {limit}; raise the limit with "
-                f"`with bma_gp.settings.max_capacitance_size({q}):` if it fits your machine."
-            )
         c = prior.diag_values.to(wdt)
         nu = noise.to(wdt).expand_as(c)
         e = c + nu
@@ -257,9 +275,6 @@ class _Factor:
         # H needs no root of G; a root of H (sampling) exists only when every B_j is positive semidefinite. A block
         # mean kernel's B can be indefinite while its block mean matrix is not (B_ii averages off-diagonal entries).
         self.psd = all(_root_of_block(M, j, wdt) is not None for j in range(len(M.partitions)))
-        eye = torch.eye(q, dtype=wdt, device=M.device)
-        H = torch.cat(M._cap_solve([M._G(t, piece) for t, piece in enumerate(eye.split(sizes, dim=-2))]), dim=-2)
-        self.H = 0.5 * (H + H.mT)
         self.sizes = sizes
 
 
@@ -268,6 +283,7 @@ def _posterior_root_factor(M: BlockMeanSumLinearOperator) -> Tensor:
     blocks of ``M``), so :math:`Y Y^\top = L (I + L^\top A L)^{-1} L^\top = H`: the ``q x q`` root that sampling
     at the training inputs applies. A Cholesky factorisation and a triangular inverse, about a sixth of the work
     of the eigendecomposition a symmetric root would take. # shape: (*batch, q, q)"""
+    _check_weight_size(M, "a root")
     wdt = core_dtype(M.dtype)
     sizes = M._sizes()
     roots: list[Tensor | None] = [_root_of_block(M, j, wdt) for j in range(len(M.partitions))]
@@ -313,7 +329,7 @@ def training_posterior(strategy: DefaultPredictionStrategy, test_test_covar, tes
     if factor is None:
         return None
     return TrainingPosteriorLinearOperator(
-        factor.s, factor.beta, factor.H, factor.M, diag_kind=factor.diag_kind, psd=factor.psd
+        factor.s, factor.beta, None, factor.M, diag_kind=factor.diag_kind, psd=factor.psd
     )
 
 
@@ -993,9 +1009,15 @@ _DIAG_KINDS = ("zero", "nonnegative", "positive")
 class TrainingPosteriorLinearOperator(LinearOperator):
     r""":math:`S = \operatorname{diag}(s) + V V^\top` with :math:`V = \operatorname{diag}(\beta) Z Y`
     (:math:`Z` the columns of the noisy training covariance ``M``, :math:`Y` of size :math:`q \times q` with
-    :math:`Y Y^\top = H`; products and the diagonal use :math:`H`, and :math:`Y` is formed on first use by a root).
+    :math:`Y Y^\top = H`, :math:`H = C^{-1} G`). Products apply :math:`H` by solves with ``M``'s capacitance
+    factorisation, the diagonal reads it from the blocks of that factorisation
+    (:func:`_posterior_quadratic_diagonal`) and draws condition prior draws
+    (:meth:`zero_mean_mvn_samples`): none of them forms a :math:`q \times q` matrix when ``M`` eliminates a grouping,
+    so they work past ``max_capacitance_size`` whenever ``M``'s own factorisation does. Only a root forms
+    :math:`Y` (on first use).
 
-    Products cost :math:`O(n (J + m) + q^2)` per column, the diagonal :math:`O(n (J + m)^2)`; both terms of the
+    Products cost :math:`O(n (J + m))` per column plus a capacitance solve, the diagonal :math:`O(n (J + m)^2)` plus
+    ``O(k r^2)`` once (``r`` the columns left after the elimination); both terms of the
     diagonal are non-negative (:math:`s \ge 0` exactly, and :math:`z_a^\top H z_a` with :math:`H = Y Y^\top
     \succeq 0` is clamped at zero, where only rounding can take it). Adding a diagonal (the likelihood's noise)
     keeps the type. :meth:`root_decomposition`:
@@ -1012,7 +1034,8 @@ class TrainingPosteriorLinearOperator(LinearOperator):
     Args:
         s: the diagonal. # shape: (*batch, n)
         beta: the row scaling of :math:`Z`. # shape: (*batch, n)
-        H: :math:`L (I + L^\top A L)^{-1} L^\top` (see :class:`_Factor`). # shape: (*batch, q, q)
+        H: :math:`L (I + L^\top A L)^{-1} L^\top` formed (``(*batch, q, q)``), or None (the default of the
+            prediction strategy) to apply it through ``M``'s capacitance factorisation.
         M: the noisy training covariance, a :class:`~bma_gp.BlockMeanSumLinearOperator`.
         diag_kind: ``"zero"``, ``"nonnegative"`` or ``"positive"`` (see above).
         Y: a root of ``H`` already formed (:func:`_posterior_root_factor`), or None to form it on first use.
@@ -1025,7 +1048,7 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         self,
         s: Tensor,
         beta: Tensor,
-        H: Tensor,
+        H: Tensor | None,
         M: BlockMeanSumLinearOperator,
         diag_kind: str = "zero",
         Y: Tensor | None = None,
@@ -1033,17 +1056,29 @@ class TrainingPosteriorLinearOperator(LinearOperator):
     ):
         if diag_kind not in _DIAG_KINDS:
             raise ValueError(f"diag_kind must be one of {_DIAG_KINDS}, got {diag_kind!r}.")
-        batch = torch.broadcast_shapes(s.shape[:-1], beta.shape[:-1], H.shape[:-2], M.batch_shape)
-        n, q = s.shape[-1], H.shape[-1]
+        shapes = [s.shape[:-1], beta.shape[:-1], M.batch_shape] + ([] if H is None else [H.shape[:-2]])
+        batch = torch.broadcast_shapes(*shapes)
+        n, q = s.shape[-1], sum(M._sizes())
         s, beta = s.expand(*batch, n), beta.expand(*batch, n)
-        H = H.expand(*batch, q, q)
+        if H is not None:
+            H = H.expand(*batch, q, q)
         if M.batch_shape != batch:
             M = M._expand_batch(batch)
-        super().__init__(s, beta, H, M, diag_kind=diag_kind, psd=psd)
-        self.s, self.beta, self.H, self.M = s, beta, H, M
+        super().__init__(s, beta, M, H=H, diag_kind=diag_kind, psd=psd)
+        self.s, self.beta, self.M = s, beta, M
+        self._h = H
+        self.q = q
         self.diag_kind = diag_kind
         self.psd = bool(psd)
         self._y = None if Y is None else Y.expand(*batch, q, q)
+
+    @property
+    def H(self) -> Tensor:
+        r""":math:`H = C^{-1} G` as a ``q x q`` matrix, formed on first use when it was not given (nothing of this
+        operator needs it when ``M`` eliminates a grouping). # shape: (*batch, q, q)"""
+        if self._h is None:
+            self._h = _training_weight(self.M)
+        return self._h
 
     @property
     def Y(self) -> Tensor:
@@ -1067,11 +1102,11 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         return self
 
     def _expand_batch(self, batch_shape) -> TrainingPosteriorLinearOperator:
-        n, q = self.s.shape[-1], self.H.shape[-1]
+        n, q = self.s.shape[-1], self.q
         return TrainingPosteriorLinearOperator(
             self.s.expand(*batch_shape, n),
             self.beta.expand(*batch_shape, n),
-            self.H.expand(*batch_shape, q, q),
+            None if self._h is None else self._h.expand(*batch_shape, q, q),
             self.M._expand_batch(batch_shape),
             diag_kind=self.diag_kind,
             Y=None if self._y is None else self._y.expand(*batch_shape, q, q),
@@ -1096,9 +1131,12 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         vector = rhs.dim() == 1
         x = rhs.unsqueeze(-1) if vector else rhs
         xw = x.to(self.s.dtype)
-        u = torch.cat(self.M._z_t(self.beta.unsqueeze(-1) * xw), dim=-2)  # Z^T diag(beta) x
-        coef = (self.H @ u).split(self.M._sizes(), dim=-2)
-        res = self.s.unsqueeze(-1) * xw + self.beta.unsqueeze(-1) * self.M._z(list(coef))
+        u = self.M._z_t(self.beta.unsqueeze(-1) * xw)  # Z^T diag(beta) x, per term
+        if self._h is None:  # H u = C^{-1} G u: one solve with M's capacitance factorisation
+            coef = self.M._cap_solve([self.M._G(t, ut) for t, ut in enumerate(u)])
+        else:
+            coef = list((self._h @ torch.cat(u, dim=-2)).split(self.M._sizes(), dim=-2))
+        res = self.s.unsqueeze(-1) * xw + self.beta.unsqueeze(-1) * self.M._z(coef)
         res = res.to(torch.promote_types(rhs.dtype, self.dtype))
         return res.squeeze(-1) if vector else res
 
@@ -1111,7 +1149,9 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         return self._matmul(rhs)
 
     def _diagonal(self) -> Tensor:
-        quad = _quadratic_diagonal(self.M, self.H, self.M._sizes())
+        quad = _posterior_quadratic_diagonal(self.M) if self._h is None else None
+        if quad is None:
+            quad = _quadratic_diagonal(self.M, self.H, self.M._sizes())
         if self.psd:
             return (self.s + self.beta.pow(2) * quad.clamp_min(0)).to(self.dtype)  # quad >= 0 up to rounding
         return (self.s + self.beta.pow(2) * quad).clamp_min(0).to(self.dtype)  # H indefinite: the sum is >= 0
@@ -1134,7 +1174,7 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         else:  # some entry < 0: the sum need not be positive semidefinite; linear_operator's generic sum
             return super().add_diagonal(diag.to(self.dtype))
         return TrainingPosteriorLinearOperator(
-            self.s + diag, self.beta, self.H, self.M, diag_kind=kind, Y=self._y, psd=self.psd
+            self.s + diag, self.beta, self._h, self.M, diag_kind=kind, Y=self._y, psd=self.psd
         )
 
     def __add__(self, other):
@@ -1166,6 +1206,45 @@ class TrainingPosteriorLinearOperator(LinearOperator):
             return RootLinearOperator(_SquareRoot(self, core))
         return RootLinearOperator(_PosteriorRoot(self))
 
+    def zero_mean_mvn_samples(self, num_samples: int) -> Tensor:
+        r"""Draws from :math:`N(0, S)` by conditioning prior draws (Matheron's rule): no ``q x q`` factorisation.
+
+        :math:`H = L (I + L^\top A L)^{-1} L^\top` is the posterior covariance of the coefficients :math:`u` in
+        :math:`r = Z u + e`, :math:`u \sim N(0, G)`, :math:`e \sim N(0, D)` (:math:`D` the diagonal of the noisy
+        training covariance ``M``, so :math:`M = D + Z G Z^\top`). Hence
+        :math:`h = u - C^{-1} G Z^\top D^{-1} (Z u + e) \sim N(0, H)`, one closed-form solve with ``M``'s own
+        capacitance (:meth:`~bma_gp.BlockMeanSumLinearOperator._woodbury`), and
+        :math:`\operatorname{diag}(\sqrt{s})\, \varepsilon + \operatorname{diag}(\beta) Z h \sim N(0, S)`, exactly.
+        :math:`u = L \varepsilon'` needs a root of each block only (elementwise for a grouping's variances).
+        ``rsample(base_samples=...)`` goes through :meth:`root_decomposition` instead (its columns must match the
+        base samples). Returns # shape: (num_samples, *batch, n)"""
+        from gpytorch import settings as gsettings
+
+        if not self.psd or gsettings.ciq_samples.on():
+            return super().zero_mean_mvn_samples(num_samples)
+        n, q = self.shape[-1], sum(self.M._sizes())
+        noise = torch.randn(*self.batch_shape, q + 2 * n, num_samples, dtype=self.s.dtype, device=self.device)
+        draws = self._pathwise(noise)
+        return draws.permute(-1, *range(draws.dim() - 1)).contiguous().to(self.dtype)
+
+    def _pathwise(self, noise: Tensor) -> Tensor:
+        """The linear map of :meth:`zero_mean_mvn_samples` applied to standard normal ``noise`` (its rows: the ``q``
+        coefficients' draws, then the ``n`` data noise draws, then the ``n`` draws of the diagonal), in the working
+        precision. # shape: (*batch, q + 2n, t) -> (*batch, n, t)"""
+        M, wdt = self.M, self.s.dtype
+        n, sizes = self.shape[-1], M._sizes()
+        roots: list[Tensor | None] = [_root_of_block(M, j, wdt) for j in range(len(M.partitions))]
+        if M.root is not None:
+            roots.append(None)
+        noise = noise.to(wdt)
+        eps_u, eps_e, eps_s = noise.split([sum(sizes), n, n], dim=-2)
+        u = [_left(L, piece) for L, piece in zip(roots, eps_u.split(sizes, dim=-2))]
+        _, _, x = M._woodbury(M._z(u) + M.diag_values.to(wdt).sqrt().unsqueeze(-1) * eps_e)
+        h = [u_j - x_j for u_j, x_j in zip(u, x)]
+        positive = self.s > 0
+        sqrt_s = torch.where(positive, torch.where(positive, self.s, torch.ones_like(self.s)).sqrt(), 0)
+        return sqrt_s.unsqueeze(-1) * eps_s + self.beta.unsqueeze(-1) * M._z(h)
+
     def _square_root_core(self) -> Tensor:
         r""":math:`K = h(Y^\top A' Y)` with :math:`A' = Z^\top \operatorname{diag}(\beta^2 / s) Z`."""
         M = self.M
@@ -1184,51 +1263,162 @@ class TrainingPosteriorLinearOperator(LinearOperator):
 
     def __repr__(self) -> str:
         return (
-            f"TrainingPosteriorLinearOperator(shape={tuple(self.shape)}, q={self.H.shape[-1]}, "
+            f"TrainingPosteriorLinearOperator(shape={tuple(self.shape)}, q={self.q}, "
             f"diagonal={self.diag_kind}, dtype={self.dtype}, device={self.device})"
         )
 
 
-def _quadratic_diagonal(M: BlockMeanSumLinearOperator, H: Tensor, sizes: list[int]) -> Tensor:
-    r""":math:`z_a^\top H z_a` for every row :math:`z_a` of :math:`Z`, in ``H``'s precision. # shape: (*batch, n)"""
+def _quadratic_diagonal(
+    M: BlockMeanSumLinearOperator, H: Tensor, sizes: list[int], terms: list[int] | None = None
+) -> Tensor:
+    r""":math:`z_a^\top H z_a` for every row :math:`z_a` of :math:`Z`, in ``H``'s precision; with ``terms``, of the
+    columns of those terms of ``M`` only (``H`` ordered as they are, the root's index is ``J``). # shape: (*batch, n)"""
     wdt = H.dtype
     J = len(M.partitions)
-    offsets = [0]
-    for k in sizes:
-        offsets.append(offsets[-1] + k)
+    terms = list(range(len(sizes))) if terms is None else terms
+    offsets = {}
+    total = 0
+    for t in terms:
+        offsets[t] = total
+        total += sizes[t]
 
     def block(i: int, j: int) -> Tensor:
-        return H[..., offsets[i] : offsets[i + 1], offsets[j] : offsets[j + 1]]
+        return H[..., offsets[i] : offsets[i] + sizes[i], offsets[j] : offsets[j] + sizes[j]]
 
     weights = [None if w is None else w.to(wdt) for w in M.weights]
     n = M.shape[-1]
     out = torch.zeros(*H.shape[:-2], n, dtype=wdt, device=H.device)
-    for i in range(J):
+    groupings = [t for t in terms if t < J]
+    for a, i in enumerate(groupings):
         li, ki = M.partitions[i].labels, sizes[i]
-        for j in range(i, J):
+        for j in groupings[a:]:
             lj, kj = M.partitions[j].labels, sizes[j]
             values = block(i, j).reshape(*H.shape[:-2], ki * kj).index_select(-1, li * kj + lj)
             for w in (weights[i], weights[j]):
                 if w is not None:
                     values = values * w
             out = out + (values if i == j else 2 * values)
-    if M.root is not None:
+    if M.root is not None and J in terms:
         m = M.rank
         H_uu = block(J, J)
-        cross = [block(i, J) for i in range(J)]  # (*batch, k_i, m)
+        cross = [block(i, J) for i in groupings]  # (*batch, k_i, m)
         rows = max(1024, _CHUNK_ELEMENTS // max(1, m))
         pieces = []
         for start in range(0, n, rows):
             c = min(rows, n - start)
             Uc = M.root.narrow(-2, start, c).to(wdt)
             T = Uc @ H_uu
-            for i in range(J):
-                g = 2 * cross[i].index_select(-2, M.partitions[i].labels.narrow(0, start, c))
+            for i, X in zip(groupings, cross):
+                g = 2 * X.index_select(-2, M.partitions[i].labels.narrow(0, start, c))
                 w = weights[i]
                 T = T + (g if w is None else g * w.narrow(0, start, c).unsqueeze(-1))
             pieces.append((T * Uc).sum(-1))
         out = out + torch.cat(pieces, dim=-1)
     return out
+
+
+def _cross_row_dots(A_re, X: Tensor) -> Tensor:
+    r""":math:`\sum_\rho X_{l \rho} (A_{er})_{l \rho}` for every eliminated level :math:`l`, with ``A_re`` the
+    :class:`~bma_gp.block_mean_sum_linear_operator._CrossBlocks` (``r x k_e``, dense pieces or nonzero cells) and
+    ``X`` # shape: (*batch, k_e, r) -> (*batch, k_e)"""
+    out = None
+    offset = 0
+    for piece, size in zip(A_re.pieces, A_re.sizes):
+        Xi = X[..., offset : offset + size]
+        if torch.is_tensor(piece):
+            term = (Xi * piece.mT).sum(-1)
+        else:
+            cells, values = piece
+            flat = Xi.reshape(*Xi.shape[:-2], -1).index_select(-1, cells.col * size + cells.row)
+            term = (flat * values).new_zeros(*torch.broadcast_shapes(flat.shape, values.shape)[:-1], A_re.ke)
+            term = term.index_add(-1, cells.col, flat * values)
+        out = term if out is None else out + term
+        offset += size
+    assert out is not None
+    return out
+
+
+def _posterior_quadratic_diagonal(M: BlockMeanSumLinearOperator) -> Tensor | None:
+    r""":math:`z_a^\top H z_a` for every row, :math:`H = C^{-1} G`, from the blocks of ``M``'s capacitance
+    factorisation: no :math:`q \times q` matrix. None when ``M`` eliminates no grouping (then :math:`H` has the size of
+    that factorisation and is formed).
+
+    With the eliminated terms :math:`E` (one level :math:`l` per row, weights :math:`\omega_a`), the other terms
+    :math:`r`, :math:`\Delta = I + G_E A_{EE}` (one ``r_e x r_e`` block per level), the Schur complement
+    :math:`S_r` (LU-factorised), :math:`Q = S_r^{-1} G_r` and :math:`T = \Delta^{-1} G_E A_{Er}`, block elimination of
+    :math:`C` gives :math:`H_{EE} = \Delta^{-1} G_E + T Q T^\top`, :math:`H_{Er} = -T Q` and :math:`H_{rr} = Q`, so
+
+    .. math::
+        z_a^\top H z_a = \omega_a^\top (\Delta^{-1} G_E + T Q T^\top)_l\, \omega_a
+            - 2\, \omega_a^\top (T Q)_l\, z_{r}(a) + z_r(a)^\top Q\, z_r(a):
+
+    the level blocks of :math:`T Q T^\top` (``k r_e^2``), gathers of :math:`T Q` (``k r_e x r``) and the rest's
+    quadratic form with :math:`Q` (``r x r``, within ``max_capacitance_size`` as ``S_r`` is). # shape: (*batch, n)"""
+    cap = M._capacitance()
+    sizes = M._sizes()
+    J = len(M.partitions)
+    wdt = core_dtype(M.dtype)
+    if cap.joint is not None:
+        E = list(cap.joint.terms)
+        g, delta = cap.joint.g, cap.joint.delta  # (*b, k, r_e), (*b, k, r_e, r_e)
+    elif cap.elim is not None:
+        E = [cap.elim]
+        assert cap.g is not None and cap.delta is not None
+        g, delta = cap.g.unsqueeze(-1), cap.delta.unsqueeze(-1).unsqueeze(-1)
+    else:
+        return None
+    rest = [t for t in range(len(sizes)) if t not in E]
+    labels, k, re = M.partitions[E[0]].labels, sizes[E[0]], len(E)
+    n = M.shape[-1]
+    ones = torch.ones(n, dtype=wdt, device=M.device)
+    omega = torch.stack([ones if (w := M.weights[e]) is None else w.to(wdt) for e in E], -1)  # (n, r_e)
+    P = torch.linalg.solve(delta, torch.diag_embed(g)) if re > 1 else g.unsqueeze(-1) / delta  # Delta^-1 G_E
+    if rest:
+        R = sum(sizes[t] for t in rest)
+        assert cap.lu is not None
+        G_r = M._apply_G_rest(rest, torch.eye(R, dtype=wdt, device=M.device).expand(*M.batch_shape, R, R))
+        Q = _LUSolve.apply(*cap.lu, G_r)
+        Q = 0.5 * (Q + Q.mT)
+        if cap.joint is not None:
+            assert cap.joint.A_rE is not None
+            T = torch.linalg.solve(delta, g.unsqueeze(-1) * cap.joint.A_rE.movedim(-3, -1))  # (*b, k, r_e, R)
+            TQ = T @ Q.unsqueeze(-3)
+            P = P + TQ @ T.mT
+        else:
+            assert cap.A_re is not None and cap.g is not None and cap.delta is not None
+            c = cap.g / cap.delta  # (*b, k)
+            AQ = cap.A_re.t_matmul(Q)  # A_Er Q: (*b, k, R)
+            TQ = (c.unsqueeze(-1) * AQ).unsqueeze(-2)  # (*b, k, 1, R)
+            P = P + (c * c * _cross_row_dots(cap.A_re, AQ)).unsqueeze(-1).unsqueeze(-1)
+    # the eliminated terms' own block, level by level
+    P_rows = P.index_select(-3, labels)  # (*b, n, r_e, r_e)
+    out = (omega.unsqueeze(-1) * P_rows * omega.unsqueeze(-2)).sum((-2, -1))
+    if not rest:
+        return out
+    # -2 omega^T (T Q)_l z_r(a): one entry of T Q per rest grouping and eliminated term, a row piece for the root
+    batch = TQ.shape[:-3]
+    flat = TQ.reshape(*batch, k * re * R)
+    offset = 0
+    cross = torch.zeros(*batch, n, dtype=wdt, device=M.device)
+    for t in rest:
+        if t < J:
+            lt, wt = M.partitions[t].labels, M.weights[t]
+            for e in range(re):
+                vals = flat.index_select(-1, (labels * re + e) * R + offset + lt) * omega[:, e]
+                cross = cross + (vals if wt is None else vals * wt.to(wdt))
+        else:
+            m, root = sizes[t], M.root
+            assert root is not None
+            rows = max(1024, _CHUNK_ELEMENTS // max(1, m * re))
+            pieces = []
+            for start in range(0, n, rows):
+                cnt = min(rows, n - start)
+                Uc = root.narrow(-2, start, cnt).to(wdt)  # (*b, c, m)
+                X = TQ[..., offset : offset + m].index_select(-3, labels.narrow(0, start, cnt))  # (*b, c, r_e, m)
+                pieces.append(((X * Uc.unsqueeze(-2)).sum(-1) * omega.narrow(0, start, cnt)).sum(-1))
+            cross = cross + torch.cat(pieces, dim=-1)
+        offset += sizes[t]
+    return out - 2 * cross + _quadratic_diagonal(M, Q, sizes, terms=rest)
 
 
 class _Root(ByProducts):
@@ -1285,7 +1475,7 @@ class _PosteriorRoot(_Root):
     (``n x (n + q)``)."""
 
     def _columns(self) -> int:
-        n, q = self.parent.shape[-1], self.parent.H.shape[-1]
+        n, q = self.parent.shape[-1], self.parent.q
         return max(n, q) if self.parent.diag_kind == "zero" else n + q
 
     def _transpose_nonbatch(self) -> _PosteriorRoot:
@@ -1295,14 +1485,14 @@ class _PosteriorRoot(_Root):
         return _PosteriorRoot(self.parent._expand_batch(batch_shape), transposed=self.transposed)
 
     def _forward(self, x: Tensor) -> Tensor:
-        n, q = self.parent.shape[-1], self.parent.H.shape[-1]
+        n, q = self.parent.shape[-1], self.parent.q
         if self.parent.diag_kind == "zero":
             return self.parent._v(x.narrow(-2, 0, q))  # the padding columns are zero
         head, tail = x.narrow(-2, 0, n), x.narrow(-2, n, q)
         return self.sqrt_s.unsqueeze(-1) * head + self.parent._v(tail)
 
     def _backward(self, x: Tensor) -> Tensor:
-        n, q = self.parent.shape[-1], self.parent.H.shape[-1]
+        n, q = self.parent.shape[-1], self.parent.q
         tail = self.parent._v_t(x)
         if self.parent.diag_kind == "zero":
             if q >= n:
