@@ -89,7 +89,10 @@ def as_sum(op) -> BlockMeanSumLinearOperator | None:
     if isinstance(res, BlockMeanLinearOperator):
         if not res.symmetric:
             return None
-        return BlockMeanSumLinearOperator(res.partition.expand(res.lam, dim=-1), res.B, partitions=[res.partition])
+        lam = res.partition.expand(res.lam, dim=-1)
+        if res.is_diagonal_mode:  # a grouping's variances: keep them a vector (no k x k matrix)
+            return BlockMeanSumLinearOperator(lam, res._b_vector(), partitions=[res.partition], diagonal=[True])
+        return BlockMeanSumLinearOperator(lam, res.B, partitions=[res.partition])
     return res if isinstance(res, BlockMeanSumLinearOperator) else None
 
 
