@@ -28,6 +28,17 @@ one of them eliminated alone as before (``dense``: the other two in a ``2k x 2k`
 ``group_slope_iteration``.
 
     python examples/bench_groups.py --slope --n 20000 --ks 1000,5000
+
+``--posterior`` times the posterior at the training inputs after fitting nothing (the initial hyperparameters):
+``model(train_x).variance`` and one draw of ``likelihood(model(train_x)).rsample()``, for a random intercept, two
+crossed groupings (``k`` and 50 levels), ``GroupKernel(k, rank=2)`` and a correlated random slope, float64. The
+closed forms (``closed``: the intercept's elementwise Schur complement; for the sums the variances from the
+capacitance factorisation's blocks and draws by conditioning prior draws) against what ran before, in the same
+run (``before``: the intercept's Schur complement through ``k x k`` cores; for the sums the ``q x q`` weight
+``H`` formed and a draw through the square root, its ``q x q`` eigendecomposition, timed only while
+``q <= --max-draw-q``), as records ``group_posterior``; the variances of both, compared.
+
+    python examples/bench_groups.py --posterior --n 20000 --ks 5000
 """
 
 from __future__ import annotations
@@ -129,6 +140,117 @@ def factor_seconds(n: int, k: int, rank: int, dense: bool, repeats: int) -> dict
     return {"s": best, "loss": loss, "predict_s": predict, "mean": mean, "variance": variance}
 
 
+POSTERIOR_MODELS = ("intercept", "crossed", "rank2", "slope")
+
+
+def _posterior_model(kind: str, n: int, k: int):
+    """An eval-mode float64 model of ``kind`` on synthetic data (ids in column 0, a second grouping of 50 levels
+    in column 1, a covariate in column 2) and its training inputs."""
+    gen, x, y = synthetic(n, k)
+    second = torch.randint(0, 50, (n, 1), generator=gen).float()
+    covariate = torch.rand(n, 1, generator=gen) * 2 - 1
+    x = torch.cat([x, second, covariate], -1).double()
+    torch.manual_seed(0)  # the same random factor W in both runs of rank2
+    if kind == "intercept":
+        covar = GroupKernel(k, active_dims=[0])
+    elif kind == "crossed":
+        covar = GroupKernel(k, active_dims=[0]) + GroupKernel(50, active_dims=[1])
+    elif kind == "rank2":
+        covar = GroupKernel(k, rank=2, active_dims=[0])
+    else:
+        covar = GroupKernel(k, slope=True, active_dims=[0, 2])
+    likelihood = gpytorch.likelihoods.GaussianLikelihood()
+    model = RandomIntercepts(x, y.double(), likelihood, k)
+    model.covar_module = covar
+    return model.double().eval(), likelihood.double().eval(), x
+
+
+def posterior_seconds(kind: str, n: int, k: int, before: bool, max_draw_q: int) -> dict:
+    """Seconds of ``model(x).variance`` and of one ``likelihood(model(x)).rsample()``, and the variance."""
+    from linear_operator.operators import LinearOperator
+
+    from bma_gp.kernels import sum_prediction_strategy as sps
+
+    model, likelihood, x = _posterior_model(kind, n, k)
+    patches = []
+    if before and kind == "intercept":  # the Schur complement through k x k cores, as before; the rest as it is
+        schur = BlockMeanLinearOperator.schur_complement
+
+        def general_schur(self, cross, other):
+            with mock.patch.object(BlockMeanLinearOperator, "_diagonal_core", lambda self, read_back=True: False):
+                return schur(self, cross, other)
+
+        patches.append(mock.patch.object(BlockMeanLinearOperator, "schur_complement", general_schur))
+    elif before:
+        patches.append(mock.patch.object(sps, "_posterior_quadratic_diagonal", lambda M: None))
+        generic = LinearOperator.zero_mean_mvn_samples
+        patches.append(mock.patch.object(sps.TrainingPosteriorLinearOperator, "zero_mean_mvn_samples", generic))
+    out: dict = {}
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for p in patches:
+            stack.enter_context(p)
+        try:
+            start = time.perf_counter()
+            post = model(x)
+            out["variance"] = post.variance
+            out["variance_s"] = time.perf_counter() - start
+            covar = post.lazy_covariance_matrix
+            q = covar.q if isinstance(covar, sps.TrainingPosteriorLinearOperator) else k
+            out["q"] = q
+            if before and kind != "intercept" and q > max_draw_q:
+                out["draw_s"] = None  # a q x q eigendecomposition: not timed
+            else:
+                start = time.perf_counter()
+                likelihood(post).rsample()
+                out["draw_s"] = time.perf_counter() - start
+        except ValueError as err:  # q past max_capacitance_size
+            out.update(variance=None, variance_s=None, draw_s=None, error=str(err).split(";")[0])
+    return out
+
+
+def run_posterior(n: int, ks: list[int], max_draw_q: int) -> list[dict]:
+    records = []
+    posterior_seconds("crossed", 500, 20, False, max_draw_q)  # warm-up: first-call imports and caches
+    for k in ks:
+        for kind in POSTERIOR_MODELS:
+            rec: dict = {"bench": "group_posterior", "model": kind, "n": n, "k": k, "dtype": "float64"}
+            rec["threads"] = torch.get_num_threads()
+            closed = posterior_seconds(kind, n, k, False, max_draw_q)
+            old = posterior_seconds(kind, n, k, True, max_draw_q)
+            rec["q"] = closed["q"]
+            for name, res in (("closed", closed), ("before", old)):
+                rec[f"{name}_variance_s"], rec[f"{name}_draw_s"] = res["variance_s"], res["draw_s"]
+                if "error" in res:
+                    rec[f"{name}_error"] = res["error"]
+            if old["variance"] is not None:
+                rec["max_variance_rel_diff"] = float(
+                    ((closed["variance"] - old["variance"]) / old["variance"]).abs().max()
+                )
+            rec["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            rec["load_avg"] = os.getloadavg()[0]
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
+
+    def fmt(value):
+        return "-" if value is None else f"{value:.3f} s"
+
+    for r in records:
+        ratio = ""
+        if r["before_variance_s"] is not None:
+            ratio = f" ({r['before_variance_s'] / r['closed_variance_s']:.0f}x"
+            if r["before_draw_s"] is not None:
+                ratio += f", draw {r['before_draw_s'] / r['closed_draw_s']:.0f}x"
+            ratio += ")"
+        print(
+            f"# {r['model']}, n = {r['n']:,}, k = {r['k']:,}, q = {r['q']:,}: "
+            f"variance {fmt(r['closed_variance_s'])} (before {fmt(r['before_variance_s'])}), "
+            f"draw {fmt(r['closed_draw_s'])} (before {fmt(r['before_draw_s'])})"
+            + ratio
+            + (f"; before: {r['before_error']}" if "before_error" in r else "")
+        )
+    return records
+
+
 def run_factor(n: int, ks: list[int], rank: int, paths: list[str], repeats: int) -> list[dict]:
     records = []
     for k in ks:
@@ -177,10 +299,20 @@ def main(argv=None) -> int:
         action="store_true",
         help="a correlated random slope: its three terms eliminated together ('factor') vs one ('dense')",
     )
+    parser.add_argument(
+        "--posterior", action="store_true", help="the posterior at the training inputs: closed form vs before"
+    )
+    parser.add_argument(
+        "--max-draw-q", type=int, default=6000, help="with --posterior: time the old square-root draw up to this q"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     n, ks = (3000, [50, 200]) if args.smoke else (args.n, [int(k) for k in args.ks.split(",")])
+    if args.posterior:
+        records = run_posterior(n, [300] if args.smoke else ks, args.max_draw_q)  # smoke: past the factor threshold
+        print(f"# peak RSS of the process {records[-1]['peak_rss_mb'] / 1024:.2f} GB")
+        return 0
     if args.rank or args.slope:
         if args.rank and args.slope:
             parser.error("--rank and --slope are two different benchmarks; pass one")

@@ -270,6 +270,19 @@ def test_group_slope_benchmark_compares_joint_and_single_elimination(capsys):
     assert "Correlated random slopes" in table and "| 3,000 | 300 |" in table and "True" in table
 
 
+def test_group_posterior_benchmark_compares_closed_form_and_before(capsys):
+    bench = _load("bench_groups")
+    assert bench.main(["--smoke", "--posterior"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["bench"], r["model"], r["k"]) for r in records] == [
+        ("group_posterior", kind, 300) for kind in bench.POSTERIOR_MODELS
+    ]
+    for r in records:
+        assert r["closed_variance_s"] > 0 and r["closed_draw_s"] > 0 and r["before_variance_s"] > 0
+        assert r["max_variance_rel_diff"] < 1e-8  # the same posterior, two computations
+    assert [r["q"] for r in records] == [300, 350, 302, 900]
+
+
 def test_group_factor_benchmark_compares_both_forms(capsys):
     bench = _load("bench_groups")
     assert bench.main(["--smoke", "--repeats", "1", "--rank", "2"]) == 0
