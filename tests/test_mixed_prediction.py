@@ -14,6 +14,7 @@ import gpytorch
 import pytest
 import torch
 
+import bma_gp
 from bma_gp import ChunkedInducingPointKernel, GroupKernel
 from bma_gp.kernels.sum_prediction_strategy import PredictiveCovarianceLinearOperator, SumPredictionStrategy
 from bma_gp.likelihoods import GroupGaussianLikelihood
@@ -195,6 +196,66 @@ def test_prediction_at_new_inputs_matches_gpytorch(case, fast_pred_var):
     torch.testing.assert_close(covar2 @ rhs, dense @ rhs, rtol=1e-10, atol=1e-12)
     rows, cols = torch.tensor([0, 2, 5]), torch.tensor([1, 2, 3])
     torch.testing.assert_close(covar2[..., rows, cols], dense[rows, cols], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["crossed", "sgpr_chunked", "slopes", "crossed_group_noise"])
+def test_draws_at_new_inputs_take_an_exact_root(case):
+    """rsample at new inputs: linear_operator's generic root would take a Lanczos root of rank
+    max_root_decomposition_size past max_cholesky_size test points, silently. The root is exact instead (one
+    t x t eigendecomposition), with and without the likelihood's noise, at every max_cholesky_size."""
+    import warnings
+
+    from bma_gp import ClosedFormFallbackWarning
+
+    model, x, y = build(case)
+    model.eval()
+    xt = random_new_inputs(40)
+    n = x.shape[0]
+    for size in (0, 10**6):
+        with closed_forms_only(n), gpytorch.settings.max_cholesky_size(size), torch.no_grad():
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", ClosedFormFallbackWarning)
+                post = model(xt)
+                for dist in (post, model.likelihood(post, xt)):
+                    covar = dist.lazy_covariance_matrix
+                    root = covar.root_decomposition().root.to_dense()
+                    torch.testing.assert_close(root @ root.mT, covar.to_dense(), rtol=1e-10, atol=1e-12)
+                    draws = dist.rsample(torch.Size([3]))
+                    assert draws.shape == (3, 40) and bool(torch.isfinite(draws).all())
+                    base = torch.randn(2, 40, dtype=DTYPE)
+                    torch.testing.assert_close(dist.rsample(base_samples=base), dist.mean + base @ root.mT)
+    with bma_gp.settings.max_capacitance_size(39), torch.no_grad():
+        with pytest.raises(ValueError, match="an exact draw at 40 new inputs"):
+            model(xt).rsample()
+
+
+@pytest.mark.parametrize("per_group_variance", [False, True])
+def test_draws_at_new_inputs_of_one_group_kernel_take_an_exact_root(per_group_variance):
+    """One GroupKernel (BlockMeanPredictionStrategy: K_** - (A W)(A W)^T): its draws at new inputs went through
+    linear_operator's generic root with a ClosedFormFallbackWarning (Lanczos past max_cholesky_size)."""
+    import warnings
+
+    from bma_gp import ClosedFormFallbackWarning
+    from bma_gp.kernels import BlockMeanPredictionStrategy
+
+    x, y, _ = data()
+    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), [GroupKernel(K1, active_dims=[1])]).to(DTYPE)
+    model.covar_module = GroupKernel(K1, active_dims=[1], per_group_variance=per_group_variance).to(DTYPE)
+    model.eval()
+    xt = random_new_inputs(30)
+    for size in (0, 10**6):
+        with closed_forms_only(x.shape[0]), gpytorch.settings.max_cholesky_size(size), torch.no_grad():
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", ClosedFormFallbackWarning)
+                post = model(xt)
+                assert isinstance(model.prediction_strategy, BlockMeanPredictionStrategy)
+                for dist in (post, model.likelihood(post, xt)):
+                    covar = dist.lazy_covariance_matrix
+                    root = covar.root_decomposition().root.to_dense()
+                    torch.testing.assert_close(root @ root.mT, covar.to_dense(), rtol=1e-10, atol=1e-12)
+                    assert dist.rsample(torch.Size([2])).shape == (2, 30)
+    _, ref_cov = reference(model, xt)
+    torch.testing.assert_close(post.covariance_matrix, ref_cov, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("case", ["crossed", "sgpr_chunked", "slopes"])

@@ -35,9 +35,10 @@ from linear_operator.operators import LinearOperator, MatmulLinearOperator, Zero
 from torch import Tensor
 
 from bma_gp import settings as bma_settings
+from bma_gp._composition import FallbackSumLinearOperator
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
-from bma_gp.kernels.sum_prediction_strategy import new_input_prediction, training_prediction
+from bma_gp.kernels.sum_prediction_strategy import exact_dense_root, new_input_prediction, training_prediction
 
 __all__ = ["BlockMeanPredictionStrategy"]
 
@@ -49,6 +50,26 @@ def _attach_clear_hook(strategy, tensor: Tensor) -> Tensor:
         functools.update_wrapper(wrapper, clear_cache_hook)
         tensor.grad_fn.register_hook(wrapper)
     return tensor
+
+
+class _PredictiveDifference(FallbackSumLinearOperator):
+    r""":math:`K_{**} - (A W)(A W)^\top` at new inputs: products and the diagonal as the sum they are, and an exact
+    root (:func:`~bma_gp.kernels.sum_prediction_strategy.exact_dense_root`) for ``rsample``, also once the
+    likelihood's noise is added, instead of linear_operator's generic root (Lanczos past ``max_cholesky_size``)."""
+
+    def root_decomposition(self, method: str | None = None) -> LinearOperator:
+        return exact_dense_root(self)
+
+    def add_diagonal(self, diag):
+        res = super().add_diagonal(diag)
+        return _PredictiveDifference(*res.linear_ops) if isinstance(res, FallbackSumLinearOperator) else res
+
+    def __add__(self, other):
+        from linear_operator.operators import DiagLinearOperator
+
+        if isinstance(other, DiagLinearOperator):
+            return self.add_diagonal(other.diagonal(dim1=-2, dim2=-1))
+        return super().__add__(other)
 
 
 def _posterior_at_training_points(
@@ -215,7 +236,7 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
         factor = self._cross_factor(values)  # (*batch, t, k): A W
         if torch.is_tensor(test_test_covar):
             return to_linear_operator(test_test_covar - factor @ factor.mT)
-        return test_test_covar + MatmulLinearOperator(factor, factor.mT.mul(-1))
+        return _PredictiveDifference(test_test_covar, MatmulLinearOperator(factor, factor.mT.mul(-1)))
 
     def get_fantasy_strategy(self, inputs, targets, full_inputs, full_targets, full_output, **kwargs):
         raise NotImplementedError(

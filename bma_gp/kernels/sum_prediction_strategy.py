@@ -745,6 +745,32 @@ _DIAG_CHUNK = 2**22
 _SPARSE_COLUMNS = 64
 
 
+def exact_dense_root(op: LinearOperator) -> RootLinearOperator:
+    r"""An exact root of a ``t x t`` predictive covariance at new inputs: the matrix formed by products and its
+    symmetric square root through one ``t x t`` eigendecomposition (working precision; eigenvalues below zero,
+    which only rounding of :math:`K_{**} - F W F^\top` gives, clamped at 0).
+
+    linear_operator's generic root takes a dense Cholesky up to ``max_cholesky_size`` test points and, beyond, a
+    Lanczos root of rank ``max_root_decomposition_size``: an approximate draw, without a word. Past
+    ``max_capacitance_size`` test points this raises instead.
+
+    Raises:
+        ValueError: ``t`` is larger than :class:`bma_gp.settings.max_capacitance_size`."""
+    t = op.shape[-1]
+    limit = settings.max_capacitance_size.value()
+    if t > limit:
+        raise ValueError(
+            f"an exact draw at {t} new inputs needs their {t} x {t} predictive covariance factorised, more than "
+            f"bma_gp.settings.max_capacitance_size = {limit}. Draw at fewer inputs per call (joint draws need one "
+            f"call), or raise the limit with `with bma_gp.settings.max_capacitance_size({t}):` if an O({t}^3) "
+            "eigendecomposition fits your machine."
+        )
+    dense = op.to_dense()
+    D = dense.to(core_dtype(dense.dtype))
+    root = symmetric_matrix_function(0.5 * (D + D.mT), torch.sqrt, lambda x: x.clamp_min(0))
+    return RootLinearOperator(DenseLinearOperator(root.to(dense.dtype)))
+
+
 class PredictiveCovarianceLinearOperator(LinearOperator):
     r"""The posterior covariance at new inputs :math:`K_{**} - F W F^\top` (see :func:`new_input_prediction`).
 
@@ -860,6 +886,21 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
         t = self.shape[-1]
         eye = torch.eye(t, dtype=self.dtype, device=self.device)
         return self._matmul(eye.expand(*self.batch_shape, t, t))
+
+    def root_decomposition(self, method: str | None = None) -> LinearOperator:
+        """An exact root (``method`` is ignored; :func:`exact_dense_root`): what ``rsample`` at new inputs uses."""
+        return exact_dense_root(self)
+
+    def __add__(self, other):
+        """A diagonal (the likelihood's noise) goes into :math:`K_{**}`, so the sum keeps its exact root."""
+        if isinstance(other, DiagLinearOperator):
+            prior = self.prior if isinstance(self.prior, LinearOperator) else DenseLinearOperator(self.prior)
+            return PredictiveCovarianceLinearOperator.from_blocks(prior + other, self.W, self.blocks, self.sizes)
+        return super().__add__(other)
+
+    def add_diagonal(self, diag: Tensor) -> LinearOperator:
+        diag = diag if torch.is_tensor(diag) else torch.tensor(diag, dtype=self.dtype, device=self.device)
+        return self + DiagLinearOperator(diag.expand(*self.shape[:-1]))
 
     def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
         prior = self.prior
