@@ -201,6 +201,10 @@ def test_block_mean_kernel_with_indefinite_B_keeps_closed_form_variances():
     with torch.no_grad(), pytest.warns(ClosedFormFallbackWarning, match="B_j of the prior is indefinite"):
         root = covar.root_decomposition().root.to_dense()  # n below max_cholesky_size: a dense Cholesky
     torch.testing.assert_close(root @ root.mT, ref_cov, rtol=1e-6, atol=1e-8)
+    # past max_cholesky_size the generic root (Lanczos, announced) rebuilds the operator from its arguments
+    with torch.no_grad(), gpytorch.settings.max_cholesky_size(0), pytest.warns(ClosedFormFallbackWarning):
+        draws = model.likelihood(post).rsample(torch.Size([2]))
+    assert draws.shape == (2, n) and bool(torch.isfinite(draws).all())
 
 
 def test_no_eigendecomposition_of_size_q():

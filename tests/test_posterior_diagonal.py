@@ -106,12 +106,12 @@ def test_variances_past_the_capacitance_limit_need_no_q_by_q_matrix():
         n = M.shape[-1]
         s = torch.zeros(n, dtype=M.dtype)
         beta = torch.ones(n, dtype=M.dtype)
-        full = TrainingPosteriorLinearOperator(s, beta, None, M)
+        full = TrainingPosteriorLinearOperator(s, beta, M)
         probe = torch.randn(n, 2, dtype=M.dtype)
         want_product = full @ probe
         rest = sum(M._sizes()) - 3 * M.num_blocks[0]
         with bma_gp.settings.max_capacitance_size(rest):
-            post = TrainingPosteriorLinearOperator(s, beta, None, M)
+            post = TrainingPosteriorLinearOperator(s, beta, M)
             torch.testing.assert_close(post.diagonal(dim1=-2, dim2=-1), ref.clamp_min(0), rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(post @ probe, want_product, rtol=1e-10, atol=1e-12)
             assert post.zero_mean_mvn_samples(2).shape == (2, n)

@@ -331,9 +331,7 @@ def training_posterior(strategy: DefaultPredictionStrategy, test_test_covar, tes
     factor = _training_factor(strategy, cross)
     if factor is None:
         return None
-    return TrainingPosteriorLinearOperator(
-        factor.s, factor.beta, None, factor.M, diag_kind=factor.diag_kind, psd=factor.psd
-    )
+    return TrainingPosteriorLinearOperator(factor.s, factor.beta, factor.M, diag_kind=factor.diag_kind, psd=factor.psd)
 
 
 def _training_factor(strategy: DefaultPredictionStrategy, prior: BlockMeanSumLinearOperator) -> _Factor | None:
@@ -1078,9 +1076,9 @@ class TrainingPosteriorLinearOperator(LinearOperator):
     Args:
         s: the diagonal. # shape: (*batch, n)
         beta: the row scaling of :math:`Z`. # shape: (*batch, n)
-        H: :math:`L (I + L^\top A L)^{-1} L^\top` formed (``(*batch, q, q)``), or None (the default of the
-            prediction strategy) to apply it through ``M``'s capacitance factorisation.
         M: the noisy training covariance, a :class:`~bma_gp.BlockMeanSumLinearOperator`.
+        H: :math:`L (I + L^\top A L)^{-1} L^\top` formed (``(*batch, q, q)``), or None (the default, what the
+            prediction strategy passes) to apply it through ``M``'s capacitance factorisation.
         diag_kind: ``"zero"``, ``"nonnegative"`` or ``"positive"`` (see above).
         Y: a root of ``H`` already formed (:func:`_posterior_root_factor`), or None to form it on first use.
         psd: whether every block matrix of ``M`` is positive semidefinite, so that ``H`` is and has the root ``Y``.
@@ -1092,8 +1090,8 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         self,
         s: Tensor,
         beta: Tensor,
-        H: Tensor | None,
         M: BlockMeanSumLinearOperator,
+        H: Tensor | None = None,
         diag_kind: str = "zero",
         Y: Tensor | None = None,
         psd: bool = True,
@@ -1150,8 +1148,8 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         return TrainingPosteriorLinearOperator(
             self.s.expand(*batch_shape, n),
             self.beta.expand(*batch_shape, n),
-            None if self._h is None else self._h.expand(*batch_shape, q, q),
             self.M._expand_batch(batch_shape),
+            H=None if self._h is None else self._h.expand(*batch_shape, q, q),
             diag_kind=self.diag_kind,
             Y=None if self._y is None else self._y.expand(*batch_shape, q, q),
             psd=self.psd,
@@ -1218,7 +1216,7 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         else:  # some entry < 0: the sum need not be positive semidefinite; linear_operator's generic sum
             return super().add_diagonal(diag.to(self.dtype))
         return TrainingPosteriorLinearOperator(
-            self.s + diag, self.beta, self._h, self.M, diag_kind=kind, Y=self._y, psd=self.psd
+            self.s + diag, self.beta, self.M, H=self._h, diag_kind=kind, Y=self._y, psd=self.psd
         )
 
     def __add__(self, other):
