@@ -34,13 +34,23 @@ class BlockCrossLinearOperator(LinearOperator):
     return for the covariance between new inputs (rows) and training inputs (columns),
     and what :class:`~bma_gp.kernels.BlockMeanPredictionStrategy` reads ``A`` from.
 
+    With ``columns`` (:meth:`one_hot`), :math:`A` has at most one nonzero per row, :math:`A_{i, c_i} = a_i`
+    (a random intercept: a new point's covariance with the training points of its own group), held as the
+    ``t`` values and their columns: products cost :math:`O(n + t)` and nothing ``t x k`` is formed unless
+    :attr:`values` (the dense :math:`A`) is asked for.
+
     Args:
-        values: :math:`A`, one value per (row, column block). # shape: (*batch, t, k)
+        values: :math:`A`, one value per (row, column block) (# shape: (*batch, t, k)); with ``columns``, the one
+            value per row (# shape: (*batch, t)).
         partition: the partition of the :math:`n` columns into :math:`k` blocks.
         transposed: represent :math:`P A^\top` (shape ``(*batch, n, t)``) instead.
+        columns: the block of each row's nonzero, ``-1`` for a row without one. # shape: (t,)
     """
 
-    def __init__(self, values: Tensor, partition: Partition, transposed: bool = False):
+    def __init__(self, values: Tensor, partition: Partition, transposed: bool = False, columns: Tensor | None = None):
+        if columns is not None:
+            self._init_one_hot(values, partition, bool(transposed), columns)
+            return
         if not torch.is_tensor(values) or values.dim() < 2:
             raise ValueError(
                 "values must be a tensor of shape (*batch, t, k); got "
@@ -54,22 +64,92 @@ class BlockCrossLinearOperator(LinearOperator):
                 "there must be one column per block."
             )
         super().__init__(values, partition=partition, transposed=bool(transposed))
-        self.values = values
+        self._values: Tensor | None = values
+        self.row_values: Tensor | None = None
+        self.columns: Tensor | None = None
         self.partition = partition
         self.transposed = bool(transposed)
 
+    def _init_one_hot(self, values: Tensor, partition: Partition, transposed: bool, columns: Tensor) -> None:
+        if not isinstance(partition, Partition):
+            raise TypeError(f"partition must be a bma_gp.Partition, got {type(partition).__name__}.")
+        if not torch.is_tensor(values) or values.dim() < 1:
+            raise ValueError("with columns, values must be a tensor of shape (*batch, t): one value per row.")
+        if not torch.is_tensor(columns) or columns.dim() != 1 or columns.shape[0] != values.shape[-1]:
+            raise ValueError(f"columns must be a 1-D tensor with one block per row ({values.shape[-1]} rows).")
+        if columns.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"columns must be an integer tensor, got {columns.dtype}.")
+        super().__init__(values, partition=partition, transposed=transposed, columns=columns)
+        self._values = None
+        self.row_values, self.columns = values, columns
+        self.partition = partition
+        self.transposed = transposed
+
+    @classmethod
+    def one_hot(
+        cls, values: Tensor, columns: Tensor, partition: Partition, transposed: bool = False
+    ) -> BlockCrossLinearOperator:
+        """:math:`A P^\top` with :math:`A_{i, c_i} = a_i` (``values``) and no other nonzero (``columns[i] = -1``:
+        a zero row)."""
+        return cls(values, partition, transposed=transposed, columns=columns)
+
+    @property
+    def is_one_hot(self) -> bool:
+        """Whether :math:`A` is held as one value and column per row."""
+        return self.columns is not None
+
+    @property
+    def values(self) -> Tensor:
+        """:math:`A` as a dense tensor (formed from the values and columns of a one-hot operator on first use).
+        # shape: (*batch, t, k)"""
+        if self._values is None:
+            assert self.row_values is not None and self.columns is not None
+            k = self.partition.num_blocks
+            hit = self.columns >= 0
+            onehot = (self.columns.clamp_min(0).unsqueeze(-1) == torch.arange(k, device=self.columns.device)) & (
+                hit.unsqueeze(-1)
+            )
+            self._values = self.row_values.unsqueeze(-1) * onehot.to(self.row_values.dtype)
+        return self._values
+
+    def _gather_blocks(self, sums: Tensor) -> Tensor:
+        """Row ``i`` of the result is ``a_i sums[c_i]`` (0 without a block). ``sums`` # shape: (*batch, k, c)"""
+        assert self.row_values is not None and self.columns is not None
+        hit = self.columns >= 0
+        picked = sums.index_select(-2, self.columns.clamp_min(0))
+        weight = torch.where(hit, self.row_values, torch.zeros_like(self.row_values))
+        return weight.unsqueeze(-1) * picked
+
+    def _scatter_rows(self, rhs: Tensor) -> Tensor:
+        """:math:`A^\top` ``rhs`` for a one-hot :math:`A`. ``rhs`` # shape: (*batch, t, c) -> (*batch, k, c)"""
+        assert self.row_values is not None and self.columns is not None
+        hit = self.columns >= 0
+        weight = torch.where(hit, self.row_values, torch.zeros_like(self.row_values))
+        scaled = weight.unsqueeze(-1) * rhs
+        out = scaled.new_zeros(*scaled.shape[:-2], self.partition.num_blocks, scaled.shape[-1])
+        return out.index_add(-2, self.columns.clamp_min(0), scaled)
+
     # ------------------------------------------------------------------ required hooks
     def _size(self) -> torch.Size:
-        t = self.values.shape[-2]
         n = len(self.partition)
+        if self.row_values is not None:
+            batch, t = self.row_values.shape[:-1], self.row_values.shape[-1]
+        else:
+            assert self._values is not None
+            batch, t = self._values.shape[:-2], self._values.shape[-2]
         shape = (n, t) if self.transposed else (t, n)
-        return torch.Size((*self.values.shape[:-2], *shape))
+        return torch.Size((*batch, *shape))
 
     def _matmul(self, rhs: Tensor) -> Tensor:
         is_vec = rhs.dim() == 1
         if is_vec:
             rhs = rhs.unsqueeze(-1)
-        if self.transposed:
+        if self.is_one_hot:  # gathers and an index_add: O(n + t) per column
+            if self.transposed:
+                res = self.partition.expand(self._scatter_rows(rhs), dim=-2)
+            else:
+                res = self._gather_blocks(self.partition.block_sum(rhs, dim=-2))
+        elif self.transposed:
             # P (A^T rhs): a (k x c) product, then one value per block broadcast to its members
             res = self.partition.expand(self.values.mT @ rhs, dim=-2)
         else:
@@ -77,20 +157,37 @@ class BlockCrossLinearOperator(LinearOperator):
             res = self.values @ self.partition.block_sum(rhs, dim=-2)
         return res.squeeze(-1) if is_vec else res
 
+    def _with(self, values: Tensor, columns: Tensor | None, transposed: bool) -> BlockCrossLinearOperator:
+        return self.__class__(values, self.partition, transposed=transposed, columns=columns)
+
     def _transpose_nonbatch(self) -> LinearOperator:
+        if self.is_one_hot:
+            assert self.row_values is not None
+            return self._with(self.row_values, self.columns, not self.transposed)
         return self.__class__(self.values, self.partition, transposed=not self.transposed)
 
     # ------------------------------------------------------------------ structure-preserving overrides
     def _expand_batch(self, batch_shape) -> LinearOperator:
+        if self.is_one_hot:
+            assert self.row_values is not None
+            return self._with(
+                self.row_values.expand(*batch_shape, self.row_values.shape[-1]), self.columns, self.transposed
+            )
         values = self.values.expand(*batch_shape, *self.values.shape[-2:])
         return self.__class__(values, self.partition, transposed=self.transposed)
 
     def _mul_constant(self, other: Tensor) -> LinearOperator:
+        if self.is_one_hot:
+            assert self.row_values is not None
+            return self._with(self.row_values * other.unsqueeze(-1), self.columns, self.transposed)
         return self.__class__(self.values * other.unsqueeze(-1).unsqueeze(-1), self.partition, self.transposed)
 
     def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
         # Indexing the new points keeps the structure; indexing training points generally breaks blocks.
         new_index, train_index = (col_index, row_index) if self.transposed else (row_index, col_index)
+        if _is_noop_index(train_index) and self.is_one_hot and all(_is_noop_index(b) for b in batch_indices):
+            assert self.row_values is not None and self.columns is not None
+            return self._with(self.row_values[..., new_index], self.columns[new_index], self.transposed)
         if _is_noop_index(train_index):
             values = self.values[(*batch_indices, new_index, slice(None))]
             return self.__class__(values, self.partition, transposed=self.transposed)
@@ -98,7 +195,12 @@ class BlockCrossLinearOperator(LinearOperator):
 
     def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
         new_index, train_index = (col_index, row_index) if self.transposed else (row_index, col_index)
-        labels = self.partition.to(self.values.device).labels
+        labels = self.partition.to(self.device).labels
+        if self.is_one_hot:
+            assert self.row_values is not None and self.columns is not None
+            rows = self.row_values.expand(*self.batch_shape, self.row_values.shape[-1])
+            value = rows[(*batch_indices, new_index)]
+            return torch.where(self.columns[new_index] == labels[train_index], value, torch.zeros_like(value))
         return self.values[(*batch_indices, new_index, labels[train_index])]
 
     def to_dense(self) -> Tensor:

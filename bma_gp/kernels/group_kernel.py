@@ -487,6 +487,11 @@ class GroupKernel(Kernel):
         k = present.numel()
         if self.covar_factor is not None and k > FACTOR_DENSE_MAX_GROUPS and rows.dim() == 1:
             return self._factor_cross(rows, column_ids, present, partition, batch)
+        if self.covar_factor is None and rows.dim() == 1:  # C = diag(v): one nonzero per row, held as such
+            position = torch.searchsorted(present, rows).clamp_max(k - 1)
+            columns = torch.where(present[position] == rows, position, -1)
+            values = self._variances_of(rows)
+            return BlockCrossLinearOperator.one_hot(values.expand(*batch, rows.shape[-1]), columns, partition)
         if rows.dim() == 1:
             values = self._covar_between(rows, present)
         else:  # ids that differ across the batch: C[rows, present] per batch entry, no G x k table

@@ -72,6 +72,53 @@ class _PredictiveDifference(FallbackSumLinearOperator):
         return super().__add__(other)
 
 
+class _OneHotGram(LinearOperator):
+    r""":math:`F F^\top` for a ``t x k`` :math:`F` with one nonzero per row, :math:`F_{i, c_i} = f_i`: entries
+    :math:`f_i f_j [c_i = c_j]` (``c_i = -1``: a zero row). Products, the diagonal and entries in :math:`O(t)`; the
+    term a random intercept's prediction subtracts from :math:`K_{**}`, without a ``t x k`` matrix.
+
+    Args:
+        f: the nonzero of each row. # shape: (*batch, t)
+        columns: its column, ``-1`` for none. # shape: (t,)
+        num_columns: ``k``.
+    """
+
+    def __init__(self, f: Tensor, columns: Tensor, num_columns: int):
+        super().__init__(f, columns=columns, num_columns=num_columns)
+        self.f = torch.where(columns >= 0, f, torch.zeros_like(f))
+        self.columns, self.num_columns = columns, num_columns
+        self._index = columns.clamp_min(0)
+
+    def _size(self) -> torch.Size:
+        t = self.f.shape[-1]
+        return torch.Size((*self.f.shape[:-1], t, t))
+
+    def _transpose_nonbatch(self) -> LinearOperator:
+        return self
+
+    def _expand_batch(self, batch_shape) -> LinearOperator:
+        return _OneHotGram(self.f.expand(*batch_shape, self.f.shape[-1]), self.columns, self.num_columns)
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        vector = rhs.dim() == 1
+        x = rhs.unsqueeze(-1) if vector else rhs
+        scaled = self.f.unsqueeze(-1) * x
+        sums = scaled.new_zeros(*scaled.shape[:-2], self.num_columns, scaled.shape[-1]).index_add(
+            -2, self._index, scaled
+        )
+        res = self.f.unsqueeze(-1) * sums.index_select(-2, self._index)
+        return res.squeeze(-1) if vector else res
+
+    def _diagonal(self) -> Tensor:
+        return self.f * self.f
+
+    def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
+        f = self.f.expand(*self.batch_shape, self.f.shape[-1])
+        same = self.columns[row_index] == self.columns[col_index]
+        value = f[(*batch_indices, row_index)] * f[(*batch_indices, col_index)]
+        return torch.where(same, value, torch.zeros_like(value))
+
+
 def _posterior_at_training_points(
     prior: BlockMeanLinearOperator, cross: BlockMeanLinearOperator, noisy: BlockMeanLinearOperator
 ) -> BlockMeanLinearOperator:
@@ -177,13 +224,25 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
         ).mT
         return res.to(values.dtype)
 
-    def _block_cross(self, test_train_covar) -> Tensor | None:
-        """:math:`A` if ``test_train_covar`` is :math:`A P^\\top` over the training partition, else None."""
+    def _block_cross(self, test_train_covar) -> BlockCrossLinearOperator | None:
+        """``test_train_covar`` if it is :math:`A P^\\top` over the training partition, else None."""
         if self.block_mean_covar is None or not isinstance(test_train_covar, BlockCrossLinearOperator):
             return None
         if test_train_covar.transposed or not test_train_covar.partition.same_as(self.block_mean_covar.partition):
             return None
-        return test_train_covar.values
+        return test_train_covar
+
+    def _one_hot_factor(self, cross: BlockCrossLinearOperator) -> Tensor | None:
+        """The nonzero of each row of :math:`A W` when :math:`A` has one per row and the core is diagonal (a random
+        intercept: :math:`W` diagonal, so :math:`A W` has one too), else None. # shape: (*batch, t)"""
+        M = self.block_mean_covar
+        if not cross.is_one_hot or M is None or not M._diagonal_core():
+            return None
+        assert cross.row_values is not None and cross.columns is not None
+        root_sizes, factor = self.block_covar_root  # W = diag(root_sizes / factor)
+        index = cross.columns.clamp_min(0)
+        scale = (root_sizes.index_select(-1, index) / factor.index_select(-1, index)).to(cross.row_values.dtype)
+        return torch.where(cross.columns >= 0, cross.row_values * scale, torch.zeros_like(cross.row_values))
 
     def _at_training_points(self, test_test_covar, test_train_covar) -> bool:
         """Whether the test points are the training points themselves (block mean on both sides)."""
@@ -224,8 +283,8 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
         )
 
     def exact_predictive_covar(self, test_test_covar, test_train_covar) -> LinearOperator:
-        values = self._block_cross(test_train_covar)
-        if values is None:
+        cross = self._block_cross(test_train_covar)
+        if cross is None:
             return super().exact_predictive_covar(test_test_covar, test_train_covar)
         if settings.fast_pred_var.on():
             self._last_test_train_covar = test_train_covar
@@ -233,7 +292,14 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
             return ZeroLinearOperator(
                 *test_test_covar.size(), dtype=test_test_covar.dtype, device=test_test_covar.device
             )
-        factor = self._cross_factor(values)  # (*batch, t, k): A W
+        f = self._one_hot_factor(cross)
+        if f is not None:  # A W with one nonzero per row: (A W)(A W)^T in O(t), no t x k matrix
+            assert cross.columns is not None
+            gram = _OneHotGram(f, cross.columns, cross.partition.num_blocks)
+            if torch.is_tensor(test_test_covar):
+                return to_linear_operator(test_test_covar - gram.to_dense())
+            return _PredictiveDifference(test_test_covar, gram.mul(-1))
+        factor = self._cross_factor(cross.values)  # (*batch, t, k): A W
         if torch.is_tensor(test_test_covar):
             return to_linear_operator(test_test_covar - factor @ factor.mT)
         return _PredictiveDifference(test_test_covar, MatmulLinearOperator(factor, factor.mT.mul(-1)))
