@@ -348,19 +348,27 @@ def test_diagonal_mode_input_errors_name_the_argument():
         M.logdet()
 
 
-def test_group_kernel_with_many_groups_never_forms_a_k_by_k_matrix(monkeypatch):
-    import gpytorch
-
-    from bma_gp.kernels import GroupKernel
-
-    k, n = 1500, 3000
-    formed = []
+def _watched_diag_embed(k):
+    """``(formed, watch, real)``: ``watch`` stands in for ``torch.diag_embed`` (``real``) and records in ``formed``
+    every embedding of at least ``k / 2`` values."""
+    formed: list[tuple[int, ...]] = []
     real = torch.diag_embed
 
     def watch(values, *args, **kwargs):
         if values.shape[-1] >= k // 2:
             formed.append(tuple(values.shape))
         return real(values, *args, **kwargs)
+
+    return formed, watch, real
+
+
+def test_group_kernel_with_many_groups_never_forms_a_k_by_k_matrix(monkeypatch):
+    import gpytorch
+
+    from bma_gp.kernels import GroupKernel
+
+    k, n = 1500, 3000
+    formed, watch, real = _watched_diag_embed(k)
 
     torch.manual_seed(1)
     x = torch.randint(0, k, (n, 1)).double()
@@ -517,13 +525,7 @@ def test_group_kernel_with_per_point_noise_keeps_its_variances_as_a_vector(monke
     from bma_gp.kernels import GroupKernel
 
     k, n = 1500, 3000
-    formed = []
-    real = torch.diag_embed
-
-    def watch(values, *args, **kwargs):
-        if values.shape[-1] >= k // 2:
-            formed.append(tuple(values.shape))
-        return real(values, *args, **kwargs)
+    formed, watch, real = _watched_diag_embed(k)
 
     gen = torch.Generator().manual_seed(2)
     x = torch.randint(0, k, (n, 1), generator=gen).double()

@@ -282,14 +282,7 @@ def test_draws_condition_prior_draws_exactly(case):
 
 
 def test_draws_of_a_batch_condition_prior_draws_exactly():
-    x, y, _ = crossed_data()
-    batch = torch.Size([2])
-    likelihood = gpytorch.likelihoods.GaussianLikelihood(batch_shape=batch)
-    likelihood.noise = torch.tensor([[0.05], [0.1]])
-    ka = GroupKernel(K1, active_dims=[1], batch_shape=batch)
-    kb = GroupKernel(K2, active_dims=[2], batch_shape=batch, per_group_variance=True)
-    model = BatchGP(x, torch.stack([y, 2 * y]), likelihood, ka + kb, batch).to(DTYPE)
-    model.eval()
+    model, likelihood, x = batch_of_crossed_models(per_group_variance=True)
     n = x.shape[0]
     with closed_forms_only(n), torch.no_grad():
         covar = likelihood(model(x)).lazy_covariance_matrix
@@ -404,17 +397,25 @@ class BatchGP(gpytorch.models.ExactGP):
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
 
-def test_batch_of_crossed_models():
-    """Two models over the same data in one batch (batch-shaped variances and noise)."""
+def batch_of_crossed_models(per_group_variance=False):
+    """``(model, likelihood, x)``: two crossed models over the same data in one batch (batch-shaped variances and
+    noise; with ``per_group_variance``, the second grouping's variances per group), float64, eval mode."""
     x, y, _ = crossed_data()
     batch = torch.Size([2])
     likelihood = gpytorch.likelihoods.GaussianLikelihood(batch_shape=batch)
     likelihood.noise = torch.tensor([[0.05], [0.1]])
     ka = GroupKernel(K1, active_dims=[1], batch_shape=batch)
-    kb = GroupKernel(K2, active_dims=[2], batch_shape=batch)
-    ka.var, kb.var = torch.tensor([[0.8], [0.4]]), torch.tensor([[0.3], [0.6]])
+    kb = GroupKernel(K2, active_dims=[2], batch_shape=batch, per_group_variance=per_group_variance)
+    ka.var = torch.tensor([[0.8], [0.4]])
+    if not per_group_variance:
+        kb.var = torch.tensor([[0.3], [0.6]])
     model = BatchGP(x, torch.stack([y, 2 * y]), likelihood, ka + kb, batch).to(DTYPE)
-    model.eval()
+    return model.eval(), likelihood, x
+
+
+def test_batch_of_crossed_models():
+    """Two models over the same data in one batch (batch-shaped variances and noise)."""
+    model, likelihood, x = batch_of_crossed_models()
     post, covar, mean, dense, var = closed_form_posterior(model, x)
     assert isinstance(covar, TrainingPosteriorLinearOperator) and covar.shape == (2, 90, 90)
     with closed_forms_only(x.shape[0]), torch.no_grad():

@@ -1371,9 +1371,8 @@ def _cross_row_dots(A_re, X: Tensor) -> Tensor:
             term = (Xi * piece.mT).sum(-1)
         else:
             cells, values = piece
-            flat = Xi.reshape(*Xi.shape[:-2], -1).index_select(-1, cells.col * size + cells.row)
-            term = (flat * values).new_zeros(*torch.broadcast_shapes(flat.shape, values.shape)[:-1], A_re.ke)
-            term = term.index_add(-1, cells.col, flat * values)
+            prod = Xi.reshape(*Xi.shape[:-2], -1).index_select(-1, cells.col * size + cells.row) * values
+            term = prod.new_zeros(*prod.shape[:-1], A_re.ke).index_add(-1, cells.col, prod)
         out = term if out is None else out + term
         offset += size
     assert out is not None
