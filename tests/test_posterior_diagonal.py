@@ -117,3 +117,45 @@ def test_variances_past_the_capacitance_limit_need_no_q_by_q_matrix():
             assert post.zero_mean_mvn_samples(2).shape == (2, n)
             with pytest.raises(ValueError, match=r"a root .* needs a \d+ x \d+ matrix"):
                 post.root_decomposition().root.to_dense()
+
+
+def test_draws_and_variances_are_differentiable():
+    """The draw map (conditioned prior draws, fixed noise) and the variances of the training posterior, against
+    finite differences (``torch.autograd.gradcheck``) in every input: a diagonal grouping, a dense crossed one, a
+    root, and the two slope terms over the eliminated grouping."""
+    from bma_gp.kernels.sum_prediction_strategy import TrainingPosteriorLinearOperator
+
+    gen = torch.Generator().manual_seed(7)
+    n = 30
+    big = Partition.from_labels(labels(n, 9, gen))
+    p2 = Partition.from_labels(labels(n, 3, gen))
+    x = torch.randn(n, generator=gen, dtype=torch.float64)
+    k1, k2 = big.num_blocks, p2.num_blocks
+    W = torch.randn(k2, k2, generator=gen, dtype=torch.float64)
+    inputs = (
+        torch.rand(n, generator=gen, dtype=torch.float64) + 0.3,  # d
+        torch.rand(k1, generator=gen, dtype=torch.float64) + 0.2,  # intercept variances
+        W @ W.mT / k2 + 0.2 * torch.eye(k2, dtype=torch.float64),  # B_2
+        torch.rand(k1, generator=gen, dtype=torch.float64) + 0.1,  # slope
+        torch.rand(k1, generator=gen, dtype=torch.float64) + 0.1,  # correlation term
+        torch.randn(n, 2, generator=gen, dtype=torch.float64) / 2,  # root
+    )
+    inputs = tuple(t.requires_grad_(True) for t in inputs)
+    noise = torch.randn(k1 * 3 + k2 + 2 + 2 * n, 2, generator=gen, dtype=torch.float64)
+
+    def posterior(d, v, B2, slope, corr, root):
+        M = BlockMeanSumLinearOperator(
+            d,
+            v,
+            0.5 * (B2 + B2.mT),
+            slope,
+            corr,
+            partitions=[big, p2, big, big],
+            root=root,
+            weights=[None, None, x, 1 + 0.5 * x],
+            diagonal=[True, False, True, True],
+        )
+        return TrainingPosteriorLinearOperator(0.3 * d, torch.ones_like(d) * 0.8, M)
+
+    assert torch.autograd.gradcheck(lambda *a: posterior(*a)._pathwise(noise), inputs, fast_mode=True)
+    assert torch.autograd.gradcheck(lambda *a: posterior(*a).diagonal(dim1=-2, dim2=-1), inputs, fast_mode=True)
