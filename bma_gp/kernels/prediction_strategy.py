@@ -38,7 +38,7 @@ from bma_gp import settings as bma_settings
 from bma_gp._composition import FallbackSumLinearOperator
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
-from bma_gp.kernels.sum_prediction_strategy import exact_dense_root, new_input_prediction, training_prediction
+from bma_gp.kernels.sum_prediction_strategy import _exact_dense_root, new_input_prediction, training_prediction
 
 __all__ = ["BlockMeanPredictionStrategy"]
 
@@ -54,11 +54,11 @@ def _attach_clear_hook(strategy, tensor: Tensor) -> Tensor:
 
 class _PredictiveDifference(FallbackSumLinearOperator):
     r""":math:`K_{**} - (A W)(A W)^\top` at new inputs: products and the diagonal as the sum they are, and an exact
-    root (:func:`~bma_gp.kernels.sum_prediction_strategy.exact_dense_root`) for ``rsample``, also once the
+    root (:func:`~bma_gp.kernels.sum_prediction_strategy._exact_dense_root`) for ``rsample``, also once the
     likelihood's noise is added, instead of linear_operator's generic root (Lanczos past ``max_cholesky_size``)."""
 
     def root_decomposition(self, method: str | None = None) -> LinearOperator:
-        return exact_dense_root(self)
+        return _exact_dense_root(self)
 
     def add_diagonal(self, diag):
         res = super().add_diagonal(diag)

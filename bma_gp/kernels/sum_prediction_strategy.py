@@ -743,7 +743,7 @@ _DIAG_CHUNK = 2**22
 _SPARSE_COLUMNS = 64
 
 
-def exact_dense_root(op: LinearOperator) -> RootLinearOperator:
+def _exact_dense_root(op: LinearOperator) -> RootLinearOperator:
     r"""An exact root of a ``t x t`` predictive covariance at new inputs: the matrix formed by products and its
     symmetric square root through one ``t x t`` eigendecomposition (working precision; eigenvalues below zero,
     which only rounding of :math:`K_{**} - F W F^\top` gives, clamped at 0).
@@ -886,8 +886,8 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
         return self._matmul(eye.expand(*self.batch_shape, t, t))
 
     def root_decomposition(self, method: str | None = None) -> LinearOperator:
-        """An exact root (``method`` is ignored; :func:`exact_dense_root`): what ``rsample`` at new inputs uses."""
-        return exact_dense_root(self)
+        """An exact root (``method`` is ignored; :func:`_exact_dense_root`): what ``rsample`` at new inputs uses."""
+        return _exact_dense_root(self)
 
     def __add__(self, other):
         """A diagonal (the likelihood's noise) goes into :math:`K_{**}`, so the sum keeps its exact root."""
