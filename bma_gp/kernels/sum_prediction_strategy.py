@@ -745,8 +745,9 @@ _SPARSE_COLUMNS = 64
 
 def _exact_dense_root(op: LinearOperator) -> RootLinearOperator:
     r"""An exact root of a ``t x t`` predictive covariance at new inputs: the matrix formed by products and its
-    symmetric square root through one ``t x t`` eigendecomposition (working precision; eigenvalues below zero,
-    which only rounding of :math:`K_{**} - F W F^\top` gives, clamped at 0).
+    Cholesky factor, or where that fails (a singular matrix: repeated inputs without noise) its symmetric square
+    root through one ``t x t`` eigendecomposition (working precision; eigenvalues below zero, which only rounding
+    of :math:`K_{**} - F W F^\top` gives, clamped at 0).
 
     linear_operator's generic root takes a dense Cholesky up to ``max_cholesky_size`` test points and, beyond, a
     Lanczos root of rank ``max_root_decomposition_size``: an approximate draw, without a word. Past
@@ -765,8 +766,11 @@ def _exact_dense_root(op: LinearOperator) -> RootLinearOperator:
         )
     dense = op.to_dense()
     D = dense.to(core_dtype(dense.dtype))
-    root = symmetric_matrix_function(0.5 * (D + D.mT), torch.sqrt, lambda x: x.clamp_min(0))
-    return RootLinearOperator(DenseLinearOperator(root.to(dense.dtype)))
+    D = 0.5 * (D + D.mT)
+    L, info = torch.linalg.cholesky_ex(D)  # a few times cheaper than eigh; positive definite once noise is added
+    if bool((info > 0).any()):  # singular (e.g. repeated inputs without noise): the clamped symmetric root
+        L = symmetric_matrix_function(D, torch.sqrt, lambda x: x.clamp_min(0))
+    return RootLinearOperator(DenseLinearOperator(L.to(dense.dtype)))
 
 
 class PredictiveCovarianceLinearOperator(LinearOperator):
