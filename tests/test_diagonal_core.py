@@ -348,6 +348,24 @@ def test_diagonal_mode_input_errors_name_the_argument():
         M.logdet()
 
 
+def _random_intercept_model(x, y, likelihood, k):
+    """An ExactGP with a constant mean and ``GroupKernel(k, per_group_variance=True)``, float64."""
+    import gpytorch
+
+    from bma_gp.kernels import GroupKernel
+
+    class Model(gpytorch.models.ExactGP):
+        def __init__(self):
+            super().__init__(x, y, likelihood)
+            self.mean_module = gpytorch.means.ConstantMean()
+            self.covar_module = GroupKernel(k, per_group_variance=True)
+
+        def forward(self, inputs):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(inputs), self.covar_module(inputs))
+
+    return Model().double()
+
+
 def _watched_diag_embed(k):
     """``(formed, watch, real)``: ``watch`` stands in for ``torch.diag_embed`` (``real``) and records in ``formed``
     every embedding of at least ``k / 2`` values."""
@@ -365,8 +383,6 @@ def _watched_diag_embed(k):
 def test_group_kernel_with_many_groups_never_forms_a_k_by_k_matrix(monkeypatch):
     import gpytorch
 
-    from bma_gp.kernels import GroupKernel
-
     k, n = 1500, 3000
     formed, watch, real = _watched_diag_embed(k)
 
@@ -375,16 +391,7 @@ def test_group_kernel_with_many_groups_never_forms_a_k_by_k_matrix(monkeypatch):
     y = torch.randn(n, dtype=torch.float64)
     likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
 
-    class Model(gpytorch.models.ExactGP):
-        def __init__(self):
-            super().__init__(x, y, likelihood)
-            self.mean_module = gpytorch.means.ConstantMean()
-            self.covar_module = GroupKernel(k, per_group_variance=True)
-
-        def forward(self, inputs):
-            return gpytorch.distributions.MultivariateNormal(self.mean_module(inputs), self.covar_module(inputs))
-
-    model = Model().double()
+    model = _random_intercept_model(x, y, likelihood, k)
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
     monkeypatch.setattr(torch, "diag_embed", watch)
     loss = -mll(model(x), y)
@@ -522,8 +529,6 @@ def test_group_kernel_with_per_point_noise_keeps_its_variances_as_a_vector(monke
     closed form, and the grouping's variances stay a vector there (it formed the k x k B: 1.2 s at 5000 groups)."""
     import gpytorch
 
-    from bma_gp.kernels import GroupKernel
-
     k, n = 1500, 3000
     formed, watch, real = _watched_diag_embed(k)
 
@@ -533,16 +538,7 @@ def test_group_kernel_with_per_point_noise_keeps_its_variances_as_a_vector(monke
     noise = torch.rand(n, generator=gen, dtype=torch.float64) * 0.5 + 0.1
     likelihood = gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise=noise).double()
 
-    class Model(gpytorch.models.ExactGP):
-        def __init__(self):
-            super().__init__(x, y, likelihood)
-            self.mean_module = gpytorch.means.ConstantMean()
-            self.covar_module = GroupKernel(k, per_group_variance=True)
-
-        def forward(self, inputs):
-            return gpytorch.distributions.MultivariateNormal(self.mean_module(inputs), self.covar_module(inputs))
-
-    model = Model().double().eval()
+    model = _random_intercept_model(x, y, likelihood, k).eval()
     monkeypatch.setattr(torch, "diag_embed", watch)
     with torch.no_grad():
         var = model(x).variance
