@@ -13,7 +13,18 @@ class ByProducts(LinearOperator):
     """A :class:`~linear_operator.operators.LinearOperator` defined by ``_matmul`` and ``_transpose_nonbatch``:
     a product with a tensor calls ``_matmul`` directly (plain torch operations, so autograd reaches every tensor),
     a transposed product goes through the transpose, and entries and :meth:`to_dense` are products with the
-    identity (no other representation exists)."""
+    identity (no other representation exists). Subclasses set ``self.parent``, the operator they are a root (or
+    factor) of, whose dtype and device they take: their own tensors may be held in a working precision."""
+
+    parent: LinearOperator
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parent.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.parent.device
 
     def matmul(self, other):
         if torch.is_tensor(other):

@@ -1362,14 +1362,6 @@ class _WoodburyRoot(ByProducts):
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.transposed = transposed
 
-    @property
-    def dtype(self) -> torch.dtype:  # K and the scalings are held in the working precision
-        return self.parent.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.parent.device
-
     def _size(self) -> torch.Size:
         return self.parent.shape
 
@@ -1413,14 +1405,6 @@ class _ZLRoot(ByProducts):
     def __init__(self, *L: Tensor, parent: BlockMeanSumLinearOperator, transposed: bool = False):
         super().__init__(*L, parent=parent, transposed=transposed)
         self.L, self.parent, self.transposed = list(L), parent, transposed
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.parent.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.parent.device
 
     def _size(self) -> torch.Size:
         n, q = self.parent.shape[-1], sum(self.parent._sizes())

@@ -1479,14 +1479,6 @@ class _Root(ByProducts):
         # sqrt(s) with a zero (not an infinite) derivative where s vanishes
         self.sqrt_s = torch.where(positive, torch.where(positive, s, torch.ones_like(s)).sqrt(), 0)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.parent.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.parent.device
-
     def _columns(self) -> int:
         raise NotImplementedError
 
