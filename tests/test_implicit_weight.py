@@ -34,9 +34,17 @@ DTYPE = torch.float64
 @pytest.fixture
 def implicit(monkeypatch):
     """Every sum with a diagonal grouping to eliminate predicts through the implicit weight, by products only (it
-    never forms ``W``, however many columns are asked for; that switch is tested on its own below)."""
+    never forms ``W``, however many columns are asked for; that switch is tested on its own below), also for the
+    diagonal."""
     monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
     monkeypatch.setattr(sps._ImplicitWeight, "formed", lambda self, columns: None)
+    no_structured_diagonal(monkeypatch)
+
+
+def no_structured_diagonal(monkeypatch):
+    """The diagonal by products with ``W`` (the structured diagonal, tests/test_structured_prediction.py, is
+    taken first wherever it applies)."""
+    monkeypatch.setattr(sps.PredictiveCovarianceLinearOperator, "_structured_quadratic_diagonal", lambda self: None)
 
 
 @pytest.mark.parametrize("fast_pred_var", [False, True])
@@ -199,6 +207,7 @@ def test_forms_the_weight_once_products_reach_q(monkeypatch):
     calls), or at once for ``t >= q`` points, ``W`` is formed, and the numbers do not change."""
     monkeypatch.setattr(group_kernel, "FACTOR_DENSE_MAX_GROUPS", 0)
     monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    no_structured_diagonal(monkeypatch)
     model, kernel, x, y, xt = factor_model(30, n=120)
     with torch.no_grad():
         covar = model(xt).lazy_covariance_matrix

@@ -68,6 +68,12 @@ def _present_partition(ids: Tensor) -> tuple[Tensor, Partition]:
     return present, Partition.from_labels(labels, num_blocks=present.numel())
 
 
+def _columns_of(rows: Tensor, present: Tensor) -> Tensor:
+    """The position of each id of ``rows`` among the sorted ``present`` ids, ``-1`` for an id not among them."""
+    position = torch.searchsorted(present, rows).clamp_max(present.numel() - 1)
+    return torch.where(present[position] == rows, position, -1)
+
+
 def _gather_pairs(C: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """``C[..., rows[..., i], cols[..., j]]`` with batch broadcasting. # shape: (*batch, n1, n2)"""
     G = C.shape[-1]
@@ -455,16 +461,16 @@ class GroupKernel(Kernel):
         :meth:`_factor_train`: the variances of the groups both sides share (:math:`A_{tc} = v_c [g_t = c]`) and
         the factor's product, whose right-hand side is the training covariance's root, so that prediction at new
         inputs stays in closed form (:func:`~bma_gp.kernels.sum_prediction_strategy.new_input_prediction`)."""
-        t, k = rows.shape[-1], present.numel()
-        match = (rows.unsqueeze(-1) == present).to(self.raw_var.dtype)  # (t, k)
-        values = self._variances_of(rows).unsqueeze(-1) * match
+        t = rows.shape[-1]
+        values = self._variances_of(rows).expand(*batch, t)  # one nonzero per row (rows.dim() == 1 here)
         W = self.covar_factor
         left, right = W.index_select(-2, rows), W.index_select(-2, column_ids)
         r = W.shape[-1]
         low_rank = MatmulLinearOperator(
             DenseLinearOperator(left.expand(*batch, t, r)), DenseLinearOperator(right.expand(*batch, -1, r).mT)
         )
-        return SumLinearOperator(BlockCrossLinearOperator(values.expand(*batch, t, k), partition), low_rank)
+        one_hot = BlockCrossLinearOperator.one_hot(values, _columns_of(rows, present), partition)
+        return SumLinearOperator(one_hot, low_rank)
 
     def _covar_pairs(self, ids1: Tensor, ids2: Tensor, batch: torch.Size) -> Tensor:
         """``C[ids1[..., i], ids2[..., i]]`` for each i. # shape: (*batch, n)"""
@@ -488,10 +494,10 @@ class GroupKernel(Kernel):
         if self.covar_factor is not None and k > FACTOR_DENSE_MAX_GROUPS and rows.dim() == 1:
             return self._factor_cross(rows, column_ids, present, partition, batch)
         if self.covar_factor is None and rows.dim() == 1:  # C = diag(v): one nonzero per row, held as such
-            position = torch.searchsorted(present, rows).clamp_max(k - 1)
-            columns = torch.where(present[position] == rows, position, -1)
             values = self._variances_of(rows)
-            return BlockCrossLinearOperator.one_hot(values.expand(*batch, rows.shape[-1]), columns, partition)
+            return BlockCrossLinearOperator.one_hot(
+                values.expand(*batch, rows.shape[-1]), _columns_of(rows, present), partition
+            )
         if rows.dim() == 1:
             values = self._covar_between(rows, present)
         else:  # ids that differ across the batch: C[rows, present] per batch entry, no G x k table
@@ -604,13 +610,21 @@ class GroupKernel(Kernel):
         k, t = present.numel(), rows.shape[-1]
         features = torch.stack([torch.ones_like(row_cov), row_cov], -1)  # (*b, t, 2)
         coef = features @ S  # (*batch, t, 2)
-        match = (rows.unsqueeze(-1) == present).to(S.dtype)  # (*b, t, k)
-        slope = BlockCrossLinearOperator((coef[..., 1:] * match).expand(*batch, t, k), partition)
-        res: LinearOperator = MatmulLinearOperator(slope, DiagLinearOperator(column_cov))
+        if rows.dim() == 1:  # one nonzero per row, held as its value and column: nothing t x k
+            columns = _columns_of(rows, present)
+
+            def cross(c: Tensor) -> BlockCrossLinearOperator:
+                return BlockCrossLinearOperator.one_hot(c.expand(*batch, t), columns, partition)
+
+        else:
+            match = (rows.unsqueeze(-1) == present).to(S.dtype)  # (*b, t, k)
+
+            def cross(c: Tensor) -> BlockCrossLinearOperator:
+                return BlockCrossLinearOperator((c.unsqueeze(-1) * match).expand(*batch, t, k), partition)
+
+        res: LinearOperator = MatmulLinearOperator(cross(coef[..., 1]), DiagLinearOperator(column_cov))
         if self.intercept:
-            res = SumLinearOperator(
-                BlockCrossLinearOperator((coef[..., :1] * match).expand(*batch, t, k), partition), res
-            )
+            res = SumLinearOperator(cross(coef[..., 0]), res)
         return res
 
     def num_outputs_per_input(self, x1: Tensor, x2: Tensor) -> int:

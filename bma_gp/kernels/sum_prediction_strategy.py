@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 from gpytorch import settings as gpytorch_settings
@@ -378,7 +379,95 @@ class SumPredictionStrategy(DefaultPredictionStrategy):
 
 
 # ---------------------------------------------------------------------------- new inputs
-_Piece = tuple  # ("term", values, partition, weight) or ("root", left, right)
+_Piece = tuple  # ("term", values or _OneHot, partition, weight) or ("root", left, right)
+
+
+@dataclass(frozen=True, eq=False)
+class _OneHot:
+    r"""A ``t x k`` block of :math:`F` with at most one nonzero per row, :math:`F_{i, c_i} = v_i` (a random
+    intercept's or slope's cross covariance at seen and unseen levels), held as its ``t`` values and columns
+    (``-1``: a zero row) so that nothing ``t x k`` is formed.
+
+    Attributes:
+        values: the nonzero of each row. # shape: (*batch, t)
+        columns: its column. # shape: (t,)
+        k: the number of columns.
+    """
+
+    values: Tensor
+    columns: Tensor
+    k: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.values.shape, self.k))
+
+    def dim(self) -> int:
+        return self.values.dim() + 1
+
+    def weight(self) -> Tensor:
+        """The values with zeros on the rows without a column. # shape: (*batch, t)"""
+        return torch.where(self.columns >= 0, self.values, torch.zeros_like(self.values))
+
+    def index(self) -> Tensor:
+        """The columns with ``-1`` read as 0 (those rows' weight is 0). # shape: (t,)"""
+        return self.columns.clamp_min(0)
+
+    def to(self, dtype: torch.dtype) -> _OneHot:
+        return _OneHot(self.values.to(dtype), self.columns, self.k)
+
+    def expand(self, *shape: int) -> _OneHot:
+        return _OneHot(self.values.expand(*shape[:-1]), self.columns, self.k)
+
+    def narrow(self, start: int, length: int) -> _OneHot:
+        """Rows ``start .. start + length``."""
+        return _OneHot(self.values.narrow(-1, start, length), self.columns.narrow(0, start, length), self.k)
+
+    def dense(self) -> Tensor:
+        """The block as a tensor. # shape: (*batch, t, k)"""
+        hit = torch.nn.functional.one_hot(self.index(), self.k).to(self.values.dtype)
+        return self.weight().unsqueeze(-1) * hit
+
+    def matmul(self, y: Tensor) -> Tensor:
+        """:math:`F_j y`. ``y`` # shape: (*batch, k, c) -> (*batch, t, c)"""
+        return self.weight().to(y.dtype).unsqueeze(-1) * y.index_select(-2, self.index())
+
+    def t_matmul(self, x: Tensor) -> Tensor:
+        """:math:`F_j^\top x`. ``x`` # shape: (*batch, t, c) -> (*batch, k, c)"""
+        scaled = self.weight().to(x.dtype).unsqueeze(-1) * x
+        return scaled.new_zeros(*scaled.shape[:-2], self.k, scaled.shape[-1]).index_add(-2, self.index(), scaled)
+
+    def rows(self, batch_shape: torch.Size, batch_indices: tuple[Tensor, ...], index: Tensor) -> Tensor:
+        """Rows ``index`` as dense rows (entries of ``_get_indices``). # shape: (*index.shape, k)"""
+        values = self.weight().expand(*batch_shape, self.values.shape[-1])[(*batch_indices, index)]
+        hit = torch.nn.functional.one_hot(self.index()[index], self.k).to(values.dtype)
+        return values.unsqueeze(-1) * hit
+
+
+def _same_columns(a: _OneHot, b: _OneHot) -> bool:
+    return a.columns is b.columns or torch.equal(a.columns, b.columns)
+
+
+def _block_matmul(block: Tensor | _OneHot, y: Tensor) -> Tensor:
+    """:math:`F_j y` for a dense or one-hot block (``y`` in the working precision)."""
+    return block.matmul(y) if isinstance(block, _OneHot) else block.to(y.dtype) @ y
+
+
+def _block_t_matmul(block: Tensor | _OneHot, x: Tensor) -> Tensor:
+    """:math:`F_j^\top x` for a dense or one-hot block (``x`` in the working precision)."""
+    return block.t_matmul(x) if isinstance(block, _OneHot) else block.to(x.dtype).mT @ x
+
+
+def _dense_block(block: Tensor | _OneHot) -> Tensor:
+    return block.dense() if isinstance(block, _OneHot) else block
+
+
+def _cross_values(op: BlockCrossLinearOperator) -> Tensor | _OneHot:
+    """A cross covariance's :math:`A`: one-hot when it is held so, else its dense values."""
+    if op.is_one_hot:
+        assert op.row_values is not None and op.columns is not None
+        return _OneHot(op.row_values, op.columns, op.partition.num_blocks)
+    return op.values
 
 
 def _cross_pieces(op, out: list[_Piece]) -> bool:
@@ -392,14 +481,14 @@ def _cross_pieces(op, out: list[_Piece]) -> bool:
     if isinstance(op, BlockCrossLinearOperator):
         if op.transposed:
             return False
-        out.append(("term", op.values, op.partition, None))
+        out.append(("term", _cross_values(op), op.partition, None))
         return True
     if isinstance(op, MatmulLinearOperator):
         left, right = op.left_linear_op, op.right_linear_op
         if isinstance(left, BlockCrossLinearOperator) and isinstance(right, DiagLinearOperator):
             if left.transposed:
                 return False
-            out.append(("term", left.values, left.partition, right.diagonal(dim1=-2, dim2=-1)))
+            out.append(("term", _cross_values(left), left.partition, right.diagonal(dim1=-2, dim2=-1)))
             return True
         if isinstance(left, DenseLinearOperator) and isinstance(right, DenseLinearOperator):
             out.append(("root", left.to_dense(), right.to_dense()))
@@ -438,16 +527,21 @@ def _same_root(a: Tensor, b: Tensor) -> bool:
     return _within(a, b, 64 * a.shape[-1])
 
 
-def _cross_factor(M: BlockMeanSumLinearOperator, pieces: list[_Piece]) -> list[Tensor | None] | None:
+def _cross_factor(M: BlockMeanSumLinearOperator, pieces: list[_Piece]) -> list[Tensor | _OneHot | None] | None:
     r""":math:`F` with :math:`K_{*x} = F Z^\top` for the columns :math:`Z` of ``M``, one block per term of ``M``
     (None: zero), or None when a piece has no matching column block in ``M``."""
     sizes = M._sizes()
     J = len(M.partitions)
-    blocks: list[Tensor | None] = [None] * len(sizes)
+    blocks: list[Tensor | _OneHot | None] = [None] * len(sizes)
 
-    def add(j: int, values: Tensor) -> None:
+    def add(j: int, values: Tensor | _OneHot) -> None:
         current = blocks[j]
-        blocks[j] = values if current is None else current + values
+        if current is None:
+            blocks[j] = values
+        elif isinstance(current, _OneHot) and isinstance(values, _OneHot) and _same_columns(current, values):
+            blocks[j] = _OneHot(current.values + values.values, current.columns, current.k)
+        else:
+            blocks[j] = _dense_block(current) + _dense_block(values)
 
     for piece in pieces:
         if piece[0] == "term":
@@ -601,7 +695,17 @@ class _ImplicitWeight(LinearOperator):
         self._batch = tuple(M.batch_shape) if batch is None else tuple(batch)
         self._columns = 0  # product columns asked for so far
         self._formed: Tensor | None = None
+        self._blocks: _PosteriorBlocks | None = None
         M._capacitance()  # factorise now: a size limit or an indefinite sum raises here, not at first use
+
+    def posterior_blocks(self) -> _PosteriorBlocks | None:
+        """The blocks of :math:`H = C^{-1} G` (:func:`_posterior_blocks`), kept unless they carry a graph."""
+        if self._blocks is not None:
+            return self._blocks
+        blocks = _posterior_blocks(self.M)
+        if not (torch.is_grad_enabled() and self.M._differentiable()):
+            self._blocks = blocks
+        return blocks
 
     def formed(self, columns: int) -> Tensor | None:
         """:math:`W` as a matrix once products with at least ``q`` columns in all have been asked for, counting the
@@ -728,7 +832,7 @@ def new_input_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor,
     shift = None
     for block, c in zip(blocks, coef.split(M._sizes(), dim=-1)):
         if block is not None:
-            term = (block.to(c.dtype) @ c.unsqueeze(-1)).squeeze(-1)
+            term = _block_matmul(block, c.unsqueeze(-1)).squeeze(-1)
             shift = term if shift is None else shift + term
     assert shift is not None  # some block is not None (checked above)
     mean = test_mean + shift.to(test_mean.dtype)
@@ -741,6 +845,70 @@ _DIAG_CHUNK = 2**22
 #: A block of ``F`` with more columns than this, and at most one nonzero per row (a random intercept's cross
 #: covariance at seen or unseen levels), enters the diagonal as (column, value) pairs.
 _SPARSE_COLUMNS = 64
+
+
+#: The structured diagonal at new inputs (:meth:`PredictiveCovarianceLinearOperator._structured_quadratic_diagonal`)
+#: forms :math:`T Q`, ``k_E r_e x R`` entries; past this many it leaves the diagonal to products with :math:`W`.
+_STRUCTURED_MAX_ELEMENTS = 2**26
+
+
+def _test_rows(
+    M: BlockMeanSumLinearOperator, blocks: list[Tensor | _OneHot | None], t: int, E: list[int]
+) -> tuple[_Rows, Tensor] | None:
+    r"""The test design :math:`Z_* = F G^{-1}` as :class:`_Rows`, and :math:`\operatorname{diag}(F G^{-1} F^\top)`.
+
+    A one-hot block over a diagonal :math:`B_j` gives one-hot rows (value :math:`v / b_c`), the root's block is its
+    own (:math:`G = I` there), a zero block zero rows. None when a grouping's block is dense or its :math:`B_j` is
+    not diagonal, when ``F`` has a nonzero where :math:`b_c = 0` (then no :math:`Z_*` exists), or when the
+    eliminated terms ``E`` put a row in different columns. # shapes: rows of ``t``, (*batch, t)"""
+    J = len(M.partitions)
+    wdt = core_dtype(M.dtype)
+    index: list[Tensor] = []
+    weight: list[Tensor | None] = []
+    prior: Tensor | None = None
+    for j in range(J):
+        b = blocks[j]
+        if b is None:
+            index.append(torch.zeros(t, dtype=torch.long, device=M.device))
+            weight.append(torch.zeros(t, dtype=wdt, device=M.device))
+            continue
+        if not isinstance(b, _OneHot) or not M._block_is_diagonal(j):
+            return None
+        col, v = b.index(), b.weight().to(wdt)
+        g = M._block_diagonal(j).to(wdt).index_select(-1, col)
+        nonzero = v != 0
+        if bool((nonzero & (g == 0)).any()):
+            return None
+        z = v / torch.where(nonzero, g, torch.ones_like(g))
+        index.append(col)
+        weight.append(z)
+        prior = v * z if prior is None else prior + v * z
+    root = None
+    if M.root is not None:
+        b = blocks[J]
+        if b is None:
+            root = torch.zeros(t, M.rank, dtype=wdt, device=M.device)
+        else:
+            root = _dense_block(b).to(wdt)
+            term = (root * root).sum(-1)
+            prior = term if prior is None else prior + term
+    if prior is None:
+        return None
+    present = [e for e in E if isinstance(blocks[e], _OneHot)]
+    for e in present[1:]:
+        if not _same_columns(blocks[e], blocks[present[0]]):  # type: ignore[arg-type]
+            return None
+    if present:
+        for e in E:
+            index[e] = index[present[0]]
+    return _Rows(index, weight, root, t), prior
+
+
+def _block_rows(block: Tensor | _OneHot, start: int, length: int) -> Tensor:
+    """Rows ``start .. start + length`` of a block of :math:`F` as a dense tensor."""
+    if isinstance(block, _OneHot):
+        return block.narrow(start, length).dense()
+    return block.narrow(-2, start, length)
 
 
 def _exact_dense_root(op: LinearOperator) -> RootLinearOperator:
@@ -787,27 +955,50 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
     Args:
         prior: :math:`K_{**}`, a :class:`~linear_operator.operators.LinearOperator` or tensor. # shape: (*batch, t, t)
         W: a tensor or an :class:`_ImplicitWeight`. # shape: (*batch, q, q)
-        tensors: the blocks of :math:`F` that are not zero, ``(*batch, t, k_j)`` each.
+        tensors: the blocks of :math:`F` that are not zero, ``(*batch, t, k_j)`` each, or for a block with at
+            most one nonzero per row (``one_hot``) two tensors: the ``(*batch, t)`` values and the ``(t,)`` columns.
         present: per term of the training covariance, whether its block is among ``tensors`` (else zero).
         sizes: :math:`k_j` per term (the root's ``m`` last). :meth:`from_blocks` builds it from a list.
+        one_hot: per term, whether its block is given as values and columns (default: none is).
     """
 
     def __init__(
-        self, prior, W: Tensor | _ImplicitWeight, *tensors: Tensor, present: tuple[bool, ...], sizes: tuple[int, ...]
+        self,
+        prior,
+        W: Tensor | _ImplicitWeight,
+        *tensors: Tensor,
+        present: tuple[bool, ...],
+        sizes: tuple[int, ...],
+        one_hot: tuple[bool, ...] = (),
     ):
-        super().__init__(prior, W, *tensors, present=tuple(present), sizes=tuple(sizes))
+        one_hot = tuple(one_hot) or (False,) * len(present)
+        super().__init__(prior, W, *tensors, present=tuple(present), sizes=tuple(sizes), one_hot=one_hot)
         given = iter(tensors)
         self.prior = prior
         self.W = W
-        self.blocks: list[Tensor | None] = [next(given) if p else None for p in present]
         self.sizes = list(sizes)
+        self.blocks: list[Tensor | _OneHot | None] = []
+        for p, o, k in zip(present, one_hot, sizes):
+            if not p:
+                self.blocks.append(None)
+            elif o:
+                self.blocks.append(_OneHot(next(given), next(given), k))
+            else:
+                self.blocks.append(next(given))
         self._sparse: list[bool] | None = None
 
     @classmethod
-    def from_blocks(cls, prior, W: Tensor | _ImplicitWeight, blocks: list[Tensor | None], sizes: list[int]):
+    def from_blocks(cls, prior, W: Tensor | _ImplicitWeight, blocks: list[Tensor | _OneHot | None], sizes: list[int]):
         """The operator from :math:`F`'s blocks (None: a zero block)."""
         present = tuple(b is not None for b in blocks)
-        return cls(prior, W, *(b for b in blocks if b is not None), present=present, sizes=tuple(sizes))
+        one_hot = tuple(isinstance(b, _OneHot) for b in blocks)
+        tensors: list[Tensor] = []
+        for b in blocks:
+            if isinstance(b, _OneHot):
+                tensors += [b.values, b.columns]
+            elif b is not None:
+                tensors.append(b)
+        return cls(prior, W, *tensors, present=present, sizes=tuple(sizes), one_hot=one_hot)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -845,7 +1036,7 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
             if b is None:
                 pieces.append(x.new_zeros(*x.shape[:-2], k, x.shape[-1], dtype=wdt))
             else:
-                pieces.append(b.to(wdt).mT @ x.to(wdt))
+                pieces.append(_block_t_matmul(b, x.to(wdt)))
         batch = torch.broadcast_shapes(*(p.shape[:-2] for p in pieces))
         return torch.cat([p.expand(*batch, *p.shape[-2:]) for p in pieces], dim=-2)
 
@@ -855,7 +1046,7 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
         res = None
         for b, piece in zip(self.blocks, y.split(self.sizes, dim=-2)):
             if b is not None:
-                term = b.to(wdt) @ piece
+                term = _block_matmul(b, piece.to(wdt))
                 res = term if res is None else res + term
         assert res is not None
         return res
@@ -917,6 +1108,8 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
             for b, k in zip(self.blocks, self.sizes):
                 if b is None:
                     pieces.append(torch.zeros(*index.shape, k, dtype=wdt, device=index.device))
+                elif isinstance(b, _OneHot):
+                    pieces.append(b.rows(self.batch_shape, batch_indices, index).to(wdt))
                 else:
                     b = b.expand(*self.batch_shape, *b.shape[-2:])
                     pieces.append(b[(*batch_indices, index)].to(wdt))
@@ -956,7 +1149,7 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
             flags = []
             for b in self.blocks:
                 ok = b is not None and b.dim() == 2 and self.W.dim() == 2 and b.shape[-1] > _SPARSE_COLUMNS
-                if ok:
+                if ok and not isinstance(b, _OneHot):
                     assert b is not None
                     rows = max(1, _DIAG_CHUNK // b.shape[-1])
                     ok = all(bool(((c != 0).sum(-1) <= 1).all()) for c in b.detach().split(rows, dim=-2))
@@ -975,7 +1168,7 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
         for start in range(0, t, rows):
             c = min(rows, t - start)
             pieces = [
-                torch.zeros(c, k, dtype=wdt, device=self.device) if b is None else b.narrow(-2, start, c).to(wdt)
+                torch.zeros(c, k, dtype=wdt, device=self.device) if b is None else _block_rows(b, start, c).to(wdt)
                 for b, k in zip(self.blocks, self.sizes)
             ]
             batch = torch.broadcast_shapes(*(p.shape[:-2] for p in pieces))
@@ -984,9 +1177,51 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
         res = torch.cat(out, dim=-1)
         return res.expand(*self.batch_shape, t)
 
+    def _structured_quadratic_diagonal(self) -> Tensor | None:
+        r""":math:`\operatorname{diag}(F W F^\top)` without :math:`W`, or None where this does not apply.
+
+        With :math:`G` invertible on the columns ``F`` uses, :math:`Z_* = F G^{-1}` and
+        :math:`H = C^{-1} G = G - G W G` (the posterior weight at the training inputs),
+
+        .. math::
+            F W F^\top = Z_* G W G Z_*^\top = F G^{-1} F^\top - Z_* H Z_*^\top,
+
+        and a one-hot block of ``F`` over a diagonal :math:`B_j` gives one-hot rows of :math:`Z_*`: the diagonal is
+        that of the posterior at the training inputs (:func:`_posterior_quadratic_diagonal`, from the blocks of the
+        capacitance factorisation) read at the test rows, :math:`O(k r_e R + t (r_e^2 + R))` for ``t`` points, where
+        products with :math:`W` cost up to ``n`` per point. None (then products) when a grouping's block of ``F`` is
+        dense (:func:`_test_rows`), the factorisation eliminates no grouping, or :math:`T Q` would pass
+        ``_STRUCTURED_MAX_ELEMENTS``. # shape: (*batch, t)"""
+        W = self.W
+        assert isinstance(W, _ImplicitWeight)
+        M = W.M
+        cap = M._capacitance()
+        E = list(cap.joint.terms) if cap.joint is not None else [cap.elim] if cap.elim is not None else []
+        if not E:
+            return None
+        sizes = M._sizes()
+        R = sum(size for i, size in enumerate(sizes) if i not in E)
+        if sizes[E[0]] * len(E) * R > _STRUCTURED_MAX_ELEMENTS:
+            return None
+        t = self.shape[-1]
+        found = _test_rows(M, self.blocks, t, E)
+        if found is None:
+            return None
+        rows, prior = found
+        blocks = W.posterior_blocks()
+        if blocks is None:
+            return None
+        quad = _posterior_quadratic_diagonal(M, rows, blocks)
+        assert quad is not None
+        res = prior - quad
+        return res.expand(*torch.broadcast_shapes(res.shape[:-1], self.batch_shape), t)
+
     def _quadratic_diagonal(self) -> Tensor:
         r""":math:`\operatorname{diag}(F W F^\top)` in row chunks, in the working precision. # shape: (*batch, t)"""
         if isinstance(self.W, _ImplicitWeight):
+            structured = self._structured_quadratic_diagonal()
+            if structured is not None:
+                return structured
             formed = self.W.formed(self.shape[-1])
             if formed is None:
                 return self._implicit_quadratic_diagonal()
@@ -1015,13 +1250,18 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
             total = torch.zeros(*self.batch_shape, c, dtype=wdt, device=W.device)
             Fd = None
             if dense:
-                pieces = [self.blocks[i].narrow(-2, start, c).to(wdt) for i in dense]  # type: ignore[union-attr]
+                pieces = [_block_rows(self.blocks[i], start, c).to(wdt) for i in dense]  # type: ignore[arg-type]
                 batch = torch.broadcast_shapes(*(p.shape[:-2] for p in pieces))
                 Fd = torch.cat([p.expand(*batch, *p.shape[-2:]) for p in pieces], dim=-1)
                 total = total + ((Fd @ W_dd) * Fd).sum(-1)
             coords = []
             for i in scattered:
-                values = self.blocks[i].narrow(-2, start, c).to(wdt)  # type: ignore[union-attr]
+                block = self.blocks[i]
+                if isinstance(block, _OneHot):
+                    part = block.narrow(start, c)
+                    coords.append((offsets[i] + part.index(), part.weight().to(wdt)))
+                    continue
+                values = block.narrow(-2, start, c).to(wdt)  # type: ignore[union-attr]
                 column = values.abs().argmax(-1)
                 coords.append((offsets[i] + column, values.gather(-1, column.unsqueeze(-1)).squeeze(-1)))
             for a, (col_a, val_a) in enumerate(coords):
@@ -1314,11 +1554,42 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         )
 
 
+@dataclass(frozen=True, eq=False)
+class _Rows:
+    r"""Rows :math:`z_a` of a design over the terms of a sum ``M`` (its columns :math:`Z`, or a test design
+    :math:`Z_* = F G^{-1}`): per grouping term, each row's one column and its value, and the root's rows.
+
+    Attributes:
+        index: per grouping term, the column of each row. # shape: (count,)
+        weight: per grouping term, the value of each row in the working precision; None: 1. # shape: (*batch, count)
+        root: the root's rows (None without a root). # shape: (*batch, count, m)
+        count: the number of rows.
+    """
+
+    index: list[Tensor]
+    weight: list[Tensor | None]
+    root: Tensor | None
+    count: int
+
+    @staticmethod
+    def training(M: BlockMeanSumLinearOperator) -> _Rows:
+        """The rows of :math:`Z` itself: the partitions' labels, the slopes' weights and the root."""
+        wdt = core_dtype(M.dtype)
+        weights = [None if w is None else w.to(wdt) for w in M.weights]
+        return _Rows([p.labels for p in M.partitions], weights, M.root, M.shape[-1])
+
+
 def _quadratic_diagonal(
-    M: BlockMeanSumLinearOperator, H: Tensor, sizes: list[int], terms: list[int] | None = None
+    M: BlockMeanSumLinearOperator,
+    H: Tensor,
+    sizes: list[int],
+    terms: list[int] | None = None,
+    rows: _Rows | None = None,
 ) -> Tensor:
-    r""":math:`z_a^\top H z_a` for every row :math:`z_a` of :math:`Z`, in ``H``'s precision; with ``terms``, of the
-    columns of those terms of ``M`` only (``H`` ordered as they are, the root's index is ``J``). # shape: (*batch, n)"""
+    r""":math:`z_a^\top H z_a` for every row :math:`z_a` of :math:`Z` (or of ``rows``), in ``H``'s precision; with
+    ``terms``, of the columns of those terms of ``M`` only (``H`` ordered as they are, the root's index is ``J``).
+    # shape: (*batch, count)"""
+    rows = _Rows.training(M) if rows is None else rows
     wdt = H.dtype
     J = len(M.partitions)
     terms = list(range(len(sizes))) if terms is None else terms
@@ -1331,33 +1602,33 @@ def _quadratic_diagonal(
     def block(i: int, j: int) -> Tensor:
         return H[..., offsets[i] : offsets[i] + sizes[i], offsets[j] : offsets[j] + sizes[j]]
 
-    weights = [None if w is None else w.to(wdt) for w in M.weights]
-    n = M.shape[-1]
+    weights = [None if w is None else w.to(wdt) for w in rows.weight]
+    n = rows.count
     out = torch.zeros(*H.shape[:-2], n, dtype=wdt, device=H.device)
     groupings = [t for t in terms if t < J]
     for a, i in enumerate(groupings):
-        li, ki = M.partitions[i].labels, sizes[i]
+        li, ki = rows.index[i], sizes[i]
         for j in groupings[a:]:
-            lj, kj = M.partitions[j].labels, sizes[j]
+            lj, kj = rows.index[j], sizes[j]
             values = block(i, j).reshape(*H.shape[:-2], ki * kj).index_select(-1, li * kj + lj)
             for w in (weights[i], weights[j]):
                 if w is not None:
                     values = values * w
             out = out + (values if i == j else 2 * values)
-    if M.root is not None and J in terms:
+    if rows.root is not None and J in terms:
         m = M.rank
         H_uu = block(J, J)
         cross = [block(i, J) for i in groupings]  # (*batch, k_i, m)
-        rows = max(1024, _CHUNK_ELEMENTS // max(1, m))
+        chunk = max(1024, _CHUNK_ELEMENTS // max(1, m))
         pieces = []
-        for start in range(0, n, rows):
-            c = min(rows, n - start)
-            Uc = M.root.narrow(-2, start, c).to(wdt)
+        for start in range(0, n, chunk):
+            c = min(chunk, n - start)
+            Uc = rows.root.narrow(-2, start, c).to(wdt)
             T = Uc @ H_uu
             for i, X in zip(groupings, cross):
-                g = 2 * X.index_select(-2, M.partitions[i].labels.narrow(0, start, c))
+                g = 2 * X.index_select(-2, rows.index[i].narrow(0, start, c))
                 w = weights[i]
-                T = T + (g if w is None else g * w.narrow(0, start, c).unsqueeze(-1))
+                T = T + (g if w is None else g * w.narrow(-1, start, c).unsqueeze(-1))
             pieces.append((T * Uc).sum(-1))
         out = out + torch.cat(pieces, dim=-1)
     return out
@@ -1383,25 +1654,24 @@ def _cross_row_dots(A_re, X: Tensor) -> Tensor:
     return out
 
 
-def _posterior_quadratic_diagonal(M: BlockMeanSumLinearOperator) -> Tensor | None:
-    r""":math:`z_a^\top H z_a` for every row, :math:`H = C^{-1} G`, from the blocks of ``M``'s capacitance
-    factorisation: no :math:`q \times q` matrix. None when ``M`` eliminates no grouping (then :math:`H` has the size of
-    that factorisation and is formed).
+@dataclass(frozen=True, eq=False)
+class _PosteriorBlocks:
+    r"""The blocks of :math:`H = C^{-1} G` that :func:`_posterior_quadratic_diagonal` reads (see there): the
+    eliminated terms ``E`` and the others ``rest``; per eliminated level :math:`(\Delta^{-1} G_E + T Q T^\top)_l`
+    (``P``); :math:`T Q` (``TQ``, None without ``rest``); :math:`Q` (``Q``) and ``R``, the columns of ``rest``."""
 
-    With the eliminated terms :math:`E` (one level :math:`l` per row, weights :math:`\omega_a`), the other terms
-    :math:`r`, :math:`\Delta = I + G_E A_{EE}` (one ``r_e x r_e`` block per level), the Schur complement
-    :math:`S_r` (LU-factorised), :math:`Q = S_r^{-1} G_r` and :math:`T = \Delta^{-1} G_E A_{Er}`, block elimination of
-    :math:`C` gives :math:`H_{EE} = \Delta^{-1} G_E + T Q T^\top`, :math:`H_{Er} = -T Q` and :math:`H_{rr} = Q`, so
+    E: list[int]
+    rest: list[int]
+    P: Tensor  # (*b, k, r_e, r_e)
+    TQ: Tensor | None  # (*b, k, r_e, R)
+    Q: Tensor | None  # (*b, R, R)
+    R: int
 
-    .. math::
-        z_a^\top H z_a = \omega_a^\top (\Delta^{-1} G_E + T Q T^\top)_l\, \omega_a
-            - 2\, \omega_a^\top (T Q)_l\, z_{r}(a) + z_r(a)^\top Q\, z_r(a):
 
-    the level blocks of :math:`T Q T^\top` (``k r_e^2``), gathers of :math:`T Q` (``k r_e x r``) and the rest's
-    quadratic form with :math:`Q` (``r x r``, within ``max_capacitance_size`` as ``S_r`` is). # shape: (*batch, n)"""
+def _posterior_blocks(M: BlockMeanSumLinearOperator) -> _PosteriorBlocks | None:
+    """The blocks of :math:`H` from ``M``'s capacitance factorisation; None when it eliminates no grouping."""
     cap = M._capacitance()
     sizes = M._sizes()
-    J = len(M.partitions)
     wdt = core_dtype(M.dtype)
     if cap.joint is not None:
         E = list(cap.joint.terms)
@@ -1413,33 +1683,65 @@ def _posterior_quadratic_diagonal(M: BlockMeanSumLinearOperator) -> Tensor | Non
     else:
         return None
     rest = [t for t in range(len(sizes)) if t not in E]
-    labels, k, re = M.partitions[E[0]].labels, sizes[E[0]], len(E)
-    n = M.shape[-1]
-    ones = torch.ones(n, dtype=wdt, device=M.device)
-    omega = torch.stack([ones if (w := M.weights[e]) is None else w.to(wdt) for e in E], -1)  # (n, r_e)
+    re = len(E)
     P = torch.linalg.solve(delta, torch.diag_embed(g)) if re > 1 else g.unsqueeze(-1) / delta  # Delta^-1 G_E
-    if rest:
-        R = sum(sizes[t] for t in rest)
-        assert cap.lu is not None
-        G_r = M._apply_G_rest(rest, torch.eye(R, dtype=wdt, device=M.device).expand(*M.batch_shape, R, R))
-        Q = _LUSolve.apply(*cap.lu, G_r)
-        Q = 0.5 * (Q + Q.mT)
-        if cap.joint is not None:
-            assert cap.joint.A_rE is not None
-            T = torch.linalg.solve(delta, g.unsqueeze(-1) * cap.joint.A_rE.movedim(-3, -1))  # (*b, k, r_e, R)
-            TQ = T @ Q.unsqueeze(-3)
-            P = P + TQ @ T.mT
-        else:
-            assert cap.A_re is not None and cap.g is not None and cap.delta is not None
-            c = cap.g / cap.delta  # (*b, k)
-            AQ = cap.A_re.t_matmul(Q)  # A_Er Q: (*b, k, R)
-            TQ = (c.unsqueeze(-1) * AQ).unsqueeze(-2)  # (*b, k, 1, R)
-            P = P + (c * c * _cross_row_dots(cap.A_re, AQ)).unsqueeze(-1).unsqueeze(-1)
-    # the eliminated terms' own block, level by level
+    if not rest:
+        return _PosteriorBlocks(E, rest, P, None, None, 0)
+    R = sum(sizes[t] for t in rest)
+    assert cap.lu is not None
+    G_r = M._apply_G_rest(rest, torch.eye(R, dtype=wdt, device=M.device).expand(*M.batch_shape, R, R))
+    Q = _LUSolve.apply(*cap.lu, G_r)
+    Q = 0.5 * (Q + Q.mT)
+    if cap.joint is not None:
+        assert cap.joint.A_rE is not None
+        T = torch.linalg.solve(delta, g.unsqueeze(-1) * cap.joint.A_rE.movedim(-3, -1))  # (*b, k, r_e, R)
+        TQ = T @ Q.unsqueeze(-3)
+        P = P + TQ @ T.mT
+    else:
+        assert cap.A_re is not None and cap.g is not None and cap.delta is not None
+        c = cap.g / cap.delta  # (*b, k)
+        AQ = cap.A_re.t_matmul(Q)  # A_Er Q: (*b, k, R)
+        TQ = (c.unsqueeze(-1) * AQ).unsqueeze(-2)  # (*b, k, 1, R)
+        P = P + (c * c * _cross_row_dots(cap.A_re, AQ)).unsqueeze(-1).unsqueeze(-1)
+    return _PosteriorBlocks(E, rest, P, TQ, Q, R)
+
+
+def _posterior_quadratic_diagonal(
+    M: BlockMeanSumLinearOperator, rows: _Rows | None = None, blocks: _PosteriorBlocks | None = None
+) -> Tensor | None:
+    r""":math:`z_a^\top H z_a` for every row of :math:`Z` (or of ``rows``), :math:`H = C^{-1} G`, from the blocks of
+    ``M``'s capacitance factorisation (``blocks``, made here when not given): no :math:`q \times q` matrix. None when
+    ``M`` eliminates no grouping (then :math:`H` has the size of that factorisation and is formed).
+
+    With the eliminated terms :math:`E` (one level :math:`l` per row, weights :math:`\omega_a`), the other terms
+    :math:`r`, :math:`\Delta = I + G_E A_{EE}` (one ``r_e x r_e`` block per level), the Schur complement
+    :math:`S_r` (LU-factorised), :math:`Q = S_r^{-1} G_r` and :math:`T = \Delta^{-1} G_E A_{Er}`, block elimination of
+    :math:`C` gives :math:`H_{EE} = \Delta^{-1} G_E + T Q T^\top`, :math:`H_{Er} = -T Q` and :math:`H_{rr} = Q`, so
+
+    .. math::
+        z_a^\top H z_a = \omega_a^\top (\Delta^{-1} G_E + T Q T^\top)_l\, \omega_a
+            - 2\, \omega_a^\top (T Q)_l\, z_{r}(a) + z_r(a)^\top Q\, z_r(a):
+
+    the level blocks of :math:`T Q T^\top` (``k r_e^2``), gathers of :math:`T Q` (``k r_e x r``) and the rest's
+    quadratic form with :math:`Q` (``r x r``, within ``max_capacitance_size`` as ``S_r`` is). The eliminated terms
+    of a row share its column (``rows.index`` of the first). # shape: (*batch, count)"""
+    blocks = _posterior_blocks(M) if blocks is None else blocks
+    if blocks is None:
+        return None
+    rows = _Rows.training(M) if rows is None else rows
+    sizes = M._sizes()
+    J = len(M.partitions)
+    wdt = core_dtype(M.dtype)
+    E, rest, P, TQ, R = blocks.E, blocks.rest, blocks.P, blocks.TQ, blocks.R
+    labels, k, re = rows.index[E[0]], sizes[E[0]], len(E)
+    n = rows.count
+    ones = torch.ones(n, dtype=wdt, device=M.device)
+    omega = torch.stack(torch.broadcast_tensors(*(ones if (w := rows.weight[e]) is None else w for e in E)), -1)
     P_rows = P.index_select(-3, labels)  # (*b, n, r_e, r_e)
-    out = (omega.unsqueeze(-1) * P_rows * omega.unsqueeze(-2)).sum((-2, -1))
+    out = (omega.unsqueeze(-1) * P_rows * omega.unsqueeze(-2)).sum((-2, -1))  # the eliminated terms' own block
     if not rest:
         return out
+    assert TQ is not None and blocks.Q is not None
     # -2 omega^T (T Q)_l z_r(a): one entry of T Q per rest grouping and eliminated term, a row piece for the root
     batch = TQ.shape[:-3]
     flat = TQ.reshape(*batch, k * re * R)
@@ -1447,23 +1749,23 @@ def _posterior_quadratic_diagonal(M: BlockMeanSumLinearOperator) -> Tensor | Non
     cross = torch.zeros(*batch, n, dtype=wdt, device=M.device)
     for t in rest:
         if t < J:
-            lt, wt = M.partitions[t].labels, M.weights[t]
+            lt, wt = rows.index[t], rows.weight[t]
             for e in range(re):
-                vals = flat.index_select(-1, (labels * re + e) * R + offset + lt) * omega[:, e]
+                vals = flat.index_select(-1, (labels * re + e) * R + offset + lt) * omega[..., e]
                 cross = cross + (vals if wt is None else vals * wt.to(wdt))
         else:
-            m, root = sizes[t], M.root
+            m, root = sizes[t], rows.root
             assert root is not None
-            rows = max(1024, _CHUNK_ELEMENTS // max(1, m * re))
+            chunk = max(1024, _CHUNK_ELEMENTS // max(1, m * re))
             pieces = []
-            for start in range(0, n, rows):
-                cnt = min(rows, n - start)
+            for start in range(0, n, chunk):
+                cnt = min(chunk, n - start)
                 Uc = root.narrow(-2, start, cnt).to(wdt)  # (*b, c, m)
                 X = TQ[..., offset : offset + m].index_select(-3, labels.narrow(0, start, cnt))  # (*b, c, r_e, m)
-                pieces.append(((X * Uc.unsqueeze(-2)).sum(-1) * omega.narrow(0, start, cnt)).sum(-1))
+                pieces.append(((X * Uc.unsqueeze(-2)).sum(-1) * omega.narrow(-2, start, cnt)).sum(-1))
             cross = cross + torch.cat(pieces, dim=-1)
         offset += sizes[t]
-    return out - 2 * cross + _quadratic_diagonal(M, Q, sizes, terms=rest)
+    return out - 2 * cross + _quadratic_diagonal(M, blocks.Q, sizes, terms=rest, rows=rows)
 
 
 class _Root(ByProducts):
