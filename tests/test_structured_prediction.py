@@ -91,8 +91,8 @@ class Structure:
             out.append(self.left)
         return out
 
-    def dense_reference(self):
-        """``diag(F W F^T)`` by dense algebra in float64."""
+    def dense_reference(self, full=False):
+        """``diag(F W F^T)`` (with ``full``: ``F W F^T``) by dense algebra in float64."""
         f64 = torch.float64
         Z = []
         for labels, partition, w in zip(self.labels, self.partitions, self.weights):
@@ -107,7 +107,7 @@ class Structure:
         M = torch.diag_embed(self.d.to(f64)) + Z @ G @ Z.mT
         W = Z.mT @ torch.linalg.solve(M, Z)
         F = torch.cat([sps._dense_block(b).to(f64).expand(*self.batch, T, -1) for b in self.blocks()], -1)
-        return ((F @ W) * F).sum(-1)
+        return F @ W @ F.mT if full else ((F @ W) * F).sum(-1)
 
     def predictive(self):
         M = self.operator()
@@ -147,6 +147,15 @@ def test_matches_dense_algebra(monkeypatch, name, batch):
     ref = s.dense_reference()
     torch.testing.assert_close(structured, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(op.diagonal(), 30.0 - ref, rtol=1e-10, atol=1e-12)
+    # products and the dense matrix: F W F^T x from the same blocks
+    full = s.dense_reference(full=True)
+    x = torch.randn(*batch, T, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+    product = op._structured_product(x)
+    assert product is not None
+    torch.testing.assert_close(product, full @ x, rtol=1e-10, atol=1e-12)
+    dense = op.to_dense()
+    torch.testing.assert_close(dense, 30.0 * torch.eye(T, dtype=DTYPE) - full, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.diagonal(dense, dim1=-2, dim2=-1), op.diagonal(), rtol=1e-10, atol=1e-12)
     monkeypatch.undo()
     # the product path and a dense F give the same numbers
     torch.testing.assert_close(op._implicit_quadratic_diagonal(), ref, rtol=1e-10, atol=1e-12)
@@ -170,6 +179,14 @@ def test_gradients_match_dense_algebra(name):
     weights = torch.linspace(0.5, 1.5, T, dtype=DTYPE)
     got = torch.autograd.grad((s.predictive()._structured_quadratic_diagonal() * weights).sum(), inputs)
     want = torch.autograd.grad((s.dense_reference() * weights).sum(), inputs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+    # the product: a quadratic form through it
+    x = torch.randn(T, 2, dtype=DTYPE, generator=torch.Generator().manual_seed(2))
+    product = s.predictive()._structured_product(x)
+    assert product is not None
+    got = torch.autograd.grad((product * x).sum(), inputs)
+    want = torch.autograd.grad(((s.dense_reference(full=True) @ x) * x).sum(), inputs)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
 
@@ -216,8 +233,9 @@ def test_size_limit_steps_aside(monkeypatch):
 # ---------------------------------------------------------------------------- GPyTorch models
 @pytest.mark.parametrize("case", CASES)
 def test_models_take_it_and_match_gpytorch(monkeypatch, case):
-    """Every mixed model of test_mixed_prediction with the weight applied as products: the variances come from
-    the structured diagonal (no product with ``W``) and equal GPyTorch's dense computation."""
+    """Every mixed model of test_mixed_prediction with the weight applied as products: the variances, products
+    and the full covariance come from the structured forms (no product with ``W``) and equal GPyTorch's dense
+    computation."""
     monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
     model, x, y = build(case)
     model.eval()
@@ -236,11 +254,15 @@ def test_models_take_it_and_match_gpytorch(monkeypatch, case):
         assert isinstance(covar.W, sps._ImplicitWeight)
         with monkeypatch.context() as m:
             m.setattr(sps, "_weight_matmul", lambda *a: (_ for _ in ()).throw(AssertionError("products")))
-            variance, mean = post.variance, post.mean
+            variance, mean, dense = post.variance, post.mean, post.covariance_matrix
+            rhs = torch.randn(xt.shape[0], 2, dtype=DTYPE, generator=torch.Generator().manual_seed(3))
+            product = covar @ rhs
     assert calls
     ref_mean, ref_cov = reference(model, xt)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(variance, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(dense, ref_cov, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(product, ref_cov @ rhs, rtol=1e-8, atol=1e-10)
 
 
 def test_rank_groups_and_dense_blocks_keep_products(monkeypatch):

@@ -904,6 +904,80 @@ def _test_rows(
     return _Rows(index, weight, root, t), prior
 
 
+@dataclass(frozen=True, eq=False)
+class _Sandwich:
+    """The pieces of :meth:`PredictiveCovarianceLinearOperator._structured_product`: per grouping with a block
+    ``(inverse, z, g)`` (each test row's position among the levels the test rows use, its value of :math:`Z_*`,
+    :math:`G_j` at those levels); for the eliminated terms the same with ``omega`` (``t x r_e``) and :math:`P_0` at
+    those levels; the root's block :math:`F_U`; :math:`Y` and :math:`Q`."""
+
+    groupings: list[tuple[Tensor, Tensor, Tensor]]
+    inverse_E: Tensor  # (t,)
+    omega: Tensor  # (*b, t, r_e)
+    P0: Tensor  # (*b, levels, r_e, r_e)
+    root: Tensor | None  # (*b, t, m)
+    Y: Tensor | None  # (*b, t, R)
+    Q: Tensor | None  # (*b, R, R)
+
+    @staticmethod
+    def build(M: BlockMeanSumLinearOperator, rows: _Rows, prior: Tensor, blocks: _PosteriorBlocks) -> _Sandwich:
+        del prior
+        wdt = core_dtype(M.dtype)
+        sizes, J = M._sizes(), len(M.partitions)
+        groupings = []
+        for j in range(J):
+            z = rows.weight[j]
+            assert z is not None  # test rows carry a value per row (zeros for a term F does not touch)
+            levels, inverse = torch.unique(rows.index[j], return_inverse=True)
+            g = M._block_diagonal(j).to(wdt).index_select(-1, levels)
+            groupings.append((inverse, z, g))
+        E = blocks.E
+        index_E = rows.index[E[0]]
+        levels_E, inverse_E = torch.unique(index_E, return_inverse=True)
+        omega = torch.stack(torch.broadcast_tensors(*(rows.weight[e] for e in E)), -1)
+        P0 = blocks.P0.index_select(-3, levels_E)
+        root = rows.root.to(wdt) if rows.root is not None and J not in E else None
+        Y = None
+        if blocks.rest:
+            T = _elimination_T(M, blocks)
+            YE = (omega.unsqueeze(-1) * T.index_select(-3, index_E)).sum(-2)  # (*b, t, R)
+            pieces = []
+            t = rows.count
+            for term in blocks.rest:
+                if term < J:
+                    z = rows.weight[term]
+                    assert z is not None
+                    idx = rows.index[term].expand(*z.shape).unsqueeze(-1)
+                    pieces.append(z.new_zeros(*z.shape, sizes[term]).scatter(-1, idx, z.unsqueeze(-1)))
+                else:
+                    assert rows.root is not None
+                    pieces.append(rows.root.to(wdt))
+            batch = torch.broadcast_shapes(*(piece.shape[:-2] for piece in pieces))
+            Zr = torch.cat([piece.expand(*batch, t, piece.shape[-1]) for piece in pieces], dim=-1)
+            Y = YE - Zr
+        return _Sandwich(groupings, inverse_E, omega, P0, root, Y, blocks.Q)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """:math:`F W F^\top x`. ``x`` # shape: (*batch, t, c), working precision"""
+        out = None
+        for inverse, z, g in self.groupings:
+            zx = z.unsqueeze(-1) * x
+            u = zx.new_zeros(*zx.shape[:-2], g.shape[-1], zx.shape[-1]).index_add(-2, inverse, zx)
+            term = z.unsqueeze(-1) * (g.unsqueeze(-1) * u).index_select(-2, inverse)
+            out = term if out is None else out + term
+        ox = self.omega.unsqueeze(-1) * x.unsqueeze(-2)  # (*b, t, r_e, c)
+        u = ox.new_zeros(*ox.shape[:-3], self.P0.shape[-3], *ox.shape[-2:]).index_add(-3, self.inverse_E, ox)
+        v = (self.P0 @ u).index_select(-3, self.inverse_E)
+        assert out is not None
+        out = out - (self.omega.unsqueeze(-1) * v).sum(-2)
+        if self.root is not None:
+            out = out + self.root @ (self.root.mT @ x)
+        if self.Y is not None:
+            assert self.Q is not None
+            out = out - self.Y @ (self.Q @ (self.Y.mT @ x))
+        return out
+
+
 def _block_rows(block: Tensor | _OneHot, start: int, length: int) -> Tensor:
     """Rows ``start .. start + length`` of a block of :math:`F` as a dense tensor."""
     if isinstance(block, _OneHot):
@@ -986,6 +1060,7 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
             else:
                 self.blocks.append(next(given))
         self._sparse: list[bool] | None = None
+        self._parts: _Sandwich | bool | None = None  # the structured product's pieces (False: it does not apply)
 
     @classmethod
     def from_blocks(cls, prior, W: Tensor | _ImplicitWeight, blocks: list[Tensor | _OneHot | None], sizes: list[int]):
@@ -1055,7 +1130,9 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
         vector = rhs.dim() == 1
         x = rhs.unsqueeze(-1) if vector else rhs
         res = self.prior @ x
-        correction = self._f(self._w(self._f_t(x)))
+        correction = self._structured_product(x.to(core_dtype(self.dtype)))
+        if correction is None:
+            correction = self._f(self._w(self._f_t(x)))
         res = (res.to(correction.dtype) - correction).to(torch.promote_types(rhs.dtype, self.dtype))
         return res.squeeze(-1) if vector else res
 
@@ -1192,8 +1269,22 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
         products with :math:`W` cost up to ``n`` per point. None (then products) when a grouping's block of ``F`` is
         dense (:func:`_test_rows`), the factorisation eliminates no grouping, or :math:`T Q` would pass
         ``_STRUCTURED_MAX_ELEMENTS``. # shape: (*batch, t)"""
+        found = self._structured_rows()
+        if found is None:
+            return None
+        M, rows, prior, blocks = found
+        quad = _posterior_quadratic_diagonal(M, rows, blocks)
+        assert quad is not None
+        res = prior - quad
+        t = self.shape[-1]
+        return res.expand(*torch.broadcast_shapes(res.shape[:-1], self.batch_shape), t)
+
+    def _structured_rows(self) -> tuple[BlockMeanSumLinearOperator, _Rows, Tensor, _PosteriorBlocks] | None:
+        """``(M, Z_* rows, diag(F G^-1 F^T), blocks of H)`` for the structured forms, or None where they do not
+        apply (see :meth:`_structured_quadratic_diagonal`)."""
         W = self.W
-        assert isinstance(W, _ImplicitWeight)
+        if not isinstance(W, _ImplicitWeight):
+            return None
         M = W.M
         cap = M._capacitance()
         E = list(cap.joint.terms) if cap.joint is not None else [cap.elim] if cap.elim is not None else []
@@ -1203,18 +1294,35 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
         R = sum(size for i, size in enumerate(sizes) if i not in E)
         if sizes[E[0]] * len(E) * R > _STRUCTURED_MAX_ELEMENTS:
             return None
-        t = self.shape[-1]
-        found = _test_rows(M, self.blocks, t, E)
+        found = _test_rows(M, self.blocks, self.shape[-1], E)
         if found is None:
             return None
-        rows, prior = found
         blocks = W.posterior_blocks()
         if blocks is None:
             return None
-        quad = _posterior_quadratic_diagonal(M, rows, blocks)
-        assert quad is not None
-        res = prior - quad
-        return res.expand(*torch.broadcast_shapes(res.shape[:-1], self.batch_shape), t)
+        return M, found[0], found[1], blocks
+
+    def _structured_product(self, x: Tensor) -> Tensor | None:
+        r""":math:`F W F^\top x` without :math:`W` (working precision), or None where the structured forms do not
+        apply. From :math:`H = \begin{bmatrix} P_0 + T Q T^\top & -T Q \\ -Q T^\top & Q \end{bmatrix}`
+        (:math:`P_0 = \Delta^{-1} G_E`),
+
+        .. math::
+            F W F^\top = \sum_j Z_{*j} G_j Z_{*j}^\top + F_U F_U^\top - Z_{*E} P_0 Z_{*E}^\top - Y Q Y^\top,
+            \qquad Y = Z_{*E} T - Z_{*r}:
+
+        the first and third terms couple only test points at the same level (sums over the levels the test points
+        use, never ``k`` wide), the others are of rank ``m`` and ``R``. :math:`O(t (r_e^2 + R + m))` per column
+        where products with :math:`W` cost up to ``n``. ``x`` # shape: (*batch, t, c)"""
+        if self._parts is None:
+            found = self._structured_rows()
+            parts = _Sandwich.build(*found) if found is not None else None
+            if parts is not None and parts.Y is not None and parts.Y.numel() > _STRUCTURED_MAX_ELEMENTS:
+                parts = None
+            if torch.is_grad_enabled():  # with a graph: made per call
+                return None if parts is None else parts.matmul(x)
+            self._parts = parts if parts is not None else False
+        return self._parts.matmul(x) if isinstance(self._parts, _Sandwich) else None
 
     def _quadratic_diagonal(self) -> Tensor:
         r""":math:`\operatorname{diag}(F W F^\top)` in row chunks, in the working precision. # shape: (*batch, t)"""
@@ -1658,7 +1766,9 @@ def _cross_row_dots(A_re, X: Tensor) -> Tensor:
 class _PosteriorBlocks:
     r"""The blocks of :math:`H = C^{-1} G` that :func:`_posterior_quadratic_diagonal` reads (see there): the
     eliminated terms ``E`` and the others ``rest``; per eliminated level :math:`(\Delta^{-1} G_E + T Q T^\top)_l`
-    (``P``); :math:`T Q` (``TQ``, None without ``rest``); :math:`Q` (``Q``) and ``R``, the columns of ``rest``."""
+    (``P``) and :math:`(\Delta^{-1} G_E)_l` (``P0``); :math:`T Q` (``TQ``, None without ``rest``); :math:`Q` (``Q``)
+    and ``R``, the columns of ``rest``; :math:`T` itself when the elimination is joint (else made on demand by
+    :func:`_elimination_T`)."""
 
     E: list[int]
     rest: list[int]
@@ -1666,6 +1776,8 @@ class _PosteriorBlocks:
     TQ: Tensor | None  # (*b, k, r_e, R)
     Q: Tensor | None  # (*b, R, R)
     R: int
+    P0: Tensor  # (*b, k, r_e, r_e)
+    T: Tensor | None = None  # (*b, k, r_e, R)
 
 
 def _posterior_blocks(M: BlockMeanSumLinearOperator) -> _PosteriorBlocks | None:
@@ -1684,9 +1796,9 @@ def _posterior_blocks(M: BlockMeanSumLinearOperator) -> _PosteriorBlocks | None:
         return None
     rest = [t for t in range(len(sizes)) if t not in E]
     re = len(E)
-    P = torch.linalg.solve(delta, torch.diag_embed(g)) if re > 1 else g.unsqueeze(-1) / delta  # Delta^-1 G_E
+    P = P0 = torch.linalg.solve(delta, torch.diag_embed(g)) if re > 1 else g.unsqueeze(-1) / delta  # Delta^-1 G_E
     if not rest:
-        return _PosteriorBlocks(E, rest, P, None, None, 0)
+        return _PosteriorBlocks(E, rest, P, None, None, 0, P0)
     R = sum(sizes[t] for t in rest)
     assert cap.lu is not None
     G_r = M._apply_G_rest(rest, torch.eye(R, dtype=wdt, device=M.device).expand(*M.batch_shape, R, R))
@@ -1697,13 +1809,24 @@ def _posterior_blocks(M: BlockMeanSumLinearOperator) -> _PosteriorBlocks | None:
         T = torch.linalg.solve(delta, g.unsqueeze(-1) * cap.joint.A_rE.movedim(-3, -1))  # (*b, k, r_e, R)
         TQ = T @ Q.unsqueeze(-3)
         P = P + TQ @ T.mT
+        return _PosteriorBlocks(E, rest, P, TQ, Q, R, P0, T)
     else:
         assert cap.A_re is not None and cap.g is not None and cap.delta is not None
         c = cap.g / cap.delta  # (*b, k)
         AQ = cap.A_re.t_matmul(Q)  # A_Er Q: (*b, k, R)
         TQ = (c.unsqueeze(-1) * AQ).unsqueeze(-2)  # (*b, k, 1, R)
         P = P + (c * c * _cross_row_dots(cap.A_re, AQ)).unsqueeze(-1).unsqueeze(-1)
-    return _PosteriorBlocks(E, rest, P, TQ, Q, R)
+    return _PosteriorBlocks(E, rest, P, TQ, Q, R, P0)
+
+
+def _elimination_T(M: BlockMeanSumLinearOperator, blocks: _PosteriorBlocks) -> Tensor:
+    r""":math:`T = \Delta^{-1} G_E A_{Er}` (one ``r_e x R`` block per eliminated level). # shape: (*batch, k, r_e, R)"""
+    if blocks.T is not None:
+        return blocks.T
+    cap = M._capacitance()
+    assert cap.A_re is not None and cap.g is not None and cap.delta is not None
+    eye = torch.eye(blocks.R, dtype=core_dtype(M.dtype), device=M.device).expand(*M.batch_shape, blocks.R, blocks.R)
+    return ((cap.g / cap.delta).unsqueeze(-1) * cap.A_re.t_matmul(eye)).unsqueeze(-2)
 
 
 def _posterior_quadratic_diagonal(
