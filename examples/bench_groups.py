@@ -39,6 +39,18 @@ run (``before``: the intercept's Schur complement through ``k x k`` cores; for t
 ``q <= --max-draw-q``), as records ``group_posterior``; the variances of both, compared.
 
     python examples/bench_groups.py --posterior --n 20000 --ks 5000
+
+``--predict`` times prediction at ``--t`` new inputs (half of them in groups unseen in training) after fitting
+nothing, float32: the mean and variances, then the full covariance of the first ``--cov-points`` of them, for two
+crossed groupings (``k`` and 100 levels), a correlated random slope and ``GroupKernel(k, rank=2)``. Past
+``_DENSE_WEIGHT_MAX_ELIMINATED`` levels the posterior weight ``W`` is applied as products; the structured forms
+(``closed``: the variances and products from the capacitance factorisation's blocks, no product with ``W``)
+against those products (``before``, in the same run, the same one-value-per-row cross covariances; skipped with
+``--no-before``), as records ``group_prediction``. The training factorisation (a first prediction at two points)
+is timed apart (``setup_s``).
+
+    python examples/bench_groups.py --predict --n 100000 --ks 5000 --t 2000
+    python examples/bench_groups.py --predict --n 1000000 --ks 50000 --t 10000 --no-before
 """
 
 from __future__ import annotations
@@ -280,6 +292,98 @@ def run_factor(n: int, ks: list[int], rank: int, paths: list[str], repeats: int)
     return records
 
 
+PREDICTION_MODELS = ("crossed", "slope", "rank2")
+
+
+def _prediction_model(kind: str, n: int, k: int, t: int):
+    """An eval-mode float32 model of ``kind`` (ids in column 0, a second grouping of 100 levels in column 1, a
+    covariate in column 2; the last 20 of the ``k`` groups never occur in training) and ``t`` new inputs, half of
+    them in those unseen groups."""
+    gen = torch.Generator().manual_seed(k)
+    ids = torch.randint(0, k - 20, (n,), generator=gen)
+    second = torch.randint(0, 100, (n,), generator=gen)
+    covariate = torch.rand(n, generator=gen) * 2 - 1
+    y = torch.randn(k, generator=gen)[ids] * (1 + covariate) + 0.5 * torch.randn(n, generator=gen)
+    x = torch.stack([ids.float(), second.float(), covariate], -1)
+    torch.manual_seed(0)  # the rank-2 factor
+    if kind == "crossed":
+        covar = GroupKernel(k, active_dims=[0]) + GroupKernel(100, active_dims=[1])
+    elif kind == "slope":
+        covar = GroupKernel(k, slope=True, active_dims=[0, 2])
+    else:
+        covar = GroupKernel(k, rank=2, active_dims=[0])
+    likelihood = gpytorch.likelihoods.GaussianLikelihood()
+    model = RandomIntercepts(x, y, likelihood, k)
+    model.covar_module = covar
+    xt = x[torch.randint(0, n, (t,), generator=gen)].clone()
+    xt[: t // 2, 0] = torch.randint(k - 20, k, (t // 2,), generator=gen).float()
+    xt[:, 2] = torch.rand(t, generator=gen) * 2 - 1
+    return model.eval(), likelihood.eval(), xt
+
+
+def prediction_seconds(kind: str, n: int, k: int, t: int, cov_points: int, before: bool) -> dict:
+    """Seconds of the training factorisation, of the mean and variances at ``t`` points and of the covariance of
+    the first ``cov_points``; with ``before``, the structured forms switched off (products with ``W``)."""
+    from bma_gp.kernels import sum_prediction_strategy as sps
+
+    model, likelihood, xt = _prediction_model(kind, n, k, t)
+    out: dict = {}
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        if before:
+            cls = sps.PredictiveCovarianceLinearOperator
+            stack.enter_context(mock.patch.object(cls, "_structured_quadratic_diagonal", lambda self: None))
+            stack.enter_context(mock.patch.object(cls, "_structured_product", lambda self, x: None))
+        start = time.perf_counter()
+        _ = model(xt[:2]).mean
+        out["setup_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        post = model(xt)
+        out["mean"], out["variance"] = post.mean, post.variance
+        out["variance_s"] = time.perf_counter() - start
+        out["implicit_weight"] = isinstance(getattr(post.lazy_covariance_matrix, "W", None), sps._ImplicitWeight)
+        start = time.perf_counter()
+        out["covariance"] = model(xt[:cov_points]).covariance_matrix
+        out["cov_s"] = time.perf_counter() - start
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def run_prediction(n: int, ks: list[int], t: int, cov_points: int, before: bool) -> list[dict]:
+    records = []
+    prediction_seconds("crossed", 2000, 1100, 50, 20, False)  # warm-up: first-call imports and caches
+    for k in ks:
+        for kind in PREDICTION_MODELS:
+            rec: dict = {"bench": "group_prediction", "model": kind, "n": n, "k": k, "t": t, "dtype": "float32"}
+            rec.update(threads=torch.get_num_threads(), cov_points=min(t, cov_points))
+            closed = prediction_seconds(kind, n, k, t, cov_points, False)
+            rec["implicit_weight"] = closed["implicit_weight"]
+            rec["setup_s"] = closed["setup_s"]
+            rec["closed_variance_s"], rec["closed_cov_s"] = closed["variance_s"], closed["cov_s"]
+            rec["closed_peak_rss_mb"] = closed["peak_rss_mb"]
+            if before:
+                old = prediction_seconds(kind, n, k, t, cov_points, True)
+                rec["before_variance_s"], rec["before_cov_s"] = old["variance_s"], old["cov_s"]
+                for name in ("mean", "variance", "covariance"):
+                    ref = old[name].double()
+                    rec[f"max_{name}_rel_diff"] = float((closed[name].double() - ref).abs().max() / ref.abs().max())
+            rec["load_avg"] = os.getloadavg()[0]
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
+    for r in records:
+        line = (
+            f"# {r['model']}, n = {r['n']:,}, k = {r['k']:,}, t = {r['t']:,}: "
+            f"variances {r['closed_variance_s']:.3f} s, "
+            f"covariance of {r['cov_points']:,} points {r['closed_cov_s']:.3f} s"
+        )
+        if "before_variance_s" in r:
+            line += (
+                f" (products with W: {r['before_variance_s']:.3f} s, {r['before_cov_s']:.3f} s; "
+                f"{r['before_variance_s'] / r['closed_variance_s']:.0f}x, {r['before_cov_s'] / r['closed_cov_s']:.0f}x)"
+            )
+        print(line + f"; training factorisation {r['setup_s']:.2f} s")
+    return records
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100_000)
@@ -305,10 +409,20 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--max-draw-q", type=int, default=6000, help="with --posterior: time the old square-root draw up to this q"
     )
+    parser.add_argument("--predict", action="store_true", help="prediction at new inputs: structured vs products")
+    parser.add_argument("--t", type=int, default=2000, help="with --predict: new inputs")
+    parser.add_argument("--cov-points", type=int, default=2000, help="with --predict: points of the full covariance")
+    parser.add_argument("--no-before", action="store_true", help="with --predict: skip the products with W")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     n, ks = (3000, [50, 200]) if args.smoke else (args.n, [int(k) for k in args.ks.split(",")])
+    if args.predict:
+        if args.smoke:
+            n, ks, args.t = 4000, [1400], 300  # past _DENSE_WEIGHT_MAX_ELIMINATED
+        records = run_prediction(n, ks, args.t, args.cov_points, not args.no_before)
+        print(f"# peak RSS of the process {max(r['closed_peak_rss_mb'] for r in records) / 1024:.2f} GB")
+        return 0
     if args.posterior:
         records = run_posterior(n, [300] if args.smoke else ks, args.max_draw_q)  # smoke: past the factor threshold
         print(f"# peak RSS of the process {records[-1]['peak_rss_mb'] / 1024:.2f} GB")

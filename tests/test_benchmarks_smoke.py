@@ -283,6 +283,21 @@ def test_group_posterior_benchmark_compares_closed_form_and_before(capsys):
     assert [r["q"] for r in records] == [300, 350, 302, 900]
 
 
+def test_group_prediction_benchmark_compares_structured_forms_and_products(capsys):
+    bench = _load("bench_groups")
+    assert bench.main(["--smoke", "--predict"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["bench"], r["model"], r["t"]) for r in records] == [
+        ("group_prediction", kind, 300) for kind in bench.PREDICTION_MODELS
+    ]
+    for r in records:
+        assert r["implicit_weight"]  # past _DENSE_WEIGHT_MAX_ELIMINATED: W as products, or the structured forms
+        assert r["closed_variance_s"] > 0 and r["closed_cov_s"] > 0 and r["before_cov_s"] > 0
+        # the same prediction, two computations (float32 model, float64 working precision)
+        assert r["max_variance_rel_diff"] < 1e-5 and r["max_covariance_rel_diff"] < 1e-5
+        assert r["max_mean_rel_diff"] == 0.0  # the mean does not depend on them
+
+
 def test_group_factor_benchmark_compares_both_forms(capsys):
     bench = _load("bench_groups")
     assert bench.main(["--smoke", "--repeats", "1", "--rank", "2"]) == 0
