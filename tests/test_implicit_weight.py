@@ -34,22 +34,34 @@ DTYPE = torch.float64
 @pytest.fixture
 def implicit(monkeypatch):
     """Every sum with a diagonal grouping to eliminate predicts through the implicit weight, by products only (it
-    never forms ``W``, however many columns are asked for; that switch is tested on its own below), also for the
-    diagonal."""
+    never forms ``W``, however many columns are asked for; that switch is tested on its own below)."""
     monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
     monkeypatch.setattr(sps._ImplicitWeight, "formed", lambda self, columns: None)
-    no_structured_diagonal(monkeypatch)
+    no_structured_forms(monkeypatch)
 
 
-def no_structured_diagonal(monkeypatch):
-    """The diagonal by products with ``W`` (the structured diagonal, tests/test_structured_prediction.py, is
-    taken first wherever it applies)."""
-    monkeypatch.setattr(sps.PredictiveCovarianceLinearOperator, "_structured_quadratic_diagonal", lambda self: None)
+@pytest.fixture(params=["products", "structured"])
+def implicit_either(request, monkeypatch):
+    """As ``implicit``, and once more with the structured forms where they apply (the default path;
+    tests/test_structured_prediction.py)."""
+    monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    monkeypatch.setattr(sps._ImplicitWeight, "formed", lambda self, columns: None)
+    if request.param == "products":
+        no_structured_forms(monkeypatch)
+    return request.param
+
+
+def no_structured_forms(monkeypatch):
+    """The diagonal and products by products with ``W`` (the structured forms, tests/test_structured_prediction.py,
+    are taken first wherever they apply)."""
+    cls = sps.PredictiveCovarianceLinearOperator
+    monkeypatch.setattr(cls, "_structured_quadratic_diagonal", lambda self: None)
+    monkeypatch.setattr(cls, "_structured_product", lambda self, x: None)
 
 
 @pytest.mark.parametrize("fast_pred_var", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_matches_gpytorch_and_the_formed_weight(implicit, monkeypatch, case, fast_pred_var):
+def test_matches_gpytorch_and_the_formed_weight(implicit_either, monkeypatch, case, fast_pred_var):
     model, x, y = build(case)
     model.eval()
     xt = new_inputs()
@@ -165,7 +177,7 @@ def test_default_threshold_takes_the_implicit_weight_for_many_levels(monkeypatch
         torch.testing.assert_close(covar.W @ X, formed @ X, rtol=1e-9, atol=1e-11)
 
 
-def test_batch(implicit, monkeypatch):
+def test_batch(implicit_either, monkeypatch):
     monkeypatch.setattr(group_kernel, "FACTOR_DENSE_MAX_GROUPS", 0)
     model, kernel, x, y, xt = factor_model(30, n=120, batch_shape=(2,))
     with torch.no_grad():
@@ -192,7 +204,7 @@ def test_batch(implicit, monkeypatch):
         torch.testing.assert_close(var[b], torch.diagonal(ref_cov), rtol=1e-9, atol=1e-10)
 
 
-def test_float32_agrees_with_float64(implicit, monkeypatch):
+def test_float32_agrees_with_float64(implicit_either, monkeypatch):
     """The products run in double precision for a float32 model: means and variances agree with float64's."""
     monkeypatch.setattr(group_kernel, "FACTOR_DENSE_MAX_GROUPS", 0)
     res = posteriors_in_both_precisions(seen_inputs=False)
@@ -207,7 +219,7 @@ def test_forms_the_weight_once_products_reach_q(monkeypatch):
     calls), or at once for ``t >= q`` points, ``W`` is formed, and the numbers do not change."""
     monkeypatch.setattr(group_kernel, "FACTOR_DENSE_MAX_GROUPS", 0)
     monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
-    no_structured_diagonal(monkeypatch)
+    no_structured_forms(monkeypatch)
     model, kernel, x, y, xt = factor_model(30, n=120)
     with torch.no_grad():
         covar = model(xt).lazy_covariance_matrix
@@ -261,7 +273,7 @@ def crossed_model(n=400, k1=300, k2=40):
     return model, xt
 
 
-def test_crossed_levels_kept_as_cells(implicit, monkeypatch):
+def test_crossed_levels_kept_as_cells(implicit_either, monkeypatch):
     """Two crossed groupings whose table is sparse (300 x 40 levels, 400 points: the capacitance keeps the table
     as its nonzero cells): with tables that large treated as too large to form, the products take the blocks
     against the eliminated grouping from those cells, a few columns at a time; no ``40 x 300`` table is formed, and
