@@ -308,6 +308,7 @@ class _Capacitance:
     lu: tuple[Tensor, Tensor, Tensor] | None  # S (r x r, with its graph) and its LU factors; None when r == 0
     logdet: Tensor  # (*b,)
     joint: _JointElimination | None = None
+    A_tilde: Tensor | None = None  # A_rr with the eliminated terms' correction subtracted (S = I + G_r A_tilde)
 
 
 @dataclass(frozen=True)
@@ -935,7 +936,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
                 A_rr = A_rr - self._schur_correction(rest, elim, A_re, g / delta)
             lu, rest_logdet = self._factorise_rest(A_rr, rest)
             logdet = logdet + rest_logdet
-        return _Capacitance(elim, delta, g, A_re, lu, logdet)
+        return _Capacitance(elim, delta, g, A_re, lu, logdet, A_tilde=A_rr if rest else None)
 
     def _factorise_rest(self, A_rr: Tensor, rest: list[int]) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
         r"""LU factors of :math:`S = I + G_r A_{rr}` (``A_rr`` with the eliminated terms' correction already
@@ -988,7 +989,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
                 "Check the block matrices and the diagonal."
             )
         logdet = torch.where(sign > 0, logabs, torch.full_like(logabs, math.nan)).sum(-1)
-        A_rE = lu = None
+        A_rE = lu = A_rr = None
         if rest:
             A_rr = torch.cat([torch.cat([self._A_block(s_, t) for t in rest], dim=-1) for s_ in rest], dim=-2)
             A_rE = torch.stack(
@@ -1004,7 +1005,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         elif sum(sizes) == 0:  # pragma: no cover - a sum has at least one term here
             raise AssertionError
         joint = _JointElimination(tuple(eliminated), g, delta, A_rE)
-        return _Capacitance(None, None, None, None, lu, logdet, joint)
+        return _Capacitance(None, None, None, None, lu, logdet, joint, A_tilde=A_rr)
 
     def _cross_blocks(self, rest: list[int], elim: int) -> _CrossBlocks:
         """:math:`A_{re}`, with the nonzero cells of a grouping's table with the eliminated one where at most

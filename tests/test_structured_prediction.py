@@ -16,7 +16,7 @@ import gpytorch
 import pytest
 import torch
 
-from bma_gp import BlockMeanSumLinearOperator, GroupKernel, Partition
+from bma_gp import BlockMeanKernel, BlockMeanSumLinearOperator, GroupKernel, Partition
 from bma_gp.kernels import sum_prediction_strategy as sps
 from closed_form_guard import closed_forms_only
 from largest_tensor import LargestTensor
@@ -28,18 +28,21 @@ pytestmark = pytest.mark.filterwarnings("ignore:The input matches the stored tra
 
 DTYPE = torch.float64
 N, T = 70, 25
+PRIOR = 1000.0  # K_** = PRIOR I: above every F W F^T here, so that no variance is clamped at 0
 
 
 class Structure:
     """A random sum ``M`` (diagonal groupings, weights, optional root), a test factor ``F`` in blocks and the dense
     reference ``diag(F W F^T)``.
 
-    ``terms``: per grouping ``(k, shares_partition_with, weighted)``; ``m``: the root's rank (0: none)."""
+    ``terms``: per grouping ``(k, shares_partition_with, weighted[, dense])``, ``dense``: a dense, singular ``B``
+    (rank ``k - 1``) and a dense block of ``F``; ``m``: the root's rank (0: none)."""
 
     def __init__(self, terms, m=0, batch=(), dtype=DTYPE, seed=0, zero_level=False, requires_grad=False):
         gen = torch.Generator().manual_seed(seed)
         self.partitions, self.labels, self.weights, self.bs = [], [], [], []
-        for k, shared, weighted in terms:
+        self.dense = [bool(spec[3:] and spec[3]) for spec in terms]
+        for (k, shared, weighted, *_), dense in zip(terms, self.dense):
             if shared is None:
                 labels = random_labels(N, k, gen)
                 partition = Partition.from_labels(labels)
@@ -48,7 +51,11 @@ class Structure:
             self.labels.append(labels)
             self.partitions.append(partition)
             self.weights.append((torch.rand(N, generator=gen, dtype=DTYPE) * 2 - 1).to(dtype) if weighted else None)
-            b = (0.2 + torch.rand(*batch, partition.num_blocks, generator=gen, dtype=DTYPE)).to(dtype)
+            if dense:
+                L = torch.randn(*batch, partition.num_blocks, partition.num_blocks - 1, generator=gen, dtype=DTYPE)
+                b = (0.3 * L @ L.mT).to(dtype)
+            else:
+                b = (0.2 + torch.rand(*batch, partition.num_blocks, generator=gen, dtype=DTYPE)).to(dtype)
             self.bs.append(b)
         if zero_level:  # one level of the first grouping without variance
             self.bs[0][..., 1] = 0.0
@@ -60,15 +67,15 @@ class Structure:
         self.leaves = leaves
         # the test factor: one nonzero per row (column -1: an unseen level), shared columns for shared partitions
         self.columns, self.values = [], []
-        for j, (_, shared, _) in enumerate(terms):
+        for j, (_, shared, *_) in enumerate(terms):
+            k = self.partitions[j].num_blocks
             if shared is None:
-                cols = torch.randint(-1, self.partitions[j].num_blocks, (T,), generator=gen)
+                cols = torch.randint(-1, k, (T,), generator=gen)
             else:
                 cols = self.columns[shared]
             self.columns.append(cols)
-            self.values.append(
-                torch.randn(*batch, T, generator=gen, dtype=DTYPE).to(dtype).requires_grad_(requires_grad)
-            )
+            shape = (*batch, T, k) if self.dense[j] else (*batch, T)
+            self.values.append(torch.randn(*shape, generator=gen, dtype=DTYPE).to(dtype).requires_grad_(requires_grad))
         self.left = torch.randn(T, m, generator=gen, dtype=DTYPE).to(dtype).requires_grad_(requires_grad) if m else None
         self.batch, self.dtype = batch, dtype
 
@@ -79,12 +86,15 @@ class Structure:
             partitions=self.partitions,
             weights=self.weights,
             root=self.root,
-            diagonal=[True] * len(self.bs),
+            diagonal=[not dense for dense in self.dense],
         )
 
     def blocks(self, one_hot=True):
         out = []
         for j, (cols, vals) in enumerate(zip(self.columns, self.values)):
+            if self.dense[j]:
+                out.append(vals)
+                continue
             block = sps._OneHot(vals, cols, self.partitions[j].num_blocks)
             out.append(block if one_hot else block.dense())
         if self.left is not None:
@@ -98,7 +108,7 @@ class Structure:
         for labels, partition, w in zip(self.labels, self.partitions, self.weights):
             P = torch.nn.functional.one_hot(labels, partition.num_blocks).to(f64)
             Z.append(P if w is None else P * w.to(f64).unsqueeze(-1))
-        G = [torch.diag_embed(b.to(f64)) for b in self.bs]
+        G = [b.to(f64) if dense else torch.diag_embed(b.to(f64)) for b, dense in zip(self.bs, self.dense)]
         if self.root is not None:
             Z.append(self.root.to(f64))
             G.append(torch.eye(self.root.shape[-1], dtype=f64).expand(*self.batch, -1, -1))
@@ -112,7 +122,7 @@ class Structure:
     def predictive(self):
         M = self.operator()
         W = sps._ImplicitWeight(M)
-        prior = 30.0 * torch.eye(T, dtype=self.dtype).expand(*self.batch, T, T)
+        prior = PRIOR * torch.eye(T, dtype=self.dtype).expand(*self.batch, T, T)
         return sps.PredictiveCovarianceLinearOperator.from_blocks(prior, W, self.blocks(), M._sizes())
 
 
@@ -124,6 +134,8 @@ STRUCTURES = {
     "slope_joint": dict(terms=[(8, None, False), (8, 0, True), (8, 0, True)]),
     "slope_joint_crossed_root": dict(terms=[(8, None, False), (8, 0, True), (4, None, False)], m=2),
     "weighted_rest": dict(terms=[(12, None, False), (5, None, True)], m=1),
+    "dense_singular_rest": dict(terms=[(12, None, False), (4, None, False, True)], m=2),
+    "slope_joint_dense_rest": dict(terms=[(8, None, False), (8, 0, True), (5, None, True, True)]),
 }
 
 
@@ -146,7 +158,7 @@ def test_matches_dense_algebra(monkeypatch, name, batch):
     assert structured is not None
     ref = s.dense_reference()
     torch.testing.assert_close(structured, ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(op.diagonal(), 30.0 - ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.diagonal(), PRIOR - ref, rtol=1e-10, atol=1e-12)
     # products and the dense matrix: F W F^T x from the same blocks
     full = s.dense_reference(full=True)
     x = torch.randn(*batch, T, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
@@ -154,7 +166,7 @@ def test_matches_dense_algebra(monkeypatch, name, batch):
     assert product is not None
     torch.testing.assert_close(product, full @ x, rtol=1e-10, atol=1e-12)
     dense = op.to_dense()
-    torch.testing.assert_close(dense, 30.0 * torch.eye(T, dtype=DTYPE) - full, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dense, PRIOR * torch.eye(T, dtype=DTYPE) - full, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.diagonal(dense, dim1=-2, dim2=-1), op.diagonal(), rtol=1e-10, atol=1e-12)
     monkeypatch.undo()
     # the product path and a dense F give the same numbers
@@ -172,7 +184,9 @@ def test_float32_agrees_with_float64(name):
     assert single.diagonal().dtype == torch.float32
 
 
-@pytest.mark.parametrize("name", ["one_grouping_root", "slope_joint_crossed_root", "weighted_rest"])
+@pytest.mark.parametrize(
+    "name", ["one_grouping_root", "slope_joint_crossed_root", "weighted_rest", "slope_joint_dense_rest"]
+)
 def test_gradients_match_dense_algebra(name):
     s = Structure(**STRUCTURES[name], requires_grad=True)
     inputs = [*s.leaves, *s.values] + ([s.left] if s.left is not None else [])
@@ -192,34 +206,40 @@ def test_gradients_match_dense_algebra(name):
 
 
 def test_a_level_without_variance(monkeypatch):
-    """``b_c = 0``: rows of ``F`` that are 0 there keep the structured diagonal; a nonzero there has no
-    ``Z_* = F G^{-1}``, so the diagonal steps aside to products, with the same numbers as dense algebra."""
+    """``b_c = 0`` (a group variance fitted to 0): no inverse of ``G`` is taken, so the structured forms hold
+    whether ``F`` is 0 there or not."""
+    spy_products(monkeypatch)
     s = Structure(terms=[(9, None, False), (5, None, False)], m=2, zero_level=True)
     s.values[0] = torch.where(s.columns[0] == 1, 0.0, s.values[0].detach())
-    op = s.predictive()
-    assert op._structured_quadratic_diagonal() is not None
-    torch.testing.assert_close(op.diagonal(), 30.0 - s.dense_reference(), rtol=1e-10, atol=1e-12)
+    for nonzero in (False, True):
+        if nonzero:
+            s.columns[0][0], s.values[0][0] = 1, 0.7  # F nonzero where b = 0
+        op = s.predictive()
+        assert op._structured() is not None
+        torch.testing.assert_close(op.diagonal(), PRIOR - s.dense_reference(), rtol=1e-10, atol=1e-12)
+        full = PRIOR * torch.eye(T, dtype=DTYPE) - s.dense_reference(full=True)
+        torch.testing.assert_close(op.to_dense(), full, rtol=1e-10, atol=1e-12)
 
-    s.columns[0][0], s.values[0][0] = 1, 0.7  # F nonzero where b = 0
-    op = s.predictive()
-    assert op._structured_quadratic_diagonal() is None
-    torch.testing.assert_close(op.diagonal(), 30.0 - s.dense_reference(), rtol=1e-10, atol=1e-12)
 
-
-def test_steps_aside_for_dense_blocks_and_split_columns():
+def test_steps_aside_for_a_dense_eliminated_block_and_split_columns():
+    """Only the eliminated grouping's block must have one nonzero per row (the others may be dense)."""
     s = Structure(**STRUCTURES["crossed_root"])
     M = s.operator()
-    dense = s.blocks(one_hot=False)
-    op = sps.PredictiveCovarianceLinearOperator.from_blocks(
-        30.0 * torch.eye(T, dtype=DTYPE), sps._ImplicitWeight(M), dense, M._sizes()
-    )
-    assert op._structured_quadratic_diagonal() is None
-    torch.testing.assert_close(op.diagonal(), 30.0 - s.dense_reference(), rtol=1e-10, atol=1e-12)
+    elim = M._capacitance().elim
+    for dense_terms in ([0, 1, 2], [elim], [t for t in range(3) if t != elim]):
+        blocks = s.blocks()
+        for i in dense_terms:
+            blocks[i] = sps._dense_block(blocks[i])
+        op = sps.PredictiveCovarianceLinearOperator.from_blocks(
+            PRIOR * torch.eye(T, dtype=DTYPE), sps._ImplicitWeight(M), blocks, M._sizes()
+        )
+        assert (op._structured() is None) == (elim in dense_terms)
+        torch.testing.assert_close(op.diagonal(), PRIOR - s.dense_reference(), rtol=1e-10, atol=1e-12)
     # joint terms whose blocks put a row in different columns
     s = Structure(**STRUCTURES["slope_joint"])
     s.columns[1] = (s.columns[0] + 1).clamp_max(s.partitions[0].num_blocks - 1)
     assert s.predictive()._structured_quadratic_diagonal() is None
-    torch.testing.assert_close(s.predictive().diagonal(), 30.0 - s.dense_reference(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(s.predictive().diagonal(), PRIOR - s.dense_reference(), rtol=1e-10, atol=1e-12)
 
 
 def test_size_limit_steps_aside(monkeypatch):
@@ -227,7 +247,7 @@ def test_size_limit_steps_aside(monkeypatch):
     s = Structure(**STRUCTURES["crossed"])
     op = s.predictive()
     assert op._structured_quadratic_diagonal() is None
-    torch.testing.assert_close(op.diagonal(), 30.0 - s.dense_reference(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.diagonal(), PRIOR - s.dense_reference(), rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------- GPyTorch models
@@ -265,19 +285,30 @@ def test_models_take_it_and_match_gpytorch(monkeypatch, case):
     torch.testing.assert_close(product, ref_cov @ rhs, rtol=1e-8, atol=1e-10)
 
 
-def test_rank_groups_and_dense_blocks_keep_products(monkeypatch):
-    """A grouping with a dense ``B`` (``GroupKernel(rank=1)`` with few groups) crosses the test points densely:
-    the diagonal takes products, and matches GPyTorch."""
+@pytest.mark.parametrize("dense", ["rank_group", "block_mean_kernel"])
+def test_dense_kernels_beside_a_grouping(monkeypatch, dense):
+    """A grouping with a dense ``B`` (``GroupKernel(rank=1)`` with few groups) or a ``BlockMeanKernel`` crosses the
+    test points densely; beside an eliminated random intercept the structured forms still apply, and match
+    GPyTorch."""
     monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
     model, x, y = build("crossed")
-    ka = GroupKernel(7, rank=1, active_dims=[1]).to(DTYPE)
-    model.covar_module = ka + model.covar_module.kernels[1]
+    if dense == "rank_group":
+        other = GroupKernel(7, rank=1, active_dims=[1]).to(DTYPE)
+    else:
+        base = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(active_dims=[0])).to(DTYPE)
+        base.base_kernel.lengthscale = 0.3
+        other = BlockMeanKernel(base, x, Partition.from_labels((x[:, 0] * 6).long().clamp_max(5)))
+    model.covar_module = other + model.covar_module.kernels[1]
     model.eval()
     xt = random_new_inputs(30)
-    _, (mean, _, diag, _), _ = closed_form(model, xt, False)
-    assert model(xt).lazy_covariance_matrix._structured_quadratic_diagonal() is None
+    spy_products(monkeypatch)
+    _, (mean, dense_cov, diag, _), _ = closed_form(model, xt, False)
+    assert model(xt).lazy_covariance_matrix._structured() is not None
+    monkeypatch.undo()
     ref_mean, ref_cov = reference(model, xt)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(diag, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(dense_cov, ref_cov, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("kind", ["crossed", "slope"])

@@ -433,7 +433,7 @@ class _OneHot:
         return self.weight().to(y.dtype).unsqueeze(-1) * y.index_select(-2, self.index())
 
     def t_matmul(self, x: Tensor) -> Tensor:
-        """:math:`F_j^\top x`. ``x`` # shape: (*batch, t, c) -> (*batch, k, c)"""
+        r""":math:`F_j^\top x`. ``x`` # shape: (*batch, t, c) -> (*batch, k, c)"""
         scaled = self.weight().to(x.dtype).unsqueeze(-1) * x
         return scaled.new_zeros(*scaled.shape[:-2], self.k, scaled.shape[-1]).index_add(-2, self.index(), scaled)
 
@@ -454,7 +454,7 @@ def _block_matmul(block: Tensor | _OneHot, y: Tensor) -> Tensor:
 
 
 def _block_t_matmul(block: Tensor | _OneHot, x: Tensor) -> Tensor:
-    """:math:`F_j^\top x` for a dense or one-hot block (``x`` in the working precision)."""
+    r""":math:`F_j^\top x` for a dense or one-hot block (``x`` in the working precision)."""
     return block.t_matmul(x) if isinstance(block, _OneHot) else block.to(x.dtype).mT @ x
 
 
@@ -695,17 +695,7 @@ class _ImplicitWeight(LinearOperator):
         self._batch = tuple(M.batch_shape) if batch is None else tuple(batch)
         self._columns = 0  # product columns asked for so far
         self._formed: Tensor | None = None
-        self._blocks: _PosteriorBlocks | None = None
         M._capacitance()  # factorise now: a size limit or an indefinite sum raises here, not at first use
-
-    def posterior_blocks(self) -> _PosteriorBlocks | None:
-        """The blocks of :math:`H = C^{-1} G` (:func:`_posterior_blocks`), kept unless they carry a graph."""
-        if self._blocks is not None:
-            return self._blocks
-        blocks = _posterior_blocks(self.M)
-        if not (torch.is_grad_enabled() and self.M._differentiable()):
-            self._blocks = blocks
-        return blocks
 
     def formed(self, columns: int) -> Tensor | None:
         """:math:`W` as a matrix once products with at least ``q`` columns in all have been asked for, counting the
@@ -852,129 +842,129 @@ _SPARSE_COLUMNS = 64
 _STRUCTURED_MAX_ELEMENTS = 2**26
 
 
-def _test_rows(
-    M: BlockMeanSumLinearOperator, blocks: list[Tensor | _OneHot | None], t: int, E: list[int]
-) -> tuple[_Rows, Tensor] | None:
-    r"""The test design :math:`Z_* = F G^{-1}` as :class:`_Rows`, and :math:`\operatorname{diag}(F G^{-1} F^\top)`.
-
-    A one-hot block over a diagonal :math:`B_j` gives one-hot rows (value :math:`v / b_c`), the root's block is its
-    own (:math:`G = I` there), a zero block zero rows. None when a grouping's block is dense or its :math:`B_j` is
-    not diagonal, when ``F`` has a nonzero where :math:`b_c = 0` (then no :math:`Z_*` exists), or when the
-    eliminated terms ``E`` put a row in different columns. # shapes: rows of ``t``, (*batch, t)"""
-    J = len(M.partitions)
-    wdt = core_dtype(M.dtype)
-    index: list[Tensor] = []
-    weight: list[Tensor | None] = []
-    prior: Tensor | None = None
-    for j in range(J):
-        b = blocks[j]
-        if b is None:
-            index.append(torch.zeros(t, dtype=torch.long, device=M.device))
-            weight.append(torch.zeros(t, dtype=wdt, device=M.device))
-            continue
-        if not isinstance(b, _OneHot) or not M._block_is_diagonal(j):
-            return None
-        col, v = b.index(), b.weight().to(wdt)
-        g = M._block_diagonal(j).to(wdt).index_select(-1, col)
-        nonzero = v != 0
-        if bool((nonzero & (g == 0)).any()):
-            return None
-        z = v / torch.where(nonzero, g, torch.ones_like(g))
-        index.append(col)
-        weight.append(z)
-        prior = v * z if prior is None else prior + v * z
-    root = None
-    if M.root is not None:
-        b = blocks[J]
-        if b is None:
-            root = torch.zeros(t, M.rank, dtype=wdt, device=M.device)
-        else:
-            root = _dense_block(b).to(wdt)
-            term = (root * root).sum(-1)
-            prior = term if prior is None else prior + term
-    if prior is None:
-        return None
-    present = [e for e in E if isinstance(blocks[e], _OneHot)]
-    for e in present[1:]:
-        if not _same_columns(blocks[e], blocks[present[0]]):  # type: ignore[arg-type]
-            return None
-    if present:
-        for e in E:
-            index[e] = index[present[0]]
-    return _Rows(index, weight, root, t), prior
-
-
 @dataclass(frozen=True, eq=False)
-class _Sandwich:
-    """The pieces of :meth:`PredictiveCovarianceLinearOperator._structured_product`: per grouping with a block
-    ``(inverse, z, g)`` (each test row's position among the levels the test rows use, its value of :math:`Z_*`,
-    :math:`G_j` at those levels); for the eliminated terms the same with ``omega`` (``t x r_e``) and :math:`P_0` at
-    those levels; the root's block :math:`F_U`; :math:`Y` and :math:`Q`."""
+class _Structured:
+    r""":math:`F W F^\top` at new inputs from the capacitance factorisation, without products with :math:`W`.
 
-    groupings: list[tuple[Tensor, Tensor, Tensor]]
-    inverse_E: Tensor  # (t,)
-    omega: Tensor  # (*b, t, r_e)
-    P0: Tensor  # (*b, levels, r_e, r_e)
-    root: Tensor | None  # (*b, t, m)
-    Y: Tensor | None  # (*b, t, R)
-    Q: Tensor | None  # (*b, R, R)
+    With :math:`M_E = D + Z_E G_E Z_E^\top` (the noise and the eliminated terms :math:`E`, block diagonal by
+    level), :math:`\tilde A = Z^\top M_E^{-1} Z` and :math:`K = S_r^{-1} = (I + G_r \tilde A_{rr})^{-1}` (``S_r`` the
+    Schur complement the factorisation already holds), Woodbury on :math:`M = M_E + Z_r G_r Z_r^\top` gives
+
+    .. math::
+        W_{rr} = \tilde A_{rr} K, \qquad W_{Er} = \tilde A_{Er} K, \qquad
+        W_{EE} = \tilde A_{EE} - \tilde A_{Er} K G_r \tilde A_{rE},
+
+    with :math:`\tilde A_{EE} = A_{EE} \Delta^{-1}` and :math:`\tilde A_{Er} = \Delta^{-\top} A_{Er}`, one
+    ``r_e x r_e`` block per level (:math:`\Delta = I + G_E A_{EE}`). So with :math:`V = F_E \tilde A_{Er}`,
+
+    .. math::
+        F W F^\top = F_E \tilde A_{EE} F_E^\top + [V, F_r]
+            \begin{bmatrix} -K G_r & K \\ K^\top & \tilde A_{rr} K \end{bmatrix} [V, F_r]^\top .
+
+    When :math:`F_E` has one nonzero per row (random intercepts and slopes at seen and unseen levels), the first
+    term couples only test points at the same level (sums over the levels they use) and the second has rank
+    ``2 R``: :math:`O(t (r_e^2 + R) + R^2)` per column and for the diagonal, where products with :math:`W` cost up
+    to ``n`` per column. No inverse of any :math:`G_j` is needed, and :math:`F_r` may be dense (a block mean
+    kernel, a dense ``B_j``, an inducing-point root).
+
+    Attributes:
+        inverse: each test row's position among the eliminated levels the test rows use. # shape: (t,)
+        v: :math:`F_E` per row, one value per eliminated term. # shape: (*batch, t, r_e)
+        A_EE: :math:`\tilde A_{EE}` at those levels. # shape: (*batch, levels, r_e, r_e)
+        U: :math:`[V, F_r]`, None without other terms. # shape: (*batch, t, 2 R)
+        core: the ``2R x 2R`` matrix between them. # shape: (*batch, 2 R, 2 R)
+    """
+
+    inverse: Tensor
+    v: Tensor
+    A_EE: Tensor
+    U: Tensor | None
+    core: Tensor | None
 
     @staticmethod
-    def build(M: BlockMeanSumLinearOperator, rows: _Rows, prior: Tensor, blocks: _PosteriorBlocks) -> _Sandwich:
-        del prior
-        wdt = core_dtype(M.dtype)
-        sizes, J = M._sizes(), len(M.partitions)
-        groupings = []
-        for j in range(J):
-            z = rows.weight[j]
-            assert z is not None  # test rows carry a value per row (zeros for a term F does not touch)
-            levels, inverse = torch.unique(rows.index[j], return_inverse=True)
-            g = M._block_diagonal(j).to(wdt).index_select(-1, levels)
-            groupings.append((inverse, z, g))
-        E = blocks.E
-        index_E = rows.index[E[0]]
-        levels_E, inverse_E = torch.unique(index_E, return_inverse=True)
-        omega = torch.stack(torch.broadcast_tensors(*(rows.weight[e] for e in E)), -1)
-        P0 = blocks.P0.index_select(-3, levels_E)
-        root = rows.root.to(wdt) if rows.root is not None and J not in E else None
-        Y = None
-        if blocks.rest:
-            T = _elimination_T(M, blocks)
-            YE = (omega.unsqueeze(-1) * T.index_select(-3, index_E)).sum(-2)  # (*b, t, R)
-            pieces = []
-            t = rows.count
-            for term in blocks.rest:
-                if term < J:
-                    z = rows.weight[term]
-                    assert z is not None
-                    idx = rows.index[term].expand(*z.shape).unsqueeze(-1)
-                    pieces.append(z.new_zeros(*z.shape, sizes[term]).scatter(-1, idx, z.unsqueeze(-1)))
-                else:
-                    assert rows.root is not None
-                    pieces.append(rows.root.to(wdt))
-            batch = torch.broadcast_shapes(*(piece.shape[:-2] for piece in pieces))
-            Zr = torch.cat([piece.expand(*batch, t, piece.shape[-1]) for piece in pieces], dim=-1)
-            Y = YE - Zr
-        return _Sandwich(groupings, inverse_E, omega, P0, root, Y, blocks.Q)
+    def build(M: BlockMeanSumLinearOperator, blocks: list[Tensor | _OneHot | None], t: int) -> _Structured | None:
+        """The pieces, or None when the factorisation eliminates no grouping, a block of an eliminated term is
+        not one-hot (or two put a row in different columns), or :math:`A_{Er}` or ``[V, F_r]`` would pass
+        ``_STRUCTURED_MAX_ELEMENTS`` entries."""
+        cap = M._capacitance()
+        E = list(cap.joint.terms) if cap.joint is not None else [cap.elim] if cap.elim is not None else []
+        if not E:
+            return None
+        sizes = M._sizes()
+        rest = [i for i in range(len(sizes)) if i not in E]
+        R, k, re = sum(sizes[i] for i in rest), sizes[E[0]], len(E)
+        if max(k * re, 2 * t) * R > _STRUCTURED_MAX_ELEMENTS:
+            return None
+        onehots: dict[int, _OneHot] = {}
+        for e in E:
+            block = blocks[e]
+            if isinstance(block, _OneHot):
+                onehots[e] = block
+            elif block is not None:
+                return None
+        first = next(iter(onehots.values()), None)
+        if first is not None and any(not _same_columns(b, first) for b in onehots.values()):
+            return None
+        wdt, device = core_dtype(M.dtype), M.device
+        index = first.index() if first is not None else torch.zeros(t, dtype=torch.long, device=device)
+        zero = torch.zeros(t, dtype=wdt, device=device)
+        columns = [onehots[e].weight().to(wdt) if e in onehots else zero for e in E]
+        v = torch.stack(torch.broadcast_tensors(*columns), -1)  # (*b, t, r_e)
+        # Delta and A_EE per level
+        if cap.joint is not None:
+            delta = cap.joint.delta
+            A = torch.stack([torch.stack([M._level_gram(i, j).to(wdt) for j in E], -1) for i in E], -2)
+        else:
+            assert cap.delta is not None
+            delta = cap.delta.unsqueeze(-1).unsqueeze(-1)
+            A = M._gram()[0][E[0]].to(wdt).unsqueeze(-1).unsqueeze(-1)
+        levels, inverse = torch.unique(index, return_inverse=True)
+        delta_l = delta.index_select(-3, levels)
+        A_EE = torch.linalg.solve(delta_l.mT, A.index_select(-3, levels)).mT  # A Delta^-1
+        A_EE = 0.5 * (A_EE + A_EE.mT)
+        if not rest:
+            return _Structured(inverse, v, A_EE, None, None)
+        # V = F_E Delta^-T A_Er, row by row: w = Delta_l^-1 v
+        w = torch.linalg.solve(delta_l.index_select(-3, inverse), v.unsqueeze(-1)).squeeze(-1)  # (*b, t, r_e)
+        if cap.joint is not None:
+            assert cap.joint.A_rE is not None
+            V = torch.einsum("...rte,...te->...tr", cap.joint.A_rE.index_select(-2, index), w)
+        else:
+            assert cap.A_re is not None
+            eye = torch.eye(R, dtype=wdt, device=device).expand(*M.batch_shape, R, R)
+            V = w * cap.A_re.t_matmul(eye).index_select(-2, index)  # (*b, t, R)
+        pieces = []
+        for i in rest:
+            b = blocks[i]
+            pieces.append(torch.zeros(t, sizes[i], dtype=wdt, device=device) if b is None else _dense_block(b).to(wdt))
+        batch = torch.broadcast_shapes(V.shape[:-2], *(p.shape[:-2] for p in pieces))
+        F_r = torch.cat([p.expand(*batch, t, p.shape[-1]) for p in pieces], dim=-1)
+        U = torch.cat([V.expand(*batch, t, R), F_r], dim=-1)
+        assert cap.lu is not None and cap.A_tilde is not None
+        eye = torch.eye(R, dtype=wdt, device=device).expand(*M.batch_shape, R, R)
+        K = _LUSolve.apply(*cap.lu, eye)
+        KG = _LUSolve.apply(*cap.lu, M._apply_G_rest(rest, eye))
+        AK = cap.A_tilde.to(wdt) @ K
+        core = torch.cat([torch.cat([-0.5 * (KG + KG.mT), K], -1), torch.cat([K.mT, 0.5 * (AK + AK.mT)], -1)], -2)
+        return _Structured(inverse, v, A_EE, U, core)
+
+    def diagonal(self) -> Tensor:
+        r""":math:`\operatorname{diag}(F W F^\top)`. # shape: (*batch, t)"""
+        rows = self.A_EE.index_select(-3, self.inverse)  # (*b, t, r_e, r_e)
+        out = (self.v.unsqueeze(-1) * rows * self.v.unsqueeze(-2)).sum((-2, -1))
+        if self.U is not None:
+            assert self.core is not None
+            out = out + ((self.U @ self.core) * self.U).sum(-1)
+        return out
 
     def matmul(self, x: Tensor) -> Tensor:
-        """:math:`F W F^\top x`. ``x`` # shape: (*batch, t, c), working precision"""
-        out = None
-        for inverse, z, g in self.groupings:
-            zx = z.unsqueeze(-1) * x
-            u = zx.new_zeros(*zx.shape[:-2], g.shape[-1], zx.shape[-1]).index_add(-2, inverse, zx)
-            term = z.unsqueeze(-1) * (g.unsqueeze(-1) * u).index_select(-2, inverse)
-            out = term if out is None else out + term
-        ox = self.omega.unsqueeze(-1) * x.unsqueeze(-2)  # (*b, t, r_e, c)
-        u = ox.new_zeros(*ox.shape[:-3], self.P0.shape[-3], *ox.shape[-2:]).index_add(-3, self.inverse_E, ox)
-        v = (self.P0 @ u).index_select(-3, self.inverse_E)
-        assert out is not None
-        out = out - (self.omega.unsqueeze(-1) * v).sum(-2)
-        if self.root is not None:
-            out = out + self.root @ (self.root.mT @ x)
-        if self.Y is not None:
-            assert self.Q is not None
-            out = out - self.Y @ (self.Q @ (self.Y.mT @ x))
+        r""":math:`F W F^\top x`. ``x`` # shape: (*batch, t, c), working precision"""
+        vx = self.v.unsqueeze(-1) * x.unsqueeze(-2)  # (*b, t, r_e, c)
+        u = vx.new_zeros(*vx.shape[:-3], self.A_EE.shape[-3], *vx.shape[-2:]).index_add(-3, self.inverse, vx)
+        out = (self.v.unsqueeze(-1) * (self.A_EE @ u).index_select(-3, self.inverse)).sum(-2)
+        if self.U is not None:
+            assert self.core is not None
+            out = out + self.U @ (self.core @ (self.U.mT @ x))
         return out
 
 
@@ -1060,7 +1050,7 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
             else:
                 self.blocks.append(next(given))
         self._sparse: list[bool] | None = None
-        self._parts: _Sandwich | bool | None = None  # the structured product's pieces (False: it does not apply)
+        self._parts: _Structured | bool | None = None  # the structured forms' pieces (False: they do not apply)
 
     @classmethod
     def from_blocks(cls, prior, W: Tensor | _ImplicitWeight, blocks: list[Tensor | _OneHot | None], sizes: list[int]):
@@ -1254,75 +1244,31 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
         res = torch.cat(out, dim=-1)
         return res.expand(*self.batch_shape, t)
 
-    def _structured_quadratic_diagonal(self) -> Tensor | None:
-        r""":math:`\operatorname{diag}(F W F^\top)` without :math:`W`, or None where this does not apply.
-
-        With :math:`G` invertible on the columns ``F`` uses, :math:`Z_* = F G^{-1}` and
-        :math:`H = C^{-1} G = G - G W G` (the posterior weight at the training inputs),
-
-        .. math::
-            F W F^\top = Z_* G W G Z_*^\top = F G^{-1} F^\top - Z_* H Z_*^\top,
-
-        and a one-hot block of ``F`` over a diagonal :math:`B_j` gives one-hot rows of :math:`Z_*`: the diagonal is
-        that of the posterior at the training inputs (:func:`_posterior_quadratic_diagonal`, from the blocks of the
-        capacitance factorisation) read at the test rows, :math:`O(k r_e R + t (r_e^2 + R))` for ``t`` points, where
-        products with :math:`W` cost up to ``n`` per point. None (then products) when a grouping's block of ``F`` is
-        dense (:func:`_test_rows`), the factorisation eliminates no grouping, or :math:`T Q` would pass
-        ``_STRUCTURED_MAX_ELEMENTS``. # shape: (*batch, t)"""
-        found = self._structured_rows()
-        if found is None:
-            return None
-        M, rows, prior, blocks = found
-        quad = _posterior_quadratic_diagonal(M, rows, blocks)
-        assert quad is not None
-        res = prior - quad
-        t = self.shape[-1]
-        return res.expand(*torch.broadcast_shapes(res.shape[:-1], self.batch_shape), t)
-
-    def _structured_rows(self) -> tuple[BlockMeanSumLinearOperator, _Rows, Tensor, _PosteriorBlocks] | None:
-        """``(M, Z_* rows, diag(F G^-1 F^T), blocks of H)`` for the structured forms, or None where they do not
-        apply (see :meth:`_structured_quadratic_diagonal`)."""
+    def _structured(self) -> _Structured | None:
+        """The pieces of the structured forms (:class:`_Structured`), or None where they do not apply; kept on the
+        operator when no graph is needed."""
+        if self._parts is not None:
+            return self._parts if isinstance(self._parts, _Structured) else None
         W = self.W
-        if not isinstance(W, _ImplicitWeight):
+        parts = _Structured.build(W.M, self.blocks, self.shape[-1]) if isinstance(W, _ImplicitWeight) else None
+        if not torch.is_grad_enabled():
+            self._parts = parts if parts is not None else False
+        return parts
+
+    def _structured_quadratic_diagonal(self) -> Tensor | None:
+        r""":math:`\operatorname{diag}(F W F^\top)` without products with :math:`W` (:class:`_Structured`), or None
+        where that does not apply. # shape: (*batch, t)"""
+        parts = self._structured()
+        if parts is None:
             return None
-        M = W.M
-        cap = M._capacitance()
-        E = list(cap.joint.terms) if cap.joint is not None else [cap.elim] if cap.elim is not None else []
-        if not E:
-            return None
-        sizes = M._sizes()
-        R = sum(size for i, size in enumerate(sizes) if i not in E)
-        if sizes[E[0]] * len(E) * R > _STRUCTURED_MAX_ELEMENTS:
-            return None
-        found = _test_rows(M, self.blocks, self.shape[-1], E)
-        if found is None:
-            return None
-        blocks = W.posterior_blocks()
-        if blocks is None:
-            return None
-        return M, found[0], found[1], blocks
+        res = parts.diagonal()
+        return res.expand(*torch.broadcast_shapes(res.shape[:-1], self.batch_shape), self.shape[-1])
 
     def _structured_product(self, x: Tensor) -> Tensor | None:
-        r""":math:`F W F^\top x` without :math:`W` (working precision), or None where the structured forms do not
-        apply. From :math:`H = \begin{bmatrix} P_0 + T Q T^\top & -T Q \\ -Q T^\top & Q \end{bmatrix}`
-        (:math:`P_0 = \Delta^{-1} G_E`),
-
-        .. math::
-            F W F^\top = \sum_j Z_{*j} G_j Z_{*j}^\top + F_U F_U^\top - Z_{*E} P_0 Z_{*E}^\top - Y Q Y^\top,
-            \qquad Y = Z_{*E} T - Z_{*r}:
-
-        the first and third terms couple only test points at the same level (sums over the levels the test points
-        use, never ``k`` wide), the others are of rank ``m`` and ``R``. :math:`O(t (r_e^2 + R + m))` per column
-        where products with :math:`W` cost up to ``n``. ``x`` # shape: (*batch, t, c)"""
-        if self._parts is None:
-            found = self._structured_rows()
-            parts = _Sandwich.build(*found) if found is not None else None
-            if parts is not None and parts.Y is not None and parts.Y.numel() > _STRUCTURED_MAX_ELEMENTS:
-                parts = None
-            if torch.is_grad_enabled():  # with a graph: made per call
-                return None if parts is None else parts.matmul(x)
-            self._parts = parts if parts is not None else False
-        return self._parts.matmul(x) if isinstance(self._parts, _Sandwich) else None
+        r""":math:`F W F^\top x` without products with :math:`W` (:class:`_Structured`; working precision), or None
+        where that does not apply. ``x`` # shape: (*batch, t, c)"""
+        parts = self._structured()
+        return None if parts is None else parts.matmul(x)
 
     def _quadratic_diagonal(self) -> Tensor:
         r""":math:`\operatorname{diag}(F W F^\top)` in row chunks, in the working precision. # shape: (*batch, t)"""
@@ -1662,42 +1608,11 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         )
 
 
-@dataclass(frozen=True, eq=False)
-class _Rows:
-    r"""Rows :math:`z_a` of a design over the terms of a sum ``M`` (its columns :math:`Z`, or a test design
-    :math:`Z_* = F G^{-1}`): per grouping term, each row's one column and its value, and the root's rows.
-
-    Attributes:
-        index: per grouping term, the column of each row. # shape: (count,)
-        weight: per grouping term, the value of each row in the working precision; None: 1. # shape: (*batch, count)
-        root: the root's rows (None without a root). # shape: (*batch, count, m)
-        count: the number of rows.
-    """
-
-    index: list[Tensor]
-    weight: list[Tensor | None]
-    root: Tensor | None
-    count: int
-
-    @staticmethod
-    def training(M: BlockMeanSumLinearOperator) -> _Rows:
-        """The rows of :math:`Z` itself: the partitions' labels, the slopes' weights and the root."""
-        wdt = core_dtype(M.dtype)
-        weights = [None if w is None else w.to(wdt) for w in M.weights]
-        return _Rows([p.labels for p in M.partitions], weights, M.root, M.shape[-1])
-
-
 def _quadratic_diagonal(
-    M: BlockMeanSumLinearOperator,
-    H: Tensor,
-    sizes: list[int],
-    terms: list[int] | None = None,
-    rows: _Rows | None = None,
+    M: BlockMeanSumLinearOperator, H: Tensor, sizes: list[int], terms: list[int] | None = None
 ) -> Tensor:
-    r""":math:`z_a^\top H z_a` for every row :math:`z_a` of :math:`Z` (or of ``rows``), in ``H``'s precision; with
-    ``terms``, of the columns of those terms of ``M`` only (``H`` ordered as they are, the root's index is ``J``).
-    # shape: (*batch, count)"""
-    rows = _Rows.training(M) if rows is None else rows
+    r""":math:`z_a^\top H z_a` for every row :math:`z_a` of :math:`Z`, in ``H``'s precision; with ``terms``, of the
+    columns of those terms of ``M`` only (``H`` ordered as they are, the root's index is ``J``). # shape: (*batch, n)"""
     wdt = H.dtype
     J = len(M.partitions)
     terms = list(range(len(sizes))) if terms is None else terms
@@ -1710,33 +1625,33 @@ def _quadratic_diagonal(
     def block(i: int, j: int) -> Tensor:
         return H[..., offsets[i] : offsets[i] + sizes[i], offsets[j] : offsets[j] + sizes[j]]
 
-    weights = [None if w is None else w.to(wdt) for w in rows.weight]
-    n = rows.count
+    weights = [None if w is None else w.to(wdt) for w in M.weights]
+    n = M.shape[-1]
     out = torch.zeros(*H.shape[:-2], n, dtype=wdt, device=H.device)
     groupings = [t for t in terms if t < J]
     for a, i in enumerate(groupings):
-        li, ki = rows.index[i], sizes[i]
+        li, ki = M.partitions[i].labels, sizes[i]
         for j in groupings[a:]:
-            lj, kj = rows.index[j], sizes[j]
+            lj, kj = M.partitions[j].labels, sizes[j]
             values = block(i, j).reshape(*H.shape[:-2], ki * kj).index_select(-1, li * kj + lj)
             for w in (weights[i], weights[j]):
                 if w is not None:
                     values = values * w
             out = out + (values if i == j else 2 * values)
-    if rows.root is not None and J in terms:
+    if M.root is not None and J in terms:
         m = M.rank
         H_uu = block(J, J)
         cross = [block(i, J) for i in groupings]  # (*batch, k_i, m)
-        chunk = max(1024, _CHUNK_ELEMENTS // max(1, m))
+        rows = max(1024, _CHUNK_ELEMENTS // max(1, m))
         pieces = []
-        for start in range(0, n, chunk):
-            c = min(chunk, n - start)
-            Uc = rows.root.narrow(-2, start, c).to(wdt)
+        for start in range(0, n, rows):
+            c = min(rows, n - start)
+            Uc = M.root.narrow(-2, start, c).to(wdt)
             T = Uc @ H_uu
             for i, X in zip(groupings, cross):
-                g = 2 * X.index_select(-2, rows.index[i].narrow(0, start, c))
+                g = 2 * X.index_select(-2, M.partitions[i].labels.narrow(0, start, c))
                 w = weights[i]
-                T = T + (g if w is None else g * w.narrow(-1, start, c).unsqueeze(-1))
+                T = T + (g if w is None else g * w.narrow(0, start, c).unsqueeze(-1))
             pieces.append((T * Uc).sum(-1))
         out = out + torch.cat(pieces, dim=-1)
     return out
@@ -1762,79 +1677,10 @@ def _cross_row_dots(A_re, X: Tensor) -> Tensor:
     return out
 
 
-@dataclass(frozen=True, eq=False)
-class _PosteriorBlocks:
-    r"""The blocks of :math:`H = C^{-1} G` that :func:`_posterior_quadratic_diagonal` reads (see there): the
-    eliminated terms ``E`` and the others ``rest``; per eliminated level :math:`(\Delta^{-1} G_E + T Q T^\top)_l`
-    (``P``) and :math:`(\Delta^{-1} G_E)_l` (``P0``); :math:`T Q` (``TQ``, None without ``rest``); :math:`Q` (``Q``)
-    and ``R``, the columns of ``rest``; :math:`T` itself when the elimination is joint (else made on demand by
-    :func:`_elimination_T`)."""
-
-    E: list[int]
-    rest: list[int]
-    P: Tensor  # (*b, k, r_e, r_e)
-    TQ: Tensor | None  # (*b, k, r_e, R)
-    Q: Tensor | None  # (*b, R, R)
-    R: int
-    P0: Tensor  # (*b, k, r_e, r_e)
-    T: Tensor | None = None  # (*b, k, r_e, R)
-
-
-def _posterior_blocks(M: BlockMeanSumLinearOperator) -> _PosteriorBlocks | None:
-    """The blocks of :math:`H` from ``M``'s capacitance factorisation; None when it eliminates no grouping."""
-    cap = M._capacitance()
-    sizes = M._sizes()
-    wdt = core_dtype(M.dtype)
-    if cap.joint is not None:
-        E = list(cap.joint.terms)
-        g, delta = cap.joint.g, cap.joint.delta  # (*b, k, r_e), (*b, k, r_e, r_e)
-    elif cap.elim is not None:
-        E = [cap.elim]
-        assert cap.g is not None and cap.delta is not None
-        g, delta = cap.g.unsqueeze(-1), cap.delta.unsqueeze(-1).unsqueeze(-1)
-    else:
-        return None
-    rest = [t for t in range(len(sizes)) if t not in E]
-    re = len(E)
-    P = P0 = torch.linalg.solve(delta, torch.diag_embed(g)) if re > 1 else g.unsqueeze(-1) / delta  # Delta^-1 G_E
-    if not rest:
-        return _PosteriorBlocks(E, rest, P, None, None, 0, P0)
-    R = sum(sizes[t] for t in rest)
-    assert cap.lu is not None
-    G_r = M._apply_G_rest(rest, torch.eye(R, dtype=wdt, device=M.device).expand(*M.batch_shape, R, R))
-    Q = _LUSolve.apply(*cap.lu, G_r)
-    Q = 0.5 * (Q + Q.mT)
-    if cap.joint is not None:
-        assert cap.joint.A_rE is not None
-        T = torch.linalg.solve(delta, g.unsqueeze(-1) * cap.joint.A_rE.movedim(-3, -1))  # (*b, k, r_e, R)
-        TQ = T @ Q.unsqueeze(-3)
-        P = P + TQ @ T.mT
-        return _PosteriorBlocks(E, rest, P, TQ, Q, R, P0, T)
-    else:
-        assert cap.A_re is not None and cap.g is not None and cap.delta is not None
-        c = cap.g / cap.delta  # (*b, k)
-        AQ = cap.A_re.t_matmul(Q)  # A_Er Q: (*b, k, R)
-        TQ = (c.unsqueeze(-1) * AQ).unsqueeze(-2)  # (*b, k, 1, R)
-        P = P + (c * c * _cross_row_dots(cap.A_re, AQ)).unsqueeze(-1).unsqueeze(-1)
-    return _PosteriorBlocks(E, rest, P, TQ, Q, R, P0)
-
-
-def _elimination_T(M: BlockMeanSumLinearOperator, blocks: _PosteriorBlocks) -> Tensor:
-    r""":math:`T = \Delta^{-1} G_E A_{Er}` (one ``r_e x R`` block per eliminated level). # shape: (*batch, k, r_e, R)"""
-    if blocks.T is not None:
-        return blocks.T
-    cap = M._capacitance()
-    assert cap.A_re is not None and cap.g is not None and cap.delta is not None
-    eye = torch.eye(blocks.R, dtype=core_dtype(M.dtype), device=M.device).expand(*M.batch_shape, blocks.R, blocks.R)
-    return ((cap.g / cap.delta).unsqueeze(-1) * cap.A_re.t_matmul(eye)).unsqueeze(-2)
-
-
-def _posterior_quadratic_diagonal(
-    M: BlockMeanSumLinearOperator, rows: _Rows | None = None, blocks: _PosteriorBlocks | None = None
-) -> Tensor | None:
-    r""":math:`z_a^\top H z_a` for every row of :math:`Z` (or of ``rows``), :math:`H = C^{-1} G`, from the blocks of
-    ``M``'s capacitance factorisation (``blocks``, made here when not given): no :math:`q \times q` matrix. None when
-    ``M`` eliminates no grouping (then :math:`H` has the size of that factorisation and is formed).
+def _posterior_quadratic_diagonal(M: BlockMeanSumLinearOperator) -> Tensor | None:
+    r""":math:`z_a^\top H z_a` for every row, :math:`H = C^{-1} G`, from the blocks of ``M``'s capacitance
+    factorisation: no :math:`q \times q` matrix. None when ``M`` eliminates no grouping (then :math:`H` has the size of
+    that factorisation and is formed).
 
     With the eliminated terms :math:`E` (one level :math:`l` per row, weights :math:`\omega_a`), the other terms
     :math:`r`, :math:`\Delta = I + G_E A_{EE}` (one ``r_e x r_e`` block per level), the Schur complement
@@ -1846,25 +1692,48 @@ def _posterior_quadratic_diagonal(
             - 2\, \omega_a^\top (T Q)_l\, z_{r}(a) + z_r(a)^\top Q\, z_r(a):
 
     the level blocks of :math:`T Q T^\top` (``k r_e^2``), gathers of :math:`T Q` (``k r_e x r``) and the rest's
-    quadratic form with :math:`Q` (``r x r``, within ``max_capacitance_size`` as ``S_r`` is). The eliminated terms
-    of a row share its column (``rows.index`` of the first). # shape: (*batch, count)"""
-    blocks = _posterior_blocks(M) if blocks is None else blocks
-    if blocks is None:
-        return None
-    rows = _Rows.training(M) if rows is None else rows
+    quadratic form with :math:`Q` (``r x r``, within ``max_capacitance_size`` as ``S_r`` is). # shape: (*batch, n)"""
+    cap = M._capacitance()
     sizes = M._sizes()
     J = len(M.partitions)
     wdt = core_dtype(M.dtype)
-    E, rest, P, TQ, R = blocks.E, blocks.rest, blocks.P, blocks.TQ, blocks.R
-    labels, k, re = rows.index[E[0]], sizes[E[0]], len(E)
-    n = rows.count
+    if cap.joint is not None:
+        E = list(cap.joint.terms)
+        g, delta = cap.joint.g, cap.joint.delta  # (*b, k, r_e), (*b, k, r_e, r_e)
+    elif cap.elim is not None:
+        E = [cap.elim]
+        assert cap.g is not None and cap.delta is not None
+        g, delta = cap.g.unsqueeze(-1), cap.delta.unsqueeze(-1).unsqueeze(-1)
+    else:
+        return None
+    rest = [t for t in range(len(sizes)) if t not in E]
+    labels, k, re = M.partitions[E[0]].labels, sizes[E[0]], len(E)
+    n = M.shape[-1]
     ones = torch.ones(n, dtype=wdt, device=M.device)
-    omega = torch.stack(torch.broadcast_tensors(*(ones if (w := rows.weight[e]) is None else w for e in E)), -1)
+    omega = torch.stack([ones if (w := M.weights[e]) is None else w.to(wdt) for e in E], -1)  # (n, r_e)
+    P = torch.linalg.solve(delta, torch.diag_embed(g)) if re > 1 else g.unsqueeze(-1) / delta  # Delta^-1 G_E
+    if rest:
+        R = sum(sizes[t] for t in rest)
+        assert cap.lu is not None
+        G_r = M._apply_G_rest(rest, torch.eye(R, dtype=wdt, device=M.device).expand(*M.batch_shape, R, R))
+        Q = _LUSolve.apply(*cap.lu, G_r)
+        Q = 0.5 * (Q + Q.mT)
+        if cap.joint is not None:
+            assert cap.joint.A_rE is not None
+            T = torch.linalg.solve(delta, g.unsqueeze(-1) * cap.joint.A_rE.movedim(-3, -1))  # (*b, k, r_e, R)
+            TQ = T @ Q.unsqueeze(-3)
+            P = P + TQ @ T.mT
+        else:
+            assert cap.A_re is not None and cap.g is not None and cap.delta is not None
+            c = cap.g / cap.delta  # (*b, k)
+            AQ = cap.A_re.t_matmul(Q)  # A_Er Q: (*b, k, R)
+            TQ = (c.unsqueeze(-1) * AQ).unsqueeze(-2)  # (*b, k, 1, R)
+            P = P + (c * c * _cross_row_dots(cap.A_re, AQ)).unsqueeze(-1).unsqueeze(-1)
+    # the eliminated terms' own block, level by level
     P_rows = P.index_select(-3, labels)  # (*b, n, r_e, r_e)
-    out = (omega.unsqueeze(-1) * P_rows * omega.unsqueeze(-2)).sum((-2, -1))  # the eliminated terms' own block
+    out = (omega.unsqueeze(-1) * P_rows * omega.unsqueeze(-2)).sum((-2, -1))
     if not rest:
         return out
-    assert TQ is not None and blocks.Q is not None
     # -2 omega^T (T Q)_l z_r(a): one entry of T Q per rest grouping and eliminated term, a row piece for the root
     batch = TQ.shape[:-3]
     flat = TQ.reshape(*batch, k * re * R)
@@ -1872,23 +1741,23 @@ def _posterior_quadratic_diagonal(
     cross = torch.zeros(*batch, n, dtype=wdt, device=M.device)
     for t in rest:
         if t < J:
-            lt, wt = rows.index[t], rows.weight[t]
+            lt, wt = M.partitions[t].labels, M.weights[t]
             for e in range(re):
-                vals = flat.index_select(-1, (labels * re + e) * R + offset + lt) * omega[..., e]
+                vals = flat.index_select(-1, (labels * re + e) * R + offset + lt) * omega[:, e]
                 cross = cross + (vals if wt is None else vals * wt.to(wdt))
         else:
-            m, root = sizes[t], rows.root
+            m, root = sizes[t], M.root
             assert root is not None
-            chunk = max(1024, _CHUNK_ELEMENTS // max(1, m * re))
+            rows = max(1024, _CHUNK_ELEMENTS // max(1, m * re))
             pieces = []
-            for start in range(0, n, chunk):
-                cnt = min(chunk, n - start)
+            for start in range(0, n, rows):
+                cnt = min(rows, n - start)
                 Uc = root.narrow(-2, start, cnt).to(wdt)  # (*b, c, m)
                 X = TQ[..., offset : offset + m].index_select(-3, labels.narrow(0, start, cnt))  # (*b, c, r_e, m)
-                pieces.append(((X * Uc.unsqueeze(-2)).sum(-1) * omega.narrow(-2, start, cnt)).sum(-1))
+                pieces.append(((X * Uc.unsqueeze(-2)).sum(-1) * omega.narrow(0, start, cnt)).sum(-1))
             cross = cross + torch.cat(pieces, dim=-1)
         offset += sizes[t]
-    return out - 2 * cross + _quadratic_diagonal(M, blocks.Q, sizes, terms=rest, rows=rows)
+    return out - 2 * cross + _quadratic_diagonal(M, Q, sizes, terms=rest)
 
 
 class _Root(ByProducts):
