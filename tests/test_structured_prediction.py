@@ -168,9 +168,14 @@ def test_matches_dense_algebra(monkeypatch, name, batch):
     dense = op.to_dense()
     torch.testing.assert_close(dense, PRIOR * torch.eye(T, dtype=DTYPE) - full, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.diagonal(dense, dim1=-2, dim2=-1), op.diagonal(), rtol=1e-10, atol=1e-12)
+    rows, cols = torch.tensor([0, 3, 7, 7, 24]), torch.tensor([5, 3, 7, 11, 0])
+    if not batch:  # entries (those of a batch member go through products, below)
+        torch.testing.assert_close(op[rows, cols], dense[rows, cols], rtol=1e-10, atol=1e-12)
     monkeypatch.undo()
     # the product path and a dense F give the same numbers
     torch.testing.assert_close(op._implicit_quadratic_diagonal(), ref, rtol=1e-10, atol=1e-12)
+    if batch:
+        torch.testing.assert_close(op[1, rows, cols], dense[1, rows, cols], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["crossed_root", "slope_joint_crossed_root"])

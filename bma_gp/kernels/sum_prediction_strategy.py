@@ -957,6 +957,17 @@ class _Structured:
             out = out + ((self.U @ self.core) * self.U).sum(-1)
         return out
 
+    def entries(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """Entries ``(rows, cols)`` of :math:`F W F^\top` (no batch dimensions). # shape: broadcast of the indices"""
+        rows, cols = torch.broadcast_tensors(rows, cols)
+        same = self.inverse[rows] == self.inverse[cols]
+        vr, vc = self.v[rows], self.v[cols]  # (..., r_e)
+        out = ((vr.unsqueeze(-1) * self.A_EE[self.inverse[rows]]).sum(-2) * vc).sum(-1) * same
+        if self.U is not None:
+            assert self.core is not None
+            out = out + ((self.U[rows] @ self.core) * self.U[cols]).sum(-1)
+        return out
+
     def matmul(self, x: Tensor) -> Tensor:
         r""":math:`F W F^\top x`. ``x`` # shape: (*batch, t, c), working precision"""
         vx = self.v.unsqueeze(-1) * x.unsqueeze(-2)  # (*b, t, r_e, c)
@@ -1183,6 +1194,9 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
             shape = torch.broadcast_shapes(*(p.shape[:-1] for p in pieces))
             return torch.cat([p.expand(*shape, p.shape[-1]) for p in pieces], dim=-1)
 
+        parts = self._structured() if not batch_indices else None
+        if parts is not None and parts.v.dim() == 2:  # no batch: the entries from the structured forms
+            return (base.to(parts.v.dtype) - parts.entries(row_index, col_index)).to(self.dtype)
         fr, fc = rows(row_index), rows(col_index)
         implicit = self.W if isinstance(self.W, _ImplicitWeight) else None
         W = self.W if implicit is None else implicit.formed(fc[..., 0].numel())
