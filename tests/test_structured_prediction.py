@@ -367,3 +367,22 @@ def test_many_levels_no_test_by_levels_matrix(kind):
         want = (F * sub.W._matmul(F.mT).mT).sum(-1)
         got = sub._structured_quadratic_diagonal()[rows]
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("batch", [(), (2,)])
+@pytest.mark.parametrize("name", ["crossed_root", "slope_joint_dense_rest"])
+def test_row_chunks(monkeypatch, name, batch):
+    """``[V, F_r]`` is formed a few rows at a time: the same diagonal, products and entries."""
+    monkeypatch.setattr(sps, "_DIAG_CHUNK", 16)
+    s = Structure(**STRUCTURES[name], batch=batch)
+    op = s.predictive()
+    parts = op._structured()
+    assert parts is not None and len(parts._chunks()) >= 3
+    spy_products(monkeypatch)
+    full = s.dense_reference(full=True)
+    torch.testing.assert_close(op.diagonal(), PRIOR - torch.diagonal(full, dim1=-2, dim2=-1), rtol=1e-10, atol=1e-12)
+    dense = op.to_dense()
+    torch.testing.assert_close(dense, PRIOR * torch.eye(T, dtype=DTYPE) - full, rtol=1e-10, atol=1e-12)
+    if not batch:
+        rows, cols = torch.tensor([[0, 3], [7, 24]]), torch.tensor([[5, 3], [11, 0]])
+        torch.testing.assert_close(op[rows, cols], dense[rows, cols], rtol=1e-10, atol=1e-12)

@@ -867,19 +867,28 @@ class _Structured:
     to ``n`` per column. No inverse of any :math:`G_j` is needed, and :math:`F_r` may be dense (a block mean
     kernel, a dense ``B_j``, an inducing-point root).
 
+    :math:`[V, F_r]` is formed ``_DIAG_CHUNK / 2R`` rows at a time, so nothing ``t x R`` is kept.
+
     Attributes:
         inverse: each test row's position among the eliminated levels the test rows use. # shape: (t,)
         v: :math:`F_E` per row, one value per eliminated term. # shape: (*batch, t, r_e)
         A_EE: :math:`\tilde A_{EE}` at those levels. # shape: (*batch, levels, r_e, r_e)
-        U: :math:`[V, F_r]`, None without other terms. # shape: (*batch, t, 2 R)
-        core: the ``2R x 2R`` matrix between them. # shape: (*batch, 2 R, 2 R)
+        index: each test row's eliminated level. # shape: (t,)
+        w: :math:`\Delta^{-1} v` per row (:math:`V` row :math:`a` is :math:`w_a^\top A_{Er}` at its level), None
+            without other terms. # shape: (*batch, t, r_e)
+        A_Er: :math:`A_{Er}` per eliminated level. # shape: (*batch, k, r_e, R)
+        rest: the blocks of :math:`F_r` (None: zero) and their widths.
+        core: the ``2R x 2R`` matrix between :math:`[V, F_r]` and its transpose. # shape: (*batch, 2 R, 2 R)
     """
 
     inverse: Tensor
     v: Tensor
     A_EE: Tensor
-    U: Tensor | None
-    core: Tensor | None
+    index: Tensor
+    w: Tensor | None = None
+    A_Er: Tensor | None = None
+    rest: tuple = ()
+    core: Tensor | None = None
 
     @staticmethod
     def build(M: BlockMeanSumLinearOperator, blocks: list[Tensor | _OneHot | None], t: int) -> _Structured | None:
@@ -893,7 +902,7 @@ class _Structured:
         sizes = M._sizes()
         rest = [i for i in range(len(sizes)) if i not in E]
         R, k, re = sum(sizes[i] for i in rest), sizes[E[0]], len(E)
-        if max(k * re, 2 * t) * R > _STRUCTURED_MAX_ELEMENTS:
+        if k * re * R > _STRUCTURED_MAX_ELEMENTS:
             return None
         onehots: dict[int, _OneHot] = {}
         for e in E:
@@ -923,38 +932,54 @@ class _Structured:
         A_EE = torch.linalg.solve(delta_l.mT, A.index_select(-3, levels)).mT  # A Delta^-1
         A_EE = 0.5 * (A_EE + A_EE.mT)
         if not rest:
-            return _Structured(inverse, v, A_EE, None, None)
+            return _Structured(inverse, v, A_EE, index)
         # V = F_E Delta^-T A_Er, row by row: w = Delta_l^-1 v
         w = torch.linalg.solve(delta_l.index_select(-3, inverse), v.unsqueeze(-1)).squeeze(-1)  # (*b, t, r_e)
         if cap.joint is not None:
             assert cap.joint.A_rE is not None
-            V = torch.einsum("...rte,...te->...tr", cap.joint.A_rE.index_select(-2, index), w)
+            A_Er = cap.joint.A_rE.movedim(-3, -1)  # (*b, k, r_e, R)
         else:
             assert cap.A_re is not None
             eye = torch.eye(R, dtype=wdt, device=device).expand(*M.batch_shape, R, R)
-            V = w * cap.A_re.t_matmul(eye).index_select(-2, index)  # (*b, t, R)
-        pieces = []
-        for i in rest:
-            b = blocks[i]
-            pieces.append(torch.zeros(t, sizes[i], dtype=wdt, device=device) if b is None else _dense_block(b).to(wdt))
-        batch = torch.broadcast_shapes(V.shape[:-2], *(p.shape[:-2] for p in pieces))
-        F_r = torch.cat([p.expand(*batch, t, p.shape[-1]) for p in pieces], dim=-1)
-        U = torch.cat([V.expand(*batch, t, R), F_r], dim=-1)
+            A_Er = cap.A_re.t_matmul(eye).unsqueeze(-2)  # (*b, k, 1, R)
+        pieces = tuple((blocks[i], sizes[i]) for i in rest)
         assert cap.lu is not None and cap.A_tilde is not None
         eye = torch.eye(R, dtype=wdt, device=device).expand(*M.batch_shape, R, R)
         K = _LUSolve.apply(*cap.lu, eye)
         KG = _LUSolve.apply(*cap.lu, M._apply_G_rest(rest, eye))
         AK = cap.A_tilde.to(wdt) @ K
         core = torch.cat([torch.cat([-0.5 * (KG + KG.mT), K], -1), torch.cat([K.mT, 0.5 * (AK + AK.mT)], -1)], -2)
-        return _Structured(inverse, v, A_EE, U, core)
+        return _Structured(inverse, v, A_EE, index, w, A_Er, pieces, core)
+
+    def _u_rows(self, rows: Tensor | slice) -> Tensor:
+        """Rows of :math:`[V, F_r]` (a slice, or indices without batch dimensions). # shape: (*batch, c, 2 R)"""
+        assert self.w is not None and self.A_Er is not None
+        w = self.w[..., rows, :]
+        V = (w.unsqueeze(-1) * self.A_Er.index_select(-3, self.index[rows])).sum(-2)  # (*b, c, R)
+        c, wdt = V.shape[-2], V.dtype
+        pieces = [V]
+        for block, size in self.rest:
+            if block is None:
+                pieces.append(V.new_zeros(c, size))
+            elif isinstance(block, _OneHot):
+                pieces.append(_OneHot(block.values[..., rows], block.columns[rows], block.k).dense().to(wdt))
+            else:
+                pieces.append(block[..., rows, :].to(wdt))
+        batch = torch.broadcast_shapes(*(p.shape[:-2] for p in pieces))
+        return torch.cat([p.expand(*batch, c, p.shape[-1]) for p in pieces], dim=-1)
+
+    def _chunks(self) -> list[slice]:
+        t = self.index.shape[0]
+        size = max(1, _DIAG_CHUNK // max(1, self.core.shape[-1] if self.core is not None else 1))
+        return [slice(start, min(t, start + size)) for start in range(0, t, size)]
 
     def diagonal(self) -> Tensor:
         r""":math:`\operatorname{diag}(F W F^\top)`. # shape: (*batch, t)"""
         rows = self.A_EE.index_select(-3, self.inverse)  # (*b, t, r_e, r_e)
         out = (self.v.unsqueeze(-1) * rows * self.v.unsqueeze(-2)).sum((-2, -1))
-        if self.U is not None:
-            assert self.core is not None
-            out = out + ((self.U @ self.core) * self.U).sum(-1)
+        if self.core is not None:
+            quad = [((U @ self.core) * U).sum(-1) for U in map(self._u_rows, self._chunks())]
+            out = out + torch.cat(quad, dim=-1)
         return out
 
     def entries(self, rows: Tensor, cols: Tensor) -> Tensor:
@@ -963,9 +988,10 @@ class _Structured:
         same = self.inverse[rows] == self.inverse[cols]
         vr, vc = self.v[rows], self.v[cols]  # (..., r_e)
         out = ((vr.unsqueeze(-1) * self.A_EE[self.inverse[rows]]).sum(-2) * vc).sum(-1) * same
-        if self.U is not None:
-            assert self.core is not None
-            out = out + ((self.U[rows] @ self.core) * self.U[cols]).sum(-1)
+        if self.core is not None:
+            shape = rows.shape
+            Ur, Uc = self._u_rows(rows.reshape(-1)), self._u_rows(cols.reshape(-1))
+            out = out + ((Ur @ self.core) * Uc).sum(-1).reshape(shape)
         return out
 
     def matmul(self, x: Tensor) -> Tensor:
@@ -973,9 +999,15 @@ class _Structured:
         vx = self.v.unsqueeze(-1) * x.unsqueeze(-2)  # (*b, t, r_e, c)
         u = vx.new_zeros(*vx.shape[:-3], self.A_EE.shape[-3], *vx.shape[-2:]).index_add(-3, self.inverse, vx)
         out = (self.v.unsqueeze(-1) * (self.A_EE @ u).index_select(-3, self.inverse)).sum(-2)
-        if self.U is not None:
-            assert self.core is not None
-            out = out + self.U @ (self.core @ (self.U.mT @ x))
+        if self.core is not None:
+            chunks = self._chunks()
+            Y = None
+            for chunk in chunks:
+                part = self._u_rows(chunk).mT @ x[..., chunk, :]
+                Y = part if Y is None else Y + part
+            assert Y is not None
+            Z = self.core @ Y
+            out = out + torch.cat([self._u_rows(chunk) @ Z for chunk in chunks], dim=-2)
         return out
 
 
@@ -1195,7 +1227,7 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
             return torch.cat([p.expand(*shape, p.shape[-1]) for p in pieces], dim=-1)
 
         parts = self._structured() if not batch_indices else None
-        if parts is not None and parts.v.dim() == 2:  # no batch: the entries from the structured forms
+        if parts is not None and parts.v.dim() == 2 and (parts.core is None or parts.core.dim() == 2):  # no batch
             return (base.to(parts.v.dtype) - parts.entries(row_index, col_index)).to(self.dtype)
         fr, fc = rows(row_index), rows(col_index)
         implicit = self.W if isinstance(self.W, _ImplicitWeight) else None
