@@ -863,9 +863,10 @@ class _Structured:
 
     When :math:`F_E` has one nonzero per row (random intercepts and slopes at seen and unseen levels), the first
     term couples only test points at the same level (sums over the levels they use) and the second has rank
-    ``2 R``: :math:`O(t (r_e^2 + R) + R^2)` per column and for the diagonal, where products with :math:`W` cost up
-    to ``n`` per column. No inverse of any :math:`G_j` is needed, and :math:`F_r` may be dense (a block mean
-    kernel, a dense ``B_j``, an inducing-point root).
+    ``2 R``: products cost :math:`O(t (r_e^2 + R))` per column and the diagonal :math:`O(t (r_e^2 + R^2))`, after
+    :math:`O(k r_e R + R^3)` once, where products with :math:`W` cost up to ``n`` per column. No inverse of any
+    :math:`G_j` is needed, and :math:`F_r` may be dense (a block mean kernel, a dense ``B_j``, an inducing-point
+    root).
 
     :math:`[V, F_r]` is formed ``_DIAG_CHUNK / 2R`` rows at a time, so nothing ``t x R`` is kept.
 
