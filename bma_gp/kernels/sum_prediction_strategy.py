@@ -837,8 +837,8 @@ _DIAG_CHUNK = 2**22
 _SPARSE_COLUMNS = 64
 
 
-#: The structured diagonal at new inputs (:meth:`PredictiveCovarianceLinearOperator._structured_quadratic_diagonal`)
-#: forms :math:`T Q`, ``k_E r_e x R`` entries; past this many it leaves the diagonal to products with :math:`W`.
+#: The structured forms at new inputs (:class:`_Structured`) keep :math:`A_{Er}`, ``k_E r_e x R`` entries; past this
+#: many the predictive covariance applies :math:`W` as products instead.
 _STRUCTURED_MAX_ELEMENTS = 2**26
 
 
@@ -894,7 +894,7 @@ class _Structured:
     @staticmethod
     def build(M: BlockMeanSumLinearOperator, blocks: list[Tensor | _OneHot | None], t: int) -> _Structured | None:
         """The pieces, or None when the factorisation eliminates no grouping, a block of an eliminated term is
-        not one-hot (or two put a row in different columns), or :math:`A_{Er}` or ``[V, F_r]`` would pass
+        not one-hot (or two put a row in different columns), or :math:`A_{Er}` would pass
         ``_STRUCTURED_MAX_ELEMENTS`` entries."""
         cap = M._capacitance()
         E = list(cap.joint.terms) if cap.joint is not None else [cap.elim] if cap.elim is not None else []
