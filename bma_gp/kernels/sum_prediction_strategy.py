@@ -984,7 +984,7 @@ class _Structured:
         return out
 
     def entries(self, rows: Tensor, cols: Tensor) -> Tensor:
-        """Entries ``(rows, cols)`` of :math:`F W F^\top` (no batch dimensions). # shape: broadcast of the indices"""
+        r"""Entries ``(rows, cols)`` of :math:`F W F^\top` (no batch dimensions). # shape: broadcast of the indices"""
         rows, cols = torch.broadcast_tensors(rows, cols)
         same = self.inverse[rows] == self.inverse[cols]
         vr, vc = self.v[rows], self.v[cols]  # (..., r_e)
