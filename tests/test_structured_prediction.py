@@ -386,3 +386,17 @@ def test_row_chunks(monkeypatch, name, batch):
     if not batch:
         rows, cols = torch.tensor([[0, 3], [7, 24]]), torch.tensor([[5, 3], [11, 0]])
         torch.testing.assert_close(op[rows, cols], dense[rows, cols], rtol=1e-10, atol=1e-12)
+
+
+def test_pieces_made_without_gradients_are_not_reused_with_them():
+    """A diagonal asked for under ``no_grad`` first, then with gradients: the second carries the gradient."""
+    s = Structure(**STRUCTURES["crossed_root"], requires_grad=True)
+    op = s.predictive()
+    with torch.no_grad():
+        first = op.diagonal()
+    second = op.diagonal()
+    torch.testing.assert_close(first, second.detach(), rtol=0, atol=0)
+    assert second.requires_grad
+    (grad,) = torch.autograd.grad(second.sum(), [s.d])
+    (want,) = torch.autograd.grad(-s.dense_reference().sum(), [s.d])
+    torch.testing.assert_close(grad, want, rtol=1e-8, atol=1e-10)

@@ -1292,13 +1292,15 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
         return res.expand(*self.batch_shape, t)
 
     def _structured(self) -> _Structured | None:
-        """The pieces of the structured forms (:class:`_Structured`), or None where they do not apply; kept on the
-        operator when no graph is needed."""
-        if self._parts is not None:
+        """The pieces of the structured forms (:class:`_Structured`), or None where they do not apply. Made without
+        gradients, they are kept on the operator and reused without gradients only: with gradients enabled they are
+        made again, so that a graph is never missed."""
+        grad = torch.is_grad_enabled()
+        if self._parts is not None and not grad:
             return self._parts if isinstance(self._parts, _Structured) else None
         W = self.W
         parts = _Structured.build(W.M, self.blocks, self.shape[-1]) if isinstance(W, _ImplicitWeight) else None
-        if not torch.is_grad_enabled():
+        if not grad:
             self._parts = parts if parts is not None else False
         return parts
 
