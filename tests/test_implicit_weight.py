@@ -344,3 +344,27 @@ def test_cuda_matches_cpu(implicit, monkeypatch):
     assert mean_gpu.device.type == "cuda"
     torch.testing.assert_close(mean_gpu.cpu(), mean, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(var_gpu.cpu(), var, rtol=1e-9, atol=1e-10)
+
+
+def test_weight_formed_without_gradients_is_formed_again_with_them(monkeypatch):
+    """``W`` formed by a diagonal under ``no_grad`` is not reused by a later diagonal with gradients (it would
+    carry no graph): the gradient equals that of a fresh prediction."""
+    monkeypatch.setattr(group_kernel, "FACTOR_DENSE_MAX_GROUPS", 0)
+    monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    no_structured_forms(monkeypatch)
+    model, kernel, x, y, xt = factor_model(30, n=120)
+    many = torch.arange(30, dtype=DTYPE).repeat(2).unsqueeze(-1)  # t >= q: W is formed by the first diagonal
+    with gpytorch.settings.detach_test_caches(False):
+        covar = model(many).lazy_covariance_matrix
+        assert isinstance(covar.W, sps._ImplicitWeight)
+        with torch.no_grad():
+            first = covar.diagonal()
+        assert covar.W._formed is not None and not covar.W._formed.requires_grad
+        second = covar.diagonal()
+        assert second.requires_grad
+        (grad,) = torch.autograd.grad(second.sum(), [kernel.raw_var])
+        model.prediction_strategy = None
+        fresh = model(many).lazy_covariance_matrix.diagonal()
+        (want,) = torch.autograd.grad(fresh.sum(), [kernel.raw_var])
+    torch.testing.assert_close(first, second.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, want, rtol=1e-8, atol=1e-10)

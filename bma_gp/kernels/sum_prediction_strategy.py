@@ -700,8 +700,12 @@ class _ImplicitWeight(LinearOperator):
     def formed(self, columns: int) -> Tensor | None:
         """:math:`W` as a matrix once products with at least ``q`` columns in all have been asked for, counting the
         ``columns`` about to be (see the class docstring); None before, and whenever ``q`` exceeds
-        ``max_capacitance_size``. # shape: (*batch, q, q)"""
-        if self._formed is None:
+        ``max_capacitance_size``. One formed without gradients is formed again when gradients are enabled and ``M``
+        carries a graph, so that a graph is never missed. # shape: (*batch, q, q)"""
+        formed = self._formed
+        if formed is not None and torch.is_grad_enabled() and self.M._differentiable() and not formed.requires_grad:
+            return _formed_weight(self.M)
+        if formed is None:
             q = self.shape[-1]
             self._columns += columns
             if self._columns >= q and q <= settings.max_capacitance_size.value():
