@@ -532,6 +532,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         self._store: dict[str, object] = {}
         self._depth = 0
         self._scoped_names: set[str] = set()
+        self._graphless: set[str] = set()  # stored under no_grad from tensors that require gradients
 
     # ------------------------------------------------------------------ bookkeeping
     def evaluate_kernel(self) -> BlockMeanSumLinearOperator:
@@ -585,16 +586,33 @@ class BlockMeanSumLinearOperator(LinearOperator):
     def _differentiable(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self.representation())
 
+    def _cached(self, name: str) -> bool:
+        """Whether ``name`` is cached and usable now: a value computed under ``no_grad`` from tensors that require
+        gradients has no graph, so it is not used by a call with gradients."""
+        return name in self._store and not (name in self._graphless and self._differentiable())
+
+    def _keep(self, name: str, value) -> None:
+        """Store ``value``: with gradients only until the outermost public call returns (see :func:`_scoped`; a
+        cached graph cannot be backpropagated twice), and never outside one; without, for good, marked
+        graph-less when the operator's tensors require gradients."""
+        if self._differentiable():
+            if self._depth:
+                self._store[name] = value
+                self._scoped_names.add(name)
+                self._graphless.discard(name)
+            return
+        self._store[name] = value
+        if any(t.requires_grad for t in self.representation()):
+            self._graphless.add(name)
+        else:
+            self._graphless.discard(name)
+
     def _memo(self, name: str, fn):
-        """Cache ``fn()``. Values that autograd records live only until the outermost public call returns
-        (see :func:`_scoped`): a cached graph cannot be backpropagated twice."""
-        if name in self._store:
+        """Cache ``fn()`` (see :meth:`_keep` and :meth:`_cached`)."""
+        if self._cached(name):
             return self._store[name]
         value = fn()
-        if self._depth or not self._differentiable():
-            self._store[name] = value
-            if self._differentiable():
-                self._scoped_names.add(name)
+        self._keep(name, value)
         return value
 
     def _new(self, diag: Tensor | None = None, blocks=None, partitions=None, root=..., weights=None):
@@ -1147,15 +1165,13 @@ class BlockMeanSumLinearOperator(LinearOperator):
         root_t = None
         if (
             self._root_arg is not None
-            and "gram" not in self._store
+            and not self._cached("gram")
             and self._depth
             and scaled.shape[:-2] == tuple(self._root_arg.shape[:-2])
         ):
             # one pass over U for its Gram matrix and U^T D^{-1} b (and one gradient buffer for U)
             a, blocks, root_t = self._compute_gram(extra=scaled)
-            self._store["gram"] = (a, blocks)
-            if self._differentiable():
-                self._scoped_names.add("gram")
+            self._keep("gram", (a, blocks))
         u = self._z_t(scaled, root_t)
         x = self._cap_solve([self._G(t, ut) for t, ut in enumerate(u)])
         return scaled, u, x

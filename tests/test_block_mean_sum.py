@@ -972,3 +972,46 @@ def test_float32_root_over_several_chunks(small_chunks):
     assert_close(l32, l64, torch.float32)
     for a, e in zip(g32, g64):
         assert_close(a, e, torch.float32)
+
+
+# ---------------------------------------------------------------------------- caches across grad modes
+@pytest.mark.parametrize("method", ["logdet", "solve", "inv_quad_logdet"])
+def test_a_call_under_no_grad_leaves_no_graphless_cache_for_later_gradients(method):
+    """A closed form computed under ``no_grad`` caches the factorisation; a later call with gradients must not
+    use it (it has no graph): the gradients equal those of a fresh operator. Calls without gradients still share
+    one factorisation."""
+    gen = torch.Generator().manual_seed(3)
+    n = 60
+    parts = [Partition.from_labels(random_labels(n, k, gen)) for k in (7, 4)]
+    leaves = [
+        (0.5 + torch.rand(7, generator=gen, dtype=torch.float64)).requires_grad_(),
+        (0.5 + torch.rand(4, generator=gen, dtype=torch.float64)).requires_grad_(),
+        (0.5 + torch.rand(n, generator=gen, dtype=torch.float64)).requires_grad_(),
+        (0.3 * torch.randn(n, 2, generator=gen, dtype=torch.float64)).requires_grad_(),
+    ]
+    rhs = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+
+    def build():
+        b1, b2, d, U = leaves
+        return BlockMeanSumLinearOperator(d, b1, b2, partitions=parts, root=U, diagonal=[True, True])
+
+    def loss(op):
+        if method == "logdet":
+            return op.logdet()
+        if method == "solve":
+            return (op.solve(rhs) * rhs).sum()
+        inv_quad, logdet = op.inv_quad_logdet(rhs, logdet=True)
+        return inv_quad + logdet
+
+    op = build()
+    calls = []
+    factorise = op._factorise
+    op._factorise = lambda: calls.append(1) or factorise()
+    with torch.no_grad():
+        first = loss(op)
+        assert torch.equal(loss(op), first)
+    assert len(calls) == 1  # without gradients the factorisation is kept
+    got = torch.autograd.grad(loss(op), leaves)
+    want = torch.autograd.grad(loss(build()), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
