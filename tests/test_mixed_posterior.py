@@ -473,3 +473,31 @@ def test_sums_without_our_kernels_keep_gpytorchs_strategy_and_install_is_idempot
     with torch.no_grad():
         model(x[:3])
     assert type(model.prediction_strategy) is DefaultPredictionStrategy
+
+
+@pytest.mark.parametrize("likelihood", [False, True])
+def test_a_root_made_under_no_grad_is_made_again_with_gradients(likelihood):
+    """A posterior made with gradients whose root was first asked for under ``no_grad`` (the root factor, or the
+    square root's core with the likelihood's noise, kept for later draws): a draw with gradients builds its own,
+    and its gradients equal those of a fresh posterior."""
+    model, kernels, x, y, noise_diag = build("crossed")
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    base = torch.randn(2, x.shape[0], dtype=DTYPE, generator=torch.Generator().manual_seed(5))
+
+    def draws():
+        post = model(x)
+        return model.likelihood(post) if likelihood else post
+
+    with closed_forms_only(x.shape[0]), gpytorch.settings.max_cholesky_size(0):
+        dist = draws()
+        with torch.no_grad():
+            first = dist.rsample(base_samples=base)
+        second = dist.rsample(base_samples=base)
+        grads = torch.autograd.grad(second.square().sum(), params, allow_unused=True)
+        want = torch.autograd.grad(draws().rsample(base_samples=base).square().sum(), params, allow_unused=True)
+    torch.testing.assert_close(first, second.detach(), rtol=1e-10, atol=1e-12)
+    for p, g, w in zip(params, grads, want):
+        g = torch.zeros_like(p) if g is None else g
+        w = torch.zeros_like(p) if w is None else w
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)

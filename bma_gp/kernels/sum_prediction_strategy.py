@@ -1469,16 +1469,21 @@ class TrainingPosteriorLinearOperator(LinearOperator):
     def H(self) -> Tensor:
         r""":math:`H = C^{-1} G` as a ``q x q`` matrix, formed on first use when it was not given (nothing of this
         operator needs it when ``M`` eliminates a grouping). # shape: (*batch, q, q)"""
-        if self._h is None:
+        if self._h is None or self._graphless(self._h):
             self._h = _training_weight(self.M)
         return self._h
 
     @property
     def Y(self) -> Tensor:
         r""":math:`Y` with :math:`Y Y^\top = H`, formed on first use (only roots need it). # shape: (*batch, q, q)"""
-        if self._y is None:
+        if self._y is None or self._graphless(self._y):
             self._y = _posterior_root_factor(self.M)
         return self._y
+
+    def _graphless(self, kept: Tensor) -> bool:
+        """Whether a kept factor was made without the graph this call needs (under ``no_grad``, from a training
+        covariance whose tensors require gradients): then it is made again."""
+        return not kept.requires_grad and self.M._differentiable()
 
     @property
     def dtype(self) -> torch.dtype:  # the factors are held in the working precision
@@ -1592,7 +1597,7 @@ class TrainingPosteriorLinearOperator(LinearOperator):
             return super().root_decomposition(method=method)
         if self.diag_kind == "positive":
             core = getattr(self, "_square_core", None)
-            if core is None:
+            if core is None or self._graphless(core):
                 core = self._square_root_core()
                 if not core.requires_grad:  # kept for the next draw; one with a graph is rebuilt per call
                     self._square_core = core
