@@ -203,6 +203,26 @@ class _CrossBlocks:
         out = values.new_zeros(*values.shape[:-1], self.sizes[i] * self.ke)
         return out.index_add(-1, flat, values).unflatten(-1, (self.sizes[i], self.ke))
 
+    def columns(self, levels: Tensor) -> Tensor:
+        """The columns ``levels`` of :math:`A_{re}` (levels of the eliminated grouping, distinct), without forming
+        the other columns of a piece kept as cells. # shape: (*b, r, len(levels))"""
+        L = levels.shape[0]
+        parts = []
+        for i, piece in enumerate(self.pieces):
+            if torch.is_tensor(piece):
+                parts.append(piece.index_select(-1, levels))
+                continue
+            cells, values = piece
+            position = torch.full((self.ke,), -1, dtype=torch.long, device=levels.device)
+            position[levels] = torch.arange(L, device=levels.device)
+            where = position[cells.col]
+            keep = where >= 0
+            flat = cells.row[keep] * L + where[keep]
+            out = values.new_zeros(*values.shape[:-1], self.sizes[i] * L)
+            parts.append(out.index_add(-1, flat, values[..., keep]).unflatten(-1, (self.sizes[i], L)))
+        batch = torch.broadcast_shapes(*(p.shape[:-2] for p in parts))
+        return torch.cat([p.expand(*batch, *p.shape[-2:]) for p in parts], dim=-2)
+
     def matmul(self, X: Tensor) -> Tensor:
         """:math:`A_{re} X` for ``X`` (*b, k_e, m). # shape: (*b, r, m)"""
         parts = []

@@ -298,6 +298,16 @@ def test_crossed_levels_kept_as_cells(implicit_either, monkeypatch):
             mean, dense, var = post.mean, covar.to_dense(), post.variance
             cap = covar.W.M._capacitance()
             assert any(not torch.is_tensor(piece) for piece in cap.A_re.pieces)  # the table as cells
+            if implicit_either == "structured":  # A_Er at the test levels, from the cells
+                assert covar._structured() is not None
+            levels = torch.tensor(
+                [0, 5, 17, cap.A_re.ke - 1, 42]
+            )  # columns of A_re from its cells, against the formed table
+            for i in range(len(cap.A_re.pieces)):
+                torch.testing.assert_close(
+                    cap.A_re.columns(levels)[..., sum(cap.A_re.sizes[:i]) : sum(cap.A_re.sizes[: i + 1]), :],
+                    cap.A_re.dense(i).index_select(-1, levels),
+                )
     assert (0, 1) not in formed  # and never as a k1 x k2 matrix
     # with autograd on, the products from the cells take gathers instead of the sparse CSR product: same numbers
     model.train()

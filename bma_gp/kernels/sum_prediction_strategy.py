@@ -841,8 +841,8 @@ _DIAG_CHUNK = 2**22
 _SPARSE_COLUMNS = 64
 
 
-#: The structured forms at new inputs (:class:`_Structured`) keep :math:`A_{Er}`, ``k_E r_e x R`` entries; past this
-#: many the predictive covariance applies :math:`W` as products instead.
+#: The structured forms at new inputs (:class:`_Structured`) keep :math:`A_{Er}` at the eliminated levels the test
+#: points use (``levels r_e x R`` entries); past this many the predictive covariance applies :math:`W` as products.
 _STRUCTURED_MAX_ELEMENTS = 2**26
 
 
@@ -881,7 +881,7 @@ class _Structured:
         index: each test row's eliminated level. # shape: (t,)
         w: :math:`\Delta^{-1} v` per row (:math:`V` row :math:`a` is :math:`w_a^\top A_{Er}` at its level), None
             without other terms. # shape: (*batch, t, r_e)
-        A_Er: :math:`A_{Er}` per eliminated level. # shape: (*batch, k, r_e, R)
+        A_Er: :math:`A_{Er}` at the eliminated levels the test rows use. # shape: (*batch, levels, r_e, R)
         rest: the blocks of :math:`F_r` (None: zero) and their widths.
         core: the ``2R x 2R`` matrix between :math:`[V, F_r]` and its transpose. # shape: (*batch, 2 R, 2 R)
     """
@@ -898,17 +898,15 @@ class _Structured:
     @staticmethod
     def build(M: BlockMeanSumLinearOperator, blocks: list[Tensor | _OneHot | None], t: int) -> _Structured | None:
         """The pieces, or None when the factorisation eliminates no grouping, a block of an eliminated term is
-        not one-hot (or two put a row in different columns), or :math:`A_{Er}` would pass
-        ``_STRUCTURED_MAX_ELEMENTS`` entries."""
+        not one-hot (or two put a row in different columns), or :math:`A_{Er}` at the levels the test rows use
+        would pass ``_STRUCTURED_MAX_ELEMENTS`` entries."""
         cap = M._capacitance()
         E = list(cap.joint.terms) if cap.joint is not None else [cap.elim] if cap.elim is not None else []
         if not E:
             return None
         sizes = M._sizes()
         rest = [i for i in range(len(sizes)) if i not in E]
-        R, k, re = sum(sizes[i] for i in rest), sizes[E[0]], len(E)
-        if k * re * R > _STRUCTURED_MAX_ELEMENTS:
-            return None
+        R, re = sum(sizes[i] for i in rest), len(E)
         onehots: dict[int, _OneHot] = {}
         for e in E:
             block = blocks[e]
@@ -933,6 +931,8 @@ class _Structured:
             delta = cap.delta.unsqueeze(-1).unsqueeze(-1)
             A = M._gram()[0][E[0]].to(wdt).unsqueeze(-1).unsqueeze(-1)
         levels, inverse = torch.unique(index, return_inverse=True)
+        if levels.shape[0] * re * R > _STRUCTURED_MAX_ELEMENTS:
+            return None
         delta_l = delta.index_select(-3, levels)
         A_EE = torch.linalg.solve(delta_l.mT, A.index_select(-3, levels)).mT  # A Delta^-1
         A_EE = 0.5 * (A_EE + A_EE.mT)
@@ -940,13 +940,12 @@ class _Structured:
             return _Structured(inverse, v, A_EE, index)
         # V = F_E Delta^-T A_Er, row by row: w = Delta_l^-1 v
         w = torch.linalg.solve(delta_l.index_select(-3, inverse), v.unsqueeze(-1)).squeeze(-1)  # (*b, t, r_e)
-        if cap.joint is not None:
+        if cap.joint is not None:  # A_Er at the levels the test rows use
             assert cap.joint.A_rE is not None
-            A_Er = cap.joint.A_rE.movedim(-3, -1)  # (*b, k, r_e, R)
+            A_Er = cap.joint.A_rE.index_select(-2, levels).movedim(-3, -1)  # (*b, L, r_e, R)
         else:
             assert cap.A_re is not None
-            eye = torch.eye(R, dtype=wdt, device=device).expand(*M.batch_shape, R, R)
-            A_Er = cap.A_re.t_matmul(eye).unsqueeze(-2)  # (*b, k, 1, R)
+            A_Er = cap.A_re.columns(levels).to(wdt).mT.unsqueeze(-2)  # (*b, L, 1, R)
         pieces = tuple((blocks[i], sizes[i]) for i in rest)
         assert cap.lu is not None and cap.A_tilde is not None
         eye = torch.eye(R, dtype=wdt, device=device).expand(*M.batch_shape, R, R)
@@ -960,7 +959,7 @@ class _Structured:
         """Rows of :math:`[V, F_r]` (a slice, or indices without batch dimensions). # shape: (*batch, c, 2 R)"""
         assert self.w is not None and self.A_Er is not None
         w = self.w[..., rows, :]
-        V = (w.unsqueeze(-1) * self.A_Er.index_select(-3, self.index[rows])).sum(-2)  # (*b, c, R)
+        V = (w.unsqueeze(-1) * self.A_Er.index_select(-3, self.inverse[rows])).sum(-2)  # (*b, c, R)
         c, wdt = V.shape[-2], V.dtype
         pieces = [V]
         for block, size in self.rest:
