@@ -413,9 +413,6 @@ class _OneHot:
         """The columns with ``-1`` read as 0 (those rows' weight is 0). # shape: (t,)"""
         return self.columns.clamp_min(0)
 
-    def to(self, dtype: torch.dtype) -> _OneHot:
-        return _OneHot(self.values.to(dtype), self.columns, self.k)
-
     def expand(self, *shape: int) -> _OneHot:
         return _OneHot(self.values.expand(*shape[:-1]), self.columns, self.k)
 
