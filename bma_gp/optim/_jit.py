@@ -1,0 +1,112 @@
+"""The fused step's two passes on CPU as numba kernels: :func:`block_sums` and :func:`apply_update`.
+
+Same signatures and results (to rounding) as :func:`bma_gp.optim._fused.block_sums` and
+:func:`bma_gp.optim._fused.apply_update`, which ``torch.compile`` turns into loops; here numba
+(an LLVM JIT shipped as a wheel, no C++ toolchain) compiles :mod:`bma_gp.optim._jit_kernels` once
+per machine and dtype (float32, float64) and keeps the machine code in its on-disk cache. Measured
+on the 2-core development machine (docs/optimizer.md): a few seconds the first time, about 0.7 s
+per new process after that, against 5-21 s per process for ``torch.compile``; the same seven
+streams over the parameters, and no guard checks per call.
+
+numba is an optional dependency (``pip install bma-gp[jit]``): :data:`AVAILABLE` says whether it is
+installed, without importing it (the import and the cache load happen at the first fused CPU step).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["AVAILABLE", "CHUNK", "apply_update", "block_sums", "usable"]
+
+#: whether numba is installed (the kernels are imported at the first use)
+AVAILABLE = importlib.util.find_spec("numba") is not None
+
+#: entries per parallel task; a task never crosses a block (a row of the ``(rows, cols)`` matrix)
+CHUNK = 16384
+
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether statistics of this device and dtype can take the numba kernels: numba installed, CPU, float32 or
+    float64."""
+    return AVAILABLE and torch.device(device).type == "cpu" and dtype in _NUMPY
+
+
+#: tensors of at most this many entries run on the calling thread (a parallel launch costs more than it saves)
+SERIAL_MAX = CHUNK
+
+_THREADS = [0]
+
+
+def _kernels():
+    import numba
+
+    from bma_gp.optim import _jit_kernels
+
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if threads != _THREADS[0]:  # as many threads as torch uses (numba's own default is every core)
+        numba.set_num_threads(threads)
+        _THREADS[0] = threads
+    return _jit_kernels
+
+
+def _as_flat(x: Tensor, h: Tensor) -> np.ndarray:
+    """``x`` as a contiguous 1-d numpy array in ``h``'s dtype (a view where it already is one)."""
+    x = x.detach().reshape(-1)
+    if x.dtype != h.dtype:
+        x = x.to(h.dtype)
+    return x.contiguous().numpy()
+
+
+def _h_flat(h: Tensor) -> np.ndarray:
+    if not h.is_contiguous():
+        raise ValueError("the fused numba passes need contiguous statistics (a view of the flat h buffer)")
+    return h.detach().reshape(-1).numpy()
+
+
+def block_sums(gs: list[Tensor], hs: list[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    """Pass 1 (see :func:`bma_gp.optim._fused.block_sums`): per block ``sum v``, ``sum n``, ``sum n^2``, and whether
+    every gradient entry is finite; reads ``g`` and ``h``, writes nothing."""
+    kernels = _kernels()
+    dtype = hs[0].dtype
+    one, eps_ = _NUMPY[dtype](1), _NUMPY[dtype](eps)
+    parts = []
+    for g, h in zip(gs, hs):
+        rows, cols = h.shape
+        if rows * cols == 0:
+            parts.append(np.zeros((rows, 4)))
+            continue
+        if rows * cols <= SERIAL_MAX:
+            parts.append(kernels.block_sums_serial(_as_flat(g, h), _h_flat(h), cols, eps_, one))
+        else:
+            parts.append(kernels.block_sums(_as_flat(g, h), _h_flat(h), cols, eps_, one, CHUNK))
+    sums = np.concatenate(parts) if parts else np.zeros((0, 4))
+    finite = bool((sums[:, 3] == 0).all())
+    return torch.from_numpy(np.ascontiguousarray(sums[:, :3])).to(dtype), torch.tensor(finite)
+
+
+def apply_update(gs: list[Tensor], hs: list[Tensor], ps: list[Tensor], coefs: list[Tensor], eps: float) -> None:
+    """Pass 2 (see :func:`bma_gp.optim._fused.apply_update`): ``h += g^2`` and ``p = c2 p + c0 n + c1 r`` in place."""
+    kernels = _kernels()
+    for g, h, p, c in zip(gs, hs, ps, coefs):
+        rows, cols = h.shape
+        if rows * cols == 0:
+            continue
+        dtype = h.dtype
+        one, eps_ = _NUMPY[dtype](1), _NUMPY[dtype](eps)
+        direct = p.dtype == dtype and p.is_contiguous()
+        # a parameter in another dtype or layout is updated in a contiguous copy in h's dtype, then written back
+        target = p.detach() if direct else p.detach().reshape(-1).to(dtype, copy=True)
+        coef = c.detach().to(dtype).contiguous().numpy()
+        arrays = (_as_flat(g, h), _h_flat(h), target.reshape(-1).numpy(), coef, cols, eps_, one)
+        if rows * cols <= SERIAL_MAX:
+            kernels.apply_update_serial(*arrays)
+        else:
+            kernels.apply_update(*arrays, CHUNK)
+        if not direct:
+            p.copy_(target.view(p.shape))
