@@ -61,9 +61,12 @@ def block_sums(g, h, cols, eps, one, chunk):  # pragma: no cover - compiled
         part[t, 1] = s_n
         part[t, 2] = s_nn
         part[t, 3] = bad
+    if per_row == 1:
+        return part
     out = np.zeros((rows, 4), dtype=np.float64)
-    for t in range(tasks):
-        out[t // per_row] += part[t]
+    for t in range(tasks):  # scalar loops: a row slice ``out[i] += part[t]`` allocates a temporary per task
+        for c in range(4):
+            out[t // per_row, c] += part[t, c]
     return out
 
 
