@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 
-from bma_gp.optim import BlockMeanAdagrad
+from bma_gp.optim import BlockMeanAdagrad, _fused
+
+DEFAULT_BACKEND = _fused.CPU_BACKEND
 
 
 def build_model(width: int, depth: int) -> torch.nn.Module:
@@ -39,10 +41,16 @@ def build_model(width: int, depth: int) -> torch.nn.Module:
 
 
 def time_steps(
-    opt: torch.optim.Optimizer, steps: int, device: torch.device, flush: torch.Tensor | None = None
+    opt: torch.optim.Optimizer,
+    steps: int,
+    device: torch.device,
+    flush: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> list[tuple[float, float]]:
     """Wall-clock and process CPU time of ``steps`` calls of ``opt.step()``; with ``flush``, that buffer is written
-    (untimed) before every step, evicting the caches as a training step's forward and backward pass would."""
+    (untimed) before every step, evicting the caches as a training step's forward and backward pass would. ``backend``
+    sets the fused passes' CPU backend (``bma_gp.optim._fused.CPU_BACKEND``) for these steps."""
+    _fused.CPU_BACKEND = backend or DEFAULT_BACKEND
     times = []
     for _ in range(steps):
         if flush is not None:
@@ -126,10 +134,13 @@ def main(argv=None) -> None:
         "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=1e-2),
         "adagrad_foreach": lambda ps: torch.optim.Adagrad(ps, lr=1e-2, foreach=True),
         "adagrad_fused": lambda ps: torch.optim.Adagrad(ps, lr=1e-2, fused=True),
+        # fused=True: on CPU numba's kernels when numba is installed, torch.compile'd passes otherwise
+        # (the "_inductor" configurations force torch.compile, for the comparison in the same run)
         "block_mean_tensor_fused": lambda ps: BlockMeanAdagrad(ps, lr=1e-2, partition="tensor", fused=True),
         "block_mean_row_interval100_fused": lambda ps: BlockMeanAdagrad(
             ps, lr=1e-2, partition="row", update_interval=100, fused=True
         ),
+        "block_mean_tensor_fused_inductor": lambda ps: BlockMeanAdagrad(ps, lr=1e-2, partition="tensor", fused=True),
         "block_mean_tensor": lambda ps: BlockMeanAdagrad(ps, lr=1e-2, partition="tensor"),
         "block_mean_tensor_nocheck": lambda ps: BlockMeanAdagrad(ps, lr=1e-2, partition="tensor", check_finite=False),
         "block_mean_row_interval100": lambda ps: BlockMeanAdagrad(ps, lr=1e-2, partition="row", update_interval=100),
@@ -149,18 +160,19 @@ def main(argv=None) -> None:
             if name.endswith("_zeros"):
                 p.grad.view(-1)[::100] = 0.0
         opt = make(model.parameters())
-        time_steps(opt, 2, device)  # warm-up: lazy state, first root
-        runs[name] = (model, opt, [])
+        backend = "inductor" if name.endswith("_inductor") else None
+        time_steps(opt, 2, device, backend=backend)  # warm-up: lazy state, first root, compilation
+        runs[name] = (model, opt, [], backend)
     d = sum(p.numel() for p in runs["adagrad"][0].parameters())
     flush = None
     if args.flush_mb:
         flush = torch.empty(int(args.flush_mb * 2**20) // 4, dtype=torch.float32, device=device)
     for _ in range(args.rounds):
-        for _name, (_, opt, times) in runs.items():
-            times.extend(time_steps(opt, args.steps, device, flush))
+        for _name, (_, opt, times, backend) in runs.items():
+            times.extend(time_steps(opt, args.steps, device, flush, backend))
 
-    wall = {name: statistics.median(w for w, _ in t) for name, (_, _, t) in runs.items()}
-    cpu = {name: statistics.median(c for _, c in t) for name, (_, _, t) in runs.items()}
+    wall = {name: statistics.median(w for w, _ in t) for name, (_, _, t, _) in runs.items()}
+    cpu = {name: statistics.median(c for _, c in t) for name, (_, _, t, _) in runs.items()}
     result = {
         "benchmark": "optimizer_step",
         "device": str(device),
@@ -177,6 +189,7 @@ def main(argv=None) -> None:
         "median_cpu_ms": {name: round(1e3 * t, 3) for name, t in cpu.items()},
         "cpu_ratio_to_adagrad": {name: round(t / cpu["adagrad"], 3) for name, t in cpu.items()},
         "blocks_row": runs["block_mean_row_interval100"][1].partition.num_blocks,
+        "fused_cpu_backend": DEFAULT_BACKEND if _fused.uses_numba(device, torch.float32) else "inductor",
     }
     print(json.dumps(result))
 

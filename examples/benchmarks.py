@@ -741,11 +741,14 @@ def targets(records: list[dict]) -> list[tuple[str, str, str]]:
                 )
             )
         if fused is not None:
+            backend = r.get("fused_cpu_backend", "inductor") if r.get("device") == "cpu" else "torch.compile"
+            inductor = ratios.get("block_mean_tensor_fused_inductor")
+            other = "" if inductor is None else f"; torch.compile'd passes in the same run: {inductor:.2f}x"
             res.append(
                 (
-                    f"BlockMeanAdagrad fused=True step ({size}): <= 1.5x Adagrad",
+                    f"BlockMeanAdagrad fused=True step ({size}, {backend}): <= 1.5x Adagrad",
                     f"{fused:.2f}x ({ms.get('block_mean_tensor_fused', float('nan')):.2f} ms vs Adagrad "
-                    f"{ms.get('adagrad', float('nan')):.2f} ms)",
+                    f"{ms.get('adagrad', float('nan')):.2f} ms){other}",
                     _verdict(fused <= 1.5, fused / 1.5),
                 )
             )

@@ -96,14 +96,12 @@ def compiled(name: str):
     On CPU, with :data:`CPU_BACKEND` ``"numba"`` and numba installed, the numba kernels of
     :mod:`bma_gp.optim._jit`; otherwise the ``torch.compile``'d function (below).
     """
-    jit = getattr(_jit, name)
-    inductor = _inductor(name)
 
     def call(*args):
         hs = args[1]
         if hs and uses_numba(hs[0].device, hs[0].dtype):
-            return jit(*args)
-        return inductor(*args)
+            return getattr(_jit, name)(*args)
+        return _inductor(name)(*args)  # torch.compile (and its 2 s import) only where it runs
 
     return call
 
