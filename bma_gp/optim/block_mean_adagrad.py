@@ -22,9 +22,10 @@ from bma_gp.optim.param_blocks import ParamBlocks, check_partition_rule
 
 __all__ = ["BlockMeanAdagrad"]
 
-#: below this many parameter entries (with a gradient) ``fused=True`` takes the eager path: there the
-#: compiled passes' fixed cost (guards, two calls) is more than they save (CPU crossover measured between
-#: 1.3e5 and 5.3e5 entries; see docs/optimizer.md)
+#: below this many parameter entries (with a gradient) ``fused=True`` with ``torch.compile`` takes the eager path:
+#: there the compiled passes' fixed cost (guards, two calls) is more than they save (CPU crossover measured between
+#: 1.3e5 and 5.3e5 entries; see docs/optimizer.md). numba's kernels (CPU) run at any size: they measured faster
+#: than the eager step at every size.
 FUSED_MIN_NUMEL = 2**18
 
 
@@ -92,16 +93,18 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             non-finite gradient then turns the state into ``nan`` (on CPU the
             eigendecomposition of the ``k x k`` core may raise
             ``torch.linalg.LinAlgError``). Default: ``True``.
-        fused: run the step as two ``torch.compile``'d passes over the parameters
-            (``"tensor"`` and ``"row"`` partitions only): pass 1 reduces the block sums and the
-            finiteness flag without writing, pass 2 writes ``h`` and the parameters. Same
-            results to rounding, same state (checkpoints move between both modes), about half
-            the eager step's time at millions of parameters. Steps with fewer than
-            :data:`FUSED_MIN_NUMEL` gradient entries take the eager path, where it is faster.
-            The first compiled step of each new parameter structure compiles once per process
-            (seconds; see docs/optimizer.md for the cost). Where
-            ``torch.compile`` fails (the CPU backend needs a C++ compiler) the same passes run
-            eagerly, with one ``RuntimeWarning``. Like ``torch.optim``'s ``fused``, it is
+        fused: run the step as two fused passes over the parameters (``"tensor"`` and ``"row"``
+            partitions only): pass 1 reduces the block sums and the finiteness flag without
+            writing, pass 2 writes ``h`` and the parameters. Same results to rounding, same state
+            (checkpoints move between both modes), about half the eager step's time at millions of
+            parameters. On CPU with numba installed (``pip install bma-gp[jit]``) the passes are
+            numba kernels, compiled once per machine and dtype (seconds) and loaded from numba's
+            disk cache by later processes (about a second); they run at every model size. Otherwise
+            (CUDA, or no numba) they are ``torch.compile``'d: each new parameter structure compiles
+            once per process (seconds), steps with fewer than :data:`FUSED_MIN_NUMEL` gradient
+            entries take the eager path, where it is faster, and where ``torch.compile`` fails (the
+            CPU backend needs a C++ compiler) the same passes run eagerly, with one
+            ``RuntimeWarning``. Costs in docs/optimizer.md. Like ``torch.optim``'s ``fused``, it is
             opt-in. Default: ``False``.
 
     State: ``state[p]["sum"]`` is :math:`h` of parameter ``p`` (as in
