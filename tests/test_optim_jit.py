@@ -156,3 +156,40 @@ def test_usable_only_for_cpu_float32_and_float64():
     assert _jit.usable(cpu, torch.float32) and _jit.usable("cpu", torch.float64)
     assert not _jit.usable(cpu, torch.float16) and not _jit.usable(cpu, torch.bfloat16)
     assert not _jit.usable(torch.device("cuda", 0), torch.float32)  # a device object, nothing allocated there
+
+
+def test_a_numba_that_fails_to_import_warns_once_and_the_fused_step_uses_torch_compile(monkeypatch):
+    import builtins
+
+    from bma_gp.optim import BlockMeanAdagrad, _fused
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "numba" or name.startswith("numba."):
+            raise ImportError("Numba needs NumPy 2.3 or less")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    monkeypatch.setattr(_jit, "_IMPORT", [])
+    monkeypatch.setattr(_fused, "CPU_BACKEND", "numba")
+    from bma_gp.optim import block_mean_adagrad
+
+    monkeypatch.setattr(block_mean_adagrad, "FUSED_MIN_NUMEL", 0)  # torch.compile's size threshold applies again
+    seen = []
+    monkeypatch.setattr(
+        _fused, "_inductor", lambda name: lambda *args: seen.append(name) or getattr(_fused, name)(*args)
+    )
+    model = torch.nn.Linear(3, 2).double()
+    opt = BlockMeanAdagrad(model.parameters(), lr=0.1, fused=True)
+    model(torch.ones(4, 3, dtype=torch.float64)).sum().backward()
+    with pytest.warns(RuntimeWarning, match="numba is installed but could not be imported.*NumPy 2.3"):
+        opt.step()
+    assert seen == ["block_sums", "apply_update"]  # the torch passes ran (here uncompiled)
+    assert not _jit.usable("cpu", torch.float64)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once
+        opt.step()
+    assert opt.global_state["step"] == 2

@@ -15,6 +15,7 @@ installed, without importing it (the import and the cache load happen at the fir
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import numpy as np
 import torch
@@ -32,9 +33,34 @@ _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether statistics of this device and dtype can take the numba kernels: numba installed, CPU, float32 or
-    float64."""
-    return AVAILABLE and torch.device(device).type == "cpu" and dtype in _NUMPY
+    """Whether statistics of this device and dtype can take the numba kernels: numba installed and importable,
+    CPU, float32 or float64."""
+    return AVAILABLE and torch.device(device).type == "cpu" and dtype in _NUMPY and _importable()
+
+
+_IMPORT: list[bool] = []  # [whether numba and the kernels imported], once tried
+
+
+def _importable() -> bool:
+    """Import numba and the kernels once; where that fails (numba installed but broken, e.g. built for another
+    numpy), warn once and report ``False``, so that ``fused=True`` runs its ``torch.compile`` path instead."""
+    if not _IMPORT:
+        try:
+            import numba  # noqa: F401
+
+            from bma_gp.optim import _jit_kernels  # noqa: F401
+        except Exception as exc:  # any import-time failure of the optional dependency
+            warnings.warn(
+                f"BlockMeanAdagrad(fused=True): numba is installed but could not be imported ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); the fused passes use torch.compile instead. "
+                "Reinstall numba (pip install bma-gp[jit]) or uninstall it to silence this warning.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            _IMPORT.append(False)
+        else:
+            _IMPORT.append(True)
+    return _IMPORT[0]
 
 
 #: tensors of at most this many entries run on the calling thread (a parallel launch costs more than it saves)
