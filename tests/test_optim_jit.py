@@ -193,3 +193,25 @@ def test_a_numba_that_fails_to_import_warns_once_and_the_fused_step_uses_torch_c
         warnings.simplefilter("error")  # warned once
         opt.step()
     assert opt.global_state["step"] == 2
+
+
+def test_the_thread_count_is_set_in_every_calling_thread():
+    # numba's thread count is per calling thread: a step from another thread must set it there too
+    import threading
+
+    import numba
+
+    g, h, _, _ = _case((2, 3 * _jit.CHUNK), torch.float32)
+    seen = []
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _jit.block_sums([g], [h], 1e-10)  # the main thread is set to 1; a new thread starts at numba's default
+        worker = threading.Thread(
+            target=lambda: (_jit.block_sums([g], [h], 1e-10), seen.append(numba.get_num_threads()))
+        )
+        worker.start()
+        worker.join()
+    finally:
+        torch.set_num_threads(old)
+    assert seen == [1]

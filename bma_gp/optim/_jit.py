@@ -15,6 +15,7 @@ installed, without importing it (the import and the cache load happen at the fir
 from __future__ import annotations
 
 import importlib.util
+import threading
 import warnings
 
 import numpy as np
@@ -66,7 +67,7 @@ def _importable() -> bool:
 #: tensors of at most this many entries run on the calling thread (a parallel launch costs more than it saves)
 SERIAL_MAX = CHUNK
 
-_THREADS = [0]
+_THREADS = threading.local()  # numba's thread count is a setting of the calling thread
 
 
 def _kernels():
@@ -75,9 +76,9 @@ def _kernels():
     from bma_gp.optim import _jit_kernels
 
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if threads != _THREADS[0]:  # as many threads as torch uses (numba's own default is every core)
+    if getattr(_THREADS, "count", None) != threads:  # as many threads as torch uses (numba's default: every core)
         numba.set_num_threads(threads)
-        _THREADS[0] = threads
+        _THREADS.count = threads
     return _jit_kernels
 
 
