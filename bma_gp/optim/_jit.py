@@ -4,9 +4,9 @@ Same signatures and results (to rounding) as :func:`bma_gp.optim._fused.block_su
 :func:`bma_gp.optim._fused.apply_update`, which ``torch.compile`` turns into loops; here numba
 (an LLVM JIT shipped as a wheel, no C++ toolchain) compiles :mod:`bma_gp.optim._jit_kernels` once
 per machine and dtype (float32, float64) and keeps the machine code in its on-disk cache. Measured
-on the 2-core development machine (docs/optimizer.md): a few seconds the first time, about 0.7 s
-per new process after that, against 5-21 s per process for ``torch.compile``; the same seven
-streams over the parameters, and no guard checks per call.
+on the 2-core development machine (docs/optimizer.md): 6.3 s the first time (float32), 0.9-1.0 s for
+the first step of every later process, against 4.3-5.0 s per process for ``torch.compile`` with a warm
+cache; the same seven streams over the parameters, and no guard checks per call.
 
 numba is an optional dependency (``pip install bma-gp[jit]``): :data:`AVAILABLE` says whether it is
 installed, without importing it (the import and the cache load happen at the first fused CPU step).
@@ -120,12 +120,12 @@ def block_sums(gs: list[Tensor], hs: list[Tensor], eps: float) -> tuple[Tensor, 
 def apply_update(gs: list[Tensor], hs: list[Tensor], ps: list[Tensor], coefs: list[Tensor], eps: float) -> None:
     """Pass 2 (see :func:`bma_gp.optim._fused.apply_update`): ``h += g^2`` and ``p = c2 p + c0 n + c1 r`` in place."""
     kernels = _kernels()
+    dtype = hs[0].dtype if hs else torch.float32  # one flat h buffer: one dtype
+    one, eps_ = _NUMPY[dtype](1), _NUMPY[dtype](eps)
     for g, h, p, c in zip(gs, hs, ps, coefs):
         rows, cols = h.shape
         if rows * cols == 0:
             continue
-        dtype = h.dtype
-        one, eps_ = _NUMPY[dtype](1), _NUMPY[dtype](eps)
         direct = p.dtype == dtype and p.is_contiguous()
         # a parameter in another dtype or layout is updated in a contiguous copy in h's dtype, then written back
         target = p.detach() if direct else p.detach().reshape(-1).to(dtype, copy=True)
