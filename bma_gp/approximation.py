@@ -44,8 +44,12 @@ def block_mean_from_sums(
     within = s * (s - 1)
     diag_T = torch.diagonal(block_sums, dim1=-2, dim2=-1)
     B_diag = torch.where(within > 0, (diag_T - diag_sums) / within.clamp_min(1), torch.zeros_like(diag_T))
-    eye = torch.eye(k, dtype=torch.bool, device=block_sums.device)
-    B = torch.where(eye, torch.diag_embed(B_diag), block_sums / pairs)
+    off = block_sums / pairs
+    shape = torch.broadcast_shapes(off.shape[:-1], B_diag.shape)  # the sums' batch shapes may differ
+    if shape != off.shape[:-1]:
+        off = off.expand(*shape, k)
+    # one k x k copy with the diagonal replaced (a mask, a diag_embed and a where cost three more passes)
+    B = torch.diagonal_scatter(off, B_diag.expand(shape), dim1=-2, dim2=-1)
     lam = diag_sums / s - B_diag
     return BlockMeanLinearOperator(lam, B, partition, symmetric=symmetric)
 

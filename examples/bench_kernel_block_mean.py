@@ -153,9 +153,15 @@ def run_case(name: str, n: int, d: int, k: int, repeat: int, dtype_name: str, ba
 
 
 def run_k_sweep(n: int, d: int, ks: list[int], rounds: int, dtype_name: str) -> list[dict]:
-    """RBF-ARD forward and forward + backward at each k, interleaved with the bare forward, best of ``rounds``."""
+    """RBF-ARD forward and forward + backward at each k, interleaved with the bare forward, best of ``rounds``.
+
+    Where numba is installed the tiles are reduced by its kernel (the default); forward + backward is then
+    also timed with torch's tile reduction (``bma_gp._kernel_sums.jit.BACKEND = "torch"``) in the same rounds.
+    """
     import torch
     from gpytorch import settings as gpt_settings
+
+    from bma_gp._kernel_sums import jit
 
     from bma_gp.kernel_block_mean import _CHUNK_BYTES, kernel_block_mean
     from bma_gp.partition_builders import kmeans_partition
@@ -186,7 +192,8 @@ def run_k_sweep(n: int, d: int, ks: list[int], rounds: int, dtype_name: str) -> 
         fn(*args)
         return time.perf_counter() - w0, time.process_time() - c0
 
-    bare_fwd(), kbm_fwd_bwd(partitions[ks[0]])  # warm-up
+    backends = ["numba", "torch"] if jit.usable("cpu", dtype) else ["torch"]
+    bare_fwd(), kbm_fwd_bwd(partitions[ks[0]])  # warm-up (and numba's first call)
     best: dict[tuple, tuple[float, float]] = {}
 
     def keep(key, value):
@@ -198,6 +205,12 @@ def run_k_sweep(n: int, d: int, ks: list[int], rounds: int, dtype_name: str) -> 
         for k in ks:
             keep(("fwd", k), timed(kbm_fwd, partitions[k]))
             keep(("fwd_bwd", k), timed(kbm_fwd_bwd, partitions[k]))
+            if len(backends) > 1:
+                jit.BACKEND = "torch"
+                try:
+                    keep(("fwd_bwd_torch", k), timed(kbm_fwd_bwd, partitions[k]))
+                finally:
+                    jit.BACKEND = "numba"
     bare_wall, bare_cpu = best[("bare",)]
     first_wall, first_cpu = best[("fwd_bwd", ks[0])]
     out = []
@@ -225,8 +238,13 @@ def run_k_sweep(n: int, d: int, ks: list[int], rounds: int, dtype_name: str) -> 
                 "ratio_fwd_bwd_vs_first_k": round(bw / first_wall, 3),
                 "cpu_ratio_fwd_bwd_vs_bare_fwd": round(bc / bare_cpu, 3),
                 "cpu_ratio_fwd_bwd_vs_first_k": round(bc / first_cpu, 3),
+                "tile_backend": backends[0],
             }
         )
+        if ("fwd_bwd_torch", k) in best:
+            tw = best[("fwd_bwd_torch", k)][0]
+            out[-1]["t_kbm_fwd_bwd_torch_s"] = round(tw, 4)
+            out[-1]["ratio_fwd_bwd_vs_first_k_torch"] = round(tw / best[("fwd_bwd_torch", ks[0])][0], 3)
     return out
 
 

@@ -15,6 +15,7 @@ from gloo_ranks import run_on_ranks
 # the package re-exports the function under the module's name, so fetch the modules themselves
 generic = importlib.import_module("bma_gp._kernel_sums.generic")
 stationary = importlib.import_module("bma_gp._kernel_sums.stationary")
+jit = importlib.import_module("bma_gp._kernel_sums.jit")
 
 N, D = 150, 3
 
@@ -168,7 +169,7 @@ def test_active_dims_are_respected():
 
 @pytest.mark.parametrize("kernel_name", ["rbf_ard", "matern05_ard", "matern25_ard"])
 @pytest.mark.parametrize("derivatives", ["kept", "evaluated_again"])
-def test_float32_fused_is_accurate(kernel_name, derivatives, monkeypatch):
+def test_float32_fused_is_accurate(kernel_name, derivatives, monkeypatch, tile_backend):
     _derivatives_from(monkeypatch, derivatives)
     kernel64 = _set_hypers(KERNELS[kernel_name]().double())
     partition = PARTITIONS["scattered"](400)
@@ -280,9 +281,15 @@ def test_tiles_cover_every_ordered_pair_once(n, rows, cols):
     assert torch.equal(count, torch.ones(n, n, dtype=torch.long))
 
 
-# where backward gets the lengthscale derivatives from: sums kept from forward (rows of few
-# blocks), a second evaluation of every tile, or both (a budget that keeps some tiles only)
-DERIVATIVES = {"kept": {}, "evaluated_again": {"MAX_ROW_BLOCKS": 0}, "mixed": {"KEPT_DERIVATIVE_BYTES": 2000}}
+# where backward gets the lengthscale derivatives from: sums kept from forward, a second evaluation
+# of every tile, or both (a budget that keeps some tiles only); torch's tile reduction keeps only
+# tiles whose rows span few blocks
+DERIVATIVES = {
+    "kept": {},
+    "evaluated_again": {"KEPT_DERIVATIVE_BYTES": 0},
+    "mixed": {"KEPT_DERIVATIVE_BYTES": 2000},
+    "few_row_blocks_kept": {"MAX_ROW_BLOCKS": 2},
+}
 
 
 def _derivatives_from(monkeypatch, name):
@@ -290,10 +297,23 @@ def _derivatives_from(monkeypatch, name):
         monkeypatch.setattr(stationary, attr, value)
 
 
+@pytest.fixture(params=["numba", "torch"])
+def tile_backend(request, monkeypatch):
+    """Reduce tiles with the numba kernel, or with torch's ops; asserts the chosen one ran."""
+    if request.param == "numba" and not jit.AVAILABLE:
+        pytest.skip("numba is not installed (pip install bma-gp[jit])")
+    monkeypatch.setattr(jit, "BACKEND", request.param)
+    ran = []
+    real = jit.tile_sums
+    monkeypatch.setattr(jit, "tile_sums", lambda *args: ran.append(1) or real(*args))
+    yield request.param
+    assert bool(ran) == (request.param == "numba")
+
+
 @pytest.mark.parametrize("derivatives", list(DERIVATIVES))
 @pytest.mark.parametrize("kernel_name", ["rbf", "rbf_ard", "matern05_ard", "matern15", "matern25_ard"])
 @pytest.mark.parametrize("chunk_size", [13, 64])
-def test_fused_tiles_cut_blocks(kernel_name, chunk_size, derivatives, monkeypatch):
+def test_fused_tiles_cut_blocks(kernel_name, chunk_size, derivatives, monkeypatch, tile_backend):
     monkeypatch.setattr(stationary, "TILE_COLS", 24)  # several mirrored tiles per row group
     _derivatives_from(monkeypatch, derivatives)
     # contiguous blocks of very different sizes: tiles of 13 or 64 rows start and end inside blocks
@@ -306,7 +326,7 @@ def test_fused_tiles_cut_blocks(kernel_name, chunk_size, derivatives, monkeypatc
 
 @pytest.mark.parametrize("derivatives", list(DERIVATIVES))
 @pytest.mark.parametrize("chunk_size", [5, 37, 256])
-def test_fused_many_small_blocks_scattered(chunk_size, derivatives, monkeypatch):
+def test_fused_many_small_blocks_scattered(chunk_size, derivatives, monkeypatch, tile_backend):
     _derivatives_from(monkeypatch, derivatives)
     # k close to n: every tile spans many blocks in its rows and in its columns
     labels = torch.unique(torch.randint(60, (N,), generator=torch.Generator().manual_seed(4)), return_inverse=True)[1]
@@ -314,7 +334,7 @@ def test_fused_many_small_blocks_scattered(chunk_size, derivatives, monkeypatch)
     _compare(kernel, _x(), Partition.from_labels(labels), chunk_size=chunk_size, fused=True)
 
 
-def test_backward_evaluates_again_only_the_tiles_it_did_not_keep(monkeypatch):
+def test_backward_evaluates_again_only_the_tiles_it_did_not_keep(monkeypatch, tile_backend):
     kernel = _set_hypers(ScaleKernel(RBFKernel(ard_num_dims=D)).double())
     partition = PARTITIONS["scattered"](N)
     calls = []
@@ -330,7 +350,7 @@ def test_backward_evaluates_again_only_the_tiles_it_did_not_keep(monkeypatch):
     forward = len(calls)
     _loss(op).backward()
     assert forward == 5 + 4 + 3 + 2 + 1 and len(calls) == forward  # everything kept: no second evaluation
-    monkeypatch.setattr(stationary, "MAX_ROW_BLOCKS", 0)
+    monkeypatch.setattr(stationary, "KEPT_DERIVATIVE_BYTES", 0)
     calls.clear()
     _loss(kernel_block_mean(kernel, _x(), partition, chunk_size=32)).backward()
     assert len(calls) == 2 * forward

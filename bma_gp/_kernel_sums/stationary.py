@@ -37,6 +37,14 @@ z_p^2]` gives every lengthscale's sum. Each tile takes the cheaper of two routes
 Both are :math:`O(d)` work per entry whatever :math:`k`, and the memory kept between
 the passes is bounded.
 
+**On CPU with numba** (float32/float64, the optional ``jit`` extra; :mod:`bma_gp._kernel_sums.jit`)
+each tile is instead reduced by one numba kernel that reads the values once and adds the block
+sums straight into the accumulator, and (forward with gradient) computes every tile's derivative
+sums :math:`\sum w (z_{pa} - z_{ja})^2` per (row block, column block) directly, however many
+blocks its rows span. Backward then only contracts them with :math:`G`, within
+:data:`KEPT_DERIVATIVE_BYTES`; tiles past it are evaluated again and reduced by the same kernel.
+This removes the per-row-block GEMMs that made many small blocks cost a second evaluation.
+
 **Distributed.** Each rank evaluates every ``world``-th tile; the block sums are summed over
 ranks in forward and the lengthscale gradient in backward, so every rank must call backward.
 """
@@ -47,12 +55,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from gpytorch.kernels import Kernel, MaternKernel, RBFKernel, ScaleKernel
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from bma_gp._broadcast import sum_to_shape
+from bma_gp._kernel_sums import jit
 from bma_gp._kernel_sums.plan import KernelSumsPlan, all_reduce, progress
 from bma_gp._precision import core_dtype
 
@@ -305,6 +315,18 @@ def _block_slices(tile: Tile) -> tuple[slice, slice]:
     )
 
 
+def _block_starts(plan: KernelSumsPlan) -> np.ndarray:
+    """Where each block starts in the sorted rows, then ``n``. # shape: (k + 1,)"""
+    return torch.cat([plan.sizes.new_zeros(1), plan.sizes.cumsum(0)]).to(torch.int64).cpu().numpy()
+
+
+def _tile_bounds(starts: np.ndarray, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+    """Where each row block and each column block starts in the tile, then its end (for the numba kernel)."""
+    rows = starts[tile.row_block : tile.row_block + tile.row_blocks + 1].clip(tile.r0, tile.r1) - tile.r0
+    cols = starts[tile.col_block : tile.col_block + tile.col_blocks + 1].clip(tile.c0, tile.c1) - tile.c0
+    return rows, cols
+
+
 # ============================================================================ segment sums of one tile
 def _column_segment_sum(values: Tensor, tile: Tile, labels: Tensor) -> Tensor:
     """Sum the last dimension (the tile's columns) over the column blocks. # shape: (..., C) -> (..., q)
@@ -405,17 +427,28 @@ def block_sums(
     acc = z.new_zeros(bsz, k, k, dtype=core_dtype(z.dtype))
     kept: dict[int, Tensor] = {}
     budget = KEPT_DERIVATIVE_BYTES if keep_derivatives else 0
+    numba = jit.usable(z.device, z.dtype)
+    starts = _block_starts(plan) if numba else None
     tiler = _TilePass(plan.labels, form, z, tiles)
     for index, tile in enumerate(progress(tiles, plan.show_progress, "kernel block sums")):
         rho2, spare, extra, zc = tiler.distances(tile)
         group = tiler.rows(tile)
-        size = bsz * tile.row_blocks * tile.col_blocks * z.shape[-1] * acc.element_size()
-        if tile.row_blocks <= MAX_ROW_BLOCKS and size <= budget:
+        size = bsz * tile.row_blocks * tile.col_blocks * z.shape[-1] * z.element_size()
+        keep = size <= budget and (numba or tile.row_blocks <= MAX_ROW_BLOCKS)
+        factor = 1.0
+        if keep:
             values, weights, factor = form.values_and_weights(rho2, spare, extra)
-            kept[index] = factor * _tile_derivative_sums(weights, group, zc, tile, plan.labels).to(acc.dtype)
             budget -= size
         else:
-            values = form.values(rho2, spare)
+            values, weights = form.values(rho2, spare), None
+        if starts is not None:  # values and derivative sums in one read of the tile, added to acc there
+            at = (tile.row_block, tile.col_block, tile.mirror)
+            derivs = jit.tile_sums(values, weights, *_tile_bounds(starts, tile), group.z, zc, acc, at, factor)
+            if derivs is not None:
+                kept[index] = derivs
+            continue
+        if weights is not None:
+            kept[index] = factor * _tile_derivative_sums(weights, group, zc, tile, plan.labels)
         sums = _tile_block_sums(values, group, tile, plan.labels).to(acc.dtype)
         rows, cols = _block_slices(tile)
         acc[:, rows, cols] += sums
@@ -442,11 +475,21 @@ def lengthscale_gradient(
         g = _tile_weights(grad, tiles[index]).to(acc.dtype)
         acc += (g.unsqueeze(2) * derivs).sum((1, 3))
     again = [t for i, t in enumerate(tiles) if i not in kept]
+    starts = _block_starts(plan) if again and jit.usable(z.device, z.dtype) else None
+    if starts is not None:
+        rows, cols = max(t.row_blocks for t in again), max(t.col_blocks for t in again)
+        scratch = z.new_zeros(bsz, rows, cols, dtype=torch.float64)  # the value sums, not needed here
     tiler = _TilePass(plan.labels, form, z, again)
     for tile in progress(again, plan.show_progress, "kernel block sums (backward)"):
         rho2, spare, extra, zc = tiler.distances(tile)
         weights, factor = form.derivative_weights(rho2, spare)
-        part = _tile_gradient(weights, grad, tiler.rows(tile), zc, tile, plan.labels, extra)
+        if starts is not None:  # the tile's derivative sums, contracted with G (its value sums land in scratch)
+            at = (0, 0, False)
+            sums = jit.tile_sums(weights, weights, *_tile_bounds(starts, tile), tiler.rows(tile).z, zc, scratch, at)
+            assert sums is not None  # weights given: the derivative sums come back
+            part = (_tile_weights(grad, tile).to(acc.dtype).unsqueeze(2) * sums).sum((1, 3))
+        else:
+            part = _tile_gradient(weights, grad, tiler.rows(tile), zc, tile, plan.labels, extra)
         acc += factor * part.to(acc.dtype)
     if plan.group is not None:
         (acc,) = all_reduce([acc], plan.group)

@@ -14,18 +14,15 @@ installed, without importing it (the import and the cache load happen at the fir
 
 from __future__ import annotations
 
-import importlib.util
-import threading
 import warnings
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["AVAILABLE", "CHUNK", "apply_update", "block_sums", "usable"]
+from bma_gp._numba import AVAILABLE, match_torch_threads
 
-#: whether numba is installed (the kernels are imported at the first use)
-AVAILABLE = importlib.util.find_spec("numba") is not None
+__all__ = ["AVAILABLE", "CHUNK", "apply_update", "block_sums", "usable"]
 
 #: entries per parallel task; a task never crosses a block (a row of the ``(rows, cols)`` matrix)
 CHUNK = 16384
@@ -67,18 +64,10 @@ def _importable() -> bool:
 #: tensors of at most this many entries run on the calling thread (a parallel launch costs more than it saves)
 SERIAL_MAX = CHUNK
 
-_THREADS = threading.local()  # numba's thread count is a setting of the calling thread
-
-
 def _kernels():
-    import numba
-
     from bma_gp.optim import _jit_kernels
 
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if getattr(_THREADS, "count", None) != threads:  # as many threads as torch uses (numba's default: every core)
-        numba.set_num_threads(threads)
-        _THREADS.count = threads
+    match_torch_threads()
     return _jit_kernels
 
 

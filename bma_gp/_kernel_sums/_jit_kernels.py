@@ -1,0 +1,176 @@
+r"""numba kernel of one tile's block sums on CPU (imported only by :mod:`bma_gp._kernel_sums.jit`).
+
+:func:`tile_sums` reads a tile of kernel values :math:`v_{pj}` (and of derivative weights
+:math:`w_{pj}`) once and returns, per (row block :math:`b`, column block :math:`c`),
+
+.. math::
+    S_{bc} = \sum_{p \in b,\, j \in c} v_{pj},
+    \qquad
+    D_{bca} = \sum_{p \in b,\, j \in c} w_{pj} (z_{pa} - z_{ja})^2 .
+
+The columns are split into tasks run in parallel with ``prange``. A task walks the row blocks;
+for each it accumulates the block's rows into a few column vectors (four rows at a time, so that
+each accumulator is loaded and stored once per four rows; the vectors fit in L1), then reduces the
+vectors over the column blocks in float64. The work per entry is the same whatever the number of
+blocks, and nothing of size ``rows x blocks`` is formed. A column block cut by a task's edge is
+shared with the neighbouring task: its sums go to a per-task buffer added serially at the end, so
+no two threads write the same output.
+
+``fastmath`` allows reassociation (the sums vectorise), contraction and ignoring the sign of zero;
+the inputs are finite kernel values. The loops index sliced arrays from 0 (a loop over
+``range(a, b)`` of a whole array does not vectorise: numba must allow negative indices), and
+slices are taken of rows (``values[p][j0:j1]``), which numba knows are contiguous.
+``cache=True`` keeps the machine code on disk, so it is compiled once per machine and dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+_FASTMATH = {"reassoc", "nsz", "contract"}
+
+
+@njit(fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True)
+def _accumulate(values, weights, derivs, zr, zct, a0, a1, j0, j1, h):  # pragma: no cover - compiled
+    """``h[0, j] = sum_p v[p, j0 + j]`` and ``h[1 + a, j] = sum_p w[p, j0 + j] (zr[p, a] - zct[a, j0 + j])^2``
+    over the rows ``a0 <= p < a1``."""
+    d = zr.shape[1]
+    width = j1 - j0
+    h[:, :] = 0
+    h0 = h[0]
+    p = a0
+    while p + 4 <= a1:
+        v0 = values[p][j0:j1]
+        v1 = values[p + 1][j0:j1]
+        v2 = values[p + 2][j0:j1]
+        v3 = values[p + 3][j0:j1]
+        for j in range(width):
+            h0[j] += (v0[j] + v1[j]) + (v2[j] + v3[j])
+        if derivs:
+            w0 = weights[p][j0:j1]
+            w1 = weights[p + 1][j0:j1]
+            w2 = weights[p + 2][j0:j1]
+            w3 = weights[p + 3][j0:j1]
+            for a in range(d):
+                z0 = zr[p, a]
+                z1 = zr[p + 1, a]
+                z2 = zr[p + 2, a]
+                z3 = zr[p + 3, a]
+                zc = zct[a][j0:j1]
+                ha = h[1 + a]
+                for j in range(width):
+                    c = zc[j]
+                    e0 = z0 - c
+                    e1 = z1 - c
+                    e2 = z2 - c
+                    e3 = z3 - c
+                    ha[j] += (w0[j] * e0 * e0 + w1[j] * e1 * e1) + (w2[j] * e2 * e2 + w3[j] * e3 * e3)
+        p += 4
+    if p + 2 <= a1:
+        v0 = values[p][j0:j1]
+        v1 = values[p + 1][j0:j1]
+        for j in range(width):
+            h0[j] += v0[j] + v1[j]
+        if derivs:
+            w0 = weights[p][j0:j1]
+            w1 = weights[p + 1][j0:j1]
+            for a in range(d):
+                z0 = zr[p, a]
+                z1 = zr[p + 1, a]
+                zc = zct[a][j0:j1]
+                ha = h[1 + a]
+                for j in range(width):
+                    c = zc[j]
+                    e0 = z0 - c
+                    e1 = z1 - c
+                    ha[j] += w0[j] * e0 * e0 + w1[j] * e1 * e1
+        p += 2
+    if p < a1:
+        v0 = values[p][j0:j1]
+        for j in range(width):
+            h0[j] += v0[j]
+        if derivs:
+            w0 = weights[p][j0:j1]
+            for a in range(d):
+                z0 = zr[p, a]
+                zc = zct[a][j0:j1]
+                ha = h[1 + a]
+                for j in range(width):
+                    e0 = z0 - zc[j]
+                    ha[j] += w0[j] * e0 * e0
+
+
+@njit(fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True)
+def _task_blocks(col_bounds, j0, j1):  # pragma: no cover - compiled
+    """The first and last column block holding a column in ``j0:j1``."""
+    first = np.searchsorted(col_bounds, j0, side="right") - 1
+    last = np.searchsorted(col_bounds, j1 - 1, side="right") - 1
+    return first, last
+
+
+@njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True)
+def tile_sums(
+    values, weights, derivs, row_bounds, col_bounds, zr, zct, chunk, acc, row_block, col_block, mirror, kept, factor
+):  # pragma: no cover - compiled
+    """Add the tile's value sums to ``acc`` and ``factor`` times its derivative sums to ``kept``.
+
+    Args:
+        values, weights: ``(B, R, C)`` C-contiguous, one dtype (``weights`` may be ``values``).
+        derivs: whether to compute the derivative sums ``D`` (into ``kept``).
+        row_bounds: ``(m + 1,)`` where each row block starts, and ``R``.
+        col_bounds: ``(q + 1,)`` where each column block starts, and ``C``.
+        zr: ``(B, R, d)`` the rows' scaled inputs; zct: ``(B, d, C)`` the columns' (same origin).
+        chunk: columns per task.
+        acc: ``(B, k, k)`` float64: ``S[b, c]`` is added at ``(row_block + b, col_block + c)``, and with
+            ``mirror`` also at ``(col_block + c, row_block + b)``.
+        kept: ``(B, m, d, q)``, zeros on entry: ``factor * D[b, c, a]`` is added at ``[b, a, c]`` (unused
+            without ``derivs``).
+    """
+    nbatch, _, ncols = values.shape
+    m = row_bounds.shape[0] - 1
+    feats = 1 + zr.shape[2] if derivs else 1
+    per_batch = (ncols + chunk - 1) // chunk
+    tasks = nbatch * per_batch
+    edge = np.zeros((tasks, m, 2, feats))  # the sums of the task's first and last column block
+    for t in prange(tasks):
+        bi = t // per_batch
+        j0 = (t - bi * per_batch) * chunk
+        j1 = min(ncols, j0 + chunk)
+        first, last = _task_blocks(col_bounds, j0, j1)
+        h = np.empty((feats, j1 - j0), dtype=values.dtype)
+        bounds = np.empty(last - first + 2, dtype=np.int64)  # the task's column blocks, in its own columns
+        for c in range(first, last + 1):
+            bounds[c - first] = max(col_bounds[c], j0) - j0
+        bounds[last - first + 1] = j1 - j0
+        for b in range(m):
+            _accumulate(values[bi], weights[bi], derivs, zr[bi], zct[bi], row_bounds[b], row_bounds[b + 1], j0, j1, h)
+            for f in range(feats):
+                hf = h[f]
+                for c in range(first, last + 1):
+                    s = 0.0
+                    for j in range(bounds[c - first], bounds[c - first + 1]):
+                        s += hf[j]
+                    if c == first:
+                        edge[t, b, 0, f] += s
+                    elif c == last:
+                        edge[t, b, 1, f] += s
+                    elif f == 0:  # a column block of this task only: no other thread writes these entries
+                        acc[bi, row_block + b, col_block + c] += s
+                        if mirror:
+                            acc[bi, col_block + c, row_block + b] += s
+                    else:
+                        kept[bi, b, f - 1, c] += factor * s
+    for t in range(tasks):  # the column blocks tasks may share, serially
+        bi = t // per_batch
+        j0 = (t - bi * per_batch) * chunk
+        first, last = _task_blocks(col_bounds, j0, min(ncols, j0 + chunk))
+        for b in range(m):
+            for side in range(2 if last != first else 1):
+                c = first if side == 0 else last
+                s = edge[t, b, side, 0]
+                acc[bi, row_block + b, col_block + c] += s
+                if mirror:
+                    acc[bi, col_block + c, row_block + b] += s
+                for f in range(1, feats):
+                    kept[bi, b, f - 1, c] += factor * edge[t, b, side, f]

@@ -1,0 +1,122 @@
+"""One tile's block sums on CPU as a numba kernel (:mod:`bma_gp._kernel_sums._jit_kernels`).
+
+The tiled engine (:mod:`bma_gp._kernel_sums.stationary`) evaluates a tile of kernel values with
+torch (one GEMM, one elementwise pass); this module reduces it to per-block sums, and to the
+lengthscale derivative sums, in one read of the tile, whatever the number of blocks. Without numba
+(an optional dependency, ``pip install bma-gp[jit]``), or with :data:`BACKEND` set to ``"torch"``,
+the engine reduces tiles with ``index_add`` and one small GEMM per row block instead; that path
+costs more when blocks are small (many row blocks per tile), see docs/kernel_block_mean.md.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bma_gp._numba import AVAILABLE, match_torch_threads
+
+__all__ = ["ACCUMULATOR_BYTES", "BACKEND", "MIN_CHUNK", "tile_sums", "usable"]
+
+#: ``"numba"``: reduce tiles with the numba kernel where it applies (CPU, float32/float64, numba importable);
+#: ``"torch"``: always with torch's ops (for comparisons and tests)
+BACKEND = "numba"
+
+#: bytes of column accumulators per task, so that they stay in L1 (sets the columns per task)
+ACCUMULATOR_BYTES = 24 * 1024
+#: fewest columns per task (a task's fixed cost is a few row-block loops)
+MIN_CHUNK = 64
+
+_DTYPES = (torch.float32, torch.float64)
+_IMPORT: list[bool] = []  # [whether numba and the kernel imported], once tried
+
+
+def usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether tiles of this device and dtype are reduced by the numba kernel."""
+    return BACKEND == "numba" and AVAILABLE and torch.device(device).type == "cpu" and dtype in _DTYPES and _importable()
+
+
+def _importable() -> bool:
+    """Import numba and the kernel once; where that fails (numba installed but broken), warn once and report
+    ``False``, so that the block sums take torch's path."""
+    if not _IMPORT:
+        try:
+            import numba  # noqa: F401
+
+            from bma_gp._kernel_sums import _jit_kernels  # noqa: F401
+        except Exception as exc:  # any import-time failure of the optional dependency
+            warnings.warn(
+                f"kernel block sums: numba is installed but could not be imported ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); tiles are reduced with torch's ops instead "
+                "(slower with small blocks). Reinstall numba (pip install bma-gp[jit]) or uninstall it to silence "
+                "this warning.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            _IMPORT.append(False)
+        else:
+            _IMPORT.append(True)
+    return _IMPORT[0]
+
+
+def _array(t: Tensor) -> np.ndarray:
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.numpy()
+
+
+def tile_sums(
+    values: Tensor,
+    weights: Tensor | None,
+    row_bounds: np.ndarray,
+    col_bounds: np.ndarray,
+    zr: Tensor,
+    zc: Tensor,
+    acc: Tensor,
+    at: tuple[int, int, bool],
+    factor: float = 1.0,
+) -> Tensor | None:
+    r"""Add a tile's per-block value sums to ``acc``; with ``weights``, also return its derivative sums.
+
+    Args:
+        values: kernel values of the tile. # shape: (B, R, C)
+        weights: derivative weights :math:`w` (may be ``values``), or ``None`` for the value sums only.
+        row_bounds: where each row block starts in the tile, then ``R``. # shape: (m + 1,)
+        col_bounds: where each column block starts, then ``C``. # shape: (q + 1,)
+        zr: the rows' scaled inputs. # shape: (B, R, d)
+        zc: the columns' scaled inputs, same origin. # shape: (B, C, d)
+        acc: float64 block sums, added to in place. # shape: (B, k, k)
+        at: ``(row_block, col_block, mirror)``: the tile's first row and column block, and whether its
+            sums are also added transposed.
+        factor: multiplies the derivative sums.
+
+    Returns:
+        ``factor`` times :math:`D_{bca} = \sum w (z_{pa} - z_{ja})^2` in ``values``' dtype, or ``None``
+        without ``weights``. # shape: (B, m, d, q)
+    """
+    from bma_gp._kernel_sums import _jit_kernels
+
+    match_torch_threads()
+    bsz, _, cols = values.shape
+    d = zr.shape[-1]
+    feats = 1 + d if weights is not None else 1
+    widest = max(MIN_CHUNK, ACCUMULATOR_BYTES // (feats * values.element_size()))
+    threads = torch.get_num_threads()
+    tasks = threads * -(-cols // (threads * widest))  # a multiple of the threads: no thread idles in a last round
+    chunk = max(MIN_CHUNK, -(-cols // tasks))
+    shape = (bsz, len(row_bounds) - 1, d, len(col_bounds) - 1) if weights is not None else (bsz, 0, 0, 0)
+    kept = torch.zeros(shape, dtype=values.dtype)
+    if acc.dtype != torch.float64 or not acc.is_contiguous():
+        raise ValueError("tile_sums: acc must be a contiguous float64 tensor")
+    v = _array(values)
+    w = v if weights is None or weights is values else _array(weights)
+    zct = _array(zc.transpose(-1, -2))
+    row_block, col_block, mirror = at
+    _jit_kernels.tile_sums(
+        v, w, weights is not None, row_bounds, col_bounds, _array(zr), zct, chunk,
+        acc.numpy(), row_block, col_block, mirror, kept.numpy(), factor,
+    )  # fmt: skip
+    return kept if weights is not None else None

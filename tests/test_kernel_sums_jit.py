@@ -1,0 +1,167 @@
+"""The numba reduction of one tile of kernel values (bma_gp._kernel_sums.jit) against dense sums.
+
+``tile_sums`` is called directly on random tiles: row and column blocks of very different sizes
+(singletons, one block spanning the tile, blocks cut by the tasks' column ranges), tasks of a few
+columns, batches, both dtypes, with and without derivative sums, plain and mirrored tiles placed
+anywhere in a larger accumulator. Engine-level agreement with the dense block mean, for both tile
+backends, is in test_kernel_block_mean.py (the ``tile_backend`` fixture).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+jit = importlib.import_module("bma_gp._kernel_sums.jit")
+
+if not jit.AVAILABLE:  # an optional dependency, like CUDA: this module tests only the numba kernel
+    pytest.skip("numba is not installed (pip install bma-gp[jit])", allow_module_level=True)
+
+LAYOUTS = {
+    "one_block_each": ([37], [61]),
+    "singletons": ([1] * 9, [1] * 23),
+    "mixed": ([1, 5, 2, 20, 1, 7], [3, 1, 40, 1, 1, 9, 2, 30]),
+    "column_block_over_many_tasks": ([4, 4], [2, 150, 3]),
+}
+
+
+def _bounds(sizes):
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
+def _indicator(sizes, dtype=torch.float64):
+    labels = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    return torch.nn.functional.one_hot(labels, len(sizes)).to(dtype)
+
+
+def _tile(layout, dtype, bsz, seed):
+    rows, cols = LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(seed)
+    shape = (bsz, sum(rows), sum(cols))
+    values = torch.rand(shape, generator=gen, dtype=torch.float64).to(dtype)
+    weights = torch.rand(shape, generator=gen, dtype=torch.float64).to(dtype)
+    zr = torch.randn(bsz, sum(rows), 3, generator=gen, dtype=torch.float64).to(dtype)
+    zc = torch.randn(bsz, sum(cols), 3, generator=gen, dtype=torch.float64).to(dtype)
+    return rows, cols, values, weights, zr, zc
+
+
+def _dense(rows, cols, values, weights, zr, zc):
+    """Sums and derivative sums by dense float64 algebra. # shapes: (B, m, q), (B, m, d, q)"""
+    pr, pc = _indicator(rows), _indicator(cols)
+    v, w, zr, zc = (t.double() for t in (values, weights, zr, zc))
+    sums = pr.T @ v @ pc
+    diff2 = (zr.unsqueeze(2) - zc.unsqueeze(1)).square()  # (B, R, C, d)
+    derivs = torch.einsum("rm,brc,brca,cq->bmaq", pr, w, diff2, pc)
+    return sums, derivs
+
+
+@pytest.fixture(params=["wide_tasks", "narrow_tasks"])
+def tasks(request, monkeypatch):
+    """Default task widths, or tasks of 8 columns so that column blocks are cut by, and span, several tasks."""
+    if request.param == "narrow_tasks":
+        monkeypatch.setattr(jit, "MIN_CHUNK", 1)
+        monkeypatch.setattr(jit, "ACCUMULATOR_BYTES", 8 * 4 * 8)  # 8 columns of 4 float64 features
+    return request.param
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bsz", [1, 2])
+@pytest.mark.parametrize("mirror", [False, True])
+def test_tile_sums_match_dense(layout, dtype, bsz, mirror, tasks):
+    rows, cols, values, weights, zr, zc = _tile(layout, dtype, bsz, seed=len(layout) + bsz)
+    k, r0, c0 = 70, 3, 20  # the tile's blocks sit inside a larger accumulator
+    acc = torch.randn(bsz, k, k, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    before = acc.clone()
+    kept = jit.tile_sums(values, weights, _bounds(rows), _bounds(cols), zr, zc, acc, (r0, c0, mirror), -0.5)
+    sums, derivs = _dense(rows, cols, values, weights, zr, zc)
+    expected = before.clone()
+    m, q = len(rows), len(cols)
+    expected[:, r0 : r0 + m, c0 : c0 + q] += sums
+    if mirror:
+        expected[:, c0 : c0 + q, r0 : r0 + m] += sums.transpose(1, 2)
+    tol = dict(rtol=1e-12, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-5)
+    torch.testing.assert_close(acc, expected, **tol)  # and nothing outside the tile's blocks changed
+    assert kept.dtype == dtype and kept.shape == (bsz, m, 3, q)
+    torch.testing.assert_close(kept.double(), -0.5 * derivs, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_value_sums_alone_and_weights_equal_to_values(dtype, tasks):
+    rows, cols, values, _, zr, zc = _tile("mixed", dtype, 1, seed=3)
+    sums, derivs = _dense(rows, cols, values, values, zr, zc)
+    acc = torch.zeros(1, len(rows), len(cols), dtype=torch.float64)
+    assert jit.tile_sums(values, None, _bounds(rows), _bounds(cols), zr, zc, acc, (0, 0, False)) is None
+    tol = dict(rtol=1e-12, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-5)
+    torch.testing.assert_close(acc, sums, **tol)
+    acc.zero_()
+    kept = jit.tile_sums(values, values, _bounds(rows), _bounds(cols), zr, zc, acc, (0, 0, False))
+    torch.testing.assert_close(acc, sums, **tol)
+    torch.testing.assert_close(kept.double(), derivs, **tol)
+
+
+def test_inputs_that_are_views_are_read_as_their_values():
+    rows, cols, values, weights, zr, zc = _tile("mixed", torch.float64, 1, seed=5)
+    acc_a = torch.zeros(1, len(rows), len(cols), dtype=torch.float64)
+    acc_b = torch.zeros_like(acc_a)
+    kept_a = jit.tile_sums(values, weights, _bounds(rows), _bounds(cols), zr, zc, acc_a, (0, 0, False))
+    # zc as the transpose of a (B, d, C) tensor, zr with a stride: both are made contiguous first
+    zc_view = zc.transpose(1, 2).contiguous().transpose(1, 2)
+    zr_view = torch.cat([zr, zr], -1)[..., :3]
+    kept_b = jit.tile_sums(values, weights, _bounds(rows), _bounds(cols), zr_view, zc_view, acc_b, (0, 0, False))
+    assert torch.equal(acc_a, acc_b) and torch.equal(kept_a, kept_b)
+
+
+def test_accumulator_must_be_contiguous_float64():
+    rows, cols, values, weights, zr, zc = _tile("mixed", torch.float64, 1, seed=6)
+    acc = torch.zeros(1, len(rows), len(cols), dtype=torch.float32)
+    with pytest.raises(ValueError, match="acc must be a contiguous float64"):
+        jit.tile_sums(values, weights, _bounds(rows), _bounds(cols), zr, zc, acc, (0, 0, False))
+
+
+def test_usable_only_on_cpu_in_float32_and_float64(monkeypatch):
+    assert jit.usable(torch.device("cpu"), torch.float32) and jit.usable("cpu", torch.float64)
+    assert not jit.usable("cpu", torch.float16) and not jit.usable("cpu", torch.bfloat16)
+    assert not jit.usable(torch.device("cuda", 0), torch.float32)  # a device object, nothing allocated there
+    monkeypatch.setattr(jit, "BACKEND", "torch")
+    assert not jit.usable("cpu", torch.float64)
+
+
+def test_a_numba_that_fails_to_import_warns_once_and_the_torch_reduction_runs(monkeypatch):
+    import builtins
+
+    from gpytorch.kernels import RBFKernel, ScaleKernel
+
+    from bma_gp import Partition
+    from bma_gp.kernel_block_mean import kernel_block_mean
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "numba" or name.startswith("numba."):
+            raise ImportError("Numba needs NumPy 2.3 or less")
+        return real_import(name, *args, **kwargs)
+
+    stationary = importlib.import_module("bma_gp._kernel_sums.stationary")
+    kernel = ScaleKernel(RBFKernel(ard_num_dims=2)).double()
+    x = torch.randn(60, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    partition = Partition.from_labels(torch.arange(60) % 7)
+    expected = kernel_block_mean(kernel, x, partition)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    monkeypatch.setattr(jit, "_IMPORT", [])
+    ran = []
+    real = stationary._tile_block_sums
+    monkeypatch.setattr(stationary, "_tile_block_sums", lambda *a: ran.append(1) or real(*a))
+    with pytest.warns(RuntimeWarning, match="numba is installed but could not be imported.*NumPy 2.3"):
+        op = kernel_block_mean(kernel, x, partition)
+    assert ran and not jit.usable("cpu", torch.float64)
+    torch.testing.assert_close(op.B, expected.B, rtol=1e-12, atol=1e-12)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once
+        kernel_block_mean(kernel, x, partition)
