@@ -303,6 +303,7 @@ def tile_backend(request, monkeypatch):
     if request.param == "numba" and not jit.AVAILABLE:
         pytest.skip("numba is not installed (pip install bma-gp[jit])")
     monkeypatch.setattr(jit, "BACKEND", request.param)
+    monkeypatch.setattr(jit, "MIN_ENTRIES", 0)  # numba at the tests' sizes too
     ran = []
     real = jit.tile_sums
     monkeypatch.setattr(jit, "tile_sums", lambda *args: ran.append(1) or real(*args))

@@ -126,6 +126,7 @@ def test_usable_only_on_cpu_in_float32_and_float64(monkeypatch):
     assert jit.usable(torch.device("cpu"), torch.float32) and jit.usable("cpu", torch.float64)
     assert not jit.usable("cpu", torch.float16) and not jit.usable("cpu", torch.bfloat16)
     assert not jit.usable(torch.device("cuda", 0), torch.float32)  # a device object, nothing allocated there
+    assert not jit.usable("cpu", torch.float64, jit.MIN_ENTRIES - 1)  # small passes: numba is not even imported
     monkeypatch.setattr(jit, "BACKEND", "torch")
     assert not jit.usable("cpu", torch.float64)
 
@@ -153,6 +154,7 @@ def test_a_numba_that_fails_to_import_warns_once_and_the_torch_reduction_runs(mo
 
     monkeypatch.setattr(builtins, "__import__", broken)
     monkeypatch.setattr(jit, "_IMPORT", [])
+    monkeypatch.setattr(jit, "MIN_ENTRIES", 0)
     ran = []
     real = stationary._tile_block_sums
     monkeypatch.setattr(stationary, "_tile_block_sums", lambda *a: ran.append(1) or real(*a))

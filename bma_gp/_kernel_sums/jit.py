@@ -18,11 +18,16 @@ from torch import Tensor
 
 from bma_gp._numba import AVAILABLE, match_torch_threads
 
-__all__ = ["ACCUMULATOR_BYTES", "BACKEND", "MIN_CHUNK", "tile_sums", "usable"]
+__all__ = ["ACCUMULATOR_BYTES", "BACKEND", "MIN_CHUNK", "MIN_ENTRIES", "tile_sums", "usable"]
 
 #: ``"numba"``: reduce tiles with the numba kernel where it applies (CPU, float32/float64, numba importable);
 #: ``"torch"``: always with torch's ops (for comparisons and tests)
 BACKEND = "numba"
+
+#: smallest kernel matrix (batch x n x n entries) reduced by numba: below it the whole pass takes milliseconds,
+#: less than importing numba and loading its cached kernel (about 1 s, once per process; the first compilation
+#: on a machine takes about 10 s per dtype), so torch's reduction runs and numba is never imported
+MIN_ENTRIES = 2**24
 
 #: bytes of column accumulators per task, so that they stay in L1 (sets the columns per task)
 ACCUMULATOR_BYTES = 24 * 1024
@@ -33,9 +38,16 @@ _DTYPES = (torch.float32, torch.float64)
 _IMPORT: list[bool] = []  # [whether numba and the kernel imported], once tried
 
 
-def usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether tiles of this device and dtype are reduced by the numba kernel."""
-    return BACKEND == "numba" and AVAILABLE and torch.device(device).type == "cpu" and dtype in _DTYPES and _importable()
+def usable(device: torch.device, dtype: torch.dtype, entries: int = MIN_ENTRIES) -> bool:
+    """Whether tiles of this device and dtype, in a pass over ``entries`` kernel entries, are reduced by numba."""
+    return (
+        BACKEND == "numba"
+        and AVAILABLE
+        and entries >= MIN_ENTRIES
+        and torch.device(device).type == "cpu"
+        and dtype in _DTYPES
+        and _importable()
+    )
 
 
 def _importable() -> bool:

@@ -427,7 +427,7 @@ def block_sums(
     acc = z.new_zeros(bsz, k, k, dtype=core_dtype(z.dtype))
     kept: dict[int, Tensor] = {}
     budget = KEPT_DERIVATIVE_BYTES if keep_derivatives else 0
-    numba = jit.usable(z.device, z.dtype)
+    numba = jit.usable(z.device, z.dtype, bsz * z.shape[1] ** 2)
     starts = _block_starts(plan) if numba else None
     tiler = _TilePass(plan.labels, form, z, tiles)
     for index, tile in enumerate(progress(tiles, plan.show_progress, "kernel block sums")):
@@ -475,7 +475,7 @@ def lengthscale_gradient(
         g = _tile_weights(grad, tiles[index]).to(acc.dtype)
         acc += (g.unsqueeze(2) * derivs).sum((1, 3))
     again = [t for i, t in enumerate(tiles) if i not in kept]
-    starts = _block_starts(plan) if again and jit.usable(z.device, z.dtype) else None
+    starts = _block_starts(plan) if again and jit.usable(z.device, z.dtype, bsz * z.shape[1] ** 2) else None
     if starts is not None:
         rows, cols = max(t.row_blocks for t in again), max(t.col_blocks for t in again)
         scratch = z.new_zeros(bsz, rows, cols, dtype=torch.float64)  # the value sums, not needed here
