@@ -23,7 +23,7 @@ def match_torch_threads() -> None:
     """Run numba's parallel loops on as many threads as torch uses (numba's default: every core), in this thread."""
     import numba
 
-    threads = max(1, min(torch.get_num_threads(), getattr(numba.config, "NUMBA_NUM_THREADS")))
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     if getattr(_THREADS, "count", None) != threads:
         numba.set_num_threads(threads)
         _THREADS.count = threads

@@ -162,7 +162,6 @@ def run_k_sweep(n: int, d: int, ks: list[int], rounds: int, dtype_name: str) -> 
     from gpytorch import settings as gpt_settings
 
     from bma_gp._kernel_sums import jit
-
     from bma_gp.kernel_block_mean import _CHUNK_BYTES, kernel_block_mean
     from bma_gp.partition_builders import kmeans_partition
 

@@ -64,6 +64,7 @@ def _importable() -> bool:
 #: tensors of at most this many entries run on the calling thread (a parallel launch costs more than it saves)
 SERIAL_MAX = CHUNK
 
+
 def _kernels():
     from bma_gp.optim import _jit_kernels
 
