@@ -10,13 +10,11 @@ costs more when blocks are small (many row blocks per tile), see docs/kernel_blo
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 from torch import Tensor
 
-from bma_gp._numba import AVAILABLE, match_torch_threads
+from bma_gp._numba import AVAILABLE, import_kernels, match_torch_threads
 
 __all__ = ["ACCUMULATOR_BYTES", "BACKEND", "MIN_CHUNK", "MIN_ENTRIES", "tile_sums", "usable"]
 
@@ -51,26 +49,14 @@ def usable(device: torch.device, dtype: torch.dtype, entries: int = MIN_ENTRIES)
 
 
 def _importable() -> bool:
-    """Import numba and the kernel once; where that fails (numba installed but broken), warn once and report
-    ``False``, so that the block sums take torch's path."""
-    if not _IMPORT:
-        try:
-            import numba  # noqa: F401
-
-            from bma_gp._kernel_sums import _jit_kernels  # noqa: F401
-        except Exception as exc:  # any import-time failure of the optional dependency
-            warnings.warn(
-                f"kernel block sums: numba is installed but could not be imported ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}); tiles are reduced with torch's ops instead "
-                "(slower with small blocks). Reinstall numba (pip install bma-gp[jit]) or uninstall it to silence "
-                "this warning.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            _IMPORT.append(False)
-        else:
-            _IMPORT.append(True)
-    return _IMPORT[0]
+    """Import numba and the kernel once (:func:`bma_gp._numba.import_kernels`): where that fails, warn once and
+    report ``False``, so that the block sums take torch's path."""
+    return import_kernels(
+        "bma_gp._kernel_sums._jit_kernels",
+        _IMPORT,
+        "kernel block sums",
+        "tiles are reduced with torch's ops instead (slower with small blocks)",
+    )
 
 
 def _array(t: Tensor) -> np.ndarray:

@@ -14,13 +14,11 @@ installed, without importing it (the import and the cache load happen at the fir
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 from torch import Tensor
 
-from bma_gp._numba import AVAILABLE, match_torch_threads
+from bma_gp._numba import AVAILABLE, import_kernels, match_torch_threads
 
 __all__ = ["AVAILABLE", "CHUNK", "apply_update", "block_sums", "usable"]
 
@@ -40,25 +38,14 @@ _IMPORT: list[bool] = []  # [whether numba and the kernels imported], once tried
 
 
 def _importable() -> bool:
-    """Import numba and the kernels once; where that fails (numba installed but broken, e.g. built for another
-    numpy), warn once and report ``False``, so that ``fused=True`` runs its ``torch.compile`` path instead."""
-    if not _IMPORT:
-        try:
-            import numba  # noqa: F401
-
-            from bma_gp.optim import _jit_kernels  # noqa: F401
-        except Exception as exc:  # any import-time failure of the optional dependency
-            warnings.warn(
-                f"BlockMeanAdagrad(fused=True): numba is installed but could not be imported ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}); the fused passes use torch.compile instead. "
-                "Reinstall numba (pip install bma-gp[jit]) or uninstall it to silence this warning.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            _IMPORT.append(False)
-        else:
-            _IMPORT.append(True)
-    return _IMPORT[0]
+    """Import numba and the kernels once (:func:`bma_gp._numba.import_kernels`): where that fails, warn once and
+    report ``False``, so that ``fused=True`` runs its ``torch.compile`` path instead."""
+    return import_kernels(
+        "bma_gp.optim._jit_kernels",
+        _IMPORT,
+        "BlockMeanAdagrad(fused=True)",
+        "the fused passes use torch.compile instead",
+    )
 
 
 #: tensors of at most this many entries run on the calling thread (a parallel launch costs more than it saves)
