@@ -168,14 +168,18 @@ def set_flat(params: list[Tensor], values: Tensor) -> None:
 def fused_at_any_size():
     """Let ``fused=True`` take the compiled passes on the tiny test models too.
 
-    Below ``FUSED_MIN_NUMEL`` entries the optimizer takes the eager path (the compiled one is slower
-    there); the tests want the compiled code itself, on models small enough for a dense reference.
+    Below ``FUSED_MIN_NUMEL`` entries (``FUSED_MIN_NUMEL_ONE_BLOCK`` with numba and one block per tensor)
+    the optimizer takes the eager path (the compiled one is no faster there); the tests want the
+    compiled code itself, on models small enough for a dense reference.
     """
     from bma_gp.optim import block_mean_adagrad
 
-    old = block_mean_adagrad.FUSED_MIN_NUMEL
-    block_mean_adagrad.FUSED_MIN_NUMEL = 0
+    names = ("FUSED_MIN_NUMEL", "FUSED_MIN_NUMEL_ONE_BLOCK")
+    old = {name: getattr(block_mean_adagrad, name) for name in names}
+    for name in names:
+        setattr(block_mean_adagrad, name, 0)
     try:
         yield
     finally:
-        block_mean_adagrad.FUSED_MIN_NUMEL = old
+        for name, value in old.items():
+            setattr(block_mean_adagrad, name, value)

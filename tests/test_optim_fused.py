@@ -353,17 +353,25 @@ def test_small_models_stay_on_the_eager_path(monkeypatch, inductor):
 
 
 @pytest.mark.skipif(not _jit.AVAILABLE, reason="numba is not installed (pip install bma-gp[jit])")
-def test_numba_kernels_run_at_every_size(monkeypatch):
-    # numba's kernels measured faster than the eager step at every size (docs/optimizer.md): no threshold
-    from bma_gp.optim import block_mean_adagrad
+@pytest.mark.parametrize("partition", ["tensor", "row"])
+def test_numba_kernels_and_small_models(monkeypatch, partition):
+    # numba's kernels ignore torch.compile's threshold. With one block per tensor, small steps take the eager
+    # step (as fast there, docs/optimizer.md) below FUSED_MIN_NUMEL_ONE_BLOCK; with rows they run at every size
+    from bma_gp.optim import block_mean_adagrad, functional
 
     monkeypatch.setattr(block_mean_adagrad, "FUSED_MIN_NUMEL", 10**9)
+    monkeypatch.setattr(block_mean_adagrad, "FUSED_MIN_NUMEL_ONE_BLOCK", 61)  # the small model has 60 entries
     monkeypatch.setattr(_fused, "CPU_BACKEND", "numba")
-    calls = []
-    kernel = _jit.block_sums
+    calls, eager = [], []
+    kernel, eager_step = _jit.block_sums, functional._tensor_blocks_cpu_step
     monkeypatch.setattr(_jit, "block_sums", lambda *args: calls.append(1) or kernel(*args))
+    monkeypatch.setattr(functional, "_tensor_blocks_cpu_step", lambda *a, **k: eager.append(1) or eager_step(*a, **k))
     fused_model, eager_model = small_model(), small_model()
-    _train(fused_model, BlockMeanAdagrad(fused_model.parameters(), lr=0.05, fused=True), 3)
-    _train(eager_model, BlockMeanAdagrad(eager_model.parameters(), lr=0.05), 3)
-    assert len(calls) == 3
+    opt = BlockMeanAdagrad(fused_model.parameters(), lr=0.05, fused=True, partition=partition)
+    _train(fused_model, opt, 3)
+    _train(eager_model, BlockMeanAdagrad(eager_model.parameters(), lr=0.05, partition=partition), 3)
+    assert (len(calls), len(eager)) == ((0, 6) if partition == "tensor" else (3, 0))
     torch.testing.assert_close(flat(fused_model.parameters()), flat(eager_model.parameters()), rtol=1e-12, atol=1e-14)
+    monkeypatch.setattr(block_mean_adagrad, "FUSED_MIN_NUMEL_ONE_BLOCK", 60)  # now at the threshold: numba's kernels
+    _train(fused_model, opt, 1, start=3)
+    assert len(calls) == (1 if partition == "tensor" else 4)

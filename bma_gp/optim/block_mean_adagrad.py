@@ -24,9 +24,14 @@ __all__ = ["BlockMeanAdagrad"]
 
 #: below this many parameter entries (with a gradient) ``fused=True`` with ``torch.compile`` takes the eager path:
 #: there the compiled passes' fixed cost (guards, two calls) is more than they save (CPU crossover measured between
-#: 1.3e5 and 5.3e5 entries; see docs/optimizer.md). numba's kernels (CPU) run at any size: they measured faster
-#: than the eager step at every size.
+#: 1.3e5 and 5.3e5 entries; see docs/optimizer.md). numba's kernels (CPU) follow :data:`FUSED_MIN_NUMEL_ONE_BLOCK`.
 FUSED_MIN_NUMEL = 2**18
+
+#: with numba's kernels (CPU) and one block per tensor (``partition="tensor"``), below this many parameter entries
+#: (with a gradient) ``fused=True`` takes the eager step, which is as fast or faster there (numba over eager measured
+#: 1.03-1.14x at 144 to 33k entries, 0.90x at 131k; docs/optimizer.md). With several blocks per tensor numba's
+#: kernels run at every size (0.65x the eager step at 144 entries).
+FUSED_MIN_NUMEL_ONE_BLOCK = 2**16
 
 
 class BlockMeanAdagrad(FlatPreconditionedOptimizer):
@@ -99,7 +104,9 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             (checkpoints move between both modes), about half the eager step's time at millions of
             parameters. On CPU with numba installed (``pip install bma-gp[jit]``) the passes are
             numba kernels, compiled once per machine and dtype (seconds) and loaded from numba's
-            disk cache by later processes (about a second); they run at every model size. Otherwise
+            disk cache by later processes (about a second); they run at every model size, except that
+            with one block per tensor steps with fewer than :data:`FUSED_MIN_NUMEL_ONE_BLOCK` gradient
+            entries take the eager path, which is as fast there. Otherwise
             (CUDA, or no numba) they are ``torch.compile``'d: each new parameter structure compiles
             once per process (seconds), steps with fewer than :data:`FUSED_MIN_NUMEL` gradient
             entries take the eager path, where it is faster, and where ``torch.compile`` fails (the
@@ -233,14 +240,16 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
 
     # ------------------------------------------------------------------ the step
     def _uses_fused(self, blocks: ParamBlocks, grads: list[Tensor | None], layout: FlatParams) -> bool:
-        """Whether this step takes the compiled path: ``fused=True``, some gradient with entries, and, for the
-        ``torch.compile``'d passes, enough entries that they are faster than the eager ones (:data:`FUSED_MIN_NUMEL`;
-        numba's kernels, on CPU, were faster at every size measured)."""
+        """Whether this step takes the compiled path: ``fused=True``, some gradient with entries, and enough entries
+        that the compiled passes are faster than the eager ones (:data:`FUSED_MIN_NUMEL` for ``torch.compile``'d
+        passes; for numba's kernels on CPU, :data:`FUSED_MIN_NUMEL_ONE_BLOCK` with one block per tensor, any size
+        otherwise)."""
         if not self.fused:
             return False
         numel = sum(g.numel() for g, seg in zip(grads, blocks.segments) if g is not None and seg is not None)
         if _fused.uses_numba(layout.device, layout.dtype):
-            return numel > 0
+            one_block = all(seg is None or seg.num_blocks == 1 for seg in blocks.segments)
+            return numel > 0 and (numel >= FUSED_MIN_NUMEL_ONE_BLOCK or not one_block)
         return numel > 0 and numel >= FUSED_MIN_NUMEL
 
     def _step(self, grads: list[Tensor | None], layout: FlatParams, active: list[bool]) -> None:

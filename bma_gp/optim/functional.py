@@ -40,7 +40,7 @@ from torch import Tensor
 from bma_gp import BlockMeanLinearOperator, Partition, block_mean_from_sums
 from bma_gp._precision import core_dtype
 from bma_gp.optim import _fused
-from bma_gp.optim._scaling import z_inv_sqrt, zero_entries
+from bma_gp.optim._scaling import sqrt_plus_eps_cpu, z_inv_sqrt, zero_entries
 from bma_gp.optim.flat_optimizer import _non_finite_message
 from bma_gp.optim.param_blocks import ParamBlocks
 
@@ -196,6 +196,8 @@ class Workspace:
         root: the preconditioner operator of the last root step (scattered path), and that step.
         zeros: on CPU, per tensor (``-1``: the flat vector), the entries where ``h == 0``
             (:func:`~bma_gp.optim._scaling.zero_entries`); rebuilt from ``h`` when missing.
+        views: per set of tensors with a gradient, the views of ``h``, ``n`` and ``r`` shaped like
+            those parameters (:func:`_tensor_blocks_cpu_step`).
     """
 
     h: Tensor
@@ -205,16 +207,32 @@ class Workspace:
     grad: Tensor | None = None
     root: tuple[int, BlockMeanLinearOperator] | None = field(default=None)
     zeros: dict[int, Tensor] = field(default_factory=dict)
+    views: dict[tuple[int, ...], tuple[list[Tensor], ...]] = field(default_factory=dict)
 
     def has_zeros(self) -> bool:
         """Whether some entry of ``h`` was 0 after the last step (CPU; ``True`` before the first)."""
         return not self.zeros or any(idx.numel() for idx in self.zeros.values())
 
-    def mask_zeros(self, key: int, h: Tensor, r: Tensor) -> None:
-        """``r = 0`` where ``h = 0``, by the list of such entries (CPU)."""
+    def mask_zeros(self, key: int, h: Tensor, r: Tensor, n: Tensor | None = None) -> None:
+        """``r = 0`` (and ``n = 0``) where ``h = 0``, by the list of such entries (CPU)."""
         idx = self.zeros[key] = zero_entries(h, self.zeros.get(key))
         if idx.numel():
             r.index_fill_(0, idx, 0.0)
+            if n is not None:
+                n.index_fill_(0, idx, 0.0)
+
+    def tensor_views(self, blocks: ParamBlocks, params: list[Tensor], present: list[int]) -> tuple[list[Tensor], ...]:
+        """``(h, n, r, n_shaped, r_shaped)`` of the tensors ``present``: flat views, then ``n`` and ``r`` shaped like
+        those parameters (built once per set)."""
+        key = tuple(present)
+        cached = self.views.get(key)
+        if cached is None:
+            n_all, r_all = self.nr.unbind(0)
+            spans = [(blocks.bounds[i], blocks.bounds[i + 1], params[i].shape) for i in present]
+            flat = [[x[a:b] for a, b, _ in spans] for x in (self.h, n_all, r_all)]
+            shaped = [[x.view(shape) for x, (_, _, shape) in zip(xs, spans)] for xs in flat[1:]]
+            cached = self.views[key] = (*flat, *shaped)
+        return cached
 
     @classmethod
     def build(cls, blocks: ParamBlocks, h: Tensor) -> Workspace:
@@ -342,8 +360,24 @@ def _single_tensor_block_mean_adagrad(
     check_finite,
 ) -> None:
     del check_finite  # checked by the caller
-    stats["step"] += 1
     dtype, cpu = state_sum.dtype, state_sum.device.type == "cpu"
+    if cpu and _tensor_blocks_apply(params, grads, blocks, dtype, maximize):
+        _tensor_blocks_cpu_step(
+            params,
+            grads,
+            state_sum,
+            stats,
+            blocks,
+            ws,
+            lr=lr,
+            weight_decay=weight_decay,
+            eps=eps,
+            damping=damping,
+            update_interval=update_interval,
+            correlation=correlation,
+        )
+        return
+    stats["step"] += 1
     sums = ws.sums.zero_()  # columns: per block P^T v, P^T n, P^T n^2
     n_all, r_all = ws.nr.unbind(0)
     present = []
@@ -392,6 +426,95 @@ def _single_tensor_block_mean_adagrad(
         seg.addcmul_(target, coupling[first:last], r, value=-lr[i])
         if target.data_ptr() != p.data_ptr():
             p.add_(target.view(p.shape).to(p.dtype))
+
+
+def _tensor_blocks_apply(params, grads, blocks: ParamBlocks, dtype: torch.dtype, maximize) -> bool:
+    """Whether :func:`_tensor_blocks_cpu_step` takes this step: some tensor with entries has a gradient, and each
+    such tensor is one block, with contiguous gradient and parameter of the state's dtype and no ``maximize``."""
+    first, any_present = blocks.first_block, False
+    for i, g in enumerate(grads):
+        if g is None or blocks.segments[i] is None:
+            continue
+        any_present, p = True, params[i]
+        if (
+            first[i + 1] - first[i] != 1
+            or maximize[i]
+            or g.dtype != dtype
+            or p.dtype != dtype
+            or not g.is_contiguous()
+            or not p.is_contiguous()
+        ):
+            return False
+    return any_present
+
+
+def _tensor_blocks_cpu_step(
+    params,
+    grads,
+    state_sum,
+    stats,
+    blocks,
+    ws,
+    *,
+    lr,
+    weight_decay,
+    eps,
+    damping,
+    update_interval,
+    correlation,
+) -> None:
+    """The eager step on CPU when every tensor is one block (``partition="tensor"``, the default).
+
+    The arithmetic of the tensor-by-tensor loop, with less per-call overhead and a cheaper square root:
+
+    * tensor by tensor, so that each tensor's ``g``, ``h``, ``n`` and ``r`` stay in the last-level cache
+      from one operation to the next (one pass over all tensors per operation was measured slower at
+      2.1M parameters: 42 MB of buffers do not fit in a 32 MB cache);
+    * ``z = sqrt(h) + eps`` is :func:`~bma_gp.optim._scaling.sqrt_plus_eps_cpu` (``torch.sqrt`` costs
+      twice as much on CPU);
+    * the block sums are collected and stacked once, and the update is two ``torch._foreach_addcmul_``
+      calls over all tensors (last to first, so that the last tensor's ``n`` and ``r`` may still be
+      cached).
+    """
+    stats["step"] += 1
+    present = [i for i, g in enumerate(grads) if g is not None and blocks.segments[i] is not None]
+    gs = [grads[i] for i in present]
+    hs, ns, rs, n_shaped, r_shaped = ws.tensor_views(blocks, params, present)
+    sums = []
+    for i, g, h, n, r in zip(present, gs, hs, ns, rs):
+        g = g.view(-1)
+        h.addcmul_(g, g)
+        z = sqrt_plus_eps_cpu(h, eps, out=r)
+        torch.div(g, z, out=n)  # n = g / z, divided as torch.optim.Adagrad divides
+        z.rsqrt_()  # r
+        ws.mask_zeros(i, h, r)  # h = 0 (no gradient yet): r = 0 (n is already 0 there)
+        sums.append(torch.dot(g, r))
+        sums.append(n.sum())
+        sums.append(torch.dot(n, n))
+    v, n_sum, n_sq = torch.stack(sums).view(-1, 3).unbind(-1)
+    rows = [blocks.first_block[i] for i in present]
+    if len(rows) < blocks.num_blocks:  # some tensors had no gradient: their blocks' sums are 0
+        index = torch.tensor(rows, device=state_sum.device)
+        v, n_sum, n_sq = (torch.zeros_like(stats["w"]).index_copy_(0, index, x) for x in (v, n_sum, n_sq))
+    _accumulate(stats, n_sum, n_sq)
+    lam, B = preconditioner(
+        stats, blocks.partition, damping=damping, update_interval=update_interval, correlation=correlation
+    )
+    coef = torch.stack([lam, B @ v])  # per block: the factors of n and of r
+    if len(rows) < blocks.num_blocks:
+        coef = coef[:, rows]
+    rates = {lr[i] for i in present}
+    if len(rates) == 1:
+        coef.mul_(-rates.pop())
+    else:
+        coef.mul_(torch.tensor([-lr[i] for i in present], dtype=coef.dtype))
+    ps = [params[i] for i in reversed(present)]
+    decay = [1.0 - lr[i] * weight_decay[i] for i in reversed(present)]
+    if any(d != 1.0 for d in decay):
+        torch._foreach_mul_(ps, decay)
+    c_n, c_r = coef.flip(-1).unbind(0)
+    torch._foreach_addcmul_(ps, n_shaped[::-1], list(c_n.unbind(0)))
+    torch._foreach_addcmul_(ps, r_shaped[::-1], list(c_r.unbind(0)))
 
 
 def _fused_block_mean_adagrad(
