@@ -196,8 +196,8 @@ class Workspace:
         root: the preconditioner operator of the last root step (scattered path), and that step.
         zeros: on CPU, per tensor (``-1``: the flat vector), the entries where ``h == 0``
             (:func:`~bma_gp.optim._scaling.zero_entries`); rebuilt from ``h`` when missing.
-        views: per set of tensors with a gradient, the views of ``h``, ``n`` and ``r`` shaped like
-            those parameters (:func:`_tensor_blocks_cpu_step`).
+        views: per set of tensors with a gradient (up to 16 sets), the flat views of ``h``, ``n`` and ``r``
+            per tensor and those of ``n`` and ``r`` shaped like the parameters (:func:`_tensor_blocks_cpu_step`).
     """
 
     h: Tensor
@@ -213,13 +213,11 @@ class Workspace:
         """Whether some entry of ``h`` was 0 after the last step (CPU; ``True`` before the first)."""
         return not self.zeros or any(idx.numel() for idx in self.zeros.values())
 
-    def mask_zeros(self, key: int, h: Tensor, r: Tensor, n: Tensor | None = None) -> None:
-        """``r = 0`` (and ``n = 0``) where ``h = 0``, by the list of such entries (CPU)."""
+    def mask_zeros(self, key: int, h: Tensor, r: Tensor) -> None:
+        """``r = 0`` where ``h = 0``, by the list of such entries (CPU)."""
         idx = self.zeros[key] = zero_entries(h, self.zeros.get(key))
         if idx.numel():
             r.index_fill_(0, idx, 0.0)
-            if n is not None:
-                n.index_fill_(0, idx, 0.0)
 
     def tensor_views(self, blocks: ParamBlocks, params: list[Tensor], present: list[int]) -> tuple[list[Tensor], ...]:
         """``(h, n, r, n_shaped, r_shaped)`` of the tensors ``present``: flat views, then ``n`` and ``r`` shaped like
@@ -227,6 +225,8 @@ class Workspace:
         key = tuple(present)
         cached = self.views.get(key)
         if cached is None:
+            if len(self.views) >= 16:  # gradients present on many different sets of tensors: keep the cache small
+                self.views.clear()
             n_all, r_all = self.nr.unbind(0)
             spans = [(blocks.bounds[i], blocks.bounds[i + 1], params[i].shape) for i in present]
             flat = [[x[a:b] for a, b, _ in spans] for x in (self.h, n_all, r_all)]
