@@ -39,8 +39,9 @@ def z_inv_sqrt(
     r""":math:`r = (\sqrt{h} + \epsilon)^{-1/2}`, and with ``mask`` :math:`r = 0` where :math:`h = 0`.
 
     Written once for the eager step (``out`` and ``scratch`` are reused buffers of ``h``'s shape; the
-    mask costs two more passes, so the eager step skips it once no entry of ``h`` is 0) and for the
-    compiled passes (no buffers: the compiler fuses everything into one loop).
+    mask costs two more passes, so the eager step skips it once no entry of ``h`` is 0; without it, on
+    CPU, :math:`z` comes from :func:`sqrt_plus_eps_cpu`) and for the compiled passes (no buffers: the
+    compiler fuses everything into one loop).
 
     Args:
         h: the running sums of squares, this step's included.
@@ -59,6 +60,8 @@ def z_inv_sqrt(
     if mask:  # sqrt(h) is needed twice: keep it in the scratch buffer
         root = torch.sqrt(h, out=scratch) if scratch is not None else h.sqrt()
         z = torch.add(root, eps, out=out)
+    elif h.device.type == "cpu":  # in place in ``out``, without torch.sqrt (see sqrt_plus_eps_cpu)
+        z = sqrt_plus_eps_cpu(h, eps, out)
     else:  # in place in ``out``: no third buffer in the working set
         z = torch.sqrt(h, out=out).add_(eps)
     if divide is not None:
