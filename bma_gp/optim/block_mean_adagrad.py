@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from bma_gp import Partition
-from bma_gp.optim import _fused
+from bma_gp.optim import _fused, functional
 from bma_gp.optim.flat_optimizer import FlatPreconditionedOptimizer, check_hyperparameter
 from bma_gp.optim.flat_params import FlatParams
 from bma_gp.optim.functional import Workspace, block_mean_adagrad, normalised_correlation
@@ -257,10 +257,17 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         fused = self._uses_fused(blocks, grads, layout)
         committed = layout is self._layout
         h = self._flat.get("sum") if committed else None
-        if self.check_finite and not (fused and committed):
-            # the fused path's first pass checks the gradients itself, writing nothing; a new layout is
-            # checked first, since committing it changes the state. On an accelerator, whether some entry
-            # of h is still 0 is read back with the check (on CPU the eager step keeps a list of them)
+        groups = [self.param_groups[gi] for gi in layout.group_index]
+        maximize = [bool(g["maximize"]) for g in groups]
+        checks_itself = fused or (
+            layout.device.type == "cpu"
+            and functional._tensor_blocks_apply(layout.params, grads, blocks, layout.dtype, maximize)
+        )
+        if self.check_finite and not (checks_itself and committed):
+            # the fused path's first pass checks the gradients itself, writing nothing, and so does the CPU
+            # eager step for one block per tensor; a new layout is checked first, since committing it changes
+            # the state. On an accelerator, whether some entry of h is still 0 is read back with the check (on
+            # CPU the eager step keeps a list of them)
             read = self._h_has_zero and h is not None and h.numel() > 0 and h.device.type != "cpu"
             values = self._check_finite(grads, layout, [h.amin()] if read and h is not None else [])
             if values:
@@ -271,7 +278,6 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             self._workspace = Workspace.build(blocks, h)
         group_lr = [float(g["lr"]) if isinstance(g["lr"], Tensor) else g["lr"] for g in self.param_groups]
         lr = [group_lr[gi] for gi in layout.group_index]  # per parameter, as the functional core takes them
-        groups = [self.param_groups[gi] for gi in layout.group_index]
         block_mean_adagrad(
             layout.params,
             grads,
@@ -281,7 +287,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             None if fused else self._workspace,
             lr=lr,
             weight_decay=[g.get("weight_decay", 0.0) for g in groups],
-            maximize=[bool(g["maximize"]) for g in groups],
+            maximize=maximize,
             eps=self.eps,
             damping=self.damping,
             update_interval=self.update_interval,

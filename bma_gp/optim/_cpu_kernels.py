@@ -1,0 +1,127 @@
+r"""torch's fused CPU optimizer kernels, reused for block-mean AdaGrad's eager step on CPU.
+
+The eager step on CPU (one block per tensor) is bound by passes over memory. torch ships one-pass C++ kernels
+for its own optimizers (``torch._fused_adagrad_``, ``torch._fused_sgd_``); with the right arguments they compute
+parts of this step too, each in one pass where plain tensor operations need two to four:
+
+* :func:`adagrad_ratio`: ``h += g^2`` and :math:`n' = s\,g / z` with :math:`z = \sqrt{h} + \epsilon` in one pass
+  (AdaGrad's own update, applied to a zeroed buffer with learning rate ``-s``); then
+  :math:`\tilde r = (g / n')^{-1/2} = \sqrt{s}\, z^{-1/2}` from the quotient, without a second square root of
+  ``h``. The power of two ``s`` (:func:`ratio_scale`) keeps :math:`n'` a normal number for every nonzero
+  gradient entry, so that the quotient recovers :math:`z / s` to rounding; where a gradient entry is exactly 0
+  the quotient is ``0 / 0`` and the caller recomputes :math:`\tilde r` from ``h`` (:func:`rescale_from_h`).
+* :func:`add_two`: ``p += a x + b y`` in one pass (SGD's Nesterov update with momentum 1, ``y`` as the momentum
+  buffer, which it overwrites).
+
+Both kernels exist on CPU from torch 2.4; :func:`available` says whether this torch has them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from bma_gp.optim._scaling import z_inv_sqrt
+
+__all__ = ["adagrad_ratio", "add_two", "available", "ratio_scale", "rescale_from_h"]
+
+
+@functools.cache
+def available() -> bool:
+    """Whether ``torch._fused_adagrad_`` and ``torch._fused_sgd_`` run on CPU float32 tensors in this torch."""
+    try:
+        x, g, h = torch.zeros(4), torch.ones(4), torch.zeros(4)
+        torch._fused_adagrad_(
+            [x], [g], [h], [torch.ones(())], lr=-1.0, lr_decay=0.0, weight_decay=0.0, eps=0.0, maximize=False
+        )
+        y = torch.ones(4)
+        torch._fused_sgd_(
+            [x], [g], [y], weight_decay=0.0, momentum=1.0, lr=-1.0, dampening=1.0,
+            nesterov=True, maximize=False, is_first_step=False,
+        )  # fmt: skip
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    # x = g / (sqrt(0 + 1) + 0) = 1; then x += 1 * (g + (y + 0 * g)) = 1 + 2
+    return bool(torch.equal(h, g)) and bool(torch.equal(x, torch.full((4,), 3.0)))
+
+
+def ratio_scale(h_bound: float, g_max: float, eps: float, numel: int, dtype: torch.dtype) -> float:
+    r"""A power of four ``s`` for :func:`adagrad_ratio` on a tensor, or ``0.0`` where none is safe.
+
+    With :math:`z = \sqrt{h} + \epsilon \le z_\max` after the step, ``s`` must keep (1) :math:`s |g| / z` a normal
+    number for the smallest nonzero :math:`|g|` (the subnormal minimum), so that :math:`g / n'` is :math:`z / s`
+    to rounding; (2) :math:`z / s` normal for the smallest :math:`z` (at least :math:`\epsilon` and
+    :math:`\sqrt{h}` of the smallest positive ``h``); (3) :math:`\sum n'^2 \le \mathrm{numel}\, s^2` and
+    :math:`s \max|g|` finite. Each bound keeps a factor of two to spare. ``s`` is a power of four, so that
+    :math:`\sqrt{s}` and every rescaling by it are exact.
+
+    Args:
+        h_bound: an upper bound of ``h`` over the tensor after this step's ``g^2`` is added.
+        g_max: the largest ``|g|`` of this step.
+        eps, numel, dtype: :math:`\epsilon`, the tensor's number of entries and its dtype.
+    """
+    if not (math.isfinite(h_bound) and math.isfinite(g_max)):
+        return 0.0
+    info = torch.finfo(dtype)
+    exp_min = math.frexp(info.tiny)[1] - 1  # smallest normal 2^exp_min
+    exp_max = math.frexp(info.max)[1]  # every finite value is below 2^exp_max
+    nmant = 1 - math.frexp(info.eps)[1]  # eps = 2^-nmant
+    z_max = math.sqrt(h_bound) * (1 + 2.0**-20) + eps
+    z_min = max(eps, math.sqrt(info.tiny * info.eps))  # eps, or sqrt of the smallest subnormal
+    low = nmant + 2 + math.frexp(z_max)[1]  # (1): s >= 2^(nmant + 2) z_max
+    high = min(
+        math.frexp(z_min)[1] - 3 - exp_min,  # (2): z_min / s >= 4 * smallest normal
+        (exp_max - 2 - numel.bit_length()) // 2,  # (3): numel s^2 <= max / 2
+        exp_max - 3 - math.frexp(g_max)[1],  # (3): s max|g| <= max / 4
+    )
+    k = low + (low & 1)  # even: s = 4^(k/2)
+    return 2.0**k if k <= high else 0.0
+
+
+def adagrad_ratio(g: Tensor, h: Tensor, n: Tensor, r: Tensor, step: Tensor, scale: float, eps: float) -> None:
+    r"""``h += g^2``, :math:`n = s\,g / z` and :math:`r = \sqrt{s}\, z^{-1/2}` (``r = nan`` where ``g == 0``).
+
+    Four passes: zero ``n``; AdaGrad's fused kernel (``h`` and ``n``); the quotient ``g / n`` into ``r``; its
+    reciprocal square root in place. ``scale`` is :func:`ratio_scale`'s ``s``; ``step`` a 0-d tensor holding 1.
+    """
+    n.zero_()
+    torch._fused_adagrad_([n], [g], [h], [step], lr=-scale, lr_decay=0.0, weight_decay=0.0, eps=eps, maximize=False)
+    torch.div(g, n, out=r).rsqrt_()
+
+
+def rescale_from_h(h: Tensor, r: Tensor, scale: float, eps: float) -> None:
+    r""":math:`r = \sqrt{s}\, z^{-1/2}` from ``h`` (the quotient's repair where some ``g`` was exactly 0)."""
+    z_inv_sqrt(h, eps, mask=False, out=r)
+    if scale != 1.0:
+        r.mul_(math.sqrt(scale))
+
+
+#: below this ratio of the smaller coefficient to the larger, :func:`add_two` takes two passes instead of one
+_ADD_TWO_MIN_RATIO = 2.0**-40
+
+
+def add_two(p: Tensor, x: Tensor, y: Tensor, a: float, b: float) -> None:
+    r"""``p += a x + b y`` in one pass where it can; ``x`` or ``y`` is overwritten (scratch buffers only).
+
+    SGD's fused kernel with Nesterov momentum 1 and dampening ``d`` computes, with the momentum buffer ``y``,
+    ``y <- y + (1 - d) x`` and then ``p <- p - lr (x + y)``: with ``lr = -b`` and ``2 - d = a / b`` that is
+    :math:`p + a x + b y`. The larger coefficient goes with ``x`` (so that :math:`|a / b| \ge 1` and rounding
+    stays relative to :math:`|a x| + |b y|`); where the smaller is 0 or below :data:`_ADD_TWO_MIN_RATIO` of the
+    larger, two plain passes.
+    """
+    if abs(a) < abs(b):
+        x, y, a, b = y, x, b, a
+    if a == 0.0:
+        return
+    if abs(b) < _ADD_TWO_MIN_RATIO * abs(a):
+        p.add_(x, alpha=a)
+        if b != 0.0:
+            p.add_(y, alpha=b)
+        return
+    torch._fused_sgd_(
+        [p], [x], [y], weight_decay=0.0, momentum=1.0, lr=-b, dampening=2.0 - a / b,
+        nesterov=True, maximize=False, is_first_step=False,
+    )  # fmt: skip
