@@ -77,6 +77,9 @@ def load_baseline(directory: str):
 
     import bma_gp
 
+    if not (Path(directory) / "bma_gp" / "optim" / "__init__.py").is_file():
+        raise SystemExit(f"--baseline {directory}: no bma_gp/optim there (make one with: git worktree add DIR REV)")
+
     def ours(name: str) -> bool:
         return name == "bma_gp.optim" or name.startswith("bma_gp.optim.")
 
@@ -87,7 +90,9 @@ def load_baseline(directory: str):
     path = list(bma_gp.__path__)
     bma_gp.__path__[:] = [str(Path(directory) / "bma_gp"), *path]
     try:
-        return importlib.import_module("bma_gp.optim").BlockMeanAdagrad
+        module = importlib.import_module("bma_gp.optim")
+        assert Path(module.__file__).resolve().is_relative_to(Path(directory).resolve()), module.__file__
+        return module.BlockMeanAdagrad
     finally:
         bma_gp.__path__[:] = path
         for name in [n for n in sys.modules if ours(n)]:

@@ -77,7 +77,7 @@ def zero_entries(h: Tensor, known: Tensor | None) -> Tensor:
 
     ``h`` only grows, so the entries that are 0 now are among those that were 0 before: after the
     first step this looks at those few entries only, not at all of ``h``. The eager step on CPU
-    masks ``r`` with it (:meth:`torch.Tensor.index_fill_`), which costs nothing once every entry has
+    masks ``r`` with it (:meth:`torch.Tensor.index_put_`), which costs nothing once every entry has
     had a gradient, where :func:`z_inv_sqrt`'s ``mask`` costs two more passes. On an accelerator
     the list would need a host synchronisation per step, so the formula is used there.
 
@@ -89,7 +89,10 @@ def zero_entries(h: Tensor, known: Tensor | None) -> Tensor:
         return (h == 0).nonzero().flatten()
     if known.numel() == 0:
         return known
-    return known[h[known] == 0]
+    values = h.index_select(0, known)
+    if int(torch.count_nonzero(values)) == 0:  # the usual case (dead units stay dead): no new list to build
+        return known
+    return known[values == 0]
 
 
 def sqrt_plus_eps_cpu(h: Tensor, eps: float, out: Tensor) -> Tensor:
