@@ -517,43 +517,72 @@ def _tensor_blocks_cpu_step(
         sums.append(torch.dot(g, r))
         sums.append(n.sum())
         sums.append(torch.dot(n, n))
-    block_sums = torch.stack(sums).view(-1, 3)
-    if any(scales):
-        _repair_and_unscale(ws, block_sums, present, gs, hs, rs, scales, eps, stats["step"])
-    v, n_sum, n_sq = block_sums.unbind(-1)
     rows = [blocks.first_block[i] for i in present]
-    if len(rows) < blocks.num_blocks:  # some tensors had no gradient: their blocks' sums are 0
-        index = torch.tensor(rows, device=state_sum.device)
-        v, n_sum, n_sq = (torch.zeros_like(stats["w"]).index_copy_(0, index, x) for x in (v, n_sum, n_sq))
-    _accumulate(stats, n_sum, n_sq)
-    lam, B = preconditioner(
-        stats, blocks.partition, damping=damping, update_interval=update_interval, correlation=correlation
-    )
-    coef = torch.stack([lam, B @ v])  # per block: the factors of n and of r
-    if len(rows) < blocks.num_blocks:
-        coef = coef[:, rows]
-    rates = {lr[i] for i in present}
-    if len(rates) == 1:
-        coef.mul_(-rates.pop())
+    if correlation is normalised_correlation and blocks.num_blocks <= NUMPY_ROOT_MAX_BLOCKS:
+        # the k-sized rest of the step on the host in float64 numpy: a few microseconds per operation, where each
+        # torch call costs 5-25 us right after passes over megabytes (code and dispatch tables evicted)
+        block_sums = torch.stack(sums).numpy().astype(np.float64).reshape(-1, 3)
+        if any(scales):
+            _repair_and_unscale(ws, block_sums, present, gs, hs, rs, scales, eps, stats["step"])
+        c_n, c_r = _host_coefficients(stats, blocks, rows, block_sums, damping, update_interval)
     else:
-        coef.mul_(torch.tensor([-lr[i] for i in present], dtype=coef.dtype))
+        block_sums_t = torch.stack(sums).view(-1, 3)
+        if any(scales):
+            host = block_sums_t.double().numpy()
+            _repair_and_unscale(ws, host, present, gs, hs, rs, scales, eps, stats["step"])
+            block_sums_t = torch.from_numpy(host).to(block_sums_t.dtype)
+        v, n_sum, n_sq = block_sums_t.unbind(-1)
+        if len(rows) < blocks.num_blocks:  # some tensors had no gradient: their blocks' sums are 0
+            index = torch.tensor(rows, device=state_sum.device)
+            v, n_sum, n_sq = (torch.zeros_like(stats["w"]).index_copy_(0, index, x) for x in (v, n_sum, n_sq))
+        _accumulate(stats, n_sum, n_sq)
+        lam, B = preconditioner(
+            stats, blocks.partition, damping=damping, update_interval=update_interval, correlation=correlation
+        )
+        c_n, c_r = (x.double().numpy()[rows] for x in (lam, B @ v))
+    rates = np.array([-lr[i] for i in present])
+    c_n, c_r = (c_n * rates).tolist(), (c_r * rates).tolist()
     decay = [1.0 - lr[i] * weight_decay[i] for i in reversed(present)]
     if any(d != 1.0 for d in decay):
         torch._foreach_mul_([params[i] for i in reversed(present)], decay)
-    chain = [j for j in reversed(range(len(present))) if not scales[j]]  # last to first: n, r may still be cached
-    if len(chain) < len(present):
-        c_n, c_r = coef.tolist()
-        for j in reversed(range(len(present))):
-            s = scales[j]
-            if s:
-                p = params[present[j]].view(-1)
-                _cpu_kernels.add_two(p, ns[j], rs[j], c_n[j] / s, c_r[j] / math.sqrt(s))
-    if chain:
-        ps = [params[present[j]] for j in chain]
-        c_n, c_r = (coef[:, chain] if len(chain) < len(present) else coef.flip(-1)).unbind(0)
-        torch._foreach_addcmul_(ps, [n_shaped[j] for j in chain], list(c_n.unbind(0)))
-        torch._foreach_addcmul_(ps, [r_shaped[j] for j in chain], list(c_r.unbind(0)))
+    # p += c_n n + c_r r, last tensor first (its n and r may still be cached); in the ratio form n and r are
+    # s n and sqrt(s) r
+    for j in reversed(range(len(present))):
+        s = scales[j]
+        p = params[present[j]]
+        if s:
+            _cpu_kernels.add_two(p.view(-1), ns[j], rs[j], c_n[j] / s, c_r[j] / math.sqrt(s))
+        else:
+            _cpu_kernels.add_two(p, n_shaped[j], r_shaped[j], c_n[j], c_r[j])
     ws.h_version = state_sum._version  # the bounds in ws.h_max hold until h changes elsewhere
+
+
+def _host_coefficients(stats, blocks: ParamBlocks, rows: list[int], block_sums, damping: float, update_interval: int):
+    """The statistics' update, the root (when due) and the per-tensor factors ``lam_R`` and ``B_R P^T v`` of ``n``
+    and ``r``, from the block sums ``(v, P^T n, P^T n^2)`` (float64, one row per tensor with a gradient), in numpy
+    float64 on the host. ``U``, ``w`` and the cached root stay torch tensors of the state's dtype."""
+    k = blocks.num_blocks
+    if len(rows) < k:  # some tensors had no gradient: their blocks' sums are 0
+        full = np.zeros((k, 3))
+        full[rows] = block_sums
+        block_sums = full
+    v, n_sum, n_sq = block_sums.T
+    U, w = stats["U"].numpy(), stats["w"].numpy()  # the state's memory: updated in place
+    U += np.outer(n_sum, n_sum)
+    w += n_sq
+    due = stats["root_lam"] is None or (stats["step"] - stats["root_step"]) >= update_interval
+    lam = B = None
+    if due:
+        consts = _root_constants(blocks.partition, torch.float64, torch.device("cpu"), numpy=True)
+        try:
+            lam, B = _inverse_root_formulas(np, U.astype(np.float64), w.astype(np.float64), consts, damping)
+            root = torch.from_numpy(lam).to(stats["w"].dtype), torch.from_numpy(B).to(stats["w"].dtype)
+        except np.linalg.LinAlgError:  # non-finite statistics (check_finite=False): torch's eigh gives NaN instead
+            root = _normalised_inverse_root_torch(stats["U"], stats["w"], blocks.partition, damping)
+        stats.update(root_lam=root[0], root_B=root[1], root_step=stats["step"])
+    if lam is None or B is None:
+        lam, B = (stats[key].double().numpy() for key in ("root_lam", "root_B"))
+    return lam[rows], (B @ v)[rows]
 
 
 def _ratio_scales(ws: Workspace, present, hs, extremes, eps: float, step: int) -> list[float]:
@@ -585,19 +614,19 @@ def _ratio_scales(ws: Workspace, present, hs, extremes, eps: float, step: int) -
     return scales
 
 
-def _repair_and_unscale(ws: Workspace, block_sums: Tensor, present, gs, hs, rs, scales, eps: float, step: int):
+def _repair_and_unscale(ws: Workspace, block_sums, present, gs, hs, rs, scales, eps: float, step: int) -> None:
     """Recompute ``r`` from ``h`` for the ratio-form tensors whose ``P^T v`` is ``nan`` (a gradient entry was
-    exactly 0), then divide the ratio form's block sums by ``sqrt(s)``, ``s`` and ``s^2``."""
-    v_host = block_sums[:, 0].tolist()
+    exactly 0), then divide the ratio form's block sums by ``sqrt(s)``, ``s`` and ``s^2`` (``block_sums``: a float64
+    numpy array, one row per tensor)."""
     for j, s in enumerate(scales):
-        if s and math.isnan(v_host[j]):
+        if s and math.isnan(block_sums[j, 0]):
             i = present[j]
             _cpu_kernels.rescale_from_h(hs[j], rs[j], s, eps)
             ws.mask_zeros(i, hs[j], rs[j])
-            block_sums[j, 0] = torch.dot(gs[j], rs[j])
+            block_sums[j, 0] = float(torch.dot(gs[j], rs[j]))
             ws.chain_until[i] = step + RATIO_RETRY_STEPS + 1  # the next RATIO_RETRY_STEPS steps
-    unscale = [[s**-0.5, 1 / s, s**-2] if s else [1.0, 1.0, 1.0] for s in scales]
-    block_sums.mul_(torch.tensor(unscale, dtype=block_sums.dtype))
+    factors = np.array([[s**-0.5, 1 / s, s**-2] if s else [1.0, 1.0, 1.0] for s in scales])
+    block_sums *= factors
 
 
 def _fused_block_mean_adagrad(
