@@ -105,7 +105,7 @@ def test_add_two(dtype, a, b):
 @pytest.fixture
 def ratio_everywhere(monkeypatch):
     """Every tensor takes the ratio form (the test models' tensors are small); returns the list of scales used."""
-    monkeypatch.setattr(functional, "RATIO_MIN_NUMEL", 0)
+    monkeypatch.setattr(functional, "HOST_MAX_NUMEL", 0)
     used = []
     scales = functional._ratio_scales
     monkeypatch.setattr(functional, "_ratio_scales", lambda *a: used.append(scales(*a)) or used[-1])
@@ -185,7 +185,7 @@ def test_bounds_follow_changes_of_h_elsewhere(monkeypatch, ratio_everywhere):
 
 
 def test_without_the_kernels_the_chain_form_runs(monkeypatch):
-    monkeypatch.setattr(functional, "RATIO_MIN_NUMEL", 0)
+    monkeypatch.setattr(functional, "HOST_MAX_NUMEL", 0)
     monkeypatch.setattr(_cpu_kernels, "available", lambda: False)
     fast, loop, calls = run_pair(monkeypatch, torch.float64, 4, lambda m: BlockMeanAdagrad(m.parameters(), lr=0.05))
     assert calls == 4

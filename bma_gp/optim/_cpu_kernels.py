@@ -65,12 +65,9 @@ def ratio_scale(h_bound: float, g_max: float, eps: float, numel: int, dtype: tor
     """
     if not (math.isfinite(h_bound) and math.isfinite(g_max)):
         return 0.0
-    info = torch.finfo(dtype)
-    exp_min = math.frexp(info.tiny)[1] - 1  # smallest normal 2^exp_min
-    exp_max = math.frexp(info.max)[1]  # every finite value is below 2^exp_max
-    nmant = 1 - math.frexp(info.eps)[1]  # eps = 2^-nmant
+    exp_min, exp_max, nmant, root_min = _exponents(dtype)
     z_max = math.sqrt(h_bound) * (1 + 2.0**-20) + eps
-    z_min = max(eps, math.sqrt(info.tiny * info.eps))  # eps, or sqrt of the smallest subnormal
+    z_min = max(eps, root_min)
     low = nmant + 2 + math.frexp(z_max)[1]  # (1): s >= 2^(nmant + 2) z_max
     high = min(
         math.frexp(z_min)[1] - 3 - exp_min,  # (2): z_min / s >= 4 * smallest normal
@@ -79,6 +76,20 @@ def ratio_scale(h_bound: float, g_max: float, eps: float, numel: int, dtype: tor
     )
     k = low + (low & 1)  # even: s = 4^(k/2)
     return 2.0**k if k <= high else 0.0
+
+
+@functools.cache
+def _exponents(dtype: torch.dtype) -> tuple[int, int, int, float]:
+    """For :func:`ratio_scale`: ``exp_min`` (the smallest normal is ``2^exp_min``), ``exp_max`` (every finite value
+    is below ``2^exp_max``), ``nmant`` (machine epsilon ``2^-nmant``) and the square root of the smallest
+    subnormal."""
+    info = torch.finfo(dtype)
+    return (
+        math.frexp(info.tiny)[1] - 1,
+        math.frexp(info.max)[1],
+        1 - math.frexp(info.eps)[1],
+        math.sqrt(info.tiny * info.eps),
+    )
 
 
 def adagrad_ratio(g: Tensor, h: Tensor, n: Tensor, r: Tensor, step: Tensor, scale: float, eps: float) -> None:

@@ -29,6 +29,7 @@ matrix-vector product, written per tensor as
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,7 +119,7 @@ def _normalised_inverse_root(U: Tensor, w: Tensor, partition: Partition, damping
         consts = _root_constants(partition, cd, device, numpy=True)
         U_np, w_np = U.detach().numpy().astype(np.float64), w.detach().numpy().astype(np.float64)
         try:
-            lam, B = _inverse_root_formulas(np, U_np, w_np, consts, damping)
+            lam, B = _inverse_root_numpy(U_np, w_np, consts, damping)
         except np.linalg.LinAlgError:  # non-finite statistics (check_finite=False): torch's eigh gives NaN instead
             return _normalised_inverse_root_torch(U, w, partition, damping)
         np_dtype = _NUMPY_DTYPES.get(dtype)
@@ -131,7 +132,7 @@ def _normalised_inverse_root(U: Tensor, w: Tensor, partition: Partition, damping
 def _normalised_inverse_root_torch(U: Tensor, w: Tensor, partition: Partition, damping: float) -> tuple[Tensor, Tensor]:
     dtype, cd = w.dtype, core_dtype(w.dtype)
     consts = _root_constants(partition, cd, w.device)
-    lam, B = _inverse_root_formulas(torch, U.to(cd), w.to(cd), consts, damping)
+    lam, B = _inverse_root_formulas(U.to(cd), w.to(cd), consts, damping)
     return lam.to(dtype), B.to(dtype)
 
 
@@ -141,34 +142,80 @@ NUMPY_ROOT_MAX_BLOCKS = 128
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
 
 
-def _inverse_root_formulas(xp, U, w, consts, damping: float):
-    """The body of :func:`_normalised_inverse_root` for ``xp`` = ``torch`` or ``numpy`` (2-D ``U``; the same
-    operations exist under the same names in both)."""
+def _inverse_root_formulas(U: Tensor, w: Tensor, consts, damping: float) -> tuple[Tensor, Tensor]:
+    """The body of :func:`_normalised_inverse_root` in torch (2-D ``U``)."""
     inv_s, inv_within, single, outer_rsqrt = consts
     d = w * inv_s
     seen = d > 0
-    inv_d = xp.where(seen, 1 / xp.where(seen, d, 1.0), 0.0)
-    diag_U = xp.diagonal(U)
+    inv_d = torch.where(seen, 1 / torch.where(seen, d, 1.0), 0.0)
+    diag_U = torch.diagonal(U)
     off = (diag_U - w) * inv_within * inv_d  # s_i B_ii / d_i (0 for singletons)
-    lam = xp.where(seen, 1 - off * inv_s, 1.0) + damping
-    t = xp.sqrt(inv_d * inv_s)
-    C = U * xp.outer(t, t)
-    idx = xp.arange(C.shape[-1])
+    lam = torch.where(seen, 1 - off * inv_s, 1.0) + damping
+    t = torch.sqrt(inv_d * inv_s)
+    C = U * torch.outer(t, t)
+    idx = torch.arange(C.shape[-1])
     C[idx, idx] = lam + off
     # eigh reads one triangle: no symmetrisation needed
-    lam = xp.where(single, xp.where(C[idx, idx] > 0, C[idx, idx], 1.0), lam)  # fold singletons as the operator does
-    e, V = xp.linalg.eigh(C)
-    f_lam = 1 / xp.sqrt(lam)
-    D = (V * (1 / xp.sqrt(e))) @ V.T
+    lam = torch.where(single, torch.where(C[idx, idx] > 0, C[idx, idx], 1.0), lam)  # fold singletons as the operator
+    e, V = torch.linalg.eigh(C)
+    f_lam = 1 / torch.sqrt(lam)
+    D = (V * (1 / torch.sqrt(e))) @ V.T
     D[idx, idx] -= f_lam
     D = D * outer_rsqrt
     return f_lam, (D + D.T) * 0.5
 
 
+@np.errstate(all="ignore")  # inf/nan where torch gives them silently (a singular F with damping 0, NaN statistics)
+def _inverse_root_numpy(U: np.ndarray, w: np.ndarray, consts, damping: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_inverse_root_formulas` on float64 numpy arrays, in the same order of operations (equal to it to the
+    last bit but for ``eigh``): one ``syevd`` through scipy's LAPACK wrapper (5 us at a few blocks, where
+    ``numpy.linalg.eigh`` costs 14 us) and no ``where``/``outer`` calls (4 us each) where a block has had no
+    gradient or no block is a singleton. Raises :class:`numpy.linalg.LinAlgError` on non-finite statistics (as
+    ``numpy.linalg.eigh`` does) or when ``syevd`` fails."""
+    inv_s, inv_within, single, outer_rsqrt, any_single = consts
+    k = w.shape[0]
+    d = w * inv_s
+    seen = d > 0
+    all_seen = bool(seen.all())
+    inv_d = 1 / d if all_seen else np.divide(1.0, d, out=np.zeros_like(d), where=seen)
+    off = (U.diagonal() - w) * inv_within * inv_d  # s_i B_ii / d_i (0 for singletons)
+    lam = 1 - off * inv_s
+    if not all_seen:
+        lam[~seen] = 1.0
+    lam += damping
+    t = np.sqrt(inv_d * inv_s)
+    C = U * (t[:, None] * t)
+    C_diag = lam + off
+    C.ravel()[:: k + 1] = C_diag
+    if any_single:  # fold singletons as the operator does
+        lam = np.where(single, np.where(C_diag > 0, C_diag, 1.0), lam)
+    if not np.isfinite(C).all():  # as numpy's eigh does: the caller then leaves the case to torch
+        raise np.linalg.LinAlgError("non-finite statistics")
+    e, V, info = _lapack().dsyevd(C, compute_v=1, lower=1)  # the lower triangle, as numpy's eigh reads it
+    if info != 0:
+        raise np.linalg.LinAlgError(f"syevd failed (info = {info})")
+    f_lam = 1 / np.sqrt(lam)
+    D = (V * (1 / np.sqrt(e))) @ V.T
+    D.ravel()[:: k + 1] -= f_lam
+    D *= outer_rsqrt
+    B = D + D.T
+    B *= 0.5
+    return f_lam, B
+
+
+@functools.cache
+def _lapack():
+    """scipy's LAPACK wrappers, imported on first use (a dependency of gpytorch and linear_operator too)."""
+    from scipy.linalg import lapack
+
+    return lapack
+
+
 def _root_constants(partition: Partition, dtype: torch.dtype, device: torch.device, numpy: bool = False) -> tuple:
     """What :func:`_normalised_inverse_root` needs of the block sizes, made once per partition, dtype and device
     (kept on the partition): ``1 / s``, ``1 / (s - 1)`` (0 for singletons), the singleton mask and
-    ``s_i^{-1/2} s_j^{-1/2}``; with ``numpy``, as numpy arrays (CPU only)."""
+    ``s_i^{-1/2} s_j^{-1/2}``; with ``numpy``, as numpy arrays (CPU only) followed by whether some block is a
+    singleton."""
     key = (dtype, device, numpy)
     cached = getattr(partition, "_inverse_root_constants", None)
     if cached is None or cached[0] != key:
@@ -177,7 +224,7 @@ def _root_constants(partition: Partition, dtype: torch.dtype, device: torch.devi
         inv_within = torch.where(single, 0.0, (s - 1).clamp_min(1).reciprocal())
         r = s.rsqrt()
         consts = (s.reciprocal(), inv_within, single, torch.outer(r, r))
-        cached = (key, tuple(c.numpy() for c in consts) if numpy else consts)
+        cached = (key, (*(c.numpy() for c in consts), bool(single.any())) if numpy else consts)
         partition._inverse_root_constants = cached  # type: ignore[attr-defined]
     return cached[1]
 
@@ -197,11 +244,19 @@ class Workspace:
         root: the preconditioner operator of the last root step (scattered path), and that step.
         zeros: on CPU, per tensor (``-1``: the flat vector), the entries where ``h == 0``
             (:func:`~bma_gp.optim._scaling.zero_entries`); rebuilt from ``h`` when missing.
+        host_zeros: per tensor that took the host form of :func:`_tensor_blocks_cpu_step`, whether some entry of
+            its ``h`` was 0 after that step.
         views: per set of tensors with a gradient (up to 16 sets), the flat views of ``h``, ``n`` and ``r``
             per tensor and those of ``n`` and ``r`` shaped like the parameters (:func:`_tensor_blocks_cpu_step`).
         h_max: per tensor, an upper bound of its ``h`` (:func:`_tensor_blocks_cpu_step`'s ratio form), valid while
             ``h``'s version counter is ``h_version``.
         chain_until: per tensor, the step until which it takes the chain form (a gradient entry was exactly 0).
+        one: a 0-d tensor holding 1 (the step count handed to torch's fused AdaGrad kernel).
+        dots: per tensor, the reductions of :func:`_tensor_blocks_cpu_step` (written with ``out=``, read back in one
+            call). # shape: (number of tensors, 4)
+        root_store: the tensors the host computes the root into (:meth:`root_buffers`); they become the state's
+            ``root_lam`` and ``root_B``.
+        host_root: the stored root in float64 numpy, with the tensors and version counters it was read from.
     """
 
     h: Tensor
@@ -211,14 +266,21 @@ class Workspace:
     grad: Tensor | None = None
     root: tuple[int, BlockMeanLinearOperator] | None = field(default=None)
     zeros: dict[int, Tensor] = field(default_factory=dict)
-    views: dict[tuple[int, ...], tuple[list[Tensor], ...]] = field(default_factory=dict)
+    views: dict[tuple[int, ...], tuple[list[Any], ...]] = field(default_factory=dict)
     h_max: dict[int, float] = field(default_factory=dict)
     h_version: int = -1
     chain_until: dict[int, int] = field(default_factory=dict)
+    one: Tensor | None = None
+    dots: Tensor | None = None
+    host_zeros: dict[int, bool] = field(default_factory=dict)
+    root_store: tuple[Tensor, Tensor] | None = None
+    host_root: tuple[tuple, np.ndarray, np.ndarray] | None = None
 
     def has_zeros(self) -> bool:
         """Whether some entry of ``h`` was 0 after the last step (CPU; ``True`` before the first)."""
-        return not self.zeros or any(idx.numel() for idx in self.zeros.values())
+        if not self.zeros and not self.host_zeros:
+            return True
+        return any(idx.numel() for idx in self.zeros.values()) or any(self.host_zeros.values())
 
     def mask_zeros(self, key: int, h: Tensor, r: Tensor) -> None:
         """``r = 0`` where ``h = 0``, by the list of such entries (CPU)."""
@@ -226,10 +288,12 @@ class Workspace:
         if idx.numel():
             r.index_put_((idx,), r.new_zeros(()))  # measured faster than index_fill_ (46 against 55 us per 10^4)
 
-    def tensor_views(self, blocks: ParamBlocks, params: list[Tensor], present: list[int]) -> tuple[list[Tensor], ...]:
-        """``(h, n, r, n_shaped, r_shaped)`` of the tensors ``present``: flat views, then ``n`` and ``r`` shaped like
-        those parameters (built once per set)."""
-        key = tuple(present)
+    def tensor_views(self, blocks: ParamBlocks, params: list[Tensor], present: list[int]) -> tuple[list, ...]:
+        """``(h, n, r, n_shaped, r_shaped, host)`` of the tensors ``present``: flat views, then ``n`` and ``r`` shaped
+        like those parameters, then per tensor numpy arrays on ``(h, n, r)`` where it takes the host form of
+        :func:`_tensor_blocks_cpu_step` (up to :data:`HOST_MAX_NUMEL` entries of float32/float64), else ``None``
+        (built once per set)."""
+        key = (HOST_MAX_NUMEL, *present)
         cached = self.views.get(key)
         if cached is None:
             if len(self.views) >= 16:  # gradients present on many different sets of tensors: keep the cache small
@@ -238,8 +302,20 @@ class Workspace:
             spans = [(blocks.bounds[i], blocks.bounds[i + 1], params[i].shape) for i in present]
             flat = [[x[a:b] for a, b, _ in spans] for x in (self.h, n_all, r_all)]
             shaped = [[x.view(shape) for x, (_, _, shape) in zip(xs, spans)] for xs in flat[1:]]
-            cached = self.views[key] = (*flat, *shaped)
+            on_host = self.h.dtype in (torch.float32, torch.float64)
+            host = [
+                tuple(x.numpy() for x in xs) if on_host and xs[0].numel() <= HOST_MAX_NUMEL else None
+                for xs in zip(*flat)
+            ]
+            cached = self.views[key] = (*flat, *shaped, host)
         return cached
+
+    def root_buffers(self, k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The workspace's own ``(k,)`` and ``(k, k)`` tensors for the root computed on the host."""
+        store = self.root_store
+        if store is None or store[0].shape[0] != k or store[0].dtype != dtype:
+            store = self.root_store = (torch.empty(k, dtype=dtype), torch.empty(k, k, dtype=dtype))
+        return store
 
     @classmethod
     def build(cls, blocks: ParamBlocks, h: Tensor) -> Workspace:
@@ -250,6 +326,8 @@ class Workspace:
             nr=torch.empty(2, h.numel(), dtype=h.dtype, device=h.device),
             sums=torch.zeros(blocks.num_blocks, 3, dtype=h.dtype, device=h.device),
             scratch=torch.empty(scratch, dtype=h.dtype, device=h.device),
+            one=torch.ones((), dtype=h.dtype, device=h.device),
+            dots=torch.zeros(len(numels), 4, dtype=h.dtype, device=h.device),
         )
 
 
@@ -455,12 +533,16 @@ def _tensor_blocks_apply(params, grads, blocks: ParamBlocks, dtype: torch.dtype,
     return any_present
 
 
-#: tensors of at least this many entries take the ratio form of the CPU step for one block per tensor (torch's fused
-#: AdaGrad and SGD kernels, :mod:`~bma_gp.optim._cpu_kernels`); smaller ones the chain form, which makes fewer calls
-RATIO_MIN_NUMEL = 2**15
+#: tensors of at most this many entries (float32 or float64) take the host form of the CPU step for one block per
+#: tensor: numpy operations on the tensors' own memory, which carry less fixed cost than torch calls (5-25 us each
+#: right after passes over megabytes). Measured with cold caches, per tensor: 50 against 69 us at 1024 entries,
+#: 119 against 144 us at 16384, 256 against 239 us at 65536 (numpy runs on one thread)
+HOST_MAX_NUMEL = 2**14
 #: after some gradient entry of a tensor was exactly 0 (where the ratio form needs a repair pass), the tensor takes
 #: the chain form for this many steps before the ratio form is tried again
 RATIO_RETRY_STEPS = 32
+#: relative slack of the bounds kept for the ratio form (``h + g^2`` and ``sum g^2`` round by far less)
+_BOUND_SLACK = 1 + 2.0**-20
 
 
 def _tensor_blocks_cpu_step(
@@ -481,57 +563,82 @@ def _tensor_blocks_cpu_step(
 ) -> None:
     r"""The eager step on CPU when every tensor is one block (``partition="tensor"``, the default).
 
-    The arithmetic of the tensor-by-tensor loop, in fewer passes over memory:
+    The arithmetic of the tensor-by-tensor loop, in fewer passes over memory and fewer calls:
 
-    * one read of every gradient first (``aminmax``): it checks finiteness (``ValueError`` before anything
-      changes, with ``check_finite``) and bounds this step's ``h`` (:attr:`Workspace.h_max`);
+    * one read of every gradient first, :math:`\sum g^2` (a dot product): with ``check_finite`` a non-finite sum
+      makes the step look at that gradient entry by entry and raise ``ValueError`` before anything changes; the
+      sum also bounds :math:`\max |g|` (rounding is monotone: a sum of nonnegative terms is at least its
+      largest term, rounded) and so this step's ``h`` (:attr:`Workspace.h_max`);
     * tensor by tensor, so that each tensor's ``g``, ``h``, ``n`` and ``r`` stay in the last-level cache from
       one operation to the next (one pass over all tensors per operation was measured slower at 2.1M
-      parameters: 42 MB of buffers do not fit in a 32 MB cache), either
-      - the *ratio form* (tensors of :data:`RATIO_MIN_NUMEL` entries or more, when :func:`_cpu_kernels.ratio_scale`
-        finds a safe scale ``s``): ``h``, :math:`s n` and :math:`\sqrt{s} r` in four passes
-        (:func:`_cpu_kernels.adagrad_ratio`), the update in one (:func:`_cpu_kernels.add_two`). Where a
-        gradient entry was exactly 0 the quotient is ``nan``, which the block sum ``P^T v`` reveals: that
-        tensor's ``r`` is recomputed from ``h`` and it takes the chain form for :data:`RATIO_RETRY_STEPS` steps;
-      - or the *chain form*: ``h += g^2``, then ``z`` and ``n = g / z`` and ``r`` (:func:`z_inv_sqrt`), and
-        the update as two ``torch._foreach_addcmul_`` calls over all such tensors;
-    * the block sums are collected and stacked once.
+      parameters: 42 MB of buffers do not fit in a 32 MB cache), one of
+      - the *host form* (tensors of up to :data:`HOST_MAX_NUMEL` entries, float32/float64): the whole step in
+        numpy on the tensors' memory (:func:`_host_tensor_pass`);
+      - the *ratio form* (larger tensors, when :func:`_cpu_kernels.ratio_scale` finds a safe scale ``s``):
+        ``h``, :math:`s n` and :math:`\sqrt{s} r` in four passes (:func:`_cpu_kernels.adagrad_ratio`), the
+        update in one (:func:`_cpu_kernels.add_two`). Where a gradient entry was exactly 0 the quotient is
+        ``nan``, which the block sum ``P^T v`` reveals: that tensor's ``r`` is recomputed from ``h`` and it takes
+        the chain form for :data:`RATIO_RETRY_STEPS` steps;
+      - or the *chain form*: ``h += g^2``, then ``z`` and ``n = g / z`` and ``r`` (:func:`z_inv_sqrt`);
+    * the k-sized rest (statistics, root, per-tensor factors) on the host in float64 numpy
+      (:func:`_host_coefficients`), for the default correlation and up to :data:`NUMPY_ROOT_MAX_BLOCKS` blocks.
     """
     present = [i for i, g in enumerate(grads) if g is not None and blocks.segments[i] is not None]
     gs = [grads[i].view(-1) for i in present]
-    hs, ns, rs, n_shaped, r_shaped = ws.tensor_views(blocks, params, present)
-    extremes = torch.stack([x for g in gs for x in torch.aminmax(g)]).tolist()  # min, max per tensor
-    if check_finite and not all(math.isfinite(x) for x in extremes):
-        raise ValueError(_non_finite_message("BlockMeanAdagrad"))
+    hs, ns, rs, n_shaped, r_shaped, host = ws.tensor_views(blocks, params, present)
+    m = len(present)
+    on_host = [j for j in range(m) if host[j] is not None and not gs[j].is_neg()]
+    big = [j for j in range(m) if host[j] is None or gs[j].is_neg()]
+    g_np = {j: _host_array(gs[j]) for j in on_host}
+    squares = [0.0] * m
+    with np.errstate(all="ignore"):  # an overflow is looked at below
+        for j in on_host:
+            squares[j] = float(np.dot(g_np[j], g_np[j]))
+    dots = ws.dots  # per tensor: g . g, then g . r, sum n and n . n (the torch forms)
+    if big:
+        for j in big:
+            torch.dot(gs[j], gs[j], out=dots[j, 0])
+        column = dots[:m, 0].tolist()
+        for j in big:
+            squares[j] = column[j]
+    if check_finite and not all(math.isfinite(x) for x in squares):  # or a finite sum of squares overflowed
+        if not all(math.isfinite(x) or bool(torch.isfinite(gs[j]).all()) for j, x in enumerate(squares)):
+            raise ValueError(_non_finite_message("BlockMeanAdagrad"))
     stats["step"] += 1
-    scales = _ratio_scales(ws, present, hs, extremes, eps, stats["step"])
-    one = torch.ones((), dtype=state_sum.dtype)  # AdaGrad's step count: its learning rate is not decayed
-    sums = []
-    for i, g, h, n, r, s in zip(present, gs, hs, ns, rs, scales):
+    scales = _ratio_scales(ws, present, hs, big, squares, eps, stats["step"])
+    block_sums: list = [(0.0, 0.0, 0.0)] * m  # per tensor: P^T v, P^T n, P^T n^2
+    with np.errstate(all="ignore"):  # inf/nan as torch gives them (eps = 0, check_finite=False), without warnings
+        for j in on_host:  # one after the other: numpy's code stays warm
+            h_np, n_np, r_np = host[j]
+            *block_sums[j], ws.host_zeros[present[j]] = _host_tensor_pass(g_np[j], h_np, n_np, r_np, eps)
+    for j in big:
+        i, g, h, n, r, s = present[j], gs[j], hs[j], ns[j], rs[j], scales[j]
         if s:
-            _cpu_kernels.adagrad_ratio(g, h, n, r, one, s, eps)  # h, n' = s n, r' = sqrt(s) r
+            _cpu_kernels.adagrad_ratio(g, h, n, r, ws.one, s, eps)  # h, n' = s n, r' = sqrt(s) r
         else:
             h.addcmul_(g, g)
             z_inv_sqrt(h, eps, mask=False, out=r, divide=(g, n))  # r, and n = g / z
         ws.mask_zeros(i, h, r)  # h = 0 (no gradient yet): r = 0 (n is already 0 there)
-        sums.append(torch.dot(g, r))
-        sums.append(n.sum())
-        sums.append(torch.dot(n, n))
+        torch.dot(g, r, out=dots[j, 1])
+        torch.sum(n, 0, out=dots[j, 2])
+        torch.dot(n, n, out=dots[j, 3])
+    if big:
+        values = dots[:m, 1:].tolist()
+        for j in big:
+            v, n_sum, n_sq = values[j]
+            s = scales[j]
+            if s:
+                if math.isnan(v):  # a gradient entry was exactly 0: r = nan there
+                    v = _repair_ratio_form(ws, present[j], gs[j], hs[j], rs[j], s, eps, stats["step"])
+                v, n_sum, n_sq = v / math.sqrt(s), n_sum / s, n_sq / (s * s)  # powers of two: exact
+            block_sums[j] = (v, n_sum, n_sq)
     rows = [blocks.first_block[i] for i in present]
     if correlation is normalised_correlation and blocks.num_blocks <= NUMPY_ROOT_MAX_BLOCKS:
         # the k-sized rest of the step on the host in float64 numpy: a few microseconds per operation, where each
         # torch call costs 5-25 us right after passes over megabytes (code and dispatch tables evicted)
-        block_sums = torch.stack(sums).numpy().astype(np.float64).reshape(-1, 3)
-        if any(scales):
-            _repair_and_unscale(ws, block_sums, present, gs, hs, rs, scales, eps, stats["step"])
-        c_n, c_r = _host_coefficients(stats, blocks, rows, block_sums, damping, update_interval)
+        c_n, c_r = _host_coefficients(stats, blocks, ws, rows, np.array(block_sums), damping, update_interval)
     else:
-        block_sums_t = torch.stack(sums).view(-1, 3)
-        if any(scales):
-            host = block_sums_t.double().numpy()
-            _repair_and_unscale(ws, host, present, gs, hs, rs, scales, eps, stats["step"])
-            block_sums_t = torch.from_numpy(host).to(block_sums_t.dtype)
-        v, n_sum, n_sq = block_sums_t.unbind(-1)
+        v, n_sum, n_sq = torch.tensor(block_sums, dtype=state_sum.dtype).view(-1, 3).unbind(-1)
         if len(rows) < blocks.num_blocks:  # some tensors had no gradient: their blocks' sums are 0
             index = torch.tensor(rows, device=state_sum.device)
             v, n_sum, n_sq = (torch.zeros_like(stats["w"]).index_copy_(0, index, x) for x in (v, n_sum, n_sq))
@@ -542,25 +649,61 @@ def _tensor_blocks_cpu_step(
         c_n, c_r = (x.double().numpy()[rows] for x in (lam, B @ v))
     rates = np.array([-lr[i] for i in present])
     c_n, c_r = (c_n * rates).tolist(), (c_r * rates).tolist()
-    decay = [1.0 - lr[i] * weight_decay[i] for i in reversed(present)]
+    decay = [1.0 - lr[i] * weight_decay[i] for i in present]
     if any(d != 1.0 for d in decay):
-        torch._foreach_mul_([params[i] for i in reversed(present)], decay)
-    # p += c_n n + c_r r, last tensor first (its n and r may still be cached); in the ratio form n and r are
-    # s n and sqrt(s) r
-    for j in reversed(range(len(present))):
-        s = scales[j]
-        p = params[present[j]]
+        torch._foreach_mul_([params[i] for i in present], decay)
+    # p += c_n n + c_r r: the torch forms last tensor first (its n and r may still be cached; in the ratio form
+    # n and r are s n and sqrt(s) r), then the host form
+    for j in reversed(big):
+        s, p = scales[j], params[present[j]]
         if s:
             _cpu_kernels.add_two(p.view(-1), ns[j], rs[j], c_n[j] / s, c_r[j] / math.sqrt(s))
         else:
             _cpu_kernels.add_two(p, n_shaped[j], r_shaped[j], c_n[j], c_r[j])
+    with np.errstate(all="ignore"):
+        for j in on_host:
+            _host_update(_host_array(params[present[j]].view(-1)), host[j][1], host[j][2], c_n[j], c_r[j])
     ws.h_version = state_sum._version  # the bounds in ws.h_max hold until h changes elsewhere
 
 
-def _host_coefficients(stats, blocks: ParamBlocks, rows: list[int], block_sums, damping: float, update_interval: int):
+def _host_array(t: Tensor) -> np.ndarray:
+    """A numpy array on the memory of the CPU tensor ``t`` (no copy)."""
+    return (t.detach() if t.requires_grad else t).numpy()
+
+
+def _host_tensor_pass(g, h, n, r, eps: float) -> tuple[float, float, float, bool]:
+    """The host form's first pass over one tensor (numpy arrays on the tensors' memory): ``h += g^2``,
+    ``z = sqrt(h) + eps``, ``n = g / z`` and ``r = z^{-1/2}`` (0 where ``h == 0``); returns the block sums
+    ``(g . r, sum n, n . n)`` and whether some entry of ``h`` is 0."""
+    np.multiply(g, g, out=n)
+    h += n
+    np.sqrt(h, out=r)
+    r += eps
+    np.divide(g, r, out=n)
+    np.sqrt(r, out=r)
+    np.divide(1.0, r, out=r)
+    zero = h == 0
+    some_zero = bool(zero.any())
+    if some_zero:
+        r[zero] = 0.0
+    return float(np.dot(g, r)), float(n.sum()), float(np.dot(n, n)), some_zero
+
+
+def _host_update(p, n, r, c_n: float, c_r: float) -> None:
+    """The host form's update, ``p += c_n n + c_r r`` (``n`` and ``r`` are overwritten)."""
+    n *= c_n
+    r *= c_r
+    n += r
+    p += n
+
+
+def _host_coefficients(
+    stats, blocks: ParamBlocks, ws: Workspace, rows: list[int], block_sums, damping: float, update_interval: int
+):
     """The statistics' update, the root (when due) and the per-tensor factors ``lam_R`` and ``B_R P^T v`` of ``n``
     and ``r``, from the block sums ``(v, P^T n, P^T n^2)`` (float64, one row per tensor with a gradient), in numpy
-    float64 on the host. ``U``, ``w`` and the cached root stay torch tensors of the state's dtype."""
+    float64 on the host. ``U`` and ``w`` are updated in place; the root is written into the workspace's own
+    tensors (:attr:`Workspace.root`), which become the state's ``root_lam`` and ``root_B``."""
     k = blocks.num_blocks
     if len(rows) < k:  # some tensors had no gradient: their blocks' sums are 0
         full = np.zeros((k, 3))
@@ -568,65 +711,69 @@ def _host_coefficients(stats, blocks: ParamBlocks, rows: list[int], block_sums, 
         block_sums = full
     v, n_sum, n_sq = block_sums.T
     U, w = stats["U"].numpy(), stats["w"].numpy()  # the state's memory: updated in place
-    U += np.outer(n_sum, n_sum)
+    U += n_sum[:, None] * n_sum
     w += n_sq
     due = stats["root_lam"] is None or (stats["step"] - stats["root_step"]) >= update_interval
-    lam = B = None
     if due:
         consts = _root_constants(blocks.partition, torch.float64, torch.device("cpu"), numpy=True)
         try:
-            lam, B = _inverse_root_formulas(np, U.astype(np.float64), w.astype(np.float64), consts, damping)
-            root = torch.from_numpy(lam).to(stats["w"].dtype), torch.from_numpy(B).to(stats["w"].dtype)
+            lam, B = _inverse_root_numpy(U.astype(np.float64), w.astype(np.float64), consts, damping)
         except np.linalg.LinAlgError:  # non-finite statistics (check_finite=False): torch's eigh gives NaN instead
             root = _normalised_inverse_root_torch(stats["U"], stats["w"], blocks.partition, damping)
+            lam, B = (x.double().numpy() for x in root)
+        else:
+            root = ws.root_buffers(k, stats["w"].dtype)
+            root[0].numpy()[...] = lam  # stored in the state's dtype, as the root always was
+            root[1].numpy()[...] = B
         stats.update(root_lam=root[0], root_B=root[1], root_step=stats["step"])
-    if lam is None or B is None:
-        lam, B = (stats[key].double().numpy() for key in ("root_lam", "root_B"))
+        ws.host_root = None  # the stored root in float64, made on the first step that reuses it
+    else:
+        lam_t, B_t = stats["root_lam"], stats["root_B"]
+        key = (lam_t, B_t, lam_t._version, B_t._version)
+        cached = ws.host_root
+        if cached is None or any(a is not b for a, b in zip(cached[0], key[:2])) or cached[0][2:] != key[2:]:
+            cached = ws.host_root = (key, lam_t.double().numpy(), B_t.double().numpy())
+        lam, B = cached[1], cached[2]
     return lam[rows], (B @ v)[rows]
 
 
-def _ratio_scales(ws: Workspace, present, hs, extremes, eps: float, step: int) -> list[float]:
-    """Per tensor with a gradient, the scale ``s`` of the ratio form, or ``0.0`` for the chain form; updates the
-    bounds of ``h`` (:attr:`Workspace.h_max`: ``h_max + max|g|^2``, rounded up) of the tensors that can take it."""
+def _ratio_scales(ws: Workspace, present, hs, candidates, squares, eps: float, step: int) -> list[float]:
+    """Per tensor with a gradient, the scale ``s`` of the ratio form, or ``0.0`` (the host or the chain form);
+    updates the bounds of ``h`` (:attr:`Workspace.h_max`: ``h_max + sum g^2``, rounded up) of the ``candidates``
+    (positions in ``present``). A bound grown too loose for a scale is rebuilt from ``h`` once (one pass)."""
+    scales = [0.0] * len(present)
     if not _cpu_kernels.available():
-        return [0.0] * len(present)
+        return scales
     if ws.h_version != ws.h._version:  # h changed outside this path (another path, a loaded state): bound afresh
         ws.h_max.clear()
-    scales = []
-    for j, (i, h) in enumerate(zip(present, hs)):
-        if h.numel() < RATIO_MIN_NUMEL:
-            scales.append(0.0)
-            continue
-        low, high = extremes[2 * j], extremes[2 * j + 1]
-        g_max = max(-low, high) if math.isfinite(low) and math.isfinite(high) else math.inf
-        bound = ws.h_max.get(i)
-        if bound is None:
-            bound = float(h.max())  # once per tensor and loaded state
-        bound = (bound + g_max * g_max) * (1 + 2.0**-20)  # h + g^2 rounds up by less than one part in 2^23
+    for j in candidates:
+        i, h, sq = present[j], hs[j], squares[j]
+        old = ws.h_max.get(i)
+        bound = (float(h.max()) if old is None else old) + sq * _BOUND_SLACK
+        bound *= _BOUND_SLACK
         if math.isfinite(bound):
             ws.h_max[i] = bound
         else:
             ws.h_max.pop(i, None)
         if ws.chain_until.get(i, 0) > step:
-            scales.append(0.0)
-        else:
-            scales.append(_cpu_kernels.ratio_scale(bound, g_max, eps, h.numel(), h.dtype))
+            continue
+        g_max = math.sqrt(sq) * _BOUND_SLACK  # the largest |g| is at most the norm (see above)
+        s = _cpu_kernels.ratio_scale(bound, g_max, eps, h.numel(), h.dtype)
+        if not s and old is not None and math.isfinite(sq):  # perhaps only the kept bound is too loose
+            bound = ws.h_max[i] = (float(h.max()) + sq * _BOUND_SLACK) * _BOUND_SLACK
+            s = _cpu_kernels.ratio_scale(bound, g_max, eps, h.numel(), h.dtype)
+        scales[j] = s
     return scales
 
 
-def _repair_and_unscale(ws: Workspace, block_sums, present, gs, hs, rs, scales, eps: float, step: int) -> None:
-    """Recompute ``r`` from ``h`` for the ratio-form tensors whose ``P^T v`` is ``nan`` (a gradient entry was
-    exactly 0), then divide the ratio form's block sums by ``sqrt(s)``, ``s`` and ``s^2`` (``block_sums``: a float64
-    numpy array, one row per tensor)."""
-    for j, s in enumerate(scales):
-        if s and math.isnan(block_sums[j, 0]):
-            i = present[j]
-            _cpu_kernels.rescale_from_h(hs[j], rs[j], s, eps)
-            ws.mask_zeros(i, hs[j], rs[j])
-            block_sums[j, 0] = float(torch.dot(gs[j], rs[j]))
-            ws.chain_until[i] = step + RATIO_RETRY_STEPS + 1  # the next RATIO_RETRY_STEPS steps
-    factors = np.array([[s**-0.5, 1 / s, s**-2] if s else [1.0, 1.0, 1.0] for s in scales])
-    block_sums *= factors
+def _repair_ratio_form(ws: Workspace, i: int, g: Tensor, h: Tensor, r: Tensor, s: float, eps: float, step: int):
+    """Recompute the ratio form's :math:`\\sqrt{s} r` of tensor ``i`` from ``h`` (a gradient entry was exactly 0,
+    so the quotient was ``nan`` there); that tensor takes the chain form for the next :data:`RATIO_RETRY_STEPS`
+    steps. Returns the block sum ``g . r`` (still scaled by :math:`\\sqrt{s}`)."""
+    _cpu_kernels.rescale_from_h(h, r, s, eps)
+    ws.mask_zeros(i, h, r)
+    ws.chain_until[i] = step + RATIO_RETRY_STEPS + 1  # the next RATIO_RETRY_STEPS steps
+    return float(torch.dot(g, r))
 
 
 def _fused_block_mean_adagrad(

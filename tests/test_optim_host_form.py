@@ -1,0 +1,171 @@
+"""The host form of the CPU eager step (small tensors in numpy on their own memory) and the host-side root.
+
+:func:`bma_gp.optim.functional._tensor_blocks_cpu_step` hands tensors of up to ``HOST_MAX_NUMEL`` entries to numpy
+and computes the k-sized rest of the step in float64 numpy. Each case runs it beside the tensor-by-tensor loop
+(which takes none of these shortcuts) and checks which form ran.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from bma_gp.optim import BlockMeanAdagrad, _cpu_kernels, functional
+from test_optim_tensor_blocks import assert_same, grads_at, make_model, run_pair
+
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.fixture
+def forms(monkeypatch):
+    """Counts the tensors that take the host form and the ratio form (per call of each)."""
+    used = {"host": 0, "ratio": 0}
+    host_pass, ratio = functional._host_tensor_pass, _cpu_kernels.adagrad_ratio
+
+    def count_host(*a):
+        used["host"] += 1
+        return host_pass(*a)
+
+    def count_ratio(*a):
+        used["ratio"] += 1
+        return ratio(*a)
+
+    monkeypatch.setattr(functional, "_host_tensor_pass", count_host)
+    monkeypatch.setattr(_cpu_kernels, "adagrad_ratio", count_ratio)
+    return used
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_tensors_take_the_host_form(monkeypatch, forms, dtype):
+    fast, loop, calls = run_pair(
+        monkeypatch,
+        dtype,
+        9,
+        lambda m: BlockMeanAdagrad(m.parameters(), lr=0.05, weight_decay=0.01),
+        drop=lambda t: (1, 3, None)[t % 3],
+        dead=True,
+    )
+    assert calls == 9
+    # every tensor of the test model is below HOST_MAX_NUMEL; the loop takes neither form
+    assert forms == {"host": sum(6 - (t % 3 != 2) for t in range(9)), "ratio": 0}  # 5, 5 and 6 tensors per step
+    assert_same(fast, loop, dtype)
+    opt, model = fast
+    for p in model.parameters():  # the dead entries never had a gradient: h = 0 there, and the step knows it
+        assert torch.all(opt.state[p]["sum"].view(-1)[::3] == 0)
+    assert opt._h_has_zero
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_host_and_ratio_forms_in_one_step(monkeypatch, forms, dtype):
+    monkeypatch.setattr(functional, "HOST_MAX_NUMEL", 60)  # the conv weight (54) and the biases; not the 240
+    fast, loop, calls = run_pair(monkeypatch, dtype, 6, lambda m: BlockMeanAdagrad(m.parameters(), lr=0.05))
+    assert calls == 6
+    assert forms == {"host": 6 * 5, "ratio": 6}
+    assert_same(fast, loop, dtype)
+
+
+def test_eps_zero_behaves_as_the_loop_without_numpy_warnings():
+    """With eps = 0, an entry that never had a gradient divides 0 by 0 (torch's Adagrad gives nan there): the host
+    form computes it silently as torch does, and the root then fails as it fails on the loop."""
+    errors = []
+    for fast in (True, False):
+        model = make_model(torch.float64)
+        opt = BlockMeanAdagrad(model.parameters(), lr=0.05, eps=0.0)
+        grads_at(model, 0, dead=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            with pytest.MonkeyPatch.context() as mp:
+                if not fast:
+                    mp.setattr(functional, "_tensor_blocks_apply", lambda *a: False)
+                with pytest.raises(torch.linalg.LinAlgError) as info:
+                    opt.step()
+        errors.append(type(info.value))
+    assert errors[0] is errors[1]
+
+
+@pytest.mark.parametrize("host_max", [0, 2**14])
+def test_a_finite_gradient_whose_square_overflows_is_not_rejected(monkeypatch, host_max):
+    """The step's first read is the sum of squares of each gradient; 1e20 squared overflows float32, and the step
+    then looks at that gradient entry by entry instead of calling it non-finite."""
+    monkeypatch.setattr(functional, "HOST_MAX_NUMEL", host_max)
+    fast_model, loop_model = make_model(torch.float32), make_model(torch.float32)
+    fast, loop = (BlockMeanAdagrad(m.parameters(), lr=0.05) for m in (fast_model, loop_model))
+    apply = functional._tensor_blocks_apply
+    for t in range(3):
+        for model in (fast_model, loop_model):
+            grads_at(model, t)
+            next(model.parameters()).grad.view(-1)[0] = 1e20
+        fast.step()
+        monkeypatch.setattr(functional, "_tensor_blocks_apply", lambda *a: False)
+        loop.step()
+        monkeypatch.setattr(functional, "_tensor_blocks_apply", apply)
+    for p, q in zip(fast_model.parameters(), loop_model.parameters()):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("host_max", [0, 2**14])
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+def test_non_finite_gradient_changes_nothing(monkeypatch, host_max, value):
+    monkeypatch.setattr(functional, "HOST_MAX_NUMEL", host_max)
+    model = make_model(torch.float32)
+    opt = BlockMeanAdagrad(model.parameters(), lr=0.05)
+    grads_at(model, 0)
+    opt.step()  # the layout is committed: the step checks the gradients itself
+    before = [p.detach().clone() for p in model.parameters()]
+    sums = [opt.state[p]["sum"].clone() for p in model.parameters()]
+    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.global_state.items()}
+    grads_at(model, 1)
+    list(model.parameters())[-1].grad.view(-1)[1] = value
+    with pytest.raises(ValueError, match="non-finite gradient"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.equal(opt.state[p]["sum"], s) for p, s in zip(model.parameters(), sums))
+    for key, value_before in state.items():
+        now = opt.global_state[key]
+        assert torch.equal(now, value_before) if isinstance(now, torch.Tensor) else now == value_before
+
+
+def test_the_stored_root_is_reused_and_follows_changes_in_place(monkeypatch):
+    """Between roots (update_interval = 3) the step reuses the stored root through a float64 copy; a change of the
+    stored tensors in place reaches the next step, as it does on the loop (float32: the copy is a copy)."""
+    fast_model, loop_model = make_model(torch.float32), make_model(torch.float32)
+    fast, loop = (BlockMeanAdagrad(m.parameters(), lr=0.05, update_interval=3) for m in (fast_model, loop_model))
+    apply = functional._tensor_blocks_apply
+    roots = []
+    for t in range(7):
+        for model in (fast_model, loop_model):
+            grads_at(model, t)
+        if t == 5:  # the root of step 4 (due at steps 1, 4, 7), after step 5 reused it (its float64 copy is made)
+            for opt in (fast, loop):
+                opt.global_state["root_B"].mul_(0.5)
+        fast.step()
+        roots.append(fast.global_state["root_B"])
+        monkeypatch.setattr(functional, "_tensor_blocks_apply", lambda *a: False)
+        loop.step()
+        monkeypatch.setattr(functional, "_tensor_blocks_apply", apply)
+        torch.testing.assert_close(fast.global_state["root_B"], loop.global_state["root_B"], rtol=2e-5, atol=1e-6)
+    assert_same((fast, fast_model), (loop, loop_model), torch.float32)
+    assert roots[0] is roots[-1]  # the host writes every root into the same tensors
+
+
+def test_the_numpy_root_matches_torch():
+    gen = torch.Generator().manual_seed(5)
+    for k in (1, 3, 8):
+        X = torch.randn(k, 2 * k, generator=gen, dtype=torch.float64)
+        U = X @ X.T
+        w = U.diagonal() * (1 + torch.rand(k, generator=gen, dtype=torch.float64))
+        w[k // 2] = 0.0  # a block without gradient
+        sizes = torch.randint(1, 5, (k,), generator=gen)
+        sizes[0] = 1  # a singleton
+        labels = torch.repeat_interleave(torch.arange(k), sizes)
+        partition = functional.Partition(labels)
+        consts_np = functional._root_constants(partition, torch.float64, torch.device("cpu"), numpy=True)
+        consts_t = functional._root_constants(partition, torch.float64, torch.device("cpu"))
+        lam_np, B_np = functional._inverse_root_numpy(U.numpy().copy(), w.numpy().copy(), consts_np, 1e-3)
+        lam_t, B_t = functional._inverse_root_formulas(U, w, consts_t, 1e-3)
+        torch.testing.assert_close(torch.from_numpy(lam_np), lam_t, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.from_numpy(B_np), B_t, rtol=1e-10, atol=1e-10)
