@@ -86,7 +86,7 @@ def test_eps_zero_behaves_as_the_loop_without_numpy_warnings():
     assert errors[0] is errors[1]
 
 
-@pytest.mark.parametrize("host_max", [0, 2**14])
+@pytest.mark.parametrize("host_max", [0, 2**15])
 def test_a_finite_gradient_whose_square_overflows_is_not_rejected(monkeypatch, host_max):
     """The step's first read is the sum of squares of each gradient; 1e20 squared overflows float32, and the step
     then looks at that gradient entry by entry instead of calling it non-finite."""
@@ -107,7 +107,7 @@ def test_a_finite_gradient_whose_square_overflows_is_not_rejected(monkeypatch, h
         torch.testing.assert_close(p, q, rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("host_max", [0, 2**14])
+@pytest.mark.parametrize("host_max", [0, 2**15])
 @pytest.mark.parametrize("value", [math.inf, math.nan])
 def test_non_finite_gradient_changes_nothing(monkeypatch, host_max, value):
     monkeypatch.setattr(functional, "HOST_MAX_NUMEL", host_max)

@@ -29,8 +29,8 @@ FUSED_MIN_NUMEL = 2**18
 
 #: with numba's kernels (CPU) and one block per tensor (``partition="tensor"``), below this many parameter entries
 #: (with a gradient) ``fused=True`` takes the eager step, which is as fast or faster there (numba over eager measured
-#: 1.03-1.14x at 144 to 33k entries, 0.90x at 131k; docs/optimizer.md). With several blocks per tensor numba's
-#: kernels run at every size (0.65x the eager step at 144 entries).
+#: 1.34-1.52x at 132 to 33k entries, 1.00x at 66k, 0.89x at 131k; docs/optimizer.md). With several blocks per tensor
+#: numba's kernels run at every size (0.65x the eager step at 144 entries).
 FUSED_MIN_NUMEL_ONE_BLOCK = 2**16
 
 

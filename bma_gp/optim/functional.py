@@ -535,9 +535,10 @@ def _tensor_blocks_apply(params, grads, blocks: ParamBlocks, dtype: torch.dtype,
 
 #: tensors of at most this many entries (float32 or float64) take the host form of the CPU step for one block per
 #: tensor: numpy operations on the tensors' own memory, which carry less fixed cost than torch calls (5-25 us each
-#: right after passes over megabytes). Measured with cold caches, per tensor: 50 against 69 us at 1024 entries,
-#: 119 against 144 us at 16384, 256 against 239 us at 65536 (numpy runs on one thread)
-HOST_MAX_NUMEL = 2**14
+#: right after passes over megabytes). Measured with cold caches, the first pass per tensor: 50 against 69 us at
+#: 1024 entries, 182-185 against 207-219 us at 32768, even at 49152, 318-330 against 287-314 us at 65536 (numpy
+#: runs on one thread, torch on two)
+HOST_MAX_NUMEL = 2**15
 #: after some gradient entry of a tensor was exactly 0 (where the ratio form needs a repair pass), the tensor takes
 #: the chain form for this many steps before the ratio form is tried again
 RATIO_RETRY_STEPS = 32
