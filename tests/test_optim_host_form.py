@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bma_gp.optim import BlockMeanAdagrad, _cpu_kernels, functional
-from test_optim_tensor_blocks import assert_same, grads_at, make_model, run_pair
+from test_optim_tensor_blocks import GAPS, assert_same, grads_at, make_model, run_pair
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -41,12 +41,7 @@ def forms(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_small_tensors_take_the_host_form(monkeypatch, forms, dtype):
     fast, loop, calls = run_pair(
-        monkeypatch,
-        dtype,
-        9,
-        lambda m: BlockMeanAdagrad(m.parameters(), lr=0.05, weight_decay=0.01),
-        drop=lambda t: (1, 3, None)[t % 3],
-        dead=True,
+        monkeypatch, dtype, 9, lambda m: BlockMeanAdagrad(m.parameters(), lr=0.05, weight_decay=0.01), **GAPS
     )
     assert calls == 9
     # every tensor of the test model is below HOST_MAX_NUMEL; the loop takes neither form
@@ -107,7 +102,7 @@ def test_a_finite_gradient_whose_square_overflows_is_not_rejected(monkeypatch, h
         torch.testing.assert_close(p, q, rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("host_max", [0, 2**15])
+@pytest.mark.parametrize("host_max", [0, 2**15])  # the ratio form, the host form
 @pytest.mark.parametrize("value", [math.inf, math.nan])
 def test_non_finite_gradient_changes_nothing(monkeypatch, host_max, value):
     monkeypatch.setattr(functional, "HOST_MAX_NUMEL", host_max)

@@ -38,6 +38,11 @@ def grads_at(model: torch.nn.Module, step: int, *, drop=None, dead: bool = False
             p.grad.view(-1)[::3] = 0.0
 
 
+#: the gradients of the harder runs: parameter 1, then 3, then none lack a gradient; a third of every gradient is
+#: always exactly 0 (those entries keep h = 0)
+GAPS = dict(drop=lambda t: (1, 3, None)[t % 3], dead=True)
+
+
 def run_pair(monkeypatch, dtype, steps, make_opt, **grad_options):
     """The same run on the fast path and on the loop; returns both optimizers and models, and the fast path's
     number of calls."""
@@ -81,14 +86,8 @@ def test_matches_the_loop(monkeypatch, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_tensors_without_gradient_and_dead_entries(monkeypatch, dtype):
-    # parameter 1, then 3, then none lack a gradient; a third of every gradient is always 0
     fast, loop, calls = run_pair(
-        monkeypatch,
-        dtype,
-        9,
-        lambda m: BlockMeanAdagrad(m.parameters(), lr=0.05, update_interval=2),
-        drop=lambda t: (1, 3, None)[t % 3],
-        dead=True,
+        monkeypatch, dtype, 9, lambda m: BlockMeanAdagrad(m.parameters(), lr=0.05, update_interval=2), **GAPS
     )
     assert calls == 9
     assert_same(fast, loop, dtype)
