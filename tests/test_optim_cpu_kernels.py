@@ -186,3 +186,38 @@ def test_without_the_kernels_the_chain_form_runs(monkeypatch):
     assert calls == 4
     assert not fast[0]._workspace.h_max  # no bounds kept: the ratio form never ran
     assert_same(fast, loop, torch.float64)
+
+
+def test_a_tensor_without_a_safe_scale_waits_before_the_next_try(monkeypatch, ratio_everywhere):
+    """h so large that no scale is safe: the tensor takes the chain form, and the step does not look at all of h
+    for a scale again until RATIO_RETRY_STEPS steps have passed; the run still equals the loop."""
+    monkeypatch.setattr(functional, "RATIO_RETRY_STEPS", 2)
+    fast_model, loop_model = make_model(torch.float32), make_model(torch.float32)
+    fast, loop = (BlockMeanAdagrad(m.parameters(), lr=0.05) for m in (fast_model, loop_model))
+    apply, real_max = functional._tensor_blocks_apply, torch.Tensor.max
+    passes_over_h = []
+
+    def counting_max(self, *args, **kwargs):
+        if self.untyped_storage().data_ptr() == fast._flat["sum"].untyped_storage().data_ptr():
+            passes_over_h.append(fast.global_state["step"])
+        return real_max(self, *args, **kwargs)
+
+    for t in range(7):
+        for model, opt in ((fast_model, fast), (loop_model, loop)):
+            grads_at(model, t)
+            if t == 1:  # after one step: the first weight's h far beyond any safe scale (z near 2^60)
+                with torch.no_grad():
+                    opt.state[next(model.parameters())]["sum"].fill_(2.0**120)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "max", counting_max)
+            fast.step()
+        monkeypatch.setattr(functional, "_tensor_blocks_apply", lambda *a: False)
+        loop.step()
+        monkeypatch.setattr(functional, "_tensor_blocks_apply", apply)
+    first = [scales[0] for scales in ratio_everywhere]
+    assert first[0] > 0 and first[1:] == [0.0] * 6
+    # steps 1 and 2 (h changed by hand) bound all six tensors afresh; the first weight is tried again after two steps
+    # of the chain form (step 5: its kept bound is rebuilt once and still fails), then not before step 8
+    assert passes_over_h == [1] * 6 + [2] * 6 + [5]
+    for p, q in zip(fast_model.parameters(), loop_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=1e-6)

@@ -741,7 +741,8 @@ def _host_coefficients(
 def _ratio_scales(ws: Workspace, present, hs, candidates, squares, eps: float, step: int) -> list[float]:
     """Per tensor with a gradient, the scale ``s`` of the ratio form, or ``0.0`` (the host or the chain form);
     updates the bounds of ``h`` (:attr:`Workspace.h_max`: ``h_max + sum g^2``, rounded up) of the ``candidates``
-    (positions in ``present``). A bound grown too loose for a scale is rebuilt from ``h`` once (one pass)."""
+    (positions in ``present``). A bound grown too loose for a scale is rebuilt from ``h`` (one pass); a tensor that
+    still has no safe scale takes the chain form for :data:`RATIO_RETRY_STEPS` steps before it is tried again."""
     scales = [0.0] * len(present)
     if not _cpu_kernels.available():
         return scales
@@ -763,6 +764,8 @@ def _ratio_scales(ws: Workspace, present, hs, candidates, squares, eps: float, s
         if not s and old is not None and math.isfinite(sq):  # perhaps only the kept bound is too loose
             bound = ws.h_max[i] = (float(h.max()) + sq * _BOUND_SLACK) * _BOUND_SLACK
             s = _cpu_kernels.ratio_scale(bound, g_max, eps, h.numel(), h.dtype)
+        if not s:  # no safe scale: the chain form, and no pass over h to look for one, for a while
+            ws.chain_until[i] = step + RATIO_RETRY_STEPS + 1
         scales[j] = s
     return scales
 
