@@ -167,8 +167,8 @@ def _inverse_root_formulas(U: Tensor, w: Tensor, consts, damping: float) -> tupl
 
 @np.errstate(all="ignore")  # inf/nan where torch gives them silently (a singular F with damping 0, NaN statistics)
 def _inverse_root_numpy(U: np.ndarray, w: np.ndarray, consts, damping: float) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_inverse_root_formulas` on float64 numpy arrays, in the same order of operations (equal to it to the
-    last bit but for ``eigh``): one ``syevd`` through scipy's LAPACK wrapper (5 us at a few blocks, where
+    """:func:`_inverse_root_formulas` on float64 numpy arrays, the same operations in the same order (tested equal
+    to rounding), with one ``syevd`` through scipy's LAPACK wrapper (5 us at a few blocks, where
     ``numpy.linalg.eigh`` costs 14 us) and no ``where``/``outer`` calls (4 us each) where a block has had no
     gradient or no block is a singleton. Raises :class:`numpy.linalg.LinAlgError` on non-finite statistics (as
     ``numpy.linalg.eigh`` does) or when ``syevd`` fails."""
@@ -250,7 +250,8 @@ class Workspace:
             per tensor and those of ``n`` and ``r`` shaped like the parameters (:func:`_tensor_blocks_cpu_step`).
         h_max: per tensor, an upper bound of its ``h`` (:func:`_tensor_blocks_cpu_step`'s ratio form), valid while
             ``h``'s version counter is ``h_version``.
-        chain_until: per tensor, the step until which it takes the chain form (a gradient entry was exactly 0).
+        chain_until: per tensor, the step until which it takes the chain form (a gradient entry was exactly 0, or
+            no scale of the ratio form was safe).
         one: a 0-d tensor holding 1 (the step count handed to torch's fused AdaGrad kernel).
         dots: per tensor, the reductions of :func:`_tensor_blocks_cpu_step` (written with ``out=``, read back in one
             call). # shape: (number of tensors, 4)
