@@ -590,7 +590,7 @@ def _tensor_blocks_cpu_step(
     hs, ns, rs, n_shaped, r_shaped, host = ws.tensor_views(blocks, params, present)
     m = len(present)
     on_host = [j for j in range(m) if host[j] is not None and not gs[j].is_neg()]
-    big = [j for j in range(m) if host[j] is None or gs[j].is_neg()]
+    big = sorted(set(range(m)).difference(on_host))
     g_np = {j: _host_array(gs[j]) for j in on_host}
     squares = [0.0] * m
     with np.errstate(all="ignore"):  # an overflow is looked at below
