@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,6 +146,87 @@ def test_the_stored_root_is_reused_and_follows_changes_in_place(monkeypatch):
         torch.testing.assert_close(fast.global_state["root_B"], loop.global_state["root_B"], rtol=2e-5, atol=1e-6)
     assert_same((fast, fast_model), (loop, loop_model), torch.float32)
     assert roots[0] is roots[-1]  # the host writes every root into the same tensors
+
+
+def _root_case(k: int, seed: int):
+    """Statistics of ``k`` blocks (one singleton, one block without gradient) and their partition."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(k, 2 * k, generator=gen, dtype=torch.float64)
+    U = X @ X.T
+    w = U.diagonal() * (1 + torch.rand(k, generator=gen, dtype=torch.float64))
+    w[k // 2] = 0.0  # a block without gradient
+    sizes = torch.randint(1, 5, (k,), generator=gen)
+    sizes[0] = 1  # a singleton
+    U[k // 2] = U[:, k // 2] = 0.0
+    return U, w, functional.Partition(torch.repeat_interleave(torch.arange(k), sizes))
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+@pytest.mark.parametrize("damping", [0.0, 1e-3, 0.5])
+def test_the_python_root_matches_numpy(k, damping):
+    for seed in range(3):
+        U, w, partition = _root_case(k, seed)
+        cpu = torch.device("cpu")
+        consts_np = functional._root_constants(partition, torch.float64, cpu, numpy=True)
+        consts_py = functional._root_constants(partition, torch.float64, cpu, lists=True)
+        root = functional._inverse_root_python(U.tolist(), w.tolist(), consts_py, damping)
+        lam_np, B_np = functional._inverse_root_numpy(U.numpy().copy(), w.numpy().copy(), consts_np, damping)
+        if root is None:  # declined: only where numpy's root is not finite (an eigenvalue 0, with damping 0)
+            assert damping == 0.0 and not (math.isfinite(lam_np.sum()) and math.isfinite(B_np.sum()))
+            continue
+        lam, B = (torch.tensor(x, dtype=torch.float64) for x in root)
+        scale = float(torch.from_numpy(B_np).abs().max())
+        torch.testing.assert_close(lam, torch.from_numpy(lam_np), rtol=1e-13, atol=0)
+        torch.testing.assert_close(B, torch.from_numpy(B_np), rtol=1e-11, atol=1e-13 * scale)
+        assert torch.equal(B, B.T)
+
+
+def test_the_python_root_declines_what_is_not_finite_or_not_positive():
+    """Where the numpy root gives inf or nan (a zero eigenvalue with no damping, NaN statistics), the Python root
+    returns None and the numpy path decides, so the two agree on every input."""
+    partition = functional.Partition(torch.arange(2))  # two singletons
+    cpu = torch.device("cpu")
+    consts_np = functional._root_constants(partition, torch.float64, cpu, numpy=True)
+    consts_py = functional._root_constants(partition, torch.float64, cpu, lists=True)
+    singular = ([[2.0, 2.0], [2.0, 2.0]], [2.0, 2.0])  # C = [[1, 1], [1, 1]]: eigenvalue 0
+    assert functional._inverse_root_python(*singular, consts_py, 0.0) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        lam, B = functional._inverse_root_numpy(*(np.array(x) for x in singular), consts_np, 0.0)
+    assert not np.isfinite(B).all()
+    assert functional._inverse_root_python(*singular, consts_py, 1e-3) is not None  # damping lifts it
+    for bad in ([[math.nan, 0.0], [0.0, 1.0]], [[1.0, math.nan], [math.nan, 1.0]], [[1.0, math.inf], [math.inf, 1.0]]):
+        assert functional._inverse_root_python(bad, [1.0, 1.0], consts_py, 1e-3) is None
+    negative = ([[1.0, 3.0, 0.0], [3.0, 1.0, 0.0], [0.0, 0.0, 1.0]], [1.0, 1.0, 1.0])  # C has eigenvalue -2
+    three = functional._root_constants(functional.Partition(torch.arange(3)), torch.float64, cpu, lists=True)
+    assert functional._inverse_root_python(*negative, three, 0.0) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interval", [1, 3])
+def test_the_steps_root_on_python_floats_matches_numpy(monkeypatch, dtype, interval):
+    """The whole step with the root on Python floats (up to PYTHON_ROOT_MAX_BLOCKS blocks, the test model's 6) and
+    with it in numpy: tensors without gradient, dead entries, a stored root reused between roots."""
+    calls = []
+    python_root = functional._inverse_root_python
+    monkeypatch.setattr(functional, "_inverse_root_python", lambda *a: calls.append(1) or python_root(*a))
+    runs = []
+    for limit in (functional.PYTHON_ROOT_MAX_BLOCKS, 0):
+        monkeypatch.setattr(functional, "PYTHON_ROOT_MAX_BLOCKS", limit)
+        runs.append(
+            run_pair(
+                monkeypatch,
+                dtype,
+                7,
+                lambda m: BlockMeanAdagrad(m.parameters(), lr=0.05, update_interval=interval),
+                **GAPS,
+            )
+        )
+        assert len(calls) == (-(-7 // interval) if limit else 0)  # one root per update_interval steps, or none
+        calls.clear()
+    (python, _, _), (numpy_run, _, _) = runs
+    assert_same(python, numpy_run, dtype)
+    assert_same(python, runs[0][1], dtype)  # and both as the tensor-by-tensor loop
 
 
 def test_the_numpy_root_matches_torch():

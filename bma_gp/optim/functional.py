@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,6 +140,9 @@ def _normalised_inverse_root_torch(U: Tensor, w: Tensor, partition: Partition, d
 #: Up to this many blocks a CPU root is computed with numpy (its ``eigh`` and elementwise operations carry less
 #: fixed cost than torch's at small sizes); above it with torch, whose ``eigh`` uses more threads.
 NUMPY_ROOT_MAX_BLOCKS = 128
+#: Up to this many blocks the CPU eager step for one block per tensor computes its root on Python floats
+#: (:func:`_inverse_root_python`); above it with numpy
+PYTHON_ROOT_MAX_BLOCKS = 8
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
 
 
@@ -203,6 +207,49 @@ def _inverse_root_numpy(U: np.ndarray, w: np.ndarray, consts, damping: float) ->
     return f_lam, B
 
 
+def _inverse_root_python(U: list, w: list, consts, damping: float) -> tuple[list, list] | None:
+    """:func:`_inverse_root_numpy` on Python floats, for the few blocks of :data:`PYTHON_ROOT_MAX_BLOCKS`: the same
+    formulas (equal to rounding, tested) with one ``syevd``, at about a third of the cost right after a step's passes
+    over megabytes, where each numpy call costs about 10 us (its code and tables are out of the caches). ``U`` is a
+    list of rows, ``w`` a list, ``consts`` :func:`_root_constants`'s arrays as lists. Returns ``(lam, B)`` as lists,
+    or ``None`` where some quantity is not finite or not positive (the numpy path then gives the result, with its
+    inf/nan semantics)."""
+    inv_s, inv_within, single, outer_rsqrt = consts
+    k = len(w)
+    lam, t, C = [0.0] * k, [0.0] * k, []
+    for i in range(k):
+        d = w[i] * inv_s[i]
+        inv_d = 1 / d if d > 0 else 0.0
+        off = (U[i][i] - w[i]) * inv_within[i] * inv_d  # s_i B_ii / d_i (0 for singletons)
+        lam[i] = (1 - off * inv_s[i] if d > 0 else 1.0) + damping
+        t[i] = math.sqrt(inv_d * inv_s[i])
+        C.append(off)
+    diag = [lam[i] + C[i] for i in range(k)]
+    C = [[U[i][j] * (t[i] * t[j]) for j in range(k)] for i in range(k)]
+    for i in range(k):
+        C[i][i] = diag[i]
+        if single[i]:  # fold singletons as the operator does
+            lam[i] = diag[i] if diag[i] > 0 else 1.0
+    if not all(math.isfinite(x) for row in C for x in row) or not all(x > 0 for x in lam):
+        return None
+    e, V, info = _lapack().dsyevd(np.array(C), compute_v=1, lower=1)
+    if info != 0:
+        return None
+    e, V = e.tolist(), V.tolist()
+    if not all(x > 0 for x in e):
+        return None
+    f_lam = [1 / math.sqrt(x) for x in lam]
+    scaled = [[x / math.sqrt(y) for x, y in zip(row, e)] for row in V]  # V diag(e^{-1/2}), row by row
+    B = [[0.0] * k for _ in range(k)]
+    for i in range(k):
+        for j in range(i + 1):
+            x = sum(map(operator.mul, scaled[i], V[j]))
+            if i == j:
+                x -= f_lam[i]
+            B[i][j] = B[j][i] = x * outer_rsqrt[i][j]
+    return f_lam, B
+
+
 @functools.cache
 def _lapack():
     """scipy's LAPACK wrappers, imported on first use (a dependency of gpytorch and linear_operator too)."""
@@ -211,22 +258,30 @@ def _lapack():
     return lapack
 
 
-def _root_constants(partition: Partition, dtype: torch.dtype, device: torch.device, numpy: bool = False) -> tuple:
-    """What :func:`_normalised_inverse_root` needs of the block sizes, made once per partition, dtype and device
+def _root_constants(
+    partition: Partition, dtype: torch.dtype, device: torch.device, numpy: bool = False, lists: bool = False
+) -> tuple:
+    """What :func:`_normalised_inverse_root` needs of the block sizes, made once per partition, dtype, device and form
     (kept on the partition): ``1 / s``, ``1 / (s - 1)`` (0 for singletons), the singleton mask and
     ``s_i^{-1/2} s_j^{-1/2}``; with ``numpy``, as numpy arrays (CPU only) followed by whether some block is a
-    singleton."""
-    key = (dtype, device, numpy)
-    cached = getattr(partition, "_inverse_root_constants", None)
-    if cached is None or cached[0] != key:
+    singleton; with ``lists``, as (nested) Python lists (:func:`_inverse_root_python`)."""
+    key = (dtype, device, numpy, lists)
+    cache = getattr(partition, "_inverse_root_constants", None)
+    if not isinstance(cache, dict):
+        cache = partition._inverse_root_constants = {}  # type: ignore[attr-defined]
+    consts = cache.get(key)
+    if consts is None:
         s = partition.sizes.to(device=device, dtype=dtype)
         single = s == 1
         inv_within = torch.where(single, 0.0, (s - 1).clamp_min(1).reciprocal())
         r = s.rsqrt()
         consts = (s.reciprocal(), inv_within, single, torch.outer(r, r))
-        cached = (key, (*(c.numpy() for c in consts), bool(single.any())) if numpy else consts)
-        partition._inverse_root_constants = cached  # type: ignore[attr-defined]
-    return cached[1]
+        if lists:
+            consts = tuple(c.tolist() for c in consts)
+        elif numpy:
+            consts = (*(c.numpy() for c in consts), bool(single.any()))
+        cache[key] = consts
+    return consts
 
 
 @dataclass(eq=False)
@@ -255,9 +310,11 @@ class Workspace:
         one: a 0-d tensor holding 1 (the step count handed to torch's fused AdaGrad kernel).
         dots: per tensor, the reductions of :func:`_tensor_blocks_cpu_step` (written with ``out=``, read back in one
             call). # shape: (number of tensors, 4)
-        root_store: the tensors the host computes the root into (:meth:`root_buffers`); they become the state's
-            ``root_lam`` and ``root_B``.
-        host_root: the stored root in float64 numpy, with the tensors and version counters it was read from.
+        root_store: the tensors the host computes the root into (:meth:`root_buffers`), and numpy arrays on them;
+            the tensors become the state's ``root_lam`` and ``root_B``.
+        host_root: the stored root in float64 (lists up to :data:`PYTHON_ROOT_MAX_BLOCKS` blocks, else numpy), with
+            the tensors and version counters it was read from (:meth:`root_key`).
+        stats_arrays: the statistics ``U`` and ``w`` and numpy arrays on their memory (:meth:`state_arrays`).
     """
 
     h: Tensor
@@ -274,8 +331,9 @@ class Workspace:
     one: Tensor | None = None
     dots: Tensor | None = None
     host_zeros: dict[int, bool] = field(default_factory=dict)
-    root_store: tuple[Tensor, Tensor] | None = None
-    host_root: tuple[tuple, np.ndarray, np.ndarray] | None = None
+    root_store: tuple[Tensor, Tensor, np.ndarray, np.ndarray] | None = None
+    host_root: tuple[tuple, Any, Any] | None = None
+    stats_arrays: tuple[Tensor, Tensor, np.ndarray, np.ndarray] | None = None
 
     def has_zeros(self) -> bool:
         """Whether some entry of ``h`` was 0 after the last step (CPU; ``True`` before the first)."""
@@ -311,12 +369,26 @@ class Workspace:
             cached = self.views[key] = (*flat, *shaped, host)
         return cached
 
-    def root_buffers(self, k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The workspace's own ``(k,)`` and ``(k, k)`` tensors for the root computed on the host."""
+    def root_buffers(self, k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, np.ndarray, np.ndarray]:
+        """The workspace's own ``(k,)`` and ``(k, k)`` tensors for the root computed on the host, and numpy arrays on
+        their memory."""
         store = self.root_store
         if store is None or store[0].shape[0] != k or store[0].dtype != dtype:
-            store = self.root_store = (torch.empty(k, dtype=dtype), torch.empty(k, k, dtype=dtype))
+            lam, B = torch.empty(k, dtype=dtype), torch.empty(k, k, dtype=dtype)
+            store = self.root_store = (lam, B, lam.numpy(), B.numpy())
         return store
+
+    def state_arrays(self, U: Tensor, w: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Numpy arrays on the memory of the statistics ``U`` and ``w`` (CPU), made once per pair of tensors."""
+        cached = self.stats_arrays
+        if cached is None or cached[0] is not U or cached[1] is not w:
+            cached = self.stats_arrays = (U, w, U.numpy(), w.numpy())
+        return cached[2], cached[3]
+
+    @staticmethod
+    def root_key(lam: Tensor, B: Tensor) -> tuple:
+        """What :attr:`host_root` is checked against: the stored root's tensors and their version counters."""
+        return (lam, B, lam._version, B._version)
 
     @classmethod
     def build(cls, blocks: ParamBlocks, h: Tensor) -> Workspace:
@@ -591,11 +663,7 @@ def _tensor_blocks_cpu_step(
     m = len(present)
     on_host = [j for j in range(m) if host[j] is not None and not gs[j].is_neg()]
     big = sorted(set(range(m)).difference(on_host))
-    g_np = {j: _host_array(gs[j]) for j in on_host}
     squares = [0.0] * m
-    with np.errstate(all="ignore"):  # an overflow is looked at below
-        for j in on_host:
-            squares[j] = float(np.dot(g_np[j], g_np[j]))
     dots = ws.dots  # per tensor: g . g, then g . r, sum n and n . n (the torch forms)
     if big:
         for j in big:
@@ -603,16 +671,21 @@ def _tensor_blocks_cpu_step(
         column = dots[:m, 0].tolist()
         for j in big:
             squares[j] = column[j]
+    # the host form's numpy calls one after the other, from here to its first pass: numpy's code stays warm
+    g_np = {j: _host_array(gs[j]) for j in on_host}
+    with np.errstate(all="ignore"):  # an overflow is looked at below
+        for j in on_host:
+            squares[j] = float(np.dot(g_np[j], g_np[j]))
     if check_finite and not all(math.isfinite(x) for x in squares):  # or a finite sum of squares overflowed
         if not all(math.isfinite(x) or bool(torch.isfinite(gs[j]).all()) for j, x in enumerate(squares)):
             raise ValueError(_non_finite_message("BlockMeanAdagrad"))
     stats["step"] += 1
-    scales = _ratio_scales(ws, present, hs, big, squares, eps, stats["step"])
     block_sums: list = [(0.0, 0.0, 0.0)] * m  # per tensor: P^T v, P^T n, P^T n^2
     with np.errstate(all="ignore"):  # inf/nan as torch gives them (eps = 0, check_finite=False), without warnings
-        for j in on_host:  # one after the other: numpy's code stays warm
+        for j in on_host:
             h_np, n_np, r_np = host[j]
             *block_sums[j], ws.host_zeros[present[j]] = _host_tensor_pass(g_np[j], h_np, n_np, r_np, eps)
+    scales = _ratio_scales(ws, present, hs, big, squares, eps, stats["step"])
     for j in big:
         i, g, h, n, r, s = present[j], gs[j], hs[j], ns[j], rs[j], scales[j]
         if s:
@@ -638,7 +711,7 @@ def _tensor_blocks_cpu_step(
     if correlation is normalised_correlation and blocks.num_blocks <= NUMPY_ROOT_MAX_BLOCKS:
         # the k-sized rest of the step on the host in float64 numpy: a few microseconds per operation, where each
         # torch call costs 5-25 us right after passes over megabytes (code and dispatch tables evicted)
-        c_n, c_r = _host_coefficients(stats, blocks, ws, rows, np.array(block_sums), damping, update_interval)
+        c_n, c_r = _host_coefficients(stats, blocks, ws, rows, block_sums, damping, update_interval)
     else:
         v, n_sum, n_sq = torch.tensor(block_sums, dtype=state_sum.dtype).view(-1, 3).unbind(-1)
         if len(rows) < blocks.num_blocks:  # some tensors had no gradient: their blocks' sums are 0
@@ -648,14 +721,14 @@ def _tensor_blocks_cpu_step(
         lam, B = preconditioner(
             stats, blocks.partition, damping=damping, update_interval=update_interval, correlation=correlation
         )
-        c_n, c_r = (x.double().numpy()[rows] for x in (lam, B @ v))
-    rates = np.array([-lr[i] for i in present])
-    c_n, c_r = (c_n * rates).tolist(), (c_r * rates).tolist()
+        c_n, c_r = (x.double().numpy()[rows].tolist() for x in (lam, B @ v))
+    c_n = [c * -lr[i] for c, i in zip(c_n, present)]
+    c_r = [c * -lr[i] for c, i in zip(c_r, present)]
     decay = [1.0 - lr[i] * weight_decay[i] for i in present]
     if any(d != 1.0 for d in decay):
         torch._foreach_mul_([params[i] for i in present], decay)
-    # p += c_n n + c_r r: the torch forms last tensor first (its n and r may still be cached; in the ratio form
-    # n and r are s n and sqrt(s) r), then the host form
+    # p += c_n n + c_r r: the host form first (numpy's code is still warm from the coefficients), then the torch
+    # forms last tensor first (its n and r may still be cached; in the ratio form n and r are s n and sqrt(s) r)
     for j in reversed(big):
         s, p = scales[j], params[present[j]]
         if s:
@@ -700,43 +773,52 @@ def _host_update(p, n, r, c_n: float, c_r: float) -> None:
 
 
 def _host_coefficients(
-    stats, blocks: ParamBlocks, ws: Workspace, rows: list[int], block_sums, damping: float, update_interval: int
-):
+    stats, blocks: ParamBlocks, ws: Workspace, rows: list[int], block_sums: list, damping: float, update_interval: int
+) -> tuple[list[float], list[float]]:
     """The statistics' update, the root (when due) and the per-tensor factors ``lam_R`` and ``B_R P^T v`` of ``n``
-    and ``r``, from the block sums ``(v, P^T n, P^T n^2)`` (float64, one row per tensor with a gradient), in numpy
-    float64 on the host. ``U`` and ``w`` are updated in place; the root is written into the workspace's own
-    tensors (:attr:`Workspace.root`), which become the state's ``root_lam`` and ``root_B``."""
+    and ``r``, from the block sums ``(v, P^T n, P^T n^2)`` (one tuple per tensor with a gradient, its block in
+    ``rows``), in float64 on the host: Python floats up to :data:`PYTHON_ROOT_MAX_BLOCKS` blocks, numpy above. ``U``
+    and ``w`` are updated in place; the root is written into the workspace's own tensors (:meth:`Workspace.root_buffers`),
+    which become the state's ``root_lam`` and ``root_B``."""
     k = blocks.num_blocks
-    if len(rows) < k:  # some tensors had no gradient: their blocks' sums are 0
-        full = np.zeros((k, 3))
-        full[rows] = block_sums
-        block_sums = full
-    v, n_sum, n_sq = block_sums.T
-    U, w = stats["U"].numpy(), stats["w"].numpy()  # the state's memory: updated in place
-    U += n_sum[:, None] * n_sum
+    full = [(0.0, 0.0, 0.0)] * k  # blocks of tensors without a gradient: their sums are 0
+    for row, sums in zip(rows, block_sums):
+        full[row] = sums
+    v, n_sum, n_sq = (list(x) for x in zip(*full))
+    U, w = ws.state_arrays(stats["U"], stats["w"])  # the state's memory: updated in place
+    U += np.outer(n_sum, n_sum)  # float64 products, rounded once into the state's dtype
     w += n_sq
+    small = k <= PYTHON_ROOT_MAX_BLOCKS
     due = stats["root_lam"] is None or (stats["step"] - stats["root_step"]) >= update_interval
     if due:
-        consts = _root_constants(blocks.partition, torch.float64, torch.device("cpu"), numpy=True)
-        try:
-            lam, B = _inverse_root_numpy(U.astype(np.float64), w.astype(np.float64), consts, damping)
-        except np.linalg.LinAlgError:  # non-finite statistics (check_finite=False): torch's eigh gives NaN instead
-            root = _normalised_inverse_root_torch(stats["U"], stats["w"], blocks.partition, damping)
-            lam, B = (x.double().numpy() for x in root)
-        else:
-            root = ws.root_buffers(k, stats["w"].dtype)
-            root[0].numpy()[...] = lam  # stored in the state's dtype, as the root always was
-            root[1].numpy()[...] = B
-        stats.update(root_lam=root[0], root_B=root[1], root_step=stats["step"])
-        ws.host_root = None  # the stored root in float64, made on the first step that reuses it
+        root: tuple[Any, Any] | None = None
+        if small:
+            consts = _root_constants(blocks.partition, torch.float64, torch.device("cpu"), lists=True)
+            root = _inverse_root_python(U.tolist(), w.tolist(), consts, damping)
+        if root is None:
+            consts = _root_constants(blocks.partition, torch.float64, torch.device("cpu"), numpy=True)
+            try:
+                root = _inverse_root_numpy(U.astype(np.float64), w.astype(np.float64), consts, damping)
+            except np.linalg.LinAlgError:  # non-finite statistics (check_finite=False): torch's eigh gives NaN
+                lam_t, B_t = _normalised_inverse_root_torch(stats["U"], stats["w"], blocks.partition, damping)
+                root = (lam_t.double().numpy(), B_t.double().numpy())
+        lam, B = root
+        stored = ws.root_buffers(k, stats["w"].dtype)
+        stored[2][...] = lam  # stored in the state's dtype, as the root always was
+        stored[3][...] = B
+        stats.update(root_lam=stored[0], root_B=stored[1], root_step=stats["step"])
+        ws.host_root = None  # the stored root (in the state's dtype) as floats, made on the first step that reuses it
     else:
         lam_t, B_t = stats["root_lam"], stats["root_B"]
-        key = (lam_t, B_t, lam_t._version, B_t._version)
+        key = ws.root_key(lam_t, B_t)
         cached = ws.host_root
-        if cached is None or any(a is not b for a, b in zip(cached[0], key[:2])) or cached[0][2:] != key[2:]:
-            cached = ws.host_root = (key, lam_t.double().numpy(), B_t.double().numpy())
+        if cached is None or any(a is not b for a, b in zip(cached[0][:2], key[:2])) or cached[0][2:] != key[2:]:
+            lam, B = lam_t.double().numpy(), B_t.double().numpy()
+            cached = ws.host_root = (key, *((lam.tolist(), B.tolist()) if small else (lam, B)))
         lam, B = cached[1], cached[2]
-    return lam[rows], (B @ v)[rows]
+    if isinstance(lam, list):
+        return [lam[r] for r in rows], [sum(map(operator.mul, B[r], v)) for r in rows]
+    return lam[rows].tolist(), (B @ np.array(v))[rows].tolist()
 
 
 def _ratio_scales(ws: Workspace, present, hs, candidates, squares, eps: float, step: int) -> list[float]:
