@@ -777,9 +777,9 @@ def _host_coefficients(
 ) -> tuple[list[float], list[float]]:
     """The statistics' update, the root (when due) and the per-tensor factors ``lam_R`` and ``B_R P^T v`` of ``n``
     and ``r``, from the block sums ``(v, P^T n, P^T n^2)`` (one tuple per tensor with a gradient, its block in
-    ``rows``), in float64 on the host: Python floats up to :data:`PYTHON_ROOT_MAX_BLOCKS` blocks, numpy above. ``U``
-    and ``w`` are updated in place; the root is written into the workspace's own tensors (:meth:`Workspace.root_buffers`),
-    which become the state's ``root_lam`` and ``root_B``."""
+    ``rows``), in float64 on the host: Python floats up to :data:`PYTHON_ROOT_MAX_BLOCKS` blocks, numpy above.
+    ``U`` and ``w`` are updated in place; the root is written into the workspace's own tensors
+    (:meth:`Workspace.root_buffers`), which become the state's ``root_lam`` and ``root_B``."""
     k = blocks.num_blocks
     full = [(0.0, 0.0, 0.0)] * k  # blocks of tensors without a gradient: their sums are 0
     for row, sums in zip(rows, block_sums):
