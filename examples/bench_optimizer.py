@@ -13,7 +13,8 @@ disturb less. ``block_mean_tensor_zeros`` has 1% of its gradient entries always 
 
 ``--baseline DIR`` also times the ``BlockMeanAdagrad`` of another checkout's ``bma_gp/optim``
 (``DIR/bma_gp/optim``, e.g. ``git worktree add DIR REV``) in the same run, so that
-before / after ratios share one Adagrad measurement (configurations ``baseline_*``).
+before / after ratios share one Adagrad measurement (configurations ``baseline_*``), and the quartiles of the
+per-round ratio now / before are reported as well. Every other round runs the configurations in reverse order.
 """
 
 from __future__ import annotations
@@ -172,9 +173,15 @@ def main(argv=None) -> None:
     flush = None
     if args.flush_mb:
         flush = torch.empty(int(args.flush_mb * 2**20) // 4, dtype=torch.float32, device=device)
-    for _ in range(args.rounds):
-        for _name, (_, opt, times, backend) in runs.items():
-            times.extend(time_steps(opt, args.steps, device, flush, backend))
+    per_round: dict[str, list[float]] = {name: [] for name in runs}
+    for index in range(args.rounds):
+        # every other round in reverse order: no configuration always follows the same one (whose data the
+        # caches then hold) or always runs first
+        order = list(runs.items()) if index % 2 == 0 else list(runs.items())[::-1]
+        for name, (_, opt, times, backend) in order:
+            steps = time_steps(opt, args.steps, device, flush, backend)
+            times.extend(steps)
+            per_round[name].append(statistics.median(w for w, _ in steps))
 
     wall = {name: statistics.median(w for w, _ in t) for name, (_, _, t, _) in runs.items()}
     cpu = {name: statistics.median(c for _, c in t) for name, (_, _, t, _) in runs.items()}
@@ -196,6 +203,11 @@ def main(argv=None) -> None:
         "blocks_row": runs["block_mean_row_interval100"][1].partition.num_blocks,
         "fused_cpu_backend": DEFAULT_BACKEND if _fused.uses_numba(device, torch.float32) else "inductor",
     }
+    if args.baseline and args.rounds >= 2:
+        # now / before per round (the two ran within the same round): quartiles, less exposed to drifts of the
+        # machine over the run than the ratio of the two medians
+        paired = [a / b for a, b in zip(per_round["block_mean_tensor"], per_round["baseline_tensor"])]
+        result["now_over_baseline_quartiles"] = [round(q, 3) for q in statistics.quantiles(paired, n=4)]
     print(json.dumps(result))
 
 
