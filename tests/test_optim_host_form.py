@@ -230,16 +230,8 @@ def test_the_steps_root_on_python_floats_matches_numpy(monkeypatch, dtype, inter
 
 
 def test_the_numpy_root_matches_torch():
-    gen = torch.Generator().manual_seed(5)
     for k in (1, 3, 8):
-        X = torch.randn(k, 2 * k, generator=gen, dtype=torch.float64)
-        U = X @ X.T
-        w = U.diagonal() * (1 + torch.rand(k, generator=gen, dtype=torch.float64))
-        w[k // 2] = 0.0  # a block without gradient
-        sizes = torch.randint(1, 5, (k,), generator=gen)
-        sizes[0] = 1  # a singleton
-        labels = torch.repeat_interleave(torch.arange(k), sizes)
-        partition = functional.Partition(labels)
+        U, w, partition = _root_case(k, seed=5)
         consts_np = functional._root_constants(partition, torch.float64, torch.device("cpu"), numpy=True)
         consts_t = functional._root_constants(partition, torch.float64, torch.device("cpu"))
         lam_np, B_np = functional._inverse_root_numpy(U.numpy().copy(), w.numpy().copy(), consts_np, 1e-3)
