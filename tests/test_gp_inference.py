@@ -8,12 +8,13 @@ Lanczos, ``psd_safe_cholesky`` and every dense factorisation of an ``n x n`` mat
 from __future__ import annotations
 
 import math
+import warnings
 
 import gpytorch
 import pytest
 import torch
 
-from bma_gp import Partition
+from bma_gp import ClosedFormFallbackWarning, Partition
 from bma_gp.kernels import BlockMeanKernel, GroupKernel
 from closed_form_guard import closed_forms_only
 
@@ -237,6 +238,34 @@ def test_prediction_at_training_inputs_is_posterior_of_training_points():
     ref_mean, ref_cov = dense_posterior(Ktrain, likelihood.noise, y, model.mean_module.constant, Ktrain, Ktrain)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(cov, ref_cov, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_eager_kernel_evaluation_in_eval_mode_warns(scale):
+    """Under lazily_evaluate_kernels(False) GPyTorch evaluates the kernel on cat(train_x, test_x) and never asks it
+    for its prediction strategy: model(train_x) is then the posterior of new points at the training inputs, not
+    the one at the training points. The kernel says so in a warning; the default (lazy) path stays exact and
+    silent, and training under the eager setting does not warn."""
+    x, y = make_data()
+    partition = make_partition(x.shape[0], 6, contiguous=False)
+    model, likelihood, base = build_model(x, y, partition, scale=scale)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        with gpytorch.settings.lazily_evaluate_kernels(False):
+            mll(model(x), y).backward()  # training mode: the training covariance alone
+        model.eval()
+        with torch.no_grad():
+            lazy = model(x)
+            lazy_mean = lazy.mean
+    Ktrain, _, _ = reference_pieces(model, base, x, None, partition)
+    ref_mean, _ = dense_posterior(Ktrain, likelihood.noise, y, model.mean_module.constant, Ktrain, Ktrain)
+    torch.testing.assert_close(lazy_mean, ref_mean, rtol=1e-9, atol=1e-9)
+    model.prediction_strategy = None
+    with torch.no_grad(), gpytorch.settings.lazily_evaluate_kernels(False):
+        with pytest.warns(ClosedFormFallbackWarning, match="lazily_evaluate_kernels on"):
+            eager_mean = model(x).mean
+    assert (eager_mean - ref_mean).abs().max() > 1e-3  # the other quantity, as the warning says
 
 
 def test_stale_training_data_is_detected_and_set_train_data_fixes_it():

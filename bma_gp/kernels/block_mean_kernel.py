@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from gpytorch import settings as gpt_settings
 from gpytorch.kernels import Kernel
@@ -9,6 +11,7 @@ from linear_operator import to_dense, to_linear_operator
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
+from bma_gp._composition import ClosedFormFallbackWarning
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.kernels.prediction_strategy import BlockMeanPredictionStrategy
@@ -18,6 +21,15 @@ __all__ = ["BlockMeanKernel"]
 
 #: Largest number of kernel entries evaluated at once for a cross-covariance (rows x training points).
 _CROSS_CHUNK_ENTRIES = 2**22
+#: warned where an ExactGP in eval mode evaluates the kernel eagerly (:meth:`BlockMeanKernel._joint_block_mean`)
+_EAGER_PREDICTION_MESSAGE = (
+    "BlockMeanKernel was evaluated on training and new inputs together in eval mode, under "
+    "gpytorch.settings.lazily_evaluate_kernels(False): GPyTorch then predicts with its DefaultPredictionStrategy "
+    "instead of bma-gp's closed-form one. Every test row is a new point for this kernel, so model(train_x) gives "
+    "the posterior of new points at the training inputs, not the posterior at the training points (docs/gp.md), "
+    "and posterior samples or fast_pred_var may use Lanczos or a dense factorisation. Keep "
+    "lazily_evaluate_kernels on (GPyTorch's default) for the closed-form prediction."
+)
 
 
 def _check_train_x(train_x) -> Tensor:
@@ -302,6 +314,10 @@ class BlockMeanKernel(Kernel):
 
     def _joint_block_mean(self, train_x: Tensor, x_new: Tensor) -> BlockMeanLinearOperator:
         """Training points followed by new points: one block mean operator over ``k + t`` blocks."""
+        if not self.training and not gpt_settings.lazily_evaluate_kernels.on():
+            # an ExactGP in eval mode evaluates its kernel on cat(train_x, test_x) at once here, and GPyTorch then
+            # never asks this kernel for its prediction strategy
+            warnings.warn(_EAGER_PREDICTION_MESSAGE, ClosedFormFallbackWarning, stacklevel=2)
         train = self._train_block_mean(train_x)
         cross = self._cross_block_means(x_new, train_x)  # (*b, t, k)
         new_new = self._base_dense(x_new, x_new)  # (*b, t, t)
