@@ -138,9 +138,9 @@ def _collect(op, parts: _Parts) -> bool:
     if isinstance(op, BlockMeanLinearOperator):
         if not op.symmetric:
             return False
-        parts.lams.append((op.partition, op.lam))
-        b = op._b_diag
-        parts.terms.append((op.partition, op.B if b is None else _Diagonal(b), None))
+        lam, block = _offsets_and_block(op)
+        parts.lams.append((op.partition, lam))
+        parts.terms.append((op.partition, block, None))
         return True
     if isinstance(op, ConstantDiagLinearOperator):
         parts.scalars.append(op.diag_values)
@@ -162,6 +162,19 @@ def _collect(op, parts: _Parts) -> bool:
     if _is_lazy_block_mean(op) or _is_lazy_root(op):
         return _collect(op.evaluate_kernel(), parts)
     return False
+
+
+def _offsets_and_block(op: BlockMeanLinearOperator) -> tuple[Tensor, Tensor | _Diagonal]:
+    """``lam`` and the block matrix of ``op`` for a sum. Of a singleton block only ``lam_i + B_ii`` is visible, so a
+    negative ``lam_i`` is valid there; it moves into ``B_ii``, so that the sum's per-point diagonal holds only
+    what the other terms put there (the sums' closed forms need it positive). One host read per operator."""
+    lam, b = op.lam, op._b_diag
+    single = op.partition.sizes.to(lam.device) == 1
+    moved = torch.where(single & (lam < 0), lam, torch.zeros_like(lam))
+    if not bool(moved.any()):
+        return lam, op.B if b is None else _Diagonal(b)
+    lam = lam - moved
+    return lam, op.B + torch.diag_embed(moved) if b is None else _Diagonal(b + moved)
 
 
 def _build(parts: _Parts, like: LinearOperator) -> LinearOperator:

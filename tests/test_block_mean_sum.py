@@ -828,6 +828,47 @@ def test_capacitance_limit_names_q(structure):
         case.op().logdet()
 
 
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_negative_offset_of_a_singleton_block_stays_valid_in_sums(diagonal):
+    """Of a singleton block only lam_i + B_ii is visible, so a negative lam_i is a valid operator; in a sum it moves
+    into B_ii instead of making the per-point diagonal negative (which the sums' closed forms refuse)."""
+    part = Partition.from_sizes([1, 3, 4, 1])
+    lam = torch.tensor([-0.5, 1.0, 1.0, -0.2], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([2.0, 0.5, 0.5, 1.0], dtype=torch.float64, requires_grad=True)
+    v = torch.linspace(0.1, 0.3, 9, dtype=torch.float64)
+    rhs = torch.randn(9, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def M():
+        return BlockMeanLinearOperator(lam, b if diagonal else torch.diag_embed(b), part, diagonal=diagonal)
+
+    builders = (
+        lambda: M().add_diagonal(v),
+        lambda: M() + DiagLinearOperator(v),
+        lambda: M() + DiagLinearOperator(v) + second_grouping(part.n),
+    )
+    for build in builders:
+        S = build()
+        assert isinstance(S, BlockMeanSumLinearOperator)
+        A = S.to_dense()
+        assert torch.linalg.eigvalsh(A).min() > 0
+        with closed_forms_only(9):
+            quad, logdet = S.inv_quad_logdet(rhs, logdet=True)
+            solved = S.solve(rhs)
+        torch.testing.assert_close(solved, torch.linalg.solve(A, rhs), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(logdet, torch.logdet(A), rtol=1e-10, atol=1e-12)
+        ref = (rhs * torch.linalg.solve(A, rhs)).sum() + torch.logdet(A)
+        grads = torch.autograd.grad(quad + logdet, (lam, b), retain_graph=True)  # A shares S's graph
+        for g, r in zip(grads, torch.autograd.grad(ref, (lam, b))):
+            torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
+
+
+def second_grouping(n: int) -> BlockMeanLinearOperator:
+    labels = torch.arange(n) % 2
+    return BlockMeanLinearOperator(
+        torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64) * 0.3, Partition.from_labels(labels)
+    )
+
+
 @pytest.mark.parametrize("bad", [0.0, -0.5, math.nan])
 def test_non_positive_diagonal_names_d(bad):
     case = Case("crossed_root")
