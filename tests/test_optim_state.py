@@ -187,3 +187,78 @@ def test_round_trip_keeps_entries_without_gradient_still(rule):
     assert torch.equal(flat(model2.parameters())[dead], start[dead])
     assert not torch.equal(flat(model2.parameters())[~dead], start[~dead])
     assert opt2._h_has_zero
+
+
+@pytest.mark.parametrize("kind", ["block", "full"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_continues_the_same_run(kind, how):
+    """copy.deepcopy and pickle keep the hyperparameters (also the non-default check_finite) and the global state."""
+    import pickle
+
+    model = small_model()
+    opt = make(kind, model, check_finite=False)
+    train(model, opt, 4)
+    clone = copy.deepcopy if how == "deepcopy" else (lambda x: pickle.loads(pickle.dumps(x)))
+    model2, opt2 = clone((model, opt))
+    assert opt2.check_finite is False and opt2.eps == opt.eps
+    for key, value in opt.global_state.items():
+        other = opt2.global_state[key]
+        assert torch.equal(value, other) if torch.is_tensor(value) else value == other, key
+    train(model, opt, 4, start=4)
+    train(model2, opt2, 4, start=4)
+    assert torch.equal(flat(model.parameters()), flat(model2.parameters()))
+
+
+def test_a_state_dict_of_other_shapes_is_refused_at_load():
+    """Per-parameter state of other sizes (the same number of tensors) is named at load, before anything changes,
+    not as an internal error at the next step."""
+    kind = "block"
+    model = small_model()
+    opt = make(kind, model)
+    train(model, opt, 1)
+    other = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2)).double()  # 4 tensors as well
+    assert len(list(other.parameters())) == len(list(model.parameters()))
+    opt2 = make(kind, other)
+    with pytest.raises(ValueError, match="does not fit these parameters"):
+        opt2.load_state_dict(opt.state_dict())
+    assert not opt2.state and not opt2.global_state  # nothing loaded
+
+
+@pytest.mark.parametrize("width", [10, 200])  # the host form; the ratio form (40,000 entries)
+@pytest.mark.parametrize("loop", [False, True])
+def test_entries_without_gradient_stay_put_after_h_is_reset_in_place(width, loop, monkeypatch):
+    """A reset of the accumulator in place (state[p]["sum"].zero_(), a warm restart) makes entries whose gradient
+    is 0 have h == 0 again: they must not move, as before their first gradient."""
+    from bma_gp.optim import functional
+
+    if loop:
+        monkeypatch.setattr(functional, "_tensor_blocks_apply", lambda *a: False)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(width, width, dtype=torch.float64)
+    opt = BlockMeanAdagrad(layer.parameters(), lr=0.1)
+    for _ in range(2):
+        for p in layer.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    for p in layer.parameters():
+        opt.state[p]["sum"].zero_()
+        p.grad = torch.randn_like(p)
+        p.grad.view(-1)[::2] = 0.0  # these entries now have h == 0 after the step
+    before = [p.detach().clone() for p in layer.parameters()]
+    opt.step()
+    for p, p0 in zip(layer.parameters(), before):
+        still = opt.state[p]["sum"].view(-1) == 0
+        assert still.sum() == (p.numel() + 1) // 2
+        assert torch.equal(p.view(-1)[still], p0.view(-1)[still])
+        assert not torch.equal(p, p0)
+
+
+def test_a_tensor_weight_decay_in_one_group_is_the_float_one():
+    runs = []
+    for wd in (0.1, torch.tensor(0.1, dtype=torch.float64)):
+        model = small_model()
+        ps = list(model.parameters())
+        opt = BlockMeanAdagrad([dict(params=ps[:2], weight_decay=wd), dict(params=ps[2:])], lr=0.05)
+        train(model, opt, 3)
+        runs.append(flat(model.parameters()))
+    assert torch.equal(runs[0], runs[1])

@@ -74,7 +74,8 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
     Args:
         params: iterable of parameters or dicts defining parameter groups.
         lr: learning rate (per group). Default: ``1e-2``.
-        eps: :math:`\epsilon`, added after the square root as in torch's Adagrad.
+        eps: :math:`\epsilon`, added after the square root as in torch's Adagrad; must be positive (with 0, an
+            entry whose gradient has always been 0 would give :math:`0 / 0` in the statistics).
             Default: ``1e-10``.
         damping: :math:`\delta \ge 0` added to :math:`F` before the inverse root;
             with ``0`` a singular :math:`F` (e.g. after one step) gives ``inf``/``nan``.
@@ -142,6 +143,14 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
     """
 
     _flat_state_keys = ("sum",)
+    _pickled_attributes = (
+        *FlatPreconditionedOptimizer._pickled_attributes,
+        "fused",
+        "eps",
+        "damping",
+        "partition_rule",
+        "update_interval",
+    )
 
     def __init__(
         self,
@@ -158,7 +167,8 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         fused: bool = False,
     ):
         check_hyperparameter("learning rate", lr)
-        check_hyperparameter("eps", eps)
+        # eps = 0 divides 0 by 0 where a gradient entry has always been 0 (h = 0), which poisons the statistics
+        check_hyperparameter("eps", eps, positive=True)
         check_hyperparameter("damping", damping)
         check_hyperparameter("update_interval", update_interval, positive=True, integer=True)
         check_hyperparameter("weight_decay", weight_decay)
@@ -180,6 +190,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         self._blocks: tuple[tuple, ParamBlocks] | None = None  # (layout key, blocks)
         self._workspace: Workspace | None = None
         self._h_has_zero = True
+        self._h_version = -1  # h's version counter after the last step (h changed elsewhere when it differs)
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, check_finite=check_finite)
 
@@ -189,6 +200,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         self._blocks = None
         self._workspace = None
         self._h_has_zero = True
+        self._h_version = -1  # h's version counter after the last step (h changed elsewhere when it differs)
 
     # test hook: the correlation matrix F (replaced by the identity to recover torch.optim.Adagrad)
     _correlation = staticmethod(normalised_correlation)
@@ -218,6 +230,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
 
     def _fit_global_state(self, state: dict[str, Any], layout: FlatParams) -> dict[str, Any]:
         self._h_has_zero = True
+        self._h_version = -1  # h's version counter after the last step (h changed elsewhere when it differs)
         k = self._blocks_of(layout).num_blocks
         U = state["U"].to(device=layout.device, dtype=layout.dtype)
         w = state["w"].to(device=layout.device, dtype=layout.dtype)
@@ -257,6 +270,12 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         fused = self._uses_fused(blocks, grads, layout)
         committed = layout is self._layout
         h = self._flat.get("sum") if committed else None
+        if h is not None and h._version != self._h_version:
+            # h changed outside the steps (say a reset in place): some entry may be 0 again, and the CPU lists
+            # of such entries (which assume that h only grows) are rebuilt from h
+            self._h_has_zero = True
+            if self._workspace is not None:
+                self._workspace.forget_zeros()
         groups = [self.param_groups[gi] for gi in layout.group_index]
         maximize = [bool(g["maximize"]) for g in groups]
         checks_itself = fused or (
@@ -286,7 +305,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             blocks,
             None if fused else self._workspace,
             lr=lr,
-            weight_decay=[g.get("weight_decay", 0.0) for g in groups],
+            weight_decay=[float(g.get("weight_decay", 0.0)) for g in groups],
             maximize=maximize,
             eps=self.eps,
             damping=self.damping,
@@ -298,3 +317,4 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         )
         if h.device.type == "cpu" and self._workspace is not None and not fused:
             self._h_has_zero = self._workspace.has_zeros()
+        self._h_version = h._version

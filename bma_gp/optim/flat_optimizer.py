@@ -100,6 +100,9 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
 
     #: per-parameter state entries kept as views of one flat buffer each
     _flat_state_keys: tuple[str, ...] = ()
+    #: instance attributes that pickling and ``copy.deepcopy`` keep besides torch's ``defaults``, ``state`` and
+    #: ``param_groups`` (a subclass adds its hyperparameters); caches are rebuilt on the first step
+    _pickled_attributes: tuple[str, ...] = ("check_finite", "global_state")
 
     def __init__(self, params, defaults: dict[str, Any], *, check_finite: bool = True):
         if not isinstance(check_finite, bool):
@@ -216,7 +219,7 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             indices = [i for i, (a, pg) in enumerate(zip(active, layout.group_index)) if a and pg == gi]
             if indices:
                 lr = group["lr"]
-                yield (float(lr) if isinstance(lr, Tensor) else lr), group.get("weight_decay", 0.0), indices
+                yield float(lr), float(group.get("weight_decay", 0.0)), indices
 
     def _apply(self, layout: FlatParams, direction: Tensor, active: list[bool]) -> None:
         """``theta <- theta - lr * (u + weight_decay * theta)`` per group, for parameters that had a gradient."""
@@ -248,7 +251,10 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         per-parameter state and the global state keep their precision: they are
         moved to the parameters' device and cast to :func:`~bma_gp.optim.flat_params.state_dtype`
         of the parameters (float32 or wider), so a run continues bit for bit on the
-        same device and dtype.
+        same device and dtype. One exception: :class:`~bma_gp.optim.BlockMeanAdagrad`'s CPU eager step
+        for tensors of more than ``functional.HOST_MAX_NUMEL`` entries picks a power-of-four scale from a
+        bound of ``h`` that it keeps between steps and a reload rebuilds, and the update's coefficients round
+        differently under another scale (about 1 ulp: 3e-8 in float32 after a reload).
         """
         state_dict = dict(state_dict)
         global_state = state_dict.pop("global_state", None)
@@ -259,6 +265,7 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         saved_flat = {
             idx: {k: st[k] for k in self._flat_state_keys if k in st} for idx, st in state_dict["state"].items()
         }
+        self._check_saved_sizes(state_dict, saved_flat)
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
@@ -279,6 +286,28 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         }
         self._layout = None
         self._flat = {}
+
+    def _check_saved_sizes(self, state_dict: dict[str, Any], saved_flat: dict) -> None:
+        """Raise ``ValueError`` (before anything changes) when a saved per-parameter state entry does not have the
+        number of entries of the parameter it is loaded into."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
+        if len(saved_ids) != len(params):
+            return  # torch's load_state_dict names this mismatch
+        for position, (idx, p) in enumerate(zip(saved_ids, params)):
+            for key, value in saved_flat.get(idx, {}).items():
+                if isinstance(value, Tensor) and value.numel() != p.numel():
+                    raise ValueError(
+                        f"state_dict does not fit these parameters: its '{key}' of parameter {position} has "
+                        f"{value.numel()} entries, the parameter {p.numel()} (shape {tuple(p.shape)}). Load a state "
+                        f"dict saved from the same model."
+                    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        for name in self._pickled_attributes:
+            state[name] = self.__dict__[name]
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -67,6 +67,8 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
     the widest parameter dtype, and is saved by :meth:`state_dict`.
     """
 
+    _pickled_attributes = (*FlatPreconditionedOptimizer._pickled_attributes, "eps", "max_dim")
+
     def __init__(
         self,
         params,

@@ -341,6 +341,12 @@ class Workspace:
             return True
         return any(idx.numel() for idx in self.zeros.values()) or any(self.host_zeros.values())
 
+    def forget_zeros(self) -> None:
+        """Drop the lists of entries where ``h == 0`` (they assume that ``h`` only grows): rebuilt from ``h`` on the
+        next step, after ``h`` was changed outside the steps."""
+        self.zeros.clear()
+        self.host_zeros.clear()
+
     def mask_zeros(self, key: int, h: Tensor, r: Tensor) -> None:
         """``r = 0`` where ``h = 0``, by the list of such entries (CPU)."""
         idx = self.zeros[key] = zero_entries(h, self.zeros.get(key))
