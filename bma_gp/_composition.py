@@ -325,6 +325,19 @@ class FallbackSumLinearOperator(SumLinearOperator):
         return super().root_inv_decomposition(initial_vectors, test_vectors, method)
 
 
+def _as_fallback(res):
+    """``res``, a sum that contains a :class:`FallbackSumLinearOperator`, as one (flattened) such sum."""
+    if isinstance(res, FallbackSumLinearOperator):
+        return res
+    if isinstance(res, AddedDiagLinearOperator):
+        inner = res._linear_op
+        ops = inner.linear_ops if isinstance(inner, SumLinearOperator) else (inner,)
+        return FallbackSumLinearOperator(*ops, res._diag_tensor)
+    if type(res) is SumLinearOperator:
+        return FallbackSumLinearOperator(*res.linear_ops)
+    return res
+
+
 def fallback_sum(left, right) -> LinearOperator | None:
     """``left + right`` as a :class:`FallbackSumLinearOperator` when both are operators of one shape, else None."""
     if (
@@ -341,6 +354,10 @@ def fallback_sum(left, right) -> LinearOperator | None:
 def _hooked_add(original):
     @functools.wraps(original)
     def __add__(self, other):
+        if isinstance(other, LinearOperator) and (
+            isinstance(self, FallbackSumLinearOperator) or isinstance(other, FallbackSumLinearOperator)
+        ):  # a fallback sum plus anything (noise, say) is still one: it keeps its warning
+            return _as_fallback(original(self, other))
         involved = _is_ours(other) or _is_lazy_block_mean(self)
         if involved and isinstance(other, LinearOperator):
             res = add_structured(self, other)

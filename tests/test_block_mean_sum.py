@@ -901,6 +901,19 @@ def test_dense_summand_warns_fallback():
         res.add_diagonal(torch.tensor(0.5, dtype=torch.float64)).inv_quad_logdet(b.unsqueeze(-1), logdet=True)
     with pytest.raises(ValueError):
         bma_gp.closed_form(SumLinearOperator(M1, dense))
+    # noise added with + (what a likelihood does to an eagerly evaluated kernel) keeps the fallback and its warning
+    noise = torch.full((N,), 0.1, dtype=torch.float64)
+    fallback = M1 + dense
+    for res in (
+        fallback + DiagLinearOperator(noise),
+        DiagLinearOperator(noise) + fallback,
+        fallback + ConstantDiagLinearOperator(torch.tensor([0.1], dtype=torch.float64), N),
+        fallback + DenseLinearOperator(torch.eye(N, dtype=torch.float64)),
+    ):
+        assert isinstance(res, bma_gp.FallbackSumLinearOperator)
+        torch.testing.assert_close(res.to_dense(), fallback.to_dense() + res.linear_ops[-1].to_dense())
+        with pytest.warns(bma_gp.ClosedFormFallbackWarning):
+            res.solve(b)
     # sums without a block mean operator are untouched and do not warn
     with warnings.catch_warnings():
         warnings.simplefilter("error")
