@@ -655,6 +655,25 @@ class BlockMeanSumLinearOperator(LinearOperator):
         shape[dim] = -1
         return x * w.view(shape)
 
+    def _not_positive_definite(self, message: str) -> ValueError:
+        """The error for a factorisation that found the sum not positive definite: ``message``, unless an input
+        holds inf or nan, which reaches the capacitance the same way and is named instead (only looked at here,
+        on the failure path)."""
+        inputs = [(f"blocks[{j}]", B) for j, B in enumerate(self._block_args)]
+        if isinstance(self._root_arg, Tensor):
+            inputs.append(("the root U", self._root_arg))
+        inputs += [(f"weights[{j}]", w) for j, w in enumerate(self.weights) if w is not None]
+        for name, value in inputs:
+            bad = ~torch.isfinite(value.detach())
+            if bool(bad.any()):
+                index = tuple(int(i) for i in bad.nonzero()[0])
+                return ValueError(
+                    f"the sum's input is not finite: {name}{list(index)} = {float(value[index])}. The block "
+                    "matrices, the root and the weights must be finite; check the kernel hyperparameters or the data "
+                    "that produced them."
+                )
+        return ValueError(message)
+
     def _describe(self) -> str:
         parts = ", ".join(f"k_{j + 1} = {k}" for j, k in enumerate(self.num_blocks))
         return f"{parts}{', ' if parts else ''}m = {self.rank}"
@@ -803,10 +822,16 @@ class BlockMeanSumLinearOperator(LinearOperator):
         if bool(bad.any()):
             index = int(bad.reshape(-1, d.shape[-1]).any(0).nonzero()[0])
             value = float(d.reshape(-1, d.shape[-1])[:, index][bad.reshape(-1, d.shape[-1])[:, index]][0])
+            if math.isfinite(value):
+                advice = "Add noise (add_diagonal) or check the likelihood's noise."
+            else:  # d collects the noise and every block mean operator's lam
+                advice = (
+                    "d is the sum of the noise (add_diagonal, the likelihood) and the block mean operators' lam "
+                    "spread over their blocks: check those for inf/nan (the kernel hyperparameters or the data)."
+                )
             kind = "not finite" if not math.isfinite(value) else "<= 0"
             raise ValueError(
-                f"{what} needs a positive per-point diagonal d, but d[{index}] = {value:.6g} is {kind}. "
-                "Add noise (add_diagonal) or check the likelihood's noise."
+                f"{what} needs a positive per-point diagonal d, but d[{index}] = {value:.6g} is {kind}. {advice}"
             )
 
     def _gram(self) -> tuple[list[Tensor], _Contingencies]:
@@ -960,7 +985,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
             g = self._block_diagonal(elim).to(wdt)
             delta = 1 + g * a[elim]
             if settings.validate.on() and bool((delta <= 0).any()):
-                raise ValueError(
+                raise self._not_positive_definite(
                     f"the sum ({self._describe()}) is not positive definite: blocks[{elim}] has a negative diagonal "
                     "entry large enough to make the capacitance singular. Check the block matrices."
                 )
@@ -989,7 +1014,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         S = S + torch.eye(r, dtype=wdt, device=self.device)
         LU, pivots, info = torch.linalg.lu_factor_ex(S.detach())  # the gradients come from _LUSolve/_LULogAbsDet
         if settings.validate.on() and bool((info > 0).any()):
-            raise ValueError(
+            raise self._not_positive_definite(
                 f"the capacitance matrix of this sum ({self._describe()}) is singular: the sum is "
                 "not positive definite. Check the block matrices and the diagonal."
             )
@@ -998,7 +1023,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         sign = (1 - 2 * (swaps.sum(-1) % 2)).to(wdt) * diag_u.sign().prod(-1)
         logabs = _LULogAbsDet.apply(S, LU, pivots)
         if settings.validate.on() and bool((sign <= 0).any()):
-            raise ValueError(
+            raise self._not_positive_definite(
                 f"the sum ({self._describe()}) is not positive definite: its capacitance matrix has "
                 "a non-positive determinant. Check the block matrices and the diagonal."
             )
@@ -1021,7 +1046,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         delta = eye + g.unsqueeze(-1) * A_EE  # (*b, k, r_e, r_e)
         sign, logabs = torch.linalg.slogdet(delta)
         if settings.validate.on() and bool((sign <= 0).any()):
-            raise ValueError(
+            raise self._not_positive_definite(
                 f"the sum ({self._describe()}) is not positive definite: the block of the capacitance of the "
                 f"terms {[e + 1 for e in eliminated]} over one grouping has a non-positive determinant at some level. "
                 "Check the block matrices and the diagonal."

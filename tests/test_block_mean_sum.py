@@ -869,6 +869,28 @@ def second_grouping(n: int) -> BlockMeanLinearOperator:
     )
 
 
+def test_non_finite_inputs_of_a_sum_are_named():
+    """A NaN in a block matrix or the root reaches the capacitance as 'not positive definite'; the error names the
+    input instead, and a NaN lam (spread into d) points at lam as well as at the noise."""
+    part = Partition.from_sizes([3, 4, 5])
+    rhs = torch.ones(12, 1, dtype=torch.float64)
+    noise = DiagLinearOperator(torch.linspace(0.1, 0.2, 12, dtype=torch.float64))
+    B = torch.eye(3, dtype=torch.float64)
+    B[0, 1] = B[1, 0] = math.nan
+    ones = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"not finite: blocks\[0\]\[0, 1\] = nan"):
+        (BlockMeanLinearOperator(ones, B, part) + noise).solve(rhs)
+    U = torch.ones(12, 1, dtype=torch.float64)
+    U[3, 0] = math.nan
+    plain = BlockMeanLinearOperator(ones, torch.eye(3, dtype=torch.float64), part)
+    with pytest.raises(ValueError, match=r"not finite: the root U\[3, 0\] = nan"):
+        (plain + noise + LowRankRootLinearOperator(U)).logdet()
+    lam = ones.clone()
+    lam[1] = math.nan
+    with pytest.raises(ValueError, match=r"d\[3\] = nan is not finite.*lam"):
+        (BlockMeanLinearOperator(lam, torch.eye(3, dtype=torch.float64), part) + noise).solve(rhs)
+
+
 @pytest.mark.parametrize("bad", [0.0, -0.5, math.nan])
 def test_non_positive_diagonal_names_d(bad):
     case = Case("crossed_root")
