@@ -32,16 +32,12 @@ from linear_operator.operators.diag_linear_operator import ConstantDiagLinearOpe
 from torch import Tensor
 
 from bma_gp._lazy_root import LazyRoot
+from bma_gp._warnings import ClosedFormFallbackWarning
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
 from bma_gp.partition import Partition
 
 __all__ = ["ClosedFormFallbackWarning", "FallbackSumLinearOperator", "add_structured", "closed_form", "install"]
-
-
-class ClosedFormFallbackWarning(UserWarning):
-    """A sum holds a block mean operator but also a summand without a closed form: linear_operator's generic
-    path (dense Cholesky up to ``max_cholesky_size``, CG and Lanczos beyond) will be used for it."""
 
 
 @dataclass

@@ -1091,3 +1091,21 @@ def test_a_call_under_no_grad_leaves_no_graphless_cache_for_later_gradients(meth
     want = torch.autograd.grad(loss(build()), leaves)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_cholesky_and_entropy_say_they_factorise_the_dense_matrix():
+    """A triangular factor has no closed form: cholesky() (and so MultivariateNormal.entropy) takes the dense path
+    and says so; the values are right."""
+    M1, _, d, _ = _pieces()
+    builders = (lambda: M1 + DiagLinearOperator(d), lambda: M1.add_diagonal(torch.tensor(0.5, dtype=torch.float64)))
+    for build in builders:
+        op = build()
+        with pytest.warns(bma_gp.ClosedFormFallbackWarning, match="cholesky of a"):
+            L = op.cholesky().to_dense()
+        torch.testing.assert_close(L @ L.mT, op.to_dense())
+        op = build()  # the factor is cached on the operator
+        mvn = gpytorch.distributions.MultivariateNormal(torch.zeros(N, dtype=torch.float64), op)
+        with pytest.warns(bma_gp.ClosedFormFallbackWarning):
+            entropy = mvn.entropy()
+        ref = 0.5 * N * (1 + math.log(2 * math.pi)) + 0.5 * torch.logdet(op.to_dense())
+        torch.testing.assert_close(entropy, ref)
