@@ -14,7 +14,12 @@ Public names (see the documentation for the mathematics):
 """
 
 from bma_gp import settings
-from bma_gp._composition import ClosedFormFallbackWarning, FallbackSumLinearOperator, closed_form
+from bma_gp._composition import (
+    ClosedFormFallbackWarning,
+    FallbackIndexedLinearOperator,
+    FallbackSumLinearOperator,
+    closed_form,
+)
 from bma_gp._composition import install as _install_composition
 from bma_gp._version import __version__
 from bma_gp.approximation import block_mean, block_mean_from_sums
@@ -33,6 +38,7 @@ __all__ = [
     "BlockMeanSumLinearOperator",
     "closed_form",
     "ClosedFormFallbackWarning",
+    "FallbackIndexedLinearOperator",
     "FallbackSumLinearOperator",
     "block_mean",
     "block_mean_from_sums",

@@ -22,6 +22,7 @@ import torch
 from linear_operator.operators import (
     AddedDiagLinearOperator,
     DiagLinearOperator,
+    InterpolatedLinearOperator,
     LinearOperator,
     LowRankRootAddedDiagLinearOperator,
     RootLinearOperator,
@@ -37,7 +38,14 @@ from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
 from bma_gp.partition import Partition
 
-__all__ = ["ClosedFormFallbackWarning", "FallbackSumLinearOperator", "add_structured", "closed_form", "install"]
+__all__ = [
+    "ClosedFormFallbackWarning",
+    "FallbackIndexedLinearOperator",
+    "FallbackSumLinearOperator",
+    "add_structured",
+    "closed_form",
+    "install",
+]
 
 
 @dataclass
@@ -319,6 +327,54 @@ class FallbackSumLinearOperator(SumLinearOperator):
     def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method=None):
         self._warn("root_inv_decomposition")
         return super().root_inv_decomposition(initial_vectors, test_vectors, method)
+
+
+class FallbackIndexedLinearOperator(InterpolatedLinearOperator):
+    """Rows and columns of a block mean operator or sum other than one principal slice (``M[idx][:, idx]``,
+    ``M[:, :m]``): linear_operator's interpolated operator, whose solves, log-determinants and roots take the
+    generic path and say so with a :class:`ClosedFormFallbackWarning` when they run (products stay silent; a
+    principal slice ``M[a:b, a:b]`` stays in closed form)."""
+
+    def _warn(self, what: str) -> None:
+        warnings.warn(
+            f"{what} of rows and columns of a {type(self.base_linear_op).__name__} other than one principal slice: "
+            "this submatrix has no closed form here; linear_operator's generic path (dense Cholesky up to "
+            "max_cholesky_size, CG and Lanczos beyond) is used. Index with one slice on both sides "
+            "(M[a:b, a:b], or mvn[..., a:b]) to keep the closed forms.",
+            ClosedFormFallbackWarning,
+            stacklevel=3,
+        )
+
+    def solve(self, right_tensor, left_tensor=None):
+        self._warn("solve")
+        return super().solve(right_tensor, left_tensor)
+
+    def inv_quad_logdet(self, inv_quad_rhs=None, logdet=False, reduce_inv_quad=True):
+        self._warn("inv_quad_logdet")
+        return super().inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
+
+    def logdet(self):
+        self._warn("logdet")
+        return super().logdet()
+
+    def root_decomposition(self, method=None):
+        self._warn("root_decomposition")
+        return super().root_decomposition(method)
+
+    def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method=None):
+        self._warn("root_inv_decomposition")
+        return super().root_inv_decomposition(initial_vectors, test_vectors, method)
+
+
+def indexed_fallback(op: LinearOperator, row_index, col_index, *batch_indices) -> LinearOperator:
+    """``op[rows, cols]`` as linear_operator's default indexing builds it, as a :class:`FallbackIndexedLinearOperator`
+    (it keeps its class through further indexing)."""
+    n_rows, n_cols = op.shape[-2:]
+    rows = torch.arange(n_rows, dtype=torch.long, device=op.device).view(-1, 1).expand(*op.batch_shape, -1, 1)
+    cols = torch.arange(n_cols, dtype=torch.long, device=op.device).view(-1, 1).expand(*op.batch_shape, -1, 1)
+    one = torch.tensor(1.0, dtype=op.dtype, device=op.device)
+    res = FallbackIndexedLinearOperator(op, rows, one.expand_as(rows), cols, one.expand_as(cols))
+    return res._getitem(row_index, col_index, *batch_indices)
 
 
 def _as_fallback(res):

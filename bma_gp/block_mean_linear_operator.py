@@ -28,6 +28,10 @@ __all__ = ["BlockMeanLinearOperator"]
 
 
 # ---------------------------------------------------------------------------- math helpers
+def _is_noop(index) -> bool:
+    return isinstance(index, slice) and index == slice(None, None, None)
+
+
 def _fold_singletons(lam: Tensor, B: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
     """Give singleton blocks a placeholder ``lam_i`` that every ``f`` accepts, keeping ``lam_i + B_ii``.
 
@@ -582,7 +586,11 @@ class BlockMeanLinearOperator(LinearOperator):
                     sub,
                     symmetric=self.symmetric,
                 )
-        return super()._getitem(row_index, col_index, *batch_indices)
+        if _is_noop(row_index) and _is_noop(col_index):
+            return super()._getitem(row_index, col_index, *batch_indices)
+        from bma_gp._composition import indexed_fallback
+
+        return indexed_fallback(self, row_index, col_index, *batch_indices)
 
     def _sum_batch(self, dim: int) -> BlockMeanLinearOperator:
         return self._new(self.lam.sum(dim), self.B.sum(dim))

@@ -709,7 +709,24 @@ class BlockMeanSumLinearOperator(LinearOperator):
         full = slice(None, None, None)
         if _is_full(row_index) and _is_full(col_index):  # only batch indexing: stays in the family
             return self._map_batch(lambda t, trail: t[(*batch_indices, *([full] * trail))])
-        return super()._getitem(row_index, col_index, *batch_indices)
+        if isinstance(row_index, slice) and row_index == col_index:  # a principal submatrix is again in the family
+            op = self._map_batch(lambda t, trail: t[(*batch_indices, *([full] * trail))]) if batch_indices else self
+            return op._principal(row_index)
+        from bma_gp._composition import indexed_fallback
+
+        return indexed_fallback(self, row_index, col_index, *batch_indices)
+
+    def _principal(self, index: slice) -> BlockMeanSumLinearOperator:
+        """The principal submatrix over the points ``index``: ``d``, the labels, the weights and the root's rows
+        restricted, every block matrix to the blocks those points touch."""
+        partitions, blocks = [], []
+        for j, (part, B) in enumerate(zip(self.partitions, self._block_args)):
+            kept, labels = torch.unique(part.labels[index], return_inverse=True)
+            partitions.append(Partition(labels, num_blocks=kept.numel()))
+            blocks.append(B.index_select(-1, kept) if self.diagonal_blocks[j] else B[..., kept, :][..., kept])
+        root = None if self.root is None else self.root[..., index, :]
+        weights = [None if w is None else w[..., index] for w in self.weights]
+        return self._new(self.diag_values[..., index], blocks, partitions, root, weights)
 
     def _unsqueeze_batch(self, dim: int) -> BlockMeanSumLinearOperator:
         return self._map_batch(lambda t, trail: t.unsqueeze(dim))

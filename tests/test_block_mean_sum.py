@@ -294,6 +294,44 @@ def test_batch_indexing(structure):
     check.done()
 
 
+@grid
+@batches
+def test_principal_slices_stay_closed_form(structure, batch):
+    """op[a:b, a:b] (what MultivariateNormal[..., a:b] asks for) is again a sum: the labels, d, the weights and the
+    root's rows restricted, each block matrix to the blocks those points touch."""
+    case = Case(structure, batch=batch, seed=3)
+    op, A = case.op(), case.dense()
+    for index in (slice(0, N // 2), slice(5, N, 3)):
+        sub = op[(..., index, index)]
+        assert isinstance(sub, BlockMeanSumLinearOperator)
+        ref = A[(..., index, index)]
+        with closed_forms_only(N):
+            _value_checks(sub, ref, torch.float64, batch, seed=4)
+
+
+def test_other_indexing_warns_when_it_leaves_the_closed_forms():
+    """Rows and columns other than one principal slice (a tensor index, different slices) take linear_operator's
+    interpolated operator: its products are right and silent, its solves say that they are generic."""
+    case = Case("crossed_root")
+    op, A = case.op(), case.dense()
+    idx = torch.arange(0, N, 2)
+    b = torch.randn(idx.numel(), 2, dtype=torch.float64)
+    M1 = BlockMeanLinearOperator(
+        torch.rand(4, dtype=torch.float64) + 0.5,
+        torch.eye(4, dtype=torch.float64),
+        Partition.from_labels(torch.arange(N) % 4),
+    )
+    for M, ref in ((op, A), (M1, M1.to_dense())):
+        sub = M[idx][:, idx]
+        assert isinstance(sub, bma_gp.FallbackIndexedLinearOperator)
+        torch.testing.assert_close(sub.to_dense(), ref[idx][:, idx])
+        torch.testing.assert_close(sub @ b, ref[idx][:, idx] @ b)  # products stay silent
+        with pytest.warns(bma_gp.ClosedFormFallbackWarning, match="other than one principal slice"):
+            sub.solve(b)
+        rows = M[: N // 2, N // 2 :]
+        torch.testing.assert_close(rows.to_dense(), ref[: N // 2, N // 2 :])
+
+
 @pytest.mark.parametrize("structure", ["one", "crossed", "crossed_root"])
 def test_sqrt_inv_matmul(structure):
     # sqrt_inv_matmul(rhs) is M^{-1/2} rhs with the *symmetric* inverse square root (linear_operator's
