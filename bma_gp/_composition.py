@@ -128,6 +128,11 @@ def _is_ours(op) -> bool:
     return isinstance(op, (BlockMeanLinearOperator, BlockMeanSumLinearOperator)) or _is_lazy_block_mean(op)
 
 
+def _holds_ours(op) -> bool:
+    """A plain ``SumLinearOperator`` (built directly, say) with a block mean operator among its terms."""
+    return type(op) is SumLinearOperator and any(_is_ours(term) for term in op.linear_ops)
+
+
 def _collect(op, parts: _Parts) -> bool:
     """Add the pieces of ``op`` to ``parts``; False if some summand has no place in the family."""
     if isinstance(op, ZeroLinearOperator):
@@ -410,7 +415,7 @@ def _hooked_add(original):
             isinstance(self, FallbackSumLinearOperator) or isinstance(other, FallbackSumLinearOperator)
         ):  # a fallback sum plus anything (noise, say) is still one: it keeps its warning
             return _as_fallback(original(self, other))
-        involved = _is_ours(other) or _is_lazy_block_mean(self)
+        involved = _is_ours(other) or _is_lazy_block_mean(self) or _holds_ours(self)
         if involved and isinstance(other, LinearOperator):
             res = add_structured(self, other)
             if res is not None:
@@ -434,6 +439,22 @@ def _hooked_add_diagonal(original):
         if _is_lazy_block_mean(self):
             return self.evaluate_kernel().add_diagonal(diag)
         return original(self, diag)
+
+    add_diagonal._bma_gp_original = original
+    return add_diagonal
+
+
+def _hooked_sum_add_diagonal(original):
+    """``add_diagonal`` of a plain ``SumLinearOperator`` that holds a block mean operator: the closed form when
+    every term has one, else a :class:`FallbackSumLinearOperator` (which warns), not a silent generic sum."""
+
+    @functools.wraps(original)
+    def add_diagonal(self, diag):
+        res = original(self, diag)
+        if _holds_ours(self) and isinstance(res, AddedDiagLinearOperator):
+            routed = add_structured(self, res._diag_tensor)
+            return routed if routed is not None else FallbackSumLinearOperator(*self.linear_ops, res._diag_tensor)
+        return res
 
     add_diagonal._bma_gp_original = original
     return add_diagonal
@@ -487,6 +508,8 @@ def install() -> None:
         LazyEvaluatedKernelTensor.add_diagonal = _hooked_add_diagonal(LinearOperator.add_diagonal)
     elif not hasattr(method, "_bma_gp_original"):
         LazyEvaluatedKernelTensor.add_diagonal = _hooked_add_diagonal(method)
+    if not hasattr(SumLinearOperator.add_diagonal, "_bma_gp_original"):
+        SumLinearOperator.add_diagonal = _hooked_sum_add_diagonal(SumLinearOperator.add_diagonal)
     for name in ("root_decomposition", "root_inv_decomposition"):  # the others reach the evaluated operator already
         method = getattr(LazyEvaluatedKernelTensor, name)
         if not hasattr(method, "_bma_gp_original"):

@@ -1147,3 +1147,22 @@ def test_cholesky_and_entropy_say_they_factorise_the_dense_matrix():
             entropy = mvn.entropy()
         ref = 0.5 * N * (1 + math.log(2 * math.pi)) + 0.5 * torch.logdet(op.to_dense())
         torch.testing.assert_close(entropy, ref)
+
+
+def test_an_explicit_sum_linear_operator_with_noise_is_routed():
+    """SumLinearOperator(M1, M2) built directly, plus a diagonal (+ or add_diagonal): the closed form when every term
+    has one, else a fallback sum that warns; never linear_operator's silent generic sum."""
+    M1, M2, d, _ = _pieces()
+    rhs = torch.randn(N, 2, dtype=torch.float64)
+    explicit = SumLinearOperator(M1, M2)
+    for res in (explicit + DiagLinearOperator(d), explicit.add_diagonal(d)):
+        assert isinstance(res, BlockMeanSumLinearOperator)
+        A = M1.to_dense() + M2.to_dense() + torch.diag(d)
+        with closed_forms_only(N):
+            solved = res.solve(rhs)
+        torch.testing.assert_close(solved, torch.linalg.solve(A, rhs))
+    dense = DenseLinearOperator(torch.eye(N, dtype=torch.float64))
+    res = SumLinearOperator(M1, dense).add_diagonal(d)
+    assert isinstance(res, bma_gp.FallbackSumLinearOperator)
+    with pytest.warns(bma_gp.ClosedFormFallbackWarning):
+        res.solve(rhs)
