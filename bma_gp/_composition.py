@@ -291,7 +291,35 @@ def closed_form(op: LinearOperator) -> LinearOperator:
     return _build(parts, op)
 
 
-class FallbackSumLinearOperator(SumLinearOperator):
+class _WarnsWhenFactorised:
+    """Solves, log-determinants and roots that say with a :class:`ClosedFormFallbackWarning` that they take
+    linear_operator's generic path (products stay silent); ``_warn(what)`` words it."""
+
+    def _warn(self, what: str) -> None:
+        raise NotImplementedError
+
+    def solve(self, right_tensor, left_tensor=None):
+        self._warn("solve")
+        return super().solve(right_tensor, left_tensor)  # type: ignore[misc]
+
+    def inv_quad_logdet(self, inv_quad_rhs=None, logdet=False, reduce_inv_quad=True):
+        self._warn("inv_quad_logdet")
+        return super().inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)  # type: ignore[misc]
+
+    def logdet(self):
+        self._warn("logdet")
+        return super().logdet()  # type: ignore[misc]
+
+    def root_decomposition(self, method=None):
+        self._warn("root_decomposition")
+        return super().root_decomposition(method)  # type: ignore[misc]
+
+    def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method=None):
+        self._warn("root_inv_decomposition")
+        return super().root_inv_decomposition(initial_vectors, test_vectors, method)  # type: ignore[misc]
+
+
+class FallbackSumLinearOperator(_WarnsWhenFactorised, SumLinearOperator):
     """A sum of a block mean operator and a summand outside the closed-form family (an exact kernel, a dense
     matrix). It multiplies like any sum; its solves, log-determinants and roots take linear_operator's generic
     path, and say so with a :class:`ClosedFormFallbackWarning` when they run (a product, such as a posterior
@@ -313,28 +341,8 @@ class FallbackSumLinearOperator(SumLinearOperator):
             return FallbackSumLinearOperator(*self.linear_ops, res._diag_tensor)
         return res
 
-    def solve(self, right_tensor, left_tensor=None):
-        self._warn("solve")
-        return super().solve(right_tensor, left_tensor)
 
-    def inv_quad_logdet(self, inv_quad_rhs=None, logdet=False, reduce_inv_quad=True):
-        self._warn("inv_quad_logdet")
-        return super().inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
-
-    def logdet(self):
-        self._warn("logdet")
-        return super().logdet()
-
-    def root_decomposition(self, method=None):
-        self._warn("root_decomposition")
-        return super().root_decomposition(method)
-
-    def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method=None):
-        self._warn("root_inv_decomposition")
-        return super().root_inv_decomposition(initial_vectors, test_vectors, method)
-
-
-class FallbackIndexedLinearOperator(InterpolatedLinearOperator):
+class FallbackIndexedLinearOperator(_WarnsWhenFactorised, InterpolatedLinearOperator):
     """Rows and columns of a block mean operator or sum other than one principal slice (``M[idx][:, idx]``,
     ``M[:, :m]``): linear_operator's interpolated operator, whose solves, log-determinants and roots take the
     generic path and say so with a :class:`ClosedFormFallbackWarning` when they run (products stay silent; a
@@ -349,26 +357,6 @@ class FallbackIndexedLinearOperator(InterpolatedLinearOperator):
             ClosedFormFallbackWarning,
             stacklevel=3,
         )
-
-    def solve(self, right_tensor, left_tensor=None):
-        self._warn("solve")
-        return super().solve(right_tensor, left_tensor)
-
-    def inv_quad_logdet(self, inv_quad_rhs=None, logdet=False, reduce_inv_quad=True):
-        self._warn("inv_quad_logdet")
-        return super().inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
-
-    def logdet(self):
-        self._warn("logdet")
-        return super().logdet()
-
-    def root_decomposition(self, method=None):
-        self._warn("root_decomposition")
-        return super().root_decomposition(method)
-
-    def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method=None):
-        self._warn("root_inv_decomposition")
-        return super().root_inv_decomposition(initial_vectors, test_vectors, method)
 
 
 def indexed_fallback(op: LinearOperator, row_index, col_index, *batch_indices) -> LinearOperator:

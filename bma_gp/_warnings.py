@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["ClosedFormFallbackWarning"]
+import warnings
+
+__all__ = ["ClosedFormFallbackWarning", "warn_dense_cholesky"]
 
 
 class ClosedFormFallbackWarning(UserWarning):
@@ -10,3 +12,14 @@ class ClosedFormFallbackWarning(UserWarning):
     form, a triangular factor is asked of a structured operator, or GPyTorch bypasses the closed-form prediction.
     linear_operator's or GPyTorch's generic path (dense factorisations, CG, Lanczos) is used instead, as the
     message says."""
+
+
+def warn_dense_cholesky(op) -> None:
+    """Say that a Cholesky factor of the structured operator ``op`` is a dense ``n x n`` factorisation."""
+    warnings.warn(
+        f"cholesky of a {type(op).__name__} (n = {op.shape[-1]}) factorises the dense n x n matrix: a triangular "
+        "factor has no closed form. root_decomposition() gives a closed-form root R with R R^T = M (for sampling), "
+        "and logdet() the log-determinant (an entropy is n/2 (1 + log 2 pi) + logdet / 2).",
+        ClosedFormFallbackWarning,
+        stacklevel=4,
+    )

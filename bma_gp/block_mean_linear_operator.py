@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -21,7 +20,7 @@ from bma_gp._broadcast import sum_to_shape
 from bma_gp._diagonal import is_diagonal, structurally_diagonal
 from bma_gp._precision import core_dtype
 from bma_gp._symmetric_function import symmetric_matrix_function
-from bma_gp._warnings import ClosedFormFallbackWarning
+from bma_gp._warnings import warn_dense_cholesky
 from bma_gp.partition import Partition
 
 __all__ = ["BlockMeanLinearOperator"]
@@ -1095,14 +1094,7 @@ class BlockMeanLinearOperator(LinearOperator):
     def _cholesky(self, upper: bool | None = False) -> LinearOperator:
         """linear_operator's dense Cholesky factor, with a :class:`~bma_gp.ClosedFormFallbackWarning`: a
         triangular factor has no closed form here (``MultivariateNormal.entropy`` and ``scale_tril`` ask for one)."""
-        warnings.warn(
-            f"cholesky of a {type(self).__name__} (n = {self.shape[-1]}) factorises the dense n x n matrix: a "
-            "triangular factor has no closed form. root_decomposition() gives a closed-form root R with "
-            "R R^T = M (for sampling), and logdet() the log-determinant (an entropy is n/2 (1 + log 2 pi) + "
-            "logdet / 2).",
-            ClosedFormFallbackWarning,
-            stacklevel=3,
-        )
+        warn_dense_cholesky(self)
         return super()._cholesky(upper=upper)
 
     def root_decomposition(self, method: str | None = None) -> LinearOperator:

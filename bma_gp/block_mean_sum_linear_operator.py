@@ -27,7 +27,7 @@ from bma_gp._diagonal import structurally_diagonal as _structurally_diagonal
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._precision import core_dtype
 from bma_gp._symmetric_function import symmetric_matrix_function
-from bma_gp._warnings import ClosedFormFallbackWarning
+from bma_gp._warnings import warn_dense_cholesky
 from bma_gp.block_mean_linear_operator import check_rhs
 from bma_gp.partition import Partition
 
@@ -1363,14 +1363,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
     def _cholesky(self, upper: bool | None = False) -> LinearOperator:
         """linear_operator's dense Cholesky factor, with a :class:`~bma_gp.ClosedFormFallbackWarning`: a
         triangular factor has no closed form here (``MultivariateNormal.entropy`` and ``scale_tril`` ask for one)."""
-        warnings.warn(
-            f"cholesky of a {type(self).__name__} (n = {self.shape[-1]}) factorises the dense n x n matrix: a "
-            "triangular factor has no closed form. root_decomposition() gives a closed-form root R with "
-            "R R^T = M (for sampling), and logdet() the log-determinant (an entropy is n/2 (1 + log 2 pi) + "
-            "logdet / 2).",
-            ClosedFormFallbackWarning,
-            stacklevel=3,
-        )
+        warn_dense_cholesky(self)
         return super()._cholesky(upper=upper)
 
     def root_decomposition(self, method: str | None = None) -> LinearOperator:
