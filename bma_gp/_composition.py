@@ -300,23 +300,23 @@ class _WarnsWhenFactorised:
 
     def solve(self, right_tensor, left_tensor=None):
         self._warn("solve")
-        return super().solve(right_tensor, left_tensor)  # type: ignore[misc]
+        return super().solve(right_tensor, left_tensor)
 
     def inv_quad_logdet(self, inv_quad_rhs=None, logdet=False, reduce_inv_quad=True):
         self._warn("inv_quad_logdet")
-        return super().inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)  # type: ignore[misc]
+        return super().inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
 
     def logdet(self):
         self._warn("logdet")
-        return super().logdet()  # type: ignore[misc]
+        return super().logdet()
 
     def root_decomposition(self, method=None):
         self._warn("root_decomposition")
-        return super().root_decomposition(method)  # type: ignore[misc]
+        return super().root_decomposition(method)
 
     def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method=None):
         self._warn("root_inv_decomposition")
-        return super().root_inv_decomposition(initial_vectors, test_vectors, method)  # type: ignore[misc]
+        return super().root_inv_decomposition(initial_vectors, test_vectors, method)
 
 
 class FallbackSumLinearOperator(_WarnsWhenFactorised, SumLinearOperator):
