@@ -733,8 +733,8 @@ def _tensor_blocks_cpu_step(
     decay = [1.0 - lr[i] * weight_decay[i] for i in present]
     if any(d != 1.0 for d in decay):
         torch._foreach_mul_([params[i] for i in present], decay)
-    # p += c_n n + c_r r: the host form first (numpy's code is still warm from the coefficients), then the torch
-    # forms last tensor first (its n and r may still be cached; in the ratio form n and r are s n and sqrt(s) r)
+    # p += c_n n + c_r r: the torch forms last tensor first (its n and r may still be cached; in the ratio form n
+    # and r are s n and sqrt(s) r), then the host form (measured: the host form first was no faster at 2.1M)
     for j in reversed(big):
         s, p = scales[j], params[present[j]]
         if s:
