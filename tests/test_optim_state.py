@@ -262,3 +262,39 @@ def test_a_tensor_weight_decay_in_one_group_is_the_float_one():
         train(model, opt, 3)
         runs.append(flat(model.parameters()))
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
+def test_the_ratio_form_resumes_bit_for_bit(how):
+    """Tensors above HOST_MAX_NUMEL take the ratio form, whose power-of-four scale comes from a bound of h kept
+    between steps: the state carries it ("ratio_form"), so a resumed run picks the same scales (it parted by about
+    one ulp when the bound was rebuilt from h)."""
+
+    def make_model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(200, 200), torch.nn.Tanh(), torch.nn.Linear(200, 3))
+
+    def grads(model, t):
+        x = torch.randn(16, 200, generator=torch.Generator().manual_seed(t))
+        model.zero_grad()
+        model(x).square().mean().backward()
+
+    a, b = make_model(), make_model()
+    opt_a, opt_b = (BlockMeanAdagrad(m.parameters(), lr=0.05) for m in (a, b))
+    for t in range(8):
+        if t == 4:
+            if how == "torch.save":
+                buf = io.BytesIO()
+                torch.save(opt_b.state_dict(), buf)
+                assert "ratio_form" in opt_b.state_dict()
+                buf.seek(0)
+                opt_b = BlockMeanAdagrad(b.parameters(), lr=0.05)
+                opt_b.load_state_dict(torch.load(buf, weights_only=True))
+            else:
+                b, opt_b = copy.deepcopy((b, opt_b))
+        grads(a, t)
+        grads(b, t)
+        opt_a.step()
+        opt_b.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -191,12 +192,46 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         self._workspace: Workspace | None = None
         self._h_has_zero = True
         self._h_version = -1  # h's version counter after the last step (h changed elsewhere when it differs)
+        self._pending_ratio_form: dict[str, dict] | None = None  # loaded bounds for the next workspace
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, check_finite=check_finite)
+
+    def _ratio_form_state(self) -> dict[str, dict] | None:
+        """The CPU eager step's per-tensor bounds of ``h`` and retry steps (:class:`~bma_gp.optim.functional.Workspace`
+        ``h_max`` and ``chain_until``), when they still describe the current ``h``: saved with the state, so that a
+        reloaded run picks the same scales as the run it continues and stays bit for bit."""
+        ws, h = self._workspace, self._flat.get("sum")
+        if ws is None or h is None or ws.h is not h or ws.h_version != h._version:
+            return None
+        if not ws.h_max and not ws.chain_until:
+            return None
+        return {"h_max": dict(ws.h_max), "chain_until": dict(ws.chain_until)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """:meth:`FlatPreconditionedOptimizer.state_dict`, plus ``"ratio_form"``: the CPU eager step's bounds of
+        ``h`` (plain numbers), where it keeps some."""
+        sd = super().state_dict()
+        ratio_form = self._ratio_form_state()
+        if ratio_form is not None:
+            sd["ratio_form"] = ratio_form
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        ratio_form = state_dict.pop("ratio_form", None)
+        super().load_state_dict(state_dict)
+        self._workspace = None
+        self._pending_ratio_form = copy.deepcopy(ratio_form)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_pending_ratio_form"] = self._ratio_form_state()
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("fused", False)
+        self.__dict__.setdefault("_pending_ratio_form", None)
         self._blocks = None
         self._workspace = None
         self._h_has_zero = True
@@ -295,6 +330,11 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         h = self._flat["sum"]
         if not fused and (self._workspace is None or self._workspace.h is not h):
             self._workspace = Workspace.build(blocks, h)
+            if self._pending_ratio_form is not None:  # a loaded state: the bounds of the run it continues
+                self._workspace.h_max.update(self._pending_ratio_form["h_max"])
+                self._workspace.chain_until.update(self._pending_ratio_form["chain_until"])
+                self._workspace.h_version = h._version
+        self._pending_ratio_form = None
         group_lr = [float(g["lr"]) if isinstance(g["lr"], Tensor) else g["lr"] for g in self.param_groups]
         lr = [group_lr[gi] for gi in layout.group_index]  # per parameter, as the functional core takes them
         block_mean_adagrad(

@@ -251,10 +251,7 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         per-parameter state and the global state keep their precision: they are
         moved to the parameters' device and cast to :func:`~bma_gp.optim.flat_params.state_dtype`
         of the parameters (float32 or wider), so a run continues bit for bit on the
-        same device and dtype. One exception: :class:`~bma_gp.optim.BlockMeanAdagrad`'s CPU eager step
-        for tensors of more than ``functional.HOST_MAX_NUMEL`` entries picks a power-of-four scale from a
-        bound of ``h`` that it keeps between steps and a reload rebuilds, and the update's coefficients round
-        differently under another scale (about 1 ulp: 3e-8 in float32 after a reload).
+        same device and dtype.
         """
         state_dict = dict(state_dict)
         global_state = state_dict.pop("global_state", None)
