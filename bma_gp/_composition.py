@@ -336,10 +336,7 @@ class FallbackSumLinearOperator(_WarnsWhenFactorised, SumLinearOperator):
         )
 
     def add_diagonal(self, diag):
-        res = super().add_diagonal(diag)  # an AddedDiagLinearOperator around this sum: keep the warning
-        if isinstance(res, AddedDiagLinearOperator):
-            return FallbackSumLinearOperator(*self.linear_ops, res._diag_tensor)
-        return res
+        return _as_fallback(super().add_diagonal(diag))  # an AddedDiagLinearOperator around this sum: keep the warning
 
 
 class FallbackIndexedLinearOperator(_WarnsWhenFactorised, InterpolatedLinearOperator):
