@@ -1296,35 +1296,23 @@ class BlockMeanSumLinearOperator(LinearOperator):
         return res.to(self.dtype)
 
     # ------------------------------------------------------------------ roots
-    def _root_factor(self, j: int, wdt: torch.dtype) -> Tensor:
-        """A symmetric root :math:`L_j = B_j^{1/2}` (positive semidefinite :math:`B_j`)."""
+    def _root_factor(self, j: int, wdt: torch.dtype) -> Tensor | None:
+        """A symmetric root :math:`L_j = B_j^{1/2}` of a positive semidefinite :math:`B_j`; None when :math:`B_j`
+        has an eigenvalue clearly below 0 (then the roots of the sum come from the root of the Gram matrix,
+        :meth:`_gram_root_parts`)."""
         if self._block_is_diagonal(j):
             values = self._block_diagonal(j).to(wdt)
-            if settings.validate.on() and bool((values < 0).any()):
-                raise ValueError(
-                    f"a root of this sum needs positive semidefinite block matrices, but blocks[{j}] has a "
-                    "negative diagonal entry."
-                )
+            if bool((values < 0).any()):
+                return None
             return torch.diag_embed(values.clamp_min(0).sqrt())
         B = self._dense_block(j).to(wdt)
         B = 0.5 * (B + B.mT)
+        e = torch.linalg.eigvalsh(B.detach())
+        if bool((e[..., 0] < -10 * torch.finfo(wdt).eps * e.abs().amax(-1) * e.shape[-1]).any()):
+            return None
+        return symmetric_matrix_function(B, torch.sqrt, lambda x: x.clamp_min(0))
 
-        def prepare(e: Tensor) -> Tensor:
-            if settings.validate.on():
-                scale = e.abs().amax(-1, keepdim=True)
-                if bool((e < -10 * torch.finfo(e.dtype).eps * scale * e.shape[-1]).any()):
-                    raise ValueError(
-                        f"a root of this sum is computed from roots of its block matrices, but blocks[{j}] is not "
-                        f"positive semidefinite (eigenvalue {float(e.min()):.3g}). A block mean approximation can "
-                        "have an indefinite B while the matrix itself is positive definite; solves and "
-                        "log-determinants still work, roots need a positive semidefinite B."
-                    )
-            return e.clamp_min(0)
-
-        return symmetric_matrix_function(B, torch.sqrt, prepare)
-
-    def _root_parts(self, inverse: bool) -> tuple[Tensor, list[Tensor]]:
-        """``(K, L)``: :math:`L = \\operatorname{blockdiag}(B_j^{1/2}, I)` and :math:`K = h(L^\\top A L)`."""
+    def _check_root_size(self) -> None:
         q = self.capacitance_size
         limit = settings.max_capacitance_size.value()
         if q > limit:
@@ -1333,12 +1321,19 @@ class BlockMeanSumLinearOperator(LinearOperator):
                 f"bma_gp.settings.max_capacitance_size = {limit}; raise the limit with "
                 f"`with bma_gp.settings.max_capacitance_size({q}):` if it fits your machine."
             )
+
+    def _root_parts(self, inverse: bool) -> tuple[Tensor, list[Tensor]]:
+        """``(K, L)``: :math:`L = \\operatorname{blockdiag}(B_j^{1/2}, I)` and :math:`K = h(L^\\top A L)`; with an
+        indefinite :math:`B_j`, ``L`` the identity and ``K`` from :meth:`_gram_root_parts`."""
+        self._check_root_size()
         self._check_diag("root_decomposition")
-        a, _ = self._gram()
         wdt = core_dtype(self.dtype)
         sizes = self._sizes()
         J = len(self.partitions)
-        L = [self._root_factor(j, wdt) for j in range(J)]
+        roots = [self._root_factor(j, wdt) for j in range(J)]
+        L = [x for x in roots if x is not None]
+        if len(L) < J:
+            return self._gram_root_parts(inverse)
         if self.root is not None:
             L.append(torch.eye(self.rank, dtype=wdt, device=self.device))
         rows = []
@@ -1359,6 +1354,87 @@ class BlockMeanSumLinearOperator(LinearOperator):
         K = symmetric_matrix_function(W, fn, lambda e: e.clamp_min(0))
         return K, L
 
+    def _core_matrix(self, wdt: torch.dtype) -> Tensor:
+        """:math:`G = \\operatorname{blockdiag}(B_1, \\dots, B_J, I_m)` as one matrix. # shape: (*batch, q, q)"""
+        sizes = self._sizes()
+        pieces = [
+            torch.diag_embed(self._block_diagonal(j)) if self._block_is_diagonal(j) else self._dense_block(j)
+            for j in range(len(self.partitions))
+        ]
+        pieces = [piece.to(wdt) for piece in pieces]
+        if self.root is not None:
+            pieces.append(torch.eye(self.rank, dtype=wdt, device=self.device))
+        pieces = [p.expand(*self.batch_shape, *p.shape[-2:]) for p in pieces]
+        rows = []
+        for s, piece in enumerate(pieces):
+            row = [
+                piece if t == s else torch.zeros(*self.batch_shape, sizes[s], sizes[t], dtype=wdt, device=self.device)
+                for t in range(len(sizes))
+            ]
+            rows.append(torch.cat(row, dim=-1))
+        G = torch.cat(rows, dim=-2)
+        return 0.5 * (G + G.mT)
+
+    def _gram_root_parts(self, inverse: bool, zero_diagonal: bool = False) -> tuple[Tensor, list[Tensor]]:
+        r"""``(X, [I, ..., I])`` for a sum with an indefinite :math:`B_j`: with :math:`Y = D^{-1/2} Z`,
+        :math:`A = Y^\top Y`, :math:`F = A^{1/2}` and :math:`F^+` its pseudo-inverse,
+        :math:`(I + Y G Y^\top)^{\pm 1/2} = I + Y X Y^\top` with :math:`X = F^+ f(F G F) F^+`,
+        :math:`f(e) = \sqrt{1+e} - 1` (or :math:`1/\sqrt{1+e} - 1`): no root of :math:`G` is needed. With
+        ``zero_diagonal`` (:math:`d = 0`, :math:`A = Z^\top Z`): :math:`M^{1/2} = Z X Z^\top`,
+        :math:`X = F^+ (F G F)^{1/2} F^+`. Directions of :math:`A` below ``4 q eps`` times its largest eigenvalue
+        count as its null space (:math:`Y` is 0 there to rounding)."""
+        wdt = core_dtype(self.dtype)
+        sizes = self._sizes()
+        gram_of = self._new(diag=torch.ones_like(self.diag_values)) if zero_diagonal else self
+        A = torch.cat(
+            [torch.cat([gram_of._A_block(s, t) for t in range(len(sizes))], dim=-1) for s in range(len(sizes))],
+            dim=-2,
+        )
+        A = 0.5 * (A + A.mT)
+        q = A.shape[-1]
+        eps = torch.finfo(wdt).eps
+
+        def floor(e: Tensor) -> Tensor:
+            return 4 * q * eps * e.detach().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(wdt).tiny)
+
+        def kept_power(power: float):
+            # e^power on the kept eigenvalues and 0 (with derivative 0) on the null space: a grouping crossed with
+            # another leaves A singular for every d, and there the derivative of A^{1/2} would be inf times 0
+            def fn(e: Tensor) -> Tensor:
+                kept = e > floor(e)
+                return torch.where(kept, torch.where(kept, e, torch.ones_like(e)).pow(power), torch.zeros_like(e))
+
+            return fn
+
+        F = symmetric_matrix_function(A, kept_power(0.5))
+        F_pinv = symmetric_matrix_function(A, kept_power(-0.5))
+        T = F @ self._core_matrix(wdt) @ F
+        T = 0.5 * (T + T.mT)
+
+        def positive(e: Tensor) -> Tensor:
+            bound = (0 if zero_diagonal else -1) - 10 * q * eps * (1 + e.detach().abs().amax(-1, keepdim=True))
+            if bool((e < bound).any()):
+                raise ValueError(
+                    f"this sum ({self._describe()}) is not positive "
+                    f"{'semidefinite' if zero_diagonal else 'definite'}: the eigenvalue "
+                    f"{float((e + (0 if zero_diagonal else 1)).min()):.3g} of "
+                    f"{'F G F' if zero_diagonal else 'I + F G F'} (F the root of its Gram matrix, G its blocks) "
+                    "is negative, so it has no square root. Check the signs of its blocks B_j and of its diagonal."
+                )
+            return e.clamp_min(0 if zero_diagonal else -1 + eps)
+
+        def fn(e: Tensor) -> Tensor:
+            if zero_diagonal:
+                return e.sqrt()
+            r = (1 + e).sqrt()
+            return -e / (r * (r + 1)) if inverse else e / (r + 1)
+
+        W = symmetric_matrix_function(T, fn, positive)
+        X = F_pinv @ W @ F_pinv
+        X = 0.5 * (X + X.mT)
+        eye = [torch.eye(size, dtype=wdt, device=self.device) for size in sizes]
+        return X, eye
+
     @_scoped
     def _cholesky(self, upper: bool | None = False) -> LinearOperator:
         """linear_operator's dense Cholesky factor, with a :class:`~bma_gp.ClosedFormFallbackWarning`: a
@@ -1371,10 +1447,23 @@ class BlockMeanSumLinearOperator(LinearOperator):
         :math:`R = D^{1/2} + Z L K L^\top Z^\top D^{-1/2}`, :math:`K = h(L^\top A L)`,
         :math:`h(e) = 1/(\sqrt{1+e}+1)` (``method`` is ignored). Applying :math:`R` costs
         :math:`O(n(J+m) + q^2)`. With :math:`d = 0` (a prior of group kernels without noise) it is
-        :math:`R = Z L`, ``n x q``."""
+        :math:`R = Z L`, ``n x q``.
+
+        With an indefinite :math:`B_j` (a block mean approximation's :math:`B` can be indefinite while its matrix is
+        not) the same :math:`R` comes from the root of the Gram matrix instead, with :math:`L = I` and
+        :math:`K` from :meth:`_gram_root_parts`; with :math:`d = 0` it is then :math:`R = Z K Z^\top`. A sum
+        that is not positive definite raises ``ValueError``."""
         if bool((self.diag_values == 0).all()):  # no per-point part: R = Z L, n x q, no eigendecomposition
             wdt = core_dtype(self.dtype)
-            L = [self._root_factor(j, wdt) for j in range(len(self.partitions))]
+            roots = [self._root_factor(j, wdt) for j in range(len(self.partitions))]
+            L = [x for x in roots if x is not None]
+            if len(L) < len(roots):  # an indefinite B_j: R = Z X Z^T
+                self._check_root_size()
+                X, eye = self._memo("zero_root_parts", lambda: self._gram_root_parts(False, zero_diagonal=True))
+                d = self.diag_values.to(X.dtype)
+                return RootLinearOperator(
+                    _WoodburyRoot(X, torch.zeros_like(d), torch.ones_like(d), torch.ones_like(d), *eye, parent=self)
+                )
             if self.root is not None:
                 L.append(torch.eye(self.rank, dtype=wdt, device=self.device))
             return RootLinearOperator(_ZLRoot(*L, parent=self))

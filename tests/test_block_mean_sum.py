@@ -646,6 +646,129 @@ def test_indefinite_block_mean_plus_second_partition():
     assert_close(inv_quad, (rhs * torch.linalg.solve(A, rhs)).sum(), torch.float64)
 
 
+def _denman_beavers_sqrt(S: torch.Tensor, iterations: int = 40) -> torch.Tensor:
+    """The principal square root of a positive definite matrix by the Denman-Beavers iteration: an independent
+    dense reference whose autograd derivative does not divide by eigenvalue gaps (``eigh``'s does)."""
+    Y, Zm = S, torch.eye(S.shape[-1], dtype=S.dtype).expand_as(S)
+    for _ in range(iterations):
+        Y, Zm = 0.5 * (Y + torch.linalg.inv(Zm)), 0.5 * (Zm + torch.linalg.inv(Y))
+    return Y
+
+
+def _indefinite_sums(dtype, batch=()):
+    """Sums with a block mean approximation's indefinite B (plus noise, a second grouping, a low-rank root)."""
+    gen = torch.Generator().manual_seed(12)
+    p1 = Partition.from_labels(random_labels(N, 6, gen))
+    p2 = Partition.from_labels(random_labels(N, 4, gen))
+    x = torch.randn(*batch, N, 1, generator=gen, dtype=torch.float64) * 3
+    bm = bma_gp.block_mean(torch.exp(-0.5 * (x - x.mT) ** 2), p1)
+    assert bool((torch.linalg.eigvalsh(bm.B)[..., 0] < -1e-3).all()), "the test needs an indefinite B"
+    second = BlockMeanLinearOperator(torch.rand(4, generator=gen, dtype=torch.float64) + 0.2, psd(4, batch, gen), p2)
+    noise = torch.rand(*batch, N, generator=gen, dtype=torch.float64) + 0.1
+    U = torch.randn(*batch, N, 3, generator=gen, dtype=torch.float64)
+    sums = {
+        "bm+noise": bm + DiagLinearOperator(noise),
+        "bm+second+noise": bm + second + DiagLinearOperator(noise),
+        "bm+lowrank+noise": (bm + LowRankRootLinearOperator(U)).add_diagonal(noise),
+    }
+    return {name: op.to(dtype) for name, op in sums.items()}
+
+
+@pytest.mark.parametrize("batch", [(), (2,)], ids=["unbatched", "batch2"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_roots_with_an_indefinite_block_come_from_the_gram_root(dtype, batch):
+    # before: root_decomposition raised "roots need a positive semidefinite B" although M is positive definite
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    for name, op in _indefinite_sums(dtype, batch).items():
+        assert isinstance(op, BlockMeanSumLinearOperator), name
+        A = op.to_dense().double()
+        assert bool((torch.linalg.eigvalsh(A)[..., 0] > 0).all())
+        with closed_forms_only(N):
+            R = op.root_decomposition().root.to_dense().double()
+            R_inv = op.root_inv_decomposition().root.to_dense().double()
+        assert R.shape[-2:] == (N, N) and R_inv.shape[-2:] == (N, N)
+        scale = A.abs().amax()
+        assert float((R @ R.mT - A).abs().amax()) < tol * scale, name
+        A_inv = torch.linalg.inv(A)
+        assert float((R_inv @ R_inv.mT - A_inv).abs().amax()) < tol * A_inv.abs().amax(), name
+
+
+def test_indefinite_block_root_gradients_match_a_dense_square_root():
+    # R = D^{1/2} (D^{-1/2} M D^{-1/2})^{1/2}, differentiated densely through Denman-Beavers
+    gen = torch.Generator().manual_seed(13)
+    p1 = Partition.from_labels(random_labels(N, 6, gen))  # crossed: the Gram matrix is singular for every d
+    p2 = Partition.from_labels(random_labels(N, 4, gen))
+    B1 = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    B1 = (0.05 * (B1 + B1.mT) + 0.3).requires_grad_(True)
+    B2 = psd(4, (), gen).requires_grad_(True)
+    d = (torch.rand(N, generator=gen, dtype=torch.float64) + 5).requires_grad_(True)
+    assert float(torch.linalg.eigvalsh(B1.detach())[0]) < -0.05, "the test needs an indefinite B_1"
+    Z = torch.cat([torch.nn.functional.one_hot(p.labels, p.num_blocks).double() for p in (p1, p2)], dim=-1)
+    v = torch.randn(N, 2, generator=gen, dtype=torch.float64)
+
+    def dense(d, B1, B2):
+        A = torch.diag(d) + Z @ torch.block_diag(B1, B2) @ Z.mT
+        s = d.sqrt()
+        return s.unsqueeze(-1) * _denman_beavers_sqrt(A / s.unsqueeze(-1) / s)
+
+    op = BlockMeanSumLinearOperator(d, B1, B2, partitions=[p1, p2])
+    with closed_forms_only(N):
+        value = (op.root_decomposition().root @ v).pow(2).sum()
+        grads = torch.autograd.grad(value, [d, B1, B2])
+    ref_value = (dense(d, B1, B2) @ v).pow(2).sum()
+    ref_grads = torch.autograd.grad(ref_value, [d, B1, B2])
+    torch.testing.assert_close(value, ref_value, rtol=1e-12, atol=0)
+    for g, r in zip(grads, ref_grads):
+        if g.dim() == 2:  # B enters symmetrised
+            g, r = 0.5 * (g + g.mT), 0.5 * (r + r.mT)
+        assert bool(torch.isfinite(g).all())
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12 * float(r.abs().max()))
+
+
+def test_indefinite_block_with_constant_diagonal_gives_the_symmetric_roots():
+    gen = torch.Generator().manual_seed(14)
+    p1 = Partition.from_labels(random_labels(N, 6, gen))
+    p2 = Partition.from_labels(random_labels(N, 4, gen))
+    B1 = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    B1 = 0.05 * (B1 + B1.mT) + 0.3
+    d = torch.full((N,), 3.0, dtype=torch.float64)
+    op = BlockMeanSumLinearOperator(d, B1, psd(4, (), gen), partitions=[p1, p2])
+    A = op.to_dense()
+    root = _denman_beavers_sqrt(A)
+    rhs = torch.randn(N, 3, generator=gen, dtype=torch.float64)
+    with closed_forms_only(N):
+        R = op.root_decomposition().root.to_dense()
+        R_inv = op.root_inv_decomposition().root.to_dense()
+        whitened = op.sqrt_inv_matmul(rhs)
+    torch.testing.assert_close(R, root, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(R_inv, torch.linalg.inv(root), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(whitened, torch.linalg.solve(root, rhs), rtol=1e-10, atol=1e-12)
+
+
+def test_indefinite_blocks_without_a_diagonal_and_sums_that_are_not_positive_definite():
+    gen = torch.Generator().manual_seed(15)
+    p1 = Partition.from_labels(random_labels(N, 6, gen))
+    p2 = Partition.from_labels(random_labels(N, 4, gen))
+    # P_1 (c 11^T) P_1^T = P_2 (c 11^T) P_2^T: B_1 - c and B_2 + c give the same (positive semidefinite) matrix
+    B1, B2 = psd(6, (), gen) - 5.0, psd(4, (), gen) + 5.0
+    assert float(torch.linalg.eigvalsh(B1)[0]) < -1
+    zero = BlockMeanSumLinearOperator(torch.zeros(N, dtype=torch.float64), B1, B2, partitions=[p1, p2])
+    A = zero.to_dense()
+    with closed_forms_only(N):
+        R = zero.root_decomposition().root.to_dense()
+    torch.testing.assert_close(R @ R.mT, A, rtol=0, atol=1e-12 * float(A.abs().max()))
+    torch.testing.assert_close(R, R.mT, rtol=0, atol=1e-12 * float(A.abs().max()))  # the symmetric root Z X Z^T
+    # indefinite beyond what the diagonal covers: an error that says so, not a wrong root
+    small = torch.full((N,), 0.1, dtype=torch.float64)
+    bad = BlockMeanSumLinearOperator(small, B1, psd(4, (), gen), partitions=[p1, p2])
+    assert float(torch.linalg.eigvalsh(bad.to_dense())[0]) < 0
+    with pytest.raises(ValueError, match="not positive definite"):
+        bad.root_decomposition()
+    bad_zero = BlockMeanSumLinearOperator(torch.zeros(N, dtype=torch.float64), B1, psd(4, (), gen), partitions=[p1, p2])
+    with pytest.raises(ValueError, match="not positive semidefinite"):
+        bad_zero.root_decomposition()
+
+
 # ---------------------------------------------------------------------------- entry points
 def _pieces(batch=(), dtype=torch.float64):
     gen = torch.Generator().manual_seed(11)
