@@ -725,6 +725,26 @@ def test_indefinite_block_root_gradients_match_a_dense_square_root():
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12 * float(r.abs().max()))
 
 
+def test_indefinite_weighted_block_root():
+    # a random slope (row weights on the indicators) whose block is indefinite
+    gen = torch.Generator().manual_seed(16)
+    p1 = Partition.from_labels(random_labels(N, 6, gen))
+    p2 = Partition.from_labels(random_labels(N, 4, gen))
+    B1 = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    B1 = 0.05 * (B1 + B1.mT) + 0.2
+    assert float(torch.linalg.eigvalsh(B1)[0]) < -0.05
+    w = torch.randn(N, generator=gen, dtype=torch.float64)
+    d = torch.rand(N, generator=gen, dtype=torch.float64) + 3
+    op = BlockMeanSumLinearOperator(d, B1, psd(4, (), gen), partitions=[p1, p2], weights=[w, None])
+    A = op.to_dense()
+    with closed_forms_only(N):
+        R = op.root_decomposition().root.to_dense()
+        R_inv = op.root_inv_decomposition().root.to_dense()
+    torch.testing.assert_close(R @ R.mT, A, rtol=0, atol=1e-12 * float(A.abs().max()))
+    A_inv = torch.linalg.inv(A)
+    torch.testing.assert_close(R_inv @ R_inv.mT, A_inv, rtol=0, atol=1e-12 * float(A_inv.abs().max()))
+
+
 def test_indefinite_block_with_constant_diagonal_gives_the_symmetric_roots():
     gen = torch.Generator().manual_seed(14)
     p1 = Partition.from_labels(random_labels(N, 6, gen))

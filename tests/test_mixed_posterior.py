@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from unittest import mock
 
 import gpytorch
@@ -201,10 +202,23 @@ def test_block_mean_kernel_with_indefinite_B_keeps_closed_form_variances():
     with torch.no_grad(), pytest.warns(ClosedFormFallbackWarning, match="B_j of the prior is indefinite"):
         root = covar.root_decomposition().root.to_dense()  # n below max_cholesky_size: a dense Cholesky
     torch.testing.assert_close(root @ root.mT, ref_cov, rtol=1e-6, atol=1e-8)
-    # past max_cholesky_size the generic root (Lanczos, announced) rebuilds the operator from its arguments
-    with torch.no_grad(), gpytorch.settings.max_cholesky_size(0), pytest.warns(ClosedFormFallbackWarning):
-        draws = model.likelihood(post).rsample(torch.Size([2]))
-    assert draws.shape == (2, n) and bool(torch.isfinite(draws).all())
+    # draws without base samples stay closed form: Matheron's rule with draws of the function from the prior's root
+    # (from its Gram matrix: B is indefinite), a linear map T of p + 2n standard normals with T T^T = S exactly
+    for dist in (post, model.likelihood(post)):
+        with closed_forms_only(n), mode, torch.no_grad(), gpytorch.settings.max_cholesky_size(0):
+            covar = dist.lazy_covariance_matrix
+            prior_root = covar._prior_root()
+            p = prior_root.shape[-1]
+            T = covar._function_space_pathwise(torch.eye(p + 2 * n, dtype=DTYPE), prior_root)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", ClosedFormFallbackWarning)
+                torch.manual_seed(3)
+                draws = dist.rsample(torch.Size([2]))
+        torch.testing.assert_close(T @ T.mT, covar.to_dense(), rtol=1e-10, atol=1e-13)
+        torch.manual_seed(3)
+        noise = torch.randn(p + 2 * n, 2, dtype=DTYPE)
+        torch.testing.assert_close(draws, dist.mean + (T @ noise).mT, rtol=1e-9, atol=1e-10)  # M's condition: ~1e3
+    assert not mode.squares, f"n x n matrices from {mode.squares}"
 
 
 def test_no_eigendecomposition_of_size_q():

@@ -1614,12 +1614,60 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         base samples). Returns # shape: (num_samples, *batch, n)"""
         from gpytorch import settings as gsettings
 
-        if not self.psd or gsettings.ciq_samples.on():
+        if gsettings.ciq_samples.on():
             return super().zero_mean_mvn_samples(num_samples)
         n, q = self.shape[-1], sum(self.M._sizes())
-        noise = torch.randn(*self.batch_shape, q + 2 * n, num_samples, dtype=self.s.dtype, device=self.device)
-        draws = self._pathwise(noise)
+        if self.psd:
+            noise = torch.randn(*self.batch_shape, q + 2 * n, num_samples, dtype=self.s.dtype, device=self.device)
+            draws = self._pathwise(noise)
+        else:
+            prior_root = self._prior_root()
+            if prior_root is None:  # warned; linear_operator's generic root
+                return super().zero_mean_mvn_samples(num_samples)
+            columns = prior_root.shape[-1] + 2 * n
+            noise = torch.randn(*self.batch_shape, columns, num_samples, dtype=self.s.dtype, device=self.device)
+            draws = self._function_space_pathwise(noise, prior_root)
         return draws.permute(-1, *range(draws.dim() - 1)).contiguous().to(self.dtype)
+
+    def _prior_root(self) -> LinearOperator | None:
+        r"""A root of the prior :math:`K = M - \operatorname{diag}(\nu)` at the training inputs (:math:`\nu = \beta
+        d_M` the likelihood's noise, :math:`d_M` the diagonal of ``M``), in closed form from its Gram matrix
+        (:meth:`~bma_gp.BlockMeanSumLinearOperator.root_decomposition`; an indefinite :math:`B_j` is fine there). None,
+        with a :class:`~bma_gp.ClosedFormFallbackWarning`, when it has none: a prior diagonal that is 0 at some points
+        and not at others, or a prior that is not positive definite."""
+        M = self.M
+        d = M.diag_values.to(self.s.dtype)
+        prior = M._new(diag=((1 - self.beta) * d).to(M.dtype))
+        try:
+            return prior.root_decomposition().root
+        except ValueError as error:
+            warnings.warn(
+                "draws from the posterior at the training inputs: a block matrix B_j of the prior is indefinite, so "
+                f"they need a root of the prior, which has none in closed form ({error}); linear_operator's generic "
+                "root (dense Cholesky up to max_cholesky_size, Lanczos beyond) is used.",
+                ClosedFormFallbackWarning,
+                stacklevel=3,
+            )
+            return None
+
+    def _function_space_pathwise(self, noise: Tensor, prior_root: LinearOperator) -> Tensor:
+        r"""Matheron's rule with prior draws of the function instead of the coefficients (an indefinite :math:`B_j`
+        has no coefficient draws): with :math:`f = R_K \varepsilon \sim N(0, K)` and :math:`e \sim N(0,
+        \operatorname{diag}(\nu))`, :math:`f - K M^{-1}(f + e) = \nu \odot M^{-1}(f + e) - e` has covariance
+        :math:`K - K M^{-1} K`, the posterior's; a diagonal added to this operator since (its :math:`s` beyond
+        :math:`\nu c / d_M`) adds independent draws. ``noise`` rows: ``R_K``'s columns, then ``n``, then ``n``.
+        # shape: (*batch, p + 2n, t) -> (*batch, n, t)"""
+        M, wdt = self.M, self.s.dtype
+        n = self.shape[-1]
+        d = M.diag_values.to(wdt)
+        nu = self.beta * d
+        extra = (self.s - nu * (1 - self.beta)).clamp_min(0)  # what add_diagonal put on top of the posterior
+        noise = noise.to(wdt)
+        eps_f, eps_e, eps_s = noise.split([noise.shape[-2] - 2 * n, n, n], dim=-2)
+        f = prior_root.matmul(eps_f.to(prior_root.dtype)).to(wdt)
+        e = nu.sqrt().unsqueeze(-1) * eps_e
+        solved = M.solve((f + e).to(M.dtype)).to(wdt)
+        return nu.unsqueeze(-1) * solved - e + extra.sqrt().unsqueeze(-1) * eps_s
 
     def _pathwise(self, noise: Tensor) -> Tensor:
         """The linear map of :meth:`zero_mean_mvn_samples` applied to standard normal ``noise`` (its rows: the ``q``
