@@ -12,13 +12,15 @@ statsmodels' MixedLM (``re_formula="~x"``, maximum likelihood) and lme4's publis
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import gpytorch
 import pytest
 import torch
+from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
 
 import bma_gp
-from bma_gp import BlockMeanSumLinearOperator, GroupKernel
+from bma_gp import BlockMeanSumLinearOperator, ClosedFormFallbackWarning, GroupKernel
 from closed_form_guard import closed_forms_only
 from lbfgs_fit import TIGHT, lbfgs
 
@@ -199,9 +201,10 @@ def test_batched_kernel_with_correlations_of_both_signs_is_exact():
             torch.testing.assert_close(covar.to_dense()[b] + 0.2 * torch.eye(50, dtype=DTYPE), ref)
             torch.testing.assert_close(logdet[b], torch.linalg.slogdet(ref)[1], rtol=1e-10, atol=1e-10)
             torch.testing.assert_close(solved[b, :, 0], torch.linalg.solve(ref, y), rtol=1e-9, atol=1e-10)
-        # rows that differ across the batch: exact dense fallback
+        # rows that differ across the batch: exact dense fallback, announced at the kernel
         xb = torch.stack([x, x.flip(0), x * torch.tensor([2.0, 1.0], dtype=DTYPE)])
-        dense = kernel(xb).to_dense()
+        with pytest.warns(ClosedFormFallbackWarning, match="slope covariates differ across the batch"):
+            dense = kernel(xb).to_dense()
         for b in range(3):
             S = kernel.slope_covar[b]
             F = torch.stack([torch.ones_like(xb[b, :, 0]), xb[b, :, 0]], -1)
@@ -233,6 +236,14 @@ def test_arguments_and_inputs_are_checked():
         GroupKernel(4).slope_covar  # noqa: B018
     # intercept-only calls keep working, with one id column
     assert GroupKernel(4)(torch.tensor([[0.0], [3.0]])).to_dense().shape == (2, 2)
+    # corr: a shape that does not fit and the boundary (raw_corr = inf, NaN gradients) are named; nothing changes
+    kernel = GroupKernel(4, slope=True)
+    kernel.corr = 0.3
+    before = kernel.raw_corr.detach().clone()
+    for bad, match in (([0.1, 0.2], "does not fit"), (1.0, r"strictly inside \(-1, 1\)"), (float("nan"), "inside")):
+        with pytest.raises(ValueError, match=match):
+            kernel.corr = bad
+        assert torch.equal(kernel.raw_corr.detach(), before)
 
 
 # ---------------------------------------------------------------------------- the GP, closed form only
@@ -455,3 +466,51 @@ def test_sleepstudy_uncorrelated_slopes_match_lme4(sleepstudy, sleepstudy_fit):
     assert independent["S"][0, 1].item() == 0.0
     assert independent["loglik"] == pytest.approx(-876.00, abs=0.005)
     assert 2 * (sleepstudy_fit["loglik"] - independent["loglik"]) == pytest.approx(0.0639, abs=0.0005)
+
+
+def test_batch_of_slope_models_predicts_new_inputs_in_closed_form():
+    # a batch of models on shared inputs: the cross covariance's slope weight is broadcast to (batch, n) while the
+    # training one is (n,). Before, the weights compared unequal by shape and prediction silently took GPyTorch's
+    # generic path (the t x n cross covariance formed; 9.7 s against 0.35 s at n = 20,000)
+    x, y = grouped_data()
+    xt = new_inputs()
+    batch = torch.Size([2])
+
+    class BatchSlopeGP(gpytorch.models.ExactGP):
+        def __init__(self):
+            likelihood = gpytorch.likelihoods.GaussianLikelihood(batch_shape=batch)
+            super().__init__(x, y.expand(*batch, -1), likelihood)
+            self.mean_module = gpytorch.means.ZeroMean()
+            self.covar_module = GroupKernel(K, slope=True, active_dims=[1, 0], batch_shape=batch)
+
+        def forward(self, inputs):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(inputs), self.covar_module(inputs))
+
+    model = BatchSlopeGP().to(DTYPE)
+    model.covar_module.var = torch.tensor([[0.8, 0.5], [1.2, 0.3]], dtype=DTYPE)
+    model.covar_module.corr = torch.tensor([[-0.4], [0.6]], dtype=DTYPE)
+    model.likelihood.noise = torch.tensor([[0.15], [0.3]], dtype=DTYPE)
+    model.eval()
+    generic = mock.patch.object(DefaultPredictionStrategy, "exact_prediction", side_effect=AssertionError("generic"))
+    with closed_forms_only(x.shape[0]), gpytorch.settings.max_cholesky_size(0), torch.no_grad(), generic:
+        post = model(xt)
+        mean, cov = post.mean, post.covariance_matrix
+    for b in range(2):
+        kernel = model.covar_module
+        S = torch.stack(
+            [
+                torch.stack([kernel.var[b, 0], kernel.corr[b, 0] * (kernel.var[b, 0] * kernel.var[b, 1]).sqrt()]),
+                torch.stack([kernel.corr[b, 0] * (kernel.var[b, 0] * kernel.var[b, 1]).sqrt(), kernel.var[b, 1]]),
+            ]
+        )
+
+        def covar(a, c, S=S):
+            xa, ga, xc, gc = a[:, 0], a[:, 1], c[:, 0], c[:, 1]
+            value = S[0, 0] + S[0, 1] * (xa[:, None] + xc[None, :]) + S[1, 1] * xa[:, None] * xc[None, :]
+            return value * (ga[:, None] == gc[None, :]).to(DTYPE)
+
+        noisy = covar(x, x) + model.likelihood.noise[b, 0] * torch.eye(x.shape[0], dtype=DTYPE)
+        cross = covar(xt, x)
+        torch.testing.assert_close(mean[b], cross @ torch.linalg.solve(noisy, y), rtol=1e-9, atol=1e-10)
+        ref_cov = covar(xt, xt) - cross @ torch.linalg.solve(noisy, cross.T)
+        torch.testing.assert_close(cov[b], ref_cov, rtol=1e-8, atol=1e-10)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from gpytorch.constraints import Interval, Positive
 from gpytorch.kernels import Kernel
@@ -17,6 +19,7 @@ from linear_operator.operators import (
 from torch import Tensor
 
 from bma_gp import settings
+from bma_gp._warnings import ClosedFormFallbackWarning
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
@@ -89,6 +92,17 @@ def _gather_pairs(C: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
 #: eliminating the grouping) instead of a block mean operator with a dense ``k x k`` ``B`` (``k^3`` work, and every
 #: matrix function of the one-partition form). See docs/mixed.md for the measured crossover.
 FACTOR_DENSE_MAX_GROUPS = 256
+
+
+def _warn_dense(what: str) -> None:
+    """The warning of a :class:`GroupKernel` that assembles its covariance densely."""
+    warnings.warn(
+        f"GroupKernel: the {what} differ across the batch entries of both inputs, so they share no partition and "
+        "the kernel returns a dense (*batch, n1, n2) matrix, whose solves leave the closed forms. Give every batch "
+        "entry the same inputs (a batch of models on shared data), or fit the entries one at a time.",
+        ClosedFormFallbackWarning,
+        stacklevel=4,
+    )
 
 
 class GroupKernel(Kernel):
@@ -315,7 +329,20 @@ class GroupKernel(Kernel):
         if self.raw_corr is None:
             raise ValueError("corr needs slope=True, intercept=True and correlated=True.")
         value = torch.as_tensor(value, dtype=self.raw_corr.dtype, device=self.raw_corr.device)
-        self.initialize(raw_corr=self.raw_corr_constraint.inverse_transform(value.expand_as(self.raw_corr)))
+        try:
+            value = value.expand_as(self.raw_corr)
+        except RuntimeError:
+            raise ValueError(
+                f"corr of shape {tuple(value.shape)} does not fit the kernel's correlation of shape "
+                f"{tuple(self.raw_corr.shape)}; pass a scalar or a tensor of that shape."
+            ) from None
+        if not bool((value.abs() < 1).all()):  # also NaN
+            raise ValueError(
+                f"corr must lie strictly inside (-1, 1), got {value.flatten().tolist()}: at +-1 the covariance of "
+                "intercept and slope is singular and its parameter infinite. For a perfectly correlated slope use "
+                "a value such as 0.999."
+            )
+        self.initialize(raw_corr=self.raw_corr_constraint.inverse_transform(value))
 
     @property
     def slope_covar(self) -> Tensor:
@@ -432,6 +459,7 @@ class GroupKernel(Kernel):
         if shared1 is not None:
             return self._cross(ids2, shared1, batch).mT
         # ids that differ across batch entries: no shared partition; assemble densely
+        _warn_dense("group ids")
         return to_linear_operator(
             _gather_pairs(self.covar_matrix, ids1, ids2).expand(*batch, ids1.shape[-1], ids2.shape[-1])
         )
@@ -548,6 +576,7 @@ class GroupKernel(Kernel):
         if shared1 is not None:
             return self._slope_cross(ids2, cov2, *shared1, S, batch).mT
         # rows that differ across batch entries: no shared partition; assemble densely
+        _warn_dense("group ids or slope covariates")
         f1 = torch.stack([torch.ones_like(cov1), cov1], -1)
         f2 = torch.stack([torch.ones_like(cov2), cov2], -1)
         dense = (f1 @ S @ f2.mT) * (ids1.unsqueeze(-1) == ids2.unsqueeze(-2)).to(S.dtype)

@@ -533,9 +533,13 @@ def _cross_pieces(op, out: list[_Piece]) -> bool:
 def _same_weight(a: Tensor | None, b: Tensor | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
-    if a.shape != b.shape:
+    if a.shape[-1:] != b.shape[-1:]:
         return False
-    return torch.equal(a.to(b.dtype), b)
+    try:  # a batch of models broadcasts the cross covariance's weight to (*batch, n); the training one is (n,)
+        a, b = torch.broadcast_tensors(a.to(b.dtype), b)
+    except RuntimeError:
+        return False
+    return torch.equal(a, b)
 
 
 def _same_root(a: Tensor, b: Tensor) -> bool:
@@ -836,6 +840,7 @@ def new_input_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor,
         return None
     pieces: list[_Piece] = []
     if not _cross_pieces(test_train_covar, pieces) or not pieces:
+        _warn_unrecognised_cross(strategy, test_train_covar)
         return None
     found = _new_input_weight(strategy)
     if found is None:
@@ -843,6 +848,7 @@ def new_input_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor,
     M, W = found
     blocks = _cross_factor(M, pieces)
     if blocks is None or all(b is None for b in blocks):
+        _warn_unrecognised_cross(strategy, test_train_covar)
         return None
     # the mean as F (Z^T M^{-1} r), its coefficients in the working precision
     coef = _new_input_coefficients(strategy, M)
@@ -854,6 +860,26 @@ def new_input_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor,
     assert shift is not None  # some block is not None (checked above)
     mean = test_mean + shift.to(test_mean.dtype)
     return mean, PredictiveCovarianceLinearOperator.from_blocks(test_test_covar, W, blocks, M._sizes())
+
+
+def _warn_unrecognised_cross(strategy: DefaultPredictionStrategy, test_train_covar: LinearOperator) -> None:
+    """A :class:`~bma_gp.ClosedFormFallbackWarning` when the noisy training covariance is in the family (so the
+    closed form would apply) but the test-by-training covariance does not match its columns: GPyTorch's path then
+    forms the ``t x n`` cross covariance and its solves. Nothing when the training covariance is outside the family
+    (its own solves warn)."""
+    covar = strategy.likelihood(strategy.train_prior_dist, strategy.train_inputs).lazy_covariance_matrix
+    M = as_sum(covar.evaluate_kernel() if isinstance(covar, LinearOperator) else covar)
+    if M is None or not M._sizes():
+        return
+    warnings.warn(
+        f"prediction at new inputs: the test-by-training covariance ({type(test_train_covar).__name__}, shape "
+        f"{tuple(test_train_covar.shape)}) does not match the columns of the training covariance ({M._describe()}), "
+        "so the closed form at new inputs does not apply and GPyTorch's exact path forms the t x n cross covariance "
+        "(exact, O(t n) memory). Group ids, partitions and slope covariates of the test points must come from the "
+        "same kernels as the training covariance.",
+        ClosedFormFallbackWarning,
+        stacklevel=4,
+    )
 
 
 #: Elements of the row chunk of ``F`` (and of ``F W``) formed at a time for the diagonal.
