@@ -1390,48 +1390,8 @@ class BlockMeanSumLinearOperator(LinearOperator):
             [torch.cat([gram_of._A_block(s, t) for t in range(len(sizes))], dim=-1) for s in range(len(sizes))],
             dim=-2,
         )
-        A = 0.5 * (A + A.mT)
-        q = A.shape[-1]
-        eps = torch.finfo(wdt).eps
-
-        def floor(e: Tensor) -> Tensor:
-            return 4 * q * eps * e.detach().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(wdt).tiny)
-
-        def kept_power(power: float):
-            # e^power on the kept eigenvalues and 0 (with derivative 0) on the null space: a grouping crossed with
-            # another leaves A singular for every d, and there the derivative of A^{1/2} would be inf times 0
-            def fn(e: Tensor) -> Tensor:
-                kept = e > floor(e)
-                return torch.where(kept, torch.where(kept, e, torch.ones_like(e)).pow(power), torch.zeros_like(e))
-
-            return fn
-
-        F = symmetric_matrix_function(A, kept_power(0.5))
-        F_pinv = symmetric_matrix_function(A, kept_power(-0.5))
-        T = F @ self._core_matrix(wdt) @ F
-        T = 0.5 * (T + T.mT)
-
-        def positive(e: Tensor) -> Tensor:
-            bound = (0 if zero_diagonal else -1) - 10 * q * eps * (1 + e.detach().abs().amax(-1, keepdim=True))
-            if bool((e < bound).any()):
-                raise ValueError(
-                    f"this sum ({self._describe()}) is not positive "
-                    f"{'semidefinite' if zero_diagonal else 'definite'}: the eigenvalue "
-                    f"{float((e + (0 if zero_diagonal else 1)).min()):.3g} of "
-                    f"{'F G F' if zero_diagonal else 'I + F G F'} (F the root of its Gram matrix, G its blocks) "
-                    "is negative, so it has no square root. Check the signs of its blocks B_j and of its diagonal."
-                )
-            return e.clamp_min(0 if zero_diagonal else -1 + eps)
-
-        def fn(e: Tensor) -> Tensor:
-            if zero_diagonal:
-                return e.sqrt()
-            r = (1 + e).sqrt()
-            return -e / (r * (r + 1)) if inverse else e / (r + 1)
-
-        W = symmetric_matrix_function(T, fn, positive)
-        X = F_pinv @ W @ F_pinv
-        X = 0.5 * (X + X.mT)
+        kind = "zero" if zero_diagonal else ("inverse" if inverse else "root")
+        X = gram_root_core(A, self._core_matrix(wdt), kind, f"this sum ({self._describe()})")
         eye = [torch.eye(size, dtype=wdt, device=self.device) for size in sizes]
         return X, eye
 
@@ -1517,6 +1477,60 @@ class BlockMeanSumLinearOperator(LinearOperator):
 
 
 # ---------------------------------------------------------------------------- the roots
+def gram_root_core(A: Tensor, G: Tensor, kind: str, what: str) -> Tensor:
+    r""":math:`X` with :math:`(I + Y G Y^\top)^{1/2} = I + Y X Y^\top` for any :math:`Y` with :math:`Y^\top Y = A`
+    (``kind="root"``), :math:`(I + Y G Y^\top)^{-1/2} = I + Y X Y^\top` (``"inverse"``) or
+    :math:`(Y G Y^\top)^{1/2} = Y X Y^\top` (``"zero"``), for a symmetric, possibly indefinite :math:`G`:
+    :math:`X = F^+ f(F G F) F^+` with :math:`F = A^{1/2}`, :math:`F^+` its pseudo-inverse and
+    :math:`f(e) = \sqrt{1+e} - 1`, :math:`1/\sqrt{1+e} - 1` or :math:`\sqrt{e}` (docs/math.md, "Roots for sampling").
+    Eigenvalues of :math:`A` below ``4 q eps`` times its largest count as its null space (:math:`Y` is 0 there to
+    rounding), with derivative 0. A ``ValueError`` naming ``what`` when the matrix is not positive (semi)definite.
+    ``A``, ``G`` # shape: (*batch, q, q)"""
+    A = 0.5 * (A + A.mT)
+    q = A.shape[-1]
+    wdt = A.dtype
+    eps = torch.finfo(wdt).eps
+    zero = kind == "zero"
+
+    def floor(e: Tensor) -> Tensor:
+        return 4 * q * eps * e.detach().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(wdt).tiny)
+
+    def kept_power(power: float):
+        # e^power on the kept eigenvalues and 0 (with derivative 0) on the null space: a grouping crossed with
+        # another leaves A singular for every d, and there the derivative of A^{1/2} would be inf times 0
+        def fn(e: Tensor) -> Tensor:
+            kept = e > floor(e)
+            return torch.where(kept, torch.where(kept, e, torch.ones_like(e)).pow(power), torch.zeros_like(e))
+
+        return fn
+
+    F = symmetric_matrix_function(A, kept_power(0.5))
+    F_pinv = symmetric_matrix_function(A, kept_power(-0.5))
+    T = F @ G.to(wdt) @ F
+    T = 0.5 * (T + T.mT)
+
+    def positive(e: Tensor) -> Tensor:
+        bound = (0 if zero else -1) - 10 * q * eps * (1 + e.detach().abs().amax(-1, keepdim=True))
+        if bool((e < bound).any()):
+            raise ValueError(
+                f"{what} is not positive {'semidefinite' if zero else 'definite'}: the eigenvalue "
+                f"{float((e + (0 if zero else 1)).min()):.3g} of {'F G F' if zero else 'I + F G F'} (F the root of "
+                "its Gram matrix, G its blocks) is negative, so it has no square root. Check the signs of its blocks "
+                "B_j and of its diagonal."
+            )
+        return e.clamp_min(0 if zero else -1 + eps)
+
+    def fn(e: Tensor) -> Tensor:
+        if zero:
+            return e.sqrt()
+        r = (1 + e).sqrt()
+        return -e / (r * (r + 1)) if kind == "inverse" else e / (r + 1)
+
+    W = symmetric_matrix_function(T, fn, positive)
+    X = F_pinv @ W @ F_pinv
+    return 0.5 * (X + X.mT)
+
+
 class _WoodburyRoot(ByProducts):
     r""":math:`R = \operatorname{diag}(\alpha) + \operatorname{diag}(\beta) Z L K L^\top Z^\top
     \operatorname{diag}(\gamma)` for a :class:`BlockMeanSumLinearOperator`'s :math:`Z` (never formed)."""

@@ -725,6 +725,30 @@ def test_indefinite_block_root_gradients_match_a_dense_square_root():
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12 * float(r.abs().max()))
 
 
+@pytest.mark.parametrize("kind", ["root", "inverse"])
+def test_gram_root_core_gradients(kind):
+    # the core of every Gram-matrix root: I + Y X Y^T = (I + Y G Y^T)^{+-1/2}; finite differences of Y X Y^T in Y
+    # (a singular Gram matrix: one column of Y a combination of two others) and in an indefinite G
+    from bma_gp.block_mean_sum_linear_operator import gram_root_core
+
+    gen = torch.Generator().manual_seed(17)
+    Y = 0.2 * torch.randn(30, 8, generator=gen, dtype=torch.float64)
+    Y[:, 7] = Y[:, 0] - Y[:, 1]
+    G = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    G = 0.01 * (G + G.mT)
+    assert float(torch.linalg.eigvalsh(G)[0]) < 0
+
+    def product(Yv, Gv):
+        return Yv @ gram_root_core(Yv.mT @ Yv, 0.5 * (Gv + Gv.mT), kind, "test") @ Yv.mT
+
+    S = torch.eye(30, dtype=torch.float64) + Y @ G @ Y.mT
+    root = torch.eye(30, dtype=torch.float64) + product(Y, G)
+    expected = _denman_beavers_sqrt(S)
+    torch.testing.assert_close(root, expected if kind == "root" else torch.linalg.inv(expected), rtol=1e-10, atol=1e-12)
+    inputs = (Y.clone().requires_grad_(True), G.clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(product, inputs, fast_mode=True)
+
+
 def test_indefinite_weighted_block_root():
     # a random slope (row weights on the indicators) whose block is indefinite
     gen = torch.Generator().manual_seed(16)

@@ -199,9 +199,25 @@ def test_block_mean_kernel_with_indefinite_B_keeps_closed_form_variances():
     torch.testing.assert_close(mean, ref_mean, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(variance, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-11)
     torch.testing.assert_close(product, ref_cov @ probe, rtol=1e-8, atol=1e-10)
-    with torch.no_grad(), pytest.warns(ClosedFormFallbackWarning, match="B_j of the prior is indefinite"):
-        root = covar.root_decomposition().root.to_dense()  # n below max_cholesky_size: a dense Cholesky
-    torch.testing.assert_close(root @ root.mT, ref_cov, rtol=1e-6, atol=1e-8)
+    # the root (rsample with base_samples) through the Gram matrix: s > 0 here, so S = diag(sqrt s)(I + Y H Y^T)
+    # diag(sqrt s) has the square root I + Y X Y^T whatever the sign of H's eigenvalues (before: a warning and
+    # GPyTorch's dense Cholesky)
+    for dist in (post, model.likelihood(post)):
+        with closed_forms_only(n), mode, torch.no_grad(), gpytorch.settings.max_cholesky_size(0):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", ClosedFormFallbackWarning)
+                root = dist.lazy_covariance_matrix.root_decomposition().root
+                base = torch.randn(2, n, generator=g, dtype=DTYPE)
+                draws = dist.rsample(torch.Size([2]), base_samples=base)
+            assert root.shape[-2:] == (n, n)
+        with torch.no_grad():
+            dense_root = root.to_dense()
+        expected = dist.lazy_covariance_matrix.to_dense()
+        torch.testing.assert_close(dense_root @ dense_root.mT, expected, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(draws, dist.mean + base @ dense_root.mT, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        expected - model.likelihood.noise * torch.eye(n, dtype=DTYPE), ref_cov, rtol=1e-8, atol=1e-10
+    )
     # draws without base samples stay closed form: Matheron's rule with draws of the function from the prior's root
     # (from its Gram matrix: B is indefinite), a linear map T of p + 2n standard normals with T T^T = S exactly
     for dist in (post, model.likelihood(post)):

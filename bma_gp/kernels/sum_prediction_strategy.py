@@ -58,7 +58,13 @@ from bma_gp._composition import ClosedFormFallbackWarning, _build, _collect, _Pa
 from bma_gp._precision import core_dtype
 from bma_gp._symmetric_function import symmetric_matrix_function
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
-from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator, _cells_matmul, _LUSolve, _scoped
+from bma_gp.block_mean_sum_linear_operator import (
+    BlockMeanSumLinearOperator,
+    _cells_matmul,
+    _LUSolve,
+    _scoped,
+    gram_root_core,
+)
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.partition import Partition
 
@@ -1634,11 +1640,18 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         ``H`` has no root: linear_operator's generic root (dense Cholesky up to ``max_cholesky_size``, Lanczos
         beyond), with a warning."""
         if not self.psd:
+            if bool((self.s > 0).all()):  # the square root through the Gram matrix: H needs no root there
+                core = getattr(self, "_gram_square_core", None)
+                if core is None or self._graphless(core):
+                    core = self._gram_square_root_core()
+                    if not core.requires_grad:
+                        self._gram_square_core = core
+                return RootLinearOperator(_GramSquareRoot(self, core))
             warnings.warn(
                 "root_decomposition of the posterior covariance at the training inputs: a block matrix B_j of the "
                 "prior is indefinite (a block mean kernel's B can be, while its block mean matrix is positive "
-                "semidefinite), so the closed-form root does not exist; linear_operator's generic root (dense "
-                "Cholesky up to max_cholesky_size, Lanczos beyond) is used.",
+                "semidefinite) and the diagonal s is 0 somewhere, so the closed-form root does not exist; "
+                "linear_operator's generic root (dense Cholesky up to max_cholesky_size, Lanczos beyond) is used.",
                 ClosedFormFallbackWarning,
                 stacklevel=2,
             )
@@ -1739,8 +1752,8 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         sqrt_s = torch.where(positive, torch.where(positive, self.s, torch.ones_like(self.s)).sqrt(), 0)
         return sqrt_s.unsqueeze(-1) * eps_s + self.beta.unsqueeze(-1) * M._z(h)
 
-    def _square_root_core(self) -> Tensor:
-        r""":math:`K = h(Y^\top A' Y)` with :math:`A' = Z^\top \operatorname{diag}(\beta^2 / s) Z`."""
+    def _scaled_gram(self) -> Tensor:
+        r""":math:`Z^\top \operatorname{diag}(\beta^2 / s) Z`, ``q x q``, in the working precision."""
         M = self.M
         wdt = self.s.dtype
         blocks = [B.to(wdt) for B in M.blocks]  # not used by the Gram matrix; only their shapes are checked
@@ -1751,8 +1764,20 @@ class TrainingPosteriorLinearOperator(LinearOperator):
             root=None if M.root is None else M.root.to(wdt),
             weights=M.weights,
         )
-        gram = _scaled_gram(aux, [None] * len(M._sizes()))
-        E = self.Y.mT @ gram @ self.Y
+        return _scaled_gram(aux, [None] * len(M._sizes()))
+
+    def _gram_square_root_core(self) -> Tensor:
+        r""":math:`X` with :math:`S^{1/2} = \operatorname{diag}(\sqrt{s}) + \operatorname{diag}(\beta) Z X Z^\top
+        \operatorname{diag}(\beta / \sqrt{s})` when :math:`H` has no root (an indefinite :math:`B_j`): with
+        :math:`Y = \operatorname{diag}(\beta / \sqrt{s}) Z`, :math:`S = \operatorname{diag}(\sqrt{s})(I + Y H
+        Y^\top)\operatorname{diag}(\sqrt{s})`, and :func:`~bma_gp.block_mean_sum_linear_operator.gram_root_core`
+        gives :math:`I + Y X Y^\top = (I + Y H Y^\top)^{1/2}` from :math:`Y^\top Y` and the formed :math:`H`."""
+        _check_weight_size(self.M, "a root")
+        return gram_root_core(self._scaled_gram(), self.H, "root", "the posterior covariance at the training inputs")
+
+    def _square_root_core(self) -> Tensor:
+        r""":math:`K = h(Y^\top A' Y)` with :math:`A' = Z^\top \operatorname{diag}(\beta^2 / s) Z`."""
+        E = self.Y.mT @ self._scaled_gram() @ self.Y
         return symmetric_matrix_function(0.5 * (E + E.mT), lambda x: 1 / ((1 + x).sqrt() + 1), lambda x: x.clamp_min(0))
 
     def __repr__(self) -> str:
@@ -1984,6 +2009,42 @@ class _PosteriorRoot(_Root):
                 return tail
             return _stack(tail, tail.new_zeros(1).expand(*tail.shape[:-2], n - q, tail.shape[-1]))
         return _stack(self.sqrt_s.unsqueeze(-1) * x, tail)
+
+
+class _GramSquareRoot(_Root):
+    r""":math:`R = \operatorname{diag}(\sqrt{s}) + \operatorname{diag}(\beta) Z X Z^\top
+    \operatorname{diag}(\beta / \sqrt{s})` (:meth:`TrainingPosteriorLinearOperator._gram_square_root_core`), the
+    symmetric-in-the-metric square root when :math:`H` has no root."""
+
+    def __init__(self, parent: TrainingPosteriorLinearOperator, X: Tensor, transposed: bool = False):
+        super().__init__(parent, X, transposed=transposed)
+        self.X = X
+
+    def _columns(self) -> int:
+        return self.parent.shape[-1]
+
+    def _transpose_nonbatch(self) -> _GramSquareRoot:
+        return _GramSquareRoot(self.parent, self.X, transposed=not self.transposed)
+
+    def _expand_batch(self, batch_shape) -> _GramSquareRoot:
+        q = self.X.shape[-1]
+        return _GramSquareRoot(
+            self.parent._expand_batch(batch_shape), self.X.expand(*batch_shape, q, q), transposed=self.transposed
+        )
+
+    def _zxz(self, x: Tensor) -> Tensor:
+        r""":math:`\operatorname{diag}(\beta) Z X Z^\top \operatorname{diag}(\beta) x`."""
+        M, beta = self.parent.M, self.parent.beta.unsqueeze(-1)
+        u = torch.cat(M._z_t(beta * x), dim=-2)
+        return beta * M._z(list((self.X @ u).split(M._sizes(), dim=-2)))
+
+    def _forward(self, x: Tensor) -> Tensor:
+        r = self.sqrt_s.unsqueeze(-1)
+        return r * x + self._zxz(x / r)
+
+    def _backward(self, x: Tensor) -> Tensor:
+        r = self.sqrt_s.unsqueeze(-1)
+        return r * x + self._zxz(x) / r
 
 
 class _SquareRoot(_Root):
