@@ -9,7 +9,7 @@ import torch
 from linear_operator.utils.warnings import NumericalWarning
 
 from bma_gp import ClosedFormFallbackWarning
-from bma_gp.cli import main, parse_config
+from bma_gp.cli import UsageError, main, parse_config
 from closed_form_guard import closed_forms_only
 
 FAST = ["--iters", "12", "--blocks", "16", "--no-progress", "--no-plot"]
@@ -166,6 +166,23 @@ def test_group_ids_are_encoded_from_the_training_rows(tmp_path):
     expected = {0.1: (1, 0), 0.2: (0, 1), 0.3: (0, 0), 0.4: (1, 1), 0.5: (0, 0), 0.6: (1, 1), 0.7: (0, 1)}
     assert by_x == expected
     assert problem.x_test[0, 1:].tolist() == [2.0, 2.0]  # id G: a level the model has not seen
+
+
+def test_long_numeric_group_ids_are_read_exactly(tmp_path):
+    from bma_gp.cli.data import load_dataset
+
+    # 17-digit ids (account numbers) differ in the last digit: above 2**53 a float would merge them
+    ids = ["90071992547409921", "90071992547409922", "90071992547409923", "90071992547409924"]
+    cells = [*ids, "90071992547409921.0", "90071992547409922.5e0"]  # the same level, and one that is not whole
+    path = tmp_path / "ids.csv"
+    path.write_text("x,id,y\n" + "".join(f"{i},{c},{i % 3}\n" for i, c in enumerate(cells[:5])), encoding="utf-8")
+    dataset = load_dataset(parse_config(["--data", str(path), "--target", "y", "--group", "id"]))
+    assert dataset.group_labels == [[int(i) for i in ids]]
+    assert dataset.group_codes is not None and dataset.group_codes[:, 0].tolist() == [0, 1, 2, 3, 0]
+
+    path.write_text("x,id,y\n" + "".join(f"{i},{c},{i % 3}\n" for i, c in enumerate(cells)), encoding="utf-8")
+    with pytest.raises(UsageError, match=r"--group column 'id' holds '90071992547409922.5e0' \(data row 6\)"):
+        load_dataset(parse_config(["--data", str(path), "--target", "y", "--group", "id"]))
 
 
 def test_group_option_in_config_and_help(capsys):

@@ -2,15 +2,16 @@
 and the standardisation the models see.
 
 Grouping columns (``--group``) are read as labels, not numbers: a column whose every cell is a
-number must hold whole numbers (``3`` and ``3.0`` are one level), any other column is text (each
-distinct string is a level). The split encodes the levels that occur in the *training* rows as
-ids ``0 .. G-1`` (in sorted label order); a level seen only in held-out rows gets the id ``G``, a
-level unknown to the model, whose predicted effect is 0 with the group's prior variance (what
-lme4's ``predict(..., allow.new.levels = TRUE)`` gives).
+number must hold whole numbers (``3`` and ``3.0`` are one level; read exactly, so long ids keep
+every digit), any other column is text (each distinct string is a level). The split encodes the
+levels that occur in the *training* rows as ids ``0 .. G-1`` (in sorted label order); a level seen
+only in held-out rows gets the id ``G``, a level unknown to the model, whose predicted effect is 0
+with the group's prior variance (what lme4's ``predict(..., allow.new.levels = TRUE)`` gives).
 """
 
 from __future__ import annotations
 
+import decimal
 import math
 import os
 import sys
@@ -207,21 +208,46 @@ def _encode_labels(name: str, cells: list[str], rows: list[int]) -> tuple[list[i
             f"--group column {name!r} has {len(absent)} missing value(s) (first in data row {absent[0] + 1}); "
             "every row needs a group label: fill them in or remove those rows"
         )
-    numbers: list[float] = []
+    numbers: list[int | None] = []
     for cell in cells:
         try:
-            numbers.append(float(cell))
+            numbers.append(_whole_number(cell))
         except ValueError:
             break
     if len(numbers) == len(cells):  # a numeric column: whole numbers are the labels
+        whole: list[int] = []
         for r, cell, number in zip(rows, cells, numbers):
-            if not (math.isfinite(number) and number.is_integer()):
+            if number is None:
                 raise UsageError(
                     f"--group column {name!r} holds {cell!r} (data row {r + 1}): group labels must be whole "
                     "numbers or text. A continuous column is an input: give it with --features instead"
                 )
-        return _sorted_codes([int(number) for number in numbers])
+            whole.append(number)
+        return _sorted_codes(whole)
     return _sorted_codes(cells)
+
+
+def _whole_number(cell: str) -> int | None:
+    """The exact whole number ``cell`` spells (``3``, ``03``, ``3.0``, ``3e2``), or None for a number that is
+    not whole (or not finite).
+
+    Read exactly: an integer is parsed with ``int`` (no rounding, however many digits, so distinct ids stay
+    distinct), any other number's digits with :class:`~decimal.Decimal` (``float`` rounds above 2**53).
+
+    Raises:
+        ValueError: ``cell`` is not a number (the column is then text).
+    """
+    try:
+        return int(cell)
+    except ValueError:
+        pass
+    if not math.isfinite(float(cell)):  # raises ValueError for text; bounds the size of the int below
+        return None
+    try:
+        number = decimal.Decimal(cell)
+    except decimal.InvalidOperation:  # pragma: no cover - a spelling float reads and Decimal does not
+        return None
+    return int(number) if number == number.to_integral_value() else None
 
 
 def _sorted_codes(labels: list[_Label]) -> tuple[list[_Label], Tensor]:
