@@ -6,8 +6,9 @@ library only (no pandas), so they work from a bare install.
 
 Columns are converted as follows: numbers are read as floats; a column whose every
 non-empty cell is an ISO date (``YYYY-MM-DD``, optionally followed by a time) becomes
-the time in decimal years (``2001-07-02`` is about ``2001.5``); anything else is an
-error that names the column. Empty cells and the usual spellings of "missing"
+the time in decimal years (``2001-07-02`` is about ``2001.5``); anything else, and a
+number that is not finite (``inf``, ``1e999``), is an error that names the column and
+the cell. Empty cells and the usual spellings of "missing"
 (``NA``, ``NaN``, ``null``, ...) are missing values; rows with a missing value in a
 used column are dropped with a :class:`MissingValuesWarning` that says how many.
 
@@ -72,17 +73,27 @@ def _convert_column(name: str, cells: list[str]) -> list[float]:
     """Convert the cells of one column to floats (NaN for missing), or raise naming the column."""
     values: list[float] = []
     first_bad: tuple[int, str] | None = None
+    first_infinite: tuple[int, str] | None = None
     for row, cell in enumerate(cells):
         cell = cell.strip()
         if cell.lower() in _MISSING:
             values.append(math.nan)
             continue
         try:
-            values.append(float(cell))
+            value = float(cell)
         except ValueError:
             first_bad = (row, cell)
             break
+        if math.isinf(value) and first_infinite is None:  # inf, Infinity, 1e999 (NaN spellings are missing)
+            first_infinite = (row, cell)
+        values.append(value)
     if first_bad is None:
+        if first_infinite is not None:
+            row, cell = first_infinite
+            raise DatasetError(
+                f"column {name!r} is not finite: data row {row + 1} holds {cell!r}. Values must be finite numbers: "
+                "correct the cell, empty it (or write NA) to drop the row, or leave this column out of the features."
+            )
         return values
     # Not all numbers: accept the column only if every present cell is a date.
     dates: list[float] = []
@@ -165,6 +176,15 @@ def _table_to_tensors(
         columns[name] = _convert_column(name, [row[index] for row in rows])
     x = torch.tensor([columns[name] for name in features], dtype=dtype).T.contiguous()
     y = torch.tensor(columns[target], dtype=dtype)
+    overflow = torch.isinf(torch.cat([x, y.unsqueeze(-1)], dim=-1)).nonzero()
+    if len(overflow):  # finite cells beyond the range of dtype (1e300 in float32)
+        row, column = (int(i) for i in overflow[0])
+        name = [*features, target][column]
+        cell = rows[row][header.index(name)].strip()
+        raise DatasetError(
+            f"column {name!r} does not fit in {dtype}: data row {row + 1} holds {cell!r}. "
+            "Load the data as torch.float64 (bma-gp: --dtype float64) or rescale the column."
+        )
     keep = ~(torch.isnan(y) | torch.isnan(x).any(dim=-1))
     dropped = int((~keep).sum())
     if dropped == len(keep):
@@ -209,8 +229,9 @@ def load_csv(
     Raises:
         FileNotFoundError: ``path`` does not exist (or is a directory).
         DatasetError: a requested column is absent (the message lists the available ones),
-            a used column holds text that is neither a number nor an ISO date (the message
-            names the column and the first offending cell), or no rows are left.
+            a used column holds text that is neither a number nor an ISO date, or a number
+            that is not finite (``inf``, or beyond the range of ``dtype``; the message names
+            the column and the first offending cell), or no rows are left.
 
     Warns:
         MissingValuesWarning: when rows with missing values were dropped, saying how many.

@@ -281,6 +281,26 @@ def test_constant_input_column(tmp_path, capsys):
     assert code == 2 and "'b' are constant" in err
 
 
+@pytest.mark.parametrize("cell", ["inf", "1e999"])
+def test_non_finite_cell_is_an_error(tmp_path, capsys, cell):
+    path = tmp_path / "inf.csv"
+    path.write_text("a,y\n" + "".join(f"{cell if i == 8 else i},{i % 3}\n" for i in range(10)), encoding="utf-8")
+    # with the plot on: the run stops at the data, before any NaN reaches the metrics or matplotlib
+    code, err = _exit_code_and_message(capsys, [*FAST, "--data", str(path), "--target", "y", "--split", "last"])
+    assert code == 2 and f"column 'a' is not finite: data row 9 holds '{cell}'" in err and "Traceback" not in err
+    assert not os.path.exists("bma_gp_out")
+
+
+def test_input_too_wide_to_standardise(tmp_path, capsys):
+    path = tmp_path / "wide.csv"
+    path.write_text("a,y\n" + "".join(f"{(-1) ** i * 1e308},{i}\n" for i in range(10)), encoding="utf-8")
+    code, err = _exit_code_and_message(capsys, ["--data", str(path), "--target", "y"])
+    assert code == 2 and "input column(s) 'a' span too wide a range to standardise" in err
+    assert "constant" not in err
+    code, err = _exit_code_and_message(capsys, ["--data", str(path), "--target", "a", "--features", "y"])
+    assert code == 2 and "the target column 'a' spans too wide a range" in err and "constant" not in err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

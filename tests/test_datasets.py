@@ -114,6 +114,24 @@ def test_mixed_dates_and_text_is_an_error(tmp_path):
         load_csv(path, "y")
 
 
+@pytest.mark.parametrize("cell", ["inf", "-Infinity", "1e999"])
+@pytest.mark.parametrize("column", ["a", "y"])
+def test_non_finite_cells_are_named(tmp_path, cell, column):
+    rows = [["1", "2", "3"], ["2", "4", "5"], ["3", "6", "7"]]
+    rows[1]["ay".index(column) * 2] = cell
+    path = _write(tmp_path, "a,b,y\n" + "".join(",".join(row) + "\n" for row in rows))
+    with pytest.raises(DatasetError, match=rf"column '{column}' is not finite: data row 2 holds '{cell}'"):
+        load_csv(path, "y")
+
+
+def test_values_beyond_the_dtype_are_named(tmp_path):
+    path = _write(tmp_path, "a,y\n1,2\n1e300,3\n")
+    x, _ = load_csv(path, "y")
+    assert x[1, 0] == 1e300
+    with pytest.raises(DatasetError, match=r"column 'a' does not fit in torch.float32: data row 2 holds '1e300'"):
+        load_csv(path, "y", dtype=torch.float32)
+
+
 def test_all_rows_missing(tmp_path):
     path = _write(tmp_path, "x,y\n1,\n2,NA\n")
     with pytest.raises(DatasetError, match="every row has a missing value"):

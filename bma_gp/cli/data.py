@@ -283,7 +283,8 @@ def split(dataset: Dataset, fraction: float, mode: str, generator: torch.Generat
     follow the features in ``x_train`` and ``x_test``.
 
     Raises:
-        UsageError: too few rows, or a constant input column or target on the training rows.
+        UsageError: too few rows, or an input column or target that is constant on the training rows
+            or too wide to standardise (its mean or standard deviation overflows the dtype).
     """
     x, y, features, target = dataset.x, dataset.y, dataset.feature_names, dataset.target_name
     n = len(y)
@@ -300,6 +301,14 @@ def split(dataset: Dataset, fraction: float, mode: str, generator: torch.Generat
         order = torch.cat([order[: n - n_test][torch.randperm(n - n_test, generator=generator)], order[n - n_test :]])
     train, test = order[: n - n_test], order[n - n_test :]
     x_mean, x_scale = x[train].mean(0), x[train].std(0)
+    # the CSV loader keeps only finite cells, but their mean or spread can still overflow the dtype
+    too_wide = [features[i] for i in range(x.shape[-1]) if not (x_mean[i].isfinite() and x_scale[i].isfinite())]
+    if too_wide:
+        raise UsageError(
+            f"input column(s) {', '.join(map(repr, too_wide))} span too wide a range to standardise on the "
+            f"training rows (their mean or standard deviation overflows {x.dtype}); rescale them, or leave "
+            "them out with --features"
+        )
     constant = [features[i] for i in range(x.shape[-1]) if not x_scale[i] > 0]
     if constant:
         raise UsageError(
@@ -307,6 +316,11 @@ def split(dataset: Dataset, fraction: float, mode: str, generator: torch.Generat
             "leave them out with --features"
         )
     y_mean, y_scale = float(y[train].mean()), float(y[train].std())
+    if not (math.isfinite(y_mean) and math.isfinite(y_scale)):
+        raise UsageError(
+            f"the target column {target!r} spans too wide a range to standardise on the training rows (its mean "
+            f"or standard deviation overflows {y.dtype}); rescale it"
+        )
     if not y_scale > 0:
         raise UsageError(f"the target column {target!r} is constant on the training rows: nothing to model")
     x_train, x_test = (x[train] - x_mean) / x_scale, (x[test] - x_mean) / x_scale
