@@ -331,6 +331,48 @@ def test_out_is_a_file(tmp_path, capsys):
     assert code == 2 and "is a file" in err
 
 
+def _no_training(*args, **kwargs):
+    raise AssertionError("the run trained a model although --out cannot be written")
+
+
+@pytest.mark.parametrize("taken", ["results.json", "fits.png"])
+def test_out_file_taken_by_a_directory_is_found_before_training(tmp_path, capsys, monkeypatch, taken):
+    import bma_gp.cli.run
+
+    fit = bma_gp.cli.run.fit
+    monkeypatch.setattr(bma_gp.cli.run, "fit", _no_training)
+    (tmp_path / "o" / taken).mkdir(parents=True)
+    argv = [*FAST, "--data", str(_csv(tmp_path, n=20)), "--target", "y", "--features", "u", "--blocks", "4"]
+    argv += ["--out", "o"]
+    code, err = _exit_code_and_message(capsys, argv)
+    assert code == 2 and f"argument --out: 'o/{taken}' is a directory" in err and "Traceback" not in err
+    if taken == "fits.png":  # only a problem when the plot is written
+        monkeypatch.setattr(bma_gp.cli.run, "fit", fit)
+        assert main([*argv, "--no-plot", "--method", "sgpr"]) == 0
+        assert (tmp_path / "o" / "results.json").is_file()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no file can be created")
+def test_out_directory_that_cannot_be_written_is_found_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("bma_gp.cli.run.fit", _no_training)
+    argv = [*FAST, "--data", str(_csv(tmp_path, n=20)), "--target", "y", "--features", "u", "--blocks", "4"]
+    code, err = _exit_code_and_message(capsys, [*argv, "--out", "/proc"])
+    assert code == 2 and "argument --out: cannot write to '/proc'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("step", ["write_summary", "plot"])
+def test_write_failure_after_training_is_one_line(tmp_path, capsys, monkeypatch, step):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(f"bma_gp.cli.report.{step}", disk_full)
+    argv = [*FAST, "--data", str(_csv(tmp_path, n=20)), "--target", "y", "--features", "u"]
+    code, err = _exit_code_and_message(capsys, [*argv, "--method", "sgpr", "--blocks", "4", "--out", "o"])
+    name = "results.json" if step == "write_summary" else "fits.png"
+    assert code == 2 and f"argument --out: cannot write 'o/{name}' (No space left on device)" in err
+    assert "Traceback" not in err
+
+
 def test_data_without_target(tmp_path, capsys):
     code, err = _exit_code_and_message(capsys, ["--data", str(_csv(tmp_path))])
     assert code == 2 and "--data needs --target" in err

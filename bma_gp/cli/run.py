@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
 import torch
@@ -65,10 +66,7 @@ def _run(config: RunConfig) -> int:
         lo, hi = float(both.min()), float(both.max())
         grid = torch.linspace(lo, hi, 2000, dtype=config.dtype, device=config.device).unsqueeze(-1)
 
-    try:
-        os.makedirs(config.out, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"argument --out: cannot create directory {config.out!r} ({err.strerror})") from err
+    _check_out(config)  # before training, so an unwritable --out does not cost a run
 
     print(
         f"{PROG}: {problem.name}: {n_rows} rows -> {n_train} train / {len(problem.y_test)} test "
@@ -92,11 +90,14 @@ def _run(config: RunConfig) -> int:
     print()
     print(report.format_table(fits, problem.target_name, problem.group_names))
 
-    json_path = report.write_summary(report.summary(config, problem, kernel_kind, fits), config.out)
+    try:
+        json_path = report.write_summary(report.summary(config, problem, kernel_kind, fits), config.out)
+    except OSError as err:
+        raise UsageError(_cannot_write(os.path.join(config.out, "results.json"), err)) from err
     print(f"\n{PROG}: wrote {json_path}")
     if config.plot:
+        png_path = os.path.join(config.out, "fits.png")
         try:
-            png_path = os.path.join(config.out, "fits.png")
             report.plot(problem, fits, grid, png_path)
             print(f"{PROG}: wrote {png_path}")
         except ImportError:
@@ -105,4 +106,42 @@ def _run(config: RunConfig) -> int:
                 "(pip install matplotlib, or pass --no-plot)",
                 file=sys.stderr,
             )
+        except OSError as err:
+            raise UsageError(_cannot_write(png_path, err)) from err
     return 0
+
+
+def _cannot_write(path: str, err: OSError) -> str:
+    return f"argument --out: cannot write {path!r} ({err.strerror or err}); choose a writable directory with --out"
+
+
+def _check_out(config: RunConfig) -> None:
+    """Create the ``--out`` directory and check that the run's files can be written there.
+
+    Raises:
+        UsageError: the directory cannot be created or written to, or an output file's name is taken
+            by a directory or a file that cannot be overwritten.
+    """
+    try:
+        os.makedirs(config.out, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"argument --out: cannot create directory {config.out!r} ({err.strerror})") from err
+    for name in ("results.json", "fits.png") if config.plot else ("results.json",):
+        path = os.path.join(config.out, name)
+        if os.path.isdir(path):
+            raise UsageError(
+                f"argument --out: {path!r} is a directory, so {name} cannot be written; remove it or choose "
+                "another --out"
+            )
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise UsageError(
+                f"argument --out: {path!r} cannot be overwritten (permission denied); choose a writable "
+                "directory with --out"
+            )
+    try:  # the permissions of the directory (and its file system) decide: create and remove a file
+        with tempfile.NamedTemporaryFile(dir=config.out, prefix=f".{PROG}-write-test-"):
+            pass
+    except OSError as err:
+        raise UsageError(
+            f"argument --out: cannot write to {config.out!r} ({err.strerror or err}); choose a writable directory"
+        ) from err
