@@ -215,6 +215,13 @@ def test_command_line_becomes_a_typed_config():
         config.blocks = 3
 
 
+def test_seed_accepts_the_whole_range_of_torch_seeds():
+    for seed in (-(2**63), -1, 2**64 - 1):
+        config = parse_config(["--seed", str(seed), "--device", "cpu"])
+        assert config.seed == seed
+        torch.Generator().manual_seed(config.seed)
+
+
 def test_config_defaults_are_the_command_line_defaults():
     assert parse_config(["--device", "cpu"]) == RunConfig()
     assert RunConfig().kernel_kind() == "seasonal"
@@ -317,6 +324,10 @@ def test_input_too_wide_to_standardise(tmp_path, capsys):
         (["--features", "date"], "need --data"),
         (["--blocks", "5000"], "exceeds the 1780 training rows"),
         (["--kernel", "fancy"], "invalid choice"),
+        (["--seed", "99999999999999999999"], "argument --seed: expected an integer from -9223372036854775808 to"),
+        (["--seed", str(2**64)], "18446744073709551615 (-2**63 to 2**64 - 1), got 18446744073709551616"),
+        (["--seed", str(-(2**63) - 1)], "argument --seed: expected an integer from -9223372036854775808"),
+        (["--seed", "1.5"], "argument --seed: expected an integer"),
     ],
 )
 def test_bad_arguments(capsys, argv, message):

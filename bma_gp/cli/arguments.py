@@ -35,6 +35,22 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+#: The seeds torch.Generator.manual_seed accepts (the split, the inducing points and k-means use one).
+_SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def _seed(text: str) -> int:
+    low, high = _SEED_RANGE
+    expected = f"expected an integer from {low} to {high} (-2**63 to 2**64 - 1)"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{expected}, got {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -136,7 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda, cuda:1")
     train.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="floating point precision")
-    train.add_argument("--seed", type=int, default=0, help="random seed (split, inducing points, k-means)")
+    train.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        help="random seed (split, inducing points, k-means): an integer from -2**63 to 2**64 - 1",
+    )
     output = parser.add_argument_group("output")
     output.add_argument(
         "--out",
