@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -168,6 +169,23 @@ def test_iters_zero_still_predicts(tmp_path):
         == 0
     )
     assert _results(out)["results"][0]["rmse"] > 0
+    # no step, no training loss: null, not NaN (which strict JSON parsers reject)
+    text = (out / "results.json").read_text(encoding="utf-8")
+    assert json.loads(text, parse_constant=_reject)["results"][0]["final_train_loss"] is None
+
+
+def _reject(name):
+    raise ValueError(f"results.json holds {name}, which is not JSON")
+
+
+def test_results_json_is_strict_json(tmp_path):
+    from bma_gp.cli.report import write_summary
+
+    data = {"a": math.nan, "b": [1.0, -math.inf, {"c": math.inf}], "d": (2, "x", None, True), "e": 0.5}
+    path = write_summary(data, str(tmp_path))
+    with open(path, encoding="utf-8") as handle:
+        loaded = json.load(handle, parse_constant=_reject)
+    assert loaded == {"a": None, "b": [1.0, None, {"c": None}], "d": [2, "x", None, True], "e": 0.5}
 
 
 @pytest.mark.slow

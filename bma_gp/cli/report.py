@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 
@@ -91,11 +92,27 @@ def summary(config: RunConfig, problem: Problem, kernel_kind: str, fits: list[Fi
 
 
 def write_summary(data: dict, out: str) -> str:
-    """Write ``data`` to ``out/results.json``; returns the path."""
+    """Write ``data`` to ``out/results.json`` as strict JSON; returns the path.
+
+    JSON has no NaN or infinity: a float that is not finite (the training loss of ``--iters 0``)
+    is written as ``null``.
+    """
     path = os.path.join(out, "results.json")
+    text = json.dumps(_finite_or_none(data), indent=2, allow_nan=False)  # whole, before the file is opened
     with open(path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
+        handle.write(text + "\n")
     return path
+
+
+def _finite_or_none(value: object) -> object:
+    """``value`` with every float that is not finite, in nested dicts, lists and tuples, replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
 
 
 def plot(problem: Problem, fits: list[Fit], grid: Tensor | None, path: str) -> None:
