@@ -166,6 +166,9 @@ def _table_to_tensors(
             )
         if target in features:
             raise DatasetError(f"the target column {target!r} cannot also be a feature.")
+        repeated = sorted({name for name in features if features.count(name) > 1})
+        if repeated:
+            raise DatasetError(f"feature column(s) {', '.join(map(repr, repeated))} requested twice; name each once.")
     if not features:
         raise DatasetError(
             f"{description} has no feature columns besides the target {target!r}; add a column of inputs."
@@ -228,10 +231,10 @@ def load_csv(
 
     Raises:
         FileNotFoundError: ``path`` does not exist (or is a directory).
-        DatasetError: a requested column is absent (the message lists the available ones),
-            a used column holds text that is neither a number nor an ISO date, or a number
-            that is not finite (``inf``, or beyond the range of ``dtype``; the message names
-            the column and the first offending cell), or no rows are left.
+        DatasetError: a requested column is absent (the message lists the available ones) or
+            requested twice, a used column holds text that is neither a number nor an ISO date,
+            or a number that is not finite (``inf``, or beyond the range of ``dtype``; the message
+            names the column and the first offending cell), or no rows are left.
 
     Warns:
         MissingValuesWarning: when rows with missing values were dropped, saying how many.

@@ -240,6 +240,14 @@ def test_seed_accepts_the_whole_range_of_torch_seeds():
         torch.Generator().manual_seed(config.seed)
 
 
+def test_repeated_features_add_up_and_a_repeated_name_is_an_error(capsys):
+    base = ["--data", "d.csv", "--target", "y"]
+    assert parse_config([*base, "--features", "a", "--features", "b", "c"]).features == ("a", "b", "c")
+    for features in (["--features", "a", "a"], ["--features", "a", "b", "--features", "a"]):
+        code, err = _exit_code_and_message(capsys, [*base, *features])
+        assert code == 2 and "argument --features: column 'a' is given twice; name each input column once" in err
+
+
 def test_config_defaults_are_the_command_line_defaults():
     assert parse_config(["--device", "cpu"]) == RunConfig()
     assert RunConfig().kernel_kind() == "seasonal"

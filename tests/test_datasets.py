@@ -161,6 +161,8 @@ def test_target_cannot_be_a_feature_and_features_cannot_be_empty(tmp_path):
         load_csv(_write(tmp_path, "y\n1\n2\n", "only.csv"), "y")
     with pytest.raises(TypeError, match="target must be a column name"):
         load_csv(path, 1)
+    with pytest.raises(DatasetError, match=r"feature column\(s\) 'x' requested twice"):
+        load_csv(path, "y", ["x", "x"])
 
 
 def test_non_utf8_file(tmp_path):

@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--features",
         metavar="COL",
         nargs="+",
-        help="input columns (default: every column except the target); ISO dates become decimal years",
+        action="extend",
+        help="input columns (default: every column except the target); ISO dates become decimal years. "
+        "Repeating the option adds columns; name each column once",
     )
     data.add_argument(
         "--group",
@@ -241,8 +243,9 @@ def parse_config(argv: Sequence[str] | None, parser: argparse.ArgumentParser | N
     """Parse and check the command line ``argv`` (default ``sys.argv[1:]``) into a :class:`RunConfig`.
 
     Checks that need no data happen here: the methods, the device, ``--target`` / ``--features`` /
-    ``--group`` without ``--data`` (and the reverse), a ``--group`` column that is also the target,
-    a feature or another ``--group``, and an ``--out`` that names a file.
+    ``--group`` without ``--data`` (and the reverse), a feature named twice (repeated ``--features``
+    options add up), a ``--group`` column that is also the target, a feature or another ``--group``,
+    and an ``--out`` that names a file.
 
     Args:
         argv: the arguments, without the program name.
@@ -261,6 +264,9 @@ def parse_config(argv: Sequence[str] | None, parser: argparse.ArgumentParser | N
         parser.error("--target and --features need --data (the bundled CO2 series has fixed columns)")
     if args.data is not None and args.target is None:
         parser.error("--data needs --target COL, the column to predict")
+    for i, name in enumerate(args.features or ()):
+        if name in args.features[:i]:
+            parser.error(f"argument --features: column {name!r} is given twice; name each input column once")
     groups = _check_groups(args.groups, args.data, args.target, args.features, parser)
     return RunConfig(
         data=args.data,
