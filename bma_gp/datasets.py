@@ -5,7 +5,8 @@ Both loaders return plain float tensors ``(x, y)`` with ``x`` of shape ``(n, d)`
 library only (no pandas), so they work from a bare install.
 
 Columns are converted as follows: numbers are read as floats; a column whose every
-non-empty cell is an ISO date (``YYYY-MM-DD``, optionally followed by a time) becomes
+non-empty cell is an ISO date (``YYYY-MM-DD``, optionally followed by a time ``HH:MM`` or
+``HH:MM:SS`` after a space or a ``T``; or ``YYYY/MM/DD``) becomes
 the time in decimal years (``2001-07-02`` is about ``2001.5``); anything else, and a
 number that is not finite (``inf``, ``1e999``), is an error that names the column and
 the cell. Empty cells and the usual spellings of "missing"
@@ -45,7 +46,15 @@ __all__ = [
 ]
 
 _MISSING = frozenset({"", "na", "nan", "n/a", "null", "none", "-", "?"})
-_DATE_FORMATS = ("%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y/%m/%d")
+# an ISO date, optionally with a time (with or without seconds) after a space or a T
+_DATE_FORMATS = (
+    "%Y-%m-%d",
+    "%Y-%m-%dT%H:%M:%S",
+    "%Y-%m-%dT%H:%M",
+    "%Y-%m-%d %H:%M:%S",
+    "%Y-%m-%d %H:%M",
+    "%Y/%m/%d",
+)
 
 
 class DatasetError(ValueError):

@@ -61,6 +61,14 @@ def test_load_csv_reads_iso_dates_as_decimal_years(tmp_path):
     assert float(x[2, 0]) == pytest.approx(2004 + 365 / 366)  # leap year
 
 
+def test_iso_date_times_with_a_space_or_a_t_and_with_or_without_seconds(tmp_path):
+    cells = ["2000-01-01T10:30", "2000-01-01 10:30", "2000-01-01T10:30:00", "2000-01-01 10:30:00"]
+    path = _write(tmp_path, "when,y\n" + "".join(f"{cell},{i}\n" for i, cell in enumerate(cells)))
+    x, _ = load_csv(path, "y")
+    assert x[:, 0].tolist() == [float(x[0, 0])] * 4
+    assert float(x[0, 0]) == pytest.approx(2000 + 10.5 / 24 / 366, rel=1e-15)  # 2000 is a leap year
+
+
 def test_load_csv_drops_missing_rows_with_a_warning_that_counts_them(tmp_path):
     path = _write(tmp_path, "x,y,unused\n1,2,\n,3,1\n4,NA,1\n5,6,1\n7,nan,1\n")
     with pytest.warns(MissingValuesWarning, match=r"dropped 3 of 5 rows"):
