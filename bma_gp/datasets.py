@@ -26,6 +26,7 @@ import datetime as _dt
 import io
 import math
 import os
+import shlex
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -200,6 +201,7 @@ def _table_to_tensors(
     keep = ~(torch.isnan(y) | torch.isnan(x).any(dim=-1))
     dropped = int((~keep).sum())
     if dropped == len(keep):
+        _raise_for_empty_columns(header, columns, target, features, description)
         raise DatasetError(f"{description}: every row has a missing value in the target or a feature; nothing to fit.")
     if dropped:
         if warn:
@@ -211,6 +213,31 @@ def _table_to_tensors(
             )
         x, y = x[keep], y[keep]
     return x, y, features
+
+
+def _raise_for_empty_columns(
+    header: list[str], columns: dict[str, list[float]], target: str, features: list[str], description: str
+) -> None:
+    """When no row is complete: raise naming the used columns without a single value (an unnamed column
+    left by a trailing delimiter, a column of notes never filled in), if there are any."""
+    if all(math.isnan(value) for value in columns[target]):
+        raise DatasetError(
+            f"{description}: the target column {target!r} is empty in every row, so every row has a missing "
+            "value; nothing to fit. Choose a target column that holds values."
+        )
+    empty = [name for name in features if all(math.isnan(value) for value in columns[name])]
+    if not empty:
+        return
+    labels = ", ".join(
+        f"{name!r} (column {header.index(name) + 1}{', unnamed: a trailing delimiter?' if not name else ''})"
+        for name in empty
+    )
+    others = [name for name in features if name not in empty]
+    hint = f" (in bma-gp: --features {' '.join(shlex.quote(name) for name in others)})" if others else ""
+    raise DatasetError(
+        f"{description}: column(s) {labels} are empty in every row, so every row has a missing value; nothing "
+        f"to fit. Leave them out of the features{hint} or remove them from the file."
+    )
 
 
 def load_csv(
@@ -243,7 +270,8 @@ def load_csv(
         DatasetError: a requested column is absent (the message lists the available ones) or
             requested twice, a used column holds text that is neither a number nor an ISO date,
             or a number that is not finite (``inf``, or beyond the range of ``dtype``; the message
-            names the column and the first offending cell), or no rows are left.
+            names the column and the first offending cell), or no rows are left (naming a used
+            column that is empty in every row, if there is one).
 
     Warns:
         MissingValuesWarning: when rows with missing values were dropped, saying how many.

@@ -301,6 +301,14 @@ def test_all_targets_missing(tmp_path, capsys):
     assert code == 2 and "every row has a missing value" in err
 
 
+def test_empty_column_is_named_with_the_fix(tmp_path, capsys):
+    path = tmp_path / "trailing.csv"  # a trailing delimiter on every line: an unnamed, empty last column
+    path.write_text("a,b,y,\n" + "".join(f"{i},{i * i % 7},{i % 3},\n" for i in range(10)), encoding="utf-8")
+    code, err = _exit_code_and_message(capsys, ["--data", str(path), "--target", "y"])
+    assert code == 2 and "column(s) '' (column 4, unnamed: a trailing delimiter?) are empty in every row" in err
+    assert "(in bma-gp: --features a b) or remove them from the file" in err
+
+
 def test_too_few_rows(tmp_path, capsys):
     data = _csv(tmp_path, n=2)
     code, err = _exit_code_and_message(capsys, ["--data", str(data), "--target", "y", "--features", "u"])

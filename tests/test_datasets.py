@@ -146,6 +146,26 @@ def test_all_rows_missing(tmp_path):
         load_csv(path, "y")
 
 
+def test_columns_empty_in_every_row_are_named(tmp_path):
+    # a trailing delimiter on every line (spreadsheet exports) adds an unnamed, empty column
+    path = _write(tmp_path, "a,b,y,\n1,2,3,\n2,3,5,\n4,1,2,\n")
+    message = (
+        r"column\(s\) '' \(column 4, unnamed: a trailing delimiter\?\) are empty in every row.*"
+        r"Leave them out of the features \(in bma-gp: --features a b\) or remove them from the file"
+    )
+    with pytest.raises(DatasetError, match=message):
+        load_csv(path, "y")
+    x, _ = load_csv(path, "y", ["a", "b"])
+    assert x.shape == (3, 2)
+    path = _write(tmp_path, "a,notes,my y\n1,,3\n2,NA,5\n", "notes.csv")
+    with pytest.raises(DatasetError, match=r"column\(s\) 'notes' \(column 2\) are empty.*--features a\)"):
+        load_csv(path, "my y")
+    with pytest.raises(DatasetError, match=r"the target column 'notes' is empty in every row"):
+        load_csv(path, "notes")
+    with pytest.raises(DatasetError, match=r"column\(s\) 'notes' \(column 2\) are empty.*--features 'my y'\)"):
+        load_csv(path, "a", ["notes", "my y"])
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
