@@ -17,7 +17,7 @@ from torch import Tensor
 
 from bma_gp import settings
 from bma_gp._broadcast import sum_to_shape
-from bma_gp._diagonal import is_diagonal, structurally_diagonal
+from bma_gp._diagonal import diagonal_by_construction, is_diagonal
 from bma_gp._precision import core_dtype
 from bma_gp._symmetric_function import symmetric_matrix_function
 from bma_gp._warnings import warn_dense_cholesky
@@ -268,8 +268,10 @@ class BlockMeanLinearOperator(LinearOperator):
             B = self.B
             if B.shape[-1] == 1:
                 self._diagonal_flag = True
-            elif B.requires_grad:
-                self._diagonal_flag = structurally_diagonal(B.grad_fn)
+            elif B.requires_grad:  # constant terms (diag_embed(b) + W) are checked by value where one may read back
+                self._diagonal_flag = diagonal_by_construction(
+                    B, read_back=B.device.type == "cpu" or settings.validate.on()
+                )
             elif B.device.type == "cpu" or settings.validate.on():
                 if not read_back and B.device.type != "cpu":
                     return False  # a product alone does not read back (the next closed form decides)

@@ -907,7 +907,8 @@ class BlockMeanSumLinearOperator(LinearOperator):
             B = self._dense_block(j)
             if not _is_diagonal(B):
                 return False
-            return not B.requires_grad or _structurally_diagonal(B.grad_fn)
+            # the value is diagonal: constant terms (diag_embed(b) + c I) are fine
+            return not B.requires_grad or _structurally_diagonal(B.grad_fn, constants=True)
 
         return self._memo(f"diagonal_{j}", decide)
 

@@ -165,6 +165,92 @@ def test_a_leaf_that_is_diagonal_by_value_keeps_its_off_diagonal_gradients():
     torch.testing.assert_close(B.grad, B_ref.grad, rtol=1e-10, atol=1e-12)
 
 
+CONSTANT_TERMS = {
+    "diag_embed(b) + W": lambda D, W: D + W,
+    "W + diag_embed(b)": lambda D, W: W + D,
+    "diag_embed(b) - W": lambda D, W: D - W + 2 * W.diagonal().sum() * torch.eye(W.shape[-1], dtype=W.dtype),
+    "2 diag_embed(b) + W": lambda D, W: 2 * D + W,
+    "(diag_embed(b) + W).mT": lambda D, W: (D + W).mT,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("term", list(CONSTANT_TERMS))
+def test_a_constant_off_diagonal_term_keeps_the_general_path(term, dtype):
+    """``diag_embed(b) + W`` with a constant ``W``: the graph shows only the diagonal term, so ``B`` is not
+    diagonal by construction; every closed form must keep ``W`` (it was dropped: to_dense right, the rest wrong)."""
+    labels = PARTITIONS["scattered"]
+    lam, b = make(labels, dtype=dtype)
+    k = b.shape[-1]
+    V = torch.randn(k, k, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    B = CONSTANT_TERMS[term](torch.diag_embed(b), V @ V.mT)
+    M = BlockMeanLinearOperator(lam, B, Partition.from_labels(torch.tensor(labels)))
+    assert not M._diagonal_core()
+    idx = torch.tensor(labels)
+    B_ref = B.detach().double().requires_grad_(True)
+    A = torch.diag_embed(lam.detach().double()[idx]) + (0.5 * (B_ref + B_ref.mT))[idx][:, idx]
+    rhs = torch.randn(len(labels), 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    rtol, atol = (1e-10, 1e-11) if dtype == torch.float64 else (1e-4, 1e-4)
+    torch.testing.assert_close(M.to_dense().double(), A, rtol=rtol, atol=atol)
+    torch.testing.assert_close((M @ rhs.to(dtype)).double(), A @ rhs, rtol=rtol, atol=atol)
+    torch.testing.assert_close(M.solve(rhs.to(dtype)).double(), torch.linalg.solve(A, rhs), rtol=rtol, atol=atol)
+    torch.testing.assert_close(M.logdet().double(), torch.logdet(A), rtol=rtol, atol=atol)
+    # gradients reach b through the diagonal only, as in dense
+    M.logdet().backward()
+    b_ref = b.detach().double().requires_grad_(True)
+    B2 = CONSTANT_TERMS[term](torch.diag_embed(b_ref), (V @ V.mT).double())
+    torch.logdet(torch.diag_embed(lam.detach().double()[idx]) + (0.5 * (B2 + B2.mT))[idx][:, idx]).backward()
+    torch.testing.assert_close(b.grad.double(), b_ref.grad, rtol=rtol, atol=atol)
+
+
+def test_a_constant_diagonal_term_keeps_the_elementwise_path():
+    """``diag_embed(b) + c I`` (constant) is diagonal by construction and by value: elementwise, matches dense."""
+    labels = PARTITIONS["contiguous"]
+    lam, b = make(labels)
+    k = b.shape[-1]
+    M = BlockMeanLinearOperator(
+        lam, torch.diag_embed(b) + 0.3 * torch.eye(k, dtype=torch.float64), Partition.from_labels(torch.tensor(labels))
+    )
+    assert M._diagonal_core()
+    logdet = M.logdet()
+    logdet.backward()
+    b_ref = b.detach().clone().requires_grad_(True)
+    torch.logdet(dense(lam.detach(), b_ref + 0.3, labels)).backward()
+    torch.testing.assert_close(logdet, torch.logdet(dense(lam.detach(), b.detach() + 0.3, labels)))
+    torch.testing.assert_close(b.grad, b_ref.grad)
+    # a trainable factor scales a constant's off-diagonal entries (their gradient is W_ij even where scale = 0,
+    # B diagonal by value): a product is strict about constants below it
+    scale = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    B = (torch.diag_embed(b) + torch.ones(k, k, dtype=torch.float64)) * scale
+    assert not bma_gp._diagonal.structurally_diagonal(B.grad_fn, constants=True)
+    assert not BlockMeanLinearOperator(lam, B, Partition.from_labels(torch.tensor(labels)))._diagonal_core()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_group_kernel_with_a_frozen_factor_matches_dense(dtype):
+    """GroupKernel(rank=2, per_group_variance=True) with ``covar_factor`` frozen: B = diag(v) + W W^T with a
+    constant W. It was taken as diagonal, dropping W W^T from matmul, solve and logdet."""
+    import gpytorch
+
+    from bma_gp.kernels import GroupKernel
+
+    gen = torch.Generator().manual_seed(0)
+    G, n = 6, 40
+    ids = torch.cat([torch.arange(G), torch.randint(0, G, (n - G,), generator=gen)]).to(dtype).unsqueeze(-1)
+    kernel = GroupKernel(G, rank=2, per_group_variance=True).to(dtype)
+    kernel.covar_factor.requires_grad_(False)
+    y = torch.randn(n, generator=gen, dtype=torch.float64)
+    with gpytorch.settings.lazily_evaluate_kernels(False):
+        K = kernel(ids)
+        assert isinstance(K, BlockMeanLinearOperator)
+        noisy = K.add_diagonal(torch.tensor(0.1, dtype=dtype))
+        A = K.to_dense().detach().double() + 0.1 * torch.eye(n, dtype=torch.float64)
+        rtol, atol = (1e-10, 1e-10) if dtype == torch.float64 else (1e-4, 1e-4)
+        torch.testing.assert_close((K @ y.to(dtype)).double(), K.to_dense().detach().double() @ y, rtol=rtol, atol=atol)
+        torch.testing.assert_close(noisy.solve(y.to(dtype)).double(), torch.linalg.solve(A, y), rtol=rtol, atol=atol)
+        torch.testing.assert_close(noisy.logdet().double(), torch.logdet(A), rtol=rtol, atol=atol)
+
+
 def test_singular_and_indefinite_cores_are_named():
     partition = Partition.from_labels(torch.tensor([0, 0, 1, 1, 1]))
     lam = torch.tensor([1.0, 2.0], dtype=torch.float64)
