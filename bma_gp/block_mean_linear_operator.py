@@ -524,8 +524,11 @@ class BlockMeanLinearOperator(LinearOperator):
 
     def matmul(self, other):
         if self._same_partition(other):
-            lam1, B1, lam2, B2 = self.lam, self._b_sym(), other.lam, other._b_sym()
             sizes = self._sizes
+            if self._b_diag is not None and other._b_diag is not None:  # diagonal times diagonal: vectors only
+                lam1, b1, lam2, b2 = self.lam, self._b_diag, other.lam, other._b_diag
+                return self._new_diagonal(lam1 * lam2, lam1 * b2 + b1 * lam2 + b1 * sizes * b2)
+            lam1, B1, lam2, B2 = self.lam, self._b_sym(), other.lam, other._b_sym()
             B = lam1.unsqueeze(-1) * B2 + B1 * lam2.unsqueeze(-2) + (B1 * sizes.unsqueeze(-2)) @ B2
             return self._new(lam1 * lam2, B, symmetric=other is self and self.symmetric)
         if torch.is_tensor(other) and not (
@@ -562,8 +565,11 @@ class BlockMeanLinearOperator(LinearOperator):
     def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
         labels = self.partition.labels
         rows, cols = labels[row_index], labels[col_index]
-        B = self._b_sym()
-        values = B[(*batch_indices, rows, cols)]
+        if self._b_diag is not None:  # B = diag(b): b on entries of one block, else zero (no k x k matrix)
+            b = self._b_diag[(*batch_indices, rows)]
+            values = torch.where(rows == cols, b, torch.zeros_like(b))
+        else:
+            values = self._b_sym()[(*batch_indices, rows, cols)]
         lam = self.lam[(*batch_indices, rows)]
         return values + torch.where(row_index == col_index, lam, torch.zeros_like(lam))
 
@@ -579,8 +585,13 @@ class BlockMeanLinearOperator(LinearOperator):
             if labels.numel() > 0:
                 kept, new_labels = torch.unique(labels, return_inverse=True)
                 lam = self.lam[(*batch_indices, slice(None))] if batch_indices else self.lam
-                B = self.B[(*batch_indices, slice(None), slice(None))] if batch_indices else self.B
                 sub = Partition(new_labels, num_blocks=kept.numel())
+                if self._b_diag is not None:  # the kept blocks' variances: no k x k matrix
+                    b = self._b_diag[(*batch_indices, slice(None))] if batch_indices else self._b_diag
+                    return BlockMeanLinearOperator(
+                        lam.index_select(-1, kept), b.index_select(-1, kept), sub, diagonal=True
+                    )
+                B = self.B[(*batch_indices, slice(None), slice(None))] if batch_indices else self.B
                 return BlockMeanLinearOperator(
                     lam.index_select(-1, kept),
                     B.index_select(-2, kept).index_select(-1, kept),
@@ -594,14 +605,19 @@ class BlockMeanLinearOperator(LinearOperator):
         return indexed_fallback(self, row_index, col_index, *batch_indices)
 
     def _sum_batch(self, dim: int) -> BlockMeanLinearOperator:
+        if self._b_diag is not None:
+            return self._new_diagonal(self.lam.sum(dim), self._b_diag.sum(dim))
         return self._new(self.lam.sum(dim), self.B.sum(dim))
 
     def _prod_batch(self, dim: int) -> BlockMeanLinearOperator:
         lam = self.lam.unbind(dim)
-        B = self.B.unbind(dim)
-        res = self._new(lam[0], B[0])
-        for lam_i, B_i in zip(lam[1:], B[1:]):
-            res = res._hadamard(self._new(lam_i, B_i))
+        if self._b_diag is not None:
+            factors = [self._new_diagonal(lam_i, b_i) for lam_i, b_i in zip(lam, self._b_diag.unbind(dim))]
+        else:
+            factors = [self._new(lam_i, B_i) for lam_i, B_i in zip(lam, self.B.unbind(dim))]
+        res = factors[0]
+        for factor in factors[1:]:
+            res = res._hadamard(factor)
         return res
 
     # ------------------------------------------------------------------ derivatives
@@ -632,9 +648,10 @@ class BlockMeanLinearOperator(LinearOperator):
         return self._new(self.lam * other, self.B * other)
 
     def _hadamard(self, other: BlockMeanLinearOperator) -> BlockMeanLinearOperator:
-        dB1 = torch.diagonal(self._b_sym(), dim1=-2, dim2=-1)
-        dB2 = torch.diagonal(other._b_sym(), dim1=-2, dim2=-1)
+        dB1, dB2 = self._b_vector(), other._b_vector()  # the diagonal of B equals that of its symmetric part
         lam = self.lam * other.lam + self.lam * dB2 + other.lam * dB1
+        if self._b_diag is not None or other._b_diag is not None:  # diag(b) * B2 = diag(b * diag(B2)): vectors
+            return self._new_diagonal(lam, dB1 * dB2)
         return self._new(lam, self._b_sym() * other._b_sym(), symmetric=self.symmetric and other.symmetric)
 
     def _mul_matrix(self, other) -> LinearOperator:
@@ -647,6 +664,8 @@ class BlockMeanLinearOperator(LinearOperator):
 
     def __add__(self, other):
         if self._same_partition(other):
+            if self._b_diag is not None and other._b_diag is not None:  # both diagonal: vectors only
+                return self._new_diagonal(self.lam + other.lam, self._b_diag + other._b_diag)
             return self._new(self.lam + other.lam, self.B + other.B, symmetric=self.symmetric and other.symmetric)
         if isinstance(other, ConstantDiagLinearOperator) and other.shape[-1] == self.shape[-1]:
             return self.add_diagonal(other.diag_values)

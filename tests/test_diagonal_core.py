@@ -347,6 +347,114 @@ def test_diagonal_mode_matches_the_dense_b_and_never_forms_it(name, batch):
     assert torch.equal(vec.B, torch.diag_embed(b))
 
 
+def _diagonal_mode_algebra(batch):
+    """``name: (fn(M, M2), result in diagonal mode when both operands are)`` for two operators of one partition."""
+    rows, cols = torch.tensor([3, 1, 0, 4]), torch.tensor([5, 1, 0, 4])
+    ops = {
+        "sum": (lambda M, M2: M + M2, True),
+        "product": (lambda M, M2: M @ M2, True),
+        "hadamard": (lambda M, M2: M * M2, True),
+        "slice": (lambda M, M2: M[..., 1:7, 1:7], True),
+        "stepped slice": (lambda M, M2: M[..., 0:9:2, 0:9:2], True),
+        "entries": (lambda M, M2: M[..., rows, cols], None),
+    }
+    if batch:
+        ops["batch sum"] = (lambda M, M2: M.sum(0), True)
+        ops["batch prod"] = (lambda M, M2: (M + M2).prod(0), True)
+    return ops
+
+
+def _as_dense(res):
+    return res if torch.is_tensor(res) else res.to_dense()
+
+
+@pytest.mark.parametrize("batch", [(), (2,)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", ["scattered", "contiguous"])
+def test_diagonal_mode_algebra_stays_diagonal_and_matches_dense(name, dtype, batch):
+    """``+``, ``@``, ``*``, principal slices, entries and batch sums/products of diagonal-mode operators: the
+    result is again diagonal mode (no k x k matrix), with the values and gradients of dense algebra."""
+    labels = PARTITIONS[name]
+    vec, full, lam, b = _pair(labels, batch, dtype)
+    vec2, full2, lam2, b2 = _pair(labels, batch, dtype, seed=4)
+    leaves = (lam, b, lam2, b2)
+    idx = torch.tensor(labels)
+    for key, (fn, diagonal) in _diagonal_mode_algebra(batch).items():
+        got, want = fn(vec, vec2), fn(full, full2)
+        if diagonal:
+            assert isinstance(got, BlockMeanLinearOperator) and got.is_diagonal_mode and got._B is None, key
+            assert vec._B is None and vec2._B is None, key
+        D1 = dense(lam.double(), b.double(), idx)
+        D2 = dense(lam2.double(), b2.double(), idx)
+        ref = _as_dense(fn(D1, D2)) if key not in ("product", "hadamard", "batch prod") else None
+        if key == "product":
+            ref = D1 @ D2
+        elif key == "hadamard":
+            ref = D1 * D2
+        elif key == "batch prod":
+            ref = (D1 + D2).prod(0)
+        got_d = _as_dense(got)
+        torch.testing.assert_close(got_d.double(), ref.detach(), **tol(dtype), msg=key)
+        torch.testing.assert_close(got_d, _as_dense(want), **tol(dtype), msg=key)
+        w = torch.randn(got_d.shape, generator=torch.Generator().manual_seed(7), dtype=dtype)
+        got_g = torch.autograd.grad((got_d * w).sum(), leaves, allow_unused=True)
+        want_g = torch.autograd.grad((_as_dense(want) * w).sum(), leaves, allow_unused=True)
+        for g, r in zip(got_g, want_g):
+            assert (g is None) == (r is None), key
+            if g is not None:
+                torch.testing.assert_close(g, r, **tol(dtype), msg=key)
+
+
+def test_diagonal_mode_with_a_full_core_matches_dense():
+    """A diagonal-mode operator with a full-core one: ``+`` and ``@`` genuinely need the k x k matrix, while
+    ``*`` (diag(b) * B2 = diag(b * diag(B2))) stays diagonal."""
+    labels = PARTITIONS["scattered"]
+    vec, _, lam, b = _pair(labels)
+    k = b.shape[-1]
+    V = torch.randn(k, k, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    other = BlockMeanLinearOperator(lam.detach() + 1, V @ V.mT, vec.partition)
+    D1, D2 = vec.to_dense(), other.to_dense()
+    for M, M2 in ((vec, other), (other, vec)):
+        torch.testing.assert_close((M + M2).to_dense(), D1 + D2 if M is vec else D2 + D1)
+        torch.testing.assert_close((M @ M2).to_dense(), D1 @ D2 if M is vec else D2 @ D1)
+        had = M * M2
+        assert isinstance(had, BlockMeanLinearOperator) and had.is_diagonal_mode
+        torch.testing.assert_close(had.to_dense(), D1 * D2)
+
+
+@pytest.mark.parametrize("batch", [(), (2,)])
+def test_diagonal_mode_algebra_forms_no_k_by_k_matrix(batch):
+    """The same algebra with k = 3000 blocks: no k x k tensor is formed (it was, for each of them)."""
+    from largest_tensor import LargestTensor
+
+    k, n = 3000, 6000
+    partition = Partition.from_labels(torch.arange(n) % k)
+    gen = torch.Generator().manual_seed(0)
+    lam, b, lam2, b2 = (torch.rand(*batch, k, generator=gen, dtype=torch.float64) + 0.5 for _ in range(4))
+    M = BlockMeanLinearOperator(lam, b, partition, diagonal=True)
+    M2 = BlockMeanLinearOperator(lam2, b2, partition, diagonal=True)
+    x = torch.randn(*batch, n, 1, generator=gen, dtype=torch.float64)
+    rows = torch.arange(0, n, 7)
+    cols = torch.cat([rows[: len(rows) // 2] % k, rows[len(rows) // 2 :].flip(0)])  # same blocks, then others
+    with LargestTensor(square=k) as mode:
+        results = {key: fn(M, M2) for key, (fn, _) in _diagonal_mode_algebra(batch).items()}
+        entries = M[..., rows, cols]
+        sums = (M + M2) @ x, (M @ M2) @ x, (M * M2).diagonal()
+    assert mode.squares == [] and mode.largest <= 4 * n, (mode.squares, mode.where)
+    # values against the operands (both M2(n)): no dense n x n reference at this size
+    torch.testing.assert_close(sums[0], M @ x + M2 @ x)
+    torch.testing.assert_close(sums[1], M @ (M2 @ x))
+    torch.testing.assert_close(sums[2], M.diagonal() * M2.diagonal())
+    labels = partition.labels
+    zero = torch.zeros(*batch, len(rows), dtype=torch.float64)
+    want = torch.where(labels[rows] == labels[cols], b[..., labels[rows]], zero)
+    want = want + torch.where(rows == cols, lam[..., labels[rows]], zero)
+    assert bool((labels[rows] == labels[cols]).any()) and bool((labels[rows] != labels[cols]).any())
+    torch.testing.assert_close(entries, want)
+    for key, res in results.items():
+        assert torch.is_tensor(res) or (res.is_diagonal_mode and res._B is None), key
+
+
 @pytest.mark.parametrize("batch", [(), (2,)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name", list(PARTITIONS))
