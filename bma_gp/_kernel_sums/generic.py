@@ -2,6 +2,9 @@ r"""Block sums of any gpytorch kernel matrix, by row chunks, checkpointed one ch
 
 Forward evaluates ``kernel(x[a:b], x)`` chunk by chunk under ``no_grad`` and reduces each
 chunk into :math:`T = P^\top K P` and :math:`d = P^\top \operatorname{diag}(K)` at once.
+The diagonal :math:`k(x_i, x_i)` comes from ``kernel(x[a:b], x[a:b], diag=True)``: in a chunk
+``x1`` is not ``x2``, so gpytorch's distances there are not exactly zero on the diagonal (about
+:math:`\sqrt{\epsilon}`, which a Matern-1/2 kernel turns into an error of that size).
 Backward re-evaluates each chunk with autograd on and pulls the incoming gradient on
 :math:`(T, d)`, spread over the chunk's entries, back through it. Memory is
 :math:`O(n \cdot \text{chunk})` in both passes. The rows are sorted by block, so the
@@ -29,6 +32,12 @@ def evaluate(kernel: Kernel, x1: Tensor, x2: Tensor) -> Tensor:
     """The dense matrix ``kernel(x1, x2)``."""
     with gpt_settings.lazily_evaluate_kernels(False):
         return to_dense(kernel(x1, x2))
+
+
+def evaluate_diag(kernel: Kernel, x: Tensor) -> Tensor:
+    """The exact diagonal ``k(x_i, x_i)``: ``x`` is passed as both inputs, so distances are zero."""
+    with gpt_settings.lazily_evaluate_kernels(False):
+        return to_dense(kernel(x, x, diag=True))
 
 
 def kernel_parameters(kernel: Kernel) -> list[Tensor]:
@@ -81,7 +90,11 @@ class GenericKernelSums(torch.autograd.Function):
                 values = evaluate(kernel, x[..., a:b, :], x)  # (*batch, c, n)
                 rows = plan.labels[a:b]
                 sums.index_add_(sums.dim() - 2, rows, _segment_sum(values, plan.sizes).to(acc))
-                diag.index_add_(diag.dim() - 1, rows, torch.diagonal(values, offset=a, dim1=-2, dim2=-1).to(acc))
+                # the chunk's diagonal entries, off by ~sqrt(eps), replaced by the exact ones in T and d
+                inexact = torch.diagonal(values, offset=a, dim1=-2, dim2=-1)
+                exact = evaluate_diag(kernel, x[..., a:b, :]).expand_as(inexact)
+                torch.diagonal(sums, dim1=-2, dim2=-1).index_add_(-1, rows, (exact - inexact).to(acc))
+                diag.index_add_(diag.dim() - 1, rows, exact.to(acc))
             if plan.group is not None:
                 sums, diag = all_reduce([sums, diag], plan.group)
         ctx.plan, ctx.kernel = plan, kernel
@@ -100,17 +113,21 @@ class GenericKernelSums(torch.autograd.Function):
             x_in = x.detach().requires_grad_(need_x)
             inputs = [params[i] for i in wanted] + ([x_in] if need_x else [])
             for a, b in progress(_ranges(plan), plan.show_progress, "kernel block sums (backward)"):
-                values = evaluate(kernel, x_in[..., a:b, :], x_in)
-                rows = plan.labels[a:b]
-                # dL/dK for this chunk: the k x k gradient spread over its entries (c x n, never n x n)
-                weight = grad_sums.to(values.dtype).index_select(-2, rows).index_select(-1, plan.labels)
-                weight = weight.expand_as(values).clone() if weight.shape != values.shape else weight
-                torch.diagonal(weight, offset=a, dim1=-2, dim2=-1).add_(
-                    grad_diag.to(values.dtype).index_select(-1, rows)
-                )
                 if not inputs:
                     continue
-                pieces = torch.autograd.grad(values, inputs, grad_outputs=weight, allow_unused=True)
+                values = evaluate(kernel, x_in[..., a:b, :], x_in)
+                diag_values = evaluate_diag(kernel, x_in[..., a:b, :])
+                rows = plan.labels[a:b]
+                # dL/dK for this chunk: the k x k gradient spread over its entries (c x n, never n x n); the
+                # diagonal entries come from the exact diagonal evaluation, as in forward
+                grad_sums_v = grad_sums.to(values.dtype)
+                weight = grad_sums_v.index_select(-2, rows).index_select(-1, plan.labels)
+                weight = weight.expand_as(values).clone() if weight.shape != values.shape else weight
+                torch.diagonal(weight, offset=a, dim1=-2, dim2=-1).zero_()
+                weight_diag = torch.diagonal(grad_sums_v, dim1=-2, dim2=-1).index_select(-1, rows)
+                weight_diag = weight_diag + grad_diag.to(values.dtype).index_select(-1, rows)
+                objective = (values * weight).sum() + (diag_values * weight_diag).sum()
+                pieces = torch.autograd.grad(objective, inputs, allow_unused=True)
                 for j, g in enumerate(pieces):
                     total = grads[j]
                     if g is not None:
