@@ -683,9 +683,11 @@ class BlockMeanLinearOperator(LinearOperator):
         """Add ``diag`` to the diagonal. A scalar (or one value per batch entry, shape ``(*batch, 1)``)
         keeps the block mean type; a full diagonal ``(*batch, n)`` gives a
         :class:`~bma_gp.BlockMeanSumLinearOperator` (or again a block mean operator when ``diag`` is
-        constant inside every block and needs no gradient), with closed forms either way."""
+        constant inside every block and needs no gradient), with closed forms either way. ``diag`` is cast
+        to the operator's dtype and device, as linear_operator's ``add_diagonal`` keeps the operator's dtype."""
         if not torch.is_tensor(diag):
             diag = torch.tensor(diag, dtype=self.dtype, device=self.device)
+        diag = diag.to(dtype=self.dtype, device=self.device)
         if diag.dim() == 0 or diag.shape[-1] == 1:
             value = diag if diag.dim() > 0 else diag.unsqueeze(-1)
             try:

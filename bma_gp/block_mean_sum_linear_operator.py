@@ -792,9 +792,11 @@ class BlockMeanSumLinearOperator(LinearOperator):
 
     # ------------------------------------------------------------------ sums keep the type
     def add_diagonal(self, diag: Tensor) -> BlockMeanSumLinearOperator:
-        """Add a scalar, one value per batch entry ``(*batch, 1)`` or a full diagonal ``(*batch, n)``."""
+        """Add a scalar, one value per batch entry ``(*batch, 1)`` or a full diagonal ``(*batch, n)``, cast to the
+        operator's dtype and device (as linear_operator's ``add_diagonal`` keeps the operator's dtype)."""
         if not torch.is_tensor(diag):
             diag = torch.tensor(diag, dtype=self.dtype, device=self.device)
+        diag = diag.to(dtype=self.dtype, device=self.device)
         try:
             new = self.diag_values + diag
         except RuntimeError:

@@ -477,3 +477,47 @@ def test_matvec_without_grad_skips_the_matmul_function():
     (dense(ref_lam, ref_B, PARTITIONS["scattered"]) @ x).sum().backward()
     torch.testing.assert_close(lam.grad, ref_lam.grad)
     torch.testing.assert_close(B.grad, ref_B.grad)
+
+
+def _sum_operator(dtype):
+    from bma_gp import BlockMeanSumLinearOperator
+
+    gen = torch.Generator().manual_seed(3)
+    labels1, labels2 = torch.tensor(PARTITIONS["scattered"]), torch.tensor([0, 1, 0, 1, 1, 0, 2, 2, 0, 1, 2, 0])
+    p1, p2 = Partition.from_labels(labels1), Partition.from_labels(labels2)
+    r1 = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    r2 = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    d = torch.rand(12, generator=gen, dtype=torch.float64) + 0.5
+    S = BlockMeanSumLinearOperator(d.to(dtype), (r1 @ r1.mT).to(dtype), (r2 @ r2.mT).to(dtype), partitions=[p1, p2])
+    return S
+
+
+@pytest.mark.parametrize("which", ["block_mean", "block_mean_diagonal_mode", "block_mean_sum"])
+@pytest.mark.parametrize("dtype, other", [(torch.float32, torch.float64), (torch.float64, torch.float32)])
+@pytest.mark.parametrize("shape", [(), (1,), (12,)])
+def test_add_diagonal_casts_to_the_operators_dtype(which, dtype, other, shape):
+    """A diagonal of another dtype is cast to the operator's, as DenseLinearOperator.add_diagonal does (it raised
+    'lam and B must share a dtype'); values against dense, gradients reach the diagonal in its own dtype."""
+    labels = PARTITIONS["scattered"]
+    if which == "block_mean":
+        op = make_operator(labels, dtype=dtype)[0]
+    elif which == "block_mean_diagonal_mode":
+        k = Partition.from_labels(torch.tensor(labels)).num_blocks
+        lam, b = torch.rand(k, dtype=dtype) + 0.5, torch.rand(k, dtype=dtype)
+        op = BlockMeanLinearOperator(lam, b, Partition.from_labels(torch.tensor(labels)), diagonal=True)
+    else:
+        op = _sum_operator(dtype)
+    diag = (0.1 + torch.arange(12, dtype=other) / 20)[: (shape[0] if shape else 1)].reshape(shape)
+    diag.requires_grad_(True)
+    res = op.add_diagonal(diag)
+    assert res.dtype == dtype and res.to_dense().dtype == dtype
+    assert DenseLinearOperator(op.to_dense()).add_diagonal(diag).dtype == dtype  # linear_operator's behaviour
+    want = op.to_dense().double().detach() + torch.diag_embed(diag.double().expand(12))
+    tol = {"rtol": 1e-5, "atol": 1e-5} if torch.float32 in (dtype, other) else {}
+    torch.testing.assert_close(res.to_dense().double(), want, **tol)
+    rhs = torch.ones(12, dtype=dtype)
+    torch.testing.assert_close(res.solve(rhs).double(), torch.linalg.solve(want, rhs.double()), **tol)
+    (grad,) = torch.autograd.grad(res.logdet(), diag)
+    (grad_ref,) = torch.autograd.grad(torch.logdet(want), diag)
+    assert grad.dtype == other
+    torch.testing.assert_close(grad, grad_ref.to(other), rtol=1e-4, atol=1e-4)
