@@ -67,6 +67,33 @@ def _equal_size_runs(sizes: Tensor) -> tuple[tuple[int, int, int, int], ...] | N
     return tuple((offsets[a], a, b - a, int(sizes[a])) for a, b in zip(bounds[:-1], bounds[1:]))
 
 
+def _missing_ids(present: Tensor, k: int, limit: int = 5) -> tuple[list[int], int]:
+    """The first ``limit`` ids of ``0 .. k-1`` absent from the sorted unique ``present``, and how many are absent
+    (``O(len(present))``: no counter per id)."""
+    found: list[int] = []
+    before = torch.cat([present.new_full((1,), -1), present])
+    gaps = before[1:] - before[:-1] - 1  # ids missing just before each present id
+    for j in gaps.nonzero().flatten()[:limit].tolist():
+        start, count = int(before[j]) + 1, int(gaps[j])
+        found.extend(range(start, start + min(count, limit - len(found))))
+        if len(found) >= limit:
+            break
+    last = int(present[-1])
+    if len(found) < limit and last < k - 1:
+        found.extend(range(last + 1, min(k, last + 1 + limit - len(found))))
+    return found, k - present.numel()
+
+
+def _raise_empty(missing: tuple[list[int], int], k: int) -> None:
+    ids, count = missing
+    shown = ", ".join(str(i) for i in ids)
+    more = "" if count <= len(ids) else f" and {count - len(ids)} more"
+    raise ValueError(
+        f"block(s) {shown}{more} are empty: every block id in 0 .. {k - 1} must be used "
+        "(relabel the blocks consecutively, e.g. with torch.unique(labels, return_inverse=True))."
+    )
+
+
 class Partition:
     r"""A partition of the indices :math:`0, \dots, n-1` into :math:`k` non-empty blocks.
 
@@ -115,15 +142,13 @@ class Partition:
                     f"0 .. {num_blocks - 1} (or omit num_blocks to infer it)."
                 )
         k: int = num_blocks
+        if k > labels.numel():  # some block is empty: say which before counting (raw ids such as years or
+            # user ids would make bincount allocate max_label + 1 counters)
+            _raise_empty(_missing_ids(torch.unique(labels), k), k)
         sizes = torch.bincount(labels, minlength=k)
         empty = (sizes == 0).nonzero().flatten()
         if empty.numel():
-            shown = ", ".join(str(int(i)) for i in empty[:5])
-            more = "" if empty.numel() <= 5 else f" and {empty.numel() - 5} more"
-            raise ValueError(
-                f"block(s) {shown}{more} are empty: every block id in 0 .. {k - 1} must be used "
-                "(relabel the blocks consecutively, e.g. with torch.unique(labels, return_inverse=True))."
-            )
+            _raise_empty((empty[:5].tolist(), empty.numel()), k)
         contiguous = bool(labels.numel() <= 1 or (labels[1:] >= labels[:-1]).all())
         self._setup(labels, sizes, labels.numel(), contiguous)
 

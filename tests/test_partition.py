@@ -63,6 +63,32 @@ def test_invalid_input_raises_value_error(call, match):
         call()
 
 
+@pytest.mark.parametrize(
+    "labels, num_blocks",
+    [([0, 1, 10**12], None), ([0, 1, 2**62], None), ([5, 0], None), ([0, 1], 10**12), ([10**6, 3, 3], None)],
+)
+def test_a_label_of_n_or_more_raises_before_counting(labels, num_blocks):
+    """A label >= n (raw ids: years, user ids) leaves a block empty: the ValueError comes before bincount
+    allocates max_label + 1 counters (8 TB for 10**12, which died with a RuntimeError)."""
+    from largest_tensor import LargestTensor
+
+    with LargestTensor() as mode, pytest.raises(ValueError, match=r"are empty.*relabel"):
+        Partition.from_labels(labels, num_blocks=num_blocks)
+    assert mode.largest <= 2 * len(labels) + 2, mode.where
+
+
+@pytest.mark.parametrize("labels", [[0, 7, 3], [9, 4, 0, 2], [3, 1, 5], [6, 6], [0, 1, 2, 12, 13]])
+def test_empty_blocks_are_named_the_same_with_more_blocks_than_indices(labels):
+    """The k > n path (no counters) names the same empty blocks as counting does (padded to k <= n)."""
+    k = max(labels) + 1
+    with pytest.raises(ValueError) as fast:
+        Partition.from_labels(labels)
+    padded = labels + [labels[0]] * (k - len(labels))  # k <= n: counted with bincount, same empty ids
+    with pytest.raises(ValueError) as counted:
+        Partition.from_labels(padded)
+    assert str(fast.value) == str(counted.value)
+
+
 @pytest.mark.parametrize("labels", [[2, 0, 1, 0, 2, 2, 1], [0, 0, 1, 2, 2, 2, 2]])
 @pytest.mark.parametrize("shape_before", [(), (3,), (2, 3)])
 def test_block_sum_and_expand_match_indicator(labels, shape_before):
