@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -662,7 +663,29 @@ class BlockMeanLinearOperator(LinearOperator):
     def _same_partition(self, other) -> bool:
         return isinstance(other, BlockMeanLinearOperator) and other.partition.same_as(self.partition)
 
+    def _add_constant(self, c) -> BlockMeanLinearOperator | None:
+        """``M + c`` for a number or a tensor of shape ``()``, ``(1,)`` or ``(*batch, 1, 1)``: ``c`` is added to every
+        entry (as for a dense tensor), which is again block mean, ``B + c`` (``P (B + c 11^T) P^T``, the same
+        ``lam``). ``None`` for any other ``other``. ``c`` is cast to the operator's dtype and device."""
+        if isinstance(c, numbers.Real) and not isinstance(c, bool):
+            c = torch.tensor(float(c), dtype=self.dtype, device=self.device)
+        elif not torch.is_tensor(c):
+            return None
+        elif any(size != 1 for size in c.shape[-2:]):
+            return None
+        else:
+            c = c.to(dtype=self.dtype, device=self.device)
+        if c.dim() < 2:
+            c = c.reshape(())
+        k = self.partition.num_blocks
+        if self._b_diag is not None and k == 1:  # a single block's B stays a 1 x 1 diagonal
+            return self._new_diagonal(self.lam, self._b_diag + c.squeeze(-1))
+        return self._new(self.lam, self.B + c)  # B + c is not diagonal: the k x k matrix is the result
+
     def __add__(self, other):
+        shifted = self._add_constant(other)
+        if shifted is not None:
+            return shifted
         if self._same_partition(other):
             if self._b_diag is not None and other._b_diag is not None:  # both diagonal: vectors only
                 return self._new_diagonal(self.lam + other.lam, self._b_diag + other._b_diag)

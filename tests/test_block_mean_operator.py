@@ -1,6 +1,7 @@
 """Closed forms of BlockMeanLinearOperator against dense torch.linalg on random partitions."""
 
 import functools
+import math
 from unittest import mock
 
 import linear_operator
@@ -521,3 +522,69 @@ def test_add_diagonal_casts_to_the_operators_dtype(which, dtype, other, shape):
     (grad_ref,) = torch.autograd.grad(torch.logdet(want), diag)
     assert grad.dtype == other
     torch.testing.assert_close(grad, grad_ref.to(other), rtol=1e-4, atol=1e-4)
+
+
+SCALARS = {
+    "float": lambda dtype, batch: 0.5,
+    "int": lambda dtype, batch: 2,
+    "0-d tensor, other dtype": lambda dtype, batch: torch.tensor(
+        0.5, dtype=torch.float32 if dtype == torch.float64 else torch.float64
+    ),
+    "(1,) tensor": lambda dtype, batch: torch.full((1,), 0.75, dtype=dtype),
+    "(*batch, 1, 1) tensor": lambda dtype, batch: torch.linspace(
+        0.25, 1.0, max(1, math.prod(batch)), dtype=dtype
+    ).reshape(*batch, 1, 1),
+}
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+@pytest.mark.parametrize("batch", [(), (2,)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", list(SCALARS))
+def test_adding_a_scalar_adds_it_to_every_entry(kind, dtype, batch, diagonal):
+    """``M + c`` and ``c + M`` (a number, a 0-d or (1,) tensor, or one value per batch entry (*batch, 1, 1))
+    add c to every entry, as for a dense tensor: again block mean, B + c with lam unchanged (it raised)."""
+    labels = PARTITIONS["scattered"]
+    M, lam, B = make_operator(labels, batch, dtype, requires_grad=True)
+    if diagonal:
+        b = torch.diagonal(B, dim1=-2, dim2=-1).detach().clone().requires_grad_(True)
+        B = b
+        M = BlockMeanLinearOperator(lam, b, M.partition, diagonal=True)
+    c = SCALARS[kind](dtype, batch)
+    if torch.is_tensor(c):
+        c.requires_grad_(True)
+
+    def dense_sum():  # a fresh graph per call
+        fresh = BlockMeanLinearOperator(lam, B, M.partition, diagonal=diagonal)
+        return fresh.to_dense().double() + torch.as_tensor(c).double()
+
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    rhs = torch.randn(*batch, len(labels), 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for res in (M + c, c + M):
+        want = dense_sum()
+        assert isinstance(res, BlockMeanLinearOperator) and res.dtype == dtype and res.shape == M.shape
+        torch.testing.assert_close(res.lam, M.lam)  # lam unchanged
+        torch.testing.assert_close(res.to_dense().double(), want, **tol)
+        torch.testing.assert_close(res.solve(rhs.to(dtype)).double(), torch.linalg.solve(want, rhs), **tol)
+        torch.testing.assert_close(res.logdet().double(), torch.logdet(want), **tol)
+        leaves = (lam, B, c) if torch.is_tensor(c) else (lam, B)
+        got_g = torch.autograd.grad(res.logdet().sum(), leaves)
+        want_g = torch.autograd.grad(torch.logdet(want).sum(), leaves)
+        for g, w in zip(got_g, want_g):
+            torch.testing.assert_close(g.double(), w.double(), **tol)
+
+
+def test_adding_a_scalar_to_a_single_diagonal_block_stays_diagonal():
+    M = BlockMeanLinearOperator(torch.ones(1), torch.full((1,), 2.0), Partition.from_labels([0, 0, 0]), diagonal=True)
+    res = M + 0.5
+    assert res.is_diagonal_mode
+    torch.testing.assert_close(res.to_dense(), M.to_dense() + 0.5)
+
+
+def test_adding_a_tensor_that_is_not_a_scalar_is_not_taken_for_one():
+    M = make_operator(PARTITIONS["contiguous"])[0]
+    n = M.shape[-1]
+    rows = torch.arange(n, dtype=torch.float64).unsqueeze(-1)  # (n, 1): a different value per row
+    res = M + rows
+    assert not isinstance(res, BlockMeanLinearOperator)
+    torch.testing.assert_close(res.to_dense(), M.to_dense() + rows)
