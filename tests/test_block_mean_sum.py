@@ -1333,3 +1333,30 @@ def test_an_explicit_sum_linear_operator_with_noise_is_routed():
     assert isinstance(res, bma_gp.FallbackSumLinearOperator)
     with pytest.warns(bma_gp.ClosedFormFallbackWarning):
         res.solve(rhs)
+
+
+@pytest.mark.parametrize("size", [2, 3, 7, 10, 30])
+def test_a_diagonal_constant_in_every_block_keeps_the_block_mean_operator(size):
+    # before: the block average of d was compared with d exactly, and 7 entries of 0.1 average to 0.1 + 1 ulp, so
+    # blocks of 7 points made a constant noise a BlockMeanSumLinearOperator (without the single-partition forms)
+    p = Partition.from_labels(torch.arange(4 * size) % 4)
+    M = BlockMeanLinearOperator(torch.ones(4, dtype=torch.float64), torch.eye(4, dtype=torch.float64), p)
+    d = torch.full((4 * size,), 0.1, dtype=torch.float64)
+    d[torch.arange(4 * size) % 4 == 2] = 0.3  # another constant in one block
+    for op in (M + DiagLinearOperator(d), M.add_diagonal(d), DiagLinearOperator(d) + M):
+        assert type(op) is BlockMeanLinearOperator
+        torch.testing.assert_close(op.to_dense(), M.to_dense() + torch.diag(d), rtol=0, atol=0)
+    d[5] += 1e-3  # not constant in its block: a sum
+    assert isinstance(M + DiagLinearOperator(d), BlockMeanSumLinearOperator)
+
+
+def test_a_dense_matrix_summand_warns_when_solved():
+    # before: M + torch.Tensor gave linear_operator's plain SumLinearOperator, whose solves were silent
+    p = Partition.from_labels(torch.arange(20) % 4)
+    M = BlockMeanLinearOperator(torch.ones(4, dtype=torch.float64), torch.eye(4, dtype=torch.float64), p)
+    dense = torch.eye(20, dtype=torch.float64) + 0.01
+    rhs = torch.ones(20, 1, dtype=torch.float64)
+    for op in (M + dense, dense + M, (M + DiagLinearOperator(torch.rand(20, dtype=torch.float64))) + dense):
+        with pytest.warns(bma_gp.ClosedFormFallbackWarning):
+            solved = op.solve(rhs)
+        torch.testing.assert_close(op.to_dense() @ solved, rhs)
