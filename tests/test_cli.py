@@ -444,3 +444,14 @@ def test_demo_on_cuda(tmp_path):
     summary = _results(out)
     assert summary["device"].startswith("cuda")
     assert all(0 < row["rmse"] < 10 for row in summary["results"])
+
+
+def test_help_states_each_default_once():
+    # before: options with a default in words and no argparse default printed "(default: all) (default: None)"
+    text = build_parser().format_help()
+    assert "(default: None)" not in text
+    for action in build_parser()._actions:
+        assert (action.help or "").count("(default") <= 1
+    for block in text.split("\n  -")[1:]:  # one option's help per block
+        assert block.count("(default") <= 1, block
+    assert "(default: 40)" in text  # argparse's own defaults are still shown

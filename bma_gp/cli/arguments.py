@@ -72,13 +72,24 @@ def _positive_float(text: str) -> float:
 
 
 # ---------------------------------------------------------------------------- parser
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in the help, except where the help already says its default in words or the default is
+    None ("(default: all) (default: None)" contradicted itself)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or "(default" in text:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``bma-gp`` (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Fit exact, block mean and inducing-point Gaussian processes to a data set and compare "
         "them on held-out points. Without --data it uses the Mauna Loa CO2 series bundled with the package.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data")
     data.add_argument("--data", metavar="CSV", help="a CSV file with a header line (default: the bundled CO2 series)")

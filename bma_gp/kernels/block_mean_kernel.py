@@ -141,9 +141,14 @@ class BlockMeanKernel(Kernel):
             (``None``: chosen to keep about 32 MB alive).
 
     Example:
+        >>> import gpytorch, torch
+        >>> from bma_gp import BlockMeanKernel, Partition
+        >>> train_x = torch.linspace(0, 1, 100).unsqueeze(-1)
+        >>> partition = Partition.from_labels((train_x[:, 0] * 10).long().clamp(max=9))  # 10 blocks along x
         >>> base = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
-        >>> partition = Partition.from_labels(labels)
         >>> covar_module = BlockMeanKernel(base, train_x, partition)
+        >>> type(covar_module(train_x).evaluate_kernel()).__name__
+        'BlockMeanLinearOperator'
 
     Cost: the training covariance needs every kernel entry once (:math:`O(n^2 d)` time,
     :math:`O(n \cdot \text{chunk})` memory); everything after is :math:`O(n + k^3)`.

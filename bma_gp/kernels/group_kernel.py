@@ -148,7 +148,8 @@ class GroupKernel(Kernel):
     nonnegative (see ``docs/mixed.md``). So sums with the likelihood's noise, other groupings and
     an inducing-point root keep the closed forms. Against other inputs the result is
     :math:`A_0 P^\top + A_1 P^\top \operatorname{diag}(x)`, built from two
-    :class:`~bma_gp.kernels.BlockCrossLinearOperator` terms of ``t x k`` values each. ``slope=True``
+    :class:`~bma_gp.kernels.BlockCrossLinearOperator` terms with one value per new point (``t`` values and
+    columns; ``t x k`` values only when the group ids differ across a batch). ``slope=True``
     does not combine with ``rank`` or ``per_group_variance``; ``covar_matrix`` is not defined
     for it.
 
