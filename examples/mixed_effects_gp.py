@@ -76,7 +76,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the figure (default: . ; --smoke: a temporary one)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="folder for the figure (default: . ; --smoke: a temporary one)"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.n, args.inducing, args.iters = 600, 8, 3
