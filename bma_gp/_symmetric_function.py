@@ -82,3 +82,21 @@ def symmetric_matrix_function(
 ) -> Tensor:
     """Apply ``fn`` to the eigenvalues of the symmetric matrices ``C`` (``prepare`` may clamp them first)."""
     return SymmetricMatrixFunction.apply(C, fn, prepare)
+
+
+def rounding_floor(e: Tensor) -> Tensor:
+    """``4 k eps`` times the largest ``|e|`` along the last dimension (size ``k``): eigenvalues at or below it are
+    zero within the rounding of the matrix they come from. Detached. # shape: (*batch, 1)"""
+    eps = torch.finfo(e.dtype).eps
+    return 4 * e.shape[-1] * eps * e.detach().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+
+
+def floored_sqrt(e: Tensor) -> Tensor:
+    """:math:`\\sqrt{e}` for eigenvalues above :func:`rounding_floor` and 0, with derivative 0, at or below it.
+
+    The square root has an infinite derivative at 0, and an eigenvalue that is 0 up to rounding (a rank-deficient
+    covariance, a smooth kernel's block mean posterior) made every gradient through a root NaN. Such an eigenvalue
+    is treated as exactly 0: the root changes by at most the square root of the floor, its square by the floor."""
+    kept = e > rounding_floor(e)
+    return torch.where(kept, torch.where(kept, e, torch.ones_like(e)).sqrt(), torch.zeros_like(e))
+

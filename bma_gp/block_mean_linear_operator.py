@@ -20,7 +20,7 @@ from bma_gp import settings
 from bma_gp._broadcast import sum_to_shape
 from bma_gp._diagonal import diagonal_by_construction, is_diagonal
 from bma_gp._precision import core_dtype
-from bma_gp._symmetric_function import symmetric_matrix_function
+from bma_gp._symmetric_function import floored_sqrt, symmetric_matrix_function
 from bma_gp._warnings import warn_dense_cholesky
 from bma_gp.partition import Partition
 
@@ -896,8 +896,10 @@ class BlockMeanLinearOperator(LinearOperator):
         With ``check`` and validation on, a ``ValueError`` names a non-finite input or a negative
         eigenvalue beyond rounding; otherwise (and always for eigenvalues within rounding of zero)
         negative eigenvalues are clamped to zero."""
+        # eigenvalues within rounding of 0 get root 0 with derivative 0: the square root's derivative is infinite at
+        # 0, and a smooth kernel's block mean posterior has such eigenvalues (its draws' gradients were NaN)
         return self._spectral(
-            torch.sqrt, domain="nonnegative", what="matrix_sqrt", check=check and settings.validate.on()
+            floored_sqrt, domain="nonnegative", what="matrix_sqrt", check=check and settings.validate.on()
         )
 
     @_cached_unless_grad("matrix_inv_sqrt")

@@ -26,7 +26,7 @@ from bma_gp._diagonal import is_diagonal as _is_diagonal
 from bma_gp._diagonal import structurally_diagonal as _structurally_diagonal
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._precision import core_dtype
-from bma_gp._symmetric_function import symmetric_matrix_function
+from bma_gp._symmetric_function import floored_sqrt, rounding_floor, symmetric_matrix_function
 from bma_gp._warnings import warn_dense_cholesky
 from bma_gp.block_mean_linear_operator import check_rhs
 from bma_gp.partition import Partition
@@ -1299,21 +1299,29 @@ class BlockMeanSumLinearOperator(LinearOperator):
         return res.to(self.dtype)
 
     # ------------------------------------------------------------------ roots
-    def _root_factor(self, j: int, wdt: torch.dtype) -> Tensor | None:
+    def _root_factor(self, j: int, wdt: torch.dtype, singular: bool = False) -> Tensor | None:
         """A symmetric root :math:`L_j = B_j^{1/2}` of a positive semidefinite :math:`B_j`; None when :math:`B_j`
-        has an eigenvalue clearly below 0 (then the roots of the sum come from the root of the Gram matrix,
-        :meth:`_gram_root_parts`)."""
+        has an eigenvalue clearly below 0 and, unless ``singular``, also when one is 0 within rounding: then the roots
+        of the sum come from the root of the Gram matrix (:meth:`_gram_root_parts`), which is smooth in
+        :math:`B_j` where :math:`B_j^{1/2}` is not (its derivative is infinite at a zero eigenvalue). With
+        ``singular`` (a sum without a diagonal, whose root is :math:`Z L`) such eigenvalues get root 0 with
+        derivative 0 (:func:`~bma_gp._symmetric_function.floored_sqrt`)."""
         if self._block_is_diagonal(j):
             values = self._block_diagonal(j).to(wdt)
             if bool((values < 0).any()):
                 return None
-            return torch.diag_embed(values.clamp_min(0).sqrt())
+            if not singular and bool((values <= rounding_floor(values)).any()):
+                return None
+            return torch.diag_embed(floored_sqrt(values))
         B = self._dense_block(j).to(wdt)
         B = 0.5 * (B + B.mT)
         e = torch.linalg.eigvalsh(B.detach())
-        if bool((e[..., 0] < -10 * torch.finfo(wdt).eps * e.abs().amax(-1) * e.shape[-1]).any()):
+        floor = rounding_floor(e).squeeze(-1)
+        if bool((e[..., 0] < -2.5 * floor).any()):
             return None
-        return symmetric_matrix_function(B, torch.sqrt, lambda x: x.clamp_min(0))
+        if not singular and bool((e[..., 0] <= floor).any()):
+            return None
+        return symmetric_matrix_function(B, floored_sqrt, lambda x: x.clamp_min(0))
 
     def _check_root_size(self) -> None:
         q = self.capacitance_size
@@ -1418,7 +1426,7 @@ class BlockMeanSumLinearOperator(LinearOperator):
         that is not positive definite raises ``ValueError``."""
         if bool((self.diag_values == 0).all()):  # no per-point part: R = Z L, n x q, no eigendecomposition
             wdt = core_dtype(self.dtype)
-            roots = [self._root_factor(j, wdt) for j in range(len(self.partitions))]
+            roots = [self._root_factor(j, wdt, singular=True) for j in range(len(self.partitions))]
             L = [x for x in roots if x is not None]
             if len(L) < len(roots):  # an indefinite B_j: R = Z X Z^T
                 self._check_root_size()
@@ -1524,8 +1532,8 @@ def gram_root_core(A: Tensor, G: Tensor, kind: str, what: str) -> Tensor:
         return e.clamp_min(0 if zero else -1 + eps)
 
     def fn(e: Tensor) -> Tensor:
-        if zero:
-            return e.sqrt()
+        if zero:  # F G F is singular where A is (crossed groupings): there the root is 0 with derivative 0
+            return floored_sqrt(e)
         r = (1 + e).sqrt()
         return -e / (r * (r + 1)) if kind == "inverse" else e / (r + 1)
 

@@ -1360,3 +1360,57 @@ def test_a_dense_matrix_summand_warns_when_solved():
         with pytest.warns(bma_gp.ClosedFormFallbackWarning):
             solved = op.solve(rhs)
         torch.testing.assert_close(op.to_dense() @ solved, rhs)
+
+
+@pytest.mark.parametrize("kind", ["root_decomposition", "root_inv_decomposition"])
+def test_singular_blocks_give_exact_root_gradients(kind):
+    # before: B_j^{1/2} at a zero eigenvalue (a rank-one B, a group variance exactly 0) made these gradients NaN or
+    # -inf; such blocks now take the Gram-matrix root, which is smooth in B_j
+    gen = torch.Generator().manual_seed(18)
+    p1 = Partition.from_labels(random_labels(N, 5, gen))
+    p2 = Partition.from_labels(random_labels(N, 3, gen))
+    Z1 = torch.nn.functional.one_hot(p1.labels, 5).double()
+    Z2 = torch.nn.functional.one_hot(p2.labels, 3).double()
+    d = torch.rand(N, generator=gen, dtype=torch.float64) + 0.1
+    W = torch.randn(5, 1, generator=gen, dtype=torch.float64)
+    probe = torch.randn(N, N, generator=gen, dtype=torch.float64)
+    for B1, diagonal in ((W @ W.mT, False), (torch.tensor([0.5, 0.0, 1.0, 0.3, 0.2], dtype=torch.float64), True)):
+        B1 = B1.clone().requires_grad_(True)
+        op = BlockMeanSumLinearOperator(
+            d, B1, torch.eye(3, dtype=torch.float64), partitions=[p1, p2], diagonal=[diagonal, False]
+        )
+        with closed_forms_only(N):
+            R = getattr(op, kind)().root.to_dense()
+            grad = torch.autograd.grad(((R @ R.mT) * probe).sum(), B1)[0]
+        G1 = torch.diag(B1) if diagonal else B1
+        M = torch.diag(d) + Z1 @ G1 @ Z1.mT + Z2 @ Z2.mT
+        target = M if kind == "root_decomposition" else torch.linalg.inv(M)
+        ref = torch.autograd.grad((target * probe).sum(), B1)[0]
+        if not diagonal:
+            grad, ref = 0.5 * (grad + grad.mT), 0.5 * (ref + ref.mT)
+        assert bool(torch.isfinite(grad).all())
+        torch.testing.assert_close(grad, ref, rtol=1e-9, atol=1e-11 * float(ref.abs().max()))
+
+
+def test_roots_without_a_diagonal_have_finite_gradients_where_the_gram_matrix_is_singular():
+    # d = 0, an indefinite B_1 and a second grouping: F G F is singular in the crossed direction, where the square
+    # root's derivative was inf times 0 (NaN for some random draws)
+    for seed in range(6):
+        gen = torch.Generator().manual_seed(100 + seed)
+        p1 = Partition.from_labels(random_labels(N, 7, gen))
+        p2 = Partition.from_labels(torch.zeros(N, dtype=torch.long))  # one level: the sum of P_1's columns
+        # P_1 (B - 3) P_1^T + 3.1: the same matrix as P_1 B P_1^T + 0.1, positive semidefinite, while B_1 is not
+        B1 = (psd(7, (), gen) - 3.0).requires_grad_(True)
+        B2 = torch.tensor([[3.1]], dtype=torch.float64, requires_grad=True)
+        op = BlockMeanSumLinearOperator(torch.zeros(N, dtype=torch.float64), B1, B2, partitions=[p1, p2])
+        R = op.root_decomposition().root.to_dense()
+        Z1 = torch.nn.functional.one_hot(p1.labels, 7).double()
+        M = Z1 @ B1 @ Z1.mT + B2 * torch.ones(N, N, dtype=torch.float64)
+        torch.testing.assert_close(R @ R.mT, M, rtol=0, atol=1e-12 * float(M.abs().max()))
+        probe = torch.randn(N, N, generator=gen, dtype=torch.float64)
+        grads = torch.autograd.grad(((R @ R.mT) * probe).sum(), [B1, B2])
+        refs = torch.autograd.grad((M * probe).sum(), [B1, B2])
+        for g, r in zip(grads, refs):
+            assert bool(torch.isfinite(g).all()), seed
+            g, r = (0.5 * (g + g.mT), 0.5 * (r + r.mT)) if g.shape[-1] > 1 else (g, r)
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11 * float(r.abs().max()))

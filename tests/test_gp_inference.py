@@ -414,3 +414,39 @@ def test_group_kernel_plus_rbf_uses_generic_path_correctly():
         Kt = C[xt[:, 0].long()][:, xt[:, 0].long()] + rbf(xt, xt).to_dense()
     ref_mean, _ = dense_posterior(K, likelihood.noise, y, model.mean_module.constant, Kx, Kt)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("lengthscale", [2.0, 0.3])
+def test_posterior_draws_at_training_inputs_have_finite_gradients(lengthscale):
+    # a long lengthscale makes the block mean posterior at the training inputs singular within rounding; the
+    # symmetric square root's derivative there was infinite and every hyperparameter gradient of a draw NaN
+    g = torch.Generator().manual_seed(5)
+    n = 60
+    x = torch.rand(n, 1, generator=g, dtype=torch.float64)
+    y = torch.sin(6 * x[:, 0]) + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
+    labels = torch.cat([torch.arange(8), torch.randint(0, 8, (n - 8,), generator=g)])[torch.randperm(n, generator=g)]
+
+    class GP(gpytorch.models.ExactGP):
+        def __init__(self):
+            super().__init__(x, y, gpytorch.likelihoods.GaussianLikelihood())
+            self.mean_module = gpytorch.means.ConstantMean()
+            base = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+            self.covar_module = BlockMeanKernel(base, x, Partition.from_labels(labels, 8))
+
+        def forward(self, inputs):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(inputs), self.covar_module(inputs))
+
+    model = GP().double()
+    model.covar_module.base_kernel.base_kernel.lengthscale = lengthscale
+    model.eval()
+    post = model(x)
+    base = torch.randn(3, n, generator=g, dtype=torch.float64)
+    draws = post.rsample(torch.Size([3]), base_samples=base)
+    draws.sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all()), name
+    # the root is still one of the posterior covariance (to rounding)
+    with torch.no_grad():
+        R = post.lazy_covariance_matrix.root_decomposition().root.to_dense()
+        S = post.covariance_matrix
+    torch.testing.assert_close(R @ R.mT, S, rtol=0, atol=1e-12 * float(S.abs().max()))
