@@ -99,4 +99,3 @@ def floored_sqrt(e: Tensor) -> Tensor:
     is treated as exactly 0: the root changes by at most the square root of the floor, its square by the floor."""
     kept = e > rounding_floor(e)
     return torch.where(kept, torch.where(kept, e, torch.ones_like(e)).sqrt(), torch.zeros_like(e))
-
