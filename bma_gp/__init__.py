@@ -17,6 +17,7 @@ from bma_gp import settings
 from bma_gp._composition import (
     ClosedFormFallbackWarning,
     FallbackIndexedLinearOperator,
+    FallbackScaledLinearOperator,
     FallbackSumLinearOperator,
     closed_form,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "closed_form",
     "ClosedFormFallbackWarning",
     "FallbackIndexedLinearOperator",
+    "FallbackScaledLinearOperator",
     "FallbackSumLinearOperator",
     "block_mean",
     "block_mean_from_sums",

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from linear_operator.operators import (
     AddedDiagLinearOperator,
+    ConstantMulLinearOperator,
     DenseLinearOperator,
     DiagLinearOperator,
     InterpolatedLinearOperator,
@@ -357,6 +358,36 @@ class FallbackIndexedLinearOperator(_WarnsWhenFactorised, InterpolatedLinearOper
             "this submatrix has no closed form here; linear_operator's generic path (dense Cholesky up to "
             "max_cholesky_size, CG and Lanczos beyond) is used. Index with one slice on both sides "
             "(M[a:b, a:b], or mvn[..., a:b]) to keep the closed forms.",
+            ClosedFormFallbackWarning,
+            stacklevel=3,
+        )
+
+
+class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperator):
+    """A negative multiple :math:`c M` of a :class:`~bma_gp.BlockMeanSumLinearOperator` (its root ``U U^T`` cannot
+    carry a negative factor): linear_operator's constant multiple. Products are exact; ``solve`` and the inverse
+    quadratic form without a log-determinant are :math:`M`'s closed forms divided by :math:`c`; log-determinants and
+    roots (a negative definite matrix has no real root) take linear_operator's generic path with a
+    :class:`ClosedFormFallbackWarning`."""
+
+    def solve(self, right_tensor, left_tensor=None):
+        res = self.base_linear_op.solve(right_tensor, left_tensor)
+        c = self.expanded_constant.to(res.dtype)  # (*batch, 1, 1)
+        vector = right_tensor.dim() == 1 and left_tensor is None
+        return res / (c.squeeze(-1) if vector else c)
+
+    def inv_quad_logdet(self, inv_quad_rhs=None, logdet=False, reduce_inv_quad=True):
+        if logdet or inv_quad_rhs is None:
+            return super().inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
+        inv_quad, other = self.base_linear_op.inv_quad_logdet(inv_quad_rhs, False, reduce_inv_quad)
+        c = self.expanded_constant.to(inv_quad.dtype).squeeze(-1)  # (*batch, 1)
+        return inv_quad / (c.squeeze(-1) if reduce_inv_quad else c), other
+
+    def _warn(self, what: str) -> None:
+        warnings.warn(
+            f"{what} of a negative multiple of a {type(self.base_linear_op).__name__}: the sum's closed forms need a "
+            "nonnegative factor; linear_operator's generic path (dense Cholesky up to max_cholesky_size, CG and "
+            "Lanczos beyond) is used. Solve with the sum itself and divide (M * c)^{-1} b = M^{-1} b / c.",
             ClosedFormFallbackWarning,
             stacklevel=3,
         )

@@ -822,8 +822,10 @@ class BlockMeanSumLinearOperator(LinearOperator):
             c = other
         else:
             c = torch.as_tensor(other, dtype=self.dtype, device=self.device)
-        if bool((c < 0).any()):  # U U^T cannot carry a negative factor
-            return super()._mul_constant(other)
+        if bool((c < 0).any()):  # U U^T cannot carry a negative factor: the generic multiple, which warns on solves
+            from bma_gp._composition import FallbackScaledLinearOperator
+
+            return FallbackScaledLinearOperator(self, other)
         scale = c.unsqueeze(-1) if c.dim() else c
         return self._new(
             diag=self.diag_values * scale,

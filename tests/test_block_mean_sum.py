@@ -1414,3 +1414,25 @@ def test_roots_without_a_diagonal_have_finite_gradients_where_the_gram_matrix_is
             assert bool(torch.isfinite(g).all()), seed
             g, r = (0.5 * (g + g.mT), 0.5 * (r + r.mT)) if g.shape[-1] > 1 else (g, r)
             torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11 * float(r.abs().max()))
+
+
+def test_a_negative_multiple_of_a_sum_warns_when_solved():
+    # before: M * c with c < 0 was linear_operator's plain ConstantMulLinearOperator, which took a dense Cholesky
+    # (CG past max_cholesky_size) silently
+    M1, M2, d, U = _pieces()
+    op = M1 + M2 + DiagLinearOperator(d)
+    rhs = torch.randn(N, 2, dtype=torch.float64)
+    dense = -1.5 * op.to_dense()
+    for scaled in (op * -1.5, op.mul(torch.tensor(-1.5, dtype=torch.float64)), -1.5 * op):
+        assert isinstance(scaled, bma_gp.FallbackScaledLinearOperator)
+        with closed_forms_only(N):  # products, solves and the inverse quadratic form: M's closed forms over c
+            product, solved, solved_vector = scaled @ rhs, scaled.solve(rhs), scaled.solve(rhs[:, 0])
+            inv_quad, _ = scaled.inv_quad_logdet(rhs, logdet=False, reduce_inv_quad=False)
+        reference = torch.linalg.solve(dense, rhs)
+        torch.testing.assert_close(product, dense @ rhs)
+        torch.testing.assert_close(solved, reference)
+        torch.testing.assert_close(solved_vector, reference[:, 0])
+        torch.testing.assert_close(inv_quad, (rhs * reference).sum(0))
+        with pytest.warns(bma_gp.ClosedFormFallbackWarning, match="negative multiple"):  # no real root: generic
+            scaled.root_decomposition()
+    assert isinstance(op * 2.0, BlockMeanSumLinearOperator)  # a positive factor keeps the closed forms
