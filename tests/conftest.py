@@ -11,6 +11,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny problems (``pytestmark = pytest.mark.usefixtures("one_thread")``): one intra-op thread is
+    many times faster than several on a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

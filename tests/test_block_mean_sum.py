@@ -33,13 +33,7 @@ N = 40
 CLOSED = (BlockMeanLinearOperator, BlockMeanSumLinearOperator)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These are tiny problems: one intra-op thread is many times faster than several on a shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems
 
 
 # ---------------------------------------------------------------------------- random structures
@@ -749,14 +743,20 @@ def test_gram_root_core_gradients(kind):
     assert torch.autograd.gradcheck(product, inputs, fast_mode=True)
 
 
+def _indefinite_block(k: int, shift: float, gen: torch.Generator) -> torch.Tensor:
+    """A small symmetric ``B`` plus ``shift`` in every entry, with a clearly negative eigenvalue."""
+    B = torch.randn(k, k, generator=gen, dtype=torch.float64)
+    B = 0.05 * (B + B.mT) + shift
+    assert float(torch.linalg.eigvalsh(B)[0]) < -0.05, "the test needs an indefinite B"
+    return B
+
+
 def test_indefinite_weighted_block_root():
     # a random slope (row weights on the indicators) whose block is indefinite
     gen = torch.Generator().manual_seed(16)
     p1 = Partition.from_labels(random_labels(N, 6, gen))
     p2 = Partition.from_labels(random_labels(N, 4, gen))
-    B1 = torch.randn(6, 6, generator=gen, dtype=torch.float64)
-    B1 = 0.05 * (B1 + B1.mT) + 0.2
-    assert float(torch.linalg.eigvalsh(B1)[0]) < -0.05
+    B1 = _indefinite_block(6, 0.2, gen)
     w = torch.randn(N, generator=gen, dtype=torch.float64)
     d = torch.rand(N, generator=gen, dtype=torch.float64) + 3
     op = BlockMeanSumLinearOperator(d, B1, psd(4, (), gen), partitions=[p1, p2], weights=[w, None])
@@ -773,8 +773,7 @@ def test_indefinite_block_with_constant_diagonal_gives_the_symmetric_roots():
     gen = torch.Generator().manual_seed(14)
     p1 = Partition.from_labels(random_labels(N, 6, gen))
     p2 = Partition.from_labels(random_labels(N, 4, gen))
-    B1 = torch.randn(6, 6, generator=gen, dtype=torch.float64)
-    B1 = 0.05 * (B1 + B1.mT) + 0.3
+    B1 = _indefinite_block(6, 0.3, gen)
     d = torch.full((N,), 3.0, dtype=torch.float64)
     op = BlockMeanSumLinearOperator(d, B1, psd(4, (), gen), partitions=[p1, p2])
     A = op.to_dense()

@@ -67,13 +67,7 @@ def dense_twin(linear_op):
     return res
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one intra-op thread is many times faster than several on a shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems
 
 
 class _Common:

@@ -12,13 +12,7 @@ import torch
 
 from bma_gp import GroupKernel
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems
 
 
 class _GP(gpytorch.models.ExactGP):

@@ -2011,42 +2011,6 @@ class _PosteriorRoot(_Root):
         return _stack(self.sqrt_s.unsqueeze(-1) * x, tail)
 
 
-class _GramSquareRoot(_Root):
-    r""":math:`R = \operatorname{diag}(\sqrt{s}) + \operatorname{diag}(\beta) Z X Z^\top
-    \operatorname{diag}(\beta / \sqrt{s})` (:meth:`TrainingPosteriorLinearOperator._gram_square_root_core`), the
-    symmetric-in-the-metric square root when :math:`H` has no root."""
-
-    def __init__(self, parent: TrainingPosteriorLinearOperator, X: Tensor, transposed: bool = False):
-        super().__init__(parent, X, transposed=transposed)
-        self.X = X
-
-    def _columns(self) -> int:
-        return self.parent.shape[-1]
-
-    def _transpose_nonbatch(self) -> _GramSquareRoot:
-        return _GramSquareRoot(self.parent, self.X, transposed=not self.transposed)
-
-    def _expand_batch(self, batch_shape) -> _GramSquareRoot:
-        q = self.X.shape[-1]
-        return _GramSquareRoot(
-            self.parent._expand_batch(batch_shape), self.X.expand(*batch_shape, q, q), transposed=self.transposed
-        )
-
-    def _zxz(self, x: Tensor) -> Tensor:
-        r""":math:`\operatorname{diag}(\beta) Z X Z^\top \operatorname{diag}(\beta) x`."""
-        M, beta = self.parent.M, self.parent.beta.unsqueeze(-1)
-        u = torch.cat(M._z_t(beta * x), dim=-2)
-        return beta * M._z(list((self.X @ u).split(M._sizes(), dim=-2)))
-
-    def _forward(self, x: Tensor) -> Tensor:
-        r = self.sqrt_s.unsqueeze(-1)
-        return r * x + self._zxz(x / r)
-
-    def _backward(self, x: Tensor) -> Tensor:
-        r = self.sqrt_s.unsqueeze(-1)
-        return r * x + self._zxz(x) / r
-
-
 class _SquareRoot(_Root):
     r""":math:`R = \operatorname{diag}(\sqrt{s}) + V K V^\top \operatorname{diag}(1/\sqrt{s})` for :math:`s > 0`:
     :math:`R R^\top = \operatorname{diag}(s) + V V^\top` when :math:`K = h(V^\top \operatorname{diag}(1/s) V)`."""
@@ -2059,11 +2023,11 @@ class _SquareRoot(_Root):
         return self.parent.shape[-1]
 
     def _transpose_nonbatch(self) -> _SquareRoot:
-        return _SquareRoot(self.parent, self.K, transposed=not self.transposed)
+        return type(self)(self.parent, self.K, transposed=not self.transposed)
 
     def _expand_batch(self, batch_shape) -> _SquareRoot:
         q = self.K.shape[-1]
-        return _SquareRoot(
+        return type(self)(
             self.parent._expand_batch(batch_shape), self.K.expand(*batch_shape, q, q), transposed=self.transposed
         )
 
@@ -2074,6 +2038,26 @@ class _SquareRoot(_Root):
     def _backward(self, x: Tensor) -> Tensor:
         r = self.sqrt_s.unsqueeze(-1)
         return r * x + self.parent._v(self.K @ self.parent._v_t(x)) / r
+
+
+class _GramSquareRoot(_SquareRoot):
+    r""":math:`R = \operatorname{diag}(\sqrt{s}) + \operatorname{diag}(\beta) Z X Z^\top
+    \operatorname{diag}(\beta / \sqrt{s})` (:meth:`TrainingPosteriorLinearOperator._gram_square_root_core`, held as
+    ``K``), the square root when :math:`H` has no root: :class:`_SquareRoot` with :math:`Y` the identity."""
+
+    def _zxz(self, x: Tensor) -> Tensor:
+        r""":math:`\operatorname{diag}(\beta) Z X Z^\top \operatorname{diag}(\beta) x`."""
+        M, beta = self.parent.M, self.parent.beta.unsqueeze(-1)
+        u = torch.cat(M._z_t(beta * x), dim=-2)
+        return beta * M._z(list((self.K @ u).split(M._sizes(), dim=-2)))
+
+    def _forward(self, x: Tensor) -> Tensor:
+        r = self.sqrt_s.unsqueeze(-1)
+        return r * x + self._zxz(x / r)
+
+    def _backward(self, x: Tensor) -> Tensor:
+        r = self.sqrt_s.unsqueeze(-1)
+        return r * x + self._zxz(x) / r
 
 
 # ---------------------------------------------------------------------------- the hook
