@@ -143,3 +143,37 @@ def test_non_float_parameter_is_refused():
     opt.param_groups[0]["params"][0].grad = torch.ones(3, dtype=torch.float64)
     with pytest.raises(ValueError, match="floating-point"):
         opt.step()
+
+
+@pytest.mark.parametrize("update_interval", [1, 3])
+def test_non_finite_gradient_is_refused_with_a_callable_partition_and_a_tensor_without_grad(update_interval):
+    """A callable partition whose tensors with a gradient are one block each, while a tensor without a gradient this
+    step has several blocks: the step is the scattered one, which relies on the caller's finiteness check (this
+    check was skipped, as if the one-block-per-tensor CPU step, which checks itself, were taking the step)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))  # two blocks
+    b = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))  # one block
+
+    def rule(p):
+        return torch.arange(p.numel()) % 2 if p.dim() == 2 else torch.zeros(p.numel(), dtype=torch.long)
+
+    opt = BlockMeanAdagrad([w, b], lr=0.1, partition=rule, update_interval=update_interval)
+    w.grad, b.grad = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    opt.step()
+    w.grad, b.grad = None, torch.tensor([1.0, float("nan"), 0.0, 2.0], dtype=torch.float64)
+    params_before = [w.detach().clone(), b.detach().clone()]
+    state_before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="non-finite"):
+        opt.step()
+    assert torch.equal(w, params_before[0]) and torch.equal(b, params_before[1])
+    state_after = opt.state_dict()
+    assert state_after["global_state"]["step"] == state_before["global_state"]["step"] == 1
+    assert state_before["global_state"]["root_lam"] is not None  # the cached root is compared too
+    for key, value in state_before["global_state"].items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, state_after["global_state"][key]), key
+        else:
+            assert value == state_after["global_state"][key], key
+    for idx, st in state_before["state"].items():
+        for key, value in st.items():
+            assert torch.equal(value, state_after["state"][idx][key])

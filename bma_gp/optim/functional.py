@@ -593,8 +593,12 @@ def _single_tensor_block_mean_adagrad(
 
 
 def _tensor_blocks_apply(params, grads, blocks: ParamBlocks, dtype: torch.dtype, maximize) -> bool:
-    """Whether :func:`_tensor_blocks_cpu_step` takes this step: some tensor with entries has a gradient, and each
-    such tensor is one block, with contiguous gradient and parameter of the state's dtype and no ``maximize``."""
+    """Whether :func:`_tensor_blocks_cpu_step` takes this step: the blocks are rows of every tensor (the dispatch of
+    :func:`block_mean_adagrad` sends other layouts to the scattered step, even when the tensors with a gradient are
+    one block each), some tensor with entries has a gradient, and each such tensor is one block, with contiguous
+    gradient and parameter of the state's dtype and no ``maximize``."""
+    if not blocks.by_rows:
+        return False
     first, any_present = blocks.first_block, False
     for i, g in enumerate(grads):
         if g is None or blocks.segments[i] is None:

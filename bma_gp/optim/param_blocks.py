@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -158,7 +159,7 @@ class ParamBlocks:
     def num_blocks(self) -> int:
         return self.partition.num_blocks
 
-    @property
+    @cached_property
     def by_rows(self) -> bool:
-        """Whether every non-empty tensor's blocks are the rows of its ``(rows, cols)`` matrix."""
+        """Whether every non-empty tensor's blocks are the rows of its ``(rows, cols)`` matrix (computed once)."""
         return all(seg is None or seg.row_shape is not None for seg in self.segments)
