@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,6 +29,37 @@ from optim_reference import flat, loss_of, small_model
     ],
 )
 def test_block_mean_invalid_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BlockMeanAdagrad(small_model().parameters(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (BlockMeanAdagrad, {"lr": np.float32(0.1), "eps": np.float64(1e-8), "weight_decay": np.float32(0.01)}),
+        (BlockMeanAdagrad, {"damping": np.float32(0.25), "update_interval": np.int64(2)}),
+        (FullMatrixAdagrad, {"lr": np.float64(0.1), "eps": np.float32(1e-4), "max_dim": np.int64(100)}),
+    ],
+)
+def test_numpy_scalar_hyperparameters_are_python_numbers(cls, kwargs):
+    """Like torch.optim, any real number is a hyperparameter (numpy scalars too), kept as a Python number."""
+    opt = cls(small_model().parameters(), **kwargs)
+    for name, value in kwargs.items():
+        kept = opt.param_groups[0][name] if name in ("lr", "weight_decay") else getattr(opt, name)
+        assert type(kept) is (int if name in ("update_interval", "max_dim") else float), name
+        assert kept == value, name
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"lr": np.float32(-0.1)}, "Invalid learning rate value: .*finite non-negative"),
+        ({"update_interval": np.int64(0)}, "Invalid update_interval value: 0; it must be a positive integer"),
+        ({"update_interval": True}, "Invalid update_interval value: True"),
+        ({"lr": "0.1"}, "Invalid learning rate value: '0.1'; it must be a real number"),
+    ],
+)
+def test_bad_numbers_name_what_is_wrong(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BlockMeanAdagrad(small_model().parameters(), **kwargs)
 

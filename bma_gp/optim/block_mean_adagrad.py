@@ -167,12 +167,12 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         check_finite: bool = True,
         fused: bool = False,
     ):
-        check_hyperparameter("learning rate", lr)
+        lr = check_hyperparameter("learning rate", lr)
         # eps = 0 divides 0 by 0 where a gradient entry has always been 0 (h = 0), which poisons the statistics
-        check_hyperparameter("eps", eps, positive=True)
-        check_hyperparameter("damping", damping)
-        check_hyperparameter("update_interval", update_interval, positive=True, integer=True)
-        check_hyperparameter("weight_decay", weight_decay)
+        eps = check_hyperparameter("eps", eps, positive=True)
+        damping = check_hyperparameter("damping", damping)
+        update_interval = check_hyperparameter("update_interval", update_interval, positive=True, integer=True)
+        weight_decay = check_hyperparameter("weight_decay", weight_decay)
         check_partition_rule(partition)
         if not isinstance(maximize, bool):
             raise ValueError(f"Invalid maximize value: {maximize!r}; it must be True or False.")

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,35 +39,47 @@ from bma_gp.optim.flat_params import FlatParams, state_dtype
 __all__ = ["FlatPreconditionedOptimizer", "check_hyperparameter"]
 
 
-def check_hyperparameter(name: str, value, *, positive: bool = False, integer: bool = False) -> None:
-    """Raise ``ValueError("Invalid <name> value: ...")`` unless ``value`` is a finite non-negative number.
+def check_hyperparameter(name: str, value, *, positive: bool = False, integer: bool = False) -> Any:
+    """``value`` as a Python number; ``ValueError("Invalid <name> value: ...")`` unless it is a finite non-negative
+    number.
+
+    Like ``torch.optim``, any real number is accepted (``numbers.Real``: Python and numpy scalars, not ``bool``) and
+    converted to a Python ``float``; a one-element tensor is checked and returned as it is.
 
     Args:
         name: the argument's name, used in the message.
-        value: the value to check (a Python number or a one-element tensor).
+        value: the value to check (a real number or a one-element tensor).
         positive: require ``value > 0`` instead of ``>= 0``.
-        integer: require a Python ``int`` (not ``bool``).
+        integer: require an integer (``numbers.Integral``, e.g. ``int`` or ``numpy.int64``, not ``bool``), returned as
+            a Python ``int``.
+
+    Returns:
+        ``value`` as a Python ``float`` (``int`` with ``integer``), or the tensor ``value``.
     """
     if integer:
-        ok = isinstance(value, int) and not isinstance(value, bool) and (value > 0 if positive else value >= 0)
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if ok:
+            value = operator.index(value)
+            ok = value > 0 if positive else value >= 0
         if not ok:
             need = "a positive integer" if positive else "a non-negative integer"
             raise ValueError(f"Invalid {name} value: {value!r}; it must be {need}.")
-        return
+        return value
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(
                 f"Invalid {name} value: a tensor {name} must have one element, got shape {tuple(value.shape)}."
             )
         number = float(value)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
         number = float(value)
     else:
-        raise ValueError(f"Invalid {name} value: {value!r}; it must be a number.")
+        raise ValueError(f"Invalid {name} value: {value!r}; it must be a real number.")
     ok = number > 0 if positive else number >= 0
     if not ok or number == float("inf"):
         need = "a finite positive number" if positive else "a finite non-negative number"
         raise ValueError(f"Invalid {name} value: {value!r}; it must be {need}.")
+    return value if isinstance(value, Tensor) else number
 
 
 def _all_finite(grads: list[Tensor], dtype: torch.dtype, extra: list[Tensor]) -> tuple[bool, list[float]]:

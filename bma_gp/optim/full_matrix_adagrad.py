@@ -80,10 +80,10 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
         max_dim: int = 20000,
         check_finite: bool = True,
     ):
-        check_hyperparameter("learning rate", lr)
-        check_hyperparameter("eps", eps, positive=True)
-        check_hyperparameter("weight_decay", weight_decay)
-        check_hyperparameter("max_dim", max_dim, positive=True, integer=True)
+        lr = check_hyperparameter("learning rate", lr)
+        eps = check_hyperparameter("eps", eps, positive=True)
+        weight_decay = check_hyperparameter("weight_decay", weight_decay)
+        max_dim = check_hyperparameter("max_dim", max_dim, positive=True, integer=True)
         self.eps = float(eps)
         self.max_dim = max_dim
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize)
