@@ -75,11 +75,38 @@ def test_block_mean_partition_of_wrong_type():
         ({"lr": -1.0}, "Invalid learning rate"),
         ({"eps": 0.0}, "Invalid eps"),
         ({"max_dim": 0}, "Invalid max_dim"),
+        ({"maximize": "no"}, "Invalid maximize value: 'no'; it must be True or False"),
+        ({"maximize": 1}, "Invalid maximize"),
+        ({"check_finite": "yes"}, "Invalid check_finite"),
     ],
 )
 def test_full_matrix_invalid_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FullMatrixAdagrad(small_model().parameters(), **kwargs)
+
+
+@pytest.mark.parametrize("cls", [BlockMeanAdagrad, FullMatrixAdagrad])
+@pytest.mark.parametrize(
+    "option,match",
+    [
+        ({"maximize": "no"}, "Invalid maximize value: 'no'"),
+        ({"lr": -1.0}, "Invalid learning rate"),
+        ({"weight_decay": float("nan")}, "Invalid weight_decay"),
+    ],
+)
+def test_invalid_group_options_are_refused(cls, option, match):
+    """Per-group lr / weight_decay / maximize are checked like the constructor's, in the constructor's groups and in
+    add_param_group (which then adds nothing); numpy numbers become Python numbers."""
+    model = small_model()
+    params = list(model.parameters())
+    with pytest.raises(ValueError, match=match):
+        cls([{"params": params[:2]}, {"params": params[2:], **option}])
+    opt = cls(params[:2])
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group({"params": params[2:], **option})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": params[2:], "lr": np.float32(0.5), "maximize": True})
+    assert type(opt.param_groups[1]["lr"]) is float and opt.param_groups[1]["lr"] == 0.5
 
 
 def test_full_matrix_refuses_large_models():

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from bma_gp import Partition
 from bma_gp.optim import _fused, functional
-from bma_gp.optim.flat_optimizer import FlatPreconditionedOptimizer, check_hyperparameter
+from bma_gp.optim.flat_optimizer import FlatPreconditionedOptimizer, check_bool, check_hyperparameter
 from bma_gp.optim.flat_params import FlatParams
 from bma_gp.optim.functional import Workspace, block_mean_adagrad, normalised_correlation
 from bma_gp.optim.param_blocks import ParamBlocks, check_partition_rule
@@ -174,10 +174,8 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         update_interval = check_hyperparameter("update_interval", update_interval, positive=True, integer=True)
         weight_decay = check_hyperparameter("weight_decay", weight_decay)
         check_partition_rule(partition)
-        if not isinstance(maximize, bool):
-            raise ValueError(f"Invalid maximize value: {maximize!r}; it must be True or False.")
-        if not isinstance(fused, bool):
-            raise ValueError(f"Invalid fused value: {fused!r}; it must be True or False.")
+        check_bool("maximize", maximize)
+        check_bool("fused", fused)
         if fused and callable(partition):
             raise ValueError(
                 "fused=True supports partition='tensor' and partition='row' (blocks that are rows of each "

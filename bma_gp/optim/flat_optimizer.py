@@ -36,7 +36,7 @@ from torch import Tensor
 
 from bma_gp.optim.flat_params import FlatParams, state_dtype
 
-__all__ = ["FlatPreconditionedOptimizer", "check_hyperparameter"]
+__all__ = ["FlatPreconditionedOptimizer", "check_bool", "check_hyperparameter"]
 
 
 def check_hyperparameter(name: str, value, *, positive: bool = False, integer: bool = False) -> Any:
@@ -82,6 +82,14 @@ def check_hyperparameter(name: str, value, *, positive: bool = False, integer: b
     return value if isinstance(value, Tensor) else number
 
 
+def check_bool(name: str, value) -> bool:
+    """Raise ``ValueError("Invalid <name> value: ...")`` unless ``value`` is ``True`` or ``False`` (a truthy string
+    such as ``"no"`` would silently mean ``True``)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name} value: {value!r}; it must be True or False.")
+    return value
+
+
 def _all_finite(grads: list[Tensor], dtype: torch.dtype, extra: list[Tensor]) -> tuple[bool, list[float]]:
     """Whether every entry of every tensor in ``grads`` is finite, and the values of the 0-d tensors ``extra``.
 
@@ -119,13 +127,35 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
     _pickled_attributes: tuple[str, ...] = ("check_finite", "global_state")
 
     def __init__(self, params, defaults: dict[str, Any], *, check_finite: bool = True):
-        if not isinstance(check_finite, bool):
-            raise ValueError(f"Invalid check_finite value: {check_finite!r}; it must be True or False.")
-        self.check_finite = check_finite
+        self.check_finite = check_bool("check_finite", check_finite)
         self.global_state: dict[str, Any] = {}
         self._layout: FlatParams | None = None
         self._flat: dict[str, Tensor] = {}
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (``__init__`` adds its groups this way too); its ``lr``, ``weight_decay`` and ``maximize`` are
+        checked like the constructor's (numbers are kept as Python numbers).
+
+        Raises:
+            ValueError: an invalid group option; the group is not added.
+        """
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    @staticmethod
+    def _check_group(group: dict[str, Any]) -> None:
+        """Check (and convert) the per-group options of an added group; raise ``ValueError`` before changing it."""
+        lr = check_hyperparameter("learning rate", group["lr"])
+        weight_decay = check_hyperparameter("weight_decay", group.get("weight_decay", 0.0))
+        check_bool("maximize", group["maximize"])
+        group["lr"] = lr
+        if "weight_decay" in group:
+            group["weight_decay"] = weight_decay
 
     # ------------------------------------------------------------------ subclass hooks
     def _init_global_state(self, layout: FlatParams) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bma_gp.optim.flat_optimizer import FlatPreconditionedOptimizer, check_hyperparameter
+from bma_gp.optim.flat_optimizer import FlatPreconditionedOptimizer, check_bool, check_hyperparameter
 from bma_gp.optim.flat_params import FlatParams
 
 __all__ = ["FullMatrixAdagrad", "full_matrix_direction"]
@@ -84,6 +84,7 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
         eps = check_hyperparameter("eps", eps, positive=True)
         weight_decay = check_hyperparameter("weight_decay", weight_decay)
         max_dim = check_hyperparameter("max_dim", max_dim, positive=True, integer=True)
+        check_bool("maximize", maximize)
         self.eps = float(eps)
         self.max_dim = max_dim
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize)
