@@ -64,6 +64,44 @@ def test_bad_numbers_name_what_is_wrong(kwargs, match):
         BlockMeanAdagrad(small_model().parameters(), **kwargs)
 
 
+def _rows(p):
+    return torch.arange(p.numel()) % 2
+
+
+@pytest.mark.parametrize(
+    "cls,option",
+    [
+        (BlockMeanAdagrad, {"eps": 1.0}),
+        (BlockMeanAdagrad, {"damping": 100.0}),
+        (BlockMeanAdagrad, {"update_interval": 7}),
+        (BlockMeanAdagrad, {"partition": "row"}),
+        (BlockMeanAdagrad, {"partition": _rows}),
+        (BlockMeanAdagrad, {"fused": True}),
+        (BlockMeanAdagrad, {"check_finite": False}),
+        (FullMatrixAdagrad, {"eps": 0.5}),
+        (FullMatrixAdagrad, {"max_dim": 10}),
+        (FullMatrixAdagrad, {"check_finite": False}),
+    ],
+)
+def test_optimizer_wide_hyperparameters_in_a_group_are_refused(cls, option):
+    """One preconditioner spans all groups, so eps / damping / partition / ... in a group would be silently ignored
+    (torch's Adagrad honours a per-group eps): refused in the constructor's groups and in add_param_group (which then
+    adds nothing), unless the value is the optimizer's."""
+    (key,) = option
+    model = small_model()
+    params = list(model.parameters())
+    match = f"{key} is an optimizer-wide setting of {cls.__name__}.*Set it in the constructor"
+    with pytest.raises(ValueError, match=match):
+        cls([{"params": params[:2]}, {"params": params[2:], **option}])
+    opt = cls(params[:2])
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group({"params": params[2:], **option})
+    assert len(opt.param_groups) == 1
+    own = getattr(opt, "partition_rule" if key == "partition" else key)
+    opt.add_param_group({"params": params[2:], key: own})  # the optimizer's own value: accepted
+    assert len(opt.param_groups) == 2
+
+
 def test_block_mean_partition_of_wrong_type():
     with pytest.raises(TypeError, match="Invalid partition"):
         BlockMeanAdagrad(small_model().parameters(), partition=3)

@@ -126,9 +126,14 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
     padding (the new blocks start with no statistics, i.e. as identity blocks of
     :math:`F`) and the root is recomputed at the next step.
 
+    Only ``lr``, ``weight_decay`` and ``maximize`` are per group. ``eps``, ``damping``, ``partition``,
+    ``update_interval``, ``fused`` and ``check_finite`` are optimizer-wide (one :math:`F` spans all groups): a param
+    group that sets one to another value than the constructor's is refused.
+
     Raises:
         ValueError: invalid hyperparameters or partition (``TypeError`` for a
-            partition of the wrong type).
+            partition of the wrong type), or a param group with an optimizer-wide
+            hyperparameter of another value.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -151,6 +156,14 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         "damping",
         "partition_rule",
         "update_interval",
+    )
+    _optimizer_wide = (
+        *FlatPreconditionedOptimizer._optimizer_wide,
+        ("eps", "eps"),
+        ("damping", "damping"),
+        ("partition", "partition_rule"),
+        ("update_interval", "update_interval"),
+        ("fused", "fused"),
     )
 
     def __init__(

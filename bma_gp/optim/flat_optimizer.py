@@ -104,6 +104,19 @@ def _all_finite(grads: list[Tensor], dtype: torch.dtype, extra: list[Tensor]) ->
     return finite, values[len(grads) :]
 
 
+def _same_setting(value, current) -> bool:
+    """Whether a param group's ``value`` of an optimizer-wide setting is the optimizer's ``current`` one (the same
+    object, or an equal number or string; a bool only as itself)."""
+    if value is current:
+        return True
+    if isinstance(value, (bool, Tensor)) or isinstance(current, bool) or callable(value) or callable(current):
+        return False
+    try:
+        return bool(value == current)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
 def _non_finite_message(name: str) -> str:
     return (
         f"{name}.step() got a non-finite gradient (inf or nan); no state or parameter was changed. Check the "
@@ -125,6 +138,9 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
     #: instance attributes that pickling and ``copy.deepcopy`` keep besides torch's ``defaults``, ``state`` and
     #: ``param_groups`` (a subclass adds its hyperparameters); caches are rebuilt on the first step
     _pickled_attributes: tuple[str, ...] = ("check_finite", "global_state")
+    #: optimizer-wide hyperparameters as (param-group key, attribute): a group may repeat them only with the
+    #: optimizer's value (a subclass adds its own)
+    _optimizer_wide: tuple[tuple[str, str], ...] = (("check_finite", "check_finite"),)
 
     def __init__(self, params, defaults: dict[str, Any], *, check_finite: bool = True):
         self.check_finite = check_bool("check_finite", check_finite)
@@ -138,14 +154,30 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         checked like the constructor's (numbers are kept as Python numbers).
 
         Raises:
-            ValueError: an invalid group option; the group is not added.
+            ValueError: an invalid group option, or an optimizer-wide hyperparameter (``eps``, ...) set in the group
+                to another value than the optimizer's; the group is not added.
         """
+        if isinstance(param_group, dict):  # else torch's TypeError
+            self._check_optimizer_wide(param_group)
         super().add_param_group(param_group)
         try:
             self._check_group(self.param_groups[-1])
         except ValueError:
             self.param_groups.pop()
             raise
+
+    def _check_optimizer_wide(self, group: dict[str, Any]) -> None:
+        """Refuse a group that sets an optimizer-wide hyperparameter (:attr:`_optimizer_wide`) to another value than
+        the optimizer's: one preconditioner spans every group, so a per-group value would be silently ignored."""
+        name = type(self).__name__
+        for key, attribute in self._optimizer_wide:
+            if key in group and not _same_setting(group[key], getattr(self, attribute)):
+                raise ValueError(
+                    f"{key} is an optimizer-wide setting of {name} (one preconditioner spans all parameter groups), "
+                    f"not a per-group one: a param group has {key}={group[key]!r}, the optimizer {key}="
+                    f"{getattr(self, attribute)!r}. Set it in the constructor, {name}(params, {key}=...), for all "
+                    f"groups (per group: lr, weight_decay, maximize)."
+                )
 
     @staticmethod
     def _check_group(group: dict[str, Any]) -> None:

@@ -60,14 +60,19 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
             anything; ``False`` skips the check and its host synchronisation.
             Default: ``True``.
 
+    Only ``lr``, ``weight_decay`` and ``maximize`` are per group; a param group that sets ``eps``, ``max_dim`` or
+    ``check_finite`` to another value than the constructor's is refused.
+
     Raises:
-        ValueError: invalid hyperparameters, or more than ``max_dim`` parameters.
+        ValueError: invalid hyperparameters, a param group with an optimizer-wide
+            hyperparameter of another value, or more than ``max_dim`` parameters.
 
     The global state (``H``, ``step``) lives in :attr:`global_state`, in float32 or
     the widest parameter dtype, and is saved by :meth:`state_dict`.
     """
 
     _pickled_attributes = (*FlatPreconditionedOptimizer._pickled_attributes, "eps", "max_dim")
+    _optimizer_wide = (*FlatPreconditionedOptimizer._optimizer_wide, ("eps", "eps"), ("max_dim", "max_dim"))
 
     def __init__(
         self,
