@@ -274,3 +274,42 @@ def test_non_finite_gradient_is_refused_with_a_callable_partition_and_a_tensor_w
     for idx, st in state_before["state"].items():
         for key, value in st.items():
             assert torch.equal(value, state_after["state"][idx][key])
+
+
+@pytest.mark.parametrize("cls", [BlockMeanAdagrad, FullMatrixAdagrad])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda: torch.nn.Parameter(torch.randn(2, dtype=torch.complex64)), "real floating-point.*complex64"),
+        (lambda: torch.zeros(3, dtype=torch.long), "real floating-point.*int64"),
+        (lambda: torch.nn.Parameter(torch.randn(3, device="meta")), "meta device.*Materialize the model"),
+    ],
+)
+def test_unusable_parameters_are_refused_when_added(cls, bad, match):
+    """A parameter the optimizer cannot step is refused by the constructor and by add_param_group, which then adds
+    nothing: the optimizer keeps stepping (it used to be refused only at every later step())."""
+    with pytest.raises(ValueError, match=match):
+        cls([bad()])
+    model = small_model()
+    opt = cls(model.parameters(), lr=0.05)
+    loss_of(model, 0).backward()
+    opt.step()
+    groups_before = [dict(g, params=list(g["params"])) for g in opt.param_groups]
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group({"params": [bad()]})
+    assert len(opt.param_groups) == len(groups_before) == 1
+    assert opt.param_groups[0]["params"] == groups_before[0]["params"]
+    before = flat(model.parameters()).clone()
+    opt.zero_grad()
+    loss_of(model, 1).backward()
+    opt.step()  # still usable
+    assert opt.global_state["step"] == 2 and not torch.equal(flat(model.parameters()), before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+@pytest.mark.cuda
+def test_a_parameter_on_another_device_is_refused_when_added():
+    opt = BlockMeanAdagrad([torch.nn.Parameter(torch.randn(3))])
+    with pytest.raises(ValueError, match="one device"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3, device="cuda"))]})
+    assert len(opt.param_groups) == 1

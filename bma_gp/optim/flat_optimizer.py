@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bma_gp.optim.flat_params import FlatParams, state_dtype
+from bma_gp.optim.flat_params import FlatParams, check_params, state_dtype
 
 __all__ = ["FlatPreconditionedOptimizer", "check_bool", "check_hyperparameter"]
 
@@ -154,14 +154,16 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         checked like the constructor's (numbers are kept as Python numbers).
 
         Raises:
-            ValueError: an invalid group option, or an optimizer-wide hyperparameter (``eps``, ...) set in the group
-                to another value than the optimizer's; the group is not added.
+            ValueError: an invalid group option, an optimizer-wide hyperparameter (``eps``, ...) set in the group
+                to another value than the optimizer's, or a parameter the optimizer cannot step (not real
+                floating-point, on the meta device, or on another device than the others); the group is not added.
         """
         if isinstance(param_group, dict):  # else torch's TypeError
             self._check_optimizer_wide(param_group)
         super().add_param_group(param_group)
         try:
             self._check_group(self.param_groups[-1])
+            check_params([p for group in self.param_groups for p in group["params"]])
         except ValueError:
             self.param_groups.pop()
             raise

@@ -14,7 +14,7 @@ from functools import reduce
 import torch
 from torch import Tensor
 
-__all__ = ["FlatParams", "SparseGradientError", "state_dtype"]
+__all__ = ["FlatParams", "SparseGradientError", "check_params", "state_dtype"]
 
 
 class SparseGradientError(ValueError, RuntimeError):
@@ -32,6 +32,34 @@ def state_dtype(dtypes) -> torch.dtype:
     parameters get float64 statistics.
     """
     return reduce(torch.promote_types, dtypes, torch.float32)
+
+
+def check_params(params: list[Tensor]) -> None:
+    """Raise ``ValueError`` unless the flat preconditioner can step ``params``: real floating-point tensors with data
+    (not on the ``meta`` device), all on one device.
+
+    The optimizers run it when a param group is added (so an unusable parameter is refused before it joins the
+    optimizer) and when they build a layout (parameters may have moved since).
+    """
+    devices = set()
+    for p in params:
+        if not (p.is_floating_point() and not p.is_complex()):
+            raise ValueError(
+                f"can only optimize real floating-point parameters, got one of dtype {p.dtype}; "
+                "convert it with `.float()` or leave it out of the optimizer."
+            )
+        if p.is_meta:
+            raise ValueError(
+                f"cannot optimize a parameter on the meta device (shape {tuple(p.shape)}): it holds no data for the "
+                "optimizer's statistics. Materialize the model first (e.g. `model.to_empty(device=...)` and load its "
+                "weights), then build the optimizer from its parameters."
+            )
+        devices.add(p.device)
+    if len(devices) > 1:
+        raise ValueError(
+            f"all parameters must be on one device for the flat preconditioner, found {sorted(map(str, devices))}; "
+            "move the model to one device (or use one optimizer per device)."
+        )
 
 
 class FlatParams:
@@ -52,7 +80,7 @@ class FlatParams:
 
     Raises:
         ValueError: parameters on several devices, or a parameter that is not a
-            real floating-point tensor.
+            real floating-point tensor with data (see :func:`check_params`).
     """
 
     def __init__(self, param_groups: list[dict]):
@@ -60,19 +88,9 @@ class FlatParams:
         group_index: list[int] = []
         for gi, group in enumerate(param_groups):
             for p in group["params"]:
-                if not (p.is_floating_point() and not p.is_complex()):
-                    raise ValueError(
-                        f"can only optimize real floating-point parameters, got one of dtype {p.dtype}; "
-                        "convert it with `.float()` or leave it out of the optimizer."
-                    )
                 params.append(p)
                 group_index.append(gi)
-        devices = {p.device for p in params}
-        if len(devices) > 1:
-            raise ValueError(
-                f"all parameters must be on one device for the flat preconditioner, found {sorted(map(str, devices))}; "
-                "move the model to one device (or use one optimizer per device)."
-            )
+        check_params(params)
         self.params = params
         self.group_index = group_index
         self.numels = [p.numel() for p in params]
