@@ -109,16 +109,79 @@ def test_float64_parameters_get_float64_state():
     assert opt.global_state["root_B"].dtype == torch.float64
 
 
-def test_load_into_other_partition_is_refused():
+def snapshot(opt):
+    """A deep copy of everything a load may change: the global state and the per-parameter state."""
+    return copy.deepcopy(opt.global_state), {p: copy.deepcopy(dict(st)) for p, st in opt.state.items()}
+
+
+def assert_unchanged(opt, before):
+    global_state, state = before
+    assert opt.global_state.keys() == global_state.keys()
+    for key, value in global_state.items():
+        other = opt.global_state[key]
+        assert torch.equal(value, other) if torch.is_tensor(value) else value == other, key
+    assert set(opt.state) == set(state)
+    for p, st in state.items():
+        assert opt.state[p].keys() == st.keys() and all(torch.equal(v, opt.state[p][k]) for k, v in st.items())
+
+
+@pytest.mark.parametrize("saved,loaded", [("row", "tensor"), ("tensor", "row")])
+def test_load_into_other_partition_is_refused_at_load(saved, loaded):
+    """The global state of another partition (the same parameters) is refused by load_state_dict, naming both sizes,
+    with nothing changed: "tensor" into "row" was zero-padded as if groups had been added (a row inheriting the
+    statistics of a whole tensor), "row" into "tensor" loaded and then made every step raise."""
     model = small_model()
-    opt = BlockMeanAdagrad(model.parameters(), partition="row")
+    opt = BlockMeanAdagrad(model.parameters(), partition=saved)
     train(model, opt, 2)
-    opt2 = BlockMeanAdagrad(model.parameters(), partition="tensor")
-    opt2.load_state_dict(opt.state_dict())
-    model.zero_grad()
-    loss_of(model, 0).backward()
-    with pytest.raises(ValueError, match="blocks"):
+    opt2 = BlockMeanAdagrad(model.parameters(), partition=loaded)
+    train(model, opt2, 1)
+    before = snapshot(opt2)
+    k_saved, k = opt.partition.num_blocks, opt2.partition.num_blocks
+    match = rf"U of shape \({k_saved}, {k_saved}\).*form k = {k} blocks under partition='{loaded}'.*another partition"
+    with pytest.raises(ValueError, match=match):
+        opt2.load_state_dict(opt.state_dict())
+    assert_unchanged(opt2, before)
+    train(model, opt2, 1, start=1)  # still steps
+    assert opt2.global_state["step"] == 2
+
+
+def test_full_matrix_load_of_other_sizes_is_refused_at_load():
+    """FullMatrixAdagrad keeps no per-parameter state, so only H tells the sizes: an 8 x 8 H was zero-padded into a
+    10-entry model (the coordinates on the wrong entries), and a 10 x 10 one made every later step raise."""
+    small, big = torch.nn.Linear(3, 2), torch.nn.Linear(4, 2)  # the same number of tensors, d = 8 and 10
+    for src, dst, d_saved, d in ((small, big, 8, 10), (big, small, 10, 8)):
+        opt = FullMatrixAdagrad(src.parameters(), lr=0.1)
+        src(torch.randn(5, src.in_features)).sum().backward()
+        opt.step()
+        opt2 = FullMatrixAdagrad(dst.parameters(), lr=0.1)
+        dst(torch.randn(5, dst.in_features)).sum().backward()
         opt2.step()
+        before = snapshot(opt2)
+        with pytest.raises(ValueError, match=rf"H has shape \({d_saved}, {d_saved}\).*d = {d} entries"):
+            opt2.load_state_dict(opt.state_dict())
+        assert_unchanged(opt2, before)
+
+
+@pytest.mark.parametrize("kind,rule", [("block", "tensor"), ("block", "row"), ("block", "callable"), ("full", None)])
+def test_a_state_saved_between_add_param_group_and_the_next_step_loads(kind, rule):
+    """The one legitimate smaller global state: saved after add_param_group and before the step that grows it. It
+    loads into an optimizer built with all the groups, and the run continues bit for bit."""
+    kw = {} if rule is None else {"partition": (lambda p: torch.arange(p.numel()) % 2) if rule == "callable" else rule}
+    model, model2 = small_model(), small_model()
+    ps, ps2 = list(model.parameters()), list(model2.parameters())
+    cls = BlockMeanAdagrad if kind == "block" else FullMatrixAdagrad
+    opt = cls([{"params": ps[:2]}], lr=0.05, **kw)
+    train(model, opt, 2)
+    opt.add_param_group({"params": ps[2:], "lr": 0.02})
+    sd = copy.deepcopy(opt.state_dict())
+    with torch.no_grad():
+        for p, p2 in zip(ps, ps2):
+            p2.copy_(p)
+    opt2 = cls([{"params": ps2[:2]}, {"params": ps2[2:], "lr": 0.02}], lr=0.05, **kw)
+    opt2.load_state_dict(sd)
+    train(model, opt, 3, start=2)
+    train(model2, opt2, 3, start=2)
+    assert torch.equal(flat(ps), flat(ps2))
 
 
 def test_foreign_state_dict_is_refused():

@@ -274,6 +274,29 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             "root_step": None,
         }
 
+    def _check_global_sizes(self, global_state: dict[str, Any], layout: FlatParams, group_ends: list[int]) -> None:
+        U, w = global_state.get("U"), global_state.get("w")
+        if not isinstance(U, Tensor) or not isinstance(w, Tensor):
+            raise ValueError(
+                "state_dict's 'global_state' has no tensors 'U' and 'w': it was not produced by "
+                "BlockMeanAdagrad.state_dict()."
+            )
+        blocks = self._blocks_of(layout)  # may raise ValueError for a bad callable: nothing has changed yet
+        fits = [blocks.first_block[e] for e in group_ends]
+        k_saved = w.shape[-1] if w.dim() == 1 else -1
+        if k_saved in fits and U.shape == (k_saved, k_saved):
+            return
+        rule = self.partition_rule
+        rule_name = repr(rule) if isinstance(rule, str) else f"the callable {getattr(rule, '__name__', repr(rule))}"
+        earlier = sorted(set(fits[:-1]) - {fits[-1]})
+        also = f" (or {earlier} when saved before add_param_group added the later groups)" if earlier else ""
+        raise ValueError(
+            f"state_dict does not fit this optimizer: its global state has U of shape {tuple(U.shape)} and w of "
+            f"shape {tuple(w.shape)}, but these parameters form k = {fits[-1]} blocks{also} under partition="
+            f"{rule_name}. It was probably saved with another partition, or from other parameters; load a state "
+            "dict saved by an optimizer with the same parameters and partition. Nothing was loaded."
+        )
+
     def _fit_global_state(self, state: dict[str, Any], layout: FlatParams) -> dict[str, Any]:
         self._h_has_zero = True
         self._h_version = -1  # h's version counter after the last step (h changed elsewhere when it differs)

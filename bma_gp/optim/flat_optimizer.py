@@ -341,6 +341,7 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             idx: {k: st[k] for k in self._flat_state_keys if k in st} for idx, st in state_dict["state"].items()
         }
         self._check_saved_sizes(state_dict, saved_flat)
+        self._check_saved_global_state(state_dict, global_state)
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
@@ -377,6 +378,29 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
                         f"{value.numel()} entries, the parameter {p.numel()} (shape {tuple(p.shape)}). Load a state "
                         f"dict saved from the same model."
                     )
+
+    def _check_saved_global_state(self, state_dict: dict[str, Any], global_state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` (before anything changes) when the saved global state cannot belong to these
+        parameters (and, for block-mean AdaGrad, this partition), via :meth:`_check_global_sizes`.
+
+        Its size must be that of the parameters of the first ``m`` groups, for some ``m``: all of them, or fewer when
+        the state was saved after ``add_param_group`` and before the next step (the step then pads it, as it would
+        have in the saving run)."""
+        if not global_state:
+            return  # saved before the first step
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(saved["params"]) != len(group["params"]) for saved, group in zip(saved_groups, self.param_groups)
+        ):
+            return  # torch's load_state_dict names this mismatch
+        ends = [0]
+        for group in self.param_groups:
+            ends.append(ends[-1] + len(group["params"]))
+        self._check_global_sizes(global_state, FlatParams(self.param_groups), ends[1:])
+
+    def _check_global_sizes(self, global_state: dict[str, Any], layout: FlatParams, group_ends: list[int]) -> None:
+        """Raise ``ValueError`` unless ``global_state`` has the size of the parameters ``layout.params[:e]`` for some
+        ``e`` in ``group_ends`` (the ends of the groups, in flat order; see :meth:`_check_saved_global_state`)."""
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

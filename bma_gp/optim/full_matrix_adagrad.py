@@ -116,6 +116,24 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
     def _init_global_state(self, layout: FlatParams) -> dict[str, Any]:
         return {"step": 0, "H": torch.zeros(layout.numel, layout.numel, dtype=layout.dtype, device=layout.device)}
 
+    def _check_global_sizes(self, global_state: dict[str, Any], layout: FlatParams, group_ends: list[int]) -> None:
+        H = global_state.get("H")
+        if not isinstance(H, Tensor):
+            raise ValueError(
+                "state_dict's 'global_state' has no tensor 'H': it was not produced by FullMatrixAdagrad.state_dict()."
+            )
+        fits = [layout.offsets[e] for e in group_ends]
+        if H.dim() == 2 and H.shape[0] == H.shape[1] and H.shape[0] in fits:
+            return
+        earlier = sorted(set(fits[:-1]) - {fits[-1]})
+        also = f" (or {earlier} when saved before add_param_group added the later groups)" if earlier else ""
+        raise ValueError(
+            f"state_dict does not fit this optimizer: its H has shape {tuple(H.shape)}, but these parameters have "
+            f"d = {fits[-1]} entries{also}, so H must be {fits[-1]} x {fits[-1]}. It was probably saved from other "
+            "parameters (another model, or other parameter shapes); load a state dict saved by an optimizer with "
+            "the same parameters. Nothing was loaded."
+        )
+
     def _fit_global_state(self, state: dict[str, Any], layout: FlatParams) -> dict[str, Any]:
         H = state["H"].to(device=layout.device, dtype=layout.dtype)
         d_old, d = H.shape[-1], layout.numel
