@@ -361,3 +361,74 @@ def test_the_ratio_form_resumes_bit_for_bit(how):
         opt_b.step()
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("rule", ["tensor", "row", "callable"])
+def test_a_replaced_sum_is_honoured_like_a_reset_in_place(rule):
+    """optimizer.state[p]["sum"] = new tensor (which torch.optim.Adagrad's step reads) is used by the next step, as a
+    reset in place already was; it used to be ignored (the step kept its flat buffer) while state_dict() saved the
+    new tensor, so a run resumed from the checkpoint parted from the live one."""
+    kw = {"partition": (lambda p: torch.arange(p.numel()) % 2) if rule == "callable" else rule}
+    runs = []
+    for how in ("in place", "replaced", "replaced, then saved and loaded"):
+        model = small_model()
+        opt = make("block", model, **kw)
+        train(model, opt, 4)
+        for i, p in enumerate(model.parameters()):
+            if i % 2 == 0:
+                if how == "in place":
+                    opt.state[p]["sum"].zero_()
+                else:
+                    opt.state[p]["sum"] = torch.zeros_like(p)
+        if how.endswith("loaded"):
+            sd = copy.deepcopy(opt.state_dict())
+            opt = make("block", model, **kw)
+            opt.load_state_dict(sd)
+        train(model, opt, 3, start=4)
+        runs.append((flat(model.parameters()), flat(opt.state[p]["sum"] for p in model.parameters())))
+    for params, h in runs[1:]:
+        assert torch.equal(params, runs[0][0]) and torch.equal(h, runs[0][1])
+
+
+def test_a_cleared_state_restarts_the_optimizer():
+    """optimizer.state = defaultdict(dict), the common reset idiom, restarts the optimizer: the next steps are those
+    of a new optimizer (the global state restarts too), and state_dict() saves what the step uses."""
+    from collections import defaultdict
+
+    model, fresh_model = small_model(), small_model()
+    opt = make("block", model)
+    train(model, opt, 4)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), fresh_model.parameters()):
+            q.copy_(p)
+    opt.state = defaultdict(dict)
+    fresh = make("block", fresh_model)
+    train(model, opt, 3, start=4)
+    train(fresh_model, fresh, 3, start=4)
+    assert torch.equal(flat(model.parameters()), flat(fresh_model.parameters()))
+    assert opt.global_state["step"] == 3
+    sd = opt.state_dict()
+    assert all(torch.equal(sd["state"][i]["sum"], opt.state[p]["sum"]) for i, p in enumerate(model.parameters()))
+
+
+def test_a_refused_step_after_a_replaced_sum_changes_nothing():
+    model = small_model()
+    opt = make("block", model)
+    train(model, opt, 2)
+    p0 = next(model.parameters())
+    mine = torch.zeros_like(p0)
+    opt.state[p0]["sum"] = mine
+    before, params = snapshot(opt), flat(model.parameters()).clone()
+    opt.zero_grad()
+    loss_of(model, 2).backward()
+    p0.grad.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        opt.step()
+    assert opt.state[p0]["sum"] is mine
+    assert_unchanged(opt, before)
+    assert torch.equal(flat(model.parameters()), params)
+    opt.state[p0]["sum"] = torch.zeros(3)
+    p0.grad.view(-1)[0] = 0.0
+    with pytest.raises(ValueError, match=r"state\[p\]\['sum'\] of a parameter of shape .* holds 3 entries"):
+        opt.step()
+    assert torch.equal(flat(model.parameters()), params)

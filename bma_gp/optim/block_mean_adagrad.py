@@ -117,7 +117,8 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             opt-in. Default: ``False``.
 
     State: ``state[p]["sum"]`` is :math:`h` of parameter ``p`` (as in
-    ``torch.optim.Adagrad``; a view of one flat buffer). :attr:`global_state` holds
+    ``torch.optim.Adagrad``; a view of one flat buffer). A replaced entry is what the next
+    step uses, and a cleared ``optimizer.state`` restarts the optimizer. :attr:`global_state` holds
     ``U`` (:math:`k \times k`), ``w`` (:math:`k`), ``step``, and the cached root
     (``root_lam``, ``root_B``, ``root_step``), all in float32 or the widest
     parameter dtype; :meth:`state_dict` saves it under ``"global_state"`` and
@@ -214,6 +215,8 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         ws, h = self._workspace, self._flat.get("sum")
         if ws is None or h is None or ws.h is not h or ws.h_version != h._version:
             return None
+        if self._layout is None or self._state_replaced(self._layout):  # state["sum"] is no longer this h
+            return None
         if not ws.h_max and not ws.chain_until:
             return None
         return {"h_max": dict(ws.h_max), "chain_until": dict(ws.chain_until)}
@@ -247,6 +250,14 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         self._workspace = None
         self._h_has_zero = True
         self._h_version = -1  # h's version counter after the last step (h changed elsewhere when it differs)
+
+    def _forget_flat_state(self) -> None:
+        # a replaced h: the step rebuilds the workspace and finds its zero entries again, and bounds loaded with
+        # another h no longer apply
+        self._workspace = None
+        self._pending_ratio_form = None
+        self._h_has_zero = True
+        self._h_version = -1
 
     # test hook: the correlation matrix F (replaced by the identity to recover torch.optim.Adagrad)
     _correlation = staticmethod(normalised_correlation)

@@ -147,6 +147,7 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         self.global_state: dict[str, Any] = {}
         self._layout: FlatParams | None = None
         self._flat: dict[str, Tensor] = {}
+        self._flat_views: dict[str, list[Tensor]] = {}  # per key, the views of _flat[key] put into self.state
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -229,23 +230,54 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
                 "the optimizer's parameters changed in a way other than add_param_group appending new ones; "
                 "build a new optimizer for a different parameter set."
             )
-        for key in self._flat_state_keys:
+        state = self.state
+        flats: dict[str, Tensor] = {}
+        for key in self._flat_state_keys:  # built before anything is assigned: a bad entry changes nothing
             parts = []
             for p in layout.params:
-                value = self.state[p].get(key) if p in self.state else None
+                value = state[p].get(key) if p in state else None
                 if value is None:
                     parts.append(torch.zeros(p.numel(), dtype=layout.dtype, device=layout.device))
+                elif not isinstance(value, Tensor) or value.numel() != p.numel():
+                    got = f"{value.numel()} entries" if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(
+                        f"state[p][{key!r}] of a parameter of shape {tuple(p.shape)} holds {got}; it must be a tensor "
+                        f"of the parameter's {p.numel()} entries (or be removed, which restarts it from zeros)."
+                    )
                 else:
                     parts.append(value.reshape(-1).to(device=layout.device, dtype=layout.dtype))
-            flat = torch.cat(parts) if parts else torch.zeros(0, dtype=layout.dtype, device=layout.device)
-            self._flat[key] = flat
-            for p, view in zip(layout.params, layout.split(flat)):
-                self.state[p][key] = view
-        if self.global_state:
-            self.global_state = self._fit_global_state(self.global_state, layout)
+            flats[key] = torch.cat(parts) if parts else torch.zeros(0, dtype=layout.dtype, device=layout.device)
+        # per-parameter state removed for every parameter (`optimizer.state = defaultdict(dict)`): a reset of the
+        # whole optimizer, so the global state restarts too
+        cleared = bool(self._flat_state_keys) and not any(
+            key in state[p] for p in layout.params if p in state for key in self._flat_state_keys
+        )
+        if self.global_state and not cleared:
+            global_state = self._fit_global_state(self.global_state, layout)
         else:
-            self.global_state = self._init_global_state(layout)
+            global_state = self._init_global_state(layout)
+        for key, flat in flats.items():
+            self._flat[key] = flat
+            self._flat_views[key] = views = layout.split(flat)
+            for p, view in zip(layout.params, views):
+                state.setdefault(p, {})[key] = view
+        self.global_state = global_state
         self._layout = layout
+
+    def _state_replaced(self, layout: FlatParams) -> bool:
+        """Whether some entry ``state[p][key]`` of the flat state is no longer the view of the flat buffer that the
+        last commit put there (replaced, ``state[p]["sum"] = torch.zeros_like(p)``, or removed, ``optimizer.state =
+        defaultdict(dict)``); one identity test per parameter."""
+        state = self.state
+        for key, views in self._flat_views.items():
+            for p, view in zip(layout.params, views):
+                entry = state.get(p)
+                if entry is None or entry.get(key) is not view:
+                    return True
+        return False
+
+    def _forget_flat_state(self) -> None:
+        """Drop what a subclass derived from the flat buffers: the step rebuilds them from ``self.state``."""
 
     # ------------------------------------------------------------------ torch.optim protocol
     @torch.no_grad()
@@ -269,6 +301,11 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         layout = self._current_layout()
+        if layout is self._layout and self._flat_views and self._state_replaced(layout):
+            # torch.optim reads self.state at every step: a replaced entry is honoured (copied into a new flat
+            # buffer when this step commits the layout, after its checks; a cleared state restarts the optimizer)
+            self._layout = None
+            self._forget_flat_state()
         grads, active = layout.collect_grads()
         if any(active):
             self._step(grads, layout, active)
@@ -362,6 +399,7 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         }
         self._layout = None
         self._flat = {}
+        self._flat_views = {}
 
     def _check_saved_sizes(self, state_dict: dict[str, Any], saved_flat: dict) -> None:
         """Raise ``ValueError`` (before anything changes) when a saved per-parameter state entry does not have the
@@ -414,3 +452,4 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("check_finite", True)
         self._layout = None
         self._flat = {}
+        self._flat_views = {}
