@@ -1505,20 +1505,15 @@ def gram_root_core(A: Tensor, G: Tensor, kind: str, what: str) -> Tensor:
     eps = torch.finfo(wdt).eps
     zero = kind == "zero"
 
-    def floor(e: Tensor) -> Tensor:
-        return 4 * q * eps * e.detach().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(wdt).tiny)
+    def pinv_sqrt(e: Tensor) -> Tensor:
+        # e^{-1/2} on the kept eigenvalues and 0 (with derivative 0) on the null space: a grouping crossed with
+        # another leaves A singular for every d, and there the derivative would be inf times 0 (so is A^{1/2}'s:
+        # floored_sqrt keeps the same eigenvalues)
+        kept = e > rounding_floor(e)
+        return torch.where(kept, torch.where(kept, e, torch.ones_like(e)).rsqrt(), torch.zeros_like(e))
 
-    def kept_power(power: float):
-        # e^power on the kept eigenvalues and 0 (with derivative 0) on the null space: a grouping crossed with
-        # another leaves A singular for every d, and there the derivative of A^{1/2} would be inf times 0
-        def fn(e: Tensor) -> Tensor:
-            kept = e > floor(e)
-            return torch.where(kept, torch.where(kept, e, torch.ones_like(e)).pow(power), torch.zeros_like(e))
-
-        return fn
-
-    F = symmetric_matrix_function(A, kept_power(0.5))
-    F_pinv = symmetric_matrix_function(A, kept_power(-0.5))
+    F = symmetric_matrix_function(A, floored_sqrt)
+    F_pinv = symmetric_matrix_function(A, pinv_sqrt)
     T = F @ G.to(wdt) @ F
     T = 0.5 * (T + T.mT)
 

@@ -531,3 +531,24 @@ def test_a_root_made_under_no_grad_is_made_again_with_gradients(likelihood):
         g = torch.zeros_like(p) if g is None else g
         w = torch.zeros_like(p) if w is None else w
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+
+
+def test_roots_of_singular_blocks_for_draws_have_finite_gradients():
+    # u = L eps with L = B^{1/2}: a rank-one B (or a group variance at 0) gave inf / NaN gradients through draws
+    from bma_gp import BlockMeanSumLinearOperator, Partition
+    from bma_gp.kernels.sum_prediction_strategy import _root_of_block
+
+    g = torch.Generator().manual_seed(9)
+    labels = torch.cat([torch.arange(5), torch.randint(0, 5, (25,), generator=g)])
+    w = torch.randn(5, 1, generator=g, dtype=DTYPE)
+    B = (w @ w.mT).requires_grad_(True)
+    v = torch.tensor([0.5, 0.0, 1.0, 0.3, 0.2], dtype=DTYPE, requires_grad=True)
+    p = Partition.from_labels(labels)
+    for block, diagonal in ((B, False), (v, True)):
+        M = BlockMeanSumLinearOperator(torch.ones(30, dtype=DTYPE), block, partitions=[p], diagonal=[diagonal])
+        L = _root_of_block(M, 0, DTYPE)
+        dense = torch.diag(block) if diagonal else block
+        square = torch.diag(L * L) if diagonal else L @ L.mT
+        torch.testing.assert_close(square, dense, rtol=0, atol=1e-12)
+        (grad,) = torch.autograd.grad((L * torch.arange(1.0, L.numel() + 1, dtype=DTYPE).view_as(L)).sum(), block)
+        assert bool(torch.isfinite(grad).all())

@@ -56,7 +56,7 @@ from bma_gp import settings
 from bma_gp._by_products import ByProducts
 from bma_gp._composition import ClosedFormFallbackWarning, _build, _collect, _Parts
 from bma_gp._precision import core_dtype
-from bma_gp._symmetric_function import symmetric_matrix_function
+from bma_gp._symmetric_function import floored_sqrt, symmetric_matrix_function
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.block_mean_sum_linear_operator import (
     BlockMeanSumLinearOperator,
@@ -190,13 +190,12 @@ def _root_of_block(M: BlockMeanSumLinearOperator, j: int, wdt: torch.dtype) -> T
     if B is None or B.shape[-1] == 1 or not bool((B - torch.diag_embed(values)).detach().any()):
         if bool((values < 0).any()):
             return None
-        positive = values > 0
-        return torch.where(positive, torch.where(positive, values, torch.ones_like(values)).sqrt(), 0)
+        return floored_sqrt(values)  # a variance at 0 (within rounding): root 0 with derivative 0, not inf
     B = 0.5 * (B + B.mT)
     e = torch.linalg.eigvalsh(B.detach())
     if bool((e[..., 0] < -16 * torch.finfo(wdt).eps * B.shape[-1] * e.abs().amax(-1)).any()):
         return None
-    return symmetric_matrix_function(B, torch.sqrt, lambda x: x.clamp_min(0))
+    return symmetric_matrix_function(B, floored_sqrt, lambda x: x.clamp_min(0))
 
 
 def _left(L: Tensor | None, X: Tensor, transpose: bool = False) -> Tensor:
@@ -854,7 +853,7 @@ def new_input_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor,
     M, W = found
     blocks = _cross_factor(M, pieces)
     if blocks is None or all(b is None for b in blocks):
-        _warn_unrecognised_cross(strategy, test_train_covar)
+        _warn_unrecognised_cross(strategy, test_train_covar, M)
         return None
     # the mean as F (Z^T M^{-1} r), its coefficients in the working precision
     coef = _new_input_coefficients(strategy, M)
@@ -868,13 +867,16 @@ def new_input_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor,
     return mean, PredictiveCovarianceLinearOperator.from_blocks(test_test_covar, W, blocks, M._sizes())
 
 
-def _warn_unrecognised_cross(strategy: DefaultPredictionStrategy, test_train_covar: LinearOperator) -> None:
+def _warn_unrecognised_cross(
+    strategy: DefaultPredictionStrategy, test_train_covar: LinearOperator, M: BlockMeanSumLinearOperator | None = None
+) -> None:
     """A :class:`~bma_gp.ClosedFormFallbackWarning` when the noisy training covariance is in the family (so the
     closed form would apply) but the test-by-training covariance does not match its columns: GPyTorch's path then
     forms the ``t x n`` cross covariance and its solves. Nothing when the training covariance is outside the family
     (its own solves warn)."""
-    covar = strategy.likelihood(strategy.train_prior_dist, strategy.train_inputs).lazy_covariance_matrix
-    M = as_sum(covar.evaluate_kernel() if isinstance(covar, LinearOperator) else covar)
+    if M is None:  # the training covariance (known already past the cross pieces' check)
+        covar = strategy.likelihood(strategy.train_prior_dist, strategy.train_inputs).lazy_covariance_matrix
+        M = as_sum(covar.evaluate_kernel() if isinstance(covar, LinearOperator) else covar)
     if M is None or not M._sizes():
         return
     warnings.warn(
@@ -1700,11 +1702,14 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         (:meth:`~bma_gp.BlockMeanSumLinearOperator.root_decomposition`; an indefinite :math:`B_j` is fine there). None,
         with a :class:`~bma_gp.ClosedFormFallbackWarning`, when it has none: a prior diagonal that is 0 at some points
         and not at others, or a prior that is not positive definite."""
+        kept = getattr(self, "_prior_root_kept", None)
+        if kept is not None and not self.M._differentiable():
+            return kept
         M = self.M
         d = M.diag_values.to(self.s.dtype)
         prior = M._new(diag=((1 - self.beta) * d).to(M.dtype))
         try:
-            return prior.root_decomposition().root
+            root = prior.root_decomposition().root
         except ValueError as error:
             warnings.warn(
                 "draws from the posterior at the training inputs: a block matrix B_j of the prior is indefinite, so "
@@ -1714,6 +1719,9 @@ class TrainingPosteriorLinearOperator(LinearOperator):
                 stacklevel=3,
             )
             return None
+        if not self.M._differentiable():  # kept for the next draw; one with a graph is rebuilt per call
+            self._prior_root_kept = root
+        return root
 
     def _function_space_pathwise(self, noise: Tensor, prior_root: LinearOperator) -> Tensor:
         r"""Matheron's rule with prior draws of the function instead of the coefficients (an indefinite :math:`B_j`
@@ -1729,9 +1737,10 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         extra = (self.s - nu * (1 - self.beta)).clamp_min(0)  # what add_diagonal put on top of the posterior
         noise = noise.to(wdt)
         eps_f, eps_e, eps_s = noise.split([noise.shape[-2] - 2 * n, n, n], dim=-2)
-        f = prior_root.matmul(eps_f.to(prior_root.dtype)).to(wdt)
+        f = prior_root.matmul(eps_f).to(wdt)  # the roots apply in the working precision and keep it
         e = nu.sqrt().unsqueeze(-1) * eps_e
-        solved = M.solve((f + e).to(M.dtype)).to(wdt)
+        scaled, _, x = M._woodbury(f + e)  # M^{-1} b = D^{-1} b - D^{-1} Z x, in the working precision
+        solved = scaled - M._z(x) / d.unsqueeze(-1)
         return nu.unsqueeze(-1) * solved - e + extra.sqrt().unsqueeze(-1) * eps_s
 
     def _pathwise(self, noise: Tensor) -> Tensor:
