@@ -1343,10 +1343,12 @@ class BlockMeanSumLinearOperator(LinearOperator):
         wdt = core_dtype(self.dtype)
         sizes = self._sizes()
         J = len(self.partitions)
-        roots = [self._root_factor(j, wdt) for j in range(J)]
-        L = [x for x in roots if x is not None]
-        if len(L) < J:
-            return self._gram_root_parts(inverse)
+        L = []
+        for j in range(J):  # the first block without a root sends the sum to the Gram-matrix root
+            root = self._root_factor(j, wdt)
+            if root is None:
+                return self._gram_root_parts(inverse)
+            L.append(root)
         if self.root is not None:
             L.append(torch.eye(self.rank, dtype=wdt, device=self.device))
         rows = []
