@@ -84,6 +84,36 @@ def symmetric_matrix_function(
     return SymmetricMatrixFunction.apply(C, fn, prepare)
 
 
+class _TwoMatrixFunctions(torch.autograd.Function):
+    """:math:`(f(C), g(C))` from one ``eigh``, each differentiable in ``C`` as in :class:`SymmetricMatrixFunction`."""
+
+    @staticmethod
+    def forward(ctx, C: Tensor, fn: EigenvalueFunction, gn: EigenvalueFunction):
+        e, V = torch.linalg.eigh(C)
+        fe, ge = fn(e), gn(e)
+        ctx.fns = (fn, gn)
+        ctx.save_for_backward(e, fe, ge, V)
+        return (V * fe.unsqueeze(-2)) @ V.mT, (V * ge.unsqueeze(-2)) @ V.mT
+
+    @staticmethod
+    def backward(ctx, grad_f: Tensor | None, grad_g: Tensor | None):
+        e, fe, ge, V = ctx.saved_tensors
+        inner = None
+        for grad, fn, values in ((grad_f, ctx.fns[0], fe), (grad_g, ctx.fns[1], ge)):
+            if grad is None:
+                continue
+            term = divided_differences(fn, e, values) * (V.mT @ (0.5 * (grad + grad.mT)) @ V)
+            inner = term if inner is None else inner + term
+        if inner is None:
+            return None, None, None
+        return V @ inner @ V.mT, None, None
+
+
+def symmetric_matrix_functions(C: Tensor, fn: EigenvalueFunction, gn: EigenvalueFunction) -> tuple[Tensor, Tensor]:
+    """:math:`(f(C), g(C))` for two functions of the same symmetric matrices, from one eigendecomposition."""
+    return _TwoMatrixFunctions.apply(C, fn, gn)
+
+
 def rounding_floor(e: Tensor) -> Tensor:
     """``4 k eps`` times the largest ``|e|`` along the last dimension (size ``k``): eigenvalues at or below it are
     zero within the rounding of the matrix they come from. Detached. # shape: (*batch, 1)"""

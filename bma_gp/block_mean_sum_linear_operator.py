@@ -26,7 +26,12 @@ from bma_gp._diagonal import is_diagonal as _is_diagonal
 from bma_gp._diagonal import structurally_diagonal as _structurally_diagonal
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._precision import core_dtype
-from bma_gp._symmetric_function import floored_sqrt, rounding_floor, symmetric_matrix_function
+from bma_gp._symmetric_function import (
+    floored_sqrt,
+    rounding_floor,
+    symmetric_matrix_function,
+    symmetric_matrix_functions,
+)
 from bma_gp._warnings import warn_dense_cholesky
 from bma_gp.block_mean_linear_operator import check_rhs
 from bma_gp.partition import Partition
@@ -1514,8 +1519,7 @@ def gram_root_core(A: Tensor, G: Tensor, kind: str, what: str) -> Tensor:
         kept = e > rounding_floor(e)
         return torch.where(kept, torch.where(kept, e, torch.ones_like(e)).rsqrt(), torch.zeros_like(e))
 
-    F = symmetric_matrix_function(A, floored_sqrt)
-    F_pinv = symmetric_matrix_function(A, pinv_sqrt)
+    F, F_pinv = symmetric_matrix_functions(A, floored_sqrt, pinv_sqrt)  # one eigendecomposition of A
     T = F @ G.to(wdt) @ F
     T = 0.5 * (T + T.mT)
 
