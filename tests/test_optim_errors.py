@@ -68,6 +68,19 @@ def _rows(p):
     return torch.arange(p.numel()) % 2
 
 
+def _group_refused_both_ways(cls, option, match):
+    """``option`` in a second param group is refused by the constructor and by ``add_param_group``, which then adds
+    nothing; returns the one-group optimizer and the parameters."""
+    params = list(small_model().parameters())
+    with pytest.raises(ValueError, match=match):
+        cls([{"params": params[:2]}, {"params": params[2:], **option}])
+    opt = cls(params[:2])
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group({"params": params[2:], **option})
+    assert len(opt.param_groups) == 1
+    return opt, params
+
+
 @pytest.mark.parametrize(
     "cls,option",
     [
@@ -88,15 +101,8 @@ def test_optimizer_wide_hyperparameters_in_a_group_are_refused(cls, option):
     (torch's Adagrad honours a per-group eps): refused in the constructor's groups and in add_param_group (which then
     adds nothing), unless the value is the optimizer's."""
     (key,) = option
-    model = small_model()
-    params = list(model.parameters())
     match = f"{key} is an optimizer-wide setting of {cls.__name__}.*Set it in the constructor"
-    with pytest.raises(ValueError, match=match):
-        cls([{"params": params[:2]}, {"params": params[2:], **option}])
-    opt = cls(params[:2])
-    with pytest.raises(ValueError, match=match):
-        opt.add_param_group({"params": params[2:], **option})
-    assert len(opt.param_groups) == 1
+    opt, params = _group_refused_both_ways(cls, option, match)
     own = getattr(opt, "partition_rule" if key == "partition" else key)
     opt.add_param_group({"params": params[2:], key: own})  # the optimizer's own value: accepted
     assert len(opt.param_groups) == 2
@@ -135,14 +141,7 @@ def test_full_matrix_invalid_hyperparameters(kwargs, match):
 def test_invalid_group_options_are_refused(cls, option, match):
     """Per-group lr / weight_decay / maximize are checked like the constructor's, in the constructor's groups and in
     add_param_group (which then adds nothing); numpy numbers become Python numbers."""
-    model = small_model()
-    params = list(model.parameters())
-    with pytest.raises(ValueError, match=match):
-        cls([{"params": params[:2]}, {"params": params[2:], **option}])
-    opt = cls(params[:2])
-    with pytest.raises(ValueError, match=match):
-        opt.add_param_group({"params": params[2:], **option})
-    assert len(opt.param_groups) == 1
+    opt, params = _group_refused_both_ways(cls, option, match)
     opt.add_param_group({"params": params[2:], "lr": np.float32(0.5), "maximize": True})
     assert type(opt.param_groups[1]["lr"]) is float and opt.param_groups[1]["lr"] == 0.5
 
