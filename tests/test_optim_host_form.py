@@ -240,6 +240,32 @@ def test_the_steps_root_on_python_floats_matches_numpy(monkeypatch, dtype, inter
     assert_same(python, runs[0][1], dtype)  # and both as the tensor-by-tensor loop
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_statistics_on_python_floats_round_as_numpy(monkeypatch, dtype):
+    """At a few blocks the step adds (P^T n)(P^T n)^T and P^T n^2 to U and w on Python floats: the same float64 sums,
+    rounded once into the state's dtype, bit for bit as numpy's in-place outer product (the path above
+    PYTHON_ROOT_MAX_BLOCKS), for the same block sums (one tensor without a gradient)."""
+    model = make_model(dtype)
+    opt = BlockMeanAdagrad(model.parameters(), lr=0.05)
+    grads_at(model, 0)
+    opt.step()
+    blocks, ws = opt._blocks_of(opt._layout), opt._workspace
+    gen = torch.Generator().manual_seed(3)
+    U0 = torch.rand(blocks.num_blocks, blocks.num_blocks, generator=gen, dtype=torch.float64) + 0.5
+    w0 = torch.rand(blocks.num_blocks, generator=gen, dtype=torch.float64) + 0.5
+    rows = [0, 2, 3]  # block 1 without a gradient
+    sums = [tuple(torch.rand(3, generator=gen, dtype=torch.float64).add(0.1).tolist()) for _ in rows]
+    results = []
+    for limit in (functional.PYTHON_ROOT_MAX_BLOCKS, 0):
+        monkeypatch.setattr(functional, "PYTHON_ROOT_MAX_BLOCKS", limit)
+        stats = dict(opt.global_state, U=(U0 + U0.mT).to(dtype), w=w0.to(dtype), root_lam=None)
+        functional._host_coefficients(stats, blocks, ws, rows, sums, 1e-3, 1)
+        results.append((stats["U"], stats["w"]))
+    (U_py, w_py), (U_np, w_np) = results
+    assert torch.equal(U_py, U_np) and torch.equal(w_py, w_np)
+    assert not torch.equal(U_py, (U0 + U0.mT).to(dtype)) and torch.equal(U_py[1], (U0 + U0.mT).to(dtype)[1])
+
+
 def test_the_numpy_root_matches_torch():
     for k in (1, 3, 8):
         U, w, partition = _root_case(k, seed=5)

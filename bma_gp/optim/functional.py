@@ -796,9 +796,15 @@ def _host_coefficients(
         full[row] = sums
     v, n_sum, n_sq = (list(x) for x in zip(*full))
     U, w = ws.state_arrays(stats["U"], stats["w"])  # the state's memory: updated in place
-    U += np.outer(n_sum, n_sum)  # float64 products, rounded once into the state's dtype
-    w += n_sq
     small = k <= PYTHON_ROOT_MAX_BLOCKS
+    # float64 sums, rounded once into the state's dtype; at a few blocks on Python floats (np.outer costs ~60 us
+    # right after the passes over the parameters), the same sums and roundings
+    if small:
+        U[...] = [[u + a * b for u, b in zip(row, n_sum)] for row, a in zip(U.tolist(), n_sum)]
+        w[...] = [x + y for x, y in zip(w.tolist(), n_sq)]
+    else:
+        U += np.outer(n_sum, n_sum)
+        w += n_sq
     due = stats["root_lam"] is None or (stats["step"] - stats["root_step"]) >= update_interval
     if due:
         root: tuple[Any, Any] | None = None
