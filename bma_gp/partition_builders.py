@@ -9,13 +9,16 @@ takes loses little. The builders here cover the usual cases:
 * :func:`kdtree_partition` -- balanced recursive median bisection on the widest
   dimension, every block holding between ``leaf_size / 2`` and ``leaf_size`` points;
 * :func:`sorted_partition` -- equal-count runs along one input dimension (time series);
-* :func:`group_partition` -- blocks given by integer group ids (exact for group effects).
+* :func:`group_partition` -- blocks given by group ids, integers or strings (exact for group effects).
 
 Every builder returns a partition without empty blocks.
 """
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -204,7 +207,16 @@ def kmeans_partition(
         _, labels = _lloyd(work, centres, full_iters, tol)
     else:
         _, labels = _lloyd(work, _kmeans_pp(work, k, generator), iters, tol)
-    return _relabel(labels)
+    partition = _relabel(labels)
+    if partition.num_blocks < k:
+        warnings.warn(
+            f"kmeans_partition: x has fewer than k = {k} distinct points, so {k - partition.num_blocks} clusters "
+            f"stayed empty and were dropped; the partition has {partition.num_blocks} blocks. Choose k <= the number "
+            "of distinct points to silence this warning.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return partition
 
 
 def kmeans_objective(x: Tensor, partition: Partition) -> Tensor:
@@ -305,21 +317,50 @@ def sorted_partition(x: Tensor, num_blocks: int, dim: int = 0) -> Partition:
 
 
 # ---------------------------------------------------------------------------- groups
+def _string_ids_as_integers(ids):
+    """String ids (in any sequence numpy reads, pandas columns included) as their positions in sorted order, a
+    ``(n,)`` or ``(n, 1)`` integer tensor; anything else is returned unchanged."""
+    try:
+        array = np.asarray(ids)
+        if array.dtype.kind not in "USO":  # numbers: the integer path
+            return ids
+        array = np.asarray(ids, dtype=object)  # numpy reads ["a", 1] as two strings: look at the objects themselves
+    except (TypeError, ValueError):  # ragged input: left to the conversion's own message
+        return ids
+    strings = [isinstance(x, str) for x in array.reshape(-1)]
+    if not any(strings):
+        return ids
+    if not all(strings):
+        raise ValueError(
+            "ids mix strings with other objects; pass one kind of group id (all strings, or all integers)."
+        )
+    _, inverse = np.unique(array.reshape(-1).astype(str), return_inverse=True)
+    return torch.as_tensor(inverse.reshape(array.shape), dtype=torch.long)
+
+
 def group_partition(ids) -> Partition:
     """Partition by given group ids: one block per distinct id.
 
     Any integers are accepted (negative, sparse, unsorted); blocks are numbered
     ``0 .. k-1`` in increasing order of the id. Floating ids are accepted when they are
     whole numbers (gpytorch passes inputs as floats), and an ``(n, 1)`` column is
-    treated as a vector.
+    treated as a vector. Strings (a list, a numpy array or a pandas column of names)
+    are accepted too, numbered in sorted order.
 
     Args:
         ids: group id of every point. # shape: (n,) or (n, 1)
 
     Raises:
         ValueError: empty ids, a non-numeric dtype, a shape other than ``(n,)`` /
-            ``(n, 1)``, or floating ids that are not whole numbers.
+            ``(n, 1)``, floating ids that are not whole numbers, or strings mixed with
+            other objects.
+
+    Example:
+        >>> group_partition(["b", "a", "b", "c"]).labels
+        tensor([1, 0, 1, 2])
     """
+    if not isinstance(ids, Tensor):
+        ids = _string_ids_as_integers(ids)
     if not isinstance(ids, Tensor):
         try:
             ids = torch.as_tensor(ids)

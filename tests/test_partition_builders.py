@@ -1,5 +1,6 @@
 """Partition builders: determinism, no empty blocks, sizes, quality, validation."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,9 +60,10 @@ def test_kmeans_subsample_phase_matches_quality():
 def test_kmeans_refills_or_drops_empty_clusters():
     # 5 distinct points, k = 8: at most 5 non-empty clusters can exist
     x = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0]]).repeat(4, 1)
-    p = kmeans_partition(x, 8, seed=0)
+    with pytest.warns(UserWarning, match=r"fewer than k = 8 distinct points.* the partition has 5 blocks"):
+        p = kmeans_partition(x, 8, seed=0)
     _check_valid(p, 20)
-    assert p.num_blocks <= 5
+    assert p.num_blocks == 5
     # k = n on distinct points: every point its own block (refilling must reach that)
     y = torch.randn(30, 2, generator=torch.Generator().manual_seed(0))
     q = kmeans_partition(y, 30, seed=0)
@@ -175,3 +177,17 @@ def test_group_partition_relabels_any_integers():
 def test_group_partition_bad_input(ids, match):
     with pytest.raises(ValueError, match=match):
         group_partition(ids)
+
+
+def test_group_partition_accepts_string_ids():
+    """Group names (a list, a numpy array, a pandas column, an (n, 1) column) number in sorted order; strings mixed
+    with other objects are refused (numpy would read ["a", 1] as the strings "a" and "1")."""
+    names = ["subject_b", "subject_a", "subject_b", "subject_c", "subject_a"]
+    expected = torch.tensor([1, 0, 1, 2, 0])
+    for ids in (names, tuple(names), np.array(names), np.array(names, dtype=object), np.array(names)[:, None]):
+        assert torch.equal(group_partition(ids).labels, expected)
+    pandas = pytest.importorskip("pandas")
+    assert torch.equal(group_partition(pandas.Series(names)).labels, expected)
+    with pytest.raises(ValueError, match="mix strings with other objects"):
+        group_partition(["a", 1, "a"])
+    assert torch.equal(group_partition([3, 1, 3]).labels, torch.tensor([1, 0, 1]))  # numbers as before
