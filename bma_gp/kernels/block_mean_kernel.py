@@ -13,6 +13,7 @@ from torch import Tensor
 
 from bma_gp._composition import ClosedFormFallbackWarning
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
+from bma_gp.kernels._bound_data import record_bound_data
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.kernels.prediction_strategy import BlockMeanPredictionStrategy
 from bma_gp.partition import Partition
@@ -177,6 +178,7 @@ class BlockMeanKernel(Kernel):
         self.chunk_size = chunk_size
         self._train_x: Tensor
         self._partition: Partition
+        self._data_version = 0
         self.set_train_data(train_x, partition)
 
     @property
@@ -200,6 +202,13 @@ class BlockMeanKernel(Kernel):
         """The partition of the training inputs."""
         return self._partition
 
+    @property
+    def data_version(self) -> int:
+        """How many times the training inputs or the partition were set (:meth:`set_train_data`,
+        :meth:`set_partition`). A prediction strategy cached by a model in eval mode records it and raises
+        ``ValueError`` once it changed, instead of combining the new data with solves against the old."""
+        return self._data_version
+
     def set_train_data(self, train_x: Tensor, partition: Partition | None = None) -> None:
         """Bind the kernel to new training inputs (and optionally a new partition).
 
@@ -216,10 +225,15 @@ class BlockMeanKernel(Kernel):
         )
         self._train_x = train_x
         self._partition = partition
+        self._data_version += 1
 
     def set_partition(self, partition: Partition) -> None:
-        """Use a new partition of the same training inputs."""
+        """Use a new partition of the same training inputs.
+
+        Like :meth:`set_train_data`, this does not reach the model: a model in eval mode keeps its cached prediction
+        strategy until ``model.set_train_data`` or ``model.train()`` (predicting before that raises ``ValueError``)."""
         self._partition = _check_partition(partition, self._train_x.shape[-2])
+        self._data_version += 1
 
     def _apply(self, fn, *args, **kwargs):
         # .to(), .double(), .cuda() move the bound inputs together with the parameters
@@ -376,7 +390,7 @@ class BlockMeanKernel(Kernel):
                 "not the block mean approximation. After model.set_train_data(x, y), also call "
                 "kernel.set_train_data(x, partition) on the BlockMeanKernel."
             )
-        return strategy
+        return record_bound_data(strategy, self)
 
 
 def _kernel_block_mean(

@@ -38,6 +38,7 @@ from bma_gp import settings as bma_settings
 from bma_gp._composition import FallbackSumLinearOperator
 from bma_gp._precision import core_dtype
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
+from bma_gp.kernels._bound_data import check_bound_data
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.kernels.sum_prediction_strategy import _exact_dense_root, new_input_prediction, training_prediction
 
@@ -286,6 +287,7 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
 
     # ------------------------------------------------------------------ prediction
     def exact_prediction(self, test_mean: Tensor, test_test_covar, test_train_covar):
+        check_bound_data(self)
         if self._at_training_points(test_test_covar, test_train_covar):
             # K_** - K_*X M^{-1} K_X*: products and sums of block mean operators on one partition
             mean = self.exact_predictive_mean(test_mean, test_train_covar)

@@ -65,6 +65,7 @@ from bma_gp.block_mean_sum_linear_operator import (
     _scoped,
     gram_root_core,
 )
+from bma_gp.kernels._bound_data import check_bound_data, record_bound_data
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.partition import Partition
 
@@ -400,6 +401,7 @@ class SumPredictionStrategy(DefaultPredictionStrategy):
     against the training covariance (the mean) reach the closed forms through the operator itself."""
 
     def exact_prediction(self, test_mean: Tensor, test_test_covar, test_train_covar):
+        check_bound_data(self)
         res = training_prediction(self, test_mean, test_test_covar, test_train_covar)
         if res is not None:
             return res
@@ -2085,7 +2087,8 @@ def install() -> None:
 
     def prediction_strategy(self, train_inputs, train_prior_dist, train_labels, likelihood):
         if _involves_block_mean(self):
-            return SumPredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood)
+            strategy = SumPredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood)
+            return record_bound_data(strategy, self)
         return original(self, train_inputs, train_prior_dist, train_labels, likelihood)
 
     prediction_strategy.__doc__ = original.__doc__

@@ -1,0 +1,135 @@
+"""GPyTorch models and lifecycles around the block mean kernels, against the same model evaluated densely.
+
+The reference wraps the model's kernel in :class:`DenseKernel`, which evaluates it and hands GPyTorch a plain
+tensor, so the model is conditioned by GPyTorch's dense path (Cholesky, ``max_cholesky_size`` raised past ``n``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import gpytorch
+import pytest
+import torch
+
+from bma_gp import BlockMeanKernel, GroupKernel, Partition
+
+DTYPE = torch.float64
+
+
+class DenseKernel(gpytorch.kernels.Kernel):
+    """``kernel`` evaluated and returned as a dense tensor: the reference for any model type."""
+
+    def __init__(self, kernel: gpytorch.kernels.Kernel):
+        super().__init__()
+        self.kernel = kernel
+
+    def forward(self, x1, x2, diag=False, **params):
+        with gpytorch.settings.lazily_evaluate_kernels(False):
+            out = self.kernel(x1, x2, diag=diag, **params)
+        return out if torch.is_tensor(out) else out.to_dense()
+
+    def num_outputs_per_input(self, x1, x2):
+        return self.kernel.num_outputs_per_input(x1, x2)
+
+
+class GP(gpytorch.models.ExactGP):
+    def __init__(self, x, y, likelihood, kernel):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = kernel
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def dense_copy(model: GP) -> GP:
+    reference = copy.deepcopy(model)
+    reference.covar_module = DenseKernel(reference.covar_module)
+    reference.prediction_strategy = None
+    return reference
+
+
+def dense_prediction(model: GP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    with torch.no_grad(), gpytorch.settings.max_cholesky_size(10**6):
+        pred = model(x)
+        return pred.mean, pred.variance
+
+
+def block_mean_data(n=60, k=6, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=generator, dtype=DTYPE)
+    y = torch.sin(x[:, 0]) + 0.1 * torch.randn(n, generator=generator, dtype=DTYPE)
+    return x, y, Partition.from_labels(torch.arange(n) % k)
+
+
+def block_mean_model(x, y, partition) -> GP:
+    base = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+    return GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), BlockMeanKernel(base, x, partition)).to(DTYPE)
+
+
+# ---------------------------------------------------------------------------- stale prediction caches
+def test_set_partition_in_eval_mode_refuses_the_stale_prediction_cache():
+    """An ExactGP in eval mode caches its prediction strategy; a new partition set on the kernel afterwards used to
+    be combined with solves against the old training covariance (wrong means, negative variances, no error)."""
+    x, y, partition = block_mean_data()
+    new_partition = Partition.from_labels(torch.arange(60) // 10)
+    xt = torch.randn(5, 2, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    model = block_mean_model(x, y, partition)
+    model.eval()
+    with torch.no_grad():
+        model(xt)  # caches the prediction strategy
+    model.covar_module.set_partition(new_partition)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"set_partition.*model\.set_train_data"):
+        model(xt)
+    model.set_train_data(x, y, strict=False)  # what the message says: drops the cache
+    with torch.no_grad():
+        pred = model(xt)
+        mean, variance = pred.mean, pred.variance
+    ref_mean, ref_variance = dense_prediction(dense_copy(model), xt)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(variance, ref_variance, rtol=1e-9, atol=1e-9)
+
+
+def test_kernel_set_train_data_in_eval_mode_refuses_the_stale_prediction_cache():
+    x, y, partition = block_mean_data()
+    x2, y2, partition2 = block_mean_data(n=40, k=4, seed=5)
+    xt = torch.randn(5, 2, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    model = block_mean_model(x, y, partition)
+    model.eval()
+    with torch.no_grad():
+        model(xt)
+    model.covar_module.set_train_data(x2, partition2)  # the model's own data not yet updated
+    with torch.no_grad(), pytest.raises(ValueError, match="set_train_data"):
+        model(xt)
+    model.set_train_data(x2, y2, strict=False)
+    with torch.no_grad():
+        mean = model(xt).mean
+    ref_mean, _ = dense_prediction(dense_copy(model), xt)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-9, atol=1e-9)
+
+
+def test_stale_prediction_cache_is_refused_in_sums_too():
+    """The sums' strategy (an AdditiveKernel holding a BlockMeanKernel) records the kernel's data as well."""
+    x, y, partition = block_mean_data()
+    ids = (torch.arange(60) % 5).to(DTYPE).unsqueeze(-1)
+    inputs = torch.cat([x, ids], -1)
+    base = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(active_dims=[0, 1]))
+    kernel = BlockMeanKernel(base, inputs, partition) + GroupKernel(5, active_dims=[2])
+    model = GP(inputs, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).to(DTYPE)
+    xt = torch.cat([torch.randn(4, 2, dtype=DTYPE), torch.tensor([[0.0], [1.0], [4.0], [2.0]], dtype=DTYPE)], -1)
+    model.eval()
+    with torch.no_grad():
+        model(xt)
+    model.covar_module.kernels[0].set_partition(Partition.from_labels(torch.arange(60) // 10))
+    with torch.no_grad(), pytest.raises(ValueError, match="set_partition"):
+        model(xt)
+    model.train()
+    model.eval()
+    with torch.no_grad():
+        pred = model(xt)
+        mean, variance = pred.mean, pred.variance
+    ref_mean, ref_variance = dense_prediction(dense_copy(model), xt)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(variance, ref_variance, rtol=1e-9, atol=1e-9)
