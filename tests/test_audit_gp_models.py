@@ -7,12 +7,13 @@ tensor, so the model is conditioned by GPyTorch's dense path (Cholesky, ``max_ch
 from __future__ import annotations
 
 import copy
+import warnings
 
 import gpytorch
 import pytest
 import torch
 
-from bma_gp import BlockMeanKernel, GroupKernel, Partition
+from bma_gp import BlockMeanKernel, ClosedFormFallbackWarning, GroupKernel, Partition
 
 DTYPE = torch.float64
 
@@ -133,3 +134,33 @@ def test_stale_prediction_cache_is_refused_in_sums_too():
     ref_mean, ref_variance = dense_prediction(dense_copy(model), xt)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(variance, ref_variance, rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------- batched test inputs
+@pytest.mark.parametrize("slope", [False, True])
+def test_group_kernel_batched_test_inputs_predict_without_a_spurious_warning(slope):
+    """``(b, q, d)`` test inputs (batched acquisition functions) on an unbatched model: the test-by-test block is a
+    small dense matrix that the prediction never solves with. It used to warn that solves leave the closed forms."""
+    generator = torch.Generator().manual_seed(0)
+    ids = (torch.arange(40) % 5).to(DTYPE).unsqueeze(-1)
+    y = torch.randn(40, generator=generator, dtype=DTYPE) + ids[:, 0]
+    if slope:
+        inputs = torch.cat([ids, torch.randn(40, 1, generator=generator, dtype=DTYPE)], -1)
+        xt = torch.tensor([[[0.0, 0.5], [5.0, 1.0], [2.0, -1.0]], [[1.0, 0.0], [3.0, 2.0], [2.0, 0.3]]], dtype=DTYPE)
+    else:
+        inputs = ids
+        xt = torch.tensor([[[0.0], [5.0], [2.0]], [[1.0], [3.0], [2.0]]], dtype=DTYPE)
+    kernel = GroupKernel(6, slope=slope)
+    model = GP(inputs, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).to(DTYPE)
+    model.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        pred = model.likelihood(model(xt))
+        mean, variance = pred.mean, pred.variance
+    ref_mean, ref_variance = dense_prediction(dense_copy(model), xt)
+    assert mean.shape == (2, 3)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(variance - model.likelihood.noise, ref_variance, rtol=1e-9, atol=1e-9)
+    with pytest.warns(ClosedFormFallbackWarning, match="differ across the batch"):  # in training it still warns
+        kernel.train()
+        kernel(xt).to_dense()

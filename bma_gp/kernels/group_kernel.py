@@ -94,8 +94,14 @@ def _gather_pairs(C: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
 FACTOR_DENSE_MAX_GROUPS = 256
 
 
-def _warn_dense(what: str) -> None:
-    """The warning of a :class:`GroupKernel` that assembles its covariance densely."""
+def _warn_dense(kernel: GroupKernel, what: str) -> None:
+    """The warning of a :class:`GroupKernel` that assembles its covariance densely, in training mode only.
+
+    In eval mode the dense matrix is what a model asks for between test points that differ across a batch (the
+    ``(b, q, d)`` inputs of batched acquisition functions): the prediction needs no solve with it, and a training
+    covariance assembled this way is announced by the solves against it (and was by this warning in training)."""
+    if not kernel.training:
+        return
     warnings.warn(
         f"GroupKernel: the {what} differ across the batch entries of both inputs, so they share no partition and "
         "the kernel returns a dense (*batch, n1, n2) matrix, whose solves leave the closed forms. Give every batch "
@@ -460,7 +466,7 @@ class GroupKernel(Kernel):
         if shared1 is not None:
             return self._cross(ids2, shared1, batch).mT
         # ids that differ across batch entries: no shared partition; assemble densely
-        _warn_dense("group ids")
+        _warn_dense(self, "group ids")
         return to_linear_operator(
             _gather_pairs(self.covar_matrix, ids1, ids2).expand(*batch, ids1.shape[-1], ids2.shape[-1])
         )
@@ -577,7 +583,7 @@ class GroupKernel(Kernel):
         if shared1 is not None:
             return self._slope_cross(ids2, cov2, *shared1, S, batch).mT
         # rows that differ across batch entries: no shared partition; assemble densely
-        _warn_dense("group ids or slope covariates")
+        _warn_dense(self, "group ids or slope covariates")
         f1 = torch.stack([torch.ones_like(cov1), cov1], -1)
         f2 = torch.stack([torch.ones_like(cov2), cov2], -1)
         dense = (f1 @ S @ f2.mT) * (ids1.unsqueeze(-1) == ids2.unsqueeze(-2)).to(S.dtype)
