@@ -164,3 +164,53 @@ def test_group_kernel_batched_test_inputs_predict_without_a_spurious_warning(slo
     with pytest.warns(ClosedFormFallbackWarning, match="differ across the batch"):  # in training it still warns
         kernel.train()
         kernel(xt).to_dense()
+
+
+# ---------------------------------------------------------------------------- copies of SGPR-plus-groups models
+def test_deepcopy_of_a_chunked_sgpr_model_keeps_its_mode_and_its_own_likelihood():
+    """GPyTorch's InducingPointKernel.__deepcopy__ builds a fresh kernel: in training mode (so a copied model in eval
+    mode raised "x1 should equal x2 in training mode") and holding the original's likelihood (so the copy's SGPR trace
+    term read, and trained, the original's noise). ChunkedInducingPointKernel's copy keeps both right."""
+    from bma_gp.kernels import ChunkedInducingPointKernel
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 1, generator=generator, dtype=DTYPE)
+    ids = (torch.arange(80) % 4).to(DTYPE).unsqueeze(-1)
+    inputs = torch.cat([x, ids], -1)
+    y = torch.sin(2 * x[:, 0]) + ids[:, 0] * 0.3 + 0.1 * torch.randn(80, generator=generator, dtype=DTYPE)
+    likelihood = gpytorch.likelihoods.GaussianLikelihood()
+    smooth = ChunkedInducingPointKernel(
+        gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()),
+        torch.linspace(-2, 2, 6, dtype=DTYPE).unsqueeze(-1),
+        likelihood,
+        active_dims=[0],
+    )
+    model = GP(inputs, y, likelihood, smooth + GroupKernel(4, active_dims=[1])).to(DTYPE)
+    xt = torch.tensor([[0.1, 0.0], [-1.0, 3.0], [0.5, 2.0]], dtype=DTYPE)
+    model.eval()
+    with torch.no_grad():
+        mean = model(xt).mean
+
+    copied = copy.deepcopy(model)
+    assert not any(module.training for module in copied.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(copied(xt).mean, mean, rtol=1e-12, atol=1e-12)
+    copied_smooth = copied.covar_module.kernels[0]
+    assert copied_smooth.likelihood is copied.likelihood and copied.likelihood is not likelihood
+
+    # training the copy moves the copy's noise, never the original's
+    copied.train()
+    copied.likelihood.noise = 0.3
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(copied.likelihood, copied)
+    (-mll(copied(inputs), y)).backward()
+    assert copied.likelihood.raw_noise.grad is not None
+    assert likelihood.raw_noise.grad is None
+    reference = copy.deepcopy(copied)  # the same model built by hand: a fresh kernel on the copied likelihood
+    reference.covar_module.kernels[0] = ChunkedInducingPointKernel(
+        copy.deepcopy(copied_smooth.base_kernel),
+        copied_smooth.inducing_points.detach().clone(),
+        reference.likelihood,
+        active_dims=[0],
+    ).to(DTYPE)
+    reference_mll = gpytorch.mlls.ExactMarginalLogLikelihood(reference.likelihood, reference)
+    torch.testing.assert_close(mll(copied(inputs), y), reference_mll(reference(inputs), y), rtol=1e-12, atol=1e-12)

@@ -23,6 +23,7 @@ mode keeps the formed root, which the prediction strategy caches.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -165,9 +166,15 @@ class ChunkedInducingPointKernel(InducingPointKernel):
         self.chunk_rows = chunk_rows
 
     def __deepcopy__(self, memo):
+        # GPyTorch's __deepcopy__ builds a new kernel, which is in training mode whatever this one's mode (a copied
+        # model in eval mode then raised "x1 should equal x2 in training mode") and holds this kernel's likelihood
+        # rather than the copy's (the copy's trace term read, and trained, the original's noise)
         copied = super().__deepcopy__(memo)
+        memo[id(self)] = copied
+        copied.likelihood = copy.deepcopy(self.likelihood, memo)
         copied.chunk_rows = self.chunk_rows
         copied.analytic_rbf = self.analytic_rbf
+        copied.training = self.training
         return copied
 
     def _rows(self, dtype: torch.dtype) -> int:
