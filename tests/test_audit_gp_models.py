@@ -214,3 +214,24 @@ def test_deepcopy_of_a_chunked_sgpr_model_keeps_its_mode_and_its_own_likelihood(
     ).to(DTYPE)
     reference_mll = gpytorch.mlls.ExactMarginalLogLikelihood(reference.likelihood, reference)
     torch.testing.assert_close(mll(copied(inputs), y), reference_mll(reference(inputs), y), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- fantasy models
+def test_group_kernel_fantasy_error_names_a_fix_that_exists():
+    """The error used to send a GroupKernel model to "the kernel's set_train_data", which GroupKernel does not have."""
+    ids = (torch.arange(30) % 5).to(DTYPE).unsqueeze(-1)
+    y = torch.randn(30, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
+    model = GP(ids, y, gpytorch.likelihoods.GaussianLikelihood(), GroupKernel(6)).to(DTYPE)
+    model.eval()
+    xt = torch.tensor([[0.0], [5.0], [2.0]], dtype=DTYPE)
+    with torch.no_grad():
+        model(xt)
+    new_ids, new_y = torch.tensor([[5.0], [2.0]], dtype=DTYPE), torch.tensor([1.0, -1.0], dtype=DTYPE)
+    with pytest.raises(NotImplementedError, match="a GroupKernel needs nothing more"):
+        model.get_fantasy_model(new_ids, new_y)
+    assert not hasattr(model.covar_module, "set_train_data")
+    model.set_train_data(torch.cat([ids, new_ids]), torch.cat([y, new_y]), strict=False)  # what the message says
+    with torch.no_grad():
+        mean = model(xt).mean
+    ref_mean, _ = dense_prediction(dense_copy(model), xt)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-9, atol=1e-9)

@@ -337,6 +337,7 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
 
     def get_fantasy_strategy(self, inputs, targets, full_inputs, full_targets, full_output, **kwargs):
         raise NotImplementedError(
-            "fantasy models are not supported with block mean kernels: add the points to the training data "
-            "(model.set_train_data and the kernel's set_train_data) instead."
+            "fantasy models are not supported with block mean kernels: add the points to the training data instead, "
+            "with model.set_train_data(x, y, strict=False) (and, for a BlockMeanKernel, kernel.set_train_data(x, "
+            "partition); a GroupKernel needs nothing more)."
         )
