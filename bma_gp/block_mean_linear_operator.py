@@ -13,7 +13,7 @@ from linear_operator.operators.diag_linear_operator import ConstantDiagLinearOpe
 from linear_operator.operators.root_linear_operator import RootLinearOperator
 from linear_operator.utils.broadcasting import _matmul_broadcast_shape
 from linear_operator.utils.errors import CachingError
-from linear_operator.utils.memoize import add_to_cache, cached, get_from_cache
+from linear_operator.utils.memoize import add_to_cache, get_from_cache
 from torch import Tensor
 
 from bma_gp import settings
@@ -549,7 +549,7 @@ class BlockMeanLinearOperator(LinearOperator):
             return self.partition.expand(self.lam + self._b_vector(), dim=-1)
         return self.partition.expand(self.lam + torch.diagonal(self._b_sym(), dim1=-2, dim2=-1), dim=-1)
 
-    @cached
+    @_cached_unless_grad("to_dense")
     def to_dense(self) -> Tensor:
         labels = self.partition.labels
         B = self._b_sym()
@@ -1138,7 +1138,7 @@ class BlockMeanLinearOperator(LinearOperator):
         return inv_quad_term, logdet_term
 
     # ------------------------------------------------------------------ roots
-    @_cached_unless_grad("root_decomposition")
+    @_cached_unless_grad("cholesky")
     def _cholesky(self, upper: bool | None = False) -> LinearOperator:
         """linear_operator's dense Cholesky factor, with a :class:`~bma_gp.ClosedFormFallbackWarning`: a
         triangular factor has no closed form here (``MultivariateNormal.entropy`` and ``scale_tril`` ask for one)."""
@@ -1207,7 +1207,17 @@ class BlockMeanLinearOperator(LinearOperator):
         evals, evecs = self._eigen(eigenvectors)
         return evals, (DenseLinearOperator(evecs) if eigenvectors else None)
 
-    @cached(name="diagonalization")
+    @_cached_unless_grad("svd")
+    def _svd(self) -> tuple[LinearOperator, Tensor, LinearOperator]:
+        """linear_operator's SVD from the closed-form eigendecomposition (an ``n x n`` matrix of eigenvectors, as
+        :meth:`diagonalization`); cached only without gradients, as every closed form here."""
+        from linear_operator.operators.dense_linear_operator import DenseLinearOperator
+
+        evals, evecs = self._eigen(eigenvectors=True)
+        assert evecs is not None
+        return DenseLinearOperator(evecs * torch.sign(evals).unsqueeze(-2)), evals.abs(), DenseLinearOperator(evecs)
+
+    @_cached_unless_grad("diagonalization")
     def diagonalization(self, method: str | None = None):
         """Closed-form eigendecomposition. The eigenvalues cost O(n + k^3); the eigenvectors are an
         explicit ``n x n`` matrix (a Helmert basis inside each block plus :math:`P S^{-1/2} V`), so only

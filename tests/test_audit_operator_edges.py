@@ -1,0 +1,59 @@
+"""Edge cases of the core operators found by an audit, each against dense ``torch.linalg`` in float64.
+
+* results computed under ``no_grad`` from tensors that require gradients were cached by ``to_dense``,
+  ``diagonalization`` and ``svd`` and silently returned without a graph later (and with gradients the cached
+  graph broke a second backward pass);
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bma_gp import BlockMeanLinearOperator, Partition
+
+DTYPE = torch.float64
+LABELS = [0, 1, 0, 2, 1, 1]
+
+
+def operator(requires_grad: str = "", labels=LABELS, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    partition = Partition.from_labels(torch.tensor(labels))
+    k = partition.num_blocks
+    root = torch.randn(k, k, generator=gen, dtype=DTYPE)
+    lam = (torch.rand(k, generator=gen, dtype=DTYPE) + 0.5).requires_grad_(requires_grad == "lam")
+    B = (root @ root.mT / k).requires_grad_(requires_grad == "B")
+    return BlockMeanLinearOperator(lam, B, partition), lam, B
+
+
+def _dense_of(result) -> torch.Tensor:
+    if isinstance(result, tuple):
+        result = result[0]
+    return result.to_dense() if hasattr(result, "to_dense") else result
+
+
+@pytest.mark.parametrize("which", ["lam", "B"])
+@pytest.mark.parametrize("method", ["to_dense", "diagonalization", "svd"])
+def test_results_computed_under_no_grad_do_not_drop_later_gradients(method, which):
+    op, lam, B = operator(which)
+    with torch.no_grad():
+        getattr(op, method)()
+    value = _dense_of(getattr(op, method)())
+    assert value.requires_grad, f"{method} returned a result cached under no_grad, without a graph"
+    leaf = lam if which == "lam" else B
+    (grad,) = torch.autograd.grad(value.sum(), leaf)
+    fresh, lam2, B2 = operator(which)
+    (ref,) = torch.autograd.grad(_dense_of(getattr(fresh, method)()).sum(), lam2 if which == "lam" else B2)
+    torch.testing.assert_close(grad, ref)
+
+
+def test_to_dense_with_gradients_backpropagates_twice():
+    op, lam, _ = operator("lam")
+    for _ in range(2):  # a cached graph cannot be backpropagated a second time
+        op.to_dense().sum().backward()
+    torch.testing.assert_close(lam.grad, 2 * torch.tensor([2.0, 3.0, 1.0], dtype=DTYPE))
+
+
+def test_to_dense_is_still_cached_without_gradients():
+    op, _, _ = operator()
+    assert op.to_dense() is op.to_dense()
