@@ -1164,7 +1164,8 @@ class BlockMeanLinearOperator(LinearOperator):
         if lhs is None:
             return res
         lhs_root = inv_root.matmul(lhs.mT).mT  # L M^{-1/2} (M^{-1/2} symmetric)
-        return lhs_root @ (rhs.unsqueeze(-1) if rhs.dim() == 1 else rhs), lhs_root.pow(2).sum(-1)
+        # a vector rhs gives a vector L M^{-1/2} r, as linear_operator's sqrt_inv_matmul returns it
+        return lhs_root @ rhs, lhs_root.pow(2).sum(-1)
 
     # ------------------------------------------------------------------ spectrum
     def eigvalsh(self) -> Tensor:

@@ -3,12 +3,14 @@
 * results computed under ``no_grad`` from tensors that require gradients were cached by ``to_dense``,
   ``diagonalization`` and ``svd`` and silently returned without a graph later (and with gradients the cached
   graph broke a second backward pass);
+* ``sqrt_inv_matmul`` with a vector ``rhs`` and a ``lhs`` returned a column, not a vector;
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from linear_operator.operators import DenseLinearOperator
 
 from bma_gp import BlockMeanLinearOperator, Partition
 
@@ -57,3 +59,19 @@ def test_to_dense_with_gradients_backpropagates_twice():
 def test_to_dense_is_still_cached_without_gradients():
     op, _, _ = operator()
     assert op.to_dense() is op.to_dense()
+
+
+@pytest.mark.parametrize("batch", [(), (2,)])
+def test_sqrt_inv_matmul_of_a_vector_with_lhs_matches_linear_operator(batch):
+    op, _, _ = operator()
+    if batch:
+        op = op.expand(*batch, *op.shape)
+    dense = op.to_dense()
+    gen = torch.Generator().manual_seed(1)
+    rhs = torch.randn(6, generator=gen, dtype=DTYPE)
+    lhs = torch.randn(3, 6, generator=gen, dtype=DTYPE)
+    res, quad = op.sqrt_inv_matmul(rhs, lhs)
+    ref, ref_quad = DenseLinearOperator(dense).sqrt_inv_matmul(rhs, lhs)
+    assert res.shape == ref.shape == (*batch, 3)
+    torch.testing.assert_close(res, ref)
+    torch.testing.assert_close(quad, ref_quad)
