@@ -275,6 +275,16 @@ def add_structured(left, right) -> LinearOperator | None:
     return _build(parts, left)
 
 
+def add_low_rank(op: LinearOperator, low_rank_mat) -> LinearOperator | None:
+    """``op.add_low_rank(U)``, ``op + U U^T``, as ``op + LowRankRootLinearOperator(U)`` in closed form; ``None``
+    when that sum has none (the caller then takes linear_operator's path, which warns on solves)."""
+    from linear_operator.operators import LowRankRootLinearOperator
+
+    if not (torch.is_tensor(low_rank_mat) or isinstance(low_rank_mat, LinearOperator)) or low_rank_mat.dim() < 2:
+        return None
+    return add_structured(op, LowRankRootLinearOperator(low_rank_mat))
+
+
 def closed_form(op: LinearOperator) -> LinearOperator:
     """Rewrite a (possibly nested, possibly lazily evaluated) sum as this package's closed-form operator.
 

@@ -702,6 +702,26 @@ class BlockMeanLinearOperator(LinearOperator):
     def __radd__(self, other):
         return self.__add__(other)
 
+    def add_low_rank(
+        self,
+        low_rank_mat: Tensor | LinearOperator,
+        root_decomp_method: str | None = None,
+        root_inv_decomp_method: str | None = None,
+        generate_roots: bool | None = True,
+        **root_decomp_kwargs,
+    ) -> LinearOperator:
+        r""":math:`M + U U^\top` as ``M + LowRankRootLinearOperator(U)``: a closed-form
+        :class:`~bma_gp.BlockMeanSumLinearOperator` (linear_operator's version forms the dense ``n x n`` matrix
+        :math:`U U^\top` and a sum without closed forms). The root arguments are not needed and are ignored."""
+        from bma_gp._composition import add_low_rank
+
+        res = add_low_rank(self, low_rank_mat)
+        if res is not None:
+            return res
+        return super().add_low_rank(
+            low_rank_mat, root_decomp_method, root_inv_decomp_method, generate_roots, **root_decomp_kwargs
+        )
+
     def add_diagonal(self, diag: Tensor) -> LinearOperator:
         """Add ``diag`` to the diagonal. A scalar (or one value per batch entry, shape ``(*batch, 1)``)
         keeps the block mean type; a full diagonal ``(*batch, n)`` gives a

@@ -811,6 +811,26 @@ class BlockMeanSumLinearOperator(LinearOperator):
             ) from None
         return self._new(diag=new)
 
+    def add_low_rank(
+        self,
+        low_rank_mat: Tensor | LinearOperator,
+        root_decomp_method: str | None = None,
+        root_inv_decomp_method: str | None = None,
+        generate_roots: bool | None = True,
+        **root_decomp_kwargs,
+    ) -> LinearOperator:
+        r""":math:`M + U U^\top` with ``U`` joining the low-rank root, in closed form (linear_operator's version
+        forms the dense ``n x n`` matrix :math:`U U^\top` and a sum without closed forms). The root arguments are
+        not needed and are ignored."""
+        from bma_gp._composition import add_low_rank
+
+        res = add_low_rank(self, low_rank_mat)
+        if res is not None:
+            return res
+        return super().add_low_rank(
+            low_rank_mat, root_decomp_method, root_inv_decomp_method, generate_roots, **root_decomp_kwargs
+        )
+
     def __add__(self, other):
         from bma_gp._composition import add_structured, fallback_sum
 

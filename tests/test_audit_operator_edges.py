@@ -4,15 +4,19 @@
   ``diagonalization`` and ``svd`` and silently returned without a graph later (and with gradients the cached
   graph broke a second backward pass);
 * ``sqrt_inv_matmul`` with a vector ``rhs`` and a ``lhs`` returned a column, not a vector;
+* ``add_low_rank`` formed the dense ``n x n`` matrix ``U U^T`` and a sum without closed forms;
 """
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
-from linear_operator.operators import DenseLinearOperator
+from linear_operator.operators import DenseLinearOperator, DiagLinearOperator
 
-from bma_gp import BlockMeanLinearOperator, Partition
+from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, Partition
+from bma_gp._warnings import ClosedFormFallbackWarning
 
 DTYPE = torch.float64
 LABELS = [0, 1, 0, 2, 1, 1]
@@ -75,3 +79,21 @@ def test_sqrt_inv_matmul_of_a_vector_with_lhs_matches_linear_operator(batch):
     assert res.shape == ref.shape == (*batch, 3)
     torch.testing.assert_close(res, ref)
     torch.testing.assert_close(quad, ref_quad)
+
+
+@pytest.mark.parametrize("kind", ["block_mean", "sum"])
+@pytest.mark.parametrize("root_kind", ["tensor", "operator", "batch"])
+def test_add_low_rank_stays_in_closed_form(kind, root_kind):
+    op, _, _ = operator()
+    if kind == "sum":
+        op = op + DiagLinearOperator(torch.linspace(0.5, 1.0, 6, dtype=DTYPE))
+    gen = torch.Generator().manual_seed(2)
+    U = torch.randn(*((2,) if root_kind == "batch" else ()), 6, 2, generator=gen, dtype=DTYPE)
+    res = op.add_low_rank(DenseLinearOperator(U) if root_kind == "operator" else U)
+    assert isinstance(res, BlockMeanSumLinearOperator)
+    dense = op.to_dense() + U @ U.mT
+    x = torch.randn(6, 3, generator=gen, dtype=DTYPE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        torch.testing.assert_close(res.solve(x), torch.linalg.solve(dense, x))
+        torch.testing.assert_close(res.logdet(), torch.logdet(dense))
