@@ -11,6 +11,7 @@ blocks use a segment reduction, scattered ones a scatter-add and a gather.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Sequence
 from types import EllipsisType
@@ -132,8 +133,12 @@ class Partition:
         if num_blocks is None:
             num_blocks = hi + 1
         else:
-            if isinstance(num_blocks, bool) or not isinstance(num_blocks, int):
+            if isinstance(num_blocks, bool) or (torch.is_tensor(num_blocks) and num_blocks.dtype == torch.bool):
                 raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}.")
+            try:  # any integer: a Python int, a NumPy integer, a one-element integer tensor (labels.max() + 1)
+                num_blocks = operator.index(num_blocks)
+            except TypeError:
+                raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}.") from None
             if num_blocks <= 0:
                 raise ValueError(f"num_blocks must be positive, got {num_blocks}.")
             if hi >= num_blocks:

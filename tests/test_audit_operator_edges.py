@@ -5,12 +5,14 @@
   graph broke a second backward pass);
 * ``sqrt_inv_matmul`` with a vector ``rhs`` and a ``lhs`` returned a column, not a vector;
 * ``add_low_rank`` formed the dense ``n x n`` matrix ``U U^T`` and a sum without closed forms;
+* ``num_blocks`` refused NumPy and tensor integers;
 """
 
 from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from linear_operator.operators import DenseLinearOperator, DiagLinearOperator
@@ -97,3 +99,16 @@ def test_add_low_rank_stays_in_closed_form(kind, root_kind):
         warnings.simplefilter("error", ClosedFormFallbackWarning)
         torch.testing.assert_close(res.solve(x), torch.linalg.solve(dense, x))
         torch.testing.assert_close(res.logdet(), torch.logdet(dense))
+
+
+@pytest.mark.parametrize("num_blocks", [np.int64(3), np.int32(3), torch.tensor(3)])
+def test_num_blocks_accepts_numpy_and_tensor_integers(num_blocks):
+    partition = Partition.from_labels([0, 2, 2, 1], num_blocks=num_blocks)
+    assert partition.num_blocks == 3 and type(partition.num_blocks) is int
+    assert partition.sizes.tolist() == [1, 1, 2]
+
+
+@pytest.mark.parametrize("num_blocks", [3.0, True, torch.tensor(3.0), "3", torch.tensor([3, 3])])
+def test_num_blocks_that_is_not_an_integer_is_refused(num_blocks):
+    with pytest.raises(ValueError, match="num_blocks must be a positive int"):
+        Partition.from_labels([0, 2, 2, 1], num_blocks=num_blocks)
