@@ -87,6 +87,11 @@ def block_mean(
         raise TypeError(f"partition must be a bma_gp.Partition, got {type(partition).__name__}.")
     if not (torch.is_tensor(A) or isinstance(A, LinearOperator)):
         raise TypeError(f"A must be a tensor or a LinearOperator, got {type(A).__name__}.")
+    if A.dtype.is_complex or A.dtype == torch.bool:
+        raise TypeError(
+            f"A must hold real numbers, got dtype {A.dtype}: a block mean operator is real (for a complex A, "
+            "approximate A.real and A.imag separately)."
+        )
     n = len(partition)
     if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
         raise ValueError(f"A must be square with shape (*batch, n, n), got {tuple(A.shape)}.")

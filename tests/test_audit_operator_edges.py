@@ -6,6 +6,7 @@
 * ``sqrt_inv_matmul`` with a vector ``rhs`` and a ``lhs`` returned a column, not a vector;
 * ``add_low_rank`` formed the dense ``n x n`` matrix ``U U^T`` and a sum without closed forms;
 * ``num_blocks`` refused NumPy and tensor integers;
+* ``block_mean`` of a complex matrix failed inside torch with an unrelated message.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 import torch
 from linear_operator.operators import DenseLinearOperator, DiagLinearOperator
 
-from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, Partition
+from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, Partition, block_mean
 from bma_gp._warnings import ClosedFormFallbackWarning
 
 DTYPE = torch.float64
@@ -112,3 +113,8 @@ def test_num_blocks_accepts_numpy_and_tensor_integers(num_blocks):
 def test_num_blocks_that_is_not_an_integer_is_refused(num_blocks):
     with pytest.raises(ValueError, match="num_blocks must be a positive int"):
         Partition.from_labels([0, 2, 2, 1], num_blocks=num_blocks)
+
+
+def test_block_mean_of_a_complex_matrix_is_a_type_error():
+    with pytest.raises(TypeError, match="A must hold real numbers"):
+        block_mean(torch.ones(6, 6, dtype=torch.complex128), Partition.from_labels(LABELS))
