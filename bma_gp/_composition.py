@@ -414,6 +414,12 @@ def indexed_fallback(op: LinearOperator, row_index, col_index, *batch_indices) -
     return res._getitem(row_index, col_index, *batch_indices)
 
 
+def empty_principal(op: LinearOperator, batch_shape: torch.Size) -> LinearOperator:
+    """The principal submatrix of ``op`` over no points (``op[..., a:a, a:a]``): the ``0 x 0`` matrix, whose solve is
+    empty and whose log-determinant is 0 (linear_operator's indexed operator divides by zero there)."""
+    return DenseLinearOperator(torch.zeros(*batch_shape, 0, 0, dtype=op.dtype, device=op.device))
+
+
 def _as_fallback(res):
     """``res``, a sum that contains a :class:`FallbackSumLinearOperator`, as one (flattened) such sum."""
     if isinstance(res, FallbackSumLinearOperator):

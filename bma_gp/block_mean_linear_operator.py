@@ -599,6 +599,9 @@ class BlockMeanLinearOperator(LinearOperator):
                     sub,
                     symmetric=self.symmetric,
                 )
+            from bma_gp._composition import empty_principal  # no points: the 0 x 0 matrix
+
+            return empty_principal(self, self.lam[(*batch_indices, slice(None))].shape[:-1])
         if _is_noop(row_index) and _is_noop(col_index):
             return super()._getitem(row_index, col_index, *batch_indices)
         from bma_gp._composition import indexed_fallback

@@ -716,6 +716,10 @@ class BlockMeanSumLinearOperator(LinearOperator):
             return self._map_batch(lambda t, trail: t[(*batch_indices, *([full] * trail))])
         if isinstance(row_index, slice) and row_index == col_index:  # a principal submatrix is again in the family
             op = self._map_batch(lambda t, trail: t[(*batch_indices, *([full] * trail))]) if batch_indices else self
+            if not len(range(*row_index.indices(self.shape[-1]))):  # no points: the 0 x 0 matrix
+                from bma_gp._composition import empty_principal
+
+                return empty_principal(self, op.batch_shape)
             return op._principal(row_index)
         from bma_gp._composition import indexed_fallback
 

@@ -6,7 +6,8 @@
 * ``sqrt_inv_matmul`` with a vector ``rhs`` and a ``lhs`` returned a column, not a vector;
 * ``add_low_rank`` formed the dense ``n x n`` matrix ``U U^T`` and a sum without closed forms;
 * ``num_blocks`` refused NumPy and tensor integers;
-* ``block_mean`` of a complex matrix failed inside torch with an unrelated message.
+* ``block_mean`` of a complex matrix failed inside torch with an unrelated message;
+* an empty principal slice ``M[..., a:a, a:a]`` failed (ZeroDivisionError, or "labels must not be empty").
 """
 
 from __future__ import annotations
@@ -118,3 +119,22 @@ def test_num_blocks_that_is_not_an_integer_is_refused(num_blocks):
 def test_block_mean_of_a_complex_matrix_is_a_type_error():
     with pytest.raises(TypeError, match="A must hold real numbers"):
         block_mean(torch.ones(6, 6, dtype=torch.complex128), Partition.from_labels(LABELS))
+
+
+@pytest.mark.parametrize("kind", ["block_mean", "sum"])
+@pytest.mark.parametrize(
+    "index", [(Ellipsis, slice(3, 3), slice(3, 3)), (Ellipsis, slice(5, 2), slice(5, 2)), (1, slice(3, 3), slice(3, 3))]
+)
+def test_an_empty_principal_slice_is_the_empty_matrix(kind, index):
+    gen = torch.Generator().manual_seed(3)
+    partition = Partition.from_labels(LABELS)
+    op = BlockMeanLinearOperator(
+        torch.rand(2, 3, generator=gen, dtype=DTYPE) + 0.5, torch.eye(3, dtype=DTYPE), partition
+    )
+    if kind == "sum":
+        op = op + DiagLinearOperator(torch.linspace(0.5, 1.0, 6, dtype=DTYPE))
+    sub = op[index]
+    dense = op.to_dense()[index]
+    assert sub.shape == dense.shape
+    torch.testing.assert_close(sub.logdet(), torch.logdet(dense))
+    assert sub.solve(torch.zeros(*dense.shape[:-1], 1, dtype=DTYPE)).shape == (*dense.shape[:-1], 1)
