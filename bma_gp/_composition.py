@@ -37,7 +37,7 @@ from torch import Tensor
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._warnings import ClosedFormFallbackWarning
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
-from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
+from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator, dense_symeig, warned_diagonalization
 from bma_gp.partition import Partition
 
 __all__ = [
@@ -334,6 +334,12 @@ class _WarnsWhenFactorised:
     def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method=None):
         self._warn("root_inv_decomposition")
         return super().root_inv_decomposition(initial_vectors, test_vectors, method)
+
+    def diagonalization(self, method=None):
+        return warned_diagonalization(self, super().diagonalization, method)
+
+    def _symeig(self, eigenvectors=False, return_evals_as_lazy=False):
+        return dense_symeig(self, eigenvectors)  # warns; keeps negative eigenvalues (linear_operator clamps them)
 
 
 class FallbackSumLinearOperator(_WarnsWhenFactorised, SumLinearOperator):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 
-__all__ = ["ClosedFormFallbackWarning", "warn_dense_cholesky"]
+__all__ = ["ClosedFormFallbackWarning", "warn_dense_cholesky", "warn_dense_eigh"]
 
 
 class ClosedFormFallbackWarning(UserWarning):
@@ -20,6 +20,17 @@ def warn_dense_cholesky(op) -> None:
         f"cholesky of a {type(op).__name__} (n = {op.shape[-1]}) factorises the dense n x n matrix: a triangular "
         "factor has no closed form. root_decomposition() gives a closed-form root R with R R^T = M (for sampling), "
         "and logdet() the log-determinant (an entropy is n/2 (1 + log 2 pi) + logdet / 2).",
+        ClosedFormFallbackWarning,
+        stacklevel=4,
+    )
+
+
+def warn_dense_eigh(op) -> None:
+    """Say that an eigendecomposition of ``op`` (no closed-form spectrum) is a dense ``n x n`` one."""
+    warnings.warn(
+        f"eigendecomposition of a {type(op).__name__} (n = {op.shape[-1]}): this operator has no closed-form "
+        "spectrum (only a single BlockMeanLinearOperator has one), so the dense n x n matrix is decomposed "
+        "(diagonalization() runs Lanczos instead above max_cholesky_size).",
         ClosedFormFallbackWarning,
         stacklevel=4,
     )

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import linear_operator
 import torch
 from linear_operator.operators import LinearOperator
 from linear_operator.operators.root_linear_operator import RootLinearOperator
@@ -32,7 +33,7 @@ from bma_gp._symmetric_function import (
     symmetric_matrix_function,
     symmetric_matrix_functions,
 )
-from bma_gp._warnings import warn_dense_cholesky
+from bma_gp._warnings import warn_dense_cholesky, warn_dense_eigh
 from bma_gp.block_mean_linear_operator import check_rhs
 from bma_gp.partition import Partition
 
@@ -1446,6 +1447,15 @@ class BlockMeanSumLinearOperator(LinearOperator):
         warn_dense_cholesky(self)
         return super()._cholesky(upper=upper)
 
+    def diagonalization(self, method: str | None = None):
+        """linear_operator's diagonalization (a dense eigendecomposition, or Lanczos above ``max_cholesky_size``),
+        with a :class:`~bma_gp.ClosedFormFallbackWarning`: see :func:`dense_symeig`."""
+        return warned_diagonalization(self, super().diagonalization, method)
+
+    def _symeig(self, eigenvectors: bool = False, return_evals_as_lazy: bool | None = False):
+        """The dense eigendecomposition, with a :class:`~bma_gp.ClosedFormFallbackWarning`: see :func:`dense_symeig`."""
+        return dense_symeig(self, eigenvectors)
+
     def root_decomposition(self, method: str | None = None) -> LinearOperator:
         r""":math:`M = R R^\top` with the square root
         :math:`R = D^{1/2} + Z L K L^\top Z^\top D^{-1/2}`, :math:`K = h(L^\top A L)`,
@@ -1521,6 +1531,28 @@ class BlockMeanSumLinearOperator(LinearOperator):
 
 
 # ---------------------------------------------------------------------------- the roots
+def dense_symeig(op: LinearOperator, eigenvectors: bool) -> tuple[Tensor, LinearOperator | None]:
+    """``torch.linalg.eigh`` of the dense matrix of ``op`` (in float64 below it), with a
+    :class:`~bma_gp.ClosedFormFallbackWarning`: a sum has no closed-form spectrum. Unlike linear_operator's generic
+    ``_symeig``, negative eigenvalues are kept, not clamped to zero: an indefinite sum (or a negative multiple) is a
+    valid operator for products, solves and log-determinants, and its spectrum is what ``torch.linalg.eigvalsh``
+    gives."""
+    from linear_operator.operators import DenseLinearOperator
+
+    warn_dense_eigh(op)
+    dense = op.to_dense()
+    evals, evecs = torch.linalg.eigh(dense.to(core_dtype(dense.dtype)))
+    return evals.to(op.dtype), (DenseLinearOperator(evecs.to(op.dtype)) if eigenvectors else None)
+
+
+def warned_diagonalization(op: LinearOperator, diagonalization, method: str | None):
+    """``diagonalization(method)`` of ``op``, warning first when it runs Lanczos (a dense eigendecomposition warns in
+    :func:`dense_symeig`)."""
+    if method == "lanczos" or (method is None and op.shape[-1] > linear_operator.settings.max_cholesky_size.value()):
+        warn_dense_eigh(op)
+    return diagonalization(method=method)
+
+
 def gram_root_core(A: Tensor, G: Tensor, kind: str, what: str) -> Tensor:
     r""":math:`X` with :math:`(I + Y G Y^\top)^{1/2} = I + Y X Y^\top` for any :math:`Y` with :math:`Y^\top Y = A`
     (``kind="root"``), :math:`(I + Y G Y^\top)^{-1/2} = I + Y X Y^\top` (``"inverse"``) or

@@ -7,7 +7,9 @@
 * ``add_low_rank`` formed the dense ``n x n`` matrix ``U U^T`` and a sum without closed forms;
 * ``num_blocks`` refused NumPy and tensor integers;
 * ``block_mean`` of a complex matrix failed inside torch with an unrelated message;
-* an empty principal slice ``M[..., a:a, a:a]`` failed (ZeroDivisionError, or "labels must not be empty").
+* an empty principal slice ``M[..., a:a, a:a]`` failed (ZeroDivisionError, or "labels must not be empty");
+* the eigenvalues of a sum (and of the fallback operators) came silently from linear_operator's dense ``eigh``,
+  which clamps negative eigenvalues to zero: wrong for an indefinite sum or a negative multiple.
 """
 
 from __future__ import annotations
@@ -138,3 +140,42 @@ def test_an_empty_principal_slice_is_the_empty_matrix(kind, index):
     assert sub.shape == dense.shape
     torch.testing.assert_close(sub.logdet(), torch.logdet(dense))
     assert sub.solve(torch.zeros(*dense.shape[:-1], 1, dtype=DTYPE)).shape == (*dense.shape[:-1], 1)
+
+
+def _indefinite_sum():
+    """``diag(d) + P_1 B_1 P_1^T + P_2 B_2 P_2^T`` with a positive ``d`` and a negative definite ``B_1``: indefinite."""
+    first = BlockMeanLinearOperator(
+        torch.full((3,), 0.5, dtype=DTYPE), -torch.eye(3, dtype=DTYPE), Partition.from_labels(LABELS)
+    )
+    second = BlockMeanLinearOperator(
+        torch.zeros(2, dtype=DTYPE),
+        torch.ones(2, dtype=DTYPE),
+        Partition.from_labels([0, 0, 1, 1, 0, 1]),
+        diagonal=True,
+    )
+    return first + DiagLinearOperator(torch.linspace(0.5, 1.0, 6, dtype=DTYPE)) + second
+
+
+@pytest.mark.parametrize("kind", ["sum", "negative multiple", "fallback sum"])
+def test_eigenvalues_without_a_closed_form_are_exact_and_warn(kind):
+    op = _indefinite_sum()
+    assert isinstance(op, BlockMeanSumLinearOperator)
+    if kind == "negative multiple":
+        op = op * -1.0
+    elif kind == "fallback sum":
+        op = op + DenseLinearOperator(0.1 * torch.ones(6, 6, dtype=DTYPE))
+    dense = op.to_dense()
+    ref = torch.linalg.eigvalsh(dense)
+    assert bool((ref < 0).any())
+    with pytest.warns(ClosedFormFallbackWarning, match="no closed-form spectrum"):
+        evals = op.eigvalsh()
+    torch.testing.assert_close(evals, ref)
+    with pytest.warns(ClosedFormFallbackWarning, match="no closed-form spectrum"):
+        evals, evecs = op.diagonalization()
+    torch.testing.assert_close(evecs.to_dense() @ torch.diag_embed(evals) @ evecs.to_dense().mT, dense)
+
+
+def test_lanczos_diagonalization_of_a_sum_warns():
+    op = _indefinite_sum().add_diagonal(torch.tensor(3.0, dtype=DTYPE))
+    with pytest.warns(ClosedFormFallbackWarning, match="no closed-form spectrum"):
+        op.diagonalization(method="lanczos")
