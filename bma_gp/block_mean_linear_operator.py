@@ -658,9 +658,32 @@ class BlockMeanLinearOperator(LinearOperator):
             return self._new_diagonal(lam, dB1 * dB2)
         return self._new(lam, self._b_sym() * other._b_sym(), symmetric=self.symmetric and other.symmetric)
 
+    def _hadamard_across(self, other: BlockMeanLinearOperator) -> BlockMeanLinearOperator:
+        r"""The elementwise product with a block mean operator over another partition of the same points: a block mean
+        operator over their intersection (one block per occupied pair of blocks :math:`(i, i')`), with
+        :math:`B_{(i,i'),(j,j')} = B_{ij} B'_{i'j'}` and the rest of the diagonal in ``lam``. Its ``k`` is the number of
+        occupied pairs, at most ``min(n, k k')``; linear_operator's generic product would multiply through ``n x n``
+        roots instead."""
+        k2 = other.partition.num_blocks
+        pairs, labels = torch.unique(
+            self.partition.labels * k2 + other.partition.labels.to(self.device), return_inverse=True
+        )
+        first, second = pairs // k2, pairs % k2  # each joint block's block in self and in other
+        partition = Partition(labels, num_blocks=pairs.numel())
+        lam1, lam2 = self.lam.index_select(-1, first), other.lam.index_select(-1, second)
+        b1, b2 = self._b_vector().index_select(-1, first), other._b_vector().index_select(-1, second)
+        lam = lam1 * lam2 + lam1 * b2 + b1 * lam2
+        if self._b_diag is not None and other._b_diag is not None:  # diag(b) x diag(b'): diagonal again
+            return BlockMeanLinearOperator(lam, b1 * b2, partition, diagonal=True)
+        B1 = self._b_sym().index_select(-2, first).index_select(-1, first)
+        B2 = other._b_sym().index_select(-2, second).index_select(-1, second)
+        return BlockMeanLinearOperator(lam, B1 * B2, partition, symmetric=self.symmetric and other.symmetric)
+
     def _mul_matrix(self, other) -> LinearOperator:
         if isinstance(other, BlockMeanLinearOperator) and other.partition.same_as(self.partition):
             return self._hadamard(other)
+        if isinstance(other, BlockMeanLinearOperator) and other.shape[-1] == self.shape[-1]:
+            return self._hadamard_across(other)
         return super()._mul_matrix(other)
 
     def _same_partition(self, other) -> bool:

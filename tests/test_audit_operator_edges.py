@@ -9,7 +9,10 @@
 * ``block_mean`` of a complex matrix failed inside torch with an unrelated message;
 * an empty principal slice ``M[..., a:a, a:a]`` failed (ZeroDivisionError, or "labels must not be empty");
 * the eigenvalues of a sum (and of the fallback operators) came silently from linear_operator's dense ``eigh``,
-  which clamps negative eigenvalues to zero: wrong for an indefinite sum or a negative multiple.
+  which clamps negative eigenvalues to zero: wrong for an indefinite sum or a negative multiple;
+* the elementwise product of block mean operators over two partitions was linear_operator's ``MulLinearOperator``,
+  whose products multiply through ``n x n`` roots (an ``n x n x t`` temporary) and whose solves run silently
+  dense or iterative; it is a block mean operator over the intersection of the partitions.
 """
 
 from __future__ import annotations
@@ -179,3 +182,46 @@ def test_lanczos_diagonalization_of_a_sum_warns():
     op = _indefinite_sum().add_diagonal(torch.tensor(3.0, dtype=DTYPE))
     with pytest.warns(ClosedFormFallbackWarning, match="no closed-form spectrum"):
         op.diagonalization(method="lanczos")
+
+
+@pytest.mark.parametrize("diagonal", [(False, False), (False, True), (True, True)])
+@pytest.mark.parametrize("batch", [(), (2,)])
+def test_elementwise_product_over_two_partitions_is_a_block_mean_operator(diagonal, batch):
+    gen = torch.Generator().manual_seed(4)
+    first, second = Partition.from_labels([0, 1, 0, 2, 1, 1, 3]), Partition.from_labels([0, 0, 1, 1, 0, 1, 1])
+
+    def make(partition, diag):
+        k = partition.num_blocks
+        root = torch.randn(*batch, k, k, generator=gen, dtype=DTYPE)
+        B = torch.rand(*batch, k, generator=gen, dtype=DTYPE) if diag else root @ root.mT / k
+        lam = torch.rand(*batch, k, generator=gen, dtype=DTYPE) + 0.5
+        return BlockMeanLinearOperator(lam, B, partition, diagonal=diag)
+
+    M, N = make(first, diagonal[0]), make(second, diagonal[1])
+    dense = M.to_dense() * N.to_dense()
+    x = torch.randn(7, 2, generator=gen, dtype=DTYPE)
+    for product in (M * N, N * M):
+        assert isinstance(product, BlockMeanLinearOperator)
+        assert product.partition.num_blocks == 6  # the occupied pairs of blocks
+        assert product.is_diagonal_mode == all(diagonal)
+        torch.testing.assert_close(product.to_dense(), dense)
+        torch.testing.assert_close(product.solve(x), torch.linalg.solve(dense, x))
+        torch.testing.assert_close(product.logdet(), torch.logdet(dense))
+
+
+def test_elementwise_product_over_two_partitions_gradients():
+    first, second = Partition.from_labels([0, 1, 0, 2, 1, 1, 3]), Partition.from_labels([0, 0, 1, 1, 0, 1, 1])
+    x = torch.randn(7, 2, generator=torch.Generator().manual_seed(5), dtype=DTYPE)
+
+    def fn(lam, B, lam2, b2):
+        M = BlockMeanLinearOperator(lam, 0.5 * (B + B.mT), first)
+        N = BlockMeanLinearOperator(lam2, b2, second, diagonal=True)
+        return torch.stack((M * N).inv_quad_logdet(x, logdet=True))
+
+    inputs = (
+        torch.tensor([0.7, 1.1, 0.9, 1.3], dtype=DTYPE),
+        0.3 * torch.eye(4, dtype=DTYPE) + 0.1,
+        torch.tensor([0.8, 1.2], dtype=DTYPE),
+        torch.tensor([0.4, 0.6], dtype=DTYPE),
+    )
+    assert torch.autograd.gradcheck(fn, tuple(t.clone().requires_grad_() for t in inputs))
