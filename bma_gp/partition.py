@@ -117,6 +117,11 @@ class Partition:
         is_contiguous: whether block ``i`` is the run of indices
             ``sizes[:i].sum() .. sizes[:i+1].sum() - 1`` (the faster layout).
 
+    Partitions (and the operators built on them) pickle, deep-copy and ``torch.save``. ``torch.load`` with
+    ``weights_only=True`` (torch's default) loads only allow-listed classes: load inside
+    ``torch.serialization.safe_globals([Partition, BlockMeanLinearOperator])``, or save ``partition.labels``
+    and rebuild the partition with :meth:`from_labels`.
+
     Example:
         >>> p = Partition.from_labels([0, 1, 0, 2])
         >>> p.sizes

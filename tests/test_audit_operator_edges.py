@@ -17,6 +17,9 @@
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
 import warnings
 
 import numpy as np
@@ -225,3 +228,20 @@ def test_elementwise_product_over_two_partitions_gradients():
         torch.tensor([0.4, 0.6], dtype=DTYPE),
     )
     assert torch.autograd.gradcheck(fn, tuple(t.clone().requires_grad_() for t in inputs))
+
+
+def test_partitions_and_operators_serialise():
+    partition = Partition.from_labels(LABELS)
+    op, _, _ = operator()
+    for obj in (partition, Partition.from_sizes([2, 3]), op):
+        for copied in (pickle.loads(pickle.dumps(obj)), copy.deepcopy(obj)):
+            assert torch.equal(_dense_of(copied), _dense_of(obj)) if obj is op else copied == obj
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        buffer.seek(0)
+        with pytest.raises(pickle.UnpicklingError):  # not allow-listed: the documented workaround below
+            torch.load(buffer, weights_only=True)
+        buffer.seek(0)
+        with torch.serialization.safe_globals([Partition, BlockMeanLinearOperator]):
+            loaded = torch.load(buffer, weights_only=True)
+        assert torch.equal(loaded.to_dense(), op.to_dense()) if obj is op else loaded == obj
