@@ -675,6 +675,15 @@ class BlockMeanLinearOperator(LinearOperator):
         lam = lam1 * lam2 + lam1 * b2 + b1 * lam2
         if self._b_diag is not None and other._b_diag is not None:  # diag(b) x diag(b'): diagonal again
             return BlockMeanLinearOperator(lam, b1 * b2, partition, diagonal=True)
+        limit = settings.max_capacitance_size.value()
+        if pairs.numel() > limit:  # its B is k x k (up to n x n) and its solves factorise it
+            raise ValueError(
+                f"the elementwise product of block mean operators over partitions of {self.partition.num_blocks} and "
+                f"{k2} blocks is a block mean operator over their {pairs.numel()} occupied pairs of blocks, whose "
+                f"{pairs.numel()} x {pairs.numel()} core exceeds bma_gp.settings.max_capacitance_size = {limit}. "
+                f"Raise the limit with `with bma_gp.settings.max_capacitance_size({pairs.numel()}):` if it fits "
+                "your machine."
+            )
         B1 = self._b_sym().index_select(-2, first).index_select(-1, first)
         B2 = other._b_sym().index_select(-2, second).index_select(-1, second)
         return BlockMeanLinearOperator(lam, B1 * B2, partition, symmetric=self.symmetric and other.symmetric)

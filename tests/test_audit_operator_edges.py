@@ -27,6 +27,7 @@ import pytest
 import torch
 from linear_operator.operators import DenseLinearOperator, DiagLinearOperator
 
+import bma_gp
 from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, Partition, block_mean
 from bma_gp._warnings import ClosedFormFallbackWarning
 
@@ -228,6 +229,22 @@ def test_elementwise_product_over_two_partitions_gradients():
         torch.tensor([0.4, 0.6], dtype=DTYPE),
     )
     assert torch.autograd.gradcheck(fn, tuple(t.clone().requires_grad_() for t in inputs))
+
+
+def test_elementwise_product_over_two_partitions_respects_the_size_limit():
+    """The product's core is k x k over the occupied pairs of blocks (up to n x n): past
+    bma_gp.settings.max_capacitance_size it is refused with a message naming that size, and within it is built."""
+    first, second = Partition.from_labels([0, 1, 0, 2, 1, 1, 3]), Partition.from_labels([0, 0, 1, 1, 0, 1, 1])
+    M = BlockMeanLinearOperator(torch.ones(4, dtype=DTYPE), 0.1 * torch.eye(4, dtype=DTYPE) + 0.1, first)
+    N = BlockMeanLinearOperator(torch.ones(2, dtype=DTYPE), torch.full((2, 2), 0.2, dtype=DTYPE), second)
+    with bma_gp.settings.max_capacitance_size(5), pytest.raises(ValueError, match=r"6 occupied pairs.*6 x 6 core"):
+        M * N
+    with bma_gp.settings.max_capacitance_size(6):
+        torch.testing.assert_close((M * N).to_dense(), M.to_dense() * N.to_dense())
+    with bma_gp.settings.max_capacitance_size(1):  # diagonal mode keeps k numbers only: no limit
+        D = BlockMeanLinearOperator(torch.ones(4, dtype=DTYPE), torch.rand(4, dtype=DTYPE), first, diagonal=True)
+        E = BlockMeanLinearOperator(torch.ones(2, dtype=DTYPE), torch.rand(2, dtype=DTYPE), second, diagonal=True)
+        torch.testing.assert_close((D * E).to_dense(), D.to_dense() * E.to_dense())
 
 
 def test_partitions_and_operators_serialise():
