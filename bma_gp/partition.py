@@ -107,8 +107,10 @@ class Partition:
     same arguments as :meth:`from_labels`.
 
     Args:
-        labels: block id of every index, integers in ``0 .. k-1``, every id used.
-            # shape: (n,)
+        labels: block id of every index, integers in ``0 .. k-1``, every id used. An int64
+            tensor is kept as it is, not copied (a copy of ``n`` labels costs as much memory
+            again): do not change it in place afterwards, since the sizes and every cached
+            layout were derived from it. # shape: (n,)
         num_blocks: ``k``; inferred as ``labels.max() + 1`` when omitted.
 
     Attributes:
