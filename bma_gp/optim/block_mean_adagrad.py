@@ -221,19 +221,17 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             return None
         return {"h_max": dict(ws.h_max), "chain_until": dict(ws.chain_until)}
 
-    def state_dict(self) -> dict[str, Any]:
-        """:meth:`FlatPreconditionedOptimizer.state_dict`, plus ``"ratio_form"``: the CPU eager step's bounds of
-        ``h`` (plain numbers), where it keeps some."""
-        sd = super().state_dict()
+    def _save_own_state(self, sd: dict[str, Any]) -> None:
+        """:meth:`FlatPreconditionedOptimizer.state_dict`'s entries, plus ``"ratio_form"``: the CPU eager step's
+        bounds of ``h`` (plain numbers), where it keeps some."""
+        super()._save_own_state(sd)
         ratio_form = self._ratio_form_state()
         if ratio_form is not None:
             sd["ratio_form"] = ratio_form
-        return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
+    def _load_own_state(self, state_dict: dict[str, Any]) -> None:
         ratio_form = state_dict.pop("ratio_form", None)
-        super().load_state_dict(state_dict)
+        super()._load_own_state(state_dict)
         self._workspace = None
         self._pending_ratio_form = copy.deepcopy(ratio_form)
 

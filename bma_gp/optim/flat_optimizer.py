@@ -24,10 +24,12 @@ then change state and parameters).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
 import operator
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -350,14 +352,38 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             torch._foreach_add_(params, updates, alpha=-lr)
 
     # ------------------------------------------------------------------ (de)serialisation
+    @contextlib.contextmanager
+    def _torch_hooks_held(self, *names: str):
+        """Hold back torch's hook dicts ``names`` (``_optimizer_state_dict_post_hooks``, ...) while torch's
+        ``state_dict`` / ``load_state_dict`` runs, and yield them: the caller runs them once its own state is saved
+        or loaded, where torch runs them (on the whole state dict, after the whole load)."""
+        held = tuple(getattr(self, name) for name in names)
+        for name in names:
+            setattr(self, name, OrderedDict())
+        try:
+            yield held
+        finally:
+            for name, hooks in zip(names, held):
+                setattr(self, name, hooks)
+
     def state_dict(self) -> dict[str, Any]:
         """The torch state dict plus ``"global_state"`` (the state spanning all parameters).
 
-        Like torch's, the returned tensors are references, not copies.
+        Like torch's, the returned tensors are references, not copies. Hooks registered with
+        ``register_state_dict_post_hook`` get the whole dict, ``"global_state"`` included.
         """
-        sd = super().state_dict()
-        sd["global_state"] = dict(self.global_state)
+        with self._torch_hooks_held("_optimizer_state_dict_post_hooks") as (post_hooks,):
+            sd = super().state_dict()
+        self._save_own_state(sd)
+        for hook in post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
+
+    def _save_own_state(self, sd: dict[str, Any]) -> None:
+        """Add to torch's state dict ``sd`` what torch does not save (a subclass adds its own entries)."""
+        sd["global_state"] = dict(self.global_state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`, exactly.
@@ -366,9 +392,24 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         per-parameter state and the global state keep their precision: they are
         moved to the parameters' device and cast to :func:`~bma_gp.optim.flat_params.state_dtype`
         of the parameters (float32 or wider), so a run continues bit for bit on the
-        same device and dtype.
+        same device and dtype. As in torch, hooks registered with ``register_load_state_dict_pre_hook`` run first
+        (the dict one returns is what is loaded) and those registered with ``register_load_state_dict_post_hook``
+        after the whole state, global state included, is loaded.
         """
         state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = dict(result)
+        names = ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
+        with self._torch_hooks_held(*names) as (_, post_hooks):
+            self._load_own_state(state_dict)
+        for post_hook in post_hooks.values():
+            post_hook(self)
+
+    def _load_own_state(self, state_dict: dict[str, Any]) -> None:
+        """:meth:`load_state_dict` without the hooks (a subclass that saves more entries loads them here; it may
+        change ``state_dict``, a copy)."""
         global_state = state_dict.pop("global_state", None)
         if global_state is None:
             raise ValueError(

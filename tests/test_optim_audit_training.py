@@ -1,0 +1,96 @@
+"""The optimizers as training scripts use them: checkpoints (torch.save, copy, pickle) and torch.optim's hooks."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from optim import BlockMeanAdagrad, FullMatrixAdagrad
+from optim_reference import flat, loss_of, small_model
+
+
+def train(model, opt, steps, start=0):
+    for t in range(start, start + steps):
+        opt.zero_grad()
+        loss_of(model, t).backward()
+        opt.step()
+
+
+def make(kind, model):
+    if kind == "full":
+        return FullMatrixAdagrad(model.parameters(), lr=0.05)
+    return BlockMeanAdagrad(model.parameters(), lr=0.05, update_interval=3, partition=kind)
+
+
+def saved(opt):
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    return torch.load(buf)  # torch's default, weights_only=True
+
+
+KINDS = ["tensor", "row", "full"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_load_state_dict_post_hook_sees_the_loaded_state(kind):
+    """torch.optim runs load_state_dict post-hooks after the state is loaded: they saw (and could change) the global
+    state and h of the optimizer before the load, which the load then overwrote."""
+    model = small_model()
+    opt = make(kind, model)
+    train(model, opt, 4)
+    checkpoint = saved(opt)
+    fresh = make(kind, small_model())
+    seen = []
+
+    def hook(optimizer):
+        seen.append(dict(optimizer.global_state))
+        if kind != "full":
+            for state in optimizer.state.values():
+                state["sum"].mul_(2.0)  # a hook that adjusts the loaded state
+
+    fresh.register_load_state_dict_post_hook(hook)
+    fresh.load_state_dict(checkpoint)
+    assert seen and seen[0].get("step") == 4
+    if kind != "full":
+        for p, q in zip(model.parameters(), fresh.param_groups[0]["params"]):
+            torch.testing.assert_close(fresh.state[q]["sum"], 2.0 * opt.state[p]["sum"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_load_state_dict_pre_hook_may_supply_the_global_state(kind):
+    """A pre-hook's returned state dict is what torch.optim loads; the global state was taken (and refused as
+    missing) before the pre-hooks ran."""
+    model = small_model()
+    opt = make(kind, model)
+    train(model, opt, 3)
+    checkpoint = saved(opt)
+    global_state = checkpoint.pop("global_state")  # say an older checkpoint format, kept elsewhere
+    fresh_model = small_model()
+    fresh = make(kind, fresh_model)
+    fresh.register_load_state_dict_pre_hook(lambda optimizer, sd: {**sd, "global_state": global_state})
+    fresh.load_state_dict(checkpoint)
+    with torch.no_grad():
+        for p, q in zip(fresh_model.parameters(), model.parameters()):
+            p.copy_(q)
+    train(model, opt, 3, start=3)
+    train(fresh_model, fresh, 3, start=3)
+    assert torch.equal(flat(model.parameters()), flat(fresh_model.parameters()))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_state_dict_post_hook_sees_the_whole_state_dict(kind):
+    """torch.optim passes the finished state dict to the post-hooks: "global_state" was added after them, so a hook
+    that copies the dict (say, for an asynchronous checkpoint) left the live global state in it."""
+    model = small_model()
+    opt = make(kind, model)
+    train(model, opt, 2)
+    opt.register_state_dict_post_hook(lambda optimizer, sd: copy.deepcopy(sd))
+    sd = opt.state_dict()
+    assert "global_state" in sd
+    key = "H" if kind == "full" else "U"
+    assert sd["global_state"][key] is not opt.global_state[key]
+    assert torch.equal(sd["global_state"][key], opt.global_state[key])
