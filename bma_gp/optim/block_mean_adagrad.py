@@ -210,8 +210,11 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
 
     def _ratio_form_state(self) -> dict[str, dict] | None:
         """The CPU eager step's per-tensor bounds of ``h`` and retry steps (:class:`~bma_gp.optim.functional.Workspace`
-        ``h_max`` and ``chain_until``), when they still describe the current ``h``: saved with the state, so that a
-        reloaded run picks the same scales as the run it continues and stays bit for bit."""
+        ``h_max`` and ``chain_until``), when they still describe the current ``h``, or the loaded ones that wait for
+        the next step: saved with the state, so that a reloaded run picks the same scales as the run it continues and
+        stays bit for bit."""
+        if self._pending_ratio_form is not None:  # loaded and not used yet (no step since): carried on as loaded
+            return copy.deepcopy(self._pending_ratio_form)
         ws, h = self._workspace, self._flat.get("sum")
         if ws is None or h is None or ws.h is not h or ws.h_version != h._version:
             return None
