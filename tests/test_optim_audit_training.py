@@ -130,3 +130,16 @@ def test_a_checkpoint_taken_right_after_a_load_keeps_the_ratio_form_bounds(how):
         opt_a.step()
         opt_b.step()
     assert torch.equal(flat(a.parameters()), flat(b.parameters()))
+
+
+@pytest.mark.parametrize("cls", [BlockMeanAdagrad, FullMatrixAdagrad])
+def test_a_parameter_listed_twice_in_a_group_is_refused(cls):
+    """torch.optim only warns about a parameter listed twice in a group; the flat layout held it twice (two blocks
+    of one preconditioner), rebuilt its state at every step, and the eager and fused steps parted."""
+    p, q = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2))
+    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match="more than once"):
+        cls([p, q, p])
+    opt = cls([q])
+    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match="dict.fromkeys"):
+        opt.add_param_group({"params": [p, p]})
+    assert len(opt.param_groups) == 1

@@ -158,18 +158,33 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
 
         Raises:
             ValueError: an invalid group option, an optimizer-wide hyperparameter (``eps``, ...) set in the group
-                to another value than the optimizer's, or a parameter the optimizer cannot step (not real
-                floating-point, on the meta device, or on another device than the others); the group is not added.
+                to another value than the optimizer's, a parameter listed twice, or a parameter the optimizer cannot
+                step (not real floating-point, on the meta device, or on another device than the others); the group
+                is not added.
         """
         if isinstance(param_group, dict):  # else torch's TypeError
             self._check_optimizer_wide(param_group)
         super().add_param_group(param_group)
         try:
+            self._check_no_duplicates(self.param_groups[-1]["params"])
             self._check_group(self.param_groups[-1])
             check_params([p for group in self.param_groups for p in group["params"]])
         except ValueError:
             self.param_groups.pop()
             raise
+
+    def _check_no_duplicates(self, params: list[Tensor]) -> None:
+        """Refuse a group that lists a parameter twice. torch.optim only warns (and steps it twice); here the flat
+        layout would hold it twice, with two blocks of one preconditioner and its state rebuilt at every step."""
+        seen: set[int] = set()
+        for p in params:
+            if id(p) in seen:
+                raise ValueError(
+                    f"a param group of {type(self).__name__} lists a parameter (shape {tuple(p.shape)}) more than "
+                    "once; list each parameter once, e.g. params=list(dict.fromkeys(params)) (torch.optim warns that "
+                    "this will become an error)."
+                )
+            seen.add(id(p))
 
     def _check_optimizer_wide(self, group: dict[str, Any]) -> None:
         """Refuse a group that sets an optimizer-wide hyperparameter (:attr:`_optimizer_wide`) to another value than
