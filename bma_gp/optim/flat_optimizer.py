@@ -372,14 +372,16 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         """Hold back torch's hook dicts ``names`` (``_optimizer_state_dict_post_hooks``, ...) while torch's
         ``state_dict`` / ``load_state_dict`` runs, and yield them: the caller runs them once its own state is saved
         or loaded, where torch runs them (on the whole state dict, after the whole load)."""
-        held = tuple(getattr(self, name) for name in names)
-        for name in names:
-            setattr(self, name, OrderedDict())
+        originals = [getattr(self, name, None) for name in names]  # None: a torch without such hooks
+        for name, hooks in zip(names, originals):
+            if hooks is not None:
+                setattr(self, name, OrderedDict())
         try:
-            yield held
+            yield tuple(OrderedDict() if hooks is None else hooks for hooks in originals)
         finally:
-            for name, hooks in zip(names, held):
-                setattr(self, name, hooks)
+            for name, hooks in zip(names, originals):
+                if hooks is not None:  # the same objects: the hooks' removable handles refer to them
+                    setattr(self, name, hooks)
 
     def state_dict(self) -> dict[str, Any]:
         """The torch state dict plus ``"global_state"`` (the state spanning all parameters).
@@ -412,7 +414,7 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         after the whole state, global state included, is loaded.
         """
         state_dict = dict(state_dict)
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+        for pre_hook in getattr(self, "_optimizer_load_state_dict_pre_hooks", {}).values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = dict(result)
