@@ -143,3 +143,13 @@ def test_a_parameter_listed_twice_in_a_group_is_refused(cls):
     with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match="dict.fromkeys"):
         opt.add_param_group({"params": [p, p]})
     assert len(opt.param_groups) == 1
+
+
+def test_fused_none_is_the_default_as_in_torch_optim():
+    """torch.optim's fused defaults to None ("let the optimizer choose"); configs that pass it through keep working
+    and get the eager step, while other non-bool values are still refused."""
+    model = torch.nn.Linear(3, 2)
+    opt = BlockMeanAdagrad(model.parameters(), lr=0.1, fused=None)
+    assert opt.fused is False
+    with pytest.raises(ValueError, match="Invalid fused value"):
+        BlockMeanAdagrad(model.parameters(), lr=0.1, fused="yes")

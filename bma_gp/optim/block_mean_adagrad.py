@@ -114,7 +114,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             entries take the eager path, where it is faster, and where ``torch.compile`` fails (the
             CPU backend needs a C++ compiler) the same passes run eagerly, with one
             ``RuntimeWarning``. Costs in docs/optimizer.md. Like ``torch.optim``'s ``fused``, it is
-            opt-in. Default: ``False``.
+            opt-in. Default: ``False`` (``None``, torch.optim's default, means the same).
 
     State: ``state[p]["sum"]`` is :math:`h` of parameter ``p`` (as in
     ``torch.optim.Adagrad``; a view of one flat buffer). A replaced entry is what the next
@@ -179,7 +179,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         *,
         maximize: bool = False,
         check_finite: bool = True,
-        fused: bool = False,
+        fused: bool | None = False,
     ):
         lr = check_hyperparameter("learning rate", lr)
         # eps = 0 divides 0 by 0 where a gradient entry has always been 0 (h = 0), which poisons the statistics
@@ -189,6 +189,8 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         weight_decay = check_hyperparameter("weight_decay", weight_decay)
         check_partition_rule(partition)
         check_bool("maximize", maximize)
+        if fused is None:  # torch.optim's default value, "let the optimizer choose": here the eager step
+            fused = False
         check_bool("fused", fused)
         if fused and callable(partition):
             raise ValueError(
