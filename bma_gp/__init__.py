@@ -6,6 +6,8 @@ Public names (see the documentation for the mathematics):
 - :class:`BlockMeanLinearOperator` -- ``diag(lam[labels]) + P B P^T`` with closed-form algebra.
 - :class:`BlockMeanSumLinearOperator` -- ``diag(d) + sum_j P_j B_j P_j^T + U U^T`` (what sums with a noise
   vector, other partitions and low-rank roots become), solved through one small capacitance matrix.
+- :class:`BlockMeanProductLinearOperator` -- ``M @ N`` over two partitions, with closed-form solves and
+  log-determinants through its factors.
 - :func:`closed_form` -- rewrite any nesting of such sums as one closed-form operator.
 - :func:`block_mean` -- the Frobenius-nearest block mean matrix of a dense matrix or operator.
 - :func:`kernel_block_mean` -- the same for a GPyTorch kernel matrix, without n x n memory.
@@ -25,6 +27,7 @@ from bma_gp._composition import install as _install_composition
 from bma_gp._version import __version__
 from bma_gp.approximation import block_mean, block_mean_from_sums
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
+from bma_gp.block_mean_product_linear_operator import BlockMeanProductLinearOperator
 from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
 from bma_gp.kernel_block_mean import kernel_block_mean
 from bma_gp.kernels import BlockMeanKernel, ChunkedInducingPointKernel, GroupKernel
@@ -37,6 +40,7 @@ __all__ = [
     "Partition",
     "BlockMeanLinearOperator",
     "BlockMeanSumLinearOperator",
+    "BlockMeanProductLinearOperator",
     "closed_form",
     "ClosedFormFallbackWarning",
     "FallbackIndexedLinearOperator",

@@ -37,6 +37,7 @@ from torch import Tensor
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._warnings import ClosedFormFallbackWarning
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
+from bma_gp.block_mean_product_linear_operator import BlockMeanProductLinearOperator
 from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator, dense_symeig, warned_diagonalization
 from bma_gp.partition import Partition
 
@@ -127,7 +128,9 @@ def _block_mean(lam: Tensor, B: Tensor | _Diagonal, partition: Partition) -> Blo
 
 
 def _is_ours(op) -> bool:
-    return isinstance(op, (BlockMeanLinearOperator, BlockMeanSumLinearOperator)) or _is_lazy_block_mean(op)
+    return isinstance(
+        op, (BlockMeanLinearOperator, BlockMeanSumLinearOperator, BlockMeanProductLinearOperator)
+    ) or _is_lazy_block_mean(op)
 
 
 def _holds_ours(op) -> bool:

@@ -532,6 +532,18 @@ class BlockMeanLinearOperator(LinearOperator):
             lam1, B1, lam2, B2 = self.lam, self._b_sym(), other.lam, other._b_sym()
             B = lam1.unsqueeze(-1) * B2 + B1 * lam2.unsqueeze(-2) + (B1 * sizes.unsqueeze(-2)) @ B2
             return self._new(lam1 * lam2, B, symmetric=other is self and self.symmetric)
+        if isinstance(other, LinearOperator) and not isinstance(other, BlockMeanLinearOperator):
+            from bma_gp.block_mean_product_linear_operator import BlockMeanProductLinearOperator
+
+            if isinstance(other, BlockMeanProductLinearOperator) and self._same_partition(other.left_linear_op):
+                # M (M' N) with M M' again a block mean operator
+                return BlockMeanProductLinearOperator(self.matmul(other.left_linear_op), other.right_linear_op)
+        if isinstance(other, BlockMeanLinearOperator) and other.shape[-1] == self.shape[-1]:
+            # over another partition: closed-form solves and log-determinants through the two factors (linear_operator's
+            # MatmulLinearOperator would factorise the dense n x n product)
+            from bma_gp.block_mean_product_linear_operator import BlockMeanProductLinearOperator
+
+            return BlockMeanProductLinearOperator(self, other)
         if torch.is_tensor(other) and not (
             torch.is_grad_enabled() and (other.requires_grad or self.lam.requires_grad or self._b_requires_grad())
         ):
@@ -1116,14 +1128,8 @@ class BlockMeanLinearOperator(LinearOperator):
 
     def _logdet(self, what: str) -> Tensor:
         multiplicity = (self.partition.sizes - 1).to(self.core_dtype)
-        if not self.symmetric:
-            # det M = det C * prod lam_i^(s_i - 1), of any sign: torch.logdet semantics (nan below zero)
-            lam, C = self.core()
-            sign, logabs = torch.linalg.slogdet(C)
-            odd = (self.partition.sizes - 1) % 2 == 1
-            sign = sign * torch.where(odd, torch.sign(lam), torch.ones_like(lam)).prod(-1)
-            multi = self.partition.sizes > 1
-            logabs = logabs + (multiplicity * torch.where(multi, lam, torch.ones_like(lam)).abs().log()).sum(-1)
+        if not self.symmetric:  # of any sign: torch.logdet semantics (nan below zero)
+            sign, logabs = self.slogdet_parts()
             logabs = torch.where(sign < 0, torch.full_like(logabs, float("nan")), logabs)
             return logabs.to(self.dtype)
         if self._diagonal_core():  # log det C = sum log c: O(k)
@@ -1145,6 +1151,27 @@ class BlockMeanLinearOperator(LinearOperator):
             logdet_core = 2 * torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1)
         safe_lam = torch.where(self.partition.sizes > 1, lam, torch.ones_like(lam))
         return (logdet_core + (multiplicity * safe_lam.log()).sum(-1)).to(self.dtype)
+
+    def slogdet_parts(self) -> tuple[Tensor, Tensor]:
+        r"""The sign and :math:`\log\lvert\det M\rvert` of any block mean operator (symmetric or not, definite or
+        not), in :attr:`core_dtype`: :math:`\det M = \det C \prod_i \lambda_i^{s_i - 1}` (``torch.linalg.slogdet``
+        of the ``k x k`` core, or its diagonal in diagonal mode). A product of operators multiplies the signs and
+        adds the logarithms. With :class:`bma_gp.settings.validate` on, NaN or inf in ``lam`` or ``B`` raises a
+        ``ValueError``. # shape: (*batch,), (*batch,)"""
+        if self._diagonal_core():  # det C = prod c: O(k)
+            if settings.validate.on():
+                self._check_finite()
+            lam, _, c = self._diagonal_parts()
+            sign, logabs = torch.sign(c).prod(-1), c.abs().log().sum(-1)
+        else:
+            lam, C = self.core()
+            sign, logabs = torch.linalg.slogdet(C)
+        multiplicity = (self.partition.sizes - 1).to(self.core_dtype)
+        odd = (self.partition.sizes - 1) % 2 == 1
+        sign = sign * torch.where(odd, torch.sign(lam), torch.ones_like(lam)).prod(-1)
+        multi = self.partition.sizes > 1
+        logabs = logabs + (multiplicity * torch.where(multi, lam, torch.ones_like(lam)).abs().log()).sum(-1)
+        return sign, logabs
 
     def logdet(self) -> Tensor:
         r""":math:`\log\det M = \sum_i (s_i - 1)\log\lambda_i + \log\det C`.
