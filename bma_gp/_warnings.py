@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 
-__all__ = ["ClosedFormFallbackWarning", "warn_dense_cholesky", "warn_dense_eigh"]
+__all__ = ["ClosedFormFallbackWarning", "warn_dense_cholesky", "warn_dense_eigh", "warn_elementwise"]
 
 
 class ClosedFormFallbackWarning(UserWarning):
@@ -33,4 +33,18 @@ def warn_dense_eigh(op) -> None:
         "(diagonalization() runs Lanczos instead above max_cholesky_size).",
         ClosedFormFallbackWarning,
         stacklevel=4,
+    )
+
+
+def warn_elementwise(op, other) -> None:
+    """Say that the elementwise product of the structured operator ``op`` with ``other`` leaves the closed forms."""
+    n = op.shape[-1]
+    warnings.warn(
+        f"elementwise product of a {type(op).__name__} (n = {n}) with a {type(other).__name__}: it has no closed "
+        "form (only two block mean operators multiply into one), so linear_operator's MulLinearOperator is used. "
+        f"It forms a root of each factor (for a BlockMeanSumLinearOperator a dense n x (n + q) matrix; for a "
+        f"dense factor the {n} x {n} matrices themselves), and its solves and log-determinants take the generic "
+        "path (dense Cholesky up to max_cholesky_size, CG and Lanczos beyond).",
+        ClosedFormFallbackWarning,
+        stacklevel=5,
     )

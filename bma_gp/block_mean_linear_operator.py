@@ -21,7 +21,7 @@ from bma_gp._broadcast import sum_to_shape
 from bma_gp._diagonal import diagonal_by_construction, is_diagonal
 from bma_gp._precision import core_dtype
 from bma_gp._symmetric_function import floored_sqrt, symmetric_matrix_function
-from bma_gp._warnings import warn_dense_cholesky
+from bma_gp._warnings import warn_dense_cholesky, warn_elementwise
 from bma_gp.partition import Partition
 
 __all__ = ["BlockMeanLinearOperator"]
@@ -705,6 +705,7 @@ class BlockMeanLinearOperator(LinearOperator):
             return self._hadamard(other)
         if isinstance(other, BlockMeanLinearOperator) and other.shape[-1] == self.shape[-1]:
             return self._hadamard_across(other)
+        warn_elementwise(self, other)  # linear_operator's MulLinearOperator: roots of both, or dense matrices
         return super()._mul_matrix(other)
 
     def _same_partition(self, other) -> bool:

@@ -33,7 +33,7 @@ from bma_gp._symmetric_function import (
     symmetric_matrix_function,
     symmetric_matrix_functions,
 )
-from bma_gp._warnings import warn_dense_cholesky, warn_dense_eigh
+from bma_gp._warnings import warn_dense_cholesky, warn_dense_eigh, warn_elementwise
 from bma_gp.block_mean_linear_operator import check_rhs
 from bma_gp.partition import Partition
 
@@ -846,6 +846,13 @@ class BlockMeanSumLinearOperator(LinearOperator):
 
     def __radd__(self, other):
         return self.__add__(other)
+
+    def _mul_matrix(self, other) -> LinearOperator:
+        """The elementwise product with a matrix: no closed form (a sum of block mean matrices times another matrix is
+        not in the family). linear_operator's ``MulLinearOperator`` forms this sum's root densely, ``n x (n + q)``:
+        it proceeds with a :class:`~bma_gp.ClosedFormFallbackWarning` that says so."""
+        warn_elementwise(self, other)
+        return super()._mul_matrix(other)
 
     def _mul_constant(self, other):
         if torch.is_tensor(other) and other.dim() > 0:
