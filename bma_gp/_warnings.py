@@ -41,10 +41,10 @@ def warn_elementwise(op, other) -> None:
     n = op.shape[-1]
     warnings.warn(
         f"elementwise product of a {type(op).__name__} (n = {n}) with a {type(other).__name__}: it has no closed "
-        "form (only two block mean operators multiply into one), so linear_operator's MulLinearOperator is used. "
-        f"It forms a root of each factor (for a BlockMeanSumLinearOperator a dense n x (n + q) matrix; for a "
-        f"dense factor the {n} x {n} matrices themselves), and its solves and log-determinants take the generic "
-        "path (dense Cholesky up to max_cholesky_size, CG and Lanczos beyond).",
+        "form (only two block mean operators multiply into one), so linear_operator's generic product is used. It "
+        f"forms the dense {n} x {n} matrices of a dense factor, or else a root of each factor and the dense matrix "
+        f"of one of them ({n} x {n} or wider for a BlockMeanSumLinearOperator), and its solves and log-determinants "
+        "take the generic path (dense Cholesky up to max_cholesky_size, CG and Lanczos beyond).",
         ClosedFormFallbackWarning,
         stacklevel=5,
     )
