@@ -311,30 +311,84 @@ def closed_form(op: LinearOperator) -> LinearOperator:
     return _build(parts, op)
 
 
+def _known_nonsymmetric(op) -> bool:
+    """Whether ``op`` is one of this package's operators that is not symmetric (a block mean operator built with
+    ``symmetric=False``, a product over two partitions, or a fallback made of one)."""
+    if isinstance(op, BlockMeanProductLinearOperator):
+        return True
+    if isinstance(op, BlockMeanLinearOperator):
+        return not op.symmetric
+    if isinstance(op, _WarnsWhenFactorised):
+        return op._nonsymmetric()
+    return False
+
+
 class _WarnsWhenFactorised:
     """Solves, log-determinants and roots that say with a :class:`ClosedFormFallbackWarning` that they take
-    linear_operator's generic path (products stay silent); ``_warn(what)`` words it."""
+    linear_operator's generic path (products stay silent); ``_warn(what)`` words it.
+
+    linear_operator's solvers (Cholesky, CG, Lanczos) assume a symmetric matrix. Where a part is known not to be
+    symmetric (:meth:`_nonsymmetric`), solves and log-determinants factorise the dense matrix with LU instead (with
+    a warning that says so; torch.logdet's semantics: nan for a negative determinant), and roots raise."""
 
     def _warn(self, what: str) -> None:
         raise NotImplementedError
 
+    def _nonsymmetric(self) -> bool:
+        return False
+
+    def _warn_dense_lu(self, what: str) -> None:
+        warnings.warn(
+            f"{what} of a {type(self).__name__} that is not symmetric (it holds a product of block mean operators "
+            "over two partitions, or one built with symmetric=False): no closed form, and linear_operator's solvers "
+            f"assume symmetry, so the dense n x n matrix (n = {self.shape[-1]}) is factorised with LU.",
+            ClosedFormFallbackWarning,
+            stacklevel=3,
+        )
+
+    def _no_root(self, what: str):
+        raise ValueError(
+            f"{what} of a {type(self).__name__} that is not symmetric (it holds a product of block mean operators over "
+            "two partitions, or one built with symmetric=False): a non-symmetric matrix has no such root."
+        )
+
     def solve(self, right_tensor, left_tensor=None):
+        if self._nonsymmetric():
+            self._warn_dense_lu("solve")
+            res = torch.linalg.solve(self.to_dense(), right_tensor)
+            return res if left_tensor is None else left_tensor @ res
         self._warn("solve")
         return super().solve(right_tensor, left_tensor)
 
     def inv_quad_logdet(self, inv_quad_rhs=None, logdet=False, reduce_inv_quad=True):
+        if self._nonsymmetric():
+            self._warn_dense_lu("inv_quad_logdet")
+            dense = self.to_dense()
+            inv_quad = torch.zeros((), dtype=self.dtype, device=self.device)
+            if inv_quad_rhs is not None:
+                inv_quad = (inv_quad_rhs * torch.linalg.solve(dense, inv_quad_rhs)).sum(-2)
+                if reduce_inv_quad:
+                    inv_quad = inv_quad.sum(-1)
+            return inv_quad, (torch.logdet(dense) if logdet else torch.zeros((), dtype=self.dtype, device=self.device))
         self._warn("inv_quad_logdet")
         return super().inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
 
     def logdet(self):
+        if self._nonsymmetric():
+            self._warn_dense_lu("logdet")
+            return torch.logdet(self.to_dense())
         self._warn("logdet")
         return super().logdet()
 
     def root_decomposition(self, method=None):
+        if self._nonsymmetric():
+            self._no_root("root_decomposition")
         self._warn("root_decomposition")
         return super().root_decomposition(method)
 
     def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method=None):
+        if self._nonsymmetric():
+            self._no_root("root_inv_decomposition")
         self._warn("root_inv_decomposition")
         return super().root_inv_decomposition(initial_vectors, test_vectors, method)
 
@@ -350,6 +404,9 @@ class FallbackSumLinearOperator(_WarnsWhenFactorised, SumLinearOperator):
     matrix). It multiplies like any sum; its solves, log-determinants and roots take linear_operator's generic
     path, and say so with a :class:`ClosedFormFallbackWarning` when they run (a product, such as a posterior
     covariance that is only ever multiplied, stays silent)."""
+
+    def _nonsymmetric(self) -> bool:
+        return any(_known_nonsymmetric(op) for op in self.linear_ops)
 
     def _warn(self, what: str) -> None:
         names = " + ".join(type(op).__name__ for op in self.linear_ops)
@@ -370,6 +427,9 @@ class FallbackIndexedLinearOperator(_WarnsWhenFactorised, InterpolatedLinearOper
     ``M[:, :m]``): linear_operator's interpolated operator, whose solves, log-determinants and roots take the
     generic path and say so with a :class:`ClosedFormFallbackWarning` when they run (products stay silent; a
     principal slice ``M[a:b, a:b]`` stays in closed form)."""
+
+    def _nonsymmetric(self) -> bool:
+        return _known_nonsymmetric(self.base_linear_op)
 
     def _warn(self, what: str) -> None:
         warnings.warn(

@@ -281,17 +281,46 @@ def test_svd_warns_and_decomposes_dense():
     close((U.to_dense() * S.unsqueeze(-2)) @ V.to_dense().mT, P.to_dense())
 
 
-def test_sums_with_a_product_warn_when_solved():
+def test_sums_with_a_product_are_solved_densely_with_lu_and_warn():
+    """A product plus noise has no closed form, and linear_operator's solvers (Cholesky, CG) assume symmetry: its
+    solves and log-determinants factorise the dense matrix with LU (a warning says so), values and gradients as
+    torch's; roots raise. The same for a block mean operator built with symmetric=False plus a diagonal."""
     p1, p2 = partitions("scattered")
-    P = operator(p1) @ operator(p2, seed=1)
     d = torch.rand(N_POINTS, dtype=torch.float64) + 1
-    b = torch.randn(N_POINTS, 1, dtype=torch.float64)
-    for S in (P.add_diagonal(d), P + DiagLinearOperator(d), DiagLinearOperator(d) + P):
+    b = torch.randn(N_POINTS, 2, dtype=torch.float64)
+    left = torch.randn(3, N_POINTS, dtype=torch.float64)
+    lam = torch.rand(p1.num_blocks, dtype=torch.float64).add(1).requires_grad_()
+    B = (0.3 * torch.rand(p1.num_blocks, p1.num_blocks, dtype=torch.float64)).requires_grad_()
+    asymmetric = BlockMeanLinearOperator(lam, B, p1, symmetric=False)
+    P = operator(p1) @ operator(p2, seed=1)
+    for S in (
+        P.add_diagonal(d),
+        P + DiagLinearOperator(d),
+        DiagLinearOperator(d) + P,
+        asymmetric + DiagLinearOperator(d),
+    ):
         assert isinstance(S, FallbackSumLinearOperator)
-        close(S @ b, (P.to_dense() + torch.diag(d)) @ b)
-        # (linear_operator's generic solve assumes a symmetric matrix, so only the warning is checked here)
-        with pytest.warns(ClosedFormFallbackWarning, match="no closed form"):
-            S.solve(b)
+        dense = S.to_dense()
+        close(S @ b, dense @ b)
+        with pytest.warns(ClosedFormFallbackWarning, match="not symmetric.*LU"):
+            close(S.solve(b), torch.linalg.solve(dense, b))
+        with pytest.warns(ClosedFormFallbackWarning, match="LU"):
+            close(S.solve(b, left), left @ torch.linalg.solve(dense, b))
+        with pytest.warns(ClosedFormFallbackWarning, match="LU"):
+            inv_quad, logdet = S.inv_quad_logdet(b, logdet=True)
+        close(inv_quad, (b * torch.linalg.solve(dense, b)).sum())
+        close(logdet, torch.logdet(dense))
+        with pytest.warns(ClosedFormFallbackWarning, match="LU"):
+            close(S.logdet(), torch.logdet(dense))
+        with pytest.raises(ValueError, match="not symmetric.*no such root"):
+            S.root_decomposition()
+    S = asymmetric + DiagLinearOperator(d)
+    with pytest.warns(ClosedFormFallbackWarning):
+        grads = torch.autograd.grad(S.inv_quad_logdet(b, logdet=True)[1] + S.solve(b).sum(), (lam, B))
+    dense = BlockMeanLinearOperator(lam, B, p1, symmetric=False).to_dense() + torch.diag(d)
+    expected = torch.autograd.grad(torch.logdet(dense) + torch.linalg.solve(dense, b).sum(), (lam, B))
+    for got, want in zip(grads, expected):
+        close(got, want)
 
 
 def test_constant_multiple_stays_a_product():
