@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from linear_operator.operators import (
@@ -338,10 +339,11 @@ class _WarnsWhenFactorised:
         return False
 
     def _warn_dense_lu(self, what: str) -> None:
+        n = cast(LinearOperator, self).shape[-1]  # a mixin of LinearOperator subclasses
         warnings.warn(
             f"{what} of a {type(self).__name__} that is not symmetric (it holds a product of block mean operators "
             "over two partitions, or one built with symmetric=False): no closed form, and linear_operator's solvers "
-            f"assume symmetry, so the dense n x n matrix (n = {self.shape[-1]}) is factorised with LU.",
+            f"assume symmetry, so the dense n x n matrix (n = {n}) is factorised with LU.",
             ClosedFormFallbackWarning,
             stacklevel=3,
         )
