@@ -630,3 +630,7 @@ def install() -> None:
     from bma_gp.kernels.sum_prediction_strategy import install as install_prediction
 
     install_prediction()
+    # BlockMeanKernel's lazily_evaluate_kernels(False) warning: tell GPyTorch's own evaluation from the user's setting
+    from bma_gp.kernels.block_mean_kernel import install as install_lazy_mark
+
+    install_lazy_mark()

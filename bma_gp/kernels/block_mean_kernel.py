@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 import warnings
 
 import torch
@@ -31,6 +33,40 @@ _EAGER_PREDICTION_MESSAGE = (
     "and posterior samples or fast_pred_var may use Lanczos or a dense factorisation. Keep "
     "lazily_evaluate_kernels on (GPyTorch's default) for the closed-form prediction."
 )
+#: how many ``LazyEvaluatedKernelTensor.evaluate_kernel`` calls are running in this thread (:func:`install`)
+_lazy_evaluation = threading.local()
+
+
+def _inside_lazy_evaluation() -> bool:
+    """Whether this thread is inside GPyTorch's ``LazyEvaluatedKernelTensor.evaluate_kernel``, which switches
+    ``lazily_evaluate_kernels`` off itself while it evaluates (so the setting is off there without the user)."""
+    return getattr(_lazy_evaluation, "depth", 0) > 0
+
+
+def install() -> None:
+    """Mark GPyTorch's ``LazyEvaluatedKernelTensor.evaluate_kernel`` while it runs (idempotent).
+
+    It evaluates the kernel under ``lazily_evaluate_kernels(False)`` (``kernel(x).to_dense()``, a fantasy
+    update, a sum's closed-form routing), which :meth:`BlockMeanKernel._joint_block_mean` cannot tell from the
+    user's own setting; the mark lets it warn only for the latter. Nothing else changes: the wrapper calls the
+    original (with its cache) and returns its result."""
+    from gpytorch.lazy import LazyEvaluatedKernelTensor
+
+    original = LazyEvaluatedKernelTensor.__dict__["evaluate_kernel"]
+    if hasattr(original, "_bma_gp_original"):
+        return
+
+    @functools.wraps(original)
+    def evaluate_kernel(self, *args, **kwargs):
+        depth = getattr(_lazy_evaluation, "depth", 0)
+        _lazy_evaluation.depth = depth + 1
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _lazy_evaluation.depth = depth
+
+    evaluate_kernel._bma_gp_original = original  # type: ignore[attr-defined]
+    LazyEvaluatedKernelTensor.evaluate_kernel = evaluate_kernel
 
 
 def _check_train_x(train_x) -> Tensor:
@@ -333,9 +369,11 @@ class BlockMeanKernel(Kernel):
 
     def _joint_block_mean(self, train_x: Tensor, x_new: Tensor) -> BlockMeanLinearOperator:
         """Training points followed by new points: one block mean operator over ``k + t`` blocks."""
-        if not self.training and not gpt_settings.lazily_evaluate_kernels.on():
-            # an ExactGP in eval mode evaluates its kernel on cat(train_x, test_x) at once here, and GPyTorch then
-            # never asks this kernel for its prediction strategy
+        if not self.training and not gpt_settings.lazily_evaluate_kernels.on() and not _inside_lazy_evaluation():
+            # the user switched lazy evaluation off: an ExactGP in eval mode evaluates its kernel on
+            # cat(train_x, test_x) at once here, and GPyTorch then never asks this kernel for its prediction
+            # strategy. Inside LazyEvaluatedKernelTensor.evaluate_kernel the setting is off because GPyTorch
+            # evaluates a lazy kernel tensor (kernel(x).to_dense(), a fantasy update), not because of the user.
             warnings.warn(_EAGER_PREDICTION_MESSAGE, ClosedFormFallbackWarning, stacklevel=2)
         train = self._train_block_mean(train_x)
         cross = self._cross_block_means(x_new, train_x)  # (*b, t, k)
