@@ -19,6 +19,7 @@ from torch import Tensor
 from bma_gp import settings
 from bma_gp._broadcast import sum_to_shape
 from bma_gp._diagonal import diagonal_by_construction, is_diagonal
+from bma_gp._low_rank_sum import LowRankInClosedForm
 from bma_gp._precision import core_dtype
 from bma_gp._symmetric_function import floored_sqrt, symmetric_matrix_function
 from bma_gp._warnings import warn_dense_cholesky, warn_elementwise
@@ -103,7 +104,7 @@ def _cached_unless_grad(name: str):
 
 
 # ---------------------------------------------------------------------------- the operator
-class BlockMeanLinearOperator(LinearOperator):
+class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
     r"""A block mean matrix over a partition of :math:`n` indices into :math:`k` blocks.
 
     .. math::
@@ -749,26 +750,6 @@ class BlockMeanLinearOperator(LinearOperator):
 
     def __radd__(self, other):
         return self.__add__(other)
-
-    def add_low_rank(
-        self,
-        low_rank_mat: Tensor | LinearOperator,
-        root_decomp_method: str | None = None,
-        root_inv_decomp_method: str | None = None,
-        generate_roots: bool | None = True,
-        **root_decomp_kwargs,
-    ) -> LinearOperator:
-        r""":math:`M + U U^\top` as ``M + LowRankRootLinearOperator(U)``: a closed-form
-        :class:`~bma_gp.BlockMeanSumLinearOperator` (linear_operator's version forms the dense ``n x n`` matrix
-        :math:`U U^\top` and a sum without closed forms). The root arguments are not needed and are ignored."""
-        from bma_gp._composition import add_low_rank
-
-        res = add_low_rank(self, low_rank_mat)
-        if res is not None:
-            return res
-        return super().add_low_rank(
-            low_rank_mat, root_decomp_method, root_inv_decomp_method, generate_roots, **root_decomp_kwargs
-        )
 
     def add_diagonal(self, diag: Tensor) -> LinearOperator:
         """Add ``diag`` to the diagonal. A scalar (or one value per batch entry, shape ``(*batch, 1)``)

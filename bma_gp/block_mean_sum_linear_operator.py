@@ -26,6 +26,7 @@ from bma_gp._by_products import ByProducts
 from bma_gp._diagonal import is_diagonal as _is_diagonal
 from bma_gp._diagonal import structurally_diagonal as _structurally_diagonal
 from bma_gp._lazy_root import LazyRoot
+from bma_gp._low_rank_sum import LowRankInClosedForm
 from bma_gp._precision import core_dtype
 from bma_gp._symmetric_function import (
     floored_sqrt,
@@ -424,7 +425,7 @@ def _scoped(method):
 
 
 # ---------------------------------------------------------------------------- the operator
-class BlockMeanSumLinearOperator(LinearOperator):
+class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
     r"""A per-point diagonal plus block mean matrices over several partitions plus a low-rank root.
 
     .. math::
@@ -815,26 +816,6 @@ class BlockMeanSumLinearOperator(LinearOperator):
                 f"the operator's diagonal of shape {tuple(self.diag_values.shape)}."
             ) from None
         return self._new(diag=new)
-
-    def add_low_rank(
-        self,
-        low_rank_mat: Tensor | LinearOperator,
-        root_decomp_method: str | None = None,
-        root_inv_decomp_method: str | None = None,
-        generate_roots: bool | None = True,
-        **root_decomp_kwargs,
-    ) -> LinearOperator:
-        r""":math:`M + U U^\top` with ``U`` joining the low-rank root, in closed form (linear_operator's version
-        forms the dense ``n x n`` matrix :math:`U U^\top` and a sum without closed forms). The root arguments are
-        not needed and are ignored."""
-        from bma_gp._composition import add_low_rank
-
-        res = add_low_rank(self, low_rank_mat)
-        if res is not None:
-            return res
-        return super().add_low_rank(
-            low_rank_mat, root_decomp_method, root_inv_decomp_method, generate_roots, **root_decomp_kwargs
-        )
 
     def __add__(self, other):
         from bma_gp._composition import add_structured, fallback_sum

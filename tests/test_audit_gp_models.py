@@ -14,48 +14,19 @@ import pytest
 import torch
 
 from bma_gp import BlockMeanKernel, ClosedFormFallbackWarning, GroupKernel, Partition
+from gp_reference import GP, dense_copy, dense_prediction
 
 DTYPE = torch.float64
 
 
-class DenseKernel(gpytorch.kernels.Kernel):
-    """``kernel`` evaluated and returned as a dense tensor: the reference for any model type."""
-
-    def __init__(self, kernel: gpytorch.kernels.Kernel):
-        super().__init__()
-        self.kernel = kernel
-
-    def forward(self, x1, x2, diag=False, **params):
-        with gpytorch.settings.lazily_evaluate_kernels(False):
-            out = self.kernel(x1, x2, diag=diag, **params)
-        return out if torch.is_tensor(out) else out.to_dense()
-
-    def num_outputs_per_input(self, x1, x2):
-        return self.kernel.num_outputs_per_input(x1, x2)
-
-
-class GP(gpytorch.models.ExactGP):
-    def __init__(self, x, y, likelihood, kernel):
-        super().__init__(x, y, likelihood)
-        self.mean_module = gpytorch.means.ConstantMean()
-        self.covar_module = kernel
-
-    def forward(self, x):
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
-
-
-def dense_copy(model: GP) -> GP:
-    reference = copy.deepcopy(model)
-    reference.covar_module = DenseKernel(reference.covar_module)
-    reference.prediction_strategy = None
-    return reference
-
-
-def dense_prediction(model: GP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    model.eval()
-    with torch.no_grad(), gpytorch.settings.max_cholesky_size(10**6):
-        pred = model(x)
-        return pred.mean, pred.variance
+def assert_predicts_as_dense(model: GP, xt: torch.Tensor) -> None:
+    """The model's prediction at ``xt`` equals the dense reference's (float64, 1e-9)."""
+    with torch.no_grad():
+        pred = model(xt)
+        mean, variance = pred.mean, pred.variance
+    ref_mean, ref_variance = dense_prediction(dense_copy(model), xt)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(variance, ref_variance, rtol=1e-9, atol=1e-9)
 
 
 def block_mean_data(n=60, k=6, seed=0):
@@ -85,12 +56,7 @@ def test_set_partition_in_eval_mode_refuses_the_stale_prediction_cache():
     with torch.no_grad(), pytest.raises(ValueError, match=r"set_partition.*model\.set_train_data"):
         model(xt)
     model.set_train_data(x, y, strict=False)  # what the message says: drops the cache
-    with torch.no_grad():
-        pred = model(xt)
-        mean, variance = pred.mean, pred.variance
-    ref_mean, ref_variance = dense_prediction(dense_copy(model), xt)
-    torch.testing.assert_close(mean, ref_mean, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(variance, ref_variance, rtol=1e-9, atol=1e-9)
+    assert_predicts_as_dense(model, xt)
 
 
 def test_kernel_set_train_data_in_eval_mode_refuses_the_stale_prediction_cache():
@@ -128,12 +94,7 @@ def test_stale_prediction_cache_is_refused_in_sums_too():
         model(xt)
     model.train()
     model.eval()
-    with torch.no_grad():
-        pred = model(xt)
-        mean, variance = pred.mean, pred.variance
-    ref_mean, ref_variance = dense_prediction(dense_copy(model), xt)
-    torch.testing.assert_close(mean, ref_mean, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(variance, ref_variance, rtol=1e-9, atol=1e-9)
+    assert_predicts_as_dense(model, xt)
 
 
 # ---------------------------------------------------------------------------- batched test inputs

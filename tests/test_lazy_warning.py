@@ -21,33 +21,10 @@ from gpytorch.lazy import LazyEvaluatedKernelTensor
 from bma_gp import BlockMeanKernel, ClosedFormFallbackWarning, Partition
 from bma_gp.kernels import block_mean_kernel
 from bma_gp.kernels.block_mean_kernel import _EAGER_PREDICTION_MESSAGE, _inside_lazy_evaluation
+from gp_reference import GP, DenseKernel
 from test_gp_inference import dense_block_mean
 
 DTYPE = torch.float64
-
-
-class GP(gpytorch.models.ExactGP):
-    def __init__(self, x, y, likelihood, kernel):
-        super().__init__(x, y, likelihood)
-        self.mean_module = gpytorch.means.ConstantMean()
-        self.covar_module = kernel
-
-    def forward(self, x):
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
-
-
-class DenseKernel(gpytorch.kernels.Kernel):
-    """``kernel`` evaluated and handed to GPyTorch as a plain tensor (the reference; it evaluates eagerly, so a
-    BlockMeanKernel inside warns, rightly)."""
-
-    def __init__(self, kernel):
-        super().__init__()
-        self.kernel = kernel
-
-    def forward(self, x1, x2, diag=False, **params):
-        with gpytorch.settings.lazily_evaluate_kernels(False):
-            out = self.kernel(x1, x2, diag=diag, **params)
-        return out if torch.is_tensor(out) else out.to_dense()
 
 
 def data(n=30, k=5, t=4, seed=0):

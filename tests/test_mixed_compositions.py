@@ -19,6 +19,7 @@ import torch
 
 from bma_gp import GroupKernel
 from closed_form_guard import closed_forms_only
+from gp_reference import GP
 
 DTYPE = torch.float64
 K1, K2 = 7, 4  # levels of the two groupings
@@ -43,16 +44,6 @@ def new_inputs():
     return torch.tensor(
         [[0.1, 0.0, 1.0], [0.5, 6.0, 2.0], [0.9, 3.0, 3.0], [0.3, 6.0, 3.0], [0.7, 2.0, 0.0]], dtype=DTYPE
     )
-
-
-class GP(gpytorch.models.ExactGP):
-    def __init__(self, x, y, likelihood, covar_module):
-        super().__init__(x, y, likelihood)
-        self.mean_module = gpytorch.means.ConstantMean()
-        self.covar_module = covar_module
-
-    def forward(self, x):
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
 
 def group_kernels(per_group_variance=False):

@@ -1,0 +1,55 @@
+"""A plain ExactGP and its dense reference, shared by the GPyTorch model tests.
+
+:class:`DenseKernel` evaluates a kernel and hands GPyTorch a plain tensor, so a model that uses it is conditioned
+by GPyTorch's dense path (Cholesky, with ``max_cholesky_size`` raised past ``n`` in :func:`dense_prediction`). It
+evaluates eagerly, so a BlockMeanKernel inside it warns about ``lazily_evaluate_kernels(False)``, rightly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import gpytorch
+import torch
+
+
+class DenseKernel(gpytorch.kernels.Kernel):
+    """``kernel`` evaluated and returned as a dense tensor: the reference for any model type."""
+
+    def __init__(self, kernel: gpytorch.kernels.Kernel):
+        super().__init__()
+        self.kernel = kernel
+
+    def forward(self, x1, x2, diag=False, **params):
+        with gpytorch.settings.lazily_evaluate_kernels(False):
+            out = self.kernel(x1, x2, diag=diag, **params)
+        return out if torch.is_tensor(out) else out.to_dense()
+
+    def num_outputs_per_input(self, x1, x2):
+        return self.kernel.num_outputs_per_input(x1, x2)
+
+
+class GP(gpytorch.models.ExactGP):
+    def __init__(self, x, y, likelihood, kernel):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = kernel
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def dense_copy(model: GP) -> GP:
+    """A deep copy of ``model`` whose kernel is evaluated densely (no prediction cache)."""
+    reference = copy.deepcopy(model)
+    reference.covar_module = DenseKernel(reference.covar_module)
+    reference.prediction_strategy = None
+    return reference
+
+
+def dense_prediction(model: GP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of ``model`` at ``x`` in eval mode, through GPyTorch's dense Cholesky."""
+    model.eval()
+    with torch.no_grad(), gpytorch.settings.max_cholesky_size(10**6):
+        pred = model(x)
+        return pred.mean, pred.variance
