@@ -87,6 +87,21 @@ def _rank_and_world(process_group: Any) -> tuple[int, int]:
     return dist.get_rank(process_group), dist.get_world_size(process_group)
 
 
+def _values_batch_shape(kernel: Kernel, x: Tensor) -> torch.Size:
+    """The batch shape of ``kernel(x, x)``: the inputs' batch broadcast with the kernel's ``batch_shape``.
+
+    A batch kernel on unbatched inputs evaluates one matrix per batch entry, so chunk sizes and the
+    progress default must count both.
+    """
+    try:
+        return torch.broadcast_shapes(x.shape[:-2], kernel.batch_shape)
+    except RuntimeError:
+        raise ValueError(
+            f"x has batch shape {tuple(x.shape[:-2])} and the kernel has batch_shape {tuple(kernel.batch_shape)}, "
+            "which do not broadcast; give x a batch shape that broadcasts with the kernel's."
+        ) from None
+
+
 def _stationary_form(kernel: Kernel, x: Tensor, fused: bool | None) -> StationaryForm | None:
     """The form the stationary engine uses, ``None`` for the generic engine; checks ``fused=True``."""
     form = StationaryForm.match(kernel) if fused is not False else None
@@ -158,7 +173,8 @@ def kernel_block_mean(
         TypeError: ``kernel`` is not a gpytorch kernel, ``x`` not a tensor, ``partition``
             not a :class:`~bma_gp.Partition`.
         ValueError: wrong shapes, a bad ``chunk_size``, a process group without an
-            initialised ``torch.distributed``, or ``fused=True`` on an unsupported kernel.
+            initialised ``torch.distributed``, ``fused=True`` on an unsupported kernel, or batch
+            shapes of ``x`` and the kernel that do not broadcast.
 
     Example:
         >>> from gpytorch.kernels import RBFKernel, ScaleKernel
@@ -181,9 +197,7 @@ def kernel_block_mean(
     sizes = partition.sizes
 
     form = _stationary_form(kernel, xs, fused)
-    batch_numel = math.prod(x.shape[:-2])
-    if form is not None:
-        batch_numel = max(batch_numel, math.prod(form.base.lengthscale.shape[:-2]))
+    batch_numel = math.prod(_values_batch_shape(kernel, x))
     show = (bool(progress) if progress is not None else batch_numel * n * n >= _PROGRESS_ENTRIES) and rank == 0
     rows = (rank * n // world, (rank + 1) * n // world)
 
