@@ -36,7 +36,7 @@ import torch
 from gpytorch.kernels import Kernel
 from torch import Tensor
 
-from bma_gp._kernel_sums.generic import GenericKernelSums, kernel_parameters
+from bma_gp._kernel_sums.generic import GenericKernelSums, check_parameters, kernel_parameters
 from bma_gp._kernel_sums.plan import KernelSumsPlan
 from bma_gp._kernel_sums.stationary import StationaryForm, stationary_block_sums
 from bma_gp.approximation import block_mean_from_sums
@@ -173,8 +173,10 @@ def kernel_block_mean(
         TypeError: ``kernel`` is not a gpytorch kernel, ``x`` not a tensor, ``partition``
             not a :class:`~bma_gp.Partition`.
         ValueError: wrong shapes, a bad ``chunk_size``, a process group without an
-            initialised ``torch.distributed``, ``fused=True`` on an unsupported kernel, or batch
-            shapes of ``x`` and the kernel that do not broadcast.
+            initialised ``torch.distributed``, ``fused=True`` on an unsupported kernel, batch
+            shapes of ``x`` and the kernel that do not broadcast, or (generic engine, with
+            gradients on) a kernel whose values depend on a tensor needing a gradient that is
+            not one of its parameters (its gradient would be lost).
 
     Example:
         >>> from gpytorch.kernels import RBFKernel, ScaleKernel
@@ -215,5 +217,8 @@ def kernel_block_mean(
     else:
         chunk = chunk_size or max(1, _CHUNK_BYTES // (batch_numel * n * x.element_size()))
         plan = KernelSumsPlan(xs, sizes, labels, rows, chunk, process_group, show)
-        block_sums, diag_sums = GenericKernelSums.apply(plan, kernel, xs, *kernel_parameters(kernel))
+        params = kernel_parameters(kernel)
+        if torch.is_grad_enabled():
+            check_parameters(kernel, xs, params)
+        block_sums, diag_sums = GenericKernelSums.apply(plan, kernel, xs, *params)
     return block_mean_from_sums(block_sums, diag_sums, partition)

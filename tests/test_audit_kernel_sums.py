@@ -3,10 +3,12 @@
 import importlib
 from unittest import mock
 
+import gpytorch
+import pytest
 import torch
-from gpytorch.kernels import PeriodicKernel, ScaleKernel
+from gpytorch.kernels import Kernel, PeriodicKernel, RBFKernel, ScaleKernel
 
-from bma_gp import Partition
+from bma_gp import Partition, block_mean
 from bma_gp.kernel_block_mean import kernel_block_mean
 
 generic = importlib.import_module("bma_gp._kernel_sums.generic")
@@ -37,3 +39,37 @@ def test_generic_default_chunk_counts_the_kernels_batch_shape():
         op.B.sum().backward()
     assert op.B.shape == (batch, 5, 5)
     assert max(largest) <= budget
+
+
+class _Warped(Kernel):
+    """An RBF kernel on ``net(x)``, where ``net`` is held without registering it (e.g. shared with the model)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.__dict__["net"] = net
+        self.inner = RBFKernel()
+
+    def forward(self, x1, x2, diag=False, **params):
+        return self.inner.forward(self.net(x1), self.net(x2), diag=diag)
+
+
+def test_generic_engine_refuses_a_kernel_with_unregistered_tensors_needing_gradients():
+    """The generic engine differentiates only ``kernel.parameters()`` and ``x``; a kernel whose values depend on
+    another tensor that needs a gradient used to get no gradient for it, silently (the dense kernel gets one)."""
+    net = torch.nn.Linear(2, 2).double()
+    kernel = _Warped(net).double()
+    x = torch.randn(40, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    partition = Partition.from_labels(torch.arange(40) % 4)
+    with pytest.raises(ValueError, match="not one of _Warped's parameters"):
+        kernel_block_mean(kernel, x, partition)
+    with torch.no_grad():  # nothing to differentiate: allowed
+        kernel_block_mean(kernel, x, partition)
+    # registered, the same kernel is differentiated like the dense one
+    kernel.net = net
+    op = kernel_block_mean(kernel, x, partition)
+    with gpytorch.settings.lazily_evaluate_kernels(False):
+        ref = block_mean(kernel(x, x).to_dense(), partition)
+    torch.testing.assert_close(op.B, ref.B, rtol=1e-10, atol=1e-12)
+    g = torch.autograd.grad(op.B.square().sum(), [net.weight])[0]
+    g_ref = torch.autograd.grad(ref.B.square().sum(), [net.weight])[0]
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)

@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 from bma_gp._kernel_sums.plan import KernelSumsPlan, all_reduce, chunk_ranges, progress
 from bma_gp._precision import core_dtype
 
-__all__ = ["GenericKernelSums", "evaluate", "kernel_parameters"]
+__all__ = ["GenericKernelSums", "check_parameters", "evaluate", "kernel_parameters"]
 
 
 def evaluate(kernel: Kernel, x1: Tensor, x2: Tensor) -> Tensor:
@@ -48,6 +48,37 @@ def kernel_parameters(kernel: Kernel) -> list[Tensor]:
             seen.add(id(p))
             out.append(p)
     return out
+
+
+def check_parameters(kernel: Kernel, x: Tensor, params: list[Tensor]) -> None:
+    """Raise when the kernel's values depend on a tensor needing a gradient that is not in ``params``.
+
+    :class:`GenericKernelSums` evaluates the kernel without a graph and differentiates only ``x`` and
+    ``params`` in backward, so such a tensor (a module the kernel calls but does not register, a tensor
+    stored as a plain attribute) would silently get no gradient. One entry is evaluated with a graph
+    and the graph's leaves are compared with ``params``.
+    """
+    with torch.enable_grad():
+        probe = evaluate(kernel, x.detach()[..., :1, :], x.detach()[..., :1, :])
+    if probe.grad_fn is None:
+        return
+    known = {id(p) for p in params}
+    seen: set[Any] = set()
+    stack: list[Any] = [probe.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf that needs a gradient
+        if leaf is not None and id(leaf) not in known:
+            raise ValueError(
+                f"the kernel's values depend on a tensor of shape {tuple(leaf.shape)} that needs a gradient but is "
+                f"not one of {type(kernel).__name__}'s parameters, so kernel_block_mean could not differentiate it. "
+                "Register it on the kernel (an nn.Parameter, or the module holding it as a submodule), or apply "
+                "the transformation to the inputs before the kernel (pass net(x) as x)."
+            )
+        stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
 
 
 def _segment_sum(values: Tensor, lengths: Tensor) -> Tensor:
