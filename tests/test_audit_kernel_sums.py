@@ -8,11 +8,12 @@ import pytest
 import torch
 from gpytorch.kernels import Kernel, PeriodicKernel, RBFKernel, ScaleKernel
 
-from bma_gp import Partition, block_mean
+from bma_gp import BlockMeanKernel, Partition, block_mean
 from bma_gp.kernel_block_mean import kernel_block_mean
 
 generic = importlib.import_module("bma_gp._kernel_sums.generic")
 kbm = importlib.import_module("bma_gp.kernel_block_mean")
+bmk = importlib.import_module("bma_gp.kernels.block_mean_kernel")
 
 
 def test_generic_default_chunk_counts_the_kernels_batch_shape():
@@ -73,3 +74,32 @@ def test_generic_engine_refuses_a_kernel_with_unregistered_tensors_needing_gradi
     g = torch.autograd.grad(op.B.square().sum(), [net.weight])[0]
     g_ref = torch.autograd.grad(ref.B.square().sum(), [net.weight])[0]
     torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_cross_covariance_chunk_counts_the_kernels_batch_shape():
+    """``BlockMeanKernel``'s cross-covariance evaluates at most ``_CROSS_CHUNK_ENTRIES`` kernel entries at once;
+    with a batch kernel on unbatched inputs it counted one matrix per chunk instead of ``batch`` of them."""
+    n, t, batch = 200, 100, 4
+    gen = torch.Generator().manual_seed(0)
+    x, x_new = (
+        torch.randn(n, 2, generator=gen, dtype=torch.float64),
+        torch.randn(t, 2, generator=gen, dtype=torch.float64),
+    )
+    base = ScaleKernel(RBFKernel(batch_shape=torch.Size([batch])), batch_shape=torch.Size([batch])).double()
+    kernel = BlockMeanKernel(base, x, Partition.from_labels(torch.arange(n) % 5))
+    budget = 10 * n * batch  # entries: 10 rows of a batch of 4
+    largest = []
+    base_dense = BlockMeanKernel._base_dense
+
+    def recording(self, x1, x2):
+        values = base_dense(self, x1, x2)
+        largest.append(values.numel())
+        return values
+
+    with (
+        mock.patch.object(bmk, "_CROSS_CHUNK_ENTRIES", budget),
+        mock.patch.object(BlockMeanKernel, "_base_dense", recording),
+    ):
+        cross = kernel(x_new, x).to_dense()
+    assert cross.shape == (batch, t, n)
+    assert max(largest) <= budget

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import warnings
 
@@ -22,7 +23,7 @@ from bma_gp.partition import Partition
 
 __all__ = ["BlockMeanKernel"]
 
-#: Largest number of kernel entries evaluated at once for a cross-covariance (rows x training points).
+#: Largest number of kernel entries evaluated at once for a cross-covariance (batch x rows x training points).
 _CROSS_CHUNK_ENTRIES = 2**22
 #: warned where an ExactGP in eval mode evaluates the kernel eagerly (:meth:`BlockMeanKernel._joint_block_mean`)
 _EAGER_PREDICTION_MESSAGE = (
@@ -303,7 +304,9 @@ class BlockMeanKernel(Kernel):
         """:math:`A_{ij}` = mean of ``base_kernel(x_new[i], X_j)``. # shape: (*batch, t, k)"""
         partition = self._partition_on(train_x.device)
         n = train_x.shape[-2]
-        chunk = self.chunk_size or max(1, _CROSS_CHUNK_ENTRIES // n)
+        # a batch kernel on unbatched inputs evaluates one matrix per batch entry
+        batch = torch.broadcast_shapes(x_new.shape[:-2], train_x.shape[:-2], self.base_kernel.batch_shape)
+        chunk = self.chunk_size or max(1, _CROSS_CHUNK_ENTRIES // (n * math.prod(batch)))
 
         def block_means(rows: Tensor) -> Tensor:
             return partition.block_average(self._base_dense(rows, train_x), dim=-1)
