@@ -6,13 +6,14 @@ from unittest import mock
 import gpytorch
 import pytest
 import torch
-from gpytorch.kernels import Kernel, PeriodicKernel, RBFKernel, ScaleKernel
+from gpytorch.kernels import Kernel, MaternKernel, PeriodicKernel, RBFKernel, ScaleKernel
 
 from bma_gp import BlockMeanKernel, Partition, block_mean
 from bma_gp.kernel_block_mean import kernel_block_mean
 
 generic = importlib.import_module("bma_gp._kernel_sums.generic")
 kbm = importlib.import_module("bma_gp.kernel_block_mean")
+jit = importlib.import_module("bma_gp._kernel_sums.jit")
 bmk = importlib.import_module("bma_gp.kernels.block_mean_kernel")
 
 
@@ -103,3 +104,38 @@ def test_cross_covariance_chunk_counts_the_kernels_batch_shape():
         cross = kernel(x_new, x).to_dense()
     assert cross.shape == (batch, t, n)
     assert max(largest) <= budget
+
+
+def _exact_matern12(kernel, x):
+    """``kernel(x, x)`` for ``ScaleKernel(MaternKernel(nu=0.5))`` from exact differences (0 at duplicates)."""
+    base = kernel.base_kernel
+    r2 = ((x.unsqueeze(-2) - x.unsqueeze(-3)) / base.lengthscale).square().sum(-1)
+    r = torch.where(r2 > 0, r2.clamp_min(1e-300).sqrt(), torch.zeros_like(r2))
+    return kernel.outputscale * torch.exp(-r)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("lengthscale", [0.01, 0.001])
+def test_matern12_lengthscale_gradient_with_duplicate_points(backend, lengthscale, monkeypatch):
+    """Matern-1/2's derivative weight is ``exp(-rho) / rho``. At duplicate points the tiled distance GEMM gives a
+    rounding-noise ``rho^2`` instead of 0, so the weight was huge, and torch's route multiplied it by a squared
+    difference from the feature GEMM that is noise as well: a spurious gradient, relative error 1e-4 at
+    lengthscale 0.01 and 1e13 at 0.001 on data spread over [0, 10] (the numba route takes exact differences)."""
+    monkeypatch.setattr(jit, "BACKEND", backend)
+    monkeypatch.setattr(jit, "MIN_ENTRIES", 0)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(100, 2, generator=gen, dtype=torch.float64) * 10
+    x = torch.cat([x0, x0, x0])  # every point three times
+    partition = Partition.from_labels(torch.randint(3, (300,), generator=gen))
+    kernel = ScaleKernel(MaternKernel(nu=0.5)).double()
+    kernel.base_kernel.lengthscale = lengthscale
+    raw = kernel.base_kernel.raw_lengthscale
+
+    def loss(op):
+        w = torch.linspace(-1, 2, op.B.shape[-1], dtype=op.B.dtype)
+        return (op.lam * w).sin().sum() + (op.B * w).square().sum() + (op.B * w.unsqueeze(-1)).sum()
+
+    g_ref = torch.autograd.grad(loss(block_mean(_exact_matern12(kernel, x), partition)), raw)[0]
+    for chunk in (None, 64):
+        g = torch.autograd.grad(loss(kernel_block_mean(kernel, x, partition, chunk_size=chunk, fused=True)), raw)[0]
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=0)

@@ -78,6 +78,8 @@ __all__ = ["StationaryForm", "StationaryKernelSums", "block_sums", "stationary_b
 TILE_ROWS, TILE_COLS = 512, 4096
 #: Rows and columns of one tile on CUDA: big tiles, so that per-tile Python overhead is negligible.
 TILE_ROWS_CUDA, TILE_COLS_CUDA = 4096, 32768
+#: Multiple of the distance GEMM's rounding bound below which Matern-1/2's derivative weight is 0.
+_NOISE_FLOOR = 4.0
 
 
 # ============================================================================ the kernel's form
@@ -146,16 +148,18 @@ class StationaryForm:
         tail = torch.mul(rho, rho, out=torch.empty_like(rho)).mul_(1.0 / 3.0).mul_(e)
         return e.mul_(rho.add_(1.0)).add_(tail)
 
-    def values_and_weights(self, rho2: Tensor, spare: Tensor, extra: Tensor) -> tuple[Tensor, Tensor, float]:
-        """``values(...)`` and ``derivative_weights(...)`` from one evaluation, in three buffers."""
+    def values_and_weights(
+        self, rho2: Tensor, spare: Tensor, extra: Tensor, floor: float = 0.0
+    ) -> tuple[Tensor, Tensor, float]:
+        """``values(...)`` and ``derivative_weights(..., floor)`` from one evaluation, in three buffers."""
         if self.nu is None:
             values = rho2.exp_()
             return values, values, -1.0
         rho = rho2.sqrt_()
         e = torch.neg(rho, out=spare).exp_()
         if self.nu == 0.5:
-            tiny = torch.finfo(rho.dtype).tiny
-            weights = torch.div(e, rho.clamp_min_(tiny), out=extra).masked_fill_(rho == tiny, 0.0)
+            cut = max(torch.finfo(rho.dtype).tiny, math.sqrt(floor))
+            weights = torch.div(e, rho.clamp_min_(cut), out=extra).masked_fill_(rho == cut, 0.0)
             return e, weights, -0.5
         if self.nu == 1.5:
             weights = extra.copy_(e)
@@ -164,7 +168,7 @@ class StationaryForm:
         tail = rho.square_().mul_(1.0 / 3.0).mul_(e)  # (rho^2 / 3) e
         return torch.add(weights, tail, out=spare), weights, -1.0 / 6.0
 
-    def derivative_weights(self, rho2: Tensor, spare: Tensor) -> tuple[Tensor, float]:
+    def derivative_weights(self, rho2: Tensor, spare: Tensor, floor: float = 0.0) -> tuple[Tensor, float]:
         r"""Weights :math:`w` and a factor with :math:`g'(r^2)\, \Delta z_a^2 = \text{factor} \cdot w\, \Delta z'^2_a`.
 
         :math:`g(r^2) = f(\rho)` is the kernel as a function of the squared distance in
@@ -173,14 +177,20 @@ class StationaryForm:
         where every :math:`\Delta z'_a` is 0), factor :math:`-1/2`; :math:`\nu = 3/2`:
         :math:`w = e^{-\rho}`, :math:`-1/2`; :math:`\nu = 5/2`: :math:`w = (1 + \rho) e^{-\rho}`,
         :math:`-1/6`. Overwrites ``rho2`` and ``spare``.
+
+        ``floor`` (Matern-1/2 only): squared distances up to it are rounding noise of the distance GEMM
+        (:meth:`_TilePass.noise_floor`), where :math:`w` is set to 0 as at :math:`\rho = 0`. Duplicate points
+        otherwise get :math:`w \sim 1 / \sqrt{\text{noise}}` times a :math:`\Delta z'^2` that is noise as well
+        (the feature GEMM), a large spurious gradient; a pair below the floor contributes at most
+        :math:`\rho \le \sqrt{\text{floor}}` in exact arithmetic.
         """
         if self.nu is None:
             return rho2.exp_(), -1.0
         rho = rho2.sqrt_()
         e = torch.neg(rho, out=spare).exp_()
         if self.nu == 0.5:
-            tiny = torch.finfo(rho.dtype).tiny
-            return e.div_(rho.clamp_min_(tiny)).masked_fill_(rho == tiny, 0.0), -0.5
+            cut = max(torch.finfo(rho.dtype).tiny, math.sqrt(floor))
+            return e.div_(rho.clamp_min_(cut)).masked_fill_(rho == cut, 0.0), -0.5
         if self.nu == 1.5:
             return e, -0.5
         return e.mul_(rho.add_(1.0)), -1.0 / 6.0
@@ -279,6 +289,19 @@ class _TilePass:
         if self.group is None or self.group.r0 != tile.r0:
             self.group = _RowGroup.build(self.z, self.labels, tile, self.sign)
         return self.group
+
+    def noise_floor(self, tile: Tile, zc: Tensor) -> float:
+        r"""A bound on the rounding error of the tile's :math:`\rho^2` (Matern-1/2 only, else 0).
+
+        :math:`\rho^2 = |z_p|^2 + |z_j|^2 - 2 z_p \cdot z_j` in centred coordinates is exact to about
+        :math:`(d + 2)\, \epsilon\, (|z_p|^2 + |z_j|^2)`; only Matern-1/2's derivative weight
+        :math:`e^{-\rho} / \rho` is sensitive to it (:meth:`StationaryForm.derivative_weights`).
+        """
+        if self.form.nu != 0.5:
+            return 0.0
+        group = self.rows(tile)
+        norms = torch.stack([group.z.square().sum(-1).amax(), zc.square().sum(-1).amax()]).tolist()
+        return _NOISE_FLOOR * (zc.shape[-1] + 2) * torch.finfo(zc.dtype).eps * sum(norms)
 
     def distances(self, tile: Tile) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(sign * rho^2, spare, extra, centred column inputs)`` of one tile; ``spare``, ``extra``: free buffers."""
@@ -437,7 +460,7 @@ def block_sums(
         keep = size <= budget and (numba or tile.row_blocks <= MAX_ROW_BLOCKS)
         factor = 1.0
         if keep:
-            values, weights, factor = form.values_and_weights(rho2, spare, extra)
+            values, weights, factor = form.values_and_weights(rho2, spare, extra, tiler.noise_floor(tile, zc))
             budget -= size
         else:
             values, weights = form.values(rho2, spare), None
@@ -482,7 +505,7 @@ def lengthscale_gradient(
     tiler = _TilePass(plan.labels, form, z, again)
     for tile in progress(again, plan.show_progress, "kernel block sums (backward)"):
         rho2, spare, extra, zc = tiler.distances(tile)
-        weights, factor = form.derivative_weights(rho2, spare)
+        weights, factor = form.derivative_weights(rho2, spare, tiler.noise_floor(tile, zc))
         if starts is not None:  # the tile's derivative sums, contracted with G (its value sums land in scratch)
             at = (0, 0, False)
             sums = jit.tile_sums(weights, weights, *_tile_bounds(starts, tile), tiler.rows(tile).z, zc, scratch, at)
