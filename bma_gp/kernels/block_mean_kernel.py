@@ -178,7 +178,8 @@ class BlockMeanKernel(Kernel):
         train_x: the training inputs the kernel is bound to. # shape: (n, d) or (*batch, n, d)
         partition: a partition of the ``n`` training inputs into ``k`` blocks.
         chunk_size: rows of kernel entries evaluated at once when forming block sums
-            (``None``: chosen to keep about 32 MB alive).
+            (``None``: about 64 MB of kernel entries at a time for the training covariance, 2^22 entries for a
+            cross-covariance).
 
     Example:
         >>> import gpytorch, torch
