@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 from linear_operator.operators import LinearOperator
-from linear_operator.operators.diag_linear_operator import ConstantDiagLinearOperator
+from linear_operator.operators.diag_linear_operator import ConstantDiagLinearOperator, DiagLinearOperator
 from linear_operator.operators.root_linear_operator import RootLinearOperator
 from linear_operator.utils.broadcasting import _matmul_broadcast_shape
 from linear_operator.utils.errors import CachingError
@@ -706,6 +706,8 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
             return self._hadamard(other)
         if isinstance(other, BlockMeanLinearOperator) and other.shape[-1] == self.shape[-1]:
             return self._hadamard_across(other)
+        if isinstance(other, DiagLinearOperator):  # M o diag(d) = diag(diag(M) d), as linear_operator's diag o M
+            return other._mul_matrix(self)
         warn_elementwise(self, other)  # linear_operator's MulLinearOperator: roots of both, or dense matrices
         return super()._mul_matrix(other)
 

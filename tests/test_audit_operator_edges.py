@@ -25,7 +25,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from linear_operator.operators import DenseLinearOperator, DiagLinearOperator
+from linear_operator.operators import ConstantDiagLinearOperator, DenseLinearOperator, DiagLinearOperator
 
 import bma_gp
 from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, Partition, block_mean
@@ -229,6 +229,27 @@ def test_elementwise_product_over_two_partitions_gradients():
         torch.tensor([0.4, 0.6], dtype=DTYPE),
     )
     assert torch.autograd.gradcheck(fn, tuple(t.clone().requires_grad_() for t in inputs))
+
+
+def test_elementwise_product_with_a_diagonal_is_a_diagonal_either_way():
+    """M * D and D * M are diag(diag(M) d), silently and with gradients (M * D went through linear_operator's
+    MulLinearOperator, which forms roots of both factors, with a warning)."""
+    partition = Partition.from_labels([0, 1, 0, 2, 1, 1, 3])
+    lam = (torch.rand(2, 4, dtype=DTYPE) + 1).requires_grad_()
+    M = BlockMeanLinearOperator(lam, torch.eye(4, dtype=DTYPE) * 0.3 + 0.1, partition)
+    for D in (
+        DiagLinearOperator(torch.rand(7, dtype=DTYPE)),
+        ConstantDiagLinearOperator(torch.tensor([2.0], dtype=DTYPE), 7),
+    ):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            products = (M * D, D * M)
+        for product in products:
+            assert isinstance(product, DiagLinearOperator) and product.shape == (2, 7, 7)
+            torch.testing.assert_close(product.to_dense(), M.to_dense() * D.to_dense())
+    (grad,) = torch.autograd.grad((M * D).diagonal().sum(), lam)
+    (expected,) = torch.autograd.grad((M.to_dense() * D.to_dense()).diagonal(dim1=-2, dim2=-1).sum(), lam)
+    torch.testing.assert_close(grad, expected)
 
 
 def test_elementwise_product_over_two_partitions_respects_the_size_limit():
