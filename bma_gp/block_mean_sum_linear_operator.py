@@ -832,6 +832,10 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         """The elementwise product with a matrix: no closed form (a sum of block mean matrices times another matrix is
         not in the family). linear_operator's ``MulLinearOperator`` forms this sum's root densely, ``n x (n + q)``:
         it proceeds with a :class:`~bma_gp.ClosedFormFallbackWarning` that says so."""
+        from linear_operator.operators import DiagLinearOperator
+
+        if isinstance(other, DiagLinearOperator):  # S o diag(d) = diag(diag(S) d), as linear_operator's diag o S
+            return other._mul_matrix(self)
         warn_elementwise(self, other)
         return super()._mul_matrix(other)
 

@@ -247,6 +247,12 @@ def test_elementwise_product_with_a_diagonal_is_a_diagonal_either_way():
         for product in products:
             assert isinstance(product, DiagLinearOperator) and product.shape == (2, 7, 7)
             torch.testing.assert_close(product.to_dense(), M.to_dense() * D.to_dense())
+    S = M + DiagLinearOperator(torch.rand(7, dtype=DTYPE))  # a BlockMeanSumLinearOperator
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        product = S * D
+    assert isinstance(product, DiagLinearOperator)
+    torch.testing.assert_close(product.to_dense(), S.to_dense() * D.to_dense())
     (grad,) = torch.autograd.grad((M * D).diagonal().sum(), lam)
     (expected,) = torch.autograd.grad((M.to_dense() * D.to_dense()).diagonal(dim1=-2, dim2=-1).sum(), lam)
     torch.testing.assert_close(grad, expected)
