@@ -19,6 +19,7 @@ from bma_gp import settings
 from bma_gp._composition import (
     ClosedFormFallbackWarning,
     FallbackIndexedLinearOperator,
+    FallbackMatmulLinearOperator,
     FallbackScaledLinearOperator,
     FallbackSumLinearOperator,
     closed_form,
@@ -44,6 +45,7 @@ __all__ = [
     "closed_form",
     "ClosedFormFallbackWarning",
     "FallbackIndexedLinearOperator",
+    "FallbackMatmulLinearOperator",
     "FallbackScaledLinearOperator",
     "FallbackSumLinearOperator",
     "block_mean",

@@ -28,11 +28,13 @@ from linear_operator.operators import (
     InterpolatedLinearOperator,
     LinearOperator,
     LowRankRootAddedDiagLinearOperator,
+    MatmulLinearOperator,
     RootLinearOperator,
     SumLinearOperator,
     ZeroLinearOperator,
 )
 from linear_operator.operators.diag_linear_operator import ConstantDiagLinearOperator
+from linear_operator.utils.broadcasting import _matmul_broadcast_shape
 from torch import Tensor
 
 from bma_gp._lazy_root import LazyRoot
@@ -45,6 +47,7 @@ from bma_gp.partition import Partition
 __all__ = [
     "ClosedFormFallbackWarning",
     "FallbackIndexedLinearOperator",
+    "FallbackMatmulLinearOperator",
     "FallbackSumLinearOperator",
     "add_structured",
     "closed_form",
@@ -130,7 +133,13 @@ def _block_mean(lam: Tensor, B: Tensor | _Diagonal, partition: Partition) -> Blo
 
 def _is_ours(op) -> bool:
     return isinstance(
-        op, (BlockMeanLinearOperator, BlockMeanSumLinearOperator, BlockMeanProductLinearOperator)
+        op,
+        (
+            BlockMeanLinearOperator,
+            BlockMeanSumLinearOperator,
+            BlockMeanProductLinearOperator,
+            FallbackMatmulLinearOperator,
+        ),
     ) or _is_lazy_block_mean(op)
 
 
@@ -338,20 +347,23 @@ class _WarnsWhenFactorised:
     def _nonsymmetric(self) -> bool:
         return False
 
+    def _why_nonsymmetric(self) -> str:
+        return "it holds a product of block mean operators over two partitions, or one built with symmetric=False"
+
     def _warn_dense_lu(self, what: str) -> None:
         n = cast(LinearOperator, self).shape[-1]  # a mixin of LinearOperator subclasses
         warnings.warn(
-            f"{what} of a {type(self).__name__} that is not symmetric (it holds a product of block mean operators "
-            "over two partitions, or one built with symmetric=False): no closed form, and linear_operator's solvers "
-            f"assume symmetry, so the dense n x n matrix (n = {n}) is factorised with LU.",
+            f"{what} of a {type(self).__name__} that is not symmetric ({self._why_nonsymmetric()}): no closed form, "
+            "and linear_operator's solvers assume symmetry, so the dense n x n matrix "
+            f"(n = {n}) is factorised with LU.",
             ClosedFormFallbackWarning,
             stacklevel=3,
         )
 
     def _no_root(self, what: str):
         raise ValueError(
-            f"{what} of a {type(self).__name__} that is not symmetric (it holds a product of block mean operators over "
-            "two partitions, or one built with symmetric=False): a non-symmetric matrix has no such root."
+            f"{what} of a {type(self).__name__} that is not symmetric ({self._why_nonsymmetric()}): a non-symmetric "
+            "matrix has no such root."
         )
 
     def solve(self, right_tensor, left_tensor=None):
@@ -474,6 +486,48 @@ class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperat
         )
 
 
+class FallbackMatmulLinearOperator(_WarnsWhenFactorised, MatmulLinearOperator):
+    """A matrix product ``A @ B`` with a block mean operator, sum or product as one factor and no closed form (a third
+    partition, ``M @ S`` for a sum ``S``, a dense matrix or any other operator as the other factor): linear_operator's
+    product operator. Products (``@ x``) are exact and silent. A product of two matrices is in general not symmetric,
+    and linear_operator's solvers (Cholesky, CG) assume symmetry, so ``solve``, ``logdet`` and ``inv_quad_logdet``
+    factorise the dense ``n x n`` matrix with LU, with a :class:`ClosedFormFallbackWarning` that says so (torch.logdet's
+    semantics: NaN for a negative determinant); roots raise a ``ValueError``."""
+
+    def _nonsymmetric(self) -> bool:
+        return True
+
+    def _why_nonsymmetric(self) -> str:
+        return (
+            f"the product {type(self.left_linear_op).__name__} @ {type(self.right_linear_op).__name__}, which has no "
+            "closed form here; a product of two matrices is in general not symmetric"
+        )
+
+    def _warn(self, what: str) -> None:
+        warnings.warn(
+            f"{what} of the product {type(self.left_linear_op).__name__} @ {type(self.right_linear_op).__name__}: no "
+            "closed form; linear_operator's generic path is used.",
+            ClosedFormFallbackWarning,
+            stacklevel=3,
+        )
+
+    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+        res = super()._getitem(row_index, col_index, *batch_indices)
+        if type(res) is MatmulLinearOperator:  # rows and columns of a product: still a product of the factors' parts
+            return FallbackMatmulLinearOperator(res.left_linear_op, res.right_linear_op)
+        return res
+
+    def __add__(self, other):
+        res = fallback_sum(self, other)  # no closed form: a sum that warns (and factorises with LU) when it is solved
+        return res if res is not None else super().__add__(other)
+
+    def __radd__(self, other):
+        return self.__add__(other)
+
+    def add_diagonal(self, diag):
+        return _as_fallback(super().add_diagonal(diag))
+
+
 def indexed_fallback(op: LinearOperator, row_index, col_index, *batch_indices) -> LinearOperator:
     """``op[rows, cols]`` as linear_operator's default indexing builds it, as a :class:`FallbackIndexedLinearOperator`
     (it keeps its class through further indexing)."""
@@ -543,6 +597,28 @@ def _hooked_add(original):
 
     __add__._bma_gp_original = original
     return __add__
+
+
+def _in_matmul_family(op) -> bool:
+    """Whether a factor of a matrix product is one of this package's operators (or a fallback made of them)."""
+    return _is_ours(op) or _holds_ours(op) or isinstance(op, _WarnsWhenFactorised)
+
+
+def _hooked_matmul(original):
+    """``LinearOperator.matmul``: a product of two operators, one of them this package's (``M @ S``,
+    ``DenseLinearOperator(A) @ M``, a third partition), is a :class:`FallbackMatmulLinearOperator`, whose solves
+    warn and use LU, not a silent ``MatmulLinearOperator`` (whose solvers assume symmetry). Products with tensors
+    and products of other operators are linear_operator's own."""
+
+    @functools.wraps(original)
+    def matmul(self, other):
+        if isinstance(other, LinearOperator) and (_in_matmul_family(self) or _in_matmul_family(other)):
+            _matmul_broadcast_shape(self.shape, other.shape)
+            return FallbackMatmulLinearOperator(self, other)
+        return original(self, other)
+
+    matmul._bma_gp_original = original
+    return matmul
 
 
 def _hooked_add_diagonal(original):
@@ -615,6 +691,8 @@ def install() -> None:
         method = cls.__dict__.get("__add__")
         if method is not None and not hasattr(method, "_bma_gp_original"):
             cls.__add__ = _hooked_add(method)
+    if not hasattr(LinearOperator.matmul, "_bma_gp_original"):  # subclasses reach it through super().matmul
+        LinearOperator.matmul = _hooked_matmul(LinearOperator.matmul)
     method = LazyEvaluatedKernelTensor.__dict__.get("add_diagonal", None)
     if method is None:
         LazyEvaluatedKernelTensor.add_diagonal = _hooked_add_diagonal(LinearOperator.add_diagonal)
