@@ -503,14 +503,6 @@ class FallbackMatmulLinearOperator(_WarnsWhenFactorised, MatmulLinearOperator):
             "closed form here; a product of two matrices is in general not symmetric"
         )
 
-    def _warn(self, what: str) -> None:
-        warnings.warn(
-            f"{what} of the product {type(self.left_linear_op).__name__} @ {type(self.right_linear_op).__name__}: no "
-            "closed form; linear_operator's generic path is used.",
-            ClosedFormFallbackWarning,
-            stacklevel=3,
-        )
-
     def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
         res = super()._getitem(row_index, col_index, *batch_indices)
         if type(res) is MatmulLinearOperator:  # rows and columns of a product: still a product of the factors' parts
