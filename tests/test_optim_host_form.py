@@ -63,6 +63,20 @@ def test_host_and_ratio_forms_in_one_step(monkeypatch, forms, dtype):
     assert_same(fast, loop, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("host_max", "host", "ratio"), [(4, 0, 6), (5, 3, 3)])
+def test_a_few_small_tensors_beside_larger_ones_take_the_torch_forms(monkeypatch, forms, dtype, host_max, host, ratio):
+    """Below HOST_MIN_TENSORS small tensors beside a larger one, every tensor takes the torch forms (numpy's code is
+    cold after the larger tensors' passes); from HOST_MIN_TENSORS on the small ones take the host form. The biases
+    have 3, 5 and 2 entries, the weights 54, 240 and 10: at HOST_MAX_NUMEL = 4 two tensors qualify, at 5 three."""
+    monkeypatch.setattr(functional, "HOST_MAX_NUMEL", host_max)
+    assert functional.HOST_MIN_TENSORS == 3
+    fast, loop, calls = run_pair(monkeypatch, dtype, 4, lambda m: BlockMeanAdagrad(m.parameters(), lr=0.05))
+    assert calls == 4
+    assert forms == {"host": 4 * host, "ratio": 4 * ratio}
+    assert_same(fast, loop, dtype)
+
+
 @pytest.mark.parametrize("eps", [0.0, -1e-8])
 def test_eps_must_be_positive(eps):
     """eps = 0 would divide 0 by 0 where a gradient entry has always been 0 and poison the statistics for good."""

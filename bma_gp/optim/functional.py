@@ -622,6 +622,13 @@ def _tensor_blocks_apply(params, grads, blocks: ParamBlocks, dtype: torch.dtype,
 #: 1024 entries, 182-185 against 207-219 us at 32768, even at 49152, 318-330 against 287-314 us at 65536 (numpy
 #: runs on one thread, torch on two)
 HOST_MAX_NUMEL = 2**15
+#: where some tensor of a step takes a torch form (it is above :data:`HOST_MAX_NUMEL`), the host form is taken only
+#: when at least this many tensors qualify for it, else they take the torch forms too. Right after the passes over
+#: megabytes numpy's code is out of the caches, and its first calls cost about 150 us more per step than the same
+#: calls warm; torch's code is warm there. Measured at 2 x 2^20 entries plus m tensors of 1024 (same optimizer,
+#: interleaved): the torch forms 75-125 us faster per step at m = 2, the two forms within 1% at m = 4, the host form
+#: 200 us faster at m = 8 and 500 us at m = 16
+HOST_MIN_TENSORS = 3
 #: after some gradient entry of a tensor was exactly 0 (where the ratio form needs a repair pass), the tensor takes
 #: the chain form for this many steps before the ratio form is tried again
 RATIO_RETRY_STEPS = 32
@@ -672,6 +679,8 @@ def _tensor_blocks_cpu_step(
     hs, ns, rs, n_shaped, r_shaped, host = ws.tensor_views(blocks, params, present)
     m = len(present)
     on_host = [j for j in range(m) if host[j] is not None and not gs[j].is_neg()]
+    if len(on_host) < min(m, HOST_MIN_TENSORS):  # a few small tensors beside larger ones: the torch forms
+        on_host = []
     big = sorted(set(range(m)).difference(on_host))
     squares = [0.0] * m
     dots = ws.dots  # per tensor: g . g, then g . r, sum n and n . n (the torch forms)
