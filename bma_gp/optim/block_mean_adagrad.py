@@ -16,7 +16,12 @@ from torch import Tensor
 
 from bma_gp import Partition
 from bma_gp.optim import _fused, functional
-from bma_gp.optim.flat_optimizer import FlatPreconditionedOptimizer, check_bool, check_hyperparameter
+from bma_gp.optim.flat_optimizer import (
+    FlatPreconditionedOptimizer,
+    check_bool,
+    check_hyperparameter,
+    check_torch_optim_flags,
+)
 from bma_gp.optim.flat_params import FlatParams
 from bma_gp.optim.functional import Workspace, block_mean_adagrad, normalised_correlation
 from bma_gp.optim.param_blocks import ParamBlocks, check_partition_rule
@@ -115,6 +120,13 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             CPU backend needs a C++ compiler) the same passes run eagerly, with one
             ``RuntimeWarning``. Costs in docs/optimizer.md. Like ``torch.optim``'s ``fused``, it is
             opt-in. Default: ``False`` (``None``, torch.optim's default, means the same).
+        foreach, capturable, differentiable: torch.optim's implementation switches, accepted so that configurations
+            that pass them to every optimizer work: ``foreach=None`` or ``False``, ``capturable=False`` and
+            ``differentiable=False`` (the defaults) run the one step there is; ``foreach=True`` (there is no
+            multi-tensor variant; ``fused=True`` is the faster step), ``capturable=True`` (the step reads values
+            back to the host, so it cannot be captured in a CUDA graph) and ``differentiable=True`` (it updates in
+            place under ``torch.no_grad()``) raise ``ValueError``. Not stored; a param group may repeat them at
+            those values.
 
     State: ``state[p]["sum"]`` is :math:`h` of parameter ``p`` (as in
     ``torch.optim.Adagrad``; a view of one flat buffer). A replaced entry is what the next
@@ -133,8 +145,8 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
 
     Raises:
         ValueError: invalid hyperparameters or partition (``TypeError`` for a
-            partition of the wrong type), or a param group with an optimizer-wide
-            hyperparameter of another value.
+            partition of the wrong type), ``foreach``/``capturable``/``differentiable`` at a value the step cannot
+            honour, or a param group with an optimizer-wide hyperparameter of another value.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -158,6 +170,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         "partition_rule",
         "update_interval",
     )
+    _fused_hint = "For a faster step pass fused=True."
     _optimizer_wide = (
         *FlatPreconditionedOptimizer._optimizer_wide,
         ("eps", "eps"),
@@ -180,7 +193,12 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         maximize: bool = False,
         check_finite: bool = True,
         fused: bool | None = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ):
+        flags = dict(foreach=foreach, capturable=capturable, differentiable=differentiable)
+        check_torch_optim_flags(type(self).__name__, flags, fused_hint=self._fused_hint)
         lr = check_hyperparameter("learning rate", lr)
         # eps = 0 divides 0 by 0 where a gradient entry has always been 0 (h = 0), which poisons the statistics
         eps = check_hyperparameter("eps", eps, positive=True)

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from bma_gp.optim.flat_params import FlatParams, check_params, state_dtype
 
-__all__ = ["FlatPreconditionedOptimizer", "check_bool", "check_hyperparameter"]
+__all__ = ["FlatPreconditionedOptimizer", "check_bool", "check_hyperparameter", "check_torch_optim_flags"]
 
 
 def check_hyperparameter(name: str, value, *, positive: bool = False, integer: bool = False) -> Any:
@@ -92,6 +92,52 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+#: torch.optim's implementation switches and the values of each that mean "nothing special", which the flat
+#: preconditioners accept (configuration systems pass them to every optimizer); ``fused`` only where a class has no
+#: fused step (:class:`~bma_gp.optim.BlockMeanAdagrad` checks its own)
+_TORCH_FLAG_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "foreach": (None, False),
+    "capturable": (False,),
+    "differentiable": (False,),
+    "fused": (None, False),
+}
+
+
+def check_torch_optim_flags(owner: str, values: dict[str, Any], *, fused_hint: str | None) -> None:
+    """Accept torch.optim's ``foreach``, ``capturable`` and ``differentiable`` (the keys of ``values`` that are present)
+    at their "nothing special" values (``foreach=None`` or ``False``, the others ``False``), and raise ``ValueError``
+    naming the argument and the fix for any other value.
+
+    torch.optim's optimizers take these keyword arguments, and configuration systems pass them to every optimizer.
+    The flat preconditioners have one implementation of the step (no foreach variant); it reads values back to the
+    host (the finiteness check, the preconditioner's root), so it cannot be captured in a CUDA graph, and it updates
+    in place under ``torch.no_grad()``, so it is not differentiable.
+
+    Args:
+        owner: the optimizer's class name, for the messages.
+        values: the arguments given (a constructor's, or a param group's entries).
+        fused_hint: where the class has a fused step, what to pass instead of ``foreach=True`` for a faster step
+            (a sentence; ``fused`` itself is then not checked here); ``None`` where it has none: ``fused`` is then
+            checked too (``None`` or ``False``).
+    """
+    reasons = {
+        "foreach": f"{owner} has no foreach (multi-tensor) implementation; foreach=None and foreach=False run its one "
+        f"step. {fused_hint or ''}".rstrip(),
+        "capturable": f"{owner}'s step cannot be captured in a CUDA graph (it reads values back to the host: the "
+        "finiteness check and the preconditioner's root); call step() outside graph capture.",
+        "differentiable": f"{owner}'s step is not differentiable (it updates parameters and state in place under "
+        "torch.no_grad()).",
+        "fused": f"{owner} has no fused implementation of its step (BlockMeanAdagrad has one).",
+    }
+    for name, accepted in _TORCH_FLAG_DEFAULTS.items():
+        if name not in values or (name == "fused" and fused_hint is not None):
+            continue
+        value = values[name]
+        if not any(value is ok for ok in accepted):
+            allowed = " or ".join(f"{name}={ok!r}" for ok in accepted)
+            raise ValueError(f"Invalid {name} value: {value!r}; pass {allowed}. {reasons[name]}")
+
+
 def _all_finite(grads: list[Tensor], dtype: torch.dtype, extra: list[Tensor]) -> tuple[bool, list[float]]:
     """Whether every entry of every tensor in ``grads`` is finite, and the values of the 0-d tensors ``extra``.
 
@@ -143,6 +189,8 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
     #: optimizer-wide hyperparameters as (param-group key, attribute): a group may repeat them only with the
     #: optimizer's value (a subclass adds its own)
     _optimizer_wide: tuple[tuple[str, str], ...] = (("check_finite", "check_finite"),)
+    #: for :func:`check_torch_optim_flags`: what to pass instead of ``foreach=True`` (``None``: no fused step)
+    _fused_hint: str | None = None
 
     def __init__(self, params, defaults: dict[str, Any], *, check_finite: bool = True):
         self.check_finite = check_bool("check_finite", check_finite)
@@ -158,11 +206,13 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
 
         Raises:
             ValueError: an invalid group option, an optimizer-wide hyperparameter (``eps``, ...) set in the group
-                to another value than the optimizer's, a parameter listed twice, or a parameter the optimizer cannot
-                step (not real floating-point, on the meta device, or on another device than the others); the group
-                is not added.
+                to another value than the optimizer's, torch.optim's ``foreach``, ``capturable`` or
+                ``differentiable`` at a value the step cannot honour (:func:`check_torch_optim_flags`), a parameter
+                listed twice, or a parameter the optimizer cannot step (not real floating-point, on the meta device,
+                or on another device than the others); the group is not added.
         """
         if isinstance(param_group, dict):  # else torch's TypeError
+            check_torch_optim_flags(type(self).__name__, param_group, fused_hint=self._fused_hint)
             self._check_optimizer_wide(param_group)
         super().add_param_group(param_group)
         try:

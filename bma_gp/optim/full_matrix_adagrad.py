@@ -7,7 +7,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bma_gp.optim.flat_optimizer import FlatPreconditionedOptimizer, check_bool, check_hyperparameter
+from bma_gp.optim.flat_optimizer import (
+    FlatPreconditionedOptimizer,
+    check_bool,
+    check_hyperparameter,
+    check_torch_optim_flags,
+)
 from bma_gp.optim.flat_params import FlatParams
 
 __all__ = ["FullMatrixAdagrad", "full_matrix_direction"]
@@ -59,13 +64,19 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
         check_finite: raise ``ValueError`` on an inf/nan gradient before changing
             anything; ``False`` skips the check and its host synchronisation.
             Default: ``True``.
+        foreach, capturable, differentiable, fused: torch.optim's implementation switches, accepted so that
+            configurations that pass them to every optimizer work: ``foreach=None`` or ``False``,
+            ``capturable=False``, ``differentiable=False`` and ``fused=None`` or ``False`` (the defaults) run the
+            one step there is; any other value raises ``ValueError`` (no multi-tensor or fused variant, no CUDA
+            graph capture, no autograd through the step). Not stored.
 
     Only ``lr``, ``weight_decay`` and ``maximize`` are per group; a param group that sets ``eps``, ``max_dim`` or
     ``check_finite`` to another value than the constructor's is refused.
 
     Raises:
-        ValueError: invalid hyperparameters, a param group with an optimizer-wide
-            hyperparameter of another value, or more than ``max_dim`` parameters.
+        ValueError: invalid hyperparameters, ``foreach``/``capturable``/``differentiable``/``fused`` at a value the
+            step cannot honour, a param group with an optimizer-wide hyperparameter of another value, or more than
+            ``max_dim`` parameters.
 
     The global state (``H``, ``step``) lives in :attr:`global_state`, in float32 or
     the widest parameter dtype, and is saved by :meth:`state_dict`.
@@ -84,7 +95,13 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
         maximize: bool = False,
         max_dim: int = 20000,
         check_finite: bool = True,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
     ):
+        flags = dict(foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused)
+        check_torch_optim_flags(type(self).__name__, flags, fused_hint=None)
         lr = check_hyperparameter("learning rate", lr)
         eps = check_hyperparameter("eps", eps, positive=True)
         weight_decay = check_hyperparameter("weight_decay", weight_decay)
