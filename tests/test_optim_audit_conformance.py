@@ -4,6 +4,7 @@ torch's autograd bookkeeping of parameters changed in place."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import pytest
@@ -78,3 +79,117 @@ def test_a_param_group_with_a_switch_that_cannot_be_honoured_is_refused(cls):
     assert len(opt.param_groups) == 1
     opt.add_param_group({"params": params[2:], "foreach": None, "capturable": False})
     assert len(opt.param_groups) == 2
+
+
+# ---------------------------------------------------------------- a model converted to another dtype between steps
+
+
+def wide_model(dtype):
+    """Two tensors above the host form's HOST_MAX_NUMEL (the CPU step's ratio form, with its kept bounds of h)
+    and two small ones."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(200, 200), torch.nn.Tanh(), torch.nn.Linear(200, 200)).to(dtype)
+
+
+def wide_step(model, opt, t):
+    dtype = next(model.parameters()).dtype
+    x = torch.randn(32, 200, generator=torch.Generator().manual_seed(t), dtype=torch.float64).to(dtype)
+    opt.zero_grad()
+    model(x).pow(2).mean().backward()
+    opt.step()
+
+
+def make(kind, params):
+    if kind == "full":
+        return FullMatrixAdagrad(params, lr=0.05)
+    if kind == "callable":
+        return BlockMeanAdagrad(params, lr=0.05, partition=lambda p: torch.arange(p.numel()) % 2)
+    if kind == "fused":
+        return BlockMeanAdagrad(params, lr=0.05, update_interval=2, fused=True)
+    return BlockMeanAdagrad(params, lr=0.05, update_interval=2, partition=kind)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "row", "callable", "fused", "full"])
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [(torch.float32, torch.float64), (torch.float64, torch.float32), (torch.float32, torch.bfloat16)],
+)
+def test_a_model_converted_to_another_dtype_continues_as_if_its_state_were_saved_and_loaded(kind, before, after):
+    """model.double() after some steps kept float32 statistics for float64 parameters (and model.float() float64
+    ones): the run went on in the old precision, on the slow path of mixed dtypes. The state now follows the
+    parameters' dtype (float32 or wider, as at construction) at the next step, exactly as an optimizer whose state
+    is saved and loaded into the converted model. (torch.optim.Adagrad keeps the old dtype; its fused=True raises.)"""
+    from optim_reference import fused_at_any_size
+
+    model = small_model(dtype=before)
+    with fused_at_any_size():
+        opt = make(kind, model.parameters())
+        train(model, opt, 3)
+        saved = copy.deepcopy(opt.state_dict())
+        twin = copy.deepcopy(model)
+        model.to(after)
+        twin.to(after)
+        opt_twin = make(kind, twin.parameters())
+        opt_twin.load_state_dict(saved)
+        train(model, opt, 4, start=3)
+        train(twin, opt_twin, 4, start=3)
+    assert torch.equal(flat(model.parameters()), flat(twin.parameters()))
+    want = torch.promote_types(after, torch.float32)
+    dtypes = {t.dtype for t in opt.global_state.values() if isinstance(t, torch.Tensor)}
+    dtypes |= {st["sum"].dtype for st in opt.state.values() if "sum" in st}
+    assert dtypes == {want}
+
+
+@pytest.mark.parametrize(("before", "after"), [(torch.float32, torch.float64), (torch.float64, torch.float32)])
+def test_after_a_dtype_conversion_the_cpu_step_keeps_its_fast_path_and_its_bounds(before, after, monkeypatch):
+    """The CPU step for one block per tensor (the benchmark's path) takes the converted model, and continues bit for
+    bit as a saved and loaded state would: its kept bounds of h (the ratio form's scales) carry over."""
+    from bma_gp.optim import functional
+
+    model = wide_model(before)
+    opt = BlockMeanAdagrad(model.parameters(), lr=0.05)
+    for t in range(3):
+        wide_step(model, opt, t)
+    saved = copy.deepcopy(opt.state_dict())
+    assert "ratio_form" in saved
+    twin = copy.deepcopy(model)
+    model.to(after)
+    twin.to(after)
+    opt_twin = BlockMeanAdagrad(twin.parameters(), lr=0.05)
+    opt_twin.load_state_dict(saved)
+    calls = []
+    fast = functional._tensor_blocks_cpu_step
+    monkeypatch.setattr(functional, "_tensor_blocks_cpu_step", lambda *a, **k: calls.append(1) or fast(*a, **k))
+    for t in range(3, 7):
+        wide_step(model, opt, t)
+        wide_step(twin, opt_twin, t)
+    assert len(calls) == 8
+    assert torch.equal(flat(model.parameters()), flat(twin.parameters()))
+    assert opt.state[model[0].weight]["sum"].dtype == after
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_a_refused_step_after_a_dtype_conversion_changes_nothing(cls):
+    model = small_model(dtype=torch.float32)
+    opt = cls(model.parameters(), lr=0.05)
+    train(model, opt, 2)
+    state = copy.deepcopy(opt.state_dict())
+    model.double()
+    opt.zero_grad()
+    loss_of(model, 2).backward()
+    model[0].weight.grad[0, 0, 0] = float("nan")
+    before = flat(model.parameters())
+    with pytest.raises(ValueError, match="non-finite gradient"):
+        opt.step()
+    assert torch.equal(flat(model.parameters()), before)
+    now = opt.state_dict()
+    for key, value in state["global_state"].items():
+        assert type(now["global_state"][key]) is type(value)
+        if isinstance(value, torch.Tensor):
+            assert now["global_state"][key].dtype == torch.float32
+            assert torch.equal(now["global_state"][key], value)
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(now["state"][idx][key], value) and now["state"][idx][key].dtype == torch.float32
+    train(model, opt, 1, start=3)  # the next good step converts
+    assert all(t.dtype == torch.float64 for t in opt.global_state.values() if isinstance(t, torch.Tensor))

@@ -368,7 +368,28 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
 
     def _step(self, grads: list[Tensor | None], layout: FlatParams, active: list[bool]) -> None:
         blocks = self._blocks_of(layout)  # may raise ValueError: nothing has changed yet
+        groups = [self.param_groups[gi] for gi in layout.group_index]
+        maximize = [bool(g["maximize"]) for g in groups]
         fused = self._uses_fused(blocks, grads, layout)
+        cpu = layout.device.type == "cpu"
+        # the CPU step for one block per tensor: its test reads every stepped parameter's dtype against the state's
+        tensor_blocks = (
+            cpu and not fused and functional._tensor_blocks_apply(layout.params, grads, blocks, layout.dtype, maximize)
+        )
+        if not tensor_blocks:
+            # elsewhere the parameters' dtypes are read here: after model.double() (float32 state) or model.float()
+            # (float64 state) the state is cast to the new dtype at this step's commit, not kept in the old one
+            refitted = self._refit_dtype(layout)
+            if refitted is not layout:
+                # the CPU step's bounds of h carry over to the cast h (as through state_dict and load_state_dict)
+                self._pending_ratio_form = self._ratio_form_state()
+                layout = refitted
+                fused = self._uses_fused(blocks, grads, layout)
+                tensor_blocks = (
+                    cpu
+                    and not fused
+                    and functional._tensor_blocks_apply(layout.params, grads, blocks, layout.dtype, maximize)
+                )
         committed = layout is self._layout
         h = self._flat.get("sum") if committed else None
         if h is not None and h._version != self._h_version:
@@ -377,12 +398,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             self._h_has_zero = True
             if self._workspace is not None:
                 self._workspace.forget_zeros()
-        groups = [self.param_groups[gi] for gi in layout.group_index]
-        maximize = [bool(g["maximize"]) for g in groups]
-        checks_itself = fused or (
-            layout.device.type == "cpu"
-            and functional._tensor_blocks_apply(layout.params, grads, blocks, layout.dtype, maximize)
-        )
+        checks_itself = fused or tensor_blocks
         if self.check_finite and not (checks_itself and committed):
             # the fused path's first pass checks the gradients itself, writing nothing, and so does the CPU
             # eager step for one block per tensor; a new layout is checked first, since committing it changes

@@ -287,6 +287,18 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             return self._layout
         return FlatParams(self.param_groups)
 
+    def _refit_dtype(self, layout: FlatParams) -> FlatParams:
+        """``layout``, or a new layout of the same parameters when their dtypes changed since it was built so that the
+        state's dtype changes (``model.double()`` or ``model.float()`` between steps, see
+        :meth:`FlatParams.dtype_changed`). :meth:`_commit_layout` then casts the flat and global state to the new
+        dtype, as :meth:`load_state_dict` would: the run continues as one whose state was saved and loaded into the
+        converted model. Nothing changes before that commit (a step refused by its checks leaves the old layout).
+        Costs one attribute read per parameter; subclasses call it where the step does not already check the
+        parameters' dtypes."""
+        if layout is not self._layout or not layout.dtype_changed():
+            return layout
+        return FlatParams(self.param_groups)
+
     def _commit_layout(self, layout: FlatParams) -> None:
         """Make ``layout`` current: (re)build flat buffers from per-parameter state, fit global state."""
         if layout is self._layout:

@@ -77,6 +77,8 @@ class FlatParams:
         numel: ``d``, the total number of entries.
         device: the common device of all parameters.
         dtype: dtype of the flat state (see :func:`state_dtype`).
+        param_dtypes: the parameters' dtypes when the layout was built (or last checked, see
+            :meth:`dtype_changed`).
 
     Raises:
         ValueError: parameters on several devices, or a parameter that is not a
@@ -100,7 +102,8 @@ class FlatParams:
         self.offsets = offsets
         self.numel = offsets[-1]
         self.device = params[0].device if params else torch.device("cpu")
-        self.dtype = state_dtype(p.dtype for p in params)
+        self.param_dtypes = tuple([p.dtype for p in params])
+        self.dtype = state_dtype(self.param_dtypes)
         self.key = self.key_of(param_groups)
         self._buffers: dict[str, Tensor] = {}
 
@@ -110,6 +113,19 @@ class FlatParams:
         ids = tuple(id(p) for group in param_groups for p in group["params"])
         device = param_groups[0]["params"][0].device if param_groups and param_groups[0]["params"] else None
         return ids, device
+
+    def dtype_changed(self) -> bool:
+        """Whether the parameters' dtypes now call for state of another dtype than :attr:`dtype` (``model.double()``
+        after the layout was built: :func:`state_dtype` of the new dtypes). A change that keeps the state's dtype
+        (``model.half()`` from float32: float32 statistics either way) is only recorded in :attr:`param_dtypes`.
+        One attribute read per parameter."""
+        dtypes = tuple([p.dtype for p in self.params])
+        if dtypes == self.param_dtypes:
+            return False
+        if state_dtype(dtypes) != self.dtype:
+            return True
+        self.param_dtypes = dtypes
+        return False
 
     def extends(self, other: FlatParams) -> bool:
         """Whether ``other``'s parameters are a prefix of this layout's (``add_param_group``)."""

@@ -163,6 +163,7 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
         return {**state, "H": H}
 
     def _step(self, grads: list[Tensor | None], layout: FlatParams, active: list[bool]) -> None:
+        layout = self._refit_dtype(layout)  # model.double() between steps: H follows the parameters' dtype
         if self.check_finite:
             self._check_finite(grads, layout)
         self._commit_layout(layout)
