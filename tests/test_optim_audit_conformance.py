@@ -193,3 +193,32 @@ def test_a_refused_step_after_a_dtype_conversion_changes_nothing(cls):
             assert torch.equal(now["state"][idx][key], value) and now["state"][idx][key].dtype == torch.float32
     train(model, opt, 1, start=3)  # the next good step converts
     assert all(t.dtype == torch.float64 for t in opt.global_state.values() if isinstance(t, torch.Tensor))
+
+
+# ---------------------------------------------------------------- autograd's version counters
+
+
+@pytest.mark.parametrize(
+    ("kind", "size"),
+    [(kind, "small") for kind in ("tensor", "row", "callable", "fused", "full")]
+    + [(kind, "wide") for kind in ("tensor", "row", "fused")],  # FullMatrixAdagrad refuses 80,000 parameters
+)
+def test_a_graph_that_saved_the_parameters_is_refused_after_a_step_as_with_torch_optim(kind, size):
+    """torch.optim's in-place updates bump the parameters' version counters, so autograd refuses to backpropagate
+    through a graph that saved their old values ("modified by an inplace operation"). The CPU step for one block per
+    tensor (numpy's host form, torch's fused SGD kernel in the ratio form) and the fused numba kernels wrote the
+    parameters behind autograd's back: the second backward below ran and silently mixed old activations with new
+    weights."""
+    from optim_reference import fused_at_any_size, small_batch
+
+    model = wide_model(torch.float32) if size == "wide" else small_model(dtype=torch.float32)
+    x = torch.randn(8, 200) if size == "wide" else small_batch(0, torch.float32)[0]
+    with fused_at_any_size():
+        opt = make(kind, model.parameters())
+        loss = model(x).pow(2).mean()
+        loss.backward(retain_graph=True)
+        versions = [p._version for p in model.parameters()]
+        opt.step()
+    assert all(p._version > v for p, v in zip(model.parameters(), versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from bma_gp._numba import AVAILABLE, import_kernels, match_torch_threads
 
@@ -99,11 +100,14 @@ def apply_update(gs: list[Tensor], hs: list[Tensor], ps: list[Tensor], coefs: li
     kernels = _kernels()
     dtype = hs[0].dtype if hs else torch.float32  # one flat h buffer: one dtype
     one, eps_ = _NUMPY[dtype](1), _NUMPY[dtype](eps)
+    written = []  # parameters the kernels wrote in place, behind torch's back
     for g, h, p, c in zip(gs, hs, ps, coefs):
         rows, cols = h.shape
         if rows * cols == 0:
             continue
         direct = p.dtype == dtype and p.is_contiguous()
+        if direct:
+            written.append(p)
         # a parameter in another dtype or layout is updated in a contiguous copy in h's dtype, then written back
         target = p.detach() if direct else p.detach().reshape(-1).to(dtype, copy=True)
         coef = c.detach().to(dtype).contiguous().numpy()
@@ -114,3 +118,5 @@ def apply_update(gs: list[Tensor], hs: list[Tensor], ps: list[Tensor], coefs: li
             kernels.apply_update(*arrays, CHUNK)
         if not direct:
             p.copy_(target.view(p.shape))
+    if written:  # as torch's in-place ops do: autograd then refuses a graph that saved the old values
+        increment_version(written)

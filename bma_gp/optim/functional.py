@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from bma_gp import BlockMeanLinearOperator, Partition, block_mean_from_sums
 from bma_gp._precision import core_dtype
@@ -302,7 +303,8 @@ class Workspace:
         host_zeros: per tensor that took the host form of :func:`_tensor_blocks_cpu_step`, whether some entry of
             its ``h`` was 0 after that step.
         views: per set of tensors with a gradient (up to 16 sets), the flat views of ``h``, ``n`` and ``r``
-            per tensor and those of ``n`` and ``r`` shaped like the parameters (:func:`_tensor_blocks_cpu_step`).
+            per tensor, those of ``n`` and ``r`` shaped like the parameters, and the parameters
+            (:func:`_tensor_blocks_cpu_step`).
         h_max: per tensor, an upper bound of its ``h`` (:func:`_tensor_blocks_cpu_step`'s ratio form), valid while
             ``h``'s version counter is ``h_version``.
         chain_until: per tensor, the step until which it takes the chain form (a gradient entry was exactly 0, or
@@ -354,10 +356,10 @@ class Workspace:
             r.index_put_((idx,), r.new_zeros(()))  # measured faster than index_fill_ (46 against 55 us per 10^4)
 
     def tensor_views(self, blocks: ParamBlocks, params: list[Tensor], present: list[int]) -> tuple[list, ...]:
-        """``(h, n, r, n_shaped, r_shaped, host)`` of the tensors ``present``: flat views, then ``n`` and ``r`` shaped
-        like those parameters, then per tensor numpy arrays on ``(h, n, r)`` where it takes the host form of
-        :func:`_tensor_blocks_cpu_step` (up to :data:`HOST_MAX_NUMEL` entries of float32/float64), else ``None``
-        (built once per set)."""
+        """``(h, n, r, n_shaped, r_shaped, host, stepped)`` of the tensors ``present``: flat views, then ``n`` and ``r``
+        shaped like those parameters, then per tensor numpy arrays on ``(h, n, r)`` where it takes the host form of
+        :func:`_tensor_blocks_cpu_step` (up to :data:`HOST_MAX_NUMEL` entries of float32/float64), else ``None``,
+        then the list of those parameters (built once per set)."""
         key = (HOST_MAX_NUMEL, *present)
         cached = self.views.get(key)
         if cached is None:
@@ -372,7 +374,7 @@ class Workspace:
                 tuple(x.numpy() for x in xs) if on_host and xs[0].numel() <= HOST_MAX_NUMEL else None
                 for xs in zip(*flat)
             ]
-            cached = self.views[key] = (*flat, *shaped, host)
+            cached = self.views[key] = (*flat, *shaped, host, [params[i] for i in present])
         return cached
 
     def root_buffers(self, k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, np.ndarray, np.ndarray]:
@@ -676,7 +678,7 @@ def _tensor_blocks_cpu_step(
     """
     present = [i for i, g in enumerate(grads) if g is not None and blocks.segments[i] is not None]
     gs = [grads[i].view(-1) for i in present]
-    hs, ns, rs, n_shaped, r_shaped, host = ws.tensor_views(blocks, params, present)
+    hs, ns, rs, n_shaped, r_shaped, host, stepped = ws.tensor_views(blocks, params, present)
     m = len(present)
     on_host = [j for j in range(m) if host[j] is not None and not gs[j].is_neg()]
     if len(on_host) < min(m, HOST_MIN_TENSORS):  # a few small tensors beside larger ones: the torch forms
@@ -757,6 +759,9 @@ def _tensor_blocks_cpu_step(
     with np.errstate(all="ignore"):
         for j in on_host:
             _host_update(_host_array(params[present[j]].view(-1)), host[j][1], host[j][2], c_n[j], c_r[j])
+    # numpy's writes and torch's fused SGD kernel leave the parameters' version counters as they were: bump them as
+    # torch's in-place ops do (autograd then refuses a graph that saved the old values), in one call
+    increment_version(stepped)
     ws.h_version = state_sum._version  # the bounds in ws.h_max hold until h changes elsewhere
 
 
