@@ -222,3 +222,29 @@ def test_a_graph_that_saved_the_parameters_is_refused_after_a_step_as_with_torch
     assert all(p._version > v for p, v in zip(model.parameters(), versions))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+# ---------------------------------------------------------------- state_dict into parameters in another order
+
+
+def test_full_matrix_state_loaded_into_parameters_in_another_order_is_refused():
+    """FullMatrixAdagrad has no per-parameter state: a state dict loaded into the same parameters listed in another
+    order (the same d) loaded silently, and H's rows then belonged to other entries. BlockMeanAdagrad refuses it
+    through its per-parameter h; now both do, before anything changes."""
+    model = small_model(dtype=torch.float32)
+    params = list(model.parameters())
+    opt = FullMatrixAdagrad(params, lr=0.05)
+    train(model, opt, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    twin = copy.deepcopy(model)
+    opt_twin = FullMatrixAdagrad(list(twin.parameters())[::-1], lr=0.05)
+    with pytest.raises(ValueError, match="same order"):
+        opt_twin.load_state_dict(saved)
+    assert opt_twin.global_state == {} and len(opt_twin.state) == 0
+    opt_same = FullMatrixAdagrad(twin.parameters(), lr=0.05)
+    opt_same.load_state_dict(saved)  # the same order loads, and continues the run exactly
+    train(model, opt, 2, start=2)
+    train(twin, opt_same, 2, start=2)
+    assert torch.equal(flat(model.parameters()), flat(twin.parameters()))
+    legacy = {k: v for k, v in saved.items() if k != "param_numels"}  # saved before the entry existed
+    FullMatrixAdagrad(copy.deepcopy(model).parameters(), lr=0.05).load_state_dict(legacy)

@@ -130,6 +130,29 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
                 f"max_dim = {self.max_dim}. Use BlockMeanAdagrad, or raise max_dim if the memory is there."
             )
 
+    def _save_own_state(self, sd: dict[str, Any]) -> None:
+        """The base class's entries, plus ``"param_numels"`` (plain numbers) once there is a global state: ``H``
+        spans the parameters' entries in their order, and without per-parameter state nothing else would show at load
+        that the parameters are not those it was saved with (say the same total in another order)."""
+        super()._save_own_state(sd)
+        if self.global_state:
+            sd["param_numels"] = [p.numel() for group in self.param_groups for p in group["params"]]
+
+    def _load_own_state(self, state_dict: dict[str, Any]) -> None:
+        numels = state_dict.pop("param_numels", None)  # absent from state dicts saved before it was added
+        params = [p for group in self.param_groups for p in group["params"]]
+        # other numbers of parameters or entries: torch's load_state_dict or the check of H's size names the mismatch
+        if numels is not None and len(numels) == len(params) and sum(numels) == sum(p.numel() for p in params):
+            for position, (saved, p) in enumerate(zip(numels, params)):
+                if saved != p.numel():
+                    raise ValueError(
+                        f"state_dict does not fit these parameters: it was saved with parameter {position} of "
+                        f"{saved} entries, this optimizer's has {p.numel()} (shape {tuple(p.shape)}); its H spans "
+                        "the entries in the saved order. Load a state dict saved from the same model, with the "
+                        "parameters in the same order. Nothing was loaded."
+                    )
+        super()._load_own_state(state_dict)
+
     def _init_global_state(self, layout: FlatParams) -> dict[str, Any]:
         return {"step": 0, "H": torch.zeros(layout.numel, layout.numel, dtype=layout.dtype, device=layout.device)}
 
