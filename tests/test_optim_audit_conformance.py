@@ -248,3 +248,19 @@ def test_full_matrix_state_loaded_into_parameters_in_another_order_is_refused():
     assert torch.equal(flat(model.parameters()), flat(twin.parameters()))
     legacy = {k: v for k, v in saved.items() if k != "param_numels"}  # saved before the entry existed
     FullMatrixAdagrad(copy.deepcopy(model).parameters(), lr=0.05).load_state_dict(legacy)
+
+
+# ---------------------------------------------------------------- an empty first param group
+
+
+def test_the_layout_follows_a_device_move_when_the_first_param_group_is_empty():
+    """The layout is rebuilt (its state moved) when the parameters move to another device, seen through the device in
+    its key; that device was taken from the first group only, so with an empty first group (a filtered "no weight
+    decay" group, say) it was None and a model moved after some steps kept its state on the old device."""
+    from bma_gp.optim.flat_params import FlatParams
+
+    p = torch.nn.Parameter(torch.randn(3))
+    on_meta = torch.nn.Parameter(torch.empty(3, device="meta"))
+    assert FlatParams.key_of([{"params": []}, {"params": [p]}])[1] == torch.device("cpu")
+    assert FlatParams.key_of([{"params": []}, {"params": [on_meta]}])[1] == torch.device("meta")
+    assert FlatParams.key_of([{"params": []}]) == ((), None)

@@ -109,10 +109,13 @@ class FlatParams:
 
     @staticmethod
     def key_of(param_groups: list[dict]) -> tuple:
-        """Identity of a layout: the parameter objects in order and their device."""
+        """Identity of a layout: the parameter objects in order and their device (that of the first parameter, in
+        whichever group it is: a first group may be empty)."""
         ids = tuple(id(p) for group in param_groups for p in group["params"])
-        device = param_groups[0]["params"][0].device if param_groups and param_groups[0]["params"] else None
-        return ids, device
+        if param_groups and param_groups[0]["params"]:
+            return ids, param_groups[0]["params"][0].device
+        first = next((p for group in param_groups for p in group["params"]), None)
+        return ids, None if first is None else first.device
 
     def dtype_changed(self) -> bool:
         """Whether the parameters' dtypes now call for state of another dtype than :attr:`dtype` (``model.double()``
