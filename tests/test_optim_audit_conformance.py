@@ -1,6 +1,7 @@
 """The optimizers against torch.optim's conventions, as a demanding torch.optim user meets them: the constructor
-arguments configuration systems pass to every optimizer, a model converted to another dtype between steps, and
-torch's autograd bookkeeping of parameters changed in place."""
+arguments configuration systems pass to every optimizer, a model converted to another dtype between steps, torch's
+autograd bookkeeping of parameters changed in place, a state dict loaded into parameters in another order, and an
+empty first param group."""
 
 from __future__ import annotations
 
