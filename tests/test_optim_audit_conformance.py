@@ -82,6 +82,19 @@ def test_a_param_group_with_a_switch_that_cannot_be_honoured_is_refused(cls):
     assert len(opt.param_groups) == 2
 
 
+@pytest.mark.parametrize("fused", [False, None])
+def test_a_param_group_may_repeat_fused_none_as_the_constructor_takes_it(fused):
+    """fused=None is torch.optim's default and means False in the constructor; a param group that repeats it (a
+    configuration passing the same options to every group) is the same setting, and fused=True is another."""
+    params = list(small_model().parameters())
+    opt = BlockMeanAdagrad(params[:1], lr=0.05, fused=fused)
+    opt.add_param_group({"params": params[1:2], "fused": None})
+    opt.add_param_group({"params": params[2:3], "fused": False})
+    with pytest.raises(ValueError, match="fused is an optimizer-wide setting"):
+        opt.add_param_group({"params": params[3:], "fused": True})
+    assert len(opt.param_groups) == 3
+
+
 # ---------------------------------------------------------------- a model converted to another dtype between steps
 
 

@@ -284,6 +284,11 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
     _correlation = staticmethod(normalised_correlation)
 
     # ------------------------------------------------------------------ structure and state
+    def _check_optimizer_wide(self, group: dict[str, Any]) -> None:
+        if "fused" in group and group["fused"] is None:  # torch.optim's default: False, as in the constructor
+            group = {**group, "fused": False}
+        super()._check_optimizer_wide(group)
+
     def _blocks_of(self, layout: FlatParams) -> ParamBlocks:
         """The blocks of ``layout``'s parameters (built once per layout; raises ValueError for a bad callable)."""
         if self._blocks is None or self._blocks[0] != layout.key:
