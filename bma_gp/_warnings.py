@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
+from collections.abc import Iterator
 
-__all__ = ["ClosedFormFallbackWarning", "warn_dense_cholesky", "warn_dense_eigh", "warn_elementwise"]
+__all__ = [
+    "ClosedFormFallbackWarning",
+    "quiet_elementwise",
+    "warn_dense_cholesky",
+    "warn_dense_eigh",
+    "warn_elementwise",
+]
+
+#: how many :func:`quiet_elementwise` blocks are open in this thread
+_quiet = threading.local()
 
 
 class ClosedFormFallbackWarning(UserWarning):
@@ -36,8 +48,24 @@ def warn_dense_eigh(op) -> None:
     )
 
 
+@contextlib.contextmanager
+def quiet_elementwise() -> Iterator[None]:
+    """No :func:`warn_elementwise` inside the block (this thread only): for a kernel product evaluated in eval mode,
+    where the test-by-test covariance is never solved with and a training covariance that leaves the closed forms
+    is announced by the solves against it."""
+    depth = getattr(_quiet, "depth", 0)
+    _quiet.depth = depth + 1
+    try:
+        yield
+    finally:
+        _quiet.depth = depth
+
+
 def warn_elementwise(op, other) -> None:
-    """Say that the elementwise product of the structured operator ``op`` with ``other`` leaves the closed forms."""
+    """Say that the elementwise product of the structured operator ``op`` with ``other`` leaves the closed forms
+    (not inside :func:`quiet_elementwise`)."""
+    if getattr(_quiet, "depth", 0):
+        return
     n = op.shape[-1]
     warnings.warn(
         f"elementwise product of a {type(op).__name__} (n = {n}) with a {type(other).__name__}: it has no closed "

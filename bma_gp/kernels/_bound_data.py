@@ -6,20 +6,79 @@
 covariance) until ``model.set_train_data`` or ``model.train()`` drops it, so a kernel changed in between would be
 combined with solves against the old training covariance: wrong means and negative variances, with no error. The
 strategies record the data version of every such kernel when they are built and refuse to predict once one changed.
+
+Every strategy a kernel containing a ``BlockMeanKernel`` gives (its own, a sum's, a product's, GPyTorch's default
+one for other containers: ``bma_gp.kernels.sum_prediction_strategy.install``) goes through
+:func:`record_bound_data`, which also refuses a model whose training inputs are not the ones a ``BlockMeanKernel``
+in it is bound to (the kernel would take them for new points, so the model would condition on the exact base
+kernel instead of its block mean approximation).
 """
 
 from __future__ import annotations
 
-from gpytorch.kernels import Kernel
-from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
+from collections.abc import Iterator
 
-__all__ = ["check_bound_data", "record_bound_data"]
+from gpytorch.kernels import AdditiveKernel, Kernel, ProductKernel, ScaleKernel
+from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
+from torch import Tensor
+
+__all__ = ["BoundDataPredictionStrategy", "check_bound_data", "record_bound_data"]
+
+_MISMATCH_MESSAGE = (
+    "the model's training inputs do not match BlockMeanKernel.train_x, so the training covariance is not the block "
+    "mean approximation. After model.set_train_data(x, y), also call kernel.set_train_data(x, partition) on the "
+    "BlockMeanKernel."
+)
+
+
+def _inputs_seen(kernel: Kernel, x: Tensor | None) -> Iterator[tuple[Kernel, Tensor | None]]:
+    """Every :class:`~bma_gp.BlockMeanKernel` in ``kernel`` with the inputs its ``forward`` gets when ``kernel``'s
+    ``forward`` gets ``x`` (GPyTorch's containers apply each child's ``active_dims`` in the child's ``__call__``,
+    ``ScaleKernel`` calls its base kernel's ``forward`` with its own inputs); ``None`` inside any other container,
+    whose ``forward`` may pass anything."""
+    from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
+
+    if isinstance(kernel, BlockMeanKernel):
+        yield kernel, x
+        return
+    if isinstance(kernel, ScaleKernel):
+        yield from _inputs_seen(kernel.base_kernel, x)
+        return
+    if isinstance(kernel, (AdditiveKernel, ProductKernel)):
+        for child in kernel.kernels:
+            dims = child.active_dims
+            yield from _inputs_seen(child, x if x is None or dims is None else x.index_select(-1, dims.to(x.device)))
+        return
+    for module in kernel.modules():
+        if isinstance(module, BlockMeanKernel):
+            yield module, None
+
+
+def _check_training_inputs(strategy: DefaultPredictionStrategy) -> None:
+    """``ValueError`` if a ``BlockMeanKernel`` in the model's kernel does not take the model's training inputs (as
+    the kernels around it pass them on) for its own: it would treat them as new points, silently a different model."""
+    from gpytorch.lazy import LazyEvaluatedKernelTensor
+
+    prior = strategy.train_prior_dist.lazy_covariance_matrix
+    if not isinstance(prior, LazyEvaluatedKernelTensor):
+        return
+    # from the model's kernel (``kernel`` may be inside it: a ScaleKernel hands its base kernel's strategy on), whose
+    # active_dims the lazy tensor's inputs have already
+    for module, seen in _inputs_seen(prior.kernel, prior.x1):
+        if seen is not None and (seen.shape[-2] != module.train_x.shape[-2] or not module._num_train_rows(seen)):
+            raise ValueError(_MISMATCH_MESSAGE)
 
 
 def record_bound_data(strategy: DefaultPredictionStrategy, kernel: Kernel) -> DefaultPredictionStrategy:
-    """Remember the data version of every :class:`~bma_gp.BlockMeanKernel` in ``kernel`` on ``strategy``."""
+    """Remember the data version of every :class:`~bma_gp.BlockMeanKernel` in ``kernel`` on ``strategy``.
+
+    Raises:
+        ValueError: such a kernel is bound to other training inputs than the model's (as the kernels around it pass
+            them on).
+    """
     from bma_gp.kernels.block_mean_kernel import BlockMeanKernel  # that module builds the strategies
 
+    _check_training_inputs(strategy)
     strategy._bound_data_versions = tuple(
         (module, module.data_version) for module in kernel.modules() if isinstance(module, BlockMeanKernel)
     )
@@ -37,3 +96,13 @@ def check_bound_data(strategy: DefaultPredictionStrategy) -> None:
                 "covariance. After changing the kernel's data, call model.set_train_data(train_x, train_y, "
                 "strict=False) (or model.train() and then model.eval()) so that GPyTorch rebuilds it."
             )
+
+
+class BoundDataPredictionStrategy(DefaultPredictionStrategy):
+    """GPyTorch's default exact prediction, refusing (:func:`check_bound_data`) a cache built before a
+    :class:`~bma_gp.BlockMeanKernel` in the model got new data: what kernels without a strategy of their own (a
+    ``MultitaskKernel`` around a ``BlockMeanKernel``, a container of your own) give once they contain one."""
+
+    def exact_prediction(self, test_mean, test_test_covar, test_train_covar):
+        check_bound_data(self)
+        return super().exact_prediction(test_mean, test_test_covar, test_train_covar)

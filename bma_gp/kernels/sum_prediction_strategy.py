@@ -30,6 +30,7 @@ closed form through :class:`~bma_gp.kernels.BlockMeanPredictionStrategy`.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ from bma_gp._by_products import ByProducts
 from bma_gp._composition import ClosedFormFallbackWarning, _build, _collect, _Parts
 from bma_gp._precision import core_dtype
 from bma_gp._symmetric_function import floored_sqrt, symmetric_matrix_function
+from bma_gp._warnings import quiet_elementwise
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.block_mean_sum_linear_operator import (
     BlockMeanSumLinearOperator,
@@ -65,7 +67,7 @@ from bma_gp.block_mean_sum_linear_operator import (
     _scoped,
     gram_root_core,
 )
-from bma_gp.kernels._bound_data import check_bound_data, record_bound_data
+from bma_gp.kernels._bound_data import BoundDataPredictionStrategy, check_bound_data, record_bound_data
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.partition import Partition
 
@@ -881,12 +883,23 @@ def _warn_unrecognised_cross(
         M = as_sum(covar.evaluate_kernel() if isinstance(covar, LinearOperator) else covar)
     if M is None or not M._sizes():
         return
+    if isinstance(test_train_covar, DenseLinearOperator):
+        # what a kernel product gives: GPyTorch's ProductKernel multiplies its factors' cross covariances as dense
+        # matrices, so no group ids or partitions are left to match
+        hint = (
+            "It is a dense matrix, as a gpytorch ProductKernel (k1 * k2) always makes the covariance between "
+            "different inputs: the prediction is exact, but the t x n matrix is formed."
+        )
+    else:
+        hint = (
+            "Group ids, partitions and slope covariates of the test points must come from the same kernels as the "
+            "training covariance."
+        )
     warnings.warn(
         f"prediction at new inputs: the test-by-training covariance ({type(test_train_covar).__name__}, shape "
         f"{tuple(test_train_covar.shape)}) does not match the columns of the training covariance ({M._describe()}), "
         "so the closed form at new inputs does not apply and GPyTorch's exact path forms the t x n cross covariance "
-        "(exact, O(t n) memory). Group ids, partitions and slope covariates of the test points must come from the "
-        "same kernels as the training covariance.",
+        f"(exact, O(t n) memory). {hint}",
         ClosedFormFallbackWarning,
         stacklevel=4,
     )
@@ -2072,25 +2085,91 @@ class _GramSquareRoot(_SquareRoot):
 
 
 # ---------------------------------------------------------------------------- the hook
-def install() -> None:
-    """Make :class:`gpytorch.kernels.AdditiveKernel` (``k1 + k2``, also inside a ``ScaleKernel``) pick
-    :class:`SumPredictionStrategy` when it contains a :class:`~bma_gp.GroupKernel` or
-    :class:`~bma_gp.BlockMeanKernel` (idempotent); every other sum keeps GPyTorch's strategy."""
-    from gpytorch.kernels import AdditiveKernel, Kernel
+def _hook(cls, kernel_strategy, applies) -> None:
+    """Make ``cls.prediction_strategy`` return ``kernel_strategy(kernel, ...)`` for kernels with ``applies(kernel)``,
+    and what it returned before for every other kernel (idempotent)."""
+    from gpytorch.kernels import Kernel
 
-    from bma_gp._composition import _involves_block_mean
-
-    current = AdditiveKernel.__dict__.get("prediction_strategy", Kernel.prediction_strategy)
-    if hasattr(current, "_bma_gp_original"):
+    own = cls.__dict__.get("prediction_strategy")
+    if hasattr(own, "_bma_gp_original"):
         return
-    original = current
+    # an inherited one is GPyTorch's Kernel.prediction_strategy, also once that is hooked itself
+    original = (
+        own if own is not None else getattr(Kernel.prediction_strategy, "_bma_gp_original", Kernel.prediction_strategy)
+    )
 
     def prediction_strategy(self, train_inputs, train_prior_dist, train_labels, likelihood):
-        if _involves_block_mean(self):
-            strategy = SumPredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood)
-            return record_bound_data(strategy, self)
+        if applies(self):
+            return kernel_strategy(self, train_inputs, train_prior_dist, train_labels, likelihood)
         return original(self, train_inputs, train_prior_dist, train_labels, likelihood)
 
     prediction_strategy.__doc__ = original.__doc__
     prediction_strategy._bma_gp_original = original  # type: ignore[attr-defined]
-    AdditiveKernel.prediction_strategy = prediction_strategy
+    cls.prediction_strategy = prediction_strategy
+
+
+def _holds_block_mean_kernel(kernel) -> bool:
+    """Whether ``kernel`` contains a :class:`~bma_gp.BlockMeanKernel` (a kernel bound to its training data)."""
+    from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
+
+    return any(isinstance(module, BlockMeanKernel) for module in kernel.modules())
+
+
+def _sum_strategy(kernel, train_inputs, train_prior_dist, train_labels, likelihood) -> SumPredictionStrategy:
+    strategy = SumPredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood)
+    return record_bound_data(strategy, kernel)
+
+
+def _checked_default_strategy(kernel, train_inputs, train_prior_dist, train_labels, likelihood):
+    strategy = BoundDataPredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood)
+    return record_bound_data(strategy, kernel)
+
+
+def install() -> None:
+    """Give kernels that contain a :class:`~bma_gp.GroupKernel` or :class:`~bma_gp.BlockMeanKernel` a prediction
+    strategy that knows them (idempotent); every other kernel keeps GPyTorch's.
+
+    * :class:`gpytorch.kernels.AdditiveKernel` (``k1 + k2``, also inside a ``ScaleKernel``) and
+      :class:`gpytorch.kernels.ProductKernel` (``k1 * k2``; a product of block mean operators is one again):
+      :class:`SumPredictionStrategy`;
+    * any other kernel that uses :meth:`gpytorch.kernels.Kernel.prediction_strategy` and holds a ``BlockMeanKernel``
+      (a ``MultitaskKernel`` around one, a container of your own): GPyTorch's default strategy, which in addition
+      refuses to predict from a cache built before a ``BlockMeanKernel``'s data changed
+      (:class:`~bma_gp.kernels._bound_data.BoundDataPredictionStrategy`).
+
+    Each strategy records the data of every ``BlockMeanKernel`` in the kernel
+    (:func:`~bma_gp.kernels._bound_data.record_bound_data`), so that a cache built before ``set_partition`` or the
+    kernel's ``set_train_data`` raises instead of combining old solves with the new kernel."""
+    from gpytorch.kernels import AdditiveKernel, Kernel, ProductKernel
+
+    from bma_gp._composition import _involves_block_mean
+
+    _hook(AdditiveKernel, _sum_strategy, _involves_block_mean)
+    _hook(ProductKernel, _sum_strategy, _involves_block_mean)
+    _hook(Kernel, _checked_default_strategy, _holds_block_mean_kernel)
+    _hook_product_forward(ProductKernel)
+
+
+def _hook_product_forward(cls) -> None:
+    """Evaluate ``cls`` (GPyTorch's ``ProductKernel``) without the elementwise-product warning in eval mode when it
+    contains a block mean kernel (idempotent).
+
+    In eval mode a model evaluates the product between test points (``GroupKernel * BlockMeanKernel``: a block mean
+    operator over the test ids times the base kernel's dense matrix), which prediction never solves with; it warned
+    on every prediction. A training covariance that leaves the closed forms still warns in training, and in eval
+    mode through the solves against it."""
+    from bma_gp._composition import _involves_block_mean
+
+    original = cls.__dict__["forward"]
+    if hasattr(original, "_bma_gp_original"):
+        return
+
+    @functools.wraps(original)
+    def forward(self, x1, x2, diag=False, **params):
+        if self.training or not _involves_block_mean(self):
+            return original(self, x1, x2, diag=diag, **params)
+        with quiet_elementwise():
+            return original(self, x1, x2, diag=diag, **params)
+
+    forward._bma_gp_original = original  # type: ignore[attr-defined]
+    cls.forward = forward
