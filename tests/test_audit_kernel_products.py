@@ -6,6 +6,7 @@ Cholesky on the kernel matrix in float64).
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import gpytorch
@@ -203,3 +204,34 @@ def test_product_with_an_exact_kernel_still_warns_in_training():
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
     with pytest.warns(Warning, match="elementwise product of a BlockMeanLinearOperator"):
         mll(model(inputs), y)
+
+
+# ---------------------------------------------------------------------------- float32
+@pytest.mark.parametrize("fast_pred_var", [False, True])
+def test_float32_interaction_of_groupings_predicts_in_the_working_precision(fast_pred_var):
+    """``GroupKernel(a) * GroupKernel(b)`` (an interaction random effect) is a block mean operator over the occupied
+    cells, but GPyTorch's ProductKernel gives a dense cross covariance, so prediction took GPyTorch's path: in float32
+    its solves lost ``eps * cond(M)`` and the posterior lost it again in the cancellation (noise 1e-3: means off by
+    0.65 posterior standard deviations, variances by a factor of 23). The solves now run in the working precision."""
+    generator = torch.Generator().manual_seed(0)
+    n = 2000
+    a = torch.randint(0, 20, (n,), generator=generator)
+    b = torch.randint(0, 10, (n,), generator=generator)
+    inputs = torch.stack([a, b], -1).to(DTYPE)
+    effects = torch.randn(20, 10, generator=generator, dtype=DTYPE)
+    y = 3.0 + effects[a, b] + 0.03 * torch.randn(n, generator=generator, dtype=DTYPE)
+    xt = torch.cat([inputs[:20], torch.tensor([[3.0, 9.0], [19.0, 0.0]], dtype=DTYPE)])
+    kernel = GroupKernel(20, active_dims=[0]) * GroupKernel(10, active_dims=[1])
+    model = model_of(kernel, inputs, y)
+    model.likelihood.noise = 1e-3
+    ref_mean, ref_variance = dense_prediction(dense_copy(model), xt)
+
+    single = copy.deepcopy(model).float()
+    single.set_train_data(inputs.float(), y.float(), strict=False)
+    single.eval()
+    with torch.no_grad(), gpytorch.settings.fast_pred_var(fast_pred_var), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dense cross covariance of a product, announced
+        pred = single(xt.float())
+        mean, variance = pred.mean.double(), pred.variance.double()
+    assert ((mean - ref_mean).abs() / ref_variance.sqrt()).max() < 0.02
+    torch.testing.assert_close(variance, ref_variance, rtol=1e-2, atol=0)
