@@ -197,6 +197,16 @@ def test_product_predicts_without_the_elementwise_warning_in_eval_mode():
     assert_predicts_as_dense(model, xt)
 
 
+def test_dense_cross_warning_names_the_product_inside_a_sum_too():
+    inputs, y, partition, xt = data()
+    kernel = group_times_block_mean(inputs, partition) + GroupKernel(7, active_dims=[2])
+    model = model_of(kernel, inputs, y)
+    model.eval()
+    with pytest.warns(Warning, match=r"SumLinearOperator.*ProductKernel"), torch.no_grad():
+        model(xt)
+    assert_predicts_as_dense(model, xt)
+
+
 def test_product_with_an_exact_kernel_still_warns_in_training():
     inputs, y, partition, _ = data()
     model = model_of(scaled_block_mean_times_rbf(inputs, partition), inputs, y)

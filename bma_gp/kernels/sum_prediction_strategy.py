@@ -937,6 +937,13 @@ def new_input_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor,
     return mean, PredictiveCovarianceLinearOperator.from_blocks(test_test_covar, W, blocks, M._sizes())
 
 
+def _has_dense_part(op) -> bool:
+    """Whether ``op`` is a dense matrix or a sum with one among its summands."""
+    if isinstance(op, DenseLinearOperator):
+        return True
+    return isinstance(op, SumLinearOperator) and any(_has_dense_part(term) for term in op.linear_ops)
+
+
 def _warn_unrecognised_cross(
     strategy: DefaultPredictionStrategy, test_train_covar: LinearOperator, M: BlockMeanSumLinearOperator | None = None
 ) -> None:
@@ -949,12 +956,12 @@ def _warn_unrecognised_cross(
         M = as_sum(covar.evaluate_kernel() if isinstance(covar, LinearOperator) else covar)
     if M is None or not M._sizes():
         return
-    if isinstance(test_train_covar, DenseLinearOperator):
+    if _has_dense_part(test_train_covar):
         # what a kernel product gives: GPyTorch's ProductKernel multiplies its factors' cross covariances as dense
         # matrices, so no group ids or partitions are left to match
         hint = (
-            "It is a dense matrix, as a gpytorch ProductKernel (k1 * k2) always makes the covariance between "
-            "different inputs: the prediction is exact, but the t x n matrix is formed."
+            "It is (or holds) a dense matrix, as a gpytorch ProductKernel (k1 * k2) always makes the covariance "
+            "between different inputs: the prediction is exact, but the t x n matrix is formed."
         )
     else:
         hint = (
