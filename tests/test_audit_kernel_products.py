@@ -245,3 +245,40 @@ def test_float32_interaction_of_groupings_predicts_in_the_working_precision(fast
         mean, variance = pred.mean.double(), pred.variance.double()
     assert ((mean - ref_mean).abs() / ref_variance.sqrt()).max() < 0.02
     torch.testing.assert_close(variance, ref_variance, rtol=1e-2, atol=0)
+
+
+def test_hadamard_multitask_model_refuses_the_stale_prediction_cache():
+    """GPyTorch's Hadamard multitask model multiplies two lazily evaluated kernels in ``forward``, so its prior is no
+    kernel's and GPyTorch builds its default strategy, which recorded nothing: a new partition set in eval mode moved
+    the means by 0.7-0.9 without an error."""
+
+    class Hadamard(gpytorch.models.ExactGP):
+        def __init__(self, x, task, y, kernel):
+            super().__init__((x, task), y, gpytorch.likelihoods.GaussianLikelihood())
+            self.mean_module = gpytorch.means.ConstantMean()
+            self.covar_module = kernel
+            self.task_covar_module = gpytorch.kernels.IndexKernel(num_tasks=2, rank=1)
+
+        def forward(self, x, task):
+            covar = self.covar_module(x).mul(self.task_covar_module(task))
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(x), covar)
+
+    inputs, y, partition, xt = data()
+    x, task = inputs[:, :1], (torch.arange(N) % 2).unsqueeze(-1)
+    test_task = torch.arange(5).remainder(2).unsqueeze(-1)
+    model = Hadamard(x, task, y, BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, partition)).to(DTYPE)
+    model.eval()
+    before, _ = predict_with(model, xt[:, :1], test_task)
+    model.covar_module.set_partition(Partition.from_labels(torch.arange(N) // 10))
+    with pytest.raises(ValueError, match="set_partition"):
+        predict_with(model, xt[:, :1], test_task)
+    model.set_train_data((x, task), y, strict=False)
+    after, _ = predict_with(model, xt[:, :1], test_task)
+    assert (after - before).abs().max() > 1e-3  # the new partition is a different model
+
+
+def predict_with(model, *inputs):
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pred = model(*inputs)
+        return pred.mean, pred.variance

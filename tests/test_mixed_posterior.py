@@ -48,11 +48,9 @@ def noise_of(model, case, noise_diag):
 def gpytorch_default(model):
     """GPyTorch's own strategy (dense Cholesky at this size) for the model's kernels, outside the guard."""
     model.prediction_strategy = None
-    # importing bma_gp hooks Kernel.prediction_strategy too (for containers of a BlockMeanKernel): GPyTorch's own
-    gpytorch_strategy = getattr(Kernel.prediction_strategy, "_bma_gp_original", Kernel.prediction_strategy)
     with (
-        mock.patch.object(AdditiveKernel, "prediction_strategy", gpytorch_strategy),
-        mock.patch.object(GroupKernel, "prediction_strategy", gpytorch_strategy),
+        mock.patch.object(AdditiveKernel, "prediction_strategy", Kernel.prediction_strategy),
+        mock.patch.object(GroupKernel, "prediction_strategy", Kernel.prediction_strategy),
         gpytorch.settings.max_cholesky_size(10**6),
     ):
         yield

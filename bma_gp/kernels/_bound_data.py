@@ -7,22 +7,24 @@ covariance) until ``model.set_train_data`` or ``model.train()`` drops it, so a k
 combined with solves against the old training covariance: wrong means and negative variances, with no error. The
 strategies record the data version of every such kernel when they are built and refuse to predict once one changed.
 
-Every strategy a kernel containing a ``BlockMeanKernel`` gives (its own, a sum's, a product's, GPyTorch's default
-one for other containers: ``bma_gp.kernels.sum_prediction_strategy.install``) goes through
-:func:`record_bound_data`, which also refuses a model whose training inputs are not the ones a ``BlockMeanKernel``
-in it is bound to (the kernel would take them for new points, so the model would condition on the exact base
-kernel instead of its block mean approximation).
+Every strategy a kernel containing a ``BlockMeanKernel`` gives (its own, a sum's, a product's:
+``bma_gp.kernels.sum_prediction_strategy.install``) goes through :func:`record_bound_data`, which also refuses a
+model whose training inputs are not the ones a ``BlockMeanKernel`` in it is bound to (the kernel would take them for
+new points, so the model would condition on the exact base kernel instead of its block mean approximation). Any
+other strategy (GPyTorch's default, for a ``MultitaskKernel`` or a Hadamard multitask model) is given the versions
+by the model (:func:`install`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 from gpytorch.kernels import AdditiveKernel, Kernel, ProductKernel, ScaleKernel
 from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
 from torch import Tensor
 
-__all__ = ["BoundDataPredictionStrategy", "check_bound_data", "record_bound_data"]
+__all__ = ["check_bound_data", "install", "record_bound_data"]
 
 _MISMATCH_MESSAGE = (
     "the model's training inputs do not match BlockMeanKernel.train_x, so the training covariance is not the block "
@@ -98,11 +100,35 @@ def check_bound_data(strategy: DefaultPredictionStrategy) -> None:
             )
 
 
-class BoundDataPredictionStrategy(DefaultPredictionStrategy):
-    """GPyTorch's default exact prediction, refusing (:func:`check_bound_data`) a cache built before a
-    :class:`~bma_gp.BlockMeanKernel` in the model got new data: what kernels without a strategy of their own (a
-    ``MultitaskKernel`` around a ``BlockMeanKernel``, a container of your own) give once they contain one."""
+def install() -> None:
+    """Make every :class:`~gpytorch.models.ExactGP` refuse a cached prediction strategy built before a
+    :class:`~bma_gp.BlockMeanKernel` among its modules got new data (idempotent).
 
-    def exact_prediction(self, test_mean, test_test_covar, test_train_covar):
-        check_bound_data(self)
-        return super().exact_prediction(test_mean, test_test_covar, test_train_covar)
+    The kernels' own strategies (a ``BlockMeanKernel``'s, a sum's or a product's) record the data versions when they
+    are built. A model whose prior is not one lazily evaluated kernel (``covar_x.mul(covar_i)``, GPyTorch's Hadamard
+    multitask model) or whose kernel takes GPyTorch's default strategy (a ``MultitaskKernel`` around a
+    ``BlockMeanKernel``) gets GPyTorch's default strategy, which records nothing: the model records the versions of
+    every ``BlockMeanKernel`` among its modules on the strategy it built, and checks them before each prediction."""
+    from gpytorch.models import ExactGP
+
+    original = ExactGP.__dict__["__call__"]
+    if hasattr(original, "_bma_gp_original"):
+        return
+
+    @functools.wraps(original)
+    def __call__(self, *args, **kwargs):
+        strategy = self.prediction_strategy
+        if strategy is not None and not self.training:
+            check_bound_data(strategy)
+        res = original(self, *args, **kwargs)
+        strategy = self.prediction_strategy
+        if strategy is not None and not hasattr(strategy, "_bound_data_versions"):
+            from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
+
+            strategy._bound_data_versions = tuple(
+                (module, module.data_version) for module in self.modules() if isinstance(module, BlockMeanKernel)
+            )
+        return res
+
+    __call__._bma_gp_original = original  # type: ignore[attr-defined]
+    ExactGP.__call__ = __call__

@@ -68,7 +68,7 @@ from bma_gp.block_mean_sum_linear_operator import (
     _scoped,
     gram_root_core,
 )
-from bma_gp.kernels._bound_data import BoundDataPredictionStrategy, check_bound_data, record_bound_data
+from bma_gp.kernels._bound_data import check_bound_data, record_bound_data
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.partition import Partition
 
@@ -2163,13 +2163,9 @@ def _hook(cls, kernel_strategy, applies) -> None:
     and what it returned before for every other kernel (idempotent)."""
     from gpytorch.kernels import Kernel
 
-    own = cls.__dict__.get("prediction_strategy")
-    if hasattr(own, "_bma_gp_original"):
+    original = cls.__dict__.get("prediction_strategy", Kernel.prediction_strategy)
+    if hasattr(original, "_bma_gp_original"):
         return
-    # an inherited one is GPyTorch's Kernel.prediction_strategy, also once that is hooked itself
-    original = (
-        own if own is not None else getattr(Kernel.prediction_strategy, "_bma_gp_original", Kernel.prediction_strategy)
-    )
 
     def prediction_strategy(self, train_inputs, train_prior_dist, train_labels, likelihood):
         if applies(self):
@@ -2181,20 +2177,8 @@ def _hook(cls, kernel_strategy, applies) -> None:
     cls.prediction_strategy = prediction_strategy
 
 
-def _holds_block_mean_kernel(kernel) -> bool:
-    """Whether ``kernel`` contains a :class:`~bma_gp.BlockMeanKernel` (a kernel bound to its training data)."""
-    from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
-
-    return any(isinstance(module, BlockMeanKernel) for module in kernel.modules())
-
-
 def _sum_strategy(kernel, train_inputs, train_prior_dist, train_labels, likelihood) -> SumPredictionStrategy:
     strategy = SumPredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood)
-    return record_bound_data(strategy, kernel)
-
-
-def _checked_default_strategy(kernel, train_inputs, train_prior_dist, train_labels, likelihood):
-    strategy = BoundDataPredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood)
     return record_bound_data(strategy, kernel)
 
 
@@ -2205,22 +2189,22 @@ def install() -> None:
     * :class:`gpytorch.kernels.AdditiveKernel` (``k1 + k2``, also inside a ``ScaleKernel``) and
       :class:`gpytorch.kernels.ProductKernel` (``k1 * k2``; a product of block mean operators is one again):
       :class:`SumPredictionStrategy`;
-    * any other kernel that uses :meth:`gpytorch.kernels.Kernel.prediction_strategy` and holds a ``BlockMeanKernel``
-      (a ``MultitaskKernel`` around one, a container of your own): GPyTorch's default strategy, which in addition
-      refuses to predict from a cache built before a ``BlockMeanKernel``'s data changed
-      (:class:`~bma_gp.kernels._bound_data.BoundDataPredictionStrategy`).
+    * every :class:`~gpytorch.models.ExactGP` records the data of the ``BlockMeanKernel`` among its modules on a
+      strategy that did not (GPyTorch's default one: a ``MultitaskKernel`` around one, a Hadamard multitask model),
+      :func:`bma_gp.kernels._bound_data.install`.
 
     Each strategy records the data of every ``BlockMeanKernel`` in the kernel
     (:func:`~bma_gp.kernels._bound_data.record_bound_data`), so that a cache built before ``set_partition`` or the
     kernel's ``set_train_data`` raises instead of combining old solves with the new kernel."""
-    from gpytorch.kernels import AdditiveKernel, Kernel, ProductKernel
+    from gpytorch.kernels import AdditiveKernel, ProductKernel
 
     from bma_gp._composition import _involves_block_mean
+    from bma_gp.kernels._bound_data import install as install_model_check
 
     _hook(AdditiveKernel, _sum_strategy, _involves_block_mean)
     _hook(ProductKernel, _sum_strategy, _involves_block_mean)
-    _hook(Kernel, _checked_default_strategy, _holds_block_mean_kernel)
     _hook_product_forward(ProductKernel)
+    install_model_check()
 
 
 def _hook_product_forward(cls) -> None:
