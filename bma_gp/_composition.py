@@ -613,6 +613,34 @@ def _hooked_matmul(original):
     return matmul
 
 
+def _hooked_mul_matrix(original):
+    """``LinearOperator._mul_matrix`` (the elementwise product ``A * B``, ``A.mul(B)``): when a factor is a lazily
+    evaluated kernel tensor with a block mean or group kernel, or the other factor is a block mean operator, the block
+    mean operator's own ``_mul_matrix``: a closed form for two of them (over the intersection of their partitions) or
+    a diagonal, else its :class:`ClosedFormFallbackWarning`. linear_operator's evaluates a lazy kernel tensor and
+    multiplies the roots of both factors without a word (a dense ``n x n`` Cholesky for a GPyTorch Hadamard multitask
+    model, ``covar_module(x).mul(task_covar_module(i))``, and for ``GroupKernel()(g).mul(BlockMeanKernel(...)(x))``,
+    which is a block mean operator)."""
+
+    def own(op) -> bool:
+        return isinstance(op, (BlockMeanLinearOperator, BlockMeanSumLinearOperator))
+
+    @functools.wraps(original)
+    def _mul_matrix(self, other):
+        if isinstance(other, LinearOperator) and (
+            _is_lazy_block_mean(self) or _is_lazy_block_mean(other) or (not own(self) and own(other))
+        ):
+            left, right = self.evaluate_kernel(), other.evaluate_kernel()
+            if own(left):
+                return left._mul_matrix(right)
+            if own(right):  # the elementwise product commutes
+                return right._mul_matrix(left)
+        return original(self, other)
+
+    _mul_matrix._bma_gp_original = original
+    return _mul_matrix
+
+
 def _hooked_add_diagonal(original):
     @functools.wraps(original)
     def add_diagonal(self, diag):
@@ -685,6 +713,8 @@ def install() -> None:
             cls.__add__ = _hooked_add(method)
     if not hasattr(LinearOperator.matmul, "_bma_gp_original"):  # subclasses reach it through super().matmul
         LinearOperator.matmul = _hooked_matmul(LinearOperator.matmul)
+    if not hasattr(LinearOperator._mul_matrix, "_bma_gp_original"):  # also LazyEvaluatedKernelTensor's (inherited)
+        LinearOperator._mul_matrix = _hooked_mul_matrix(LinearOperator._mul_matrix)
     method = LazyEvaluatedKernelTensor.__dict__.get("add_diagonal", None)
     if method is None:
         LazyEvaluatedKernelTensor.add_diagonal = _hooked_add_diagonal(LinearOperator.add_diagonal)

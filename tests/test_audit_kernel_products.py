@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bma_gp import BlockMeanKernel, GroupKernel, Partition
-from gp_reference import GP, dense_copy, dense_prediction
+from gp_reference import GP, DenseKernel, dense_copy, dense_prediction
 
 DTYPE = torch.float64
 N = 60
@@ -247,34 +247,24 @@ def test_float32_interaction_of_groupings_predicts_in_the_working_precision(fast
     torch.testing.assert_close(variance, ref_variance, rtol=1e-2, atol=0)
 
 
-def test_hadamard_multitask_model_refuses_the_stale_prediction_cache():
-    """GPyTorch's Hadamard multitask model multiplies two lazily evaluated kernels in ``forward``, so its prior is no
-    kernel's and GPyTorch builds its default strategy, which recorded nothing: a new partition set in eval mode moved
-    the means by 0.7-0.9 without an error."""
+# ---------------------------------------------------------------------------- elementwise products of lazy kernels
+class Hadamard(gpytorch.models.ExactGP):
+    """GPyTorch's Hadamard multitask model: ``covar_module(x).mul(task_covar_module(task))`` in ``forward``."""
 
-    class Hadamard(gpytorch.models.ExactGP):
-        def __init__(self, x, task, y, kernel):
-            super().__init__((x, task), y, gpytorch.likelihoods.GaussianLikelihood())
-            self.mean_module = gpytorch.means.ConstantMean()
-            self.covar_module = kernel
-            self.task_covar_module = gpytorch.kernels.IndexKernel(num_tasks=2, rank=1)
+    def __init__(self, x, task, y, kernel, task_kernel):
+        super().__init__((x, task), y, gpytorch.likelihoods.GaussianLikelihood())
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = kernel
+        self.task_covar_module = task_kernel
 
-        def forward(self, x, task):
-            covar = self.covar_module(x).mul(self.task_covar_module(task))
-            return gpytorch.distributions.MultivariateNormal(self.mean_module(x), covar)
+    def forward(self, x, task):
+        covar = self.covar_module(x).mul(self.task_covar_module(task))
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), covar)
 
+
+def hadamard_data():
     inputs, y, partition, xt = data()
-    x, task = inputs[:, :1], (torch.arange(N) % 2).unsqueeze(-1)
-    test_task = torch.arange(5).remainder(2).unsqueeze(-1)
-    model = Hadamard(x, task, y, BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, partition)).to(DTYPE)
-    model.eval()
-    before, _ = predict_with(model, xt[:, :1], test_task)
-    model.covar_module.set_partition(Partition.from_labels(torch.arange(N) // 10))
-    with pytest.raises(ValueError, match="set_partition"):
-        predict_with(model, xt[:, :1], test_task)
-    model.set_train_data((x, task), y, strict=False)
-    after, _ = predict_with(model, xt[:, :1], test_task)
-    assert (after - before).abs().max() > 1e-3  # the new partition is a different model
+    return inputs[:, :1], (torch.arange(N) % 2).to(DTYPE).unsqueeze(-1), y, partition, xt[:, :1]
 
 
 def predict_with(model, *inputs):
@@ -282,3 +272,69 @@ def predict_with(model, *inputs):
         warnings.simplefilter("ignore")
         pred = model(*inputs)
         return pred.mean, pred.variance
+
+
+def test_hadamard_multitask_model_refuses_the_stale_prediction_cache():
+    """GPyTorch's Hadamard multitask model multiplies two lazily evaluated kernels in ``forward``, so its prior is no
+    kernel's and GPyTorch builds its default strategy, which recorded nothing: a new partition set in eval mode moved
+    the means by 0.7-0.9 without an error."""
+    x, task, y, partition, xt = hadamard_data()
+    task = task.long()
+    test_task = torch.arange(5).remainder(2).unsqueeze(-1)
+    kernel = BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, partition)
+    model = Hadamard(x, task, y, kernel, gpytorch.kernels.IndexKernel(num_tasks=2, rank=1)).to(DTYPE)
+    model.eval()
+    before, _ = predict_with(model, xt, test_task)
+    model.covar_module.set_partition(Partition.from_labels(torch.arange(N) // 10))
+    with pytest.raises(ValueError, match="set_partition"):
+        predict_with(model, xt, test_task)
+    model.set_train_data((x, task), y, strict=False)
+    after, _ = predict_with(model, xt, test_task)
+    assert (after - before).abs().max() > 1e-3  # the new partition is a different model
+
+
+def test_elementwise_product_of_lazy_block_mean_kernels_is_closed_form():
+    """``GroupKernel(...)(g).mul(BlockMeanKernel(...)(x))`` is a block mean operator over the occupied pairs of blocks,
+    but linear_operator's product of two lazily evaluated kernel tensors multiplied their roots: a generic
+    ``MulLinearOperator`` whose solves ran a dense n x n Cholesky, without a warning."""
+    from bma_gp import BlockMeanLinearOperator
+    from closed_form_guard import closed_forms_only
+
+    x, task, y, partition, xt = hadamard_data()
+    block_mean = BlockMeanKernel(gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()), x, partition).to(DTYPE)
+    group = GroupKernel(2).to(DTYPE)
+    for product in (block_mean(x).mul(group(task)), group(task).mul(block_mean(x)), block_mean(x) * group(task)):
+        assert isinstance(product, BlockMeanLinearOperator)
+        torch.testing.assert_close(product.to_dense(), block_mean(x).to_dense() * group(task).to_dense())
+
+    # a Hadamard multitask model with a GroupKernel over the tasks: training and prediction in closed form
+    model = Hadamard(x, task, y, block_mean, GroupKernel(2, rank=1)).to(DTYPE)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    test_task = torch.arange(5).remainder(2).to(DTYPE).unsqueeze(-1)
+    with closed_forms_only(N), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            optimizer.zero_grad()
+            (-mll(model(x, task), y)).backward()
+            optimizer.step()
+        model.eval()
+        mean, variance = predict_with(model, xt, test_task)
+    reference = copy.deepcopy(model)
+    reference.covar_module = DenseKernel(reference.covar_module)
+    reference.prediction_strategy = None
+    with gpytorch.settings.max_cholesky_size(10**6):
+        ref_mean, ref_variance = predict_with(reference, xt, test_task)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(variance, ref_variance, rtol=1e-9, atol=1e-9)
+
+
+def test_hadamard_model_with_an_index_kernel_warns_that_it_leaves_the_closed_forms():
+    """A block mean kernel times an IndexKernel has no closed form; linear_operator's product went on without a word
+    (a dense n x n Cholesky with jitter). The block mean operator's warning now says so."""
+    x, task, y, partition, _ = hadamard_data()
+    kernel = BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, partition)
+    model = Hadamard(x, task.long(), y, kernel, gpytorch.kernels.IndexKernel(num_tasks=2, rank=1)).to(DTYPE)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    with pytest.warns(Warning, match="elementwise product of a BlockMeanLinearOperator"):
+        mll(model(x, task.long()), y)
