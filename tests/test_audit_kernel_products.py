@@ -371,3 +371,30 @@ def test_float32_random_intercept_variances_keep_their_digits(rank):
     torch.testing.assert_close(variance, ref_variance, rtol=1e-4, atol=0)
     torch.testing.assert_close(covariance, ref_covariance, rtol=1e-4, atol=1e-12)
     torch.testing.assert_close(product.double(), ref_covariance.sum(-1, keepdim=True), rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("rank", [0, 1])  # the one-hot Gram, then the t x k factor's product
+def test_a_principal_slice_of_the_prediction_keeps_the_exact_root(rank):
+    """``mvn[..., a:b]`` of a GroupKernel prediction is the same difference ``K_** - (A W)(A W)^T`` on the slice: its
+    covariance equals the slice of the dense one, and sampling it uses the exact root (R R^T equal to the slice, no
+    warning), not linear_operator's generic indexed operator and its root."""
+    generator = torch.Generator().manual_seed(1)
+    n, k = 400, 8
+    groups = torch.randint(0, k, (n,), generator=generator)
+    y = torch.randn(k, generator=generator, dtype=torch.float64)[groups] + 0.1 * torch.randn(
+        n, generator=generator, dtype=torch.float64
+    )
+    model = model_of(GroupKernel(k, rank=rank), groups.double().unsqueeze(-1), y)
+    model.eval()
+    xt = torch.arange(k, dtype=torch.float64).repeat(3).unsqueeze(-1)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        full = model(xt)
+        part = full[..., 3:17]
+        covar = part.lazy_covariance_matrix
+        assert type(covar).__name__ == "_PredictiveDifference"
+        expected = full.lazy_covariance_matrix.to_dense()[3:17, 3:17]
+        torch.testing.assert_close(covar.to_dense(), expected, rtol=1e-10, atol=1e-12)
+        root = covar.root_decomposition().root.to_dense()
+        torch.testing.assert_close(root @ root.mT, expected, rtol=1e-8, atol=1e-10)
+        assert part.rsample(torch.Size([2])).shape == (2, 14)

@@ -59,6 +59,12 @@ def _attach_clear_hook(strategy, tensor: Tensor) -> Tensor:
     return tensor
 
 
+def _is_principal_slice(row_index, col_index, batch_indices) -> bool:
+    """Whether an index of linear_operator's ``_getitem`` takes the same slice of rows and columns of every batch."""
+    full_batch = all(isinstance(b, slice) and b == slice(None) for b in batch_indices)
+    return isinstance(row_index, slice) and row_index == col_index and full_batch
+
+
 class _PredictiveDifference(LinearOperator):
     r""":math:`K_{**} - G` at new inputs, :math:`G = (A W)(A W)^\top` held in the working precision
     (:class:`_OneHotGram` or a product of the ``t x k`` factor): entries, products, the diagonal and the dense matrix
@@ -136,6 +142,13 @@ class _PredictiveDifference(LinearOperator):
     def root_decomposition(self, method: str | None = None) -> LinearOperator:
         return _exact_dense_root(self)
 
+    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+        # a principal slice (``mvn[..., a:b]``) is the same difference on the slice, so it keeps the exact root
+        if _is_principal_slice(row_index, col_index, batch_indices):
+            index = (*batch_indices, row_index, col_index)
+            return _PredictiveDifference(self.prior[index], self.gram[index])
+        return super()._getitem(row_index, col_index, *batch_indices)
+
     def add_diagonal(self, diag):
         diag = diag if torch.is_tensor(diag) else torch.tensor(diag, dtype=self.dtype, device=self.device)
         return self + DiagLinearOperator(diag.to(self.dtype).expand(*self.shape[:-1]))
@@ -186,6 +199,11 @@ class _OneHotGram(LinearOperator):
 
     def _diagonal(self) -> Tensor:
         return self.f * self.f
+
+    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+        if _is_principal_slice(row_index, col_index, batch_indices):  # rows and columns alike: F's rows
+            return _OneHotGram(self.f[..., row_index], self.columns[row_index], self.num_columns)
+        return super()._getitem(row_index, col_index, *batch_indices)
 
     def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
         f = self.f.expand(*self.batch_shape, self.f.shape[-1])
