@@ -301,12 +301,49 @@ class _GatherScatter(torch.autograd.Function):
         return grad_v, grad_X, None, None, None
 
 
+#: Devices whose sparse CSR products (``@`` and :func:`torch.sparse.sampled_addmm`) :class:`_CellsDenseProduct` uses.
+_SPARSE_DEVICES = ("cpu", "cuda")
+
+
+class _CellsDenseProduct(torch.autograd.Function):
+    r""":math:`N X` for the table :math:`N` (``k_a x k_e``) given by its nonzero ``cells`` and their values ``v``
+    (1-D) and a dense ``X`` (``k_e x m``), as sparse CSR products: the forward is one CSR product, the backward one
+    with the transposed table (:math:`\bar X = N^\top \bar Y`, CSR as the cells are stored) and one sampled
+    product for :math:`\bar v_c = \bar Y_{i_c} \cdot X_{l_c}` (:func:`torch.sparse.sampled_addmm`). The
+    :class:`_GatherScatter` form gathers a ``cells x m`` copy of ``X`` (and of the gradient) instead: at
+    ``n = 2 x 10^4`` (20,000 cells, ``m = 256``), 28 ms forward and about 50 ms backward against 2 and 8 ms here."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, X: Tensor, cells: _Cells, ka: int) -> Tensor:
+        ke = X.shape[-2]
+        ctx.save_for_backward(v, X)
+        ctx.cells, ctx.ka = cells, ka
+        return cells.csr(v, False, ka, ke) @ X
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        v, X = ctx.saved_tensors
+        cells, ka = ctx.cells, ctx.ka
+        ke = X.shape[-2]
+        grad_v = grad_X = None
+        if ctx.needs_input_grad[0]:
+            # the pattern of N^T (rows: the blocks of e), whose stored order is the cells' own
+            pattern = cells.csr(torch.zeros_like(v), True, ke, ka)
+            grad_v = torch.sparse.sampled_addmm(pattern, X, grad.to(X.dtype).mT, beta=0.0).values()
+        if ctx.needs_input_grad[1]:
+            grad_X = cells.csr(v, True, ke, ka) @ grad
+        return grad_v, grad_X, None, None
+
+
 def _cells_dense_product(cells: _Cells, values: Tensor, c: Tensor, dense: Tensor, ka: int) -> Tensor:
     r""":math:`N \operatorname{diag}(c) X` for the nonzero cells of :math:`N` (``k_a x k_e``) and a dense
     :math:`X` (``k_e x m``): one gathered row of :math:`X` per cell (in chunks, without batch dimensions).
     # shape: (*b, k_a, m)"""
     vc = values * c[..., cells.col]
     if vc.dim() == 1 and dense.dim() == 2:
+        if dense.device.type in _SPARSE_DEVICES:
+            return _CellsDenseProduct.apply(vc, dense, cells, ka)
         return _GatherScatter.apply(vc, dense, cells.row, cells.col, ka)
     scaled = vc.unsqueeze(-1) * dense[..., cells.col, :]
     out = scaled.new_zeros(*scaled.shape[:-2], ka, dense.shape[-1])
