@@ -1046,8 +1046,18 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             return x
         if self._block_is_diagonal(j):  # the diagonal first: no k x k copy in the working precision
             return self._block_diagonal(j).to(x.dtype).unsqueeze(-1) * x
-        B = self._dense_block(j).to(x.dtype)
-        return (0.5 * (B + B.mT)) @ x  # one product: k <= the columns of x wherever it matters
+        # one product (k <= the columns of x wherever it matters) with the symmetric part, formed once per public
+        # call: a solve applies G_j three to five times
+        return self._symmetric_block(j, x.dtype) @ x
+
+    def _symmetric_block(self, j: int, dtype: torch.dtype) -> Tensor:
+        """:math:`(B_j + B_j^\\top) / 2` in ``dtype`` (see :meth:`_memo`)."""
+
+        def form() -> Tensor:
+            B = self._dense_block(j).to(dtype)
+            return 0.5 * (B + B.mT)
+
+        return self._memo(f"symmetric_block_{j}_{dtype}", form)
 
     def _sizes(self) -> list[int]:
         return [*self.num_blocks, *([self.rank] if self._root_arg is not None else [])]
