@@ -419,11 +419,13 @@ class _NestedLU:
     def __init__(self, lu22, Y: Tensor, A1R: Tensor, lu1, g1, full):
         self.lu22, self.Y, self.A1R, self.lu1, self.g1 = lu22, Y, A1R, lu1, g1
         self._full = full
+        self._grad = torch.is_grad_enabled()  # the whole S is formed as it would have been with the rest
         self._factors: tuple[Tensor, Tensor, Tensor] | None = None
 
     def __iter__(self):
         if self._factors is None:
-            self._factors = self._full()[0]
+            with torch.set_grad_enabled(self._grad):
+                self._factors = self._full()[0]
         return iter(self._factors)
 
     def solve(self, rhs: Tensor) -> Tensor:
