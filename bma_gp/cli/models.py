@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from bma_gp import ClosedFormFallbackWarning
-from bma_gp.cli.config import RunConfig
+from bma_gp.cli.config import RunConfig, UsageError
 from bma_gp.cli.data import Problem
 from bma_gp.kernels import GroupKernel
 from bma_gp.partition import Partition
@@ -191,14 +191,38 @@ def train(model: GP, iters: int, lr: float, progress: bool, label: str) -> float
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
     loss = torch.tensor(math.nan)
     bar = tqdm(range(iters), desc=f"{label:>9s}", disable=not progress, leave=True, file=sys.stderr, dynamic_ncols=True)
-    for _ in bar:
-        optimizer.zero_grad(set_to_none=True)
-        loss = -mll(model(*model.train_inputs), model.train_targets)
-        loss.backward()
-        optimizer.step()
-        bar.set_postfix(loss=f"{loss.detach().item():.3f}", refresh=False)
-    bar.close()
+    step = 0
+    try:
+        for step in bar:
+            optimizer.zero_grad(set_to_none=True)
+            loss = -mll(model(*model.train_inputs), model.train_targets)
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(loss=f"{loss.detach().item():.3f}", refresh=False)
+    except Exception as err:
+        # The first step runs on the start values: an error there is not the optimiser's doing. Later, Adam's
+        # steps (too large for --lr) can take a lengthscale to 0 or a parameter to NaN, and the covariance
+        # fails (NanError, NotPSDError, a non-finite block mean operator): say so, not a traceback.
+        if step == 0 and _finite_parameters(model):
+            raise
+        raise UsageError(_diverged(label, step, iters, lr, err)) from err
+    finally:
+        bar.close()
+    if not _finite_parameters(model):  # the last step diverged: prediction would fail
+        raise UsageError(_diverged(label, iters - 1, iters, lr, None))
     return float(loss.detach())
+
+
+def _finite_parameters(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _diverged(label: str, step: int, iters: int, lr: float, err: Exception | None) -> str:
+    reason = "its hyperparameters are no longer finite" if err is None else f"{type(err).__name__}: {err}"
+    return (
+        f"training the {label} GP diverged at Adam step {step + 1} of {iters} ({reason}); the steps moved "
+        f"the hyperparameters where the covariance cannot be computed: lower the learning rate --lr (now {lr:g})"
+    )
 
 
 def predict(model: GP, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,33 @@
+"""Regression tests for bugs found by using the ``bma-gp`` command as a new user would."""
+
+import os
+
+import pytest
+
+from bma_gp.cli import main
+
+FAST = ["--iters", "5", "--no-progress", "--no-plot", "--blocks", "2"]
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def _small_csv(tmp_path):
+    path = tmp_path / "small.csv"
+    path.write_text("x,y\n1,2\n2,3\n3,5\n4,4\n5,6\n6,8\n7,7\n8,9\n9,10\n10,12\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("method", ["exact", "blockmean"])
+def test_diverging_training_is_a_message_not_a_traceback(tmp_path, capsys, method):
+    """A learning rate that sends the hyperparameters to NaN ended in a NanError / ValueError traceback."""
+    data = _small_csv(tmp_path)
+    argv = ["--data", str(data), "--target", "y", "--lr", "1000", "--method", method, "--out", "out", *FAST]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert f"training the {method} GP diverged" in err and "--lr" in err and "Traceback" not in err
+    assert not os.path.exists(os.path.join("out", "results.json"))
