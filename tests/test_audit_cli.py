@@ -31,3 +31,13 @@ def test_diverging_training_is_a_message_not_a_traceback(tmp_path, capsys, metho
     assert info.value.code == 2
     assert f"training the {method} GP diverged" in err and "--lr" in err and "Traceback" not in err
     assert not os.path.exists(os.path.join("out", "results.json"))
+
+
+def test_target_listed_in_features_names_the_argument(tmp_path, capsys):
+    """``--features y --target y`` said only "the target column 'y' cannot also be a feature"."""
+    data = _small_csv(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["--data", str(data), "--target", "y", "--features", "x", "y", *FAST])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert "argument --features" in err and "'y'" in err and "drop it from --features" in err

@@ -255,8 +255,8 @@ def parse_config(argv: Sequence[str] | None, parser: argparse.ArgumentParser | N
 
     Checks that need no data happen here: the methods, the device, ``--target`` / ``--features`` /
     ``--group`` without ``--data`` (and the reverse), a feature named twice (repeated ``--features``
-    options add up), a ``--group`` column that is also the target, a feature or another ``--group``,
-    and an ``--out`` that names a file.
+    options add up) or also the ``--target``, a ``--group`` column that is also the target, a feature or
+    another ``--group``, and an ``--out`` that names a file.
 
     Args:
         argv: the arguments, without the program name.
@@ -278,6 +278,11 @@ def parse_config(argv: Sequence[str] | None, parser: argparse.ArgumentParser | N
     for i, name in enumerate(args.features or ()):
         if name in args.features[:i]:
             parser.error(f"argument --features: column {name!r} is given twice; name each input column once")
+        if name == args.target:
+            parser.error(
+                f"argument --features: column {name!r} is the --target; the column to predict cannot be an input: "
+                "drop it from --features"
+            )
     groups = _check_groups(args.groups, args.data, args.target, args.features, parser)
     return RunConfig(
         data=args.data,
