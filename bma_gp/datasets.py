@@ -66,6 +66,14 @@ class MissingValuesWarning(UserWarning):
     """Rows with missing values were dropped."""
 
 
+def _check_dtype(dtype: object) -> None:
+    """Refuse a ``dtype`` that is not a floating point ``torch.dtype`` (an integer dtype truncated the values)."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(
+            f"dtype must be a floating point torch.dtype such as torch.float64 or torch.float32, got {dtype!r}."
+        )
+
+
 def _decimal_year(text: str) -> float | None:
     """Return the ISO date or date-time ``text`` as a decimal year, or ``None`` if it is not one."""
     for fmt in _DATE_FORMATS:
@@ -267,6 +275,7 @@ def load_csv(
 
     Raises:
         FileNotFoundError: ``path`` does not exist (or is a directory).
+        TypeError: ``dtype`` is not a floating point dtype.
         DatasetError: a requested column is absent (the message lists the available ones) or
             requested twice, a used column holds text that is neither a number nor an ISO date,
             or a number that is not finite (``inf``, or beyond the range of ``dtype``; the message
@@ -279,6 +288,7 @@ def load_csv(
     Example:
         >>> x, y = load_csv("measurements.csv", target="yield", features=["temp", "ph"])  # doctest: +SKIP
     """
+    _check_dtype(dtype)
     path = os.fspath(path)
     if not os.path.isfile(path):
         reason = "is a directory" if os.path.isdir(path) else "does not exist"
@@ -314,6 +324,7 @@ def load_co2(*, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
         >>> round(float(t[0, 0]), 3), float(co2[0])
         (1958.238, 316.1)
     """
+    _check_dtype(dtype)
     text = resources.files("bma_gp").joinpath("data", "co2.csv").read_text(encoding="utf-8")
     header, rows = _read_table(io.StringIO(text, newline=""), "bundled co2.csv")
     x, y, _ = _table_to_tensors(header, rows, "co2", ["date"], dtype, "bundled co2.csv", warn=False)
@@ -398,6 +409,7 @@ def load_sleepstudy(*, dtype: torch.dtype = torch.float64) -> GroupedData:
         >>> data.x.shape, data.groups.shape, data.num_groups  # doctest: +SKIP
         (torch.Size([180, 1]), torch.Size([180, 1]), (18,))
     """
+    _check_dtype(dtype)
     return _grouped(_read_rdataset("lme4", "sleepstudy"), "Reaction", ["Days"], ["Subject"], dtype)
 
 
@@ -408,6 +420,7 @@ def load_exam(*, dtype: torch.dtype = torch.float64) -> GroupedData:
     grouping is ``school`` (65 levels), ``y`` is ``normexam`` (the normalised GCSE exam score).
     The usual models are ``normexam ~ standLRT + (1 | school)``, or smooth in ``standLRT``.
     """
+    _check_dtype(dtype)
     return _grouped(_read_rdataset("mlmRev", "Exam"), "normexam", ["standLRT"], ["school"], dtype)
 
 
@@ -420,6 +433,7 @@ def load_flights(*, dtype: torch.dtype = torch.float64) -> GroupedData:
     miles. The groupings are ``carrier`` (16), ``origin`` (3), ``dest`` (104) and ``tailnum``
     (4,037 aircraft), crossed. ``y`` is ``arr_delay`` in minutes (heavy right tail).
     """
+    _check_dtype(dtype)
     frame = _read_rdataset("nycflights13", "flights")
     frame = frame.dropna(subset=["arr_delay", "dep_time", "tailnum"]).copy()
     hhmm = frame["dep_time"].to_numpy(dtype="float64")

@@ -3,8 +3,10 @@
 import os
 
 import pytest
+import torch
 
 from bma_gp.cli import main
+from bma_gp.datasets import load_co2, load_csv, load_exam
 
 FAST = ["--iters", "5", "--no-progress", "--no-plot", "--blocks", "2"]
 
@@ -41,3 +43,14 @@ def test_target_listed_in_features_names_the_argument(tmp_path, capsys):
     err = capsys.readouterr().err
     assert info.value.code == 2
     assert "argument --features" in err and "'y'" in err and "drop it from --features" in err
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_dataset_loaders_refuse_a_dtype_that_is_not_floating_point(tmp_path, dtype):
+    """``load_csv(..., dtype=torch.int64)`` truncated 2.7 to 2 without a word (and the loaders documented a
+    floating point dtype)."""
+    path = tmp_path / "decimals.csv"
+    path.write_text("x,y\n0.5,2.7\n1.5,3.2\n2.5,4.9\n", encoding="utf-8")
+    for load in (lambda: load_csv(path, "y", dtype=dtype), lambda: load_co2(dtype=dtype), lambda: load_exam(dtype=dtype)):
+        with pytest.raises(TypeError, match=r"dtype must be a floating point torch\.dtype.*torch\.float64"):
+            load()
