@@ -54,3 +54,28 @@ def test_dataset_loaders_refuse_a_dtype_that_is_not_floating_point(tmp_path, dty
     for load in (lambda: load_csv(path, "y", dtype=dtype), lambda: load_co2(dtype=dtype), lambda: load_exam(dtype=dtype)):
         with pytest.raises(TypeError, match=r"dtype must be a floating point torch\.dtype.*torch\.float64"):
             load()
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_unreadable_data_file_is_a_message_not_a_traceback(tmp_path, capsys, monkeypatch, group):
+    """A CSV without read permission ended in a PermissionError traceback (the tests may run as root, where
+    chmod 000 does not stop reads, so open() is made to refuse the file)."""
+    import builtins
+
+    data = _small_csv(tmp_path)
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if os.fspath(file) == str(data):
+            raise PermissionError(13, "Permission denied", str(data))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    argv = ["--data", str(data), "--target", "y", *FAST, "--out", "out"]
+    if group:
+        argv += ["--group", "x"]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert "cannot be read (Permission denied)" in err and "small.csv" in err and "Traceback" not in err

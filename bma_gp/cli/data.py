@@ -128,6 +128,8 @@ def load_dataset(config: RunConfig) -> Dataset:
             x, y, names = cast(tuple[Tensor, Tensor, list[str]], loaded)
         except (FileNotFoundError, DatasetError) as err:
             raise UsageError(str(err)) from err
+        except OSError as err:  # no read permission, an I/O error
+            raise UsageError(_cannot_read(config.data, err)) from err
     for warning in caught:
         if issubclass(warning.category, MissingValuesWarning):
             print(f"{PROG}: warning: {warning.message}", file=sys.stderr)
@@ -153,6 +155,12 @@ def _read_csv_table(path: str) -> tuple[list[str], list[list[str]]]:
         raise UsageError(f"{description} is not UTF-8 text ({err.reason}); save it as UTF-8 CSV.") from None
     except DatasetError as err:
         raise UsageError(str(err)) from err
+    except OSError as err:
+        raise UsageError(_cannot_read(path, err)) from err
+
+
+def _cannot_read(path: str, err: OSError) -> str:
+    return f"data file {path!r} cannot be read ({err.strerror or err}); check its permissions or pass another --data"
 
 
 def _group_features(header: list[str], config: RunConfig, features: list[str] | None) -> list[str]:
