@@ -1,5 +1,6 @@
 """Regression tests for bugs found by using the ``bma-gp`` command as a new user would."""
 
+import json
 import os
 
 import pytest
@@ -79,3 +80,17 @@ def test_unreadable_data_file_is_a_message_not_a_traceback(tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert info.value.code == 2
     assert "cannot be read (Permission denied)" in err and "small.csv" in err and "Traceback" not in err
+
+
+def test_results_json_records_the_settings_that_change_the_results(tmp_path):
+    """results.json ("the data, the settings and ...") left out --test-fraction, --max-rows, --blocks,
+    --partition, --period and --max-cholesky, so a run could not be repeated from its record."""
+    data = _small_csv(tmp_path)
+    argv = ["--data", str(data), "--target", "y", "--method", "blockmean", "--partition", "kmeans"]
+    argv += ["--test-fraction", "0.3", "--max-rows", "9", "--period", "2.5", "--max-cholesky", "7", "--out", "out"]
+    assert main([*argv, *FAST]) == 0
+    with open(os.path.join("out", "results.json"), encoding="utf-8") as handle:
+        summary = json.load(handle)
+    settings = {key: summary.get(key) for key in ("test_fraction", "max_rows", "blocks", "partition", "period")}
+    assert settings == {"test_fraction": 0.3, "max_rows": 9, "blocks": 2, "partition": "kmeans", "period": 2.5}
+    assert summary.get("max_cholesky") == 7 and summary["n_train"] + summary["n_test"] == 9
