@@ -1,6 +1,7 @@
 """Regression tests for bugs found by using the ``bma-gp`` command as a new user would."""
 
 import json
+import math
 import os
 
 import pytest
@@ -94,3 +95,24 @@ def test_results_json_records_the_settings_that_change_the_results(tmp_path):
     settings = {key: summary.get(key) for key in ("test_fraction", "max_rows", "blocks", "partition", "period")}
     assert settings == {"test_fraction": 0.3, "max_rows": 9, "blocks": 2, "partition": "kmeans", "period": 2.5}
     assert summary.get("max_cholesky") == 7 and summary["n_train"] + summary["n_test"] == 9
+
+
+def test_a_last_step_that_leaves_nan_hyperparameters_is_reported(tmp_path, capsys, monkeypatch):
+    """Training that ends with NaN hyperparameters would fail in prediction instead; it is reported as
+    divergence of that method, with the fix."""
+    real_step = torch.optim.Adam.step
+
+    def nan_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.fill_(math.nan)
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", nan_step)
+    data = _small_csv(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["--data", str(data), "--target", "y", "--method", "sgpr", *FAST, "--iters", "1", "--out", "out"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "training the sgpr GP diverged at Adam step 1 of 1" in err and "--lr" in err

@@ -183,6 +183,7 @@ class Fit:
 
 def train(model: GP, iters: int, lr: float, progress: bool, label: str) -> float:
     """``iters`` Adam steps on the exact marginal log likelihood; returns the last loss."""
+    from linear_operator.utils.errors import NanError, NotPSDError
     from tqdm.auto import tqdm
 
     model.train()
@@ -199,16 +200,17 @@ def train(model: GP, iters: int, lr: float, progress: bool, label: str) -> float
             loss.backward()
             optimizer.step()
             bar.set_postfix(loss=f"{loss.detach().item():.3f}", refresh=False)
-    except Exception as err:
+    except (ValueError, RuntimeError) as err:
         # The first step runs on the start values: an error there is not the optimiser's doing. Later, Adam's
         # steps (too large for --lr) can take a lengthscale to 0 or a parameter to NaN, and the covariance
         # fails (NanError, NotPSDError, a non-finite block mean operator): say so, not a traceback.
-        if step == 0 and _finite_parameters(model):
-            raise
-        raise UsageError(_diverged(label, step, iters, lr, err)) from err
+        numerical = isinstance(err, (ValueError, NanError, NotPSDError, torch.linalg.LinAlgError))
+        if not _finite_parameters(model) or (step > 0 and numerical):
+            raise UsageError(_diverged(label, step, iters, lr, err)) from err
+        raise
     finally:
         bar.close()
-    if not _finite_parameters(model):  # the last step diverged: prediction would fail
+    if iters and not _finite_parameters(model):  # the last step diverged: prediction would fail
         raise UsageError(_diverged(label, iters - 1, iters, lr, None))
     return float(loss.detach())
 
