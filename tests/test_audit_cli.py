@@ -53,7 +53,11 @@ def test_dataset_loaders_refuse_a_dtype_that_is_not_floating_point(tmp_path, dty
     floating point dtype)."""
     path = tmp_path / "decimals.csv"
     path.write_text("x,y\n0.5,2.7\n1.5,3.2\n2.5,4.9\n", encoding="utf-8")
-    for load in (lambda: load_csv(path, "y", dtype=dtype), lambda: load_co2(dtype=dtype), lambda: load_exam(dtype=dtype)):
+    for load in (
+        lambda: load_csv(path, "y", dtype=dtype),
+        lambda: load_co2(dtype=dtype),
+        lambda: load_exam(dtype=dtype),
+    ):
         with pytest.raises(TypeError, match=r"dtype must be a floating point torch\.dtype.*torch\.float64"):
             load()
 
