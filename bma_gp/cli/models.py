@@ -194,7 +194,7 @@ def train(model: GP, iters: int, lr: float, progress: bool, label: str) -> float
     bar = tqdm(range(iters), desc=f"{label:>9s}", disable=not progress, leave=True, file=sys.stderr, dynamic_ncols=True)
     step = 0
     try:
-        for step in bar:
+        for step in bar:  # noqa: B007 - the except clause reports the step that failed
             optimizer.zero_grad(set_to_none=True)
             loss = -mll(model(*model.train_inputs), model.train_targets)
             loss.backward()
