@@ -815,7 +815,7 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
             found = found or _first_bad(b_bad)
             assert found is not None
             batch, i = found
-            value = float((self.lam if which == "lam" else self._b_diag)[batch][i])
+            value = float((self.lam if which == "lam" else self._b_diag).detach()[batch][i])
             raise ValueError(
                 f"the block mean operator's input is not finite: {which}[{i}{', ' + str(i) if which == 'B' else ''}] = "
                 f"{value}{_where(batch)}. lam and B must be finite; check the kernel hyperparameters or the data that "
@@ -828,14 +828,14 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
         found = _first_bad(lam_bad)
         if found is not None:
             batch, i = found
-            value, where = float(self.lam[batch][i]), f"lam[{i}]"
+            value, where = float(self.lam.detach()[batch][i]), f"lam[{i}]"
         else:
             k = self.partition.num_blocks
             found_B = _first_bad(B_bad.reshape(*B_bad.shape[:-2], k * k))
             assert found_B is not None  # some entry of lam or B is not finite
             batch, flat = found_B
             i, j = divmod(flat, k)
-            value, where = float(self.B[batch][i, j]), f"B[{i}, {j}]"
+            value, where = float(self.B.detach()[batch][i, j]), f"B[{i}, {j}]"
         raise ValueError(
             f"the block mean operator's input is not finite: {where} = {value}{_where(batch)}. lam and B must be "
             "finite; check the kernel hyperparameters or the data that produced them."

@@ -335,6 +335,18 @@ def test_non_finite_input_is_named(call, where, value):
         CALLS[call](op)
 
 
+@pytest.mark.parametrize("where", ["lam", "B"])
+def test_non_finite_input_that_needs_gradients_is_named_without_a_torch_warning(where):
+    """The message reads the bad value off tensors that track gradients (a kernel's hyperparameters produced them):
+    no "Converting a tensor with requires_grad=True to a scalar" warning on the way to the error."""
+    op = _with_bad(where, float("nan"))
+    op = BlockMeanLinearOperator(op.lam.requires_grad_(True), op.B.requires_grad_(True), op.partition)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="not finite"):
+            op.solve(torch.ones(op.shape[-1], dtype=op.dtype))
+
+
 def test_non_finite_input_names_the_batch_index():
     op = _with_bad("lam", float("nan"), batch=(2,))
     with pytest.raises(ValueError, match=r"lam\[1\] = nan \(batch index \(0,\)\)"):
