@@ -120,3 +120,31 @@ def test_a_last_step_that_leaves_nan_hyperparameters_is_reported(tmp_path, capsy
         main(["--data", str(data), "--target", "y", "--method", "sgpr", *FAST, "--iters", "1", "--out", "out"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "training the sgpr GP diverged at Adam step 1 of 1" in err and "--lr" in err
+
+
+@pytest.mark.slow
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):
+    """``bma-gp ... | head -1`` ended in a BrokenPipeError traceback; it now stops quietly with status 1."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    lines = ["u,v,y"] + [f"{i % 7 / 2},{i % 5 / 3},{math.sin(i)}" for i in range(200)]
+    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    argv = ["--data", "d.csv", "--target", "y", "--iters", "2", "--no-progress", "--no-plot", "--blocks", "8"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bma_gp", *argv, "--out", "out"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away, as `head -1` does
+    err = proc.stderr.read().decode()
+    code = proc.wait(timeout=120)
+    assert first.startswith(b"bma-gp:")
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert code == 1

@@ -28,15 +28,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``bma-gp`` with the command-line arguments ``argv`` (default ``sys.argv[1:]``).
 
     Returns:
-        0 on success. Bad arguments or unusable data end the program like argparse does:
-        a message on standard error and ``SystemExit(2)``.
+        0 on success; 1, quietly, when the reader of standard output goes away early (``bma-gp ... | head``).
+        Bad arguments or unusable data end the program like argparse does: a message on standard error and
+        ``SystemExit(2)``.
     """
     parser = build_parser()
     config = parse_config(argv, parser)
     try:
-        return _run(config)
+        code = _run(config)
+        sys.stdout.flush()  # a reader gone early (`bma-gp ... | head`) is found here, not at interpreter exit
+        return code
     except UsageError as err:
         parser.error(str(err))
+    except BrokenPipeError:
+        # the reader of standard output went away (`| head -1`): stop quietly, as shell tools do, with the results
+        # written so far kept; standard output points at devnull so that the interpreter's last flush cannot fail
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
 
 
 def _run(config: RunConfig) -> int:
