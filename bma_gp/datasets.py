@@ -67,10 +67,17 @@ class MissingValuesWarning(UserWarning):
 
 
 def _check_dtype(dtype: object) -> None:
-    """Refuse a ``dtype`` that is not a floating point ``torch.dtype`` (an integer dtype truncated the values)."""
+    """Refuse a ``dtype`` that is not a floating point ``torch.dtype`` (an integer dtype truncated the values), and
+    the half-precision ones: their 11 or 8 significant bits round decimal years such as ``1958.238`` to whole
+    years (or to 8 years) and values such as a CO2 reading of ``317.5`` to steps of 0.25 or 2."""
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(
             f"dtype must be a floating point torch.dtype such as torch.float64 or torch.float32, got {dtype!r}."
+        )
+    if torch.finfo(dtype).bits < 32:
+        raise TypeError(
+            f"dtype {dtype} is too narrow for data: it rounds dates to whole years and most values to a few "
+            "digits. Load in torch.float32 or torch.float64 and convert afterwards (x.to(torch.float16)) if needed."
         )
 
 
@@ -176,6 +183,11 @@ def _table_to_tensors(
         if isinstance(features, str):
             features = [features]
         features = list(features)
+        if not features:
+            raise DatasetError(
+                f"features is empty; name at least one input column of {description} "
+                f"(available: {available}), or pass features=None to use every column except the target."
+            )
         missing = [name for name in features if name not in header]
         if missing:
             raise DatasetError(
@@ -264,7 +276,7 @@ def load_csv(
         path: the CSV file.
         target: name of the column to predict.
         features: names of the input columns; default all columns except ``target``.
-        dtype: floating point dtype of the returned tensors.
+        dtype: floating point dtype of the returned tensors (float32 or float64; half precision is refused).
         return_features: also return the names of the input columns, in the order of
             the columns of ``x``.
 
@@ -275,7 +287,7 @@ def load_csv(
 
     Raises:
         FileNotFoundError: ``path`` does not exist (or is a directory).
-        TypeError: ``dtype`` is not a floating point dtype.
+        TypeError: ``dtype`` is not a floating point dtype of at least 32 bits.
         DatasetError: a requested column is absent (the message lists the available ones) or
             requested twice, a used column holds text that is neither a number nor an ISO date,
             or a number that is not finite (``inf``, or beyond the range of ``dtype``; the message
@@ -311,7 +323,7 @@ def load_co2(*, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     observations remain. Public domain (see ``bma_gp/data/README.md``).
 
     Args:
-        dtype: floating point dtype of the returned tensors.
+        dtype: floating point dtype of the returned tensors (float32 or float64; half precision is refused).
 
     Returns:
         ``(t, co2)``: the time in decimal years, shape ``(2225, 1)``, and the CO2

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bma_gp.cli import main
-from bma_gp.datasets import load_co2, load_csv, load_exam
+from bma_gp.datasets import DatasetError, load_co2, load_csv, load_exam
 
 FAST = ["--iters", "5", "--no-progress", "--no-plot", "--blocks", "2"]
 
@@ -60,6 +60,29 @@ def test_dataset_loaders_refuse_a_dtype_that_is_not_floating_point(tmp_path, dty
     ):
         with pytest.raises(TypeError, match=r"dtype must be a floating point torch\.dtype.*torch\.float64"):
             load()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dataset_loaders_refuse_half_precision(tmp_path, dtype):
+    """``load_co2(dtype=torch.float16)`` rounded every decimal year of 1958 to 1958.0 (45 distinct times were left
+    of 2,225 readings) and CO2 values to steps of 0.25, without a word."""
+    assert load_co2(dtype=torch.float32)[0].unique().numel() == 2225  # what half precision loses
+    path = tmp_path / "decimals.csv"
+    path.write_text("x,y\n1958.238,316.1\n1958.257,317.3\n", encoding="utf-8")
+    for load in (lambda: load_csv(path, "y", dtype=dtype), lambda: load_co2(dtype=dtype)):
+        with pytest.raises(TypeError, match=r"too narrow.*torch\.float32 or torch\.float64.*x\.to\(torch\.float16\)"):
+            load()
+
+
+def test_load_csv_with_an_empty_feature_list_names_the_argument(tmp_path):
+    """``load_csv(path, "y", features=[])`` said the file "has no feature columns besides the target", although it
+    has some: the empty list was the caller's."""
+    path = tmp_path / "three.csv"
+    path.write_text("a,b,y\n1,2,3\n4,5,6\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"features is empty.*'a', 'b'.*features=None"):
+        load_csv(path, "y", features=[])
+    x, _ = load_csv(path, "y", features=None)
+    assert x.shape == (2, 2)
 
 
 @pytest.mark.parametrize("group", [False, True])
