@@ -28,13 +28,36 @@ def _small_csv(tmp_path):
 def test_diverging_training_is_a_message_not_a_traceback(tmp_path, capsys, method):
     """A learning rate that sends the hyperparameters to NaN ended in a NanError / ValueError traceback."""
     data = _small_csv(tmp_path)
-    argv = ["--data", str(data), "--target", "y", "--lr", "1000", "--method", method, "--out", "out", *FAST]
+    out = tmp_path / "new" / "out"
+    argv = ["--data", str(data), "--target", "y", "--lr", "1000", "--method", method, "--out", str(out), *FAST]
     with pytest.raises(SystemExit) as info:
         main(argv)
     err = capsys.readouterr().err
     assert info.value.code == 2
     assert f"training the {method} GP diverged" in err and "--lr" in err and "Traceback" not in err
-    assert not os.path.exists(os.path.join("out", "results.json"))
+    # the run created --out and wrote nothing there: no empty directory is left behind (it was)
+    assert not out.exists() and (tmp_path / "new").is_dir()
+
+
+def test_failed_run_keeps_an_existing_out_directory(tmp_path, capsys):
+    """The clean-up of a failed run removes only the --out directory that run created."""
+    data, out = _small_csv(tmp_path), tmp_path / "mine"
+    out.mkdir()
+    with pytest.raises(SystemExit):
+        main(["--data", str(data), "--target", "y", "--lr", "1000", "--out", str(out), *FAST])
+    assert out.is_dir()
+
+
+def test_run_without_plot_says_that_an_older_plot_is_stale(tmp_path, capsys):
+    """A ``--no-plot`` run into an --out folder holding a ``fits.png`` of an earlier run left that plot beside the
+    new ``results.json`` without a word, as if it showed the new results."""
+    data, out = _small_csv(tmp_path), tmp_path / "out"
+    assert main(["--data", str(data), "--target", "y", "--method", "exact", "--out", str(out), *FAST]) == 0
+    assert "fits.png" not in capsys.readouterr().err  # nothing to say about a plot that does not exist
+    (out / "fits.png").write_bytes(b"an earlier run's plot")
+    assert main(["--data", str(data), "--target", "y", "--method", "exact", "--out", str(out), *FAST]) == 0
+    err = capsys.readouterr().err
+    assert "fits.png is from an earlier run" in err and "--no-plot" in err
 
 
 def test_target_listed_in_features_names_the_argument(tmp_path, capsys):

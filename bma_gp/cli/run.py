@@ -8,6 +8,7 @@ standardise), :mod:`~bma_gp.cli.models` (build, train, predict) and :mod:`~bma_g
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -76,8 +77,19 @@ def _run(config: RunConfig) -> int:
         lo, hi = float(both.min()), float(both.max())
         grid = torch.linspace(lo, hi, 2000, dtype=config.dtype, device=config.device).unsqueeze(-1)
 
-    _check_out(config)  # before training, so an unwritable --out does not cost a run
+    created = _check_out(config)  # before training, so an unwritable --out does not cost a run
+    try:
+        return _fit_and_report(config, problem, kernel_kind, period, generator, grid, n_rows)
+    except BaseException:
+        if created:  # a failed run leaves no empty --out directory of its own
+            with contextlib.suppress(OSError):  # not empty (the results so far), or gone
+                os.rmdir(config.out)
+        raise
 
+
+def _fit_and_report(config: RunConfig, problem, kernel_kind: str, period: float, generator, grid, n_rows: int) -> int:
+    """Train and evaluate each method, then print the table and write ``results.json`` and ``fits.png``."""
+    n_train = len(problem.y_train)
     print(
         f"{PROG}: {problem.name}: {n_rows} rows -> {n_train} train / {len(problem.y_test)} test "
         f"({config.split} split); inputs {', '.join(problem.feature_names)} -> target {problem.target_name}"
@@ -116,22 +128,38 @@ def _run(config: RunConfig) -> int:
                 "(pip install matplotlib, or pass --no-plot)",
                 file=sys.stderr,
             )
+            _note_stale_plot(config.out, "matplotlib is not installed")
         except OSError as err:
             raise UsageError(_cannot_write(png_path, err)) from err
+    else:
+        _note_stale_plot(config.out, "--no-plot")
     return 0
+
+
+def _note_stale_plot(out: str, reason: str) -> None:
+    """Say on standard error that ``out/fits.png`` is from an earlier run, when this run wrote none there."""
+    png_path = os.path.join(out, "fits.png")
+    if os.path.exists(png_path):
+        print(
+            f"{PROG}: note: {png_path} is from an earlier run (this run wrote no plot: {reason}); it does not "
+            "show the results above",
+            file=sys.stderr,
+        )
 
 
 def _cannot_write(path: str, err: OSError) -> str:
     return f"argument --out: cannot write {path!r} ({err.strerror or err}); choose a writable directory with --out"
 
 
-def _check_out(config: RunConfig) -> None:
-    """Create the ``--out`` directory and check that the run's files can be written there.
+def _check_out(config: RunConfig) -> bool:
+    """Create the ``--out`` directory and check that the run's files can be written there; returns whether the
+    directory was created here.
 
     Raises:
         UsageError: the directory cannot be created or written to, or an output file's name is taken
             by a directory or a file that cannot be overwritten.
     """
+    created = not os.path.isdir(config.out)
     try:
         os.makedirs(config.out, exist_ok=True)
     except OSError as err:
@@ -155,3 +183,4 @@ def _check_out(config: RunConfig) -> None:
         raise UsageError(
             f"argument --out: cannot write to {config.out!r} ({err.strerror or err}); choose a writable directory"
         ) from err
+    return created
