@@ -19,7 +19,7 @@ import torch
 from bma_gp.cli import report
 from bma_gp.cli.arguments import build_parser, parse_config
 from bma_gp.cli.config import PROG, RunConfig, UsageError
-from bma_gp.cli.data import load_dataset, split, subsample
+from bma_gp.cli.data import Problem, load_dataset, split, subsample
 from bma_gp.cli.models import fit
 
 __all__ = ["main"]
@@ -87,7 +87,15 @@ def _run(config: RunConfig) -> int:
         raise
 
 
-def _fit_and_report(config: RunConfig, problem, kernel_kind: str, period: float, generator, grid, n_rows: int) -> int:
+def _fit_and_report(
+    config: RunConfig,
+    problem: Problem,
+    kernel_kind: str,
+    period: float,
+    generator: torch.Generator,
+    grid: torch.Tensor | None,
+    n_rows: int,
+) -> int:
     """Train and evaluate each method, then print the table and write ``results.json`` and ``fits.png``."""
     n_train = len(problem.y_train)
     print(
