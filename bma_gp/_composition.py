@@ -457,11 +457,12 @@ class FallbackIndexedLinearOperator(_WarnsWhenFactorised, InterpolatedLinearOper
 
 
 class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperator):
-    """A negative multiple :math:`c M` of a :class:`~bma_gp.BlockMeanSumLinearOperator` (its root ``U U^T`` cannot
+    r"""A negative multiple :math:`c M` of a :class:`~bma_gp.BlockMeanSumLinearOperator` (its root ``U U^T`` cannot
     carry a negative factor): linear_operator's constant multiple. Products are exact; ``solve`` and the inverse
-    quadratic form without a log-determinant are :math:`M`'s closed forms divided by :math:`c`; log-determinants and
-    roots (a negative definite matrix has no real root) take linear_operator's generic path with a
-    :class:`ClosedFormFallbackWarning`."""
+    quadratic form are :math:`M`'s closed forms divided by :math:`c`; the log-determinant is :math:`M`'s plus
+    :math:`n \log |c|` (torch.logdet's semantics: NaN where :math:`c^n \det M < 0`, so for odd :math:`n` when
+    :math:`M` is positive definite). Roots (a negative definite matrix has no real root) take linear_operator's
+    generic path with a :class:`ClosedFormFallbackWarning`."""
 
     def solve(self, right_tensor, left_tensor=None):
         res = self.base_linear_op.solve(right_tensor, left_tensor)
@@ -470,11 +471,25 @@ class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperat
         return res / (c.squeeze(-1) if vector else c)
 
     def inv_quad_logdet(self, inv_quad_rhs=None, logdet=False, reduce_inv_quad=True):
-        if logdet or inv_quad_rhs is None:
+        if not logdet and inv_quad_rhs is None:
             return super().inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
-        inv_quad, other = self.base_linear_op.inv_quad_logdet(inv_quad_rhs, False, reduce_inv_quad)
-        c = self.expanded_constant.to(inv_quad.dtype).squeeze(-1)  # (*batch, 1)
-        return inv_quad / (c.squeeze(-1) if reduce_inv_quad else c), other
+        inv_quad, base_logdet = self.base_linear_op.inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
+        c = self.expanded_constant.squeeze(-1)  # (*batch, 1)
+        if inv_quad_rhs is not None:
+            inv_quad = inv_quad / (c.squeeze(-1) if reduce_inv_quad else c).to(inv_quad.dtype)
+        if logdet:  # det(c M) = c^n det(M); M's logdet is NaN where det(M) < 0, so the sign of c^n decides
+            c = c.squeeze(-1).to(base_logdet.dtype)
+            n = self.shape[-1]
+            value = base_logdet + n * c.abs().log()
+            flips = (c < 0) & (n % 2 == 1)
+            if bool((flips & base_logdet.isnan()).any()):  # c^n det(M) > 0 with det(M) < 0: not in the closed form
+                self._warn("logdet")
+                return inv_quad, torch.logdet(self.to_dense())
+            base_logdet = torch.where(flips, torch.full_like(value, float("nan")), value)
+        return inv_quad, base_logdet
+
+    def logdet(self):
+        return self.inv_quad_logdet(logdet=True)[1]
 
     def _warn(self, what: str) -> None:
         warnings.warn(
