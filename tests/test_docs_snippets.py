@@ -426,3 +426,47 @@ def test_negative_multiple_log_determinant_is_closed_form(n):
     (grad,) = torch.autograd.grad(logdet[1] + inv_quad.sum(), d)
     (expected,) = torch.autograd.grad(reference[1] + (rhs * torch.linalg.solve(dense, rhs)).sum(), d)
     torch.testing.assert_close(grad, expected)
+
+
+# ----------------------------------------------------------------------------- the shell commands the pages show
+
+_TEXT = {path.name: path.read_text(encoding="utf-8").replace("\\\n", " ") for path in PAGES}
+_EXAMPLE = re.compile(
+    r"(?<![\w/.-])(?:examples/)?(\w+)\.py((?:[ \t]+(?:--?[\w-]+(?:[= ][^\s`|\[\]]+)*|\[[^\]\n]*\]))+)"
+)
+_CLI = re.compile(r"^(?:\$ )?bma-gp( [^#\n]*)?", re.MULTILINE)
+
+
+def test_example_flags_in_the_pages_exist():
+    """Every ``--flag`` written after ``examples/NAME.py`` (or ``NAME.py``) is an option of that script."""
+    checked = 0
+    for page, text in _TEXT.items():
+        for match in _EXAMPLE.finditer(text):
+            script = ROOT / "examples" / f"{match.group(1)}.py"
+            if not script.exists():
+                continue
+            source = script.read_text(encoding="utf-8")
+            for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", match.group(2)):
+                assert f'"{flag}"' in source, f"{page}: {script.name} has no option {flag}"
+                checked += 1
+    assert checked > 50
+
+
+def test_bma_gp_commands_in_the_pages_parse(tmp_path, monkeypatch):
+    """Every ``bma-gp ...`` command line of a code block parses (``--device cuda`` read as cpu: the test has no GPU)."""
+    monkeypatch.chdir(tmp_path)  # parsing checks --out, relative to the working directory
+    from bma_gp.cli import parse_config
+
+    commands = {cmd.strip() for text in _TEXT.values() for cmd in _CLI.findall(text)}
+    for cmd in commands:
+        argv = cmd.replace("--device cuda", "--device cpu").split()
+        if "--help" in argv or "..." in argv:
+            continue
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            try:
+                parse_config(argv)
+            except SystemExit:
+                pytest.fail(f"bma-gp {cmd}: {err.getvalue()}")
+    assert len(commands) >= 8
+    scripts = {m for text in _TEXT.values() for m in re.findall(r"bash (scripts/[\w.-]+\.sh)", text)}
+    assert scripts and all((ROOT / s).exists() for s in scripts), scripts
