@@ -193,6 +193,40 @@ def test_non_finite_gradient_changes_nothing(cls, bad):
             assert torch.equal(value, state_after["state"][idx][key])
 
 
+@pytest.mark.parametrize("partition", ["tensor", "row"])
+def test_a_gradient_made_non_finite_by_the_parameters_says_so(partition):
+    """With ``damping=0`` the first step makes the parameters nan (F is singular after one step); the next step's
+    error told only to check the loss for overflow or to lower the learning rate, which cannot help."""
+    model = torch.nn.Linear(4, 2)
+    opt = BlockMeanAdagrad(model.parameters(), lr=0.1, damping=0.0, partition=partition)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    model(x).pow(2).sum().backward()
+    opt.step()
+    assert not all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    opt.zero_grad()
+    model(x).pow(2).sum().backward()
+    with pytest.raises(ValueError, match=r"non-finite gradient.*parameters are already inf or nan.*damping > 0"):
+        opt.step()
+
+
+@pytest.mark.parametrize("cls", [BlockMeanAdagrad, FullMatrixAdagrad])
+def test_a_non_finite_gradient_of_finite_parameters_names_only_the_loss(cls):
+    """The sentence about non-finite parameters appears only when some parameter is; and the damping advice only for
+    the optimizer that has a damping."""
+    model = small_model()
+    opt = cls(model.parameters(), lr=0.05)
+    loss_of(model, 0).backward()
+    list(model.parameters())[0].grad.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite") as info:
+        opt.step()
+    assert "already inf or nan" not in str(info.value)
+    with torch.no_grad():
+        list(model.parameters())[1].view(-1)[0] = float("inf")
+    with pytest.raises(ValueError, match="already inf or nan") as info:
+        opt.step()
+    assert ("damping" in str(info.value)) == (cls is BlockMeanAdagrad)
+
+
 def test_non_finite_first_step_leaves_state_empty():
     model = small_model()
     opt = BlockMeanAdagrad(model.parameters())

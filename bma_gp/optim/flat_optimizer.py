@@ -165,12 +165,29 @@ def _same_setting(value, current) -> bool:
         return False
 
 
-def _non_finite_message(name: str) -> str:
-    return (
+#: the likely cause named by :func:`_non_finite_message` when some parameter is already non-finite, per optimizer
+NON_FINITE_PARAMETER_CAUSES = {
+    "BlockMeanAdagrad": (
+        " With damping=0 the preconditioner of a singular F is infinite (F is singular after a single step); "
+        "choose damping > 0."
+    ),
+}
+
+
+def _non_finite_message(name: str, params: Sequence[Tensor | None] = ()) -> str:
+    """The error of a step that got a non-finite gradient; where some of ``params`` is already non-finite (looked
+    at only here, on the way to the error) the message says so, since the loss cannot be the cause then."""
+    message = (
         f"{name}.step() got a non-finite gradient (inf or nan); no state or parameter was changed. Check the "
         "loss for overflow or lower the learning rate (check_finite=False skips this check and its host "
         "synchronisation)."
     )
+    if any(p is not None and not bool(torch.isfinite(p.detach()).all()) for p in params):
+        message += (
+            " Some parameters are already inf or nan, so the gradient follows from them: an earlier step or code "
+            "outside the optimizer made them so." + NON_FINITE_PARAMETER_CAUSES.get(name, "")
+        )
+    return message
 
 
 class FlatPreconditionedOptimizer(torch.optim.Optimizer):
@@ -401,7 +418,7 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         present = [grad for grad in grads if grad is not None]
         finite, values = _all_finite(present, layout.dtype, list(extra))
         if not finite:
-            raise ValueError(_non_finite_message(type(self).__name__))
+            raise ValueError(_non_finite_message(type(self).__name__, layout.params))
         return values
 
     def _maximize_of_group(self) -> list[bool]:

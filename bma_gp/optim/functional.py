@@ -699,7 +699,7 @@ def _tensor_blocks_cpu_step(
             squares[j] = float(np.dot(g_np[j], g_np[j]))
     if check_finite and not all(math.isfinite(x) for x in squares):  # or a finite sum of squares overflowed
         if not all(math.isfinite(x) or bool(torch.isfinite(gs[j]).all()) for j, x in enumerate(squares)):
-            raise ValueError(_non_finite_message("BlockMeanAdagrad"))
+            raise ValueError(_non_finite_message("BlockMeanAdagrad", params))
     stats["step"] += 1
     block_sums: list = [(0.0, 0.0, 0.0)] * m  # per tensor: P^T v, P^T n, P^T n^2
     with np.errstate(all="ignore"):  # inf/nan as torch gives them (eps = 0, check_finite=False), without warnings
@@ -917,7 +917,7 @@ def _fused_block_mean_adagrad(
     hs = [blocks.segments[i].as_rows(state_sum[blocks.bounds[i] : blocks.bounds[i + 1]]) for i in present]
     sums, finite = _fused.compiled("block_sums")(gs, hs, eps)
     if check_finite and not bool(finite):  # the step's one host synchronisation
-        raise ValueError(_non_finite_message("BlockMeanAdagrad"))
+        raise ValueError(_non_finite_message("BlockMeanAdagrad", params))
     stats["step"] += 1
     first = blocks.first_block
     if len(present) < len(blocks.segments):  # some parameters had no gradient: their blocks' sums are 0
