@@ -1102,10 +1102,11 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
         raises a ``ValueError`` naming the cause; with it off the result is NaN/inf instead (no host
         synchronisation)."""
         self._check_rhs(right_tensor, "right_tensor")
-        res = self.inverse().matmul(right_tensor)
+        vector = right_tensor.dim() == 1  # as a column, so that a batched M^{-1} v still meets left_tensor's rows
+        res = self.inverse().matmul(right_tensor.unsqueeze(-1) if vector else right_tensor)
         if left_tensor is not None:
             res = left_tensor @ res
-        return res
+        return res.squeeze(-1) if vector else res
 
     def _check_rhs(self, rhs: Tensor, name: str) -> None:
         check_rhs(self.shape, rhs, name)

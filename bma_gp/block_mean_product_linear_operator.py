@@ -158,6 +158,9 @@ class BlockMeanProductLinearOperator(MatmulLinearOperator):
         M, N = self.left_linear_op, self.right_linear_op
         if torch.is_tensor(other):
             _matmul_broadcast_shape(self.shape, other.shape)
+            if other.dim() == 1:  # a column: a batched factor turns N v into a batch of vectors, which M @ would
+                # read as a matrix
+                return M.matmul(N.matmul(other.unsqueeze(-1))).squeeze(-1)
             return M.matmul(N.matmul(other))  # each factor's own product (and gradients)
         if isinstance(other, BlockMeanLinearOperator) and N._same_partition(other):
             return BlockMeanProductLinearOperator(M, N.matmul(other))  # M (N O), N O again a block mean operator
@@ -184,10 +187,12 @@ class BlockMeanProductLinearOperator(MatmulLinearOperator):
         factorisation. With :class:`bma_gp.settings.validate` on a singular factor raises a ``ValueError`` naming
         the cause (as :meth:`~bma_gp.BlockMeanLinearOperator.solve`)."""
         check_rhs(self.shape, right_tensor, "right_tensor")
-        res = self.right_linear_op.solve(self.left_linear_op.solve(right_tensor))
+        vector = right_tensor.dim() == 1  # solved as a column: a batch of vectors is no right-hand side
+        rhs = right_tensor.unsqueeze(-1) if vector else right_tensor
+        res = self.right_linear_op.solve(self.left_linear_op.solve(rhs))
         if left_tensor is not None:
             res = left_tensor @ res
-        return res
+        return res.squeeze(-1) if vector else res
 
     def _slogdet(self) -> tuple[Tensor, Tensor]:
         sign1, log1 = self.left_linear_op.slogdet_parts()

@@ -1,0 +1,52 @@
+"""Partitions, block mean approximations and products of block mean operators used as a linear_operator user would,
+each against dense ``torch.linalg`` in float64. Found by an audit:
+
+* a vector right-hand side of a batched ``M @ N`` over two partitions (``matmul``, ``solve``, ``inverse() @ v``)
+  crashed: ``N v`` is a batch of vectors, which ``M`` read as a matrix; ``M.solve(v, lhs)`` of a batched block mean
+  operator crashed the same way;
+"""
+
+from __future__ import annotations
+
+import torch
+from linear_operator.operators import DenseLinearOperator
+
+from bma_gp import BlockMeanLinearOperator, Partition
+
+DTYPE = torch.float64
+
+
+def _product(batch=(2,), seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    first = Partition.from_labels([0, 1, 0, 2, 1, 1, 3, 2, 0])
+    second = Partition.from_labels([1, 0, 0, 1, 2, 1, 0, 2, 2])
+    M = BlockMeanLinearOperator(
+        torch.rand(*batch, 4, generator=gen, dtype=DTYPE) + 1, 0.3 * torch.eye(4, dtype=DTYPE) + 0.1, first
+    )
+    N = BlockMeanLinearOperator(
+        torch.rand(*batch, 3, generator=gen, dtype=DTYPE) + 1,
+        torch.rand(*batch, 3, generator=gen, dtype=DTYPE),
+        second,
+        diagonal=True,
+    )
+    return M, N
+
+
+def test_a_vector_against_a_batched_product_is_a_batch_of_vectors():
+    M, N = _product()
+    P = M @ N
+    dense = P.to_dense()
+    v = torch.randn(9, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    lhs = torch.ones(3, 9, dtype=DTYPE)
+    column = v.expand(2, 9).unsqueeze(-1)
+    ref = torch.linalg.solve(dense, column)
+    torch.testing.assert_close(P @ v, dense @ v)
+    torch.testing.assert_close(v @ P, v @ dense)
+    torch.testing.assert_close(P.solve(v), ref.squeeze(-1))
+    torch.testing.assert_close(P.inverse() @ v, ref.squeeze(-1))
+    torch.testing.assert_close(P.solve(v, lhs), (lhs @ ref).squeeze(-1))
+    dense_M = M.to_dense()
+    expected = DenseLinearOperator(dense_M).solve(v, lhs)
+    assert expected.shape == (2, 3)
+    torch.testing.assert_close(M.solve(v, lhs), expected)
+    torch.testing.assert_close(M[0].solve(v, lhs), lhs @ torch.linalg.solve(dense_M[0], v))
