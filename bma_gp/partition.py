@@ -85,6 +85,19 @@ def _missing_ids(present: Tensor, k: int, limit: int = 5) -> tuple[list[int], in
     return found, k - present.numel()
 
 
+def _dim_index(dim: int, x: Tensor, name: str) -> int:
+    """``dim`` of ``x`` counted from the front, or a ValueError (``dim % x.dim()`` would silently pick another
+    dimension for an out-of-range ``dim``, and divide by zero for a 0-d ``x``)."""
+    if x.dim() == 0:
+        raise ValueError(f"{name} needs a tensor with the indices (or blocks) along a dimension, got a 0-d tensor.")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(
+            f"{name}: dim {dim} is out of range for a tensor of shape {tuple(x.shape)}; "
+            f"pass a dim in {-x.dim()} .. {x.dim() - 1} (the dimension of the n indices, or k blocks)."
+        )
+    return dim % x.dim()
+
+
 def _raise_empty(missing: tuple[list[int], int], k: int) -> None:
     ids, count = missing
     shown = ", ".join(str(i) for i in ids)
@@ -361,7 +374,7 @@ class Partition:
         Differentiable. The size of ``x`` along ``dim`` must be ``n``; the result has
         ``k`` there.
         """
-        dim = dim % x.dim()
+        dim = _dim_index(dim, x, "block_sum")
         if x.shape[dim] != len(self):
             raise ValueError(
                 f"block_sum expected size {len(self)} along dim {dim}, got tensor of shape {tuple(x.shape)}."
@@ -385,7 +398,7 @@ class Partition:
 
     def expand(self, y: Tensor, dim: int = -1) -> Tensor:
         r"""Broadcast one value per block back to every index along ``dim``: :math:`P y`."""
-        dim = dim % y.dim()
+        dim = _dim_index(dim, y, "expand")
         if y.shape[dim] != self.num_blocks:
             raise ValueError(
                 f"expand expected size {self.num_blocks} along dim {dim}, got tensor of shape {tuple(y.shape)}."
@@ -474,7 +487,7 @@ class Partition:
 
         (Named apart from :func:`bma_gp.block_mean`, the block mean approximation of a matrix.)
         """
-        dim = dim % x.dim()
+        dim = _dim_index(dim, x, "block_average")
         sums = self.block_sum(x, dim)
         shape = [1] * x.dim()
         shape[dim] = self.num_blocks

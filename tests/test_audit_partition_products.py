@@ -4,16 +4,20 @@ each against dense ``torch.linalg`` in float64. Found by an audit:
 * a vector right-hand side of a batched ``M @ N`` over two partitions (``matmul``, ``solve``, ``inverse() @ v``)
   crashed: ``N v`` is a batch of vectors, which ``M`` read as a matrix; ``M.solve(v, lhs)`` of a batched block mean
   operator crashed the same way;
+* ``Partition.block_sum`` / ``expand`` / ``block_average`` took ``dim % x.dim()``: an out-of-range ``dim`` silently
+  reduced another dimension (and a 0-d tensor raised ZeroDivisionError);
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 from linear_operator.operators import DenseLinearOperator
 
 from bma_gp import BlockMeanLinearOperator, Partition
 
 DTYPE = torch.float64
+LABELS = [0, 1, 0, 2, 1, 1]
 
 
 def _product(batch=(2,), seed: int = 0):
@@ -50,3 +54,29 @@ def test_a_vector_against_a_batched_product_is_a_batch_of_vectors():
     assert expected.shape == (2, 3)
     torch.testing.assert_close(M.solve(v, lhs), expected)
     torch.testing.assert_close(M[0].solve(v, lhs), lhs @ torch.linalg.solve(dense_M[0], v))
+
+
+@pytest.mark.parametrize(
+    ("method", "shape", "dim"),
+    [
+        ("block_sum", (6, 6), 2),
+        ("block_sum", (6,), 1),
+        ("block_average", (6, 6), -3),
+        ("expand", (3,), 1),
+        ("block_sum", (), -1),
+    ],
+)
+def test_an_out_of_range_dim_is_refused_not_wrapped(method, shape, dim):
+    """``dim % x.dim()`` summed a square (n, n) tensor over the other axis for ``dim=2`` (torch raises)."""
+    partition = Partition.from_labels(LABELS)
+    with pytest.raises(ValueError, match=rf"{method}.*(dim {dim} is out of range|0-d)"):
+        getattr(partition, method)(torch.ones(shape, dtype=DTYPE), dim=dim)
+
+
+def test_block_sums_along_every_valid_dim_match_the_indicator():
+    partition = Partition.from_labels(LABELS)
+    indicator = torch.nn.functional.one_hot(torch.tensor(LABELS)).to(DTYPE)  # (n, k)
+    x = torch.randn(6, 6, generator=torch.Generator().manual_seed(2), dtype=DTYPE)
+    for dim in (0, 1, -1, -2):
+        ref = indicator.T @ x if dim % 2 == 0 else x @ indicator
+        torch.testing.assert_close(partition.block_sum(x, dim=dim), ref)
