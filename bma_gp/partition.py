@@ -387,8 +387,8 @@ class Partition:
             ndim = dim - x.dim()
             sums = [run.sum(ndim) for *_, run in self._run_views(x, ndim)]
             return sums[0] if len(sums) == 1 else torch.cat(sums, dim=ndim)
-        if self.is_contiguous and x.dtype != torch.half:
-            # segment_reduce wants one length vector per leading index
+        if self.is_contiguous and x.dtype.is_floating_point and x.dtype != torch.half:
+            # segment_reduce (floating point only) wants one length vector per leading index
             lengths = self.sizes.expand(*x.shape[:dim], self.num_blocks)
             return torch.segment_reduce(x, "sum", lengths=lengths, axis=dim)
         shape = list(x.shape)

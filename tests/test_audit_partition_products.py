@@ -6,6 +6,8 @@ each against dense ``torch.linalg`` in float64. Found by an audit:
   operator crashed the same way;
 * ``Partition.block_sum`` / ``expand`` / ``block_average`` took ``dim % x.dim()``: an out-of-range ``dim`` silently
   reduced another dimension (and a 0-d tensor raised ZeroDivisionError);
+* ``block_sum`` of an integer tensor over contiguous blocks of many sizes raised (``segment_reduce`` has no integer
+  kernel);
 """
 
 from __future__ import annotations
@@ -80,3 +82,21 @@ def test_block_sums_along_every_valid_dim_match_the_indicator():
     for dim in (0, 1, -1, -2):
         ref = indicator.T @ x if dim % 2 == 0 else x @ indicator
         torch.testing.assert_close(partition.block_sum(x, dim=dim), ref)
+
+
+@pytest.mark.parametrize("layout", ["runs", "segments", "scattered"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float64])
+def test_block_sums_of_integers_match_the_indicator_in_every_layout(layout, dtype):
+    """Contiguous blocks of more than a few sizes went through torch.segment_reduce, which has no integer kernel."""
+    sizes = {"runs": [2, 2, 3], "segments": list(range(1, 11)), "scattered": [2, 3, 1]}[layout]
+    labels = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    if layout == "scattered":
+        labels = labels.flip(0)
+    partition = Partition.from_labels(labels)
+    x = torch.arange(2 * labels.numel()).reshape(2, -1).to(dtype)
+    indicator = torch.nn.functional.one_hot(labels).to(dtype)
+    sums = partition.block_sum(x)
+    assert torch.equal(sums.to(dtype), x @ indicator)
+    torch.testing.assert_close(
+        partition.block_average(x), (x @ indicator).double() / indicator.sum(0).double(), check_dtype=False
+    )
