@@ -5,6 +5,8 @@ The mathematics: :doc:`docs/math.md, section 2 </math>`.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
@@ -34,11 +36,20 @@ def block_mean_from_sums(
         symmetric: whether :math:`A` is symmetric (then so is the result); pass ``False`` for a
             general :math:`A`.
     """
+    if not isinstance(partition, Partition):
+        raise TypeError(f"partition must be a bma_gp.Partition, got {type(partition).__name__}.")
     k = partition.num_blocks
     if block_sums.shape[-2:] != (k, k):
         raise ValueError(f"block_sums must have shape (*batch, {k}, {k}), got {tuple(block_sums.shape)}.")
     if diag_sums.shape[-1:] != (k,):
         raise ValueError(f"diag_sums must have shape (*batch, {k}), got {tuple(diag_sums.shape)}.")
+    try:
+        torch.broadcast_shapes(block_sums.shape[:-2], diag_sums.shape[:-1])
+    except RuntimeError:
+        raise ValueError(
+            f"the batch shapes of block_sums {tuple(block_sums.shape[:-2])} and diag_sums "
+            f"{tuple(diag_sums.shape[:-1])} do not broadcast."
+        ) from None
     s = partition.sizes.to(block_sums.dtype)
     pairs = s.unsqueeze(-1) * s.unsqueeze(-2)
     within = s * (s - 1)
@@ -82,6 +93,8 @@ def block_mean(
         A: the matrix. # shape: (*batch, n, n)
         partition: partition of the ``n`` indices.
         symmetric: ``A`` is symmetric (default); pass ``False`` for a general square ``A``.
+        chunk_columns: indicator columns per product with a ``LinearOperator`` ``A`` (unused for a tensor), a
+            positive int.
     """
     if not isinstance(partition, Partition):
         raise TypeError(f"partition must be a bma_gp.Partition, got {type(partition).__name__}.")
@@ -97,6 +110,14 @@ def block_mean(
         raise ValueError(f"A must be square with shape (*batch, n, n), got {tuple(A.shape)}.")
     if A.shape[-1] != n:
         raise ValueError(f"A has size {A.shape[-1]} but the partition has {n} indices; they must match.")
+    if chunk_columns is not None:
+        try:  # any integer (a NumPy one too); range() fails on 0 and gives no columns for a negative one
+            columns = -1 if isinstance(chunk_columns, bool) else operator.index(chunk_columns)
+        except TypeError:
+            columns = -1
+        if columns <= 0:
+            raise ValueError(f"chunk_columns must be a positive int (or None for the default), got {chunk_columns!r}.")
+        chunk_columns = columns
     partition = partition.to(A.device)
     if isinstance(A, BlockMeanLinearOperator) and A.partition.same_as(partition):
         return A  # already a block mean matrix on this partition: its own nearest approximation

@@ -8,15 +8,18 @@ each against dense ``torch.linalg`` in float64. Found by an audit:
   reduced another dimension (and a 0-d tensor raised ZeroDivisionError);
 * ``block_sum`` of an integer tensor over contiguous blocks of many sizes raised (``segment_reduce`` has no integer
   kernel);
+* ``block_mean(..., chunk_columns=0 / -1 / 2.5)`` failed inside ``range`` or ``torch.cat``; ``block_mean_from_sums``
+  with a non-partition raised AttributeError, and with batch shapes that do not broadcast a bare RuntimeError;
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from linear_operator.operators import DenseLinearOperator
 
-from bma_gp import BlockMeanLinearOperator, Partition
+from bma_gp import BlockMeanLinearOperator, Partition, block_mean, block_mean_from_sums
 
 DTYPE = torch.float64
 LABELS = [0, 1, 0, 2, 1, 1]
@@ -99,4 +102,52 @@ def test_block_sums_of_integers_match_the_indicator_in_every_layout(layout, dtyp
     assert torch.equal(sums.to(dtype), x @ indicator)
     torch.testing.assert_close(
         partition.block_average(x), (x @ indicator).double() / indicator.sum(0).double(), check_dtype=False
+    )
+
+
+@pytest.mark.parametrize("chunk_columns", [0, -1, 2.5, True])
+def test_block_mean_refuses_a_chunk_size_that_is_not_a_positive_int(chunk_columns):
+    """0 failed inside range(), -1 inside torch.cat (no columns), 2.5 with a bare TypeError."""
+    A = DenseLinearOperator(torch.eye(6, dtype=DTYPE))
+    with pytest.raises(ValueError, match="chunk_columns must be a positive int"):
+        block_mean(A, Partition.from_labels(LABELS), chunk_columns=chunk_columns)
+
+
+@pytest.mark.parametrize("chunk_columns", [1, 2, np.int64(3), None])
+def test_block_mean_of_an_operator_in_chunks_matches_the_dense_approximation(chunk_columns):
+    gen = torch.Generator().manual_seed(3)
+    A = torch.randn(6, 6, generator=gen, dtype=DTYPE)
+    partition = Partition.from_labels(LABELS)
+    for symmetric, X in ((True, A + A.T), (False, A)):
+        ref = block_mean(X, partition, symmetric=symmetric).to_dense()
+        res = block_mean(DenseLinearOperator(X), partition, symmetric=symmetric, chunk_columns=chunk_columns)
+        torch.testing.assert_close(res.to_dense(), ref)
+        torch.testing.assert_close(ref, _frobenius_block_mean(X, torch.tensor(LABELS)))
+
+
+def _frobenius_block_mean(A, labels):
+    """The Frobenius-nearest block mean matrix entry by entry: off-diagonal entries averaged per pair of blocks, the
+    diagonal per block."""
+    same = labels.unsqueeze(-1) == labels.unsqueeze(-2)
+    res = torch.empty_like(A)
+    eye = torch.eye(len(labels), dtype=torch.bool)
+    for i in labels.unique():
+        for j in labels.unique():
+            pair = (labels.unsqueeze(-1) == i) & (labels.unsqueeze(-2) == j)
+            for mask in (pair & ~eye, pair & eye & same):
+                if mask.any():
+                    res[mask] = A[mask].mean()
+    return res
+
+
+def test_block_mean_from_sums_checks_its_partition_and_batch_shapes():
+    partition = Partition.from_labels(LABELS)
+    with pytest.raises(TypeError, match="partition must be a bma_gp.Partition"):
+        block_mean_from_sums(torch.ones(3, 3, dtype=DTYPE), torch.ones(3, dtype=DTYPE), torch.tensor(LABELS))
+    with pytest.raises(ValueError, match=r"batch shapes of block_sums \(2,\) and diag_sums \(3,\)"):
+        block_mean_from_sums(torch.ones(2, 3, 3, dtype=DTYPE), torch.ones(3, 3, dtype=DTYPE), partition)
+    assert block_mean_from_sums(torch.ones(2, 3, 3, dtype=DTYPE), torch.ones(3, dtype=DTYPE), partition).shape == (
+        2,
+        6,
+        6,
     )
