@@ -16,6 +16,7 @@ Every builder returns a partition without empty blocks.
 
 from __future__ import annotations
 
+import operator
 import warnings
 
 import numpy as np
@@ -55,12 +56,27 @@ def _as_points(x, name: str = "x") -> Tensor:
     return x.detach()
 
 
+def _as_int(value) -> int | None:
+    """``value`` as a Python int when it is an integer (a Python or NumPy integer, a one-element integer tensor),
+    else ``None`` (also for bools, which are no counts)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.dtype.is_floating_point or value.dtype.is_complex:
+            return None
+        return int(value)
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _positive_int(value, name: str) -> int:
     """Return ``value`` as a positive Python int or raise a ValueError naming ``name``."""
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_floating_point:
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+    count = _as_int(value)
+    if count is None:
         raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    value = count
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}.")
     return value
@@ -192,13 +208,20 @@ def kmeans_partition(
     k = _positive_int(k, "k")
     if k > n:
         raise ValueError(f"k = {k} exceeds the number of points n = {n}; choose k <= n.")
+    counts = []
     for name, value in (("iters", iters), ("full_iters", full_iters)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        count = _as_int(value)
+        if count is None or count < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}.")
+        counts.append(count)
+    iters, full_iters = counts
+    seed_value = _as_int(seed)
+    if seed_value is None:
+        raise ValueError(f"seed must be an int, got {seed!r}.")
     sample_size = max(20_000, 40 * k) if sample_size is None else _positive_int(sample_size, "sample_size")
     sample_size = min(n, max(k, sample_size))
 
-    generator = torch.Generator().manual_seed(int(seed))
+    generator = torch.Generator().manual_seed(seed_value)
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
     work = work - work.mean(0, keepdim=True)  # centring keeps the GEMM distance expansion accurate
     if sample_size < n:
@@ -307,8 +330,10 @@ def sorted_partition(x: Tensor, num_blocks: int, dim: int = 0) -> Partition:
     num_blocks = _positive_int(num_blocks, "num_blocks")
     if num_blocks > n:
         raise ValueError(f"num_blocks = {num_blocks} exceeds the number of points n = {n}; choose num_blocks <= n.")
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -d <= dim < d:
+    column = _as_int(dim)
+    if column is None or not -d <= column < d:
         raise ValueError(f"dim must be an int in {-d} .. {d - 1} for inputs with {d} column(s), got {dim!r}.")
+    dim = column
     order = torch.argsort(x[:, dim], stable=True)
     position = torch.arange(n, device=x.device)
     labels = torch.empty(n, dtype=torch.long, device=x.device)

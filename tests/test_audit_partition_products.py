@@ -10,6 +10,8 @@ each against dense ``torch.linalg`` in float64. Found by an audit:
   kernel);
 * ``block_mean(..., chunk_columns=0 / -1 / 2.5)`` failed inside ``range`` or ``torch.cat``; ``block_mean_from_sums``
   with a non-partition raised AttributeError, and with batch shapes that do not broadcast a bare RuntimeError;
+* the partition builders refused NumPy integers for ``k``, ``leaf_size``, ``num_blocks``, ``iters`` and ``dim``
+  (``Partition`` accepts them), and a ``seed`` of ``None`` or a string failed inside ``int()``;
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from linear_operator.operators import DenseLinearOperator
 
 from bma_gp import BlockMeanLinearOperator, Partition, block_mean, block_mean_from_sums
+from bma_gp.partition_builders import kdtree_partition, kmeans_partition, sorted_partition
 
 DTYPE = torch.float64
 LABELS = [0, 1, 0, 2, 1, 1]
@@ -151,3 +154,30 @@ def test_block_mean_from_sums_checks_its_partition_and_batch_shapes():
         6,
         6,
     )
+
+
+def test_builders_take_numpy_and_tensor_integers_like_partition_does():
+    """``Partition(num_blocks=np.int64(3))`` worked, ``kmeans_partition(x, np.int64(3))`` did not (``k = n // 100``
+    from a NumPy array is one)."""
+    x = torch.randn(40, 2, generator=torch.Generator().manual_seed(4), dtype=DTYPE)
+    ref = kmeans_partition(x, 4, seed=1, iters=5)
+    for k, seed, iters in ((np.int64(4), np.int32(1), np.int64(5)), (torch.tensor(4), torch.tensor(1), 5)):
+        assert kmeans_partition(x, k, seed=seed, iters=iters) == ref
+    assert kdtree_partition(x, np.int64(8)) == kdtree_partition(x, 8)
+    assert sorted_partition(x, np.int64(4), dim=np.int64(1)) == sorted_partition(x, 4, dim=1)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda x: kmeans_partition(x, 3, seed=None), "seed must be an int, got None"),
+        (lambda x: kmeans_partition(x, 3, seed="a"), "seed must be an int"),
+        (lambda x: kmeans_partition(x, True), "k must be a positive int"),
+        (lambda x: kmeans_partition(x, 3, iters=2.0), "iters must be a non-negative int"),
+        (lambda x: kdtree_partition(x, np.float64(8)), "leaf_size must be a positive int"),
+        (lambda x: sorted_partition(x, 3, dim=np.int64(2)), "dim must be an int in -2 .. 1"),
+    ],
+)
+def test_builders_refuse_what_is_not_an_integer(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(torch.randn(20, 2, dtype=DTYPE))
