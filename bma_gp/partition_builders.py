@@ -245,6 +245,8 @@ def kmeans_partition(
 def kmeans_objective(x: Tensor, partition: Partition) -> Tensor:
     r"""Within-block sum of squares :math:`\sum_m \| x_m - \mu_{c_m} \|^2` of a partition of ``x``."""
     x = _as_points(x)
+    if not isinstance(partition, Partition):
+        raise TypeError(f"partition must be a bma_gp.Partition, got {type(partition).__name__}.")
     if len(partition) != x.shape[0]:
         raise ValueError(f"partition has {len(partition)} indices but x has {x.shape[0]} points.")
     means = partition.block_average(x.T.double(), dim=-1).T
@@ -399,14 +401,17 @@ def group_partition(ids) -> Partition:
         raise ValueError("ids must not be empty: a partition needs at least one index.")
     if ids.dtype == torch.bool or ids.dtype.is_complex:
         raise ValueError(f"ids must hold integers, got dtype {ids.dtype}.")
+    ids = ids.detach()  # only the values matter (no "requires_grad tensor to a scalar" warning below)
     if ids.dtype.is_floating_point:
         if not bool(torch.isfinite(ids).all()) or not bool((ids == ids.round()).all()):
             raise ValueError(
                 "ids must be whole numbers; found a fractional, NaN or infinite value "
                 "(pass integer group ids, e.g. from pandas.factorize)."
             )
-        if float(ids.abs().max()) > 2.0**53 if ids.dtype == torch.float64 else float(ids.abs().max()) > 2.0**24:
+        # integers below 2 / eps are exact (2^53 in float64, 2^24 in float32, 2048 in float16, 256 in bfloat16); from
+        # there on a stored id may be a neighbouring id rounded (2049 is stored as 2048 in float16)
+        if float(ids.abs().max()) >= 2.0 / torch.finfo(ids.dtype).eps:
             raise ValueError(
                 f"ids of dtype {ids.dtype} this large are not exact integers; pass them as an integer tensor."
             )
-    return _relabel(ids.detach())
+    return _relabel(ids)

@@ -12,9 +12,14 @@ each against dense ``torch.linalg`` in float64. Found by an audit:
   with a non-partition raised AttributeError, and with batch shapes that do not broadcast a bare RuntimeError;
 * the partition builders refused NumPy integers for ``k``, ``leaf_size``, ``num_blocks``, ``iters`` and ``dim``
   (``Partition`` accepts them), and a ``seed`` of ``None`` or a string failed inside ``int()``;
+* ``group_partition`` checked float ids for exactness in float32 and float64 only: float16 / bfloat16 ids past 2048 /
+  256 were merged silently; ids that require gradients made torch warn; ``kmeans_objective`` with a non-partition
+  raised AttributeError;
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import pytest
@@ -22,7 +27,13 @@ import torch
 from linear_operator.operators import DenseLinearOperator
 
 from bma_gp import BlockMeanLinearOperator, Partition, block_mean, block_mean_from_sums
-from bma_gp.partition_builders import kdtree_partition, kmeans_partition, sorted_partition
+from bma_gp.partition_builders import (
+    group_partition,
+    kdtree_partition,
+    kmeans_objective,
+    kmeans_partition,
+    sorted_partition,
+)
 
 DTYPE = torch.float64
 LABELS = [0, 1, 0, 2, 1, 1]
@@ -181,3 +192,30 @@ def test_builders_take_numpy_and_tensor_integers_like_partition_does():
 def test_builders_refuse_what_is_not_an_integer(call, match):
     with pytest.raises(ValueError, match=match):
         call(torch.randn(20, 2, dtype=DTYPE))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "large"), [(torch.float16, 2049.0), (torch.bfloat16, 257.0), (torch.float32, 2.0**24 + 1)]
+)
+def test_group_ids_in_a_float_too_narrow_for_them_are_refused(dtype, large):
+    """2049 and 2048 are one value in float16: the ids were merged silently (only float32 and float64 were checked)."""
+    ids = torch.tensor([large, large - 1, 1.0], dtype=dtype)
+    with pytest.raises(ValueError, match=f"ids of dtype {dtype} this large are not exact integers"):
+        group_partition(ids)
+    assert group_partition(torch.tensor([large - 2, 1.0], dtype=dtype)).num_blocks == 2  # below 2 / eps: exact
+
+
+def test_group_ids_that_require_gradients_give_no_warning():
+    ids = torch.tensor([3.0, 1.0, 3.0], requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert group_partition(ids).labels.tolist() == [1, 0, 1]
+
+
+def test_kmeans_objective_names_a_partition_that_is_not_one():
+    x = torch.randn(6, 2, dtype=DTYPE)
+    with pytest.raises(TypeError, match="partition must be a bma_gp.Partition"):
+        kmeans_objective(x, torch.tensor(LABELS))
+    means = torch.stack([x[torch.tensor(LABELS) == i].mean(0) for i in range(3)])
+    expected = (x - means[torch.tensor(LABELS)]).square().sum()
+    torch.testing.assert_close(kmeans_objective(x, Partition.from_labels(LABELS)), expected)
