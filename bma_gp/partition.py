@@ -318,11 +318,12 @@ class Partition:
         return self is other or (isinstance(other, Partition) and self == other)
 
     def to(self, *args, **kwargs) -> Partition:
-        """Move the label and size vectors to a device. A dtype argument is ignored: labels stay ``long``."""
+        """Move the label and size vectors to a device (given as ``Tensor.to`` takes it: a device, a string, an
+        accelerator index or a tensor on it). A dtype argument is ignored: labels stay ``long``."""
         device = kwargs.get("device")
         for arg in args:
-            if isinstance(arg, (str, torch.device)):
-                device = arg
+            if isinstance(arg, (str, torch.device)) or (isinstance(arg, int) and not isinstance(arg, bool)):
+                device = arg  # an int is an accelerator index, as for tensors (device=0 was already one)
             elif isinstance(arg, Tensor):
                 device = arg.device
         if device is None or torch.device(device) == self.device:

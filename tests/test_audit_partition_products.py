@@ -15,6 +15,7 @@ each against dense ``torch.linalg`` in float64. Found by an audit:
 * ``group_partition`` checked float ids for exactness in float32 and float64 only: float16 / bfloat16 ids past 2048 /
   256 were merged silently; ids that require gradients made torch warn; ``kmeans_objective`` with a non-partition
   raised AttributeError;
+* ``Partition.to(0)`` ignored the device index and stayed on the CPU;
 """
 
 from __future__ import annotations
@@ -219,3 +220,21 @@ def test_kmeans_objective_names_a_partition_that_is_not_one():
     means = torch.stack([x[torch.tensor(LABELS) == i].mean(0) for i in range(3)])
     expected = (x - means[torch.tensor(LABELS)]).square().sum()
     torch.testing.assert_close(kmeans_objective(x, Partition.from_labels(LABELS)), expected)
+
+
+def test_partition_to_reads_a_device_index_as_tensors_do():
+    """``partition.to(0)`` returned the CPU partition silently (``to(device=0)`` and ``tensor.to(0)`` mean the first
+    accelerator)."""
+    partition = Partition.from_labels(LABELS)
+
+    def outcome(move):
+        try:
+            return str(move().device)
+        except (RuntimeError, AssertionError) as err:  # no accelerator here: the same refusal as the tensor's
+            return type(err).__name__
+
+    assert outcome(lambda: partition.to(0)) == outcome(lambda: torch.zeros(1).to(0))
+    assert outcome(lambda: partition.to(0)) != "cpu"
+    assert partition.to(torch.float32) is partition  # a dtype is ignored
+    moved = partition.to(torch.float32, "meta")
+    assert moved.device.type == "meta" and moved.labels.dtype == torch.long
