@@ -373,9 +373,11 @@ class Partition:
         r"""Sum ``x`` over the indices of each block along ``dim``: :math:`P^\top x`.
 
         Differentiable. The size of ``x`` along ``dim`` must be ``n``; the result has
-        ``k`` there.
+        ``k`` there. A boolean ``x`` is counted (an int64 result, as ``torch.sum`` gives).
         """
         dim = _dim_index(dim, x, "block_sum")
+        if x.dtype == torch.bool:  # counts, as torch.sum gives them (an index_add of bools is a logical or)
+            x = x.long()
         if x.shape[dim] != len(self):
             raise ValueError(
                 f"block_sum expected size {len(self)} along dim {dim}, got tensor of shape {tuple(x.shape)}."

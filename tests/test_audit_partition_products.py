@@ -7,7 +7,7 @@ each against dense ``torch.linalg`` in float64. Found by an audit:
 * ``Partition.block_sum`` / ``expand`` / ``block_average`` took ``dim % x.dim()``: an out-of-range ``dim`` silently
   reduced another dimension (and a 0-d tensor raised ZeroDivisionError);
 * ``block_sum`` of an integer tensor over contiguous blocks of many sizes raised (``segment_reduce`` has no integer
-  kernel);
+  kernel); ``block_sum`` of a boolean mask over scattered blocks was a logical or, not a count;
 * ``block_mean(..., chunk_columns=0 / -1 / 2.5)`` failed inside ``range`` or ``torch.cat``; ``block_mean_from_sums``
   with a non-partition raised AttributeError, and with batch shapes that do not broadcast a bare RuntimeError;
 * the partition builders refused NumPy integers for ``k``, ``leaf_size``, ``num_blocks``, ``iters`` and ``dim``
@@ -238,3 +238,16 @@ def test_partition_to_reads_a_device_index_as_tensors_do():
     assert partition.to(torch.float32) is partition  # a dtype is ignored
     moved = partition.to(torch.float32, "meta")
     assert moved.device.type == "meta" and moved.labels.dtype == torch.long
+
+
+@pytest.mark.parametrize(
+    "labels", [[0, 1, 0, 1, 0, 1], [0, 0, 0, 1, 1, 1], list(np.repeat(np.arange(10), np.arange(1, 11)))]
+)
+def test_block_sums_of_a_mask_count_its_entries_in_every_layout(labels):
+    """Scattered blocks index-added bools (a logical or): a mask summed to True, and its block average was 1."""
+    partition = Partition.from_labels(labels)
+    mask = torch.arange(len(labels)) % 3 != 0
+    indicator = torch.nn.functional.one_hot(torch.tensor(labels)).long()
+    counts = mask.long() @ indicator
+    assert torch.equal(partition.block_sum(mask), counts)
+    torch.testing.assert_close(partition.block_average(mask), counts / indicator.sum(0), check_dtype=False)
