@@ -67,6 +67,13 @@ class BlockMeanProductLinearOperator(MatmulLinearOperator):
             )
         if left.dtype != right.dtype:
             raise TypeError(f"the factors must share a dtype, got {left.dtype} and {right.dtype}.")
+        try:
+            torch.broadcast_shapes(left.batch_shape, right.batch_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"BlockMeanProductLinearOperator: the batch shapes of the factors, {tuple(left.batch_shape)} and "
+                f"{tuple(right.batch_shape)}, do not broadcast."
+            ) from None
         super().__init__(left, right)
         self._pairs: tuple[Tensor, Tensor, Tensor] | None = None
 

@@ -3,7 +3,7 @@ each against dense ``torch.linalg`` in float64. Found by an audit:
 
 * a vector right-hand side of a batched ``M @ N`` over two partitions (``matmul``, ``solve``, ``inverse() @ v``)
   crashed: ``N v`` is a batch of vectors, which ``M`` read as a matrix; ``M.solve(v, lhs)`` of a batched block mean
-  operator crashed the same way;
+  operator crashed the same way; factors whose batch shapes do not broadcast failed inside torch's broadcasting;
 * ``Partition.block_sum`` / ``expand`` / ``block_average`` took ``dim % x.dim()``: an out-of-range ``dim`` silently
   reduced another dimension (and a 0-d tensor raised ZeroDivisionError);
 * ``block_sum`` of an integer tensor over contiguous blocks of many sizes raised (``segment_reduce`` has no integer
@@ -251,3 +251,14 @@ def test_block_sums_of_a_mask_count_its_entries_in_every_layout(labels):
     counts = mask.long() @ indicator
     assert torch.equal(partition.block_sum(mask), counts)
     torch.testing.assert_close(partition.block_average(mask), counts / indicator.sum(0), check_dtype=False)
+
+
+def test_a_product_of_factors_whose_batches_do_not_broadcast_is_refused_in_words():
+    M, _ = _product(batch=(2,))
+    _, N = _product(batch=(3,))
+    with pytest.raises(ValueError, match=r"batch shapes of the factors, \(2,\) and \(3,\), do not broadcast"):
+        M @ N
+    _, N = _product(batch=(3, 1))
+    P = M @ N
+    assert P.shape == (3, 2, 9, 9)
+    torch.testing.assert_close(P.logdet(), torch.logdet(M.to_dense() @ N.to_dense()))
