@@ -41,8 +41,8 @@ class BlockMeanProductLinearOperator(MatmulLinearOperator):
 
     A non-symmetric matrix has no root: ``root_decomposition``, ``root_inv_decomposition``, ``cholesky``,
     ``sqrt_inv_matmul`` and eigendecompositions raise a ``ValueError`` that says so. ``svd`` decomposes the dense
-    matrix and warns (:class:`~bma_gp.ClosedFormFallbackWarning`); so do solves of sums with this operator and of
-    rows and columns of it other than its batch entries.
+    matrix and warns (:class:`~bma_gp.ClosedFormFallbackWarning`); so do solves of sums with this operator (its sum
+    over a batch dimension too) and of rows and columns of it other than its batch entries.
 
     Gradients with respect to ``lam`` and ``B`` of both factors flow through every closed form.
 
@@ -177,6 +177,19 @@ class BlockMeanProductLinearOperator(MatmulLinearOperator):
         return BlockMeanProductLinearOperator(
             self.right_linear_op._transpose_nonbatch(), self.left_linear_op._transpose_nonbatch()
         )
+
+    def _sum_batch(self, dim: int) -> LinearOperator:
+        """The sum over batch dimension ``dim``: a sum of products over two partitions has no closed form, so it is a
+        :class:`~bma_gp.FallbackSumLinearOperator` of the batch entries, whose solves and log-determinants factorise
+        the dense matrix with LU and warn (linear_operator's ``SumBatchLinearOperator`` solved the non-symmetric sum
+        silently with Cholesky or CG, which assume symmetry, and got it wrong)."""
+        from bma_gp._composition import FallbackSumLinearOperator
+
+        batch = self.batch_shape
+        M, N = (op if op.batch_shape == batch else op._expand_batch(batch) for op in self._args)
+        prefix = (slice(None),) * dim
+        terms = [BlockMeanProductLinearOperator(M[(*prefix, i)], N[(*prefix, i)]) for i in range(batch[dim])]
+        return terms[0] if len(terms) == 1 else FallbackSumLinearOperator(*terms)
 
     def _mul_constant(self, other) -> BlockMeanProductLinearOperator:
         return BlockMeanProductLinearOperator(self.left_linear_op._mul_constant(other), self.right_linear_op)

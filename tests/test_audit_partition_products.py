@@ -4,6 +4,8 @@ each against dense ``torch.linalg`` in float64. Found by an audit:
 * a vector right-hand side of a batched ``M @ N`` over two partitions (``matmul``, ``solve``, ``inverse() @ v``)
   crashed: ``N v`` is a batch of vectors, which ``M`` read as a matrix; ``M.solve(v, lhs)`` of a batched block mean
   operator crashed the same way; factors whose batch shapes do not broadcast failed inside torch's broadcasting;
+* the sum of such a product over a batch dimension (``P.sum(0)``) was linear_operator's ``SumBatchLinearOperator``,
+  whose solves and log-determinants factorised the non-symmetric sum with Cholesky, silently and wrongly;
 * ``Partition.block_sum`` / ``expand`` / ``block_average`` took ``dim % x.dim()``: an out-of-range ``dim`` silently
   reduced another dimension (and a 0-d tensor raised ZeroDivisionError);
 * ``block_sum`` of an integer tensor over contiguous blocks of many sizes raised (``segment_reduce`` has no integer
@@ -28,6 +30,7 @@ import torch
 from linear_operator.operators import DenseLinearOperator
 
 from bma_gp import BlockMeanLinearOperator, Partition, block_mean, block_mean_from_sums
+from bma_gp._warnings import ClosedFormFallbackWarning
 from bma_gp.partition_builders import (
     group_partition,
     kdtree_partition,
@@ -262,3 +265,32 @@ def test_a_product_of_factors_whose_batches_do_not_broadcast_is_refused_in_words
     P = M @ N
     assert P.shape == (3, 2, 9, 9)
     torch.testing.assert_close(P.logdet(), torch.logdet(M.to_dense() @ N.to_dense()))
+
+
+@pytest.mark.parametrize(("batches", "dim"), [(((2,), (2,)), 0), (((2, 1), (3,)), 1), (((2, 3), ()), -3)])
+def test_the_sum_of_a_product_over_a_batch_dimension_solves_by_lu_and_says_so(batches, dim):
+    """``P.sum(0)`` was linear_operator's SumBatchLinearOperator: its solve and logdet ran a Cholesky of the
+    non-symmetric sum, silently and wrongly."""
+    gen = torch.Generator().manual_seed(5)
+    first = Partition.from_labels([0, 1, 0, 2, 1, 1, 3, 2, 0])
+    second = Partition.from_labels([1, 0, 0, 1, 2, 1, 0, 2, 2])
+    M = BlockMeanLinearOperator(
+        torch.rand(*batches[0], 4, generator=gen, dtype=DTYPE) + 1,
+        torch.rand(4, 4, generator=gen, dtype=DTYPE),
+        first,
+        symmetric=False,
+    )
+    N = BlockMeanLinearOperator(
+        torch.rand(*batches[1], 3, generator=gen, dtype=DTYPE) + 1, 0.3 * torch.eye(3, dtype=DTYPE), second
+    )
+    S = (M @ N).sum(dim)
+    dense = (M.to_dense() @ N.to_dense()).sum(dim)
+    assert float((dense - dense.mT).abs().max()) > 0.1
+    x = torch.randn(9, 2, generator=gen, dtype=DTYPE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(S @ x, dense @ x)  # products stay silent
+    with pytest.warns(ClosedFormFallbackWarning, match="factorised with LU"):
+        torch.testing.assert_close(S.solve(x), torch.linalg.solve(dense, x))
+    with pytest.warns(ClosedFormFallbackWarning, match="factorised with LU"):
+        torch.testing.assert_close(S.logdet(), torch.logdet(dense), equal_nan=True)
