@@ -1208,7 +1208,9 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
     @_cached_unless_grad("cholesky")
     def _cholesky(self, upper: bool | None = False) -> LinearOperator:
         """linear_operator's dense Cholesky factor, with a :class:`~bma_gp.ClosedFormFallbackWarning`: a
-        triangular factor has no closed form here (``MultivariateNormal.entropy`` and ``scale_tril`` ask for one)."""
+        triangular factor has no closed form here (``MultivariateNormal.entropy`` and ``scale_tril`` ask for one).
+        An operator built with ``symmetric=False`` has none: torch's Cholesky would read its lower triangle only."""
+        self._check_symmetric("cholesky")
         warn_dense_cholesky(self)
         return super()._cholesky(upper=upper)
 

@@ -17,6 +17,8 @@ each against dense ``torch.linalg`` in float64. Found by an audit:
 * ``group_partition`` checked float ids for exactness in float32 and float64 only: float16 / bfloat16 ids past 2048 /
   256 were merged silently; ids that require gradients made torch warn; ``kmeans_objective`` with a non-partition
   raised AttributeError;
+* ``cholesky()`` of a ``BlockMeanLinearOperator`` built with ``symmetric=False`` factorised the lower triangle of
+  its dense matrix, a factor of another matrix;
 * ``Partition.to(0)`` ignored the device index and stayed on the CPU;
 """
 
@@ -294,3 +296,22 @@ def test_the_sum_of_a_product_over_a_batch_dimension_solves_by_lu_and_says_so(ba
         torch.testing.assert_close(S.solve(x), torch.linalg.solve(dense, x))
     with pytest.warns(ClosedFormFallbackWarning, match="factorised with LU"):
         torch.testing.assert_close(S.logdet(), torch.logdet(dense), equal_nan=True)
+
+
+def test_a_non_symmetric_block_mean_operator_has_no_cholesky_factor():
+    """``cholesky()`` factorised the dense matrix's lower triangle (with only the dense-fallback warning): the factor
+    of another matrix, ``L L^T != M``."""
+    gen = torch.Generator().manual_seed(6)
+    partition = Partition.from_labels(LABELS)
+    M = BlockMeanLinearOperator(
+        torch.rand(3, generator=gen, dtype=DTYPE) + 1,
+        torch.rand(3, 3, generator=gen, dtype=DTYPE),
+        partition,
+        symmetric=False,
+    )
+    with pytest.raises(ValueError, match="cholesky needs a symmetric block mean operator"):
+        M.cholesky()
+    S = BlockMeanLinearOperator(M.lam, M.B, partition)  # symmetric: the dense factor, with its warning
+    with pytest.warns(ClosedFormFallbackWarning, match="cholesky"):
+        L = S.cholesky().to_dense()
+    torch.testing.assert_close(L @ L.mT, S.to_dense())
