@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -22,7 +23,7 @@ from bma_gp._diagonal import diagonal_by_construction, is_diagonal
 from bma_gp._low_rank_sum import LowRankInClosedForm
 from bma_gp._precision import core_dtype
 from bma_gp._symmetric_function import floored_sqrt, symmetric_matrix_function
-from bma_gp._warnings import warn_dense_cholesky, warn_elementwise
+from bma_gp._warnings import ClosedFormFallbackWarning, warn_dense_cholesky, warn_elementwise
 from bma_gp.partition import Partition
 
 __all__ = ["BlockMeanLinearOperator"]
@@ -132,7 +133,8 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
             symmetrised as :math:`(B + B^\top)/2`, so gradients with respect to ``B`` are
             symmetric). Products of two block mean operators are generally not symmetric and
             carry ``symmetric=False``: they multiply, solve and take log-determinants (through
-            a general ``k x k`` solve) but have no square roots or eigenvalues.
+            a general ``k x k`` solve) but have no square roots, Cholesky factor or eigenvalues
+            (``svd`` decomposes the dense matrix, with a ``ClosedFormFallbackWarning``).
         diagonal: ``True`` passes ``B`` as its diagonal, shape ``(*batch, k)`` (independent per-block
             effects, as :class:`~bma_gp.kernels.GroupKernel` builds them): every closed form is then
             elementwise, ``O(n + k)`` time and memory, and the ``k x k`` matrix :attr:`B` is formed only if
@@ -1283,6 +1285,15 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
         :meth:`diagonalization`); cached only without gradients, as every closed form here."""
         from linear_operator.operators.dense_linear_operator import DenseLinearOperator
 
+        if not self.symmetric:  # no eigendecomposition to take it from: the dense SVD, as for a product of two
+            warnings.warn(
+                f"svd of a BlockMeanLinearOperator built with symmetric=False (n = {self.shape[-1]}): its singular "
+                "values have no closed form, so the dense n x n matrix is decomposed (torch.linalg.svd).",
+                ClosedFormFallbackWarning,
+                stacklevel=4,
+            )
+            U, S, Vh = torch.linalg.svd(self.to_dense())
+            return DenseLinearOperator(U), S, DenseLinearOperator(Vh.mT)
         evals, evecs = self._eigen(eigenvectors=True)
         assert evecs is not None
         return DenseLinearOperator(evecs * torch.sign(evals).unsqueeze(-2)), evals.abs(), DenseLinearOperator(evecs)

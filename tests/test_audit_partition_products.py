@@ -18,7 +18,7 @@ each against dense ``torch.linalg`` in float64. Found by an audit:
   256 were merged silently; ids that require gradients made torch warn; ``kmeans_objective`` with a non-partition
   raised AttributeError;
 * ``cholesky()`` of a ``BlockMeanLinearOperator`` built with ``symmetric=False`` factorised the lower triangle of
-  its dense matrix, a factor of another matrix;
+  its dense matrix, a factor of another matrix; its ``svd()`` raised "eigvalsh needs a symmetric block mean operator";
 * ``Partition.to(0)`` ignored the device index and stayed on the CPU;
 """
 
@@ -315,3 +315,21 @@ def test_a_non_symmetric_block_mean_operator_has_no_cholesky_factor():
     with pytest.warns(ClosedFormFallbackWarning, match="cholesky"):
         L = S.cholesky().to_dense()
     torch.testing.assert_close(L @ L.mT, S.to_dense())
+
+
+@pytest.mark.parametrize("batch", [(), (2,)])
+def test_svd_of_a_non_symmetric_block_mean_operator_is_the_dense_one_with_a_warning(batch):
+    """It raised "eigvalsh needs a symmetric block mean operator" (a product over two partitions gives the dense SVD
+    with a warning; a general matrix has an SVD)."""
+    gen = torch.Generator().manual_seed(7)
+    M = BlockMeanLinearOperator(
+        torch.rand(*batch, 3, generator=gen, dtype=DTYPE) - 0.5,
+        torch.rand(*batch, 3, 3, generator=gen, dtype=DTYPE),
+        Partition.from_labels(LABELS),
+        symmetric=False,
+    )
+    dense = M.to_dense()
+    with pytest.warns(ClosedFormFallbackWarning, match="svd of a BlockMeanLinearOperator built with symmetric=False"):
+        U, S, V = M.svd()
+    torch.testing.assert_close(S, torch.linalg.svdvals(dense))
+    torch.testing.assert_close(U.to_dense() @ torch.diag_embed(S) @ V.to_dense().mT, dense)
