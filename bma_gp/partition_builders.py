@@ -346,16 +346,28 @@ def sorted_partition(x: Tensor, num_blocks: int, dim: int = 0) -> Partition:
 # ---------------------------------------------------------------------------- groups
 def _string_ids_as_integers(ids):
     """String ids (in any sequence numpy reads, pandas columns included) as their positions in sorted order, a
-    ``(n,)`` or ``(n, 1)`` integer tensor; anything else is returned unchanged."""
+    ``(n,)`` or ``(n, 1)`` integer tensor; numbers held as Python objects as a numeric array; anything else is
+    returned unchanged."""
     try:
         array = np.asarray(ids)
-        if array.dtype.kind not in "USO":  # numbers: the integer path
+        if array.dtype.kind in "iufb":  # numbers: the integer path (a nullable pandas column reads NA as NaN)
+            return array
+        if array.dtype.kind not in "USO":
             return ids
         array = np.asarray(ids, dtype=object)  # numpy reads ["a", 1] as two strings: look at the objects themselves
     except (TypeError, ValueError):  # ragged input: left to the conversion's own message
         return ids
+    if array.size == 0:
+        raise ValueError("ids must not be empty: a partition needs at least one index.")
     strings = [isinstance(x, str) for x in array.reshape(-1)]
     if not any(strings):
+        numeric = np.asarray(array.tolist())  # numbers held as objects (a pandas object column): as numbers
+        if numeric.dtype.kind in "iuf":
+            return numeric
+        if any(x is None or type(x).__name__ == "NAType" for x in array.reshape(-1)):
+            raise ValueError(
+                "ids hold missing values (None or pandas NA); drop those rows or give them a group id of their own."
+            )
         return ids
     if not all(strings):
         raise ValueError(

@@ -16,7 +16,8 @@ each against dense ``torch.linalg`` in float64. Found by an audit:
   (``Partition`` accepts them), and a ``seed`` of ``None`` or a string failed inside ``int()``;
 * ``group_partition`` checked float ids for exactness in float32 and float64 only: float16 / bfloat16 ids past 2048 /
   256 were merged silently; ids that require gradients made torch warn; ``kmeans_objective`` with a non-partition
-  raised AttributeError;
+  raised AttributeError; integer ids held as Python objects (a pandas object column) were refused, and missing ids
+  (``None``, pandas ``NA``) or an empty string array failed inside torch's conversion;
 * ``cholesky()`` of a ``BlockMeanLinearOperator`` built with ``symmetric=False`` factorised the lower triangle of
   its dense matrix, a factor of another matrix; its ``svd()`` raised "eigvalsh needs a symmetric block mean operator";
 * ``Partition.to(0)`` ignored the device index and stayed on the CPU;
@@ -333,3 +334,25 @@ def test_svd_of_a_non_symmetric_block_mean_operator_is_the_dense_one_with_a_warn
         U, S, V = M.svd()
     torch.testing.assert_close(S, torch.linalg.svdvals(dense))
     torch.testing.assert_close(U.to_dense() @ torch.diag_embed(S) @ V.to_dense().mT, dense)
+
+
+@pytest.mark.parametrize(
+    "ids", [np.array([30, 10, 30], dtype=object), np.array([30.0, 10, 30], dtype=object), [np.int64(30), 10, 30]]
+)
+def test_group_ids_held_as_python_objects_are_numbers(ids):
+    """An object column of integers (pandas reads mixed columns so) failed: "can't convert np.ndarray of type
+    numpy.object_", although the docstring accepts any integers."""
+    assert group_partition(ids).labels.tolist() == [1, 0, 1]
+
+
+@pytest.mark.parametrize(
+    ("ids", "match"),
+    [
+        (np.array([None, 1], dtype=object), "ids hold missing values"),
+        ([1, None, 2], "ids hold missing values"),
+        (np.array([], dtype=str), "ids must not be empty"),
+    ],
+)
+def test_group_ids_that_are_missing_or_empty_are_named(ids, match):
+    with pytest.raises(ValueError, match=match):
+        group_partition(ids)
