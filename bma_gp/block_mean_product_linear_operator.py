@@ -8,6 +8,8 @@ import torch
 from linear_operator.operators import LinearOperator
 from linear_operator.operators.matmul_linear_operator import MatmulLinearOperator
 from linear_operator.utils.broadcasting import _matmul_broadcast_shape
+from linear_operator.utils.errors import CachingError
+from linear_operator.utils.memoize import add_to_cache, get_from_cache
 from torch import Tensor
 
 from bma_gp._warnings import ClosedFormFallbackWarning
@@ -159,6 +161,20 @@ class BlockMeanProductLinearOperator(MatmulLinearOperator):
         from bma_gp._composition import indexed_fallback
 
         return indexed_fallback(self, row_index, col_index, *batch_indices)
+
+    def to_dense(self) -> Tensor:
+        """The dense ``n x n`` product, cached only when no ``lam`` or ``B`` of the factors requires gradients (as
+        :class:`~bma_gp.BlockMeanLinearOperator` caches): MatmulLinearOperator's cache kept a result computed under
+        ``no_grad`` and returned it, without a graph, to later calls that need gradients."""
+        try:
+            return get_from_cache(self, "to_dense")
+        except CachingError:
+            pass
+        M, N = self.left_linear_op, self.right_linear_op
+        res = M.to_dense() @ N.to_dense()
+        if not any(op.lam.requires_grad or op._b_requires_grad() for op in (M, N)):
+            add_to_cache(self, "to_dense", res)
+        return res
 
     # ------------------------------------------------------------------ products
     def matmul(self, other):

@@ -5,7 +5,8 @@ each against dense ``torch.linalg`` in float64. Found by an audit:
   crashed: ``N v`` is a batch of vectors, which ``M`` read as a matrix; ``M.solve(v, lhs)`` of a batched block mean
   operator crashed the same way; factors whose batch shapes do not broadcast failed inside torch's broadcasting;
 * the sum of such a product over a batch dimension (``P.sum(0)``) was linear_operator's ``SumBatchLinearOperator``,
-  whose solves and log-determinants factorised the non-symmetric sum with Cholesky, silently and wrongly;
+  whose solves and log-determinants factorised the non-symmetric sum with Cholesky, silently and wrongly; its
+  ``to_dense`` (and so ``svd``) was cached under no_grad and returned later without gradients;
 * ``Partition.block_sum`` / ``expand`` / ``block_average`` took ``dim % x.dim()``: an out-of-range ``dim`` silently
   reduced another dimension (and a 0-d tensor raised ZeroDivisionError);
 * ``block_sum`` of an integer tensor over contiguous blocks of many sizes raised (``segment_reduce`` has no integer
@@ -356,3 +357,29 @@ def test_group_ids_held_as_python_objects_are_numbers(ids):
 def test_group_ids_that_are_missing_or_empty_are_named(ids, match):
     with pytest.raises(ValueError, match=match):
         group_partition(ids)
+
+
+@pytest.mark.parametrize("method", ["to_dense", "svd"])
+def test_a_product_computed_under_no_grad_does_not_drop_later_gradients(method):
+    """MatmulLinearOperator cached ``to_dense`` (and so the dense ``svd``) under no_grad and returned it without a
+    graph afterwards (as BlockMeanLinearOperator did before the operator-edges audit)."""
+    M, N = _product(batch=())
+    lam = M.lam.clone().requires_grad_()
+    M = BlockMeanLinearOperator(lam, M.B, M.partition)
+
+    def value(P):
+        res = P.to_dense() if method == "to_dense" else P.svd()[1]
+        return res.sum()
+
+    P = M @ N
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ClosedFormFallbackWarning)
+        value(P)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ClosedFormFallbackWarning)
+        out = value(P)
+        (grad,) = torch.autograd.grad(out, lam)
+        (ref,) = torch.autograd.grad(value(M @ N), lam)
+    torch.testing.assert_close(grad, ref)
+    fixed = M.detach() @ N  # nothing to differentiate: still cached
+    assert fixed.to_dense() is fixed.to_dense()
