@@ -1245,7 +1245,7 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
         return self._eigen(eigenvectors=False)[0]
 
     def _eigen(self, eigenvectors: bool) -> tuple[Tensor, Tensor | None]:
-        self._check_symmetric("eigvalsh")
+        self._check_symmetric("an eigendecomposition (eigh, diagonalization)" if eigenvectors else "eigvalsh")
         diagonal = self._diagonal_core()
         if diagonal:  # C = diag(c): its eigenvalues are c, no k x k matrix
             if settings.validate.on():

@@ -20,7 +20,8 @@ each against dense ``torch.linalg`` in float64. Found by an audit:
   raised AttributeError; integer ids held as Python objects (a pandas object column) were refused, and missing ids
   (``None``, pandas ``NA``) or an empty string array failed inside torch's conversion;
 * ``cholesky()`` of a ``BlockMeanLinearOperator`` built with ``symmetric=False`` factorised the lower triangle of
-  its dense matrix, a factor of another matrix; its ``svd()`` raised "eigvalsh needs a symmetric block mean operator";
+  its dense matrix, a factor of another matrix; its ``svd()`` raised "eigvalsh needs a symmetric block mean operator",
+  and so did ``eigh`` and ``diagonalization``;
 * ``Partition.to(0)`` ignored the device index and stayed on the CPU;
 """
 
@@ -383,3 +384,16 @@ def test_a_product_computed_under_no_grad_does_not_drop_later_gradients(method):
     torch.testing.assert_close(grad, ref)
     fixed = M.detach() @ N  # nothing to differentiate: still cached
     assert fixed.to_dense() is fixed.to_dense()
+
+
+@pytest.mark.parametrize(
+    ("method", "name"),
+    [("eigh", "an eigendecomposition"), ("diagonalization", "an eigendecomposition"), ("eigvalsh", "eigvalsh")],
+)
+def test_the_spectrum_of_a_non_symmetric_operator_is_refused_naming_what_was_asked(method, name):
+    """eigh and diagonalization were refused as "eigvalsh needs a symmetric block mean operator"."""
+    M = BlockMeanLinearOperator(
+        torch.ones(3, dtype=DTYPE), torch.rand(3, 3, dtype=DTYPE), Partition.from_labels(LABELS), symmetric=False
+    )
+    with pytest.raises(ValueError, match=f"^{name}.* needs a symmetric block mean operator"):
+        getattr(M, method)()
