@@ -369,8 +369,11 @@ class _WarnsWhenFactorised:
     def solve(self, right_tensor, left_tensor=None):
         if self._nonsymmetric():
             self._warn_dense_lu("solve")
-            res = torch.linalg.solve(self.to_dense(), right_tensor)
-            return res if left_tensor is None else left_tensor @ res
+            vector = right_tensor.dim() == 1  # as a column: a batched S^{-1} v is a batch of columns
+            res = torch.linalg.solve(self.to_dense(), right_tensor.unsqueeze(-1) if vector else right_tensor)
+            if left_tensor is not None:
+                res = left_tensor @ res
+            return res.squeeze(-1) if vector else res
         self._warn("solve")
         return super().solve(right_tensor, left_tensor)
 

@@ -1432,9 +1432,9 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         if x:
             res = scaled - self._z(x) / self.diag_values.to(scaled.dtype).unsqueeze(-1)
         res = res.to(torch.promote_types(self.dtype, right_tensor.dtype))
-        if vector:
-            res = res.squeeze(-1)
-        return res if left_tensor is None else left_tensor @ res
+        if left_tensor is not None:  # before the squeeze: a batched S^{-1} v is a batch of columns
+            res = left_tensor @ res
+        return res.squeeze(-1) if vector else res
 
     def _solve(self, rhs: Tensor, preconditioner=None, num_tridiag: int = 0) -> Tensor:
         return self.solve(rhs)

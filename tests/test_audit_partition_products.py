@@ -32,7 +32,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from linear_operator.operators import DenseLinearOperator
+from linear_operator.operators import DenseLinearOperator, DiagLinearOperator
 
 from bma_gp import BlockMeanLinearOperator, Partition, block_mean, block_mean_from_sums
 from bma_gp._warnings import ClosedFormFallbackWarning
@@ -397,3 +397,33 @@ def test_the_spectrum_of_a_non_symmetric_operator_is_refused_naming_what_was_ask
     )
     with pytest.raises(ValueError, match=f"^{name}.* needs a symmetric block mean operator"):
         getattr(M, method)()
+
+
+def _batched_block_mean(partition: Partition, batch: int, generator: torch.Generator) -> BlockMeanLinearOperator:
+    k = partition.num_blocks
+    W = torch.randn(batch, k, k, dtype=torch.float64, generator=generator)
+    lam = torch.rand(batch, k, dtype=torch.float64, generator=generator) + 1
+    return BlockMeanLinearOperator(lam, W @ W.mT / k + torch.eye(k, dtype=torch.float64), partition)
+
+
+@pytest.mark.parametrize("product", [False, True], ids=["sum", "nonsymmetric-fallback"])
+def test_a_vector_and_a_left_tensor_against_a_batched_sum(product):
+    """``S.solve(v, L)`` of a batched ``BlockMeanSumLinearOperator`` (and of the dense-LU fallback of a non-symmetric
+    sum) multiplied ``L`` into the squeezed batch of solutions: a RuntimeError about shapes."""
+    g = torch.Generator().manual_seed(3)
+    n, batch = 12, 2
+    first = Partition.from_labels(torch.randint(0, 3, (n,), generator=g))
+    second = Partition.from_labels(torch.randint(0, 4, (n,), generator=g))
+    M = _batched_block_mean(first, batch, g)
+    if product:
+        M = M @ _batched_block_mean(second, batch, g)
+    S = M + DiagLinearOperator(torch.rand(batch, n, dtype=torch.float64, generator=g) + 0.5)
+    v = torch.randn(n, dtype=torch.float64, generator=g)
+    L = torch.randn(3, n, dtype=torch.float64, generator=g)
+    dense = torch.linalg.solve(S.to_dense(), v.expand(batch, n).unsqueeze(-1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ClosedFormFallbackWarning)  # the non-symmetric sum factorises densely
+        x, y = S.solve(v), S.solve(v, L)
+    assert x.shape == (batch, n) and y.shape == (batch, 3)  # linear_operator's shapes for a vector
+    torch.testing.assert_close(x, dense.squeeze(-1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(y, (L @ dense).squeeze(-1), rtol=1e-10, atol=1e-12)
