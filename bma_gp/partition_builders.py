@@ -25,7 +25,7 @@ from torch import Tensor
 
 from bma_gp.partition import Partition
 
-__all__ = ["kmeans_partition", "kdtree_partition", "sorted_partition", "group_partition"]
+__all__ = ["kmeans_partition", "kdtree_partition", "sorted_partition", "group_partition", "kmeans_objective"]
 
 # Bytes of distance matrix evaluated at once by the chunked nearest-centre search.
 _CHUNK_BYTES = 64 * 2**20
@@ -243,7 +243,24 @@ def kmeans_partition(
 
 
 def kmeans_objective(x: Tensor, partition: Partition) -> Tensor:
-    r"""Within-block sum of squares :math:`\sum_m \| x_m - \mu_{c_m} \|^2` of a partition of ``x``."""
+    r"""Within-block sum of squares :math:`\sum_m \| x_m - \mu_{c_m} \|^2` of a partition of ``x``.
+
+    What :func:`kmeans_partition` lowers, to compare partitions of the same points (say two seeds), in float64.
+
+    Args:
+        x: the points, shape ``(n, d)`` (or ``(n,)``).
+        partition: a :class:`~bma_gp.Partition` of the ``n`` points.
+
+    Returns:
+        A 0-d float64 tensor.
+
+    Example:
+        >>> import torch
+        >>> from bma_gp import Partition
+        >>> x = torch.tensor([[0.0], [1.0], [10.0], [12.0]])
+        >>> float(kmeans_objective(x, Partition.from_labels(torch.tensor([0, 0, 1, 1]))))
+        2.5
+    """
     x = _as_points(x)
     if not isinstance(partition, Partition):
         raise TypeError(f"partition must be a bma_gp.Partition, got {type(partition).__name__}.")
