@@ -710,6 +710,10 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
             return self._hadamard_across(other)
         if isinstance(other, DiagLinearOperator):  # M o diag(d) = diag(diag(M) d), as linear_operator's diag o M
             return other._mul_matrix(self)
+        from bma_gp.block_mean_product_linear_operator import BlockMeanProductLinearOperator
+
+        if isinstance(other, BlockMeanProductLinearOperator):  # its refusal (no root), without the warning first
+            return other._mul_matrix(self)
         warn_elementwise(self, other)  # linear_operator's MulLinearOperator: roots of both, or dense matrices
         return super()._mul_matrix(other)
 

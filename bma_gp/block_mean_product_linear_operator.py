@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 
 import torch
-from linear_operator.operators import LinearOperator
+from linear_operator.operators import DenseLinearOperator, DiagLinearOperator, LinearOperator
 from linear_operator.operators.matmul_linear_operator import MatmulLinearOperator
 from linear_operator.utils.broadcasting import _matmul_broadcast_shape
 from linear_operator.utils.errors import CachingError
@@ -209,6 +209,21 @@ class BlockMeanProductLinearOperator(MatmulLinearOperator):
 
     def _mul_constant(self, other) -> BlockMeanProductLinearOperator:
         return BlockMeanProductLinearOperator(self.left_linear_op._mul_constant(other), self.right_linear_op)
+
+    def _mul_matrix(self, other) -> LinearOperator:
+        r"""Elementwise product: with a diagonal operator :math:`\mathrm{diag}(\mathrm{diag}(MN)\, d)` (closed form),
+        with a dense matrix the dense product (as linear_operator gives it); with any other operator a ``ValueError``:
+        linear_operator's generic elementwise product takes a root of each factor, which this matrix does not have."""
+        if isinstance(other, DiagLinearOperator):
+            return other._mul_matrix(self)
+        if isinstance(other, DenseLinearOperator):
+            return super()._mul_matrix(other)
+        raise ValueError(
+            f"elementwise product of a {type(self).__name__} (M @ N over two partitions, n = {self.shape[-1]}) with "
+            f"a {type(other).__name__}: it has no closed form, and linear_operator's generic elementwise product "
+            "needs a root of each factor, which a product of block mean matrices over two partitions (not "
+            "symmetric) does not have. Multiply the dense matrices, A.to_dense() * B.to_dense(), where n is small."
+        )
 
     # ------------------------------------------------------------------ inverse, solves, log-determinant
     def inverse(self) -> BlockMeanProductLinearOperator:

@@ -43,6 +43,7 @@ from bma_gp.partition_builders import (
     kmeans_partition,
     sorted_partition,
 )
+from closed_form_guard import closed_forms_only
 
 DTYPE = torch.float64
 LABELS = [0, 1, 0, 2, 1, 1]
@@ -427,3 +428,27 @@ def test_a_vector_and_a_left_tensor_against_a_batched_sum(product):
     assert x.shape == (batch, n) and y.shape == (batch, 3)  # linear_operator's shapes for a vector
     torch.testing.assert_close(x, dense.squeeze(-1), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(y, (L @ dense).squeeze(-1), rtol=1e-10, atol=1e-12)
+
+
+def test_elementwise_products_of_a_product_say_what_is_missing():
+    """``P * P``, ``P * M`` and ``M * P`` (``P = M @ N`` over two partitions) raised a ValueError about
+    ``root_decomposition``, an operation the caller never asked for (``M * P`` warned about a generic product first).
+    With a diagonal operator the product is closed form, with a dense matrix dense, as linear_operator gives it."""
+    g = torch.Generator().manual_seed(5)
+    n = 10
+    first = Partition.from_labels(torch.randint(0, 3, (n,), generator=g))
+    second = Partition.from_labels(torch.randint(0, 4, (n,), generator=g))
+    M = _batched_block_mean(first, 1, g)[0]
+    P = M @ _batched_block_mean(second, 1, g)[0]
+    for a, b in ((P, P), (P, M), (M, P)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ClosedFormFallbackWarning)
+            with pytest.raises(ValueError, match=r"elementwise product of a BlockMeanProductLinearOperator.*to_dense"):
+                a * b
+    d = torch.rand(n, dtype=torch.float64, generator=g)
+    with closed_forms_only(n):
+        for product in (P * DiagLinearOperator(d), DiagLinearOperator(d) * P):
+            assert isinstance(product, DiagLinearOperator)
+            torch.testing.assert_close(product.to_dense(), torch.diag(P.to_dense().diagonal() * d))
+    dense = torch.rand(n, n, dtype=torch.float64, generator=g)
+    torch.testing.assert_close((P * dense).to_dense(), P.to_dense() * dense)
