@@ -18,7 +18,7 @@ from gpytorch.priors import Prior
 from linear_operator.operators import DiagLinearOperator
 from torch import Tensor
 
-from bma_gp.kernels.group_kernel import check_group_ids
+from bma_gp.kernels.group_kernel import as_int, check_group_ids
 
 __all__ = ["GroupGaussianLikelihood", "GroupNoise"]
 
@@ -44,7 +44,8 @@ class GroupNoise(Noise):
         unseen: str = "mean",
         train_inputs: Tensor | None = None,
     ):
-        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        num_groups = as_int(num_groups, "num_groups", "a positive int")
+        if num_groups < 1:
             raise ValueError(f"num_groups must be a positive int, got {num_groups!r}.")
         if isinstance(group_dim, bool) or not isinstance(group_dim, int):
             raise TypeError(f"group_dim must be an int (the column of the group ids), got {group_dim!r}.")

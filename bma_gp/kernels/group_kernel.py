@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import warnings
 
 import torch
@@ -27,6 +28,17 @@ from bma_gp.kernels.prediction_strategy import BlockMeanPredictionStrategy
 from bma_gp.partition import Partition
 
 __all__ = ["GroupKernel", "check_group_ids"]
+
+
+def as_int(value, name: str, what: str) -> int:
+    """``value`` as a Python int: any integer (a Python int, a NumPy integer, a one-element integer tensor such as
+    ``ids.max() + 1``), not a bool or a float; else ``ValueError`` that names ``name`` and says ``what`` it must be."""
+    if isinstance(value, bool) or (torch.is_tensor(value) and value.dtype == torch.bool):
+        raise ValueError(f"{name} must be {what}, got {value!r}.")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be {what}, got {value!r}.") from None
 
 
 def check_group_ids(values: Tensor, num_groups: int, name: str = "x") -> Tensor:
@@ -230,9 +242,11 @@ class GroupKernel(Kernel):
         corr_constraint: Interval | None = None,
         **kwargs,
     ):
-        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        num_groups = as_int(num_groups, "num_groups", "a positive int")
+        if num_groups < 1:
             raise ValueError(f"num_groups must be a positive int, got {num_groups!r}.")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= num_groups:
+        rank = as_int(rank, "rank", f"an int in [0, num_groups={num_groups}]")
+        if not 0 <= rank <= num_groups:
             raise ValueError(f"rank must be an int in [0, num_groups={num_groups}], got {rank!r}.")
         if not isinstance(per_group_variance, bool):
             raise TypeError(f"per_group_variance must be True or False, got {per_group_variance!r}.")
