@@ -439,8 +439,10 @@ def group_partition(ids) -> Partition:
             )
         # integers below 2 / eps are exact (2^53 in float64, 2^24 in float32, 2048 in float16, 256 in bfloat16); from
         # there on a stored id may be a neighbouring id rounded (2049 is stored as 2048 in float16)
-        if float(ids.abs().max()) >= 2.0 / torch.finfo(ids.dtype).eps:
+        exact = int(2 / torch.finfo(ids.dtype).eps)  # from here on neighbouring integers round together
+        if float(ids.abs().max()) >= exact:
             raise ValueError(
-                f"ids of dtype {ids.dtype} this large are not exact integers; pass them as an integer tensor."
+                f"ids of dtype {ids.dtype} from {exact} on are not exact integers (ids {exact} and {exact + 1} are one "
+                "number there); pass them as an integer tensor."
             )
     return _relabel(ids)

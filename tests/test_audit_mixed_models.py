@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bma_gp import GroupGaussianLikelihood, GroupKernel
+from bma_gp.partition_builders import group_partition
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,3 +44,25 @@ def test_integer_counts_of_any_integer_type(count):
 def test_counts_that_are_not_integers_raise(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_float_ids_past_the_exact_integers_raise_instead_of_merging_groups():
+    """In float32, ids 2^24 and 2^24 + 1 are one number: two groups would silently become one."""
+    ids = torch.tensor([2**24 + 1, 2**24, 5])
+    kernel = GroupKernel(2**25)
+    with pytest.raises(ValueError, match=r"group ids of 16777216 or more in torch.float32.*float64"):
+        kernel(ids.float().unsqueeze(-1)).to_dense()
+    likelihood = GroupGaussianLikelihood(2**25)
+    with pytest.raises(ValueError, match="group ids of 16777216 or more"):
+        likelihood.set_train_inputs(ids.float())
+    with pytest.raises(ValueError, match="not exact integers"):
+        group_partition(ids.float())
+    with pytest.raises(ValueError, match="not exact integers"):
+        group_partition(torch.tensor([2048.0, 3.0], dtype=torch.float16))
+    # the same ids in float64 are exact: three groups, and the kernel tells the first two apart
+    covar = kernel(ids.double().unsqueeze(-1)).to_dense()
+    torch.testing.assert_close(covar, kernel.var * torch.eye(3))
+    assert group_partition(ids.double()).num_blocks == 3
+    # below the limit float32 ids keep working
+    small = GroupKernel(2**24)(torch.tensor([[2.0**24 - 1], [3.0], [2.0**24 - 1]]))
+    assert small.to_dense()[0, 2] > 0 and small.to_dense()[0, 1] == 0

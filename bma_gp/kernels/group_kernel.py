@@ -43,7 +43,8 @@ def as_int(value, name: str, what: str) -> int:
 
 def check_group_ids(values: Tensor, num_groups: int, name: str = "x") -> Tensor:
     """``values`` (*batch, n) as a LongTensor of group ids; ``ValueError`` unless every entry is an integer in
-    ``[0, num_groups)`` (floating point values must be whole numbers)."""
+    ``[0, num_groups)`` (floating point values must be whole numbers, and below the size from which the dtype merges
+    neighbouring integers: ``2^24`` in float32, ``2^53`` in float64)."""
     if values.dtype == torch.bool or values.dtype.is_complex:
         raise ValueError(f"{name} must hold integer group ids, got dtype {values.dtype}.")
     if values.numel() == 0:
@@ -51,6 +52,13 @@ def check_group_ids(values: Tensor, num_groups: int, name: str = "x") -> Tensor:
     bad = (values < 0) | (values >= num_groups)
     if values.dtype.is_floating_point:
         bad = bad | (values != values.round())
+        exact = int(2 / torch.finfo(values.dtype).eps)  # from here on neighbouring integers round together
+        if num_groups > exact and bool((values.abs() >= exact).any()):
+            raise ValueError(
+                f"{name} holds group ids of {exact} or more in {values.dtype}, which cannot tell them apart (ids "
+                f"{exact} and {exact + 1} are one number there), so distinct groups would merge; pass the inputs "
+                "in float64, or relabel the ids 0 .. k-1 (bma_gp.partition_builders.group_partition(ids).labels)."
+            )
     if bool(bad.any()):
         value = values[bad].reshape(-1)[0].item()
         raise ValueError(
