@@ -60,7 +60,8 @@ class GroupNoise(Noise):
         self.register_parameter("raw_noise", torch.nn.Parameter(torch.zeros(*batch_shape, num_groups)))
         self.register_constraint("raw_noise", GreaterThan(1e-4) if noise_constraint is None else noise_constraint)
         if noise_prior is not None:
-            self.register_prior("noise_prior", noise_prior, lambda m: m.noise, lambda m, v: m._set_noise(v))
+            # methods, not lambdas, so that the module pickles (torch.save(model)), as GPyTorch's noise models do
+            self.register_prior("noise_prior", noise_prior, self._noise_param, self._noise_closure)
         # which levels the likelihood has been trained on (saved with the state dict)
         self.register_buffer("observed", torch.zeros(num_groups, dtype=torch.bool))
         self.register_buffer("train_groups", None, persistent=False)
@@ -87,6 +88,12 @@ class GroupNoise(Noise):
                 f"{tuple(self.raw_noise.shape)} (one value per group); pass a scalar or a tensor of that shape."
             ) from None
         self.initialize(raw_noise=self.raw_noise_constraint.inverse_transform(value))
+
+    def _noise_param(self, m: GroupNoise) -> Tensor:
+        return m.noise
+
+    def _noise_closure(self, m: GroupNoise, v: Tensor) -> None:
+        m._set_noise(v)
 
     # ------------------------------------------------------------------ groups
     def groups_of(self, inputs, name: str = "inputs") -> Tensor:

@@ -3,6 +3,9 @@ arguments and inputs, against dense references."""
 
 from __future__ import annotations
 
+import io
+
+import gpytorch
 import numpy as np
 import pytest
 import torch
@@ -66,3 +69,50 @@ def test_float_ids_past_the_exact_integers_raise_instead_of_merging_groups():
     # below the limit float32 ids keep working
     small = GroupKernel(2**24)(torch.tensor([[2.0**24 - 1], [3.0], [2.0**24 - 1]]))
     assert small.to_dense()[0, 2] > 0 and small.to_dense()[0, 1] == 0
+
+
+class SlopesGP(gpytorch.models.ExactGP):
+    """``y ~ x + (1 + x | g)``: column 0 the covariate, column 1 the group id."""
+
+    def __init__(self, x, y, likelihood, kernel):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.LinearMean(1)
+        self.covar_module = kernel
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x[..., :1]), self.covar_module(x))
+
+
+def grouped_data(n=40, k=5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    g = torch.randint(0, k, (n,), generator=generator)
+    x = torch.randn(n, generator=generator, dtype=DTYPE)
+    y = 1 + 0.5 * x + torch.randn(k, generator=generator, dtype=DTYPE)[g] + 0.3 * torch.randn(n, dtype=DTYPE)
+    return torch.stack([x, g.to(DTYPE)], -1), y
+
+
+@pytest.mark.parametrize("slope", [True, False])
+def test_models_with_priors_pickle(slope):
+    """``torch.save(model)`` with priors on the group covariance and the per-group noise, as with GPyTorch's own
+    ``GaussianLikelihood(noise_prior=...)``: the loaded model has the same marginal likelihood, prior terms included."""
+    x, y = grouped_data()
+    size = 2 if slope else 6
+    prior = gpytorch.priors.LKJCovariancePrior(size, 2.0, gpytorch.priors.GammaPrior(2.0, 2.0))
+    kernel = GroupKernel(6, slope=slope, prior=prior, active_dims=[1, 0] if slope else [1])
+    likelihood = GroupGaussianLikelihood(
+        6, group_dim=1, train_inputs=x, noise_prior=gpytorch.priors.GammaPrior(2.0, 4.0)
+    )
+    model = SlopesGP(x, y, likelihood, kernel).to(DTYPE)
+    names = {name for name, *_ in model.named_priors()}
+    assert names == {"covar_module.GroupKernelPrior", "likelihood.noise_covar.noise_prior"}
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+
+    def mll(m):
+        return gpytorch.mlls.ExactMarginalLogLikelihood(m.likelihood, m)(m(x), y)
+
+    torch.testing.assert_close(mll(loaded), mll(model), rtol=1e-12, atol=0)
+    loaded.likelihood.noise_covar.noise_prior.rate.fill_(1.0)
+    assert not torch.allclose(mll(loaded), mll(model))  # the loaded prior is used, and it is its own copy

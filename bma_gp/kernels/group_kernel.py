@@ -303,11 +303,12 @@ class GroupKernel(Kernel):
                     "correlated=True)."
                 )
             self.register_parameter("raw_corr", None)
-        if prior is not None:
-            if slope:
-                self.register_prior("GroupKernelPrior", prior, lambda m: m.slope_covar)
-            else:
-                self.register_prior("GroupKernelPrior", prior, lambda m: m.covar_matrix)
+        if prior is not None:  # a method, not a lambda, so that the module pickles (torch.save(model))
+            self.register_prior("GroupKernelPrior", prior, self._prior_param)
+
+    def _prior_param(self, m: GroupKernel) -> Tensor:
+        """What the prior is on: :attr:`slope_covar` with ``slope=True``, else :attr:`covar_matrix`."""
+        return m.slope_covar if m.slope else m.covar_matrix
 
     # ------------------------------------------------------------------ parameters
     @property
