@@ -376,16 +376,23 @@ def _string_ids_as_integers(ids):
         return ids
     if array.size == 0:
         raise ValueError("ids must not be empty: a partition needs at least one index.")
-    strings = [isinstance(x, str) for x in array.reshape(-1)]
+    flat = array.reshape(-1)
+    strings = [isinstance(x, str) for x in flat]
     if not any(strings):
         numeric = np.asarray(array.tolist())  # numbers held as objects (a pandas object column): as numbers
         if numeric.dtype.kind in "iuf":
             return numeric
-        if any(x is None or type(x).__name__ == "NAType" for x in array.reshape(-1)):
+        if any(x is None or type(x).__name__ == "NAType" for x in flat):
             raise ValueError(
                 "ids hold missing values (None or pandas NA); drop those rows or give them a group id of their own."
             )
         return ids
+    for position, x in enumerate(flat):  # None, NaN and pandas' NA: a missing label, not another kind of id
+        if x is None or (isinstance(x, float) and x != x) or type(x).__name__ == "NAType":
+            raise ValueError(
+                f"ids hold a missing label ({x!r}) at position {position}; every point needs a group: fill the "
+                "missing labels in (for example with a level of their own, such as 'unknown') or drop those rows."
+            )
     if not all(strings):
         raise ValueError(
             "ids mix strings with other objects; pass one kind of group id (all strings, or all integers)."

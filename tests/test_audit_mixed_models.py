@@ -116,3 +116,17 @@ def test_models_with_priors_pickle(slope):
     torch.testing.assert_close(mll(loaded), mll(model), rtol=1e-12, atol=0)
     loaded.likelihood.noise_covar.noise_prior.rate.fill_(1.0)
     assert not torch.allclose(mll(loaded), mll(model))  # the loaded prior is used, and it is its own copy
+
+
+@pytest.mark.parametrize("missing", [None, float("nan"), np.nan], ids=["None", "nan", "numpy-nan"])
+def test_string_labels_with_a_missing_value_say_so(missing):
+    """Names with a gap (a pandas column of strings reads the same): the error names the missing label and its row,
+    not 'mixed kinds of id'."""
+    labels = np.array(["b", "a", missing, "b"], dtype=object)
+    with pytest.raises(ValueError, match="missing label .* at position 2.*fill .* or drop"):
+        group_partition(labels)
+    with pytest.raises(ValueError, match="missing label"):
+        group_partition(list(labels))
+    assert group_partition(["b", "a", "unknown", "b"]).labels.tolist() == [1, 0, 2, 1]
+    with pytest.raises(ValueError, match="mix strings with other objects"):  # a number among names stays that error
+        group_partition(["b", "a", 3, "b"])
