@@ -130,3 +130,39 @@ def test_string_labels_with_a_missing_value_say_so(missing):
     assert group_partition(["b", "a", "unknown", "b"]).labels.tolist() == [1, 0, 2, 1]
     with pytest.raises(ValueError, match="mix strings with other objects"):  # a number among names stays that error
         group_partition(["b", "a", 3, "b"])
+
+
+class InterceptGP(gpytorch.models.ExactGP):
+    def __init__(self, x, y, kernel):
+        super().__init__(x, y, gpytorch.likelihoods.GaussianLikelihood())
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = kernel
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+@pytest.mark.parametrize("num_groups", [20, 300])  # the dense B and (past 256 groups) the factor form
+def test_unseen_levels_of_a_rank_kernel_keep_their_initial_rows(num_groups):
+    """docs/gp.md: an unseen id's row of W gets no gradient (so it stays random and its effect is arbitrary); with
+    its row zeroed the prediction there is the mean with the prior variance v, as with rank 0."""
+    generator = torch.Generator().manual_seed(1)
+    g = torch.randint(0, 10, (200,), generator=generator)
+    y = torch.randn(10, generator=generator, dtype=DTYPE)[g] + 0.1 * torch.randn(200, generator=generator, dtype=DTYPE)
+    x = g.to(DTYPE).unsqueeze(-1)
+    model = InterceptGP(x, y, GroupKernel(num_groups, rank=2, per_group_variance=True)).to(DTYPE)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    (-mll(model(x), y)).backward()
+    kernel = model.covar_module
+    assert kernel.covar_factor.grad[:10].abs().sum() > 0 and kernel.raw_var.grad[:10].abs().sum() > 0
+    assert not kernel.covar_factor.grad[10:].any() and not kernel.raw_var.grad[10:].any()
+    unseen = torch.arange(10, 15)
+    model.eval()
+    with torch.no_grad():
+        arbitrary = model(unseen.to(DTYPE).unsqueeze(-1)).mean
+        assert (arbitrary - model.mean_module.constant).abs().max() > 1e-3  # the random rows move it
+        kernel.covar_factor.data[unseen] = 0
+        model.prediction_strategy = None  # the cached solve holds the old W
+        pred = model(unseen.to(DTYPE).unsqueeze(-1))
+        torch.testing.assert_close(pred.mean, model.mean_module.constant.expand(5), rtol=0, atol=1e-12)
+        torch.testing.assert_close(pred.covariance_matrix, torch.diag(kernel.var[unseen]), rtol=1e-12, atol=1e-12)

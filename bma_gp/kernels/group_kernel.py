@@ -188,7 +188,9 @@ class GroupKernel(Kernel):
     Nothing is approximated. Against other inputs (e.g. test points) the result is a
     :class:`~bma_gp.kernels.BlockCrossLinearOperator` of size ``t x k``; an id that does not
     occur in training has covariance 0 with the training groups (with ``rank=0``), so its
-    predicted effect is 0 with its prior variance.
+    predicted effect is 0 with its prior variance. With ``rank=r`` (or ``per_group_variance=True``) its
+    row of :math:`W` (its :math:`v_g`) gets no gradient in training and keeps its initial, random value,
+    so its predicted effect is arbitrary; zero that row of ``covar_factor`` for an effect of 0.
 
     With ``rank=r`` and more than :data:`FACTOR_DENSE_MAX_GROUPS` groups present, the same matrix
     :math:`P (\operatorname{diag}(v) + W W^\top) P^\top` is returned as a
