@@ -4,14 +4,18 @@ arguments and inputs, against dense references."""
 from __future__ import annotations
 
 import io
+import warnings
 
 import gpytorch
 import numpy as np
 import pytest
 import torch
 
-from bma_gp import GroupGaussianLikelihood, GroupKernel
+from bma_gp import ClosedFormFallbackWarning, GroupGaussianLikelihood, GroupKernel
 from bma_gp.partition_builders import group_partition
+
+from closed_form_guard import closed_forms_only
+from gp_reference import GP, dense_copy, dense_prediction
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -166,3 +170,37 @@ def test_unseen_levels_of_a_rank_kernel_keep_their_initial_rows(num_groups):
         pred = model(unseen.to(DTYPE).unsqueeze(-1))
         torch.testing.assert_close(pred.mean, model.mean_module.constant.expand(5), rtol=0, atol=1e-12)
         torch.testing.assert_close(pred.covariance_matrix, torch.diag(kernel.var[unseen]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", [torch.Size(), torch.Size([2])])
+def test_scaled_random_slope_predicts_in_closed_form(batch):
+    """``ScaleKernel(GroupKernel(k, slope=True)) + GroupKernel(...)``: the scaled slope's cross covariance
+    ``c (A P^T diag(x))`` was not recognised at new inputs, so prediction left the closed form (GPyTorch's
+    ``t x n`` path, with a ClosedFormFallbackWarning); an intercept or a factor in a ScaleKernel was."""
+    generator = torch.Generator().manual_seed(2)
+    n = 160
+    g1, g2 = torch.randint(0, 30, (n,), generator=generator), torch.randint(0, 4, (n,), generator=generator)
+    x = torch.stack([torch.randn(n, generator=generator, dtype=DTYPE), g1.to(DTYPE), g2.to(DTYPE)], -1)
+    y = torch.randn(n, generator=generator, dtype=DTYPE)
+    slopes = GroupKernel(31, slope=True, active_dims=[1, 0], batch_shape=batch)
+    kernel = gpytorch.kernels.ScaleKernel(slopes, batch_shape=batch) + GroupKernel(5, active_dims=[2])
+    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(batch_shape=batch), kernel).to(DTYPE)
+    with torch.no_grad():
+        kernel.kernels[0].outputscale = torch.tensor([0.7, 1.9][: max(1, batch.numel())], dtype=DTYPE).reshape(batch)
+        slopes.var = torch.tensor([0.8, 0.3], dtype=DTYPE)
+        slopes.corr = -0.4
+    model.likelihood.noise = 0.2
+    model.eval()
+    xt = torch.stack(
+        [torch.randn(6, dtype=DTYPE), torch.tensor([0.0, 3, 30, 7, 30, 1]), torch.tensor([1.0, 4, 0, 2, 3, 4])], -1
+    )
+    with warnings.catch_warnings(), closed_forms_only(n), torch.no_grad(), gpytorch.settings.max_cholesky_size(0):
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        pred = model(xt)
+        mean, variance = pred.mean, pred.variance
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ClosedFormFallbackWarning)  # the reference is dense on purpose
+        ref_mean, ref_variance = dense_prediction(dense_copy(model), xt)
+    assert mean.shape == batch + (6,)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(variance, ref_variance, rtol=1e-9, atol=1e-10)

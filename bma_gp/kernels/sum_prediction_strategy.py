@@ -591,8 +591,15 @@ def _cross_pieces(op, out: list[_Piece]) -> bool:
         if isinstance(left, DenseLinearOperator) and isinstance(right, DenseLinearOperator):
             out.append(("root", left.to_dense(), right.to_dense()))
             return True
-    if isinstance(op, ConstantMulLinearOperator):  # a ScaleKernel around a group kernel's factor product
+    if isinstance(op, ConstantMulLinearOperator):  # a ScaleKernel around a random slope or a group kernel's factor
         base, c = op.base_linear_op, op.expanded_constant
+        if (
+            isinstance(base, MatmulLinearOperator)
+            and isinstance(base.left_linear_op, BlockCrossLinearOperator)
+            and isinstance(base.right_linear_op, DiagLinearOperator)
+        ):  # a random slope's A P^T diag(w): the scale goes into A, as it does for an intercept's A P^T
+            scaled = base.left_linear_op._mul_constant(c[..., 0, 0])
+            return _cross_pieces(MatmulLinearOperator(scaled, base.right_linear_op), out)
         if not isinstance(base, MatmulLinearOperator) or not bool((c >= 0).all()):
             return False
         inner: list[_Piece] = []
