@@ -131,7 +131,15 @@ class GroupNoise(Noise):
 
     def _groups(self, params: tuple, groups, shape: torch.Size | None) -> Tensor:
         if groups is not None:
-            ids = check_group_ids(torch.as_tensor(groups, device=self.raw_noise.device), self.num_groups, "groups")
+            try:
+                groups = torch.as_tensor(groups, device=self.raw_noise.device)
+            except (TypeError, ValueError, RuntimeError):  # names, ragged lists: torch's message names neither
+                raise ValueError(
+                    f"groups must hold integer group ids 0 .. {self.num_groups - 1} (a tensor, array or list), got "
+                    f"{type(groups).__name__} {groups!r:.60}; encode names as ids first, with the same encoding as "
+                    "the training inputs (bma_gp.partition_builders.group_partition(names).labels)."
+                ) from None
+            ids = check_group_ids(groups, self.num_groups, "groups")
         elif params and params[0] is not None:
             ids = self.groups_of(params[0])
         elif self.training and self.train_groups is not None:

@@ -204,3 +204,16 @@ def test_scaled_random_slope_predicts_in_closed_form(batch):
     assert mean.shape == batch + (6,)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(variance, ref_variance, rtol=1e-9, atol=1e-10)
+
+
+def test_group_noise_names_bad_groups_keyword():
+    """``likelihood(f, groups=["a", "b"])``: torch's 'too many dimensions 'str'' named neither the argument nor the
+    fix; integer ids in any container keep working."""
+    likelihood = GroupGaussianLikelihood(3)
+    likelihood.noise = torch.tensor([0.1, 0.2, 0.3])
+    f = gpytorch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
+    for bad in (["a", "b"], [[0], [1, 2]]):
+        with pytest.raises(ValueError, match=r"groups must hold integer group ids 0 \.\. 2.*group_partition"):
+            likelihood(f, groups=bad)
+    for good in ([2, 0], (2, 0), np.array([2, 0]), torch.tensor([2, 0])):
+        torch.testing.assert_close(likelihood(f, groups=good).variance.detach(), torch.tensor([1.3, 1.1]))
