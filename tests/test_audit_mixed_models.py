@@ -217,3 +217,31 @@ def test_group_noise_names_bad_groups_keyword():
             likelihood(f, groups=bad)
     for good in ([2, 0], (2, 0), np.array([2, 0]), torch.tensor([2, 0])):
         torch.testing.assert_close(likelihood(f, groups=good).variance.detach(), torch.tensor([1.3, 1.1]))
+
+
+def test_interaction_as_its_own_id_column():
+    """docs/mixed.md, "Interactions": ``(1 | g1:g2)`` as a GroupKernel on ``g1 * k2 + g2`` is the product
+    ``GroupKernel(k1) * GroupKernel(k2)``, and predicts in closed form where the product warns."""
+    generator = torch.Generator().manual_seed(4)
+    n, k1, k2 = 150, 6, 4
+    g1, g2 = torch.randint(0, k1, (n,), generator=generator), torch.randint(0, k2, (n,), generator=generator)
+    x = torch.stack([g1, g2, g1 * k2 + g2], -1).to(DTYPE)
+    y = torch.randn(n, generator=generator, dtype=DTYPE)
+    product = GroupKernel(k1, active_dims=[0]) * GroupKernel(k2, active_dims=[1])
+    pair = GroupKernel(k1 * k2, active_dims=[2])
+    models = [GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).to(DTYPE) for kernel in (product, pair)]
+    product.kernels[0].var, product.kernels[1].var, pair.var = 0.6, 1.5, 0.9
+    losses = [gpytorch.mlls.ExactMarginalLogLikelihood(m.likelihood, m)(m(x), y) for m in models]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
+    xt = torch.tensor([[0, 0], [5, 3], [2, 1]], dtype=DTYPE)
+    xt = torch.cat([xt, (xt[:, :1] * k2 + xt[:, 1:])], -1)
+    for m in models:
+        m.eval()
+    with torch.no_grad(), pytest.warns(ClosedFormFallbackWarning, match="prediction at new inputs"):
+        expected = models[0](xt)
+        expected_mean, expected_variance = expected.mean, expected.variance
+    with warnings.catch_warnings(), closed_forms_only(n), torch.no_grad(), gpytorch.settings.max_cholesky_size(0):
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        pred = models[1](xt)
+        torch.testing.assert_close(pred.mean, expected_mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(pred.variance, expected_variance, rtol=1e-10, atol=1e-12)
