@@ -13,7 +13,7 @@ likelihood, its gradient and predictions cost O(n + k^3) with k = 864 groups, no
     python examples/grouped_gp.py            # full data, writes docs/results/gp_examples/grouped_weather.png
     python examples/grouped_gp.py --smoke    # a few seconds on a subsample, writes to a temporary directory
 
-Printed: held-out RMSE / NLPD (deg F) of the GP and of the raw per-group training mean.
+Printed: the held-out RMSE (deg F) and NLPD of the GP, and the RMSE of the raw per-group training mean.
 """
 
 from __future__ import annotations
