@@ -172,8 +172,9 @@ def test_unseen_levels_of_a_rank_kernel_keep_their_initial_rows(num_groups):
         torch.testing.assert_close(pred.covariance_matrix, torch.diag(kernel.var[unseen]), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["ScaleKernel", "ScaleKernel(ScaleKernel)"])
 @pytest.mark.parametrize("batch", [torch.Size(), torch.Size([2])])
-def test_scaled_random_slope_predicts_in_closed_form(batch):
+def test_scaled_random_slope_predicts_in_closed_form(batch, nested):
     """``ScaleKernel(GroupKernel(k, slope=True)) + GroupKernel(...)``: the scaled slope's cross covariance
     ``c (A P^T diag(x))`` was not recognised at new inputs, so prediction left the closed form (GPyTorch's
     ``t x n`` path, with a ClosedFormFallbackWarning); an intercept or a factor in a ScaleKernel was."""
@@ -183,10 +184,13 @@ def test_scaled_random_slope_predicts_in_closed_form(batch):
     x = torch.stack([torch.randn(n, generator=generator, dtype=DTYPE), g1.to(DTYPE), g2.to(DTYPE)], -1)
     y = torch.randn(n, generator=generator, dtype=DTYPE)
     slopes = GroupKernel(31, slope=True, active_dims=[1, 0], batch_shape=batch)
-    kernel = gpytorch.kernels.ScaleKernel(slopes, batch_shape=batch) + GroupKernel(5, active_dims=[2])
+    inner = gpytorch.kernels.ScaleKernel(slopes, batch_shape=batch) if nested else slopes
+    kernel = gpytorch.kernels.ScaleKernel(inner, batch_shape=batch) + GroupKernel(5, active_dims=[2])
     model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(batch_shape=batch), kernel).to(DTYPE)
     with torch.no_grad():
         kernel.kernels[0].outputscale = torch.tensor([0.7, 1.9][: max(1, batch.numel())], dtype=DTYPE).reshape(batch)
+        if nested:
+            inner.outputscale = torch.tensor([1.3, 0.4][: max(1, batch.numel())], dtype=DTYPE).reshape(batch)
         slopes.var = torch.tensor([0.8, 0.3], dtype=DTYPE)
         slopes.corr = -0.4
     model.likelihood.noise = 0.2

@@ -593,6 +593,8 @@ def _cross_pieces(op, out: list[_Piece]) -> bool:
             return True
     if isinstance(op, ConstantMulLinearOperator):  # a ScaleKernel around a random slope or a group kernel's factor
         base, c = op.base_linear_op, op.expanded_constant
+        while isinstance(base, ConstantMulLinearOperator):  # nested ScaleKernels: one constant
+            base, c = base.base_linear_op, c * base.expanded_constant
         if (
             isinstance(base, MatmulLinearOperator)
             and isinstance(base.left_linear_op, BlockCrossLinearOperator)
