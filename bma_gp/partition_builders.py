@@ -387,13 +387,13 @@ def _string_ids_as_integers(ids):
                 "ids hold missing values (None or pandas NA); drop those rows or give them a group id of their own."
             )
         return ids
-    for position, x in enumerate(flat):  # None, NaN and pandas' NA: a missing label, not another kind of id
-        if x is None or (isinstance(x, float) and x != x) or type(x).__name__ == "NAType":
-            raise ValueError(
-                f"ids hold a missing label ({x!r}) at position {position}; every point needs a group: fill the "
-                "missing labels in (for example with a level of their own, such as 'unknown') or drop those rows."
-            )
     if not all(strings):
+        for position, x in enumerate(flat):  # None, NaN and pandas' NA: a missing label, not another kind of id
+            if x is None or (isinstance(x, float) and x != x) or type(x).__name__ == "NAType":
+                raise ValueError(
+                    f"ids hold a missing label ({x!r}) at position {position}; every point needs a group: fill the "
+                    "missing labels in (for example with a level of their own, such as 'unknown') or drop those rows."
+                )
         raise ValueError(
             "ids mix strings with other objects; pass one kind of group id (all strings, or all integers)."
         )
