@@ -249,3 +249,39 @@ def test_interaction_as_its_own_id_column():
         pred = models[1](xt)
         torch.testing.assert_close(pred.mean, expected_mean, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(pred.variance, expected_variance, rtol=1e-10, atol=1e-12)
+
+
+class SVGP(gpytorch.models.ApproximateGP):
+    def __init__(self, inducing):
+        distribution = gpytorch.variational.CholeskyVariationalDistribution(inducing.shape[0])
+        super().__init__(gpytorch.variational.VariationalStrategy(self, inducing, distribution))
+        self.mean_module = gpytorch.means.ZeroMean()
+        self.covar_module = gpytorch.kernels.RBFKernel(active_dims=[0])
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def test_per_group_noise_in_a_minibatch_elbo():
+    """A variational ELBO passes the likelihood no inputs, so a minibatch needs ``groups=``; the errors for the
+    missing or mismatched ids now say so, and with it the expected log likelihood uses each point's noise."""
+    x, y = grouped_data(n=60)
+    model = SVGP(x[:8].clone()).to(DTYPE)
+    likelihood = GroupGaussianLikelihood(6, group_dim=1, train_inputs=x).to(DTYPE)
+    likelihood.noise = torch.linspace(0.1, 0.6, 6, dtype=DTYPE)
+    elbo = gpytorch.mlls.VariationalELBO(likelihood, model, num_data=60)
+    batch = slice(10, 30)
+    output = model(x[batch])
+    with pytest.raises(ValueError, match=r"hold 60 points but the distribution has 20.*groups=ids_batch"):
+        elbo(output, y[batch])
+    bare = gpytorch.mlls.VariationalELBO(GroupGaussianLikelihood(6, group_dim=1).to(DTYPE), model, num_data=60)
+    with pytest.raises(ValueError, match=r"elbo\(output, y, groups=ids\)"):
+        bare(output, y[batch])
+    ids = x[batch, 1].long()
+    value = elbo(output, y[batch], groups=ids)
+    noise = likelihood.noise.detach()[ids]
+    expected_log_lik = -0.5 * (
+        torch.log(2 * torch.pi * noise) + ((y[batch] - output.mean) ** 2 + output.variance) / noise
+    )
+    kl = model.variational_strategy.kl_divergence().div(60)
+    torch.testing.assert_close(value, expected_log_lik.mean() - kl, rtol=1e-10, atol=1e-12)
