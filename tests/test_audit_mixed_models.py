@@ -285,3 +285,14 @@ def test_per_group_noise_in_a_minibatch_elbo():
     )
     kl = model.variational_strategy.kl_divergence().div(60)
     torch.testing.assert_close(value, expected_log_lik.mean() - kl, rtol=1e-10, atol=1e-12)
+
+
+def test_slope_kernel_with_swapped_columns_says_which_comes_first():
+    """``active_dims=[x_col, id_col]`` (the covariate first) is the likeliest mistake with ``slope=True``; the error
+    names the order. The intercept-only message stays as it was."""
+    x = torch.tensor([[0.37, 1.0], [1.2, 2.0]])
+    with pytest.raises(ValueError, match=r"holds 0\.37.*active_dims=\[id_column, covariate_column\], in that order"):
+        GroupKernel(5, slope=True, active_dims=[0, 1])(x).to_dense()
+    assert GroupKernel(5, slope=True, active_dims=[1, 0])(x).to_dense().shape == (2, 2)
+    with pytest.raises(ValueError, match=r"holds 0\.37.*num_groups - 1 = 4\.$"):
+        GroupKernel(5, active_dims=[0])(x).to_dense()

@@ -445,7 +445,15 @@ class GroupKernel(Kernel):
                 f"{name} must hold one column of group ids, shape (*batch, n, 1), got {tuple(x.shape)}; "
                 "select the id column with active_dims=[j]."
             )
-        return check_group_ids(x[..., 0], self.num_groups, name)
+        try:
+            return check_group_ids(x[..., 0], self.num_groups, name)
+        except ValueError as err:
+            if not self.slope:
+                raise
+            raise ValueError(  # the likeliest cause: the columns swapped, covariate first
+                f"{err} With slope=True the first of the two columns is the group id: "
+                "active_dims=[id_column, covariate_column], in that order."
+            ) from None
 
     def slope_covariate(self, x: Tensor, name: str = "x") -> Tensor:
         """The covariate column of ``x`` (*batch, n, 2) of a kernel with ``slope=True``. # shape: (*batch, n)"""
