@@ -210,7 +210,7 @@ def test_builders_refuse_what_is_not_an_integer(call, match):
 def test_group_ids_in_a_float_too_narrow_for_them_are_refused(dtype, large):
     """2049 and 2048 are one value in float16: the ids were merged silently (only float32 and float64 were checked)."""
     ids = torch.tensor([large, large - 1, 1.0], dtype=dtype)
-    with pytest.raises(ValueError, match=f"ids of dtype {dtype} this large are not exact integers"):
+    with pytest.raises(ValueError, match=f"ids of dtype {dtype} from \\d+ on are not exact integers"):
         group_partition(ids)
     assert group_partition(torch.tensor([large - 2, 1.0], dtype=dtype)).num_blocks == 2  # below 2 / eps: exact
 
