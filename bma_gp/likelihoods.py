@@ -159,8 +159,9 @@ class GroupNoise(Noise):
         if shape is not None and ids.shape[-1] != shape[-1]:
             raise ValueError(
                 f"the group ids hold {ids.shape[-1]} points but the distribution has {shape[-1]}; pass the inputs of "
-                "these points (likelihood(model(x), x)) or their group ids (groups=ids; for a minibatch of a variational "
-                "ELBO, elbo(output, y_batch, groups=ids_batch)), or update the training inputs (set_train_inputs)."
+                "these points (likelihood(model(x), x)) or their group ids (groups=ids; for a minibatch of a "
+                "variational ELBO, elbo(output, y_batch, groups=ids_batch)), or update the training inputs "
+                "(set_train_inputs)."
             )
         return ids
 

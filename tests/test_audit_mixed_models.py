@@ -13,7 +13,6 @@ import torch
 
 from bma_gp import ClosedFormFallbackWarning, GroupGaussianLikelihood, GroupKernel
 from bma_gp.partition_builders import group_partition
-
 from closed_form_guard import closed_forms_only
 from gp_reference import GP, dense_copy, dense_prediction
 
