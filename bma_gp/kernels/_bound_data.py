@@ -100,6 +100,24 @@ def check_bound_data(strategy: DefaultPredictionStrategy) -> None:
             )
 
 
+def _moved(strategy: DefaultPredictionStrategy, model) -> bool:
+    """Whether ``model`` was moved to another dtype or device (``model.double()``, ``model.to(...)``) after its
+    prediction strategy was built. ``ExactGP._apply`` converts the training data and the parameters but keeps the
+    strategy, whose solves stay in the old dtype: GPyTorch's own strategy then fails on the dtype mismatch, while
+    the block mean strategies promoted their float32 solves into float64 results with float32 accuracy (or kept
+    float64 caches in a model moved to float32)."""
+    from bma_gp.kernels.prediction_strategy import BlockMeanPredictionStrategy
+    from bma_gp.kernels.sum_prediction_strategy import SumPredictionStrategy
+
+    ours = isinstance(strategy, (BlockMeanPredictionStrategy, SumPredictionStrategy))
+    if not ours and not getattr(strategy, "_bound_data_versions", ()):
+        return False
+    old, new = strategy.train_inputs, model.train_inputs
+    if not old or not new:
+        return False
+    return any(a.dtype != b.dtype or a.device != b.device for a, b in zip(old, new))
+
+
 def install() -> None:
     """Make every :class:`~gpytorch.models.ExactGP` refuse a cached prediction strategy built before a
     :class:`~bma_gp.BlockMeanKernel` among its modules got new data (idempotent).
@@ -108,7 +126,8 @@ def install() -> None:
     are built. A model whose prior is not one lazily evaluated kernel (``covar_x.mul(covar_i)``, GPyTorch's Hadamard
     multitask model) or whose kernel takes GPyTorch's default strategy (a ``MultitaskKernel`` around a
     ``BlockMeanKernel``) gets GPyTorch's default strategy, which records nothing: the model records the versions of
-    every ``BlockMeanKernel`` among its modules on the strategy it built, and checks them before each prediction."""
+    every ``BlockMeanKernel`` among its modules on the strategy it built, and checks them before each prediction.
+    A block mean strategy built before the model was moved to another dtype or device is dropped and rebuilt."""
     from gpytorch.models import ExactGP
 
     original = ExactGP.__dict__["__call__"]
@@ -118,6 +137,8 @@ def install() -> None:
     @functools.wraps(original)
     def __call__(self, *args, **kwargs):
         strategy = self.prediction_strategy
+        if strategy is not None and not self.training and _moved(strategy, self):
+            self.prediction_strategy = strategy = None  # rebuilt in the new dtype / on the new device
         if strategy is not None and not self.training:
             check_bound_data(strategy)
         res = original(self, *args, **kwargs)

@@ -177,6 +177,13 @@ class ChunkedInducingPointKernel(InducingPointKernel):
         copied.training = self.training
         return copied
 
+    def _apply(self, fn, *args, **kwargs):
+        # GPyTorch caches K_ZZ and its inverse root in eval mode as plain attributes, which Module._apply does not
+        # convert: after model.double() (or .to(device)) the root was formed against the old dtype's inverse root
+        # and failed with "expected m1 and m2 to have the same dtype"
+        self._clear_cache()
+        return super()._apply(fn, *args, **kwargs)
+
     def _rows(self, dtype: torch.dtype) -> int:
         if self.chunk_rows is not None:
             return self.chunk_rows

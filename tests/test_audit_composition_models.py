@@ -1,0 +1,122 @@
+"""Block mean kernels composed inside GPyTorch models as a GPyTorch user builds them (SGPR plus groupings, fixed
+per-point noise, ScaleKernel / AdditiveKernel nesting), through a model's lifecycle: moving it to another dtype,
+GPyTorch's settings, fantasy models. References are dense float64 posteriors computed by hand from the kernel's
+joint matrix."""
+
+from __future__ import annotations
+
+import copy
+
+import gpytorch
+import pytest
+import torch
+from gpytorch.kernels import AdditiveKernel, RBFKernel, ScaleKernel
+
+from bma_gp import BlockMeanKernel, ChunkedInducingPointKernel, GroupKernel, Partition
+from gp_reference import GP
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:The input matches the stored training data"),
+]
+
+DTYPE = torch.float64
+N = 60
+
+
+def data():
+    """Inputs ``(x0, x1, group id)``, targets, per-point noise, a partition and test inputs with a new id (6)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 2, generator=generator, dtype=DTYPE)
+    ids = (torch.arange(N) % 5).to(DTYPE).unsqueeze(-1)
+    inputs = torch.cat([x, ids], -1)
+    y = torch.sin(x[:, 0]) + 0.3 * ids[:, 0] + 0.1 * torch.randn(N, generator=generator, dtype=DTYPE)
+    noise = 0.01 + 0.05 * torch.rand(N, generator=generator, dtype=DTYPE)
+    test_ids = torch.tensor([[0.0], [1.0], [4.0], [2.0], [6.0]], dtype=DTYPE)
+    xt = torch.cat([torch.randn(5, 2, generator=generator, dtype=DTYPE), test_ids], -1)
+    return inputs, y, noise, Partition.from_labels(torch.arange(N) % 6), xt
+
+
+def likelihood_of(kind: str, noise: torch.Tensor):
+    if kind == "gaussian":
+        likelihood = gpytorch.likelihoods.GaussianLikelihood()
+        likelihood.noise = 0.05
+        return likelihood
+    likelihood = gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise.clone(), learn_additional_noise=True)
+    likelihood.second_noise = 0.02
+    return likelihood
+
+
+def sgpr(likelihood):
+    inducing = torch.linspace(-2, 2, 5, dtype=DTYPE).unsqueeze(-1)
+    return ChunkedInducingPointKernel(ScaleKernel(RBFKernel()), inducing, likelihood, active_dims=[0])
+
+
+def block_mean(inputs, partition):
+    return BlockMeanKernel(ScaleKernel(RBFKernel(active_dims=[0, 1])), inputs, partition)
+
+
+KERNELS = {
+    "ScaleKernel(BlockMeanKernel)": lambda inputs, partition, likelihood: ScaleKernel(block_mean(inputs, partition)),
+    "GroupKernel": lambda inputs, partition, likelihood: GroupKernel(7, active_dims=[2]),
+    "ChunkedInducingPointKernel + GroupKernel": lambda inputs, partition, likelihood: (
+        sgpr(likelihood) + GroupKernel(7, active_dims=[2])
+    ),
+    "ChunkedInducingPointKernel + BlockMeanKernel": lambda inputs, partition, likelihood: (
+        sgpr(likelihood) + block_mean(inputs, partition)
+    ),
+    "ScaleKernel(AdditiveKernel(GroupKernel, ScaleKernel(BlockMeanKernel)))": lambda inputs, partition, likelihood: (
+        ScaleKernel(AdditiveKernel(GroupKernel(7, active_dims=[2]), ScaleKernel(block_mean(inputs, partition))))
+    ),
+}
+
+
+def model_of(name: str, noise_kind: str) -> GP:
+    inputs, y, noise, partition, _ = data()
+    likelihood = likelihood_of(noise_kind, noise)
+    return GP(inputs, y, likelihood, KERNELS[name](inputs, partition, likelihood)).to(DTYPE)
+
+
+def predict(model: GP, x: torch.Tensor):
+    with torch.no_grad():
+        pred = model(x)
+        return pred.mean, pred.variance
+
+
+# ---------------------------------------------------------------------------- moving a model to another dtype
+@pytest.mark.parametrize("noise_kind", ["gaussian", "fixed"])
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_model_moved_to_float64_after_predicting_in_float32_predicts_in_float64(name, noise_kind):
+    """``model.double()`` after a float32 prediction: ExactGP._apply converts the data and the parameters but keeps
+    the cached prediction strategy. The block mean strategies then promoted their float32 solves into float64
+    results with float32 accuracy (errors 1e-7, silently), and ChunkedInducingPointKernel's cached inverse root of
+    K_ZZ failed with "expected m1 and m2 to have the same dtype"."""
+    _, _, _, _, xt = data()
+    model = model_of(name, noise_kind).float()
+    model.eval()
+    predict(model, xt.float())
+    model.double()
+    mean, variance = predict(model, xt)
+    assert mean.dtype == variance.dtype == DTYPE
+
+    reference = copy.deepcopy(model)  # the same float64 model, its caches built afresh
+    reference.train()
+    reference.eval()
+    ref_mean, ref_variance = predict(reference, xt)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(variance, ref_variance, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "name", ["ChunkedInducingPointKernel + GroupKernel", "ChunkedInducingPointKernel + BlockMeanKernel"]
+)
+def test_sgpr_model_moved_to_float32_after_predicting_predicts_in_float32(name):
+    _, _, _, _, xt = data()
+    model = model_of(name, "fixed")
+    model.eval()
+    ref_mean, ref_variance = predict(model, xt)
+    model.float()
+    mean, variance = predict(model, xt.float())
+    assert mean.dtype == variance.dtype == torch.float32
+    torch.testing.assert_close(mean, ref_mean.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(variance, ref_variance.float(), rtol=1e-4, atol=1e-4)
