@@ -27,11 +27,22 @@ class ClosedFormFallbackWarning(UserWarning):
 
 
 def warn_dense_cholesky(op) -> None:
-    """Say that a Cholesky factor of the structured operator ``op`` is a dense ``n x n`` factorisation."""
+    """Say that a Cholesky factor of the structured operator ``op`` is a dense ``n x n`` factorisation (and, under
+    ``fast_computations(log_prob=False)``, that the setting is what asks for it: GPyTorch's
+    ``MultivariateNormal.log_prob``, the marginal likelihood, then uses torch's, which factorises the covariance)."""
+    from linear_operator import settings
+
+    cause = (
+        " gpytorch.settings.fast_computations(log_prob=False) is on: GPyTorch then computes "
+        "MultivariateNormal.log_prob (the marginal likelihood) with torch's distribution, which asks for this factor; "
+        "leave log_prob on (the default) for the closed-form inv_quad_logdet."
+        if settings.fast_computations.log_prob.off()
+        else ""
+    )
     warnings.warn(
         f"cholesky of a {type(op).__name__} (n = {op.shape[-1]}) factorises the dense n x n matrix: a triangular "
         "factor has no closed form. root_decomposition() gives a closed-form root R with R R^T = M (for sampling), "
-        "and logdet() the log-determinant (an entropy is n/2 (1 + log 2 pi) + logdet / 2).",
+        f"and logdet() the log-determinant (an entropy is n/2 (1 + log 2 pi) + logdet / 2).{cause}",
         ClosedFormFallbackWarning,
         stacklevel=4,
     )

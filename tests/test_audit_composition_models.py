@@ -6,13 +6,15 @@ joint matrix."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import gpytorch
 import pytest
 import torch
 from gpytorch.kernels import AdditiveKernel, RBFKernel, ScaleKernel
 
-from bma_gp import BlockMeanKernel, ChunkedInducingPointKernel, GroupKernel, Partition
+from bma_gp import BlockMeanKernel, ChunkedInducingPointKernel, ClosedFormFallbackWarning, GroupKernel, Partition
+from closed_form_guard import closed_forms_only
 from gp_reference import GP
 
 pytestmark = [
@@ -120,3 +122,21 @@ def test_sgpr_model_moved_to_float32_after_predicting_predicts_in_float32(name):
     assert mean.dtype == variance.dtype == torch.float32
     torch.testing.assert_close(mean, ref_mean.float(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(variance, ref_variance.float(), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- gpytorch.settings
+@pytest.mark.parametrize("noise_kind", ["gaussian", "fixed"])
+def test_dense_cholesky_warning_names_fast_computations_log_prob(noise_kind):
+    """``fast_computations(log_prob=False)`` makes GPyTorch's log_prob use torch's, which asks for a Cholesky factor:
+    training factorises the dense matrix. It warned about ``cholesky`` / ``MultivariateNormal.entropy`` only, which
+    a user who trains never called; the warning names the setting that asked for it."""
+    inputs, y, *_ = data()
+    model = model_of("ChunkedInducingPointKernel + GroupKernel", noise_kind)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    with gpytorch.settings.fast_computations(log_prob=False):
+        with pytest.warns(ClosedFormFallbackWarning, match=r"fast_computations\(log_prob=False\)"):
+            dense_loss = -mll(model(inputs), y)
+    with closed_forms_only(N), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        closed_loss = -mll(model(inputs), y)
+    torch.testing.assert_close(dense_loss, closed_loss, rtol=1e-10, atol=1e-10)
