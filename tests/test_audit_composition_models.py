@@ -140,3 +140,34 @@ def test_dense_cholesky_warning_names_fast_computations_log_prob(noise_kind):
         warnings.simplefilter("error", ClosedFormFallbackWarning)
         closed_loss = -mll(model(inputs), y)
     torch.testing.assert_close(dense_loss, closed_loss, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------- training data the kernel is not bound to
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ScaleKernel(BlockMeanKernel)",
+        "ChunkedInducingPointKernel + BlockMeanKernel",
+        "ScaleKernel(AdditiveKernel(GroupKernel, ScaleKernel(BlockMeanKernel)))",
+    ],
+)
+def test_training_on_inputs_the_block_mean_kernel_is_not_bound_to_is_refused(name):
+    """After ``model.set_train_data`` without the kernel's ``set_train_data`` the BlockMeanKernel takes the training
+    inputs for new points: the training covariance was the exact base kernel's dense n x n matrix, trained by dense
+    Cholesky with only a warning that the sum has no closed form. Eval mode raised; training now raises the same."""
+    inputs, y, *_ = data()
+    model = model_of(name, "gaussian")
+    shifted = inputs[:40].clone()
+    shifted[:, 0] += 0.5
+    model.set_train_data(shifted, y[:40], strict=False)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    with pytest.raises(ValueError, match=r"kernel\.set_train_data\(x, partition\)"):
+        mll(model(shifted), y[:40])
+
+    (kernel,) = [m for m in model.modules() if isinstance(m, BlockMeanKernel)]
+    kernel.set_train_data(shifted, Partition.from_labels(torch.arange(40) % 4))  # what the message says
+    with closed_forms_only(40), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        (-mll(model(shifted), y[:40])).backward()
+    with gpytorch.settings.debug(False):  # the prior elsewhere, in training mode, is still the model's to give
+        model(shifted[:5] + 1.0)

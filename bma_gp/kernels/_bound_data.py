@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 
+import torch
 from gpytorch.kernels import AdditiveKernel, Kernel, ProductKernel, ScaleKernel
 from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
 from torch import Tensor
@@ -59,9 +60,13 @@ def _inputs_seen(kernel: Kernel, x: Tensor | None) -> Iterator[tuple[Kernel, Ten
 def _check_training_inputs(strategy: DefaultPredictionStrategy) -> None:
     """``ValueError`` if a ``BlockMeanKernel`` in the model's kernel does not take the model's training inputs (as
     the kernels around it pass them on) for its own: it would treat them as new points, silently a different model."""
+    _check_prior(strategy.train_prior_dist.lazy_covariance_matrix)
+
+
+def _check_prior(prior) -> None:
+    """:func:`_check_training_inputs` for the prior covariance of the model at its training inputs."""
     from gpytorch.lazy import LazyEvaluatedKernelTensor
 
-    prior = strategy.train_prior_dist.lazy_covariance_matrix
     if not isinstance(prior, LazyEvaluatedKernelTensor):
         return
     # from the model's kernel (``kernel`` may be inside it: a ScaleKernel hands its base kernel's strategy on), whose
@@ -118,6 +123,15 @@ def _moved(strategy: DefaultPredictionStrategy, model) -> bool:
     return any(a.dtype != b.dtype or a.device != b.device for a, b in zip(old, new))
 
 
+def _is_training_call(model, args) -> bool:
+    """Whether ``model(*args)`` was called on the model's training inputs (in training mode GPyTorch's debug check
+    demands it; without the check a model may be evaluated elsewhere, which is its prior there)."""
+    inputs = [a.unsqueeze(-1) if torch.is_tensor(a) and a.dim() == 1 else a for a in args]
+    return len(inputs) == len(model.train_inputs) and all(
+        torch.is_tensor(a) and a.shape == t.shape and torch.equal(a, t) for a, t in zip(inputs, model.train_inputs)
+    )
+
+
 def install() -> None:
     """Make every :class:`~gpytorch.models.ExactGP` refuse a cached prediction strategy built before a
     :class:`~bma_gp.BlockMeanKernel` among its modules got new data (idempotent).
@@ -127,7 +141,10 @@ def install() -> None:
     multitask model) or whose kernel takes GPyTorch's default strategy (a ``MultitaskKernel`` around a
     ``BlockMeanKernel``) gets GPyTorch's default strategy, which records nothing: the model records the versions of
     every ``BlockMeanKernel`` among its modules on the strategy it built, and checks them before each prediction.
-    A block mean strategy built before the model was moved to another dtype or device is dropped and rebuilt."""
+    A block mean strategy built before the model was moved to another dtype or device is dropped and rebuilt. In
+    training mode a model whose training inputs a ``BlockMeanKernel`` in it is not bound to raises the same
+    ``ValueError`` as in eval mode (the kernel would take them for new points: the exact base kernel, trained
+    densely)."""
     from gpytorch.models import ExactGP
 
     original = ExactGP.__dict__["__call__"]
@@ -142,6 +159,10 @@ def install() -> None:
         if strategy is not None and not self.training:
             check_bound_data(strategy)
         res = original(self, *args, **kwargs)
+        if self.training and self.train_inputs is not None and _is_training_call(self, args):
+            # a training covariance on inputs the BlockMeanKernel takes for new points is the exact base kernel's
+            # (an n x n dense matrix, trained by dense Cholesky / CG): refused here, as in eval mode
+            _check_prior(getattr(res, "lazy_covariance_matrix", None))
         strategy = self.prediction_strategy
         if strategy is not None and not hasattr(strategy, "_bound_data_versions"):
             from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
