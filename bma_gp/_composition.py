@@ -245,7 +245,7 @@ def _build(parts: _Parts, like: LinearOperator) -> LinearOperator:
             batch = torch.broadcast_shapes(*(r.shape[:-2] for r in tensors))
             root = torch.cat([r.expand(*batch, *r.shape[-2:]) for r in tensors], dim=-1)
     if root is None and len(terms) == 1 and terms[0][2] is None:
-        single = _as_block_mean(diag, terms[0][0], terms[0][1])
+        single = _as_block_mean(parts, terms[0][0], terms[0][1])
         if single is not None:
             return single
     return BlockMeanSumLinearOperator(
@@ -258,20 +258,40 @@ def _build(parts: _Parts, like: LinearOperator) -> LinearOperator:
     )
 
 
-def _as_block_mean(diag: Tensor, partition: Partition, B: Tensor | _Diagonal) -> BlockMeanLinearOperator | None:
+def _as_block_mean(parts: _Parts, partition: Partition, B: Tensor | _Diagonal) -> BlockMeanLinearOperator | None:
     """A diagonal constant inside every block keeps the single-partition operator and all its matrix
-    functions. Only taken when ``diag`` needs no gradient (gradients of individual entries differ)."""
-    if torch.is_grad_enabled() and diag.requires_grad:
+    functions. The offsets constant in the blocks by construction (the operator's own ``lam``, a scalar noise) are
+    added to ``lam`` whatever needs gradients; the per-point rest (a fixed noise vector, offsets over other
+    partitions) only when it needs no gradient (gradients of individual entries differ)."""
+    lam = None
+    rest = list(parts.diag)
+    for p, value in parts.lams:
+        if p.same_as(partition):
+            lam = value if lam is None else lam + value
+        else:
+            rest.append(p.expand(value, dim=-1))
+    for c in parts.scalars:
+        lam = c if lam is None else lam + c
+    if rest:
+        diag = rest[0]
+        for d in rest[1:]:
+            diag = diag + d
+        if torch.is_grad_enabled() and diag.requires_grad:
+            return None
+        # the largest and smallest entry of each block: equal exactly when d is constant there (an average of equal
+        # entries need not round back to them: 7 entries of 0.1 average to 0.1 + 1 ulp)
+        index = partition.labels.expand_as(diag)
+        shape = (*diag.shape[:-1], partition.num_blocks)
+        high = diag.new_zeros(shape).scatter_reduce(-1, index, diag, "amax", include_self=False)
+        low = diag.new_zeros(shape).scatter_reduce(-1, index, diag, "amin", include_self=False)
+        if not bool((high == low).all()):
+            return None
+        lam = high if lam is None else lam + high
+    if lam is None:
         return None
-    # the largest and smallest entry of each block: equal exactly when d is constant there (an average of equal
-    # entries need not round back to them: 7 entries of 0.1 average to 0.1 + 1 ulp)
-    index = partition.labels.expand_as(diag)
-    shape = (*diag.shape[:-1], partition.num_blocks)
-    high = diag.new_zeros(shape).scatter_reduce(-1, index, diag, "amax", include_self=False)
-    low = diag.new_zeros(shape).scatter_reduce(-1, index, diag, "amin", include_self=False)
-    if not bool((high == low).all()):
-        return None
-    return _block_mean(high, B, partition)
+    if lam.shape[-1] != partition.num_blocks:  # scalars alone, shape (*batch, 1)
+        lam = lam.expand(*lam.shape[:-1], partition.num_blocks)
+    return _block_mean(lam, B, partition)
 
 
 def add_structured(left, right) -> LinearOperator | None:

@@ -171,3 +171,39 @@ def test_training_on_inputs_the_block_mean_kernel_is_not_bound_to_is_refused(nam
         (-mll(model(shifted), y[:40])).backward()
     with gpytorch.settings.debug(False):  # the prior elsewhere, in training mode, is still the model's to give
         model(shifted[:5] + 1.0)
+
+
+# ---------------------------------------------------------------------------- docs/gp.md's composition table
+def test_fixed_noise_constant_in_every_block_keeps_one_block_mean_operator_in_training():
+    """docs/gp.md: ``FixedNoiseGaussianLikelihood`` with a noise constant in every block (and needing no gradient)
+    gives a ``BlockMeanLinearOperator``. In training it gave a ``BlockMeanSumLinearOperator``: the kernel's own
+    ``lam`` (which needs gradients) was merged with the noise into one per-point diagonal, and a diagonal that needs
+    gradients is not folded. The operator's ``lam`` is constant in its blocks by construction and is folded whatever
+    needs gradients; the marginal likelihood and its gradient are the dense ones."""
+    import math
+
+    from bma_gp import BlockMeanLinearOperator
+
+    inputs, y, _, partition, _ = data()
+    noise = 0.01 * (1 + partition.labels.to(DTYPE))  # one value per block of the BlockMeanKernel's partition
+    likelihood = gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise, learn_additional_noise=False)
+    model = GP(inputs, y, likelihood, ScaleKernel(block_mean(inputs, partition))).to(DTYPE)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+    k = partition.num_blocks
+    with closed_forms_only(k + 1):  # nothing larger than the k x k core is factorised
+        covariance = likelihood(model(inputs)).lazy_covariance_matrix
+        assert isinstance(covariance, BlockMeanLinearOperator)
+        loss = -mll(model(inputs), y)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    prior = model(inputs)
+    dense = prior.lazy_covariance_matrix.to_dense() + torch.diag(noise)
+    residual = y - prior.mean
+    log_likelihood = -0.5 * (
+        residual @ torch.linalg.solve(dense, residual) + torch.logdet(dense) + N * math.log(2 * math.pi)
+    )
+    ref_loss = -log_likelihood / N
+    ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-10)
