@@ -207,3 +207,40 @@ def test_fixed_noise_constant_in_every_block_keeps_one_block_mean_operator_in_tr
     torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
     for grad, ref_grad in zip(grads, ref_grads):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------- fantasy models
+@pytest.mark.parametrize("noise_kind", ["gaussian", "fixed"])
+def test_fantasy_model_of_sgpr_plus_groups_equals_the_dense_posterior_on_the_joint_data(noise_kind):
+    """docs/gp.md, section 4: sums take GPyTorch's fantasy update (with ChunkedInducingPointKernel; GPyTorch's own
+    InducingPointKernel copies itself into training mode). The fantasy model's prediction is the dense posterior on
+    the training and fantasy points together, and nothing of the size of the data is factorised."""
+    inputs, y, _, _, xt = data()
+    model = model_of("ChunkedInducingPointKernel + GroupKernel", noise_kind)
+    model.eval()
+    new_x = torch.tensor([[0.3, -0.2, 1.0], [1.1, 0.4, 6.0], [-0.7, 0.0, 2.0]], dtype=DTYPE)
+    new_y = torch.tensor([0.5, -1.0, 0.2], dtype=DTYPE)
+    new_noise = torch.full((3,), 0.03, dtype=DTYPE)
+    kwargs = {} if noise_kind == "gaussian" else {"noise": new_noise}
+    with torch.no_grad(), closed_forms_only(N):
+        model(xt)
+        fantasy = model.get_fantasy_model(new_x, new_y, **kwargs)
+        pred = fantasy(xt)
+        mean, covariance = pred.mean, pred.covariance_matrix
+
+    with torch.no_grad():
+        joint = torch.cat([inputs, new_x, xt])
+        prior = model.covar_module(joint).to_dense()
+        prior_mean = model.mean_module(joint)
+        noise = model.likelihood.noise.expand(N)
+        if noise_kind == "gaussian":
+            noise = torch.cat([noise, noise[:3]])
+        else:  # the given fixed noise plus the learned second noise
+            noise = torch.cat([noise, new_noise + model.likelihood.second_noise])
+    m = N + 3
+    train = prior[:m, :m] + torch.diag(noise)
+    cross = prior[m:, :m]
+    ref_mean = prior_mean[m:] + cross @ torch.linalg.solve(train, torch.cat([y, new_y]) - prior_mean[:m])
+    ref_covariance = prior[m:, m:] - cross @ torch.linalg.solve(train, cross.mT)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(covariance, ref_covariance, rtol=1e-8, atol=1e-9)
