@@ -244,3 +244,48 @@ def test_fantasy_model_of_sgpr_plus_groups_equals_the_dense_posterior_on_the_joi
     ref_covariance = prior[m:, m:] - cross @ torch.linalg.solve(train, cross.mT)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-9)
     torch.testing.assert_close(covariance, ref_covariance, rtol=1e-8, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------- multitask
+class MultitaskGP(gpytorch.models.ExactGP):
+    def __init__(self, x, y, likelihood, kernel):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.MultitaskMean(gpytorch.means.ConstantMean(), num_tasks=2)
+        self.covar_module = kernel
+
+    def forward(self, x):
+        return gpytorch.distributions.MultitaskMultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def test_group_kernel_in_a_multitask_kernel_says_where_its_active_dims_go():
+    """GPyTorch's MultitaskKernel calls its data kernel's forward, which skips active_dims: a GroupKernel given
+    active_dims=[2] received all three columns and asked for "active_dims=[j]", which the user had set. The message
+    says the setting was bypassed and where it goes; with it there, the model predicts as the dense reference."""
+    inputs, y, _, _, xt = data()
+    targets = torch.stack([y, torch.cos(inputs[:, 0])], -1)
+
+    def model_with(kernel):
+        likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=2, rank=0)
+        return MultitaskGP(inputs, targets, likelihood, kernel).to(DTYPE)
+
+    model = model_with(gpytorch.kernels.MultitaskKernel(GroupKernel(7, active_dims=[2]), num_tasks=2))
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    with pytest.raises(ValueError, match=r"active_dims=\[2\] were not applied.*MultitaskKernel\(GroupKernel"):
+        mll(model(inputs), targets)
+
+    model = model_with(gpytorch.kernels.MultitaskKernel(GroupKernel(7), num_tasks=2, active_dims=[2]))
+    model.eval()
+    with torch.no_grad():
+        pred = model(xt)
+        mean, variance = pred.mean.reshape(-1), pred.variance.reshape(-1)
+        joint = torch.cat([inputs, xt])
+        prior = model.covar_module(joint).to_dense()  # interleaved: (point, task)
+        prior_mean = model.mean_module(joint)
+        noise = model.likelihood._shaped_noise_covar((N, 2)).to_dense()
+    m = 2 * N
+    train = prior[:m, :m] + noise
+    cross = prior[m:, :m]
+    ref_mean = prior_mean[N:].reshape(-1) + cross @ torch.linalg.solve(train, (targets - prior_mean[:N]).reshape(-1))
+    ref_variance = prior[m:, m:].diagonal() - (cross * torch.linalg.solve(train, cross.mT).mT).sum(-1)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(variance, ref_variance, rtol=1e-8, atol=1e-9)

@@ -436,14 +436,24 @@ class GroupKernel(Kernel):
             raise TypeError(f"{name} must be a tensor of group ids, got {type(x).__name__}.")
         columns = 2 if self.slope else 1
         if x.dim() < 2 or x.shape[-1] != columns:
+            dims = self.active_dims
+            # active_dims set, yet the columns arrive unselected: the kernel's forward was called by a container that
+            # skips Kernel.__call__ (GPyTorch's MultitaskKernel), where its active_dims have no effect
+            bypassed = (
+                ""
+                if dims is None or x.dim() < 2 or x.shape[-1] == len(dims)
+                else f" This kernel's active_dims={dims.tolist()} were not applied: a kernel that calls its forward "
+                "directly (GPyTorch's MultitaskKernel) ignores them; set active_dims on that kernel instead, e.g. "
+                "MultitaskKernel(GroupKernel(k), num_tasks=t, active_dims=[j])."
+            )
             if self.slope:
                 raise ValueError(
                     f"{name} must hold two columns, the group id and the slope covariate, shape (*batch, n, 2), "
-                    f"got {tuple(x.shape)}; select them with active_dims=[id_column, covariate_column]."
+                    f"got {tuple(x.shape)}; select them with active_dims=[id_column, covariate_column].{bypassed}"
                 )
             raise ValueError(
                 f"{name} must hold one column of group ids, shape (*batch, n, 1), got {tuple(x.shape)}; "
-                "select the id column with active_dims=[j]."
+                f"select the id column with active_dims=[j].{bypassed}"
             )
         try:
             return check_group_ids(x[..., 0], self.num_groups, name)
