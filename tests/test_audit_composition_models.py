@@ -289,3 +289,36 @@ def test_group_kernel_in_a_multitask_kernel_says_where_its_active_dims_go():
     ref_variance = prior[m:, m:].diagonal() - (cross * torch.linalg.solve(train, cross.mT).mT).sum(-1)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-9)
     torch.testing.assert_close(variance, ref_variance, rtol=1e-8, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------- gradients of repeated predictions
+@pytest.mark.parametrize(
+    ("name", "noise_kind"),
+    [
+        ("ScaleKernel(BlockMeanKernel)", "fixed"),
+        ("ChunkedInducingPointKernel + GroupKernel", "gaussian"),
+        ("ChunkedInducingPointKernel + BlockMeanKernel", "fixed"),
+    ],
+)
+def test_repeated_predictions_differentiate_with_respect_to_the_test_inputs(name, noise_kind):
+    """An acquisition function is optimised by predicting and differentiating with respect to the test inputs again
+    and again (eval mode, ``detach_test_caches`` on, GPyTorch's default). The sums' weight ``W`` was rebuilt per call
+    from GPyTorch's memoised training covariance, and ChunkedInducingPointKernel kept the inverse root of ``K_ZZ``
+    with its graph: the second backward pass failed with "Trying to backward through the graph a second time". The
+    gradients equal those of GPyTorch's dense path on the same model."""
+    from gp_reference import dense_copy
+
+    _, _, _, _, xt = data()
+    model = model_of(name, noise_kind)
+    model.eval()
+    reference = dense_copy(model)
+    for step in range(3):
+        grads = []
+        for m in (model, reference):
+            x = torch.cat([xt[:, :2] + 0.1 * step, xt[:, 2:]], -1).requires_grad_(True)  # new smooth inputs
+            with warnings.catch_warnings(), gpytorch.settings.max_cholesky_size(10**6):
+                warnings.simplefilter("ignore", ClosedFormFallbackWarning)  # the reference's dense solves
+                pred = m(x)
+                (pred.mean.sum() + pred.variance.sqrt().sum()).backward()
+            grads.append(x.grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-7, atol=1e-9)

@@ -37,6 +37,7 @@ from linear_operator.operators import (
     LowRankRootLinearOperator,
     MatmulLinearOperator,
 )
+from linear_operator.utils.cholesky import psd_safe_cholesky
 from torch import Tensor
 
 from bma_gp.kernels._rbf_gram import LazyRootOperator, RBFRootFactor, TraceTerm
@@ -183,6 +184,21 @@ class ChunkedInducingPointKernel(InducingPointKernel):
         # and failed with "expected m1 and m2 to have the same dtype"
         self._clear_cache()
         return super()._apply(fn, *args, **kwargs)
+
+    @property
+    def _inducing_inv_root(self) -> Tensor:
+        # GPyTorch keeps the inverse root of K_ZZ in eval mode with its autograd graph, which the first gradient of a
+        # prediction frees: a second prediction's backward pass (optimising test inputs, as an acquisition function
+        # does) failed with "Trying to backward through the graph a second time". With autograd on it is formed
+        # afresh (an m x m Cholesky, as in training) and kept only when formed without a graph.
+        if self.training or not torch.is_grad_enabled():
+            return super()._inducing_inv_root
+        chol = psd_safe_cholesky(to_dense(self.base_kernel(self.inducing_points, self.inducing_points)), upper=True)
+        eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+        inv_root = torch.linalg.solve_triangular(chol, eye, upper=True)
+        if inv_root.grad_fn is None:
+            self._cached_kernel_inv_root = inv_root
+        return inv_root
 
     def _rows(self, dtype: torch.dtype) -> int:
         if self.chunk_rows is not None:

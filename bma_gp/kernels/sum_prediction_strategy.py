@@ -869,7 +869,7 @@ def _posterior_coefficients(strategy: DefaultPredictionStrategy, M: BlockMeanSum
 def _new_input_weight(strategy: DefaultPredictionStrategy) -> tuple[BlockMeanSumLinearOperator, Tensor] | None:
     """``(M, W)`` for the strategy's noisy training covariance, or None outside the family. One computed without
     autograd is kept on the strategy (GPyTorch drops the strategy when the model is trained or its data change);
-    with gradients it is rebuilt per call, as at the training inputs."""
+    with gradients (``detach_test_caches`` off) it is rebuilt per call, as at the training inputs."""
     cached = getattr(strategy, "_bma_gp_weight", None)
     if cached is not None and not torch.is_grad_enabled():
         return cached
@@ -877,6 +877,12 @@ def _new_input_weight(strategy: DefaultPredictionStrategy) -> tuple[BlockMeanSum
     M = as_sum(covar.evaluate_kernel() if isinstance(covar, LinearOperator) else covar)
     if M is None or not M._sizes() or not bool((M.diag_values > 0).all()):
         return None
+    if gpytorch_settings.detach_test_caches.on():
+        # as GPyTorch detaches the training covariance in its predictive covariance: GPyTorch memoises the kernel's
+        # evaluation, so a W rebuilt from it per call reached into the graph of the first prediction, which that
+        # prediction's backward pass had freed ("Trying to backward through the graph a second time" on the second
+        # gradient with respect to the test inputs)
+        M = M.detach()
     needs_grad = M._differentiable()
     if cached is not None and not needs_grad:
         return cached
