@@ -123,6 +123,18 @@ def _moved(strategy: DefaultPredictionStrategy, model) -> bool:
     return any(a.dtype != b.dtype or a.device != b.device for a, b in zip(old, new))
 
 
+def _holds_block_mean_kernel(prior) -> bool:
+    """Whether ``prior`` is a lazily evaluated kernel with a :class:`~bma_gp.BlockMeanKernel` in it (any other model
+    is left without the row comparison of :func:`_is_training_call`)."""
+    from gpytorch.lazy import LazyEvaluatedKernelTensor
+
+    from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
+
+    if not isinstance(prior, LazyEvaluatedKernelTensor):
+        return False
+    return any(isinstance(module, BlockMeanKernel) for module in prior.kernel.modules())
+
+
 def _is_training_call(model, args) -> bool:
     """Whether ``model(*args)`` was called on the model's training inputs (in training mode GPyTorch's debug check
     demands it; without the check a model may be evaluated elsewhere, which is its prior there)."""
@@ -159,10 +171,12 @@ def install() -> None:
         if strategy is not None and not self.training:
             check_bound_data(strategy)
         res = original(self, *args, **kwargs)
-        if self.training and self.train_inputs is not None and _is_training_call(self, args):
-            # a training covariance on inputs the BlockMeanKernel takes for new points is the exact base kernel's
-            # (an n x n dense matrix, trained by dense Cholesky / CG): refused here, as in eval mode
-            _check_prior(getattr(res, "lazy_covariance_matrix", None))
+        if self.training and self.train_inputs is not None:
+            prior = getattr(res, "lazy_covariance_matrix", None)
+            if _holds_block_mean_kernel(prior) and _is_training_call(self, args):
+                # a training covariance on inputs the BlockMeanKernel takes for new points is the exact base kernel's
+                # (an n x n dense matrix, trained by dense Cholesky / CG): refused here, as in eval mode
+                _check_prior(prior)
         strategy = self.prediction_strategy
         if strategy is not None and not hasattr(strategy, "_bound_data_versions"):
             from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
