@@ -201,10 +201,41 @@ def _offsets_and_block(op: BlockMeanLinearOperator) -> tuple[Tensor, Tensor | _D
     return lam, op.B + torch.diag_embed(moved) if b is None else _Diagonal(b + moved)
 
 
+def _unify(parts: _Parts, like: LinearOperator) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of the sum of the collected pieces, every piece cast to that dtype in place: the one
+    torch's type promotion gives (as for ``a + b`` of two tensors; a sum over one partition, ``M1 + M2``, adds
+    its ``lam`` and ``B`` that way too). Summands on different devices raise a ``ValueError`` that names them."""
+    tensors = [*parts.diag, *parts.scalars, *(lam for _, lam in parts.lams), *parts.roots]
+    tensors += [B.values if isinstance(B, _Diagonal) else B for _, B, _ in parts.terms]
+    devices = list(dict.fromkeys(str(t.device) for t in tensors))
+    if len(devices) > 1:
+        raise ValueError(
+            f"the summands of this sum are on different devices ({', '.join(devices)}): move them to one device "
+            "with .to(device) before adding them."
+        )
+    if not tensors:
+        return like.dtype, like.device
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+
+    def cast(t):
+        if t.dtype == dtype:
+            return t
+        return t.materialize().to(dtype) if isinstance(t, LazyRoot) else t.to(dtype)
+
+    parts.diag = [cast(t) for t in parts.diag]
+    parts.scalars = [cast(t) for t in parts.scalars]
+    parts.lams = [(p, cast(lam)) for p, lam in parts.lams]
+    parts.roots = [cast(r) for r in parts.roots]
+    parts.terms = [
+        (p, _Diagonal(cast(B.values)) if isinstance(B, _Diagonal) else cast(B), w) for p, B, w in parts.terms
+    ]
+    return dtype, tensors[0].device
+
+
 def _build(parts: _Parts, like: LinearOperator) -> LinearOperator:
     """The smallest closed-form operator for the collected pieces."""
     n = like.shape[-1]
-    dtype, device = like.dtype, like.device
+    dtype, device = _unify(parts, like)
     if not parts.diag and not parts.roots and len(parts.terms) == 1 and parts.terms[0][2] is None:
         # one partition, offsets constant in its blocks by construction (lam, a scalar noise): still one
         # block mean matrix, whatever needs gradients

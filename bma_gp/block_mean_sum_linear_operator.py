@@ -613,6 +613,8 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
                 )
             if B.dtype != diag.dtype:
                 raise TypeError(f"blocks[{j}] has dtype {B.dtype} but diag has {diag.dtype}; cast one with .to().")
+            if B.device != diag.device:
+                raise ValueError(f"blocks[{j}] is on {B.device} but diag is on {diag.device}; move one with .to().")
         if isinstance(root, LazyRoot):
             if len(root.shape) != 2 or root.shape[-2] != n:
                 raise ValueError(f"a lazy root must have shape (n={n}, m), got {tuple(root.shape)}.")
@@ -626,6 +628,8 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
                 )
             if root.dtype != diag.dtype:
                 raise TypeError(f"root has dtype {root.dtype} but diag has {diag.dtype}; cast one with .to().")
+            if root.device != diag.device:
+                raise ValueError(f"root is on {root.device} but diag is on {diag.device}; move one with .to().")
         weights = tuple(weights) if weights is not None else (None,) * len(partitions)
         if len(weights) != len(partitions):
             raise ValueError(

@@ -1,0 +1,100 @@
+"""Robustness of ``BlockMeanSumLinearOperator`` and ``closed_form`` found by an audit, against dense float64.
+
+* block matrices or a root on another device than ``d`` were accepted silently by the constructor (the failure
+  came later, deep inside a solve), and a sum of summands on different devices failed inside torch or not at all;
+* summands of different floating dtypes: a float32 diagonal joined a float64 sum, but a float32 block mean
+  operator or low-rank root (or a float64 one with a float32 sum) raised a ``TypeError`` about the sum's internal
+  ``blocks[j]`` / ``diag``; they now follow torch's type promotion, as ``M1 + M2`` over one partition does;
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from linear_operator.operators import DiagLinearOperator, LowRankRootLinearOperator, SumLinearOperator
+
+import bma_gp
+from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, Partition
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems
+
+N = 24
+
+
+def pieces(dtype=torch.float64, seed=0):
+    """Two crossed partitions (6 and 4 blocks), their PSD ``B_j``, a positive ``d`` and a rank-2 root."""
+    gen = torch.Generator().manual_seed(seed)
+    parts = [Partition.from_labels(torch.arange(N) % k) for k in (6, 4)]
+    blocks = []
+    for k in (6, 4):
+        W = torch.randn(k, k, generator=gen, dtype=torch.float64)
+        blocks.append((W @ W.mT / k).to(dtype))
+    d = (torch.rand(N, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+    U = (torch.randn(N, 2, generator=gen, dtype=torch.float64) / math.sqrt(2)).to(dtype)
+    return parts, blocks, d, U
+
+
+def indicator(part: Partition) -> torch.Tensor:
+    return torch.nn.functional.one_hot(part.labels, part.num_blocks).double()
+
+
+def check_against(op, dense: torch.Tensor) -> None:
+    b = torch.randn(N, 3, dtype=torch.float64)
+    torch.testing.assert_close(op.to_dense().double(), dense)
+    torch.testing.assert_close(op.solve(b.to(op.dtype)).double(), torch.linalg.solve(dense, b))
+    torch.testing.assert_close(op.logdet().double(), torch.logdet(dense))
+
+
+# ---------------------------------------------------------------------------- devices
+def test_blocks_or_root_on_another_device_are_refused_by_name():
+    parts, blocks, d, U = pieces()
+    with pytest.raises(ValueError, match=r"blocks\[1\] is on meta but diag is on cpu"):
+        BlockMeanSumLinearOperator(d, blocks[0], blocks[1].to("meta"), partitions=parts, root=U)
+    with pytest.raises(ValueError, match="root is on meta but diag is on cpu"):
+        BlockMeanSumLinearOperator(d, *blocks, partitions=parts, root=U.to("meta"))
+
+
+@pytest.mark.parametrize("summand", ["diagonal", "root"])
+def test_summands_on_different_devices_name_the_devices(summand):
+    parts, blocks, d, U = pieces()
+    total = BlockMeanSumLinearOperator(d, *blocks, partitions=parts)
+    other = DiagLinearOperator(d.to("meta")) if summand == "diagonal" else LowRankRootLinearOperator(U.to("meta"))
+    with pytest.raises(ValueError, match=r"different devices \(cpu, meta\).*\.to\(device\)"):
+        total + other
+    with pytest.raises(ValueError, match="different devices"):
+        bma_gp.closed_form(SumLinearOperator(total, other))
+
+
+# ---------------------------------------------------------------------------- dtypes
+@pytest.mark.parametrize("low", ["block", "root", "sum"])
+def test_summands_of_mixed_dtype_follow_type_promotion(low):
+    """float32 and float64 summands give a float64 sum with the float32 values exactly, whichever is first."""
+    parts, blocks, d, U = pieces()
+    lam = [torch.full((p.num_blocks,), 0.25, dtype=torch.float64) for p in parts]
+    cast = {name: (torch.float32 if name == low else torch.float64) for name in ("block", "root", "sum")}
+    first = BlockMeanLinearOperator(lam[0].to(cast["sum"]), blocks[0].to(cast["sum"]), parts[0])
+    second = BlockMeanLinearOperator(lam[1].to(cast["block"]), blocks[1].to(cast["block"]), parts[1])
+    root = U.to(cast["root"])
+    dense = DiagLinearOperator(d.to(cast["sum"]))
+    total = first + second + dense + LowRankRootLinearOperator(root)
+    assert isinstance(total, BlockMeanSumLinearOperator) and total.dtype == torch.float64
+    reference = torch.diag_embed(d.to(cast["sum"]).double()) + root.double() @ root.double().mT
+    for B, part, lam_j, dt in (
+        (blocks[0], parts[0], lam[0], cast["sum"]),
+        (blocks[1], parts[1], lam[1], cast["block"]),
+    ):
+        P = indicator(part)
+        reference = reference + torch.diag_embed(lam_j.to(dt).double()[part.labels]) + P @ B.to(dt).double() @ P.mT
+    check_against(total, reference)
+    # the same pieces in another order and through closed_form
+    nested = bma_gp.closed_form(SumLinearOperator(LowRankRootLinearOperator(root), SumLinearOperator(dense, second)))
+    assert nested.dtype == torch.float64
+    P = indicator(parts[1])
+    check_against(
+        nested,
+        torch.diag_embed(d.to(cast["sum"]).double() + lam[1].to(cast["block"]).double()[parts[1].labels])
+        + P @ blocks[1].to(cast["block"]).double() @ P.mT
+        + root.double() @ root.double().mT,
+    )
