@@ -358,13 +358,14 @@ def closed_form(op: LinearOperator) -> LinearOperator:
 
     Returns:
         A :class:`~bma_gp.BlockMeanLinearOperator` (one partition, a diagonal constant in every block) or
-        a :class:`~bma_gp.BlockMeanSumLinearOperator`.
+        a :class:`~bma_gp.BlockMeanSumLinearOperator` (with no partitions for a sum of diagonals and low-rank
+        roots alone).
 
     Raises:
         ValueError: a summand is not a block mean operator, a diagonal or a low-rank root.
     """
     parts = _Parts()
-    if not _collect(op, parts) or not parts.terms:
+    if not _collect(op, parts) or not (parts.terms or parts.diag or parts.scalars or parts.roots):
         raise ValueError(
             f"{type(op).__name__} of shape {tuple(op.shape)} is not a sum of block mean operators, diagonals and "
             "low-rank roots (the family with closed forms), so it has no closed-form solve."

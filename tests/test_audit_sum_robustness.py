@@ -5,6 +5,7 @@
 * summands of different floating dtypes: a float32 diagonal joined a float64 sum, but a float32 block mean
   operator or low-rank root (or a float64 one with a float32 sum) raised a ``TypeError`` about the sum's internal
   ``blocks[j]`` / ``diag``; they now follow torch's type promotion, as ``M1 + M2`` over one partition does;
+* ``closed_form`` of a sum of diagonals and low-rank roots alone said it was not such a sum;
 """
 
 from __future__ import annotations
@@ -98,3 +99,15 @@ def test_summands_of_mixed_dtype_follow_type_promotion(low):
         + P @ blocks[1].to(cast["block"]).double() @ P.mT
         + root.double() @ root.double().mT,
     )
+
+
+# ---------------------------------------------------------------------------- closed_form without partitions
+def test_closed_form_of_diagonals_and_roots_alone():
+    _, _, d, U = pieces()
+    for op, dense in (
+        (LowRankRootLinearOperator(U) + DiagLinearOperator(d), torch.diag_embed(d) + U @ U.mT),
+        (SumLinearOperator(DiagLinearOperator(d), DiagLinearOperator(d)), torch.diag_embed(2 * d)),
+    ):
+        res = bma_gp.closed_form(op)
+        assert isinstance(res, BlockMeanSumLinearOperator) and res.partitions == ()
+        check_against(res, dense)
