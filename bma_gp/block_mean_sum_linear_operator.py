@@ -554,8 +554,10 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
     :math:`O(n (J + m)^2)` to form :math:`A` and :math:`O((q - k_e)^3)` to factorise.
 
     Reductions over the ``n`` indices and the capacitance problem run in float64 for float32 (and
-    lower) operators. :math:`C` is never singular when :math:`M` is positive definite, so no jitter
-    is added; a capacitance larger than :class:`bma_gp.settings.max_capacitance_size` raises.
+    lower) operators, except the products with the root :math:`U`, which run in its precision within a row
+    chunk. :math:`C` is never singular when :math:`M` is positive definite, so no jitter is added (in float32,
+    rounding can still make a very ill-conditioned sum look indefinite: the ``ValueError`` says so); a
+    capacitance larger than :class:`bma_gp.settings.max_capacitance_size` raises.
 
     Build one by adding operators (``M + DiagLinearOperator(d)``, ``M.add_diagonal(d)``,
     ``M1 + M2`` over different partitions, ``M + LowRankRootLinearOperator(U)``) or directly.
@@ -640,11 +642,18 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             if w is not None and (not torch.is_tensor(w) or w.shape != (n,)):
                 raise ValueError(f"weights[{j}] must be None or a tensor of shape ({n},).")
         trail = [1 if f else 2 for f in flags]  # the non-batch dimensions of each block argument
-        batch = torch.broadcast_shapes(
-            diag.shape[:-1],
-            *(B.shape[: B.dim() - t] for B, t in zip(blocks, trail)),
-            *(() if root is None else (tuple(root.shape[:-2]),)),
-        )
+        batches = {"diag": diag.shape[:-1]}
+        batches.update({f"blocks[{j}]": B.shape[: B.dim() - t] for j, (B, t) in enumerate(zip(blocks, trail))})
+        if root is not None:
+            batches["root"] = torch.Size(root.shape[:-2])
+        try:
+            batch = torch.broadcast_shapes(*batches.values())
+        except RuntimeError:
+            shapes = ", ".join(f"{name} {tuple(shape)}" for name, shape in batches.items())
+            raise ValueError(
+                f"the batch shapes of the sum's parts do not broadcast: {shapes}. Give them one batch shape, or "
+                "batch shapes that broadcast (sizes equal or 1)."
+            ) from None
         diag = diag.expand(*batch, n)
         blocks = tuple(B.expand(*batch, *B.shape[B.dim() - t :]) for B, t in zip(blocks, trail))
         if torch.is_tensor(root):
@@ -770,10 +779,11 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         shape[dim] = -1
         return x * w.view(shape)
 
-    def _not_positive_definite(self, message: str) -> ValueError:
+    def _not_positive_definite(self, message: str, rounding: bool = True) -> ValueError:
         """The error for a factorisation that found the sum not positive definite: ``message``, unless an input
         holds inf or nan, which reaches the capacitance the same way and is named instead (only looked at here,
-        on the failure path)."""
+        on the failure path). With ``rounding`` (a failure that rounding can cause) a float32 sum's message
+        says that it may be too ill-conditioned for single precision."""
         inputs = [(f"blocks[{j}]", B) for j, B in enumerate(self._block_args)]
         if isinstance(self._root_arg, Tensor):
             inputs.append(("the root U", self._root_arg))
@@ -787,6 +797,12 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
                     "matrices, the root and the weights must be finite; check the kernel hyperparameters or the data "
                     "that produced them."
                 )
+        if rounding and core_dtype(self.dtype) != self.dtype:  # the root's products run in its precision (_RootGram)
+            message += (
+                f" In {self.dtype} this can also be rounding in a positive definite sum that is too ill-conditioned "
+                "for single precision (a diagonal d tiny against the block matrices, nearly collinear root columns): "
+                "compute in float64 (.double()) or add a larger diagonal."
+            )
         return ValueError(message)
 
     def _describe(self) -> str:
@@ -1149,7 +1165,8 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             if settings.validate.on() and bool((delta <= 0).any()):
                 raise self._not_positive_definite(
                     f"the sum ({self._describe()}) is not positive definite: blocks[{elim}] has a negative diagonal "
-                    "entry large enough to make the capacitance singular. Check the block matrices."
+                    "entry large enough to make the capacitance singular. Check the block matrices.",
+                    rounding=False,
                 )
             logdet = logdet + delta.log().sum(-1)
         lu = None
@@ -1519,7 +1536,7 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         """``(K, L)``: :math:`L = \\operatorname{blockdiag}(B_j^{1/2}, I)` and :math:`K = h(L^\\top A L)`; with an
         indefinite :math:`B_j`, ``L`` the identity and ``K`` from :meth:`_gram_root_parts`."""
         self._check_root_size()
-        self._check_diag("root_decomposition")
+        self._check_diag("root_inv_decomposition" if inverse else "root_decomposition")
         wdt = core_dtype(self.dtype)
         sizes = self._sizes()
         J = len(self.partitions)

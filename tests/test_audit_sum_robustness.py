@@ -6,6 +6,10 @@
   operator or low-rank root (or a float64 one with a float32 sum) raised a ``TypeError`` about the sum's internal
   ``blocks[j]`` / ``diag``; they now follow torch's type promotion, as ``M1 + M2`` over one partition does;
 * ``closed_form`` of a sum of diagonals and low-rank roots alone said it was not such a sum;
+* ``root_inv_decomposition`` with a non-positive ``d`` blamed ``root_decomposition``;
+* batch shapes of the parts that do not broadcast failed inside torch without naming the parts;
+* in float32 a capacitance with a non-positive determinant said only "not positive definite", though the root's
+  products run in float32 and an ill-conditioned positive definite sum can get there by rounding.
 """
 
 from __future__ import annotations
@@ -111,3 +115,43 @@ def test_closed_form_of_diagonals_and_roots_alone():
         res = bma_gp.closed_form(op)
         assert isinstance(res, BlockMeanSumLinearOperator) and res.partitions == ()
         check_against(res, dense)
+
+
+# ---------------------------------------------------------------------------- error messages
+def test_root_inv_decomposition_names_itself_for_a_non_positive_diagonal():
+    parts, blocks, d, U = pieces()
+    d = d.clone()
+    d[5] = 0.0
+    op = BlockMeanSumLinearOperator(d, *blocks, partitions=parts, root=U)
+    with pytest.raises(ValueError, match=r"^root_inv_decomposition needs a positive per-point diagonal d, but d\[5\]"):
+        op.root_inv_decomposition()
+    with pytest.raises(ValueError, match=r"^root_decomposition needs a positive"):
+        op.root_decomposition()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_float32_capacitance_failure_mentions_rounding(dtype):
+    """One negative eigenvalue of ``B``: the capacitance's determinant is negative. Only float32 mentions that an
+    ill-conditioned positive definite sum can get there by rounding; a negative diagonal entry of a diagonal
+    ``B`` (no rounding can make one) does not."""
+    part = Partition.from_labels(torch.arange(N) % 2)
+    B = torch.tensor([[-10.0, 1.0], [1.0, 2.0]], dtype=dtype)
+    op = BlockMeanSumLinearOperator(torch.ones(N, dtype=dtype), B, partitions=[part])
+    with pytest.raises(ValueError, match="not positive definite") as info:
+        op.logdet()
+    assert ("too ill-conditioned for single precision" in str(info.value)) == (dtype == torch.float32)
+    assert "float64 (.double())" in str(info.value) or dtype == torch.float64
+    diagonal = BlockMeanSumLinearOperator(
+        torch.ones(N, dtype=dtype), torch.tensor([-10.0, 2.0], dtype=dtype), partitions=[part], diagonal=[True]
+    )
+    with pytest.raises(ValueError, match="negative diagonal entry") as info:
+        diagonal.logdet()
+    assert "single precision" not in str(info.value)
+
+
+def test_batch_shapes_that_do_not_broadcast_are_named():
+    parts, blocks, d, U = pieces()
+    with pytest.raises(
+        ValueError, match=r"do not broadcast: diag \(3,\), blocks\[0\] \(2,\), blocks\[1\] \(\), root \(\)"
+    ):
+        BlockMeanSumLinearOperator(d.expand(3, N), blocks[0].expand(2, 6, 6), blocks[1], partitions=parts, root=U)
