@@ -50,7 +50,14 @@ def block_mean_from_sums(
             f"the batch shapes of block_sums {tuple(block_sums.shape[:-2])} and diag_sums "
             f"{tuple(diag_sums.shape[:-1])} do not broadcast."
         ) from None
-    s = partition.sizes.to(block_sums.dtype)
+    if block_sums.device != diag_sums.device:
+        raise ValueError(
+            f"block_sums is on {block_sums.device} but diag_sums is on {diag_sums.device}; move one with .to(device)."
+        )
+    dtype = torch.promote_types(block_sums.dtype, diag_sums.dtype)  # mixed precisions: as torch's arithmetic promotes
+    block_sums, diag_sums = block_sums.to(dtype), diag_sums.to(dtype)
+    partition = partition.to(block_sums.device)  # a partition built on the CPU follows the sums, as in block_mean
+    s = partition.sizes.to(dtype)
     pairs = s.unsqueeze(-1) * s.unsqueeze(-2)
     within = s * (s - 1)
     diag_T = torch.diagonal(block_sums, dim1=-2, dim2=-1)
