@@ -266,6 +266,7 @@ def kmeans_objective(x: Tensor, partition: Partition) -> Tensor:
         raise TypeError(f"partition must be a bma_gp.Partition, got {type(partition).__name__}.")
     if len(partition) != x.shape[0]:
         raise ValueError(f"partition has {len(partition)} indices but x has {x.shape[0]} points.")
+    partition = partition.to(x.device)  # a partition built on the CPU follows the points, as in block_mean
     means = partition.block_average(x.T.double(), dim=-1).T
     return (x.double() - means[partition.labels]).square().sum()
 

@@ -8,7 +8,9 @@ meta with another error; the checks below keep to the operations that need none.
 * ``block_mean_from_sums`` used the partition where it lay: sums on an accelerator with a partition built on the
   CPU (``Partition.from_labels`` of CPU labels) failed inside torch, where ``block_mean`` and the operator move the
   partition to the data; and float32 block sums with float64 diagonal sums raised a ``TypeError`` about ``lam`` and
-  ``B``, arguments the caller never passed, while the other order promoted to float64.
+  ``B``, arguments the caller never passed, while the other order promoted to float64;
+* ``kmeans_objective`` used the partition where it lay as well: points on an accelerator with a CPU partition failed
+  inside torch.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import bma_gp.partition_builders as builders
 from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, Partition, block_mean, block_mean_from_sums
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems
@@ -61,6 +64,16 @@ def test_block_mean_from_sums_on_two_devices_is_refused_by_name():
     p = partition(SCATTERED)
     with pytest.raises(ValueError, match=r"block_sums is on cpu but diag_sums is on meta.*\.to\(device\)"):
         block_mean_from_sums(torch.zeros(4, 4), torch.zeros(4, device=META), p)
+
+
+# ---------------------------------------------------------------------------- kmeans_objective
+@pytest.mark.parametrize("labels", [SCATTERED, CONTIGUOUS])
+def test_kmeans_objective_moves_a_cpu_partition_to_the_points(labels, monkeypatch):
+    # the finiteness check reads values (a host synchronisation): skipped here, the rest runs on meta
+    monkeypatch.setattr(builders, "_as_points", lambda x, name="x": x)
+    x = torch.empty(8, 2, device=META)
+    value = builders.kmeans_objective(x, partition(labels))
+    assert value.device.type == "meta" and value.dtype == torch.float64 and value.shape == ()
 
 
 # ---------------------------------------------------------------------------- operators stay on the data's device
