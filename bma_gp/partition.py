@@ -369,6 +369,15 @@ class Partition:
             yield start, block, count, size, x.narrow(dim, start, count * size).unflatten(dim, (count, size))
 
     # ------------------------------------------------------------------ algebra
+    def _check_device(self, t: Tensor, method: str, name: str) -> None:
+        """Refuse ``t`` on another device than the partition's index tensors, where ``method`` is about to index
+        with them (torch's own error names neither the argument nor the fix)."""
+        if t.device != self.device:
+            raise ValueError(
+                f"{method}: {name} is on {t.device} but the partition is on {self.device}; move the partition "
+                f"with partition.to({name}.device) (or {name} to the partition's device)."
+            )
+
     def block_sum(self, x: Tensor, dim: int = -1) -> Tensor:
         r"""Sum ``x`` over the indices of each block along ``dim``: :math:`P^\top x`.
 
@@ -390,6 +399,7 @@ class Partition:
             ndim = dim - x.dim()
             sums = [run.sum(ndim) for *_, run in self._run_views(x, ndim)]
             return sums[0] if len(sums) == 1 else torch.cat(sums, dim=ndim)
+        self._check_device(x, "block_sum", "x")
         if self.is_contiguous and x.dtype.is_floating_point and x.dtype != torch.half:
             # segment_reduce (floating point only) wants one length vector per leading index
             lengths = self.sizes.expand(*x.shape[:dim], self.num_blocks)
@@ -406,6 +416,7 @@ class Partition:
             raise ValueError(
                 f"expand expected size {self.num_blocks} along dim {dim}, got tensor of shape {tuple(y.shape)}."
             )
+        self._check_device(y, "expand", "y")
         return y.index_select(dim, self.labels)
 
     def expand_addcmul(self, shift: Tensor, scale: Tensor, x: Tensor, dim: int = -1) -> Tensor:
@@ -459,6 +470,8 @@ class Partition:
             if out is not None:
                 return out
             return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+        for name, t in (("shift", shift), ("scale", scale)):
+            self._check_device(t, "expand_addcmul", name)
         n, labels = len(self), self.labels
         if grad or x.device.type != "cpu" or n <= 2 * _GATHER_CHUNK:
             res = shift.index_select(dim, labels)
@@ -491,6 +504,7 @@ class Partition:
         (Named apart from :func:`bma_gp.block_mean`, the block mean approximation of a matrix.)
         """
         dim = _dim_index(dim, x, "block_average")
+        self._check_device(x, "block_average", "x")
         sums = self.block_sum(x, dim)
         shape = [1] * x.dim()
         shape[dim] = self.num_blocks
@@ -604,6 +618,8 @@ class Partition:
             )
         if self.num_blocks == 1 and x.dim() == 1 and y.dim() == 1:
             return torch.dot(x, y).view(1)
+        if self._runs is None:
+            self._check_device(x, "block_dot", "x")
         if self._runs is not None:
             dots = [
                 torch.linalg.vecdot(xr, yr)
@@ -634,6 +650,7 @@ class Partition:
             for (_, block, count, _, out_run), (*_, x_run) in zip(self._run_views(out, -1), self._run_views(x, -1)):
                 out_run.addcmul_(x_run, y.narrow(-1, block, count).unsqueeze(-1), value=value)
             return out
+        self._check_device(y, "addcmul_", "y")
         return out.addcmul_(x, y.index_select(-1, self.labels), value=value)
 
 

@@ -109,3 +109,46 @@ def test_sum_constructor_moves_cpu_partitions_to_the_diagonal():
     S = BlockMeanSumLinearOperator(d, torch.empty(4, 4, device=META), torch.empty(2, 2, device=META), partitions=parts)
     assert all(q.device.type == "meta" for q in S.partitions)
     assert (S @ torch.empty(8, 2, device=META)).device.type == "meta"
+
+
+# ---------------------------------------------------------------------------- Partition's own methods
+@pytest.mark.parametrize(
+    "call",
+    [
+        ("block_sum", "x", lambda p, n, k: p.block_sum(torch.empty(3, n, device=META))),
+        ("block_average", "x", lambda p, n, k: p.block_average(torch.empty(n, device=META))),
+        ("block_dot", "x", lambda p, n, k: p.block_dot(torch.empty(n, device=META), torch.empty(n, device=META))),
+        ("expand", "y", lambda p, n, k: p.expand(torch.empty(k, device=META))),
+        (
+            "expand_addcmul",
+            "shift",
+            lambda p, n, k: p.expand_addcmul(
+                torch.empty(k, device=META), torch.empty(k, device=META), torch.empty(n, device=META)
+            ),
+        ),
+        (
+            "addcmul_",
+            "y",
+            lambda p, n, k: p.addcmul_(
+                torch.empty(n, device=META), torch.empty(k, device=META), torch.empty(n, device=META)
+            ),
+        ),
+    ],
+    ids=lambda c: c[0] if isinstance(c, tuple) else None,
+)
+def test_partition_methods_name_data_on_another_device(call):
+    """``block_sum``, ``block_average``, ``expand``, ... of a CPU partition with data on an accelerator raised torch's
+    errors (or, on ``meta``, passed where CUDA fails); they name the argument and ``partition.to``. Partitions whose
+    blocks are runs of equal size never index and keep working (``block_average`` divides by the sizes)."""
+    method, name, fn = call
+    p = partition(SCATTERED)
+    with pytest.raises(ValueError, match=rf"{method}: {name} is on meta but the partition is on cpu.*partition\.to"):
+        fn(p, len(p), p.num_blocks)
+    fn(p.to(META), len(p), p.num_blocks)  # on the same device: no complaint
+
+
+def test_partition_sums_over_runs_of_equal_blocks_need_no_index_on_the_data_device():
+    """The runs of equal-size blocks are reshaped views, with no index tensor: they work wherever the data lie."""
+    p = Partition.from_sizes([2, 2, 2, 2])
+    assert p.block_sum(torch.empty(3, 8, device=META)).shape == (3, 4)
+    assert p.block_dot(torch.empty(8, device=META), torch.empty(8, device=META)).shape == (4,)
