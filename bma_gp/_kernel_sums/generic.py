@@ -94,10 +94,20 @@ def _segment_sum(values: Tensor, lengths: Tensor) -> Tensor:
 
 
 def _ranges(plan: KernelSumsPlan) -> list[tuple[int, int]]:
-    """This rank's row chunks."""
+    """This rank's row chunks, never one chunk of all the rows.
+
+    ``kernel(x, x)`` is not ``kernel(x[a:b], x)``: on equal inputs GPyTorch kernels may return structured operators
+    (``LinearKernel``: a ``RootLinearOperator``), and linear_operator adds a dense matrix and a root by taking a root
+    decomposition of the dense one, so ``ScaleKernel(RBFKernel()) + LinearKernel()`` was Cholesky-factorised
+    (``n x n``, with jitter, ``NotPSDError`` in float32). Two chunks of different length never compare equal.
+    """
     if plan.chunk is None:
         raise ValueError("the generic engine needs plan.chunk, the rows per chunk; kernel_block_mean sets it.")
-    return chunk_ranges(plan.rows[0], plan.rows[1], plan.chunk)
+    start, stop = plan.rows
+    chunk = plan.chunk
+    if chunk >= stop - start == plan.x.shape[-2] > 1:
+        chunk = (stop - start + 1) // 2
+    return chunk_ranges(start, stop, chunk)
 
 
 class GenericKernelSums(torch.autograd.Function):
