@@ -5,10 +5,12 @@ from unittest import mock
 import gpytorch
 import pytest
 import torch
-from gpytorch.kernels import LinearKernel, RBFKernel, ScaleKernel
+from gpytorch.kernels import LinearKernel, PeriodicKernel, RBFKernel, ScaleKernel
+from linear_operator import to_dense
 
-from bma_gp import Partition, block_mean
+from bma_gp import BlockMeanKernel, Partition, block_mean
 from bma_gp.kernel_block_mean import kernel_block_mean
+from largest_tensor import LargestTensor
 
 
 def _no_cholesky(*args, **kwargs):
@@ -39,3 +41,43 @@ def test_generic_engine_does_not_factorise_a_sum_with_a_linear_kernel(dtype):
     ref = block_mean(dense, partition)
     torch.testing.assert_close(op.B.double(), ref.B, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
     assert linear.raw_variance.grad is not None and smooth.raw_outputscale.grad is not None
+
+
+@pytest.mark.parametrize("base", ["rbf", "periodic_batch"])
+def test_diag_of_training_against_new_points_is_not_formed_densely(base):
+    """``kernel(x1, x2, diag=True)`` with the training inputs on one side and as many new points on the other took
+    the diagonal of the dense ``n x n`` cross-covariance; it is the mean of ``k(x_new[i], X_{c_i})``, reduced one
+    chunk of rows at a time."""
+    n, t = 120, 5
+    g = torch.Generator().manual_seed(0)
+    x, other = torch.randn(n, 2, generator=g, dtype=torch.float64), torch.randn(n, 2, generator=g, dtype=torch.float64)
+    tail1, tail2 = (
+        torch.randn(t, 2, generator=g, dtype=torch.float64),
+        torch.randn(t, 2, generator=g, dtype=torch.float64),
+    )
+    partition = Partition.from_labels(torch.randint(7, (n,), generator=g))
+    if base == "rbf":
+        kernel = ScaleKernel(RBFKernel()).double()
+    else:
+        kernel = PeriodicKernel(batch_shape=torch.Size([2])).double()
+    bm = BlockMeanKernel(kernel, x, partition, chunk_size=15)
+    cases = [
+        (other, x),
+        (x, other),
+        (torch.cat([x, tail1]), torch.cat([other, tail2])),
+        (torch.cat([other, tail1]), torch.cat([x, tail2])),
+    ]
+    for x1, x2 in cases:
+        a1, a2 = x1.clone().requires_grad_(True), x2.clone().requires_grad_(True)
+        with LargestTensor(square=n) as largest:
+            diag = bm(a1, a2, diag=True)
+        assert largest.squares == [] and largest.largest <= 2 * 15 * n * 2  # a chunk of 15 rows, never n x n
+        b1, b2 = x1.clone().requires_grad_(True), x2.clone().requires_grad_(True)
+        ref = torch.diagonal(to_dense(bm(b1, b2)), dim1=-2, dim2=-1)
+        torch.testing.assert_close(diag, ref, rtol=1e-12, atol=1e-14)
+        grads = torch.autograd.grad(diag.sin().sum(), [a1, a2], allow_unused=True)
+        ref_grads = torch.autograd.grad(ref.sin().sum(), [b1, b2], allow_unused=True)
+        for got, want in zip(grads, ref_grads):
+            assert (got is None) == (want is None)
+            if got is not None:
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)

@@ -314,6 +314,27 @@ class BlockMeanKernel(Kernel):
 
         return _chunked_rows(block_means, x_new, chunk)
 
+    def _cross_diagonal(self, x_new: Tensor, train_x: Tensor) -> Tensor:
+        """:math:`A_{i c_i}` = mean of ``base_kernel(x_new[i], X_{c_i})``, ``c_i`` the block of training point ``i``:
+        the diagonal of the cross-covariance of ``n`` new points with the training points, one chunk of rows at a
+        time (no ``n x n`` or ``n x k`` matrix). # shape: (*batch, n)"""
+        partition = self._partition_on(train_x.device)
+        n = train_x.shape[-2]
+        batch = torch.broadcast_shapes(x_new.shape[:-2], train_x.shape[:-2], self.base_kernel.batch_shape)
+        chunk = self.chunk_size or max(1, _CROSS_CHUNK_ENTRIES // (n * math.prod(batch)))
+
+        def own_block_means(rows: Tensor, labels: Tensor) -> Tensor:
+            means = partition.block_average(self._base_dense(rows, train_x), dim=-1)  # (*b, c, k)
+            return means.gather(-1, labels.unsqueeze(-1).expand(*means.shape[:-1], 1)).squeeze(-1)
+
+        pieces = []
+        for rows, labels in zip(x_new.split(chunk, dim=-2), partition.labels.split(chunk)):
+            if torch.is_grad_enabled():
+                pieces.append(torch.utils.checkpoint.checkpoint(own_block_means, rows, labels, use_reentrant=False))
+            else:
+                pieces.append(own_block_means(rows, labels))
+        return torch.cat(pieces, dim=-1)
+
     def _train_diagonal(self, train_x: Tensor) -> Tensor:
         # lam_i + B_ii is the mean of the diagonal of block i: O(n), no block sums needed
         partition = self._partition_on(train_x.device)
@@ -337,16 +358,17 @@ class BlockMeanKernel(Kernel):
         train_x = self._train_x.to(device=x1.device, dtype=x1.dtype)
         r1, r2 = self._num_train_rows(x1), self._num_train_rows(x2)
         new1, new2 = x1[..., r1:, :], x2[..., r2:, :]
-        t1 = new1.shape[-2]
 
         if diag:
-            if x1.shape[-2] != x2.shape[-2] or r1 != r2:
+            if x1.shape[-2] != x2.shape[-2]:
                 return torch.diagonal(to_dense(self.forward(x1, x2)), dim1=-2, dim2=-1)
-            parts = []
-            if r1:
+            parts, m = [], max(r1, r2)
+            if r1 and r2:
                 parts.append(self._train_diagonal(train_x))
-            if t1:
-                parts.append(to_dense(self.base_kernel(new1, new2, diag=True)))
+            elif m:  # training point i against new point i: the mean of k over its block, O(n * chunk)
+                parts.append(self._cross_diagonal((x2 if r1 else x1)[..., :m, :], train_x))
+            if x1.shape[-2] > m:
+                parts.append(to_dense(self.base_kernel(x1[..., m:, :], x2[..., m:, :], diag=True)))
             batch = torch.broadcast_shapes(*(p.shape[:-1] for p in parts))
             return torch.cat([p.expand(*batch, p.shape[-1]) for p in parts], dim=-1)
 
