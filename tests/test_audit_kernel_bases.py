@@ -81,3 +81,27 @@ def test_diag_of_training_against_new_points_is_not_formed_densely(base):
             assert (got is None) == (want is None)
             if got is not None:
                 torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"batch_shape": torch.Size([2])}, ValueError, "batch_shape"),
+        ({"ard_num_dims": 2}, ValueError, "ard_num_dims"),
+        ({"lengthscale_prior": gpytorch.priors.GammaPrior(3.0, 6.0)}, ValueError, "lengthscale_prior"),
+        ({"lengthscale_constraint": gpytorch.constraints.Interval(0.1, 1.0)}, ValueError, "lengthscale_constraint"),
+        ({"chunksize": 10}, TypeError, "chunksize"),
+    ],
+)
+def test_block_mean_kernel_refuses_kernel_arguments_it_would_drop(kwargs, error, match):
+    """GPyTorch's ``Kernel.__init__`` takes these and drops them silently for a kernel without a lengthscale, so
+    ``BlockMeanKernel(base, x, p, batch_shape=...)`` gave an unbatched kernel and a lengthscale prior never entered
+    the marginal likelihood."""
+    x = torch.randn(10, 2, dtype=torch.float64)
+    with pytest.raises(error, match=match):
+        BlockMeanKernel(RBFKernel().double(), x, Partition.from_sizes([4, 6]), **kwargs)
+    # what is accepted: the base kernel's own batch shape, active_dims=None
+    batch = torch.Size([2])
+    kernel = BlockMeanKernel(RBFKernel(batch_shape=batch), x, Partition.from_sizes([4, 6]), batch_shape=batch)
+    assert kernel.batch_shape == batch
+    BlockMeanKernel(RBFKernel(), x, Partition.from_sizes([4, 6]), active_dims=None)

@@ -101,6 +101,29 @@ def _check_partition(partition, n: int) -> Partition:
     return partition
 
 
+def _check_kernel_kwargs(base_kernel: Kernel, kwargs: dict) -> None:
+    """Refuse the ``Kernel`` arguments that ``BlockMeanKernel`` has no use for: GPyTorch's ``Kernel.__init__`` takes
+    and drops them silently, so a lengthscale prior or a batch shape given here had no effect."""
+    for name in ("ard_num_dims", "lengthscale_prior", "lengthscale_constraint"):
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"BlockMeanKernel has no lengthscale of its own, so it does not take {name}: set {name} on base_kernel "
+                f"(e.g. gpytorch.kernels.RBFKernel({name}=...)), whose hyperparameters it trains."
+            )
+    batch_shape = kwargs.get("batch_shape")
+    if batch_shape is not None and torch.Size(batch_shape) != base_kernel.batch_shape:
+        raise ValueError(
+            f"BlockMeanKernel takes its batch shape from base_kernel ({tuple(base_kernel.batch_shape)}), so "
+            f"batch_shape={tuple(batch_shape)} would be ignored: create base_kernel with that batch_shape instead."
+        )
+    unknown = sorted(set(kwargs) - {"active_dims", "batch_shape"})
+    if unknown:
+        raise TypeError(
+            f"BlockMeanKernel got unexpected keyword arguments {unknown}; it takes base_kernel, train_x, partition "
+            "and chunk_size (set kernel options on base_kernel)."
+        )
+
+
 def _same_rows(x: Tensor, ref: Tensor) -> bool:
     """Whether ``x`` (*batch, n, d) holds exactly the rows of ``ref`` (*batch', n, d), batches broadcast."""
     if x.shape[-2:] != ref.shape[-2:]:
@@ -213,6 +236,7 @@ class BlockMeanKernel(Kernel):
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
         ):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+        _check_kernel_kwargs(base_kernel, kwargs)
         super().__init__(**kwargs)
         self.base_kernel = base_kernel
         self.chunk_size = chunk_size
