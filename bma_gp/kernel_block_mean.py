@@ -156,7 +156,7 @@ def kernel_block_mean(
         x: inputs. # shape: (n, d), (*batch, n, d) or (n,)
         partition: partition of the ``n`` inputs.
         chunk_size: rows per chunk (generic engine; default about 64 MB of kernel values
-            per chunk) or per tile (stationary engine; default 256 on CPU, 4096 on CUDA).
+            per chunk) or per tile (stationary engine; default 512 on CPU, 4096 on CUDA).
         process_group: a ``torch.distributed`` process group; each rank evaluates its
             share of the rows and the sums are all-reduced (module docstring). ``None``:
             single process.
