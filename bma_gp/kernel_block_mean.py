@@ -33,7 +33,7 @@ import math
 from typing import Any
 
 import torch
-from gpytorch.kernels import Kernel
+from gpytorch.kernels import InducingPointKernel, Kernel
 from torch import Tensor
 
 from bma_gp._kernel_sums.generic import GenericKernelSums, check_parameters, kernel_parameters
@@ -54,6 +54,14 @@ _PROGRESS_ENTRIES = 10**9
 def _check_inputs(kernel: Any, x: Any, partition: Any, chunk_size: Any) -> Tensor:
     if not isinstance(kernel, Kernel):
         raise TypeError(f"kernel must be a gpytorch.kernels.Kernel, got {type(kernel).__name__}.")
+    if any(isinstance(m, InducingPointKernel) and m.training for m in kernel.modules()):
+        raise ValueError(
+            "kernel contains an InducingPointKernel in training mode, which refuses different inputs "
+            "(kernel_block_mean evaluates chunks of rows against all rows) and would add its SGPR loss term for the "
+            "exact low-rank matrix, not for the block mean. Put the InducingPointKernel beside the block mean kernels "
+            "instead (InducingPointKernel(...) + GroupKernel(...) stays closed form, docs/gp.md), or call .eval() on "
+            "it to use its low-rank covariance as the base kernel."
+        )
     if not torch.is_tensor(x):
         raise TypeError(f"x must be a torch.Tensor of shape (n, d), got {type(x).__name__}.")
     if not x.dtype.is_floating_point:
@@ -176,7 +184,8 @@ def kernel_block_mean(
             initialised ``torch.distributed``, ``fused=True`` on an unsupported kernel, batch
             shapes of ``x`` and the kernel that do not broadcast, or (generic engine, with
             gradients on) a kernel whose values depend on a tensor needing a gradient that is
-            not one of its parameters (its gradient would be lost).
+            not one of its parameters (its gradient would be lost), or a kernel containing an
+            ``InducingPointKernel`` in training mode.
 
     Example:
         >>> from gpytorch.kernels import RBFKernel, ScaleKernel

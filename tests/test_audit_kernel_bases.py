@@ -105,3 +105,24 @@ def test_block_mean_kernel_refuses_kernel_arguments_it_would_drop(kwargs, error,
     kernel = BlockMeanKernel(RBFKernel(batch_shape=batch), x, Partition.from_sizes([4, 6]), batch_shape=batch)
     assert kernel.batch_shape == batch
     BlockMeanKernel(RBFKernel(), x, Partition.from_sizes([4, 6]), active_dims=None)
+
+
+def test_inducing_point_kernel_in_training_mode_is_refused_in_words():
+    """An ``InducingPointKernel`` in training mode refuses ``kernel(x[a:b], x)`` ("x1 should equal x2 in training
+    mode", from inside the generic engine) and registers its SGPR loss term for the exact low-rank matrix; with one
+    chunk of all the rows it was evaluated on equal inputs instead, so whether it failed depended on ``n``."""
+    n = 40
+    x = torch.rand(n, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    partition = Partition.from_labels(torch.arange(n) % 4)
+    inducing = torch.linspace(0, 1, 5, dtype=torch.float64).unsqueeze(-1)
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
+    kernel = gpytorch.kernels.InducingPointKernel(ScaleKernel(RBFKernel()), inducing, likelihood).double()
+    with pytest.raises(ValueError, match="InducingPointKernel in training mode"):
+        kernel_block_mean(kernel, x, partition)
+    with pytest.raises(ValueError, match="InducingPointKernel in training mode"):
+        BlockMeanKernel(kernel + LinearKernel().double(), x, partition)(x).evaluate_kernel()
+    kernel.eval()  # its low-rank covariance as a base kernel
+    op = kernel_block_mean(kernel, x, partition)
+    with gpytorch.settings.lazily_evaluate_kernels(False):
+        ref = block_mean(to_dense(kernel(x, x)), partition)
+    torch.testing.assert_close(op.to_dense(), ref.to_dense())
