@@ -36,7 +36,7 @@ import torch
 from gpytorch.kernels import InducingPointKernel, Kernel
 from torch import Tensor
 
-from bma_gp._kernel_sums.generic import GenericKernelSums, check_parameters, kernel_parameters
+from bma_gp._kernel_sums.generic import GenericKernelSums, centred_inputs, check_parameters, kernel_parameters
 from bma_gp._kernel_sums.plan import KernelSumsPlan
 from bma_gp._kernel_sums.stationary import StationaryForm, stationary_block_sums
 from bma_gp.approximation import block_mean_from_sums
@@ -225,6 +225,7 @@ def kernel_block_mean(
         diag_sums = diag_sums.expand(*block_sums.shape[:-1])
     else:
         chunk = chunk_size or max(1, _CHUNK_BYTES // (batch_numel * n * x.element_size()))
+        xs = centred_inputs(kernel, xs)
         plan = KernelSumsPlan(xs, sizes, labels, rows, chunk, process_group, show)
         params = kernel_parameters(kernel)
         if torch.is_grad_enabled():

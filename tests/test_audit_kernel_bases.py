@@ -126,3 +126,43 @@ def test_inducing_point_kernel_in_training_mode_is_refused_in_words():
     with gpytorch.settings.lazily_evaluate_kernels(False):
         ref = block_mean(to_dense(kernel(x, x)), partition)
     torch.testing.assert_close(op.to_dense(), ref.to_dense())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ScaleKernel(PeriodicKernel()),
+        lambda: ScaleKernel(gpytorch.kernels.MaternKernel(nu=0.5)) + ScaleKernel(PeriodicKernel()),
+        lambda: ScaleKernel(RBFKernel()) * PeriodicKernel() + LinearKernel(),  # not translation invariant: as is
+    ],
+    ids=["periodic", "matern_plus_periodic", "with_linear"],
+)
+def test_generic_engine_is_accurate_on_float32_inputs_far_from_zero(make):
+    """Decimal years in float32 (the CO2 series): a chunk ``kernel(x[a:b], x)`` has unequal inputs, where GPyTorch's
+    distances are ``torch.cdist`` without centring, and a ``PeriodicKernel``'s block means were off by 0.5 (the
+    dense ``kernel(x, x)``, centred by GPyTorch, by 3e-4). Translation-invariant kernels now see centred inputs."""
+    from bma_gp.datasets import load_co2
+
+    years = load_co2(dtype=torch.float32)[0][::8]
+    n = years.shape[0]
+    partition = Partition.from_labels(torch.arange(n) // 7)
+    kernel64 = make().double()
+    with torch.no_grad():
+        for p in kernel64.parameters():
+            p.fill_(0.5)
+    kernel32 = make().float()
+    kernel32.load_state_dict({k: v.float() for k, v in kernel64.state_dict().items()})
+    op = kernel_block_mean(kernel32, years, partition, chunk_size=40)
+    x = years.double()  # the float32 inputs, exactly
+    with gpytorch.settings.lazily_evaluate_kernels(False), torch.no_grad():
+        truth = block_mean(to_dense(kernel64(x, x)), partition)
+    scale = truth.B.abs().max()
+    assert (op.B.double() - truth.B).abs().max() < 3e-3 * scale
+    assert (op.lam.double() - truth.lam).abs().max() < 3e-3 * scale
+    # gradients with respect to the inputs are unchanged by the centring (float64: against the dense ones)
+    xa, xb = x[:120].clone().requires_grad_(True), x[:120].clone().requires_grad_(True)
+    part = Partition.from_labels(torch.arange(120) // 7)
+    got = torch.autograd.grad(kernel_block_mean(kernel64, xa, part, chunk_size=40).B.sin().sum(), xa)[0]
+    with gpytorch.settings.lazily_evaluate_kernels(False):
+        want = torch.autograd.grad(block_mean(to_dense(kernel64(xb, xb)), part).B.sin().sum(), xb)[0]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)

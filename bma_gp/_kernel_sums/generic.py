@@ -17,7 +17,19 @@ from typing import Any
 
 import torch
 from gpytorch import settings as gpt_settings
-from gpytorch.kernels import Kernel
+from gpytorch.kernels import (
+    AdditiveKernel,
+    CosineKernel,
+    Kernel,
+    MaternKernel,
+    PeriodicKernel,
+    PiecewisePolynomialKernel,
+    ProductKernel,
+    RBFKernel,
+    RQKernel,
+    ScaleKernel,
+    SpectralMixtureKernel,
+)
 from linear_operator import to_dense
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -25,7 +37,7 @@ from torch.autograd.function import once_differentiable
 from bma_gp._kernel_sums.plan import KernelSumsPlan, all_reduce, chunk_ranges, progress
 from bma_gp._precision import core_dtype
 
-__all__ = ["GenericKernelSums", "check_parameters", "evaluate", "kernel_parameters"]
+__all__ = ["GenericKernelSums", "centred_inputs", "check_parameters", "evaluate", "kernel_parameters"]
 
 
 def evaluate(kernel: Kernel, x1: Tensor, x2: Tensor) -> Tensor:
@@ -38,6 +50,40 @@ def evaluate_diag(kernel: Kernel, x: Tensor) -> Tensor:
     """The exact diagonal ``k(x_i, x_i)``: ``x`` is passed as both inputs, so distances are zero."""
     with gpt_settings.lazily_evaluate_kernels(False):
         return to_dense(kernel(x, x, diag=True))
+
+
+#: GPyTorch kernels whose values depend on ``x1 - x2`` only (exact classes: a subclass may override ``forward``)
+_TRANSLATION_INVARIANT = (
+    CosineKernel,
+    MaternKernel,
+    PeriodicKernel,
+    PiecewisePolynomialKernel,
+    RBFKernel,
+    RQKernel,
+    SpectralMixtureKernel,
+)
+
+
+def _translation_invariant(kernel: Kernel) -> bool:
+    """Whether ``kernel`` is built from :data:`_TRANSLATION_INVARIANT` kernels by scaling, sums and products."""
+    if type(kernel) is ScaleKernel:
+        return _translation_invariant(kernel.base_kernel)
+    if type(kernel) in (AdditiveKernel, ProductKernel):
+        return all(_translation_invariant(child) for child in kernel.kernels)
+    return type(kernel) in _TRANSLATION_INVARIANT
+
+
+def centred_inputs(kernel: Kernel, x: Tensor) -> Tensor:
+    """``x`` minus its (constant) column means when ``kernel`` only sees differences of inputs, else ``x``.
+
+    A chunk is ``kernel(x[a:b], x)`` with unequal inputs, where GPyTorch's distances (``torch.cdist``, through
+    ``|x1|^2 + |x2|^2 - 2 x1 x2`` without centring) lose what the offset of ``x`` squares: a ``PeriodicKernel`` on
+    float32 decimal years (1958-2001) was off by 0.5 in the block means, where ``kernel(x, x)`` (centred by
+    GPyTorch) is accurate. Values and gradients are unchanged in exact arithmetic.
+    """
+    if not _translation_invariant(kernel):
+        return x
+    return x - x.detach().mean(-2, keepdim=True)
 
 
 def kernel_parameters(kernel: Kernel) -> list[Tensor]:
