@@ -166,3 +166,39 @@ def test_generic_engine_is_accurate_on_float32_inputs_far_from_zero(make):
     with gpytorch.settings.lazily_evaluate_kernels(False):
         want = torch.autograd.grad(block_mean(to_dense(kernel64(xb, xb)), part).B.sin().sum(), xb)[0]
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+
+
+def test_float32_predictions_of_a_periodic_block_mean_kernel_on_decimal_years():
+    """The cross-covariances of new points with the training blocks are ``base_kernel(x_new, train_x)``, unequal
+    inputs again: on float32 decimal years a periodic + RBF model's predictive mean was off by 10 (targets of scale
+    1) against the same model in float64. Both inputs are now centred on the training inputs' means."""
+    from bma_gp.datasets import load_co2
+
+    t, y = load_co2(dtype=torch.float32)
+    x, y = t[::8], y[::8]
+    y = (y - y.mean()) / y.std()
+    partition = Partition.from_labels(torch.arange(x.shape[0]) // 5)
+    x_new = torch.linspace(1960, 2000, 30).unsqueeze(-1) + 0.013
+
+    class GP(gpytorch.models.ExactGP):
+        def __init__(self, x, y, likelihood, covar):
+            super().__init__(x, y, likelihood)
+            self.mean_module = gpytorch.means.ConstantMean()
+            self.covar_module = covar
+
+        def forward(self, x):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+    means = {}
+    for dtype in (torch.float64, torch.float32):
+        base = ScaleKernel(PeriodicKernel()) + ScaleKernel(RBFKernel())
+        base.kernels[0].base_kernel.period_length = 1.0
+        base.kernels[1].base_kernel.lengthscale = 10.0
+        likelihood = gpytorch.likelihoods.GaussianLikelihood()
+        likelihood.noise = 0.01
+        xd = x.to(dtype)  # the float32 years, exactly, in both models
+        model = GP(xd, y.to(dtype), likelihood, BlockMeanKernel(base, xd, partition)).to(dtype)
+        model.eval()
+        with torch.no_grad():
+            means[dtype] = model(x_new.to(dtype)).mean.double()
+    assert (means[torch.float32] - means[torch.float64]).abs().max() < 0.02

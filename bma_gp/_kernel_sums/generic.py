@@ -37,7 +37,14 @@ from torch.autograd.function import once_differentiable
 from bma_gp._kernel_sums.plan import KernelSumsPlan, all_reduce, chunk_ranges, progress
 from bma_gp._precision import core_dtype
 
-__all__ = ["GenericKernelSums", "centred_inputs", "check_parameters", "evaluate", "kernel_parameters"]
+__all__ = [
+    "GenericKernelSums",
+    "centred_inputs",
+    "check_parameters",
+    "evaluate",
+    "kernel_parameters",
+    "translation_invariant",
+]
 
 
 def evaluate(kernel: Kernel, x1: Tensor, x2: Tensor) -> Tensor:
@@ -64,12 +71,12 @@ _TRANSLATION_INVARIANT = (
 )
 
 
-def _translation_invariant(kernel: Kernel) -> bool:
+def translation_invariant(kernel: Kernel) -> bool:
     """Whether ``kernel`` is built from :data:`_TRANSLATION_INVARIANT` kernels by scaling, sums and products."""
     if type(kernel) is ScaleKernel:
-        return _translation_invariant(kernel.base_kernel)
+        return translation_invariant(kernel.base_kernel)
     if type(kernel) in (AdditiveKernel, ProductKernel):
-        return all(_translation_invariant(child) for child in kernel.kernels)
+        return all(translation_invariant(child) for child in kernel.kernels)
     return type(kernel) in _TRANSLATION_INVARIANT
 
 
@@ -81,7 +88,7 @@ def centred_inputs(kernel: Kernel, x: Tensor) -> Tensor:
     float32 decimal years (1958-2001) was off by 0.5 in the block means, where ``kernel(x, x)`` (centred by
     GPyTorch) is accurate. Values and gradients are unchanged in exact arithmetic.
     """
-    if not _translation_invariant(kernel):
+    if not translation_invariant(kernel):
         return x
     return x - x.detach().mean(-2, keepdim=True)
 

@@ -15,6 +15,7 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from bma_gp._composition import ClosedFormFallbackWarning
+from bma_gp._kernel_sums.generic import translation_invariant
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.kernels._bound_data import record_bound_data
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
@@ -325,9 +326,20 @@ class BlockMeanKernel(Kernel):
         partition = self._partition_on(train_x.device)
         return _kernel_block_mean(self.base_kernel, train_x, partition, self.chunk_size)
 
+    def _centred(self, x_new: Tensor, train_x: Tensor) -> tuple[Tensor, Tensor]:
+        """Both inputs minus the training inputs' (constant) column means, for a translation-invariant base kernel.
+
+        ``base_kernel(x_new, train_x)`` has unequal inputs, where GPyTorch's distances (``torch.cdist``) are not
+        centred: on float32 decimal years a periodic kernel's cross-covariances were off by up to 1."""
+        if not translation_invariant(self.base_kernel):
+            return x_new, train_x
+        centre = train_x.detach().mean(-2, keepdim=True)
+        return x_new - centre, train_x - centre
+
     def _cross_block_means(self, x_new: Tensor, train_x: Tensor) -> Tensor:
         """:math:`A_{ij}` = mean of ``base_kernel(x_new[i], X_j)``. # shape: (*batch, t, k)"""
         partition = self._partition_on(train_x.device)
+        x_new, train_x = self._centred(x_new, train_x)
         n = train_x.shape[-2]
         # a batch kernel on unbatched inputs evaluates one matrix per batch entry
         batch = torch.broadcast_shapes(x_new.shape[:-2], train_x.shape[:-2], self.base_kernel.batch_shape)
@@ -343,6 +355,7 @@ class BlockMeanKernel(Kernel):
         the diagonal of the cross-covariance of ``n`` new points with the training points, one chunk of rows at a
         time (no ``n x n`` or ``n x k`` matrix). # shape: (*batch, n)"""
         partition = self._partition_on(train_x.device)
+        x_new, train_x = self._centred(x_new, train_x)
         n = train_x.shape[-2]
         batch = torch.broadcast_shapes(x_new.shape[:-2], train_x.shape[:-2], self.base_kernel.batch_shape)
         chunk = self.chunk_size or max(1, _CROSS_CHUNK_ENTRIES // (n * math.prod(batch)))
