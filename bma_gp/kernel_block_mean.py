@@ -77,9 +77,22 @@ def _check_inputs(kernel: Any, x: Any, partition: Any, chunk_size: Any) -> Tenso
         )
     if len(partition) != x.shape[-2]:
         raise ValueError(f"partition has {len(partition)} indices but x has {x.shape[-2]} rows; they must match.")
+    check_single_output(kernel, x)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}.")
     return x
+
+
+def check_single_output(kernel: Kernel, x: Tensor) -> None:
+    """``ValueError`` unless ``kernel`` gives one output per input (``kernel(x, x)`` is ``n x n``)."""
+    outputs = kernel.num_outputs_per_input(x, x)
+    if outputs != 1:
+        raise ValueError(
+            f"{type(kernel).__name__} gives {outputs} outputs per input (a multitask or derivative kernel), so its "
+            "matrix on n inputs is not n x n and has no block mean over a partition of the inputs. Approximate the "
+            "kernel over the inputs instead, e.g. MultitaskKernel(BlockMeanKernel(RBFKernel(), x, partition), "
+            "num_tasks=t)."
+        )
 
 
 def _rank_and_world(process_group: Any) -> tuple[int, int]:
@@ -184,8 +197,9 @@ def kernel_block_mean(
             initialised ``torch.distributed``, ``fused=True`` on an unsupported kernel, batch
             shapes of ``x`` and the kernel that do not broadcast, or (generic engine, with
             gradients on) a kernel whose values depend on a tensor needing a gradient that is
-            not one of its parameters (its gradient would be lost), or a kernel containing an
-            ``InducingPointKernel`` in training mode.
+            not one of its parameters (its gradient would be lost), a kernel containing an
+            ``InducingPointKernel`` in training mode, or one with several outputs per input
+            (multitask, derivative kernels).
 
     Example:
         >>> from gpytorch.kernels import RBFKernel, ScaleKernel

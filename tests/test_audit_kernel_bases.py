@@ -202,3 +202,28 @@ def test_float32_predictions_of_a_periodic_block_mean_kernel_on_decimal_years():
         with torch.no_grad():
             means[dtype] = model(x_new.to(dtype)).mean.double()
     assert (means[torch.float32] - means[torch.float64]).abs().max() < 0.02
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: gpytorch.kernels.RBFKernelGrad(),
+        lambda: gpytorch.kernels.MultitaskKernel(RBFKernel(), num_tasks=2),
+        lambda: gpytorch.kernels.LCMKernel([RBFKernel(), PeriodicKernel()], num_tasks=2),
+    ],
+    ids=["rbf_grad", "multitask", "lcm"],
+)
+def test_kernels_with_several_outputs_per_input_are_refused_in_words(make):
+    """A derivative or multitask kernel's matrix on n inputs is not n x n: the engine failed inside
+    ``torch.segment_reduce`` ("Expected all rows of lengths along axis to sum to data.size")."""
+    n = 12
+    x = torch.rand(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    partition = Partition.from_labels(torch.arange(n) % 3)
+    kernel = make().double()
+    with pytest.raises(ValueError, match="outputs per input"):
+        kernel_block_mean(kernel, x, partition)
+    with pytest.raises(ValueError, match="outputs per input"):
+        BlockMeanKernel(kernel, x, partition)
+    # what the message suggests works: the block mean over the inputs inside the multitask kernel
+    multitask = gpytorch.kernels.MultitaskKernel(BlockMeanKernel(RBFKernel(), x, partition), num_tasks=2).double()
+    assert multitask(x).to_dense().shape == (2 * n, 2 * n)

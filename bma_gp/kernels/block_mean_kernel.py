@@ -17,6 +17,7 @@ from torch import Tensor
 from bma_gp._composition import ClosedFormFallbackWarning
 from bma_gp._kernel_sums.generic import translation_invariant
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
+from bma_gp.kernel_block_mean import check_single_output
 from bma_gp.kernels._bound_data import record_bound_data
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.kernels.prediction_strategy import BlockMeanPredictionStrategy
@@ -238,6 +239,7 @@ class BlockMeanKernel(Kernel):
         ):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
         _check_kernel_kwargs(base_kernel, kwargs)
+        check_single_output(base_kernel, _check_train_x(train_x))
         super().__init__(**kwargs)
         self.base_kernel = base_kernel
         self.chunk_size = chunk_size
