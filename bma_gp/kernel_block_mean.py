@@ -36,7 +36,13 @@ import torch
 from gpytorch.kernels import InducingPointKernel, Kernel
 from torch import Tensor
 
-from bma_gp._kernel_sums.generic import GenericKernelSums, centred_inputs, check_parameters, kernel_parameters
+from bma_gp._kernel_sums.generic import (
+    GenericKernelSums,
+    centred_inputs,
+    check_parameters,
+    entry_factor,
+    kernel_parameters,
+)
 from bma_gp._kernel_sums.plan import KernelSumsPlan
 from bma_gp._kernel_sums.stationary import StationaryForm, stationary_block_sums
 from bma_gp.approximation import block_mean_from_sums
@@ -177,7 +183,9 @@ def kernel_block_mean(
         x: inputs. # shape: (n, d), (*batch, n, d) or (n,)
         partition: partition of the ``n`` inputs.
         chunk_size: rows per chunk (generic engine; default about 64 MB of kernel values
-            per chunk) or per tile (stationary engine; default 512 on CPU, 4096 on CUDA).
+            per chunk, divided by the numbers per entry of the kernel's largest intermediate
+            tensor: ``d`` for a ``PeriodicKernel``, ``Q d`` for a ``SpectralMixtureKernel``) or per
+            tile (stationary engine; default 512 on CPU, 4096 on CUDA).
         process_group: a ``torch.distributed`` process group; each rank evaluates its
             share of the rows and the sums are all-reduced (module docstring). ``None``:
             single process.
@@ -238,7 +246,8 @@ def kernel_block_mean(
             block_sums = unscaled
         diag_sums = diag_sums.expand(*block_sums.shape[:-1])
     else:
-        chunk = chunk_size or max(1, _CHUNK_BYTES // (batch_numel * n * x.element_size()))
+        per_row = batch_numel * n * x.element_size() * entry_factor(kernel, xs.shape[-1])
+        chunk = chunk_size or max(1, _CHUNK_BYTES // per_row)
         xs = centred_inputs(kernel, xs)
         plan = KernelSumsPlan(xs, sizes, labels, rows, chunk, process_group, show)
         params = kernel_parameters(kernel)

@@ -227,3 +227,33 @@ def test_kernels_with_several_outputs_per_input_are_refused_in_words(make):
     # what the message suggests works: the block mean over the inputs inside the multitask kernel
     multitask = gpytorch.kernels.MultitaskKernel(BlockMeanKernel(RBFKernel(), x, partition), num_tasks=2).double()
     assert multitask(x).to_dense().shape == (2 * n, 2 * n)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: gpytorch.kernels.SpectralMixtureKernel(num_mixtures=4, ard_num_dims=3),
+        lambda: ScaleKernel(PeriodicKernel(ard_num_dims=3)) + RBFKernel(),
+    ],
+    ids=["spectral_mixture", "periodic_sum"],
+)
+def test_generic_chunks_count_the_kernels_intermediate_tensors(make, monkeypatch):
+    """The generic engine sized its chunks by the kernel values alone, but a spectral mixture works on ``Q x d``
+    numbers per entry and a periodic kernel on ``d``: at n = 6000 with Q = 10 and d = 5 the forward pass took 13 GB
+    (with the default 64 MB budget; 0.3 GB now) and the backward pass more than this machine has."""
+    import sys
+
+    module = sys.modules["bma_gp.kernel_block_mean"]  # the package re-exports the function under the same name
+    n, d = 600, 3
+    budget_entries = 40 * n  # the chunk budget: 40 rows of kernel values
+    monkeypatch.setattr(module, "_CHUNK_BYTES", budget_entries * 8)
+    x = torch.rand(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    partition = Partition.from_labels(torch.randint(7, (n,), generator=torch.Generator().manual_seed(1)))
+    kernel = make().double()
+    with LargestTensor() as seen:
+        op = kernel_block_mean(kernel, x, partition)
+        op.B.sum().backward()
+    assert seen.largest <= 1.5 * budget_entries, (seen.largest, seen.where)
+    with gpytorch.settings.lazily_evaluate_kernels(False), torch.no_grad():
+        ref = block_mean(kernel(x, x).to_dense(), partition)
+    torch.testing.assert_close(op.B.detach(), ref.B, rtol=1e-10, atol=1e-12)
