@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 __all__ = ["validate", "max_capacitance_size"]
 
 
@@ -22,13 +24,18 @@ class validate:
     With validation off, non-finite input, an indefinite or a singular matrix gives
     ``nan``/``inf`` instead of a ``ValueError`` (``solve`` included); square roots clamp
     negative eigenvalues to zero.
+
+    The switch is process-wide (not per thread), as GPyTorch's settings are. ``state`` must be a
+    bool (``True``/``False``, or 1/0); anything else raises a ``TypeError``.
     """
 
     _state: bool = True
 
     def __init__(self, state: bool = True):
+        if state not in (True, False):  # bool("false") is True: a string or None would silently pick a state
+            raise TypeError(f"bma_gp.settings.validate takes True or False, got {state!r}.")
         self.state = bool(state)
-        self._previous = None
+        self._previous: list[bool] = []  # a stack: the same instance may be entered again inside itself
 
     @classmethod
     def on(cls) -> bool:
@@ -39,12 +46,12 @@ class validate:
         return not cls._state
 
     def __enter__(self):
-        self._previous = validate._state
+        self._previous.append(validate._state)
         validate._state = self.state
         return self
 
     def __exit__(self, *exc):
-        validate._state = self._previous
+        validate._state = self._previous.pop()
         return False
 
 
@@ -58,25 +65,37 @@ class max_capacitance_size:
 
         with bma_gp.settings.max_capacitance_size(20_000):
             model_loss.backward()
+
+    ``value`` is an integer (a Python or NumPy int) of at least 0: a ``TypeError`` names any other
+    type, a ``ValueError`` a negative number.
     """
 
     _value: int = 10_000
 
     def __init__(self, value: int):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"max_capacitance_size must be a non-negative int, got {value!r}.")
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            value = operator.index(value)  # ints and NumPy / 0-d torch integers, not floats or strings
+        except TypeError:
+            raise TypeError(
+                f"bma_gp.settings.max_capacitance_size takes an int >= 0 (the largest capacitance size to "
+                f"factorise), got {value!r} of type {type(value).__name__}."
+            ) from None
+        if value < 0:
+            raise ValueError(f"bma_gp.settings.max_capacitance_size takes an int >= 0, got {value}.")
         self.value_ = value
-        self._previous: int | None = None
+        self._previous: list[int] = []  # a stack: the same instance may be entered again inside itself
 
     @classmethod
     def value(cls) -> int:
         return cls._value
 
     def __enter__(self):
-        self._previous = max_capacitance_size._value
+        self._previous.append(max_capacitance_size._value)
         max_capacitance_size._value = self.value_
         return self
 
     def __exit__(self, *exc):
-        max_capacitance_size._value = self._previous
+        max_capacitance_size._value = self._previous.pop()
         return False
