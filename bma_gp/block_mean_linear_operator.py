@@ -85,18 +85,22 @@ def _cached_unless_grad(name: str):
     """linear_operator's ``@cached``, except that results are stored only when neither ``lam`` nor ``B``
     requires gradients: a stored graph breaks a second backward pass, and a result stored under
     ``no_grad`` would silently drop the gradients of later calls. Entries put in the cache by
-    others (GPyTorch's ``add_to_cache``) are still returned."""
+    others (GPyTorch's ``add_to_cache``) are still returned. A result computed with
+    :class:`bma_gp.settings.validate` off skipped its checks, so it is kept apart and returned only
+    while validation stays off (a checked result serves both)."""
 
     def decorator(method):
         @functools.wraps(method)
         def wrapped(self, *args, **kwargs):
-            try:
-                return get_from_cache(self, name, *args, **kwargs)
-            except CachingError:
-                pass
+            names = (name,) if settings.validate.on() else (name, f"{name} (unvalidated)")
+            for key in names:
+                try:
+                    return get_from_cache(self, key, *args, **kwargs)
+                except CachingError:
+                    pass
             res = method(self, *args, **kwargs)
             if not (self.lam.requires_grad or self._b_requires_grad()):
-                add_to_cache(self, name, res, *args, **kwargs)
+                add_to_cache(self, names[-1], res, *args, **kwargs)
             return res
 
         return wrapped

@@ -752,9 +752,15 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             self._graphless.discard(name)
 
     def _memo(self, name: str, fn):
-        """Cache ``fn()`` (see :meth:`_keep` and :meth:`_cached`)."""
+        """Cache ``fn()`` (see :meth:`_keep` and :meth:`_cached`). A value computed with
+        :class:`bma_gp.settings.validate` off skipped its checks (a singular capacitance is not refused), so
+        it is kept apart and used only while validation stays off (a checked value serves both)."""
         if self._cached(name):
             return self._store[name]
+        if not settings.validate.on():
+            name = f"{name} (unvalidated)"
+            if self._cached(name):
+                return self._store[name]
         value = fn()
         self._keep(name, value)
         return value
