@@ -59,12 +59,18 @@ class BlockMeanGP(gpytorch.models.ExactGP):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--block-weeks", type=int, default=3, help="consecutive observations per block")
-    parser.add_argument("--iters", type=int, default=60)
-    parser.add_argument("--test-years", type=float, default=5.0)
+    parser.add_argument("--block-weeks", type=int, default=3, help="consecutive observations per block (>= 1)")
+    parser.add_argument("--iters", type=int, default=60, help="Adam steps (>= 0)")
+    parser.add_argument("--test-years", type=float, default=5.0, help="years held out at the end (> 0)")
     parser.add_argument("--smoke", action="store_true", help="tiny subset and few iterations")
     parser.add_argument("--out", type=Path, default=None, help="output directory for the PNG")
     args = parser.parse_args(argv)
+    if args.block_weeks < 1:
+        parser.error(f"--block-weeks must be at least 1, got {args.block_weeks}")
+    if args.iters < 0:
+        parser.error(f"--iters must be at least 0, got {args.iters}")
+    if not args.test_years > 0:
+        parser.error(f"--test-years must be positive (the held-out span), got {args.test_years:g}")
 
     torch.manual_seed(0)
     years, co2 = load_co2()
@@ -73,6 +79,11 @@ def main(argv=None) -> dict:
         args.iters = 3
     split = float(years.max()) - args.test_years
     train, test = years <= split, years > split
+    if int(train.sum()) < args.block_weeks:
+        parser.error(
+            f"--test-years {args.test_years:g} leaves {int(train.sum())} training observations, fewer than one block of "
+            f"--block-weeks {args.block_weeks}; the record spans {float(years.max() - years.min()):.1f} years"
+        )
     t_mean, t_std = years[train].mean(), years[train].std()
     y_mean, y_std = co2[train].mean(), co2[train].std()
     x = ((years - t_mean) / t_std).unsqueeze(-1)
@@ -80,7 +91,7 @@ def main(argv=None) -> dict:
     train_x, train_y, test_x, test_y = x[train], y[train], x[test], y[test]
 
     n = train_x.shape[0]
-    block = max(1, args.block_weeks)
+    block = args.block_weeks
     sizes = torch.full((n // block,), block)
     sizes[-1] += n - int(sizes.sum())
     partition = Partition.from_sizes(sizes)  # data are sorted in time: blocks of consecutive weeks

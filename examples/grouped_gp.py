@@ -30,6 +30,7 @@ import torch
 
 from bma_gp.kernels import GroupKernel
 
+NUM_GROUPS = 3 * 12 * 24  # (origin, month, hour)
 MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
 
 
@@ -50,7 +51,8 @@ class GroupedGP(gpytorch.models.ExactGP):
         super().__init__(train_x, train_y, likelihood)
         self.mean_module = gpytorch.means.ConstantMean()
         self.covar_module = GroupKernel(num_groups, rank=rank)
-        self.covar_module.covar_factor.data.mul_(0.3)
+        if rank:  # rank 0: a random intercept per group, diag(v) only
+            self.covar_module.covar_factor.data.mul_(0.3)
 
     def forward(self, x):
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
@@ -58,12 +60,18 @@ class GroupedGP(gpytorch.models.ExactGP):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--iters", type=int, default=60)
-    parser.add_argument("--test-fraction", type=float, default=0.2)
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--rank", type=int, default=8, help="columns of W, 0 to 864 (0: independent groups)")
+    parser.add_argument("--iters", type=int, default=60, help="Adam steps (>= 0)")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="share of readings held out, in (0, 1)")
+    parser.add_argument("--smoke", action="store_true", help="a subsample and a few steps, temporary directory")
+    parser.add_argument("--out", type=Path, default=None, help="output directory for the PNG")
     args = parser.parse_args(argv)
+    if not 0 <= args.rank <= NUM_GROUPS:
+        parser.error(f"--rank must be between 0 and the {NUM_GROUPS} groups, got {args.rank}")
+    if args.iters < 0:
+        parser.error(f"--iters must be at least 0, got {args.iters}")
+    if not 0 < args.test_fraction < 1:
+        parser.error(f"--test-fraction must be strictly between 0 and 1, got {args.test_fraction:g}")
 
     torch.manual_seed(0)
     group, temp, origins = load_weather()
@@ -73,13 +81,13 @@ def main(argv=None) -> dict:
         group, temp = group[keep], temp[keep]
         args.iters = 5
     perm = torch.randperm(group.numel())
-    n_test = int(args.test_fraction * group.numel())
+    n_test = max(1, int(args.test_fraction * group.numel()))
     test, train = perm[:n_test], perm[n_test:]
     y_mean, y_std = temp[train].mean(), temp[train].std()
     x = group.to(torch.float64).unsqueeze(-1)
     y = (temp - y_mean) / y_std
     train_x, train_y, test_x, test_y = x[train], y[train], x[test], y[test]
-    num_groups = 3 * 12 * 24
+    num_groups = NUM_GROUPS
 
     likelihood = gpytorch.likelihoods.GaussianLikelihood()
     model = GroupedGP(train_x, train_y, likelihood, num_groups, args.rank).double()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
+import gpytorch
 import numpy as np
 import pytest
 import torch
-
 from linear_operator.operators import DiagLinearOperator
 
 from bma_gp import BlockMeanLinearOperator, Partition, settings
@@ -101,3 +105,63 @@ def test_sum_capacitance_factorised_with_validation_off_is_checked_when_on():
         S.logdet()
     with settings.validate(False):  # a checked factorisation serves validation off as well
         assert torch.isnan(S.logdet())
+
+
+# ---------------------------------------------------------------------------- the example scripts
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _example(name: str):
+    spec = importlib.util.spec_from_file_location(f"audit_example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def _usage_error(main, argv, capsys) -> str:
+    """Run ``main(argv)``, expect argparse's exit status 2, return the error line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--block-weeks", "0"], "--block-weeks must be at least 1, got 0"),  # was silently 1
+        (["--iters", "-1"], "--iters must be at least 0"),
+        (["--test-years", "0"], "--test-years must be positive"),  # was RMSE nan
+        (["--smoke", "--test-years", "100"], "leaves 0 training observations"),  # was an IndexError
+        (["--smoke", "--block-weeks", "10000"], "fewer than one block of --block-weeks 10000"),
+    ],
+)
+def test_gp_regression_rejects_bad_options(argv, message, capsys):
+    pytest.importorskip("statsmodels")
+    assert message in _usage_error(_example("gp_regression").main, argv, capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--rank", "-1"], "--rank must be between 0 and the 864 groups, got -1"),
+        (["--test-fraction", "1"], "--test-fraction must be strictly between 0 and 1"),  # was a Partition error
+        (["--test-fraction", "0"], "--test-fraction must be strictly between 0 and 1"),
+        (["--iters", "-3"], "--iters must be at least 0"),
+    ],
+)
+def test_grouped_gp_rejects_bad_options(argv, message, capsys):
+    assert message in _usage_error(_example("grouped_gp").main, argv, capsys)
+
+
+def test_grouped_gp_model_with_rank_zero():
+    # --rank 0 (independent groups, GroupKernel's diag(v) alone) crashed on the missing covar_factor
+    example = _example("grouped_gp")
+    x = torch.tensor([[0.0], [1.0], [1.0], [2.0]], dtype=torch.float64)
+    y = torch.tensor([0.5, -1.0, -0.8, 0.2], dtype=torch.float64)
+    likelihood = gpytorch.likelihoods.GaussianLikelihood()
+    model = example.GroupedGP(x, y, likelihood, 3, 0).double()
+    loss = -gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y)
+    assert torch.isfinite(loss)
