@@ -543,9 +543,35 @@ def write_reports(out: Path, records: list[dict], meta: dict, make_plot: bool = 
 
 
 # ---------------------------------------------------------------------------- main
-def _csv(kind: type, choices: tuple[str, ...] | None = None):
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {value:g}")
+    return value
+
+
+def _csv(kind, choices: tuple[str, ...] | None = None):
     def parse(text: str):
-        items = tuple(kind(t.strip()) for t in text.split(",") if t.strip())
+        try:
+            items = tuple(kind(t.strip()) for t in text.split(",") if t.strip())
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"{err} in the comma separated list {text!r}") from None
         if not items:
             raise argparse.ArgumentTypeError("expected a comma separated list")
         if choices is not None:
@@ -562,11 +588,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", type=_csv(str, tuple(DATASETS)), default=tuple(DATASETS))
     p.add_argument("--methods", type=_csv(str, METHODS), default=METHODS)
     p.add_argument("--builders", type=_csv(str, BUILDERS), default=BUILDERS)
-    p.add_argument("--seeds", type=int, default=3, help="number of random splits")
-    p.add_argument("--iters", type=int, default=None, help="Adam steps for every model (default: per data set)")
-    p.add_argument("--blocks", type=_csv(int), default=None, help="k values (default: per data set)")
+    p.add_argument("--seeds", type=_int_at_least(1), default=3, help="number of random splits")
+    p.add_argument(
+        "--iters", type=_int_at_least(0), default=None, help="Adam steps for every model (default: per data set)"
+    )
+    p.add_argument("--blocks", type=_csv(_int_at_least(1)), default=None, help="k values (default: per data set)")
     p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--test-fraction", type=_fraction, default=0.2)
     p.add_argument(
         "--exact-max-train",
         type=int,
@@ -581,9 +609,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     p.add_argument(
-        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice; --smoke uses 1)"
+        "--threads",
+        type=_int_at_least(1),
+        default=None,
+        help="torch intra-op threads (default: torch's choice; --smoke uses 1)",
     )
-    p.add_argument("--max-rows", type=int, default=None, help="random subset of rows of every data set")
+    p.add_argument("--max-rows", type=_int_at_least(1), default=None, help="random subset of rows of every data set")
     p.add_argument("--smoke", action="store_true", help="tiny subsets, 2 Adam steps, small k, 2 seeds")
     p.add_argument(
         "--out",
@@ -597,7 +628,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.table_only:  # before anything is created: a mistyped --out made an empty folder, then a traceback
+        if args.smoke and args.out is None:
+            parser.error("--table-only with --smoke needs --out (a --smoke run writes to a temporary folder)")
+        for name in ("results.jsonl", "meta.json"):
+            if not ((args.out or DEFAULT_OUT) / name).is_file():
+                parser.error(f"--table-only needs {(args.out or DEFAULT_OUT) / name} from an earlier run in --out")
     threads = args.threads if args.threads is not None else (1 if args.smoke else None)
     previous = torch.get_num_threads()
     if threads is not None:

@@ -60,7 +60,14 @@ from bma_gp import GroupKernel
 from bma_gp.datasets import GroupedData, load_exam, load_flights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate_gp import PeakMemory, _release_freed_memory_to_os, gaussian_nlpd, predict, train  # noqa: E402
+from evaluate_gp import (  # noqa: E402
+    PeakMemory,
+    _int_at_least,
+    _release_freed_memory_to_os,
+    gaussian_nlpd,
+    predict,
+    train,
+)
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "mixed"
 MODELS = ("groups", "sgpr", "sgpr+groups", "exact+groups", "mixedlm", "gpboost", "gpboost+gp")
@@ -518,12 +525,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(LOADERS), choices=list(LOADERS))
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--n-train", type=int, default=20000, help="training rows per split (default 20,000)")
-    parser.add_argument("--n-test", type=int, default=5000)
-    parser.add_argument("--iters", type=int, default=100, help="Adam steps for the GPyTorch models")
+    parser.add_argument("--seeds", type=_int_at_least(0), nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--n-train", type=_int_at_least(1), default=20000, help="training rows per split (default 20,000)"
+    )
+    parser.add_argument("--n-test", type=_int_at_least(1), default=5000)
+    parser.add_argument("--iters", type=_int_at_least(0), default=100, help="Adam steps for the GPyTorch models")
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--inducing", type=int, default=128, help="SGPR inducing points m")
+    parser.add_argument("--inducing", type=_int_at_least(1), default=128, help="SGPR inducing points m")
     parser.add_argument("--exact-max-train", type=int, default=2000)
     parser.add_argument("--mixedlm-max-train", type=int, default=50000)
     parser.add_argument(
@@ -557,7 +566,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _main(argv: list[str] | None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.time_limit < 0:
+        parser.error(f"--time-limit must be >= 0 seconds (0 for none), got {args.time_limit:g}")
+    if args.table_only:  # before anything is created: a mistyped --out made an empty folder, then a traceback
+        if args.smoke and args.out is None:
+            parser.error("--table-only with --smoke needs --out (a --smoke run writes to a temporary folder)")
+        if not ((args.out or DEFAULT_OUT) / "runs.jsonl").is_file():
+            parser.error(f"--table-only needs {(args.out or DEFAULT_OUT) / 'runs.jsonl'} from an earlier run in --out")
     if args.smoke:
         args.seeds, args.n_train, args.n_test, args.iters = [0], 300, 100, 2
         args.inducing, args.exact_max_train, args.gpboost_gp_max_train = 16, 200, 200

@@ -120,6 +120,7 @@ def large_model(in_channels: int, size: int = 32, classes: int = 10) -> nn.Modul
 
 
 # ---------------------------------------------------------------------------- optimizers
+DATASETS = ("digits", "mnist5k", "cifar10")
 OPTIMIZERS = {
     "adagrad": (lambda ps, lr: torch.optim.Adagrad(ps, lr=lr, eps=1e-10), (0.01, 0.03, 0.1, 0.3)),
     "block_mean_tensor": (lambda ps, lr: BlockMeanAdagrad(ps, lr=lr, partition="tensor"), (0.01, 0.03, 0.1, 0.3)),
@@ -282,7 +283,7 @@ def plot(all_results: dict, out: str, tag: str = "") -> list[str]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Block-mean AdaGrad on the paper's CNNs (offline data).")
-    parser.add_argument("--datasets", default="digits,mnist5k", help="comma list of digits, mnist5k, cifar10")
+    parser.add_argument("--datasets", default="digits,mnist5k", help=f"comma list of {', '.join(DATASETS)}")
     parser.add_argument("--model", choices=["small", "large"], default="small")
     parser.add_argument(
         "--optimizers",
@@ -305,6 +306,29 @@ def main(argv=None) -> None:
     parser.add_argument("--tag", default="", help="suffix of the output file names (default: '' or '_large')")
     parser.add_argument("--smoke", action="store_true", help="tiny subsets, 2 epochs, 1 seed, no files unless --out")
     args = parser.parse_args(argv)
+    for option, value in (("--epochs", args.epochs), ("--tune-epochs", args.tune_epochs), ("--seeds", args.seeds)):
+        if value < 1:
+            parser.error(f"{option} must be at least 1, got {value}")
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    for option, names, known in (
+        ("--datasets", args.datasets, DATASETS),
+        ("--optimizers", args.optimizers, tuple(OPTIMIZERS)),
+    ):
+        unknown = [name for name in names.split(",") if name not in known]
+        if unknown:
+            parser.error(f"{option}: unknown {unknown}; choose from {','.join(known)}")
+    fixed_lr: dict[str, float] = {}
+    for item in filter(None, args.lr.split(",")):
+        name, _, value = item.partition("=")
+        if name not in OPTIMIZERS:
+            parser.error(f"--lr {item!r}: expected name=value with a name from {','.join(OPTIMIZERS)}")
+        try:
+            fixed_lr[name] = float(value)
+        except ValueError:
+            parser.error(f"--lr {item!r}: the learning rate after '=' must be a number")
+        if not fixed_lr[name] > 0:
+            parser.error(f"--lr {item!r}: the learning rate must be positive")
     torch.set_num_threads(args.threads)
     optimizers = args.optimizers.split(",")
     if args.model == "large" and "full_matrix" in optimizers:
@@ -315,7 +339,6 @@ def main(argv=None) -> None:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    fixed_lr = {k: float(v) for k, v in (item.split("=") for item in args.lr.split(",") if item)}
     loaders = {"digits": load_digits32, "mnist5k": load_mnist5k, "cifar10": lambda: load_cifar10(args.cifar_root)}
     all_results, started = {}, time.time()
     for name in args.datasets.split(","):

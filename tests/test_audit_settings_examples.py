@@ -165,3 +165,54 @@ def test_grouped_gp_model_with_rank_zero():
     model = example.GroupedGP(x, y, likelihood, 3, 0).double()
     loss = -gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--threads", "0"], "argument --threads: expected an integer >= 1, got 0"),  # was torch's RuntimeError
+        (["--seeds", "0"], "argument --seeds: expected an integer >= 1, got 0"),  # was an empty run, status 0
+        (["--blocks", "8,0"], "argument --blocks: expected an integer >= 1, got 0"),  # was a failed fit per k
+        (["--test-fraction", "1.5"], "strictly between 0 and 1, got 1.5"),  # was RMSE nan
+    ],
+)
+def test_evaluate_gp_rejects_bad_options(argv, message, capsys):
+    assert message in _usage_error(_example("evaluate_gp").main, argv, capsys)
+
+
+@pytest.mark.parametrize("name", ["evaluate_gp", "evaluate_mixed"])
+def test_evaluations_table_only_without_records(name, tmp_path, capsys):
+    missing = tmp_path / "typo"
+    error = _usage_error(_example(name).main, ["--table-only", "--no-plot", "--out", str(missing)], capsys)
+    assert "--table-only needs" in error and str(missing) in error  # was a FileNotFoundError traceback
+    assert not missing.exists()  # and the mistyped folder was created
+    error = _usage_error(_example(name).main, ["--table-only", "--smoke"], capsys)
+    assert "--table-only with --smoke needs --out" in error
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--n-train", "0"], "argument --n-train: expected an integer >= 1, got 0"),
+        (["--seeds", "-1"], "argument --seeds: expected an integer >= 0, got -1"),
+        (["--time-limit", "-1"], "--time-limit must be >= 0 seconds"),
+    ],
+)
+def test_evaluate_mixed_rejects_bad_options(argv, message, capsys):
+    assert message in _usage_error(_example("evaluate_mixed").main, argv, capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--datasets", "digits,foo"], "--datasets: unknown ['foo']; choose from digits,mnist5k,cifar10"),  # KeyError
+        (["--optimizers", "adam,foo"], "--optimizers: unknown ['foo']"),  # was a KeyError
+        (["--lr", "bad"], "--lr 'bad': expected name=value"),  # was 'not enough values to unpack'
+        (["--lr", "adam=x"], "must be a number"),
+        (["--lr", "adam=-1"], "must be positive"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+    ],
+)
+def test_paper_cnn_rejects_bad_options(argv, message, capsys):
+    assert message in _usage_error(_example("paper_cnn").main, ["--smoke", *argv], capsys)
