@@ -216,3 +216,15 @@ def test_evaluate_mixed_rejects_bad_options(argv, message, capsys):
 )
 def test_paper_cnn_rejects_bad_options(argv, message, capsys):
     assert message in _usage_error(_example("paper_cnn").main, ["--smoke", *argv], capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--data", "flights", "--n", "3"], "--n must be at least 5"),  # was 'labels must not be empty'
+        (["--inducing", "-1"], "--inducing must be at least 0"),
+        (["--lr", "0"], "--lr must be positive"),
+    ],
+)
+def test_mixed_effects_gp_rejects_bad_options(argv, message, capsys):
+    assert message in _usage_error(_example("mixed_effects_gp").main, argv, capsys)
