@@ -23,7 +23,8 @@ class validate:
 
     With validation off, non-finite input, an indefinite or a singular matrix gives
     ``nan``/``inf`` instead of a ``ValueError`` (``solve`` included); square roots clamp
-    negative eigenvalues to zero.
+    negative eigenvalues to zero. An operator keeps what it computed with validation off apart from
+    its checked results, so a later call with validation on checks again.
 
     The switch is process-wide (not per thread), as GPyTorch's settings are. ``state`` must be a
     bool (``True``/``False``, or 1/0); anything else raises a ``TypeError``.
@@ -65,6 +66,12 @@ class max_capacitance_size:
 
         with bma_gp.settings.max_capacitance_size(20_000):
             model_loss.backward()
+
+    The same limit bounds the other dense matrices whose size grows with the levels: the
+    ``q x q`` eigendecomposition behind a sum's roots, the core of an elementwise product of two
+    block mean operators over different partitions (one level per occupied pair of blocks), and
+    the posterior weight and joint draws of GP prediction with a sum. Each error names the size and
+    the ``with`` statement that raises the limit.
 
     ``value`` is an integer (a Python or NumPy int) of at least 0: a ``TypeError`` names any other
     type, a ``ValueError`` a negative number.
