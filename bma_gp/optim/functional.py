@@ -423,11 +423,15 @@ def preconditioner(
     r"""``(lam_R, B_R)`` of :math:`R = (F + \delta I)^{-1/2}` from the statistics ``U`` and ``w``.
 
     Recomputed when ``stats["step"] - stats["root_step"] >= update_interval`` (or when there is
-    none yet) and cached in ``stats`` (``root_lam``, ``root_B``, ``root_step``); otherwise the
-    stale root is returned.
+    none yet: ``root_lam`` absent or ``None``) and cached in ``stats`` (``root_lam``, ``root_B``,
+    ``root_step``); otherwise the stale root is returned.
+
+    Raises:
+        ValueError: ``U`` is not ``k x k`` or ``w`` not of length ``k``, ``k`` the partition's number of blocks.
     """
-    due = stats["root_lam"] is None or (stats["step"] - stats["root_step"]) >= update_interval
+    due = stats.get("root_lam") is None or (stats["step"] - stats["root_step"]) >= update_interval
     if due:
+        _check_statistics(stats, partition.num_blocks)
         if correlation is normalised_correlation:  # the default: the same math without operator objects
             lam, B = _normalised_inverse_root(stats["U"], stats["w"], partition, damping)
         else:
@@ -435,6 +439,18 @@ def preconditioner(
             lam, B = root.lam, root.B
         stats.update(root_lam=lam, root_B=B, root_step=stats["step"])
     return stats["root_lam"], stats["root_B"]
+
+
+def _check_statistics(stats: dict[str, Any], k: int) -> None:
+    """Raise ``ValueError`` unless ``stats`` holds ``U`` of shape ``(k, k)`` and ``w`` of shape ``(k,)``."""
+    U, w = stats.get("U"), stats.get("w")
+    shapes = tuple(None if x is None else tuple(x.shape) for x in (U, w))
+    if shapes != ((k, k), (k,)):
+        raise ValueError(
+            f"the statistics do not fit the partition: U has shape {shapes[0]} and w {shapes[1]}, but the partition "
+            f"has k = {k} blocks, so U must be ({k}, {k}) and w ({k},). Start them as zeros of those shapes (or "
+            "take them from an optimizer over the same parameters and partition)."
+        )
 
 
 def block_mean_adagrad(
@@ -466,7 +482,9 @@ def block_mean_adagrad(
         stats: the global state, updated in place: ``U`` (``k x k``), ``w`` (``k``), ``step`` and the
             cached root (see :func:`preconditioner`).
         blocks: the partition of the ``d`` entries, per tensor.
-        workspace: buffers for ``state_sum`` (:meth:`Workspace.build`); unused by the fused path.
+        workspace: buffers for ``state_sum`` (:meth:`Workspace.build`), kept between steps; unused by the
+            fused path. ``None`` builds one for this call (correct, but it allocates and finds the entries
+            where ``h == 0`` again every step).
         lr, weight_decay, maximize: per parameter.
         eps, damping, update_interval, correlation: as in :class:`~bma_gp.optim.BlockMeanAdagrad`.
         mask: whether some entry of :math:`h` may be 0 before this step (the eager paths on an
@@ -477,8 +495,22 @@ def block_mean_adagrad(
         fused: take the compiled path (``blocks.by_rows`` required).
 
     Raises:
-        ValueError: with ``fused`` and ``check_finite``, a gradient holds inf or nan.
+        ValueError: with ``fused`` and ``check_finite``, a gradient holds inf or nan; ``params``, ``grads``,
+            ``state_sum``, ``U`` or ``w`` do not fit ``blocks`` (nothing is changed then).
     """
+    d, k = blocks.bounds[-1], blocks.num_blocks
+    if len(params) != len(blocks.segments) or len(grads) != len(params) or tuple(state_sum.shape) != (d,):
+        raise ValueError(
+            f"block_mean_adagrad got {len(params)} parameters, {len(grads)} gradients and state_sum of shape "
+            f"{tuple(state_sum.shape)}, but blocks describe {len(blocks.segments)} parameters of d = {d} entries: "
+            "pass one gradient (or None) per parameter and state_sum of shape (d,), as built for these blocks."
+        )
+    _check_statistics(stats, k)
+    stats.setdefault("root_lam", None)  # no root yet: computed at this step
+    stats.setdefault("root_B", None)
+    stats.setdefault("root_step", None)
+    if workspace is None and not fused:
+        workspace = Workspace.build(blocks, state_sum)
     kwargs = dict(
         lr=lr,
         weight_decay=weight_decay,

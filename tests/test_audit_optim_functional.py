@@ -1,0 +1,93 @@
+"""Audit of block-mean AdaGrad beyond its default use: the public functional API
+(:mod:`bma_gp.optim.functional`) as a caller of ``torch.optim``'s functional optimizers would use it,
+and the optimizers against dense float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bma_gp import Partition
+from bma_gp.optim import BlockMeanAdagrad
+from bma_gp.optim.functional import block_mean_adagrad, preconditioner
+from bma_gp.optim.param_blocks import ParamBlocks
+
+
+def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+    """0-d, 1-d, 4-d (conv) and a transposed (non-contiguous) parameter, float64."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(), (5,), (3, 2, 2, 2)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
+    params.append(torch.nn.Parameter(torch.randn(3, 4, generator=gen, dtype=torch.float64).t()))
+    return params
+
+
+def _grads(params, step: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+
+
+def _flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def _fresh_stats(k: int) -> dict:
+    return {"U": torch.zeros(k, k, dtype=torch.float64), "w": torch.zeros(k, dtype=torch.float64), "step": 0}
+
+
+@pytest.mark.parametrize(
+    "rule", ["tensor", "row", lambda p: torch.arange(p.numel()) % 2], ids=["tensor", "row", "call"]
+)
+def test_the_functional_step_builds_its_own_workspace_and_root_entries(rule):
+    """``block_mean_adagrad(..., workspace=None)`` is allowed by its signature and documented as unused by the
+    fused path; the eager paths raised AttributeError. Statistics given as ``U``, ``w`` and ``step`` only (the
+    root entries are the cache) raised KeyError. Both now step exactly as the class does."""
+    params, reference = _params(), _params()
+    opt = BlockMeanAdagrad(reference, lr=0.05, partition=rule)
+    blocks = ParamBlocks.build(params, rule)
+    h = torch.zeros(blocks.bounds[-1], dtype=torch.float64)
+    stats = _fresh_stats(blocks.num_blocks)
+    n = len(params)
+    for t in range(3):
+        grads = _grads(params, t)
+        for p, g in zip(reference, grads):
+            p.grad = g
+        opt.step()
+        with torch.no_grad():
+            block_mean_adagrad(
+                params, grads, h, stats, blocks, None, lr=[0.05] * n, weight_decay=[0.0] * n, maximize=[False] * n,
+                eps=1e-10, damping=0.1, update_interval=1, mask=True, check_finite=True, fused=False,
+            )  # fmt: skip
+    assert torch.equal(_flat(params), _flat(reference))
+    assert stats["step"] == 3 and stats["root_step"] == 3
+
+
+def test_the_functional_step_refuses_statistics_of_another_partition_before_changing_anything():
+    params = _params()
+    blocks = ParamBlocks.build(params, "tensor")
+    h = torch.zeros(blocks.bounds[-1], dtype=torch.float64)
+    stats = _fresh_stats(blocks.num_blocks + 1)
+    before = _flat(params)
+    with pytest.raises(ValueError, match=r"U must be \(4, 4\) and w \(4,\)"):
+        block_mean_adagrad(
+            params, _grads(params, 0), h, stats, blocks, None, lr=[0.1] * 4, weight_decay=[0.0] * 4,
+            maximize=[False] * 4, eps=1e-10, damping=0.1, update_interval=1, mask=True, check_finite=True, fused=False,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"one gradient \(or None\) per parameter"):
+        block_mean_adagrad(
+            params, _grads(params, 0)[:3], h, _fresh_stats(4), blocks, None, lr=[0.1] * 4, weight_decay=[0.0] * 4,
+            maximize=[False] * 4, eps=1e-10, damping=0.1, update_interval=1, mask=True, check_finite=True, fused=False,
+        )  # fmt: skip
+    assert torch.equal(_flat(params), before) and not h.any() and stats["step"] == 0
+
+
+def test_preconditioner_names_statistics_that_do_not_fit_the_partition():
+    """The CPU root runs in numpy, whose broadcasting error ("operands could not be broadcast together") said
+    nothing about the cause."""
+    partition = Partition.from_sizes(torch.tensor([2, 3, 1]))
+    stats = {"U": torch.eye(4, dtype=torch.float64), "w": torch.ones(4, dtype=torch.float64), "step": 1}
+    with pytest.raises(ValueError, match="partition has k = 3 blocks"):
+        preconditioner(stats, partition, damping=0.1, update_interval=1)
+    stats = {"U": torch.eye(3, dtype=torch.float64) + 1, "w": torch.full((3,), 2.0, dtype=torch.float64), "step": 1}
+    lam, B = preconditioner(stats, partition, damping=0.1, update_interval=1)  # no root entries yet: computed
+    assert stats["root_lam"] is lam and stats["root_step"] == 1 and B.shape == (3, 3)
