@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bma_gp import Partition
-from bma_gp.optim import BlockMeanAdagrad
+from bma_gp.optim import BlockMeanAdagrad, FullMatrixAdagrad
 from bma_gp.optim.functional import block_mean_adagrad, preconditioner
 from bma_gp.optim.param_blocks import ParamBlocks
 
@@ -91,3 +91,11 @@ def test_preconditioner_names_statistics_that_do_not_fit_the_partition():
     stats = {"U": torch.eye(3, dtype=torch.float64) + 1, "w": torch.full((3,), 2.0, dtype=torch.float64), "step": 1}
     lam, B = preconditioner(stats, partition, damping=0.1, update_interval=1)  # no root entries yet: computed
     assert stats["root_lam"] is lam and stats["root_step"] == 1 and B.shape == (3, 3)
+
+
+def test_full_matrix_max_dim_message_counts_the_refused_groups_dtype():
+    """A float64 group added to a float32 optimizer makes ``H`` float64; the refusal priced it in float32 (half)."""
+    opt = FullMatrixAdagrad([torch.nn.Parameter(torch.zeros(5))], max_dim=10)
+    with pytest.raises(ValueError, match=r"d = 11 parameters need 968 bytes") as info:
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(6, dtype=torch.float64))]})
+    assert "max_dim = 10" in str(info.value) and len(opt.param_groups) == 1

@@ -117,12 +117,13 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
         super().add_param_group(param_group)
         d = sum(p.numel() for group in self.param_groups for p in group["params"])
         if d > self.max_dim:
-            self.param_groups.pop()
+            # the state's dtype includes the refused group's parameters (H would be in the widest dtype)
             dtype = max(
                 (p.dtype for group in self.param_groups for p in group["params"]),
                 key=lambda t: torch.finfo(t).bits,
                 default=torch.float32,
             )
+            self.param_groups.pop()
             nbytes = d * d * max(torch.finfo(dtype).bits, 32) // 8
             raise ValueError(
                 f"FullMatrixAdagrad keeps a dense d x d matrix: d = {d} parameters need {nbytes} bytes "
