@@ -99,3 +99,27 @@ def test_full_matrix_max_dim_message_counts_the_refused_groups_dtype():
     with pytest.raises(ValueError, match=r"d = 11 parameters need 968 bytes") as info:
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(6, dtype=torch.float64))]})
     assert "max_dim = 10" in str(info.value) and len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize(
+    "rule", ["tensor", "row", lambda p: torch.arange(p.numel()) % 2], ids=["tensor", "row", "call"]
+)
+def test_an_eps_below_float32s_smallest_number_is_not_zero(rule):
+    """``eps`` must be positive so that entries that never had a gradient (``h = 0``) do not give ``0 / 0``; an eps
+    of 1e-50 passed that check but is 0 in float32 arithmetic, so the eager steps put NaN into ``U`` and ``w`` and
+    the root's ``eigh`` raised mid-step, the state half-changed. Any tiny eps now steps as 1e-30 does (``sqrt(h)``
+    of every ``h > 0`` absorbs it)."""
+    runs = []
+    for eps in (1e-50, 1e-30):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(4, 6), (6,), ()]]
+        opt = BlockMeanAdagrad(params, lr=0.01, eps=eps, partition=rule)
+        for _ in range(3):
+            for p in params:
+                g = torch.randn(p.shape, generator=gen)
+                g.view(-1)[:3] = 0  # entries that never get a gradient: h stays 0 there
+                p.grad = g
+            opt.step()
+        assert torch.isfinite(opt.global_state["U"]).all() and torch.isfinite(opt.global_state["w"]).all()
+        runs.append(_flat(params))
+    assert torch.equal(runs[0], runs[1])

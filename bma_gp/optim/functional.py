@@ -441,6 +441,10 @@ def preconditioner(
     return stats["root_lam"], stats["root_B"]
 
 
+#: per state dtype below float64 (the state is float32 or wider), its smallest positive number as a Python float
+_SMALLEST_SUBNORMAL = {torch.float32: float(np.nextafter(np.float32(0), np.float32(1)))}
+
+
 def _check_statistics(stats: dict[str, Any], k: int) -> None:
     """Raise ``ValueError`` unless ``stats`` holds ``U`` of shape ``(k, k)`` and ``w`` of shape ``(k,)``."""
     U, w = stats.get("U"), stats.get("w")
@@ -511,6 +515,10 @@ def block_mean_adagrad(
     stats.setdefault("root_step", None)
     if workspace is None and not fused:
         workspace = Workspace.build(blocks, state_sum)
+    # an eps below the smallest subnormal of the state's dtype (1e-50 in float32) is 0 in its arithmetic, and where
+    # h = 0 the step would divide 0 by 0 and poison U and w, which eps > 0 is required to prevent. Raised to that
+    # subnormal, it changes nothing else: sqrt(h) of every h > 0 is so much larger that the sum rounds to it
+    eps = max(eps, _SMALLEST_SUBNORMAL.get(state_sum.dtype, 0.0))
     kwargs = dict(
         lr=lr,
         weight_decay=weight_decay,
