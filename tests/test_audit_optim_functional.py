@@ -123,3 +123,47 @@ def test_an_eps_below_float32s_smallest_number_is_not_zero(rule):
         assert torch.isfinite(opt.global_state["U"]).all() and torch.isfinite(opt.global_state["w"]).all()
         runs.append(_flat(params))
     assert torch.equal(runs[0], runs[1])
+
+
+def test_a_state_of_as_many_blocks_of_other_sizes_is_refused_at_load():
+    """Only the number of blocks was checked: a "row" state loaded into a callable partition with as many blocks
+    of other sizes loaded, and its ``U`` and ``w`` were read as the statistics of other entries."""
+
+    def uneven(p):  # 4 blocks in all, as under "row", of sizes 4, 1, 1 and 4 instead of 2, 2, 2 and 4
+        return torch.tensor([0, 0, 0, 0, 1, 2]) if p.numel() == 6 else torch.zeros(p.numel(), dtype=torch.long)
+
+    def params():
+        gen = torch.Generator().manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(3, 2, generator=gen)), torch.nn.Parameter(torch.randn(4, generator=gen))]
+
+    source_params = params()
+    source = BlockMeanAdagrad(source_params, partition="row")
+    for p in source_params:
+        p.grad = torch.ones_like(p)
+    source.step()
+    state = source.state_dict()
+    assert state["block_sizes"] == [2, 2, 2, 4]
+    target = BlockMeanAdagrad(params(), partition=uneven)
+    with pytest.raises(ValueError, match=r"blocks of sizes \[2, 2, 2, 4\].*sizes \[4, 1, 1, 4\].*another partition"):
+        target.load_state_dict(state)
+    assert target.global_state == {} and len(target.state) == 0
+    same = BlockMeanAdagrad(params(), partition="row")
+    same.load_state_dict(state)  # the same partition loads
+    assert torch.equal(same.global_state["U"], source.global_state["U"])
+
+
+def test_state_dict_saves_after_a_group_the_callable_partition_refuses():
+    """``state_dict()`` reads the block sizes of the last step's layout: a parameter added since, which the callable
+    refuses, is reported by the next step, not by saving."""
+
+    def rule(p):
+        return torch.zeros(p.numel(), dtype=torch.long) if p.numel() < 10 else torch.full((p.numel(),), 3)
+
+    params = [torch.nn.Parameter(torch.randn(4))]
+    opt = BlockMeanAdagrad(params, partition=rule)
+    params[0].grad = torch.ones(4)
+    opt.step()
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(20))]})
+    assert opt.state_dict()["block_sizes"] == [4]
+    with pytest.raises(ValueError, match="every id used"):
+        opt.step()

@@ -40,6 +40,11 @@ FUSED_MIN_NUMEL = 2**18
 FUSED_MIN_NUMEL_ONE_BLOCK = 2**16
 
 
+def _short(values: list[int], limit: int = 8) -> str:
+    """``values`` for a message, the first ``limit`` of them when there are more."""
+    return str(values) if len(values) <= limit else f"[{', '.join(map(str, values[:limit]))}, ...] ({len(values)})"
+
+
 class BlockMeanAdagrad(FlatPreconditionedOptimizer):
     r"""Block-mean AdaGrad (Lu, Harandi, Hartley and Pascanu, 2018), in the form of docs/math.md.
 
@@ -225,6 +230,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         self._h_has_zero = True
         self._h_version = -1  # h's version counter after the last step (h changed elsewhere when it differs)
         self._pending_ratio_form: dict[str, dict] | None = None  # loaded bounds for the next workspace
+        self._loading_block_sizes: list[int] | None = None  # a state dict's "block_sizes" while it is loaded
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, check_finite=check_finite)
 
@@ -251,10 +257,24 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         ratio_form = self._ratio_form_state()
         if ratio_form is not None:
             sd["ratio_form"] = ratio_form
+        w = self.global_state.get("w")
+        if isinstance(w, Tensor) and w.dim() == 1:
+            # the sizes of the blocks U and w belong to (those of the last step's layout, or after a load the first
+            # blocks of the current one): a partition with as many blocks of other sizes is refused at load
+            try:
+                sizes = self._blocks_of(self._layout or self._current_layout()).partition.sizes
+            except ValueError:  # a callable partition that refuses parameters added since: the next step says so
+                sizes = None
+            if sizes is not None and sizes.numel() >= w.shape[0]:
+                sd["block_sizes"] = sizes[: w.shape[0]].tolist()
 
     def _load_own_state(self, state_dict: dict[str, Any]) -> None:
         ratio_form = state_dict.pop("ratio_form", None)
-        super()._load_own_state(state_dict)
+        self._loading_block_sizes = state_dict.pop("block_sizes", None)  # read by _check_global_sizes
+        try:
+            super()._load_own_state(state_dict)
+        finally:
+            self._loading_block_sizes = None
         self._workspace = None
         self._pending_ratio_form = copy.deepcopy(ratio_form)
 
@@ -321,10 +341,19 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         blocks = self._blocks_of(layout)  # may raise ValueError for a bad callable: nothing has changed yet
         fits = [blocks.first_block[e] for e in group_ends]
         k_saved = w.shape[-1] if w.dim() == 1 else -1
-        if k_saved in fits and U.shape == (k_saved, k_saved):
-            return
         rule = self.partition_rule
         rule_name = repr(rule) if isinstance(rule, str) else f"the callable {getattr(rule, '__name__', repr(rule))}"
+        if k_saved in fits and U.shape == (k_saved, k_saved):
+            saved_sizes = getattr(self, "_loading_block_sizes", None)  # absent from state dicts saved before it was
+            sizes = blocks.partition.sizes[:k_saved].tolist()
+            if saved_sizes is not None and list(saved_sizes) != sizes:
+                raise ValueError(
+                    f"state_dict does not fit this optimizer: its global state belongs to {k_saved} blocks of sizes "
+                    f"{_short(list(saved_sizes))}, but these parameters form blocks of sizes {_short(sizes)} under "
+                    f"partition={rule_name}. It was probably saved with another partition; load a state dict saved by "
+                    "an optimizer with the same parameters and partition. Nothing was loaded."
+                )
+            return
         earlier = sorted(set(fits[:-1]) - {fits[-1]})
         also = f" (or {earlier} when saved before add_param_group added the later groups)" if earlier else ""
         raise ValueError(
