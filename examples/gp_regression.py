@@ -81,8 +81,8 @@ def main(argv=None) -> dict:
     train, test = years <= split, years > split
     if int(train.sum()) < args.block_weeks:
         parser.error(
-            f"--test-years {args.test_years:g} leaves {int(train.sum())} training observations, fewer than one block of "
-            f"--block-weeks {args.block_weeks}; the record spans {float(years.max() - years.min()):.1f} years"
+            f"--test-years {args.test_years:g} leaves {int(train.sum())} training observations, fewer than one block "
+            f"of --block-weeks {args.block_weeks}; the record spans {float(years.max() - years.min()):.1f} years"
         )
     t_mean, t_std = years[train].mean(), years[train].std()
     y_mean, y_std = co2[train].mean(), co2[train].std()
