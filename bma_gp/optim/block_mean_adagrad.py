@@ -23,7 +23,7 @@ from bma_gp.optim.flat_optimizer import (
     check_torch_optim_flags,
 )
 from bma_gp.optim.flat_params import FlatParams
-from bma_gp.optim.functional import Workspace, block_mean_adagrad, normalised_correlation
+from bma_gp.optim.functional import Workspace, _block_mean_adagrad, normalised_correlation
 from bma_gp.optim.param_blocks import ParamBlocks, check_partition_rule
 
 __all__ = ["BlockMeanAdagrad"]
@@ -453,7 +453,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         self._pending_ratio_form = None
         group_lr = [float(g["lr"]) if isinstance(g["lr"], Tensor) else g["lr"] for g in self.param_groups]
         lr = [group_lr[gi] for gi in layout.group_index]  # per parameter, as the functional core takes them
-        block_mean_adagrad(
+        _block_mean_adagrad(  # block_mean_adagrad without its argument checks: these are built for the blocks
             layout.params,
             grads,
             h,

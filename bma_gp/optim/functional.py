@@ -515,11 +515,13 @@ def block_mean_adagrad(
     stats.setdefault("root_step", None)
     if workspace is None and not fused:
         workspace = Workspace.build(blocks, state_sum)
-    # an eps below the smallest subnormal of the state's dtype (1e-50 in float32) is 0 in its arithmetic, and where
-    # h = 0 the step would divide 0 by 0 and poison U and w, which eps > 0 is required to prevent. Raised to that
-    # subnormal, it changes nothing else: sqrt(h) of every h > 0 is so much larger that the sum rounds to it
-    eps = max(eps, _SMALLEST_SUBNORMAL.get(state_sum.dtype, 0.0))
-    kwargs = dict(
+    _block_mean_adagrad(
+        params,
+        grads,
+        state_sum,
+        stats,
+        blocks,
+        workspace,
         lr=lr,
         weight_decay=weight_decay,
         maximize=maximize,
@@ -529,7 +531,20 @@ def block_mean_adagrad(
         correlation=correlation,
         mask=mask,
         check_finite=check_finite,
+        fused=fused,
     )
+
+
+def _block_mean_adagrad(
+    params, grads, state_sum, stats, blocks: ParamBlocks, workspace: Workspace | None, *, eps: float, fused: bool, **kw
+) -> None:
+    """:func:`block_mean_adagrad` without its checks of the arguments against ``blocks`` (the optimizer class passes
+    arguments built for them, every step): the dispatch to the fused, the by-rows or the scattered step."""
+    # an eps below the smallest subnormal of the state's dtype (1e-50 in float32) is 0 in its arithmetic, and where
+    # h = 0 the step would divide 0 by 0 and poison U and w, which eps > 0 is required to prevent. Raised to that
+    # subnormal, it changes nothing else: sqrt(h) of every h > 0 is so much larger that the sum rounds to it
+    eps = max(eps, _SMALLEST_SUBNORMAL.get(state_sum.dtype, 0.0))
+    kwargs = dict(kw, eps=eps)
     if fused:
         if not blocks.by_rows:
             raise ValueError("the fused step needs blocks that are rows of every tensor ('tensor' or 'row').")
