@@ -109,6 +109,23 @@ def _cached_unless_grad(name: str):
 
 
 # ---------------------------------------------------------------------------- the operator
+
+
+def dense_svd(op: LinearOperator, what: str, why: str) -> tuple[LinearOperator, Tensor, LinearOperator]:
+    """linear_operator's SVD of ``op``'s dense ``n x n`` matrix, with a :class:`ClosedFormFallbackWarning` that names
+    the operator (``what`` after its class) and ``why`` there is no closed form (called from an ``_svd`` method)."""
+    from linear_operator.operators.dense_linear_operator import DenseLinearOperator
+
+    warnings.warn(
+        f"svd of a {type(op).__name__} {what} (n = {op.shape[-1]}): {why}, so the dense n x n matrix is decomposed "
+        "(torch.linalg.svd).",
+        ClosedFormFallbackWarning,
+        stacklevel=5,
+    )
+    U, S, Vh = torch.linalg.svd(op.to_dense())
+    return DenseLinearOperator(U), S, DenseLinearOperator(Vh.mT)
+
+
 class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
     r"""A block mean matrix over a partition of :math:`n` indices into :math:`k` blocks.
 
@@ -1294,14 +1311,7 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
         from linear_operator.operators.dense_linear_operator import DenseLinearOperator
 
         if not self.symmetric:  # no eigendecomposition to take it from: the dense SVD, as for a product of two
-            warnings.warn(
-                f"svd of a BlockMeanLinearOperator built with symmetric=False (n = {self.shape[-1]}): its singular "
-                "values have no closed form, so the dense n x n matrix is decomposed (torch.linalg.svd).",
-                ClosedFormFallbackWarning,
-                stacklevel=4,
-            )
-            U, S, Vh = torch.linalg.svd(self.to_dense())
-            return DenseLinearOperator(U), S, DenseLinearOperator(Vh.mT)
+            return dense_svd(self, "built with symmetric=False", "its singular values have no closed form")
         evals, evecs = self._eigen(eigenvectors=True)
         assert evecs is not None
         return DenseLinearOperator(evecs * torch.sign(evals).unsqueeze(-2)), evals.abs(), DenseLinearOperator(evecs)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from linear_operator.operators import DenseLinearOperator, DiagLinearOperator, LinearOperator
 from linear_operator.operators.matmul_linear_operator import MatmulLinearOperator
@@ -12,8 +10,7 @@ from linear_operator.utils.errors import CachingError
 from linear_operator.utils.memoize import add_to_cache, get_from_cache
 from torch import Tensor
 
-from bma_gp._warnings import ClosedFormFallbackWarning
-from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator, check_rhs
+from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator, check_rhs, dense_svd
 
 __all__ = ["BlockMeanProductLinearOperator"]
 
@@ -306,16 +303,7 @@ class BlockMeanProductLinearOperator(MatmulLinearOperator):
         self._no_root("diagonalization")
 
     def _svd(self):
-        from linear_operator.operators import DenseLinearOperator
-
-        warnings.warn(
-            f"svd of a BlockMeanProductLinearOperator (n = {self.shape[-1]}): singular values of a product over two "
-            "partitions have no closed form, so the dense n x n matrix is decomposed (torch.linalg.svd).",
-            ClosedFormFallbackWarning,
-            stacklevel=4,
-        )
-        U, S, Vh = torch.linalg.svd(self.to_dense())
-        return DenseLinearOperator(U), S, DenseLinearOperator(Vh.mT)
+        return dense_svd(self, "(M @ N)", "singular values of a product over two partitions have no closed form")
 
     # ------------------------------------------------------------------ sums
     def __add__(self, other):

@@ -10,6 +10,7 @@ from linear_operator import to_dense
 
 from bma_gp import BlockMeanKernel, Partition, block_mean
 from bma_gp.kernel_block_mean import kernel_block_mean
+from gp_reference import GP
 from largest_tensor import LargestTensor
 
 
@@ -179,15 +180,6 @@ def test_float32_predictions_of_a_periodic_block_mean_kernel_on_decimal_years():
     y = (y - y.mean()) / y.std()
     partition = Partition.from_labels(torch.arange(x.shape[0]) // 5)
     x_new = torch.linspace(1960, 2000, 30).unsqueeze(-1) + 0.013
-
-    class GP(gpytorch.models.ExactGP):
-        def __init__(self, x, y, likelihood, covar):
-            super().__init__(x, y, likelihood)
-            self.mean_module = gpytorch.means.ConstantMean()
-            self.covar_module = covar
-
-        def forward(self, x):
-            return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
     means = {}
     for dtype in (torch.float64, torch.float32):

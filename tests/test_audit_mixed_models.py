@@ -135,14 +135,8 @@ def test_string_labels_with_a_missing_value_say_so(missing):
         group_partition(["b", "a", 3, "b"])
 
 
-class InterceptGP(gpytorch.models.ExactGP):
-    def __init__(self, x, y, kernel):
-        super().__init__(x, y, gpytorch.likelihoods.GaussianLikelihood())
-        self.mean_module = gpytorch.means.ConstantMean()
-        self.covar_module = kernel
-
-    def forward(self, x):
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+def InterceptGP(x, y, kernel) -> GP:
+    return GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel)
 
 
 @pytest.mark.parametrize("num_groups", [20, 300])  # the dense B and (past 256 groups) the factor form
