@@ -553,9 +553,10 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
     factorised. Nothing of size :math:`n \times n` is formed: a solve or log-determinant costs
     :math:`O(n (J + m)^2)` to form :math:`A` and :math:`O((q - k_e)^3)` to factorise.
 
-    Reductions over the ``n`` indices and the capacitance problem run in float64 for float32 (and
-    lower) operators, except the products with the root :math:`U`, which run in its precision within a row
-    chunk. :math:`C` is never singular when :math:`M` is positive definite, so no jitter is added (in float32,
+    Reductions over the ``n`` indices, the products with the root :math:`U` and the capacitance problem run
+    in float64 for float32 (and lower) operators (:class:`bma_gp.settings.fast_root_products` forms the root's
+    products in its own precision instead: faster, less accurate when ill-conditioned). :math:`C` is never
+    singular when :math:`M` is positive definite, so no jitter is added (in float32,
     rounding can still make a very ill-conditioned sum look indefinite: the ``ValueError`` says so); a
     capacitance larger than :class:`bma_gp.settings.max_capacitance_size` raises.
 
@@ -803,7 +804,7 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
                     "matrices, the root and the weights must be finite; check the kernel hyperparameters or the data "
                     "that produced them."
                 )
-        if rounding and core_dtype(self.dtype) != self.dtype:  # the root's products run in its precision (_RootGram)
+        if rounding and core_dtype(self.dtype) != self.dtype:  # U's own rounding (lazy roots), or fast_root_products
             message += (
                 f" In {self.dtype} this can also be rounding in a positive definite sum that is too ill-conditioned "
                 "for single precision (a diagonal d tiny against the block matrices, nearly collinear root columns): "
@@ -1047,6 +1048,7 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             tuple(p.labels for p in self.partitions),
             tuple(p.num_blocks for p in self.partitions),
             tuple(w),
+            not settings.fast_root_products.on(),
         )
         return list(out[2:]), out[0], (out[1] if extra is not None else None)
 
@@ -1864,55 +1866,63 @@ class _ZLRoot(ByProducts):
 class _RootGram(torch.autograd.Function):
     r"""``(U^T D^{-1} U, U^T x, P_1^T W_1 D^{-1} U, ...)`` over row chunks of ``U`` (``dinv`` = :math:`1/d`).
 
-    The ``n x m`` work runs in ``U``'s precision (products, block sums of one chunk, every gradient term);
-    only the per-chunk results (``m x m``, ``k x m``) are accumulated in ``dinv``'s working precision, and
-    ``U^T x`` (the right-hand sides, whose quadratic form cancels against ``b^T D^{-1} b``) is formed in it,
-    casting ``U`` through a cache-sized buffer. Chunk temporaries are allocated once per pass and reused:
-    a fresh ``n x m``-sized allocation per chunk costs page faults that were a third of the time at
-    ``n = 10^6``.
+    With ``exact`` (the default: :class:`bma_gp.settings.fast_root_products` off), every product of the forward
+    pass runs in ``dinv``'s working precision: each row chunk of a float32 ``U`` is cast through one reused buffer,
+    so the Gram matrix and the block sums are those of ``U``'s own entries to float64 rounding. In float32 the
+    rounding of ``U d^{-1}`` entry by entry and of the GEMM reached every direction of ``U^T D^{-1} U``, also the
+    nearly null ones of close inducing points, and at condition numbers of 10^7 to 10^9 the log-determinant was
+    off by 2.7 to 45 (``tests/test_root_products_precision.py``). Without ``exact`` the products and one chunk's
+    block sums run in ``U``'s precision and only the per-chunk results are accumulated in the working precision
+    (2.4x less time for the GEMM at ``m = 256``); ``U^T x`` (the right-hand sides, whose quadratic form cancels
+    against ``b^T D^{-1} b``) is formed in the working precision either way. The backward pass runs in ``U``'s
+    precision: gradients need no more. Chunk temporaries are allocated once per pass and reused: a fresh
+    ``n x m``-sized allocation per chunk costs page faults that were a third of the time at ``n = 10^6``.
     """
 
     @staticmethod
-    def forward(ctx, U: Tensor, dinv: Tensor, x: Tensor, labels: tuple, ks: tuple, weights: tuple):
+    def forward(ctx, U: Tensor, dinv: Tensor, x: Tensor, labels: tuple, ks: tuple, weights: tuple, exact: bool):
         wdt = dinv.dtype
+        pdt = wdt if exact else U.dtype  # the products' precision
         m, n = U.shape[-1], U.shape[-2]
-        rows = min(n, _chunk_rows(m, U.element_size()))
+        rows = min(n, _chunk_rows(m, max(U.element_size(), torch.finfo(pdt).bits // 8)))
         batch = torch.broadcast_shapes(U.shape[:-2], x.shape[:-2])
         gram = U.new_zeros(*U.shape[:-2], m, m, dtype=wdt)
         root_t = U.new_zeros(*batch, m, x.shape[-1], dtype=wdt)
         cross = [U.new_zeros(*U.shape[:-2], k, m, dtype=wdt) for k in ks]
-        buffers = [U.new_empty(*U.shape[:-2], k, m) for k in ks]  # one chunk's block sums, U's precision
-        weights_u = [None if w is None else w.to(U.dtype) for w in weights]
-        dinv_u = dinv.to(U.dtype)
-        scaled_buf = U.new_empty(*U.shape[:-2], rows, m)
-        weighted_buf = U.new_empty(*U.shape[:-2], rows, m) if any(w is not None for w in weights_u) else None
-        # block sums stay in U's precision for about _FLUSH_TERMS rows per level (at least one chunk), then
-        # join the working-precision total: the cast of a k x m buffer per chunk cost more than the sums
+        # one chunk's block sums in the products' precision; in the working precision they are the totals
+        buffers = cross if pdt == wdt else [U.new_zeros(*U.shape[:-2], k, m, dtype=pdt) for k in ks]
+        weights_p = [None if w is None else w.to(pdt) for w in weights]
+        dinv_p = dinv.to(pdt)
+        cast_buf = U.new_empty(*U.shape[:-2], rows, m, dtype=pdt) if pdt != U.dtype else None
+        scaled_buf = U.new_empty(*U.shape[:-2], rows, m, dtype=pdt)
+        weighted_buf = U.new_empty(*U.shape[:-2], rows, m, dtype=pdt) if any(w is not None for w in weights_p) else None
+        # block sums in a narrower precision stay there for about _FLUSH_TERMS rows per level (at least one chunk),
+        # then join the working-precision total: the cast of a k x m buffer per chunk cost more than the sums
         flush_every = [max(1, (_FLUSH_TERMS * k) // rows) for k in ks]
-        for buf in buffers:
-            buf.zero_()
         for chunk, start in enumerate(range(0, n, rows)):
             last = start + rows >= n
             c = min(rows, n - start)
             Uc = U.narrow(-2, start, c)
+            if cast_buf is not None:
+                Uc = cast_buf.narrow(-2, 0, c).copy_(Uc)
             # an expanded (not broadcast) column: torch's broadcast multiply is 1.5x slower here
-            s_c = dinv_u.narrow(-1, start, c).unsqueeze(-1).expand_as(Uc)
+            s_c = dinv_p.narrow(-1, start, c).unsqueeze(-1).expand_as(Uc)
             scaled = torch.mul(Uc, s_c, out=scaled_buf.narrow(-2, 0, c))
             gram += (Uc.mT @ scaled).to(wdt)
             if x.shape[-1]:
                 root_t += _t_matmul_wide(Uc, x.narrow(-2, start, c))
             for j, buf in enumerate(buffers):
-                wj = weights_u[j]
+                wj = weights_p[j]
                 vals = scaled
                 if wj is not None:
                     assert weighted_buf is not None
                     vals = torch.mul(scaled, wj.narrow(0, start, c).unsqueeze(-1), out=weighted_buf.narrow(-2, 0, c))
                 buf.index_add_(-2, labels[j].narrow(0, start, c), vals)
-                if last or (chunk + 1) % flush_every[j] == 0:
+                if buf is not cross[j] and (last or (chunk + 1) % flush_every[j] == 0):
                     cross[j] += buf.to(wdt)
                     buf.zero_()
         ctx.save_for_backward(U, dinv, x)
-        ctx.labels, ctx.weights = labels, weights_u
+        ctx.labels, ctx.weights = labels, [None if w is None else w.to(U.dtype) for w in weights]
         return (gram, root_t, *cross)
 
     @staticmethod
@@ -1990,7 +2000,7 @@ class _RootGram(torch.autograd.Function):
                         out.add_(xc @ g_root.mT)
             if grad_x is not None and g_root is not None:
                 grad_x.narrow(-2, start, c).copy_(Uc @ g_root)
-        return grad_U, grad_dinv, grad_x, None, None, None
+        return grad_U, grad_dinv, grad_x, None, None, None, None
 
 
 #: Rows per level summed in ``U``'s precision before they join the working-precision block sums.

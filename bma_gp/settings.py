@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 
-__all__ = ["validate", "max_capacitance_size"]
+__all__ = ["fast_root_products", "max_capacitance_size", "validate"]
 
 
 class validate:
@@ -105,4 +105,51 @@ class max_capacitance_size:
 
     def __exit__(self, *exc):
         max_capacitance_size._value = self._previous.pop()
+        return False
+
+
+class fast_root_products:
+    r"""Form a float32 low-rank root's products in its own precision (default: off, in float64).
+
+    :class:`~bma_gp.BlockMeanSumLinearOperator` needs three products with its root :math:`U`
+    (``n x m``): the Gram matrix :math:`U^\top D^{-1} U`, the block sums
+    :math:`P_j^\top D^{-1} U` and :math:`U^\top b`. For a float32 (or lower) :math:`U` they are
+    formed in float64 by default, one row chunk of :math:`U` cast at a time: the log-determinant
+    and solves are then those of :math:`U`'s own entries even when the sum is ill-conditioned. With
+    this switch on, the Gram matrix and the block sums are formed in float32 and only accumulated
+    in float64, which takes about 2.4 times less time for the Gram matrix at ``m = 256``, but at
+    condition numbers from about 10^6 (a small noise against nearly collinear root columns, as
+    close inducing points give) the log-determinant can be off by more than 1, with no error::
+
+        with bma_gp.settings.fast_root_products(True):
+            loss = -mll(model(train_x), train_y)
+
+    An operator keeps the products it formed first (solves, log-determinants and roots of the same
+    operator reuse them); the setting applies to operators whose products are formed inside the
+    ``with`` block, as a new training step's are. Float64 roots are not affected, and neither is the
+    RBF inducing-point root that :class:`~bma_gp.kernels.ChunkedInducingPointKernel` keeps as its
+    inputs in training: its blocks of :math:`U` are computed in the data's precision, so their
+    rounding is part of that model either way. The switch is process-wide, as :class:`validate`
+    is; ``state`` must be a bool.
+    """
+
+    _state: bool = False
+
+    def __init__(self, state: bool = True):
+        if state not in (True, False):
+            raise TypeError(f"bma_gp.settings.fast_root_products takes True or False, got {state!r}.")
+        self.state = bool(state)
+        self._previous: list[bool] = []
+
+    @classmethod
+    def on(cls) -> bool:
+        return cls._state
+
+    def __enter__(self):
+        self._previous.append(fast_root_products._state)
+        fast_root_products._state = self.state
+        return self
+
+    def __exit__(self, *exc):
+        fast_root_products._state = self._previous.pop()
         return False
