@@ -139,7 +139,13 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
     ``U`` (:math:`k \times k`), ``w`` (:math:`k`), ``step``, and the cached root
     (``root_lam``, ``root_B``, ``root_step``), all in float32 or the widest
     parameter dtype; :meth:`state_dict` saves it under ``"global_state"`` and
-    :meth:`load_state_dict` restores it exactly. ``add_param_group`` appends the new
+    :meth:`load_state_dict` restores it exactly. The state dict also carries ``eps``, ``damping`` and
+    ``update_interval`` (``"hyperparameters"``), which :meth:`load_state_dict` restores with the state (checked as
+    the constructor checks them; an invalid one raises ``ValueError`` and nothing is loaded), as torch.optim restores
+    its param groups; a state dict saved without them keeps the constructor's values. The partition is not restored
+    (a callable cannot be saved) but checked: a state saved under a partition of other blocks is refused with
+    ``ValueError``. ``fused`` and ``check_finite`` stay the loading optimizer's (the same results to rounding,
+    checked or not: a checkpoint moves between both modes). ``add_param_group`` appends the new
     parameters' blocks after the existing ones: ``U`` and ``w`` grow by zero
     padding (the new blocks start with no statistics, i.e. as identity blocks of
     :math:`F`) and the root is recomputed at the next step.
@@ -176,6 +182,11 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         "update_interval",
     )
     _fused_hint = "For a faster step pass fused=True."
+    _saved_hyperparameters = (
+        ("eps", {"positive": True}),
+        ("damping", {}),
+        ("update_interval", {"positive": True, "integer": True}),
+    )
     _optimizer_wide = (
         *FlatPreconditionedOptimizer._optimizer_wide,
         ("eps", "eps"),

@@ -208,6 +208,10 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
     _optimizer_wide: tuple[tuple[str, str], ...] = (("check_finite", "check_finite"),)
     #: for :func:`check_torch_optim_flags`: what to pass instead of ``foreach=True`` (``None``: no fused step)
     _fused_hint: str | None = None
+    #: optimizer-wide hyperparameters (attributes) that :meth:`state_dict` saves under ``"hyperparameters"`` and
+    #: :meth:`load_state_dict` restores, as torch.optim restores its param groups' ``eps``, each with the keywords of
+    #: :func:`check_hyperparameter` that the constructor checks it with (a subclass adds its own)
+    _saved_hyperparameters: tuple[tuple[str, dict[str, bool]], ...] = ()
 
     def __init__(self, params, defaults: dict[str, Any], *, check_finite: bool = True):
         self.check_finite = check_bool("check_finite", check_finite)
@@ -463,7 +467,8 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
                     setattr(self, name, hooks)
 
     def state_dict(self) -> dict[str, Any]:
-        """The torch state dict plus ``"global_state"`` (the state spanning all parameters).
+        """The torch state dict plus ``"global_state"`` (the state spanning all parameters) and, where a subclass has
+        them, ``"hyperparameters"`` (its optimizer-wide hyperparameters, plain numbers: ``eps``, ...).
 
         Like torch's, the returned tensors are references, not copies. Hooks registered with
         ``register_state_dict_post_hook`` get the whole dict, ``"global_state"`` included.
@@ -480,6 +485,35 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
     def _save_own_state(self, sd: dict[str, Any]) -> None:
         """Add to torch's state dict ``sd`` what torch does not save (a subclass adds its own entries)."""
         sd["global_state"] = dict(self.global_state)
+        if self._saved_hyperparameters:
+            sd["hyperparameters"] = {name: getattr(self, name) for name, _ in self._saved_hyperparameters}
+
+    def _loaded_hyperparameters(self, saved: Any) -> dict[str, Any]:
+        """The optimizer-wide hyperparameters of a state dict's ``"hyperparameters"`` entry (``saved``), checked as
+        the constructor checks them; raise ``ValueError`` before anything changes. ``None`` (a state dict saved
+        before the entry was added) and names it lacks keep the optimizer's values."""
+        if saved is None:
+            return {}
+        name = type(self).__name__
+        known = dict(self._saved_hyperparameters)
+        if not isinstance(saved, dict) or any(key not in known for key in saved):
+            got = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
+            raise ValueError(
+                f"state_dict's 'hyperparameters' entry must be a dict with some of the keys {list(known)}, got "
+                f"{got}: it was not produced by {name}.state_dict(). Nothing was loaded."
+            )
+        values = {}
+        for key, value in saved.items():
+            try:
+                checked = check_hyperparameter(key, value, **known[key])
+            except ValueError as error:
+                raise ValueError(
+                    f"state_dict's 'hyperparameters' entry holds an invalid value: {error} Nothing was loaded; "
+                    f"correct state_dict['hyperparameters'][{key!r}], or delete it to keep this optimizer's {key}="
+                    f"{getattr(self, key)!r}."
+                ) from None
+            values[key] = checked if known[key].get("integer") else float(checked)
+        return values
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`, exactly.
@@ -491,6 +525,11 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         same device and dtype. As in torch, hooks registered with ``register_load_state_dict_pre_hook`` run first
         (the dict one returns is what is loaded) and those registered with ``register_load_state_dict_post_hook``
         after the whole state, global state included, is loaded.
+
+        The optimizer-wide hyperparameters saved under ``"hyperparameters"`` replace this optimizer's, as torch.optim
+        restores the ``eps`` of its param groups: checked as the constructor checks them, and restored together with
+        the state or not at all (an invalid one raises ``ValueError`` before anything changes). A state dict saved
+        without the entry keeps this optimizer's values.
         """
         state_dict = dict(state_dict)
         for pre_hook in getattr(self, "_optimizer_load_state_dict_pre_hooks", {}).values():
@@ -511,6 +550,7 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"state_dict has no 'global_state' entry: it was not produced by {type(self).__name__}.state_dict()."
             )
+        hyperparameters = self._loaded_hyperparameters(state_dict.pop("hyperparameters", None))
         saved_flat = {
             idx: {k: st[k] for k in self._flat_state_keys if k in st} for idx, st in state_dict["state"].items()
         }
@@ -534,6 +574,8 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             )
             for k, v in global_state.items()
         }
+        for key, value in hyperparameters.items():  # checked above: restored with the state, all or nothing
+            setattr(self, key, value)
         self._layout = None
         self._flat = {}
         self._flat_views = {}

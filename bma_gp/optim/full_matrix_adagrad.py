@@ -79,10 +79,13 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
             ``max_dim`` parameters.
 
     The global state (``H``, ``step``) lives in :attr:`global_state`, in float32 or
-    the widest parameter dtype, and is saved by :meth:`state_dict`.
+    the widest parameter dtype, and is saved by :meth:`state_dict`, with ``eps`` (under ``"hyperparameters"``), which
+    :meth:`load_state_dict` restores as torch.optim restores its param groups' ``eps``; ``max_dim`` and
+    ``check_finite`` stay the loading optimizer's.
     """
 
     _pickled_attributes = (*FlatPreconditionedOptimizer._pickled_attributes, "eps", "max_dim")
+    _saved_hyperparameters = (("eps", {"positive": True}),)
     _optimizer_wide = (*FlatPreconditionedOptimizer._optimizer_wide, ("eps", "eps"), ("max_dim", "max_dim"))
 
     def __init__(

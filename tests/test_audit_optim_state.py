@@ -1,0 +1,147 @@
+"""Audit of the optimizers' state dicts: the optimizer-wide hyperparameters travel with the state (as torch.optim's
+param groups do)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+from bma_gp.optim import BlockMeanAdagrad, FullMatrixAdagrad
+
+
+def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.nn.Parameter(torch.randn(3, 4, generator=gen, dtype=torch.float64)),
+        torch.nn.Parameter(torch.randn(4, generator=gen, dtype=torch.float64)),
+    ]
+
+
+def _steps(opt, params, start: int, count: int) -> None:
+    for t in range(start, start + count):
+        gen = torch.Generator().manual_seed(100 + t)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        opt.step()
+
+
+def _source(**kw):
+    params = _params()
+    opt = BlockMeanAdagrad(params, lr=0.05, eps=1e-6, damping=0.5, update_interval=3, **kw)
+    _steps(opt, params, 0, 4)  # the saved root is stale (computed at step 4 of update_interval=3)
+    return params, opt
+
+
+def _reload(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+# ---------------------------------------------------------------------- hyperparameters
+
+
+def test_load_state_dict_restores_eps_damping_and_update_interval_and_continues_bit_for_bit():
+    """eps, damping and update_interval were not in the state dict: after load_state_dict the loading
+    optimizer's constructor values won, and the resumed run took other steps than the saved one."""
+    params, opt = _source()
+    sd = _reload(opt.state_dict())
+    assert sd["hyperparameters"] == {"eps": 1e-6, "damping": 0.5, "update_interval": 3}
+    params2 = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = BlockMeanAdagrad(params2, lr=0.05)  # eps=1e-10, damping=0.1, update_interval=1
+    opt2.load_state_dict(sd)
+    assert (opt2.eps, opt2.damping, opt2.update_interval) == (1e-6, 0.5, 3)
+    assert type(opt2.update_interval) is int
+    _steps(opt, params, 4, 4)
+    _steps(opt2, params2, 4, 4)
+    for p, q in zip(params, params2):
+        assert torch.equal(p, q)
+
+
+def test_full_matrix_adagrad_restores_eps_but_not_max_dim():
+    params = _params()
+    opt = FullMatrixAdagrad(params, eps=1e-3, max_dim=100)
+    _steps(opt, params, 0, 2)
+    opt2 = FullMatrixAdagrad(_params(), max_dim=50)
+    opt2.load_state_dict(_reload(opt.state_dict()))
+    assert opt2.eps == 1e-3 and opt2.max_dim == 50
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("eps", 0.0, "Invalid eps value: 0.0"),
+        ("eps", float("nan"), "Invalid eps value: nan"),
+        ("damping", -1.0, "Invalid damping value: -1.0"),
+        ("update_interval", 0, "Invalid update_interval value: 0"),
+        ("update_interval", 2.5, "Invalid update_interval value: 2.5"),
+        ("eps", "1e-6", "Invalid eps value: '1e-6'"),
+    ],
+)
+def test_an_invalid_saved_hyperparameter_is_refused_and_nothing_changes(key, value, match):
+    _, opt = _source()
+    sd = opt.state_dict()
+    sd["hyperparameters"] = {**sd["hyperparameters"], key: value}
+    opt2 = BlockMeanAdagrad(_params(), lr=0.05, eps=1e-8, damping=0.2, update_interval=2)
+    before = opt2.param_groups[0]["lr"]
+    with pytest.raises(ValueError, match=f"{match}.*Nothing was loaded.*hyperparameters'\\]\\['{key}'\\]"):
+        opt2.load_state_dict(sd)
+    # all or nothing: neither the valid hyperparameters of the dict nor the state were taken
+    assert (opt2.eps, opt2.damping, opt2.update_interval) == (1e-8, 0.2, 2)
+    assert opt2.global_state == {} and len(opt2.state) == 0 and opt2.param_groups[0]["lr"] == before
+
+
+@pytest.mark.parametrize("entry", [{"eps": 1e-6, "lr": 0.1}, [1e-6, 0.5, 3]])
+def test_a_hyperparameters_entry_of_other_keys_or_type_is_refused(entry):
+    _, opt = _source()
+    sd = opt.state_dict()
+    sd["hyperparameters"] = entry
+    opt2 = BlockMeanAdagrad(_params())
+    with pytest.raises(ValueError, match=r"'hyperparameters' entry must be a dict with some of the keys"):
+        opt2.load_state_dict(sd)
+    assert opt2.eps == 1e-10 and opt2.global_state == {}
+
+
+def test_a_state_dict_saved_without_the_new_entries_still_loads_with_the_constructors_values():
+    params, opt = _source()
+    sd = opt.state_dict()
+    del sd["hyperparameters"]
+    opt2 = BlockMeanAdagrad([torch.nn.Parameter(p.detach().clone()) for p in params], eps=1e-8, damping=0.2)
+    opt2.load_state_dict(sd)
+    assert (opt2.eps, opt2.damping, opt2.update_interval) == (1e-8, 0.2, 1)
+    assert torch.equal(opt2.global_state["U"], opt.global_state["U"])
+    # a partial entry restores what it has
+    sd = opt.state_dict()
+    sd["hyperparameters"] = {"damping": 0.25}
+    opt3 = BlockMeanAdagrad(_params(), eps=1e-8)
+    opt3.load_state_dict(sd)
+    assert (opt3.eps, opt3.damping, opt3.update_interval) == (1e-8, 0.25, 1)
+
+
+def test_a_state_dict_saved_before_the_first_step_carries_the_hyperparameters():
+    opt = BlockMeanAdagrad(_params(), eps=1e-5, damping=0.3, update_interval=4)
+    opt2 = BlockMeanAdagrad(_params())
+    opt2.load_state_dict(opt.state_dict())
+    assert (opt2.eps, opt2.damping, opt2.update_interval) == (1e-5, 0.3, 4)
+
+
+def test_fused_and_check_finite_stay_the_loading_optimizers():
+    """Documented: implementation switches (same numbers to rounding) are not restored."""
+    _, opt = _source(check_finite=False)
+    opt2 = BlockMeanAdagrad(_params(), check_finite=True, fused=True)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.check_finite is True and opt2.fused is True and opt2.partition_rule == "tensor"
+
+
+def test_deepcopy_and_pickle_keep_the_hyperparameters_and_the_state_dict():
+    params, opt = _source(partition="row")
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert (clone.eps, clone.damping, clone.update_interval, clone.partition_rule) == (1e-6, 0.5, 3, "row")
+        sd, sd_clone = opt.state_dict(), clone.state_dict()
+        assert sd_clone["hyperparameters"] == sd["hyperparameters"]
+        assert sd_clone["block_sizes"] == sd["block_sizes"]
