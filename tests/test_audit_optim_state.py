@@ -1,9 +1,10 @@
 """Audit of the optimizers' state dicts: the optimizer-wide hyperparameters travel with the state (as torch.optim's
-param groups do)."""
+param groups do), and a state saved under a partition whose blocks hold other entries is refused."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import pickle
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from bma_gp.optim import BlockMeanAdagrad, FullMatrixAdagrad
+from bma_gp.optim.param_blocks import ParamBlocks
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -110,7 +112,7 @@ def test_a_hyperparameters_entry_of_other_keys_or_type_is_refused(entry):
 def test_a_state_dict_saved_without_the_new_entries_still_loads_with_the_constructors_values():
     params, opt = _source()
     sd = opt.state_dict()
-    del sd["hyperparameters"]
+    del sd["hyperparameters"], sd["partition_fingerprint"]
     opt2 = BlockMeanAdagrad([torch.nn.Parameter(p.detach().clone()) for p in params], eps=1e-8, damping=0.2)
     opt2.load_state_dict(sd)
     assert (opt2.eps, opt2.damping, opt2.update_interval) == (1e-8, 0.2, 1)
@@ -144,4 +146,111 @@ def test_deepcopy_and_pickle_keep_the_hyperparameters_and_the_state_dict():
         assert (clone.eps, clone.damping, clone.update_interval, clone.partition_rule) == (1e-6, 0.5, 3, "row")
         sd, sd_clone = opt.state_dict(), clone.state_dict()
         assert sd_clone["hyperparameters"] == sd["hyperparameters"]
+        assert sd_clone["partition_fingerprint"] == sd["partition_fingerprint"]
         assert sd_clone["block_sizes"] == sd["block_sizes"]
+
+
+# ---------------------------------------------------------------------- the partition's fingerprint
+
+
+def _alternating(p):  # two blocks of the even and the odd entries
+    return torch.arange(p.numel()) % 2
+
+
+def _halves(p):  # two blocks of the same sizes: the first and the second half
+    return (torch.arange(p.numel()) >= p.numel() // 2).long()
+
+
+def test_a_state_of_blocks_of_the_same_sizes_over_other_entries_is_refused_at_load():
+    """Only the block sizes were checked: a state saved under one callable loaded silently into another whose blocks
+    have the same sizes, and its U and w were read as the statistics of other entries."""
+    params = _params()
+    source = BlockMeanAdagrad(params, partition=_alternating)
+    _steps(source, params, 0, 2)
+    sd = _reload(source.state_dict())
+    assert sd["block_sizes"] == [6, 6, 2, 2] and len(sd["partition_fingerprint"]) == 32
+    target = BlockMeanAdagrad(_params(), partition=_halves, eps=1e-7)
+    with pytest.raises(ValueError, match=r"same sizes, \[6, 6, 2, 2\].*_halves.*hold other entries.*Nothing was"):
+        target.load_state_dict(sd)
+    assert target.global_state == {} and len(target.state) == 0 and target.eps == 1e-7
+    same = BlockMeanAdagrad(_params(), partition=_alternating)
+    same.load_state_dict(sd)
+    assert torch.equal(same.global_state["U"], source.global_state["U"])
+
+
+def test_blocks_numbered_in_another_order_are_refused():
+    params = _params()
+    source = BlockMeanAdagrad(params, partition=_halves)
+    _steps(source, params, 0, 1)
+    target = BlockMeanAdagrad(_params(), partition=lambda p: 1 - _halves(p))  # the same blocks, swapped ids
+    with pytest.raises(ValueError, match="hold other entries"):
+        target.load_state_dict(source.state_dict())
+
+
+def test_the_same_blocks_from_another_rule_load():
+    """The fingerprint reads the blocks, not the rule: a callable that builds the rows loads a "row" state."""
+    params = _params()
+    source = BlockMeanAdagrad(params, partition="row")
+    _steps(source, params, 0, 2)
+
+    def rows(p):
+        return torch.arange(p.shape[0]).repeat_interleave(p.shape[1]) if p.dim() == 2 else torch.zeros_like(p).long()
+
+    target = BlockMeanAdagrad(_params(), partition=rows)
+    target.load_state_dict(source.state_dict())
+    assert torch.equal(target.global_state["w"], source.global_state["w"])
+
+
+def test_a_state_saved_between_add_param_group_and_the_next_step_carries_the_first_groups_fingerprint():
+    params = _params()
+    source = BlockMeanAdagrad(params[:1], partition=_alternating)
+    _steps(source, params[:1], 0, 2)
+    source.add_param_group({"params": params[1:]})
+    sd = source.state_dict()  # U and w still of the first group's 2 blocks
+    assert sd["block_sizes"] == [6, 6]
+    fresh = _params()
+    target = BlockMeanAdagrad(fresh[:1], partition=_alternating)
+    target.add_param_group({"params": fresh[1:]})
+    target.load_state_dict(sd)
+    other = _params()
+    refused = BlockMeanAdagrad(other[:1], partition=_halves)
+    refused.add_param_group({"params": other[1:]})
+    with pytest.raises(ValueError, match="hold other entries"):
+        refused.load_state_dict(sd)
+
+
+def test_the_fingerprint_is_not_computed_at_steps(monkeypatch):
+    """The hash costs nothing per step: computed when a state dict is saved (or loaded), once per partition."""
+    hashes = []
+    blake2b = hashlib.blake2b
+
+    def counted(*args, **kwargs):
+        hashes.append(1)
+        return blake2b(*args, **kwargs)
+
+    monkeypatch.setattr(hashlib, "blake2b", counted)
+    params = _params()
+    opt = BlockMeanAdagrad(params, partition=_alternating)
+    _steps(opt, params, 0, 3)
+    assert hashes == []
+    first = opt.state_dict()["partition_fingerprint"]
+    _steps(opt, params, 3, 2)
+    assert opt.state_dict()["partition_fingerprint"] == first
+    assert len(hashes) == 1
+
+
+def test_a_contiguous_and_a_scattered_tensor_hash_by_their_labels():
+    """A contiguous segment is hashed by its sizes, a scattered one by its labels: one tensor's blocks of a scattered
+    partition hash as those of a contiguous one when they hold the same entries."""
+    params = _params()
+
+    def mixed(p):  # the matrix scattered, the vector in one block
+        return _alternating(p) if p.dim() == 2 else torch.zeros(p.numel(), dtype=torch.long)
+
+    a = ParamBlocks.build(params, mixed)
+    b = ParamBlocks.build(params, _alternating)
+    c = ParamBlocks.build(params, "tensor")
+    assert a.label_fingerprint(2) == b.label_fingerprint(2)  # the matrix's blocks, the same in both
+    assert a.label_fingerprint(3) != b.label_fingerprint(4)
+    assert a.label_fingerprint(3) is not None and a.label_fingerprint(1) is None  # not the blocks of whole tensors
+    assert c.label_fingerprint(1) != a.label_fingerprint(2)

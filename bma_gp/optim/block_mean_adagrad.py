@@ -143,9 +143,11 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
     ``update_interval`` (``"hyperparameters"``), which :meth:`load_state_dict` restores with the state (checked as
     the constructor checks them; an invalid one raises ``ValueError`` and nothing is loaded), as torch.optim restores
     its param groups; a state dict saved without them keeps the constructor's values. The partition is not restored
-    (a callable cannot be saved) but checked: a state saved under a partition of other blocks is refused with
-    ``ValueError``. ``fused`` and ``check_finite`` stay the loading optimizer's (the same results to rounding,
-    checked or not: a checkpoint moves between both modes). ``add_param_group`` appends the new
+    (a callable cannot be saved) but checked: the state dict carries the sizes of the blocks the global state belongs
+    to (``"block_sizes"``) and a hash of their labels (``"partition_fingerprint"``), and a state saved under a
+    partition whose blocks hold other entries is refused with ``ValueError`` (state dicts without them still load).
+    ``fused`` and ``check_finite`` stay the loading optimizer's (the same results to rounding, checked or not: a
+    checkpoint moves between both modes). ``add_param_group`` appends the new
     parameters' blocks after the existing ones: ``U`` and ``w`` grow by zero
     padding (the new blocks start with no statistics, i.e. as identity blocks of
     :math:`F`) and the root is recomputed at the next step.
@@ -242,6 +244,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         self._h_version = -1  # h's version counter after the last step (h changed elsewhere when it differs)
         self._pending_ratio_form: dict[str, dict] | None = None  # loaded bounds for the next workspace
         self._loading_block_sizes: list[int] | None = None  # a state dict's "block_sizes" while it is loaded
+        self._loading_fingerprint: str | None = None  # a state dict's "partition_fingerprint" while it is loaded
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, check_finite=check_finite)
 
@@ -271,21 +274,27 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         w = self.global_state.get("w")
         if isinstance(w, Tensor) and w.dim() == 1:
             # the sizes of the blocks U and w belong to (those of the last step's layout, or after a load the first
-            # blocks of the current one): a partition with as many blocks of other sizes is refused at load
+            # blocks of the current one): a partition with as many blocks of other sizes is refused at load, and so
+            # is one with blocks of the same sizes over other entries (by a hash of the blocks' labels)
             try:
-                sizes = self._blocks_of(self._layout or self._current_layout()).partition.sizes
+                blocks: ParamBlocks | None = self._blocks_of(self._layout or self._current_layout())
             except ValueError:  # a callable partition that refuses parameters added since: the next step says so
-                sizes = None
-            if sizes is not None and sizes.numel() >= w.shape[0]:
-                sd["block_sizes"] = sizes[: w.shape[0]].tolist()
+                blocks = None
+            if blocks is not None and blocks.num_blocks >= w.shape[0]:
+                sd["block_sizes"] = blocks.partition.sizes[: w.shape[0]].tolist()
+                fingerprint = blocks.label_fingerprint(w.shape[0])
+                if fingerprint is not None:
+                    sd["partition_fingerprint"] = fingerprint
 
     def _load_own_state(self, state_dict: dict[str, Any]) -> None:
         ratio_form = state_dict.pop("ratio_form", None)
         self._loading_block_sizes = state_dict.pop("block_sizes", None)  # read by _check_global_sizes
+        self._loading_fingerprint = state_dict.pop("partition_fingerprint", None)  # read by _check_global_sizes
         try:
             super()._load_own_state(state_dict)
         finally:
             self._loading_block_sizes = None
+            self._loading_fingerprint = None
         self._workspace = None
         self._pending_ratio_form = copy.deepcopy(ratio_form)
 
@@ -363,6 +372,16 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
                     f"{_short(list(saved_sizes))}, but these parameters form blocks of sizes {_short(sizes)} under "
                     f"partition={rule_name}. It was probably saved with another partition; load a state dict saved by "
                     "an optimizer with the same parameters and partition. Nothing was loaded."
+                )
+            saved_fingerprint = getattr(self, "_loading_fingerprint", None)  # absent from older state dicts
+            if saved_fingerprint is not None and saved_fingerprint != blocks.label_fingerprint(k_saved):
+                raise ValueError(
+                    f"state_dict does not fit this optimizer: its global state belongs to {k_saved} blocks of the "
+                    f"same sizes, {_short(sizes)}, as these parameters form under partition={rule_name}, but the "
+                    "blocks hold other entries (the saved partition's labels differ from this partition's: hash "
+                    f"{saved_fingerprint} saved, {blocks.label_fingerprint(k_saved)} here). It was saved with another "
+                    "partition that has blocks of these sizes (another callable, or the same blocks numbered in "
+                    "another order); construct the optimizer with the partition it was saved with. Nothing was loaded."
                 )
             return
         earlier = sorted(set(fits[:-1]) - {fits[-1]})

@@ -9,6 +9,7 @@ partition into :class:`ParamBlocks`: the same blocks seen tensor by tensor.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -163,3 +164,33 @@ class ParamBlocks:
     def by_rows(self) -> bool:
         """Whether every non-empty tensor's blocks are the rows of its ``(rows, cols)`` matrix (computed once)."""
         return all(seg is None or seg.row_shape is not None for seg in self.segments)
+
+    @cached_property
+    def _fingerprints(self) -> dict[int, str | None]:
+        return {}
+
+    def label_fingerprint(self, num_blocks: int) -> str | None:
+        """A hash (32 hex digits) of which entries blocks ``0 .. num_blocks - 1`` hold, or ``None`` when they are not
+        all the blocks of some first tensors.
+
+        The hash reads those tensors' partitions (:attr:`segments`) in order: the block sizes of a contiguous one
+        (which fix its labels), the labels of a scattered one. It is the same for two partitions of the same tensors
+        exactly when these blocks hold the same entries, whatever rule built them (up to a hash collision). Computed
+        once per ``num_blocks`` (one host copy of the labels of scattered tensors) and kept: never at a step.
+        """
+        if num_blocks not in self._fingerprints:
+            fingerprint = None
+            if num_blocks in self.first_block:
+                digest = hashlib.blake2b(digest_size=16)
+                for seg, end in zip(self.segments, self.first_block[1:]):
+                    if end > num_blocks:
+                        break
+                    if seg is None:  # an empty tensor holds no entries
+                        continue
+                    values = seg.sizes if seg.is_contiguous else seg.labels
+                    digest.update(b"c" if seg.is_contiguous else b"s")
+                    digest.update(values.numel().to_bytes(8, "little"))
+                    digest.update(values.to("cpu", torch.int64).contiguous().numpy().astype("<i8").tobytes())
+                fingerprint = digest.hexdigest()
+            self._fingerprints[num_blocks] = fingerprint
+        return self._fingerprints[num_blocks]
