@@ -150,6 +150,45 @@ def test_deepcopy_and_pickle_keep_the_hyperparameters_and_the_state_dict():
         assert sd_clone["block_sizes"] == sd["block_sizes"]
 
 
+def _echoing_source():
+    """An optimizer whose param group repeats optimizer-wide settings at its values (the torch habit of per-group
+    ``eps``), after a step."""
+    params = _params()
+    opt = BlockMeanAdagrad([{"params": params, "eps": 1e-6, "fused": False}], lr=0.05, eps=1e-6, damping=0.5)
+    _steps(opt, params, 0, 2)
+    return opt
+
+
+def test_param_groups_repeating_a_setting_match_the_optimizer_after_load():
+    """A loaded group kept its repeated eps and fused while the optimizer ran with others: param_groups said
+    fused=False for a fused optimizer, and an older state dict's groups said eps=1e-6 while the step used 1e-10."""
+    sd = _echoing_source().state_dict()
+    opt = BlockMeanAdagrad(_params(), fused=True)
+    opt.load_state_dict(sd)
+    assert opt.eps == 1e-6 and opt.param_groups[0]["eps"] == 1e-6
+    assert opt.fused is True and opt.param_groups[0]["fused"] is True
+    # a state dict saved before "hyperparameters": the groups' repeated eps is the saved run's
+    del sd["hyperparameters"]
+    old = BlockMeanAdagrad(_params(), damping=0.2)
+    old.load_state_dict(sd)
+    assert (old.eps, old.damping) == (1e-6, 0.2) and old.param_groups[0]["eps"] == 1e-6
+
+
+def test_a_group_repeating_a_setting_at_another_value_than_the_entry_is_refused():
+    """An edited group eps (torch's way of changing it) would have been silently ignored."""
+    sd = _echoing_source().state_dict()
+    sd["param_groups"][0]["eps"] = 1e-3
+    opt = BlockMeanAdagrad(_params())
+    with pytest.raises(ValueError, match=r"optimizer-wide eps .* twice: .*\['param_groups'\]\[0\]\['eps'\] = 0.001"):
+        opt.load_state_dict(sd)
+    assert opt.eps == 1e-10 and opt.global_state == {} and "eps" not in opt.param_groups[0]
+    del sd["hyperparameters"]
+    sd["param_groups"][0]["eps"] = -1.0
+    with pytest.raises(ValueError, match=r"Invalid eps value: -1.0.*correct state_dict\['param_groups'\]\[0\]"):
+        opt.load_state_dict(sd)
+    assert opt.eps == 1e-10 and opt.global_state == {}
+
+
 # ---------------------------------------------------------------------- the partition's fingerprint
 
 

@@ -488,29 +488,44 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         if self._saved_hyperparameters:
             sd["hyperparameters"] = {name: getattr(self, name) for name, _ in self._saved_hyperparameters}
 
-    def _loaded_hyperparameters(self, saved: Any) -> dict[str, Any]:
-        """The optimizer-wide hyperparameters of a state dict's ``"hyperparameters"`` entry (``saved``), checked as
-        the constructor checks them; raise ``ValueError`` before anything changes. ``None`` (a state dict saved
-        before the entry was added) and names it lacks keep the optimizer's values."""
-        if saved is None:
-            return {}
+    def _loaded_hyperparameters(self, saved: Any, saved_groups: Any) -> dict[str, Any]:
+        """The optimizer-wide hyperparameters of a state dict: its ``"hyperparameters"`` entry (``saved``), and the
+        values that its param groups (``saved_groups``) repeat (``{"params": ..., "eps": 1e-8}``: a group may repeat
+        one at the optimizer's value), checked as the constructor checks them; raise ``ValueError`` before anything
+        changes. A group that repeats one at another value than the entry's, or than another group's, is refused (an
+        edited state dict: its value would be silently ignored). Names in neither keep the optimizer's values, e.g.
+        for state dicts saved before the entry was added."""
         name = type(self).__name__
         known = dict(self._saved_hyperparameters)
-        if not isinstance(saved, dict) or any(key not in known for key in saved):
+        if saved is not None and (not isinstance(saved, dict) or any(key not in known for key in saved)):
             got = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
             raise ValueError(
                 f"state_dict's 'hyperparameters' entry must be a dict with some of the keys {list(known)}, got "
                 f"{got}: it was not produced by {name}.state_dict(). Nothing was loaded."
             )
+        found = {key: (value, f"state_dict['hyperparameters'][{key!r}]") for key, value in (saved or {}).items()}
+        for i, group in enumerate(saved_groups if isinstance(saved_groups, list) else []):
+            for key in known:
+                if not isinstance(group, dict) or key not in group:
+                    continue
+                where = f"state_dict['param_groups'][{i}][{key!r}]"
+                if key not in found:
+                    found[key] = (group[key], where)
+                elif not _same_setting(group[key], found[key][0]):
+                    raise ValueError(
+                        f"state_dict sets the optimizer-wide {key} of {name} twice: {where} = {group[key]!r}, "
+                        f"{found[key][1]} = {found[key][0]!r} (one preconditioner spans all groups, so a group "
+                        f"repeats it only at the optimizer's value). Set one value in state_dict['hyperparameters']"
+                        f"[{key!r}] and delete the param groups' {key!r}. Nothing was loaded."
+                    )
         values = {}
-        for key, value in saved.items():
+        for key, (value, where) in found.items():
             try:
                 checked = check_hyperparameter(key, value, **known[key])
             except ValueError as error:
                 raise ValueError(
-                    f"state_dict's 'hyperparameters' entry holds an invalid value: {error} Nothing was loaded; "
-                    f"correct state_dict['hyperparameters'][{key!r}], or delete it to keep this optimizer's {key}="
-                    f"{getattr(self, key)!r}."
+                    f"state_dict holds an invalid optimizer-wide hyperparameter: {error} Nothing was loaded; correct "
+                    f"{where}, or delete it to keep this optimizer's {key}={getattr(self, key)!r}."
                 ) from None
             values[key] = checked if known[key].get("integer") else float(checked)
         return values
@@ -529,7 +544,9 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         The optimizer-wide hyperparameters saved under ``"hyperparameters"`` replace this optimizer's, as torch.optim
         restores the ``eps`` of its param groups: checked as the constructor checks them, and restored together with
         the state or not at all (an invalid one raises ``ValueError`` before anything changes). A state dict saved
-        without the entry keeps this optimizer's values.
+        without the entry keeps this optimizer's values, except those its param groups repeat (a group may repeat
+        one at the optimizer's value); a group that repeats one at another value than the entry's is refused. After
+        the load a group repeats an optimizer-wide setting only at this optimizer's value.
         """
         state_dict = dict(state_dict)
         for pre_hook in getattr(self, "_optimizer_load_state_dict_pre_hooks", {}).values():
@@ -550,12 +567,14 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"state_dict has no 'global_state' entry: it was not produced by {type(self).__name__}.state_dict()."
             )
-        hyperparameters = self._loaded_hyperparameters(state_dict.pop("hyperparameters", None))
+        saved_hyperparameters = state_dict.pop("hyperparameters", None)
         saved_flat = {
             idx: {k: st[k] for k in self._flat_state_keys if k in st} for idx, st in state_dict["state"].items()
         }
         self._check_saved_sizes(state_dict, saved_flat)
         self._check_saved_global_state(state_dict, global_state)
+        # after the checks that name a state dict of another optimizer or model, before anything changes
+        hyperparameters = self._loaded_hyperparameters(saved_hyperparameters, state_dict.get("param_groups"))
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
@@ -576,6 +595,10 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         }
         for key, value in hyperparameters.items():  # checked above: restored with the state, all or nothing
             setattr(self, key, value)
+        for group in self.param_groups:  # a loaded group repeats an optimizer-wide setting only at its value
+            for key, attribute in self._optimizer_wide:
+                if key in group:
+                    group[key] = getattr(self, attribute)
         self._layout = None
         self._flat = {}
         self._flat_views = {}
