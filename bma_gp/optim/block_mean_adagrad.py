@@ -142,7 +142,8 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
     :meth:`load_state_dict` restores it exactly. The state dict also carries ``eps``, ``damping`` and
     ``update_interval`` (``"hyperparameters"``), which :meth:`load_state_dict` restores with the state (checked as
     the constructor checks them; an invalid one raises ``ValueError`` and nothing is loaded), as torch.optim restores
-    its param groups; a state dict saved without them keeps the constructor's values. The partition is not restored
+    its param groups; a state dict saved without them keeps the constructor's values, except those its param groups
+    repeat (docs/optimizer.md, "Hyperparameters in the checkpoint"). The partition is not restored
     (a callable cannot be saved) but checked: the state dict carries the sizes of the blocks the global state belongs
     to (``"block_sizes"``) and a hash of their labels (``"partition_fingerprint"``), and a state saved under a
     partition whose blocks hold other entries is refused with ``ValueError`` (state dicts without them still load).
