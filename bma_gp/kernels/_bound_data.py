@@ -25,6 +25,8 @@ from gpytorch.kernels import AdditiveKernel, Kernel, ProductKernel, ScaleKernel
 from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
 from torch import Tensor
 
+from bma_gp import settings
+
 __all__ = ["check_bound_data", "install", "record_bound_data"]
 
 _MISMATCH_MESSAGE = (
@@ -153,7 +155,9 @@ def install() -> None:
     multitask model) or whose kernel takes GPyTorch's default strategy (a ``MultitaskKernel`` around a
     ``BlockMeanKernel``) gets GPyTorch's default strategy, which records nothing: the model records the versions of
     every ``BlockMeanKernel`` among its modules on the strategy it built, and checks them before each prediction.
-    A block mean strategy built before the model was moved to another dtype or device is dropped and rebuilt. In
+    A block mean strategy built before the model was moved to another dtype or device is dropped and rebuilt, and
+    so is any strategy a prediction with :class:`bma_gp.settings.validate` off used (its caches skipped the checks)
+    once a prediction runs with validation on. In
     training mode a model whose training inputs a ``BlockMeanKernel`` in it is not bound to raises the same
     ``ValueError`` as in eval mode (the kernel would take them for new points: the exact base kernel, trained
     densely)."""
@@ -165,12 +169,21 @@ def install() -> None:
 
     @functools.wraps(original)
     def __call__(self, *args, **kwargs):
+        validated = settings.validate.on()
         strategy = self.prediction_strategy
         if strategy is not None and not self.training and _moved(strategy, self):
             self.prediction_strategy = strategy = None  # rebuilt in the new dtype / on the new device
+        if strategy is not None and validated and getattr(strategy, "_bma_gp_unvalidated", False):
+            # its caches (GPyTorch's mean and covariance caches, the block mean strategies' factors) may hold NaN from
+            # unchecked solves: rebuilt, so that validation raises what it finds
+            self.prediction_strategy = strategy = None
         if strategy is not None and not self.training:
             check_bound_data(strategy)
-        res = original(self, *args, **kwargs)
+        try:
+            res = original(self, *args, **kwargs)
+        finally:  # also when it raised after filling a cache (a size limit past an unchecked mean)
+            if not validated and self.prediction_strategy is not None:
+                self.prediction_strategy._bma_gp_unvalidated = True
         if self.training and self.train_inputs is not None:
             prior = getattr(res, "lazy_covariance_matrix", None)
             if _holds_block_mean_kernel(prior) and _is_training_call(self, args):
