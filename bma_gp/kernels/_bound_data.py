@@ -109,10 +109,11 @@ def check_bound_data(strategy: DefaultPredictionStrategy) -> None:
 
 def _moved(strategy: DefaultPredictionStrategy, model) -> bool:
     """Whether ``model`` was moved to another dtype or device (``model.double()``, ``model.to(...)``) after its
-    prediction strategy was built. ``ExactGP._apply`` converts the training data and the parameters but keeps the
-    strategy, whose solves stay in the old dtype: GPyTorch's own strategy then fails on the dtype mismatch, while
-    the block mean strategies promoted their float32 solves into float64 results with float32 accuracy (or kept
-    float64 caches in a model moved to float32)."""
+    prediction strategy was built: its training inputs or targets are now of another dtype or device (the targets
+    tell a move of a model whose inputs are integer group ids). ``ExactGP._apply`` converts the training data and
+    the parameters but keeps the strategy, whose solves stay in the old dtype: GPyTorch's own strategy then fails
+    on the dtype mismatch, while the block mean strategies promoted their float32 solves into float64 results with
+    float32 accuracy (or kept float64 caches in a model moved to float32)."""
     from bma_gp.kernels.prediction_strategy import BlockMeanPredictionStrategy
     from bma_gp.kernels.sum_prediction_strategy import SumPredictionStrategy
 
@@ -122,7 +123,12 @@ def _moved(strategy: DefaultPredictionStrategy, model) -> bool:
     old, new = strategy.train_inputs, model.train_inputs
     if not old or not new:
         return False
-    return any(a.dtype != b.dtype or a.device != b.device for a, b in zip(old, new))
+    # the targets too: integer inputs (a GroupKernel's ids) keep their dtype through model.double() / model.float()
+    old, new = (*old, strategy.train_labels), (*new, model.train_targets)
+    return any(
+        torch.is_tensor(a) and torch.is_tensor(b) and (a.dtype != b.dtype or a.device != b.device)
+        for a, b in zip(old, new)
+    )
 
 
 def _holds_block_mean_kernel(prior) -> bool:
