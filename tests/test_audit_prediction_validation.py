@@ -88,6 +88,7 @@ def test_valid_model_keeps_its_strategy_while_the_setting_stays():
             model(test_x)
             assert model.prediction_strategy is strategy
         fourth = model(test_x)  # rebuilt (it was used unchecked), with the same numbers
+        assert model.prediction_strategy is not strategy
     for pred in (second, third, fourth):
         torch.testing.assert_close(pred.mean, first.mean)
         torch.testing.assert_close(pred.variance, first.variance)
