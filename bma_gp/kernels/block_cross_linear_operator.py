@@ -207,6 +207,46 @@ class BlockCrossLinearOperator(LinearOperator):
         dense = self.partition.to(self.values.device).expand(self.values, dim=-1)
         return dense.mT.contiguous() if self.transposed else dense
 
+    def hadamard(self, other: LinearOperator) -> BlockCrossLinearOperator | None:
+        r"""The elementwise product with another cross covariance between the same new and training points: again
+        one, over the intersection of the two partitions of the training points (one block per occupied pair of
+        blocks :math:`(i, i')`, numbered as :meth:`bma_gp.BlockMeanLinearOperator.__mul__` numbers the blocks of
+        the training covariance's product), with :math:`A_{t,(i,i')} = A_{t,i} A'_{t,i'}`: ``t x k`` values, or one
+        value and column per row when both factors are one-hot. Over the same partition the values multiply. ``None``
+        when ``other`` is not a :class:`BlockCrossLinearOperator` of the same shape and orientation."""
+        if (
+            not isinstance(other, BlockCrossLinearOperator)
+            or other.transposed != self.transposed
+            or other.shape[-2:] != self.shape[-2:]
+        ):
+            return None
+        both_one_hot = self.is_one_hot and other.is_one_hot
+        if self.partition.same_as(other.partition):
+            if both_one_hot:
+                assert self.row_values is not None and other.row_values is not None
+                assert self.columns is not None and other.columns is not None
+                same = self.columns == other.columns
+                columns = torch.where(same, self.columns, torch.full_like(self.columns, -1))
+                return self.one_hot(self.row_values * other.row_values, columns, self.partition, self.transposed)
+            return self.__class__(self.values * other.values, self.partition, transposed=self.transposed)
+        k2 = other.partition.num_blocks
+        labels1 = self.partition.labels
+        pairs, labels = torch.unique(labels1 * k2 + other.partition.labels.to(labels1.device), return_inverse=True)
+        partition = Partition(labels, num_blocks=pairs.numel())
+        if both_one_hot:
+            assert self.row_values is not None and other.row_values is not None
+            assert self.columns is not None and other.columns is not None
+            c1, c2 = self.columns, other.columns.to(self.columns.device)
+            key = c1 * k2 + c2
+            pairs = pairs.to(key.device)
+            at = torch.searchsorted(pairs, key).clamp_max(pairs.numel() - 1)
+            hit = (c1 >= 0) & (c2 >= 0) & (pairs[at] == key)  # an unseen pair of levels: a zero row
+            columns = torch.where(hit, at, torch.full_like(at, -1))
+            return self.one_hot(self.row_values * other.row_values, columns, partition, self.transposed)
+        first, second = (x.to(self.values.device) for x in (pairs // k2, pairs % k2))
+        values = self.values.index_select(-1, first) * other.values.index_select(-1, second)
+        return self.__class__(values, partition, transposed=self.transposed)
+
     def block_values(self) -> Tensor:
         """:math:`A` for the untransposed orientation (new points x training blocks)."""
         return self.values

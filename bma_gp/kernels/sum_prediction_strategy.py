@@ -2240,8 +2240,45 @@ def _hook_product_forward(cls) -> None:
     def forward(self, x1, x2, diag=False, **params):
         if self.training or not _involves_block_mean(self):
             return original(self, x1, x2, diag=diag, **params)
+        if not diag:
+            cross = _product_cross(self, x1, x2, params)
+            if cross is not None:
+                return cross
         with quiet_elementwise():
             return original(self, x1, x2, diag=diag, **params)
 
     forward._bma_gp_original = original  # type: ignore[attr-defined]
     cls.forward = forward
+
+
+def _product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> BlockCrossLinearOperator | None:
+    """The covariance of a product of block mean kernels between different inputs (new and training points) as a
+    :class:`BlockCrossLinearOperator` over the intersection of the factors' partitions
+    (:meth:`BlockCrossLinearOperator.hadamard`), or ``None`` (then GPyTorch's ``ProductKernel.forward``, which
+    multiplies the factors' cross covariances as dense matrices). Applies when every factor is a ``GroupKernel`` or
+    ``BlockMeanKernel`` (also inside a ``ScaleKernel``) whose cross covariance is one; the prediction at new inputs
+    then matches it with the training covariance's product, a block mean operator over the same intersection."""
+    from gpytorch.kernels import ScaleKernel
+    from gpytorch.lazy import LazyEvaluatedKernelTensor
+
+    from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
+    from bma_gp.kernels.group_kernel import GroupKernel
+
+    def plain(k) -> bool:
+        while isinstance(k, ScaleKernel):
+            k = k.base_kernel
+        return isinstance(k, (GroupKernel, BlockMeanKernel))
+
+    if not all(plain(k) for k in kernel.kernels) or (x1.shape == x2.shape and torch.equal(x1, x2)):
+        return None
+    result = None
+    for factor in kernel.kernels:
+        cross = factor(x1, x2, **params)
+        if isinstance(cross, LazyEvaluatedKernelTensor):
+            cross = cross.evaluate_kernel()
+        if not isinstance(cross, BlockCrossLinearOperator):
+            return None
+        result = cross if result is None else result.hadamard(cross)
+        if result is None:
+            return None
+    return result
