@@ -275,6 +275,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--_case", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.smoke:  # smaller defaults: an option given explicitly still wins
+        parser.set_defaults(n=[1_000], ks=[20], warm=1, in_process=True)
+        args = parser.parse_args(argv)
 
     if args._case:
         method, n, k, d = args._case
@@ -294,11 +297,8 @@ def main(argv=None) -> int:
                 flush=True,
             )
             return 0
-    if args.smoke:
-        ns, ks, args.warm, args.in_process = [1_000], [20], 1, True
-    else:
-        ns = args.n or list(CUDA_NS if cuda else FULL_NS)
-        ks = args.ks or list(CUDA_KS if cuda else FULL_KS)
+    ns = args.n or list(CUDA_NS if cuda else FULL_NS)
+    ks = args.ks or list(CUDA_KS if cuda else FULL_KS)
     exact_max_n = args.exact_max_n or (50_000 if cuda else 20_000)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
 

@@ -414,24 +414,28 @@ def main(argv=None) -> int:
     parser.add_argument("--cov-points", type=int, default=2000, help="with --predict: points of the full covariance")
     parser.add_argument("--no-before", action="store_true", help="with --predict: skip the products with W")
     args = parser.parse_args(argv)
+    if args.smoke:  # smaller defaults, per benchmark: an option given explicitly still wins
+        if args.predict:
+            parser.set_defaults(n=4000, ks="1400", t=300)  # past _DENSE_WEIGHT_MAX_ELIMINATED
+        elif args.posterior or args.rank or args.slope:
+            parser.set_defaults(n=3000, ks="300")  # past the factor threshold
+        else:
+            parser.set_defaults(n=3000, ks="50,200")
+        args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    n, ks = (3000, [50, 200]) if args.smoke else (args.n, [int(k) for k in args.ks.split(",")])
+    n, ks = args.n, [int(k) for k in args.ks.split(",")]
     if args.predict:
-        if args.smoke:
-            n, ks, args.t = 4000, [1400], 300  # past _DENSE_WEIGHT_MAX_ELIMINATED
         records = run_prediction(n, ks, args.t, args.cov_points, not args.no_before)
         print(f"# peak RSS of the process {max(r['closed_peak_rss_mb'] for r in records) / 1024:.2f} GB")
         return 0
     if args.posterior:
-        records = run_posterior(n, [300] if args.smoke else ks, args.max_draw_q)  # smoke: past the factor threshold
+        records = run_posterior(n, ks, args.max_draw_q)
         print(f"# peak RSS of the process {records[-1]['peak_rss_mb'] / 1024:.2f} GB")
         return 0
     if args.rank or args.slope:
         if args.rank and args.slope:
             parser.error("--rank and --slope are two different benchmarks; pass one")
-        if args.smoke:
-            ks = [300]  # past the factor threshold
         paths = {"both": ["factor", "dense"], "elementwise": ["factor"], "general": ["dense"]}[args.only]
         records = run_factor(n, ks, args.rank, paths, args.repeats)
         print(f"# peak RSS of the process {records[-1]['peak_rss_mb'] / 1024:.2f} GB")

@@ -247,7 +247,7 @@ def run_k_sweep(n: int, d: int, ks: list[int], rounds: int, dtype_name: str) -> 
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--d", type=int, default=4)
@@ -267,9 +267,10 @@ def main() -> None:
         "--k-sweep", default=None, help="comma-separated k: time RBF-ARD at each k in one process instead of the cases"
     )
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case here
-    args = parser.parse_args()
-    if args.smoke:
-        args.n, args.k, args.repeat = 2_000, 50, 1
+    args = parser.parse_args(argv)
+    if args.smoke:  # smaller defaults: an option given explicitly still wins
+        parser.set_defaults(n=2_000, k=50, repeat=1)
+        args = parser.parse_args(argv)
     if args.k_sweep is not None:
         if args.threads:
             import torch

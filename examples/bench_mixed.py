@@ -156,14 +156,15 @@ def main(argv=None) -> int:
         help="prediction: the package's choice, or always the formed q x q posterior weight (the path before products)",
     )
     args = parser.parse_args(argv)
+    if args.smoke:  # smaller defaults: an option given explicitly still wins
+        parser.set_defaults(n=5000, levels=[50, 200], inducing=16)
+        args = parser.parse_args(argv)
     if args.weight == "formed":
         from bma_gp.kernels import sum_prediction_strategy
 
         sum_prediction_strategy._DENSE_WEIGHT_MAX_ELIMINATED = 2**62
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.smoke:
-        args.n, args.levels, args.inducing = 5000, [50, 200], 16
     # closed forms only: a summand outside the family would warn (here: fail), and CG is never the dense path
     with warnings.catch_warnings(), gpytorch.settings.max_cholesky_size(0):
         warnings.simplefilter("error", ClosedFormFallbackWarning)

@@ -127,10 +127,11 @@ def main(argv=None) -> None:
         help="also time BlockMeanAdagrad from DIR/optim (an older version), in the same run",
     )
     args = parser.parse_args(argv)
+    if args.smoke:  # smaller defaults: an option given explicitly still wins
+        parser.set_defaults(width=64, depth=2, rounds=2, steps=3)
+        args = parser.parse_args(argv)
     if args.flush_mb < 0:
         parser.error(f"--flush-mb must be >= 0, got {args.flush_mb}")
-    if args.smoke:
-        args.width, args.depth, args.rounds, args.steps = 64, 2, 2, 3
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -630,6 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.smoke:  # smaller defaults: an option given explicitly still wins
+        parser.set_defaults(seeds=2, iters=2, blocks=(8,), max_rows=120, exact_max_train=80)
+        args = parser.parse_args(argv)
     if args.table_only:  # before anything is created: a mistyped --out made an empty folder, then a traceback
         if args.smoke and args.out is None:
             parser.error("--table-only with --smoke needs --out (a --smoke run writes to a temporary folder)")
@@ -647,12 +650,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _run(args: argparse.Namespace, argv: list[str] | None) -> dict:
-    if args.smoke:
-        args.seeds = min(args.seeds, 2)
-        args.iters = 2 if args.iters is None else args.iters
-        args.blocks = args.blocks or (8,)
-        args.max_rows = args.max_rows or 120
-        args.exact_max_train = min(args.exact_max_train, 80)
     out = args.out or (Path(tempfile.mkdtemp(prefix="evaluate_gp_")) if args.smoke else DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "results.jsonl"

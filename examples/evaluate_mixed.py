@@ -568,6 +568,10 @@ def main(argv: list[str] | None = None) -> dict:
 def _main(argv: list[str] | None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.smoke:  # smaller defaults: an option given explicitly still wins
+        parser.set_defaults(seeds=[0], n_train=300, n_test=100, iters=2, inducing=16)
+        parser.set_defaults(exact_max_train=200, gpboost_gp_max_train=200)
+        args = parser.parse_args(argv)
     if args.time_limit < 0:
         parser.error(f"--time-limit must be >= 0 seconds (0 for none), got {args.time_limit:g}")
     if args.table_only:  # before anything is created: a mistyped --out made an empty folder, then a traceback
@@ -575,10 +579,6 @@ def _main(argv: list[str] | None) -> dict:
             parser.error("--table-only with --smoke needs --out (a --smoke run writes to a temporary folder)")
         if not ((args.out or DEFAULT_OUT) / "runs.jsonl").is_file():
             parser.error(f"--table-only needs {(args.out or DEFAULT_OUT) / 'runs.jsonl'} from an earlier run in --out")
-    if args.smoke:
-        args.seeds, args.n_train, args.n_test, args.iters = [0], 300, 100, 2
-        args.inducing, args.exact_max_train, args.gpboost_gp_max_train = 16, 200, 200
-        args.gpboost_gp_approx = "none"  # gpboost's Vecchia set-up alone takes a minute on a loaded machine
     out = args.out or (Path(tempfile.mkdtemp(prefix="evaluate_mixed_")) if args.smoke else DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)
     records_path = out / "runs.jsonl"

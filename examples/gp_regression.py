@@ -65,6 +65,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="tiny subset and few iterations")
     parser.add_argument("--out", type=Path, default=None, help="output directory for the PNG")
     args = parser.parse_args(argv)
+    if args.smoke:  # smaller defaults: an option given explicitly still wins
+        parser.set_defaults(iters=3)
+        args = parser.parse_args(argv)
     if args.block_weeks < 1:
         parser.error(f"--block-weeks must be at least 1, got {args.block_weeks}")
     if args.iters < 0:
@@ -76,7 +79,6 @@ def main(argv=None) -> dict:
     years, co2 = load_co2()
     if args.smoke:
         years, co2 = years[::8], co2[::8]
-        args.iters = 3
     split = float(years.max()) - args.test_years
     train, test = years <= split, years > split
     if int(train.sum()) < args.block_weeks:

@@ -66,6 +66,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="a subsample and a few steps, temporary directory")
     parser.add_argument("--out", type=Path, default=None, help="output directory for the PNG")
     args = parser.parse_args(argv)
+    if args.smoke:  # smaller defaults: an option given explicitly still wins
+        parser.set_defaults(iters=5)
+        args = parser.parse_args(argv)
     if not 0 <= args.rank <= NUM_GROUPS:
         parser.error(f"--rank must be between 0 and the {NUM_GROUPS} groups, got {args.rank}")
     if args.iters < 0:
@@ -79,7 +82,6 @@ def main(argv=None) -> dict:
         keep = (group < 72).nonzero().flatten()  # first origin, Jan-Mar: 72 groups
         keep = keep[torch.randperm(keep.numel())[:1500]]
         group, temp = group[keep], temp[keep]
-        args.iters = 5
     perm = torch.randperm(group.numel())
     n_test = max(1, int(args.test_fraction * group.numel()))
     test, train = perm[:n_test], perm[n_test:]

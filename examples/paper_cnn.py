@@ -306,6 +306,9 @@ def main(argv=None) -> None:
     parser.add_argument("--tag", default="", help="suffix of the output file names (default: '' or '_large')")
     parser.add_argument("--smoke", action="store_true", help="tiny subsets, 2 epochs, 1 seed, no files unless --out")
     args = parser.parse_args(argv)
+    if args.smoke:  # smaller defaults: an option given explicitly still wins
+        parser.set_defaults(epochs=2, tune_epochs=1, seeds=1)
+        args = parser.parse_args(argv)
     for option, value in (("--epochs", args.epochs), ("--tune-epochs", args.tune_epochs), ("--seeds", args.seeds)):
         if value < 1:
             parser.error(f"{option} must be at least 1, got {value}")
@@ -333,8 +336,6 @@ def main(argv=None) -> None:
     optimizers = args.optimizers.split(",")
     if args.model == "large" and "full_matrix" in optimizers:
         optimizers.remove("full_matrix")  # d = 140k: the d x d state does not fit
-    if args.smoke:
-        args.epochs, args.tune_epochs, args.seeds = 2, 1, 1
 
     def log(msg: str) -> None:
         print(msg, flush=True)

@@ -1,0 +1,197 @@
+"""Audit of the example scripts' command-line options, as a user of the scripts would run them.
+
+The scripts' ``main(argv)`` runs in this process, stopped at its first expensive call: the options it got that far
+are what the run would have used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import gpytorch
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _example(name: str):
+    spec = importlib.util.spec_from_file_location(f"audit_options_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Stop(Exception):
+    """Raised by the patched expensive call: the script got this far."""
+
+
+def _run_until(monkeypatch, name: str, target: str, argv: list[str]):
+    """``main(argv)`` of ``examples/NAME.py`` up to its first call of ``target`` (a module attribute, or
+    ``mll`` for GPyTorch's ``ExactMarginalLogLikelihood``); returns the options (the last namespace parsed, as the
+    script left it) and the positional arguments of that call."""
+    module = _example(name)
+    parsed: list[argparse.Namespace] = []
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def spy(self, *args, **kwargs):
+        parsed.append(parse_args(self, *args, **kwargs))
+        return parsed[-1]
+
+    calls: list[tuple] = []
+
+    def stop(*args, **kwargs):
+        calls.append(args)
+        raise _Stop
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", spy)
+    if target == "mll":
+        monkeypatch.setattr(gpytorch.mlls, "ExactMarginalLogLikelihood", stop)
+    else:
+        monkeypatch.setattr(module, target, stop)
+    with pytest.raises(_Stop):
+        module.main(argv)
+    return parsed[-1], calls[0]
+
+
+# (script, patched call, --smoke alone, its values, --smoke with explicit options, their values, what is read off)
+SMOKE_DEFAULTS = [
+    (
+        "bench_optimizer",
+        "build_model",
+        [],
+        (64, 2, 2, 3),
+        ["--width", "32", "--rounds", "5"],
+        (32, 2, 5, 3),
+        lambda ns, call: (ns.width, ns.depth, ns.rounds, ns.steps),
+    ),
+    (
+        "bench_elecdemand_step",
+        "run",
+        [],
+        (40, 2, 1500),
+        ["--k", "7", "--repeats", "1"],
+        (7, 1, 1500),
+        lambda ns, call: call[1:4],  # run(dtype, k, repeats, rows, profile)
+    ),
+    (
+        "bench_mixed",
+        "run",
+        [],
+        (5000, [50, 200], 16),
+        ["--n", "800", "--inducing", "4"],
+        (800, [50, 200], 4),
+        lambda ns, call: tuple(call[:3]),  # run(n, levels, inducing, ...)
+    ),
+    (
+        "bench_kernel_block_mean",
+        "run_case",
+        ["--case", "rbf"],
+        (2000, 50, 1),
+        ["--case", "rbf", "--n", "3000", "--repeat", "4"],
+        (3000, 50, 4),
+        lambda ns, call: (call[1], call[3], call[4]),  # run_case(case, n, d, k, repeat, ...)
+    ),
+    (
+        "bench_gp_iteration",
+        "plan",
+        [],
+        ([1000], [20], 1, True),
+        ["--n", "500", "--ks", "5,10", "--warm", "3"],
+        ([500], [5, 10], 3, True),
+        lambda ns, call: (list(call[0]), list(call[1]), ns.warm, ns.in_process),
+    ),
+    (
+        "bench_groups",
+        "iteration_seconds",
+        [],
+        (3000, 50),
+        ["--n", "700"],
+        (700, 50),
+        lambda ns, call: call[:2],  # iteration_seconds(n, k, ...)
+    ),
+    (
+        "bench_groups",
+        "run_prediction",
+        ["--predict"],
+        (4000, [1400], 300),
+        ["--predict", "--t", "20", "--ks", "30"],
+        (4000, [30], 20),
+        lambda ns, call: call[:3],  # run_prediction(n, ks, t, ...)
+    ),
+    (
+        "bench_groups",
+        "run_factor",
+        ["--rank", "2"],
+        (3000, [300]),
+        ["--rank", "2", "--ks", "40"],
+        (3000, [40]),
+        lambda ns, call: call[:2],  # run_factor(n, ks, ...)
+    ),
+    (
+        "evaluate_gp",
+        "warm_up",
+        [],
+        (2, 2, (8,), 120, 80),
+        ["--seeds", "3", "--exact-max-train", "100"],  # were cut to 2 and 80
+        (3, 2, (8,), 120, 100),
+        lambda ns, call: (ns.seeds, ns.iters, ns.blocks, ns.max_rows, ns.exact_max_train),
+    ),
+    (
+        "evaluate_mixed",
+        "warm_up",
+        [],
+        ([0], 300, 100, 2, 16, 200, "none"),
+        ["--seeds", "1", "2", "--n-train", "500", "--gpboost-gp-approx", "vecchia"],
+        ([1, 2], 500, 100, 2, 16, 200, "vecchia"),
+        lambda ns, call: (
+            ns.seeds,
+            ns.n_train,
+            ns.n_test,
+            ns.iters,
+            ns.inducing,
+            ns.exact_max_train,
+            ns.gpboost_gp_approx,
+        ),
+    ),
+    ("gp_regression", "mll", [], (3,), ["--iters", "1"], (1,), lambda ns, call: (ns.iters,)),
+    ("grouped_gp", "mll", [], (5,), ["--iters", "2"], (2,), lambda ns, call: (ns.iters,)),
+    (
+        "mixed_effects_gp",
+        "mll",
+        [],
+        (600, 8, 3),
+        ["--n", "100", "--iters", "1"],
+        (100, 8, 1),
+        lambda ns, call: (ns.n, ns.inducing, ns.iters),
+    ),
+    (
+        "paper_cnn",
+        "run_dataset",
+        ["--datasets", "digits"],
+        (2, 1, 1),
+        ["--datasets", "digits", "--epochs", "3"],
+        (3, 1, 1),
+        lambda ns, call: (ns.epochs, ns.tune_epochs, ns.seeds),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "target", "base", "smoke_values", "explicit", "explicit_values", "read"),
+    SMOKE_DEFAULTS,
+    ids=[f"{case[0]}-{case[1]}" for case in SMOKE_DEFAULTS],
+)
+def test_smoke_changes_defaults_only(
+    name, target, base, smoke_values, explicit, explicit_values, read, monkeypatch, tmp_path
+):
+    # --smoke overwrote the options given with it (bench_optimizer --smoke --width 32 ran at width 64)
+    out = ["--out", str(tmp_path)] if name.startswith("evaluate") else []
+    ns, call = _run_until(monkeypatch, name, target, ["--smoke", *base, *out])
+    assert tuple(read(ns, call)) == smoke_values  # --smoke alone: as before
+    ns, call = _run_until(monkeypatch, name, target, ["--smoke", *base, *explicit, *out])
+    assert tuple(read(ns, call)) == explicit_values
