@@ -195,3 +195,30 @@ def test_smoke_changes_defaults_only(
     assert tuple(read(ns, call)) == smoke_values  # --smoke alone: as before
     ns, call = _run_until(monkeypatch, name, target, ["--smoke", *base, *explicit, *out])
     assert tuple(read(ns, call)) == explicit_values
+
+
+def test_grouped_gp_smoke_plots_the_airport_and_months_it_trained_on(monkeypatch, tmp_path):
+    # --smoke trains on the first airport (EWR), January to March, but plotted JFK from January to November: the
+    # title named an airport without a single reading and no line had a raw group mean behind it
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    matplotlib.use("Agg")
+    saved: list[Figure] = []
+    savefig = Figure.savefig
+
+    def spy(self, *args, **kwargs):
+        saved.append(self)
+        return savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    result = _example("grouped_gp").main(["--smoke", "--iters", "0", "--out", str(tmp_path)])
+    assert result["png"].is_file()
+    (ax,) = saved[0].axes
+    assert ax.get_title().startswith("EWR:")  # origins are sorted: EWR, JFK, LGA
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["Jan", "Feb", "Mar"]
+    dots = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    assert len(dots) == 3 and all(len(line.get_xdata()) > 0 for line in dots)  # raw means behind every line
+    import matplotlib.pyplot as plt
+
+    plt.close(saved[0])
