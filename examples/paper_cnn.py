@@ -41,6 +41,8 @@ from torch import Tensor, nn
 
 from optim import BlockMeanAdagrad, FullMatrixAdagrad
 
+DEFAULT_OUT = "docs/results/optim"
+
 # ---------------------------------------------------------------------------- data
 Dataset = tuple[Tensor, Tensor, Tensor, Tensor]  # x_train, y_train, x_test, y_test
 
@@ -302,7 +304,11 @@ def main(argv=None) -> None:
         help="multiply every learning-rate grid by this (e.g. 0.1 for the large model)",
     )
     parser.add_argument("--cifar-root", default=os.environ.get("CIFAR10_ROOT", "data"))
-    parser.add_argument("--out", default="docs/results/optim")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help=f"folder for the JSON, table and plots (default {DEFAULT_OUT}; with --smoke: no files unless given)",
+    )
     parser.add_argument("--tag", default="", help="suffix of the output file names (default: '' or '_large')")
     parser.add_argument("--smoke", action="store_true", help="tiny subsets, 2 epochs, 1 seed, no files unless --out")
     args = parser.parse_args(argv)
@@ -367,8 +373,11 @@ def main(argv=None) -> None:
     print(table)
     elapsed = time.time() - started
     log(f"total time {elapsed:.0f} s on {args.threads} thread(s)")
-    if args.smoke and args.out == parser.get_default("out"):
-        return
+    if args.out is None:
+        if args.smoke:
+            log("--smoke: no files written (pass --out DIR to keep them)")
+            return
+        args.out = DEFAULT_OUT
     os.makedirs(args.out, exist_ok=True)
     suffix = args.tag or ("" if args.model == "small" else "_large")
     with open(os.path.join(args.out, f"paper_cnn{suffix}.json"), "w") as fh:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -222,3 +223,22 @@ def test_grouped_gp_smoke_plots_the_airport_and_months_it_trained_on(monkeypatch
     import matplotlib.pyplot as plt
 
     plt.close(saved[0])
+
+
+def test_paper_cnn_smoke_writes_where_out_says(monkeypatch, tmp_path, capsys):
+    # --smoke --out docs/results/optim (the default folder, named explicitly) wrote nothing and said nothing: the
+    # script compared --out with its default value to tell whether it was given
+    monkeypatch.chdir(tmp_path)
+    paper_cnn = _example("paper_cnn")
+    tiny = ["--smoke", "--datasets", "digits", "--optimizers", "adagrad", "--lr", "adagrad=0.1"]
+    paper_cnn.main([*tiny, "--out", "docs/results/optim"])
+    out = tmp_path / "docs" / "results" / "optim"
+    assert sorted(p.name for p in out.iterdir()) == ["paper_cnn.json", "paper_cnn.md", "paper_cnn_digits_small.png"]
+    results = json.loads((out / "paper_cnn.json").read_text())["results"]
+    assert list(results) == ["digits/small"] and results["digits/small"]["adagrad"]["lr"] == 0.1
+    monkeypatch.chdir(tmp_path / "docs")
+    capsys.readouterr()
+    monkeypatch.setattr(paper_cnn, "run_dataset", lambda *args: results["digits/small"])  # the same, without training
+    paper_cnn.main(tiny)
+    assert list((tmp_path / "docs").iterdir()) == [tmp_path / "docs" / "results"]  # --smoke alone: no files
+    assert "--smoke: no files written (pass --out DIR to keep them)" in capsys.readouterr().out
