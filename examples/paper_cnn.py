@@ -369,6 +369,8 @@ def main(argv=None) -> None:
             fixed_lr,
             args.grid_scale,
         )
+    if not all_results:  # nothing trained: stop before an empty table replaces the results in --out
+        raise SystemExit(f"paper_cnn: none of --datasets {args.datasets} could be loaded (see above); nothing written")
     table = markdown_table(all_results)
     print(table)
     elapsed = time.time() - started

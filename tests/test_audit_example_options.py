@@ -242,3 +242,17 @@ def test_paper_cnn_smoke_writes_where_out_says(monkeypatch, tmp_path, capsys):
     paper_cnn.main(tiny)
     assert list((tmp_path / "docs").iterdir()) == [tmp_path / "docs" / "results"]  # --smoke alone: no files
     assert "--smoke: no files written (pass --out DIR to keep them)" in capsys.readouterr().out
+
+
+def test_paper_cnn_without_any_data_set_stops_before_writing(tmp_path, capsys):
+    # every data set skipped (no torchvision or no CIFAR-10 files): the run exited 0 and replaced paper_cnn.json and
+    # paper_cnn.md in --out (by default the documented results) with an empty table
+    out = tmp_path / "optim"
+    out.mkdir()
+    (out / "paper_cnn.json").write_text("{}")
+    argv = ["--datasets", "cifar10", "--cifar-root", str(tmp_path / "missing"), "--out", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        _example("paper_cnn").main(argv)
+    assert "none of --datasets cifar10 could be loaded" in str(exit_info.value.code)
+    assert "skipping cifar10" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["paper_cnn.json"] and (out / "paper_cnn.json").read_text() == "{}"
