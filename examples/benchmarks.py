@@ -1003,6 +1003,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.resummarize:
         where = Path(args.resummarize)
+        if not (where / "results.jsonl").is_file():  # was a FileNotFoundError traceback
+            parser.error(f"--resummarize: {where / 'results.jsonl'} does not exist (DIR is an earlier run's --out-dir)")
         found = parse_json_lines((where / "results.jsonl").read_text())
         if not found or found[0].get("suite") != "machine":
             parser.error(f"--resummarize: {where / 'results.jsonl'} does not start with a machine record")

@@ -320,6 +320,8 @@ def main(argv=None) -> None:
             parser.error(f"{option} must be at least 1, got {value}")
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    if not args.grid_scale > 0:  # 0 trained every optimizer at learning rate 0; < 0 failed inside torch.optim
+        parser.error(f"--grid-scale must be positive (it multiplies the learning-rate grids), got {args.grid_scale:g}")
     for option, names, known in (
         ("--datasets", args.datasets, DATASETS),
         ("--optimizers", args.optimizers, tuple(OPTIMIZERS)),

@@ -256,3 +256,25 @@ def test_paper_cnn_without_any_data_set_stops_before_writing(tmp_path, capsys):
     assert "none of --datasets cifar10 could be loaded" in str(exit_info.value.code)
     assert "skipping cifar10" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["paper_cnn.json"] and (out / "paper_cnn.json").read_text() == "{}"
+
+
+def _usage_error(main, argv, capsys) -> str:
+    """Run ``main(argv)``, expect argparse's exit status 2, return the error line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("scale", ["0", "-1", "nan"])
+def test_paper_cnn_rejects_a_grid_scale_that_is_not_positive(scale, capsys):
+    # 0 trained every optimizer at learning rate 0 without a word; -1 was torch's "Invalid learning rate" traceback
+    error = _usage_error(_example("paper_cnn").main, ["--smoke", "--grid-scale", scale], capsys)
+    assert f"--grid-scale must be positive (it multiplies the learning-rate grids), got {scale}" in error
+
+
+def test_benchmarks_resummarize_of_a_folder_without_results(tmp_path, capsys):
+    # was a FileNotFoundError traceback
+    error = _usage_error(_example("benchmarks").main, ["--resummarize", str(tmp_path / "typo")], capsys)
+    assert f"--resummarize: {tmp_path / 'typo' / 'results.jsonl'} does not exist" in error
+    assert not (tmp_path / "typo").exists()
