@@ -556,6 +556,16 @@ def _int_at_least(low: int):
     return parse
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value:g}")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -593,17 +603,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--iters", type=_int_at_least(0), default=None, help="Adam steps for every model (default: per data set)"
     )
     p.add_argument("--blocks", type=_csv(_int_at_least(1)), default=None, help="k values (default: per data set)")
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--lr", type=_positive, default=0.1)
     p.add_argument("--test-fraction", type=_fraction, default=0.2)
     p.add_argument(
         "--exact-max-train",
-        type=int,
+        type=_int_at_least(1),
         default=2000,
         help="the exact GP trains and conditions on a random subset of at most this many rows",
     )
     p.add_argument(
         "--max-cholesky",
-        type=int,
+        type=_int_at_least(0),
         default=4000,
         help="gpytorch.settings.max_cholesky_size during all fits (exact GP: Cholesky up to here, CG beyond)",
     )

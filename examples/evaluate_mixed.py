@@ -63,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate_gp import (  # noqa: E402
     PeakMemory,
     _int_at_least,
+    _positive,
     _release_freed_memory_to_os,
     gaussian_nlpd,
     predict,
@@ -531,17 +532,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--n-test", type=_int_at_least(1), default=5000)
     parser.add_argument("--iters", type=_int_at_least(0), default=100, help="Adam steps for the GPyTorch models")
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=_positive, default=0.05)
     parser.add_argument("--inducing", type=_int_at_least(1), default=128, help="SGPR inducing points m")
-    parser.add_argument("--exact-max-train", type=int, default=2000)
-    parser.add_argument("--mixedlm-max-train", type=int, default=50000)
+    parser.add_argument("--exact-max-train", type=_int_at_least(1), default=2000)
+    parser.add_argument("--mixedlm-max-train", type=_int_at_least(1), default=50000)
     parser.add_argument(
         "--mixedlm-groups",
         choices=["largest", "all"],
         default="largest",
         help="MixedLM's random intercepts: the grouping with most levels only, or all (dense)",
     )
-    parser.add_argument("--gpboost-gp-max-train", type=int, default=1000)
+    parser.add_argument("--gpboost-gp-max-train", type=_int_at_least(1), default=1000)
     parser.add_argument(
         "--gpboost-gp-approx",
         default="none",

@@ -278,3 +278,23 @@ def test_benchmarks_resummarize_of_a_folder_without_results(tmp_path, capsys):
     error = _usage_error(_example("benchmarks").main, ["--resummarize", str(tmp_path / "typo")], capsys)
     assert f"--resummarize: {tmp_path / 'typo' / 'results.jsonl'} does not exist" in error
     assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "argv", "message"),
+    [
+        # each was a whole run of failed fits ("Invalid learning rate") or of fits that never moved (lr 0)
+        ("evaluate_gp", ["--lr", "0"], "argument --lr: expected a positive number, got 0"),
+        ("evaluate_gp", ["--lr", "-0.1"], "argument --lr: expected a positive number, got -0.1"),
+        ("evaluate_gp", ["--exact-max-train", "0"], "argument --exact-max-train: expected an integer >= 1, got 0"),
+        ("evaluate_gp", ["--max-cholesky", "-1"], "argument --max-cholesky: expected an integer >= 0, got -1"),
+        ("evaluate_mixed", ["--lr", "0"], "argument --lr: expected a positive number, got 0"),
+        # negative sizes cut rows off the end of a random order: -5 silently trained on all but 5 rows
+        ("evaluate_mixed", ["--gpboost-gp-max-train", "-5"], "--gpboost-gp-max-train: expected an integer >= 1"),
+        ("evaluate_mixed", ["--exact-max-train", "-5"], "argument --exact-max-train: expected an integer >= 1"),
+        ("evaluate_mixed", ["--mixedlm-max-train", "0"], "argument --mixedlm-max-train: expected an integer >= 1"),
+    ],
+)
+def test_evaluations_reject_bad_sizes_and_rates(name, argv, message, capsys, tmp_path):
+    assert message in _usage_error(_example(name).main, ["--smoke", "--out", str(tmp_path), *argv], capsys)
+    assert list(tmp_path.iterdir()) == []
