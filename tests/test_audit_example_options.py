@@ -198,9 +198,8 @@ def test_smoke_changes_defaults_only(
     assert tuple(read(ns, call)) == explicit_values
 
 
-def test_grouped_gp_smoke_plots_the_airport_and_months_it_trained_on(monkeypatch, tmp_path):
-    # --smoke trains on the first airport (EWR), January to March, but plotted JFK from January to November: the
-    # title named an airport without a single reading and no line had a raw group mean behind it
+def _saved_figures(monkeypatch) -> list:
+    """The figures the scripts save, in order (``Figure.savefig`` still writes the file)."""
     import matplotlib
     from matplotlib.figure import Figure
 
@@ -213,6 +212,13 @@ def test_grouped_gp_smoke_plots_the_airport_and_months_it_trained_on(monkeypatch
         return savefig(self, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", spy)
+    return saved
+
+
+def test_grouped_gp_smoke_plots_the_airport_and_months_it_trained_on(monkeypatch, tmp_path):
+    # --smoke trains on the first airport (EWR), January to March, but plotted JFK from January to November: the
+    # title named an airport without a single reading and no line had a raw group mean behind it
+    saved = _saved_figures(monkeypatch)
     result = _example("grouped_gp").main(["--smoke", "--iters", "0", "--out", str(tmp_path)])
     assert result["png"].is_file()
     (ax,) = saved[0].axes
@@ -298,3 +304,13 @@ def test_benchmarks_resummarize_of_a_folder_without_results(tmp_path, capsys):
 def test_evaluations_reject_bad_sizes_and_rates(name, argv, message, capsys, tmp_path):
     assert message in _usage_error(_example(name).main, ["--smoke", "--out", str(tmp_path), *argv], capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gp_regression_smoke_title_gives_the_weeks_a_block_spans(monkeypatch, tmp_path):
+    # --smoke keeps every 8th week: a block of --block-weeks 3 observations spans 24 weeks, the title said 3
+    saved = _saved_figures(monkeypatch)
+    _example("gp_regression").main(["--smoke", "--iters", "0", "--out", str(tmp_path)])
+    assert "blocks of 24 weeks)" in saved[0].axes[0].get_title()
+    import matplotlib.pyplot as plt
+
+    plt.close(saved[0])
