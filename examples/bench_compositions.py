@@ -215,6 +215,8 @@ def main(argv=None) -> int:
         "--noise", type=float, default=None, help="only the n = 2x10^4 comparison with d scaled by this"
     )
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:  # 0 was ignored, < 0 a traceback from torch
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)

@@ -115,6 +115,9 @@ def main(argv=None) -> int:
     if args.smoke:  # smaller defaults: an option given explicitly still wins
         parser.set_defaults(k=40, repeats=2)
         args = parser.parse_args(argv)
+    for option, value in (("--k", args.k), ("--repeats", args.repeats), ("--threads", args.threads)):
+        if value is not None and value < 1:  # a usage error, not a traceback or inf / nan after the run
+            parser.error(f"{option} must be at least 1, got {value}")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = 1500 if args.smoke else None

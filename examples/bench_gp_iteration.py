@@ -278,6 +278,9 @@ def main(argv=None) -> int:
     if args.smoke:  # smaller defaults: an option given explicitly still wins
         parser.set_defaults(n=[1_000], ks=[20], warm=1, in_process=True)
         args = parser.parse_args(argv)
+    for option, value in (("--d", args.d), ("--warm", args.warm)):
+        if value is not None and value < 1:  # a usage error, not a traceback or inf / nan after the run
+            parser.error(f"{option} must be at least 1, got {value}")
 
     if args._case:
         method, n, k, d = args._case

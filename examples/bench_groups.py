@@ -422,6 +422,15 @@ def main(argv=None) -> int:
         else:
             parser.set_defaults(n=3000, ks="50,200")
         args = parser.parse_args(argv)
+    for option, value in (
+        ("--n", args.n),
+        ("--repeats", args.repeats),
+        ("--t", args.t),
+        ("--cov-points", args.cov_points),
+        ("--threads", args.threads),
+    ):
+        if value is not None and value < 1:  # a usage error, not a traceback or inf / nan after the run
+            parser.error(f"{option} must be at least 1, got {value}")
     if args.threads:
         torch.set_num_threads(args.threads)
     n, ks = args.n, [int(k) for k in args.ks.split(",")]

@@ -271,6 +271,15 @@ def main(argv=None) -> None:
     if args.smoke:  # smaller defaults: an option given explicitly still wins
         parser.set_defaults(n=2_000, k=50, repeat=1)
         args = parser.parse_args(argv)
+    for option, value in (
+        ("--n", args.n),
+        ("--d", args.d),
+        ("--k", args.k),
+        ("--repeat", args.repeat),
+        ("--threads", args.threads),
+    ):
+        if value is not None and value < 1:  # a usage error, not a traceback or inf / nan after the run
+            parser.error(f"{option} must be at least 1, got {value}")
     if args.k_sweep is not None:
         if args.threads:
             import torch

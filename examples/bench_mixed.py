@@ -159,6 +159,14 @@ def main(argv=None) -> int:
     if args.smoke:  # smaller defaults: an option given explicitly still wins
         parser.set_defaults(n=5000, levels=[50, 200], inducing=16)
         args = parser.parse_args(argv)
+    for option, value in (
+        ("--n", args.n),
+        ("--inducing", args.inducing),
+        ("--iters", args.iters),
+        ("--threads", args.threads),
+    ):
+        if value is not None and value < 1:  # a usage error, not a traceback or inf / nan after the run
+            parser.error(f"{option} must be at least 1, got {value}")
     if args.weight == "formed":
         from bma_gp.kernels import sum_prediction_strategy
 

@@ -348,6 +348,8 @@ def main(argv=None) -> int:
     parser.add_argument("--_child", nargs=3, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--_sweep", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:  # 0 was ignored, < 0 a traceback from torch
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args._child:

@@ -130,6 +130,15 @@ def main(argv=None) -> None:
     if args.smoke:  # smaller defaults: an option given explicitly still wins
         parser.set_defaults(width=64, depth=2, rounds=2, steps=3)
         args = parser.parse_args(argv)
+    for option, value in (
+        ("--width", args.width),
+        ("--depth", args.depth),
+        ("--rounds", args.rounds),
+        ("--steps", args.steps),
+        ("--threads", args.threads),
+    ):
+        if value is not None and value < 1:  # a usage error, not a traceback or inf / nan after the run
+            parser.error(f"{option} must be at least 1, got {value}")
     if args.flush_mb < 0:
         parser.error(f"--flush-mb must be >= 0, got {args.flush_mb}")
     if args.threads:

@@ -31,6 +31,10 @@ class _Stop(Exception):
     """Raised by the patched expensive call: the script got this far."""
 
 
+def _stop(*args, **kwargs):
+    raise _Stop
+
+
 def _run_until(monkeypatch, name: str, target: str, argv: list[str]):
     """``main(argv)`` of ``examples/NAME.py`` up to its first call of ``target`` (a module attribute, or
     ``mll`` for GPyTorch's ``ExactMarginalLogLikelihood``); returns the options (the last namespace parsed, as the
@@ -314,3 +318,23 @@ def test_gp_regression_smoke_title_gives_the_weeks_a_block_spans(monkeypatch, tm
     import matplotlib.pyplot as plt
 
     plt.close(saved[0])
+
+
+@pytest.mark.parametrize(
+    ("name", "target", "argv", "message"),
+    [
+        ("bench_optimizer", "build_model", ["--rounds", "0"], "--rounds must be at least 1, got 0"),  # StatisticsError
+        ("bench_optimizer", "build_model", ["--threads", "0"], "--threads must be at least 1, got 0"),  # was ignored
+        ("bench_mixed", "run", ["--iters", "0"], "--iters must be at least 1, got 0"),  # min() of an empty sequence
+        ("bench_groups", "iteration_seconds", ["--repeats", "0"], "--repeats must be at least 1, got 0"),  # inf s, nan
+        ("bench_elecdemand_step", "run", ["--repeats", "0"], "--repeats must be at least 1, got 0"),
+        ("bench_kernel_block_mean", "run_case", ["--case", "rbf", "--repeat", "0"], "--repeat must be at least 1"),
+        ("bench_gp_iteration", "plan", ["--warm", "0"], "--warm must be at least 1, got 0"),  # min() in every case
+        ("bench_compositions", "part_exact", ["--part", "exact", "--threads", "-1"], "--threads must be at least 1"),
+        ("bench_operator", "dense_comparison", ["--part", "dense", "--threads", "0"], "--threads must be at least 1"),
+    ],
+)
+def test_benchmarks_reject_counts_below_one(name, target, argv, message, monkeypatch, capsys):
+    module = _example(name)
+    monkeypatch.setattr(module, target, _stop)  # the benchmark started: the option was not refused
+    assert message in _usage_error(module.main, ["--smoke", *argv], capsys)
