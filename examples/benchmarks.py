@@ -1025,6 +1025,12 @@ def main(argv=None) -> int:
     bad = [s for s in only if s not in SUITES]
     if bad:
         parser.error(f"--only: unknown suite(s) {', '.join(bad)}; choose from {', '.join(SUITES)}")
+    if not only:  # ran nothing and replaced the results in --out-dir with an empty summary
+        parser.error(f"--only: no suite given; choose from {', '.join(SUITES)}")
+    if not args.timeout > 0:  # every script was killed after the 1 s floor
+        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    if args.budget is not None and not args.budget > 0:  # every script was skipped as past the budget
+        parser.error(f"--budget must be a positive number of seconds, got {args.budget:g}")
 
     if args.out_dir:
         out_dir = Path(args.out_dir)

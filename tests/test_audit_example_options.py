@@ -338,3 +338,20 @@ def test_benchmarks_reject_counts_below_one(name, target, argv, message, monkeyp
     module = _example(name)
     monkeypatch.setattr(module, target, _stop)  # the benchmark started: the option was not refused
     assert message in _usage_error(module.main, ["--smoke", *argv], capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--only", ","], "--only: no suite given; choose from operator, compositions"),
+        (["--timeout", "0"], "--timeout must be a positive number of seconds, got 0"),
+        (["--budget", "-5"], "--budget must be a positive number of seconds, got -5"),
+    ],
+)
+def test_benchmarks_suite_refuses_a_run_of_nothing(argv, message, monkeypatch, capsys, tmp_path):
+    # each ran no script (or killed / skipped every one) and then replaced results.jsonl and summary.md in --out-dir
+    benchmarks = _example("benchmarks")
+    monkeypatch.setattr(benchmarks, "run_suite", _stop)
+    monkeypatch.setattr(benchmarks, "machine_record", lambda argv, device: {"suite": "machine"})
+    assert message in _usage_error(benchmarks.main, ["--smoke", "--out-dir", str(tmp_path / "bench"), *argv], capsys)
+    assert not (tmp_path / "bench").exists()
