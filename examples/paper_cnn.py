@@ -342,8 +342,11 @@ def main(argv=None) -> None:
             parser.error(f"--lr {item!r}: the learning rate must be positive")
     torch.set_num_threads(args.threads)
     optimizers = args.optimizers.split(",")
-    if args.model == "large" and "full_matrix" in optimizers:
-        optimizers.remove("full_matrix")  # d = 140k: the d x d state does not fit
+    if args.model == "large" and "full_matrix" in optimizers:  # d = 140k: the d x d state does not fit
+        optimizers.remove("full_matrix")
+        if not optimizers:
+            parser.error("--optimizers: full_matrix does not run with --model large (a d x d state, d = 140,330)")
+        print("full_matrix left out: with --model large its d x d state (d = 140,330) does not fit", flush=True)
 
     def log(msg: str) -> None:
         print(msg, flush=True)

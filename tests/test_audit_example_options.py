@@ -355,3 +355,15 @@ def test_benchmarks_suite_refuses_a_run_of_nothing(argv, message, monkeypatch, c
     monkeypatch.setattr(benchmarks, "machine_record", lambda argv, device: {"suite": "machine"})
     assert message in _usage_error(benchmarks.main, ["--smoke", "--out-dir", str(tmp_path / "bench"), *argv], capsys)
     assert not (tmp_path / "bench").exists()
+
+
+def test_paper_cnn_says_when_it_leaves_full_matrix_out(monkeypatch, capsys):
+    # --model large dropped full_matrix without a word; asked for alone, it ran no optimizer and wrote an empty table
+    paper_cnn = _example("paper_cnn")
+    argv = ["--smoke", "--model", "large", "--datasets", "digits"]
+    error = _usage_error(paper_cnn.main, [*argv, "--optimizers", "full_matrix"], capsys)
+    assert "--optimizers: full_matrix does not run with --model large" in error
+    monkeypatch.setattr(paper_cnn, "load_digits32", _stop)
+    with pytest.raises(_Stop):
+        paper_cnn.main([*argv, "--optimizers", "adagrad,full_matrix"])
+    assert "full_matrix left out: with --model large" in capsys.readouterr().out
