@@ -143,7 +143,12 @@ def main(argv=None) -> None:
         parser.error(f"--flush-mb must be >= 0, got {args.flush_mb}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: {args.device!r} is not a torch device; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():  # was a traceback from the first model.to(device)
+        parser.error("--device: CUDA is not available on this machine; use --device cpu")
     torch.manual_seed(0)
 
     configs = {

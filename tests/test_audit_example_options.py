@@ -14,6 +14,7 @@ from pathlib import Path
 
 import gpytorch
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -367,3 +368,17 @@ def test_paper_cnn_says_when_it_leaves_full_matrix_out(monkeypatch, capsys):
     with pytest.raises(_Stop):
         paper_cnn.main([*argv, "--optimizers", "adagrad,full_matrix"])
     assert "full_matrix left out: with --model large" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("gpu", "--device: 'gpu' is not a torch device; use cpu, cuda or cuda:N"),  # was torch's RuntimeError
+        ("cuda", "--device: CUDA is not available on this machine; use --device cpu"),  # was an error in model.to
+    ],
+)
+def test_bench_optimizer_device_errors_name_the_option(device, message, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA
+    bench_optimizer = _example("bench_optimizer")
+    monkeypatch.setattr(bench_optimizer, "build_model", _stop)
+    assert message in _usage_error(bench_optimizer.main, ["--smoke", "--device", device], capsys)
