@@ -1553,8 +1553,30 @@ class PredictiveCovarianceLinearOperator(LinearOperator):
 
 
 # ---------------------------------------------------------------------------- the operator
-#: ``s`` is zero (the root is ``V``), non-negative (it may vanish somewhere: ``[diag(sqrt s), V]``), or at least a
-#: positive diagonal that was added to it (a likelihood's noise: a square root through Woodbury).
+#: Points whose ratio ``s / d`` (``d`` the posterior variance) is at most this times the largest go to
+#: :class:`_SplitRoot`'s QR block: the square root's Gram matrix weighs each point by ``d / s``, and its
+#: eigendecomposition loses about ``eps`` times the spread of those weights at the other points (``s`` is 0 where
+#: SGPR's diagonal correction is, at the inducing points, and tiny next to them). A small ``s`` everywhere is fine.
+_SPLIT_THRESHOLD = 1e-6
+
+
+def _z_rows(M: BlockMeanSumLinearOperator, rows: Tensor) -> Tensor:
+    """The rows ``rows`` of :math:`Z` (one column per level of each grouping, then the root's), in the working
+    precision. # shape: (*batch, len(rows), q)"""
+    wdt = core_dtype(M.dtype)
+    pieces = []
+    for j, p in enumerate(M.partitions):
+        piece = torch.nn.functional.one_hot(p.labels.index_select(0, rows), p.num_blocks).to(wdt)
+        w = M.weights[j]
+        pieces.append(piece if w is None else piece * w.to(wdt).index_select(-1, rows).unsqueeze(-1))
+    if M.root is not None:
+        pieces.append(M.root.index_select(-2, rows).to(wdt))
+    batch = torch.broadcast_shapes(*(piece.shape[:-2] for piece in pieces))
+    return torch.cat([piece.expand(*batch, *piece.shape[-2:]) for piece in pieces], dim=-1)
+
+
+#: ``s`` is zero (the root is ``V``), non-negative (it may vanish somewhere: a root split at those points), or at
+#: least a positive diagonal that was added to it (a likelihood's noise: a square root through Woodbury).
 _DIAG_KINDS = ("zero", "nonnegative", "positive")
 
 
@@ -1576,7 +1598,11 @@ class TrainingPosteriorLinearOperator(LinearOperator):
 
     * :math:`s = 0` (no inducing-point correction): :math:`[V, 0]`, ``n x max(n, q)`` (zero columns pad it to a
       square so that GPyTorch's ``rsample(base_samples=...)`` takes ``n`` base samples);
-    * :math:`s \ge 0`, possibly zero somewhere: :math:`[\operatorname{diag}(\sqrt{s}), V]`, ``n x (n + q)``;
+    * :math:`s \ge 0`, possibly zero somewhere (SGPR's diagonal correction, zero at the inducing points), and
+      :math:`s = 0` with :math:`q > n`: an ``n x n`` root, so that GPyTorch's ``rsample(base_samples=...)`` takes
+      ``n`` base samples (:meth:`_n_column_root`: the square root below when :math:`s` is not tiny anywhere, else
+      :class:`_SplitRoot`, one QR factorisation of size ``(q + z) x z`` for the ``z`` points where it is); past
+      ``max_capacitance_size`` :math:`[\operatorname{diag}(\sqrt{s}), V]` (``n x (n + q)``), with a warning;
     * :math:`s` at least an added positive diagonal (``likelihood(model(train_x))``): the square root
       :math:`\operatorname{diag}(\sqrt{s}) + V K V^\top \operatorname{diag}(1/\sqrt{s})`,
       :math:`K = h(V^\top \operatorname{diag}(1/s) V)`, :math:`h(e) = 1 / (\sqrt{1 + e} + 1)`, as for the sums'
@@ -1762,13 +1788,86 @@ class TrainingPosteriorLinearOperator(LinearOperator):
             )
             return super().root_decomposition(method=method)
         if self.diag_kind == "positive":
-            core = getattr(self, "_square_core", None)
-            if core is None or self._graphless(core):
-                core = self._square_root_core()
-                if not core.requires_grad:  # kept for the next draw; one with a graph is rebuilt per call
-                    self._square_core = core
-            return RootLinearOperator(_SquareRoot(self, core))
+            return RootLinearOperator(self._square_root())
+        if self.diag_kind == "zero" and self.q <= self.shape[-1]:
+            return RootLinearOperator(_PosteriorRoot(self))
+        root, size = self._n_column_root()
+        if root is not None:
+            return RootLinearOperator(root)
+        warnings.warn(
+            f"root_decomposition of the posterior covariance at the training inputs: an n x n root needs a "
+            f"{size} x {size} factorisation here, more than "
+            f"bma_gp.settings.max_capacitance_size = {settings.max_capacitance_size.value()}, so the root has "
+            f"n + q = {self.shape[-1] + self.q} columns and rsample(base_samples=...) needs base samples of that "
+            "size (last dimension n + q) instead of n. Draw without base_samples (closed form), or raise the limit "
+            f"with `with bma_gp.settings.max_capacitance_size({size}):`.",
+            ClosedFormFallbackWarning,
+            stacklevel=2,
+        )
         return RootLinearOperator(_PosteriorRoot(self))
+
+    def _square_root(self) -> _SquareRoot:
+        """The square root (:class:`_SquareRoot`; :math:`s > 0` everywhere)."""
+        core = getattr(self, "_square_core", None)
+        if core is None or self._graphless(core):
+            core = self._square_root_core()
+            if not core.requires_grad:  # kept for the next draw; one with a graph is rebuilt per call
+                self._square_core = core
+        return _SquareRoot(self, core)
+
+    def _n_column_root(self) -> tuple[_Root | None, int]:
+        r"""A root with ``n`` columns (GPyTorch's ``rsample(base_samples=...)`` takes ``n`` base samples per draw)
+        where :math:`s` is not at least an added noise: the square root (:class:`_SquareRoot`) when no ratio
+        :math:`s_a / d_a` (:math:`d` the posterior variance) is below ``_SPLIT_THRESHOLD`` times the largest, else
+        :class:`_SplitRoot`, which handles the ``z`` points below it by one QR factorisation of size ``(q + z) x z``
+        (:math:`s` is 0 where a training input is an inducing point, and the square root's Gram matrix loses digits
+        in proportion to the spread of :math:`d / s`). There :math:`s` is raised to ``eps`` times the variance (its
+        rounding), so that the factorisation has a finite derivative. Also returns ``q + z``; the root is None when
+        that passes ``max_capacitance_size``."""
+        n, q = self.shape[-1], self.q
+        small = getattr(self, "_split_rows", None)  # the values decide, not the graph: kept in every case
+        if small is None:
+            if self.diag_kind == "zero":
+                small = torch.ones(n, dtype=torch.bool, device=self.device)
+            else:
+                with torch.no_grad():
+                    d = self._diagonal().to(self.s.dtype)
+                    ratio = torch.where(d > 0, self.s / torch.where(d > 0, d, torch.ones_like(d)), 0)
+                    small = (ratio <= _SPLIT_THRESHOLD * ratio.amax(-1, keepdim=True)).reshape(-1, n).any(0)
+            self._split_rows = small
+        rows = small.nonzero().squeeze(-1)  # one set of rows for every batch entry
+        z = rows.numel()
+        if z == 0:
+            return self._square_root(), q
+        if q + z > settings.max_capacitance_size.value():
+            return None, q + z
+        kept = getattr(self, "_split_kept", None)
+        if kept is not None and not self._graphless(kept[1]):
+            return _SplitRoot(self, *kept), q + z
+        wdt = self.s.dtype
+        V0 = self.beta.index_select(-1, rows).unsqueeze(-1) * (_z_rows(self.M, rows) @ self.Y)  # (*batch, z, q)
+        # s at least eps times the variance there (the rounding of SGPR's correction, which is clamped at 0), so that
+        # [V0, diag(sqrt s0)] has full rank and its QR factorisation a finite derivative where V0's rows repeat
+        with torch.no_grad():
+            floor = torch.finfo(wdt).eps * self._diagonal().to(wdt).index_select(-1, rows)
+        s0 = torch.maximum(self.s.index_select(-1, rows), floor)
+        Q0, T0 = torch.linalg.qr(torch.cat([V0.mT, torch.diag_embed(s0.sqrt())], dim=-2))  # [V0, diag(sqrt s0)]^T
+        Qq, Qd = Q0[..., :q, :], Q0[..., q:, :]  # T0^T T0 = V0 V0^T + diag(s0)
+        eye = torch.eye(q, dtype=wdt, device=self.device)
+        Pi = torch.cat([eye - Qq @ Qq.mT, -Qq @ Qd.mT], dim=-1)  # [I, 0] (I - Q0 Q0^T): (*batch, q, q + z)
+        if z < n:
+            gram = self.Y.mT @ self._scaled_gram(~small) @ self.Y
+            E = Pi.mT @ gram @ Pi
+            K = symmetric_matrix_function(
+                0.5 * (E + E.mT), lambda x: 1 / ((1 + x).sqrt() + 1), lambda x: x.clamp_min(0)
+            )
+            core = Pi @ K @ Pi.mT
+        else:  # every row is in the QR block
+            core = torch.zeros(*Pi.shape[:-2], q, q, dtype=wdt, device=self.device)
+        kept = (rows, T0, Qq, core)
+        if not T0.requires_grad:  # kept for the next draw; one with a graph is rebuilt per call
+            self._split_kept = kept
+        return _SplitRoot(self, *kept), q + z
 
     def zero_mean_mvn_samples(self, num_samples: int) -> Tensor:
         r"""Draws from :math:`N(0, S)` by conditioning prior draws (Matheron's rule): no ``q x q`` factorisation.
@@ -1864,13 +1963,17 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         sqrt_s = torch.where(positive, torch.where(positive, self.s, torch.ones_like(self.s)).sqrt(), 0)
         return sqrt_s.unsqueeze(-1) * eps_s + self.beta.unsqueeze(-1) * M._z(h)
 
-    def _scaled_gram(self) -> Tensor:
-        r""":math:`Z^\top \operatorname{diag}(\beta^2 / s) Z`, ``q x q``, in the working precision."""
+    def _scaled_gram(self, keep: Tensor | None = None) -> Tensor:
+        r""":math:`Z^\top \operatorname{diag}(\beta^2 / s) Z`, ``q x q``, in the working precision; with ``keep``
+        (a mask over the rows), of those rows only."""
         M = self.M
         wdt = self.s.dtype
         blocks = [B.to(wdt) for B in M.blocks]  # not used by the Gram matrix; only their shapes are checked
+        diag = self.s / self.beta.pow(2)
+        if keep is not None:  # 1 / inf = 0: the other rows add nothing
+            diag = torch.where(keep, diag, torch.full_like(diag, math.inf))
         aux = BlockMeanSumLinearOperator(
-            self.s / self.beta.pow(2),
+            diag,
             *blocks,
             partitions=M.partitions,
             root=None if M.root is None else M.root.to(wdt),
@@ -2150,6 +2253,67 @@ class _SquareRoot(_Root):
     def _backward(self, x: Tensor) -> Tensor:
         r = self.sqrt_s.unsqueeze(-1)
         return r * x + self.parent._v(self.K @ self.parent._v_t(x)) / r
+
+
+class _SplitRoot(_Root):
+    r"""An ``n x n`` root of :math:`S = \operatorname{diag}(s) + V V^\top` that treats the ``z`` rows ``rows`` (where
+    :math:`s` is 0 or nearly so) apart: with :math:`[V_0, \operatorname{diag}(\sqrt{s_0})]^\top = Q_0 T_0` (QR,
+    :math:`Q_0 = [Q_q; Q_d]`), those rows of :math:`R` are :math:`T_0^\top` in the columns ``rows`` and 0 elsewhere,
+    and the other rows are :math:`V_+ Q_q` in the columns ``rows`` and the square root
+    :math:`\operatorname{diag}(\sqrt{s_+}) + V_+ K' V_+^\top \operatorname{diag}(1/\sqrt{s_+})` of the rest,
+    :math:`\operatorname{diag}(s_+) + V_+ (I - Q_q Q_q^\top) V_+^\top`, in their own columns
+    (:math:`K' = \Pi h(\Pi^\top V_+^\top \operatorname{diag}(1/s_+) V_+ \Pi) \Pi^\top`,
+    :math:`\Pi = [I - Q_q Q_q^\top, -Q_q Q_d^\top]`). :math:`R R^\top = S` block by block: :math:`T_0^\top T_0 = V_0
+    V_0^\top + \operatorname{diag}(s_0)`, :math:`V_+ Q_q T_0 = V_+ V_0^\top`, and the two pieces of the last block
+    add up to :math:`\operatorname{diag}(s_+) + V_+ V_+^\top`."""
+
+    def __init__(
+        self,
+        parent: TrainingPosteriorLinearOperator,
+        rows: Tensor,
+        T0: Tensor,
+        Qq: Tensor,
+        core: Tensor,
+        transposed: bool = False,
+    ):
+        super().__init__(parent, rows, T0, Qq, core, transposed=transposed)
+        self.rows, self.T0, self.Qq, self.core = rows, T0, Qq, core
+        keep = torch.ones_like(parent.s, dtype=torch.bool).index_fill(-1, rows, False)
+        self.keep = keep.to(parent.s.dtype)
+        self.sqrt_s = self.sqrt_s * self.keep
+        self.inv_sqrt_s = torch.where(keep, 1 / torch.where(keep, self.sqrt_s, torch.ones_like(self.sqrt_s)), 0)
+
+    def _columns(self) -> int:
+        return self.parent.shape[-1]
+
+    def _transpose_nonbatch(self) -> _SplitRoot:
+        return _SplitRoot(self.parent, self.rows, self.T0, self.Qq, self.core, transposed=not self.transposed)
+
+    def _expand_batch(self, batch_shape) -> _SplitRoot:
+        z, q = self.T0.shape[-1], self.Qq.shape[-2]
+        return _SplitRoot(
+            self.parent._expand_batch(batch_shape),
+            self.rows,
+            self.T0.expand(*batch_shape, z, z),
+            self.Qq.expand(*batch_shape, q, z),
+            self.core.expand(*batch_shape, q, q),
+            transposed=self.transposed,
+        )
+
+    def _forward(self, x: Tensor) -> Tensor:
+        p = self.parent
+        x0 = x.index_select(-2, self.rows)
+        coef = self.Qq @ x0 + self.core @ p._v_t(self.inv_sqrt_s.unsqueeze(-1) * x)
+        out = self.keep.unsqueeze(-1) * (self.sqrt_s.unsqueeze(-1) * x + p._v(coef))
+        return out.index_add(-2, self.rows, (self.T0.mT @ x0).expand(*out.shape[:-2], *x0.shape[-2:]))
+
+    def _backward(self, x: Tensor) -> Tensor:
+        p = self.parent
+        u = p._v_t(self.keep.unsqueeze(-1) * x)
+        out = self.sqrt_s.unsqueeze(-1) * x + self.inv_sqrt_s.unsqueeze(-1) * p._v(self.core @ u)
+        head = self.T0 @ x.index_select(-2, self.rows) + self.Qq.mT @ u
+        out = out.expand(*head.shape[:-2], *out.shape[-2:])
+        return out.index_add(-2, self.rows, head)
 
 
 class _GramSquareRoot(_SquareRoot):
