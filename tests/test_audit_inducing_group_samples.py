@@ -235,3 +235,16 @@ def test_draws_with_base_samples_have_finite_gradients_at_repeated_inputs():
     draws.square().sum().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert len(grads) >= 4 and all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def test_a_root_past_the_limit_of_its_q_x_q_factor_raises_in_words():
+    """``q`` past ``max_capacitance_size`` (the capacitance itself still within it): a ``ValueError`` that names the
+    limit and the draws that need no such matrix, not a ``view`` error inside GPyTorch's ``rsample``."""
+    model, _, x = sgpr_plus_groups(ChunkedInducingPointKernel, inducing_at_data=True)
+    with torch.no_grad():
+        post = model(x)
+        q = post.lazy_covariance_matrix.q
+        with bma_gp.settings.max_capacitance_size(q - 1):
+            with pytest.raises(ValueError, match="max_capacitance_size.*rsample without base_samples"):
+                post.rsample(torch.Size([3]), base_samples=torch.randn(3, N, dtype=DTYPE))
+            assert post.rsample(torch.Size([3])).shape == (3, N)  # draws without base samples need no q x q matrix

@@ -1602,7 +1602,8 @@ class TrainingPosteriorLinearOperator(LinearOperator):
       :math:`s = 0` with :math:`q > n`: an ``n x n`` root, so that GPyTorch's ``rsample(base_samples=...)`` takes
       ``n`` base samples (:meth:`_n_column_root`: the square root below when :math:`s` is not tiny anywhere, else
       :class:`_SplitRoot`, one QR factorisation of size ``(q + z) x z`` for the ``z`` points where it is); past
-      ``max_capacitance_size`` :math:`[\operatorname{diag}(\sqrt{s}), V]` (``n x (n + q)``), with a warning;
+      ``max_capacitance_size`` :math:`[\operatorname{diag}(\sqrt{s}), V]` (``n x (n + q)``), with a warning, and a
+      ``ValueError`` when :math:`Y` itself (``q x q``) is past it;
     * :math:`s` at least an added positive diagonal (``likelihood(model(train_x))``): the square root
       :math:`\operatorname{diag}(\sqrt{s}) + V K V^\top \operatorname{diag}(1/\sqrt{s})`,
       :math:`K = h(V^\top \operatorname{diag}(1/s) V)`, :math:`h(e) = 1 / (\sqrt{1 + e} + 1)`, as for the sums'
@@ -1794,6 +1795,7 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         root, size = self._n_column_root()
         if root is not None:
             return RootLinearOperator(root)
+        _check_weight_size(self.M, "a root")  # Y past the limit too: a ValueError now, not a shape error in rsample
         warnings.warn(
             f"root_decomposition of the posterior covariance at the training inputs: an n x n root needs a "
             f"{size} x {size} factorisation here, more than "
