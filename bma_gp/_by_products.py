@@ -37,6 +37,16 @@ class ByProducts(LinearOperator):
     def _getitem(self, row_index, col_index, *batch_indices):
         return self.to_dense()[(*batch_indices, row_index, col_index)]
 
+    def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
+        """Entries at tensor indices, from products with the columns of the identity they name (linear_operator's
+        default goes through :meth:`_getitem`, which returns a tensor here, and failed)."""
+        shape = torch.broadcast_shapes(*(index.shape for index in batch_indices), row_index.shape, col_index.shape)
+        cols, which = torch.unique(col_index.expand(shape).reshape(-1), return_inverse=True)
+        unit = torch.zeros(self.shape[-1], cols.numel(), dtype=self.dtype, device=self.device)
+        unit[cols, torch.arange(cols.numel(), device=self.device)] = 1
+        block = self._matmul(unit.expand(*self.batch_shape, *unit.shape))  # (*batch, rows, len(cols))
+        return block[(*batch_indices, row_index, which.view(shape))]
+
     def to_dense(self) -> Tensor:
         cols = self.shape[-1]
         eye = torch.eye(cols, dtype=self.dtype, device=self.device)

@@ -248,3 +248,27 @@ def test_a_root_past_the_limit_of_its_q_x_q_factor_raises_in_words():
             with pytest.raises(ValueError, match="max_capacitance_size.*rsample without base_samples"):
                 post.rsample(torch.Size([3]), base_samples=torch.randn(3, N, dtype=DTYPE))
             assert post.rsample(torch.Size([3])).shape == (3, N)  # draws without base samples need no q x q matrix
+
+
+def test_a_distribution_built_on_the_root_has_the_posterior_variances():
+    """``MultivariateNormal(mean, covar.root_decomposition())`` (a root kept for reuse): its variances used to fail
+    with ``AttributeError: 'Tensor' object has no attribute '_expand_batch'`` (linear_operator read the root's entries
+    through ``_getitem``, which returns a tensor for roots known by products); they are the posterior's, in closed
+    form, with no ``n x n`` matrix."""
+    from largest_tensor import LargestTensor
+
+    model, likelihood, x = sgpr_plus_groups(ChunkedInducingPointKernel, inducing_at_data=True)
+    _, latent_ref, noisy_ref = dense_posteriors(model, likelihood, x)
+    rows, cols = torch.tensor([0, 3, 17, 59]), torch.tensor([5, 3, 40, 0])
+    with closed_forms_only(N), gpytorch.settings.max_cholesky_size(0), torch.no_grad():
+        post = model(x)
+        for dist, ref in ((post, latent_ref), (likelihood(post), noisy_ref)):
+            product = dist.lazy_covariance_matrix.root_decomposition()
+            mode = LargestTensor(square=N)
+            with mode:
+                variance = gpytorch.distributions.MultivariateNormal(dist.mean, product).variance
+            assert not mode.squares, f"n x n matrices from {mode.squares}"
+            torch.testing.assert_close(variance, ref.diagonal(), rtol=1e-10, atol=1e-13)
+            root = product.root
+            torch.testing.assert_close(root[rows, cols], root.to_dense()[rows, cols], rtol=0, atol=1e-15)
+            torch.testing.assert_close(product[rows, cols], ref[rows, cols], rtol=1e-10, atol=1e-13)

@@ -1778,7 +1778,7 @@ class TrainingPosteriorLinearOperator(LinearOperator):
                     core = self._gram_square_root_core()
                     if not core.requires_grad:
                         self._gram_square_core = core
-                return RootLinearOperator(_GramSquareRoot(self, core))
+                return _RootProduct(_GramSquareRoot(self, core))
             warnings.warn(
                 "root_decomposition of the posterior covariance at the training inputs: a block matrix B_j of the "
                 "prior is indefinite (a block mean kernel's B can be, while its block mean matrix is positive "
@@ -1789,12 +1789,12 @@ class TrainingPosteriorLinearOperator(LinearOperator):
             )
             return super().root_decomposition(method=method)
         if self.diag_kind == "positive":
-            return RootLinearOperator(self._square_root())
+            return _RootProduct(self._square_root())
         if self.diag_kind == "zero" and self.q <= self.shape[-1]:
-            return RootLinearOperator(_PosteriorRoot(self))
+            return _RootProduct(_PosteriorRoot(self))
         root, size = self._n_column_root()
         if root is not None:
-            return RootLinearOperator(root)
+            return _RootProduct(root)
         _check_weight_size(self.M, "a root")  # Y past the limit too: a ValueError now, not a shape error in rsample
         warnings.warn(
             f"root_decomposition of the posterior covariance at the training inputs: an n x n root needs a "
@@ -1806,7 +1806,7 @@ class TrainingPosteriorLinearOperator(LinearOperator):
             ClosedFormFallbackWarning,
             stacklevel=2,
         )
-        return RootLinearOperator(_PosteriorRoot(self))
+        return _RootProduct(_PosteriorRoot(self))
 
     def _square_root(self) -> _SquareRoot:
         """The square root (:class:`_SquareRoot`; :math:`s > 0` everywhere)."""
@@ -2190,6 +2190,18 @@ class _Root(ByProducts):
         res = self._backward(x) if self.transposed else self._forward(x)
         res = res.to(torch.promote_types(rhs.dtype, self.dtype))
         return res.squeeze(-1) if vector else res
+
+
+class _RootProduct(RootLinearOperator):
+    """:math:`R R^\top` for a root :math:`R` of a :class:`TrainingPosteriorLinearOperator` (what its
+    :meth:`~TrainingPosteriorLinearOperator.root_decomposition` returns): the posterior covariance, whose diagonal is
+    the posterior's closed form, not a sum over the ``n x n`` entries of :math:`R` (linear_operator's default)."""
+
+    def _diagonal(self) -> Tensor:
+        root = self.root
+        if isinstance(root, _Root) and not root.transposed:
+            return root.parent._diagonal()
+        return super()._diagonal()
 
 
 def _stack(head: Tensor, tail: Tensor) -> Tensor:
