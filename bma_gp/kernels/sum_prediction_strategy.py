@@ -1767,10 +1767,12 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         return super().__add__(other)
 
     def root_decomposition(self, method: str | None = None) -> LinearOperator:
-        r""":math:`S = R R^\top` (``method`` is ignored; see the class docstring for the three forms). Only the
-        square form factorises anything: one more :math:`q \times q` eigendecomposition. Without :attr:`psd`
-        ``H`` has no root: linear_operator's generic root (dense Cholesky up to ``max_cholesky_size``, Lanczos
-        beyond), with a warning."""
+        r""":math:`S = R R^\top` (``method`` is ignored; see the class docstring for the three forms), ``n x n``
+        except past ``max_capacitance_size``. Only the square forms factorise anything: one more :math:`q \times q`
+        eigendecomposition, and for the ``z`` points split off (:class:`_SplitRoot`) a QR factorisation of size
+        ``(q + z) x z`` and an eigendecomposition of size ``q + z``. Without :attr:`psd` ``H`` has no root:
+        linear_operator's generic root (dense Cholesky up to ``max_cholesky_size``, Lanczos beyond), with a
+        warning."""
         if not self.psd:
             if bool((self.s > 0).all()):  # the square root through the Gram matrix: H needs no root there
                 core = getattr(self, "_gram_square_core", None)
