@@ -272,3 +272,28 @@ def test_a_distribution_built_on_the_root_has_the_posterior_variances():
             root = product.root
             torch.testing.assert_close(root[rows, cols], root.to_dense()[rows, cols], rtol=0, atol=1e-15)
             torch.testing.assert_close(product[rows, cols], ref[rows, cols], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("zero_diagonal", [False, True])
+def test_draws_with_base_samples_form_no_n_x_n_matrix(zero_diagonal):
+    """With SGPR's correction the split root's QR is ``(q + z) x z``; with ``s = 0`` everywhere (the correction off
+    and a zero diagonal added) ``[V, 0]`` is square already, where splitting every point would factorise ``n x n``."""
+    from largest_tensor import LargestTensor
+
+    model, _, x = sgpr_plus_groups(ChunkedInducingPointKernel, inducing_at_data=True)
+    base = torch.randn(3, N, dtype=DTYPE)
+    with torch.no_grad(), gpytorch.settings.sgpr_diagonal_correction(not zero_diagonal):
+        post = model(x)
+        covar = post.lazy_covariance_matrix
+        if zero_diagonal:
+            covar = covar.add_diagonal(torch.zeros(N, dtype=DTYPE))
+            assert covar.diag_kind == "nonnegative"
+        dist = gpytorch.distributions.MultivariateNormal(post.mean, covar)
+        mode = LargestTensor(square=N)
+        with mode:
+            draws = dist.rsample(torch.Size([3]), base_samples=base)
+        dense = covar.to_dense()
+        root = covar.root_decomposition().root.to_dense()
+    assert not mode.squares, f"n x n matrices from {mode.squares}"
+    assert draws.shape == (3, N) and root.shape == (N, N)
+    torch.testing.assert_close(root @ root.mT, dense, rtol=0, atol=1e-12 * dense.abs().max())

@@ -1843,6 +1843,9 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         z = rows.numel()
         if z == 0:
             return self._square_root(), q
+        if z == n and q <= n:  # s = 0 everywhere (a zero diagonal added to it): [V, 0] is square already
+            zero = TrainingPosteriorLinearOperator(self.s, self.beta, self.M, H=self._h, diag_kind="zero", Y=self._y)
+            return _PosteriorRoot(zero), q
         if q + z > settings.max_capacitance_size.value():
             return None, q + z
         kept = getattr(self, "_split_kept", None)
