@@ -186,6 +186,37 @@ class GroupNoise(Noise):
         mean = (noise * weights).sum(-1, keepdim=True) / weights.sum()  # (*nb, 1)
         return torch.where(seen, values, mean.expand(*batch, 1))
 
+    def _explicit_noise(self, noise, shape: torch.Size | None) -> Tensor:
+        """GPyTorch's ``noise=`` keyword: one variance per point (a number or one value per batch entry stands for
+        all points), checked against the distribution's shape. # shape: (*batch, n)"""
+        try:
+            noise = torch.as_tensor(noise, device=self.raw_noise.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"noise must be a tensor of noise variances, one per point, got {type(noise).__name__}."
+            ) from None
+        if noise.dtype == torch.bool or noise.dtype.is_complex:
+            raise TypeError(f"noise must hold real noise variances, got dtype {noise.dtype}.")
+        if not noise.dtype.is_floating_point:
+            noise = noise.to(self.raw_noise.dtype)
+        if shape is None:
+            return noise if noise.dim() else noise.reshape(1)
+        n, batch = shape[-1], torch.broadcast_shapes(shape[:-1], self.raw_noise.shape[:-1])
+        given = tuple(noise.shape)
+        if noise.dim() == 0 or noise.shape[-1] == 1:
+            noise = noise.expand(*noise.shape[:-1], n)
+        try:
+            fits = noise.shape[-1] == n and torch.broadcast_shapes(noise.shape[:-1], batch) == batch
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"noise of shape {given} does not fit the distribution's {n} points (batch shape "
+                f"{tuple(batch)}); pass one noise variance per point, shape (n,) or (*batch, n) (the diagonal, not an "
+                "n x n matrix), or leave noise out to use the noise of each point's group."
+            )
+        return noise
+
     def forward(
         self,
         *params: Any,
@@ -195,7 +226,7 @@ class GroupNoise(Noise):
         **kwargs: Any,
     ) -> DiagLinearOperator:
         if noise is not None:  # GPyTorch's convention: an explicit noise is used as it is
-            return DiagLinearOperator(noise)
+            return DiagLinearOperator(self._explicit_noise(noise, shape))
         ids = self._groups(params, groups, shape)
         if self.training:
             self._mark_observed(ids)
@@ -224,7 +255,8 @@ class GroupGaussianLikelihood(_GaussianLikelihoodBase):
        since :class:`~gpytorch.mlls.ExactMarginalLogLikelihood` passes the likelihood no inputs.
 
     Without any of them it raises ``ValueError``; in eval mode the inputs must be passed, so the
-    training groups are never used silently for test points.
+    training groups are never used silently for test points. GPyTorch's ``noise=`` keyword (one variance per
+    point, shape ``(n,)`` or ``(*batch, n)``; a number for all points) replaces the group noises for that call.
 
     **Unseen levels.** Every level in ``[0, num_groups)`` has a parameter, but only the levels in the
     training data are learned. The likelihood records them (buffer ``observed``, saved in the state

@@ -1,0 +1,47 @@
+"""GroupGaussianLikelihood / GroupNoise as a GPyTorch user drives them: GPyTorch's keywords and setters, bad
+arguments and inputs (a ValueError or TypeError that names the argument and the fix, nothing half-changed)."""
+
+from __future__ import annotations
+
+import gpytorch
+import pytest
+import torch
+
+from bma_gp import GroupGaussianLikelihood
+
+DTYPE = torch.float64
+NOISE = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=DTYPE)
+
+
+def likelihood_and_prior(n=3, batch=()):
+    likelihood = GroupGaussianLikelihood(4, group_dim=1).to(DTYPE)
+    likelihood.noise = NOISE
+    f = gpytorch.distributions.MultivariateNormal(
+        torch.zeros(*batch, n, dtype=DTYPE), torch.eye(n, dtype=DTYPE).expand(*batch, n, n)
+    )
+    x = torch.stack([torch.zeros(n, dtype=DTYPE), torch.arange(n, dtype=DTYPE) % 4], -1)
+    return likelihood, f, x
+
+
+# ---------------------------------------------------------------------------- GPyTorch's noise= keyword
+def test_explicit_noise_keyword_is_one_variance_per_point():
+    """``likelihood(f, x, noise=...)``: an ``n x n`` matrix silently turned the distribution into a batch of ``n``;
+    a number or a list crashed with "'float' object has no attribute 'shape'"."""
+    likelihood, f, x = likelihood_and_prior()
+    with torch.no_grad():
+        for noise in (0.5, [0.5, 0.5, 0.5], torch.tensor([0.5], dtype=DTYPE), torch.full((3,), 0.5, dtype=DTYPE)):
+            variance = likelihood(f, x, noise=noise).variance
+            assert variance.shape == (3,)
+            torch.testing.assert_close(variance, torch.full((3,), 1.5, dtype=DTYPE))
+        torch.testing.assert_close(
+            likelihood(f, x, noise=torch.tensor([1, 2, 3])).variance, torch.tensor([2.0, 3.0, 4.0], dtype=DTYPE)
+        )
+        for bad in (torch.eye(3, dtype=DTYPE), torch.ones(5, dtype=DTYPE), torch.ones(2, 3, dtype=DTYPE)):
+            with pytest.raises(ValueError, match=r"noise of shape .* one noise variance per point"):
+                likelihood(f, x, noise=bad)
+        with pytest.raises(TypeError, match="noise must"):
+            likelihood(f, x, noise="0.5")
+        # a batch of distributions takes one row of noises per batch entry
+        likelihood, fb, x = likelihood_and_prior(batch=(2,))
+        rows = torch.tensor([[0.5, 0.5, 0.5], [1.0, 2.0, 3.0]], dtype=DTYPE)
+        torch.testing.assert_close(likelihood(fb, x, noise=rows).variance, 1.0 + rows)
