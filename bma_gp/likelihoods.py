@@ -26,6 +26,21 @@ _UNSEEN = ("mean", "error")
 _NO_BATCH = torch.Size()
 
 
+def _as_variances(value, like: Tensor, what: str) -> Tensor:
+    """``value`` (a number, list, array or tensor) as real noise variances on ``like``'s device: floating point
+    tensors and arrays keep their dtype, anything else (Python numbers, integers) takes ``like``'s, so that
+    ``0.1`` is not rounded to float32 first; ``TypeError`` naming ``noise`` for what holds no real numbers."""
+    try:
+        given = value if torch.is_tensor(value) else torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):  # strings, None, ragged lists: torch's message names nothing
+        raise TypeError(f"noise must be {what}, got {type(value).__name__} {value!r:.60}.") from None
+    if given.dtype == torch.bool or given.dtype.is_complex:
+        raise TypeError(f"noise must hold real noise variances, got dtype {given.dtype}.")
+    if torch.is_tensor(value) or hasattr(value, "dtype"):  # a tensor or an array: its floating point dtype stays
+        return given.to(device=like.device, dtype=given.dtype if given.dtype.is_floating_point else like.dtype)
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+
+
 class GroupNoise(Noise):
     r"""A noise model with one variance per group: point :math:`a` gets :math:`\sigma^2_{g_a}`.
 
@@ -79,7 +94,8 @@ class GroupNoise(Noise):
         self._set_noise(value)
 
     def _set_noise(self, value) -> None:
-        value = torch.as_tensor(value, dtype=self.raw_noise.dtype, device=self.raw_noise.device)
+        value = _as_variances(value, self.raw_noise, "a number or a tensor of noise variances (one per group)")
+        value = value.to(self.raw_noise.dtype)
         try:
             value = value.expand_as(self.raw_noise)
         except RuntimeError:
@@ -87,7 +103,15 @@ class GroupNoise(Noise):
                 f"noise of shape {tuple(value.shape)} does not fit the likelihood's noise of shape "
                 f"{tuple(self.raw_noise.shape)} (one value per group); pass a scalar or a tensor of that shape."
             ) from None
-        self.initialize(raw_noise=self.raw_noise_constraint.inverse_transform(value))
+        constraint = self.raw_noise_constraint
+        inside = (value >= constraint.lower_bound) & (value <= constraint.upper_bound)  # False for NaN
+        if constraint.enforced and not bool(inside.all()):
+            raise ValueError(
+                f"noise holds {value[~inside].reshape(-1)[0].item()!r}, outside the noise constraint {constraint}; "
+                "pass noise variances inside it, or build the likelihood with another constraint "
+                "(noise_constraint=gpytorch.constraints.GreaterThan(lower_bound))."
+            )
+        self.initialize(raw_noise=constraint.inverse_transform(value))
 
     def _noise_param(self, m: GroupNoise) -> Tensor:
         return m.noise
@@ -189,16 +213,7 @@ class GroupNoise(Noise):
     def _explicit_noise(self, noise, shape: torch.Size | None) -> Tensor:
         """GPyTorch's ``noise=`` keyword: one variance per point (a number or one value per batch entry stands for
         all points), checked against the distribution's shape. # shape: (*batch, n)"""
-        try:
-            noise = torch.as_tensor(noise, device=self.raw_noise.device)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(
-                f"noise must be a tensor of noise variances, one per point, got {type(noise).__name__}."
-            ) from None
-        if noise.dtype == torch.bool or noise.dtype.is_complex:
-            raise TypeError(f"noise must hold real noise variances, got dtype {noise.dtype}.")
-        if not noise.dtype.is_floating_point:
-            noise = noise.to(self.raw_noise.dtype)
+        noise = _as_variances(noise, self.raw_noise, "a tensor of noise variances, one per point")
         if shape is None:
             return noise if noise.dim() else noise.reshape(1)
         n, batch = shape[-1], torch.broadcast_shapes(shape[:-1], self.raw_noise.shape[:-1])

@@ -36,6 +36,10 @@ def test_explicit_noise_keyword_is_one_variance_per_point():
         torch.testing.assert_close(
             likelihood(f, x, noise=torch.tensor([1, 2, 3])).variance, torch.tensor([2.0, 3.0, 4.0], dtype=DTYPE)
         )
+        # a Python number is taken in the likelihood's dtype, not rounded to float32 first
+        torch.testing.assert_close(
+            likelihood(f, x, noise=0.1).variance, torch.full((3,), 1.1, dtype=DTYPE), rtol=1e-15, atol=0
+        )
         for bad in (torch.eye(3, dtype=DTYPE), torch.ones(5, dtype=DTYPE), torch.ones(2, 3, dtype=DTYPE)):
             with pytest.raises(ValueError, match=r"noise of shape .* one noise variance per point"):
                 likelihood(f, x, noise=bad)
@@ -45,3 +49,29 @@ def test_explicit_noise_keyword_is_one_variance_per_point():
         likelihood, fb, x = likelihood_and_prior(batch=(2,))
         rows = torch.tensor([[0.5, 0.5, 0.5], [1.0, 2.0, 3.0]], dtype=DTYPE)
         torch.testing.assert_close(likelihood(fb, x, noise=rows).variance, 1.0 + rows)
+
+
+# ---------------------------------------------------------------------------- the noise setter
+@pytest.mark.parametrize("bad", [-1.0, 1e-5, float("nan")], ids=["negative", "below-bound", "nan"])
+def test_noise_outside_the_constraint_raises_value_error_and_changes_nothing(bad):
+    """``likelihood.noise = ...`` below the constraint was GPyTorch's RuntimeError telling the user to build a
+    ``GaussianLikelihood``; it is a ValueError that names the noise, the constraint and noise_constraint=."""
+    likelihood, _, _ = likelihood_and_prior()
+    with pytest.raises(ValueError, match=r"noise holds .* outside the noise constraint GreaterThan.*noise_constraint="):
+        likelihood.noise = torch.tensor([0.1, bad, 0.3, 0.4])
+    torch.testing.assert_close(likelihood.noise.detach(), NOISE)  # nothing half-changed
+    loose = GroupGaussianLikelihood(4, noise_constraint=gpytorch.constraints.GreaterThan(1e-8)).to(DTYPE)
+    loose.noise = 1e-5
+    torch.testing.assert_close(loose.noise.detach(), torch.full((4,), 1e-5, dtype=DTYPE))
+
+
+def test_noise_setter_types():
+    """Strings and complex numbers named neither the argument nor the fix (complex lost its imaginary part with only
+    torch's warning); Python numbers and lists are taken in the likelihood's dtype, not rounded to float32 first."""
+    likelihood, _, _ = likelihood_and_prior()
+    for bad, match in (("0.1", "noise must be a number or a tensor"), (torch.ones(4, dtype=torch.complex64), "real")):
+        with pytest.raises(TypeError, match=match):
+            likelihood.noise = bad
+    torch.testing.assert_close(likelihood.noise.detach(), NOISE)
+    likelihood.noise = [0.1, 0.2, 0.3, 0.4]
+    torch.testing.assert_close(likelihood.noise.detach(), NOISE, rtol=1e-14, atol=0)
