@@ -343,6 +343,10 @@ class GroupGaussianLikelihood(_GaussianLikelihoodBase):
     def raw_noise(self) -> Tensor:
         return self.noise_covar.raw_noise
 
+    @raw_noise.setter
+    def raw_noise(self, value: Tensor) -> None:  # as GaussianLikelihood's: likelihood.initialize(raw_noise=...) too
+        self.noise_covar.initialize(raw_noise=value)
+
     @property
     def observed(self) -> Tensor:
         """Which levels the likelihood has seen in training. # shape: (num_groups,), bool"""

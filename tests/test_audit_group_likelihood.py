@@ -75,3 +75,17 @@ def test_noise_setter_types():
     torch.testing.assert_close(likelihood.noise.detach(), NOISE)
     likelihood.noise = [0.1, 0.2, 0.3, 0.4]
     torch.testing.assert_close(likelihood.noise.detach(), NOISE, rtol=1e-14, atol=0)
+
+
+def test_raw_noise_is_settable_as_for_gaussian_likelihood():
+    """``likelihood.raw_noise = t`` and ``likelihood.initialize(raw_noise=t)`` (GaussianLikelihood has both) failed
+    with "property 'raw_noise' ... has no setter"."""
+    likelihood, _, _ = likelihood_and_prior()
+    raw = torch.tensor([-1.0, 0.0, 1.0, 2.0], dtype=DTYPE)
+    expected = torch.nn.functional.softplus(raw) + 1e-4
+    likelihood.raw_noise = raw
+    torch.testing.assert_close(likelihood.noise.detach(), expected)
+    likelihood.noise = NOISE
+    likelihood.initialize(raw_noise=raw)
+    torch.testing.assert_close(likelihood.noise.detach(), expected)
+    assert [name for name, _ in likelihood.named_parameters()] == ["noise_covar.raw_noise"]
