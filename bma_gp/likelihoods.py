@@ -243,10 +243,17 @@ class GroupNoise(Noise):
         if noise is not None:  # GPyTorch's convention: an explicit noise is used as it is
             return DiagLinearOperator(self._explicit_noise(noise, shape))
         ids = self._groups(params, groups, shape)
-        if self.training:
-            self._mark_observed(ids)
         shape_batch = shape[:-1] if shape is not None else torch.Size()
-        batch = torch.broadcast_shapes(shape_batch, ids.shape[:-1], self.raw_noise.shape[:-1])
+        try:
+            batch = torch.broadcast_shapes(shape_batch, ids.shape[:-1], self.raw_noise.shape[:-1])
+        except RuntimeError:  # torch's message names neither the ids nor the fix
+            raise ValueError(
+                f"the group ids have batch shape {tuple(ids.shape[:-1])}, which does not broadcast with the "
+                f"distribution's {tuple(shape_batch)} and the noise's {tuple(self.raw_noise.shape[:-1])}; pass the "
+                "ids of shape (n,) (the same for every batch entry) or (*batch, n), or inputs of that batch shape."
+            ) from None
+        if self.training:  # after the checks: refused ids are not recorded as trained
+            self._mark_observed(ids)
         return DiagLinearOperator(self._per_point(ids, batch))
 
 

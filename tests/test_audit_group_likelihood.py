@@ -89,3 +89,19 @@ def test_raw_noise_is_settable_as_for_gaussian_likelihood():
     likelihood.initialize(raw_noise=raw)
     torch.testing.assert_close(likelihood.noise.detach(), expected)
     assert [name for name, _ in likelihood.named_parameters()] == ["noise_covar.raw_noise"]
+
+
+# ---------------------------------------------------------------------------- group ids
+def test_group_ids_of_another_batch_shape_say_so():
+    """Ids of batch shape (3,) for a batch of 2 distributions failed with torch's "Attempting to broadcast a
+    dimension of length 3"; shapes that broadcast keep working."""
+    likelihood, fb, x = likelihood_and_prior(batch=(2,))
+    with pytest.raises(ValueError, match=r"group ids have batch shape \(3,\).*distribution's \(2,\)"):
+        likelihood(fb, groups=torch.zeros(3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"group ids have batch shape \(3,\)"):
+        likelihood(fb, torch.zeros(3, 3, 2, dtype=DTYPE))
+    assert not bool(likelihood.observed.any())  # the refused ids were not recorded as trained (training mode)
+    ids = torch.tensor([[0, 1, 2], [3, 3, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(likelihood(fb, groups=ids).variance, 1.0 + NOISE[ids])
+        torch.testing.assert_close(likelihood(fb, x).variance, (1.0 + NOISE[[0, 1, 2]]).expand(2, 3))
