@@ -8,6 +8,7 @@ is :math:`K + \operatorname{diag}(\sigma^2_{g_a})`: a per-point diagonal, which 
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -62,12 +63,31 @@ class GroupNoise(Noise):
         num_groups = as_int(num_groups, "num_groups", "a positive int")
         if num_groups < 1:
             raise ValueError(f"num_groups must be a positive int, got {num_groups!r}.")
-        if isinstance(group_dim, bool) or not isinstance(group_dim, int):
-            raise TypeError(f"group_dim must be an int (the column of the group ids), got {group_dim!r}.")
+        try:
+            if isinstance(group_dim, bool):
+                raise TypeError
+            group_dim = operator.index(group_dim)  # NumPy and one-element torch integers too, as num_groups
+        except TypeError:
+            raise TypeError(f"group_dim must be an int (the column of the group ids), got {group_dim!r}.") from None
         if unseen not in _UNSEEN:
             raise ValueError(f"unseen must be one of {_UNSEEN}, got {unseen!r}.")
         if noise_prior is not None and not isinstance(noise_prior, Prior):
             raise TypeError(f"noise_prior must be a gpytorch.priors.Prior, got {type(noise_prior).__name__}.")
+        if noise_constraint is not None and not isinstance(noise_constraint, Interval):
+            raise TypeError(
+                "noise_constraint must be a gpytorch.constraints.Interval, e.g. GreaterThan(1e-6) for a lower bound, "
+                f"got {type(noise_constraint).__name__} {noise_constraint!r:.60}."
+            )
+        try:
+            sizes = torch.Size(batch_shape)
+        except TypeError:  # an int: torch's "Value after * must be an iterable" came from torch.zeros
+            raise TypeError(
+                f"batch_shape must be a torch.Size (or a tuple of sizes), got {batch_shape!r}; for a batch of b "
+                "likelihoods pass torch.Size([b])."
+            ) from None
+        if any(size < 0 for size in sizes):
+            raise ValueError(f"batch_shape must hold sizes of 0 or more, got {tuple(sizes)}.")
+        batch_shape = sizes
         super().__init__()
         self.num_groups = num_groups
         self.group_dim = group_dim

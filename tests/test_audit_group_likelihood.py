@@ -4,6 +4,7 @@ arguments and inputs (a ValueError or TypeError that names the argument and the 
 from __future__ import annotations
 
 import gpytorch
+import numpy as np
 import pytest
 import torch
 
@@ -105,3 +106,30 @@ def test_group_ids_of_another_batch_shape_say_so():
     with torch.no_grad():
         torch.testing.assert_close(likelihood(fb, groups=ids).variance, 1.0 + NOISE[ids])
         torch.testing.assert_close(likelihood(fb, x).variance, (1.0 + NOISE[[0, 1, 2]]).expand(2, 3))
+
+
+# ---------------------------------------------------------------------------- constructor arguments
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"noise_constraint": 1e-3}, r"noise_constraint must be a gpytorch\.constraints\.Interval.*GreaterThan"),
+        ({"batch_shape": 2}, r"batch_shape must be a torch\.Size .*torch\.Size\(\[b\]\)"),
+    ],
+    ids=["constraint-number", "batch-int"],
+)
+def test_constructor_arguments_named(kwargs, match):
+    """A number as noise_constraint failed with "float is not a Module subclass", an int batch_shape with "Value
+    after * must be an iterable"; neither named the argument."""
+    with pytest.raises(TypeError, match=match):
+        GroupGaussianLikelihood(3, **kwargs)
+    with pytest.raises(ValueError, match="batch_shape must hold sizes of 0 or more"):
+        GroupGaussianLikelihood(3, batch_shape=(-1,))
+
+
+def test_group_dim_takes_any_integer_like_num_groups():
+    """``num_groups`` took NumPy integers, ``group_dim`` refused them (``df.columns.get_indexer(...)[0]``)."""
+    likelihood = GroupGaussianLikelihood(np.int64(4), group_dim=np.int64(1), batch_shape=[2]).to(DTYPE)
+    assert likelihood.group_dim == 1 and type(likelihood.group_dim) is int and likelihood.noise.shape == (2, 4)
+    for bad in (1.0, True):
+        with pytest.raises(TypeError, match="group_dim must be an int"):
+            GroupGaussianLikelihood(4, group_dim=bad)
