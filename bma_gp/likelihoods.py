@@ -195,10 +195,16 @@ class GroupNoise(Noise):
                 if self.training
                 else ""
             )
+            loss_terms = (
+                " An exact GP's added loss terms (the trace term of an inducing-point kernel) get the inputs of "
+                "mll(output, y, x) but not its groups=, so with such a kernel pass x or the training inputs."
+                if self.training
+                else ""
+            )
             raise ValueError(
                 "GroupGaussianLikelihood needs the group of every point: "
                 f"{where}pass the inputs with the call: likelihood(model(x), x), mll(model(x), y, x), or their group "
-                "ids as groups= (a variational ELBO takes only that: elbo(output, y, groups=ids))."
+                f"ids as groups= (a variational ELBO takes only that: elbo(output, y, groups=ids)).{loss_terms}"
             )
         if shape is not None and ids.shape[-1] != shape[-1]:
             raise ValueError(
@@ -289,7 +295,8 @@ class GroupGaussianLikelihood(_GaussianLikelihoodBase):
     column a :class:`~bma_gp.GroupKernel` reads through ``active_dims``). The likelihood finds the ids,
     in this order, from:
 
-    1. the ``groups=`` keyword (a tensor of ids, ``(*batch, n)``);
+    1. the ``groups=`` keyword (a tensor of ids, ``(*batch, n)``; ``ExactMarginalLogLikelihood`` hands it to the
+       likelihood but not to added loss terms, such as an inducing-point kernel's trace term: there use 2 or 3);
     2. the inputs passed after the distribution: ``likelihood(model(x), x)``, ``mll(model(x), y, x)``
        (GPyTorch's prediction strategies pass the training inputs this way themselves);
     3. in training mode only, the training inputs given once to the constructor (``train_inputs=``) or to

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bma_gp import GroupGaussianLikelihood
+from gp_reference import GP
 
 DTYPE = torch.float64
 NOISE = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=DTYPE)
@@ -133,3 +134,27 @@ def test_group_dim_takes_any_integer_like_num_groups():
     for bad in (1.0, True):
         with pytest.raises(TypeError, match="group_dim must be an int"):
             GroupGaussianLikelihood(4, group_dim=bad)
+
+
+# ---------------------------------------------------------------------------- SGPR's trace term and groups=
+def test_sgpr_trace_term_without_groups_says_why():
+    """``mll(output, y, groups=ids)`` with an inducing-point kernel: ExactMarginalLogLikelihood hands groups= to the
+    likelihood but not to the kernel's trace term, which then asked for "their group ids as groups=" - what the user
+    had just passed. The message now says why and what works; the inputs, or train_inputs, give the same value."""
+    x = torch.stack([torch.linspace(0, 1, 30, dtype=DTYPE), (torch.arange(30) % 4).to(DTYPE)], -1)
+    y = torch.sin(6 * x[:, 0])
+
+    def mll_value(likelihood, *args, **kwargs):
+        sgpr = gpytorch.kernels.InducingPointKernel(
+            gpytorch.kernels.RBFKernel(), x[:5, :1].clone(), likelihood=likelihood, active_dims=[0]
+        )
+        model = GP(x, y, likelihood, sgpr).to(DTYPE)
+        likelihood.noise = NOISE
+        model.train()
+        return gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y, *args, **kwargs)
+
+    with pytest.raises(ValueError, match=r"added loss terms .*inducing-point kernel.*not its groups="):
+        mll_value(GroupGaussianLikelihood(4, group_dim=1), groups=x[:, 1].long())
+    with_inputs = mll_value(GroupGaussianLikelihood(4, group_dim=1), x)
+    stored = mll_value(GroupGaussianLikelihood(4, group_dim=1, train_inputs=x), groups=x[:, 1].long())
+    torch.testing.assert_close(stored, with_inputs)
