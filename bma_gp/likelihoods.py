@@ -308,8 +308,9 @@ class GroupGaussianLikelihood(_GaussianLikelihoodBase):
     point, shape ``(n,)`` or ``(*batch, n)``; a number for all points) replaces the group noises for that call.
 
     **Unseen levels.** Every level in ``[0, num_groups)`` has a parameter, but only the levels in the
-    training data are learned. The likelihood records them (buffer ``observed``, saved in the state
-    dict): the levels of ``train_inputs`` and of every call in training mode. In eval mode a point of
+    training data are learned (the others get no gradient from the data, only from a ``noise_prior``).
+    The likelihood records them (buffer ``observed``, saved in the state dict, one flag per level shared by
+    the batch entries): the levels of ``train_inputs`` and of every call in training mode. In eval mode a point of
     a level never observed gets, with ``unseen="mean"`` (the default), the mean noise variance of the
     observed levels, and with ``unseen="error"`` a ``ValueError``. Before any level is observed, every
     level uses its own noise.

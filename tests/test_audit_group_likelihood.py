@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bma_gp import GroupGaussianLikelihood
+from bma_gp import GroupGaussianLikelihood, GroupKernel
 from gp_reference import GP
 
 DTYPE = torch.float64
@@ -158,3 +158,34 @@ def test_sgpr_trace_term_without_groups_says_why():
     with_inputs = mll_value(GroupGaussianLikelihood(4, group_dim=1), x)
     stored = mll_value(GroupGaussianLikelihood(4, group_dim=1, train_inputs=x), groups=x[:, 1].long())
     torch.testing.assert_close(stored, with_inputs)
+
+
+# ---------------------------------------------------------------------------- unseen levels (docs/mixed.md)
+@pytest.mark.parametrize("prior", [False, True], ids=["no-prior", "gamma-prior"])
+def test_unseen_level_is_moved_only_by_a_noise_prior(prior):
+    """docs/mixed.md said an absent level "keeps its initial, unlearned noise parameter"; with a noise prior the
+    prior's gradient moves it. The data's gradient for it is exactly 0 either way; the seen levels match a dense
+    reference built by hand (K + diag(sigma^2[g]) and the prior's log density, per data point)."""
+    n = 24
+    g = torch.arange(n) % 3  # levels 0, 1, 2; level 3 is never seen
+    x = torch.stack([torch.linspace(0, 1, n, dtype=DTYPE), g.to(DTYPE)], -1)
+    y = torch.cos(5 * x[:, 0]) + 0.1 * g
+    noise_prior = gpytorch.priors.GammaPrior(2.0, 4.0) if prior else None
+    likelihood = GroupGaussianLikelihood(4, group_dim=1, train_inputs=x, noise_prior=noise_prior).to(DTYPE)
+    model = GP(x, y, likelihood, GroupKernel(4, active_dims=[1])).to(DTYPE)
+    likelihood.noise = NOISE
+    model.train()
+    loss = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y)
+    (grad,) = torch.autograd.grad(loss, likelihood.raw_noise)
+    raw = likelihood.raw_noise.detach().clone().requires_grad_(True)
+    noise = likelihood.noise_covar.raw_noise_constraint.transform(raw)
+    var = model.covar_module.var.detach()[0]
+    covar = var * (g[:, None] == g[None, :]).to(DTYPE) + torch.diag(noise[g])
+    mean = model.mean_module.constant.detach().expand(n)
+    ref = torch.distributions.MultivariateNormal(mean, covar).log_prob(y)
+    if prior:
+        ref = ref + noise_prior.log_prob(noise).sum()
+    (ref_grad,) = torch.autograd.grad(ref / n, raw)
+    torch.testing.assert_close(loss.detach(), (ref / n).detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+    assert (grad[3] != 0) == prior
