@@ -11,11 +11,15 @@ import torch
 from bma_gp import GroupGaussianLikelihood, GroupKernel
 from gp_reference import GP
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DTYPE = torch.float64
 NOISE = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=DTYPE)
 
 
 def likelihood_and_prior(n=3, batch=()):
+    """A likelihood with noises NOISE over 4 levels, a standard normal prior f over n points (batch ``batch``)
+    and inputs whose column 1 holds the levels 0, 1, 2, ..."""
     likelihood = GroupGaussianLikelihood(4, group_dim=1).to(DTYPE)
     likelihood.noise = NOISE
     f = gpytorch.distributions.MultivariateNormal(
