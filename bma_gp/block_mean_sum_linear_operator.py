@@ -1650,16 +1650,16 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
                 self._check_root_size()
                 X, eye = self._memo("zero_root_parts", lambda: self._gram_root_parts(False, zero_diagonal=True))
                 d = self.diag_values.to(X.dtype)
-                return RootLinearOperator(
+                return _SumRootProduct(
                     _WoodburyRoot(X, torch.zeros_like(d), torch.ones_like(d), torch.ones_like(d), *eye, parent=self)
                 )
             if self.root is not None:
                 L.append(torch.eye(self.rank, dtype=wdt, device=self.device))
-            return RootLinearOperator(_ZLRoot(*L, parent=self))
+            return _SumRootProduct(_ZLRoot(*L, parent=self))
         K, L = self._memo("root_parts", lambda: self._root_parts(inverse=False))
         wdt = K.dtype
         d = self.diag_values.to(wdt)
-        return RootLinearOperator(_WoodburyRoot(K, d.sqrt(), torch.ones_like(d), d.rsqrt(), *L, parent=self))
+        return _SumRootProduct(_WoodburyRoot(K, d.sqrt(), torch.ones_like(d), d.rsqrt(), *L, parent=self))
 
     @_scoped
     def root_inv_decomposition(
@@ -1670,7 +1670,25 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         K, L = self._memo("root_inv_parts", lambda: self._root_parts(inverse=True))
         wdt = K.dtype
         d = self.diag_values.to(wdt)
-        return RootLinearOperator(_WoodburyRoot(K, d.rsqrt(), d.reciprocal(), d.rsqrt(), *L, parent=self))
+        return _SumInverseRootProduct(_WoodburyRoot(K, d.rsqrt(), d.reciprocal(), d.rsqrt(), *L, parent=self))
+
+    def _inverse_diagonal(self) -> Tensor:
+        r""":math:`\operatorname{diag}(M^{-1}) = 1/d - \operatorname{diag}(D^{-1} Z H Z^\top D^{-1})` with
+        :math:`H = (I + G A)^{-1} G` (``q x q``, one LU; any symmetric :math:`B_j`): :math:`O(n (J + m)^2 + q^3)`."""
+        from bma_gp.kernels.sum_prediction_strategy import _quadratic_diagonal
+
+        self._check_root_size()
+        self._check_diag("root_inv_decomposition")
+        wdt = core_dtype(self.dtype)
+        sizes = self._sizes()
+        A = torch.cat(
+            [torch.cat([self._A_block(s, t) for t in range(len(sizes))], dim=-1) for s in range(len(sizes))], dim=-2
+        )
+        G = self._core_matrix(wdt)
+        eye = torch.eye(A.shape[-1], dtype=wdt, device=self.device)
+        H = torch.linalg.solve(eye + G @ A, G)
+        dinv = self.diag_values.to(wdt).reciprocal()
+        return (dinv - dinv * dinv * _quadratic_diagonal(self, 0.5 * (H + H.mT), sizes)).to(self.dtype)
 
     @_scoped
     def sqrt_inv_matmul(self, rhs: Tensor, lhs: Tensor | None = None):
@@ -1774,6 +1792,29 @@ def gram_root_core(A: Tensor, G: Tensor, kind: str, what: str) -> Tensor:
     W = symmetric_matrix_function(T, fn, positive)
     X = F_pinv @ W @ F_pinv
     return 0.5 * (X + X.mT)
+
+
+class _SumRootProduct(RootLinearOperator):
+    """:math:`R R^\top = M` for the root :math:`R` of :meth:`BlockMeanSumLinearOperator.root_decomposition`: its
+    diagonal is the sum's closed form, not a sum over the entries of :math:`R` (linear_operator's default, about
+    ``n x n`` work for a root that is known by its products)."""
+
+    def _diagonal(self) -> Tensor:
+        root = self.root
+        if isinstance(root, (_WoodburyRoot, _ZLRoot)) and not root.transposed:
+            return root.parent._diagonal()
+        return super()._diagonal()
+
+
+class _SumInverseRootProduct(RootLinearOperator):
+    """:math:`R R^\top = M^{-1}` for the root of :meth:`BlockMeanSumLinearOperator.root_inv_decomposition`: its
+    diagonal in closed form (:meth:`BlockMeanSumLinearOperator._inverse_diagonal`)."""
+
+    def _diagonal(self) -> Tensor:
+        root = self.root
+        if isinstance(root, _WoodburyRoot) and not root.transposed:
+            return root.parent._inverse_diagonal()
+        return super()._diagonal()
 
 
 class _WoodburyRoot(ByProducts):
