@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from largest_tensor import LargestTensor
 
 from bma_gp import BlockMeanSumLinearOperator, Partition
+from largest_tensor import LargestTensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
