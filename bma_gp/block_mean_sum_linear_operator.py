@@ -1186,6 +1186,7 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
                 A_rr = A_rr - self._schur_correction(rest, elim, A_re, g / delta)
             lu, rest_logdet = self._factorise_rest(A_rr, rest)
             logdet = logdet + rest_logdet
+            self._check_inertia(A_rr, rest)
         return _Capacitance(elim, delta, g, A_re, lu, logdet, A_tilde=A_rr if rest else None)
 
     def _factorise_rest(self, A_rr: Tensor, rest: list[int]) -> tuple[tuple | _NestedLU, Tensor]:
@@ -1255,6 +1256,122 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             )
         return (S, LU, pivots), torch.where(sign > 0, logabs, torch.full_like(logabs, math.nan))
 
+    def _signed_root(self, t: int, wdt: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+        r"""``(P, N)`` with :math:`G_t = P P^\top - N N^\top` (detached, in ``wdt``), the cheap test of
+        :meth:`_check_inertia`: ``N`` is None where :math:`B_t` has no negative eigenvalue. Vectors (diagonals) for a
+        diagonal :math:`B_t`; for a dense one the Cholesky factor ``P`` where :math:`B_t` is positive definite, and
+        where it is not, ``P`` that of :math:`B_t + \sigma I` and ``N`` the diagonal :math:`\sqrt{\sigma}`, with
+        :math:`\sigma` just above its most negative eigenvalue (eigenvalues only, no eigenvectors). A positive
+        semidefinite :math:`B_t` within rounding gets ``N = None`` and ``P`` from a shift of ``1e3`` times its
+        rounding floor, a perturbation that only adds to the sum. ``(None, None)`` (the identity) for the root."""
+        if t == len(self.partitions):
+            return None, None
+
+        def decide() -> tuple[Tensor, Tensor | None]:
+            if self._block_is_diagonal(t):
+                g = self._block_diagonal(t).detach().to(wdt)
+                return g.clamp_min(0).sqrt(), ((-g).clamp_min(0).sqrt() if bool((g < 0).any()) else None)
+            B = self._symmetric_block(t, wdt).detach()
+            L, info = torch.linalg.cholesky_ex(B)
+            if not bool((info > 0).any()):
+                return L, None
+            e = torch.linalg.eigvalsh(B)
+            floor = rounding_floor(e)
+            low = e[..., :1]
+            negative = low < -2.5 * floor
+            shift = torch.where(negative, -low, torch.zeros_like(low)) + 1e3 * floor  # (*batch, 1)
+            eye = torch.eye(B.shape[-1], dtype=wdt, device=B.device)
+            L, info = torch.linalg.cholesky_ex(B + shift.unsqueeze(-1) * eye)
+            if bool((info > 0).any()):  # B + shift has eigenvalues of ~1e3 floors at least; if not, shift by |B| more
+                shift = shift + (info > 0).unsqueeze(-1) * e.abs().amax(-1, keepdim=True)
+                L = torch.linalg.cholesky(B + shift.unsqueeze(-1) * eye)
+            N = torch.where(negative, shift, torch.zeros_like(shift)).sqrt().expand(*B.shape[:-1])
+            return L, (N if bool(negative.any()) else None)
+
+        return self._memo(f"signed_root_{t}_{wdt}", decide)
+
+    def _level_negative_directions(self, g: Tensor, A_EE: Tensor) -> Tensor | None:
+        r"""The number of negative eigenvalues of :math:`D' = D + \sum_{e \in E} P_e G_e P_e^\top` (the jointly
+        eliminated terms: ``g`` their diagonals, ``A_EE`` their blocks of :math:`Z^\top D^{-1} Z`, level by level)
+        per batch entry, or None when it has none. At level :math:`c` they number
+        :math:`\operatorname{neg}(J_c) - \operatorname{neg}(H_c)`, :math:`H_c = J_c + |g_c|^{1/2} A_c |g_c|^{1/2}`,
+        :math:`J_c = \operatorname{sign}(g_c)` (see :meth:`_check_inertia`); the determinant of
+        :math:`I + \operatorname{diag}(g_c) A_c` sees only their parity."""
+        g = g.detach()
+        negative = g < 0
+        if not bool(negative.any()):
+            return None
+        s = g.abs().sqrt()
+        H = s.unsqueeze(-1) * A_EE.detach().to(g.dtype) * s.unsqueeze(-2)
+        H = 0.5 * (H + H.mT) + torch.diag_embed(1 - 2 * negative.to(g.dtype))
+        count = (negative.sum(-1) - (torch.linalg.eigvalsh(H) < 0).sum(-1)).sum(-1)
+        return count if bool((count > 0).any()) else None
+
+    def _check_inertia(self, A_rr: Tensor | None, rest: list[int], level_negative: Tensor | None = None) -> None:
+        r"""With validation on, a ``ValueError`` when the sum is not positive definite although its capacitance has
+        a positive determinant (an even number of negative eigenvalues: :meth:`_lu_logdet` sees only the sign).
+
+        With :math:`D' = D + \sum_e P_e G_e P_e^\top` (the eliminated terms; ``level_negative`` counts its negative
+        eigenvalues, None for none), :math:`\tilde A = Z_r^\top D'^{-1} Z_r` (``A_rr``) and
+        :math:`G_r = L J L^\top`, :math:`L = [L_+, L_-]`, :math:`J = \operatorname{diag}(I_p, -I_\nu)`
+        (:meth:`_signed_root`), Haynsworth's inertia formula for :math:`\left[\begin{smallmatrix} D' & Z_r L \\
+        L^\top Z_r^\top & -J \end{smallmatrix}\right]` gives :math:`\operatorname{neg}(M) =
+        \operatorname{neg}(D') + \operatorname{pos}(H) - p`, :math:`H = J + L^\top \tilde A L`. With
+        :math:`D' \succ 0`, :math:`H_{++} = I + L_+^\top \tilde A L_+ \succ 0`, so :math:`M \succ 0` iff the
+        ``nu x nu`` Schur complement :math:`H_{--} - H_{-+} H_{++}^{-1} H_{+-}` is negative definite: two Cholesky
+        factorisations, and only where some :math:`B_j` has a negative eigenvalue (otherwise :math:`\nu = 0`)."""
+        if not settings.validate.on():
+            return
+        wdt = A_rr.dtype if A_rr is not None else core_dtype(self.dtype)
+        negative = level_negative
+        roots = [self._signed_root(t, wdt) for t in rest]
+        if A_rr is not None and (negative is not None or any(N is not None for _, N in roots)):
+            A = A_rr.detach().expand(*self.batch_shape, *A_rr.shape[-2:])  # the blocks' batch: vectors are diagonals
+            sizes = [self._sizes()[t] for t in rest]
+
+            def right(x: Tensor, F: Tensor | None) -> Tensor:  # x F (F None: the identity; a vector: a diagonal)
+                return x if F is None else (x * F.unsqueeze(-2) if F.dim() == x.dim() - 1 else x @ F)
+
+            def left(F: Tensor | None, x: Tensor) -> Tensor:  # F^T x
+                return x if F is None else (F.unsqueeze(-1) * x if F.dim() == x.dim() - 1 else F.mT @ x)
+
+            columns = A.split(sizes, dim=-1)
+            AP = torch.cat([right(x, P) for (P, _), x in zip(roots, columns)], dim=-1)
+            H_pp = torch.cat([left(P, x) for (P, _), x in zip(roots, AP.split(sizes, dim=-2))], dim=-2)
+            H_pp = 0.5 * (H_pp + H_pp.mT) + torch.eye(H_pp.shape[-1], dtype=wdt, device=H_pp.device)
+            terms = [i for i, (_, N) in enumerate(roots) if N is not None]
+            nu = sum(sizes[i] for i in terms)
+            AN = torch.cat([right(columns[i], roots[i][1]) for i in terms], dim=-1) if terms else A[..., :0]
+            H_pn = torch.cat([left(P, x) for (P, _), x in zip(roots, AN.split(sizes, dim=-2))], dim=-2)
+            rows = AN.split(sizes, dim=-2)
+            H_nn = torch.cat([left(roots[i][1], rows[i]) for i in terms], dim=-2) if terms else AN[..., :0, :]
+            H_nn = 0.5 * (H_nn + H_nn.mT) - torch.eye(nu, dtype=wdt, device=H_nn.device)
+            R, info = torch.linalg.cholesky_ex(H_pp)
+            if not bool((info > 0).any()):  # D' > 0 here; pos(H) - p = nu - neg(S): 0 iff -S > 0
+                Y = torch.linalg.solve_triangular(R, H_pn, upper=False)
+                S = H_nn - Y.mT @ Y
+                S = 0.5 * (S + S.mT)
+                _, info = torch.linalg.cholesky_ex(-S)
+                rest_negative = torch.zeros_like(info)
+                if bool((info > 0).any()):  # the failure path: count them
+                    rest_negative = nu - (torch.linalg.eigvalsh(S) < 0).sum(-1)
+            else:  # D' is indefinite (a jointly eliminated grouping), so may H_++ be: all of H
+                H = torch.cat([torch.cat([H_pp, H_pn], dim=-1), torch.cat([H_pn.mT, H_nn], dim=-1)], dim=-2)
+                rest_negative = nu - (torch.linalg.eigvalsh(H) < 0).sum(-1)
+            negative = rest_negative if negative is None else negative + rest_negative
+        if negative is None or not bool((negative > 0).any()):
+            return
+        bad = negative > 0
+        where = f" (batch index {tuple(int(i) for i in bad.nonzero()[0])})" if bad.dim() else ""
+        count = int(negative.max())
+        names = [f"blocks[{j}]" for j in range(len(self.partitions)) if self._signed_root(j, wdt)[1] is not None]
+        raise self._not_positive_definite(
+            f"the sum ({self._describe()}) is not positive definite{where}: it has {count} negative "
+            f"eigenvalue{'s' if count > 1 else ''}, from the negative eigenvalues of {', '.join(names)} (more than "
+            "the diagonal and the other terms make up for). Its capacitance matrix has an even number of negative "
+            "eigenvalues, so its determinant is positive. Check the block matrices and the diagonal."
+        )
+
     def _factorise_joint(self, eliminated: list[int], rest: list[int]) -> _Capacitance:
         r"""The capacitance with several diagonal terms ``E`` over one partition eliminated together.
 
@@ -1278,6 +1395,7 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
                 "Check the block matrices and the diagonal."
             )
         logdet = torch.where(sign > 0, logabs, torch.full_like(logabs, math.nan)).sum(-1)
+        level_negative = self._level_negative_directions(g, A_EE) if settings.validate.on() else None
         A_rE = lu = A_rr = None
         if rest:
             A_rr = torch.cat([torch.cat([self._A_block(s_, t) for t in rest], dim=-1) for s_ in rest], dim=-2)
@@ -1293,6 +1411,7 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             logdet = logdet + rest_logdet
         elif sum(sizes) == 0:  # pragma: no cover - a sum has at least one term here
             raise AssertionError
+        self._check_inertia(A_rr, rest, level_negative)
         joint = _JointElimination(tuple(eliminated), g, delta, A_rE)
         return _Capacitance(None, None, None, None, lu, logdet, joint, A_tilde=A_rr)
 
