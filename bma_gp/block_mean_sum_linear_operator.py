@@ -1110,7 +1110,8 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
     def _elimination_terms(self) -> list[int]:
         """The terms the capacitance eliminates first: every diagonal term over the partition whose diagonal terms
         have the most columns in all (the largest diagonal grouping; with a correlated random slope, its
-        intercept, slope and correlation terms together); ``[]`` without a diagonal term."""
+        intercept, slope and correlation terms together); ``[]`` without a diagonal term. With validation on, only
+        groupings without negative directions of their own (:meth:`_grouping_negative`)."""
 
         def decide() -> list[int]:
             groups: list[list[int]] = []
@@ -1123,11 +1124,38 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
                         break
                 else:
                     groups.append([j])
+            if settings.validate.on():  # eliminate only groupings whose part D' of the sum is positive definite
+                negative = [self._grouping_negative(group) for group in groups]
+                if len(groups) == 1 and len(groups[0]) == len(self._sizes()) and negative[0] is not None:
+                    names = [f"blocks[{e}]" for e in groups[0] if bool((self._block_diagonal(e) < 0).any())]
+                    count = int(negative[0].max())  # nothing else in the sum to make up for them
+                    raise self._not_positive_definite(
+                        f"the sum ({self._describe()}) is not positive definite: {', '.join(names)} "
+                        f"{'has' if len(names) == 1 else 'have'} a negative diagonal entry large enough to make it "
+                        f"indefinite ({count} negative eigenvalue{'s' if count > 1 else ''}). Check the block "
+                        "matrices.",
+                        rounding=False,
+                    )
+                groups = [group for group, neg in zip(groups, negative) if neg is None]
             if not groups:
                 return []
             return max(groups, key=lambda group: len(group) * self.num_blocks[group[0]])  # the first on ties
 
         return self._memo("elimination_terms", decide)
+
+    def _grouping_negative(self, group: list[int]) -> Tensor | None:
+        r"""The number of negative eigenvalues of the part :math:`D' = D + \sum_{e} P_e G_e P_e^\top` of the sum
+        that the diagonal terms ``group`` over one grouping make (per batch entry), or None when it has none (always
+        where every :math:`g_e \geq 0`). Such a grouping is not eliminated first: its block of the capacitance has a
+        negative eigenvalue at some level, its log-determinant is no sum of logarithms, and yet the sum can be
+        positive definite (other terms over the grouping make up for it), so its terms stay in the LU with the
+        others. Without validation (no host synchronisation) it is eliminated, and the log-determinant is nan."""
+        wdt = core_dtype(self.dtype)
+        g = torch.stack([self._block_diagonal(e).detach().to(wdt) for e in group], -1)  # (*b, k, r_e)
+        if not bool((g < 0).any()):
+            return None
+        A_EE = torch.stack([torch.stack([self._level_gram(i, j).detach() for j in group], -1) for i in group], -2)
+        return self._level_negative_directions(g, A_EE)
 
     def _elimination_term(self) -> int | None:
         """The first of :meth:`_elimination_terms` (its partition is the eliminated grouping), or None."""
@@ -1169,13 +1197,7 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         delta = g = A_re = None
         if elim is not None:
             g = self._block_diagonal(elim).to(wdt)
-            delta = 1 + g * a[elim]
-            if settings.validate.on() and bool((delta <= 0).any()):
-                raise self._not_positive_definite(
-                    f"the sum ({self._describe()}) is not positive definite: blocks[{elim}] has a negative diagonal "
-                    "entry large enough to make the capacitance singular. Check the block matrices.",
-                    rounding=False,
-                )
+            delta = 1 + g * a[elim]  # positive with validation on (_grouping_negative)
             logdet = logdet + delta.log().sum(-1)
         lu = None
         if rest:
@@ -1307,59 +1329,58 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         count = (negative.sum(-1) - (torch.linalg.eigvalsh(H) < 0).sum(-1)).sum(-1)
         return count if bool((count > 0).any()) else None
 
-    def _check_inertia(self, A_rr: Tensor | None, rest: list[int], level_negative: Tensor | None = None) -> None:
+    def _check_inertia(self, A_rr: Tensor | None, rest: list[int]) -> None:
         r"""With validation on, a ``ValueError`` when the sum is not positive definite although its capacitance has
         a positive determinant (an even number of negative eigenvalues: :meth:`_lu_logdet` sees only the sign).
 
-        With :math:`D' = D + \sum_e P_e G_e P_e^\top` (the eliminated terms; ``level_negative`` counts its negative
-        eigenvalues, None for none), :math:`\tilde A = Z_r^\top D'^{-1} Z_r` (``A_rr``) and
+        With :math:`D' = D + \sum_e P_e G_e P_e^\top` (the eliminated terms, positive definite:
+        :meth:`_grouping_negative`), :math:`\tilde A = Z_r^\top D'^{-1} Z_r` (``A_rr``) and
         :math:`G_r = L J L^\top`, :math:`L = [L_+, L_-]`, :math:`J = \operatorname{diag}(I_p, -I_\nu)`
         (:meth:`_signed_root`), Haynsworth's inertia formula for :math:`\left[\begin{smallmatrix} D' & Z_r L \\
         L^\top Z_r^\top & -J \end{smallmatrix}\right]` gives :math:`\operatorname{neg}(M) =
-        \operatorname{neg}(D') + \operatorname{pos}(H) - p`, :math:`H = J + L^\top \tilde A L`. With
-        :math:`D' \succ 0`, :math:`H_{++} = I + L_+^\top \tilde A L_+ \succ 0`, so :math:`M \succ 0` iff the
+        \operatorname{pos}(H) - p`, :math:`H = J + L^\top \tilde A L`. As
+        :math:`H_{++} = I + L_+^\top \tilde A L_+ \succ 0`, :math:`M \succ 0` iff the
         ``nu x nu`` Schur complement :math:`H_{--} - H_{-+} H_{++}^{-1} H_{+-}` is negative definite: two Cholesky
         factorisations, and only where some :math:`B_j` has a negative eigenvalue (otherwise :math:`\nu = 0`)."""
-        if not settings.validate.on():
+        if not settings.validate.on() or A_rr is None:
             return
-        wdt = A_rr.dtype if A_rr is not None else core_dtype(self.dtype)
-        negative = level_negative
+        A = A_rr.detach().expand(*self.batch_shape, *A_rr.shape[-2:])  # the blocks' batch: vectors are diagonals
+        wdt = A.dtype
         roots = [self._signed_root(t, wdt) for t in rest]
-        if A_rr is not None and (negative is not None or any(N is not None for _, N in roots)):
-            A = A_rr.detach().expand(*self.batch_shape, *A_rr.shape[-2:])  # the blocks' batch: vectors are diagonals
-            sizes = [self._sizes()[t] for t in rest]
+        terms = [i for i, (_, N) in enumerate(roots) if N is not None]
+        if not terms:
+            return
+        sizes = [self._sizes()[t] for t in rest]
 
-            def right(x: Tensor, F: Tensor | None) -> Tensor:  # x F (F None: the identity; a vector: a diagonal)
-                return x if F is None else (x * F.unsqueeze(-2) if F.dim() == x.dim() - 1 else x @ F)
+        def right(x: Tensor, F: Tensor | None) -> Tensor:  # x F (F None: the identity; a vector: a diagonal)
+            return x if F is None else (x * F.unsqueeze(-2) if F.dim() == x.dim() - 1 else x @ F)
 
-            def left(F: Tensor | None, x: Tensor) -> Tensor:  # F^T x
-                return x if F is None else (F.unsqueeze(-1) * x if F.dim() == x.dim() - 1 else F.mT @ x)
+        def left(F: Tensor | None, x: Tensor) -> Tensor:  # F^T x
+            return x if F is None else (F.unsqueeze(-1) * x if F.dim() == x.dim() - 1 else F.mT @ x)
 
-            columns = A.split(sizes, dim=-1)
-            AP = torch.cat([right(x, P) for (P, _), x in zip(roots, columns)], dim=-1)
-            H_pp = torch.cat([left(P, x) for (P, _), x in zip(roots, AP.split(sizes, dim=-2))], dim=-2)
-            H_pp = 0.5 * (H_pp + H_pp.mT) + torch.eye(H_pp.shape[-1], dtype=wdt, device=H_pp.device)
-            terms = [i for i, (_, N) in enumerate(roots) if N is not None]
-            nu = sum(sizes[i] for i in terms)
-            AN = torch.cat([right(columns[i], roots[i][1]) for i in terms], dim=-1) if terms else A[..., :0]
-            H_pn = torch.cat([left(P, x) for (P, _), x in zip(roots, AN.split(sizes, dim=-2))], dim=-2)
-            rows = AN.split(sizes, dim=-2)
-            H_nn = torch.cat([left(roots[i][1], rows[i]) for i in terms], dim=-2) if terms else AN[..., :0, :]
-            H_nn = 0.5 * (H_nn + H_nn.mT) - torch.eye(nu, dtype=wdt, device=H_nn.device)
-            R, info = torch.linalg.cholesky_ex(H_pp)
-            if not bool((info > 0).any()):  # D' > 0 here; pos(H) - p = nu - neg(S): 0 iff -S > 0
-                Y = torch.linalg.solve_triangular(R, H_pn, upper=False)
-                S = H_nn - Y.mT @ Y
-                S = 0.5 * (S + S.mT)
-                _, info = torch.linalg.cholesky_ex(-S)
-                rest_negative = torch.zeros_like(info)
-                if bool((info > 0).any()):  # the failure path: count them
-                    rest_negative = nu - (torch.linalg.eigvalsh(S) < 0).sum(-1)
-            else:  # D' is indefinite (a jointly eliminated grouping), so may H_++ be: all of H
-                H = torch.cat([torch.cat([H_pp, H_pn], dim=-1), torch.cat([H_pn.mT, H_nn], dim=-1)], dim=-2)
-                rest_negative = nu - (torch.linalg.eigvalsh(H) < 0).sum(-1)
-            negative = rest_negative if negative is None else negative + rest_negative
-        if negative is None or not bool((negative > 0).any()):
+        columns = A.split(sizes, dim=-1)
+        AP = torch.cat([right(x, P) for (P, _), x in zip(roots, columns)], dim=-1)
+        H_pp = torch.cat([left(P, x) for (P, _), x in zip(roots, AP.split(sizes, dim=-2))], dim=-2)
+        H_pp = 0.5 * (H_pp + H_pp.mT) + torch.eye(H_pp.shape[-1], dtype=wdt, device=H_pp.device)
+        AN = torch.cat([right(columns[i], roots[i][1]) for i in terms], dim=-1)
+        H_pn = torch.cat([left(P, x) for (P, _), x in zip(roots, AN.split(sizes, dim=-2))], dim=-2)
+        rows = AN.split(sizes, dim=-2)
+        H_nn = torch.cat([left(roots[i][1], rows[i]) for i in terms], dim=-2)
+        nu = H_nn.shape[-1]
+        H_nn = 0.5 * (H_nn + H_nn.mT) - torch.eye(nu, dtype=wdt, device=H_nn.device)
+        R, info = torch.linalg.cholesky_ex(H_pp)
+        if not bool((info > 0).any()):  # pos(H) - p = nu - neg(S): 0 iff -S is positive definite
+            Y = torch.linalg.solve_triangular(R, H_pn, upper=False)
+            S = H_nn - Y.mT @ Y
+            S = 0.5 * (S + S.mT)
+            _, info = torch.linalg.cholesky_ex(-S)
+            if not bool((info > 0).any()):
+                return
+            negative = nu - (torch.linalg.eigvalsh(S) < 0).sum(-1)  # the failure path: count them
+        else:  # H_++ >= I failed only by rounding: count the eigenvalues of all of H
+            H = torch.cat([torch.cat([H_pp, H_pn], dim=-1), torch.cat([H_pn.mT, H_nn], dim=-1)], dim=-2)
+            negative = nu - (torch.linalg.eigvalsh(H) < 0).sum(-1)
+        if not bool((negative > 0).any()):
             return
         bad = negative > 0
         where = f" (batch index {tuple(int(i) for i in bad.nonzero()[0])})" if bad.dim() else ""
@@ -1395,7 +1416,6 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
                 "Check the block matrices and the diagonal."
             )
         logdet = torch.where(sign > 0, logabs, torch.full_like(logabs, math.nan)).sum(-1)
-        level_negative = self._level_negative_directions(g, A_EE) if settings.validate.on() else None
         A_rE = lu = A_rr = None
         if rest:
             A_rr = torch.cat([torch.cat([self._A_block(s_, t) for t in rest], dim=-1) for s_ in rest], dim=-2)
@@ -1411,7 +1431,7 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             logdet = logdet + rest_logdet
         elif sum(sizes) == 0:  # pragma: no cover - a sum has at least one term here
             raise AssertionError
-        self._check_inertia(A_rr, rest, level_negative)
+        self._check_inertia(A_rr, rest)
         joint = _JointElimination(tuple(eliminated), g, delta, A_rE)
         return _Capacitance(None, None, None, None, lu, logdet, joint, A_tilde=A_rr)
 
