@@ -238,3 +238,23 @@ def test_jointly_eliminated_terms_negative_at_a_level_made_up_for_by_the_others_
     torch.testing.assert_close(op.logdet(), torch.logdet(dense), rtol=1e-10, atol=1e-10)
     b = torch.randn(24, 2, dtype=DTYPE)
     torch.testing.assert_close(op.solve(b), torch.linalg.solve(dense, b), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("low", [-3.0, -0.05])
+def test_a_capacitance_factorised_with_the_root_eliminated_first_is_checked_too(low):
+    # r = 400 + 8 >= NESTED_MIN_SIZE: the root's block of the capacitance is eliminated before the LU
+    gen = torch.Generator().manual_seed(11)
+    n, k = 800, 400
+    part = Partition.from_labels(torch.arange(n) % k)
+    eigenvalues = torch.rand(k, generator=gen, dtype=DTYPE)
+    eigenvalues[:2] = low
+    B = _block(k, eigenvalues.tolist(), seed=12)
+    U = torch.randn(n, 8, generator=gen, dtype=DTYPE) / 10
+    op = BlockMeanSumLinearOperator(torch.ones(n, dtype=DTYPE), B, partitions=[part], root=U)
+    dense = op.to_dense()
+    if low < -1:  # 1 + 2 low < 0: two negative directions
+        assert int(_dense_negatives(op)) == 2
+        with pytest.raises(ValueError, match="it has 2 negative eigenvalues"):
+            op.logdet()
+    else:
+        torch.testing.assert_close(op.logdet(), torch.logdet(dense), rtol=1e-10, atol=1e-9)
