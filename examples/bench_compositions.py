@@ -34,6 +34,7 @@ import linear_operator
 import torch
 from linear_operator.operators import DiagLinearOperator, LowRankRootLinearOperator, SumLinearOperator
 
+import bma_gp
 from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, Partition
 
 
@@ -214,6 +215,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--noise", type=float, default=None, help="only the n = 2x10^4 comparison with d scaled by this"
     )
+    parser.add_argument(
+        "--fast-root-products",
+        action="store_true",
+        help="the large part under bma_gp.settings.fast_root_products(True): a float32 root's products in float32",
+    )
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:  # 0 was ignored, < 0 a traceback from torch
         parser.error(f"--threads must be at least 1, got {args.threads}")
@@ -235,7 +241,9 @@ def main(argv=None) -> int:
             # GP-like conditioning: a noise diagonal 100x smaller than the group variances
             records.append(part_cg(20_000, 100, 500, 64, dtype=torch.float64, repeats=3, noise=0.01))
     if args.part in ("large", "all"):
-        records.append(part_large(*large, dtype=dtype))
+        with bma_gp.settings.fast_root_products(args.fast_root_products):
+            records.append(part_large(*large, dtype=dtype))
+        records[-1]["fast_root_products"] = args.fast_root_products
     for r in records:
         r["threads"] = torch.get_num_threads()
         r["load_avg"] = os.getloadavg()[0]
@@ -245,7 +253,9 @@ def main(argv=None) -> int:
             print(
                 f"# n = {r['n']:,}, k = {r['k1']} x {r['k2']}, m = {r['m']}, {r['dtype']}: inv_quad_logdet + backward "
                 f"{r['seconds']:.2f} s (process CPU time {r['cpu_seconds']:.2f} s, {r['threads']} threads, load "
-                f"{r['load_avg']:.1f}), peak RSS {r['peak_rss_mb'] / 1024:.2f} GB"
+                f"{r['load_avg']:.1f}; root products in "
+                f"{'float32' if r['fast_root_products'] and r['dtype'] == 'float32' else 'float64'}"
+                f"), peak RSS {r['peak_rss_mb'] / 1024:.2f} GB"
             )
         elif r["bench"] == "compositions_vs_cg":
             print(
