@@ -32,8 +32,12 @@ _CHUNK_BYTES = 64 * 2**20
 
 
 # ---------------------------------------------------------------------------- validation
-def _as_points(x, name: str = "x") -> Tensor:
-    """Return ``x`` as a finite floating tensor of shape ``(n, d)`` (1-d input becomes ``(n, 1)``)."""
+def _as_points(x, name: str = "x", keep_integers: bool = False) -> Tensor:
+    """Return ``x`` as a finite tensor of shape ``(n, d)`` (1-d input becomes ``(n, 1)``).
+
+    Integer input becomes float64, whose integers are exact up to :math:`2^{53}` (the default float32 merges
+    neighbouring Unix times in seconds), or stays integer with ``keep_integers`` (for comparisons only).
+    """
     if not isinstance(x, Tensor):
         try:
             x = torch.as_tensor(x)
@@ -42,7 +46,8 @@ def _as_points(x, name: str = "x") -> Tensor:
     if not x.dtype.is_floating_point:
         if x.dtype == torch.bool or x.dtype.is_complex:
             raise ValueError(f"{name} must hold real numbers, got dtype {x.dtype}.")
-        x = x.to(torch.get_default_dtype())
+        if not keep_integers:
+            x = x.to(torch.float64)
     if x.dim() == 1:
         x = x.unsqueeze(-1)
     if x.dim() != 2:
@@ -345,7 +350,7 @@ def sorted_partition(x: Tensor, num_blocks: int, dim: int = 0) -> Partition:
     Raises:
         ValueError: bad ``x``, ``num_blocks`` outside ``1 .. n``, or ``dim`` out of range.
     """
-    x = _as_points(x)
+    x = _as_points(x, keep_integers=True)  # integers are sorted exactly, at any size
     n, d = x.shape
     num_blocks = _positive_int(num_blocks, "num_blocks")
     if num_blocks > n:

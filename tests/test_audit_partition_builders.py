@@ -1,0 +1,31 @@
+"""Audit of the partition builders and of block_mean / block_mean_from_sums as a user calls them."""
+
+import torch
+
+from bma_gp import Partition
+from bma_gp.partition_builders import kdtree_partition, kmeans_objective, sorted_partition
+
+
+def _in_input_order(partition: Partition, perm: torch.Tensor) -> torch.Tensor:
+    """Labels of ``partition`` (built on ``x[perm]``) read in the order of ``x``."""
+    labels = torch.empty_like(partition.labels)
+    labels[perm] = partition.labels
+    return labels
+
+
+# ---------------------------------------------------------------------------- integer inputs
+def test_integer_times_are_sorted_and_split_exactly():
+    # Unix times in seconds: neighbouring seconds are one float32 number, so they used to tie and keep their
+    # (shuffled) input order
+    times = 1_700_000_000 + torch.arange(1000)
+    perm = torch.randperm(1000, generator=torch.Generator().manual_seed(0))
+    for partition in (sorted_partition(times[perm], 10), kdtree_partition(times[perm], 100)):
+        labels = _in_input_order(partition, perm)
+        assert bool((labels[1:] >= labels[:-1]).all())
+    # beyond float64's integers too, for the sort
+    assert sorted_partition(torch.tensor([2**53 + 1, 2**53, 0]), 3).labels.tolist() == [2, 1, 0]
+
+
+def test_kmeans_objective_of_integer_points_is_exact():
+    x = torch.tensor([[16_777_217], [16_777_216]])  # 2^24 + 1 and 2^24: one float32 number
+    assert float(kmeans_objective(x, Partition.from_labels(torch.tensor([0, 0])))) == 0.5
