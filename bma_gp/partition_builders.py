@@ -135,8 +135,9 @@ def _kmeans_pp(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
     return centres
 
 
-def _lloyd(work: Tensor, centres: Tensor, iters: int, tol: float) -> tuple[Tensor, Tensor]:
-    """Lloyd iterations from ``centres``; returns (centres, labels) with labels from the last centres."""
+def _lloyd(work: Tensor, centres: Tensor, iters: int, tol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Lloyd iterations from ``centres``; returns (centres, labels, squared distances) with labels from the last
+    centres."""
     n, k = work.shape[0], centres.shape[0]
     x_sq = work.square().sum(-1)
     labels, d2 = _nearest_centre(work, centres, x_sq)
@@ -153,7 +154,30 @@ def _lloyd(work: Tensor, centres: Tensor, iters: int, tol: float) -> tuple[Tenso
         labels = new_labels
         if changed <= tol * n and not empty.numel():
             break
-    return centres, labels
+    return centres, labels, d2
+
+
+def _fill_empty(labels: Tensor, d2: Tensor, k: int) -> Tensor:
+    """Labels where every empty cluster takes the point farthest from its centre among the clusters that keep another
+    point (greedily, from the largest squared distance ``d2`` down; taking such a point out of its cluster never
+    raises the sum of squares). Points on their centre are not moved, so a cluster stays empty only when every
+    cluster of several points is copies of one point: then ``x`` has fewer than ``k`` distinct points."""
+    counts = torch.bincount(labels, minlength=k)
+    empty = (counts == 0).nonzero().flatten()
+    if not empty.numel():
+        return labels
+    order = torch.argsort(d2, descending=True, stable=True)
+    order = order[d2[order] > 0]  # candidates, farthest first
+    cluster = labels[order]
+    by_cluster = torch.argsort(cluster, stable=True)  # candidates grouped by cluster, farthest first in each
+    grouped = cluster[by_cluster]
+    rank = torch.empty_like(by_cluster)
+    rank[by_cluster] = torch.arange(grouped.numel(), device=labels.device) - torch.searchsorted(grouped, grouped)
+    # the greedy pass takes a candidate while its cluster keeps a point: the first counts - 1 of each cluster
+    moved = order[rank < counts[cluster] - 1][: empty.numel()]
+    labels = labels.clone()
+    labels[moved] = empty[: moved.numel()]
+    return labels
 
 
 def kmeans_partition(
@@ -179,9 +203,10 @@ def kmeans_partition(
     run on a random subsample of that size and at most ``full_iters`` iterations then
     refine the centres on all points, so large ``n`` costs a few passes over the
     ``n x k`` distances. A cluster that loses all its points is re-seeded at the point
-    farthest from its centre; if the final assignment still leaves clusters empty
-    (possible only when ``x`` has fewer than ``k`` distinct points) they are dropped:
-    the partition may have fewer than ``k`` blocks, never an empty one.
+    farthest from its centre; a cluster still empty after the last iteration takes the
+    point farthest from its centre among the clusters with more than one point. Clusters
+    are left empty, and dropped, only when ``x`` has fewer than ``k`` distinct points:
+    the partition may then have fewer than ``k`` blocks, never an empty one.
 
     Args:
         x: the points. # shape: (n, d) or (n,)
@@ -231,11 +256,11 @@ def kmeans_partition(
     work = work - work.mean(0, keepdim=True)  # centring keeps the GEMM distance expansion accurate
     if sample_size < n:
         sample = work[torch.randperm(n, generator=generator)[:sample_size].to(x.device)]
-        centres, _ = _lloyd(sample, _kmeans_pp(sample, k, generator), iters, tol)
-        _, labels = _lloyd(work, centres, full_iters, tol)
+        centres, _, _ = _lloyd(sample, _kmeans_pp(sample, k, generator), iters, tol)
+        _, labels, d2 = _lloyd(work, centres, full_iters, tol)
     else:
-        _, labels = _lloyd(work, _kmeans_pp(work, k, generator), iters, tol)
-    partition = _relabel(labels)
+        _, labels, d2 = _lloyd(work, _kmeans_pp(work, k, generator), iters, tol)
+    partition = _relabel(_fill_empty(labels, d2, k))
     if partition.num_blocks < k:
         warnings.warn(
             f"kmeans_partition: x has fewer than k = {k} distinct points, so {k - partition.num_blocks} clusters "

@@ -1,9 +1,12 @@
 """Audit of the partition builders and of block_mean / block_mean_from_sums as a user calls them."""
 
+import warnings
+
+import pytest
 import torch
 
 from bma_gp import Partition
-from bma_gp.partition_builders import kdtree_partition, kmeans_objective, sorted_partition
+from bma_gp.partition_builders import kdtree_partition, kmeans_objective, kmeans_partition, sorted_partition
 
 
 def _in_input_order(partition: Partition, perm: torch.Tensor) -> torch.Tensor:
@@ -29,3 +32,25 @@ def test_integer_times_are_sorted_and_split_exactly():
 def test_kmeans_objective_of_integer_points_is_exact():
     x = torch.tensor([[16_777_217], [16_777_216]])  # 2^24 + 1 and 2^24: one float32 number
     assert float(kmeans_objective(x, Partition.from_labels(torch.tensor([0, 0])))) == 0.5
+
+
+# ---------------------------------------------------------------------------- k-means: no empty clusters
+@pytest.mark.parametrize("sample_size, full_iters", [(10, 0), (50, 0), (50, 1), (None, 0)])
+def test_kmeans_fills_every_cluster_when_x_has_k_distinct_points(sample_size, full_iters):
+    # 7 distinct points, one of them 994 times: a subsample sees few of them, and one pass over all points left
+    # clusters empty, which were dropped with a warning that x had fewer than k distinct points
+    x = torch.zeros(1000, 1)
+    x[:6, 0] = torch.arange(1.0, 7.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        partition = kmeans_partition(x, 7, sample_size=sample_size, full_iters=full_iters)
+    assert partition.num_blocks == 7
+    assert int(partition.sizes.min()) >= 1
+
+
+def test_kmeans_still_drops_clusters_when_x_has_fewer_distinct_points():
+    x = torch.tensor([[0.0], [0.0], [1.0], [1.0], [2.0], [2.0]]).repeat(50, 1)
+    with pytest.warns(UserWarning, match="fewer than k = 5 distinct points, so 2 clusters"):
+        partition = kmeans_partition(x, 5, sample_size=20, full_iters=1)
+    assert partition.num_blocks == 3
+    assert float(kmeans_objective(x, partition)) == 0.0
