@@ -16,6 +16,8 @@ Every builder returns a partition without empty blocks.
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 import warnings
 
@@ -226,7 +228,7 @@ def kmeans_partition(
 
     Raises:
         ValueError: ``x`` is not a finite ``(n, d)`` array, ``k`` is not in ``1 .. n``,
-            or ``iters`` / ``full_iters`` / ``sample_size`` are invalid.
+            or ``seed`` / ``iters`` / ``full_iters`` / ``sample_size`` / ``tol`` are invalid.
 
     Example:
         >>> x = torch.randn(1000, 2)
@@ -248,6 +250,10 @@ def kmeans_partition(
     seed_value = _as_int(seed)
     if seed_value is None:
         raise ValueError(f"seed must be an int, got {seed!r}.")
+    if not -(2**63) <= seed_value < 2**64:  # the range torch.Generator.manual_seed takes
+        raise ValueError(f"seed must be an int in -2**63 .. 2**64 - 1, got {seed!r}.")
+    if isinstance(tol, (bool, np.bool_)) or not isinstance(tol, numbers.Real) or not 0.0 <= tol < math.inf:
+        raise ValueError(f"tol must be a non-negative number (a fraction of the points), got {tol!r}.")
     sample_size = max(20_000, 40 * k) if sample_size is None else _positive_int(sample_size, "sample_size")
     sample_size = min(n, max(k, sample_size))
 

@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,3 +55,26 @@ def test_kmeans_still_drops_clusters_when_x_has_fewer_distinct_points():
         partition = kmeans_partition(x, 5, sample_size=20, full_iters=1)
     assert partition.num_blocks == 3
     assert float(kmeans_objective(x, partition)) == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"seed": 2**64}, r"seed must be an int in -2\*\*63 \.\. 2\*\*64 - 1, got 18446744073709551616"),
+        ({"seed": -(2**63) - 1}, "seed must be an int in"),
+        ({"tol": "0.1"}, "tol must be a non-negative number"),
+        ({"tol": -0.5}, "tol must be a non-negative number"),
+        ({"tol": float("nan")}, "tol must be a non-negative number"),
+        ({"tol": True}, "tol must be a non-negative number"),
+    ],
+)
+def test_kmeans_names_a_bad_seed_or_tol(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kmeans_partition(torch.randn(20, 2), 3, **kwargs)
+
+
+def test_kmeans_takes_every_seed_torch_takes():
+    x = torch.randn(20, 2, generator=torch.Generator().manual_seed(1))
+    for seed in (2**64 - 1, -(2**63), np.uint64(2**63)):
+        assert kmeans_partition(x, 3, seed=seed).num_blocks == 3
+    assert kmeans_partition(x, 3, tol=np.float32(0.5)).num_blocks == 3
