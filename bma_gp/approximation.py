@@ -38,6 +38,16 @@ def block_mean_from_sums(
     """
     if not isinstance(partition, Partition):
         raise TypeError(f"partition must be a bma_gp.Partition, got {type(partition).__name__}.")
+    for name, sums in (("block_sums", block_sums), ("diag_sums", diag_sums)):
+        if not torch.is_tensor(sums):
+            raise TypeError(
+                f"{name} must be a tensor, got {type(sums).__name__}; convert it with torch.as_tensor({name})."
+            )
+        if sums.dtype.is_complex or sums.dtype == torch.bool:
+            raise TypeError(
+                f"{name} must hold real numbers, got dtype {sums.dtype}: a block mean operator is real (for a complex "
+                "A, approximate A.real and A.imag separately)."
+            )
     k = partition.num_blocks
     if block_sums.shape[-2:] != (k, k):
         raise ValueError(f"block_sums must have shape (*batch, {k}, {k}), got {tuple(block_sums.shape)}.")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bma_gp import Partition
+from bma_gp import Partition, block_mean_from_sums
 from bma_gp.partition_builders import kdtree_partition, kmeans_objective, kmeans_partition, sorted_partition
 
 
@@ -78,3 +78,18 @@ def test_kmeans_takes_every_seed_torch_takes():
     for seed in (2**64 - 1, -(2**63), np.uint64(2**63)):
         assert kmeans_partition(x, 3, seed=seed).num_blocks == 3
     assert kmeans_partition(x, 3, tol=np.float32(0.5)).num_blocks == 3
+
+
+# ---------------------------------------------------------------------------- block_mean_from_sums
+@pytest.mark.parametrize(
+    "block_sums, diag_sums, match",
+    [
+        (np.ones((2, 2)), torch.ones(2), r"block_sums must be a tensor, got ndarray; convert it with torch.as_tensor"),
+        (torch.ones(2, 2), [1.0, 1.0], r"diag_sums must be a tensor, got list"),
+        (torch.ones(2, 2, dtype=torch.complex64), torch.ones(2), "block_sums must hold real numbers"),
+        (torch.ones(2, 2), torch.ones(2, dtype=torch.bool), "diag_sums must hold real numbers"),
+    ],
+)
+def test_block_mean_from_sums_names_sums_that_are_not_real_tensors(block_sums, diag_sums, match):
+    with pytest.raises(TypeError, match=match):
+        block_mean_from_sums(block_sums, diag_sums, Partition.from_sizes([2, 1]))
