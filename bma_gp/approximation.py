@@ -82,8 +82,9 @@ def block_mean_from_sums(
     return BlockMeanLinearOperator(lam, B, partition, symmetric=symmetric)
 
 
-def _operator_block_sums(A: LinearOperator, partition: Partition, chunk_columns: int) -> Tensor:
-    """:math:`P^\\top A P` for an operator, multiplying by ``chunk_columns`` indicator columns at a time."""
+def _operator_block_sums(A: LinearOperator, partition: Partition, chunk_columns: int, dtype: torch.dtype) -> Tensor:
+    """:math:`P^\\top A P` in ``dtype`` for an operator, multiplying by ``chunk_columns`` indicator columns at a
+    time."""
     k = partition.num_blocks
     labels = partition.labels
     pieces = []
@@ -91,8 +92,19 @@ def _operator_block_sums(A: LinearOperator, partition: Partition, chunk_columns:
         stop = min(start + chunk_columns, k)
         ids = torch.arange(start, stop, device=labels.device)
         indicator = (labels.unsqueeze(-1) == ids).to(A.dtype)  # (n, c)
-        pieces.append(partition.block_sum(A.matmul(indicator), dim=-2))
+        pieces.append(partition.block_sum(A.matmul(indicator).to(dtype), dim=-2))
     return torch.cat(pieces, dim=-1)
+
+
+def _tensor_block_sums(A: Tensor, partition: Partition, dtype: torch.dtype) -> Tensor:
+    """:math:`P^\\top A P` in ``dtype`` for a dense ``A``; a narrower ``A`` is widened a chunk of rows at a time
+    (about 64 MB), never as a whole ``n x n`` copy."""
+    if A.dtype == dtype:
+        return partition.block_sum(partition.block_sum(A, dim=-1), dim=-2)
+    n = A.shape[-1]
+    rows = max(1, 2**24 // max(1, n * A[..., 0, 0].numel()))
+    pieces = [partition.block_sum(A[..., start : start + rows, :].to(dtype), dim=-1) for start in range(0, n, rows)]
+    return partition.block_sum(torch.cat(pieces, dim=-2), dim=-2)
 
 
 def block_mean(
@@ -104,7 +116,8 @@ def block_mean(
     only inside blocks, so a positive semidefinite ``A`` gives a positive semidefinite result. Costs
     one pass over the entries of a dense ``A`` (:math:`O(n^2)`, no Python loop over blocks); a
     :class:`~linear_operator.operators.LinearOperator` is multiplied by the block indicator columns,
-    ``chunk_columns`` at a time (default: enough to keep about 64 MB per product).
+    ``chunk_columns`` at a time (default: enough to keep about 64 MB per product). A float16 or bfloat16
+    ``A`` is summed in float32 (a chunk of rows at a time) and only the means are rounded back to its dtype.
 
     Args:
         A: the matrix. # shape: (*batch, n, n)
@@ -138,11 +151,18 @@ def block_mean(
     partition = partition.to(A.device)
     if isinstance(A, BlockMeanLinearOperator) and A.partition.same_as(partition):
         return A  # already a block mean matrix on this partition: its own nearest approximation
-    diag_sums = partition.block_sum(torch.diagonal(A, dim1=-2, dim2=-1) if torch.is_tensor(A) else A.diagonal(), dim=-1)
+    # sums of up to n^2 entries overflow float16 from n = 256 on (ones: 65504 is its largest number) and lose bits in
+    # either 16-bit type: they are taken in float32 and only the means are rounded back
+    dtype = torch.float32 if A.dtype in (torch.float16, torch.bfloat16) else A.dtype
+    diagonal = torch.diagonal(A, dim1=-2, dim2=-1) if torch.is_tensor(A) else A.diagonal()
+    diag_sums = partition.block_sum(diagonal.to(dtype), dim=-1)
     if torch.is_tensor(A):
-        block_sums = partition.block_sum(partition.block_sum(A, dim=-1), dim=-2)
+        block_sums = _tensor_block_sums(A, partition, dtype)
     else:
         if chunk_columns is None:
             chunk_columns = max(1, min(partition.num_blocks, (8 * 2**20) // max(n, 1)))
-        block_sums = _operator_block_sums(A, partition, chunk_columns)
-    return block_mean_from_sums(block_sums, diag_sums, partition, symmetric=symmetric)
+        block_sums = _operator_block_sums(A, partition, chunk_columns, dtype)
+    result = block_mean_from_sums(block_sums, diag_sums, partition, symmetric=symmetric)
+    if result.dtype != A.dtype and A.dtype.is_floating_point:  # 16-bit floats get their own type back
+        return BlockMeanLinearOperator(result.lam.to(A.dtype), result.B.to(A.dtype), partition, symmetric=symmetric)
+    return result

@@ -5,8 +5,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from linear_operator.operators import DenseLinearOperator
 
-from bma_gp import Partition, block_mean_from_sums
+from bma_gp import Partition, block_mean, block_mean_from_sums
 from bma_gp.partition_builders import kdtree_partition, kmeans_objective, kmeans_partition, sorted_partition
 
 
@@ -93,3 +94,22 @@ def test_kmeans_takes_every_seed_torch_takes():
 def test_block_mean_from_sums_names_sums_that_are_not_real_tensors(block_sums, diag_sums, match):
     with pytest.raises(TypeError, match=match):
         block_mean_from_sums(block_sums, diag_sums, Partition.from_sizes([2, 1]))
+
+
+# ---------------------------------------------------------------------------- block_mean in 16-bit floats
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("as_operator", [False, True])
+def test_block_mean_of_a_16_bit_matrix_sums_in_float32(dtype, as_operator):
+    g = torch.Generator().manual_seed(0)
+    A = torch.rand(300, 300, generator=g, dtype=torch.float64)
+    A = A + A.T
+    partition = Partition.from_labels(torch.randint(0, 3, (300,), generator=g))
+    for matrix, part in ((A, partition), (torch.ones(300, 300), Partition.from_sizes([300]))):
+        low = matrix.to(dtype)
+        reference = block_mean(low.double(), part)  # the exact means of the 16-bit entries
+        result = block_mean(DenseLinearOperator(low) if as_operator else low, part)
+        assert result.dtype == dtype
+        # the means rounded once to the 16-bit type (the sums of 300^2 ones overflowed float16: NaN)
+        eps = torch.finfo(dtype).eps
+        assert torch.allclose(result.B.double(), reference.B, rtol=eps, atol=0)
+        assert torch.allclose(result.lam.double(), reference.lam, rtol=0, atol=2 * eps)
