@@ -41,6 +41,8 @@ def _as_points(x, name: str = "x", keep_integers: bool = False) -> Tensor:
     neighbouring Unix times in seconds), or stays integer with ``keep_integers`` (for comparisons only).
     """
     if not isinstance(x, Tensor):
+        if isinstance(x, np.ndarray) and not x.flags.writeable:  # a pandas column's .to_numpy() (copy-on-write):
+            x = x.copy()  # torch.as_tensor warns that it may write to it, which nothing here does
         try:
             x = torch.as_tensor(x)
         except (TypeError, ValueError, RuntimeError) as err:
@@ -405,7 +407,8 @@ def _string_ids_as_integers(ids):
     try:
         array = np.asarray(ids)
         if array.dtype.kind in "iufb":  # numbers: the integer path (a nullable pandas column reads NA as NaN)
-            return array
+            # a pandas column reads as a read-only view (copy-on-write), which torch.as_tensor warns about
+            return array if array.flags.writeable else array.copy()
         if array.dtype.kind not in "USO":
             return ids
         array = np.asarray(ids, dtype=object)  # numpy reads ["a", 1] as two strings: look at the objects themselves

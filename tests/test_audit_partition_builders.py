@@ -8,7 +8,13 @@ import torch
 from linear_operator.operators import DenseLinearOperator
 
 from bma_gp import Partition, block_mean, block_mean_from_sums
-from bma_gp.partition_builders import kdtree_partition, kmeans_objective, kmeans_partition, sorted_partition
+from bma_gp.partition_builders import (
+    group_partition,
+    kdtree_partition,
+    kmeans_objective,
+    kmeans_partition,
+    sorted_partition,
+)
 
 
 def _in_input_order(partition: Partition, perm: torch.Tensor) -> torch.Tensor:
@@ -113,3 +119,26 @@ def test_block_mean_of_a_16_bit_matrix_sums_in_float32(dtype, as_operator):
         eps = torch.finfo(dtype).eps
         assert torch.allclose(result.B.double(), reference.B, rtol=eps, atol=0)
         assert torch.allclose(result.lam.double(), reference.lam, rtol=0, atol=2 * eps)
+
+
+# ---------------------------------------------------------------------------- read-only arrays (pandas columns)
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False  # what pandas' copy-on-write hands out for a column's values
+    return array
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: group_partition(_read_only(np.array([3, 1, 3]))),
+        lambda: group_partition(_read_only(np.array([3.0, 1.0, 3.0]))),
+        lambda: kmeans_partition(_read_only(np.array([[0.0, 1.0], [5.0, 1.0], [0.5, 1.0]])), 2),
+        lambda: sorted_partition(_read_only(np.array([3.0, 1.0, 2.0])), 2),
+        lambda: kdtree_partition(_read_only(np.array([3, 1, 2])), 2),
+    ],
+)
+def test_builders_read_a_read_only_array_without_a_torch_warning(build):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.as_tensor warns once per process that it may write to it
+        partition = build()
+    assert partition.num_blocks == 2
