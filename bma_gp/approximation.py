@@ -34,7 +34,8 @@ def block_mean_from_sums(
         diag_sums: :math:`d`. # shape: (*batch, k)
         partition: the partition the sums were taken over.
         symmetric: whether :math:`A` is symmetric (then so is the result); pass ``False`` for a
-            general :math:`A`.
+            general :math:`A`. With ``True`` the result is that of :math:`(A + A^\top) / 2` (the
+            operator symmetrises ``B``), the nearest symmetric block mean matrix to any :math:`A`.
     """
     if not isinstance(partition, Partition):
         raise TypeError(f"partition must be a bma_gp.Partition, got {type(partition).__name__}.")
@@ -122,7 +123,9 @@ def block_mean(
     Args:
         A: the matrix. # shape: (*batch, n, n)
         partition: partition of the ``n`` indices.
-        symmetric: ``A`` is symmetric (default); pass ``False`` for a general square ``A``.
+        symmetric: ``A`` is symmetric (default); pass ``False`` for a general square ``A``. With ``True`` the
+            result is the block mean matrix of :math:`(A + A^\top) / 2`, the nearest *symmetric* block mean
+            matrix to any ``A`` (``A`` is not checked).
         chunk_columns: indicator columns per product with a ``LinearOperator`` ``A`` (unused for a tensor), a
             positive int.
     """
@@ -150,7 +153,9 @@ def block_mean(
         chunk_columns = columns
     partition = partition.to(A.device)
     if isinstance(A, BlockMeanLinearOperator) and A.partition.same_as(partition):
-        return A  # already a block mean matrix on this partition: its own nearest approximation
+        if A.symmetric or not symmetric:
+            return A  # already a block mean matrix on this partition: its own nearest approximation
+        return BlockMeanLinearOperator(A.lam, A.B, partition, symmetric=True)  # its symmetric part, as for a tensor
     # sums of up to n^2 entries overflow float16 from n = 256 on (ones: 65504 is its largest number) and lose bits in
     # either 16-bit type: they are taken in float32 and only the means are rounded back
     dtype = torch.float32 if A.dtype in (torch.float16, torch.bfloat16) else A.dtype

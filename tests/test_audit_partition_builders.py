@@ -142,3 +142,19 @@ def test_builders_read_a_read_only_array_without_a_torch_warning(build):
         warnings.simplefilter("error")  # torch.as_tensor warns once per process that it may write to it
         partition = build()
     assert partition.num_blocks == 2
+
+
+# ---------------------------------------------------------------------------- block_mean of a non-symmetric matrix
+def test_block_mean_of_a_non_symmetric_matrix_is_that_of_its_symmetric_part_unless_told():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(7, 7, generator=g, dtype=torch.float64)
+    partition = Partition.from_labels(torch.tensor([0, 1, 0, 2, 1, 1, 0]))
+    general = block_mean(A, partition, symmetric=False)
+    symmetric = block_mean(0.5 * (A + A.T), partition, symmetric=False).to_dense()
+    torch.testing.assert_close(block_mean(A, partition).to_dense(), symmetric)
+    # a non-symmetric block mean operator is its own approximation only when symmetric=False is asked for; the
+    # default returned it unchanged (not symmetric) while its dense twin got the symmetric part
+    assert block_mean(general, partition, symmetric=False) is general
+    for approximation in (block_mean(general, partition), block_mean(general.to_dense(), partition)):
+        assert approximation.symmetric
+        torch.testing.assert_close(approximation.to_dense(), symmetric)
