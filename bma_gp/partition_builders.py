@@ -47,6 +47,11 @@ def _as_points(x, name: str = "x", keep_integers: bool = False) -> Tensor:
             x = torch.as_tensor(x)
         except (TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"{name} must be a tensor of shape (n, d); could not convert it ({err}).") from None
+    if x.is_meta:
+        raise ValueError(
+            f"{name} is on the meta device, which holds no values, and a partition depends on the values; build it "
+            f"from {name} on a real device (a CPU partition works with meta tensors in block_mean and the operators)."
+        )
     if not x.dtype.is_floating_point:
         if x.dtype == torch.bool or x.dtype.is_complex:
             raise ValueError(f"{name} must hold real numbers, got dtype {x.dtype}.")
@@ -477,6 +482,11 @@ def group_partition(ids) -> Partition:
         raise ValueError("ids must not be empty: a partition needs at least one index.")
     if ids.dtype == torch.bool or ids.dtype.is_complex:
         raise ValueError(f"ids must hold integers, got dtype {ids.dtype}.")
+    if ids.is_meta:
+        raise ValueError(
+            "ids are on the meta device, which hold no values, and a partition depends on the values; build it "
+            "from ids on a real device (a CPU partition works with meta tensors in block_mean and the operators)."
+        )
     ids = ids.detach()  # only the values matter (no "requires_grad tensor to a scalar" warning below)
     if ids.dtype.is_floating_point:
         if not bool(torch.isfinite(ids).all()) or not bool((ids == ids.round()).all()):

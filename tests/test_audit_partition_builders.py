@@ -158,3 +158,20 @@ def test_block_mean_of_a_non_symmetric_matrix_is_that_of_its_symmetric_part_unle
     for approximation in (block_mean(general, partition), block_mean(general.to_dense(), partition)):
         assert approximation.symmetric
         torch.testing.assert_close(approximation.to_dense(), symmetric)
+
+
+# ---------------------------------------------------------------------------- meta inputs
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda x: kmeans_partition(x, 2), "x is"),
+        (lambda x: kdtree_partition(x, 2), "x is"),
+        (lambda x: sorted_partition(x, 2), "x is"),
+        (lambda x: kmeans_objective(x, Partition.from_sizes([2, 2])), "x is"),
+        (lambda x: group_partition(x[:, 0].long()), "ids are"),
+    ],
+)
+def test_builders_refuse_meta_inputs_in_words(build, name):
+    # the values decide the partition; this was "Tensor.item() cannot be called on meta tensors" from torch
+    with pytest.raises(ValueError, match=f"{name} on the meta device, which hold.? no values.*on a real device"):
+        build(torch.empty(4, 2, device="meta"))
