@@ -123,6 +123,15 @@ def _nearest_centre(x: Tensor, centres: Tensor, x_sq: Tensor) -> tuple[Tensor, T
     return idx, dist
 
 
+def _power_of_two_scale(x: Tensor) -> float:
+    """The power of two :math:`2^{-e}` with :math:`\\max |x| \\cdot 2^{-e}` in :math:`[1/2, 1)` (1 for a zero ``x``;
+    at most the largest power of two of ``x``'s dtype for subnormal ``x``): multiplying by it is exact."""
+    largest = float(torch.linalg.vector_norm(x, ord=math.inf))
+    if largest == 0.0:
+        return 1.0
+    return math.ldexp(1.0, -max(math.frexp(largest)[1], 2 - math.frexp(torch.finfo(x.dtype).max)[1]))
+
+
 def _kmeans_pp(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
     """k-means++ seeding (Arthur and Vassilvitskii, 2007): each new centre drawn with probability ~ D(x)^2."""
     n = x.shape[0]
@@ -266,7 +275,12 @@ def kmeans_partition(
 
     generator = torch.Generator().manual_seed(seed_value)
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    work = work - work.mean(0, keepdim=True)  # centring keeps the GEMM distance expansion accurate
+    # powers of two that bring |work| to at most 1 keep the sums and squared distances in range (in float32 they
+    # overflow from coordinates of 1e19 and underflow below 1e-19, and k-means++ saw all points as one) and change
+    # no rounding; centring keeps the GEMM distance expansion accurate
+    work = work * _power_of_two_scale(work)  # a new tensor: x itself is never changed
+    work = work - work.mean(0, keepdim=True)
+    work.mul_(_power_of_two_scale(work))
     if sample_size < n:
         sample = work[torch.randperm(n, generator=generator)[:sample_size].to(x.device)]
         centres, _, _ = _lloyd(sample, _kmeans_pp(sample, k, generator), iters, tol)

@@ -175,3 +175,15 @@ def test_builders_refuse_meta_inputs_in_words(build, name):
     # the values decide the partition; this was "Tensor.item() cannot be called on meta tensors" from torch
     with pytest.raises(ValueError, match=f"{name} on the meta device, which hold.? no values.*on a real device"):
         build(torch.empty(4, 2, device="meta"))
+
+
+# ---------------------------------------------------------------------------- k-means at any scale
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
+def test_kmeans_does_not_depend_on_the_units_of_x(scale):
+    # float32 squared distances overflow from coordinates of 1e19 and underflow below 1e-19: k-means++ saw one
+    # point and the partition had 3 (1e20) or 1 (1e-30) blocks, with a warning about too few distinct points
+    x = torch.randn(500, 2, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        partition = kmeans_partition(x * scale, 10)
+    assert torch.equal(partition.labels, kmeans_partition(x, 10).labels)
