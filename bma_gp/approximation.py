@@ -66,9 +66,11 @@ def block_mean_from_sums(
             f"block_sums is on {block_sums.device} but diag_sums is on {diag_sums.device}; move one with .to(device)."
         )
     dtype = torch.promote_types(block_sums.dtype, diag_sums.dtype)  # mixed precisions: as torch's arithmetic promotes
-    block_sums, diag_sums = block_sums.to(dtype), diag_sums.to(dtype)
+    # 16-bit sums are divided in float32: s_i s_j overflows float16 from blocks of 256 on (B was 0 there)
+    wdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    block_sums, diag_sums = block_sums.to(wdt), diag_sums.to(wdt)
     partition = partition.to(block_sums.device)  # a partition built on the CPU follows the sums, as in block_mean
-    s = partition.sizes.to(dtype)
+    s = partition.sizes.to(wdt)
     pairs = s.unsqueeze(-1) * s.unsqueeze(-2)
     within = s * (s - 1)
     diag_T = torch.diagonal(block_sums, dim1=-2, dim2=-1)
@@ -80,6 +82,8 @@ def block_mean_from_sums(
     # one k x k copy with the diagonal replaced (a mask, a diag_embed and a where cost three more passes)
     B = torch.diagonal_scatter(off, B_diag.expand(shape), dim1=-2, dim2=-1)
     lam = diag_sums / s - B_diag
+    if wdt != dtype:
+        lam, B = lam.to(dtype), B.to(dtype)
     return BlockMeanLinearOperator(lam, B, partition, symmetric=symmetric)
 
 

@@ -16,6 +16,8 @@ from bma_gp.partition_builders import (
     sorted_partition,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems
+
 
 def _in_input_order(partition: Partition, perm: torch.Tensor) -> torch.Tensor:
     """Labels of ``partition`` (built on ``x[perm]``) read in the order of ``x``."""
@@ -187,3 +189,18 @@ def test_kmeans_does_not_depend_on_the_units_of_x(scale):
         warnings.simplefilter("error")
         partition = kmeans_partition(x * scale, 10)
     assert torch.equal(partition.labels, kmeans_partition(x, 10).labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_block_mean_from_16_bit_sums_of_large_blocks(dtype):
+    # block sums of a matrix of 0.001s over blocks of 300 and 2 points (diagonal 0.002): s_i s_j = 90000 overflowed
+    # float16, and B was 0 on the large block
+    partition = Partition.from_sizes([300, 2])
+    T = torch.tensor([[90.0, 0.6], [0.6, 0.004]], dtype=torch.float64)
+    d = torch.tensor([0.6, 0.004], dtype=torch.float64)
+    reference = block_mean_from_sums(T.to(dtype).double(), d.to(dtype).double(), partition)
+    result = block_mean_from_sums(T.to(dtype), d.to(dtype), partition)
+    assert result.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(result.B.double(), reference.B, rtol=eps, atol=0)
+    torch.testing.assert_close(result.lam.double(), reference.lam, rtol=eps, atol=0)
