@@ -350,7 +350,8 @@ def kdtree_partition(x: Tensor, leaf_size: int) -> Partition:
     """
     x = _as_points(x)
     n = x.shape[0]
-    leaf_size = _positive_int(leaf_size, "leaf_size")
+    # a leaf of n points is the whole set; past int64 the comparisons with the sizes wrapped (2**63 never stopped)
+    leaf_size = min(_positive_int(leaf_size, "leaf_size"), n)
     device = x.device
     order = torch.arange(n, device=device)  # points in tree order; cells are contiguous runs
     sizes = torch.tensor([n], device=device)

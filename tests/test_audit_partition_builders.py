@@ -204,3 +204,11 @@ def test_block_mean_from_16_bit_sums_of_large_blocks(dtype):
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(result.B.double(), reference.B, rtol=eps, atol=0)
     torch.testing.assert_close(result.lam.double(), reference.lam, rtol=eps, atol=0)
+
+
+# ---------------------------------------------------------------------------- kd-tree: any leaf size
+@pytest.mark.parametrize("leaf_size", [20, 10**6, 2**63, 2**70, np.uint64(2**64 - 1)])
+def test_kdtree_with_a_leaf_size_of_at_least_n_is_one_block(leaf_size):
+    # 2**63 and above wrapped in the comparison with the cell sizes: the splitting never stopped (or OverflowError)
+    partition = kdtree_partition(torch.randn(20, 2), leaf_size)
+    assert partition.num_blocks == 1 and len(partition) == 20
