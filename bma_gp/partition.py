@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Sequence
 from types import EllipsisType
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,6 +34,8 @@ def _as_long_vector(values, name: str) -> Tensor:
     if isinstance(values, Tensor):
         tensor = values
     else:
+        if isinstance(values, np.ndarray) and not values.flags.writeable:  # pandas' .to_numpy() (copy-on-write):
+            values = values.copy()  # torch would warn that it cannot write to the array it shares memory with
         try:
             tensor = torch.as_tensor(values)
         except (TypeError, ValueError, RuntimeError) as err:
