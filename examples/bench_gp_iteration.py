@@ -41,6 +41,7 @@ FULL_NS = (5_000, 10_000, 20_000, 50_000, 100_000)
 FULL_KS = (100, 1000)
 CUDA_NS = (20_000, 100_000, 300_000, 1_000_000)
 CUDA_KS = (1000,)
+METHODS = ("exact", "blockmean", "sgpr")
 #: From this n on, one warm iteration is timed (each takes a minute or more on 2 CPU cores).
 BIG_N = 50_000
 
@@ -203,8 +204,8 @@ def plan(ns, ks, methods, exact_max_n: int, device: str) -> list[tuple[str, int,
                     )
                 )
                 cases.append(("exact", n, None, reason))
-            else:
-                cases.extend((method, n, k, None) for k in ks if k < n)
+            else:  # k >= n is no approximation (and SGPR cannot draw k of n points): said in the table
+                cases.extend((method, n, k, None if k < n else f"k = {k} is not below n = {n}") for k in ks)
     return cases
 
 
@@ -236,21 +237,32 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _sizes(text: str) -> list[int]:
+    """``--n`` / ``--ks``: comma-separated integers >= 1 (argparse names the option in front of the message)."""
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1000,5000, got {text!r}") from None
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return sizes
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--n",
-        type=lambda s: [int(v) for v in s.split(",")],
+        type=_sizes,
         default=None,
         help="comma-separated training sizes (default 5k,10k,20k,50k,100k; on CUDA 20k .. 1M)",
     )
     parser.add_argument(
         "--ks",
-        type=lambda s: [int(v) for v in s.split(",")],
+        type=_sizes,
         default=None,
         help="blocks / inducing points (default 100,1000)",
     )
-    parser.add_argument("--methods", default="exact,blockmean,sgpr")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {','.join(METHODS)}")
     parser.add_argument("--d", type=int, default=4)
     parser.add_argument("--warm", type=int, default=2, help="timed warm iterations after the cold one")
     parser.add_argument(
@@ -278,9 +290,23 @@ def main(argv=None) -> int:
     if args.smoke:  # smaller defaults: an option given explicitly still wins
         parser.set_defaults(n=[1_000], ks=[20], warm=1, in_process=True)
         args = parser.parse_args(argv)
-    for option, value in (("--d", args.d), ("--warm", args.warm)):
+    for option, value in (("--d", args.d), ("--warm", args.warm), ("--exact-max-n", args.exact_max_n)):
         if value is not None and value < 1:  # a usage error, not a traceback or inf / nan after the run
             parser.error(f"{option} must be at least 1, got {value}")
+    if not args.timeout > 0:  # every case was abandoned at once
+        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:  # each case of an unknown method was recorded as a failure; none ran nothing
+        parser.error(f"--methods: {f'unknown {unknown}' if unknown else 'none given'}; choose from {','.join(METHODS)}")
+    import torch
+
+    try:
+        device_type = torch.device(args.device).type
+    except RuntimeError:
+        device_type = None
+    if device_type not in ("cpu", "cuda"):  # was a traceback (in process) or a failed record per case
+        parser.error(f"--device: {args.device!r} is not cpu, cuda or cuda:N")
 
     if args._case:
         method, n, k, d = args._case
@@ -288,10 +314,8 @@ def main(argv=None) -> int:
         print(json.dumps(record), flush=True)
         return 0
 
-    cuda = args.device.startswith("cuda")
+    cuda = device_type == "cuda"
     if cuda:
-        import torch
-
         if not torch.cuda.is_available():
             print(
                 json.dumps(
@@ -303,7 +327,6 @@ def main(argv=None) -> int:
     ns = args.n or list(CUDA_NS if cuda else FULL_NS)
     ks = args.ks or list(CUDA_KS if cuda else FULL_KS)
     exact_max_n = args.exact_max_n or (50_000 if cuda else 20_000)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
 
     records = []
     out = open(args.out, "a") if args.out else None

@@ -85,3 +85,37 @@ def test_mixed_effects_refuses_more_rows_or_inducing_points_than_there_are(monke
     assert "--n 5000 is more than the 4,059 rows of --data exam" in error
     model = _mixed_effects_model(monkeypatch, ["--smoke", "--inducing", "480"])  # all of them: accepted
     assert model.covar_module.kernels[0].inducing_points.shape == (480, 1)
+
+
+# ---------------------------------------------------------------------------- bench_gp_iteration.py
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # argparse's "invalid <lambda> value: 'abc'"
+        (["--n", "abc"], "argument --n: expected comma-separated integers such as 1000,5000, got 'abc'"),
+        (["--ks", "10,x"], "argument --ks: expected comma-separated integers such as 1000,5000, got '10,x'"),
+        (["--ks", "0"], "argument --ks: expected integers >= 1, got '0'"),  # failed cases
+        # each case was recorded as failed (a subprocess per case), or a RuntimeError traceback in process
+        (["--device", "foo"], "--device: 'foo' is not cpu, cuda or cuda:N"),
+        (["--methods", "blockmean,foo"], "--methods: unknown ['foo']; choose from exact,blockmean,sgpr"),
+        (["--methods", ","], "--methods: none given; choose from exact,blockmean,sgpr"),  # ran nothing
+        (["--timeout", "0"], "--timeout must be a positive number of seconds, got 0"),  # every case abandoned
+        (["--exact-max-n", "0"], "--exact-max-n must be at least 1, got 0"),  # 0 meant the default, 20,000
+    ],
+)
+def test_bench_gp_iteration_refuses_bad_options(argv, message, monkeypatch, capsys):
+    bench = _example("bench_gp_iteration")
+    monkeypatch.setattr(bench, "plan", _stop)  # the run started: the option was not refused
+    assert message in _usage_error(bench.main, ["--smoke", *argv], capsys)
+
+
+def test_bench_gp_iteration_says_when_k_is_not_below_n(monkeypatch):
+    # a k >= n was left out of the plan without a word (--n 30 --ks 5,40 timed k = 5 only)
+    bench = _example("bench_gp_iteration")
+    plan, calls = bench.plan, []
+    monkeypatch.setattr(bench, "plan", _recorder(calls))
+    ns, ks, methods, exact_max_n, device = _stopped_at(bench.main, ["--smoke", "--n", "30", "--ks", "5,40"], calls)
+    assert (ns, ks, methods, exact_max_n, device) == ([30], [5, 40], ["exact", "blockmean", "sgpr"], 20_000, "cpu")
+    cases = plan(ns, ks, ["blockmean"], exact_max_n, device)
+    assert cases == [("blockmean", 30, 5, None), ("blockmean", 30, 40, "k = 40 is not below n = 30")]
+    assert "k = 40 is not below n = 30" in bench.table([bench._skip("blockmean", 30, 40, cases[1][3], "cpu")])
