@@ -103,9 +103,21 @@ def run(dtype: torch.dtype, k: int, repeats: int, max_rows: int | None, show_pro
     return record
 
 
+DTYPES = ("float32", "float64")
+
+
+def _dtypes(text: str) -> list[str]:
+    """``--dtypes``: a comma-separated list of float32 / float64 (argparse names the option in front)."""
+    names = text.split(",")
+    unknown = [name for name in names if name not in DTYPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {','.join(DTYPES)}")
+    return names
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dtypes", default="float32,float64")
+    parser.add_argument("--dtypes", type=_dtypes, default="float32,float64", help="comma-separated, of float32,float64")
     parser.add_argument("--k", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
@@ -121,7 +133,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = 1500 if args.smoke else None
-    for name in args.dtypes.split(","):
+    for name in args.dtypes:
         r = run(getattr(torch, name), args.k, args.repeats, rows, args.profile)
         print(json.dumps(r), flush=True)
         print(

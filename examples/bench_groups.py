@@ -384,10 +384,21 @@ def run_prediction(n: int, ks: list[int], t: int, cov_points: int, before: bool)
     return records
 
 
+def _group_counts(text: str) -> list[int]:
+    """``--ks``: comma-separated integers >= 1 (argparse names the option in front of the message)."""
+    try:
+        ks = [int(k) for k in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1000,4000, got {text!r}") from None
+    if min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"expected numbers of groups >= 1, got {text!r}")
+    return ks
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100_000)
-    parser.add_argument("--ks", default="1000,4000", help="comma-separated numbers of groups")
+    parser.add_argument("--ks", type=_group_counts, default="1000,4000", help="comma-separated numbers of groups")
     parser.add_argument(
         "--only",
         choices=("elementwise", "general", "both"),
@@ -431,9 +442,13 @@ def main(argv=None) -> int:
     ):
         if value is not None and value < 1:  # a usage error, not a traceback or inf / nan after the run
             parser.error(f"{option} must be at least 1, got {value}")
+    if not 0 <= args.rank <= min(args.ks):  # was GroupKernel's ValueError after the data were made
+        parser.error(f"--rank must be between 0 and the smallest of --ks ({min(args.ks)}), got {args.rank}")
+    if args.predict and min(args.ks) <= 20:  # the last 20 groups are held out of training: was a torch traceback
+        parser.error(f"--ks: with --predict every k must be above 20 (20 groups are never seen), got {min(args.ks)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    n, ks = args.n, [int(k) for k in args.ks.split(",")]
+    n, ks = args.n, args.ks
     if args.predict:
         records = run_prediction(n, ks, args.t, args.cov_points, not args.no_before)
         print(f"# peak RSS of the process {max(r['closed_peak_rss_mb'] for r in records) / 1024:.2f} GB")

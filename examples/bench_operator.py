@@ -331,6 +331,17 @@ def matvec_compare(n: int, ks, rounds: int, baseline: str | None) -> list[dict]:
     return records
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    """``--ns`` / ``--ks``: comma-separated integers >= 1 (argparse names the option in front of the message)."""
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 10,100, got {text!r}") from None
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return sizes
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, finishes in seconds")
@@ -341,8 +352,8 @@ def main(argv=None) -> int:
         help="all = dense + large (the issue-2 figures); sweep = the issue-5 grid; "
         "matvec = the matvec alone at one n, optionally against --baseline",
     )
-    parser.add_argument("--ns", help="sweep: comma-separated n (default 10^4 .. 10^7); matvec: the one n")
-    parser.add_argument("--ks", help="sweep / matvec: comma-separated k (default 10,100,1000,4000)")
+    parser.add_argument("--ns", type=_sizes, help="sweep: comma-separated n (default 10^4 .. 10^7); matvec: the one n")
+    parser.add_argument("--ks", type=_sizes, help="sweep / matvec: comma-separated k (default 10,100,1000,4000)")
     parser.add_argument("--baseline", metavar="REV", help="matvec: also time the operator of git revision REV")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (the sweep's subprocesses too)")
     parser.add_argument("--_child", nargs=3, type=int, help=argparse.SUPPRESS)
@@ -350,6 +361,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:  # 0 was ignored, < 0 a traceback from torch
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    given = [option for option, value in (("--ns", args.ns), ("--ks", args.ks)) if value]
+    if given and args.part not in ("sweep", "matvec"):  # were ignored: the other parts have fixed sizes
+        parser.error(f"{' and '.join(given)}: only with --part sweep or matvec (--part {args.part} has fixed sizes)")
+    if args.baseline and args.part != "matvec":  # was ignored
+        parser.error(f"--baseline: only with --part matvec, not --part {args.part}")
+    if args.part == "matvec" and args.ns and len(args.ns) > 1:  # the first was timed, the others ignored
+        parser.error(f"--ns: --part matvec times one n, got {len(args.ns)} ({','.join(map(str, args.ns))})")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args._child:
@@ -359,8 +377,7 @@ def main(argv=None) -> int:
         n, repeats, ks = args._sweep
         sweep_child(int(n), int(repeats), tuple(int(k) for k in ks.split(",")))
         return 0
-    ks = tuple(int(k) for k in args.ks.split(",")) if args.ks else None
-    ns = tuple(int(n) for n in args.ns.split(",")) if args.ns else None
+    ks, ns = args.ks, args.ns
     if args.part == "sweep":
         default_ns, default_ks = (
             ((10_000, 100_000), (10, 100)) if args.smoke else ((10_000, 100_000, 1_000_000, 10_000_000), SWEEP_KS)

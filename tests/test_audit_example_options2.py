@@ -13,6 +13,7 @@ from pathlib import Path
 
 import gpytorch
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -119,3 +120,87 @@ def test_bench_gp_iteration_says_when_k_is_not_below_n(monkeypatch):
     cases = plan(ns, ks, ["blockmean"], exact_max_n, device)
     assert cases == [("blockmean", 30, 5, None), ("blockmean", 30, 40, "k = 40 is not below n = 30")]
     assert "k = 40 is not below n = 30" in bench.table([bench._skip("blockmean", 30, 40, cases[1][3], "cpu")])
+
+
+# ---------------------------------------------------------------------------- list options of the other benchmarks
+@pytest.mark.parametrize(
+    ("name", "target", "argv", "message"),
+    [
+        # each was a ValueError (int('abc')) or AttributeError (getattr(torch, 'foo')) traceback
+        ("bench_groups", "iteration_seconds", ["--ks", "abc"], "argument --ks: expected comma-separated integers"),
+        ("bench_groups", "iteration_seconds", ["--ks", "0,50"], "argument --ks: expected numbers of groups >= 1"),
+        ("bench_operator", "dense_comparison", ["--ks", "abc"], "argument --ks: expected comma-separated integers"),
+        ("bench_operator", "run_sweep", ["--part", "sweep", "--ns", "1e4"], "argument --ns: expected comma-separated"),
+        ("bench_operator", "run_sweep", ["--part", "sweep", "--ks", "-5"], "argument --ks: expected integers >= 1"),
+        ("bench_elecdemand_step", "run", ["--dtypes", "foo"], "--dtypes: unknown ['foo']; choose from float32,float64"),
+        (
+            "bench_elecdemand_step",
+            "run",
+            ["--dtypes", "float32,"],
+            "--dtypes: unknown ['']; choose from float32,float64",
+        ),
+        # tracebacks from torch / GroupKernel after the data were made
+        (
+            "bench_groups",
+            "run_prediction",
+            ["--predict", "--ks", "10"],
+            "--ks: with --predict every k must be above 20",
+        ),
+        ("bench_groups", "run_factor", ["--rank", "-1"], "--rank must be between 0 and the smallest of --ks (300)"),
+        ("bench_groups", "run_factor", ["--rank", "400"], "--rank must be between 0 and the smallest of --ks (300)"),
+        # ignored: the other parts have fixed sizes, --part matvec timed the first n only
+        ("bench_operator", "dense_comparison", ["--ns", "100"], "--ns: only with --part sweep or matvec (--part all"),
+        (
+            "bench_operator",
+            "matvec_compare",
+            ["--part", "matvec", "--ns", "100,200"],
+            "--part matvec times one n, got 2",
+        ),
+        (
+            "bench_operator",
+            "run_sweep",
+            ["--part", "sweep", "--baseline", "HEAD"],
+            "--baseline: only with --part matvec",
+        ),
+    ],
+)
+def test_benchmark_list_options_are_usage_errors(name, target, argv, message, monkeypatch, capsys):
+    module = _example(name)
+    monkeypatch.setattr(module, target, _stop)  # the benchmark started: the option was not refused
+    assert message in _usage_error(module.main, ["--smoke", *argv], capsys)
+
+
+@pytest.mark.parametrize(
+    ("name", "target", "argv", "read", "expected"),
+    [
+        ("bench_groups", "run_factor", ["--rank", "2", "--ks", "40,60"], lambda call: call[:3], (3000, [40, 60], 2)),
+        ("bench_groups", "run_prediction", ["--predict"], lambda call: call[:3], (4000, [1400], 300)),
+        (
+            "bench_operator",
+            "run_sweep",
+            ["--part", "sweep"],
+            lambda call: call,
+            ((10_000, 100_000), 2, (10, 100), None),
+        ),
+        (
+            "bench_operator",
+            "run_sweep",
+            ["--part", "sweep", "--ns", "5000", "--ks", "10,40"],
+            lambda call: call,
+            ((5000,), 2, (10, 40), None),
+        ),
+        (
+            "bench_operator",
+            "matvec_compare",
+            ["--part", "matvec", "--ns", "300"],
+            lambda call: call[:2],
+            (300, (10, 100)),
+        ),
+        ("bench_elecdemand_step", "run", ["--dtypes", "float64"], lambda call: call[0], torch.float64),
+    ],
+)
+def test_benchmark_list_options_still_reach_the_run(name, target, argv, read, expected, monkeypatch):
+    module = _example(name)
+    calls: list = []
+    monkeypatch.setattr(module, target, _recorder(calls))
+    assert read(_stopped_at(module.main, ["--smoke", *argv], calls)) == expected
