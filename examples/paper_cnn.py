@@ -329,11 +329,16 @@ def main(argv=None) -> None:
         unknown = [name for name in names.split(",") if name not in known]
         if unknown:
             parser.error(f"{option}: unknown {unknown}; choose from {','.join(known)}")
+        repeated = sorted({name for name in names.split(",") if names.split(",").count(name) > 1})
+        if repeated:  # was trained twice, the second run's results replacing the first's
+            parser.error(f"{option}: {','.join(repeated)} given twice; name each once")
     fixed_lr: dict[str, float] = {}
     for item in filter(None, args.lr.split(",")):
         name, _, value = item.partition("=")
         if name not in OPTIMIZERS:
             parser.error(f"--lr {item!r}: expected name=value with a name from {','.join(OPTIMIZERS)}")
+        if name in fixed_lr:  # the last one was used
+            parser.error(f"--lr {item!r}: a second learning rate for {name}; give one per optimizer")
         try:
             fixed_lr[name] = float(value)
         except ValueError:
@@ -347,6 +352,12 @@ def main(argv=None) -> None:
         if not optimizers:
             parser.error("--optimizers: full_matrix does not run with --model large (a d x d state, d = 140,330)")
         print("full_matrix left out: with --model large its d x d state (d = 140,330) does not fit", flush=True)
+    unused = [name for name in fixed_lr if name not in optimizers]
+    if unused:  # was silently unused: the run tuned or trained the others, as if --lr had not named these
+        parser.error(
+            f"--lr gives a learning rate for {','.join(unused)}, which {'is' if len(unused) == 1 else 'are'} not run "
+            f"(--optimizers {','.join(optimizers)}); add it to --optimizers or drop it from --lr"
+        )
 
     def log(msg: str) -> None:
         print(msg, flush=True)

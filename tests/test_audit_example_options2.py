@@ -204,3 +204,41 @@ def test_benchmark_list_options_still_reach_the_run(name, target, argv, read, ex
     calls: list = []
     monkeypatch.setattr(module, target, _recorder(calls))
     assert read(_stopped_at(module.main, ["--smoke", *argv], calls)) == expected
+
+
+# ---------------------------------------------------------------------------- paper_cnn.py
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # the learning rate was never used: adagrad ran alone, tuned over its grid
+        (
+            ["--optimizers", "adagrad", "--lr", "adam=0.01"],
+            "--lr gives a learning rate for adam, which is not run (--optimizers adagrad)",
+        ),
+        # full_matrix is left out with --model large (said on stdout); its --lr was then unused
+        (
+            ["--model", "large", "--optimizers", "adagrad,full_matrix", "--lr", "full_matrix=0.1,adagrad=0.1"],
+            "--lr gives a learning rate for full_matrix, which is not run (--optimizers adagrad)",
+        ),
+        # the second one won silently
+        (["--lr", "adagrad=0.1,adagrad=0.2"], "--lr 'adagrad=0.2': a second learning rate for adagrad"),
+        # trained twice, the second run's results replacing the first's in the table and the JSON
+        (["--optimizers", "adam,adagrad,adam"], "--optimizers: adam given twice; name each once"),
+        (["--datasets", "digits,digits"], "--datasets: digits given twice; name each once"),
+    ],
+)
+def test_paper_cnn_refuses_options_it_would_not_use(argv, message, monkeypatch, capsys):
+    paper_cnn = _example("paper_cnn")
+    monkeypatch.setattr(paper_cnn, "load_digits32", _stop)  # training started: the option was not refused
+    assert message in _usage_error(paper_cnn.main, ["--smoke", "--datasets", "digits", *argv], capsys)
+
+
+def test_paper_cnn_fixed_learning_rates_still_reach_the_run(monkeypatch):
+    paper_cnn = _example("paper_cnn")
+    images, labels = torch.zeros(10, 1, 32, 32), torch.zeros(10, dtype=torch.long)
+    monkeypatch.setattr(paper_cnn, "load_digits32", lambda: (images, labels, images, labels))
+    calls: list = []
+    monkeypatch.setattr(paper_cnn, "run_dataset", _recorder(calls))
+    argv = ["--smoke", "--datasets", "digits", "--optimizers", "adagrad,adam", "--lr", "adam=0.01"]
+    call = _stopped_at(paper_cnn.main, argv, calls)
+    assert call[3] == ["adagrad", "adam"] and call[8] == {"adam": 0.01}  # run_dataset(..., optimizers, ..., fixed_lr)
