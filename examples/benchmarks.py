@@ -1031,6 +1031,15 @@ def main(argv=None) -> int:
         parser.error(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
     if args.budget is not None and not args.budget > 0:  # every script was skipped as past the budget
         parser.error(f"--budget must be a positive number of seconds, got {args.budget:g}")
+    if args.device != "cpu":  # --device foo went to every script, each failed, and the failures were the results
+        import torch
+
+        try:
+            device_type = torch.device(args.device).type
+        except RuntimeError:
+            device_type = None
+        if device_type != "cuda":
+            parser.error(f"--device: {args.device!r} is not cpu, cuda or cuda:N")
 
     if args.out_dir:
         out_dir = Path(args.out_dir)

@@ -242,3 +242,24 @@ def test_paper_cnn_fixed_learning_rates_still_reach_the_run(monkeypatch):
     argv = ["--smoke", "--datasets", "digits", "--optimizers", "adagrad,adam", "--lr", "adam=0.01"]
     call = _stopped_at(paper_cnn.main, argv, calls)
     assert call[3] == ["adagrad", "adam"] and call[8] == {"adam": 0.01}  # run_dataset(..., optimizers, ..., fixed_lr)
+
+
+# ---------------------------------------------------------------------------- benchmarks.py
+@pytest.mark.parametrize("device", ["foo", "gpu", "mps"])
+def test_benchmarks_suite_refuses_a_device_that_is_not_cpu_or_cuda(device, monkeypatch, capsys, tmp_path):
+    # --device foo was passed to every script (each failed) or to the GPU-size children (torch's RuntimeError), and
+    # the failures replaced results.jsonl and summary.md in --out-dir
+    benchmarks = _example("benchmarks")
+    monkeypatch.setattr(benchmarks, "run_suite", _stop)
+    monkeypatch.setattr(benchmarks, "machine_record", lambda argv, device: {"suite": "machine"})
+    argv = ["--smoke", "--out-dir", str(tmp_path / "bench"), "--device", device]
+    assert f"--device: {device!r} is not cpu, cuda or cuda:N" in _usage_error(benchmarks.main, argv, capsys)
+    assert not (tmp_path / "bench").exists()
+
+
+def test_benchmarks_suite_keeps_its_clean_skip_without_cuda(monkeypatch, tmp_path):
+    benchmarks = _example("benchmarks")
+    monkeypatch.setattr(benchmarks, "run_suite", _stop)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA
+    assert benchmarks.main(["--smoke", "--no-plots", "--out-dir", str(tmp_path), "--device", "cuda:1"]) == 0
+    assert "CUDA is not available" in (tmp_path / "results.jsonl").read_text()
