@@ -247,6 +247,26 @@ def run_k_sweep(n: int, d: int, ks: list[int], rounds: int, dtype_name: str) -> 
     return out
 
 
+def _block_counts(text: str) -> list[int]:
+    """``--k-sweep``: comma-separated integers >= 1 (argparse names the option in front of the message)."""
+    try:
+        ks = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 100,500, got {text!r}") from None
+    if min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"expected numbers of blocks >= 1, got {text!r}")
+    return ks
+
+
+def _case_names(text: str) -> list[str]:
+    """``--cases``: a comma-separated list of ``CASES``."""
+    names = text.split(",")
+    unknown = [name for name in names if name not in CASES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {','.join(CASES)}")
+    return names
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=20_000)
@@ -254,7 +274,9 @@ def main(argv=None) -> None:
     parser.add_argument("--k", type=int, default=500)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument(
+        "--cases", type=_case_names, default=",".join(CASES), help=f"comma-separated, of {','.join(CASES)}"
+    )
     parser.add_argument("--smoke", action="store_true", help="n = 2,000, k = 50, one repeat")
     parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every case")
@@ -264,7 +286,10 @@ def main(argv=None) -> None:
         help="a file with another version of bma_gp/kernel_block_mean.py, timed in the same run",
     )
     parser.add_argument(
-        "--k-sweep", default=None, help="comma-separated k: time RBF-ARD at each k in one process instead of the cases"
+        "--k-sweep",
+        type=_block_counts,
+        default=None,
+        help="comma-separated k: time RBF-ARD at each k in one process instead of the cases",
     )
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case here
     args = parser.parse_args(argv)
@@ -280,12 +305,16 @@ def main(argv=None) -> None:
     ):
         if value is not None and value < 1:  # a usage error, not a traceback or inf / nan after the run
             parser.error(f"{option} must be at least 1, got {value}")
+    # k > n failed in kmeans_partition, in each case's subprocess (--smoke: the sweep keeps the k up to n / 4)
+    k_option, k_max = ("--k-sweep", max(args.k_sweep)) if args.k_sweep else ("--k", args.k)
+    if k_max > args.n and not (args.k_sweep and args.smoke):
+        parser.error(f"{k_option}: at most --n {args.n} blocks (a block holds at least one point), got {k_max}")
     if args.k_sweep is not None:
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
-        ks = sorted(int(v) for v in args.k_sweep.split(","))
+        ks = sorted(args.k_sweep)
         if args.smoke:
             ks = [k for k in ks if k <= args.n // 4] or [10]
         header = {
@@ -321,7 +350,7 @@ def main(argv=None) -> None:
     }
     lines = [json.dumps(header)]
     print(lines[0], flush=True)
-    for name in args.cases.split(","):
+    for name in args.cases:
         cmd = [
             sys.executable,
             os.path.abspath(__file__),

@@ -167,6 +167,12 @@ def main(argv=None) -> int:
     ):
         if value is not None and value < 1:  # a usage error, not a traceback or inf / nan after the run
             parser.error(f"{option} must be at least 1, got {value}")
+    if min(args.levels) < 1:  # was a traceback from torch.randint while the data were made
+        parser.error(f"--levels must be two numbers of levels >= 1, got {' '.join(map(str, args.levels))}")
+    if args.inducing > args.n:  # were drawn from the n rows: silently fewer
+        parser.error(f"--inducing {args.inducing} is more than the --n {args.n} rows they are drawn from")
+    if args.predict < 0:  # was a traceback after the training iterations
+        parser.error(f"--predict must be at least 0 (0: no prediction), got {args.predict}")
     if args.weight == "formed":
         from bma_gp.kernels import sum_prediction_strategy
 

@@ -8,6 +8,7 @@ The scripts' ``main(argv)`` runs in this process, stopped at its first expensive
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -263,3 +264,43 @@ def test_benchmarks_suite_keeps_its_clean_skip_without_cuda(monkeypatch, tmp_pat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA
     assert benchmarks.main(["--smoke", "--no-plots", "--out-dir", str(tmp_path), "--device", "cuda:1"]) == 0
     assert "CUDA is not available" in (tmp_path / "results.jsonl").read_text()
+
+
+# ---------------------------------------------------------------------- bench_kernel_block_mean.py, bench_mixed.py
+@pytest.mark.parametrize(
+    ("name", "target", "argv", "message"),
+    [
+        # every case's subprocess failed ("unknown kernel" / kmeans_partition's k > n), each recorded as an error
+        ("bench_kernel_block_mean", "run_case", ["--cases", "rbf,foo"], "argument --cases: unknown ['foo']; choose"),
+        ("bench_kernel_block_mean", "run_case", ["--k", "5000"], "--k: at most --n 2000 blocks"),
+        # int('abc') traceback; k = 0 a traceback in the sweep
+        (
+            "bench_kernel_block_mean",
+            "run_k_sweep",
+            ["--k-sweep", "abc"],
+            "argument --k-sweep: expected comma-separated",
+        ),
+        ("bench_kernel_block_mean", "run_k_sweep", ["--k-sweep", "0,10"], "argument --k-sweep: expected numbers of"),
+        # torch.randint traceback while the data were made; a traceback after the training iterations
+        ("bench_mixed", "run", ["--levels", "0", "200"], "--levels must be two numbers of levels >= 1, got 0 200"),
+        ("bench_mixed", "run", ["--predict", "-5"], "--predict must be at least 0 (0: no prediction), got -5"),
+        # the inducing points are drawn from the n rows: silently 5,000 of them
+        ("bench_mixed", "run", ["--inducing", "6000"], "--inducing 6000 is more than the --n 5000 rows"),
+    ],
+)
+def test_benchmark_sizes_that_cannot_run_are_usage_errors(name, target, argv, message, monkeypatch, capsys):
+    module = _example(name)
+    monkeypatch.setattr(module, target, _stop)
+    monkeypatch.setattr(subprocess, "run", _stop)  # bench_kernel_block_mean runs its cases in subprocesses
+    assert message in _usage_error(module.main, ["--smoke", *argv], capsys)
+
+
+def test_bench_kernel_block_mean_sweep_k_above_n(monkeypatch, capsys):
+    # a k above n failed in kmeans_partition after the smaller k were timed
+    module = _example("bench_kernel_block_mean")
+    calls: list = []
+    monkeypatch.setattr(module, "run_k_sweep", _recorder(calls))
+    error = _usage_error(module.main, ["--n", "1000", "--k-sweep", "10,3000"], capsys)
+    assert "--k-sweep: at most --n 1000 blocks (a block holds at least one point), got 3000" in error
+    # benchmarks.py --smoke runs the sweep's k up to 5,000 at n = 2,000: --smoke keeps those up to n / 4, as before
+    assert _stopped_at(module.main, ["--smoke", "--k-sweep", "10,100,1000,5000"], calls)[:3] == (2000, 4, [10, 100])
