@@ -584,6 +584,9 @@ def _csv(kind, choices: tuple[str, ...] | None = None):
             raise argparse.ArgumentTypeError(f"{err} in the comma separated list {text!r}") from None
         if not items:
             raise argparse.ArgumentTypeError("expected a comma separated list")
+        repeated = sorted({str(t) for t in items if items.count(t) > 1})
+        if repeated:  # ran (and reported) the same thing twice
+            raise argparse.ArgumentTypeError(f"{','.join(repeated)} given twice in {text!r}; name each once")
         if choices is not None:
             bad = [t for t in items if t not in choices]
             if bad:

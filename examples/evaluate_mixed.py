@@ -575,6 +575,10 @@ def _main(argv: list[str] | None) -> dict:
         args = parser.parse_args(argv)
     if args.time_limit < 0:
         parser.error(f"--time-limit must be >= 0 seconds (0 for none), got {args.time_limit:g}")
+    for option, values in (("--datasets", args.datasets), ("--models", args.models), ("--seeds", args.seeds)):
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:  # ran the same fits twice: each counted twice in the means, the spread of the seeds shrunk
+            parser.error(f"{option}: {' '.join(repeated)} given twice; name each once")
     if args.table_only:  # before anything is created: a mistyped --out made an empty folder, then a traceback
         if args.smoke and args.out is None:
             parser.error("--table-only with --smoke needs --out (a --smoke run writes to a temporary folder)")

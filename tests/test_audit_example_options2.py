@@ -304,3 +304,23 @@ def test_bench_kernel_block_mean_sweep_k_above_n(monkeypatch, capsys):
     assert "--k-sweep: at most --n 1000 blocks (a block holds at least one point), got 3000" in error
     # benchmarks.py --smoke runs the sweep's k up to 5,000 at n = 2,000: --smoke keeps those up to n / 4, as before
     assert _stopped_at(module.main, ["--smoke", "--k-sweep", "10,100,1000,5000"], calls)[:3] == (2000, 4, [10, 100])
+
+
+# ---------------------------------------------------------------------------- evaluate_gp.py, evaluate_mixed.py
+@pytest.mark.parametrize(
+    ("name", "argv", "message"),
+    [
+        # the same fits ran twice and went into one row of the table: the mean counted them twice, and repeated
+        # seeds (the same split) shrank the reported spread
+        ("evaluate_gp", ["--blocks", "8,8"], "argument --blocks: 8 given twice in '8,8'; name each once"),
+        ("evaluate_gp", ["--methods", "exact,blockmean,exact"], "argument --methods: exact given twice"),
+        ("evaluate_gp", ["--datasets", "diabetes,diabetes"], "argument --datasets: diabetes given twice"),
+        ("evaluate_mixed", ["--seeds", "0", "1", "0"], "--seeds: 0 given twice; name each once"),
+        ("evaluate_mixed", ["--models", "groups", "groups"], "--models: groups given twice; name each once"),
+        ("evaluate_mixed", ["--datasets", "exam", "exam"], "--datasets: exam given twice; name each once"),
+    ],
+)
+def test_evaluations_refuse_a_list_item_given_twice(name, argv, message, capsys, tmp_path):
+    module = _example(name)
+    assert message in _usage_error(module.main, ["--smoke", "--out", str(tmp_path / "out"), *argv], capsys)
+    assert not (tmp_path / "out").exists()
