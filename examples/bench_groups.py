@@ -442,6 +442,18 @@ def main(argv=None) -> int:
     ):
         if value is not None and value < 1:  # a usage error, not a traceback or inf / nan after the run
             parser.error(f"{option} must be at least 1, got {value}")
+    benchmarks = [
+        option
+        for option, on in (
+            ("--predict", args.predict),
+            ("--posterior", args.posterior),
+            ("--rank", args.rank),
+            ("--slope", args.slope),
+        )
+        if on
+    ]
+    if len(benchmarks) > 1:  # --predict ran alone, ignoring the others (and --posterior ignored --rank / --slope)
+        parser.error(f"{' and '.join(benchmarks)} are different benchmarks; pass one")
     if not 0 <= args.rank <= min(args.ks):  # was GroupKernel's ValueError after the data were made
         parser.error(f"--rank must be between 0 and the smallest of --ks ({min(args.ks)}), got {args.rank}")
     if args.predict and min(args.ks) <= 20:  # the last 20 groups are held out of training: was a torch traceback
@@ -458,8 +470,6 @@ def main(argv=None) -> int:
         print(f"# peak RSS of the process {records[-1]['peak_rss_mb'] / 1024:.2f} GB")
         return 0
     if args.rank or args.slope:
-        if args.rank and args.slope:
-            parser.error("--rank and --slope are two different benchmarks; pass one")
         paths = {"both": ["factor", "dense"], "elementwise": ["factor"], "general": ["dense"]}[args.only]
         records = run_factor(n, ks, args.rank, paths, args.repeats)
         print(f"# peak RSS of the process {records[-1]['peak_rss_mb'] / 1024:.2f} GB")

@@ -324,3 +324,20 @@ def test_evaluations_refuse_a_list_item_given_twice(name, argv, message, capsys,
     module = _example(name)
     assert message in _usage_error(module.main, ["--smoke", "--out", str(tmp_path / "out"), *argv], capsys)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # --predict ran alone and ignored the others; --posterior ignored --rank and --slope
+        (["--predict", "--rank", "2"], "--predict and --rank are different benchmarks; pass one"),
+        (["--posterior", "--slope"], "--posterior and --slope are different benchmarks; pass one"),
+        (["--predict", "--posterior"], "--predict and --posterior are different benchmarks; pass one"),
+        (["--rank", "2", "--slope"], "--rank and --slope are different benchmarks; pass one"),  # as before
+    ],
+)
+def test_bench_groups_refuses_two_benchmarks_at_once(argv, message, monkeypatch, capsys):
+    bench_groups = _example("bench_groups")
+    for target in ("run_prediction", "run_posterior", "run_factor", "iteration_seconds"):
+        monkeypatch.setattr(bench_groups, target, _stop)
+    assert message in _usage_error(bench_groups.main, ["--smoke", *argv], capsys)
