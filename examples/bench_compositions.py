@@ -223,6 +223,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:  # 0 was ignored, < 0 a traceback from torch
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    if args.noise is not None and not args.noise > 0:  # a diagonal d <= 0: no positive definite sum to time
+        parser.error(f"--noise must be positive (it scales the noise diagonal d), got {args.noise:g}")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)

@@ -341,3 +341,14 @@ def test_bench_groups_refuses_two_benchmarks_at_once(argv, message, monkeypatch,
     for target in ("run_prediction", "run_posterior", "run_factor", "iteration_seconds"):
         monkeypatch.setattr(bench_groups, target, _stop)
     assert message in _usage_error(bench_groups.main, ["--smoke", *argv], capsys)
+
+
+@pytest.mark.parametrize("noise", ["0", "-1", "nan"])
+def test_bench_compositions_refuses_a_noise_scale_that_is_not_positive(noise, monkeypatch, capsys):
+    # a diagonal d <= 0: the closed form's ValueError ("needs a positive per-point diagonal d") as a traceback, after
+    # the other parts had run
+    bench = _example("bench_compositions")
+    for target in ("part_exact", "part_cg", "part_large"):
+        monkeypatch.setattr(bench, target, _stop)
+    error = _usage_error(bench.main, ["--smoke", "--noise", noise], capsys)
+    assert f"--noise must be positive (it scales the noise diagonal d), got {noise}" in error
