@@ -402,10 +402,10 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--only",
         choices=("elementwise", "general", "both"),
-        default="both",
-        help="with --rank: elementwise = the factor form, general = the dense form",
+        default=None,
+        help="both (default); with --rank / --slope: elementwise = the factor form, general = the dense form",
     )
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=None, help="timed iterations, the fastest kept (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--smoke", action="store_true", help="n = 3000, k = 50 and 200 (300 with --rank)")
     parser.add_argument("--rank", type=int, default=0, help="correlated effects of this rank: factor vs dense form")
@@ -418,11 +418,16 @@ def main(argv=None) -> int:
         "--posterior", action="store_true", help="the posterior at the training inputs: closed form vs before"
     )
     parser.add_argument(
-        "--max-draw-q", type=int, default=6000, help="with --posterior: time the old square-root draw up to this q"
+        "--max-draw-q",
+        type=int,
+        default=None,
+        help="with --posterior: time the old square-root draw up to this q (default 6000)",
     )
     parser.add_argument("--predict", action="store_true", help="prediction at new inputs: structured vs products")
-    parser.add_argument("--t", type=int, default=2000, help="with --predict: new inputs")
-    parser.add_argument("--cov-points", type=int, default=2000, help="with --predict: points of the full covariance")
+    parser.add_argument("--t", type=int, default=None, help="with --predict: new inputs (default 2000)")
+    parser.add_argument(
+        "--cov-points", type=int, default=None, help="with --predict: points of the full covariance (default 2000)"
+    )
     parser.add_argument("--no-before", action="store_true", help="with --predict: skip the products with W")
     args = parser.parse_args(argv)
     if args.smoke:  # smaller defaults, per benchmark: an option given explicitly still wins
@@ -456,30 +461,42 @@ def main(argv=None) -> int:
         parser.error(f"{' and '.join(benchmarks)} are different benchmarks; pass one")
     if not 0 <= args.rank <= min(args.ks):  # was GroupKernel's ValueError after the data were made
         parser.error(f"--rank must be between 0 and the smallest of --ks ({min(args.ks)}), got {args.rank}")
+    benchmark = "--predict" if args.predict else "--posterior" if args.posterior else None
+    for option, given, belongs in (  # an option of another benchmark was ignored without a word
+        ("--only", args.only is not None, None),
+        ("--repeats", args.repeats is not None, None),
+        ("--max-draw-q", args.max_draw_q is not None, "--posterior"),
+        ("--t", args.t is not None, "--predict"),
+        ("--cov-points", args.cov_points is not None, "--predict"),
+        ("--no-before", args.no_before, "--predict"),
+    ):
+        if given and belongs != benchmark:
+            timed_by = belongs or "the iteration benchmarks (default, --rank, --slope)"
+            parser.error(f"{option} is an option of {timed_by}; {benchmark or 'this run'} would ignore it")
     if args.predict and min(args.ks) <= 20:  # the last 20 groups are held out of training: was a torch traceback
         parser.error(f"--ks: with --predict every k must be above 20 (20 groups are never seen), got {min(args.ks)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    n, ks = args.n, args.ks
+    n, ks, only, repeats = args.n, args.ks, args.only or "both", args.repeats or 2
     if args.predict:
-        records = run_prediction(n, ks, args.t, args.cov_points, not args.no_before)
+        records = run_prediction(n, ks, args.t or 2000, args.cov_points or 2000, not args.no_before)
         print(f"# peak RSS of the process {max(r['closed_peak_rss_mb'] for r in records) / 1024:.2f} GB")
         return 0
     if args.posterior:
-        records = run_posterior(n, ks, args.max_draw_q)
+        records = run_posterior(n, ks, 6000 if args.max_draw_q is None else args.max_draw_q)
         print(f"# peak RSS of the process {records[-1]['peak_rss_mb'] / 1024:.2f} GB")
         return 0
     if args.rank or args.slope:
-        paths = {"both": ["factor", "dense"], "elementwise": ["factor"], "general": ["dense"]}[args.only]
-        records = run_factor(n, ks, args.rank, paths, args.repeats)
+        paths = {"both": ["factor", "dense"], "elementwise": ["factor"], "general": ["dense"]}[only]
+        records = run_factor(n, ks, args.rank, paths, repeats)
         print(f"# peak RSS of the process {records[-1]['peak_rss_mb'] / 1024:.2f} GB")
         return 0
-    paths = {"both": ["elementwise", "general"], "elementwise": ["elementwise"], "general": ["general"]}[args.only]
+    paths = {"both": ["elementwise", "general"], "elementwise": ["elementwise"], "general": ["general"]}[only]
     records = []
     for k in ks:
         rec = {"bench": "group_iteration", "n": n, "k": k, "dtype": "float32", "threads": torch.get_num_threads()}
         for path in paths:
-            seconds, loss = iteration_seconds(n, k, path == "general", args.repeats)
+            seconds, loss = iteration_seconds(n, k, path == "general", repeats)
             rec[f"{path}_s"], rec[f"{path}_loss"] = seconds, loss
         if len(paths) == 2:
             rec["speedup"] = rec["general_s"] / rec["elementwise_s"]

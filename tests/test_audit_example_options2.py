@@ -352,3 +352,49 @@ def test_bench_compositions_refuses_a_noise_scale_that_is_not_positive(noise, mo
         monkeypatch.setattr(bench, target, _stop)
     error = _usage_error(bench.main, ["--smoke", "--noise", noise], capsys)
     assert f"--noise must be positive (it scales the noise diagonal d), got {noise}" in error
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # each was read by one benchmark only and ignored by the others without a word
+        (
+            ["--predict", "--only", "general"],
+            "--only is an option of the iteration benchmarks (default, --rank, --slope)",
+        ),
+        (["--posterior", "--repeats", "3"], "--repeats is an option of the iteration benchmarks"),
+        (["--t", "50"], "--t is an option of --predict; this run would ignore it"),
+        (["--rank", "2", "--no-before"], "--no-before is an option of --predict; this run would ignore it"),
+        (["--posterior", "--cov-points", "10"], "--cov-points is an option of --predict; --posterior would ignore it"),
+        (["--predict", "--max-draw-q", "10"], "--max-draw-q is an option of --posterior; --predict would ignore it"),
+    ],
+)
+def test_bench_groups_refuses_an_option_of_another_benchmark(argv, message, monkeypatch, capsys):
+    bench_groups = _example("bench_groups")
+    for target in ("run_prediction", "run_posterior", "run_factor", "iteration_seconds"):
+        monkeypatch.setattr(bench_groups, target, _stop)
+    assert message in _usage_error(bench_groups.main, ["--smoke", *argv], capsys)
+
+
+@pytest.mark.parametrize(
+    ("target", "argv", "read", "expected"),
+    [
+        ("iteration_seconds", [], lambda call: call, (3000, 50, False, 2)),  # defaults: both paths, 2 repeats
+        ("iteration_seconds", ["--only", "general", "--repeats", "3"], lambda call: call, (3000, 50, True, 3)),
+        ("run_factor", ["--slope", "--only", "elementwise"], lambda call: call, (3000, [300], 0, ["factor"], 2)),
+        ("run_posterior", ["--posterior"], lambda call: call, (3000, [300], 6000)),
+        ("run_posterior", ["--posterior", "--max-draw-q", "0"], lambda call: call, (3000, [300], 0)),
+        ("run_prediction", ["--predict"], lambda call: call, (4000, [1400], 300, 2000, True)),
+        (
+            "run_prediction",
+            ["--predict", "--t", "40", "--cov-points", "30", "--no-before"],
+            lambda call: call,
+            (4000, [1400], 40, 30, False),
+        ),
+    ],
+)
+def test_bench_groups_options_still_reach_their_benchmark(target, argv, read, expected, monkeypatch):
+    bench_groups = _example("bench_groups")
+    calls: list = []
+    monkeypatch.setattr(bench_groups, target, _recorder(calls))
+    assert read(_stopped_at(bench_groups.main, ["--smoke", *argv], calls)) == expected
