@@ -152,8 +152,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--weight",
         choices=("auto", "formed"),
-        default="auto",
-        help="prediction: the package's choice, or always the formed q x q posterior weight (the path before products)",
+        default=None,
+        help="with --predict: auto (default), the package's choice, or formed, always the formed q x q posterior "
+        "weight (the path before products)",
     )
     args = parser.parse_args(argv)
     if args.smoke:  # smaller defaults: an option given explicitly still wins
@@ -173,6 +174,9 @@ def main(argv=None) -> int:
         parser.error(f"--inducing {args.inducing} is more than the --n {args.n} rows they are drawn from")
     if args.predict < 0:  # was a traceback after the training iterations
         parser.error(f"--predict must be at least 0 (0: no prediction), got {args.predict}")
+    if args.weight is not None and not args.predict:  # it only changes the prediction: was ignored
+        parser.error(f"--weight {args.weight}: only with --predict T (it picks how the prediction is computed)")
+    args.weight = args.weight or "auto"
     if args.weight == "formed":
         from bma_gp.kernels import sum_prediction_strategy
 

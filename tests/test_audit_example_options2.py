@@ -398,3 +398,35 @@ def test_bench_groups_options_still_reach_their_benchmark(target, argv, read, ex
     calls: list = []
     monkeypatch.setattr(bench_groups, target, _recorder(calls))
     assert read(_stopped_at(bench_groups.main, ["--smoke", *argv], calls)) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "target", "argv", "message"),
+    [
+        # the sweep times RBF-ARD of this version: --cases and --baseline were ignored
+        (
+            "bench_kernel_block_mean",
+            "run_k_sweep",
+            ["--k-sweep", "10", "--cases", "rbf"],
+            "--cases: not with --k-sweep",
+        ),
+        ("bench_kernel_block_mean", "run_k_sweep", ["--k-sweep", "10", "--baseline", "old.py"], "--baseline: not with"),
+        # --weight picks how the prediction is computed: without --predict it was ignored
+        ("bench_mixed", "run", ["--weight", "formed"], "--weight formed: only with --predict T"),
+    ],
+)
+def test_benchmarks_refuse_options_of_the_mode_not_run(name, target, argv, message, monkeypatch, capsys):
+    module = _example(name)
+    monkeypatch.setattr(module, target, _stop)
+    assert message in _usage_error(module.main, ["--smoke", *argv], capsys)
+
+
+def test_bench_mixed_weight_still_reaches_the_prediction(monkeypatch):
+    bench_mixed = _example("bench_mixed")
+    calls: list = []
+    monkeypatch.setattr(bench_mixed, "run", _recorder(calls))
+    assert _stopped_at(bench_mixed.main, ["--smoke", "--predict", "10"], calls)[5:] == (10, "auto")
+    assert _stopped_at(bench_mixed.main, ["--smoke", "--predict", "10", "--weight", "formed"], calls)[5:] == (
+        10,
+        "formed",
+    )
