@@ -664,7 +664,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     out = args.out or (Path(tempfile.mkdtemp(prefix="evaluate_gp_")) if args.smoke else DEFAULT_OUT)
-    out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "results.jsonl"
     meta_path = out / "meta.json"
     if args.table_only:
@@ -687,16 +686,32 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         "max_cholesky": args.max_cholesky,
         "datasets": {},
     }
+    loaded, planned = {}, 0
+    for name in args.datasets:  # the plan first: a run with nothing to fit stops before it replaces any results
+        spec = DATASETS[name]
+        x, y, features = spec.load()
+        if args.max_rows is not None and len(y) > args.max_rows:
+            keep = np.random.default_rng(0).choice(len(y), args.max_rows, replace=False)
+            x, y = x[keep], y[keep]
+        loaded[name] = (x, y, features)
+        n_train = len(y) - max(1, int(round(args.test_fraction * len(y))))  # as make_split
+        above = [k for k in args.blocks or spec.blocks if k > n_train]
+        if above and ({"sgpr", "blockmean"} & set(args.methods)):  # were left out without a word
+            print(f"{name}: k = {','.join(map(str, above))} left out, above its {n_train} training rows", flush=True)
+        planned += len(fit_specs(spec, args.methods, args.builders, args.blocks or spec.blocks, n_train))
+    if not planned:
+        raise SystemExit(
+            f"evaluate_gp: nothing to fit: every k is above the training rows of --datasets "
+            f"{','.join(args.datasets)} (see above; pass a smaller --blocks); nothing written"
+        )
+    out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     jsonl.write_text("")
     warm_up(args.methods, args.builders, dtype)
     total_start = time.perf_counter()
     for name in args.datasets:
         spec = DATASETS[name]
-        x, y, features = spec.load()
-        if args.max_rows is not None and len(y) > args.max_rows:
-            keep = np.random.default_rng(0).choice(len(y), args.max_rows, replace=False)
-            x, y = x[keep], y[keep]
+        x, y, features = loaded[name]
         iters = args.iters if args.iters is not None else spec.iters
         blocks = args.blocks or spec.blocks
         meta["datasets"][name] = {

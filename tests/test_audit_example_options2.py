@@ -430,3 +430,21 @@ def test_bench_mixed_weight_still_reaches_the_prediction(monkeypatch):
         10,
         "formed",
     )
+
+
+def test_evaluate_gp_says_which_k_it_leaves_out_and_stops_when_nothing_is_left(monkeypatch, capsys, tmp_path):
+    # a k above a data set's training rows was dropped without a word; when that left nothing to fit, the run replaced
+    # results.jsonl, results.md and summary.json in --out (by default the documented results) with empty ones and
+    # then ended in matplotlib's "Number of columns must be a positive integer, not 0"
+    evaluate_gp = _example("evaluate_gp")
+    monkeypatch.setattr(evaluate_gp, "warm_up", lambda *args: None)
+    calls: list = []
+    monkeypatch.setattr(evaluate_gp, "run_fit", _recorder(calls))
+    argv = ["--smoke", "--datasets", "diabetes", "--methods", "sgpr", "--out", str(tmp_path / "a")]
+    fit = _stopped_at(evaluate_gp.main, [*argv, "--blocks", "8,500"], calls)[0]
+    assert (fit.method, fit.k) == ("sgpr", 8)
+    assert "diabetes: k = 500 left out, above its 96 training rows" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_gp.main([*argv[:-1], str(tmp_path / "b"), "--blocks", "200,500"])
+    assert "evaluate_gp: nothing to fit: every k is above the training rows" in str(exit_info.value.code)
+    assert not (tmp_path / "b").exists()
