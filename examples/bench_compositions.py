@@ -213,7 +213,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     parser.add_argument(
-        "--noise", type=float, default=None, help="only the n = 2x10^4 comparison with d scaled by this"
+        "--noise",
+        type=float,
+        default=None,
+        help="instead of the CG part: the n = 2x10^4 comparison (--smoke: the smoke size) with d scaled by this",
     )
     parser.add_argument(
         "--fast-root-products",
@@ -234,8 +237,9 @@ def main(argv=None) -> int:
     records = []
     if args.part in ("exact", "all"):
         records.append(part_exact(*exact))
-    if args.noise is not None:
-        records.append(part_cg(20_000, 100, 500, 64, dtype=torch.float64, repeats=3, noise=args.noise))
+    if args.noise is not None:  # --smoke: at the smoke sizes of the CG comparison (was always n = 2x10^4)
+        sizes, repeats = (cg, 1) if args.smoke else ((20_000, 100, 500, 64), 3)
+        records.append(part_cg(*sizes, dtype=torch.float64, repeats=repeats, noise=args.noise))
     elif args.part in ("cg", "all"):
         records.append(part_cg(*cg, dtype=torch.float64, repeats=1 if args.smoke else 3))
         if not args.smoke:  # levels in proportion to n (about 200 and 40 points per level), m = 64

@@ -448,3 +448,16 @@ def test_evaluate_gp_says_which_k_it_leaves_out_and_stops_when_nothing_is_left(m
         evaluate_gp.main([*argv[:-1], str(tmp_path / "b"), "--blocks", "200,500"])
     assert "evaluate_gp: nothing to fit: every k is above the training rows" in str(exit_info.value.code)
     assert not (tmp_path / "b").exists()
+
+
+def test_bench_compositions_noise_comparison_follows_smoke(monkeypatch):
+    # --smoke --noise 0.1 ran the n = 2x10^4 comparison, three repeats of the generic CG path, not the smoke size
+    bench = _example("bench_compositions")
+    calls: list = []
+    monkeypatch.setattr(bench, "part_cg", lambda *args, **kwargs: calls.append((args, kwargs)) or _stop())
+    with pytest.raises(_Stop):
+        bench.main(["--smoke", "--part", "cg", "--noise", "0.1"])
+    assert calls[-1] == ((600, 10, 30, 4), {"dtype": torch.float64, "repeats": 1, "noise": 0.1})
+    with pytest.raises(_Stop):
+        bench.main(["--part", "cg", "--noise", "0.1"])  # the full run: as before
+    assert calls[-1] == ((20_000, 100, 500, 64), {"dtype": torch.float64, "repeats": 3, "noise": 0.1})
