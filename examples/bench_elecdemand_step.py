@@ -112,6 +112,9 @@ def _dtypes(text: str) -> list[str]:
     unknown = [name for name in names if name not in DTYPES]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {','.join(DTYPES)}")
+    repeated = sorted({str(v) for v in names if names.count(v) > 1})
+    if repeated:  # the same runs twice, in two rows
+        raise argparse.ArgumentTypeError(f"{','.join(repeated)} given twice in {text!r}; name each once")
     return names
 
 

@@ -245,6 +245,9 @@ def _sizes(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1000,5000, got {text!r}") from None
     if min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    repeated = sorted({str(v) for v in sizes if sizes.count(v) > 1})
+    if repeated:  # the same runs twice, in two rows
+        raise argparse.ArgumentTypeError(f"{','.join(repeated)} given twice in {text!r}; name each once")
     return sizes
 
 
@@ -299,6 +302,9 @@ def main(argv=None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:  # each case of an unknown method was recorded as a failure; none ran nothing
         parser.error(f"--methods: {f'unknown {unknown}' if unknown else 'none given'}; choose from {','.join(METHODS)}")
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:  # the same cases twice, in two rows
+        parser.error(f"--methods: {','.join(repeated)} given twice; name each once")
     import torch
 
     try:

@@ -392,6 +392,9 @@ def _group_counts(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1000,4000, got {text!r}") from None
     if min(ks) < 1:
         raise argparse.ArgumentTypeError(f"expected numbers of groups >= 1, got {text!r}")
+    repeated = sorted({str(v) for v in ks if ks.count(v) > 1})
+    if repeated:  # the same runs twice, in two rows
+        raise argparse.ArgumentTypeError(f"{','.join(repeated)} given twice in {text!r}; name each once")
     return ks
 
 

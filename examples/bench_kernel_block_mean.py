@@ -255,6 +255,9 @@ def _block_counts(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 100,500, got {text!r}") from None
     if min(ks) < 1:
         raise argparse.ArgumentTypeError(f"expected numbers of blocks >= 1, got {text!r}")
+    repeated = sorted({str(v) for v in ks if ks.count(v) > 1})
+    if repeated:  # the same runs twice, in two rows
+        raise argparse.ArgumentTypeError(f"{','.join(repeated)} given twice in {text!r}; name each once")
     return ks
 
 
@@ -264,6 +267,9 @@ def _case_names(text: str) -> list[str]:
     unknown = [name for name in names if name not in CASES]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {','.join(CASES)}")
+    repeated = sorted({str(v) for v in names if names.count(v) > 1})
+    if repeated:  # the same runs twice, in two rows
+        raise argparse.ArgumentTypeError(f"{','.join(repeated)} given twice in {text!r}; name each once")
     return names
 
 

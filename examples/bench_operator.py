@@ -339,6 +339,9 @@ def _sizes(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 10,100, got {text!r}") from None
     if min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    repeated = sorted({str(v) for v in sizes if sizes.count(v) > 1})
+    if repeated:  # the same runs twice, in two rows
+        raise argparse.ArgumentTypeError(f"{','.join(repeated)} given twice in {text!r}; name each once")
     return sizes
 
 

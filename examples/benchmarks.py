@@ -1027,6 +1027,9 @@ def main(argv=None) -> int:
         parser.error(f"--only: unknown suite(s) {', '.join(bad)}; choose from {', '.join(SUITES)}")
     if not only:  # ran nothing and replaced the results in --out-dir with an empty summary
         parser.error(f"--only: no suite given; choose from {', '.join(SUITES)}")
+    repeated = sorted({s for s in only if only.count(s) > 1})
+    if repeated:  # the suite ran twice (its scripts and records twice)
+        parser.error(f"--only: {', '.join(repeated)} given twice; name each once")
     if not args.timeout > 0:  # every script was killed after the 1 s floor
         parser.error(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
     if args.budget is not None and not args.budget > 0:  # every script was skipped as past the budget

@@ -461,3 +461,31 @@ def test_bench_compositions_noise_comparison_follows_smoke(monkeypatch):
     with pytest.raises(_Stop):
         bench.main(["--part", "cg", "--noise", "0.1"])  # the full run: as before
     assert calls[-1] == ((20_000, 100, 500, 64), {"dtype": torch.float64, "repeats": 3, "noise": 0.1})
+
+
+@pytest.mark.parametrize(
+    ("name", "target", "argv", "message"),
+    [
+        # the same cases ran twice, in two rows of the output (benchmarks.py: the whole suite twice)
+        (
+            "bench_gp_iteration",
+            "plan",
+            ["--n", "100,100"],
+            "argument --n: 100 given twice in '100,100'; name each once",
+        ),
+        ("bench_gp_iteration", "plan", ["--methods", "sgpr,sgpr"], "--methods: sgpr given twice; name each once"),
+        ("bench_groups", "iteration_seconds", ["--ks", "50,50"], "argument --ks: 50 given twice in '50,50'"),
+        ("bench_operator", "run_sweep", ["--part", "sweep", "--ks", "10,10"], "argument --ks: 10 given twice"),
+        ("bench_elecdemand_step", "run", ["--dtypes", "float32,float32"], "argument --dtypes: float32 given twice"),
+        ("bench_kernel_block_mean", "run_case", ["--cases", "rbf,rbf"], "argument --cases: rbf given twice"),
+        ("bench_kernel_block_mean", "run_k_sweep", ["--k-sweep", "10,10"], "argument --k-sweep: 10 given twice"),
+        ("benchmarks", "run_suite", ["--only", "gp,gp"], "--only: gp given twice; name each once"),
+    ],
+)
+def test_benchmark_lists_refuse_an_item_given_twice(name, target, argv, message, monkeypatch, capsys, tmp_path):
+    module = _example(name)
+    monkeypatch.setattr(module, target, _stop)
+    monkeypatch.setattr(subprocess, "run", _stop)  # bench_kernel_block_mean runs its cases in subprocesses
+    out = ["--out-dir", str(tmp_path / "bench")] if name == "benchmarks" else []
+    assert message in _usage_error(module.main, ["--smoke", *out, *argv], capsys)
+    assert not (tmp_path / "bench").exists()
