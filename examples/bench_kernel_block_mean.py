@@ -277,7 +277,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--d", type=int, default=4)
-    parser.add_argument("--k", type=int, default=500)
+    parser.add_argument("--k", type=int, default=None, help="blocks of each case (default 500; --smoke: 50)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument(
@@ -299,9 +299,12 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case here
     args = parser.parse_args(argv)
+    k_given = args.k is not None  # before --smoke's default: the sweep takes its k from --k-sweep
     if args.smoke:  # smaller defaults: an option given explicitly still wins
         parser.set_defaults(n=2_000, k=50, repeat=1)
         args = parser.parse_args(argv)
+    if args.k is None:
+        args.k = 500
     for option, value in (
         ("--n", args.n),
         ("--d", args.d),
@@ -316,9 +319,12 @@ def main(argv=None) -> None:
     if k_max > args.n and not (args.k_sweep and args.smoke):
         parser.error(f"{k_option}: at most --n {args.n} blocks (a block holds at least one point), got {k_max}")
     if args.k_sweep is not None:
-        for option, given in (("--cases", args.cases), ("--baseline", args.baseline)):
+        for option, given in (("--k", k_given), ("--cases", args.cases), ("--baseline", args.baseline)):
             if given:  # the sweep times RBF-ARD at the current version only: these were ignored
-                parser.error(f"{option}: not with --k-sweep (the sweep times RBF-ARD of this version only)")
+                parser.error(
+                    f"{option}: an option of the per-case runs, not of --k-sweep (which times RBF-ARD of this "
+                    "version at the k it lists)"
+                )
         if args.threads:
             import torch
 

@@ -408,9 +408,15 @@ def test_bench_groups_options_still_reach_their_benchmark(target, argv, read, ex
             "bench_kernel_block_mean",
             "run_k_sweep",
             ["--k-sweep", "10", "--cases", "rbf"],
-            "--cases: not with --k-sweep",
+            "--cases: an option of the per-case runs, not of --k-sweep",
         ),
-        ("bench_kernel_block_mean", "run_k_sweep", ["--k-sweep", "10", "--baseline", "old.py"], "--baseline: not with"),
+        (
+            "bench_kernel_block_mean",
+            "run_k_sweep",
+            ["--k-sweep", "10", "--baseline", "old.py"],
+            "--baseline: an option of the per-case runs",
+        ),
+        ("bench_kernel_block_mean", "run_k_sweep", ["--k-sweep", "10", "--k", "20"], "--k: an option of the per-case"),
         # --weight picks how the prediction is computed: without --predict it was ignored
         ("bench_mixed", "run", ["--weight", "formed"], "--weight formed: only with --predict T"),
     ],
