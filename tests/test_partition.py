@@ -329,3 +329,18 @@ def test_block_dot_and_addcmul_match_indicator(layout, dtype):
         p.block_dot(x[:-1], y[:-1])
     with pytest.raises(ValueError, match="addcmul_ expected"):
         p.addcmul_(out, c[:-1], x)
+
+
+def test_read_only_numpy_labels_do_not_warn():
+    """pandas' ``to_numpy()`` is read-only (copy-on-write): torch warned that it cannot write to the array."""
+    import warnings
+
+    import numpy as np
+
+    labels, counts = np.array([0, 1, 1, 0, 2]), np.array([1, 1, 2])
+    labels.flags.writeable = counts.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        part = Partition.from_labels(labels)
+        sizes = Partition.from_sizes(counts)
+    assert part.labels.tolist() == [0, 1, 1, 0, 2] and sizes.sizes.tolist() == [1, 1, 2]
