@@ -428,9 +428,14 @@ def test_benchmarks_refuse_options_of_the_mode_not_run(name, target, argv, messa
 
 
 def test_bench_mixed_weight_still_reaches_the_prediction(monkeypatch):
+    from bma_gp.kernels import sum_prediction_strategy
+
     bench_mixed = _example("bench_mixed")
     calls: list = []
     monkeypatch.setattr(bench_mixed, "run", _recorder(calls))
+    # --weight formed raises the package's threshold for the rest of the process (a script's choice): restored after
+    threshold = sum_prediction_strategy._DENSE_WEIGHT_MAX_ELIMINATED
+    monkeypatch.setattr(sum_prediction_strategy, "_DENSE_WEIGHT_MAX_ELIMINATED", threshold)
     assert _stopped_at(bench_mixed.main, ["--smoke", "--predict", "10"], calls)[5:] == (10, "auto")
     assert _stopped_at(bench_mixed.main, ["--smoke", "--predict", "10", "--weight", "formed"], calls)[5:] == (
         10,
