@@ -7,33 +7,20 @@ are what the run would have used.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import gpytorch
 import pytest
 import torch
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from example_scripts import Stop, load_example, stop
 
 
 def _example(name: str):
-    spec = importlib.util.spec_from_file_location(f"audit_options_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_example(name, "audit_options")
 
 
-class _Stop(Exception):
-    """Raised by the patched expensive call: the script got this far."""
-
-
-def _stop(*args, **kwargs):
-    raise _Stop
+_Stop, _stop = Stop, stop
 
 
 def _run_until(monkeypatch, name: str, target: str, argv: list[str]):

@@ -7,33 +7,20 @@ The scripts' ``main(argv)`` runs in this process, stopped at its first expensive
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
-import sys
-from pathlib import Path
 
 import gpytorch
 import pytest
 import torch
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from example_scripts import Stop, load_example, stop
 
 
 def _example(name: str):
-    spec = importlib.util.spec_from_file_location(f"audit_options2_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_example(name, "audit_options2")
 
 
-class _Stop(Exception):
-    """Raised by the patched expensive call: the script got this far."""
-
-
-def _stop(*args, **kwargs):
-    raise _Stop
+_Stop, _stop = Stop, stop
 
 
 def _usage_error(main, argv, capsys) -> str:
