@@ -115,16 +115,6 @@ def test_a_batch_with_different_small_diagonals():
     torch.testing.assert_close(root @ root.mT, dense, rtol=0, atol=1e-11 * dense.abs().max())
 
 
-class BatchGP(gpytorch.models.ExactGP):
-    def __init__(self, x, y, likelihood, covar_module, batch_shape):
-        super().__init__(x, y, likelihood)
-        self.mean_module = gpytorch.means.ConstantMean(batch_shape=batch_shape)
-        self.covar_module = covar_module
-
-    def forward(self, x):
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
-
-
 def test_a_batch_of_models_takes_base_samples_of_size_n():
     torch.manual_seed(0)
     n, batch = 50, torch.Size([2])
@@ -135,7 +125,7 @@ def test_a_batch_of_models_takes_base_samples_of_size_n():
     group = GroupKernel(4, active_dims=[1], batch_shape=batch)
     group.var = torch.tensor([[0.8], [0.4]])
     covar = ChunkedInducingPointKernel(smooth, x[:6, :1].clone(), likelihood, active_dims=[0]) + group
-    model = BatchGP(x, torch.randn(2, n, dtype=DTYPE), likelihood, covar, batch).to(DTYPE).eval()
+    model = GP(x, torch.randn(2, n, dtype=DTYPE), likelihood, covar, batch).to(DTYPE).eval()
     _, latent_ref, _ = dense_posteriors(model, likelihood, x)
     base = torch.randn(3, 2, n, dtype=DTYPE)
     with closed_forms_only(n), gpytorch.settings.max_cholesky_size(0), torch.no_grad():

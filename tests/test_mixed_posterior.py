@@ -416,16 +416,6 @@ def test_repeated_calls_with_and_without_gradients():
         torch.testing.assert_close(g2, r, rtol=1e-8, atol=1e-10)
 
 
-class BatchGP(gpytorch.models.ExactGP):
-    def __init__(self, x, y, likelihood, covar_module, batch_shape):
-        super().__init__(x, y, likelihood)
-        self.mean_module = gpytorch.means.ConstantMean(batch_shape=batch_shape)
-        self.covar_module = covar_module
-
-    def forward(self, x):
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
-
-
 def batch_of_crossed_models(per_group_variance=False):
     """``(model, likelihood, x)``: two crossed models over the same data in one batch (batch-shaped variances and
     noise; with ``per_group_variance``, the second grouping's variances per group), float64, eval mode."""
@@ -438,7 +428,7 @@ def batch_of_crossed_models(per_group_variance=False):
     ka.var = torch.tensor([[0.8], [0.4]])
     if not per_group_variance:
         kb.var = torch.tensor([[0.3], [0.6]])
-    model = BatchGP(x, torch.stack([y, 2 * y]), likelihood, ka + kb, batch).to(DTYPE)
+    model = GP(x, torch.stack([y, 2 * y]), likelihood, ka + kb, batch).to(DTYPE)
     return model.eval(), likelihood, x
 
 
