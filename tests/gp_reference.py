@@ -30,9 +30,9 @@ class DenseKernel(gpytorch.kernels.Kernel):
 
 
 class GP(gpytorch.models.ExactGP):
-    def __init__(self, x, y, likelihood, kernel, batch_shape=torch.Size()):
+    def __init__(self, x, y, likelihood, kernel, batch_shape=()):
         super().__init__(x, y, likelihood)
-        self.mean_module = gpytorch.means.ConstantMean(batch_shape=batch_shape)
+        self.mean_module = gpytorch.means.ConstantMean(batch_shape=torch.Size(batch_shape))
         self.covar_module = kernel
 
     def forward(self, x):
