@@ -7,7 +7,36 @@ import operator
 __all__ = ["fast_root_products", "max_capacitance_size", "validate"]
 
 
-class validate:
+class _Switch:
+    """A process-wide on/off setting, used as a context manager; each subclass keeps its own ``_state``."""
+
+    _state: bool
+
+    def __init__(self, state: bool = True):
+        if state not in (True, False):  # bool("false") is True: a string or None would silently pick a state
+            raise TypeError(f"bma_gp.settings.{type(self).__name__} takes True or False, got {state!r}.")
+        self.state = bool(state)
+        self._previous: list[bool] = []  # a stack: the same instance may be entered again inside itself
+
+    @classmethod
+    def on(cls) -> bool:
+        return cls._state
+
+    @classmethod
+    def off(cls) -> bool:
+        return not cls._state
+
+    def __enter__(self):
+        self._previous.append(type(self)._state)
+        type(self)._state = self.state
+        return self
+
+    def __exit__(self, *exc):
+        type(self)._state = self._previous.pop()
+        return False
+
+
+class validate(_Switch):
     """Validate the input, definiteness and singularity in the closed forms (default: on).
 
     With validation on, every closed form of a block mean operator beyond products (solves,
@@ -34,29 +63,6 @@ class validate:
     """
 
     _state: bool = True
-
-    def __init__(self, state: bool = True):
-        if state not in (True, False):  # bool("false") is True: a string or None would silently pick a state
-            raise TypeError(f"bma_gp.settings.validate takes True or False, got {state!r}.")
-        self.state = bool(state)
-        self._previous: list[bool] = []  # a stack: the same instance may be entered again inside itself
-
-    @classmethod
-    def on(cls) -> bool:
-        return cls._state
-
-    @classmethod
-    def off(cls) -> bool:
-        return not cls._state
-
-    def __enter__(self):
-        self._previous.append(validate._state)
-        validate._state = self.state
-        return self
-
-    def __exit__(self, *exc):
-        validate._state = self._previous.pop()
-        return False
 
 
 class max_capacitance_size:
@@ -111,7 +117,7 @@ class max_capacitance_size:
         return False
 
 
-class fast_root_products:
+class fast_root_products(_Switch):
     r"""Form a float32 low-rank root's products in its own precision (default: off, in float64).
 
     :class:`~bma_gp.BlockMeanSumLinearOperator` needs three products with its root :math:`U`
@@ -120,7 +126,8 @@ class fast_root_products:
     formed in float64 by default, one row chunk of :math:`U` cast at a time: the log-determinant
     and solves are then those of :math:`U`'s own entries even when the sum is ill-conditioned. With
     this switch on, the Gram matrix and the block sums are formed in float32 and only accumulated
-    in float64, which takes about 2.4 times less time for the Gram matrix at ``m = 256``, but at
+    in float64, which takes about 2.4 times less time for the Gram matrix at ``m = 256`` (the
+    ``n = 10^6`` sum of docs/benchmarks.md: 4.5 s against 6.4 s), but at
     condition numbers from about 10^6 (a small noise against nearly collinear root columns, as
     close inducing points give) the log-determinant can be off by more than 1, with no error::
 
@@ -137,22 +144,3 @@ class fast_root_products:
     """
 
     _state: bool = False
-
-    def __init__(self, state: bool = True):
-        if state not in (True, False):
-            raise TypeError(f"bma_gp.settings.fast_root_products takes True or False, got {state!r}.")
-        self.state = bool(state)
-        self._previous: list[bool] = []
-
-    @classmethod
-    def on(cls) -> bool:
-        return cls._state
-
-    def __enter__(self):
-        self._previous.append(fast_root_products._state)
-        fast_root_products._state = self.state
-        return self
-
-    def __exit__(self, *exc):
-        fast_root_products._state = self._previous.pop()
-        return False
