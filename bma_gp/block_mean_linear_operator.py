@@ -24,7 +24,7 @@ from bma_gp._low_rank_sum import LowRankInClosedForm
 from bma_gp._precision import core_dtype
 from bma_gp._symmetric_function import floored_sqrt, symmetric_matrix_function
 from bma_gp._warnings import ClosedFormFallbackWarning, warn_dense_cholesky, warn_elementwise
-from bma_gp.partition import Partition
+from bma_gp.partition import Partition, intersection
 
 __all__ = ["BlockMeanLinearOperator"]
 
@@ -701,11 +701,8 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
         occupied pairs, at most ``min(n, k k')``; linear_operator's generic product would multiply through ``n x n``
         roots instead."""
         k2 = other.partition.num_blocks
-        pairs, labels = torch.unique(
-            self.partition.labels * k2 + other.partition.labels.to(self.device), return_inverse=True
-        )
+        partition, pairs = intersection(self.partition, other.partition)
         first, second = pairs // k2, pairs % k2  # each joint block's block in self and in other
-        partition = Partition(labels, num_blocks=pairs.numel())
         lam1, lam2 = self.lam.index_select(-1, first), other.lam.index_select(-1, second)
         b1, b2 = self._b_vector().index_select(-1, first), other._b_vector().index_select(-1, second)
         lam = lam1 * lam2 + lam1 * b2 + b1 * lam2

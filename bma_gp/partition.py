@@ -666,3 +666,13 @@ def _runs_within(runs, start: int, first: int, last: int):
         if lo < hi:
             inside.append((index + (lo - block) * size - start, lo - first, hi - lo, size))
     return tuple(inside) if inside else None
+
+
+def intersection(first: Partition, second: Partition) -> tuple[Partition, Tensor]:
+    """The partition of the same indices into the occupied pairs of blocks ``(i, i')`` of ``first`` and ``second``,
+    and each pair's code ``i * k' + i'`` (sorted: the new blocks are numbered in that order). The one numbering of
+    an elementwise product of block mean matrices over two partitions, for the training covariance and the cross
+    covariances at new points alike. # codes shape: (number of pairs,)"""
+    k2 = second.num_blocks
+    codes, labels = torch.unique(first.labels * k2 + second.labels.to(first.device), return_inverse=True)
+    return Partition(labels, num_blocks=codes.numel()), codes

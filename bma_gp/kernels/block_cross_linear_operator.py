@@ -14,7 +14,7 @@ from linear_operator.operators import LinearOperator
 from linear_operator.utils.getitem import _is_noop_index
 from torch import Tensor
 
-from bma_gp.partition import Partition
+from bma_gp.partition import Partition, intersection
 
 __all__ = ["BlockCrossLinearOperator"]
 
@@ -230,9 +230,7 @@ class BlockCrossLinearOperator(LinearOperator):
                 return self.one_hot(self.row_values * other.row_values, columns, self.partition, self.transposed)
             return self.__class__(self.values * other.values, self.partition, transposed=self.transposed)
         k2 = other.partition.num_blocks
-        labels1 = self.partition.labels
-        pairs, labels = torch.unique(labels1 * k2 + other.partition.labels.to(labels1.device), return_inverse=True)
-        partition = Partition(labels, num_blocks=pairs.numel())
+        partition, pairs = intersection(self.partition, other.partition)
         if both_one_hot:
             assert self.row_values is not None and other.row_values is not None
             assert self.columns is not None and other.columns is not None
