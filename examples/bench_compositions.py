@@ -15,9 +15,15 @@ Parts (one JSON line each, then a readable line):
   stochastic Lanczos quadrature), forward plus backward, timed in the same run.
 * ``exact``: relative error of the closed form and of the generic path against dense Cholesky at
   ``n = 2000`` in float64.
+* ``agree`` (not in ``all``; run it as its own process, since it holds float64 copies at ``n = 10^6`` that
+  would count in the ``large`` part's peak memory): the ``large`` operator's ``inv_quad``, ``logdet``,
+  ``solve`` and the gradients to ``B_1``, ``v_2``, ``d`` and ``U`` in float32 against float64 on the same
+  entries (the float32 inputs cast up), as relative errors (norms for vectors and matrices), with the root's
+  products in float64 (the default) and in float32 (``bma_gp.settings.fast_root_products``).
 
     python examples/bench_compositions.py                  # all parts
     python examples/bench_compositions.py --part large --dtype float64
+    python examples/bench_compositions.py --part agree     # float32 against float64 at n = 10^6
     python examples/bench_compositions.py --smoke          # tiny sizes
 """
 
@@ -206,9 +212,45 @@ def part_exact(n: int, k1: int, k2: int, m: int) -> dict:
     return res
 
 
+def _answers(inputs: dict) -> dict:
+    """``inv_quad``, ``logdet``, ``solve(y)`` and the gradients of ``inv_quad + logdet``, as float64 tensors."""
+    x = leaves(inputs)
+    M = closed_form(inputs, x)
+    inv_quad, logdet = M.inv_quad_logdet(inputs["y"], logdet=True)
+    (inv_quad + logdet).backward()
+    with torch.no_grad():
+        solve = M.solve(inputs["y"].unsqueeze(-1)).squeeze(-1)
+    out = {"inv_quad": inv_quad.detach(), "logdet": logdet.detach(), "solve": solve}
+    out.update({f"grad_{name}": leaf.grad for name, leaf in x.items()})
+    return {name: value.double() for name, value in out.items()}
+
+
+def part_agree(n: int, k1: int, k2: int, m: int) -> dict:
+    """float32 answers against float64 ones on the same entries (the float32 inputs cast up), relative errors."""
+    inputs32 = make_inputs(n, k1, k2, m, torch.float32, seed=4)
+    inputs64 = {name: v.double() if torch.is_tensor(v) else v for name, v in inputs32.items()}
+    start = time.perf_counter()
+    reference = _answers(inputs64)
+    seconds64 = time.perf_counter() - start
+    del inputs64
+    res = {"bench": "compositions_agreement", "n": n, "k1": k1, "k2": k2, "m": m, "float64_s": seconds64}
+    for label, fast in (("", False), ("fast_", True)):
+        with bma_gp.settings.fast_root_products(fast):
+            start = time.perf_counter()
+            got = _answers(inputs32)
+            res[f"{label}float32_s"] = time.perf_counter() - start
+        errors = {
+            name: float(torch.linalg.vector_norm(got[name] - ref) / torch.linalg.vector_norm(ref))
+            for name, ref in reference.items()
+        }
+        res[f"{label}rel_err"] = errors
+        res[f"{label}max_rel_err"] = max(errors.values())
+    return res
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("large", "cg", "exact", "all"), default="all")
+    parser.add_argument("--part", choices=("large", "cg", "exact", "agree", "all"), default="all")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
@@ -235,6 +277,8 @@ def main(argv=None) -> int:
     cg = (600, 10, 30, 4) if args.smoke else (20_000, 1000, 5000, 256)
     exact = (300, 10, 30, 4) if args.smoke else (2000, 100, 500, 32)
     records = []
+    if args.part == "agree":
+        records.append(part_agree(*large))
     if args.part in ("exact", "all"):
         records.append(part_exact(*exact))
     if args.noise is not None:  # --smoke: at the smoke sizes of the CG comparison (was always n = 2x10^4)
@@ -269,6 +313,15 @@ def main(argv=None) -> int:
                 f"generic CG path {r['generic_cg_s']:.2f} s ({r['speedup']:.0f}x; {r['cg_products']} products with "
                 f"{r['cg_product_columns']} columns in all); U^T D^-1 U and its gradient alone "
                 f"{r['gram_floor_s'] * 1e3:.1f} ms, so at most {r['speedup_ceiling']:.0f}x"
+            )
+        elif r["bench"] == "compositions_agreement":
+            worst = max(r["rel_err"], key=r["rel_err"].get)
+            fast = max(r["fast_rel_err"], key=r["fast_rel_err"].get)
+            print(
+                f"# n = {r['n']:,}, k = {r['k1']} x {r['k2']}, m = {r['m']}: float32 against float64 on the same "
+                f"entries, largest relative error {r['max_rel_err']:.1e} ({worst}; root products in float64), "
+                f"{r['fast_max_rel_err']:.1e} ({fast}) with fast_root_products; float32 {r['float32_s']:.1f} s / "
+                f"{r['fast_float32_s']:.1f} s, float64 {r['float64_s']:.1f} s"
             )
         else:
             print(

@@ -68,8 +68,11 @@ def commands(suite: str, smoke: bool, device: str, py: str) -> list[list[str]]:
             [py, str(HERE / "bench_operator.py"), "--part", "dense", *s],
             [py, str(HERE / "bench_operator.py"), "--part", "sweep", *s],
         ]
-    if suite == "compositions":
-        return [[py, str(HERE / "bench_compositions.py"), *s]]
+    if suite == "compositions":  # the float32 / float64 agreement in its own process: its peak memory is its own
+        return [
+            [py, str(HERE / "bench_compositions.py"), *s],
+            [py, str(HERE / "bench_compositions.py"), "--part", "agree", *s],
+        ]
     if suite == "mixed":
         return [
             [py, str(HERE / "bench_mixed.py"), "--predict", "1000", *s],
@@ -787,6 +790,16 @@ def targets(records: list[dict]) -> list[tuple[str, str, str]]:
                     else ""
                 ),
                 _verdict(r["speedup"] >= 100, 100 / r["speedup"]),
+            )
+        )
+    for r in (r for r in records if r.get("bench") == "compositions_agreement" and r["n"] >= 1_000_000):
+        worst = max(r["rel_err"], key=r["rel_err"].get)
+        res.append(
+            (
+                f"sum n = 10^6 (k = {r['k1']} x {r['k2']}, m = {r['m']}): float32 answers (inv_quad, logdet, solve, "
+                "gradients) agree with float64 on the same entries to 1e-4 relative",
+                f"largest {r['max_rel_err']:.1e} ({worst}); with fast_root_products {r['fast_max_rel_err']:.1e}",
+                _verdict(r["max_rel_err"] <= 1e-4, r["max_rel_err"] / 1e-4),
             )
         )
     mixed = [r for r in records if r.get("bench") == "mixed_iteration" and r["n"] >= 1_000_000]

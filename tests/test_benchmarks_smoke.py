@@ -309,3 +309,28 @@ def test_group_factor_benchmark_compares_both_forms(capsys):
     assert r["max_mean_diff"] < 1e-3 and r["max_variance_rel_diff"] < 1e-3
     table = "\n".join(_load("benchmarks").group_tables(records))
     assert "Correlated group effects" in table and "| 3,000 | 300 | 2 |" in table and "True" in table
+
+
+def test_float32_agreement_target_verdicts():
+    """Issue 10: float32 answers at n = 10^6 within 1e-4 relative of float64 on the same entries; smoke sizes are
+    not judged, and the verdict names the worst answer."""
+    bench = _load("benchmarks")
+
+    def rec(worst, n=1_000_000):
+        errors = {"inv_quad": 1e-7, "logdet": 2e-7, "grad_U": worst}
+        return {
+            "bench": "compositions_agreement",
+            "n": n,
+            "k1": 1000,
+            "k2": 5000,
+            "m": 256,
+            "rel_err": errors,
+            "max_rel_err": max(errors.values()),
+            "fast_max_rel_err": 3e-4,
+        }
+
+    (target, measured, verdict), (_, _, missed) = bench.targets([rec(5e-5), rec(2e-4)])
+    assert "agree with float64 on the same entries to 1e-4 relative" in target
+    assert verdict == "holds" and "5.0e-05 (grad_U)" in measured and "fast_root_products 3.0e-04" in measured
+    assert missed == "misses by 2.00x"
+    assert bench.targets([rec(1.0, n=2000)]) == []
