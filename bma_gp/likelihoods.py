@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from gpytorch.constraints import GreaterThan, Interval
+from gpytorch.distributions import MultivariateNormal
 from gpytorch.likelihoods.gaussian_likelihood import _GaussianLikelihoodBase
 from gpytorch.likelihoods.noise_models import Noise
 from gpytorch.priors import Prior
@@ -100,6 +101,9 @@ class GroupNoise(Noise):
         # which levels the likelihood has been trained on (saved with the state dict)
         self.register_buffer("observed", torch.zeros(num_groups, dtype=torch.bool))
         self.register_buffer("train_groups", None, persistent=False)
+        # the number of input columns train_groups was read from (None for 1-D ids): the model's training inputs
+        # of that many columns are checked against it (:meth:`_check_train_groups`)
+        self._train_columns: int | None = None
         if train_inputs is not None:
             self.set_train_inputs(train_inputs)
 
@@ -164,16 +168,46 @@ class GroupNoise(Noise):
 
     def set_train_inputs(self, train_inputs) -> None:
         """Remember the training points' groups, used when the likelihood is called without inputs in
-        training mode (``mll(model(train_x), train_y)``). Call it again after ``model.set_train_data``."""
+        training mode (``mll(model(train_x), train_y)``). Call it again after ``model.set_train_data``: an
+        :class:`~gpytorch.models.ExactGP` output computed at other inputs (of as many columns) than these raises
+        ``ValueError`` instead of taking the old groups."""
         ids = self.groups_of(train_inputs, "train_inputs")
+        source = train_inputs[0] if isinstance(train_inputs, (list, tuple)) else train_inputs
         self.train_groups = ids.to(self.raw_noise.device)
+        self._train_columns = source.shape[-1] if source.dim() > 1 else None
         self._mark_observed(ids)
+
+    def _check_train_groups(self, ids: Tensor, model_inputs) -> None:
+        """``ValueError`` if ``model_inputs`` (the inputs an :class:`~gpytorch.models.ExactGP` output was computed
+        at in training mode) hold other group ids than the stored training groups ``ids``: the model was given new
+        training data (``model.set_train_data``) and the likelihood was not. Inputs whose column ``group_dim`` holds
+        no valid ids, or of another number of columns than the stored training inputs, are not compared: they are
+        not the inputs the groups were read from (1-D ids given to :meth:`set_train_inputs` are never compared)."""
+        if self._train_columns is None or not model_inputs or not torch.is_tensor(model_inputs[0]):
+            return
+        inputs = model_inputs[0]
+        if inputs.dim() < 2 or inputs.shape[-1] != self._train_columns:
+            return
+        try:
+            current = self.groups_of(inputs)
+        except (TypeError, ValueError):  # not group ids in that column: some other layout, nothing to compare
+            return
+        try:
+            same = bool((current.to(ids.device) == ids).all()) if current.shape[-1] == ids.shape[-1] else False
+        except RuntimeError:  # batch shapes that do not broadcast
+            same = False
+        if not same:
+            raise ValueError(
+                f"the model's training inputs ({current.shape[-1]} points) hold other group ids than the training "
+                f"inputs given to the likelihood ({ids.shape[-1]} points): after model.set_train_data(x, y) also "
+                "call likelihood.set_train_inputs(x), or pass the inputs with the call, mll(model(x), y, x)."
+            )
 
     def _mark_observed(self, ids: Tensor) -> None:
         with torch.no_grad():
             self.observed[ids.reshape(-1).to(self.observed.device)] = True
 
-    def _groups(self, params: tuple, groups, shape: torch.Size | None) -> Tensor:
+    def _groups(self, params: tuple, groups, shape: torch.Size | None, model_inputs=None) -> Tensor:
         if groups is not None:
             try:
                 groups = torch.as_tensor(groups, device=self.raw_noise.device)
@@ -188,6 +222,7 @@ class GroupNoise(Noise):
             ids = self.groups_of(params[0])
         elif self.training and self.train_groups is not None:
             ids = self.train_groups
+            self._check_train_groups(ids, model_inputs)
         else:
             where = (
                 "pass the training inputs once (GroupGaussianLikelihood(..., train_inputs=train_x) or "
@@ -264,11 +299,12 @@ class GroupNoise(Noise):
         shape: torch.Size | None = None,
         groups: Tensor | None = None,
         noise: Tensor | None = None,
+        model_inputs: tuple | None = None,
         **kwargs: Any,
     ) -> DiagLinearOperator:
         if noise is not None:  # GPyTorch's convention: an explicit noise is used as it is
             return DiagLinearOperator(self._explicit_noise(noise, shape))
-        ids = self._groups(params, groups, shape)
+        ids = self._groups(params, groups, shape, model_inputs)
         shape_batch = shape[:-1] if shape is not None else torch.Size()
         try:
             batch = torch.broadcast_shapes(shape_batch, ids.shape[:-1], self.raw_noise.shape[:-1])
@@ -301,7 +337,10 @@ class GroupGaussianLikelihood(_GaussianLikelihoodBase):
        (GPyTorch's prediction strategies pass the training inputs this way themselves);
     3. in training mode only, the training inputs given once to the constructor (``train_inputs=``) or to
        :meth:`set_train_inputs`: this is what makes GPyTorch's usual ``mll(model(train_x), train_y)`` work,
-       since :class:`~gpytorch.mlls.ExactMarginalLogLikelihood` passes the likelihood no inputs.
+       since :class:`~gpytorch.mlls.ExactMarginalLogLikelihood` passes the likelihood no inputs. After
+       ``model.set_train_data(x, y)`` call ``likelihood.set_train_inputs(x)`` too: an
+       :class:`~gpytorch.models.ExactGP`'s training-mode output remembers its inputs, and one whose group column
+       holds other ids than the stored ones raises ``ValueError`` instead of taking the old groups.
 
     Without any of them it raises ``ValueError``; in eval mode the inputs must be passed, so the
     training groups are never used silently for test points. GPyTorch's ``noise=`` keyword (one variance per
@@ -390,3 +429,11 @@ class GroupGaussianLikelihood(_GaussianLikelihoodBase):
     def set_train_inputs(self, train_inputs) -> None:
         """See :meth:`GroupNoise.set_train_inputs`."""
         self.noise_covar.set_train_inputs(train_inputs)
+
+    def marginal(self, function_dist: MultivariateNormal, *params: Any, **kwargs: Any) -> MultivariateNormal:
+        """GPyTorch's marginal :math:`p(y)`; an :class:`~gpytorch.models.ExactGP` output of training mode also
+        hands on the inputs it was computed at, against which the stored training groups are checked."""
+        inputs = getattr(function_dist, "_bma_gp_inputs", None)
+        if inputs is not None and not params and kwargs.get("groups") is None and kwargs.get("noise") is None:
+            kwargs = {**kwargs, "model_inputs": inputs}
+        return super().marginal(function_dist, *params, **kwargs)

@@ -166,7 +166,9 @@ def install() -> None:
     once a prediction runs with validation on. In
     training mode a model whose training inputs a ``BlockMeanKernel`` in it is not bound to raises the same
     ``ValueError`` as in eval mode (the kernel would take them for new points: the exact base kernel, trained
-    densely)."""
+    densely). A training-mode output remembers the inputs it was computed at (``_bma_gp_inputs``), so that a
+    :class:`~bma_gp.GroupGaussianLikelihood` can tell stored training groups that no longer belong to the model's
+    training inputs."""
     from gpytorch.models import ExactGP
 
     original = ExactGP.__dict__["__call__"]
@@ -190,6 +192,13 @@ def install() -> None:
         finally:  # also when it raised after filling a cache (a size limit past an unchecked mean)
             if not validated and self.prediction_strategy is not None:
                 self.prediction_strategy._bma_gp_unvalidated = True
+        if self.training:
+            # the points of a training-mode output, for a likelihood that reads groups from the inputs
+            # (GroupGaussianLikelihood checks its stored training groups against them)
+            try:
+                res._bma_gp_inputs = args
+            except AttributeError:  # an output that takes no attributes (__slots__): nothing to check against
+                pass
         if self.training and self.train_inputs is not None:
             prior = getattr(res, "lazy_covariance_matrix", None)
             if _holds_block_mean_kernel(prior) and _is_training_call(self, args):

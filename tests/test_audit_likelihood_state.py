@@ -1,0 +1,84 @@
+"""GroupGaussianLikelihood's training-data state as a GPyTorch user changes the data: the stored training groups
+after ``model.set_train_data``, the ``observed`` flags of a batched likelihood, fantasy models, state dicts and
+moves between dtypes."""
+
+from __future__ import annotations
+
+import gpytorch
+import pytest
+import torch
+
+from bma_gp import GroupGaussianLikelihood, GroupKernel
+
+DTYPE = torch.float64
+K = 4
+NOISE = torch.tensor([0.1, 0.5, 1.0, 2.0], dtype=DTYPE)
+
+
+def grouped(n, seed, levels=K):
+    """Columns: a covariate, the group id."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(n, generator=g, dtype=DTYPE)
+    a = torch.randint(0, levels, (n,), generator=g)
+    return torch.stack([t, a.to(DTYPE)], -1), torch.randn(n, generator=g, dtype=DTYPE)
+
+
+class GP(gpytorch.models.ExactGP):
+    def __init__(self, x, y, likelihood, kernel=None):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = GroupKernel(K, active_dims=[1]) if kernel is None else kernel
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def dense_mll(model, x, y):
+    with torch.no_grad():
+        covar = model.covar_module(x).to_dense() + torch.diag(model.likelihood.noise[x[:, 1].long()])
+        return torch.distributions.MultivariateNormal(model.mean_module(x), covar).log_prob(y) / y.shape[0]
+
+
+def normal(n, batch=()):
+    return gpytorch.distributions.MultivariateNormal(
+        torch.zeros(*batch, n, dtype=DTYPE), torch.eye(n, dtype=DTYPE).expand(*batch, n, n)
+    )
+
+
+# ---------------------------------------------------------------------------- set_train_data
+def test_new_training_data_without_the_likelihoods_groups_raises():
+    x, y = grouped(40, 0)
+    likelihood = GroupGaussianLikelihood(K, group_dim=1, train_inputs=x)
+    model = GP(x, y, likelihood).to(DTYPE)
+    likelihood.noise = NOISE
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+    model.train()
+    with torch.no_grad():
+        assert mll(model(x), y).item() == pytest.approx(dense_mll(model, x, y).item(), rel=1e-10)
+        # new data of the same size: the stored groups of the old data gave a wrong marginal likelihood, silently
+        x2, y2 = grouped(40, 1)
+        model.set_train_data(x2, y2, strict=False)
+        with pytest.raises(ValueError, match=r"likelihood\.set_train_inputs\(x\)"):
+            mll(model(x2), y2)
+        # the inputs passed with the call need no stored groups
+        assert mll(model(x2), y2, x2).item() == pytest.approx(dense_mll(model, x2, y2).item(), rel=1e-10)
+        likelihood.set_train_inputs(x2)
+        assert mll(model(x2), y2).item() == pytest.approx(dense_mll(model, x2, y2).item(), rel=1e-10)
+        # of another size: the same message (it named only set_train_inputs, not model.set_train_data)
+        x3, y3 = grouped(30, 2)
+        model.set_train_data(x3, y3, strict=False)
+        with pytest.raises(ValueError, match=r"model\.set_train_data"):
+            mll(model(x3), y3)
+
+
+def test_stored_ids_of_another_layout_are_not_compared_with_the_models_inputs():
+    # 1-D ids given to the likelihood, a model on the covariate alone: nothing to compare, the stored ids are used
+    x, y = grouped(30, 3)
+    ids = x[:, 1].long()
+    likelihood = GroupGaussianLikelihood(K, train_inputs=ids)
+    model = GP(x[:, :1], y, likelihood, gpytorch.kernels.RBFKernel()).to(DTYPE)
+    likelihood.noise = NOISE
+    model.train()
+    with torch.no_grad():
+        variance = likelihood(model(x[:, :1])).variance
+    torch.testing.assert_close(variance - model.covar_module(x[:, :1]).diagonal(), NOISE[ids])
