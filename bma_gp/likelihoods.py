@@ -98,8 +98,8 @@ class GroupNoise(Noise):
         if noise_prior is not None:
             # methods, not lambdas, so that the module pickles (torch.save(model)), as GPyTorch's noise models do
             self.register_prior("noise_prior", noise_prior, self._noise_param, self._noise_closure)
-        # which levels the likelihood has been trained on (saved with the state dict)
-        self.register_buffer("observed", torch.zeros(num_groups, dtype=torch.bool))
+        # which levels each batch entry has been trained on (saved with the state dict)
+        self.register_buffer("observed", torch.zeros(*batch_shape, num_groups, dtype=torch.bool))
         self.register_buffer("train_groups", None, persistent=False)
         # the number of input columns train_groups was read from (None for 1-D ids): the model's training inputs
         # of that many columns are checked against it (:meth:`_check_train_groups`)
@@ -172,10 +172,12 @@ class GroupNoise(Noise):
         :class:`~gpytorch.models.ExactGP` output computed at other inputs (of as many columns) than these raises
         ``ValueError`` instead of taking the old groups."""
         ids = self.groups_of(train_inputs, "train_inputs")
+        seen = self._levels_seen(ids, "train_inputs")  # checked before anything changes
         source = train_inputs[0] if isinstance(train_inputs, (list, tuple)) else train_inputs
         self.train_groups = ids.to(self.raw_noise.device)
         self._train_columns = source.shape[-1] if source.dim() > 1 else None
-        self._mark_observed(ids)
+        with torch.no_grad():
+            self.observed |= seen
 
     def _check_train_groups(self, ids: Tensor, model_inputs) -> None:
         """``ValueError`` if ``model_inputs`` (the inputs an :class:`~gpytorch.models.ExactGP` output was computed
@@ -203,9 +205,42 @@ class GroupNoise(Noise):
                 "call likelihood.set_train_inputs(x), or pass the inputs with the call, mll(model(x), y, x)."
             )
 
+    def _levels_seen(self, ids: Tensor, name: str) -> Tensor:
+        """Which levels ``ids`` holds for each batch entry of the noise: ids of shape ``(n,)`` count for every
+        entry, ids of shape ``(*batch, n)`` for their own (batch dimensions beyond the noise's, or where the noise
+        has size 1, are combined). # shape: (*batch_shape, num_groups), bool"""
+        batch = self.observed.shape[:-1]
+        hit = torch.zeros(*ids.shape[:-1], self.num_groups, dtype=torch.bool, device=ids.device)
+        hit.scatter_(-1, ids, True)
+        try:
+            full = torch.broadcast_shapes(hit.shape[:-1], batch)
+        except RuntimeError:  # torch's message names neither the ids nor the fix
+            raise ValueError(
+                f"{name} has batch shape {tuple(ids.shape[:-1])}, which does not broadcast with the likelihood's "
+                f"batch shape {tuple(batch)}; pass inputs of shape (n, d) (the same for every batch entry) or "
+                "(*batch_shape, n, d)."
+            ) from None
+        hit = hit.expand(*full, self.num_groups)
+        lead = len(full) - len(batch)
+        if lead:
+            hit = hit.reshape(-1, *hit.shape[lead:]).any(0)
+        for dim, size in enumerate(batch):
+            if size == 1 and hit.shape[dim] != 1:
+                hit = hit.any(dim, keepdim=True)
+        return hit.to(self.observed.device)
+
     def _mark_observed(self, ids: Tensor) -> None:
+        seen = self._levels_seen(ids, "the group ids")
         with torch.no_grad():
-            self.observed[ids.reshape(-1).to(self.observed.device)] = True
+            self.observed |= seen
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a state dict of a version with one flag vector for all batch entries: the flags held for each entry
+        key = prefix + "observed"
+        flags = state_dict.get(key)
+        if torch.is_tensor(flags) and flags.dim() == 1 and self.observed.dim() > 1:
+            state_dict[key] = flags.expand_as(self.observed).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _groups(self, params: tuple, groups, shape: torch.Size | None, model_inputs=None) -> Tensor:
         if groups is not None:
@@ -254,21 +289,26 @@ class GroupNoise(Noise):
         """:math:`\\sigma^2_{g_a}` for every point, with the policy for unseen levels. # shape: (*batch, n)"""
         noise = self.noise
         n = ids.shape[-1]
-        values = noise.expand(*batch, self.num_groups).gather(-1, ids.expand(*batch, n))
-        observed = self.observed
-        if self.training or not bool(observed.any()):
+        ids = ids.expand(*batch, n)
+        values = noise.expand(*batch, self.num_groups).gather(-1, ids)
+        observed = self.observed  # (*nb, num_groups): each batch entry's own levels
+        if self.training:
             return values
-        seen = observed[ids]  # (*b, n)
+        untrained = ~observed.any(-1, keepdim=True)  # (*nb, 1): an entry that observed nothing uses every level
+        if bool(untrained.all()):
+            return values
+        seen = observed.expand(*batch, self.num_groups).gather(-1, ids) | untrained.expand(*batch, 1)
         if bool(seen.all()):
             return values
         if self.unseen == "error":
-            level = int(ids[~seen].reshape(-1)[0])
+            where = (~seen).nonzero()[0]
+            entry = f" of batch entry {tuple(where[:-1].tolist())}" if observed.dim() > 1 else ""
             raise ValueError(
-                f"group {level} was not in the training data, so its noise was never learned; pass unseen='mean' "
-                "to use the mean noise of the trained levels for it."
+                f"group {int(ids[tuple(where)])} was not in the training data{entry}, so its noise was never "
+                "learned; pass unseen='mean' to use the mean noise of the trained levels for it."
             )
         weights = observed.to(noise.dtype)
-        mean = (noise * weights).sum(-1, keepdim=True) / weights.sum()  # (*nb, 1)
+        mean = (noise * weights).sum(-1, keepdim=True) / weights.sum(-1, keepdim=True).clamp_min(1)  # (*nb, 1)
         return torch.where(seen, values, mean.expand(*batch, 1))
 
     def _explicit_noise(self, noise, shape: torch.Size | None) -> Tensor:
@@ -348,11 +388,12 @@ class GroupGaussianLikelihood(_GaussianLikelihoodBase):
 
     **Unseen levels.** Every level in ``[0, num_groups)`` has a parameter, but only the levels in the
     training data are learned (the others get no gradient from the data, only from a ``noise_prior``).
-    The likelihood records them (buffer ``observed``, saved in the state dict, one flag per level shared by
-    the batch entries): the levels of ``train_inputs`` and of every call in training mode. In eval mode a point of
-    a level never observed gets, with ``unseen="mean"`` (the default), the mean noise variance of the
-    observed levels, and with ``unseen="error"`` a ``ValueError``. Before any level is observed, every
-    level uses its own noise.
+    The likelihood records them (buffer ``observed``, saved in the state dict, one flag per level for each batch
+    entry, ``(*batch_shape, num_groups)``): the levels of ``train_inputs`` and of every call in training mode,
+    ids of shape ``(n,)`` for every batch entry and ids of shape ``(*batch_shape, n)`` for their own. In eval mode
+    a point of a level its batch entry never observed gets, with ``unseen="mean"`` (the default), the mean noise
+    variance of that entry's observed levels, and with ``unseen="error"`` a ``ValueError``. Before an entry has
+    observed any level, every level uses its own noise.
 
     Args:
         num_groups: number of possible ids; ids must be integers in ``[0, num_groups)``.
@@ -423,7 +464,7 @@ class GroupGaussianLikelihood(_GaussianLikelihoodBase):
 
     @property
     def observed(self) -> Tensor:
-        """Which levels the likelihood has seen in training. # shape: (num_groups,), bool"""
+        """Which levels each batch entry has seen in training. # shape: (*batch_shape, num_groups), bool"""
         return self.noise_covar.observed
 
     def set_train_inputs(self, train_inputs) -> None:

@@ -82,3 +82,56 @@ def test_stored_ids_of_another_layout_are_not_compared_with_the_models_inputs():
     with torch.no_grad():
         variance = likelihood(model(x[:, :1])).variance
     torch.testing.assert_close(variance - model.covar_module(x[:, :1]).diagonal(), NOISE[ids])
+
+
+# ---------------------------------------------------------------------------- observed levels of a batched likelihood
+def batched_likelihood(unseen="mean"):
+    likelihood = GroupGaussianLikelihood(3, group_dim=0, batch_shape=torch.Size([2]), unseen=unseen).to(DTYPE)
+    likelihood.noise = torch.tensor([[0.1, 0.2, 0.3], [1.0, 2.0, 3.0]], dtype=DTYPE)
+    return likelihood
+
+
+def test_each_batch_entry_records_its_own_levels():
+    likelihood = batched_likelihood()
+    trained = torch.tensor([[[0.0], [0.0]], [[1.0], [1.0]]], dtype=DTYPE)  # entry 0 saw level 0, entry 1 level 1
+    likelihood(normal(2, (2,)), trained)
+    # one flag vector for both entries marked level 1 as trained for entry 0 (and level 0 for entry 1)
+    assert likelihood.observed.tolist() == [[True, False, False], [False, True, False]]
+    likelihood.eval()
+    with torch.no_grad():
+        variance = likelihood(normal(3), torch.tensor([[0.0], [1.0], [2.0]], dtype=DTYPE)).variance
+    # each entry: its own trained level's noise, and for the others the mean over its own trained levels
+    torch.testing.assert_close(variance - 1.0, torch.tensor([[0.1, 0.1, 0.1], [2.0, 2.0, 2.0]], dtype=DTYPE))
+    # ids of shape (n,) count for every entry
+    likelihood.set_train_inputs(torch.tensor([[2.0]], dtype=DTYPE))
+    assert likelihood.observed.tolist() == [[True, False, True], [False, True, True]]
+
+
+def test_unseen_error_names_the_batch_entry():
+    likelihood = batched_likelihood("error")
+    likelihood.set_train_inputs(torch.tensor([[[0.0], [1.0]], [[1.0], [2.0]]], dtype=DTYPE))
+    likelihood.eval()
+    ids = torch.tensor([[1.0], [2.0]], dtype=DTYPE)
+    with pytest.raises(ValueError, match=r"group 2 was not in the training data of batch entry \(0,\)"):
+        likelihood(normal(2), ids)
+    with torch.no_grad():  # each entry's own levels pass
+        variance = likelihood(normal(2, (2,)), torch.tensor([[[1.0], [0.0]], [[2.0], [1.0]]], dtype=DTYPE)).variance
+    torch.testing.assert_close(variance - 1.0, torch.tensor([[0.2, 0.1], [3.0, 2.0]], dtype=DTYPE))
+
+
+def test_batched_train_inputs_of_another_batch_shape_change_nothing():
+    likelihood = batched_likelihood()
+    with pytest.raises(ValueError, match="train_inputs has batch shape"):
+        likelihood.set_train_inputs(torch.zeros(3, 2, 1, dtype=DTYPE))
+    assert likelihood.noise_covar.train_groups is None and not bool(likelihood.observed.any())
+
+
+def test_state_dict_with_one_flag_vector_loads_into_a_batched_likelihood():
+    state = batched_likelihood().state_dict()
+    state["noise_covar.observed"] = torch.tensor([True, False, True])  # the former layout
+    likelihood = batched_likelihood()
+    likelihood.load_state_dict(state)
+    assert likelihood.observed.tolist() == [[True, False, True]] * 2
+    again = batched_likelihood()
+    again.load_state_dict(likelihood.state_dict())
+    assert torch.equal(again.observed, likelihood.observed)
