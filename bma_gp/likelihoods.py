@@ -200,9 +200,10 @@ class GroupNoise(Noise):
             same = False
         if not same:
             raise ValueError(
-                f"the model's training inputs ({current.shape[-1]} points) hold other group ids than the training "
-                f"inputs given to the likelihood ({ids.shape[-1]} points): after model.set_train_data(x, y) also "
-                "call likelihood.set_train_inputs(x), or pass the inputs with the call, mll(model(x), y, x)."
+                f"the inputs of the model's output ({current.shape[-1]} points) hold other group ids than the "
+                f"training inputs given to the likelihood ({ids.shape[-1]} points): after model.set_train_data(x, y) "
+                "also call likelihood.set_train_inputs(x), or pass the inputs with the call, mll(model(x), y, x) or "
+                "likelihood(model(x), x)."
             )
 
     def _levels_seen(self, ids: Tensor, name: str) -> Tensor:
@@ -305,7 +306,8 @@ class GroupNoise(Noise):
             entry = f" of batch entry {tuple(where[:-1].tolist())}" if observed.dim() > 1 else ""
             raise ValueError(
                 f"group {int(ids[tuple(where)])} was not in the training data{entry}, so its noise was never "
-                "learned; pass unseen='mean' to use the mean noise of the trained levels for it."
+                "learned; pass unseen='mean' to use the mean noise of the trained levels for it, or, with its noise "
+                f"set by hand, mark it trained (likelihood.observed[..., {int(ids[tuple(where)])}] = True)."
             )
         weights = observed.to(noise.dtype)
         mean = (noise * weights).sum(-1, keepdim=True) / weights.sum(-1, keepdim=True).clamp_min(1)  # (*nb, 1)
@@ -393,7 +395,10 @@ class GroupGaussianLikelihood(_GaussianLikelihoodBase):
     ids of shape ``(n,)`` for every batch entry and ids of shape ``(*batch_shape, n)`` for their own. In eval mode
     a point of a level its batch entry never observed gets, with ``unseen="mean"`` (the default), the mean noise
     variance of that entry's observed levels, and with ``unseen="error"`` a ``ValueError``. Before an entry has
-    observed any level, every level uses its own noise.
+    observed any level, every level uses its own noise. Conditioning learns no noise, so it records nothing: the
+    points of an unrecorded level in new training data used in eval mode (``model.set_train_data``) or in a
+    fantasy model (``model.get_fantasy_model``) take the same policy, and a fantasy model predicts as the model
+    given all its points. A level whose noise is known can be marked by hand: ``likelihood.observed[..., j] = True``.
 
     Args:
         num_groups: number of possible ids; ids must be integers in ``[0, num_groups)``.

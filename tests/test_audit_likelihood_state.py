@@ -135,3 +135,37 @@ def test_state_dict_with_one_flag_vector_loads_into_a_batched_likelihood():
     again = batched_likelihood()
     again.load_state_dict(likelihood.state_dict())
     assert torch.equal(again.observed, likelihood.observed)
+
+
+# ---------------------------------------------------------------------------- fantasy models
+def test_fantasy_points_of_an_unseen_level_predict_as_the_model_given_all_points():
+    x, y = grouped(30, 4, levels=K - 1)  # level K - 1 is not in the training data
+    likelihood = GroupGaussianLikelihood(K, group_dim=1, train_inputs=x)
+    model = GP(x, y, likelihood, gpytorch.kernels.RBFKernel(active_dims=[0])).to(DTYPE)
+    likelihood.noise = NOISE
+    model.eval()
+    xt = torch.tensor([[0.3, K - 1.0], [0.6, 0.0]], dtype=DTYPE)
+    xf, yf = torch.tensor([[0.2, K - 1.0], [0.4, K - 1.0]], dtype=DTYPE), torch.tensor([1.0, 1.2], dtype=DTYPE)
+    with torch.no_grad():
+        model(xt)
+        fantasy = model.get_fantasy_model(xf, yf)
+        pred = fantasy.likelihood(fantasy(xt), xt)
+        # conditioning records nothing, in the fantasy or the original: the level keeps the unseen policy
+        assert fantasy.likelihood.observed.tolist() == likelihood.observed.tolist() == [True] * (K - 1) + [False]
+        model.set_train_data(torch.cat([x, xf]), torch.cat([y, yf]), strict=False)
+        full = model.likelihood(model(xt), xt)
+    torch.testing.assert_close(pred.mean, full.mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pred.variance, full.variance, rtol=1e-10, atol=1e-12)
+    # a known noise marked by hand is used as it is
+    likelihood.observed[..., K - 1] = True
+    with torch.no_grad():
+        marked = likelihood(normal(2), xt).variance - 1.0
+    torch.testing.assert_close(marked, NOISE[[K - 1, 0]])
+
+
+def test_unseen_error_says_how_to_mark_a_level():
+    x, _ = grouped(20, 5, levels=K - 1)
+    likelihood = GroupGaussianLikelihood(K, group_dim=1, train_inputs=x, unseen="error").to(DTYPE)
+    likelihood.eval()
+    with pytest.raises(ValueError, match=rf"likelihood\.observed\[\.\.\., {K - 1}\] = True"):
+        likelihood(normal(1), torch.tensor([[0.0, K - 1.0]], dtype=DTYPE))
