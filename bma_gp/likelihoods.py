@@ -190,21 +190,22 @@ class GroupNoise(Noise):
         inputs = model_inputs[0]
         if inputs.dim() < 2 or inputs.shape[-1] != self._train_columns:
             return
-        try:
+        column = inputs[..., self.group_dim].to(ids.device)
+        try:  # one pass over the column: values equal to the stored (valid) ids are those ids
+            if column.shape[-1] == ids.shape[-1] and bool((column == ids).all()):
+                return
+        except RuntimeError:  # batch shapes that do not broadcast: other data
+            pass
+        try:  # validated only when they differ
             current = self.groups_of(inputs)
         except (TypeError, ValueError):  # not group ids in that column: some other layout, nothing to compare
             return
-        try:
-            same = bool((current.to(ids.device) == ids).all()) if current.shape[-1] == ids.shape[-1] else False
-        except RuntimeError:  # batch shapes that do not broadcast
-            same = False
-        if not same:
-            raise ValueError(
-                f"the inputs of the model's output ({current.shape[-1]} points) hold other group ids than the "
-                f"training inputs given to the likelihood ({ids.shape[-1]} points): after model.set_train_data(x, y) "
-                "also call likelihood.set_train_inputs(x), or pass the inputs with the call, mll(model(x), y, x) or "
-                "likelihood(model(x), x)."
-            )
+        raise ValueError(
+            f"the inputs of the model's output ({current.shape[-1]} points) hold other group ids than the "
+            f"training inputs given to the likelihood ({ids.shape[-1]} points): after model.set_train_data(x, y) "
+            "also call likelihood.set_train_inputs(x), or pass the inputs with the call, mll(model(x), y, x) or "
+            "likelihood(model(x), x)."
+        )
 
     def _levels_seen(self, ids: Tensor, name: str) -> Tensor:
         """Which levels ``ids`` holds for each batch entry of the noise: ids of shape ``(n,)`` count for every

@@ -82,6 +82,15 @@ def test_stored_ids_of_another_layout_are_not_compared_with_the_models_inputs():
     with torch.no_grad():
         variance = likelihood(model(x[:, :1])).variance
     torch.testing.assert_close(variance - model.covar_module(x[:, :1]).diagonal(), NOISE[ids])
+    # inputs of as many columns whose group column holds no ids (two covariates): not compared either
+    covariates = torch.stack([x[:, 0], x[:, 0] ** 2 + 0.5], -1)
+    likelihood = GroupGaussianLikelihood(K, group_dim=1, train_inputs=x)
+    model = GP(covariates, y, likelihood, gpytorch.kernels.RBFKernel()).to(DTYPE)
+    likelihood.noise = NOISE
+    model.train()
+    with torch.no_grad():
+        variance = likelihood(model(covariates)).variance
+    torch.testing.assert_close(variance - model.covar_module(covariates).diagonal(), NOISE[ids])
 
 
 # ---------------------------------------------------------------------------- observed levels of a batched likelihood
