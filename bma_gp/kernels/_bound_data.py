@@ -152,6 +152,22 @@ def _is_training_call(model, args) -> bool:
     )
 
 
+def _rebuilt(model, strategy: DefaultPredictionStrategy) -> DefaultPredictionStrategy | None:
+    """What replaces a cached ``strategy`` that may not be used: None (GPyTorch builds a new one from the model's
+    training data at the next call), but for a fantasy model's strategy a new strategy of its class on the model's
+    prior at its training inputs. A ``BlockMeanKernel`` takes the fantasy points for new points (which
+    ``get_fantasy_model`` keeps), whereas a strategy GPyTorch builds would refuse training inputs the kernel is not
+    bound to."""
+    if not getattr(strategy, "_bma_gp_fantasy", False):
+        return None
+    from gpytorch.module import Module
+
+    prior = Module.__call__(model, *model.train_inputs)  # the model's forward, as get_fantasy_model evaluates it
+    rebuilt = type(strategy)(model.train_inputs, prior, model.train_targets, model.likelihood)
+    rebuilt._bma_gp_fantasy = True
+    return rebuilt
+
+
 def install() -> None:
     """Make every :class:`~gpytorch.models.ExactGP` refuse a cached prediction strategy built before a
     :class:`~bma_gp.BlockMeanKernel` among its modules got new data (idempotent).
@@ -163,7 +179,8 @@ def install() -> None:
     every ``BlockMeanKernel`` among its modules on the strategy it built, and checks them before each prediction.
     A block mean strategy built before the model was moved to another dtype or device is dropped and rebuilt, and
     so is any strategy a prediction with :class:`bma_gp.settings.validate` off used (its caches skipped the checks)
-    once a prediction runs with validation on. In
+    once a prediction runs with validation on, and so is the strategy of a fantasy model made from such a strategy
+    or under validation off (``get_fantasy_model`` updates the parent's caches). In
     training mode a model whose training inputs a ``BlockMeanKernel`` in it is not bound to raises the same
     ``ValueError`` as in eval mode (the kernel would take them for new points: the exact base kernel, trained
     densely). A training-mode output remembers the inputs it was computed at (``_bma_gp_inputs``), so that a
@@ -180,11 +197,11 @@ def install() -> None:
         validated = settings.validate.on()
         strategy = self.prediction_strategy
         if strategy is not None and not self.training and _moved(strategy, self):
-            self.prediction_strategy = strategy = None  # rebuilt in the new dtype / on the new device
+            self.prediction_strategy = strategy = _rebuilt(self, strategy)  # in the new dtype / on the new device
         if strategy is not None and validated and getattr(strategy, "_bma_gp_unvalidated", False):
             # its caches (GPyTorch's mean and covariance caches, the block mean strategies' factors) may hold NaN from
             # unchecked solves: rebuilt, so that validation raises what it finds
-            self.prediction_strategy = strategy = None
+            self.prediction_strategy = strategy = _rebuilt(self, strategy)
         if strategy is not None and not self.training:
             check_bound_data(strategy)
         try:
@@ -216,3 +233,27 @@ def install() -> None:
 
     __call__._bma_gp_original = original  # type: ignore[attr-defined]
     ExactGP.__call__ = __call__
+
+    original_fantasy = ExactGP.__dict__["get_fantasy_model"]
+
+    @functools.wraps(original_fantasy)
+    def get_fantasy_model(self, inputs, targets, **kwargs):
+        # GPyTorch builds the fantasy strategy from the parent's caches (its mean cache, the roots of its training
+        # covariance): a fantasy of a strategy used unchecked, or made under validate(False), is marked as that
+        # strategy is, so that __call__ rebuilds it (from the fantasy model's data) before a prediction with
+        # validation on
+        validated = settings.validate.on()
+        unchecked = not validated or getattr(self.prediction_strategy, "_bma_gp_unvalidated", False)
+        try:
+            fantasy = original_fantasy(self, inputs, targets, **kwargs)
+        finally:  # the parent's caches filled here skipped the checks too
+            if not validated and self.prediction_strategy is not None:
+                self.prediction_strategy._bma_gp_unvalidated = True
+        if fantasy.prediction_strategy is not None:
+            fantasy.prediction_strategy._bma_gp_fantasy = True
+            if unchecked:
+                fantasy.prediction_strategy._bma_gp_unvalidated = True
+        return fantasy
+
+    get_fantasy_model._bma_gp_original = original_fantasy  # type: ignore[attr-defined]
+    ExactGP.get_fantasy_model = get_fantasy_model

@@ -1,0 +1,114 @@
+"""Audit of GPyTorch fantasy models (``model.get_fantasy_model(x_new, y_new)``) on models whose kernel holds a
+block mean kernel, as a GPyTorch / BoTorch user makes them: fantasy predictions against the dense posterior on the
+training and fantasy points together, and what a fantasy model keeps from its parent's prediction caches."""
+
+from __future__ import annotations
+
+import warnings
+
+import gpytorch
+import pytest
+import torch
+from gpytorch.kernels import RBFKernel, ScaleKernel
+
+from bma_gp import BlockMeanKernel, ChunkedInducingPointKernel, GroupKernel, Partition, settings
+from gp_reference import GP
+
+pytestmark = [pytest.mark.usefixtures("one_thread")]
+
+DTYPE = torch.float64
+N = 40
+
+
+def _model(kind: str, n: int = N):
+    """A float64 model of ``kind`` on inputs ``(group id, second id or x)`` and its test inputs (a new level, 5)."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 5, (n, 1), generator=generator).to(DTYPE)
+    likelihood = gpytorch.likelihoods.GaussianLikelihood()
+    likelihood.noise = 0.05
+    if kind == "group+group":  # two groupings: a BlockMeanSumLinearOperator
+        x = torch.cat([ids, torch.randint(0, 3, (n, 1), generator=generator).to(DTYPE)], dim=-1)
+        kernel = GroupKernel(6, active_dims=[0]) + GroupKernel(3, active_dims=[1])
+    else:
+        x = torch.cat([ids, torch.randn(n, 1, generator=generator, dtype=DTYPE)], dim=-1)
+        smooth = ScaleKernel(RBFKernel(active_dims=[1]))
+        if kind == "inducing+group":
+            inducing = torch.linspace(-2, 2, 5, dtype=DTYPE).unsqueeze(-1).expand(5, 2).clone()
+            smooth = ChunkedInducingPointKernel(smooth, inducing, likelihood)
+        elif kind == "block_mean+group":  # the fantasy points are new points for the BlockMeanKernel
+            smooth = BlockMeanKernel(smooth, x, Partition.from_labels((x[:, 1] > 0).long() + (x[:, 1] > 1).long()))
+        kernel = smooth + GroupKernel(6, active_dims=[0])  # "rbf+group": an exact kernel, GPyTorch's path
+    y = ids.squeeze(-1) * 0.3 + 0.2 * torch.randn(n, generator=generator, dtype=DTYPE)
+    model = GP(x, y, likelihood, kernel).to(DTYPE)
+    test_x = x[:4].clone()
+    test_x[:, 0] = torch.tensor([0.0, 2.0, 5.0, 4.0], dtype=DTYPE)
+    return model, test_x
+
+
+def _fantasy_points(model):
+    """Two fantasy points, one in a level the training data do not have (5)."""
+    x = model.train_inputs[0][:2].clone()
+    x[:, 0] = torch.tensor([1.0, 5.0], dtype=DTYPE)
+    return x, torch.tensor([0.4, -0.7], dtype=DTYPE)
+
+
+def _dense_posterior(model, x, y, test_x, noise):
+    """Mean and covariance at ``test_x`` of the model's prior conditioned densely on ``(x, y)`` (noise ``noise``)."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        joint = torch.cat([x, test_x], dim=-2)
+        with gpytorch.settings.lazily_evaluate_kernels(False):
+            prior = model.covar_module(joint)
+        prior = prior if torch.is_tensor(prior) else prior.to_dense()
+        mean = model.mean_module(joint)
+    n = x.shape[-2]
+    train = prior[..., :n, :n] + torch.diag_embed(noise.expand(*prior.shape[:-2], n))
+    cross = prior[..., n:, :n]
+    alpha = torch.linalg.solve(train, (y - mean[..., :n]).unsqueeze(-1))
+    return mean[..., n:] + (cross @ alpha).squeeze(-1), prior[..., n:, n:] - cross @ torch.linalg.solve(train, cross.mT)
+
+
+# ---------------------------------------------------------------------------- validate(False) and fantasies
+@pytest.mark.parametrize("kind", ["group+group", "rbf+group", "block_mean+group"])
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_fantasy_of_an_unvalidated_strategy_is_rebuilt_with_validation_on(kind, when):
+    # a strategy used under validate(False) is rebuilt before a prediction with validation on, but a fantasy model
+    # made from it (or made under validate(False)) kept GPyTorch's fantasy caches, updated from the unchecked ones,
+    # and its predictions with validation on trusted them
+    model, test_x = _model(kind)
+    model.eval()
+    new_x, new_y = _fantasy_points(model)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rbf+group: GPyTorch's path, which says so
+        with settings.validate(False):
+            model(test_x)
+            if when == "during":
+                fantasy = model.get_fantasy_model(new_x, new_y)
+        if when == "before":
+            fantasy = model.get_fantasy_model(new_x, new_y)
+        parent, strategy = model.prediction_strategy, fantasy.prediction_strategy
+        pred = fantasy(test_x)
+        assert fantasy.prediction_strategy is not strategy  # rebuilt with the checks (a BlockMeanKernel's too)
+        model(test_x)
+        assert model.prediction_strategy is not parent
+        mean, covariance = pred.mean, pred.covariance_matrix
+    x, y = torch.cat([model.train_inputs[0], new_x]), torch.cat([model.train_targets, new_y])
+    ref_mean, ref_covariance = _dense_posterior(model, x, y, test_x, model.likelihood.noise)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(covariance, ref_covariance, rtol=1e-8, atol=1e-10)
+
+
+def test_fantasy_of_a_block_mean_sum_is_rebuilt_after_a_dtype_move():
+    # the strategy dropped after model.float() was rebuilt by GPyTorch from the fantasy model's data, which the
+    # BlockMeanKernel is not bound to: a ValueError telling the user to call kernel.set_train_data
+    model, test_x = _model("block_mean+group")
+    model.eval()
+    new_x, new_y = _fantasy_points(model)
+    with torch.no_grad():
+        model(test_x)
+        fantasy = model.get_fantasy_model(new_x, new_y)
+        before = fantasy(test_x).mean
+        fantasy.float()
+        after = fantasy(test_x.float()).mean
+    assert after.dtype == torch.float32
+    torch.testing.assert_close(after.double(), before, rtol=1e-4, atol=1e-5)
