@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from gpytorch import settings as gpytorch_settings
 from gpytorch.distributions import MultivariateNormal
-from gpytorch.likelihoods import GaussianLikelihoodWithMissingObs
+from gpytorch.likelihoods import FixedNoiseGaussianLikelihood, GaussianLikelihoodWithMissingObs
 from gpytorch.likelihoods.gaussian_likelihood import _GaussianLikelihoodBase
 from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
 from linear_operator import to_linear_operator
@@ -421,19 +421,32 @@ class SumPredictionStrategy(DefaultPredictionStrategy):
         :func:`training_prediction`, the operator's solves) start from that covariance, in :math:`O(n + q^3)`.
         GPyTorch's update appends the fantasy rows to a root of the old training covariance and its pseudo-inverse,
         :math:`(n + m) \times (n + m)` dense matrices (9 million entries and 11 s at ``n = 3000``), which those
-        closed forms never read. Outside the family (an exact kernel in the sum), GPyTorch's update."""
+        closed forms never read. Outside the family (an exact kernel in the sum), GPyTorch's update.
+
+        Raises:
+            ValueError: in the family, ``noise`` was given with a likelihood other than a
+                ``FixedNoiseGaussianLikelihood``, whose fantasy likelihood would not hold it."""
         likelihood = self.likelihood.get_fantasy_likelihood(**kwargs)
-        prior = full_output
+        prior, train_inputs = full_output, full_inputs
         if full_inputs[0].dim() <= full_targets.dim():  # one set of fantasy inputs for a batch of fantasy targets
             fantasies = full_targets.shape[:1]
-            full_inputs = [x.expand(fantasies + x.shape) for x in full_inputs]
+            train_inputs = [x.expand(fantasies + x.shape) for x in full_inputs]
             prior = full_output.expand(fantasies + full_output.batch_shape)
-        covar = likelihood(prior, full_inputs).lazy_covariance_matrix  # as the new strategy will call it
+        covar = likelihood(prior, train_inputs).lazy_covariance_matrix  # as the new strategy will call it
         M = as_sum(covar.evaluate_kernel() if isinstance(covar, LinearOperator) else covar)
         if M is None or not bool((M.diag_values > 0).all()):
             return super().get_fantasy_strategy(inputs, targets, full_inputs, full_targets, full_output, **kwargs)
+        if "noise" in kwargs and not isinstance(self.likelihood, FixedNoiseGaussianLikelihood):
+            # GaussianLikelihood / GroupGaussianLikelihood copy themselves as the fantasy likelihood, without it: the
+            # fantasy model's predictions used the likelihood's noise at the fantasy points
+            raise ValueError(
+                "get_fantasy_model(..., noise=...) sets the fantasy points' noise variances, which the fantasy "
+                f"model's {type(self.likelihood).__name__} cannot hold: it would predict with its own noise there. "
+                "Leave noise out to use the likelihood's noise, or use a FixedNoiseGaussianLikelihood (per-point "
+                "noise, to which the fantasy noise is appended)."
+            )
         self.fantasy_inputs, self.fantasy_targets = inputs, targets  # as GPyTorch's update records them
-        return self.__class__(full_inputs, prior, full_targets, likelihood)
+        return self.__class__(train_inputs, prior, full_targets, likelihood)
 
     # ------------------------------------------------------------------ GPyTorch's path, in the working precision
     def _low_precision_family(self) -> tuple[BlockMeanSumLinearOperator, Tensor] | None:
