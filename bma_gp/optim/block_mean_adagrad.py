@@ -412,6 +412,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             new["U"][:k_old, :k_old] = U
             new["w"] = torch.cat([w, w.new_zeros(k - k_old)])
             new.update(root_lam=None, root_B=None, root_step=None)
+            new.pop(functional.FINGERPRINT_KEY, None)  # recorded by the functional step for the old blocks only
         elif state.get("root_lam") is not None:
             new["root_lam"] = state["root_lam"].to(device=layout.device, dtype=layout.dtype)
             new["root_B"] = state["root_B"].to(device=layout.device, dtype=layout.dtype)

@@ -45,7 +45,8 @@ from bma_gp import BlockMeanLinearOperator, Partition, block_mean_from_sums
 from bma_gp._precision import core_dtype
 from bma_gp.optim import _cpu_kernels, _fused
 from bma_gp.optim._scaling import z_inv_sqrt, zero_entries
-from bma_gp.optim.flat_optimizer import _non_finite_message
+from bma_gp.optim.flat_optimizer import _non_finite_message, check_hyperparameter
+from bma_gp.optim.flat_params import SparseGradientError, check_params, state_dtype
 from bma_gp.optim.param_blocks import ParamBlocks
 
 __all__ = ["Workspace", "block_mean_adagrad", "inverse_root", "normalised_correlation", "preconditioner"]
@@ -317,6 +318,7 @@ class Workspace:
         host_root: the stored root in float64 (lists up to :data:`PYTHON_ROOT_MAX_BLOCKS` blocks, else numpy), with
             the tensors and version counters it was read from (:meth:`root_key`).
         stats_arrays: the statistics ``U`` and ``w`` and numpy arrays on their memory (:meth:`state_arrays`).
+        bounds: the tensors' bounds in the flat layout of the blocks it was built for (``ParamBlocks.bounds``).
     """
 
     h: Tensor
@@ -336,6 +338,7 @@ class Workspace:
     root_store: tuple[Tensor, Tensor, np.ndarray, np.ndarray] | None = None
     host_root: tuple[tuple, Any, Any] | None = None
     stats_arrays: tuple[Tensor, Tensor, np.ndarray, np.ndarray] | None = None
+    bounds: tuple[int, ...] = ()
 
     def has_zeros(self) -> bool:
         """Whether some entry of ``h`` was 0 after the last step (CPU; ``True`` before the first)."""
@@ -409,6 +412,7 @@ class Workspace:
             scratch=torch.empty(scratch, dtype=h.dtype, device=h.device),
             one=torch.ones((), dtype=h.dtype, device=h.device),
             dots=torch.zeros(len(numels), 4, dtype=h.dtype, device=h.device),
+            bounds=blocks.bounds,
         )
 
 
@@ -457,6 +461,109 @@ def _check_statistics(stats: dict[str, Any], k: int) -> None:
         )
 
 
+#: the key under which :func:`block_mean_adagrad` records in ``stats`` which blocks they belong to (the blocks'
+#: :meth:`~bma_gp.optim.param_blocks.ParamBlocks.label_fingerprint`, as in the optimizer's state dict)
+FINGERPRINT_KEY = "partition_fingerprint"
+
+
+def _check_arguments(params, grads, state_sum, stats, blocks: ParamBlocks, workspace, lr, weight_decay, maximize):
+    """Raise ``ValueError`` (``TypeError`` for an argument of the wrong type) unless the arguments of
+    :func:`block_mean_adagrad` fit ``blocks`` and one another, before anything changes; return the blocks'
+    fingerprint (recorded in ``stats`` after the step). Everything but the fingerprint reads only shapes, dtypes and
+    devices (no host synchronisation); the fingerprint is computed once per :class:`ParamBlocks` (one host copy of the
+    labels of scattered tensors) and kept there."""
+    m, k = len(params), blocks.num_blocks
+    for name, values in (("lr", lr), ("weight_decay", weight_decay), ("maximize", maximize)):
+        if not isinstance(values, (list, tuple)) or len(values) != m:
+            listed = isinstance(values, (list, tuple))
+            got = f"{len(values)} values" if listed else f"a {type(values).__name__}"
+            raise (ValueError if listed else TypeError)(
+                f"block_mean_adagrad takes {name} per parameter, a list of {m} values, got {got}; "
+                f"pass [{name}] * len(params) for one value for all."
+            )
+    if not isinstance(state_sum, Tensor) or not state_sum.is_floating_point():
+        what = state_sum.dtype if isinstance(state_sum, Tensor) else type(state_sum).__name__
+        raise TypeError(f"state_sum must be a real floating-point tensor, got {what}; start it as zeros of shape (d,).")
+    check_params(params)  # real floating-point parameters with data, on one device
+    dtype, device = state_sum.dtype, state_sum.device
+    if not state_sum.is_contiguous():
+        raise ValueError(
+            "state_sum must be contiguous (the step reads it as views per tensor); pass state_sum.clone()."
+        )
+    needed = state_dtype(p.dtype for p in params)
+    if torch.promote_types(dtype, needed) != dtype:
+        raise ValueError(
+            f"state_sum has dtype {dtype}, narrower than these parameters need ({needed}: float32 or the widest "
+            f"parameter dtype); keep the state as {needed} (state_sum.to({needed}), and U, w and the root with it)."
+        )
+    for i, (p, g) in enumerate(zip(params, grads)):
+        numel = blocks.bounds[i + 1] - blocks.bounds[i]
+        if p.numel() != numel or p.device != device:
+            raise ValueError(
+                f"parameter {i} has shape {tuple(p.shape)} on {p.device}, but blocks hold {numel} entries for it and "
+                f"state_sum is on {device}: pass the parameters in the order blocks were built for, on state_sum's "
+                "device (build blocks with ParamBlocks.build(params, rule))."
+            )
+        if g is None:
+            continue
+        if not isinstance(g, Tensor):
+            raise TypeError(f"grads[{i}] must be a tensor or None, got {type(g).__name__}.")
+        if g.layout != torch.strided:
+            raise SparseGradientError(
+                f"sparse gradients are not supported (grads[{i}] has layout {g.layout}); pass dense gradients "
+                "(g.to_dense()), e.g. from nn.Embedding(..., sparse=False)."
+            )
+        if g.shape != p.shape or g.device != device or not g.is_floating_point():
+            raise ValueError(
+                f"grads[{i}] has shape {tuple(g.shape)}, dtype {g.dtype} on {g.device}, but parameter {i} has shape "
+                f"{tuple(p.shape)} on {device}: pass each parameter's own (floating-point) gradient, or None."
+            )
+    if not isinstance(stats.get("step"), int) or isinstance(stats.get("step"), bool):
+        raise TypeError(
+            f"stats['step'] must be an int (the number of steps taken), got {stats.get('step')!r}; start it at 0."
+        )
+    tensors = {"U": (k, k), "w": (k,)}
+    if stats.get("root_lam") is not None or stats.get("root_B") is not None:
+        tensors.update(root_lam=(k,), root_B=(k, k))
+        if not isinstance(stats.get("root_step"), int):
+            raise TypeError(
+                f"stats['root_step'] must be the int step of the cached root, got {stats.get('root_step')!r}; "
+                "set root_lam, root_B and root_step to None to compute the root at this step."
+            )
+    for name, shape in tensors.items():
+        t = stats.get(name)
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape or t.dtype != dtype or t.device != device:
+            got = f"shape {tuple(t.shape)}, dtype {t.dtype} on {t.device}" if isinstance(t, Tensor) else repr(t)
+            raise ValueError(
+                f"stats[{name!r}] has {got}, but the partition has k = {k} blocks and state_sum is {dtype} on "
+                f"{device}: it must be a {dtype} tensor of shape {shape} on {device} (take the statistics, the root "
+                "and state_sum from one run over these blocks, or set root_lam, root_B and root_step to None)."
+            )
+    fingerprint = blocks.label_fingerprint(k)
+    saved = stats.get(FINGERPRINT_KEY)
+    if saved is not None and saved != fingerprint:
+        raise ValueError(
+            f"stats belong to other blocks: they were stepped with blocks of fingerprint {saved}, and these blocks "
+            f"({k} of sizes {_short(blocks.partition.sizes.tolist())}) have {fingerprint}. The statistics of another "
+            "partition with as many blocks describe other entries; step them with the blocks they were made with, or "
+            f"start new ones (U and w zeros, the root None, and no {FINGERPRINT_KEY!r} entry)."
+        )
+    if workspace is not None:
+        if not isinstance(workspace, Workspace):
+            raise TypeError(f"workspace must be a Workspace or None, got {type(workspace).__name__}.")
+        if workspace.h is not state_sum or workspace.bounds != blocks.bounds or workspace.sums.shape[0] != k:
+            raise ValueError(
+                "workspace was built for another state_sum or other blocks (it holds views of its own state_sum and "
+                "per-tensor buffers of its blocks); build one with Workspace.build(blocks, state_sum), or pass None."
+            )
+    return fingerprint
+
+
+def _short(values: list[int], limit: int = 8) -> str:
+    """``values`` for a message, the first ``limit`` of them when there are more."""
+    return str(values) if len(values) <= limit else f"[{', '.join(map(str, values[:limit]))}, ...] ({len(values)})"
+
+
 def block_mean_adagrad(
     params: list[Tensor],
     grads: list[Tensor | None],
@@ -484,10 +591,13 @@ def block_mean_adagrad(
             nothing to the statistics and does not move).
         state_sum: :math:`h` of all parameters, updated in place. # shape: (d,)
         stats: the global state, updated in place: ``U`` (``k x k``), ``w`` (``k``), ``step`` and the
-            cached root (see :func:`preconditioner`).
+            cached root (see :func:`preconditioner`), in ``state_sum``'s dtype and on its device. After the step it
+            also holds ``"partition_fingerprint"``: the blocks' :meth:`~ParamBlocks.label_fingerprint`, and
+            statistics that hold another one (stepped with other blocks, even as many of other sizes) are refused;
+            statistics without it (zeros, the class's ``global_state``) are taken as they are.
         blocks: the partition of the ``d`` entries, per tensor.
-        workspace: buffers for ``state_sum`` (:meth:`Workspace.build`), kept between steps; unused by the
-            fused path. ``None`` builds one for this call (correct, but it allocates and finds the entries
+        workspace: buffers for ``state_sum`` and ``blocks`` (:meth:`Workspace.build`), kept between steps; unused
+            by the fused path. ``None`` builds one for this call (correct, but it allocates and finds the entries
             where ``h == 0`` again every step).
         lr, weight_decay, maximize: per parameter.
         eps, damping, update_interval, correlation: as in :class:`~bma_gp.optim.BlockMeanAdagrad`.
@@ -500,8 +610,14 @@ def block_mean_adagrad(
 
     Raises:
         ValueError: with ``fused`` and ``check_finite``, a gradient holds inf or nan; ``params``, ``grads``,
-            ``state_sum``, ``U`` or ``w`` do not fit ``blocks`` (nothing is changed then).
+            ``state_sum``, ``stats`` (``U``, ``w``, the root: shape, dtype, device, blocks) or ``workspace`` do not
+            fit ``blocks`` and one another; ``state_sum`` is narrower than float32 or a parameter's dtype; ``eps``,
+            ``damping`` or ``update_interval`` is invalid (checked as the class checks them). Nothing is changed
+            then. ``TypeError``: an argument of the wrong type (``lr`` not a list, ``stats["step"]`` not an int).
+        SparseGradientError: a gradient is sparse.
     """
+    if not isinstance(state_sum, Tensor):
+        raise TypeError(f"state_sum must be a tensor of shape (d,), got {type(state_sum).__name__}.")
     d, k = blocks.bounds[-1], blocks.num_blocks
     if len(params) != len(blocks.segments) or len(grads) != len(params) or tuple(state_sum.shape) != (d,):
         raise ValueError(
@@ -510,6 +626,10 @@ def block_mean_adagrad(
             "pass one gradient (or None) per parameter and state_sum of shape (d,), as built for these blocks."
         )
     _check_statistics(stats, k)
+    eps = check_hyperparameter("eps", eps, positive=True)  # eps = 0 gives 0 / 0 where h = 0 (see the class)
+    damping = check_hyperparameter("damping", damping)
+    update_interval = check_hyperparameter("update_interval", update_interval, positive=True, integer=True)
+    fingerprint = _check_arguments(params, grads, state_sum, stats, blocks, workspace, lr, weight_decay, maximize)
     stats.setdefault("root_lam", None)  # no root yet: computed at this step
     stats.setdefault("root_B", None)
     stats.setdefault("root_step", None)
@@ -533,6 +653,7 @@ def block_mean_adagrad(
         check_finite=check_finite,
         fused=fused,
     )
+    stats[FINGERPRINT_KEY] = fingerprint  # these statistics now belong to these blocks
 
 
 def _block_mean_adagrad(

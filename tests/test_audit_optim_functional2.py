@@ -1,0 +1,155 @@
+"""Audit of block-mean AdaGrad as a torch.optim / functional-optimizer user would use it: the public functional
+step (:func:`bma_gp.optim.functional.block_mean_adagrad`) with caller-held state, and the class with torch.optim's
+ecosystem (schedulers, param groups, hooks, dtypes)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from bma_gp.optim import SparseGradientError
+from bma_gp.optim.functional import FINGERPRINT_KEY, Workspace, block_mean_adagrad
+from bma_gp.optim.param_blocks import ParamBlocks
+
+F64 = torch.float64
+
+
+def _params(dtype=F64) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    return [
+        torch.nn.Parameter(torch.randn(3, 4, generator=gen, dtype=dtype)),
+        torch.nn.Parameter(torch.randn(4, generator=gen, dtype=dtype)),
+    ]
+
+
+def _grads(params, step: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(10 + step)
+    return [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+
+
+def _stats(k: int, dtype=F64) -> dict:
+    return {"U": torch.zeros(k, k, dtype=dtype), "w": torch.zeros(k, dtype=dtype), "step": 0}
+
+
+def _step(params, grads, h, stats, blocks, workspace=None, **kwargs):
+    m = len(params)
+    args = dict(
+        lr=[0.1] * m, weight_decay=[0.0] * m, maximize=[False] * m, eps=1e-10, damping=0.1, update_interval=1,
+        mask=True, check_finite=True, fused=False,
+    )  # fmt: skip
+    args.update(kwargs)
+    with torch.no_grad():
+        block_mean_adagrad(params, grads, h, stats, blocks, workspace, **args)
+
+
+def _uneven(p):
+    """4 blocks over the parameters of :func:`_params`, as under "row", but of sizes 6, 3, 3 and 4."""
+    if p.numel() == 12:
+        return torch.tensor([0] * 6 + [1] * 3 + [2] * 3)
+    return torch.zeros(p.numel(), dtype=torch.long)
+
+
+def _snapshot(params, h, stats):
+    tensors = [p.detach().clone() for p in params] + [h.clone()]
+    tensors += [v.clone() for v in stats.values() if isinstance(v, torch.Tensor) and not v.is_meta]
+    return tensors, {k: v for k, v in stats.items() if not isinstance(v, torch.Tensor)}
+
+
+def _unchanged(before, params, h, stats) -> bool:
+    after = _snapshot(params, h, stats)
+    return all(torch.equal(a, b) for a, b in zip(before[0], after[0])) and before[1] == after[1]
+
+
+def test_statistics_of_another_partition_with_as_many_blocks_are_refused():
+    """Only the number of blocks was checked: statistics accumulated under "row" (4 blocks of 4 entries) were taken
+    as those of a partition into 4 blocks of sizes 6, 3, 3, 4, whose blocks hold other entries."""
+    params = _params()
+    row = ParamBlocks.build(params, "row")
+    h, stats = torch.zeros(16, dtype=F64), _stats(4)
+    for t in range(2):
+        _step(params, _grads(params, t), h, stats, row)
+    assert stats[FINGERPRINT_KEY] == row.label_fingerprint(4)
+    uneven = ParamBlocks.build(params, _uneven)
+    assert uneven.num_blocks == 4
+    before = _snapshot(params, h, stats)
+    with pytest.raises(ValueError, match=r"stats belong to other blocks.*sizes \[6, 3, 3, 4\]"):
+        _step(params, _grads(params, 2), h, stats, uneven)
+    assert _unchanged(before, params, h, stats)
+    _step(params, _grads(params, 2), h, stats, ParamBlocks.build(params, "row"))  # the same blocks, rebuilt: fine
+    assert stats["step"] == 3
+
+
+def _bad_cases():
+    k = 4
+    yield "U float32", dict(stats={"U": torch.zeros(k, k), "w": torch.zeros(k, dtype=F64), "step": 0}), r"stats\['U'\]"
+    yield (
+        "w on meta",
+        dict(stats={"U": torch.zeros(k, k, dtype=F64), "w": torch.zeros(k, dtype=F64, device="meta"), "step": 0}),
+        r"stats\['w'\].*on meta",
+    )
+    stale = {**_stats(k), "root_lam": torch.ones(3, dtype=F64), "root_B": torch.zeros(3, 3, dtype=F64), "root_step": 0}
+    yield "root of 3 blocks", dict(stats=stale, update_interval=10), r"stats\['root_lam'\].*shape \(4,\)"
+    yield "h float32", dict(h=torch.zeros(16), stats=_stats(k, torch.float32)), "state_sum has dtype torch.float32"
+    yield "h float16", dict(h=torch.zeros(16, dtype=torch.float16), stats=_stats(k, torch.float16)), "narrower"
+    yield "h integer", dict(h=torch.zeros(16, dtype=torch.long)), "real floating-point"
+    yield "h strided", dict(h=torch.zeros(32, dtype=F64)[::2]), "contiguous"
+    yield "grad transposed", dict(grads=[torch.randn(4, 3, dtype=F64), torch.randn(4, dtype=F64)]), r"grads\[0\]"
+    yield "sparse grad", dict(grads=[torch.randn(3, 4, dtype=F64).to_sparse(), None]), "sparse"
+    yield "step missing", dict(stats={"U": torch.zeros(k, k, dtype=F64), "w": torch.zeros(k, dtype=F64)}), "step"
+    yield "lr float", dict(lr=0.1), r"lr per parameter.*got a float"
+    yield "lr short", dict(lr=[0.1]), r"lr per parameter.*got 1 values"
+    yield "eps 0", dict(eps=0.0), "Invalid eps"
+    yield "negative damping", dict(damping=-1.0), "Invalid damping"
+    other_h = torch.zeros(16, dtype=F64)
+    yield "workspace of another h", dict(workspace=lambda blocks: Workspace.build(blocks, other_h)), "workspace"
+    yield "workspace of other blocks", dict(workspace=lambda blocks: "tensor"), "workspace"
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()), ids=lambda c: c[0])
+def test_arguments_that_do_not_fit_are_refused_before_anything_changes(case):
+    """Statistics, root, ``state_sum``, gradients and workspace of the wrong dtype, device or shape were accepted
+    (wrong updates: a float32 ``h`` for float64 parameters, a workspace of another ``h`` updated that ``h``) or
+    failed mid-step with torch's or numpy's errors (``addmv``, ``size mismatch``, ``KeyError: 'step'``)."""
+    _, kwargs, match = case
+    params = _params()
+    blocks = ParamBlocks.build(params, "row")
+    h = kwargs.pop("h", torch.zeros(16, dtype=F64))
+    stats = kwargs.pop("stats", _stats(4))
+    grads = kwargs.pop("grads", _grads(params, 0))
+    workspace = kwargs.pop("workspace", None)
+    if workspace is not None:
+        made = workspace(blocks)
+        workspace = Workspace.build(ParamBlocks.build(params, "tensor"), h) if made == "tensor" else made
+    before = _snapshot(params, h, stats)
+    with pytest.raises((ValueError, TypeError)) as info:
+        _step(params, grads, h, stats, blocks, workspace, **kwargs)
+    assert re.search(match, str(info.value)), str(info.value)
+    assert _unchanged(before, params, h, stats)
+
+
+def test_a_sparse_gradient_raises_sparse_gradient_error():
+    params = _params()
+    blocks = ParamBlocks.build(params, "tensor")
+    with pytest.raises(SparseGradientError):
+        _step(params, [torch.ones(3, 4, dtype=F64).to_sparse(), None], torch.zeros(16, dtype=F64), _stats(2), blocks)
+
+
+def test_the_class_drops_the_recorded_fingerprint_when_its_blocks_grow():
+    """Statistics stepped by the functional API record their blocks; the class pads them after add_param_group and
+    they then belong to more blocks: the record of the old ones must not refuse the new ones."""
+    from bma_gp.optim import BlockMeanAdagrad
+
+    params = _params()
+    opt = BlockMeanAdagrad(params[:1], lr=0.1)
+    params[0].grad = _grads(params, 0)[0]
+    opt.step()
+    blocks = ParamBlocks.build(params[:1], "tensor")
+    _step(params[:1], [params[0].grad], opt.state[params[0]]["sum"].view(-1), opt.global_state, blocks)
+    assert FINGERPRINT_KEY in opt.global_state
+    opt.add_param_group({"params": params[1:]})
+    for p, g in zip(params, _grads(params, 1)):
+        p.grad = g
+    opt.step()
+    assert FINGERPRINT_KEY not in opt.global_state and opt.global_state["U"].shape == (2, 2)
