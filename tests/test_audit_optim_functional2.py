@@ -153,3 +153,22 @@ def test_the_class_drops_the_recorded_fingerprint_when_its_blocks_grow():
         p.grad = g
     opt.step()
     assert FINGERPRINT_KEY not in opt.global_state and opt.global_state["U"].shape == (2, 2)
+
+
+@pytest.mark.parametrize(
+    "rule", ["tensor", "row", lambda p: torch.arange(p.numel()) % 2], ids=["tensor", "row", "call"]
+)
+def test_check_finite_refuses_a_nan_gradient_on_every_eager_path(rule):
+    """With ``check_finite=True`` the public functional step checked only on the fused path and the CPU step for
+    one block per tensor; "row" and callable partitions stepped the NaN into ``h``, ``U`` and ``w`` and then raised
+    ``LinAlgError`` from the root's ``eigh``, the state half-changed."""
+    params = _params()
+    blocks = ParamBlocks.build(params, rule)
+    h, stats = torch.zeros(16, dtype=F64), _stats(blocks.num_blocks)
+    _step(params, _grads(params, 0), h, stats, blocks)
+    grads = _grads(params, 1)
+    grads[1][0] = float("nan")
+    before = _snapshot(params, h, stats)
+    with pytest.raises(ValueError, match="non-finite gradient"):
+        _step(params, grads, h, stats, blocks)
+    assert _unchanged(before, params, h, stats)

@@ -45,7 +45,7 @@ from bma_gp import BlockMeanLinearOperator, Partition, block_mean_from_sums
 from bma_gp._precision import core_dtype
 from bma_gp.optim import _cpu_kernels, _fused
 from bma_gp.optim._scaling import z_inv_sqrt, zero_entries
-from bma_gp.optim.flat_optimizer import _non_finite_message, check_hyperparameter
+from bma_gp.optim.flat_optimizer import _all_finite, _non_finite_message, check_hyperparameter
 from bma_gp.optim.flat_params import SparseGradientError, check_params, state_dtype
 from bma_gp.optim.param_blocks import ParamBlocks
 
@@ -604,12 +604,13 @@ def block_mean_adagrad(
         mask: whether some entry of :math:`h` may be 0 before this step (the eager paths on an
             accelerator then zero :math:`r` there by formula; on CPU they keep the list of such entries
             in ``workspace`` instead, and the fused path always masks, at no cost).
-        check_finite: the fused path raises ``ValueError`` on an inf/nan gradient before changing
-            anything (its first pass computes the flag); the eager paths expect the caller to check.
+        check_finite: raise ``ValueError`` on an inf/nan gradient before changing anything (the fused path's
+            first pass computes the flag; for the eager paths this function checks first, with one host
+            synchronisation).
         fused: take the compiled path (``blocks.by_rows`` required).
 
     Raises:
-        ValueError: with ``fused`` and ``check_finite``, a gradient holds inf or nan; ``params``, ``grads``,
+        ValueError: with ``check_finite``, a gradient holds inf or nan; ``params``, ``grads``,
             ``state_sum``, ``stats`` (``U``, ``w``, the root: shape, dtype, device, blocks) or ``workspace`` do not
             fit ``blocks`` and one another; ``state_sum`` is narrower than float32 or a parameter's dtype; ``eps``,
             ``damping`` or ``update_interval`` is invalid (checked as the class checks them). Nothing is changed
@@ -630,6 +631,10 @@ def block_mean_adagrad(
     damping = check_hyperparameter("damping", damping)
     update_interval = check_hyperparameter("update_interval", update_interval, positive=True, integer=True)
     fingerprint = _check_arguments(params, grads, state_sum, stats, blocks, workspace, lr, weight_decay, maximize)
+    if check_finite and not fused:  # the eager paths leave the check to their caller (the class checks first)
+        present = [g for g in grads if g is not None]
+        if present and not _all_finite(present, state_sum.dtype, [])[0]:
+            raise ValueError(_non_finite_message("BlockMeanAdagrad", params))
     stats.setdefault("root_lam", None)  # no root yet: computed at this step
     stats.setdefault("root_B", None)
     stats.setdefault("root_step", None)
