@@ -41,6 +41,11 @@ from bma_gp.optim.flat_params import FlatParams, check_params, state_dtype
 __all__ = ["FlatPreconditionedOptimizer", "check_bool", "check_hyperparameter", "check_torch_optim_flags"]
 
 
+#: whether ``torch.compile`` is tracing the caller (``torch.compiler.is_compiling``; always ``False`` before torch 2.3,
+#: which lacks it)
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+
+
 def check_hyperparameter(name: str, value, *, positive: bool = False, integer: bool = False) -> Any:
     """``value`` as a Python number; ``ValueError("Invalid <name> value: ...")`` unless it is a finite non-negative
     number.
@@ -396,6 +401,11 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             ValueError: a gradient holds inf or nan (when ``check_finite``); nothing has
                 been changed when this is raised.
         """
+        if _is_compiling():
+            # traced by torch.compile (a compiled training step that calls step()): Dynamo would turn the step's
+            # numpy arithmetic on the parameters' memory into graph ops on copies and drop its in-place writes, so
+            # the step runs outside the graph (a graph break), as it runs eagerly
+            return self._step_outside_graph(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -410,6 +420,11 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         if any(active):
             self._step(grads, layout, active)
         return loss
+
+    @torch._disable_dynamo
+    def _step_outside_graph(self, closure=None):
+        """:meth:`step`, never traced by ``torch.compile`` (run eagerly at a graph break)."""
+        return self.step(closure)
 
     def _check_finite(
         self, grads: list[Tensor | None], layout: FlatParams, extra: Sequence[Tensor] = ()
