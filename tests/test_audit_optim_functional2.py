@@ -204,3 +204,14 @@ def test_a_torch_compiled_training_step_updates_as_the_eager_one(cls):
         compiled(*models[1])
     for a, b in zip(models[0][0].parameters(), models[1][0].parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", ["BlockMeanAdagrad", "FullMatrixAdagrad"])
+def test_a_complex_parameter_is_refused_with_a_fix_that_keeps_its_imaginary_part(cls):
+    """The refusal said "convert it with `.float()`", which discards the imaginary part."""
+    import bma_gp.optim as optim
+
+    p = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="complex64") as info:
+        getattr(optim, cls)([p])
+    assert "view_as_real" in str(info.value) and ".float()" not in str(info.value)

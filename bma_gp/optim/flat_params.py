@@ -43,7 +43,13 @@ def check_params(params: list[Tensor]) -> None:
     """
     devices = set()
     for p in params:
-        if not (p.is_floating_point() and not p.is_complex()):
+        if p.is_complex():  # `.float()` would drop the imaginary part
+            raise ValueError(
+                f"can only optimize real floating-point parameters, got one of dtype {p.dtype} (shape "
+                f"{tuple(p.shape)}); keep it as a real parameter of shape (..., 2), `torch.view_as_real(p)`, and view "
+                "it as complex in the forward with `torch.view_as_complex`, or leave it out of the optimizer."
+            )
+        if not p.is_floating_point():
             raise ValueError(
                 f"can only optimize real floating-point parameters, got one of dtype {p.dtype}; "
                 "convert it with `.float()` or leave it out of the optimizer."
