@@ -215,3 +215,35 @@ def test_a_complex_parameter_is_refused_with_a_fix_that_keeps_its_imaginary_part
     with pytest.raises(ValueError, match="complex64") as info:
         getattr(optim, cls)([p])
     assert "view_as_real" in str(info.value) and ".float()" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "rule", ["tensor", "row", lambda p: torch.arange(p.numel()) % 2], ids=["tensor", "row", "call"]
+)
+def test_the_functional_step_takes_tensor_rates_and_grad_mode_as_the_class_does(rule):
+    """Called with grad mode on (the parameters are leaves that require grad), the "row" and callable paths raised
+    "a leaf Variable that requires grad is being used in an in-place operation" after updating ``h``, ``U`` and
+    ``w``; a 0-d tensor ``lr`` (a scheduler's, accepted by the class) raised ``TypeError`` mid-step on the "tensor"
+    path. Both now step as the class does, and a negative rate is refused before anything changes."""
+    from bma_gp.optim import BlockMeanAdagrad
+
+    params, reference = _params(), _params()
+    opt = BlockMeanAdagrad(reference, lr=0.05, weight_decay=0.01, partition=rule)
+    blocks = ParamBlocks.build(params, rule)
+    h, stats = torch.zeros(16, dtype=F64), _stats(blocks.num_blocks)
+    rate, decay = torch.tensor(0.05, dtype=F64), torch.tensor(0.01, dtype=F64)
+    for t in range(3):
+        grads = _grads(params, t)
+        for p, g in zip(reference, grads):
+            p.grad = g
+        opt.step()
+        block_mean_adagrad(
+            params, grads, h, stats, blocks, None, lr=[rate, rate], weight_decay=[decay, decay],
+            maximize=[False, False], eps=1e-10, damping=0.1, update_interval=1, mask=True, check_finite=True,
+            fused=False,
+        )  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(params, reference))
+    before = _snapshot(params, h, stats)
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        _step(params, _grads(params, 3), h, stats, blocks, lr=[0.1, -0.1])
+    assert _unchanged(before, params, h, stats)

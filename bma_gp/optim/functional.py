@@ -45,7 +45,7 @@ from bma_gp import BlockMeanLinearOperator, Partition, block_mean_from_sums
 from bma_gp._precision import core_dtype
 from bma_gp.optim import _cpu_kernels, _fused
 from bma_gp.optim._scaling import z_inv_sqrt, zero_entries
-from bma_gp.optim.flat_optimizer import _all_finite, _non_finite_message, check_hyperparameter
+from bma_gp.optim.flat_optimizer import _all_finite, _non_finite_message, check_bool, check_hyperparameter
 from bma_gp.optim.flat_params import SparseGradientError, check_params, state_dtype
 from bma_gp.optim.param_blocks import ParamBlocks
 
@@ -564,6 +564,7 @@ def _short(values: list[int], limit: int = 8) -> str:
     return str(values) if len(values) <= limit else f"[{', '.join(map(str, values[:limit]))}, ...] ({len(values)})"
 
 
+@torch.no_grad()  # the parameters are leaves that require grad: updated in place, as torch.optim's step does
 def block_mean_adagrad(
     params: list[Tensor],
     grads: list[Tensor | None],
@@ -599,7 +600,8 @@ def block_mean_adagrad(
         workspace: buffers for ``state_sum`` and ``blocks`` (:meth:`Workspace.build`), kept between steps; unused
             by the fused path. ``None`` builds one for this call (correct, but it allocates and finds the entries
             where ``h == 0`` again every step).
-        lr, weight_decay, maximize: per parameter.
+        lr, weight_decay, maximize: per parameter (numbers or one-element tensors, and bools; checked as the class
+            checks them). The step runs under ``torch.no_grad()``: no need to wrap the call.
         eps, damping, update_interval, correlation: as in :class:`~bma_gp.optim.BlockMeanAdagrad`.
         mask: whether some entry of :math:`h` may be 0 before this step (the eager paths on an
             accelerator then zero :math:`r` there by formula; on CPU they keep the list of such entries
@@ -631,6 +633,10 @@ def block_mean_adagrad(
     damping = check_hyperparameter("damping", damping)
     update_interval = check_hyperparameter("update_interval", update_interval, positive=True, integer=True)
     fingerprint = _check_arguments(params, grads, state_sum, stats, blocks, workspace, lr, weight_decay, maximize)
+    # per parameter as the class passes them: Python floats (a 0-d tensor lr of a scheduler, as in a param group)
+    lr = [float(check_hyperparameter("learning rate", x)) for x in lr]
+    weight_decay = [float(check_hyperparameter("weight_decay", x)) for x in weight_decay]
+    maximize = [check_bool("maximize", x) for x in maximize]
     if check_finite and not fused:  # the eager paths leave the check to their caller (the class checks first)
         present = [g for g in grads if g is not None]
         if present and not _all_finite(present, state_sum.dtype, [])[0]:
