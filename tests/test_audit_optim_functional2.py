@@ -198,12 +198,16 @@ def test_a_torch_compiled_training_step_updates_as_the_eager_one(cls):
         opt.step()
         return loss
 
+    calls = []
+    models[1][1].register_step_pre_hook(lambda *args: calls.append("pre"))
+    models[1][1].register_step_post_hook(lambda *args: calls.append("post"))
     compiled = torch.compile(train_step, backend="eager")
     for _ in range(3):
         train_step(*models[0])
         compiled(*models[1])
     for a, b in zip(models[0][0].parameters(), models[1][0].parameters()):
         assert torch.equal(a, b)
+    assert calls == ["pre", "post"] * 3  # torch.optim's step hooks run once per step, around the whole step
 
 
 @pytest.mark.parametrize("cls", ["BlockMeanAdagrad", "FullMatrixAdagrad"])

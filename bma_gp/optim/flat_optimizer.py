@@ -29,6 +29,7 @@ import copy
 import math
 import numbers
 import operator
+import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -39,11 +40,6 @@ from torch import Tensor
 from bma_gp.optim.flat_params import FlatParams, check_params, state_dtype
 
 __all__ = ["FlatPreconditionedOptimizer", "check_bool", "check_hyperparameter", "check_torch_optim_flags"]
-
-
-#: whether ``torch.compile`` is tracing the caller (``torch.compiler.is_compiling``; always ``False`` before torch 2.3,
-#: which lacks it)
-_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
 def check_hyperparameter(name: str, value, *, positive: bool = False, integer: bool = False) -> Any:
@@ -401,11 +397,24 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             ValueError: a gradient holds inf or nan (when ``check_finite``); nothing has
                 been changed when this is raised.
         """
-        if _is_compiling():
-            # traced by torch.compile (a compiled training step that calls step()): Dynamo would turn the step's
-            # numpy arithmetic on the parameters' memory into graph ops on copies and drop its in-place writes, so
-            # the step runs outside the graph (a graph break), as it runs eagerly
+        if "torch._dynamo" in sys.modules:
+            # torch.compile may be tracing this call (a compiled training step that calls step()), or running it
+            # after a graph break with its frame callback still compiling the frames it calls: Dynamo would turn the
+            # step's numpy arithmetic on the parameters' memory into graph ops on copies and drop its in-place
+            # writes. So the step runs with Dynamo disabled (a graph break), as it runs eagerly; about 2 us per step,
+            # paid only once Dynamo is loaded (torch.compile anywhere in the process)
             return self._step_outside_graph(closure)
+        return self._step_eagerly(closure)
+
+    @torch._disable_dynamo
+    def _step_outside_graph(self, closure=None):
+        """:meth:`step`'s body, never traced by ``torch.compile`` (run eagerly at a graph break), without the step
+        hooks that torch.optim wraps around :meth:`step` (they run once, around this call)."""
+        with torch.no_grad():
+            return self._step_eagerly(closure)
+
+    def _step_eagerly(self, closure=None):
+        """The body of :meth:`step` (under ``torch.no_grad()``)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -420,11 +429,6 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         if any(active):
             self._step(grads, layout, active)
         return loss
-
-    @torch._disable_dynamo
-    def _step_outside_graph(self, closure=None):
-        """:meth:`step`, never traced by ``torch.compile`` (run eagerly at a graph break)."""
-        return self.step(closure)
 
     def _check_finite(
         self, grads: list[Tensor | None], layout: FlatParams, extra: Sequence[Tensor] = ()
