@@ -50,7 +50,7 @@ _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
 def _dynamo_may_trace() -> bool:
-    """Whether ``torch.compile`` is tracing the caller or compiles the frames it calls (about 0.4 us eagerly).
+    """Whether ``torch.compile`` is tracing the caller or compiles the frames it calls (about 0.2 us eagerly).
 
     ``torch.compiler.is_compiling()`` is a constant ``True`` in traced code (which so never reaches the callback
     query, a builtin Dynamo cannot trace); after a graph break Dynamo runs a frame eagerly with its callback still
