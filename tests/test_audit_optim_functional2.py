@@ -129,6 +129,16 @@ def test_arguments_that_do_not_fit_are_refused_before_anything_changes(case):
     assert _unchanged(before, params, h, stats)
 
 
+def test_blocks_and_stats_of_the_wrong_type_are_named():
+    """``blocks`` given as the rule (``"tensor"``) or ``stats`` as a tuple raised AttributeError from inside."""
+    params = _params()
+    blocks = ParamBlocks.build(params, "tensor")
+    with pytest.raises(TypeError, match="blocks must be a ParamBlocks"):
+        _step(params, _grads(params, 0), torch.zeros(16, dtype=F64), _stats(2), "tensor")
+    with pytest.raises(TypeError, match="stats must be a dict"):
+        _step(params, _grads(params, 0), torch.zeros(16, dtype=F64), (torch.zeros(2, 2), torch.zeros(2)), blocks)
+
+
 def test_a_sparse_gradient_raises_sparse_gradient_error():
     params = _params()
     blocks = ParamBlocks.build(params, "tensor")

@@ -621,6 +621,15 @@ def block_mean_adagrad(
     """
     if not isinstance(state_sum, Tensor):
         raise TypeError(f"state_sum must be a tensor of shape (d,), got {type(state_sum).__name__}.")
+    if not isinstance(blocks, ParamBlocks):
+        raise TypeError(
+            f"blocks must be a ParamBlocks, got {type(blocks).__name__}; build it with ParamBlocks.build(params, rule)."
+        )
+    if not isinstance(stats, dict):
+        raise TypeError(
+            f"stats must be a dict holding U, w and step, got {type(stats).__name__}; start it as "
+            "{'U': zeros(k, k), 'w': zeros(k), 'step': 0}."
+        )
     d, k = blocks.bounds[-1], blocks.num_blocks
     if len(params) != len(blocks.segments) or len(grads) != len(params) or tuple(state_sum.shape) != (d,):
         raise ValueError(
