@@ -178,8 +178,9 @@ def test_deepcopy_of_a_chunked_sgpr_model_keeps_its_mode_and_its_own_likelihood(
 
 
 # ---------------------------------------------------------------------------- fantasy models
-def test_group_kernel_fantasy_error_names_a_fix_that_exists():
-    """The error used to send a GroupKernel model to "the kernel's set_train_data", which GroupKernel does not have."""
+def test_group_kernel_fantasy_model_is_the_model_given_all_points():
+    """get_fantasy_model of a GroupKernel model raised NotImplementedError (whose message once sent the user to "the
+    kernel's set_train_data", which GroupKernel does not have); it is now the model given all the points."""
     ids = (torch.arange(30) % 5).to(DTYPE).unsqueeze(-1)
     y = torch.randn(30, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
     model = GP(ids, y, gpytorch.likelihoods.GaussianLikelihood(), GroupKernel(6)).to(DTYPE)
@@ -188,11 +189,11 @@ def test_group_kernel_fantasy_error_names_a_fix_that_exists():
     with torch.no_grad():
         model(xt)
     new_ids, new_y = torch.tensor([[5.0], [2.0]], dtype=DTYPE), torch.tensor([1.0, -1.0], dtype=DTYPE)
-    with pytest.raises(NotImplementedError, match="a GroupKernel needs nothing more"):
-        model.get_fantasy_model(new_ids, new_y)
-    assert not hasattr(model.covar_module, "set_train_data")
-    model.set_train_data(torch.cat([ids, new_ids]), torch.cat([y, new_y]), strict=False)  # what the message says
+    with torch.no_grad():
+        fantasy_mean = model.get_fantasy_model(new_ids, new_y)(xt).mean
+    model.set_train_data(torch.cat([ids, new_ids]), torch.cat([y, new_y]), strict=False)
     with torch.no_grad():
         mean = model(xt).mean
     ref_mean, _ = dense_prediction(dense_copy(model), xt)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(fantasy_mean, ref_mean, rtol=1e-9, atol=1e-9)

@@ -431,6 +431,10 @@ class BlockMeanKernel(Kernel):
             return cross.mT
         if not r1 and not r2:
             return to_linear_operator(self._base_dense(new1, new2))
+        if not r1 and r2:  # new points against the training points and more new points (a fantasy model's data)
+            return self._joint_cross(train_x, new1, new2)
+        if r1 and not r2:
+            return self._joint_cross(train_x, new2, new1).mT
         # Rare mixtures (e.g. train + new rows against other new rows): assemble densely.
         return to_linear_operator(self._dense_mixture(train_x, r1, new1, r2, new2))
 
@@ -450,10 +454,19 @@ class BlockMeanKernel(Kernel):
         lam = torch.cat([train.lam.expand(*batch, k), train.lam.new_zeros(*batch, t)], dim=-1)
         top = torch.cat([train.B.expand(*batch, k, k), cross.mT.expand(*batch, k, t)], dim=-1)
         bottom = torch.cat([cross.expand(*batch, t, k), new_new.expand(*batch, t, t)], dim=-1)
-        labels = torch.cat([train.partition.labels, torch.arange(k, k + t, device=train.partition.labels.device)])
-        return BlockMeanLinearOperator(
-            lam, torch.cat([top, bottom], dim=-2), Partition.from_labels(labels, num_blocks=k + t)
-        )
+        return BlockMeanLinearOperator(lam, torch.cat([top, bottom], dim=-2), _joint_partition(train.partition, t))
+
+    def _joint_cross(self, train_x: Tensor, rows: Tensor, x_new: Tensor) -> BlockCrossLinearOperator:
+        r"""New points ``rows`` against the training points followed by the new points ``x_new`` (the training
+        inputs of a fantasy model): :math:`[A, k(\text{rows}, x_{new})] P^\top` over the partition of
+        :meth:`_joint_block_mean`, so that prediction against those points stays closed form (``t x (k + m)``
+        values, not the ``t x (n + m)`` matrix)."""
+        partition = self._partition_on(train_x.device)
+        cross = self._cross_block_means(rows, train_x)  # (*b, t, k)
+        new_new = self._base_dense(rows, x_new)  # (*b, t, m)
+        batch = torch.broadcast_shapes(cross.shape[:-2], new_new.shape[:-2])
+        values = torch.cat([cross.expand(*batch, *cross.shape[-2:]), new_new.expand(*batch, *new_new.shape[-2:])], -1)
+        return BlockCrossLinearOperator(values, _joint_partition(partition, x_new.shape[-2]))
 
     def _dense_mixture(self, train_x: Tensor, r1: int, new1: Tensor, r2: int, new2: Tensor) -> Tensor:
         rows = []
@@ -496,6 +509,12 @@ class BlockMeanKernel(Kernel):
                 "kernel.set_train_data(x, partition) on the BlockMeanKernel."
             )
         return record_bound_data(strategy, self)
+
+
+def _joint_partition(partition: Partition, t: int) -> Partition:
+    """The training blocks followed by one singleton block per new point (``k + t`` blocks)."""
+    k, labels = partition.num_blocks, partition.labels
+    return Partition.from_labels(torch.cat([labels, torch.arange(k, k + t, device=labels.device)]), num_blocks=k + t)
 
 
 def _kernel_block_mean(

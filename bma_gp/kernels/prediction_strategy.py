@@ -45,7 +45,12 @@ from bma_gp._precision import core_dtype
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.kernels._bound_data import check_bound_data
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
-from bma_gp.kernels.sum_prediction_strategy import _exact_dense_root, new_input_prediction, training_prediction
+from bma_gp.kernels.sum_prediction_strategy import (
+    _exact_dense_root,
+    closed_form_fantasy,
+    new_input_prediction,
+    training_prediction,
+)
 
 __all__ = ["BlockMeanPredictionStrategy"]
 
@@ -428,8 +433,31 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
         return _PredictiveDifference(test_test_covar, gram)
 
     def get_fantasy_strategy(self, inputs, targets, full_inputs, full_targets, full_output, **kwargs):
-        raise NotImplementedError(
-            "fantasy models are not supported with block mean kernels: add the points to the training data instead, "
-            "with model.set_train_data(x, y, strict=False) (and, for a BlockMeanKernel, kernel.set_train_data(x, "
-            "partition); a GroupKernel needs nothing more)."
-        )
+        r"""The strategy of the model conditioned on the training and fantasy points together: a new one on all of
+        them, whose closed forms cost :math:`O(n + k^3)` as the parent's.
+
+        The covariance of all the points is again a block mean matrix: for a :class:`~bma_gp.GroupKernel` over the
+        groups of all the points (a fantasy point may open a group the training data lack), for a
+        :class:`~bma_gp.BlockMeanKernel` over the training blocks plus one singleton block per fantasy point (new
+        points for the kernel, which stays bound to its training inputs). So the fantasy model is the parent's prior
+        conditioned exactly on the training and fantasy points: a ``GroupKernel`` model given all of them by
+        ``set_train_data``, a ``BlockMeanKernel`` model also bound to them (``kernel.set_train_data``) with a partition
+        that adds each fantasy point as a block of its own. GPyTorch's update would append the fantasy rows to
+        :math:`(n + m) \times (n + m)` roots of the training covariance.
+
+        Raises:
+            ValueError: ``noise`` was given with a likelihood other than a ``FixedNoiseGaussianLikelihood``, whose
+                fantasy likelihood would not hold it.
+            NotImplementedError: the noisy covariance of all the points is outside the closed-form family (no
+                shared partition, e.g. group ids that differ across a batch, or a likelihood that adds no positive
+                per-point noise)."""
+        fantasy = closed_form_fantasy(self, inputs, targets, full_inputs, full_targets, full_output, **kwargs)
+        if fantasy is None:
+            raise NotImplementedError(
+                "get_fantasy_model: the noisy covariance of the training and fantasy points together is not a block "
+                "mean operator or a sum of them with a positive per-point noise (inputs that differ across a batch, "
+                "or a likelihood without positive per-point noise), and GPyTorch's fantasy update would factorise "
+                "it densely. Add the points to the training data instead, with model.set_train_data(x, y, "
+                "strict=False) (and, for a BlockMeanKernel, kernel.set_train_data(x, partition))."
+            )
+        return fantasy

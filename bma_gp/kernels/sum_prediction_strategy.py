@@ -395,6 +395,41 @@ def _training_mean(
     return test_mean + shift.to(test_mean.dtype)
 
 
+def closed_form_fantasy(
+    strategy: DefaultPredictionStrategy, inputs, targets, full_inputs, full_targets, full_output, **kwargs
+) -> DefaultPredictionStrategy | None:
+    r"""A new strategy of ``strategy``'s class on the training and fantasy points together, when their noisy
+    covariance (the fantasy likelihood's, as the new strategy will evaluate it) is in the family: a
+    :class:`~bma_gp.BlockMeanSumLinearOperator` (a single block mean operator too) with a positive per-point
+    diagonal. Else None. A batch of fantasy targets at shared inputs expands the inputs and the prior as GPyTorch's
+    update does (``full_inputs`` itself is left as it is, for GPyTorch's own update).
+
+    Raises:
+        ValueError: in the family, ``noise`` was given with a likelihood other than a
+            ``FixedNoiseGaussianLikelihood``, whose fantasy likelihood would not hold it."""
+    likelihood = strategy.likelihood.get_fantasy_likelihood(**kwargs)
+    prior, train_inputs = full_output, full_inputs
+    if full_inputs[0].dim() <= full_targets.dim():  # one set of fantasy inputs for a batch of fantasy targets
+        fantasies = full_targets.shape[:1]
+        train_inputs = [x.expand(fantasies + x.shape) for x in full_inputs]
+        prior = full_output.expand(fantasies + full_output.batch_shape)
+    covar = likelihood(prior, train_inputs).lazy_covariance_matrix  # as the new strategy will call it
+    M = as_sum(covar.evaluate_kernel() if isinstance(covar, LinearOperator) else covar)
+    if M is None or not bool((M.diag_values > 0).all()):
+        return None
+    if "noise" in kwargs and not isinstance(strategy.likelihood, FixedNoiseGaussianLikelihood):
+        # GaussianLikelihood / GroupGaussianLikelihood copy themselves as the fantasy likelihood, without it: the
+        # fantasy model's predictions used the likelihood's noise at the fantasy points
+        raise ValueError(
+            "get_fantasy_model(..., noise=...) sets the fantasy points' noise variances, which the fantasy "
+            f"model's {type(strategy.likelihood).__name__} cannot hold: it would predict with its own noise there. "
+            "Leave noise out to use the likelihood's noise, or use a FixedNoiseGaussianLikelihood (per-point "
+            "noise, to which the fantasy noise is appended)."
+        )
+    strategy.fantasy_inputs, strategy.fantasy_targets = inputs, targets  # as GPyTorch's update records them
+    return strategy.__class__(train_inputs, prior, full_targets, likelihood)
+
+
 class SumPredictionStrategy(DefaultPredictionStrategy):
     """GPyTorch's default exact prediction, with the posterior covariance in closed form when the noisy training
     covariance is a :class:`~bma_gp.BlockMeanSumLinearOperator`: at the training inputs (see the module docstring)
@@ -426,27 +461,10 @@ class SumPredictionStrategy(DefaultPredictionStrategy):
         Raises:
             ValueError: in the family, ``noise`` was given with a likelihood other than a
                 ``FixedNoiseGaussianLikelihood``, whose fantasy likelihood would not hold it."""
-        likelihood = self.likelihood.get_fantasy_likelihood(**kwargs)
-        prior, train_inputs = full_output, full_inputs
-        if full_inputs[0].dim() <= full_targets.dim():  # one set of fantasy inputs for a batch of fantasy targets
-            fantasies = full_targets.shape[:1]
-            train_inputs = [x.expand(fantasies + x.shape) for x in full_inputs]
-            prior = full_output.expand(fantasies + full_output.batch_shape)
-        covar = likelihood(prior, train_inputs).lazy_covariance_matrix  # as the new strategy will call it
-        M = as_sum(covar.evaluate_kernel() if isinstance(covar, LinearOperator) else covar)
-        if M is None or not bool((M.diag_values > 0).all()):
+        fantasy = closed_form_fantasy(self, inputs, targets, full_inputs, full_targets, full_output, **kwargs)
+        if fantasy is None:
             return super().get_fantasy_strategy(inputs, targets, full_inputs, full_targets, full_output, **kwargs)
-        if "noise" in kwargs and not isinstance(self.likelihood, FixedNoiseGaussianLikelihood):
-            # GaussianLikelihood / GroupGaussianLikelihood copy themselves as the fantasy likelihood, without it: the
-            # fantasy model's predictions used the likelihood's noise at the fantasy points
-            raise ValueError(
-                "get_fantasy_model(..., noise=...) sets the fantasy points' noise variances, which the fantasy "
-                f"model's {type(self.likelihood).__name__} cannot hold: it would predict with its own noise there. "
-                "Leave noise out to use the likelihood's noise, or use a FixedNoiseGaussianLikelihood (per-point "
-                "noise, to which the fantasy noise is appended)."
-            )
-        self.fantasy_inputs, self.fantasy_targets = inputs, targets  # as GPyTorch's update records them
-        return self.__class__(train_inputs, prior, full_targets, likelihood)
+        return fantasy
 
     # ------------------------------------------------------------------ GPyTorch's path, in the working precision
     def _low_precision_family(self) -> tuple[BlockMeanSumLinearOperator, Tensor] | None:
