@@ -227,3 +227,31 @@ def test_fantasy_noise_a_likelihood_cannot_hold_is_refused(kernel, likelihood):
             model.get_fantasy_model(x1, y1, noise=torch.tensor([1.0, 2.0], dtype=DTYPE))
         assert model.prediction_strategy is strategy and model.train_targets.shape == (N,)  # nothing changed
         assert model.get_fantasy_model(x1, y1).train_targets.shape == (N + 2,)
+
+
+@pytest.mark.parametrize("kernel", ["group", "block_mean", "group+group"])
+def test_fantasy_noise_of_the_wrong_length_or_nan_is_refused_in_words(kernel):
+    # a FixedNoiseGaussianLikelihood appends noise= to its training noise as it is: a wrong length or a NaN left the
+    # fantasy covariance outside the family, so a single kernel said its covariance was "not a block mean operator"
+    # (NotImplementedError) and a sum took GPyTorch's update (a broadcast RuntimeError, a NanError from its Cholesky)
+    model, test_x = _model("group" if kernel == "group+group" else kernel, "fixed")
+    if kernel == "group+group":  # a second grouping in column 1
+        x = model.train_inputs[0].clone()
+        x[:, 1] = torch.arange(N, dtype=DTYPE) % 3
+        model = GP(
+            x, model.train_targets, model.likelihood, GroupKernel(6, active_dims=[0]) + GroupKernel(3, active_dims=[1])
+        )
+        model, test_x = model.to(DTYPE), x[:4].clone()
+    model.eval()
+    (x1, y1), _ = _fantasy_points(model)
+    with torch.no_grad():
+        x1[:, 1] = x1[:, 1].round().abs().clamp_max(2)  # a group id for the sum's second grouping
+        model(test_x)
+        strategy = model.prediction_strategy
+        with pytest.raises(ValueError, match=r"noise=.*shape \(\.\.\., 2\).*got \(3,\)"):
+            model.get_fantasy_model(x1, y1, noise=torch.ones(3, dtype=DTYPE))
+        with pytest.raises(ValueError, match="noise=.*NaN"):
+            model.get_fantasy_model(x1, y1, noise=torch.tensor([float("nan"), 0.1], dtype=DTYPE))
+        assert model.prediction_strategy is strategy and model.likelihood.noise.shape == (N,)
+        batched = model.get_fantasy_model(x1, torch.stack([y1, -y1]), noise=torch.full((2, 2), 0.1, dtype=DTYPE))
+        assert batched(test_x).mean.shape == (2, 4)

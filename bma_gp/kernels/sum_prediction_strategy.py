@@ -395,6 +395,23 @@ def _training_mean(
     return test_mean + shift.to(test_mean.dtype)
 
 
+def _check_fantasy_noise(noise, m: int) -> None:
+    """``ValueError`` unless ``noise`` (``get_fantasy_model``'s, for a ``FixedNoiseGaussianLikelihood``) is a tensor
+    with one finite variance per fantasy point: the fantasy likelihood appends it to the training noise as it is, and
+    a wrong length or a NaN left the fantasy covariance outside the family (a misleading ``NotImplementedError``)."""
+    if not torch.is_tensor(noise) or noise.dim() == 0 or noise.shape[-1] != m:
+        shape = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
+        raise ValueError(
+            f"get_fantasy_model(..., noise=...) must be a tensor of shape (..., {m}): one noise variance per fantasy "
+            f"point, as the fantasy targets have; got {shape}."
+        )
+    if not bool(torch.isfinite(noise).all()):
+        raise ValueError(
+            "get_fantasy_model(..., noise=...) holds NaN or infinite variances; give every fantasy point a finite "
+            "noise variance."
+        )
+
+
 def closed_form_fantasy(
     strategy: DefaultPredictionStrategy, inputs, targets, full_inputs, full_targets, full_output, **kwargs
 ) -> DefaultPredictionStrategy | None:
@@ -406,7 +423,11 @@ def closed_form_fantasy(
 
     Raises:
         ValueError: in the family, ``noise`` was given with a likelihood other than a
-            ``FixedNoiseGaussianLikelihood``, whose fantasy likelihood would not hold it."""
+            ``FixedNoiseGaussianLikelihood``, whose fantasy likelihood would not hold it; or, with one, ``noise`` has
+            not one finite variance per fantasy point."""
+    noise = kwargs.get("noise")
+    if noise is not None and isinstance(strategy.likelihood, FixedNoiseGaussianLikelihood):
+        _check_fantasy_noise(noise, inputs[0].shape[-2])
     likelihood = strategy.likelihood.get_fantasy_likelihood(**kwargs)
     prior, train_inputs = full_output, full_inputs
     if full_inputs[0].dim() <= full_targets.dim():  # one set of fantasy inputs for a batch of fantasy targets
