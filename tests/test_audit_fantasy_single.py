@@ -13,7 +13,14 @@ import pytest
 import torch
 from gpytorch.kernels import RBFKernel, ScaleKernel
 
-from bma_gp import BlockMeanKernel, ClosedFormFallbackWarning, GroupGaussianLikelihood, GroupKernel, Partition
+from bma_gp import (
+    BlockMeanKernel,
+    ClosedFormFallbackWarning,
+    GroupGaussianLikelihood,
+    GroupKernel,
+    Partition,
+    settings,
+)
 from bma_gp.kernels import BlockCrossLinearOperator
 from closed_form_guard import closed_forms_only
 from gp_reference import GP
@@ -164,8 +171,10 @@ def test_fantasy_model_at_its_training_points_is_the_posterior_there(kernel):
     x, y = torch.cat([model.train_inputs[0], x1]), torch.cat([model.train_targets, y1])
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", gpytorch.utils.warnings.GPInputWarning)
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
         model(x1)
         pred = model.get_fantasy_model(x1, y1)(x)
+        warnings.simplefilter("ignore", ClosedFormFallbackWarning)  # the dense reference's eager evaluation
         with gpytorch.settings.lazily_evaluate_kernels(False):
             prior = model.covar_module(x).to_dense()
         mean = model.mean_module(x)
@@ -255,3 +264,46 @@ def test_fantasy_noise_of_the_wrong_length_or_nan_is_refused_in_words(kernel):
         assert model.prediction_strategy is strategy and model.likelihood.noise.shape == (N,)
         batched = model.get_fantasy_model(x1, torch.stack([y1, -y1]), noise=torch.full((2, 2), 0.1, dtype=DTYPE))
         assert batched(test_x).mean.shape == (2, 4)
+
+
+def test_fantasy_outside_the_family_says_why_and_what_to_do():
+    # group ids that differ across the batch entries share no partition: the covariance of all the points is dense,
+    # and GPyTorch's fantasy update would factorise it; refused with the reason and the way out
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 4, (2, 20, 1), generator=generator).to(DTYPE)
+    likelihood = gpytorch.likelihoods.GaussianLikelihood(batch_shape=torch.Size([2]))
+    kernel = GroupKernel(6, batch_shape=torch.Size([2]))
+    model = GP(ids, torch.randn(2, 20, generator=generator, dtype=DTYPE), likelihood, kernel, batch_shape=(2,))
+    model = model.to(DTYPE)
+    model.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ClosedFormFallbackWarning)
+        model(torch.zeros(2, 3, 1, dtype=DTYPE))
+        with pytest.raises(NotImplementedError, match="not a block mean operator.*model.set_train_data"):
+            model.get_fantasy_model(torch.ones(2, 2, 1, dtype=DTYPE), torch.zeros(2, 2, dtype=DTYPE))
+
+
+@pytest.mark.parametrize("kernel", ["group", "block_mean"])
+def test_fantasy_strategy_is_rebuilt_after_validate_false_and_a_dtype_move(kernel):
+    """A fantasy made under validate(False) is rebuilt (a new strategy of its class on its own points) before a
+    prediction with validation on, and after model.float(); a batch of fantasy targets throughout."""
+    model, test_x = _model(kernel, "group")
+    model.eval()
+    (x1, y1), _ = _fantasy_points(model)
+    y1 = torch.stack([y1, y1 + 1.0])
+    with torch.no_grad():
+        with settings.validate(False):
+            model(test_x)
+            fantasy = model.get_fantasy_model(x1, y1)
+        strategy = fantasy.prediction_strategy
+        pred = fantasy(test_x)
+        assert fantasy.prediction_strategy is not strategy
+        x = torch.cat([model.train_inputs[0], x1])
+        targets = torch.cat([model.train_targets.expand(2, N), y1], dim=-1)
+        ref_mean, ref_covariance = _dense_posterior(model, x, targets, test_x, _noise_of(model, x, "group", []))
+        torch.testing.assert_close(pred.mean, ref_mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(pred.covariance_matrix, ref_covariance.expand(2, 4, 4), rtol=1e-10, atol=1e-12)
+        fantasy.float()
+        mean = fantasy(test_x.float()).mean
+    assert mean.dtype == torch.float32 and mean.shape == (2, 4)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-4, atol=1e-5)

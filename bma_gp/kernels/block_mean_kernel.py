@@ -189,7 +189,9 @@ class BlockMeanKernel(Kernel):
       predicting): the training points, then new points (a block mean operator over
       ``k + t`` blocks);
     * anything else: new points (``base_kernel`` itself; against the training points a
-      :class:`~bma_gp.kernels.BlockCrossLinearOperator` of size ``t x k``).
+      :class:`~bma_gp.kernels.BlockCrossLinearOperator` of size ``t x k``, against the training
+      points followed by ``m`` new points, a fantasy model's training inputs, one of size
+      ``t x (k + m)`` over the blocks of the joint operator above).
 
     Predictions at inputs equal to ``train_x`` are therefore the posterior of the latent
     values *at the training points*; any other set of inputs gets the new-point covariance.
