@@ -115,8 +115,9 @@ def _not_a_date(text: str) -> str | None:
     )
 
 
-def _convert_column(name: str, cells: list[str]) -> list[float]:
-    """Convert the cells of one column to floats (NaN for missing), or raise naming the column."""
+def _convert_column(name: str, cells: list[str], description: str) -> list[float]:
+    """Convert the cells of one column of ``description`` (the file) to floats (NaN for missing), or raise naming
+    the file, the column and the cell."""
     values: list[float] = []
     first_bad: tuple[int, str] | None = None
     first_infinite: tuple[int, str] | None = None
@@ -137,8 +138,9 @@ def _convert_column(name: str, cells: list[str]) -> list[float]:
         if first_infinite is not None:
             row, cell = first_infinite
             raise DatasetError(
-                f"column {name!r} is not finite: data row {row + 1} holds {cell!r}. Values must be finite numbers: "
-                "correct the cell, empty it (or write NA) to drop the row, or leave this column out of the features."
+                f"{description}: column {name!r} is not finite: data row {row + 1} holds {cell!r}. Values must be "
+                "finite numbers: correct the cell, empty it (or write NA) to drop the row, or leave this column out of "
+                "the features."
             )
         return values
     # Not all numbers: accept the column only if every present cell is a date.
@@ -152,13 +154,13 @@ def _convert_column(name: str, cells: list[str]) -> list[float]:
             reason = _not_a_date(cell)
             if reason is not None:
                 raise DatasetError(
-                    f"column {name!r} holds a date that cannot be read: data row {row + 1} holds {cell!r}; "
-                    f"{reason}. Correct the cell, empty it (or write NA) to drop the row, or leave this column out "
-                    "of the features."
+                    f"{description}: column {name!r} holds a date that cannot be read: data row {row + 1} holds "
+                    f"{cell!r}; {reason}. Correct the cell, empty it (or write NA) to drop the row, or leave this "
+                    "column out of the features."
                 )
             raise DatasetError(
-                f"column {name!r} is not numeric: data row {row + 1} holds {cell!r}. Use numeric columns "
-                "(or ISO dates, which are read as decimal years), or leave this column out of the features."
+                f"{description}: column {name!r} is not numeric: data row {row + 1} holds {cell!r}. Use numeric "
+                "columns (or ISO dates, which are read as decimal years), or leave this column out of the features."
             )
         dates.append(year)
     return dates
@@ -234,7 +236,7 @@ def _table_to_tensors(
     columns = {}
     for name in [*features, target]:
         index = header.index(name)
-        columns[name] = _convert_column(name, [row[index] for row in rows])
+        columns[name] = _convert_column(name, [row[index] for row in rows], description)
     x = torch.tensor([columns[name] for name in features], dtype=dtype).T.contiguous()
     y = torch.tensor(columns[target], dtype=dtype)
     overflow = torch.isinf(torch.cat([x, y.unsqueeze(-1)], dim=-1)).nonzero()
@@ -243,7 +245,7 @@ def _table_to_tensors(
         name = [*features, target][column]
         cell = rows[row][header.index(name)].strip()
         raise DatasetError(
-            f"column {name!r} does not fit in {dtype}: data row {row + 1} holds {cell!r}. "
+            f"{description}: column {name!r} does not fit in {dtype}: data row {row + 1} holds {cell!r}. "
             "Load the data as torch.float64 (bma-gp: --dtype float64) or rescale the column."
         )
     keep = ~(torch.isnan(y) | torch.isnan(x).any(dim=-1))

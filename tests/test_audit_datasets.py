@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bma_gp.datasets import DatasetError, load_csv
 
@@ -40,3 +41,19 @@ def test_a_date_that_cannot_be_read_is_named_as_a_date(tmp_path, cell, reason):
     path = _write(tmp_path, "d,y\n2001-01-01,1\n2020-12-345,2\n", "other.csv")
     with pytest.raises(DatasetError, match=r"column 'd' is not numeric: data row 2 holds '2020-12-345'"):
         load_csv(path, "y")
+
+
+@pytest.mark.parametrize(
+    "cell, dtype, message",
+    [
+        ("Paris", torch.float64, r"column 'a' is not numeric: data row 2 holds 'Paris'"),
+        ("inf", torch.float64, r"column 'a' is not finite: data row 2 holds 'inf'"),
+        ("2001-02-30", torch.float64, r"column 'a' holds a date that cannot be read: data row 2 holds '2001-02-30'"),
+        ("1e300", torch.float32, r"column 'a' does not fit in torch.float32: data row 2 holds '1e300'"),
+    ],
+)
+def test_cell_errors_name_the_file(tmp_path, cell, dtype, message):
+    # a user loading several files could not tell from the message which one holds the cell
+    path = _write(tmp_path, f"a,y\n1,2\n{cell},3\n", "measurements.csv")
+    with pytest.raises(DatasetError, match=rf"^CSV file '[^']*measurements\.csv': {message}"):
+        load_csv(path, "y", dtype=dtype)

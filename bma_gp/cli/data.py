@@ -184,12 +184,13 @@ def _group_features(header: list[str], config: RunConfig, features: list[str] | 
 def _add_groups(dataset: Dataset, table: tuple[list[str], list[list[str]]], groups: tuple[str, ...]) -> None:
     """Read the ``groups`` columns of the rows ``load_csv`` kept into ``dataset`` (labels and codes)."""
     header, rows = table
+    description = f"CSV file {dataset.name!r}"
     # the rows load_csv kept: those without a missing value in a feature or the target
     used = [*dataset.feature_names, dataset.target_name]
     complete = torch.ones(len(rows), dtype=torch.bool)
     for name in used:
         index = header.index(name)
-        complete &= ~torch.tensor(_convert_column(name, [row[index] for row in rows])).isnan()
+        complete &= ~torch.tensor(_convert_column(name, [row[index] for row in rows], description)).isnan()
     kept = complete.nonzero().squeeze(-1).tolist()
     if len(kept) != len(dataset.y):  # pragma: no cover - load_csv and this module disagree on the rows
         raise RuntimeError(f"the CSV reader kept {len(dataset.y)} rows, the group reader {len(kept)}")
