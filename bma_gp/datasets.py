@@ -173,11 +173,17 @@ def _read_table(source, description: str) -> tuple[list[str], list[list[str]]]:
     if not sample.strip():
         raise DatasetError(f"{description} is empty: expected a header line followed by data rows.")
     try:
-        dialect = csv.Sniffer().sniff(sample, delimiters=",;\t")
+        # without the blank lines: a line of spaces has none of the delimiters and defeats the sniffer
+        lines = "\n".join(line for line in sample.splitlines() if line.strip())
+        dialect = csv.Sniffer().sniff(lines, delimiters=",;\t")
     except csv.Error:
         dialect = csv.excel
     reader = csv.reader(source, dialect)
-    header = [name.strip() for name in next(reader)]
+    # blank lines are skipped before the header as between the data rows (the header was read as no columns)
+    first = next((row for row in reader if any(cell.strip() for cell in row)), None)
+    if first is None:
+        raise DatasetError(f"{description} has no header line: every line is blank or only delimiters.")
+    header = [name.strip() for name in first]
     rows = [row for row in reader if any(cell.strip() for cell in row)]
     if not rows:
         raise DatasetError(f"{description} has a header but no data rows.")

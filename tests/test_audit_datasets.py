@@ -57,3 +57,19 @@ def test_cell_errors_name_the_file(tmp_path, cell, dtype, message):
     path = _write(tmp_path, f"a,y\n1,2\n{cell},3\n", "measurements.csv")
     with pytest.raises(DatasetError, match=rf"^CSV file '[^']*measurements\.csv': {message}"):
         load_csv(path, "y", dtype=dtype)
+
+
+def test_blank_lines_before_the_header_are_skipped(tmp_path):
+    # the first (blank) line was taken as a header of no columns: "data row 1 has 2 fields but the header has 0 ()"
+    path = _write(tmp_path, "\r\n\n  \na;y\n1;2\n\n3;4\n")
+    x, y = load_csv(path, "y")
+    assert x.tolist() == [[1.0], [3.0]] and y.tolist() == [2.0, 4.0]
+    with pytest.raises(DatasetError, match=r"'[^']*only\.csv' has no header line: every line is blank"):
+        load_csv(_write(tmp_path, "\n , \n,\n", "only.csv"), "y")
+
+
+def test_a_line_of_spaces_does_not_hide_the_delimiter(tmp_path):
+    # the sniffer saw no delimiter on the line of spaces, fell back to commas and read one column 'a;y'
+    path = _write(tmp_path, "a;y\n1;2\n   \n3;4\n")
+    x, y = load_csv(path, "y")
+    assert x.tolist() == [[1.0], [3.0]] and y.tolist() == [2.0, 4.0]
