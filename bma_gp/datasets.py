@@ -219,6 +219,12 @@ def _table_to_tensors(
         if isinstance(features, str):
             features = [features]
         features = list(features)
+        not_names = [name for name in features if not isinstance(name, str)]
+        if not_names:  # a position such as 0 was looked up as a name and reported as a missing column
+            raise TypeError(
+                f"features must be column names (str), got {not_names[0]!r} ({type(not_names[0]).__name__}); "
+                f"the columns of {description} are {available}."
+            )
         if not features:
             raise DatasetError(
                 f"features is empty; name at least one input column of {description} "
@@ -323,7 +329,8 @@ def load_csv(
 
     Raises:
         FileNotFoundError: ``path`` does not exist (or is a directory).
-        TypeError: ``dtype`` is not a floating point dtype of at least 32 bits.
+        TypeError: ``path`` is not a str or path (an open file, say), ``target`` or a feature is not a
+            column name (a position such as ``0``), or ``dtype`` is not a floating point dtype of at least 32 bits.
         DatasetError: a requested column is absent (the message lists the available ones) or
             requested twice, a used column holds text that is neither a number nor an ISO date,
             or a number that is not finite (``inf``, or beyond the range of ``dtype``; the message
@@ -337,6 +344,11 @@ def load_csv(
         >>> x, y = load_csv("measurements.csv", target="yield", features=["temp", "ph"])  # doctest: +SKIP
     """
     _check_dtype(dtype)
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(
+            f"path must be the name of a CSV file (a str or a path such as pathlib.Path), got {type(path).__name__}; "
+            "for an open file pass its name (file.name)."
+        )
     path = os.fspath(path)
     if not os.path.isfile(path):
         reason = "is a directory" if os.path.isdir(path) else "does not exist"

@@ -73,3 +73,20 @@ def test_a_line_of_spaces_does_not_hide_the_delimiter(tmp_path):
     path = _write(tmp_path, "a;y\n1;2\n   \n3;4\n")
     x, y = load_csv(path, "y")
     assert x.tolist() == [[1.0], [3.0]] and y.tolist() == [2.0, 4.0]
+
+
+def test_features_by_position_and_open_files_are_type_errors(tmp_path):
+    path = _write(tmp_path, "a,b,y\n1,2,3\n4,5,6\n")
+    # a position was looked up as a name: "has no column(s) 0 (requested as features)", a DatasetError
+    with pytest.raises(TypeError, match=r"features must be column names \(str\), got 0 \(int\); the columns .* 'a'"):
+        load_csv(path, "y", [0])
+    with pytest.raises(TypeError, match=r"features must be column names \(str\), got 1 \(int\)"):
+        load_csv(path, "y", ["a", 1])
+    # an open file: os.fspath's "expected str, bytes or os.PathLike object" did not say which argument
+    with open(path) as file, pytest.raises(TypeError, match=r"path must be the name of a CSV file.*file\.name"):
+        load_csv(file, "y")
+    with open(path) as file:
+        x, y = load_csv(file.name, "y")
+    assert x.tolist() == [[1.0, 2.0], [4.0, 5.0]] and y.tolist() == [3.0, 6.0]
+    x, _ = load_csv(str(path).encode(), "y", ("b",))  # bytes paths and tuples of names work
+    assert x.tolist() == [[2.0], [5.0]]
