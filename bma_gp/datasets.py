@@ -158,6 +158,11 @@ def _convert_column(name: str, cells: list[str], description: str) -> list[float
                     f"{cell!r}; {reason}. Correct the cell, empty it (or write NA) to drop the row, or leave this "
                     "column out of the features."
                 )
+            if "\n" in cell or "\r" in cell:
+                raise DatasetError(
+                    f"{description}: column {name!r} is not numeric: data row {row + 1} holds {cell[:40]!r}..., "
+                    "which spans several lines: a quote character that is never closed? Close or remove it."
+                )
             raise DatasetError(
                 f"{description}: column {name!r} is not numeric: data row {row + 1} holds {cell!r}. Use numeric "
                 "columns (or ISO dates, which are read as decimal years), or leave this column out of the features."
@@ -179,19 +184,37 @@ def _read_table(source, description: str) -> tuple[list[str], list[list[str]]]:
     except csv.Error:
         dialect = csv.excel
     reader = csv.reader(source, dialect)
-    # blank lines are skipped before the header as between the data rows (the header was read as no columns)
-    first = next((row for row in reader if any(cell.strip() for cell in row)), None)
-    if first is None:
+    records: list[list[str]] = []  # the lines that are not blank (blank ones are skipped, before the header too)
+    end = 0  # the last line of the last record read
+    try:
+        for record in reader:
+            end = reader.line_num
+            if any(cell.strip() for cell in record):
+                records.append(record)
+    except csv.Error as err:  # a field over csv's limit of 128 KiB: most often a quote that is never closed
+        raise DatasetError(
+            f"{description}: the record that starts on line {end + 1} cannot be read as CSV ({err}). A quote "
+            f"character ({dialect.quotechar}) that opens a field and is never closed makes the rest of the file "
+            "one field: close or remove it."
+        ) from None
+    if not records:
         raise DatasetError(f"{description} has no header line: every line is blank or only delimiters.")
-    header = [name.strip() for name in first]
-    rows = [row for row in reader if any(cell.strip() for cell in row)]
+    header = [name.strip() for name in records[0]]
+    rows = records[1:]
     if not rows:
         raise DatasetError(f"{description} has a header but no data rows.")
     for number, row in enumerate(rows, start=1):
         if len(row) != len(header):
+            spanning = [cell for cell in row if "\n" in cell or "\r" in cell]
+            hint = (
+                f" Its field {spanning[0][:40]!r}... spans several lines: a quote character ({dialect.quotechar}) "
+                "that is never closed? Close or remove it."
+                if spanning
+                else ""
+            )
             raise DatasetError(
                 f"{description}: data row {number} has {len(row)} fields but the header has {len(header)} "
-                f"({', '.join(header)})."
+                f"({', '.join(header)}).{hint}"
             )
     duplicated = sorted({name for name in header if header.count(name) > 1})
     if duplicated:

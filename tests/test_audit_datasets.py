@@ -90,3 +90,24 @@ def test_features_by_position_and_open_files_are_type_errors(tmp_path):
     assert x.tolist() == [[1.0, 2.0], [4.0, 5.0]] and y.tolist() == [3.0, 6.0]
     x, _ = load_csv(str(path).encode(), "y", ("b",))  # bytes paths and tuples of names work
     assert x.tolist() == [[2.0], [5.0]]
+
+
+def test_a_quote_that_is_never_closed_is_named(tmp_path, capsys):
+    from bma_gp.cli import main
+
+    # past csv's field limit (128 KiB) the reader raised a bare _csv.Error: a traceback from bma-gp
+    text = 'a,y\n1,"2\n' + "".join(f"{i},{i}\n" for i in range(20000))
+    path = _write(tmp_path, text, "stray_quote.csv")
+    message = r"stray_quote\.csv': the record that starts on line 2 cannot be read as CSV \(field larger"
+    with pytest.raises(DatasetError, match=message + r".*never closed"):
+        load_csv(path, "y")
+    with pytest.raises(SystemExit) as info:
+        main(["--data", str(path), "--target", "y", "--no-plot", "--out", str(tmp_path / "out")])
+    assert info.value.code == 2 and "cannot be read as CSV" in capsys.readouterr().err
+    # a short file with the same mistake: the messages say why the row is wrong
+    path = _write(tmp_path, 'a,b,y\n1,2,3\n3,"4,5\n5,6,7\n', "short.csv")
+    with pytest.raises(DatasetError, match=r"data row 2 has 2 fields .*'4,5\\n5,6,7\\n'\.\.\. spans several lines"):
+        load_csv(path, "y")
+    path = _write(tmp_path, 'a,y\n1,2\n3,"4\n5,6\n', "short2.csv")
+    with pytest.raises(DatasetError, match=r"'y' is not numeric: data row 2 holds '4\\n5,6'\.\.\., which spans"):
+        load_csv(path, "y")
