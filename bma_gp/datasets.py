@@ -297,7 +297,36 @@ def _table_to_tensors(
                 stacklevel=3,
             )
         x, y = x[keep], y[keep]
+    if warn and dtype != torch.float64:
+        for name in [*features, target]:
+            index = header.index(name)
+            cells = [row[index] for row in rows]
+            _warn_if_times_merge(name, cells, columns[name], keep, dtype, description)
     return x, y, features
+
+
+def _warn_if_times_merge(
+    name: str, cells: list[str], values: list[float], keep: Tensor, dtype: torch.dtype, description: str
+) -> None:
+    """Warn when a column of dates holds distinct times that ``dtype`` rounds to one value: decimal years near
+    2000 have a step of about an hour in float32, so half-hourly readings silently became pairs of equal inputs."""
+    first = next((cell.strip() for cell in cells if cell.strip().lower() not in _MISSING), None)
+    if first is None or _decimal_year(first) is None:  # not a column of dates (those hold nothing else)
+        return
+    years = torch.tensor(values, dtype=torch.float64)[keep]
+    distinct, rounded = years.unique().numel(), years.to(dtype).unique().numel()
+    if rounded == distinct:
+        return
+    largest = years.abs().max().to(dtype)
+    step_hours = float(torch.nextafter(largest, torch.tensor(math.inf, dtype=dtype)) - largest) * 365.25 * 24
+    warnings.warn(
+        f"{description}: column {name!r} holds times that {dtype} cannot tell apart (its step near the year "
+        f"{float(largest):.0f} is about {step_hours:.2g} hours): {distinct} distinct times became {rounded} values. "
+        "Load the data as torch.float64 (bma-gp: --dtype float64), or give the times as a number of hours or days "
+        "since a start.",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def _raise_for_empty_columns(
@@ -362,6 +391,8 @@ def load_csv(
 
     Warns:
         MissingValuesWarning: when rows with missing values were dropped, saying how many.
+        UserWarning: when a column of dates holds distinct times that ``dtype`` rounds to one value
+            (float32's step near the year 2000 is about an hour).
 
     Example:
         >>> x, y = load_csv("measurements.csv", target="yield", features=["temp", "ph"])  # doctest: +SKIP

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -111,3 +113,19 @@ def test_a_quote_that_is_never_closed_is_named(tmp_path, capsys):
     path = _write(tmp_path, 'a,y\n1,2\n3,"4\n5,6\n', "short2.csv")
     with pytest.raises(DatasetError, match=r"'y' is not numeric: data row 2 holds '4\\n5,6'\.\.\., which spans"):
         load_csv(path, "y")
+
+
+def test_float32_warns_when_times_merge(tmp_path):
+    # decimal years near 2013 have a step of about an hour in float32: half-hourly readings became equal inputs
+    cells = [f"2013-01-01 {i // 2:02d}:{30 * (i % 2):02d}" for i in range(48)]
+    path = _write(tmp_path, "t,y\n" + "".join(f"{cell},{i}\n" for i, cell in enumerate(cells)))
+    with pytest.warns(UserWarning, match=r"column 't' holds times that torch.float32 cannot tell apart.*48 distinct"):
+        x, _ = load_csv(path, "y", dtype=torch.float32)
+    assert x.dtype == torch.float32 and x.unique().numel() < 48
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x, _ = load_csv(path, "y")  # float64 keeps them apart
+        assert x.unique().numel() == 48
+        daily = _write(tmp_path, "t,y\n" + "".join(f"2013-01-{d:02d},{d}\n" for d in range(1, 29)), "daily.csv")
+        x, _ = load_csv(daily, "y", dtype=torch.float32)  # days are far apart in float32: no warning
+        assert x.unique().numel() == 28
