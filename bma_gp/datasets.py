@@ -30,6 +30,7 @@ import os
 import re
 import shlex
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -216,7 +217,7 @@ def _read_table(source, description: str) -> tuple[list[str], list[list[str]]]:
                 f"{description}: data row {number} has {len(row)} fields but the header has {len(header)} "
                 f"({', '.join(header)}).{hint}"
             )
-    duplicated = sorted({name for name in header if header.count(name) > 1})
+    duplicated = sorted(name for name, count in Counter(header).items() if count > 1)  # linear in wide files
     if duplicated:
         raise DatasetError(f"{description}: duplicated column name(s) {duplicated}; rename them.")
     return header, rows
@@ -234,7 +235,8 @@ def _table_to_tensors(
     if not isinstance(target, str):
         raise TypeError(f"target must be a column name (str), got {type(target).__name__}.")
     available = ", ".join(repr(name) for name in header)
-    if target not in header:
+    position = {name: index for index, name in enumerate(header)}  # the names are distinct (checked on reading)
+    if target not in position:
         raise DatasetError(f"{description} has no column {target!r} (the target); available columns: {available}.")
     if features is None:
         features = [name for name in header if name != target]
@@ -253,7 +255,7 @@ def _table_to_tensors(
                 f"features is empty; name at least one input column of {description} "
                 f"(available: {available}), or pass features=None to use every column except the target."
             )
-        missing = [name for name in features if name not in header]
+        missing = [name for name in features if name not in position]
         if missing:
             raise DatasetError(
                 f"{description} has no column(s) {', '.join(map(repr, missing))} (requested as features); "
@@ -261,7 +263,7 @@ def _table_to_tensors(
             )
         if target in features:
             raise DatasetError(f"the target column {target!r} cannot also be a feature.")
-        repeated = sorted({name for name in features if features.count(name) > 1})
+        repeated = sorted(name for name, count in Counter(features).items() if count > 1)
         if repeated:
             raise DatasetError(f"feature column(s) {', '.join(map(repr, repeated))} requested twice; name each once.")
     if not features:
@@ -270,7 +272,7 @@ def _table_to_tensors(
         )
     columns = {}
     for name in [*features, target]:
-        index = header.index(name)
+        index = position[name]
         columns[name] = _convert_column(name, [row[index] for row in rows], description)
     x = torch.tensor([columns[name] for name in features], dtype=dtype).T.contiguous()
     y = torch.tensor(columns[target], dtype=dtype)
@@ -278,7 +280,7 @@ def _table_to_tensors(
     if len(overflow):  # finite cells beyond the range of dtype (1e300 in float32)
         row, column = (int(i) for i in overflow[0])
         name = [*features, target][column]
-        cell = rows[row][header.index(name)].strip()
+        cell = rows[row][position[name]].strip()
         raise DatasetError(
             f"{description}: column {name!r} does not fit in {dtype}: data row {row + 1} holds {cell!r}. "
             "Load the data as torch.float64 (bma-gp: --dtype float64) or rescale the column."
@@ -299,7 +301,7 @@ def _table_to_tensors(
         x, y = x[keep], y[keep]
     if warn and dtype != torch.float64:
         for name in [*features, target]:
-            index = header.index(name)
+            index = position[name]
             cells = [row[index] for row in rows]
             _warn_if_times_merge(name, cells, columns[name], keep, dtype, description)
     return x, y, features

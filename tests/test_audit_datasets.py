@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import pytest
@@ -129,3 +130,16 @@ def test_float32_warns_when_times_merge(tmp_path):
         daily = _write(tmp_path, "t,y\n" + "".join(f"2013-01-{d:02d},{d}\n" for d in range(1, 29)), "daily.csv")
         x, _ = load_csv(daily, "y", dtype=torch.float32)  # days are far apart in float32: no warning
         assert x.unique().numel() == 28
+
+
+def test_a_wide_file_loads_in_linear_time(tmp_path):
+    # header.count / header.index / features.count per column: 17 s for 20,000 columns and 5 rows, 29 s with features
+    d = 20000
+    lines = [",".join(f"c{i}" for i in range(d)) + ",y"]
+    lines += [",".join(str(j + i) for i in range(d + 1)) for j in range(5)]
+    path = _write(tmp_path, "\n".join(lines) + "\n")
+    start = time.perf_counter()
+    x, y = load_csv(path, "y", [f"c{i}" for i in reversed(range(d))])
+    elapsed = time.perf_counter() - start
+    assert x.shape == (5, d) and x[2, 0] == d - 1 + 2 and y.tolist() == [d + j for j in range(5)]
+    assert elapsed < 5.0, f"{elapsed:.1f} s for a 5 x {d} file"

@@ -188,15 +188,16 @@ def _add_groups(dataset: Dataset, table: tuple[list[str], list[list[str]]], grou
     # the rows load_csv kept: those without a missing value in a feature or the target
     used = [*dataset.feature_names, dataset.target_name]
     complete = torch.ones(len(rows), dtype=torch.bool)
+    position = {name: index for index, name in enumerate(header)}  # header.index per column: quadratic when wide
     for name in used:
-        index = header.index(name)
+        index = position[name]
         complete &= ~torch.tensor(_convert_column(name, [row[index] for row in rows], description)).isnan()
     kept = complete.nonzero().squeeze(-1).tolist()
     if len(kept) != len(dataset.y):  # pragma: no cover - load_csv and this module disagree on the rows
         raise RuntimeError(f"the CSV reader kept {len(dataset.y)} rows, the group reader {len(kept)}")
     codes, labels = [], []
     for name in groups:
-        index = header.index(name)
+        index = position[name]
         column_labels, column_codes = _encode_labels(name, [rows[r][index].strip() for r in kept], kept)
         labels.append(column_labels)
         codes.append(column_codes)
