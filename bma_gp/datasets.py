@@ -218,9 +218,34 @@ def _read_table(source, description: str) -> tuple[list[str], list[list[str]]]:
                 f"({', '.join(header)}).{hint}"
             )
     duplicated = sorted(name for name, count in Counter(header).items() if count > 1)  # linear in wide files
+    if "" in duplicated:  # several unnamed columns, most often empty ones from trailing delimiters
+        unnamed = [str(index + 1) for index, name in enumerate(header) if not name]
+        raise DatasetError(
+            f"{description}: columns {', '.join(unnamed)} have no name (trailing delimiters?); name them in the "
+            "header line, or delete them if they are empty."
+        )
     if duplicated:
         raise DatasetError(f"{description}: duplicated column name(s) {duplicated}; rename them.")
     return header, rows
+
+
+def _header_hint(header: list[str]) -> str:
+    """A sentence for a missing column when the first line holds values, not names: a file without a header line
+    (its first row was taken for the names), or ``""``."""
+
+    def is_value(name: str) -> bool:
+        try:
+            float(name)
+        except ValueError:
+            return _decimal_year(name) is not None
+        return True
+
+    if all(name and is_value(name) for name in header):
+        return (
+            " The first line, which names the columns, holds values: does the file lack a header line? Add one "
+            "(such as x1,x2,y) above the data."
+        )
+    return ""
 
 
 def _table_to_tensors(
@@ -237,7 +262,10 @@ def _table_to_tensors(
     available = ", ".join(repr(name) for name in header)
     position = {name: index for index, name in enumerate(header)}  # the names are distinct (checked on reading)
     if target not in position:
-        raise DatasetError(f"{description} has no column {target!r} (the target); available columns: {available}.")
+        raise DatasetError(
+            f"{description} has no column {target!r} (the target); available columns: {available}."
+            + _header_hint(header)
+        )
     if features is None:
         features = [name for name in header if name != target]
     else:
@@ -259,7 +287,7 @@ def _table_to_tensors(
         if missing:
             raise DatasetError(
                 f"{description} has no column(s) {', '.join(map(repr, missing))} (requested as features); "
-                f"available columns: {available}."
+                f"available columns: {available}." + _header_hint(header)
             )
         if target in features:
             raise DatasetError(f"the target column {target!r} cannot also be a feature.")

@@ -143,3 +143,30 @@ def test_a_wide_file_loads_in_linear_time(tmp_path):
     elapsed = time.perf_counter() - start
     assert x.shape == (5, d) and x[2, 0] == d - 1 + 2 and y.tolist() == [d + j for j in range(5)]
     assert elapsed < 5.0, f"{elapsed:.1f} s for a 5 x {d} file"
+
+
+def test_a_file_without_a_header_line_is_named_as_such(tmp_path, capsys):
+    from bma_gp.cli import main
+
+    # the first row was taken for the names: "has no column 'y'; available columns: '1.5', '2', '3'" and nothing more
+    path = _write(tmp_path, "1.5,2,3\n4,5,6\n", "no_header.csv")
+    hint = r"The first line, which names the columns, holds values: does the file lack a header line\?"
+    with pytest.raises(DatasetError, match=r"has no column 'y' \(the target\).*" + hint):
+        load_csv(path, "y")
+    with pytest.raises(DatasetError, match=r"has no column\(s\) 'x' \(requested as features\).*" + hint):
+        load_csv(path, "3", ["x"])
+    dates = _write(tmp_path, "2001-01-01,2\n2001-01-02,5\n", "dates.csv")
+    with pytest.raises(DatasetError, match=hint):
+        load_csv(dates, "y")
+    with pytest.raises(SystemExit):
+        main(["--data", str(path), "--target", "3", "--group", "g", "--no-plot", "--out", str(tmp_path / "out")])
+    assert "does the file lack a header line?" in capsys.readouterr().err
+    with pytest.raises(DatasetError, match=r"no column 'y' \(the target\); available columns: 'a', '2'\.$"):
+        load_csv(_write(tmp_path, "a,2\n1,2\n", "named.csv"), "y")  # a header with a name: no hint
+
+
+def test_several_unnamed_columns_are_named_by_position(tmp_path):
+    # two trailing delimiters: "duplicated column name(s) ['']; rename them", though nothing had a name to rename
+    path = _write(tmp_path, "a,y,,\n1,2,,\n3,4,,\n")
+    with pytest.raises(DatasetError, match=r"columns 3, 4 have no name \(trailing delimiters\?\); name them"):
+        load_csv(path, "y")

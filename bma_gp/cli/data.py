@@ -28,6 +28,7 @@ from bma_gp.datasets import (  # the CSV rules load_csv applies
     DatasetError,
     MissingValuesWarning,
     _convert_column,
+    _header_hint,
     _read_table,
     load_co2,
     load_csv,
@@ -169,7 +170,7 @@ def _group_features(header: list[str], config: RunConfig, features: list[str] | 
     if missing:
         raise UsageError(
             f"CSV file {config.data!r} has no column(s) {', '.join(map(repr, missing))} (given to --group); "
-            f"available columns: {', '.join(map(repr, header))}."
+            f"available columns: {', '.join(map(repr, header))}." + _header_hint(header)
         )
     if features is None:
         features = [name for name in header if name != config.target and name not in config.groups]
