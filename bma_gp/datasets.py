@@ -59,6 +59,8 @@ _DATE_FORMATS = (
     "%Y-%m-%d %H:%M",
     "%Y/%m/%d",
 )
+# a number written with a decimal comma (1,5) or with thousands separators (1,234,567.5)
+_COMMA_NUMBER = re.compile(r"[+-]?\d*(,\d+)+(\.\d*)?([eE][+-]?\d+)?")
 # what looks like a date: four digits, a month and a day, whatever follows
 _DATE_LIKE = re.compile(r"\d{4}([-/])\d{1,2}\1\d{1,2}(?!\d)")
 
@@ -163,6 +165,13 @@ def _convert_column(name: str, cells: list[str], description: str) -> list[float
                 raise DatasetError(
                     f"{description}: column {name!r} is not numeric: data row {row + 1} holds {cell[:40]!r}..., "
                     "which spans several lines: a quote character that is never closed? Close or remove it."
+                )
+            if _COMMA_NUMBER.fullmatch(cell):
+                raise DatasetError(
+                    f"{description}: column {name!r} is not numeric: data row {row + 1} holds {cell!r}, a number "
+                    "with a decimal comma or a thousands separator. Numbers need a decimal point and no separators "
+                    "(1.5, 1234): save the file so (in a spreadsheet: English number format), or leave this column "
+                    "out of the features."
                 )
             raise DatasetError(
                 f"{description}: column {name!r} is not numeric: data row {row + 1} holds {cell!r}. Use numeric "

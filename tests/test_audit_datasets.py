@@ -170,3 +170,11 @@ def test_several_unnamed_columns_are_named_by_position(tmp_path):
     path = _write(tmp_path, "a,y,,\n1,2,,\n3,4,,\n")
     with pytest.raises(DatasetError, match=r"columns 3, 4 have no name \(trailing delimiters\?\); name them"):
         load_csv(path, "y")
+
+
+@pytest.mark.parametrize("text, cell", [("a;y\n1,5;2\n2,5;3\n", "1,5"), ('a,y\n"1,234.5",2\n7,3\n', "1,234.5")])
+def test_decimal_commas_and_thousands_separators_are_named(tmp_path, text, cell):
+    # a European export (semicolons, decimal commas) was told to "use numeric columns"
+    message = rf"column 'a' is not numeric: data row 1 holds '{cell}', a number with a decimal comma or a thousands"
+    with pytest.raises(DatasetError, match=message + r".*decimal point"):
+        load_csv(_write(tmp_path, text), "y")
