@@ -393,6 +393,19 @@ def _raise_for_empty_columns(
     )
 
 
+def _not_a_file(path: str | bytes) -> str:
+    """Why ``path``, which is not a regular file, cannot be loaded: it is missing, a directory, or a pipe or device
+    (``bma-gp --data <(zcat data.csv.gz)``), which exists and was reported as missing."""
+    if os.path.isdir(path):
+        return f"data file {path!r} is a directory; pass the path of a CSV file."
+    if os.path.exists(path):
+        return (
+            f"data file {path!r} is not a regular file but a pipe or a device, which the loader cannot read twice "
+            "(it sniffs the delimiter first); write the data to a file and pass its path."
+        )
+    return f"data file {path!r} does not exist; pass the path of a CSV file."
+
+
 def load_csv(
     path: str | os.PathLike,
     target: str,
@@ -419,7 +432,7 @@ def load_csv(
         ``(x, y, feature_names)`` with ``return_features=True``.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist (or is a directory).
+        FileNotFoundError: ``path`` does not exist (or is a directory, a pipe or a device).
         TypeError: ``path`` is not a str or path (an open file, say), ``target`` or a feature is not a
             column name (a position such as ``0``), or ``dtype`` is not a floating point dtype of at least 32 bits.
         DatasetError: a requested column is absent (the message lists the available ones) or
@@ -444,8 +457,7 @@ def load_csv(
         )
     path = os.fspath(path)
     if not os.path.isfile(path):
-        reason = "is a directory" if os.path.isdir(path) else "does not exist"
-        raise FileNotFoundError(f"data file {path!r} {reason}; pass the path of a CSV file.")
+        raise FileNotFoundError(_not_a_file(path))
     description = f"CSV file {path!r}"
     try:
         with open(path, newline="", encoding="utf-8-sig") as source:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 
@@ -178,3 +179,20 @@ def test_decimal_commas_and_thousands_separators_are_named(tmp_path, text, cell)
     message = rf"column 'a' is not numeric: data row 1 holds '{cell}', a number with a decimal comma or a thousands"
     with pytest.raises(DatasetError, match=message + r".*decimal point"):
         load_csv(_write(tmp_path, text), "y")
+
+
+def test_a_pipe_is_not_reported_as_missing(tmp_path, capsys):
+    from bma_gp.cli import main
+
+    # bma-gp --data <(zcat data.csv.gz) passes /dev/fd/63, a pipe: "data file '/dev/fd/63' does not exist"
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(FileNotFoundError, match=r"'[^']*pipe\.csv' is not a regular file but a pipe.*write the data"):
+        load_csv(fifo, "y")
+    for extra in ([], ["--group", "g"]):
+        with pytest.raises(SystemExit):
+            main(["--data", str(fifo), "--target", "y", *extra, "--no-plot", "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert "is not a regular file but a pipe" in err and "does not exist" not in err
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_csv(tmp_path / "missing.csv", "y")

@@ -29,6 +29,7 @@ from bma_gp.datasets import (  # the CSV rules load_csv applies
     MissingValuesWarning,
     _convert_column,
     _header_hint,
+    _not_a_file,
     _read_table,
     load_co2,
     load_csv,
@@ -147,8 +148,7 @@ def _read_csv_table(path: str) -> tuple[list[str], list[list[str]]]:
     """The header and the data rows of the CSV file, read as :func:`~bma_gp.datasets.load_csv` reads them."""
     description = f"CSV file {path!r}"
     if not os.path.isfile(path):
-        reason = "is a directory" if os.path.isdir(path) else "does not exist"
-        raise UsageError(f"data file {path!r} {reason}; pass the path of a CSV file.")
+        raise UsageError(_not_a_file(path))
     try:
         with open(path, newline="", encoding="utf-8-sig") as source:
             return _read_table(source, description)
