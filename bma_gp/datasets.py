@@ -4,14 +4,14 @@ Both loaders return plain float tensors ``(x, y)`` with ``x`` of shape ``(n, d)`
 ``y`` of shape ``(n,)``, ready for a GPyTorch model. They read with the standard
 library only (no pandas), so they work from a bare install.
 
-Columns are converted as follows: numbers are read as floats; a column whose every
-non-empty cell is an ISO date (``YYYY-MM-DD``, optionally followed by a time ``HH:MM`` or
-``HH:MM:SS`` after a space or a ``T``; or ``YYYY/MM/DD``) becomes
-the time in decimal years (``2001-07-02`` is about ``2001.5``); anything else, and a
-number that is not finite (``inf``, ``1e999``), is an error that names the column and
-the cell. Empty cells and the usual spellings of "missing"
-(``NA``, ``NaN``, ``null``, ...) are missing values; rows with a missing value in a
-used column are dropped with a :class:`MissingValuesWarning` that says how many.
+Columns are converted as follows: numbers (ASCII digits, sign, point, exponent; no ``_``)
+are read as floats; a column whose every non-empty cell is an ISO date (``YYYY-MM-DD``,
+optionally followed by a time ``HH:MM`` or ``HH:MM:SS`` after a space or a ``T``; or
+``YYYY/MM/DD``) becomes the time in decimal years (``2001-07-02`` is about ``2001.5``);
+anything else, and a number that is not finite (``inf``, ``1e999``), is an error that names
+the column and the cell. Empty cells and the usual spellings of "missing" (``NA``, ``NaN``,
+``null``, ...) are missing values; rows with a missing value in a used column are dropped
+with a :class:`MissingValuesWarning` that says how many.
 
 The grouped (mixed-model) data sets :func:`load_sleepstudy`, :func:`load_exam` and
 :func:`load_flights` return a :class:`GroupedData`: covariates, integer group ids per
@@ -118,6 +118,19 @@ def _not_a_date(text: str) -> str | None:
     )
 
 
+def _parse_number(cell: str) -> float:
+    """``float(cell)`` for a number as data files spell it. Python's ``float`` and ``int`` also read underscores
+    between digits (``1_000``) and the digits of other scripts; in data those are codes, and ``1_11`` and ``11_1``
+    (block 1 plot 11, block 11 plot 1) both became 111.
+
+    Raises:
+        ValueError: ``cell`` is not such a number.
+    """
+    if "_" in cell or not cell.isascii():
+        raise ValueError(f"not a number: {cell!r}")
+    return float(cell)
+
+
 def _convert_column(name: str, cells: list[str], description: str) -> list[float]:
     """Convert the cells of one column of ``description`` (the file) to floats (NaN for missing), or raise naming
     the file, the column and the cell."""
@@ -130,7 +143,7 @@ def _convert_column(name: str, cells: list[str], description: str) -> list[float
             values.append(math.nan)
             continue
         try:
-            value = float(cell)
+            value = _parse_number(cell)
         except ValueError:
             first_bad = (row, cell)
             break
@@ -244,7 +257,7 @@ def _header_hint(header: list[str]) -> str:
 
     def is_value(name: str) -> bool:
         try:
-            float(name)
+            _parse_number(name)
         except ValueError:
             return _decimal_year(name) is not None
         return True

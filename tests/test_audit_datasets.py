@@ -196,3 +196,21 @@ def test_a_pipe_is_not_reported_as_missing(tmp_path, capsys):
         assert "is not a regular file but a pipe" in err and "does not exist" not in err
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_csv(tmp_path / "missing.csv", "y")
+
+
+def test_codes_with_underscores_are_text_not_numbers(tmp_path):
+    from bma_gp.cli.arguments import build_parser, parse_config
+    from bma_gp.cli.data import load_dataset
+
+    # Python's int and float read 1_11 and 11_1 (block 1 plot 11, block 11 plot 1) both as 111: one merged level
+    plots = ["1_11", "11_1", "2_1", "1_11", "11_1", "2_1"]
+    path = _write(tmp_path, "x,plot,y\n" + "".join(f"{i / 10},{p},{i}\n" for i, p in enumerate(plots)))
+    config = parse_config(["--data", str(path), "--target", "y", "--group", "plot"], build_parser())
+    dataset = load_dataset(config)
+    assert dataset.group_labels == [["11_1", "1_11", "2_1"]]
+    assert dataset.group_codes is not None and dataset.group_codes[:, 0].tolist() == [1, 0, 2, 1, 0, 2]
+    with pytest.raises(DatasetError, match=r"column 'plot' is not numeric: data row 1 holds '1_11'"):
+        load_csv(path, "y")  # as an input it was the number 111
+    digits = _write(tmp_path, "a,y\n\u0661\u0662,1\n3,2\n", "digits.csv")  # Arabic-Indic 12
+    with pytest.raises(DatasetError, match=r"column 'a' is not numeric"):
+        load_csv(digits, "y")

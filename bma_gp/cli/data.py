@@ -30,6 +30,7 @@ from bma_gp.datasets import (  # the CSV rules load_csv applies
     _convert_column,
     _header_hint,
     _not_a_file,
+    _parse_number,
     _read_table,
     load_co2,
     load_csv,
@@ -248,11 +249,12 @@ def _whole_number(cell: str) -> int | None:
     Raises:
         ValueError: ``cell`` is not a number (the column is then text).
     """
+    value = _parse_number(cell)  # raises ValueError for text, and for 1_11, which int and float read as 111
     try:
         return int(cell)
     except ValueError:
         pass
-    if not math.isfinite(float(cell)):  # raises ValueError for text; bounds the size of the int below
+    if not math.isfinite(value):  # bounds the size of the int below
         return None
     try:
         number = decimal.Decimal(cell)
