@@ -131,9 +131,9 @@ def _parse_number(cell: str) -> float:
     return float(cell)
 
 
-def _convert_column(name: str, cells: list[str], description: str) -> list[float]:
+def _convert_column(name: str, cells: list[str], description: str, numbers: Sequence[int]) -> list[float]:
     """Convert the cells of one column of ``description`` (the file) to floats (NaN for missing), or raise naming
-    the file, the column and the cell."""
+    the file, the column, the data row (``numbers[i]`` for cell ``i``, see :func:`_read_table`) and the cell."""
     values: list[float] = []
     first_bad: tuple[int, str] | None = None
     first_infinite: tuple[int, str] | None = None
@@ -154,7 +154,7 @@ def _convert_column(name: str, cells: list[str], description: str) -> list[float
         if first_infinite is not None:
             row, cell = first_infinite
             raise DatasetError(
-                f"{description}: column {name!r} is not finite: data row {row + 1} holds {cell!r}. Values must be "
+                f"{description}: column {name!r} is not finite: data row {numbers[row]} holds {cell!r}. Values must be "
                 "finite numbers: correct the cell, empty it (or write NA) to drop the row, or leave this column out of "
                 "the features."
             )
@@ -170,32 +170,36 @@ def _convert_column(name: str, cells: list[str], description: str) -> list[float
             reason = _not_a_date(cell)
             if reason is not None:
                 raise DatasetError(
-                    f"{description}: column {name!r} holds a date that cannot be read: data row {row + 1} holds "
+                    f"{description}: column {name!r} holds a date that cannot be read: data row {numbers[row]} holds "
                     f"{cell!r}; {reason}. Correct the cell, empty it (or write NA) to drop the row, or leave this "
                     "column out of the features."
                 )
             if "\n" in cell or "\r" in cell:
                 raise DatasetError(
-                    f"{description}: column {name!r} is not numeric: data row {row + 1} holds {cell[:40]!r}..., "
+                    f"{description}: column {name!r} is not numeric: data row {numbers[row]} holds {cell[:40]!r}..., "
                     "which spans several lines: a quote character that is never closed? Close or remove it."
                 )
             if _COMMA_NUMBER.fullmatch(cell):
                 raise DatasetError(
-                    f"{description}: column {name!r} is not numeric: data row {row + 1} holds {cell!r}, a number "
+                    f"{description}: column {name!r} is not numeric: data row {numbers[row]} holds {cell!r}, a number "
                     "with a decimal comma or a thousands separator. Numbers need a decimal point and no separators "
                     "(1.5, 1234): save the file so (in a spreadsheet: English number format), or leave this column "
                     "out of the features."
                 )
             raise DatasetError(
-                f"{description}: column {name!r} is not numeric: data row {row + 1} holds {cell!r}. Use numeric "
+                f"{description}: column {name!r} is not numeric: data row {numbers[row]} holds {cell!r}. Use numeric "
                 "columns (or ISO dates, which are read as decimal years), or leave this column out of the features."
             )
         dates.append(year)
     return dates
 
 
-def _read_table(source, description: str) -> tuple[list[str], list[list[str]]]:
-    """Read a CSV text stream into its header and its rows (as lists of strings)."""
+def _read_table(source, description: str) -> tuple[list[str], list[list[str]], list[int]]:
+    """Read a CSV text stream into its header, its rows (as lists of strings) and each row's number.
+
+    Blank lines are skipped, but counted in the numbers: data row ``numbers[i]`` is the ``numbers[i]``-th line
+    (record) below the header, the row a spreadsheet shows ``numbers[i]`` rows below it, which the messages name.
+    """
     sample = source.read(8192)
     source.seek(0)
     if not sample.strip():
@@ -208,12 +212,14 @@ def _read_table(source, description: str) -> tuple[list[str], list[list[str]]]:
         dialect = csv.excel
     reader = csv.reader(source, dialect)
     records: list[list[str]] = []  # the lines that are not blank (blank ones are skipped, before the header too)
+    positions: list[int] = []  # of each of them among all records, blank ones included
     end = 0  # the last line of the last record read
     try:
-        for record in reader:
+        for position, record in enumerate(reader):
             end = reader.line_num
             if any(cell.strip() for cell in record):
                 records.append(record)
+                positions.append(position)
     except csv.Error as err:  # a field over csv's limit of 128 KiB: most often a quote that is never closed
         raise DatasetError(
             f"{description}: the record that starts on line {end + 1} cannot be read as CSV ({err}). A quote "
@@ -224,9 +230,10 @@ def _read_table(source, description: str) -> tuple[list[str], list[list[str]]]:
         raise DatasetError(f"{description} has no header line: every line is blank or only delimiters.")
     header = [name.strip() for name in records[0]]
     rows = records[1:]
+    numbers = [position - positions[0] for position in positions[1:]]
     if not rows:
         raise DatasetError(f"{description} has a header but no data rows.")
-    for number, row in enumerate(rows, start=1):
+    for number, row in zip(numbers, rows):
         if len(row) != len(header):
             spanning = [cell for cell in row if "\n" in cell or "\r" in cell]
             hint = (
@@ -248,7 +255,7 @@ def _read_table(source, description: str) -> tuple[list[str], list[list[str]]]:
         )
     if duplicated:
         raise DatasetError(f"{description}: duplicated column name(s) {duplicated}; rename them.")
-    return header, rows
+    return header, rows, numbers
 
 
 def _header_hint(header: list[str]) -> str:
@@ -273,6 +280,7 @@ def _header_hint(header: list[str]) -> str:
 def _table_to_tensors(
     header: list[str],
     rows: list[list[str]],
+    numbers: list[int],
     target: str,
     features: Sequence[str] | None,
     dtype: torch.dtype,
@@ -323,7 +331,7 @@ def _table_to_tensors(
     columns = {}
     for name in [*features, target]:
         index = position[name]
-        columns[name] = _convert_column(name, [row[index] for row in rows], description)
+        columns[name] = _convert_column(name, [row[index] for row in rows], description, numbers)
     x = torch.tensor([columns[name] for name in features], dtype=dtype).T.contiguous()
     y = torch.tensor(columns[target], dtype=dtype)
     overflow = torch.isinf(torch.cat([x, y.unsqueeze(-1)], dim=-1)).nonzero()
@@ -332,7 +340,7 @@ def _table_to_tensors(
         name = [*features, target][column]
         cell = rows[row][position[name]].strip()
         raise DatasetError(
-            f"{description}: column {name!r} does not fit in {dtype}: data row {row + 1} holds {cell!r}. "
+            f"{description}: column {name!r} does not fit in {dtype}: data row {numbers[row]} holds {cell!r}. "
             "Load the data as torch.float64 (bma-gp: --dtype float64) or rescale the column."
         )
     keep = ~(torch.isnan(y) | torch.isnan(x).any(dim=-1))
@@ -474,10 +482,10 @@ def load_csv(
     description = f"CSV file {path!r}"
     try:
         with open(path, newline="", encoding="utf-8-sig") as source:
-            header, rows = _read_table(source, description)
+            header, rows, numbers = _read_table(source, description)
     except UnicodeDecodeError as err:
         raise DatasetError(f"{description} is not UTF-8 text ({err.reason}); save it as UTF-8 CSV.") from None
-    x, y, names = _table_to_tensors(header, rows, target, features, dtype, description, warn=True)
+    x, y, names = _table_to_tensors(header, rows, numbers, target, features, dtype, description, warn=True)
     return (x, y, names) if return_features else (x, y)
 
 
@@ -504,8 +512,8 @@ def load_co2(*, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     """
     _check_dtype(dtype)
     text = resources.files("bma_gp").joinpath("data", "co2.csv").read_text(encoding="utf-8")
-    header, rows = _read_table(io.StringIO(text, newline=""), "bundled co2.csv")
-    x, y, _ = _table_to_tensors(header, rows, "co2", ["date"], dtype, "bundled co2.csv", warn=False)
+    header, rows, numbers = _read_table(io.StringIO(text, newline=""), "bundled co2.csv")
+    x, y, _ = _table_to_tensors(header, rows, numbers, "co2", ["date"], dtype, "bundled co2.csv", warn=False)
     return x, y
 
 

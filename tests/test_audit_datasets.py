@@ -214,3 +214,25 @@ def test_codes_with_underscores_are_text_not_numbers(tmp_path):
     digits = _write(tmp_path, "a,y\n\u0661\u0662,1\n3,2\n", "digits.csv")  # Arabic-Indic 12
     with pytest.raises(DatasetError, match=r"column 'a' is not numeric"):
         load_csv(digits, "y")
+
+
+def test_row_numbers_count_blank_lines(tmp_path):
+    from bma_gp.cli.arguments import build_parser, parse_config
+    from bma_gp.cli.data import UsageError, load_dataset
+
+    # blank lines were skipped before numbering: the 'x' four rows below the header was "data row 2"
+    path = _write(tmp_path, "a,g,y\n1,u,2\n\n\n3,,x\n")
+    with pytest.raises(DatasetError, match=r"column 'y' is not numeric: data row 4 holds 'x'"):
+        load_csv(path, "y", ["a"])
+    with pytest.raises(DatasetError, match=r"data row 3 has 1 fields but the header has 3"):
+        load_csv(_write(tmp_path, "a,g,y\n1,u,2\n\n7\n", "short.csv"), "y")
+    with pytest.raises(DatasetError, match=r"column 'a' does not fit in torch.float32: data row 3 holds '1e300'"):
+        load_csv(_write(tmp_path, "a,y\n1,2\n\n1e300,3\n", "big.csv"), "y", dtype=torch.float32)
+    path = _write(tmp_path, "a,g,y\n1,u,2\n\n\n3,,4\n\n5,2.5,6\n", "groups.csv")
+    config = parse_config(["--data", str(path), "--target", "y", "--group", "g"], build_parser())
+    with pytest.raises(UsageError, match=r"--group column 'g' has 1 missing value\(s\) \(first in data row 4\)"):
+        load_dataset(config)
+    path = _write(tmp_path, "a,g,y\n1,1,2\n\n\n3,2.5,4\n", "whole.csv")
+    config = parse_config(["--data", str(path), "--target", "y", "--group", "g"], build_parser())
+    with pytest.raises(UsageError, match=r"--group column 'g' holds '2.5' \(data row 4\)"):
+        load_dataset(config)

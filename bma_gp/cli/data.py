@@ -119,7 +119,7 @@ def load_dataset(config: RunConfig) -> Dataset:
     if config.target is None:
         raise UsageError("--data needs --target COL, the column to predict")
     features = None if config.features is None else list(config.features)
-    table: tuple[list[str], list[list[str]]] | None = None
+    table: tuple[list[str], list[list[str]], list[int]] | None = None
     if config.groups:
         table = _read_csv_table(config.data)
         features = _group_features(table[0], config, features)
@@ -145,8 +145,9 @@ def load_dataset(config: RunConfig) -> Dataset:
 
 
 # ---------------------------------------------------------------------------- grouping columns
-def _read_csv_table(path: str) -> tuple[list[str], list[list[str]]]:
-    """The header and the data rows of the CSV file, read as :func:`~bma_gp.datasets.load_csv` reads them."""
+def _read_csv_table(path: str) -> tuple[list[str], list[list[str]], list[int]]:
+    """The header, the data rows and their numbers in the CSV file, read as :func:`~bma_gp.datasets.load_csv`
+    reads them."""
     description = f"CSV file {path!r}"
     if not os.path.isfile(path):
         raise UsageError(_not_a_file(path))
@@ -183,9 +184,9 @@ def _group_features(header: list[str], config: RunConfig, features: list[str] | 
     return features
 
 
-def _add_groups(dataset: Dataset, table: tuple[list[str], list[list[str]]], groups: tuple[str, ...]) -> None:
+def _add_groups(dataset: Dataset, table: tuple[list[str], list[list[str]], list[int]], groups: tuple[str, ...]) -> None:
     """Read the ``groups`` columns of the rows ``load_csv`` kept into ``dataset`` (labels and codes)."""
-    header, rows = table
+    header, rows, numbers = table
     description = f"CSV file {dataset.name!r}"
     # the rows load_csv kept: those without a missing value in a feature or the target
     used = [*dataset.feature_names, dataset.target_name]
@@ -193,14 +194,15 @@ def _add_groups(dataset: Dataset, table: tuple[list[str], list[list[str]]], grou
     position = {name: index for index, name in enumerate(header)}  # header.index per column: quadratic when wide
     for name in used:
         index = position[name]
-        complete &= ~torch.tensor(_convert_column(name, [row[index] for row in rows], description)).isnan()
+        complete &= ~torch.tensor(_convert_column(name, [row[index] for row in rows], description, numbers)).isnan()
     kept = complete.nonzero().squeeze(-1).tolist()
     if len(kept) != len(dataset.y):  # pragma: no cover - load_csv and this module disagree on the rows
         raise RuntimeError(f"the CSV reader kept {len(dataset.y)} rows, the group reader {len(kept)}")
     codes, labels = [], []
     for name in groups:
         index = position[name]
-        column_labels, column_codes = _encode_labels(name, [rows[r][index].strip() for r in kept], kept)
+        cells = [rows[r][index].strip() for r in kept]
+        column_labels, column_codes = _encode_labels(name, cells, [numbers[r] for r in kept])
         labels.append(column_labels)
         codes.append(column_codes)
     dataset.group_names = list(groups)
@@ -209,7 +211,7 @@ def _add_groups(dataset: Dataset, table: tuple[list[str], list[list[str]]], grou
 
 
 def _encode_labels(name: str, cells: list[str], rows: list[int]) -> tuple[list[int] | list[str], Tensor]:
-    """The levels of one grouping column (sorted) and each cell's code; ``rows`` are the data row indices.
+    """The levels of one grouping column (sorted) and each cell's code; ``rows`` are the cells' data row numbers.
 
     Raises:
         UsageError: a missing cell, or a numeric column with a number that is not whole.
@@ -217,7 +219,7 @@ def _encode_labels(name: str, cells: list[str], rows: list[int]) -> tuple[list[i
     absent = [r for r, cell in zip(rows, cells) if cell.lower() in _MISSING]
     if absent:
         raise UsageError(
-            f"--group column {name!r} has {len(absent)} missing value(s) (first in data row {absent[0] + 1}); "
+            f"--group column {name!r} has {len(absent)} missing value(s) (first in data row {absent[0]}); "
             "every row needs a group label: fill them in or remove those rows"
         )
     numbers: list[int | None] = []
@@ -231,7 +233,7 @@ def _encode_labels(name: str, cells: list[str], rows: list[int]) -> tuple[list[i
         for r, cell, number in zip(rows, cells, numbers):
             if number is None:
                 raise UsageError(
-                    f"--group column {name!r} holds {cell!r} (data row {r + 1}): group labels must be whole "
+                    f"--group column {name!r} holds {cell!r} (data row {r}): group labels must be whole "
                     "numbers or text. A continuous column is an input: give it with --features instead"
                 )
             whole.append(number)
