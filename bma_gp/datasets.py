@@ -24,6 +24,7 @@ from __future__ import annotations
 import calendar
 import csv
 import datetime as _dt
+import difflib
 import io
 import math
 import os
@@ -258,6 +259,29 @@ def _read_table(source, description: str) -> tuple[list[str], list[list[str]], l
     return header, rows, numbers
 
 
+_LISTED_COLUMNS = 30  # a message lists at most this many column names
+
+
+def _column_list(header: list[str]) -> str:
+    """The column names for a message: all of them, or the first 30 and how many more (a message listing the
+    20,000 names of a wide file was 200 KB long)."""
+    listed = ", ".join(repr(name) for name in header[:_LISTED_COLUMNS])
+    if len(header) > _LISTED_COLUMNS:
+        listed += f", ... and {len(header) - _LISTED_COLUMNS} more"
+    return listed
+
+
+def _did_you_mean(header: list[str], missing: Sequence[str]) -> str:
+    """A sentence naming the columns closest to the first few ``missing`` names (another case, a typo), or ``""``."""
+    lower = {name.lower(): name for name in header}
+    close: list[str] = []
+    for name in missing[:3]:  # difflib compares with every column: a few names are enough
+        matches = [lower[name.lower()]] if name.lower() in lower else []
+        matches += difflib.get_close_matches(name, header, n=2, cutoff=0.75)
+        close += [match for match in dict.fromkeys(matches) if match not in close]
+    return f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+
+
 def _header_hint(header: list[str]) -> str:
     """A sentence for a missing column when the first line holds values, not names: a file without a header line
     (its first row was taken for the names), or ``""``."""
@@ -289,11 +313,12 @@ def _table_to_tensors(
 ) -> tuple[Tensor, Tensor, list[str]]:
     if not isinstance(target, str):
         raise TypeError(f"target must be a column name (str), got {type(target).__name__}.")
-    available = ", ".join(repr(name) for name in header)
+    available = _column_list(header)
     position = {name: index for index, name in enumerate(header)}  # the names are distinct (checked on reading)
     if target not in position:
         raise DatasetError(
             f"{description} has no column {target!r} (the target); available columns: {available}."
+            + _did_you_mean(header, [target])
             + _header_hint(header)
         )
     if features is None:
@@ -317,7 +342,7 @@ def _table_to_tensors(
         if missing:
             raise DatasetError(
                 f"{description} has no column(s) {', '.join(map(repr, missing))} (requested as features); "
-                f"available columns: {available}." + _header_hint(header)
+                f"available columns: {available}." + _did_you_mean(header, missing) + _header_hint(header)
             )
         if target in features:
             raise DatasetError(f"the target column {target!r} cannot also be a feature.")

@@ -236,3 +236,17 @@ def test_row_numbers_count_blank_lines(tmp_path):
     config = parse_config(["--data", str(path), "--target", "y", "--group", "g"], build_parser())
     with pytest.raises(UsageError, match=r"--group column 'g' holds '2.5' \(data row 4\)"):
         load_dataset(config)
+
+
+def test_missing_columns_suggest_close_names_and_wide_files_list_a_few(tmp_path):
+    path = _write(tmp_path, "Price,area,rooms\n1,2,3\n4,5,6\n")
+    with pytest.raises(DatasetError, match=r"no column 'price' \(the target\).*'rooms'\. Did you mean 'Price'\?$"):
+        load_csv(path, "price")
+    with pytest.raises(DatasetError, match=r"no column\(s\) 'aera' \(requested as features\).*Did you mean 'area'\?"):
+        load_csv(path, "Price", ["aera"])
+    # every name of a wide file was listed: a 200 KB message
+    d = 5000
+    wide = _write(tmp_path, ",".join(f"c{i}" for i in range(d)) + "\n" + ",".join("1" * d) + "\n", "wide.csv")
+    with pytest.raises(DatasetError) as info:
+        load_csv(wide, "y")
+    assert "'c29', ... and 4970 more." in str(info.value) and len(str(info.value)) < 1000

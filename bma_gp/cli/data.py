@@ -27,7 +27,9 @@ from bma_gp.datasets import (  # the CSV rules load_csv applies
     _MISSING,
     DatasetError,
     MissingValuesWarning,
+    _column_list,
     _convert_column,
+    _did_you_mean,
     _header_hint,
     _not_a_file,
     _parse_number,
@@ -172,7 +174,7 @@ def _group_features(header: list[str], config: RunConfig, features: list[str] | 
     if missing:
         raise UsageError(
             f"CSV file {config.data!r} has no column(s) {', '.join(map(repr, missing))} (given to --group); "
-            f"available columns: {', '.join(map(repr, header))}." + _header_hint(header)
+            f"available columns: {_column_list(header)}." + _did_you_mean(header, missing) + _header_hint(header)
         )
     if features is None:
         features = [name for name in header if name != config.target and name not in config.groups]
