@@ -10,7 +10,7 @@ optionally followed by a time ``HH:MM`` or ``HH:MM:SS`` after a space or a ``T``
 ``YYYY/MM/DD``) becomes the time in decimal years (``2001-07-02`` is about ``2001.5``);
 anything else, and a number that is not finite (``inf``, ``1e999``), is an error that names
 the column and the cell. Empty cells and the usual spellings of "missing" (``NA``, ``NaN``,
-``null``, ...) are missing values; rows with a missing value in a used column are dropped
+``null``, Excel's ``#N/A``, ...) are missing values; rows with a missing value in a used column are dropped
 with a :class:`MissingValuesWarning` that says how many.
 
 The grouped (mixed-model) data sets :func:`load_sleepstudy`, :func:`load_exam` and
@@ -50,7 +50,8 @@ __all__ = [
     "load_sleepstudy",
 ]
 
-_MISSING = frozenset({"", "na", "nan", "n/a", "null", "none", "-", "?"})
+# lower case; with the spellings of spreadsheets (Excel's #N/A) and of pandas' pd.NA (<NA>), as pandas reads them
+_MISSING = frozenset({"", "na", "nan", "n/a", "null", "none", "-", "?", "#n/a", "#na", "#n/a n/a", "<na>"})
 # an ISO date, optionally with a time (with or without seconds) after a space or a T
 _DATE_FORMATS = (
     "%Y-%m-%d",

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from bma_gp.datasets import DatasetError, load_csv
+from bma_gp.datasets import DatasetError, MissingValuesWarning, load_csv
 
 
 def _write(tmp_path, text, name="data.csv"):
@@ -250,3 +250,11 @@ def test_missing_columns_suggest_close_names_and_wide_files_list_a_few(tmp_path)
     with pytest.raises(DatasetError) as info:
         load_csv(wide, "y")
     assert "'c29', ... and 4970 more." in str(info.value) and len(str(info.value)) < 1000
+
+
+def test_spreadsheet_and_pandas_missing_values(tmp_path):
+    # Excel's #N/A and pandas' <NA> (str(pd.NA)) were "not numeric"; pandas reads both as missing
+    path = _write(tmp_path, "a,y\n1,2\n#N/A,3\n4,<NA>\n5,#n/a n/a\n6,7\n")
+    with pytest.warns(MissingValuesWarning, match=r"dropped 3 of 5 rows"):
+        x, y = load_csv(path, "y")
+    assert x.tolist() == [[1.0], [6.0]] and y.tolist() == [2.0, 7.0]
