@@ -453,6 +453,25 @@ def _not_a_file(path: str | bytes) -> str:
     return f"data file {path!r} does not exist; pass the path of a CSV file."
 
 
+def _not_utf8(path: str | bytes, description: str) -> str:
+    """Where ``path`` stops being UTF-8 text, for the message: the line and the bytes (the decoder's error gave
+    only its reason, 'invalid continuation byte'), or that the file is UTF-16 (Excel's 'Unicode Text')."""
+    with open(path, "rb") as source:
+        raw = source.read()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return f"{description} is UTF-16 text, not UTF-8; save it as UTF-8 CSV (in Excel: 'CSV UTF-8')."
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        return (
+            f"{description} is not UTF-8 text: line {line} holds the byte(s) {raw[err.start : err.end]!r} "
+            f"({err.reason}) in {raw[max(err.start - 20, 0) : err.end + 20]!r}. Save it as UTF-8 CSV (in Excel: "
+            "'CSV UTF-8'), or convert it, e.g. iconv -f latin1 -t utf-8."
+        )
+    return f"{description} is not UTF-8 text; save it as UTF-8 CSV."  # pragma: no cover - decoded in full here
+
+
 def load_csv(
     path: str | os.PathLike,
     target: str,
@@ -509,8 +528,8 @@ def load_csv(
     try:
         with open(path, newline="", encoding="utf-8-sig") as source:
             header, rows, numbers = _read_table(source, description)
-    except UnicodeDecodeError as err:
-        raise DatasetError(f"{description} is not UTF-8 text ({err.reason}); save it as UTF-8 CSV.") from None
+    except UnicodeDecodeError:
+        raise DatasetError(_not_utf8(path, description)) from None
     x, y, names = _table_to_tensors(header, rows, numbers, target, features, dtype, description, warn=True)
     return (x, y, names) if return_features else (x, y)
 

@@ -258,3 +258,19 @@ def test_spreadsheet_and_pandas_missing_values(tmp_path):
     with pytest.warns(MissingValuesWarning, match=r"dropped 3 of 5 rows"):
         x, y = load_csv(path, "y")
     assert x.tolist() == [[1.0], [6.0]] and y.tolist() == [2.0, 7.0]
+
+
+def test_encoding_errors_name_the_line_and_utf16(tmp_path, capsys):
+    from bma_gp.cli import main
+
+    # "is not UTF-8 text (invalid continuation byte)": no line, no byte, and UTF-16 got the same words
+    path = _write(tmp_path, "name,x,y\nZoe,1,2\nRen\xe9e,3,4\n".encode("latin-1"), "latin.csv")
+    with pytest.raises(DatasetError, match=r"'[^']*latin\.csv' is not UTF-8 text: line 3 holds the byte\(s\) b'\\xe9'"):
+        load_csv(path, "y", ["x"])
+    for extra in ([], ["--group", "name"]):
+        with pytest.raises(SystemExit):
+            main(["--data", str(path), "--target", "y", *extra, "--no-plot", "--out", str(tmp_path / "out")])
+        assert "line 3 holds the byte(s)" in capsys.readouterr().err
+    utf16 = _write(tmp_path, "x\ty\n1\t2\n".encode("utf-16"), "unicode.txt")
+    with pytest.raises(DatasetError, match=r"'[^']*unicode\.txt' is UTF-16 text, not UTF-8; save it as UTF-8"):
+        load_csv(utf16, "y")

@@ -32,6 +32,7 @@ from bma_gp.datasets import (  # the CSV rules load_csv applies
     _did_you_mean,
     _header_hint,
     _not_a_file,
+    _not_utf8,
     _parse_number,
     _read_table,
     load_co2,
@@ -156,8 +157,8 @@ def _read_csv_table(path: str) -> tuple[list[str], list[list[str]], list[int]]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as source:
             return _read_table(source, description)
-    except UnicodeDecodeError as err:
-        raise UsageError(f"{description} is not UTF-8 text ({err.reason}); save it as UTF-8 CSV.") from None
+    except UnicodeDecodeError:
+        raise UsageError(_not_utf8(path, description)) from None
     except DatasetError as err:
         raise UsageError(str(err)) from err
     except OSError as err:
