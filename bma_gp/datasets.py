@@ -10,8 +10,8 @@ optionally followed by a time ``HH:MM`` or ``HH:MM:SS`` after a space or a ``T``
 ``YYYY/MM/DD``) becomes the time in decimal years (``2001-07-02`` is about ``2001.5``);
 anything else, and a number that is not finite (``inf``, ``1e999``), is an error that names
 the column and the cell. Empty cells and the usual spellings of "missing" (``NA``, ``NaN``,
-``null``, Excel's ``#N/A``, ...) are missing values; rows with a missing value in a used column are dropped
-with a :class:`MissingValuesWarning` that says how many.
+``null``, Excel's ``#N/A``, ...) are missing values; rows with a missing value in a used
+column are dropped with a :class:`MissingValuesWarning` that says how many.
 
 The grouped (mixed-model) data sets :func:`load_sleepstudy`, :func:`load_exam` and
 :func:`load_flights` return a :class:`GroupedData`: covariates, integer group ids per
@@ -32,7 +32,7 @@ import re
 import shlex
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 
@@ -386,13 +386,13 @@ def _table_to_tensors(
     if warn and dtype != torch.float64:
         for name in [*features, target]:
             index = position[name]
-            cells = [row[index] for row in rows]
+            cells = (row[index] for row in rows)  # read up to the first present cell only
             _warn_if_times_merge(name, cells, columns[name], keep, dtype, description)
     return x, y, features
 
 
 def _warn_if_times_merge(
-    name: str, cells: list[str], values: list[float], keep: Tensor, dtype: torch.dtype, description: str
+    name: str, cells: Iterable[str], values: list[float], keep: Tensor, dtype: torch.dtype, description: str
 ) -> None:
     """Warn when a column of dates holds distinct times that ``dtype`` rounds to one value: decimal years near
     2000 have a step of about an hour in float32, so half-hourly readings silently became pairs of equal inputs."""
