@@ -139,13 +139,15 @@ def _convert_column(name: str, cells: list[str], description: str, numbers: Sequ
     values: list[float] = []
     first_bad: tuple[int, str] | None = None
     first_infinite: tuple[int, str] | None = None
+    joined = "".join(cells)  # the cells _parse_number refuses are rare: check them one by one only if there are any
+    parse = _parse_number if "_" in joined or not joined.isascii() else float
     for row, cell in enumerate(cells):
         cell = cell.strip()
         if cell.lower() in _MISSING:
             values.append(math.nan)
             continue
         try:
-            value = _parse_number(cell)
+            value = parse(cell)
         except ValueError:
             first_bad = (row, cell)
             break
@@ -212,27 +214,21 @@ def _read_table(source, description: str) -> tuple[list[str], list[list[str]], l
         dialect = csv.Sniffer().sniff(lines, delimiters=",;\t")
     except csv.Error:
         dialect = csv.excel
-    reader = csv.reader(source, dialect)
-    records: list[list[str]] = []  # the lines that are not blank (blank ones are skipped, before the header too)
-    positions: list[int] = []  # of each of them among all records, blank ones included
-    end = 0  # the last line of the last record read
     try:
-        for position, record in enumerate(reader):
-            end = reader.line_num
-            if any(cell.strip() for cell in record):
-                records.append(record)
-                positions.append(position)
+        records = list(csv.reader(source, dialect))
     except csv.Error as err:  # a field over csv's limit of 128 KiB: most often a quote that is never closed
         raise DatasetError(
-            f"{description}: the record that starts on line {end + 1} cannot be read as CSV ({err}). A quote "
-            f"character ({dialect.quotechar}) that opens a field and is never closed makes the rest of the file "
-            "one field: close or remove it."
+            f"{description}: the record that starts on line {_start_of_bad_record(source, dialect)} cannot be read "
+            f"as CSV ({err}). A quote character ({dialect.quotechar}) that opens a field and is never closed makes "
+            "the rest of the file one field: close or remove it."
         ) from None
-    if not records:
+    # blank records are skipped (before the header too) but keep their place in the numbering
+    present = [position for position, record in enumerate(records) if "".join(record).strip()]
+    if not present:
         raise DatasetError(f"{description} has no header line: every line is blank or only delimiters.")
-    header = [name.strip() for name in records[0]]
-    rows = records[1:]
-    numbers = [position - positions[0] for position in positions[1:]]
+    header = [name.strip() for name in records[present[0]]]
+    rows = [records[position] for position in present[1:]]
+    numbers = [position - present[0] for position in present[1:]]
     if not rows:
         raise DatasetError(f"{description} has a header but no data rows.")
     for number, row in zip(numbers, rows):
@@ -258,6 +254,20 @@ def _read_table(source, description: str) -> tuple[list[str], list[list[str]], l
     if duplicated:
         raise DatasetError(f"{description}: duplicated column name(s) {duplicated}; rename them.")
     return header, rows, numbers
+
+
+def _start_of_bad_record(source, dialect) -> int:
+    """The line on which the record that the csv module cannot read starts: read ``source`` again, counting (the
+    error says only where reading stopped, 128 KiB past an unclosed quote)."""
+    source.seek(0)
+    reader = csv.reader(source, dialect)
+    end = 0
+    try:
+        for _ in reader:
+            end = reader.line_num
+    except csv.Error:
+        pass
+    return end + 1
 
 
 _LISTED_COLUMNS = 30  # a message lists at most this many column names
