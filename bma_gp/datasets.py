@@ -334,6 +334,7 @@ def _table_to_tensors(
         )
     if features is None:
         features = [name for name in header if name != target]
+        _refuse_unnamed_inputs(header, rows, features, description)
     else:
         if isinstance(features, str):
             features = [features]
@@ -422,6 +423,26 @@ def _warn_if_times_merge(
         "since a start.",
         UserWarning,
         stacklevel=4,
+    )
+
+
+def _refuse_unnamed_inputs(header: list[str], rows: list[list[str]], features: list[str], description: str) -> None:
+    """Raise when the default ``features`` (every column but the target) take an unnamed column that holds values:
+    most often the row index pandas' ``to_csv`` writes first, which silently became an input of the model. (An
+    unnamed column without values, from trailing delimiters, is named by :func:`_raise_for_empty_columns`.)"""
+    if "" not in features:  # the names are distinct, so there is at most one unnamed column
+        return
+    index = header.index("")
+    cell = next((row[index].strip() for row in rows if row[index].strip().lower() not in _MISSING), None)
+    if cell is None:
+        return
+    others = [name for name in features if name]
+    hint = f" (in bma-gp: --features {' '.join(shlex.quote(name) for name in others)})" if others else ""
+    raise DatasetError(
+        f"{description}: column {index + 1} has no name but holds values (such as {cell!r}), and without features "
+        "every column but the target is an input. An unnamed first column is most often a row index (pandas writes "
+        f"one unless to_csv(..., index=False)). Name the input columns with features{hint}, or name the column in "
+        "the header line."
     )
 
 
@@ -515,7 +536,8 @@ def load_csv(
             requested twice, a used column holds text that is neither a number nor an ISO date,
             or a number that is not finite (``inf``, or beyond the range of ``dtype``; the message
             names the column and the first offending cell), or no rows are left (naming a used
-            column that is empty in every row, if there is one).
+            column that is empty in every row, if there is one), or, with ``features=None``, a column
+            without a name holds values (the row index pandas' ``to_csv`` writes).
 
     Warns:
         MissingValuesWarning: when rows with missing values were dropped, saying how many.

@@ -274,3 +274,18 @@ def test_encoding_errors_name_the_line_and_utf16(tmp_path, capsys):
     utf16 = _write(tmp_path, "x\ty\n1\t2\n".encode("utf-16"), "unicode.txt")
     with pytest.raises(DatasetError, match=r"'[^']*unicode\.txt' is UTF-16 text, not UTF-8; save it as UTF-8"):
         load_csv(utf16, "y")
+
+
+def test_an_unnamed_column_with_values_is_not_silently_an_input(tmp_path, capsys):
+    from bma_gp.cli import main
+
+    # pandas' df.to_csv(path) writes the row index as an unnamed first column; it became the first input
+    path = _write(tmp_path, ",a,g,y\n0,0.5,u,1\n1,0.1,v,2\n2,0.9,u,3\n3,0.3,v,4\n", "pandas.csv")
+    message = r"column 1 has no name but holds values \(such as '0'\).*row index.*--features a g\)"
+    with pytest.raises(DatasetError, match=message):
+        load_csv(path, "y")
+    x, _ = load_csv(path, "y", ["a"])  # naming the inputs works
+    assert x[:, 0].tolist() == [0.5, 0.1, 0.9, 0.3]
+    with pytest.raises(SystemExit):
+        main(["--data", str(path), "--target", "y", "--group", "g", "--no-plot", "--out", str(tmp_path / "out")])
+    assert "column 1 has no name but holds values" in capsys.readouterr().err

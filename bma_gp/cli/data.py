@@ -35,6 +35,7 @@ from bma_gp.datasets import (  # the CSV rules load_csv applies
     _not_utf8,
     _parse_number,
     _read_table,
+    _refuse_unnamed_inputs,
     load_co2,
     load_csv,
 )
@@ -126,6 +127,11 @@ def load_dataset(config: RunConfig) -> Dataset:
     if config.groups:
         table = _read_csv_table(config.data)
         features = _group_features(table[0], config, features)
+        if config.features is None:  # load_csv is given these features: it cannot check the default ones
+            try:
+                _refuse_unnamed_inputs(table[0], table[1], features, f"CSV file {config.data!r}")
+            except DatasetError as err:
+                raise UsageError(str(err)) from err
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MissingValuesWarning)
         try:
