@@ -189,6 +189,7 @@ class Partition:
         contiguous: bool,
         runs: tuple[tuple[int, int, int, int], ...] | None | EllipsisType = ...,
         max_size: int | None = None,
+        n: int | None = None,
     ) -> Partition:
         """A partition from already validated parts, without checks or host synchronisation.
 
@@ -199,10 +200,13 @@ class Partition:
             contiguous: whether block ``i`` is the ``i``-th run of indices (must be ``True`` without labels).
             runs: the equal-size run table (see :func:`_equal_size_runs`); ``...`` builds it.
             max_size: the largest block size, when known.
+            n: the number of indices, when known (else counted from ``labels`` or summed from ``sizes``, which
+                needs their values: not on the meta device).
         """
         if labels is None and not contiguous:
             raise ValueError("a scattered partition needs its labels.")
-        n = labels.numel() if labels is not None else None
+        if n is None and labels is not None:
+            n = labels.numel()
         res = cls.__new__(cls)
         res._setup(labels, sizes, n, contiguous, runs)
         res._max_size = max_size
@@ -338,6 +342,7 @@ class Partition:
             contiguous=self.is_contiguous,
             runs=self._runs,
             max_size=self._max_size,
+            n=self._n,  # sizes.sum() reads values: a partition from sizes had none on the meta device
         )
 
     def cpu(self) -> Partition:
