@@ -41,10 +41,12 @@ from bma_gp._kernel_sums.generic import (
     centred_inputs,
     check_parameters,
     entry_factor,
+    evaluate,
     kernel_parameters,
 )
 from bma_gp._kernel_sums.plan import KernelSumsPlan
 from bma_gp._kernel_sums.stationary import StationaryForm, stationary_block_sums
+from bma_gp._precision import core_dtype
 from bma_gp.approximation import block_mean_from_sums
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.partition import Partition
@@ -183,9 +185,10 @@ def kernel_block_mean(
         x: inputs. # shape: (n, d), (*batch, n, d) or (n,)
         partition: partition of the ``n`` inputs.
         chunk_size: rows per chunk (generic engine; default about 64 MB of kernel values
-            per chunk, divided by the numbers per entry of the kernel's largest intermediate
-            tensor: ``d`` for a ``PeriodicKernel``, ``Q d`` for a ``SpectralMixtureKernel``) or per
-            tile (stationary engine; default 512 on CPU, 4096 on CUDA).
+            per chunk, with the float64 copy a float32 chunk is summed in, divided by the numbers
+            per entry of the kernel's largest intermediate tensor: ``d`` for a ``PeriodicKernel``,
+            ``Q d`` for a ``SpectralMixtureKernel``) or per tile (stationary engine; default 512 on
+            CPU, 4096 on CUDA).
         process_group: a ``torch.distributed`` process group; each rank evaluates its
             share of the rows and the sums are all-reduced (module docstring). ``None``:
             single process.
@@ -234,11 +237,15 @@ def kernel_block_mean(
     show = (bool(progress) if progress is not None else batch_numel * n * n >= _PROGRESS_ENTRIES) and rank == 0
     rows = (rank * n // world, (rank + 1) * n // world)
 
+    # the engines return the sums in core_dtype (float64 for float32): lam = d / s - B_ii cancels where a block's
+    # values are nearly equal (a long lengthscale), so the means are taken there and rounded to the kernel's dtype
     if form is not None:
         plan = KernelSumsPlan(form.select_dims(xs).detach(), sizes, labels, rows, chunk_size, process_group, show)
         unscaled = stationary_block_sums(plan, form, form.base.lengthscale)
+        dtype = torch.promote_types(xs.dtype, form.base.lengthscale.dtype)
         diag_sums = sizes.to(unscaled.dtype)
         if form.scale is not None:
+            dtype = torch.promote_types(dtype, form.scale.outputscale.dtype)
             scale = form.scale.outputscale.to(unscaled.dtype)
             block_sums = scale.unsqueeze(-1).unsqueeze(-1) * unscaled
             diag_sums = scale.unsqueeze(-1) * diag_sums
@@ -246,12 +253,20 @@ def kernel_block_mean(
             block_sums = unscaled
         diag_sums = diag_sums.expand(*block_sums.shape[:-1])
     else:
-        per_row = batch_numel * n * x.element_size() * entry_factor(kernel, xs.shape[-1])
+        # a chunk's values and, for a narrower dtype, their float64 copy that is summed (within the budget)
+        wide = core_dtype(x.dtype)
+        entry_bytes = x.element_size() + (0 if wide == x.dtype else wide.itemsize)
+        per_row = batch_numel * n * entry_bytes * entry_factor(kernel, xs.shape[-1])
         chunk = chunk_size or max(1, _CHUNK_BYTES // per_row)
         xs = centred_inputs(kernel, xs)
         plan = KernelSumsPlan(xs, sizes, labels, rows, chunk, process_group, show)
         params = kernel_parameters(kernel)
         if torch.is_grad_enabled():
             check_parameters(kernel, xs, params)
+        with torch.no_grad():
+            dtype = evaluate(kernel, xs[..., :1, :], xs[..., :1, :]).dtype
         block_sums, diag_sums = GenericKernelSums.apply(plan, kernel, xs, *params)
-    return block_mean_from_sums(block_sums, diag_sums, partition)
+    result = block_mean_from_sums(block_sums, diag_sums, partition)
+    if result.dtype != dtype:
+        return BlockMeanLinearOperator(result.lam.to(dtype), result.B.to(dtype), partition)
+    return result

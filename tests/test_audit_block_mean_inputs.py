@@ -4,8 +4,111 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gpytorch.kernels import MaternKernel, RBFKernel, RQKernel, ScaleKernel
 
-from bma_gp import Partition
+from bma_gp import Partition, block_mean, kernel_block_mean
+from bma_gp._kernel_sums import jit
+
+
+def _partitions(n: int, k: int) -> dict[str, Partition]:
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "contiguous": Partition.from_sizes(torch.full((k,), n // k)),
+        "scattered": Partition.from_labels(torch.randperm(n, generator=generator) % k),
+    }
+
+
+def _relative(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value.double() - reference).abs().max() / reference.abs().max())
+
+
+# ---------------------------------------------------------------- float32 block sums of nearly equal entries
+@pytest.mark.parametrize("layout", ["contiguous", "scattered"])
+def test_float32_block_mean_matches_float64_sums_of_the_same_entries(layout):
+    """With a long lengthscale every entry of a block is nearly 1 and lam = d / s - B_ii cancels: float32 running
+    sums (of the scattered index_add in particular) put lam off by up to 60% (3e-3 to 0.6 here). The sums are now
+    taken in float64 and only the result is rounded to float32."""
+    n, k = 1200, 4
+    x = torch.rand(n, 1, generator=torch.Generator().manual_seed(0))
+    kernel = RBFKernel()
+    kernel.lengthscale = 100.0
+    with torch.no_grad():
+        A = kernel(x, x).to_dense()
+    partition = _partitions(n, k)[layout]
+    result = block_mean(A, partition)
+    reference = block_mean(A.double(), partition)
+    assert result.dtype == torch.float32 and result.lam.dtype == result.B.dtype == torch.float32
+    assert _relative(result.lam, reference.lam) < 1e-6
+    assert _relative(result.B, reference.B) < 1e-6
+
+
+def test_float32_block_mean_gradient_still_flows_to_A():
+    partition = _partitions(39, 3)["scattered"]
+    A = torch.randn(39, 39, generator=torch.Generator().manual_seed(2))
+    A = (A + A.T).requires_grad_(True)
+    weights = torch.randn(39, 39, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (block_mean(A, partition).to_dense().double() * weights).sum().backward()
+    A64 = A.detach().double().requires_grad_(True)
+    (block_mean(A64, partition).to_dense() * weights).sum().backward()
+    assert A.grad is not None and A.grad.dtype == torch.float32
+    torch.testing.assert_close(A.grad.double(), A64.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["default", "torch"])
+@pytest.mark.parametrize("layout", ["contiguous", "scattered"])
+def test_float32_kernel_block_mean_matches_float64_sums(backend, layout, monkeypatch):
+    """The stationary engine summed each tile in float32 (torch's index_add, or numba's column accumulators) and
+    rounded the float64 total to float32 before the means: lam was off by 2e-4 to 7e-4 at lengthscale 10 (0.6 at
+    100). The reference sums GPyTorch's own float32 entries in float64 (they differ from the engine's by rounding)."""
+    monkeypatch.setattr(jit, "MIN_ENTRIES", 0)  # numba (when installed) on this small matrix too
+    if backend == "torch":
+        monkeypatch.setattr(jit, "BACKEND", "torch")
+    n, k = 1500, 3
+    x = torch.rand(n, 1, generator=torch.Generator().manual_seed(0))
+    kernel = ScaleKernel(RBFKernel())
+    kernel.base_kernel.lengthscale = 10.0
+    kernel.outputscale = 2.0
+    partition = _partitions(n, k)[layout]
+    with torch.no_grad():
+        reference = block_mean(kernel(x, x).to_dense().double(), partition)
+        result = kernel_block_mean(kernel, x, partition, fused=True)
+    assert result.dtype == torch.float32 and result.lam.dtype == result.B.dtype == torch.float32
+    assert _relative(result.lam, reference.lam) < 1e-5
+    assert _relative(result.B, reference.B) < 1e-6
+
+
+@pytest.mark.parametrize("kernel", [RQKernel(), MaternKernel(nu=2.5)], ids=["rq", "matern-generic"])
+def test_float32_generic_engine_matches_float64_sums(kernel):
+    """The generic engine reduced each chunk's rows with a float32 segment sum and rounded the sums to float32:
+    lam off by about 1e-4 at lengthscale 10."""
+    n, k = 1500, 3
+    x = torch.rand(n, 1, generator=torch.Generator().manual_seed(0))
+    kernel.lengthscale = 10.0
+    partition = _partitions(n, k)["scattered"]
+    with torch.no_grad():
+        reference = block_mean(kernel(x, x).to_dense().double(), partition)
+        result = kernel_block_mean(kernel, x, partition, fused=False)
+    assert result.dtype == torch.float32
+    assert _relative(result.lam, reference.lam) < 1e-5
+    assert _relative(result.B, reference.B) < 1e-6
+
+
+def test_float32_kernel_block_mean_gradient_matches_float64():
+    n, k = 300, 3
+    x = torch.rand(n, 2, generator=torch.Generator().manual_seed(0))
+    partition = _partitions(n, k)["scattered"]
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        kernel = ScaleKernel(RBFKernel(ard_num_dims=2)).to(dtype)
+        kernel.base_kernel.lengthscale = torch.tensor([3.0, 5.0])
+        for fused in (True, False):
+            kernel.zero_grad()
+            op = kernel_block_mean(kernel, x.to(dtype), partition, fused=fused)
+            assert op.dtype == dtype
+            op.inv_quad_logdet(torch.ones(n, 1, dtype=dtype), logdet=True)[1].backward()
+            grads[dtype, fused] = kernel.base_kernel.raw_lengthscale.grad.clone()
+    for fused in (True, False):
+        torch.testing.assert_close(grads[torch.float32, fused].double(), grads[torch.float64, fused], rtol=2e-3, atol=0)
 
 
 # ---------------------------------------------------------------- Partition on the meta device
@@ -31,3 +134,16 @@ def test_partition_to_meta(build):
     assert moved.labels.device.type == "meta" and moved.labels.shape == (len(partition),)
     assert moved.block_sum(torch.ones(len(partition), device="meta")).shape == (partition.num_blocks,)
     assert partition.to(torch.device("meta")).device.type == "meta"
+
+
+def test_stationary_engine_follows_a_float64_outputscale_as_gpytorch():
+    """A float32 RBF in a ScaleKernel with a float64 outputscale on float32 inputs: GPyTorch and the generic engine
+    give float64, the stationary engine gave float32 (it cast the outputscale to the sums' dtype)."""
+    kernel = ScaleKernel(RBFKernel())
+    kernel.raw_outputscale.data = kernel.raw_outputscale.data.double()
+    x = torch.rand(12, 1, generator=torch.Generator().manual_seed(0))
+    partition = Partition.from_labels(torch.arange(12) % 3)
+    expected = kernel(x, x).to_dense().dtype
+    assert expected == torch.float64
+    for fused in (True, False):
+        assert kernel_block_mean(kernel, x, partition, fused=fused).dtype == expected

@@ -10,11 +10,11 @@ r"""numba kernel of one tile's block sums on CPU (imported only by :mod:`bma_gp.
 
 The columns are split into tasks run in parallel with ``prange``. A task walks the row blocks;
 for each it accumulates the block's rows into a few column vectors (four rows at a time, so that
-each accumulator is loaded and stored once per four rows; the vectors fit in L1), then reduces the
-vectors over the column blocks in float64. The work per entry is the same whatever the number of
-blocks, and nothing of size ``rows x blocks`` is formed. A column block cut by a task's edge is
-shared with the neighbouring task: its sums go to a per-task buffer added serially at the end, so
-no two threads write the same output.
+each accumulator is loaded and stored once per four rows; the vectors fit in L1; the values' vector
+in float64), then reduces the vectors over the column blocks in float64. The work per entry is the
+same whatever the number of blocks, and nothing of size ``rows x blocks`` is formed. A column block
+cut by a task's edge is shared with the neighbouring task: its sums go to a per-task buffer added
+serially at the end, so no two threads write the same output.
 
 ``fastmath`` allows reassociation (the sums vectorise), contraction and ignoring the sign of zero;
 the inputs are finite kernel values. The loops index sliced arrays from 0 (a loop over
@@ -32,13 +32,13 @@ _FASTMATH = {"reassoc", "nsz", "contract"}
 
 
 @njit(fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True)
-def _accumulate(values, weights, derivs, zr, zct, a0, a1, j0, j1, h):  # pragma: no cover - compiled
-    """``h[0, j] = sum_p v[p, j0 + j]`` and ``h[1 + a, j] = sum_p w[p, j0 + j] (zr[p, a] - zct[a, j0 + j])^2``
+def _accumulate(values, weights, derivs, zr, zct, a0, a1, j0, j1, h0, h):  # pragma: no cover - compiled
+    """``h0[j] = sum_p v[p, j0 + j]`` (float64) and ``h[a, j] = sum_p w[p, j0 + j] (zr[p, a] - zct[a, j0 + j])^2``
     over the rows ``a0 <= p < a1``."""
     d = zr.shape[1]
     width = j1 - j0
+    h0[:] = 0
     h[:, :] = 0
-    h0 = h[0]
     p = a0
     while p + 4 <= a1:
         v0 = values[p][j0:j1]
@@ -58,7 +58,7 @@ def _accumulate(values, weights, derivs, zr, zct, a0, a1, j0, j1, h):  # pragma:
                 z2 = zr[p + 2, a]
                 z3 = zr[p + 3, a]
                 zc = zct[a][j0:j1]
-                ha = h[1 + a]
+                ha = h[a]
                 for j in range(width):
                     c = zc[j]
                     e0 = z0 - c
@@ -79,7 +79,7 @@ def _accumulate(values, weights, derivs, zr, zct, a0, a1, j0, j1, h):  # pragma:
                 z0 = zr[p, a]
                 z1 = zr[p + 1, a]
                 zc = zct[a][j0:j1]
-                ha = h[1 + a]
+                ha = h[a]
                 for j in range(width):
                     c = zc[j]
                     e0 = z0 - c
@@ -95,7 +95,7 @@ def _accumulate(values, weights, derivs, zr, zct, a0, a1, j0, j1, h):  # pragma:
             for a in range(d):
                 z0 = zr[p, a]
                 zc = zct[a][j0:j1]
-                ha = h[1 + a]
+                ha = h[a]
                 for j in range(width):
                     e0 = z0 - zc[j]
                     ha[j] += w0[j] * e0 * e0
@@ -138,15 +138,32 @@ def tile_sums(
         j0 = (t - bi * per_batch) * chunk
         j1 = min(ncols, j0 + chunk)
         first, last = _task_blocks(col_bounds, j0, j1)
-        h = np.empty((feats, j1 - j0), dtype=values.dtype)
+        # the values' sums in float64: float32 running sums of nearly equal values (a long lengthscale) drift all the
+        # same way, which lam = d / s - B_ii magnifies; the derivative sums do not cancel and stay in values' dtype
+        h0 = np.empty(j1 - j0, dtype=np.float64)
+        h = np.empty((feats - 1, j1 - j0), dtype=values.dtype)
         bounds = np.empty(last - first + 2, dtype=np.int64)  # the task's column blocks, in its own columns
         for c in range(first, last + 1):
             bounds[c - first] = max(col_bounds[c], j0) - j0
         bounds[last - first + 1] = j1 - j0
         for b in range(m):
-            _accumulate(values[bi], weights[bi], derivs, zr[bi], zct[bi], row_bounds[b], row_bounds[b + 1], j0, j1, h)
-            for f in range(feats):
-                hf = h[f]
+            _accumulate(
+                values[bi], weights[bi], derivs, zr[bi], zct[bi], row_bounds[b], row_bounds[b + 1], j0, j1, h0, h
+            )
+            for c in range(first, last + 1):
+                s = 0.0
+                for j in range(bounds[c - first], bounds[c - first + 1]):
+                    s += h0[j]
+                if c == first:
+                    edge[t, b, 0, 0] += s
+                elif c == last:
+                    edge[t, b, 1, 0] += s
+                else:  # a column block of this task only: no other thread writes these entries
+                    acc[bi, row_block + b, col_block + c] += s
+                    if mirror:
+                        acc[bi, col_block + c, row_block + b] += s
+            for f in range(1, feats):
+                hf = h[f - 1]
                 for c in range(first, last + 1):
                     s = 0.0
                     for j in range(bounds[c - first], bounds[c - first + 1]):
@@ -155,10 +172,6 @@ def tile_sums(
                         edge[t, b, 0, f] += s
                     elif c == last:
                         edge[t, b, 1, f] += s
-                    elif f == 0:  # a column block of this task only: no other thread writes these entries
-                        acc[bi, row_block + b, col_block + c] += s
-                        if mirror:
-                            acc[bi, col_block + c, row_block + b] += s
                     else:
                         kept[bi, b, f - 1, c] += factor * s
     for t in range(tasks):  # the column blocks tasks may share, serially

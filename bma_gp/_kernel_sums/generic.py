@@ -193,13 +193,15 @@ class GenericKernelSums(torch.autograd.Function):
         with torch.no_grad():
             # the shapes and dtype of the sums come from a one-entry evaluation (a rank may have no rows)
             probe = evaluate(kernel, x[..., :1, :], x[..., :1, :])
-            dtype, acc = probe.dtype, core_dtype(probe.dtype)
+            acc = core_dtype(probe.dtype)
             sums = probe.new_zeros(*probe.shape[:-2], k, k, dtype=acc)
             diag = probe.new_zeros(*probe.shape[:-2], k, dtype=acc)
             for a, b in progress(_ranges(plan), plan.show_progress, "kernel block sums"):
                 values = evaluate(kernel, x[..., a:b, :], x)  # (*batch, c, n)
                 rows = plan.labels[a:b]
-                sums.index_add_(sums.dim() - 2, rows, _segment_sum(values, plan.sizes).to(acc))
+                # summed in acc: float32 running sums of nearly equal values drift all the same way, and
+                # lam = d / s - B_ii magnifies that (a long lengthscale)
+                sums.index_add_(sums.dim() - 2, rows, _segment_sum(values.to(acc), plan.sizes))
                 # the chunk's diagonal entries, off by ~sqrt(eps), replaced by the exact ones in T and d
                 inexact = torch.diagonal(values, offset=a, dim1=-2, dim2=-1)
                 exact = evaluate_diag(kernel, x[..., a:b, :]).expand_as(inexact)
@@ -209,7 +211,7 @@ class GenericKernelSums(torch.autograd.Function):
                 sums, diag = all_reduce([sums, diag], plan.group)
         ctx.plan, ctx.kernel = plan, kernel
         ctx.save_for_backward(x, *params)
-        return sums.to(dtype), diag.to(dtype)
+        return sums, diag  # in core_dtype: kernel_block_mean rounds to the kernel's dtype only after the means
 
     @staticmethod
     @once_differentiable

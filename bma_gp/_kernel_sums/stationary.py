@@ -364,9 +364,14 @@ def _column_segment_sum(values: Tensor, tile: Tile, labels: Tensor) -> Tensor:
 
 
 def _tile_block_sums(values: Tensor, group: _RowGroup, tile: Tile, labels: Tensor) -> Tensor:
-    """Sums of a tile's values over its (row block, column block) rectangles. # shape: (B, m, q)"""
+    """Sums of a tile's values over its (row block, column block) rectangles, in ``core_dtype``. # shape: (B, m, q)
+
+    ``index_add_`` adds the rows one after another: in float32 the running sums of nearly equal values (a long
+    lengthscale) drift by many units in the last place, all the same way, which ``lam = d / s - B_ii`` magnifies.
+    """
     bsz, _, cols = values.shape
-    per_row_block = values.new_zeros(bsz, tile.row_blocks, cols).index_add_(1, group.local, values)
+    acc = core_dtype(values.dtype)
+    per_row_block = values.new_zeros(bsz, tile.row_blocks, cols, dtype=acc).index_add_(1, group.local, values.to(acc))
     return _column_segment_sum(per_row_block, tile, labels)
 
 
@@ -480,7 +485,7 @@ def block_sums(
     if plan.group is not None:
         (acc,) = all_reduce([acc], plan.group)
     batch = torch.broadcast_shapes(plan.x.shape[:-2], lengthscale.shape[:-2])
-    return acc.to(z.dtype).reshape(*batch, k, k), kept
+    return acc.reshape(*batch, k, k), kept  # in core_dtype: rounded to z's dtype only after the means
 
 
 def lengthscale_gradient(
