@@ -12,7 +12,7 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from bma_gp._precision import core_dtype
-from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
+from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator, check_symmetric_flag
 from bma_gp.partition import Partition
 
 __all__ = ["block_mean", "block_mean_from_sums"]
@@ -40,6 +40,7 @@ def block_mean_from_sums(
     """
     if not isinstance(partition, Partition):
         raise TypeError(f"partition must be a bma_gp.Partition, got {type(partition).__name__}.")
+    check_symmetric_flag(symmetric)
     for name, sums in (("block_sums", block_sums), ("diag_sums", diag_sums)):
         if not torch.is_tensor(sums):
             raise TypeError(
@@ -144,6 +145,7 @@ def block_mean(
         raise TypeError(f"partition must be a bma_gp.Partition, got {type(partition).__name__}.")
     if not (torch.is_tensor(A) or isinstance(A, LinearOperator)):
         raise TypeError(f"A must be a tensor or a LinearOperator, got {type(A).__name__}.")
+    check_symmetric_flag(symmetric)
     if A.dtype.is_complex or A.dtype == torch.bool:
         raise TypeError(
             f"A must hold real numbers, got dtype {A.dtype}: a block mean operator is real (for a complex A, "

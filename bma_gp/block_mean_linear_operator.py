@@ -126,6 +126,13 @@ def dense_svd(op: LinearOperator, what: str, why: str) -> tuple[LinearOperator, 
     return DenseLinearOperator(U), S, DenseLinearOperator(Vh.mT)
 
 
+def check_symmetric_flag(symmetric) -> None:
+    """``TypeError`` unless ``symmetric`` is ``True`` or ``False`` (or 1 / 0): ``bool("False")`` is ``True``, so a
+    string from a configuration file would silently pick the symmetric part."""
+    if symmetric not in (True, False):
+        raise TypeError(f"symmetric must be True or False, got {symmetric!r}.")
+
+
 class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
     r"""A block mean matrix over a partition of :math:`n` indices into :math:`k` blocks.
 
@@ -191,6 +198,7 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
             )
         if not isinstance(diagonal, bool):
             raise TypeError(f"diagonal must be True or False, got {diagonal!r}.")
+        check_symmetric_flag(symmetric)
         if diagonal:  # B given by its diagonal: (*batch, k); the k x k matrix is formed only where asked for
             if B.dim() < 1 or B.shape[-1] != k:
                 raise ValueError(

@@ -6,7 +6,7 @@ import pytest
 import torch
 from gpytorch.kernels import MaternKernel, RBFKernel, RQKernel, ScaleKernel
 
-from bma_gp import Partition, block_mean, kernel_block_mean
+from bma_gp import BlockMeanLinearOperator, Partition, block_mean, block_mean_from_sums, kernel_block_mean
 from bma_gp._kernel_sums import jit
 
 
@@ -147,3 +147,22 @@ def test_stationary_engine_follows_a_float64_outputscale_as_gpytorch():
     assert expected == torch.float64
     for fused in (True, False):
         assert kernel_block_mean(kernel, x, partition, fused=fused).dtype == expected
+
+
+# ---------------------------------------------------------------- the symmetric flag
+@pytest.mark.parametrize("flag", ["False", "no", None, 2])
+def test_symmetric_flag_must_be_a_bool(flag):
+    """``symmetric="False"`` (a string from a configuration) was taken as ``bool("False") is True``: block_mean
+    silently returned the symmetric part. Now a ``TypeError`` names the argument, before anything is computed."""
+    partition = Partition.from_labels([0, 0, 1, 1])
+    A = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    general = block_mean(A, partition, symmetric=False)
+    with pytest.raises(TypeError, match="symmetric must be True or False"):
+        block_mean(A, partition, symmetric=flag)
+    with pytest.raises(TypeError, match="symmetric must be True or False"):
+        block_mean(general, partition, symmetric=flag)  # the early return for a block mean operator too
+    with pytest.raises(TypeError, match="symmetric must be True or False"):
+        block_mean_from_sums(torch.ones(2, 2), torch.ones(2), partition, symmetric=flag)
+    with pytest.raises(TypeError, match="symmetric must be True or False"):
+        BlockMeanLinearOperator(torch.ones(2), torch.eye(2), partition, symmetric=flag)
+    assert block_mean(A, partition, symmetric=0).symmetric is False  # 1 / 0 stay accepted, as in bma_gp.settings
