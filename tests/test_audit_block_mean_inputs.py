@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import gpytorch
 import pytest
 import torch
 from gpytorch.kernels import MaternKernel, RBFKernel, RQKernel, ScaleKernel
 
-from bma_gp import BlockMeanLinearOperator, Partition, block_mean, block_mean_from_sums, kernel_block_mean
+from bma_gp import (
+    BlockMeanKernel,
+    BlockMeanLinearOperator,
+    GroupKernel,
+    Partition,
+    block_mean,
+    block_mean_from_sums,
+    kernel_block_mean,
+)
 from bma_gp._kernel_sums import jit
 
 
@@ -166,3 +175,41 @@ def test_symmetric_flag_must_be_a_bool(flag):
     with pytest.raises(TypeError, match="symmetric must be True or False"):
         BlockMeanLinearOperator(torch.ones(2), torch.eye(2), partition, symmetric=flag)
     assert block_mean(A, partition, symmetric=0).symmetric is False  # 1 / 0 stay accepted, as in bma_gp.settings
+
+
+# ---------------------------------------------------------------- prediction dtypes with float64 inputs
+class _GP(gpytorch.models.ExactGP):
+    def __init__(self, x, y, likelihood, kernel):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = kernel
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+@pytest.mark.parametrize("with_groups", [False, True], ids=["block_mean", "block_mean_plus_groups"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_predictive_mean_dtype_follows_gpytorch(with_groups, dtype):
+    """A model with GPyTorch's default float32 parameters on float64 data: GPyTorch's RBF predicts float64 means and
+    variances, and so did the block mean model's variances, but its mean was cast to the mean module's float32
+    (``test_mean.dtype``), rounding it. Now it has the dtype GPyTorch promotes to, float64 here (float32 data stay
+    float32)."""
+    n = 60
+    generator = torch.Generator().manual_seed(0)
+    groups = torch.randint(0, 5, (n,), generator=generator)
+    x = torch.stack([torch.rand(n, generator=generator, dtype=torch.float64), groups.double()], -1).to(dtype)
+    y = torch.randn(n, generator=generator, dtype=torch.float64).to(dtype)
+    partition = Partition.from_labels(torch.unique(groups, return_inverse=True)[1])
+    kernel = BlockMeanKernel(RBFKernel(active_dims=[0]), x, partition)
+    if with_groups:
+        kernel = kernel + GroupKernel(num_groups=5, active_dims=[1])
+    model = _GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).eval()
+    reference = _GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), RBFKernel(active_dims=[0])).eval()
+    shift = torch.tensor([0.01, 0.0], dtype=dtype)
+    with torch.no_grad():
+        for test_x in (x[:5], x[:5] + shift):  # at training inputs, and at new ones
+            expected = reference(test_x).mean.dtype
+            assert expected == dtype
+            prediction = model(test_x)
+            assert prediction.mean.dtype == prediction.variance.dtype == expected

@@ -226,6 +226,11 @@ class GroupKernel(Kernel):
     or an integer dtype), or ``(*batch, n, 2)`` with ``slope=True`` (ids, then a finite
     covariate). Ids that are not integers in ``[0, num_groups)`` raise ``ValueError``.
 
+    The covariance has the dtype of the kernel's parameters whatever the dtype of the inputs, as
+    :class:`gpytorch.kernels.IndexKernel`'s does (ids are labels, not numbers; GPyTorch's ``RBFKernel``
+    instead promotes to its inputs' dtype). With ``slope=True`` the covariate is cast to that dtype too, so a
+    float64 covariate in a model left in float32 is rounded: call ``model.double()`` to work in float64.
+
     Example:
         >>> kernel = GroupKernel(18)                      # (1 | Subject)
         >>> kernel.var.shape

@@ -307,7 +307,9 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
             res = K @ alpha.unsqueeze(-1)
         else:
             res = test_train_covar @ alpha.to(test_train_covar.dtype).unsqueeze(-1)
-        return test_mean + res.squeeze(-1).to(test_mean.dtype)
+        # the dtype GPyTorch's m_* + K_{*X} alpha promotes to: float32 mean parameters with float64 inputs give float64
+        dtype = torch.promote_types(test_mean.dtype, test_train_covar.dtype)
+        return test_mean.to(dtype) + res.squeeze(-1).to(dtype)
 
     @property
     @cached(name="block_covar_root")

@@ -311,6 +311,13 @@ def _posterior_root_factor(M: BlockMeanSumLinearOperator) -> Tensor:
     return torch.cat([_left(L, piece) for L, piece in zip(roots, F.split(sizes, dim=-2))], dim=-2)
 
 
+def _plus(test_mean: Tensor, shift: Tensor, test_train_covar) -> Tensor:
+    """``test_mean + shift`` (``shift`` in the working precision) in the dtype GPyTorch's prediction promotes
+    ``test_mean`` and the cross covariance to: float32 mean parameters with float64 inputs give float64."""
+    dtype = torch.promote_types(test_mean.dtype, test_train_covar.dtype)
+    return test_mean.to(dtype) + shift.to(dtype)
+
+
 def training_posterior(strategy: DefaultPredictionStrategy, test_test_covar, test_train_covar):
     """The closed-form posterior covariance when the test inputs are the training inputs, or None.
 
@@ -392,7 +399,7 @@ def _training_mean(
     if gpytorch_settings.detach_test_caches.on():
         alpha = alpha.detach()
     shift = K.diag_values.to(wdt) * alpha + K._z([K._G(j, p) for j, p in enumerate(pieces)]).squeeze(-1)
-    return test_mean + shift.to(test_mean.dtype)
+    return _plus(test_mean, shift, test_train_covar)
 
 
 def _check_fantasy_noise(noise, m: int) -> None:
@@ -519,7 +526,7 @@ class SumPredictionStrategy(DefaultPredictionStrategy):
         _, alpha = found
         cross = test_train_covar.to_dense() if isinstance(test_train_covar, LinearOperator) else test_train_covar
         res = (cross.to(alpha.dtype) @ alpha.unsqueeze(-1)).squeeze(-1)
-        return test_mean + res.to(test_mean.dtype)
+        return _plus(test_mean, res, test_train_covar)
 
     def exact_predictive_covar(self, test_test_covar, test_train_covar) -> LinearOperator:
         r""":math:`K_{**} - K_{*x} M^{-1} K_{x*}` as GPyTorch's (``fast_pred_var`` off), but for a float32 model whose
@@ -1022,7 +1029,7 @@ def new_input_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor,
             term = _block_matmul(block, c.unsqueeze(-1)).squeeze(-1)
             shift = term if shift is None else shift + term
     assert shift is not None  # some block is not None (checked above)
-    mean = test_mean + shift.to(test_mean.dtype)
+    mean = _plus(test_mean, shift, test_train_covar)
     return mean, PredictiveCovarianceLinearOperator.from_blocks(test_test_covar, W, blocks, M._sizes())
 
 
