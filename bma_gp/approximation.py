@@ -8,7 +8,7 @@ from __future__ import annotations
 import operator
 
 import torch
-from linear_operator.operators import LinearOperator
+from linear_operator.operators import DenseLinearOperator, LinearOperator
 from torch import Tensor
 
 from bma_gp._precision import core_dtype
@@ -131,6 +131,8 @@ def block_mean(
     ``chunk_columns`` at a time (default: enough to keep about 64 MB per product). A float32, float16 or
     bfloat16 ``A`` is summed in float64 (a chunk of rows at a time) and only the means are rounded back to its
     dtype: :math:`\lambda` is a difference of two means, which float32 sums of nearly equal entries get wrong.
+    A ``DenseLinearOperator`` is summed as its tensor; another operator's products with the indicator columns
+    are formed in its own dtype (only their sums are widened), so a float32 operator keeps that rounding.
 
     Args:
         A: the matrix. # shape: (*batch, n, n)
@@ -173,6 +175,8 @@ def block_mean(
     # float32 too: lam = d / s - B_ii cancels where a block's entries are nearly equal (a long lengthscale), so the
     # sums and the means are taken in float64 (core_dtype) and only the result is rounded back to A's dtype
     dtype = core_dtype(A.dtype) if A.dtype.is_floating_point else A.dtype
+    if isinstance(A, DenseLinearOperator):  # its tensor is summed in dtype; its products would be in A's own
+        A = A.tensor
     diagonal = torch.diagonal(A, dim1=-2, dim2=-1) if torch.is_tensor(A) else A.diagonal()
     diag_sums = partition.block_sum(diagonal.to(dtype), dim=-1)
     if torch.is_tensor(A):

@@ -6,6 +6,7 @@ import gpytorch
 import pytest
 import torch
 from gpytorch.kernels import MaternKernel, RBFKernel, RQKernel, ScaleKernel
+from linear_operator.operators import DenseLinearOperator
 
 from bma_gp import (
     BlockMeanKernel,
@@ -28,7 +29,7 @@ def _partitions(n: int, k: int) -> dict[str, Partition]:
 
 
 def _relative(value: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((value.double() - reference).abs().max() / reference.abs().max())
+    return float((value.detach().double() - reference).abs().max() / reference.abs().max())
 
 
 # ---------------------------------------------------------------- float32 block sums of nearly equal entries
@@ -49,6 +50,26 @@ def test_float32_block_mean_matches_float64_sums_of_the_same_entries(layout):
     assert result.dtype == torch.float32 and result.lam.dtype == result.B.dtype == torch.float32
     assert _relative(result.lam, reference.lam) < 1e-6
     assert _relative(result.B, reference.B) < 1e-6
+
+
+def test_float32_dense_operator_is_summed_as_its_tensor():
+    """``block_mean(DenseLinearOperator(A))`` multiplied float32 ``A`` by the indicator columns in float32 and widened
+    only the products: lam off by 0.17 relative at lengthscale 100 where the tensor gives 5e-8. A dense operator is
+    now summed as its tensor; gradients still reach it."""
+    n, k = 1200, 4
+    x = torch.rand(n, 1, generator=torch.Generator().manual_seed(0))
+    kernel = RBFKernel()
+    kernel.lengthscale = 100.0
+    with torch.no_grad():
+        A = kernel(x, x).to_dense()
+    partition = _partitions(n, k)["scattered"]
+    reference = block_mean(A.double(), partition)
+    leaf = A.clone().requires_grad_(True)
+    result = block_mean(DenseLinearOperator(leaf), partition)
+    assert result.dtype == torch.float32
+    assert _relative(result.lam, reference.lam) < 1e-6
+    result.lam.sum().backward()
+    assert leaf.grad is not None and leaf.grad.shape == (n, n)
 
 
 def test_float32_block_mean_gradient_still_flows_to_A():
