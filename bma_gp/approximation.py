@@ -174,7 +174,8 @@ def block_mean(
     # sums of up to n^2 entries overflow float16 from n = 256 on (ones: 65504 is its largest number) and lose bits in
     # float32 too: lam = d / s - B_ii cancels where a block's entries are nearly equal (a long lengthscale), so the
     # sums and the means are taken in float64 (core_dtype) and only the result is rounded back to A's dtype
-    dtype = core_dtype(A.dtype) if A.dtype.is_floating_point else A.dtype
+    # integers are summed in int64, as torch.sum does (int8 to int32 sums overflowed silently)
+    dtype = core_dtype(A.dtype) if A.dtype.is_floating_point else torch.int64
     if isinstance(A, DenseLinearOperator):  # its tensor is summed in dtype; its products would be in A's own
         A = A.tensor
     diagonal = torch.diagonal(A, dim1=-2, dim2=-1) if torch.is_tensor(A) else A.diagonal()

@@ -141,6 +141,24 @@ def test_float32_kernel_block_mean_gradient_matches_float64():
         torch.testing.assert_close(grads[torch.float32, fused].double(), grads[torch.float64, fused], rtol=2e-3, atol=0)
 
 
+# ---------------------------------------------------------------- integer matrices
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_integer_block_mean_sums_do_not_overflow(dtype):
+    """An integer ``A`` was summed in its own dtype: 100 entries of 100 in an int8 or int16 block wrapped around
+    (B = -16.8 instead of 100), and an int32 block of 2^30 entries gave -1.9e6. Integers are now summed in int64, as
+    ``torch.sum`` does; the means are in the default dtype, as before."""
+    partition = Partition.from_labels(torch.arange(100) % 3)
+    value = {torch.int32: 2**30, torch.int64: 2**40}.get(dtype, 100)
+    A = torch.full((100, 100), value, dtype=dtype)
+    A.diagonal().fill_(value // 2)
+    result = block_mean(A, partition)
+    reference = block_mean(A.double(), partition)
+    assert result.dtype == torch.get_default_dtype()
+    torch.testing.assert_close(result.lam.double(), reference.lam, rtol=1e-6, atol=0)
+    torch.testing.assert_close(result.B.double(), reference.B, rtol=1e-6, atol=0)
+    assert float(result.B[0, 1]) == pytest.approx(value, rel=1e-6)
+
+
 # ---------------------------------------------------------------- Partition on the meta device
 @pytest.mark.parametrize(
     "build",
