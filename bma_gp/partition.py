@@ -52,6 +52,16 @@ def _as_long_vector(values, name: str) -> Tensor:
     return tensor.long()
 
 
+def _refuse_meta(values: Tensor, name: str) -> None:
+    """``ValueError`` for ``values`` on the meta device, which holds no values to check (torch's own error there
+    names neither the argument nor the way round)."""
+    if values.device.type == "meta":
+        raise ValueError(
+            f"{name} are on the meta device, which holds no values to validate; build the partition on the CPU "
+            "and move it with partition.to('meta') (or Partition.from_sizes(sizes, device='meta'))."
+        )
+
+
 def _equal_size_runs(sizes: Tensor) -> tuple[tuple[int, int, int, int], ...] | None:
     """Maximal runs of consecutive blocks of equal size in a contiguous partition.
 
@@ -150,6 +160,7 @@ class Partition:
 
     def __init__(self, labels, num_blocks: int | None = None):
         labels = _as_long_vector(labels, "labels")
+        _refuse_meta(labels, "labels")
         lo, hi = (int(v) for v in torch.aminmax(labels))
         if lo < 0:
             raise ValueError(f"labels must be non-negative block ids, found {lo}.")
@@ -263,8 +274,7 @@ class Partition:
             ValueError: empty ``sizes``, non-integer dtype, or a size that is zero or negative.
         """
         sizes = _as_long_vector(sizes, "sizes")
-        if device is not None:
-            sizes = sizes.to(device)
+        _refuse_meta(sizes, "sizes")
         bad = (sizes <= 0).nonzero().flatten()
         if bad.numel():
             i = int(bad[0])
@@ -272,7 +282,10 @@ class Partition:
                 f"sizes[{i}] = {int(sizes[i])}: every block size must be a positive integer "
                 "(drop empty blocks before building the partition)."
             )
-        return cls._trusted(sizes, contiguous=True)
+        if device is None or torch.device(device) == sizes.device:
+            return cls._trusted(sizes, contiguous=True)
+        # n and the run table read the sizes: taken here, where they have values (device="meta" has none)
+        return cls._trusted(sizes.to(device), contiguous=True, n=int(sizes.sum()), runs=_equal_size_runs(sizes))
 
     # ------------------------------------------------------------------ basics
     def __len__(self) -> int:

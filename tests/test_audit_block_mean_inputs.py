@@ -197,6 +197,28 @@ def test_stationary_engine_follows_a_float64_outputscale_as_gpytorch():
         assert kernel_block_mean(kernel, x, partition, fused=fused).dtype == expected
 
 
+def test_partition_from_sizes_on_the_meta_device():
+    """``Partition.from_sizes(sizes, device="meta")`` moved the sizes first and then validated them there
+    (``nonzero`` has no meta implementation: NotImplementedError). The sizes are now checked where they have
+    values, and n and the run table are taken there."""
+    moved = Partition.from_sizes([2, 3, 3], device="meta")
+    assert moved.device.type == "meta" and len(moved) == 8 and moved.num_blocks == 3 and moved.is_contiguous
+    assert moved.block_sum(torch.ones(8, device="meta")).shape == (3,)
+    assert moved.labels.device.type == "meta" and moved.labels.shape == (8,)
+    with pytest.raises(ValueError, match=r"sizes\[1\] = 0"):
+        Partition.from_sizes([2, 0], device="meta")
+
+
+@pytest.mark.parametrize("which", ["labels", "sizes"])
+def test_partition_from_meta_values_names_the_way_round(which):
+    """Labels or sizes already on the meta device cannot be validated: torch's RuntimeError / NotImplementedError
+    named neither; now a ValueError says to build on the CPU and move the partition."""
+    values = torch.tensor([0, 1, 1] if which == "labels" else [1, 2], device="meta")
+    build = Partition.from_labels if which == "labels" else Partition.from_sizes
+    with pytest.raises(ValueError, match=f"{which} are on the meta device.*partition.to"):
+        build(values)
+
+
 # ---------------------------------------------------------------- the symmetric flag
 @pytest.mark.parametrize("flag", ["False", "no", None, 2])
 def test_symmetric_flag_must_be_a_bool(flag):
