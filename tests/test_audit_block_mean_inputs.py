@@ -17,7 +17,7 @@ from bma_gp import (
     block_mean_from_sums,
     kernel_block_mean,
 )
-from bma_gp._kernel_sums import jit
+from bma_gp._kernel_sums import jit, stationary
 
 
 def _partitions(n: int, k: int) -> dict[str, Partition]:
@@ -93,6 +93,7 @@ def test_float32_kernel_block_mean_matches_float64_sums(backend, layout, monkeyp
     monkeypatch.setattr(jit, "MIN_ENTRIES", 0)  # numba (when installed) on this small matrix too
     if backend == "torch":
         monkeypatch.setattr(jit, "BACKEND", "torch")
+        monkeypatch.setattr(stationary, "_WIDEN_ENTRIES", 1000)  # widen each tile in several slabs of columns
     n, k = 1500, 3
     x = torch.rand(n, 1, generator=torch.Generator().manual_seed(0))
     kernel = ScaleKernel(RBFKernel())

@@ -78,6 +78,8 @@ __all__ = ["StationaryForm", "StationaryKernelSums", "block_sums", "stationary_b
 TILE_ROWS, TILE_COLS = 512, 4096
 #: Rows and columns of one tile on CUDA: big tiles, so that per-tile Python overhead is negligible.
 TILE_ROWS_CUDA, TILE_COLS_CUDA = 4096, 32768
+#: Entries of a float32 tile widened to float64 at a time by the torch reduction (32 MB in float64).
+_WIDEN_ENTRIES = 2**22
 #: Multiple of the distance GEMM's rounding bound below which Matern-1/2's derivative weight is 0.
 _NOISE_FLOOR = 4.0
 
@@ -369,9 +371,15 @@ def _tile_block_sums(values: Tensor, group: _RowGroup, tile: Tile, labels: Tenso
     ``index_add_`` adds the rows one after another: in float32 the running sums of nearly equal values (a long
     lengthscale) drift by many units in the last place, all the same way, which ``lam = d / s - B_ii`` magnifies.
     """
-    bsz, _, cols = values.shape
+    bsz, rows, cols = values.shape
     acc = core_dtype(values.dtype)
-    per_row_block = values.new_zeros(bsz, tile.row_blocks, cols, dtype=acc).index_add_(1, group.local, values.to(acc))
+    per_row_block = values.new_zeros(bsz, tile.row_blocks, cols, dtype=acc)
+    if acc == values.dtype:
+        per_row_block.index_add_(1, group.local, values)
+    else:  # widened a slab of columns at a time: a whole CUDA tile in float64 would take another 1 GB
+        step = max(1, _WIDEN_ENTRIES // (bsz * rows))
+        for c0 in range(0, cols, step):
+            per_row_block[..., c0 : c0 + step].index_add_(1, group.local, values[..., c0 : c0 + step].to(acc))
     return _column_segment_sum(per_row_block, tile, labels)
 
 
