@@ -5,7 +5,7 @@ torch (one GEMM, one elementwise pass); this module reduces it to per-block sums
 lengthscale derivative sums, in one read of the tile, whatever the number of blocks. Without numba
 (an optional dependency, ``pip install bma-gp[jit]``), or with :data:`BACKEND` set to ``"torch"``,
 the engine reduces tiles with ``index_add`` and one small GEMM per row block instead; that path
-costs more when blocks are small (many row blocks per tile), see docs/kernel_block_mean.md.
+costs more when blocks are small (many row blocks per tile), see docs/benchmarks.md.
 """
 
 from __future__ import annotations
