@@ -125,6 +125,8 @@ def test_float32_generic_engine_matches_float64_sums(kernel):
 
 
 def test_float32_kernel_block_mean_gradient_matches_float64():
+    """The lengthscale gradient of a float32 log-determinant through both engines: 3e-5 to 7e-5 relative off the
+    float64 one with float32 sums, 6e-6 with float64 sums."""
     n, k = 300, 3
     x = torch.rand(n, 2, generator=torch.Generator().manual_seed(0))
     partition = _partitions(n, k)["scattered"]
@@ -139,7 +141,9 @@ def test_float32_kernel_block_mean_gradient_matches_float64():
             op.inv_quad_logdet(torch.ones(n, 1, dtype=dtype), logdet=True)[1].backward()
             grads[dtype, fused] = kernel.base_kernel.raw_lengthscale.grad.clone()
     for fused in (True, False):
-        torch.testing.assert_close(grads[torch.float32, fused].double(), grads[torch.float64, fused], rtol=2e-3, atol=0)
+        torch.testing.assert_close(
+            grads[torch.float32, fused].double(), grads[torch.float64, fused], rtol=1.5e-5, atol=0
+        )
 
 
 # ---------------------------------------------------------------- integer matrices
