@@ -103,18 +103,21 @@ def _operator_block_sums(A: LinearOperator, partition: Partition, chunk_columns:
     return torch.cat(pieces, dim=-1)
 
 
-#: Entries of a narrower ``A`` widened at a time by :func:`_tensor_block_sums` (4 MB in float64). A widened chunk that
-#: stays in cache costs about a third of one of 64 MB (float32 at n = 8000, one thread: 0.09 against 0.3 s).
+#: Entries of a narrower ``A`` widened at a time by :func:`_tensor_block_sums` on the CPU (4 MB in float64). A widened
+#: chunk that stays in cache costs about a third of one of 64 MB (float32 at n = 8000, one thread: 0.09 against 0.3 s).
 _WIDEN_ENTRIES = 2**19
+#: The same on an accelerator (128 MB in float64), where each chunk costs a few kernel launches.
+_WIDEN_ENTRIES_DEVICE = 2**24
 
 
 def _tensor_block_sums(A: Tensor, partition: Partition, dtype: torch.dtype) -> Tensor:
     """:math:`P^\\top A P` in ``dtype`` for a dense ``A``; a narrower ``A`` is widened a chunk of rows at a time
-    (about :data:`_WIDEN_ENTRIES` entries, which stay in cache), never as a whole ``n x n`` copy."""
+    (:data:`_WIDEN_ENTRIES` entries on the CPU, which stay in cache), never as a whole ``n x n`` copy."""
     if A.dtype == dtype:
         return partition.block_sum(partition.block_sum(A, dim=-1), dim=-2)
     n = A.shape[-1]
-    rows = max(1, _WIDEN_ENTRIES // max(1, n * A[..., 0, 0].numel()))
+    entries = _WIDEN_ENTRIES if A.device.type == "cpu" else _WIDEN_ENTRIES_DEVICE
+    rows = max(1, entries // max(1, n * A[..., 0, 0].numel()))
     pieces = [partition.block_sum(A[..., start : start + rows, :].to(dtype), dim=-1) for start in range(0, n, rows)]
     return partition.block_sum(torch.cat(pieces, dim=-2), dim=-2)
 
