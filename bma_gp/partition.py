@@ -371,16 +371,23 @@ class Partition:
         )
 
     def __getstate__(self):
+        labels = self.labels
+        if labels.device.type != "meta" and labels.untyped_storage().nbytes() != labels.numel() * labels.itemsize:
+            # labels kept from a view (a column of a data table, labels[::2]): pickle, torch.save and deepcopy write
+            # a tensor's whole storage, so they are saved as a compact copy
+            labels = labels.clone(memory_format=torch.contiguous_format)
         return {
-            "labels": self.labels,
+            "labels": labels,
             "sizes": self.sizes,
             "num_blocks": self.num_blocks,
             "is_contiguous": self.is_contiguous,
             "_max_size": self._max_size,
+            "_runs": self._runs,  # host ints: rebuilding them reads the sizes, which a meta partition has not
         }
 
     def __setstate__(self, state):
-        self._setup(state["labels"], state["sizes"], state["labels"].numel(), state["is_contiguous"])
+        runs = state.get("_runs", ...)  # pickles from before the run table was saved: built again
+        self._setup(state["labels"], state["sizes"], state["labels"].numel(), state["is_contiguous"], runs)
         self._max_size = state.get("_max_size")
 
     def _run_views(self, x: Tensor, dim: int):

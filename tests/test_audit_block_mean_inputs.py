@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
+
 import gpytorch
 import pytest
 import torch
@@ -222,6 +226,33 @@ def test_partition_from_meta_values_names_the_way_round(which):
     build = Partition.from_labels if which == "labels" else Partition.from_sizes
     with pytest.raises(ValueError, match=f"{which} are on the meta device.*partition.to"):
         build(values)
+
+
+# ---------------------------------------------------------------- label views
+def test_partition_from_a_column_view_pickles_only_its_labels():
+    """``Partition.from_labels(table[:, 3])`` keeps the int64 view (documented: not copied), and pickle, torch.save and
+    deepcopy wrote the view's whole storage: the 20-column table, 16 MB for 0.8 MB of labels. The labels are now saved
+    as a compact copy."""
+    table = torch.randint(0, 5, (20_000, 20), generator=torch.Generator().manual_seed(0))
+    partition = Partition.from_labels(table[:, 3])
+    compact = Partition.from_labels(table[:, 3].clone())
+    assert partition.labels.data_ptr() == table[:, 3].data_ptr()  # still kept as given
+    assert len(pickle.dumps(partition)) < 1.1 * len(pickle.dumps(compact))
+    buffer = io.BytesIO()
+    torch.save(partition, buffer)
+    assert buffer.tell() < 1.1 * 8 * 20_000 + 10_000
+    copied = copy.deepcopy(partition)
+    assert copied.labels.untyped_storage().nbytes() == 8 * 20_000
+    assert copied == partition and copied.is_contiguous == partition.is_contiguous
+
+
+def test_meta_partitions_deepcopy_and_pickle():
+    """A partition on the meta device rebuilt its run table from its sizes when unpickled (``sizes.cpu()``: "Cannot
+    copy out of meta tensor"), so deepcopy failed; the table is now saved with it."""
+    for partition in (Partition.from_sizes([2, 2, 3], device="meta"), Partition.from_labels([0, 1, 0]).to("meta")):
+        copied = copy.deepcopy(partition)
+        assert copied.device.type == "meta" and len(copied) == len(partition)
+        assert copied._runs == partition._runs
 
 
 # ---------------------------------------------------------------- the symmetric flag
