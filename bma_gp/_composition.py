@@ -621,18 +621,28 @@ def _as_fallback(res):
 
 
 def fallback_sum(left, right) -> LinearOperator | None:
-    """``left + right`` as a :class:`FallbackSumLinearOperator` when both are operators of one shape (a dense matrix
-    of that shape is taken as one), else None."""
-    if isinstance(right, Tensor) and right.dim() >= 2 and right.shape == left.shape:
-        right = DenseLinearOperator(right)
-    if (
-        isinstance(right, LinearOperator)
-        and not isinstance(right, ZeroLinearOperator)
-        and not isinstance(left, ZeroLinearOperator)
-        and left.shape == right.shape
-    ):
-        return FallbackSumLinearOperator(left, right)
-    return None
+    """``left + right`` as a :class:`FallbackSumLinearOperator` when both are operators or dense matrices whose shapes
+    broadcast (a row ``(1, n)``, a column ``(n, 1)``, other batch dimensions: both are expanded to the common shape,
+    as a dense sum is), else None."""
+    if isinstance(right, Tensor) and right.dim() < 2:
+        return None  # a number or a vector: not a matrix sum
+    if not isinstance(right, (Tensor, LinearOperator)) or isinstance(right, ZeroLinearOperator):
+        return None
+    if isinstance(left, ZeroLinearOperator):
+        return None
+    try:
+        shape = torch.broadcast_shapes(left.shape, right.shape)
+    except RuntimeError:
+        return None
+    if shape[-2:] != left.shape[-2:]:
+        return None  # the sum would be wider than the operator: not a square matrix of its size
+    if isinstance(right, Tensor):
+        right = DenseLinearOperator(right.expand(shape))
+    elif right.shape != shape:
+        right = right.expand(*shape)
+    if left.shape != shape:
+        left = left.expand(*shape)
+    return FallbackSumLinearOperator(left, right)
 
 
 # ---------------------------------------------------------------------------- hooks
