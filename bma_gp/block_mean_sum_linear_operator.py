@@ -869,6 +869,20 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         weights = [None if w is None else w[..., index] for w in self.weights]
         return self._new(self.diag_values[..., index], blocks, partitions, root, weights)
 
+    def _sum_batch(self, dim: int) -> BlockMeanSumLinearOperator:
+        """The sum over batch dimension ``dim``: again a sum over the same partitions and weights, with ``d`` and
+        every ``B_j`` summed and the roots side by side (``sum_b U_b U_b^T = [U_1, ..., U_b] [U_1, ..., U_b]^T``;
+        linear_operator's ``SumBatchLinearOperator`` solved it with CG and Lanczos)."""
+        full = self._expand_batch(self.batch_shape)  # every tensor with the whole batch shape (views)
+        root = full.root
+        if root is not None:  # (*batch, n, m) -> (*other batch, n, b m): the batch entries' columns side by side
+            root = root.movedim(dim, -2).flatten(-2)
+        return self._new(
+            diag=full.diag_values.sum(dim),
+            blocks=[B.sum(dim) for B in full._block_args],
+            root=root,
+        )
+
     def _unsqueeze_batch(self, dim: int) -> BlockMeanSumLinearOperator:
         return self._map_batch(lambda t, trail: t.unsqueeze(dim))
 

@@ -171,3 +171,34 @@ def test_dense_summand_that_broadcasts_warns_when_solved(other, summand, left):
     with pytest.warns(ClosedFormFallbackWarning, match="solve"):  # ... solves say they fall back
         solved = total.solve(x)
     torch.testing.assert_close(solved, torch.linalg.solve(op.to_dense() + dense_term, x))
+
+
+@pytest.mark.parametrize("root_batch", [(), (2,)])
+@pytest.mark.parametrize("diag_batch", [(), (2,)])
+def test_batch_sum_of_a_sum_stays_closed_form(diag_batch, root_batch):
+    """A batch of sums summed over its batch dimension is again a sum over the same partitions (gp.md: every
+    expression of the family stays closed form); it was linear_operator's SumBatchLinearOperator, solved by CG and
+    Lanczos without a warning."""
+    labels = _shared_labels()
+    lam = torch.rand(2, 5, dtype=DTYPE) + 1
+    W = torch.randn(2, 5, 5, dtype=DTYPE)
+    M = BlockMeanLinearOperator(lam, W @ W.mT / 5 + 0.1 * torch.eye(5, dtype=DTYPE), Partition.from_labels(labels))
+    grouping = block_mean(7, 1, diagonal=True)
+    noise = torch.rand(*diag_batch, N, dtype=DTYPE) + 0.2
+    root = torch.randn(*root_batch, N, 2, dtype=DTYPE)
+    batch = M + grouping + LowRankRootLinearOperator(root) + DiagLinearOperator(noise)
+    total = batch.sum(0)
+    assert isinstance(total, BlockMeanSumLinearOperator), type(total)
+    dense = batch.to_dense().sum(0)
+    torch.testing.assert_close(total.to_dense(), dense)
+    x = torch.randn(N, 2, dtype=DTYPE)
+    solved, logdet = torch.linalg.solve(dense, x), torch.logdet(dense)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        with closed_forms_only(N), gpytorch.settings.max_cholesky_size(0):
+            got = total.solve(x)
+            got_logdet = total.logdet()
+            R = total.root_decomposition().root.to_dense()
+    torch.testing.assert_close(got, solved)
+    torch.testing.assert_close(got_logdet, logdet)
+    torch.testing.assert_close(R @ R.mT, dense)
