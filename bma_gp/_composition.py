@@ -464,6 +464,17 @@ class _WarnsWhenFactorised:
     def diagonalization(self, method=None):
         return warned_diagonalization(self, super().diagonalization, method)
 
+    def _sum_batch(self, dim: int) -> LinearOperator:
+        """The sum over batch dimension ``dim``, as a :class:`FallbackSumLinearOperator` of the batch entries where
+        linear_operator's would drop the warning (its ``SumBatchLinearOperator`` and interpolated operators solve
+        silently)."""
+        res = super()._sum_batch(dim)  # type: ignore[misc]  # a mixin of LinearOperator subclasses
+        if isinstance(res, _WarnsWhenFactorised):
+            return res
+        prefix = (slice(None),) * dim
+        entries = [cast(LinearOperator, self)[(*prefix, i)] for i in range(cast(LinearOperator, self).shape[dim])]
+        return entries[0] if len(entries) == 1 else FallbackSumLinearOperator(*entries)
+
     def _symeig(self, eigenvectors=False, return_evals_as_lazy=False):
         return dense_symeig(self, eigenvectors)  # warns; keeps negative eigenvalues (linear_operator clamps them)
 
@@ -489,6 +500,10 @@ class FallbackSumLinearOperator(_WarnsWhenFactorised, SumLinearOperator):
 
     def add_diagonal(self, diag):
         return _as_fallback(super().add_diagonal(diag))  # an AddedDiagLinearOperator around this sum: keep the warning
+
+    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+        # a batch entry or a slice (mvn[..., a:b]) is a sum of the summands' parts: still no closed form, still warns
+        return _as_fallback(super()._getitem(row_index, col_index, *batch_indices))
 
 
 class FallbackIndexedLinearOperator(_WarnsWhenFactorised, InterpolatedLinearOperator):
@@ -545,6 +560,16 @@ class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperat
 
     def logdet(self):
         return self.inv_quad_logdet(logdet=True)[1]
+
+    def _sum_batch(self, dim: int) -> LinearOperator:
+        """The sum over batch dimension ``dim``: with one factor ``c`` along it, ``c`` times the sum of the base
+        operator's entries (closed form again); with factors that differ, the generic sum of the entries (warns)."""
+        c = self._constant.expand(self.batch_shape)
+        first = c.select(dim, 0)
+        if bool((c == first.unsqueeze(dim)).all()):
+            base = self.base_linear_op
+            return base._expand_batch(self.batch_shape)._sum_batch(dim)._mul_constant(first)
+        return super()._sum_batch(dim)
 
     def _warn(self, what: str) -> None:
         warnings.warn(

@@ -883,6 +883,16 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             root=root,
         )
 
+    def _prod_batch(self, dim: int) -> LinearOperator:
+        """The elementwise product over batch dimension ``dim``: the batch entries multiplied with ``*``, which has no
+        closed form and says so (linear_operator's multiplied their roots without a word)."""
+        full = self._expand_batch(self.batch_shape)
+        entries = [full._map_batch(lambda t, trail, i=i: t.select(dim, i)) for i in range(self.batch_shape[dim])]
+        res: LinearOperator = entries[0]
+        for entry in entries[1:]:
+            res = res * entry
+        return res
+
     def _unsqueeze_batch(self, dim: int) -> BlockMeanSumLinearOperator:
         return self._map_batch(lambda t, trail: t.unsqueeze(dim))
 

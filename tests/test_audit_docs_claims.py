@@ -23,6 +23,8 @@ from bma_gp import (
     BlockMeanLinearOperator,
     BlockMeanSumLinearOperator,
     ClosedFormFallbackWarning,
+    FallbackIndexedLinearOperator,
+    FallbackScaledLinearOperator,
     FallbackSumLinearOperator,
     Partition,
 )
@@ -202,3 +204,69 @@ def test_batch_sum_of_a_sum_stays_closed_form(diag_batch, root_batch):
     torch.testing.assert_close(got, solved)
     torch.testing.assert_close(got_logdet, logdet)
     torch.testing.assert_close(R @ R.mT, dense)
+
+
+def _fallback_sum() -> FallbackSumLinearOperator:
+    batch = BlockMeanLinearOperator(
+        torch.rand(2, 5, dtype=DTYPE) + 1, torch.eye(5, dtype=DTYPE).expand(2, 5, 5), block_mean(5, 0).partition
+    )
+    return batch + 2 * torch.eye(N, dtype=DTYPE)
+
+
+def _scaled() -> FallbackScaledLinearOperator:
+    batch = BlockMeanLinearOperator(
+        torch.rand(2, 5, dtype=DTYPE) + 1, torch.eye(5, dtype=DTYPE).expand(2, 5, 5), block_mean(5, 0).partition
+    )
+    return (batch + DiagLinearOperator(_noise())) * -2.0
+
+
+def _indexed() -> FallbackIndexedLinearOperator:
+    batch = BlockMeanLinearOperator(
+        torch.rand(2, 5, dtype=DTYPE) + 1, torch.eye(5, dtype=DTYPE).expand(2, 5, 5), block_mean(5, 0).partition
+    )
+    idx = torch.tensor([3, 1, 7, 20, 11, 30])
+    return (batch + DiagLinearOperator(_noise()))[..., idx, :][..., idx]
+
+
+@pytest.mark.parametrize(
+    "derive",
+    [
+        pytest.param(lambda op: op[0], id="op[0]"),
+        pytest.param(lambda op: op[:, :10, :10], id="op[:, :10, :10]"),
+        pytest.param(lambda op: op[1, 2:8, 2:8], id="op[1, 2:8, 2:8]"),
+        pytest.param(lambda op: op.sum(0), id="op.sum(0)"),
+    ],
+)
+@pytest.mark.parametrize("make", [_fallback_sum, _scaled, _indexed], ids=["sum", "scaled", "indexed"])
+def test_parts_of_a_fallback_still_warn(make, derive):
+    """gp.md: a sum with a summand outside the family, a negative multiple and rows and columns other than one
+    principal slice warn when they are solved. A batch entry or a slice of such a sum (what mvn[0] and mvn[..., a:b]
+    ask for) was linear_operator's plain SumLinearOperator, and a sum over the batch a SumBatchLinearOperator or an
+    InterpolatedLinearOperator: solved by Cholesky or CG without a word."""
+    op = make()
+    part = derive(op)
+    dense = part.to_dense()
+    x = torch.randn(dense.shape[-1], 2, dtype=DTYPE)
+    reference = torch.linalg.solve(dense, x)
+    if make is _scaled and not isinstance(part.base_linear_op, FallbackIndexedLinearOperator):
+        # gp.md: a negative multiple's solve is the sum's closed form divided by c, also for its parts
+        assert isinstance(part, FallbackScaledLinearOperator), type(part)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ClosedFormFallbackWarning)
+            with closed_forms_only(dense.shape[-1]), gpytorch.settings.max_cholesky_size(0):
+                solved = part.solve(x)
+    else:
+        with pytest.warns(ClosedFormFallbackWarning):
+            solved = part.solve(x)
+    torch.testing.assert_close(solved, reference)
+
+
+def test_batch_product_of_a_sum_warns():
+    """gp.md: an elementwise product of a sum with anything but a diagonal leaves the closed forms and warns when it
+    is formed; over a batch dimension (``S.prod(0)``) linear_operator multiplied the entries' roots silently."""
+    batch = BlockMeanLinearOperator(
+        torch.rand(2, 5, dtype=DTYPE) + 1, torch.eye(5, dtype=DTYPE).expand(2, 5, 5), block_mean(5, 0).partition
+    ) + DiagLinearOperator(_noise())
+    with pytest.warns(ClosedFormFallbackWarning, match="elementwise product"):
+        product = batch.prod(0)
+    torch.testing.assert_close(product.to_dense(), batch.to_dense().prod(0))
