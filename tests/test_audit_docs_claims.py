@@ -7,11 +7,13 @@ outside the guard. Rows that the docs say fall back must say so with a ``ClosedF
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import gpytorch
 import pytest
 import torch
+from gpytorch.kernels import RBFKernel, ScaleKernel
 from linear_operator.operators import (
     ConstantDiagLinearOperator,
     DenseLinearOperator,
@@ -20,15 +22,22 @@ from linear_operator.operators import (
 )
 
 from bma_gp import (
+    BlockMeanKernel,
     BlockMeanLinearOperator,
+    BlockMeanProductLinearOperator,
     BlockMeanSumLinearOperator,
+    ChunkedInducingPointKernel,
     ClosedFormFallbackWarning,
     FallbackIndexedLinearOperator,
+    FallbackMatmulLinearOperator,
     FallbackScaledLinearOperator,
     FallbackSumLinearOperator,
+    GroupGaussianLikelihood,
+    GroupKernel,
     Partition,
 )
 from closed_form_guard import closed_forms_only
+from gp_reference import GP, dense_copy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -270,3 +279,404 @@ def test_batch_product_of_a_sum_warns():
     with pytest.warns(ClosedFormFallbackWarning, match="elementwise product"):
         product = batch.prod(0)
     torch.testing.assert_close(product.to_dense(), batch.to_dense().prod(0))
+
+
+def test_gp_table_product_over_two_partitions():
+    """gp.md, `M1 @ M2` over two partitions: solve, logdet, inv_quad_logdet, matmul, diagonal, entries, mT and
+    inverse() closed form; roots, cholesky and eigendecompositions raise; svd warns; plus noise warns and refuses
+    roots."""
+    M1, M2 = block_mean(5, 0), block_mean(7, 1)
+    P = M1 @ M2
+    assert isinstance(P, BlockMeanProductLinearOperator)
+    dense = M1.to_dense() @ M2.to_dense()
+    x = torch.randn(N, 2, dtype=DTYPE)
+    solved, logdet, inverse = torch.linalg.solve(dense, x), torch.logdet(dense), torch.linalg.inv(dense)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        with closed_forms_only(N), gpytorch.settings.max_cholesky_size(0):
+            torch.testing.assert_close(P.solve(x), solved)
+            torch.testing.assert_close(P.logdet(), logdet)
+            inv_quad, both_logdet = P.inv_quad_logdet(x, logdet=True)
+            torch.testing.assert_close(inv_quad, (x * solved).sum())
+            torch.testing.assert_close(both_logdet, logdet)
+            torch.testing.assert_close(P @ x, dense @ x)
+            torch.testing.assert_close(P.diagonal(), dense.diagonal())
+            torch.testing.assert_close(P[3:7, 2:9].to_dense(), dense[3:7, 2:9])
+            torch.testing.assert_close(P.mT @ x, dense.mT @ x)
+            torch.testing.assert_close(P.inverse().to_dense(), inverse)
+    for refused in (P.root_decomposition, P.cholesky, P.eigh, P.eigvalsh):
+        with pytest.raises(ValueError, match="BlockMeanProductLinearOperator"):
+            refused()
+    with pytest.warns(ClosedFormFallbackWarning, match="svd"):
+        P.svd()
+    noisy = P + DiagLinearOperator(_noise())
+    with pytest.warns(ClosedFormFallbackWarning, match="LU"):
+        torch.testing.assert_close(noisy.solve(x), torch.linalg.solve(dense + torch.diag(_noise()), x))
+    with pytest.raises(ValueError, match="not symmetric"):
+        noisy.root_decomposition()
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        pytest.param(lambda: (block_mean(5, 0) @ block_mean(7, 1)) @ block_mean(4, 2), id="(M1 @ M2) @ M3"),
+        pytest.param(lambda: block_mean(5, 0) @ (block_mean(7, 1) + DiagLinearOperator(_noise())), id="M @ S"),
+        pytest.param(lambda: (block_mean(7, 1) + DiagLinearOperator(_noise())) @ block_mean(5, 0), id="S @ M"),
+        pytest.param(
+            lambda: (
+                (block_mean(7, 1) + DiagLinearOperator(_noise()))
+                @ (block_mean(5, 0) + LowRankRootLinearOperator(_root()))
+            ),
+            id="S1 @ S2",
+        ),
+        pytest.param(lambda: block_mean(5, 0) @ DenseLinearOperator(torch.eye(N, dtype=DTYPE) + 0.1), id="M @ A"),
+        pytest.param(lambda: DenseLinearOperator(torch.eye(N, dtype=DTYPE) + 0.1) @ block_mean(5, 0), id="A @ M"),
+    ],
+)
+def test_gp_table_matmul_fallback(build):
+    """gp.md, products that leave the family: FallbackMatmulLinearOperator, products / diagonal / mT exact and
+    silent, solves and log-determinants by LU with a warning, roots raise."""
+    op = build()
+    assert isinstance(op, FallbackMatmulLinearOperator), type(op)
+    dense = op.to_dense()
+    x = torch.randn(N, 2, dtype=DTYPE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        torch.testing.assert_close(op @ x, dense @ x)
+        torch.testing.assert_close(op.diagonal(), dense.diagonal())
+        torch.testing.assert_close(op.mT @ x, dense.mT @ x)
+    with pytest.warns(ClosedFormFallbackWarning, match="LU"):
+        torch.testing.assert_close(op.solve(x), torch.linalg.solve(dense, x))
+    with pytest.warns(ClosedFormFallbackWarning, match="LU"):
+        torch.testing.assert_close(op.logdet(), torch.logdet(dense))
+    with pytest.raises(ValueError, match="not symmetric"):
+        op.root_decomposition()
+
+
+def test_gp_table_elementwise_products():
+    """gp.md: `S * X` and `M * X` for anything but a block mean operator, a diagonal or a number warn when formed;
+    `M * DiagLinearOperator(d)` and `S * DiagLinearOperator(d)` are the diagonal diag(diag(M) d), silently."""
+    M, d = block_mean(5, 0), _noise()
+    S = block_mean(7, 1) + DiagLinearOperator(d)
+    A = torch.randn(N, N, dtype=DTYPE)
+    for op in (M, S):
+        with pytest.warns(ClosedFormFallbackWarning, match="elementwise product"):
+            product = op * DenseLinearOperator(A)
+        torch.testing.assert_close(product.to_dense(), op.to_dense() * A)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ClosedFormFallbackWarning)
+            diagonal = op * DiagLinearOperator(d)
+            scaled = op * 2.0
+        assert isinstance(diagonal, DiagLinearOperator)
+        torch.testing.assert_close(diagonal.to_dense(), op.to_dense() * torch.diag(d))
+        assert isinstance(scaled, type(op))
+        torch.testing.assert_close(scaled.to_dense(), 2 * op.to_dense())
+
+
+def test_gp_prose_sum_fallbacks():
+    """gp.md, the paragraph above the table: a principal slice is again a sum; other rows and columns warn when
+    solved; cholesky (and MultivariateNormal.entropy) warn; eigendecompositions warn; a negative multiple keeps the
+    closed forms (its logdet NaN for odd n) and warns for roots; M + an exact kernel warns when solved."""
+    S = block_mean(5, 0) + block_mean(7, 1) + DiagLinearOperator(_noise())
+    dense = S.to_dense()
+    x = torch.randn(N, 2, dtype=DTYPE)
+    sliced = S[4:20, 4:20]
+    assert isinstance(sliced, BlockMeanSumLinearOperator)
+    torch.testing.assert_close(sliced.to_dense(), dense[4:20, 4:20])
+    idx = torch.tensor([3, 1, 7, 20, 11])
+    indexed = S[idx][:, idx]
+    assert isinstance(indexed, FallbackIndexedLinearOperator)
+    with pytest.warns(ClosedFormFallbackWarning):
+        torch.testing.assert_close(indexed.solve(x[:5]), torch.linalg.solve(dense[idx][:, idx], x[:5]))
+    with pytest.warns(ClosedFormFallbackWarning):
+        L = S.cholesky().to_dense()
+    torch.testing.assert_close(L @ L.mT, dense)
+    with pytest.warns(ClosedFormFallbackWarning):
+        entropy = gpytorch.distributions.MultivariateNormal(torch.zeros(N, dtype=DTYPE), S).entropy()
+    torch.testing.assert_close(
+        entropy, torch.distributions.MultivariateNormal(torch.zeros(N, dtype=DTYPE), dense).entropy()
+    )
+    eigenvalues = torch.linalg.eigvalsh(dense)
+    with pytest.warns(ClosedFormFallbackWarning):
+        torch.testing.assert_close(S.eigvalsh(), eigenvalues)
+    for n in (N, N - 1):  # even and odd sizes: logdet of -2 S is logdet S + n log 2, NaN for odd n
+        part = S[:n, :n]
+        negative = part * -2.0
+        assert isinstance(negative, FallbackScaledLinearOperator)
+        with closed_forms_only(N - 1), gpytorch.settings.max_cholesky_size(0):
+            solved = negative.solve(x[:n])
+            logdet = negative.logdet()
+        torch.testing.assert_close(solved, torch.linalg.solve(-2 * dense[:n, :n], x[:n]))
+        torch.testing.assert_close(logdet, torch.logdet(-2 * dense[:n, :n]), equal_nan=True)
+        assert bool(logdet.isnan()) == (n % 2 == 1)
+        with pytest.warns(ClosedFormFallbackWarning, match="root_decomposition"):
+            negative.root_decomposition()
+    kernel_sum = block_mean(5, 0) + gpytorch.kernels.RBFKernel().to(DTYPE)(torch.randn(N, 1, dtype=DTYPE))
+    assert isinstance(kernel_sum, FallbackSumLinearOperator)
+    with pytest.warns(ClosedFormFallbackWarning, match="solve"):
+        torch.testing.assert_close(kernel_sum.solve(x), torch.linalg.solve(kernel_sum.to_dense(), x))
+
+
+def test_gp_prose_marginal_likelihood_without_fast_log_prob_warns():
+    """gp.md: under fast_computations(log_prob=False) MultivariateNormal.log_prob takes torch's Cholesky factor and
+    warns, naming the setting; the default takes the closed-form inv_quad_logdet."""
+    S = block_mean(5, 0) + block_mean(7, 1) + DiagLinearOperator(_noise())
+    y = torch.randn(N, dtype=DTYPE)
+    reference = torch.distributions.MultivariateNormal(torch.zeros(N, dtype=DTYPE), S.to_dense()).log_prob(y)
+    with closed_forms_only(N), gpytorch.settings.max_cholesky_size(0):
+        closed = gpytorch.distributions.MultivariateNormal(torch.zeros(N, dtype=DTYPE), S).log_prob(y)
+    torch.testing.assert_close(closed, reference)
+    S = block_mean(5, 0) + block_mean(7, 1) + DiagLinearOperator(_noise())  # no cached factor
+    with pytest.warns(ClosedFormFallbackWarning, match="fast_computations"):
+        with gpytorch.settings.fast_computations(log_prob=False):
+            dense_path = gpytorch.distributions.MultivariateNormal(torch.zeros(N, dtype=DTYPE), S).log_prob(y)
+    torch.testing.assert_close(dense_path, reference)
+
+
+# docs/mixed.md, "What stays in closed form": the model rows. Columns of the inputs: a covariate, two group ids (8
+# levels each, 6 and 7 present in training), and ids of a grouping with more than 256 levels present.
+def _mixed_data(n: int):
+    generator = torch.Generator().manual_seed(0)
+    covariate = torch.randn(n, generator=generator, dtype=DTYPE)
+    g1, g2 = (torch.arange(n) % 6).to(DTYPE), (torch.arange(n) % 7).to(DTYPE)
+    many = (torch.arange(n) % 258).to(DTYPE)
+    inputs = torch.stack([covariate, g1, g2, many], -1)
+    y = torch.sin(covariate) + 0.3 * g1 + 0.1 * torch.randn(n, generator=generator, dtype=DTYPE)
+    test = torch.tensor([[0.3, 0, 1, 5], [-0.5, 3, 6, 10], [1.0, 6, 2, 257], [0.1, 2, 7, 300]], dtype=DTYPE)
+    return inputs, y, test  # test rows hold unseen levels: 6, 7 and 300
+
+
+def _gaussian(inputs):
+    likelihood = gpytorch.likelihoods.GaussianLikelihood()
+    likelihood.noise = 0.05
+    return likelihood
+
+
+def _fixed(inputs):
+    noise = 0.01 + 0.1 * torch.rand(inputs.shape[0], generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    return gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise)
+
+
+def _per_group(inputs):
+    return GroupGaussianLikelihood(8, group_dim=1, train_inputs=inputs)
+
+
+def _sgpr_plus_two(kind):
+    def build(likelihood):
+        inducing = torch.linspace(-2, 2, 5, dtype=DTYPE).unsqueeze(-1)
+        smooth = kind(ScaleKernel(RBFKernel()), inducing, likelihood, active_dims=[0])
+        return smooth + GroupKernel(8, active_dims=[1]) + GroupKernel(8, active_dims=[2])
+
+    return build
+
+
+MIXED_ROWS = {
+    "GroupKernel + GaussianLikelihood": (lambda lik: GroupKernel(8, active_dims=[1]), _gaussian),
+    "two crossed GroupKernels": (
+        lambda lik: GroupKernel(8, active_dims=[1]) + GroupKernel(8, active_dims=[2]),
+        _gaussian,
+    ),
+    "two crossed GroupKernels, per-group variances": (
+        lambda lik: (
+            GroupKernel(8, per_group_variance=True, active_dims=[1])
+            + GroupKernel(8, per_group_variance=True, active_dims=[2])
+        ),
+        _gaussian,
+    ),
+    "GroupKernel(rank=2) past 256 groups": (lambda lik: GroupKernel(301, rank=2, active_dims=[3]), _gaussian),
+    "ScaleKernel(GroupKernel(rank=2)) past 256 groups, crossed": (
+        lambda lik: ScaleKernel(GroupKernel(301, rank=2, active_dims=[3])) + GroupKernel(8, active_dims=[1]),
+        _gaussian,
+    ),
+    "GroupKernels + FixedNoiseGaussianLikelihood": (
+        lambda lik: GroupKernel(8, active_dims=[1]) + GroupKernel(8, active_dims=[2]),
+        _fixed,
+    ),
+    "(1 + x | g)": (lambda lik: GroupKernel(8, slope=True, active_dims=[1, 0]), _gaussian),
+    "(x || g)": (lambda lik: GroupKernel(8, slope=True, correlated=False, active_dims=[1, 0]), _gaussian),
+    "(0 + x | g)": (lambda lik: GroupKernel(8, slope=True, intercept=False, active_dims=[1, 0]), _gaussian),
+    "GroupKernels + GroupGaussianLikelihood": (
+        lambda lik: GroupKernel(8, active_dims=[1]) + GroupKernel(8, active_dims=[2]),
+        _per_group,
+    ),
+    "slopes + GroupGaussianLikelihood": (lambda lik: GroupKernel(8, slope=True, active_dims=[1, 0]), _per_group),
+    "ChunkedInducingPointKernel + two GroupKernels": (_sgpr_plus_two(ChunkedInducingPointKernel), _gaussian),
+    "InducingPointKernel + two GroupKernels": (_sgpr_plus_two(gpytorch.kernels.InducingPointKernel), _gaussian),
+}
+
+
+@pytest.mark.parametrize("row", list(MIXED_ROWS))
+def test_mixed_table_rows(row):
+    """Training (mll and its gradients), prediction at new inputs (mean and covariance, fast_pred_var on and off),
+    the posterior at the training inputs and rsample at training and new inputs, all under closed_forms_only at
+    max_cholesky_size(0), against GPyTorch's dense computation."""
+    n = 264 if "256" in row else 60
+    inputs, y, test = _mixed_data(n)
+    build, likelihood_of = MIXED_ROWS[row]
+    likelihood = likelihood_of(inputs)
+    model = GP(inputs, y, likelihood, build(likelihood)).to(DTYPE)
+    with torch.no_grad():
+        for p in model.parameters():  # away from the initial values (equal variances hide mistakes)
+            p.add_(0.05 * torch.randn_like(p))
+    reference = dense_copy(model)
+    model.train()
+    reference.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with gpytorch.settings.max_cholesky_size(10**6):
+            ref_loss = gpytorch.mlls.ExactMarginalLogLikelihood(reference.likelihood, reference)(reference(inputs), y)
+            ref_names, ref_params = zip(*reference.named_parameters())
+            ref_grads = dict(zip(ref_names, torch.autograd.grad(ref_loss, ref_params, allow_unused=True)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        with closed_forms_only(n), gpytorch.settings.max_cholesky_size(0):
+            loss = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)(model(inputs), y)
+            grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=0)
+    # GPyTorch's InducingPointKernel loses its likelihood in the deep copy that dense_copy makes (docs/gp.md, fantasy
+    # models), so the reference's trace term has no noise gradient there; the other gradients are compared.
+    for (name, _), grad in zip(model.named_parameters(), grads):
+        if "InducingPointKernel" in row and not row.startswith("Chunked") and name.startswith("likelihood"):
+            continue
+        ref_grad = ref_grads[name.replace("covar_module.", "covar_module.kernel.", 1)]  # dense_copy's DenseKernel
+        assert (grad is None) == (ref_grad is None), name
+        if grad is not None:
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-10, msg=name)
+    model.eval()
+    reference.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad(), gpytorch.settings.max_cholesky_size(10**6):
+            ref_new = reference(test)
+            ref_mean, ref_covar = ref_new.mean, ref_new.covariance_matrix
+            ref_train = reference(inputs)
+            ref_train_mean, ref_train_var = ref_train.mean, ref_train.variance
+    groups = (inputs,) if isinstance(likelihood, GroupGaussianLikelihood) else ()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        with closed_forms_only(n), gpytorch.settings.max_cholesky_size(0), torch.no_grad():
+            for fast in (False, True):
+                with gpytorch.settings.fast_pred_var(fast):
+                    new = model(test)
+                    torch.testing.assert_close(new.mean, ref_mean, rtol=1e-9, atol=1e-10)
+                    torch.testing.assert_close(new.covariance_matrix, ref_covar, rtol=1e-8, atol=1e-10)
+            train = model(inputs)
+            torch.testing.assert_close(train.mean, ref_train_mean, rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(train.variance, ref_train_var, rtol=1e-8, atol=1e-10)
+            assert model.likelihood(model(inputs), *groups).rsample(torch.Size([2])).shape == (2, n)
+            if row != "GroupKernels + FixedNoiseGaussianLikelihood":  # mixed.md: rsample at training inputs only
+                assert model(test).rsample(torch.Size([2])).shape == (2, test.shape[0])
+
+
+def test_mixed_table_exact_kernel_plus_groups_warns():
+    """mixed.md's last row: an exact ScaleKernel(RBFKernel) + GroupKernel takes GPyTorch's generic path with a
+    ClosedFormFallbackWarning, in training and at prediction."""
+    inputs, y, test = _mixed_data(60)
+    likelihood = _gaussian(inputs)
+    model = GP(inputs, y, likelihood, ScaleKernel(RBFKernel(active_dims=[0])) + GroupKernel(8, active_dims=[1]))
+    model = model.to(DTYPE)
+    with pytest.warns(ClosedFormFallbackWarning):
+        gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(inputs), y).backward()
+    model.eval()
+    with pytest.warns(ClosedFormFallbackWarning), torch.no_grad():
+        assert model(test).variance.shape == (test.shape[0],)
+
+
+@pytest.mark.parametrize("likelihood_of", [_gaussian, _fixed, _per_group], ids=["gaussian", "fixed", "per-group"])
+@pytest.mark.parametrize("kernel", ["GroupKernel", "ScaleKernel(BlockMeanKernel)"])
+def test_mixed_table_fantasy_of_a_fantasy(kernel, likelihood_of):
+    """mixed.md's fantasy row: get_fantasy_model, also of a fantasy, with a batch of fantasy targets, closed form and
+    equal (rtol 1e-8) to the dense posterior of the model given all the points."""
+    n = 60
+    inputs, y, test = _mixed_data(n)
+    likelihood = likelihood_of(inputs)
+    if kernel == "GroupKernel":
+        covar = GroupKernel(8, active_dims=[1])
+    else:
+        covar = ScaleKernel(
+            BlockMeanKernel(RBFKernel(active_dims=[0]), inputs, Partition.from_labels(torch.arange(n) % 6))
+        )
+    model = GP(inputs, y, likelihood, covar).to(DTYPE)
+    model.eval()
+    with torch.no_grad():
+        assert model(test).mean.shape == (test.shape[0],)  # builds the prediction strategy
+    generator = torch.Generator().manual_seed(5)
+    x1, x2 = test[:2], test[2:]
+    y1, y2 = torch.randn(3, 2, generator=generator, dtype=DTYPE), torch.randn(3, 2, generator=generator, dtype=DTYPE)
+    fixed = likelihood_of is _fixed
+    noise1, noise2 = torch.full((3, 2), 0.03, dtype=DTYPE), torch.full((3, 2), 0.04, dtype=DTYPE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        with closed_forms_only(n), gpytorch.settings.max_cholesky_size(0), torch.no_grad():
+            first = model.get_fantasy_model(x1, y1, **({"noise": noise1} if fixed else {}))
+            assert first(test).mean.shape == (3, test.shape[0])
+            second = first.get_fantasy_model(x2, y2, **({"noise": noise2} if fixed else {}))
+            prediction = second(test)
+            mean, covar_matrix = prediction.mean, prediction.covariance_matrix
+    everything = torch.cat([inputs, x1, x2])
+    for b in range(3):
+        if fixed:
+            noise = torch.cat([likelihood.noise.detach(), noise1[b], noise2[b]])
+            all_likelihood = gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise)
+        else:
+            all_likelihood = copy.deepcopy(likelihood)
+        given_all = GP(everything, torch.cat([y, y1[b], y2[b]]), all_likelihood, copy.deepcopy(model.covar_module))
+        given_all = given_all.to(DTYPE)
+        given_all.mean_module.load_state_dict(model.mean_module.state_dict())
+        reference = dense_copy(given_all)
+        reference.eval()
+        if not fixed and isinstance(likelihood, GroupGaussianLikelihood):
+            reference.likelihood.set_train_inputs(everything)
+        with warnings.catch_warnings(), torch.no_grad(), gpytorch.settings.max_cholesky_size(10**6):
+            warnings.simplefilter("ignore")
+            expected = reference(test)
+            torch.testing.assert_close(mean[b], expected.mean, rtol=1e-8, atol=1e-10)
+            torch.testing.assert_close(covar_matrix[b], expected.covariance_matrix, rtol=1e-8, atol=1e-10)
+
+
+def _lazy_kernels():
+    inputs, _, _ = _mixed_data(N)
+    partition = Partition.from_labels(torch.arange(N) % 5)
+    return inputs, {
+        "BlockMeanKernel": BlockMeanKernel(ScaleKernel(RBFKernel(active_dims=[0])), inputs, partition),
+        "GroupKernel + GroupKernel": GroupKernel(8, active_dims=[1]) + GroupKernel(8, active_dims=[2]),
+        "GroupKernel * BlockMeanKernel": GroupKernel(8, active_dims=[1])
+        * BlockMeanKernel(RBFKernel(), inputs, partition),
+        "GroupKernel(slope=True) + GroupKernel": (
+            GroupKernel(8, slope=True, active_dims=[1, 0]) + GroupKernel(8, active_dims=[2])
+        ),
+        "GroupKernel(rank=2)": GroupKernel(8, rank=2, active_dims=[1]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_lazy_kernels()[1]))
+def test_gp_table_lazily_evaluated_kernels(name):
+    """gp.md: `kernel(x).add_diagonal(v)`, `kernel(x) + DiagLinearOperator(v)` and `kernel(x).root_decomposition()` of
+    a lazily evaluated kernel that contains BlockMeanKernel / GroupKernel take the closed forms (slopes too)."""
+    inputs, kernels = _lazy_kernels()
+    kernel = kernels[name].to(DTYPE)
+    dense = kernel(inputs).to_dense().detach()
+    v = _noise()
+    x = torch.randn(N, 2, dtype=DTYPE)
+    noisy = dense + torch.diag(v)
+    solved, logdet = torch.linalg.solve(noisy, x), torch.logdet(noisy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        with closed_forms_only(N), gpytorch.settings.max_cholesky_size(0), torch.no_grad():
+            for op in (kernel(inputs).add_diagonal(v), kernel(inputs) + DiagLinearOperator(v)):
+                assert isinstance(op, BlockMeanSumLinearOperator), type(op)
+                torch.testing.assert_close(op.solve(x), solved)
+                torch.testing.assert_close(op.logdet(), logdet)
+            root = kernel(inputs).root_decomposition().root.to_dense()
+    torch.testing.assert_close(root @ root.mT, dense)
+
+
+def test_readme_inverse_square_root_is_a_block_mean_operator():
+    """README: `M.matrix_inv_sqrt()` is again a block mean operator (M^{-1/2}), formed in closed form."""
+    M = block_mean(5, 0)
+    dense = M.to_dense()
+    eigenvalues, vectors = torch.linalg.eigh(dense)
+    with closed_forms_only(N):
+        inv_sqrt = M.matrix_inv_sqrt()
+    assert isinstance(inv_sqrt, BlockMeanLinearOperator)
+    torch.testing.assert_close(inv_sqrt.to_dense(), vectors @ torch.diag(eigenvalues.rsqrt()) @ vectors.T)
