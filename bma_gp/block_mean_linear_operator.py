@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from linear_operator.operators import LinearOperator
+from linear_operator.operators import ConstantMulLinearOperator, LinearOperator
 from linear_operator.operators.diag_linear_operator import ConstantDiagLinearOperator, DiagLinearOperator
 from linear_operator.operators.root_linear_operator import RootLinearOperator
 from linear_operator.utils.broadcasting import _matmul_broadcast_shape
@@ -736,6 +736,10 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
             return self._hadamard_across(other)
         if isinstance(other, DiagLinearOperator):  # M o diag(d) = diag(diag(M) d), as linear_operator's diag o M
             return other._mul_matrix(self)
+        if type(other) is ConstantMulLinearOperator:  # M o (c A) = c (M o A): a ScaleKernel's output, unwrapped
+            # (linear_operator's product would take a root of c A, by Lanczos past max_cholesky_size, where the
+            # product with A itself is closed form or, for a dense A, exact and dense)
+            return self._mul_matrix(other.base_linear_op)._mul_constant(other._constant)
         from bma_gp.block_mean_product_linear_operator import BlockMeanProductLinearOperator
 
         if isinstance(other, BlockMeanProductLinearOperator):  # its refusal (no root), without the warning first

@@ -680,3 +680,36 @@ def test_readme_inverse_square_root_is_a_block_mean_operator():
         inv_sqrt = M.matrix_inv_sqrt()
     assert isinstance(inv_sqrt, BlockMeanLinearOperator)
     torch.testing.assert_close(inv_sqrt.to_dense(), vectors @ torch.diag(eigenvalues.rsqrt()) @ vectors.T)
+
+
+@pytest.mark.parametrize("order", ["group first", "block mean first"])
+def test_product_of_scaled_block_mean_kernels_predicts_in_closed_form(order):
+    """gp.md, section 4: a product whose factors are GroupKernels or BlockMeanKernels, also in a ScaleKernel, predicts
+    at new inputs in closed form. With both factors in ScaleKernels the test-by-test covariance was a block mean
+    operator times a ConstantMulLinearOperator, which linear_operator multiplied through a Lanczos root of the
+    latter (past max_cholesky_size: a rank-limited approximation of the predictive covariance, without a word)."""
+    n = 40
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.stack([torch.randn(n, generator=generator, dtype=DTYPE), (torch.arange(n) % 4).to(DTYPE)], -1)
+    y = torch.randn(n, generator=generator, dtype=DTYPE)
+    test = torch.tensor([[0.1, 0], [0.5, 3], [-1.0, 5], [2.0, 1]], dtype=DTYPE)
+    group = ScaleKernel(GroupKernel(6, active_dims=[1]))
+    block = ScaleKernel(BlockMeanKernel(RBFKernel(active_dims=[0]), inputs, Partition.from_labels(torch.arange(n) % 5)))
+    covar = group * block if order == "group first" else block * group
+    model = GP(inputs, y, _gaussian(inputs), covar).to(DTYPE)
+    with torch.no_grad():
+        covar.kernels[0].outputscale = 1.7
+        covar.kernels[1].outputscale = 0.6
+    reference = dense_copy(model)
+    model.eval()
+    reference.eval()
+    with warnings.catch_warnings(), torch.no_grad(), gpytorch.settings.max_cholesky_size(10**6):
+        warnings.simplefilter("ignore")
+        expected = reference(test)
+        expected_mean, expected_covar = expected.mean, expected.covariance_matrix
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        with closed_forms_only(n), gpytorch.settings.max_cholesky_size(0), torch.no_grad():
+            prediction = model(test)
+            torch.testing.assert_close(prediction.mean, expected_mean)
+            torch.testing.assert_close(prediction.covariance_matrix, expected_covar)
