@@ -35,9 +35,11 @@ from bma_gp import (
     GroupGaussianLikelihood,
     GroupKernel,
     Partition,
+    settings,
 )
 from closed_form_guard import closed_forms_only
 from gp_reference import GP, dense_copy
+from largest_tensor import LargestTensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -713,3 +715,45 @@ def test_product_of_scaled_block_mean_kernels_predicts_in_closed_form(order):
             prediction = model(test)
             torch.testing.assert_close(prediction.mean, expected_mean)
             torch.testing.assert_close(prediction.covariance_matrix, expected_covar)
+
+
+def test_gp_table_capacitance_limits_name_the_setting():
+    """gp.md: `M1 * M2` past max_capacitance_size raises a ValueError that names it, except in diagonal mode; a sum
+    whose factorised capacitance passes the limit is refused with an error that names it."""
+    M1, M2 = block_mean(5, 0), block_mean(7, 1)
+    with settings.max_capacitance_size(10):
+        with pytest.raises(ValueError, match="max_capacitance_size"):
+            M1 * M2
+        D1, D2 = block_mean(5, 3, diagonal=True), block_mean(7, 4, diagonal=True)
+        product = D1 * D2  # diagonal mode: no k x k core, no limit
+        torch.testing.assert_close(product.to_dense(), D1.to_dense() * D2.to_dense())
+        S = M1 + M2 + DiagLinearOperator(_noise())
+        with pytest.raises(ValueError, match="max_capacitance_size"):
+            S.logdet()
+
+
+def test_diagonal_mode_forms_no_k_by_k_matrix():
+    """README / gp.md: a diagonal B (GroupKernel's variances) is passed as its k values and its closed forms are
+    elementwise: no k x k matrix is formed, for the operator, its noisy sum and a product of two groupings' diagonal."""
+    k, n = 1500, 3000
+    labels = torch.arange(n) % k
+    M = BlockMeanLinearOperator(
+        torch.zeros(k, dtype=DTYPE), torch.rand(k, dtype=DTYPE) + 0.1, Partition.from_labels(labels), diagonal=True
+    )
+    x = torch.randn(n, dtype=DTYPE)
+    other = BlockMeanLinearOperator(
+        torch.rand(7, dtype=DTYPE),
+        torch.rand(7, dtype=DTYPE),
+        Partition.from_labels(torch.arange(n) % 7),
+        diagonal=True,
+    )
+    with LargestTensor(square=k) as record:
+        noisy = M.add_diagonal(torch.tensor(0.5, dtype=DTYPE))
+        noisy.solve(x)
+        noisy.logdet()
+        noisy.root_decomposition().root @ x
+        S = M + DiagLinearOperator(torch.rand(n, dtype=DTYPE) + 0.5)
+        S.inv_quad_logdet(x.unsqueeze(-1), logdet=True)
+        (M @ other).diagonal()
+    assert record.squares == [], record.squares
+    assert record.largest <= 4 * n, (record.largest, record.where)
