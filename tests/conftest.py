@@ -6,9 +6,14 @@ import torch
 
 @pytest.fixture(autouse=True)
 def _seed():
-    """Every test starts from the same random state, so tolerances are checked on fixed data."""
+    """Every test starts from the same random state, so tolerances are checked on fixed data, and ends with torch's
+    thread count as it found it: an example script's ``main`` sets it (``paper_cnn --threads``, default 1), and the
+    tests after it ran on one thread, an order-dependent difference in reductions."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
