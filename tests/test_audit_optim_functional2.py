@@ -261,3 +261,24 @@ def test_the_functional_step_takes_tensor_rates_and_grad_mode_as_the_class_does(
     with pytest.raises(ValueError, match="Invalid learning rate"):
         _step(params, _grads(params, 3), h, stats, blocks, lr=[0.1, -0.1])
     assert _unchanged(before, params, h, stats)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.int64, torch.int64), (torch.float32, torch.float64), (torch.bool, torch.bool)])
+def test_preconditioner_refuses_statistics_that_are_not_one_floating_dtype(dtypes):
+    """Integer statistics gave a root rounded to integers, mixed dtypes a root in whichever came first; both
+    :func:`preconditioner` and :func:`normalised_correlation` now say so before computing anything."""
+    from bma_gp import Partition
+    from bma_gp.optim.functional import normalised_correlation, preconditioner
+
+    partition = Partition.from_sizes(torch.tensor([2, 3]))
+    U = (torch.eye(2) * 4 + 1).to(dtypes[0])
+    w = torch.tensor([5, 7]).to(dtypes[1])
+    stats = {"U": U, "w": w, "step": 1, "root_lam": None}
+    with pytest.raises(TypeError, match="real floating-point tensors of one dtype"):
+        preconditioner(stats, partition, damping=1e-4, update_interval=1)
+    assert stats["root_lam"] is None  # nothing cached
+    with pytest.raises(TypeError, match=r"U\.double\(\)"):
+        normalised_correlation(U, w, partition)
+    # the same statistics in one floating dtype give a root
+    lam, B = preconditioner({**stats, "U": U.double(), "w": w.double()}, partition, damping=1e-4, update_interval=1)
+    assert lam.dtype == torch.float64 and B.shape == (2, 2) and torch.isfinite(B).all()

@@ -75,7 +75,11 @@ def normalised_correlation(U: Tensor, w: Tensor, partition: Partition) -> BlockM
         U: block sums of :math:`N`. # shape: (k, k)
         w: block sums of its diagonal. # shape: (k,)
         partition: the partition of the ``d`` parameter entries into ``k`` blocks.
+
+    Raises:
+        TypeError: ``U`` and ``w`` are not floating-point tensors of one dtype.
     """
+    _check_statistics_dtype(U, w)
     F_tilde = block_mean_from_sums(U, w, partition)
     d = w / partition.sizes.to(w.dtype)
     seen = d > 0
@@ -436,6 +440,7 @@ def preconditioner(
     due = stats.get("root_lam") is None or (stats["step"] - stats["root_step"]) >= update_interval
     if due:
         _check_statistics(stats, partition.num_blocks)
+        _check_statistics_dtype(stats["U"], stats["w"])
         if correlation is normalised_correlation:  # the default: the same math without operator objects
             lam, B = _normalised_inverse_root(stats["U"], stats["w"], partition, damping)
         else:
@@ -458,6 +463,16 @@ def _check_statistics(stats: dict[str, Any], k: int) -> None:
             f"the statistics do not fit the partition: U has shape {shapes[0]} and w {shapes[1]}, but the partition "
             f"has k = {k} blocks, so U must be ({k}, {k}) and w ({k},). Start them as zeros of those shapes (or "
             "take them from an optimizer over the same parameters and partition)."
+        )
+
+
+def _check_statistics_dtype(U: Tensor, w: Tensor) -> None:
+    """Raise ``TypeError`` unless ``U`` and ``w`` are real floating-point tensors of one dtype (integer statistics gave
+    a root rounded to integers, mixed ones a root in whichever dtype came first)."""
+    if not (U.is_floating_point() and w.is_floating_point()) or U.dtype != w.dtype:
+        raise TypeError(
+            f"the statistics must be real floating-point tensors of one dtype, got U {U.dtype} and w {w.dtype}; "
+            "keep them in the optimizer state's dtype (float32 or wider), e.g. U.double() and w.double()."
         )
 
 
