@@ -263,7 +263,9 @@ def test_the_functional_step_takes_tensor_rates_and_grad_mode_as_the_class_does(
     assert _unchanged(before, params, h, stats)
 
 
-@pytest.mark.parametrize("dtypes", [(torch.int64, torch.int64), (torch.float32, torch.float64), (torch.bool, torch.bool)])
+@pytest.mark.parametrize(
+    "dtypes", [(torch.int64, torch.int64), (torch.float32, torch.float64), (torch.bool, torch.bool)]
+)
 def test_preconditioner_refuses_statistics_that_are_not_one_floating_dtype(dtypes):
     """Integer statistics gave a root rounded to integers, mixed dtypes a root in whichever came first; both
     :func:`preconditioner` and :func:`normalised_correlation` now say so before computing anything."""
