@@ -37,17 +37,23 @@ def _relative(value: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------- float32 block sums of nearly equal entries
+def _flat_kernel_matrix(n: int) -> torch.Tensor:
+    """A float32 RBF matrix at lengthscale 100 on n points in [0, 1]: every entry nearly 1, so lam = d / s - B_ii
+    cancels."""
+    x = torch.rand(n, 1, generator=torch.Generator().manual_seed(0))
+    kernel = RBFKernel()
+    kernel.lengthscale = 100.0
+    with torch.no_grad():
+        return kernel(x, x).to_dense()
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "scattered"])
 def test_float32_block_mean_matches_float64_sums_of_the_same_entries(layout):
     """With a long lengthscale every entry of a block is nearly 1 and lam = d / s - B_ii cancels: float32 running
     sums (of the scattered index_add in particular) put lam off by up to 60% (3e-3 to 0.6 here). The sums are now
     taken in float64 and only the result is rounded to float32."""
     n, k = 1200, 4
-    x = torch.rand(n, 1, generator=torch.Generator().manual_seed(0))
-    kernel = RBFKernel()
-    kernel.lengthscale = 100.0
-    with torch.no_grad():
-        A = kernel(x, x).to_dense()
+    A = _flat_kernel_matrix(n)
     partition = _partitions(n, k)[layout]
     result = block_mean(A, partition)
     reference = block_mean(A.double(), partition)
@@ -61,11 +67,7 @@ def test_float32_dense_operator_is_summed_as_its_tensor():
     only the products: lam off by 0.17 relative at lengthscale 100 where the tensor gives 5e-8. A dense operator is
     now summed as its tensor; gradients still reach it."""
     n, k = 1200, 4
-    x = torch.rand(n, 1, generator=torch.Generator().manual_seed(0))
-    kernel = RBFKernel()
-    kernel.lengthscale = 100.0
-    with torch.no_grad():
-        A = kernel(x, x).to_dense()
+    A = _flat_kernel_matrix(n)
     partition = _partitions(n, k)["scattered"]
     reference = block_mean(A.double(), partition)
     leaf = A.clone().requires_grad_(True)
