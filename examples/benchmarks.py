@@ -43,6 +43,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -663,6 +664,21 @@ def optimizer_tables(records: list[dict]) -> list[str]:
     return out
 
 
+def _pooled_floors(records: list[dict]) -> dict[tuple[int, str], float]:
+    """Per ``(n, dtype)`` of the operator sweep, the median of the floors (``x * 2``) timed beside its rows.
+
+    Every row times the same pass over the same vector, so one floor per ``(n, dtype)`` is what the rows share. Its
+    best-of-rounds time is bimodal at ``n = 10^7``: 12-13 ms (float32) in almost every row, 2.9 ms in an odd one,
+    where the output's 40 MB happened to need no fresh pages. A row judged against such a floor missed its target
+    with the operator's time equal to its neighbours' (docs/results/bench_session9/matvec_rerun.txt); the median
+    of the rows' floors is not moved by one such row, and it is still timed in the same run, interleaved."""
+    floors: dict[tuple[int, str], dict] = {}
+    for r in records:
+        if r.get("bench") == "operator_sweep" and "floor_s" in r:
+            floors.setdefault((r["n"], r["dtype"]), {})[(r["k"], r["labels"])] = r["floor_s"]
+    return {key: statistics.median(per_row.values()) for key, per_row in floors.items()}
+
+
 def targets(records: list[dict]) -> list[tuple[str, str, str]]:
     """(target, measured, verdict) for the issue-5 ratios that the records cover."""
     res = []
@@ -676,13 +692,16 @@ def targets(records: list[dict]) -> list[tuple[str, str, str]]:
             and r["n"] == 10_000_000
         ]
         if rows:
-            worst = max(rows, key=lambda r: r["ratio_to_floor"])
+            floors = _pooled_floors(records)
+            ratios = [(r["seconds"] / floors[(r["n"], r["dtype"])], r) for r in rows]
+            ratio, worst = max(ratios, key=lambda x: x[0])
+            own = max(r["ratio_to_floor"] for r in rows)
             res.append(
                 (
                     f"matvec n = 10^7, {labels} labels: <= {limit:g}x one elementwise pass",
-                    f"worst {worst['ratio_to_floor']:.2f}x (k = {worst['k']}, {worst['dtype']}); best "
-                    f"{min(r['ratio_to_floor'] for r in rows):.2f}x",
-                    _verdict(worst["ratio_to_floor"] <= limit, worst["ratio_to_floor"] / limit),
+                    f"worst {ratio:.2f}x (k = {worst['k']}, {worst['dtype']}); best "
+                    f"{min(x for x, _ in ratios):.2f}x; against each row's own floor at worst {own:.2f}x",
+                    _verdict(ratio <= limit, ratio / limit),
                 )
             )
     rows = [

@@ -109,7 +109,7 @@ def test_targets_verdicts():
                 "labels": labels,
                 "dtype": "float32",
                 "ratio_to_floor": ratio,
-                "seconds": 1.0,
+                "seconds": ratio * 0.1,
                 "floor_s": 0.1,
                 "peak_rss_mb": 100.0,
             }
@@ -156,6 +156,41 @@ def test_targets_verdicts():
 
     slow = [_gp("exact", 20_000, 9.0), _gp("blockmean", 20_000, 4.5, k=100)]
     assert [v for _, _, v in bench.targets(slow)] == ["misses by 1.50x"]
+
+
+def test_matvec_target_judged_against_the_floor_its_rows_share():
+    """One row whose floor (``x * 2``) fell into the fast mode (no fresh pages for its output) is judged against the
+    median of the floors timed beside the rows of its n and dtype, not against its own; the summary says both."""
+    bench = _load("benchmarks")
+
+    def row(k, labels, seconds, floor, dtype="float32"):
+        return {
+            "bench": "operator_sweep",
+            "op": "matvec",
+            "n": 10_000_000,
+            "k": k,
+            "labels": labels,
+            "dtype": dtype,
+            "seconds": seconds,
+            "floor_s": floor,
+            "ratio_to_floor": seconds / floor,
+        }
+
+    rows = [
+        row(10, "contiguous", 0.020, 0.012),
+        row(4000, "contiguous", 0.025, 0.0029),  # the operator as fast as its neighbour, its floor 4x lower
+        row(10, "scattered", 0.075, 0.012),
+        row(4000, "scattered", 0.080, 0.013),
+        row(10, "contiguous", 0.2, 0.001, dtype="float64"),  # another dtype's floors are pooled apart
+    ]
+    verdicts = {t: (m, v) for t, m, v in bench.targets(rows[:4])}
+    measured, verdict = verdicts["matvec n = 10^7, contiguous labels: <= 5x one elementwise pass"]
+    assert verdict == "holds" and "worst 2.08x (k = 4000, float32)" in measured  # 0.025 / median 0.012
+    assert "own floor at worst 8.62x" in measured
+    _, verdict = verdicts["matvec n = 10^7, scattered labels: <= 8x one elementwise pass"]
+    assert verdict == "holds"
+    verdicts = {t: v for t, _, v in bench.targets(rows)}
+    assert verdicts["matvec n = 10^7, contiguous labels: <= 5x one elementwise pass"] == "misses by 40.00x"
 
 
 def test_summary_tables_show_ratios_against_same_run_baseline():
