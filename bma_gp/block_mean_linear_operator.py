@@ -1147,12 +1147,17 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
     def _check_rhs(self, rhs: Tensor, name: str) -> None:
         check_rhs(self.shape, rhs, name)
 
+    def _signed_logdet(self) -> Tensor:
+        """``torch.logdet``'s semantics from :meth:`slogdet_parts`: NaN below zero, ``-inf`` at zero. # (*batch,)"""
+        sign, logabs = self.slogdet_parts()
+        return torch.where(sign < 0, torch.full_like(logabs, float("nan")), logabs)
+
     def _logdet(self, what: str) -> Tensor:
         multiplicity = (self.partition.sizes - 1).to(self.core_dtype)
         if not self.symmetric:  # of any sign: torch.logdet semantics (nan below zero)
-            sign, logabs = self.slogdet_parts()
-            logabs = torch.where(sign < 0, torch.full_like(logabs, float("nan")), logabs)
-            return logabs.to(self.dtype)
+            return self._signed_logdet().to(self.dtype)
+        if not settings.validate.on() and self._diagonal_core():  # unchecked: torch.logdet of the dense M, O(k)
+            return self._signed_logdet().to(self.dtype)
         if self._diagonal_core():  # log det C = sum log c: O(k)
             if settings.validate.on():
                 self._check_finite()
@@ -1169,6 +1174,17 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
                 self._check_block_offsets(lam, what, strict=True)
                 if bool((info > 0).any()):
                     self._raise_not_positive_definite(what)
+            # unchecked, M need not be positive definite (C without a Cholesky factor, or some lam_i <= 0), and
+            # its log-determinant follows torch.logdet of the dense matrix, as a product's and a sum's do: the
+            # sign from the LU of C where it is not (on an accelerator, where nothing is read back, always formed)
+            multi = self.partition.sizes > 1
+            indefinite = (info > 0) | ((lam <= 0) & multi).any(-1)
+            if not settings.validate.on() and (L.device.type != "cpu" or bool(indefinite.any())):
+                diag_L = torch.diagonal(L, dim1=-2, dim2=-1)
+                diag_L = torch.where(indefinite.unsqueeze(-1), torch.ones_like(diag_L), diag_L)
+                safe_lam = torch.where(multi & ~indefinite.unsqueeze(-1), lam, torch.ones_like(lam))
+                chol = 2 * diag_L.log().sum(-1) + (multiplicity * safe_lam.log()).sum(-1)
+                return torch.where(indefinite, self._signed_logdet(), chol).to(self.dtype)
             logdet_core = 2 * torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1)
         safe_lam = torch.where(self.partition.sizes > 1, lam, torch.ones_like(lam))
         return (logdet_core + (multiplicity * safe_lam.log()).sum(-1)).to(self.dtype)
@@ -1198,9 +1214,11 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
         r""":math:`\log\det M = \sum_i (s_i - 1)\log\lambda_i + \log\det C`.
 
         A symmetric operator must be positive definite: with :class:`bma_gp.settings.validate` on a
-        ``ValueError`` names the offending ``lam_i`` or core eigenvalue (or a non-finite input);
-        with validation off the result is NaN instead. A non-symmetric operator (a product of two)
-        follows ``torch.logdet``: NaN for a negative determinant, ``-inf`` for a zero one.
+        ``ValueError`` names the offending ``lam_i`` or core eigenvalue (or a non-finite input).
+        With validation off, and for a non-symmetric operator (a product of two), the result follows
+        ``torch.logdet`` of the dense matrix: NaN for a negative determinant, ``-inf`` for a zero one, and
+        the logarithm of a positive one also where :math:`M` is indefinite (an even number of negative
+        eigenvalues; the sign comes from the LU of :math:`C`, formed where the Cholesky factor fails).
         """
         return self._logdet("logdet")
 

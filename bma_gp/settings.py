@@ -52,11 +52,12 @@ class validate(_Switch):
 
     With validation off, non-finite input, an indefinite or a singular matrix gives
     ``nan``/``inf`` instead of a ``ValueError`` (``solve`` included); square roots clamp
-    negative eigenvalues to zero. An operator keeps what it computed with validation off apart from
-    its checked results, so a later call with validation on checks again. So does an
-    :class:`~gpytorch.models.ExactGP` in eval mode: a prediction strategy (with GPyTorch's mean and
-    covariance caches) that a prediction used with validation off is rebuilt by the next prediction
-    with validation on.
+    negative eigenvalues to zero, and log-determinants follow ``torch.logdet`` of the dense matrix
+    (NaN for a negative determinant, ``-inf`` for a zero one, finite for a positive one). An
+    operator keeps what it computed with validation off apart from its checked results, so a later
+    call with validation on checks again. So does an :class:`~gpytorch.models.ExactGP` in eval mode:
+    a prediction strategy (with GPyTorch's mean and covariance caches) that a prediction used with
+    validation off is rebuilt by the next prediction with validation on.
 
     The switch is process-wide (not per thread), as GPyTorch's settings are. ``state`` must be a
     bool (``True``/``False``, or 1/0); anything else raises a ``TypeError``.
