@@ -394,9 +394,10 @@ class _Capacitance:
     A_re: _CrossBlocks | None  # A_{re}, (*b, r, k_e)
     lu: tuple[Tensor, Tensor, Tensor] | _NestedLU | None  # S (r x r, with its graph) and its LU factors, or
     # _NestedLU (unpacks to those, formed on demand); None when r == 0
-    logdet: Tensor  # (*b,)
+    logdet: Tensor  # (*b,): log |det C|
     joint: _JointElimination | None = None
     A_tilde: Tensor | None = None  # A_rr with the eliminated terms' correction subtracted (S = I + G_r A_tilde)
+    sign: Tensor | None = None  # (*b,): the sign of det C (positive with validation on); None: positive
 
 
 @dataclass(frozen=True)
@@ -1173,7 +1174,8 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         where every :math:`g_e \geq 0`). Such a grouping is not eliminated first: its block of the capacitance has a
         negative eigenvalue at some level, its log-determinant is no sum of logarithms, and yet the sum can be
         positive definite (other terms over the grouping make up for it), so its terms stay in the LU with the
-        others. Without validation (no host synchronisation) it is eliminated, and the log-determinant is nan."""
+        others. Without validation (no host synchronisation) it is eliminated: the log-determinant multiplies the
+        signs of its levels' determinants with the rest's, as ``torch.logdet`` of the dense matrix would."""
         wdt = core_dtype(self.dtype)
         g = torch.stack([self._block_diagonal(e).detach().to(wdt) for e in group], -1)  # (*b, k, r_e)
         if not bool((g < 0).any()):
@@ -1218,11 +1220,15 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         a, _ = self._gram()
         wdt = core_dtype(self.dtype)
         logdet = torch.zeros(self.batch_shape, dtype=wdt, device=self.device)
+        sign = torch.ones_like(logdet)
         delta = g = A_re = None
         if elim is not None:
             g = self._block_diagonal(elim).to(wdt)
-            delta = 1 + g * a[elim]  # positive with validation on (_grouping_negative)
-            logdet = logdet + delta.log().sum(-1)
+            # positive with validation on (_grouping_negative); without, a negative entry of g can make some
+            # entries negative in a sum that other terms make positive definite: only the product's sign counts
+            delta = 1 + g * a[elim]
+            logdet = logdet + delta.abs().log().sum(-1)
+            sign = sign * delta.sign().prod(-1)
         lu = None
         if rest:
             A_rr = torch.cat([torch.cat([self._A_block(s_, t) for t in rest], dim=-1) for s_ in rest], dim=-2)
@@ -1230,22 +1236,24 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
                 A_re = self._cross_blocks(rest, elim)
                 assert g is not None and delta is not None
                 A_rr = A_rr - self._schur_correction(rest, elim, A_re, g / delta)
-            lu, rest_logdet = self._factorise_rest(A_rr, rest)
+            lu, rest_sign, rest_logdet = self._factorise_rest(A_rr, rest)
             logdet = logdet + rest_logdet
+            sign = sign * rest_sign
             self._check_inertia(A_rr, rest)
-        return _Capacitance(elim, delta, g, A_re, lu, logdet, A_tilde=A_rr if rest else None)
+        return _Capacitance(elim, delta, g, A_re, lu, logdet, A_tilde=A_rr if rest else None, sign=sign)
 
-    def _factorise_rest(self, A_rr: Tensor, rest: list[int]) -> tuple[tuple | _NestedLU, Tensor]:
+    def _factorise_rest(self, A_rr: Tensor, rest: list[int]) -> tuple[tuple | _NestedLU, Tensor, Tensor]:
         r"""Factors of :math:`S = I + G_r A_{rr}` (``A_rr`` with the eliminated terms' correction already
-        subtracted) and :math:`\log\det S`: the LU factors ``(S, LU, pivots)``, or, when the root is among the
-        terms with others, a :class:`_NestedLU` that eliminates the root's block first."""
+        subtracted), the sign of :math:`\det S` and :math:`\log\lvert\det S\rvert`: the LU factors
+        ``(S, LU, pivots)``, or, when the root is among the terms with others, a :class:`_NestedLU` that eliminates
+        the root's block first."""
         J = len(self.partitions)
         r = sum(self._sizes()[t] for t in rest)
         if len(rest) > 1 and rest[-1] == J and self._root_arg is not None and 0 < self.rank and r >= NESTED_MIN_SIZE:
             return self._factorise_nested(A_rr, rest)
         return self._factorise_plain(A_rr, rest)
 
-    def _factorise_nested(self, A_rr: Tensor, rest: list[int]) -> tuple[_NestedLU, Tensor]:
+    def _factorise_nested(self, A_rr: Tensor, rest: list[int]) -> tuple[_NestedLU, Tensor, Tensor]:
         r""":math:`S` with the root's block :math:`S_{RR} = I + A_{RR}` (:math:`G_R = I`) eliminated first:
         :math:`\log\det S = \log\det S_{RR} + \log\det S'`, :math:`S' = I + G_1 \hat A`,
         :math:`\hat A = A_{11} - A_{1R} S_{RR}^{-1} A_{R1}` (``r - m`` columns). One ``(r - m)``-sized LU instead
@@ -1257,10 +1265,10 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         # split, not sliced: a slice's backward pass fills a zero r x r gradient per block
         (A11, A1R), (AR1, ARR) = (rows.split([r1, m], dim=-1) for rows in A_rr.split([r1, m], dim=-2))
         S22 = ARR + torch.eye(m, dtype=A_rr.dtype, device=self.device)
-        lu22, logdet22 = self._lu_logdet(S22)
+        lu22, sign22, logdet22 = self._lu_logdet(S22)
         Y = _LUSolve.apply(*lu22, AR1)  # S_RR^{-1} A_R1
         A_hat = A11 - A1R @ Y
-        lu1, logdet1 = self._factorise_plain(A_hat, rest[:-1])
+        lu1, sign1, logdet1 = self._factorise_plain(A_hat, rest[:-1])
         nested = _NestedLU(
             lu22,
             Y,
@@ -1269,10 +1277,10 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             functools.partial(self._apply_G_rest, rest[:-1]),
             functools.partial(self._factorise_plain, A_rr, rest),
         )
-        return nested, logdet22 + logdet1
+        return nested, sign22 * sign1, logdet22 + logdet1
 
-    def _factorise_plain(self, A_rr: Tensor, rest: list[int]) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
-        r"""LU factors of :math:`S = I + G_r A_{rr}` and :math:`\log\det S`."""
+    def _factorise_plain(self, A_rr: Tensor, rest: list[int]) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, Tensor]:
+        r"""LU factors of :math:`S = I + G_r A_{rr}`, the sign of :math:`\det S` and :math:`\log\lvert\det S\rvert`."""
         sizes = self._sizes()
         offsets = [0]
         for t in rest:
@@ -1281,9 +1289,9 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         S = S + torch.eye(offsets[-1], dtype=A_rr.dtype, device=self.device)
         return self._lu_logdet(S)
 
-    def _lu_logdet(self, S: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
-        r"""``(S, LU, pivots)`` and :math:`\log\det S` (nan where the determinant is not positive, an error when
-        validating)."""
+    def _lu_logdet(self, S: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, Tensor]:
+        r"""``(S, LU, pivots)``, the sign of :math:`\det S` and :math:`\log\lvert\det S\rvert` (a non-positive
+        determinant is an error when validating; without, the sum's log-determinant combines the signs)."""
         r = S.shape[-1]
         LU, pivots, info = torch.linalg.lu_factor_ex(S.detach())  # the gradients come from _LUSolve/_LULogAbsDet
         if settings.validate.on() and bool((info > 0).any()):
@@ -1300,7 +1308,7 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
                 f"the sum ({self._describe()}) is not positive definite: its capacitance matrix has "
                 "a non-positive determinant. Check the block matrices and the diagonal."
             )
-        return (S, LU, pivots), torch.where(sign > 0, logabs, torch.full_like(logabs, math.nan))
+        return (S, LU, pivots), sign, logabs
 
     def _signed_root(self, t: int, wdt: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
         r"""``(P, N)`` with :math:`G_t = P P^\top - N N^\top` (detached, in ``wdt``), the cheap test of
@@ -1439,7 +1447,7 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
                 f"terms {[e + 1 for e in eliminated]} over one grouping has a non-positive determinant at some level. "
                 "Check the block matrices and the diagonal."
             )
-        logdet = torch.where(sign > 0, logabs, torch.full_like(logabs, math.nan)).sum(-1)
+        sign, logdet = sign.prod(-1), logabs.sum(-1)  # levels of either sign without validation: their product
         A_rE = lu = A_rr = None
         if rest:
             A_rr = torch.cat([torch.cat([self._A_block(s_, t) for t in rest], dim=-1) for s_ in rest], dim=-2)
@@ -1451,13 +1459,14 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             GA_Er = g.unsqueeze(-1) * A_rE.movedim(-3, -1)  # (*b, k, r_e, r)
             X = torch.linalg.solve(delta, GA_Er)  # Delta^{-1} G_E A_{Er}, level by level
             A_rr = A_rr - torch.einsum("...rci,...cis->...rs", A_rE, X)
-            lu, rest_logdet = self._factorise_rest(A_rr, rest)
+            lu, rest_sign, rest_logdet = self._factorise_rest(A_rr, rest)
             logdet = logdet + rest_logdet
+            sign = sign * rest_sign
         elif sum(sizes) == 0:  # pragma: no cover - a sum has at least one term here
             raise AssertionError
         self._check_inertia(A_rr, rest)
         joint = _JointElimination(tuple(eliminated), g, delta, A_rE)
-        return _Capacitance(None, None, None, None, lu, logdet, joint, A_tilde=A_rr)
+        return _Capacitance(None, None, None, None, lu, logdet, joint, A_tilde=A_rr, sign=sign)
 
     def _cross_blocks(self, rest: list[int], elim: int) -> _CrossBlocks:
         """:math:`A_{re}`, with the nonzero cells of a grouping's table with the eliminated one where at most
@@ -1660,12 +1669,21 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
 
     @_scoped
     def logdet(self) -> Tensor:
-        r""":math:`\log\det M = \sum_a \log d_a + \log\det(I + G Z^\top D^{-1} Z)`."""
+        r""":math:`\log\det M = \sum_a \log d_a + \log\det(I + G Z^\top D^{-1} Z)`.
+
+        With validation off, ``torch.logdet``'s semantics of the dense matrix: the signs of the ``d_a`` and of the
+        capacitance's determinant (of each factor of it: an eliminated grouping's levels, the LU) multiply, NaN
+        below zero, ``-inf`` at zero."""
         self._check_diag("logdet")
         wdt = core_dtype(self.dtype)
-        res = self.diag_values.to(wdt).log().sum(-1)
+        d = self.diag_values.to(wdt)
+        sign, res = d.sign().prod(-1), d.abs().log().sum(-1)
         if self._sizes():
-            res = res + self._capacitance().logdet
+            cap = self._capacitance()
+            res = res + cap.logdet
+            if cap.sign is not None:
+                sign = sign * cap.sign
+        res = torch.where(sign > 0, res, torch.where(sign == 0, -math.inf, math.nan))
         return res.to(self.dtype)
 
     # ------------------------------------------------------------------ roots

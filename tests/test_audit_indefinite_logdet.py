@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bma_gp import BlockMeanLinearOperator, Partition, settings
+from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, Partition, settings
 
 D64 = torch.float64
 
@@ -94,3 +94,88 @@ def test_indefinite_batch_logdet_and_gradient_match_dense(dtype):
     g2 = torch.autograd.grad(ref.sum(), (lam2, B2))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a.double(), b, atol=10 * tol, rtol=10 * tol)
+
+
+# ---------------------------------------------------------------------------- sums with validation off
+def _negative_intercept_sum(compensate: float, dtype=D64, requires_grad: bool = False):
+    """A diagonal grouping with a negative entry (eliminated first when nothing is validated) plus a dense positive
+    definite block matrix over the same grouping, scaled by ``compensate``; and its two block matrices."""
+    part = Partition.from_labels(torch.arange(24) % 6)
+    g = torch.tensor([-0.3, 0.5, 0.5, 0.5, 0.5, 0.5], dtype=dtype).requires_grad_(requires_grad)
+    B1 = (compensate * (3.0 * torch.eye(6) + 0.5 * torch.ones(6, 6))).to(dtype).requires_grad_(requires_grad)
+    op = BlockMeanSumLinearOperator(torch.ones(24, dtype=dtype), B1, g, partitions=[part, part], diagonal=[False, True])
+    return op, (g, B1)
+
+
+def _slope_sum(g0: list[float], g1: list[float], compensate: float | None):
+    """A random intercept and slope over one grouping (eliminated together) and, with ``compensate``, dense positive
+    definite terms over the same grouping."""
+    gen = torch.Generator().manual_seed(7)
+    part = Partition.from_labels(torch.arange(24) % 3)
+    x = torch.randn(24, generator=gen, dtype=D64)
+    blocks = [torch.tensor(g0, dtype=D64), torch.tensor(g1, dtype=D64)]
+    weights, flags = [None, x], [True, True]
+    if compensate is not None:
+        B = compensate * (10 * torch.eye(3, dtype=D64) + torch.ones(3, 3, dtype=D64))
+        blocks += [B, B]
+        weights += [None, x]
+        flags += [False, False]
+    return BlockMeanSumLinearOperator(
+        torch.ones(24, dtype=D64), *blocks, partitions=[part] * len(blocks), weights=weights, diagonal=flags
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sum_with_a_negative_eliminated_grouping_has_the_dense_logdet_with_validation_off(dtype):
+    # 1 + g a = 1 - 0.3 * 4 < 0 at the first level: was NaN (log of that level) for a positive definite sum
+    op, params = _negative_intercept_sum(1.0, dtype, requires_grad=True)
+    ref_params = [p.detach().double().requires_grad_() for p in params]
+    dense = BlockMeanSumLinearOperator(
+        torch.ones(24, dtype=D64), ref_params[1], ref_params[0], partitions=op.partitions, diagonal=[False, True]
+    ).to_dense()
+    assert float(torch.linalg.eigvalsh(dense)[0]) > 0.5
+    b = torch.ones(24, dtype=dtype)
+    with settings.validate(False):
+        ld = op.logdet()
+        _, ld2 = op.inv_quad_logdet(b, logdet=True)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    ref = torch.logdet(dense)
+    torch.testing.assert_close(ld.double(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(ld2.double(), ref, atol=tol, rtol=tol)
+    for got, want in zip(torch.autograd.grad(ld, params), torch.autograd.grad(ref, ref_params)):
+        torch.testing.assert_close(got.double(), want, atol=10 * tol, rtol=10 * tol)
+    torch.testing.assert_close(op.logdet().double(), ref, atol=tol, rtol=tol)  # validated: not eliminated
+
+
+def test_sum_with_a_negative_eliminated_grouping_both_signs_with_validation_off():
+    op, _ = _negative_intercept_sum(0.01)  # too little to make up for it: one negative eigenvalue
+    dense = op.to_dense()
+    assert int((torch.linalg.eigvalsh(dense) < 0).sum()) == 1
+    with settings.validate(False):
+        assert torch.isnan(op.logdet()) and torch.isnan(torch.logdet(dense))
+    with pytest.raises(ValueError, match="not positive definite"):
+        op.logdet()
+
+
+@pytest.mark.parametrize(
+    ("g0", "g1", "compensate"),
+    [([-0.5, 0.5, 0.5], [0.2, 0.3, 0.3], 1.0), ([-2.0, 0.5, 0.5], [-2.0, 0.3, 0.3], None)],
+    ids=["made up for", "two negative directions"],
+)
+def test_sum_with_jointly_eliminated_negative_terms_has_the_dense_logdet_with_validation_off(g0, g1, compensate):
+    op = _slope_sum(g0, g1, compensate)
+    dense = op.to_dense()
+    with settings.validate(False):  # the first was NaN (a level with a negative determinant)
+        torch.testing.assert_close(op.logdet(), torch.logdet(dense), rtol=1e-10, atol=1e-10)
+
+
+def test_sum_with_negative_diagonal_entries_has_the_dense_logdet_with_validation_off():
+    part = Partition.from_labels(torch.arange(12) % 6)
+    for negative in ([-0.2], [-0.2, -0.3]):  # made up for by the group term: positive definite either way
+        d = torch.ones(12, dtype=D64)
+        d[: len(negative)] = torch.tensor(negative, dtype=D64)
+        op = BlockMeanSumLinearOperator(d, 5 * torch.eye(6, dtype=D64), partitions=[part])
+        dense = op.to_dense()
+        assert float(torch.linalg.eigvalsh(dense)[0]) > 0
+        with settings.validate(False):  # one negative d was NaN (log d_0)
+            torch.testing.assert_close(op.logdet(), torch.logdet(dense), rtol=1e-10, atol=1e-10)
