@@ -1058,6 +1058,12 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
             self._raise_not_positive_definite("core_cholesky")
         return L
 
+    def _unchecked_on_accelerator(self) -> bool:
+        """Validation off on an accelerator: nothing is read back, so whether the Cholesky factorisation of
+        :math:`C` failed is not known on the host. Solves and log-determinants then take the LU of :math:`C`, which
+        serves every invertible :math:`C`, definite or not (a Cholesky factor would be NaN for an indefinite one)."""
+        return not settings.validate.on() and self.lam.device.type != "cpu"
+
     def _raise_not_positive_definite(self, what: str) -> None:
         if self._diagonal_core():  # the eigenvalues of C = diag(c) are c
             self._check_core_eigenvalues(self._diagonal_parts()[2].detach(), what, strict=True)
@@ -1089,9 +1095,9 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
         root = self._core_sizes.sqrt()
         G = root.unsqueeze(-1) * B * root.unsqueeze(-2)
         L = None
-        if self.symmetric:
+        if self.symmetric and not self._unchecked_on_accelerator():
             L, info = self._core_cholesky_ex()
-            if settings.validate.on() and bool((info > 0).any()):
+            if bool((info > 0).any()):  # with validation on, or on CPU (nothing to synchronise)
                 L = None  # symmetric but indefinite: still invertible, through LU below
         if L is not None:
             X = torch.cholesky_solve(G, L)  # C^{-1} G
@@ -1168,23 +1174,19 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
                     self._raise_not_positive_definite(what)
             logdet_core = torch.where(c > 0, c, torch.full_like(c, math.nan)).log().sum(-1)
         else:
+            # unchecked, M need not be positive definite (C without a Cholesky factor, or some lam_i <= 0), and
+            # its log-determinant follows torch.logdet of the dense matrix, as a product's and a sum's do: the
+            # sign and size from the LU of C (slogdet_parts) where the Cholesky factor fails or on an accelerator
+            if self._unchecked_on_accelerator():
+                return self._signed_logdet().to(self.dtype)
             lam, _ = self.core()
             L, info = self._core_cholesky_ex()
             if settings.validate.on():
                 self._check_block_offsets(lam, what, strict=True)
                 if bool((info > 0).any()):
                     self._raise_not_positive_definite(what)
-            # unchecked, M need not be positive definite (C without a Cholesky factor, or some lam_i <= 0), and
-            # its log-determinant follows torch.logdet of the dense matrix, as a product's and a sum's do: the
-            # sign from the LU of C where it is not (on an accelerator, where nothing is read back, always formed)
-            multi = self.partition.sizes > 1
-            indefinite = (info > 0) | ((lam <= 0) & multi).any(-1)
-            if not settings.validate.on() and (L.device.type != "cpu" or bool(indefinite.any())):
-                diag_L = torch.diagonal(L, dim1=-2, dim2=-1)
-                diag_L = torch.where(indefinite.unsqueeze(-1), torch.ones_like(diag_L), diag_L)
-                safe_lam = torch.where(multi & ~indefinite.unsqueeze(-1), lam, torch.ones_like(lam))
-                chol = 2 * diag_L.log().sum(-1) + (multiplicity * safe_lam.log()).sum(-1)
-                return torch.where(indefinite, self._signed_logdet(), chol).to(self.dtype)
+            elif bool(((info > 0) | ((lam <= 0) & (self.partition.sizes > 1)).any(-1)).any()):  # CPU: free
+                return self._signed_logdet().to(self.dtype)
             logdet_core = 2 * torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1)
         safe_lam = torch.where(self.partition.sizes > 1, lam, torch.ones_like(lam))
         return (logdet_core + (multiplicity * safe_lam.log()).sum(-1)).to(self.dtype)
@@ -1218,7 +1220,8 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
         With validation off, and for a non-symmetric operator (a product of two), the result follows
         ``torch.logdet`` of the dense matrix: NaN for a negative determinant, ``-inf`` for a zero one, and
         the logarithm of a positive one also where :math:`M` is indefinite (an even number of negative
-        eigenvalues; the sign comes from the LU of :math:`C`, formed where the Cholesky factor fails).
+        eigenvalues; the sign comes from the LU of :math:`C`, formed where the Cholesky factor fails, and on an
+        accelerator, where nothing is read back, always).
         """
         return self._logdet("logdet")
 
@@ -1240,6 +1243,7 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
             and self.symmetric
             and self._shared_factor is None
             and not self._diagonal_core()
+            and not self._unchecked_on_accelerator()
         ):
             if settings.validate.on():
                 self._check_finite()

@@ -179,3 +179,52 @@ def test_sum_with_negative_diagonal_entries_has_the_dense_logdet_with_validation
         assert float(torch.linalg.eigvalsh(dense)[0]) > 0
         with settings.validate(False):  # one negative d was NaN (log d_0)
             torch.testing.assert_close(op.logdet(), torch.logdet(dense), rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------- solves of an indefinite operator
+B_DENSE_NEGATIVE = torch.tensor(
+    [[1.0, 0.1, 0.0, 0.0], [0.1, -2.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.2], [0.0, 0.0, 0.2, 1.0]], dtype=D64
+)
+
+
+def test_indefinite_operator_solves_with_validation_off_as_with_it_on():
+    # C has a negative eigenvalue and no Cholesky factor; M is invertible. With validation on the solve takes the LU
+    # of C; with it off the (NaN) Cholesky factor was used: solve, inv_quad and inverse() were NaN without a word
+    M = BlockMeanLinearOperator(LAM, B_DENSE_NEGATIVE, _partition())
+    dense = M.to_dense()
+    b = torch.randn(10, 2, generator=torch.Generator().manual_seed(0), dtype=D64)
+    ref = torch.linalg.solve(dense, b)
+    with settings.validate(False):
+        M = BlockMeanLinearOperator(LAM, B_DENSE_NEGATIVE, _partition())
+        torch.testing.assert_close(M.solve(b), ref)
+        torch.testing.assert_close(M.inverse().to_dense(), torch.linalg.inv(dense))
+        M = BlockMeanLinearOperator(LAM, B_DENSE_NEGATIVE, _partition())
+        quad, ld = M.inv_quad_logdet(b, logdet=True)
+        torch.testing.assert_close(quad, (b * ref).sum())
+        assert torch.isnan(ld) and torch.isnan(torch.logdet(dense))  # one negative eigenvalue
+    torch.testing.assert_close(BlockMeanLinearOperator(LAM, B_DENSE_NEGATIVE, _partition()).solve(b), ref)
+
+
+@pytest.mark.parametrize("B", [B_TWO_NEGATIVE, B_ONE_NEGATIVE, B_DENSE_NEGATIVE, 0.5 * torch.eye(4, dtype=D64)])
+def test_unchecked_accelerator_path_takes_the_lu_of_the_core(monkeypatch, B):
+    # on an accelerator with validation off nothing is read back: the LU of C serves definite and indefinite
+    # operators alike (emulated on CPU)
+    monkeypatch.setattr(BlockMeanLinearOperator, "_unchecked_on_accelerator", lambda self: not settings.validate.on())
+    B = B + 0.05 * (torch.ones(4, 4, dtype=D64) - torch.eye(4, dtype=D64))  # dense: not the diagonal closed forms
+    lam = LAM.clone().requires_grad_()
+    dense = BlockMeanLinearOperator(LAM, B, _partition()).to_dense()
+    b = torch.randn(10, 2, generator=torch.Generator().manual_seed(1), dtype=D64)
+    with settings.validate(False):
+        M = BlockMeanLinearOperator(lam, B, _partition())
+        quad, ld = M.inv_quad_logdet(b, logdet=True)
+        torch.testing.assert_close(M.solve(b), torch.linalg.solve(dense, b))
+    torch.testing.assert_close(quad, (b * torch.linalg.solve(dense, b)).sum())
+    ref = torch.logdet(dense)
+    if torch.isnan(ref):
+        assert torch.isnan(ld)
+    else:
+        torch.testing.assert_close(ld, ref)
+        lam2 = LAM.clone().requires_grad_()
+        dense2 = BlockMeanLinearOperator(lam2, B, _partition()).to_dense()
+        want = torch.autograd.grad((b * torch.linalg.solve(dense2, b)).sum() + torch.logdet(dense2), lam2)[0]
+        torch.testing.assert_close(torch.autograd.grad(quad + ld, lam)[0], want)
