@@ -1135,8 +1135,8 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
     def _elimination_terms(self) -> list[int]:
         """The terms the capacitance eliminates first: every diagonal term over the partition whose diagonal terms
         have the most columns in all (the largest diagonal grouping; with a correlated random slope, its
-        intercept, slope and correlation terms together); ``[]`` without a diagonal term. With validation on, only
-        groupings without negative directions of their own (:meth:`_grouping_negative`)."""
+        intercept, slope and correlation terms together); ``[]`` without a diagonal term. With validation on, or on
+        CPU, only groupings without negative directions of their own (:meth:`_grouping_negative`)."""
 
         def decide() -> list[int]:
             groups: list[list[int]] = []
@@ -1149,9 +1149,10 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
                         break
                 else:
                     groups.append([j])
-            if settings.validate.on():  # eliminate only groupings whose part D' of the sum is positive definite
+            if self._reads_back():  # eliminate only groupings whose part D' of the sum is positive definite
                 negative = [self._grouping_negative(group) for group in groups]
-                if len(groups) == 1 and len(groups[0]) == len(self._sizes()) and negative[0] is not None:
+                refuse = settings.validate.on() and len(groups) == 1 and len(groups[0]) == len(self._sizes())
+                if refuse and negative[0] is not None:
                     names = [f"blocks[{e}]" for e in groups[0] if bool((self._block_diagonal(e) < 0).any())]
                     count = int(negative[0].max())  # nothing else in the sum to make up for them
                     raise self._not_positive_definite(
@@ -1174,14 +1175,20 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         where every :math:`g_e \geq 0`). Such a grouping is not eliminated first: its block of the capacitance has a
         negative eigenvalue at some level, its log-determinant is no sum of logarithms, and yet the sum can be
         positive definite (other terms over the grouping make up for it), so its terms stay in the LU with the
-        others. Without validation (no host synchronisation) it is eliminated: the log-determinant multiplies the
-        signs of its levels' determinants with the rest's, as ``torch.logdet`` of the dense matrix would."""
+        others. Without validation on an accelerator (no host synchronisation) it is eliminated: the log-determinant
+        multiplies the signs of its levels' determinants with the rest's, as ``torch.logdet`` of the dense matrix
+        would, but a level whose block is singular (``1 + g a = 0``) makes the solve and the log-determinant NaN or
+        ``-inf``, and one close to it costs accuracy."""
         wdt = core_dtype(self.dtype)
         g = torch.stack([self._block_diagonal(e).detach().to(wdt) for e in group], -1)  # (*b, k, r_e)
         if not bool((g < 0).any()):
             return None
         A_EE = torch.stack([torch.stack([self._level_gram(i, j).detach() for j in group], -1) for i in group], -2)
         return self._level_negative_directions(g, A_EE)
+
+    def _reads_back(self) -> bool:
+        """Whether values may be read back to the host: with validation on, or on CPU (nothing to synchronise)."""
+        return settings.validate.on() or self.device.type == "cpu"
 
     def _elimination_term(self) -> int | None:
         """The first of :meth:`_elimination_terms` (its partition is the eliminated grouping), or None."""

@@ -125,9 +125,19 @@ def _slope_sum(g0: list[float], g1: list[float], compensate: float | None):
     )
 
 
+def _emulate_accelerator(monkeypatch) -> None:
+    """Validation off on an accelerator reads nothing back: the grouping with a negative entry is eliminated."""
+    monkeypatch.setattr(BlockMeanSumLinearOperator, "_reads_back", lambda self: settings.validate.on())
+
+
+@pytest.mark.parametrize("accelerator", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_sum_with_a_negative_eliminated_grouping_has_the_dense_logdet_with_validation_off(dtype):
+def test_sum_with_a_negative_eliminated_grouping_has_the_dense_logdet_with_validation_off(
+    monkeypatch, dtype, accelerator
+):
     # 1 + g a = 1 - 0.3 * 4 < 0 at the first level: was NaN (log of that level) for a positive definite sum
+    if accelerator:
+        _emulate_accelerator(monkeypatch)
     op, params = _negative_intercept_sum(1.0, dtype, requires_grad=True)
     ref_params = [p.detach().double().requires_grad_() for p in params]
     dense = BlockMeanSumLinearOperator(
@@ -147,7 +157,10 @@ def test_sum_with_a_negative_eliminated_grouping_has_the_dense_logdet_with_valid
     torch.testing.assert_close(op.logdet().double(), ref, atol=tol, rtol=tol)  # validated: not eliminated
 
 
-def test_sum_with_a_negative_eliminated_grouping_both_signs_with_validation_off():
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_sum_with_a_negative_eliminated_grouping_both_signs_with_validation_off(monkeypatch, accelerator):
+    if accelerator:
+        _emulate_accelerator(monkeypatch)
     op, _ = _negative_intercept_sum(0.01)  # too little to make up for it: one negative eigenvalue
     dense = op.to_dense()
     assert int((torch.linalg.eigvalsh(dense) < 0).sum()) == 1
@@ -162,7 +175,12 @@ def test_sum_with_a_negative_eliminated_grouping_both_signs_with_validation_off(
     [([-0.5, 0.5, 0.5], [0.2, 0.3, 0.3], 1.0), ([-2.0, 0.5, 0.5], [-2.0, 0.3, 0.3], None)],
     ids=["made up for", "two negative directions"],
 )
-def test_sum_with_jointly_eliminated_negative_terms_has_the_dense_logdet_with_validation_off(g0, g1, compensate):
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_sum_with_jointly_eliminated_negative_terms_has_the_dense_logdet_with_validation_off(
+    monkeypatch, g0, g1, compensate, accelerator
+):
+    if accelerator:
+        _emulate_accelerator(monkeypatch)
     op = _slope_sum(g0, g1, compensate)
     dense = op.to_dense()
     with settings.validate(False):  # the first was NaN (a level with a negative determinant)
@@ -228,3 +246,19 @@ def test_unchecked_accelerator_path_takes_the_lu_of_the_core(monkeypatch, B):
         dense2 = BlockMeanLinearOperator(lam2, B, _partition()).to_dense()
         want = torch.autograd.grad((b * torch.linalg.solve(dense2, b)).sum() + torch.logdet(dense2), lam2)[0]
         torch.testing.assert_close(torch.autograd.grad(quad + ld, lam)[0], want)
+
+
+def test_sum_with_a_singular_level_of_a_negative_grouping_is_exact_with_validation_off_on_cpu():
+    # 1 + g a = 1 - 0.25 * 4 = 0 at the first level of a positive definite sum: with validation off the grouping was
+    # eliminated all the same (the level's block singular), and solve and logdet were NaN and -inf. On CPU it is
+    # kept in the LU as with validation on (reading back costs nothing there).
+    part = Partition.from_labels(torch.arange(24) % 6)
+    g = torch.tensor([-0.25, 0.5, 0.5, 0.5, 0.5, 0.5], dtype=D64)
+    B1 = 3.0 * torch.eye(6, dtype=D64) + 0.5 * torch.ones(6, 6, dtype=D64)
+    op = BlockMeanSumLinearOperator(torch.ones(24, dtype=D64), B1, g, partitions=[part, part], diagonal=[False, True])
+    dense = op.to_dense()
+    assert float(torch.linalg.eigvalsh(dense)[0]) > 0.5
+    b = torch.ones(24, dtype=D64)
+    with settings.validate(False):
+        torch.testing.assert_close(op.logdet(), torch.logdet(dense), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(op.solve(b), torch.linalg.solve(dense, b), rtol=1e-9, atol=1e-10)
