@@ -35,7 +35,7 @@ from bma_gp._symmetric_function import (
     symmetric_matrix_functions,
 )
 from bma_gp._warnings import warn_dense_cholesky, warn_dense_eigh, warn_elementwise
-from bma_gp.block_mean_linear_operator import check_rhs
+from bma_gp.block_mean_linear_operator import _first_bad, _where, check_rhs
 from bma_gp.partition import Partition
 
 __all__ = ["BlockMeanSumLinearOperator"]
@@ -1018,9 +1018,10 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             return
         d = self.diag_values
         bad = ~(d > 0)
-        if bool(bad.any()):
-            index = int(bad.reshape(-1, d.shape[-1]).any(0).nonzero()[0])
-            value = float(d.reshape(-1, d.shape[-1])[:, index][bad.reshape(-1, d.shape[-1])[:, index]][0])
+        found = _first_bad(bad)
+        if found is not None:
+            batch, index = found
+            value = float(d.detach()[batch][index])
             if math.isfinite(value):
                 advice = "Add noise (add_diagonal) or check the likelihood's noise."
             else:  # d collects the noise and every block mean operator's lam
@@ -1030,7 +1031,8 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
                 )
             kind = "not finite" if not math.isfinite(value) else "<= 0"
             raise ValueError(
-                f"{what} needs a positive per-point diagonal d, but d[{index}] = {value:.6g} is {kind}. {advice}"
+                f"{what} needs a positive per-point diagonal d, but d[{index}] = {value:.6g}{_where(batch)} is {kind}. "
+                f"{advice}"
             )
 
     def _gram(self) -> tuple[list[Tensor], _Contingencies]:

@@ -262,3 +262,12 @@ def test_sum_with_a_singular_level_of_a_negative_grouping_is_exact_with_validati
     with settings.validate(False):
         torch.testing.assert_close(op.logdet(), torch.logdet(dense), rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(op.solve(b), torch.linalg.solve(dense, b), rtol=1e-9, atol=1e-10)
+
+
+def test_a_batched_sum_with_a_negative_diagonal_entry_names_the_batch_entry():
+    part = Partition.from_labels(torch.arange(12) % 6)
+    d = torch.ones(3, 12, dtype=D64)
+    d[1, 4] = -0.1
+    op = BlockMeanSumLinearOperator(d, 5 * torch.eye(6, dtype=D64), partitions=[part])
+    with pytest.raises(ValueError, match=r"d\[4\] = -0.1 \(batch index \(1,\)\) is <= 0"):  # named d[4] alone
+        op.logdet()
