@@ -226,10 +226,11 @@ class GroupKernel(Kernel):
     or an integer dtype), or ``(*batch, n, 2)`` with ``slope=True`` (ids, then a finite
     covariate). Ids that are not integers in ``[0, num_groups)`` raise ``ValueError``.
 
-    The covariance has the dtype of the kernel's parameters whatever the dtype of the inputs, as
-    :class:`gpytorch.kernels.IndexKernel`'s does (ids are labels, not numbers; GPyTorch's ``RBFKernel``
-    instead promotes to its inputs' dtype). With ``slope=True`` the covariate is cast to that dtype too, so a
-    float64 covariate in a model left in float32 is rounded: call ``model.double()`` to work in float64.
+    Without a slope the covariance has the dtype of the kernel's parameters whatever the dtype of the inputs, as
+    :class:`gpytorch.kernels.IndexKernel`'s does (ids are labels, not numbers). With ``slope=True`` the covariate
+    is a number, so the covariance follows the promoted dtype of the covariate and the parameters, as GPyTorch's
+    ``LinearKernel`` and ``RBFKernel`` do: a float64 covariate gives a float64 covariance even with float32
+    parameters, and is never rounded to float32 (an integer covariate takes the parameters' dtype).
 
     Example:
         >>> kernel = GroupKernel(18)                      # (1 | Subject)
@@ -603,11 +604,16 @@ class GroupKernel(Kernel):
     def _slope_forward(self, x1: Tensor, x2: Tensor, diag: bool) -> Tensor | LinearOperator:
         r"""``[1, x_a] S [1, x_b]^T`` for points of one group, 0 across groups."""
         S = self.slope_covar
-        ids1, cov1 = self.group_ids(x1, "x1"), self.slope_covariate(x1, "x1").to(S.dtype)
+        ids1, cov1 = self.group_ids(x1, "x1"), self.slope_covariate(x1, "x1")
         if x2 is x1:
             ids2, cov2 = ids1, cov1
         else:
-            ids2, cov2 = self.group_ids(x2, "x2"), self.slope_covariate(x2, "x2").to(S.dtype)
+            ids2, cov2 = self.group_ids(x2, "x2"), self.slope_covariate(x2, "x2")
+        # the covariate is a number, not a label: its products follow the promoted dtype of covariates and
+        # parameters, as GPyTorch's LinearKernel / RBFKernel do (a float64 covariate is not rounded to float32)
+        dtype = torch.promote_types(torch.promote_types(cov1.dtype, cov2.dtype), S.dtype)
+        S, cov1 = S.to(dtype), cov1.to(dtype)
+        cov2 = cov1 if x2 is x1 else cov2.to(dtype)
         batch = torch.broadcast_shapes(ids1.shape[:-1], ids2.shape[:-1], cov1.shape[:-1], cov2.shape[:-1], S.shape[:-2])
         t, n = ids1.shape[-1], ids2.shape[-1]
         if diag:
