@@ -1,9 +1,14 @@
 """Audit: precision of ``GroupKernel(slope=True)`` and of the command's date columns, and the command's outputs."""
 
+import math
+
 import pytest
 import torch
 
 from bma_gp import GroupKernel
+from bma_gp.cli import main, parse_config
+
+FAST = ["--iters", "3", "--blocks", "8", "--no-progress", "--no-plot"]
 
 
 @pytest.fixture(autouse=True)
@@ -41,3 +46,55 @@ def test_group_slope_float64_covariate_with_float32_parameters_is_not_rounded():
     # integer inputs and float32 covariates keep the parameters' dtype
     assert kernel(x.float()).to_dense().dtype == torch.float32
     assert kernel(torch.tensor([[0, 1], [1, 2]])).to_dense().dtype == torch.float32
+
+
+def _half_hourly_csv(tmp_path, n=96, name="halfhourly.csv"):
+    """``t``: half-hourly date-times from 2024-03-01 00:00 (float32's step near 2024 is about an hour), ``y``."""
+    lines = ["t,y"]
+    for i in range(n):
+        day, minutes = divmod(30 * i, 24 * 60)
+        lines.append(f"2024-03-{1 + day:02d} {minutes // 60:02d}:{minutes % 60:02d},{math.sin(i / 7):.6f}")
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_cli_float32_standardises_date_times_in_float64(tmp_path, capsys):
+    """``--dtype float32`` read the date-times in float32 before standardising: half-hourly readings became pairs
+    of equal inputs. Standardised in float64 and then cast, they stay distinct and in order."""
+    from bma_gp.cli.data import load_dataset, split
+
+    path = _half_hourly_csv(tmp_path)
+    config = parse_config(["--data", str(path), "--target", "y", "--dtype", "float32"])
+    problem = split(load_dataset(config), 0.25, "random", torch.Generator().manual_seed(0))
+    assert problem.x_train.dtype == problem.y_train.dtype == problem.x_test.dtype == torch.float32
+    x = torch.cat([problem.x_train[:, 0], problem.x_test[:, 0]])
+    y = torch.cat([problem.y_original(problem.y_train), problem.y_original(problem.y_test)])
+    assert x.unique().numel() == 96
+    # ordered as the times: sorting by x gives back the rows' order, whose targets are sin(i / 7)
+    expected = torch.tensor([math.sin(i / 7) for i in range(96)])
+    torch.testing.assert_close(y[x.argsort()].float(), expected, atol=1e-5, rtol=0)
+    assert "cannot tell apart" not in capsys.readouterr().err
+    # the whole run: no warning, and the dates still fit float32's range checks
+    assert main(["--data", str(path), "--target", "y", "--dtype", "float32", *FAST, "--method", "exact"]) == 0
+    assert "cannot tell apart" not in capsys.readouterr().err
+
+
+def test_cli_float32_still_refuses_cells_beyond_its_range_and_warns_when_times_merge(tmp_path, capsys):
+    from bma_gp.cli.data import load_dataset, split
+
+    path = tmp_path / "big.csv"
+    path.write_text("a,y\n1,2\n\n1e300,3\n4,5\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(path), "--target", "y", "--dtype", "float32", *FAST])
+    assert exit_info.value.code == 2
+    assert "column 'a' does not fit in torch.float32: data row 3 holds '1e300'" in capsys.readouterr().err
+    # one second apart within a decade: closer than float32 resolves even after standardising
+    times = ["2000-01-01 00:00:00", "2000-01-01 00:00:01", "2005-01-01 00:00:00", "2010-01-01 00:00:00"]
+    path.write_text("t,y\n" + "".join(f"{t},{i}\n" for i, t in enumerate(times)), encoding="utf-8")
+    config = parse_config(["--data", str(path), "--target", "y", "--dtype", "float32"])
+    split(load_dataset(config), 0.25, "random", torch.Generator().manual_seed(0))
+    assert "column 't' holds times that torch.float32 cannot tell apart" in capsys.readouterr().err
+    config = parse_config(["--data", str(path), "--target", "y"])  # float64: no warning
+    split(load_dataset(config), 0.25, "random", torch.Generator().manual_seed(0))
+    assert "cannot tell apart" not in capsys.readouterr().err

@@ -17,7 +17,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -29,6 +29,7 @@ from bma_gp.datasets import (  # the CSV rules load_csv applies
     MissingValuesWarning,
     _column_list,
     _convert_column,
+    _decimal_year,
     _did_you_mean,
     _header_hint,
     _not_a_file,
@@ -36,8 +37,8 @@ from bma_gp.datasets import (  # the CSV rules load_csv applies
     _parse_number,
     _read_table,
     _refuse_unnamed_inputs,
+    _table_to_tensors,
     load_co2,
-    load_csv,
 )
 
 __all__ = ["Dataset", "Problem", "load_dataset", "split", "subsample"]
@@ -49,7 +50,11 @@ _Label = TypeVar("_Label", int, str)  # a group label: a whole number or a text
 class Dataset:
     """The rows of a run before the split: inputs ``x`` (n, d), targets ``y`` (n,) and, with groupings,
     one level code per row and grouping in ``group_codes`` (n, J) (``group_labels[j][c]`` is the label of
-    code ``c`` of grouping ``j``; the codes index all levels of the file, the split re-encodes them)."""
+    code ``c`` of grouping ``j``; the codes index all levels of the file, the split re-encodes them).
+
+    ``x`` and ``y`` are float64 whatever ``--dtype``: :func:`split` standardises them in float64 and only then
+    casts to ``dtype``, so float32 keeps the resolution of columns far from 0 (date-times as decimal years,
+    whose float32 step near the year 2000 is about an hour). ``date_columns`` names the features read from dates."""
 
     name: str
     feature_names: list[str]
@@ -59,6 +64,8 @@ class Dataset:
     group_names: list[str] = field(default_factory=list)
     group_labels: list[list[int] | list[str]] = field(default_factory=list)
     group_codes: Tensor | None = None  # LongTensor (n, J); None without groupings
+    dtype: torch.dtype = torch.float64  # the models' dtype (--dtype): what split casts to
+    date_columns: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -118,16 +125,24 @@ def load_dataset(config: RunConfig) -> Dataset:
     if config.data is None:
         if config.groups:
             raise UsageError("--group needs --data: the bundled CO2 series has no grouping columns")
-        x, y = load_co2(dtype=config.dtype)
-        return Dataset("bundled Mauna Loa CO2 (weekly, 1958-2001)", ["date"], "co2", x, y)
+        x, y = load_co2(dtype=torch.float64)
+        return Dataset(
+            "bundled Mauna Loa CO2 (weekly, 1958-2001)",
+            ["date"],
+            "co2",
+            x,
+            y,
+            dtype=config.dtype,
+            date_columns=["date"],
+        )
     if config.target is None:
         raise UsageError("--data needs --target COL, the column to predict")
     features = None if config.features is None else list(config.features)
-    table: tuple[list[str], list[list[str]], list[int]] | None = None
+    table = _read_csv_table(config.data)
+    description = f"CSV file {config.data!r}"
     if config.groups:
-        table = _read_csv_table(config.data)
         features = _group_features(table[0], config, features)
-        if config.features is None:  # load_csv is given these features: it cannot check the default ones
+        if config.features is None:  # the reader is given these features: it cannot check the default ones
             try:
                 _refuse_unnamed_inputs(table[0], table[1], features, f"CSV file {config.data!r}")
             except DatasetError as err:
@@ -135,22 +150,47 @@ def load_dataset(config: RunConfig) -> Dataset:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MissingValuesWarning)
         try:
-            # load_csv's annotation covers both return_features values; True gives the 3-tuple
-            loaded = load_csv(config.data, config.target, features, dtype=config.dtype, return_features=True)
-            x, y, names = cast(tuple[Tensor, Tensor, list[str]], loaded)
-        except (FileNotFoundError, DatasetError) as err:
+            # read as load_csv reads, in float64 whatever --dtype (split casts after standardising)
+            x, y, names = _table_to_tensors(*table, config.target, features, torch.float64, description, warn=True)
+            if config.dtype != torch.float64 and not bool(
+                torch.isfinite(torch.cat([x, y[:, None]], -1).to(config.dtype)).all()
+            ):
+                # a cell beyond the range of --dtype: the reader in that dtype names its column, row and cell
+                _table_to_tensors(*table, config.target, features, config.dtype, description, warn=False)
+                raise RuntimeError(f"a value of {description} overflows {config.dtype}")  # pragma: no cover
+        except DatasetError as err:
             raise UsageError(str(err)) from err
-        except OSError as err:  # no read permission, an I/O error
-            raise UsageError(_cannot_read(config.data, err)) from err
     for warning in caught:
         if issubclass(warning.category, MissingValuesWarning):
             print(f"{PROG}: warning: {warning.message}", file=sys.stderr)
         else:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    dataset = Dataset(os.path.basename(config.data), names, config.target, x, y)
-    if table is not None:
+    dataset = Dataset(
+        os.path.basename(config.data),
+        names,
+        config.target,
+        x,
+        y,
+        dtype=config.dtype,
+        date_columns=_date_columns(table, names),
+    )
+    if config.groups:
         _add_groups(dataset, table, config.groups)
     return dataset
+
+
+def _date_columns(table: tuple[list[str], list[list[str]], list[int]], names: list[str]) -> list[str]:
+    """The columns of ``names`` that were read as dates: their first present cell is one (a column of dates
+    holds nothing else)."""
+    header, rows, _ = table
+    position = {name: index for index, name in enumerate(header)}
+    dates = []
+    for name in names:
+        cells = (row[position[name]].strip() for row in rows)
+        first = next((cell for cell in cells if cell.lower() not in _MISSING), None)
+        if first is not None and _decimal_year(first) is not None:
+            dates.append(name)
+    return dates
 
 
 # ---------------------------------------------------------------------------- grouping columns
@@ -296,12 +336,19 @@ def subsample(dataset: Dataset, max_rows: int | None, generator: torch.Generator
         dataset.group_names,
         dataset.group_labels,
         None if codes is None else codes[keep],
+        dataset.dtype,
+        dataset.date_columns,
     )
 
 
 def split(dataset: Dataset, fraction: float, mode: str, generator: torch.Generator) -> Problem:
     """Hold out ``fraction`` of the rows (random ones, or with ``mode="last"`` those with the largest
     first input) and standardise inputs and targets with the training statistics.
+
+    The statistics and the standardisation are computed in float64 and only the standardised values are cast
+    to ``dataset.dtype``: cast first, float32 rounds date-times (decimal years near 2000) to about an hour and
+    other columns far from 0 alike. A date column whose distinct times still merge in ``dataset.dtype`` after
+    standardising is reported on standard error.
 
     Group levels are encoded from the training rows (see the module docstring); the id columns
     follow the features in ``x_train`` and ``x_test``.
@@ -310,7 +357,8 @@ def split(dataset: Dataset, fraction: float, mode: str, generator: torch.Generat
         UsageError: too few rows, or an input column or target that is constant on the training rows
             or too wide to standardise (its mean or standard deviation overflows the dtype).
     """
-    x, y, features, target = dataset.x, dataset.y, dataset.feature_names, dataset.target_name
+    x, y, features, target = dataset.x.double(), dataset.y.double(), dataset.feature_names, dataset.target_name
+    dtype = dataset.dtype
     n = len(y)
     n_test = int(round(fraction * n))
     if n - n_test < 2 or n_test < 1:
@@ -325,7 +373,7 @@ def split(dataset: Dataset, fraction: float, mode: str, generator: torch.Generat
         order = torch.cat([order[: n - n_test][torch.randperm(n - n_test, generator=generator)], order[n - n_test :]])
     train, test = order[: n - n_test], order[n - n_test :]
     x_mean, x_scale = x[train].mean(0), x[train].std(0)
-    # the CSV loader keeps only finite cells, but their mean or spread can still overflow the dtype
+    # the CSV loader keeps only finite cells, but their mean or spread can still overflow float64
     too_wide = [features[i] for i in range(x.shape[-1]) if not (x_mean[i].isfinite() and x_scale[i].isfinite())]
     if too_wide:
         raise UsageError(
@@ -348,6 +396,8 @@ def split(dataset: Dataset, fraction: float, mode: str, generator: torch.Generat
     if not y_scale > 0:
         raise UsageError(f"the target column {target!r} is constant on the training rows: nothing to model")
     x_train, x_test = (x[train] - x_mean) / x_scale, (x[test] - x_mean) / x_scale
+    _warn_if_times_merge(dataset, torch.cat([x_train, x_test]))
+    x_train, x_test = x_train.to(dtype), x_test.to(dtype)
     levels: list[list[int] | list[str]] = []
     test_only: list[tuple[int, int]] = []
     if dataset.group_codes is not None:
@@ -362,21 +412,39 @@ def split(dataset: Dataset, fraction: float, mode: str, generator: torch.Generat
             test_only.append((int(dataset.group_codes[test, j][new_rows].unique().numel()), int(new_rows.sum())))
             ids_train.append(train_ids)
             ids_test.append(test_ids)
-        x_train = torch.cat([x_train, torch.stack(ids_train, -1).to(x.dtype)], dim=-1)
-        x_test = torch.cat([x_test, torch.stack(ids_test, -1).to(x.dtype)], dim=-1)
+        x_train = torch.cat([x_train, torch.stack(ids_train, -1).to(dtype)], dim=-1)
+        x_test = torch.cat([x_test, torch.stack(ids_test, -1).to(dtype)], dim=-1)
     return Problem(
         name=dataset.name,
         feature_names=features,
         target_name=target,
         x_train=x_train,
-        y_train=(y[train] - y_mean) / y_scale,
+        y_train=((y[train] - y_mean) / y_scale).to(dtype),
         x_test=x_test,
-        y_test=(y[test] - y_mean) / y_scale,
-        x_mean=x_mean,
-        x_scale=x_scale,
+        y_test=((y[test] - y_mean) / y_scale).to(dtype),
+        x_mean=x_mean.to(dtype),
+        x_scale=x_scale.to(dtype),
         y_mean=y_mean,
         y_scale=y_scale,
         group_names=list(dataset.group_names),
         group_levels=levels,
         test_only=test_only,
     )
+
+
+def _warn_if_times_merge(dataset: Dataset, standardised: Tensor) -> None:
+    """Say on standard error when a date column's distinct standardised times (float64) become fewer values in
+    ``dataset.dtype``: times closer than about 1e-7 of the column's spread in float32."""
+    if dataset.dtype == torch.float64:
+        return
+    for j, name in enumerate(dataset.feature_names):
+        if name not in dataset.date_columns:
+            continue
+        column = standardised[:, j]
+        distinct, rounded = column.unique().numel(), column.to(dataset.dtype).unique().numel()
+        if rounded < distinct:
+            print(
+                f"{PROG}: warning: column {name!r} holds times that {dataset.dtype} cannot tell apart even after "
+                f"standardising: {distinct} distinct times became {rounded} values; use --dtype float64",
+                file=sys.stderr,
+            )
