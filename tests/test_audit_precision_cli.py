@@ -1,6 +1,8 @@
 """Audit: precision of ``GroupKernel(slope=True)`` and of the command's date columns, and the command's outputs."""
 
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -98,3 +100,32 @@ def test_cli_float32_still_refuses_cells_beyond_its_range_and_warns_when_times_m
     config = parse_config(["--data", str(path), "--target", "y"])  # float64: no warning
     split(load_dataset(config), 0.25, "random", torch.Generator().manual_seed(0))
     assert "cannot tell apart" not in capsys.readouterr().err
+
+
+def test_results_json_maps_group_ids_to_the_csv_labels(tmp_path):
+    """``results.json`` gave per-grouping counts only: nothing said which label an id stood for. ``labels[i]`` is
+    the label of id ``i``: text as text, whole numbers as exact JSON numbers (in numeric, not string, order)."""
+    from bma_gp.cli.data import load_dataset, split
+
+    n = 60
+    schools = ["north", "East", "south", "west"]
+    klasses = ["10", "9", "090071992547409921", "3.0"]  # 3.0 is the level 3; 9 sorts before 10
+    lines = ["x,school,klass,y"]
+    for i in range(n):
+        school = "zz_new" if i >= n - 3 else schools[i % 4]  # a level only in the held-out rows (--split last)
+        lines.append(f"{i / n},{school},{klasses[i % 4]},{math.sin(i) + (i % 4)}")
+    path = tmp_path / "g.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    argv = ["--data", str(path), "--target", "y", "--group", "school", "--group", "klass", "--split", "last"]
+    assert main([*argv, *FAST, "--method", "exact", "--out", "o"]) == 0
+    with open(os.path.join("o", "results.json"), encoding="utf-8") as handle:
+        levels = json.load(handle)["group_levels"]
+    assert levels["school"]["labels"] == ["East", "north", "south", "west"]
+    assert levels["school"]["train_levels"] == 4 and levels["school"]["test_only_levels"] == 1
+    assert levels["klass"]["labels"] == [3, 9, 10, 90071992547409921]
+    # the ids the models saw: id i of each row is the position of the row's label in labels
+    problem = split(load_dataset(parse_config(argv)), 0.2, "last", torch.Generator().manual_seed(0))
+    x = problem.x_original(problem.x_train)[:, 0]
+    for column, name, cells in ((1, "school", schools), (2, "klass", [10, 9, 90071992547409921, 3])):
+        for value, ids in zip(x.tolist(), problem.x_train[:, column].long().tolist()):
+            assert levels[name]["labels"][ids] == cells[round(value * n) % 4]

@@ -127,7 +127,12 @@ def test_levels_only_in_the_test_rows_are_predicted_as_new_levels(tmp_path, caps
     assert "1 level(s) of 'school' occur only in held-out rows (30 rows)" in stdout
     assert "allow.new.levels" in stdout
     levels = _results(out)["group_levels"]["school"]
-    assert levels == {"train_levels": 10, "test_only_levels": 1, "test_only_rows": 30}
+    assert levels == {
+        "train_levels": 10,
+        "test_only_levels": 1,
+        "test_only_rows": 30,
+        "labels": [f"s{i}" for i in range(10)],
+    }
     row = _results(out)["results"][0]
     assert torch.isfinite(torch.tensor([row["rmse"], row["nlpd"]])).all()
 

@@ -62,9 +62,16 @@ def summary(config: RunConfig, problem: Problem, kernel_kind: str, fits: list[Fi
         "target": problem.target_name,
         "features": problem.feature_names,
         "groups": problem.group_names,
-        "group_levels": {
-            name: {"train_levels": levels, "test_only_levels": new_levels, "test_only_rows": new_rows}
-            for name, levels, (new_levels, new_rows) in zip(problem.group_names, problem.num_levels, problem.test_only)
+        "group_levels": {  # labels[i]: the CSV's label of id i (ints stay ints, text stays text)
+            name: {
+                "train_levels": len(labels),
+                "test_only_levels": new_levels,
+                "test_only_rows": new_rows,
+                "labels": list(labels),
+            }
+            for name, labels, (new_levels, new_rows) in zip(
+                problem.group_names, problem.group_levels, problem.test_only
+            )
         },
         "n_train": len(problem.y_train),
         "n_test": len(problem.y_test),
