@@ -129,3 +129,20 @@ def test_results_json_maps_group_ids_to_the_csv_labels(tmp_path):
     for column, name, cells in ((1, "school", schools), (2, "klass", [10, 9, 90071992547409921, 3])):
         for value, ids in zip(x.tolist(), problem.x_train[:, column].long().tolist()):
             assert levels[name]["labels"][ids] == cells[round(value * n) % 4]
+
+
+def test_cli_float32_undoes_the_standardisation_in_float64(tmp_path):
+    """The plot's inputs and predictions are ``x_original`` / ``y_original`` of float32 values: multiplied back in
+    float32, half-hourly date-times merged there again (and targets far from 0 lost digits)."""
+    from bma_gp.cli.data import load_dataset, split
+    from bma_gp.datasets import load_csv
+
+    path = _half_hourly_csv(tmp_path)
+    config = parse_config(["--data", str(path), "--target", "y", "--dtype", "float32"])
+    problem = split(load_dataset(config), 0.25, "random", torch.Generator().manual_seed(0))
+    years, _ = load_csv(path, "y")  # float64
+    x = problem.x_original(problem.x_train)[:, 0]
+    assert x.dtype == torch.float64 and x.unique().numel() == len(x)
+    # each time within float32's relative step of its spread (a few seconds), not an hour
+    assert float((x[:, None] - years[:, 0]).abs().min(-1).values.max()) < 5 / (365.25 * 24 * 3600)
+    assert problem.y_original(problem.y_train).dtype == torch.float64

@@ -84,7 +84,7 @@ class Problem:
     y_train: Tensor
     x_test: Tensor
     y_test: Tensor
-    x_mean: Tensor
+    x_mean: Tensor  # the training statistics, in float64 whatever the models' dtype
     x_scale: Tensor
     y_mean: float
     y_scale: float
@@ -103,11 +103,13 @@ class Problem:
         return [len(levels) for levels in self.group_levels]
 
     def x_original(self, x: Tensor) -> Tensor:
-        """The feature columns of ``x`` in their original units (group id columns dropped)."""
-        return x[..., : self.num_features] * self.x_scale + self.x_mean
+        """The feature columns of ``x`` in their original units (group id columns dropped), in float64 whatever
+        the dtype of ``x``: in float32 decimal years near 2000 would be rounded to about an hour."""
+        return x[..., : self.num_features].double() * self.x_scale + self.x_mean
 
     def y_original(self, y: Tensor) -> Tensor:
-        return y * self.y_scale + self.y_mean
+        """``y`` in the target's original units, in float64 (as :meth:`x_original`)."""
+        return y.double() * self.y_scale + self.y_mean
 
     def to(self, device: torch.device) -> None:
         """Move the tensors the models use to ``device`` (in place)."""
@@ -422,8 +424,8 @@ def split(dataset: Dataset, fraction: float, mode: str, generator: torch.Generat
         y_train=((y[train] - y_mean) / y_scale).to(dtype),
         x_test=x_test,
         y_test=((y[test] - y_mean) / y_scale).to(dtype),
-        x_mean=x_mean.to(dtype),
-        x_scale=x_scale.to(dtype),
+        x_mean=x_mean,  # float64: undoing the standardisation in the models' dtype would round as casting did
+        x_scale=x_scale,
         y_mean=y_mean,
         y_scale=y_scale,
         group_names=list(dataset.group_names),
