@@ -146,3 +146,13 @@ def test_cli_float32_undoes_the_standardisation_in_float64(tmp_path):
     # each time within float32's relative step of its spread (a few seconds), not an hour
     assert float((x[:, None] - years[:, 0]).abs().min(-1).values.max()) < 5 / (365.25 * 24 * 3600)
     assert problem.y_original(problem.y_train).dtype == torch.float64
+
+
+def test_help_says_the_default_features_leave_out_the_group_columns(capsys):
+    """``--features``' help said the default was every column but the target, while a ``--group`` column is never
+    an input (what docs/cli.md and the run do)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: every column except the target and the --group columns)" in help_text

@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="COL",
         nargs="+",
         action="extend",
-        help="input columns (default: every column except the target); ISO dates become decimal years. "
-        "Repeating the option adds columns; name each column once",
+        help="input columns (default: every column except the target and the --group columns); ISO dates become "
+        "decimal years. Repeating the option adds columns; name each column once",
     )
     data.add_argument(
         "--group",

@@ -34,7 +34,7 @@ class RunConfig:
     # data
     data: str | None = None  # a CSV path; None: the bundled CO2 series
     target: str | None = None
-    features: tuple[str, ...] | None = None  # None: every column except the target
+    features: tuple[str, ...] | None = None  # None: every column except the target and the groups
     groups: tuple[str, ...] = ()  # columns with a random intercept (1 | col) each; not smooth inputs
     max_rows: int | None = None
     test_fraction: float = 0.2
