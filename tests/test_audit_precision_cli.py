@@ -156,3 +156,15 @@ def test_help_says_the_default_features_leave_out_the_group_columns(capsys):
     assert exit_info.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert "(default: every column except the target and the --group columns)" in help_text
+
+
+def test_cli_warns_when_float32_predictive_variances_fall_below_the_noise(tmp_path, capsys):
+    """GPyTorch's SGPR in float32 on smooth data gives predictive variances below the noise (the latent variance
+    negative, clamped to 1e-6): the NLPD was in the thousands with no word of why."""
+    path = tmp_path / "smooth.csv"
+    path.write_text("x,y\n" + "".join(f"{i / 15},{math.sin(i / 15)}\n" for i in range(150)), encoding="utf-8")
+    argv = ["--data", str(path), "--target", "y", "--no-plot", "--no-progress", "--blocks", "16", "--iters", "20"]
+    assert main([*argv, "--method", "sgpr", "--dtype", "float32", "--out", "o"]) == 0
+    err = capsys.readouterr().err
+    assert "the sgpr GP's predictive variance is below its noise variance at" in err
+    assert "use --dtype float64" in err

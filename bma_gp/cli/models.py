@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from bma_gp import ClosedFormFallbackWarning
-from bma_gp.cli.config import RunConfig, UsageError
+from bma_gp.cli.config import PROG, RunConfig, UsageError
 from bma_gp.cli.data import Problem
 from bma_gp.kernels import GroupKernel
 from bma_gp.partition import Partition
@@ -227,6 +227,22 @@ def _diverged(label: str, step: int, iters: int, lr: float, err: Exception | Non
     )
 
 
+def _warn_if_below_noise(model: GP, method: str, var: Tensor, dtype: torch.dtype) -> None:
+    """Say on standard error when the predictive variance of noisy observations ``var`` falls below half the
+    likelihood's noise at some held-out points: exact arithmetic rules that out (the latent variance is >= 0), so
+    rounding made the latent variance negative (GPyTorch's SGPR in float32 does on smooth data) and the NLPD, which
+    divides by ``var``, and the plot's band are not meaningful there."""
+    noise = float(model.likelihood.noise.detach().min())
+    below = int((var < 0.5 * noise).sum())
+    if below:
+        print(
+            f"{PROG}: warning: the {method} GP's predictive variance is below its noise variance at {below} of "
+            f"{len(var)} held-out points, which exact arithmetic rules out: rounding in {dtype} made its latent "
+            "variance negative, so its NLPD and its +-2 sd band are not meaningful; use --dtype float64",
+            file=sys.stderr,
+        )
+
+
 def predict(model: GP, x: Tensor) -> tuple[Tensor, Tensor]:
     """Predictive mean and variance of noisy observations at ``x``, in chunks of 1,000 points."""
     model.eval()
@@ -276,6 +292,7 @@ def _fit(model: GP, method: str, problem: Problem, config: RunConfig, grid: Tens
         grid_mean = grid_var = None
         if grid is not None:
             grid_mean, grid_var = predict(model, grid)
+    _warn_if_below_noise(model, method, var, config.dtype)
     y = problem.y_test
     scale = problem.y_scale
     rmse = float(((mean - y) ** 2).mean().sqrt()) * scale
