@@ -404,8 +404,9 @@ def _training_mean(
 
 def _check_fantasy_noise(noise, m: int) -> None:
     """``ValueError`` unless ``noise`` (``get_fantasy_model``'s, for a ``FixedNoiseGaussianLikelihood``) is a tensor
-    with one finite variance per fantasy point: the fantasy likelihood appends it to the training noise as it is, and
-    a wrong length or a NaN left the fantasy covariance outside the family (a misleading ``NotImplementedError``)."""
+    with one finite, nonnegative variance per fantasy point: the fantasy likelihood appends it to the training noise
+    as it is; a wrong length or a NaN left the fantasy covariance outside the family (a misleading
+    ``NotImplementedError``), a negative variance made one that is not a covariance."""
     if not torch.is_tensor(noise) or noise.dim() == 0 or noise.shape[-1] != m:
         shape = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
         raise ValueError(
@@ -416,6 +417,11 @@ def _check_fantasy_noise(noise, m: int) -> None:
         raise ValueError(
             "get_fantasy_model(..., noise=...) holds NaN or infinite variances; give every fantasy point a finite "
             "noise variance."
+        )
+    if bool((noise < 0).any()):  # a negative variance made a covariance that is not positive definite, unrefused
+        raise ValueError(
+            f"get_fantasy_model(..., noise=...) holds negative variances (the smallest is {noise.min().item():.3g}); "
+            "noise is the variance of each fantasy observation: give every fantasy point a noise variance >= 0."
         )
 
 
@@ -431,7 +437,7 @@ def closed_form_fantasy(
     Raises:
         ValueError: in the family, ``noise`` was given with a likelihood other than a
             ``FixedNoiseGaussianLikelihood``, whose fantasy likelihood would not hold it; or, with one, ``noise`` has
-            not one finite variance per fantasy point."""
+            not one finite, nonnegative variance per fantasy point."""
     noise = kwargs.get("noise")
     if noise is not None and isinstance(strategy.likelihood, FixedNoiseGaussianLikelihood):
         _check_fantasy_noise(noise, inputs[0].shape[-2])
