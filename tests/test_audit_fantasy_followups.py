@@ -4,10 +4,12 @@ parent's training inputs, the training block sums it reuses from the parent, and
 
 from __future__ import annotations
 
+import gpytorch
 import pytest
 import torch
 
-from test_audit_fantasy_single import DTYPE, N, _fantasy_points, _model
+import test_audit_fantasy_models as fantasy_models
+from test_audit_fantasy_single import DTYPE, N, _dense_posterior, _fantasy_points, _model
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
 
@@ -33,3 +35,56 @@ def test_negative_fantasy_noise_is_refused_and_leaves_the_model_unchanged(kernel
         after = model(test_x)
         torch.testing.assert_close(after.mean, before.mean, rtol=0, atol=0)
         assert model.get_fantasy_model(x1, y1, noise=torch.tensor([0.0, 0.1], dtype=DTYPE))(test_x).mean.shape == (4,)
+
+
+# ---------------------------------------------------------------------------- train() / eval() on a fantasy model
+@pytest.mark.parametrize("kernel", ["block_mean", "scale_block_mean", "block_mean+group"])
+@pytest.mark.parametrize("likelihood, batch", [("gaussian", False), ("fixed", True)])
+def test_fantasy_model_trains_and_predicts_again_after_train_and_eval(kernel, likelihood, batch):
+    # fantasy.train() dropped the strategy, and GPyTorch's rebuild (and a training-mode call on the fantasy's training
+    # inputs) refused the BlockMeanKernel, bound to the parent's training inputs only, with the set_train_data
+    # ValueError; the kernel takes the fantasy points for new points, as get_fantasy_model made the model
+    if kernel == "block_mean+group":
+        model, test_x = fantasy_models._model(kernel)
+        model = fantasy_models._with_likelihood(model, likelihood)
+        x1, y1 = fantasy_models._fantasy_points(model)
+    else:
+        model, test_x = _model(kernel, likelihood)
+        (x1, y1), _ = _fantasy_points(model)
+    n = model.train_targets.shape[-1]
+    model.eval()
+    if batch:
+        y1 = torch.stack([y1, y1 + 1.0])
+    kwargs = {"noise": torch.full(y1.shape, 0.03, dtype=DTYPE)} if likelihood == "fixed" else {}
+    with torch.no_grad():
+        model(test_x)
+        fantasy = model.get_fantasy_model(x1, y1, **kwargs)
+        before = fantasy(test_x)
+    fantasy.train()
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(fantasy.likelihood, fantasy)
+    loss = -mll(fantasy(*fantasy.train_inputs), fantasy.train_targets).sum()
+    loss.backward()
+    grads = [p.grad for p in fantasy.covar_module.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+    fantasy.eval()
+    with torch.no_grad():
+        after = fantasy(test_x)
+        x, y = (
+            torch.cat([model.train_inputs[0], x1]),
+            torch.cat([model.train_targets.expand(*y1.shape[:-1], n), y1], -1),
+        )
+        fantasy_noise = (
+            model.likelihood.noise.expand(2) if likelihood == "gaussian" else torch.full((2,), 0.03, dtype=DTYPE)
+        )
+        noise = torch.cat([model.likelihood.noise.expand(n), fantasy_noise.to(DTYPE)])
+        ref_mean, ref_covariance = _dense_posterior(model, x, y, test_x, noise)
+    assert isinstance(fantasy.prediction_strategy, type(model.prediction_strategy))
+    torch.testing.assert_close(after.mean, ref_mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        after.covariance_matrix, ref_covariance.expand_as(after.covariance_matrix), rtol=1e-10, atol=1e-12
+    )
+    torch.testing.assert_close(after.mean, before.mean, rtol=1e-12, atol=1e-12)
+    # the parent still refuses training inputs that only extend the kernel's (the user forgot kernel.set_train_data)
+    model.set_train_data(x, y[0] if batch else y, strict=False)
+    with pytest.raises(ValueError, match="kernel.set_train_data"), torch.no_grad():
+        model(test_x)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 from gpytorch.kernels import AdditiveKernel, Kernel, ProductKernel, ScaleKernel
@@ -59,6 +60,12 @@ def _inputs_seen(kernel: Kernel, x: Tensor | None) -> Iterator[tuple[Kernel, Ten
             yield module, None
 
 
+# whether the model being called is a fantasy model (``get_fantasy_model``): a BlockMeanKernel in it stays bound to
+# the parent's training inputs and takes the fantasy points for new points (one singleton block each), so the model's
+# training inputs may extend the kernel's
+_FANTASY_MODEL: ContextVar[bool] = ContextVar("bma_gp_fantasy_model", default=False)
+
+
 def _check_training_inputs(strategy: DefaultPredictionStrategy) -> None:
     """``ValueError`` if a ``BlockMeanKernel`` in the model's kernel does not take the model's training inputs (as
     the kernels around it pass them on) for its own: it would treat them as new points, silently a different model."""
@@ -73,9 +80,12 @@ def _check_prior(prior) -> None:
         return
     # from the model's kernel (``kernel`` may be inside it: a ScaleKernel hands its base kernel's strategy on), whose
     # active_dims the lazy tensor's inputs have already
+    # a fantasy model's training inputs are the kernel's followed by the fantasy points (new points for the kernel)
+    extended = _FANTASY_MODEL.get()
     for module, seen in _inputs_seen(prior.kernel, prior.x1):
-        if seen is not None and (seen.shape[-2] != module.train_x.shape[-2] or not module._num_train_rows(seen)):
-            raise ValueError(_MISMATCH_MESSAGE)
+        if seen is None or (seen.shape[-2] == module.train_x.shape[-2] or extended) and module._num_train_rows(seen):
+            continue
+        raise ValueError(_MISMATCH_MESSAGE)
 
 
 def record_bound_data(strategy: DefaultPredictionStrategy, kernel: Kernel) -> DefaultPredictionStrategy:
@@ -156,8 +166,7 @@ def _rebuilt(model, strategy: DefaultPredictionStrategy) -> DefaultPredictionStr
     """What replaces a cached ``strategy`` that may not be used: None (GPyTorch builds a new one from the model's
     training data at the next call), but for a fantasy model's strategy a new strategy of its class on the model's
     prior at its training inputs. A ``BlockMeanKernel`` takes the fantasy points for new points (which
-    ``get_fantasy_model`` keeps), whereas a strategy GPyTorch builds would refuse training inputs the kernel is not
-    bound to."""
+    ``get_fantasy_model`` keeps), and the strategy keeps its class."""
     if not getattr(strategy, "_bma_gp_fantasy", False):
         return None
     from gpytorch.module import Module
@@ -183,7 +192,9 @@ def install() -> None:
     or under validation off (``get_fantasy_model`` updates the parent's caches). In
     training mode a model whose training inputs a ``BlockMeanKernel`` in it is not bound to raises the same
     ``ValueError`` as in eval mode (the kernel would take them for new points: the exact base kernel, trained
-    densely). A training-mode output remembers the inputs it was computed at (``_bma_gp_inputs``), so that a
+    densely); a fantasy model's training inputs may extend the kernel's (the fantasy points are new points for it,
+    one singleton block each), so that it trains, and rebuilds its strategy after ``train()`` / ``eval()``, on all of
+    them. A training-mode output remembers the inputs it was computed at (``_bma_gp_inputs``), so that a
     :class:`~bma_gp.GroupGaussianLikelihood` can tell stored training groups that no longer belong to the model's
     training inputs."""
     from gpytorch.models import ExactGP
@@ -194,6 +205,15 @@ def install() -> None:
 
     @functools.wraps(original)
     def __call__(self, *args, **kwargs):
+        # a fantasy model rebuilds its strategy (after train() / eval(), set_train_data) and trains on its own
+        # training inputs, which extend those of a BlockMeanKernel in it: the checks accept them there
+        token = _FANTASY_MODEL.set(getattr(self, "_bma_gp_fantasy_model", False))
+        try:
+            return _call(self, *args, **kwargs)
+        finally:
+            _FANTASY_MODEL.reset(token)
+
+    def _call(self, *args, **kwargs):
         validated = settings.validate.on()
         strategy = self.prediction_strategy
         if strategy is not None and not self.training and _moved(strategy, self):
@@ -249,6 +269,7 @@ def install() -> None:
         finally:  # the parent's caches filled here skipped the checks too
             if not validated and self.prediction_strategy is not None:
                 self.prediction_strategy._bma_gp_unvalidated = True
+        fantasy._bma_gp_fantasy_model = True  # its training inputs extend its BlockMeanKernels' (see __call__)
         if fantasy.prediction_strategy is not None:
             fantasy.prediction_strategy._bma_gp_fantasy = True
             if unchecked:
