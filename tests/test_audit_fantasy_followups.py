@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import test_audit_fantasy_models as fantasy_models
+from bma_gp.kernels import block_mean_kernel
 from test_audit_fantasy_single import DTYPE, N, _dense_posterior, _fantasy_points, _model
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
@@ -88,3 +89,59 @@ def test_fantasy_model_trains_and_predicts_again_after_train_and_eval(kernel, li
     model.set_train_data(x, y[0] if batch else y, strict=False)
     with pytest.raises(ValueError, match="kernel.set_train_data"), torch.no_grad():
         model(test_x)
+
+
+# ---------------------------------------------------------------------------- the training block sums
+def _counting_block_means(monkeypatch) -> list:
+    """Record the inputs of every training pass of a ``BlockMeanKernel`` (``kernel_block_mean`` over its points)."""
+    calls: list = []
+    original = block_mean_kernel._kernel_block_mean
+
+    def counting(kernel, x, partition, chunk_size):
+        calls.append(x.shape[-2])
+        return original(kernel, x, partition, chunk_size)
+
+    monkeypatch.setattr(block_mean_kernel, "_kernel_block_mean", counting)
+    return calls
+
+
+@pytest.mark.parametrize("kernel", ["block_mean", "scale_block_mean"])
+def test_fantasy_reuses_the_parents_training_block_sums_while_the_hyperparameters_are_unchanged(kernel, monkeypatch):
+    # the fantasy covariance (training blocks plus fantasy points) redid the pass over all n^2 training kernel entries
+    # that the parent's strategy had just made
+    model, test_x = _model(kernel)
+    model.eval()
+    (x1, y1), (x2, y2) = _fantasy_points(model)
+    calls = _counting_block_means(monkeypatch)
+    with torch.no_grad():
+        model(test_x)
+        assert calls == [N]
+        fantasy = model.get_fantasy_model(x1, y1)
+        pred = fantasy(test_x)
+        second = fantasy.get_fantasy_model(x2, y2)(test_x)
+        assert calls == [N]  # the fantasy and the fantasy of the fantasy reused them
+        x, y = torch.cat([model.train_inputs[0], x1]), torch.cat([model.train_targets, y1])
+        noise = model.likelihood.noise.expand(N + 2)
+        ref_mean, ref_covariance = _dense_posterior(model, x, y, test_x, noise)
+        torch.testing.assert_close(pred.mean, ref_mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(pred.covariance_matrix, ref_covariance, rtol=1e-10, atol=1e-12)
+        x, y = torch.cat([x, x2]), torch.cat([y, y2])
+        ref_mean, _ = _dense_posterior(model, x, y, test_x, model.likelihood.noise.expand(N + 4))
+        torch.testing.assert_close(second.mean, ref_mean, rtol=1e-10, atol=1e-12)
+        # a hyperparameter changed in place after the parent's strategy was built: the fantasy, conditioned on the
+        # prior with the new value, redoes the pass
+        rbf = model.covar_module.base_kernel.base_kernel  # inside the ScaleKernel, or inside the BlockMeanKernel
+        rbf.lengthscale = rbf.lengthscale * 1.7
+        calls.clear()
+        fantasy = model.get_fantasy_model(x1, y1)
+        pred = fantasy(test_x)
+        assert calls == [N]
+        x, y = torch.cat([model.train_inputs[0], x1]), torch.cat([model.train_targets, y1])
+        ref_mean, ref_covariance = _dense_posterior(model, x, y, test_x, noise)
+        torch.testing.assert_close(pred.mean, ref_mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(pred.covariance_matrix, ref_covariance, rtol=1e-10, atol=1e-12)
+    # with gradients asked of the hyperparameters the pass is made afresh (a kept graph may have been freed)
+    calls.clear()
+    for _ in range(2):
+        model.covar_module(model.train_inputs[0]).evaluate_kernel().diagonal().sum().backward()
+    assert calls == [N, N]

@@ -248,6 +248,7 @@ class BlockMeanKernel(Kernel):
         self._train_x: Tensor
         self._partition: Partition
         self._data_version = 0
+        self._block_sums_cache: tuple | None = None  # (key, block mean) of the last training pass
         self.set_train_data(train_x, partition)
 
     @property
@@ -295,6 +296,7 @@ class BlockMeanKernel(Kernel):
         self._train_x = train_x
         self._partition = partition
         self._data_version += 1
+        self._block_sums_cache = None
 
     def set_partition(self, partition: Partition) -> None:
         """Use a new partition of the same training inputs.
@@ -303,6 +305,7 @@ class BlockMeanKernel(Kernel):
         strategy until ``model.set_train_data`` or ``model.train()`` (predicting before that raises ``ValueError``)."""
         self._partition = _check_partition(partition, self._train_x.shape[-2])
         self._data_version += 1
+        self._block_sums_cache = None
 
     def _apply(self, fn, *args, **kwargs):
         # .to(), .double(), .cuda() move the bound inputs together with the parameters
@@ -316,6 +319,7 @@ class BlockMeanKernel(Kernel):
             index = index if isinstance(index, tuple) else (index,)
             batch = torch.broadcast_shapes(self._train_x.shape[:-2], self.batch_shape)
             new_kernel._train_x = self._train_x.expand(*batch, *self._train_x.shape[-2:])[index]
+            new_kernel._block_sums_cache = None
         return new_kernel
 
     # ------------------------------------------------------------------ pieces
@@ -327,8 +331,29 @@ class BlockMeanKernel(Kernel):
             return to_dense(self.base_kernel(x1, x2))
 
     def _train_block_mean(self, train_x: Tensor) -> BlockMeanLinearOperator:
+        """The block mean of ``base_kernel`` on the training inputs (``train_x``, the bound inputs in the caller's
+        dtype and device): one pass over every training kernel entry, kept for the next call while no gradient is
+        asked of it and the data, the dtype and device, and the base kernel's parameters and buffers are unchanged.
+        A model's prediction strategy and then its fantasy model's (training points plus fantasy points) ask for it
+        one after the other; the second reused nothing and redid the pass."""
+        key = self._block_sums_key(train_x)
+        cached = self.__dict__.get("_block_sums_cache")  # (a kernel unpickled from an older version has none)
+        if key is not None and cached is not None and _same_key(cached[0], key):
+            return cached[1]
         partition = self._partition_on(train_x.device)
-        return _kernel_block_mean(self.base_kernel, train_x, partition, self.chunk_size)
+        res = _kernel_block_mean(self.base_kernel, train_x, partition, self.chunk_size)
+        self._block_sums_cache = None if key is None else (key, res)
+        return res
+
+    def _block_sums_key(self, train_x: Tensor) -> tuple | None:
+        """What the training block sums depend on, or None where they must be computed afresh (a gradient with
+        respect to a parameter or the inputs is recorded: a kept result's graph may be freed by then)."""
+        state = [*self.base_kernel.named_parameters(), *self.base_kernel.named_buffers()]
+        if torch.is_grad_enabled() and (train_x.requires_grad or any(t.requires_grad for _, t in state)):
+            return None
+        # the inputs by value too (O(n d) against the pass's O(n^2 d)): changed in place, or a deep copy's
+        values = tuple((name, t.detach().clone()) for name, t in [("train_x", train_x), *state])
+        return (self._data_version, train_x.shape, train_x.dtype, train_x.device, values)
 
     def _centred(self, x_new: Tensor, train_x: Tensor) -> tuple[Tensor, Tensor]:
         """Both inputs minus the training inputs' (constant) column means, for a translation-invariant base kernel.
@@ -511,6 +536,16 @@ class BlockMeanKernel(Kernel):
                 "kernel.set_train_data(x, partition) on the BlockMeanKernel."
             )
         return record_bound_data(strategy, self)
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Whether two :meth:`BlockMeanKernel._block_sums_key` values agree (the inputs and parameters by value)."""
+    if a[:4] != b[:4] or len(a[4]) != len(b[4]):
+        return False
+    return all(
+        n == m and x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)
+        for (n, x), (m, y) in zip(a[4], b[4])
+    )
 
 
 def _joint_partition(partition: Partition, t: int) -> Partition:
