@@ -4,12 +4,16 @@ parent's training inputs, the training block sums it reuses from the parent, and
 
 from __future__ import annotations
 
+import warnings
+
 import gpytorch
 import pytest
 import torch
 
 import test_audit_fantasy_models as fantasy_models
+from bma_gp import ClosedFormFallbackWarning
 from bma_gp.kernels import block_mean_kernel
+from largest_tensor import LargestTensor
 from test_audit_fantasy_single import DTYPE, N, _dense_posterior, _fantasy_points, _model
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
@@ -145,3 +149,43 @@ def test_fantasy_reuses_the_parents_training_block_sums_while_the_hyperparameter
     for _ in range(2):
         model.covar_module(model.train_inputs[0]).evaluate_kernel().diagonal().sum().backward()
     assert calls == [N, N]
+
+
+# ---------------------------------------------------------------------------- the parent's training inputs
+@pytest.mark.parametrize("kernel", ["block_mean", "scale_block_mean"])
+@pytest.mark.parametrize("batch", [False, True])
+def test_fantasy_at_the_parents_training_inputs_forms_nothing_of_the_data_size(kernel, batch):
+    # fantasy(train_x): the kernel's training points against its training points and the fantasy points was
+    # assembled densely, n x (n + m), and the posterior went through it
+    n = 300
+    model, _ = _model(kernel, n=n, chunk_size=8)
+    model.eval()
+    (x1, y1), _ = _fantasy_points(model)
+    if batch:
+        y1 = torch.stack([y1, -y1])
+    train_x = model.train_inputs[0]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", gpytorch.utils.warnings.GPInputWarning)  # model(train_x) in eval mode
+        model(train_x[:3])
+        fantasy = model.get_fantasy_model(x1, y1)
+        fantasy(train_x[:3])
+        with LargestTensor(square=n) as largest:
+            pred = fantasy(train_x)
+            mean, variance = pred.mean, pred.variance
+            sample = pred.rsample(torch.Size([2]))
+        assert largest.squares == []
+        assert largest.largest < n * n // 8, f"{largest.largest} entries from {largest.where}"
+        assert sample.shape == (2, *y1.shape[:-1], n) and bool(torch.isfinite(sample).all())
+        covariance = pred.covariance_matrix
+        x = torch.cat([train_x, x1])
+        y = torch.cat([model.train_targets.expand(*y1.shape[:-1], n), y1], -1)
+        with gpytorch.settings.lazily_evaluate_kernels(False):
+            warnings.simplefilter("ignore", ClosedFormFallbackWarning)  # the dense reference's eager evaluation
+            prior = model.covar_module(x).to_dense()
+        prior_mean = model.mean_module(x)
+    noisy = prior + model.likelihood.noise * torch.eye(n + 2, dtype=DTYPE)
+    ref_mean = prior_mean + (prior @ torch.linalg.solve(noisy, (y - prior_mean).unsqueeze(-1))).squeeze(-1)
+    ref_covariance = prior - prior @ torch.linalg.solve(noisy, prior)
+    torch.testing.assert_close(mean, ref_mean[..., :n], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(variance, ref_covariance.diagonal()[:n].expand_as(variance), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(covariance, ref_covariance[:n, :n].expand_as(covariance), rtol=1e-10, atol=1e-12)

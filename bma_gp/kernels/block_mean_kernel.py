@@ -20,6 +20,7 @@ from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.kernel_block_mean import check_single_output
 from bma_gp.kernels._bound_data import record_bound_data
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
+from bma_gp.kernels.leading_rows_linear_operator import LeadingRowsLinearOperator
 from bma_gp.kernels.prediction_strategy import BlockMeanPredictionStrategy
 from bma_gp.partition import Partition
 
@@ -191,7 +192,9 @@ class BlockMeanKernel(Kernel):
     * anything else: new points (``base_kernel`` itself; against the training points a
       :class:`~bma_gp.kernels.BlockCrossLinearOperator` of size ``t x k``, against the training
       points followed by ``m`` new points, a fantasy model's training inputs, one of size
-      ``t x (k + m)`` over the blocks of the joint operator above).
+      ``t x (k + m)`` over the blocks of the joint operator above); ``train_x`` against ``train_x`` followed by
+      new points: the leading rows of that joint operator
+      (:class:`~bma_gp.kernels.leading_rows_linear_operator.LeadingRowsLinearOperator`).
 
     Predictions at inputs equal to ``train_x`` are therefore the posterior of the latent
     values *at the training points*; any other set of inputs gets the new-point covariance.
@@ -462,12 +465,19 @@ class BlockMeanKernel(Kernel):
             return self._joint_cross(train_x, new1, new2)
         if r1 and not r2:
             return self._joint_cross(train_x, new2, new1).mT
+        if r1 and r2 and not t1:  # the training points against them and more new points (a fantasy model's data):
+            # the leading rows of the block mean operator of all of them, not the n x (n + t) matrix
+            return LeadingRowsLinearOperator(self._joint_block_mean(train_x, new2, warn=False), r1)
+        if r1 and r2 and not t2:
+            return LeadingRowsLinearOperator(self._joint_block_mean(train_x, new1, warn=False), r2, transposed=True)
         # Rare mixtures (e.g. train + new rows against other new rows): assemble densely.
         return to_linear_operator(self._dense_mixture(train_x, r1, new1, r2, new2))
 
-    def _joint_block_mean(self, train_x: Tensor, x_new: Tensor) -> BlockMeanLinearOperator:
-        """Training points followed by new points: one block mean operator over ``k + t`` blocks."""
-        if not self.training and not gpt_settings.lazily_evaluate_kernels.on() and not _inside_lazy_evaluation():
+    def _joint_block_mean(self, train_x: Tensor, x_new: Tensor, warn: bool = True) -> BlockMeanLinearOperator:
+        """Training points followed by new points: one block mean operator over ``k + t`` blocks (``warn``: about
+        an eager evaluation in eval mode, where ``x1`` and ``x2`` are both the training and new points)."""
+        eager = not gpt_settings.lazily_evaluate_kernels.on() and not _inside_lazy_evaluation()
+        if warn and not self.training and eager:
             # the user switched lazy evaluation off: an ExactGP in eval mode evaluates its kernel on
             # cat(train_x, test_x) at once here, and GPyTorch then never asks this kernel for its prediction
             # strategy. Inside LazyEvaluatedKernelTensor.evaluate_kernel the setting is off because GPyTorch

@@ -45,6 +45,7 @@ from bma_gp._precision import core_dtype
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.kernels._bound_data import check_bound_data
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
+from bma_gp.kernels.leading_rows_linear_operator import LeadingRowsLinearOperator
 from bma_gp.kernels.sum_prediction_strategy import (
     _exact_dense_root,
     closed_form_fantasy,
@@ -384,9 +385,36 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
             and test_test_covar.partition.same_as(M.partition)
         )
 
+    def _leading_training_points(self, test_train_covar) -> BlockMeanLinearOperator | None:
+        """The prior :math:`K` of all the training points when the test points are the leading ones (a
+        ``BlockMeanKernel`` fantasy model at its parent's training inputs: ``test_train_covar`` is the leading rows of
+        :math:`K`, over the partition of the noisy training covariance), else None."""
+        M = self.block_mean_covar
+        if M is None or not isinstance(test_train_covar, LeadingRowsLinearOperator) or test_train_covar.transposed:
+            return None
+        base = test_train_covar.base
+        return base if isinstance(base, BlockMeanLinearOperator) and base.partition.same_as(M.partition) else None
+
     # ------------------------------------------------------------------ prediction
     def exact_prediction(self, test_mean: Tensor, test_test_covar, test_train_covar):
         check_bound_data(self)
+        prior = self._leading_training_points(test_train_covar)
+        if prior is not None:
+            # the leading r of the training points, whole blocks of K (the parent's training blocks): the posterior
+            # there is the principal block of the one at all the training points, K - K M^{-1} K
+            r = test_train_covar.shape[-2]
+            alpha = self.mean_cache
+            K = prior if prior.dtype == alpha.dtype else prior.to(alpha.dtype)
+            dtype = torch.promote_types(test_mean.dtype, prior.dtype)
+            mean = test_mean.to(dtype) + (K @ alpha.unsqueeze(-1)).squeeze(-1)[..., :r].to(dtype)
+            if settings.skip_posterior_variances.on():
+                return mean, ZeroLinearOperator(*test_test_covar.size(), dtype=dtype, device=test_mean.device)
+            noisy = self.block_mean_covar
+            assert noisy is not None  # _leading_training_points checked it
+            posterior = _posterior_at_training_points(prior, prior, noisy)
+            leading = posterior[..., :r, :r]
+            leading._rounding = posterior._rounding  # the rounding level its samples clamp to (matrix_sqrt)
+            return mean, leading
         if self._at_training_points(test_test_covar, test_train_covar):
             # K_** - K_*X M^{-1} K_X*: products and sums of block mean operators on one partition
             mean = self.exact_predictive_mean(test_mean, test_train_covar)
