@@ -171,13 +171,20 @@ class GroupNoise(Noise):
         training mode (``mll(model(train_x), train_y)``). Call it again after ``model.set_train_data``: an
         :class:`~gpytorch.models.ExactGP` output computed at other inputs (of as many columns) than these raises
         ``ValueError`` instead of taking the old groups."""
+        seen = self._store_train_groups(train_inputs)
+        with torch.no_grad():
+            self.observed |= seen
+
+    def _store_train_groups(self, train_inputs) -> Tensor:
+        """Remember the training points' groups (:meth:`set_train_inputs`) without recording their levels as
+        observed, as a fantasy model's likelihood takes its fantasy points (conditioning learns no noise); returns
+        the levels they hold. # shape: (*batch_shape, num_groups), bool"""
         ids = self.groups_of(train_inputs, "train_inputs")
         seen = self._levels_seen(ids, "train_inputs")  # checked before anything changes
         source = train_inputs[0] if isinstance(train_inputs, (list, tuple)) else train_inputs
         self.train_groups = ids.to(self.raw_noise.device)
         self._train_columns = source.shape[-1] if source.dim() > 1 else None
-        with torch.no_grad():
-            self.observed |= seen
+        return seen
 
     def _check_train_groups(self, ids: Tensor, model_inputs) -> None:
         """``ValueError`` if ``model_inputs`` (the inputs an :class:`~gpytorch.models.ExactGP` output was computed
@@ -399,7 +406,9 @@ class GroupGaussianLikelihood(_GaussianLikelihoodBase):
     observed any level, every level uses its own noise. Conditioning learns no noise, so it records nothing: the
     points of an unrecorded level in new training data used in eval mode (``model.set_train_data``) or in a
     fantasy model (``model.get_fantasy_model``) take the same policy, and a fantasy model predicts as the model
-    given all its points. A level whose noise is known can be marked by hand: ``likelihood.observed[..., j] = True``.
+    given all its points (its likelihood's stored training inputs are the fantasy model's, so it also trains on
+    them after ``fantasy.train()``, which records their levels). A level whose noise is known can be marked by hand:
+    ``likelihood.observed[..., j] = True``.
 
     Args:
         num_groups: number of possible ids; ids must be integers in ``[0, num_groups)``.

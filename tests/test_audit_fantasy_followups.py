@@ -189,3 +189,50 @@ def test_fantasy_at_the_parents_training_inputs_forms_nothing_of_the_data_size(k
     torch.testing.assert_close(mean, ref_mean[..., :n], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(variance, ref_covariance.diagonal()[:n].expand_as(variance), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(covariance, ref_covariance[:n, :n].expand_as(covariance), rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- a GroupGaussianLikelihood fantasy
+@pytest.mark.parametrize("kernel", ["group", "block_mean"])
+@pytest.mark.parametrize("batch", [False, True])
+def test_group_likelihood_fantasy_trains_on_its_own_points(kernel, batch):
+    # the fantasy model's likelihood is the parent's copy, whose stored training groups (for mll(model(x), y), which
+    # passes it no inputs) were the parent's n points: in training mode the fantasy's n + 2 points raised "after
+    # model.set_train_data also call likelihood.set_train_inputs"
+    model, test_x = _model(kernel, "group")
+    model.eval()
+    (x1, y1), _ = _fantasy_points(model)
+    if batch:
+        y1 = torch.stack([y1, -y1])
+    with torch.no_grad():
+        model(test_x)
+        fantasy = model.get_fantasy_model(x1, y1)
+        before = fantasy(test_x).mean
+    observed = model.likelihood.observed.clone()
+    assert torch.equal(fantasy.likelihood.observed, observed)  # conditioning records no level (5 stays unseen)
+    fantasy.train()
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(fantasy.likelihood, fantasy)
+    value = mll(fantasy(*fantasy.train_inputs), fantasy.train_targets)
+    x = torch.cat([model.train_inputs[0], x1])
+    y = torch.cat([model.train_targets.expand(*y1.shape[:-1], N), y1], -1)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ClosedFormFallbackWarning)  # the dense reference's eager evaluation
+        with gpytorch.settings.lazily_evaluate_kernels(False):
+            prior = model.covar_module(x).to_dense()
+        residual = y - model.mean_module(x)
+    covariance = prior + torch.diag(fantasy.likelihood.noise[x[:, 0].long()].detach())  # training mode: own noise
+    dense = torch.distributions.MultivariateNormal(torch.zeros(N + 2, dtype=DTYPE), covariance)
+    torch.testing.assert_close(value.detach(), dense.log_prob(residual) / (N + 2), rtol=1e-10, atol=1e-12)
+    # a training-mode call records its levels (5 now has its own noise), and the rebuilt strategy predicts with them
+    assert bool(fantasy.likelihood.observed[5]) and not bool(observed[5])
+    fantasy.eval()
+    with torch.no_grad():
+        after = fantasy(test_x)
+        noise = fantasy.likelihood.noise[x[:, 0].long()]
+        ref_mean, ref_covariance = _dense_posterior(model, x, y, test_x, noise)
+    assert after.mean.shape == before.shape
+    torch.testing.assert_close(after.mean, ref_mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        after.covariance_matrix, ref_covariance.expand_as(after.covariance_matrix), rtol=1e-10, atol=1e-12
+    )
+    assert model.likelihood.noise_covar.train_groups.shape == (N,)  # the parent's likelihood is left as it was
+    assert torch.equal(model.likelihood.observed, observed)

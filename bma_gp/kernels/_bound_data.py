@@ -177,6 +177,19 @@ def _rebuilt(model, strategy: DefaultPredictionStrategy) -> DefaultPredictionStr
     return rebuilt
 
 
+def _follow_fantasy_inputs(fantasy) -> None:
+    """Give the training groups a :class:`~bma_gp.GroupGaussianLikelihood` of ``fantasy`` stored (for
+    ``mll(model(train_x), train_y)``, which passes it no inputs) the fantasy model's training inputs: the likelihood
+    is the parent's copy, so ``fantasy.train()`` and a marginal likelihood on the fantasy's training points raised
+    its "after model.set_train_data also call likelihood.set_train_inputs" ``ValueError``. The fantasy levels are not
+    recorded as observed (conditioning learns no noise), so predictions keep the unseen-level policy."""
+    from bma_gp.likelihoods import GroupNoise
+
+    for module in fantasy.likelihood.modules() if fantasy.likelihood is not None else ():
+        if isinstance(module, GroupNoise) and module.train_groups is not None and fantasy.train_inputs:
+            module._store_train_groups(fantasy.train_inputs)
+
+
 def install() -> None:
     """Make every :class:`~gpytorch.models.ExactGP` refuse a cached prediction strategy built before a
     :class:`~bma_gp.BlockMeanKernel` among its modules got new data (idempotent).
@@ -270,6 +283,7 @@ def install() -> None:
             if not validated and self.prediction_strategy is not None:
                 self.prediction_strategy._bma_gp_unvalidated = True
         fantasy._bma_gp_fantasy_model = True  # its training inputs extend its BlockMeanKernels' (see __call__)
+        _follow_fantasy_inputs(fantasy)
         if fantasy.prediction_strategy is not None:
             fantasy.prediction_strategy._bma_gp_fantasy = True
             if unchecked:
