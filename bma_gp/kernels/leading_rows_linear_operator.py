@@ -1,14 +1,15 @@
-"""The leading rows of a block mean operator, without the ``r x n`` matrix."""
+"""The leading rows of a block mean operator and the leading block of a posterior covariance, without the ``r x n``
+matrix."""
 
 from __future__ import annotations
 
 import torch
-from linear_operator.operators import LinearOperator
+from linear_operator.operators import DiagLinearOperator, LinearOperator, RootLinearOperator
 from torch import Tensor
 
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 
-__all__ = ["LeadingRowsLinearOperator"]
+__all__ = ["LeadingBlockLinearOperator", "LeadingRowsLinearOperator"]
 
 
 class LeadingRowsLinearOperator(LinearOperator):
@@ -67,3 +68,68 @@ class LeadingRowsLinearOperator(LinearOperator):
         leading = torch.eye(n, self.rows, dtype=self.dtype, device=self.device)  # [I_r; 0]
         columns = self.base._matmul(leading.expand(*self.batch_shape, n, self.rows))  # M [I_r; 0], n x r
         return columns if self.transposed else columns.mT
+
+
+class LeadingBlockLinearOperator(LinearOperator):
+    r"""The leading :math:`r \times r` principal block :math:`[I_r, 0]\, S\, [I_r, 0]^\top` of a symmetric
+    :math:`n \times n` operator :math:`S` (a posterior covariance at all the training points of a fantasy model,
+    cut to the parent's): products pad with zeros, the diagonal, entries, draws and roots are :math:`S`'s cut to the
+    first :math:`r` points, and an added diagonal goes into :math:`S` (padded with ones, which the block does not
+    see), so nothing :math:`r \times n` is formed but by :meth:`to_dense`.
+
+    Args:
+        base: :math:`S`. # shape: (*batch, n, n)
+        rows: :math:`r`.
+    """
+
+    def __init__(self, base: LinearOperator, rows: int):
+        super().__init__(base, rows=rows)
+        self.base, self.rows = base, int(rows)
+
+    def _size(self) -> torch.Size:
+        return torch.Size((*self.base.batch_shape, self.rows, self.rows))
+
+    def _pad(self, rhs: Tensor, value: float = 0.0) -> Tensor:
+        rest = self.base.shape[-1] - self.rows
+        return torch.cat([rhs, rhs.new_full((*rhs.shape[:-2], rest, rhs.shape[-1]), value)], dim=-2)
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        return self.base._matmul(self._pad(rhs))[..., : self.rows, :]
+
+    def _t_matmul(self, rhs: Tensor) -> Tensor:
+        return self._matmul(rhs)
+
+    def _transpose_nonbatch(self) -> LinearOperator:
+        return self
+
+    def _expand_batch(self, batch_shape) -> LinearOperator:
+        return LeadingBlockLinearOperator(self.base._expand_batch(batch_shape), self.rows)
+
+    def _diagonal(self) -> Tensor:
+        return self.base._diagonal()[..., : self.rows]
+
+    def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
+        return self.base._get_indices(row_index, col_index, *batch_indices)
+
+    def to_dense(self) -> Tensor:
+        n = self.base.shape[-1]
+        leading = torch.eye(n, self.rows, dtype=self.dtype, device=self.device)  # [I_r; 0]
+        return self.base._matmul(leading.expand(*self.batch_shape, n, self.rows))[..., : self.rows, :]
+
+    def add_diagonal(self, diag) -> LinearOperator:
+        diag = diag if torch.is_tensor(diag) else torch.tensor(diag, dtype=self.dtype, device=self.device)
+        diag = diag.to(self.dtype).expand(*self.shape[:-1])
+        padded = self._pad(diag.unsqueeze(-1), 1.0).squeeze(-1)
+        return LeadingBlockLinearOperator(self.base.add_diagonal(padded), self.rows)
+
+    def __add__(self, other):
+        if isinstance(other, DiagLinearOperator):  # the likelihood's noise
+            return self.add_diagonal(other.diagonal(dim1=-2, dim2=-1))
+        return super().__add__(other)
+
+    def root_decomposition(self, method: str | None = None) -> LinearOperator:
+        root = self.base.root_decomposition(method=method).root
+        return RootLinearOperator(root[..., : self.rows, :])
+
+    def zero_mean_mvn_samples(self, num_samples: int) -> Tensor:
+        return self.base.zero_mean_mvn_samples(num_samples)[..., : self.rows]

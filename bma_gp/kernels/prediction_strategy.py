@@ -45,7 +45,7 @@ from bma_gp._precision import core_dtype
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.kernels._bound_data import check_bound_data
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
-from bma_gp.kernels.leading_rows_linear_operator import LeadingRowsLinearOperator
+from bma_gp.kernels.leading_rows_linear_operator import LeadingBlockLinearOperator, LeadingRowsLinearOperator
 from bma_gp.kernels.sum_prediction_strategy import (
     _exact_dense_root,
     closed_form_fantasy,
@@ -395,6 +395,23 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
         base = test_train_covar.base
         return base if isinstance(base, BlockMeanLinearOperator) and base.partition.same_as(M.partition) else None
 
+    def _leading_training_prediction(self, test_mean: Tensor, test_train_covar):
+        """The sum strategy's closed form at the training inputs (:func:`training_prediction`, per-point noise) when
+        the test points are the leading training points (:meth:`_leading_training_points`), cut to them; else None.
+        The means of the other training points are computed too (``O(n)``) and dropped."""
+        if not isinstance(test_train_covar, LeadingRowsLinearOperator) or test_train_covar.transposed:
+            return None
+        r, n = test_train_covar.shape[-2:]
+        if n != self.num_train:
+            return None
+        prior = test_train_covar.base
+        padded = torch.cat([test_mean, test_mean.new_zeros(*test_mean.shape[:-1], n - r)], dim=-1)
+        res = training_prediction(self, padded, prior, prior)
+        if res is None:
+            return None
+        mean, covar = res
+        return mean[..., :r], LeadingBlockLinearOperator(covar, r)
+
     # ------------------------------------------------------------------ prediction
     def exact_prediction(self, test_mean: Tensor, test_test_covar, test_train_covar):
         check_bound_data(self)
@@ -427,7 +444,9 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
             return mean, _posterior_at_training_points(test_test_covar, test_train_covar, noisy)
         if self.block_mean_covar is None:  # e.g. per-point noise, or a group kernel's factor: the sum strategy's
             # closed forms at the training inputs and at new ones
-            res = training_prediction(self, test_mean, test_test_covar, test_train_covar)
+            res = self._leading_training_prediction(test_mean, test_train_covar)
+            if res is None:
+                res = training_prediction(self, test_mean, test_test_covar, test_train_covar)
             if res is None:
                 res = new_input_prediction(self, test_mean, test_test_covar, test_train_covar)
             if res is not None:
