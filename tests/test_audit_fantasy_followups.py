@@ -13,6 +13,7 @@ import torch
 import test_audit_fantasy_models as fantasy_models
 from bma_gp import ClosedFormFallbackWarning
 from bma_gp.kernels import block_mean_kernel
+from gp_reference import dense_copy
 from largest_tensor import LargestTensor
 from test_audit_fantasy_single import DTYPE, N, _dense_posterior, _fantasy_points, _model
 
@@ -91,7 +92,8 @@ def test_fantasy_model_trains_and_predicts_again_after_train_and_eval(kernel, li
     torch.testing.assert_close(after.mean, before.mean, rtol=1e-12, atol=1e-12)
     # the parent still refuses training inputs that only extend the kernel's (the user forgot kernel.set_train_data)
     model.set_train_data(x, y[0] if batch else y, strict=False)
-    with pytest.raises(ValueError, match="kernel.set_train_data"), torch.no_grad():
+    with pytest.raises(ValueError, match="kernel.set_train_data"), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", gpytorch.utils.warnings.GPInputWarning)  # the fixed noise has n entries
         model(test_x)
 
 
@@ -251,3 +253,35 @@ def test_group_likelihood_fantasy_trains_on_its_own_points(kernel, batch):
     )
     assert model.likelihood.noise_covar.train_groups.shape == (N,)  # the parent's likelihood is left as it was
     assert torch.equal(model.likelihood.observed, observed)
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "fixed"])
+def test_gradients_of_a_fantasy_at_the_parents_training_inputs_equal_gpytorchs_dense_ones(likelihood):
+    """The leading rows and block paths keep the gradients with respect to the hyperparameters (the parent's, through
+    the fantasy strategy, and the fantasy model's copies, through its test covariances; summed per name)."""
+
+    def gradients(model):
+        with gpytorch.settings.detach_test_caches(False), gpytorch.settings.max_cholesky_size(10**6):
+            with torch.no_grad():
+                model(test_x)
+            fantasy = model.get_fantasy_model(x1, y1, **kwargs)
+            pred = fantasy(model.train_inputs[0])
+            (pred.mean.sum() + pred.variance.sum()).backward()
+        res: dict = {}
+        for module in (model, fantasy):
+            for name, parameter in module.named_parameters():
+                if parameter.grad is not None:
+                    name = name.replace("covar_module.kernel.", "covar_module.")  # dense_copy's wrapper
+                    res[name] = res.get(name, 0) + parameter.grad
+        return res
+
+    model, test_x = _model("block_mean", likelihood)
+    model.eval()
+    (x1, y1), _ = _fantasy_points(model)
+    kwargs = {"noise": torch.tensor([0.03, 0.04], dtype=DTYPE)} if likelihood == "fixed" else {}
+    reference = dense_copy(model)
+    reference.eval()
+    ours, dense = gradients(model), gradients(reference)
+    assert sorted(ours) == sorted(dense) and len(dense) == 3
+    for name, value in dense.items():
+        torch.testing.assert_close(ours[name], value, rtol=1e-9, atol=1e-11)
