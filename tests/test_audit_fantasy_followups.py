@@ -43,6 +43,25 @@ def test_negative_fantasy_noise_is_refused_and_leaves_the_model_unchanged(kernel
         assert model.get_fantasy_model(x1, y1, noise=torch.tensor([0.0, 0.1], dtype=DTYPE))(test_x).mean.shape == (4,)
 
 
+@pytest.mark.parametrize("kernel", ["group", "block_mean"])
+@pytest.mark.parametrize("noise", [float("nan"), -0.1, 0.1])
+def test_a_number_as_fantasy_noise_is_refused_in_words(kernel, noise):
+    # a number (0-d tensor) reached GPyTorch's FixedNoiseGaussianLikelihood.get_fantasy_likelihood first, whose
+    # torch.cat raised "zero-dimensional tensor (at position 1) cannot be concatenated", for NaN and -0.1 as for 0.1
+    model, test_x = _model(kernel, "fixed")
+    model.eval()
+    (x1, y1), _ = _fantasy_points(model)
+    with torch.no_grad():
+        model(test_x)
+        strategy = model.prediction_strategy
+        with pytest.raises(ValueError, match=r"noise=.*one noise variance per fantasy point.*got \(\)"):
+            model.get_fantasy_model(x1, y1, noise=torch.tensor(noise, dtype=DTYPE))
+        with pytest.raises(ValueError, match=r"noise=.*got float"):
+            model.get_fantasy_model(x1, y1, noise=noise)
+        assert model.prediction_strategy is strategy and model.likelihood.noise.shape == (N,)
+        assert model.get_fantasy_model(x1, y1, noise=torch.full((2,), 0.1, dtype=DTYPE))(test_x).mean.shape == (4,)
+
+
 # ---------------------------------------------------------------------------- train() / eval() on a fantasy model
 @pytest.mark.parametrize("kernel", ["block_mean", "scale_block_mean", "block_mean+group"])
 @pytest.mark.parametrize("likelihood, batch", [("gaussian", False), ("fixed", True)])

@@ -177,6 +177,24 @@ def _rebuilt(model, strategy: DefaultPredictionStrategy) -> DefaultPredictionStr
     return rebuilt
 
 
+def _check_noise_first(model, inputs, noise) -> None:
+    """``get_fantasy_model``'s ``noise=`` for a ``FixedNoiseGaussianLikelihood`` checked before GPyTorch appends it
+    to the training noise (:func:`~bma_gp.kernels.sum_prediction_strategy._check_fantasy_noise`), for a model on the
+    block mean strategies: a number (a 0-d tensor) failed there in ``torch.cat`` with a ``RuntimeError`` that names
+    neither ``noise`` nor the fix."""
+    from gpytorch.likelihoods import FixedNoiseGaussianLikelihood
+
+    from bma_gp.kernels.prediction_strategy import BlockMeanPredictionStrategy
+    from bma_gp.kernels.sum_prediction_strategy import SumPredictionStrategy, _check_fantasy_noise
+
+    ours = isinstance(model.prediction_strategy, (BlockMeanPredictionStrategy, SumPredictionStrategy))
+    if noise is None or not ours or not isinstance(model.likelihood, FixedNoiseGaussianLikelihood):
+        return
+    first = inputs[0] if isinstance(inputs, (list, tuple)) else inputs
+    if torch.is_tensor(first):
+        _check_fantasy_noise(noise, first.shape[-2] if first.dim() > 1 else first.shape[-1])
+
+
 def _follow_fantasy_inputs(fantasy) -> None:
     """Give the training groups a :class:`~bma_gp.GroupGaussianLikelihood` of ``fantasy`` stored (for
     ``mll(model(train_x), train_y)``, which passes it no inputs) the fantasy model's training inputs: the likelihood
@@ -277,6 +295,7 @@ def install() -> None:
         # validation on
         validated = settings.validate.on()
         unchecked = not validated or getattr(self.prediction_strategy, "_bma_gp_unvalidated", False)
+        _check_noise_first(self, inputs, kwargs.get("noise"))
         try:
             fantasy = original_fantasy(self, inputs, targets, **kwargs)
         finally:  # the parent's caches filled here skipped the checks too
