@@ -1,6 +1,7 @@
 """Follow-ups of the fantasy model audits (``model.get_fantasy_model(x_new, y_new)`` of an ``ExactGP`` whose kernel
-holds a ``BlockMeanKernel`` or a ``GroupKernel``): ``train()`` / ``eval()`` on a fantasy model, its prediction at the
-parent's training inputs, the training block sums it reuses from the parent, and the fantasy noise it refuses."""
+holds a ``BlockMeanKernel`` or a ``GroupKernel``): ``train()`` / ``eval()`` on a fantasy model (also with a
+``GroupGaussianLikelihood``), its prediction at the parent's training inputs (values, gradients, nothing of the data's
+size), the training block sums it reuses from the parent, and the fantasy noise it refuses."""
 
 from __future__ import annotations
 
