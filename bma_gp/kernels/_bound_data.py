@@ -117,6 +117,60 @@ def check_bound_data(strategy: DefaultPredictionStrategy) -> None:
             )
 
 
+def _tracked(strategy: DefaultPredictionStrategy) -> bool:
+    """Whether ``strategy`` is one of the block mean strategies or was built for a model with a
+    :class:`~bma_gp.BlockMeanKernel` (the strategies :func:`install` rebuilds; GPyTorch's own models are left as
+    they are)."""
+    from bma_gp.kernels.prediction_strategy import BlockMeanPredictionStrategy
+    from bma_gp.kernels.sum_prediction_strategy import SumPredictionStrategy
+
+    ours = isinstance(strategy, (BlockMeanPredictionStrategy, SumPredictionStrategy))
+    return ours or bool(getattr(strategy, "_bound_data_versions", ()))
+
+
+def _hyperparameters(model) -> list[Tensor]:
+    """What a prediction strategy's caches are computed from besides the training data: the model's parameters and
+    buffers, and a ``FixedNoiseGaussianLikelihood``'s noise (a plain attribute)."""
+    from gpytorch.likelihoods.noise_models import FixedGaussianNoise
+
+    tensors = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        noise = getattr(module, "noise", None) if isinstance(module, FixedGaussianNoise) else None
+        if torch.is_tensor(noise):
+            tensors.append(noise)
+    return tensors
+
+
+def _record_hyperparameters(strategy: DefaultPredictionStrategy, model) -> None:
+    """Keep a copy of the hyperparameters ``strategy`` was built with (:func:`_hyperparameters_changed`)."""
+    strategy._bma_gp_hyperparameters = tuple((t, t.detach().clone()) for t in _hyperparameters(model))
+
+
+def _hyperparameters_changed(strategy: DefaultPredictionStrategy, model) -> bool:
+    """Whether a hyperparameter of ``model`` was changed in eval mode after ``strategy`` was built: an optimizer
+    step, an assignment (``likelihood.noise = ...``), ``initialize(...)`` (which writes through ``.data``, unseen by
+    the version counters) or a parameter replaced. GPyTorch drops its caches only in ``train()`` and
+    ``load_state_dict``; the block mean strategies cache their solves and factors for the variances too, so the
+    mean *and* the variances stayed those of the old hyperparameters, with no error."""
+    recorded = getattr(strategy, "_bma_gp_hyperparameters", None)
+    if recorded is None:
+        return False
+    current = _hyperparameters(model)
+    return len(current) != len(recorded) or any(
+        t is not old or not torch.equal(t.detach(), copy) for t, (old, copy) in zip(current, recorded)
+    )
+
+
+def _clear_caches(model) -> None:
+    """GPyTorch's eval-mode caches of the model's modules (an ``InducingPointKernel``'s ``K_ZZ`` root), as
+    ``model.train()`` clears them; the prediction strategy is left to the caller."""
+    from gpytorch.module import Module
+
+    for module in model.modules():
+        if module is not model and isinstance(module, Module):
+            module._clear_cache()
+
+
 def _moved(strategy: DefaultPredictionStrategy, model) -> bool:
     """Whether ``model`` was moved to another dtype or device (``model.double()``, ``model.to(...)``) after its
     prediction strategy was built: its training inputs or targets are now of another dtype or device (the targets
@@ -124,11 +178,7 @@ def _moved(strategy: DefaultPredictionStrategy, model) -> bool:
     the parameters but keeps the strategy, whose solves stay in the old dtype: GPyTorch's own strategy then fails
     on the dtype mismatch, while the block mean strategies promoted their float32 solves into float64 results with
     float32 accuracy (or kept float64 caches in a model moved to float32)."""
-    from bma_gp.kernels.prediction_strategy import BlockMeanPredictionStrategy
-    from bma_gp.kernels.sum_prediction_strategy import SumPredictionStrategy
-
-    ours = isinstance(strategy, (BlockMeanPredictionStrategy, SumPredictionStrategy))
-    if not ours and not getattr(strategy, "_bound_data_versions", ()):
+    if not _tracked(strategy):
         return False
     old, new = strategy.train_inputs, model.train_inputs
     if not old or not new:
@@ -218,9 +268,10 @@ def install() -> None:
     ``BlockMeanKernel``) gets GPyTorch's default strategy, which records nothing: the model records the versions of
     every ``BlockMeanKernel`` among its modules on the strategy it built, and checks them before each prediction.
     A block mean strategy built before the model was moved to another dtype or device is dropped and rebuilt, and
-    so is any strategy a prediction with :class:`bma_gp.settings.validate` off used (its caches skipped the checks)
-    once a prediction runs with validation on, and so is the strategy of a fantasy model made from such a strategy
-    or under validation off (``get_fantasy_model`` updates the parent's caches). In
+    so is one built before a hyperparameter of the model changed in eval mode (with GPyTorch's eval-mode caches of
+    its modules), and any strategy a prediction with :class:`bma_gp.settings.validate` off used (its caches skipped
+    the checks) once a prediction runs with validation on, and so is the strategy of a fantasy model made from such a
+    strategy or under validation off (``get_fantasy_model`` updates the parent's caches). In
     training mode a model whose training inputs a ``BlockMeanKernel`` in it is not bound to raises the same
     ``ValueError`` as in eval mode (the kernel would take them for new points: the exact base kernel, trained
     densely); a fantasy model's training inputs may extend the kernel's (the fantasy points are new points for it,
@@ -249,6 +300,9 @@ def install() -> None:
         strategy = self.prediction_strategy
         if strategy is not None and not self.training and _moved(strategy, self):
             self.prediction_strategy = strategy = _rebuilt(self, strategy)  # in the new dtype / on the new device
+        if strategy is not None and not self.training and _hyperparameters_changed(strategy, self):
+            _clear_caches(self)  # GPyTorch's own eval-mode caches, as model.train() clears them
+            self.prediction_strategy = strategy = _rebuilt(self, strategy)  # with the new hyperparameters
         if strategy is not None and validated and getattr(strategy, "_bma_gp_unvalidated", False):
             # its caches (GPyTorch's mean and covariance caches, the block mean strategies' factors) may hold NaN from
             # unchecked solves: rebuilt, so that validation raises what it finds
@@ -280,6 +334,9 @@ def install() -> None:
             strategy._bound_data_versions = tuple(
                 (module, module.data_version) for module in self.modules() if isinstance(module, BlockMeanKernel)
             )
+        if strategy is not None and not self.training and not hasattr(strategy, "_bma_gp_hyperparameters"):
+            if _tracked(strategy):
+                _record_hyperparameters(strategy, self)
         return res
 
     __call__._bma_gp_original = original  # type: ignore[attr-defined]
