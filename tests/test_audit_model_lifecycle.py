@@ -67,7 +67,9 @@ def _predict(model: GP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _dense_reference(model: GP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance at ``x`` from the model's kernel evaluated densely on the training and test inputs with
-    the current hyperparameters, conditioned by a Cholesky factorisation here."""
+    the current hyperparameters, conditioned by a Cholesky factorisation here (in eval mode: an inducing-point
+    kernel's training-mode covariance is another)."""
+    model.eval()
     train_x, y = model.train_inputs[0], model.train_targets
     n = train_x.shape[-2]
     everything = torch.cat([train_x, x])
@@ -150,3 +152,24 @@ def test_group_noise_changed_in_eval_mode_reaches_the_next_prediction(kind):
     ref_mean, ref_var = _dense_reference(model, test_x)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-7, atol=1e-8)
     torch.testing.assert_close(var, ref_var, rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.filterwarnings("ignore:The input matches the stored training data")  # the posterior there, on purpose
+@pytest.mark.parametrize("kind", ["block_mean", "slope", "crossed", "sgpr+group"])
+def test_skip_posterior_variances_keeps_the_model_dtype(kind):
+    """Under ``skip_posterior_variances`` the sums' strategy (and a slope's, whose cross covariance is a sum) handed
+    the covariance to GPyTorch, whose ``ZeroLinearOperator`` is float32: a float64 model's predictive variances came
+    back float32 (1e-6 after GPyTorch's float32 clamp, not 1e-10); the zero now takes the test covariance's dtype."""
+    train_x, y, test_x = _data()
+    model = _model(kind, train_x, y)
+    model.likelihood.noise = 0.1
+    ref_mean, _ = _dense_reference(model, test_x)
+    model.eval()
+    with torch.no_grad(), gpytorch.settings.skip_posterior_variances(True):
+        for x in (test_x, train_x):
+            pred = model(x)
+            assert pred.lazy_covariance_matrix.dtype == torch.float64
+            assert pred.variance.dtype == torch.float64
+            assert bool((pred.variance <= 1e-10).all())
+            assert model.likelihood(pred).variance.dtype == torch.float64
+        torch.testing.assert_close(model(test_x).mean, ref_mean, rtol=1e-7, atol=1e-8)

@@ -460,15 +460,15 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
         )
 
     def exact_predictive_covar(self, test_test_covar, test_train_covar) -> LinearOperator:
+        if settings.skip_posterior_variances.on():  # GPyTorch's zero is float32 on the CPU, whatever the model's dtype
+            return ZeroLinearOperator(
+                *test_test_covar.size(), dtype=test_test_covar.dtype, device=test_test_covar.device
+            )
         cross = self._block_cross(test_train_covar)
         if cross is None:
             return super().exact_predictive_covar(test_test_covar, test_train_covar)
         if settings.fast_pred_var.on():
             self._last_test_train_covar = test_train_covar
-        if settings.skip_posterior_variances.on():
-            return ZeroLinearOperator(
-                *test_test_covar.size(), dtype=test_test_covar.dtype, device=test_test_covar.device
-            )
         # (A W)(A W)^T in the working precision, subtracted there (_PredictiveDifference)
         f = self._one_hot_factor(cross)
         if f is not None:  # A W with one nonzero per row: (A W)(A W)^T in O(t), no t x k matrix

@@ -539,8 +539,15 @@ class SumPredictionStrategy(DefaultPredictionStrategy):
         training covariance is in the family with :math:`M^{-1} K_{x*}` solved in the working precision: in float32
         its entries lose :math:`\epsilon \kappa(M)` and the difference, far smaller than :math:`K_{**}`, lost that
         much more (posterior variances off by a factor of 20 for a ``GroupKernel * GroupKernel`` interaction at noise
-        1e-3). With ``fast_pred_var`` on too: it is exact here, not LOVE's approximation."""
-        found = None if gpytorch_settings.skip_posterior_variances.on() else self._low_precision_family()
+        1e-3). With ``fast_pred_var`` on too: it is exact here, not LOVE's approximation.
+
+        With ``skip_posterior_variances`` a zero of the test covariance's dtype and device (GPyTorch's is float32 on
+        the CPU, which made a float64 model's predictive variances float32)."""
+        if gpytorch_settings.skip_posterior_variances.on():
+            return ZeroLinearOperator(
+                *test_test_covar.size(), dtype=test_test_covar.dtype, device=test_test_covar.device
+            )
+        found = self._low_precision_family()
         if found is None:
             return super().exact_predictive_covar(test_test_covar, test_train_covar)
         if gpytorch_settings.fast_pred_var.on():
