@@ -81,6 +81,8 @@ def _dense_reference(model: GP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         lik = model.likelihood
         if isinstance(lik, GroupGaussianLikelihood):
             noise = lik.noise[train_x[:, lik.group_dim].long()]
+        elif isinstance(lik, gpytorch.likelihoods.FixedNoiseGaussianLikelihood):
+            noise = lik.noise
         else:
             noise = lik.noise.expand(n)
     L = torch.linalg.cholesky(K[:n, :n] + torch.diag(noise))
@@ -148,6 +150,39 @@ def test_group_noise_changed_in_eval_mode_reaches_the_next_prediction(kind):
     model = _model(kind, train_x, y, likelihood)
     _predict(model, test_x)
     likelihood.noise = torch.linspace(0.05, 0.6, 8, dtype=torch.float64)
+    mean, var = _predict(model, test_x)
+    ref_mean, ref_var = _dense_reference(model, test_x)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(var, ref_var, rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.filterwarnings("ignore::bma_gp.ClosedFormFallbackWarning")  # GPyTorch's strategy, as documented
+@pytest.mark.parametrize("kind", ["group", "crossed", "sgpr+group"])
+def test_hyperparameters_changed_under_eager_kernels_reach_the_next_prediction(kind):
+    """Under ``lazily_evaluate_kernels(False)`` the model gets GPyTorch's default strategy, on a training covariance
+    evaluated with the old hyperparameters: mean and variances stayed the old ones (variances off by 1.1 for two
+    crossed groupings). Its strategy is rebuilt as the package's own are."""
+    train_x, y, test_x = _data()
+    model = _model(kind, train_x, y)
+    model.likelihood.noise = 0.1
+    with gpytorch.settings.lazily_evaluate_kernels(False):
+        _predict(model, test_x)
+        _change(model, "assignment")
+        mean, var = _predict(model, test_x)
+    ref_mean, ref_var = _dense_reference(model, test_x)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(var, ref_var, rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["block_mean", "crossed"])
+def test_fixed_noise_changed_in_eval_mode_reaches_the_next_prediction(kind):
+    """A ``FixedNoiseGaussianLikelihood``'s noise is a plain attribute, neither a parameter nor a buffer: setting it
+    between two predictions must rebuild the strategy too."""
+    train_x, y, test_x = _data()
+    likelihood = gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise=torch.full((N,), 0.1, dtype=torch.float64))
+    model = _model(kind, train_x, y, likelihood)
+    _predict(model, test_x)
+    likelihood.noise = torch.linspace(0.01, 0.5, N, dtype=torch.float64)
     mean, var = _predict(model, test_x)
     ref_mean, ref_var = _dense_reference(model, test_x)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-7, atol=1e-8)

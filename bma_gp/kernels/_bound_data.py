@@ -128,6 +128,18 @@ def _tracked(strategy: DefaultPredictionStrategy) -> bool:
     return ours or bool(getattr(strategy, "_bound_data_versions", ()))
 
 
+def _holds_bma_gp_module(model) -> bool:
+    """Whether ``model`` holds a kernel or a noise model of this package (whose model may get GPyTorch's default
+    strategy: under ``lazily_evaluate_kernels(False)``, or in a ``MultitaskKernel``)."""
+    from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
+    from bma_gp.kernels.chunked_inducing_point_kernel import ChunkedInducingPointKernel
+    from bma_gp.kernels.group_kernel import GroupKernel
+    from bma_gp.likelihoods import GroupNoise
+
+    types = (BlockMeanKernel, ChunkedInducingPointKernel, GroupKernel, GroupNoise)
+    return any(isinstance(module, types) for module in model.modules())
+
+
 def _hyperparameters(model) -> list[Tensor]:
     """What a prediction strategy's caches are computed from besides the training data: the model's parameters and
     buffers, and a ``FixedNoiseGaussianLikelihood``'s noise (a plain attribute)."""
@@ -335,7 +347,7 @@ def install() -> None:
                 (module, module.data_version) for module in self.modules() if isinstance(module, BlockMeanKernel)
             )
         if strategy is not None and not self.training and not hasattr(strategy, "_bma_gp_hyperparameters"):
-            if _tracked(strategy):
+            if _tracked(strategy) or _holds_bma_gp_module(self):  # GPyTorch's strategy under lazy evaluation off
                 _record_hyperparameters(strategy, self)
         return res
 
