@@ -169,7 +169,8 @@ def _hyperparameters_changed(strategy: DefaultPredictionStrategy, model) -> bool
         return False
     current = _hyperparameters(model)
     return len(current) != len(recorded) or any(
-        t is not old or not torch.equal(t.detach(), copy) for t, (old, copy) in zip(current, recorded)
+        t is not old or t.dtype != copy.dtype or t.device != copy.device or not torch.equal(t.detach(), copy)
+        for t, (old, copy) in zip(current, recorded)
     )
 
 
