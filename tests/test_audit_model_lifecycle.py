@@ -208,3 +208,36 @@ def test_skip_posterior_variances_keeps_the_model_dtype(kind):
             assert bool((pred.variance <= 1e-10).all())
             assert model.likelihood(pred).variance.dtype == torch.float64
         torch.testing.assert_close(model(test_x).mean, ref_mean, rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["group", "slope", "scaled group"])
+def test_a_prediction_that_raised_leaves_the_kernel_usable(kind):
+    """GPyTorch's ``LazyEvaluatedKernelTensor.evaluate_kernel`` sets the kernel's ``active_dims`` to None for the
+    call and restores it only after a return. A ``GroupKernel`` refusing an id that is not a group (its documented
+    ``ValueError``) left it None: every later prediction (and training step) of the model then fed the kernel all
+    input columns and failed with "x1 must hold one column of group ids ... got (4, 3)". It is restored now."""
+    train_x, y, test_x = _data()
+    if kind == "scaled group":
+        kernel = gpytorch.kernels.ScaleKernel(GroupKernel(8, active_dims=[1]))
+        model = GP(train_x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).double()
+    else:
+        model = _model(kind, train_x, y)
+    model.likelihood.noise = 0.1
+    bad = test_x.clone()
+    bad[0, 1] = 0.5  # not a group id
+    model.eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="not an integer group id"):
+        model(bad)
+    mean, var = _predict(model, test_x)
+    ref_mean, ref_var = _dense_reference(model, test_x)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(var, ref_var, rtol=1e-7, atol=1e-8)
+    model.train()
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    bad_train = train_x.clone()
+    bad_train[0, 1] = 9.0  # past num_groups
+    model.set_train_data(bad_train, y, strict=False)
+    with pytest.raises(ValueError, match="not an integer group id"):
+        mll(model(bad_train), y)
+    model.set_train_data(train_x, y, strict=False)
+    assert torch.isfinite(mll(model(train_x), y))

@@ -52,8 +52,10 @@ def install() -> None:
 
     It evaluates the kernel under ``lazily_evaluate_kernels(False)`` (``kernel(x).to_dense()``, a fantasy
     update, a sum's closed-form routing), which :meth:`BlockMeanKernel._joint_block_mean` cannot tell from the
-    user's own setting; the mark lets it warn only for the latter. Nothing else changes: the wrapper calls the
-    original (with its cache) and returns its result."""
+    user's own setting; the mark lets it warn only for the latter. The wrapper calls the original (with its cache)
+    and returns its result; when the kernel raises (a ``GroupKernel`` given an id that is not a group), it puts back
+    the kernel's ``active_dims``, which the original sets to None for the call and restores only after a return:
+    every later call of the kernel then read all input columns and failed ("x1 must hold one column of group ids")."""
     from gpytorch.lazy import LazyEvaluatedKernelTensor
 
     original = LazyEvaluatedKernelTensor.__dict__.get("evaluate_kernel")
@@ -66,8 +68,12 @@ def install() -> None:
     def evaluate_kernel(self, *args, **kwargs):
         depth = getattr(_lazy_evaluation, "depth", 0)
         _lazy_evaluation.depth = depth + 1
+        active_dims = self.kernel.active_dims
         try:
             return original(self, *args, **kwargs)
+        except BaseException:
+            self.kernel.active_dims = active_dims  # set to None by the original, restored there only on success
+            raise
         finally:
             _lazy_evaluation.depth = depth
 
