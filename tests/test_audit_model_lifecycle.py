@@ -241,3 +241,28 @@ def test_a_prediction_that_raised_leaves_the_kernel_usable(kind):
         mll(model(bad_train), y)
     model.set_train_data(train_x, y, strict=False)
     assert torch.isfinite(mll(model(train_x), y))
+
+
+def test_a_group_and_gpytorch_inducing_point_model_predicts_after_a_dtype_move():
+    """A strategy built before ``model.float()`` is rebuilt by the next prediction (docs/gp.md), but GPyTorch's own
+    ``InducingPointKernel`` beside a ``GroupKernel`` kept its eval-mode ``K_ZZ`` root as a plain attribute in the old
+    dtype: the prediction failed with "expected m1 and m2 to have the same dtype". The rebuild now clears the
+    modules' eval-mode caches too, as ``model.train()`` does."""
+    train_x, y, test_x = _data()
+    likelihood = gpytorch.likelihoods.GaussianLikelihood()
+    inducing = torch.linspace(0, 4, 6, dtype=torch.float64).unsqueeze(-1)
+    smooth = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+    sgpr = gpytorch.kernels.InducingPointKernel(smooth, inducing, likelihood, active_dims=[0])
+    model = GP(train_x, y, likelihood, GroupKernel(8, active_dims=[1]) + sgpr).double()
+    model.likelihood.noise = 0.1
+    mean, var = _predict(model, test_x)
+    model.float()
+    mean32, var32 = _predict(model, test_x.float())
+    assert mean32.dtype == var32.dtype == torch.float32
+    torch.testing.assert_close(mean32.double(), mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(var32.double(), var, rtol=1e-4, atol=1e-5)
+    model.double()
+    mean64, var64 = _predict(model, test_x)
+    assert mean64.dtype == torch.float64
+    torch.testing.assert_close(mean64, mean, rtol=1e-5, atol=1e-6)  # the parameters went through float32
+    torch.testing.assert_close(var64, var, rtol=1e-5, atol=1e-6)

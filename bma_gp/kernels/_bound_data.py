@@ -312,6 +312,7 @@ def install() -> None:
         validated = settings.validate.on()
         strategy = self.prediction_strategy
         if strategy is not None and not self.training and _moved(strategy, self):
+            _clear_caches(self)  # GPyTorch's InducingPointKernel keeps its K_ZZ root in the old dtype
             self.prediction_strategy = strategy = _rebuilt(self, strategy)  # in the new dtype / on the new device
         if strategy is not None and not self.training and _hyperparameters_changed(strategy, self):
             _clear_caches(self)  # GPyTorch's own eval-mode caches, as model.train() clears them
