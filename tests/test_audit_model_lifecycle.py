@@ -266,3 +266,43 @@ def test_a_group_and_gpytorch_inducing_point_model_predicts_after_a_dtype_move()
     assert mean64.dtype == torch.float64
     torch.testing.assert_close(mean64, mean, rtol=1e-5, atol=1e-6)  # the parameters went through float32
     torch.testing.assert_close(var64, var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::bma_gp.ClosedFormFallbackWarning")  # GPyTorch's strategy and update, as documented
+@pytest.mark.parametrize("kind", ["group+rbf", "group, eager kernels"])
+@pytest.mark.parametrize("change", ["hyperparameters", "dtype"])
+def test_a_fantasy_of_a_stale_strategy_conditions_on_the_current_model(kind, change):
+    """Where GPyTorch's fantasy update runs (an exact kernel in the sum; GPyTorch's own strategy under
+    ``lazily_evaluate_kernels(False)``) it appends the fantasy rows to the parent's caches. A parent whose
+    hyperparameters changed in eval mode, or that was moved by ``model.float()`` / ``.double()``, after its last
+    prediction handed over caches of the old model: ``NotPSDError`` or "expected scalar type Double but found
+    Float". The parent's strategy is now rebuilt first, as its next prediction would rebuild it."""
+    train_x, y, test_x = _data()
+    fantasy_x = torch.tensor([[1.0, 2, 1], [2.0, 6, 0]], dtype=torch.float64)
+    fantasy_y = torch.tensor([0.5, -0.3], dtype=torch.float64)
+
+    def build(x, targets):
+        if kind == "group+rbf":
+            smooth = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(active_dims=[0]))
+            return GP(x, targets, gpytorch.likelihoods.GaussianLikelihood(), GroupKernel(8, active_dims=[1]) + smooth)
+        return _model("group", x, targets)
+
+    lazy = gpytorch.settings.lazily_evaluate_kernels(kind == "group+rbf")
+    model = build(train_x, y).double()
+    model.likelihood.noise = 0.1
+    with lazy:
+        if change == "dtype":
+            model.float()
+            _predict(model, test_x.float())
+            model.double()
+        else:
+            _predict(model, test_x)
+            _change(model, "assignment")
+        fantasy = model.get_fantasy_model(fantasy_x, fantasy_y)
+        mean, var = _predict(fantasy, test_x)
+    given_all = build(torch.cat([model.train_inputs[0], fantasy_x]), torch.cat([model.train_targets, fantasy_y]))
+    given_all.double().load_state_dict(model.state_dict())
+    ref_mean, ref_var = _dense_reference(given_all, test_x)
+    assert mean.dtype == torch.float64
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(var, ref_var, rtol=1e-7, atol=1e-8)

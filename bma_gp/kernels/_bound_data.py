@@ -269,6 +269,32 @@ def _follow_fantasy_inputs(fantasy) -> None:
     for module in fantasy.likelihood.modules() if fantasy.likelihood is not None else ():
         if isinstance(module, GroupNoise) and module.train_groups is not None and fantasy.train_inputs:
             module._store_train_groups(fantasy.train_inputs)
+def _record(model, strategy: DefaultPredictionStrategy) -> None:
+    """What a model records on a strategy it built: the data versions of its ``BlockMeanKernel``s (the block mean
+    strategies record them themselves) and, in eval mode, the hyperparameters the strategy was built with."""
+    if not hasattr(strategy, "_bound_data_versions"):
+        from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
+
+        strategy._bound_data_versions = tuple(
+            (module, module.data_version) for module in model.modules() if isinstance(module, BlockMeanKernel)
+        )
+    if not model.training and not hasattr(strategy, "_bma_gp_hyperparameters"):
+        if _tracked(strategy) or _holds_bma_gp_module(model):  # GPyTorch's strategy under lazy evaluation off
+            _record_hyperparameters(strategy, model)
+
+
+def _refreshed(model, strategy: DefaultPredictionStrategy) -> DefaultPredictionStrategy:
+    """A strategy on ``model``'s training data with its current hyperparameters, dtype and device, built as
+    ``ExactGP.__call__`` builds one (for a fantasy model's, :func:`_rebuilt`'s), in place of ``strategy``."""
+    from gpytorch.models.exact_prediction_strategies import prediction_strategy
+    from gpytorch.module import Module
+
+    rebuilt = _rebuilt(model, strategy)
+    if rebuilt is None:
+        prior = Module.__call__(model, *model.train_inputs)
+        rebuilt = prediction_strategy(model.train_inputs, prior, model.train_targets, model.likelihood)
+    _record(model, rebuilt)
+    return rebuilt
 
 
 def install() -> None:
@@ -341,16 +367,8 @@ def install() -> None:
                 # a training covariance on inputs the BlockMeanKernel takes for new points is the exact base kernel's
                 # (an n x n dense matrix, trained by dense Cholesky / CG): refused here, as in eval mode
                 _check_prior(prior)
-        strategy = self.prediction_strategy
-        if strategy is not None and not hasattr(strategy, "_bound_data_versions"):
-            from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
-
-            strategy._bound_data_versions = tuple(
-                (module, module.data_version) for module in self.modules() if isinstance(module, BlockMeanKernel)
-            )
-        if strategy is not None and not self.training and not hasattr(strategy, "_bma_gp_hyperparameters"):
-            if _tracked(strategy) or _holds_bma_gp_module(self):  # GPyTorch's strategy under lazy evaluation off
-                _record_hyperparameters(strategy, self)
+        if self.prediction_strategy is not None:
+            _record(self, self.prediction_strategy)
         return res
 
     __call__._bma_gp_original = original  # type: ignore[attr-defined]
@@ -364,9 +382,19 @@ def install() -> None:
         # covariance): a fantasy of a strategy used unchecked, or made under validate(False), is marked as that
         # strategy is, so that __call__ rebuilds it (from the fantasy model's data) before a prediction with
         # validation on
+        _check_noise_first(self, inputs, kwargs.get("noise"))  # before anything of the parent changes
+        strategy = self.prediction_strategy
+        if (
+            strategy is not None
+            and not self.training
+            and (_moved(strategy, self) or _hyperparameters_changed(strategy, self))
+        ):
+            # its caches belong to another dtype or other hyperparameters than the fantasy rows GPyTorch appends to
+            # them (a NotPSDError or a dtype mismatch): rebuilt first, as a prediction would rebuild it
+            _clear_caches(self)
+            self.prediction_strategy = _refreshed(self, strategy)
         validated = settings.validate.on()
         unchecked = not validated or getattr(self.prediction_strategy, "_bma_gp_unvalidated", False)
-        _check_noise_first(self, inputs, kwargs.get("noise"))
         try:
             fantasy = original_fantasy(self, inputs, targets, **kwargs)
         finally:  # the parent's caches filled here skipped the checks too
