@@ -14,3 +14,16 @@ def sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
         if size == 1 and grad.shape[i] != 1:
             grad = grad.sum(i, keepdim=True)
     return grad
+
+
+def batch_constants(other) -> Tensor | None:
+    """The constants of ``other`` when it is a dense batch of ``1 x 1`` matrices, shape ``(*batch)``, else None.
+
+    linear_operator's ``mul`` takes a tensor of shape ``(*batch, 1, 1)`` for a constant only when it has the operator's
+    batch shape; otherwise (a ``ScaleKernel`` with ``batch_shape=(t,)`` around an unbatched kernel) it hands
+    ``_mul_matrix`` a ``DenseLinearOperator`` of that shape, which is still one constant per batch entry."""
+    from linear_operator.operators import DenseLinearOperator
+
+    if type(other) is DenseLinearOperator and other.shape[-2:] == (1, 1):
+        return other.tensor.reshape(other.shape[:-2])
+    return None

@@ -18,7 +18,7 @@ from linear_operator.utils.memoize import add_to_cache, get_from_cache
 from torch import Tensor
 
 from bma_gp import settings
-from bma_gp._broadcast import sum_to_shape
+from bma_gp._broadcast import batch_constants, sum_to_shape
 from bma_gp._diagonal import diagonal_by_construction, is_diagonal
 from bma_gp._low_rank_sum import LowRankInClosedForm
 from bma_gp._precision import core_dtype
@@ -740,6 +740,9 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
             # (linear_operator's product would take a root of c A, by Lanczos past max_cholesky_size, where the
             # product with A itself is closed form or, for a dense A, exact and dense)
             return self._mul_matrix(other.base_linear_op)._mul_constant(other._constant)
+        constants = batch_constants(other)
+        if constants is not None:  # one constant per batch entry (a batch ScaleKernel around an unbatched kernel)
+            return self._mul_constant(constants)
         from bma_gp.block_mean_product_linear_operator import BlockMeanProductLinearOperator
 
         if isinstance(other, BlockMeanProductLinearOperator):  # its refusal (no root), without the warning first

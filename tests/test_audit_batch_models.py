@@ -1,0 +1,136 @@
+"""Batched and multi-output GPyTorch models on block mean kernels, built the way GPyTorch's tutorials build them.
+
+Each model is compared with the same model whose block mean or group kernel is evaluated densely
+(:class:`gp_reference.DenseKernel`: GPyTorch's dense Cholesky on the kernel matrix in float64), and runs inside
+:func:`closed_form_guard.closed_forms_only` where the closed forms are promised.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import gpytorch
+import torch
+
+from bma_gp import BlockMeanKernel, GroupKernel, Partition
+from closed_form_guard import closed_forms_only
+from gp_reference import DenseKernel
+
+DTYPE = torch.float64
+N, T = 40, 3
+TASKS = torch.Size([T])
+
+
+def data(seed: int = 0):
+    """Inputs, group ids, targets ``(T, N)``, a partition of the rows and test inputs / ids."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(N, 1, generator=generator, dtype=DTYPE)
+    ids = torch.randint(0, 6, (N, 1), generator=generator).to(DTYPE)
+    y = torch.randn(T, N, generator=generator, dtype=DTYPE)
+    partition = Partition.from_labels((x[:, 0] * 5).long().clamp(max=4))
+    xt = torch.rand(7, 1, generator=generator, dtype=DTYPE)
+    ids_t = torch.tensor([[0.0], [1.0], [5.0], [2.0]], dtype=DTYPE)
+    return x, ids, y, partition, xt, ids_t
+
+
+class BatchGP(gpytorch.models.ExactGP):
+    """GPyTorch's batch-independent multi-output model: a batch of ``T`` GPs, optionally as one multitask output."""
+
+    def __init__(self, x, y, likelihood, kernel, multitask: bool = False):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean(batch_shape=TASKS)
+        self.covar_module = kernel
+        self.multitask = multitask
+
+    def forward(self, x):
+        mvn = gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+        return gpytorch.distributions.MultitaskMultivariateNormal.from_batch_mvn(mvn) if self.multitask else mvn
+
+
+def dense_reference(model):
+    """A deep copy of ``model`` with every block mean or group kernel evaluated densely."""
+    reference = copy.deepcopy(model)
+    for module in list(reference.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, (BlockMeanKernel, GroupKernel)):
+                setattr(module, name, DenseKernel(child))
+    reference.prediction_strategy = None
+    return reference
+
+
+def fit_and_predict(model, x, y, xt, closed_form: bool):
+    """Loss, parameter gradients and predictive mean / variance at ``xt`` (inside the guard if ``closed_form``)."""
+    likelihood = model.likelihood
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+    model.train()
+    model.zero_grad()
+    guard = closed_forms_only(y.shape[-1]) if closed_form else gpytorch.settings.max_cholesky_size(10**6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dense reference warns about lazily_evaluate_kernels(False)
+        with guard:
+            loss = -mll(model(x), y).sum()
+            loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.eval()
+        guard = closed_forms_only(y.shape[-1]) if closed_form else gpytorch.settings.max_cholesky_size(10**6)
+        with torch.no_grad(), guard:
+            pred = likelihood(model(xt))
+            mean, variance = pred.mean, pred.variance
+    return loss.detach(), grads, mean, variance
+
+
+def assert_matches_dense(model, x, y, xt):
+    reference = dense_reference(model)
+    loss, grads, mean, variance = fit_and_predict(model, x, y, xt, closed_form=True)
+    ref_loss, ref_grads, ref_mean, ref_variance = fit_and_predict(reference, x, y, xt, closed_form=False)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-10)
+    assert len(grads) == len(ref_grads)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(variance, ref_variance, rtol=1e-8, atol=1e-9)
+
+
+def batch_likelihood():
+    likelihood = gpytorch.likelihoods.GaussianLikelihood(batch_shape=TASKS)
+    likelihood.noise = torch.tensor([0.1, 0.2, 0.3]).view(T, 1)
+    return likelihood
+
+
+def batch_scale(kernel):
+    """``ScaleKernel(kernel, batch_shape=(T,))``: one outputscale per output, around an unbatched kernel."""
+    scaled = gpytorch.kernels.ScaleKernel(kernel, batch_shape=TASKS)
+    scaled.outputscale = torch.tensor([0.5, 1.0, 2.0])
+    return scaled
+
+
+# ---------------------------------------------------------------- a batch ScaleKernel around an unbatched kernel
+def test_batch_outputscale_around_unbatched_group_kernel_is_closed_form():
+    _, ids, y, _, _, ids_t = data()
+    kernel = batch_scale(GroupKernel(6, per_group_variance=True))
+    model = BatchGP(ids, y, batch_likelihood(), kernel).to(DTYPE)
+    assert_matches_dense(model, ids, y, ids_t)
+
+
+def test_batch_outputscale_around_unbatched_block_mean_kernel_is_closed_form():
+    x, _, y, partition, xt, _ = data()
+    kernel = batch_scale(BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, partition))
+    model = BatchGP(x, y, batch_likelihood(), kernel).to(DTYPE)
+    assert_matches_dense(model, x, y, xt)
+
+
+def test_batch_outputscale_around_group_factor_sum_is_closed_form():
+    generator = torch.Generator().manual_seed(1)
+    n = 400  # 300 levels: past FACTOR_DENSE_MAX_GROUPS, so the kernel is a BlockMeanSumLinearOperator
+    ids = torch.randint(0, 300, (n, 1), generator=generator).to(DTYPE)
+    y = torch.randn(T, n, generator=generator, dtype=DTYPE)
+    model = BatchGP(ids, y, batch_likelihood(), batch_scale(GroupKernel(300, rank=2))).to(DTYPE)
+    reference = dense_reference(model)
+    loss, grads, mean, variance = fit_and_predict(model, ids, y, ids[:9], closed_form=True)
+    ref_loss, ref_grads, ref_mean, ref_variance = fit_and_predict(reference, ids, y, ids[:9], closed_form=False)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-10)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(variance, ref_variance, rtol=1e-8, atol=1e-9)
