@@ -22,6 +22,8 @@ from typing import cast
 import torch
 from linear_operator.operators import (
     AddedDiagLinearOperator,
+    BlockDiagLinearOperator,
+    BlockInterleavedLinearOperator,
     ConstantMulLinearOperator,
     DenseLinearOperator,
     DiagLinearOperator,
@@ -671,6 +673,74 @@ def fallback_sum(left, right) -> LinearOperator | None:
 
 
 # ---------------------------------------------------------------------------- hooks
+class _BlockMeanTasks:
+    """The block-diagonal operator of a batch of block mean operators or sums, one per task (a batch-independent
+    multi-output model's ``MultitaskMultivariateNormal.from_batch_mvn`` covariance plus a diagonal noise): ``solve``
+    and the roots are the batch's closed forms, applied task by task (linear_operator's own take a dense Cholesky of
+    every task's ``n x n`` matrix, or Lanczos). ``inv_quad_logdet`` and products are linear_operator's, which already
+    go through the batch."""
+
+    base_linear_op: LinearOperator
+    _plain: type
+
+    def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
+        vector = right_tensor.dim() == 1
+        rhs = right_tensor.unsqueeze(-1) if vector else right_tensor
+        blocks = cast(LinearOperator, self)
+        res = blocks._remove_batch_dim(self.base_linear_op.solve(blocks._add_batch_dim(rhs)))
+        if vector:
+            res = res.squeeze(-1)
+        return res if left_tensor is None else left_tensor @ res
+
+    def root_decomposition(self, method: str | None = None) -> LinearOperator:
+        return RootLinearOperator(self._plain(self.base_linear_op.root_decomposition(method=method).root))
+
+    def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method: str | None = None):
+        root = self.base_linear_op.root_inv_decomposition(method=method).root
+        return RootLinearOperator(self._plain(root))
+
+
+class BlockMeanInterleavedLinearOperator(_BlockMeanTasks, BlockInterleavedLinearOperator):
+    """``BlockInterleavedLinearOperator`` of a batch of block mean operators or sums (``from_batch_mvn``'s layout):
+    :class:`_BlockMeanTasks`."""
+
+    _plain = BlockInterleavedLinearOperator
+
+
+class BlockMeanBlockDiagLinearOperator(_BlockMeanTasks, BlockDiagLinearOperator):
+    """``BlockDiagLinearOperator`` of a batch of block mean operators or sums (``from_batch_mvn(...,
+    interleaved=False)``'s layout): :class:`_BlockMeanTasks`."""
+
+    _plain = BlockDiagLinearOperator
+
+
+def _tasks_of_ours(op) -> bool:
+    """A block-diagonal or block-interleaved operator over a batch of block mean operators (a batch-independent
+    multi-output model's covariance)."""
+    return isinstance(op, (BlockDiagLinearOperator, BlockInterleavedLinearOperator)) and (
+        _is_ours(op.base_linear_op) or isinstance(op, _BlockMeanTasks)
+    )
+
+
+def add_to_tasks(blocks, other) -> LinearOperator | None:
+    """``blocks + other`` for a block-diagonal or block-interleaved operator over a batch of block mean operators and
+    a diagonal ``other`` (``MultitaskGaussianLikelihood`` with ``rank=0``): the same layout over the batch plus each
+    task's part of the diagonal, in closed form; None for any other ``other``."""
+    if not isinstance(other, DiagLinearOperator) or other.shape[-2:] != blocks.shape[-2:]:
+        return None
+    base = blocks.base_linear_op
+    t, n = base.shape[-3], base.shape[-1]
+    interleaved = isinstance(blocks, BlockInterleavedLinearOperator)
+    if isinstance(other, ConstantDiagLinearOperator):  # one value for every task: stays a constant per batch entry
+        noise: LinearOperator = ConstantDiagLinearOperator(other.diag_values.unsqueeze(-2), diag_shape=n)
+    else:
+        d = other.diagonal()  # (*batch, n t), point-major when interleaved, task-major otherwise
+        d = d.reshape(*d.shape[:-1], n, t).mT if interleaved else d.reshape(*d.shape[:-1], t, n)
+        noise = DiagLinearOperator(d)
+    cls = BlockMeanInterleavedLinearOperator if interleaved else BlockMeanBlockDiagLinearOperator
+    return cls(base + noise)
+
+
 def _hooked_add(original):
     @functools.wraps(original)
     def __add__(self, other):
@@ -678,6 +748,13 @@ def _hooked_add(original):
             isinstance(self, FallbackSumLinearOperator) or isinstance(other, FallbackSumLinearOperator)
         ):  # a fallback sum plus anything (noise, say) is still one: it keeps its warning
             return _as_fallback(original(self, other))
+        if isinstance(other, LinearOperator) and (_tasks_of_ours(self) or _tasks_of_ours(other)):
+            res = add_to_tasks(self, other) if _tasks_of_ours(self) else add_to_tasks(other, self)
+            if res is not None:
+                return res
+            fallback = fallback_sum(self, other)  # a noise that couples the tasks: no closed form, warns when solved
+            if fallback is not None:
+                return fallback
         involved = _is_ours(other) or _is_lazy_block_mean(self) or _holds_ours(self)
         if involved and isinstance(other, LinearOperator):
             res = add_structured(self, other)

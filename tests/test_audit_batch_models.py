@@ -11,9 +11,11 @@ import copy
 import warnings
 
 import gpytorch
+import pytest
 import torch
+from linear_operator.operators import BlockDiagLinearOperator, BlockInterleavedLinearOperator, DiagLinearOperator
 
-from bma_gp import BlockMeanKernel, GroupKernel, Partition
+from bma_gp import BlockMeanKernel, BlockMeanLinearOperator, ClosedFormFallbackWarning, GroupKernel, Partition
 from closed_form_guard import closed_forms_only
 from gp_reference import DenseKernel
 
@@ -65,7 +67,7 @@ def fit_and_predict(model, x, y, xt, closed_form: bool):
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
     model.train()
     model.zero_grad()
-    guard = closed_forms_only(y.shape[-1]) if closed_form else gpytorch.settings.max_cholesky_size(10**6)
+    guard = closed_forms_only(x.shape[-2]) if closed_form else gpytorch.settings.max_cholesky_size(10**6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the dense reference warns about lazily_evaluate_kernels(False)
         with guard:
@@ -73,7 +75,7 @@ def fit_and_predict(model, x, y, xt, closed_form: bool):
             loss.backward()
         grads = [p.grad.clone() for p in model.parameters()]
         model.eval()
-        guard = closed_forms_only(y.shape[-1]) if closed_form else gpytorch.settings.max_cholesky_size(10**6)
+        guard = closed_forms_only(x.shape[-2]) if closed_form else gpytorch.settings.max_cholesky_size(10**6)
         with torch.no_grad(), guard:
             pred = likelihood(model(xt))
             mean, variance = pred.mean, pred.variance
@@ -134,3 +136,72 @@ def test_batch_outputscale_around_group_factor_sum_is_closed_form():
         torch.testing.assert_close(grad, ref_grad, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-9)
     torch.testing.assert_close(variance, ref_variance, rtol=1e-8, atol=1e-9)
+
+
+# ---------------------------------------------------------------- from_batch_mvn with a MultitaskGaussianLikelihood
+def multitask_likelihood(**options):
+    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=T, **options)
+    if likelihood.has_task_noise and likelihood.rank == 0:
+        likelihood.task_noises = torch.tensor([0.1, 0.2, 0.3])
+    return likelihood
+
+
+def batch_rbf():
+    kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(batch_shape=TASKS), batch_shape=TASKS)
+    kernel.outputscale = torch.tensor([0.5, 1.0, 2.0])
+    kernel.base_kernel.lengthscale = torch.tensor([0.2, 0.5, 1.0]).view(T, 1, 1)
+    return kernel
+
+
+def test_from_batch_mvn_with_task_noises_is_closed_form():
+    x, _, y, partition, xt, _ = data()
+    for options in [{"rank": 0}, {"rank": 0, "has_global_noise": False}, {"rank": 0, "has_task_noise": False}]:
+        kernel = BlockMeanKernel(batch_rbf(), x, partition)
+        model = BatchGP(x, y.mT, multitask_likelihood(**options), kernel, multitask=True).to(DTYPE)
+        assert_matches_dense(model, x, y.mT, xt)
+
+
+def test_from_batch_mvn_of_group_kernels_with_task_noises_is_closed_form():
+    _, ids, y, _, _, ids_t = data()
+    kernel = gpytorch.kernels.ScaleKernel(GroupKernel(6, batch_shape=TASKS), batch_shape=TASKS)
+    model = BatchGP(ids, y.mT, multitask_likelihood(rank=0), kernel, multitask=True).to(DTYPE)
+    assert_matches_dense(model, ids, y.mT, ids_t)
+
+
+def test_from_batch_mvn_with_correlated_task_noise_warns():
+    x, _, y, partition, _, _ = data()
+    model = BatchGP(x, y.mT, multitask_likelihood(rank=1), BlockMeanKernel(batch_rbf(), x, partition), multitask=True)
+    model = model.to(DTYPE)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    with pytest.warns(ClosedFormFallbackWarning, match="no closed form"):
+        loss = -mll(model(x), y.mT)
+    reference = dense_reference(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_loss = -gpytorch.mlls.ExactMarginalLogLikelihood(reference.likelihood, reference)(reference(x), y.mT)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-10)
+
+
+def test_block_diagonal_tasks_plus_diagonal_solve_and_logdet():
+    generator = torch.Generator().manual_seed(2)
+    partition = Partition.from_labels(torch.arange(12) % 4)
+    W = torch.randn(T, 4, 4, generator=generator, dtype=DTYPE)
+    tasks = BlockMeanLinearOperator(torch.rand(T, 4, generator=generator, dtype=DTYPE), W @ W.mT, partition)
+    d = torch.rand(T * 12, generator=generator, dtype=DTYPE) + 0.5
+    rhs = torch.randn(T * 12, 2, generator=generator, dtype=DTYPE)
+    for layout in [BlockDiagLinearOperator, BlockInterleavedLinearOperator]:
+        blocks = layout(tasks)
+        dense = blocks.to_dense() + torch.diag(d)
+        with closed_forms_only(12):
+            noisy = blocks + DiagLinearOperator(d)
+            solved = noisy.solve(rhs)
+            inv_quad, logdet = noisy.inv_quad_logdet(rhs, logdet=True)
+            root = noisy.root_decomposition().root.to_dense()
+            inv_root = noisy.root_inv_decomposition().root.to_dense()
+        assert isinstance(noisy, layout)
+        torch.testing.assert_close(noisy.to_dense(), dense)
+        torch.testing.assert_close(solved, torch.linalg.solve(dense, rhs))
+        torch.testing.assert_close(logdet, torch.logdet(dense))
+        torch.testing.assert_close(inv_quad, (rhs * torch.linalg.solve(dense, rhs)).sum())
+        torch.testing.assert_close(root @ root.mT, dense)
+        torch.testing.assert_close(inv_root @ inv_root.mT, torch.linalg.inv(dense))
