@@ -778,6 +778,20 @@ def _in_matmul_family(op) -> bool:
     return _is_ours(op) or _holds_ours(op) or isinstance(op, _WarnsWhenFactorised)
 
 
+def _times_constant_diagonal(left, right) -> LinearOperator | None:
+    """``c I @ M`` or ``M @ c I`` for a block mean operator or sum ``M``: ``c M``, in closed form (linear_operator's
+    Kronecker solves whiten each factor by the noise's factors, ``ConstantDiagLinearOperator``s for a
+    ``MultitaskKernel`` under a ``MultitaskGaussianLikelihood``); None otherwise."""
+    for diag, op in ((left, right), (right, left)):
+        if (
+            isinstance(diag, ConstantDiagLinearOperator)
+            and isinstance(op, (BlockMeanLinearOperator, BlockMeanSumLinearOperator))
+            and diag.shape[-1] == op.shape[-1]
+        ):
+            return op._mul_constant(diag.diag_values.squeeze(-1))
+    return None
+
+
 def _hooked_matmul(original):
     """``LinearOperator.matmul``: a product of two operators, one of them this package's (``M @ S``,
     ``DenseLinearOperator(A) @ M``, a third partition), is a :class:`FallbackMatmulLinearOperator`, whose solves
@@ -786,6 +800,9 @@ def _hooked_matmul(original):
 
     @functools.wraps(original)
     def matmul(self, other):
+        scaled = _times_constant_diagonal(self, other)
+        if scaled is not None:
+            return scaled
         if isinstance(other, LinearOperator) and (_in_matmul_family(self) or _in_matmul_family(other)):
             _matmul_broadcast_shape(self.shape, other.shape)
             return FallbackMatmulLinearOperator(self, other)

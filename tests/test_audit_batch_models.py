@@ -13,7 +13,12 @@ import warnings
 import gpytorch
 import pytest
 import torch
-from linear_operator.operators import BlockDiagLinearOperator, BlockInterleavedLinearOperator, DiagLinearOperator
+from linear_operator.operators import (
+    BlockDiagLinearOperator,
+    BlockInterleavedLinearOperator,
+    ConstantDiagLinearOperator,
+    DiagLinearOperator,
+)
 
 from bma_gp import BlockMeanKernel, BlockMeanLinearOperator, ClosedFormFallbackWarning, GroupKernel, Partition
 from closed_form_guard import closed_forms_only
@@ -205,3 +210,40 @@ def test_block_diagonal_tasks_plus_diagonal_solve_and_logdet():
         torch.testing.assert_close(inv_quad, (rhs * torch.linalg.solve(dense, rhs)).sum())
         torch.testing.assert_close(root @ root.mT, dense)
         torch.testing.assert_close(inv_root @ inv_root.mT, torch.linalg.inv(dense))
+
+
+# ---------------------------------------------------------------- MultitaskKernel around a block mean kernel
+class KroneckerGP(gpytorch.models.ExactGP):
+    """GPyTorch's multitask model: ``MultitaskKernel(data kernel)`` and a ``MultitaskGaussianLikelihood``."""
+
+    def __init__(self, x, y, likelihood, kernel):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.MultitaskMean(gpytorch.means.ConstantMean(), num_tasks=T)
+        self.covar_module = kernel
+
+    def forward(self, x):
+        return gpytorch.distributions.MultitaskMultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def test_constant_diagonal_times_block_mean_operator_is_a_multiple():
+    generator = torch.Generator().manual_seed(3)
+    W = torch.randn(2, 3, 3, generator=generator, dtype=DTYPE)
+    M = BlockMeanLinearOperator(
+        torch.rand(2, 3, generator=generator, dtype=DTYPE), W @ W.mT, Partition.from_labels(torch.arange(10) % 3)
+    )
+    c = ConstantDiagLinearOperator(torch.tensor([[2.0], [3.0]], dtype=DTYPE), diag_shape=10)
+    expected = c.to_dense() @ M.to_dense()
+    for product in [c @ M, M @ c]:
+        assert isinstance(product, BlockMeanLinearOperator)
+        torch.testing.assert_close(product.to_dense(), expected)
+
+
+def test_multitask_kernel_with_task_noises_uses_the_block_mean_spectrum():
+    # above max_cholesky_size linear_operator solves Kron(K, C) + I x D through each factor's eigendecomposition,
+    # after whitening K by the noise's identity factor: that must stay the block mean operator's closed form
+    x, _, y, partition, xt, _ = data()
+    kernel = gpytorch.kernels.MultitaskKernel(BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, partition), T, rank=1)
+    kernel.task_covar_module.covar_factor.data = torch.tensor([[1.0], [0.5], [-0.3]])
+    model = KroneckerGP(x, y.mT, multitask_likelihood(rank=0), kernel).to(DTYPE)
+    with gpytorch.settings.max_cholesky_size(0):
+        assert_matches_dense(model, x, y.mT, xt)
