@@ -695,6 +695,11 @@ class _BlockMeanTasks:
     def root_decomposition(self, method: str | None = None) -> LinearOperator:
         return RootLinearOperator(self._plain(self.base_linear_op.root_decomposition(method=method).root))
 
+    def add_diagonal(self, diag):
+        res = super().add_diagonal(diag)
+        routed = add_to_tasks(self, res._diag_tensor) if isinstance(res, AddedDiagLinearOperator) else None
+        return routed if routed is not None else res
+
     def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method: str | None = None):
         root = self.base_linear_op.root_inv_decomposition(method=method).root
         return RootLinearOperator(self._plain(root))

@@ -204,6 +204,10 @@ def test_block_diagonal_tasks_plus_diagonal_solve_and_logdet():
             root = noisy.root_decomposition().root.to_dense()
             inv_root = noisy.root_inv_decomposition().root.to_dense()
         assert isinstance(noisy, layout)
+        with closed_forms_only(12):
+            jittered = noisy.add_jitter(0.1)  # linear_operator's add_diagonal would give a generic AddedDiag
+            jittered_logdet = jittered.logdet()
+        torch.testing.assert_close(jittered_logdet, torch.logdet(dense + 0.1 * torch.eye(T * 12, dtype=DTYPE)))
         torch.testing.assert_close(noisy.to_dense(), dense)
         torch.testing.assert_close(solved, torch.linalg.solve(dense, rhs))
         torch.testing.assert_close(logdet, torch.logdet(dense))
