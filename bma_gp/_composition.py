@@ -28,10 +28,13 @@ from linear_operator.operators import (
     DenseLinearOperator,
     DiagLinearOperator,
     InterpolatedLinearOperator,
+    KroneckerProductAddedDiagLinearOperator,
+    KroneckerProductLinearOperator,
     LinearOperator,
     LowRankRootAddedDiagLinearOperator,
     MatmulLinearOperator,
     RootLinearOperator,
+    SumKroneckerLinearOperator,
     SumLinearOperator,
     ZeroLinearOperator,
 )
@@ -719,6 +722,62 @@ class BlockMeanBlockDiagLinearOperator(_BlockMeanTasks, BlockDiagLinearOperator)
     _plain = BlockDiagLinearOperator
 
 
+class _KroneckerOfBlockMean:
+    """A Kronecker sum with a block mean factor (``MultitaskKernel(BlockMeanKernel(...))`` or around a ``GroupKernel``,
+    plus a ``MultitaskGaussianLikelihood``'s noise): linear_operator's operator, whose Cholesky factor (what its solves
+    and log-determinant take up to ``max_cholesky_size``) is the dense ``n x n`` one; it says so with a
+    :class:`ClosedFormFallbackWarning`. ``_beyond`` says what happens above ``max_cholesky_size``."""
+
+    _beyond = ""
+
+    def _cholesky(self, upper: bool | None = False) -> LinearOperator:
+        from linear_operator import settings as lo_settings
+
+        n = cast(LinearOperator, self).shape[-1]
+        warnings.warn(
+            f"cholesky of a {type(self).__name__} (n = {n}), a Kronecker sum with a block mean factor (a "
+            "MultitaskKernel around a BlockMeanKernel or GroupKernel): linear_operator factorises its dense n x n "
+            f"matrix up to gpytorch.settings.max_cholesky_size ({lo_settings.max_cholesky_size.value()}). "
+            + self._beyond,
+            ClosedFormFallbackWarning,
+            stacklevel=3,
+        )
+        return super()._cholesky(upper=upper)  # type: ignore[misc]
+
+
+class BlockMeanKroneckerAddedDiagLinearOperator(_KroneckerOfBlockMean, KroneckerProductAddedDiagLinearOperator):
+    """``KroneckerProductAddedDiagLinearOperator`` with a block mean factor: :class:`_KroneckerOfBlockMean`."""
+
+    _beyond = (
+        "Above it, solves and log-determinants use the factors' eigendecompositions, closed form for a block mean "
+        "factor under a constant or per-task noise (MultitaskGaussianLikelihood(rank=0)): set max_cholesky_size "
+        "below n to use them."
+    )
+
+
+class BlockMeanSumKroneckerLinearOperator(_KroneckerOfBlockMean, SumKroneckerLinearOperator):
+    """``SumKroneckerLinearOperator`` with a block mean factor: :class:`_KroneckerOfBlockMean`."""
+
+    _beyond = (
+        "Above it, linear_operator whitens by a dense root of the noise's data factor, so a noise that couples the "
+        "tasks (MultitaskGaussianLikelihood(rank >= 1)) has no closed form here; rank=0 has one above "
+        "max_cholesky_size."
+    )
+
+
+def _kronecker_of_ours(op) -> bool:
+    return isinstance(op, KroneckerProductLinearOperator) and any(_is_ours(factor) for factor in op.linear_ops)
+
+
+def _announced_kronecker(res):
+    """linear_operator's Kronecker sum ``res`` as its subclass that warns on a dense Cholesky factor."""
+    if type(res) is KroneckerProductAddedDiagLinearOperator:
+        return BlockMeanKroneckerAddedDiagLinearOperator(*res.linear_ops)
+    if type(res) is SumKroneckerLinearOperator:
+        return BlockMeanSumKroneckerLinearOperator(*res.linear_ops)
+    return res
+
+
 def _tasks_of_ours(op) -> bool:
     """A block-diagonal or block-interleaved operator over a batch of block mean operators (a batch-independent
     multi-output model's covariance)."""
@@ -772,6 +831,8 @@ def _hooked_add(original):
             res = add_lazy_root(self, other)
             if res is not None:
                 return res
+        if _kronecker_of_ours(self) or _kronecker_of_ours(other):
+            return _announced_kronecker(original(self, other))
         return original(self, other)
 
     __add__._bma_gp_original = original

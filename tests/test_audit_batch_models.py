@@ -251,3 +251,19 @@ def test_multitask_kernel_with_task_noises_uses_the_block_mean_spectrum():
     model = KroneckerGP(x, y.mT, multitask_likelihood(rank=0), kernel).to(DTYPE)
     with gpytorch.settings.max_cholesky_size(0):
         assert_matches_dense(model, x, y.mT, xt)
+
+
+def test_multitask_kernel_dense_cholesky_is_announced():
+    # up to max_cholesky_size linear_operator factorises the dense (n t) x (n t) Kronecker sum: that must not be silent
+    x, _, y, partition, _, _ = data()
+    for options in [{"rank": 0}, {"rank": 1}]:
+        kernel = gpytorch.kernels.MultitaskKernel(BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, partition), T)
+        model = KroneckerGP(x, y.mT, multitask_likelihood(**options), kernel).to(DTYPE)
+        mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+        with pytest.warns(ClosedFormFallbackWarning, match=r"n = 120\), a Kronecker sum with a block mean factor"):
+            loss = -mll(model(x), y.mT)
+        reference = dense_reference(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref_loss = -gpytorch.mlls.ExactMarginalLogLikelihood(reference.likelihood, reference)(reference(x), y.mT)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-10)
