@@ -743,6 +743,9 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
         constants = batch_constants(other)
         if constants is not None:  # one constant per batch entry (a batch ScaleKernel around an unbatched kernel)
             return self._mul_constant(constants)
+        indexed = _one_hot_block_mean(other)
+        if indexed is not None and indexed.shape[-1] == self.shape[-1]:  # IndexKernel(i): C[i_a, i_b], block mean
+            return self._hadamard_across(indexed)
         from bma_gp.block_mean_product_linear_operator import BlockMeanProductLinearOperator
 
         if isinstance(other, BlockMeanProductLinearOperator):  # its refusal (no root), without the warning first
@@ -1365,6 +1368,36 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
 
 
 # ---------------------------------------------------------------------------- private helpers
+def _one_hot_block_mean(other) -> BlockMeanLinearOperator | None:
+    """``other`` as a block mean operator when it is a ``k x k`` matrix read at the same ids on both sides (GPyTorch's
+    ``IndexKernel`` between the same task ids: a ``LazyEvaluatedKernelTensor``'s ``InterpolatedLinearOperator`` with one
+    interpolation weight 1 per row), ``C[i_a, i_b]``: ``lam = 0`` and ``B = C`` over the ids present, as
+    ``GroupKernel(k, rank=r)`` gives it. None for anything else (ids that differ across a batch included)."""
+    from linear_operator.operators import InterpolatedLinearOperator
+
+    if type(other) is not InterpolatedLinearOperator:
+        return None
+    left, right = other.left_interp_indices, other.right_interp_indices
+    if left.shape[-1] != 1 or left.shape != right.shape or not torch.equal(left, right):
+        return None
+    if not (bool((other.left_interp_values == 1).all()) and bool((other.right_interp_values == 1).all())):
+        return None
+    ids = left[..., 0].reshape(-1, left.shape[-2])
+    if not bool((ids == ids[0]).all()):
+        return None
+    present, labels = torch.unique(ids[0], sorted=True, return_inverse=True)
+    C = other.base_linear_op.to_dense()  # (*batch, k, k): the task covariance, small
+    if C.shape[-1] != C.shape[-2]:
+        return None
+    scale = C.detach().abs().amax().clamp(min=torch.finfo(C.dtype).tiny)
+    if bool(((C - C.mT).detach().abs() > _tolerance(C.dtype) * scale).any()):
+        return None  # not symmetric (IndexKernel's W W^T + diag(v) is, up to rounding): no block mean matrix
+    C = (C + C.mT) / 2
+    B = C.index_select(-2, present).index_select(-1, present)
+    lam = B.new_zeros(B.shape[:-1])
+    return BlockMeanLinearOperator(lam, B, Partition.from_labels(labels, num_blocks=present.numel()))
+
+
 def _tolerance(dtype: torch.dtype) -> float:
     """Relative size below which an eigenvalue is indistinguishable from rounding error of the largest,
     for an operator whose ``lam`` and ``B`` are stored in ``dtype``."""

@@ -67,22 +67,25 @@ def dense_reference(model):
 
 
 def fit_and_predict(model, x, y, xt, closed_form: bool):
-    """Loss, parameter gradients and predictive mean / variance at ``xt`` (inside the guard if ``closed_form``)."""
+    """Loss, parameter gradients and predictive mean / variance at ``xt`` (inside the guard if ``closed_form``);
+    ``x`` and ``xt`` may be tuples of the model's inputs."""
     likelihood = model.likelihood
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+    x, xt = (x if isinstance(x, tuple) else (x,)), (xt if isinstance(xt, tuple) else (xt,))
+    size = x[0].shape[-2]
     model.train()
     model.zero_grad()
-    guard = closed_forms_only(x.shape[-2]) if closed_form else gpytorch.settings.max_cholesky_size(10**6)
+    guard = closed_forms_only(size) if closed_form else gpytorch.settings.max_cholesky_size(10**6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the dense reference warns about lazily_evaluate_kernels(False)
         with guard:
-            loss = -mll(model(x), y).sum()
+            loss = -mll(model(*x), y).sum()
             loss.backward()
         grads = [p.grad.clone() for p in model.parameters()]
         model.eval()
-        guard = closed_forms_only(x.shape[-2]) if closed_form else gpytorch.settings.max_cholesky_size(10**6)
+        guard = closed_forms_only(size) if closed_form else gpytorch.settings.max_cholesky_size(10**6)
         with torch.no_grad(), guard:
-            pred = likelihood(model(xt))
+            pred = likelihood(model(*xt))
             mean, variance = pred.mean, pred.variance
     return loss.detach(), grads, mean, variance
 
@@ -267,3 +270,65 @@ def test_multitask_kernel_dense_cholesky_is_announced():
             warnings.simplefilter("ignore")
             ref_loss = -gpytorch.mlls.ExactMarginalLogLikelihood(reference.likelihood, reference)(reference(x), y.mT)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-10)
+
+
+# -------------------------------------------------------------- IndexKernel over the tasks (GPyTorch's Hadamard model)
+class HadamardGP(gpytorch.models.ExactGP):
+    """GPyTorch's Hadamard multitask model: ``covar_module(x).mul(task_covar_module(i))``."""
+
+    def __init__(self, inputs, y, likelihood, kernel, task_kernel):
+        super().__init__(inputs, y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = kernel
+        self.task_covar_module = task_kernel
+
+    def forward(self, x, i):
+        covar = self.covar_module(x).mul(self.task_covar_module(i))
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), covar)
+
+
+def test_hadamard_model_with_an_index_kernel_is_closed_form():
+    x, ids, y, partition, xt, _ = data()
+    tasks = torch.arange(N).unsqueeze(-1) % 2  # task 2 is never seen in training
+    test_tasks = torch.tensor([[0], [1], [2], [2], [1], [0], [2]])
+    for kernel, inputs, test_inputs in [
+        (BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, partition), x, xt),
+        (GroupKernel(6, per_group_variance=True), ids, torch.tensor([[0.0], [1.0], [5.0], [2.0], [0.0], [3.0], [4.0]])),
+    ]:
+        likelihood = gpytorch.likelihoods.GaussianLikelihood()
+        likelihood.noise = 0.1
+        task_kernel = gpytorch.kernels.IndexKernel(num_tasks=T, rank=1)
+        task_kernel.covar_factor.data = torch.tensor([[1.0], [0.5], [-0.3]])
+        model = HadamardGP((inputs, tasks), y[0], likelihood, kernel, task_kernel).to(DTYPE)
+        reference = dense_reference(model)
+        loss, grads, mean, variance = fit_and_predict(model, (inputs, tasks), y[0], (test_inputs, test_tasks), True)
+        ref = fit_and_predict(reference, (inputs, tasks), y[0], (test_inputs, test_tasks), False)
+        torch.testing.assert_close(loss, ref[0], rtol=1e-9, atol=1e-10)
+        for grad, ref_grad in zip(grads, ref[1]):
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(mean, ref[2], rtol=1e-8, atol=1e-9)
+        torch.testing.assert_close(variance, ref[3], rtol=1e-8, atol=1e-9)
+
+
+def test_elementwise_product_with_a_nonsymmetric_indexed_matrix_is_not_taken_for_a_block_mean():
+    from linear_operator.operators import InterpolatedLinearOperator
+
+    partition = Partition.from_labels(torch.arange(8) % 2)
+    M = BlockMeanLinearOperator(
+        torch.ones(2, dtype=DTYPE), torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=DTYPE), partition
+    )
+    ids = (torch.arange(8) % 3).unsqueeze(-1)
+    for C, closed in [
+        (torch.tensor([[1.0, 0.2, 0.0], [0.2, 2.0, 0.1], [0.0, 0.1, 1.5]]), True),
+        (torch.rand(3, 3), False),
+    ]:
+        indexed = InterpolatedLinearOperator(
+            C.to(DTYPE), ids, torch.ones(8, 1, dtype=DTYPE), ids, torch.ones(8, 1, dtype=DTYPE)
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            product = M._mul_matrix(indexed)
+        assert isinstance(product, BlockMeanLinearOperator) == closed
+        assert any(issubclass(w.category, ClosedFormFallbackWarning) for w in caught) != closed
+        if closed:  # (linear_operator's generic product multiplies roots: it assumes symmetric factors)
+            torch.testing.assert_close(product.to_dense(), M.to_dense() * indexed.to_dense())

@@ -13,7 +13,7 @@ import gpytorch
 import pytest
 import torch
 
-from bma_gp import BlockMeanKernel, ClosedFormFallbackWarning, GroupKernel, Partition
+from bma_gp import BlockMeanKernel, BlockMeanLinearOperator, ClosedFormFallbackWarning, GroupKernel, Partition
 from gp_reference import GP, DenseKernel, dense_copy, dense_prediction
 
 DTYPE = torch.float64
@@ -331,15 +331,19 @@ def test_elementwise_product_of_lazy_block_mean_kernels_is_closed_form():
     torch.testing.assert_close(variance, ref_variance, rtol=1e-9, atol=1e-9)
 
 
-def test_hadamard_model_with_an_index_kernel_warns_that_it_leaves_the_closed_forms():
-    """A block mean kernel times an IndexKernel has no closed form; linear_operator's product went on without a word
-    (a dense n x n Cholesky with jitter). The block mean operator's warning now says so."""
+def test_hadamard_model_with_an_index_kernel_stays_closed_form():
+    """A block mean kernel times an IndexKernel: linear_operator's product went on without a word (a dense n x n
+    Cholesky with jitter), then with a warning. ``IndexKernel(i)`` between the same ids is the block mean matrix
+    ``C[i_a, i_b]``, so the product is a block mean operator over the intersection of the partitions
+    (tests/test_audit_batch_models.py compares it with the dense model)."""
     x, task, y, partition, _ = hadamard_data()
     kernel = BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, partition)
     model = Hadamard(x, task.long(), y, kernel, gpytorch.kernels.IndexKernel(num_tasks=2, rank=1)).to(DTYPE)
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
-    with pytest.warns(Warning, match="elementwise product of a BlockMeanLinearOperator"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
         mll(model(x, task.long()), y)
+    assert isinstance(model(x, task.long()).lazy_covariance_matrix.evaluate_kernel(), BlockMeanLinearOperator)
 
 
 # ---------------------------------------------------------------------------- float32, one kernel
