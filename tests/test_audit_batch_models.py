@@ -332,3 +332,24 @@ def test_elementwise_product_with_a_nonsymmetric_indexed_matrix_is_not_taken_for
         assert any(issubclass(w.category, ClosedFormFallbackWarning) for w in caught) != closed
         if closed:  # (linear_operator's generic product multiplies roots: it assumes symmetric factors)
             torch.testing.assert_close(product.to_dense(), M.to_dense() * indexed.to_dense())
+
+
+# ---------------------------------------------------------------- AdditiveStructureKernel / ProductStructureKernel
+def test_structure_kernels_say_what_to_build_instead():
+    # they evaluate the base kernel with last_dim_is_batch=True, which the user never passed: the error must say why
+    # it comes up and what to build instead
+    x, ids, y, partition, _, _ = data()
+    x2 = torch.cat([x, x.flip(0)], -1)
+    for structure in [gpytorch.kernels.AdditiveStructureKernel, gpytorch.kernels.ProductStructureKernel]:
+        for base, inputs, hint in [
+            (BlockMeanKernel(gpytorch.kernels.RBFKernel(), x2, partition), x2, r"AdditiveKernel\(\*\[BlockMeanKernel"),
+            (GroupKernel(6), torch.cat([ids, ids.flip(0)], -1), r"GroupKernel\(k0, active_dims=\[0\]\) \+"),
+        ]:
+            model = BatchGP(inputs, y, batch_likelihood(), structure(base, num_dims=2)).to(DTYPE)
+            mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # GPyTorch's, about last_dim_is_batch
+                with pytest.raises(
+                    NotImplementedError, match="AdditiveStructureKernel and ProductStructureKernel.*" + hint
+                ):
+                    mll(model(inputs), y)

@@ -429,7 +429,12 @@ class BlockMeanKernel(Kernel):
         self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params
     ) -> Tensor | LinearOperator:
         if last_dim_is_batch:
-            raise NotImplementedError("BlockMeanKernel does not support the deprecated last_dim_is_batch mode.")
+            raise NotImplementedError(
+                "BlockMeanKernel does not support GPyTorch's deprecated last_dim_is_batch mode, in which "
+                "AdditiveStructureKernel and ProductStructureKernel evaluate their base kernel on one input column "
+                "at a time. Build the sum (or product) over the columns instead: AdditiveKernel(*[BlockMeanKernel("
+                "RBFKernel(active_dims=[j]), train_x, partition) for j in range(d)]) (ProductKernel for a product)."
+            )
         train_x = self._train_x.to(device=x1.device, dtype=x1.dtype)
         r1, r2 = self._num_train_rows(x1), self._num_train_rows(x2)
         new1, new2 = x1[..., r1:, :], x2[..., r2:, :]

@@ -485,7 +485,12 @@ class GroupKernel(Kernel):
         self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params
     ) -> Tensor | LinearOperator:
         if last_dim_is_batch:
-            raise NotImplementedError("GroupKernel does not support the deprecated last_dim_is_batch mode.")
+            raise NotImplementedError(
+                "GroupKernel does not support GPyTorch's deprecated last_dim_is_batch mode, in which "
+                "AdditiveStructureKernel and ProductStructureKernel evaluate their base kernel on one input column "
+                "at a time. Give each id column its own GroupKernel and add (or multiply) them: "
+                "GroupKernel(k0, active_dims=[0]) + GroupKernel(k1, active_dims=[1])."
+            )
         if self.slope:
             return self._slope_forward(x1, x2, diag)
         ids1 = self.group_ids(x1, "x1")
