@@ -21,6 +21,7 @@ from linear_operator.operators import (
 )
 
 from bma_gp import BlockMeanKernel, BlockMeanLinearOperator, ClosedFormFallbackWarning, GroupKernel, Partition
+from bma_gp.kernels import BlockCrossLinearOperator
 from closed_form_guard import closed_forms_only
 from gp_reference import DenseKernel
 
@@ -144,6 +145,21 @@ def test_batch_outputscale_around_group_factor_sum_is_closed_form():
         torch.testing.assert_close(grad, ref_grad, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-9)
     torch.testing.assert_close(variance, ref_variance, rtol=1e-8, atol=1e-9)
+
+
+def test_batch_outputscale_keeps_the_cross_covariance_per_block():
+    # between new and training inputs the covariance is t x k values (docs/gp.md), also with one outputscale per output
+    x, ids, _, partition, xt, ids_t = data()
+    for kernel, inputs, new in [
+        (BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, partition), x, xt),
+        (GroupKernel(6), ids, ids_t),
+    ]:
+        scaled = batch_scale(kernel).to(DTYPE).eval()
+        cross = scaled(new, inputs).evaluate_kernel()
+        assert isinstance(cross, BlockCrossLinearOperator)
+        expected = kernel(new, inputs).to_dense() * scaled.outputscale.view(T, 1, 1)
+        torch.testing.assert_close(cross.to_dense(), expected)
+        torch.testing.assert_close(scaled(inputs, new).to_dense(), expected.mT)
 
 
 # ---------------------------------------------------------------- from_batch_mvn with a MultitaskGaussianLikelihood

@@ -14,6 +14,7 @@ from linear_operator.operators import LinearOperator
 from linear_operator.utils.getitem import _is_noop_index
 from torch import Tensor
 
+from bma_gp._broadcast import batch_constants
 from bma_gp.partition import Partition, intersection
 
 __all__ = ["BlockCrossLinearOperator"]
@@ -181,6 +182,12 @@ class BlockCrossLinearOperator(LinearOperator):
             assert self.row_values is not None
             return self._with(self.row_values * other.unsqueeze(-1), self.columns, self.transposed)
         return self.__class__(self.values * other.unsqueeze(-1).unsqueeze(-1), self.partition, self.transposed)
+
+    def _mul_matrix(self, other) -> LinearOperator:
+        constants = batch_constants(other)
+        if constants is not None:  # one constant per batch entry (a batch ScaleKernel around an unbatched kernel)
+            return self._mul_constant(constants)
+        return super()._mul_matrix(other)
 
     def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
         # Indexing the new points keeps the structure; indexing training points generally breaks blocks.
