@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from gpytorch.constraints import GreaterThan, Interval
-from gpytorch.distributions import MultivariateNormal
+from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNormal
 from gpytorch.likelihoods.gaussian_likelihood import _GaussianLikelihoodBase
 from gpytorch.likelihoods.noise_models import Noise
 from gpytorch.priors import Prior
@@ -489,6 +489,15 @@ class GroupGaussianLikelihood(_GaussianLikelihoodBase):
     def marginal(self, function_dist: MultivariateNormal, *params: Any, **kwargs: Any) -> MultivariateNormal:
         """GPyTorch's marginal :math:`p(y)`; an :class:`~gpytorch.models.ExactGP` output of training mode also
         hands on the inputs it was computed at, against which the stored training groups are checked."""
+        if isinstance(function_dist, MultitaskMultivariateNormal):
+            n, t = function_dist.event_shape
+            raise ValueError(
+                f"GroupGaussianLikelihood takes a MultivariateNormal with one output per point, got a "
+                f"MultitaskMultivariateNormal of {n} points and {t} tasks (its noise would be read per task, not per "
+                "point). For a batch-independent multi-output model leave out MultitaskMultivariateNormal."
+                f"from_batch_mvn: return the batch MultivariateNormal and use GroupGaussianLikelihood(num_groups, "
+                f"batch_shape=torch.Size([{t}])) with targets of shape ({t}, {n})."
+            )
         inputs = getattr(function_dist, "_bma_gp_inputs", None)
         if inputs is not None and not params and kwargs.get("groups") is None and kwargs.get("noise") is None:
             kwargs = {**kwargs, "model_inputs": inputs}

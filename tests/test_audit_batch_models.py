@@ -235,6 +235,23 @@ def test_block_diagonal_tasks_plus_diagonal_solve_and_logdet():
         torch.testing.assert_close(inv_root @ inv_root.mT, torch.linalg.inv(dense))
 
 
+def test_group_likelihood_refuses_a_multitask_distribution_in_words():
+    # it read the last dimension of the (n, t) event as the points: a message about "3 points" for 40, and for
+    # n == t torch's broadcasting RuntimeError
+    from bma_gp import GroupGaussianLikelihood
+
+    _, ids, y, _, _, _ = data()
+    for rows in [N, T]:
+        likelihood = GroupGaussianLikelihood(6, group_dim=0, train_inputs=ids[:rows])
+        kernel = GroupKernel(6, batch_shape=TASKS)
+        model = BatchGP(ids[:rows], y[:, :rows].mT, likelihood, kernel, multitask=True).to(DTYPE)
+        mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+        with pytest.raises(
+            ValueError, match=rf"MultitaskMultivariateNormal of {rows} points and {T} tasks.*from_batch_mvn"
+        ):
+            mll(model(ids[:rows]), y[:, :rows].mT)
+
+
 # ---------------------------------------------------------------- MultitaskKernel around a block mean kernel
 class KroneckerGP(gpytorch.models.ExactGP):
     """GPyTorch's multitask model: ``MultitaskKernel(data kernel)`` and a ``MultitaskGaussianLikelihood``."""
