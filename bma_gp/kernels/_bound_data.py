@@ -269,6 +269,8 @@ def _follow_fantasy_inputs(fantasy) -> None:
     for module in fantasy.likelihood.modules() if fantasy.likelihood is not None else ():
         if isinstance(module, GroupNoise) and module.train_groups is not None and fantasy.train_inputs:
             module._store_train_groups(fantasy.train_inputs)
+
+
 def _record(model, strategy: DefaultPredictionStrategy) -> None:
     """What a model records on a strategy it built: the data versions of its ``BlockMeanKernel``s (the block mean
     strategies record them themselves) and, in eval mode, the hyperparameters the strategy was built with."""
