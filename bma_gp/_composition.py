@@ -40,6 +40,7 @@ from linear_operator.operators import (
 )
 from linear_operator.operators.diag_linear_operator import ConstantDiagLinearOperator
 from linear_operator.utils.broadcasting import _matmul_broadcast_shape
+from linear_operator.utils.getitem import _is_noop_index
 from torch import Tensor
 
 from bma_gp._lazy_root import LazyRoot
@@ -681,10 +682,32 @@ class _BlockMeanTasks:
     multi-output model's ``MultitaskMultivariateNormal.from_batch_mvn`` covariance plus a diagonal noise): ``solve``
     and the roots are the batch's closed forms, applied task by task (linear_operator's own take a dense Cholesky of
     every task's ``n x n`` matrix, or Lanczos). ``inv_quad_logdet`` and products are linear_operator's, which already
-    go through the batch."""
+    go through the batch. A sum over a batch dimension sums the tasks' operators (closed form where theirs is);
+    indexing keeps the layout for batch indices and for slices of whole points (interleaved) or whole tasks
+    (block-diagonal), and gives a :class:`FallbackIndexedLinearOperator` (which warns when factorised) otherwise."""
 
     base_linear_op: LinearOperator
     _plain: type
+
+    def _whole_slices(self, row_index, col_index) -> tuple[slice, slice] | None:
+        """``(rows, cols)`` of the tasks' operators that the slices ``row_index``, ``col_index`` of this one take, when
+        they keep the layout; else None."""
+        raise NotImplementedError
+
+    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+        if _is_noop_index(row_index) and _is_noop_index(col_index):
+            return super()._getitem(row_index, col_index, *batch_indices)  # type: ignore[misc]
+        whole = self._whole_slices(row_index, col_index)
+        if whole is not None:
+            return self._indexed_tasks(*whole, *batch_indices)
+        return indexed_fallback(cast(LinearOperator, self), row_index, col_index, *batch_indices)
+
+    def _indexed_tasks(self, rows: slice, cols: slice, *batch_indices) -> LinearOperator:
+        raise NotImplementedError
+
+    def _sum_batch(self, dim: int) -> LinearOperator:
+        # the base's batch is this operator's, then the tasks: dim (>= 0, a batch dimension) is the same there
+        return type(cast(LinearOperator, self))(self.base_linear_op.sum(dim))
 
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
         vector = right_tensor.dim() == 1
@@ -714,12 +737,42 @@ class BlockMeanInterleavedLinearOperator(_BlockMeanTasks, BlockInterleavedLinear
 
     _plain = BlockInterleavedLinearOperator
 
+    def _whole_slices(self, row_index, col_index) -> tuple[slice, slice] | None:
+        # rows i T .. j T are the points i .. j of every task
+        t = self.base_linear_op.shape[-3]
+        found = []
+        for index, size in ((row_index, self.shape[-2]), (col_index, self.shape[-1])):
+            if not isinstance(index, slice):
+                return None
+            start, stop, step = index.indices(size)
+            if step != 1 or start % t or stop % t or stop < start:
+                return None
+            found.append(slice(start // t, stop // t))
+        return found[0], found[1]
+
+    def _indexed_tasks(self, rows: slice, cols: slice, *batch_indices) -> LinearOperator:
+        return type(self)(self.base_linear_op._getitem(rows, cols, *batch_indices, slice(None)))
+
 
 class BlockMeanBlockDiagLinearOperator(_BlockMeanTasks, BlockDiagLinearOperator):
     """``BlockDiagLinearOperator`` of a batch of block mean operators or sums (``from_batch_mvn(...,
     interleaved=False)``'s layout): :class:`_BlockMeanTasks`."""
 
     _plain = BlockDiagLinearOperator
+
+    def _whole_slices(self, row_index, col_index) -> tuple[slice, slice] | None:
+        # rows a n .. b n are the tasks a .. b (linear_operator's BlockLinearOperator read them as the interleaved
+        # layout's points: wrong entries); only the same whole tasks on both sides keep the layout
+        n = self.base_linear_op.shape[-1]
+        if not isinstance(row_index, slice) or row_index != col_index:
+            return None
+        start, stop, step = row_index.indices(self.shape[-2])
+        if step != 1 or start % n or stop % n or stop < start:
+            return None
+        return slice(start // n, stop // n), slice(start // n, stop // n)
+
+    def _indexed_tasks(self, rows: slice, cols: slice, *batch_indices) -> LinearOperator:
+        return type(self)(self.base_linear_op._getitem(slice(None), slice(None), *batch_indices, rows))
 
 
 class _KroneckerOfBlockMean:
