@@ -1048,6 +1048,10 @@ def install() -> None:
     from bma_gp.kernels.sum_prediction_strategy import install as install_prediction
 
     install_prediction()
+    # batch-independent multi-output models (from_batch_mvn) on block mean kernels: predicted task by task
+    from bma_gp.kernels.task_prediction_strategy import install as install_task_prediction
+
+    install_task_prediction()
     # BlockMeanKernel's lazily_evaluate_kernels(False) warning: tell GPyTorch's own evaluation from the user's setting
     from bma_gp.kernels.block_mean_kernel import install as install_lazy_mark
 

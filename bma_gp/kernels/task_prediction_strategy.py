@@ -1,0 +1,133 @@
+"""Exact prediction of a batch-independent multi-output model on block mean kernels, task by task.
+
+GPyTorch's batch-independent multi-output model returns
+``MultitaskMultivariateNormal.from_batch_mvn(MultivariateNormal(mean, covar))`` for a batch of ``T`` kernels: its
+covariance is a ``BlockInterleavedLinearOperator`` over the batch, zero between tasks. With a
+``MultitaskGaussianLikelihood`` of ``rank=0`` (a noise per task, none between them) the tasks are independent GPs,
+and GPyTorch's ``DefaultPredictionStrategy`` (the one it picks for any such model) formed the ``(t T) x (n T)``
+cross covariance densely, zeros between tasks included, and at the training inputs a dense ``(n T) x (n T)``
+posterior that sampling factorised by a dense Cholesky, without a word.
+
+:class:`TaskPredictionStrategy` predicts each task with the strategy of its kernel (the block mean or sum strategy's
+closed forms, ``O(n + k^3)`` per task) and interleaves the results again: the predictive covariance is a
+:class:`~bma_gp._composition.BlockMeanInterleavedLinearOperator` whose roots and solves are the tasks' own.
+:func:`install` routes GPyTorch's ``prediction_strategy`` to it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNormal
+from gpytorch.likelihoods import FixedNoiseGaussianLikelihood, MultitaskGaussianLikelihood
+from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
+from linear_operator.operators import (
+    BlockInterleavedLinearOperator,
+    DiagLinearOperator,
+    LinearOperator,
+    ZeroLinearOperator,
+)
+from torch import Tensor
+
+__all__ = ["TaskPredictionStrategy"]
+
+
+def _task_noise(likelihood, prior: MultitaskMultivariateNormal) -> Tensor | None:
+    """The likelihood's noise at the training inputs, ``(*batch, T, n)``, when it adds a diagonal to the interleaved
+    covariance (a ``MultitaskGaussianLikelihood`` of ``rank=0``); else None (a noise that couples the tasks)."""
+    if not isinstance(likelihood, MultitaskGaussianLikelihood):
+        return None
+    mean = prior.mean  # (*batch, n, T)
+    zero = MultitaskMultivariateNormal(torch.zeros_like(mean), DiagLinearOperator(torch.zeros_like(mean).flatten(-2)))
+    covar = likelihood(zero).lazy_covariance_matrix
+    if not isinstance(covar, DiagLinearOperator):
+        return None
+    noise = covar.diagonal(dim1=-2, dim2=-1).expand(*mean.shape[:-2], mean.shape[-2] * mean.shape[-1])
+    return noise.reshape(mean.shape).mT  # point-major (interleaved) -> task-major
+
+
+def _routable(train_prior_dist, likelihood) -> bool:
+    """Whether ``train_prior_dist`` is ``from_batch_mvn``'s interleaved layout over a batch of lazily evaluated block
+    mean or group kernels, observed through a ``MultitaskGaussianLikelihood`` (its rank is checked when the strategy
+    is built)."""
+    from bma_gp._composition import _is_lazy_block_mean
+
+    if not isinstance(train_prior_dist, MultitaskMultivariateNormal) or not train_prior_dist._interleaved:
+        return False
+    covar = train_prior_dist.lazy_covariance_matrix
+    return (
+        isinstance(covar, BlockInterleavedLinearOperator)
+        and _is_lazy_block_mean(covar.base_linear_op)
+        and isinstance(likelihood, MultitaskGaussianLikelihood)
+    )
+
+
+class TaskPredictionStrategy(DefaultPredictionStrategy):
+    """Exact prediction of ``MultitaskMultivariateNormal.from_batch_mvn`` over a batch of block mean or group kernels
+    with a ``MultitaskGaussianLikelihood(rank=0)``: the batch of tasks predicted by its kernel's own strategy (as the
+    batch ``MultivariateNormal`` with a batch ``GaussianLikelihood`` would be), the results interleaved again.
+
+    Built by GPyTorch's ``prediction_strategy`` (see :func:`install`) for such models only; :attr:`task_strategy` is
+    ``None`` when the likelihood's noise couples the tasks (``rank >= 1``), and then every method is GPyTorch's.
+    """
+
+    def __init__(self, train_inputs, train_prior_dist, train_labels, likelihood, root=None, inv_root=None) -> None:
+        super().__init__(train_inputs, train_prior_dist, train_labels, likelihood, root=root, inv_root=inv_root)
+        self.task_strategy: DefaultPredictionStrategy | None = None
+        noise = _task_noise(likelihood, train_prior_dist)
+        if noise is None:
+            return
+        from gpytorch.models.exact_prediction_strategies import prediction_strategy
+
+        covar = train_prior_dist.lazy_covariance_matrix.base_linear_op  # (*batch, T, n, n)
+        tasks = MultivariateNormal(train_prior_dist.mean.mT, covar)
+        labels = train_labels.reshape(train_prior_dist.mean.shape).mT
+        task_likelihood = FixedNoiseGaussianLikelihood(noise=noise, learn_additional_noise=False)
+        self.task_strategy = prediction_strategy(train_inputs, tasks, labels, task_likelihood)
+
+    def exact_prediction(self, test_mean: Tensor, test_test_covar, test_train_covar):
+        strategy = self.task_strategy
+        if (
+            strategy is None
+            or not isinstance(test_test_covar, BlockInterleavedLinearOperator)
+            or not isinstance(test_train_covar, BlockInterleavedLinearOperator)
+        ):
+            return super().exact_prediction(test_mean, test_test_covar, test_train_covar)
+        from bma_gp._composition import BlockMeanInterleavedLinearOperator
+
+        tasks, t = test_test_covar.num_blocks, test_test_covar.base_linear_op.shape[-1]
+        task_mean = test_mean.reshape(*test_mean.shape[:-1], t, tasks).mT  # (*batch, T, t)
+        mean, covar = strategy.exact_prediction(
+            task_mean, test_test_covar.base_linear_op, test_train_covar.base_linear_op
+        )
+        mean = mean.mT.reshape(*mean.shape[:-2], t * tasks)
+        if isinstance(covar, ZeroLinearOperator):  # skip_posterior_variances
+            return mean, ZeroLinearOperator(*test_test_covar.shape, dtype=covar.dtype, device=covar.device)
+        covar = covar if isinstance(covar, LinearOperator) else DiagLinearOperator(covar)
+        return mean, BlockMeanInterleavedLinearOperator(covar)
+
+
+def _routed(original):
+    """GPyTorch's ``prediction_strategy``, with :class:`TaskPredictionStrategy` for a batch-independent multi-output
+    model on block mean or group kernels (:func:`_routable`)."""
+
+    @functools.wraps(original)
+    def prediction_strategy(train_inputs, train_prior_dist, train_labels, likelihood):
+        if _routable(train_prior_dist, likelihood):
+            return TaskPredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood)
+        return original(train_inputs, train_prior_dist, train_labels, likelihood)
+
+    prediction_strategy._bma_gp_original = original
+    return prediction_strategy
+
+
+def install() -> None:
+    """Route GPyTorch's ``prediction_strategy`` (where it is defined and where ``ExactGP`` looks it up) to
+    :class:`TaskPredictionStrategy` for batch-independent multi-output models on block mean kernels (idempotent)."""
+    from gpytorch.models import exact_gp, exact_prediction_strategies
+
+    for module in (exact_prediction_strategies, exact_gp):
+        original = module.prediction_strategy
+        if not hasattr(original, "_bma_gp_original"):
+            module.prediction_strategy = _routed(original)
