@@ -66,9 +66,9 @@ def make_model(kind: str, dtype=DTYPE):
     return model, inputs.to(dtype), new.to(dtype)
 
 
-def dense_posterior(model, new):
+def dense_posterior(model, new, observed=None):
     """The posterior mean ``(t, T)`` and interleaved covariance ``(t T, t T)`` at ``new``, by dense solves per task
-    on the model's kernel matrices, in float64."""
+    on the model's kernel matrices, in float64; ``observed`` ``(n, T)``: each task conditioned on its rows there."""
     model = copy.deepcopy(model).double()
     x = model.train_inputs[0].to(DTYPE)
     new = new.to(DTYPE)
@@ -85,9 +85,17 @@ def dense_posterior(model, new):
     K = C[:, :n, :n] + torch.diag_embed(noise.unsqueeze(-1).expand(T, n))
     cross = C[:, n:, :n]
     residual = model.train_targets.to(DTYPE).mT - m[:, :n]
-    mean = m[:, n:] + (cross @ torch.linalg.solve(K, residual.unsqueeze(-1))).squeeze(-1)
-    covar = C[:, n:, n:] - cross @ torch.linalg.solve(K, cross.mT)
-    return mean.mT, BlockInterleavedLinearOperator(covar).to_dense()
+    if observed is None:
+        mean = m[:, n:] + (cross @ torch.linalg.solve(K, residual.unsqueeze(-1))).squeeze(-1)
+        covar = C[:, n:, n:] - cross @ torch.linalg.solve(K, cross.mT)
+        return mean.mT, BlockInterleavedLinearOperator(covar).to_dense()
+    means, covars = [], []
+    for task in range(T):
+        kept = observed[:, task]
+        A, Kt = cross[task][:, kept], K[task][kept][:, kept]
+        means.append(m[task, n:] + A @ torch.linalg.solve(Kt, residual[task, kept]))
+        covars.append(C[task, n:, n:] - A @ torch.linalg.solve(Kt, A.mT))
+    return torch.stack(means, -1), BlockInterleavedLinearOperator(torch.stack(covars)).to_dense()
 
 
 class WideMatrices(TorchDispatchMode):
@@ -189,6 +197,19 @@ def test_from_batch_mvn_in_float32_and_with_skipped_variances(kind):
         mean = f.mean
     torch.testing.assert_close(mean, dense_posterior(model, new)[0], rtol=1e-8, atol=1e-9)
     assert f.lazy_covariance_matrix.dtype == DTYPE
+
+
+def test_from_batch_mvn_masks_each_missing_observation_alone():
+    # the tasks' batch under GPyTorch's "mask" policy dropped a point from every task when one task missed it
+    model, _, new = make_model("block")
+    y = model.train_targets.clone()
+    y[3, 1] = y[10, 0] = float("nan")
+    model.set_train_data(targets=y, strict=False)
+    with torch.no_grad(), gpytorch.settings.observation_nan_policy("mask"):
+        mean = model(new).mean
+    # each task conditioned on its own observations (GPyTorch's variances need the model to mask the test covariance:
+    # its docs, _get_test_prior_mean_and_covariances)
+    torch.testing.assert_close(mean, dense_posterior(model, new, observed=~torch.isnan(y))[0], rtol=1e-8, atol=1e-9)
 
 
 # ---------------------------------------------------------------- indexing and batch sums of the layout operators

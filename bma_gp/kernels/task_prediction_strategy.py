@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from gpytorch import settings
 from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNormal
 from gpytorch.likelihoods import FixedNoiseGaussianLikelihood, MultitaskGaussianLikelihood
 from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
@@ -69,7 +70,8 @@ class TaskPredictionStrategy(DefaultPredictionStrategy):
     batch ``MultivariateNormal`` with a batch ``GaussianLikelihood`` would be), the results interleaved again.
 
     Built by GPyTorch's ``prediction_strategy`` (see :func:`install`) for such models only; :attr:`task_strategy` is
-    ``None`` when the likelihood's noise couples the tasks (``rank >= 1``), and then every method is GPyTorch's.
+    ``None`` when the likelihood's noise couples the tasks (``rank >= 1``), and then every method is GPyTorch's, as
+    under an ``observation_nan_policy`` other than ``"ignore"`` (whose masks belong to each point and task).
     """
 
     def __init__(self, train_inputs, train_prior_dist, train_labels, likelihood, root=None, inv_root=None) -> None:
@@ -90,6 +92,9 @@ class TaskPredictionStrategy(DefaultPredictionStrategy):
         strategy = self.task_strategy
         if (
             strategy is None
+            # GPyTorch's "mask" drops a point from every batch entry when any entry misses it: the tasks' batch would
+            # drop a point from every task when one task misses it. GPyTorch's path masks each (point, task) entry.
+            or settings.observation_nan_policy.value() != "ignore"
             or not isinstance(test_test_covar, BlockInterleavedLinearOperator)
             or not isinstance(test_train_covar, BlockInterleavedLinearOperator)
         ):
