@@ -697,6 +697,12 @@ class _BlockMeanTasks:
     def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
         if _is_noop_index(row_index) and _is_noop_index(col_index):
             return super()._getitem(row_index, col_index, *batch_indices)  # type: ignore[misc]
+        blocks = cast(LinearOperator, self)
+        if all(
+            isinstance(index, slice) and not range(*index.indices(size))
+            for index, size in ((row_index, blocks.shape[-2]), (col_index, blocks.shape[-1]))
+        ):  # no rows and no columns (mvn[..., a:a]): a layout over no tasks or points cannot be solved
+            return empty_principal(blocks, torch.empty(blocks.batch_shape)[batch_indices].shape)
         whole = self._whole_slices(row_index, col_index)
         if whole is not None:
             return self._indexed_tasks(*whole, *batch_indices)
@@ -767,7 +773,7 @@ class BlockMeanBlockDiagLinearOperator(_BlockMeanTasks, BlockDiagLinearOperator)
         if not isinstance(row_index, slice) or row_index != col_index:
             return None
         start, stop, step = row_index.indices(self.shape[-2])
-        if step != 1 or start % n or stop % n or stop < start:
+        if step != 1 or start % n or stop % n:
             return None
         return slice(start // n, stop // n), slice(start // n, stop // n)
 

@@ -241,6 +241,10 @@ def test_layout_operator_slices_are_right_and_say_when_they_leave_the_closed_for
         torch.testing.assert_close(kept.to_dense(), dense[:, whole, whole])
         with closed_forms_only(12):
             kept.logdet()
+        # no rows (mvn[..., a:a]): the 0 x 0 matrix, whatever the slice's alignment
+        for empty in [op[:, 3:3, 3:3], op[1, 5:5, 5:5]]:
+            assert empty.shape[-2:] == (0, 0)
+            torch.testing.assert_close(empty.logdet(), torch.zeros(empty.batch_shape, dtype=DTYPE))
         # anything else: the right entries, and a warning when factorised
         idx = torch.tensor([0, 5, 7, 13, 20, 30])
         for part, expected in [
