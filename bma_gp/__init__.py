@@ -8,6 +8,8 @@ Public names (see the documentation for the mathematics):
   vector, other partitions and low-rank roots become), solved through one small capacitance matrix.
 - :class:`BlockMeanProductLinearOperator` -- ``M @ N`` over two partitions, with closed-form solves and
   log-determinants through its factors.
+- :class:`BlockMeanInterleavedLinearOperator`, :class:`BlockMeanBlockDiagLinearOperator` -- a batch-independent
+  multi-output model's covariance (``from_batch_mvn``), closed form task by task.
 - :func:`closed_form` -- rewrite any nesting of such sums as one closed-form operator.
 - :func:`block_mean` -- the Frobenius-nearest block mean matrix of a dense matrix or operator.
 - :func:`kernel_block_mean` -- the same for a GPyTorch kernel matrix, without n x n memory.
@@ -17,6 +19,8 @@ Public names (see the documentation for the mathematics):
 
 from bma_gp import settings
 from bma_gp._composition import (
+    BlockMeanBlockDiagLinearOperator,
+    BlockMeanInterleavedLinearOperator,
     ClosedFormFallbackWarning,
     FallbackIndexedLinearOperator,
     FallbackMatmulLinearOperator,
@@ -42,6 +46,8 @@ __all__ = [
     "BlockMeanLinearOperator",
     "BlockMeanSumLinearOperator",
     "BlockMeanProductLinearOperator",
+    "BlockMeanInterleavedLinearOperator",
+    "BlockMeanBlockDiagLinearOperator",
     "closed_form",
     "ClosedFormFallbackWarning",
     "FallbackIndexedLinearOperator",

@@ -738,8 +738,15 @@ class _BlockMeanTasks:
 
 
 class BlockMeanInterleavedLinearOperator(_BlockMeanTasks, BlockInterleavedLinearOperator):
-    """``BlockInterleavedLinearOperator`` of a batch of block mean operators or sums (``from_batch_mvn``'s layout):
-    :class:`_BlockMeanTasks`."""
+    """The covariance of a batch-independent multi-output model over block mean or group kernels, in the layout of
+    ``MultitaskMultivariateNormal.from_batch_mvn`` (points outer, tasks inner): linear_operator's
+    ``BlockInterleavedLinearOperator`` of a batch of :class:`~bma_gp.BlockMeanLinearOperator` or
+    :class:`~bma_gp.BlockMeanSumLinearOperator`, one per task.
+
+    ``solve``, ``root_decomposition``, ``root_inv_decomposition`` and ``add_diagonal`` (a per-task noise, as a
+    ``MultitaskGaussianLikelihood(rank=0)`` adds it) are the tasks' closed forms, applied task by task; slices of
+    whole points, batch indices and sums over a batch dimension keep this layout; other indices give a
+    :class:`~bma_gp.FallbackIndexedLinearOperator`, which warns where it is factorised."""
 
     _plain = BlockInterleavedLinearOperator
 
@@ -761,8 +768,10 @@ class BlockMeanInterleavedLinearOperator(_BlockMeanTasks, BlockInterleavedLinear
 
 
 class BlockMeanBlockDiagLinearOperator(_BlockMeanTasks, BlockDiagLinearOperator):
-    """``BlockDiagLinearOperator`` of a batch of block mean operators or sums (``from_batch_mvn(...,
-    interleaved=False)``'s layout): :class:`_BlockMeanTasks`."""
+    """The same covariance as :class:`BlockMeanInterleavedLinearOperator` in the layout of
+    ``from_batch_mvn(..., interleaved=False)`` (tasks outer, points inner): linear_operator's
+    ``BlockDiagLinearOperator`` of a batch of block mean operators or sums, with the same closed forms task by task;
+    slices that keep whole tasks on both sides keep this layout."""
 
     _plain = BlockDiagLinearOperator
 
