@@ -117,6 +117,19 @@ def batch_scale(kernel):
 
 
 # ---------------------------------------------------------------- a batch ScaleKernel around an unbatched kernel
+def _assert_warned_loss_matches_dense(model, x, y, match: str) -> None:
+    """The model's training loss warns (``ClosedFormFallbackWarning`` matching ``match``) and equals its dense
+    reference's."""
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    with pytest.warns(ClosedFormFallbackWarning, match=match):
+        loss = -mll(model(x), y.mT)
+    reference = dense_reference(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_loss = -gpytorch.mlls.ExactMarginalLogLikelihood(reference.likelihood, reference)(reference(x), y.mT)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-10)
+
+
 def test_batch_outputscale_around_unbatched_group_kernel_is_closed_form():
     _, ids, y, _, _, ids_t = data()
     kernel = batch_scale(GroupKernel(6, per_group_variance=True))
@@ -196,14 +209,7 @@ def test_from_batch_mvn_with_correlated_task_noise_warns():
     x, _, y, partition, _, _ = data()
     model = BatchGP(x, y.mT, multitask_likelihood(rank=1), BlockMeanKernel(batch_rbf(), x, partition), multitask=True)
     model = model.to(DTYPE)
-    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
-    with pytest.warns(ClosedFormFallbackWarning, match="no closed form"):
-        loss = -mll(model(x), y.mT)
-    reference = dense_reference(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref_loss = -gpytorch.mlls.ExactMarginalLogLikelihood(reference.likelihood, reference)(reference(x), y.mT)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-10)
+    _assert_warned_loss_matches_dense(model, x, y, "no closed form")
 
 
 def test_block_diagonal_tasks_plus_diagonal_solve_and_logdet():
@@ -295,14 +301,7 @@ def test_multitask_kernel_dense_cholesky_is_announced():
     for options in [{"rank": 0}, {"rank": 1}]:
         kernel = gpytorch.kernels.MultitaskKernel(BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, partition), T)
         model = KroneckerGP(x, y.mT, multitask_likelihood(**options), kernel).to(DTYPE)
-        mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
-        with pytest.warns(ClosedFormFallbackWarning, match=r"n = 120\), a Kronecker sum with a block mean factor"):
-            loss = -mll(model(x), y.mT)
-        reference = dense_reference(model)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ref_loss = -gpytorch.mlls.ExactMarginalLogLikelihood(reference.likelihood, reference)(reference(x), y.mT)
-        torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-10)
+        _assert_warned_loss_matches_dense(model, x, y, r"n = 120\), a Kronecker sum with a block mean factor")
 
 
 # -------------------------------------------------------------- IndexKernel over the tasks (GPyTorch's Hadamard model)

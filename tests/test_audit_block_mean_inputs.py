@@ -22,6 +22,7 @@ from bma_gp import (
     kernel_block_mean,
 )
 from bma_gp._kernel_sums import jit, stationary
+from gp_reference import GP
 
 
 def _partitions(n: int, k: int) -> dict[str, Partition]:
@@ -277,16 +278,6 @@ def test_symmetric_flag_must_be_a_bool(flag):
 
 
 # ---------------------------------------------------------------- prediction dtypes with float64 inputs
-class _GP(gpytorch.models.ExactGP):
-    def __init__(self, x, y, likelihood, kernel):
-        super().__init__(x, y, likelihood)
-        self.mean_module = gpytorch.means.ConstantMean()
-        self.covar_module = kernel
-
-    def forward(self, x):
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
-
-
 @pytest.mark.parametrize("with_groups", [False, True], ids=["block_mean", "block_mean_plus_groups"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_predictive_mean_dtype_follows_gpytorch(with_groups, dtype):
@@ -303,8 +294,8 @@ def test_predictive_mean_dtype_follows_gpytorch(with_groups, dtype):
     kernel = BlockMeanKernel(RBFKernel(active_dims=[0]), x, partition)
     if with_groups:
         kernel = kernel + GroupKernel(num_groups=5, active_dims=[1])
-    model = _GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).eval()
-    reference = _GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), RBFKernel(active_dims=[0])).eval()
+    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).eval()
+    reference = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), RBFKernel(active_dims=[0])).eval()
     shift = torch.tensor([0.01, 0.0], dtype=dtype)
     with torch.no_grad():
         for test_x in (x[:5], x[:5] + shift):  # at training inputs, and at new ones
