@@ -343,9 +343,14 @@ def subsample(dataset: Dataset, max_rows: int | None, generator: torch.Generator
     )
 
 
-def split(dataset: Dataset, fraction: float, mode: str, generator: torch.Generator) -> Problem:
+def split(
+    dataset: Dataset, fraction: float, mode: str, generator: torch.Generator, *, available: int | None = None
+) -> Problem:
     """Hold out ``fraction`` of the rows (random ones, or with ``mode="last"`` those with the largest
     first input) and standardise inputs and targets with the training statistics.
+
+    ``available``: the usable rows before ``--max-rows`` subsampled them (default: those of ``dataset``); when it
+    is larger, a message about too few rows says to raise ``--max-rows``.
 
     The statistics and the standardisation are computed in float64 and only the standardised values are cast
     to ``dataset.dtype``: cast first, float32 rounds date-times (decimal years near 2000) to about an hour and
@@ -364,10 +369,7 @@ def split(dataset: Dataset, fraction: float, mode: str, generator: torch.Generat
     n = len(y)
     n_test = int(round(fraction * n))
     if n - n_test < 2 or n_test < 1:
-        raise UsageError(
-            f"the data have {n} usable rows: too few to hold out {fraction:.0%} for testing "
-            "and train on at least 2 (change --test-fraction or add rows)"
-        )
+        raise UsageError(_too_few_rows(n, n_test, fraction, n if available is None else available))
     if mode == "random":
         order = torch.randperm(n, generator=generator)
     else:
@@ -431,6 +433,30 @@ def split(dataset: Dataset, fraction: float, mode: str, generator: torch.Generat
         group_names=list(dataset.group_names),
         group_levels=levels,
         test_only=test_only,
+    )
+
+
+def _too_few_rows(n: int, n_test: int, fraction: float, available: int) -> str:
+    """The message for ``n`` rows that ``--test-fraction`` cannot split into ``n_test >= 1`` held-out rows and at
+    least 2 training rows; ``available > n``: ``--max-rows`` left out the other usable rows."""
+    subsampled = available > n
+    if n < 3:
+        if subsampled:
+            return (
+                f"argument --max-rows: {n} of the {available} usable rows are too few to train on 2 and hold out 1 "
+                "for testing; raise --max-rows to at least 3"
+            )
+        return f"the data have {n} usable row(s): too few to train on 2 and hold out 1 for testing; add rows"
+    rows = f"the {n} rows of --max-rows {n} (of {available} usable)" if subsampled else f"the {n} usable rows"
+    more_rows = ", or raise --max-rows" if subsampled else ""
+    if n_test < 1:
+        return (
+            f"argument --test-fraction: {fraction:g} of {rows} holds out none for testing; "
+            f"raise it to at least {1 / n:.3g}{more_rows}"
+        )
+    return (
+        f"argument --test-fraction: {fraction:g} of {rows} holds out {n_test} and leaves {n - n_test} to train on, "
+        f"fewer than 2; lower it{more_rows}"
     )
 
 

@@ -54,7 +54,8 @@ def _run(config: RunConfig) -> int:
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
 
-    dataset = subsample(load_dataset(config), config.max_rows, generator)
+    loaded = load_dataset(config)
+    dataset = subsample(loaded, config.max_rows, generator)
     n_rows, num_inputs = len(dataset.y), dataset.x.shape[-1]
     kernel_kind = config.kernel_kind()
     if kernel_kind == "seasonal" and num_inputs != 1:
@@ -62,7 +63,7 @@ def _run(config: RunConfig) -> int:
             f"--kernel seasonal needs exactly one input column, the data have {num_inputs} "
             f"({', '.join(dataset.feature_names)}); choose them with --features or use --kernel rbf"
         )
-    problem = split(dataset, config.test_fraction, config.split, generator)
+    problem = split(dataset, config.test_fraction, config.split, generator, available=len(loaded.y))
     n_train = len(problem.y_train)
     if config.blocks > n_train and any(m in config.methods for m in ("blockmean", "sgpr")):
         raise UsageError(
