@@ -46,3 +46,37 @@ def test_too_few_rows_names_the_option_to_change(tmp_path, capsys, extra, expect
     code, line = _usage_error(capsys, ["--data", _csv(tmp_path), "--target", "y", "--method", "exact", *FAST, *extra])
     assert code == 2
     assert all(text in line for text in expected), line
+
+
+def _header(out):
+    return next(line for line in out.splitlines() if line.startswith("bma-gp: kernel "))
+
+
+def test_options_the_run_does_not_use_are_warned_about(tmp_path, capsys):
+    """``--blocks``, ``--partition`` and ``--period`` were ignored without a word when no chosen method or kernel
+    uses them, and the header said ``k = 256`` for an exact-only run."""
+    argv = ["--data", _csv(tmp_path), "--target", "y", "--method", "exact", *FAST, "--out", "out"]
+    assert main([*argv, "--blocks", "3", "--partition", "kmeans", "--period", "2"]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("bma-gp: warning:")]
+    assert len(warnings) == 3, captured.err
+    assert "--blocks has no effect" in warnings[0] and "methods: exact" in warnings[0]
+    assert "--partition has no effect" in warnings[1] and "blockmean" in warnings[1]
+    assert "--period has no effect" in warnings[2] and "kernel: rbf" in warnings[2]
+    assert "--kernel seasonal" in warnings[2]
+    assert "k = " not in _header(captured.out)
+    # without those options: no warning, and still no k
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err and "k = " not in _header(captured.out)
+
+
+def test_options_the_run_uses_are_not_warned_about(tmp_path, capsys):
+    argv = ["--data", _csv(tmp_path), "--target", "y", "--method", "blockmean", "--kernel", "seasonal", *FAST]
+    assert main([*argv, "--blocks", "2", "--partition", "sorted", "--period", "2", "--out", "out"]) == 0
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err and "k = 2," in _header(captured.out)
+    # sgpr uses --blocks but not --partition
+    assert main([*argv[:5], "sgpr", *argv[6:], "--blocks", "2", "--partition", "sorted", "--out", "out"]) == 0
+    captured = capsys.readouterr()
+    assert "--blocks" not in captured.err and "--partition has no effect" in captured.err

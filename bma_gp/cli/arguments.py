@@ -184,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------- resolution
+#: The options only some methods or kernels use (their dest names); RunConfig.unused_options says when one given
+#: has no effect.
+_WARN_IF_UNUSED = ("blocks", "partition", "period")
+_NOT_GIVEN = object()
+
+
 def _parse_methods(values: Sequence[str] | None, parser: argparse.ArgumentParser) -> tuple[str, ...]:
     if not values:
         return METHODS
@@ -256,7 +262,8 @@ def parse_config(argv: Sequence[str] | None, parser: argparse.ArgumentParser | N
     Checks that need no data happen here: the methods, the device, ``--target`` / ``--features`` /
     ``--group`` without ``--data`` (and the reverse), a feature named twice (repeated ``--features``
     options add up) or also the ``--target``, a ``--group`` column that is also the target, a feature or
-    another ``--group``, and an ``--out`` that names a file.
+    another ``--group``, and an ``--out`` that names a file. ``RunConfig.given`` records which of ``--blocks``,
+    ``--partition`` and ``--period`` were given, for the run's warning about one it does not use.
 
     Args:
         argv: the arguments, without the program name.
@@ -266,7 +273,13 @@ def parse_config(argv: Sequence[str] | None, parser: argparse.ArgumentParser | N
         SystemExit: with status 2 after argparse's usage message for bad arguments, 0 after ``--help``.
     """
     parser = build_parser() if parser is None else parser
-    args = parser.parse_args(argv)
+    # argparse sets the default of an option only when the namespace lacks it: a placeholder that is still there
+    # after parsing is an option not given (RunConfig.given; the run warns about a given option it does not use)
+    args = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(_WARN_IF_UNUSED, _NOT_GIVEN)))
+    given = frozenset(name for name in _WARN_IF_UNUSED if getattr(args, name) is not _NOT_GIVEN)
+    for name in _WARN_IF_UNUSED:
+        if name not in given:
+            setattr(args, name, parser.get_default(name))
     methods = _parse_methods(args.method, parser)
     device = _resolve_device(args.device, parser)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -306,4 +319,5 @@ def parse_config(argv: Sequence[str] | None, parser: argparse.ArgumentParser | N
         out=args.out,
         plot=not args.no_plot,
         progress=not args.no_progress,
+        given=given,
     )

@@ -7,7 +7,7 @@ never an ``argparse.Namespace``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -56,6 +56,9 @@ class RunConfig:
     out: str = "bma_gp_out"
     plot: bool = True
     progress: bool = True
+    # the options among blocks, partition and period given on the command line (argparse dest names): a given
+    # option that the run does not use is warned about (unused_options). Not compared: the run is the same
+    given: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
     def dtype_name(self) -> str:
@@ -67,3 +70,26 @@ class RunConfig:
         if self.kernel == "auto":
             return "seasonal" if self.data is None else "rbf"
         return self.kernel
+
+    def uses_blocks(self) -> bool:
+        """Whether a method of the run has ``blocks`` blocks or inducing points (blockmean, sgpr)."""
+        return "blockmean" in self.methods or "sgpr" in self.methods
+
+    def unused_options(self) -> list[str]:
+        """One message per option of ``given`` that the chosen methods or kernel do not use."""
+        methods = ", ".join(self.methods)
+        messages = []
+        if "blocks" in self.given and not self.uses_blocks():
+            messages.append(
+                f"--blocks has no effect: only the blockmean and sgpr methods use it (this run's methods: {methods})"
+            )
+        if "partition" in self.given and "blockmean" not in self.methods:
+            messages.append(
+                f"--partition has no effect: only the blockmean method uses it (this run's methods: {methods})"
+            )
+        if "period" in self.given and self.kernel_kind() != "seasonal":
+            messages.append(
+                f"--period has no effect: only the seasonal kernel has a period (this run's kernel: "
+                f"{self.kernel_kind()}; choose it with --kernel seasonal)"
+            )
+        return messages

@@ -51,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(config: RunConfig) -> int:
+    for message in config.unused_options():
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
 
@@ -103,8 +105,9 @@ def _fit_and_report(
         f"{PROG}: {problem.name}: {n_rows} rows -> {n_train} train / {len(problem.y_test)} test "
         f"({config.split} split); inputs {', '.join(problem.feature_names)} -> target {problem.target_name}"
     )
+    blocks = f"k = {config.blocks}, " if config.uses_blocks() else ""  # no k for an exact-only run
     print(
-        f"{PROG}: kernel {kernel_kind}, methods {', '.join(config.methods)}, k = {config.blocks}, "
+        f"{PROG}: kernel {kernel_kind}, methods {', '.join(config.methods)}, {blocks}"
         f"{config.iters} Adam steps (lr {config.lr}), {config.device.type} {config.dtype_name}"
     )
     if problem.group_names:
