@@ -80,3 +80,10 @@ def test_options_the_run_uses_are_not_warned_about(tmp_path, capsys):
     assert main([*argv[:5], "sgpr", *argv[6:], "--blocks", "2", "--partition", "sorted", "--out", "out"]) == 0
     captured = capsys.readouterr()
     assert "--blocks" not in captured.err and "--partition has no effect" in captured.err
+
+
+def test_iters_beyond_a_ssize_t_is_a_usage_error(tmp_path, capsys):
+    """``--iters 99999999999999999999999`` passed the parser and ended in an OverflowError traceback."""
+    argv = ["--data", _csv(tmp_path), "--target", "y", "--method", "exact", *FAST]
+    code, line = _usage_error(capsys, [*argv, "--iters", "9" * 23])
+    assert code == 2 and "argument --iters" in line and "up to 9223372036854775807" in line

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -32,6 +33,18 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+#: The most Adam steps --iters takes: the progress bar takes the length of range(iters), a C ssize_t (a larger
+#: count ended in an OverflowError traceback).
+_MAX_ITERS = sys.maxsize
+
+
+def _iters(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > _MAX_ITERS:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer up to {_MAX_ITERS}, got {value}")
     return value
 
 
@@ -154,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="initial period of the seasonal kernel, in units of the input (years for CO2)",
     )
     train = parser.add_argument_group("training")
-    train.add_argument("--iters", type=_non_negative_int, default=40, help="Adam steps on the marginal likelihood")
+    train.add_argument("--iters", type=_iters, default=40, help="Adam steps on the marginal likelihood")
     train.add_argument("--lr", type=_positive_float, default=0.1, help="Adam learning rate")
     train.add_argument(
         "--max-cholesky",
