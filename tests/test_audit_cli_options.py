@@ -87,3 +87,16 @@ def test_iters_beyond_a_ssize_t_is_a_usage_error(tmp_path, capsys):
     argv = ["--data", _csv(tmp_path), "--target", "y", "--method", "exact", *FAST]
     code, line = _usage_error(capsys, [*argv, "--iters", "9" * 23])
     assert code == 2 and "argument --iters" in line and "up to 9223372036854775807" in line
+
+
+@pytest.mark.parametrize(
+    ("period", "dtype", "word"),
+    [("1e-320", "float64", "small"), ("1e300", "float64", "large"), ("1e-40", "float32", "small")],
+)
+def test_a_period_the_seasonal_kernel_cannot_represent_names_period(tmp_path, capsys, period, dtype, word):
+    """A ``--period`` that underflows or overflows the seasonal kernel's start values ended in a NanError traceback
+    (1e-40 in float32) or in "diverged ...: lower the learning rate --lr", which cannot help."""
+    argv = ["--data", _csv(tmp_path), "--target", "y", "--method", "exact", "--kernel", "seasonal", *FAST]
+    code, line = _usage_error(capsys, [*argv, "--period", period, "--dtype", dtype])
+    assert code == 2 and f"argument --period: {float(period):g} is too {word}" in line
+    assert "'x', whose values span 1 to 10" in line and "--lr" not in line

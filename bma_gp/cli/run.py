@@ -20,7 +20,7 @@ from bma_gp.cli import report
 from bma_gp.cli.arguments import build_parser, parse_config
 from bma_gp.cli.config import PROG, RunConfig, UsageError
 from bma_gp.cli.data import Problem, load_dataset, split, subsample
-from bma_gp.cli.models import fit
+from bma_gp.cli.models import base_kernel, fit
 
 __all__ = ["main"]
 
@@ -72,6 +72,8 @@ def _run(config: RunConfig) -> int:
             f"argument --blocks: {config.blocks} exceeds the {n_train} training rows; choose --blocks <= {n_train}"
         )
     period = config.period / float(problem.x_scale[0])
+    if kernel_kind == "seasonal":
+        _check_period(config, problem, period)
     problem.to(config.device)
 
     grid = None  # with groupings the plot shows predicted against observed held-out values
@@ -88,6 +90,29 @@ def _run(config: RunConfig) -> int:
             with contextlib.suppress(OSError):  # not empty (the results so far), or gone
                 os.rmdir(config.out)
         raise
+
+
+def _check_period(config: RunConfig, problem: Problem, period: float) -> None:
+    """Check that the seasonal kernel with the standardised ``period`` has finite start values and a finite
+    covariance between the extreme inputs in ``--dtype``: a period that underflows or overflows there made the
+    first step fail (a traceback, or a divergence blamed on ``--lr``).
+
+    Raises:
+        UsageError: naming ``--period`` and the span of the input it is measured in.
+    """
+    both = torch.cat([problem.x_train[:, :1], problem.x_test[:, :1]])
+    ends = torch.stack([both.min(), both.max()]).unsqueeze(-1).to(config.dtype)
+    kernel = base_kernel("seasonal", 1, period).to(config.dtype)
+    with torch.no_grad():
+        finite = all(bool(p.isfinite().all()) for p in kernel.parameters())
+        finite = finite and bool(kernel(ends).to_dense().isfinite().all())
+    if not finite:
+        lo, hi = problem.x_original(ends).flatten().tolist()
+        raise UsageError(
+            f"argument --period: {config.period:g} is too {'small' if period < 1 else 'large'} for the seasonal "
+            f"kernel in {config.dtype_name} (its start values or covariance are not finite); give the period in "
+            f"units of {problem.feature_names[0]!r}, whose values span {lo:g} to {hi:g}"
+        )
 
 
 def _fit_and_report(
