@@ -100,3 +100,17 @@ def test_a_period_the_seasonal_kernel_cannot_represent_names_period(tmp_path, ca
     code, line = _usage_error(capsys, [*argv, "--period", period, "--dtype", dtype])
     assert code == 2 and f"argument --period: {float(period):g} is too {word}" in line
     assert "'x', whose values span 1 to 10" in line and "--lr" not in line
+
+
+def test_kmeans_with_fewer_distinct_inputs_than_blocks_warns_in_the_commands_words(tmp_path, capsys, recwarn):
+    """``--blocks 6`` on two input columns with 3 distinct points ran with 3 blocks after a Python ``UserWarning``
+    from ``kmeans_partition`` (with a source line, "Choose k <= ...") instead of a ``bma-gp: warning:`` naming
+    ``--blocks``."""
+    path = tmp_path / "ties.csv"
+    path.write_text("a,b,y\n" + "".join(f"{i % 3},{2 * (i % 3)},{i % 3 + 0.1 * (i % 4)}\n" for i in range(20)))
+    argv = ["--data", str(path), "--target", "y", "--method", "blockmean", "--blocks", "6", *FAST, "--out", "out"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "bma-gp: warning: --blocks 6: the training inputs have only 3 distinct points" in err
+    assert "choose --blocks <= 3" in err
+    assert not [w for w in recwarn if "kmeans_partition" in str(w.message)]

@@ -119,7 +119,17 @@ def build_partition(kind: str, x: Tensor, num_blocks: int, seed: int) -> Partiti
         kind = "sorted" if x.shape[-1] == 1 else "kmeans"
     if kind == "sorted":
         return sorted_partition(x, num_blocks)
-    return kmeans_partition(x, num_blocks, seed=seed)
+    with warnings.catch_warnings():  # its warning speaks of k and shows this line: said below in the command's words
+        warnings.filterwarnings("ignore", "kmeans_partition: x has fewer than", UserWarning)
+        partition = kmeans_partition(x, num_blocks, seed=seed)
+    if partition.num_blocks < num_blocks:
+        print(
+            f"{PROG}: warning: --blocks {num_blocks}: the training inputs have only {partition.num_blocks} distinct "
+            f"points, so k-means gives the blockmean GP {partition.num_blocks} blocks; choose --blocks <= "
+            f"{partition.num_blocks} (or --partition sorted) to silence this warning",
+            file=sys.stderr,
+        )
+    return partition
 
 
 def build_model(
