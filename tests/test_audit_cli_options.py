@@ -114,3 +114,18 @@ def test_kmeans_with_fewer_distinct_inputs_than_blocks_warns_in_the_commands_wor
     assert "bma-gp: warning: --blocks 6: the training inputs have only 3 distinct points" in err
     assert "choose --blocks <= 3" in err
     assert not [w for w in recwarn if "kmeans_partition" in str(w.message)]
+
+
+def test_blocks_above_the_training_rows_names_max_rows_and_the_default(tmp_path, capsys):
+    """With ``--max-rows`` the cause, "--blocks 20 exceeds the 8 training rows; choose --blocks <= 8" left out the
+    other fix, raising ``--max-rows``; and without ``--blocks`` it did not say that 256 is the default."""
+    argv = ["--data", _csv(tmp_path, n=40), "--target", "y", "--method", "sgpr", *FAST]
+    code, line = _usage_error(capsys, [*argv, "--max-rows", "10", "--blocks", "20"])
+    assert code == 2 and line.endswith(
+        "argument --blocks: 20 exceeds the 8 training rows; choose --blocks <= 8, or raise --max-rows "
+        "(now 10 of the 40 usable rows)"
+    )
+    code, line = _usage_error(capsys, argv)
+    assert code == 2 and line.endswith(
+        "argument --blocks: 256 (the default) exceeds the 32 training rows; choose --blocks <= 32"
+    )

@@ -67,10 +67,8 @@ def _run(config: RunConfig) -> int:
         )
     problem = split(dataset, config.test_fraction, config.split, generator, available=len(loaded.y))
     n_train = len(problem.y_train)
-    if config.blocks > n_train and any(m in config.methods for m in ("blockmean", "sgpr")):
-        raise UsageError(
-            f"argument --blocks: {config.blocks} exceeds the {n_train} training rows; choose --blocks <= {n_train}"
-        )
+    if config.blocks > n_train and config.uses_blocks():
+        raise UsageError(_too_many_blocks(config, n_train, len(loaded.y)))
     period = config.period / float(problem.x_scale[0])
     if kernel_kind == "seasonal":
         _check_period(config, problem, period)
@@ -90,6 +88,16 @@ def _run(config: RunConfig) -> int:
             with contextlib.suppress(OSError):  # not empty (the results so far), or gone
                 os.rmdir(config.out)
         raise
+
+
+def _too_many_blocks(config: RunConfig, n_train: int, available: int) -> str:
+    """The message for ``--blocks`` above the ``n_train`` training rows; ``available``: the usable rows before
+    ``--max-rows``, which may be the option to change."""
+    default = " (the default)" if "blocks" not in config.given and config.blocks == RunConfig().blocks else ""
+    fix = f"choose --blocks <= {n_train}"
+    if available - int(round(config.test_fraction * available)) >= config.blocks:  # all the rows would do
+        fix += f", or raise --max-rows (now {config.max_rows} of the {available} usable rows)"
+    return f"argument --blocks: {config.blocks}{default} exceeds the {n_train} training rows; {fix}"
 
 
 def _check_period(config: RunConfig, problem: Problem, period: float) -> None:
