@@ -129,3 +129,15 @@ def test_blocks_above_the_training_rows_names_max_rows_and_the_default(tmp_path,
     assert code == 2 and line.endswith(
         "argument --blocks: 256 (the default) exceeds the 32 training rows; choose --blocks <= 32"
     )
+
+
+def test_lr_without_a_step_is_warned_about(tmp_path, capsys):
+    """``--iters 0 --lr 0.5`` took the learning rate without a word and the header said "0 Adam steps (lr 0.5)"."""
+    argv = ["--data", _csv(tmp_path), "--target", "y", "--method", "exact", *FAST, "--iters", "0", "--out", "out"]
+    assert main([*argv, "--lr", "0.5"]) == 0
+    captured = capsys.readouterr()
+    assert "bma-gp: warning: --lr has no effect: --iters 0 takes no Adam step" in captured.err
+    assert "0 Adam steps, cpu" in _header(captured.out)
+    assert main([*argv[:-4], "--iters", "1", "--lr", "0.5", "--out", "out"]) == 0  # a step: the rate applies
+    captured = capsys.readouterr()
+    assert "--lr" not in captured.err and "1 Adam steps (lr 0.5)" in _header(captured.out)

@@ -56,7 +56,7 @@ class RunConfig:
     out: str = "bma_gp_out"
     plot: bool = True
     progress: bool = True
-    # the options among blocks, partition and period given on the command line (argparse dest names): a given
+    # the options among blocks, partition, period and lr given on the command line (argparse dest names): a given
     # option that the run does not use is warned about (unused_options). Not compared: the run is the same
     given: frozenset[str] = field(default=frozenset(), compare=False)
 
@@ -92,4 +92,6 @@ class RunConfig:
                 f"--period has no effect: only the seasonal kernel has a period (this run's kernel: "
                 f"{self.kernel_kind()}; choose it with --kernel seasonal)"
             )
+        if "lr" in self.given and self.iters == 0:
+            messages.append("--lr has no effect: --iters 0 takes no Adam step")
         return messages

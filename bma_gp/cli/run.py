@@ -139,9 +139,10 @@ def _fit_and_report(
         f"({config.split} split); inputs {', '.join(problem.feature_names)} -> target {problem.target_name}"
     )
     blocks = f"k = {config.blocks}, " if config.uses_blocks() else ""  # no k for an exact-only run
+    lr = f" (lr {config.lr})" if config.iters else ""  # no learning rate without a step
     print(
         f"{PROG}: kernel {kernel_kind}, methods {', '.join(config.methods)}, {blocks}"
-        f"{config.iters} Adam steps (lr {config.lr}), {config.device.type} {config.dtype_name}"
+        f"{config.iters} Adam steps{lr}, {config.device.type} {config.dtype_name}"
     )
     if problem.group_names:
         levels = ", ".join(f"{g} ({k} levels)" for g, k in zip(problem.group_names, problem.num_levels))
