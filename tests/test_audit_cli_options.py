@@ -141,3 +141,19 @@ def test_lr_without_a_step_is_warned_about(tmp_path, capsys):
     assert main([*argv[:-4], "--iters", "1", "--lr", "0.5", "--out", "out"]) == 0  # a step: the rate applies
     captured = capsys.readouterr()
     assert "--lr" not in captured.err and "1 Adam steps (lr 0.5)" in _header(captured.out)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--lr", "-1e-3", "argument --lr: expected a positive number, got -0.001"),
+        ("--period", "-inf", "argument --period: expected a positive number, got -inf"),
+        ("--max-rows", "-nan", "argument --max-rows: expected a positive integer, got '-nan'"),
+        ("--seed", "-1e3", "argument --seed: expected an integer from"),
+    ],
+)
+def test_negative_numbers_in_any_spelling_reach_the_options_check(capsys, option, value, expected):
+    """argparse takes only ``-1`` and ``-1.5`` for negative numbers: ``--lr -1e-3`` or ``--period -inf`` said
+    "argument --lr: expected one argument", though one was given, instead of what the option accepts."""
+    code, line = _usage_error(capsys, [option, value])
+    assert code == 2 and expected in line and "expected one argument" not in line

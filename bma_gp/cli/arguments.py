@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -193,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     output.add_argument("--no-plot", action="store_true", help="skip the plot (matplotlib is then not needed)")
     output.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    # argparse takes only -1 and -1.5 for negative numbers: --lr -1e-3 or --period -inf ended in "expected one
+    # argument". Every number is a value here (no option starts with a digit), so its type names the fix
+    parser._negative_number_matcher = re.compile(r"^-\.?\d|^-(inf|infinity|nan)$", re.IGNORECASE)
     return parser
 
 
