@@ -991,9 +991,11 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
         negative eigenvalues are clamped to zero."""
         # eigenvalues within rounding of 0 get root 0 with derivative 0: the square root's derivative is infinite at
         # 0, and a smooth kernel's block mean posterior has such eigenvalues (its draws' gradients were NaN)
-        return self._spectral(
-            floored_sqrt, domain="nonnegative", what="matrix_sqrt", check=check and settings.validate.on()
-        )
+        return self._sqrt("matrix_sqrt", check)
+
+    def _sqrt(self, what: str, check: bool = True) -> BlockMeanLinearOperator:
+        """:meth:`matrix_sqrt`, its errors naming ``what`` (the method the user called)."""
+        return self._spectral(floored_sqrt, domain="nonnegative", what=what, check=check and settings.validate.on())
 
     @_cached_unless_grad("matrix_inv_sqrt")
     def matrix_inv_sqrt(self, *, check: bool = True) -> BlockMeanLinearOperator:
@@ -1001,9 +1003,11 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
 
         With ``check`` and validation on, a ``ValueError`` names a non-finite input or a non-positive
         eigenvalue; otherwise those give NaN or inf."""
-        return self._spectral(
-            torch.rsqrt, domain="positive", what="matrix_inv_sqrt", check=check and settings.validate.on()
-        )
+        return self._inv_sqrt("matrix_inv_sqrt", check)
+
+    def _inv_sqrt(self, what: str, check: bool = True) -> BlockMeanLinearOperator:
+        """:meth:`matrix_inv_sqrt`, its errors naming ``what`` (the method the user called)."""
+        return self._spectral(torch.rsqrt, domain="positive", what=what, check=check and settings.validate.on())
 
     def matrix_log(self, *, check: bool = True) -> BlockMeanLinearOperator:
         r"""The matrix logarithm (positive definite :math:`M`), a block mean operator (checks as
@@ -1279,26 +1283,38 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
         return super()._cholesky(upper=upper)
 
     def root_decomposition(self, method: str | None = None) -> LinearOperator:
-        r""":math:`M = R R^\top` with :math:`R = M^{1/2}`, itself a block mean operator (``method`` is ignored)."""
-        return RootLinearOperator(self.matrix_sqrt())
+        r""":math:`M = R R^\top` with :math:`R = M^{1/2}`, itself a block mean operator (``method`` is ignored);
+        checked as :meth:`matrix_sqrt`, the errors naming ``root_decomposition``."""
+        return RootLinearOperator(self._root_decomposition_root())
+
+    @_cached_unless_grad("root_decomposition_root")
+    def _root_decomposition_root(self) -> BlockMeanLinearOperator:
+        """:math:`M^{1/2}` for :meth:`root_decomposition` (kept: repeated calls reuse it), its errors naming it."""
+        return self._sqrt("root_decomposition")
 
     @_cached_unless_grad("root_inv_decomposition")
     def root_inv_decomposition(
         self, initial_vectors: Tensor | None = None, test_vectors: Tensor | None = None, method: str | None = None
     ) -> LinearOperator:
-        r""":math:`M^{-1} = R R^\top` with :math:`R = M^{-1/2}`, a block mean operator (arguments are ignored)."""
-        return RootLinearOperator(self.matrix_inv_sqrt())
+        r""":math:`M^{-1} = R R^\top` with :math:`R = M^{-1/2}`, a block mean operator (arguments are ignored);
+        checked as :meth:`matrix_inv_sqrt`, the errors naming ``root_inv_decomposition``."""
+        return RootLinearOperator(self._inv_sqrt("root_inv_decomposition"))
 
     def sqrt_inv_matmul(self, rhs: Tensor, lhs: Tensor | None = None):
         r""":math:`M^{-1/2} R`, or (:math:`L M^{-1/2} R`, :math:`\operatorname{diag}(L M^{-1} L^\top)`)."""
         self._check_rhs(rhs, "rhs")
-        inv_root = self.matrix_inv_sqrt()
+        inv_root = self._sqrt_inv_matmul_root()
         res = inv_root.matmul(rhs)
         if lhs is None:
             return res
         lhs_root = inv_root.matmul(lhs.mT).mT  # L M^{-1/2} (M^{-1/2} symmetric)
         # a vector rhs gives a vector L M^{-1/2} r, as linear_operator's sqrt_inv_matmul returns it
         return lhs_root @ rhs, lhs_root.pow(2).sum(-1)
+
+    @_cached_unless_grad("sqrt_inv_matmul_root")
+    def _sqrt_inv_matmul_root(self) -> BlockMeanLinearOperator:
+        """:math:`M^{-1/2}` for :meth:`sqrt_inv_matmul` (kept: repeated calls reuse it), its errors naming it."""
+        return self._inv_sqrt("sqrt_inv_matmul")
 
     # ------------------------------------------------------------------ spectrum
     def eigvalsh(self) -> Tensor:
