@@ -1947,7 +1947,9 @@ def gram_root_core(A: Tensor, G: Tensor, kind: str, what: str) -> Tensor:
     :math:`X = F^+ f(F G F) F^+` with :math:`F = A^{1/2}`, :math:`F^+` its pseudo-inverse and
     :math:`f(e) = \sqrt{1+e} - 1`, :math:`1/\sqrt{1+e} - 1` or :math:`\sqrt{e}` (docs/math.md, "Roots for sampling").
     Eigenvalues of :math:`A` below ``4 q eps`` times its largest count as its null space (:math:`Y` is 0 there to
-    rounding), with derivative 0. A ``ValueError`` naming ``what`` when the matrix is not positive (semi)definite.
+    rounding), with derivative 0. A ``ValueError`` naming ``what`` when the matrix is not positive (semi)definite;
+    with :class:`bma_gp.settings.validate` off (nothing read back) the square roots clamp the eigenvalues of
+    :math:`I + F G F` (:math:`F G F`) to 0 instead, and the inverse root is NaN where one is negative.
     ``A``, ``G`` # shape: (*batch, q, q)"""
     A = 0.5 * (A + A.mT)
     q = A.shape[-1]
@@ -1968,6 +1970,9 @@ def gram_root_core(A: Tensor, G: Tensor, kind: str, what: str) -> Tensor:
 
     def positive(e: Tensor) -> Tensor:
         bound = (0 if zero else -1) - 10 * q * eps * (1 + e.detach().abs().amax(-1, keepdim=True))
+        if not settings.validate.on():  # nothing read back: square roots clamp, an inverse root is NaN there
+            floor = 0 if zero else -1 + eps
+            return torch.where(e < bound, e, e.clamp_min(floor)) if kind == "inverse" else e.clamp_min(floor)
         if bool((e < bound).any()):
             raise ValueError(
                 f"{what} is not positive {'semidefinite' if zero else 'definite'}: the eigenvalue "

@@ -51,8 +51,12 @@ class validate(_Switch):
             root = op.matrix_inv_sqrt()
 
     With validation off, non-finite input, an indefinite or a singular matrix gives
-    ``nan``/``inf`` instead of a ``ValueError`` (``solve`` included); square roots clamp
-    negative eigenvalues to zero, and log-determinants follow ``torch.logdet`` of the dense matrix
+    ``nan``/``inf`` instead of a ``ValueError`` (``solve`` included); square roots
+    (``matrix_sqrt``, ``root_decomposition``, draws) clamp negative eigenvalues to zero and inverse roots
+    are NaN where one is negative. A block mean operator clamps those of :math:`M`; a
+    :class:`~bma_gp.BlockMeanSumLinearOperator` those of :math:`D^{-1/2} M D^{-1/2}` (its root is
+    :math:`D^{1/2}` times that matrix's), the same as :math:`M`'s when its diagonal :math:`d` is one
+    constant or 0. Log-determinants follow ``torch.logdet`` of the dense matrix
     (NaN for a negative determinant, ``-inf`` for a zero one, finite for a positive one). An
     operator keeps what it computed with validation off apart from its checked results, so a later
     call with validation on checks again. So does an :class:`~gpytorch.models.ExactGP` in eval mode:

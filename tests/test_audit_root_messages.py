@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bma_gp import BlockMeanLinearOperator, Partition
+import bma_gp
+from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, Partition
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems
 
@@ -44,3 +45,78 @@ def test_single_operator_root_errors_name_the_call(call, name):
         call(op)
     with pytest.raises(ValueError, match=r"^matrix_sqrt needs a positive semidefinite"):  # the direct call
         op.matrix_sqrt()
+
+
+def _positive_part(M: torch.Tensor) -> torch.Tensor:
+    e, V = torch.linalg.eigh(M)
+    return (V * e.clamp_min(0).unsqueeze(-2)) @ V.mT
+
+
+def _indefinite_sum(d: torch.Tensor, dtype=DTYPE) -> BlockMeanSumLinearOperator:
+    """``diag(d) + P_1 B P_1^T + P_2 P_2^T`` with one negative eigenvalue (``B`` indefinite); ``d`` may be batched."""
+    first = Partition.from_labels(torch.arange(N) % 3)
+    second = Partition.from_labels(torch.arange(N) // 4)
+    op = BlockMeanSumLinearOperator(d, _indefinite_B(), torch.eye(3, dtype=DTYPE), partitions=[first, second])
+    return op.to(dtype)
+
+
+def _diagonals() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "constant": torch.full((N,), 0.5, dtype=DTYPE),
+        "per point": 0.3 + torch.rand(N, generator=gen, dtype=DTYPE),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("diagonal", ["constant", "per point"])
+def test_sum_roots_without_validation_clamp_like_a_single_operator(dtype, diagonal):
+    d = _diagonals()[diagonal]
+    op = _indefinite_sum(d, dtype)
+    M = op.to_dense().double()
+    assert float(torch.linalg.eigvalsh(M).min()) < -1
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    with bma_gp.settings.validate(False):
+        R = op.root_decomposition().root.to_dense().double()
+        R_inv = op.root_inv_decomposition().root.to_dense()
+    h = d.sqrt().unsqueeze(-1)
+    torch.testing.assert_close(R @ R.mT, h * _positive_part(M / h / h.mT) * h.mT, **tol)
+    if diagonal == "constant":  # the positive part of M, as a single operator clamps
+        torch.testing.assert_close(R @ R.mT, _positive_part(M), **tol)
+    assert bool(R_inv.isnan().any())  # an inverse root of an indefinite matrix: NaN, as a single operator's
+    with pytest.raises(ValueError, match="is not positive definite"):  # validation back on: checked again
+        op.root_decomposition()
+    with pytest.raises(ValueError, match="is not positive definite"):
+        op.root_inv_decomposition()
+
+
+def test_single_operator_root_without_validation_is_the_positive_part():
+    op = _single()
+    with bma_gp.settings.validate(False):
+        R = op.root_decomposition().root.to_dense()
+        R_inv = op.root_inv_decomposition().root.to_dense()
+    torch.testing.assert_close(R @ R.mT, _positive_part(op.to_dense()), rtol=1e-10, atol=1e-10)
+    assert bool(R_inv.isnan().any())
+
+
+def test_sum_without_diagonal_root_without_validation_is_the_positive_part():
+    op = _indefinite_sum(torch.zeros(N, dtype=DTYPE))
+    M = op.to_dense()
+    with pytest.raises(ValueError, match="is not positive semidefinite"):
+        op.root_decomposition()
+    with bma_gp.settings.validate(False):
+        R = op.root_decomposition().root.to_dense()
+    torch.testing.assert_close(R @ R.mT, _positive_part(M), rtol=1e-10, atol=1e-10)
+
+
+def test_batched_sum_roots_without_validation_clamp_per_entry():
+    d = torch.stack([torch.full((N,), 0.5, dtype=DTYPE), torch.full((N,), 9.0, dtype=DTYPE)])  # second: definite
+    op = _indefinite_sum(d)
+    M = op.to_dense()
+    assert float(torch.linalg.eigvalsh(M[1]).min()) > 0 > float(torch.linalg.eigvalsh(M[0]).min())
+    with bma_gp.settings.validate(False):
+        R = op.root_decomposition().root.to_dense()
+        R_inv = op.root_inv_decomposition().root.to_dense()
+    torch.testing.assert_close(R @ R.mT, _positive_part(M), rtol=1e-10, atol=1e-10)
+    assert bool(R_inv[0].isnan().any())
+    torch.testing.assert_close(R_inv[1] @ R_inv[1].mT, torch.linalg.inv(M[1]), rtol=1e-10, atol=1e-10)
