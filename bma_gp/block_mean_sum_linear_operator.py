@@ -11,7 +11,7 @@ import functools
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import linear_operator
 import torch
@@ -398,7 +398,9 @@ class _Capacitance:
     logdet: Tensor  # (*b,): log |det C|
     joint: _JointElimination | None = None
     A_tilde: Tensor | None = None  # A_rr with the eliminated terms' correction subtracted (S = I + G_r A_tilde)
-    sign: Tensor | None = None  # (*b,): the sign of det C (positive with validation on); None: positive
+    sign: Tensor | None = None  # (*b,): the sign of det C; None: positive
+    not_definite: ValueError | None = None  # with validation on, the error for a sum found not positive definite
+    # (raised by the log-determinant and GP prediction; solve and inv_quad need an invertible sum only)
 
 
 @dataclass(frozen=True)
@@ -793,6 +795,20 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         holds inf or nan, which reaches the capacitance the same way and is named instead (only looked at here,
         on the failure path). With ``rounding`` (a failure that rounding can cause) a float32 sum's message
         says that it may be too ill-conditioned for single precision."""
+        nonfinite = self._nonfinite_input()
+        if nonfinite is not None:
+            return nonfinite
+        if rounding and core_dtype(self.dtype) != self.dtype:  # U's own rounding (lazy roots), or fast_root_products
+            message += (
+                f" In {self.dtype} this can also be rounding in a positive definite sum that is too ill-conditioned "
+                "for single precision (a diagonal d tiny against the block matrices, nearly collinear root columns): "
+                "compute in float64 (.double()) or add a larger diagonal."
+            )
+        return ValueError(message)
+
+    def _nonfinite_input(self) -> ValueError | None:
+        """The error naming the first inf or nan of the block matrices, the root or the weights; None if all are
+        finite (looked at on failure paths only)."""
         inputs = [(f"blocks[{j}]", B) for j, B in enumerate(self._block_args)]
         if isinstance(self._root_arg, Tensor):
             inputs.append(("the root U", self._root_arg))
@@ -806,13 +822,7 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
                     "matrices, the root and the weights must be finite; check the kernel hyperparameters or the data "
                     "that produced them."
                 )
-        if rounding and core_dtype(self.dtype) != self.dtype:  # U's own rounding (lazy roots), or fast_root_products
-            message += (
-                f" In {self.dtype} this can also be rounding in a positive definite sum that is too ill-conditioned "
-                "for single precision (a diagonal d tiny against the block matrices, nearly collinear root columns): "
-                "compute in float64 (.double()) or add a larger diagonal."
-            )
-        return ValueError(message)
+        return None
 
     def _describe(self) -> str:
         parts = ", ".join(f"k_{j + 1} = {k}" for j, k in enumerate(self.num_blocks))
@@ -1135,16 +1145,27 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             return torch.diag_embed(a[i])
         return blocks[i, j] if i <= j else blocks[j, i].mT
 
-    def _capacitance(self) -> _Capacitance:
-        return self._memo("capacitance", self._factorise)
+    def _capacitance(self, definite: bool = True) -> _Capacitance:
+        """The factorised capacitance. With ``definite`` (log-determinants, GP training and prediction) a sum that
+        validation found not positive definite raises its ``ValueError``; ``solve`` and ``inv_quad`` pass False:
+        like a single block mean operator's, they need an invertible sum only (a singular one raises either way)."""
+        cap = self._memo("capacitance", self._factorise)
+        if definite and cap.not_definite is not None and settings.validate.on():  # a checked one serves both
+            raise ValueError(*cap.not_definite.args)
+        return cap
 
     def _elimination_terms(self) -> list[int]:
         """The terms the capacitance eliminates first: every diagonal term over the partition whose diagonal terms
         have the most columns in all (the largest diagonal grouping; with a correlated random slope, its
         intercept, slope and correlation terms together); ``[]`` without a diagonal term. With validation on, or on
         CPU, only groupings without negative directions of their own (:meth:`_grouping_negative`)."""
+        return self._elimination_decision()[0]
 
-        def decide() -> list[int]:
+    def _elimination_decision(self) -> tuple[list[int], ValueError | None]:
+        """:meth:`_elimination_terms`, and with validation on the error for a sum of diagonal terms over one grouping
+        that has negative directions (nothing else in the sum to make up for them: it is not positive definite)."""
+
+        def decide() -> tuple[list[int], ValueError | None]:
             groups: list[list[int]] = []
             for j in range(len(self.partitions)):
                 if not self._block_is_diagonal(j):
@@ -1155,13 +1176,14 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
                         break
                 else:
                     groups.append([j])
+            refusal = None
             if self._reads_back():  # eliminate only groupings whose part D' of the sum is positive definite
                 negative = [self._grouping_negative(group) for group in groups]
                 refuse = settings.validate.on() and len(groups) == 1 and len(groups[0]) == len(self._sizes())
                 if refuse and negative[0] is not None:
                     names = [f"blocks[{e}]" for e in groups[0] if bool((self._block_diagonal(e) < 0).any())]
                     count = int(negative[0].max())  # nothing else in the sum to make up for them
-                    raise self._not_positive_definite(
+                    refusal = self._not_positive_definite(
                         f"the sum ({self._describe()}) is not positive definite: {', '.join(names)} "
                         f"{'has' if len(names) == 1 else 'have'} a negative diagonal entry large enough to make it "
                         f"indefinite ({count} negative eigenvalue{'s' if count > 1 else ''}). Check the block "
@@ -1170,8 +1192,8 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
                     )
                 groups = [group for group, neg in zip(groups, negative) if neg is None]
             if not groups:
-                return []
-            return max(groups, key=lambda group: len(group) * self.num_blocks[group[0]])  # the first on ties
+                return [], refusal
+            return max(groups, key=lambda group: len(group) * self.num_blocks[group[0]]), refusal  # first on ties
 
         return self._memo("elimination_terms", decide)
 
@@ -1215,12 +1237,16 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
     def _factorise(self) -> _Capacitance:
         self._check_diag("the closed-form solve / log-determinant")
         sizes = self._sizes()
-        eliminated = self._elimination_terms()
+        eliminated, refusal = self._elimination_decision()
+        if refusal is not None and self._nonfinite_input() is not None:  # the refusal names the non-finite input
+            raise refusal
         elim = eliminated[0] if eliminated else None
         rest = [t for t in range(len(sizes)) if t not in eliminated]
         r = sum(sizes[t] for t in rest)
         limit = settings.max_capacitance_size.value()
         if r > limit:
+            if refusal is not None:  # not positive definite, and too large to solve with: say the first
+                raise refusal
             raise ValueError(
                 f"the capacitance matrix of this sum has size q = {sum(sizes)} ({self._describe()}); after "
                 f"eliminating the largest diagonal grouping, {r} x {r} must be factorised, more than "
@@ -1230,6 +1256,12 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             )
         if len(eliminated) > 1:
             return self._factorise_joint(eliminated, rest)
+        if refusal is not None:  # not eliminated: all its terms are in the LU below
+            return replace(self._factorise_single(elim, rest), not_definite=refusal)
+        return self._factorise_single(elim, rest)
+
+    def _factorise_single(self, elim: int | None, rest: list[int]) -> _Capacitance:
+        """The capacitance with at most one diagonal term ``elim`` eliminated first, the terms ``rest`` in the LU."""
         a, _ = self._gram()
         wdt = core_dtype(self.dtype)
         logdet = torch.zeros(self.batch_shape, dtype=wdt, device=self.device)
@@ -1252,8 +1284,29 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             lu, rest_sign, rest_logdet = self._factorise_rest(A_rr, rest)
             logdet = logdet + rest_logdet
             sign = sign * rest_sign
-            self._check_inertia(A_rr, rest)
-        return _Capacitance(elim, delta, g, A_re, lu, logdet, A_tilde=A_rr if rest else None, sign=sign)
+        not_definite = self._definiteness_error(sign, A_rr if rest else None, rest)
+        return _Capacitance(
+            elim, delta, g, A_re, lu, logdet, A_tilde=A_rr if rest else None, sign=sign, not_definite=not_definite
+        )
+
+    def _definiteness_error(self, sign: Tensor, A_rr: Tensor | None, rest: list[int]) -> ValueError | None:
+        """With validation on, the ``ValueError`` for a sum that is not positive definite (a capacitance with a
+        non-positive determinant, or an even number of negative eigenvalues: :meth:`_check_inertia`), None
+        otherwise. Returned, not raised: ``solve`` and ``inv_quad`` go on with an invertible sum; a non-finite input
+        raises here."""
+        if not settings.validate.on():
+            return None
+        error: ValueError | None
+        if bool((sign <= 0).any()):
+            error = self._not_positive_definite(
+                f"the sum ({self._describe()}) is not positive definite: its capacitance matrix has "
+                "a non-positive determinant. Check the block matrices and the diagonal."
+            )
+        else:
+            error = self._check_inertia(A_rr, rest)
+        if error is not None and self._nonfinite_input() is not None:
+            raise error
+        return error
 
     def _factorise_rest(self, A_rr: Tensor, rest: list[int]) -> tuple[tuple | _NestedLU, Tensor, Tensor]:
         r"""Factors of :math:`S = I + G_r A_{rr}` (``A_rr`` with the eliminated terms' correction already
@@ -1303,24 +1356,19 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         return self._lu_logdet(S)
 
     def _lu_logdet(self, S: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, Tensor]:
-        r"""``(S, LU, pivots)``, the sign of :math:`\det S` and :math:`\log\lvert\det S\rvert` (a non-positive
-        determinant is an error when validating; without, the sum's log-determinant combines the signs)."""
+        r"""``(S, LU, pivots)``, the sign of :math:`\det S` and :math:`\log\lvert\det S\rvert` (a singular
+        :math:`S` is an error when validating; a negative determinant is judged by :meth:`_definiteness_error`)."""
         r = S.shape[-1]
         LU, pivots, info = torch.linalg.lu_factor_ex(S.detach())  # the gradients come from _LUSolve/_LULogAbsDet
         if settings.validate.on() and bool((info > 0).any()):
             raise self._not_positive_definite(
                 f"the capacitance matrix of this sum ({self._describe()}) is singular: the sum is "
-                "not positive definite. Check the block matrices and the diagonal."
+                "not invertible (nor positive definite). Check the block matrices and the diagonal."
             )
         diag_u = torch.diagonal(LU, dim1=-2, dim2=-1)
         swaps = pivots != torch.arange(1, r + 1, device=pivots.device, dtype=pivots.dtype)
         sign = (1 - 2 * (swaps.sum(-1) % 2)).to(S.dtype) * diag_u.sign().prod(-1)
         logabs = _LULogAbsDet.apply(S, LU, pivots)
-        if settings.validate.on() and bool((sign <= 0).any()):
-            raise self._not_positive_definite(
-                f"the sum ({self._describe()}) is not positive definite: its capacitance matrix has "
-                "a non-positive determinant. Check the block matrices and the diagonal."
-            )
         return (S, LU, pivots), sign, logabs
 
     def _signed_root(self, t: int, wdt: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
@@ -1374,9 +1422,10 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         count = (negative.sum(-1) - (torch.linalg.eigvalsh(H) < 0).sum(-1)).sum(-1)
         return count if bool((count > 0).any()) else None
 
-    def _check_inertia(self, A_rr: Tensor | None, rest: list[int]) -> None:
-        r"""With validation on, a ``ValueError`` when the sum is not positive definite although its capacitance has
-        a positive determinant (an even number of negative eigenvalues: :meth:`_lu_logdet` sees only the sign).
+    def _check_inertia(self, A_rr: Tensor | None, rest: list[int]) -> ValueError | None:
+        r"""With validation on, the ``ValueError`` (returned, not raised) when the sum is not positive definite although
+        its capacitance has a positive determinant (an even number of negative eigenvalues: :meth:`_lu_logdet` sees
+        only the sign); None otherwise.
 
         With :math:`D' = D + \sum_e P_e G_e P_e^\top` (the eliminated terms, positive definite:
         :meth:`_grouping_negative`), :math:`\tilde A = Z_r^\top D'^{-1} Z_r` (``A_rr``) and
@@ -1388,13 +1437,13 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         ``nu x nu`` Schur complement :math:`H_{--} - H_{-+} H_{++}^{-1} H_{+-}` is negative definite: two Cholesky
         factorisations, and only where some :math:`B_j` has a negative eigenvalue (otherwise :math:`\nu = 0`)."""
         if not settings.validate.on() or A_rr is None:
-            return
+            return None
         A = A_rr.detach().expand(*self.batch_shape, *A_rr.shape[-2:])  # the blocks' batch: vectors are diagonals
         wdt = A.dtype
         roots = [self._signed_root(t, wdt) for t in rest]
         terms = [i for i, (_, N) in enumerate(roots) if N is not None]
         if not terms:
-            return
+            return None
         sizes = [self._sizes()[t] for t in rest]
 
         def right(x: Tensor, F: Tensor | None) -> Tensor:  # x F (F None: the identity; a vector: a diagonal)
@@ -1420,18 +1469,18 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             S = 0.5 * (S + S.mT)
             _, info = torch.linalg.cholesky_ex(-S)
             if not bool((info > 0).any()):
-                return
+                return None
             negative = nu - (torch.linalg.eigvalsh(S) < 0).sum(-1)  # the failure path: count them
         else:  # H_++ >= I failed only by rounding: count the eigenvalues of all of H
             H = torch.cat([torch.cat([H_pp, H_pn], dim=-1), torch.cat([H_pn.mT, H_nn], dim=-1)], dim=-2)
             negative = nu - (torch.linalg.eigvalsh(H) < 0).sum(-1)
         if not bool((negative > 0).any()):
-            return
+            return None
         bad = negative > 0
         where = f" (batch index {tuple(int(i) for i in bad.nonzero()[0])})" if bad.dim() else ""
         count = int(negative.max())
         names = [f"blocks[{j}]" for j in range(len(self.partitions)) if self._signed_root(j, wdt)[1] is not None]
-        raise self._not_positive_definite(
+        return self._not_positive_definite(
             f"the sum ({self._describe()}) is not positive definite{where}: it has {count} negative "
             f"eigenvalue{'s' if count > 1 else ''}, from the negative eigenvalues of {', '.join(names)} (more than "
             "the diagonal and the other terms make up for). Its capacitance matrix has an even number of negative "
@@ -1477,9 +1526,11 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             sign = sign * rest_sign
         elif sum(sizes) == 0:  # pragma: no cover - a sum has at least one term here
             raise AssertionError
-        self._check_inertia(A_rr, rest)
+        not_definite = self._definiteness_error(sign, A_rr, rest)
         joint = _JointElimination(tuple(eliminated), g, delta, A_rE)
-        return _Capacitance(None, None, None, None, lu, logdet, joint, A_tilde=A_rr, sign=sign)
+        return _Capacitance(
+            None, None, None, None, lu, logdet, joint, A_tilde=A_rr, sign=sign, not_definite=not_definite
+        )
 
     def _cross_blocks(self, rest: list[int], elim: int) -> _CrossBlocks:
         """:math:`A_{re}`, with the nonzero cells of a grouping's table with the eliminated one where at most
@@ -1535,9 +1586,10 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         sizes = [self._sizes()[t] for t in rest]
         return torch.cat([self._G(t, piece) for t, piece in zip(rest, x.split(sizes, dim=-2))], dim=-2)
 
-    def _cap_solve(self, y: list[Tensor]) -> list[Tensor]:
-        """Solve :math:`C x = y` with ``y`` given per term (``(*b, k_t, t)`` each)."""
-        cap = self._capacitance()
+    def _cap_solve(self, y: list[Tensor], definite: bool = True) -> list[Tensor]:
+        """Solve :math:`C x = y` with ``y`` given per term (``(*b, k_t, t)`` each); ``definite``: a sum that is not
+        positive definite raises (with validation on), as for a posterior; ``solve`` needs an invertible one only."""
+        cap = self._capacitance(definite)
         if cap.joint is not None:
             return self._joint_solve(cap, y)
         rest = [t for t in range(len(y)) if t != cap.elim]
@@ -1614,8 +1666,9 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
     def _check_rhs(self, rhs: Tensor, name: str) -> None:
         check_rhs(self.shape, rhs, name)
 
-    def _woodbury(self, rhs: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """``(D^{-1} b, u, x)`` with :math:`u = Z^\\top D^{-1} b` and :math:`x = C^{-1} G u` (working precision)."""
+    def _woodbury(self, rhs: Tensor, definite: bool = True) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """``(D^{-1} b, u, x)`` with :math:`u = Z^\\top D^{-1} b` and :math:`x = C^{-1} G u` (working precision);
+        ``definite`` as in :meth:`_cap_solve`."""
         wdt = core_dtype(self.dtype)
         scaled = rhs.to(wdt) / self.diag_values.to(wdt).unsqueeze(-1)
         if not self._sizes():
@@ -1631,17 +1684,19 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             a, blocks, root_t = self._compute_gram(extra=scaled)
             self._keep("gram", (a, blocks))
         u = self._z_t(scaled, root_t)
-        x = self._cap_solve([self._G(t, ut) for t, ut in enumerate(u)])
+        x = self._cap_solve([self._G(t, ut) for t, ut in enumerate(u)], definite)
         return scaled, u, x
 
     @_scoped
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
-        r"""Closed-form :math:`M^{-1} R` (or :math:`L M^{-1} R`) through the capacitance: no CG, any size."""
+        r"""Closed-form :math:`M^{-1} R` (or :math:`L M^{-1} R`) through the capacitance: no CG, any size. Any
+        invertible sum, definite or not, as a single block mean operator's; with :class:`bma_gp.settings.validate`
+        on a singular one raises a ``ValueError``."""
         self._check_rhs(right_tensor, "right_tensor")
         self._check_diag("solve")
         vector = right_tensor.dim() == 1
         rhs = right_tensor.unsqueeze(-1) if vector else right_tensor
-        scaled, _, x = self._woodbury(rhs)
+        scaled, _, x = self._woodbury(rhs, definite=False)  # an invertible sum is enough, as for a single operator
         res = scaled
         if x:
             res = scaled - self._z(x) / self.diag_values.to(scaled.dtype).unsqueeze(-1)
@@ -1670,7 +1725,7 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             self._check_rhs(inv_quad_rhs, "inv_quad_rhs")
             self._check_diag("inv_quad")
             rhs = inv_quad_rhs.unsqueeze(-1) if inv_quad_rhs.dim() == 1 else inv_quad_rhs
-            scaled, u, x = self._woodbury(rhs)
+            scaled, u, x = self._woodbury(rhs, definite=False)  # logdet (below) needs it positive definite
             quad = (rhs.to(wdt) * scaled).sum(-2)
             for ut, xt in zip(u, x):
                 quad = quad - (ut * xt).sum(-2)

@@ -120,3 +120,39 @@ def test_batched_sum_roots_without_validation_clamp_per_entry():
     torch.testing.assert_close(R @ R.mT, _positive_part(M), rtol=1e-10, atol=1e-10)
     assert bool(R_inv[0].isnan().any())
     torch.testing.assert_close(R_inv[1] @ R_inv[1].mT, torch.linalg.inv(M[1]), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_invertible_indefinite_sum_solves_as_a_single_operator_does(dtype):
+    d = torch.stack([torch.full((N,), 0.5, dtype=DTYPE), 0.3 + torch.rand(N, dtype=DTYPE)])
+    op = _indefinite_sum(d, dtype)
+    M = op.to_dense().double()
+    assert bool((torch.linalg.eigvalsh(M)[..., 0] < -1).all())
+    b = torch.randn(2, N, 3, dtype=DTYPE)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-3)
+    want = torch.linalg.solve(M, b)
+    torch.testing.assert_close(op.solve(b.to(dtype)).double(), want, **tol)
+    torch.testing.assert_close(op.inv_quad(b.to(dtype), reduce_inv_quad=False).double(), (b * want).sum(-2), **tol)
+    for call in (op.logdet, lambda: op.inv_quad_logdet(b.to(dtype), logdet=True)):  # these need it definite
+        with pytest.raises(ValueError, match="is not positive definite"):
+            call()
+    single = _single(dtype)  # the single operator's behaviour that the sum now matches
+    torch.testing.assert_close(
+        single.solve(b[0].to(dtype)).double(), torch.linalg.solve(single.to_dense().double(), b[0]), **tol
+    )
+
+
+def test_indefinite_diagonal_grouping_solves_and_a_singular_one_raises():
+    part = Partition.from_labels(torch.arange(N) % 3)  # 4 points per level
+    d = torch.ones(N, dtype=DTYPE)
+    g = torch.tensor([0.5, -2.0, 1.0], dtype=DTYPE)  # level 1: 1 + 4 g = -7, an indefinite invertible sum
+    op = BlockMeanSumLinearOperator(d, g, partitions=[part], diagonal=[True])
+    b = torch.randn(N, 2, dtype=DTYPE)
+    torch.testing.assert_close(op.solve(b), torch.linalg.solve(op.to_dense(), b), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="has a negative diagonal entry large enough"):
+        op.logdet()
+    singular = BlockMeanSumLinearOperator(
+        d, torch.tensor([0.5, -0.25, 1.0], dtype=DTYPE), partitions=[part], diagonal=[True]
+    )
+    with pytest.raises(ValueError, match="is singular"):
+        singular.solve(b)

@@ -41,6 +41,7 @@ from gpytorch.distributions import MultivariateNormal
 from gpytorch.likelihoods import FixedNoiseGaussianLikelihood, GaussianLikelihoodWithMissingObs
 from gpytorch.likelihoods.gaussian_likelihood import _GaussianLikelihoodBase
 from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
+from gpytorch.utils.memoize import cached, clear_cache_hook
 from linear_operator import to_linear_operator
 from linear_operator.operators import (
     ConstantMulLinearOperator,
@@ -521,6 +522,27 @@ class SumPredictionStrategy(DefaultPredictionStrategy):
             self._bma_gp_low_precision = (M, alpha)
         return M, alpha
 
+    @cached(name="mean_cache")
+    def _mean_cache(self, nan_policy: str) -> Tensor:
+        r"""GPyTorch's :math:`M^{-1}(y - \mu)`, but a training covariance in the family that is not positive definite
+        raises its ``ValueError`` with validation on, as a single block mean operator's strategy does: the sum's
+        ``solve`` alone needs an invertible sum only (its capacitance, factorised once, serves both)."""
+        if nan_policy != "ignore":
+            return super()._mean_cache(nan_policy)
+        mvn = self.likelihood(self.train_prior_dist, self.train_inputs)
+        covar = mvn.lazy_covariance_matrix
+        covar = covar.evaluate_kernel() if isinstance(covar, LinearOperator) else covar
+        if isinstance(covar, BlockMeanSumLinearOperator):
+            _check_definite(covar)
+        mean_cache = covar.solve((self.train_labels - mvn.loc).unsqueeze(-1)).squeeze(-1)
+        if gpytorch_settings.detach_test_caches.on():
+            mean_cache = mean_cache.detach()
+        if mean_cache.grad_fn is not None:  # as GPyTorch: its caches are dropped when gradients flow back
+            wrapper = functools.partial(clear_cache_hook, self)
+            functools.update_wrapper(wrapper, clear_cache_hook)
+            mean_cache.grad_fn.register_hook(wrapper)
+        return mean_cache
+
     def exact_predictive_mean(self, test_mean: Tensor, test_train_covar) -> Tensor:
         r""":math:`\mu_* + K_{*x} M^{-1} (y - \mu)` as GPyTorch's, but for a float32 model whose training covariance is
         in the family with both factors in the working precision: GPyTorch's float32 :math:`M^{-1} r` has entries of
@@ -558,6 +580,14 @@ class SumPredictionStrategy(DefaultPredictionStrategy):
         if torch.is_tensor(test_test_covar):
             return to_linear_operator(test_test_covar - cross @ correction)
         return test_test_covar + MatmulLinearOperator(cross, correction.mul(-1))
+
+
+def _check_definite(M: BlockMeanSumLinearOperator) -> None:
+    """With validation on, the ``ValueError`` of a training covariance ``M`` that is not positive definite (a posterior
+    needs it; ``M.solve`` goes on with an invertible one, the strategy's own solves check). ``M`` with a non-positive
+    diagonal raises in its solve."""
+    if settings.validate.on() and M._sizes() and bool((M.diag_values > 0).all()):
+        M._capacitance()
 
 
 def _working_solve(M: BlockMeanSumLinearOperator, rhs: Tensor) -> Tensor:
