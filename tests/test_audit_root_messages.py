@@ -8,11 +8,12 @@ where a single operator solves it; and that a float32 model predicted float64 in
 
 from __future__ import annotations
 
+import gpytorch
 import pytest
 import torch
 
 import bma_gp
-from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, Partition
+from bma_gp import BlockMeanKernel, BlockMeanLinearOperator, BlockMeanSumLinearOperator, GroupKernel, Partition
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems
 
@@ -156,3 +157,39 @@ def test_indefinite_diagonal_grouping_solves_and_a_singular_one_raises():
     )
     with pytest.raises(ValueError, match="is singular"):
         singular.solve(b)
+
+
+class _GP(gpytorch.models.ExactGP):
+    def __init__(self, x, y, kernel):
+        super().__init__(x, y, gpytorch.likelihoods.GaussianLikelihood())
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = kernel
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+@pytest.mark.parametrize("kind", ["block mean", "block mean + group"])
+def test_float32_model_refuses_float64_test_inputs_in_words(kind):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 1, generator=gen)
+    ids = (x[:, 0] * 5).long().clamp(max=4)
+    part = Partition.from_labels(ids)
+    if kind == "block mean":
+        kernel = BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, part)
+    else:
+        x = torch.cat([x, ids.float().unsqueeze(-1)], dim=-1)
+        kernel = BlockMeanKernel(gpytorch.kernels.RBFKernel(active_dims=[0]), x, part) + GroupKernel(5, active_dims=[1])
+    y = torch.sin(6 * x[:, 0])
+    model = _GP(x, y, kernel).eval()
+    test_x = torch.rand(5, x.shape[-1], generator=gen, dtype=torch.float64)
+    test_x[:, 1:] = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]).unsqueeze(-1)  # group ids, where there is a second column
+    with torch.no_grad():
+        with pytest.raises(TypeError, match=r"torch\.float64 covariance.*is torch\.float32.*model\.double\(\)"):
+            model(test_x)
+        model32 = model(test_x.float()).mean  # the model's own dtype still predicts
+        assert model32.dtype == torch.float32
+        model.double()  # the fix the error names: converts the training data too, and predicts in float64
+        mean64 = model(test_x).mean
+    assert mean64.dtype == torch.float64
+    torch.testing.assert_close(mean64.float(), model32, rtol=1e-3, atol=1e-3)

@@ -23,12 +23,13 @@ from contextvars import ContextVar
 
 import torch
 from gpytorch.kernels import AdditiveKernel, Kernel, ProductKernel, ScaleKernel
+from gpytorch.lazy import LazyEvaluatedKernelTensor
 from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
 from torch import Tensor
 
 from bma_gp import settings
 
-__all__ = ["check_bound_data", "install", "record_bound_data"]
+__all__ = ["check_bound_data", "check_prediction_dtype", "install", "record_bound_data"]
 
 _MISMATCH_MESSAGE = (
     "the model's training inputs do not match BlockMeanKernel.train_x, so the training covariance is not the block "
@@ -102,6 +103,29 @@ def record_bound_data(strategy: DefaultPredictionStrategy, kernel: Kernel) -> De
         (module, module.data_version) for module in kernel.modules() if isinstance(module, BlockMeanKernel)
     )
     return strategy
+
+
+def check_prediction_dtype(strategy: DefaultPredictionStrategy, test_train_covar) -> None:
+    """``TypeError`` when the test inputs' covariance with the training data is of another dtype than the training
+    covariance the strategy's caches come from: a float32 model given float64 test inputs (``torch.cat`` of its
+    training inputs with them promotes to float64) would return float64 predictions computed from float32 caches.
+    GPyTorch's own strategy fails there with a matmul dtype error. The dtypes are those of the evaluated kernels (a
+    lazily evaluated kernel tensor gives its kernel's parameters' dtype, not the inputs'; GPyTorch memoises the
+    evaluation, which prediction needs anyway)."""
+
+    def evaluated_dtype(op) -> torch.dtype:
+        return op.evaluate_kernel().dtype if isinstance(op, LazyEvaluatedKernelTensor) else op.dtype
+
+    train_dtype = evaluated_dtype(strategy.train_prior_dist.lazy_covariance_matrix)
+    test_dtype = evaluated_dtype(test_train_covar)
+    if test_dtype != train_dtype:
+        raise TypeError(
+            f"the test inputs give a {test_dtype} covariance with the training data, but the model's "
+            f"training covariance (and the prediction caches computed from it) is {train_dtype}: the predictions "
+            f"would be {test_dtype} numbers computed from {train_dtype} caches. Pass test inputs of the "
+            f"model's dtype (test_x.to({train_dtype})), or convert the model (model.to({test_dtype}), "
+            "e.g. model.double(): it converts its training data too)."
+        )
 
 
 def check_bound_data(strategy: DefaultPredictionStrategy) -> None:

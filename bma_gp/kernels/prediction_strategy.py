@@ -43,7 +43,7 @@ from torch import Tensor
 from bma_gp import settings as bma_settings
 from bma_gp._precision import core_dtype
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
-from bma_gp.kernels._bound_data import check_bound_data
+from bma_gp.kernels._bound_data import check_bound_data, check_prediction_dtype
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.kernels.leading_rows_linear_operator import LeadingBlockLinearOperator, LeadingRowsLinearOperator
 from bma_gp.kernels.sum_prediction_strategy import (
@@ -415,6 +415,7 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
     # ------------------------------------------------------------------ prediction
     def exact_prediction(self, test_mean: Tensor, test_test_covar, test_train_covar):
         check_bound_data(self)
+        check_prediction_dtype(self, test_train_covar)
         prior = self._leading_training_points(test_train_covar)
         if prior is not None:
             # the leading r of the training points, whole blocks of K (the parent's training blocks): the posterior

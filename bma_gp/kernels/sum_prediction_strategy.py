@@ -69,7 +69,7 @@ from bma_gp.block_mean_sum_linear_operator import (
     _scoped,
     gram_root_core,
 )
-from bma_gp.kernels._bound_data import check_bound_data, record_bound_data
+from bma_gp.kernels._bound_data import check_bound_data, check_prediction_dtype, record_bound_data
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.partition import Partition
 
@@ -475,6 +475,7 @@ class SumPredictionStrategy(DefaultPredictionStrategy):
 
     def exact_prediction(self, test_mean: Tensor, test_test_covar, test_train_covar):
         check_bound_data(self)
+        check_prediction_dtype(self, test_train_covar)
         res = training_prediction(self, test_mean, test_test_covar, test_train_covar)
         if res is not None:
             return res
