@@ -1950,6 +1950,7 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
                 this family (``root_inv_decomposition()`` still gives a root :math:`R R^\top = M^{-1}`).
         """
         self._check_rhs(rhs, "rhs")
+        self._check_diag("sqrt_inv_matmul")  # before root_inv_decomposition's check, which would name that
         d = self.diag_values
         if not bool((d == d[..., :1]).all()):
             raise NotImplementedError(

@@ -193,3 +193,11 @@ def test_float32_model_refuses_float64_test_inputs_in_words(kind):
         mean64 = model(test_x).mean
     assert mean64.dtype == torch.float64
     torch.testing.assert_close(mean64.float(), model32, rtol=1e-3, atol=1e-3)
+
+
+def test_sum_sqrt_inv_matmul_errors_name_the_call():
+    part = Partition.from_labels(torch.arange(N) % 3)
+    eye = torch.eye(3, dtype=DTYPE)
+    op = BlockMeanSumLinearOperator(torch.zeros(N, dtype=DTYPE), eye, partitions=[part])  # d = 0: singular
+    with pytest.raises(ValueError, match=r"^sqrt_inv_matmul needs a positive per-point diagonal d, but d\[0\] = 0"):
+        op.sqrt_inv_matmul(torch.ones(N, 1, dtype=DTYPE))
