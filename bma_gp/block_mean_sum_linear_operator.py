@@ -806,6 +806,14 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             )
         return ValueError(message)
 
+    def _check_finite_input(self) -> None:
+        """With validation on, the ``ValueError`` of :meth:`_nonfinite_input` (the roots' eigendecompositions would
+        fail with torch's ``LinAlgError`` on a non-finite ``B_j``, root or weight instead)."""
+        if settings.validate.on():
+            error = self._nonfinite_input()
+            if error is not None:
+                raise error
+
     def _nonfinite_input(self) -> ValueError | None:
         """The error naming the first inf or nan of the block matrices, the root or the weights; None if all are
         finite (looked at on failure paths only)."""
@@ -1794,6 +1802,7 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         indefinite :math:`B_j`, ``L`` the identity and ``K`` from :meth:`_gram_root_parts`."""
         self._check_root_size()
         self._check_diag("root_inv_decomposition" if inverse else "root_decomposition")
+        self._check_finite_input()
         wdt = core_dtype(self.dtype)
         sizes = self._sizes()
         J = len(self.partitions)
@@ -1892,6 +1901,7 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         :math:`K` from :meth:`_gram_root_parts`; with :math:`d = 0` it is then :math:`R = Z K Z^\top`. A sum
         that is not positive definite raises ``ValueError``."""
         if bool((self.diag_values == 0).all()):  # no per-point part: R = Z L, n x q, no eigendecomposition
+            self._check_finite_input()
             wdt = core_dtype(self.dtype)
             roots = [self._root_factor(j, wdt, singular=True) for j in range(len(self.partitions))]
             L = [x for x in roots if x is not None]

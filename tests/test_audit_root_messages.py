@@ -201,3 +201,17 @@ def test_sum_sqrt_inv_matmul_errors_name_the_call():
     op = BlockMeanSumLinearOperator(torch.zeros(N, dtype=DTYPE), eye, partitions=[part])  # d = 0: singular
     with pytest.raises(ValueError, match=r"^sqrt_inv_matmul needs a positive per-point diagonal d, but d\[0\] = 0"):
         op.sqrt_inv_matmul(torch.ones(N, 1, dtype=DTYPE))
+
+
+@pytest.mark.parametrize("diagonal", ["positive", "zero"])
+def test_sum_roots_name_a_non_finite_block_under_validation(diagonal):
+    first = Partition.from_labels(torch.arange(N) % 3)
+    second = Partition.from_labels(torch.arange(N) // 4)
+    B = torch.eye(3, dtype=DTYPE)
+    B[0, 1] = B[1, 0] = float("nan")
+    d = torch.ones(N, dtype=DTYPE) if diagonal == "positive" else torch.zeros(N, dtype=DTYPE)
+    op = BlockMeanSumLinearOperator(d, B, torch.eye(3, dtype=DTYPE), partitions=[first, second])
+    calls = [op.root_decomposition] + ([op.root_inv_decomposition] if diagonal == "positive" else [])
+    for call in calls:  # torch's LinAlgError from the eigendecomposition before
+        with pytest.raises(ValueError, match=r"the sum's input is not finite: blocks\[0\]\[0, 1\] = nan"):
+            call()
