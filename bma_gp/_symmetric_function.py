@@ -54,12 +54,37 @@ def divided_differences(fn: EigenvalueFunction, e: Tensor, fe: Tensor) -> Tensor
     return torch.where(close, mean_deriv, df / safe_de)
 
 
+def nan_safe_eigh(C: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh(C)``, with NaN eigenvalues and eigenvectors for a matrix of the batch that holds NaN or inf
+    instead of LAPACK's ``LinAlgError`` (which it raises for some such matrices): with
+    :class:`bma_gp.settings.validate` off, non-finite input gives NaN, not an exception. No host synchronisation.
+    # shape: (*batch, k), (*batch, k, k)"""
+    finite, safe = _finite_or_identity(C)
+    e, V = torch.linalg.eigh(safe)
+    nan = torch.full((), float("nan"), dtype=e.dtype, device=e.device)
+    return torch.where(finite[..., None], e, nan), torch.where(finite[..., None, None], V, nan)
+
+
+def nan_safe_eigvalsh(C: Tensor) -> Tensor:
+    """``torch.linalg.eigvalsh(C)`` as :func:`nan_safe_eigh` gives them. # shape: (*batch, k)"""
+    finite, safe = _finite_or_identity(C)
+    e = torch.linalg.eigvalsh(safe)
+    return torch.where(finite[..., None], e, torch.full((), float("nan"), dtype=e.dtype, device=e.device))
+
+
+def _finite_or_identity(C: Tensor) -> tuple[Tensor, Tensor]:
+    """Whether each matrix of the batch is finite, and ``C`` with the identity in place of those that are not."""
+    finite = torch.isfinite(C).flatten(-2).all(-1)  # (*batch,)
+    eye = torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
+    return finite, torch.where(finite[..., None, None], C, eye)
+
+
 class SymmetricMatrixFunction(torch.autograd.Function):
     """:math:`f(C)` for a batch of symmetric matrices ``C`` via ``eigh``, differentiable in ``C``."""
 
     @staticmethod
     def forward(ctx, C: Tensor, fn: EigenvalueFunction, prepare: Callable[[Tensor], Tensor] | None):
-        e, V = torch.linalg.eigh(C)
+        e, V = nan_safe_eigh(C)
         if prepare is not None:
             e = prepare(e)
         fe = fn(e)
@@ -89,7 +114,7 @@ class _TwoMatrixFunctions(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, C: Tensor, fn: EigenvalueFunction, gn: EigenvalueFunction):
-        e, V = torch.linalg.eigh(C)
+        e, V = nan_safe_eigh(C)
         fe, ge = fn(e), gn(e)
         ctx.fns = (fn, gn)
         ctx.save_for_backward(e, fe, ge, V)

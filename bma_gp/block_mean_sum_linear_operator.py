@@ -31,6 +31,7 @@ from bma_gp._low_rank_sum import LowRankInClosedForm
 from bma_gp._precision import core_dtype
 from bma_gp._symmetric_function import (
     floored_sqrt,
+    nan_safe_eigvalsh,
     rounding_floor,
     symmetric_matrix_function,
     symmetric_matrix_functions,
@@ -1779,7 +1780,7 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             return torch.diag_embed(floored_sqrt(values))
         B = self._dense_block(j).to(wdt)
         B = 0.5 * (B + B.mT)
-        e = torch.linalg.eigvalsh(B.detach())
+        e = nan_safe_eigvalsh(B.detach())  # NaN, not LAPACK's error, for a non-finite B with validation off
         floor = rounding_floor(e).squeeze(-1)
         if bool((e[..., 0] < -2.5 * floor).any()):
             return None

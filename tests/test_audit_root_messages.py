@@ -215,3 +215,25 @@ def test_sum_roots_name_a_non_finite_block_under_validation(diagonal):
     for call in calls:  # torch's LinAlgError from the eigendecomposition before
         with pytest.raises(ValueError, match=r"the sum's input is not finite: blocks\[0\]\[0, 1\] = nan"):
             call()
+
+
+@pytest.mark.parametrize("case", ["nan in B", "inf in an indefinite B", "zero diagonal, inverse"])
+def test_sum_roots_without_validation_give_nan_for_non_finite_input(case):
+    first = Partition.from_labels(torch.arange(N) % 3)
+    second = Partition.from_labels(torch.arange(N) // 4)
+    d, B = torch.ones(N, dtype=DTYPE), torch.eye(3, dtype=DTYPE)
+    if case == "nan in B":
+        B[0, 1] = B[1, 0] = float("nan")
+    elif case == "inf in an indefinite B":
+        B = _indefinite_B()
+        B[2, 2] = float("inf")
+    else:
+        d = torch.zeros(N, dtype=DTYPE)
+    op = BlockMeanSumLinearOperator(d, B, torch.eye(3, dtype=DTYPE), partitions=[first, second])
+    calls = (
+        [op.root_inv_decomposition] if case.startswith("zero") else [op.root_decomposition, op.root_inv_decomposition]
+    )
+    with bma_gp.settings.validate(False):
+        for call in calls:  # LAPACK's LinAlgError, or (inf) finite numbers, before
+            root = call().root.to_dense()
+            assert not bool(torch.isfinite(root).all())
