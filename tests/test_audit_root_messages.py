@@ -14,6 +14,7 @@ import torch
 
 import bma_gp
 from bma_gp import BlockMeanKernel, BlockMeanLinearOperator, BlockMeanSumLinearOperator, GroupKernel, Partition
+from gp_reference import GP
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems
 
@@ -159,16 +160,6 @@ def test_indefinite_diagonal_grouping_solves_and_a_singular_one_raises():
         singular.solve(b)
 
 
-class _GP(gpytorch.models.ExactGP):
-    def __init__(self, x, y, kernel):
-        super().__init__(x, y, gpytorch.likelihoods.GaussianLikelihood())
-        self.mean_module = gpytorch.means.ConstantMean()
-        self.covar_module = kernel
-
-    def forward(self, x):
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
-
-
 @pytest.mark.parametrize("kind", ["block mean", "block mean + group"])
 def test_float32_model_refuses_float64_test_inputs_in_words(kind):
     gen = torch.Generator().manual_seed(0)
@@ -181,7 +172,7 @@ def test_float32_model_refuses_float64_test_inputs_in_words(kind):
         x = torch.cat([x, ids.float().unsqueeze(-1)], dim=-1)
         kernel = BlockMeanKernel(gpytorch.kernels.RBFKernel(active_dims=[0]), x, part) + GroupKernel(5, active_dims=[1])
     y = torch.sin(6 * x[:, 0])
-    model = _GP(x, y, kernel).eval()
+    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).eval()
     test_x = torch.rand(5, x.shape[-1], generator=gen, dtype=torch.float64)
     test_x[:, 1:] = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]).unsqueeze(-1)  # group ids, where there is a second column
     with torch.no_grad():
