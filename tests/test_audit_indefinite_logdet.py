@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, Partition, settings
+from test_audit_sum_inertia import _slope_sum
 
 D64 = torch.float64
 
@@ -107,24 +108,6 @@ def _negative_intercept_sum(compensate: float, dtype=D64, requires_grad: bool = 
     return op, (g, B1)
 
 
-def _slope_sum(g0: list[float], g1: list[float], compensate: float | None):
-    """A random intercept and slope over one grouping (eliminated together) and, with ``compensate``, dense positive
-    definite terms over the same grouping."""
-    gen = torch.Generator().manual_seed(7)
-    part = Partition.from_labels(torch.arange(24) % 3)
-    x = torch.randn(24, generator=gen, dtype=D64)
-    blocks = [torch.tensor(g0, dtype=D64), torch.tensor(g1, dtype=D64)]
-    weights, flags = [None, x], [True, True]
-    if compensate is not None:
-        B = compensate * (10 * torch.eye(3, dtype=D64) + torch.ones(3, 3, dtype=D64))
-        blocks += [B, B]
-        weights += [None, x]
-        flags += [False, False]
-    return BlockMeanSumLinearOperator(
-        torch.ones(24, dtype=D64), *blocks, partitions=[part] * len(blocks), weights=weights, diagonal=flags
-    )
-
-
 def _emulate_accelerator(monkeypatch) -> None:
     """Validation off on an accelerator reads nothing back: the grouping with a negative entry is eliminated."""
     monkeypatch.setattr(BlockMeanSumLinearOperator, "_reads_back", lambda self: settings.validate.on())
@@ -181,7 +164,7 @@ def test_sum_with_jointly_eliminated_negative_terms_has_the_dense_logdet_with_va
 ):
     if accelerator:
         _emulate_accelerator(monkeypatch)
-    op = _slope_sum(g0, g1, compensate)
+    op = _slope_sum(torch.tensor(g0, dtype=D64), torch.tensor(g1, dtype=D64), compensate)
     dense = op.to_dense()
     with settings.validate(False):  # the first was NaN (a level with a negative determinant)
         torch.testing.assert_close(op.logdet(), torch.logdet(dense), rtol=1e-10, atol=1e-10)
