@@ -45,7 +45,7 @@ from bma_gp._kernel_sums.generic import (
     kernel_parameters,
 )
 from bma_gp._kernel_sums.plan import KernelSumsPlan
-from bma_gp._kernel_sums.stationary import StationaryForm, stationary_block_sums
+from bma_gp._kernel_sums.stationary import StationaryForm, stationary_block_means
 from bma_gp._precision import core_dtype
 from bma_gp.approximation import block_mean_from_sums
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
@@ -241,17 +241,10 @@ def kernel_block_mean(
     # values are nearly equal (a long lengthscale), so the means are taken there and rounded to the kernel's dtype
     if form is not None:
         plan = KernelSumsPlan(form.select_dims(xs).detach(), sizes, labels, rows, chunk_size, process_group, show)
-        unscaled = stationary_block_sums(plan, form, form.base.lengthscale)
         dtype = torch.promote_types(xs.dtype, form.base.lengthscale.dtype)
-        diag_sums = sizes.to(unscaled.dtype)
         if form.scale is not None:
             dtype = torch.promote_types(dtype, form.scale.outputscale.dtype)
-            scale = form.scale.outputscale.to(unscaled.dtype)
-            block_sums = scale.unsqueeze(-1).unsqueeze(-1) * unscaled
-            diag_sums = scale.unsqueeze(-1) * diag_sums
-        else:
-            block_sums = unscaled
-        diag_sums = diag_sums.expand(*block_sums.shape[:-1])
+        return BlockMeanLinearOperator(*stationary_block_means(plan, form, dtype), partition)
     else:
         # a chunk's values and, for a narrower dtype, their float64 copy that is summed (within the budget)
         wide = core_dtype(x.dtype)

@@ -148,7 +148,7 @@ def test_fused_path_is_taken_for_stationary_kernels():
 
 def test_generic_path_for_other_kernels_and_fused_true_rejects_them():
     kernel = _set_hypers(ScaleKernel(PeriodicKernel()).double())
-    with mock.patch.object(stationary.StationaryKernelSums, "apply", side_effect=AssertionError("fused path used")):
+    with mock.patch.object(stationary.StationaryBlockMeans, "apply", side_effect=AssertionError("fused path used")):
         kernel_block_mean(kernel, _x(), PARTITIONS["scattered"](N))
     with pytest.raises(ValueError, match="fused=True"):
         kernel_block_mean(kernel, _x(), PARTITIONS["scattered"](N), fused=True)
@@ -421,7 +421,7 @@ def test_without_gradient_the_stationary_engine_records_no_graph(kernel_name):
     with (
         torch.no_grad(),
         mock.patch.object(generic.GenericKernelSums, "apply", side_effect=AssertionError("generic")),
-        mock.patch.object(stationary.StationaryKernelSums, "apply", side_effect=AssertionError("autograd")),
+        mock.patch.object(stationary.StationaryBlockMeans, "apply", side_effect=AssertionError("autograd")),
     ):
         op = kernel_block_mean(kernel, _x(), partition, chunk_size=40)
     torch.testing.assert_close(op.B, ref.B, atol=1e-9, rtol=1e-7)  # the tolerances of _compare

@@ -151,9 +151,10 @@ def tile_sums(
                 values[bi], weights[bi], derivs, zr[bi], zct[bi], row_bounds[b], row_bounds[b + 1], j0, j1, h0, h
             )
             for c in range(first, last + 1):
+                seg = h0[bounds[c - first] : bounds[c - first + 1]]
                 s = 0.0
-                for j in range(bounds[c - first], bounds[c - first + 1]):
-                    s += h0[j]
+                for j in range(seg.shape[0]):
+                    s += seg[j]
                 if c == first:
                     edge[t, b, 0, 0] += s
                 elif c == last:
@@ -165,9 +166,10 @@ def tile_sums(
             for f in range(1, feats):
                 hf = h[f - 1]
                 for c in range(first, last + 1):
+                    seg = hf[bounds[c - first] : bounds[c - first + 1]]
                     s = 0.0
-                    for j in range(bounds[c - first], bounds[c - first + 1]):
-                        s += hf[j]
+                    for j in range(seg.shape[0]):
+                        s += seg[j]
                     if c == first:
                         edge[t, b, 0, f] += s
                     elif c == last:

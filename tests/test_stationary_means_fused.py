@@ -1,0 +1,127 @@
+"""The stationary engine's fused block means (``StationaryBlockMeans``): values and gradients against the dense
+block mean when only some hyperparameters want a gradient, when a loss reads only ``lam`` or only ``B``, and when
+the outputscale's batch shape is wider than the sums' (the ``k x k`` steps run in place and by hand there)."""
+
+import importlib
+from unittest import mock
+
+import gpytorch
+import pytest
+import torch
+from gpytorch.kernels import MaternKernel, RBFKernel, ScaleKernel
+
+from bma_gp import Partition, block_mean
+from bma_gp.kernel_block_mean import kernel_block_mean
+
+stationary = importlib.import_module("bma_gp._kernel_sums.stationary")
+
+N, D = 90, 2
+
+
+def _partition(kind):
+    g = torch.Generator().manual_seed(3)
+    if kind == "singletons_and_unequal":  # singleton blocks next to large ones, labels scattered
+        labels = torch.cat([torch.arange(5), torch.full((30,), 5), torch.randint(6, 11, (N - 35,), generator=g)])
+        return Partition.from_labels(labels[torch.randperm(N, generator=g)])
+    return Partition.from_labels(torch.randint(7, (N,), generator=g))
+
+
+def _kernel(name, dtype, batch_shape=()):
+    base = RBFKernel(ard_num_dims=D) if name == "rbf_ard" else MaternKernel(nu=1.5)
+    kernel = ScaleKernel(base, batch_shape=torch.Size(batch_shape)).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in kernel.parameters():
+            p.copy_(0.4 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return kernel
+
+
+def _dense(kernel, x, partition):
+    with gpytorch.settings.lazily_evaluate_kernels(False):
+        return block_mean(kernel(x, x).to_dense(), partition)
+
+
+LOSSES = {
+    "lam_only": lambda op, w: (op.lam * w).sin().sum(),
+    "B_only": lambda op, w: (op.B * w).square().sum() + (op.B * w.unsqueeze(-1)).sum(),
+    "both": lambda op, w: (op.lam * w).cos().sum() + (op.B * w).sum(),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("wanted", ["lengthscale", "outputscale", "both"])
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("kind", ["singletons_and_unequal", "scattered"])
+@pytest.mark.parametrize("name", ["rbf_ard", "matern15"])
+def test_gradients_match_dense_for_every_subset_of_hyperparameters(dtype, wanted, loss_name, kind, name):
+    kernel = _kernel(name, dtype)
+    raw_ls, raw_os = kernel.base_kernel.raw_lengthscale, kernel.raw_outputscale
+    raw_ls.requires_grad_(wanted in ("lengthscale", "both"))
+    raw_os.requires_grad_(wanted in ("outputscale", "both"))
+    params = [p for p in (raw_ls, raw_os) if p.requires_grad]
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    partition = _partition(kind)
+    with mock.patch.object(stationary.StationaryBlockMeans, "apply", wraps=stationary.StationaryBlockMeans.apply) as f:
+        op = kernel_block_mean(kernel, x, partition)
+    assert f.call_count == 1
+    assert op.lam.dtype == op.B.dtype == dtype
+    ref = _dense(_kernel(name, torch.float64), x.double(), partition)
+    rtol = 1e-9 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(op.B.double(), ref.B, rtol=rtol, atol=rtol)
+    torch.testing.assert_close(op.lam.double(), ref.lam, rtol=rtol, atol=rtol)
+    w = torch.linspace(-1, 2, partition.num_blocks, dtype=dtype)
+    grads = torch.autograd.grad(LOSSES[loss_name](op, w), params)
+    k64 = _kernel(name, torch.float64)
+    params64 = [
+        p for p, q in zip((k64.base_kernel.raw_lengthscale, k64.raw_outputscale), (raw_ls, raw_os)) if q.requires_grad
+    ]
+    ref = _dense(k64, x.double(), partition)
+    refs = torch.autograd.grad(LOSSES[loss_name](ref, w.double()), params64)
+    for got, want in zip(grads, refs):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, rtol=rtol * 10, atol=rtol * 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_an_outputscale_batch_around_an_unbatched_base_kernel(dtype):
+    # the sums have no batch, the outputscale has (2,): the means broadcast, dL/dT0 sums the batch back
+    kernel = _kernel("rbf_ard", dtype, batch_shape=torch.Size([2]))
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    partition = _partition("singletons_and_unequal")
+    op = kernel_block_mean(kernel, x, partition)
+    assert op.B.shape == (2, partition.num_blocks, partition.num_blocks)
+    k64 = _kernel("rbf_ard", torch.float64, batch_shape=torch.Size([2]))
+    ref = _dense(k64, x.double(), partition)
+    rtol = 1e-9 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(op.B.double(), ref.B, rtol=rtol, atol=rtol)
+    w = torch.linspace(-1, 2, partition.num_blocks, dtype=dtype)
+    grads = torch.autograd.grad(LOSSES["both"](op, w), list(kernel.parameters()))
+    refs = torch.autograd.grad(LOSSES["both"](ref, w.double()), list(k64.parameters()))
+    for got, want in zip(grads, refs):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got.double(), want, rtol=rtol * 10, atol=rtol * 10)
+
+
+def test_batched_inputs_with_an_unbatched_kernel():
+    kernel = _kernel("matern15", torch.float64)
+    x = torch.randn(3, N, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    partition = _partition("scattered")
+    op = kernel_block_mean(kernel, x, partition)
+    ref = _dense(_kernel("matern15", torch.float64), x, partition)
+    torch.testing.assert_close(op.B, ref.B, rtol=1e-9, atol=1e-9)
+    w = torch.linspace(-1, 2, partition.num_blocks, dtype=torch.float64)
+    k64 = _kernel("matern15", torch.float64)
+    grads = torch.autograd.grad(LOSSES["both"](op, w), list(kernel.parameters()))
+    refs = torch.autograd.grad(LOSSES["both"](_dense(k64, x, partition), w), list(k64.parameters()))
+    for got, want in zip(grads, refs):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
+
+
+def test_without_a_gradient_the_means_come_without_a_graph():
+    kernel = _kernel("rbf_ard", torch.float32)
+    for p in kernel.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(1))
+    with mock.patch.object(stationary.StationaryBlockMeans, "apply", side_effect=AssertionError("autograd")):
+        op = kernel_block_mean(kernel, x, _partition("scattered"))
+    assert not op.B.requires_grad and op.B.dtype == torch.float32
