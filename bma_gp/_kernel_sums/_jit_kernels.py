@@ -124,8 +124,8 @@ def tile_sums(
         chunk: columns per task.
         acc: ``(B, k, k)`` float64: ``S[b, c]`` is added at ``(row_block + b, col_block + c)``, and with
             ``mirror`` also at ``(col_block + c, row_block + b)``.
-        kept: ``(B, m, d, q)``, zeros on entry: ``factor * D[b, c, a]`` is added at ``[b, a, c]`` (unused
-            without ``derivs``).
+        kept: ``(B, m, d, q)``, any values on entry: ``factor * D[b, c, a]`` is written at ``[b, a, c]``, every
+            entry (unused without ``derivs``).
     """
     nbatch, _, ncols = values.shape
     m = row_bounds.shape[0] - 1
@@ -175,7 +175,16 @@ def tile_sums(
                     elif c == last:
                         edge[t, b, 1, f] += s
                     else:
-                        kept[bi, b, f - 1, c] += factor * s
+                        kept[bi, b, f - 1, c] = factor * s  # the only write of this entry
+    if feats > 1:  # the shared column blocks of kept start from zero (kept is not zeroed on entry)
+        for t in range(tasks):
+            bi = t // per_batch
+            j0 = (t - bi * per_batch) * chunk
+            first, last = _task_blocks(col_bounds, j0, min(ncols, j0 + chunk))
+            for b in range(m):
+                for f in range(1, feats):
+                    kept[bi, b, f - 1, first] = 0.0
+                    kept[bi, b, f - 1, last] = 0.0
     for t in range(tasks):  # the column blocks tasks may share, serially
         bi = t // per_batch
         j0 = (t - bi * per_batch) * chunk
@@ -189,3 +198,32 @@ def tile_sums(
                     acc[bi, col_block + c, row_block + b] += s
                 for f in range(1, feats):
                     kept[bi, b, f - 1, c] += factor * edge[t, b, side, f]
+
+
+@njit(fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True)
+def contract_kept(grad, derivs, row_block, col_block, mirror, out):  # pragma: no cover - compiled
+    """``out[b, a] += sum_{i, c} G[b, i, c] derivs[b, i, a, c]`` in float64, with ``G`` the tile's block pairs of
+    ``grad`` (``grad[b, row_block + i, col_block + c]``, plus ``grad[b, col_block + c, row_block + i]`` with
+    ``mirror``), read in place: no ``(m, d, q)`` float64 product is formed.
+
+    Args:
+        grad: ``(B, k, k)`` C-contiguous; derivs: ``(B, m, d, q)`` C-contiguous; out: ``(B, d)`` float64.
+    """
+    nbatch, m, d, q = derivs.shape
+    for bi in range(nbatch):
+        for i in range(m):
+            g = grad[bi, row_block + i][col_block : col_block + q]
+            for a in range(d):
+                dv = derivs[bi, i, a]
+                s = 0.0
+                for c in range(q):
+                    s += np.float64(g[c]) * np.float64(dv[c])
+                out[bi, a] += s
+        if mirror:  # G^T: rows of grad below the diagonal, contiguous along i
+            for c in range(q):
+                g = grad[bi, col_block + c][row_block : row_block + m]
+                for a in range(d):
+                    s = 0.0
+                    for i in range(m):
+                        s += np.float64(g[i]) * np.float64(derivs[bi, i, a, c])
+                    out[bi, a] += s

@@ -512,11 +512,15 @@ def lengthscale_gradient(
     k, bsz, d = plan.num_blocks, z.shape[0], z.shape[-1]
     grad = grad_sums.to(z.dtype).reshape(bsz, k, k)
     acc = z.new_zeros(bsz, d, dtype=core_dtype(z.dtype))
-    for index, derivs in kept.items():
-        g = _tile_weights(grad, tiles[index]).to(acc.dtype)
-        acc += (g.unsqueeze(2) * derivs).sum((1, 3))
+    numba = jit.usable(z.device, z.dtype, bsz * z.shape[1] ** 2)
+    if numba and acc.dtype == torch.float64:
+        jit.contract_kept(grad, kept, tiles, acc)
+    else:
+        for index, derivs in kept.items():
+            g = _tile_weights(grad, tiles[index]).to(acc.dtype)
+            acc += (g.unsqueeze(2) * derivs).sum((1, 3))
     again = [t for i, t in enumerate(tiles) if i not in kept]
-    starts = _block_starts(plan) if again and jit.usable(z.device, z.dtype, bsz * z.shape[1] ** 2) else None
+    starts = _block_starts(plan) if again and numba else None
     if starts is not None:
         rows, cols = max(t.row_blocks for t in again), max(t.col_blocks for t in again)
         scratch = z.new_zeros(bsz, rows, cols, dtype=torch.float64)  # the value sums, not needed here
