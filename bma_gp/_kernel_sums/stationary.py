@@ -41,9 +41,16 @@ the passes is bounded.
 each tile is instead reduced by one numba kernel that reads the values once and adds the block
 sums straight into the accumulator, and (forward with gradient) computes every tile's derivative
 sums :math:`\sum w (z_{pa} - z_{ja})^2` per (row block, column block) directly, however many
-blocks its rows span. Backward then only contracts them with :math:`G`, within
-:data:`KEPT_DERIVATIVE_BYTES`; tiles past it are evaluated again and reduced by the same kernel.
+blocks its rows span. Backward then only contracts them with :math:`G` (one numba loop per tile, reading
+:math:`G` in place and summing in float64), within :data:`KEPT_DERIVATIVE_BYTES`; tiles past it are evaluated
+again and reduced by the same kernel.
 This removes the per-row-block GEMMs that made many small blocks cost a second evaluation.
+
+**The means** (:class:`StationaryBlockMeans`). The float64 sums become the block means in place and are
+rounded to the kernel's dtype once; backward maps :math:`\partial L / \partial B` and
+:math:`\partial L / \partial \lambda` to :math:`G` in one product. Nothing ``k x k`` is allocated in between
+but the result: at ``k = 2000`` the earlier chain of ``k x k`` operations, each on a fresh 32 MB float64 buffer,
+took about 80 of the 460 ms of a forward and backward.
 
 **Distributed.** Each rank evaluates every ``world``-th tile; the block sums are summed over
 ranks in forward and the lengthscale gradient in backward, so every rank must call backward.
