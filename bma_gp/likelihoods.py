@@ -244,10 +244,11 @@ class GroupNoise(Noise):
             self.observed |= seen
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a state dict of a version with one flag vector for all batch entries: the flags held for each entry
+        # a state dict of a version with one flag vector for all batch entries: the flags held for each entry (one of
+        # another number of groups is left to torch, whose error names the size mismatch)
         key = prefix + "observed"
         flags = state_dict.get(key)
-        if torch.is_tensor(flags) and flags.dim() == 1 and self.observed.dim() > 1:
+        if torch.is_tensor(flags) and flags.dim() == 1 and self.observed.dim() > 1 and len(flags) == self.num_groups:
             state_dict[key] = flags.expand_as(self.observed).clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

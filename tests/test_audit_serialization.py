@@ -1,0 +1,71 @@
+"""What PyTorch users routinely do to the package's objects: ``copy.deepcopy``, ``pickle`` and ``torch.save`` round
+trips of whole models (in training mode and in eval mode with prediction caches), ``state_dict`` through
+``torch.load(weights_only=True)`` into freshly built models, state dicts of models built with other groupings, and
+dtype moves after training."""
+
+from __future__ import annotations
+
+import io
+
+import gpytorch
+import pytest
+import torch
+
+from bma_gp import BlockMeanKernel, GroupGaussianLikelihood, GroupKernel, Partition
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DTYPE = torch.float64
+N = 60
+LEVELS = 5
+
+
+def data(seed=0):
+    """Columns: a covariate, a group id in ``0 .. LEVELS - 1``."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(N, generator=g, dtype=DTYPE)
+    ids = torch.arange(N) % LEVELS
+    x = torch.stack([t, ids.to(DTYPE)], -1)
+    y = torch.sin(6 * t) + 0.3 * ids + 0.1 * torch.randn(N, generator=g, dtype=DTYPE)
+    test = torch.stack([torch.rand(7, generator=g, dtype=DTYPE), (torch.arange(7) % LEVELS).to(DTYPE)], -1)
+    return x, y, test
+
+
+class GP(gpytorch.models.ExactGP):
+    def __init__(self, x, y, likelihood, covar_module):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = covar_module
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def block_mean_model(x, y, blocks=6):
+    base = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(active_dims=[0]))
+    partition = Partition.from_labels(torch.arange(N) * blocks // N)
+    covar = BlockMeanKernel(base, x, partition) + GroupKernel(LEVELS, active_dims=[1])
+    return GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), covar).to(DTYPE)
+
+
+def save_load(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------- state dicts
+def test_a_batched_group_likelihood_refuses_a_state_dict_of_another_number_of_groups_by_name():
+    """A state dict of the former layout (one ``observed`` flag vector for all batch entries) was expanded over the
+    batch before torch compared the sizes: one of another number of groups failed in ``expand_as`` ("The expanded
+    size of the tensor (7) must match the existing size (5)"), which names neither the entry nor the module. Now
+    torch's size-mismatch error names the entries, and nothing is loaded."""
+    saved = GroupGaussianLikelihood(LEVELS, batch_shape=torch.Size([2])).state_dict()
+    saved["noise_covar.observed"] = torch.tensor([True, False, True, False, True])  # the former layout
+    other = GroupGaussianLikelihood(LEVELS + 2, batch_shape=torch.Size([2]))
+    before = other.noise.detach().clone()
+    with pytest.raises(RuntimeError, match=r"size mismatch for noise_covar\.observed.*\[5\]"):
+        other.load_state_dict(save_load(saved))
+    torch.testing.assert_close(other.noise, before)
+    assert not other.noise_covar.observed.any()
