@@ -5,7 +5,9 @@ dtype moves after training."""
 
 from __future__ import annotations
 
+import copy
 import io
+import pickle
 
 import gpytorch
 import pytest
@@ -69,3 +71,47 @@ def test_a_batched_group_likelihood_refuses_a_state_dict_of_another_number_of_gr
         other.load_state_dict(save_load(saved))
     torch.testing.assert_close(other.noise, before)
     assert not other.noise_covar.observed.any()
+
+
+# ---------------------------------------------------------------------------------------------- round trips (guards)
+def predict(model, x):
+    model.eval()
+    with torch.no_grad():
+        out = model.likelihood(model(x))
+        return out.mean, out.variance
+
+
+def fit(model, x, y, steps):
+    model.train()
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (-mll(model(x), y)).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "state_dict"])
+def test_an_eval_mode_block_mean_model_survives_round_trips_and_stays_independent(how):
+    """A trained model in eval mode with its prediction caches: a deep copy, a pickle and a ``weights_only`` state
+    dict loaded into a freshly built model predict what it predicts, and training the copy changes nothing of the
+    original."""
+    x, y, test = data()
+    model = block_mean_model(x, y)
+    fit(model, x, y, 3)
+    expected = predict(model, test)
+    if how == "deepcopy":
+        clone = copy.deepcopy(model)
+    elif how == "pickle":
+        clone = pickle.loads(pickle.dumps(model))
+    else:
+        clone = block_mean_model(x, y, blocks=6)
+        predict(clone, test)  # its own caches, of its initial hyperparameters
+        clone.load_state_dict(save_load(model.state_dict()))
+    torch.testing.assert_close(predict(clone, test), expected)
+    fit(clone, x, y, 2)
+    torch.testing.assert_close(predict(model, test), expected)
+    assert not torch.allclose(predict(clone, test)[1], expected[1])
+    clone.double()
+    mean, var = predict(clone.float(), test.float())
+    assert mean.dtype == var.dtype == torch.float32
