@@ -371,13 +371,20 @@ class Partition:
         )
 
     def __getstate__(self):
-        labels = self.labels
-        if labels.device.type != "meta" and labels.untyped_storage().nbytes() != labels.numel() * labels.itemsize:
+        # a contiguous partition whose labels were never asked for is saved by its sizes: its labels are not built
+        # here (n int64 values, kept by the original and written to every copy), but on first use by the copy
+        labels = self._labels
+        if (
+            labels is not None
+            and labels.device.type != "meta"
+            and labels.untyped_storage().nbytes() != labels.numel() * labels.itemsize
+        ):
             # labels kept from a view (a column of a data table, labels[::2]): pickle, torch.save and deepcopy write
             # a tensor's whole storage, so they are saved as a compact copy
             labels = labels.clone(memory_format=torch.contiguous_format)
         return {
             "labels": labels,
+            "n": self._n,
             "sizes": self.sizes,
             "num_blocks": self.num_blocks,
             "is_contiguous": self.is_contiguous,
@@ -387,7 +394,9 @@ class Partition:
 
     def __setstate__(self, state):
         runs = state.get("_runs", ...)  # pickles from before the run table was saved: built again
-        self._setup(state["labels"], state["sizes"], state["labels"].numel(), state["is_contiguous"], runs)
+        labels = state["labels"]  # None for a contiguous partition saved without labels (with "n")
+        n = state["n"] if labels is None else labels.numel()
+        self._setup(labels, state["sizes"], n, state["is_contiguous"], runs)
         self._max_size = state.get("_max_size")
 
     def _run_views(self, x: Tensor, dim: int):

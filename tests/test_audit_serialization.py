@@ -115,3 +115,31 @@ def test_an_eval_mode_block_mean_model_survives_round_trips_and_stays_independen
     clone.double()
     mean, var = predict(clone.float(), test.float())
     assert mean.dtype == var.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------- partitions
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_copying_a_partition_from_sizes_builds_no_labels(how):
+    """``Partition.from_sizes`` builds its ``n`` labels only when asked, but ``__getstate__`` asked: a deep copy, a
+    pickle or a ``torch.save`` of a contiguous partition (or of a model or operator holding one) left an ``n``-long
+    int64 vector on the original and wrote one into every copy, where the ``k`` sizes suffice."""
+    sizes = [1000] * 50 + [500] * 20
+    partition = Partition.from_sizes(sizes)
+    if how == "deepcopy":
+        clone = copy.deepcopy(partition)
+    elif how == "pickle":
+        payload = pickle.dumps(partition)
+        assert len(payload) < 10_000  # the 60,000 labels would take 480 kB
+        clone = pickle.loads(payload)
+    else:
+        with torch.serialization.safe_globals([Partition]):
+            clone = save_load(partition)
+    assert partition._labels is None and clone._labels is None
+    assert clone == partition and len(clone) == 60_000 and clone.is_contiguous
+    x = torch.randn(60_000, dtype=DTYPE)
+    torch.testing.assert_close(clone.block_sum(x), partition.block_sum(x))
+    assert torch.equal(clone.labels, torch.repeat_interleave(torch.arange(70), torch.tensor(sizes)))
+    # labels that were built (or given) are saved as before, and not shared with the copy
+    scattered = Partition.from_labels(torch.tensor([1, 0, 1, 2, 0]))
+    again = pickle.loads(pickle.dumps(scattered)) if how == "pickle" else copy.deepcopy(scattered)
+    assert torch.equal(again.labels, scattered.labels) and again.labels.data_ptr() != scattered.labels.data_ptr()
