@@ -483,7 +483,9 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
                 self._workspace.chain_until.update(self._pending_ratio_form["chain_until"])
                 self._workspace.h_version = h._version
         self._pending_ratio_form = None
-        group_lr = [float(g["lr"]) if isinstance(g["lr"], Tensor) else g["lr"] for g in self.param_groups]
+        # Python floats, as torch.optim takes them: a scheduler or a hand may set a tensor or a numpy scalar, and a
+        # numpy float32 would round the step's coefficients to float32 (and the fused table refuses it)
+        group_lr = [float(g["lr"]) for g in self.param_groups]
         lr = [group_lr[gi] for gi in layout.group_index]  # per parameter, as the functional core takes them
         _block_mean_adagrad(  # block_mean_adagrad without its argument checks: these are built for the blocks
             layout.params,

@@ -1,0 +1,40 @@
+"""Audit of BlockMeanAdagrad with torch.optim's training-loop machinery: learning rates set by schedulers or by hand,
+state dicts loaded mid-training, and what an error leaves behind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from optim import BlockMeanAdagrad
+from optim_reference import flat, fused_at_any_size, loss_of, small_model
+
+
+def _scattered(p: torch.Tensor) -> torch.Tensor:
+    """A callable partition: even and odd flat entries of every tensor."""
+    return torch.arange(p.numel()) % 2
+
+
+@pytest.mark.parametrize(
+    "rule,fused",
+    [("tensor", False), ("row", False), (_scattered, False), ("tensor", True), ("row", True)],
+    ids=["tensor", "row", "callable", "tensor-fused", "row-fused"],
+)
+def test_a_numpy_float32_learning_rate_steps_as_its_python_float(rule, fused):
+    """A learning rate that a scheduler's lambda or a hand sets to a numpy float32 (``np.float32(0.9) ** epoch``)
+    rounded the step's coefficients (``1 - lr * wd``, ``-lr * lam``) to float32, about 1e-8 off on float64
+    parameters, and the fused step raised TypeError with weight decay. torch.optim takes it as a Python float."""
+    with fused_at_any_size():
+        a, b = small_model(), small_model()
+        kwargs = dict(lr=0.1, partition=rule, fused=fused, weight_decay=0.01)
+        opt_a, opt_b = BlockMeanAdagrad(a.parameters(), **kwargs), BlockMeanAdagrad(b.parameters(), **kwargs)
+        for t in range(4):
+            lr = np.float32(0.1) / np.float32(t + 3)
+            opt_a.param_groups[0]["lr"], opt_b.param_groups[0]["lr"] = lr, float(lr)
+            for model, opt in ((a, opt_a), (b, opt_b)):
+                opt.zero_grad()
+                loss_of(model, t).backward()
+                opt.step()
+        assert torch.equal(flat(a.parameters()), flat(b.parameters()))
+        assert isinstance(opt_a.param_groups[0]["lr"], np.float32)  # the group keeps what was set, as in torch
