@@ -3,6 +3,8 @@ state dicts loaded mid-training, and what an error leaves behind."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -38,3 +40,28 @@ def test_a_numpy_float32_learning_rate_steps_as_its_python_float(rule, fused):
                 opt.step()
         assert torch.equal(flat(a.parameters()), flat(b.parameters()))
         assert isinstance(opt_a.param_groups[0]["lr"], np.float32)  # the group keeps what was set, as in torch
+
+
+def test_a_state_entry_that_is_not_a_tensor_is_refused_before_anything_is_loaded():
+    """A state dict whose ``"sum"`` is not a tensor passed the size check, torch's load replaced the param groups
+    and the state, and the cast then raised AttributeError: a half-loaded optimizer (new learning rate, a list as
+    ``h``) that could not step."""
+    model = small_model()
+    opt = BlockMeanAdagrad(model.parameters(), lr=0.1)
+    for t in range(2):
+        opt.zero_grad()
+        loss_of(model, t).backward()
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["sum"] = sd["state"][0]["sum"].tolist()
+    sd["param_groups"][0]["lr"] = 0.5
+    first = next(model.parameters())
+    h = opt.state[first]["sum"]
+    with pytest.raises(ValueError, match="'sum' of parameter 0 is a list, not a tensor.*Nothing was loaded"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] == 0.1
+    assert opt.state[first]["sum"] is h
+    opt.zero_grad()
+    loss_of(model, 2).backward()
+    opt.step()
+    assert opt.global_state["step"] == 3

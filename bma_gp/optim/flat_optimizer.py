@@ -650,7 +650,13 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             return  # torch's load_state_dict names this mismatch
         for position, (idx, p) in enumerate(zip(saved_ids, params)):
             for key, value in saved_flat.get(idx, {}).items():
-                if isinstance(value, Tensor) and value.numel() != p.numel():
+                if not isinstance(value, Tensor):  # else torch's load would have replaced the state when it fails
+                    raise ValueError(
+                        f"state_dict does not fit these parameters: its '{key}' of parameter {position} is a "
+                        f"{type(value).__name__}, not a tensor: it was not produced by {type(self).__name__}."
+                        "state_dict(). Nothing was loaded."
+                    )
+                if value.numel() != p.numel():
                     raise ValueError(
                         f"state_dict does not fit these parameters: its '{key}' of parameter {position} has "
                         f"{value.numel()} entries, the parameter {p.numel()} (shape {tuple(p.shape)}). Load a state "
