@@ -65,3 +65,34 @@ def test_a_state_entry_that_is_not_a_tensor_is_refused_before_anything_is_loaded
     loss_of(model, 2).backward()
     opt.step()
     assert opt.global_state["step"] == 3
+
+
+@pytest.mark.parametrize(
+    "rule,fused",
+    [("tensor", False), ("row", False), (_scattered, False), ("row", True)],
+    ids=["tensor", "row", "callable", "row-fused"],
+)
+def test_a_first_step_under_inference_mode_steps_as_outside_it(rule, fused):
+    """torch's Adagrad steps under ``torch.inference_mode()`` (its state is made at construction). Here the first
+    step made the flat state there, as inference tensors: it moved the parameters, then raised RuntimeError reading
+    h's version counter, and so did every later step."""
+
+    def run(inference_steps):
+        with fused_at_any_size():
+            model = small_model()
+            opt = BlockMeanAdagrad(model.parameters(), lr=0.1, partition=rule, fused=fused)
+            for t in range(3):
+                opt.zero_grad()
+                loss_of(model, t).backward()
+                if t in inference_steps:
+                    with torch.inference_mode():
+                        opt.step()
+                    assert torch.is_inference_mode_enabled() is False and torch.is_grad_enabled()
+                else:
+                    opt.step()
+            state = [opt.state[p]["sum"] for p in model.parameters()] + [opt.global_state["U"]]
+            assert not any(t.is_inference() for t in state)
+            return flat(model.parameters())
+
+    assert torch.equal(run((0,)), run(()))
+    assert torch.equal(run((0, 2)), run(()))

@@ -445,7 +445,16 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             self._layout = None
             self._forget_flat_state()
         grads, active = layout.collect_grads()
-        if any(active):
+        if not any(active):
+            return loss
+        if torch.is_inference_mode_enabled():
+            # a step under torch.inference_mode() (torch's Adagrad steps there: it makes its state at construction):
+            # the state this step makes (flat buffers, global state, root) would be inference tensors, whose version
+            # counters the step reads and which later steps outside inference mode may not update in place (leaving
+            # inference mode turns grad mode back on: off again, as in step)
+            with torch.inference_mode(False), torch.no_grad():
+                self._step(grads, layout, active)
+        else:
             self._step(grads, layout, active)
         return loss
 
