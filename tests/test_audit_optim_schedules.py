@@ -96,3 +96,32 @@ def test_a_first_step_under_inference_mode_steps_as_outside_it(rule, fused):
 
     assert torch.equal(run((0,)), run(()))
     assert torch.equal(run((0, 2)), run(()))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("rule", ["tensor", "row"])
+@pytest.mark.parametrize("shape", [(50, 30), (20, 30), (30, 40)], ids=["grown", "shrunk", "reshaped"])
+def test_a_parameter_resized_between_steps_is_refused_and_nothing_changes(rule, fused, shape):
+    """``p.data = ...`` of another shape after a step: the fused step read and wrote the parameter by its old bounds
+    without a word (numba's kernels past the end of h for a grown one), the eager steps raised numpy's or torch's
+    broadcasting error after the step count had moved, and "row" stepped a reshaped one by its old rows. torch's
+    optimizers raise there too (their state has the old shape)."""
+    with fused_at_any_size():
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(40, 30, generator=gen)), torch.nn.Parameter(torch.randn(30))]
+        opt = BlockMeanAdagrad(params, lr=0.1, partition=rule, fused=fused)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        h = [opt.state[p]["sum"].clone() for p in params]
+        U, other = opt.global_state["U"].clone(), params[1].detach().clone()
+        params[0].data = torch.randn(shape, generator=gen)
+        resized = params[0].detach().clone()
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        with pytest.raises(ValueError, match=r"parameter 0 of BlockMeanAdagrad changed shape from \(40, 30\) to"):
+            opt.step()
+        assert opt.global_state["step"] == 2 and torch.equal(opt.global_state["U"], U)
+        assert all(torch.equal(a, opt.state[p]["sum"]) for a, p in zip(h, params))
+        assert torch.equal(params[0], resized) and torch.equal(params[1], other)

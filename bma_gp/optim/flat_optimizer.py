@@ -444,6 +444,16 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             # buffer when this step commits the layout, after its checks; a cleared state restarts the optimizer)
             self._layout = None
             self._forget_flat_state()
+        changed = None if self._layout is None else self._layout.shape_change()
+        if changed is not None:
+            # h, the block statistics and the cached buffers belong to the old shape: stepping on would read and
+            # write the parameter by the old bounds (torch.optim's optimizers raise here too, on their state's shape)
+            i, built, now = changed
+            raise ValueError(
+                f"parameter {i} of {type(self).__name__} changed shape from {tuple(built)} to {tuple(now)} since the "
+                "optimizer's state was built (p.data = ... of another shape); its state belongs to the old shape. "
+                "Build a new optimizer for the resized parameters. Nothing was changed."
+            )
         grads, active = layout.collect_grads()
         if not any(active):
             return loss

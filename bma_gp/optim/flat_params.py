@@ -85,6 +85,7 @@ class FlatParams:
         dtype: dtype of the flat state (see :func:`state_dtype`).
         param_dtypes: the parameters' dtypes when the layout was built (or last checked, see
             :meth:`dtype_changed`).
+        shapes: the parameters' shapes when the layout was built (see :meth:`shape_change`).
 
     Raises:
         ValueError: parameters on several devices, or a parameter that is not a
@@ -109,6 +110,7 @@ class FlatParams:
         self.numel = offsets[-1]
         self.device = params[0].device if params else torch.device("cpu")
         self.param_dtypes = tuple([p.dtype for p in params])
+        self.shapes = [p.shape for p in params]
         self.dtype = state_dtype(self.param_dtypes)
         self.key = self.key_of(param_groups)
         self._buffers: dict[str, Tensor] = {}
@@ -135,6 +137,13 @@ class FlatParams:
             return True
         self.param_dtypes = dtypes
         return False
+
+    def shape_change(self) -> tuple[int, torch.Size, torch.Size] | None:
+        """The first parameter whose shape is no longer the one this layout was built for (``p.data = ...`` of
+        another shape between steps), as ``(index, built, now)``, or ``None``. One attribute read per parameter."""
+        if [p.shape for p in self.params] == self.shapes:
+            return None
+        return next((i, a, p.shape) for i, (p, a) in enumerate(zip(self.params, self.shapes)) if p.shape != a)
 
     def extends(self, other: FlatParams) -> bool:
         """Whether ``other``'s parameters are a prefix of this layout's (``add_param_group``)."""
