@@ -125,3 +125,37 @@ def test_a_parameter_resized_between_steps_is_refused_and_nothing_changes(rule, 
         assert opt.global_state["step"] == 2 and torch.equal(opt.global_state["U"], U)
         assert all(torch.equal(a, opt.state[p]["sum"]) for a, p in zip(h, params))
         assert torch.equal(params[0], resized) and torch.equal(params[1], other)
+
+
+@pytest.mark.parametrize(
+    "rule,fused",
+    [("tensor", False), ("row", False), (_scattered, False), ("row", True)],
+    ids=["tensor", "row", "callable", "row-fused"],
+)
+def test_a_state_dict_loaded_under_inference_mode_continues_as_one_loaded_outside(rule, fused):
+    """torch.optim keeps a state dict's own tensors where no cast is needed, so its optimizers load under
+    ``torch.inference_mode()``; here the load copies them, and the copies were inference tensors: the next step
+    outside inference mode raised RuntimeError updating ``U`` in place, after it had changed ``h`` and the step count.
+    """
+    with fused_at_any_size():
+        source = small_model()
+        opt = BlockMeanAdagrad(source.parameters(), lr=0.1, partition=rule, fused=fused)
+        for t in range(2):
+            opt.zero_grad()
+            loss_of(source, t).backward()
+            opt.step()
+        saved = copy.deepcopy(opt.state_dict())
+        results = []
+        for inference in (False, True):
+            model = small_model()
+            model.load_state_dict(source.state_dict())
+            resumed = BlockMeanAdagrad(model.parameters(), lr=0.1, partition=rule, fused=fused)
+            with torch.inference_mode(inference):
+                resumed.load_state_dict(copy.deepcopy(saved))
+            for t in range(2, 4):
+                resumed.zero_grad()
+                loss_of(model, t).backward()
+                resumed.step()
+            assert not any(v.is_inference() for v in resumed.global_state.values() if isinstance(v, torch.Tensor))
+            results.append(flat(model.parameters()))
+        assert torch.equal(results[0], results[1])

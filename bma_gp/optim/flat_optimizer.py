@@ -612,7 +612,13 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
                 state_dict = dict(result)
         names = ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
         with self._torch_hooks_held(*names) as (_, post_hooks):
-            self._load_own_state(state_dict)
+            if torch.is_inference_mode_enabled():
+                # loaded under torch.inference_mode(): the state's copies would be inference tensors, which the steps
+                # (outside it) may not update in place (torch.optim keeps the state dict's own tensors there)
+                with torch.inference_mode(False), torch.no_grad():
+                    self._load_own_state(state_dict)
+            else:
+                self._load_own_state(state_dict)
         for post_hook in post_hooks.values():
             post_hook(self)
 
