@@ -17,6 +17,7 @@ closed forms, ``O(n + k^3)`` per task) and interleaves the results again: the pr
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from gpytorch import settings
@@ -113,14 +114,46 @@ class TaskPredictionStrategy(DefaultPredictionStrategy):
         return mean, BlockMeanInterleavedLinearOperator(covar)
 
 
+def _warn_evaluated_prior(train_prior_dist) -> None:
+    """A :class:`~bma_gp.ClosedFormFallbackWarning` when the training covariance is one of the package's operators
+    but not a lazily evaluated kernel tensor (``lazily_evaluate_kernels(False)``, or a ``forward`` that evaluates the
+    kernel itself): GPyTorch then never asks the kernel for its strategy and predicts with its default one, whose
+    test covariances are dense up to ``max_eager_kernel_size`` and whose posterior samples (``model(train_x)
+    .rsample()``) factorise the dense ``t x t`` covariance (Cholesky, or Lanczos above ``max_cholesky_size``).
+    Nothing inside GPyTorch's own evaluation of a lazy kernel tensor, which switches the setting off itself."""
+    from bma_gp._warnings import ClosedFormFallbackWarning
+    from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
+    from bma_gp.block_mean_product_linear_operator import BlockMeanProductLinearOperator
+    from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
+    from bma_gp.kernels.block_mean_kernel import _inside_lazy_evaluation
+
+    covar = getattr(train_prior_dist, "lazy_covariance_matrix", None)
+    family = (BlockMeanLinearOperator, BlockMeanSumLinearOperator, BlockMeanProductLinearOperator)
+    if not isinstance(covar, family) or _inside_lazy_evaluation():
+        return
+    warnings.warn(
+        f"the training covariance is an evaluated {type(covar).__name__}, not a lazily evaluated kernel tensor "
+        f"(gpytorch.settings.lazily_evaluate_kernels is {'off' if settings.lazily_evaluate_kernels.off() else 'on'}"
+        "; a forward that evaluates its kernel does the same): GPyTorch then predicts with its "
+        "DefaultPredictionStrategy instead of bma-gp's closed-form one, so the test covariances are formed densely "
+        "(up to gpytorch.settings.max_eager_kernel_size) and posterior samples, e.g. model(train_x).rsample() in "
+        "eval mode, factorise the dense t x t predictive covariance (Cholesky, or Lanczos above max_cholesky_size). "
+        "Keep lazily_evaluate_kernels on (GPyTorch's default) and return the kernel's output from forward.",
+        ClosedFormFallbackWarning,
+        stacklevel=4,
+    )
+
+
 def _routed(original):
     """GPyTorch's ``prediction_strategy``, with :class:`TaskPredictionStrategy` for a batch-independent multi-output
-    model on block mean or group kernels (:func:`_routable`)."""
+    model on block mean or group kernels (:func:`_routable`), and a warning when GPyTorch's default strategy is
+    chosen for an evaluated block mean training covariance (:func:`_warn_evaluated_prior`)."""
 
     @functools.wraps(original)
     def prediction_strategy(train_inputs, train_prior_dist, train_labels, likelihood):
         if _routable(train_prior_dist, likelihood):
             return TaskPredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood)
+        _warn_evaluated_prior(train_prior_dist)
         return original(train_inputs, train_prior_dist, train_labels, likelihood)
 
     prediction_strategy._bma_gp_original = original

@@ -1,0 +1,79 @@
+"""Known gaps of earlier audits, each against a dense reference or the package's closed-form guard.
+
+* Under ``lazily_evaluate_kernels(False)`` an ExactGP on a ``GroupKernel`` predicts with GPyTorch's default strategy:
+  ``model(train_x).rsample()`` in eval mode factorised the dense predictive covariance without the package's
+  warning (up to ``max_eager_kernel_size`` GPyTorch densifies it first, so no operator of the package ever saw it).
+* With validation off, a NaN in a sum's ``d``, ``B_j`` or root gave ``logdet() = -inf`` (``torch.sign(nan)`` is 0,
+  read as a zero determinant); ``torch.logdet`` of the dense matrix is NaN.
+* ``MultivariateNormal.rsample(base_samples=...)`` with ``n`` base samples per draw (GPyTorch's ``base_sample_shape``)
+  failed inside GPyTorch's reshape for a sum without a diagonal, whose root ``Z L`` had ``q < n`` columns.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import gpytorch
+import pytest
+import torch
+from gpytorch.distributions import MultivariateNormal
+
+from bma_gp import BlockMeanLinearOperator, ClosedFormFallbackWarning
+from bma_gp.kernels import GroupKernel
+from closed_form_guard import closed_forms_only
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems
+
+DTYPE = torch.float64
+N = 10
+LABELS = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3])
+CROSSED = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+
+
+# ---------------------------------------------------------------------------- 1. eager GroupKernel prediction
+class _GroupGP(gpytorch.models.ExactGP):
+    def __init__(self, x, y, likelihood):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = GroupKernel(6)
+
+    def forward(self, x):
+        return MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def _group_model(n: int = 40) -> tuple[_GroupGP, torch.Tensor]:
+    torch.manual_seed(0)
+    x = (torch.arange(n) % 6).to(DTYPE).unsqueeze(-1)
+    y = torch.randn(n, dtype=DTYPE)
+    model = _GroupGP(x, y, gpytorch.likelihoods.GaussianLikelihood()).to(DTYPE)
+    return model, x
+
+
+@pytest.mark.filterwarnings("ignore:The input matches the stored training data")
+def test_eager_group_kernel_prediction_warns_and_lazy_stays_closed_form():
+    model, x = _group_model()
+    model.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        with closed_forms_only(x.shape[0]):
+            lazy = model(x).rsample(torch.Size([2]))  # the package's strategy: a closed-form root
+    assert lazy.shape == (2, x.shape[0])
+    model.prediction_strategy = None
+    with torch.no_grad(), gpytorch.settings.lazily_evaluate_kernels(False):
+        with pytest.warns(ClosedFormFallbackWarning, match="lazily_evaluate_kernels") as record:
+            post = model(x)
+        assert any("DefaultPredictionStrategy" in str(w.message) for w in record)
+        # GPyTorch's default strategy, dense below max_eager_kernel_size: what the warning announced
+        assert type(model.prediction_strategy) is gpytorch.models.exact_prediction_strategies.DefaultPredictionStrategy
+        assert post.rsample(torch.Size([2])).shape == (2, x.shape[0])
+
+
+def test_eager_group_kernel_training_draws_stay_closed_form_and_silent():
+    model, x = _group_model()
+    with torch.no_grad(), gpytorch.settings.lazily_evaluate_kernels(False), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        with closed_forms_only(x.shape[0]):
+            prior = model(x)
+            assert isinstance(prior.lazy_covariance_matrix, BlockMeanLinearOperator)
+            assert prior.rsample(torch.Size([3])).shape == (3, x.shape[0])
+            assert model.likelihood(prior).rsample(torch.Size([3])).shape == (3, x.shape[0])
