@@ -1760,7 +1760,10 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             res = res + cap.logdet
             if cap.sign is not None:
                 sign = sign * cap.sign
-        res = torch.where(sign > 0, res, torch.where(sign == 0, -math.inf, math.nan))
+        # torch.sign(nan) is 0: a NaN input (d, B_j, the root) must stay NaN, as torch.logdet of the dense matrix,
+        # not read as a zero determinant (-inf); device-side, no host synchronisation
+        zero = (sign == 0) & ~res.isnan()
+        res = torch.where(sign > 0, res, torch.where(zero, -math.inf, math.nan))
         return res.to(self.dtype)
 
     # ------------------------------------------------------------------ roots

@@ -11,14 +11,17 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import gpytorch
 import pytest
 import torch
 from gpytorch.distributions import MultivariateNormal
+from linear_operator.operators import DiagLinearOperator, LowRankRootLinearOperator
 
-from bma_gp import BlockMeanLinearOperator, ClosedFormFallbackWarning
+import bma_gp
+from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, ClosedFormFallbackWarning, Partition
 from bma_gp.kernels import GroupKernel
 from closed_form_guard import closed_forms_only
 
@@ -77,3 +80,44 @@ def test_eager_group_kernel_training_draws_stay_closed_form_and_silent():
             assert isinstance(prior.lazy_covariance_matrix, BlockMeanLinearOperator)
             assert prior.rsample(torch.Size([3])).shape == (3, x.shape[0])
             assert model.likelihood(prior).rsample(torch.Size([3])).shape == (3, x.shape[0])
+
+
+# ---------------------------------------------------------------------------- 2. NaN log-determinants
+def _sum(where: str) -> BlockMeanSumLinearOperator:
+    torch.manual_seed(1)
+    lam = torch.rand(4, dtype=DTYPE) + 1
+    W = torch.randn(4, 4, dtype=DTYPE)
+    B = W @ W.T / 4
+    d = torch.full((N,), 0.5, dtype=DTYPE)
+    U = torch.randn(N, 2, dtype=DTYPE)
+    if where == "lam":
+        lam[2] = math.nan
+    elif where == "B":
+        B[0, 1] = B[1, 0] = math.nan
+    elif where == "d":
+        d[4] = math.nan
+    elif where == "root":
+        U[3, 1] = math.nan
+    M = BlockMeanLinearOperator(lam, B, Partition.from_labels(LABELS))
+    crossed = BlockMeanLinearOperator(
+        torch.zeros(3, dtype=DTYPE), torch.ones(3, dtype=DTYPE), Partition.from_labels(CROSSED), diagonal=True
+    )
+    res = DiagLinearOperator(d) + M + crossed + LowRankRootLinearOperator(U)
+    assert isinstance(res, BlockMeanSumLinearOperator)
+    return res
+
+
+@pytest.mark.parametrize("where", ["lam", "B", "d", "root"])
+def test_sum_logdet_of_nan_input_is_nan_like_torch(where):
+    with bma_gp.settings.validate(False):
+        op = _sum(where)
+        assert torch.logdet(op.to_dense()).isnan()
+        assert op.logdet().isnan()
+        inv_quad, logdet = op.inv_quad_logdet(torch.ones(N, 1, dtype=DTYPE), logdet=True)
+        assert logdet.isnan()
+
+
+def test_sum_logdet_of_finite_input_unchanged():
+    op = _sum("none")
+    with bma_gp.settings.validate(False):
+        torch.testing.assert_close(op.logdet(), torch.logdet(op.to_dense()), rtol=1e-10, atol=1e-10)
