@@ -1898,7 +1898,8 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         :math:`R = D^{1/2} + Z L K L^\top Z^\top D^{-1/2}`, :math:`K = h(L^\top A L)`,
         :math:`h(e) = 1/(\sqrt{1+e}+1)` (``method`` is ignored). Applying :math:`R` costs
         :math:`O(n(J+m) + q^2)`. With :math:`d = 0` (a prior of group kernels without noise) it is
-        :math:`R = Z L`, ``n x q``.
+        :math:`R = Z L`, padded with zero columns to ``n x n`` when ``q < n`` (GPyTorch's ``rsample(base_samples=...)``
+        takes ``n`` base samples per draw), else ``n x q``.
 
         With an indefinite :math:`B_j` (a block mean approximation's :math:`B` can be indefinite while its matrix is
         not) the same :math:`R` comes from the root of the Gram matrix instead, with :math:`L = I` and
@@ -2142,9 +2143,14 @@ class _WoodburyRoot(ByProducts):
 
 
 class _ZLRoot(ByProducts):
-    r""":math:`R = Z L` (``n x q``; ``transposed``: :math:`R^\top`) with :math:`L = \operatorname{blockdiag}(L_1,
-    \dots, L_J, I_m)`, so that :math:`R R^\top = Z G Z^\top`: the root of a :class:`BlockMeanSumLinearOperator`
-    whose diagonal is 0 (SPEC section 5's :math:`[D^{1/2}, Z L]` without its zero columns)."""
+    r""":math:`R = [Z L, 0]` (``n x max(n, q)``; ``transposed``: :math:`R^\top`) with :math:`L =
+    \operatorname{blockdiag}(L_1, \dots, L_J, I_m)`, so that :math:`R R^\top = Z G Z^\top`: the root of a
+    :class:`BlockMeanSumLinearOperator` whose diagonal is 0 (SPEC section 5's :math:`[D^{1/2}, Z L]` without the
+    columns of :math:`D^{1/2}`). With fewer levels than points (``q < n``) ``n - q`` zero columns pad it to a square,
+    so that GPyTorch's ``MultivariateNormal.rsample(base_samples=...)``, which takes ``n`` base samples per draw
+    (``base_sample_shape``) and reshapes them to the root's width, works; they are never formed, and products use only
+    the first ``q`` rows of the right-hand side. With ``q > n`` the root is ``n x q`` and base samples need ``q``
+    entries."""
 
     def __init__(self, *L: Tensor, parent: BlockMeanSumLinearOperator, transposed: bool = False):
         super().__init__(*L, parent=parent, transposed=transposed)
@@ -2152,7 +2158,8 @@ class _ZLRoot(ByProducts):
 
     def _size(self) -> torch.Size:
         n, q = self.parent.shape[-1], sum(self.parent._sizes())
-        return torch.Size((*self.parent.batch_shape, *((q, n) if self.transposed else (n, q))))
+        width = max(n, q)
+        return torch.Size((*self.parent.batch_shape, *((width, n) if self.transposed else (n, width))))
 
     def _transpose_nonbatch(self) -> _ZLRoot:
         return _ZLRoot(*self.L, parent=self.parent, transposed=not self.transposed)
@@ -2163,10 +2170,13 @@ class _ZLRoot(ByProducts):
     def _matmul(self, rhs: Tensor) -> Tensor:
         vector = rhs.dim() == 1
         x = (rhs.unsqueeze(-1) if vector else rhs).to(self.L[0].dtype)
-        if self.transposed:  # L^T Z^T x
+        sizes, n = self.parent._sizes(), self.parent.shape[-1]
+        if self.transposed:  # L^T Z^T x, then the zero rows of the padding
             res = torch.cat([Lt.mT @ ut for Lt, ut in zip(self.L, self.parent._z_t(x))], dim=-2)
-        else:  # Z L x
-            pieces = x.split(self.parent._sizes(), dim=-2)
+            if res.shape[-2] < n:
+                res = torch.cat([res, res.new_zeros(*res.shape[:-2], n - res.shape[-2], res.shape[-1])], dim=-2)
+        else:  # Z L x, the rows of x against the padding dropped
+            pieces = x[..., : sum(sizes), :].split(sizes, dim=-2)
             res = self.parent._z([Lt @ piece for Lt, piece in zip(self.L, pieces)])
         res = res.to(torch.promote_types(rhs.dtype, self.parent.dtype))
         return res.squeeze(-1) if vector else res

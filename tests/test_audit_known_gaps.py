@@ -121,3 +121,29 @@ def test_sum_logdet_of_finite_input_unchanged():
     op = _sum("none")
     with bma_gp.settings.validate(False):
         torch.testing.assert_close(op.logdet(), torch.logdet(op.to_dense()), rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------- 3. base samples
+def _zero_diagonal_sums() -> dict[str, BlockMeanSumLinearOperator]:
+    torch.manual_seed(2)
+    W = torch.randn(4, 4, dtype=DTYPE)
+    M0 = BlockMeanLinearOperator(torch.zeros(4, dtype=DTYPE), W @ W.T, Partition.from_labels(LABELS))
+    crossed = BlockMeanLinearOperator(
+        torch.zeros(3, dtype=DTYPE), torch.rand(3, dtype=DTYPE) + 0.5, Partition.from_labels(CROSSED), diagonal=True
+    )
+    return {"crossed": M0 + crossed, "root": M0 + LowRankRootLinearOperator(torch.randn(N, 2, dtype=DTYPE))}
+
+
+@pytest.mark.parametrize("name", ["crossed", "root"])
+def test_rsample_with_n_base_samples_of_a_sum_without_diagonal(name):
+    C = _zero_diagonal_sums()[name]
+    mean = torch.linspace(-1, 1, N, dtype=DTYPE)
+    mvn = MultivariateNormal(mean, C)
+    assert mvn.base_sample_shape == (N,)
+    base = torch.randn(5, N, dtype=DTYPE)
+    with closed_forms_only(N):
+        samples = mvn.rsample(torch.Size([5]), base_samples=base)
+        R = C.root_decomposition().root.to_dense()
+    assert samples.shape == (5, N)
+    torch.testing.assert_close(R @ R.mT, C.to_dense(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(samples, mean + base @ R.mT, rtol=1e-10, atol=1e-12)

@@ -481,7 +481,8 @@ def test_gradients_from_block_mean_operators(with_root, batch):
 
 @batches
 def test_root_without_a_diagonal_is_z_l(batch):
-    # d = 0 (a prior of group kernels and an inducing-point root, without noise): R = Z L, n x q, R R^T = M
+    # d = 0 (a prior of group kernels and an inducing-point root, without noise): R = [Z L, 0], n x max(n, q) (zero
+    # columns pad it to the n base samples GPyTorch's rsample(base_samples=...) takes), R R^T = M
     case = Case("crossed_root", torch.float64, batch, seed=41)
     op = BlockMeanSumLinearOperator(
         torch.zeros_like(case.d), *case.blocks, partitions=case.partitions, root=case.root, weights=case.weights
@@ -490,7 +491,7 @@ def test_root_without_a_diagonal_is_z_l(batch):
     dense = case.dense()
     with closed_forms_only(N):
         R = op.root_decomposition().root
-        assert R.shape == (*batch, N, op.capacitance_size)
+        assert R.shape == (*batch, N, max(N, op.capacitance_size))
         R_dense = R.to_dense()
         x = torch.randn(*batch, N, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
         Rt_x = R.mT @ x
