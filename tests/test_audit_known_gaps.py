@@ -147,3 +147,25 @@ def test_rsample_with_n_base_samples_of_a_sum_without_diagonal(name):
     assert samples.shape == (5, N)
     torch.testing.assert_close(R @ R.mT, C.to_dense(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(samples, mean + base @ R.mT, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- 4. the CLI
+def test_cli_max_cholesky_without_exact_is_warned_about(tmp_path, capsys, monkeypatch):
+    """``--max-cholesky`` only sets the size up to which the exact GP factorises its kernel matrix: blockmean and
+    sgpr solve in closed form at any size (their results are the same for every value), and the option was ignored
+    without the warning the other unused options give."""
+    from bma_gp.cli import main
+    from bma_gp.cli.arguments import parse_config
+
+    csv = tmp_path / "small.csv"
+    csv.write_text("x,y\n" + "".join(f"{i},{(i * i) % 7 + i}\n" for i in range(1, 13)), encoding="utf-8")
+    base = ["--data", str(csv), "--target", "y", "--blocks", "3", "--iters", "2", "--no-progress", "--no-plot"]
+    unused = parse_config([*base, "--method", "blockmean,sgpr", "--max-cholesky", "100"]).unused_options()
+    assert len(unused) == 1 and unused[0].startswith("--max-cholesky has no effect"), unused
+    assert "methods: blockmean, sgpr" in unused[0]
+    assert parse_config([*base, "--method", "exact,blockmean", "--max-cholesky", "100"]).unused_options() == []
+    assert parse_config([*base, "--method", "blockmean"]).unused_options() == []  # not given: no warning
+    monkeypatch.chdir(tmp_path)
+    assert main([*base, "--method", "blockmean", "--max-cholesky", "0", "--out", "out"]) == 0
+    err = capsys.readouterr().err
+    assert "bma-gp: warning: --max-cholesky has no effect" in err, err

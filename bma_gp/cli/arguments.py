@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------- resolution
 #: The options only some methods or kernels use (their dest names); RunConfig.unused_options says when one given
 #: has no effect.
-_WARN_IF_UNUSED = ("blocks", "partition", "period", "lr")
+_WARN_IF_UNUSED = ("blocks", "partition", "period", "lr", "max_cholesky")
 _NOT_GIVEN = object()
 
 
@@ -280,7 +280,8 @@ def parse_config(argv: Sequence[str] | None, parser: argparse.ArgumentParser | N
     ``--group`` without ``--data`` (and the reverse), a feature named twice (repeated ``--features``
     options add up) or also the ``--target``, a ``--group`` column that is also the target, a feature or
     another ``--group``, and an ``--out`` that names a file. ``RunConfig.given`` records which of ``--blocks``,
-    ``--partition``, ``--period`` and ``--lr`` were given, for the run's warning about one it does not use.
+    ``--partition``, ``--period``, ``--lr`` and ``--max-cholesky`` were given, for the run's warning about one it does
+    not use.
 
     Args:
         argv: the arguments, without the program name.

@@ -56,8 +56,9 @@ class RunConfig:
     out: str = "bma_gp_out"
     plot: bool = True
     progress: bool = True
-    # the options among blocks, partition, period and lr given on the command line (argparse dest names): a given
-    # option that the run does not use is warned about (unused_options). Not compared: the run is the same
+    # the options among blocks, partition, period, lr and max_cholesky given on the command line (argparse dest
+    # names): a given option that the run does not use is warned about (unused_options). Not compared: the run is
+    # the same
     given: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
@@ -94,4 +95,9 @@ class RunConfig:
             )
         if "lr" in self.given and self.iters == 0:
             messages.append("--lr has no effect: --iters 0 takes no Adam step")
+        if "max_cholesky" in self.given and "exact" not in self.methods:
+            messages.append(
+                "--max-cholesky has no effect: only the exact method factorises its kernel matrix (blockmean and sgpr "
+                f"solve in closed form at any size; this run's methods: {methods})"
+            )
         return messages
