@@ -169,3 +169,33 @@ def test_cli_max_cholesky_without_exact_is_warned_about(tmp_path, capsys, monkey
     assert main([*base, "--method", "blockmean", "--max-cholesky", "0", "--out", "out"]) == 0
     err = capsys.readouterr().err
     assert "bma-gp: warning: --max-cholesky has no effect" in err, err
+
+
+def test_cli_period_below_the_sampling_step_is_named_instead_of_lr(tmp_path, capsys, monkeypatch):
+    """A seasonal period shorter than twice the spacing of the inputs cannot be resolved at the data: in float32 the
+    covariance turned singular after a few Adam steps, and the error said "lower the learning rate --lr", which does
+    not help (the same run fails at --lr 0.001). The error names --period and the sampling step instead."""
+    from bma_gp.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--max-rows", "1000", "--method", "sgpr", "--dtype", "float32", "--iters", "5", "--no-progress"]
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--no-plot", "--period", "0.0096", "--out", "out"])
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("bma-gp: error:"))
+    assert info.value.code == 2 and "Traceback" not in err
+    assert "training the sgpr GP diverged" in line
+    assert "--period 0.0096 is shorter than twice the sampling step of 'date'" in line, line
+    assert "lower the learning rate" not in line
+
+
+def test_cli_short_period_check_leaves_resolvable_periods_alone():
+    from bma_gp.cli.arguments import parse_config
+    from bma_gp.cli.data import load_dataset, split
+    from bma_gp.cli.run import _short_period
+
+    for period, short in [("1", False), ("0.05", False), ("0.03", True)]:
+        config = parse_config(["--period", period, "--no-plot"])
+        loaded = load_dataset(config)
+        problem = split(loaded, config.test_fraction, config.split, torch.Generator().manual_seed(0))
+        assert (_short_period(config, problem) is not None) == short, period  # weekly data: 0.0192 apart

@@ -191,6 +191,19 @@ class Fit:
     group_variances: dict[str, float] = field(default_factory=dict)  # in the target's units, squared
 
 
+class TrainingDiverged(UsageError):
+    """Training failed at hyperparameters Adam moved to (the message blames ``--lr``); ``reason`` says how it failed,
+    so that a caller that knows a likelier cause (a ``--period`` the data cannot resolve) can name it instead."""
+
+    def __init__(self, label: str, step: int, iters: int, lr: float, err: Exception | None):
+        self.reason = "its hyperparameters are no longer finite" if err is None else f"{type(err).__name__}: {err}"
+        self.where = f"training the {label} GP diverged at Adam step {step + 1} of {iters}"
+        super().__init__(
+            f"{self.where} ({self.reason}); the steps moved the hyperparameters where the covariance cannot be "
+            f"computed: lower the learning rate --lr (now {lr:g})"
+        )
+
+
 def train(model: GP, iters: int, lr: float, progress: bool, label: str) -> float:
     """``iters`` Adam steps on the exact marginal log likelihood; returns the last loss."""
     from linear_operator.utils.errors import NanError, NotPSDError
@@ -216,25 +229,17 @@ def train(model: GP, iters: int, lr: float, progress: bool, label: str) -> float
         # fails (NanError, NotPSDError, a non-finite block mean operator): say so, not a traceback.
         numerical = isinstance(err, (ValueError, NanError, NotPSDError, torch.linalg.LinAlgError))
         if not _finite_parameters(model) or (step > 0 and numerical):
-            raise UsageError(_diverged(label, step, iters, lr, err)) from err
+            raise TrainingDiverged(label, step, iters, lr, err) from err
         raise
     finally:
         bar.close()
     if iters and not _finite_parameters(model):  # the last step diverged: prediction would fail
-        raise UsageError(_diverged(label, iters - 1, iters, lr, None))
+        raise TrainingDiverged(label, iters - 1, iters, lr, None)
     return float(loss.detach())
 
 
 def _finite_parameters(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-def _diverged(label: str, step: int, iters: int, lr: float, err: Exception | None) -> str:
-    reason = "its hyperparameters are no longer finite" if err is None else f"{type(err).__name__}: {err}"
-    return (
-        f"training the {label} GP diverged at Adam step {step + 1} of {iters} ({reason}); the steps moved "
-        f"the hyperparameters where the covariance cannot be computed: lower the learning rate --lr (now {lr:g})"
-    )
 
 
 def _warn_if_below_noise(model: GP, method: str, var: Tensor, dtype: torch.dtype) -> None:

@@ -20,7 +20,7 @@ from bma_gp.cli import report
 from bma_gp.cli.arguments import build_parser, parse_config
 from bma_gp.cli.config import PROG, RunConfig, UsageError
 from bma_gp.cli.data import Problem, load_dataset, split, subsample
-from bma_gp.cli.models import base_kernel, fit
+from bma_gp.cli.models import TrainingDiverged, base_kernel, fit
 
 __all__ = ["main"]
 
@@ -123,6 +123,26 @@ def _check_period(config: RunConfig, problem: Problem, period: float) -> None:
         )
 
 
+def _short_period(config: RunConfig, problem: Problem) -> str | None:
+    """The cause of a failed training to name instead of ``--lr`` when ``--period`` is shorter than twice the
+    sampling step of the input (the median spacing of its distinct training values): the periodic kernel cannot
+    resolve such a period at the data (it aliases), its covariance is nearly singular, and the Cholesky or the
+    closed forms fail after a few steps whatever the learning rate. None for a longer period."""
+    values = torch.unique(problem.x_train[:, 0].detach().double().cpu())  # sorted
+    gaps = values.diff()
+    if gaps.numel() == 0:
+        return None
+    step = float(gaps.median()) * float(problem.x_scale[0])  # in the input's units, as --period is
+    if not config.period < 2 * step:
+        return None
+    return (
+        f"--period {config.period:g} is shorter than twice the sampling step of {problem.feature_names[0]!r} (its "
+        f"training values are {step:.4g} apart, the median spacing), so the seasonal kernel cannot resolve it at the "
+        f"data and its covariance is nearly singular in {config.dtype_name}, whatever --lr is; give a period of at "
+        f"least {2 * step:.4g} in units of {problem.feature_names[0]!r}"
+    )
+
+
 def _fit_and_report(
     config: RunConfig,
     problem: Problem,
@@ -154,7 +174,13 @@ def _fit_and_report(
                     "they are predicted as new levels: effect 0 with the group's variance "
                     "(lme4's allow.new.levels = TRUE)"
                 )
-    fits = [fit(method, problem, kernel_kind, period, config, generator, grid) for method in config.methods]
+    try:
+        fits = [fit(method, problem, kernel_kind, period, config, generator, grid) for method in config.methods]
+    except TrainingDiverged as err:
+        short = _short_period(config, problem) if kernel_kind == "seasonal" else None
+        if short is None:
+            raise
+        raise UsageError(f"{err.where} ({err.reason}): {short}") from err
     print()
     print(report.format_table(fits, problem.target_name, problem.group_names))
 
