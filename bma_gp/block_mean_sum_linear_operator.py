@@ -1761,8 +1761,9 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             if cap.sign is not None:
                 sign = sign * cap.sign
         # torch.sign(nan) is 0: a NaN input (d, B_j, the root) must stay NaN, as torch.logdet of the dense matrix,
-        # not read as a zero determinant (-inf); device-side, no host synchronisation
-        zero = (sign == 0) & ~res.isnan()
+        # not read as a zero determinant (-inf). A zero d_a (a sum without noise, singular when q < n) makes the
+        # capacitance NaN through 1/d and stays -inf. Device-side, no host synchronisation
+        zero = (sign == 0) & (~res.isnan() | (d == 0).any(-1))
         res = torch.where(sign > 0, res, torch.where(zero, -math.inf, math.nan))
         return res.to(self.dtype)
 

@@ -123,6 +123,15 @@ def test_sum_logdet_of_finite_input_unchanged():
         torch.testing.assert_close(op.logdet(), torch.logdet(op.to_dense()), rtol=1e-10, atol=1e-10)
 
 
+def test_sum_logdet_without_a_diagonal_stays_minus_inf():
+    """A sum with d = 0 and fewer levels than points is singular: -inf, as before (its capacitance is NaN through
+    1/d, which must not be taken for a NaN input)."""
+    for C in _zero_diagonal_sums().values():
+        with bma_gp.settings.validate(False):
+            assert C.logdet().item() == -math.inf
+            assert C.inv_quad_logdet(logdet=True)[1].item() == -math.inf
+
+
 # ---------------------------------------------------------------------------- 3. base samples
 def _zero_diagonal_sums() -> dict[str, BlockMeanSumLinearOperator]:
     torch.manual_seed(2)
