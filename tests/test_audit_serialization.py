@@ -6,7 +6,6 @@ dtype moves after training."""
 from __future__ import annotations
 
 import copy
-import io
 import pickle
 
 import gpytorch
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from bma_gp import BlockMeanKernel, GroupGaussianLikelihood, GroupKernel, Partition
+from test_audit_optim_state import _reload as save_load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,13 +48,6 @@ def block_mean_model(x, y, blocks=6):
     partition = Partition.from_labels(torch.arange(N) * blocks // N)
     covar = BlockMeanKernel(base, x, partition) + GroupKernel(LEVELS, active_dims=[1])
     return GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), covar).to(DTYPE)
-
-
-def save_load(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 # ---------------------------------------------------------------------------------------------- state dicts

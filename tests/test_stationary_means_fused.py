@@ -5,13 +5,13 @@ the outputscale's batch shape is wider than the sums' (the ``k x k`` steps run i
 import importlib
 from unittest import mock
 
-import gpytorch
 import pytest
 import torch
 from gpytorch.kernels import MaternKernel, RBFKernel, ScaleKernel
 
-from bma_gp import Partition, block_mean
+from bma_gp import Partition
 from bma_gp.kernel_block_mean import kernel_block_mean
+from test_kernel_block_mean import _dense_reference, _set_hypers
 
 stationary = importlib.import_module("bma_gp._kernel_sums.stationary")
 
@@ -28,17 +28,7 @@ def _partition(kind):
 
 def _kernel(name, dtype, batch_shape=()):
     base = RBFKernel(ard_num_dims=D) if name == "rbf_ard" else MaternKernel(nu=1.5)
-    kernel = ScaleKernel(base, batch_shape=torch.Size(batch_shape)).to(dtype)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in kernel.parameters():
-            p.copy_(0.4 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return kernel
-
-
-def _dense(kernel, x, partition):
-    with gpytorch.settings.lazily_evaluate_kernels(False):
-        return block_mean(kernel(x, x).to_dense(), partition)
+    return _set_hypers(ScaleKernel(base, batch_shape=torch.Size(batch_shape)).to(dtype))
 
 
 LOSSES = {
@@ -65,7 +55,7 @@ def test_gradients_match_dense_for_every_subset_of_hyperparameters(dtype, wanted
         op = kernel_block_mean(kernel, x, partition)
     assert f.call_count == 1
     assert op.lam.dtype == op.B.dtype == dtype
-    ref = _dense(_kernel(name, torch.float64), x.double(), partition)
+    ref = _dense_reference(_kernel(name, torch.float64), x.double(), partition)
     rtol = 1e-9 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(op.B.double(), ref.B, rtol=rtol, atol=rtol)
     torch.testing.assert_close(op.lam.double(), ref.lam, rtol=rtol, atol=rtol)
@@ -75,7 +65,7 @@ def test_gradients_match_dense_for_every_subset_of_hyperparameters(dtype, wanted
     params64 = [
         p for p, q in zip((k64.base_kernel.raw_lengthscale, k64.raw_outputscale), (raw_ls, raw_os)) if q.requires_grad
     ]
-    ref = _dense(k64, x.double(), partition)
+    ref = _dense_reference(k64, x.double(), partition)
     refs = torch.autograd.grad(LOSSES[loss_name](ref, w.double()), params64)
     for got, want in zip(grads, refs):
         assert got.dtype == dtype
@@ -91,7 +81,7 @@ def test_an_outputscale_batch_around_an_unbatched_base_kernel(dtype):
     op = kernel_block_mean(kernel, x, partition)
     assert op.B.shape == (2, partition.num_blocks, partition.num_blocks)
     k64 = _kernel("rbf_ard", torch.float64, batch_shape=torch.Size([2]))
-    ref = _dense(k64, x.double(), partition)
+    ref = _dense_reference(k64, x.double(), partition)
     rtol = 1e-9 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(op.B.double(), ref.B, rtol=rtol, atol=rtol)
     w = torch.linspace(-1, 2, partition.num_blocks, dtype=dtype)
@@ -107,12 +97,12 @@ def test_batched_inputs_with_an_unbatched_kernel():
     x = torch.randn(3, N, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     partition = _partition("scattered")
     op = kernel_block_mean(kernel, x, partition)
-    ref = _dense(_kernel("matern15", torch.float64), x, partition)
+    ref = _dense_reference(_kernel("matern15", torch.float64), x, partition)
     torch.testing.assert_close(op.B, ref.B, rtol=1e-9, atol=1e-9)
     w = torch.linspace(-1, 2, partition.num_blocks, dtype=torch.float64)
     k64 = _kernel("matern15", torch.float64)
     grads = torch.autograd.grad(LOSSES["both"](op, w), list(kernel.parameters()))
-    refs = torch.autograd.grad(LOSSES["both"](_dense(k64, x, partition), w), list(k64.parameters()))
+    refs = torch.autograd.grad(LOSSES["both"](_dense_reference(k64, x, partition), w), list(k64.parameters()))
     for got, want in zip(grads, refs):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
 
