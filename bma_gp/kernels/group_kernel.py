@@ -49,6 +49,16 @@ def check_group_ids(values: Tensor, num_groups: int, name: str = "x") -> Tensor:
         raise ValueError(f"{name} must hold integer group ids, got dtype {values.dtype}.")
     if values.numel() == 0:
         return values.long()
+    if not values.dtype.is_floating_point and not values.dtype.is_signed and values.dtype != torch.uint8:
+        # uint16, uint32, uint64 (polars' category codes, hashes) have no comparisons in torch: compared as int64,
+        # exact but for uint64 ids from 2^63 on, which wrap to negative numbers
+        signed = values.long()
+        if bool((signed < 0).any()):
+            raise ValueError(
+                f"{name} holds a group id of 2^63 or more, which is not an integer group id in [0, {num_groups}); "
+                f"group ids must be whole numbers 0 .. num_groups - 1 = {num_groups - 1}."
+            )
+        values = signed
     bad = (values < 0) | (values >= num_groups)
     if values.dtype.is_floating_point:
         bad = bad | (values != values.round())
