@@ -21,6 +21,7 @@ from linear_operator.operators import DiagLinearOperator
 from torch import Tensor
 
 from bma_gp.kernels.group_kernel import as_int, check_group_ids
+from bma_gp.partition import _as_array
 
 __all__ = ["GroupGaussianLikelihood", "GroupNoise"]
 
@@ -255,7 +256,7 @@ class GroupNoise(Noise):
     def _groups(self, params: tuple, groups, shape: torch.Size | None, model_inputs=None) -> Tensor:
         if groups is not None:
             try:
-                groups = torch.as_tensor(groups, device=self.raw_noise.device)
+                groups = torch.as_tensor(_as_array(groups), device=self.raw_noise.device)  # a pandas column too
             except (TypeError, ValueError, RuntimeError):  # names, ragged lists: torch's message names neither
                 raise ValueError(
                     f"groups must hold integer group ids 0 .. {self.num_groups - 1} (a tensor, array or list), got "

@@ -29,15 +29,26 @@ _GATHER_CHUNK = 16384
 _MAX_RUNS = 8
 
 
+def _as_array(values):
+    """``values`` in a form ``torch.as_tensor`` reads by position: a pandas Series, Index or DataFrame (anything with
+    ``__array__`` that is not a tensor, an array, a list or a tuple) through numpy, since torch reads those as
+    sequences by index label (a filtered frame's column, whose index has gaps, fails with ``KeyError`` or "could not
+    determine the shape"); a read-only array (pandas' copy-on-write ``.to_numpy()``) copied, since torch warns that
+    it cannot write to the array it would share memory with. Anything else is returned unchanged."""
+    if not isinstance(values, (Tensor, np.ndarray, list, tuple)) and hasattr(values, "__array__"):
+        values = np.asarray(values)
+    if isinstance(values, np.ndarray) and not values.flags.writeable:
+        values = values.copy()
+    return values
+
+
 def _as_long_vector(values, name: str) -> Tensor:
     """Convert ``values`` to a 1-d ``torch.long`` tensor or raise a ValueError naming ``name``."""
     if isinstance(values, Tensor):
         tensor = values
     else:
-        if isinstance(values, np.ndarray) and not values.flags.writeable:  # pandas' .to_numpy() (copy-on-write):
-            values = values.copy()  # torch would warn that it cannot write to the array it shares memory with
         try:
-            tensor = torch.as_tensor(values)
+            tensor = torch.as_tensor(_as_array(values))
         except (TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"{name} must be a 1-d sequence of integers; could not convert it ({err}).") from None
     if tensor.numel() == 0:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bma_gp.partition import Partition
+from bma_gp.partition import Partition, _as_array
 
 __all__ = ["kmeans_partition", "kdtree_partition", "sorted_partition", "group_partition", "kmeans_objective"]
 
@@ -41,10 +41,8 @@ def _as_points(x, name: str = "x", keep_integers: bool = False) -> Tensor:
     neighbouring Unix times in seconds), or stays integer with ``keep_integers`` (for comparisons only).
     """
     if not isinstance(x, Tensor):
-        if isinstance(x, np.ndarray) and not x.flags.writeable:  # a pandas column's .to_numpy() (copy-on-write):
-            x = x.copy()  # torch.as_tensor warns that it may write to it, which nothing here does
         try:
-            x = torch.as_tensor(x)
+            x = torch.as_tensor(_as_array(x))  # a pandas frame by position, not by index label
         except (TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"{name} must be a tensor of shape (n, d); could not convert it ({err}).") from None
     if x.is_meta:

@@ -60,3 +60,46 @@ def test_group_likelihood_takes_unsigned_numpy_groups():
     with torch.no_grad():
         variance = likelihood(f, groups=groups).variance
     torch.testing.assert_close(variance, 1 + torch.tensor([0.4, 0.2, 0.4, 0.1, 0.3], dtype=DTYPE))
+
+
+# ---------------------------------------------------------------------------- pandas columns of a filtered frame
+def filtered_frame():
+    """A frame after a row filter (its index has gaps, as every training subset's has)."""
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"a": [1.0, 2, 3, 4, 5, 6], "b": [6.0, 5, 4, 3, 2, 1], "g": [2, 9, 0, 1, 1, 2]})
+    return frame[frame.g != 9]
+
+
+def test_partition_from_a_filtered_pandas_column():
+    """``Partition.from_labels(frame["g"])`` and ``from_sizes`` of a filtered frame's column: torch reads a Series as
+    a sequence by index label, so the missing label 1 gave "could not convert it (1)"; read by position now."""
+    from bma_gp import Partition
+
+    frame = filtered_frame()
+    partition = Partition.from_labels(frame["g"])
+    assert partition.labels.tolist() == [2, 0, 1, 1, 2]
+    assert Partition.from_sizes(frame["g"] + 1).sizes.tolist() == [3, 1, 2, 2, 3]
+
+
+def test_partition_builders_take_a_filtered_frame():
+    """The builders' points from a filtered pandas frame or column: a ``KeyError`` (``sorted_partition``) or "could
+    not determine the shape of object type 'DataFrame'" (``kmeans_partition``, ``kdtree_partition``) before."""
+    from bma_gp.partition_builders import kdtree_partition, kmeans_partition, sorted_partition
+
+    frame = filtered_frame()
+    assert sorted_partition(frame["a"], 2).labels.tolist() == [0, 0, 0, 1, 1]
+    points = torch.tensor(frame[["a", "b"]].to_numpy())
+    assert kdtree_partition(frame[["a", "b"]], 3) == kdtree_partition(points, 3)
+    assert kmeans_partition(frame[["a", "b"]], 2, seed=0) == kmeans_partition(points, 2, seed=0)
+
+
+def test_group_likelihood_takes_a_filtered_pandas_column_as_groups():
+    """``likelihood(f, groups=frame["g"])`` for a filtered frame raised "groups must hold integer group ids", which
+    they were: each point gets its own group's noise now."""
+    frame = filtered_frame()
+    likelihood = GroupGaussianLikelihood(3).to(DTYPE)
+    likelihood.noise = torch.tensor([0.1, 0.2, 0.3], dtype=DTYPE)
+    f = gpytorch.distributions.MultivariateNormal(torch.zeros(5, dtype=DTYPE), torch.eye(5, dtype=DTYPE))
+    with torch.no_grad():
+        variance = likelihood(f, groups=frame["g"]).variance
+    torch.testing.assert_close(variance, 1 + torch.tensor([0.3, 0.1, 0.2, 0.2, 0.3], dtype=DTYPE))
