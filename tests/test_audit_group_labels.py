@@ -103,3 +103,15 @@ def test_group_likelihood_takes_a_filtered_pandas_column_as_groups():
     with torch.no_grad():
         variance = likelihood(f, groups=frame["g"]).variance
     torch.testing.assert_close(variance, 1 + torch.tensor([0.3, 0.1, 0.2, 0.2, 0.3], dtype=DTYPE))
+
+
+# ---------------------------------------------------------------------------- ids a float column cannot hold
+def test_ids_past_float_precision_are_refused_with_advice_that_applies():
+    """Ids of ``2^24`` or more in float32 inputs (``2^53`` in float64) would merge neighbouring groups: refused. The
+    message told float64 inputs to be passed "in float64"; it now offers float64 only to narrower dtypes."""
+    with pytest.raises(ValueError, match=r"16777216 or more in torch\.float32.*pass the inputs in float64, or relabel"):
+        GroupKernel(2**25)(torch.tensor([[2.0**24], [2.0**24 + 2]])).to_dense()
+    wide = torch.tensor([[2.0**53], [2.0**53 + 2]], dtype=DTYPE)
+    with pytest.raises(ValueError, match=r"or more in torch\.float64.*would merge; relabel the ids") as info:
+        GroupKernel(2**54)(wide).to_dense()
+    assert "in float64, or" not in str(info.value)

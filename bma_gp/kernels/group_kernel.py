@@ -64,10 +64,11 @@ def check_group_ids(values: Tensor, num_groups: int, name: str = "x") -> Tensor:
         bad = bad | (values != values.round())
         exact = int(2 / torch.finfo(values.dtype).eps)  # from here on neighbouring integers round together
         if num_groups > exact and bool((values.abs() >= exact).any()):
+            wider = "pass the inputs in float64, or " if values.dtype != torch.float64 else ""  # none is wider
             raise ValueError(
                 f"{name} holds group ids of {exact} or more in {values.dtype}, which cannot tell them apart (ids "
-                f"{exact} and {exact + 1} are one number there), so distinct groups would merge; pass the inputs "
-                "in float64, or relabel the ids 0 .. k-1 (bma_gp.partition_builders.group_partition(ids).labels)."
+                f"{exact} and {exact + 1} are one number there), so distinct groups would merge; {wider}relabel the "
+                "ids 0 .. k-1 (bma_gp.partition_builders.group_partition(ids).labels)."
             )
     if bool(bad.any()):
         value = values[bad].reshape(-1)[0].item()
