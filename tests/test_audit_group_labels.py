@@ -4,6 +4,8 @@ match an explicit indicator matrix in training and at new levels."""
 
 from __future__ import annotations
 
+import warnings
+
 import gpytorch
 import numpy as np
 import pytest
@@ -115,3 +117,51 @@ def test_ids_past_float_precision_are_refused_with_advice_that_applies():
     with pytest.raises(ValueError, match=r"or more in torch\.float64.*would merge; relabel the ids") as info:
         GroupKernel(2**54)(wide).to_dense()
     assert "in float64, or" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------- test ids equal to the training ids
+class _ZeroMeanGP(gpytorch.models.ExactGP):
+    def __init__(self, x, y, likelihood, covar):
+        super().__init__(x, y, likelihood)
+        self.covar_module = covar
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(torch.zeros_like(x[..., 0]), self.covar_module(x))
+
+
+@pytest.mark.parametrize("combine", ["sum", "product"])
+@pytest.mark.parametrize("per_group_variance", [False, True])
+def test_test_ids_equal_to_the_training_ids_in_one_grouping_stay_closed_form(combine, per_group_variance):
+    """Crossed groupings where the test rows hold the training rows' ids in one column (as many, in the same order:
+    the training schools at another district, a counterfactual) and other ids in the other: that ``GroupKernel``
+    returned its training form for the cross covariance (the same matrix), which the sum's and the product's
+    prediction did not recognise (a ``ClosedFormFallbackWarning`` and a dense ``t x n`` cross covariance). Values
+    against the explicit indicator matrices, with no warning."""
+    g1, g2 = torch.tensor([0, 1, 2, 1, 3, 0]), torch.tensor([0, 0, 1, 1, 2, 2])
+    new2 = torch.tensor([1, 0, 0, 2, 4, 1])  # level 4 is new
+    x = torch.stack([g1, g2], -1).to(DTYPE)
+    x_new = torch.stack([g1, new2], -1).to(DTYPE)
+    first = GroupKernel(4, active_dims=[0], per_group_variance=per_group_variance).to(DTYPE)
+    second = GroupKernel(5, active_dims=[1]).to(DTYPE)
+    first.var = torch.tensor([0.7, 1.1, 1.3, 0.9], dtype=DTYPE) if per_group_variance else 0.9
+    second.var = 0.6
+    v1 = first.var.detach().expand(4)
+
+    def covar(a, b):
+        one = v1[a[:, 0].long()][:, None] * indicator(a[:, 0], b[:, 0])
+        two = 0.6 * indicator(a[:, 1], b[:, 1])
+        return one + two if combine == "sum" else one * two
+
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().to(DTYPE)
+    likelihood.noise = 0.2
+    y = torch.linspace(-1, 1, 6, dtype=DTYPE)
+    model = _ZeroMeanGP(x, y, likelihood, first + second if combine == "sum" else first * second).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            f = model(x_new)
+            mean, cov = f.mean, f.covariance_matrix
+    K = covar(x, x) + likelihood.noise.detach() * torch.eye(6, dtype=DTYPE)
+    cross = covar(x_new, x)
+    torch.testing.assert_close(mean, cross @ torch.linalg.solve(K, y))
+    torch.testing.assert_close(cov, covar(x_new, x_new) - cross @ torch.linalg.solve(K, cross.T))

@@ -693,12 +693,30 @@ def _cross_values(op: BlockCrossLinearOperator) -> Tensor | _OneHot:
     return op.values
 
 
+def _block_mean_as_cross(op) -> BlockCrossLinearOperator | None:
+    r"""A :class:`~bma_gp.BlockMeanLinearOperator` with :math:`\lambda = 0` as the cross covariance
+    :math:`(P B) P^\top` (row :math:`a` of :math:`A` is row :math:`g_a` of :math:`B`; one value per row when
+    :math:`B` is held as its diagonal), or ``None``. A ``GroupKernel`` returns that operator between test and
+    training inputs whose ids in its column are the training ids (as many, in the same order) while other columns
+    differ: among equal ids it gives its training form, the same matrix. A nonzero :math:`\lambda` is no
+    :math:`A P^\top`."""
+    if not isinstance(op, BlockMeanLinearOperator) or bool(op.lam.ne(0).any()):
+        return None
+    labels = op.partition.labels
+    if op.is_diagonal_mode:
+        return BlockCrossLinearOperator.one_hot(op._b_vector().index_select(-1, labels), labels, op.partition)
+    return BlockCrossLinearOperator(op.B.index_select(-2, labels), op.partition)
+
+
 def _cross_pieces(op, out: list[_Piece]) -> bool:
     r"""Add the summands of a test-by-training covariance to ``out``; False when one is not of the form
     :math:`A P_j^\top` (a group or block mean kernel), :math:`A P_j^\top \operatorname{diag}(w)` (a random slope)
     or :math:`U_* U^\top` (an inducing-point kernel)."""
     if isinstance(op, ZeroLinearOperator):
         return True
+    cross = _block_mean_as_cross(op)  # a group kernel whose test ids are the training ids
+    if cross is not None:
+        return _cross_pieces(cross, out)
     if isinstance(op, SumLinearOperator):
         return all(_cross_pieces(term, out) for term in op.linear_ops)
     if isinstance(op, BlockCrossLinearOperator):
@@ -2585,7 +2603,9 @@ def _product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> BlockCrossLi
         if isinstance(cross, LazyEvaluatedKernelTensor):
             cross = cross.evaluate_kernel()
         if not isinstance(cross, BlockCrossLinearOperator):
-            return None
+            cross = _block_mean_as_cross(cross)  # a group kernel whose test ids are the training ids
+            if cross is None:
+                return None
         result = cross if result is None else result.hadamard(cross)
         if result is None:
             return None
