@@ -263,6 +263,8 @@ class GroupNoise(Noise):
                     f"{type(groups).__name__} {groups!r:.60}; encode names as ids first, with the same encoding as "
                     "the training inputs (bma_gp.partition_builders.group_partition(names).labels)."
                 ) from None
+            if groups.dim() == 2 and groups.shape[-1] == 1 and shape is not None and groups.shape[0] == shape[-1] != 1:
+                groups = groups.squeeze(-1)  # an (n, 1) column of ids (df[["g"]]), as group_partition takes it
             ids = check_group_ids(groups, self.num_groups, "groups")
         elif params and params[0] is not None:
             ids = self.groups_of(params[0])

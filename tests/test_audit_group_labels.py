@@ -165,3 +165,16 @@ def test_test_ids_equal_to_the_training_ids_in_one_grouping_stay_closed_form(com
     cross = covar(x_new, x)
     torch.testing.assert_close(mean, cross @ torch.linalg.solve(K, y))
     torch.testing.assert_close(cov, covar(x_new, x_new) - cross @ torch.linalg.solve(K, cross.T))
+
+
+def test_group_likelihood_takes_an_n_by_1_column_of_groups():
+    """``groups=frame[["g"]].to_numpy()``, an ``(n, 1)`` column (``group_partition`` takes one), was read as ``n``
+    batch entries of one point: "the group ids hold 1 points but the distribution has 5". A column of ``n`` ids for
+    a distribution of ``n > 1`` points is the ids."""
+    likelihood = GroupGaussianLikelihood(4).to(DTYPE)
+    likelihood.noise = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=DTYPE)
+    f = gpytorch.distributions.MultivariateNormal(torch.zeros(5, dtype=DTYPE), torch.eye(5, dtype=DTYPE))
+    with torch.no_grad():
+        variance = likelihood(f, groups=np.array([[3], [1], [3], [0], [2]])).variance
+    assert variance.shape == (5,)
+    torch.testing.assert_close(variance, 1 + torch.tensor([0.4, 0.2, 0.4, 0.1, 0.3], dtype=DTYPE))
