@@ -37,6 +37,15 @@ _MISMATCH_MESSAGE = (
     "BlockMeanKernel."
 )
 
+#: raised where an ApproximateGP holds a BlockMeanKernel (:func:`_install_approximate`)
+_APPROXIMATE_MESSAGE = (
+    "BlockMeanKernel is bound to the training inputs of an ExactGP and is not supported in an ApproximateGP: the "
+    "variational strategy evaluates it on the inducing points and a batch of inputs together, which it takes for new "
+    "points, so the ELBO and the predictions would be those of its base kernel, not of the block mean approximation. "
+    "Use the base kernel itself in the ApproximateGP (that is the model it would train), or an ExactGP with the "
+    "BlockMeanKernel (closed-form training, O(n + k^3) after the block sums); GroupKernel works in both."
+)
+
 
 def _inputs_seen(kernel: Kernel, x: Tensor | None) -> Iterator[tuple[Kernel, Tensor | None]]:
     """Every :class:`~bma_gp.BlockMeanKernel` in ``kernel`` with the inputs its ``forward`` gets when ``kernel``'s
@@ -436,3 +445,35 @@ def install() -> None:
 
     get_fantasy_model._bma_gp_original = original_fantasy  # type: ignore[attr-defined]
     ExactGP.get_fantasy_model = get_fantasy_model
+    _install_approximate()
+
+
+def _install_approximate() -> None:
+    """Make every :class:`~gpytorch.models.ApproximateGP` (also a deep GP layer) with a :class:`~bma_gp.BlockMeanKernel`
+    among its modules refuse its variational output (idempotent): the variational strategy evaluates the kernel on
+    ``cat(inducing_points, x)``, which the kernel takes for new points (or for its training points followed by new
+    points, where the inducing points equal ``train_x``), so the ELBO and the predictions were silently those of the
+    base kernel itself, not of its block mean approximation. ``model(x, prior=True)`` is the kernel's prior at
+    ``x`` and stays allowed."""
+    from gpytorch.models import ApproximateGP
+
+    original = ApproximateGP.__dict__["__call__"]
+    if hasattr(original, "_bma_gp_original"):
+        return
+
+    @functools.wraps(original)
+    def __call__(self, inputs, prior: bool = False, **kwargs):
+        if not prior:
+            _refuse_block_mean_kernel(self)
+        return original(self, inputs, prior=prior, **kwargs)
+
+    __call__._bma_gp_original = original  # type: ignore[attr-defined]
+    ApproximateGP.__call__ = __call__
+
+
+def _refuse_block_mean_kernel(model) -> None:
+    """``NotImplementedError`` if the approximate GP ``model`` holds a :class:`~bma_gp.BlockMeanKernel`."""
+    from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
+
+    if any(isinstance(module, BlockMeanKernel) for module in model.modules()):
+        raise NotImplementedError(_APPROXIMATE_MESSAGE)

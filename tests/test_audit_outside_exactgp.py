@@ -1,0 +1,94 @@
+"""Audit: the package's kernels used outside the plain ExactGP of docs/gp.md (approximate GPs, compositions with
+GPyTorch's kernels, other inputs than the training inputs, GPyTorch's settings), against dense references built
+from the same hyperparameters."""
+
+import gpytorch
+import pytest
+import torch
+from linear_operator import to_dense
+
+from bma_gp import BlockMeanKernel, GroupKernel, Partition, block_mean
+
+DTYPE = torch.float64
+
+
+class _SVGP(gpytorch.models.ApproximateGP):
+    def __init__(self, inducing, covar_module, learn_inducing_locations=True):
+        distribution = gpytorch.variational.CholeskyVariationalDistribution(inducing.shape[-2])
+        strategy = gpytorch.variational.VariationalStrategy(
+            self, inducing, distribution, learn_inducing_locations=learn_inducing_locations
+        )
+        super().__init__(strategy)
+        self.mean_module = gpytorch.means.ZeroMean()
+        self.covar_module = covar_module
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+class _DenseGroups(gpytorch.kernels.Kernel):
+    """``v [g == g']`` over the ids in column 0, densely: the reference for ``GroupKernel``."""
+
+    def __init__(self, var, **kwargs):
+        super().__init__(**kwargs)
+        self.var = var
+
+    def forward(self, x1, x2, diag=False, **params):
+        covar = self.var * (x1[..., :, 0:1] == x2[..., :, 0].unsqueeze(-2)).to(x1.dtype)
+        return covar.diagonal(dim1=-2, dim2=-1) if diag else covar
+
+
+def _line(n=48, blocks=8):
+    x = torch.linspace(0, 1, n, dtype=DTYPE).unsqueeze(-1)
+    return x, torch.sin(6 * x[:, 0]), Partition.from_labels(torch.arange(n) * blocks // n)
+
+
+@pytest.mark.parametrize("inducing", ["subset", "train_x"])
+@pytest.mark.parametrize("mll", [gpytorch.mlls.VariationalELBO, gpytorch.mlls.PredictiveLogLikelihood])
+def test_block_mean_kernel_in_an_approximate_gp_is_refused(inducing, mll):
+    """The variational strategy evaluates the kernel on ``cat(inducing_points, x)``, which the kernel took for new
+    points (or, with the inducing points equal to ``train_x``, for its training points followed by new points): the
+    ELBO was silently the base kernel's, not the block mean approximation's, with no error and no warning."""
+    x, y, partition = _line()
+    base = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()).to(DTYPE)
+    z = x[::6].clone() if inducing == "subset" else x.clone()
+    model = _SVGP(z, BlockMeanKernel(base, x, partition)).to(DTYPE)
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().to(DTYPE)
+    objective = mll(likelihood, model, num_data=x.shape[0])
+    with pytest.raises(NotImplementedError, match=r"not supported in an ApproximateGP.*Use the base kernel itself"):
+        objective(model(x), y)
+    model.eval()
+    with pytest.raises(NotImplementedError, match="ApproximateGP"):
+        model(x[:5])
+    # the prior is the kernel's at the given inputs: the block mean matrix at the training inputs
+    prior = model(x, prior=True).covariance_matrix
+    expected = block_mean(to_dense(base(x, x)), partition).to_dense()
+    torch.testing.assert_close(prior, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_group_kernel_in_an_approximate_gp_matches_a_dense_reference():
+    """``GroupKernel`` is a kernel of the ids alone, so it works in an ApproximateGP (inducing points of any ids):
+    the ELBO and the predictions equal those with the same covariance written densely."""
+    torch.manual_seed(0)
+    n = 40
+    x = torch.stack([torch.rand(n, dtype=DTYPE), torch.randint(0, 5, (n,)).to(DTYPE)], -1)
+    y = torch.randn(n, dtype=DTYPE)
+    z = torch.stack([torch.linspace(0, 1, 5, dtype=DTYPE), torch.arange(5).to(DTYPE)], -1)
+    group = GroupKernel(5, active_dims=[1]).to(DTYPE)
+    group.var = 0.7
+    smooth = gpytorch.kernels.RBFKernel(active_dims=[0]).to(DTYPE)
+    ours = _SVGP(z, smooth + group, learn_inducing_locations=False).to(DTYPE)
+    reference = _SVGP(z, smooth + _DenseGroups(group.var.detach(), active_dims=[1]), False).to(DTYPE)
+    with torch.no_grad():
+        ours.variational_strategy._variational_distribution.variational_mean.normal_()
+    ours.variational_strategy.variational_params_initialized.fill_(1)  # else the first call redraws the mean
+    reference.variational_strategy.load_state_dict(ours.variational_strategy.state_dict())
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().to(DTYPE)
+    for mll in (gpytorch.mlls.VariationalELBO, gpytorch.mlls.PredictiveLogLikelihood):
+        values = [mll(likelihood, model, num_data=n)(model(x), y) for model in (ours, reference)]
+        torch.testing.assert_close(values[0], values[1], rtol=1e-10, atol=1e-12)
+    ours.eval(), reference.eval()
+    with torch.no_grad():
+        got, expected = ours(x[:7]), reference(x[:7])
+    torch.testing.assert_close(got.mean, expected.mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.covariance_matrix, expected.covariance_matrix, rtol=1e-10, atol=1e-12)
