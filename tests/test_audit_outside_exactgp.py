@@ -7,7 +7,7 @@ import pytest
 import torch
 from linear_operator import to_dense
 
-from bma_gp import BlockMeanKernel, GroupKernel, Partition, block_mean
+from bma_gp import BlockMeanKernel, ChunkedInducingPointKernel, GroupKernel, Partition, block_mean
 
 DTYPE = torch.float64
 
@@ -92,3 +92,16 @@ def test_group_kernel_in_an_approximate_gp_matches_a_dense_reference():
         got, expected = ours(x[:7]), reference(x[:7])
     torch.testing.assert_close(got.mean, expected.mean, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got.covariance_matrix, expected.covariance_matrix, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_inducing_point_kernel_in_an_approximate_gp_is_refused_in_words():
+    """In training mode the SGPR kernel is defined between equal inputs only; the variational strategy evaluates it
+    between the inducing points and the data, which failed with GPyTorch's "x1 should equal x2 in training mode"
+    although the model never passes two inputs: now an error that names the kernel and what to use instead."""
+    x, y, _ = _line()
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().to(DTYPE)
+    base = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+    model = _SVGP(x[::6].clone(), ChunkedInducingPointKernel(base, x[::12].clone(), likelihood)).to(DTYPE)
+    elbo = gpytorch.mlls.VariationalELBO(likelihood, model, num_data=x.shape[0])
+    with pytest.raises(NotImplementedError, match=r"ChunkedInducingPointKernel.*use the base kernel itself"):
+        elbo(model(x), y)

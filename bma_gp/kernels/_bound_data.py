@@ -45,6 +45,13 @@ _APPROXIMATE_MESSAGE = (
     "Use the base kernel itself in the ApproximateGP (that is the model it would train), or an ExactGP with the "
     "BlockMeanKernel (closed-form training, O(n + k^3) after the block sums); GroupKernel works in both."
 )
+#: raised where an ApproximateGP in training mode holds a ChunkedInducingPointKernel (:func:`_install_approximate`)
+_APPROXIMATE_INDUCING_MESSAGE = (
+    "ChunkedInducingPointKernel (like GPyTorch's InducingPointKernel) is the SGPR kernel of an ExactGP and is not "
+    "supported in an ApproximateGP: in training mode it is defined only between equal inputs, and the variational "
+    "strategy evaluates it between the inducing points and the data. An ApproximateGP has inducing points of its own: "
+    "use the base kernel itself in it, or the ChunkedInducingPointKernel in an ExactGP."
+)
 
 
 def _inputs_seen(kernel: Kernel, x: Tensor | None) -> Iterator[tuple[Kernel, Tensor | None]]:
@@ -453,8 +460,9 @@ def _install_approximate() -> None:
     among its modules refuse its variational output (idempotent): the variational strategy evaluates the kernel on
     ``cat(inducing_points, x)``, which the kernel takes for new points (or for its training points followed by new
     points, where the inducing points equal ``train_x``), so the ELBO and the predictions were silently those of the
-    base kernel itself, not of its block mean approximation. ``model(x, prior=True)`` is the kernel's prior at
-    ``x`` and stays allowed."""
+    base kernel itself, not of its block mean approximation. A :class:`~bma_gp.ChunkedInducingPointKernel` in
+    training mode is refused there too, in words. ``model(x, prior=True)`` is the kernel's prior at ``x`` and stays
+    allowed."""
     from gpytorch.models import ApproximateGP
 
     original = ApproximateGP.__dict__["__call__"]
@@ -464,16 +472,22 @@ def _install_approximate() -> None:
     @functools.wraps(original)
     def __call__(self, inputs, prior: bool = False, **kwargs):
         if not prior:
-            _refuse_block_mean_kernel(self)
+            _refuse_exact_gp_kernels(self)
         return original(self, inputs, prior=prior, **kwargs)
 
     __call__._bma_gp_original = original  # type: ignore[attr-defined]
     ApproximateGP.__call__ = __call__
 
 
-def _refuse_block_mean_kernel(model) -> None:
-    """``NotImplementedError`` if the approximate GP ``model`` holds a :class:`~bma_gp.BlockMeanKernel`."""
+def _refuse_exact_gp_kernels(model) -> None:
+    """``NotImplementedError`` if the approximate GP ``model`` holds a :class:`~bma_gp.BlockMeanKernel`, or a
+    :class:`~bma_gp.ChunkedInducingPointKernel` in training mode (which GPyTorch's forward refuses between the
+    inducing points and the data with "x1 should equal x2 in training mode", an error that names neither)."""
     from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
+    from bma_gp.kernels.chunked_inducing_point_kernel import ChunkedInducingPointKernel
 
-    if any(isinstance(module, BlockMeanKernel) for module in model.modules()):
-        raise NotImplementedError(_APPROXIMATE_MESSAGE)
+    for module in model.modules():
+        if isinstance(module, BlockMeanKernel):
+            raise NotImplementedError(_APPROXIMATE_MESSAGE)
+        if isinstance(module, ChunkedInducingPointKernel) and module.training:
+            raise NotImplementedError(_APPROXIMATE_INDUCING_MESSAGE)
