@@ -638,6 +638,42 @@ def empty_principal(op: LinearOperator, batch_shape: torch.Size) -> LinearOperat
     return DenseLinearOperator(torch.zeros(*batch_shape, 0, 0, dtype=op.dtype, device=op.device))
 
 
+def masked_principal(base, row_mask, col_mask) -> LinearOperator | None:
+    """``base[..., mask, :][..., :, mask]`` in the family, for the ``MaskedLinearOperator(base, mask, mask)`` that
+    GPyTorch builds under ``gpytorch.settings.observation_nan_policy("mask")`` (the marginal likelihood and the mean
+    cache drop the rows and columns of missing targets), or None where ``base`` is not a block mean operator or a sum
+    of them, the masks differ or select no point. linear_operator's masked operator has no structure: its solves and
+    log-determinants took a dense Cholesky up to ``max_cholesky_size`` and CG and Lanczos beyond, without a word."""
+    if _is_lazy_block_mean(base):
+        base = base.evaluate_kernel()
+    if not isinstance(base, (BlockMeanLinearOperator, BlockMeanSumLinearOperator)):
+        return None
+    if not getattr(base, "symmetric", True):  # a non-symmetric block mean operator: its masked solve is a dense LU
+        return None
+    masks = (row_mask, col_mask)
+    if not all(torch.is_tensor(m) and m.dtype == torch.bool and m.shape == base.shape[-1:] for m in masks):
+        return None
+    if not (row_mask is col_mask or torch.equal(row_mask, col_mask)) or not bool(row_mask.any()):
+        return None
+    return base._principal(row_mask)
+
+
+def _hooked_masked_new(original):
+    """``MaskedLinearOperator.__new__`` that returns :func:`masked_principal` where there is one (Python then skips
+    ``MaskedLinearOperator.__init__``, the result being no instance of it)."""
+
+    @functools.wraps(original)
+    def __new__(cls, *args, **kwargs):
+        if len(args) == 3 and not kwargs:
+            res = masked_principal(*args)
+            if res is not None:
+                return res
+        return original(cls) if original is object.__new__ else original(cls, *args, **kwargs)
+
+    __new__._bma_gp_original = original
+    return __new__
+
+
 def _as_fallback(res):
     """``res``, a sum that contains a :class:`FallbackSumLinearOperator`, as one (flattened) such sum."""
     if isinstance(res, FallbackSumLinearOperator):
@@ -1055,6 +1091,12 @@ def install() -> None:
         LazyEvaluatedKernelTensor.add_diagonal = _hooked_add_diagonal(method)
     if not hasattr(SumLinearOperator.add_diagonal, "_bma_gp_original"):
         SumLinearOperator.add_diagonal = _hooked_sum_add_diagonal(SumLinearOperator.add_diagonal)
+    # observation_nan_policy("mask"): the principal submatrix at the observed points, again in the family
+    from linear_operator.operators import MaskedLinearOperator
+
+    original_new = MaskedLinearOperator.__new__
+    if not hasattr(original_new, "_bma_gp_original"):
+        MaskedLinearOperator.__new__ = _hooked_masked_new(original_new)
     for name in ("root_decomposition", "root_inv_decomposition"):  # the others reach the evaluated operator already
         method = getattr(LazyEvaluatedKernelTensor, name)
         if not hasattr(method, "_bma_gp_original"):

@@ -626,23 +626,8 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
             and row_index == col_index
             and not (row_index == slice(None, None, None))
         ):
-            labels = self.partition.labels[row_index]
-            if labels.numel() > 0:
-                kept, new_labels = torch.unique(labels, return_inverse=True)
-                lam = self.lam[(*batch_indices, slice(None))] if batch_indices else self.lam
-                sub = Partition(new_labels, num_blocks=kept.numel())
-                if self._b_diag is not None:  # the kept blocks' variances: no k x k matrix
-                    b = self._b_diag[(*batch_indices, slice(None))] if batch_indices else self._b_diag
-                    return BlockMeanLinearOperator(
-                        lam.index_select(-1, kept), b.index_select(-1, kept), sub, diagonal=True
-                    )
-                B = self.B[(*batch_indices, slice(None), slice(None))] if batch_indices else self.B
-                return BlockMeanLinearOperator(
-                    lam.index_select(-1, kept),
-                    B.index_select(-2, kept).index_select(-1, kept),
-                    sub,
-                    symmetric=self.symmetric,
-                )
+            if self.partition.labels[row_index].numel() > 0:
+                return self._principal(row_index, *batch_indices)
             from bma_gp._composition import empty_principal  # no points: the 0 x 0 matrix
 
             return empty_principal(self, self.lam[(*batch_indices, slice(None))].shape[:-1])
@@ -651,6 +636,23 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
         from bma_gp._composition import indexed_fallback
 
         return indexed_fallback(self, row_index, col_index, *batch_indices)
+
+    def _principal(self, index, *batch_indices) -> BlockMeanLinearOperator:
+        """The principal submatrix over the points ``index`` (a slice, a boolean mask or positions, at least one
+        point): the labels restricted and relabelled, ``lam`` and ``B`` to the blocks those points touch."""
+        kept, new_labels = torch.unique(self.partition.labels[index], return_inverse=True)
+        lam = self.lam[(*batch_indices, slice(None))] if batch_indices else self.lam
+        sub = Partition(new_labels, num_blocks=kept.numel())
+        if self._b_diag is not None:  # the kept blocks' variances: no k x k matrix
+            b = self._b_diag[(*batch_indices, slice(None))] if batch_indices else self._b_diag
+            return BlockMeanLinearOperator(lam.index_select(-1, kept), b.index_select(-1, kept), sub, diagonal=True)
+        B = self.B[(*batch_indices, slice(None), slice(None))] if batch_indices else self.B
+        return BlockMeanLinearOperator(
+            lam.index_select(-1, kept),
+            B.index_select(-2, kept).index_select(-1, kept),
+            sub,
+            symmetric=self.symmetric,
+        )
 
     def _sum_batch(self, dim: int) -> BlockMeanLinearOperator:
         if self._b_diag is not None:

@@ -8,6 +8,7 @@ import torch
 from linear_operator import to_dense
 
 from bma_gp import BlockMeanKernel, ChunkedInducingPointKernel, GroupKernel, Partition, block_mean
+from closed_form_guard import closed_forms_only
 
 DTYPE = torch.float64
 
@@ -105,3 +106,58 @@ def test_chunked_inducing_point_kernel_in_an_approximate_gp_is_refused_in_words(
     elbo = gpytorch.mlls.VariationalELBO(likelihood, model, num_data=x.shape[0])
     with pytest.raises(NotImplementedError, match=r"ChunkedInducingPointKernel.*use the base kernel itself"):
         elbo(model(x), y)
+
+
+class _ExactGP(gpytorch.models.ExactGP):
+    def __init__(self, x, y, likelihood, covar_module):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = covar_module
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+@pytest.mark.parametrize("kind", ["block mean", "two groupings"])
+def test_nan_mask_policy_keeps_the_closed_forms(kind):
+    """Under ``gpytorch.settings.observation_nan_policy("mask")`` GPyTorch wraps the noisy training covariance in a
+    ``MaskedLinearOperator`` (the rows and columns of the observed targets), which has no structure: the marginal
+    likelihood and the posterior mean's solve took a dense Cholesky (CG and Lanczos past max_cholesky_size) without
+    a word. The principal submatrix at the observed points is again a block mean operator (or sum): closed form, the
+    same value and gradients as the dense likelihood of the observed points."""
+    torch.manual_seed(0)
+    n = 60
+    ids = [torch.randint(0, k, (n,)).to(DTYPE) for k in (6, 4)]
+    x = torch.stack([torch.rand(n, dtype=DTYPE), *ids], -1)
+    y = torch.sin(5 * x[:, 0]) + 0.1 * torch.randn(n, dtype=DTYPE)
+    y[[3, 17, 40]] = float("nan")
+    observed = ~torch.isnan(y)
+    if kind == "block mean":
+        base = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(active_dims=[0]))
+        covar_module = BlockMeanKernel(base, x, Partition.from_labels(torch.arange(n) // 6))
+    else:
+        covar_module = GroupKernel(6, per_group_variance=True, active_dims=[1]) + GroupKernel(4, active_dims=[2])
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().to(DTYPE)
+    model = _ExactGP(x, y, likelihood, covar_module).to(DTYPE)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+    with gpytorch.settings.observation_nan_policy("mask"), closed_forms_only(n - 10):
+        value = mll(model(x), y)
+        grads = torch.autograd.grad(value, list(model.parameters()))
+
+    with gpytorch.settings.lazily_evaluate_kernels(False):
+        covar = to_dense(covar_module(x, x)) + likelihood.noise * torch.eye(n, dtype=DTYPE)
+    mean = model.mean_module(x)[observed]
+    reference = torch.distributions.MultivariateNormal(mean, covar[observed][:, observed]).log_prob(y[observed]) / n
+    expected = torch.autograd.grad(reference, list(model.parameters()))
+    torch.testing.assert_close(value, reference, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+    model.eval()
+    test_x = x[:9] + torch.tensor([0.01, 0.0, 0.0], dtype=DTYPE)
+    with torch.no_grad(), gpytorch.settings.observation_nan_policy("mask"), closed_forms_only(n - 10):
+        pred_mean = model(test_x).mean
+    with torch.no_grad(), gpytorch.settings.lazily_evaluate_kernels(False):
+        cross = to_dense(covar_module(test_x, x))[:, observed]
+        alpha = torch.linalg.solve(covar[observed][:, observed], y[observed] - mean)
+    torch.testing.assert_close(pred_mean, model.mean_module(test_x) + cross @ alpha, rtol=1e-9, atol=1e-10)
