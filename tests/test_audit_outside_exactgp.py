@@ -161,3 +161,23 @@ def test_nan_mask_policy_keeps_the_closed_forms(kind):
         cross = to_dense(covar_module(test_x, x))[:, observed]
         alpha = torch.linalg.solve(covar[observed][:, observed], y[observed] - mean)
     torch.testing.assert_close(pred_mean, model.mean_module(test_x) + cross @ alpha, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "structure", [gpytorch.kernels.AdditiveStructureKernel, gpytorch.kernels.ProductStructureKernel]
+)
+def test_chunked_inducing_point_kernel_refuses_last_dim_is_batch_in_words(structure):
+    """A structure kernel evaluates its base kernel with ``last_dim_is_batch=True``, which GPyTorch's forward ignores:
+    one ``n x n`` matrix came back where a batch over the columns was expected, and the structure kernel failed with
+    a shape error ("base_linear_op must be a batch matrix"). Like ``BlockMeanKernel`` and ``GroupKernel``, the kernel
+    now refuses the mode in words; the structure kernel inside it works and equals GPyTorch's."""
+    torch.manual_seed(0)
+    x, z = torch.rand(20, 2, dtype=DTYPE), torch.rand(4, 2, dtype=DTYPE)
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().to(DTYPE)
+    kernel = structure(ChunkedInducingPointKernel(gpytorch.kernels.RBFKernel(), z, likelihood), num_dims=2)
+    with pytest.raises(NotImplementedError, match=r"last_dim_is_batch.*Put the structure kernel inside it"):
+        to_dense(kernel.to(DTYPE)(x, x))
+    inner = gpytorch.kernels.AdditiveStructureKernel(gpytorch.kernels.RBFKernel(), num_dims=2)
+    ours = ChunkedInducingPointKernel(inner, z, likelihood).to(DTYPE)
+    theirs = gpytorch.kernels.InducingPointKernel(inner, z, likelihood).to(DTYPE)
+    torch.testing.assert_close(to_dense(ours(x, x)), to_dense(theirs(x, x)), rtol=1e-10, atol=1e-12)

@@ -221,6 +221,15 @@ class ChunkedInducingPointKernel(InducingPointKernel):
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, **kwargs):
         """GPyTorch's forward, with a trace term (:class:`~bma_gp.kernels._rbf_gram.TraceTerm`) that reads the
         Gram matrix a closed-form marginal likelihood formed already."""
+        if kwargs.get("last_dim_is_batch"):
+            # GPyTorch's forward ignores the flag and returns one n x n matrix where a batch over the columns is
+            # expected, so AdditiveStructureKernel and ProductStructureKernel around it failed with a shape error
+            raise NotImplementedError(
+                "ChunkedInducingPointKernel does not support GPyTorch's deprecated last_dim_is_batch mode, in which "
+                "AdditiveStructureKernel and ProductStructureKernel evaluate their base kernel on one input column "
+                "at a time. Put the structure kernel inside it instead: ChunkedInducingPointKernel("
+                "AdditiveStructureKernel(RBFKernel(), num_dims=d), inducing_points, likelihood)."
+            )
         covar = self._get_covariance(x1, x2)
         if self.training:
             if not torch.equal(x1, x2):
