@@ -181,3 +181,49 @@ def test_chunked_inducing_point_kernel_refuses_last_dim_is_batch_in_words(struct
     ours = ChunkedInducingPointKernel(inner, z, likelihood).to(DTYPE)
     theirs = gpytorch.kernels.InducingPointKernel(inner, z, likelihood).to(DTYPE)
     torch.testing.assert_close(to_dense(ours(x, x)), to_dense(theirs(x, x)), rtol=1e-10, atol=1e-12)
+
+
+_SETTINGS = {
+    "fast_pred_var": gpytorch.settings.fast_pred_var,
+    "fast_pred_samples": gpytorch.settings.fast_pred_samples,
+    "skip_logdet_forward": gpytorch.settings.skip_logdet_forward,
+    "max_cholesky_size(0)": lambda: gpytorch.settings.max_cholesky_size(0),
+    "max_cholesky_size(10**6)": lambda: gpytorch.settings.max_cholesky_size(10**6),
+    "cholesky_jitter": lambda: gpytorch.settings.cholesky_jitter(1e-2, 1e-2),
+    "debug": lambda: gpytorch.settings.debug(True),
+    "deterministic_probes": gpytorch.settings.deterministic_probes,
+}
+
+
+@pytest.mark.parametrize("setting", list(_SETTINGS))
+def test_gpytorch_settings_change_neither_path_nor_values(setting):
+    """No GPyTorch setting sends a block mean model to CG, Lanczos or a dense factorisation, or changes its numbers:
+    the marginal likelihood (``skip_logdet_forward`` included: the closed-form log-determinant costs nothing, as
+    GPyTorch's own Cholesky path below ``max_cholesky_size`` also computes it), the predictive mean and variance and a
+    posterior draw's root equal the dense computation from the same hyperparameters."""
+    x, y, partition = _line(n=60, blocks=10)
+    base = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().to(DTYPE)
+    model = _ExactGP(x, y, likelihood, BlockMeanKernel(base, x, partition)).to(DTYPE)
+    test_x = torch.linspace(0.05, 0.95, 7, dtype=DTYPE).unsqueeze(-1)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+    with _SETTINGS[setting](), closed_forms_only(50):
+        value = mll(model(x), y)
+        model.eval()
+        with torch.no_grad():
+            pred = model(test_x)
+            mean, covar = pred.mean, pred.covariance_matrix
+            root = pred.lazy_covariance_matrix.root_decomposition().root.to_dense()
+
+    joint = torch.cat([x, test_x])
+    labels = torch.cat([partition.labels, torch.arange(10, 17)])
+    dense = block_mean(to_dense(base(joint, joint)), Partition.from_labels(labels)).to_dense().detach()
+    noisy = dense[:60, :60] + likelihood.noise.detach() * torch.eye(60, dtype=DTYPE)
+    prior_mean = model.mean_module.constant.detach()
+    reference = torch.distributions.MultivariateNormal(prior_mean.expand(60), noisy).log_prob(y) / 60
+    torch.testing.assert_close(value.detach(), reference, rtol=1e-10, atol=1e-12)
+    cross = dense[60:, :60]
+    torch.testing.assert_close(mean, prior_mean + cross @ torch.linalg.solve(noisy, y - prior_mean))
+    expected = dense[60:, 60:] - cross @ torch.linalg.solve(noisy, cross.mT)
+    torch.testing.assert_close(covar, expected, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(root @ root.mT, expected, rtol=1e-8, atol=1e-10)
