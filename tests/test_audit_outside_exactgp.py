@@ -227,3 +227,30 @@ def test_gpytorch_settings_change_neither_path_nor_values(setting):
     expected = dense[60:, 60:] - cross @ torch.linalg.solve(noisy, cross.mT)
     torch.testing.assert_close(covar, expected, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(root @ root.mT, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_active_dims_around_a_block_mean_kernel_are_named_in_the_error():
+    """``ScaleKernel(BlockMeanKernel(base, x, partition), active_dims=[0])`` hands the kernel one column of the
+    model's two, which it never takes for its training inputs: the refusal said "After model.set_train_data(x, y),
+    also call kernel.set_train_data", wrong advice for a model whose data never changed. It now names the columns and
+    active_dims; bound to the column it is given, the same model trains on the block mean approximation."""
+    torch.manual_seed(0)
+    x = torch.rand(40, 2, dtype=DTYPE)
+    y = torch.sin(5 * x[:, 0])
+    partition = Partition.from_labels(torch.arange(40) // 5)
+    for bound, raises in [(x, True), (x[:, [0]], False)]:
+        kernel = gpytorch.kernels.ScaleKernel(
+            BlockMeanKernel(gpytorch.kernels.RBFKernel(), bound, partition), active_dims=[0]
+        )
+        likelihood = gpytorch.likelihoods.GaussianLikelihood()
+        model = _ExactGP(x, y, likelihood, kernel).to(DTYPE)
+        mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+        if raises:
+            with pytest.raises(ValueError, match=r"train_x with 2 columns but is given inputs with 1 .*active_dims"):
+                mll(model(x), y)
+        else:
+            output = model(x)
+            assert (
+                type(likelihood(output).lazy_covariance_matrix.evaluate_kernel()).__name__ == "BlockMeanLinearOperator"
+            )
+            assert torch.isfinite(mll(output, y))

@@ -37,6 +37,15 @@ _MISMATCH_MESSAGE = (
     "BlockMeanKernel."
 )
 
+#: raised where a kernel around a BlockMeanKernel passes it other columns than its train_x has (:func:`_check_prior`)
+_COLUMNS_MESSAGE = (
+    "BlockMeanKernel is bound to train_x with {bound} columns but is given inputs with {seen} (the model's training "
+    "inputs after the active_dims of the kernels around it), so it takes every input for a new point and the "
+    "training covariance would be the exact base kernel's, not the block mean approximation. Bind it to the inputs it "
+    "is given (BlockMeanKernel(base_kernel, train_x[..., dims], partition) inside a kernel with active_dims=dims; "
+    "kernel.set_train_data(x, partition) after new training data), or set active_dims on its base kernel rather than "
+    "on a kernel around it."
+)
 #: raised where an ApproximateGP holds a BlockMeanKernel (:func:`_install_approximate`)
 _APPROXIMATE_MESSAGE = (
     "BlockMeanKernel is bound to the training inputs of an ExactGP and is not supported in an ApproximateGP: the "
@@ -102,6 +111,8 @@ def _check_prior(prior) -> None:
     for module, seen in _inputs_seen(prior.kernel, prior.x1):
         if seen is None or (seen.shape[-2] == module.train_x.shape[-2] or extended) and module._num_train_rows(seen):
             continue
+        if seen.shape[-1] != module.train_x.shape[-1]:  # the model's inputs, but columns chosen by a kernel around it
+            raise ValueError(_COLUMNS_MESSAGE.format(seen=seen.shape[-1], bound=module.train_x.shape[-1]))
         raise ValueError(_MISMATCH_MESSAGE)
 
 
