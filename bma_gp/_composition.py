@@ -45,7 +45,7 @@ from torch import Tensor
 
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._warnings import ClosedFormFallbackWarning
-from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
+from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator, dense_svd
 from bma_gp.block_mean_product_linear_operator import BlockMeanProductLinearOperator
 from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator, dense_symeig, warned_diagonalization
 from bma_gp.partition import Partition
@@ -421,7 +421,8 @@ class _WarnsWhenFactorised:
     def _no_root(self, what: str):
         raise ValueError(
             f"{what} of a {type(self).__name__} that is not symmetric ({self._why_nonsymmetric()}): a non-symmetric "
-            "matrix has no such root."
+            "matrix has no such root, Cholesky factor or real spectrum (solve, logdet, inv_quad and svd factorise the "
+            "dense matrix, with a warning)."
         )
 
     def solve(self, right_tensor, left_tensor=None):
@@ -435,18 +436,31 @@ class _WarnsWhenFactorised:
         self._warn("solve")
         return super().solve(right_tensor, left_tensor)
 
+    @staticmethod
+    def _lu_inv_quad(dense: Tensor, rhs: Tensor, reduce_inv_quad: bool) -> Tensor:
+        """``b^T A^{-1} b`` per column of ``rhs`` (a vector: one column) by an LU solve with the dense matrix."""
+        rhs = rhs.unsqueeze(-1) if rhs.dim() == 1 else rhs
+        res = (rhs * torch.linalg.solve(dense, rhs)).sum(-2)
+        return res.sum(-1) if reduce_inv_quad else res
+
     def inv_quad_logdet(self, inv_quad_rhs=None, logdet=False, reduce_inv_quad=True):
         if self._nonsymmetric():
             self._warn_dense_lu("inv_quad_logdet")
             dense = self.to_dense()
             inv_quad = torch.zeros((), dtype=self.dtype, device=self.device)
             if inv_quad_rhs is not None:
-                inv_quad = (inv_quad_rhs * torch.linalg.solve(dense, inv_quad_rhs)).sum(-2)
-                if reduce_inv_quad:
-                    inv_quad = inv_quad.sum(-1)
+                inv_quad = self._lu_inv_quad(dense, inv_quad_rhs, reduce_inv_quad)
             return inv_quad, (torch.logdet(dense) if logdet else torch.zeros((), dtype=self.dtype, device=self.device))
         self._warn("inv_quad_logdet")
         return super().inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
+
+    def inv_quad(self, inv_quad_rhs, reduce_inv_quad=True):
+        # linear_operator's inv_quad solves with a Cholesky factor (or CG) of its own, past inv_quad_logdet
+        if self._nonsymmetric():
+            self._warn_dense_lu("inv_quad")
+            return self._lu_inv_quad(self.to_dense(), inv_quad_rhs, reduce_inv_quad)
+        self._warn("inv_quad")
+        return super().inv_quad(inv_quad_rhs, reduce_inv_quad)
 
     def logdet(self):
         if self._nonsymmetric():
@@ -467,7 +481,20 @@ class _WarnsWhenFactorised:
         self._warn("root_inv_decomposition")
         return super().root_inv_decomposition(initial_vectors, test_vectors, method)
 
+    def _cholesky(self, upper=False):
+        if self._nonsymmetric():  # psd_safe_cholesky reads one triangle: a factor of another matrix
+            self._no_root("cholesky")
+        return super()._cholesky(upper)
+
+    def sqrt_inv_matmul(self, rhs, lhs=None):
+        if self._nonsymmetric():
+            self._no_root("sqrt_inv_matmul")
+        self._warn("sqrt_inv_matmul")
+        return super().sqrt_inv_matmul(rhs, lhs)
+
     def diagonalization(self, method=None):
+        if self._nonsymmetric():
+            self._no_root("diagonalization")
         return warned_diagonalization(self, super().diagonalization, method)
 
     def _sum_batch(self, dim: int) -> LinearOperator:
@@ -482,7 +509,14 @@ class _WarnsWhenFactorised:
         return entries[0] if len(entries) == 1 else FallbackSumLinearOperator(*entries)
 
     def _symeig(self, eigenvectors=False, return_evals_as_lazy=False):
+        if self._nonsymmetric():  # torch.linalg.eigh reads one triangle: the spectrum of another matrix
+            self._no_root("a symmetric eigendecomposition")
         return dense_symeig(self, eigenvectors)  # warns; keeps negative eigenvalues (linear_operator clamps them)
+
+    def _svd(self):
+        if self._nonsymmetric():  # linear_operator's svd goes through the symmetric eigendecomposition
+            return dense_svd(self, "that is not symmetric", self._why_nonsymmetric())
+        return super()._svd()
 
 
 class FallbackSumLinearOperator(_WarnsWhenFactorised, SumLinearOperator):
