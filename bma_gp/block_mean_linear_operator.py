@@ -821,11 +821,13 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
             return self._new(lam, self.B.expand(*lam.shape[:-1], k, k))
         from linear_operator.operators import DiagLinearOperator
 
-        from bma_gp._composition import add_structured
+        from bma_gp._composition import add_structured, fallback_sum
 
         try:
             diag = diag.expand(*self.batch_shape, self.shape[-1]) if diag.dim() == 1 else diag
             res = add_structured(self, DiagLinearOperator(diag))
+            if res is None and not self.symmetric:  # no closed form: the sum that `self + DiagLinearOperator` gives
+                res = fallback_sum(self, DiagLinearOperator(diag))
         except RuntimeError:
             res = None
         if res is None:

@@ -10,6 +10,7 @@ from linear_operator.utils.errors import CachingError
 from linear_operator.utils.memoize import add_to_cache, get_from_cache
 from torch import Tensor
 
+from bma_gp._low_rank_sum import LowRankInClosedForm
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator, check_rhs, dense_svd
 
 __all__ = ["BlockMeanProductLinearOperator"]
@@ -19,7 +20,7 @@ def _is_noop(index) -> bool:
     return isinstance(index, slice) and index == slice(None, None, None)
 
 
-class BlockMeanProductLinearOperator(MatmulLinearOperator):
+class BlockMeanProductLinearOperator(LowRankInClosedForm, MatmulLinearOperator):
     r"""The matrix product :math:`M N` of two :class:`~bma_gp.BlockMeanLinearOperator` over different partitions of the
     same :math:`n` points (what ``M @ N`` gives; over one partition the product is again a block mean operator).
 

@@ -89,3 +89,36 @@ def test_nonsymmetric_fallback_svd_is_the_dense_svd(which, batch_shape):
         U, S, V = op.svd()
     torch.testing.assert_close(S.sort(-1).values, torch.linalg.svdvals(dense).sort(-1).values)
     torch.testing.assert_close((U.to_dense() * S.unsqueeze(-2)) @ V.to_dense().mT, dense)
+
+
+# ---------------------------------------------------------------------------- sums with a non-symmetric operator
+def _nonsymmetric_block_mean(batch_shape):
+    M = _block_mean(LABELS, batch_shape, 5)
+    gen = torch.Generator().manual_seed(6)
+    skew = 0.2 * torch.randn(*batch_shape, 4, 4, generator=gen, dtype=torch.float64)
+    return BlockMeanLinearOperator(M.lam, M.B + skew, M.partition, symmetric=False)
+
+
+@pytest.mark.parametrize("batch_shape", BATCHES)
+@pytest.mark.parametrize("make", [_nonsymmetric_block_mean, _product], ids=["symmetric=False", "product"])
+def test_nonsymmetric_add_diagonal_and_add_low_rank_are_fallback_sums(make, batch_shape):
+    # was: add_diagonal(d) of a symmetric=False operator raised "expected ... (*batch, 12), got (12,)", and
+    # add_low_rank(U) of either raised about root_decomposition, where `op + DiagLinearOperator(d)` and
+    # `op + LowRankRootLinearOperator(U)` give the documented fallback sums (solved by LU, with a warning)
+    op = make(batch_shape)
+    gen = torch.Generator().manual_seed(7)
+    d = torch.rand(*batch_shape, N, generator=gen, dtype=torch.float64) + 0.2
+    U = torch.randn(*batch_shape, N, 2, generator=gen, dtype=torch.float64)
+    rhs = torch.randn(*batch_shape, N, 2, generator=gen, dtype=torch.float64)
+    for res, want in (
+        (op.add_diagonal(d), op.to_dense() + torch.diag_embed(d)),
+        (op.add_low_rank(U), op.to_dense() + U @ U.mT),
+    ):
+        assert isinstance(res, bma_gp.FallbackSumLinearOperator)
+        torch.testing.assert_close(res.to_dense(), want)
+        with pytest.warns(bma_gp.ClosedFormFallbackWarning, match="not symmetric"):
+            torch.testing.assert_close(res.solve(rhs), torch.linalg.solve(want, rhs))
+        with pytest.warns(bma_gp.ClosedFormFallbackWarning, match="not symmetric"):
+            torch.testing.assert_close(res.logdet(), torch.logdet(want))
+    with pytest.raises(ValueError, match="add_diagonal"):
+        _nonsymmetric_block_mean(batch_shape).add_diagonal(torch.ones(N + 1, dtype=torch.float64))
