@@ -126,6 +126,16 @@ def dense_svd(op: LinearOperator, what: str, why: str) -> tuple[LinearOperator, 
     return DenseLinearOperator(U), S, DenseLinearOperator(Vh.mT)
 
 
+def batch_repeat(op: LinearOperator, sizes) -> tuple[int, ...] | None:
+    """The batch repeats of ``op.repeat(*sizes)`` (``sizes`` covers every dimension of ``op`` and ends in ``1, 1``),
+    or ``None`` for any other ``sizes`` (then linear_operator's ``repeat`` decides)."""
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+        sizes = tuple(sizes[0])
+    if len(sizes) < max(op.dim(), 3) or tuple(sizes[-2:]) != (1, 1) or not all(isinstance(s, int) for s in sizes):
+        return None
+    return tuple(sizes[:-2])
+
+
 def check_symmetric_flag(symmetric) -> None:
     """``TypeError`` unless ``symmetric`` is ``True`` or ``False`` (or 1 / 0): ``bool("False")`` is ``True``, so a
     string from a configuration file would silently pick the symmetric part."""
@@ -653,6 +663,16 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
             sub,
             symmetric=self.symmetric,
         )
+
+    def repeat(self, *sizes) -> LinearOperator:
+        """Batch copies (``sizes`` ending in ``1, 1``): the operator of the repeated ``lam`` and ``B``, closed form
+        again (linear_operator's ``BatchRepeatLinearOperator`` solves through a dense Cholesky factor)."""
+        rep = batch_repeat(self, sizes)
+        if rep is None:
+            return super().repeat(*sizes)
+        if self._b_diag is not None:
+            return self._new_diagonal(self.lam.repeat(*rep, 1), self._b_diag.repeat(*rep, 1))
+        return self._new(self.lam.repeat(*rep, 1), self.B.repeat(*rep, 1, 1))
 
     def _sum_batch(self, dim: int) -> BlockMeanLinearOperator:
         if self._b_diag is not None:

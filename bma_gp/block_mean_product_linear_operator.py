@@ -11,7 +11,7 @@ from linear_operator.utils.memoize import add_to_cache, get_from_cache
 from torch import Tensor
 
 from bma_gp._low_rank_sum import LowRankInClosedForm
-from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator, check_rhs, dense_svd
+from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator, batch_repeat, check_rhs, dense_svd
 
 __all__ = ["BlockMeanProductLinearOperator"]
 
@@ -191,6 +191,16 @@ class BlockMeanProductLinearOperator(LowRankInClosedForm, MatmulLinearOperator):
         return BlockMeanProductLinearOperator(
             self.right_linear_op._transpose_nonbatch(), self.left_linear_op._transpose_nonbatch()
         )
+
+    def repeat(self, *sizes) -> LinearOperator:
+        """Batch copies (``sizes`` ending in ``1, 1``): the product of the repeated factors, closed form again
+        (linear_operator's ``BatchRepeatLinearOperator`` asks for a Cholesky factor, which a product has not)."""
+        rep = batch_repeat(self, sizes)
+        if rep is None:
+            return super().repeat(*sizes)
+        batch = self.batch_shape
+        M, N = (op if op.batch_shape == batch else op._expand_batch(batch) for op in self._args)
+        return BlockMeanProductLinearOperator(M.repeat(*rep, 1, 1), N.repeat(*rep, 1, 1))
 
     def _sum_batch(self, dim: int) -> LinearOperator:
         """The sum over batch dimension ``dim``: a sum of products over two partitions has no closed form, so it is a

@@ -37,7 +37,7 @@ from bma_gp._symmetric_function import (
     symmetric_matrix_functions,
 )
 from bma_gp._warnings import warn_dense_cholesky, warn_dense_eigh, warn_elementwise
-from bma_gp.block_mean_linear_operator import _first_bad, _where, check_rhs
+from bma_gp.block_mean_linear_operator import _first_bad, _where, batch_repeat, check_rhs
 from bma_gp.partition import Partition
 
 __all__ = ["BlockMeanSumLinearOperator"]
@@ -854,6 +854,14 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
             ],
             root=None if self.root is None else self.root.expand(*batch_shape, *self.root.shape[-2:]),
         )
+
+    def repeat(self, *sizes) -> LinearOperator:
+        """Batch copies (``sizes`` ending in ``1, 1``): the sum of the repeated ``d``, ``B_j`` and root, closed form
+        again (linear_operator's ``BatchRepeatLinearOperator`` solves through a dense Cholesky factor)."""
+        rep = batch_repeat(self, sizes)
+        if rep is None:
+            return super().repeat(*sizes)
+        return self._map_batch(lambda t, trail: t.repeat(*rep, *([1] * trail)))
 
     def _map_batch(self, fn) -> BlockMeanSumLinearOperator:
         """Apply ``fn(tensor, trailing_dims)`` to the batch dimensions of every tensor (the root included)."""

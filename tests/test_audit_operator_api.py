@@ -6,9 +6,11 @@ singleton and unequal blocks) and, where the docs promise a closed form, runs it
 
 import pytest
 import torch
+from linear_operator.operators import DiagLinearOperator, LowRankRootLinearOperator
 
 import bma_gp
 from bma_gp import BlockMeanLinearOperator, Partition
+from closed_form_guard import closed_forms_only
 
 LABELS = [0, 1, 0, 2, 1, 1, 3, 0, 2, 1, 0, 2]  # unequal blocks, block 3 a singleton
 LABELS2 = [0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 4, 4]
@@ -122,3 +124,47 @@ def test_nonsymmetric_add_diagonal_and_add_low_rank_are_fallback_sums(make, batc
             torch.testing.assert_close(res.logdet(), torch.logdet(want))
     with pytest.raises(ValueError, match="add_diagonal"):
         _nonsymmetric_block_mean(batch_shape).add_diagonal(torch.ones(N + 1, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------- repeat
+def _sum(batch_shape=()):
+    gen = torch.Generator().manual_seed(8)
+    d = torch.rand(*batch_shape, N, generator=gen, dtype=torch.float64) + 0.5
+    U = torch.randn(*batch_shape, N, 2, generator=gen, dtype=torch.float64)
+    M, M2 = _block_mean(LABELS, batch_shape, 1), _block_mean(LABELS2, batch_shape, 2)
+    return M + M2 + LowRankRootLinearOperator(U) + DiagLinearOperator(d)
+
+
+@pytest.mark.parametrize("batch_shape", BATCHES)
+@pytest.mark.parametrize("make", [_block_mean, _sum, _product], ids=["block mean", "sum", "product"])
+def test_repeat_stays_closed_form(make, batch_shape):
+    # was: linear_operator's BatchRepeatLinearOperator, whose solve, inv_quad and roots Cholesky-factorise the dense
+    # n x n matrix (a ClosedFormFallbackWarning for the block mean operator and the sum, a ValueError for the product)
+    op = make(LABELS, batch_shape, 1) if make is _block_mean else make(batch_shape)
+    sizes = (2, 3, *[1] * len(batch_shape), 1, 1)
+    res = op.repeat(*sizes)
+    assert type(res) is type(op)
+    want = op.to_dense().repeat(*sizes)
+    rhs = torch.randn(*res.shape[:-1], 2, dtype=torch.float64)
+    torch.testing.assert_close(res.to_dense(), want)
+    with closed_forms_only(N):
+        got = res.solve(rhs), res.logdet(), res.inv_quad(rhs, reduce_inv_quad=False)
+    torch.testing.assert_close(got[0], torch.linalg.solve(want, rhs))
+    torch.testing.assert_close(got[1], torch.logdet(want))
+    torch.testing.assert_close(got[2], (rhs * torch.linalg.solve(want, rhs)).sum(-2))
+    if batch_shape:  # repeating the batch dimensions themselves
+        sizes = (*[2] * len(batch_shape), 1, 1)
+        torch.testing.assert_close(op.repeat(*sizes).to_dense(), op.to_dense().repeat(*sizes))
+    with pytest.raises(RuntimeError, match="Invalid repeat"):
+        op.repeat(2, 2, 1)
+
+
+def test_repeat_keeps_gradients():
+    lam = (torch.rand(4, dtype=torch.float64) + 1).requires_grad_()
+    B = torch.eye(4, dtype=torch.float64).requires_grad_()
+    op = BlockMeanLinearOperator(lam, B, Partition.from_labels(torch.tensor(LABELS)))
+    op.repeat(3, 1, 1).logdet().sum().backward()
+    grads = lam.grad.clone(), B.grad.clone()
+    lam.grad, B.grad = None, None
+    (3 * op.logdet()).backward()
+    torch.testing.assert_close(grads, (lam.grad, B.grad))
