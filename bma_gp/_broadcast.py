@@ -1,4 +1,4 @@
-"""Reducing gradients of broadcast operands back to the operand's shape."""
+"""Broadcast operands: gradients reduced back to their shape, constants and diagonals in elementwise products."""
 
 from __future__ import annotations
 
@@ -27,3 +27,12 @@ def batch_constants(other) -> Tensor | None:
     if type(other) is DenseLinearOperator and other.shape[-2:] == (1, 1):
         return other.tensor.reshape(other.shape[:-2])
     return None
+
+
+def times_diagonal(op, diag):
+    """The elementwise product of ``op`` with a diagonal operator ``diag``: ``diag(diag(op) d)``, batch shapes
+    broadcast. (``diag._mul_matrix(op)`` would say the same, except for an ``IdentityLinearOperator``, whose
+    ``_mul_matrix`` returns ``op`` itself.)"""
+    from linear_operator.operators import DiagLinearOperator
+
+    return DiagLinearOperator(diag._diagonal() * op._diagonal())

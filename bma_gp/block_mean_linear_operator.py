@@ -18,7 +18,7 @@ from linear_operator.utils.memoize import add_to_cache, get_from_cache
 from torch import Tensor
 
 from bma_gp import settings
-from bma_gp._broadcast import batch_constants, sum_to_shape
+from bma_gp._broadcast import batch_constants, sum_to_shape, times_diagonal
 from bma_gp._diagonal import diagonal_by_construction, is_diagonal
 from bma_gp._low_rank_sum import LowRankInClosedForm
 from bma_gp._precision import core_dtype
@@ -757,7 +757,7 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
         if isinstance(other, BlockMeanLinearOperator) and other.shape[-1] == self.shape[-1]:
             return self._hadamard_across(other)
         if isinstance(other, DiagLinearOperator):  # M o diag(d) = diag(diag(M) d), as linear_operator's diag o M
-            return other._mul_matrix(self)
+            return times_diagonal(self, other)
         if type(other) is ConstantMulLinearOperator:  # M o (c A) = c (M o A): a ScaleKernel's output, unwrapped
             # (linear_operator's product would take a root of c A, by Lanczos past max_cholesky_size, where the
             # product with A itself is closed form or, for a dense A, exact and dense)

@@ -10,6 +10,7 @@ from linear_operator.utils.errors import CachingError
 from linear_operator.utils.memoize import add_to_cache, get_from_cache
 from torch import Tensor
 
+from bma_gp._broadcast import times_diagonal
 from bma_gp._low_rank_sum import LowRankInClosedForm
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator, batch_repeat, check_rhs, dense_svd
 
@@ -223,7 +224,7 @@ class BlockMeanProductLinearOperator(LowRankInClosedForm, MatmulLinearOperator):
         with a dense matrix the dense product (as linear_operator gives it); with any other operator a ``ValueError``:
         linear_operator's generic elementwise product takes a root of each factor, which this matrix does not have."""
         if isinstance(other, DiagLinearOperator):
-            return other._mul_matrix(self)
+            return times_diagonal(self, other)
         if isinstance(other, DenseLinearOperator):
             return super()._mul_matrix(other)
         raise ValueError(

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from bma_gp import settings
-from bma_gp._broadcast import batch_constants
+from bma_gp._broadcast import batch_constants, times_diagonal
 from bma_gp._by_products import ByProducts
 from bma_gp._diagonal import is_diagonal as _is_diagonal
 from bma_gp._diagonal import structurally_diagonal as _structurally_diagonal
@@ -1018,7 +1018,7 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
         from linear_operator.operators import DiagLinearOperator
 
         if isinstance(other, DiagLinearOperator):  # S o diag(d) = diag(diag(S) d), as linear_operator's diag o S
-            return other._mul_matrix(self)
+            return times_diagonal(self, other)
         constants = batch_constants(other)
         if constants is not None:  # one constant per batch entry (a batch ScaleKernel around an unbatched kernel)
             return self._mul_constant(constants)

@@ -6,7 +6,12 @@ singleton and unequal blocks) and, where the docs promise a closed form, runs it
 
 import pytest
 import torch
-from linear_operator.operators import DiagLinearOperator, LowRankRootLinearOperator
+from linear_operator.operators import (
+    ConstantDiagLinearOperator,
+    DiagLinearOperator,
+    IdentityLinearOperator,
+    LowRankRootLinearOperator,
+)
 
 import bma_gp
 from bma_gp import BlockMeanLinearOperator, Partition
@@ -168,3 +173,21 @@ def test_repeat_keeps_gradients():
     lam.grad, B.grad = None, None
     (3 * op.logdet()).backward()
     torch.testing.assert_close(grads, (lam.grad, B.grad))
+
+
+# ---------------------------------------------------------------------------- elementwise product with the identity
+@pytest.mark.parametrize("batch_shape", BATCHES)
+@pytest.mark.parametrize("make", [_block_mean, _sum, _product], ids=["block mean", "sum", "product"])
+def test_elementwise_product_with_identity_is_the_diagonal(make, batch_shape):
+    # was: op * IdentityLinearOperator(n) returned op itself (IdentityLinearOperator._mul_matrix(op) is op)
+    op = make(LABELS, batch_shape, 1) if make is _block_mean else make(batch_shape)
+    eye = torch.eye(N, dtype=torch.float64)
+    for other in (
+        IdentityLinearOperator(N, dtype=torch.float64),
+        IdentityLinearOperator(N, batch_shape=torch.Size([3, *batch_shape]), dtype=torch.float64),
+        ConstantDiagLinearOperator(torch.full((1,), 2.0, dtype=torch.float64), N),
+    ):
+        res = op * other
+        assert isinstance(res, DiagLinearOperator)
+        torch.testing.assert_close(res.to_dense(), op.to_dense() * other.to_dense())
+    torch.testing.assert_close((op * IdentityLinearOperator(N, dtype=torch.float64)).to_dense(), op.to_dense() * eye)
