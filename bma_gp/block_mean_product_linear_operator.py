@@ -10,7 +10,7 @@ from linear_operator.utils.errors import CachingError
 from linear_operator.utils.memoize import add_to_cache, get_from_cache
 from torch import Tensor
 
-from bma_gp._broadcast import times_diagonal
+from bma_gp._broadcast import batch_constants, times_diagonal
 from bma_gp._low_rank_sum import LowRankInClosedForm
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator, batch_repeat, check_rhs, dense_svd
 
@@ -221,10 +221,14 @@ class BlockMeanProductLinearOperator(LowRankInClosedForm, MatmulLinearOperator):
 
     def _mul_matrix(self, other) -> LinearOperator:
         r"""Elementwise product: with a diagonal operator :math:`\mathrm{diag}(\mathrm{diag}(MN)\, d)` (closed form),
+        with a batch of ``1 x 1`` matrices (one constant per batch entry) the multiple :math:`(c M) N` (closed form),
         with a dense matrix the dense product (as linear_operator gives it); with any other operator a ``ValueError``:
         linear_operator's generic elementwise product takes a root of each factor, which this matrix does not have."""
         if isinstance(other, DiagLinearOperator):
             return times_diagonal(self, other)
+        constants = batch_constants(other)
+        if constants is not None:  # one constant per batch entry, over other batch dimensions than this product's
+            return self._mul_constant(constants)
         if isinstance(other, DenseLinearOperator):
             return super()._mul_matrix(other)
         raise ValueError(

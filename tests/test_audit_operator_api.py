@@ -191,3 +191,20 @@ def test_elementwise_product_with_identity_is_the_diagonal(make, batch_shape):
         assert isinstance(res, DiagLinearOperator)
         torch.testing.assert_close(res.to_dense(), op.to_dense() * other.to_dense())
     torch.testing.assert_close((op * IdentityLinearOperator(N, dtype=torch.float64)).to_dense(), op.to_dense() * eye)
+
+
+@pytest.mark.parametrize("batch_shape", BATCHES)
+def test_product_times_a_batch_of_constants_stays_a_product(batch_shape):
+    # was: a (3, *batch, 1, 1) tensor (other batch dimensions than the product's) became the dense elementwise
+    # product, a DenseLinearOperator of a non-symmetric matrix, whose solve and logdet took a Cholesky factor
+    op = _product(batch_shape)
+    c = torch.rand(3, *[1] * len(batch_shape), 1, 1, dtype=torch.float64) + 0.5
+    res = op * c
+    assert isinstance(res, bma_gp.BlockMeanProductLinearOperator)
+    want = op.to_dense() * c
+    rhs = torch.randn(*want.shape[:-1], 2, dtype=torch.float64)
+    torch.testing.assert_close(res.to_dense(), want)
+    with closed_forms_only(N):
+        got = res.solve(rhs), res.logdet()
+    torch.testing.assert_close(got[0], torch.linalg.solve(want, rhs))
+    torch.testing.assert_close(got[1], torch.logdet(want))
