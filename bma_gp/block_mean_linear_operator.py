@@ -14,7 +14,7 @@ from linear_operator.operators.diag_linear_operator import ConstantDiagLinearOpe
 from linear_operator.operators.root_linear_operator import RootLinearOperator
 from linear_operator.utils.broadcasting import _matmul_broadcast_shape
 from linear_operator.utils.errors import CachingError
-from linear_operator.utils.memoize import add_to_cache, get_from_cache
+from linear_operator.utils.memoize import add_to_cache, clear_cache_hook, get_from_cache
 from torch import Tensor
 
 from bma_gp import settings
@@ -283,6 +283,15 @@ class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
     def _new_diagonal(self, lam: Tensor, b: Tensor) -> BlockMeanLinearOperator:
         """A symmetric operator of this partition with ``B = diag(b)``, in diagonal mode."""
         return BlockMeanLinearOperator(lam, b, self.partition, diagonal=True)
+
+    def _set_requires_grad(self, val: bool) -> None:
+        """``requires_grad`` of ``lam`` and ``B`` (``requires_grad_``), and every stored result dropped: one computed
+        without gradients has no graph, and the cached paths would hand it to calls that now need one."""
+        super()._set_requires_grad(val)
+        clear_cache_hook(self)  # linear_operator's cache (results of @cached, add_to_cache)
+        self._core_cache = None
+        self._b_sym_cache = None
+        self._diagonal_flag = None  # with gradients only a B diagonal by construction counts (_diagonal_core)
 
     def _b_sym(self) -> Tensor:
         """``B`` as used by every path: symmetrised unless ``symmetric=False``."""

@@ -7,7 +7,7 @@ from linear_operator.operators import DenseLinearOperator, DiagLinearOperator, L
 from linear_operator.operators.matmul_linear_operator import MatmulLinearOperator
 from linear_operator.utils.broadcasting import _matmul_broadcast_shape
 from linear_operator.utils.errors import CachingError
-from linear_operator.utils.memoize import add_to_cache, get_from_cache
+from linear_operator.utils.memoize import add_to_cache, clear_cache_hook, get_from_cache
 from torch import Tensor
 
 from bma_gp._broadcast import batch_constants, times_diagonal
@@ -160,6 +160,11 @@ class BlockMeanProductLinearOperator(LowRankInClosedForm, MatmulLinearOperator):
         from bma_gp._composition import indexed_fallback
 
         return indexed_fallback(self, row_index, col_index, *batch_indices)
+
+    def _set_requires_grad(self, val: bool) -> None:
+        """``requires_grad`` of both factors' tensors (each drops its stored results), and this product's dropped."""
+        super()._set_requires_grad(val)
+        clear_cache_hook(self)  # linear_operator's cache (results of @cached, add_to_cache)
 
     def to_dense(self) -> Tensor:
         """The dense ``n x n`` product, cached only when no ``lam`` or ``B`` of the factors requires gradients (as

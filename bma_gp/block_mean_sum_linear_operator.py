@@ -18,6 +18,7 @@ import torch
 from linear_operator.operators import LinearOperator
 from linear_operator.operators.root_linear_operator import RootLinearOperator
 from linear_operator.utils.broadcasting import _matmul_broadcast_shape
+from linear_operator.utils.memoize import clear_cache_hook
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -732,6 +733,16 @@ class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
     def capacitance_size(self) -> int:
         """:math:`q = \\sum_j k_j + m`."""
         return sum(self.num_blocks) + self.rank
+
+    def _set_requires_grad(self, val: bool) -> None:
+        """``requires_grad`` of ``d``, the ``B_j`` and the root (``requires_grad_``), and every stored result dropped:
+        one computed without gradients is kept for good and has no graph (see :meth:`_keep`)."""
+        super()._set_requires_grad(val)
+        clear_cache_hook(self)  # linear_operator's cache (results of @cached, add_to_cache)
+        self._store.clear()
+        self._graphless.clear()
+        self._scoped_names.clear()
+        self._dense_blocks = [None if f else B for B, f in zip(self._block_args, self.diagonal_blocks)]
 
     def _differentiable(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self.representation())

@@ -208,3 +208,37 @@ def test_product_times_a_batch_of_constants_stays_a_product(batch_shape):
         got = res.solve(rhs), res.logdet()
     torch.testing.assert_close(got[0], torch.linalg.solve(want, rhs))
     torch.testing.assert_close(got[1], torch.logdet(want))
+
+
+# ---------------------------------------------------------------------------- requires_grad_ after cached results
+def _grad_calls(rhs):
+    return {
+        "logdet": lambda op: op.logdet().sum(),
+        "solve": lambda op: op.solve(rhs).sum(),
+        "inv_quad_logdet": lambda op: sum(t.sum() for t in op.inv_quad_logdet(rhs, logdet=True)),
+        "root_decomposition": lambda op: op.root_decomposition().root.to_dense().pow(2).sum(),
+        "root_inv_decomposition": lambda op: op.root_inv_decomposition().root.to_dense().pow(2).sum(),
+    }
+
+
+_CASES = [(make, call) for make in (_block_mean, _sum) for call in _grad_calls(None)]
+_CASES += [(_product, call) for call in ("logdet", "solve", "inv_quad_logdet")]  # a product has no root
+
+
+@pytest.mark.parametrize(("make", "call"), _CASES, ids=[f"{make.__name__}-{call}" for make, call in _CASES])
+def test_requires_grad_after_a_cached_result_gives_gradients(make, call):
+    # was: a result computed (and stored) before op.requires_grad_(True) was returned again afterwards, without a
+    # graph: backward raised (block mean operator, product) or silently left some tensors without a gradient (sum)
+    op = make(LABELS, (2,), 1) if make is _block_mean else make((2,))
+    rhs = torch.randn(2, N, 2, dtype=torch.float64)
+    fn = _grad_calls(rhs)[call]
+    before = fn(op)  # stored: no tensor requires gradients yet
+    assert op.requires_grad_(True) is op
+    again = fn(op)
+    torch.testing.assert_close(again.detach(), before)
+    again.backward()
+    twin = (make(LABELS, (2,), 1) if make is _block_mean else make((2,))).requires_grad_(True)
+    fn(twin).backward()  # a fresh operator, nothing stored
+    for arg, ref in zip(op.representation(), twin.representation()):
+        assert arg.grad is not None
+        torch.testing.assert_close(arg.grad, ref.grad)
