@@ -418,6 +418,15 @@ class _WarnsWhenFactorised:
             stacklevel=3,
         )
 
+    def _symmetric_after_all(self) -> bool:
+        """Whether the dense matrix of an operator known to hold a non-symmetric part is symmetric all the same, to
+        ``sqrt(eps)`` of its largest entry: linear_operator forms products that are, such as a Kronecker factor
+        whitened as ``L^{-1} A L^{-T}``. Read only where the dense matrix is factorised anyway (``_symeig``,
+        ``_cholesky``)."""
+        dense = cast(LinearOperator, self).to_dense()
+        tol = torch.finfo(dense.dtype).eps ** 0.5 * dense.abs().amax()
+        return bool((dense - dense.mT).abs().amax() <= tol)
+
     def _no_root(self, what: str):
         raise ValueError(
             f"{what} of a {type(self).__name__} that is not symmetric ({self._why_nonsymmetric()}): a non-symmetric "
@@ -482,7 +491,7 @@ class _WarnsWhenFactorised:
         return super().root_inv_decomposition(initial_vectors, test_vectors, method)
 
     def _cholesky(self, upper=False):
-        if self._nonsymmetric():  # psd_safe_cholesky reads one triangle: a factor of another matrix
+        if self._nonsymmetric() and not self._symmetric_after_all():  # psd_safe_cholesky reads one triangle
             self._no_root("cholesky")
         return super()._cholesky(upper)
 
@@ -509,7 +518,7 @@ class _WarnsWhenFactorised:
         return entries[0] if len(entries) == 1 else FallbackSumLinearOperator(*entries)
 
     def _symeig(self, eigenvectors=False, return_evals_as_lazy=False):
-        if self._nonsymmetric():  # torch.linalg.eigh reads one triangle: the spectrum of another matrix
+        if self._nonsymmetric() and not self._symmetric_after_all():  # eigh reads one triangle: another spectrum
             self._no_root("a symmetric eigendecomposition")
         return dense_symeig(self, eigenvectors)  # warns; keeps negative eigenvalues (linear_operator clamps them)
 

@@ -242,3 +242,24 @@ def test_requires_grad_after_a_cached_result_gives_gradients(make, call):
     for arg, ref in zip(op.representation(), twin.representation()):
         assert arg.grad is not None
         torch.testing.assert_close(arg.grad, ref.grad)
+
+
+def test_a_product_fallback_that_is_symmetric_after_all_gives_its_spectrum_and_cholesky():
+    """linear_operator whitens Kronecker factors as ``L^{-1} A L^{-T}`` (a MultitaskKernel around a BlockMeanKernel):
+    a product that is symmetric. The non-symmetric fallbacks refused its eigendecomposition outright; they now read
+    the dense matrix, which they factorise anyway, and refuse only a matrix that is not symmetric."""
+    from linear_operator.operators import DenseLinearOperator
+
+    from bma_gp._composition import FallbackMatmulLinearOperator
+
+    M = _block_mean(LABELS)
+    L = torch.linalg.cholesky(_block_mean(LABELS2).to_dense())
+    whitened = FallbackMatmulLinearOperator(DenseLinearOperator(L.mT), M @ DenseLinearOperator(L))  # L^T M L
+    dense = L.mT @ M.to_dense() @ L
+    with pytest.warns(bma_gp.ClosedFormFallbackWarning):
+        evals, _ = whitened._symeig(eigenvectors=True)
+    torch.testing.assert_close(evals, torch.linalg.eigvalsh(dense), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(whitened.cholesky().to_dense(), torch.linalg.cholesky(dense), rtol=1e-8, atol=1e-10)
+    skewed = FallbackMatmulLinearOperator(DenseLinearOperator(L), M @ DenseLinearOperator(L))  # L M L: not symmetric
+    with pytest.raises(ValueError, match="not symmetric"):
+        skewed._symeig(eigenvectors=True)
