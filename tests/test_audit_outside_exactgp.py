@@ -9,6 +9,7 @@ from linear_operator import to_dense
 
 from bma_gp import BlockMeanKernel, ChunkedInducingPointKernel, GroupKernel, Partition, block_mean
 from closed_form_guard import closed_forms_only
+from gp_reference import GP as _ExactGP
 
 DTYPE = torch.float64
 
@@ -106,16 +107,6 @@ def test_chunked_inducing_point_kernel_in_an_approximate_gp_is_refused_in_words(
     elbo = gpytorch.mlls.VariationalELBO(likelihood, model, num_data=x.shape[0])
     with pytest.raises(NotImplementedError, match=r"ChunkedInducingPointKernel.*use the base kernel itself"):
         elbo(model(x), y)
-
-
-class _ExactGP(gpytorch.models.ExactGP):
-    def __init__(self, x, y, likelihood, covar_module):
-        super().__init__(x, y, likelihood)
-        self.mean_module = gpytorch.means.ConstantMean()
-        self.covar_module = covar_module
-
-    def forward(self, x):
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
 
 @pytest.mark.parametrize("kind", ["block mean", "two groupings"])

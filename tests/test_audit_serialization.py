@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bma_gp import BlockMeanKernel, GroupGaussianLikelihood, GroupKernel, Partition
+from gp_reference import GP
 from test_audit_optim_state import _reload as save_load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,16 +32,6 @@ def data(seed=0):
     y = torch.sin(6 * t) + 0.3 * ids + 0.1 * torch.randn(N, generator=g, dtype=DTYPE)
     test = torch.stack([torch.rand(7, generator=g, dtype=DTYPE), (torch.arange(7) % LEVELS).to(DTYPE)], -1)
     return x, y, test
-
-
-class GP(gpytorch.models.ExactGP):
-    def __init__(self, x, y, likelihood, covar_module):
-        super().__init__(x, y, likelihood)
-        self.mean_module = gpytorch.means.ConstantMean()
-        self.covar_module = covar_module
-
-    def forward(self, x):
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
 
 def block_mean_model(x, y, blocks=6):
