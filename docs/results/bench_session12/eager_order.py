@@ -56,7 +56,7 @@ def B():
         K.add_two(p[j], n[j], r[j], -1e-3 * 2**-30, -1e-3 * 2**-15)
 
 
-def C():  # zero all first
+def C():  # B with the sums between the quotient and its reciprocal square root
     for j in range(2):
         torch.dot(g[j], g[j], out=d[j, 0])
     for j in (1, 0):
