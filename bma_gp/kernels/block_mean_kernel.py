@@ -362,7 +362,14 @@ class BlockMeanKernel(Kernel):
             return None
         # the inputs by value too (O(n d) against the pass's O(n^2 d)): changed in place, or a deep copy's
         values = tuple((name, t.detach().clone()) for name, t in [("train_x", train_x), *state])
-        return (self._data_version, train_x.shape, train_x.dtype, train_x.device, values)
+        return (
+            self._data_version,
+            train_x.shape,
+            train_x.dtype,
+            train_x.device,
+            _settings_of(self.base_kernel),
+            values,
+        )
 
     def _centred(self, x_new: Tensor, train_x: Tensor) -> tuple[Tensor, Tensor]:
         """Both inputs minus the training inputs' (constant) column means, for a translation-invariant base kernel.
@@ -559,13 +566,28 @@ class BlockMeanKernel(Kernel):
         return record_bound_data(strategy, self)
 
 
+def _settings_of(kernel: Kernel) -> tuple:
+    """The class and the plain (number, string) attributes of every module of ``kernel``, but ``training``: what
+    its values depend on besides its parameters and buffers (a Matern kernel's ``nu``, a polynomial kernel's
+    ``power``, a replaced inner kernel whose parameters have the same names and values)."""
+    plain = (bool, int, float, str)
+    return tuple(
+        (
+            name,
+            type(module),
+            tuple(sorted((k, v) for k, v in vars(module).items() if type(v) in plain and k != "training")),
+        )
+        for name, module in kernel.named_modules()
+    )
+
+
 def _same_key(a: tuple, b: tuple) -> bool:
     """Whether two :meth:`BlockMeanKernel._block_sums_key` values agree (the inputs and parameters by value)."""
-    if a[:4] != b[:4] or len(a[4]) != len(b[4]):
+    if a[:5] != b[:5] or len(a[5]) != len(b[5]):
         return False
     return all(
         n == m and x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)
-        for (n, x), (m, y) in zip(a[4], b[4])
+        for (n, x), (m, y) in zip(a[5], b[5])
     )
 
 
