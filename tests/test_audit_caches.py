@@ -3,11 +3,15 @@ another object after an id or address is reused, and module-level caches that ke
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import gpytorch
 import pytest
 import torch
 
-from bma_gp import Partition
+import bma_gp.kernels._rbf_gram as rbf_gram
+from bma_gp import ChunkedInducingPointKernel, GroupKernel, Partition
 from bma_gp.kernels import BlockMeanKernel
 from gp_reference import GP
 
@@ -69,3 +73,28 @@ def test_prediction_after_train_eval_follows_changed_nu():
         ref = ref_model.eval()(xt).mean
     assert not torch.allclose(first, ref)
     torch.testing.assert_close(got, ref)
+
+
+# ---------------------------------------------------------------------------- the RBF root's Gram matrices
+def test_rbf_gram_registry_frees_losses_without_backward():
+    # _GRAMS kept the Gram matrices of each L^{-T} until the tensor died, but their graphs hold L^{-T}: a training
+    # loss computed without a backward pass (a loss logged, a forward that raised) stayed in the module for good,
+    # with its n-vectors and its graph back to the model's parameters
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.rand(60, 2, generator=g, dtype=DTYPE), torch.randint(4, (60, 1), generator=g).to(DTYPE)], -1)
+    y = torch.sin(5 * x[:, 0])
+    before = len(rbf_gram._GRAMS)
+    losses = []
+    for _ in range(3):
+        lik = gpytorch.likelihoods.GaussianLikelihood().to(DTYPE)
+        base = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+        covar = ChunkedInducingPointKernel(base, x[:5, :2].clone(), lik, active_dims=(0, 1))
+        model = GP(x, y, lik, covar + GroupKernel(4, active_dims=[2])).to(DTYPE).train()
+        mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
+        loss = -mll(model(x), y)
+        assert loss.requires_grad and len(rbf_gram._GRAMS) > before  # the closed form with the RBF factor ran
+        losses.append(weakref.ref(loss))
+        del lik, base, covar, model, mll, loss
+    gc.collect()
+    assert all(ref() is None for ref in losses)
+    assert len(rbf_gram._GRAMS) == before

@@ -194,8 +194,23 @@ class _RBFGram(torch.autograd.Function):
         return tuple(grads)
 
 
-#: Gram matrices per ``L^{-T}`` tensor (by id; a fresh tensor each training forward pass); entries go with the tensor.
-_GRAMS: dict[int, list[tuple[Tensor, Tensor]]] = {}
+class _Grams(list):
+    """``(d, U^T D^{-1} U)`` of each :meth:`RBFRootFactor.weighted_products` over one ``L^{-T}`` tensor (a list that
+    takes weak references)."""
+
+
+#: The Gram matrices per ``L^{-T}`` tensor (by id; a fresh tensor each training forward pass), held by the factors
+#: over it: an entry goes with the last of them, while the tensor (which each of them holds) keeps its id. Keyed to
+#: the tensor's life instead, entries lived for good whenever no backward pass freed their graphs, which hold it.
+_GRAMS: weakref.WeakValueDictionary[int, _Grams] = weakref.WeakValueDictionary()
+
+
+def _shared_grams(inv_root: Tensor) -> _Grams:
+    """The Gram matrices over ``inv_root`` of the live factors, or a new list registered for it."""
+    grams = _GRAMS.get(id(inv_root))
+    if grams is None:
+        grams = _GRAMS[id(inv_root)] = _Grams()
+    return grams
 
 
 class RBFRootFactor(LinearOperator, LazyRoot):
@@ -212,18 +227,10 @@ class RBFRootFactor(LinearOperator, LazyRoot):
         self.x, self.inducing, self.inv_root = x, inducing, inv_root
         self.lengthscale, self.scale, self.rows = lengthscale, scale, rows
         self._formed: tuple[Tensor, Tensor] | None = None
-
-    @property
-    def _grams(self) -> list[tuple[Tensor, Tensor]]:
-        """``(d, U^T D^{-1} U)`` of each :meth:`weighted_products`, shared by every factor over the same ``L^{-T}``
-        tensor: linear_operator rebuilds operators from their tensors (``evaluate_kernel``), and the trace term must
-        find the Gram matrix the marginal likelihood formed."""
-        key = id(self.inv_root)
-        grams = _GRAMS.get(key)
-        if grams is None:
-            grams = _GRAMS[key] = []
-            weakref.finalize(self.inv_root, _GRAMS.pop, key, None)
-        return grams
+        # ``(d, U^T D^{-1} U)`` of each :meth:`weighted_products`, shared by every factor over the same ``L^{-T}``
+        # tensor: linear_operator rebuilds operators from their tensors (``evaluate_kernel``), and the trace term
+        # must find the Gram matrix the marginal likelihood formed (its factor holds the list until then)
+        self._grams = _shared_grams(inv_root)
 
     # ---------------------------------------------------------------- U itself, on demand
     def _pair(self) -> tuple[Tensor, Tensor]:
