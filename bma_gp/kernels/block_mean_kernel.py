@@ -342,9 +342,10 @@ class BlockMeanKernel(Kernel):
     def _train_block_mean(self, train_x: Tensor) -> BlockMeanLinearOperator:
         """The block mean of ``base_kernel`` on the training inputs (``train_x``, the bound inputs in the caller's
         dtype and device): one pass over every training kernel entry, kept for the next call while no gradient is
-        asked of it and the data, the dtype and device, and the base kernel's parameters and buffers are unchanged.
-        A model's prediction strategy and then its fantasy model's (training points plus fantasy points) ask for it
-        one after the other; the second reused nothing and redid the pass."""
+        asked of it and the data, the dtype and device, and the base kernel's parameters, buffers and plain
+        attributes (:func:`_settings_of`) are unchanged. A model's prediction strategy and then its fantasy model's
+        (training points plus fantasy points) ask for it one after the other; the second reused nothing and redid
+        the pass."""
         key = self._block_sums_key(train_x)
         cached = self.__dict__.get("_block_sums_cache")  # (a kernel unpickled from an older version has none)
         if key is not None and cached is not None and _same_key(cached[0], key):
