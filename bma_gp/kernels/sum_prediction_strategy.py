@@ -324,13 +324,14 @@ def training_posterior(strategy: DefaultPredictionStrategy, test_test_covar, tes
 
     None when the test covariances are not the prior covariance at the training inputs, the prior is
     outside the family (or has a negative diagonal; an indefinite block matrix only takes the root away),
-    or the likelihood is not Gaussian with a positive diagonal noise; also with ``skip_posterior_variances`` and
-    with an observation NaN policy other than ``"ignore"`` (GPyTorch's own path handles those).
+    or the likelihood is not Gaussian with a positive diagonal noise; also with ``skip_posterior_variances``
+    (GPyTorch's own path handles it). The covariance does not depend on the targets, so it is the same under every
+    observation NaN policy (GPyTorch's covariance, too, conditions on all training points).
 
     The operator is built from the test-by-training covariance (equal to the training prior, and evaluated afresh
     by every call), so gradients are those of the exact posterior covariance and never reach back into a graph an
     earlier backward pass has freed; GPyTorch's ``detach_test_caches`` does not cut them."""
-    if gpytorch_settings.skip_posterior_variances.on() or gpytorch_settings.observation_nan_policy.value() != "ignore":
+    if gpytorch_settings.skip_posterior_variances.on():
         return None
     n = strategy.num_train
     if tuple(test_train_covar.shape[-2:]) != (n, n) or tuple(test_test_covar.shape[-2:]) != (n, n):
@@ -370,11 +371,21 @@ def _training_factor(strategy: DefaultPredictionStrategy, prior: BlockMeanSumLin
 
 def training_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor, test_test_covar, test_train_covar):
     """``(mean, covariance)`` in closed form at the training inputs, or None (then use the strategy's own path).
-    The mean is :func:`_training_mean`'s, in the working precision."""
+    The mean is :func:`_training_mean`'s, in the working precision; under an observation NaN policy other than
+    ``"ignore"`` it is GPyTorch's, which conditions on the observed targets only (:func:`_policy_mean`)."""
     covar = training_posterior(strategy, test_test_covar, test_train_covar)
     if covar is None:
         return None
+    if gpytorch_settings.observation_nan_policy.value() != "ignore":
+        return _policy_mean(strategy, test_mean, test_train_covar), covar
     return _training_mean(strategy, covar, test_mean, test_train_covar), covar
+
+
+def _policy_mean(strategy: DefaultPredictionStrategy, test_mean: Tensor, test_train_covar) -> Tensor:
+    """The predictive mean under ``observation_nan_policy("mask")`` or ``("fill")``: GPyTorch's, from the training
+    covariance at the observed points (a ``MaskedLinearOperator`` of the sum, again a sum: closed form) and products
+    with the test-by-training covariance. The closed-form coefficients would solve with the missing targets too."""
+    return strategy.exact_predictive_mean(test_mean, test_train_covar)
 
 
 def _training_mean(
@@ -1062,12 +1073,12 @@ def new_input_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor,
     :math:`A = Z^\top D^{-1} Z`: memory :math:`O(t q + q^2)`, never :math:`t \times n`, and :math:`O(t q)` when the
     largest diagonal grouping has more than ``_DENSE_WEIGHT_MAX_ELIMINATED`` levels (then :math:`W` is applied as
     products, :class:`_ImplicitWeight`, and ``q`` may exceed ``max_capacitance_size``). None with
-    ``skip_posterior_variances``, an observation NaN policy other than ``"ignore"``, a summand outside the family
-    (an exact kernel: then GPyTorch's path, with the :class:`~bma_gp.ClosedFormFallbackWarning` of its solves) or a
-    likelihood whose noisy covariance leaves it.
+    ``skip_posterior_variances``, a summand outside the family (an exact kernel: then GPyTorch's path, with the
+    :class:`~bma_gp.ClosedFormFallbackWarning` of its solves) or a likelihood whose noisy covariance leaves it.
     The mean is :math:`\mu_* + F c` with the coefficients :math:`c = Z^\top M^{-1} (y - \mu)` of
-    :func:`_posterior_coefficients`, in the working precision."""
-    if gpytorch_settings.skip_posterior_variances.on() or gpytorch_settings.observation_nan_policy.value() != "ignore":
+    :func:`_posterior_coefficients`, in the working precision; under an observation NaN policy other than
+    ``"ignore"`` it is GPyTorch's (:func:`_policy_mean`), the covariance the same closed form."""
+    if gpytorch_settings.skip_posterior_variances.on():
         return None
     if not isinstance(test_train_covar, LinearOperator) or tuple(test_train_covar.shape[-1:]) != (strategy.num_train,):
         return None
@@ -1083,6 +1094,9 @@ def new_input_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor,
     if blocks is None or all(b is None for b in blocks):
         _warn_unrecognised_cross(strategy, test_train_covar, M)
         return None
+    covar = PredictiveCovarianceLinearOperator.from_blocks(test_test_covar, W, blocks, M._sizes())
+    if gpytorch_settings.observation_nan_policy.value() != "ignore":
+        return _policy_mean(strategy, test_mean, test_train_covar), covar
     # the mean as F (Z^T M^{-1} r), its coefficients in the working precision
     coef = _new_input_coefficients(strategy, M)
     shift = None
@@ -1091,8 +1105,7 @@ def new_input_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor,
             term = _block_matmul(block, c.unsqueeze(-1)).squeeze(-1)
             shift = term if shift is None else shift + term
     assert shift is not None  # some block is not None (checked above)
-    mean = _plus(test_mean, shift, test_train_covar)
-    return mean, PredictiveCovarianceLinearOperator.from_blocks(test_test_covar, W, blocks, M._sizes())
+    return _plus(test_mean, shift, test_train_covar), covar
 
 
 def _has_dense_part(op) -> bool:

@@ -1,0 +1,220 @@
+"""Audit: GPyTorch's and linear_operator's settings around the package's kernels composed as a GPyTorch user builds
+them (``GroupKernel`` sums with ``GroupGaussianLikelihood``, ``ChunkedInducingPointKernel`` plus a group or block
+mean kernel, ``ScaleKernel`` / ``AdditiveKernel`` nesting). Each model trains one step and predicts under the
+setting, inside :func:`closed_forms_only` with :class:`~bma_gp.ClosedFormFallbackWarning` an error, and gives the
+numbers it gives without the setting (or GPyTorch's dense path's, where the setting changes them).
+
+* Under ``observation_nan_policy("mask")`` (also ``"fill"``) the kernel-sum strategy left the posterior covariance
+  to GPyTorch: at the training inputs a dense ``n x n`` matrix, sampled by a dense Cholesky (Lanczos past
+  ``max_cholesky_size``), and at new inputs the dense ``t x n`` cross covariance, both without a word. The
+  covariance does not depend on the targets (GPyTorch's, too, conditions on all training points): it is now the
+  closed form under every policy, the mean GPyTorch's from the observed targets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import gpytorch
+import linear_operator
+import pytest
+import torch
+from gpytorch.kernels import AdditiveKernel, RBFKernel, ScaleKernel
+
+from bma_gp import (
+    BlockMeanKernel,
+    ChunkedInducingPointKernel,
+    ClosedFormFallbackWarning,
+    GroupGaussianLikelihood,
+    GroupKernel,
+    Partition,
+)
+from closed_form_guard import closed_forms_only
+from gp_reference import GP, dense_copy
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:The input matches the stored training data"),
+]
+
+DTYPE = torch.float64
+N = 60
+
+
+def data():
+    """Inputs ``(x0, x1, group id)`` (5 ids of 7 levels in training), targets and test inputs with a new id (6)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 2, generator=generator, dtype=DTYPE)
+    ids = (torch.arange(N) % 5).to(DTYPE).unsqueeze(-1)
+    inputs = torch.cat([x, ids], -1)
+    y = torch.sin(x[:, 0]) + 0.3 * ids[:, 0] + 0.1 * torch.randn(N, generator=generator, dtype=DTYPE)
+    test_ids = torch.tensor([[0.0], [1.0], [4.0], [2.0], [6.0]], dtype=DTYPE)
+    xt = torch.cat([torch.randn(5, 2, generator=generator, dtype=DTYPE), test_ids], -1)
+    return inputs, y, xt
+
+
+def _gaussian(inputs):
+    likelihood = gpytorch.likelihoods.GaussianLikelihood()
+    likelihood.noise = 0.05
+    return likelihood
+
+
+def _per_group(inputs):
+    return GroupGaussianLikelihood(7, group_dim=2, train_inputs=inputs)
+
+
+def _sgpr(likelihood):
+    inducing = torch.linspace(-2, 2, 5, dtype=DTYPE).unsqueeze(-1)
+    return ChunkedInducingPointKernel(ScaleKernel(RBFKernel()), inducing, likelihood, active_dims=[0])
+
+
+def _block_mean(inputs):
+    return BlockMeanKernel(
+        ScaleKernel(RBFKernel(active_dims=[0, 1])), inputs, Partition.from_labels(torch.arange(N) % 6)
+    )
+
+
+MODELS = {
+    "GroupKernel + ScaleKernel(GroupKernel), GroupGaussianLikelihood": (
+        _per_group,
+        lambda inputs, likelihood: (
+            GroupKernel(7, active_dims=[2]) + ScaleKernel(GroupKernel(7, per_group_variance=True, active_dims=[2]))
+        ),
+    ),
+    "ChunkedInducingPointKernel + GroupKernel, GroupGaussianLikelihood": (
+        _per_group,
+        lambda inputs, likelihood: _sgpr(likelihood) + GroupKernel(7, active_dims=[2]),
+    ),
+    "ChunkedInducingPointKernel + BlockMeanKernel": (
+        _gaussian,
+        lambda inputs, likelihood: _sgpr(likelihood) + _block_mean(inputs),
+    ),
+    "ScaleKernel(AdditiveKernel(GroupKernel, ScaleKernel(BlockMeanKernel)))": (
+        _gaussian,
+        lambda inputs, likelihood: ScaleKernel(
+            AdditiveKernel(GroupKernel(7, active_dims=[2]), ScaleKernel(_block_mean(inputs)))
+        ),
+    ),
+}
+
+
+def model_of(name: str, y: torch.Tensor | None = None) -> GP:
+    inputs, y0, _ = data()
+    make_likelihood, make_kernel = MODELS[name]
+    likelihood = make_likelihood(inputs)
+    return GP(inputs, y0 if y is None else y, likelihood, make_kernel(inputs, likelihood)).to(DTYPE)
+
+
+@contextlib.contextmanager
+def closed_form_and_silent():
+    with closed_forms_only(N), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        yield
+
+
+# ---------------------------------------------------------------------------- 1. observation_nan_policy
+@pytest.mark.parametrize("name", list(MODELS))
+def test_masked_targets_keep_the_posterior_covariance_closed_form(name):
+    inputs, y, xt = data()
+    y = y.clone()
+    y[[3, 17, 40]] = float("nan")
+    model = model_of(name, y)
+    model.eval()
+    reference = dense_copy(model)  # GPyTorch's dense path: the mean from the observed targets, the covariance
+    reference.eval()  # conditioned on all training points
+    for x in (inputs, xt):
+        with torch.no_grad(), gpytorch.settings.observation_nan_policy("mask"):
+            with closed_form_and_silent():  # at the training inputs: a dense n x n Cholesky for the draws
+                pred = model(x)
+                mean, covar = pred.mean, pred.covariance_matrix
+                draws = model.likelihood(pred, x).rsample(torch.Size([2, 3]))
+            with gpytorch.settings.max_cholesky_size(10**6), warnings.catch_warnings():
+                warnings.simplefilter("ignore", ClosedFormFallbackWarning)  # the reference's dense solves
+                ref = reference(x)
+                ref_mean, ref_covar = ref.mean, ref.covariance_matrix
+        assert draws.shape == (2, 3, x.shape[0]) and bool(torch.isfinite(draws).all())
+        assert bool(torch.isfinite(mean).all())
+        torch.testing.assert_close(mean, ref_mean, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(covar, ref_covar, rtol=1e-9, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------- 2. settings that change nothing
+_SETTINGS = {
+    "cholesky_max_tries(0)": lambda: gpytorch.settings.cholesky_max_tries(0),
+    "fast_computations(covar_root_decomposition=False)": lambda: linear_operator.settings.fast_computations(
+        covar_root_decomposition=False
+    ),
+    "fast_computations(solves=False)": lambda: linear_operator.settings.fast_computations(solves=False),
+    "detach_test_caches(False)": lambda: gpytorch.settings.detach_test_caches(False),
+    "trace_mode": lambda: gpytorch.settings.trace_mode(True),
+    "num_trace_samples(3)": lambda: gpytorch.settings.num_trace_samples(3),
+    "max_eager_kernel_size(0)": lambda: gpytorch.settings.max_eager_kernel_size(0),
+    "max_eager_kernel_size(10**6)": lambda: gpytorch.settings.max_eager_kernel_size(10**6),
+    "use_toeplitz(False)": lambda: gpytorch.settings.use_toeplitz(False),
+    "memory_efficient": lambda: gpytorch.settings.memory_efficient(True),
+    "fast_pred_samples + max_cholesky_size(0)": lambda: _both(
+        gpytorch.settings.fast_pred_samples(True), gpytorch.settings.max_cholesky_size(0)
+    ),
+}
+
+
+@contextlib.contextmanager
+def _both(first, second):
+    with first, second:
+        yield
+
+
+def _step_and_predict(model: GP, setting) -> dict[str, torch.Tensor]:
+    inputs, y, xt = data()
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    out = {}
+    with setting():
+        loss = -mll(model(inputs), y)
+        loss.backward()
+        out["loss"] = loss.detach()
+        out["grads"] = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+        model.eval()
+        with torch.no_grad():
+            for key, x in (("new", xt), ("train", inputs)):
+                pred = model(x)
+                out[f"{key} mean"], out[f"{key} variance"] = pred.mean, pred.variance
+                torch.manual_seed(0)
+                draws = model.likelihood(pred, x).rsample(torch.Size([2, 3]))
+                assert draws.shape == (2, 3, x.shape[0]) and bool(torch.isfinite(draws).all())
+    return out
+
+
+@pytest.mark.parametrize("setting", list(_SETTINGS))
+@pytest.mark.parametrize(
+    "name",
+    [
+        "GroupKernel + ScaleKernel(GroupKernel), GroupGaussianLikelihood",
+        "ScaleKernel(AdditiveKernel(GroupKernel, ScaleKernel(BlockMeanKernel)))",
+    ],
+)
+def test_settings_change_neither_path_nor_values(name, setting):
+    expected = _step_and_predict(model_of(name), contextlib.nullcontext)
+    with closed_form_and_silent():
+        got = _step_and_predict(model_of(name), _SETTINGS[setting])
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-9, atol=1e-11, msg=key)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_prior_mode_predicts_the_prior_in_closed_form(name):
+    """``prior_mode(True)`` makes an eval-mode model return its prior: the kernel's own covariance, at new inputs
+    and at the training inputs, whose draws (the likelihood's too) stay closed form for the group kernels."""
+    inputs, _, xt = data()
+    model = model_of(name)
+    model.eval()
+    reference = dense_copy(model)
+    reference.eval()
+    with torch.no_grad(), gpytorch.settings.prior_mode(True):
+        for x in (inputs, xt):
+            pred, ref = model(x), reference(x)
+            torch.testing.assert_close(pred.mean, ref.mean, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(pred.covariance_matrix, ref.covariance_matrix, rtol=1e-12, atol=1e-12)
+        if "BlockMeanKernel" not in name:  # at new inputs a block mean kernel's prior is the base kernel's, dense
+            with closed_form_and_silent():
+                assert model.likelihood(model(inputs), inputs).rsample(torch.Size([2])).shape == (2, N)
