@@ -1140,7 +1140,9 @@ def install() -> None:
     original_new = MaskedLinearOperator.__new__
     if not hasattr(original_new, "_bma_gp_original"):
         MaskedLinearOperator.__new__ = _hooked_masked_new(original_new)
-    for name in ("root_decomposition", "root_inv_decomposition"):  # the others reach the evaluated operator already
+    # the others reach the evaluated operator already; zero_mean_mvn_samples ran linear_operator's contour integral
+    # quadrature on the lazy tensor under ciq_samples(True)
+    for name in ("root_decomposition", "root_inv_decomposition", "zero_mean_mvn_samples"):
         method = getattr(LazyEvaluatedKernelTensor, name)
         if not hasattr(method, "_bma_gp_original"):
             setattr(LazyEvaluatedKernelTensor, name, _hooked_evaluated(method, name))

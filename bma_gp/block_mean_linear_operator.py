@@ -22,6 +22,7 @@ from bma_gp._broadcast import batch_constants, sum_to_shape, times_diagonal
 from bma_gp._diagonal import diagonal_by_construction, is_diagonal
 from bma_gp._low_rank_sum import LowRankInClosedForm
 from bma_gp._precision import core_dtype
+from bma_gp._samples import ClosedFormSamples
 from bma_gp._symmetric_function import floored_sqrt, symmetric_matrix_function
 from bma_gp._warnings import ClosedFormFallbackWarning, warn_dense_cholesky, warn_elementwise
 from bma_gp.partition import Partition, intersection
@@ -143,7 +144,7 @@ def check_symmetric_flag(symmetric) -> None:
         raise TypeError(f"symmetric must be True or False, got {symmetric!r}.")
 
 
-class BlockMeanLinearOperator(LowRankInClosedForm, LinearOperator):
+class BlockMeanLinearOperator(ClosedFormSamples, LowRankInClosedForm, LinearOperator):
     r"""A block mean matrix over a partition of :math:`n` indices into :math:`k` blocks.
 
     .. math::

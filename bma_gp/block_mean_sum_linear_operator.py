@@ -30,6 +30,7 @@ from bma_gp._diagonal import structurally_diagonal as _structurally_diagonal
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._low_rank_sum import LowRankInClosedForm
 from bma_gp._precision import core_dtype
+from bma_gp._samples import ClosedFormSamples
 from bma_gp._symmetric_function import (
     floored_sqrt,
     nan_safe_eigvalsh,
@@ -534,7 +535,7 @@ def _scoped(method):
 
 
 # ---------------------------------------------------------------------------- the operator
-class BlockMeanSumLinearOperator(LowRankInClosedForm, LinearOperator):
+class BlockMeanSumLinearOperator(ClosedFormSamples, LowRankInClosedForm, LinearOperator):
     r"""A per-point diagonal plus block mean matrices over several partitions plus a low-rank root.
 
     .. math::

@@ -9,6 +9,8 @@ numbers it gives without the setting (or GPyTorch's dense path's, where the sett
   ``max_cholesky_size``), and at new inputs the dense ``t x n`` cross covariance, both without a word. The
   covariance does not depend on the targets (GPyTorch's, too, conditions on all training points): it is now the
   closed form under every policy, the mean GPyTorch's from the observed targets.
+* Under ``ciq_samples(True)`` every draw (prior, likelihood, posterior) ran linear_operator's contour integral
+  quadrature, Lanczos and MINRES, silently; the draws now take the closed-form root whatever the setting.
 """
 
 from __future__ import annotations
@@ -139,7 +141,32 @@ def test_masked_targets_keep_the_posterior_covariance_closed_form(name):
         torch.testing.assert_close(covar, ref_covar, rtol=1e-9, atol=1e-10)
 
 
-# ---------------------------------------------------------------------------- 2. settings that change nothing
+# ---------------------------------------------------------------------------- 2. ciq_samples
+def _draws(model: GP, x: torch.Tensor) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    pred = model(x)
+    return [pred.rsample(torch.Size([2])), model.likelihood(pred, x).rsample(torch.Size([2, 3]))]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_ciq_samples_draw_through_the_closed_form_root(name):
+    """``gpytorch.settings.ciq_samples(True)`` asks linear_operator for draws by contour integral quadrature (Lanczos
+    and MINRES on the operator's products), an approximation of the draws the closed-form root gives exactly. Every
+    draw of these models ran it, silently: the prior's and the likelihood's in training, the posterior's at the
+    training and at new inputs. They now take the root whatever the setting: the same draws as without it."""
+    inputs, _, xt = data()
+    model = model_of(name)
+    for mode, x in (("train", inputs), ("eval", inputs), ("eval", xt)):
+        model.train(mode == "train")
+        with torch.no_grad():
+            expected = _draws(model, x)
+            with gpytorch.settings.ciq_samples(True), closed_form_and_silent():
+                got = _draws(model, x)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- 3. settings that change nothing
 _SETTINGS = {
     "cholesky_max_tries(0)": lambda: gpytorch.settings.cholesky_max_tries(0),
     "fast_computations(covar_root_decomposition=False)": lambda: linear_operator.settings.fast_computations(

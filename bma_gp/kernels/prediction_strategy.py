@@ -42,6 +42,7 @@ from torch import Tensor
 
 from bma_gp import settings as bma_settings
 from bma_gp._precision import core_dtype
+from bma_gp._samples import ClosedFormSamples
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.kernels._bound_data import check_bound_data, check_prediction_dtype
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
@@ -71,7 +72,7 @@ def _is_principal_slice(row_index, col_index, batch_indices) -> bool:
     return isinstance(row_index, slice) and row_index == col_index and full_batch
 
 
-class _PredictiveDifference(LinearOperator):
+class _PredictiveDifference(ClosedFormSamples, LinearOperator):
     r""":math:`K_{**} - G` at new inputs, :math:`G = (A W)(A W)^\top` held in the working precision
     (:class:`_OneHotGram` or a product of the ``t x k`` factor): entries, products, the diagonal and the dense matrix
     are formed there and only then cast to the model's dtype. For a well-observed block the difference is far smaller

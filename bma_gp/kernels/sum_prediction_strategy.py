@@ -59,6 +59,7 @@ from bma_gp import settings
 from bma_gp._by_products import ByProducts
 from bma_gp._composition import ClosedFormFallbackWarning, _build, _collect, _Parts
 from bma_gp._precision import core_dtype
+from bma_gp._samples import ClosedFormSamples
 from bma_gp._symmetric_function import floored_sqrt, symmetric_matrix_function
 from bma_gp._warnings import quiet_elementwise
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
@@ -1368,7 +1369,7 @@ def _exact_dense_root(op: LinearOperator) -> RootLinearOperator:
     return RootLinearOperator(DenseLinearOperator(L.to(dense.dtype)))
 
 
-class PredictiveCovarianceLinearOperator(LinearOperator):
+class PredictiveCovarianceLinearOperator(ClosedFormSamples, LinearOperator):
     r"""The posterior covariance at new inputs :math:`K_{**} - F W F^\top` (see :func:`new_input_prediction`).
 
     ``F`` is held in blocks, one per term of the training covariance (the tensors the kernels returned, not
@@ -2043,11 +2044,7 @@ class TrainingPosteriorLinearOperator(LinearOperator):
         :math:`\operatorname{diag}(\sqrt{s})\, \varepsilon + \operatorname{diag}(\beta) Z h \sim N(0, S)`, exactly.
         :math:`u = L \varepsilon'` needs a root of each block only (elementwise for a grouping's variances).
         ``rsample(base_samples=...)`` goes through :meth:`root_decomposition` instead (its columns must match the
-        base samples). Returns # shape: (num_samples, *batch, n)"""
-        from gpytorch import settings as gsettings
-
-        if gsettings.ciq_samples.on():
-            return super().zero_mean_mvn_samples(num_samples)
+        base samples), and ``ciq_samples`` is not needed. Returns # shape: (num_samples, *batch, n)"""
         n, q = self.shape[-1], sum(self.M._sizes())
         if self.psd:
             noise = torch.randn(*self.batch_shape, q + 2 * n, num_samples, dtype=self.s.dtype, device=self.device)
