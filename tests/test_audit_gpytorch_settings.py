@@ -115,6 +115,14 @@ def closed_form_and_silent():
         yield
 
 
+@contextlib.contextmanager
+def dense_and_quiet():
+    """For the dense reference: GPyTorch's Cholesky path, whose solves and roots warn."""
+    with gpytorch.settings.max_cholesky_size(10**6), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ClosedFormFallbackWarning)
+        yield
+
+
 # ---------------------------------------------------------------------------- 1. observation_nan_policy
 @pytest.mark.parametrize("name", list(MODELS))
 def test_masked_targets_keep_the_posterior_covariance_closed_form(name):
@@ -131,8 +139,7 @@ def test_masked_targets_keep_the_posterior_covariance_closed_form(name):
                 pred = model(x)
                 mean, covar = pred.mean, pred.covariance_matrix
                 draws = model.likelihood(pred, x).rsample(torch.Size([2, 3]))
-            with gpytorch.settings.max_cholesky_size(10**6), warnings.catch_warnings():
-                warnings.simplefilter("ignore", ClosedFormFallbackWarning)  # the reference's dense solves
+            with dense_and_quiet():
                 ref = reference(x)
                 ref_mean, ref_covar = ref.mean, ref.covariance_matrix
         assert draws.shape == (2, 3, x.shape[0]) and bool(torch.isfinite(draws).all())
@@ -242,6 +249,46 @@ def test_prior_mode_predicts_the_prior_in_closed_form(name):
             pred, ref = model(x), reference(x)
             torch.testing.assert_close(pred.mean, ref.mean, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(pred.covariance_matrix, ref.covariance_matrix, rtol=1e-12, atol=1e-12)
-        if "BlockMeanKernel" not in name:  # at new inputs a block mean kernel's prior is the base kernel's, dense
-            with closed_form_and_silent():
-                assert model.likelihood(model(inputs), inputs).rsample(torch.Size([2])).shape == (2, N)
+        with closed_form_and_silent():  # at new inputs a block mean kernel's prior is the base kernel's, dense
+            assert model.likelihood(model(inputs), inputs).rsample(torch.Size([2])).shape == (2, N)
+
+
+@pytest.mark.parametrize(
+    "setting", ["ciq_samples", "fast_pred_samples", "fast_pred_var", "observation_nan_policy('mask')"]
+)
+@pytest.mark.parametrize(
+    "name",
+    ["GroupKernel + ScaleKernel(GroupKernel), GroupGaussianLikelihood", "ChunkedInducingPointKernel + BlockMeanKernel"],
+)
+def test_fantasy_model_under_sampling_settings(name, setting):
+    """A fantasy model's prediction and draws at new inputs and at all its training points, under the settings that
+    change how GPyTorch draws or predicts: closed form, and the numbers of GPyTorch's dense path."""
+    inputs, y, xt = data()
+    if setting.startswith("observation"):
+        y = y.clone()
+        y[[3, 17]] = float("nan")
+    contexts = {
+        "ciq_samples": lambda: gpytorch.settings.ciq_samples(True),
+        "fast_pred_samples": lambda: gpytorch.settings.fast_pred_samples(True),
+        "fast_pred_var": lambda: gpytorch.settings.fast_pred_var(True),
+        "observation_nan_policy('mask')": lambda: gpytorch.settings.observation_nan_policy("mask"),
+    }
+    fantasy_x, fantasy_y = xt[:3], torch.tensor([0.1, -0.2, 0.3], dtype=DTYPE)
+    model = model_of(name, y)
+    model.eval()
+    reference = dense_copy(model)
+    reference.eval()
+    results = []
+    for m, guard in ((model, closed_form_and_silent), (reference, dense_and_quiet)):
+        with torch.no_grad(), contexts[setting](), guard():
+            m(xt)  # the caches the fantasy model is built from
+            fantasy = m.get_fantasy_model(fantasy_x, fantasy_y)
+            values = []
+            for x in (xt, torch.cat([inputs, fantasy_x])):
+                pred = fantasy(x)
+                values += [pred.mean, pred.variance]
+                draws = fantasy.likelihood(pred, x).rsample(torch.Size([2]))
+                assert draws.shape == (2, x.shape[0]) and bool(torch.isfinite(draws).all())
+            results.append(values)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
