@@ -430,10 +430,13 @@ class Partition:
         r"""Sum ``x`` over the indices of each block along ``dim``: :math:`P^\top x`.
 
         Differentiable. The size of ``x`` along ``dim`` must be ``n``; the result has
-        ``k`` there. A boolean ``x`` is counted (an int64 result, as ``torch.sum`` gives).
+        ``k`` there. A boolean ``x`` is counted, and an integer ``x`` summed, in int64 (as ``torch.sum`` gives) in
+        every layout.
         """
         dim = _dim_index(dim, x, "block_sum")
-        if x.dtype == torch.bool:  # counts, as torch.sum gives them (an index_add of bools is a logical or)
+        if not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.int64):
+            # counts and integer sums in int64, as torch.sum gives them: an index_add of bools is a logical or, and
+            # one of int8 .. int32 wraps around in their own dtype (the runs' reshaped sums already promote)
             x = x.long()
         if x.shape[dim] != len(self):
             raise ValueError(
