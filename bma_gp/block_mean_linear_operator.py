@@ -70,6 +70,11 @@ def check_rhs(shape: torch.Size, rhs: Tensor, name: str) -> None:
     """A right-hand side for an operator of ``shape``: a tensor with ``n`` rows (or ``n`` entries)."""
     if not torch.is_tensor(rhs):
         raise TypeError(f"{name} must be a tensor, got {type(rhs).__name__}.")
+    if rhs.dim() == 0:  # rhs.shape[-2] below would raise a bare IndexError
+        raise ValueError(
+            f"{name} is a 0-d tensor; pass a vector of shape ({shape[-1]},) or a matrix of shape (*batch, "
+            f"{shape[-1]}, t) (e.g. {name}.expand({shape[-1]}) for the same value at every index)."
+        )
     size = rhs.shape[-1] if rhs.dim() == 1 else rhs.shape[-2]
     if size != shape[-1]:
         raise ValueError(

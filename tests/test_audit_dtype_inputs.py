@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bma_gp import Partition
+from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, Partition
 
 DTYPE = torch.float64
+LABELS = [0, 1, 0, 2, 1, 2, 2]
 
 LAYOUTS = {
     "scattered": [0, 1, 0, 2, 1, 2, 2],
@@ -34,3 +35,46 @@ def test_block_sum_of_integers_is_the_int64_sum_in_every_layout(layout, dtype):
     assert res.dtype == torch.int64 == torch.sum(x).dtype
     assert torch.equal(res, expected)
     assert torch.equal(partition.block_sum(x[:, 0]), expected[:, 0])  # the 1-d path too
+
+
+def _block_mean(labels=LABELS, diagonal: bool = False, batch=(), seed: int = 0) -> BlockMeanLinearOperator:
+    gen = torch.Generator().manual_seed(seed)
+    partition = Partition.from_labels(labels)
+    k = partition.num_blocks
+    root = torch.randn(*batch, k, k, generator=gen, dtype=DTYPE)
+    lam = torch.rand(*batch, k, generator=gen, dtype=DTYPE) + 0.5
+    B = root @ root.mT / k
+    return BlockMeanLinearOperator(lam, B.diagonal(dim1=-2, dim2=-1) if diagonal else B, partition, diagonal=diagonal)
+
+
+def _operators() -> dict:
+    M = _block_mean()
+    second = _block_mean([0, 0, 1, 1, 0, 1, 1], seed=1)
+    return {
+        "block mean": M,
+        "diagonal B": _block_mean(diagonal=True),
+        "sum": M.add_diagonal(torch.linspace(0.5, 1.0, len(LABELS), dtype=DTYPE)),
+        "two partitions": BlockMeanSumLinearOperator(
+            torch.ones(len(LABELS), dtype=DTYPE), M.B, second.B, partitions=[M.partition, second.partition]
+        ),
+        "product": M @ second,
+    }
+
+
+@pytest.mark.parametrize(
+    "kind, method",
+    [
+        (kind, method)
+        for kind in ("block mean", "diagonal B", "sum", "two partitions", "product")
+        for method in ("solve", "inv_quad_logdet", "sqrt_inv_matmul")
+        if (kind, method) != ("product", "sqrt_inv_matmul")  # not symmetric: no square root
+    ],
+)
+def test_a_0d_right_hand_side_is_refused_by_name(kind, method):
+    op = _operators()[kind]
+    with pytest.raises(ValueError, match="0-d tensor; pass a vector of shape \\(7,\\)"):
+        getattr(op, method)(torch.tensor(1.0, dtype=DTYPE))
+    # a vector of the same value is the way round, and agrees with the dense matrix
+    rhs = torch.tensor(1.0, dtype=DTYPE).expand(7)
+    if method == "solve":
+        torch.testing.assert_close(op.solve(rhs), torch.linalg.solve(op.to_dense(), rhs))
