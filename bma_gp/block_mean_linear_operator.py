@@ -83,6 +83,16 @@ def check_rhs(shape: torch.Size, rhs: Tensor, name: str) -> None:
         )
 
 
+def check_real(value: Tensor, name: str) -> None:
+    """``TypeError`` for a complex ``value`` added to a (real) operator: the cast to the operator's dtype would drop
+    its imaginary part, with at most one warning per process from torch."""
+    if value.dtype.is_complex:
+        raise TypeError(
+            f"{name} has dtype {value.dtype}, but block mean operators are real: casting it to the operator's dtype "
+            f"would drop the imaginary part. Pass a real tensor ({name}.real, if only that part is meant)."
+        )
+
+
 def _where(batch: tuple[int, ...]) -> str:
     return f" (batch index {batch})" if batch else ""
 
@@ -796,7 +806,8 @@ class BlockMeanLinearOperator(ClosedFormSamples, LowRankInClosedForm, LinearOper
     def _add_constant(self, c) -> BlockMeanLinearOperator | None:
         """``M + c`` for a number or a tensor of shape ``()``, ``(1,)`` or ``(*batch, 1, 1)``: ``c`` is added to every
         entry (as for a dense tensor), which is again block mean, ``B + c`` (``P (B + c 11^T) P^T``, the same
-        ``lam``). ``None`` for any other ``other``. ``c`` is cast to the operator's dtype and device."""
+        ``lam``). ``None`` for any other ``other``. ``c`` is cast to the operator's dtype and device (a complex
+        ``c`` raises ``TypeError``: the cast would drop its imaginary part)."""
         if isinstance(c, numbers.Real) and not isinstance(c, bool):
             c = torch.tensor(float(c), dtype=self.dtype, device=self.device)
         elif not torch.is_tensor(c):
@@ -804,6 +815,7 @@ class BlockMeanLinearOperator(ClosedFormSamples, LowRankInClosedForm, LinearOper
         elif any(size != 1 for size in c.shape[-2:]):
             return None
         else:
+            check_real(c, "the added constant")
             c = c.to(dtype=self.dtype, device=self.device)
         if c.dim() < 2:
             c = c.reshape(())
@@ -837,9 +849,11 @@ class BlockMeanLinearOperator(ClosedFormSamples, LowRankInClosedForm, LinearOper
         keeps the block mean type; a full diagonal ``(*batch, n)`` gives a
         :class:`~bma_gp.BlockMeanSumLinearOperator` (or again a block mean operator when ``diag`` is
         constant inside every block and needs no gradient), with closed forms either way. ``diag`` is cast
-        to the operator's dtype and device, as linear_operator's ``add_diagonal`` keeps the operator's dtype."""
+        to the operator's dtype and device, as linear_operator's ``add_diagonal`` keeps the operator's dtype (a complex
+        ``diag`` raises ``TypeError``: the cast would drop its imaginary part)."""
         if not torch.is_tensor(diag):
             diag = torch.tensor(diag, dtype=self.dtype, device=self.device)
+        check_real(diag, "diag")
         diag = diag.to(dtype=self.dtype, device=self.device)
         if diag.dim() == 0 or diag.shape[-1] == 1:
             value = diag if diag.dim() > 0 else diag.unsqueeze(-1)

@@ -39,7 +39,7 @@ from bma_gp._symmetric_function import (
     symmetric_matrix_functions,
 )
 from bma_gp._warnings import warn_dense_cholesky, warn_dense_eigh, warn_elementwise
-from bma_gp.block_mean_linear_operator import _first_bad, _where, batch_repeat, check_rhs
+from bma_gp.block_mean_linear_operator import _first_bad, _where, batch_repeat, check_real, check_rhs
 from bma_gp.partition import Partition
 
 __all__ = ["BlockMeanSumLinearOperator"]
@@ -999,9 +999,11 @@ class BlockMeanSumLinearOperator(ClosedFormSamples, LowRankInClosedForm, LinearO
     # ------------------------------------------------------------------ sums keep the type
     def add_diagonal(self, diag: Tensor) -> BlockMeanSumLinearOperator:
         """Add a scalar, one value per batch entry ``(*batch, 1)`` or a full diagonal ``(*batch, n)``, cast to the
-        operator's dtype and device (as linear_operator's ``add_diagonal`` keeps the operator's dtype)."""
+        operator's dtype and device (as linear_operator's ``add_diagonal`` keeps the operator's dtype; a complex
+        ``diag`` raises ``TypeError``, since the cast would drop its imaginary part)."""
         if not torch.is_tensor(diag):
             diag = torch.tensor(diag, dtype=self.dtype, device=self.device)
+        check_real(diag, "diag")
         diag = diag.to(dtype=self.dtype, device=self.device)
         try:
             new = self.diag_values + diag

@@ -78,3 +78,25 @@ def test_a_0d_right_hand_side_is_refused_by_name(kind, method):
     rhs = torch.tensor(1.0, dtype=DTYPE).expand(7)
     if method == "solve":
         torch.testing.assert_close(op.solve(rhs), torch.linalg.solve(op.to_dense(), rhs))
+
+
+@pytest.mark.parametrize("kind", ["block mean", "diagonal B", "sum", "two partitions"])
+@pytest.mark.parametrize("shape", [(), (1,), (7,)])
+def test_a_complex_diagonal_is_refused_not_cast_to_real(kind, shape):
+    op = _operators()[kind]
+    diag = torch.full(shape, 1 + 2j, dtype=torch.complex128)
+    with pytest.raises(TypeError, match="diag has dtype torch.complex128, but block mean operators are real"):
+        op.add_diagonal(diag)
+    # its real part is the way round, and adds as a dense diagonal would
+    expected = op.to_dense() + torch.diag_embed(diag.real.expand(7))
+    torch.testing.assert_close(op.add_diagonal(diag.real).to_dense(), expected)
+
+
+@pytest.mark.parametrize("kind", ["block mean", "diagonal B"])
+@pytest.mark.parametrize("shape", [(), (1, 1)])
+def test_a_complex_constant_is_refused_not_cast_to_real(kind, shape):
+    op = _operators()[kind]
+    c = torch.full(shape, 1 + 2j, dtype=torch.complex128)
+    with pytest.raises(TypeError, match="the added constant has dtype torch.complex128"):
+        op + c
+    torch.testing.assert_close((op + c.real).to_dense(), op.to_dense() + c.real)
