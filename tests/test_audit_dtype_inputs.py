@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, Partition
+from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, GroupKernel, Partition
 
 DTYPE = torch.float64
 LABELS = [0, 1, 0, 2, 1, 2, 2]
@@ -100,3 +100,23 @@ def test_a_complex_constant_is_refused_not_cast_to_real(kind, shape):
     with pytest.raises(TypeError, match="the added constant has dtype torch.complex128"):
         op + c
     torch.testing.assert_close((op + c.real).to_dense(), op.to_dense() + c.real)
+
+
+@pytest.mark.parametrize("options", [{}, {"rank": 1}, {"per_group_variance": False}])
+def test_group_kernel_over_an_empty_batch_is_empty_as_gpytorch_kernels_are(options):
+    kernel = GroupKernel(3, **options).to(DTYPE)
+    empty = torch.zeros(0, 5, 1, dtype=DTYPE)
+    ids = torch.tensor([[0.0], [1.0], [2.0], [1.0], [0.0]], dtype=DTYPE)
+
+    covar = kernel(empty).evaluate_kernel()
+    assert isinstance(covar, BlockMeanLinearOperator)  # still closed form
+    assert covar.to_dense().shape == (0, 5, 5)
+    assert kernel(empty, diag=True).shape == (0, 5)
+    assert kernel(empty, ids).to_dense().shape == (0, 5, 5)
+    assert kernel(ids, empty).to_dense().shape == (0, 5, 5)
+    assert kernel(empty, torch.zeros(0, 3, 1, dtype=DTYPE)).to_dense().shape == (0, 5, 3)
+    noisy = covar.add_diagonal(torch.tensor(1.0, dtype=DTYPE))
+    assert noisy.solve(torch.ones(0, 5, 2, dtype=DTYPE)).shape == (0, 5, 2)
+    assert noisy.logdet().shape == (0,)
+    # a batch of one is unchanged: the empty batch's placeholder ids do not leak into other shapes
+    torch.testing.assert_close(kernel(ids.unsqueeze(0)).to_dense()[0], kernel(ids).to_dense())

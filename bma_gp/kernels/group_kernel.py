@@ -80,10 +80,14 @@ def check_group_ids(values: Tensor, num_groups: int, name: str = "x") -> Tensor:
 
 
 def _shared_ids(ids: Tensor) -> Tensor | None:
-    """The id vector if every batch entry of ``ids`` (*batch, n) holds the same ids, else None."""
+    """The id vector if every batch entry of ``ids`` (*batch, n) holds the same ids, else None. An empty batch holds
+    no ids at all: any vector describes it, so the first of the ``n`` rows repeated (a one-group partition) is
+    returned, and the result keeps the empty batch shape."""
     if ids.dim() == 1:
         return ids
     flat = ids.reshape(-1, ids.shape[-1])
+    if flat.shape[0] == 0:
+        return flat.new_zeros(ids.shape[-1])
     first = flat[0]
     return first if bool((flat == first).all()) else None
 
