@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import linear_operator
+import numpy as np
 import torch
 from linear_operator.operators import LinearOperator
 from linear_operator.operators.root_linear_operator import RootLinearOperator
@@ -591,8 +592,24 @@ class BlockMeanSumLinearOperator(ClosedFormSamples, LowRankInClosedForm, LinearO
         weights: Sequence[Tensor | None] | None = None,
         diagonal: Sequence[bool] | None = None,
     ):
+        if isinstance(partitions, Partition):
+            raise TypeError(
+                "partitions must be a list with one bma_gp.Partition per block matrix: partitions=[partition]."
+            )
         partitions = tuple(partitions)
-        flags = tuple(bool(f) for f in diagonal) if diagonal is not None else (False,) * len(partitions)
+        if diagonal is None:
+            flags: tuple[bool, ...] = (False,) * len(partitions)
+        elif not isinstance(diagonal, (list, tuple, np.ndarray)):  # a bare bool, or a string (each character a flag)
+            raise TypeError(
+                f"diagonal must be a list with one True/False flag per partition, got {diagonal!r}; "
+                f"e.g. diagonal=[{diagonal!r}] for one partition."
+            )
+        else:
+            for j, flag in enumerate(diagonal):
+                if not (isinstance(flag, (bool, int, np.bool_)) and flag in (True, False)):
+                    # bool("False") is True: a string would read a k x k B as k diagonals (a batch of k)
+                    raise TypeError(f"diagonal[{j}] must be True or False, got {flag!r}.")
+            flags = tuple(bool(f) for f in diagonal)
         if len(flags) != len(partitions):
             raise ValueError(
                 f"diagonal must hold one flag per partition, got {len(flags)} for {len(partitions)} partitions."
@@ -649,6 +666,8 @@ class BlockMeanSumLinearOperator(ClosedFormSamples, LowRankInClosedForm, LinearO
         for j, w in enumerate(weights):
             if w is not None and (not torch.is_tensor(w) or w.shape != (n,)):
                 raise ValueError(f"weights[{j}] must be None or a tensor of shape ({n},).")
+            if w is not None:
+                check_real(w, f"weights[{j}]")
         trail = [1 if f else 2 for f in flags]  # the non-batch dimensions of each block argument
         batches = {"diag": diag.shape[:-1]}
         batches.update({f"blocks[{j}]": B.shape[: B.dim() - t] for j, (B, t) in enumerate(zip(blocks, trail))})

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,3 +121,34 @@ def test_group_kernel_over_an_empty_batch_is_empty_as_gpytorch_kernels_are(optio
     assert noisy.logdet().shape == (0,)
     # a batch of one is unchanged: the empty batch's placeholder ids do not leak into other shapes
     torch.testing.assert_close(kernel(ids.unsqueeze(0)).to_dense()[0], kernel(ids).to_dense())
+
+
+@pytest.mark.parametrize("flag", ["False", "True", None, 2, torch.tensor(False)])
+def test_sum_diagonal_flags_must_be_booleans(flag):
+    partition = Partition.from_labels(LABELS)
+    d, B = torch.ones(7, dtype=DTYPE), 2 * torch.eye(3, dtype=DTYPE)
+    with pytest.raises(TypeError, match="diagonal\\[0\\] must be True or False"):
+        BlockMeanSumLinearOperator(d, B, partitions=[partition], diagonal=[flag])
+    for flags in ([False], (False,), [np.False_], np.array([False]), [0]):  # booleans in any form still work
+        op = BlockMeanSumLinearOperator(d, B, partitions=[partition], diagonal=flags)
+        assert op.shape == (7, 7)
+        torch.testing.assert_close(
+            op.to_dense(), torch.diag_embed(d) + partition.expand(partition.expand(B, dim=-1), dim=-2)
+        )
+
+
+def test_sum_arguments_given_bare_instead_of_as_lists_are_refused_in_words():
+    partition = Partition.from_labels(LABELS)
+    d, b = torch.ones(7, dtype=DTYPE), torch.ones(3, dtype=DTYPE)
+    with pytest.raises(TypeError, match="diagonal must be a list with one True/False flag per partition"):
+        BlockMeanSumLinearOperator(d, b, partitions=[partition], diagonal=True)
+    with pytest.raises(TypeError, match="partitions=\\[partition\\]"):
+        BlockMeanSumLinearOperator(d, b, partitions=partition, diagonal=[True])
+
+
+def test_sum_complex_weights_are_refused_not_cast_to_real():
+    partition = Partition.from_labels(LABELS)
+    d, B = torch.ones(7, dtype=DTYPE), torch.eye(3, dtype=DTYPE)
+    weights = torch.full((7,), 1j, dtype=torch.complex128)
+    with pytest.raises(TypeError, match="weights\\[0\\] has dtype torch.complex128"):
+        BlockMeanSumLinearOperator(d, B, partitions=[partition], weights=[weights])
