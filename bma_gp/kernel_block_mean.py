@@ -233,7 +233,14 @@ def kernel_block_mean(
     sizes = partition.sizes
 
     form = _stationary_form(kernel, xs, fused)
-    batch_numel = math.prod(_values_batch_shape(kernel, x))
+    batch = _values_batch_shape(kernel, x)
+    batch_numel = math.prod(batch)
+    if batch_numel == 0:  # an empty batch has nothing to sum (and the engines size chunks and tiles per entry)
+        with torch.no_grad():
+            dtype = evaluate(kernel, xs[..., :1, :], xs[..., :1, :]).dtype
+        k = partition.num_blocks
+        lam = torch.zeros(*batch, k, dtype=dtype, device=x.device)
+        return BlockMeanLinearOperator(lam, lam.new_zeros(*batch, k, k), partition)
     show = (bool(progress) if progress is not None else batch_numel * n * n >= _PROGRESS_ENTRIES) and rank == 0
     rows = (rank * n // world, (rank + 1) * n // world)
 

@@ -7,11 +7,12 @@
 
 from __future__ import annotations
 
+import gpytorch
 import numpy as np
 import pytest
 import torch
 
-from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, GroupKernel, Partition
+from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, GroupKernel, Partition, kernel_block_mean
 
 DTYPE = torch.float64
 LABELS = [0, 1, 0, 2, 1, 2, 2]
@@ -152,3 +153,31 @@ def test_sum_complex_weights_are_refused_not_cast_to_real():
     weights = torch.full((7,), 1j, dtype=torch.complex128)
     with pytest.raises(TypeError, match="weights\\[0\\] has dtype torch.complex128"):
         BlockMeanSumLinearOperator(d, B, partitions=[partition], weights=[weights])
+
+
+@pytest.mark.parametrize(
+    "make_kernel",
+    [
+        lambda: gpytorch.kernels.RBFKernel(),  # the stationary engine
+        lambda: gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=1.5)),
+        lambda: gpytorch.kernels.LinearKernel(),  # the generic engine
+        lambda: gpytorch.kernels.PeriodicKernel(),
+    ],
+)
+@pytest.mark.parametrize("batch", [(0,), (2, 0)])
+@pytest.mark.parametrize("x_dtype", [torch.float32, DTYPE])
+def test_kernel_block_mean_over_an_empty_batch_is_empty(make_kernel, batch, x_dtype):
+    kernel = make_kernel()
+    x = torch.randn(6, 2, dtype=x_dtype)
+    partition = Partition.from_labels(torch.arange(6) % 2)
+    res = kernel_block_mean(kernel, x.expand(*batch, 6, 2), partition)
+    assert isinstance(res, BlockMeanLinearOperator)
+    assert res.shape == (*batch, 6, 6)
+    assert res.dtype == kernel_block_mean(kernel, x, partition).dtype  # as a non-empty batch would be
+    assert res.logdet().shape == batch
+
+
+def test_kernel_block_mean_of_an_empty_batch_kernel_is_empty():
+    kernel = gpytorch.kernels.RBFKernel(batch_shape=torch.Size([0]))
+    res = kernel_block_mean(kernel, torch.randn(6, 2), Partition.from_labels(torch.arange(6) % 3))
+    assert res.shape == (0, 6, 6)
