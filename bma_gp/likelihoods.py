@@ -255,6 +255,8 @@ class GroupNoise(Noise):
 
     def _groups(self, params: tuple, groups, shape: torch.Size | None, model_inputs=None) -> Tensor:
         if groups is not None:
+            if torch.is_tensor(groups) and groups.device.type == "meta":
+                check_group_ids(groups, self.num_groups, "groups")  # says why (copying it below would fail first)
             try:
                 groups = torch.as_tensor(_as_array(groups), device=self.raw_noise.device)  # a pandas column too
             except (TypeError, ValueError, RuntimeError):  # names, ragged lists: torch's message names neither

@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, GroupKernel, Partition, kernel_block_mean
+from bma_gp import (
+    BlockMeanLinearOperator,
+    BlockMeanSumLinearOperator,
+    GroupGaussianLikelihood,
+    GroupKernel,
+    Partition,
+    kernel_block_mean,
+)
 
 DTYPE = torch.float64
 LABELS = [0, 1, 0, 2, 1, 2, 2]
@@ -181,3 +188,17 @@ def test_kernel_block_mean_of_an_empty_batch_kernel_is_empty():
     kernel = gpytorch.kernels.RBFKernel(batch_shape=torch.Size([0]))
     res = kernel_block_mean(kernel, torch.randn(6, 2), Partition.from_labels(torch.arange(6) % 3))
     assert res.shape == (0, 6, 6)
+
+
+def test_group_ids_on_the_meta_device_are_refused_by_name():
+    meta_ids = torch.zeros(5, 1, device="meta")
+    with pytest.raises(ValueError, match="x1 is on the meta device, which holds no values"):
+        GroupKernel(3)(meta_ids).to_dense()
+    likelihood = GroupGaussianLikelihood(3)
+    f = gpytorch.distributions.MultivariateNormal(torch.zeros(5), torch.eye(5))
+    with pytest.raises(ValueError, match="groups is on the meta device, which holds no values"):
+        likelihood(f, groups=torch.zeros(5, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match="is on the meta device, which holds no values"):
+        likelihood(f, meta_ids)
+    # the same ids on the CPU work
+    assert likelihood(f, groups=torch.zeros(5, dtype=torch.long)).variance.shape == (5,)

@@ -45,6 +45,11 @@ def check_group_ids(values: Tensor, num_groups: int, name: str = "x") -> Tensor:
     """``values`` (*batch, n) as a LongTensor of group ids; ``ValueError`` unless every entry is an integer in
     ``[0, num_groups)`` (floating point values must be whole numbers, and below the size from which the dtype merges
     neighbouring integers: ``2^24`` in float32, ``2^53`` in float64)."""
+    if values.device.type == "meta":  # torch's own error reads ".item() cannot be called on meta tensors"
+        raise ValueError(
+            f"{name} is on the meta device, which holds no values, and the covariance depends on the group ids; "
+            "pass the ids on a real device (the CPU or an accelerator)."
+        )
     if values.dtype == torch.bool or values.dtype.is_complex:
         raise ValueError(f"{name} must hold integer group ids, got dtype {values.dtype}.")
     if values.numel() == 0:
