@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bma_gp import (
+    BlockMeanKernel,
     BlockMeanLinearOperator,
     BlockMeanSumLinearOperator,
     GroupGaussianLikelihood,
@@ -202,3 +203,20 @@ def test_group_ids_on_the_meta_device_are_refused_by_name():
         likelihood(f, meta_ids)
     # the same ids on the CPU work
     assert likelihood(f, groups=torch.zeros(5, dtype=torch.long)).variance.shape == (5,)
+
+
+@pytest.mark.parametrize("batch", [(3,), (2, 1), (0,)])
+def test_block_mean_kernel_shapes_over_batched_inputs_follow_gpytorch(batch):
+    gen = torch.Generator().manual_seed(0)
+    train_x, new_x = torch.randn(6, 2, generator=gen), torch.randn(2, 2, generator=gen)
+    kernel = BlockMeanKernel(gpytorch.kernels.RBFKernel(), train_x, Partition.from_labels(torch.arange(6) % 2))
+    rbf = gpytorch.kernels.RBFKernel()
+    joint = torch.cat([train_x, new_x])
+    for x1, x2 in [(train_x, train_x), (joint, joint), (new_x, train_x), (train_x, new_x)]:
+        x1, x2 = x1.expand(*batch, *x1.shape), x2.expand(*batch, *x2.shape)
+        full = kernel(x1, x2).to_dense()
+        assert full.shape == rbf(x1, x2).shape
+        if x1.shape == x2.shape:
+            diagonal = kernel(x1, x2, diag=True)
+            assert diagonal.shape == rbf(x1, x2, diag=True).shape
+            torch.testing.assert_close(diagonal, torch.diagonal(full, dim1=-2, dim2=-1))

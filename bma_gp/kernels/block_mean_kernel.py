@@ -389,7 +389,7 @@ class BlockMeanKernel(Kernel):
         n = train_x.shape[-2]
         # a batch kernel on unbatched inputs evaluates one matrix per batch entry
         batch = torch.broadcast_shapes(x_new.shape[:-2], train_x.shape[:-2], self.base_kernel.batch_shape)
-        chunk = self.chunk_size or max(1, _CROSS_CHUNK_ENTRIES // (n * math.prod(batch)))
+        chunk = self.chunk_size or max(1, _CROSS_CHUNK_ENTRIES // max(1, n * math.prod(batch)))  # (an empty batch: 0)
 
         def block_means(rows: Tensor) -> Tensor:
             return partition.block_average(self._base_dense(rows, train_x), dim=-1)
@@ -404,7 +404,7 @@ class BlockMeanKernel(Kernel):
         x_new, train_x = self._centred(x_new, train_x)
         n = train_x.shape[-2]
         batch = torch.broadcast_shapes(x_new.shape[:-2], train_x.shape[:-2], self.base_kernel.batch_shape)
-        chunk = self.chunk_size or max(1, _CROSS_CHUNK_ENTRIES // (n * math.prod(batch)))
+        chunk = self.chunk_size or max(1, _CROSS_CHUNK_ENTRIES // max(1, n * math.prod(batch)))  # (an empty batch: 0)
 
         def own_block_means(rows: Tensor, labels: Tensor) -> Tensor:
             means = partition.block_average(self._base_dense(rows, train_x), dim=-1)  # (*b, c, k)
@@ -457,7 +457,10 @@ class BlockMeanKernel(Kernel):
                 parts.append(self._cross_diagonal((x2 if r1 else x1)[..., :m, :], train_x))
             if x1.shape[-2] > m:
                 parts.append(to_dense(self.base_kernel(x1[..., m:, :], x2[..., m:, :], diag=True)))
-            batch = torch.broadcast_shapes(*(p.shape[:-1] for p in parts))
+            # the inputs' batch too: the training rows' diagonal is computed once, unbatched (as kernel(x1, x2) is)
+            batch = torch.broadcast_shapes(
+                x1.shape[:-2], x2.shape[:-2], self.batch_shape, *(p.shape[:-1] for p in parts)
+            )
             return torch.cat([p.expand(*batch, p.shape[-1]) for p in parts], dim=-1)
 
         batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], self.batch_shape)
