@@ -3,6 +3,25 @@
 * ``Partition.block_sum`` of an int8 .. int32 (or uint8) tensor summed in the tensor's own dtype, and wrapped
   around, for scattered blocks and contiguous blocks of many sizes, while runs of equal-size blocks gave int64
   sums (as ``torch.sum`` does): the same sums had another dtype, and another value, by layout;
+* a 0-d right-hand side of ``solve``, ``inv_quad_logdet`` or ``sqrt_inv_matmul`` failed with a bare ``IndexError``
+  ("tuple index out of range") in the shape check itself;
+* a complex diagonal (``add_diagonal``) or constant (``M + c``) was cast to the operator's real dtype, dropping its
+  imaginary part with at most one warning per process (a dense operator gives the complex sum);
+* ``GroupKernel`` on inputs with an empty batch dimension, ``(0, n, 1)``, failed with an ``IndexError`` while it
+  looked for the ids shared by the batch entries (GPyTorch's kernels give the empty ``(0, n, n)`` result);
+* ``BlockMeanSumLinearOperator(..., diagonal=["False"])`` took the string for ``True`` and read a ``k x k`` ``B_j``
+  as a batch of ``k`` diagonals (a ``(k, n, n)`` operator, silently); a bare ``diagonal=True`` and
+  ``partitions=partition`` failed with "object is not iterable"; complex ``weights`` lost their imaginary part;
+* ``kernel_block_mean`` on inputs (or a batch kernel) with an empty batch dimension divided by zero while it sized
+  its chunks or tiles per batch entry (``ZeroDivisionError``, both engines);
+* group ids on the meta device failed inside torch (``GroupKernel``: ".item() cannot be called on meta tensors") or
+  were blamed on their encoding (``GroupGaussianLikelihood(groups=...)``: "encode names as ids first");
+* ``BlockMeanKernel`` with ``diag=True`` at batched training inputs (``train_x.expand(3, n, d)``) returned the
+  unbatched ``(n,)`` diagonal where ``kernel(x)`` is ``(3, n, n)`` and GPyTorch's kernels give ``(3, n)``, and its
+  cross covariances over an empty batch divided by zero while sizing their row chunks.
+
+Each test fails before its fix. Mixed float32/float64 operands that torch itself refuses (``M32 @ rhs64``) are left
+to torch's error, as ``DenseLinearOperator`` leaves them.
 """
 
 from __future__ import annotations
