@@ -18,7 +18,10 @@
   were blamed on their encoding (``GroupGaussianLikelihood(groups=...)``: "encode names as ids first");
 * ``BlockMeanKernel`` with ``diag=True`` at batched training inputs (``train_x.expand(3, n, d)``) returned the
   unbatched ``(n,)`` diagonal where ``kernel(x)`` is ``(3, n, n)`` and GPyTorch's kernels give ``(3, n)``, and its
-  cross covariances over an empty batch divided by zero while sizing their row chunks.
+  cross covariances over an empty batch divided by zero while sizing their row chunks;
+* no points at all (``n = 0``): ``GroupKernel`` refused them with "labels must not be empty" (a partition's message,
+  about an argument the user never passed) and ``BlockMeanKernel(..., diag=True)`` failed in ``torch.cat``, where
+  GPyTorch's kernels give the empty ``(0, 0)`` matrix and ``(0,)`` diagonal.
 
 Each test fails before its fix. Mixed float32/float64 operands that torch itself refuses (``M32 @ rhs64``) are left
 to torch's error, as ``DenseLinearOperator`` leaves them.
@@ -239,3 +242,25 @@ def test_block_mean_kernel_shapes_over_batched_inputs_follow_gpytorch(batch):
             diagonal = kernel(x1, x2, diag=True)
             assert diagonal.shape == rbf(x1, x2, diag=True).shape
             torch.testing.assert_close(diagonal, torch.diagonal(full, dim1=-2, dim2=-1))
+
+
+@pytest.mark.parametrize("options", [{}, {"rank": 1}, {"slope": True}])
+def test_group_kernel_at_no_points_is_the_empty_matrix(options):
+    kernel = GroupKernel(3, **options)
+    columns = 2 if options.get("slope") else 1
+    empty, some = torch.zeros(0, columns), torch.tensor([[0.0, 1.0], [1.0, 2.0], [2.0, 0.5]])[:, :columns]
+    rbf = gpytorch.kernels.RBFKernel()
+    for x1, x2 in [(empty, empty), (empty, some), (some, empty)]:
+        assert kernel(x1, x2).to_dense().shape == rbf(x1, x2).shape
+    assert kernel(empty, diag=True).shape == (0,)
+    with pytest.raises(ValueError, match="x1 holds 7.0"):  # the ids are still checked
+        kernel(torch.full((1, columns), 7.0), empty).to_dense()
+
+
+def test_block_mean_kernel_diagonal_at_no_points_is_empty():
+    train_x = torch.randn(6, 2)
+    kernel = BlockMeanKernel(gpytorch.kernels.RBFKernel(), train_x, Partition.from_labels(torch.arange(6) % 2))
+    empty = torch.zeros(0, 2)
+    assert kernel(empty, diag=True).shape == (0,)
+    assert kernel(empty.expand(3, 0, 2), diag=True).shape == (3, 0)
+    assert kernel(empty).to_dense().shape == (0, 0)

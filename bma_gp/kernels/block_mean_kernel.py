@@ -455,7 +455,7 @@ class BlockMeanKernel(Kernel):
                 parts.append(self._train_diagonal(train_x))
             elif m:  # training point i against new point i: the mean of k over its block, O(n * chunk)
                 parts.append(self._cross_diagonal((x2 if r1 else x1)[..., :m, :], train_x))
-            if x1.shape[-2] > m:
+            if x1.shape[-2] > m or not parts:  # (no points at all: the base kernel's empty diagonal)
                 parts.append(to_dense(self.base_kernel(x1[..., m:, :], x2[..., m:, :], diag=True)))
             # the inputs' batch too: the training rows' diagonal is computed once, unbatched (as kernel(x1, x2) is)
             batch = torch.broadcast_shapes(

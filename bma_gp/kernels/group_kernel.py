@@ -511,6 +511,11 @@ class GroupKernel(Kernel):
                 "at a time. Give each id column its own GroupKernel and add (or multiply) them: "
                 "GroupKernel(k0, active_dims=[0]) + GroupKernel(k1, active_dims=[1])."
             )
+        if not diag and 0 in (x1.shape[-2:-1] + x2.shape[-2:-1]):  # no points on one side: the empty matrix
+            ids1, ids2 = self.group_ids(x1, "x1"), self.group_ids(x2, "x2")  # (a partition needs an index)
+            batch = torch.broadcast_shapes(ids1.shape[:-1], ids2.shape[:-1], self.raw_var.shape[:-1])
+            shape = (*batch, ids1.shape[-1], ids2.shape[-1])
+            return to_linear_operator(torch.zeros(shape, dtype=self.raw_var.dtype, device=self.raw_var.device))
         if self.slope:
             return self._slope_forward(x1, x2, diag)
         ids1 = self.group_ids(x1, "x1")
