@@ -574,6 +574,21 @@ class FallbackIndexedLinearOperator(_WarnsWhenFactorised, InterpolatedLinearOper
             stacklevel=3,
         )
 
+    def to_dense(self) -> Tensor:
+        """The dense ``rows x cols`` submatrix, read from the base operator's entries (``_get_indices``): memory of the
+        result's size. linear_operator's default multiplies the base by an identity of the smaller side, an
+        ``n x min(rows, cols)`` intermediate (80 GB for a ``1000 x 1000`` block of an operator of ``n = 10^7``), which
+        a dense solve of the submatrix also went through."""
+        rows, cols = self.matrix_shape
+        device = self.device
+        grid = [
+            torch.arange(size, device=device).view(-1, *([1] * (len(self.batch_shape) - i + 1)))
+            for i, size in enumerate(self.batch_shape)
+        ]
+        row_index = torch.arange(rows, device=device).unsqueeze(-1)
+        col_index = torch.arange(cols, device=device).unsqueeze(-2)
+        return self._get_indices(row_index, col_index, *grid).contiguous()
+
 
 class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperator):
     r"""A negative multiple :math:`c M` of a :class:`~bma_gp.BlockMeanSumLinearOperator` (its root ``U U^T`` cannot

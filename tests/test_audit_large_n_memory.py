@@ -1,0 +1,67 @@
+"""Audit of the memory promise at large n: no public path of the block mean operators allocates ``n x n`` (or
+``t x n`` for a ``t``-sized result) unless the caller asks for that dense matrix."""
+
+import warnings
+
+import pytest
+import torch
+from linear_operator.operators import DiagLinearOperator, LowRankRootLinearOperator
+
+from bma_gp import BlockMeanLinearOperator, ClosedFormFallbackWarning, Partition
+from largest_tensor import LargestTensor
+
+N = 100_000
+K = 40
+
+
+def _operators(n: int = N):
+    """A block mean operator, a sum (noise, a second diagonal grouping, a low-rank root) and a product over two
+    partitions, all of size ``n``."""
+    gen = torch.Generator().manual_seed(0)
+    dt = torch.float64
+    labels = torch.arange(n) % K
+    W = torch.randn(K, K, dtype=dt, generator=gen)
+    M = BlockMeanLinearOperator(torch.rand(K, dtype=dt, generator=gen) + 1, W @ W.T / K, Partition.from_labels(labels))
+    second = Partition.from_labels(torch.arange(n) % 7)
+    M2 = BlockMeanLinearOperator(torch.zeros(7, dtype=dt), torch.ones(7, dtype=dt), second, diagonal=True)
+    noise = DiagLinearOperator(torch.rand(n, dtype=dt, generator=gen) + 0.1)
+    S = noise + M + M2 + LowRankRootLinearOperator(torch.randn(n, 3, dtype=dt, generator=gen) / 10)
+    P = M.matmul(BlockMeanLinearOperator(torch.rand(7, dtype=dt, generator=gen) + 1, torch.eye(7, dtype=dt), second))
+    return {"block mean": M, "sum": S, "product": P}
+
+
+def _entries(op, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Reference entries ``op[rows[a], cols[b]]``, one column of ``op`` at a time (``op @ e_j``): no ``n x n``."""
+    cols_dense = torch.zeros(op.shape[-1], cols.numel(), dtype=op.dtype)
+    cols_dense[cols, torch.arange(cols.numel())] = 1
+    return (op @ cols_dense)[rows]
+
+
+@pytest.mark.parametrize("name", ["block mean", "sum", "product"])
+def test_dense_off_diagonal_submatrix_reads_only_its_entries(name):
+    # M[a:b, c:d].to_dense() (and M[idx][:, idx2]) went through linear_operator's default to_dense, a product with
+    # an identity of the smaller side: an n x (d - c) intermediate, 80 GB for a 1000 x 1000 block at n = 10^7.
+    op = _operators()[name]
+    rows, cols = torch.arange(5_000, 5_150), torch.arange(100, 220)
+    idx = torch.randperm(N, generator=torch.Generator().manual_seed(1))[:150]
+    for sub, r, c in [(op[5_000:5_150, 100:220], rows, cols), (op[idx][:, cols], idx, cols)]:
+        with LargestTensor() as probe:
+            dense = sub.to_dense()
+        assert probe.largest <= 4 * N, (probe.largest, probe.where)  # O(n): the root, the pairs of blocks
+        torch.testing.assert_close(dense, _entries(op, r, c), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["block mean", "sum", "product"])
+def test_solve_of_indexed_principal_submatrix_is_its_size(name):
+    # M[idx][:, idx] has no closed form (it warns); its dense Cholesky factorised the submatrix read through an
+    # n x |idx| product with the base operator.
+    op = _operators()[name]
+    idx = torch.randperm(N, generator=torch.Generator().manual_seed(2))[:200]
+    sub = op[idx][:, idx]
+    rhs = torch.randn(200, 2, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ClosedFormFallbackWarning)
+        with LargestTensor() as probe:
+            x = sub.solve(rhs)
+    assert probe.largest <= 4 * N, (probe.largest, probe.where)  # O(n): the root, the pairs of blocks
+    torch.testing.assert_close(_entries(op, idx, idx) @ x, rhs, rtol=1e-8, atol=1e-8)
