@@ -64,6 +64,13 @@ class _RootWithDiagonal(LowRankRootLinearOperator):
         return super()._diagonal()
 
 
+def _same_up_to_rounding(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` (same shape) differ by at most a few units of rounding of their largest entry: the
+    same kernel matrix evaluated on two paths, not one evaluated at other parameters."""
+    a, b = a.detach(), b.detach()
+    return bool((a - b).abs().amax() <= 16 * torch.finfo(a.dtype).eps * a.abs().amax())
+
+
 def _root_block(kernel, x: Tensor, inducing: Tensor, inv_root: Tensor) -> tuple[Tensor, Tensor]:
     root = to_dense(kernel(x, inducing)) @ inv_root
     return root, root.square().sum(-1)
@@ -193,7 +200,15 @@ class ChunkedInducingPointKernel(InducingPointKernel):
         # afresh (an m x m Cholesky, as in training) and kept only when formed without a graph.
         if self.training or not torch.is_grad_enabled():
             return super()._inducing_inv_root
-        chol = psd_safe_cholesky(to_dense(self.base_kernel(self.inducing_points, self.inducing_points)), upper=True)
+        mat = to_dense(self.base_kernel(self.inducing_points, self.inducing_points))
+        cached = getattr(self, "_cached_kernel_mat", None)
+        if cached is not None and cached.shape == mat.shape and _same_up_to_rounding(cached, mat):
+            # the values of K_ZZ that a prediction without gradients formed (and the training root it keeps), the
+            # graph of this evaluation: autograd's path through the kernel rounds differently in the last bit, which
+            # an ill-conditioned K_ZZ magnified past recognising the cross covariance's root as the training root
+            # (the prediction then warned and formed the t x n cross covariance)
+            mat = cached + (mat - mat.detach())
+        chol = psd_safe_cholesky(mat, upper=True)
         eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
         inv_root = torch.linalg.solve_triangular(chol, eye, upper=True)
         if inv_root.grad_fn is None:
