@@ -115,3 +115,16 @@ def test_sgpr_prediction_with_gradients_after_one_without_stays_closed_form():
     assert probe.largest < t * n, (probe.largest, probe.where)
     torch.testing.assert_close(pred.mean.detach(), expected, rtol=1e-8, atol=1e-8)
     assert test_x.grad is not None and bool(test_x.grad.isfinite().all())
+
+
+def test_small_block_of_a_million_point_operator_is_read_from_its_entries():
+    # n = 10^6: the 20 x 30 block came through a 10^6 x 20 product (160 MB; 80 GB for a 1000 x 1000 block at 10^7)
+    n, k = 1_000_000, 200
+    dt = torch.float64
+    B = torch.full((k, k), 0.1, dtype=dt) + torch.eye(k, dtype=dt)
+    M = BlockMeanLinearOperator(torch.linspace(1, 2, k, dtype=dt), B, Partition.from_labels(torch.arange(n) % k))
+    with LargestTensor() as probe:
+        block = M[123_456:123_476, 900_000:900_030].to_dense()
+    assert probe.largest <= n, (probe.largest, probe.where)  # the index vectors of the indexed operator, O(n)
+    rows, cols = torch.arange(123_456, 123_476) % k, torch.arange(900_000, 900_030) % k
+    torch.testing.assert_close(block, B[rows][:, cols])  # no diagonal entry of M in this block
