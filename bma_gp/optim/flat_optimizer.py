@@ -49,6 +49,12 @@ except ImportError:  # pragma: no cover - older torch
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
+#: whether some ``torch.autocast`` region is active (about 0.3 us; private, hence guarded)
+_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", None) or (
+    lambda: torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()  # pragma: no cover - older torch
+)
+
+
 def _dynamo_may_trace() -> bool:
     """Whether ``torch.compile`` is tracing the caller or compiles the frames it calls (about 0.2 us eagerly).
 
@@ -457,6 +463,19 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         grads, active = layout.collect_grads()
         if not any(active):
             return loss
+        if _any_autocast_enabled():
+            # step() called inside torch.autocast (say scaler.step(opt) in the autocast block): autocast would run the
+            # step's matrix products (the k x k root applied to block sums, FullMatrixAdagrad's d x d root) in
+            # bfloat16/float16, a silently different step. torch.optim's steps are elementwise, which autocast leaves
+            # alone; this one runs as outside autocast (the closure above ran inside it, as the caller asked)
+            with torch.autocast(layout.device.type, enabled=False), torch.autocast("cpu", enabled=False):
+                self._step_in_grad_mode(grads, layout, active)
+        else:
+            self._step_in_grad_mode(grads, layout, active)
+        return loss
+
+    def _step_in_grad_mode(self, grads: list[Tensor | None], layout: FlatParams, active: list[bool]) -> None:
+        """:meth:`_step`, outside ``torch.inference_mode()`` (and under ``torch.no_grad()``)."""
         if torch.is_inference_mode_enabled():
             # a step under torch.inference_mode() (torch's Adagrad steps there: it makes its state at construction):
             # the state this step makes (flat buffers, global state, root) would be inference tensors, whose version
@@ -466,7 +485,6 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
                 self._step(grads, layout, active)
         else:
             self._step(grads, layout, active)
-        return loss
 
     def _check_finite(
         self, grads: list[Tensor | None], layout: FlatParams, extra: Sequence[Tensor] = ()

@@ -670,24 +670,26 @@ def block_mean_adagrad(
     stats.setdefault("root_step", None)
     if workspace is None and not fused:
         workspace = Workspace.build(blocks, state_sum)
-    _block_mean_adagrad(
-        params,
-        grads,
-        state_sum,
-        stats,
-        blocks,
-        workspace,
-        lr=lr,
-        weight_decay=weight_decay,
-        maximize=maximize,
-        eps=eps,
-        damping=damping,
-        update_interval=update_interval,
-        correlation=correlation,
-        mask=mask,
-        check_finite=check_finite,
-        fused=fused,
-    )
+    # called inside torch.autocast, the step's matrix products would run in bfloat16/float16 (see the class's step)
+    with torch.autocast(state_sum.device.type, enabled=False), torch.autocast("cpu", enabled=False):
+        _block_mean_adagrad(
+            params,
+            grads,
+            state_sum,
+            stats,
+            blocks,
+            workspace,
+            lr=lr,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            eps=eps,
+            damping=damping,
+            update_interval=update_interval,
+            correlation=correlation,
+            mask=mask,
+            check_finite=check_finite,
+            fused=fused,
+        )
     stats[FINGERPRINT_KEY] = fingerprint  # these statistics now belong to these blocks
 
 

@@ -1,0 +1,131 @@
+"""The optimizers in training setups a torch.optim user would try (AMP, schedulers, hooks, changed setups)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from bma_gp.optim import BlockMeanAdagrad, FullMatrixAdagrad
+from optim_reference import flat, fused_at_any_size
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems
+
+
+def _every_third(p: torch.Tensor) -> torch.Tensor:
+    return torch.arange(p.numel()) % 3
+
+
+#: (class, keyword arguments) of the step's paths that run torch matrix products (the CPU step for one block per
+#: tensor runs its k x k rest in numpy, except with fused=True)
+MATMUL_PATHS = [
+    (BlockMeanAdagrad, dict(partition="row")),
+    (BlockMeanAdagrad, dict(partition="row", fused=True)),
+    (BlockMeanAdagrad, dict(partition="tensor", fused=True)),
+    (BlockMeanAdagrad, dict(partition=_every_third)),
+    (FullMatrixAdagrad, {}),
+]
+MATMUL_IDS = ["row", "row-fused", "tensor-fused", "callable", "full-matrix"]
+
+
+def _conv_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(64, 2))
+
+
+def _batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(i)
+    return torch.randn(8, 3, 6, 6, generator=gen), torch.randn(8, 2, generator=gen)
+
+
+def _amp_closure(model, opt, x, y, seen: list):
+    def closure():
+        opt.zero_grad()
+        seen.append(torch.is_autocast_enabled("cpu"))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the same gradients whether step() is in autocast or not
+            out = model(x)
+        loss = (out.float() - y).pow(2).mean()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("cls,kwargs", MATMUL_PATHS, ids=MATMUL_IDS)
+def test_a_step_inside_autocast_is_the_step_outside_it(cls, kwargs):
+    # scaler.step(opt) inside the autocast block: autocast ran the step's matrix products in bfloat16
+    # (FullMatrixAdagrad's step was off by its own size); the closure still runs under autocast
+    seen = []
+    runs = []
+    with fused_at_any_size():
+        for inside in (False, True):
+            model = _conv_model()
+            opt = cls(model.parameters(), lr=0.05, **kwargs)
+            for i in range(3):
+                closure = _amp_closure(model, opt, *_batch(i), seen)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+                    loss = opt.step(closure)
+                assert loss is not None and loss.requires_grad
+            runs.append(flat(model.parameters()))
+    assert seen == [False] * 3 + [True] * 3
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("cls,kwargs", [MATMUL_PATHS[0], MATMUL_PATHS[-1]], ids=["row", "full-matrix"])
+def test_grad_scaler_with_clipping_steps_as_the_plain_step_and_skips_inf_gradients(cls, kwargs):
+    # the whole loop inside the autocast block, as many AMP scripts write it; unscale_, clipping, scaler.step
+    model, plain = _conv_model(), _conv_model()
+    opt = cls(model.parameters(), lr=0.05, **kwargs)
+    opt_plain = cls(plain.parameters(), lr=0.05, **kwargs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for i in range(4):
+        x, y = _batch(i)
+        overflow = float("inf") if i == 2 else 1.0  # step 2 overflows
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = (model(x).float() - y).pow(2).mean() * overflow
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+            before = (flat(model.parameters()), copy.deepcopy(opt.state_dict()))
+            scaler.step(opt)
+            scaler.update()
+        if i == 2:  # skipped: parameters and state as they were, and the scale halved
+            assert not all(torch.isfinite(g).all() for g in grads)
+            assert torch.equal(flat(model.parameters()), before[0])
+            after = opt.state_dict()
+            assert after["global_state"]["step"] == before[1]["global_state"]["step"] == 2
+            for key, value in before[1]["state"].items():
+                assert torch.equal(after["state"][key]["sum"], value["sum"])
+            assert scaler.get_scale() == 2.0**9
+            continue
+        for p, g in zip(plain.parameters(), grads):
+            p.grad = g
+        opt_plain.step()
+        assert torch.equal(flat(model.parameters()), flat(plain.parameters()))
+
+
+@pytest.mark.parametrize("rule", ["row", _every_third], ids=["row", "callable"])
+def test_the_functional_step_inside_autocast_is_the_step_outside_it(rule):
+    from bma_gp.optim.functional import block_mean_adagrad
+    from bma_gp.optim.param_blocks import ParamBlocks
+
+    runs = []
+    for inside in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(6, 5, generator=gen), torch.randn(6, generator=gen)]
+        blocks = ParamBlocks.build(params, rule)
+        k = blocks.num_blocks
+        h, stats = torch.zeros(36), {"U": torch.zeros(k, k), "w": torch.zeros(k), "step": 0}
+        for _ in range(3):
+            grads = [torch.randn(p.shape, generator=gen) for p in params]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+                block_mean_adagrad(
+                    params, grads, h, stats, blocks, None, lr=[0.05] * 2, weight_decay=[0.0] * 2,
+                    maximize=[False] * 2, eps=1e-10, damping=0.1, update_interval=1, mask=True, check_finite=True,
+                    fused=False,
+                )  # fmt: skip
+        runs.append(flat(params + [h, stats["U"], stats["w"]]))
+    assert torch.equal(runs[0], runs[1])
