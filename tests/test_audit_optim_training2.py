@@ -129,3 +129,39 @@ def test_the_functional_step_inside_autocast_is_the_step_outside_it(rule):
                 )  # fmt: skip
         runs.append(flat(params + [h, stats["U"], stats["w"]]))
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("cls", [BlockMeanAdagrad, FullMatrixAdagrad])
+@pytest.mark.parametrize("where", ["same group", "other group"])
+def test_a_parameter_appended_to_param_groups_twice_is_refused_and_nothing_changes(cls, where):
+    # param_groups[i]["params"].append(p) of a listed p bypasses add_param_group's check: the step held p as two
+    # blocks and updated it twice (BlockMeanAdagrad rebuilt its flat state from one of the two views every step)
+    model, plain = _conv_model(), _conv_model()
+    groups = [list(model[0].parameters()), list(model[3].parameters())]
+    opt = cls([{"params": groups[0]}, {"params": groups[1]}], lr=0.05)
+    opt_plain = cls([{"params": list(plain[0].parameters())}, {"params": list(plain[3].parameters())}], lr=0.05)
+    for i in range(3):
+        for m, o in ((model, opt), (plain, opt_plain)):
+            x, y = _batch(i)
+            o.zero_grad()
+            (m(x) - y).pow(2).mean().backward()
+            if i < 2:
+                o.step()
+        if i == 1:
+            opt.param_groups[1 if where == "other group" else 0]["params"].append(model[0].weight)
+    before = (flat(model.parameters()), copy.deepcopy(opt.global_state))
+    match = "twice in group 0" if where == "same group" else "in groups 0 and 1"
+    with pytest.raises(ValueError, match=f"list a parameter \\(shape \\(4, 3, 3, 3\\)\\) {match}.*remove the second"):
+        opt.step()
+    assert torch.equal(flat(model.parameters()), before[0])
+    assert opt.global_state.keys() == before[1].keys()
+    for key, value in before[1].items():
+        assert (
+            torch.equal(opt.global_state[key], value)
+            if isinstance(value, torch.Tensor)
+            else opt.global_state[key] == value
+        )
+    opt.param_groups[1 if where == "other group" else 0]["params"].pop()
+    opt.step()
+    opt_plain.step()
+    assert torch.equal(flat(model.parameters()), flat(plain.parameters()))

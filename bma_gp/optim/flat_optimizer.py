@@ -333,7 +333,25 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         key = FlatParams.key_of(self.param_groups)
         if self._layout is not None and self._layout.key == key:
             return self._layout
-        return FlatParams(self.param_groups)
+        layout = FlatParams(self.param_groups)
+        self._check_listed_once(layout)
+        return layout
+
+    def _check_listed_once(self, layout: FlatParams) -> None:
+        """Refuse ``param_groups`` edited to list a parameter twice (``param_groups[i]["params"].append(p)``, which
+        bypasses :meth:`add_param_group`'s check): the layout would hold it as two blocks of one preconditioner and
+        step it twice, its state entry rebuilt at every step. Raise ``ValueError`` before anything changes (run once
+        per new layout)."""
+        seen: dict[int, int] = {}
+        for p, gi in zip(layout.params, layout.group_index):
+            if id(p) in seen:
+                where = f"twice in group {gi}" if seen[id(p)] == gi else f"in groups {seen[id(p)]} and {gi}"
+                raise ValueError(
+                    f"the param_groups of {type(self).__name__} list a parameter (shape {tuple(p.shape)}) {where}: "
+                    "they were edited after construction (add_param_group refuses this). One preconditioner would "
+                    "hold it as two blocks and step it twice; remove the second entry. Nothing was changed."
+                )
+            seen[id(p)] = gi
 
     def _refit_dtype(self, layout: FlatParams) -> FlatParams:
         """``layout``, or a new layout of the same parameters when their dtypes changed since it was built so that the
