@@ -165,3 +165,26 @@ def test_a_parameter_appended_to_param_groups_twice_is_refused_and_nothing_chang
     opt.step()
     opt_plain.step()
     assert torch.equal(flat(model.parameters()), flat(plain.parameters()))
+
+
+@pytest.mark.parametrize("cls", [BlockMeanAdagrad, FullMatrixAdagrad])
+@pytest.mark.parametrize("edit", ["replace", "remove"])
+def test_a_parameter_replaced_or_removed_in_param_groups_is_named_with_the_fixes(cls, edit):
+    # the error said only that "the optimizer's parameters changed", and offered a new optimizer as the one fix
+    model = _conv_model()
+    opt = cls([{"params": list(model[0].parameters())}, {"params": list(model[3].parameters())}], lr=0.05)
+    x, y = _batch(0)
+    (model(x) - y).pow(2).mean().backward()
+    opt.step()
+    group = opt.param_groups[1]["params"]
+    if edit == "replace":
+        group[1] = torch.nn.Parameter(group[1].detach().clone())
+    else:
+        del group[1]  # "freezing" the bias by leaving it out
+    before = (flat(model.parameters()), copy.deepcopy(opt.global_state))
+    with pytest.raises(ValueError, match=r"entry 1 of group 1 \(a parameter of shape \(2,\)\) was removed or replaced"):
+        opt.step()
+    with pytest.raises(ValueError, match=r"To freeze a parameter keep it listed and leave its grad None"):
+        opt.step()
+    assert torch.equal(flat(model.parameters()), before[0])
+    assert opt.global_state["step"] == before[1]["step"] == 1

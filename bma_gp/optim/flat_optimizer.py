@@ -371,10 +371,7 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             return
         old = self._layout
         if old is not None and not layout.extends(old):
-            raise ValueError(
-                "the optimizer's parameters changed in a way other than add_param_group appending new ones; "
-                "build a new optimizer for a different parameter set."
-            )
+            raise ValueError(self._changed_params_message(old, layout))
         state = self.state
         flats: dict[str, Tensor] = {}
         for key in self._flat_state_keys:  # built before anything is assigned: a bad entry changes nothing
@@ -408,6 +405,21 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
                 state.setdefault(p, {})[key] = view
         self.global_state = global_state
         self._layout = layout
+
+    def _changed_params_message(self, old: FlatParams, new: FlatParams) -> str:
+        """The error of a step whose ``param_groups`` lost or replaced a parameter of the state (``new`` does not
+        extend ``old``): which one, and the fixes."""
+        name = type(self).__name__
+        i = next((i for i, (a, b) in enumerate(zip(old.params, new.params)) if a is not b), len(new.params))
+        p, gi = old.params[i], old.group_index[i]
+        j = i - old.group_index.index(gi)  # its position in its group
+        return (
+            f"the param_groups of {name} were edited after its state was built: entry {j} of group {gi} (a parameter "
+            f"of shape {tuple(p.shape)}) was removed or replaced. One preconditioner spans the parameters in order, "
+            "so a step can only add parameters after them (add_param_group). To freeze a parameter keep it listed and "
+            "leave its grad None (requires_grad_(False), then zero_grad()); for another set of parameters build a new "
+            f"{name}. Nothing was changed."
+        )
 
     def _state_replaced(self, layout: FlatParams) -> bool:
         """Whether some entry ``state[p][key]`` of the flat state is no longer the view of the flat buffer that the
