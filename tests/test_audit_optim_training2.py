@@ -188,3 +188,55 @@ def test_a_parameter_replaced_or_removed_in_param_groups_is_named_with_the_fixes
         opt.step()
     assert torch.equal(flat(model.parameters()), before[0])
     assert opt.global_state["step"] == before[1]["step"] == 1
+
+
+@pytest.mark.parametrize("rule", ["tensor", "row"])
+def test_unusual_parameter_layouts_step_as_the_dense_reference(rule):
+    # channels_last conv weights, a weight_norm parametrization, a strided slice of a larger tensor and a bias
+    # shared by two modules (listed once), against docs/math.md written out densely
+    from optim_reference import DenseBlockMeanAdagrad, reference_labels
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3).double().to(memory_format=torch.channels_last)
+    head = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(64, 2).double())
+    extra = torch.nn.Linear(2, 2).double()
+    base = torch.randn(2, 4, dtype=torch.float64)
+    extra.weight = torch.nn.Parameter(base[:, ::2])
+    extra.bias = head.bias
+    model = torch.nn.Sequential(conv, torch.nn.Tanh(), torch.nn.Flatten(), head, extra)
+    params = list(model.parameters())
+    assert len(params) == 6 and not conv.weight.is_contiguous() and not extra.weight.is_contiguous()
+    opt = BlockMeanAdagrad(params, lr=0.05, partition=rule, weight_decay=0.01)
+    labels = reference_labels(params, rule)
+    d = labels.numel()
+    rate, decay = torch.full((d,), 0.05, dtype=torch.float64), torch.full((d,), 0.01, dtype=torch.float64)
+    ref = DenseBlockMeanAdagrad(labels, rate, weight_decay=decay)
+    theta = flat(params)
+    for i in range(4):
+        x, y = _batch(i)
+        opt.zero_grad()
+        (model(x.double().contiguous(memory_format=torch.channels_last)) - y.double()).pow(2).mean().backward()
+        theta = ref.step(theta, flat(p.grad for p in params), torch.ones(d, dtype=torch.bool))
+        opt.step()
+        torch.testing.assert_close(flat(params), theta, rtol=0, atol=1e-13)
+    assert torch.equal(base[:, ::2], extra.weight.detach())  # the slice was updated in place
+    assert not conv.weight.is_contiguous()
+
+
+@pytest.mark.parametrize("cls", [BlockMeanAdagrad, FullMatrixAdagrad])
+def test_one_cycle_with_momentum_is_refused_and_plateau_rates_are_the_ones_stepped(cls):
+    model, plain = _conv_model(), _conv_model()
+    opt, opt_plain = cls(model.parameters(), lr=0.05), cls(plain.parameters(), lr=0.05)
+    with pytest.raises(ValueError, match="momentum"):
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+    for i in range(3):
+        x, y = _batch(i)
+        for m, o in ((model, opt), (plain, opt_plain)):
+            o.zero_grad()
+            (m(x) - y).pow(2).mean().backward()
+            o.step()
+        plateau.step(1.0)  # no improvement after the first: the rate halves
+        opt_plain.param_groups[0]["lr"] = 0.05 * 0.5**i
+        assert opt.param_groups[0]["lr"] == opt_plain.param_groups[0]["lr"]
+        assert torch.equal(flat(model.parameters()), flat(plain.parameters()))
