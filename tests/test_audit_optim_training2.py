@@ -240,3 +240,23 @@ def test_one_cycle_with_momentum_is_refused_and_plateau_rates_are_the_ones_stepp
         opt_plain.param_groups[0]["lr"] = 0.05 * 0.5**i
         assert opt.param_groups[0]["lr"] == opt_plain.param_groups[0]["lr"]
         assert torch.equal(flat(model.parameters()), flat(plain.parameters()))
+
+
+def test_full_matrix_refuses_parameters_appended_in_place_past_max_dim_before_allocating():
+    # param_groups[0]["params"].append(p) bypassed add_param_group's max_dim check: H grew to d x d anyway
+    a, b = torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(20))
+    opt = FullMatrixAdagrad([a], lr=0.1, max_dim=25)
+    a.grad = torch.randn(10)
+    opt.step()
+    with pytest.raises(ValueError, match="above max_dim = 25"):
+        opt.add_param_group({"params": [b]})
+    opt.param_groups[0]["params"].append(b)
+    b.grad = torch.randn(20)
+    before = (a.detach().clone(), b.detach().clone(), opt.global_state["H"].clone())
+    with pytest.raises(ValueError, match=r"d = 30 parameters \(param_groups were edited in place.*above max_dim = 25"):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+    assert torch.equal(opt.global_state["H"], before[2]) and opt.global_state["step"] == 1
+    opt.param_groups[0]["params"].pop()
+    opt.step()
+    assert opt.global_state["H"].shape == (10, 10) and opt.global_state["step"] == 2

@@ -334,14 +334,14 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         if self._layout is not None and self._layout.key == key:
             return self._layout
         layout = FlatParams(self.param_groups)
-        self._check_listed_once(layout)
+        self._check_layout(layout)
         return layout
 
-    def _check_listed_once(self, layout: FlatParams) -> None:
-        """Refuse ``param_groups`` edited to list a parameter twice (``param_groups[i]["params"].append(p)``, which
-        bypasses :meth:`add_param_group`'s check): the layout would hold it as two blocks of one preconditioner and
-        step it twice, its state entry rebuilt at every step. Raise ``ValueError`` before anything changes (run once
-        per new layout)."""
+    def _check_layout(self, layout: FlatParams) -> None:
+        """Raise ``ValueError`` for a new layout that :meth:`add_param_group` would have refused, from ``param_groups``
+        edited in place (``param_groups[i]["params"].append(p)``), before anything changes (run once per new layout;
+        a subclass adds its own checks). Here: a parameter listed twice, which the layout would hold as two blocks of
+        one preconditioner and step twice, its state entry rebuilt at every step."""
         seen: dict[int, int] = {}
         for p, gi in zip(layout.params, layout.group_index):
             if id(p) in seen:

@@ -118,6 +118,15 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; refused when the total size would exceed ``max_dim``. ``H`` grows by zero padding."""
         super().add_param_group(param_group)
+        try:
+            self._check_max_dim()
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _check_max_dim(self, edited: str = "") -> None:
+        """Raise ``ValueError`` when the parameters of all groups exceed ``max_dim`` (``edited``: how they got there,
+        for the message)."""
         d = sum(p.numel() for group in self.param_groups for p in group["params"])
         if d > self.max_dim:
             # the state's dtype includes the refused group's parameters (H would be in the widest dtype)
@@ -126,13 +135,18 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
                 key=lambda t: torch.finfo(t).bits,
                 default=torch.float32,
             )
-            self.param_groups.pop()
             nbytes = d * d * max(torch.finfo(dtype).bits, 32) // 8
             raise ValueError(
-                f"FullMatrixAdagrad keeps a dense d x d matrix: d = {d} parameters need {nbytes} bytes "
+                f"FullMatrixAdagrad keeps a dense d x d matrix: d = {d} parameters{edited} need {nbytes} bytes "
                 f"({nbytes / 2**30:.2f} GiB) of state plus as much again for its eigendecomposition, above "
                 f"max_dim = {self.max_dim}. Use BlockMeanAdagrad, or raise max_dim if the memory is there."
             )
+
+    def _check_layout(self, layout: FlatParams) -> None:
+        """The base class's checks, and ``max_dim`` for parameters appended to ``param_groups`` in place (which
+        bypasses :meth:`add_param_group`'s check): refused before ``H`` is allocated."""
+        super()._check_layout(layout)
+        self._check_max_dim(" (param_groups were edited in place; nothing was changed)")
 
     def _save_own_state(self, sd: dict[str, Any]) -> None:
         """The base class's entries, plus ``"param_numels"`` (plain numbers) once there is a global state: ``H``
