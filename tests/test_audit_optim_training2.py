@@ -260,3 +260,22 @@ def test_full_matrix_refuses_parameters_appended_in_place_past_max_dim_before_al
     opt.param_groups[0]["params"].pop()
     opt.step()
     assert opt.global_state["H"].shape == (10, 10) and opt.global_state["step"] == 2
+
+
+@pytest.mark.parametrize("cls,key,value", [(BlockMeanAdagrad, "eps", 1e-3), (BlockMeanAdagrad, "damping", 5.0),
+                                           (FullMatrixAdagrad, "eps", 1e-2)])  # fmt: skip
+def test_an_optimizer_wide_setting_edited_in_a_param_group_is_refused_not_ignored(cls, key, value):
+    # param_groups[0]["eps"] = ..., how torch.optim's eps is changed between steps, was silently ignored
+    model = _conv_model()
+    opt = cls(model.parameters(), lr=0.05)
+    x, y = _batch(0)
+    (model(x) - y).pow(2).mean().backward()
+    opt.step()
+    opt.param_groups[0][key] = value
+    before = (flat(model.parameters()), copy.deepcopy(opt.global_state))
+    with pytest.raises(ValueError, match=f"param_groups\\[0\\] was edited after it was added: {key} is an optimizer"):
+        opt.step()
+    assert torch.equal(flat(model.parameters()), before[0]) and opt.global_state["step"] == 1
+    setattr(opt, key, value)  # the way to change it: the attribute (the group's entry now agrees)
+    opt.step()
+    assert opt.global_state["step"] == 2 and getattr(opt, key) == value

@@ -297,6 +297,23 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
                     f"groups (per group: lr, weight_decay, maximize)."
                 )
 
+    def _check_groups_unedited(self) -> None:
+        """Refuse a step after a param group's optimizer-wide setting was edited in place (``param_groups[0]["eps"] =
+        1e-8``, how torch.optim's ``eps`` is changed between steps): the step would silently ignore it. Before
+        anything changes; a few dict lookups per group."""
+        for i, group in enumerate(self.param_groups):
+            for key, _ in self._optimizer_wide:
+                if key in group:
+                    try:
+                        self._check_optimizer_wide(group)
+                    except ValueError as error:
+                        raise ValueError(
+                            f"param_groups[{i}] was edited after it was added: {error} To change it between steps "
+                            "set the optimizer's attribute of that name (opt.eps = 1e-8, ...; the partition cannot "
+                            "change) and delete the group's entry or set it to the same value. Nothing was changed."
+                        ) from None
+                    break
+
     @staticmethod
     def _check_group(group: dict[str, Any]) -> None:
         """Check (and convert) the per-group options of an added group; raise ``ValueError`` before changing it."""
@@ -474,6 +491,7 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_groups_unedited()
         layout = self._current_layout()
         if layout is self._layout and self._flat_views and self._state_replaced(layout):
             # torch.optim reads self.state at every step: a replaced entry is honoured (copied into a new flat
