@@ -330,6 +330,19 @@ def test_fused_cuda_matches_cpu():
     torch.testing.assert_close(flat(gpu.parameters()).cpu(), flat(cpu.parameters()), rtol=1e-9, atol=1e-11)
 
 
+def test_a_fused_step_bumps_the_version_of_h(backend):
+    """numba's kernels write ``h`` behind torch's back; the step bumps its version counter as an in-place op would, so
+    that the CPU eager step (which a later step may take: fewer gradients, a smaller model) drops the bounds of ``h``
+    it kept from before."""
+    model = small_model()
+    opt = BlockMeanAdagrad(model.parameters(), lr=0.05, fused=True)
+    _train(model, opt, 1)
+    h = opt._flat["sum"]
+    before = h._version
+    _train(model, opt, 1, start=1)
+    assert opt._flat["sum"] is h and h._version > before
+
+
 def test_small_models_stay_on_the_eager_path(monkeypatch, inductor):
     # below FUSED_MIN_NUMEL entries fused=True with torch.compile runs the eager step (the compiled passes cost
     # more there)

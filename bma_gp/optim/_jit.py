@@ -100,11 +100,13 @@ def apply_update(gs: list[Tensor], hs: list[Tensor], ps: list[Tensor], coefs: li
     kernels = _kernels()
     dtype = hs[0].dtype if hs else torch.float32  # one flat h buffer: one dtype
     one, eps_ = _NUMPY[dtype](1), _NUMPY[dtype](eps)
-    written = []  # parameters the kernels wrote in place, behind torch's back
+    written = []  # parameters (and h) the kernels wrote in place, behind torch's back
     for g, h, p, c in zip(gs, hs, ps, coefs):
         rows, cols = h.shape
         if rows * cols == 0:
             continue
+        if not written:  # the views of the one flat h share its version counter: bump it once
+            written.append(h)
         direct = p.dtype == dtype and p.is_contiguous()
         if direct:
             written.append(p)
@@ -118,5 +120,7 @@ def apply_update(gs: list[Tensor], hs: list[Tensor], ps: list[Tensor], coefs: li
             kernels.apply_update(*arrays, CHUNK)
         if not direct:
             p.copy_(target.view(p.shape))
-    if written:  # as torch's in-place ops do: autograd then refuses a graph that saved the old values
+    # as torch's in-place ops do: autograd then refuses a graph that saved the old values, and the CPU eager step
+    # sees that h changed since its bounds of h were taken (a run may alternate between the two steps)
+    if written:
         increment_version(written)
