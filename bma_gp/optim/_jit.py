@@ -100,7 +100,7 @@ def apply_update(gs: list[Tensor], hs: list[Tensor], ps: list[Tensor], coefs: li
     kernels = _kernels()
     dtype = hs[0].dtype if hs else torch.float32  # one flat h buffer: one dtype
     one, eps_ = _NUMPY[dtype](1), _NUMPY[dtype](eps)
-    written = []  # parameters (and h) the kernels wrote in place, behind torch's back
+    written: list[Tensor] = []  # parameters (and h) the kernels wrote in place, behind torch's back
     for g, h, p, c in zip(gs, hs, ps, coefs):
         rows, cols = h.shape
         if rows * cols == 0:
