@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from bma_gp._autograd import first_order_only
+
 EigenvalueFunction = Callable[[Tensor], Tensor]
 
 
@@ -93,6 +95,7 @@ class SymmetricMatrixFunction(torch.autograd.Function):
         return (V * fe.unsqueeze(-2)) @ V.mT
 
     @staticmethod
+    @first_order_only("the closed-form matrix functions (roots, inverse roots, sqrt_inv_matmul, matrix_sqrt)")
     def backward(ctx, grad_out: Tensor):
         e, fe, V = ctx.saved_tensors
         grad_sym = 0.5 * (grad_out + grad_out.mT)
@@ -121,6 +124,7 @@ class _TwoMatrixFunctions(torch.autograd.Function):
         return (V * fe.unsqueeze(-2)) @ V.mT, (V * ge.unsqueeze(-2)) @ V.mT
 
     @staticmethod
+    @first_order_only("the closed-form matrix functions (roots, inverse roots, sqrt_inv_matmul, matrix_sqrt)")
     def backward(ctx, grad_f: Tensor | None, grad_g: Tensor | None):
         e, fe, ge, V = ctx.saved_tensors
         inner = None

@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from bma_gp import settings
+from bma_gp._autograd import first_order_only
 from bma_gp._broadcast import batch_constants, times_diagonal
 from bma_gp._by_products import ByProducts
 from bma_gp._diagonal import is_diagonal as _is_diagonal
@@ -275,7 +276,7 @@ class _WeightedGram(torch.autograd.Function):
         return (a * c) @ a.mT
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("BlockMeanSumLinearOperator (the root's Gram matrix)")
     def backward(ctx, grad: Tensor):
         a, c = ctx.saved_tensors
         T = (grad + grad.mT) @ a
@@ -313,7 +314,7 @@ class _GatherScatter(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("BlockMeanSumLinearOperator (the contingency products)")
     def backward(ctx, grad: Tensor):
         v, X, row, col = ctx.saved_tensors
         grad_v = torch.empty_like(v) if ctx.needs_input_grad[0] else None
@@ -348,7 +349,7 @@ class _CellsDenseProduct(torch.autograd.Function):
         return cells.csr(v, False, ka, ke) @ X
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("BlockMeanSumLinearOperator (the contingency products)")
     def backward(ctx, grad: Tensor):
         v, X = ctx.saved_tensors
         cells, ka = ctx.cells, ctx.ka
@@ -487,7 +488,7 @@ class _LUSolve(torch.autograd.Function):
         return x
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("BlockMeanSumLinearOperator (the capacitance solve)")
     def backward(ctx, grad_x: Tensor):
         LU_b, piv_b, x = ctx.saved_tensors
         s_shape, rhs_shape = ctx.shapes
@@ -508,7 +509,7 @@ class _LULogAbsDet(torch.autograd.Function):
         return torch.diagonal(LU, dim1=-2, dim2=-1).abs().log().sum(-1)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("BlockMeanSumLinearOperator (the capacitance log-determinant)")
     def backward(ctx, grad: Tensor):
         LU, pivots = ctx.saved_tensors
         eye = torch.eye(LU.shape[-1], dtype=LU.dtype, device=LU.device).expand_as(LU)
@@ -2288,6 +2289,7 @@ class _RootGram(torch.autograd.Function):
         return (gram, root_t, *cross)
 
     @staticmethod
+    @first_order_only("BlockMeanSumLinearOperator (the root's products)")
     def backward(ctx, grad_gram: Tensor, grad_root_t: Tensor, *grad_cross: Tensor):
         # rows a (s = 1/d, G the gradient of the Gram matrix, X_j that of the block sums, R that of U^T x):
         #   d/ds_a = u_a^T G u_a + sum_j w_ja X_j[l_ja] . u_a = u_a . T_a,  T_a = u_a (G + G^T)/2 + g_a,

@@ -67,6 +67,5 @@ def test_second_derivatives_are_refused():
     S = _matrix(r=4)
     rhs = torch.randn(4, 1, dtype=torch.float64, requires_grad=True)
     x, logabs = _ours(S, rhs)
-    (g,) = torch.autograd.grad(x.sum() + logabs, S, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|second"):
-        torch.autograd.grad(g.sum(), S)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(x.sum() + logabs, S, create_graph=True)

@@ -32,8 +32,8 @@ from gpytorch.kernels import (
 )
 from linear_operator import to_dense
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from bma_gp._autograd import first_order_only
 from bma_gp._kernel_sums.plan import KernelSumsPlan, all_reduce, chunk_ranges, progress
 from bma_gp._precision import core_dtype
 
@@ -214,7 +214,7 @@ class GenericKernelSums(torch.autograd.Function):
         return sums, diag  # in core_dtype: kernel_block_mean rounds to the kernel's dtype only after the means
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("kernel_block_mean (the generic engine)")
     def backward(ctx: Any, grad_sums: Tensor, grad_diag: Tensor) -> tuple[Tensor | None, ...]:
         plan, kernel = ctx.plan, ctx.kernel
         x, *params = ctx.saved_tensors

@@ -66,8 +66,8 @@ import numpy as np
 import torch
 from gpytorch.kernels import Kernel, MaternKernel, RBFKernel, ScaleKernel
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from bma_gp._autograd import first_order_only
 from bma_gp._broadcast import sum_to_shape
 from bma_gp._kernel_sums import jit
 from bma_gp._kernel_sums.plan import KernelSumsPlan, all_reduce, progress
@@ -632,7 +632,7 @@ class StationaryBlockMeans(torch.autograd.Function):
         return lam, B
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("kernel_block_mean (the stationary engine)")
     def backward(ctx: Any, grad_lam: Tensor | None, grad_B: Tensor | None) -> tuple[Any, ...]:
         lengthscale, within, *rest = ctx.saved_tensors
         outputscale: Tensor | None = rest[0] if ctx.scaled else None

@@ -38,8 +38,8 @@ from linear_operator.operators import (
     LowRankRootLinearOperator,
 )
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from bma_gp._autograd import first_order_only
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._precision import core_dtype
 from bma_gp.block_mean_sum_linear_operator import _CAST_ROWS, _FLUSH_TERMS, _t_matmul_wide
@@ -108,7 +108,7 @@ class _RBFGram(torch.autograd.Function):
         return (gram, root_t, *cross)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("the RBF inducing-point Gram products")
     def backward(ctx, grad_gram, grad_root_t, *grad_cross):
         # per row a, on K's side (W = A H A^T, g_a = sum_j w_ja (dC_j A^T)[l_ja], T_a = k_a W + g_a):
         #   d/ds_a = k_a . T_a,   d/db_a = dR^T u_a = (A dR)^T k_a,   d/dk_a = s_a (2 T_a - g_a) + b_a (A dR)^T

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 from gpytorch.kernels import RBFKernel, ScaleKernel
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+
+from bma_gp._autograd import first_order_only
 
 __all__ = ["input_grads", "rbf_parts", "rbf_root"]
 
@@ -116,7 +117,7 @@ class _RBFRoot(torch.autograd.Function):
         return root, diag
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("the RBF inducing-point root")
     def backward(ctx, grad_root: Tensor | None, grad_diag: Tensor | None):
         x, inducing, inv_root, lengthscale, scale, root = ctx.saved_tensors
         scale = scale if ctx.has_scale else None

@@ -40,6 +40,7 @@ from linear_operator.operators import (
 from linear_operator.utils.cholesky import psd_safe_cholesky
 from torch import Tensor
 
+from bma_gp._autograd import first_order_only
 from bma_gp.kernels._rbf_gram import LazyRootOperator, RBFRootFactor, TraceTerm
 from bma_gp.kernels._rbf_root import rbf_parts, rbf_root
 
@@ -106,6 +107,7 @@ class _ChunkedRoot(torch.autograd.Function):
         return root, diag
 
     @staticmethod
+    @first_order_only("ChunkedInducingPointKernel")
     def backward(ctx, grad_root: Tensor | None, grad_diag: Tensor | None):
         x, inducing, inv_root = ctx.saved_tensors
         needs = ctx.needs_input_grad[3:]
