@@ -112,3 +112,53 @@ def test_sum_first_derivatives_match_dense():
     inputs = (d, B1, B2, U, rhs)
     for a, b in zip(torch.autograd.grad(inv_quad + logdet, inputs), torch.autograd.grad(ref, inputs)):
         torch.testing.assert_close(a, b)
+
+
+def _dense_block_mean(K: torch.Tensor, p: Partition) -> torch.Tensor:
+    """The Frobenius-nearest block mean matrix of ``K``, formed densely (SPEC section 2)."""
+    P = torch.nn.functional.one_hot(p.labels, p.num_blocks).to(K.dtype)
+    s = P.sum(0)
+    T, d = P.T @ K @ P, P.T @ torch.diagonal(K)
+    within = s * (s - 1)
+    B_ii = torch.where(within > 0, (torch.diagonal(T) - d) / within.clamp_min(1), torch.diagonal(T))
+    B = T / (s[:, None] * s[None, :])
+    B = B - torch.diag(torch.diagonal(B)) + torch.diag(B_ii)
+    lam = d / s - B_ii
+    return torch.diag(lam[p.labels]) + P @ B @ P.T
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_kernel_block_mean_under_functional_call_differentiates_the_bound_parameters(fused):
+    # the generic engine's backward evaluated the kernel again with the module's own parameters: under
+    # torch.func.functional_call the tensors passed in got a gradient of 0 (and the values were another kernel's)
+    import gpytorch
+
+    from bma_gp import kernel_block_mean
+
+    p = Partition.from_labels(torch.tensor([0, 1, 2, 0, 1, 0, 2, 2, 0, 1, 3, 0, 4, 1, 2]))
+    x = torch.rand(15, 1, dtype=DT, generator=torch.Generator().manual_seed(3))
+    r = torch.randn(15, 2, dtype=DT, generator=torch.Generator().manual_seed(4))
+
+    class Loss(torch.nn.Module):
+        def __init__(self, dense: bool):
+            super().__init__()
+            self.kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.PeriodicKernel()).to(DT)
+            self.dense = dense
+
+        def forward(self, x):
+            if self.dense:
+                M = _dense_block_mean(self.kernel(x).to_dense(), p)
+            else:
+                M = kernel_block_mean(self.kernel, x, p, fused=fused).to_dense()
+            return (M @ r).pow(2).sum()
+
+    names = [name for name, _ in Loss(False).named_parameters()]
+    values = {name: torch.rand((), dtype=DT) + 0.5 for name in names}
+    grads = []
+    for dense in (False, True):
+        bound = {name: values[name].expand_as(q).clone().requires_grad_() for name, q in Loss(dense).named_parameters()}
+        loss = torch.func.functional_call(Loss(dense), bound, (x,))
+        grads.append(torch.autograd.grad(loss, list(bound.values())))
+    for a, b in zip(*grads):
+        assert b.abs().max() > 1e-6
+        torch.testing.assert_close(a, b)

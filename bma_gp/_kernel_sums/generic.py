@@ -13,7 +13,7 @@ reduction over columns is a segment sum.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from gpytorch import settings as gpt_settings
@@ -57,6 +57,16 @@ def evaluate_diag(kernel: Kernel, x: Tensor) -> Tensor:
     """The exact diagonal ``k(x_i, x_i)``: ``x`` is passed as both inputs, so distances are zero."""
     with gpt_settings.lazily_evaluate_kernels(False):
         return to_dense(kernel(x, x, diag=True))
+
+
+class _Bound:
+    """``kernel`` called with the tensors ``bound`` in place of its named parameters (``functional_call``)."""
+
+    def __init__(self, kernel: Kernel, bound: dict[str, Tensor]):
+        self.kernel, self.bound = kernel, bound
+
+    def __call__(self, x1: Tensor, x2: Tensor, **kwargs: Any):
+        return torch.func.functional_call(self.kernel, self.bound, (x1, x2), kwargs)
 
 
 #: GPyTorch kernels whose values depend on ``x1 - x2`` only (exact classes: a subclass may override ``forward``)
@@ -219,6 +229,17 @@ class GenericKernelSums(torch.autograd.Function):
         plan, kernel = ctx.plan, ctx.kernel
         x, *params = ctx.saved_tensors
         need_x = ctx.needs_input_grad[2]
+        # the kernel is evaluated again with the tensors forward saw: under torch.func.functional_call (or
+        # another reparametrisation) those are not the module's own parameters any more once forward returned,
+        # and the kernel's own would give values of other parameters and a gradient of 0 for the ones asked for
+        named = list(kernel.named_parameters())
+        if len(named) != len(params):
+            raise RuntimeError(
+                f"kernel_block_mean: {type(kernel).__name__} has {len(named)} parameters in backward but had "
+                f"{len(params)} in forward; do not add or remove kernel parameters between forward and backward."
+            )
+        own = all(p is q for p, (_, q) in zip(params, named))
+        ev = kernel if own else cast(Kernel, _Bound(kernel, {name: p for (name, _), p in zip(named, params)}))
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
         grads: list[Tensor | None] = [None] * (len(wanted) + int(need_x))
         with torch.enable_grad():
@@ -227,8 +248,8 @@ class GenericKernelSums(torch.autograd.Function):
             for a, b in progress(_ranges(plan), plan.show_progress, "kernel block sums (backward)"):
                 if not inputs:
                     continue
-                values = evaluate(kernel, x_in[..., a:b, :], x_in)
-                diag_values = evaluate_diag(kernel, x_in[..., a:b, :])
+                values = evaluate(ev, x_in[..., a:b, :], x_in)
+                diag_values = evaluate_diag(ev, x_in[..., a:b, :])
                 rows = plan.labels[a:b]
                 # dL/dK for this chunk: the k x k gradient spread over its entries (c x n, never n x n); the
                 # diagonal entries come from the exact diagonal evaluation, as in forward
