@@ -1125,6 +1125,13 @@ class BlockMeanSumLinearOperator(ClosedFormSamples, LowRankInClosedForm, LinearO
         :math:`U^\top x`, in one pass over row chunks: products in the root's precision, sums over chunks in
         the working precision, and a backward pass that needs one product with :math:`U`, writes one gradient
         buffer and keeps no ``n x m`` temporaries from the forward."""
+        if torch.is_grad_enabled() and any(wj is not None and wj.requires_grad for wj in w):
+            # the root's products take the row weights as constants: their gradient would be silently wrong
+            raise NotImplementedError(
+                "BlockMeanSumLinearOperator with a low-rank root cannot differentiate the row weights (the "
+                "covariates of random slopes): a weight requires grad, and its gradient through the root's block "
+                "sums would be wrong. Detach the weights (or the slope covariate of the inputs), or drop the root."
+            )
         x = extra if extra is not None else dinv.new_zeros(*dinv.shape, 0)
         lazy = self._root_arg
         if isinstance(lazy, LazyRoot) and self._root_tensor is None:
