@@ -13,6 +13,19 @@ import gpytorch
 import torch
 
 
+def grouped_data(seed: int = 0, n: int = 60, dtype: torch.dtype = torch.float64):
+    """Inputs ``(x0, x1, group id)`` (ids ``0 .. 4``), targets, test inputs with seen ids and a new one (6), and the
+    generator, for the draws a test adds after these: the data of the composition, product and settings audits."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=generator, dtype=dtype)
+    ids = (torch.arange(n) % 5).to(dtype).unsqueeze(-1)
+    inputs = torch.cat([x, ids], -1)
+    y = torch.sin(x[:, 0]) + 0.3 * ids[:, 0] + 0.1 * torch.randn(n, generator=generator, dtype=dtype)
+    test_ids = torch.tensor([[0.0], [1.0], [4.0], [2.0], [6.0]], dtype=dtype)
+    xt = torch.cat([torch.randn(5, 2, generator=generator, dtype=dtype), test_ids], -1)
+    return inputs, y, xt, generator
+
+
 class DenseKernel(gpytorch.kernels.Kernel):
     """``kernel`` evaluated and returned as a dense tensor: the reference for any model type."""
 

@@ -15,7 +15,7 @@ from gpytorch.kernels import AdditiveKernel, RBFKernel, ScaleKernel
 
 from bma_gp import BlockMeanKernel, ChunkedInducingPointKernel, ClosedFormFallbackWarning, GroupKernel, Partition
 from closed_form_guard import closed_forms_only
-from gp_reference import GP
+from gp_reference import GP, grouped_data
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -28,14 +28,8 @@ N = 60
 
 def data():
     """Inputs ``(x0, x1, group id)``, targets, per-point noise, a partition and test inputs with a new id (6)."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(N, 2, generator=generator, dtype=DTYPE)
-    ids = (torch.arange(N) % 5).to(DTYPE).unsqueeze(-1)
-    inputs = torch.cat([x, ids], -1)
-    y = torch.sin(x[:, 0]) + 0.3 * ids[:, 0] + 0.1 * torch.randn(N, generator=generator, dtype=DTYPE)
+    inputs, y, xt, generator = grouped_data(n=N, dtype=DTYPE)
     noise = 0.01 + 0.05 * torch.rand(N, generator=generator, dtype=DTYPE)
-    test_ids = torch.tensor([[0.0], [1.0], [4.0], [2.0], [6.0]], dtype=DTYPE)
-    xt = torch.cat([torch.randn(5, 2, generator=generator, dtype=DTYPE), test_ids], -1)
     return inputs, y, noise, Partition.from_labels(torch.arange(N) % 6), xt
 
 

@@ -33,7 +33,7 @@ from bma_gp import (
     Partition,
 )
 from closed_form_guard import closed_forms_only
-from gp_reference import GP, dense_copy
+from gp_reference import GP, dense_copy, grouped_data
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -46,13 +46,7 @@ N = 60
 
 def data():
     """Inputs ``(x0, x1, group id)`` (5 ids of 7 levels in training), targets and test inputs with a new id (6)."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(N, 2, generator=generator, dtype=DTYPE)
-    ids = (torch.arange(N) % 5).to(DTYPE).unsqueeze(-1)
-    inputs = torch.cat([x, ids], -1)
-    y = torch.sin(x[:, 0]) + 0.3 * ids[:, 0] + 0.1 * torch.randn(N, generator=generator, dtype=DTYPE)
-    test_ids = torch.tensor([[0.0], [1.0], [4.0], [2.0], [6.0]], dtype=DTYPE)
-    xt = torch.cat([torch.randn(5, 2, generator=generator, dtype=DTYPE), test_ids], -1)
+    inputs, y, xt, _ = grouped_data(n=N, dtype=DTYPE)
     return inputs, y, xt
 
 

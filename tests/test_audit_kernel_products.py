@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bma_gp import BlockMeanKernel, BlockMeanLinearOperator, ClosedFormFallbackWarning, GroupKernel, Partition
-from gp_reference import GP, DenseKernel, dense_copy, dense_prediction
+from gp_reference import GP, DenseKernel, dense_copy, dense_prediction, grouped_data
 
 DTYPE = torch.float64
 N = 60
@@ -22,13 +22,7 @@ N = 60
 
 def data(seed: int = 0):
     """Inputs ``(x0, x1, group id)``, targets, a partition of the rows and test inputs with seen and new ids."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, 2, generator=generator, dtype=DTYPE)
-    ids = (torch.arange(N) % 5).to(DTYPE).unsqueeze(-1)
-    inputs = torch.cat([x, ids], -1)
-    y = torch.sin(x[:, 0]) + 0.3 * ids[:, 0] + 0.1 * torch.randn(N, generator=generator, dtype=DTYPE)
-    test_ids = torch.tensor([[0.0], [1.0], [4.0], [2.0], [6.0]], dtype=DTYPE)
-    xt = torch.cat([torch.randn(5, 2, generator=generator, dtype=DTYPE), test_ids], -1)
+    inputs, y, xt, _ = grouped_data(seed, N, DTYPE)
     return inputs, y, Partition.from_labels(torch.arange(N) % 6), xt
 
 

@@ -15,6 +15,7 @@ from bma_gp import (
     GroupKernel,
     Partition,
 )
+from gp_reference import GP
 from largest_tensor import LargestTensor
 
 N = 100_000
@@ -74,16 +75,6 @@ def test_solve_of_indexed_principal_submatrix_is_its_size(name):
     torch.testing.assert_close(_entries(op, idx, idx) @ x, rhs, rtol=1e-8, atol=1e-8)
 
 
-class _GP(gpytorch.models.ExactGP):
-    def __init__(self, x, y, likelihood, covar):
-        super().__init__(x, y, likelihood)
-        self.mean_module = gpytorch.means.ConstantMean()
-        self.covar_module = covar
-
-    def forward(self, x):
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
-
-
 def test_sgpr_prediction_with_gradients_after_one_without_stays_closed_form():
     # After a prediction under no_grad, a prediction with gradients (optimising test inputs) formed K_ZZ again on
     # autograd's path, which rounds differently in the last bit; the ill-conditioned K_ZZ magnified that, the cross
@@ -102,7 +93,7 @@ def test_sgpr_prediction_with_gradients_after_one_without_stays_closed_form():
         ChunkedInducingPointKernel(smooth, inducing, likelihood, active_dims=(0, 1))
         + GroupKernel(50, active_dims=[2]).double()
     )
-    model = _GP(x, y, likelihood, covar).double().eval()
+    model = GP(x, y, likelihood, covar).double().eval()
     likelihood.eval()
     with torch.no_grad():
         expected = likelihood(model(x_test)).mean
