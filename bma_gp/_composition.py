@@ -32,6 +32,7 @@ from linear_operator.operators import (
     KroneckerProductLinearOperator,
     LinearOperator,
     LowRankRootAddedDiagLinearOperator,
+    LowRankRootLinearOperator,
     MatmulLinearOperator,
     RootLinearOperator,
     SumKroneckerLinearOperator,
@@ -43,6 +44,7 @@ from linear_operator.utils.broadcasting import _matmul_broadcast_shape
 from linear_operator.utils.getitem import _is_noop_index
 from torch import Tensor
 
+from bma_gp._broadcast import batch_constants
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._warnings import ClosedFormFallbackWarning
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator, dense_svd
@@ -1040,6 +1042,64 @@ def _hooked_matmul(original):
     return matmul
 
 
+def _scaled_low_rank(op, constants: Tensor) -> LinearOperator | None:
+    r"""``c U U^T`` (``+ c D``) for one constant per batch entry, ``c`` of shape ``(*batch)``: the root scaled by
+    :math:`\sqrt{c}`, a ``(*batch, n, m)`` low-rank root again. linear_operator takes such a constant for one only when
+    it has the operator's batch shape; a ``ScaleKernel(batch_shape=(t,))`` around an unbatched SGPR kernel
+    (``ChunkedInducingPointKernel``, GPyTorch's ``InducingPointKernel``) reached its elementwise product, which formed
+    the dense ``(t, n, n)`` matrix, and the sums with group kernels and noise then lost their closed forms. A negative
+    constant has no real square root: None after a :class:`ClosedFormFallbackWarning` (linear_operator's product)."""
+    from linear_operator import to_dense
+
+    from bma_gp.kernels.chunked_inducing_point_kernel import _RootWithDiagonal
+
+    if bool((constants < 0).any()):
+        n = op.shape[-1]
+        warnings.warn(
+            f"a {type(op).__name__} (n = {n}, a low-rank root U U^T) times a negative constant: U U^T cannot carry a "
+            f"negative factor (no real square root), so linear_operator's elementwise product forms the dense {n} x "
+            f"{n} matrix and its solves take the generic path. Scale by a nonnegative constant (a ScaleKernel's "
+            "outputscale is one) to keep the low-rank root.",
+            ClosedFormFallbackWarning,
+            stacklevel=5,
+        )
+        return None
+    low_rank = op._linear_op if isinstance(op, LowRankRootAddedDiagLinearOperator) else op
+    root = low_rank.root
+    root = root.materialize() if isinstance(root, LazyRoot) else to_dense(root)
+    factor = constants.to(root.dtype)
+    root = root * factor.sqrt()[..., None, None]
+    known = getattr(low_rank, "_known_diagonal", None)
+    scaled: LinearOperator = (  # the diagonal summed with U, scaled as U U^T is
+        _RootWithDiagonal(root, known * factor[..., None])
+        if isinstance(low_rank, _RootWithDiagonal) and known is not None
+        else LowRankRootLinearOperator(root)
+    )
+    if isinstance(op, LowRankRootAddedDiagLinearOperator):
+        return LowRankRootAddedDiagLinearOperator(
+            scaled, DiagLinearOperator(op._diag_tensor._diagonal() * factor[..., None])
+        )
+    return scaled
+
+
+def _hooked_root_diag_mul_constant(original):
+    """``LowRankRootAddedDiagLinearOperator._mul_constant``: linear_operator's asks ``if other > 0``, which raised
+    "Boolean value of Tensor with more than one value is ambiguous" for one constant per batch entry (the test
+    covariance of a batch ``ScaleKernel`` around an SGPR kernel in eval mode, whose inputs are expanded to the batch).
+    Nonnegative constants scale the root by their square roots; others take linear_operator's negative branch."""
+
+    @functools.wraps(original)
+    def _mul_constant(self, other):
+        if not (torch.is_tensor(other) and other.dim() > 0):
+            return original(self, other)
+        if bool((other >= 0).all()):
+            return _scaled_low_rank(self, other)
+        return AddedDiagLinearOperator(self._linear_op._mul_constant(other), self._diag_tensor._mul_constant(other))
+
+    _mul_constant._bma_gp_original = original
+    return _mul_constant
+
+
 def _hooked_mul_matrix(original):
     """``LinearOperator._mul_matrix`` (the elementwise product ``A * B``, ``A.mul(B)``): when a factor is a lazily
     evaluated kernel tensor with a block mean or group kernel, or the other factor is a block mean operator, the block
@@ -1054,6 +1114,11 @@ def _hooked_mul_matrix(original):
 
     @functools.wraps(original)
     def _mul_matrix(self, other):
+        constants = batch_constants(other)
+        if constants is not None and isinstance(self, (LowRankRootLinearOperator, LowRankRootAddedDiagLinearOperator)):
+            scaled = _scaled_low_rank(self, constants)
+            if scaled is not None:
+                return scaled
         if isinstance(other, LinearOperator) and (
             _is_lazy_block_mean(self) or _is_lazy_block_mean(other) or (not own(self) and own(other))
         ):
@@ -1140,6 +1205,9 @@ def install() -> None:
             cls.__add__ = _hooked_add(method)
     if not hasattr(LinearOperator.matmul, "_bma_gp_original"):  # subclasses reach it through super().matmul
         LinearOperator.matmul = _hooked_matmul(LinearOperator.matmul)
+    method = LowRankRootAddedDiagLinearOperator._mul_constant
+    if not hasattr(method, "_bma_gp_original"):
+        LowRankRootAddedDiagLinearOperator._mul_constant = _hooked_root_diag_mul_constant(method)
     if not hasattr(LinearOperator._mul_matrix, "_bma_gp_original"):  # also LazyEvaluatedKernelTensor's (inherited)
         LinearOperator._mul_matrix = _hooked_mul_matrix(LinearOperator._mul_matrix)
     method = LazyEvaluatedKernelTensor.__dict__.get("add_diagonal", None)
