@@ -65,6 +65,14 @@ class _RootWithDiagonal(LowRankRootLinearOperator):
         return super()._diagonal()
 
 
+def _unexpanded(x: Tensor) -> Tensor | None:
+    """``x`` (``(*batch, n, d)``) as one ``n x d`` matrix when every batch entry holds the same inputs, else None."""
+    if x.dim() == 2:
+        return x
+    flat = x.reshape(-1, *x.shape[-2:])
+    return flat[0] if flat.shape[0] and bool((flat == flat[:1]).all()) else None
+
+
 def _same_up_to_rounding(a: Tensor, b: Tensor) -> bool:
     """Whether ``a`` and ``b`` (same shape) differ by at most a few units of rounding of their largest entry: the
     same kernel matrix evaluated on two paths, not one evaluated at other parameters."""
@@ -264,10 +272,17 @@ class ChunkedInducingPointKernel(InducingPointKernel):
 
     def _get_covariance(self, x1: Tensor, x2: Tensor):
         if not torch.equal(x1, x2):  # test x train: t x n, built from two roots as GPyTorch does
-            if x1.dim() == x2.dim() == 2:
+            a, b = _unexpanded(x1), _unexpanded(x2)
+            if a is not None and b is not None:
                 # both roots by the training root's own formula and row blocks: the prediction strategy recognises
-                # the right factor as the training root (an ill-conditioned L^{-T} magnifies any other rounding)
-                return MatmulLinearOperator(self._root(x1)[0], self._root(x2)[0].mT)
+                # the right factor as the training root (an ill-conditioned L^{-T} magnifies any other rounding).
+                # Inputs copied across a batch (GPyTorch indexes a batch ScaleKernel's joint covariance so) are one
+                # matrix: GPyTorch's formula rounded otherwise, and a batch of SGPR models with groups warned and
+                # formed the t x n cross covariance
+                left, right = self._root(a)[0], self._root(b)[0]
+                batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
+                left, right = left.expand(*batch, *left.shape), right.expand(*batch, *right.shape)
+                return MatmulLinearOperator(left, right.mT)
             return super()._get_covariance(x1, x2)
         if self.training and self.analytic_rbf:
             parts = rbf_parts(self.base_kernel, x1, self.inducing_points)
