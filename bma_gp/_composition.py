@@ -45,6 +45,7 @@ from linear_operator.utils.getitem import _is_noop_index
 from torch import Tensor
 
 from bma_gp._broadcast import batch_constants
+from bma_gp._indexing import TorchIndexing
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._warnings import ClosedFormFallbackWarning
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator, dense_svd
@@ -557,7 +558,7 @@ class FallbackSumLinearOperator(_WarnsWhenFactorised, SumLinearOperator):
         return _as_fallback(super()._getitem(row_index, col_index, *batch_indices))
 
 
-class FallbackIndexedLinearOperator(_WarnsWhenFactorised, InterpolatedLinearOperator):
+class FallbackIndexedLinearOperator(TorchIndexing, _WarnsWhenFactorised, InterpolatedLinearOperator):
     """Rows and columns of a block mean operator or sum other than one principal slice (``M[idx][:, idx]``,
     ``M[:, :m]``): linear_operator's interpolated operator, whose solves, log-determinants and roots take the
     generic path and say so with a :class:`ClosedFormFallbackWarning` when they run (products stay silent; a

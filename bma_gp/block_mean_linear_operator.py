@@ -20,6 +20,7 @@ from torch import Tensor
 from bma_gp import settings
 from bma_gp._broadcast import batch_constants, sum_to_shape, times_diagonal
 from bma_gp._diagonal import diagonal_by_construction, is_diagonal
+from bma_gp._indexing import TorchIndexing
 from bma_gp._low_rank_sum import LowRankInClosedForm
 from bma_gp._precision import core_dtype
 from bma_gp._samples import ClosedFormSamples
@@ -159,7 +160,7 @@ def check_symmetric_flag(symmetric) -> None:
         raise TypeError(f"symmetric must be True or False, got {symmetric!r}.")
 
 
-class BlockMeanLinearOperator(ClosedFormSamples, LowRankInClosedForm, LinearOperator):
+class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedForm, LinearOperator):
     r"""A block mean matrix over a partition of :math:`n` indices into :math:`k` blocks.
 
     .. math::

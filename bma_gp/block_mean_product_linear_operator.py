@@ -11,6 +11,7 @@ from linear_operator.utils.memoize import add_to_cache, clear_cache_hook, get_fr
 from torch import Tensor
 
 from bma_gp._broadcast import batch_constants, times_diagonal
+from bma_gp._indexing import TorchIndexing
 from bma_gp._low_rank_sum import LowRankInClosedForm
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator, batch_repeat, check_rhs, dense_svd
 
@@ -21,7 +22,7 @@ def _is_noop(index) -> bool:
     return isinstance(index, slice) and index == slice(None, None, None)
 
 
-class BlockMeanProductLinearOperator(LowRankInClosedForm, MatmulLinearOperator):
+class BlockMeanProductLinearOperator(TorchIndexing, LowRankInClosedForm, MatmulLinearOperator):
     r"""The matrix product :math:`M N` of two :class:`~bma_gp.BlockMeanLinearOperator` over different partitions of the
     same :math:`n` points (what ``M @ N`` gives; over one partition the product is again a block mean operator).
 

@@ -29,6 +29,7 @@ from bma_gp._broadcast import batch_constants, times_diagonal
 from bma_gp._by_products import ByProducts
 from bma_gp._diagonal import is_diagonal as _is_diagonal
 from bma_gp._diagonal import structurally_diagonal as _structurally_diagonal
+from bma_gp._indexing import TorchIndexing
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._low_rank_sum import LowRankInClosedForm
 from bma_gp._precision import core_dtype
@@ -537,7 +538,7 @@ def _scoped(method):
 
 
 # ---------------------------------------------------------------------------- the operator
-class BlockMeanSumLinearOperator(ClosedFormSamples, LowRankInClosedForm, LinearOperator):
+class BlockMeanSumLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedForm, LinearOperator):
     r"""A per-point diagonal plus block mean matrices over several partitions plus a low-rank root.
 
     .. math::
