@@ -394,7 +394,7 @@ def _known_nonsymmetric(op) -> bool:
     return False
 
 
-class _WarnsWhenFactorised:
+class _WarnsWhenFactorised(TorchIndexing):
     """Solves, log-determinants and roots that say with a :class:`ClosedFormFallbackWarning` that they take
     linear_operator's generic path (products stay silent); ``_warn(what)`` words it.
 
@@ -558,7 +558,7 @@ class FallbackSumLinearOperator(_WarnsWhenFactorised, SumLinearOperator):
         return _as_fallback(super()._getitem(row_index, col_index, *batch_indices))
 
 
-class FallbackIndexedLinearOperator(TorchIndexing, _WarnsWhenFactorised, InterpolatedLinearOperator):
+class FallbackIndexedLinearOperator(_WarnsWhenFactorised, InterpolatedLinearOperator):
     """Rows and columns of a block mean operator or sum other than one principal slice (``M[idx][:, idx]``,
     ``M[:, :m]``): linear_operator's interpolated operator, whose solves, log-determinants and roots take the
     generic path and say so with a :class:`ClosedFormFallbackWarning` when they run (products stay silent; a
@@ -774,7 +774,7 @@ def fallback_sum(left, right) -> LinearOperator | None:
 
 
 # ---------------------------------------------------------------------------- hooks
-class _BlockMeanTasks:
+class _BlockMeanTasks(TorchIndexing):
     """The block-diagonal operator of a batch of block mean operators or sums, one per task (a batch-independent
     multi-output model's ``MultitaskMultivariateNormal.from_batch_mvn`` covariance plus a diagonal noise): ``solve``
     and the roots are the batch's closed forms, applied task by task (linear_operator's own take a dense Cholesky of

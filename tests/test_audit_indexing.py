@@ -200,3 +200,38 @@ def test_indexed_submatrix_takes_torch_indices_too():
     _check(op, lambda o: o[IDX][-1])
     _check(op, lambda o: o[IDX][:, MASK])
     _check(op, lambda o: o[MASK][[True, False, True, False]][:, -2:])
+
+
+# ------------------------------------------------------------------ operators built from block mean operators
+def _derived_operators() -> dict[str, object]:
+    from linear_operator.operators import DenseLinearOperator
+
+    ops = _operators()
+    M, S = ops["block_mean"], ops["sum"]
+    dense = torch.randn(N, N, dtype=DT, generator=torch.Generator().manual_seed(3))
+    from test_audit_multitask_prediction import layout_operators
+
+    block_diag, interleaved = layout_operators()
+    return {
+        "fallback sum": M + DenseLinearOperator(dense @ dense.mT),
+        "fallback product": M @ S,
+        "negative multiple": S * -1.0,
+        "tasks, block-diagonal": block_diag,
+        "tasks, interleaved": interleaved,
+    }
+
+
+DERIVED_CASES = {
+    "negative row": lambda o: o[..., -1, :],
+    "negative entry": lambda o: o[..., -1, -2],
+    "mask columns": lambda o: o[..., torch.arange(o.shape[-1]) % 2 == 0],
+    "mask rows": lambda o: o[..., torch.arange(o.shape[-1]) % 3 == 0, :],
+    "numpy rows": lambda o: o[..., np.array([0, 2]), :],
+    "new axis": lambda o: o[None],
+}
+
+
+@pytest.mark.parametrize("case", list(DERIVED_CASES))
+def test_fallback_operators_index_as_torch(case):
+    for op in _derived_operators().values():
+        _check(op, DERIVED_CASES[case])
