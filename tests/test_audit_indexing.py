@@ -221,11 +221,34 @@ def _derived_operators() -> dict[str, object]:
     }
 
 
+def _posterior_operators() -> dict[str, object]:
+    """The posterior covariances of a mixed model (prediction, training inputs) and of a block mean kernel's GP, and
+    that kernel's cross covariance (a ``BlockCrossLinearOperator``)."""
+    import gpytorch
+
+    from test_gp_inference import build_model, make_data, make_partition
+    from test_mixed_prediction import CASES, build, closed_form, new_inputs
+
+    model, x, _ = build(CASES[0])
+    model.eval()
+    xt = new_inputs()
+    res = {"predictive covariance": closed_form(model, xt, False)[0]}
+    with torch.no_grad():
+        res["training posterior"] = model(x).lazy_covariance_matrix
+    x, y = make_data()
+    bm_model, likelihood, _ = build_model(x, y, make_partition(x.shape[0], 7, False), scale=True)
+    bm_model.eval()
+    with torch.no_grad(), gpytorch.settings.fast_pred_var(False):
+        res["block mean posterior"] = bm_model(torch.rand(9, 2, dtype=DT)).lazy_covariance_matrix
+        res["block mean cross covariance"] = bm_model.covar_module(torch.rand(9, 2, dtype=DT), x).evaluate_kernel()
+    return res
+
+
 DERIVED_CASES = {
     "negative row": lambda o: o[..., -1, :],
     "negative entry": lambda o: o[..., -1, -2],
     "mask columns": lambda o: o[..., torch.arange(o.shape[-1]) % 2 == 0],
-    "mask rows": lambda o: o[..., torch.arange(o.shape[-1]) % 3 == 0, :],
+    "mask rows": lambda o: o[..., torch.arange(o.shape[-2]) % 3 == 0, :],
     "numpy rows": lambda o: o[..., np.array([0, 2]), :],
     "new axis": lambda o: o[None],
 }
@@ -235,3 +258,50 @@ DERIVED_CASES = {
 def test_fallback_operators_index_as_torch(case):
     for op in _derived_operators().values():
         _check(op, DERIVED_CASES[case])
+
+
+@pytest.fixture(scope="module")
+def posteriors():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _posterior_operators()
+
+
+@pytest.mark.filterwarnings("ignore:The input matches the stored training data")
+@pytest.mark.parametrize("case", list(DERIVED_CASES))
+def test_posterior_covariances_index_as_torch(posteriors, case):
+    for op in posteriors.values():
+        _check(op, DERIVED_CASES[case])
+
+
+@pytest.mark.filterwarnings("ignore:The input matches the stored training data")
+def test_predictive_covariance_new_axes_and_batch_entries(monkeypatch):
+    """``unsqueeze`` (and so ``op[None]``) of the mixed models' predictive covariance: linear_operator's default
+    unsqueezed the one-hot blocks' batch-free columns and left the implicit weight's batch shape behind; batch entries
+    of the result indexed those columns too."""
+    from bma_gp.kernels import group_kernel
+    from bma_gp.kernels import sum_prediction_strategy as sps
+    from test_implicit_weight import factor_model
+    from test_mixed_prediction import CASES, build, closed_form, new_inputs
+
+    model, _, _ = build(CASES[0])
+    model.eval()
+    covar = closed_form(model, new_inputs(), False)[0]
+    for fn in (lambda o: o.unsqueeze(0), lambda o: o[None][0], lambda o: o[None, None][:, 0]):
+        _check(covar, fn)
+
+    monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    monkeypatch.setattr(sps._ImplicitWeight, "formed", lambda self, columns: None)
+    monkeypatch.setattr(group_kernel, "FACTOR_DENSE_MAX_GROUPS", 0)
+    model, _, _, _, xt = factor_model(30, n=120, batch_shape=(2,))
+    with torch.no_grad():
+        covar = model(xt).lazy_covariance_matrix
+        assert isinstance(covar.W, sps._ImplicitWeight)
+        for fn in (
+            lambda o: o[None],
+            lambda o: o[:, None],
+            lambda o: o[None][0],
+            lambda o: o[:, None][-1, 0],
+            lambda o: o[None][:, torch.tensor([1, 0, 1])],
+        ):
+            _check(covar, fn)

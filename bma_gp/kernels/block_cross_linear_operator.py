@@ -15,12 +15,13 @@ from linear_operator.utils.getitem import _is_noop_index
 from torch import Tensor
 
 from bma_gp._broadcast import batch_constants
+from bma_gp._indexing import TorchIndexing
 from bma_gp.partition import Partition, intersection
 
 __all__ = ["BlockCrossLinearOperator"]
 
 
-class BlockCrossLinearOperator(LinearOperator):
+class BlockCrossLinearOperator(TorchIndexing, LinearOperator):
     r"""The matrix :math:`A P^\top` (or its transpose :math:`P A^\top`).
 
     .. math::

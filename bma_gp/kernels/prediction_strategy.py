@@ -41,6 +41,7 @@ from linear_operator.operators import (
 from torch import Tensor
 
 from bma_gp import settings as bma_settings
+from bma_gp._indexing import TorchIndexing
 from bma_gp._precision import core_dtype
 from bma_gp._samples import ClosedFormSamples
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
@@ -72,7 +73,7 @@ def _is_principal_slice(row_index, col_index, batch_indices) -> bool:
     return isinstance(row_index, slice) and row_index == col_index and full_batch
 
 
-class _PredictiveDifference(ClosedFormSamples, LinearOperator):
+class _PredictiveDifference(TorchIndexing, ClosedFormSamples, LinearOperator):
     r""":math:`K_{**} - G` at new inputs, :math:`G = (A W)(A W)^\top` held in the working precision
     (:class:`_OneHotGram` or a product of the ``t x k`` factor): entries, products, the diagonal and the dense matrix
     are formed there and only then cast to the model's dtype. For a well-observed block the difference is far smaller

@@ -53,11 +53,13 @@ from linear_operator.operators import (
     SumLinearOperator,
     ZeroLinearOperator,
 )
+from linear_operator.utils.getitem import _is_noop_index
 from torch import Tensor
 
 from bma_gp import settings
 from bma_gp._by_products import ByProducts
 from bma_gp._composition import ClosedFormFallbackWarning, _build, _collect, _Parts
+from bma_gp._indexing import TorchIndexing
 from bma_gp._precision import core_dtype
 from bma_gp._samples import ClosedFormSamples
 from bma_gp._symmetric_function import floored_sqrt, symmetric_matrix_function
@@ -996,6 +998,24 @@ class _ImplicitWeight(LinearOperator):
     def _expand_batch(self, batch_shape) -> _ImplicitWeight:
         return _ImplicitWeight(self.M, batch=tuple(batch_shape))
 
+    def _unsqueeze_batch(self, dim: int) -> _ImplicitWeight:
+        """A batch dimension of size 1 at ``dim``, in ``M`` too where ``M`` has that batch dimension (``M``'s batch
+        shape is aligned to the right of this one's; linear_operator's default unsqueezed ``M`` and kept the old batch
+        shape, so ``M`` then broadcast against the wrong dimensions)."""
+        batch = list(self._batch)
+        batch.insert(dim, 1)
+        lead = len(self._batch) - len(self.M.batch_shape)  # leading dimensions that M broadcasts over
+        return _ImplicitWeight(self.M.unsqueeze(dim - lead) if dim >= lead else self.M, batch=tuple(batch))
+
+    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+        """Batch entries: the weight of ``M``'s entries, ``M`` expanded to the whole batch shape first
+        (linear_operator's default indexed ``M``, which may have fewer batch dimensions, and kept the old batch
+        shape)."""
+        if _is_noop_index(row_index) and _is_noop_index(col_index):
+            M = self.M._expand_batch(torch.Size(self._batch)) if self.M.batch_shape != self._batch else self.M
+            return _ImplicitWeight(M._getitem(row_index, col_index, *batch_indices))
+        return super()._getitem(row_index, col_index, *batch_indices)
+
     def _matmul(self, rhs: Tensor) -> Tensor:
         res = _weight_matmul(self.M, rhs.to(self.dtype))
         return res.expand(*torch.broadcast_shapes(res.shape[:-2], self._batch), *res.shape[-2:])
@@ -1369,7 +1389,7 @@ def _exact_dense_root(op: LinearOperator) -> RootLinearOperator:
     return RootLinearOperator(DenseLinearOperator(L.to(dense.dtype)))
 
 
-class PredictiveCovarianceLinearOperator(ClosedFormSamples, LinearOperator):
+class PredictiveCovarianceLinearOperator(TorchIndexing, ClosedFormSamples, LinearOperator):
     r"""The posterior covariance at new inputs :math:`K_{**} - F W F^\top` (see :func:`new_input_prediction`).
 
     ``F`` is held in blocks, one per term of the training covariance (the tensors the kernels returned, not
@@ -1452,6 +1472,46 @@ class PredictiveCovarianceLinearOperator(ClosedFormSamples, LinearOperator):
         W = self.W.expand(*batch_shape, *self.W.shape[-2:])
         blocks = [None if b is None else b.expand(*batch_shape, *b.shape[-2:]) for b in self.blocks]
         return PredictiveCovarianceLinearOperator.from_blocks(prior, W, blocks, self.sizes)
+
+    def _unsqueeze_batch(self, dim: int) -> PredictiveCovarianceLinearOperator:
+        """A new batch dimension of size 1 at ``dim`` in every part, expanded to the whole batch shape first
+        (linear_operator's default unsqueezed every tensor argument, the one-hot blocks' batch-free columns too, which
+        broke products, and parts broadcast over the batch at the wrong place)."""
+        full = self._expand_batch(self.batch_shape)
+        blocks = [
+            b
+            if b is None
+            else _OneHot(b.values.unsqueeze(dim), b.columns, b.k)
+            if isinstance(b, _OneHot)
+            else b.unsqueeze(dim)
+            for b in full.blocks
+        ]
+        return PredictiveCovarianceLinearOperator.from_blocks(
+            full.prior.unsqueeze(dim), full.W.unsqueeze(dim), blocks, self.sizes
+        )
+
+    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+        """Batch entries: every part's, each expanded to the whole batch shape first (linear_operator's default
+        indexed the one-hot blocks' batch-free columns with the batch indices too)."""
+        if _is_noop_index(row_index) and _is_noop_index(col_index):
+            full = self._expand_batch(self.batch_shape)
+            every = (slice(None),)
+            blocks = [
+                None
+                if b is None
+                else _OneHot(b.values[(*batch_indices, *every)], b.columns, b.k)
+                if isinstance(b, _OneHot)
+                else b[(*batch_indices, *every, *every)]
+                for b in full.blocks
+            ]
+            prior, W = (
+                x._getitem(row_index, col_index, *batch_indices)
+                if isinstance(x, LinearOperator)
+                else x[(*batch_indices, *every, *every)]
+                for x in (full.prior, full.W)
+            )
+            return PredictiveCovarianceLinearOperator.from_blocks(prior, W, blocks, self.sizes)
+        return super()._getitem(row_index, col_index, *batch_indices)
 
     def evaluate_kernel(self) -> PredictiveCovarianceLinearOperator:
         return self
@@ -1737,7 +1797,7 @@ def _z_rows(M: BlockMeanSumLinearOperator, rows: Tensor) -> Tensor:
 _DIAG_KINDS = ("zero", "nonnegative", "positive")
 
 
-class TrainingPosteriorLinearOperator(LinearOperator):
+class TrainingPosteriorLinearOperator(TorchIndexing, LinearOperator):
     r""":math:`S = \operatorname{diag}(s) + V V^\top` with :math:`V = \operatorname{diag}(\beta) Z Y`
     (:math:`Z` the columns of the noisy training covariance ``M``, :math:`Y` of size :math:`q \times q` with
     :math:`Y Y^\top = H`, :math:`H = C^{-1} G`). Products apply :math:`H` by solves with ``M``'s capacitance
