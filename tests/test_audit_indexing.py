@@ -305,3 +305,71 @@ def test_predictive_covariance_new_axes_and_batch_entries(monkeypatch):
             lambda o: o[None][:, torch.tensor([1, 0, 1])],
         ):
             _check(covar, fn)
+
+
+# ---------------------------------------------------------------------------- a lazily evaluated BlockMeanKernel tensor
+def _lazy_block_mean_kernel():
+    import gpytorch
+
+    from bma_gp import BlockMeanKernel
+
+    torch.manual_seed(0)
+    n = 24
+    x = torch.randn(n, 2, dtype=DT)
+    base = gpytorch.kernels.RBFKernel().to(DT)
+    kernel = gpytorch.kernels.ScaleKernel(BlockMeanKernel(base, x, Partition.from_labels(torch.arange(n) % 5)))
+    return kernel.to(DT), x
+
+
+LAZY_INDICES = {
+    "last rows and columns": (slice(-5, None), slice(-5, None)),
+    "leading rows": (slice(0, 5), slice(None)),
+    "middle rows": (slice(3, 9), slice(None)),
+    "every other row": (slice(None, None, 2), slice(None, None, 2)),
+    "one row": (7, slice(None)),
+    "index tensors": (torch.tensor([0, 7, 3]), torch.tensor([1, 2, 9])),
+    "a mask": (torch.arange(24) % 3 == 0, slice(None)),
+}
+
+
+@pytest.mark.parametrize("name", list(LAZY_INDICES))
+def test_a_lazy_block_mean_kernel_tensor_is_indexed_as_its_matrix(name):
+    """GPyTorch indexes a lazily evaluated kernel tensor by indexing the inputs, ``kernel(x)[I, J] = kernel(x[I],
+    x[J])``. A BlockMeanKernel recognises its training inputs only whole, so an index taking some training rows gave
+    the base kernel at them (0.2-0.5 off here), also as the marginal of the training prior; it now reads the
+    block mean matrix."""
+    kernel, x = _lazy_block_mean_kernel()
+    with torch.no_grad():
+        lazy = kernel(x)
+        dense = lazy.to_dense()
+        index = LAZY_INDICES[name]
+        got = lazy[index]
+        got = got.to_dense() if hasattr(got, "to_dense") else got
+    torch.testing.assert_close(got, dense[index])
+
+
+def test_the_marginal_of_a_block_mean_prior_is_its_submatrix():
+    import gpytorch
+
+    kernel, x = _lazy_block_mean_kernel()
+    with torch.no_grad():
+        covar = kernel(x)
+        prior = gpytorch.distributions.MultivariateNormal(torch.zeros(24, dtype=DT), covar)
+        torch.testing.assert_close(prior[..., -5:].covariance_matrix, covar.to_dense()[-5:, -5:])
+
+
+def test_splitting_at_the_training_rows_keeps_the_lazy_form():
+    """The prediction strategy's split of the joint covariance (training rows whole, new rows apart) keeps
+    GPyTorch's lazy form: the training block, the cross covariance and the new points' block."""
+    from gpytorch.lazy import LazyEvaluatedKernelTensor
+
+    kernel, x = _lazy_block_mean_kernel()
+    joint_x = torch.cat([x, torch.randn(3, 2, dtype=DT)])
+    with torch.no_grad():
+        joint = kernel(joint_x)
+        dense = joint.to_dense()
+        for index in [(slice(None, 24), slice(None, 24)), (slice(24, None), slice(None, 24)), (slice(24, None),) * 2]:
+            part = joint[index]
+            assert isinstance(part, LazyEvaluatedKernelTensor), index
+            torch.testing.assert_close(part.to_dense(), dense[index])
+        torch.testing.assert_close(joint[2:26, 2:26].to_dense(), dense[2:26, 2:26])  # cuts the training rows

@@ -80,6 +80,66 @@ def install() -> None:
     evaluate_kernel._bma_gp_original = original  # type: ignore[attr-defined]
     LazyEvaluatedKernelTensor.evaluate_kernel = evaluate_kernel
 
+    getitem = LazyEvaluatedKernelTensor.__dict__.get("_getitem")
+    if getitem is not None and not hasattr(getitem, "_bma_gp_original"):
+        LazyEvaluatedKernelTensor._getitem = _hooked_lazy_getitem(getitem)
+
+
+def _hooked_lazy_getitem(original):
+    """GPyTorch indexes a lazily evaluated kernel tensor by indexing its inputs: ``kernel(x)[I, J]`` is
+    ``kernel(x[I], x[J])``. A ``BlockMeanKernel`` recognises its training inputs only as a whole (followed by new
+    points), so an index that takes some of the training rows but not all of them, in order, gave the base kernel at
+    those points instead of the entries of the block mean matrix: ``kernel(x)[-5:, -5:]``, or the marginal
+    ``mvn[..., -5:]`` of the training prior, without a word. Such an index now reads the evaluated operator (the
+    block mean operator in closed form, cached); indices that keep the training rows whole or leave them out (the
+    prediction strategy's split of the joint covariance at the training rows) keep GPyTorch's lazy form."""
+
+    @functools.wraps(original)
+    def _getitem(self, row_index, col_index, *batch_indices):
+        if _cuts_training_rows(self, row_index, col_index):
+            return self.evaluate_kernel()._getitem(row_index, col_index, *batch_indices)
+        return original(self, row_index, col_index, *batch_indices)
+
+    _getitem._bma_gp_original = original  # type: ignore[attr-defined]
+    return _getitem
+
+
+def _cuts_training_rows(lazy, row_index, col_index) -> bool:
+    """Whether ``row_index`` / ``col_index`` of the lazily evaluated kernel tensor ``lazy`` take some training rows of
+    a ``BlockMeanKernel`` inside its kernel but not all of them as a leading run (see :func:`_hooked_lazy_getitem`)."""
+    kernels = [m for m in lazy.kernel.modules() if isinstance(m, BlockMeanKernel)]
+    if not kernels:
+        return False
+    outs = lazy.kernel.num_outputs_per_input(lazy.x1, lazy.x2)
+    out1, out2 = outs if isinstance(outs, tuple) else (outs, outs)
+    for kernel in kernels:
+        for x, index, per_input, size in (
+            (lazy.x1, row_index, out1, lazy.shape[-2]),
+            (lazy.x2, col_index, out2, lazy.shape[-1]),
+        ):
+            if kernel.active_dims is not None:
+                x = x.index_select(-1, kernel.active_dims.to(x.device))
+            rows = kernel._num_train_rows(x) * per_input
+            if rows and _takes_part_of(index, rows, size):
+                return True
+    return False
+
+
+def _takes_part_of(index, rows: int, size: int) -> bool:
+    """Whether ``index`` (a slice, an integer or an integer tensor over ``size`` entries) takes some of the first
+    ``rows`` entries but not exactly all of them in order at its start."""
+    if isinstance(index, slice):
+        start, stop, step = index.indices(size)
+        if start >= rows or stop <= start:  # none of them (or nothing at all)
+            return False
+        return not (start == 0 and step == 1 and stop >= rows)
+    if isinstance(index, int):
+        return (index % size) < rows
+    if torch.is_tensor(index):
+        index = torch.where(index < 0, index + size, index)
+        return bool((index < rows).any())
+    return False
+
 
 def _check_train_x(train_x) -> Tensor:
     if not torch.is_tensor(train_x):
