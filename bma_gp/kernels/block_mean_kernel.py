@@ -100,7 +100,7 @@ def _hooked_lazy_getitem(original):
             return self.evaluate_kernel()._getitem(row_index, col_index, *batch_indices)
         return original(self, row_index, col_index, *batch_indices)
 
-    _getitem._bma_gp_original = original  # type: ignore[attr-defined]
+    _getitem._bma_gp_original = original
     return _getitem
 
 
