@@ -1158,27 +1158,32 @@ class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedF
         self._check_invertible_offsets(lam)
         root = self._core_sizes.sqrt()
         G = root.unsqueeze(-1) * B * root.unsqueeze(-2)
-        L = None
-        if self.symmetric and not self._unchecked_on_accelerator():
-            L, info = self._core_cholesky_ex()
-            if bool((info > 0).any()):  # with validation on, or on CPU (nothing to synchronise)
-                L = None  # symmetric but indefinite: still invertible, through LU below
-        if L is not None:
-            X = torch.cholesky_solve(G, L)  # C^{-1} G
-        else:
-            C = torch.diag_embed(lam) + G
-            X, info = torch.linalg.solve_ex(C, G)
-            if settings.validate.on() and bool((info > 0).any()):
-                raise ValueError(
-                    "the block mean matrix is singular: its k x k core matrix C = diag(lam) + S^1/2 B S^1/2 "
-                    "cannot be inverted. Add a diagonal (add_diagonal / noise) before solving."
-                )
+        X = self._core_solve(G)  # C^{-1} G
         # C^{-1} - diag(1/lam) = -C^{-1} G diag(1/lam): no cancellation between the two terms
         inv_lam = lam.reciprocal()
         D = -X * inv_lam.unsqueeze(-2) / (root.unsqueeze(-1) * root.unsqueeze(-2))
         if self.symmetric:
             D = 0.5 * (D + D.mT)
         return inv_lam.to(self.dtype), D.to(self.dtype)
+
+    def _core_solve(self, rhs: Tensor) -> Tensor:
+        """:math:`C^{-1}` ``rhs`` for the (folded) core matrix, in :attr:`core_dtype`: through the shared Cholesky
+        factor where there is one, else (not symmetric, indefinite, or unchecked on an accelerator) through the LU
+        of :math:`C`, a singular one an error with validation on. # shape: (*batch, k, t)"""
+        L = None
+        if self.symmetric and not self._unchecked_on_accelerator():
+            L, info = self._core_cholesky_ex()
+            if bool((info > 0).any()):  # with validation on, or on CPU (nothing to synchronise)
+                L = None  # symmetric but indefinite: still invertible, through LU below
+        if L is not None:
+            return torch.cholesky_solve(rhs, L)
+        X, info = torch.linalg.solve_ex(self._unchecked_core()[1], rhs)
+        if settings.validate.on() and bool((info > 0).any()):
+            raise ValueError(
+                "the block mean matrix is singular: its k x k core matrix C = diag(lam) + S^1/2 B S^1/2 "
+                "cannot be inverted. Add a diagonal (add_diagonal / noise) before solving."
+            )
+        return X
 
     def _check_invertible_offsets(self, lam: Tensor) -> None:
         if settings.validate.on() and bool(((lam == 0) & (self.partition.sizes > 1)).any()):
@@ -1290,9 +1295,36 @@ class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedF
         return self._logdet("logdet")
 
     def inv_quad(self, inv_quad_rhs: Tensor, reduce_inv_quad: bool = True) -> Tensor:
+        r""":math:`R^\top M^{-1} R` as :math:`\sum_a (r_a - \bar r_{c_a})^2 / \lambda_{c_a} + z^\top C^{-1} z` with
+        :math:`\bar r` the block means and :math:`z = S^{1/2} \bar r`, in :attr:`core_dtype`: two terms without
+        cancellation. (``r^T (M^{-1} r)`` cancels between entries of size :math:`r / \lambda` within each block, and
+        with a small noise :math:`\lambda` it was off by a multiple of itself in float32.)"""
         self._check_rhs(inv_quad_rhs, "inv_quad_rhs")
         rhs = inv_quad_rhs.unsqueeze(-1) if inv_quad_rhs.dim() == 1 else inv_quad_rhs
-        res = (rhs * self.inverse()._matmul(rhs)).sum(-2)
+        part, dtype = self.partition, self.core_dtype
+        if self._diagonal_core():
+            if settings.validate.on():
+                self._check_finite()
+            lam, _, c = self._diagonal_parts()
+        else:
+            lam, _ = self._folded()
+        self._check_invertible_offsets(lam)
+        y = rhs.to(dtype)
+        sizes = self._core_sizes.unsqueeze(-1)
+        sums = part.block_sum(y, dim=-2)  # (*, k, t)
+        within = part.block_sum((y - part.expand(sums / sizes, dim=-2)).square(), dim=-2)  # 0 in singleton blocks
+        safe_lam = torch.where(part.sizes > 1, lam, torch.ones_like(lam)).unsqueeze(-1)
+        z = sums / sizes.sqrt()
+        if self._diagonal_core():
+            if settings.validate.on() and bool((c == 0).any()):
+                raise ValueError(
+                    "the block mean matrix is singular: its k x k core matrix C = diag(lam) + S^1/2 B S^1/2 "
+                    "cannot be inverted. Add a diagonal (add_diagonal / noise) before solving."
+                )
+            core_term = z.square() / c.unsqueeze(-1)
+        else:
+            core_term = z * self._core_solve(z)
+        res = ((within / safe_lam).sum(-2) + core_term.sum(-2)).to(self.dtype)
         return res.sum(-1) if reduce_inv_quad else res
 
     def inv_quad_logdet(
