@@ -1108,7 +1108,7 @@ class BlockMeanSumLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClos
 
     def _compute_gram(self, extra: Tensor | None = None):
         wdt = core_dtype(self.dtype)
-        dinv = self.diag_values.to(wdt).reciprocal()
+        dinv = self._working_diag().reciprocal()
         J = len(self.partitions)
         w = [None if x is None else x.to(wdt) for x in self.weights]
         a = [p.block_sum(dinv if wj is None else dinv * wj * wj, dim=-1) for wj, p in zip(w, self.partitions)]
@@ -1176,12 +1176,23 @@ class BlockMeanSumLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClos
             return self._block_args[j]
         return self._memo(f"block_diagonal_{j}", lambda: torch.diagonal(self._dense_block(j), dim1=-2, dim2=-1))
 
+    def _working_diag(self) -> Tensor:
+        """The diagonal :math:`d` in the working precision, cast once per public call (see :meth:`_memo`): every
+        path of one call then meets in one cast, so that their gradients (terms of size :math:`b_a^2 / d_a^2` that
+        cancel to :math:`(M^{-1} b)_a^2`) are summed in the working precision before they are rounded to a float32
+        ``d``'s. # shape: (*batch, n)"""
+        return self._memo("working_diag", lambda: self.diag_values.to(core_dtype(self.dtype)))
+
+    def _working_block_diagonal(self, j: int) -> Tensor:
+        """:meth:`_block_diagonal` in the working precision, cast once per public call (as :meth:`_working_diag`)."""
+        return self._memo(f"working_block_diagonal_{j}", lambda: self._block_diagonal(j).to(core_dtype(self.dtype)))
+
     def _G(self, j: int, x: Tensor) -> Tensor:
         """:math:`G_j x` in the working precision (``j == J``: the identity of the root)."""
         if j == len(self._block_args):
             return x
         if self._block_is_diagonal(j):  # the diagonal first: no k x k copy in the working precision
-            return self._block_diagonal(j).to(x.dtype).unsqueeze(-1) * x
+            return self._working_block_diagonal(j).to(x.dtype).unsqueeze(-1) * x
         # one product (k <= the columns of x wherever it matters) with the symmetric part, formed once per public
         # call: a solve applies G_j three to five times
         return self._symmetric_block(j, x.dtype) @ x
@@ -1327,7 +1338,7 @@ class BlockMeanSumLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClos
         sign = torch.ones_like(logdet)
         delta = g = A_re = None
         if elim is not None:
-            g = self._block_diagonal(elim).to(wdt)
+            g = self._working_block_diagonal(elim)
             # positive with validation on (_grouping_negative); without, a negative entry of g can make some
             # entries negative in a sum that other terms make positive definite: only the product's sign counts
             delta = 1 + g * a[elim]
@@ -1557,7 +1568,7 @@ class BlockMeanSumLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClos
         eliminated term would leave a dense capacitance of ``(r_e - 1) k + r`` columns."""
         sizes = self._sizes()
         wdt = core_dtype(self.dtype)
-        g = torch.stack([self._block_diagonal(e).to(wdt) for e in eliminated], -1)  # (*b, k, r_e)
+        g = torch.stack([self._working_block_diagonal(e) for e in eliminated], -1)  # (*b, k, r_e)
         A_EE = torch.stack([torch.stack([self._level_gram(i, j) for j in eliminated], -1) for i in eliminated], -2)
         eye = torch.eye(len(eliminated), dtype=wdt, device=self.device)
         delta = eye + g.unsqueeze(-1) * A_EE  # (*b, k, r_e, r_e)
@@ -1729,7 +1740,7 @@ class BlockMeanSumLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClos
         """``(D^{-1} b, u, x)`` with :math:`u = Z^\\top D^{-1} b` and :math:`x = C^{-1} G u` (working precision);
         ``definite`` as in :meth:`_cap_solve`."""
         wdt = core_dtype(self.dtype)
-        scaled = rhs.to(wdt) / self.diag_values.to(wdt).unsqueeze(-1)
+        scaled = rhs.to(wdt) / self._working_diag().unsqueeze(-1)
         if not self._sizes():
             return scaled, [], []
         root_t = None
@@ -1758,7 +1769,7 @@ class BlockMeanSumLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClos
         scaled, _, x = self._woodbury(rhs, definite=False)  # an invertible sum is enough, as for a single operator
         res = scaled
         if x:
-            res = scaled - self._z(x) / self.diag_values.to(scaled.dtype).unsqueeze(-1)
+            res = scaled - self._z(x) / self._working_diag().to(scaled.dtype).unsqueeze(-1)
         res = res.to(torch.promote_types(self.dtype, right_tensor.dtype))
         if left_tensor is not None:  # before the squeeze: a batched S^{-1} v is a batch of columns
             res = left_tensor @ res
@@ -1784,8 +1795,9 @@ class BlockMeanSumLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClos
             self._check_rhs(inv_quad_rhs, "inv_quad_rhs")
             self._check_diag("inv_quad")
             rhs = inv_quad_rhs.unsqueeze(-1) if inv_quad_rhs.dim() == 1 else inv_quad_rhs
+            rhs = rhs.to(wdt)  # cast once: the gradients of both uses cancel, and are summed before rounding
             scaled, u, x = self._woodbury(rhs, definite=False)  # logdet (below) needs it positive definite
-            quad = (rhs.to(wdt) * scaled).sum(-2)
+            quad = (rhs * scaled).sum(-2)
             for ut, xt in zip(u, x):
                 quad = quad - (ut * xt).sum(-2)
             inv_quad_term = (quad.sum(-1) if reduce_inv_quad else quad).to(self.dtype)
@@ -1802,8 +1814,7 @@ class BlockMeanSumLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClos
         capacitance's determinant (of each factor of it: an eliminated grouping's levels, the LU) multiply, NaN
         below zero, ``-inf`` at zero."""
         self._check_diag("logdet")
-        wdt = core_dtype(self.dtype)
-        d = self.diag_values.to(wdt)
+        d = self._working_diag()
         sign, res = d.sign().prod(-1), d.abs().log().sum(-1)
         if self._sizes():
             cap = self._capacitance()
@@ -2002,7 +2013,7 @@ class BlockMeanSumLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClos
         G = self._core_matrix(wdt)
         eye = torch.eye(A.shape[-1], dtype=wdt, device=self.device)
         H = torch.linalg.solve(eye + G @ A, G)
-        dinv = self.diag_values.to(wdt).reciprocal()
+        dinv = self._working_diag().reciprocal()
         return (dinv - dinv * dinv * _quadratic_diagonal(self, 0.5 * (H + H.mT), sizes)).to(self.dtype)
 
     @_scoped
