@@ -36,3 +36,15 @@ def times_diagonal(op, diag):
     from linear_operator.operators import DiagLinearOperator
 
     return DiagLinearOperator(diag._diagonal() * op._diagonal())
+
+
+def shared_batch_entry(x: Tensor, core_dims: int) -> Tensor | None:
+    """``x`` of shape ``(*batch, *core)`` (``core_dims`` trailing dimensions) as one ``core`` tensor when every batch
+    entry holds the same values (``x`` itself without a batch), else None; also None for an empty batch."""
+    if x.dim() == core_dims:
+        return x
+    flat = x.reshape(-1, *x.shape[x.dim() - core_dims :])
+    if flat.shape[0] == 0:
+        return None
+    first = flat[0]
+    return first if bool((flat == first).all()) else None

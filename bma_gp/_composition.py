@@ -1115,9 +1115,9 @@ def _hooked_mul_matrix(original):
 
     @functools.wraps(original)
     def _mul_matrix(self, other):
-        constants = batch_constants(other)
-        if constants is not None and isinstance(self, (LowRankRootLinearOperator, LowRankRootAddedDiagLinearOperator)):
-            scaled = _scaled_low_rank(self, constants)
+        if isinstance(self, (LowRankRootLinearOperator, LowRankRootAddedDiagLinearOperator)):
+            constants = batch_constants(other)
+            scaled = _scaled_low_rank(self, constants) if constants is not None else None
             if scaled is not None:
                 return scaled
         if isinstance(other, LinearOperator) and (

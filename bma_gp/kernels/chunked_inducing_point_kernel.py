@@ -41,6 +41,7 @@ from linear_operator.utils.cholesky import psd_safe_cholesky
 from torch import Tensor
 
 from bma_gp._autograd import first_order_only
+from bma_gp._broadcast import shared_batch_entry
 from bma_gp.kernels._rbf_gram import LazyRootOperator, RBFRootFactor, TraceTerm
 from bma_gp.kernels._rbf_root import rbf_parts, rbf_root
 
@@ -63,14 +64,6 @@ class _RootWithDiagonal(LowRankRootLinearOperator):
         if self._known_diagonal is not None and self._known_diagonal.shape == self.shape[:-1]:
             return self._known_diagonal
         return super()._diagonal()
-
-
-def _unexpanded(x: Tensor) -> Tensor | None:
-    """``x`` (``(*batch, n, d)``) as one ``n x d`` matrix when every batch entry holds the same inputs, else None."""
-    if x.dim() == 2:
-        return x
-    flat = x.reshape(-1, *x.shape[-2:])
-    return flat[0] if flat.shape[0] and bool((flat == flat[:1]).all()) else None
 
 
 def _same_up_to_rounding(a: Tensor, b: Tensor) -> bool:
@@ -272,7 +265,7 @@ class ChunkedInducingPointKernel(InducingPointKernel):
 
     def _get_covariance(self, x1: Tensor, x2: Tensor):
         if not torch.equal(x1, x2):  # test x train: t x n, built from two roots as GPyTorch does
-            a, b = _unexpanded(x1), _unexpanded(x2)
+            a, b = shared_batch_entry(x1, 2), shared_batch_entry(x2, 2)
             if a is not None and b is not None:
                 # both roots by the training root's own formula and row blocks: the prediction strategy recognises
                 # the right factor as the training root (an ill-conditioned L^{-T} magnifies any other rounding).

@@ -20,6 +20,7 @@ from linear_operator.operators import (
 from torch import Tensor
 
 from bma_gp import settings
+from bma_gp._broadcast import shared_batch_entry
 from bma_gp._warnings import ClosedFormFallbackWarning
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
@@ -88,13 +89,9 @@ def _shared_ids(ids: Tensor) -> Tensor | None:
     """The id vector if every batch entry of ``ids`` (*batch, n) holds the same ids, else None. An empty batch holds
     no ids at all: any vector describes it, so the first of the ``n`` rows repeated (a one-group partition) is
     returned, and the result keeps the empty batch shape."""
-    if ids.dim() == 1:
-        return ids
-    flat = ids.reshape(-1, ids.shape[-1])
-    if flat.shape[0] == 0:
-        return flat.new_zeros(ids.shape[-1])
-    first = flat[0]
-    return first if bool((flat == first).all()) else None
+    if ids.dim() > 1 and 0 in ids.shape[:-1]:
+        return ids.new_zeros(ids.shape[-1])
+    return shared_batch_entry(ids, 1)
 
 
 def _shared_rows(ids: Tensor, covariate: Tensor) -> tuple[Tensor, Tensor] | None:
