@@ -317,6 +317,10 @@ class Workspace:
         one: a 0-d tensor holding 1 (the step count handed to torch's fused AdaGrad kernel).
         dots: per tensor, the reductions of :func:`_tensor_blocks_cpu_step` (written with ``out=``, read back in one
             call). # shape: (number of tensors, 4)
+        chunk_dots: the three reductions per chunk of a tensor whose ratio form runs in chunks
+            (:func:`_chunked_ratio_pass`). # shape: (number of chunks, 3)
+        chunk_views: per tensor and chunk length, the chunks' bounds and views of ``h``, ``n`` and ``r`` (kept
+            with the ``h`` they belong to).
         root_store: the tensors the host computes the root into (:meth:`root_buffers`), and numpy arrays on them;
             the tensors become the state's ``root_lam`` and ``root_B``.
         host_root: the stored root in float64 (lists up to :data:`PYTHON_ROOT_MAX_BLOCKS` blocks, else numpy), with
@@ -338,6 +342,8 @@ class Workspace:
     chain_until: dict[int, int] = field(default_factory=dict)
     one: Tensor | None = None
     dots: Tensor | None = None
+    chunk_dots: Tensor | None = None
+    chunk_views: dict[tuple[int, int], tuple[Tensor, list, list]] = field(default_factory=dict)
     host_zeros: dict[int, bool] = field(default_factory=dict)
     root_store: tuple[Tensor, Tensor, np.ndarray, np.ndarray] | None = None
     host_root: tuple[tuple, Any, Any] | None = None
@@ -897,6 +903,7 @@ def _tensor_blocks_cpu_step(
     if len(on_host) < min(m, HOST_MIN_TENSORS):  # a few small tensors beside larger ones: the torch forms
         on_host = []
     big = sorted(set(range(m)).difference(on_host))
+    chunk = _cpu_kernels.ratio_chunk_numel(state_sum.dtype) if big else 0  # checks the setting: before any change
     squares = [0.0] * m
     dots = ws.dots  # per tensor: g . g, then g . r, sum n and n . n (the torch forms)
     if big:
@@ -920,13 +927,19 @@ def _tensor_blocks_cpu_step(
             h_np, n_np, r_np = host[j]
             *block_sums[j], ws.host_zeros[present[j]] = _host_tensor_pass(g_np[j], h_np, n_np, r_np, eps)
     scales = _ratio_scales(ws, present, hs, big, squares, eps, stats["step"])
+    chunked: dict[int, list[float]] = {}  # per tensor whose ratio form ran in chunks: its three (scaled) sums
     for j in big:
         i, g, h, n, r, s = present[j], gs[j], hs[j], ns[j], rs[j], scales[j]
-        if s:
+        known = ws.zeros.get(i)
+        if s and chunk and g.numel() >= 2 * chunk and known is not None and not known.numel():
+            chunked[j] = _chunked_ratio_pass(ws, i, g, h, n, r, s, eps, chunk)  # no entry of h is 0: no mask
+        elif s:
             _cpu_kernels.adagrad_ratio(g, h, n, r, ws.one, s, eps)  # h, n' = s n, r' = sqrt(s) r
         else:
             h.addcmul_(g, g)
             z_inv_sqrt(h, eps, mask=False, out=r, divide=(g, n))  # r, and n = g / z
+        if j in chunked:
+            continue
         ws.mask_zeros(i, h, r)  # h = 0 (no gradient yet): r = 0 (n is already 0 there)
         torch.dot(g, r, out=dots[j, 1])
         torch.sum(n, 0, out=dots[j, 2])
@@ -934,7 +947,7 @@ def _tensor_blocks_cpu_step(
     if big:
         values = dots[:m, 1:].tolist()
         for j in big:
-            v, n_sum, n_sq = values[j]
+            v, n_sum, n_sq = chunked[j] if j in chunked else values[j]
             s = scales[j]
             if s:
                 if math.isnan(v):  # a gradient entry was exactly 0: r = nan there
@@ -976,6 +989,30 @@ def _tensor_blocks_cpu_step(
     # torch's in-place ops do (autograd then refuses a graph that saved the old values), in one call
     increment_version(stepped)
     ws.h_version = state_sum._version  # the bounds in ws.h_max hold until h changes elsewhere
+
+
+def _chunked_ratio_pass(ws: Workspace, i: int, g, h, n, r, s: float, eps: float, size: int) -> list[float]:
+    r"""The ratio form's first pass over tensor ``i`` (:func:`_cpu_kernels.adagrad_ratio` and the three reductions) in
+    chunks of ``size`` entries, each chunk's passes one after the other while its buffers are in the level-2 caches
+    (:func:`_cpu_kernels.ratio_chunk_numel`); returns ``[g . r', sum n', n' . n']``, the chunks' sums added in
+    float64, in order. Only for tensors without entries where ``h == 0`` (there is nothing to mask)."""
+    views = ws.chunk_views.get((i, size))
+    if views is None or views[0] is not h:
+        spans = [(lo, min(lo + size, g.numel())) for lo in range(0, g.numel(), size)]
+        views = ws.chunk_views[(i, size)] = (h, spans, [tuple(x[a:b] for x in (h, n, r)) for a, b in spans])
+    _, spans, parts = views
+    one = ws.one
+    assert one is not None  # built with the workspace
+    out = ws.chunk_dots
+    if out is None or out.shape[0] < len(spans) or out.dtype != h.dtype:
+        out = ws.chunk_dots = torch.empty(len(spans), 3, dtype=h.dtype)
+    for c, ((a, b), (hc, nc, rc)) in enumerate(zip(spans, parts)):
+        gc = g[a:b]
+        _cpu_kernels.adagrad_ratio(gc, hc, nc, rc, one, s, eps)
+        torch.dot(gc, rc, out=out[c, 0])
+        torch.sum(nc, 0, out=out[c, 1])
+        torch.dot(nc, nc, out=out[c, 2])
+    return [sum(column) for column in zip(*out[: len(spans)].tolist())]  # in chunk order: deterministic
 
 
 def _host_array(t: Tensor) -> np.ndarray:
