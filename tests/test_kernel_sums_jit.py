@@ -176,3 +176,59 @@ def test_a_numba_that_fails_to_import_warns_once_and_the_torch_reduction_runs(mo
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once
         kernel_block_mean(kernel, x, partition)
+
+
+@pytest.mark.parametrize("d", [1, 2, 4, 7])  # derivative features walked singly, three at a time, and both
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.usefixtures("poisoned_kept")
+def test_derivative_sums_for_any_number_of_features(d, dtype, tasks):
+    rows, cols = LAYOUTS["mixed"]
+    gen = torch.Generator().manual_seed(d)
+    shape = (1, sum(rows), sum(cols))
+    values, weights = (torch.rand(shape, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
+    zr = torch.randn(1, sum(rows), d, generator=gen, dtype=torch.float64).to(dtype)
+    zc = torch.randn(1, sum(cols), d, generator=gen, dtype=torch.float64).to(dtype)
+    acc = torch.zeros(1, len(rows), len(cols), dtype=torch.float64)
+    kept = jit.tile_sums(values, weights, _bounds(rows), _bounds(cols), zr, zc, acc, (0, 0, False), 2.0)
+    sums, derivs = _dense(rows, cols, values, weights, zr, zc)
+    tol = dict(rtol=1e-12, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-5)
+    torch.testing.assert_close(acc, sums, **tol)
+    assert kept.shape == (1, len(rows), d, len(cols))
+    torch.testing.assert_close(kept.double(), 2.0 * derivs, **tol)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("mirror", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_contract_kept_matches_dense(monkeypatch, parallel, mirror, dtype):
+    """Both compiled forms (row blocks in parallel, and on the calling thread for small tiles) against the dense
+    contraction of the tiles' derivative sums with the gradient's block pairs."""
+    monkeypatch.setattr(jit, "PARALLEL_CONTRACT_MIN", 0 if parallel else 2**40)
+    called = []
+    kernels = importlib.import_module("bma_gp._kernel_sums._jit_kernels")
+    for name in ("contract_kept", "contract_kept_serial"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _r=real, _n=name: called.append(_n) or _r(*a))
+    gen = torch.Generator().manual_seed(3)
+    k, bsz, d = 40, 2, 3
+    grad = torch.randn(bsz, k, k, generator=gen, dtype=torch.float64).to(dtype)
+
+    class Tile:
+        def __init__(self, row_block, col_block, mirror):
+            self.row_block, self.col_block, self.mirror = row_block, col_block, mirror
+
+    tiles = [Tile(2, 9, mirror), Tile(20, 5, mirror)]
+    kept = {0: torch.randn(bsz, 7, d, 11, generator=gen, dtype=torch.float64).to(dtype)}
+    kept[1] = torch.randn(bsz, 13, d, 30, generator=gen, dtype=torch.float64).to(dtype)
+    out = torch.full((bsz, d), 0.25, dtype=torch.float64)
+    jit.contract_kept(grad, kept, tiles, out)
+    expected = torch.full((bsz, d), 0.25, dtype=torch.float64)
+    g = grad.double()
+    for index, derivs in kept.items():
+        t, (m, q) = tiles[index], (derivs.shape[1], derivs.shape[3])
+        block = g[:, t.row_block : t.row_block + m, t.col_block : t.col_block + q]
+        if t.mirror:
+            block = block + g[:, t.col_block : t.col_block + q, t.row_block : t.row_block + m].transpose(1, 2)
+        expected += torch.einsum("bic,biac->ba", block, derivs.double())
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert called == ["contract_kept" if parallel else "contract_kept_serial"] * 2

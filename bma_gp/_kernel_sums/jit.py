@@ -32,6 +32,9 @@ ACCUMULATOR_BYTES = 24 * 1024
 #: fewest columns per task (a task's fixed cost is a few row-block loops)
 MIN_CHUNK = 64
 
+#: kept derivative sums (entries per tile) from which :func:`contract_kept` runs a tile in parallel
+PARALLEL_CONTRACT_MIN = 2**14
+
 _DTYPES = (torch.float32, torch.float64)
 _IMPORT: list[bool] = []  # [whether numba and the kernel imported], once tried
 
@@ -133,9 +136,12 @@ def contract_kept(grad: Tensor, kept: dict[int, Tensor], tiles: list, out: Tenso
     """
     from bma_gp._kernel_sums import _jit_kernels
 
+    match_torch_threads()
     g, o = _array(grad), out.numpy()
     if out.dtype != torch.float64 or not out.is_contiguous():
         raise ValueError("contract_kept: out must be a contiguous float64 tensor")
     for index, derivs in kept.items():
         tile = tiles[index]
-        _jit_kernels.contract_kept(g, _array(derivs), tile.row_block, tile.col_block, tile.mirror, o)
+        parallel = derivs.numel() >= PARALLEL_CONTRACT_MIN
+        fn = _jit_kernels.contract_kept if parallel else _jit_kernels.contract_kept_serial
+        fn(g, _array(derivs), tile.row_block, tile.col_block, tile.mirror, o)
