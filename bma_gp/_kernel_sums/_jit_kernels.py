@@ -247,6 +247,14 @@ def _contract_row(grad, derivs, bi, i, row_block, col_block, mirror, part):  # p
         part[i, a] = s
 
 
+@njit(fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True, inline="always")
+def _add_rows(part, out, bi):  # pragma: no cover - compiled
+    """``out[bi] += part.sum(0)``, row by row in order (the partial sums of :func:`contract_kept`)."""
+    for i in range(part.shape[0]):
+        for a in range(part.shape[1]):
+            out[bi, a] += part[i, a]
+
+
 @njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True)
 def contract_kept(grad, derivs, row_block, col_block, mirror, out):  # pragma: no cover - compiled
     """``out[b, a] += sum_{i, c} G[b, i, c] derivs[b, i, a, c]`` in float64, with ``G`` the tile's block pairs of
@@ -261,11 +269,9 @@ def contract_kept(grad, derivs, row_block, col_block, mirror, out):  # pragma: n
     nbatch, m, d, _ = derivs.shape
     for bi in range(nbatch):
         part = np.zeros((m, d))
-        for i in prange(m):
+        for i in prange(m):  # contract_kept_serial: the same with range
             _contract_row(grad, derivs, bi, i, row_block, col_block, mirror, part)
-        for i in range(m):
-            for a in range(d):
-                out[bi, a] += part[i, a]
+        _add_rows(part, out, bi)
 
 
 @njit(fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True)
@@ -276,6 +282,4 @@ def contract_kept_serial(grad, derivs, row_block, col_block, mirror, out):  # pr
         part = np.zeros((m, d))
         for i in range(m):
             _contract_row(grad, derivs, bi, i, row_block, col_block, mirror, part)
-        for i in range(m):
-            for a in range(d):
-                out[bi, a] += part[i, a]
+        _add_rows(part, out, bi)
