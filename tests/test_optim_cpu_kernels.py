@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from bma_gp.optim import BlockMeanAdagrad, _cpu_kernels, functional
+from bma_gp.optim import BlockMeanAdagrad, _cpu_kernels, _scaling, functional
 from test_optim_tensor_blocks import GAPS, assert_same, grads_at, make_model, run_pair
 
 DTYPES = [torch.float32, torch.float64]
@@ -102,9 +102,19 @@ def test_add_two(dtype, a, b):
     assert torch.all((p.double() - expected).abs() <= 4 * torch.finfo(dtype).eps * scale)
 
 
+@pytest.fixture(params=[True, False], ids=["sqrt", "rsqrt"])
+def both_roots(request, monkeypatch):
+    """Both ways to the square roots (``_scaling.fast_sqrt``): ``sqrt(n / g)`` and ``sqrt(h)``, or ``rsqrt(g / n)``
+    and ``1 / rsqrt(h)``, whatever this machine is."""
+    monkeypatch.setattr(_scaling, "fast_sqrt", lambda: request.param)
+    monkeypatch.setattr(_cpu_kernels, "fast_sqrt", lambda: request.param)
+    return request.param
+
+
 @pytest.fixture
-def ratio_everywhere(monkeypatch):
-    """Every tensor takes the ratio form (the test models' tensors are small); returns the list of scales used."""
+def ratio_everywhere(monkeypatch, both_roots):
+    """Every tensor takes the ratio form (the test models' tensors are small), by both ways to the roots; returns the
+    list of scales used."""
     monkeypatch.setattr(functional, "HOST_MAX_NUMEL", 0)
     used = []
     scales = functional._ratio_scales
@@ -179,7 +189,7 @@ def test_bounds_follow_changes_of_h_elsewhere(monkeypatch, ratio_everywhere):
     assert ws.h_max[0] >= float(opt.state[first]["sum"].max()) > 1e3
 
 
-def test_without_the_kernels_the_chain_form_runs(monkeypatch):
+def test_without_the_kernels_the_chain_form_runs(monkeypatch, both_roots):
     monkeypatch.setattr(functional, "HOST_MAX_NUMEL", 0)
     monkeypatch.setattr(_cpu_kernels, "available", lambda: False)
     fast, loop, calls = run_pair(monkeypatch, torch.float64, 4, lambda m: BlockMeanAdagrad(m.parameters(), lr=0.05))
@@ -221,3 +231,49 @@ def test_a_tensor_without_a_safe_scale_waits_before_the_next_try(monkeypatch, ra
     assert passes_over_h == [1] * 6 + [2] * 6 + [5]
     for p, q in zip(fast_model.parameters(), loop_model.parameters()):
         torch.testing.assert_close(p, q, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adagrad_ratio_both_roots_match_float64(monkeypatch, dtype):
+    """``r' = sqrt(s) z^{-1/2}`` by ``sqrt(n' / g)`` and by ``rsqrt(g / n')``, each within a few ulp of float64."""
+    gen = torch.Generator().manual_seed(4)
+    g = torch.randn(5000, generator=gen, dtype=torch.float64).to(dtype)
+    h0 = torch.rand(5000, generator=gen, dtype=torch.float64).to(dtype)
+    scale, eps = 2.0**40, 1e-10
+    h64 = h0.double() + g.double().square()
+    want = math.sqrt(scale) * (h64.sqrt() + eps).rsqrt()
+    for fast in (True, False):
+        monkeypatch.setattr(_cpu_kernels, "fast_sqrt", lambda fast=fast: fast)
+        h, n, r = h0.clone(), torch.empty_like(g), torch.empty_like(g)
+        _cpu_kernels.adagrad_ratio(g, h, n, r, torch.ones((), dtype=dtype), scale, eps)
+        assert ((r.double() - want).abs() / want).max() <= 6 * torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize(
+    "mkl, env, vendor, expected",
+    [
+        (False, {}, "AuthenticAMD", True),
+        (True, {}, "GenuineIntel", True),
+        (True, {}, "AuthenticAMD", False),
+        (True, {}, "", False),
+        (True, {"MKL_CBWR": "COMPATIBLE"}, "GenuineIntel", False),
+        (True, {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}, "GenuineIntel", False),
+    ],
+)
+def test_fast_sqrt_follows_mkl_and_the_vendor(monkeypatch, mkl, env, vendor, expected):
+    for name in ("MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: mkl)
+    monkeypatch.setattr(_scaling, "_cpu_vendor", lambda: vendor)
+    _scaling.fast_sqrt.cache_clear()
+    try:
+        assert _scaling.fast_sqrt() is expected
+    finally:
+        _scaling.fast_sqrt.cache_clear()
+
+
+def test_cpu_vendor_reads_proc_cpuinfo():
+    vendor = _scaling._cpu_vendor()
+    assert isinstance(vendor, str) and " " not in vendor and ":" not in vendor

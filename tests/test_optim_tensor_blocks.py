@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from bma_gp.optim import BlockMeanAdagrad, functional
+from bma_gp.optim import BlockMeanAdagrad, _scaling, functional
 from bma_gp.optim._scaling import sqrt_plus_eps_cpu
 
 
@@ -71,7 +71,14 @@ def assert_same(fast, loop, dtype):
         torch.testing.assert_close(p, q, **tol)
         torch.testing.assert_close(opt_a.state[p]["sum"], opt_b.state[q]["sum"], **tol)
     for key in ("U", "w", "root_lam", "root_B"):
-        torch.testing.assert_close(opt_a.global_state[key], opt_b.global_state[key], **tol)
+        a, b = opt_a.global_state[key], opt_b.global_state[key]
+        scaled = dict(tol)
+        if dtype == torch.float32:
+            # U = sum (P^T n)(P^T n)^T: an off-diagonal entry is a product of block sums that cancel, so its float32
+            # rounding is on the scale of the largest entries, not its own (two orders of summation here differ by
+            # up to 9e-5 of a small entry, 5e-6 of the largest)
+            scaled["atol"] = max(tol["atol"], tol["rtol"] * float(b.abs().max()))
+        torch.testing.assert_close(a, b, **scaled)
     start = make_model(dtype)
     moved = max((p - p0).abs().max().item() for p, p0 in zip(model_a.parameters(), start.parameters()))
     assert moved > 1e-3
@@ -134,8 +141,10 @@ def test_other_cases_take_the_loop(monkeypatch, case):
     assert any(not torch.equal(p, b) for p, b in zip(params, before))
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["sqrt", "rsqrt"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_sqrt_plus_eps_cpu(dtype):
+def test_sqrt_plus_eps_cpu(monkeypatch, dtype, fast):
+    monkeypatch.setattr(_scaling, "fast_sqrt", lambda: fast)
     tiny = torch.finfo(dtype).tiny
     h = torch.cat(
         [

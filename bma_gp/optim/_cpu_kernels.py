@@ -10,9 +10,11 @@ parts of this step too, each in one pass where plain tensor operations need two 
   ``h``. The power of two ``s`` (:func:`ratio_scale`) keeps :math:`n'` a normal number for every nonzero
   gradient entry, so that the quotient recovers :math:`s / z` to rounding; where a gradient entry is exactly 0
   the quotient is ``0 / 0`` and the caller recomputes :math:`\tilde r` from ``h`` (:func:`rescale_from_h`).
-  ``sqrt`` of the quotient rather than ``rsqrt`` of its reciprocal: torch's ``rsqrt`` is a square root and a
-  division, so this is one division per entry fewer (measured on the AVX-512 machine of 5 December 2026: 0.29
-  against 0.42-0.46 ms per :math:`2^{20}` float32 entries, both with torch's AVX2 and AVX-512 kernels).
+  Where :func:`~bma_gp.optim._scaling.fast_sqrt`, ``sqrt`` of the quotient :math:`n' / g` rather than ``rsqrt``
+  of :math:`g / n'`: torch's ``rsqrt`` is a square root and a division, so this is one division per entry fewer
+  (measured on the Intel machine of 5 December 2026: 0.29 against 0.42-0.46 ms per :math:`2^{20}` float32
+  entries, with torch's AVX2 and AVX-512 kernels); where MKL's ``sqrt`` takes its generic path, ``rsqrt`` of
+  :math:`g / n'` (0.32 against 0.43 ms per :math:`10^6` entries on the AMD machines).
 * :func:`add_two`: ``p += a x + b y`` in one pass (SGD's Nesterov update with momentum 1, ``y`` as the momentum
   buffer, which it overwrites).
 
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from bma_gp.optim._scaling import z_inv_sqrt
+from bma_gp.optim._scaling import fast_sqrt, z_inv_sqrt
 
 __all__ = ["adagrad_ratio", "add_two", "available", "ratio_chunk_numel", "ratio_scale", "rescale_from_h"]
 
@@ -58,7 +60,8 @@ def ratio_scale(h_bound: float, g_max: float, eps: float, numel: int, dtype: tor
 
     With :math:`z = \sqrt{h} + \epsilon \le z_\max` after the step, ``s`` must keep (1) :math:`s |g| / z` a normal
     number for the smallest nonzero :math:`|g|` (the subnormal minimum), so that :math:`n' / g` is :math:`s / z`
-    to rounding; (2) :math:`z / s` normal for the smallest :math:`z` (at least :math:`\epsilon` and
+    (and :math:`g / n'` is :math:`z / s`) to rounding; (2) :math:`z / s` normal for the smallest :math:`z` (at
+    least :math:`\epsilon` and
     :math:`\sqrt{h}` of the smallest positive ``h``); (3) :math:`\sum n'^2 \le \mathrm{numel}\, s^2` and
     :math:`s \max|g|` finite. Each bound keeps a factor of two to spare. ``s`` is a power of four, so that
     :math:`\sqrt{s}` and every rescaling by it are exact.
@@ -100,12 +103,16 @@ def _exponents(dtype: torch.dtype) -> tuple[int, int, int, float]:
 def adagrad_ratio(g: Tensor, h: Tensor, n: Tensor, r: Tensor, step: Tensor, scale: float, eps: float) -> None:
     r"""``h += g^2``, :math:`n = s\,g / z` and :math:`r = \sqrt{s}\, z^{-1/2}` (``r = nan`` where ``g == 0``).
 
-    Four passes: zero ``n``; AdaGrad's fused kernel (``h`` and ``n``); the quotient ``n / g`` into ``r``; its
-    square root in place. ``scale`` is :func:`ratio_scale`'s ``s``; ``step`` a 0-d tensor holding 1.
+    Four passes: zero ``n``; AdaGrad's fused kernel (``h`` and ``n``); the quotient ``n / g`` into ``r`` and its
+    square root in place (or ``g / n`` and its reciprocal square root, see above). ``scale`` is
+    :func:`ratio_scale`'s ``s``; ``step`` a 0-d tensor holding 1.
     """
     n.zero_()
     torch._fused_adagrad_([n], [g], [h], [step], lr=-scale, lr_decay=0.0, weight_decay=0.0, eps=eps, maximize=False)
-    torch.div(n, g, out=r).sqrt_()
+    if fast_sqrt():
+        torch.div(n, g, out=r).sqrt_()
+    else:
+        torch.div(g, n, out=r).rsqrt_()
 
 
 def rescale_from_h(h: Tensor, r: Tensor, scale: float, eps: float) -> None:
