@@ -162,3 +162,9 @@ def test_bad_setting_leaves_the_optimizer_unchanged(monkeypatch):
     assert opt.global_state["step"] == step
     for p, p0, h0 in zip(model.parameters(), before, sums):
         assert torch.equal(p, p0) and torch.equal(opt.state[p]["sum"], h0)
+
+
+@pytest.mark.parametrize("text, count", [("0", 1), ("0-1\n", 2), ("0,4-5", 3), ("2,6", 2), ("0-3,8-11", 8)])
+def test_cpu_lists_are_counted(text, count):
+    """The L2 size is shared among the logical CPUs of sysfs' shared_cpu_list (hyperthreads count it once)."""
+    assert _cpu_kernels._cpu_count(text) == count

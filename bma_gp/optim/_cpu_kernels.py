@@ -61,10 +61,9 @@ def ratio_scale(h_bound: float, g_max: float, eps: float, numel: int, dtype: tor
     With :math:`z = \sqrt{h} + \epsilon \le z_\max` after the step, ``s`` must keep (1) :math:`s |g| / z` a normal
     number for the smallest nonzero :math:`|g|` (the subnormal minimum), so that :math:`n' / g` is :math:`s / z`
     (and :math:`g / n'` is :math:`z / s`) to rounding; (2) :math:`z / s` normal for the smallest :math:`z` (at
-    least :math:`\epsilon` and
-    :math:`\sqrt{h}` of the smallest positive ``h``); (3) :math:`\sum n'^2 \le \mathrm{numel}\, s^2` and
-    :math:`s \max|g|` finite. Each bound keeps a factor of two to spare. ``s`` is a power of four, so that
-    :math:`\sqrt{s}` and every rescaling by it are exact.
+    least :math:`\epsilon` and :math:`\sqrt{h}` of the smallest positive ``h``); (3)
+    :math:`\sum n'^2 \le \mathrm{numel}\, s^2` and :math:`s \max|g|` finite. Each bound keeps a factor of two to
+    spare. ``s`` is a power of four, so that :math:`\sqrt{s}` and every rescaling by it are exact.
 
     Args:
         h_bound: an upper bound of ``h`` over the tensor after this step's ``g^2`` is added.
@@ -206,16 +205,27 @@ def _automatic_chunk(itemsize: int, threads: int) -> int:
 
 
 def _l2_bytes() -> int:
-    """The level-2 data cache of CPU 0 in bytes (Linux sysfs), or 0 where unknown."""
+    """CPU 0's share of its level-2 data cache in bytes (the cache's size over the logical CPUs sharing it, so that
+    two hyperthreads of a core count it once; Linux sysfs), or 0 where unknown."""
     try:
         for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
             if (index / "level").read_text().strip() == "2" and (index / "type").read_text().strip() != "Instruction":
                 size = (index / "size").read_text().strip().upper()
                 scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
-                return int(size.rstrip("KMG")) * scale
+                sharing = _cpu_count((index / "shared_cpu_list").read_text())
+                return int(size.rstrip("KMG")) * scale // max(sharing, 1)
     except (OSError, ValueError):
         pass
     return 0
+
+
+def _cpu_count(cpu_list: str) -> int:
+    """The number of CPUs in a Linux CPU list such as ``"0"``, ``"0-1"`` or ``"0,4-5"``."""
+    count = 0
+    for part in cpu_list.strip().split(","):
+        first, _, last = part.partition("-")
+        count += int(last) - int(first) + 1 if last else 1
+    return count
 
 
 def _parallel_call_seconds() -> float:
