@@ -888,9 +888,10 @@ def _tensor_blocks_cpu_step(
         numpy on the tensors' memory (:func:`_host_tensor_pass`);
       - the *ratio form* (larger tensors, when :func:`_cpu_kernels.ratio_scale` finds a safe scale ``s``):
         ``h``, :math:`s n` and :math:`\sqrt{s} r` in four passes (:func:`_cpu_kernels.adagrad_ratio`), the
-        update in one (:func:`_cpu_kernels.add_two`). Where a gradient entry was exactly 0 the quotient is
-        ``nan``, which the block sum ``P^T v`` reveals: that tensor's ``r`` is recomputed from ``h`` and it takes
-        the chain form for :data:`RATIO_RETRY_STEPS` steps;
+        update in one (:func:`_cpu_kernels.add_two`); on tensors without entries where ``h == 0``, in chunks
+        that fit the level-2 caches where the machine suits it (:func:`_chunked_ratio_pass`). Where a gradient
+        entry was exactly 0 the quotient is ``nan``, which the block sum ``P^T v`` reveals: that tensor's ``r``
+        is recomputed from ``h`` and it takes the chain form for :data:`RATIO_RETRY_STEPS` steps;
       - or the *chain form*: ``h += g^2``, then ``z`` and ``n = g / z`` and ``r`` (:func:`z_inv_sqrt`);
     * the k-sized rest (statistics, root, per-tensor factors) on the host in float64 numpy
       (:func:`_host_coefficients`), for the default correlation and up to :data:`NUMPY_ROOT_MAX_BLOCKS` blocks.
