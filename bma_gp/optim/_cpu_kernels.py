@@ -187,8 +187,7 @@ def ratio_chunk_numel(dtype: torch.dtype) -> int:
         return setting
     if torch.are_deterministic_algorithms_enabled():
         return 0
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return _automatic_chunk(itemsize, torch.get_num_threads())
+    return _automatic_chunk(dtype.itemsize, torch.get_num_threads())  # no tensor made on the step's path
 
 
 @functools.cache
