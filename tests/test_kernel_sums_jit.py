@@ -232,3 +232,78 @@ def test_contract_kept_matches_dense(monkeypatch, parallel, mirror, dtype):
         expected += torch.einsum("bic,biac->ba", block, derivs.double())
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     assert called == ["contract_kept" if parallel else "contract_kept_serial"] * 2
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_scaled_contraction_matches_dense(monkeypatch, parallel, dtype):
+    """``G = scale col col^T * grad`` off the diagonal and ``diag`` on it, applied while the kernel reads ``grad``:
+    against the dense contraction with ``G`` formed, for tiles that hold diagonal pairs (plain and mirrored, where
+    the pair counts twice) and tiles that do not."""
+    monkeypatch.setattr(jit, "PARALLEL_CONTRACT_MIN", 0 if parallel else 2**40)
+    gen = torch.Generator().manual_seed(5)
+    k, bsz, d = 30, 2, 3
+    grad = torch.randn(bsz, k, k, generator=gen, dtype=torch.float64).to(dtype)
+    scaling = jit.GradientScaling(
+        torch.rand(k, generator=gen, dtype=torch.float64) + 0.5,
+        torch.rand(bsz, generator=gen, dtype=torch.float64) + 0.5,
+        torch.randn(bsz, k, generator=gen, dtype=torch.float64) * 10,
+    )
+
+    class Tile:
+        def __init__(self, row_block, col_block, mirror):
+            self.row_block, self.col_block, self.mirror = row_block, col_block, mirror
+
+    tiles = [Tile(5, 3, True), Tile(0, 0, False), Tile(2, 20, True), Tile(12, 10, False)]
+    shapes = [(7, 9), (6, 6), (4, 10), (5, 3)]
+    kept = {
+        i: torch.randn(bsz, m, d, q, generator=gen, dtype=torch.float64).to(dtype) for i, (m, q) in enumerate(shapes)
+    }
+    out = torch.zeros(bsz, d, dtype=torch.float64)
+    jit.contract_kept(grad, kept, tiles, out, scaling)
+    G = scaling.scale.view(-1, 1, 1) * scaling.col.unsqueeze(-1) * scaling.col * grad.double()
+    G.diagonal(dim1=-2, dim2=-1).copy_(scaling.diag)
+    expected = torch.zeros(bsz, d, dtype=torch.float64)
+    for index, derivs in kept.items():
+        t, (m, q) = tiles[index], shapes[index]
+        block = G[:, t.row_block : t.row_block + m, t.col_block : t.col_block + q]
+        if t.mirror:
+            block = block + G[:, t.col_block : t.col_block + q, t.row_block : t.row_block + m].transpose(1, 2)
+        expected += torch.einsum("bic,biac->ba", block, derivs.double())
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", ["none", "one", "per_batch"])
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.usefixtures("poisoned_kept")
+def test_block_means_equal_the_torch_steps_to_the_bit(scale, keep, dtype):
+    """The compiled means pass against ``_unscaled_means`` and ``_scaled`` (the torch path): every entry of ``B``,
+    ``B0`` and ``lam0`` the same, singleton blocks included, and ``acc`` left as it was."""
+    stationary = importlib.import_module("bma_gp._kernel_sums.stationary")
+    gen = torch.Generator().manual_seed(7)
+    k, bsz = 37, 2
+    sizes = torch.randint(1, 9, (k,), generator=gen)
+    sizes[[0, 5, 36]] = 1
+    acc = torch.rand(bsz, k, k, generator=gen, dtype=torch.float64) * sizes * sizes.unsqueeze(-1)
+    acc.diagonal(dim1=-2, dim2=-1).add_(sizes)  # f(0) = 1 on the diagonal pairs of a point with itself
+    sc = {"none": None, "one": torch.tensor(0.7, dtype=dtype), "per_batch": torch.tensor([0.7, 1.3], dtype=dtype)}
+    sc = sc[scale]
+    before = acc.clone()
+    flat = sc.reshape(-1).expand(bsz) if sc is not None else None
+    B, B0, lam0 = jit.block_means(acc, sizes, flat, dtype, keep)
+    assert torch.equal(acc, before)
+    ref = acc.clone()
+    ref_lam0, _ = stationary._unscaled_means(ref, sizes)
+    ref_B0 = ref.to(dtype) if keep and sc is not None else None
+    sc_b = sc.reshape(-1, 1, 1) if sc is not None else None
+    if sc_b is not None and sc_b.shape[0] > 1:
+        ref_B = (ref_B0 if ref_B0 is not None else ref.to(dtype)) * sc_b
+    else:
+        _, ref_B = stationary._scaled(ref, ref_lam0, sc, dtype, rounded=ref_B0)
+    assert torch.equal(lam0, ref_lam0)
+    assert B.dtype == dtype and torch.equal(B, ref_B)
+    if keep:
+        assert torch.equal(B0, ref.to(dtype))
+    else:
+        assert B0 is None

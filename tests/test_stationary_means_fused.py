@@ -1,6 +1,10 @@
 """The stationary engine's fused block means (``StationaryBlockMeans``): values and gradients against the dense
 block mean when only some hyperparameters want a gradient, when a loss reads only ``lam`` or only ``B``, and when
-the outputscale's batch shape is wider than the sums' (the ``k x k`` steps run in place and by hand there)."""
+the outputscale's batch shape is wider than the sums' (the ``k x k`` steps run in place and by hand there).
+
+Each test runs on both engines: torch's reduction, and numba's (tiles of 16 rows, so that blocks straddle tiles and
+mirrored tiles hold diagonal block pairs), where the means come from one compiled pass
+(``jit.block_means``) and backward hands ``dL/dB`` and factors to the contraction (``jit.GradientScaling``)."""
 
 import importlib
 from unittest import mock
@@ -14,8 +18,35 @@ from bma_gp.kernel_block_mean import kernel_block_mean
 from test_kernel_block_mean import _dense_reference, _set_hypers
 
 stationary = importlib.import_module("bma_gp._kernel_sums.stationary")
+jit = importlib.import_module("bma_gp._kernel_sums.jit")
 
 N, D = 90, 2
+
+
+@pytest.fixture(params=["torch", "numba"], autouse=True)
+def engine(request, monkeypatch):
+    """``kernel_block_mean`` keyword arguments; with "numba", the numba reduction for any size, and spies on the
+    fused means and the scaled contraction (``engine["calls"]``)."""
+    if request.param == "torch":
+        monkeypatch.setattr(jit, "BACKEND", "torch")
+        return {"kwargs": {}, "calls": None}
+    pytest.importorskip("numba")
+    monkeypatch.setattr(jit, "MIN_ENTRIES", 0)
+    monkeypatch.setattr(jit, "MEANS_MIN_ENTRIES", 0)
+    calls = {"block_means": 0, "scaled": 0, "plain": 0}
+    real_means, real_contract = jit.block_means, jit.contract_kept
+
+    def means(*args, **kwargs):
+        calls["block_means"] += 1
+        return real_means(*args, **kwargs)
+
+    def contract(grad, kept, tiles, out, scaling=None):
+        calls["scaled" if scaling is not None else "plain"] += 1
+        return real_contract(grad, kept, tiles, out, scaling)
+
+    monkeypatch.setattr(jit, "block_means", means)
+    monkeypatch.setattr(jit, "contract_kept", contract)
+    return {"kwargs": {"chunk_size": 16}, "calls": calls}
 
 
 def _partition(kind):
@@ -43,7 +74,7 @@ LOSSES = {
 @pytest.mark.parametrize("loss_name", list(LOSSES))
 @pytest.mark.parametrize("kind", ["singletons_and_unequal", "scattered"])
 @pytest.mark.parametrize("name", ["rbf_ard", "matern15"])
-def test_gradients_match_dense_for_every_subset_of_hyperparameters(dtype, wanted, loss_name, kind, name):
+def test_gradients_match_dense_for_every_subset_of_hyperparameters(dtype, wanted, loss_name, kind, name, engine):
     kernel = _kernel(name, dtype)
     raw_ls, raw_os = kernel.base_kernel.raw_lengthscale, kernel.raw_outputscale
     raw_ls.requires_grad_(wanted in ("lengthscale", "both"))
@@ -52,7 +83,7 @@ def test_gradients_match_dense_for_every_subset_of_hyperparameters(dtype, wanted
     x = torch.randn(N, D, generator=torch.Generator().manual_seed(1), dtype=dtype)
     partition = _partition(kind)
     with mock.patch.object(stationary.StationaryBlockMeans, "apply", wraps=stationary.StationaryBlockMeans.apply) as f:
-        op = kernel_block_mean(kernel, x, partition)
+        op = kernel_block_mean(kernel, x, partition, **engine["kwargs"])
     assert f.call_count == 1
     assert op.lam.dtype == op.B.dtype == dtype
     ref = _dense_reference(_kernel(name, torch.float64), x.double(), partition)
@@ -70,15 +101,19 @@ def test_gradients_match_dense_for_every_subset_of_hyperparameters(dtype, wanted
     for got, want in zip(grads, refs):
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), want, rtol=rtol * 10, atol=rtol * 10)
+    if engine["calls"] is not None:  # the compiled means, and the scaled contraction wherever dL/dB is given
+        lengthscale = wanted != "outputscale"
+        scaled = lengthscale and loss_name != "lam_only"
+        assert engine["calls"] == {"block_means": 1, "scaled": int(scaled), "plain": int(lengthscale and not scaled)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_an_outputscale_batch_around_an_unbatched_base_kernel(dtype):
+def test_an_outputscale_batch_around_an_unbatched_base_kernel(dtype, engine):
     # the sums have no batch, the outputscale has (2,): the means broadcast, dL/dT0 sums the batch back
     kernel = _kernel("rbf_ard", dtype, batch_shape=torch.Size([2]))
     x = torch.randn(N, D, generator=torch.Generator().manual_seed(1), dtype=dtype)
     partition = _partition("singletons_and_unequal")
-    op = kernel_block_mean(kernel, x, partition)
+    op = kernel_block_mean(kernel, x, partition, **engine["kwargs"])
     assert op.B.shape == (2, partition.num_blocks, partition.num_blocks)
     k64 = _kernel("rbf_ard", torch.float64, batch_shape=torch.Size([2]))
     ref = _dense_reference(k64, x.double(), partition)
@@ -90,13 +125,15 @@ def test_an_outputscale_batch_around_an_unbatched_base_kernel(dtype):
     for got, want in zip(grads, refs):
         assert got.shape == want.shape
         torch.testing.assert_close(got.double(), want, rtol=rtol * 10, atol=rtol * 10)
+    if engine["calls"] is not None:  # the wider scale batch takes torch's k x k steps, forward and backward
+        assert engine["calls"] == {"block_means": 0, "scaled": 0, "plain": 1}
 
 
-def test_batched_inputs_with_an_unbatched_kernel():
+def test_batched_inputs_with_an_unbatched_kernel(engine):
     kernel = _kernel("matern15", torch.float64)
     x = torch.randn(3, N, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     partition = _partition("scattered")
-    op = kernel_block_mean(kernel, x, partition)
+    op = kernel_block_mean(kernel, x, partition, **engine["kwargs"])
     ref = _dense_reference(_kernel("matern15", torch.float64), x, partition)
     torch.testing.assert_close(op.B, ref.B, rtol=1e-9, atol=1e-9)
     w = torch.linspace(-1, 2, partition.num_blocks, dtype=torch.float64)
@@ -105,13 +142,20 @@ def test_batched_inputs_with_an_unbatched_kernel():
     refs = torch.autograd.grad(LOSSES["both"](_dense_reference(k64, x, partition), w), list(k64.parameters()))
     for got, want in zip(grads, refs):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
+    if engine["calls"] is not None:
+        assert engine["calls"] == {"block_means": 1, "scaled": 1, "plain": 0}
 
 
-def test_without_a_gradient_the_means_come_without_a_graph():
+def test_without_a_gradient_the_means_come_without_a_graph(engine):
     kernel = _kernel("rbf_ard", torch.float32)
     for p in kernel.parameters():
         p.requires_grad_(False)
     x = torch.randn(N, D, generator=torch.Generator().manual_seed(1))
     with mock.patch.object(stationary.StationaryBlockMeans, "apply", side_effect=AssertionError("autograd")):
-        op = kernel_block_mean(kernel, x, _partition("scattered"))
+        op = kernel_block_mean(kernel, x, _partition("scattered"), **engine["kwargs"])
     assert not op.B.requires_grad and op.B.dtype == torch.float32
+    ref = _dense_reference(_kernel("rbf_ard", torch.float64), x.double(), _partition("scattered"))
+    torch.testing.assert_close(op.B.double(), ref.B, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(op.lam.double(), ref.lam, rtol=2e-5, atol=2e-5)
+    if engine["calls"] is not None:
+        assert engine["calls"]["block_means"] == 1

@@ -232,19 +232,33 @@ def tile_sums(
 
 
 @njit(fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True, inline="always")
-def _contract_row(grad, derivs, bi, i, row_block, col_block, mirror, part):  # pragma: no cover - compiled
-    """``part[i, a] = sum_c G[bi, i, c] derivs[bi, i, a, c]`` (see :func:`contract_kept`) for row block ``i``."""
+def _contract_row(grad, derivs, bi, i, row_block, col_block, mirror, col, scale, diag, part):  # pragma: no cover
+    """``part[i, a] = sum_c G[bi, i, c] derivs[bi, i, a, c]`` (see :func:`contract_kept`) for row block ``i``: the
+    row's weights ``col[c] (grad[i, c] + grad[c, i])`` are formed once in float64, then one dot per feature."""
     d, q = derivs.shape[2], derivs.shape[3]
-    g = grad[bi, row_block + i][col_block : col_block + q]
+    gi = row_block + i
+    g = grad[bi, gi][col_block : col_block + q]
+    cs = col[col_block : col_block + q]
+    w = np.empty(q)
+    for c in range(q):
+        w[c] = np.float64(g[c]) * cs[c]
+    if mirror:  # G^T: the column of grad below the diagonal, one entry per column block
+        for c in range(q):
+            w[c] += np.float64(grad[bi, col_block + c, gi]) * cs[c]
+    star = gi - col_block  # the tile's column of the diagonal pair (i, i), if it has one
+    own = diag.shape[1] > 0 and 0 <= star < q
+    if own:  # that pair takes diag[i] (twice when mirrored), not scale col[i] col[i] grad[i, i]
+        w[star] = 0.0
+    f = scale[bi] * col[gi]
     for a in range(d):
         dv = derivs[bi, i, a]
         s = 0.0
         for c in range(q):
-            s += np.float64(g[c]) * np.float64(dv[c])
-        if mirror:  # G^T: the column of grad below the diagonal, one entry per column block
-            for c in range(q):
-                s += np.float64(grad[bi, col_block + c, row_block + i]) * np.float64(dv[c])
-        part[i, a] = s
+            s += w[c] * np.float64(dv[c])
+        t = f * s
+        if own:
+            t += (2.0 if mirror else 1.0) * diag[bi, gi] * np.float64(dv[star])
+        part[i, a] = t
 
 
 @njit(fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True, inline="always")
@@ -256,30 +270,74 @@ def _add_rows(part, out, bi):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True)
-def contract_kept(grad, derivs, row_block, col_block, mirror, out):  # pragma: no cover - compiled
+def contract_kept(grad, derivs, row_block, col_block, mirror, col, scale, diag, out):  # pragma: no cover - compiled
     """``out[b, a] += sum_{i, c} G[b, i, c] derivs[b, i, a, c]`` in float64, with ``G`` the tile's block pairs of
-    ``grad`` (``grad[b, row_block + i, col_block + c]``, plus ``grad[b, col_block + c, row_block + i]`` with
-    ``mirror``), read in place: no ``(m, d, q)`` float64 product is formed. The row blocks ``i`` run in parallel,
-    each into its own row of partial sums, added in order at the end (:func:`contract_kept_serial`: the same on
-    the calling thread, for small tiles, where starting the threads costs more than the work).
+    ``G = scale[b] col[I] col[J] grad[b, I, J]`` (rows ``I = row_block + i``, columns ``J = col_block + c``; plus
+    the mirrored pair ``(J, I)`` with ``mirror``), where a pair ``I == J`` takes ``diag[b, I]`` instead (when
+    ``diag`` has columns), read in place: no ``(m, d, q)`` float64 product and no scaled ``k x k`` copy of ``grad`` is
+    formed. The row blocks ``i`` run in parallel, each into its own row of partial sums, added in order at the end
+    (:func:`contract_kept_serial`: the same on the calling thread, for small tiles, where starting the threads
+    costs more than the work).
 
     Args:
-        grad: ``(B, k, k)`` C-contiguous; derivs: ``(B, m, d, q)`` C-contiguous; out: ``(B, d)`` float64.
+        grad: ``(B, k, k)`` C-contiguous; derivs: ``(B, m, d, q)`` C-contiguous; col: ``(k,)`` float64;
+        scale: ``(B,)`` float64; diag: ``(B, k)`` or ``(B, 0)`` float64; out: ``(B, d)`` float64.
     """
     nbatch, m, d, _ = derivs.shape
     for bi in range(nbatch):
         part = np.zeros((m, d))
         for i in prange(m):  # contract_kept_serial: the same with range
-            _contract_row(grad, derivs, bi, i, row_block, col_block, mirror, part)
+            _contract_row(grad, derivs, bi, i, row_block, col_block, mirror, col, scale, diag, part)
         _add_rows(part, out, bi)
 
 
 @njit(fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True)
-def contract_kept_serial(grad, derivs, row_block, col_block, mirror, out):  # pragma: no cover - compiled
+def contract_kept_serial(grad, derivs, row_block, col_block, mirror, col, scale, diag, out):  # pragma: no cover
     """:func:`contract_kept` on the calling thread (a separate function: numba's cache keys on the function)."""
     nbatch, m, d, _ = derivs.shape
     for bi in range(nbatch):
         part = np.zeros((m, d))
         for i in range(m):
-            _contract_row(grad, derivs, bi, i, row_block, col_block, mirror, part)
+            _contract_row(grad, derivs, bi, i, row_block, col_block, mirror, col, scale, diag, part)
         _add_rows(part, out, bi)
+
+
+@njit(parallel=True, error_model="numpy", cache=True, nogil=True)
+def block_means(acc, inv, sizes, scale, B, B0, lam0):  # pragma: no cover - compiled
+    r"""The block means of the float64 block sums ``acc``, rounded to ``B``'s dtype and scaled, in one pass.
+
+    ``B0[b, i, j] = acc[b, i, j] inv[i] inv[j]`` off the diagonal and :math:`(T_{ii} - s_i) / (s_i (s_i - 1))`
+    on it (0 for a singleton), rounded to ``B``'s dtype; ``B = B0 * scale[b]`` in that dtype (``scale`` has
+    ``B``'s dtype; length 0: no scale, ``B = B0``); ``lam0[b, i] = 1 - B0_ii`` before rounding. The operations
+    and their order are those of the torch path (``_unscaled_means`` and ``_scaled`` in
+    :mod:`bma_gp._kernel_sums.stationary`), so the two agree to the bit; no ``fastmath``. ``B0`` may have no
+    rows (not wanted) or be ``B`` itself only when there is no scale.
+
+    Args:
+        acc: ``(N, k, k)`` float64, not changed; inv: ``(k,)`` float64, ``1 / sizes``; sizes: ``(k,)`` float64;
+        scale: ``(N,)`` or ``(0,)``; B: ``(N, k, k)``; B0: ``(N, k, k)`` or ``(0, 0, 0)``, ``B``'s dtype;
+        lam0: ``(N, k)`` float64.
+    """
+    nbatch, k, _ = acc.shape
+    keep = B0.shape[0] > 0
+    scaled = scale.shape[0] > 0
+    for b in range(nbatch):
+        for i in prange(k):
+            t = acc[b, i]
+            out = B[b, i]
+            inv_i = inv[i]
+            for j in range(k):
+                out[j] = (t[j] * inv_i) * inv[j]  # rounded on the store
+            s = sizes[i]
+            within = s * (s - 1.0)
+            b_ii = (t[i] - s) / within if within > 0 else 0.0
+            out[i] = b_ii
+            lam0[b, i] = 1.0 - b_ii
+            if keep:
+                out0 = B0[b, i]
+                for j in range(k):
+                    out0[j] = out[j]
+            if scaled:
+                sc = scale[b]
+                for j in range(k):
+                    out[j] = out[j] * sc

@@ -10,13 +10,26 @@ costs more when blocks are small (many row blocks per tile), see docs/benchmarks
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from bma_gp._numba import AVAILABLE, import_kernels, match_torch_threads
 
-__all__ = ["ACCUMULATOR_BYTES", "BACKEND", "MIN_CHUNK", "MIN_ENTRIES", "contract_kept", "tile_sums", "usable"]
+__all__ = [
+    "ACCUMULATOR_BYTES",
+    "BACKEND",
+    "MIN_CHUNK",
+    "MEANS_MIN_ENTRIES",
+    "MIN_ENTRIES",
+    "GradientScaling",
+    "block_means",
+    "contract_kept",
+    "tile_sums",
+    "usable",
+]
 
 #: ``"numba"``: reduce tiles with the numba kernel where it applies (CPU, float32/float64, numba importable);
 #: ``"torch"``: always with torch's ops (for comparisons and tests)
@@ -34,6 +47,10 @@ MIN_CHUNK = 64
 
 #: kept derivative sums (entries per tile) from which :func:`contract_kept` runs a tile in parallel
 PARALLEL_CONTRACT_MIN = 2**14
+
+#: block pairs (batch x k x k) from which the means are formed by :func:`block_means` (where the tiles were reduced
+#: by numba): below it torch's five passes take microseconds
+MEANS_MIN_ENTRIES = 2**14
 
 _DTYPES = (torch.float32, torch.float64)
 _IMPORT: list[bool] = []  # [whether numba and the kernel imported], once tried
@@ -123,25 +140,83 @@ def tile_sums(
     return kept if weights is not None else None
 
 
-def contract_kept(grad: Tensor, kept: dict[int, Tensor], tiles: list, out: Tensor) -> None:
+def contract_kept(
+    grad: Tensor, kept: dict[int, Tensor], tiles: list, out: Tensor, scaling: GradientScaling | None = None
+) -> None:
     r"""Add :math:`\sum G_{IJ} D_{IJa}` over the kept tiles' derivative sums to ``out``, in float64, reading the
     incoming gradient in place (``_tile_weights``' slices, their mirrored sum and a float64 product per tile
     cost about 25 ms at ``k = 2000``).
 
     Args:
-        grad: the gradient on the block sums, the kept sums' dtype. # shape: (B, k, k)
+        grad: the gradient on the block sums, or with ``scaling`` the ``grad`` it is made of; the kept sums'
+            dtype. # shape: (B, k, k)
         kept: ``{tile index: derivative sums}``. # shapes: (B, m, d, q)
         tiles: the tiles, indexed as in ``kept`` (``row_block``, ``col_block``, ``mirror``).
         out: float64, added to in place. # shape: (B, d)
+        scaling: ``G = scale col col^T * grad`` off the diagonal and ``diag`` on it (:class:`GradientScaling`), applied
+            as the entries are read; ``None``: ``G = grad``.
     """
     from bma_gp._kernel_sums import _jit_kernels
 
     match_torch_threads()
-    g, o = _array(grad), out.numpy()
     if out.dtype != torch.float64 or not out.is_contiguous():
         raise ValueError("contract_kept: out must be a contiguous float64 tensor")
+    bsz, k = grad.shape[0], grad.shape[-1]
+    if scaling is None:
+        scaling = GradientScaling(out.new_ones(k), out.new_ones(bsz), out.new_empty(bsz, 0))
+    g, o = _array(grad), out.numpy()
+    col, scale, diag = (_array(t) for t in scaling)
     for index, derivs in kept.items():
         tile = tiles[index]
         parallel = derivs.numel() >= PARALLEL_CONTRACT_MIN
         fn = _jit_kernels.contract_kept if parallel else _jit_kernels.contract_kept_serial
-        fn(g, _array(derivs), tile.row_block, tile.col_block, tile.mirror, o)
+        fn(g, _array(derivs), tile.row_block, tile.col_block, tile.mirror, col, scale, diag, o)
+
+
+class GradientScaling(NamedTuple):
+    r"""The gradient on the block sums as the kernel reads it from the gradient on the means (float64):
+    :math:`G_{IJ} = \text{scale}_b\, \text{col}_I\, \text{col}_J\, \text{grad}_{bIJ}` for :math:`I \ne J` (symmetric
+    in its factors, so a mirrored pair reads the same way), and :math:`G_{II} = \text{diag}_{bI}` (``diag`` with no
+    columns: the diagonal like the rest)."""
+
+    col: Tensor  # (k,)
+    scale: Tensor  # (B,)
+    diag: Tensor  # (B, k) or (B, 0)
+
+
+def block_means(
+    acc: Tensor, sizes: Tensor, scale: Tensor | None, dtype: torch.dtype, keep_unscaled: bool
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    r"""The block means of the float64 block sums ``acc`` in ``dtype``, in one parallel pass (the same values, to
+    the bit, as ``_unscaled_means`` and ``_scaled`` in :mod:`bma_gp._kernel_sums.stationary`, which make five
+    passes over ``k x k`` float64).
+
+    Args:
+        acc: float64 block sums :math:`T_0`, not changed. # shape: (B, k, k)
+        sizes: block sizes. # shape: (k,)
+        scale: one outputscale per batch entry, or ``None``. # shape: (B,)
+        dtype: the means' dtype.
+        keep_unscaled: also return :math:`B_0` in ``dtype`` (the unscaled means, rounded).
+
+    Returns:
+        ``(B, B0 or None, lam0)``: ``scale * B0``, ``B0``, and :math:`\lambda_0 = 1 - B_{0,ii}` in float64 before
+        rounding. # shapes: (B, k, k), (B, k, k), (B, k)
+    """
+    from bma_gp._kernel_sums import _jit_kernels
+
+    match_torch_threads()
+    if acc.dtype != torch.float64 or not acc.is_contiguous() or acc.dim() != 3:
+        raise ValueError("block_means: acc must be a contiguous (B, k, k) float64 tensor")
+    bsz, k, _ = acc.shape
+    s = sizes.to(torch.float64)
+    B = torch.empty(bsz, k, k, dtype=dtype)
+    B0 = torch.empty(bsz, k, k, dtype=dtype) if keep_unscaled and scale is not None else None
+    lam0 = torch.empty(bsz, k, dtype=torch.float64)
+    sc = scale.to(dtype).expand(bsz).contiguous() if scale is not None else torch.empty(0, dtype=dtype)
+    unscaled = B0 if B0 is not None else torch.empty(0, 0, 0, dtype=dtype)
+    _jit_kernels.block_means(
+        _array(acc), _array(s.reciprocal()), _array(s), _array(sc), B.numpy(), unscaled.numpy(), lam0.numpy()
+    )
+    if keep_unscaled and B0 is None:  # no scale: B is B0
+        B0 = B
+    return B, B0, lam0

@@ -50,7 +50,11 @@ This removes the per-row-block GEMMs that made many small blocks cost a second e
 rounded to the kernel's dtype once; backward maps :math:`\partial L / \partial B` and
 :math:`\partial L / \partial \lambda` to :math:`G` in one product. Nothing ``k x k`` is allocated in between
 but the result: at ``k = 2000`` the earlier chain of ``k x k`` operations, each on a fresh 32 MB float64 buffer,
-took about 80 of the 460 ms of a forward and backward.
+took about 80 of the 460 ms of a forward and backward. Where the tiles were reduced by numba, the means are one
+compiled pass (:func:`bma_gp._kernel_sums.jit.block_means`: the same values to the bit, 1.8 against 4.2 ms at
+``k = 2000``), and where every tile's derivative sums were kept, backward forms no :math:`G` at all: the
+contraction reads :math:`\partial L / \partial B` and applies the sizes and the scale as it goes
+(:class:`bma_gp._kernel_sums.jit.GradientScaling`).
 
 **Distributed.** Each rank evaluates every ``world``-th tile; the block sums are summed over
 ranks in forward and the lengthscale gradient in backward, so every rank must call backward.
@@ -458,9 +462,18 @@ MAX_ROW_BLOCKS = 32
 KEPT_DERIVATIVE_BYTES = 64 * 2**20
 
 
+class BlockSums(NamedTuple):
+    """What :func:`block_sums` returns: the sums, the kept derivative sums, and how they were made."""
+
+    acc: Tensor  # (*batch, k, k) in core_dtype
+    kept: dict[int, Tensor]  # {tile index: (B, m, d, q)}
+    numba: bool  # the tiles were reduced by the numba kernel
+    all_kept: bool  # every tile's derivative sums are in kept (backward evaluates no tile again)
+
+
 def block_sums(
     plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor, keep_derivatives: bool = False
-) -> tuple[Tensor, dict[int, Tensor]]:
+) -> BlockSums:
     r"""Unscaled block sums :math:`T_0 = P^\top f(R) P` by tiles and segment sums.
 
     With ``keep_derivatives``, tiles whose rows span at most :data:`MAX_ROW_BLOCKS` blocks
@@ -468,7 +481,7 @@ def block_sums(
     :data:`KEPT_DERIVATIVE_BYTES`; backward then needs no second evaluation of them.
 
     Returns:
-        (sums, kept) # shapes: (*batch, k, k), {tile index: (B, m, d, q)}
+        :class:`BlockSums`: the sums and the kept derivative sums. # shapes: (*batch, k, k), {tile: (B, m, d, q)}
     """
     z, tiles = _prepare(plan, form, lengthscale)
     k, bsz = plan.num_blocks, z.shape[0]
@@ -505,23 +518,33 @@ def block_sums(
     if plan.group is not None:
         (acc,) = all_reduce([acc], plan.group)
     batch = torch.broadcast_shapes(plan.x.shape[:-2], lengthscale.shape[:-2])
-    return acc.reshape(*batch, k, k), kept  # in core_dtype: rounded to z's dtype only after the means
+    # in core_dtype: rounded to z's dtype only after the means
+    return BlockSums(acc.reshape(*batch, k, k), kept, numba, keep_derivatives and len(kept) == len(tiles))
 
 
 def lengthscale_gradient(
-    plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor, grad_sums: Tensor, kept: dict[int, Tensor]
+    plan: KernelSumsPlan,
+    form: StationaryForm,
+    lengthscale: Tensor,
+    grad_sums: Tensor,
+    kept: dict[int, Tensor],
+    scaling: jit.GradientScaling | None = None,
 ) -> Tensor:
     r""":math:`\partial L / \partial \ell` from :math:`G = \partial L / \partial T_0`.
 
-    Kept tiles contract their derivative sums with :math:`G`; the others are evaluated again.
+    Kept tiles contract their derivative sums with :math:`G`; the others are evaluated again. With ``scaling``
+    (numba, every tile kept), ``grad_sums`` is the gradient :math:`G` is made of as the kernel reads it
+    (:func:`bma_gp._kernel_sums.jit.contract_kept`).
     """
     z, tiles = _prepare(plan, form, lengthscale)
     k, bsz, d = plan.num_blocks, z.shape[0], z.shape[-1]
     grad = grad_sums.to(z.dtype).reshape(bsz, k, k)
     acc = z.new_zeros(bsz, d, dtype=core_dtype(z.dtype))
     numba = jit.usable(z.device, z.dtype, bsz * z.shape[1] ** 2)
+    if scaling is not None and not (numba and acc.dtype == torch.float64 and len(kept) == len(tiles)):
+        raise RuntimeError("lengthscale_gradient: a scaled gradient needs numba and every tile kept")
     if numba and acc.dtype == torch.float64:
-        jit.contract_kept(grad, kept, tiles, acc)
+        jit.contract_kept(grad, kept, tiles, acc, scaling)
     else:
         for index, derivs in kept.items():
             g = _tile_weights(grad, tiles[index]).to(acc.dtype)
@@ -595,6 +618,44 @@ def _scaled(
     return lam, acc.to(dtype).mul_(sc)
 
 
+def _batch_scale(scale: Tensor | None, batch: torch.Size) -> Tensor | None:
+    """``scale`` as one value per entry of ``batch`` (flattened), or ``None`` where it is not one value or one per
+    entry (a wider outputscale batch broadcasts the means: the torch path)."""
+    if scale is None:
+        return None
+    if scale.numel() == 1 or scale.shape == batch:
+        return scale.reshape(-1).expand(math.prod(batch)) if scale.numel() > 1 or batch else scale.reshape(1)
+    return None
+
+
+def _means(
+    acc: Tensor, sizes: Tensor, scale: Tensor | None, dtype: torch.dtype, keep_unscaled: bool, numba: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """``(lam, B, lam0, within, B0)`` from the float64 block sums ``acc``: in one parallel numba pass where the tiles
+    were reduced by numba and ``k x k`` is large (:func:`bma_gp._kernel_sums.jit.block_means`, 1.8 against 4.2 ms
+    at ``k = 2000``), else by :func:`_unscaled_means` and :func:`_scaled` (which overwrite ``acc``); the same
+    values either way. ``B0`` (the unscaled means in ``dtype``) only with ``keep_unscaled`` and a scale."""
+    batch, k = acc.shape[:-2], acc.shape[-1]
+    flat_scale = _batch_scale(scale, batch)
+    fused = (
+        numba
+        and acc.dtype == torch.float64
+        and (scale is None or flat_scale is not None)
+        and acc.numel() >= jit.MEANS_MIN_ENTRIES
+    )
+    if not fused:
+        lam0, within = _unscaled_means(acc, sizes)
+        B0 = acc.to(dtype) if keep_unscaled and scale is not None else None
+        lam, B = _scaled(acc, lam0, scale, dtype, rounded=B0)
+        return lam, B, lam0, within, B0
+    s = sizes.to(acc.dtype)
+    B, B0, lam0 = jit.block_means(acc.reshape(-1, k, k), sizes, flat_scale, dtype, keep_unscaled and scale is not None)
+    lam0 = lam0.reshape(*batch, k)
+    lam = (lam0 * scale.to(acc.dtype).unsqueeze(-1)).to(dtype) if scale is not None else lam0.to(dtype)
+    B0 = B0.reshape(*batch, k, k) if B0 is not None else None
+    return lam, B.reshape(*batch, k, k), lam0, s * (s - 1), B0
+
+
 class StationaryBlockMeans(torch.autograd.Function):
     r"""The block means :math:`(\lambda, B)` of :math:`\sigma^2 f(R)` in the kernel's dtype, differentiable in the
     lengthscale and the outputscale :math:`\sigma^2`.
@@ -615,13 +676,13 @@ class StationaryBlockMeans(torch.autograd.Function):
         lengthscale: Tensor,
         outputscale: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
-        acc, kept = block_sums(plan, form, lengthscale, keep_derivatives=ctx.needs_input_grad[3])
-        sums_shape = acc.shape
-        lam0, within = _unscaled_means(acc, plan.sizes)
+        sums = block_sums(plan, form, lengthscale, keep_derivatives=ctx.needs_input_grad[3])
+        sums_shape = sums.acc.shape
         # <dL/dB, B0> and <dL/dlam, lam0> in backward, in dL/dB's dtype: B0 rounded once, and B formed from it
-        B0 = acc.to(dtype) if outputscale is not None and ctx.needs_input_grad[4] else None
-        lam, B = _scaled(acc, lam0, outputscale, dtype, rounded=B0)
-        ctx.plan, ctx.form, ctx.kept, ctx.sums_shape = plan, form, kept, sums_shape
+        keep = outputscale is not None and ctx.needs_input_grad[4]
+        lam, B, lam0, within, B0 = _means(sums.acc, plan.sizes, outputscale, dtype, keep, sums.numba)
+        ctx.plan, ctx.form, ctx.kept, ctx.sums_shape = plan, form, sums.kept, sums_shape
+        ctx.all_kept = sums.numba and sums.all_kept
         ctx.scaled = outputscale is not None
         saved: list[Tensor] = [lengthscale, within]
         if outputscale is not None:
@@ -637,24 +698,17 @@ class StationaryBlockMeans(torch.autograd.Function):
     def backward(ctx: Any, grad_lam: Tensor | None, grad_B: Tensor | None) -> tuple[Any, ...]:
         lengthscale, within, *rest = ctx.saved_tensors
         outputscale: Tensor | None = rest[0] if ctx.scaled else None
-        k = within.shape[-1]
         grad_ls = grad_scale = None
         if grad_lam is None and grad_B is None:
             return None, None, None, None, None
         if ctx.needs_input_grad[3]:  # dL/dT0 = sc dL/dB_ij / (s_i s_j); on the diagonal sc (dL/dB_ii - dL/dlam_i) / w_i
-            ref = grad_B if grad_B is not None else grad_lam
-            assert ref is not None  # one of them is given (checked above)
-            sc = outputscale.to(ref.dtype) if outputscale is not None else ref.new_ones(())
-            inv = ctx.plan.sizes.to(ref.dtype).reciprocal()
-            gB = grad_B if grad_B is not None else ref.new_zeros(*ref.shape, k)
-            g = gB * inv.unsqueeze(-1)
-            g.mul_(inv * sc.unsqueeze(-1).unsqueeze(-1))
-            g_ii = gB.diagonal(dim1=-2, dim2=-1) - (grad_lam if grad_lam is not None else 0)
-            w = within.to(ref.dtype)
-            g.diagonal(dim1=-2, dim2=-1).copy_(
-                torch.where(w > 0, g_ii * sc.unsqueeze(-1) / w.clamp_min(1), torch.zeros_like(g_ii))
-            )
-            grad_ls = lengthscale_gradient(ctx.plan, ctx.form, lengthscale, sum_to_shape(g, ctx.sums_shape), ctx.kept)
+            scaling = _gradient_scaling(ctx, grad_lam, grad_B, outputscale, within)
+            if scaling is not None:  # the numba contraction applies it as it reads dL/dB: no k x k pass here
+                assert grad_B is not None  # _gradient_scaling needs it
+                grad = grad_B
+            else:
+                grad = sum_to_shape(_sums_gradient(ctx, grad_lam, grad_B, outputscale, within), ctx.sums_shape)
+            grad_ls = lengthscale_gradient(ctx.plan, ctx.form, lengthscale, grad, ctx.kept, scaling)
         if ctx.needs_input_grad[4]:  # dL/dsc = <dL/dB, B0> + <dL/dlam, lam0>
             assert outputscale is not None  # a gradient for it was asked for
             B0, lam0 = rest[1], rest[2]
@@ -670,6 +724,50 @@ class StationaryBlockMeans(torch.autograd.Function):
         return None, None, None, grad_ls, grad_scale
 
 
+def _sums_gradient(
+    ctx: Any, grad_lam: Tensor | None, grad_B: Tensor | None, outputscale: Tensor | None, within: Tensor
+) -> Tensor:
+    r""":math:`G = \partial L / \partial T_0`: :math:`\sigma^2 G^B_{ij} / (s_i s_j)` off the diagonal,
+    :math:`\sigma^2 (G^B_{ii} - G^\lambda_i) / (s_i (s_i - 1))` on it (0 for a singleton)."""
+    ref = grad_B if grad_B is not None else grad_lam
+    assert ref is not None  # one of them is given (checked by backward)
+    k = within.shape[-1]
+    sc = outputscale.to(ref.dtype) if outputscale is not None else ref.new_ones(())
+    inv = ctx.plan.sizes.to(ref.dtype).reciprocal()
+    gB = grad_B if grad_B is not None else ref.new_zeros(*ref.shape, k)
+    g = gB * inv.unsqueeze(-1)
+    g.mul_(inv * sc.unsqueeze(-1).unsqueeze(-1))
+    g_ii = gB.diagonal(dim1=-2, dim2=-1) - (grad_lam if grad_lam is not None else 0)
+    w = within.to(ref.dtype)
+    g.diagonal(dim1=-2, dim2=-1).copy_(
+        torch.where(w > 0, g_ii * sc.unsqueeze(-1) / w.clamp_min(1), torch.zeros_like(g_ii))
+    )
+    return g
+
+
+def _gradient_scaling(
+    ctx: Any, grad_lam: Tensor | None, grad_B: Tensor | None, outputscale: Tensor | None, within: Tensor
+) -> jit.GradientScaling | None:
+    """:func:`_sums_gradient` as factors the numba contraction applies to ``grad_B`` while it reads it (float64),
+    or ``None`` where that does not apply: tiles evaluated again in backward, no ``grad_B``, or batch shapes that
+    :func:`_sums_gradient` sums over."""
+    if not ctx.all_kept or grad_B is None or grad_B.shape != ctx.sums_shape:
+        return None
+    batch, k = grad_B.shape[:-2], grad_B.shape[-1]
+    sc = _batch_scale(outputscale, batch)
+    if outputscale is not None and sc is None:
+        return None
+    nb = math.prod(batch)
+    sc = sc.to(torch.float64).expand(nb) if sc is not None else grad_B.new_ones(nb, dtype=torch.float64)
+    inv = ctx.plan.sizes.to(torch.float64).reciprocal()
+    g_ii = grad_B.diagonal(dim1=-2, dim2=-1).reshape(nb, k).to(torch.float64)
+    if grad_lam is not None:
+        g_ii = g_ii - grad_lam.reshape(nb, k)
+    w = within.to(torch.float64)
+    diag = torch.where(w > 0, g_ii * sc.unsqueeze(-1) / w.clamp_min(1), torch.zeros_like(g_ii))
+    return jit.GradientScaling(inv, sc.contiguous(), diag)
+
+
 def stationary_block_means(plan: KernelSumsPlan, form: StationaryForm, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     r"""``(lam, B)`` of the kernel's block mean approximation in ``dtype``, by :class:`StationaryBlockMeans` when a
     gradient can be asked for. # shapes: (*batch, k), (*batch, k, k)"""
@@ -679,6 +777,6 @@ def stationary_block_means(plan: KernelSumsPlan, form: StationaryForm, dtype: to
     if torch.is_grad_enabled() and wanted:
         return StationaryBlockMeans.apply(plan, form, dtype, lengthscale, outputscale)
     with torch.no_grad():
-        acc = block_sums(plan, form, lengthscale)[0]
-        lam0, _ = _unscaled_means(acc, plan.sizes)
-        return _scaled(acc, lam0, outputscale, dtype)
+        sums = block_sums(plan, form, lengthscale)
+        lam, B, *_ = _means(sums.acc, plan.sizes, outputscale, dtype, False, sums.numba)
+        return lam, B
