@@ -266,17 +266,22 @@ class _RowGroup:
     z: Tensor  # (B, R, d): the rows' scaled inputs minus the centre
     lhs: Tensor  # (B, R, d + 2): the rows' factor of the distance GEMM
     local: Tensor  # (R,): each row's block minus the group's first block
+    zc: Tensor  # (B, n - r0, d): the inputs from row r0 on (every column the group's tiles hold), minus the centre
+    rhs: Tensor  # (B, n - r0, d + 2): their factor of the distance GEMM
     _features: Tensor | None = None
     _bounds: list[int] | None = None
 
     @staticmethod
     def build(z: Tensor, labels: Tensor, tile: Tile, sign: float) -> _RowGroup:
-        zr = z[:, tile.r0 : tile.r1]
-        centre = zr.mean(1, keepdim=True)
-        zr = zr - centre
+        """The group of ``tile``'s rows, with the column factors of all its tiles at once: a few operations per group
+        instead of per tile (about 40 us of small operations per ``512 x 4096`` tile)."""
+        centre = z[:, tile.r0 : tile.r1].mean(1, keepdim=True)
+        zc = z[:, tile.r0 :] - centre
+        zr = zc[:, : tile.r1 - tile.r0]
         ones = zr.new_full((*zr.shape[:-1], 1), sign)
         lhs = torch.cat([zr, ones, sign * zr.square().sum(-1, keepdim=True)], dim=-1)
-        return _RowGroup(tile.r0, centre, zr, lhs, labels[tile.r0 : tile.r1] - tile.row_block)
+        rhs = torch.cat([(-2.0 * sign) * zc, zc.square().sum(-1, keepdim=True), torch.ones_like(zc[..., :1])], -1)
+        return _RowGroup(tile.r0, centre, zr, lhs, labels[tile.r0 : tile.r1] - tile.row_block, zc, rhs)
 
     def features(self) -> Tensor:
         """The row features :math:`[1, z_p, z_p^2]`, made on first use. # shape: (B, 1 + 2d, R)"""
@@ -324,8 +329,10 @@ class _TilePass:
     def distances(self, tile: Tile) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(sign * rho^2, spare, extra, centred column inputs)`` of one tile; ``spare``, ``extra``: free buffers."""
         group = self.rows(tile)
-        zc = self.z[:, tile.c0 : tile.c1] - group.centre
-        rhs = torch.cat([(-2.0 * self.sign) * zc, zc.square().sum(-1, keepdim=True), torch.ones_like(zc[..., :1])], -1)
+        if tile.c0 < group.r0:
+            raise ValueError("_TilePass.distances: a tile's columns start at its rows (tile_ranges)")
+        zc = group.zc[:, tile.c0 - group.r0 : tile.c1 - group.r0]
+        rhs = group.rhs[:, tile.c0 - group.r0 : tile.c1 - group.r0]
         shape = (self.z.shape[0], tile.r1 - tile.r0, tile.c1 - tile.c0)
         rho2, spare, extra = (buf[: math.prod(shape)].view(shape) for buf in self.scratch)
         torch.bmm(group.lhs, rhs.transpose(1, 2), out=rho2)
@@ -362,9 +369,15 @@ def _block_starts(plan: KernelSumsPlan) -> np.ndarray:
 
 
 def _tile_bounds(starts: np.ndarray, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
-    """Where each row block and each column block starts in the tile, then its end (for the numba kernel)."""
-    rows = starts[tile.row_block : tile.row_block + tile.row_blocks + 1].clip(tile.r0, tile.r1) - tile.r0
-    cols = starts[tile.col_block : tile.col_block + tile.col_blocks + 1].clip(tile.c0, tile.c1) - tile.c0
+    """Where each row block and each column block starts in the tile, then its end (for the numba kernel).
+
+    Of the block starts, only the first (at or before the tile's edge) and the last (at or after its end) fall
+    outside the tile: they are set, the rest shifted (two ``clip`` calls cost about 4 us each, 3% of a forward).
+    """
+    rows = starts[tile.row_block : tile.row_block + tile.row_blocks + 1] - tile.r0
+    rows[0], rows[-1] = 0, tile.r1 - tile.r0
+    cols = starts[tile.col_block : tile.col_block + tile.col_blocks + 1] - tile.c0
+    cols[0], cols[-1] = 0, tile.c1 - tile.c0
     return rows, cols
 
 
