@@ -39,19 +39,23 @@ _FASTMATH = {"reassoc", "nsz", "contract"}
 @njit(fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True)
 def _accumulate(values, weights, derivs, zr, zct, a0, a1, j0, j1, h0, h):  # pragma: no cover - compiled
     """``h0[j] = sum_p v[p, j0 + j]`` (float64) and ``h[a, j] = sum_p w[p, j0 + j] (zr[p, a] - zct[a, j0 + j])^2``
-    over the rows ``a0 <= p < a1``."""
+    over the rows ``a0 < a1`` (at least one): the first group of rows writes the vectors, the others add to them
+    (no zeroing pass: at ten-point blocks that pass and the first group's loads were a tenth of the work)."""
     d = zr.shape[1]
     width = j1 - j0
-    h0[:] = 0
-    h[:, :] = 0
     p = a0
+    init = True
     while p + 4 <= a1:
         v0 = values[p][j0:j1]
         v1 = values[p + 1][j0:j1]
         v2 = values[p + 2][j0:j1]
         v3 = values[p + 3][j0:j1]
-        for j in range(width):
-            h0[j] += (v0[j] + v1[j]) + (v2[j] + v3[j])
+        if init:
+            for j in range(width):
+                h0[j] = (v0[j] + v1[j]) + (v2[j] + v3[j])
+        else:
+            for j in range(width):
+                h0[j] += (v0[j] + v1[j]) + (v2[j] + v3[j])
         if derivs:
             w0 = weights[p][j0:j1]
             w1 = weights[p + 1][j0:j1]
@@ -64,19 +68,33 @@ def _accumulate(values, weights, derivs, zr, zct, a0, a1, j0, j1, h0, h):  # pra
                 z3 = zr[p + 3, a]
                 zc = zct[a][j0:j1]
                 ha = h[a]
-                for j in range(width):
-                    c = zc[j]
-                    e0 = z0 - c
-                    e1 = z1 - c
-                    e2 = z2 - c
-                    e3 = z3 - c
-                    ha[j] += (w0[j] * e0 * e0 + w1[j] * e1 * e1) + (w2[j] * e2 * e2 + w3[j] * e3 * e3)
+                if init:
+                    for j in range(width):
+                        c = zc[j]
+                        e0 = z0 - c
+                        e1 = z1 - c
+                        e2 = z2 - c
+                        e3 = z3 - c
+                        ha[j] = (w0[j] * e0 * e0 + w1[j] * e1 * e1) + (w2[j] * e2 * e2 + w3[j] * e3 * e3)
+                else:
+                    for j in range(width):
+                        c = zc[j]
+                        e0 = z0 - c
+                        e1 = z1 - c
+                        e2 = z2 - c
+                        e3 = z3 - c
+                        ha[j] += (w0[j] * e0 * e0 + w1[j] * e1 * e1) + (w2[j] * e2 * e2 + w3[j] * e3 * e3)
+        init = False
         p += 4
     if p + 2 <= a1:
         v0 = values[p][j0:j1]
         v1 = values[p + 1][j0:j1]
-        for j in range(width):
-            h0[j] += v0[j] + v1[j]
+        if init:
+            for j in range(width):
+                h0[j] = v0[j] + v1[j]
+        else:
+            for j in range(width):
+                h0[j] += v0[j] + v1[j]
         if derivs:
             w0 = weights[p][j0:j1]
             w1 = weights[p + 1][j0:j1]
@@ -85,25 +103,42 @@ def _accumulate(values, weights, derivs, zr, zct, a0, a1, j0, j1, h0, h):  # pra
                 z1 = zr[p + 1, a]
                 zc = zct[a][j0:j1]
                 ha = h[a]
-                for j in range(width):
-                    c = zc[j]
-                    e0 = z0 - c
-                    e1 = z1 - c
-                    ha[j] += w0[j] * e0 * e0 + w1[j] * e1 * e1
+                if init:
+                    for j in range(width):
+                        c = zc[j]
+                        e0 = z0 - c
+                        e1 = z1 - c
+                        ha[j] = w0[j] * e0 * e0 + w1[j] * e1 * e1
+                else:
+                    for j in range(width):
+                        c = zc[j]
+                        e0 = z0 - c
+                        e1 = z1 - c
+                        ha[j] += w0[j] * e0 * e0 + w1[j] * e1 * e1
+        init = False
         p += 2
     if p < a1:
         v0 = values[p][j0:j1]
-        for j in range(width):
-            h0[j] += v0[j]
+        if init:
+            for j in range(width):
+                h0[j] = v0[j]
+        else:
+            for j in range(width):
+                h0[j] += v0[j]
         if derivs:
             w0 = weights[p][j0:j1]
             for a in range(d):
                 z0 = zr[p, a]
                 zc = zct[a][j0:j1]
                 ha = h[a]
-                for j in range(width):
-                    e0 = z0 - zc[j]
-                    ha[j] += w0[j] * e0 * e0
+                if init:
+                    for j in range(width):
+                        e0 = z0 - zc[j]
+                        ha[j] = w0[j] * e0 * e0
+                else:
+                    for j in range(width):
+                        e0 = z0 - zc[j]
+                        ha[j] += w0[j] * e0 * e0
 
 
 @njit(fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True)
