@@ -21,7 +21,10 @@ Output: JSON lines on stdout, and with ``--out`` also written to that file.
 numbers of blocks in one process, in interleaved rounds (the fastest of each), against one bare
 forward of all entries measured in the same rounds: the issue-13 figures (the cost at k against
 the cost at the smallest k, and against the bare forward). Wall and process CPU time are both
-recorded; CPU time is steadier on a shared machine.
+recorded; CPU time is steadier on a shared machine. Backward takes fixed random cotangents for
+``lam`` and ``B`` (``grad_outputs``), so that only the engine is timed; ``*_loss`` fields time
+instead the earlier sessions' loss ``lam.sum() + B.square().sum()``, whose own ``k x k`` work
+(``B.square()`` and its backward, three ``k x k`` temporaries) is about 10-20 ms at ``k = 2000``.
 
     python examples/bench_kernel_block_mean.py --k-sweep 10,100,1000,2000,5000 --d 3
 
@@ -182,7 +185,20 @@ def run_k_sweep(n: int, d: int, ks: list[int], rounds: int, dtype_name: str) -> 
         with torch.no_grad():
             kernel_block_mean(kernel, x, partition)
 
-    def kbm_fwd_bwd(partition):
+    gen = torch.Generator().manual_seed(1)
+    cotangents = {
+        k: (
+            torch.randn(p.num_blocks, generator=gen, dtype=dtype),
+            torch.randn(p.num_blocks, p.num_blocks, generator=gen, dtype=dtype),
+        )
+        for k, p in partitions.items()
+    }
+
+    def kbm_fwd_bwd(partition, k):  # values plus lengthscale backward, with fixed cotangents: the engine alone
+        op = kernel_block_mean(kernel, x, partition)
+        torch.autograd.grad((op.lam, op.B), params, grad_outputs=cotangents[k])
+
+    def kbm_fwd_bwd_loss(partition):  # the same through a scalar loss, with its own k x k work (earlier sessions)
         op = kernel_block_mean(kernel, x, partition)
         torch.autograd.grad(op.lam.sum() + op.B.square().sum(), params)
 
@@ -192,7 +208,7 @@ def run_k_sweep(n: int, d: int, ks: list[int], rounds: int, dtype_name: str) -> 
         return time.perf_counter() - w0, time.process_time() - c0
 
     backends = ["numba", "torch"] if jit.usable("cpu", dtype) else ["torch"]
-    bare_fwd(), kbm_fwd_bwd(partitions[ks[0]])  # warm-up (and numba's first call)
+    bare_fwd(), kbm_fwd_bwd(partitions[ks[0]], ks[0])  # warm-up (and numba's first call)
     best: dict[tuple, tuple[float, float]] = {}
 
     def keep(key, value):
@@ -203,11 +219,12 @@ def run_k_sweep(n: int, d: int, ks: list[int], rounds: int, dtype_name: str) -> 
         keep(("bare",), timed(bare_fwd))
         for k in ks:
             keep(("fwd", k), timed(kbm_fwd, partitions[k]))
-            keep(("fwd_bwd", k), timed(kbm_fwd_bwd, partitions[k]))
+            keep(("fwd_bwd", k), timed(kbm_fwd_bwd, partitions[k], k))
+            keep(("fwd_bwd_loss", k), timed(kbm_fwd_bwd_loss, partitions[k]))
             if len(backends) > 1:
                 jit.BACKEND = "torch"
                 try:
-                    keep(("fwd_bwd_torch", k), timed(kbm_fwd_bwd, partitions[k]))
+                    keep(("fwd_bwd_torch", k), timed(kbm_fwd_bwd, partitions[k], k))
                 finally:
                     jit.BACKEND = "numba"
     bare_wall, bare_cpu = best[("bare",)]
@@ -237,6 +254,10 @@ def run_k_sweep(n: int, d: int, ks: list[int], rounds: int, dtype_name: str) -> 
                 "ratio_fwd_bwd_vs_first_k": round(bw / first_wall, 3),
                 "cpu_ratio_fwd_bwd_vs_bare_fwd": round(bc / bare_cpu, 3),
                 "cpu_ratio_fwd_bwd_vs_first_k": round(bc / first_cpu, 3),
+                "t_kbm_fwd_bwd_loss_s": round(best[("fwd_bwd_loss", k)][0], 4),
+                "ratio_fwd_bwd_loss_vs_first_k": round(
+                    best[("fwd_bwd_loss", k)][0] / best[("fwd_bwd_loss", ks[0])][0], 3
+                ),
                 "tile_backend": backends[0],
             }
         )

@@ -349,7 +349,7 @@ def tile_backend(request, monkeypatch):
     monkeypatch.setattr(jit, "MIN_ENTRIES", 0)  # numba at the tests' sizes too
     ran = []
     real = jit.tile_sums
-    monkeypatch.setattr(jit, "tile_sums", lambda *args: ran.append(1) or real(*args))
+    monkeypatch.setattr(jit, "tile_sums", lambda *args, **kwargs: ran.append(1) or real(*args, **kwargs))
     yield request.param
     assert bool(ran) == (request.param == "numba")
 

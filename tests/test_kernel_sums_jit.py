@@ -197,29 +197,40 @@ def test_derivative_sums_for_any_number_of_features(d, dtype, tasks):
     torch.testing.assert_close(kept.double(), 2.0 * derivs, **tol)
 
 
-@pytest.mark.parametrize("parallel", [True, False])
+class _Tile:
+    def __init__(self, row_block, col_block, mirror):
+        self.row_block, self.col_block, self.mirror = row_block, col_block, mirror
+
+
+def _kept(shapes, bsz, d, dtype, gen, layout):
+    """Random derivative sums per tile: views of one buffer one after the other (as the engine makes them), or
+    separate tensors (copied into one buffer by contract_kept)."""
+    sums = [torch.randn(bsz, m, d, q, generator=gen, dtype=torch.float64).to(dtype) for m, q in shapes]
+    if layout == "separate":
+        return dict(enumerate(sums))
+    flat = torch.cat([v.reshape(-1) for v in sums])
+    kept, offset = {}, 0
+    for i, v in enumerate(sums):
+        kept[i] = flat[offset : offset + v.numel()].view(v.shape)
+        offset += v.numel()
+    return kept
+
+
+@pytest.mark.parametrize("layout", ["one_buffer", "separate"])
 @pytest.mark.parametrize("mirror", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_contract_kept_matches_dense(monkeypatch, parallel, mirror, dtype):
-    """Both compiled forms (row blocks in parallel, and on the calling thread for small tiles) against the dense
-    contraction of the tiles' derivative sums with the gradient's block pairs."""
-    monkeypatch.setattr(jit, "PARALLEL_CONTRACT_MIN", 0 if parallel else 2**40)
-    called = []
+def test_contract_kept_matches_dense(monkeypatch, layout, mirror, dtype):
+    """Every tile in one launch, against the dense contraction of the tiles' derivative sums with the gradient's
+    block pairs; the engine's buffer is read in place, separate tensors are copied into one."""
     kernels = importlib.import_module("bma_gp._kernel_sums._jit_kernels")
-    for name in ("contract_kept", "contract_kept_serial"):
-        real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _r=real, _n=name: called.append(_n) or _r(*a))
+    seen = []
+    real = kernels.contract_tiles
+    monkeypatch.setattr(kernels, "contract_tiles", lambda *a: seen.append(a[1]) or real(*a))
     gen = torch.Generator().manual_seed(3)
     k, bsz, d = 40, 2, 3
     grad = torch.randn(bsz, k, k, generator=gen, dtype=torch.float64).to(dtype)
-
-    class Tile:
-        def __init__(self, row_block, col_block, mirror):
-            self.row_block, self.col_block, self.mirror = row_block, col_block, mirror
-
-    tiles = [Tile(2, 9, mirror), Tile(20, 5, mirror)]
-    kept = {0: torch.randn(bsz, 7, d, 11, generator=gen, dtype=torch.float64).to(dtype)}
-    kept[1] = torch.randn(bsz, 13, d, 30, generator=gen, dtype=torch.float64).to(dtype)
+    tiles = [_Tile(2, 9, mirror), _Tile(20, 5, mirror)]
+    kept = _kept([(7, 11), (13, 30)], bsz, d, dtype, gen, layout)
     out = torch.full((bsz, d), 0.25, dtype=torch.float64)
     jit.contract_kept(grad, kept, tiles, out)
     expected = torch.full((bsz, d), 0.25, dtype=torch.float64)
@@ -231,16 +242,17 @@ def test_contract_kept_matches_dense(monkeypatch, parallel, mirror, dtype):
             block = block + g[:, t.col_block : t.col_block + q, t.row_block : t.row_block + m].transpose(1, 2)
         expected += torch.einsum("bic,biac->ba", block, derivs.double())
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    assert called == ["contract_kept" if parallel else "contract_kept_serial"] * 2
+    assert len(seen) == 1  # one launch for both tiles
+    shares = np.shares_memory(seen[0], next(iter(kept.values())).numpy())
+    assert shares == (layout == "one_buffer")
 
 
-@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("layout", ["one_buffer", "separate"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_scaled_contraction_matches_dense(monkeypatch, parallel, dtype):
+def test_scaled_contraction_matches_dense(layout, dtype):
     """``G = scale col col^T * grad`` off the diagonal and ``diag`` on it, applied while the kernel reads ``grad``:
     against the dense contraction with ``G`` formed, for tiles that hold diagonal pairs (plain and mirrored, where
     the pair counts twice) and tiles that do not."""
-    monkeypatch.setattr(jit, "PARALLEL_CONTRACT_MIN", 0 if parallel else 2**40)
     gen = torch.Generator().manual_seed(5)
     k, bsz, d = 30, 2, 3
     grad = torch.randn(bsz, k, k, generator=gen, dtype=torch.float64).to(dtype)
@@ -250,15 +262,9 @@ def test_scaled_contraction_matches_dense(monkeypatch, parallel, dtype):
         torch.randn(bsz, k, generator=gen, dtype=torch.float64) * 10,
     )
 
-    class Tile:
-        def __init__(self, row_block, col_block, mirror):
-            self.row_block, self.col_block, self.mirror = row_block, col_block, mirror
-
-    tiles = [Tile(5, 3, True), Tile(0, 0, False), Tile(2, 20, True), Tile(12, 10, False)]
+    tiles = [_Tile(5, 3, True), _Tile(0, 0, False), _Tile(2, 20, True), _Tile(12, 10, False)]
     shapes = [(7, 9), (6, 6), (4, 10), (5, 3)]
-    kept = {
-        i: torch.randn(bsz, m, d, q, generator=gen, dtype=torch.float64).to(dtype) for i, (m, q) in enumerate(shapes)
-    }
+    kept = _kept(shapes, bsz, d, dtype, gen, layout)
     out = torch.zeros(bsz, d, dtype=torch.float64)
     jit.contract_kept(grad, kept, tiles, out, scaling)
     G = scaling.scale.view(-1, 1, 1) * scaling.col.unsqueeze(-1) * scaling.col * grad.double()

@@ -298,11 +298,10 @@ def tile_sums(
 
 
 @njit(fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True, inline="always")
-def _contract_row(grad, derivs, bi, i, row_block, col_block, mirror, col, scale, diag, part):  # pragma: no cover
-    """``part[i, a] = sum_c G[bi, i, c] derivs[bi, i, a, c]`` (see :func:`contract_kept`) for row block ``i``: the
-    row's weights ``col[c] (grad[i, c] + grad[c, i])`` are formed once in float64, then one dot per feature."""
-    d, q = derivs.shape[2], derivs.shape[3]
-    gi = row_block + i
+def _contract_row(grad, flat, start, bi, gi, col_block, q, d, mirror, col, scale, diag, part, item):  # pragma: no cover
+    """``part[item, bi, a] = sum_c G[gi, col_block + c] D[a, c]`` for one row block ``gi`` of a tile, with its
+    derivative sums ``D`` at ``flat[start + a q + c]`` (see :func:`contract_tiles`): the row's weights
+    ``col[c] (grad[gi, c] + grad[c, gi])`` are formed once in float64, then one dot per feature."""
     g = grad[bi, gi][col_block : col_block + q]
     cs = col[col_block : col_block + q]
     w = np.empty(q)
@@ -311,61 +310,59 @@ def _contract_row(grad, derivs, bi, i, row_block, col_block, mirror, col, scale,
     if mirror:  # G^T: the column of grad below the diagonal, one entry per column block
         for c in range(q):
             w[c] += np.float64(grad[bi, col_block + c, gi]) * cs[c]
-    star = gi - col_block  # the tile's column of the diagonal pair (i, i), if it has one
+    star = gi - col_block  # the tile's column of the diagonal pair (gi, gi), if it has one
     own = diag.shape[1] > 0 and 0 <= star < q
-    if own:  # that pair takes diag[i] (twice when mirrored), not scale col[i] col[i] grad[i, i]
+    if own:  # that pair takes diag[gi] (twice when mirrored), not scale col[gi] col[gi] grad[gi, gi]
         w[star] = 0.0
     f = scale[bi] * col[gi]
     for a in range(d):
-        dv = derivs[bi, i, a]
+        dv = flat[start + a * q : start + (a + 1) * q]
         s = 0.0
         for c in range(q):
             s += w[c] * np.float64(dv[c])
         t = f * s
         if own:
             t += (2.0 if mirror else 1.0) * diag[bi, gi] * np.float64(dv[star])
-        part[i, a] = t
-
-
-@njit(fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True, inline="always")
-def _add_rows(part, out, bi):  # pragma: no cover - compiled
-    """``out[bi] += part.sum(0)``, row by row in order (the partial sums of :func:`contract_kept`)."""
-    for i in range(part.shape[0]):
-        for a in range(part.shape[1]):
-            out[bi, a] += part[i, a]
+        part[item, bi, a] = t
 
 
 @njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True)
-def contract_kept(grad, derivs, row_block, col_block, mirror, col, scale, diag, out):  # pragma: no cover - compiled
-    """``out[b, a] += sum_{i, c} G[b, i, c] derivs[b, i, a, c]`` in float64, with ``G`` the tile's block pairs of
+def contract_tiles(grad, flat, meta, items, d, col, scale, diag, out):  # pragma: no cover - compiled
+    """``out[b, a] += sum_{tiles} sum_{i, c} G[b, I, J] D[b, i, a, c]`` in float64 for every kept tile at once, with
     ``G = scale[b] col[I] col[J] grad[b, I, J]`` (rows ``I = row_block + i``, columns ``J = col_block + c``; plus
-    the mirrored pair ``(J, I)`` with ``mirror``), where a pair ``I == J`` takes ``diag[b, I]`` instead (when
-    ``diag`` has columns), read in place: no ``(m, d, q)`` float64 product and no scaled ``k x k`` copy of ``grad`` is
-    formed. The row blocks ``i`` run in parallel, each into its own row of partial sums, added in order at the end
-    (:func:`contract_kept_serial`: the same on the calling thread, for small tiles, where starting the threads
-    costs more than the work).
+    the mirrored pair ``(J, I)`` for a mirrored tile), where a pair ``I == J`` takes ``diag[b, I]`` instead (when
+    ``diag`` has columns), read in place: no ``(m, d, q)`` float64 product and no scaled ``k x k`` copy of ``grad``
+    is formed. The (tile, row block) items run in parallel, in one launch (one per tile cost about 3 ms of
+    thread starts and calls at ``k = 2000``), each into its own row of partial sums, added in order at the end.
 
     Args:
-        grad: ``(B, k, k)`` C-contiguous; derivs: ``(B, m, d, q)`` C-contiguous; col: ``(k,)`` float64;
-        scale: ``(B,)`` float64; diag: ``(B, k)`` or ``(B, 0)`` float64; out: ``(B, d)`` float64.
+        grad: ``(B, k, k)`` C-contiguous; flat: every tile's derivative sums ``D`` ``(B, m, d, q)``, C-contiguous,
+            one after the other; meta: ``(tiles, 6)`` int64: ``row_block, col_block, mirror, m, q, offset into
+            flat``; items: ``(n, 2)`` int64: ``(tile, i)``, each row block of each tile once; d: the features;
+            col: ``(k,)`` float64; scale: ``(B,)`` float64; diag: ``(B, k)`` or ``(B, 0)`` float64;
+            out: ``(B, d)`` float64.
     """
-    nbatch, m, d, _ = derivs.shape
-    for bi in range(nbatch):
-        part = np.zeros((m, d))
-        for i in prange(m):  # contract_kept_serial: the same with range
-            _contract_row(grad, derivs, bi, i, row_block, col_block, mirror, col, scale, diag, part)
-        _add_rows(part, out, bi)
-
-
-@njit(fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True)
-def contract_kept_serial(grad, derivs, row_block, col_block, mirror, col, scale, diag, out):  # pragma: no cover
-    """:func:`contract_kept` on the calling thread (a separate function: numba's cache keys on the function)."""
-    nbatch, m, d, _ = derivs.shape
-    for bi in range(nbatch):
-        part = np.zeros((m, d))
-        for i in range(m):
-            _contract_row(grad, derivs, bi, i, row_block, col_block, mirror, col, scale, diag, part)
-        _add_rows(part, out, bi)
+    nbatch = grad.shape[0]
+    nitems = items.shape[0]
+    part = np.zeros((nitems, nbatch, d))
+    for item in prange(nitems):
+        t = items[item, 0]
+        i = items[item, 1]
+        row_block, col_block, mirror, m, q, offset = (
+            meta[t, 0],
+            meta[t, 1],
+            meta[t, 2] != 0,
+            meta[t, 3],
+            meta[t, 4],
+            meta[t, 5],
+        )
+        for bi in range(nbatch):
+            start = offset + ((bi * m + i) * d) * q
+            _contract_row(grad, flat, start, bi, row_block + i, col_block, q, d, mirror, col, scale, diag, part, item)
+    for item in range(nitems):
+        for bi in range(nbatch):
+            for a in range(d):
+                out[bi, a] += part[item, bi, a]
 
 
 @njit(parallel=True, error_model="numpy", cache=True, nogil=True)

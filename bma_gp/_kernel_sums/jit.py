@@ -45,9 +45,6 @@ ACCUMULATOR_BYTES = 24 * 1024
 #: fewest columns per task (a task's fixed cost is a few row-block loops)
 MIN_CHUNK = 64
 
-#: kept derivative sums (entries per tile) from which :func:`contract_kept` runs a tile in parallel
-PARALLEL_CONTRACT_MIN = 2**14
-
 #: block pairs (batch x k x k) from which the means are formed by :func:`block_means` (where the tiles were reduced
 #: by numba): below it torch's five passes take microseconds
 MEANS_MIN_ENTRIES = 2**14
@@ -96,6 +93,7 @@ def tile_sums(
     acc: Tensor,
     at: tuple[int, int, bool],
     factor: float = 1.0,
+    out: Tensor | None = None,
 ) -> Tensor | None:
     r"""Add a tile's per-block value sums to ``acc``; with ``weights``, also return its derivative sums.
 
@@ -110,6 +108,7 @@ def tile_sums(
         at: ``(row_block, col_block, mirror)``: the tile's first row and column block, and whether its
             sums are also added transposed.
         factor: multiplies the derivative sums.
+        out: where to write the derivative sums (C-contiguous, ``values``' dtype), or ``None`` for a new tensor.
 
     Returns:
         ``factor`` times :math:`D_{bca} = \sum w (z_{pa} - z_{ja})^2` in ``values``' dtype, or ``None``
@@ -126,7 +125,12 @@ def tile_sums(
     tasks = threads * -(-cols // (threads * widest))  # a multiple of the threads: no thread idles in a last round
     chunk = max(MIN_CHUNK, -(-cols // tasks))
     shape = (bsz, len(row_bounds) - 1, d, len(col_bounds) - 1) if weights is not None else (bsz, 0, 0, 0)
-    kept = torch.empty(shape, dtype=values.dtype)  # every entry is written by the kernel
+    if out is None:
+        kept = torch.empty(shape, dtype=values.dtype)  # every entry is written by the kernel
+    elif out.shape != shape or out.dtype != values.dtype or not out.is_contiguous():
+        raise ValueError(f"tile_sums: out must be a contiguous {values.dtype} tensor of shape {tuple(shape)}")
+    else:
+        kept = out
     if acc.dtype != torch.float64 or not acc.is_contiguous():
         raise ValueError("tile_sums: acc must be a contiguous float64 tensor")
     v = _array(values)
@@ -144,33 +148,58 @@ def contract_kept(
     grad: Tensor, kept: dict[int, Tensor], tiles: list, out: Tensor, scaling: GradientScaling | None = None
 ) -> None:
     r"""Add :math:`\sum G_{IJ} D_{IJa}` over the kept tiles' derivative sums to ``out``, in float64, reading the
-    incoming gradient in place (``_tile_weights``' slices, their mirrored sum and a float64 product per tile
-    cost about 25 ms at ``k = 2000``).
+    incoming gradient in place, every tile in one parallel launch (:func:`_jit_kernels.contract_tiles`).
 
     Args:
         grad: the gradient on the block sums, or with ``scaling`` the ``grad`` it is made of; the kept sums'
             dtype. # shape: (B, k, k)
-        kept: ``{tile index: derivative sums}``. # shapes: (B, m, d, q)
+        kept: ``{tile index: derivative sums}``, best views of one buffer one after the other (as
+            :func:`bma_gp._kernel_sums.stationary.block_sums` makes them; others are copied into one). # shapes:
+            (B, m, d, q)
         tiles: the tiles, indexed as in ``kept`` (``row_block``, ``col_block``, ``mirror``).
         out: float64, added to in place. # shape: (B, d)
-        scaling: ``G = scale col col^T * grad`` off the diagonal and ``diag`` on it (:class:`GradientScaling`), applied
-            as the entries are read; ``None``: ``G = grad``.
+        scaling: ``G = scale col col^T * grad`` off the diagonal and ``diag`` on it (:class:`GradientScaling`),
+            applied as the entries are read; ``None``: ``G = grad``.
     """
     from bma_gp._kernel_sums import _jit_kernels
 
     match_torch_threads()
     if out.dtype != torch.float64 or not out.is_contiguous():
         raise ValueError("contract_kept: out must be a contiguous float64 tensor")
+    if not kept:
+        return
     bsz, k = grad.shape[0], grad.shape[-1]
     if scaling is None:
         scaling = GradientScaling(out.new_ones(k), out.new_ones(bsz), out.new_empty(bsz, 0))
-    g, o = _array(grad), out.numpy()
+    sums = list(kept.values())
+    flat, offsets = _one_buffer(sums)
+    meta = np.array(
+        [
+            [tiles[i].row_block, tiles[i].col_block, tiles[i].mirror, v.shape[1], v.shape[3], offset]
+            for (i, v), offset in zip(kept.items(), offsets)
+        ],
+        dtype=np.int64,
+    )
+    rows = meta[:, 3]
+    first = np.repeat(np.cumsum(rows) - rows, rows)  # each tile's first item, for each of its items
+    items = np.stack([np.repeat(np.arange(len(rows)), rows), np.arange(int(rows.sum())) - first], 1)
     col, scale, diag = (_array(t) for t in scaling)
-    for index, derivs in kept.items():
-        tile = tiles[index]
-        parallel = derivs.numel() >= PARALLEL_CONTRACT_MIN
-        fn = _jit_kernels.contract_kept if parallel else _jit_kernels.contract_kept_serial
-        fn(g, _array(derivs), tile.row_block, tile.col_block, tile.mirror, col, scale, diag, o)
+    d = sums[0].shape[2]
+    _jit_kernels.contract_tiles(_array(grad), flat.numpy(), meta, items, d, col, scale, diag, out.numpy())
+
+
+def _one_buffer(sums: list[Tensor]) -> tuple[Tensor, list[int]]:
+    """``(flat, offsets)``: one 1-d buffer holding every tensor of ``sums`` (C-contiguous) at its offset: the buffer
+    they are views of, or a copy where they are not views of one."""
+    base = sums[0]._base
+    if base is not None and base.dim() == 1 and base.is_contiguous():
+        size = base.element_size()
+        offsets = [(v.data_ptr() - base.data_ptr()) // size for v in sums]
+        if all(v._base is base and v.is_contiguous() for v in sums):
+            return base.detach(), offsets
+    flat = torch.cat([v.detach().reshape(-1) for v in sums])
+    ends = np.cumsum([v.numel() for v in sums])
+    return flat, [int(e) - v.numel() for e, v in zip(ends, sums)]
 
 
 class GradientScaling(NamedTuple):

@@ -484,6 +484,23 @@ class BlockSums(NamedTuple):
     all_kept: bool  # every tile's derivative sums are in kept (backward evaluates no tile again)
 
 
+def _kept_shapes(
+    tiles: list[Tile], bsz: int, d: int, itemsize: int, numba: bool, keep_derivatives: bool
+) -> dict[int, tuple[int, int, int, int]]:
+    """``{tile index: (B, m, d, q)}`` of the tiles whose derivative sums forward keeps: in order, while they fit in
+    :data:`KEPT_DERIVATIVE_BYTES`, and (torch's reduction) only tiles whose rows span at most
+    :data:`MAX_ROW_BLOCKS` blocks."""
+    shapes = {}
+    budget = KEPT_DERIVATIVE_BYTES if keep_derivatives else 0
+    for index, tile in enumerate(tiles):
+        shape = (bsz, tile.row_blocks, d, tile.col_blocks)
+        size = math.prod(shape) * itemsize
+        if size <= budget and (numba or tile.row_blocks <= MAX_ROW_BLOCKS):
+            shapes[index] = shape
+            budget -= size
+    return shapes
+
+
 def block_sums(
     plan: KernelSumsPlan, form: StationaryForm, lengthscale: Tensor, keep_derivatives: bool = False
 ) -> BlockSums:
@@ -500,26 +517,28 @@ def block_sums(
     k, bsz = plan.num_blocks, z.shape[0]
     acc = z.new_zeros(bsz, k, k, dtype=core_dtype(z.dtype))
     kept: dict[int, Tensor] = {}
-    budget = KEPT_DERIVATIVE_BYTES if keep_derivatives else 0
     numba = jit.usable(z.device, z.dtype, bsz * z.shape[1] ** 2)
+    shapes = _kept_shapes(tiles, bsz, z.shape[-1], z.element_size(), numba, keep_derivatives)
+    if numba and shapes:  # one buffer, so that backward contracts every tile in one parallel launch
+        buffer = z.new_empty(sum(math.prod(shape) for shape in shapes.values()))
+        offset = 0
+        for index, shape in shapes.items():
+            kept[index] = buffer[offset : offset + math.prod(shape)].view(shape)
+            offset += math.prod(shape)
     starts = _block_starts(plan) if numba else None
     tiler = _TilePass(plan.labels, form, z, tiles)
     for index, tile in enumerate(progress(tiles, plan.show_progress, "kernel block sums")):
         rho2, spare, extra, zc = tiler.distances(tile)
         group = tiler.rows(tile)
-        size = bsz * tile.row_blocks * tile.col_blocks * z.shape[-1] * z.element_size()
-        keep = size <= budget and (numba or tile.row_blocks <= MAX_ROW_BLOCKS)
         factor = 1.0
-        if keep:
+        if index in shapes:
             values, weights, factor = form.values_and_weights(rho2, spare, extra, tiler.noise_floor(tile, zc))
-            budget -= size
         else:
             values, weights = form.values(rho2, spare), None
         if starts is not None:  # values and derivative sums in one read of the tile, added to acc there
             at = (tile.row_block, tile.col_block, tile.mirror)
-            derivs = jit.tile_sums(values, weights, *_tile_bounds(starts, tile), group.z, zc, acc, at, factor)
-            if derivs is not None:
-                kept[index] = derivs
+            bounds = _tile_bounds(starts, tile)
+            jit.tile_sums(values, weights, *bounds, group.z, zc, acc, at, factor, out=kept.get(index))
             continue
         if weights is not None:
             kept[index] = factor * _tile_derivative_sums(weights, group, zc, tile, plan.labels)
