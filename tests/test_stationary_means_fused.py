@@ -159,3 +159,55 @@ def test_without_a_gradient_the_means_come_without_a_graph(engine):
     torch.testing.assert_close(op.lam.double(), ref.lam, rtol=2e-5, atol=2e-5)
     if engine["calls"] is not None:
         assert engine["calls"]["block_means"] == 1
+
+
+@pytest.mark.parametrize("zero", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_outputscale_gradient_from_B_and_at_a_zero_scale(zero, dtype, engine):
+    """dL/dsc = <dL/dB, B0> + <dL/dlam, lam0>, with <dL/dB, B0> taken as <dL/dB, B> / sc; at sc = 0 (B = 0) the
+    unscaled means are kept for it instead. An outputscale without a transform, so that 0 is reachable."""
+    from gpytorch.constraints import GreaterThan
+
+    def kernel():
+        k = ScaleKernel(RBFKernel(ard_num_dims=D), outputscale_constraint=GreaterThan(0.0, transform=None))
+        k.base_kernel.lengthscale = torch.tensor([0.7, 1.3])
+        k.raw_outputscale.data.fill_(0.0 if zero else 1.7)
+        return k.to(dtype)
+
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    partition = _partition("singletons_and_unequal")
+    k = kernel()
+    op = kernel_block_mean(k, x, partition, **engine["kwargs"])
+    w = torch.linspace(-1, 2, partition.num_blocks, dtype=dtype)
+    (got,) = torch.autograd.grad(LOSSES["both"](op, w), [k.raw_outputscale])
+    k64 = kernel().double()
+    ref = _dense_reference(k64, x.double(), partition)
+    (want,) = torch.autograd.grad(LOSSES["both"](ref, w.double()), [k64.raw_outputscale])
+    assert torch.isfinite(got).all()
+    rtol = 1e-9 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(got.double(), want, rtol=rtol * 10, atol=rtol * 10)
+
+
+def test_the_spare_accumulator_is_reused_zeroed(engine, monkeypatch):
+    """Where the numba means free the k x k accumulator, the next call of that size takes it back, zeroed: two calls
+    on different inputs both match the dense means. Past SPARE_ACCUMULATOR_BYTES none is kept."""
+    monkeypatch.setattr(stationary, "_SPARE", {})
+    kernel = _kernel("rbf_ard", torch.float64)
+    partition = _partition("scattered")
+    seen = []
+    real = stationary._new_accumulator
+    monkeypatch.setattr(stationary, "_new_accumulator", lambda *a: seen.append(bool(stationary._SPARE)) or real(*a))
+    for seed in (1, 2):
+        x = torch.randn(N, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        with torch.no_grad():
+            op = kernel_block_mean(kernel, x, partition, **engine["kwargs"])
+        ref = _dense_reference(kernel, x, partition)
+        torch.testing.assert_close(op.B, ref.B, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(op.lam, ref.lam, rtol=1e-9, atol=1e-9)
+    numba = engine["calls"] is not None
+    assert seen == [False, numba]  # the torch path's accumulator may be its output: never kept
+    monkeypatch.setattr(stationary, "SPARE_ACCUMULATOR_BYTES", 0)
+    stationary._SPARE.clear()
+    with torch.no_grad():
+        kernel_block_mean(kernel, x, partition, **engine["kwargs"])
+    assert not stationary._SPARE

@@ -468,6 +468,30 @@ def _tile_gradient(
 
 
 # ============================================================================ the two passes
+#: The largest ``k x k`` float64 accumulator (bytes) kept on CPU after a call, for the next call of the same size
+#: (where the numba means freed it). glibc hands freed buffers of tens of megabytes back to the system, so a fresh
+#: one pays its page faults on every call: at ``k = 2000`` about 4 ms for its 32 MB, against 1.5 ms to zero a kept
+#: one. One buffer at most; 0 keeps none.
+SPARE_ACCUMULATOR_BYTES = 64 * 2**20
+_SPARE: dict[tuple[int, torch.dtype], Tensor] = {}
+
+
+def _new_accumulator(bsz: int, k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A zeroed ``(bsz, k, k)`` accumulator: the spare one where it has that size, else a new one."""
+    if device.type == "cpu":
+        spare = _SPARE.pop((bsz * k * k, dtype), None)  # taken: a concurrent call makes its own
+        if spare is not None:
+            return spare.view(bsz, k, k).zero_()
+    return torch.zeros(bsz, k, k, dtype=dtype, device=device)
+
+
+def _keep_spare(acc: Tensor) -> None:
+    """Keep ``acc``, which nothing reads any more, as the spare accumulator (in place of any other)."""
+    if acc.device.type == "cpu" and acc.is_contiguous() and acc.numel() * 8 <= SPARE_ACCUMULATOR_BYTES:
+        _SPARE.clear()
+        _SPARE[(acc.numel(), acc.dtype)] = acc.reshape(-1)
+
+
 #: Tiles whose rows span at most this many blocks reduce their derivative sums in forward
 #: (one small GEMM per row block); the others are re-evaluated in backward.
 MAX_ROW_BLOCKS = 32
@@ -515,7 +539,7 @@ def block_sums(
     """
     z, tiles = _prepare(plan, form, lengthscale)
     k, bsz = plan.num_blocks, z.shape[0]
-    acc = z.new_zeros(bsz, k, k, dtype=core_dtype(z.dtype))
+    acc = _new_accumulator(bsz, k, core_dtype(z.dtype), z.device)
     kept: dict[int, Tensor] = {}
     numba = jit.usable(z.device, z.dtype, bsz * z.shape[1] ** 2)
     shapes = _kept_shapes(tiles, bsz, z.shape[-1], z.element_size(), numba, keep_derivatives)
@@ -682,6 +706,7 @@ def _means(
         return lam, B, lam0, within, B0
     s = sizes.to(acc.dtype)
     B, B0, lam0 = jit.block_means(acc.reshape(-1, k, k), sizes, flat_scale, dtype, keep_unscaled and scale is not None)
+    _keep_spare(acc)  # read for the last time: the next call of this size reuses it
     lam0 = lam0.reshape(*batch, k)
     lam = (lam0 * scale.to(acc.dtype).unsqueeze(-1)).to(dtype) if scale is not None else lam0.to(dtype)
     B0 = B0.reshape(*batch, k, k) if B0 is not None else None
@@ -710,17 +735,20 @@ class StationaryBlockMeans(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         sums = block_sums(plan, form, lengthscale, keep_derivatives=ctx.needs_input_grad[3])
         sums_shape = sums.acc.shape
-        # <dL/dB, B0> and <dL/dlam, lam0> in backward, in dL/dB's dtype: B0 rounded once, and B formed from it
-        keep = outputscale is not None and ctx.needs_input_grad[4]
+        # dL/dsc = <dL/dB, B0> + <dL/dlam, lam0> in backward, with <dL/dB, B0> = <dL/dB, B> / sc: B0 is kept (a
+        # second k x k tensor, 3-4 ms at k = 2000 with its page faults) only where a scale is 0
+        wanted = outputscale is not None and ctx.needs_input_grad[4]
+        keep = wanted and bool((outputscale == 0).any())
         lam, B, lam0, within, B0 = _means(sums.acc, plan.sizes, outputscale, dtype, keep, sums.numba)
         ctx.plan, ctx.form, ctx.kept, ctx.sums_shape = plan, form, sums.kept, sums_shape
         ctx.all_kept = sums.numba and sums.all_kept
         ctx.scaled = outputscale is not None
+        ctx.divide = B0 is None  # rest[1] is B (divide by the scale), else B0
         saved: list[Tensor] = [lengthscale, within]
         if outputscale is not None:
             saved.append(outputscale)
-            if B0 is not None:
-                saved += [B0, lam0]
+            if wanted:
+                saved += [B0 if B0 is not None else B, lam0]
         ctx.save_for_backward(*saved)
         ctx.set_materialize_grads(False)  # a loss of lam alone hands backward no k x k zeros
         return lam, B
@@ -743,13 +771,15 @@ class StationaryBlockMeans(torch.autograd.Function):
             grad_ls = lengthscale_gradient(ctx.plan, ctx.form, lengthscale, grad, ctx.kept, scaling)
         if ctx.needs_input_grad[4]:  # dL/dsc = <dL/dB, B0> + <dL/dlam, lam0>
             assert outputscale is not None  # a gradient for it was asked for
-            B0, lam0 = rest[1], rest[2]
+            means, lam0 = rest[1], rest[2]  # B (then <dL/dB, B> / sc) or B0
             total: Tensor | int = 0
             if grad_B is not None:
-                if grad_B.dim() == 2 and grad_B.is_contiguous() and B0.is_contiguous():  # no k x k product formed
-                    total = torch.dot(grad_B.view(-1), B0.view(-1))
+                if grad_B.dim() == 2 and grad_B.is_contiguous() and means.is_contiguous():  # no k x k product formed
+                    total = torch.dot(grad_B.view(-1), means.view(-1))
                 else:
-                    total = (grad_B * B0).sum((-2, -1))
+                    total = (grad_B * means).sum((-2, -1))
+                if ctx.divide:
+                    total = total / outputscale.to(grad_B.dtype)
             if grad_lam is not None:
                 total = total + (grad_lam * lam0.to(grad_lam.dtype)).sum(-1)
             grad_scale = sum_to_shape(torch.as_tensor(total, dtype=outputscale.dtype), outputscale.shape)
