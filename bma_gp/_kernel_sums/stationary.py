@@ -738,7 +738,7 @@ class StationaryBlockMeans(torch.autograd.Function):
         # dL/dsc = <dL/dB, B0> + <dL/dlam, lam0> in backward, with <dL/dB, B0> = <dL/dB, B> / sc: B0 is kept (a
         # second k x k tensor, 3-4 ms at k = 2000 with its page faults) only where a scale is 0
         wanted = outputscale is not None and ctx.needs_input_grad[4]
-        keep = wanted and bool((outputscale == 0).any())
+        keep = outputscale is not None and wanted and bool(torch.eq(outputscale, 0).any())
         lam, B, lam0, within, B0 = _means(sums.acc, plan.sizes, outputscale, dtype, keep, sums.numba)
         ctx.plan, ctx.form, ctx.kept, ctx.sums_shape = plan, form, sums.kept, sums_shape
         ctx.all_kept = sums.numba and sums.all_kept
