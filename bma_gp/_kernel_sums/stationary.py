@@ -41,9 +41,9 @@ the passes is bounded.
 each tile is instead reduced by one numba kernel that reads the values once and adds the block
 sums straight into the accumulator, and (forward with gradient) computes every tile's derivative
 sums :math:`\sum w (z_{pa} - z_{ja})^2` per (row block, column block) directly, however many
-blocks its rows span. Backward then only contracts them with :math:`G` (one numba loop per tile, reading
-:math:`G` in place and summing in float64), within :data:`KEPT_DERIVATIVE_BYTES`; tiles past it are evaluated
-again and reduced by the same kernel.
+blocks its rows span, into one buffer. Backward then only contracts them with :math:`G` (one parallel numba
+launch for every tile, reading :math:`G` in place and summing in float64), within :data:`KEPT_DERIVATIVE_BYTES`;
+tiles past it are evaluated again and reduced by the same kernel.
 This removes the per-row-block GEMMs that made many small blocks cost a second evaluation.
 
 **The means** (:class:`StationaryBlockMeans`). The float64 sums become the block means in place and are
