@@ -155,11 +155,13 @@ def run_case(name: str, n: int, d: int, k: int, repeat: int, dtype_name: str, ba
     }
 
 
-def run_k_sweep(n: int, d: int, ks: list[int], rounds: int, dtype_name: str) -> list[dict]:
+def run_k_sweep(n: int, d: int, ks: list[int], rounds: int, dtype_name: str, device: str = "cpu") -> list[dict]:
     """RBF-ARD forward and forward + backward at each k, interleaved with the bare forward, best of ``rounds``.
 
-    Where numba is installed the tiles are reduced by its kernel (the default); forward + backward is then
+    On CPU where numba is installed the tiles are reduced by its kernel (the default); forward + backward is then
     also timed with torch's tile reduction (``bma_gp._kernel_sums.jit.BACKEND = "torch"``) in the same rounds.
+    On ``device="cuda"`` (``examples/benchmarks.py --device cuda``) the same inputs on the GPU, every timing
+    between two synchronisations.
     """
     import torch
     from gpytorch import settings as gpt_settings
@@ -170,8 +172,9 @@ def run_k_sweep(n: int, d: int, ks: list[int], rounds: int, dtype_name: str) -> 
 
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
-    x = torch.randn(n, d, dtype=dtype)
-    kernel = _kernel("rbf-ard", d).to(dtype)
+    dev = torch.device(device)
+    x = torch.randn(n, d, dtype=dtype).to(dev)
+    kernel = _kernel("rbf-ard", d).to(device=dev, dtype=dtype)
     params = list(kernel.parameters())
     chunk = max(1, _CHUNK_BYTES // (n * x.element_size()))
     partitions = {k: kmeans_partition(x, k, seed=0) for k in ks}
@@ -188,8 +191,8 @@ def run_k_sweep(n: int, d: int, ks: list[int], rounds: int, dtype_name: str) -> 
     gen = torch.Generator().manual_seed(1)
     cotangents = {
         k: (
-            torch.randn(p.num_blocks, generator=gen, dtype=dtype),
-            torch.randn(p.num_blocks, p.num_blocks, generator=gen, dtype=dtype),
+            torch.randn(p.num_blocks, generator=gen, dtype=dtype).to(dev),
+            torch.randn(p.num_blocks, p.num_blocks, generator=gen, dtype=dtype).to(dev),
         )
         for k, p in partitions.items()
     }
@@ -202,12 +205,18 @@ def run_k_sweep(n: int, d: int, ks: list[int], rounds: int, dtype_name: str) -> 
         op = kernel_block_mean(kernel, x, partition)
         torch.autograd.grad(op.lam.sum() + op.B.square().sum(), params)
 
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     def timed(fn, *args) -> tuple[float, float]:
+        sync()
         w0, c0 = time.perf_counter(), time.process_time()
         fn(*args)
+        sync()
         return time.perf_counter() - w0, time.process_time() - c0
 
-    backends = ["numba", "torch"] if jit.usable("cpu", dtype) else ["torch"]
+    backends = ["numba", "torch"] if jit.usable(dev, dtype) else ["torch"]
     bare_fwd(), kbm_fwd_bwd(partitions[ks[0]], ks[0])  # warm-up (and numba's first call)
     best: dict[tuple, tuple[float, float]] = {}
 
@@ -242,6 +251,7 @@ def run_k_sweep(n: int, d: int, ks: list[int], rounds: int, dtype_name: str) -> 
                 "k_requested": k,
                 "k_first": ks[0],
                 "dtype": dtype_name,
+                "device": str(dev),
                 "threads": torch.get_num_threads(),
                 "rounds": rounds,
                 "t_bare_fwd_s": round(bare_wall, 4),
