@@ -329,8 +329,8 @@ def test_tiles_cover_every_ordered_pair_once(n, rows, cols):
 # tiles whose rows span few blocks
 DERIVATIVES = {
     "kept": {},
-    "evaluated_again": {"KEPT_DERIVATIVE_BYTES": 0},
-    "mixed": {"KEPT_DERIVATIVE_BYTES": 2000},
+    "evaluated_again": {"KEPT_DERIVATIVE_BYTES": 0, "KEPT_BYTES_PER_BLOCK_PAIR": 0},
+    "mixed": {"KEPT_DERIVATIVE_BYTES": 2000, "KEPT_BYTES_PER_BLOCK_PAIR": 0},
     "few_row_blocks_kept": {"MAX_ROW_BLOCKS": 2},
 }
 
@@ -395,6 +395,7 @@ def test_backward_evaluates_again_only_the_tiles_it_did_not_keep(monkeypatch, ti
     _loss(op).backward()
     assert forward == 5 + 4 + 3 + 2 + 1 and len(calls) == forward  # everything kept: no second evaluation
     monkeypatch.setattr(stationary, "KEPT_DERIVATIVE_BYTES", 0)
+    monkeypatch.setattr(stationary, "KEPT_BYTES_PER_BLOCK_PAIR", 0)
     calls.clear()
     _loss(kernel_block_mean(kernel, _x(), partition, chunk_size=32)).backward()
     assert len(calls) == 2 * forward
@@ -426,3 +427,21 @@ def test_without_gradient_the_stationary_engine_records_no_graph(kernel_name):
         op = kernel_block_mean(kernel, _x(), partition, chunk_size=40)
     torch.testing.assert_close(op.B, ref.B, atol=1e-9, rtol=1e-7)  # the tolerances of _compare
     torch.testing.assert_close(op.lam, ref.lam, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("numba", [True, False])
+def test_the_kept_budget_is_the_larger_of_a_floor_and_a_share_per_block_pair(monkeypatch, numba):
+    """Tiles keep their derivative sums in order while they fit: KEPT_DERIVATIVE_BYTES, or KEPT_BYTES_PER_BLOCK_PAIR
+    per batch x k x k block pair where that is more; torch's reduction only for tiles of few row blocks."""
+    Tile = stationary.Tile
+    tiles = [Tile(0, 1, 0, 1, False, 0, m, 0, q) for m, q in [(2, 10), (40, 3), (3, 5), (1, 1)]]
+    # float32, d = 2: 160, 960, 120 and 8 bytes
+    monkeypatch.setattr(stationary, "KEPT_DERIVATIVE_BYTES", 300)
+    monkeypatch.setattr(stationary, "KEPT_BYTES_PER_BLOCK_PAIR", 0)
+    assert list(stationary._kept_shapes(tiles, 1, 20, 2, 4, numba, True)) == [0, 2, 3]  # 160 + 120 + 8 <= 300
+    monkeypatch.setattr(stationary, "KEPT_BYTES_PER_BLOCK_PAIR", 3)  # 3 x 20^2 = 1200 bytes
+    kept = stationary._kept_shapes(tiles, 1, 20, 2, 4, numba, True)
+    assert list(kept) == ([0, 1, 3] if numba else [0, 2, 3])  # 160 + 960 + 120 > 1200: the third does not fit
+    assert kept[0] == (1, 2, 2, 10)
+    assert stationary._kept_shapes(tiles, 2, 20, 2, 4, numba, True).keys() == ({0, 1, 3} if numba else {0, 2, 3})
+    assert stationary._kept_shapes(tiles, 1, 20, 2, 4, numba, False) == {}  # no gradient wanted: nothing kept
