@@ -487,7 +487,7 @@ def _new_accumulator(bsz: int, k: int, dtype: torch.dtype, device: torch.device)
 
 def _keep_spare(acc: Tensor) -> None:
     """Keep ``acc``, which nothing reads any more, as the spare accumulator (in place of any other)."""
-    if acc.device.type == "cpu" and acc.is_contiguous() and acc.numel() * 8 <= SPARE_ACCUMULATOR_BYTES:
+    if acc.device.type == "cpu" and acc.is_contiguous() and acc.numel() * acc.element_size() <= SPARE_ACCUMULATOR_BYTES:
         _SPARE.clear()
         _SPARE[(acc.numel(), acc.dtype)] = acc.reshape(-1)
 
@@ -534,9 +534,10 @@ def block_sums(
 ) -> BlockSums:
     r"""Unscaled block sums :math:`T_0 = P^\top f(R) P` by tiles and segment sums.
 
-    With ``keep_derivatives``, tiles whose rows span at most :data:`MAX_ROW_BLOCKS` blocks
-    also reduce their derivative sums (:func:`_tile_derivative_sums`), while they fit in
-    :data:`KEPT_DERIVATIVE_BYTES`; backward then needs no second evaluation of them.
+    With ``keep_derivatives``, tiles also reduce their derivative sums (numba: in the same pass, into views of one
+    buffer; torch: :func:`_tile_derivative_sums`, for tiles whose rows span at most :data:`MAX_ROW_BLOCKS`
+    blocks), while they fit in the budget of :func:`_kept_shapes`; backward then needs no second evaluation of
+    them.
 
     Returns:
         :class:`BlockSums`: the sums and the kept derivative sums. # shapes: (*batch, k, k), {tile: (B, m, d, q)}
