@@ -805,11 +805,15 @@ def _sums_gradient(
     g = gB * inv.unsqueeze(-1)
     g.mul_(inv * sc.unsqueeze(-1).unsqueeze(-1))
     g_ii = gB.diagonal(dim1=-2, dim2=-1) - (grad_lam if grad_lam is not None else 0)
-    w = within.to(ref.dtype)
-    g.diagonal(dim1=-2, dim2=-1).copy_(
-        torch.where(w > 0, g_ii * sc.unsqueeze(-1) / w.clamp_min(1), torch.zeros_like(g_ii))
-    )
+    g.diagonal(dim1=-2, dim2=-1).copy_(_diagonal_gradient(g_ii, sc.unsqueeze(-1), within))
     return g
+
+
+def _diagonal_gradient(g_ii: Tensor, sc: Tensor, within: Tensor) -> Tensor:
+    r""":math:`\sigma^2 (G^B_{ii} - G^\lambda_i) / (s_i (s_i - 1))` from ``g_ii`` (the difference), in its dtype; 0 for
+    a singleton (``within`` = :math:`s_i (s_i - 1)` = 0)."""
+    w = within.to(g_ii.dtype)
+    return torch.where(w > 0, g_ii * sc / w.clamp_min(1), torch.zeros_like(g_ii))
 
 
 def _gradient_scaling(
@@ -830,8 +834,7 @@ def _gradient_scaling(
     g_ii = grad_B.diagonal(dim1=-2, dim2=-1).reshape(nb, k).to(torch.float64)
     if grad_lam is not None:
         g_ii = g_ii - grad_lam.reshape(nb, k)
-    w = within.to(torch.float64)
-    diag = torch.where(w > 0, g_ii * sc.unsqueeze(-1) / w.clamp_min(1), torch.zeros_like(g_ii))
+    diag = _diagonal_gradient(g_ii, sc.unsqueeze(-1), within)
     return jit.GradientScaling(inv, sc.contiguous(), diag)
 
 
