@@ -288,6 +288,7 @@ def _build(parts: _Parts, like: LinearOperator) -> LinearOperator:
         single = _as_block_mean(parts, terms[0][0], terms[0][1])
         if single is not None:
             return single
+    diag = _singletons_into_diagonal(diag, terms)
     return BlockMeanSumLinearOperator(
         diag,
         *(B.values if isinstance(B, _Diagonal) else B for _, B, _ in terms),
@@ -296,6 +297,32 @@ def _build(parts: _Parts, like: LinearOperator) -> LinearOperator:
         weights=[w for _, _, w in terms],
         diagonal=[isinstance(B, _Diagonal) for _, B, _ in terms],
     )
+
+
+def _singletons_into_diagonal(diag: Tensor, terms: list[tuple[Partition, Tensor | _Diagonal, Tensor | None]]) -> Tensor:
+    r"""The sum's per-point diagonal with a share of singleton blocks' ``B_ii`` moved into it where it would be
+    ``<= 0`` there; ``terms`` (unweighted ones) lose that share from ``B_ii``, in place. The matrix is the same.
+
+    A singleton block's point sees ``d + B_ii`` only, however it is split, so a block mean operator may hold
+    ``lam_i <= 0`` there (:func:`_offsets_and_block` moves a negative one into ``B_ii``); the sum's closed forms
+    divide by ``d``. Where ``d <= 0 < d + B_ii`` at such a point, both become :math:`(d + B_ii) / 2`. One host read
+    per term over a partition with singletons."""
+    for t, (part, B, w) in enumerate(terms):
+        if w is not None:
+            continue
+        single = part.sizes.to(diag.device) == 1
+        if not bool(single.any()):
+            continue
+        b = B.values if isinstance(B, _Diagonal) else torch.diagonal(B, dim1=-2, dim2=-1)
+        at = part.block_sum(diag, dim=-1)  # a singleton's sum is the value at its point
+        with torch.no_grad():
+            move = single & (at <= 0) & (at + b > 0)
+            if not bool(move.any()):
+                continue
+        shift = torch.where(move, (b - at) * 0.5, torch.zeros_like(b))
+        diag = diag + part.expand(shift, dim=-1)
+        terms[t] = (part, _Diagonal(b - shift) if isinstance(B, _Diagonal) else B - torch.diag_embed(shift), None)
+    return diag
 
 
 def _as_block_mean(parts: _Parts, partition: Partition, B: Tensor | _Diagonal) -> BlockMeanLinearOperator | None:

@@ -1067,6 +1067,69 @@ def test_negative_offset_of_a_singleton_block_stays_valid_in_sums(diagonal):
             torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("diagonal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch", [(), (2,)])
+def test_singleton_without_positive_offset_in_sums_without_noise(diagonal, dtype, batch):
+    """A singleton block with lam_i <= 0 and no noise: the sum's per-point diagonal would be 0 there (the closed
+    forms divide by it) although the sum is positive definite; a share of B_ii moves into it. Against dense: solve,
+    log-determinant, the root, and the gradients of lam, B and U. Before: 'needs a positive per-point diagonal d'."""
+    gen = torch.Generator().manual_seed(3)
+    part = Partition.from_labels(torch.tensor([2, 0, 0, 1, 3, 1, 0, 1, 4]))  # blocks 2, 3, 4 are singletons
+    lam = torch.tensor([0.5, 0.4, 0.0, -0.3, -1.5], dtype=dtype).expand(*batch, 5).clone().requires_grad_()
+    b = torch.tensor([0.6, 0.8, 2.0, 1.0, 1.7], dtype=dtype)
+    if diagonal:
+        B = b.expand(*batch, 5).clone().requires_grad_()
+    else:
+        off = 0.05 * torch.randn(5, 5, dtype=torch.float64, generator=gen).to(dtype)
+        B = (torch.diag_embed(b) + off + off.mT).expand(*batch, 5, 5).clone().requires_grad_()
+    U = (0.3 * torch.randn(*batch, 9, 2, dtype=torch.float64, generator=gen)).to(dtype).requires_grad_()
+    rhs = torch.randn(9, 2, dtype=torch.float64, generator=gen).to(dtype)
+    tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+
+    def M():
+        return BlockMeanLinearOperator(lam, B, part, diagonal=diagonal)
+
+    second = second_grouping(9).to(dtype)
+    for build, other in (
+        (lambda: M() + LowRankRootLinearOperator(U), lambda: U @ U.mT),
+        (lambda: LowRankRootLinearOperator(U) + M(), lambda: U @ U.mT),
+        (lambda: M() + second, second.to_dense),
+    ):
+        S = build()
+        assert isinstance(S, BlockMeanSumLinearOperator)
+        assert bool((S.diag_values > 0).all())  # the moved share
+        A = M().to_dense() + other()
+        torch.testing.assert_close(S.to_dense(), A, **tol)  # the same matrix
+        assert torch.linalg.eigvalsh(A.double()).min() > 0.05
+        with closed_forms_only(9):
+            quad, logdet = S.inv_quad_logdet(rhs, logdet=True)
+            solved = S.solve(rhs)
+            root = S.root_decomposition().root.to_dense()
+        torch.testing.assert_close(solved, torch.linalg.solve(A, rhs), **tol)
+        torch.testing.assert_close(logdet, torch.logdet(A), **tol)
+        torch.testing.assert_close(root @ root.mT, A, **tol)
+        leaves = [x for x in (lam, B, U) if x.requires_grad]
+        ref = (rhs * torch.linalg.solve(A, rhs)).sum((-1, -2)) + torch.logdet(A)
+        grads = torch.autograd.grad((quad + logdet).sum(), leaves, retain_graph=True, allow_unused=True)
+        refs = torch.autograd.grad(ref.sum(), leaves, allow_unused=True)
+        for g, r in zip(grads, refs):
+            if r is None:  # U is not in the second grouping's sum
+                continue
+            torch.testing.assert_close(g, r, rtol=tol["rtol"] * 100, atol=tol["atol"] * 100)
+
+
+def test_singleton_with_no_positive_variance_still_refused():
+    """Where a singleton's own d + B_ii is not positive either, nothing moves and the error stays clear."""
+    part = Partition.from_sizes([1, 3])
+    M = BlockMeanLinearOperator(
+        torch.tensor([0.0, 1.0], dtype=torch.float64), torch.diag(torch.tensor([0.0, 1.0], dtype=torch.float64)), part
+    )
+    S = M + LowRankRootLinearOperator(torch.ones(4, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"positive per-point diagonal d, but d\[0\] = 0"):
+        S.logdet()
+
+
 def second_grouping(n: int) -> BlockMeanLinearOperator:
     labels = torch.arange(n) % 2
     return BlockMeanLinearOperator(
