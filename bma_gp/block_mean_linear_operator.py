@@ -160,6 +160,28 @@ def check_symmetric_flag(symmetric) -> None:
         raise TypeError(f"symmetric must be True or False, got {symmetric!r}.")
 
 
+def _elementwise(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``fn`` with its result checked: a tensor of the shape of its input (of eigenvalues), or an error that says so
+    (a reduction or a constant reached the closed form as a shape error about ``lam``, or an ``AttributeError``)."""
+
+    def apply(e: Tensor) -> Tensor:
+        out = fn(e)
+        if not torch.is_tensor(out):
+            raise TypeError(
+                "matrix_function(fn): fn must map a tensor of eigenvalues elementwise to a tensor of the same shape "
+                f"(as torch.exp does), got a {type(out).__name__}; for a constant c use "
+                "lambda e: torch.full_like(e, c)."
+            )
+        if out.shape != e.shape:
+            raise ValueError(
+                "matrix_function(fn): fn must map a tensor of eigenvalues elementwise to a tensor of the same shape "
+                f"(as torch.exp does): it gave shape {tuple(out.shape)} for eigenvalues of shape {tuple(e.shape)}."
+            )
+        return out
+
+    return apply
+
+
 class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedForm, LinearOperator):
     r"""A block mean matrix over a partition of :math:`n` indices into :math:`k` blocks.
 
@@ -999,7 +1021,11 @@ class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedF
             ValueError: the operator was built with ``symmetric=False``, or (``check``) its input is
                 not finite.
         """
-        return self._spectral(fn, domain=None, what="matrix_function", check=check and settings.validate.on())
+        if not callable(fn):
+            raise TypeError(f"matrix_function(fn): fn must be a function of a tensor of eigenvalues, got {fn!r}.")
+        return self._spectral(
+            _elementwise(fn), domain=None, what="matrix_function", check=check and settings.validate.on()
+        )
 
     def _spectral(
         self, fn: Callable[[Tensor], Tensor], *, domain: str | None, what: str, check: bool

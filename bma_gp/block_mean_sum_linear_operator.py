@@ -766,6 +766,18 @@ class BlockMeanSumLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClos
         self._scoped_names.clear()
         self._dense_blocks = [None if f else B for B, f in zip(self._block_args, self.diagonal_blocks)]
 
+    def detach_(self) -> BlockMeanSumLinearOperator:
+        """In place, as linear_operator's: the tensors it was given are detached, and the sum holds no graph after.
+
+        The sum keeps ``d``, the ``B_j`` and the root broadcast to one batch shape (expanded views, which torch
+        cannot detach in place); those are replaced by detached ones, and every stored result is dropped."""
+        for t in (*self._args, *self._kwargs.values()):
+            if torch.is_tensor(t) and not t._is_view():
+                t.detach_()
+        fresh = self.detach()
+        self.__dict__.update(fresh.__dict__)
+        return self
+
     def _differentiable(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self.representation())
 

@@ -1499,3 +1499,28 @@ def test_a_negative_multiple_of_a_sum_warns_when_solved():
         with pytest.warns(bma_gp.ClosedFormFallbackWarning, match="negative multiple"):  # no real root: generic
             scaled.root_decomposition()
     assert isinstance(op * 2.0, BlockMeanSumLinearOperator)  # a positive factor keeps the closed forms
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_detach_in_place(batched):
+    """``detach_()`` as linear_operator's: before, the sum's broadcast views of d, B and U made torch refuse
+    ('Can't detach views in-place'). After it, no tensor of the sum requires gradients, results computed before
+    (with a graph) are gone, and the values are unchanged."""
+    gen = torch.Generator().manual_seed(5)
+    part = Partition.from_labels(torch.tensor([0, 1, 1, 2, 0, 2, 2, 1]))
+    lam = (torch.rand(3, dtype=torch.float64, generator=gen) + 0.5).requires_grad_()
+    B = torch.eye(3, dtype=torch.float64).expand(*((2,) if batched else ()), 3, 3).clone().requires_grad_()
+    d = (torch.rand(8, dtype=torch.float64, generator=gen) + 0.1).requires_grad_()
+    U = torch.randn(8, 2, dtype=torch.float64, generator=gen).requires_grad_()
+    for S in (
+        BlockMeanLinearOperator(lam, B, part) + DiagLinearOperator(d),
+        BlockMeanLinearOperator(lam, B, part) + LowRankRootLinearOperator(U),
+    ):
+        assert S.logdet().requires_grad
+        dense = S.to_dense().detach()
+        assert S.detach_() is S
+        assert not any(t.requires_grad for t in S.representation())
+        logdet = S.logdet()
+        assert not logdet.requires_grad
+        torch.testing.assert_close(logdet, torch.logdet(dense))
+        torch.testing.assert_close(S.to_dense(), dense)

@@ -543,3 +543,23 @@ def test_float32_operator_ill_conditioned_for_float32_keeps_its_inverse_square_r
     )
     with pytest.raises(ValueError, match="positive definite"):
         getattr(singular, fn)()
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_matrix_function_names_an_fn_that_is_not_elementwise(diagonal):
+    """A reduction, a dropped entry or a constant returned by ``fn`` was reported as a shape error about ``lam``
+    (which the caller never passed), a bare broadcasting RuntimeError or an AttributeError on float."""
+    part = Partition.from_labels(torch.tensor([0, 1, 1, 0, 2, 2]))
+    B = torch.ones(3, dtype=torch.float64) if diagonal else torch.eye(3, dtype=torch.float64)
+    M = BlockMeanLinearOperator(torch.ones(3, dtype=torch.float64), B, part, diagonal=diagonal)
+    for fn in (lambda e: e.sum(), lambda e: e[..., :-1], lambda e: e.unsqueeze(-1)):
+        with pytest.raises(ValueError, match=r"matrix_function\(fn\).*same shape.*it gave shape"):
+            M.matrix_function(fn)
+    with pytest.raises(TypeError, match=r"matrix_function\(fn\).*got a float.*full_like"):
+        M.matrix_function(lambda e: 1.0)
+    with pytest.raises(TypeError, match=r"matrix_function\(fn\): fn must be a function"):
+        M.matrix_function(2.0)
+    # an elementwise fn still works, against dense
+    dense = M.to_dense()
+    e, V = torch.linalg.eigh(dense)
+    torch.testing.assert_close(M.matrix_function(torch.exp).to_dense(), (V * e.exp()) @ V.mT)
