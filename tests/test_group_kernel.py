@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import unittest
 
 import gpytorch
@@ -361,3 +362,44 @@ def test_random_intercept_predicts_many_groups_without_a_t_by_k_matrix():
     torch.testing.assert_close(mean, want_mean, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(covar, want_cov, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(var, torch.diagonal(want_cov), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"per_group_variance": True}, {"slope": True, "active_dims": [1, 0]}],
+    ids=["shared", "per", "slope"],
+)
+def test_var_prior_is_on_the_variances(options):
+    """A univariate prior such as GammaPrior was evaluated at every entry of C: the zero off-diagonal entries made
+    the marginal log-likelihood -inf on every step, silently. It is refused as ``prior`` (named, with the fix) and
+    taken as ``var_prior``: the prior term is its log-density at each variance, finite, and the module pickles."""
+    gamma = gpytorch.priors.GammaPrior(2.0, 2.0)
+    with pytest.raises(ValueError, match=r"prior is a prior on the .*var_prior=GammaPrior"):
+        GroupKernel(6, prior=gamma, **options)
+    kernel = GroupKernel(6, var_prior=gamma, **options).to(DTYPE)
+    kernel.var = torch.linspace(0.7, 1.5, kernel.var.shape[-1], dtype=DTYPE)
+    ((name, _, prior, closure, setting),) = list(kernel.named_priors())
+    assert name == "var_prior"
+    value = prior.log_prob(closure(kernel)).sum()
+    assert torch.isfinite(value)
+    torch.testing.assert_close(value, torch.distributions.Gamma(2.0, 2.0).log_prob(kernel.var).sum().to(DTYPE))
+    grad = torch.autograd.grad(value, kernel.raw_var)[0]
+    assert torch.isfinite(grad).all() and bool((grad != 0).any())
+    setting(kernel, torch.full_like(kernel.var, 0.25))  # the setting closure (prior sampling) writes the variance
+    torch.testing.assert_close(kernel.var, torch.full_like(kernel.var, 0.25))
+    buffer = io.BytesIO()
+    torch.save(kernel, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(next(loaded.named_priors())[2].log_prob(loaded.var), prior.log_prob(kernel.var))
+    with pytest.raises(TypeError, match="var_prior must be a gpytorch.priors.Prior"):
+        GroupKernel(6, var_prior=2.0)
+
+
+def test_matrix_prior_on_C_still_accepted():
+    """LKJCovariancePrior (a prior on the matrix, no event_shape attribute) stays the ``prior`` of C."""
+    prior = gpytorch.priors.LKJCovariancePrior(4, 2.0, gpytorch.priors.GammaPrior(2.0, 2.0))
+    kernel = GroupKernel(4, rank=1, prior=prior).to(DTYPE)
+    ((name, _, p, closure, _),) = list(kernel.named_priors())
+    assert name == "GroupKernelPrior"
+    assert torch.isfinite(p.log_prob(closure(kernel))).all()

@@ -228,7 +228,14 @@ class GroupKernel(Kernel):
         num_groups: number of possible ids; inputs must be integers in ``[0, num_groups)``.
         rank: columns of :math:`W` (default 0: no cross-group part).
         per_group_variance: one variance per group instead of one shared variance (default False).
-        prior: optional prior on :math:`C` (forms the ``num_groups x num_groups`` matrix).
+        prior: optional prior on the matrix :math:`C` (forms the ``num_groups x num_groups`` matrix), or with
+            ``slope=True`` on :attr:`slope_covar`: a matrix prior such as
+            :class:`~gpytorch.priors.LKJCovariancePrior`. A univariate prior (``GammaPrior``) is refused: it would
+            be evaluated at every entry of :math:`C`, and its zero off-diagonal entries have log-density
+            :math:`-\infty`; pass it as ``var_prior``.
+        var_prior: optional prior on :attr:`var`, evaluated at each of its entries (the variance of
+            ``(1 | g)``, or of each group with ``per_group_variance=True``, or of the intercept and the slope),
+            as GPyTorch's ``ScaleKernel(outputscale_prior=...)`` is on its outputscale.
         var_constraint: constraint on :math:`v` (default ``Positive()``).
         slope: add a random slope on the second input column (default False).
         intercept: with ``slope=True``, keep the random intercept (default True); False is
@@ -273,6 +280,7 @@ class GroupKernel(Kernel):
         intercept: bool = True,
         correlated: bool = True,
         corr_constraint: Interval | None = None,
+        var_prior: Prior | None = None,
         **kwargs,
     ):
         num_groups = as_int(num_groups, "num_groups", "a positive int")
@@ -285,6 +293,16 @@ class GroupKernel(Kernel):
             raise TypeError(f"per_group_variance must be True or False, got {per_group_variance!r}.")
         if prior is not None and not isinstance(prior, Prior):
             raise TypeError(f"prior must be a gpytorch.priors.Prior, got {type(prior).__name__}.")
+        event = getattr(prior, "event_shape", None)
+        if prior is not None and isinstance(event, torch.Size) and len(event) < 2:
+            raise ValueError(
+                f"prior is a prior on the {'2 x 2 matrix slope_covar' if slope else 'num_groups x num_groups matrix C'}"
+                f" (a matrix prior such as LKJCovariancePrior), but {type(prior).__name__} has event shape "
+                f"{tuple(event)}: it would be evaluated at every entry, and the zero off-diagonal entries have "
+                f"log-density -inf. For a prior on the variance pass var_prior={type(prior).__name__}(...)."
+            )
+        if var_prior is not None and not isinstance(var_prior, Prior):
+            raise TypeError(f"var_prior must be a gpytorch.priors.Prior, got {type(var_prior).__name__}.")
         for flag, value in (("slope", slope), ("intercept", intercept), ("correlated", correlated)):
             if not isinstance(value, bool):
                 raise TypeError(f"{flag} must be True or False, got {value!r}.")
@@ -330,10 +348,18 @@ class GroupKernel(Kernel):
             self.register_parameter("raw_corr", None)
         if prior is not None:  # a method, not a lambda, so that the module pickles (torch.save(model))
             self.register_prior("GroupKernelPrior", prior, self._prior_param)
+        if var_prior is not None:
+            self.register_prior("var_prior", var_prior, self._var_param, self._var_closure)
 
     def _prior_param(self, m: GroupKernel) -> Tensor:
         """What the prior is on: :attr:`slope_covar` with ``slope=True``, else :attr:`covar_matrix`."""
         return m.slope_covar if m.slope else m.covar_matrix
+
+    def _var_param(self, m: GroupKernel) -> Tensor:
+        return m.var
+
+    def _var_closure(self, m: GroupKernel, value: Tensor) -> None:
+        m.var = value
 
     # ------------------------------------------------------------------ parameters
     @property
