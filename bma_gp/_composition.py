@@ -305,8 +305,12 @@ def _singletons_into_diagonal(diag: Tensor, terms: list[tuple[Partition, Tensor 
 
     A singleton block's point sees ``d + B_ii`` only, however it is split, so a block mean operator may hold
     ``lam_i <= 0`` there (:func:`_offsets_and_block` moves a negative one into ``B_ii``); the sum's closed forms
-    divide by ``d``. Where ``d <= 0 < d + B_ii`` at such a point, both become :math:`(d + B_ii) / 2`. One host read
-    per term over a partition with singletons."""
+    divide by ``d``. Where ``d <= 0 < d + B_ii`` at such a point, both become :math:`(d + B_ii) / 2`, but only
+    where that leaves every entry of ``d`` positive: a sum with ``d = 0`` at other points keeps its diagonal (with
+    ``d = 0`` everywhere it is :math:`Z G Z^\top`, whose root needs no ``d``). Host reads: one per term over a
+    partition with singletons, one more where something moves."""
+    moved = list(terms)
+    new = diag
     for t, (part, B, w) in enumerate(terms):
         if w is not None:
             continue
@@ -314,15 +318,18 @@ def _singletons_into_diagonal(diag: Tensor, terms: list[tuple[Partition, Tensor 
         if not bool(single.any()):
             continue
         b = B.values if isinstance(B, _Diagonal) else torch.diagonal(B, dim1=-2, dim2=-1)
-        at = part.block_sum(diag, dim=-1)  # a singleton's sum is the value at its point
+        at = part.block_sum(new, dim=-1)  # a singleton's sum is the value at its point
         with torch.no_grad():
             move = single & (at <= 0) & (at + b > 0)
             if not bool(move.any()):
                 continue
         shift = torch.where(move, (b - at) * 0.5, torch.zeros_like(b))
-        diag = diag + part.expand(shift, dim=-1)
-        terms[t] = (part, _Diagonal(b - shift) if isinstance(B, _Diagonal) else B - torch.diag_embed(shift), None)
-    return diag
+        new = new + part.expand(shift, dim=-1)
+        moved[t] = (part, _Diagonal(b - shift) if isinstance(B, _Diagonal) else B - torch.diag_embed(shift), None)
+    if new is diag or not bool((new.detach() > 0).all()):
+        return diag
+    terms[:] = moved
+    return new
 
 
 def _as_block_mean(parts: _Parts, partition: Partition, B: Tensor | _Diagonal) -> BlockMeanLinearOperator | None:
