@@ -85,6 +85,12 @@ def _is_lazy_block_mean(op) -> bool:
     return isinstance(op, LazyEvaluatedKernelTensor) and _involves_block_mean(op.kernel)
 
 
+def _is_lazy_kernel(op) -> bool:
+    from gpytorch.lazy import LazyEvaluatedKernelTensor
+
+    return isinstance(op, LazyEvaluatedKernelTensor)
+
+
 def _is_lazy_root(op) -> bool:
     """A low-rank root held as its inputs (``ChunkedInducingPointKernel`` in training), evaluated or lazily."""
     from gpytorch.lazy import LazyEvaluatedKernelTensor
@@ -1158,10 +1164,17 @@ def _hooked_mul_matrix(original):
             _is_lazy_block_mean(self) or _is_lazy_block_mean(other) or (not own(self) and own(other))
         ):
             left, right = self.evaluate_kernel(), other.evaluate_kernel()
+            res = None
             if own(left):
-                return left._mul_matrix(right)
-            if own(right):  # the elementwise product commutes
-                return right._mul_matrix(left)
+                res = left._mul_matrix(right)
+            elif own(right):  # the elementwise product commutes
+                res = right._mul_matrix(left)
+            if res is not None:
+                if isinstance(res, BlockMeanLinearOperator) and _is_lazy_kernel(self) and _is_lazy_kernel(other):
+                    # a prior GPyTorch cannot ask a kernel for its strategy (no LazyEvaluatedKernelTensor): marked for
+                    # bma_gp.kernels.task_prediction_strategy, which gives it the block mean strategy
+                    res._bma_gp_kernel_product = True
+                return res
         return original(self, other)
 
     _mul_matrix._bma_gp_original = original

@@ -266,15 +266,20 @@ class ChunkedInducingPointKernel(InducingPointKernel):
     def _get_covariance(self, x1: Tensor, x2: Tensor):
         if not torch.equal(x1, x2):  # test x train: t x n, built from two roots as GPyTorch does
             a, b = shared_batch_entry(x1, 2), shared_batch_entry(x2, 2)
-            if a is not None and b is not None:
+            if a is not None or b is not None:
                 # both roots by the training root's own formula and row blocks: the prediction strategy recognises
                 # the right factor as the training root (an ill-conditioned L^{-T} magnifies any other rounding).
                 # Inputs copied across a batch (GPyTorch indexes a batch ScaleKernel's joint covariance so) are one
                 # matrix: GPyTorch's formula rounded otherwise, and a batch of SGPR models with groups warned and
-                # formed the t x n cross covariance
-                left, right = self._root(a)[0], self._root(b)[0]
-                batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
-                left, right = left.expand(*batch, *left.shape), right.expand(*batch, *right.shape)
+                # formed the t x n cross covariance. So is one side alone: a non-batch model asked for a batch of
+                # test sets, (b, t, d), gets its training inputs copied across that batch, and their root must
+                # still be the training root. A side that differs across the batch is rooted as it is, as training
+                # roots a batch of training inputs
+                left = self._root(x1 if a is None else a)[0]
+                right = self._root(x2 if b is None else b)[0]
+                batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], left.shape[:-2], right.shape[:-2])
+                left = left.expand(*batch, *left.shape[-2:])
+                right = right.expand(*batch, *right.shape[-2:])
                 return MatmulLinearOperator(left, right.mT)
             return super()._get_covariance(x1, x2)
         if self.training and self.analytic_rbf:

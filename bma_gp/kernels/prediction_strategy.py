@@ -23,6 +23,7 @@ be sampled. The cost after the training covariance is :math:`O(n + k^3)` once an
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from gpytorch import settings
@@ -41,9 +42,11 @@ from linear_operator.operators import (
 from torch import Tensor
 
 from bma_gp import settings as bma_settings
+from bma_gp._broadcast import shared_batch_entry
 from bma_gp._indexing import TorchIndexing
 from bma_gp._precision import core_dtype
 from bma_gp._samples import ClosedFormSamples
+from bma_gp._warnings import ClosedFormFallbackWarning
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.kernels._bound_data import check_bound_data, check_prediction_dtype
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
@@ -229,6 +232,14 @@ def _posterior_at_training_points(
     return prior.schur_complement(cross, noisy)
 
 
+def _plain_index(indices: Tensor, values: Tensor) -> Tensor | None:
+    """The rows (or columns) an interpolated operator takes from its base, when it takes each with weight 1 and the
+    same ones in every batch entry (what ``op[..., a:b, c:d]`` builds), else None. # shape: (r,)"""
+    if indices.shape[-1] != 1 or not bool((values == 1).all()):
+        return None
+    return shared_batch_entry(indices[..., 0], 1)
+
+
 class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
     r"""Closed-form exact prediction for a block mean training covariance.
 
@@ -255,6 +266,11 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
         )
         if self.block_mean_covar is not None:
             self.lik_train_train_covar = evaluated
+        #: the training covariance is a product of two lazily evaluated kernels computed in the model's forward
+        #: (GPyTorch's Hadamard multitask model; routed here by bma_gp.kernels.task_prediction_strategy): the
+        #: test-by-training covariance is then rows of the evaluated joint covariance (:meth:`_joint_cross`)
+        prior = train_prior_dist.lazy_covariance_matrix
+        self._kernel_product = bool(getattr(prior, "_bma_gp_kernel_product", False))
 
     def _prior_plus_homoskedastic_noise(self) -> BlockMeanLinearOperator | None:
         """``K + sigma^2 I`` as a block mean operator when the likelihood is a plain
@@ -362,6 +378,73 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
             return None
         return test_train_covar
 
+    def _joint_cross(self, test_train_covar) -> BlockCrossLinearOperator | None:
+        r"""``test_train_covar`` as :math:`A P^\top` over the partition of the training covariance when it is rows
+        of a joint covariance of the training and new points evaluated as one block mean operator, else None.
+
+        A model whose forward multiplies two lazily evaluated kernels (``covar_module(x).mul(task_covar_module(i))``,
+        GPyTorch's Hadamard multitask model) has no lazily evaluated kernel tensor: GPyTorch evaluates the joint
+        covariance on ``cat(train, test)`` (a block mean operator over the intersection of the factors' partitions,
+        the new points included) and takes its rows ``joint[..., n:, :n]``, a ``FallbackIndexedLinearOperator``.
+        Between a new point :math:`a` and a training point :math:`b \ne a` its entry is :math:`B_{g_a g_b}`
+        (:math:`\lambda` is on the diagonal only), which depends on :math:`b` only through its block of the training
+        partition when that partition refines the joint one on the training points (checked): then
+        :math:`A_{a j} = B_{g_a c_j}`, :math:`c_j` the joint block of training block :math:`j`. ``t x k`` values
+        (one per new point when :math:`B` is held as its diagonal and the blocks correspond one to one), the same
+        numbers GPyTorch's path reads from the ``t x n`` matrix."""
+        from bma_gp._composition import FallbackIndexedLinearOperator
+
+        if not isinstance(test_train_covar, FallbackIndexedLinearOperator):
+            return None
+        joint = test_train_covar.base_linear_op
+        prior = self.train_prior_dist.lazy_covariance_matrix
+        prior = prior.evaluate_kernel() if isinstance(prior, LinearOperator) else prior
+        if not isinstance(joint, BlockMeanLinearOperator) or not isinstance(prior, BlockMeanLinearOperator):
+            return None
+        if not joint.symmetric:
+            return None
+        n = prior.shape[-1]
+        rows = _plain_index(test_train_covar.left_interp_indices, test_train_covar.left_interp_values)
+        cols = _plain_index(test_train_covar.right_interp_indices, test_train_covar.right_interp_values)
+        if rows is None or cols is None or cols.shape[0] != n or joint.shape[-1] < n:
+            return None
+        if not torch.equal(cols, torch.arange(n, device=cols.device)) or bool((rows < n).any()):
+            return None  # the columns must be the training points, and no row one of them
+        labels = joint.partition.labels
+        train = prior.partition.to(labels.device)
+        k = train.num_blocks
+        joint_train = labels[:n]
+        block_of = torch.empty(k, dtype=labels.dtype, device=labels.device).scatter_(0, train.labels, joint_train)
+        if not torch.equal(block_of.index_select(0, train.labels), joint_train):
+            return None  # two points of one training block in different joint blocks
+        g = labels.index_select(0, rows.to(labels.device))
+        if joint.is_diagonal_mode:
+            b = joint._b_vector()  # (*batch, K): B = diag(b)
+            inverse = torch.full((joint.partition.num_blocks,), -1, dtype=labels.dtype, device=labels.device)
+            inverse[block_of] = torch.arange(k, device=labels.device)
+            if torch.equal(inverse.index_select(0, block_of), torch.arange(k, device=labels.device)):
+                return BlockCrossLinearOperator.one_hot(b.index_select(-1, g), inverse.index_select(0, g), train)
+            hit = (g.unsqueeze(-1) == block_of).to(b.dtype)  # (t, k)
+            values = b.index_select(-1, g).unsqueeze(-1) * hit
+        else:
+            values = joint.B.index_select(-2, g).index_select(-1, block_of)
+        return BlockCrossLinearOperator(values, train)
+
+    def _warn_joint_cross(self, test_train_covar) -> None:
+        """A :class:`~bma_gp.ClosedFormFallbackWarning` when a model routed here for a product of lazily evaluated
+        kernels gives a test-by-training covariance :meth:`_joint_cross` cannot read: GPyTorch's path follows."""
+        warnings.warn(
+            "prediction at new inputs: the training covariance is a product of two lazily evaluated kernels computed "
+            "in forward (GPyTorch's Hadamard multitask model), but the test-by-training covariance "
+            f"({type(test_train_covar).__name__}, shape {tuple(test_train_covar.shape)}) is not rows of a block mean "
+            "joint covariance over the training blocks, so GPyTorch's exact path forms the t x n cross covariance "
+            "(exact, O(t n) memory). Write the product as one kernel with active_dims, e.g. covar_module = "
+            "BlockMeanKernel(...) * GroupKernel(num_tasks, rank=1, active_dims=[task column]), whose prediction is "
+            "closed form.",
+            ClosedFormFallbackWarning,
+            stacklevel=4,
+        )
+
     def _one_hot_factor(self, cross: BlockCrossLinearOperator) -> Tensor | None:
         """The nonzero of each row of :math:`A W` (working precision) when :math:`A` has one per row and the core is
         diagonal (a random intercept: :math:`W` diagonal, so :math:`A W` has one too), else None.
@@ -418,6 +501,9 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
     def exact_prediction(self, test_mean: Tensor, test_test_covar, test_train_covar):
         check_bound_data(self)
         check_prediction_dtype(self, test_train_covar)
+        cross = self._joint_cross(test_train_covar) if self._kernel_product else None
+        if cross is not None:  # rows of the joint covariance of a product in forward: A P^T, no t x n matrix
+            test_train_covar = cross
         prior = self._leading_training_points(test_train_covar)
         if prior is not None:
             # the leading r of the training points, whole blocks of K (the parent's training blocks): the posterior
@@ -455,6 +541,8 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
             if res is not None:
                 return res
         if self._block_cross(test_train_covar) is None:
+            if self._kernel_product and self.block_mean_covar is not None:  # (the sums' path above warned itself)
+                self._warn_joint_cross(test_train_covar)
             return super().exact_prediction(test_mean, test_test_covar, test_train_covar)
         # no densification of the (t x n) cross-covariance, whatever max_eager_kernel_size says
         return (
@@ -512,4 +600,6 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
                 "it densely. Add the points to the training data instead, with model.set_train_data(x, y, "
                 "strict=False) (and, for a BlockMeanKernel, kernel.set_train_data(x, partition))."
             )
+        if self._kernel_product:  # the fantasy model's forward multiplies the same kernels
+            fantasy._kernel_product = True
         return fantasy

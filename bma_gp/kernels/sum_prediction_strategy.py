@@ -1136,6 +1136,10 @@ def _has_dense_part(op) -> bool:
     return isinstance(op, SumLinearOperator) and any(_has_dense_part(term) for term in op.linear_ops)
 
 
+def _kernel_product_strategy(strategy: DefaultPredictionStrategy) -> bool:
+    return bool(getattr(strategy, "_kernel_product", False))
+
+
 def _warn_unrecognised_cross(
     strategy: DefaultPredictionStrategy, test_train_covar: LinearOperator, M: BlockMeanSumLinearOperator | None = None
 ) -> None:
@@ -1155,10 +1159,29 @@ def _warn_unrecognised_cross(
             "It is (or holds) a dense matrix, as a gpytorch ProductKernel (k1 * k2) always makes the covariance "
             "between different inputs: the prediction is exact, but the t x n matrix is formed."
         )
+    elif _kernel_product_strategy(strategy):
+        # a model that multiplies two lazily evaluated kernels in forward (routed to the block mean strategy)
+        hint = (
+            "The training covariance is a product of two lazily evaluated kernels computed in forward (GPyTorch's "
+            "Hadamard multitask model), and the test-by-training covariance is not rows of a block mean joint "
+            "covariance over the training blocks. Write the product as one kernel with active_dims, e.g. "
+            "covar_module = BlockMeanKernel(...) * GroupKernel(num_tasks, rank=1, active_dims=[task column]), whose "
+            "prediction is closed form."
+        )
     else:
         hint = (
             "Group ids, partitions and slope covariates of the test points must come from the same kernels as the "
             "training covariance."
+        )
+    extra = test_train_covar.shape[:-2]
+    if len(extra) > len(M.shape[:-2]) and not _kernel_product_strategy(strategy):
+        # a non-batch model asked for a batch of test sets: GPyTorch copies the training inputs across that batch
+        hint += (
+            f" The test inputs carry batch dimensions {tuple(extra)} that the training covariance (batch shape "
+            f"{tuple(M.shape[:-2])}) lacks: GPyTorch copies the training inputs across them, and a kernel whose "
+            "covariance between a batch of test sets and those copies is not built from the training covariance's "
+            "own columns leaves the closed form. If each test set alone, model(test_x[i]), predicts without this "
+            "warning, the batch of test sets is the cause, not the group ids."
         )
     warnings.warn(
         f"prediction at new inputs: the test-by-training covariance ({type(test_train_covar).__name__}, shape "

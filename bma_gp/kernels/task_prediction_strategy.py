@@ -114,6 +114,19 @@ class TaskPredictionStrategy(DefaultPredictionStrategy):
         return mean, BlockMeanInterleavedLinearOperator(covar)
 
 
+def _kernel_product(train_prior_dist) -> bool:
+    """Whether the training covariance is the elementwise product of two lazily evaluated kernel tensors that is a
+    block mean operator (``covar_module(x).mul(task_covar_module(i))``, GPyTorch's Hadamard multitask model, over a
+    ``BlockMeanKernel`` or ``GroupKernel`` and a ``GroupKernel`` or ``IndexKernel``; marked by
+    :func:`bma_gp._composition._hooked_mul_matrix`). GPyTorch asks no kernel for its strategy there, and
+    :class:`~bma_gp.kernels.BlockMeanPredictionStrategy` predicts from the model's joint covariance of training and
+    new inputs, the same product (:meth:`~bma_gp.kernels.BlockMeanPredictionStrategy._joint_cross`)."""
+    from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
+
+    covar = getattr(train_prior_dist, "lazy_covariance_matrix", None)
+    return isinstance(covar, BlockMeanLinearOperator) and bool(getattr(covar, "_bma_gp_kernel_product", False))
+
+
 def _warn_evaluated_prior(train_prior_dist) -> None:
     """A :class:`~bma_gp.ClosedFormFallbackWarning` when the training covariance is one of the package's operators
     but not a lazily evaluated kernel tensor (``lazily_evaluate_kernels(False)``, or a ``forward`` that evaluates the
@@ -138,21 +151,39 @@ def _warn_evaluated_prior(train_prior_dist) -> None:
         "DefaultPredictionStrategy instead of bma-gp's closed-form one, so the test covariances are formed densely "
         "(up to gpytorch.settings.max_eager_kernel_size) and posterior samples, e.g. model(train_x).rsample() in "
         "eval mode, factorise the dense t x t predictive covariance (Cholesky, or Lanczos above max_cholesky_size). "
-        "Keep lazily_evaluate_kernels on (GPyTorch's default) and return the kernel's output from forward.",
+        f"{_evaluated_prior_advice()}",
         ClosedFormFallbackWarning,
         stacklevel=4,
     )
 
 
+def _evaluated_prior_advice() -> str:
+    """What to write instead, for :func:`_warn_evaluated_prior`."""
+    if settings.lazily_evaluate_kernels.off():
+        return "Keep lazily_evaluate_kernels on (GPyTorch's default)."
+    return (
+        "Return from forward a kernel's output as it comes (a lazily evaluated kernel tensor); the elementwise "
+        "product of two of them (kernel_x(x).mul(task_kernel(i)), GPyTorch's Hadamard multitask model) keeps the "
+        "closed form too where it is one BlockMeanLinearOperator. To combine kernels otherwise, build one kernel of "
+        "them with active_dims and return its output, e.g. for a Hadamard model with the task id in input column 1: "
+        "covar_module = BlockMeanKernel(...) * GroupKernel(num_tasks, rank=1, active_dims=[1])."
+    )
+
+
 def _routed(original):
     """GPyTorch's ``prediction_strategy``, with :class:`TaskPredictionStrategy` for a batch-independent multi-output
-    model on block mean or group kernels (:func:`_routable`), and a warning when GPyTorch's default strategy is
-    chosen for an evaluated block mean training covariance (:func:`_warn_evaluated_prior`)."""
+    model on block mean or group kernels (:func:`_routable`), :class:`~bma_gp.kernels.BlockMeanPredictionStrategy`
+    for the product of two lazily evaluated kernels (:func:`_kernel_product`), and a warning when GPyTorch's default
+    strategy is chosen for an evaluated block mean training covariance (:func:`_warn_evaluated_prior`)."""
 
     @functools.wraps(original)
     def prediction_strategy(train_inputs, train_prior_dist, train_labels, likelihood):
         if _routable(train_prior_dist, likelihood):
             return TaskPredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood)
+        if _kernel_product(train_prior_dist):
+            from bma_gp.kernels.prediction_strategy import BlockMeanPredictionStrategy
+
+            return BlockMeanPredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood)
         _warn_evaluated_prior(train_prior_dist)
         return original(train_inputs, train_prior_dist, train_labels, likelihood)
 
