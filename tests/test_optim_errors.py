@@ -195,14 +195,16 @@ def test_non_finite_gradient_changes_nothing(cls, bad):
 
 @pytest.mark.parametrize("partition", ["tensor", "row"])
 def test_a_gradient_made_non_finite_by_the_parameters_says_so(partition):
-    """With ``damping=0`` the first step makes the parameters nan (F is singular after one step); the next step's
-    error told only to check the loss for overflow or to lower the learning rate, which cannot help."""
+    """With ``damping=0`` and ``check_finite=False`` the first step makes the parameters nan (F is singular after one
+    step; with ``check_finite=True`` that step is refused, tests/test_optim_trial_fixes.py); the next step's error
+    told only to check the loss for overflow or to lower the learning rate, which cannot help."""
     model = torch.nn.Linear(4, 2)
-    opt = BlockMeanAdagrad(model.parameters(), lr=0.1, damping=0.0, partition=partition)
+    opt = BlockMeanAdagrad(model.parameters(), lr=0.1, damping=0.0, partition=partition, check_finite=False)
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
     model(x).pow(2).sum().backward()
     opt.step()
     assert not all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    opt.check_finite = True
     opt.zero_grad()
     model(x).pow(2).sum().backward()
     with pytest.raises(ValueError, match=r"non-finite gradient.*parameters are already inf or nan.*damping > 0"):

@@ -18,6 +18,7 @@ from bma_gp import Partition
 from bma_gp.optim import _fused, functional
 from bma_gp.optim.flat_optimizer import (
     FlatPreconditionedOptimizer,
+    OptimizerSetting,
     check_bool,
     check_hyperparameter,
     check_torch_optim_flags,
@@ -43,6 +44,61 @@ FUSED_MIN_NUMEL_ONE_BLOCK = 2**16
 def _short(values: list[int], limit: int = 8) -> str:
     """``values`` for a message, the first ``limit`` of them when there are more."""
     return str(values) if len(values) <= limit else f"[{', '.join(map(str, values[:limit]))}, ...] ({len(values)})"
+
+
+_FUSED_NEEDS_ROWS = (
+    "fused=True supports partition='tensor' and partition='row' (blocks that are rows of each parameter); with a "
+    "callable partition use fused=False."
+)
+
+
+def _rule_name(rule) -> str:
+    """``rule`` (a partition rule) for a message."""
+    return repr(rule) if isinstance(rule, str) else f"the callable {getattr(rule, '__name__', repr(rule))}"
+
+
+# The checks of the optimizer-wide settings, shared by the constructor and assignments to the attributes
+# (:class:`~bma_gp.optim.flat_optimizer.OptimizerSetting`): each returns the value to store or raises.
+def _checked_eps(opt: Any, value: Any) -> float:
+    # eps = 0 divides 0 by 0 where a gradient entry has always been 0 (h = 0), which poisons the statistics
+    return float(check_hyperparameter("eps", value, positive=True))
+
+
+def _checked_damping(opt: Any, value: Any) -> float:
+    return float(check_hyperparameter("damping", value))
+
+
+def _checked_update_interval(opt: Any, value: Any) -> int:
+    return check_hyperparameter("update_interval", value, positive=True, integer=True)
+
+
+def _checked_fused(opt: Any, value: Any) -> bool:
+    if value is None:  # torch.optim's default value, "let the optimizer choose": here the eager step
+        value = False
+    check_bool("fused", value)
+    if value and callable(opt.__dict__.get("partition_rule")):
+        raise ValueError(_FUSED_NEEDS_ROWS)
+    return value
+
+
+def _checked_partition_rule(opt: Any, rule: Any) -> Any:
+    """The constructor's partition; afterwards only the same rule again (a no-op): the partition cannot change."""
+    if "partition_rule" not in opt.__dict__:  # the constructor's assignment
+        check_partition_rule(rule)
+        return rule
+    current = opt.__dict__["partition_rule"]
+    if rule is current or (isinstance(rule, str) and isinstance(current, str) and rule == current):
+        return current
+    raise ValueError(_partition_fixed_message(type(opt).__name__, f"partition_rule = {_rule_name(rule)}", current))
+
+
+def _partition_fixed_message(name: str, assigned: str, current: Any) -> str:
+    return (
+        f"the partition of {name} cannot change after construction ({assigned} was assigned; it is "
+        f"{_rule_name(current)}): the statistics in global_state (U, w) and the cached root belong to its blocks, "
+        "and steps would go on with them, or hand them to other blocks once add_param_group adds parameters. For "
+        f"another partition build a new {name}(params, partition=...). Nothing was changed."
+    )
 
 
 class BlockMeanAdagrad(FlatPreconditionedOptimizer):
@@ -88,8 +144,10 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         eps: :math:`\epsilon`, added after the square root as in torch's Adagrad; must be positive (with 0, an
             entry whose gradient has always been 0 would give :math:`0 / 0` in the statistics).
             Default: ``1e-10``.
-        damping: :math:`\delta \ge 0` added to :math:`F` before the inverse root;
-            with ``0`` a singular :math:`F` (e.g. after one step) gives ``inf``/``nan``.
+        damping: :math:`\delta \ge 0` added to :math:`F` before the inverse root. With ``0`` a singular
+            :math:`F` (after ``t`` steps its block means have rank at most ``t``, so at least the first ``k - 1``
+            steps of ``k`` blocks) has an infinite root: with ``check_finite`` such a step raises ``ValueError``,
+            nothing changed (it copies ``h`` first, only with ``damping=0``); without, it writes ``inf``/``nan``.
             Default: ``0.1``.
         partition: the blocks of :math:`F`: ``"tensor"`` (one block per parameter
             tensor, the paper's choice), ``"row"`` (one block per slice along dim 0
@@ -123,7 +181,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             once per process (seconds), steps with fewer than :data:`FUSED_MIN_NUMEL` gradient
             entries take the eager path, where it is faster, and where ``torch.compile`` fails (the
             CPU backend needs a C++ compiler) the same passes run eagerly, with one
-            ``RuntimeWarning``. Costs in docs/optimizer.md. Like ``torch.optim``'s ``fused``, it is
+            ``RuntimeWarning`` per process. Costs in docs/optimizer.md. Like ``torch.optim``'s ``fused``, it is
             opt-in. Default: ``False`` (``None``, torch.optim's default, means the same).
         foreach, capturable, differentiable: torch.optim's implementation switches, accepted so that configurations
             that pass them to every optimizer work: ``foreach=None`` or ``False``, ``capturable=False`` and
@@ -155,12 +213,17 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
 
     Only ``lr``, ``weight_decay`` and ``maximize`` are per group. ``eps``, ``damping``, ``partition``,
     ``update_interval``, ``fused`` and ``check_finite`` are optimizer-wide (one :math:`F` spans all groups): a param
-    group that sets one to another value than the constructor's is refused.
+    group that sets one to another value than the constructor's is refused. To change one between steps assign the
+    attribute (``opt.damping = 0.2``): the value is checked as the constructor checks it (an invalid one raises its
+    ``ValueError`` and the old value stays). The partition (``partition_rule``) cannot be assigned after
+    construction (``ValueError``): build a new optimizer. Parameters that are all empty tensors step as a no-op
+    (no state until a step whose parameters hold entries).
 
     Raises:
         ValueError: invalid hyperparameters or partition (``TypeError`` for a
             partition of the wrong type), ``foreach``/``capturable``/``differentiable`` at a value the step cannot
-            honour, or a param group with an optimizer-wide hyperparameter of another value.
+            honour, or a param group with an optimizer-wide hyperparameter of another value; from :meth:`step`, a
+            non-finite gradient or, with ``damping=0``, a singular :math:`F` (``check_finite``, nothing changed).
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -199,6 +262,14 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         ("fused", "fused"),
     )
 
+    # optimizer-wide settings, checked on assignment as the constructor checks them (opt.damping = -1.0 raises the
+    # constructor's ValueError and keeps the old value); the partition is set once, by the constructor
+    eps = OptimizerSetting(_checked_eps)
+    damping = OptimizerSetting(_checked_damping)
+    update_interval = OptimizerSetting(_checked_update_interval)
+    fused = OptimizerSetting(_checked_fused)
+    partition_rule = OptimizerSetting(_checked_partition_rule)
+
     def __init__(
         self,
         params,
@@ -230,14 +301,11 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             fused = False
         check_bool("fused", fused)
         if fused and callable(partition):
-            raise ValueError(
-                "fused=True supports partition='tensor' and partition='row' (blocks that are rows of each "
-                "parameter); with a callable partition use fused=False."
-            )
-        self.fused = fused
-        self.eps = float(eps)
-        self.damping = float(damping)
+            raise ValueError(_FUSED_NEEDS_ROWS)
         self.partition_rule = partition
+        self.fused = fused
+        self.eps = eps
+        self.damping = damping
         self.update_interval = update_interval
         self._blocks: tuple[tuple, ParamBlocks] | None = None  # (layout key, blocks)
         self._workspace: Workspace | None = None
@@ -341,6 +409,10 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         """The partition of all parameter entries (built at the first step)."""
         return None if self._layout is None else self._blocks_of(self._layout).partition
 
+    @partition.setter
+    def partition(self, value: Any) -> None:
+        raise ValueError(_partition_fixed_message(type(self).__name__, "partition = ...", self.partition_rule))
+
     def _init_global_state(self, layout: FlatParams) -> dict[str, Any]:
         k = self._blocks_of(layout).num_blocks
         return {
@@ -362,8 +434,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         blocks = self._blocks_of(layout)  # may raise ValueError for a bad callable: nothing has changed yet
         fits = [blocks.first_block[e] for e in group_ends]
         k_saved = w.shape[-1] if w.dim() == 1 else -1
-        rule = self.partition_rule
-        rule_name = repr(rule) if isinstance(rule, str) else f"the callable {getattr(rule, '__name__', repr(rule))}"
+        rule_name = _rule_name(self.partition_rule)
         if k_saved in fits and U.shape == (k_saved, k_saved):
             saved_sizes = getattr(self, "_loading_block_sizes", None)  # absent from state dicts saved before it was
             sizes = blocks.partition.sizes[:k_saved].tolist()
@@ -433,6 +504,46 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         return numel > 0 and numel >= FUSED_MIN_NUMEL
 
     def _step(self, grads: list[Tensor | None], layout: FlatParams, active: list[bool]) -> None:
+        if not layout.numel:
+            # only empty tensors (a zero-width layer): nothing to step, as with torch.optim.Adagrad; no blocks, so no
+            # state either: it starts at the first step whose parameters hold entries (after add_param_group)
+            return
+        if self.check_finite and self.damping == 0:
+            # a singular F makes the root infinite: the functional step then raises with the statistics and h
+            # restored, and here the layout this step committed (the first step's fresh state, ...) is undone
+            undo = self._undo_point(layout)
+            try:
+                self._step_on(grads, layout)
+            except ValueError:
+                self._undo(undo)
+                raise
+            return
+        self._step_on(grads, layout)
+
+    def _undo_point(self, layout: FlatParams) -> tuple:
+        """What :meth:`_commit_layout` and the step's bookkeeping may replace (references: tensors changed in place
+        are restored by the functional step), for :meth:`_undo`; only taken with ``damping = 0``."""
+        state = self.state
+        entries = [(p, dict(state[p]) if p in state else None) for p in layout.params]
+        flat = (self._layout, dict(self._flat), dict(self._flat_views), self.global_state, dict(self.global_state))
+        return (*flat, entries, self._workspace, self._h_has_zero, self._h_version, self._pending_ratio_form)
+
+    def _undo(self, undo: tuple) -> None:
+        """Put back what :meth:`_undo_point` took: a refused step changes nothing."""
+        (self._layout, self._flat, self._flat_views, global_state, global_items, entries, self._workspace) = undo[:7]
+        self._h_has_zero, self._h_version, self._pending_ratio_form = undo[7:]
+        global_state.clear()
+        global_state.update(global_items)
+        self.global_state = global_state
+        for p, entry in entries:
+            if entry is None:
+                self.state.pop(p, None)
+            else:
+                self.state[p].clear()
+                self.state[p].update(entry)
+
+    def _step_on(self, grads: list[Tensor | None], layout: FlatParams) -> None:
+        """:meth:`_step` for parameters that hold entries."""
         blocks = self._blocks_of(layout)  # may raise ValueError: nothing has changed yet
         groups = [self.param_groups[gi] for gi in layout.group_index]
         maximize = [bool(g["maximize"]) for g in groups]

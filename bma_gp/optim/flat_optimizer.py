@@ -31,15 +31,21 @@ import numbers
 import operator
 import sys
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 from torch import Tensor
 
 from bma_gp.optim.flat_params import FlatParams, check_params, state_dtype
 
-__all__ = ["FlatPreconditionedOptimizer", "check_bool", "check_hyperparameter", "check_torch_optim_flags"]
+__all__ = [
+    "FlatPreconditionedOptimizer",
+    "OptimizerSetting",
+    "check_bool",
+    "check_hyperparameter",
+    "check_torch_optim_flags",
+]
 
 
 try:  # the frame callback torch.compile installs while compiled code runs (None otherwise); private, hence guarded
@@ -117,6 +123,40 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"Invalid {name} value: {value!r}; it must be True or False.")
     return value
+
+
+_T = TypeVar("_T")
+
+
+class OptimizerSetting(Generic[_T]):
+    """An optimizer-wide setting (``opt.eps``, ``opt.damping``, ...), checked when it is assigned as the constructor
+    checks it.
+
+    The documented way to change such a setting between steps is to assign the attribute (``opt.eps = 1e-8``); an
+    invalid value then raises the constructor's ``ValueError`` (or ``TypeError``) and the attribute keeps its old
+    value, instead of reaching the next step unchecked.
+
+    A data descriptor with ``__set__`` and no ``__get__``: reading the attribute finds the value in the instance's
+    ``__dict__``, as for a plain attribute (no cost at a step), and there pickling, ``copy.deepcopy``
+    (``_pickled_attributes``) and torch's ``__setstate__`` read and write it as before. An assignment, the
+    constructor's and :meth:`~FlatPreconditionedOptimizer.load_state_dict`'s included, stores ``check(optimizer,
+    value)``: the checked (converted) value, or it raises before anything changes.
+    """
+
+    name: str
+
+    def __init__(self, check: Callable[[Any, Any], _T]) -> None:
+        self._check = check
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.name] = self._check(obj, value)
+
+    if TYPE_CHECKING:  # for type checkers only: at run time the instance's __dict__ answers reads
+
+        def __get__(self, obj: Any, owner: type | None = None) -> _T: ...
 
 
 #: torch.optim's implementation switches and the values of each that mean "nothing special", which the flat
@@ -240,8 +280,11 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
     #: :func:`check_hyperparameter` that the constructor checks it with (a subclass adds its own)
     _saved_hyperparameters: tuple[tuple[str, dict[str, bool]], ...] = ()
 
+    #: checked on assignment (``opt.check_finite = "no"`` raises ``ValueError``), see :class:`OptimizerSetting`
+    check_finite = OptimizerSetting(lambda opt, value: check_bool("check_finite", value))
+
     def __init__(self, params, defaults: dict[str, Any], *, check_finite: bool = True):
-        self.check_finite = check_bool("check_finite", check_finite)
+        self.check_finite = check_finite
         self.global_state: dict[str, Any] = {}
         self._layout: FlatParams | None = None
         self._flat: dict[str, Tensor] = {}

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from bma_gp.optim.flat_optimizer import (
     FlatPreconditionedOptimizer,
+    OptimizerSetting,
     check_bool,
     check_hyperparameter,
     check_torch_optim_flags,
@@ -33,6 +34,19 @@ def full_matrix_direction(H: Tensor, g: Tensor, eps: float) -> Tensor:
     mu, Q = torch.linalg.eigh(H)
     coef = (Q.mT @ g) * (mu.clamp_min(0) + eps).rsqrt()
     return Q @ coef
+
+
+def _checked_eps(opt: Any, value: Any) -> float:
+    return float(check_hyperparameter("eps", value, positive=True))
+
+
+def _checked_max_dim(opt: Any, value: Any) -> int:
+    """A positive integer; assigned after construction, also at least the parameters' total size (the constructor's
+    check of ``add_param_group``)."""
+    max_dim = check_hyperparameter("max_dim", value, positive=True, integer=True)
+    if "param_groups" in opt.__dict__:
+        opt._check_max_dim(max_dim=max_dim)
+    return max_dim
 
 
 class FullMatrixAdagrad(FlatPreconditionedOptimizer):
@@ -71,7 +85,9 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
             graph capture, no autograd through the step). Not stored.
 
     Only ``lr``, ``weight_decay`` and ``maximize`` are per group; a param group that sets ``eps``, ``max_dim`` or
-    ``check_finite`` to another value than the constructor's is refused.
+    ``check_finite`` to another value than the constructor's is refused. Assigned as attributes between steps
+    (``opt.eps = 1e-3``) they are checked as the constructor checks them (``max_dim`` also against the parameters'
+    size): an invalid value raises its ``ValueError`` and the old value stays.
 
     Raises:
         ValueError: invalid hyperparameters, ``foreach``/``capturable``/``differentiable``/``fused`` at a value the
@@ -87,6 +103,10 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
     _pickled_attributes = (*FlatPreconditionedOptimizer._pickled_attributes, "eps", "max_dim")
     _saved_hyperparameters = (("eps", {"positive": True}),)
     _optimizer_wide = (*FlatPreconditionedOptimizer._optimizer_wide, ("eps", "eps"), ("max_dim", "max_dim"))
+
+    # checked on assignment as the constructor checks them (opt.eps = -1.0 raises its ValueError, nothing changed)
+    eps = OptimizerSetting(_checked_eps)
+    max_dim = OptimizerSetting(_checked_max_dim)
 
     def __init__(
         self,
@@ -110,7 +130,7 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
         weight_decay = check_hyperparameter("weight_decay", weight_decay)
         max_dim = check_hyperparameter("max_dim", max_dim, positive=True, integer=True)
         check_bool("maximize", maximize)
-        self.eps = float(eps)
+        self.eps = eps
         self.max_dim = max_dim
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, check_finite=check_finite)
@@ -124,11 +144,12 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
             self.param_groups.pop()
             raise
 
-    def _check_max_dim(self, edited: str = "") -> None:
-        """Raise ``ValueError`` when the parameters of all groups exceed ``max_dim`` (``edited``: how they got there,
-        for the message)."""
+    def _check_max_dim(self, edited: str = "", max_dim: int | None = None) -> None:
+        """Raise ``ValueError`` when the parameters of all groups exceed ``max_dim`` (default: the optimizer's;
+        ``edited``: how they got there, for the message)."""
+        max_dim = self.max_dim if max_dim is None else max_dim
         d = sum(p.numel() for group in self.param_groups for p in group["params"])
-        if d > self.max_dim:
+        if d > max_dim:
             # the state's dtype includes the refused group's parameters (H would be in the widest dtype)
             dtype = max(
                 (p.dtype for group in self.param_groups for p in group["params"]),
@@ -139,7 +160,7 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
             raise ValueError(
                 f"FullMatrixAdagrad keeps a dense d x d matrix: d = {d} parameters{edited} need {nbytes} bytes "
                 f"({nbytes / 2**30:.2f} GiB) of state plus as much again for its eigendecomposition, above "
-                f"max_dim = {self.max_dim}. Use BlockMeanAdagrad, or raise max_dim if the memory is there."
+                f"max_dim = {max_dim}. Use BlockMeanAdagrad, or raise max_dim if the memory is there."
             )
 
     def _check_layout(self, layout: FlatParams) -> None:

@@ -113,7 +113,9 @@ def _normalised_inverse_root(U: Tensor, w: Tensor, partition: Partition, damping
 
     (the fractions are 0 for singleton blocks, and :math:`C_{ii} = \lambda^F_i = 1 + \delta` for a
     block without gradient). One ``eigh`` of :math:`C` gives :math:`R`'s core; singleton blocks are
-    folded as the operator folds them. No :class:`~bma_gp.BlockMeanLinearOperator` objects and no
+    folded as the operator folds them. :math:`\lambda^F_i + \delta` and the eigenvalues of :math:`C` are clamped at
+    :math:`\delta` (both are at least that for the positive semidefinite :math:`F`; rounding of float32 statistics
+    took them below, to nan roots at a small damping). No :class:`~bma_gp.BlockMeanLinearOperator` objects and no
     autograd function on the way: at a few blocks that bookkeeping cost more than the step's
     arithmetic on two million parameters. Equal to the operator path to rounding
     (tests/test_optim_functional.py). No validation, no host sync.
@@ -160,7 +162,10 @@ def _inverse_root_formulas(U: Tensor, w: Tensor, consts, damping: float) -> tupl
     inv_d = torch.where(seen, 1 / torch.where(seen, d, 1.0), 0.0)
     diag_U = torch.diagonal(U)
     off = (diag_U - w) * inv_within * inv_d  # s_i B_ii / d_i (0 for singletons)
-    lam = torch.where(seen, 1 - off * inv_s, 1.0) + damping
+    # F + delta I >= delta I: lam^F >= 0 and the core's eigenvalues >= delta in exact arithmetic; rounding of the
+    # statistics (float32 U, a block of equal entries with lam^F = 0) can take them below, to nan roots at a small
+    # damping: both are clamped at delta
+    lam = (torch.where(seen, 1 - off * inv_s, 1.0) + damping).clamp_min(damping)
     t = torch.sqrt(inv_d * inv_s)
     C = U * torch.outer(t, t)
     idx = torch.arange(C.shape[-1])
@@ -168,6 +173,7 @@ def _inverse_root_formulas(U: Tensor, w: Tensor, consts, damping: float) -> tupl
     # eigh reads one triangle: no symmetrisation needed
     lam = torch.where(single, torch.where(C[idx, idx] > 0, C[idx, idx], 1.0), lam)  # fold singletons as the operator
     e, V = torch.linalg.eigh(C)
+    e = e.clamp_min(damping)
     f_lam = 1 / torch.sqrt(lam)
     D = (V * (1 / torch.sqrt(e))) @ V.T
     D[idx, idx] -= f_lam
@@ -193,6 +199,7 @@ def _inverse_root_numpy(U: np.ndarray, w: np.ndarray, consts, damping: float) ->
     if not all_seen:
         lam[~seen] = 1.0
     lam += damping
+    np.maximum(lam, damping, out=lam)  # rounding below delta: clamped as in _inverse_root_formulas
     t = np.sqrt(inv_d * inv_s)
     C = U * (t[:, None] * t)
     C_diag = lam + off
@@ -204,6 +211,7 @@ def _inverse_root_numpy(U: np.ndarray, w: np.ndarray, consts, damping: float) ->
     e, V, info = _lapack().dsyevd(C, compute_v=1, lower=1)  # the lower triangle, as numpy's eigh reads it
     if info != 0:
         raise np.linalg.LinAlgError(f"syevd failed (info = {info})")
+    np.maximum(e, damping, out=e)
     f_lam = 1 / np.sqrt(lam)
     D = (V * (1 / np.sqrt(e))) @ V.T
     D.ravel()[:: k + 1] -= f_lam
@@ -227,7 +235,7 @@ def _inverse_root_python(U: list, w: list, consts, damping: float) -> tuple[list
         d = w[i] * inv_s[i]
         inv_d = 1 / d if d > 0 else 0.0
         off = (U[i][i] - w[i]) * inv_within[i] * inv_d  # s_i B_ii / d_i (0 for singletons)
-        lam[i] = (1 - off * inv_s[i] if d > 0 else 1.0) + damping
+        lam[i] = max((1 - off * inv_s[i] if d > 0 else 1.0) + damping, damping)  # clamped as in the torch form
         t[i] = math.sqrt(inv_d * inv_s[i])
         C.append(off)
     diag = [lam[i] + C[i] for i in range(k)]
@@ -241,7 +249,7 @@ def _inverse_root_python(U: list, w: list, consts, damping: float) -> tuple[list
     e, V, info = _lapack().dsyevd(np.array(C), compute_v=1, lower=1)
     if info != 0:
         return None
-    e, V = e.tolist(), V.tolist()
+    e, V = [max(x, damping) for x in e.tolist()], V.tolist()
     if not all(x > 0 for x in e):
         return None
     f_lam = [1 / math.sqrt(x) for x in lam]
@@ -433,6 +441,7 @@ def preconditioner(
     damping: float,
     update_interval: int,
     correlation: Correlation = normalised_correlation,
+    check_root: bool = False,
 ) -> tuple[Tensor, Tensor]:
     r"""``(lam_R, B_R)`` of :math:`R = (F + \delta I)^{-1/2}` from the statistics ``U`` and ``w``.
 
@@ -440,20 +449,76 @@ def preconditioner(
     none yet: ``root_lam`` absent or ``None``) and cached in ``stats`` (``root_lam``, ``root_B``,
     ``root_step``); otherwise the stale root is returned.
 
+    With ``check_root`` a root that is due raises ``ValueError`` before it is cached where :math:`F` is singular by
+    its rank (with the default ``correlation``: fewer steps than blocks with statistics, see
+    :func:`_check_rank`) or where it comes out inf or nan (a host synchronisation or two; the step of
+    :func:`block_mean_adagrad` asks for it only with ``damping = 0`` and ``check_finite``).
+
     Raises:
-        ValueError: ``U`` is not ``k x k`` or ``w`` not of length ``k``, ``k`` the partition's number of blocks.
+        ValueError: ``U`` is not ``k x k`` or ``w`` not of length ``k``, ``k`` the partition's number of blocks; with
+            ``check_root``, a singular :math:`F` (``stats`` unchanged then).
     """
     due = stats.get("root_lam") is None or (stats["step"] - stats["root_step"]) >= update_interval
     if due:
         _check_statistics(stats, partition.num_blocks)
         _check_statistics_dtype(stats["U"], stats["w"])
+        if check_root and correlation is normalised_correlation:
+            _check_rank(stats["step"], stats["w"], damping)
         if correlation is normalised_correlation:  # the default: the same math without operator objects
             lam, B = _normalised_inverse_root(stats["U"], stats["w"], partition, damping)
         else:
             root = inverse_root(correlation(stats["U"], stats["w"], partition), damping)
             lam, B = root.lam, root.B
+        if check_root and not _root_is_finite(lam, B, lam.dtype):
+            raise _SingularRoot(_non_finite_root_message(damping))
         stats.update(root_lam=lam, root_B=B, root_step=stats["step"])
     return stats["root_lam"], stats["root_B"]
+
+
+class _SingularRoot(ValueError):
+    r"""A step's root :math:`(F + \delta I)^{-1/2}` is refused: ``damping = 0`` and a singular :math:`F`. Raised
+    inside a step, before the root is cached or any parameter is written; :func:`_block_mean_adagrad` then restores
+    the statistics and ``h`` and raises a ``ValueError`` with its message."""
+
+
+_DAMPING_ADVICE = (
+    "Choose damping > 0 (the default is 0.1; opt.damping = 0.1 changes it between steps). No state or parameter was "
+    "changed."
+)
+
+
+def _check_rank(step: int, w: Any, damping: float) -> None:
+    """Raise :class:`_SingularRoot` where :math:`F` is singular by its rank: :math:`F` maps the vectors that are
+    constant on each block with statistics (``w > 0``) among themselves by a matrix of the rank of those blocks' ``U``
+    (the block mean keeps the block sums, and the rescaling by ``D`` is diagonal and positive there), and ``U`` is a
+    sum of ``step`` rank-one terms; so :math:`F` is singular while ``step`` is below the number of such blocks,
+    whatever the rounding (its root may come out finite but enormous there, moving the parameters by millions).
+    ``w``: a tensor or a numpy array (one host synchronisation on an accelerator)."""
+    seen = int((w > 0).sum())
+    if step < seen:
+        raise _SingularRoot(
+            f"BlockMeanAdagrad.step() with damping={damping!r}: F is singular at this step, so (F + damping I)^(-1/2) "
+            f"is infinite. After {step} step(s) its block means have rank at most {step}, below the {seen} blocks "
+            "that have had a gradient: with damping=0 a partition of k blocks is singular for at least its first "
+            f"k - 1 steps, and every model of two or more tensors at its first step. {_DAMPING_ADVICE}"
+        )
+
+
+def _non_finite_root_message(damping: float) -> str:
+    return (
+        f"BlockMeanAdagrad.step() with damping={damping!r}: the preconditioner (F + damping I)^(-1/2) came out inf or "
+        f"nan: F is singular (to rounding). {_DAMPING_ADVICE}"
+    )
+
+
+def _root_is_finite(lam: Any, B: Any, dtype: torch.dtype) -> bool:
+    """Whether a root ``(lam, B)`` (tensors, or numpy arrays or lists of float64 to be stored in ``dtype``) holds only
+    finite numbers in ``dtype`` (for tensors, one host synchronisation)."""
+    if isinstance(lam, Tensor):
+        return bool(torch.isfinite(lam).all() & torch.isfinite(B).all())
+    np_dtype = _NUMPY_DTYPES.get(dtype, np.float64)
+    with np.errstate(over="ignore"):  # a number beyond the dtype's range becomes inf: not finite there
+        return bool(np.isfinite(np.asarray(lam, dtype=np_dtype)).all() and np.isfinite(np.asarray(B, np_dtype)).all())
 
 
 #: per state dtype below float64 (the state is float32 or wider), its smallest positive number as a Python float
@@ -703,12 +768,19 @@ def _block_mean_adagrad(
     params, grads, state_sum, stats, blocks: ParamBlocks, workspace: Workspace | None, *, eps: float, fused: bool, **kw
 ) -> None:
     """:func:`block_mean_adagrad` without its checks of the arguments against ``blocks`` (the optimizer class passes
-    arguments built for them, every step): the dispatch to the fused, the by-rows or the scattered step."""
+    arguments built for them, every step): the dispatch to the fused, the by-rows or the scattered step.
+
+    With ``check_finite`` and ``damping = 0`` (a singular :math:`F` then gives an infinite root) the step checks the
+    root it computes and, where :math:`F` is singular by its rank (:func:`_check_rank`) or the root is not finite,
+    raises ``ValueError`` with ``h``, ``U``, ``w``, the step count, the root and the workspace's bookkeeping as they
+    were (the eager paths have updated ``h`` by then: restored from a copy made only in this case) and no parameter
+    written."""
     # an eps below the smallest subnormal of the state's dtype (1e-50 in float32) is 0 in its arithmetic, and where
     # h = 0 the step would divide 0 by 0 and poison U and w, which eps > 0 is required to prevent. Raised to that
     # subnormal, it changes nothing else: sqrt(h) of every h > 0 is so much larger that the sum rounds to it
     eps = max(eps, _SMALLEST_SUBNORMAL.get(state_sum.dtype, 0.0))
-    kwargs = dict(kw, eps=eps)
+    check_root = kw["check_finite"] and kw["damping"] == 0  # a Python test: nothing more on the default path
+    kwargs = dict(kw, eps=eps, check_root=check_root)
     if fused:
         if not blocks.by_rows:
             raise ValueError("the fused step needs blocks that are rows of every tensor ('tensor' or 'row').")
@@ -717,7 +789,28 @@ def _block_mean_adagrad(
         impl = _single_tensor_block_mean_adagrad
     else:
         impl = _scattered_block_mean_adagrad
-    impl(params, grads, state_sum, stats, blocks, workspace, **kwargs)
+    if not check_root:
+        impl(params, grads, state_sum, stats, blocks, workspace, **kwargs)
+        return
+    # the fused path writes h after the root (its first pass writes nothing); the eager paths before it
+    h_before = None if fused else state_sum.clone()
+    U, w = stats["U"], stats["w"]
+    before = (U.clone(), w.clone(), stats["step"], state_sum._version)
+    ws_before = None if workspace is None else (dict(workspace.h_max), dict(workspace.chain_until), workspace.h_version)
+    try:
+        impl(params, grads, state_sum, stats, blocks, workspace, **kwargs)
+    except _SingularRoot as error:  # raised before any parameter was written and before the root was cached
+        U.copy_(before[0])  # the statistics were updated in place
+        w.copy_(before[1])
+        stats["step"] = before[2]
+        if h_before is not None:
+            state_sum.copy_(h_before)
+        if workspace is not None and ws_before is not None:
+            workspace.forget_zeros()  # the lists of entries where h == 0 are rebuilt from the restored h
+            workspace.h_max, workspace.chain_until = ws_before[0], ws_before[1]
+            # the bounds of h hold for the restored h where they held for it before the step
+            workspace.h_version = state_sum._version if ws_before[2] == before[3] else ws_before[2]
+        raise ValueError(str(error)) from None
 
 
 def _accumulate(stats: dict[str, Any], n_sums: Tensor, n_sq: Tensor) -> None:
@@ -743,6 +836,7 @@ def _single_tensor_block_mean_adagrad(
     correlation,
     mask,
     check_finite,
+    check_root,
 ) -> None:
     dtype, cpu = state_sum.dtype, state_sum.device.type == "cpu"
     if cpu and _tensor_blocks_apply(params, grads, blocks, dtype, maximize):
@@ -760,6 +854,7 @@ def _single_tensor_block_mean_adagrad(
             update_interval=update_interval,
             correlation=correlation,
             check_finite=check_finite,
+            check_root=check_root,
         )
         return
     stats["step"] += 1
@@ -790,7 +885,12 @@ def _single_tensor_block_mean_adagrad(
     v_sums, n_sums, n_sq = sums.unbind(-1)
     _accumulate(stats, n_sums, n_sq)
     lam, B = preconditioner(
-        stats, blocks.partition, damping=damping, update_interval=update_interval, correlation=correlation
+        stats,
+        blocks.partition,
+        damping=damping,
+        update_interval=update_interval,
+        correlation=correlation,
+        check_root=check_root,
     )
     coupling = B @ v_sums  # (B_R P^T v): the k x k step of the operator's product
     for i in reversed(present):  # the tensors of the first loop last to first: their n and r may still be cached
@@ -872,6 +972,7 @@ def _tensor_blocks_cpu_step(
     update_interval,
     correlation,
     check_finite,
+    check_root,
 ) -> None:
     r"""The eager step on CPU when every tensor is one block (``partition="tensor"``, the default).
 
@@ -959,7 +1060,7 @@ def _tensor_blocks_cpu_step(
     if correlation is normalised_correlation and blocks.num_blocks <= NUMPY_ROOT_MAX_BLOCKS:
         # the k-sized rest of the step on the host in float64 numpy: a few microseconds per operation, where each
         # torch call costs 5-25 us right after passes over megabytes (code and dispatch tables evicted)
-        c_n, c_r = _host_coefficients(stats, blocks, ws, rows, block_sums, damping, update_interval)
+        c_n, c_r = _host_coefficients(stats, blocks, ws, rows, block_sums, damping, update_interval, check_root)
     else:
         v, n_sum, n_sq = torch.tensor(block_sums, dtype=state_sum.dtype).view(-1, 3).unbind(-1)
         if len(rows) < blocks.num_blocks:  # some tensors had no gradient: their blocks' sums are 0
@@ -967,7 +1068,12 @@ def _tensor_blocks_cpu_step(
             v, n_sum, n_sq = (torch.zeros_like(stats["w"]).index_copy_(0, index, x) for x in (v, n_sum, n_sq))
         _accumulate(stats, n_sum, n_sq)
         lam, B = preconditioner(
-            stats, blocks.partition, damping=damping, update_interval=update_interval, correlation=correlation
+            stats,
+            blocks.partition,
+            damping=damping,
+            update_interval=update_interval,
+            correlation=correlation,
+            check_root=check_root,
         )
         c_n, c_r = (x.double().numpy()[rows].tolist() for x in (lam, B @ v))
     c_n = [c * -lr[i] for c, i in zip(c_n, present)]
@@ -1048,13 +1154,22 @@ def _host_update(p, n, r, c_n: float, c_r: float) -> None:
 
 
 def _host_coefficients(
-    stats, blocks: ParamBlocks, ws: Workspace, rows: list[int], block_sums: list, damping: float, update_interval: int
+    stats,
+    blocks: ParamBlocks,
+    ws: Workspace,
+    rows: list[int],
+    block_sums: list,
+    damping: float,
+    update_interval: int,
+    check_root: bool = False,
 ) -> tuple[list[float], list[float]]:
     """The statistics' update, the root (when due) and the per-tensor factors ``lam_R`` and ``B_R P^T v`` of ``n``
     and ``r``, from the block sums ``(v, P^T n, P^T n^2)`` (one tuple per tensor with a gradient, its block in
     ``rows``), in float64 on the host: Python floats up to :data:`PYTHON_ROOT_MAX_BLOCKS` blocks, numpy above.
     ``U`` and ``w`` are updated in place; the root is written into the workspace's own tensors
-    (:meth:`Workspace.root_buffers`), which become the state's ``root_lam`` and ``root_B``."""
+    (:meth:`Workspace.root_buffers`), which become the state's ``root_lam`` and ``root_B``. With ``check_root`` a
+    root that is due raises :class:`_SingularRoot` before it is stored where :math:`F` is singular by its rank
+    (:func:`_check_rank`) or the root is not finite (``U`` and ``w`` are updated by then: the caller restores them)."""
     k = blocks.num_blocks
     full = [(0.0, 0.0, 0.0)] * k  # blocks of tensors without a gradient: their sums are 0
     for row, sums in zip(rows, block_sums):
@@ -1072,6 +1187,8 @@ def _host_coefficients(
         w += n_sq
     due = stats["root_lam"] is None or (stats["step"] - stats["root_step"]) >= update_interval
     if due:
+        if check_root:
+            _check_rank(stats["step"], w, damping)
         root: tuple[Any, Any] | None = None
         if small:
             consts = _root_constants(blocks.partition, torch.float64, torch.device("cpu"), lists=True)
@@ -1084,6 +1201,8 @@ def _host_coefficients(
                 lam_t, B_t = _normalised_inverse_root_torch(stats["U"], stats["w"], blocks.partition, damping)
                 root = (lam_t.double().numpy(), B_t.double().numpy())
         lam, B = root
+        if check_root and not _root_is_finite(lam, B, stats["w"].dtype):
+            raise _SingularRoot(_non_finite_root_message(damping))
         stored = ws.root_buffers(k, stats["w"].dtype)
         stored[2][...] = lam  # stored in the state's dtype, as the root always was
         stored[3][...] = B
@@ -1161,6 +1280,7 @@ def _fused_block_mean_adagrad(
     correlation,
     mask,
     check_finite,
+    check_root,
 ) -> None:
     del ws, mask  # the compiled passes need no buffers and always mask
     present = [i for i, g in enumerate(grads) if g is not None and blocks.segments[i] is not None]
@@ -1181,7 +1301,12 @@ def _fused_block_mean_adagrad(
     v_sums, n_sums, n_sq = sums.unbind(-1)
     _accumulate(stats, n_sums, n_sq)
     lam, B = preconditioner(
-        stats, blocks.partition, damping=damping, update_interval=update_interval, correlation=correlation
+        stats,
+        blocks.partition,
+        damping=damping,
+        update_interval=update_interval,
+        correlation=correlation,
+        check_root=check_root,
     )
     # theta <- c2 theta + c0 n + c1 r per block: c0 = -lr lam_R, c1 = -lr (B_R P^T v), c2 = 1 - lr wd
     coef = torch.stack([lam, B @ v_sums, torch.ones_like(v_sums)], dim=-1)
@@ -1215,6 +1340,7 @@ def _scattered_block_mean_adagrad(
     correlation,
     mask,
     check_finite,
+    check_root,
 ) -> None:
     del check_finite  # checked by the caller
     stats["step"] += 1
@@ -1237,7 +1363,14 @@ def _scattered_block_mean_adagrad(
         ws.mask_zeros(-1, h, r)
     n_sums = partition.block_sum(n)
     _accumulate(stats, n_sums, partition.block_sum(n.square_()))
-    lam, B = preconditioner(stats, partition, damping=damping, update_interval=update_interval, correlation=correlation)
+    lam, B = preconditioner(
+        stats,
+        partition,
+        damping=damping,
+        update_interval=update_interval,
+        correlation=correlation,
+        check_root=check_root,
+    )
     if ws.root is None or ws.root[0] != stats["root_step"] or ws.root[1].lam is not lam:
         ws.root = (stats["root_step"], BlockMeanLinearOperator(lam, B, partition))
     u = (ws.root[1] @ g.mul_(r)).mul_(r)  # z^{-1/2} R z^{-1/2} g: the operator's own product
