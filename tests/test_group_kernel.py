@@ -403,3 +403,35 @@ def test_matrix_prior_on_C_still_accepted():
     ((name, _, p, closure, _),) = list(kernel.named_priors())
     assert name == "GroupKernelPrior"
     assert torch.isfinite(p.log_prob(closure(kernel))).all()
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), 0.0, float("inf")])
+def test_var_setter_refuses_values_outside_the_constraint(bad):
+    """``var = -1`` and ``nan`` raised GPyTorch's message about the likelihood's noise; ``var = 0`` was taken as
+    raw_var = -inf, whose gradient is 0 (the variance could never move again). A ValueError names var, and the
+    kernel is unchanged."""
+    kernel = GroupKernel(4, per_group_variance=True)
+    kernel.var = 0.5
+    before = kernel.raw_var.detach().clone()
+    with pytest.raises(ValueError, match=r"var holds .* not strictly inside the variance constraint"):
+        kernel.var = torch.tensor([1.0, bad, 1.0, 1.0])
+    assert torch.equal(kernel.raw_var.detach(), before)
+    kernel.var = 1e-6  # small and positive is fine
+    assert torch.isfinite(kernel.raw_var).all()
+
+
+def test_matrix_prior_of_the_wrong_size_or_without_an_intercept_is_refused():
+    """A matrix prior that cannot apply failed only at the first marginal likelihood, with GPyTorch's 'Correlation
+    matrix is not of size n=3' or 'Input is not a valid correlation matrix'."""
+
+    def lkj(n):
+        return gpytorch.priors.LKJCovariancePrior(n, 1.0, gpytorch.priors.SmoothedBoxPrior(0.01, 10.0))
+
+    with pytest.raises(ValueError, match=r"3 x 3 matrix, but it applies to slope_covar.*size 2"):
+        GroupKernel(5, slope=True, prior=lkj(3))
+    with pytest.raises(ValueError, match=r"3 x 3 matrix, but it applies to C, 5 x 5"):
+        GroupKernel(5, rank=1, prior=lkj(3))
+    with pytest.raises(ValueError, match=r"intercept=False.*var_prior"):
+        GroupKernel(5, slope=True, intercept=False, prior=lkj(2))
+    GroupKernel(5, slope=True, prior=lkj(2))
+    GroupKernel(5, rank=1, prior=lkj(5))

@@ -148,6 +148,21 @@ def _warn_dense(kernel: GroupKernel, what: str) -> None:
     )
 
 
+def _matrix_prior_size(prior) -> int | None:
+    """The size ``n`` of the ``n x n`` matrices a matrix prior is on, where it says (``LKJPrior``'s ``n``,
+    ``LKJCovariancePrior``'s correlation prior, a square ``event_shape``), else None."""
+    if prior is None:
+        return None
+    for candidate in (prior, getattr(prior, "correlation_prior", None)):
+        n = getattr(candidate, "n", None)
+        if isinstance(n, int):
+            return n
+        event = getattr(candidate, "event_shape", None)
+        if isinstance(event, torch.Size) and len(event) == 2 and event[0] == event[1]:
+            return int(event[0])
+    return None
+
+
 class GroupKernel(Kernel):
     r"""A random effect per group: a covariance over integer group ids.
 
@@ -301,6 +316,20 @@ class GroupKernel(Kernel):
                 f"{tuple(event)}: it would be evaluated at every entry, and the zero off-diagonal entries have "
                 f"log-density -inf. For a prior on the variance pass var_prior={type(prior).__name__}(...)."
             )
+        if prior is not None and slope and not intercept:
+            raise ValueError(
+                "prior is a prior on slope_covar, but (0 + x | g) (intercept=False) has no intercept: that matrix's "
+                "intercept row and column are 0, and no matrix prior applies. Put a prior on the slope's variance "
+                "with var_prior=... instead."
+            )
+        size = _matrix_prior_size(prior)
+        wanted = 2 if slope else num_groups
+        if size is not None and size != wanted:
+            target = "slope_covar, the 2 x 2 covariance of (intercept, slope)" if slope else f"C, {wanted} x {wanted}"
+            raise ValueError(
+                f"prior is a prior on a {size} x {size} matrix, but it applies to {target}: build it for size "
+                f"{wanted} (e.g. LKJCovariancePrior({wanted}, ...))."
+            )
         if var_prior is not None and not isinstance(var_prior, Prior):
             raise TypeError(f"var_prior must be a gpytorch.priors.Prior, got {type(var_prior).__name__}.")
         for flag, value in (("slope", slope), ("intercept", intercept), ("correlated", correlated)):
@@ -382,7 +411,18 @@ class GroupKernel(Kernel):
                 f"{tuple(self.raw_var.shape)} (per_group_variance={self.per_group_variance}); pass a "
                 "scalar or a tensor of that shape."
             ) from None
-        self.initialize(raw_var=self.raw_var_constraint.inverse_transform(value))
+        constraint = self.raw_var_constraint
+        raw = constraint.inverse_transform(value)
+        # inside the constraint's open interval: a NaN, a value outside it, or its bound (var = 0 under Positive():
+        # raw_var = -inf, whose gradient is 0, so training could never move it) is refused
+        bad = ~torch.isfinite(raw) | ~torch.isfinite(value)
+        if constraint.enforced and bool(bad.any()):
+            raise ValueError(
+                f"var holds {value[bad].reshape(-1)[0].item()!r}, not strictly inside the variance constraint "
+                f"{constraint}; pass variances inside it (for Positive(): > 0, e.g. 1e-6 for an effect near 0), or "
+                "build the kernel with another constraint (var_constraint=gpytorch.constraints.GreaterThan(bound))."
+            )
+        self.initialize(raw_var=raw)
 
     @property
     def covar_matrix(self) -> Tensor:
