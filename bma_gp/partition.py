@@ -132,6 +132,11 @@ def _raise_empty(missing: tuple[list[int], int], k: int) -> None:
     )
 
 
+def _short(values: list[int], limit: int = 6) -> str:
+    """A list of ids for a message, cut after ``limit``."""
+    return str(values) if len(values) <= limit else f"[{', '.join(map(str, values[:limit]))}, ...]"
+
+
 class Partition:
     r"""A partition of the indices :math:`0, \dots, n-1` into :math:`k` non-empty blocks.
 
@@ -612,8 +617,9 @@ class Partition:
             bounds: non-decreasing, from 0 to ``n``. # shape: (ranges + 1,)
 
         Raises:
-            ValueError: the bounds do not run from 0 to ``n`` in order, or a block has indices in two
-                ranges.
+            ValueError: the bounds do not run from 0 to ``n`` in order, a block has indices in two
+                ranges, or the blocks of a range are not the next ones in block order (number the blocks in the
+                order of their first index).
         """
         bounds = [int(b) for b in bounds]
         if not bounds or bounds[0] != 0 or bounds[-1] != self._n or any(a > b for a, b in zip(bounds, bounds[1:])):
@@ -644,16 +650,23 @@ class Partition:
                 parts.append(None)
                 continue
             lo, hi = (int(v) for v in torch.aminmax(labels[a:b]))
-            if lo != first:
+            present = torch.bincount(labels[a:b] - lo, minlength=hi + 1 - lo)  # blocks lo .. hi
+            crossing = ((present > 0) & present.ne(self.sizes[lo : hi + 1])).nonzero().flatten()
+            if crossing.numel():  # a block with indices here and in another range
                 raise ValueError(
-                    f"blocks {first} .. {lo} have indices in two ranges around index {a}; split at block boundaries."
+                    f"block {lo + int(crossing[0])} has indices in the range {a} .. {b - 1} and outside it; split at "
+                    "block boundaries."
+                )
+            if lo != first or int(present.eq(0).sum()):
+                ids = (present.nonzero().flatten() + lo).tolist()
+                raise ValueError(
+                    f"the range {a} .. {b - 1} holds whole blocks ({_short(ids)}), but split numbers the blocks of "
+                    "each range after the earlier ranges' (block i of range j is block first + i), so they must be "
+                    f"{first} .. {first + len(ids) - 1}. Number the blocks in the order of their first index before "
+                    "splitting."
                 )
             local = labels[a:b] - first
             sizes = self.sizes[first : hi + 1]
-            if int(torch.bincount(local, minlength=hi + 1 - first).ne(sizes).sum()):
-                raise ValueError(
-                    f"a block of the range {a} .. {b - 1} has indices outside it; split at block boundaries."
-                )
             contiguous = bool(local.numel() <= 1 or (local[1:] >= local[:-1]).all())
             parts.append(Partition._trusted(sizes, labels=local, contiguous=contiguous))
             first = hi + 1

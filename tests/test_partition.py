@@ -288,7 +288,11 @@ def test_split_matches_the_labels_of_each_range(labels, bounds):
     "labels,bounds,match",
     [
         ([0, 0, 1, 1], [0, 1, 4], "cuts a block"),
-        ([0, 1, 0, 1], [0, 2, 4], "outside it"),
+        ([0, 1, 0, 1], [0, 2, 4], r"block 0 has indices in the range 0 \.\. 1 and outside it"),
+        # no block crosses a bound, but the ranges' blocks are not numbered in range order (user trial: the error
+        # said blocks had indices in two ranges, and "split at block boundaries", which they were)
+        ([1, 1, 0, 0], [0, 2, 4], r"holds whole blocks \(\[1\]\).*must be 0 \.\. 0.*order of their first index"),
+        ([0, 2, 2, 0, 1, 1], [0, 4, 6], r"holds whole blocks \(\[0, 2\]\).*must be 0 \.\. 1"),
         ([0, 0, 1, 1], [0, 3, 2, 4], "non-decreasing"),
         ([0, 0, 1, 1], [0, 4, 5], "from 0 to n = 4"),
     ],
