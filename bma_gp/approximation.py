@@ -99,7 +99,10 @@ def _operator_block_sums(A: LinearOperator, partition: Partition, chunk_columns:
         stop = min(start + chunk_columns, k)
         ids = torch.arange(start, stop, device=labels.device)
         indicator = (labels.unsqueeze(-1) == ids).to(A.dtype)  # (n, c)
-        pieces.append(partition.block_sum(A.matmul(indicator).to(dtype), dim=-2))
+        product = A.matmul(indicator)
+        if isinstance(product, LinearOperator):  # an operator whose products are operators (ZeroLinearOperator)
+            product = product.to_dense()  # n x c, as the tensor a product gives otherwise
+        pieces.append(partition.block_sum(product.to(dtype), dim=-2))
     return torch.cat(pieces, dim=-1)
 
 

@@ -30,6 +30,7 @@ unchanged.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
@@ -86,9 +87,22 @@ def _check_inputs(kernel: Any, x: Any, partition: Any, chunk_size: Any) -> Tenso
     if len(partition) != x.shape[-2]:
         raise ValueError(f"partition has {len(partition)} indices but x has {x.shape[-2]} rows; they must match.")
     check_single_output(kernel, x)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}.")
+    chunk_rows(chunk_size)
     return x
+
+
+def chunk_rows(chunk_size: Any) -> int | None:
+    """``chunk_size`` as a Python int (any integer: a NumPy one, a one-element integer tensor), or None; else
+    ``ValueError``. A bool or a float is refused."""
+    if chunk_size is None:
+        return None
+    try:
+        rows = -1 if isinstance(chunk_size, bool) else operator.index(chunk_size)
+    except TypeError:
+        rows = -1
+    if rows <= 0:
+        raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}.")
+    return rows
 
 
 def check_single_output(kernel: Kernel, x: Tensor) -> None:
@@ -220,6 +234,7 @@ def kernel_block_mean(
         torch.Size([1000, 1000])
     """
     x = _check_inputs(kernel, x, partition, chunk_size)
+    chunk_size = chunk_rows(chunk_size)
     n = x.shape[-2]
     partition = partition.to(x.device)
     rank, world = _rank_and_world(process_group)

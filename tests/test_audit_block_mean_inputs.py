@@ -303,3 +303,15 @@ def test_predictive_mean_dtype_follows_gpytorch(with_groups, dtype):
             assert expected == dtype
             prediction = model(test_x)
             assert prediction.mean.dtype == prediction.variance.dtype == expected
+
+
+@pytest.mark.parametrize("batch", [(), (2,)])
+def test_block_mean_of_an_operator_whose_products_are_operators(batch):
+    """block_mean(ZeroLinearOperator(...)) raised NotImplementedError from index_add: its products are operators too
+    (user trial). Such products are formed (n x chunk columns) and summed like any other."""
+    from linear_operator.operators import ZeroLinearOperator
+
+    part = Partition.from_labels(torch.tensor([0, 1, 1, 0, 2, 2]))
+    got = block_mean(ZeroLinearOperator(*batch, 6, 6, dtype=torch.float64), part)
+    assert got.shape == (*batch, 6, 6)
+    assert torch.equal(got.to_dense(), torch.zeros(*batch, 6, 6, dtype=torch.float64))

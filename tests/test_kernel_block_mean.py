@@ -480,3 +480,25 @@ def test_stationary_float32_inputs_with_an_offset_keep_their_digits(kernel, engi
     torch.testing.assert_close(got.lam.double(), ref.lam, rtol=0, atol=atol)
     (g64,) = torch.autograd.grad(ref.B.sum() + ref.lam.sum(), k64.base_kernel.raw_lengthscale)
     torch.testing.assert_close(g32.double(), g64, rtol=1e-3, atol=1e-3 * float(g64.abs().max()))
+
+
+def test_chunk_size_takes_any_integer_and_refuses_the_rest():
+    """``chunk_size=np.int64(25)`` was refused as 'not a positive int' by kernel_block_mean and BlockMeanKernel,
+    where block_mean(chunk_columns=...) and the partition builders take NumPy integers (user trial)."""
+    import numpy as np
+
+    from bma_gp.kernels import BlockMeanKernel
+
+    x = torch.linspace(0, 1, 60, dtype=torch.float64).unsqueeze(-1)
+    part = Partition.from_labels(torch.arange(60) // 6)
+    kernel = gpytorch.kernels.RQKernel().double()
+    ref = kernel_block_mean(kernel, x, part, chunk_size=25)
+    for size in (np.int64(25), torch.tensor(25)):
+        got = kernel_block_mean(kernel, x, part, chunk_size=size)
+        torch.testing.assert_close(got.to_dense(), ref.to_dense())
+        assert BlockMeanKernel(kernel, x, part, chunk_size=size).chunk_size == 25
+    for bad in (0, -3, 2.5, True, "25"):
+        with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+            kernel_block_mean(kernel, x, part, chunk_size=bad)
+        with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+            BlockMeanKernel(kernel, x, part, chunk_size=bad)

@@ -17,7 +17,7 @@ from torch import Tensor
 from bma_gp._composition import ClosedFormFallbackWarning
 from bma_gp._kernel_sums.generic import translation_invariant
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
-from bma_gp.kernel_block_mean import check_single_output
+from bma_gp.kernel_block_mean import check_single_output, chunk_rows
 from bma_gp.kernels._bound_data import record_bound_data
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.kernels.leading_rows_linear_operator import LeadingRowsLinearOperator
@@ -305,10 +305,7 @@ class BlockMeanKernel(Kernel):
                 "BlockMeanKernel does not take active_dims itself: set active_dims on base_kernel "
                 "(it is respected; train_x keeps all input columns)."
             )
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
-        ):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+        chunk_size = chunk_rows(chunk_size)
         _check_kernel_kwargs(base_kernel, kwargs)
         check_single_output(base_kernel, _check_train_x(train_x))
         super().__init__(**kwargs)
