@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -17,6 +19,26 @@ __all__ = [
 
 #: how many :func:`quiet_elementwise` blocks are open in this thread
 _quiet = threading.local()
+
+
+def _package_dir(module: str) -> str | None:
+    found = sys.modules.get(module)
+    path = getattr(found, "__file__", None)
+    return os.path.dirname(os.path.abspath(path)) + os.sep if path else None
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the function that calls this one that names the first frame
+    outside this package and the libraries it is called through (linear_operator's methods, GPyTorch's models and
+    distributions, torch's wrappers): the user's line, whatever path led to the warning (``warnings.warn``'s
+    ``skip_file_prefixes`` needs Python 3.12)."""
+    dirs = tuple(d for d in (_package_dir(m) for m in ("bma_gp", "linear_operator", "gpytorch", "torch")) if d)
+    frame = sys._getframe(1)  # the function that warns: stacklevel 1
+    level = 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(dirs):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 class ClosedFormFallbackWarning(UserWarning):
@@ -44,7 +66,7 @@ def warn_dense_cholesky(op) -> None:
         "factor has no closed form. root_decomposition() gives a closed-form root R with R R^T = M (for sampling), "
         f"and logdet() the log-determinant (an entropy is n/2 (1 + log 2 pi) + logdet / 2).{cause}",
         ClosedFormFallbackWarning,
-        stacklevel=4,
+        stacklevel=caller_stacklevel(),
     )
 
 
@@ -55,7 +77,7 @@ def warn_dense_eigh(op) -> None:
         "spectrum (only a single BlockMeanLinearOperator has one), so the dense n x n matrix is decomposed "
         "(diagonalization() runs Lanczos instead above max_cholesky_size).",
         ClosedFormFallbackWarning,
-        stacklevel=4,
+        stacklevel=caller_stacklevel(),
     )
 
 
@@ -85,5 +107,5 @@ def warn_elementwise(op, other) -> None:
         f"of one of them ({n} x {n} or wider for a BlockMeanSumLinearOperator), and its solves and log-determinants "
         "take the generic path (dense Cholesky up to max_cholesky_size, CG and Lanczos beyond).",
         ClosedFormFallbackWarning,
-        stacklevel=5,
+        stacklevel=caller_stacklevel(),
     )

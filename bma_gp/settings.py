@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import operator
 
+import numpy as np
+
 __all__ = ["fast_root_products", "max_capacitance_size", "validate"]
 
 
@@ -13,7 +15,10 @@ class _Switch:
     _state: bool
 
     def __init__(self, state: bool = True):
-        if state not in (True, False):  # bool("false") is True: a string or None would silently pick a state
+        # bool("false") is True: a string or None would silently pick a state; 1.0 == True and a one-element tensor
+        # compare equal too, so the type is checked (a bool, or an int 0 / 1, numpy's included)
+        exact = isinstance(state, (bool, np.bool_)) or (isinstance(state, (int, np.integer)) and state in (0, 1))
+        if not exact:
             raise TypeError(f"bma_gp.settings.{type(self).__name__} takes True or False, got {state!r}.")
         self.state = bool(state)
         self._previous: list[bool] = []  # a stack: the same instance may be entered again inside itself

@@ -16,8 +16,9 @@ from bma_gp import BlockMeanLinearOperator, Partition, settings
 
 
 # ---------------------------------------------------------------------------- the settings themselves
-@pytest.mark.parametrize("state", ["false", "no", None, 2, 0.5])
+@pytest.mark.parametrize("state", ["false", "no", None, 2, 0.5, 1.0, 0.0, torch.tensor(True), np.float64(1.0)])
 def test_validate_rejects_non_bool_state(state):
+    # 1.0, 0.0 and torch.tensor(True) compare equal to True / False and were taken (user trial)
     # bool("false") is True: such a state silently kept (or dropped) the checks
     with pytest.raises(TypeError, match=r"bma_gp\.settings\.validate takes True or False"):
         settings.validate(state)
@@ -228,3 +229,10 @@ def test_paper_cnn_rejects_bad_options(argv, message, capsys):
 )
 def test_mixed_effects_gp_rejects_bad_options(argv, message, capsys):
     assert message in _usage_error(_example("mixed_effects_gp").main, argv, capsys)
+
+
+@pytest.mark.parametrize("state", [True, False, 1, 0, np.bool_(True), np.int64(0)])
+def test_switches_take_bools_and_zero_one(state):
+    with settings.validate(state):
+        assert settings.validate.on() is bool(state)
+    assert settings.validate.on()

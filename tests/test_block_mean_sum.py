@@ -7,6 +7,7 @@ unequal sizes and scattered labels; crossed and nested groupings; float32 and fl
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 
@@ -1524,3 +1525,18 @@ def test_detach_in_place(batched):
         assert not logdet.requires_grad
         torch.testing.assert_close(logdet, torch.logdet(dense))
         torch.testing.assert_close(S.to_dense(), dense)
+
+
+def test_dense_fallback_warnings_name_the_callers_line():
+    """The ClosedFormFallbackWarning of cholesky() (through linear_operator's method) named a line inside
+    linear_operator (a fixed stacklevel); it names the caller's line, as the solve fallback's does (user trial)."""
+    part = Partition.from_labels(torch.arange(12) % 3)
+    M = BlockMeanLinearOperator(torch.ones(3, dtype=torch.float64) + 1, torch.eye(3, dtype=torch.float64), part)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        M.cholesky()
+        line = inspect.currentframe().f_lineno - 1
+        M.to_dense()  # no warning
+    found = [w for w in caught if issubclass(w.category, bma_gp.ClosedFormFallbackWarning)]
+    assert len(found) == 1 and "cholesky of a BlockMeanLinearOperator" in str(found[0].message)
+    assert (found[0].filename, found[0].lineno) == (__file__, line)
