@@ -36,6 +36,10 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/: the shared _common module
+from _common import check_out_file  # noqa: E402
 
 FULL_NS = (5_000, 10_000, 20_000, 50_000, 100_000)
 FULL_KS = (100, 1000)
@@ -298,6 +302,7 @@ def main(argv=None) -> int:
             parser.error(f"{option} must be at least 1, got {value}")
     if not args.timeout > 0:  # every case was abandoned at once
         parser.error(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    check_out_file(parser, args.out)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:  # each case of an unknown method was recorded as a failure; none ran nothing

@@ -43,6 +43,10 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/: the shared _common module
+from _common import check_out_file  # noqa: E402
 
 CASES = ["rbf", "rbf-ard", "matern25-ard", "matern05", "rbf-ard-generic", "periodic"]
 
@@ -345,6 +349,7 @@ def main(argv=None) -> None:
     ):
         if value is not None and value < 1:  # a usage error, not a traceback or inf / nan after the run
             parser.error(f"{option} must be at least 1, got {value}")
+    check_out_file(parser, args.out)  # before the cases run: the JSON lines are appended last
     # k > n failed in kmeans_partition, in each case's subprocess (--smoke: the sweep keeps the k up to n / 4)
     k_option, k_max = ("--k-sweep", max(args.k_sweep)) if args.k_sweep else ("--k", args.k)
     if k_max > args.n and not (args.k_sweep and args.smoke):

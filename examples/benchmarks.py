@@ -52,6 +52,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))  # examples/: the shared _common module
+from _common import check_out_dir  # noqa: E402
+
 # the slowest last, so a --budget cuts it first
 SUITES = ("operator", "compositions", "mixed", "kernel", "optimizer", "gp")
 #: Issue-5 targets: (label, limit) used by :func:`targets`.
@@ -1097,6 +1100,7 @@ def main(argv=None) -> int:
             device_type = None
         if device_type != "cuda":
             parser.error(f"--device: {args.device!r} is not cpu, cuda or cuda:N")
+    check_out_dir(parser, args.out_dir, "--out-dir")
 
     if args.out_dir:
         out_dir = Path(args.out_dir)

@@ -56,6 +56,9 @@ from bma_gp import Partition
 from bma_gp.kernels import BlockMeanKernel
 from bma_gp.partition_builders import kdtree_partition, kmeans_partition, sorted_partition
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/: the shared _common module
+from _common import check_out_dir  # noqa: E402
+
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "evaluation"
 BUILDERS = ("kmeans", "kdtree", "sorted")
 METHODS = ("exact", "sgpr", "blockmean")
@@ -646,6 +649,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:  # smaller defaults: an option given explicitly still wins
         parser.set_defaults(seeds=2, iters=2, blocks=(8,), max_rows=120, exact_max_train=80)
         args = parser.parse_args(argv)
+    check_out_dir(parser, args.out)  # before the data sets load and the fits run
     if args.table_only:  # before anything is created: a mistyped --out made an empty folder, then a traceback
         if args.smoke and args.out is None:
             parser.error("--table-only with --smoke needs --out (a --smoke run writes to a temporary folder)")

@@ -60,6 +60,7 @@ from bma_gp import GroupKernel
 from bma_gp.datasets import GroupedData, load_exam, load_flights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import check_out_dir  # noqa: E402
 from evaluate_gp import (  # noqa: E402
     PeakMemory,
     _int_at_least,
@@ -579,6 +580,7 @@ def _main(argv: list[str] | None) -> dict:
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
         if repeated:  # ran the same fits twice: each counted twice in the means, the spread of the seeds shrunk
             parser.error(f"{option}: {' '.join(repeated)} given twice; name each once")
+    check_out_dir(parser, args.out)  # before the data sets load and the fits run
     if args.table_only:  # before anything is created: a mistyped --out made an empty folder, then a traceback
         if args.smoke and args.out is None:
             parser.error("--table-only with --smoke needs --out (a --smoke run writes to a temporary folder)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,9 @@ import torch
 
 from bma_gp import Partition
 from bma_gp.kernels import BlockMeanKernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/: the shared _common module
+from _common import check_out_dir  # noqa: E402
 
 
 def load_co2() -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +78,7 @@ def main(argv=None) -> dict:
         parser.error(f"--iters must be at least 0, got {args.iters}")
     if not args.test_years > 0:
         parser.error(f"--test-years must be positive (the held-out span), got {args.test_years:g}")
+    check_out_dir(parser, args.out)  # before training: the figure is written last
 
     torch.manual_seed(0)
     years, co2 = load_co2()

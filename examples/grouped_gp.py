@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,9 @@ import gpytorch
 import torch
 
 from bma_gp.kernels import GroupKernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/: the shared _common module
+from _common import check_out_dir  # noqa: E402
 
 NUM_GROUPS = 3 * 12 * 24  # (origin, month, hour)
 MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
@@ -75,6 +79,7 @@ def main(argv=None) -> dict:
         parser.error(f"--iters must be at least 0, got {args.iters}")
     if not 0 < args.test_fraction < 1:
         parser.error(f"--test-fraction must be strictly between 0 and 1, got {args.test_fraction:g}")
+    check_out_dir(parser, args.out)  # before training: the figure is written last
 
     torch.manual_seed(0)
     group, temp, origins = load_weather()

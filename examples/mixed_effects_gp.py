@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +46,9 @@ import torch
 
 from bma_gp import ChunkedInducingPointKernel, GroupKernel
 from bma_gp.datasets import load_exam, load_flights
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/: the shared _common module
+from _common import check_out_dir  # noqa: E402
 
 
 class MixedEffectsGP(gpytorch.models.ExactGP):
@@ -99,6 +103,7 @@ def main(argv=None) -> dict:
             parser.error(f"{option} must be at least 0, got {value}")
     if not args.lr > 0:
         parser.error(f"--lr must be positive, got {args.lr:g}")
+    check_out_dir(parser, args.out)  # before training: the figure is written last
 
     torch.manual_seed(0)
     data = load_exam() if args.data == "exam" else load_flights()

@@ -32,14 +32,19 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from importlib import util as importlib_util
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optim import BlockMeanAdagrad, FullMatrixAdagrad
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/: the shared _common module
+from _common import check_out_dir  # noqa: E402
 
 DEFAULT_OUT = "docs/results/optim"
 
@@ -322,6 +327,7 @@ def main(argv=None) -> None:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     if not args.grid_scale > 0:  # 0 trained every optimizer at learning rate 0; < 0 failed inside torch.optim
         parser.error(f"--grid-scale must be positive (it multiplies the learning-rate grids), got {args.grid_scale:g}")
+    check_out_dir(parser, args.out)  # before training: the results are written last
     for option, names, known in (
         ("--datasets", args.datasets, DATASETS),
         ("--optimizers", args.optimizers, tuple(OPTIMIZERS)),
@@ -407,6 +413,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     main(sys.argv[1:])

@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 status=0
 for script in examples/*.py; do
+    case "$(basename "$script")" in _*) continue ;; esac  # modules the scripts import (examples/_common.py)
     start=$(date +%s)
     if .venv/bin/python "$script" --smoke > "/tmp/smoke_$(basename "$script" .py).log" 2>&1; then
         echo "smoke ok   $script ($(( $(date +%s) - start )) s)"
