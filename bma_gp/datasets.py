@@ -171,6 +171,8 @@ def _convert_column(name: str, cells: list[str], description: str, numbers: Sequ
         if year is None:
             if _decimal_year(first_bad[1]) is None:  # report the first cell that is not a number
                 row, cell = first_bad
+            else:  # the column holds dates: a number among them is not "not numeric"
+                _refuse_number_among_dates(name, description, numbers[row], cell, numbers[first_bad[0]], first_bad[1])
             reason = _not_a_date(cell)
             if reason is not None:
                 raise DatasetError(
@@ -196,6 +198,24 @@ def _convert_column(name: str, cells: list[str], description: str, numbers: Sequ
             )
         dates.append(year)
     return dates
+
+
+def _refuse_number_among_dates(name: str, description: str, row: int, cell: str, date_row: int, date: str) -> None:
+    """Raise for a plain number ``cell`` (data row ``row``) in a column whose cells are ISO dates (``date`` in data
+    row ``date_row``); return if ``cell`` is not a number."""
+    try:
+        value = _parse_number(cell)
+    except ValueError:
+        return
+    if value.is_integer() and 1 <= value <= 9999:  # a year
+        how = f"'{int(value):04d}-01-01' for 1 January {int(value)}, or the date it stands for"
+    else:
+        how = "YYYY-MM-DD, optionally with a time as in '2001-07-02T10:30'"
+    raise DatasetError(
+        f"{description}: column {name!r} mixes ISO dates with a plain number: data row {row} holds {cell!r}, while "
+        f"data row {date_row} holds the date {date!r}. Write the number as a date ({how}), empty the cell (or write "
+        "NA) to drop the row, or leave this column out of the features."
+    )
 
 
 def _read_table(source, description: str) -> tuple[list[str], list[list[str]], list[int]]:

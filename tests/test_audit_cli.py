@@ -35,8 +35,9 @@ def test_diverging_training_is_a_message_not_a_traceback(tmp_path, capsys, metho
     err = capsys.readouterr().err
     assert info.value.code == 2
     assert f"training the {method} GP diverged" in err and "--lr" in err and "Traceback" not in err
-    # the run created --out and wrote nothing there: no empty directory is left behind (it was)
-    assert not out.exists() and (tmp_path / "new").is_dir()
+    # the run created --out and its parent and wrote nothing there: neither is left behind (both were, then the
+    # parent alone)
+    assert not out.exists() and not (tmp_path / "new").exists()
 
 
 def test_failed_run_keeps_an_existing_out_directory(tmp_path, capsys):

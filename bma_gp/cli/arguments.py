@@ -49,13 +49,17 @@ def _iters(text: str) -> int:
     return value
 
 
-#: The seeds torch.Generator.manual_seed accepts (the split, the inducing points and k-means use one).
-_SEED_RANGE = (-(2**63), 2**64 - 1)
+#: The seeds that give distinct runs: torch's CPU generator (the split, the inducing points, k-means) keeps only the
+#: low 32 bits of a seed, so seeds 2**32 apart (and -2**63 and 0) gave the same run; the range is that of the bits kept.
+_SEED_RANGE = (0, 2**32 - 1)
 
 
 def _seed(text: str) -> int:
     low, high = _SEED_RANGE
-    expected = f"expected an integer from {low} to {high} (-2**63 to 2**64 - 1)"
+    expected = (
+        f"expected an integer from {low} to {high} (2**32 - 1; torch's random generator keeps 32 bits of a seed, so "
+        "larger or negative seeds would repeat these runs)"
+    )
     try:
         value = int(text)
     except ValueError:
@@ -183,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=_seed,
         default=0,
-        help="random seed (split, inducing points, k-means): an integer from -2**63 to 2**64 - 1",
+        help="random seed (split, inducing points, k-means): an integer from 0 to 2**32 - 1 (torch's generator "
+        "keeps 32 bits of a seed)",
     )
     output = parser.add_argument_group("output")
     output.add_argument(

@@ -361,8 +361,9 @@ def split(
     follow the features in ``x_train`` and ``x_test``.
 
     Raises:
-        UsageError: too few rows, or an input column or target that is constant on the training rows
-            or too wide to standardise (its mean or standard deviation overflows the dtype).
+        UsageError: too few rows, or an input column or target that is constant on the training rows (all its
+            values equal), too wide to standardise (its mean or standard deviation overflows the dtype) or too
+            narrow (distinct values whose standard deviation underflows to 0).
     """
     x, y, features, target = dataset.x.double(), dataset.y.double(), dataset.feature_names, dataset.target_name
     dtype = dataset.dtype
@@ -385,11 +386,22 @@ def split(
             f"training rows (their mean or standard deviation overflows {x.dtype}); rescale them, or leave "
             "them out with --features"
         )
-    constant = [features[i] for i in range(x.shape[-1]) if not x_scale[i] > 0]
+    # constant: every training value equal (the standard deviation of equal values can round to 1e-17, and that of
+    # distinct values around 1e-301 underflows to 0: neither says whether the column is constant)
+    same = (x[train] == x[train][:1]).all(0)
+    constant = [features[i] for i in range(x.shape[-1]) if same[i]]
     if constant:
         raise UsageError(
             f"input column(s) {', '.join(map(repr, constant))} are constant on the training rows; "
             "leave them out with --features"
+        )
+    too_narrow = [features[i] for i in range(x.shape[-1]) if not x_scale[i] > 0]
+    if too_narrow:
+        raise UsageError(
+            f"input column(s) {', '.join(map(repr, too_narrow))} hold different values on the training rows, but "
+            f"so close together that their standard deviation underflows {x.dtype} to 0 (values near "
+            f"{_magnitude(x[train][:, features.index(too_narrow[0])])}); rescale them (multiply by a power of ten), "
+            "or leave them out with --features"
         )
     y_mean, y_scale = float(y[train].mean()), float(y[train].std())
     if not (math.isfinite(y_mean) and math.isfinite(y_scale)):
@@ -397,8 +409,14 @@ def split(
             f"the target column {target!r} spans too wide a range to standardise on the training rows (its mean "
             f"or standard deviation overflows {y.dtype}); rescale it"
         )
-    if not y_scale > 0:
+    if bool((y[train] == y[train][0]).all()):
         raise UsageError(f"the target column {target!r} is constant on the training rows: nothing to model")
+    if not y_scale > 0:
+        raise UsageError(
+            f"the target column {target!r} holds different values on the training rows, but so close together that "
+            f"their standard deviation underflows {y.dtype} to 0 (values near {_magnitude(y[train])}); rescale it "
+            "(multiply by a power of ten)"
+        )
     x_train, x_test = (x[train] - x_mean) / x_scale, (x[test] - x_mean) / x_scale
     _warn_if_times_merge(dataset, torch.cat([x_train, x_test]))
     x_train, x_test = x_train.to(dtype), x_test.to(dtype)
@@ -434,6 +452,12 @@ def split(
         group_levels=levels,
         test_only=test_only,
     )
+
+
+def _magnitude(values: Tensor) -> str:
+    """The order of magnitude of the largest of ``values``, for a message (``1e-301``)."""
+    largest = float(values.abs().max())
+    return f"1e{math.floor(math.log10(largest))}" if largest > 0 else "0"
 
 
 def _too_few_rows(n: int, n_test: int, fraction: float, available: int) -> str:

@@ -18,12 +18,15 @@ GPyTorch's generic path, as it does without groups.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TextIO
 
 import gpytorch
 import torch
@@ -283,10 +286,63 @@ def fit(
     """Build, train and evaluate one method; predictions on ``grid`` too when it is given (for the plot)."""
     device = config.device
     model = build_model(method, problem, kernel_kind, period, config, generator).to(device=device, dtype=config.dtype)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _numerical_warnings(method, config.dtype_name):
         if method == "exact":  # the exact GP is the dense path by design: the fallback warning says nothing new
             warnings.simplefilter("ignore", ClosedFormFallbackWarning)
         return _fit(model, method, problem, config, grid)
+
+
+_JITTER = re.compile(r"added jitter of (\S+) to the diagonal")
+
+
+@contextlib.contextmanager
+def _numerical_warnings(method: str, dtype_name: str) -> Iterator[None]:
+    """Say the NumericalWarnings of linear_operator and GPyTorch raised while ``method`` trains and predicts as
+    ``bma-gp: warning:`` lines, once the method has its results: one for the jitter their Cholesky adds to a kernel
+    matrix that is not positive definite in floating point (a raw Python warning with a file path and a source line
+    before, once per size of jitter), one for the others. The filters still decide: an ignored NumericalWarning is
+    not said, one made an error raises. Other warnings are shown as before."""
+    from linear_operator.utils.warnings import NumericalWarning
+
+    jitters: list[float] = []
+    others: list[str] = []
+    with warnings.catch_warnings():  # restores showwarning; entering it also resets the once-per-place registries
+        show = warnings.showwarning
+
+        def intercept(
+            message: Warning | str,
+            category: type[Warning],
+            filename: str,
+            lineno: int,
+            file: TextIO | None = None,
+            line: str | None = None,
+        ) -> None:
+            if not issubclass(category, NumericalWarning):
+                show(message, category, filename, lineno, file, line)
+                return
+            text = str(message)
+            match = _JITTER.search(text)
+            if match is not None:
+                try:
+                    jitters.append(float(match.group(1)))
+                    return
+                except ValueError:  # pragma: no cover - another spelling of the jitter: said as it is
+                    pass
+            if text not in others:
+                others.append(text)
+
+        warnings.showwarning = intercept
+        yield
+    if jitters:
+        print(
+            f"{PROG}: warning: the {method} GP's kernel matrix was not positive definite in {dtype_name} arithmetic "
+            f"(nearly singular), so GPyTorch added jitter of up to {max(jitters):.0e} to its diagonal to factorise "
+            f"it; the {method} results are reported with that jitter",
+            file=sys.stderr,
+        )
+    if others:  # CG's warning, for one, gives its residual in the text: many texts, one line
+        more = f" (and {len(others) - 1} more numerical warning(s))" if len(others) > 1 else ""
+        print(f"{PROG}: warning: the {method} GP: GPyTorch: {others[0]}{more}", file=sys.stderr)
 
 
 def _fit(model: GP, method: str, problem: Problem, config: RunConfig, grid: Tensor | None) -> Fit:

@@ -8,7 +8,6 @@ standardise), :mod:`~bma_gp.cli.models` (build, train, predict) and :mod:`~bma_g
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import tempfile
@@ -84,9 +83,7 @@ def _run(config: RunConfig) -> int:
     try:
         return _fit_and_report(config, problem, kernel_kind, period, generator, grid, n_rows)
     except BaseException:
-        if created:  # a failed run leaves no empty --out directory of its own
-            with contextlib.suppress(OSError):  # not empty (the results so far), or gone
-                os.rmdir(config.out)
+        _remove_empty(created)  # a failed run leaves no empty directory of its own (--out and its new parents)
         raise
 
 
@@ -223,15 +220,54 @@ def _cannot_write(path: str, err: OSError) -> str:
     return f"argument --out: cannot write {path!r} ({err.strerror or err}); choose a writable directory with --out"
 
 
-def _check_out(config: RunConfig) -> bool:
-    """Create the ``--out`` directory and check that the run's files can be written there; returns whether the
-    directory was created here.
+def _missing_directories(path: str) -> list[str]:
+    """The directories ``os.makedirs(path)`` would create, innermost first: ``path`` and each parent up to the first
+    that exists (spelled as makedirs walks them; ``.`` and ``..`` steps name no directory of their own)."""
+    missing = []
+    head = path
+    while head and not os.path.isdir(head):
+        parent, tail = os.path.split(head)
+        if not tail:  # a trailing separator: "new/" is "new"
+            parent, tail = os.path.split(parent)
+        if tail not in (os.curdir, os.pardir):
+            missing.append(head)
+        if parent == head:
+            break
+        head = parent
+    return missing
+
+
+def _remove_empty(directories: Sequence[str]) -> None:
+    """Remove the ``directories`` (the run's own, innermost first) that are empty; stop at the first that is not (the
+    results so far, or a file another program put there): its parents are not empty either."""
+    for directory in directories:
+        try:
+            os.rmdir(directory)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
+
+
+def _check_out(config: RunConfig) -> list[str]:
+    """Create the ``--out`` directory and check that the run's files can be written there; returns the directories
+    created here (``--out`` and the parents makedirs created with it, innermost first), which a failed run removes
+    when they are empty. A check that fails removes them at once.
 
     Raises:
         UsageError: the directory cannot be created or written to, or an output file's name is taken
             by a directory or a file that cannot be overwritten.
     """
-    created = not os.path.isdir(config.out)
+    created = _missing_directories(config.out)
+    try:
+        _create_out(config)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    return created
+
+
+def _create_out(config: RunConfig) -> None:
     try:
         os.makedirs(config.out, exist_ok=True)
     except OSError as err:
@@ -255,4 +291,3 @@ def _check_out(config: RunConfig) -> bool:
         raise UsageError(
             f"argument --out: cannot write to {config.out!r} ({err.strerror or err}); choose a writable directory"
         ) from err
-    return created
