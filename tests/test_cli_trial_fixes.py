@@ -11,6 +11,7 @@ from linear_operator.utils.warnings import NumericalWarning
 
 from bma_gp.cli import main
 from bma_gp.datasets import DatasetError, load_csv
+from test_cli_group import _error as _cli_error
 
 FAST = ["--no-progress", "--no-plot"]
 
@@ -26,11 +27,8 @@ def _write(path, header, rows):
 
 
 def _error(capsys, argv):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.startswith("usage: bma-gp")
-    return info.value.code, err.strip().splitlines()[-1]
+    code, err = _cli_error(capsys, argv)
+    return code, err.strip().splitlines()[-1]
 
 
 def _results(out):

@@ -22,8 +22,6 @@ compilation is unavailable, and the reference the tests compare the compiled cod
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bma_gp._warnings import caller_stacklevel
 from bma_gp.optim import _jit
 from bma_gp.optim._scaling import z_inv_sqrt
 
@@ -122,7 +121,8 @@ def _inductor(name: str):
     logs a warning) while the variants already compiled stay in use; ``fullgraph`` is left off
     for that reason (with it, the limit is an error). Where compilation itself fails (no C++
     compiler for the CPU backend, no Triton for CUDA), the eager function runs from then on,
-    with one warning per process, at the caller's line (:func:`_caller_stacklevel`): same results, eager speed.
+    with one warning per process, at the caller's line (:func:`bma_gp._warnings.caller_stacklevel`): same
+    results, eager speed.
     """
     fn = _COMPILED.get(name)
     if fn is None:
@@ -130,26 +130,6 @@ def _inductor(name: str):
         eager = passes[name]
         fn = _COMPILED[name] = _with_eager_fallback(name, eager, torch.compile(eager, dynamic=True))
     return fn
-
-
-#: the folders whose frames a warning of the fused step skips to name the caller's line: this package's (the step's
-#: frames) and torch's (its ``no_grad`` and step-hook wrappers around ``step``, and ``GradScaler.step``)
-_INTERNAL_DIRS = (
-    os.path.dirname(os.path.abspath(__file__)) + os.sep,
-    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
-)
-
-
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` for a ``warnings.warn`` in the function that calls this one, such that the warning names
-    the first frame outside :data:`_INTERNAL_DIRS`: the user's ``opt.step()`` (or ``scaler.step(opt)``), whatever
-    path of the step led here (``warnings.warn``'s ``skip_file_prefixes`` needs Python 3.12)."""
-    frame = sys._getframe(1)  # the function that warns: stacklevel 1
-    level = 1
-    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
-        frame = frame.f_back
-        level += 1
-    return level
 
 
 def _with_eager_fallback(name: str, eager, fast):
@@ -174,7 +154,7 @@ def _with_eager_fallback(name: str, eager, fast):
                     f"{str(exc).splitlines()[0] if str(exc) else ''}); running the same passes eagerly (slower). "
                     "The CPU backend needs a C++ compiler; fused=False avoids torch.compile.",
                     RuntimeWarning,
-                    stacklevel=_caller_stacklevel(),
+                    stacklevel=caller_stacklevel(),
                 )
             return result
 
