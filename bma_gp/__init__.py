@@ -11,10 +11,19 @@ Public names (see the documentation for the mathematics):
 - :class:`BlockMeanInterleavedLinearOperator`, :class:`BlockMeanBlockDiagLinearOperator` -- a batch-independent
   multi-output model's covariance (``from_batch_mvn``), closed form task by task.
 - :func:`closed_form` -- rewrite any nesting of such sums as one closed-form operator.
-- :func:`block_mean` -- the Frobenius-nearest block mean matrix of a dense matrix or operator.
+- :class:`FallbackIndexedLinearOperator`, :class:`FallbackMatmulLinearOperator`,
+  :class:`FallbackScaledLinearOperator`, :class:`FallbackSumLinearOperator` -- what an operation that leaves the
+  closed forms returns: exact, with linear_operator's generic paths, announced by a
+  :class:`ClosedFormFallbackWarning`.
+- :func:`block_mean` -- the Frobenius-nearest block mean matrix of a dense matrix or operator;
+  :func:`block_mean_from_sums` -- the same from its block sums and diagonal sums.
 - :func:`kernel_block_mean` -- the same for a GPyTorch kernel matrix, without n x n memory.
-- :class:`BlockMeanKernel`, :class:`GroupKernel` -- GPyTorch kernels returning block mean operators.
-- :class:`GroupGaussianLikelihood` -- a Gaussian likelihood with one learned noise variance per group.
+- :class:`BlockMeanKernel`, :class:`GroupKernel` -- GPyTorch kernels returning block mean operators;
+  :class:`ChunkedInducingPointKernel` -- GPyTorch's SGPR kernel in bounded memory, whose sums with them stay closed
+  form.
+- :class:`GroupGaussianLikelihood` (its noise model :class:`GroupNoise`) -- a Gaussian likelihood with one learned
+  noise variance per group.
+- :mod:`settings` -- the package's switches (validation, the capacitance limit, ...).
 """
 
 from bma_gp import settings

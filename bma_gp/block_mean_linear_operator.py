@@ -425,7 +425,7 @@ class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedF
             ValueError: ``lam`` or ``B`` holds NaN or inf (with :class:`bma_gp.settings.validate` on).
 
         Returns:
-            ``lam`` # shape: (*batch, k) and ``C`` # shape: (*batch, k, k)
+            ``lam``, shape ``(*batch, k)``, and ``C``, shape ``(*batch, k, k)``.
         """
         if settings.validate.on():
             self._check_finite()
