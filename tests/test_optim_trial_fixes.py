@@ -535,3 +535,22 @@ def test_small_damping_steps_stay_finite_in_float32():
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
             assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_too_many_blocks_are_refused_before_any_state():
+    """partition="row" on a tall tensor gave k of the order of its entries: the first step asked torch for a 60000 x
+    60000 matrix (14 GB) and failed with its allocator's message (user trial). More than max_blocks blocks raise a
+    ValueError naming the partition and the limit, with nothing changed; raising the limit lets the step run."""
+    w = torch.nn.Parameter(torch.randn(50, 2))
+    w.grad = torch.randn_like(w)
+    before = w.detach().clone()
+    opt = BlockMeanAdagrad([w], partition="row", max_blocks=40)
+    with pytest.raises(ValueError, match=r"partition 'row' gives k = 50 blocks, more than max_blocks = 40"):
+        opt.step()
+    assert torch.equal(w.detach(), before) and not opt.state and not opt.global_state
+    with pytest.raises(ValueError, match="max_blocks"):
+        opt.max_blocks = 0
+    opt.max_blocks = 50
+    opt.step()
+    assert opt.global_state["U"].shape == (50, 50) and not torch.equal(w.detach(), before)
+    assert BlockMeanAdagrad([w]).max_blocks == 4096

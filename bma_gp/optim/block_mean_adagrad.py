@@ -81,6 +81,25 @@ def _checked_fused(opt: Any, value: Any) -> bool:
     return value
 
 
+def _checked_max_blocks(opt: Any, value: Any) -> int:
+    return check_hyperparameter("max_blocks", value, positive=True, integer=True)
+
+
+def _check_num_blocks(k: int, max_blocks: int, rule: Any) -> None:
+    """``ValueError`` before any state is made where the partition has more than ``max_blocks`` blocks: the
+    statistics ``U`` and the root are ``k x k`` and each root an ``O(k^3)`` eigendecomposition (``partition="row"`` on
+    a tall tensor gave ``k`` of the order of its entries: 14 GB asked for at 60,000 rows)."""
+    if k <= max_blocks:
+        return
+    gib = 3 * 8 * k * k / 2**30  # U, the root's B and eigh's workspace, in float64 at worst
+    raise ValueError(
+        f"BlockMeanAdagrad: the partition {_rule_name(rule)} gives k = {k} blocks, more than max_blocks = "
+        f"{max_blocks}. The preconditioner keeps k x k matrices (about {gib:.1f} GiB) and each root is an O(k^3) "
+        "eigendecomposition. Use a coarser partition (partition='tensor', or a callable with fewer blocks), or raise "
+        "max_blocks if the memory and time are there. Nothing was changed."
+    )
+
+
 def _checked_partition_rule(opt: Any, rule: Any) -> Any:
     """The constructor's partition; afterwards only the same rule again (a no-op): the partition cannot change."""
     if "partition_rule" not in opt.__dict__:  # the constructor's assignment
@@ -183,6 +202,10 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             CPU backend needs a C++ compiler) the same passes run eagerly, with one
             ``RuntimeWarning`` per process. Costs in docs/optimizer.md. Like ``torch.optim``'s ``fused``, it is
             opt-in. Default: ``False`` (``None``, torch.optim's default, means the same).
+        max_blocks: the most blocks the partition may have: the statistics and the root are ``k x k`` and each
+            root an ``O(k^3)`` eigendecomposition, so a partition with more blocks (``"row"`` on a tall tensor,
+            one block per row) raises ``ValueError`` at the first step, before any state is made. At the default
+            4096 the ``k x k`` matrices take about 0.4 GB in float64. Raise it where the memory and time are there.
         foreach, capturable, differentiable: torch.optim's implementation switches, accepted so that configurations
             that pass them to every optimizer work: ``foreach=None`` or ``False``, ``capturable=False`` and
             ``differentiable=False`` (the defaults) run the one step there is; ``foreach=True`` (there is no
@@ -246,6 +269,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         "damping",
         "partition_rule",
         "update_interval",
+        "max_blocks",
     )
     _fused_hint = "For a faster step pass fused=True."
     _saved_hyperparameters = (
@@ -269,6 +293,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
     update_interval = OptimizerSetting(_checked_update_interval)
     fused = OptimizerSetting(_checked_fused)
     partition_rule = OptimizerSetting(_checked_partition_rule)
+    max_blocks = OptimizerSetting(_checked_max_blocks)
 
     def __init__(
         self,
@@ -283,6 +308,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         maximize: bool = False,
         check_finite: bool = True,
         fused: bool | None = False,
+        max_blocks: int = 4096,
         foreach: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
@@ -307,6 +333,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         self.eps = eps
         self.damping = damping
         self.update_interval = update_interval
+        self.max_blocks = max_blocks
         self._blocks: tuple[tuple, ParamBlocks] | None = None  # (layout key, blocks)
         self._workspace: Workspace | None = None
         self._h_has_zero = True
@@ -375,6 +402,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("fused", False)
+        self.__dict__.setdefault("max_blocks", 4096)  # pickled before the limit existed
         self.__dict__.setdefault("_pending_ratio_form", None)
         self._blocks = None
         self._workspace = None
@@ -401,7 +429,9 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
     def _blocks_of(self, layout: FlatParams) -> ParamBlocks:
         """The blocks of ``layout``'s parameters (built once per layout; raises ValueError for a bad callable)."""
         if self._blocks is None or self._blocks[0] != layout.key:
-            self._blocks = (layout.key, ParamBlocks.build(layout.params, self.partition_rule))
+            blocks = ParamBlocks.build(layout.params, self.partition_rule)
+            _check_num_blocks(blocks.num_blocks, self.max_blocks, self.partition_rule)
+            self._blocks = (layout.key, blocks)
         return self._blocks[1]
 
     @property
