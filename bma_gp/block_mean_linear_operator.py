@@ -895,13 +895,19 @@ class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedF
 
         from bma_gp._composition import add_structured, fallback_sum
 
-        try:
-            diag = diag.expand(*self.batch_shape, self.shape[-1]) if diag.dim() == 1 else diag
+        n = self.shape[-1]
+        shape_ok = diag.shape[-1] == n
+        if shape_ok:
+            try:
+                torch.broadcast_shapes(diag.shape[:-1], self.batch_shape)
+            except RuntimeError:
+                shape_ok = False
+        res = None
+        if shape_ok:  # only the shape is checked here: another error inside the sum is raised as it is
+            diag = diag.expand(*self.batch_shape, n) if diag.dim() == 1 else diag
             res = add_structured(self, DiagLinearOperator(diag))
             if res is None and not self.symmetric:  # no closed form: the sum that `self + DiagLinearOperator` gives
                 res = fallback_sum(self, DiagLinearOperator(diag))
-        except RuntimeError:
-            res = None
         if res is None:
             raise ValueError(
                 f"add_diagonal: expected a scalar, shape (*batch, 1) or (*batch, {self.shape[-1]}), got "

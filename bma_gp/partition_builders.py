@@ -48,7 +48,8 @@ def _as_points(x, name: str = "x", keep_integers: bool = False) -> Tensor:
     if x.is_meta:
         raise ValueError(
             f"{name} is on the meta device, which holds no values, and a partition depends on the values; build it "
-            f"from {name} on a real device (a CPU partition works with meta tensors in block_mean and the operators)."
+            f"from {name} on a real device (a CPU partition works with meta tensors in block_mean and in the "
+            "operators' products; solves, sums and validation read values)."
         )
     if not x.dtype.is_floating_point:
         if x.dtype == torch.bool or x.dtype.is_complex:
@@ -498,7 +499,8 @@ def group_partition(ids) -> Partition:
     if ids.is_meta:
         raise ValueError(
             "ids are on the meta device, which hold no values, and a partition depends on the values; build it "
-            "from ids on a real device (a CPU partition works with meta tensors in block_mean and the operators)."
+            "from ids on a real device (a CPU partition works with meta tensors in block_mean and in the operators' "
+            "products; solves, sums and validation read values)."
         )
     ids = ids.detach()  # only the values matter (no "requires_grad tensor to a scalar" warning below)
     if ids.dtype.is_floating_point:

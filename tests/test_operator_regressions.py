@@ -563,3 +563,20 @@ def test_matrix_function_names_an_fn_that_is_not_elementwise(diagonal):
     dense = M.to_dense()
     e, V = torch.linalg.eigh(dense)
     torch.testing.assert_close(M.matrix_function(torch.exp).to_dense(), (V * e.exp()) @ V.mT)
+
+
+def test_add_diagonal_reports_shape_errors_only_for_shapes():
+    """add_diagonal caught every RuntimeError of the sum and reported it as 'expected a scalar, shape ...', also for
+    a vector of the right shape (a meta operator's .item(), an allocation failure). Shapes are checked first; an error
+    inside the sum is raised as it is."""
+    part = Partition.from_labels(torch.arange(8) % 3)
+    M = BlockMeanLinearOperator(torch.ones(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64), part)
+    with pytest.raises(ValueError, match=r"expected a scalar, shape \(\*batch, 1\) or \(\*batch, 8\), got \(7,\)"):
+        M.add_diagonal(torch.ones(7, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"got \(3, 8\)"):
+        M.expand(2, 8, 8).add_diagonal(torch.ones(3, 8, dtype=torch.float64))
+    with mock.patch("bma_gp._composition.add_structured", side_effect=RuntimeError("inside the sum")):
+        with pytest.raises(RuntimeError, match="inside the sum"):
+            M.add_diagonal(torch.ones(8, dtype=torch.float64))
+    d = torch.linspace(0.1, 0.8, 8, dtype=torch.float64)
+    torch.testing.assert_close(M.add_diagonal(d).to_dense(), M.to_dense() + torch.diag(d))
