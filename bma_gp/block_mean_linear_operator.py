@@ -856,7 +856,10 @@ class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedF
                 return self._new_diagonal(self.lam + other.lam, self._b_diag + other._b_diag)
             return self._new(self.lam + other.lam, self.B + other.B, symmetric=self.symmetric and other.symmetric)
         if isinstance(other, ConstantDiagLinearOperator) and other.shape[-1] == self.shape[-1]:
-            return self.add_diagonal(other.diag_values)
+            # in torch's promoted dtype, as c + M and a dense sum give (add_diagonal keeps the operator's dtype: a
+            # float64 jitter of 1e-9 on a float32 operator was dropped in M + c and kept in c + M)
+            dtype = torch.promote_types(self.dtype, other.dtype)
+            return (self if dtype == self.dtype else self.to(dtype)).add_diagonal(other.diag_values)
         from bma_gp._composition import add_structured, fallback_sum
 
         res = add_structured(self, other) if isinstance(other, LinearOperator) else None

@@ -580,3 +580,21 @@ def test_add_diagonal_reports_shape_errors_only_for_shapes():
             M.add_diagonal(torch.ones(8, dtype=torch.float64))
     d = torch.linspace(0.1, 0.8, 8, dtype=torch.float64)
     torch.testing.assert_close(M.add_diagonal(d).to_dense(), M.to_dense() + torch.diag(d))
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_constant_diagonal_of_another_dtype_promotes_in_either_order(diagonal):
+    """M + ConstantDiagLinearOperator(float64) on a float32 M kept float32 and dropped a 1e-9 jitter, while c + M
+    promoted to float64 (user trial). Both follow torch's promotion now, as the dense sum does."""
+    from linear_operator.operators import ConstantDiagLinearOperator
+
+    part = Partition.from_labels(torch.tensor([0, 0, 1, 1, 2, 2]))
+    B = torch.ones(3) if diagonal else torch.eye(3)
+    M = BlockMeanLinearOperator(torch.ones(3), B, part, diagonal=diagonal)
+    c = ConstantDiagLinearOperator(torch.tensor([1e-9], dtype=torch.float64), 6)
+    dense = M.to_dense() + c.to_dense()
+    for S in (M + c, c + M):
+        assert isinstance(S, BlockMeanLinearOperator) and S.dtype == dense.dtype == torch.float64
+        torch.testing.assert_close(S.to_dense(), dense, rtol=0, atol=1e-15)
+    same = ConstantDiagLinearOperator(torch.tensor([0.5]), 6)
+    assert (M + same).dtype == torch.float32  # the same dtype: unchanged
