@@ -1947,7 +1947,7 @@ class BlockMeanSumLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClos
             dim=-2,
         )
         kind = "zero" if zero_diagonal else ("inverse" if inverse else "root")
-        X = gram_root_core(A, self._core_matrix(wdt), kind, f"this sum ({self._describe()})")
+        X = gram_root_core(A, self._core_matrix(wdt), kind, f"this sum ({self._describe()})", self.dtype)
         eye = [torch.eye(size, dtype=wdt, device=self.device) for size in sizes]
         return X, eye
 
@@ -2085,21 +2085,27 @@ def warned_diagonalization(op: LinearOperator, diagonalization, method: str | No
     return diagonalization(method=method)
 
 
-def gram_root_core(A: Tensor, G: Tensor, kind: str, what: str) -> Tensor:
+def gram_root_core(A: Tensor, G: Tensor, kind: str, what: str, input_dtype: torch.dtype | None = None) -> Tensor:
     r""":math:`X` with :math:`(I + Y G Y^\top)^{1/2} = I + Y X Y^\top` for any :math:`Y` with :math:`Y^\top Y = A`
     (``kind="root"``), :math:`(I + Y G Y^\top)^{-1/2} = I + Y X Y^\top` (``"inverse"``) or
     :math:`(Y G Y^\top)^{1/2} = Y X Y^\top` (``"zero"``), for a symmetric, possibly indefinite :math:`G`:
     :math:`X = F^+ f(F G F) F^+` with :math:`F = A^{1/2}`, :math:`F^+` its pseudo-inverse and
     :math:`f(e) = \sqrt{1+e} - 1`, :math:`1/\sqrt{1+e} - 1` or :math:`\sqrt{e}` (docs/math.md, "Roots for sampling").
     Eigenvalues of :math:`A` below ``4 q eps`` times its largest count as its null space (:math:`Y` is 0 there to
-    rounding), with derivative 0. A ``ValueError`` naming ``what`` when the matrix is not positive (semi)definite;
-    with :class:`bma_gp.settings.validate` off (nothing read back) the square roots clamp the eigenvalues of
+    rounding), with derivative 0. A ``ValueError`` naming ``what`` when the matrix is not positive (semi)definite
+    beyond the rounding of ``input_dtype`` (the operator's; default ``G``'s), eigenvalues within it clamped; with
+    :class:`bma_gp.settings.validate` off (nothing read back) the square roots clamp the eigenvalues of
     :math:`I + F G F` (:math:`F G F`) to 0 instead, and the inverse root is NaN where one is negative.
     ``A``, ``G`` # shape: (*batch, q, q)"""
     A = 0.5 * (A + A.mT)
     q = A.shape[-1]
     wdt = A.dtype
     eps = torch.finfo(wdt).eps
+    # the test of definiteness allows the rounding of the inputs: G (and the d behind A) of a float32 operator
+    # carry float32 rounding into F G F even where the working precision is float64 (a float32 posterior at the
+    # training inputs, positive semidefinite, showed the eigenvalue -1.2e-4 of I + F G F at n = 2000)
+    source = input_dtype or G.dtype
+    tol = max(eps, torch.finfo(source).eps) if source.is_floating_point else eps
     zero = kind == "zero"
 
     def pinv_sqrt(e: Tensor) -> Tensor:
@@ -2114,7 +2120,7 @@ def gram_root_core(A: Tensor, G: Tensor, kind: str, what: str) -> Tensor:
     T = 0.5 * (T + T.mT)
 
     def positive(e: Tensor) -> Tensor:
-        bound = (0 if zero else -1) - 10 * q * eps * (1 + e.detach().abs().amax(-1, keepdim=True))
+        bound = (0 if zero else -1) - 10 * q * tol * (1 + e.detach().abs().amax(-1, keepdim=True))
         if not settings.validate.on():  # nothing read back: square roots clamp, an inverse root is NaN there
             floor = 0 if zero else -1 + eps
             return torch.where(e < bound, e, e.clamp_min(floor)) if kind == "inverse" else e.clamp_min(floor)

@@ -400,3 +400,37 @@ def test_pieces_made_without_gradients_are_not_reused_with_them():
     (grad,) = torch.autograd.grad(second.sum(), [s.d])
     (want,) = torch.autograd.grad(-s.dense_reference().sum(), [s.d])
     torch.testing.assert_close(grad, want, rtol=1e-8, atol=1e-10)
+
+
+def test_float32_posterior_draws_at_the_training_inputs_allow_float32_rounding():
+    """A float32 BlockMeanKernel model with per-point noise: the posterior at the training inputs is positive
+    semidefinite (float32 rounding puts its smallest dense eigenvalue at -5e-6), yet a draw raised 'not positive
+    definite: the eigenvalue -0.000124 of I + F G F' (user trial): the test allowed float64 rounding only, where
+    the blocks carry float32's. Draws now work and have the posterior's covariance up to float32 rounding."""
+    from bma_gp import BlockMeanKernel
+
+    n, k = 2000, 200
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(n, 2, generator=gen)
+    Y = torch.sin(3 * X[:, 0]) + 0.1 * torch.randn(n, generator=gen)
+    labels = (X[:, 0] * k).long().clamp_max(k - 1)
+    noise = 0.05 + 0.1 * torch.rand(n, generator=gen)
+
+    class GP(gpytorch.models.ExactGP):
+        def __init__(self, x, y, likelihood):
+            super().__init__(x, y, likelihood)
+            self.mean_module = gpytorch.means.ConstantMean()
+            base = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+            self.covar_module = BlockMeanKernel(base, x, Partition.from_labels(labels))
+
+        def forward(self, x):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+    model = GP(X, Y, gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise=noise)).float().eval()
+    with torch.no_grad():
+        post = model(X)
+        draws = post.rsample(torch.Size([2]))
+        root = post.lazy_covariance_matrix.root_decomposition().root.to_dense()
+    assert draws.shape == (2, n) and bool(torch.isfinite(draws).all())
+    dense = post.covariance_matrix.double()
+    torch.testing.assert_close((root.double() @ root.double().mT), dense, rtol=0, atol=2e-4)

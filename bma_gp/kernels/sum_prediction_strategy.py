@@ -2231,7 +2231,9 @@ class TrainingPosteriorLinearOperator(TorchIndexing, LinearOperator):
         Y^\top)\operatorname{diag}(\sqrt{s})`, and :func:`~bma_gp.block_mean_sum_linear_operator.gram_root_core`
         gives :math:`I + Y X Y^\top = (I + Y H Y^\top)^{1/2}` from :math:`Y^\top Y` and the formed :math:`H`."""
         _check_weight_size(self.M, "a root")
-        return gram_root_core(self._scaled_gram(), self.H, "root", "the posterior covariance at the training inputs")
+        return gram_root_core(
+            self._scaled_gram(), self.H, "root", "the posterior covariance at the training inputs", self.dtype
+        )
 
     def _square_root_core(self) -> Tensor:
         r""":math:`K = h(Y^\top A' Y)` with :math:`A' = Z^\top \operatorname{diag}(\beta^2 / s) Z`."""
