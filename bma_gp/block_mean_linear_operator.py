@@ -67,10 +67,13 @@ def _first_bad(mask: Tensor) -> tuple[tuple[int, ...], int] | None:
     return batch, col
 
 
-def check_rhs(shape: torch.Size, rhs: Tensor, name: str) -> None:
-    """A right-hand side for an operator of ``shape``: a tensor with ``n`` rows (or ``n`` entries)."""
+def check_rhs(shape: torch.Size, rhs: Tensor, name: str, dtype: torch.dtype | None = None) -> None:
+    """A right-hand side for an operator of ``shape`` (and ``dtype``): a tensor with ``n`` rows (or ``n`` entries),
+    of the operator's dtype where it is floating point (as for torch's matrix products)."""
     if not torch.is_tensor(rhs):
         raise TypeError(f"{name} must be a tensor, got {type(rhs).__name__}.")
+    if dtype is not None and rhs.dtype.is_floating_point and rhs.dtype != dtype:
+        _dtype_mismatch(name, rhs.dtype, dtype)
     if rhs.dim() == 0:  # rhs.shape[-2] below would raise a bare IndexError
         raise ValueError(
             f"{name} is a 0-d tensor; pass a vector of shape ({shape[-1]},) or a matrix of shape (*batch, "
@@ -82,6 +85,16 @@ def check_rhs(shape: torch.Size, rhs: Tensor, name: str) -> None:
             f"{name} of shape {tuple(rhs.shape)} does not match the operator of shape {tuple(shape)}: "
             f"expected size {shape[-1]} in dimension {-1 if rhs.dim() == 1 else -2}."
         )
+
+
+def _dtype_mismatch(name: str, got: torch.dtype, dtype: torch.dtype) -> None:
+    """``TypeError`` for a floating-point right-hand side of another dtype than the operator's: torch's matrix
+    products refuse them, and the operator's closed forms took one path or the other by the values of ``B`` (a
+    diagonal ``B`` promoted, a dense one raised torch's 'expected m1 and m2 to have the same dtype')."""
+    raise TypeError(
+        f"{name} has dtype {got} but the operator has dtype {dtype}: cast one of them with .to() (e.g. "
+        f"{name}.to({dtype}) or op.to({got})), as for torch's matrix products."
+    )
 
 
 def check_real(value: Tensor, name: str) -> None:
@@ -634,6 +647,8 @@ class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedF
             from bma_gp.block_mean_product_linear_operator import BlockMeanProductLinearOperator
 
             return BlockMeanProductLinearOperator(self, other)
+        if torch.is_tensor(other) and other.dtype.is_floating_point and other.dtype != self.dtype:
+            _dtype_mismatch("other", other.dtype, self.dtype)
         if torch.is_tensor(other) and not (
             torch.is_grad_enabled() and (other.requires_grad or self.lam.requires_grad or self._b_requires_grad())
         ):
@@ -1255,7 +1270,7 @@ class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedF
         return res.squeeze(-1) if vector else res
 
     def _check_rhs(self, rhs: Tensor, name: str) -> None:
-        check_rhs(self.shape, rhs, name)
+        check_rhs(self.shape, rhs, name, self.dtype)
 
     def _signed_logdet(self) -> Tensor:
         """``torch.logdet``'s semantics from :meth:`slogdet_parts`: NaN below zero, ``-inf`` at zero. # (*batch,)"""

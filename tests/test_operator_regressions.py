@@ -598,3 +598,28 @@ def test_constant_diagonal_of_another_dtype_promotes_in_either_order(diagonal):
         torch.testing.assert_close(S.to_dense(), dense, rtol=0, atol=1e-15)
     same = ConstantDiagLinearOperator(torch.tensor([0.5]), 6)
     assert (M + same).dtype == torch.float32  # the same dtype: unchanged
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+@pytest.mark.parametrize("B_off", [0.0, 1e-3])
+def test_right_hand_side_of_another_dtype_is_refused_whatever_B_holds(diagonal, B_off):
+    """A float32 operator with a float64 right-hand side promoted where B was diagonal (by its values, or as
+    diagonal=True) and raised torch's 'expected m1 and m2 to have the same dtype' where it was dense (user trial):
+    the same code worked or crashed by the fitted values. Now a TypeError naming the argument, as torch's matrix
+    products refuse; a matching dtype works."""
+    part = Partition.from_sizes([3, 3])
+    if diagonal:
+        M = BlockMeanLinearOperator(torch.ones(2), torch.ones(2), part, diagonal=True)
+    else:
+        M = BlockMeanLinearOperator(torch.ones(2), torch.tensor([[1.0, B_off], [B_off, 1.0]]), part)
+    x = torch.ones(6, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"other has dtype torch.float64 but the operator has dtype torch.float32"):
+        M @ x
+    with pytest.raises(TypeError, match=r"right_tensor has dtype torch.float64"):
+        M.solve(x)
+    with pytest.raises(TypeError, match=r"inv_quad_rhs has dtype torch.float64"):
+        M.inv_quad_logdet(x, logdet=True)
+    with pytest.raises(TypeError, match=r"other has dtype torch.float16"):
+        M @ x.half()
+    torch.testing.assert_close(M @ x.float(), M.to_dense() @ x.float())
+    torch.testing.assert_close(M.double() @ x, M.to_dense().double() @ x)
