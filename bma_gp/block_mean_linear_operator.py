@@ -72,8 +72,8 @@ def check_rhs(shape: torch.Size, rhs: Tensor, name: str, dtype: torch.dtype | No
     of the operator's dtype where it is floating point (as for torch's matrix products)."""
     if not torch.is_tensor(rhs):
         raise TypeError(f"{name} must be a tensor, got {type(rhs).__name__}.")
-    if dtype is not None and rhs.dtype.is_floating_point and rhs.dtype != dtype:
-        _dtype_mismatch(name, rhs.dtype, dtype)
+    if dtype is not None:
+        check_rhs_dtype(rhs, name, dtype)
     if rhs.dim() == 0:  # rhs.shape[-2] below would raise a bare IndexError
         raise ValueError(
             f"{name} is a 0-d tensor; pass a vector of shape ({shape[-1]},) or a matrix of shape (*batch, "
@@ -87,13 +87,16 @@ def check_rhs(shape: torch.Size, rhs: Tensor, name: str, dtype: torch.dtype | No
         )
 
 
-def _dtype_mismatch(name: str, got: torch.dtype, dtype: torch.dtype) -> None:
+def check_rhs_dtype(rhs: Tensor, name: str, dtype: torch.dtype) -> None:
     """``TypeError`` for a floating-point right-hand side of another dtype than the operator's: torch's matrix
-    products refuse them, and the operator's closed forms took one path or the other by the values of ``B`` (a
-    diagonal ``B`` promoted, a dense one raised torch's 'expected m1 and m2 to have the same dtype')."""
+    products refuse them, and the closed forms took one path or the other by the values of ``B`` (a diagonal ``B``
+    promoted, a dense one raised torch's 'expected m1 and m2 to have the same dtype'; a sum's solve promoted and its
+    product raised)."""
+    if not rhs.dtype.is_floating_point or rhs.dtype == dtype:
+        return
     raise TypeError(
-        f"{name} has dtype {got} but the operator has dtype {dtype}: cast one of them with .to() (e.g. "
-        f"{name}.to({dtype}) or op.to({got})), as for torch's matrix products."
+        f"{name} has dtype {rhs.dtype} but the operator has dtype {dtype}: cast one of them with .to() (e.g. "
+        f"{name}.to({dtype}) or op.to({rhs.dtype})), as for torch's matrix products."
     )
 
 
@@ -647,8 +650,8 @@ class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedF
             from bma_gp.block_mean_product_linear_operator import BlockMeanProductLinearOperator
 
             return BlockMeanProductLinearOperator(self, other)
-        if torch.is_tensor(other) and other.dtype.is_floating_point and other.dtype != self.dtype:
-            _dtype_mismatch("other", other.dtype, self.dtype)
+        if torch.is_tensor(other):
+            check_rhs_dtype(other, "other", self.dtype)
         if torch.is_tensor(other) and not (
             torch.is_grad_enabled() and (other.requires_grad or self.lam.requires_grad or self._b_requires_grad())
         ):

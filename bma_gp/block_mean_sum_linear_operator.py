@@ -42,7 +42,14 @@ from bma_gp._symmetric_function import (
     symmetric_matrix_functions,
 )
 from bma_gp._warnings import warn_dense_cholesky, warn_dense_eigh, warn_elementwise
-from bma_gp.block_mean_linear_operator import _first_bad, _where, batch_repeat, check_real, check_rhs
+from bma_gp.block_mean_linear_operator import (
+    _first_bad,
+    _where,
+    batch_repeat,
+    check_real,
+    check_rhs,
+    check_rhs_dtype,
+)
 from bma_gp.partition import Partition
 
 __all__ = ["BlockMeanSumLinearOperator"]
@@ -988,6 +995,7 @@ class BlockMeanSumLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClos
 
     def matmul(self, other):
         if torch.is_tensor(other):
+            check_rhs_dtype(other, "other", self.dtype)
             _matmul_broadcast_shape(self.shape, other.shape)
             return self._matmul(other)  # plain torch operations: autograd reaches every tensor
         return super().matmul(other)
@@ -1746,7 +1754,7 @@ class BlockMeanSumLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClos
 
     # ------------------------------------------------------------------ solves and log-determinants
     def _check_rhs(self, rhs: Tensor, name: str) -> None:
-        check_rhs(self.shape, rhs, name)
+        check_rhs(self.shape, rhs, name, self.dtype)
 
     def _woodbury(self, rhs: Tensor, definite: bool = True) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """``(D^{-1} b, u, x)`` with :math:`u = Z^\\top D^{-1} b` and :math:`x = C^{-1} G u` (working precision);

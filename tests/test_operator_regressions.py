@@ -623,3 +623,21 @@ def test_right_hand_side_of_another_dtype_is_refused_whatever_B_holds(diagonal, 
         M @ x.half()
     torch.testing.assert_close(M @ x.float(), M.to_dense() @ x.float())
     torch.testing.assert_close(M.double() @ x, M.to_dense().double() @ x)
+
+
+def test_sum_refuses_a_right_hand_side_of_another_dtype_in_every_operation():
+    """A float32 sum (per-point noise) with a float64 right-hand side: its product raised torch's 'expected m1 and
+    m2 to have the same dtype', its solve promoted to float64 and its inv_quad stayed float32. Now one TypeError."""
+    from linear_operator.operators import DiagLinearOperator
+
+    part = Partition.from_sizes([3, 3])
+    S = BlockMeanLinearOperator(torch.ones(2), torch.eye(2), part) + DiagLinearOperator(torch.linspace(1, 2, 6))
+    assert type(S).__name__ == "BlockMeanSumLinearOperator"
+    x = torch.ones(6, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"other has dtype torch.float64 but the operator has dtype torch.float32"):
+        S @ x
+    with pytest.raises(TypeError, match=r"right_tensor has dtype torch.float64"):
+        S.solve(x)
+    with pytest.raises(TypeError, match=r"inv_quad_rhs has dtype torch.float64"):
+        S.inv_quad_logdet(x, logdet=True)
+    torch.testing.assert_close(S.solve(x.float()), torch.linalg.solve(S.to_dense(), x.float()))
