@@ -6,6 +6,7 @@ The mathematics: :doc:`docs/math.md, section 2 </math>`.
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 from linear_operator.operators import DenseLinearOperator, LinearOperator
@@ -125,6 +126,20 @@ def _tensor_block_sums(A: Tensor, partition: Partition, dtype: torch.dtype) -> T
     return partition.block_sum(torch.cat(pieces, dim=-2), dim=-2)
 
 
+def positive_int_or_none(value: Any, requirement: str) -> int | None:
+    """``value`` as a Python int (any integer: a NumPy one, a one-element integer tensor), or None; a bool, a float
+    or a number below 1 raise ``ValueError(f"{requirement}, got {value!r}.")``."""
+    if value is None:
+        return None
+    try:
+        number = -1 if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = -1
+    if number <= 0:
+        raise ValueError(f"{requirement}, got {value!r}.")
+    return number
+
+
 def block_mean(
     A: Tensor | LinearOperator, partition: Partition, *, symmetric: bool = True, chunk_columns: int | None = None
 ) -> BlockMeanLinearOperator:
@@ -164,14 +179,10 @@ def block_mean(
         raise ValueError(f"A must be square with shape (*batch, n, n), got {tuple(A.shape)}.")
     if A.shape[-1] != n:
         raise ValueError(f"A has size {A.shape[-1]} but the partition has {n} indices; they must match.")
-    if chunk_columns is not None:
-        try:  # any integer (a NumPy one too); range() fails on 0 and gives no columns for a negative one
-            columns = -1 if isinstance(chunk_columns, bool) else operator.index(chunk_columns)
-        except TypeError:
-            columns = -1
-        if columns <= 0:
-            raise ValueError(f"chunk_columns must be a positive int (or None for the default), got {chunk_columns!r}.")
-        chunk_columns = columns
+    # range() fails on 0 and gives no columns for a negative number
+    chunk_columns = positive_int_or_none(
+        chunk_columns, "chunk_columns must be a positive int (or None for the default)"
+    )
     partition = partition.to(A.device)
     if isinstance(A, BlockMeanLinearOperator) and A.partition.same_as(partition):
         if A.symmetric or not symmetric:

@@ -30,7 +30,6 @@ unchanged.
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any
 
 import torch
@@ -48,7 +47,7 @@ from bma_gp._kernel_sums.generic import (
 from bma_gp._kernel_sums.plan import KernelSumsPlan
 from bma_gp._kernel_sums.stationary import StationaryForm, stationary_block_means
 from bma_gp._precision import core_dtype
-from bma_gp.approximation import block_mean_from_sums
+from bma_gp.approximation import block_mean_from_sums, positive_int_or_none
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.partition import Partition
 
@@ -94,15 +93,7 @@ def _check_inputs(kernel: Any, x: Any, partition: Any, chunk_size: Any) -> Tenso
 def chunk_rows(chunk_size: Any) -> int | None:
     """``chunk_size`` as a Python int (any integer: a NumPy one, a one-element integer tensor), or None; else
     ``ValueError``. A bool or a float is refused."""
-    if chunk_size is None:
-        return None
-    try:
-        rows = -1 if isinstance(chunk_size, bool) else operator.index(chunk_size)
-    except TypeError:
-        rows = -1
-    if rows <= 0:
-        raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}.")
-    return rows
+    return positive_int_or_none(chunk_size, "chunk_size must be a positive int (rows per chunk) or None")
 
 
 def check_single_output(kernel: Kernel, x: Tensor) -> None:

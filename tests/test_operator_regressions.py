@@ -600,6 +600,16 @@ def test_constant_diagonal_of_another_dtype_promotes_in_either_order(diagonal):
     assert (M + same).dtype == torch.float32  # the same dtype: unchanged
 
 
+def _refuses_float64_right_hand_sides(op, x):
+    """The product, solve and inv_quad of a float32 ``op`` with the float64 ``x`` each raise the named TypeError."""
+    with pytest.raises(TypeError, match=r"other has dtype torch.float64 but the operator has dtype torch.float32"):
+        op @ x
+    with pytest.raises(TypeError, match=r"right_tensor has dtype torch.float64"):
+        op.solve(x)
+    with pytest.raises(TypeError, match=r"inv_quad_rhs has dtype torch.float64"):
+        op.inv_quad_logdet(x, logdet=True)
+
+
 @pytest.mark.parametrize("diagonal", [False, True])
 @pytest.mark.parametrize("B_off", [0.0, 1e-3])
 def test_right_hand_side_of_another_dtype_is_refused_whatever_B_holds(diagonal, B_off):
@@ -613,12 +623,7 @@ def test_right_hand_side_of_another_dtype_is_refused_whatever_B_holds(diagonal, 
     else:
         M = BlockMeanLinearOperator(torch.ones(2), torch.tensor([[1.0, B_off], [B_off, 1.0]]), part)
     x = torch.ones(6, 2, dtype=torch.float64)
-    with pytest.raises(TypeError, match=r"other has dtype torch.float64 but the operator has dtype torch.float32"):
-        M @ x
-    with pytest.raises(TypeError, match=r"right_tensor has dtype torch.float64"):
-        M.solve(x)
-    with pytest.raises(TypeError, match=r"inv_quad_rhs has dtype torch.float64"):
-        M.inv_quad_logdet(x, logdet=True)
+    _refuses_float64_right_hand_sides(M, x)
     with pytest.raises(TypeError, match=r"other has dtype torch.float16"):
         M @ x.half()
     torch.testing.assert_close(M @ x.float(), M.to_dense() @ x.float())
@@ -634,10 +639,5 @@ def test_sum_refuses_a_right_hand_side_of_another_dtype_in_every_operation():
     S = BlockMeanLinearOperator(torch.ones(2), torch.eye(2), part) + DiagLinearOperator(torch.linspace(1, 2, 6))
     assert type(S).__name__ == "BlockMeanSumLinearOperator"
     x = torch.ones(6, 2, dtype=torch.float64)
-    with pytest.raises(TypeError, match=r"other has dtype torch.float64 but the operator has dtype torch.float32"):
-        S @ x
-    with pytest.raises(TypeError, match=r"right_tensor has dtype torch.float64"):
-        S.solve(x)
-    with pytest.raises(TypeError, match=r"inv_quad_rhs has dtype torch.float64"):
-        S.inv_quad_logdet(x, logdet=True)
+    _refuses_float64_right_hand_sides(S, x)
     torch.testing.assert_close(S.solve(x.float()), torch.linalg.solve(S.to_dense(), x.float()))
