@@ -117,13 +117,16 @@ class FlatParams:
 
     @staticmethod
     def key_of(param_groups: list[dict]) -> tuple:
-        """Identity of a layout: the parameter objects in order and their device (that of the first parameter, in
-        whichever group it is: a first group may be empty)."""
+        """Identity of a layout: the parameter objects in order, how many each group holds (a parameter moved to
+        another group between steps takes that group's settings, as with torch.optim, so :attr:`group_index` must
+        follow) and their device (that of the first parameter, in whichever group it is: a first group may be
+        empty)."""
         ids = tuple(id(p) for group in param_groups for p in group["params"])
+        sizes = tuple(len(group["params"]) for group in param_groups)
         if param_groups and param_groups[0]["params"]:
-            return ids, param_groups[0]["params"][0].device
+            return ids, sizes, param_groups[0]["params"][0].device
         first = next((p for group in param_groups for p in group["params"]), None)
-        return ids, None if first is None else first.device
+        return ids, sizes, None if first is None else first.device
 
     def dtype_changed(self) -> bool:
         """Whether the parameters' dtypes now call for state of another dtype than :attr:`dtype` (``model.double()``
