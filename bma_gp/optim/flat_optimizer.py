@@ -205,6 +205,32 @@ def check_torch_optim_flags(owner: str, values: dict[str, Any], *, fused_hint: s
             raise ValueError(f"Invalid {name} value: {value!r}; pass {allowed}. {reasons[name]}")
 
 
+#: torch.optim.Adagrad's per-group options that these optimizers do not have, and the value each has here
+_ADAGRAD_ONLY_OPTIONS = {"lr_decay": 0.0, "initial_accumulator_value": 0.0}
+
+
+def check_adagrad_options(owner: str, group: dict[str, Any]) -> None:
+    """Refuse torch.optim.Adagrad's ``lr_decay`` and ``initial_accumulator_value`` in a param group (a configuration
+    ported from Adagrad) at any value but 0, which is what these optimizers do: torch.optim keeps unknown group entries
+    without a word, so the option would be silently ignored. Raises ``ValueError`` naming the option and the fix."""
+    for name, value_here in _ADAGRAD_ONLY_OPTIONS.items():
+        if name not in group:
+            continue
+        value = group[name]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value_here:
+            continue
+        fix = (
+            "schedule the learning rate instead, e.g. torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + t * "
+            "lr_decay)) for Adagrad's decay"
+            if name == "lr_decay"
+            else "the statistics start at 0; damping (an optimizer-wide setting) keeps the first steps bounded"
+        )
+        raise ValueError(
+            f"a param group of {owner} has {name}={value!r}: that is a torch.optim.Adagrad option {owner} does not "
+            f"have, and it would be silently ignored. Remove it (or set it to {value_here!r}); {fix}."
+        )
+
+
 def _all_finite(grads: list[Tensor], dtype: torch.dtype, extra: list[Tensor]) -> tuple[bool, list[float]]:
     """Whether every entry of every tensor in ``grads`` is finite, and the values of the 0-d tensors ``extra``.
 
@@ -304,6 +330,7 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         """
         if isinstance(param_group, dict):  # else torch's TypeError
             check_torch_optim_flags(type(self).__name__, param_group, fused_hint=self._fused_hint)
+            check_adagrad_options(type(self).__name__, param_group)
             self._check_optimizer_wide(param_group)
         super().add_param_group(param_group)
         try:
@@ -745,6 +772,8 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         }
         self._check_saved_sizes(state_dict, saved_flat)
         self._check_saved_global_state(state_dict, global_state)
+        if self.check_finite:  # with check_finite=False a run may hold inf/nan statistics, and may resume them
+            self._check_saved_values(saved_flat, global_state)
         # after the checks that name a state dict of another optimizer or model, before anything changes
         hyperparameters = self._loaded_hyperparameters(saved_hyperparameters, state_dict.get("param_groups"))
         super().load_state_dict(state_dict)
@@ -796,6 +825,37 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
                         f"{value.numel()} entries, the parameter {p.numel()} (shape {tuple(p.shape)}). Load a state "
                         f"dict saved from the same model."
                     )
+
+    #: global state entries whose values are sums of squares (a vector, or a matrix whose diagonal is one)
+    _nonnegative_global = ("w", "U", "H")
+
+    def _check_saved_values(self, saved_flat: dict, global_state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` (before anything changes) for saved statistics that no run produces: a value that is
+        not finite, or a negative sum of squares (the flat state, ``w``, the diagonal of ``U`` or ``H``). The step
+        would otherwise fail inside its eigendecomposition with a LAPACK error, or step by ``nan``. One pass over
+        the saved state (a load is rare); only with ``check_finite`` (the default), under which a run keeps its
+        statistics finite."""
+        name = type(self).__name__
+        entries = [(f"'{key}' of parameter {idx}", value, True) for idx, st in saved_flat.items() for key, value in st.items()]
+        entries += [
+            (f"global_state[{key!r}]", value, key in self._nonnegative_global)
+            for key, value in (global_state or {}).items()
+            if isinstance(value, Tensor) and value.is_floating_point()
+        ]
+        for what, value, squares in entries:
+            if not value.is_floating_point():
+                continue
+            if not bool(torch.isfinite(value).all()):
+                problem = "holds a value that is not finite (nan or inf)"
+            elif squares and bool(((value if value.dim() < 2 else value.diagonal(dim1=-2, dim2=-1)) < 0).any()):
+                problem = "holds a negative sum of squares"
+            else:
+                continue
+            raise ValueError(
+                f"state_dict's {what} {problem}: no run of {name} with check_finite=True produces that (was the "
+                "checkpoint edited or corrupted?). Load an intact state dict, or leave the state out to restart the "
+                "statistics (check_finite=False loads it as it is). Nothing was loaded."
+            )
 
     def _check_saved_global_state(self, state_dict: dict[str, Any], global_state: dict[str, Any]) -> None:
         """Raise ``ValueError`` (before anything changes) when the saved global state cannot belong to these
