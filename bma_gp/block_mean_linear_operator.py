@@ -20,6 +20,7 @@ from torch import Tensor
 from bma_gp import settings
 from bma_gp._broadcast import batch_constants, sum_to_shape, times_diagonal
 from bma_gp._diagonal import diagonal_by_construction, is_diagonal
+from bma_gp._closed_roots import ClosedFormRoots, check_root_method
 from bma_gp._indexing import TorchIndexing
 from bma_gp._low_rank_sum import LowRankInClosedForm
 from bma_gp._precision import core_dtype
@@ -193,12 +194,18 @@ def _elementwise(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
                 "matrix_function(fn): fn must map a tensor of eigenvalues elementwise to a tensor of the same shape "
                 f"(as torch.exp does): it gave shape {tuple(out.shape)} for eigenvalues of shape {tuple(e.shape)}."
             )
-        return out
+        if not out.dtype.is_floating_point or out.dtype.is_complex:
+            raise TypeError(
+                "matrix_function(fn): fn must map the (real) eigenvalues to real floating-point values, got dtype "
+                f"{out.dtype} for eigenvalues of dtype {e.dtype}; the result is a real symmetric matrix (for an "
+                "integer result convert it, e.g. lambda e: torch.round(e), which keeps the dtype)."
+            )
+        return out.to(e.dtype)
 
     return apply
 
 
-class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedForm, LinearOperator):
+class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedForm, ClosedFormRoots, LinearOperator):
     r"""A block mean matrix over a partition of :math:`n` indices into :math:`k` blocks.
 
     .. math::
@@ -1424,6 +1431,7 @@ class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedF
     def root_decomposition(self, method: str | None = None) -> LinearOperator:
         r""":math:`M = R R^\top` with :math:`R = M^{1/2}`, itself a block mean operator (``method`` is ignored);
         checked as :meth:`matrix_sqrt`, the errors naming ``root_decomposition``."""
+        check_root_method("root_decomposition", method)
         return RootLinearOperator(self._root_decomposition_root())
 
     @_cached_unless_grad("root_decomposition_root")
@@ -1437,6 +1445,7 @@ class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedF
     ) -> LinearOperator:
         r""":math:`M^{-1} = R R^\top` with :math:`R = M^{-1/2}`, a block mean operator (arguments are ignored);
         checked as :meth:`matrix_inv_sqrt`, the errors naming ``root_inv_decomposition``."""
+        check_root_method("root_inv_decomposition", method)
         return RootLinearOperator(self._inv_sqrt("root_inv_decomposition"))
 
     def sqrt_inv_matmul(self, rhs: Tensor, lhs: Tensor | None = None):

@@ -312,6 +312,12 @@ class BlockMeanProductLinearOperator(TorchIndexing, LowRankInClosedForm, MatmulL
     def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method=None):
         self._no_root("root_inv_decomposition")
 
+    def _root_decomposition(self):  # what linear_operator's wrappers (BlockDiagLinearOperator, ...) call
+        self._no_root("root_decomposition")
+
+    def _root_inv_decomposition(self, initial_vectors=None, test_vectors=None):
+        self._no_root("root_inv_decomposition")
+
     def _cholesky(self, upper: bool | None = False):
         self._no_root("cholesky")
 

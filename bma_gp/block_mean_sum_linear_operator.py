@@ -29,6 +29,7 @@ from bma_gp._broadcast import batch_constants, times_diagonal
 from bma_gp._by_products import ByProducts
 from bma_gp._diagonal import is_diagonal as _is_diagonal
 from bma_gp._diagonal import structurally_diagonal as _structurally_diagonal
+from bma_gp._closed_roots import ClosedFormRoots, check_root_method
 from bma_gp._indexing import TorchIndexing
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._low_rank_sum import LowRankInClosedForm
@@ -545,7 +546,7 @@ def _scoped(method):
 
 
 # ---------------------------------------------------------------------------- the operator
-class BlockMeanSumLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedForm, LinearOperator):
+class BlockMeanSumLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedForm, ClosedFormRoots, LinearOperator):
     r"""A per-point diagonal plus block mean matrices over several partitions plus a low-rank root.
 
     .. math::
@@ -1987,6 +1988,7 @@ class BlockMeanSumLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClos
         not) the same :math:`R` comes from the root of the Gram matrix instead, with :math:`L = I` and
         :math:`K` from :meth:`_gram_root_parts`; with :math:`d = 0` it is then :math:`R = Z K Z^\top`. A sum
         that is not positive definite raises ``ValueError``."""
+        check_root_method("root_decomposition", method)
         if bool((self.diag_values == 0).all()):  # no per-point part: R = Z L, n x q, no eigendecomposition
             self._check_finite_input()
             wdt = core_dtype(self.dtype)
@@ -2013,6 +2015,7 @@ class BlockMeanSumLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClos
     ) -> LinearOperator:
         r""":math:`M^{-1} = R R^\top` with :math:`R = D^{-1/2} + D^{-1} Z L K L^\top Z^\top D^{-1/2}`,
         :math:`K = g(L^\top A L)`, :math:`g(e) = -1/(\sqrt{1+e}(\sqrt{1+e}+1))` (arguments are ignored)."""
+        check_root_method("root_inv_decomposition", method)
         K, L = self._memo("root_inv_parts", lambda: self._root_parts(inverse=True))
         wdt = K.dtype
         d = self.diag_values.to(wdt)
