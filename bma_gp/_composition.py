@@ -964,9 +964,10 @@ class BlockMeanSumKroneckerLinearOperator(_KroneckerOfBlockMean, SumKroneckerLin
     """``SumKroneckerLinearOperator`` with a block mean factor: :class:`_KroneckerOfBlockMean`."""
 
     _beyond = (
-        "Above it, linear_operator whitens by a dense root of the noise's data factor, so a noise that couples the "
-        "tasks (MultitaskGaussianLikelihood(rank >= 1)) has no closed form here; rank=0 has one above "
-        "max_cholesky_size."
+        "Above it, linear_operator whitens the sum by the inverse root of the noise's t x t task factor (a noise that "
+        "couples the tasks, MultitaskGaussianLikelihood(rank >= 1)), which it takes by Lanczos as for any data "
+        "kernel, an iterative estimate of that small matrix; the block mean factor's eigendecomposition is then "
+        "closed form: set max_cholesky_size below n to use it."
     )
 
 

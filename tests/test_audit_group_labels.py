@@ -178,3 +178,13 @@ def test_group_likelihood_takes_an_n_by_1_column_of_groups():
         variance = likelihood(f, groups=np.array([[3], [1], [3], [0], [2]])).variance
     assert variance.shape == (5,)
     torch.testing.assert_close(variance, 1 + torch.tensor([0.4, 0.2, 0.4, 0.1, 0.3], dtype=DTYPE))
+
+
+def test_an_id_equal_to_num_groups_gets_the_new_level_advice():
+    kernel = GroupKernel(num_groups=5)
+    train = torch.tensor([[0.0], [1.0], [4.0]])
+    with pytest.raises(ValueError, match=r"holds 5\.0.*\[0, 5\).*not seen in training.*num_groups = levels seen \+ 1"):
+        kernel(train, torch.tensor([[5.0]])).to_dense()
+    with pytest.raises(ValueError, match=r"holds 7\.0") as info:  # further out: no advice about a spare id
+        kernel(train, torch.tensor([[7.0]])).to_dense()
+    assert "not seen in training" not in str(info.value)

@@ -78,9 +78,16 @@ def check_group_ids(values: Tensor, num_groups: int, name: str = "x") -> Tensor:
             )
     if bool(bad.any()):
         value = values[bad].reshape(-1)[0].item()
+        new_level = (
+            " A level not seen in training needs an id of its own within num_groups: reserve ids for such levels "
+            "when building the kernel (num_groups = levels seen + 1, the spare id for every new level, as the "
+            "examples do); its effect is then predicted as 0."
+            if value == num_groups
+            else ""
+        )
         raise ValueError(
             f"{name} holds {value!r}, which is not an integer group id in [0, {num_groups}); "
-            f"group ids must be whole numbers 0 .. num_groups - 1 = {num_groups - 1}."
+            f"group ids must be whole numbers 0 .. num_groups - 1 = {num_groups - 1}.{new_level}"
         )
     return values.long()
 
