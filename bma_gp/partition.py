@@ -248,6 +248,9 @@ class Partition:
         self.is_contiguous: bool = contiguous
         self._max_size: int | None = None
         self._hash: int | None = None
+        # on the meta device (no values): the partition with values it was made from, which equality, hashing and
+        # moves back to a real device read (None elsewhere, and for a meta partition with no known origin)
+        self._values: Partition | None = None
         if runs is ...:  # a host-side table, built once here (not in the hot paths that use it)
             runs = _equal_size_runs(self.sizes) if contiguous else None
         self._runs: tuple[tuple[int, int, int, int], ...] | None = runs
@@ -301,6 +304,8 @@ class Partition:
         if device is None or torch.device(device) == sizes.device:
             return cls._trusted(sizes, contiguous=True)
         # n and the run table read the sizes: taken here, where they have values (device="meta" has none)
+        if torch.device(device).type == "meta":
+            return cls._trusted(sizes, contiguous=True).to(device)
         return cls._trusted(sizes.to(device), contiguous=True, n=int(sizes.sum()), runs=_equal_size_runs(sizes))
 
     # ------------------------------------------------------------------ basics
@@ -334,6 +339,9 @@ class Partition:
             return NotImplemented
         if len(self) != len(other) or self.num_blocks != other.num_blocks:
             return False
+        if self.device.type == "meta" or other.device.type == "meta":  # no values: compare those they came from
+            a, b = self._with_values(), other._with_values()
+            return a is not None and b is not None and a == b
         if self.is_contiguous and other.is_contiguous:  # the sizes decide; no label vector is needed
             return bool(torch.equal(self.sizes, other.sizes.to(self.device)))
         return bool(torch.equal(self.labels, other.labels.to(self.device)))
@@ -346,8 +354,16 @@ class Partition:
         host copy of the ``k`` sizes) and cached; a partition is immutable after construction.
         """
         if self._hash is None:
-            self._hash = hash((self._n, self.num_blocks, tuple(self.sizes.tolist())))
+            if self.device.type == "meta":  # equal only to partitions with the values it came from (see __eq__)
+                source = self._with_values()
+                self._hash = hash((self._n, self.num_blocks)) if source is None else hash(source)
+            else:
+                self._hash = hash((self._n, self.num_blocks, tuple(self.sizes.tolist())))
         return self._hash
+
+    def _with_values(self) -> Partition | None:
+        """This partition, or on the meta device the partition with values it was made from (None if unknown)."""
+        return self._values if self.device.type == "meta" else self
 
     def same_as(self, other: Partition) -> bool:
         """Cheap check used by operator algebra: identical object, or equal labels."""
@@ -364,8 +380,15 @@ class Partition:
                 device = arg.device
         if device is None or torch.device(device) == self.device:
             return self
+        if self.device.type == "meta":  # no values to copy: those of the partition it was made from
+            if self._values is None:
+                raise ValueError(
+                    f"{self!r} holds no values (the meta device) and was not made from a partition that does, so it "
+                    f"cannot move to {device}; build the partition there (Partition.from_labels / from_sizes)."
+                )
+            return self._values.to(device)
         labels = None if self._labels is None else self._labels.to(device)
-        return Partition._trusted(
+        res = Partition._trusted(
             self.sizes.to(device),
             labels=labels,
             contiguous=self.is_contiguous,
@@ -373,6 +396,9 @@ class Partition:
             max_size=self._max_size,
             n=self._n,  # sizes.sum() reads values: a partition from sizes had none on the meta device
         )
+        if res.device.type == "meta":
+            res._values = self
+        return res
 
     def cpu(self) -> Partition:
         return self.to("cpu")
@@ -406,6 +432,7 @@ class Partition:
             "is_contiguous": self.is_contiguous,
             "_max_size": self._max_size,
             "_runs": self._runs,  # host ints: rebuilding them reads the sizes, which a meta partition has not
+            "_values": self._values,  # a meta partition's origin (equality, hashing, moves back)
         }
 
     def __setstate__(self, state):
@@ -414,6 +441,7 @@ class Partition:
         n = state["n"] if labels is None else labels.numel()
         self._setup(labels, state["sizes"], n, state["is_contiguous"], runs)
         self._max_size = state.get("_max_size")
+        self._values = state.get("_values")
 
     def _run_views(self, x: Tensor, dim: int):
         """For each equal-size run: ``(first index, first block, blocks, size, x's run as a view)``.

@@ -348,3 +348,36 @@ def test_read_only_numpy_labels_do_not_warn():
         part = Partition.from_labels(labels)
         sizes = Partition.from_sizes(counts)
     assert part.labels.tolist() == [0, 1, 1, 0, 2] and sizes.sizes.tolist() == [1, 1, 2]
+
+
+def test_meta_partitions_compare_and_hash_by_their_origin():
+    import copy
+
+    p = Partition.from_labels(torch.tensor([0, 1, 0, 2]))
+    q = Partition.from_labels(torch.tensor([0, 1, 0, 2]))
+    r = Partition.from_labels(torch.tensor([0, 1, 2, 0]))
+    pm, qm, rm = p.to("meta"), q.to("meta"), r.to("meta")
+    assert pm == qm and hash(pm) == hash(qm) == hash(p)
+    assert pm != rm and pm == p and p == pm  # a meta partition equals the partition it came from, on any device
+    assert len({pm, qm, p}) == 1
+    sized = [Partition.from_sizes([2, 2], device="meta") for _ in range(2)]
+    assert sized[0] == sized[1] and hash(sized[0]) == hash(sized[1]) == hash(Partition.from_sizes([2, 2]))
+    assert sized[0] != Partition.from_sizes([1, 3], device="meta")
+    assert pm.to("cpu") is p  # back to a device with values: the origin
+    for copied in (copy.deepcopy(pm), pickle.loads(pickle.dumps(pm))):
+        assert copied.device.type == "meta" and copied == pm
+    # operator algebra compares partitions: equal but distinct meta partitions add as one block mean operator
+    ones = dict(device="meta")
+    S = BlockMeanLinearOperator(torch.ones(3, **ones), torch.ones(3, 3, **ones), pm) + BlockMeanLinearOperator(
+        torch.ones(3, **ones), torch.ones(3, 3, **ones), qm
+    )
+    assert type(S).__name__ == "BlockMeanLinearOperator" and S.shape == (4, 4)
+
+
+def test_meta_partition_without_origin_refuses_to_move():
+    p = Partition.from_labels(torch.tensor([0, 1, 0, 2])).to("meta")
+    p._values = None  # e.g. a partition built on the meta device by the package from other meta tensors
+    assert p == p and p != Partition.from_labels(torch.tensor([0, 1, 0, 2])).to("meta")
+    hash(p)
+    with pytest.raises(ValueError, match="holds no values.*cannot move to cpu"):
+        p.to("cpu")
