@@ -27,9 +27,9 @@ from bma_gp import settings
 from bma_gp._autograd import first_order_only
 from bma_gp._broadcast import batch_constants, times_diagonal
 from bma_gp._by_products import ByProducts
+from bma_gp._closed_roots import ClosedFormRoots, check_root_method
 from bma_gp._diagonal import is_diagonal as _is_diagonal
 from bma_gp._diagonal import structurally_diagonal as _structurally_diagonal
-from bma_gp._closed_roots import ClosedFormRoots, check_root_method
 from bma_gp._indexing import TorchIndexing
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._low_rank_sum import LowRankInClosedForm
@@ -546,7 +546,9 @@ def _scoped(method):
 
 
 # ---------------------------------------------------------------------------- the operator
-class BlockMeanSumLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedForm, ClosedFormRoots, LinearOperator):
+class BlockMeanSumLinearOperator(
+    TorchIndexing, ClosedFormSamples, LowRankInClosedForm, ClosedFormRoots, LinearOperator
+):
     r"""A per-point diagonal plus block mean matrices over several partitions plus a low-rank root.
 
     .. math::
@@ -2104,7 +2106,8 @@ def gram_root_core(A: Tensor, G: Tensor, kind: str, what: str, input_dtype: torc
     :math:`f(e) = \sqrt{1+e} - 1`, :math:`1/\sqrt{1+e} - 1` or :math:`\sqrt{e}` (docs/math.md, "Roots for sampling").
     Eigenvalues of :math:`A` below ``4 q eps`` times its largest count as its null space (:math:`Y` is 0 there to
     rounding), with derivative 0. A ``ValueError`` naming ``what`` when the matrix is not positive (semi)definite
-    beyond the rounding of ``input_dtype`` (the operator's; default ``G``'s), eigenvalues within it clamped; with
+    beyond the rounding of ``input_dtype`` (the operator's; default ``G``'s), eigenvalues within it clamped (the
+    square roots); the inverse root allows no band: an eigenvalue of :math:`I + F G F` at or below 0 raises. With
     :class:`bma_gp.settings.validate` off (nothing read back) the square roots clamp the eigenvalues of
     :math:`I + F G F` (:math:`F G F`) to 0 instead, and the inverse root is NaN where one is negative.
     ``A``, ``G`` # shape: (*batch, q, q)"""
@@ -2131,10 +2134,26 @@ def gram_root_core(A: Tensor, G: Tensor, kind: str, what: str, input_dtype: torc
     T = 0.5 * (T + T.mT)
 
     def positive(e: Tensor) -> Tensor:
+        if kind == "inverse":
+            # no rounding band here: an eigenvalue 1 + e <= 0 clamped to eps would become 1 / sqrt(eps) in the inverse
+            # root, a silently unbounded result (float32 inputs carry a band of about q eps32 max|e|, which can be
+            # far above 1), while the log-determinant of the same sum refuses it
+            if settings.validate.on() and bool((e <= -1).any()):
+                raise ValueError(
+                    f"{what} is not positive definite: the eigenvalue {float((e + 1).min()):.3g} of I + F G F (F the "
+                    "root of its Gram matrix, G its blocks) is not positive, so it has no inverse square root"
+                    + (
+                        f" (its inputs are {source}: their rounding alone can move that eigenvalue by about "
+                        f"{float(10 * q * tol * (1 + e.detach().abs().amax())):.3g}; in float64 it may be positive)"
+                        if tol > eps
+                        else ""
+                    )
+                    + ". Check the signs of its blocks B_j and of its diagonal."
+                )
+            return e  # validation off: NaN where 1 + e < 0, nothing read back
         bound = (0 if zero else -1) - 10 * q * tol * (1 + e.detach().abs().amax(-1, keepdim=True))
-        if not settings.validate.on():  # nothing read back: square roots clamp, an inverse root is NaN there
-            floor = 0 if zero else -1 + eps
-            return torch.where(e < bound, e, e.clamp_min(floor)) if kind == "inverse" else e.clamp_min(floor)
+        if not settings.validate.on():  # nothing read back: square roots clamp
+            return e.clamp_min(0 if zero else -1 + eps)
         if bool((e < bound).any()):
             raise ValueError(
                 f"{what} is not positive {'semidefinite' if zero else 'definite'}: the eigenvalue "
