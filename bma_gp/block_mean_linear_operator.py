@@ -19,8 +19,8 @@ from torch import Tensor
 
 from bma_gp import settings
 from bma_gp._broadcast import batch_constants, sum_to_shape, times_diagonal
-from bma_gp._diagonal import diagonal_by_construction, is_diagonal
 from bma_gp._closed_roots import ClosedFormRoots, check_root_method
+from bma_gp._diagonal import diagonal_by_construction, is_diagonal
 from bma_gp._indexing import TorchIndexing
 from bma_gp._low_rank_sum import LowRankInClosedForm
 from bma_gp._precision import core_dtype

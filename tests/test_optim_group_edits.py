@@ -100,7 +100,8 @@ def test_adagrad_only_group_options_refused(cls, option):
 
 
 _CORRUPTIONS = [(BlockMeanAdagrad, c) for c in ("nan_global", "negative_global", "nan_sum", "negative_sum")] + [
-    (FullMatrixAdagrad, c) for c in ("nan_global", "negative_global")  # no per-parameter statistics there
+    (FullMatrixAdagrad, c)
+    for c in ("nan_global", "negative_global")  # no per-parameter statistics there
 ]
 
 

@@ -836,7 +836,9 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         the saved state (a load is rare); only with ``check_finite`` (the default), under which a run keeps its
         statistics finite."""
         name = type(self).__name__
-        entries = [(f"'{key}' of parameter {idx}", value, True) for idx, st in saved_flat.items() for key, value in st.items()]
+        entries = [
+            (f"'{key}' of parameter {idx}", value, True) for idx, st in saved_flat.items() for key, value in st.items()
+        ]
         entries += [
             (f"global_state[{key!r}]", value, key in self._nonnegative_global)
             for key, value in (global_state or {}).items()
