@@ -549,6 +549,7 @@ class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedF
                     f"as self (k = {self.partition.num_blocks}), got {type(op).__name__}."
                 )
         self._check_symmetric("schur_complement")
+        other._check_symmetric("schur_complement's other (N, which it inverts)")
         if self._diagonal_core() and cross._diagonal_core() and other._diagonal_core():
             return self._diagonal_schur_complement(cross, other)
         lam_M, C_M = self.core()

@@ -742,3 +742,13 @@ def test_group_kernel_with_per_point_noise_keeps_its_variances_as_a_vector(monke
         K = model.covar_module(x).to_dense()
         want = torch.diagonal(K - K @ torch.linalg.solve(K + torch.diag(noise), K))
     torch.testing.assert_close(var, want, rtol=1e-8, atol=1e-10)
+
+
+def test_schur_complement_names_a_non_symmetric_other():
+    labels = PARTITIONS["scattered"]
+    K, _, _, _ = _pair(labels)
+    k = K.partition.num_blocks
+    B = torch.randn(k, k, dtype=K.dtype, generator=torch.Generator().manual_seed(0))
+    other = BlockMeanLinearOperator(K.lam.detach(), B, K.partition, symmetric=False)
+    with pytest.raises(ValueError, match="schur_complement's other.*symmetric=False"):
+        K.schur_complement(K, other)
