@@ -32,10 +32,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from gpytorch.kernels import InducingPointKernel, Kernel
 from torch import Tensor
 
+from bma_gp import settings
 from bma_gp._kernel_sums.generic import (
     GenericKernelSums,
     centred_inputs,
@@ -76,8 +78,10 @@ def _check_inputs(kernel: Any, x: Any, partition: Any, chunk_size: Any) -> Tenso
         raise ValueError(f"x must be floating point, got dtype {x.dtype}; convert it with .float().")
     if x.dim() == 1:
         x = x.unsqueeze(-1)
-    if x.dim() < 2 or x.shape[-2] == 0:
-        raise ValueError(f"x must have shape (n, d) or (*batch, n, d) with n >= 1, got {tuple(x.shape)}.")
+    if x.dim() < 2 or x.shape[-2] == 0 or x.shape[-1] == 0:
+        raise ValueError(
+            f"x must have shape (n, d) or (*batch, n, d) with n, d >= 1 (or (n,) for d = 1), got {tuple(x.shape)}."
+        )
     if not isinstance(partition, Partition):
         raise TypeError(
             f"partition must be a bma_gp.Partition, got {type(partition).__name__}; build one with "
@@ -87,7 +91,48 @@ def _check_inputs(kernel: Any, x: Any, partition: Any, chunk_size: Any) -> Tenso
         raise ValueError(f"partition has {len(partition)} indices but x has {x.shape[-2]} rows; they must match.")
     check_single_output(kernel, x)
     chunk_rows(chunk_size)
+    check_finite_inputs(kernel, x, "x")
     return x
+
+
+def optional_flag(value: Any, name: str, meaning: str) -> bool | None:
+    """``value`` as ``True``, ``False`` or ``None`` (a Python or NumPy bool, or None); anything else a ``TypeError``
+    naming ``name``: ``bool("False")`` and ``bool("no")`` are ``True`` and ``0 is not False``, so a string from a
+    configuration file or an integer silently picked the other setting."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be {meaning}, got {value!r}.")
+
+
+def check_finite_inputs(kernel: Kernel, x: Tensor, name: str) -> None:
+    """``ValueError`` naming ``name`` (and the first bad entry) when the columns of ``x`` that ``kernel`` reads (its
+    ``active_dims``, else all) hold NaN or inf, with :class:`bma_gp.settings.validate` on: one host read, O(n d).
+    With validation off nothing is read back and such inputs give NaN block means, as before: a block's means take
+    all its points, and the inputs of a translation-invariant kernel are centred over all points, so one bad value
+    made every entry of ``lam`` and ``B`` NaN, and the model failed only later, without naming the input."""
+    if not settings.validate.on() or x.device.type == "meta" or not x.numel():
+        return
+    columns = kernel.active_dims
+    if columns is not None and columns.numel() and int(columns.max()) < x.shape[-1]:
+        columns = columns.to(x.device)
+        seen = x.detach().index_select(-1, columns)
+    else:
+        columns, seen = None, x.detach()
+    bad = ~torch.isfinite(seen)
+    if not bool(bad.any()):
+        return
+    at = bad.nonzero()[0].tolist()
+    value = seen[tuple(at)].item()
+    if columns is not None:
+        at[-1] = int(columns[at[-1]])
+    where = ", ".join(str(i) for i in at)
+    raise ValueError(
+        f"{name} contains NaN or infinite values ({name}[{where}] = {value}); remove or impute them first: the "
+        "block means average over all points of a block (and the inputs of a translation-invariant kernel are "
+        "centred over all points), so one such value makes the block mean approximation NaN."
+    )
 
 
 def chunk_rows(chunk_size: Any) -> int | None:
@@ -198,18 +243,20 @@ def kernel_block_mean(
             share of the rows and the sums are all-reduced (module docstring). ``None``:
             single process.
         progress: show a tqdm progress bar; ``None`` shows one when there are more than
-            :math:`10^9` entries (on rank 0 only).
+            :math:`10^9` entries (on rank 0 only). A bool (Python or NumPy) or ``None``.
         fused: force (``True``) or forbid (``False``) the stationary engine; ``None``
             uses it whenever it applies. Forcing it on a kernel it does not support is a
-            ``ValueError``.
+            ``ValueError``; anything but a bool (Python or NumPy) or ``None`` a ``TypeError``
+            (``bool("False")`` is ``True``).
 
     Returns:
         BlockMeanLinearOperator over ``partition``. # shape: (*batch, n, n)
 
     Raises:
         TypeError: ``kernel`` is not a gpytorch kernel, ``x`` not a tensor, ``partition``
-            not a :class:`~bma_gp.Partition`.
-        ValueError: wrong shapes, a bad ``chunk_size``, a process group without an
+            not a :class:`~bma_gp.Partition`, ``fused`` or ``progress`` not ``True``, ``False`` or ``None``.
+        ValueError: wrong shapes (no rows or no columns), ``x`` holding NaN or inf in the columns the kernel
+            reads (with :class:`bma_gp.settings.validate` on), a bad ``chunk_size``, a process group without an
             initialised ``torch.distributed``, ``fused=True`` on an unsupported kernel, batch
             shapes of ``x`` and the kernel that do not broadcast, or (generic engine, with
             gradients on) a kernel whose values depend on a tensor needing a gradient that is
@@ -224,6 +271,12 @@ def kernel_block_mean(
         >>> op.shape
         torch.Size([1000, 1000])
     """
+    fused = optional_flag(
+        fused, "fused", "True (force the stationary engine), False (forbid it) or None (use it where it applies)"
+    )
+    progress = optional_flag(
+        progress, "progress", "True (show a progress bar), False (none) or None (one above 10^9 entries)"
+    )
     x = _check_inputs(kernel, x, partition, chunk_size)
     chunk_size = chunk_rows(chunk_size)
     n = x.shape[-2]

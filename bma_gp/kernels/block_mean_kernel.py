@@ -17,7 +17,7 @@ from torch import Tensor
 from bma_gp._composition import ClosedFormFallbackWarning
 from bma_gp._kernel_sums.generic import translation_invariant
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
-from bma_gp.kernel_block_mean import check_single_output, chunk_rows
+from bma_gp.kernel_block_mean import check_finite_inputs, check_single_output, chunk_rows
 from bma_gp.kernels._bound_data import record_bound_data
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.kernels.leading_rows_linear_operator import LeadingRowsLinearOperator
@@ -260,7 +260,10 @@ class BlockMeanKernel(Kernel):
       points followed by ``m`` new points, a fantasy model's training inputs, one of size
       ``t x (k + m)`` over the blocks of the joint operator above); ``train_x`` against ``train_x`` followed by
       new points: the leading rows of that joint operator
-      (:class:`~bma_gp.kernels.leading_rows_linear_operator.LeadingRowsLinearOperator`).
+      (:class:`~bma_gp.kernels.leading_rows_linear_operator.LeadingRowsLinearOperator`); ``train_x`` followed by
+      new points against ``train_x`` followed by other new points: those rows and columns of the joint operator over
+      the training blocks and both sets of new points (a :class:`~bma_gp.FallbackIndexedLinearOperator`, products
+      in :math:`O(n)` per column; nothing ``n x n``).
 
     Predictions at inputs equal to ``train_x`` are therefore the posterior of the latent
     values *at the training points*; any other set of inputs gets the new-point covariance.
@@ -353,12 +356,14 @@ class BlockMeanKernel(Kernel):
 
         Raises:
             TypeError: ``train_x`` is not a tensor or ``partition`` not a :class:`~bma_gp.Partition`.
-            ValueError: ``train_x`` has a bad shape or dtype, or the partition has the wrong length.
+            ValueError: ``train_x`` has a bad shape or dtype, holds NaN or inf in the columns the base kernel reads
+                (with :class:`bma_gp.settings.validate` on), or the partition has the wrong length.
         """
         train_x = _check_train_x(train_x)
         partition = _check_partition(
             self._partition if partition is None and hasattr(self, "_partition") else partition, train_x.shape[-2]
         )
+        check_finite_inputs(self.base_kernel, train_x, "train_x")
         self._train_x = train_x
         self._partition = partition
         self._data_version += 1
@@ -408,6 +413,7 @@ class BlockMeanKernel(Kernel):
         if key is not None and cached is not None and _same_key(cached[0], key):
             return cached[1]
         partition = self._partition_on(train_x.device)
+        check_finite_inputs(self.base_kernel, train_x, "train_x")  # (changed in place, or bound with validation off)
         res = _kernel_block_mean(self.base_kernel, train_x, partition, self.chunk_size)
         self._block_sums_cache = None if key is None else (key, res)
         return res
@@ -505,8 +511,11 @@ class BlockMeanKernel(Kernel):
         new1, new2 = x1[..., r1:, :], x2[..., r2:, :]
 
         if diag:
-            if x1.shape[-2] != x2.shape[-2]:
-                return torch.diagonal(to_dense(self.forward(x1, x2)), dim1=-2, dim2=-1)
+            if x1.shape[-2] != x2.shape[-2]:  # a rectangular matrix's diagonal, read entry by entry from the
+                # structured operator (its dense (n + t1) x (n + t2) matrix is not formed)
+                full = to_linear_operator(self.forward(x1, x2))
+                index = torch.arange(min(x1.shape[-2], x2.shape[-2]), device=x1.device)
+                return full[..., index, index]
             parts, m = [], max(r1, r2)
             if r1 and r2:
                 parts.append(self._train_diagonal(train_x))
@@ -549,8 +558,8 @@ class BlockMeanKernel(Kernel):
             return LeadingRowsLinearOperator(self._joint_block_mean(train_x, new2, warn=False), r1)
         if r1 and r2 and not t2:
             return LeadingRowsLinearOperator(self._joint_block_mean(train_x, new1, warn=False), r2, transposed=True)
-        # Rare mixtures (e.g. train + new rows against other new rows): assemble densely.
-        return to_linear_operator(self._dense_mixture(train_x, r1, new1, r2, new2))
+        # the training points and new points against them and other new points
+        return self._joint_mixture(train_x, new1, new2)
 
     def _joint_block_mean(self, train_x: Tensor, x_new: Tensor, warn: bool = True) -> BlockMeanLinearOperator:
         """Training points followed by new points: one block mean operator over ``k + t`` blocks (``warn``: about
@@ -584,33 +593,21 @@ class BlockMeanKernel(Kernel):
         values = torch.cat([cross.expand(*batch, *cross.shape[-2:]), new_new.expand(*batch, *new_new.shape[-2:])], -1)
         return BlockCrossLinearOperator(values, _joint_partition(partition, x_new.shape[-2]))
 
-    def _dense_mixture(self, train_x: Tensor, r1: int, new1: Tensor, r2: int, new2: Tensor) -> Tensor:
-        rows = []
-        if r1:
-            row = []
-            if r2:
-                row.append(self._train_block_mean(train_x).to_dense())
-            if new2.shape[-2]:
-                row.append(
-                    BlockCrossLinearOperator(self._cross_block_means(new2, train_x), self._partition_on(train_x.device))
-                    .to_dense()
-                    .mT
-                )
-            rows.append(row)
-        if new1.shape[-2]:
-            row = []
-            if r2:
-                row.append(
-                    BlockCrossLinearOperator(
-                        self._cross_block_means(new1, train_x), self._partition_on(train_x.device)
-                    ).to_dense()
-                )
-            if new2.shape[-2]:
-                row.append(self._base_dense(new1, new2))
-            rows.append(row)
-        blocks = [b for row in rows for b in row]
-        batch = torch.broadcast_shapes(*(b.shape[:-2] for b in blocks))
-        return torch.cat([torch.cat([b.expand(*batch, *b.shape[-2:]) for b in row], dim=-1) for row in rows], dim=-2)
+    def _joint_mixture(self, train_x: Tensor, new1: Tensor, new2: Tensor) -> LinearOperator:
+        r"""The training points followed by the new points ``new1`` against the training points followed by other new
+        points ``new2``: rows ``0 .. n + t1`` and columns ``0 .. n`` and ``n + t1 .. n + t1 + t2`` of the block mean
+        operator :math:`M` of the training points, ``new1`` and ``new2`` (:meth:`_joint_block_mean` over
+        ``k + t1 + t2`` blocks), which holds every entry: the block means of the training points, the cross block
+        means of either new point set and the base kernel between ``new1`` and ``new2``. The rows and columns are
+        taken lazily (a :class:`~bma_gp.FallbackIndexedLinearOperator` of :math:`M`): products cost
+        :math:`O(n + (k + t_1 + t_2)^2)` per column and nothing ``n x n`` is formed but by ``to_dense``."""
+        n, t1, t2, d = train_x.shape[-2], new1.shape[-2], new2.shape[-2], new1.shape[-1]
+        batch = torch.broadcast_shapes(new1.shape[:-2], new2.shape[:-2])
+        new = torch.cat([new1.expand(*batch, t1, d), new2.expand(*batch, t2, d)], dim=-2)
+        joint = self._joint_block_mean(train_x, new, warn=False)
+        device = joint.lam.device
+        columns = torch.cat([torch.arange(n, device=device), torch.arange(n + t1, n + t1 + t2, device=device)])
+        return joint[..., : n + t1, columns]
 
     def num_outputs_per_input(self, x1: Tensor, x2: Tensor) -> int:
         return 1
