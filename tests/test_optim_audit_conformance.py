@@ -275,6 +275,6 @@ def test_the_layout_follows_a_device_move_when_the_first_param_group_is_empty():
 
     p = torch.nn.Parameter(torch.randn(3))
     on_meta = torch.nn.Parameter(torch.empty(3, device="meta"))
-    assert FlatParams.key_of([{"params": []}, {"params": [p]}])[1] == torch.device("cpu")
-    assert FlatParams.key_of([{"params": []}, {"params": [on_meta]}])[1] == torch.device("meta")
-    assert FlatParams.key_of([{"params": []}]) == ((), None)
+    assert FlatParams.key_of([{"params": []}, {"params": [p]}])[-1] == torch.device("cpu")  # the device is last
+    assert FlatParams.key_of([{"params": []}, {"params": [on_meta]}])[-1] == torch.device("meta")
+    assert FlatParams.key_of([{"params": []}]) == ((), (0,), None)
