@@ -53,10 +53,39 @@ def evaluate(kernel: Kernel, x1: Tensor, x2: Tensor) -> Tensor:
         return to_dense(kernel(x1, x2))
 
 
-def evaluate_diag(kernel: Kernel, x: Tensor) -> Tensor:
-    """The exact diagonal ``k(x_i, x_i)``: ``x`` is passed as both inputs, so distances are zero."""
+def evaluate_diag(kernel: Kernel, x: Tensor, batch_shape: torch.Size) -> Tensor:
+    """The exact diagonal ``k(x_i, x_i)``: ``x`` is passed as both inputs, so distances are zero. ``batch_shape`` is
+    that of the kernel's values on ``x`` (the chunk's values). # shape: (*batch_shape, c)"""
+    return kernel_diagonal(kernel, x, x, batch_shape)
+
+
+def kernel_diagonal(kernel: Kernel, x1: Tensor, x2: Tensor, batch_shape: torch.Size | None = None) -> Tensor:
+    """``kernel(x1, x2, diag=True)`` as a dense tensor of shape ``(*batch_shape, t)``, with ``x1`` and ``x2`` expanded
+    to ``batch_shape`` (the batch shape of the kernel's values on them; found from one ``1 x 1`` evaluation when not
+    given) first.
+
+    GPyTorch's ``Kernel.__call__(diag=True)`` takes a result of shape ``(b, t)`` for unbatched inputs of ``t`` rows
+    to be a ``t x t`` matrix when ``b == t``, and returns its diagonal, of shape ``(b,)``: a batch kernel (``batch_shape
+    =(b,)``) over unbatched inputs of exactly ``b`` points gave a wrong diagonal (a chunk of ``b`` rows in the block
+    sums, ``b`` test points in a prediction)."""
+    same = x2 is x1
+    if batch_shape is None:
+        if not x1.shape[-2]:  # no point to evaluate the batch shape on (and no diagonal to take wrongly)
+            with gpt_settings.lazily_evaluate_kernels(False):
+                return to_dense(kernel(x1, x2, diag=True))
+        batch_shape = evaluate(kernel, x1[..., :1, :], x2[..., :1, :]).shape[:-2]
+    if x1.shape[:-2] != batch_shape:
+        x1 = x1.expand(*batch_shape, *x1.shape[-2:])
+    x2 = x1 if same else (x2 if x2.shape[:-2] == batch_shape else x2.expand(*batch_shape, *x2.shape[-2:]))
     with gpt_settings.lazily_evaluate_kernels(False):
-        return to_dense(kernel(x, x, diag=True))
+        res = to_dense(kernel(x1, x2, diag=True))
+    if res.shape != (*batch_shape, x1.shape[-2]):
+        raise RuntimeError(
+            f"{type(kernel).__name__}(x1, x2, diag=True) gave shape {tuple(res.shape)} for {x1.shape[-2]} points of "
+            f"batch shape {tuple(batch_shape)}; expected {(*batch_shape, x1.shape[-2])} (the kernel's diag mode "
+            "disagrees with its full evaluation)."
+        )
+    return res
 
 
 class _Bound:
@@ -214,7 +243,7 @@ class GenericKernelSums(torch.autograd.Function):
                 sums.index_add_(sums.dim() - 2, rows, _segment_sum(values.to(acc), plan.sizes))
                 # the chunk's diagonal entries, off by ~sqrt(eps), replaced by the exact ones in T and d
                 inexact = torch.diagonal(values, offset=a, dim1=-2, dim2=-1)
-                exact = evaluate_diag(kernel, x[..., a:b, :]).expand_as(inexact)
+                exact = evaluate_diag(kernel, x[..., a:b, :], values.shape[:-2])
                 torch.diagonal(sums, dim1=-2, dim2=-1).index_add_(-1, rows, (exact - inexact).to(acc))
                 diag.index_add_(diag.dim() - 1, rows, exact.to(acc))
             if plan.group is not None:
@@ -249,7 +278,7 @@ class GenericKernelSums(torch.autograd.Function):
                 if not inputs:
                     continue
                 values = evaluate(ev, x_in[..., a:b, :], x_in)
-                diag_values = evaluate_diag(ev, x_in[..., a:b, :])
+                diag_values = evaluate_diag(cast(Kernel, ev), x_in[..., a:b, :], values.shape[:-2])
                 rows = plan.labels[a:b]
                 # dL/dK for this chunk: the k x k gradient spread over its entries (c x n, never n x n); the
                 # diagonal entries come from the exact diagonal evaluation, as in forward

@@ -15,7 +15,7 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from bma_gp._composition import ClosedFormFallbackWarning
-from bma_gp._kernel_sums.generic import translation_invariant
+from bma_gp._kernel_sums.generic import kernel_diagonal, translation_invariant
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.kernel_block_mean import check_finite_inputs, check_single_output, chunk_rows
 from bma_gp.kernels._bound_data import record_bound_data
@@ -484,7 +484,7 @@ class BlockMeanKernel(Kernel):
     def _train_diagonal(self, train_x: Tensor) -> Tensor:
         # lam_i + B_ii is the mean of the diagonal of block i: O(n), no block sums needed
         partition = self._partition_on(train_x.device)
-        diag = to_dense(self.base_kernel(train_x, diag=True))
+        diag = kernel_diagonal(self.base_kernel, train_x, train_x)
         return partition.expand(partition.block_average(diag, dim=-1), dim=-1)
 
     def _num_train_rows(self, x: Tensor) -> int:
@@ -522,7 +522,7 @@ class BlockMeanKernel(Kernel):
             elif m:  # training point i against new point i: the mean of k over its block, O(n * chunk)
                 parts.append(self._cross_diagonal((x2 if r1 else x1)[..., :m, :], train_x))
             if x1.shape[-2] > m or not parts:  # (no points at all: the base kernel's empty diagonal)
-                parts.append(to_dense(self.base_kernel(x1[..., m:, :], x2[..., m:, :], diag=True)))
+                parts.append(kernel_diagonal(self.base_kernel, x1[..., m:, :], x2[..., m:, :]))
             # the inputs' batch too: the training rows' diagonal is computed once, unbatched (as kernel(x1, x2) is)
             batch = torch.broadcast_shapes(
                 x1.shape[:-2], x2.shape[:-2], self.batch_shape, *(p.shape[:-1] for p in parts)

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from bma_gp._autograd import first_order_only
 from bma_gp._broadcast import shared_batch_entry
+from bma_gp._kernel_sums.generic import kernel_diagonal
 from bma_gp.kernels._rbf_gram import LazyRootOperator, RBFRootFactor, TraceTerm
 from bma_gp.kernels._rbf_root import rbf_parts, rbf_root
 
@@ -295,6 +296,6 @@ class ChunkedInducingPointKernel(InducingPointKernel):
         root, diag = self._root(x1)
         covar = _RootWithDiagonal(root, diag)
         if not self.training and settings.sgpr_diagonal_correction.on():
-            correction = (self.base_kernel(x1, x2, diag=True) - diag).clamp(0, math.inf)
+            correction = (kernel_diagonal(self.base_kernel, x1, x2) - diag).clamp(0, math.inf)
             covar = LowRankRootAddedDiagLinearOperator(covar, DiagLinearOperator(correction))
         return covar
