@@ -19,7 +19,11 @@ which an engine in :mod:`bma_gp._kernel_sums` reduces from tiles or row chunks o
 
 **Distributed.** With ``process_group`` every rank evaluates its own share of the rows
 (generic) or of the tiles (stationary); all ranks must pass the same ``x``, partition and
-kernel parameters. The block sums are all-reduced in forward, so every rank returns the
+kernel parameters. One small all-gather first compares the problems' shapes (``n``, ``k``,
+the block sizes, ``d``, the engine, the batch, the dtype and ``chunk_size``) and raises
+``ValueError`` on every rank where they differ; different values of ``x``, of the labels
+within equal block sizes or of the parameters are not detected. A rank outside the group
+is refused. The block sums are all-reduced in forward, so every rank returns the
 same operator, and the hyperparameter (and input) gradients are all-reduced in backward,
 so every rank ends with the full gradient of its (identical) loss: do not sum the
 gradients again. Every rank must call backward. Wrapping the model in
@@ -163,7 +167,58 @@ def _rank_and_world(process_group: Any) -> tuple[int, int]:
             "process_group was given but torch.distributed is not initialised; call "
             "torch.distributed.init_process_group first (or pass process_group=None)."
         )
-    return dist.get_rank(process_group), dist.get_world_size(process_group)
+    non_member = getattr(dist.GroupMember, "NON_GROUP_MEMBER", object())  # new_group's value on the other ranks
+    if not isinstance(process_group, dist.ProcessGroup) and process_group is not non_member:
+        raise TypeError(
+            "process_group must be a torch.distributed process group (torch.distributed.group.WORLD, or one from "
+            f"torch.distributed.new_group(ranks)), got {process_group!r}."
+        )
+    rank, world = (
+        (-1, 0) if process_group is non_member else (dist.get_rank(process_group), dist.get_world_size(process_group))
+    )
+    if rank < 0:
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of process_group: its share of the rows "
+            "would be empty and the sums all-reduced among the other ranks without it. Call kernel_block_mean with "
+            "a process group only on its members (torch.distributed.new_group(ranks) is called on every rank, the "
+            "kernel block mean only on the ranks in ranks), or pass process_group=None here."
+        )
+    return rank, world
+
+
+#: what :func:`_check_ranks_agree` compares across the ranks, in order
+_RANK_SIGNATURE = (
+    "n",
+    "the number of blocks k",
+    "the block sizes",
+    "the input dimension d",
+    "the engine",
+    "the batch shape",
+    "the dtype",
+    "chunk_size",
+)
+
+
+def _check_ranks_agree(process_group: Any, values: list[int], device: torch.device) -> None:
+    """``ValueError`` on every rank when the ranks of ``process_group`` called :func:`kernel_block_mean` on problems
+    of different shapes (the values :data:`_RANK_SIGNATURE` names): one small all-gather before the sums' collectives,
+    which would otherwise abort the processes (gloo: received data of another size), hang (one rank waiting in the
+    other engine's collective) or silently add sums of different problems (another n, the same k). Different values
+    of ``x``, of the labels within equal block sizes or of the kernel's parameters are not detected."""
+    import torch.distributed as dist
+
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(gathered, mine, group=process_group)
+    for rank, theirs in enumerate(gathered):
+        differ = (theirs != gathered[0]).nonzero().flatten().tolist()
+        if differ:
+            what = ", ".join(_RANK_SIGNATURE[i] for i in differ)
+            raise ValueError(
+                f"kernel_block_mean with a process group: the ranks disagree on {what} (rank 0 and rank {rank} of "
+                "the group); every rank must pass the same x, partition, kernel and options, and each evaluates "
+                "its own share of the rows. Nothing was summed."
+            )
 
 
 def _values_batch_shape(kernel: Kernel, x: Tensor) -> torch.Size:
@@ -302,6 +357,23 @@ def kernel_block_mean(
         return BlockMeanLinearOperator(lam, lam.new_zeros(*batch, k, k), partition)
     show = (bool(progress) if progress is not None else batch_numel * n * n >= _PROGRESS_ENTRIES) and rank == 0
     rows = (rank * n // world, (rank + 1) * n // world)
+    if process_group is not None:
+        dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        _check_ranks_agree(
+            process_group,
+            [
+                n,
+                partition.num_blocks,
+                hash(partition) & (2**62 - 1),
+                x.shape[-1],
+                int(form is not None),
+                batch_numel,
+                len(batch),
+                dtypes.index(x.dtype) if x.dtype in dtypes else -1,
+                chunk_size or 0,
+            ],
+            x.device,
+        )
 
     # the engines return the sums in core_dtype (float64 for float32): lam = d / s - B_ii cancels where a block's
     # values are nearly equal (a long lengthscale), so the means are taken there and rounded to the kernel's dtype

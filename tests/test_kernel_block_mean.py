@@ -502,3 +502,61 @@ def test_chunk_size_takes_any_integer_and_refuses_the_rest():
             kernel_block_mean(kernel, x, part, chunk_size=bad)
         with pytest.raises(ValueError, match="chunk_size must be a positive int"):
             BlockMeanKernel(kernel, x, part, chunk_size=bad)
+
+
+def _disagreeing_worker(rank, world):
+    """Each case on every rank, with the world group: the type and message of what it raised, or None."""
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    kernel = ScaleKernel(RBFKernel()).double()
+
+    def call(n, k, fused=None):
+        return kernel_block_mean(
+            kernel, _x(n), Partition.from_labels(torch.arange(n) % k), fused=fused, process_group=group
+        )
+
+    cases = {
+        "same": lambda: call(12, 3),
+        "k": lambda: call(12, 3 + rank),  # gloo aborted both processes (received data of another size)
+        "n": lambda: call(12 + 2 * rank, 3),  # the same k: silently summed two problems
+        "engine": lambda: call(12, 3, None if rank == 0 else False),  # each rank waited in the other's collective
+    }
+    found = {}
+    for name, case in cases.items():
+        try:
+            with torch.no_grad():
+                case()
+            found[name] = None
+        except (ValueError, TypeError) as error:
+            found[name] = (type(error).__name__, str(error))
+    other = dist.new_group([0])  # rank 1 is not a member
+    try:
+        kernel_block_mean(kernel, _x(12), Partition.from_labels(torch.arange(12) % 3), process_group=other)
+        found["non_member"] = None
+    except ValueError as error:
+        found["non_member"] = ("ValueError", str(error))
+    return found
+
+
+@pytest.mark.slow
+def test_distributed_ranks_that_disagree_raise_on_every_rank():
+    ranks = run_on_ranks(_disagreeing_worker, 2)
+    for found in ranks:
+        assert found["same"] is None
+        assert found["k"][0] == "ValueError" and "disagree on the number of blocks k" in found["k"][1]
+        assert found["n"][0] == "ValueError" and "disagree on n" in found["n"][1]
+        assert found["engine"][0] == "ValueError" and "disagree on the engine" in found["engine"][1]
+    assert ranks[0]["non_member"] is None
+    assert ranks[1]["non_member"][0] == "ValueError" and "not a member of process_group" in ranks[1]["non_member"][1]
+
+
+def test_process_group_of_the_wrong_type(monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # past the "not initialised" check
+    for bad in (1, "WORLD", object()):
+        with pytest.raises(TypeError, match="process_group must be a torch.distributed process group"):
+            kernel_block_mean(
+                ScaleKernel(RBFKernel()), _x(6), Partition.from_labels(torch.arange(6) % 2), process_group=bad
+            )
