@@ -10,18 +10,20 @@ from linear_operator.operators import LinearOperator
 _ROOT_METHODS = {
     "root_decomposition": ("cholesky", "pivoted_cholesky", "symeig", "diagonalization", "svd", "lanczos"),
     "root_inv_decomposition": ("cholesky", "lanczos", "symeig", "diagonalization", "svd", "pinverse"),
+    "diagonalization": ("symeig", "lanczos"),
 }
 
 
 def check_root_method(what: str, method) -> None:
-    """Refuse a ``method`` that linear_operator's ``what`` (``root_decomposition`` or ``root_inv_decomposition``)
-    would refuse; any name it knows is accepted and ignored, the root being the closed form whatever it says."""
+    """Refuse a ``method`` that linear_operator's ``what`` (``root_decomposition``, ``root_inv_decomposition`` or
+    ``diagonalization``) would refuse; any name it knows is accepted and ignored, the result being the closed form
+    whatever it says."""
     known = _ROOT_METHODS[what]
     if method is None or (isinstance(method, str) and method in known):
         return
     raise ValueError(
         f"{what}(method={method!r}): unknown method; linear_operator knows {', '.join(map(repr, known))} (or None). "
-        "The root here is the closed form whichever of them is given."
+        "The result here is the closed form whichever of them is given."
     )
 
 

@@ -92,7 +92,9 @@ def check_rhs_dtype(rhs: Tensor, name: str, dtype: torch.dtype) -> None:
     """``TypeError`` for a floating-point right-hand side of another dtype than the operator's: torch's matrix
     products refuse them, and the closed forms took one path or the other by the values of ``B`` (a diagonal ``B``
     promoted, a dense one raised torch's 'expected m1 and m2 to have the same dtype'; a sum's solve promoted and its
-    product raised)."""
+    product raised). A complex right-hand side is a ``TypeError`` too (:func:`check_real`): cast to the operator's
+    dtype it lost its imaginary part, with at most one warning per process from torch."""
+    check_real(rhs, name)
     if not rhs.dtype.is_floating_point or rhs.dtype == dtype:
         return
     raise TypeError(
@@ -639,6 +641,11 @@ class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedF
 
     def matmul(self, other):
         if self._same_partition(other):
+            if other.dtype != self.dtype:  # as for a product over two partitions and torch's matrix products
+                raise TypeError(
+                    f"M @ N: the factors must share a dtype, got {self.dtype} and {other.dtype}; cast one with .to() "
+                    f"(e.g. N.to({self.dtype}))."
+                )
             sizes = self._sizes
             if self._b_diag is not None and other._b_diag is not None:  # diagonal times diagonal: vectors only
                 lam1, b1, lam2, b2 = self.lam, self._b_diag, other.lam, other._b_diag
@@ -1522,7 +1529,9 @@ class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedF
     def diagonalization(self, method: str | None = None):
         """Closed-form eigendecomposition. The eigenvalues cost O(n + k^3); the eigenvectors are an
         explicit ``n x n`` matrix (a Helmert basis inside each block plus :math:`P S^{-1/2} V`), so only
-        ask for them at sizes where that fits."""
+        ask for them at sizes where that fits. ``method`` is one linear_operator knows (``"symeig"``,
+        ``"lanczos"`` or ``None``), ignored: the decomposition is the closed form."""
+        check_root_method("diagonalization", method)
         return self._symeig(eigenvectors=True)
 
     def __repr__(self) -> str:

@@ -2093,6 +2093,7 @@ def dense_symeig(op: LinearOperator, eigenvectors: bool) -> tuple[Tensor, Linear
 def warned_diagonalization(op: LinearOperator, diagonalization, method: str | None):
     """``diagonalization(method)`` of ``op``, warning first when it runs Lanczos (a dense eigendecomposition warns in
     :func:`dense_symeig`)."""
+    check_root_method("diagonalization", method)
     if method == "lanczos" or (method is None and op.shape[-1] > linear_operator.settings.max_cholesky_size.value()):
         warn_dense_eigh(op)
     return diagonalization(method=method)

@@ -111,7 +111,13 @@ def _missing_ids(present: Tensor, k: int, limit: int = 5) -> tuple[list[int], in
 
 def _dim_index(dim: int, x: Tensor, name: str) -> int:
     """``dim`` of ``x`` counted from the front, or a ValueError (``dim % x.dim()`` would silently pick another
-    dimension for an out-of-range ``dim``, and divide by zero for a 0-d ``x``)."""
+    dimension for an out-of-range ``dim``, and divide by zero for a 0-d ``x``); a ``TypeError`` for an ``x`` that is
+    not a tensor or a ``dim`` that is not an integer."""
+    if not torch.is_tensor(x):
+        raise TypeError(f"{name} takes a tensor, got {type(x).__name__}; convert it with torch.as_tensor.")
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+        raise TypeError(f"{name}: dim must be an integer (a dimension of the tensor), got {dim!r}.")
+    dim = int(dim)
     if x.dim() == 0:
         raise ValueError(f"{name} needs a tensor with the indices (or blocks) along a dimension, got a 0-d tensor.")
     if not -x.dim() <= dim < x.dim():
@@ -649,7 +655,12 @@ class Partition:
                 ranges, or the blocks of a range are not the next ones in block order (number the blocks in the
                 order of their first index).
         """
-        bounds = [int(b) for b in bounds]
+        try:
+            bounds = [operator.index(b) for b in bounds]
+        except TypeError:
+            raise TypeError(
+                f"split(bounds): bounds must be a sequence of integers from 0 to n = {self._n}, got {bounds!r}."
+            ) from None
         if not bounds or bounds[0] != 0 or bounds[-1] != self._n or any(a > b for a, b in zip(bounds, bounds[1:])):
             raise ValueError(
                 f"bounds must be non-decreasing from 0 to n = {self._n}, got {bounds[:3]} ... {bounds[-3:]}."
@@ -703,6 +714,9 @@ class Partition:
     def block_dot(self, x: Tensor, y: Tensor) -> Tensor:
         r"""Blockwise inner products along the last dimension, :math:`P^\top (x \odot y)`, without forming
         :math:`x \odot y` when the blocks are runs of equal size. # shape: (*, k)"""
+        for name, t in (("x", x), ("y", y)):
+            if not torch.is_tensor(t):
+                raise TypeError(f"block_dot takes tensors, got {name} of type {type(t).__name__}.")
         if x.shape[-1] != self._n or y.shape[-1] != self._n:
             raise ValueError(
                 f"block_dot expected {self._n} entries along the last dim, got shapes "
