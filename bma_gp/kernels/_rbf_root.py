@@ -177,5 +177,16 @@ def rbf_root(
     rows: int, x: Tensor, inducing: Tensor, inv_root: Tensor, lengthscale: Tensor, scale: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """``(U, rowsum(U**2))`` with ``U = s exp(-|x/l - Z/l|^2 / 2) L^{-T}``, ``rows`` rows at a time, differentiable
-    with respect to ``x``, ``inducing``, ``inv_root``, ``lengthscale`` and ``scale``."""
+    with respect to ``x``, ``inducing``, ``inv_root``, ``lengthscale`` and ``scale``.
+
+    The tensors are taken in the dtype they promote to, as GPyTorch's ``RBFKernel`` computes (``x / l``) and its
+    ``InducingPointKernel`` returns: float32 or integer ``x`` with float64 parameters gives a float64 root (the
+    preallocated blocks had ``x``'s dtype, and the products into them failed with "Expected out tensor to have dtype
+    double, but got float"). Gradients return in each input's own dtype."""
+    dtype = x.dtype
+    for t in (inducing, inv_root, lengthscale, scale):
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    x, inducing, inv_root, lengthscale = (t.to(dtype) for t in (x, inducing, inv_root, lengthscale))
+    scale = None if scale is None else scale.to(dtype)
     return _RBFRoot.apply(rows, x, inducing, inv_root, lengthscale, scale)

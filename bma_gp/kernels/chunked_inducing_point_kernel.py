@@ -159,6 +159,11 @@ class ChunkedInducingPointKernel(InducingPointKernel):
     :class:`~bma_gp.GroupKernel` or :class:`~bma_gp.BlockMeanKernel` the result is the same closed-form
     :class:`~bma_gp.BlockMeanSumLinearOperator` as with GPyTorch's class.
 
+    Inputs are taken in the dtypes GPyTorch's class takes: any that promotes to the kernel's dtype (that of its
+    inducing points and base kernel parameters), so float32, float16 or integer inputs of a float64 kernel give float64
+    values. Inputs in a wider dtype than the kernel's (float64 inputs of a float32 kernel), on which GPyTorch's class
+    fails in a matrix product, raise a ``TypeError`` that names them.
+
     Args:
         base_kernel, inducing_points, likelihood, active_dims: as for GPyTorch's ``InducingPointKernel``.
         chunk_rows: rows per block; default: about 16 MB of kernel matrix per block.
@@ -219,6 +224,35 @@ class ChunkedInducingPointKernel(InducingPointKernel):
             self._cached_kernel_inv_root = inv_root
         return inv_root
 
+    def _kernel_dtype(self) -> torch.dtype:
+        """The dtype of ``K_ZZ`` and its inverse root: the cached inverse root's, else the one the inducing points and
+        the base kernel's floating parameters promote to (as GPyTorch's kernels compute)."""
+        cached = getattr(self, "_cached_kernel_inv_root", None)
+        if isinstance(cached, Tensor):
+            return cached.dtype
+        dtype = self.inducing_points.dtype
+        for p in self.base_kernel.parameters():
+            if p.is_floating_point():
+                dtype = torch.promote_types(dtype, p.dtype)
+        return dtype
+
+    def _check_input(self, x: Tensor, name: str, work: torch.dtype) -> None:
+        """Inputs of any dtype that promotes to the kernel's ``work`` dtype are taken, as GPyTorch's
+        ``InducingPointKernel`` takes them (float32, float16 or integer ``x`` with a float64 kernel: float64 values).
+        A wider one fails there with "expected m1 and m2 to have the same dtype" (``K(x, Z)`` in the wider dtype
+        times the inverse root of ``K_ZZ`` in the kernel's); here it is a ``TypeError`` that says which input."""
+        promoted = torch.promote_types(x.dtype, work)
+        if promoted == work:
+            return
+        fix = f"cast the input ({name}.to({work}))"
+        if promoted.is_floating_point:
+            fix += f" or the model and its likelihood (model.to({promoted}))"
+        raise TypeError(
+            f"ChunkedInducingPointKernel: {name} has dtype {x.dtype}, but the kernel computes in {work} (its inducing "
+            f"points and base kernel parameters), and K({name}, Z) in {promoted} cannot be multiplied by the {work} "
+            f"inverse root of K(Z, Z) (GPyTorch's InducingPointKernel fails here too): {fix}."
+        )
+
     def _rows(self, dtype: torch.dtype) -> int:
         if self.chunk_rows is not None:
             return self.chunk_rows
@@ -228,7 +262,8 @@ class ChunkedInducingPointKernel(InducingPointKernel):
     def _root(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(U, rowsum(U**2))``, block by block, written into one ``n x m`` result."""
         inv_root = self._inducing_inv_root
-        rows = self._rows(x.dtype)
+        # the dtype of the root (an integer or narrower x takes the kernel's, as GPyTorch's kernels promote it)
+        rows = self._rows(torch.promote_types(x.dtype, inv_root.dtype))
         parts = rbf_parts(self.base_kernel, x, self.inducing_points) if self.analytic_rbf else None
         if parts is not None:  # (Scale)RBF: derivatives written out, no autograd recomputation
             return rbf_root(rows, x, self.inducing_points, inv_root, *parts)
@@ -249,11 +284,16 @@ class ChunkedInducingPointKernel(InducingPointKernel):
                 "at a time. Put the structure kernel inside it instead: ChunkedInducingPointKernel("
                 "AdditiveStructureKernel(RBFKernel(), num_dims=d), inducing_points, likelihood)."
             )
+        work = self._kernel_dtype()
+        self._check_input(x1, "x1", work)
+        if x2 is not x1:
+            self._check_input(x2, "x2", work)
         covar = self._get_covariance(x1, x2)
         if self.training:
             if not torch.equal(x1, x2):
                 raise RuntimeError("x1 should equal x2 in training mode")
-            zero_mean = torch.zeros_like(x1.select(-1, 0))
+            # in the covariance's dtype (zeros_like(x1) was an integer mean for integer inputs)
+            zero_mean = torch.zeros(x1.shape[:-1], dtype=covar.dtype, device=x1.device)
             term = TraceTerm(
                 MultivariateNormal(zero_mean, self._covar_diag(x1)),
                 MultivariateNormal(zero_mean, covar),
@@ -287,10 +327,17 @@ class ChunkedInducingPointKernel(InducingPointKernel):
             parts = rbf_parts(self.base_kernel, x1, self.inducing_points)
             if parts is not None:  # the root stays its inputs: sums with groupings form K^T D^-1 K, never U
                 lengthscale, scale = parts
+                inv_root = self._inducing_inv_root
+                # the factor computes in x's dtype: x is taken in the one the inputs promote to, as GPyTorch's
+                # RBFKernel takes it (float32 or integer x with a float64 kernel: float64, not a failed product)
+                dtype = torch.promote_types(x1.dtype, inv_root.dtype)
+                for t in (self.inducing_points, lengthscale, scale):
+                    if t is not None:
+                        dtype = torch.promote_types(dtype, t.dtype)
                 if scale is None:
-                    scale = torch.ones((), dtype=x1.dtype, device=x1.device)
+                    scale = torch.ones((), dtype=dtype, device=x1.device)
                 factor = RBFRootFactor(
-                    x1, self.inducing_points, self._inducing_inv_root, lengthscale, scale, self._rows(x1.dtype)
+                    x1.to(dtype), self.inducing_points, inv_root, lengthscale, scale, self._rows(dtype)
                 )
                 return LazyRootOperator(factor)
         root, diag = self._root(x1)
