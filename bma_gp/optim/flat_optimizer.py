@@ -537,8 +537,9 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
 
         Raises:
             SparseGradientError: a parameter has a sparse gradient.
-            ValueError: a gradient holds inf or nan (when ``check_finite``); nothing has
-                been changed when this is raised.
+            ValueError: a gradient holds inf or nan, or (FullMatrixAdagrad) is so large that its
+                statistics would overflow (when ``check_finite``); nothing has been changed when this
+                is raised.
         """
         if _dynamo_may_trace():
             # torch.compile is tracing this call (a compiled training step that calls step()), or running it after a
@@ -876,7 +877,57 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         ends = [0]
         for group in self.param_groups:
             ends.append(ends[-1] + len(group["params"]))
-        self._check_global_sizes(global_state, FlatParams(self.param_groups), ends[1:])
+        layout = FlatParams(self.param_groups)
+        self._check_global_sizes(global_state, layout, ends[1:])
+        self._check_saved_flat_state_present(state_dict, global_state, layout, ends[1:])
+
+    def _check_saved_flat_state_present(
+        self, state_dict: dict[str, Any], global_state: dict[str, Any], layout: FlatParams, group_ends: list[int]
+    ) -> None:
+        """Raise ``ValueError`` (before anything changes) when the saved global state covers a parameter (with
+        entries) whose saved per-parameter flat state (``_flat_state_keys``: BlockMeanAdagrad's ``"sum"``) is
+        missing: the step would restart that statistic at zero and keep the global statistics built with it, a
+        silently different preconditioner. Called once the global state's size fits (:meth:`_check_global_sizes`).
+
+        The global state covers the parameters of the first groups up to the smallest group end whose size it has
+        (a state saved after ``add_param_group`` and before the next step has no state for the later groups, and a
+        global state sized for the earlier ones). A state dict without any flat state is a cleared state
+        (``optimizer.state = defaultdict(dict)``), which the next step treats as a restart of every statistic, and
+        loads as such."""
+        keys = self._flat_state_keys
+        saved_state = state_dict.get("state")
+        if not keys or not isinstance(saved_state, dict):
+            return
+        entries = [entry for entry in saved_state.values() if isinstance(entry, dict)]
+        if not any(key in entry for entry in entries for key in keys):
+            return  # a cleared state: the step restarts the global state too, as in the saving run
+        covered = None
+        for end in group_ends:  # the smallest end that the global state's size fits
+            try:
+                self._check_global_sizes(global_state, layout, [end])
+            except ValueError:
+                continue
+            covered = end
+            break
+        if covered is None:
+            return  # not reached: the caller's check of the sizes passed
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        name = type(self).__name__
+        for position, (idx, p) in enumerate(zip(saved_ids[:covered], layout.params)):
+            if not p.numel():
+                continue  # nothing to restart
+            entry = saved_state.get(idx)
+            missing = [key for key in keys if not isinstance(entry, dict) or key not in entry]
+            if missing:
+                raise ValueError(
+                    f"state_dict does not hold the per-parameter state {missing[0]!r} of parameter {position} (shape "
+                    f"{tuple(p.shape)}), while its global state spans that parameter (the first {covered} "
+                    f"parameters): {name}'s next step would restart that statistic at zero and keep the global "
+                    "statistics it entered, a silently different preconditioner. It was not produced by "
+                    f"{name}.state_dict() as it is (edited, or a partial checkpoint). Load an intact state dict; to "
+                    "restart all the statistics, load it with 'state' emptied and 'global_state' = {}. Nothing was "
+                    "loaded."
+                )
 
     def _check_global_sizes(self, global_state: dict[str, Any], layout: FlatParams, group_ends: list[int]) -> None:
         """Raise ``ValueError`` unless ``global_state`` has the size of the parameters ``layout.params[:e]`` for some

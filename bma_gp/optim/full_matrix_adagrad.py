@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -75,9 +76,10 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
         maximize: ascend instead of descend (per group). Default: ``False``.
         max_dim: largest total number of parameters accepted. Default: ``20000``
             (the state then takes 1.6 GB in float32).
-        check_finite: raise ``ValueError`` on an inf/nan gradient before changing
-            anything; ``False`` skips the check and its host synchronisation.
-            Default: ``True``.
+        check_finite: raise ``ValueError`` before changing anything on an inf/nan gradient, or on a
+            gradient so large (finite, say 1e30 in float32) that :math:`H_t` would overflow to inf; ``False``
+            skips these checks and their host synchronisations (such a step then fails in the
+            eigendecomposition, its step count unchanged but :math:`H_t` not finite). Default: ``True``.
         foreach, capturable, differentiable, fused: torch.optim's implementation switches, accepted so that
             configurations that pass them to every optimizer work: ``foreach=None`` or ``False``,
             ``capturable=False``, ``differentiable=False`` and ``fused=None`` or ``False`` (the defaults) run the
@@ -226,11 +228,79 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
 
     def _step(self, grads: list[Tensor | None], layout: FlatParams, active: list[bool]) -> None:
         layout = self._refit_dtype(layout)  # model.double() between steps: H follows the parameters' dtype
-        if self.check_finite:
-            self._check_finite(grads, layout)
+        if not self.check_finite:
+            self._commit_layout(layout)
+            g = layout.gather_grads(grads, self._maximize_of_group())
+            st = self.global_state
+            st["H"].addr_(g, g)
+            direction = full_matrix_direction(st["H"], g, self.eps)
+            st["step"] += 1  # after the eigendecomposition: a step that raises there does not count
+            self._apply(layout, direction, active)
+            return
+        self._check_finite(grads, layout)
+        # committing the layout replaces references only (FullMatrixAdagrad has no flat per-parameter state, and
+        # _fit_global_state returns a new dict): a step refused below puts them back and so changes nothing
+        undo = (self._layout, self.global_state, dict(self._flat), dict(self._flat_views))
         self._commit_layout(layout)
         g = layout.gather_grads(grads, self._maximize_of_group())
         st = self.global_state
+        try:
+            direction = self._checked_update(st["H"], g)
+        except ValueError:
+            self._layout, self.global_state, self._flat, self._flat_views = undo
+            raise
         st["step"] += 1
-        st["H"].addr_(g, g)
-        self._apply(layout, full_matrix_direction(st["H"], g, self.eps), active)
+        self._apply(layout, direction, active)
+
+    def _checked_update(self, H: Tensor, g: Tensor) -> Tensor:
+        """``H += g g^T`` and the step's direction, or ``ValueError`` (``H`` unchanged) where ``H`` is not finite or
+        the update would overflow it to inf (a large but finite gradient: the eigendecomposition would then fail).
+
+        One host synchronisation reads ``max |g|`` and the range of ``H`` (one read of ``H``, nothing allocated);
+        where ``max |g|^2 + max |H|`` is safely below the dtype's largest value ``H`` is updated in place as without
+        the check. Only near that limit is ``H + g g^T`` computed into a new matrix, checked, and its direction
+        found before ``H`` takes it, so that nothing changes when the step is refused."""
+        if not g.numel():
+            return full_matrix_direction(H, g, self.eps)
+        low, high = torch.aminmax(H)
+        g_max, low, high = torch.stack([g.abs().amax(), low, high]).tolist()
+        h_max = max(abs(low), abs(high))
+        limit = torch.finfo(H.dtype).max
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(self._non_finite_H_message(H.dtype))
+        if g_max * g_max + h_max <= limit * (1 - 2.0**-8):  # every entry of H + g g^T stays finite, with margin
+            H.addr_(g, g)
+            return full_matrix_direction(H, g, self.eps)
+        updated = torch.addr(H, g, g)
+        if not bool(torch.isfinite(updated).all()):
+            raise ValueError(self._overflow_message(g_max, h_max, H.dtype))
+        direction = full_matrix_direction(updated, g, self.eps)
+        H.copy_(updated)
+        return direction
+
+    @staticmethod
+    def _overflow_message(g_max: float, h_max: float, dtype: torch.dtype) -> str:
+        """The error of a step whose update ``H += g g^T`` would overflow ``dtype``: the cause and the fixes."""
+        limit = torch.finfo(dtype).max
+        wider = (
+            ", or use float64 parameters (model.double(): H is then float64, largest value 1.8e308)"
+            if torch.finfo(dtype).bits < 64
+            else ""
+        )
+        return (
+            f"FullMatrixAdagrad.step() got a gradient too large for its statistics: adding g g^T (largest |g| = "
+            f"{g_max:.3g}, so entries up to {g_max * g_max:.3g}) to H (largest |entry| {h_max:.3g}) would overflow "
+            f"{dtype} (largest finite value {limit:.3g}) to inf, and the step's eigendecomposition would fail. No "
+            "state or parameter was changed. Scale the loss down, clip the gradients (torch.nn.utils."
+            f"clip_grad_norm_){wider}."
+        )
+
+    @staticmethod
+    def _non_finite_H_message(dtype: torch.dtype) -> str:
+        """The error of a step that finds ``H`` already holding inf or nan."""
+        return (
+            f"FullMatrixAdagrad's H ({dtype}) holds inf or nan before this step: it was accumulated or loaded with "
+            "check_finite=False, edited, or overflowed when cast to a narrower dtype (model.float() after float64 "
+            "steps). No state or parameter was changed. Build a new FullMatrixAdagrad to restart the statistics, "
+            "or load a state dict whose H is finite (in float64 parameters where its entries exceed float32's range)."
+        )
