@@ -34,7 +34,7 @@ unchanged.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -173,9 +173,11 @@ def _rank_and_world(process_group: Any) -> tuple[int, int]:
             "process_group must be a torch.distributed process group (torch.distributed.group.WORLD, or one from "
             f"torch.distributed.new_group(ranks)), got {process_group!r}."
         )
-    rank, world = (
-        (-1, 0) if process_group is non_member else (dist.get_rank(process_group), dist.get_world_size(process_group))
-    )
+    if process_group is non_member:
+        rank, world = -1, 0
+    else:
+        group = cast(dist.ProcessGroup, process_group)
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
     if rank < 0:
         raise ValueError(
             f"this process (global rank {dist.get_rank()}) is not a member of process_group: its share of the rows "
