@@ -407,9 +407,12 @@ def _table_to_tensors(
         raise DatasetError(f"{description}: every row has a missing value in the target or a feature; nothing to fit.")
     if dropped:
         if warn:
+            # the columns that held them, with their counts (a row may miss several)
+            missing = torch.cat([torch.isnan(x), torch.isnan(y).unsqueeze(-1)], dim=-1).sum(0).tolist()
+            where = ", ".join(f"{name!r}: {int(c)}" for name, c in zip([*features, target], missing) if c)
             warnings.warn(
-                f"{description}: dropped {dropped} of {len(keep)} rows with missing values "
-                f"(in {', '.join(map(repr, [*features, target]))}).",
+                f"{description}: dropped {dropped} of {len(keep)} rows with missing values (missing cells per "
+                f"column: {where}).",
                 MissingValuesWarning,
                 stacklevel=3,
             )

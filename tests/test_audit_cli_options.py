@@ -157,3 +157,69 @@ def test_negative_numbers_in_any_spelling_reach_the_options_check(capsys, option
     "argument --lr: expected one argument", though one was given, instead of what the option accepts."""
     code, line = _usage_error(capsys, [option, value])
     assert code == 2 and expected in line and "expected one argument" not in line
+
+
+def test_kmeans_warning_counts_distinct_points_not_blocks(tmp_path, capsys):
+    """300 distinct rows, each three times: k-means spreads copies of a point over otherwise empty clusters, and the
+    warning gave its number of blocks (336, 338) as the number of distinct points, and stayed silent for --blocks
+    between 301 and 336."""
+    rows = [(i % 20, i // 20, 0.1 * i) for i in range(300)]
+    path = tmp_path / "dup.csv"
+    path.write_text("a,b,y\n" + "".join(f"{a},{b},{y}\n" for a, b, y in rows * 3))
+    for blocks in ("320", "400"):
+        argv = [
+            "--data",
+            str(path),
+            "--target",
+            "y",
+            "--method",
+            "blockmean",
+            "--partition",
+            "kmeans",
+            "--blocks",
+            blocks,
+            *FAST,
+            "--out",
+            str(tmp_path / f"out{blocks}"),
+            "--test-fraction",
+            "0.01",
+        ]
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        assert f"--blocks {blocks}: the training inputs have only 300 distinct points" in err
+        assert "choose --blocks <= 300" in err
+
+
+def test_data_errors_are_one_line_without_the_usage_block(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--data", str(tmp_path / "nope.csv"), "--target", "y"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("bma-gp: error: ") and "does not exist" in err
+    assert "usage:" not in err
+    with pytest.raises(SystemExit) as info:  # a bad option still shows the usage, as argparse does
+        main(["--blocks", "zero"])
+    assert info.value.code == 2 and "usage:" in capsys.readouterr().err
+
+
+def test_missing_values_warning_names_the_columns_that_had_them(tmp_path, capsys):
+    path = tmp_path / "gaps.csv"
+    lines = [f"{i},{2 * i},{'' if i % 10 == 0 else i / 3},{i % 7}" for i in range(60)]
+    path.write_text("complete_a,complete_b,has_gaps,y\n" + "\n".join(lines) + "\n")
+    argv = [
+        "--data",
+        str(path),
+        "--target",
+        "y",
+        "--method",
+        "blockmean",
+        "--blocks",
+        "8",
+        *FAST,
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "dropped 6 of 60 rows with missing values (missing cells per column: 'has_gaps': 6)" in err
+    assert "'complete_a'" not in err

@@ -125,11 +125,15 @@ def build_partition(kind: str, x: Tensor, num_blocks: int, seed: int) -> Partiti
     with warnings.catch_warnings():  # its warning speaks of k and shows this line: said below in the command's words
         warnings.filterwarnings("ignore", "kmeans_partition: x has fewer than", UserWarning)
         partition = kmeans_partition(x, num_blocks, seed=seed)
-    if partition.num_blocks < num_blocks:
+    distinct = int(torch.unique(x, dim=0).shape[0]) if num_blocks > 1 else 1
+    if partition.num_blocks < num_blocks or distinct < num_blocks:
+        # k-means may spread the copies of one point over several otherwise empty clusters: its number of blocks is
+        # not the number of distinct points, which is what --blocks should not exceed
+        spread = ", some of them copies of one point split apart" if partition.num_blocks > distinct else ""
         print(
-            f"{PROG}: warning: --blocks {num_blocks}: the training inputs have only {partition.num_blocks} distinct "
-            f"points, so k-means gives the blockmean GP {partition.num_blocks} blocks; choose --blocks <= "
-            f"{partition.num_blocks} (or --partition sorted) to silence this warning",
+            f"{PROG}: warning: --blocks {num_blocks}: the training inputs have only {distinct} distinct points, so "
+            f"k-means gives the blockmean GP {partition.num_blocks} blocks{spread}; choose --blocks <= {distinct} "
+            "(or --partition sorted) to silence this warning",
             file=sys.stderr,
         )
     return partition

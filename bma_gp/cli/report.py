@@ -185,6 +185,10 @@ def plot(problem: Problem, fits: list[Fit], grid: Tensor | None, path: str) -> N
                         pad = 0.05 * float(values.max() - values.min()) + 1e-9
                         ax.set_ylim(float(values.min()) - pad, float(values.max()) + pad)
                     ax.set_title("zoom", fontsize=9)
+                    # a narrow window of decimal years (2000.52 .. 2000.58) read as 0.02 .. 0.08 + 2.0005e3 otherwise
+                    formatter = ax.xaxis.get_major_formatter()
+                    if hasattr(formatter, "set_useOffset"):  # a ScalarFormatter (not a date axis)
+                        formatter.set_useOffset(False)
                 else:
                     ax.set_title(f"{titles[fit.method]}: RMSE {fit.rmse:.3g}, NLPD {fit.nlpd:.3g}", fontsize=10)
                     ax.set_ylabel(ylabel)

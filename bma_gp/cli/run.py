@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 on success; 1, quietly, when the reader of standard output goes away early (``bma-gp ... | head``).
         Bad arguments or unusable data end the program like argparse does: a message on standard error and
-        ``SystemExit(2)``.
+        ``SystemExit(2)`` (with the usage block for a bad option, one line for the data or the run).
     """
     parser = build_parser()
     config = parse_config(argv, parser)
@@ -39,7 +39,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a reader gone early (`bma-gp ... | head`) is found here, not at interpreter exit
         return code
     except UsageError as err:
-        parser.error(str(err))
+        message = str(err)
+        if message.startswith("argument "):  # an option's value, judged against the data: as argparse says it
+            parser.error(message)
+        # the data or the run: one line, without argparse's usage block
+        parser.exit(2, f"{PROG}: error: {message}\n")
     except BrokenPipeError:
         # the reader of standard output went away (`| head -1`): stop quietly, as shell tools do, with the results
         # written so far kept; standard output points at devnull so that the interpreter's last flush cannot fail
