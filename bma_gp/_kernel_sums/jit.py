@@ -126,7 +126,8 @@ def tile_sums(
     chunk = max(MIN_CHUNK, -(-cols // tasks))
     shape = (bsz, len(row_bounds) - 1, d, len(col_bounds) - 1) if weights is not None else (bsz, 0, 0, 0)
     if out is None:
-        kept = torch.empty(shape, dtype=values.dtype)  # every entry is written by the kernel
+        # every entry is written by the kernel; on the CPU whatever the global default device (numba's arrays)
+        kept = torch.empty(shape, dtype=values.dtype, device="cpu")
     elif out.shape != shape or out.dtype != values.dtype or not out.is_contiguous():
         raise ValueError(f"tile_sums: out must be a contiguous {values.dtype} tensor of shape {tuple(shape)}")
     else:
@@ -238,11 +239,12 @@ def block_means(
         raise ValueError("block_means: acc must be a contiguous (B, k, k) float64 tensor")
     bsz, k, _ = acc.shape
     s = sizes.to(torch.float64)
-    B = torch.empty(bsz, k, k, dtype=dtype)
-    B0 = torch.empty(bsz, k, k, dtype=dtype) if keep_unscaled and scale is not None else None
-    lam0 = torch.empty(bsz, k, dtype=torch.float64)
-    sc = scale.to(dtype).expand(bsz).contiguous() if scale is not None else torch.empty(0, dtype=dtype)
-    unscaled = B0 if B0 is not None else torch.empty(0, 0, 0, dtype=dtype)
+    cpu = torch.device("cpu")  # numba's arrays: on the CPU whatever the global default device
+    B = torch.empty(bsz, k, k, dtype=dtype, device=cpu)
+    B0 = torch.empty(bsz, k, k, dtype=dtype, device=cpu) if keep_unscaled and scale is not None else None
+    lam0 = torch.empty(bsz, k, dtype=torch.float64, device=cpu)
+    sc = scale.to(dtype).expand(bsz).contiguous() if scale is not None else torch.empty(0, dtype=dtype, device=cpu)
+    unscaled = B0 if B0 is not None else torch.empty(0, 0, 0, dtype=dtype, device=cpu)
     _jit_kernels.block_means(
         _array(acc), _array(s.reciprocal()), _array(s), _array(sc), B.numpy(), unscaled.numpy(), lam0.numpy()
     )

@@ -816,7 +816,9 @@ class StationaryBlockMeans(torch.autograd.Function):
                     total = total / outputscale.to(grad_B.dtype)
             if grad_lam is not None:
                 total = total + (grad_lam * lam0.to(grad_lam.dtype)).sum(-1)
-            grad_scale = sum_to_shape(torch.as_tensor(total, dtype=outputscale.dtype), outputscale.shape)
+            grad_scale = sum_to_shape(
+                torch.as_tensor(total, dtype=outputscale.dtype, device=outputscale.device), outputscale.shape
+            )
         return None, None, None, grad_ls, grad_scale
 
 

@@ -429,7 +429,13 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
     def _blocks_of(self, layout: FlatParams) -> ParamBlocks:
         """The blocks of ``layout``'s parameters (built once per layout; raises ValueError for a bad callable)."""
         if self._blocks is None or self._blocks[0] != layout.key:
-            blocks = ParamBlocks.build(layout.params, self.partition_rule)
+            if functional._default_device_elsewhere(layout.device):
+                # torch's default device is another (torch.set_default_device): the blocks' tensors, and the ids of a
+                # callable partition that returns a list (or makes its tensor without a device), on the parameters'
+                with torch.device(layout.device):
+                    blocks = ParamBlocks.build(layout.params, self.partition_rule)
+            else:
+                blocks = ParamBlocks.build(layout.params, self.partition_rule)
             _check_num_blocks(blocks.num_blocks, self.max_blocks, self.partition_rule)
             self._blocks = (layout.key, blocks)
         return self._blocks[1]

@@ -168,7 +168,7 @@ def _inverse_root_formulas(U: Tensor, w: Tensor, consts, damping: float) -> tupl
     lam = (torch.where(seen, 1 - off * inv_s, 1.0) + damping).clamp_min(damping)
     t = torch.sqrt(inv_d * inv_s)
     C = U * torch.outer(t, t)
-    idx = torch.arange(C.shape[-1])
+    idx = torch.arange(C.shape[-1], device=C.device)  # the statistics' device, not the global default
     C[idx, idx] = lam + off
     # eigh reads one triangle: no symmetrisation needed
     lam = torch.where(single, torch.where(C[idx, idx] > 0, C[idx, idx], 1.0), lam)  # fold singletons as the operator
@@ -400,12 +400,20 @@ class Workspace:
 
     def root_buffers(self, k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, np.ndarray, np.ndarray]:
         """The workspace's own ``(k,)`` and ``(k, k)`` tensors for the root computed on the host, and numpy arrays on
-        their memory."""
+        their memory: CPU tensors whatever torch's global default device (the host path steps CPU statistics)."""
         store = self.root_store
         if store is None or store[0].shape[0] != k or store[0].dtype != dtype:
-            lam, B = torch.empty(k, dtype=dtype), torch.empty(k, k, dtype=dtype)
+            lam, B = torch.empty(k, dtype=dtype, device="cpu"), torch.empty(k, k, dtype=dtype, device="cpu")
             store = self.root_store = (lam, B, lam.numpy(), B.numpy())
         return store
+
+    def chunk_sums(self, count: int) -> Tensor:
+        """:attr:`chunk_dots` with room for ``count`` chunks, in ``h``'s dtype and on its device (allocated when it
+        has less)."""
+        out = self.chunk_dots
+        if out is None or out.shape[0] < count or out.dtype != self.h.dtype:
+            out = self.chunk_dots = torch.empty(count, 3, dtype=self.h.dtype, device=self.h.device)
+        return out
 
     def state_arrays(self, U: Tensor, w: Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Numpy arrays on the memory of the statistics ``U`` and ``w`` (CPU), made once per pair of tensors."""
@@ -774,7 +782,16 @@ def _block_mean_adagrad(
     root it computes and, where :math:`F` is singular by its rank (:func:`_check_rank`) or the root is not finite,
     raises ``ValueError`` with ``h``, ``U``, ``w``, the step count, the root and the workspace's bookkeeping as they
     were (the eager paths have updated ``h`` by then: restored from a copy made only in this case) and no parameter
-    written."""
+    written.
+
+    The step's tensors are made on ``state_sum``'s device whatever torch's global default device
+    (:func:`torch.set_default_device`): this module names the device of every tensor it makes, and where another
+    default is set (a torch function mode is active: one C call tells, nothing more on the default path) the step
+    runs inside ``with torch.device(state_sum.device)``, for the helpers it calls."""
+    if _default_device_elsewhere(state_sum.device):
+        with torch.device(state_sum.device):
+            _block_mean_adagrad(params, grads, state_sum, stats, blocks, workspace, eps=eps, fused=fused, **kw)
+        return
     # an eps below the smallest subnormal of the state's dtype (1e-50 in float32) is 0 in its arithmetic, and where
     # h = 0 the step would divide 0 by 0 and poison U and w, which eps > 0 is required to prevent. Raised to that
     # subnormal, it changes nothing else: sqrt(h) of every h > 0 is so much larger that the sum rounds to it
@@ -811,6 +828,13 @@ def _block_mean_adagrad(
             # the bounds of h hold for the restored h where they held for it before the step
             workspace.h_version = state_sum._version if ws_before[2] == before[3] else ws_before[2]
         raise ValueError(str(error)) from None
+
+
+def _default_device_elsewhere(device: torch.device) -> bool:
+    """Whether torch's default device for new tensors (:func:`torch.set_default_device`, a ``with torch.device(...)``
+    block) is another than ``device``. Such a default is a torch function mode: without any (the usual case) this
+    is one C call; with one, it makes an empty tensor and reads its device."""
+    return bool(torch._C._len_torch_function_stack()) and torch.empty(0).device != device
 
 
 def _accumulate(stats: dict[str, Any], n_sums: Tensor, n_sq: Tensor) -> None:
@@ -1006,6 +1030,15 @@ def _tensor_blocks_cpu_step(
         on_host = []
     big = sorted(set(range(m)).difference(on_host))
     chunk = _cpu_kernels.ratio_chunk_numel(state_sum.dtype) if big else 0  # checks the setting: before any change
+    host_root = correlation is normalised_correlation and blocks.num_blocks <= NUMPY_ROOT_MAX_BLOCKS
+    # the buffers the step writes into are allocated (once per workspace) before it changes anything: a step that
+    # cannot allocate them fails with h, the statistics and the step count as they were
+    if host_root:
+        _prepare_host_root(ws, blocks, stats["w"].dtype)
+    if chunk:
+        most = max((-(-gs[j].numel() // chunk) for j in big if gs[j].numel() >= 2 * chunk), default=0)
+        if most:
+            ws.chunk_sums(most)
     squares = [0.0] * m
     dots = ws.dots  # per tensor: g . g, then g . r, sum n and n . n (the torch forms)
     if big:
@@ -1057,12 +1090,13 @@ def _tensor_blocks_cpu_step(
                 v, n_sum, n_sq = v / math.sqrt(s), n_sum / s, n_sq / (s * s)  # powers of two: exact
             block_sums[j] = (v, n_sum, n_sq)
     rows = [blocks.first_block[i] for i in present]
-    if correlation is normalised_correlation and blocks.num_blocks <= NUMPY_ROOT_MAX_BLOCKS:
+    if host_root:
         # the k-sized rest of the step on the host in float64 numpy: a few microseconds per operation, where each
         # torch call costs 5-25 us right after passes over megabytes (code and dispatch tables evicted)
         c_n, c_r = _host_coefficients(stats, blocks, ws, rows, block_sums, damping, update_interval, check_root)
     else:
-        v, n_sum, n_sq = torch.tensor(block_sums, dtype=state_sum.dtype).view(-1, 3).unbind(-1)
+        table = torch.tensor(block_sums, dtype=state_sum.dtype, device=state_sum.device)  # not the global default
+        v, n_sum, n_sq = table.view(-1, 3).unbind(-1)
         if len(rows) < blocks.num_blocks:  # some tensors had no gradient: their blocks' sums are 0
             index = torch.tensor(rows, device=state_sum.device)
             v, n_sum, n_sq = (torch.zeros_like(stats["w"]).index_copy_(0, index, x) for x in (v, n_sum, n_sq))
@@ -1110,9 +1144,7 @@ def _chunked_ratio_pass(ws: Workspace, i: int, g, h, n, r, s: float, eps: float,
     _, spans, parts = views
     one = ws.one
     assert one is not None  # built with the workspace
-    out = ws.chunk_dots
-    if out is None or out.shape[0] < len(spans) or out.dtype != h.dtype:
-        out = ws.chunk_dots = torch.empty(len(spans), 3, dtype=h.dtype)
+    out = ws.chunk_sums(len(spans))  # allocated before the step changed anything (_tensor_blocks_cpu_step)
     for c, ((a, b), (hc, nc, rc)) in enumerate(zip(spans, parts)):
         gc = g[a:b]
         _cpu_kernels.adagrad_ratio(gc, hc, nc, rc, one, s, eps)
@@ -1221,6 +1253,20 @@ def _host_coefficients(
     return lam[rows].tolist(), (B @ np.array(v))[rows].tolist()
 
 
+def _prepare_host_root(ws: Workspace, blocks: ParamBlocks, dtype: torch.dtype) -> None:
+    """What :func:`_host_coefficients` allocates, made before the step changes anything (once per workspace): the
+    tensors the root is stored in (:meth:`Workspace.root_buffers`) and the partition's constants
+    (:func:`_root_constants`)."""
+    k = blocks.num_blocks
+    store = ws.root_store
+    if store is None or store[0].shape[0] != k or store[0].dtype != dtype:
+        ws.root_buffers(k, dtype)
+        cpu = torch.device("cpu")
+        if k <= PYTHON_ROOT_MAX_BLOCKS:
+            _root_constants(blocks.partition, torch.float64, cpu, lists=True)
+        _root_constants(blocks.partition, torch.float64, cpu, numpy=True)
+
+
 def _ratio_scales(ws: Workspace, present, hs, candidates, squares, eps: float, step: int) -> list[float]:
     """Per tensor with a gradient, the scale ``s`` of the ratio form, or ``0.0`` (the host or the chain form);
     updates the bounds of ``h`` (:attr:`Workspace.h_max`: ``h_max + sum g^2``, rounded up) of the ``candidates``
@@ -1289,7 +1335,6 @@ def _fused_block_mean_adagrad(
     sums, finite = _fused.compiled("block_sums")(gs, hs, eps)
     if check_finite and not bool(finite):  # the step's one host synchronisation
         raise ValueError(_non_finite_message("BlockMeanAdagrad", params))
-    stats["step"] += 1
     first = blocks.first_block
     if len(present) < len(blocks.segments):  # some parameters had no gradient: their blocks' sums are 0
         full = sums.new_zeros(blocks.num_blocks, 3)
@@ -1299,6 +1344,7 @@ def _fused_block_mean_adagrad(
             row += first[i + 1] - first[i]
         sums = full
     v_sums, n_sums, n_sq = sums.unbind(-1)
+    stats["step"] += 1  # the first change of the state (the first pass wrote nothing)
     _accumulate(stats, n_sums, n_sq)
     lam, B = preconditioner(
         stats,
@@ -1343,11 +1389,11 @@ def _scattered_block_mean_adagrad(
     check_root,
 ) -> None:
     del check_finite  # checked by the caller
-    stats["step"] += 1
     dtype, partition = state_sum.dtype, blocks.partition
-    if ws.grad is None:
+    if ws.grad is None:  # allocated before anything changes
         ws.grad = torch.empty_like(state_sum)
     g = ws.grad
+    stats["step"] += 1
     for i, grad in enumerate(grads):
         chunk = g[blocks.bounds[i] : blocks.bounds[i + 1]]
         if grad is None:
