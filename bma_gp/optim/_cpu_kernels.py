@@ -40,11 +40,13 @@ __all__ = ["adagrad_ratio", "add_two", "available", "ratio_chunk_numel", "ratio_
 def available() -> bool:
     """Whether ``torch._fused_adagrad_`` and ``torch._fused_sgd_`` run on CPU float32 tensors in this torch."""
     try:
-        x, g, h = torch.zeros(4), torch.ones(4), torch.zeros(4)
+        cpu = torch.device("cpu")  # whatever torch's default device: the answer is cached for the process
+        x, g, h = torch.zeros(4, device=cpu), torch.ones(4, device=cpu), torch.zeros(4, device=cpu)
         torch._fused_adagrad_(
-            [x], [g], [h], [torch.ones(())], lr=-1.0, lr_decay=0.0, weight_decay=0.0, eps=0.0, maximize=False
-        )
-        y = torch.ones(4)
+            [x], [g], [h], [torch.ones((), device=cpu)], lr=-1.0, lr_decay=0.0, weight_decay=0.0, eps=0.0,
+            maximize=False,
+        )  # fmt: skip
+        y = torch.ones(4, device=cpu)
         torch._fused_sgd_(
             [x], [g], [y], weight_decay=0.0, momentum=1.0, lr=-1.0, dampening=1.0,
             nesterov=True, maximize=False, is_first_step=False,
@@ -52,7 +54,7 @@ def available() -> bool:
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
     # x = g / (sqrt(0 + 1) + 0) = 1; then x += 1 * (g + (y + 0 * g)) = 1 + 2
-    return bool(torch.equal(h, g)) and bool(torch.equal(x, torch.full((4,), 3.0)))
+    return bool(torch.equal(h, g)) and bool(torch.equal(x, torch.full((4,), 3.0, device="cpu")))
 
 
 def ratio_scale(h_bound: float, g_max: float, eps: float, numel: int, dtype: torch.dtype) -> float:
@@ -229,7 +231,7 @@ def _cpu_count(cpu_list: str) -> int:
 
 def _parallel_call_seconds() -> float:
     """The median time of one parallel torch call (zeroing ``2^16`` float32 entries, above torch's grain size)."""
-    x = torch.empty(2**16)
+    x = torch.empty(2**16, device="cpu")  # the CPU's calls, whatever torch's default device
     times = []
     for rep in range(24):
         start = time.perf_counter()

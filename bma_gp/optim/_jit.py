@@ -92,7 +92,7 @@ def block_sums(gs: list[Tensor], hs: list[Tensor], eps: float) -> tuple[Tensor, 
             parts.append(kernels.block_sums(_as_flat(g, h), _h_flat(h), cols, eps_, one, CHUNK))
     sums = np.concatenate(parts) if parts else np.zeros((0, 4))
     finite = bool((sums[:, 3] == 0).all())
-    return torch.from_numpy(np.ascontiguousarray(sums[:, :3])).to(dtype), torch.tensor(finite)
+    return torch.from_numpy(np.ascontiguousarray(sums[:, :3])).to(dtype), torch.tensor(finite, device="cpu")
 
 
 def apply_update(gs: list[Tensor], hs: list[Tensor], ps: list[Tensor], coefs: list[Tensor], eps: float) -> None:

@@ -44,7 +44,7 @@ def _callable_ids(p: Tensor, rule: Callable[[Tensor], Tensor]) -> tuple[Tensor, 
     ids = rule(p)
     if not isinstance(ids, Tensor):
         try:
-            ids = torch.as_tensor(ids)
+            ids = torch.as_tensor(ids, device=p.device)
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(
                 f"the partition callable must return a LongTensor of block ids, got {type(ids).__name__}."
