@@ -167,23 +167,8 @@ def test_kmeans_warning_counts_distinct_points_not_blocks(tmp_path, capsys):
     path = tmp_path / "dup.csv"
     path.write_text("a,b,y\n" + "".join(f"{a},{b},{y}\n" for a, b, y in rows * 3))
     for blocks in ("320", "400"):
-        argv = [
-            "--data",
-            str(path),
-            "--target",
-            "y",
-            "--method",
-            "blockmean",
-            "--partition",
-            "kmeans",
-            "--blocks",
-            blocks,
-            *FAST,
-            "--out",
-            str(tmp_path / f"out{blocks}"),
-            "--test-fraction",
-            "0.01",
-        ]
+        options = f"--target y --method blockmean --partition kmeans --blocks {blocks} --test-fraction 0.01"
+        argv = ["--data", str(path), *options.split(), *FAST, "--out", str(tmp_path / f"out{blocks}")]
         assert main(argv) == 0
         err = capsys.readouterr().err
         assert f"--blocks {blocks}: the training inputs have only 300 distinct points" in err
@@ -206,19 +191,8 @@ def test_missing_values_warning_names_the_columns_that_had_them(tmp_path, capsys
     path = tmp_path / "gaps.csv"
     lines = [f"{i},{2 * i},{'' if i % 10 == 0 else i / 3},{i % 7}" for i in range(60)]
     path.write_text("complete_a,complete_b,has_gaps,y\n" + "\n".join(lines) + "\n")
-    argv = [
-        "--data",
-        str(path),
-        "--target",
-        "y",
-        "--method",
-        "blockmean",
-        "--blocks",
-        "8",
-        *FAST,
-        "--out",
-        str(tmp_path / "out"),
-    ]
+    options = "--target y --method blockmean --blocks 8"
+    argv = ["--data", str(path), *options.split(), *FAST, "--out", str(tmp_path / "out")]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "dropped 6 of 60 rows with missing values (missing cells per column: 'has_gaps': 6)" in err

@@ -109,12 +109,8 @@ def case_id(case):
     return f"{name}-{str(p)[6:]}params-{str(d)[6:]}x"
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_kernel_values_match_inducing_point_kernel(case, mode):
-    name, param_dtype, x_dtype = case
-    x, _, test = data()
-    xs = [x.to(x_dtype), test.to(x_dtype)]
+def kernel_pair(name, param_dtype, mode):
+    """GPyTorch's InducingPointKernel and this kernel with the same parameters, in ``param_dtype`` and ``mode``."""
     ref, ours = (
         make_kernel(cls, name, gpytorch.likelihoods.GaussianLikelihood()).to(param_dtype)
         for cls in (IPK, ChunkedInducingPointKernel)
@@ -122,6 +118,16 @@ def test_kernel_values_match_inducing_point_kernel(case, mode):
     ours.load_state_dict(ref.state_dict())
     for kernel in (ref, ours):
         kernel.train(mode == "train")
+    return ref, ours
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_kernel_values_match_inducing_point_kernel(case, mode):
+    name, param_dtype, x_dtype = case
+    x, _, test = data()
+    xs = [x.to(x_dtype), test.to(x_dtype)]
+    ref, ours = kernel_pair(name, param_dtype, mode)
     expected, actual = ref(xs[0]).to_dense(), ours(xs[0]).to_dense()
     assert expected.dtype == param_dtype
     assert_matches(actual, expected, param_dtype, "K(x, x)")
@@ -201,13 +207,7 @@ def test_predictions_and_their_gradients_match(case):
 def test_inputs_wider_than_the_kernel_raise_a_type_error_naming_them(name, mode):
     """float64 inputs of a float32 kernel: GPyTorch's class fails in a matrix product; here a TypeError names them."""
     x, _, test = data()
-    ref, ours = (
-        make_kernel(cls, name, gpytorch.likelihoods.GaussianLikelihood()).to(F32)
-        for cls in (IPK, ChunkedInducingPointKernel)
-    )
-    ours.load_state_dict(ref.state_dict())
-    for kernel in (ref, ours):
-        kernel.train(mode == "train")
+    ref, ours = kernel_pair(name, F32, mode)
     with pytest.raises(RuntimeError, match="same dtype"):
         ref(x).to_dense()
     with pytest.raises(TypeError, match=r"x1 has dtype torch.float64, but the kernel computes in torch.float32"):
