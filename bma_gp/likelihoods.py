@@ -155,6 +155,11 @@ class GroupNoise(Noise):
             inputs = inputs[0]
         if not torch.is_tensor(inputs):
             raise TypeError(f"{name} must be a tensor of inputs, got {type(inputs).__name__}.")
+        if inputs.dim() == 0:
+            raise ValueError(
+                f"{name} is a 0-d tensor; pass inputs of shape (*batch, n, d) with the group ids in column "
+                f"group_dim={self.group_dim}, or the ids themselves as shape (n,)."
+            )
         if inputs.dim() == 1:
             values = inputs
         else:
@@ -192,11 +197,16 @@ class GroupNoise(Noise):
         at in training mode) hold other group ids than the stored training groups ``ids``: the model was given new
         training data (``model.set_train_data``) and the likelihood was not. Inputs whose column ``group_dim`` holds
         no valid ids, or of another number of columns than the stored training inputs, are not compared: they are
-        not the inputs the groups were read from (1-D ids given to :meth:`set_train_inputs` are never compared)."""
-        if self._train_columns is None or not model_inputs or not torch.is_tensor(model_inputs[0]):
+        not the inputs the groups were read from. 1-D ids given to :meth:`set_train_inputs` are compared with the
+        column ``group_dim`` of any inputs that have it (where the likelihood reads the groups of inputs passed with
+        a call): without, new training data with other groups trained silently with the old ones."""
+        if not model_inputs or not torch.is_tensor(model_inputs[0]):
             return
         inputs = model_inputs[0]
-        if inputs.dim() < 2 or inputs.shape[-1] != self._train_columns:
+        if self._train_columns is None:  # 1-D ids: the inputs' group column, where they have one
+            if inputs.dim() < 2 or not -inputs.shape[-1] <= self.group_dim < inputs.shape[-1]:
+                return
+        elif inputs.dim() < 2 or inputs.shape[-1] != self._train_columns:
             return
         column = inputs[..., self.group_dim].to(ids.device)
         try:  # one pass over the column: values equal to the stored (valid) ids are those ids
@@ -265,6 +275,11 @@ class GroupNoise(Noise):
                     f"{type(groups).__name__} {groups!r:.60}; encode names as ids first, with the same encoding as "
                     "the training inputs (bma_gp.partition_builders.group_partition(names).labels)."
                 ) from None
+            if groups.dim() == 0:
+                raise ValueError(
+                    "groups is a single number; pass one group id per point, shape (n,) or (*batch, n) (e.g. "
+                    "torch.full((n,), g) for n points of one group)."
+                )
             if groups.dim() == 2 and groups.shape[-1] == 1 and shape is not None and groups.shape[0] == shape[-1] != 1:
                 groups = groups.squeeze(-1)  # an (n, 1) column of ids (df[["g"]]), as group_partition takes it
             ids = check_group_ids(groups, self.num_groups, "groups")

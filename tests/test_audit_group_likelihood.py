@@ -193,3 +193,52 @@ def test_unseen_level_is_moved_only_by_a_noise_prior(prior):
     torch.testing.assert_close(loss.detach(), (ref / n).detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
     assert (grad[3] != 0) == prior
+
+
+def test_stored_one_d_ids_are_checked_against_new_training_data():
+    """1-D training ids were never compared with the model's inputs: after ``model.set_train_data`` with other
+    groups the marginal likelihood silently used the old groups (2-D stored inputs raised)."""
+    g = torch.Generator().manual_seed(0)
+    n = 40
+
+    def data():
+        ids = torch.randint(0, 4, (n,), generator=g)
+        x = torch.stack([torch.randn(n, dtype=torch.float64, generator=g), ids.double()], -1)
+        return x, torch.randn(n, dtype=torch.float64, generator=g), ids
+
+    X, y, ids = data()
+    X2, y2, ids2 = data()
+    likelihood = GroupGaussianLikelihood(4, group_dim=1, train_inputs=ids).double()
+
+    class Model(gpytorch.models.ExactGP):
+        def __init__(self):
+            super().__init__(X, y, likelihood)
+            self.covar = GroupKernel(4, active_dims=[1])
+
+        def forward(self, x):
+            return gpytorch.distributions.MultivariateNormal(torch.zeros_like(x[..., 0]), self.covar(x))
+
+    model = Model().double()
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+    model.train()
+    mll(model(X), y)  # the stored ids are these inputs' column: no complaint
+    model.set_train_data(X2, y2, strict=False)
+    with pytest.raises(ValueError, match="hold other group ids than the training inputs given to the likelihood"):
+        mll(model(X2), y2)
+    likelihood.set_train_inputs(ids2)  # the documented fix, with 1-D ids again
+    mll(model(X2), y2)
+
+
+def test_zero_d_groups_and_inputs_are_named():
+    likelihood = GroupGaussianLikelihood(3)
+    f = gpytorch.distributions.MultivariateNormal(torch.zeros(4), torch.eye(4))
+    with pytest.raises(ValueError, match="groups is a single number"):
+        likelihood(f, groups=torch.tensor(1))
+    with pytest.raises(ValueError, match="groups is a single number"):
+        likelihood(f, groups=1)
+    with pytest.raises(ValueError, match="inputs is a 0-d tensor"):
+        likelihood(f, torch.tensor(1.0))
+    with pytest.raises(ValueError, match="train_inputs is a 0-d tensor"):
+        GroupGaussianLikelihood(3, train_inputs=torch.tensor(1.0))
+    with pytest.raises(ValueError, match="train_inputs is a 0-d tensor"):
+        likelihood.set_train_inputs(torch.tensor(1.0))
