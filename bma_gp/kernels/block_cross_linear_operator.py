@@ -162,6 +162,30 @@ class BlockCrossLinearOperator(TorchIndexing, LinearOperator):
     def _with(self, values: Tensor, columns: Tensor | None, transposed: bool) -> BlockCrossLinearOperator:
         return self.__class__(values, self.partition, transposed=transposed, columns=columns)
 
+    # ------------------------------------------------------------------ conversions
+    def _converted(self, dtype: torch.dtype | None, device: torch.device | None) -> BlockCrossLinearOperator:
+        """The same operator with its values cast to ``dtype`` and everything moved to ``device`` (``None``: keep).
+        The block of each row (``columns``) and the partition's labels stay integer: linear_operator's generic
+        ``to`` casts every tensor argument, which would make ``columns`` floating point."""
+        values = self.row_values if self.is_one_hot else self._values
+        assert values is not None
+        values = values.to(device=device, dtype=dtype)
+        columns = None if self.columns is None else self.columns.to(device=device)
+        partition = self.partition if device is None else self.partition.to(device=device)
+        return self.__class__(values, partition, transposed=self.transposed, columns=columns)
+
+    def to(self, *args, **kwargs) -> BlockCrossLinearOperator:
+        """Move to a device and/or cast the values to a dtype, as :meth:`torch.Tensor.to` takes them (a dtype, a
+        device, a string or index naming one, a tensor, or ``device=``/``dtype=``); index tensors stay integer."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        return self._converted(dtype, device)
+
+    def type(self, dtype: torch.dtype) -> BlockCrossLinearOperator:  # also .double(), .float(), .half()
+        """Cast floating-point values to ``dtype``; index tensors stay integer."""
+        values = self.row_values if self.is_one_hot else self._values
+        assert values is not None
+        return self._converted(dtype if values.is_floating_point() else None, None)
+
     def _transpose_nonbatch(self) -> LinearOperator:
         if self.is_one_hot:
             assert self.row_values is not None
