@@ -14,6 +14,8 @@ solve or log-determinant actually runs.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import warnings
 from dataclasses import dataclass, field
@@ -434,6 +436,21 @@ def _known_nonsymmetric(op) -> bool:
     return False
 
 
+# set while a warned generic path of a _WarnsWhenFactorised runs: the Cholesky factor that path takes (of the operator
+# linear_operator's autograd functions rebuild from its representation: another object) is part of what its warning
+# already announced, and says nothing again
+_ANNOUNCED: contextvars.ContextVar[bool] = contextvars.ContextVar("_bma_gp_announced", default=False)
+
+
+@contextlib.contextmanager
+def _announced(op):
+    token = _ANNOUNCED.set(True)
+    try:
+        yield
+    finally:
+        _ANNOUNCED.reset(token)
+
+
 class _WarnsWhenFactorised(TorchIndexing):
     """Solves, log-determinants and roots that say with a :class:`ClosedFormFallbackWarning` that they take
     linear_operator's generic path (products stay silent); ``_warn(what)`` words it.
@@ -461,6 +478,9 @@ class _WarnsWhenFactorised(TorchIndexing):
             stacklevel=3,
         )
 
+    def _warn_cholesky(self) -> None:
+        self._warn("cholesky")
+
     def _symmetric_after_all(self) -> bool:
         """Whether the dense matrix of an operator known to hold a non-symmetric part is symmetric all the same, to
         ``sqrt(eps)`` of its largest entry: linear_operator forms products that are, such as a Kronecker factor
@@ -486,7 +506,8 @@ class _WarnsWhenFactorised(TorchIndexing):
                 res = left_tensor @ res
             return res.squeeze(-1) if vector else res
         self._warn("solve")
-        return super().solve(right_tensor, left_tensor)
+        with _announced(self):
+            return super().solve(right_tensor, left_tensor)
 
     @staticmethod
     def _lu_inv_quad(dense: Tensor, rhs: Tensor, reduce_inv_quad: bool) -> Tensor:
@@ -504,7 +525,8 @@ class _WarnsWhenFactorised(TorchIndexing):
                 inv_quad = self._lu_inv_quad(dense, inv_quad_rhs, reduce_inv_quad)
             return inv_quad, (torch.logdet(dense) if logdet else torch.zeros((), dtype=self.dtype, device=self.device))
         self._warn("inv_quad_logdet")
-        return super().inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
+        with _announced(self):
+            return super().inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
 
     def inv_quad(self, inv_quad_rhs, reduce_inv_quad=True):
         # linear_operator's inv_quad solves with a Cholesky factor (or CG) of its own, past inv_quad_logdet
@@ -512,37 +534,48 @@ class _WarnsWhenFactorised(TorchIndexing):
             self._warn_dense_lu("inv_quad")
             return self._lu_inv_quad(self.to_dense(), inv_quad_rhs, reduce_inv_quad)
         self._warn("inv_quad")
-        return super().inv_quad(inv_quad_rhs, reduce_inv_quad)
+        with _announced(self):
+            return super().inv_quad(inv_quad_rhs, reduce_inv_quad)
 
     def logdet(self):
         if self._nonsymmetric():
             self._warn_dense_lu("logdet")
             return torch.logdet(self.to_dense())
         self._warn("logdet")
-        return super().logdet()
+        with _announced(self):
+            return super().logdet()
 
     def root_decomposition(self, method=None):
         if self._nonsymmetric():
             self._no_root("root_decomposition")
         self._warn("root_decomposition")
-        return super().root_decomposition(method)
+        with _announced(self):
+            return super().root_decomposition(method)
 
     def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method=None):
         if self._nonsymmetric():
             self._no_root("root_inv_decomposition")
         self._warn("root_inv_decomposition")
-        return super().root_inv_decomposition(initial_vectors, test_vectors, method)
+        with _announced(self):
+            return super().root_inv_decomposition(initial_vectors, test_vectors, method)
 
     def _cholesky(self, upper=False):
         if self._nonsymmetric() and not self._symmetric_after_all():  # psd_safe_cholesky reads one triangle
             self._no_root("cholesky")
-        return super()._cholesky(upper)
+        # a Cholesky factor asked for itself (op.cholesky(), a MultivariateNormal's scale_tril: log_prob under
+        # fast_computations(log_prob=False), rsample) is the dense matrix's: say so, as solve and logdet do on every
+        # call (inside their own generic path it is part of what they announced)
+        if not _ANNOUNCED.get():
+            self._warn_cholesky()
+        with _announced(self):
+            return super()._cholesky(upper)
 
     def sqrt_inv_matmul(self, rhs, lhs=None):
         if self._nonsymmetric():
             self._no_root("sqrt_inv_matmul")
         self._warn("sqrt_inv_matmul")
-        return super().sqrt_inv_matmul(rhs, lhs)
+        with _announced(self):
+            return super().sqrt_inv_matmul(rhs, lhs)
 
     def diagonalization(self, method=None):
         if self._nonsymmetric():
@@ -665,6 +698,13 @@ class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperat
             base_logdet = torch.where(flips, torch.full_like(value, float("nan")), value)
         return inv_quad, base_logdet
 
+    def inv_quad(self, inv_quad_rhs, reduce_inv_quad=True):
+        # the mixin's (and linear_operator's) would take a Cholesky factor of c M, which a negative c makes
+        # negative definite: M's closed form (with its checks of the right-hand side) divided by c instead
+        inv_quad = self.base_linear_op.inv_quad(inv_quad_rhs, reduce_inv_quad=reduce_inv_quad)
+        c = self.expanded_constant.squeeze(-1)  # (*batch, 1)
+        return inv_quad / (c.squeeze(-1) if reduce_inv_quad else c).to(inv_quad.dtype)
+
     def logdet(self):
         return self.inv_quad_logdet(logdet=True)[1]
 
@@ -698,6 +738,9 @@ class FallbackMatmulLinearOperator(_WarnsWhenFactorised, MatmulLinearOperator):
 
     def _nonsymmetric(self) -> bool:
         return True
+
+    def _warn_cholesky(self) -> None:
+        pass  # only a product that is symmetric after all gets here: linear_operator's whitened Kronecker factors
 
     def _why_nonsymmetric(self) -> str:
         return (
@@ -816,12 +859,13 @@ def fallback_sum(left, right) -> LinearOperator | None:
 # ---------------------------------------------------------------------------- hooks
 class _BlockMeanTasks(TorchIndexing):
     """The block-diagonal operator of a batch of block mean operators or sums, one per task (a batch-independent
-    multi-output model's ``MultitaskMultivariateNormal.from_batch_mvn`` covariance plus a diagonal noise): ``solve``
-    and the roots are the batch's closed forms, applied task by task (linear_operator's own take a dense Cholesky of
-    every task's ``n x n`` matrix, or Lanczos). ``inv_quad_logdet`` and products are linear_operator's, which already
-    go through the batch. A sum over a batch dimension sums the tasks' operators (closed form where theirs is);
-    indexing keeps the layout for batch indices and for slices of whole points (interleaved) or whole tasks
-    (block-diagonal), and gives a :class:`FallbackIndexedLinearOperator` (which warns when factorised) otherwise."""
+    multi-output model's ``MultitaskMultivariateNormal.from_batch_mvn`` covariance plus a diagonal noise): ``solve``,
+    ``inv_quad``, ``inv_quad_logdet`` and the roots are the batch's closed forms, applied task by task
+    (linear_operator's own take a dense Cholesky of every task's ``n x n`` matrix, or Lanczos). Products are
+    linear_operator's, which already go through the batch. A sum over a batch dimension sums the tasks' operators
+    (closed form where theirs is); indexing keeps the layout for batch indices and for slices of whole points
+    (interleaved) or whole tasks (block-diagonal), and gives a :class:`FallbackIndexedLinearOperator` (which warns
+    when factorised) otherwise."""
 
     base_linear_op: LinearOperator
     _plain: type
@@ -860,6 +904,35 @@ class _BlockMeanTasks(TorchIndexing):
         if vector:
             res = res.squeeze(-1)
         return res if left_tensor is None else left_tensor @ res
+
+    def inv_quad(self, inv_quad_rhs: Tensor, reduce_inv_quad: bool = True) -> Tensor:
+        """``tr(R^T K^{-1} R)`` (or its diagonal, ``reduce_inv_quad=False``) from the tasks' closed-form solves:
+        linear_operator's takes a dense Cholesky factor of every task's ``n x n`` matrix. A vector ``R`` is one
+        column, as in linear_operator."""
+        blocks = cast(LinearOperator, self)
+        if not blocks.is_square:
+            raise RuntimeError(
+                "inv_quad only operates on (batches of) square (positive semi-definite) LinearOperators. "
+                f"Got a {type(self).__name__} of size {blocks.shape}."
+            )
+        rhs = inv_quad_rhs.unsqueeze(-1) if inv_quad_rhs.dim() == 1 else inv_quad_rhs
+        try:
+            _matmul_broadcast_shape(blocks.shape, rhs.shape)
+        except RuntimeError:
+            raise RuntimeError(
+                f"LinearOperator (size={blocks.shape}) cannot be multiplied with right-hand-side Tensor "
+                f"(size={inv_quad_rhs.shape})."
+            ) from None
+        res = (rhs * self.solve(rhs)).sum(-2)
+        return res.sum(-1) if reduce_inv_quad else res
+
+    def inv_quad_logdet(self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True):
+        """The tasks' closed forms, with linear_operator's block-diagonal semantics: the inverse quadratic form over
+        all rows (:meth:`inv_quad`) and the sum of the tasks' log-determinants; ``None`` for a term not asked for (as
+        linear_operator's block operators of a dense batch give, whose own path reshapes a batch's scalar zero)."""
+        inv_quad = None if inv_quad_rhs is None else self.inv_quad(inv_quad_rhs, reduce_inv_quad=reduce_inv_quad)
+        logdet_res = self.base_linear_op.logdet().sum(-1) if logdet else None
+        return inv_quad, logdet_res
 
     def root_decomposition(self, method: str | None = None) -> LinearOperator:
         return RootLinearOperator(self._plain(self.base_linear_op.root_decomposition(method=method).root))
