@@ -443,7 +443,7 @@ _ANNOUNCED: contextvars.ContextVar[bool] = contextvars.ContextVar("_bma_gp_annou
 
 
 @contextlib.contextmanager
-def _announced(op):
+def _announced():
     token = _ANNOUNCED.set(True)
     try:
         yield
@@ -506,7 +506,7 @@ class _WarnsWhenFactorised(TorchIndexing):
                 res = left_tensor @ res
             return res.squeeze(-1) if vector else res
         self._warn("solve")
-        with _announced(self):
+        with _announced():
             return super().solve(right_tensor, left_tensor)
 
     @staticmethod
@@ -525,7 +525,7 @@ class _WarnsWhenFactorised(TorchIndexing):
                 inv_quad = self._lu_inv_quad(dense, inv_quad_rhs, reduce_inv_quad)
             return inv_quad, (torch.logdet(dense) if logdet else torch.zeros((), dtype=self.dtype, device=self.device))
         self._warn("inv_quad_logdet")
-        with _announced(self):
+        with _announced():
             return super().inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
 
     def inv_quad(self, inv_quad_rhs, reduce_inv_quad=True):
@@ -534,7 +534,7 @@ class _WarnsWhenFactorised(TorchIndexing):
             self._warn_dense_lu("inv_quad")
             return self._lu_inv_quad(self.to_dense(), inv_quad_rhs, reduce_inv_quad)
         self._warn("inv_quad")
-        with _announced(self):
+        with _announced():
             return super().inv_quad(inv_quad_rhs, reduce_inv_quad)
 
     def logdet(self):
@@ -542,21 +542,21 @@ class _WarnsWhenFactorised(TorchIndexing):
             self._warn_dense_lu("logdet")
             return torch.logdet(self.to_dense())
         self._warn("logdet")
-        with _announced(self):
+        with _announced():
             return super().logdet()
 
     def root_decomposition(self, method=None):
         if self._nonsymmetric():
             self._no_root("root_decomposition")
         self._warn("root_decomposition")
-        with _announced(self):
+        with _announced():
             return super().root_decomposition(method)
 
     def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method=None):
         if self._nonsymmetric():
             self._no_root("root_inv_decomposition")
         self._warn("root_inv_decomposition")
-        with _announced(self):
+        with _announced():
             return super().root_inv_decomposition(initial_vectors, test_vectors, method)
 
     def _cholesky(self, upper=False):
@@ -567,14 +567,14 @@ class _WarnsWhenFactorised(TorchIndexing):
         # call (inside their own generic path it is part of what they announced)
         if not _ANNOUNCED.get():
             self._warn_cholesky()
-        with _announced(self):
+        with _announced():
             return super()._cholesky(upper)
 
     def sqrt_inv_matmul(self, rhs, lhs=None):
         if self._nonsymmetric():
             self._no_root("sqrt_inv_matmul")
         self._warn("sqrt_inv_matmul")
-        with _announced(self):
+        with _announced():
             return super().sqrt_inv_matmul(rhs, lhs)
 
     def diagonalization(self, method=None):

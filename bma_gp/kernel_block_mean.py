@@ -65,7 +65,7 @@ _CHUNK_BYTES = 64 * 2**20
 _PROGRESS_ENTRIES = 10**9
 
 
-def _check_inputs(kernel: Any, x: Any, partition: Any, chunk_size: Any) -> Tensor:
+def _check_inputs(kernel: Any, x: Any, partition: Any, chunk_size: Any, x_name: str = "x") -> Tensor:
     if not isinstance(kernel, Kernel):
         raise TypeError(f"kernel must be a gpytorch.kernels.Kernel, got {type(kernel).__name__}.")
     if any(isinstance(m, InducingPointKernel) and m.training for m in kernel.modules()):
@@ -95,7 +95,7 @@ def _check_inputs(kernel: Any, x: Any, partition: Any, chunk_size: Any) -> Tenso
         raise ValueError(f"partition has {len(partition)} indices but x has {x.shape[-2]} rows; they must match.")
     check_single_output(kernel, x)
     chunk_rows(chunk_size)
-    check_finite_inputs(kernel, x, "x")
+    check_finite_inputs(kernel, x, x_name)
     return x
 
 
@@ -328,13 +328,31 @@ def kernel_block_mean(
         >>> op.shape
         torch.Size([1000, 1000])
     """
+    return block_mean_of_kernel(
+        kernel, x, partition, chunk_size, process_group=process_group, progress=progress, fused=fused
+    )
+
+
+def block_mean_of_kernel(
+    kernel: Kernel,
+    x: Tensor,
+    partition: Partition,
+    chunk_size: int | None = None,
+    *,
+    process_group: Any = None,
+    progress: bool | None = None,
+    fused: bool | None = None,
+    x_name: str = "x",
+) -> BlockMeanLinearOperator:
+    """:func:`kernel_block_mean`, its errors about the inputs naming them ``x_name`` (``BlockMeanKernel``'s
+    ``train_x``)."""
     fused = optional_flag(
         fused, "fused", "True (force the stationary engine), False (forbid it) or None (use it where it applies)"
     )
     progress = optional_flag(
         progress, "progress", "True (show a progress bar), False (none) or None (one above 10^9 entries)"
     )
-    x = _check_inputs(kernel, x, partition, chunk_size)
+    x = _check_inputs(kernel, x, partition, chunk_size, x_name)
     chunk_size = chunk_rows(chunk_size)
     n = x.shape[-2]
     partition = partition.to(x.device)

@@ -17,7 +17,7 @@ from torch import Tensor
 from bma_gp._composition import ClosedFormFallbackWarning
 from bma_gp._kernel_sums.generic import kernel_diagonal, translation_invariant
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
-from bma_gp.kernel_block_mean import check_finite_inputs, check_single_output, chunk_rows
+from bma_gp.kernel_block_mean import block_mean_of_kernel, check_finite_inputs, check_single_output, chunk_rows
 from bma_gp.kernels._bound_data import record_bound_data
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.kernels.leading_rows_linear_operator import LeadingRowsLinearOperator
@@ -413,7 +413,7 @@ class BlockMeanKernel(Kernel):
         if key is not None and cached is not None and _same_key(cached[0], key):
             return cached[1]
         partition = self._partition_on(train_x.device)
-        check_finite_inputs(self.base_kernel, train_x, "train_x")  # (changed in place, or bound with validation off)
+        # its check of the inputs names them train_x (changed in place, or bound with validation off)
         res = _kernel_block_mean(self.base_kernel, train_x, partition, self.chunk_size)
         self._block_sums_cache = None if key is None else (key, res)
         return res
@@ -658,12 +658,6 @@ def _joint_partition(partition: Partition, t: int) -> Partition:
 def _kernel_block_mean(
     kernel: Kernel, x: Tensor, partition: Partition, chunk_size: int | None
 ) -> BlockMeanLinearOperator:
-    """The block mean of ``kernel(x, x)``; uses :func:`bma_gp.kernel_block_mean` when available."""
-    try:
-        from bma_gp.kernel_block_mean import kernel_block_mean
-    except ImportError:  # pragma: no cover - transitional, until kernel_block_mean lands
-        from bma_gp.approximation import block_mean
-
-        with gpt_settings.lazily_evaluate_kernels(False):
-            return block_mean(to_dense(kernel(x, x)), partition)
-    return kernel_block_mean(kernel, x, partition, chunk_size=chunk_size)
+    """The block mean of ``kernel(x, x)`` on the training inputs: :func:`bma_gp.kernel_block_mean`, its errors about
+    the inputs naming them ``train_x``."""
+    return block_mean_of_kernel(kernel, x, partition, chunk_size, x_name="train_x")
