@@ -26,7 +26,7 @@ from bma_gp._low_rank_sum import LowRankInClosedForm
 from bma_gp._precision import core_dtype
 from bma_gp._samples import ClosedFormSamples
 from bma_gp._symmetric_function import floored_sqrt, symmetric_matrix_function
-from bma_gp._warnings import ClosedFormFallbackWarning, warn_dense_cholesky, warn_elementwise
+from bma_gp._warnings import ClosedFormFallbackWarning, caller_stacklevel, warn_dense_cholesky, warn_elementwise
 from bma_gp.partition import Partition, intersection
 
 __all__ = ["BlockMeanLinearOperator"]
@@ -280,6 +280,16 @@ class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedF
                     f"partition.num_blocks = {k}; got {tuple(B.shape)}."
                 )
             B_batch = B.shape[:-1]
+            if B.dim() == 2 and B.shape[0] == k and lam.dim() == 1 and k > 1:
+                # a k x k block matrix passed whole by mistake reads as a batch of k diagonals: say so
+                warnings.warn(
+                    f"with diagonal=True, B of shape ({k}, {k}) is read as a batch of {k} diagonals (k = "
+                    f"partition.num_blocks = {k}), so this is a batch of {k} operators. For one operator with a "
+                    "diagonal block matrix pass its diagonal, torch.diagonal(B); for a dense B leave diagonal "
+                    "False. Give lam the batch shape (k, k) to silence this warning.",
+                    UserWarning,
+                    stacklevel=caller_stacklevel(),
+                )
         elif B.dim() < 2 or B.shape[-1] != B.shape[-2]:
             raise ValueError(f"B must be square with shape (*batch, k, k), got {tuple(B.shape)}.")
         elif B.shape[-1] != k:

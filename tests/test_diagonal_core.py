@@ -752,3 +752,20 @@ def test_schur_complement_names_a_non_symmetric_other():
     other = BlockMeanLinearOperator(K.lam.detach(), B, K.partition, symmetric=False)
     with pytest.raises(ValueError, match="schur_complement's other.*symmetric=False"):
         K.schur_complement(K, other)
+
+
+def test_whole_block_matrix_with_diagonal_true_warns_batch_reading():
+    """``diagonal=True`` with a ``(k, k)`` B and unbatched lam reads B as a batch of k diagonals: warned, as that
+    is what a whole block matrix passed by mistake looks like; a batched lam (an intended batch) is silent."""
+    k = 3
+    partition = Partition.from_labels(torch.tensor([0, 1, 2, 1]))
+    B = torch.eye(k, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"batch of 3 diagonals.*torch.diagonal\(B\)"):
+        op = BlockMeanLinearOperator(torch.ones(k, dtype=torch.float64), B, partition, diagonal=True)
+    assert op.batch_shape == (k,)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BlockMeanLinearOperator(torch.ones(k, k, dtype=torch.float64), B, partition, diagonal=True)
+        BlockMeanLinearOperator(torch.ones(k, dtype=torch.float64), torch.ones(k, dtype=torch.float64), partition, diagonal=True)
