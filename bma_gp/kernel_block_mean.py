@@ -33,6 +33,8 @@ unchanged.
 
 from __future__ import annotations
 
+import itertools
+
 import math
 from typing import Any, cast
 
@@ -93,6 +95,8 @@ def _check_inputs(kernel: Any, x: Any, partition: Any, chunk_size: Any, x_name: 
         )
     if len(partition) != x.shape[-2]:
         raise ValueError(f"partition has {len(partition)} indices but x has {x.shape[-2]} rows; they must match.")
+    check_input_device(kernel, x, x_name)
+    check_active_dims(kernel, x.shape[-1], x_name)
     check_single_output(kernel, x)
     chunk_rows(chunk_size)
     check_finite_inputs(kernel, x, x_name)
@@ -108,6 +112,45 @@ def optional_flag(value: Any, name: str, meaning: str) -> bool | None:
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise TypeError(f"{name} must be {meaning}, got {value!r}.")
+
+
+def check_input_device(kernel: Kernel, x: Tensor, name: str) -> None:
+    """``ValueError`` naming ``name`` where ``x`` is on the meta device (it has no values to take block means of) or
+    on another device than the kernel's parameters (torch's own error names neither, from deep in the engines)."""
+    if x.device.type == "meta":
+        raise ValueError(
+            f"{name} is on the meta device: it has shapes but no values, and block means are sums of kernel values. "
+            f"Pass {name} on a device with data ({name}.to('cpu') or a CUDA device)."
+        )
+    held = next((t for t in itertools.chain(kernel.parameters(), kernel.buffers()) if t.is_floating_point()), None)
+    if held is not None and held.device != x.device:
+        raise ValueError(
+            f"{name} is on {x.device} but the kernel's parameters are on {held.device}; move one to the other's "
+            f"device (kernel.to({name}.device), or {name}.to(...)) before taking block means."
+        )
+
+
+def check_active_dims(kernel: Kernel, width: int, name: str) -> None:
+    """``ValueError`` naming ``name`` where the ``active_dims`` of ``kernel``, or of a kernel inside it that sees all
+    ``width`` columns of ``x`` (no kernel around it has ``active_dims``), select a column ``x`` does not have (torch's
+    own error reads "INDICES element is out of DATA bounds"). Kernels inside one with ``active_dims`` are not
+    looked at: whether they select again depends on how it calls them (``ScaleKernel`` takes its base kernel's
+    ``active_dims`` as its own and calls the base kernel's ``forward``)."""
+
+    def walk(module: torch.nn.Module, path: str) -> None:
+        if isinstance(module, Kernel) and module.active_dims is not None:
+            dims = module.active_dims
+            if dims.numel() and (int(dims.max()) >= width or int(dims.min()) < 0):  # index_select takes no negatives
+                raise ValueError(
+                    f"{path} has active_dims = {dims.tolist()}, but {name} has {width} column"
+                    f"{'s' if width != 1 else ''}. Give active_dims within 0..{width - 1}, or pass {name} with the "
+                    "columns they name."
+                )
+            return
+        for child_name, child in module.named_children():
+            walk(child, f"{path}.{child_name}")
+
+    walk(kernel, "kernel")
 
 
 def check_finite_inputs(kernel: Kernel, x: Tensor, name: str) -> None:

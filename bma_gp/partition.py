@@ -60,7 +60,28 @@ def _as_long_vector(values, name: str) -> Tensor:
         )
     if tensor.dim() != 1:
         raise ValueError(f"{name} must be 1-dimensional, got shape {tuple(tensor.shape)}.")
+    if tensor.dtype == torch.uint64 and tensor.device.type != "meta":
+        # .long() wraps values from 2^63 to negative ones (torch's uint64 has no comparisons on CPU)
+        above = (tensor.view(torch.int64) < 0).nonzero().flatten()  # the same bits as int64: 2^63 and up
+        if above.numel():
+            i = int(above[0])
+            raise ValueError(
+                f"{name}[{i}] = {int(tensor[i].item())} is above 2^63 - 1, the largest block id or size a partition "
+                "holds (labels and sizes are int64); renumber the labels (torch.unique(labels, return_inverse=True)[1])."
+            )
     return tensor.long()
+
+
+def _as_device(device: object, name: str = "device") -> torch.device:
+    """``device`` as a ``torch.device``, or ``ValueError`` naming ``name`` (torch's own error for a string such as
+    ``"gpu"`` is a ``RuntimeError`` that names neither)."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"{name} must be a torch.device, a device string such as 'cpu' or 'cuda:0', or an accelerator index, got "
+            f"{device!r} ({err})."
+        ) from None
 
 
 def _refuse_meta(values: Tensor, name: str) -> None:
@@ -307,10 +328,16 @@ class Partition:
                 f"sizes[{i}] = {int(sizes[i])}: every block size must be a positive integer "
                 "(drop empty blocks before building the partition)."
             )
-        if device is None or torch.device(device) == sizes.device:
+        if float(sizes.sum(dtype=torch.float64)) >= 2.0**62 and sum(sizes.tolist()) >= 2**63:
+            raise ValueError(
+                f"sizes add up to {sum(sizes.tolist())} indices, more than a partition can number (2^63 - 1, int64)."
+            )
+        if device is not None:
+            device = _as_device(device)
+        if device is None or device == sizes.device:
             return cls._trusted(sizes, contiguous=True)
         # n and the run table read the sizes: taken here, where they have values (device="meta" has none)
-        if torch.device(device).type == "meta":
+        if device.type == "meta":
             return cls._trusted(sizes, contiguous=True).to(device)
         return cls._trusted(sizes.to(device), contiguous=True, n=int(sizes.sum()), runs=_equal_size_runs(sizes))
 
@@ -384,7 +411,7 @@ class Partition:
                 device = arg  # an int is an accelerator index, as for tensors (device=0 was already one)
             elif isinstance(arg, Tensor):
                 device = arg.device
-        if device is None or torch.device(device) == self.device:
+        if device is None or _as_device(device) == self.device:
             return self
         if self.device.type == "meta":  # no values to copy: those of the partition it was made from
             if self._values is None:
