@@ -34,7 +34,6 @@ unchanged.
 from __future__ import annotations
 
 import itertools
-
 import math
 from typing import Any, cast
 

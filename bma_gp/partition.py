@@ -67,7 +67,8 @@ def _as_long_vector(values, name: str) -> Tensor:
             i = int(above[0])
             raise ValueError(
                 f"{name}[{i}] = {int(tensor[i].item())} is above 2^63 - 1, the largest block id or size a partition "
-                "holds (labels and sizes are int64); renumber the labels (torch.unique(labels, return_inverse=True)[1])."
+                "holds (labels and sizes are int64); renumber the labels "
+                "(torch.unique(labels, return_inverse=True)[1])."
             )
     return tensor.long()
 

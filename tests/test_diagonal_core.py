@@ -768,4 +768,6 @@ def test_whole_block_matrix_with_diagonal_true_warns_batch_reading():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         BlockMeanLinearOperator(torch.ones(k, k, dtype=torch.float64), B, partition, diagonal=True)
-        BlockMeanLinearOperator(torch.ones(k, dtype=torch.float64), torch.ones(k, dtype=torch.float64), partition, diagonal=True)
+        BlockMeanLinearOperator(
+            torch.ones(k, dtype=torch.float64), torch.ones(k, dtype=torch.float64), partition, diagonal=True
+        )

@@ -87,7 +87,9 @@ def test_uint64_labels_above_int64_are_refused_not_wrapped():
         Partition.from_labels(labels)
     with pytest.raises(ValueError, match=r"labels\[1\] = 9223372036854775808"):
         Partition.from_labels(np.array([0, 2**63], dtype=np.uint64))
-    assert torch.equal(Partition.from_labels(torch.tensor([1, 0, 1], dtype=torch.uint64)).labels, torch.tensor([1, 0, 1]))
+    assert torch.equal(
+        Partition.from_labels(torch.tensor([1, 0, 1], dtype=torch.uint64)).labels, torch.tensor([1, 0, 1])
+    )
 
 
 def test_sizes_whose_total_overflows_int64_are_refused():

@@ -106,7 +106,11 @@ def _diagonal_of_chunks(kernel: Kernel, x1: Tensor, x2: Tensor) -> Tensor:
     rows: exact, for kernels whose ``diag=True`` mode fails or disagrees with their full evaluation."""
     t = x1.shape[-2]
     parts = [
-        torch.diagonal(evaluate(kernel, x1[..., a : a + DIAGONAL_CHUNK_ROWS, :], x2[..., a : a + DIAGONAL_CHUNK_ROWS, :]), dim1=-2, dim2=-1)
+        torch.diagonal(
+            evaluate(kernel, x1[..., a : a + DIAGONAL_CHUNK_ROWS, :], x2[..., a : a + DIAGONAL_CHUNK_ROWS, :]),
+            dim1=-2,
+            dim2=-1,
+        )
         for a in range(0, t, DIAGONAL_CHUNK_ROWS)
     ]
     return torch.cat(parts, dim=-1)
