@@ -9,7 +9,7 @@ import operator
 from typing import Any
 
 import torch
-from linear_operator.operators import DenseLinearOperator, LinearOperator
+from linear_operator.operators import DenseLinearOperator, LinearOperator, SumLinearOperator
 from torch import Tensor
 
 from bma_gp._precision import core_dtype
@@ -30,6 +30,10 @@ def block_mean_from_sums(
         \lambda_i = \frac{d_i}{s_i} - B_{ii},
 
     with :math:`T = P^\top A P` and :math:`d = P^\top \operatorname{diag}(A)`. Differentiable.
+
+    Integer sums (``block_mean``'s of an integer :math:`A` are int64) are divided in float64 and the means rounded
+    to the default dtype: :math:`\lambda` is a difference of two means, which cancels in float32 (entries of
+    :math:`2^{24} - 1` and :math:`2^{24} - 2` gave :math:`\lambda = 2` for 1). 16-bit sums are divided in float32.
 
     Args:
         block_sums: :math:`T`. # shape: (*batch, k, k)
@@ -71,6 +75,11 @@ def block_mean_from_sums(
     dtype = torch.promote_types(block_sums.dtype, diag_sums.dtype)  # mixed precisions: as torch's arithmetic promotes
     # 16-bit sums are divided in float32: s_i s_j overflows float16 from blocks of 256 on (B was 0 there)
     wdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    if not dtype.is_floating_point:
+        # integer sums: torch's true division of int64 gives the default dtype (float32), in which lam = d / s - B_ii
+        # cancels as it did for float32 sums; the means are formed in float64 and rounded to the default dtype, the
+        # dtype that integer sums gave before
+        wdt, dtype = torch.float64, torch.get_default_dtype()
     block_sums, diag_sums = block_sums.to(wdt), diag_sums.to(wdt)
     partition = partition.to(block_sums.device)  # a partition built on the CPU follows the sums, as in block_mean
     s = partition.sizes.to(wdt)
@@ -105,6 +114,33 @@ def _operator_block_sums(A: LinearOperator, partition: Partition, chunk_columns:
             product = product.to_dense()  # n x c, as the tensor a product gives otherwise
         pieces.append(partition.block_sum(product.to(dtype), dim=-2))
     return torch.cat(pieces, dim=-1)
+
+
+def _holds_module(A: LinearOperator) -> bool:
+    """Whether ``A`` or an operator inside it keeps a ``torch.nn.Module`` (a GPyTorch lazily evaluated kernel tensor
+    keeps its kernel)."""
+    return any(
+        isinstance(arg, torch.nn.Module) or (isinstance(arg, LinearOperator) and _holds_module(arg))
+        for arg in (*A._args, *A._kwargs.values())
+    )
+
+
+def _widened_summands(A: LinearOperator, dtype: torch.dtype, evaluated: bool = False) -> list[Tensor | LinearOperator]:
+    """The summands of a 16-bit operator ``A`` to be block-summed in ``dtype`` (differentiably), none ``n x n`` in it.
+
+    A sum is split into its summands (block sums are linear), and a dense summand is returned as its tensor, which
+    :func:`_tensor_block_sums` widens a chunk of rows at a time: ``A.to(dtype)`` would copy it whole. Another
+    operator is cast with ``.to(dtype)`` (a diagonal's or a root's factors are copied). linear_operator's ``.to``
+    casts every argument with its own ``.to``, and ``torch.nn.Module.to`` works in place: a lazily evaluated kernel
+    tensor's kernel would be left in ``dtype`` for its owner, so such an operator is evaluated first (as its
+    products would evaluate it)."""
+    if isinstance(A, DenseLinearOperator):
+        return [A.tensor]
+    if isinstance(A, SumLinearOperator):
+        return [part for op in A.linear_ops for part in _widened_summands(op, dtype, evaluated)]
+    if not evaluated and _holds_module(A):
+        return _widened_summands(A.evaluate_kernel(), dtype, evaluated=True)
+    return [A.to(dtype)]
 
 
 #: Entries of a narrower ``A`` widened at a time by :func:`_tensor_block_sums` on the CPU (4 MB in float64). A widened
@@ -152,8 +188,13 @@ def block_mean(
     ``chunk_columns`` at a time (default: enough to keep about 64 MB per product). A float32, float16 or
     bfloat16 ``A`` is summed in float64 (a chunk of rows at a time) and only the means are rounded back to its
     dtype: :math:`\lambda` is a difference of two means, which float32 sums of nearly equal entries get wrong.
-    A ``DenseLinearOperator`` is summed as its tensor; another operator's products with the indicator columns
-    are formed in its own dtype (only their sums are widened), so a float32 operator keeps that rounding.
+    A ``DenseLinearOperator`` is summed as its tensor. Another float32 or float64 operator's products with the
+    indicator columns are formed in its own dtype (only their sums are widened), so a float32 operator keeps that
+    rounding. A float16 or bfloat16 operator's products would overflow float16 (``inf`` past 65504) and keep 11
+    or 8 bits, so it is summed in float64 instead, and only the means are rounded back to its dtype, as for a
+    tensor: a sum summand by summand, a dense summand as a tensor (a chunk of rows at a time), another operator
+    cast to float64 (its own tensors are copied: a diagonal, a root, a dense matrix that it scales or multiplies).
+    An integer ``A`` is summed in int64, and its means are formed in float64 and rounded to the default dtype.
 
     Args:
         A: the matrix. # shape: (*batch, n, n)
@@ -195,14 +236,23 @@ def block_mean(
     dtype = core_dtype(A.dtype) if A.dtype.is_floating_point else torch.int64
     if isinstance(A, DenseLinearOperator):  # its tensor is summed in dtype; its products would be in A's own
         A = A.tensor
-    diagonal = torch.diagonal(A, dim1=-2, dim2=-1) if torch.is_tensor(A) else A.diagonal()
-    diag_sums = partition.block_sum(diagonal.to(dtype), dim=-1)
-    if torch.is_tensor(A):
-        block_sums = _tensor_block_sums(A, partition, dtype)
-    else:
-        if chunk_columns is None:
-            chunk_columns = max(1, min(partition.num_blocks, (8 * 2**20) // max(n, 1)))
-        block_sums = _operator_block_sums(A, partition, chunk_columns, dtype)
+    # a 16-bit operator's products with the indicator columns are sums of up to n entries in its dtype: 1000 entries
+    # of 100 overflowed float16 (B = inf). Its summands are block-summed in float64 instead, as a 16-bit tensor is
+    # (a sum's summands share its batch shape, so their sums add up without broadcasting)
+    widen = not torch.is_tensor(A) and A.dtype in (torch.float16, torch.bfloat16)
+    parts = _widened_summands(A, dtype) if widen else [A]
+    if chunk_columns is None:
+        chunk_columns = max(1, min(partition.num_blocks, (8 * 2**20) // max(n, 1)))
+    diag_sums = block_sums = None
+    for part in parts:
+        diagonal = torch.diagonal(part, dim1=-2, dim2=-1) if torch.is_tensor(part) else part.diagonal()
+        part_diag_sums = partition.block_sum(diagonal.to(dtype), dim=-1)
+        if torch.is_tensor(part):
+            part_block_sums = _tensor_block_sums(part, partition, dtype)
+        else:
+            part_block_sums = _operator_block_sums(part, partition, chunk_columns, dtype)
+        diag_sums = part_diag_sums if diag_sums is None else diag_sums + part_diag_sums
+        block_sums = part_block_sums if block_sums is None else block_sums + part_block_sums
     result = block_mean_from_sums(block_sums, diag_sums, partition, symmetric=symmetric)
     if result.dtype != A.dtype and A.dtype.is_floating_point:  # 16-bit floats get their own type back
         return BlockMeanLinearOperator(result.lam.to(A.dtype), result.B.to(A.dtype), partition, symmetric=symmetric)
