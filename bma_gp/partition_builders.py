@@ -38,7 +38,8 @@ def _as_points(x, name: str = "x", keep_integers: bool = False) -> Tensor:
     """Return ``x`` as a finite tensor of shape ``(n, d)`` (1-d input becomes ``(n, 1)``).
 
     Integer input becomes float64, whose integers are exact up to :math:`2^{53}` (the default float32 merges
-    neighbouring Unix times in seconds), or stays integer with ``keep_integers`` (for comparisons only).
+    neighbouring Unix times in seconds), or stays integer with ``keep_integers`` (for builders that only compare
+    values, or that convert them with :func:`_integers_as_float64`, which keeps differences beyond :math:`2^{53}`).
     """
     if not isinstance(x, Tensor):
         try:
@@ -67,6 +68,43 @@ def _as_points(x, name: str = "x", keep_integers: bool = False) -> Tensor:
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or infinite values; remove or impute them before partitioning.")
     return x.detach()
+
+
+def _as_int64(x: Tensor) -> Tensor:
+    """Integer ``x`` as int64 with its order and its differences kept: uint64 is translated by :math:`-2^{63}` (its
+    top bit flipped, which int64 holds for every uint64 value), the other integer dtypes are converted as they are."""
+    if x.dtype == torch.uint64:
+        return x.view(torch.int64) ^ -(2**63)
+    return x.to(torch.int64)
+
+
+def _exact_differences(high: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``high - low`` for int64 tensors with ``high >= low``, as ``(upper, lower)`` with
+    ``high - low = upper * 2**32 + lower`` exactly, without overflow: the difference reaches :math:`2^{64} - 1`, which
+    int64 does not hold, so the 32-bit halves are subtracted apart (``upper`` in :math:`[0, 2^{32})`, ``lower`` in
+    :math:`(-2^{32}, 2^{32})`)."""
+    return (high >> 32) - (low >> 32), (high & 0xFFFFFFFF) - (low & 0xFFFFFFFF)
+
+
+def _integers_as_float64(x: Tensor) -> Tensor:
+    r"""Integer points ``x`` as float64, for builders that do arithmetic on them (k-means).
+
+    float64 holds integers exactly only up to :math:`2^{53}`: Unix times in nanoseconds (about :math:`1.7 \cdot
+    10^{18}`) are 256 apart there, so neighbouring stamps became one number and k-means saw one point. k-means only
+    uses differences between points (it is invariant to shifting a column), so a column with a value beyond
+    :math:`2^{53}` is shifted by its minimum first, exactly in integer arithmetic, and the differences are rounded to
+    float64 once: they stay exact while they span at most :math:`2^{53}` (104 days in nanoseconds), and beyond that
+    lose only float64's relative resolution of the span, not of the values. Columns within :math:`\pm 2^{53}` convert
+    exactly, as before."""
+    out = x.to(torch.float64)
+    # rounding to float64 is monotone and 2**53 is a float64, so an integer is within +-2**53 iff its float64 is
+    beyond = ~(out.abs() <= 2.0**53).all(0)
+    if bool(beyond.any()):
+        columns = _as_int64(x[:, beyond])
+        upper, lower = _exact_differences(columns, columns.amin(0))
+        # both parts are exact in float64 (upper * 2**32 has at most 32 significant bits): one rounding, in the sum
+        out[:, beyond] = upper.to(torch.float64) * 2.0**32 + lower.to(torch.float64)
+    return out
 
 
 def _as_int(value) -> int | None:
@@ -174,27 +212,64 @@ def _lloyd(work: Tensor, centres: Tensor, iters: int, tol: float) -> tuple[Tenso
     return centres, labels, d2
 
 
-def _fill_empty(labels: Tensor, d2: Tensor, k: int) -> Tensor:
-    """Labels where every empty cluster takes the point farthest from its centre among the clusters that keep another
-    point (greedily, from the largest squared distance ``d2`` down; taking such a point out of its cluster never
-    raises the sum of squares). Points on their centre are not moved, so a cluster stays empty only when every
-    cluster of several points is copies of one point: then ``x`` has fewer than ``k`` distinct points."""
+def _first_copies(points: Tensor) -> Tensor:
+    """For every point the index of its first exact copy in ``points`` (itself for the first or only copy).
+
+    A lexicographic sort of the rows (one stable sort per column, from the last column to the first, starting from
+    the input order, so every run of equal rows starts with its smallest index) and a comparison of neighbours:
+    :math:`O(d \\, n \\log n)`, about a fifth of ``torch.unique(points, dim=0)``'s time."""
+    n = points.shape[0]
+    order = torch.arange(n, device=points.device)
+    for column in range(points.shape[1] - 1, -1, -1):
+        order = order[torch.argsort(points[order, column], stable=True)]
+    rows = points[order]
+    starts = torch.ones(n, dtype=torch.bool, device=points.device)
+    starts[1:] = (rows[1:] != rows[:-1]).any(-1)
+    first = torch.empty_like(order)
+    first[order] = order[starts][torch.cumsum(starts, 0) - 1]
+    return first
+
+
+def _fill_empty(labels: Tensor, d2: Tensor, k: int, points: Tensor) -> Tensor:
+    """Labels where every empty cluster takes the point farthest from its centre, with all its exact copies in
+    ``points``, among the clusters that keep another distinct point (greedily, from the largest squared distance
+    ``d2`` down; taking copies of one point out of a cluster that keeps another point never raises the sum of squares,
+    and they form a cluster of sum of squares 0). A cluster stays empty only when every cluster holds copies of one
+    point: then ``x`` has fewer than ``k`` distinct points, and the partition has one block for each.
+
+    Copies move together, so exact duplicates always share a block. Candidates were the points with ``d2 > 0``, meant
+    as "not on their centre", but the expanded distances round: a point on its centre has a ``d2`` of about ``eps``
+    (4 copies of one point went to 3 clusters), and two distinct points near their centre can have 0 (their cluster
+    kept both, and another stayed empty with a false "fewer than k distinct points" warning).
+
+    Copies are found only here, when a cluster is empty (rare for distinct points): a sort of all rows on every call
+    costs about a tenth of a k-means run (``n = 10**6``, ``d = 3``, ``k = 200``). Elsewhere copies share a cluster as
+    their rows give the same distances; here copies also take the cluster of their first copy, should rounding have
+    split them.
+    """
+    counts = torch.bincount(labels, minlength=k)
+    if bool((counts > 0).all()):
+        return labels
+    first = _first_copies(points)
+    labels = labels[first]
     counts = torch.bincount(labels, minlength=k)
     empty = (counts == 0).nonzero().flatten()
     if not empty.numel():
         return labels
-    order = torch.argsort(d2, descending=True, stable=True)
-    order = order[d2[order] > 0]  # candidates, farthest first
+    heads = (first == torch.arange(first.numel(), device=first.device)).nonzero().flatten()  # one per distinct point
+    distinct = torch.bincount(labels[heads], minlength=k)  # distinct points per cluster
+    order = heads[torch.argsort(d2[heads], descending=True, stable=True)]  # candidates, farthest first
     cluster = labels[order]
     by_cluster = torch.argsort(cluster, stable=True)  # candidates grouped by cluster, farthest first in each
     grouped = cluster[by_cluster]
     rank = torch.empty_like(by_cluster)
     rank[by_cluster] = torch.arange(grouped.numel(), device=labels.device) - torch.searchsorted(grouped, grouped)
-    # the greedy pass takes a candidate while its cluster keeps a point: the first counts - 1 of each cluster
-    moved = order[rank < counts[cluster] - 1][: empty.numel()]
-    labels = labels.clone()
-    labels[moved] = empty[: moved.numel()]
-    return labels
+    # the greedy pass takes a candidate while its cluster keeps a distinct point: the first distinct - 1 of each
+    moved = order[rank < distinct[cluster] - 1][: empty.numel()]
+    target = torch.full_like(labels, -1)
+    target[moved] = empty[: moved.numel()]
+    target = target[first]  # every copy follows its first copy
+    return torch.where(target >= 0, target, labels)
 
 
 def kmeans_partition(
@@ -221,9 +296,17 @@ def kmeans_partition(
     refine the centres on all points, so large ``n`` costs a few passes over the
     ``n x k`` distances. A cluster that loses all its points is re-seeded at the point
     farthest from its centre; a cluster still empty after the last iteration takes the
-    point farthest from its centre among the clusters with more than one point. Clusters
-    are left empty, and dropped, only when ``x`` has fewer than ``k`` distinct points:
-    the partition may then have fewer than ``k`` blocks, never an empty one.
+    point farthest from its centre, with all its exact copies, among the clusters with
+    more than one distinct point. Exact duplicates always share a block. Clusters are
+    left empty, and dropped with a warning, only when ``x`` has fewer than ``k`` distinct
+    points: the partition then has one block per distinct point, fewer than ``k``, never
+    an empty one.
+
+    Integer ``x`` is converted to float64. A column with values beyond :math:`2^{53}`
+    (where float64 no longer holds every integer: nanosecond time stamps) is first
+    shifted by its minimum, exactly, since k-means depends only on differences; they
+    are exact while a column spans at most :math:`2^{53}`, and rounded to float64's
+    relative precision of the span beyond.
 
     Args:
         x: the points. # shape: (n, d) or (n,)
@@ -250,7 +333,10 @@ def kmeans_partition(
         >>> kmeans_partition(x, 10).num_blocks
         10
     """
-    x = _as_points(x)
+    x = _as_points(x, keep_integers=True)
+    points = x  # duplicates are copies in x itself, integers unrounded (distinct points may round to one in work)
+    if not x.dtype.is_floating_point:
+        x = _integers_as_float64(x)  # exact differences beyond 2**53, where a cast merges neighbouring integers
     n = x.shape[0]
     k = _positive_int(k, "k")
     if k > n:
@@ -286,7 +372,7 @@ def kmeans_partition(
         _, labels, d2 = _lloyd(work, centres, full_iters, tol)
     else:
         _, labels, d2 = _lloyd(work, _kmeans_pp(work, k, generator), iters, tol)
-    partition = _relabel(_fill_empty(labels, d2, k))
+    partition = _relabel(_fill_empty(labels, d2, k, points))
     if partition.num_blocks < k:
         warnings.warn(
             f"kmeans_partition: x has fewer than k = {k} distinct points, so {k - partition.num_blocks} clusters "
@@ -301,7 +387,9 @@ def kmeans_partition(
 def kmeans_objective(x: Tensor, partition: Partition) -> Tensor:
     r"""Within-block sum of squares :math:`\sum_m \| x_m - \mu_{c_m} \|^2` of a partition of ``x``.
 
-    What :func:`kmeans_partition` lowers, to compare partitions of the same points (say two seeds), in float64.
+    What :func:`kmeans_partition` lowers, to compare partitions of the same points (say two seeds), in float64
+    (integer columns beyond :math:`2^{53}` shifted by their minimum first, exactly, as in :func:`kmeans_partition`:
+    the objective depends only on differences).
 
     Args:
         x: the points, shape ``(n, d)`` (or ``(n,)``).
@@ -317,7 +405,9 @@ def kmeans_objective(x: Tensor, partition: Partition) -> Tensor:
         >>> float(kmeans_objective(x, Partition.from_labels(torch.tensor([0, 0, 1, 1]))))
         2.5
     """
-    x = _as_points(x)
+    x = _as_points(x, keep_integers=True)
+    if not x.dtype.is_floating_point:
+        x = _integers_as_float64(x)
     if not isinstance(partition, Partition):
         raise TypeError(f"partition must be a bma_gp.Partition, got {type(partition).__name__}.")
     if len(partition) != x.shape[0]:
@@ -328,6 +418,18 @@ def kmeans_objective(x: Tensor, partition: Partition) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- kd-tree
+def _integer_spans(xs: Tensor, members: Tensor) -> Tensor:
+    r"""Widths ``max - min`` of every column in every cell of int64 points ``xs``, shifted by :math:`-2^{63}` so that
+    int64 holds them exactly (a width reaches :math:`2^{64} - 1`; the order of the widths, all ``argmax`` needs, is
+    kept). ``members`` holds, for every cell, positions in ``xs`` of its points only (padded with repeats).
+
+    ``torch.segment_reduce`` takes no integers; the padded ``(cells, width, d)`` gather is about ``n * d`` values."""
+    points = xs[members]  # (cells, width, d)
+    upper, lower = _exact_differences(points.amax(1), points.amin(1))  # upper in [0, 2**32), lower in (-2**32, 2**32)
+    # (upper - 2**31) * 2**32 lies in [-2**63, 2**63 - 2**32] and the sum, width - 2**63, in int64's range
+    return (upper - 2**31) * 2**32 + lower
+
+
 def kdtree_partition(x: Tensor, leaf_size: int) -> Partition:
     r"""Balanced kd-tree partition: recursive median bisection along the widest dimension.
 
@@ -340,6 +442,11 @@ def kdtree_partition(x: Tensor, leaf_size: int) -> Partition:
     points (fewer only if ``n`` itself is smaller); blocks are numbered in tree order, so
     neighbouring block ids are neighbouring cells.
 
+    The tree only compares coordinates, so integer ``x`` is compared exactly, at any size
+    (as in :func:`sorted_partition`): a float64 copy merged int64 values beyond
+    :math:`2^{53}`, such as nanosecond time stamps, and split them at the wrong median.
+    Widths are exact too (``max - min`` of int64 reaches :math:`2^{64} - 1`).
+
     Args:
         x: the points. # shape: (n, d) or (n,)
         leaf_size: the largest number of points in a block.
@@ -347,7 +454,10 @@ def kdtree_partition(x: Tensor, leaf_size: int) -> Partition:
     Raises:
         ValueError: ``x`` is not a finite ``(n, d)`` array or ``leaf_size`` is not a positive int.
     """
-    x = _as_points(x)
+    x = _as_points(x, keep_integers=True)
+    integer = not x.dtype.is_floating_point
+    if integer:
+        x = _as_int64(x)  # uint64 translated into int64's range: the same order and widths
     n = x.shape[0]
     # a leaf of n points is the whole set; past int64 the comparisons with the sizes wrapped (2**63 never stopped)
     leaf_size = min(_positive_int(leaf_size, "leaf_size"), n)
@@ -364,14 +474,17 @@ def kdtree_partition(x: Tensor, leaf_size: int) -> Partition:
         valid = slot.unsqueeze(0) < sizes.unsqueeze(-1)  # (cells, width)
         flat = (starts.unsqueeze(-1) + slot).clamp_max(n - 1)  # positions in `order`
         lengths = sizes
-        span = torch.segment_reduce(xs, "max", lengths=lengths, axis=0) - torch.segment_reduce(
-            xs, "min", lengths=lengths, axis=0
-        )
+        if integer:
+            span = _integer_spans(xs, torch.where(valid, flat, starts.unsqueeze(-1)))
+        else:
+            span = torch.segment_reduce(xs, "max", lengths=lengths, axis=0) - torch.segment_reduce(
+                xs, "min", lengths=lengths, axis=0
+            )
         widest = span.argmax(-1)  # (cells,)
         key = xs[flat, widest.unsqueeze(-1)]  # (cells, width)
         split = sizes > leaf_size
         key = torch.where(split.unsqueeze(-1), key, torch.zeros_like(key))  # cells that stay keep their order
-        key = key.masked_fill(~valid, float("inf"))
+        key = key.masked_fill(~valid, torch.iinfo(key.dtype).max if integer else float("inf"))
         rank = torch.sort(key, dim=-1, stable=True).indices
         moved = (starts.unsqueeze(-1) + rank)[valid]
         order, xs = order[moved], xs[moved]

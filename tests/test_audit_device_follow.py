@@ -70,7 +70,7 @@ def test_block_mean_from_sums_on_two_devices_is_refused_by_name():
 @pytest.mark.parametrize("labels", [SCATTERED, CONTIGUOUS])
 def test_kmeans_objective_moves_a_cpu_partition_to_the_points(labels, monkeypatch):
     # the finiteness check reads values (a host synchronisation): skipped here, the rest runs on meta
-    monkeypatch.setattr(builders, "_as_points", lambda x, name="x": x)
+    monkeypatch.setattr(builders, "_as_points", lambda x, name="x", **options: x)
     x = torch.empty(8, 2, device=META)
     value = builders.kmeans_objective(x, partition(labels))
     assert value.device.type == "meta" and value.dtype == torch.float64 and value.shape == ()
