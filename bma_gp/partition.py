@@ -74,11 +74,14 @@ def _as_long_vector(values, name: str) -> Tensor:
 
 
 def _as_device(device: object, name: str = "device") -> torch.device:
-    """``device`` as a ``torch.device``, or ``ValueError`` naming ``name`` (torch's own error for a string such as
-    ``"gpu"`` is a ``RuntimeError`` that names neither)."""
+    """``device`` as a ``torch.device``, or ``ValueError`` naming ``name`` for a string torch cannot read (its own
+    error for ``"gpu"`` is a ``RuntimeError`` that names neither). Other refusals are torch's, as for tensors (an
+    accelerator index where there is no accelerator)."""
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as err:
+        if not isinstance(device, str):
+            raise
         raise ValueError(
             f"{name} must be a torch.device, a device string such as 'cpu' or 'cuda:0', or an accelerator index, got "
             f"{device!r} ({err})."
