@@ -4,7 +4,9 @@
 ``LowRankRootLinearOperator(U) + M`` and GPyTorch's lazily evaluated kernel tensors start in
 linear_operator's and GPyTorch's own ``__add__``, which would build a generic
 :class:`~linear_operator.operators.SumLinearOperator` (dense Cholesky, or CG and Lanczos). :func:`install`
-wraps those ``__add__`` methods (and ``add_diagonal`` of lazily evaluated kernel tensors) so that
+wraps those ``__add__`` methods (and ``add_diagonal`` of lazily evaluated kernel tensors; ``add_diagonal`` and the
+constant multiple of the task layouts, ``BlockDiagLinearOperator`` / ``BlockInterleavedLinearOperator`` of a batch of
+block mean operators, which ``W + DiagLinearOperator(d)`` already reaches through ``__add__``) so that
 they hand the sum to :func:`add_structured` *only when one operand is a block mean operator* (or a
 lazily evaluated kernel that contains a :class:`~bma_gp.BlockMeanKernel` or
 :class:`~bma_gp.GroupKernel`); every other sum is left exactly as linear_operator builds it. A sum
@@ -462,6 +464,12 @@ class _WarnsWhenFactorised(TorchIndexing):
     def _warn(self, what: str) -> None:
         raise NotImplementedError
 
+    def _say(self, what: str) -> None:
+        """:meth:`_warn`, unless an enclosing call of this operator's already did (``logdet`` runs through
+        linear_operator's ``inv_quad_logdet``: one warning, not two)."""
+        if not _ANNOUNCED.get():
+            self._warn(what)
+
     def _nonsymmetric(self) -> bool:
         return False
 
@@ -479,7 +487,7 @@ class _WarnsWhenFactorised(TorchIndexing):
         )
 
     def _warn_cholesky(self) -> None:
-        self._warn("cholesky")
+        self._say("cholesky")
 
     def _symmetric_after_all(self) -> bool:
         """Whether the dense matrix of an operator known to hold a non-symmetric part is symmetric all the same, to
@@ -505,7 +513,7 @@ class _WarnsWhenFactorised(TorchIndexing):
             if left_tensor is not None:
                 res = left_tensor @ res
             return res.squeeze(-1) if vector else res
-        self._warn("solve")
+        self._say("solve")
         with _announced():
             return super().solve(right_tensor, left_tensor)
 
@@ -524,7 +532,7 @@ class _WarnsWhenFactorised(TorchIndexing):
             if inv_quad_rhs is not None:
                 inv_quad = self._lu_inv_quad(dense, inv_quad_rhs, reduce_inv_quad)
             return inv_quad, (torch.logdet(dense) if logdet else torch.zeros((), dtype=self.dtype, device=self.device))
-        self._warn("inv_quad_logdet")
+        self._say("inv_quad_logdet")
         with _announced():
             return super().inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
 
@@ -533,7 +541,7 @@ class _WarnsWhenFactorised(TorchIndexing):
         if self._nonsymmetric():
             self._warn_dense_lu("inv_quad")
             return self._lu_inv_quad(self.to_dense(), inv_quad_rhs, reduce_inv_quad)
-        self._warn("inv_quad")
+        self._say("inv_quad")
         with _announced():
             return super().inv_quad(inv_quad_rhs, reduce_inv_quad)
 
@@ -541,21 +549,21 @@ class _WarnsWhenFactorised(TorchIndexing):
         if self._nonsymmetric():
             self._warn_dense_lu("logdet")
             return torch.logdet(self.to_dense())
-        self._warn("logdet")
+        self._say("logdet")
         with _announced():
             return super().logdet()
 
     def root_decomposition(self, method=None):
         if self._nonsymmetric():
             self._no_root("root_decomposition")
-        self._warn("root_decomposition")
+        self._say("root_decomposition")
         with _announced():
             return super().root_decomposition(method)
 
     def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method=None):
         if self._nonsymmetric():
             self._no_root("root_inv_decomposition")
-        self._warn("root_inv_decomposition")
+        self._say("root_inv_decomposition")
         with _announced():
             return super().root_inv_decomposition(initial_vectors, test_vectors, method)
 
@@ -573,7 +581,7 @@ class _WarnsWhenFactorised(TorchIndexing):
     def sqrt_inv_matmul(self, rhs, lhs=None):
         if self._nonsymmetric():
             self._no_root("sqrt_inv_matmul")
-        self._warn("sqrt_inv_matmul")
+        self._say("sqrt_inv_matmul")
         with _announced():
             return super().sqrt_inv_matmul(rhs, lhs)
 
@@ -717,6 +725,18 @@ class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperat
             base = self.base_linear_op
             return base._expand_batch(self.batch_shape)._sum_batch(dim)._mul_constant(first)
         return super()._sum_batch(dim)
+
+    def __add__(self, other):
+        # c M + D or c M + anything has no closed form (M's root cannot carry c < 0): a sum that warns when solved,
+        # not linear_operator's AddedDiagLinearOperator, whose dense Cholesky ran silently
+        res = fallback_sum(self, other)
+        return res if res is not None else super().__add__(other)
+
+    def __radd__(self, other):
+        return self.__add__(other)
+
+    def add_diagonal(self, diag):
+        return _as_fallback(super().add_diagonal(diag))
 
     def _warn(self, what: str) -> None:
         warnings.warn(
@@ -937,10 +957,8 @@ class _BlockMeanTasks(TorchIndexing):
     def root_decomposition(self, method: str | None = None) -> LinearOperator:
         return RootLinearOperator(self._plain(self.base_linear_op.root_decomposition(method=method).root))
 
-    def add_diagonal(self, diag):
-        res = super().add_diagonal(diag)
-        routed = add_to_tasks(self, res._diag_tensor) if isinstance(res, AddedDiagLinearOperator) else None
-        return routed if routed is not None else res
+    # add_diagonal (and add_jitter) and a multiple (* c): linear_operator's BlockLinearOperator methods, hooked by
+    # install() for every layout of block mean operators (_hooked_tasks_add_diagonal, _hooked_tasks_mul_constant)
 
     def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method: str | None = None):
         root = self.base_linear_op.root_inv_decomposition(method=method).root
@@ -1057,21 +1075,42 @@ def _announced_kronecker(res):
     return res
 
 
+def _scaled_ours(op) -> bool:
+    """A constant multiple (linear_operator's ``ConstantMulLinearOperator``) of a block mean operator or sum."""
+    return isinstance(op, ConstantMulLinearOperator) and _is_ours(op.base_linear_op)
+
+
 def _tasks_of_ours(op) -> bool:
     """A block-diagonal or block-interleaved operator over a batch of block mean operators (a batch-independent
-    multi-output model's covariance)."""
+    multi-output model's covariance), or over a constant multiple of them (``W * c`` for a negative ``c`` and a batch
+    of sums, or a layout built around a ``ConstantMulLinearOperator``)."""
     return isinstance(op, (BlockDiagLinearOperator, BlockInterleavedLinearOperator)) and (
-        _is_ours(op.base_linear_op) or isinstance(op, _BlockMeanTasks)
+        _is_ours(op.base_linear_op) or _scaled_ours(op.base_linear_op) or isinstance(op, _BlockMeanTasks)
     )
+
+
+def _rescaled(base: LinearOperator) -> LinearOperator:
+    """``base``, with a plain ``ConstantMulLinearOperator`` of a block mean operator or sum taken as that operator's
+    own multiple (:meth:`_mul_constant`: a block mean operator again, a sum again for a nonnegative constant), which
+    has the closed forms the generic multiple lacks."""
+    if type(base) is ConstantMulLinearOperator and isinstance(
+        base.base_linear_op, (BlockMeanLinearOperator, BlockMeanSumLinearOperator)
+    ):
+        c = base._constant
+        return base.base_linear_op._mul_constant(c.expand(base.batch_shape) if c.dim() else c)
+    return base
 
 
 def add_to_tasks(blocks, other) -> LinearOperator | None:
     """``blocks + other`` for a block-diagonal or block-interleaved operator over a batch of block mean operators and
     a diagonal ``other`` (``MultitaskGaussianLikelihood`` with ``rank=0``): the same layout over the batch plus each
-    task's part of the diagonal, in closed form; None for any other ``other``."""
+    task's part of the diagonal, in closed form; None for any other ``other``, and where the batch plus the diagonal
+    is neither in the family nor one of the fallbacks that warn when factorised (a negative multiple of a batch of
+    sums plus noise is linear_operator's ``AddedDiagLinearOperator``, whose dense Cholesky would run silently): the
+    caller then builds a :class:`FallbackSumLinearOperator`."""
     if not isinstance(other, DiagLinearOperator) or other.shape[-2:] != blocks.shape[-2:]:
         return None
-    base = blocks.base_linear_op
+    base = _rescaled(blocks.base_linear_op)
     t, n = base.shape[-3], base.shape[-1]
     interleaved = isinstance(blocks, BlockInterleavedLinearOperator)
     if isinstance(other, ConstantDiagLinearOperator):  # one value for every task: stays a constant per batch entry
@@ -1080,8 +1119,59 @@ def add_to_tasks(blocks, other) -> LinearOperator | None:
         d = other.diagonal()  # (*batch, n t), point-major when interleaved, task-major otherwise
         d = d.reshape(*d.shape[:-1], n, t).mT if interleaved else d.reshape(*d.shape[:-1], t, n)
         noise = DiagLinearOperator(d)
+    summed = base + noise
+    if not (_is_ours(summed) or isinstance(summed, _WarnsWhenFactorised)):
+        return None
     cls = BlockMeanInterleavedLinearOperator if interleaved else BlockMeanBlockDiagLinearOperator
-    return cls(base + noise)
+    return cls(summed)
+
+
+def _hooked_tasks_add_diagonal(original):
+    """``add_diagonal`` (and so ``add_jitter``) of linear_operator's block-diagonal and block-interleaved operators:
+    over a batch of block mean operators, the closed-form layout that ``W + DiagLinearOperator(d)`` gives
+    (:func:`add_to_tasks`), or a :class:`FallbackSumLinearOperator` (which warns when factorised) where the batch plus
+    the diagonal has no closed form. linear_operator's returned an ``AddedDiagLinearOperator``, whose solves and
+    log-determinant took a dense Cholesky of the whole ``t n x t n`` matrix without a word. Its checks and expansion
+    of ``diag`` (a vector, one value per batch entry, a scalar) are kept: the routing starts from its result."""
+
+    @functools.wraps(original)
+    def add_diagonal(self, diag):
+        res = original(self, diag)
+        if _tasks_of_ours(self) and isinstance(res, AddedDiagLinearOperator):
+            routed = add_to_tasks(self, res._diag_tensor)
+            if routed is None:
+                routed = fallback_sum(self, res._diag_tensor)
+            if routed is not None:
+                return routed
+        return res
+
+    add_diagonal._bma_gp_original = original
+    return add_diagonal
+
+
+def _hooked_tasks_mul_constant(original):
+    """``_mul_constant`` (``W * c``, ``c * W``) of linear_operator's block-diagonal and block-interleaved operators
+    over a batch of block mean operators or sums: the same layout over the batch's own multiples (a block mean
+    operator again; a sum again for ``c >= 0``, else its :class:`FallbackScaledLinearOperator`). linear_operator's
+    wraps the batch in a generic ``ConstantMulLinearOperator``, so that ``(W * c) + D`` left the closed forms for a
+    silent dense Cholesky, the solves of ``(W + D) * c`` a dense Cholesky of every task, and a constant per batch entry
+    (shape ``(*batch,)``) broadcast against the tasks' dimension and raised. ``c`` is one value for the layout or one
+    per batch entry of it, the same for all its tasks."""
+
+    @functools.wraps(original)
+    def _mul_constant(self, other):
+        base = self.base_linear_op
+        if isinstance(self, (BlockDiagLinearOperator, BlockInterleavedLinearOperator)) and isinstance(
+            base, (BlockMeanLinearOperator, BlockMeanSumLinearOperator)
+        ):
+            c = other if torch.is_tensor(other) else torch.tensor(other, dtype=base.dtype, device=base.device)
+            if c.dim() > 0:  # (*batch) of the layout: the base's batch is (*batch, t)
+                c = c.unsqueeze(-1)
+            return type(self)(base._mul_constant(c))
+        return original(self, other)
+
+    _mul_constant._bma_gp_original = original
+    return _mul_constant
 
 
 def _hooked_add(original):
@@ -1091,6 +1181,8 @@ def _hooked_add(original):
             isinstance(self, FallbackSumLinearOperator) or isinstance(other, FallbackSumLinearOperator)
         ):  # a fallback sum plus anything (noise, say) is still one: it keeps its warning
             return _as_fallback(original(self, other))
+        if isinstance(other, FallbackScaledLinearOperator) and isinstance(self, LinearOperator):
+            return other.__radd__(self)  # D + c M: no closed form, a sum that warns when solved
         if isinstance(other, LinearOperator) and (_tasks_of_ours(self) or _tasks_of_ours(other)):
             res = add_to_tasks(self, other) if _tasks_of_ours(self) else add_to_tasks(other, self)
             if res is not None:
@@ -1339,6 +1431,14 @@ def install() -> None:
         LazyEvaluatedKernelTensor.add_diagonal = _hooked_add_diagonal(method)
     if not hasattr(SumLinearOperator.add_diagonal, "_bma_gp_original"):
         SumLinearOperator.add_diagonal = _hooked_sum_add_diagonal(SumLinearOperator.add_diagonal)
+    # the task layouts (BlockDiagLinearOperator, BlockInterleavedLinearOperator) of a batch of block mean operators:
+    # add_diagonal / add_jitter and W * c reach the closed forms that W + DiagLinearOperator(d) reaches
+    from linear_operator.operators.block_linear_operator import BlockLinearOperator
+
+    if not hasattr(BlockLinearOperator.add_diagonal, "_bma_gp_original"):
+        BlockLinearOperator.add_diagonal = _hooked_tasks_add_diagonal(BlockLinearOperator.add_diagonal)
+    if not hasattr(BlockLinearOperator._mul_constant, "_bma_gp_original"):
+        BlockLinearOperator._mul_constant = _hooked_tasks_mul_constant(BlockLinearOperator._mul_constant)
     # observation_nan_policy("mask"): the principal submatrix at the observed points, again in the family
     from linear_operator.operators import MaskedLinearOperator
 

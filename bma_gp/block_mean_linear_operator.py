@@ -88,6 +88,61 @@ def check_rhs(shape: torch.Size, rhs: Tensor, name: str, dtype: torch.dtype | No
         )
 
 
+def check_left(shape: torch.Size, left: Tensor, result_batch: torch.Size, dtype: torch.dtype) -> None:
+    """A ``left_tensor`` of ``solve(rhs, left_tensor)``, which multiplies the solution ``L (M^{-1} R)``: a real tensor
+    of the operator's dtype (where floating point) with ``n`` columns whose batch dimensions broadcast with the
+    solution's ``result_batch``. Checked before the solve, as the right-hand side is: the bad ``left_tensor`` gave
+    torch's raw matmul error ('mat1 and mat2 shapes cannot be multiplied', 'expected m1 and m2 to have the same
+    dtype') from inside the package, after the solve had run."""
+    name = "left_tensor"
+    if not torch.is_tensor(left):
+        raise TypeError(f"{name} must be a tensor, got {type(left).__name__}.")
+    check_rhs_dtype(left, name, dtype)
+    n = shape[-1]
+    if left.dim() == 0:
+        raise ValueError(f"{name} is a 0-d tensor; pass a matrix of shape (*batch, m, {n}) (it multiplies M^{{-1}} R).")
+    if left.shape[-1] != n:
+        raise ValueError(
+            f"{name} of shape {tuple(left.shape)} does not match the operator of shape {tuple(shape)}: expected size "
+            f"{n} in dimension -1 (it multiplies the {n}-row solution M^{{-1}} R from the left)."
+        )
+    try:
+        torch.broadcast_shapes(left.shape[:-2], result_batch)
+    except RuntimeError:
+        raise ValueError(
+            f"{name} of shape {tuple(left.shape)}: its batch dimensions {tuple(left.shape[:-2])} do not broadcast "
+            f"with those of the solution, {tuple(result_batch)} (the operator's batch shape {tuple(shape[:-2])} and "
+            "the right-hand side's)."
+        ) from None
+
+
+def solution_batch(shape: torch.Size, rhs: Tensor) -> torch.Size:
+    """The batch shape of ``M^{-1} R`` for an operator of ``shape`` and a (checked) right-hand side ``R``, a vector
+    being one column."""
+    return torch.broadcast_shapes(shape[:-2], rhs.shape[:-2] if rhs.dim() > 1 else torch.Size())
+
+
+def warn_cat_rows(op: LinearOperator, cross_mat: Tensor) -> None:
+    """Say that ``op.cat_rows(cross_mat, new_mat)`` left the closed forms: the bordered matrix
+    ``[[M, B^T], [B, D]]`` with a general ``B`` and ``D`` is no block mean matrix or sum of them (its rows and columns
+    need not share the blocks' structure), so linear_operator's ``CatLinearOperator`` of the pieces is returned, and
+    its solves and log-determinants take the generic path, a dense Cholesky of the whole matrix."""
+    from linear_operator import settings as lo_settings
+
+    n, m = op.shape[-1], cross_mat.shape[-2]
+    warnings.warn(
+        f"cat_rows of a {type(op).__name__} (n = {n}) with {m} new rows and columns: the bordered matrix "
+        "[[M, B^T], [B, D]] has no closed form (a general appended block is not in the block mean family), so the "
+        "result is linear_operator's CatLinearOperator and leaves the closed forms; its solves and log-determinants "
+        f"factorise the dense (n + m) x (n + m) = {n + m} x {n + m} matrix (a Cholesky up to "
+        f"max_cholesky_size = {lo_settings.max_cholesky_size.value()}, CG and Lanczos beyond). Where the new points "
+        "belong to the family, build the operator over all n + m points instead (the kernel evaluated at them, as "
+        "a fantasy model of a block mean or group kernel does).",
+        ClosedFormFallbackWarning,
+        stacklevel=caller_stacklevel(),
+    )
+
+
 def check_rhs_dtype(rhs: Tensor, name: str, dtype: torch.dtype) -> None:
     """``TypeError`` for a floating-point right-hand side of another dtype than the operator's: torch's matrix
     products refuse them, and the closed forms took one path or the other by the values of ``B`` (a diagonal ``B``
@@ -1291,6 +1346,8 @@ class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedF
         raises a ``ValueError`` naming the cause; with it off the result is NaN/inf instead (no host
         synchronisation)."""
         self._check_rhs(right_tensor, "right_tensor")
+        if left_tensor is not None:
+            check_left(self.shape, left_tensor, solution_batch(self.shape, right_tensor), self.dtype)
         vector = right_tensor.dim() == 1  # as a column, so that a batched M^{-1} v still meets left_tensor's rows
         res = self.inverse().matmul(right_tensor.unsqueeze(-1) if vector else right_tensor)
         if left_tensor is not None:
@@ -1435,6 +1492,23 @@ class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedF
             self._logdet("inv_quad_logdet") if logdet else torch.zeros([], dtype=self.dtype, device=self.device)
         )
         return inv_quad_term, logdet_term
+
+    def cat_rows(
+        self,
+        cross_mat: Tensor,
+        new_mat: Tensor,
+        generate_roots: bool = True,
+        generate_inv_roots: bool = True,
+        **root_decomp_kwargs,
+    ) -> LinearOperator:
+        r"""linear_operator's bordered matrix :math:`\begin{bmatrix} M & B^\top \\ B & D \end{bmatrix}` (a
+        ``CatLinearOperator``, with its roots updated from this operator's closed-form roots), and a
+        :class:`~bma_gp.ClosedFormFallbackWarning`: appended rows and columns ``B``, ``D`` of any values have no
+        closed form, and the result's solves and log-determinants factorise the dense :math:`(n + m) \times (n + m)`
+        matrix, which they did without a word."""
+        res = super().cat_rows(cross_mat, new_mat, generate_roots, generate_inv_roots, **root_decomp_kwargs)
+        warn_cat_rows(self, cross_mat)
+        return res
 
     # ------------------------------------------------------------------ roots
     @_cached_unless_grad("cholesky")

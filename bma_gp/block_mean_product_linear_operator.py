@@ -13,7 +13,14 @@ from torch import Tensor
 from bma_gp._broadcast import batch_constants, times_diagonal
 from bma_gp._indexing import TorchIndexing
 from bma_gp._low_rank_sum import LowRankInClosedForm
-from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator, batch_repeat, check_rhs, dense_svd
+from bma_gp.block_mean_linear_operator import (
+    BlockMeanLinearOperator,
+    batch_repeat,
+    check_left,
+    check_rhs,
+    dense_svd,
+    solution_batch,
+)
 
 __all__ = ["BlockMeanProductLinearOperator"]
 
@@ -237,11 +244,31 @@ class BlockMeanProductLinearOperator(TorchIndexing, LowRankInClosedForm, MatmulL
             return self._mul_constant(constants)
         if isinstance(other, DenseLinearOperator):
             return super()._mul_matrix(other)
+        raise ValueError(self._no_elementwise_product(f"with a {type(other).__name__}", "A.to_dense() * B.to_dense()"))
+
+    def _prod_batch(self, dim: int) -> LinearOperator:
+        """The elementwise product of the batch entries along batch dimension ``dim`` (``prod(dim)``): a
+        ``ValueError`` worded as :meth:`_mul_matrix`'s, which it is entry by entry. linear_operator's ``_prod_batch``
+        multiplies roots of the entries, so the error named ``root_decomposition``, a method the caller never used.
+        A dimension of size one is the one entry, as in linear_operator."""
+        if self.batch_shape[dim] == 1:
+            return self.squeeze(dim)
         raise ValueError(
-            f"elementwise product of a {type(self).__name__} (M @ N over two partitions, n = {self.shape[-1]}) with "
-            f"a {type(other).__name__}: it has no closed form, and linear_operator's generic elementwise product "
-            "needs a root of each factor, which a product of block mean matrices over two partitions (not "
-            "symmetric) does not have. Multiply the dense matrices, A.to_dense() * B.to_dense(), where n is small."
+            self._no_elementwise_product(
+                f"over batch dimension {dim} (prod({dim}), the elementwise product of its {self.batch_shape[dim]} "
+                "batch entries)",
+                f"P.to_dense().prod({dim})",
+            )
+        )
+
+    def _no_elementwise_product(self, what: str, dense: str) -> str:
+        """Why an elementwise product ``what`` of this operator has no closed form, with the dense ``dense`` to use
+        instead (shared by ``*`` and ``prod``)."""
+        return (
+            f"elementwise product of a {type(self).__name__} (M @ N over two partitions, n = {self.shape[-1]}) "
+            f"{what}: it has no closed form, and linear_operator's generic elementwise product needs a root of each "
+            "factor, which a product of block mean matrices over two partitions (not symmetric) does not have. "
+            f"Multiply the dense matrices, {dense}, where n is small."
         )
 
     # ------------------------------------------------------------------ inverse, solves, log-determinant
@@ -257,6 +284,8 @@ class BlockMeanProductLinearOperator(TorchIndexing, LowRankInClosedForm, MatmulL
         factorisation. With :class:`bma_gp.settings.validate` on a singular factor raises a ``ValueError`` naming
         the cause (as :meth:`~bma_gp.BlockMeanLinearOperator.solve`)."""
         check_rhs(self.shape, right_tensor, "right_tensor")
+        if left_tensor is not None:
+            check_left(self.shape, left_tensor, solution_batch(self.shape, right_tensor), self.dtype)
         vector = right_tensor.dim() == 1  # solved as a column: a batch of vectors is no right-hand side
         rhs = right_tensor.unsqueeze(-1) if vector else right_tensor
         res = self.right_linear_op.solve(self.left_linear_op.solve(rhs))

@@ -47,9 +47,12 @@ from bma_gp.block_mean_linear_operator import (
     _first_bad,
     _where,
     batch_repeat,
+    check_left,
     check_real,
     check_rhs,
     check_rhs_dtype,
+    solution_batch,
+    warn_cat_rows,
 )
 from bma_gp.partition import Partition
 
@@ -1786,6 +1789,8 @@ class BlockMeanSumLinearOperator(
         invertible sum, definite or not, as a single block mean operator's; with :class:`bma_gp.settings.validate`
         on a singular one raises a ``ValueError``."""
         self._check_rhs(right_tensor, "right_tensor")
+        if left_tensor is not None:
+            check_left(self.shape, left_tensor, solution_batch(self.shape, right_tensor), self.dtype)
         self._check_diag("solve")
         vector = right_tensor.dim() == 1
         rhs = right_tensor.unsqueeze(-1) if vector else right_tensor
@@ -1850,6 +1855,23 @@ class BlockMeanSumLinearOperator(
         zero = (sign == 0) & (~res.isnan() | (d == 0).any(-1))
         res = torch.where(sign > 0, res, torch.where(zero, -math.inf, math.nan))
         return res.to(self.dtype)
+
+    def cat_rows(
+        self,
+        cross_mat: Tensor,
+        new_mat: Tensor,
+        generate_roots: bool = True,
+        generate_inv_roots: bool = True,
+        **root_decomp_kwargs,
+    ) -> LinearOperator:
+        r"""linear_operator's bordered matrix :math:`\begin{bmatrix} S & B^\top \\ B & D \end{bmatrix}` (a
+        ``CatLinearOperator``, with its roots updated from this sum's closed-form roots), and a
+        :class:`~bma_gp.ClosedFormFallbackWarning`: appended rows and columns ``B``, ``D`` of any values have no
+        closed form, and the result's solves and log-determinants factorise the dense :math:`(n + m) \times (n + m)`
+        matrix, which they did without a word."""
+        res = super().cat_rows(cross_mat, new_mat, generate_roots, generate_inv_roots, **root_decomp_kwargs)
+        warn_cat_rows(self, cross_mat)
+        return res
 
     # ------------------------------------------------------------------ roots
     def _root_factor(self, j: int, wdt: torch.dtype, singular: bool = False) -> Tensor | None:
