@@ -136,8 +136,8 @@ class fast_root_products(_Switch):
     formed in float64 by default, one row chunk of :math:`U` cast at a time: the log-determinant
     and solves are then those of :math:`U`'s own entries even when the sum is ill-conditioned. With
     this switch on, the Gram matrix and the block sums are formed in float32 and only accumulated
-    in float64, which takes about 2.4 times less time for the Gram matrix at ``m = 256`` (the
-    ``n = 10^6`` sum of docs/benchmarks.md: 4.5 s against 6.4 s), but at
+    in float64, which takes about 2.4 times less time for the Gram matrix at ``m = 256`` (and the
+    whole ``n = 10^6`` training step of docs/benchmarks.md about 1.4 times less: 4.5 s against 6.4 s), but at
     condition numbers from about 10^6 (a small noise against nearly collinear root columns, as
     close inducing points give) the log-determinant can be off by more than 1, with no error::
 
