@@ -48,6 +48,7 @@ from linear_operator.utils.broadcasting import _matmul_broadcast_shape
 from linear_operator.utils.getitem import _is_noop_index
 from torch import Tensor
 
+from bma_gp._autograd import carries_tangent
 from bma_gp._broadcast import batch_constants
 from bma_gp._indexing import TorchIndexing
 from bma_gp._lazy_root import LazyRoot
@@ -346,7 +347,8 @@ def _as_block_mean(parts: _Parts, partition: Partition, B: Tensor | _Diagonal) -
     """A diagonal constant inside every block keeps the single-partition operator and all its matrix
     functions. The offsets constant in the blocks by construction (the operator's own ``lam``, a scalar noise) are
     added to ``lam`` whatever needs gradients; the per-point rest (a fixed noise vector, offsets over other
-    partitions) only when it needs no gradient (gradients of individual entries differ)."""
+    partitions) only when it needs no gradient (gradients of individual entries differ) and carries no forward-mode
+    tangent or ``torch.func`` wrapper (tangents of individual entries differ too)."""
     lam = None
     rest = list(parts.diag)
     for p, value in parts.lams:
@@ -360,7 +362,8 @@ def _as_block_mean(parts: _Parts, partition: Partition, B: Tensor | _Diagonal) -
         diag = rest[0]
         for d in rest[1:]:
             diag = diag + d
-        if torch.is_grad_enabled() and diag.requires_grad:
+        if (torch.is_grad_enabled() and diag.requires_grad) or carries_tangent(diag):
+            # (a dual tensor or a torch.func input reports requires_grad=False, and its tangent may differ per point)
             return None
         # the largest and smallest entry of each block: equal exactly when d is constant there (an average of equal
         # entries need not round back to them: 7 entries of 0.1 average to 0.1 + 1 ulp)
@@ -718,10 +721,14 @@ class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperat
 
     def _sum_batch(self, dim: int) -> LinearOperator:
         """The sum over batch dimension ``dim``: with one factor ``c`` along it, ``c`` times the sum of the base
-        operator's entries (closed form again); with factors that differ, the generic sum of the entries (warns)."""
+        operator's entries (closed form again); with factors that differ, the generic sum of the entries (warns).
+        Factors that are equal by value but separate entries count as one only when no derivative is tracked through
+        them: ``c`` taken from the first entry gave it the derivative of all of them, and the others none."""
         c = self._constant.expand(self.batch_shape)
         first = c.select(dim, 0)
-        if bool((c == first.unsqueeze(dim)).all()):
+        shared = c.shape[dim] == 1 or c.stride(dim) == 0  # one entry along dim (broadcast): exact for derivatives too
+        tracked = (torch.is_grad_enabled() and c.requires_grad) or carries_tangent(c)
+        if shared or (not tracked and bool((c == first.unsqueeze(dim)).all())):
             base = self.base_linear_op
             return base._expand_batch(self.batch_shape)._sum_batch(dim)._mul_constant(first)
         return super()._sum_batch(dim)

@@ -18,6 +18,7 @@ from linear_operator.utils.memoize import add_to_cache, clear_cache_hook, get_fr
 from torch import Tensor
 
 from bma_gp import settings
+from bma_gp._autograd import diagonal_tangent, functorch_wrapped, has_forward_tangent, tracks_derivatives
 from bma_gp._broadcast import batch_constants, sum_to_shape, times_diagonal
 from bma_gp._closed_roots import ClosedFormRoots, check_root_method
 from bma_gp._diagonal import diagonal_by_construction, is_diagonal
@@ -439,7 +440,11 @@ class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedF
 
         With gradients only a ``B`` that is diagonal by construction (``diag_embed``, a diagonal mask) qualifies:
         a leaf that happens to be diagonal needs the gradient of its off-diagonal entries, which the
-        elementwise forms do not give. Without gradients the value is checked (one host read), on CPU or with
+        elementwise forms do not give. A ``B`` that carries a forward-mode tangent (a dual tensor of
+        ``torch.autograd.forward_ad``; :func:`~bma_gp._autograd.tracks_derivatives`) reports ``requires_grad=False``
+        and its graph does not show where the tangent is: it qualifies when its value and its tangent are diagonal
+        (read back as below); a ``torch.func.jacfwd`` input never does (its tangents are a batch of directions).
+        Without derivatives the value is checked (one host read), on CPU or with
         :class:`bma_gp.settings.validate` on; on an accelerator with validation off nothing is read back
         and the general path runs."""
         if self._diagonal_flag is None:
@@ -449,10 +454,12 @@ class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedF
             B = self.B
             if B.shape[-1] == 1:
                 self._diagonal_flag = True
-            elif B.requires_grad:  # constant terms (diag_embed(b) + W) are checked by value where one may read back
-                self._diagonal_flag = diagonal_by_construction(
-                    B, read_back=B.device.type == "cpu" or settings.validate.on()
-                )
+            elif tracks_derivatives(B):  # constant terms (diag_embed(b) + W) checked by value where one may read back
+                read_back = B.device.type == "cpu" or settings.validate.on()
+                flag = not (B.requires_grad or functorch_wrapped(B)) or diagonal_by_construction(B, read_back)
+                if flag and has_forward_tangent(B):  # the graph does not show where a forward-mode tangent is
+                    flag = read_back and is_diagonal(B) and diagonal_tangent(B)
+                self._diagonal_flag = flag
             elif B.device.type == "cpu" or settings.validate.on():
                 if not read_back and B.device.type != "cpu":
                     return False  # a product alone does not read back (the next closed form decides)

@@ -24,7 +24,15 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from bma_gp import settings
-from bma_gp._autograd import first_order_only
+from bma_gp._autograd import (
+    carries_tangent,
+    diagonal_tangent,
+    first_order_only,
+    functorch_wrapped,
+    has_forward_tangent,
+    reverse_mode_only,
+    tracks_derivatives,
+)
 from bma_gp._broadcast import batch_constants, times_diagonal
 from bma_gp._by_products import ByProducts
 from bma_gp._closed_roots import ClosedFormRoots, check_root_method
@@ -196,7 +204,9 @@ def _cells_matmul(cells: _Cells, values: Tensor, X: Tensor, rows: int, transpose
     ``cells`` and their ``values``: a sparse CSR product when no gradient is asked for and nothing is batched (3-4x
     faster than gathers, and no ``cells x c`` temporary), else gathers and ``index_add`` in column chunks of
     bounded size. # shape: (*batch, rows, c)"""
-    needs_grad = torch.is_grad_enabled() and (values.requires_grad or X.requires_grad)
+    needs_grad = (torch.is_grad_enabled() and (values.requires_grad or X.requires_grad)) or (
+        carries_tangent(values) or carries_tangent(X)  # forward mode: the CSR product would drop the tangents
+    )
     if values.dim() == 1 and X.dim() == 2 and not needs_grad:
         return cells.csr(values, transpose, rows, X.shape[0]) @ X
     src, dst = (cells.row, cells.col) if transpose else (cells.col, cells.row)
@@ -275,6 +285,7 @@ class _CrossBlocks:
         return out
 
 
+@reverse_mode_only("BlockMeanSumLinearOperator (the root's Gram matrix)")
 class _WeightedGram(torch.autograd.Function):
     r""":math:`a \operatorname{diag}(c) a^\top` for ``a`` (``r x k``) and ``c`` (``k``), with one GEMM in the
     backward pass: :math:`T = (\bar Y + \bar Y^\top) a`, :math:`\bar a = T \operatorname{diag}(c)`,
@@ -312,6 +323,7 @@ def _cells_product(cells_a: _Cells, va: Tensor, cells_b: _Cells, vb: Tensor, c: 
 GATHER_CHUNK = 2**16
 
 
+@reverse_mode_only("BlockMeanSumLinearOperator (the contingency products)")
 class _GatherScatter(torch.autograd.Function):
     r"""``out[row[c]] += v[c] X[col[c]]`` over the cells ``c``, in chunks, for a 1-D ``v`` and a 2-D ``X``:
     ``(k_a, m)`` out, and no ``cells x m`` tensor kept for the backward pass (it regathers per chunk)."""
@@ -345,6 +357,7 @@ class _GatherScatter(torch.autograd.Function):
 _SPARSE_DEVICES = ("cpu", "cuda")
 
 
+@reverse_mode_only("BlockMeanSumLinearOperator (the contingency products)")
 class _CellsDenseProduct(torch.autograd.Function):
     r""":math:`N X` for the table :math:`N` (``k_a x k_e``) given by its nonzero ``cells`` and their values ``v``
     (1-D) and a dense ``X`` (``k_e x m``), as sparse CSR products: the forward is one CSR product, the backward one
@@ -482,6 +495,7 @@ def _sum_to(x: Tensor, shape: torch.Size) -> Tensor:
     return x.sum(dims, keepdim=True) if dims else x
 
 
+@reverse_mode_only("BlockMeanSumLinearOperator (the capacitance solve)")
 class _LUSolve(torch.autograd.Function):
     r""":math:`x = S^{-1} y` from the LU factors of :math:`S`, with the gradients written directly:
     :math:`\bar y = S^{-\top} \bar x` (one more solve with the same factors) and :math:`\bar S = -\bar y x^\top`.
@@ -510,6 +524,7 @@ class _LUSolve(torch.autograd.Function):
         return grad_S, None, None, grad_rhs
 
 
+@reverse_mode_only("BlockMeanSumLinearOperator (the capacitance log-determinant)")
 class _LULogAbsDet(torch.autograd.Function):
     r""":math:`\log |\det S|` from the LU factors of :math:`S`; its gradient :math:`S^{-\top}` is one solve with
     the identity (``2 r^3`` operations, against about ``6 r^3`` through ``lu_factor``'s own backward).
@@ -1152,12 +1167,13 @@ class BlockMeanSumLinearOperator(
         :math:`U^\top x`, in one pass over row chunks: products in the root's precision, sums over chunks in
         the working precision, and a backward pass that needs one product with :math:`U`, writes one gradient
         buffer and keeps no ``n x m`` temporaries from the forward."""
-        if torch.is_grad_enabled() and any(wj is not None and wj.requires_grad for wj in w):
+        if any(wj is not None and ((torch.is_grad_enabled() and wj.requires_grad) or carries_tangent(wj)) for wj in w):
             # the root's products take the row weights as constants: their gradient would be silently wrong
             raise NotImplementedError(
                 "BlockMeanSumLinearOperator with a low-rank root cannot differentiate the row weights (the "
-                "covariates of random slopes): a weight requires grad, and its gradient through the root's block "
-                "sums would be wrong. Detach the weights (or the slope covariate of the inputs), or drop the root."
+                "covariates of random slopes): a weight requires grad (or carries a forward-mode tangent), and its "
+                "gradient through the root's block sums would be wrong. Detach the weights (or the slope covariate "
+                "of the inputs), or drop the root."
             )
         x = extra if extra is not None else dinv.new_zeros(*dinv.shape, 0)
         lazy = self._root_arg
@@ -1182,7 +1198,9 @@ class BlockMeanSumLinearOperator(
     def _block_is_diagonal(self, j: int) -> bool:
         """A diagonal ``B_j`` is eliminated first. With gradients, only when its off-diagonal entries are zero by
         construction (``diag_embed``, a diagonal mask): a leaf that is diagonal by value still needs the
-        gradient of its off-diagonal entries, which the elimination does not produce."""
+        gradient of its off-diagonal entries, which the elimination does not produce. A forward-mode tangent (a dual
+        tensor, which reports ``requires_grad=False``) must be diagonal by value too; a ``torch.func.jacfwd`` input
+        is not eliminated."""
 
         def decide() -> bool:
             if self.diagonal_blocks[j]:
@@ -1191,7 +1209,13 @@ class BlockMeanSumLinearOperator(
             if not _is_diagonal(B):
                 return False
             # the value is diagonal: constant terms (diag_embed(b) + c I) are fine
-            return not B.requires_grad or _structurally_diagonal(B.grad_fn, constants=True)
+            if not tracks_derivatives(B):
+                return True
+            if (B.requires_grad or functorch_wrapped(B)) and not _structurally_diagonal(B.grad_fn, constants=True):
+                return False
+            # a forward-mode tangent (a dual tensor, requires_grad=False) is not shown by the graph: its value decides
+            # (a jacfwd input's batch of directions is not eliminated)
+            return not has_forward_tangent(B) or diagonal_tangent(B)
 
         return self._memo(f"diagonal_{j}", decide)
 
@@ -2316,6 +2340,7 @@ class _ZLRoot(ByProducts):
 
 
 # ---------------------------------------------------------------------------- chunked products with the root
+@reverse_mode_only("BlockMeanSumLinearOperator (the products with the low-rank root)")
 class _RootGram(torch.autograd.Function):
     r"""``(U^T D^{-1} U, U^T x, P_1^T W_1 D^{-1} U, ...)`` over row chunks of ``U`` (``dinv`` = :math:`1/d`).
 

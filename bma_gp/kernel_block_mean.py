@@ -43,6 +43,7 @@ from gpytorch.kernels import InducingPointKernel, Kernel
 from torch import Tensor
 
 from bma_gp import settings
+from bma_gp._autograd import carries_tangent
 from bma_gp._kernel_sums.generic import (
     GenericKernelSums,
     centred_inputs,
@@ -94,12 +95,39 @@ def _check_inputs(kernel: Any, x: Any, partition: Any, chunk_size: Any, x_name: 
         )
     if len(partition) != x.shape[-2]:
         raise ValueError(f"partition has {len(partition)} indices but x has {x.shape[-2]} rows; they must match.")
+    check_reverse_mode(kernel, x, x_name)
     check_input_device(kernel, x, x_name)
     check_active_dims(kernel, x.shape[-1], x_name)
     check_single_output(kernel, x)
     chunk_rows(chunk_size)
     check_finite_inputs(kernel, x, x_name)
     return x
+
+
+def _forward_mode_error(what: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"kernel_block_mean is differentiated in reverse mode only, and {what} carries a forward-mode tangent (a dual "
+        "tensor of torch.autograd.forward_ad, or it depends on an input of torch.func.jvp, jacfwd or hessian) or the "
+        "derivative of a torch.func transform (grad, jacrev): its engines sum the kernel matrix without a graph and "
+        "give derivatives in a backward pass only, so that derivative would be lost (a silently zero or wrong "
+        "value). Use ordinary reverse-mode autograd instead: requires_grad on the inputs or the kernel's "
+        "hyperparameters, then backward(), torch.autograd.grad or torch.autograd.functional.jacobian."
+    )
+
+
+def check_reverse_mode(kernel: Kernel, x: Tensor, name: str) -> None:
+    """``NotImplementedError`` in words where ``x`` or a parameter or buffer of ``kernel`` carries a forward-mode
+    tangent or a ``torch.func`` transform's derivative (:func:`~bma_gp._autograd.carries_tangent`): both engines
+    reduce the kernel matrix under ``no_grad`` or in a ``torch.autograd.Function`` with a backward pass only, and such
+    a tensor may report ``requires_grad=False``, so with frozen hyperparameters the stationary engine ran without a
+    graph and returned a forward-mode derivative of 0 with respect to ``x``. A few flag reads per tensor, no host
+    synchronisation. Tensors the kernel reads that are neither (a plain attribute) are caught where the engines
+    start."""
+    if carries_tangent(x):
+        raise _forward_mode_error(name)
+    for label, t in itertools.chain(kernel.named_parameters(), kernel.named_buffers()):
+        if t.is_floating_point() and carries_tangent(t):
+            raise _forward_mode_error(f"the kernel's {label}")
 
 
 def optional_flag(value: Any, name: str, meaning: str) -> bool | None:
@@ -362,6 +390,10 @@ def kernel_block_mean(
             not one of its parameters (its gradient would be lost), a kernel containing an
             ``InducingPointKernel`` in training mode, or one with several outputs per input
             (multitask, derivative kernels).
+        NotImplementedError: ``x``, a kernel parameter or a tensor the kernel's values depend on carries a
+            forward-mode tangent (a dual tensor of ``torch.autograd.forward_ad``, ``torch.func.jvp``, ``jacfwd``,
+            ``hessian``) or a ``torch.func`` transform's derivative (``grad``, ``jacrev``): the engines are reverse
+            mode only (their derivatives come in a backward pass), so such a derivative would be lost.
 
     Example:
         >>> from gpytorch.kernels import RBFKernel, ScaleKernel
@@ -456,8 +488,11 @@ def block_mean_of_kernel(
         params = kernel_parameters(kernel)
         if torch.is_grad_enabled():
             check_parameters(kernel, xs, params)
-        with torch.no_grad():
-            dtype = evaluate(kernel, xs[..., :1, :], xs[..., :1, :]).dtype
+        with torch.no_grad():  # (forward mode is not switched off by no_grad: the probe shows a tangent)
+            probe = evaluate(kernel, xs[..., :1, :], xs[..., :1, :])
+        if carries_tangent(probe):  # a tangent of a tensor the kernel reads that is not one of its parameters
+            raise _forward_mode_error("a tensor the kernel's values depend on")
+        dtype = probe.dtype
         block_sums, diag_sums = GenericKernelSums.apply(plan, kernel, xs, *params)
     result = block_mean_from_sums(block_sums, diag_sums, partition)
     if result.dtype != dtype:

@@ -33,7 +33,7 @@ from gpytorch.kernels import (
 from linear_operator import to_dense
 from torch import Tensor
 
-from bma_gp._autograd import first_order_only
+from bma_gp._autograd import first_order_only, reverse_mode_only
 from bma_gp._kernel_sums.plan import KernelSumsPlan, all_reduce, chunk_ranges, progress
 from bma_gp._precision import core_dtype
 
@@ -246,6 +246,7 @@ def _ranges(plan: KernelSumsPlan) -> list[tuple[int, int]]:
     return chunk_ranges(start, stop, chunk)
 
 
+@reverse_mode_only("kernel_block_mean (the generic engine)")
 class GenericKernelSums(torch.autograd.Function):
     """``(T, d)`` of ``kernel(x, x)`` by row chunks; backward re-evaluates each chunk.
 

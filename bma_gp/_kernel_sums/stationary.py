@@ -75,7 +75,7 @@ import torch
 from gpytorch.kernels import Kernel, MaternKernel, RBFKernel, ScaleKernel
 from torch import Tensor
 
-from bma_gp._autograd import first_order_only
+from bma_gp._autograd import first_order_only, refuse_tangents, reverse_mode_only
 from bma_gp._broadcast import sum_to_shape
 from bma_gp._kernel_sums import jit
 from bma_gp._kernel_sums.plan import KernelSumsPlan, all_reduce, progress
@@ -747,6 +747,7 @@ def _means(
     return lam, B.reshape(*batch, k, k), lam0, s * (s - 1), B0
 
 
+@reverse_mode_only("kernel_block_mean (the stationary engine)")
 class StationaryBlockMeans(torch.autograd.Function):
     r"""The block means :math:`(\lambda, B)` of :math:`\sigma^2 f(R)` in the kernel's dtype, differentiable in the
     lengthscale and the outputscale :math:`\sigma^2`.
@@ -871,9 +872,12 @@ def _gradient_scaling(
 
 def stationary_block_means(plan: KernelSumsPlan, form: StationaryForm, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     r"""``(lam, B)`` of the kernel's block mean approximation in ``dtype``, by :class:`StationaryBlockMeans` when a
-    gradient can be asked for. # shapes: (*batch, k), (*batch, k, k)"""
+    gradient can be asked for. A lengthscale or outputscale that carries a forward-mode tangent or a ``torch.func``
+    wrapper (it reports ``requires_grad=False``) is refused in words, not evaluated without its tangent.
+    # shapes: (*batch, k), (*batch, k, k)"""
     lengthscale = form.base.lengthscale
     outputscale = form.scale.outputscale if form.scale is not None else None
+    refuse_tangents("kernel_block_mean (the stationary engine)", lengthscale, outputscale)
     wanted = lengthscale.requires_grad or (outputscale is not None and outputscale.requires_grad)
     if torch.is_grad_enabled() and wanted:
         return StationaryBlockMeans.apply(plan, form, dtype, lengthscale, outputscale)

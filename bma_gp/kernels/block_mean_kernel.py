@@ -14,6 +14,7 @@ from linear_operator import to_dense, to_linear_operator
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
+from bma_gp._autograd import functorch_wrapped, has_forward_tangent
 from bma_gp._composition import ClosedFormFallbackWarning
 from bma_gp._kernel_sums.generic import kernel_diagonal, translation_invariant
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
@@ -194,11 +195,16 @@ def _check_kernel_kwargs(base_kernel: Kernel, kwargs: dict) -> None:
 
 
 def _same_rows(x: Tensor, ref: Tensor) -> bool:
-    """Whether ``x`` (*batch, n, d) holds exactly the rows of ``ref`` (*batch', n, d), batches broadcast."""
+    """Whether ``x`` (*batch, n, d) holds exactly the rows of ``ref`` (*batch', n, d), batches broadcast.
+
+    The memory of a tensor made inside a ``torch.func`` transform is not compared: such a wrapper has no storage
+    (``data_ptr`` raised "Cannot access data pointer of Tensor that doesn't have storage"), and the values decide."""
     if x.shape[-2:] != ref.shape[-2:]:
         return False
     if (
         x.shape == ref.shape
+        and not functorch_wrapped(x)
+        and not functorch_wrapped(ref)
         and x.device == ref.device
         and x.data_ptr() == ref.data_ptr()
         and x.stride() == ref.stride()
@@ -420,9 +426,14 @@ class BlockMeanKernel(Kernel):
 
     def _block_sums_key(self, train_x: Tensor) -> tuple | None:
         """What the training block sums depend on, or None where they must be computed afresh (a gradient with
-        respect to a parameter or the inputs is recorded: a kept result's graph may be freed by then)."""
+        respect to a parameter or the inputs is recorded: a kept result's graph may be freed by then; or one of them
+        carries a forward-mode tangent, which ``requires_grad`` does not show: a kept result has none, and
+        :func:`~bma_gp.kernel_block_mean` refuses such tensors in words; or one of them is a ``torch.func``
+        transform's wrapper: a result made of wrappers is dead once the transform returns)."""
         state = [*self.base_kernel.named_parameters(), *self.base_kernel.named_buffers()]
         if torch.is_grad_enabled() and (train_x.requires_grad or any(t.requires_grad for _, t in state)):
+            return None
+        if any(functorch_wrapped(t) or has_forward_tangent(t) for t in [train_x, *(t for _, t in state)]):
             return None
         # the inputs by value too (O(n d) against the pass's O(n^2 d)): changed in place, or a deep copy's
         values = tuple((name, t.detach().clone()) for name, t in [("train_x", train_x), *state])
