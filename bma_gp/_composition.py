@@ -48,7 +48,7 @@ from linear_operator.utils.broadcasting import _matmul_broadcast_shape
 from linear_operator.utils.getitem import _is_noop_index
 from torch import Tensor
 
-from bma_gp._autograd import carries_tangent
+from bma_gp._autograd import carries_tangent, tracks_derivatives
 from bma_gp._broadcast import batch_constants
 from bma_gp._indexing import TorchIndexing
 from bma_gp._lazy_root import LazyRoot
@@ -252,6 +252,40 @@ def _unify(parts: _Parts, like: LinearOperator) -> tuple[torch.dtype, torch.devi
     return dtype, tensors[0].device
 
 
+class _ExpandBlocks(torch.autograd.Function):
+    """:math:`P y`, one value per block broadcast to every index, whose backward pass keeps no saved tensor: the
+    partition rides on ``ctx`` (torch's ``index_select`` saves its index, and autograd frees saved tensors after a
+    backward pass). A sum folds its ``lam`` into the per-point diagonal when it is built, so that node is shared by
+    every loss taken from the operator: a second loss's backward (``(S @ x).sum().backward()`` then
+    ``S.solve(x).sum().backward()``) raised "Trying to backward through the graph a second time", where
+    linear_operator's own sums allow it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(values: Tensor, partition: Partition) -> Tensor:  # type: ignore[override]
+        return partition.expand(values, dim=-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.partition = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return ctx.partition.block_sum(grad, dim=-1), None
+
+    @staticmethod
+    def jvp(ctx, values_t: Tensor, _partition_t) -> Tensor:  # type: ignore[override]
+        return ctx.partition.expand(values_t, dim=-1)
+
+
+def _expand_blocks(partition: Partition, values: Tensor) -> Tensor:
+    """:math:`P y` along the last dimension; through :class:`_ExpandBlocks` where derivatives are tracked."""
+    if tracks_derivatives(values):
+        return _ExpandBlocks.apply(values, partition)
+    return partition.expand(values, dim=-1)
+
+
 def _build(parts: _Parts, like: LinearOperator) -> LinearOperator:
     """The smallest closed-form operator for the collected pieces."""
     n = like.shape[-1]
@@ -271,7 +305,7 @@ def _build(parts: _Parts, like: LinearOperator) -> LinearOperator:
                 lam = lam + c
             return _block_mean(lam, B, part)  # (the operator broadcasts lam's batch against B's)
     diag = None
-    pieces = [*parts.diag, *(p.expand(lam, dim=-1) for p, lam in parts.lams)]
+    pieces = [*parts.diag, *(_expand_blocks(p, lam) for p, lam in parts.lams)]
     for d in pieces:
         diag = d if diag is None else diag + d
     if diag is None:
@@ -682,8 +716,9 @@ class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperat
     carry a negative factor): linear_operator's constant multiple. Products are exact; ``solve`` and the inverse
     quadratic form are :math:`M`'s closed forms divided by :math:`c`; the log-determinant is :math:`M`'s plus
     :math:`n \log |c|` (torch.logdet's semantics: NaN where :math:`c^n \det M < 0`, so for odd :math:`n` when
-    :math:`M` is positive definite). Roots (a negative definite matrix has no real root) take linear_operator's
-    generic path with a :class:`ClosedFormFallbackWarning`."""
+    :math:`M` is positive definite). Roots raise a ``ValueError`` where every ``c < 0`` (a negative definite matrix
+    has no real root); with factors of both signs along a batch they take linear_operator's generic path with a
+    :class:`ClosedFormFallbackWarning`."""
 
     def solve(self, right_tensor, left_tensor=None):
         res = self.base_linear_op.solve(right_tensor, left_tensor)
@@ -732,6 +767,26 @@ class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperat
             base = self.base_linear_op
             return base._expand_batch(self.batch_shape)._sum_batch(dim)._mul_constant(first)
         return super()._sum_batch(dim)
+
+    def _negative_root(self, what: str) -> None:
+        """``ValueError`` for a root of ``c S`` with every ``c < 0``: for a positive definite ``S`` (a covariance)
+        ``c S`` is negative definite and has no real root; linear_operator's generic root clamped its negative
+        eigenvalues and returned a zero matrix after a warning."""
+        if bool((self._constant < 0).all()):
+            raise ValueError(
+                f"{what} of a negative multiple c S (c < 0) of a {type(self.base_linear_op).__name__}: for a positive "
+                "definite S (a covariance) c S is negative definite and has no real root (linear_operator's generic "
+                "path returned a zero root). Take the root of S itself (S.root_decomposition(); c S = -(sqrt|c| R)"
+                "(sqrt|c| R)^T), or negate S first where it is negative definite."
+            )
+
+    def root_decomposition(self, method=None):
+        self._negative_root("root_decomposition")
+        return super().root_decomposition(method)
+
+    def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method=None):
+        self._negative_root("root_inv_decomposition")
+        return super().root_inv_decomposition(initial_vectors, test_vectors, method)
 
     def __add__(self, other):
         # c M + D or c M + anything has no closed form (M's root cannot carry c < 0): a sum that warns when solved,

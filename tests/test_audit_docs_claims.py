@@ -378,7 +378,7 @@ def test_gp_table_elementwise_products():
 def test_gp_prose_sum_fallbacks():
     """gp.md, the paragraph above the table: a principal slice is again a sum; other rows and columns warn when
     solved; cholesky (and MultivariateNormal.entropy) warn; eigendecompositions warn; a negative multiple keeps the
-    closed forms (its logdet NaN for odd n) and warns for roots; M + an exact kernel warns when solved."""
+    closed forms (its logdet NaN for odd n) and refuses roots; M + an exact kernel warns when solved."""
     S = block_mean(5, 0) + block_mean(7, 1) + DiagLinearOperator(_noise())
     dense = S.to_dense()
     x = torch.randn(N, 2, dtype=DTYPE)
@@ -411,7 +411,7 @@ def test_gp_prose_sum_fallbacks():
         torch.testing.assert_close(solved, torch.linalg.solve(-2 * dense[:n, :n], x[:n]))
         torch.testing.assert_close(logdet, torch.logdet(-2 * dense[:n, :n]), equal_nan=True)
         assert bool(logdet.isnan()) == (n % 2 == 1)
-        with pytest.warns(ClosedFormFallbackWarning, match="root_decomposition"):
+        with pytest.raises(ValueError, match="root_decomposition.*no real root"):
             negative.root_decomposition()
     kernel_sum = block_mean(5, 0) + gpytorch.kernels.RBFKernel().to(DTYPE)(torch.randn(N, 1, dtype=DTYPE))
     assert isinstance(kernel_sum, FallbackSumLinearOperator)

@@ -338,3 +338,12 @@ def test_negative_multiple_of_a_sum_plus_diagonal_warns_once(how):
         said = [w for w in caught if issubclass(w.category, ClosedFormFallbackWarning)]
         assert len(said) == 1, [str(w.message) for w in said]
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("method", ["root_decomposition", "root_inv_decomposition"])
+def test_roots_of_a_negative_multiple_of_a_sum_are_refused(method):
+    """``(S * -2).root_decomposition()`` returned a zero matrix after a warning (linear_operator's generic root
+    clamps the negative eigenvalues of a negative definite matrix); it is refused in words."""
+    scaled = _sum() * -2.0
+    with pytest.raises(ValueError, match=rf"{method} of a negative multiple c S \(c < 0\).*no real root"):
+        getattr(scaled, method)()
