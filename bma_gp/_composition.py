@@ -723,8 +723,9 @@ class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperat
     def solve(self, right_tensor, left_tensor=None):
         res = self.base_linear_op.solve(right_tensor, left_tensor)
         c = self.expanded_constant.to(res.dtype)  # (*batch, 1, 1)
-        vector = right_tensor.dim() == 1 and left_tensor is None
-        return res / (c.squeeze(-1) if vector else c)
+        if right_tensor.dim() == 1:  # a vector: (*batch, n), or (*batch, m) with a left tensor, as the base gives it
+            return res / c.squeeze(-1)
+        return res / c
 
     def inv_quad_logdet(self, inv_quad_rhs=None, logdet=False, reduce_inv_quad=True):
         if not logdet and inv_quad_rhs is None:
@@ -772,12 +773,13 @@ class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperat
         """``ValueError`` for a root of ``c S`` with every ``c < 0``: for a positive definite ``S`` (a covariance)
         ``c S`` is negative definite and has no real root; linear_operator's generic root clamped its negative
         eigenvalues and returned a zero matrix after a warning."""
-        if bool((self._constant < 0).all()):
+        if bool((self._constant < 0).any()):
             raise ValueError(
                 f"{what} of a negative multiple c S (c < 0) of a {type(self.base_linear_op).__name__}: for a positive "
                 "definite S (a covariance) c S is negative definite and has no real root (linear_operator's generic "
-                "path returned a zero root). Take the root of S itself (S.root_decomposition(); c S = -(sqrt|c| R)"
-                "(sqrt|c| R)^T), or negate S first where it is negative definite."
+                "path returned a zero root; in a batch, for the entries with c < 0). Take the root of S itself "
+                "(S.root_decomposition(); c S = -(sqrt|c| R)(sqrt|c| R)^T), or negate S first where it is negative "
+                "definite."
             )
 
     def root_decomposition(self, method=None):
@@ -787,6 +789,25 @@ class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperat
     def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method=None):
         self._negative_root("root_inv_decomposition")
         return super().root_inv_decomposition(initial_vectors, test_vectors, method)
+
+    # the private hooks linear_operator's wrappers call (BlockDiagLinearOperator, BatchRepeatLinearOperator, ...)
+    def _root_decomposition(self):
+        self._negative_root("root_decomposition")
+        return super()._root_decomposition()
+
+    def _root_inv_decomposition(self, initial_vectors=None, test_vectors=None):
+        self._negative_root("root_inv_decomposition")
+        return super()._root_inv_decomposition(initial_vectors, test_vectors)
+
+    def sqrt_inv_matmul(self, rhs, lhs=None):
+        self._negative_root("sqrt_inv_matmul")
+        return super().sqrt_inv_matmul(rhs, lhs)
+
+    def _cholesky(self, upper=False):
+        # linear_operator's wrappers root a batch through its Cholesky factor (BlockDiagLinearOperator): a batch of
+        # zero factors came back where one entry is negative definite
+        self._negative_root("cholesky")
+        return super()._cholesky(upper)
 
     def __add__(self, other):
         # c M + D or c M + anything has no closed form (M's root cannot carry c < 0): a sum that warns when solved,

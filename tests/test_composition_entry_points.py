@@ -347,3 +347,29 @@ def test_roots_of_a_negative_multiple_of_a_sum_are_refused(method):
     scaled = _sum() * -2.0
     with pytest.raises(ValueError, match=rf"{method} of a negative multiple c S \(c < 0\).*no real root"):
         getattr(scaled, method)()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s: BlockDiagLinearOperator(s.expand(2, *s.shape)).root_decomposition().root.to_dense(),
+        lambda s: s.sqrt_inv_matmul(torch.ones(s.shape[-1], 1, dtype=DT)),
+        lambda s: s.cholesky(),
+        lambda s: (_sum((2,)) * torch.tensor([2.0, -3.0], dtype=DT).view(2, 1, 1)).root_decomposition(),
+    ],
+    ids=["block_diag_wrapper", "sqrt_inv_matmul", "cholesky", "mixed_sign_batch"],
+)
+def test_other_roots_of_a_negative_multiple_are_refused(call):
+    """The wrappers' private hooks (a BlockDiagLinearOperator roots its batch through Cholesky factors),
+    sqrt_inv_matmul and a batch with some negative factors gave zero roots or meaningless products after a warning."""
+    with pytest.raises(ValueError, match="negative multiple c S.*no real root"):
+        call(_sum() * -2.0)
+
+
+def test_negative_multiple_solve_of_a_vector_with_left_tensor_is_a_vector():
+    S = _sum()
+    left = torch.randn(4, N, dtype=DT, generator=torch.Generator().manual_seed(2))
+    rhs = torch.randn(N, dtype=DT, generator=torch.Generator().manual_seed(3))
+    got = (S * -2.0).solve(rhs, left)
+    assert got.shape == (4,)  # was (1, 4)
+    torch.testing.assert_close(got, left @ torch.linalg.solve(-2.0 * S.to_dense(), rhs))
