@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from bma_gp._autograd import first_order_only
+from bma_gp._autograd import first_order_only, reverse_mode_only
 
 EigenvalueFunction = Callable[[Tensor], Tensor]
 
@@ -81,6 +81,9 @@ def _finite_or_identity(C: Tensor) -> tuple[Tensor, Tensor]:
     return finite, torch.where(finite[..., None, None], C, eye)
 
 
+@reverse_mode_only(
+    "the closed-form matrix function of a dense B (roots, inverse roots, sqrt_inv_matmul, matrix_function)"
+)
 class SymmetricMatrixFunction(torch.autograd.Function):
     """:math:`f(C)` for a batch of symmetric matrices ``C`` via ``eigh``, differentiable in ``C``."""
 
@@ -112,6 +115,9 @@ def symmetric_matrix_function(
     return SymmetricMatrixFunction.apply(C, fn, prepare)
 
 
+@reverse_mode_only(
+    "the closed-form matrix function of a dense B (roots, inverse roots, sqrt_inv_matmul, matrix_function)"
+)
 class _TwoMatrixFunctions(torch.autograd.Function):
     """:math:`(f(C), g(C))` from one ``eigh``, each differentiable in ``C`` as in :class:`SymmetricMatrixFunction`."""
 

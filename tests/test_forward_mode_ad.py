@@ -362,3 +362,29 @@ def test_batch_sum_of_equal_separate_factors_gives_each_its_derivative():
     s = torch.tensor(-2.0, dtype=DT, requires_grad=True)
     assert type(M._mul_constant(s)._sum_batch(0)).__name__ == "FallbackScaledLinearOperator"
     assert type(M._mul_constant(c0)._sum_batch(0)).__name__ == "FallbackScaledLinearOperator"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda M, x: M.matrix_inv_sqrt() @ x,
+        lambda M, x: M.root_decomposition().root.to_dense(),
+        lambda M, x: M.sqrt_inv_matmul(x),
+        lambda M, x: M.matrix_function(torch.exp) @ x,
+    ],
+    ids=["matrix_inv_sqrt", "root_decomposition", "sqrt_inv_matmul", "matrix_function"],
+)
+def test_matrix_functions_of_a_dense_B_refuse_forward_mode_in_words(call):
+    """torch said "You must implement the jvp function" from inside the package."""
+    import torch.autograd.forward_ad as fwAD
+
+    from bma_gp import BlockMeanLinearOperator, Partition
+
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(3, 3, dtype=torch.float64, generator=gen)
+    B = A @ A.mT + torch.eye(3, dtype=torch.float64)
+    lam = torch.rand(3, dtype=torch.float64, generator=gen) + 0.5
+    x = torch.randn(7, 2, dtype=torch.float64, generator=gen)
+    part = Partition.from_labels(torch.tensor([0, 1, 2, 1, 0, 2, 2]))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="reverse mode only"):
+        call(BlockMeanLinearOperator(lam, fwAD.make_dual(B, torch.randn_like(B)), part), x)
