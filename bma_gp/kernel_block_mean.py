@@ -22,13 +22,15 @@ which an engine in :mod:`bma_gp._kernel_sums` reduces from tiles or row chunks o
 kernel parameters. One small all-gather first compares the problems' shapes (``n``, ``k``,
 the block sizes, ``d``, the engine, the batch, the dtype and ``chunk_size``) and raises
 ``ValueError`` on every rank where they differ; different values of ``x``, of the labels
-within equal block sizes or of the parameters are not detected. A rank outside the group
-is refused. The block sums are all-reduced in forward, so every rank returns the
-same operator, and the hyperparameter (and input) gradients are all-reduced in backward,
-so every rank ends with the full gradient of its (identical) loss: do not sum the
-gradients again. Every rank must call backward. Wrapping the model in
-``DistributedDataParallel`` is harmless, since averaging identical gradients leaves them
-unchanged.
+within equal block sizes or of the parameters are not detected. A rank whose own arguments
+are refused (``chunk_size=0``, NaN in ``x``, ...) still takes part in that all-gather: it
+raises its own error, and every other rank a ``ValueError`` naming it (none waits in a
+collective for it until the backend's timeout). A rank outside the group is refused.
+The block sums are all-reduced in forward, so every rank returns the same operator, and
+the hyperparameter (and input) gradients are all-reduced in backward, so every rank ends
+with the full gradient of its (identical) loss: do not sum the gradients again. Every
+rank must call backward. Wrapping the model in ``DistributedDataParallel`` is harmless,
+since averaging identical gradients leaves them unchanged.
 """
 
 from __future__ import annotations
@@ -258,7 +260,8 @@ def _rank_and_world(process_group: Any) -> tuple[int, int]:
     return rank, world
 
 
-#: what :func:`_check_ranks_agree` compares across the ranks, in order
+#: what :func:`_check_ranks_agree` compares across the ranks, one name per value, in order (the batch is two values:
+#: its number of entries and of dimensions)
 _RANK_SIGNATURE = (
     "n",
     "the number of blocks k",
@@ -266,9 +269,47 @@ _RANK_SIGNATURE = (
     "the input dimension d",
     "the engine",
     "the batch shape",
+    "the batch shape",
     "the dtype",
     "chunk_size",
 )
+
+#: the errors of a rank's own argument checks that :func:`_share_refusal` reports to the other ranks (the code each
+#: is sent as is its place here, plus one; 0: the arguments were taken)
+_ARGUMENT_ERRORS = (ValueError, TypeError, NotImplementedError)
+
+
+def _gather_flags(process_group: Any, refused: int, values: list[int], device: torch.device) -> list[Tensor]:
+    """Every rank's ``[refused, *values]``, in group rank order (one all-gather; ``values`` padded to the length of
+    :data:`_RANK_SIGNATURE` with zeros, as a rank that refused its arguments has none)."""
+    import torch.distributed as dist
+
+    row = [refused, *values] + [0] * (len(_RANK_SIGNATURE) - len(values))
+    mine = torch.tensor(row, dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(gathered, mine, group=process_group)
+    return gathered
+
+
+def _share_refusal(process_group: Any, error: BaseException, x: Any) -> None:
+    """Take part in :func:`_check_ranks_agree`'s all-gather for a rank whose own arguments were refused with
+    ``error`` (which its caller then raises), so that the other ranks raise a ``ValueError`` naming it instead of
+    waiting for it in the gather until the backend's timeout (30 minutes by default). Nothing is gathered where the
+    process group itself is refused (this rank cannot take part): the caller raises ``error`` alone."""
+    try:
+        _rank_and_world(process_group)
+    except (ValueError, TypeError):
+        return
+    import torch.distributed as dist
+
+    if torch.is_tensor(x) and x.device.type != "meta":
+        device = x.device
+    elif str(dist.get_backend(process_group)) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    code = next(i for i, kind in enumerate(_ARGUMENT_ERRORS) if isinstance(error, kind)) + 1
+    _gather_flags(process_group, code, [], device)
 
 
 def _check_ranks_agree(process_group: Any, values: list[int], device: torch.device) -> None:
@@ -276,16 +317,24 @@ def _check_ranks_agree(process_group: Any, values: list[int], device: torch.devi
     of different shapes (the values :data:`_RANK_SIGNATURE` names): one small all-gather before the sums' collectives,
     which would otherwise abort the processes (gloo: received data of another size), hang (one rank waiting in the
     other engine's collective) or silently add sums of different problems (another n, the same k). Different values
-    of ``x``, of the labels within equal block sizes or of the kernel's parameters are not detected."""
-    import torch.distributed as dist
-
-    mine = torch.tensor(values, dtype=torch.int64, device=device)
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(process_group))]
-    dist.all_gather(gathered, mine, group=process_group)
+    of ``x``, of the labels within equal block sizes or of the kernel's parameters are not detected. A rank that
+    refused its own arguments sends a flag instead (:func:`_share_refusal`): the others then raise a ``ValueError``
+    that names it."""
+    gathered = _gather_flags(process_group, 0, values, device)
+    refused = [(rank, int(theirs[0])) for rank, theirs in enumerate(gathered) if int(theirs[0]) != 0]
+    if refused:
+        ranks = ", ".join(str(rank) for rank, _ in refused)
+        kinds = sorted({_ARGUMENT_ERRORS[code - 1].__name__ for _, code in refused if code <= len(_ARGUMENT_ERRORS)})
+        raise ValueError(
+            f"kernel_block_mean with a process group: the arguments of rank{'s' if len(refused) > 1 else ''} {ranks} "
+            f"of the group were refused there ({' or '.join(kinds) or 'an error'} raised on "
+            f"{'those ranks' if len(refused) > 1 else 'that rank'}: see its message); every rank must pass valid "
+            "and identical x, partition, kernel and options. Nothing was summed."
+        )
     for rank, theirs in enumerate(gathered):
-        differ = (theirs != gathered[0]).nonzero().flatten().tolist()
+        differ = (theirs[1:] != gathered[0][1:]).nonzero().flatten().tolist()
         if differ:
-            what = ", ".join(_RANK_SIGNATURE[i] for i in differ)
+            what = ", ".join(dict.fromkeys(_RANK_SIGNATURE[i] for i in differ))
             raise ValueError(
                 f"kernel_block_mean with a process group: the ranks disagree on {what} (rank 0 and rank {rank} of "
                 "the group); every rank must pass the same x, partition, kernel and options, and each evaluates "
@@ -420,37 +469,34 @@ def block_mean_of_kernel(
 ) -> BlockMeanLinearOperator:
     """:func:`kernel_block_mean`, its errors about the inputs naming them ``x_name`` (``BlockMeanKernel``'s
     ``train_x``)."""
-    fused = optional_flag(
-        fused, "fused", "True (force the stationary engine), False (forbid it) or None (use it where it applies)"
-    )
-    progress = optional_flag(
-        progress, "progress", "True (show a progress bar), False (none) or None (one above 10^9 entries)"
-    )
-    x = _check_inputs(kernel, x, partition, chunk_size, x_name)
-    chunk_size = chunk_rows(chunk_size)
-    n = x.shape[-2]
-    partition = partition.to(x.device)
+    try:
+        fused = optional_flag(
+            fused, "fused", "True (force the stationary engine), False (forbid it) or None (use it where it applies)"
+        )
+        progress = optional_flag(
+            progress, "progress", "True (show a progress bar), False (none) or None (one above 10^9 entries)"
+        )
+        x = _check_inputs(kernel, x, partition, chunk_size, x_name)
+        chunk_size = chunk_rows(chunk_size)
+        partition = partition.to(x.device)
+
+        # evaluate in the order of sorted labels: every block becomes a contiguous run of rows and columns
+        if partition.is_contiguous:
+            xs, labels = x, partition.labels
+        else:
+            order = torch.argsort(partition.labels, stable=True)
+            xs, labels = x.index_select(-2, order), partition.labels[order]
+
+        form = _stationary_form(kernel, xs, fused)
+        batch = _values_batch_shape(kernel, x)
+    except _ARGUMENT_ERRORS as error:
+        if process_group is not None:  # the other ranks learn of it in the agreement all-gather, and raise too
+            _share_refusal(process_group, error, x)
+        raise
     rank, world = _rank_and_world(process_group)
-
-    # evaluate in the order of sorted labels: every block becomes a contiguous run of rows and columns
-    if partition.is_contiguous:
-        xs, labels = x, partition.labels
-    else:
-        order = torch.argsort(partition.labels, stable=True)
-        xs, labels = x.index_select(-2, order), partition.labels[order]
+    n = x.shape[-2]
     sizes = partition.sizes
-
-    form = _stationary_form(kernel, xs, fused)
-    batch = _values_batch_shape(kernel, x)
     batch_numel = math.prod(batch)
-    if batch_numel == 0:  # an empty batch has nothing to sum (and the engines size chunks and tiles per entry)
-        with torch.no_grad():
-            dtype = evaluate(kernel, xs[..., :1, :], xs[..., :1, :]).dtype
-        k = partition.num_blocks
-        lam = torch.zeros(*batch, k, dtype=dtype, device=x.device)
-        return BlockMeanLinearOperator(lam, lam.new_zeros(*batch, k, k), partition)
-    show = (bool(progress) if progress is not None else batch_numel * n * n >= _PROGRESS_ENTRIES) and rank == 0
-    rows = (rank * n // world, (rank + 1) * n // world)
     if process_group is not None:
         dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
         _check_ranks_agree(
@@ -468,6 +514,14 @@ def block_mean_of_kernel(
             ],
             x.device,
         )
+    if batch_numel == 0:  # an empty batch has nothing to sum (and the engines size chunks and tiles per entry)
+        with torch.no_grad():
+            dtype = evaluate(kernel, xs[..., :1, :], xs[..., :1, :]).dtype
+        k = partition.num_blocks
+        lam = torch.zeros(*batch, k, dtype=dtype, device=x.device)
+        return BlockMeanLinearOperator(lam, lam.new_zeros(*batch, k, k), partition)
+    show = (bool(progress) if progress is not None else batch_numel * n * n >= _PROGRESS_ENTRIES) and rank == 0
+    rows = (rank * n // world, (rank + 1) * n // world)
 
     # the engines return the sums in core_dtype (float64 for float32): lam = d / s - B_ii cancels where a block's
     # values are nearly equal (a long lengthscale), so the means are taken there and rounded to the kernel's dtype

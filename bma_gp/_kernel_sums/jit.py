@@ -5,7 +5,10 @@ torch (one GEMM, one elementwise pass); this module reduces it to per-block sums
 lengthscale derivative sums, in one read of the tile, whatever the number of blocks. Without numba
 (an optional dependency, ``pip install bma-gp[jit]``), or with :data:`BACKEND` set to ``"torch"``,
 the engine reduces tiles with ``index_add`` and one small GEMM per row block instead; that path
-costs more when blocks are small (many row blocks per tile), see docs/benchmarks.md.
+costs more when blocks are small (many row blocks per tile), see docs/benchmarks.md. It is also taken, with one
+``RuntimeWarning``, in a process forked from one that ran numba's kernels under its GNU OpenMP threading layer, which
+is not fork-safe (:func:`bma_gp._numba.forked_unsafe`), and the parallel kernels are launched one thread at a time
+under numba's ``workqueue`` layer (:func:`bma_gp._numba.launch`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bma_gp._numba import AVAILABLE, import_kernels, match_torch_threads
+from bma_gp._numba import AVAILABLE, forked_unsafe, import_kernels, launch, match_torch_threads
 
 __all__ = [
     "ACCUMULATOR_BYTES",
@@ -54,13 +57,15 @@ _IMPORT: list[bool] = []  # [whether numba and the kernel imported], once tried
 
 
 def usable(device: torch.device, dtype: torch.dtype, entries: int = MIN_ENTRIES) -> bool:
-    """Whether tiles of this device and dtype, in a pass over ``entries`` kernel entries, are reduced by numba."""
+    """Whether tiles of this device and dtype, in a pass over ``entries`` kernel entries, are reduced by numba (not in
+    a process forked from one that ran numba's threads under a layer that is not fork-safe, where it warns once)."""
     return (
         BACKEND == "numba"
         and AVAILABLE
         and entries >= MIN_ENTRIES
         and torch.device(device).type == "cpu"
         and dtype in _DTYPES
+        and not forked_unsafe("kernel block sums", "tiles are reduced with torch's ops (the same sums to rounding)")
         and _importable()
     )
 
@@ -138,8 +143,8 @@ def tile_sums(
     w = v if weights is None or weights is values else _array(weights)
     zct = _array(zc.transpose(-1, -2))
     row_block, col_block, mirror = at
-    _jit_kernels.tile_sums(
-        v, w, weights is not None, row_bounds, col_bounds, _array(zr), zct, chunk,
+    launch(
+        _jit_kernels.tile_sums, v, w, weights is not None, row_bounds, col_bounds, _array(zr), zct, chunk,
         acc.numpy(), row_block, col_block, mirror, kept.numpy(), factor,
     )  # fmt: skip
     return kept if weights is not None else None
@@ -186,7 +191,7 @@ def contract_kept(
     items = np.stack([np.repeat(np.arange(len(rows)), rows), np.arange(int(rows.sum())) - first], 1)
     col, scale, diag = (_array(t) for t in scaling)
     d = sums[0].shape[2]
-    _jit_kernels.contract_tiles(_array(grad), flat.numpy(), meta, items, d, col, scale, diag, out.numpy())
+    launch(_jit_kernels.contract_tiles, _array(grad), flat.numpy(), meta, items, d, col, scale, diag, out.numpy())
 
 
 def _one_buffer(sums: list[Tensor]) -> tuple[Tensor, list[int]]:
@@ -245,9 +250,8 @@ def block_means(
     lam0 = torch.empty(bsz, k, dtype=torch.float64, device=cpu)
     sc = scale.to(dtype).expand(bsz).contiguous() if scale is not None else torch.empty(0, dtype=dtype, device=cpu)
     unscaled = B0 if B0 is not None else torch.empty(0, 0, 0, dtype=dtype, device=cpu)
-    _jit_kernels.block_means(
-        _array(acc), _array(s.reciprocal()), _array(s), _array(sc), B.numpy(), unscaled.numpy(), lam0.numpy()
-    )
+    arrays = (_array(acc), _array(s.reciprocal()), _array(s), _array(sc), B.numpy(), unscaled.numpy(), lam0.numpy())
+    launch(_jit_kernels.block_means, *arrays)
     if keep_unscaled and B0 is None:  # no scale: B is B0
         B0 = B
     return B, B0, lam0

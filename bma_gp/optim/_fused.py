@@ -33,7 +33,7 @@ from bma_gp._warnings import caller_stacklevel
 from bma_gp.optim import _jit
 from bma_gp.optim._scaling import z_inv_sqrt
 
-__all__ = ["apply_update", "block_sums", "compiled"]
+__all__ = ["apply_update", "block_sums", "compiled", "forked_without_numba"]
 
 
 def block_sums(gs: list[Tensor], hs: list[Tensor], eps: float) -> tuple[Tensor, Tensor]:
@@ -95,13 +95,19 @@ def compiled(name: str):
     """The fused :func:`block_sums` or :func:`apply_update` for the statistics it is called with.
 
     On CPU, with :data:`CPU_BACKEND` ``"numba"`` and numba installed, the numba kernels of
-    :mod:`bma_gp.optim._jit`; otherwise the ``torch.compile``'d function (below).
+    :mod:`bma_gp.optim._jit`; otherwise the ``torch.compile``'d function (below). In a process forked from one that
+    ran numba's threads under a layer that is not fork-safe (GNU OpenMP; :func:`bma_gp.optim._jit.forked_child`),
+    where numba's kernels would have run, the plain-PyTorch function itself: no compiler (whose first call costs
+    seconds per process and needs a C++ toolchain on CPU), the same results to rounding.
     """
+    passes: dict[str, Callable[..., Any]] = {"block_sums": block_sums, "apply_update": apply_update}
 
     def call(*args):
         hs = args[1]
         if hs and uses_numba(hs[0].device, hs[0].dtype):
             return getattr(_jit, name)(*args)
+        if hs and forked_without_numba(hs[0].device, hs[0].dtype):
+            return passes[name](*args)
         return _inductor(name)(*args)  # torch.compile (and its 2 s import) only where it runs
 
     return call
@@ -110,6 +116,13 @@ def compiled(name: str):
 def uses_numba(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the fused passes on statistics of this device and dtype run numba's kernels."""
     return CPU_BACKEND == "numba" and _jit.usable(device, dtype)
+
+
+def forked_without_numba(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused passes on statistics of this device and dtype would run numba's kernels, but this process
+    was forked from one that ran them under a threading layer that is not fork-safe
+    (:func:`bma_gp.optim._jit.forked_child`): they then run uncompiled, as plain PyTorch."""
+    return CPU_BACKEND == "numba" and _jit.forked_child(device, dtype)
 
 
 def _inductor(name: str):

@@ -9,7 +9,10 @@ the first step of every later process, against 4.3-5.0 s per process for ``torch
 cache; the same seven streams over the parameters, and no guard checks per call.
 
 numba is an optional dependency (``pip install bma-gp[jit]``): :data:`AVAILABLE` says whether it is
-installed, without importing it (the import and the cache load happen at the first fused CPU step).
+installed, without importing it (the import and the cache load happen at the first fused CPU step). In a process
+forked from one that ran numba's kernels under its GNU OpenMP threading layer, which is not fork-safe, :func:`usable`
+is ``False`` (one ``RuntimeWarning``; :func:`bma_gp._numba.forked_unsafe`), and under numba's ``workqueue`` layer
+the parallel kernels are launched one thread at a time (:func:`bma_gp._numba.launch`).
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from bma_gp._numba import AVAILABLE, import_kernels, match_torch_threads
+from bma_gp._numba import AVAILABLE, forked_unsafe, import_kernels, in_unsafe_fork, launch, match_torch_threads
 
-__all__ = ["AVAILABLE", "CHUNK", "apply_update", "block_sums", "usable"]
+__all__ = ["AVAILABLE", "CHUNK", "apply_update", "block_sums", "forked_child", "usable"]
 
 #: entries per parallel task; a task never crosses a block (a row of the ``(rows, cols)`` matrix)
 CHUNK = 16384
@@ -31,8 +34,26 @@ _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 def usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether statistics of this device and dtype can take the numba kernels: numba installed and importable,
-    CPU, float32 or float64."""
-    return AVAILABLE and torch.device(device).type == "cpu" and dtype in _NUMPY and _importable()
+    CPU, float32 or float64, and not a process forked from one that ran numba's threads under a layer that is not
+    fork-safe (:func:`forked_unsafe`: the fused passes then run uncompiled, :func:`bma_gp.optim._fused.compiled`)."""
+    return (
+        AVAILABLE
+        and torch.device(device).type == "cpu"
+        and dtype in _NUMPY
+        and not forked_unsafe(
+            "BlockMeanAdagrad(fused=True)",
+            "the step runs without numba and without torch.compile, as plain PyTorch operations (the eager step "
+            "below FUSED_MIN_NUMEL gradient entries, the fused passes uncompiled above), with the same results to "
+            "rounding",
+        )
+        and _importable()
+    )
+
+
+def forked_child(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether statistics of this device and dtype would take the numba kernels but this process was forked from one
+    that ran numba's threads under a layer that is not fork-safe (:func:`usable` is then ``False``)."""
+    return AVAILABLE and in_unsafe_fork() and torch.device(device).type == "cpu" and dtype in _NUMPY
 
 
 _IMPORT: list[bool] = []  # [whether numba and the kernels imported], once tried
@@ -89,7 +110,7 @@ def block_sums(gs: list[Tensor], hs: list[Tensor], eps: float) -> tuple[Tensor, 
         if rows * cols <= SERIAL_MAX:
             parts.append(kernels.block_sums_serial(_as_flat(g, h), _h_flat(h), cols, eps_, one))
         else:
-            parts.append(kernels.block_sums(_as_flat(g, h), _h_flat(h), cols, eps_, one, CHUNK))
+            parts.append(launch(kernels.block_sums, _as_flat(g, h), _h_flat(h), cols, eps_, one, CHUNK))
     sums = np.concatenate(parts) if parts else np.zeros((0, 4))
     finite = bool((sums[:, 3] == 0).all())
     return torch.from_numpy(np.ascontiguousarray(sums[:, :3])).to(dtype), torch.tensor(finite, device="cpu")
@@ -117,7 +138,7 @@ def apply_update(gs: list[Tensor], hs: list[Tensor], ps: list[Tensor], coefs: li
         if rows * cols <= SERIAL_MAX:
             kernels.apply_update_serial(*arrays)
         else:
-            kernels.apply_update(*arrays, CHUNK)
+            launch(kernels.apply_update, *arrays, CHUNK)
         if not direct:
             p.copy_(target.view(p.shape))
     # as torch's in-place ops do: autograd then refuses a graph that saved the old values, and the CPU eager step
