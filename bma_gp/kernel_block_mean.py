@@ -41,7 +41,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from gpytorch.kernels import InducingPointKernel, Kernel
+from gpytorch.kernels import AdditiveKernel, InducingPointKernel, Kernel, ProductKernel, ScaleKernel
 from torch import Tensor
 
 from bma_gp import settings
@@ -182,6 +182,30 @@ def check_active_dims(kernel: Kernel, width: int, name: str) -> None:
     walk(kernel, "kernel")
 
 
+#: GPyTorch kernels that read their inputs only through the kernels inside them (their ``forward`` hands ``x1`` and
+#: ``x2`` on): the columns they read are those of their parts
+_COMBINATORS = (ScaleKernel, AdditiveKernel, ProductKernel)
+
+
+def _columns_read(kernel: Kernel) -> set[int] | None:
+    """The columns of ``x`` that ``kernel`` reads, or ``None`` for all of them: its ``active_dims``; for a
+    ``ScaleKernel``, a sum or a product of kernels without them, the union of its parts' (a part without
+    ``active_dims`` reads all). Any other kernel without ``active_dims`` reads all columns."""
+    if kernel.active_dims is not None:
+        return {int(c) for c in kernel.active_dims.tolist()}
+    if not isinstance(kernel, _COMBINATORS):
+        return None
+    parts = [m for m in kernel.modules() if m is not kernel and isinstance(m, Kernel)]
+    direct = [m for m in parts if not any(m is not p and any(m is q for q in p.modules()) for p in parts)]
+    read: set[int] = set()
+    for part in direct:
+        columns = _columns_read(part)
+        if columns is None:
+            return None
+        read |= columns
+    return read if direct else None
+
+
 def check_finite_inputs(kernel: Kernel, x: Tensor, name: str) -> None:
     """``ValueError`` naming ``name`` (and the first bad entry) when the columns of ``x`` that ``kernel`` reads (its
     ``active_dims``, else all) hold NaN or inf, with :class:`bma_gp.settings.validate` on: one host read, O(n d).
@@ -190,9 +214,10 @@ def check_finite_inputs(kernel: Kernel, x: Tensor, name: str) -> None:
     made every entry of ``lam`` and ``B`` NaN, and the model failed only later, without naming the input."""
     if not settings.validate.on() or x.device.type == "meta" or not x.numel():
         return
-    columns = kernel.active_dims
-    if columns is not None and columns.numel() and int(columns.max()) < x.shape[-1]:
-        columns = columns.to(x.device)
+    check_active_dims(kernel, x.shape[-1], name)  # before they index x: a column beyond x's is named as such
+    read = _columns_read(kernel)
+    if read is not None:
+        columns = torch.tensor(sorted(read), dtype=torch.long, device=x.device)
         seen = x.detach().index_select(-1, columns)
     else:
         columns, seen = None, x.detach()

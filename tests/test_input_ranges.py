@@ -103,3 +103,33 @@ def test_unknown_device_strings_name_the_argument():
         Partition.from_sizes([2, 3], device="gpu")
     with pytest.raises(ValueError, match=r"device must be a torch.device.*'gpu'"):
         Partition.from_sizes([2, 3]).to("gpu")
+
+
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        RBFKernel(active_dims=[0]) + RBFKernel(active_dims=[1]),
+        RBFKernel(active_dims=[0]) * RBFKernel(active_dims=[1]),
+        ScaleKernel(RBFKernel(active_dims=[0]) + RBFKernel(active_dims=[1])),
+    ],
+    ids=["sum", "product", "scaled_sum"],
+)
+def test_nan_in_a_column_no_nested_kernel_reads_is_accepted(kernel):
+    """Only the outermost kernel's active_dims were read: NaN in a bookkeeping column no kernel reads was refused."""
+    x, partition = _data(d=3)
+    x[4, 2] = float("nan")
+    kernel = kernel.double()
+    dense = kernel(x, x).to_dense()
+    assert bool(torch.isfinite(dense).all())
+    torch.testing.assert_close(
+        kernel_block_mean(kernel, x, partition).to_dense(), block_mean(dense, partition).to_dense()
+    )
+    x[3, 1] = float("nan")  # a column that is read: refused, named
+    with pytest.raises(ValueError, match=r"x\[3, 1\] = nan"):
+        kernel_block_mean(kernel, x, partition)
+
+
+def test_block_mean_kernel_with_a_negative_active_dim_is_named():
+    x, partition = _data()
+    with pytest.raises(ValueError, match=r"active_dims = \[-1\]"):
+        BlockMeanKernel(RBFKernel(active_dims=[-1]).double(), x, partition)(x, x).to_dense()
