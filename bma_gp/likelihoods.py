@@ -55,7 +55,7 @@ class GroupNoise(Noise):
     def __init__(
         self,
         num_groups: int,
-        group_dim: int = -1,
+        group_dim: int | None = None,
         noise_prior: Prior | None = None,
         noise_constraint: Interval | None = None,
         batch_shape: torch.Size = _NO_BATCH,
@@ -65,6 +65,12 @@ class GroupNoise(Noise):
         num_groups = as_int(num_groups, "num_groups", "a positive int")
         if num_groups < 1:
             raise ValueError(f"num_groups must be a positive int, got {num_groups!r}.")
+        # group_dim given (also -1) declares that column to hold the group ids; left out, the ids are read from the
+        # last column of 2-D inputs, but 1-D training ids are compared with the model's inputs only once that column
+        # was seen to hold them (:meth:`_check_train_groups`): a model whose inputs hold no group column is not refused
+        self._group_dim_declared = group_dim is not None
+        if group_dim is None:
+            group_dim = -1
         try:
             if isinstance(group_dim, bool):
                 raise TypeError
@@ -105,6 +111,8 @@ class GroupNoise(Noise):
         # the number of input columns train_groups was read from (None for 1-D ids): the model's training inputs
         # of that many columns are checked against it (:meth:`_check_train_groups`)
         self._train_columns: int | None = None
+        # whether the model's inputs' column group_dim held the stored 1-D ids at a call (reset with the ids)
+        self._ids_column_seen = False
         if train_inputs is not None:
             self.set_train_inputs(train_inputs)
 
@@ -190,6 +198,7 @@ class GroupNoise(Noise):
         source = train_inputs[0] if isinstance(train_inputs, (list, tuple)) else train_inputs
         self.train_groups = ids.to(self.raw_noise.device)
         self._train_columns = source.shape[-1] if source.dim() > 1 else None
+        self._ids_column_seen = False
         return seen
 
     def _check_train_groups(self, ids: Tensor, model_inputs) -> None:
@@ -199,11 +208,15 @@ class GroupNoise(Noise):
         no valid ids, or of another number of columns than the stored training inputs, are not compared: they are
         not the inputs the groups were read from. 1-D ids given to :meth:`set_train_inputs` are compared with the
         column ``group_dim`` of any inputs that have it (where the likelihood reads the groups of inputs passed with
-        a call): without, new training data with other groups trained silently with the old ones."""
+        a call) only where that column is known to hold the group ids: ``group_dim`` was given to the constructor,
+        or the column held these ids at an earlier call. Otherwise the inputs may hold no group column at all (the
+        ids given only as 1-D ids), and a last column of whole numbers (a count feature) is not group ids. Without
+        the comparison, new training data with other groups trained silently with the old ones."""
         if not model_inputs or not torch.is_tensor(model_inputs[0]):
             return
         inputs = model_inputs[0]
-        if self._train_columns is None:  # 1-D ids: the inputs' group column, where they have one
+        one_d = self._train_columns is None
+        if one_d:  # 1-D ids: the inputs' group column, where they have one
             if inputs.dim() < 2 or not -inputs.shape[-1] <= self.group_dim < inputs.shape[-1]:
                 return
         elif inputs.dim() < 2 or inputs.shape[-1] != self._train_columns:
@@ -211,9 +224,14 @@ class GroupNoise(Noise):
         column = inputs[..., self.group_dim].to(ids.device)
         try:  # one pass over the column: values equal to the stored (valid) ids are those ids
             if column.shape[-1] == ids.shape[-1] and bool((column == ids).all()):
+                if one_d:
+                    self._ids_column_seen = True  # the column holds the group ids: later inputs are compared
                 return
         except RuntimeError:  # batch shapes that do not broadcast: other data
             pass
+        # getattr: a likelihood pickled by an older version has neither attribute (it compared every such column)
+        if one_d and not (getattr(self, "_group_dim_declared", True) or getattr(self, "_ids_column_seen", False)):
+            return  # no column was declared or seen to hold the ids: the inputs need not hold the groups
         try:  # validated only when they differ
             current = self.groups_of(inputs)
         except (TypeError, ValueError):  # not group ids in that column: some other layout, nothing to compare
@@ -411,7 +429,9 @@ class GroupGaussianLikelihood(_GaussianLikelihoodBase):
        since :class:`~gpytorch.mlls.ExactMarginalLogLikelihood` passes the likelihood no inputs. After
        ``model.set_train_data(x, y)`` call ``likelihood.set_train_inputs(x)`` too: an
        :class:`~gpytorch.models.ExactGP`'s training-mode output remembers its inputs, and one whose group column
-       holds other ids than the stored ones raises ``ValueError`` instead of taking the old groups.
+       holds other ids than the stored ones raises ``ValueError`` instead of taking the old groups. Training groups
+       given as 1-D ids (the inputs need not hold them) are checked so only against a column known to hold the
+       ids: ``group_dim`` passed explicitly, or a column that held these ids at an earlier call.
 
     Without any of them it raises ``ValueError``; in eval mode the inputs must be passed, so the
     training groups are never used silently for test points. GPyTorch's ``noise=`` keyword (one variance per
@@ -433,7 +453,8 @@ class GroupGaussianLikelihood(_GaussianLikelihoodBase):
 
     Args:
         num_groups: number of possible ids; ids must be integers in ``[0, num_groups)``.
-        group_dim: the input column that holds the group id (default -1, the last one).
+        group_dim: the input column that holds the group id (default: -1, the last one). Given (also as -1), it
+            declares that column to hold the ids, against which 1-D ``train_inputs`` ids are checked (see above).
         train_inputs: the training inputs (optional, see above).
         noise_prior: optional prior on the noise variances.
         noise_constraint: constraint on the noise variances (default ``GreaterThan(1e-4)``, as GPyTorch's).
@@ -455,7 +476,7 @@ class GroupGaussianLikelihood(_GaussianLikelihoodBase):
     def __init__(
         self,
         num_groups: int,
-        group_dim: int = -1,
+        group_dim: int | None = None,
         train_inputs: Tensor | None = None,
         noise_prior: Prior | None = None,
         noise_constraint: Interval | None = None,

@@ -48,7 +48,7 @@ def _as_long_vector(values, name: str) -> Tensor:
         tensor = values
     else:
         try:
-            tensor = torch.as_tensor(_as_array(values))
+            tensor = torch.as_tensor(_as_array(values), device="cpu")  # host data: not torch's default device
         except (TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"{name} must be a 1-d sequence of integers; could not convert it ({err}).") from None
     if tensor.numel() == 0:

@@ -43,7 +43,8 @@ def _as_points(x, name: str = "x", keep_integers: bool = False) -> Tensor:
     """
     if not isinstance(x, Tensor):
         try:
-            x = torch.as_tensor(_as_array(x))  # a pandas frame by position, not by index label
+            # a pandas frame by position, not by index label; host data on the CPU, not torch's default device
+            x = torch.as_tensor(_as_array(x), device="cpu")
         except (TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"{name} must be a tensor of shape (n, d); could not convert it ({err}).") from None
     if x.is_meta:
@@ -176,8 +177,9 @@ def _kmeans_pp(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
     centres = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
     centres[0] = x[first]
     d2 = (x - centres[0]).square().sum(-1)
-    # one uniform draw per centre, taken on the CPU generator so the result is device independent
-    draws = torch.rand(k, generator=generator, dtype=torch.float64)
+    # one uniform draw per centre, taken on the CPU generator so the result is device independent (on the
+    # generator's device, not torch's default device: under torch.set_default_device("meta") they held no values)
+    draws = torch.rand(k, generator=generator, dtype=torch.float64, device=generator.device)
     for j in range(1, k):
         cum = torch.cumsum(d2.double(), 0)
         total = cum[-1]
@@ -367,7 +369,7 @@ def kmeans_partition(
     work = work - work.mean(0, keepdim=True)
     work.mul_(_power_of_two_scale(work))
     if sample_size < n:
-        sample = work[torch.randperm(n, generator=generator)[:sample_size].to(x.device)]
+        sample = work[torch.randperm(n, generator=generator, device=generator.device)[:sample_size].to(x.device)]
         centres, _, _ = _lloyd(sample, _kmeans_pp(sample, k, generator), iters, tol)
         _, labels, d2 = _lloyd(work, centres, full_iters, tol)
     else:
@@ -570,7 +572,7 @@ def _string_ids_as_integers(ids):
             "ids mix strings with other objects; pass one kind of group id (all strings, or all integers)."
         )
     _, inverse = np.unique(array.reshape(-1).astype(str), return_inverse=True)
-    return torch.as_tensor(inverse.reshape(array.shape), dtype=torch.long)
+    return torch.as_tensor(inverse.reshape(array.shape), dtype=torch.long, device="cpu")
 
 
 def group_partition(ids) -> Partition:
@@ -598,7 +600,7 @@ def group_partition(ids) -> Partition:
         ids = _string_ids_as_integers(ids)
     if not isinstance(ids, Tensor):
         try:
-            ids = torch.as_tensor(ids)
+            ids = torch.as_tensor(ids, device="cpu")  # host data: on the CPU, not torch's default device
         except (TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"ids must be a 1-d sequence of integers; could not convert it ({err}).") from None
     if ids.dim() == 2 and ids.shape[-1] == 1:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 
 import torch
 from gpytorch import settings
@@ -175,8 +176,14 @@ class ChunkedInducingPointKernel(InducingPointKernel):
     analytic_rbf: bool = True
 
     def __init__(self, base_kernel, inducing_points, likelihood, active_dims=None, chunk_rows: int | None = None):
-        if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)):
-            raise TypeError(f"chunk_rows must be a positive int or None, got {type(chunk_rows).__name__}")
+        if chunk_rows is not None:  # any integer (a NumPy one, a one-element integer tensor), as chunk_size= takes
+            is_bool = isinstance(chunk_rows, bool) or (torch.is_tensor(chunk_rows) and chunk_rows.dtype == torch.bool)
+            try:
+                if is_bool:
+                    raise TypeError
+                chunk_rows = operator.index(chunk_rows)
+            except TypeError:
+                raise TypeError(f"chunk_rows must be a positive int or None, got {type(chunk_rows).__name__}") from None
         if chunk_rows is not None and chunk_rows < 1:
             raise ValueError(f"chunk_rows must be a positive int or None (the default), got {chunk_rows}")
         super().__init__(base_kernel, inducing_points, likelihood, active_dims=active_dims)
