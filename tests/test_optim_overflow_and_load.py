@@ -95,7 +95,9 @@ def test_a_refused_first_step_leaves_no_state():
 def test_statistics_that_grow_past_the_range_are_refused_at_the_step_that_would_overflow():
     p = torch.nn.Parameter(torch.zeros(3))
     opt = FullMatrixAdagrad([p], lr=0.1)
-    g = torch.full((3,), 1.2e19)  # g g^T about 1.44e38: two steps fit in float32, the third does not
+    g = torch.tensor(
+        [1.2e19, 0.0, 0.0]
+    )  # g g^T and its eigenvalue |g|^2 about 1.44e38: two steps fit in float32, the third does not
     _full_step(opt, p, g.clone())
     _full_step(opt, p, g.clone())
     assert bool(torch.isfinite(opt.global_state["H"]).all())

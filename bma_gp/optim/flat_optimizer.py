@@ -209,15 +209,36 @@ def check_torch_optim_flags(owner: str, values: dict[str, Any], *, fused_hint: s
 _ADAGRAD_ONLY_OPTIONS = {"lr_decay": 0.0, "initial_accumulator_value": 0.0}
 
 
-def check_adagrad_options(owner: str, group: dict[str, Any]) -> None:
+def _is_zero_option(value: Any) -> bool:
+    """Whether ``value`` is the number 0 as a config may give it: a Python or NumPy real number (not ``bool``), or a
+    one-element real tensor (``torch.tensor(0.)``; read once, at the check)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex() or value.is_meta:
+            return False
+        return float(value.detach()) == 0
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            return bool(value == 0)
+        except (TypeError, ValueError):  # pragma: no cover - an exotic Real
+            return False
+    return False
+
+
+def check_adagrad_options(owner: str, group: dict[str, Any], where: str = "") -> None:
     """Refuse torch.optim.Adagrad's ``lr_decay`` and ``initial_accumulator_value`` in a param group (a configuration
     ported from Adagrad) at any value but 0, which is what these optimizers do: torch.optim keeps unknown group entries
-    without a word, so the option would be silently ignored. Raises ``ValueError`` naming the option and the fix."""
+    without a word, so the option would be silently ignored. Zero may be given as a Python or NumPy number or a
+    one-element tensor (``torch.tensor(0.)``). Raises ``ValueError`` naming the option and the fix (``where``: what to
+    add to the message, e.g. where the group comes from and that nothing was changed).
+
+    Checked by ``add_param_group`` (the constructor's groups included), at each step (a group edited in place,
+    ``param_groups[0]["lr_decay"] = 0.5``) and by ``load_state_dict`` (a saved group), each before anything
+    changes."""
     for name, value_here in _ADAGRAD_ONLY_OPTIONS.items():
         if name not in group:
             continue
         value = group[name]
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value_here:
+        if _is_zero_option(value):
             continue
         fix = (
             "schedule the learning rate instead, e.g. torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + t * "
@@ -227,7 +248,7 @@ def check_adagrad_options(owner: str, group: dict[str, Any]) -> None:
         )
         raise ValueError(
             f"a param group of {owner} has {name}={value!r}: that is a torch.optim.Adagrad option {owner} does not "
-            f"have, and it would be silently ignored. Remove it (or set it to {value_here!r}); {fix}."
+            f"have, and it would be silently ignored. Remove it (or set it to {value_here!r}); {fix}.{where}"
         )
 
 
@@ -369,9 +390,20 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
 
     def _check_groups_unedited(self) -> None:
         """Refuse a step after a param group's optimizer-wide setting was edited in place (``param_groups[0]["eps"] =
-        1e-8``, how torch.optim's ``eps`` is changed between steps): the step would silently ignore it. Before
-        anything changes; a few dict lookups per group."""
+        1e-8``, how torch.optim's ``eps`` is changed between steps), or torch.optim.Adagrad's ``lr_decay`` or
+        ``initial_accumulator_value`` set in place to a value but 0 (:func:`check_adagrad_options`): the step would
+        silently ignore it. Before anything changes; a few dict lookups per group."""
         for i, group in enumerate(self.param_groups):
+            for name in _ADAGRAD_ONLY_OPTIONS:
+                if name in group:
+                    value = group[name]
+                    if type(value) in (int, float) and value == 0:  # the usual case, Python numbers only
+                        continue
+                    check_adagrad_options(
+                        type(self).__name__,
+                        group,
+                        f" (param_groups[{i}] was edited after it was added; nothing was changed.)",
+                    )
             for key, _ in self._optimizer_wide:
                 if key in group:
                     try:
@@ -538,7 +570,9 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         Raises:
             SparseGradientError: a parameter has a sparse gradient.
             ValueError: a gradient holds inf or nan, or (FullMatrixAdagrad) is so large that its
-                statistics would overflow (when ``check_finite``); nothing has been changed when this
+                statistics would overflow, in their entries or their eigenvalues (when ``check_finite``); a param
+                group was edited in place to an optimizer-wide setting of another value, or to torch.optim.Adagrad's
+                ``lr_decay`` or ``initial_accumulator_value`` at a value but 0; nothing has been changed when this
                 is raised.
         """
         if _dynamo_may_trace():
@@ -777,6 +811,12 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             self._check_saved_values(saved_flat, global_state)
         # after the checks that name a state dict of another optimizer or model, before anything changes
         hyperparameters = self._loaded_hyperparameters(saved_hyperparameters, state_dict.get("param_groups"))
+        saved_groups = state_dict.get("param_groups")
+        for i, group in enumerate(saved_groups if isinstance(saved_groups, list) else []):
+            if isinstance(group, dict):  # a loaded group would keep the option, and the steps ignore it
+                check_adagrad_options(
+                    type(self).__name__, group, f" (in state_dict['param_groups'][{i}]; nothing was loaded.)"
+                )
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]

@@ -32,9 +32,15 @@ def full_matrix_direction(H: Tensor, g: Tensor, eps: float) -> Tensor:
         g: gradient. # shape: (d,)
         eps: the ridge :math:`\epsilon > 0`.
     """
+    return _direction_and_eigenvalues(H, g, eps)[0]
+
+
+def _direction_and_eigenvalues(H: Tensor, g: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """:func:`full_matrix_direction` and the eigenvalues :math:`\\mu` of ``H`` it was computed from (for the
+    overflow check of :meth:`FullMatrixAdagrad._checked_update`)."""
     mu, Q = torch.linalg.eigh(H)
     coef = (Q.mT @ g) * (mu.clamp_min(0) + eps).rsqrt()
-    return Q @ coef
+    return Q @ coef, mu
 
 
 def _checked_eps(opt: Any, value: Any) -> float:
@@ -256,43 +262,65 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
         """``H += g g^T`` and the step's direction, or ``ValueError`` (``H`` unchanged) where ``H`` is not finite or
         the update would overflow it to inf (a large but finite gradient: the eigendecomposition would then fail).
 
-        One host synchronisation reads ``max |g|`` and the range of ``H`` (one read of ``H``, nothing allocated);
-        where ``max |g|^2 + max |H|`` is safely below the dtype's largest value ``H`` is updated in place as without
-        the check. Only near that limit is ``H + g g^T`` computed into a new matrix, checked, and its direction
-        found before ``H`` takes it, so that nothing changes when the step is refused."""
+        Both the entries and the eigenvalues of ``H + g g^T`` must stay finite: entries of 2.25e38 fit float32, but
+        four of them in ``g g^T`` make the eigenvalue ``|g|^2 = 9e38``, which does not, and the eigendecomposition
+        then returns inf and garbage without an error. One host synchronisation reads ``max |g|``, ``|g|`` and the
+        range of ``H`` (one read of ``H``, nothing of its size allocated); where the bound of the spectrum
+        ``|lambda(H + g g^T)| <= d max |H| + |g|^2`` (``d`` entries; it also bounds every entry) is safely below the
+        dtype's largest value, ``H`` is updated in place as without the check. Only near that limit is
+        ``H + g g^T`` computed into a new matrix, checked, and its eigendecomposition and direction found and
+        checked (finite eigenvalues and direction) before ``H`` takes it, so that nothing changes when the step is
+        refused."""
         if not g.numel():
             return full_matrix_direction(H, g, self.eps)
         low, high = torch.aminmax(H)
-        g_max, low, high = torch.stack([g.abs().amax(), low, high]).tolist()
+        # |g| in g's dtype: where it overflows (inf) the bound fails and the exact check below decides
+        g_max, g_norm, low, high = torch.stack([g.abs().amax(), torch.linalg.vector_norm(g), low, high]).tolist()
         h_max = max(abs(low), abs(high))
         limit = torch.finfo(H.dtype).max
         if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError(self._non_finite_H_message(H.dtype))
-        if g_max * g_max + h_max <= limit * (1 - 2.0**-8):  # every entry of H + g g^T stays finite, with margin
+        # products, not powers: a Python float ** 2 past 1.8e308 raises OverflowError, a product is inf
+        if g.numel() * h_max + g_norm * g_norm <= limit * (1 - 2.0**-8):
+            # every eigenvalue (and entry) of H + g g^T stays finite, with margin
             H.addr_(g, g)
             return full_matrix_direction(H, g, self.eps)
+        if not math.isfinite(g_norm) and g_max > 0:  # for the message: |g| without overflow, off the fast path
+            g_norm = g_max * float(torch.linalg.vector_norm(g / g_max))
         updated = torch.addr(H, g, g)
         if not bool(torch.isfinite(updated).all()):
-            raise ValueError(self._overflow_message(g_max, h_max, H.dtype))
-        direction = full_matrix_direction(updated, g, self.eps)
+            raise ValueError(self._overflow_message(g_max, h_max, H.dtype, g_norm))
+        try:
+            direction, mu = _direction_and_eigenvalues(updated, g, self.eps)
+        except torch.linalg.LinAlgError:  # the eigendecomposition of a matrix at the edge of the range failed
+            raise ValueError(self._overflow_message(g_max, h_max, H.dtype, g_norm)) from None
+        if not bool(torch.isfinite(mu).all() & torch.isfinite(direction).all()):
+            # finite entries, but an eigenvalue past the range: eigh returned inf or garbage
+            raise ValueError(self._overflow_message(g_max, h_max, H.dtype, g_norm))
         H.copy_(updated)
         return direction
 
     @staticmethod
-    def _overflow_message(g_max: float, h_max: float, dtype: torch.dtype) -> str:
-        """The error of a step whose update ``H += g g^T`` would overflow ``dtype``: the cause and the fixes."""
+    def _overflow_message(g_max: float, h_max: float, dtype: torch.dtype, g_norm: float | None = None) -> str:
+        """The error of a step whose update ``H += g g^T`` would overflow ``dtype`` (in ``H``'s entries or in its
+        eigenvalues, which the eigendecomposition computes): the cause and the fixes."""
         limit = torch.finfo(dtype).max
         wider = (
             ", or use float64 parameters (model.double(): H is then float64, largest value 1.8e308)"
             if torch.finfo(dtype).bits < 64
             else ""
         )
+        norm = (
+            f", and |g|^2 = {g_norm * g_norm:.3g}, the eigenvalue it adds"
+            if g_norm is not None and math.isfinite(g_norm)
+            else ""
+        )
         return (
             f"FullMatrixAdagrad.step() got a gradient too large for its statistics: adding g g^T (largest |g| = "
-            f"{g_max:.3g}, so entries up to {g_max * g_max:.3g}) to H (largest |entry| {h_max:.3g}) would overflow "
-            f"{dtype} (largest finite value {limit:.3g}) to inf, and the step's eigendecomposition would fail. No "
-            "state or parameter was changed. Scale the loss down, clip the gradients (torch.nn.utils."
-            f"clip_grad_norm_){wider}."
+            f"{g_max:.3g}, so entries up to {g_max * g_max:.3g}{norm}) to H (largest |entry| {h_max:.3g}) would "
+            f"overflow {dtype} (largest finite value {limit:.3g}) to inf, in H's entries or in its eigenvalues, and "
+            "the step's eigendecomposition would fail. No state or parameter was changed. Scale the loss down, clip "
+            f"the gradients (torch.nn.utils.clip_grad_norm_){wider}."
         )
 
     @staticmethod
