@@ -42,9 +42,8 @@ def usable(device: torch.device, dtype: torch.dtype) -> bool:
         and dtype in _NUMPY
         and not forked_unsafe(
             "BlockMeanAdagrad(fused=True)",
-            "the step runs without numba and without torch.compile, as plain PyTorch operations (the eager step "
-            "below FUSED_MIN_NUMEL gradient entries, the fused passes uncompiled above), with the same results to "
-            "rounding",
+            "the step runs without numba and without torch.compile, as the eager step (fused=False), with the "
+            "same results to rounding",
         )
         and _importable()
     )
