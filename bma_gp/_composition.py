@@ -48,7 +48,7 @@ from linear_operator.utils.broadcasting import _matmul_broadcast_shape
 from linear_operator.utils.getitem import _is_noop_index
 from torch import Tensor
 
-from bma_gp._autograd import carries_tangent, tracks_derivatives
+from bma_gp._autograd import carries_tangent, functorch_wrapped, tracks_derivatives
 from bma_gp._broadcast import batch_constants
 from bma_gp._indexing import TorchIndexing
 from bma_gp._lazy_root import LazyRoot
@@ -1337,28 +1337,25 @@ def _scaled_low_rank(op, constants: Tensor) -> LinearOperator | None:
     :math:`\sqrt{c}`, a ``(*batch, n, m)`` low-rank root again. linear_operator takes such a constant for one only when
     it has the operator's batch shape; a ``ScaleKernel(batch_shape=(t,))`` around an unbatched SGPR kernel
     (``ChunkedInducingPointKernel``, GPyTorch's ``InducingPointKernel``) reached its elementwise product, which formed
-    the dense ``(t, n, n)`` matrix, and the sums with group kernels and noise then lost their closed forms. A negative
-    constant has no real square root: None after a :class:`ClosedFormFallbackWarning` (linear_operator's product)."""
+    the dense ``(t, n, n)`` matrix, and the sums with group kernels and noise then lost their closed forms. Only for
+    positive constants outside :mod:`torch.func` transforms: a negative constant has no real square root and the
+    derivative of :math:`\sqrt{c}` at 0 is infinite, so those take linear_operator's product, as they do without
+    this package (None)."""
     from linear_operator import to_dense
 
     from bma_gp.kernels.chunked_inducing_point_kernel import _RootWithDiagonal
 
-    if bool((constants < 0).any()):
-        n = op.shape[-1]
-        warnings.warn(
-            f"a {type(op).__name__} (n = {n}, a low-rank root U U^T) times a negative constant: U U^T cannot carry a "
-            f"negative factor (no real square root), so linear_operator's elementwise product forms the dense {n} x "
-            f"{n} matrix and its solves take the generic path. Scale by a nonnegative constant (a ScaleKernel's "
-            "outputscale is one) to keep the low-rank root.",
-            ClosedFormFallbackWarning,
-            stacklevel=5,
-        )
+    if functorch_wrapped(constants) or not bool((constants > 0).all()):
+        # a torch.func transform (vmap: no test of values), or a constant that is 0 (the derivative of sqrt(c) there
+        # is infinite: a NaN gradient where linear_operator's product gives U U^T) or negative (no real square root):
+        # linear_operator's own product, as without this package (a sum with a block mean operator then warns)
         return None
     low_rank = op._linear_op if isinstance(op, LowRankRootAddedDiagLinearOperator) else op
     root = low_rank.root
     root = root.materialize() if isinstance(root, LazyRoot) else to_dense(root)
-    factor = constants.to(root.dtype)
-    root = root * factor.sqrt()[..., None, None]
+    dtype = torch.promote_types(root.dtype, constants.dtype)  # as torch's product promotes (float32 root, float64 c)
+    factor = constants.to(dtype)
+    root = root.to(dtype) * factor.sqrt()[..., None, None]
     known = getattr(low_rank, "_known_diagonal", None)
     scaled: LinearOperator = (  # the diagonal summed with U, scaled as U U^T is
         _RootWithDiagonal(root, known * factor[..., None])

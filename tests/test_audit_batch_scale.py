@@ -94,18 +94,37 @@ def test_batch_constant_times_root_with_diagonal_on_batch_inputs():
         torch.testing.assert_close(covar.to_dense(), SCALES[:, None, None] * sgpr(x).to_dense())
 
 
-def test_negative_batch_constant_times_a_root_says_so():
-    """``U U^T`` cannot carry a negative factor: the product is exact (linear_operator's) after a warning in words."""
+def test_nonpositive_batch_constant_times_a_root_is_linear_operators_product():
+    """``U U^T`` cannot carry a negative factor, and the derivative of ``sqrt(c)`` at ``c = 0`` is infinite (a NaN
+    gradient where linear_operator's product gives ``U U^T``): such constants take linear_operator's product, as
+    without this package, silently (code that never touches a block mean operator got a warning). Positive ones keep
+    the low-rank root."""
     root = torch.randn(20, 3, dtype=DTYPE)
-    c = torch.tensor([2.0, -1.0], dtype=DTYPE).view(2, 1, 1)
-    with pytest.warns(ClosedFormFallbackWarning, match="negative constant"):
-        res = LowRankRootLinearOperator(root).mul(c)
-    torch.testing.assert_close(res.to_dense(), c * (root @ root.T))
+    for values in ([2.0, -1.0], [2.0, 0.0]):
+        c = torch.tensor(values, dtype=DTYPE).view(2, 1, 1).requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ClosedFormFallbackWarning)
+            res = LowRankRootLinearOperator(root).mul(c)
+        assert not isinstance(res, LowRankRootLinearOperator)
+        dense = res.to_dense()
+        torch.testing.assert_close(dense, c * (root @ root.T))
+        (grad,) = torch.autograd.grad(dense.sum(), c)
+        torch.testing.assert_close(grad.flatten(), (root @ root.T).sum().expand(2))  # finite at c = 0
+    c = torch.tensor([2.0, 1.0], dtype=DTYPE).view(2, 1, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ClosedFormFallbackWarning)
-        res = LowRankRootLinearOperator(root).mul(c.abs())
+        res = LowRankRootLinearOperator(root).mul(c)
     assert isinstance(res, LowRankRootLinearOperator)
-    torch.testing.assert_close(res.to_dense(), c.abs() * (root @ root.T))
+    torch.testing.assert_close(res.to_dense(), c * (root @ root.T))
+    promoted = LowRankRootLinearOperator(root.float()).mul(c)  # float32 root, float64 constants: float64, as torch
+    assert promoted.dtype == torch.float64
+
+
+def test_batch_constants_under_vmap_take_linear_operators_product():
+    root = torch.randn(20, 3, dtype=DTYPE)
+    values = torch.tensor([[2.0, 0.5], [3.0, 1.5], [0.25, 4.0]], dtype=DTYPE)
+    got = torch.func.vmap(lambda c: LowRankRootLinearOperator(root).mul(c.view(2, 1, 1)).to_dense().sum())(values)
+    torch.testing.assert_close(got, values.sum(-1) * (root @ root.T).sum())
 
 
 def _models(x, y, which):
