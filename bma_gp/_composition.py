@@ -263,7 +263,7 @@ class _ExpandBlocks(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(values: Tensor, partition: Partition) -> Tensor:  # type: ignore[override]
+    def forward(values: Tensor, partition: Partition) -> Tensor:
         return partition.expand(values, dim=-1)
 
     @staticmethod
@@ -271,11 +271,11 @@ class _ExpandBlocks(torch.autograd.Function):
         ctx.partition = inputs[1]
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         return ctx.partition.block_sum(grad, dim=-1), None
 
     @staticmethod
-    def jvp(ctx, values_t: Tensor, _partition_t) -> Tensor:  # type: ignore[override]
+    def jvp(ctx, values_t: Tensor, _partition_t) -> Tensor:
         return ctx.partition.expand(values_t, dim=-1)
 
 

@@ -253,6 +253,7 @@ def block_mean(
             part_block_sums = _operator_block_sums(part, partition, chunk_columns, dtype)
         diag_sums = part_diag_sums if diag_sums is None else diag_sums + part_diag_sums
         block_sums = part_block_sums if block_sums is None else block_sums + part_block_sums
+    assert block_sums is not None and diag_sums is not None  # parts holds at least A itself
     result = block_mean_from_sums(block_sums, diag_sums, partition, symmetric=symmetric)
     if result.dtype != A.dtype and A.dtype.is_floating_point:  # 16-bit floats get their own type back
         return BlockMeanLinearOperator(result.lam.to(A.dtype), result.B.to(A.dtype), partition, symmetric=symmetric)

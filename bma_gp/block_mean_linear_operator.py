@@ -144,6 +144,29 @@ def warn_cat_rows(op: LinearOperator, cross_mat: Tensor) -> None:
     )
 
 
+class WarnsOnCatRows:
+    """``cat_rows`` as linear_operator's, with :func:`warn_cat_rows`'s warning (block mean operators and sums)."""
+
+    def cat_rows(
+        self,
+        cross_mat: Tensor,
+        new_mat: Tensor,
+        generate_roots: bool = True,
+        generate_inv_roots: bool = True,
+        **root_decomp_kwargs,
+    ) -> LinearOperator:
+        r"""linear_operator's bordered matrix :math:`\begin{bmatrix} M & B^\top \\ B & D \end{bmatrix}` (a
+        ``CatLinearOperator``, with its roots updated from this operator's closed-form roots), and a
+        :class:`~bma_gp.ClosedFormFallbackWarning`: appended rows and columns ``B``, ``D`` of any values have no
+        closed form, and the result's solves and log-determinants factorise the dense :math:`(n + m) \times (n + m)`
+        matrix, which they did without a word."""
+        res = super().cat_rows(  # type: ignore[misc]
+            cross_mat, new_mat, generate_roots, generate_inv_roots, **root_decomp_kwargs
+        )
+        warn_cat_rows(self, cross_mat)
+        return res
+
+
 def check_rhs_dtype(rhs: Tensor, name: str, dtype: torch.dtype) -> None:
     """``TypeError`` for a floating-point right-hand side of another dtype than the operator's: torch's matrix
     products refuse them, and the closed forms took one path or the other by the values of ``B`` (a diagonal ``B``
@@ -263,7 +286,9 @@ def _elementwise(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     return apply
 
 
-class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedForm, ClosedFormRoots, LinearOperator):
+class BlockMeanLinearOperator(
+    WarnsOnCatRows, TorchIndexing, ClosedFormSamples, LowRankInClosedForm, ClosedFormRoots, LinearOperator
+):
     r"""A block mean matrix over a partition of :math:`n` indices into :math:`k` blocks.
 
     .. math::
@@ -1499,23 +1524,6 @@ class BlockMeanLinearOperator(TorchIndexing, ClosedFormSamples, LowRankInClosedF
             self._logdet("inv_quad_logdet") if logdet else torch.zeros([], dtype=self.dtype, device=self.device)
         )
         return inv_quad_term, logdet_term
-
-    def cat_rows(
-        self,
-        cross_mat: Tensor,
-        new_mat: Tensor,
-        generate_roots: bool = True,
-        generate_inv_roots: bool = True,
-        **root_decomp_kwargs,
-    ) -> LinearOperator:
-        r"""linear_operator's bordered matrix :math:`\begin{bmatrix} M & B^\top \\ B & D \end{bmatrix}` (a
-        ``CatLinearOperator``, with its roots updated from this operator's closed-form roots), and a
-        :class:`~bma_gp.ClosedFormFallbackWarning`: appended rows and columns ``B``, ``D`` of any values have no
-        closed form, and the result's solves and log-determinants factorise the dense :math:`(n + m) \times (n + m)`
-        matrix, which they did without a word."""
-        res = super().cat_rows(cross_mat, new_mat, generate_roots, generate_inv_roots, **root_decomp_kwargs)
-        warn_cat_rows(self, cross_mat)
-        return res
 
     # ------------------------------------------------------------------ roots
     @_cached_unless_grad("cholesky")

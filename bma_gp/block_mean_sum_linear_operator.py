@@ -52,6 +52,7 @@ from bma_gp._symmetric_function import (
 )
 from bma_gp._warnings import warn_dense_cholesky, warn_dense_eigh, warn_elementwise
 from bma_gp.block_mean_linear_operator import (
+    WarnsOnCatRows,
     _first_bad,
     _where,
     batch_repeat,
@@ -60,7 +61,6 @@ from bma_gp.block_mean_linear_operator import (
     check_rhs,
     check_rhs_dtype,
     solution_batch,
-    warn_cat_rows,
 )
 from bma_gp.partition import Partition
 
@@ -565,7 +565,7 @@ def _scoped(method):
 
 # ---------------------------------------------------------------------------- the operator
 class BlockMeanSumLinearOperator(
-    TorchIndexing, ClosedFormSamples, LowRankInClosedForm, ClosedFormRoots, LinearOperator
+    WarnsOnCatRows, TorchIndexing, ClosedFormSamples, LowRankInClosedForm, ClosedFormRoots, LinearOperator
 ):
     r"""A per-point diagonal plus block mean matrices over several partitions plus a low-rank root.
 
@@ -1879,23 +1879,6 @@ class BlockMeanSumLinearOperator(
         zero = (sign == 0) & (~res.isnan() | (d == 0).any(-1))
         res = torch.where(sign > 0, res, torch.where(zero, -math.inf, math.nan))
         return res.to(self.dtype)
-
-    def cat_rows(
-        self,
-        cross_mat: Tensor,
-        new_mat: Tensor,
-        generate_roots: bool = True,
-        generate_inv_roots: bool = True,
-        **root_decomp_kwargs,
-    ) -> LinearOperator:
-        r"""linear_operator's bordered matrix :math:`\begin{bmatrix} S & B^\top \\ B & D \end{bmatrix}` (a
-        ``CatLinearOperator``, with its roots updated from this sum's closed-form roots), and a
-        :class:`~bma_gp.ClosedFormFallbackWarning`: appended rows and columns ``B``, ``D`` of any values have no
-        closed form, and the result's solves and log-determinants factorise the dense :math:`(n + m) \times (n + m)`
-        matrix, which they did without a word."""
-        res = super().cat_rows(cross_mat, new_mat, generate_roots, generate_inv_roots, **root_decomp_kwargs)
-        warn_cat_rows(self, cross_mat)
-        return res
 
     # ------------------------------------------------------------------ roots
     def _root_factor(self, j: int, wdt: torch.dtype, singular: bool = False) -> Tensor | None:

@@ -15,6 +15,7 @@ import operator
 import warnings
 from collections.abc import Sequence
 from types import EllipsisType
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ def _as_long_vector(values, name: str) -> Tensor:
     return tensor.long()
 
 
-def _as_device(device: object, name: str = "device") -> torch.device:
+def _as_device(device: Any, name: str = "device") -> torch.device:
     """``device`` as a ``torch.device``, or ``ValueError`` naming ``name`` for a string torch cannot read (its own
     error for ``"gpu"`` is a ``RuntimeError`` that names neither). Other refusals are torch's, as for tensors (an
     accelerator index where there is no accelerator)."""
