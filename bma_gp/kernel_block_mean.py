@@ -187,6 +187,16 @@ def check_active_dims(kernel: Kernel, width: int, name: str) -> None:
 _COMBINATORS = (ScaleKernel, AdditiveKernel, ProductKernel)
 
 
+def _kernels_inside(module: torch.nn.Module):
+    """The kernels directly inside ``module``: its child kernels, and those inside its other children (a sum's
+    ``ModuleList``), not the kernels inside those kernels."""
+    for child in module.children():
+        if isinstance(child, Kernel):
+            yield child
+        else:
+            yield from _kernels_inside(child)
+
+
 def _columns_read(kernel: Kernel) -> set[int] | None:
     """The columns of ``x`` that ``kernel`` reads, or ``None`` for all of them: its ``active_dims``; for a
     ``ScaleKernel``, a sum or a product of kernels without them, the union of its parts' (a part without
@@ -195,8 +205,7 @@ def _columns_read(kernel: Kernel) -> set[int] | None:
         return {int(c) for c in kernel.active_dims.tolist()}
     if not isinstance(kernel, _COMBINATORS):
         return None
-    parts = [m for m in kernel.modules() if m is not kernel and isinstance(m, Kernel)]
-    direct = [m for m in parts if not any(m is not p and any(m is q for q in p.modules()) for p in parts)]
+    direct = list(_kernels_inside(kernel))
     read: set[int] = set()
     for part in direct:
         columns = _columns_read(part)
