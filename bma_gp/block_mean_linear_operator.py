@@ -47,10 +47,15 @@ def _fold_singletons(lam: Tensor, B: Tensor, sizes: Tensor) -> tuple[Tensor, Ten
     matrix-function formula.
     """
     single = sizes == 1
-    value = lam + torch.diagonal(B, dim1=-2, dim2=-1)
+    diag = torch.diagonal(B, dim1=-2, dim2=-1)
+    value = lam + diag
     placeholder = torch.where(value > 0, value, torch.ones_like(value))
     folded = torch.where(single, placeholder, lam)
-    return folded, B + torch.diag_embed(torch.where(single, lam - folded, torch.zeros_like(lam)))
+    # a singleton's B_ii is set to v_i - placeholder, not B_ii + (lam_i - placeholder): past 2^53 (float64) the
+    # difference lam_i - 1 rounds (lam = 2^60, B_ii = -(2^60 + 256): C_ii = -255 instead of -256)
+    new_diag = torch.where(single, value - folded, diag)
+    batch = torch.broadcast_shapes(B.shape[:-2], new_diag.shape[:-1])
+    return folded, torch.diagonal_scatter(B.expand(*batch, *B.shape[-2:]), new_diag.expand(*batch, -1), 0, -2, -1)
 
 
 def _core(lam: Tensor, B: Tensor, root_sizes: Tensor) -> Tensor:

@@ -641,3 +641,20 @@ def test_sum_refuses_a_right_hand_side_of_another_dtype_in_every_operation():
     x = torch.ones(6, 2, dtype=torch.float64)
     _refuses_float64_right_hand_sides(S, x)
     torch.testing.assert_close(S.solve(x.float()), torch.linalg.solve(S.to_dense(), x.float()))
+
+
+def test_singleton_fold_keeps_the_entry_at_any_scale():
+    # a singleton's visible entry v = lam + B_ii is all that matters; folding it as B_ii + (lam - 1) rounded past 2^53
+    # (lam = 2^60, B_ii = -(2^60 + 256): C_ii came out -255 where v = -256 exactly)
+    lam = torch.tensor([2.0**60, 1.0], dtype=torch.float64, requires_grad=True)
+    B = torch.tensor([[-(2.0**60 + 256), 0.5], [0.5, 1.0]], dtype=torch.float64, requires_grad=True)
+    M = BlockMeanLinearOperator(lam, B, Partition.from_sizes([1, 1]))
+    dense = torch.tensor([[-256.0, 0.5], [0.5, 2.0]], dtype=torch.float64)
+    assert torch.equal(M.to_dense(), dense)
+    assert torch.equal(M.core()[1], dense)
+    torch.testing.assert_close(M.eigvalsh(), torch.linalg.eigvalsh(dense), rtol=1e-14, atol=0)
+    e0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(M.solve(e0), torch.linalg.solve(dense, e0), rtol=1e-14, atol=0)
+    M.eigvalsh().sum().backward()  # the trace: d/dlam and d/dB_ii are 1 for each singleton's entry
+    assert torch.equal(lam.grad, torch.ones(2, dtype=torch.float64))
+    assert torch.equal(B.grad.diagonal(), torch.ones(2, dtype=torch.float64))
