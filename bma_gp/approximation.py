@@ -6,6 +6,8 @@ The mathematics: :doc:`docs/math.md, section 2 </math>`.
 from __future__ import annotations
 
 import operator
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -94,6 +96,8 @@ def block_mean_from_sums(
     # one k x k copy with the diagonal replaced (a mask, a diag_embed and a where cost three more passes)
     B = torch.diagonal_scatter(off, B_diag.expand(shape), dim1=-2, dim2=-1)
     lam = diag_sums / s - B_diag
+    if symmetric:  # the block means of (A + A^T) / 2: stored so, B describes the operator (which symmetrises it)
+        B = 0.5 * (B + B.mT)
     if wdt != dtype:
         lam, B = lam.to(dtype), B.to(dtype)
     return BlockMeanLinearOperator(lam, B, partition, symmetric=symmetric)
@@ -176,6 +180,39 @@ def positive_int_or_none(value: Any, requirement: str) -> int | None:
     return number
 
 
+def _lazy_kernel_matrix(A) -> Callable[[Partition], BlockMeanLinearOperator] | None:
+    """For ``kernel(x, x)`` as GPyTorch returns it (a ``LazyEvaluatedKernelTensor``) of a kernel whose matrix is dense
+    (an RBF, a sum of products of them, a custom kernel returning a tensor), whose products with the indicator
+    columns would evaluate all ``n x n`` entries at once: :func:`~bma_gp.kernel_block_mean` of the kernel at ``x``
+    (tiles, O(n * chunk) memory), as a function of the partition. None for any other ``A``, and for kernels that
+    return a structured operator (a group kernel, SGPR's low-rank root: their products are cheap), found by
+    evaluating the kernel at two of the inputs. A dense kernel with ``active_dims``, extra keyword arguments,
+    ``last_dim_is_batch`` or two different inputs warns that the whole matrix is evaluated and returns None: its lazy
+    tensor holds the selected columns only, so the kernel cannot be called on them again."""
+    from gpytorch.lazy import LazyEvaluatedKernelTensor
+
+    if not isinstance(A, LazyEvaluatedKernelTensor) or A.shape[-1] <= 2:
+        return None
+    x1, x2, kernel = A.x1, A.x2, A.kernel
+    probe = LazyEvaluatedKernelTensor(
+        x1[..., :2, :], x2[..., :2, :], kernel=kernel, last_dim_is_batch=A.last_dim_is_batch, **A.params
+    ).evaluate_kernel()
+    if not (torch.is_tensor(probe) or isinstance(probe, DenseLinearOperator)):
+        return None
+    same = x1 is x2 or (x1.shape == x2.shape and bool(torch.equal(x1, x2)))
+    if kernel.active_dims is None and not A.params and not A.last_dim_is_batch and same:
+        from bma_gp.kernel_block_mean import kernel_block_mean
+
+        return lambda partition: kernel_block_mean(kernel, x1, partition)
+    warnings.warn(
+        f"block_mean of a lazily evaluated {type(kernel).__name__} matrix evaluates all n x n = "
+        f"{A.shape[-1]} x {A.shape[-1]} kernel values at once (its products cannot be taken in column chunks). "
+        "bma_gp.kernel_block_mean(kernel, x, partition) sums them in tiles in O(n * chunk) memory.",
+        stacklevel=3,
+    )
+    return None
+
+
 def block_mean(
     A: Tensor | LinearOperator, partition: Partition, *, symmetric: bool = True, chunk_columns: int | None = None
 ) -> BlockMeanLinearOperator:
@@ -228,7 +265,11 @@ def block_mean(
     if isinstance(A, BlockMeanLinearOperator) and A.partition.same_as(partition):
         if A.symmetric or not symmetric:
             return A  # already a block mean matrix on this partition: its own nearest approximation
-        return BlockMeanLinearOperator(A.lam, A.B, partition, symmetric=True)  # its symmetric part, as for a tensor
+        # its symmetric part, as for a tensor (B stored symmetrised, so that it describes the result)
+        return BlockMeanLinearOperator(A.lam, 0.5 * (A.B + A.B.mT), partition, symmetric=True)
+    lazy = _lazy_kernel_matrix(A)
+    if lazy is not None:
+        return lazy(partition)
     # sums of up to n^2 entries overflow float16 from n = 256 on (ones: 65504 is its largest number) and lose bits in
     # float32 too: lam = d / s - B_ii cancels where a block's entries are nearly equal (a long lengthscale), so the
     # sums and the means are taken in float64 (core_dtype) and only the result is rounded back to A's dtype

@@ -63,6 +63,21 @@ def _core(lam: Tensor, B: Tensor, root_sizes: Tensor) -> Tensor:
     return torch.diag_embed(lam) + root_sizes.unsqueeze(-1) * B * root_sizes.unsqueeze(-2)
 
 
+def _rounding_hint(value: float, largest: float, dtype: torch.dtype) -> str:
+    """A sentence for an eigenvalue ``value`` that is negative or zero only by the rounding of ``dtype`` (relative to
+    the ``largest`` eigenvalue's magnitude, within 1000 of its ulps): a float32 kernel matrix plus a noise below its
+    resolution is not positive definite once rounded; "" otherwise."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16) or largest <= 0:
+        return ""
+    if abs(value) > 1000 * torch.finfo(dtype).eps * largest:
+        return ""
+    return (
+        f" Its size is within {dtype}'s rounding of the largest eigenvalue ({largest:.6g}): the entries (a kernel's "
+        f"values, say) were rounded to {dtype}, and a noise or diagonal below that resolution is lost in them. Use "
+        "float64 (model.double(), or .double() on the inputs) or a larger noise (a GreaterThan constraint on it)."
+    )
+
+
 def _first_bad(mask: Tensor) -> tuple[tuple[int, ...], int] | None:
     """(batch index, position) of the first True entry of ``mask`` (*batch, k), or None."""
     if not bool(mask.any()):
@@ -91,6 +106,18 @@ def check_rhs(shape: torch.Size, rhs: Tensor, name: str, dtype: torch.dtype | No
         raise ValueError(
             f"{name} of shape {tuple(rhs.shape)} does not match the operator of shape {tuple(shape)}: "
             f"expected size {shape[-1]} in dimension {-1 if rhs.dim() == 1 else -2}."
+        )
+
+
+def _check_factor_size(op: LinearOperator, other, what: str) -> None:
+    """``ValueError`` for a right factor whose rows do not match the operator's ``n`` columns (linear_operator's
+    generic "Incompatible dimensions for matmul" RuntimeError otherwise), or a tensor of another floating dtype."""
+    if torch.is_tensor(other):
+        check_rhs(op.shape, other, "other", op.dtype)
+    elif isinstance(other, LinearOperator) and other.shape[-2] != op.shape[-1]:
+        raise ValueError(
+            f"{what}: the operator of shape {tuple(op.shape)} has {op.shape[-1]} columns but other has shape "
+            f"{tuple(other.shape)}, {other.shape[-2]} rows; they must match."
         )
 
 
@@ -742,6 +769,7 @@ class BlockMeanLinearOperator(
         return res.squeeze(-1) if vector else res
 
     def matmul(self, other):
+        _check_factor_size(self, other, "M @ other")
         if self._same_partition(other):
             if other.dtype != self.dtype:  # as for a product over two partitions and torch's matrix products
                 raise TypeError(
@@ -986,6 +1014,12 @@ class BlockMeanLinearOperator(
         shifted = self._add_constant(other)
         if shifted is not None:
             return shifted
+        if isinstance(other, LinearOperator) and other.shape[-2:] != self.shape[-2:]:
+            # linear_operator's SumLinearOperator accepted it and failed on first use with a broadcast error
+            raise ValueError(
+                f"M + other: the operators have shapes {tuple(self.shape)} and {tuple(other.shape)}; a sum needs the "
+                "same n x n matrix size (the batch dimensions may broadcast)."
+            )
         if self._same_partition(other):
             if self._b_diag is not None and other._b_diag is not None:  # both diagonal: vectors only
                 return self._new_diagonal(self.lam + other.lam, self._b_diag + other._b_diag)
@@ -1139,10 +1173,12 @@ class BlockMeanLinearOperator(
         found = _first_bad(bad)
         if found is not None:
             batch, i = found
+            value = float(evals[batch][i])
             raise ValueError(
                 f"{what} needs a positive {'definite' if strict else 'semidefinite'} matrix, but the k x k core "
-                f"matrix C = diag(lam) + S^1/2 B S^1/2 has eigenvalue {float(evals[batch][i]):.6g}{_where(batch)}. "
+                f"matrix C = diag(lam) + S^1/2 B S^1/2 has eigenvalue {value:.6g}{_where(batch)}. "
                 "Add a diagonal (add_diagonal / noise) or check B."
+                + _rounding_hint(value, float(scale[batch].squeeze(-1)), self.dtype)
             )
 
     # ------------------------------------------------------------------ matrix functions
