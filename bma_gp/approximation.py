@@ -21,6 +21,12 @@ from bma_gp.partition import Partition
 __all__ = ["block_mean", "block_mean_from_sums"]
 
 
+def _symmetric_part(B: Tensor) -> Tensor:
+    """``(B + B^T) / 2``, exactly symmetric, with the entries that already match kept as they are (no overflow of the
+    sum, no rounding of halved subnormals)."""
+    return torch.where(B == B.mT, B, 0.5 * B + 0.5 * B.mT)
+
+
 def block_mean_from_sums(
     block_sums: Tensor, diag_sums: Tensor, partition: Partition, *, symmetric: bool = True
 ) -> BlockMeanLinearOperator:
@@ -97,7 +103,7 @@ def block_mean_from_sums(
     B = torch.diagonal_scatter(off, B_diag.expand(shape), dim1=-2, dim2=-1)
     lam = diag_sums / s - B_diag
     if symmetric:  # the block means of (A + A^T) / 2: stored so, B describes the operator (which symmetrises it)
-        B = 0.5 * (B + B.mT)
+        B = _symmetric_part(B)
     if wdt != dtype:
         lam, B = lam.to(dtype), B.to(dtype)
     return BlockMeanLinearOperator(lam, B, partition, symmetric=symmetric)
@@ -266,7 +272,7 @@ def block_mean(
         if A.symmetric or not symmetric:
             return A  # already a block mean matrix on this partition: its own nearest approximation
         # its symmetric part, as for a tensor (B stored symmetrised, so that it describes the result)
-        return BlockMeanLinearOperator(A.lam, 0.5 * (A.B + A.B.mT), partition, symmetric=True)
+        return BlockMeanLinearOperator(A.lam, _symmetric_part(A.B), partition, symmetric=True)
     lazy = _lazy_kernel_matrix(A)
     if lazy is not None:
         return lazy(partition)
