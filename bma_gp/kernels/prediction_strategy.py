@@ -23,6 +23,7 @@ be sampled. The cost after the training covariance is :math:`O(n + k^3)` once an
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import torch
@@ -37,6 +38,7 @@ from linear_operator.operators import (
     DiagLinearOperator,
     LinearOperator,
     MatmulLinearOperator,
+    SumLinearOperator,
     ZeroLinearOperator,
 )
 from torch import Tensor
@@ -52,7 +54,9 @@ from bma_gp.kernels._bound_data import check_bound_data, check_prediction_dtype
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.kernels.leading_rows_linear_operator import LeadingBlockLinearOperator, LeadingRowsLinearOperator
 from bma_gp.kernels.sum_prediction_strategy import (
-    _exact_dense_root,
+    _DenseFactorSolves,
+    _observed_alpha,
+    as_sum,
     closed_form_fantasy,
     new_input_prediction,
     training_prediction,
@@ -76,15 +80,36 @@ def _is_principal_slice(row_index, col_index, batch_indices) -> bool:
     return isinstance(row_index, slice) and row_index == col_index and full_batch
 
 
-class _PredictiveDifference(TorchIndexing, ClosedFormSamples, LinearOperator):
+def _fresh_dense(op) -> Tensor:
+    """``op`` as a dense tensor, formed again: linear_operator keeps ``to_dense`` in a cache that does not know the
+    graph, so a matrix formed under ``no_grad`` served a later call with gradients (a ``log_prob`` with gradients
+    after one without them lost the noise's). Dense, diagonal, sum and product operators are read from their parts
+    (``O(t^2)`` beyond the products), anything else is multiplied with the identity. # shape: (*batch, t, t)"""
+    if torch.is_tensor(op):
+        return op
+    if isinstance(op, DenseLinearOperator):
+        return op.tensor
+    if isinstance(op, DiagLinearOperator):
+        return torch.diag_embed(op._diagonal())
+    if isinstance(op, SumLinearOperator):
+        parts = [_fresh_dense(part) for part in op.linear_ops]
+        return functools.reduce(torch.add, parts)
+    if isinstance(op, MatmulLinearOperator):
+        return _fresh_dense(op.left_linear_op) @ _fresh_dense(op.right_linear_op)
+    eye = torch.eye(op.shape[-1], dtype=op.dtype, device=op.device)
+    return op.matmul(eye)
+
+
+class _PredictiveDifference(_DenseFactorSolves, TorchIndexing, ClosedFormSamples, LinearOperator):
     r""":math:`K_{**} - G` at new inputs, :math:`G = (A W)(A W)^\top` held in the working precision
     (:class:`_OneHotGram` or a product of the ``t x k`` factor): entries, products, the diagonal and the dense matrix
     are formed there and only then cast to the model's dtype. For a well-observed block the difference is far smaller
     than :math:`K_{**}` (about noise / rows), and a float32 subtraction lost it: 9 % of a random intercept's variance
     at 1000 rows per group and noise 1e-3 (22 % with a cross-group factor). Nothing ``t x t`` is formed but by
-    :meth:`to_dense` and :meth:`root_decomposition`, which is exact
-    (:func:`~bma_gp.kernels.sum_prediction_strategy._exact_dense_root`), also once the likelihood's noise is added,
-    instead of linear_operator's generic root (Lanczos past ``max_cholesky_size``).
+    :meth:`to_dense`, and by roots, solves and ``inv_quad_logdet`` (a joint ``log_prob``): one exact Cholesky
+    factorisation of the matrix in the working precision
+    (:class:`~bma_gp.kernels.sum_prediction_strategy._DenseFactorSolves`), also once the likelihood's noise is added,
+    instead of linear_operator's generic paths (Lanczos and CG past ``max_cholesky_size``).
 
     Args:
         prior: :math:`K_{**}`, an operator or a tensor in the model's dtype. # shape: (*batch, t, t)
@@ -94,6 +119,7 @@ class _PredictiveDifference(TorchIndexing, ClosedFormSamples, LinearOperator):
     def __init__(self, prior, gram: LinearOperator):
         super().__init__(prior, gram)
         self.prior, self.gram = prior, gram
+        self._prior_in_working_precision: LinearOperator | None = None
 
     def _size(self) -> torch.Size:
         batch = torch.broadcast_shapes(self.prior.shape[:-2], self.gram.shape[:-2])
@@ -115,10 +141,11 @@ class _PredictiveDifference(TorchIndexing, ClosedFormSamples, LinearOperator):
             return prior.tensor
         if torch.is_tensor(prior) or prior.dtype == self.gram.dtype:
             return prior
-        working = getattr(self, "_prior_in_working_precision", None)
-        if working is None:
+        working = self._prior_in_working_precision
+        if working is None or self._needs_graph():  # one without a graph is kept for calls that need none
             working = prior.to(self.gram.dtype)
-            self._prior_in_working_precision = working
+            if not any(t.requires_grad for t in working.representation()):
+                self._prior_in_working_precision = working
         return working
 
     def _matmul(self, rhs: Tensor) -> Tensor:
@@ -136,10 +163,16 @@ class _PredictiveDifference(TorchIndexing, ClosedFormSamples, LinearOperator):
         res = base - self.gram._diagonal()
         return res.clamp_min(0).to(self.dtype)  # >= 0 up to rounding: G is bounded by K_** in exact arithmetic
 
+    def _working_dense(self) -> Tensor:
+        prior = _fresh_dense(self._working_prior())
+        return (prior.to(self.gram.dtype) - _fresh_dense(self.gram)).expand(*self.shape)
+
     def to_dense(self) -> Tensor:
-        prior = self._working_prior()
-        prior = prior.to_dense() if isinstance(prior, LinearOperator) else prior
-        return (prior.to(self.gram.dtype) - self.gram.to_dense()).to(self.dtype).expand(*self.shape)
+        return self._working_dense().to(self.dtype)
+
+    def evaluate_kernel(self) -> LinearOperator:
+        """Itself (linear_operator's default rebuilds the operator from its tensors, without what it has kept)."""
+        return self
 
     def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
         prior = self._working_prior()
@@ -149,9 +182,6 @@ class _PredictiveDifference(TorchIndexing, ClosedFormSamples, LinearOperator):
             base = prior.expand(*self.shape)[(*batch_indices, row_index, col_index)]
         gram = self.gram._expand_batch(self.batch_shape)._get_indices(row_index, col_index, *batch_indices)
         return (base.to(gram.dtype) - gram).to(self.dtype)
-
-    def root_decomposition(self, method: str | None = None) -> LinearOperator:
-        return _exact_dense_root(self)
 
     def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
         # a principal slice (``mvn[..., a:b]``) is the same difference on the slice, so it keeps the exact root
@@ -291,16 +321,29 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
     # ------------------------------------------------------------------ caches
     @cached(name="mean_cache")
     def _mean_cache(self, nan_policy: str) -> Tensor:
-        if self.block_mean_covar is None or nan_policy != "ignore":
+        r""":math:`\alpha = M^{-1}(y - m)` in the working precision (float64 for a float32 model): the mean sums
+        :math:`M^{-1} r` over each block, entries of size :math:`r / \text{noise}` whose block sums are far smaller (a
+        random intercept's shrunken group mean), and in float32 that sum lost up to 30 posterior standard deviations
+        (n = 4000, 40 groups, noise 1e-3). Under ``observation_nan_policy("mask")`` or ``("fill")``
+        :math:`M_{oo}^{-1} r_o` of the observed points, NaN at the others, as GPyTorch's
+        (:func:`~bma_gp.kernels.sum_prediction_strategy._observed_problem`; GPyTorch's float32 solve there was off
+        by about a posterior standard deviation)."""
+        M = self.block_mean_covar
+        if M is None:
             return super()._mean_cache(nan_policy)
-        train_mean = self.likelihood(self.train_prior_dist, self.train_inputs).loc
-        # in the working precision (float64 for a float32 model): the mean sums M^{-1} r over each block, entries
-        # of size r / noise whose block sums are far smaller (a random intercept's shrunken group mean), and in
-        # float32 that sum lost up to 30 posterior standard deviations (n = 4000, 40 groups, noise 1e-3)
-        wdt = core_dtype(self.block_mean_covar.dtype)
-        offset = (self.train_labels - train_mean).to(wdt).unsqueeze(-1)
-        M = self.block_mean_covar if wdt == self.block_mean_covar.dtype else self.block_mean_covar.to(wdt)
-        mean_cache = M.solve(offset).squeeze(-1)
+        wdt = core_dtype(M.dtype)
+        if nan_policy == "ignore":
+            train_mean = self.likelihood(self.train_prior_dist, self.train_inputs).loc
+            offset = (self.train_labels - train_mean).to(wdt).unsqueeze(-1)
+            mean_cache = (M if wdt == M.dtype else M.to(wdt)).solve(offset).squeeze(-1)
+        else:
+            family = as_sum(M)
+            found = None if family is None else _observed_alpha(self, family, nan_policy)
+            if found is None:
+                return super()._mean_cache(nan_policy)
+            alpha, observed = found
+            assert observed is not None
+            mean_cache = alpha.masked_fill(~observed, math.nan)
         if settings.detach_test_caches.on():
             mean_cache = mean_cache.detach()
         return _attach_clear_hook(self, mean_cache)
@@ -309,10 +352,11 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
         r""":math:`m_* + K_{*X} \alpha` with :math:`\alpha = M^{-1}(y - m)` held in the working precision
         (:meth:`_mean_cache`): a block cross covariance :math:`A P^\top` and the training covariance itself apply it
         in that precision, so the block sums of :math:`\alpha` do not cancel in float32; anything else in the
-        model's."""
-        if self.block_mean_covar is None or settings.observation_nan_policy.value() != "ignore":
+        model's. Under an observation NaN policy :math:`\alpha` is 0 at the points the policy drops
+        (:meth:`_conditioning_alpha`), so every product takes the observed points only, as GPyTorch's masked one."""
+        if self.block_mean_covar is None:
             return super().exact_predictive_mean(test_mean, test_train_covar)
-        alpha = self.mean_cache
+        alpha = self._conditioning_alpha()
         wdt = alpha.dtype
         cross = self._block_cross(test_train_covar)
         if cross is not None:
@@ -329,6 +373,15 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
         # the dtype GPyTorch's m_* + K_{*X} alpha promotes to: float32 mean parameters with float64 inputs give float64
         dtype = torch.promote_types(test_mean.dtype, test_train_covar.dtype)
         return test_mean.to(dtype) + res.squeeze(-1).to(dtype)
+
+    def _conditioning_alpha(self) -> Tensor:
+        """:attr:`mean_cache` with 0 where an observation NaN policy other than ``"ignore"`` drops a point (there
+        GPyTorch's mean cache, and :meth:`_mean_cache`, hold NaN, and GPyTorch drops those columns of the products).
+        # shape: (*batch, n)"""
+        alpha = self.mean_cache
+        if settings.observation_nan_policy.value() != "ignore":
+            alpha = torch.where(torch.isnan(alpha), torch.zeros_like(alpha), alpha)
+        return alpha
 
     @property
     @cached(name="block_covar_root")
@@ -509,7 +562,7 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
             # the leading r of the training points, whole blocks of K (the parent's training blocks): the posterior
             # there is the principal block of the one at all the training points, K - K M^{-1} K
             r = test_train_covar.shape[-2]
-            alpha = self.mean_cache
+            alpha = self._conditioning_alpha()
             K = prior if prior.dtype == alpha.dtype else prior.to(alpha.dtype)
             dtype = torch.promote_types(test_mean.dtype, prior.dtype)
             mean = test_mean.to(dtype) + (K @ alpha.unsqueeze(-1)).squeeze(-1)[..., :r].to(dtype)
