@@ -339,6 +339,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         self._h_has_zero = True
         self._h_version = -1  # h's version counter after the last step (h changed elsewhere when it differs)
         self._pending_ratio_form: dict[str, dict] | None = None  # loaded bounds for the next workspace
+        self._carried_ratio_form: dict[str, dict] | None = None  # bounds of a replaced h, checked by the next step
         self._loading_block_sizes: list[int] | None = None  # a state dict's "block_sizes" while it is loaded
         self._loading_fingerprint: str | None = None  # a state dict's "partition_fingerprint" while it is loaded
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize)
@@ -393,6 +394,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             self._loading_fingerprint = None
         self._workspace = None
         self._pending_ratio_form = copy.deepcopy(ratio_form)
+        self._carried_ratio_form = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -404,14 +406,22 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         self.__dict__.setdefault("fused", False)
         self.__dict__.setdefault("max_blocks", 4096)  # pickled before the limit existed
         self.__dict__.setdefault("_pending_ratio_form", None)
+        self._carried_ratio_form = None
         self._blocks = None
         self._workspace = None
         self._h_has_zero = True
         self._h_version = -1  # h's version counter after the last step (h changed elsewhere when it differs)
 
     def _forget_flat_state(self) -> None:
-        # a replaced h: the step rebuilds the workspace and finds its zero entries again, and bounds loaded with
-        # another h no longer apply
+        # a replaced h: the step rebuilds the workspace and finds its zero entries again. The bounds of the old h
+        # (kept by the workspace, or loaded and not used yet) are carried to the new one as candidates only: its
+        # first step keeps those that still bound it (Workspace.h_version -1), so that an entry replaced by the same
+        # values (state[p]["sum"].set_(copy)) continues with the scales, and so the rounding, of the run before
+        ws = self._workspace
+        if self._pending_ratio_form is not None:
+            self._carried_ratio_form = self._pending_ratio_form
+        elif ws is not None and (ws.h_max or ws.chain_until):
+            self._carried_ratio_form = {"h_max": dict(ws.h_max), "chain_until": dict(ws.chain_until)}
         self._workspace = None
         self._pending_ratio_form = None
         self._h_has_zero = True
@@ -567,12 +577,13 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         state = self.state
         entries = [(p, dict(state[p]) if p in state else None) for p in layout.params]
         flat = (self._layout, dict(self._flat), dict(self._flat_views), self.global_state, dict(self.global_state))
-        return (*flat, entries, self._workspace, self._h_has_zero, self._h_version, self._pending_ratio_form)
+        ratio_forms = (self._pending_ratio_form, self._carried_ratio_form)
+        return (*flat, entries, self._workspace, self._h_has_zero, self._h_version, *ratio_forms)
 
     def _undo(self, undo: tuple) -> None:
         """Put back what :meth:`_undo_point` took: a refused step changes nothing."""
         (self._layout, self._flat, self._flat_views, global_state, global_items, entries, self._workspace) = undo[:7]
-        self._h_has_zero, self._h_version, self._pending_ratio_form = undo[7:]
+        self._h_has_zero, self._h_version, self._pending_ratio_form, self._carried_ratio_form = undo[7:]
         global_state.clear()
         global_state.update(global_items)
         self.global_state = global_state
@@ -634,7 +645,12 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
                 self._workspace.h_max.update(self._pending_ratio_form["h_max"])
                 self._workspace.chain_until.update(self._pending_ratio_form["chain_until"])
                 self._workspace.h_version = h._version
+            elif self._carried_ratio_form is not None:  # a replaced h: the old bounds, checked against it
+                self._workspace.h_max.update(self._carried_ratio_form["h_max"])
+                self._workspace.chain_until.update(self._carried_ratio_form["chain_until"])
+                self._workspace.h_version = -1
         self._pending_ratio_form = None
+        self._carried_ratio_form = None
         # Python floats, as torch.optim takes them: a scheduler or a hand may set a tensor or a numpy scalar, and a
         # numpy float32 would round the step's coefficients to float32 (and the fused table refuses it)
         group_lr = [float(g["lr"]) for g in self.param_groups]

@@ -336,6 +336,7 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         self._layout: FlatParams | None = None
         self._flat: dict[str, Tensor] = {}
         self._flat_views: dict[str, list[Tensor]] = {}  # per key, the views of _flat[key] put into self.state
+        self._flat_ptrs: dict[str, tuple[int, list[int]]] = {}  # per key, _flat[key]'s address and its views'
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -517,6 +518,7 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             global_state = self._fit_global_state(self.global_state, layout)
         else:
             global_state = self._init_global_state(layout)
+        self._flat_ptrs = {}
         for key, flat in flats.items():
             self._flat[key] = flat
             self._flat_views[key] = views = layout.split(flat)
@@ -543,14 +545,33 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
     def _state_replaced(self, layout: FlatParams) -> bool:
         """Whether some entry ``state[p][key]`` of the flat state is no longer the view of the flat buffer that the
         last commit put there (replaced, ``state[p]["sum"] = torch.zeros_like(p)``, or removed, ``optimizer.state =
-        defaultdict(dict)``); one identity test per parameter."""
+        defaultdict(dict)``), or is that tensor but on other memory (``state[p]["sum"].set_(other)`` or ``.data =
+        other``: the entry is ``other``'s memory now); one identity test and one ``data_ptr()`` per parameter.
+
+        ``share_memory_()`` of an entry (what torch.multiprocessing's pickler does) moves the whole flat buffer, the
+        views with it: not a replacement."""
         state = self.state
         for key, views in self._flat_views.items():
             for p, view in zip(layout.params, views):
                 entry = state.get(p)
                 if entry is None or entry.get(key) is not view:
                     return True
+            cached = self._flat_ptrs.get(key)
+            if cached is None or cached[0] != self._flat[key].data_ptr():
+                cached = self._flat_addresses(key, layout)
+            if list(map(Tensor.data_ptr, views)) != cached[1]:
+                return True
         return False
+
+    def _flat_addresses(self, key: str, layout: FlatParams) -> tuple[int, list[int]]:
+        """The address of the flat buffer ``key`` and where the views of it that the last commit put into
+        ``self.state`` are (``data_ptr()``, 0 for an empty tensor): worked out once per commit, and again after the
+        buffer moved (``share_memory_()``, a ``resize_()`` that grew it)."""
+        flat = self._flat[key]
+        base, size = flat.data_ptr(), flat.element_size()
+        ptrs = [base + start * size if numel else 0 for start, numel in zip(layout.offsets, layout.numels)]
+        cached = self._flat_ptrs[key] = (base, ptrs)
+        return cached
 
     def _forget_flat_state(self) -> None:
         """Drop what a subclass derived from the flat buffers: the step rebuilds them from ``self.state``."""
@@ -844,6 +865,7 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         self._layout = None
         self._flat = {}
         self._flat_views = {}
+        self._flat_ptrs = {}
 
     def _check_saved_sizes(self, state_dict: dict[str, Any], saved_flat: dict) -> None:
         """Raise ``ValueError`` (before anything changes) when a saved per-parameter state entry does not have the
@@ -986,3 +1008,4 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         self._layout = None
         self._flat = {}
         self._flat_views = {}
+        self._flat_ptrs = {}

@@ -302,7 +302,10 @@ def _root_constants(
 class Workspace:
     """Work buffers of the eager paths, reused every step, for one layout and one ``h`` buffer.
 
-    ``n`` and ``r`` are the two rows of one ``(2, d)`` buffer.
+    ``n`` and ``r`` are the two rows of one ``(2, d)`` buffer. Every numpy array on the state's memory (``h``, ``U``,
+    ``w``, the stored root) is kept with the address it was made on, and made again where the tensor's memory moved
+    with the tensor object kept (``share_memory_()``, ``set_()``, ``.data =``, ``resize_()``; the old block is freed):
+    one ``data_ptr()`` per tensor and step.
 
     Attributes:
         h: the flat ``h`` the views below belong to. # shape: (d,)
@@ -317,9 +320,14 @@ class Workspace:
             its ``h`` was 0 after that step.
         views: per set of tensors with a gradient (up to 16 sets), the flat views of ``h``, ``n`` and ``r``
             per tensor, those of ``n`` and ``r`` shaped like the parameters, and the parameters
-            (:func:`_tensor_blocks_cpu_step`).
+            (:func:`_tensor_blocks_cpu_step`); with numpy arrays on ``h``'s memory, kept while ``h.data_ptr()`` is
+            ``h_ptr``.
+        h_ptr: ``h.data_ptr()`` when :attr:`views` and :attr:`chunk_views` were made. ``h.share_memory_()`` (also
+            through a view, ``state[p]["sum"]``: torch.multiprocessing's pickler calls it) and a ``resize_()`` that
+            grows the storage keep the tensor and its views but move the memory and free the old block, where numpy
+            arrays still point: they are made again.
         h_max: per tensor, an upper bound of its ``h`` (:func:`_tensor_blocks_cpu_step`'s ratio form), valid while
-            ``h``'s version counter is ``h_version``.
+            ``h``'s version counter is ``h_version`` (else checked against ``h``, :func:`_ratio_scales`).
         chain_until: per tensor, the step until which it takes the chain form (a gradient entry was exactly 0, or
             no scale of the ratio form was safe).
         one: a 0-d tensor holding 1 (the step count handed to torch's fused AdaGrad kernel).
@@ -331,9 +339,11 @@ class Workspace:
             with the ``h`` they belong to).
         root_store: the tensors the host computes the root into (:meth:`root_buffers`), and numpy arrays on them;
             the tensors become the state's ``root_lam`` and ``root_B``.
+        root_ptrs: the ``data_ptr()`` of those tensors when the arrays were made.
         host_root: the stored root in float64 (lists up to :data:`PYTHON_ROOT_MAX_BLOCKS` blocks, else numpy), with
-            the tensors and version counters it was read from (:meth:`root_key`).
-        stats_arrays: the statistics ``U`` and ``w`` and numpy arrays on their memory (:meth:`state_arrays`).
+            the tensors, version counters and memory it was read from (:meth:`root_key`).
+        stats_arrays: the statistics ``U`` and ``w``, numpy arrays on their memory and its addresses
+            (:meth:`state_arrays`).
         bounds: the tensors' bounds in the flat layout of the blocks it was built for (``ParamBlocks.bounds``).
     """
 
@@ -345,6 +355,7 @@ class Workspace:
     root: tuple[int, BlockMeanLinearOperator] | None = field(default=None)
     zeros: dict[int, Tensor] = field(default_factory=dict)
     views: dict[tuple[int, ...], tuple[list[Any], ...]] = field(default_factory=dict)
+    h_ptr: int = 0
     h_max: dict[int, float] = field(default_factory=dict)
     h_version: int = -1
     chain_until: dict[int, int] = field(default_factory=dict)
@@ -354,8 +365,9 @@ class Workspace:
     chunk_views: dict[tuple[int, int], tuple[Tensor, list, list]] = field(default_factory=dict)
     host_zeros: dict[int, bool] = field(default_factory=dict)
     root_store: tuple[Tensor, Tensor, np.ndarray, np.ndarray] | None = None
+    root_ptrs: tuple[int, int] = (0, 0)
     host_root: tuple[tuple, Any, Any] | None = None
-    stats_arrays: tuple[Tensor, Tensor, np.ndarray, np.ndarray] | None = None
+    stats_arrays: tuple[Tensor, Tensor, np.ndarray, np.ndarray, int, int] | None = None
     bounds: tuple[int, ...] = ()
 
     def has_zeros(self) -> bool:
@@ -380,7 +392,12 @@ class Workspace:
         """``(h, n, r, n_shaped, r_shaped, host, stepped)`` of the tensors ``present``: flat views, then ``n`` and ``r``
         shaped like those parameters, then per tensor numpy arrays on ``(h, n, r)`` where it takes the host form of
         :func:`_tensor_blocks_cpu_step` (up to :data:`HOST_MAX_NUMEL` entries of float32/float64), else ``None``,
-        then the list of those parameters (built once per set)."""
+        then the list of those parameters (built once per set, and again after ``h``'s memory moved)."""
+        ptr = self.h.data_ptr()
+        if ptr != self.h_ptr:  # share_memory_(), resize_(): the numpy arrays would point at the freed block
+            self.views.clear()
+            self.chunk_views.clear()
+            self.h_ptr = ptr
         key = (HOST_MAX_NUMEL, *present)
         cached = self.views.get(key)
         if cached is None:
@@ -400,11 +417,24 @@ class Workspace:
 
     def root_buffers(self, k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, np.ndarray, np.ndarray]:
         """The workspace's own ``(k,)`` and ``(k, k)`` tensors for the root computed on the host, and numpy arrays on
-        their memory: CPU tensors whatever torch's global default device (the host path steps CPU statistics)."""
-        store = self.root_store
+        their memory: CPU tensors whatever torch's global default device (the host path steps CPU statistics).
+
+        The tensors are the state's ``root_lam`` and ``root_B`` once a root was stored: where their memory moved
+        since (``share_memory_()`` of the global state, ``set_()``, ...) the arrays are made on the new memory, and
+        where they no longer have the shape, dtype or device of a root (``.data =`` of another tensor) new tensors
+        are allocated."""
+        store, ptrs = self.root_store, self.root_ptrs
+        if store is not None and (store[0].data_ptr() != ptrs[0] or store[1].data_ptr() != ptrs[1]):
+            lam, B = store[:2]
+            fits = lam.shape == (k,) and B.shape == (k, k) and lam.dtype == B.dtype == dtype
+            store = self.root_store = (
+                (lam, B, lam.numpy(), B.numpy()) if fits and lam.device.type == B.device.type == "cpu" else None
+            )
+            self.root_ptrs = (lam.data_ptr(), B.data_ptr())
         if store is None or store[0].shape[0] != k or store[0].dtype != dtype:
             lam, B = torch.empty(k, dtype=dtype, device="cpu"), torch.empty(k, k, dtype=dtype, device="cpu")
             store = self.root_store = (lam, B, lam.numpy(), B.numpy())
+            self.root_ptrs = (lam.data_ptr(), B.data_ptr())
         return store
 
     def chunk_sums(self, count: int) -> Tensor:
@@ -415,17 +445,29 @@ class Workspace:
             out = self.chunk_dots = torch.empty(count, 3, dtype=self.h.dtype, device=self.h.device)
         return out
 
-    def state_arrays(self, U: Tensor, w: Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Numpy arrays on the memory of the statistics ``U`` and ``w`` (CPU), made once per pair of tensors."""
+    def state_arrays(self, U: Tensor, w: Tensor, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Numpy arrays on the memory of the statistics ``U`` and ``w`` (CPU), made once per pair of tensors and
+        again where their memory moved (``share_memory_()``, ``set_()``, ``.data =``, ``resize_()`` keep the
+        tensor object and free the old block). With ``k``, new arrays are checked first: ``U`` and ``w`` must be
+        ``(k, k)`` and ``(k,)`` CPU tensors of ``h``'s dtype (``ValueError`` otherwise)."""
         cached = self.stats_arrays
-        if cached is None or cached[0] is not U or cached[1] is not w:
-            cached = self.stats_arrays = (U, w, U.numpy(), w.numpy())
+        if (
+            cached is None
+            or cached[0] is not U
+            or cached[1] is not w
+            or cached[4] != U.data_ptr()
+            or cached[5] != w.data_ptr()
+        ):
+            if k is not None:
+                _check_host_statistics(U, w, k, self.h.dtype)
+            cached = self.stats_arrays = (U, w, U.numpy(), w.numpy(), U.data_ptr(), w.data_ptr())
         return cached[2], cached[3]
 
     @staticmethod
     def root_key(lam: Tensor, B: Tensor) -> tuple:
-        """What :attr:`host_root` is checked against: the stored root's tensors and their version counters."""
-        return (lam, B, lam._version, B._version)
+        """What :attr:`host_root` is checked against: the stored root's tensors, their version counters and memory
+        (above :data:`PYTHON_ROOT_MAX_BLOCKS` blocks a float64 root is cached as numpy arrays on that memory)."""
+        return (lam, B, lam._version, B._version, lam.data_ptr(), B.data_ptr())
 
     @classmethod
     def build(cls, blocks: ParamBlocks, h: Tensor) -> Workspace:
@@ -439,6 +481,21 @@ class Workspace:
             one=torch.ones((), dtype=h.dtype, device=h.device),
             dots=torch.zeros(len(numels), 4, dtype=h.dtype, device=h.device),
             bounds=blocks.bounds,
+        )
+
+
+def _check_host_statistics(U: Tensor, w: Tensor, k: int, dtype: torch.dtype) -> None:
+    """Raise ``ValueError`` unless ``U`` and ``w`` are CPU tensors of shapes ``(k, k)`` and ``(k,)`` in ``dtype``:
+    the statistics of the step's ``k`` blocks, in its state's dtype (between steps they may have been replaced, or
+    ``set_()``, ``resize_()`` or ``.data =`` moved them)."""
+    got = [(tuple(t.shape), t.dtype, t.device.type) for t in (U, w)]
+    if got != [((k, k), dtype, "cpu"), ((k,), dtype, "cpu")]:
+        raise ValueError(
+            f"the optimizer's statistics do not fit its blocks: U has shape {got[0][0]}, dtype {got[0][1]} on "
+            f"{got[0][2]} and w {got[1][0]}, {got[1][1]} on {got[1][2]}, but the step has k = {k} blocks and its "
+            f"state is {dtype}: U must be ({k}, {k}) and w ({k},), {dtype} on cpu. They were replaced, resized or "
+            "moved (set_(), resize_(), .data =) since the last step; put back tensors of those shapes (the "
+            "statistics of this run, or zeros to restart them). Nothing was changed."
         )
 
 
@@ -1034,7 +1091,7 @@ def _tensor_blocks_cpu_step(
     # the buffers the step writes into are allocated (once per workspace) before it changes anything: a step that
     # cannot allocate them fails with h, the statistics and the step count as they were
     if host_root:
-        _prepare_host_root(ws, blocks, stats["w"].dtype)
+        _prepare_host_root(ws, blocks, stats)
     if chunk:
         most = max((-(-gs[j].numel() // chunk) for j in big if gs[j].numel() >= 2 * chunk), default=0)
         if most:
@@ -1066,6 +1123,10 @@ def _tensor_blocks_cpu_step(
     for j in big:
         i, g, h, n, r, s = present[j], gs[j], hs[j], ns[j], rs[j], scales[j]
         known = ws.zeros.get(i)
+        if known is None and s and chunk and g.numel() >= 2 * chunk and float(h.min()) > 0:
+            # no list of the entries where h == 0 (a new workspace, or h changed outside the steps): none before this
+            # step's g^2, so none after it; the chunks then run as in the run this one continues
+            known = ws.zeros[i] = torch.empty(0, dtype=torch.long, device=h.device)
         if s and chunk and g.numel() >= 2 * chunk and known is not None and not known.numel():
             chunked[j] = _chunked_ratio_pass(ws, i, g, h, n, r, s, eps, chunk)  # no entry of h is 0: no mask
         elif s:
@@ -1253,11 +1314,13 @@ def _host_coefficients(
     return lam[rows].tolist(), (B @ np.array(v))[rows].tolist()
 
 
-def _prepare_host_root(ws: Workspace, blocks: ParamBlocks, dtype: torch.dtype) -> None:
+def _prepare_host_root(ws: Workspace, blocks: ParamBlocks, stats: dict[str, Any]) -> None:
     """What :func:`_host_coefficients` allocates, made before the step changes anything (once per workspace): the
     tensors the root is stored in (:meth:`Workspace.root_buffers`) and the partition's constants
-    (:func:`_root_constants`)."""
-    k = blocks.num_blocks
+    (:func:`_root_constants`); and the numpy arrays on the statistics ``U`` and ``w`` (:meth:`Workspace.state_arrays`),
+    checked to fit the blocks where they are new or their memory moved (raises ``ValueError`` before any change)."""
+    k, dtype = blocks.num_blocks, stats["w"].dtype
+    ws.state_arrays(stats["U"], stats["w"], k)
     store = ws.root_store
     if store is None or store[0].shape[0] != k or store[0].dtype != dtype:
         ws.root_buffers(k, dtype)
@@ -1271,16 +1334,27 @@ def _ratio_scales(ws: Workspace, present, hs, candidates, squares, eps: float, s
     """Per tensor with a gradient, the scale ``s`` of the ratio form, or ``0.0`` (the host or the chain form);
     updates the bounds of ``h`` (:attr:`Workspace.h_max`: ``h_max + sum g^2``, rounded up) of the ``candidates``
     (positions in ``present``). A bound grown too loose for a scale is rebuilt from ``h`` (one pass); a tensor that
-    still has no safe scale takes the chain form for :data:`RATIO_RETRY_STEPS` steps before it is tried again."""
+    still has no safe scale takes the chain form for :data:`RATIO_RETRY_STEPS` steps before it is tried again.
+
+    Where ``h`` changed outside this path since the bounds were taken (its version counter moved: another path, a
+    ``set_()`` or ``resize_()`` of ``state[p]["sum"]``, a state rebuilt from replaced entries), a kept bound is
+    checked against ``h`` (the one pass that bounding afresh takes) and kept where it still holds, so that a step
+    whose ``h`` holds the same values picks the scale of the run it continues (the scale changes the rounding)."""
     scales = [0.0] * len(present)
+    kept: dict[int, float] | None = None
+    if ws.h_version != ws.h._version:  # h changed outside this path: only bounds that still hold, checked below
+        kept, ws.h_max = ws.h_max, {}
     if not _cpu_kernels.available():
         return scales
-    if ws.h_version != ws.h._version:  # h changed outside this path (another path, a loaded state): bound afresh
-        ws.h_max.clear()
     for j in candidates:
         i, h, sq = present[j], hs[j], squares[j]
-        old = ws.h_max.get(i)
-        bound = (float(h.max()) if old is None else old) + sq * _BOUND_SLACK
+        old = (ws.h_max if kept is None else kept).get(i)
+        largest = 0.0
+        if old is None or kept is not None:  # a bound afresh, or a kept one checked: one pass over h either way
+            largest = float(h.max())
+            if old is not None and not largest <= old:  # no longer a bound (or nan): afresh
+                old = None
+        bound = (largest if old is None else old) + sq * _BOUND_SLACK
         bound *= _BOUND_SLACK
         if math.isfinite(bound):
             ws.h_max[i] = bound
