@@ -186,19 +186,24 @@ def positive_int_or_none(value: Any, requirement: str) -> int | None:
     return number
 
 
-def _lazy_kernel_matrix(A) -> Callable[[Partition], BlockMeanLinearOperator] | None:
+def _lazy_kernel_matrix(A, symmetric: bool) -> Callable[[Partition], BlockMeanLinearOperator] | None:
     """For ``kernel(x, x)`` as GPyTorch returns it (a ``LazyEvaluatedKernelTensor``) of a kernel whose matrix is dense
     (an RBF, a sum of products of them, a custom kernel returning a tensor), whose products with the indicator
     columns would evaluate all ``n x n`` entries at once: :func:`~bma_gp.kernel_block_mean` of the kernel at ``x``
     (tiles, O(n * chunk) memory), as a function of the partition. None for any other ``A``, and for kernels that
     return a structured operator (a group kernel, SGPR's low-rank root: their products are cheap), found by
     evaluating the kernel at two of the inputs. A dense kernel with ``active_dims``, extra keyword arguments,
-    ``last_dim_is_batch`` or two different inputs warns that the whole matrix is evaluated and returns None: its lazy
-    tensor holds the selected columns only, so the kernel cannot be called on them again."""
+    ``last_dim_is_batch``, two different inputs or with ``symmetric=False`` warns that the whole matrix is evaluated
+    and returns None: its lazy tensor holds the selected columns only, so the kernel cannot be called on them again
+    (``chunk_columns``, the column chunks of ``block_mean``'s own products, does not apply to the tiles).
+    Block mean and group kernels are left to their products: at two new inputs they are dense, at their own
+    inputs structured."""
     from gpytorch.lazy import LazyEvaluatedKernelTensor
 
-    if not isinstance(A, LazyEvaluatedKernelTensor) or A.shape[-1] <= 2:
-        return None
+    from bma_gp._composition import _involves_block_mean
+
+    if not isinstance(A, LazyEvaluatedKernelTensor) or A.shape[-1] <= 2 or _involves_block_mean(A.kernel):
+        return None  # a block mean or group kernel: structured at its own inputs, dense at two of them
     x1, x2, kernel = A.x1, A.x2, A.kernel
     probe = LazyEvaluatedKernelTensor(
         x1[..., :2, :], x2[..., :2, :], kernel=kernel, last_dim_is_batch=A.last_dim_is_batch, **A.params
@@ -206,13 +211,18 @@ def _lazy_kernel_matrix(A) -> Callable[[Partition], BlockMeanLinearOperator] | N
     if not (torch.is_tensor(probe) or isinstance(probe, DenseLinearOperator)):
         return None
     same = x1 is x2 or (x1.shape == x2.shape and bool(torch.equal(x1, x2)))
-    if kernel.active_dims is None and not A.params and not A.last_dim_is_batch and same:
+    if symmetric and kernel.active_dims is None and not A.params and not A.last_dim_is_batch and same:
         from bma_gp.kernel_block_mean import kernel_block_mean
 
         return lambda partition: kernel_block_mean(kernel, x1, partition)
+    why = (
+        "with symmetric=False (kernel_block_mean sums a symmetric kernel matrix)"
+        if not symmetric
+        else "(its products cannot be taken in column chunks)"
+    )
     warnings.warn(
         f"block_mean of a lazily evaluated {type(kernel).__name__} matrix evaluates all n x n = "
-        f"{A.shape[-1]} x {A.shape[-1]} kernel values at once (its products cannot be taken in column chunks). "
+        f"{A.shape[-1]} x {A.shape[-1]} kernel values at once {why}. "
         "bma_gp.kernel_block_mean(kernel, x, partition) sums them in tiles in O(n * chunk) memory.",
         stacklevel=3,
     )
@@ -273,7 +283,7 @@ def block_mean(
             return A  # already a block mean matrix on this partition: its own nearest approximation
         # its symmetric part, as for a tensor (B stored symmetrised, so that it describes the result)
         return BlockMeanLinearOperator(A.lam, _symmetric_part(A.B), partition, symmetric=True)
-    lazy = _lazy_kernel_matrix(A)
+    lazy = _lazy_kernel_matrix(A, symmetric)
     if lazy is not None:
         return lazy(partition)
     # sums of up to n^2 entries overflow float16 from n = 256 on (ones: 65504 is its largest number) and lose bits in

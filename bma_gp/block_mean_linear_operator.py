@@ -119,6 +119,14 @@ def _check_factor_size(op: LinearOperator, other, what: str) -> None:
             f"{what}: the operator of shape {tuple(op.shape)} has {op.shape[-1]} columns but other has shape "
             f"{tuple(other.shape)}, {other.shape[-2]} rows; they must match."
         )
+    if (torch.is_tensor(other) or isinstance(other, LinearOperator)) and other.dim() > 2:
+        try:
+            torch.broadcast_shapes(op.shape[:-2], other.shape[:-2])
+        except RuntimeError:
+            raise ValueError(
+                f"{what}: the batch shapes of the operator {tuple(op.shape[:-2])} and of other "
+                f"{tuple(other.shape[:-2])} do not broadcast."
+            ) from None
 
 
 def check_left(shape: torch.Size, left: Tensor, result_batch: torch.Size, dtype: torch.dtype) -> None:
@@ -1014,7 +1022,9 @@ class BlockMeanLinearOperator(
         shifted = self._add_constant(other)
         if shifted is not None:
             return shifted
-        if isinstance(other, LinearOperator) and other.shape[-2:] != self.shape[-2:]:
+        if (isinstance(other, LinearOperator) or (torch.is_tensor(other) and other.dim() >= 2)) and tuple(
+            other.shape[-2:]
+        ) != tuple(self.shape[-2:]):
             # linear_operator's SumLinearOperator accepted it and failed on first use with a broadcast error
             raise ValueError(
                 f"M + other: the operators have shapes {tuple(self.shape)} and {tuple(other.shape)}; a sum needs the "

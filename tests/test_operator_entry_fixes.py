@@ -114,3 +114,47 @@ def test_size_mismatches_are_named():
     # matching sizes over other partitions still work
     S = M + BlockMeanLinearOperator(torch.ones(5, dtype=dt), torch.eye(5, dtype=dt), Partition.from_sizes([1] * 5))
     torch.testing.assert_close(S.to_dense(), M.to_dense() + torch.eye(5, dtype=dt) * 2)
+
+
+def test_block_mean_of_a_lazy_block_mean_kernel_matrix_keeps_its_own_matrix():
+    # BlockMeanKernel(x, x) is structured at its bound inputs but dense at two of them: a probe at two inputs took it
+    # for a dense kernel and summed the base kernel's tiles (0.094 off)
+    from bma_gp import BlockMeanKernel
+
+    n = 40
+    x = torch.randn(n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    kernel = BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, Partition.from_labels(torch.arange(n) % 3)).double()
+    other = Partition.from_labels(torch.arange(n) % 6)
+    lazy = kernel(x, x)
+    torch.testing.assert_close(block_mean(lazy, other).to_dense(), block_mean(lazy.to_dense(), other).to_dense())
+
+
+def test_block_mean_of_a_lazy_kernel_matrix_with_symmetric_false_keeps_it():
+    class Skewed(gpytorch.kernels.Kernel):  # k(a, b) != k(b, a)
+        def forward(self, x1, x2, diag=False, **params):
+            K = torch.exp(-((x1[..., :, None, 0] - x2[..., None, :, 0]) ** 2)) * (1 + x1[..., :, None, 0])
+            return K.diagonal(dim1=-2, dim2=-1) if diag else K
+
+    # float32: a kernel without parameters reports the default dtype (GPyTorch's lazy tensor reads the kernel's)
+    x = torch.randn(30, 1, generator=torch.Generator().manual_seed(1))
+    p = Partition.from_labels(torch.arange(30) % 4)
+    kernel = Skewed()
+    with pytest.warns(UserWarning, match="with symmetric=False"):
+        M = block_mean(kernel(x, x), p, symmetric=False)
+    reference = block_mean(kernel(x, x).to_dense(), p, symmetric=False)
+    assert not M.symmetric
+    torch.testing.assert_close(M.B, reference.B)
+    torch.testing.assert_close(M.to_dense(), reference.to_dense())
+
+
+def test_sums_with_tensors_and_batched_products_check_sizes():
+    dt = torch.float64
+    M = BlockMeanLinearOperator(
+        torch.ones(3, 2, dtype=dt), torch.eye(2, dtype=dt).expand(3, 2, 2), Partition.from_sizes([2, 3])
+    )
+    with pytest.raises(ValueError, match=r"shapes \(3, 5, 5\) and \(6, 6\)"):
+        M + torch.ones(6, 6, dtype=dt)
+    with pytest.raises(ValueError, match=r"batch shapes of the operator \(3,\) and of other \(4,\) do not broadcast"):
+        M @ torch.ones(4, 5, 2, dtype=dt)
+    torch.testing.assert_close((M + torch.eye(5, dtype=dt)).to_dense(), M.to_dense() + torch.eye(5, dtype=dt))
+    torch.testing.assert_close(M @ torch.ones(1, 5, 2, dtype=dt), M.to_dense() @ torch.ones(5, 2, dtype=dt))

@@ -1515,8 +1515,23 @@ class _DenseFactorSolves:
         error = _dense_limit_error(self.shape[-1], self._dense_inputs, purpose)  # type: ignore[attr-defined]
         if error is not None:
             raise error
+        self._check_principal(purpose)
         D = self._working_dense()
         return 0.5 * (D + D.mT)
+
+    def _check_principal(self, purpose: str) -> None:
+        """Nothing for the covariances themselves; :class:`_DenseSubmatrix` refuses rows and columns that differ."""
+
+    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+        """Rows and columns (slices or position vectors, every batch entry): a :class:`_DenseSubmatrix`, whose
+        solves and ``log_prob`` factorise the submatrix exactly as this operator's own do (``pred[..., :m]`` and
+        ``pred[..., idx]`` of a predictive distribution; linear_operator's interpolated operator took CG and
+        stochastic Lanczos past ``max_cholesky_size``). Anything else (batch entries too) as the class's base."""
+        if all(_is_noop_index(b) for b in batch_indices):
+            rows, cols = _positions(row_index, self.shape[-2]), _positions(col_index, self.shape[-1])  # type: ignore
+            if rows is not None and cols is not None:
+                return _DenseSubmatrix(self, rows, cols)
+        return super()._getitem(row_index, col_index, *batch_indices)  # type: ignore[misc]
 
     def _dense_cholesky(self, purpose: str) -> Tensor | None:
         """The Cholesky factor of the dense matrix in the working precision, None where it is singular (kept as the
@@ -1616,6 +1631,103 @@ class _DenseFactorSolves:
         if L is None:
             L = symmetric_matrix_function(self._symmetric_dense("draw"), torch.sqrt, lambda x: x.clamp_min(0))
         return RootLinearOperator(DenseLinearOperator(L.to(self.dtype)))  # type: ignore[attr-defined]
+
+
+def _positions(index, size: int) -> Tensor | None:
+    """A slice or a vector of positions as a vector of positions (``(m,)``, int64), None for anything else (an index
+    tensor with batch dimensions)."""
+    if isinstance(index, slice):
+        return torch.arange(size)[index]
+    if torch.is_tensor(index) and index.dim() == 1 and not index.is_floating_point() and index.dtype != torch.bool:
+        return index.long()
+    return None
+
+
+class _DenseSubmatrix(_DenseFactorSolves, TorchIndexing, LinearOperator):
+    r"""Rows ``rows`` and columns ``cols`` of a predictive covariance ``parent`` (a :class:`_DenseFactorSolves`
+    operator), what indexing it returns. Products go through the parent's (the columns scattered into its ``n``,
+    the rows gathered), so nothing the size of the parent is formed but one block of products with its columns;
+    solves, ``inv_quad_logdet`` and roots factorise the submatrix (formed from ``len(cols)`` products with the
+    parent, in the working precision) exactly, as the parent's own do, within ``max_capacitance_size``. They need
+    the same rows as columns (a principal submatrix, what ``pred[..., idx]`` takes), else a ``ValueError``.
+
+    Args:
+        parent: the predictive covariance. # shape: (*batch, n, n)
+        rows: positions of the rows. # shape: (r,)
+        cols: positions of the columns. # shape: (c,)
+    """
+
+    def __init__(self, parent: LinearOperator, rows: Tensor, cols: Tensor):
+        rows, cols = rows.to(parent.device), cols.to(parent.device)
+        super().__init__(parent, rows, cols)
+        self.parent, self.rows, self.cols = parent, rows, cols
+        self._principal = rows.shape == cols.shape and bool(torch.equal(rows, cols))
+        self._dense_inputs = getattr(parent, "_dense_inputs", "inputs")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parent.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.parent.device
+
+    def _size(self) -> torch.Size:
+        return torch.Size((*self.parent.batch_shape, len(self.rows), len(self.cols)))
+
+    def _transpose_nonbatch(self) -> _DenseSubmatrix:
+        return _DenseSubmatrix(self.parent, self.cols, self.rows)  # the parent is symmetric
+
+    def _expand_batch(self, batch_shape) -> _DenseSubmatrix:
+        return _DenseSubmatrix(self.parent._expand_batch(batch_shape), self.rows, self.cols)
+
+    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+        if all(_is_noop_index(b) for b in batch_indices):
+            rows, cols = _positions(row_index, len(self.rows)), _positions(col_index, len(self.cols))
+            if rows is not None and cols is not None:
+                return _DenseSubmatrix(self.parent, self.rows[rows], self.cols[cols])
+        return super()._getitem(row_index, col_index, *batch_indices)
+
+    def _check_principal(self, purpose: str) -> None:
+        if not self._principal:
+            raise ValueError(
+                f"a {purpose} of rows and columns taken at different positions of a predictive covariance: only the "
+                "same rows as columns (pred[..., idx], a principal submatrix) give a covariance; index both alike."
+            )
+
+    def _scattered(self, rhs: Tensor) -> Tensor:
+        """``rhs`` placed at the parent's columns ``cols`` (zeros elsewhere; repeated columns add up). # (*, n, c)"""
+        n = self.parent.shape[-1]
+        full = rhs.new_zeros(*rhs.shape[:-2], n, rhs.shape[-1])
+        return full.index_add(-2, self.cols, rhs)
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        vector = rhs.dim() == 1
+        x = rhs.unsqueeze(-1) if vector else rhs
+        res = self.parent._matmul(self._scattered(x)).index_select(-2, self.rows)
+        return res.squeeze(-1) if vector else res
+
+    def _t_matmul(self, rhs: Tensor) -> Tensor:
+        return self._transpose_nonbatch()._matmul(rhs)
+
+    def _diagonal(self) -> Tensor:
+        if self._principal:
+            return self.parent._diagonal().index_select(-1, self.rows)
+        return super()._diagonal()
+
+    def _working_dense(self) -> Tensor:
+        parent = self.parent
+        eye = torch.eye(len(self.cols), dtype=parent.dtype, device=parent.device)
+        x = self._scattered(eye).expand(*parent.batch_shape, parent.shape[-1], len(self.cols))
+        working = getattr(parent, "_working_matmul", None)
+        full = working(x) if working is not None else parent._working_dense() @ x.to(self._working_dtype())
+        return full.index_select(-2, self.rows)
+
+    def to_dense(self) -> Tensor:
+        return self._working_dense().to(self.dtype)
+
+    def evaluate_kernel(self) -> _DenseSubmatrix:
+        return self
 
 
 class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, ClosedFormSamples, LinearOperator):
