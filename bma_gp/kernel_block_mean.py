@@ -80,6 +80,16 @@ def _check_inputs(kernel: Any, x: Any, partition: Any, chunk_size: Any, x_name: 
             "instead (InducingPointKernel(...) + GroupKernel(...) stays closed form, docs/gp.md), or call .eval() on "
             "it to use its low-rank covariance as the base kernel."
         )
+    from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
+
+    if any(isinstance(m, BlockMeanKernel) for m in kernel.modules()):
+        raise ValueError(
+            "kernel contains a BlockMeanKernel, whose matrix at its own training inputs is a block mean matrix but "
+            "which kernel_block_mean would evaluate on chunks of rows, points it takes for new ones (exact "
+            "cross-covariances): the result would be the block means of another matrix. For the block means of "
+            "kernel(x, x) over another partition use bma_gp.block_mean(kernel(x, x), partition) (its products are "
+            "closed form); for a block mean kernel over another partition wrap the base kernel itself."
+        )
     if not torch.is_tensor(x):
         raise TypeError(f"x must be a torch.Tensor of shape (n, d), got {type(x).__name__}.")
     if not x.dtype.is_floating_point:

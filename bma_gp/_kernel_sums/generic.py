@@ -20,6 +20,8 @@ from gpytorch import settings as gpt_settings
 from gpytorch.kernels import (
     AdditiveKernel,
     CosineKernel,
+    GridInterpolationKernel,
+    InducingPointKernel,
     Kernel,
     MaternKernel,
     PeriodicKernel,
@@ -95,6 +97,27 @@ def kernel_diagonal(kernel: Kernel, x1: Tensor, x2: Tensor, batch_shape: torch.S
                 f"{x1.shape[-2]} points of batch shape {tuple(batch_shape)}; expected {tuple(batch_shape)}."
             )
     return res
+
+
+def _grid_interpolated(kernel: Kernel) -> bool:
+    """Whether ``kernel`` holds a ``GridInterpolationKernel`` (KISS-GP), whose grid follows the inputs of each call:
+    its ``diag=True`` values on a chunk's rows alone differ from the diagonal of the matrix on all rows (2.6e-5)."""
+    return any(isinstance(m, GridInterpolationKernel) for m in kernel.modules())
+
+
+def _chunk_diagonal(kernel: Kernel, x_chunk: Tensor, values: Tensor, offset: int) -> Tensor:
+    """The diagonal entries of the chunk ``values = kernel(x_chunk, x)`` whose rows start at ``offset``: from the
+    exact diagonal evaluation (:func:`evaluate_diag`; the chunk's own are off by ~sqrt(eps)), but for a kernel whose
+    values depend on the whole call's inputs (:func:`_grid_interpolated`), where the chunk's own are the matrix's."""
+    if _grid_interpolated(kernel):
+        return torch.diagonal(values, offset=offset, dim1=-2, dim2=-1)
+    return evaluate_diag(kernel, x_chunk, values.shape[:-2])
+
+
+def _shares_graph(kernel: Kernel) -> bool:
+    """Whether evaluations of ``kernel`` may share a part of the autograd graph (an eval-mode
+    ``InducingPointKernel`` caches the root of its inducing points' covariance with the graph it was made with)."""
+    return any(isinstance(m, InducingPointKernel) and not m.training for m in kernel.modules())
 
 
 #: rows per full evaluation where a kernel's diag mode fails (:func:`_diagonal_of_chunks`)
@@ -272,7 +295,7 @@ class GenericKernelSums(torch.autograd.Function):
                 sums.index_add_(sums.dim() - 2, rows, _segment_sum(values.to(acc), plan.sizes))
                 # the chunk's diagonal entries, off by ~sqrt(eps), replaced by the exact ones in T and d
                 inexact = torch.diagonal(values, offset=a, dim1=-2, dim2=-1)
-                exact = evaluate_diag(kernel, x[..., a:b, :], values.shape[:-2])
+                exact = _chunk_diagonal(kernel, x[..., a:b, :], values, a)
                 torch.diagonal(sums, dim1=-2, dim2=-1).index_add_(-1, rows, (exact - inexact).to(acc))
                 diag.index_add_(diag.dim() - 1, rows, exact.to(acc))
             if plan.group is not None:
@@ -300,6 +323,7 @@ class GenericKernelSums(torch.autograd.Function):
         ev = kernel if own else cast(Kernel, _Bound(kernel, {name: p for (name, _), p in zip(named, params)}))
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
         grads: list[Tensor | None] = [None] * (len(wanted) + int(need_x))
+        plan_shares_graph = _shares_graph(kernel)
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(need_x)
             inputs = [params[i] for i in wanted] + ([x_in] if need_x else [])
@@ -307,7 +331,7 @@ class GenericKernelSums(torch.autograd.Function):
                 if not inputs:
                     continue
                 values = evaluate(ev, x_in[..., a:b, :], x_in)
-                diag_values = evaluate_diag(cast(Kernel, ev), x_in[..., a:b, :], values.shape[:-2])
+                diag_values = _chunk_diagonal(cast(Kernel, ev), x_in[..., a:b, :], values, a)
                 rows = plan.labels[a:b]
                 # dL/dK for this chunk: the k x k gradient spread over its entries (c x n, never n x n); the
                 # diagonal entries come from the exact diagonal evaluation, as in forward
@@ -318,7 +342,10 @@ class GenericKernelSums(torch.autograd.Function):
                 weight_diag = torch.diagonal(grad_sums_v, dim1=-2, dim2=-1).index_select(-1, rows)
                 weight_diag = weight_diag + grad_diag.to(values.dtype).index_select(-1, rows)
                 objective = (values * weight).sum() + (diag_values * weight_diag).sum()
-                pieces = torch.autograd.grad(objective, inputs, allow_unused=True)
+                # a part of the graph shared by the chunks (an eval-mode InducingPointKernel's cached root of its
+                # inducing points' covariance) must outlive the first chunk's gradient
+                pieces = torch.autograd.grad(objective, inputs, allow_unused=True, retain_graph=plan_shares_graph)
+                del values, diag_values, objective, weight  # (retained: the chunk's graph goes with them)
                 for j, g in enumerate(pieces):
                     total = grads[j]
                     if g is not None:

@@ -7,6 +7,7 @@ import math
 import threading
 import warnings
 
+import numpy as np
 import torch
 from gpytorch import settings as gpt_settings
 from gpytorch.kernels import Kernel
@@ -309,6 +310,12 @@ class BlockMeanKernel(Kernel):
     ):
         if not isinstance(base_kernel, Kernel):
             raise TypeError(f"base_kernel must be a gpytorch Kernel, got {type(base_kernel).__name__}.")
+        if any(isinstance(m, BlockMeanKernel) for m in base_kernel.modules()):
+            raise ValueError(
+                "base_kernel contains a BlockMeanKernel: its block sums would be taken on chunks of train_x, which the "
+                "inner BlockMeanKernel takes for new points (its exact cross-covariances, not its block mean matrix). "
+                "Wrap the inner kernel's own base kernel with this partition instead."
+            )
         if "active_dims" in kwargs and kwargs["active_dims"] is not None:
             raise ValueError(
                 "BlockMeanKernel does not take active_dims itself: set active_dims on base_kernel "
@@ -430,7 +437,11 @@ class BlockMeanKernel(Kernel):
         carries a forward-mode tangent, which ``requires_grad`` does not show: a kept result has none, and
         :func:`~bma_gp.kernel_block_mean` refuses such tensors in words; or one of them is a ``torch.func``
         transform's wrapper: a result made of wrappers is dead once the transform returns)."""
-        state = [*self.base_kernel.named_parameters(), *self.base_kernel.named_buffers()]
+        state = [
+            *self.base_kernel.named_parameters(),
+            *self.base_kernel.named_buffers(),
+            *_tensor_attributes(self.base_kernel),
+        ]
         if torch.is_grad_enabled() and (train_x.requires_grad or any(t.requires_grad for _, t in state)):
             return None
         if any(functorch_wrapped(t) or has_forward_tangent(t) for t in [train_x, *(t for _, t in state)]):
@@ -635,16 +646,75 @@ class BlockMeanKernel(Kernel):
         return record_bound_data(strategy, self)
 
 
+#: ``torch.nn.Module``'s own bookkeeping in ``vars(module)``: not settings of a kernel
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
+
+
+def _setting_attributes(module: torch.nn.Module):
+    """``(name, value)`` of the attributes a module keeps besides its parameters, buffers and submodules (which live
+    in torch's own dictionaries) and ``torch.nn.Module``'s bookkeeping."""
+    return ((k, v) for k, v in vars(module).items() if k not in _MODULE_INTERNALS)
+
+
+def _tensor_attributes(kernel: Kernel) -> list[tuple[str, Tensor]]:
+    """The tensors kept as plain attributes of the modules of ``kernel`` (not registered as parameters or buffers: a
+    custom kernel's ``self.weights = torch.tensor(...)``), compared by value like the parameters."""
+    return [
+        (f"{name}.{k}" if name else k, v)
+        for name, module in kernel.named_modules()
+        for k, v in _setting_attributes(module)
+        if torch.is_tensor(v)
+    ]
+
+
+def _setting_value(value):
+    """A comparable stand-in for a non-tensor attribute: numbers and strings, and lists or tuples of them, by value;
+    a numpy array by its bytes; anything else (a function such as ``ArcKernel``'s ``delta_func``, another object) by
+    identity, held so that its id is not reused."""
+    plain = (bool, int, float, str, type(None))
+    if type(value) in plain:
+        return value
+    if isinstance(value, (list, tuple)) and all(type(v) in plain for v in value):
+        return (type(value), tuple(value))
+    if isinstance(value, np.ndarray):
+        return ("ndarray", value.dtype.str, value.shape, value.tobytes())
+    return ("object", id(value), _Held(value))
+
+
+class _Held:
+    """An object kept in a cache key, equal only to itself (its own ``__eq__`` may not return a bool: numpy)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Held) and other.value is self.value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+
 def _settings_of(kernel: Kernel) -> tuple:
-    """The class and the plain (number, string) attributes of every module of ``kernel``, but ``training``: what
-    its values depend on besides its parameters and buffers (a Matern kernel's ``nu``, a polynomial kernel's
-    ``power``, a replaced inner kernel whose parameters have the same names and values)."""
-    plain = (bool, int, float, str)
+    """The class and the other attributes of every module of ``kernel``, but ``training`` and the tensors
+    (:func:`_tensor_attributes`, compared by value): what its values depend on besides its parameters and buffers (a
+    Matern kernel's ``nu``, a polynomial kernel's ``power``, a replaced inner kernel whose parameters have the same
+    names and values, a distance function replaced on the kernel)."""
     return tuple(
         (
             name,
             type(module),
-            tuple(sorted((k, v) for k, v in vars(module).items() if type(v) in plain and k != "training")),
+            tuple(
+                sorted(
+                    (
+                        (k, _setting_value(v))
+                        for k, v in _setting_attributes(module)
+                        if k != "training" and not torch.is_tensor(v)
+                    ),
+                    key=lambda item: item[0],
+                )
+            ),
         )
         for name, module in kernel.named_modules()
     )
