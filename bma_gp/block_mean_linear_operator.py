@@ -1022,14 +1022,14 @@ class BlockMeanLinearOperator(
         shifted = self._add_constant(other)
         if shifted is not None:
             return shifted
-        if (isinstance(other, LinearOperator) or (torch.is_tensor(other) and other.dim() >= 2)) and tuple(
-            other.shape[-2:]
-        ) != tuple(self.shape[-2:]):
-            # linear_operator's SumLinearOperator accepted it and failed on first use with a broadcast error
-            raise ValueError(
-                f"M + other: the operators have shapes {tuple(self.shape)} and {tuple(other.shape)}; a sum needs the "
-                "same n x n matrix size (the batch dimensions may broadcast)."
-            )
+        if isinstance(other, LinearOperator) or (torch.is_tensor(other) and other.dim() >= 2):
+            try:  # (a row (1, n) or a column (n, 1) broadcasts: a fallback sum that warns when solved)
+                torch.broadcast_shapes(self.shape, other.shape)
+            except RuntimeError:  # linear_operator's SumLinearOperator accepted it and failed on first use
+                raise ValueError(
+                    f"M + other: the operators have shapes {tuple(self.shape)} and {tuple(other.shape)}, which do not "
+                    "broadcast; a sum needs the same n x n matrix size (the batch dimensions may broadcast)."
+                ) from None
         if self._same_partition(other):
             if self._b_diag is not None and other._b_diag is not None:  # both diagonal: vectors only
                 return self._new_diagonal(self.lam + other.lam, self._b_diag + other._b_diag)

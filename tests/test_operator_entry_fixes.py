@@ -109,7 +109,7 @@ def test_size_mismatches_are_named():
         M @ torch.ones(4, 1, dtype=dt)
     with pytest.raises(ValueError, match=r"has 5 columns but other has shape \(4, 4\), 4 rows"):
         M @ N
-    with pytest.raises(ValueError, match=r"shapes \(5, 5\) and \(4, 4\); a sum needs the same n x n"):
+    with pytest.raises(ValueError, match=r"shapes \(5, 5\) and \(4, 4\), which do not broadcast"):
         M + N
     # matching sizes over other partitions still work
     S = M + BlockMeanLinearOperator(torch.ones(5, dtype=dt), torch.eye(5, dtype=dt), Partition.from_sizes([1] * 5))
@@ -152,7 +152,7 @@ def test_sums_with_tensors_and_batched_products_check_sizes():
     M = BlockMeanLinearOperator(
         torch.ones(3, 2, dtype=dt), torch.eye(2, dtype=dt).expand(3, 2, 2), Partition.from_sizes([2, 3])
     )
-    with pytest.raises(ValueError, match=r"shapes \(3, 5, 5\) and \(6, 6\)"):
+    with pytest.raises(ValueError, match=r"shapes \(3, 5, 5\) and \(6, 6\), which do not broadcast"):
         M + torch.ones(6, 6, dtype=dt)
     with pytest.raises(ValueError, match=r"batch shapes of the operator \(3,\) and of other \(4,\) do not broadcast"):
         M @ torch.ones(4, 5, 2, dtype=dt)
