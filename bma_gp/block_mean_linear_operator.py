@@ -119,7 +119,7 @@ def _check_factor_size(op: LinearOperator, other, what: str) -> None:
             f"{what}: the operator of shape {tuple(op.shape)} has {op.shape[-1]} columns but other has shape "
             f"{tuple(other.shape)}, {other.shape[-2]} rows; they must match."
         )
-    if (torch.is_tensor(other) or isinstance(other, LinearOperator)) and other.dim() > 2:
+    if torch.is_tensor(other) and other.dim() > 2:  # (operators: the products check their factors' batches)
         try:
             torch.broadcast_shapes(op.shape[:-2], other.shape[:-2])
         except RuntimeError:

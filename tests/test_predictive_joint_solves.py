@@ -503,3 +503,31 @@ def test_posterior_at_training_inputs_has_each_calls_graph(detach):
                 assert grad is None
             else:
                 torch.testing.assert_close(grad, ref, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("where", ["new", "train"])
+@pytest.mark.parametrize("name", ["GroupKernel", "crossed GroupKernels", "SGPR + GroupKernel"])
+def test_predictive_covariances_and_their_submatrices_convert_and_reshape(name, where):
+    """``.to(torch.float32)`` cast the one-hot columns held among the arguments to floats (index_add then raised),
+    and linear_operator's generic unsqueeze gave a submatrix's positions a batch dimension."""
+    model = model_of(name)
+    x, _, xt, _ = data()
+    with torch.no_grad():
+        covar = model.likelihood(model(xt if where == "new" else x)).lazy_covariance_matrix
+        dense = covar.to_dense()
+        sub, ref = covar[..., :10, :10], dense[:10, :10]
+        cases = {
+            "to(float32)": (covar.to(torch.float32), dense),
+            "sub.to(float32)": (sub.to(torch.float32), ref),
+            "sub.unsqueeze(0)": (sub.unsqueeze(0), ref.unsqueeze(0)),
+            "sub[None]": (sub[None], ref[None]),
+            "sub.expand": (sub.expand(3, 10, 10), ref.expand(3, 10, 10)),
+            "sub.mT": (sub.mT, ref.mT),
+            "sub[2:5, 2:5]": (sub[2:5, 2:5], ref[2:5, 2:5]),
+            "positions twice": (covar[torch.tensor([3, 1]), :][:, torch.tensor([3, 1])], dense[[3, 1]][:, [3, 1]]),
+        }
+        for case, (op, expected) in cases.items():
+            got = op.to_dense()
+            assert got.shape == expected.shape, case
+            tolerance = dict(rtol=1e-5, atol=1e-6) if got.dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+            torch.testing.assert_close(got.double(), expected, **tolerance, msg=case)

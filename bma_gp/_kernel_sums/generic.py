@@ -105,11 +105,12 @@ def _grid_interpolated(kernel: Kernel) -> bool:
     return any(isinstance(m, GridInterpolationKernel) for m in kernel.modules())
 
 
-def _chunk_diagonal(kernel: Kernel, x_chunk: Tensor, values: Tensor, offset: int) -> Tensor:
+def _chunk_diagonal(kernel: Kernel, x_chunk: Tensor, values: Tensor, offset: int, own: bool) -> Tensor:
     """The diagonal entries of the chunk ``values = kernel(x_chunk, x)`` whose rows start at ``offset``: from the
-    exact diagonal evaluation (:func:`evaluate_diag`; the chunk's own are off by ~sqrt(eps)), but for a kernel whose
-    values depend on the whole call's inputs (:func:`_grid_interpolated`), where the chunk's own are the matrix's."""
-    if _grid_interpolated(kernel):
+    exact diagonal evaluation (:func:`evaluate_diag`; the chunk's own are off by ~sqrt(eps)), but with ``own`` (a
+    kernel whose values depend on the whole call's inputs, :func:`_grid_interpolated`) the chunk's own, which are the
+    matrix's."""
+    if own:
         return torch.diagonal(values, offset=offset, dim1=-2, dim2=-1)
     return evaluate_diag(kernel, x_chunk, values.shape[:-2])
 
@@ -281,6 +282,7 @@ class GenericKernelSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, plan: KernelSumsPlan, kernel: Kernel, x: Tensor, *params: Tensor) -> tuple[Tensor, Tensor]:
         k = plan.num_blocks
+        grid = _grid_interpolated(kernel)
         with torch.no_grad():
             # the shapes and dtype of the sums come from a one-entry evaluation (a rank may have no rows)
             probe = evaluate(kernel, x[..., :1, :], x[..., :1, :])
@@ -295,7 +297,7 @@ class GenericKernelSums(torch.autograd.Function):
                 sums.index_add_(sums.dim() - 2, rows, _segment_sum(values.to(acc), plan.sizes))
                 # the chunk's diagonal entries, off by ~sqrt(eps), replaced by the exact ones in T and d
                 inexact = torch.diagonal(values, offset=a, dim1=-2, dim2=-1)
-                exact = _chunk_diagonal(kernel, x[..., a:b, :], values, a)
+                exact = _chunk_diagonal(kernel, x[..., a:b, :], values, a, grid)
                 torch.diagonal(sums, dim1=-2, dim2=-1).index_add_(-1, rows, (exact - inexact).to(acc))
                 diag.index_add_(diag.dim() - 1, rows, exact.to(acc))
             if plan.group is not None:
@@ -323,7 +325,7 @@ class GenericKernelSums(torch.autograd.Function):
         ev = kernel if own else cast(Kernel, _Bound(kernel, {name: p for (name, _), p in zip(named, params)}))
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
         grads: list[Tensor | None] = [None] * (len(wanted) + int(need_x))
-        plan_shares_graph = _shares_graph(kernel)
+        plan_shares_graph, grid = _shares_graph(kernel), _grid_interpolated(kernel)
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(need_x)
             inputs = [params[i] for i in wanted] + ([x_in] if need_x else [])
@@ -331,7 +333,7 @@ class GenericKernelSums(torch.autograd.Function):
                 if not inputs:
                     continue
                 values = evaluate(ev, x_in[..., a:b, :], x_in)
-                diag_values = _chunk_diagonal(cast(Kernel, ev), x_in[..., a:b, :], values, a)
+                diag_values = _chunk_diagonal(cast(Kernel, ev), x_in[..., a:b, :], values, a, grid)
                 rows = plan.labels[a:b]
                 # dL/dK for this chunk: the k x k gradient spread over its entries (c x n, never n x n); the
                 # diagonal entries come from the exact diagonal evaluation, as in forward

@@ -667,10 +667,12 @@ def _tensor_attributes(kernel: Kernel) -> list[tuple[str, Tensor]]:
     ]
 
 
-def _setting_value(value):
+def _setting_value(name: str, value):
     """A comparable stand-in for a non-tensor attribute: numbers and strings, and lists or tuples of them, by value;
-    a numpy array by its bytes; anything else (a function such as ``ArcKernel``'s ``delta_func``, another object) by
-    identity, held so that its id is not reused."""
+    a numpy array by its bytes; another public attribute (a function such as ``ArcKernel``'s ``delta_func``, another
+    object) by identity, held so that its id is not reused. Another private attribute is left out: GPyTorch keeps its
+    bookkeeping there (memoisation caches, the registries of priors and constraints), whose objects a deep copy (a
+    fantasy model's kernel) makes anew."""
     plain = (bool, int, float, str, type(None))
     if type(value) in plain:
         return value
@@ -678,6 +680,8 @@ def _setting_value(value):
         return (type(value), tuple(value))
     if isinstance(value, np.ndarray):
         return ("ndarray", value.dtype.str, value.shape, value.tobytes())
+    if name.startswith("_"):
+        return None
     return ("object", id(value), _Held(value))
 
 
@@ -708,7 +712,7 @@ def _settings_of(kernel: Kernel) -> tuple:
             tuple(
                 sorted(
                     (
-                        (k, _setting_value(v))
+                        (k, _setting_value(k, v))
                         for k, v in _setting_attributes(module)
                         if k != "training" and not torch.is_tensor(v)
                     ),

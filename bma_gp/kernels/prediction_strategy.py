@@ -55,6 +55,7 @@ from bma_gp.kernels._bound_data import check_bound_data, check_prediction_dtype
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.kernels.leading_rows_linear_operator import LeadingBlockLinearOperator, LeadingRowsLinearOperator
 from bma_gp.kernels.sum_prediction_strategy import (
+    KeepsIntegers,
     _DenseFactorSolves,
     _observed_alpha,
     as_sum,
@@ -202,7 +203,7 @@ class _PredictiveDifference(_DenseFactorSolves, TorchIndexing, ClosedFormSamples
         return super().__add__(other)
 
 
-class _OneHotGram(LinearOperator):
+class _OneHotGram(KeepsIntegers, LinearOperator):
     r""":math:`F F^\top` for a ``t x k`` :math:`F` with one nonzero per row, :math:`F_{i, c_i} = f_i`: entries
     :math:`f_i f_j [c_i = c_j]` (``c_i = -1``: a zero row). Products, the diagonal and entries in :math:`O(t)`; the
     term a random intercept's prediction subtracts from :math:`K_{**}`, without a ``t x k`` matrix.

@@ -34,6 +34,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from gpytorch import settings as gpytorch_settings
@@ -54,6 +55,7 @@ from linear_operator.operators import (
     ZeroLinearOperator,
 )
 from linear_operator.utils.cholesky import psd_safe_cholesky
+from linear_operator.utils.generic import _to_helper
 from linear_operator.utils.getitem import _is_noop_index
 from torch import Tensor
 
@@ -1470,7 +1472,25 @@ def _dense_limit_error(size: int, inputs: str, purpose: str) -> ValueError | Non
     )
 
 
-class _DenseFactorSolves:
+class KeepsIntegers:
+    """A mixin for operators that hold integer tensors (positions, one-hot columns) among their arguments:
+    linear_operator's ``to(dtype)`` casts every argument, and ``.to(torch.float32)`` made them floats, which no index
+    takes. Here a dtype casts the floating-point tensors only."""
+
+    def to(self, *args: Any, **kwargs: Any) -> LinearOperator:
+        device, dtype = _to_helper(*args, **kwargs)
+
+        def cast(value):
+            if torch.is_tensor(value):
+                return value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+            return value.to(dtype=dtype, device=device) if hasattr(value, "to") else value
+
+        args_ = [cast(a) for a in self._args]  # type: ignore[attr-defined]
+        kwargs_ = {k: cast(v) for k, v in self._kwargs.items()}  # type: ignore[attr-defined]
+        return self.__class__(*args_, **kwargs_)  # type: ignore[call-arg]
+
+
+class _DenseFactorSolves(KeepsIntegers):
     r"""Solves, inverse quadratic forms and log-determinants of a predictive covariance :math:`S` from one exact
     dense Cholesky factorisation :math:`S = L L^\top` of the matrix formed in the working precision (a mixin for
     the ``LinearOperator`` subclasses of prediction, before ``LinearOperator``):
@@ -1633,6 +1653,19 @@ class _DenseFactorSolves:
         return RootLinearOperator(DenseLinearOperator(L.to(self.dtype)))  # type: ignore[attr-defined]
 
 
+class _Positions:
+    """Positions of rows or columns (an int64 vector) held for :class:`_DenseSubmatrix`; ``to`` moves them to a device
+    and keeps their dtype."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Tensor, device: torch.device | None = None):
+        self.value = value.long() if device is None else value.to(device=device, dtype=torch.long)
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> _Positions:
+        return self if device is None else _Positions(self.value, device)
+
+
 def _positions(index, size: int) -> Tensor | None:
     """A slice or a vector of positions as a vector of positions (``(m,)``, int64), None for anything else (an index
     tensor with batch dimensions)."""
@@ -1657,11 +1690,13 @@ class _DenseSubmatrix(_DenseFactorSolves, TorchIndexing, LinearOperator):
         cols: positions of the columns. # shape: (c,)
     """
 
-    def __init__(self, parent: LinearOperator, rows: Tensor, cols: Tensor):
-        rows, cols = rows.to(parent.device), cols.to(parent.device)
-        super().__init__(parent, rows, cols)
-        self.parent, self.rows, self.cols = parent, rows, cols
-        self._principal = rows.shape == cols.shape and bool(torch.equal(rows, cols))
+    def __init__(self, parent: LinearOperator, rows: Tensor | _Positions, cols: Tensor | _Positions):
+        rows, cols = (_Positions(p if torch.is_tensor(p) else p.value, parent.device) for p in (rows, cols))
+        # the positions as keyword arguments in holders: linear_operator's generic .to(dtype), unsqueeze and
+        # permute of the arguments would cast them to floats or give them batch dimensions
+        super().__init__(parent, rows=rows, cols=cols)
+        self.parent, self.rows, self.cols = parent, rows.value, cols.value
+        self._principal = self.rows.shape == self.cols.shape and bool(torch.equal(self.rows, self.cols))
         self._dense_inputs = getattr(parent, "_dense_inputs", "inputs")
 
     @property
