@@ -41,11 +41,14 @@ class _Weighted(K.RBFKernel):
         super().__init__()
         self.weights = torch.tensor([1.0, 1.0])
         self.transform = None
+        self.options = {"scale": 1.0}
+        self.shifts = [torch.zeros(2)]
 
     def forward(self, x1, x2, **params):
         if self.transform is not None:
             x1, x2 = self.transform(x1), self.transform(x2)
-        return super().forward(x1 * self.weights, x2 * self.weights, **params)
+        w = self.weights * self.options["scale"]
+        return super().forward(x1 * w + self.shifts[0], x2 * w + self.shifts[0], **params)
 
 
 def test_block_mean_kernel_cache_sees_plain_attributes():
@@ -60,6 +63,10 @@ def test_block_mean_kernel_cache_sees_plain_attributes():
         kernel.base_kernel.weights.mul_(0.5)  # the same tensor changed in place
         torch.testing.assert_close(kernel(x).to_dense(), _dense_block_mean(kernel.base_kernel, x, part).to_dense())
         kernel.base_kernel.transform = torch.sin  # a function set on the kernel
+        torch.testing.assert_close(kernel(x).to_dense(), _dense_block_mean(kernel.base_kernel, x, part).to_dense())
+        kernel.base_kernel.options["scale"] = 3.0  # a dict changed in place
+        torch.testing.assert_close(kernel(x).to_dense(), _dense_block_mean(kernel.base_kernel, x, part).to_dense())
+        kernel.base_kernel.shifts[0].add_(torch.tensor([0.5, -2.0]))  # a tensor in a list changed in place
         torch.testing.assert_close(kernel(x).to_dense(), _dense_block_mean(kernel.base_kernel, x, part).to_dense())
         key = kernel._block_sums_key(x)
         assert kernel._block_sums_key(x) is not None

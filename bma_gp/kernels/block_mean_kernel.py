@@ -667,21 +667,27 @@ def _tensor_attributes(kernel: Kernel) -> list[tuple[str, Tensor]]:
     ]
 
 
-def _setting_value(name: str, value):
-    """A comparable stand-in for a non-tensor attribute: numbers and strings, and lists or tuples of them, by value;
-    a numpy array by its bytes; another public attribute (a function such as ``ArcKernel``'s ``delta_func``, another
-    object) by identity, held so that its id is not reused. Another private attribute is left out: GPyTorch keeps its
-    bookkeeping there (memoisation caches, the registries of priors and constraints), whose objects a deep copy (a
-    fantasy model's kernel) makes anew."""
+def _setting_value(name: str, value, depth: int = 0):
+    """A comparable stand-in for a non-tensor attribute: numbers and strings by value; lists, tuples and dicts by their
+    items (tensors in them by their bytes, so that a change in place is seen); a numpy array by its bytes; another
+    public attribute (a function such as ``ArcKernel``'s ``delta_func``, another object) by identity, held so that
+    its id is not reused. Another private attribute is left out: GPyTorch keeps its bookkeeping there (memoisation
+    caches, the registries of priors and constraints), whose objects a deep copy (a fantasy model's kernel) makes
+    anew."""
     plain = (bool, int, float, str, type(None))
     if type(value) in plain:
         return value
-    if isinstance(value, (list, tuple)) and all(type(v) in plain for v in value):
-        return (type(value), tuple(value))
-    if isinstance(value, np.ndarray):
-        return ("ndarray", value.dtype.str, value.shape, value.tobytes())
     if name.startswith("_"):
         return None
+    if torch.is_tensor(value):  # inside a container (a module's own tensors are compared as tensors)
+        t = value.detach().cpu().contiguous()
+        return ("tensor", t.dtype, tuple(t.shape), t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.tolist())
+    if isinstance(value, np.ndarray):
+        return ("ndarray", value.dtype.str, value.shape, value.tobytes())
+    if depth < 4 and isinstance(value, (list, tuple)):
+        return (type(value), tuple(_setting_value(name, v, depth + 1) for v in value))
+    if depth < 4 and isinstance(value, dict):
+        return (type(value), tuple((repr(k), _setting_value(name, v, depth + 1)) for k, v in value.items()))
     return ("object", id(value), _Held(value))
 
 

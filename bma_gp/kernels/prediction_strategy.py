@@ -320,30 +320,26 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
         noisy = prior.add_diagonal(likelihood.noise)
         return noisy if isinstance(noisy, BlockMeanLinearOperator) else None
 
-    def _noisy_for(self, prior: BlockMeanLinearOperator) -> BlockMeanLinearOperator:
-        r"""The noisy training covariance :math:`K + \sigma^2 I` for this call's graph, from ``prior``, the call's
-        own :math:`K` at the training inputs. GPyTorch's ``exact_predictive_covar`` evaluates its training kernel
-        again on every call (the ``detach()`` of a lazily evaluated kernel tensor keeps the kernel's parameters),
-        with the likelihood's parameters detached under ``detach_test_caches`` (the default). The strategy's own
-        :attr:`block_mean_covar` carries the graph of the call that built it: none after a first call under
-        ``no_grad`` (the kernel's gradient was then 30 off for a random intercept), or one a first ``backward()``
-        has consumed (the second raised). Without gradients it is used as it is."""
+    def _noisy_for(self, prior: BlockMeanLinearOperator) -> BlockMeanLinearOperator | None:
+        r"""The noisy training covariance :math:`K + \sigma^2 I` for the posterior at the training inputs, made from
+        ``prior`` (this call's :math:`K` there) and the likelihood with this call's graph, so that the posterior's
+        gradients are those of the exact :math:`K - K (K + \sigma^2 I)^{-1} K`, as for sums
+        (:func:`~bma_gp.kernels.sum_prediction_strategy.training_posterior`; ``detach_test_caches`` does not cut
+        them). The strategy's own :attr:`block_mean_covar` carries the graph of the call that built it: none after a
+        first call under ``no_grad``, or one a first ``backward()`` has consumed (the second raised), so the gradients
+        depended on the calls before. Without gradients it is used as it is. None where the covariance with this
+        call's graph is no block mean operator (a per-point noise that is constant in every block folds into ``lam``
+        only without a gradient): then the sums' closed form applies."""
         M = self.block_mean_covar
         assert M is not None  # the callers checked it
-        wanted = prior.lam.requires_grad or prior._b_requires_grad()
-        if not torch.is_grad_enabled() or not (wanted or any(p.requires_grad for p in self.likelihood.parameters())):
+        if not torch.is_grad_enabled():
             return M
         dist = MultivariateNormal(torch.zeros(prior.shape[:-1], dtype=prior.dtype, device=prior.device), prior)
-        if settings.detach_test_caches.on():
-            detached = {name: p.detach() for name, p in self.likelihood.named_parameters()}
-            noisy = torch.func.functional_call(self.likelihood, detached, (dist, self.train_inputs))
-        else:
-            noisy = self.likelihood(dist, self.train_inputs)
-        cov = noisy.lazy_covariance_matrix
+        cov = self.likelihood(dist, self.train_inputs).lazy_covariance_matrix
         cov = cov.evaluate_kernel() if isinstance(cov, LinearOperator) else cov
         if isinstance(cov, BlockMeanLinearOperator) and cov.partition.same_as(M.partition) and cov.shape == M.shape:
             return cov
-        return M  # (not reached for the likelihoods that give a block mean training covariance)
+        return None
 
     # ------------------------------------------------------------------ caches
     @cached(name="mean_cache")
@@ -595,7 +591,13 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
             mean = test_mean.to(dtype) + (K @ alpha.unsqueeze(-1)).squeeze(-1)[..., :r].to(dtype)
             if settings.skip_posterior_variances.on():
                 return mean, ZeroLinearOperator(*test_test_covar.size(), dtype=dtype, device=test_mean.device)
-            posterior = _posterior_at_training_points(prior, prior, self._noisy_for(prior))
+            noisy = self._noisy_for(prior)
+            if noisy is None:
+                res = self._leading_training_prediction(test_mean, test_train_covar)
+                if res is not None:
+                    return res
+                noisy = self.block_mean_covar
+            posterior = _posterior_at_training_points(prior, prior, noisy)
             leading = posterior[..., :r, :r]
             leading._rounding = posterior._rounding  # the rounding level its samples clamp to (matrix_sqrt)
             return mean, leading
@@ -606,9 +608,13 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
                 return mean, ZeroLinearOperator(
                     *test_test_covar.size(), dtype=test_test_covar.dtype, device=test_test_covar.device
                 )
-            return mean, _posterior_at_training_points(
-                test_test_covar, test_train_covar, self._noisy_for(test_test_covar)
-            )
+            noisy = self._noisy_for(test_test_covar)
+            if noisy is None:
+                res = training_prediction(self, test_mean, test_test_covar, test_train_covar)
+                if res is not None:
+                    return res
+                noisy = self.block_mean_covar
+            return mean, _posterior_at_training_points(test_test_covar, test_train_covar, noisy)
         if self.block_mean_covar is None:  # e.g. per-point noise, or a group kernel's factor: the sum strategy's
             # closed forms at the training inputs and at new ones
             res = self._leading_training_prediction(test_mean, test_train_covar)

@@ -1547,10 +1547,16 @@ class _DenseFactorSolves(KeepsIntegers):
         solves and ``log_prob`` factorise the submatrix exactly as this operator's own do (``pred[..., :m]`` and
         ``pred[..., idx]`` of a predictive distribution; linear_operator's interpolated operator took CG and
         stochastic Lanczos past ``max_cholesky_size``). Anything else (batch entries too) as the class's base."""
+        whole = _is_noop_index(row_index) and _is_noop_index(col_index)
+        rows, cols = _positions(row_index, self.shape[-2]), _positions(col_index, self.shape[-1])  # type: ignore
+        if whole or rows is None or cols is None:
+            return super()._getitem(row_index, col_index, *batch_indices)  # type: ignore[misc]
         if all(_is_noop_index(b) for b in batch_indices):
-            rows, cols = _positions(row_index, self.shape[-2]), _positions(col_index, self.shape[-1])  # type: ignore
-            if rows is not None and cols is not None:
-                return _DenseSubmatrix(self, rows, cols)
+            return _DenseSubmatrix(self, rows, cols)
+        if all(isinstance(b, (int, slice)) for b in batch_indices):  # batch entries first (pred[1, :m])
+            entries = self._getitem(slice(None), slice(None), *batch_indices)
+            if isinstance(entries, _DenseFactorSolves):
+                return _DenseSubmatrix(entries, rows, cols)
         return super()._getitem(row_index, col_index, *batch_indices)  # type: ignore[misc]
 
     def _dense_cholesky(self, purpose: str) -> Tensor | None:
@@ -1690,12 +1696,23 @@ class _DenseSubmatrix(_DenseFactorSolves, TorchIndexing, LinearOperator):
         cols: positions of the columns. # shape: (c,)
     """
 
-    def __init__(self, parent: LinearOperator, rows: Tensor | _Positions, cols: Tensor | _Positions):
+    def __init__(
+        self,
+        parent: LinearOperator,
+        rows: Tensor | _Positions,
+        cols: Tensor | _Positions,
+        added: Tensor | None = None,
+    ):
         rows, cols = (_Positions(p if torch.is_tensor(p) else p.value, parent.device) for p in (rows, cols))
         # the positions as keyword arguments in holders: linear_operator's generic .to(dtype), unsqueeze and
         # permute of the arguments would cast them to floats or give them batch dimensions
-        super().__init__(parent, rows=rows, cols=cols)
+        if added is None:
+            super().__init__(parent, rows=rows, cols=cols)
+        else:
+            super().__init__(parent, added, rows=rows, cols=cols)
         self.parent, self.rows, self.cols = parent, rows.value, cols.value
+        #: a diagonal added to a principal submatrix (the likelihood's noise after indexing), or None
+        self.added = added
         self._principal = self.rows.shape == self.cols.shape and bool(torch.equal(self.rows, self.cols))
         self._dense_inputs = getattr(parent, "_dense_inputs", "inputs")
 
@@ -1711,17 +1728,42 @@ class _DenseSubmatrix(_DenseFactorSolves, TorchIndexing, LinearOperator):
         return torch.Size((*self.parent.batch_shape, len(self.rows), len(self.cols)))
 
     def _transpose_nonbatch(self) -> _DenseSubmatrix:
-        return _DenseSubmatrix(self.parent, self.cols, self.rows)  # the parent is symmetric
+        return _DenseSubmatrix(self.parent, self.cols, self.rows, self.added)  # the parent is symmetric
 
     def _expand_batch(self, batch_shape) -> _DenseSubmatrix:
-        return _DenseSubmatrix(self.parent._expand_batch(batch_shape), self.rows, self.cols)
+        added = None if self.added is None else self.added.expand(*batch_shape, self.added.shape[-1])
+        return _DenseSubmatrix(self.parent._expand_batch(batch_shape), self.rows, self.cols, added)
+
+    def _unsqueeze_batch(self, dim: int) -> _DenseSubmatrix:
+        added = None if self.added is None else self.added.unsqueeze(dim)
+        return _DenseSubmatrix(self.parent._unsqueeze_batch(dim), self.rows, self.cols, added)
+
+    def add_diagonal(self, diag) -> LinearOperator:
+        """A diagonal added to a principal submatrix (the likelihood's noise on ``pred[..., idx]``) stays in this
+        operator, with its exact solves (linear_operator's ``AddedDiagLinearOperator`` took CG)."""
+        if not self._principal:
+            return super().add_diagonal(diag)
+        diag = diag if torch.is_tensor(diag) else torch.tensor(diag, dtype=self.dtype, device=self.device)
+        diag = diag.to(dtype=self.dtype, device=self.device)
+        if diag.dim() == 0 or diag.shape[-1] == 1:
+            diag = diag.expand(*diag.shape[:-1] if diag.dim() else (), len(self.rows))
+        batch = torch.broadcast_shapes(self.batch_shape, diag.shape[:-1])
+        diag = diag.expand(*batch, len(self.rows))
+        total = diag if self.added is None else self.added + diag
+        parent = self.parent if self.parent.batch_shape == batch else self.parent._expand_batch(batch)
+        return _DenseSubmatrix(parent, self.rows, self.cols, total)
+
+    def __add__(self, other):
+        if isinstance(other, DiagLinearOperator) and self._principal and other.shape[-1] == self.shape[-1]:
+            return self.add_diagonal(other.diagonal(dim1=-2, dim2=-1))
+        return super().__add__(other)
 
     def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
-        if all(_is_noop_index(b) for b in batch_indices):
+        if self.added is None and all(_is_noop_index(b) for b in batch_indices):
             rows, cols = _positions(row_index, len(self.rows)), _positions(col_index, len(self.cols))
             if rows is not None and cols is not None:
                 return _DenseSubmatrix(self.parent, self.rows[rows], self.cols[cols])
-        return super()._getitem(row_index, col_index, *batch_indices)
+        return super(_DenseFactorSolves, self)._getitem(row_index, col_index, *batch_indices)
 
     def _check_principal(self, purpose: str) -> None:
         if not self._principal:
@@ -1740,6 +1782,8 @@ class _DenseSubmatrix(_DenseFactorSolves, TorchIndexing, LinearOperator):
         vector = rhs.dim() == 1
         x = rhs.unsqueeze(-1) if vector else rhs
         res = self.parent._matmul(self._scattered(x)).index_select(-2, self.rows)
+        if self.added is not None:
+            res = res + self.added.unsqueeze(-1) * x
         return res.squeeze(-1) if vector else res
 
     def _t_matmul(self, rhs: Tensor) -> Tensor:
@@ -1747,7 +1791,8 @@ class _DenseSubmatrix(_DenseFactorSolves, TorchIndexing, LinearOperator):
 
     def _diagonal(self) -> Tensor:
         if self._principal:
-            return self.parent._diagonal().index_select(-1, self.rows)
+            res = self.parent._diagonal().index_select(-1, self.rows)
+            return res if self.added is None else res + self.added
         return super()._diagonal()
 
     def _working_dense(self) -> Tensor:
@@ -1756,7 +1801,10 @@ class _DenseSubmatrix(_DenseFactorSolves, TorchIndexing, LinearOperator):
         x = self._scattered(eye).expand(*parent.batch_shape, parent.shape[-1], len(self.cols))
         working = getattr(parent, "_working_matmul", None)
         full = working(x) if working is not None else parent._working_dense() @ x.to(self._working_dtype())
-        return full.index_select(-2, self.rows)
+        res = full.index_select(-2, self.rows)
+        if self.added is not None:
+            res = res + torch.diag_embed(self.added.to(res.dtype))
+        return res
 
     def to_dense(self) -> Tensor:
         return self._working_dense().to(self.dtype)
