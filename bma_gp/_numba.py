@@ -43,13 +43,23 @@ _THREADS = threading.local()  # numba's thread count is a setting of the calling
 
 
 def match_torch_threads() -> None:
-    """Run numba's parallel loops on as many threads as torch uses (numba's default: every core), in this thread."""
-    import numba
+    """Run numba's parallel loops on as many threads as torch uses (numba's default: every core), in this thread.
 
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+    numba starts its thread pool at the first parallel launch (or ``set_num_threads``), and under its OpenMP layer
+    that sets the OpenMP runtime's thread count, which torch shares: a user's ``torch.set_num_threads(1)`` became 2
+    after the first ``kernel_block_mean`` (15 times slower beside another busy process). The pool is started here
+    first, and torch's count put back."""
+    import numba
+    from numba.np.ufunc import parallel
+
+    wanted = torch.get_num_threads()
+    threads = max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     if getattr(_THREADS, "count", None) != threads:
+        parallel._launch_threads()  # (once per process; numba's own entry point for it)
         numba.set_num_threads(threads)
         _THREADS.count = threads
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
 
 
 def import_kernels(module: str, state: list[bool], user: str, instead: str) -> bool:

@@ -99,6 +99,9 @@ def _refuse_meta(values: Tensor, name: str) -> None:
         )
 
 
+#: entries of a narrower float input that block_sum widens to float64 at a time (2 MB of float64): a larger input is
+#: summed a slab of indices at a time
+_WIDEN_ENTRIES = 2**18
 # the dtype block_sum adds floats of each dtype in where it does not take torch.sum (see there)
 _WIDER_SUM = {
     torch.float16: torch.float64,
@@ -537,14 +540,22 @@ class Partition:
         # where torch.sum's pairwise sums of the runs' path keep 1e-7). Narrower floats are summed in float64 and
         # rounded once.
         wide = _WIDER_SUM.get(x.dtype)
+        shape = list(x.shape)
+        shape[dim] = self.num_blocks
+        if wide is not None and x.numel() > _WIDEN_ENTRIES:
+            # widened a slab of indices at a time (a whole float64 copy was twice a float32 input's memory)
+            rows = max(1, _WIDEN_ENTRIES // max(1, x.numel() // len(self)))
+            res = torch.zeros(shape, dtype=wide, device=x.device)
+            for start in range(0, len(self), rows):
+                stop = min(start + rows, len(self))
+                res.index_add_(dim, self.labels[start:stop], x.narrow(dim, start, stop - start).to(wide))
+            return res.to(x.dtype)
         src = x if wide is None else x.to(wide)
         if self.is_contiguous and src.dtype.is_floating_point:
             # segment_reduce (floating point only) wants one length vector per leading index
             lengths = self.sizes.expand(*x.shape[:dim], self.num_blocks)
             res = torch.segment_reduce(src, "sum", lengths=lengths, axis=dim)
         else:
-            shape = list(x.shape)
-            shape[dim] = self.num_blocks
             res = torch.zeros(shape, dtype=src.dtype, device=x.device).index_add(dim, self.labels, src)
         return res if wide is None else res.to(x.dtype)
 
