@@ -827,7 +827,14 @@ class BlockMeanLinearOperator(
         labels = self.partition.labels
         B = self._b_sym()
         dense = B.index_select(-2, labels).index_select(-1, labels)
-        return dense + torch.diag_embed(self.partition.expand(self.lam, dim=-1))
+        offsets = self.partition.expand(self.lam, dim=-1)
+        batch = torch.broadcast_shapes(dense.shape[:-2], offsets.shape[:-1])
+        dtype = torch.promote_types(dense.dtype, offsets.dtype)
+        if batch != dense.shape[:-2] or dtype != dense.dtype:
+            return dense + torch.diag_embed(offsets)
+        # the offsets added on the diagonal in place: dense + diag_embed(...) formed two more n x n matrices
+        dense.diagonal(dim1=-2, dim2=-1).add_(offsets)
+        return dense
 
     # ------------------------------------------------------------------ batching and indexing
     def _expand_batch(self, batch_shape) -> BlockMeanLinearOperator:
