@@ -400,7 +400,11 @@ def test_block_sum_of_16_bit_floats_does_not_stall(dtype, layout):
     p = _layouts_of_two_big_blocks(5000)[layout]
     for x in (torch.ones(5000, dtype=dtype), torch.ones(3, 5000, dtype=dtype)):  # (n,): torch's 1-d index_add
         exact = p.block_sum(x.double())
-        for res in (p.block_sum(x), p.block_sum(x.unsqueeze(-1), dim=-2).squeeze(-1), p.block_sum(x.movedim(-1, 0), dim=0).movedim(0, -1)):
+        for res in (
+            p.block_sum(x),
+            p.block_sum(x.unsqueeze(-1), dim=-2).squeeze(-1),
+            p.block_sum(x.movedim(-1, 0), dim=0).movedim(0, -1),
+        ):
             assert res.dtype == dtype
             assert torch.equal(res, exact.to(dtype))
 

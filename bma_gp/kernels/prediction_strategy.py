@@ -597,6 +597,7 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
                 if res is not None:
                     return res
                 noisy = self.block_mean_covar
+                assert noisy is not None  # _leading_training_points checked it
             posterior = _posterior_at_training_points(prior, prior, noisy)
             leading = posterior[..., :r, :r]
             leading._rounding = posterior._rounding  # the rounding level its samples clamp to (matrix_sqrt)
@@ -614,6 +615,7 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
                 if res is not None:
                     return res
                 noisy = self.block_mean_covar
+                assert noisy is not None  # _at_training_points checked it
             return mean, _posterior_at_training_points(test_test_covar, test_train_covar, noisy)
         if self.block_mean_covar is None:  # e.g. per-point noise, or a group kernel's factor: the sum strategy's
             # closed forms at the training inputs and at new ones

@@ -1487,7 +1487,7 @@ class KeepsIntegers:
 
         args_ = [cast(a) for a in self._args]  # type: ignore[attr-defined]
         kwargs_ = {k: cast(v) for k, v in self._kwargs.items()}  # type: ignore[attr-defined]
-        return self.__class__(*args_, **kwargs_)  # type: ignore[call-arg]
+        return self.__class__(*args_, **kwargs_)
 
 
 class _DenseFactorSolves(KeepsIntegers):
