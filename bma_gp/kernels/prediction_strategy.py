@@ -23,7 +23,6 @@ be sampled. The cost after the training covariance is :math:`O(n + k^3)` once an
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 
 import torch
@@ -57,10 +56,9 @@ from bma_gp.kernels.leading_rows_linear_operator import LeadingBlockLinearOperat
 from bma_gp.kernels.sum_prediction_strategy import (
     KeepsIntegers,
     _DenseFactorSolves,
-    _observed_alpha,
-    as_sum,
     closed_form_fantasy,
     new_input_prediction,
+    observed_mean_cache,
     training_prediction,
 )
 
@@ -360,13 +358,10 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
             offset = (self.train_labels - train_mean).to(wdt).unsqueeze(-1)
             mean_cache = (M if wdt == M.dtype else M.to(wdt)).solve(offset).squeeze(-1)
         else:
-            family = as_sum(M)
-            found = None if family is None else _observed_alpha(self, family, nan_policy)
-            if found is None:
+            observed_cache = observed_mean_cache(self, M, nan_policy)
+            if observed_cache is None:
                 return super()._mean_cache(nan_policy)
-            alpha, observed = found
-            assert observed is not None
-            mean_cache = alpha.masked_fill(~observed, math.nan)
+            mean_cache = observed_cache
         if settings.detach_test_caches.on():
             mean_cache = mean_cache.detach()
         return _attach_clear_hook(self, mean_cache)

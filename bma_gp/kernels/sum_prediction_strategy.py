@@ -425,6 +425,21 @@ def _observed_problem(
     return M._new(weights=weights, root=root), r, observed
 
 
+def observed_mean_cache(
+    strategy: DefaultPredictionStrategy, covar, nan_policy: str, dtype: torch.dtype | None = None
+) -> Tensor | None:
+    """GPyTorch's mean cache under an observation NaN policy in closed form: :math:`M_{oo}^{-1} r_o` of
+    :func:`_observed_problem` for the noisy training covariance ``covar``, NaN at the points it drops (as GPyTorch's),
+    in ``dtype`` (None: the working precision); None where that has no closed form. # shape: (*batch, n)"""
+    M = as_sum(covar)
+    found = None if M is None else _observed_alpha(strategy, M, nan_policy)
+    if found is None:
+        return None
+    alpha, observed = found
+    assert observed is not None
+    return (alpha if dtype is None else alpha.to(dtype)).masked_fill(~observed, math.nan)
+
+
 def _observed_alpha(
     strategy: DefaultPredictionStrategy, M: BlockMeanSumLinearOperator, nan_policy: str
 ) -> tuple[Tensor, Tensor | None] | None:
@@ -602,13 +617,9 @@ class SumPredictionStrategy(DefaultPredictionStrategy):
         if isinstance(covar, BlockMeanSumLinearOperator):
             _check_definite(covar)
         if nan_policy != "ignore":
-            M = as_sum(covar)
-            found = None if M is None else _observed_alpha(self, M, nan_policy)
-            if found is None:
+            mean_cache = observed_mean_cache(self, covar, nan_policy, covar.dtype)
+            if mean_cache is None:
                 return super()._mean_cache(nan_policy)
-            alpha, observed = found
-            assert observed is not None
-            mean_cache = alpha.to(covar.dtype).masked_fill(~observed, math.nan)
         else:
             mean_cache = covar.solve((self.train_labels - mvn.loc).unsqueeze(-1)).squeeze(-1)
         if gpytorch_settings.detach_test_caches.on():
