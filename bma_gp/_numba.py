@@ -55,7 +55,9 @@ def match_torch_threads() -> None:
     wanted = torch.get_num_threads()
     threads = max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     if getattr(_THREADS, "count", None) != threads:
-        parallel._launch_threads()  # (once per process; numba's own entry point for it)
+        start_pool = getattr(parallel, "_launch_threads", None)  # numba's own entry point (once per process)
+        if start_pool is not None:
+            start_pool()
         numba.set_num_threads(threads)
         _THREADS.count = threads
     if torch.get_num_threads() != wanted:
