@@ -1558,9 +1558,10 @@ class _DenseFactorSolves(KeepsIntegers):
         solves and ``log_prob`` factorise the submatrix exactly as this operator's own do (``pred[..., :m]`` and
         ``pred[..., idx]`` of a predictive distribution; linear_operator's interpolated operator took CG and
         stochastic Lanczos past ``max_cholesky_size``). Anything else (batch entries too) as the class's base."""
-        whole = _is_noop_index(row_index) and _is_noop_index(col_index)
+        if _is_noop_index(row_index) and _is_noop_index(col_index):  # batch entries only: the class's own
+            return super()._getitem(row_index, col_index, *batch_indices)  # type: ignore[misc]
         rows, cols = _positions(row_index, self.shape[-2]), _positions(col_index, self.shape[-1])  # type: ignore
-        if whole or rows is None or cols is None:
+        if rows is None or cols is None:
             return super()._getitem(row_index, col_index, *batch_indices)  # type: ignore[misc]
         if all(_is_noop_index(b) for b in batch_indices):
             return _DenseSubmatrix(self, rows, cols)
@@ -1808,11 +1809,13 @@ class _DenseSubmatrix(_DenseFactorSolves, TorchIndexing, LinearOperator):
 
     def _working_dense(self) -> Tensor:
         parent = self.parent
-        eye = torch.eye(len(self.cols), dtype=parent.dtype, device=parent.device)
-        x = self._scattered(eye).expand(*parent.batch_shape, parent.shape[-1], len(self.cols))
         working = getattr(parent, "_working_matmul", None)
-        full = working(x) if working is not None else parent._working_dense() @ x.to(self._working_dtype())
-        res = full.index_select(-2, self.rows)
+        if working is None:  # a parent formed whole anyway (t x t at new inputs): its entries gathered
+            res = parent._working_dense().index_select(-2, self.rows).index_select(-1, self.cols)
+        else:  # products with the selected columns only
+            eye = torch.eye(len(self.cols), dtype=parent.dtype, device=parent.device)
+            res = working(self._scattered(eye).expand(*parent.batch_shape, parent.shape[-1], len(self.cols)))
+            res = res.index_select(-2, self.rows)
         if self.added is not None:
             res = res + torch.diag_embed(self.added.to(res.dtype))
         return res
