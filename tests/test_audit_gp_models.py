@@ -177,6 +177,39 @@ def test_deepcopy_of_a_chunked_sgpr_model_keeps_its_mode_and_its_own_likelihood(
     torch.testing.assert_close(mll(copied(inputs), y), reference_mll(reference(inputs), y), rtol=1e-12, atol=1e-12)
 
 
+
+def test_deepcopy_of_an_eval_mode_chunked_sgpr_model_forms_its_own_inducing_root():
+    """A copy of a model that predicted in eval mode held the original's cached K_ZZ and inverse root; the copy has no
+    prediction strategy whose hyperparameter check would clear them, so that a lengthscale set on the copy in eval
+    mode predicted with the original's K_ZZ (6e-2 off a model built afresh)."""
+    from bma_gp.kernels import ChunkedInducingPointKernel
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(120, 1, generator=generator, dtype=DTYPE)
+    y = torch.sin(6 * x[:, 0]) + 0.1 * torch.randn(120, generator=generator, dtype=DTYPE)
+    xt = torch.rand(10, 1, generator=generator, dtype=DTYPE)
+
+    def build() -> GP:
+        likelihood = gpytorch.likelihoods.GaussianLikelihood()
+        base = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+        return GP(x, y, likelihood, ChunkedInducingPointKernel(base, x[:12].clone(), likelihood)).to(DTYPE)
+
+    def mean(model: GP) -> torch.Tensor:
+        model.eval()
+        with torch.no_grad():
+            return model(xt).mean
+
+    model = build()
+    mean(model)  # caches K_ZZ and its inverse root on the kernel
+    copied = copy.deepcopy(model)
+    assert not hasattr(copied.covar_module, "_cached_kernel_inv_root")
+    copied.initialize(**{"covar_module.base_kernel.base_kernel.lengthscale": 0.05})
+    fresh = build()
+    fresh.load_state_dict(copied.state_dict())
+    torch.testing.assert_close(mean(copied), mean(fresh), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mean(model), mean(build()), rtol=1e-10, atol=1e-10)  # the original unchanged
+
+
 # ---------------------------------------------------------------------------- fantasy models
 def test_group_kernel_fantasy_model_is_the_model_given_all_points():
     """get_fantasy_model of a GroupKernel model raised NotImplementedError (whose message once sent the user to "the

@@ -199,6 +199,10 @@ class ChunkedInducingPointKernel(InducingPointKernel):
         copied.chunk_rows = self.chunk_rows
         copied.analytic_rbf = self.analytic_rbf
         copied.training = self.training
+        # the copy's K_ZZ and its inverse root are formed afresh: GPyTorch's copy holds the very tensors this kernel
+        # cached in eval mode, and the copied model has no prediction strategy whose hyperparameter check would clear
+        # them, so that a hyperparameter changed on the copy in eval mode predicted with the original's K_ZZ
+        copied._clear_cache()
         return copied
 
     def _apply(self, fn, *args, **kwargs):
