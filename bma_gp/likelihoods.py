@@ -20,7 +20,7 @@ from gpytorch.priors import Prior
 from linear_operator.operators import DiagLinearOperator
 from torch import Tensor
 
-from bma_gp.kernels.group_kernel import as_int, check_group_ids
+from bma_gp.kernels.group_kernel import as_int, check_group_ids, fit_parameter_shape
 from bma_gp.partition import _as_array
 
 __all__ = ["GroupGaussianLikelihood", "GroupNoise"]
@@ -129,13 +129,16 @@ class GroupNoise(Noise):
     def _set_noise(self, value) -> None:
         value = _as_variances(value, self.raw_noise, "a number or a tensor of noise variances (one per group)")
         value = value.to(self.raw_noise.dtype)
-        try:
-            value = value.expand_as(self.raw_noise)
-        except RuntimeError:
+        # where the module is not strict (GPyTorch's pyro_load_from_samples), samples (*sample_shape, *noise.shape)
+        # give the noise that batch, and the flags of the observed levels follow it (each sample observed the levels
+        # its entry did), so that the loaded model predicts
+        fitted = fit_parameter_shape(self, value, self.raw_noise)
+        if fitted is None:
             raise ValueError(
                 f"noise of shape {tuple(value.shape)} does not fit the likelihood's noise of shape "
                 f"{tuple(self.raw_noise.shape)} (one value per group); pass a scalar or a tensor of that shape."
-            ) from None
+            )
+        value = fitted
         constraint = self.raw_noise_constraint
         inside = (value >= constraint.lower_bound) & (value <= constraint.upper_bound)  # False for NaN
         if constraint.enforced and not bool(inside.all()):
@@ -144,7 +147,21 @@ class GroupNoise(Noise):
                 "pass noise variances inside it, or build the likelihood with another constraint "
                 "(noise_constraint=gpytorch.constraints.GreaterThan(lower_bound))."
             )
-        self.initialize(raw_noise=constraint.inverse_transform(value))
+        raw = constraint.inverse_transform(value)
+        observed = self._buffers["observed"]
+        if raw.shape != self.raw_noise.shape:
+            observed = observed.expand(*raw.shape[:-1], self.num_groups).clone()
+        self.initialize(raw_noise=raw)
+        self.observed = observed
+
+    def local_load_samples(self, samples_dict, memo, prefix: str) -> None:
+        """GPyTorch's (the noise takes the batch of samples, :meth:`_set_noise`); where the setting closure raises,
+        the module is strict again (GPyTorch's leaves it not strict) and the error is raised."""
+        try:
+            super().local_load_samples(samples_dict, memo, prefix)
+        except BaseException:
+            self._strict(True)
+            raise
 
     def _noise_param(self, m: GroupNoise) -> Tensor:
         return m.noise

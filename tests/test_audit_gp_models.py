@@ -177,7 +177,6 @@ def test_deepcopy_of_a_chunked_sgpr_model_keeps_its_mode_and_its_own_likelihood(
     torch.testing.assert_close(mll(copied(inputs), y), reference_mll(reference(inputs), y), rtol=1e-12, atol=1e-12)
 
 
-
 def test_deepcopy_of_an_eval_mode_chunked_sgpr_model_forms_its_own_inducing_root():
     """A copy of a model that predicted in eval mode held the original's cached K_ZZ and inverse root; the copy has no
     prediction strategy whose hyperparameter check would clear them, so that a lengthscale set on the copy in eval

@@ -155,6 +155,28 @@ def _warn_dense(kernel: GroupKernel, what: str) -> None:
     )
 
 
+def fit_parameter_shape(module, value: Tensor, param: Tensor) -> Tensor | None:
+    """``value`` broadcast to the shape of ``param`` (a parameter of ``module``), or None where it does not fit.
+
+    Where ``module`` is not strict (GPyTorch's ``pyro_load_from_samples`` sets its modules so while it calls the
+    priors' setting closures with samples of shape ``(*sample_shape, *param.shape)``) a value with leading sample
+    dimensions is taken too, broadcast to ``(*sample_shape, *param.shape)``: the parameter takes the batch of samples,
+    as GPyTorch's own setters let it (``Module.initialize``). Its own trailing shape must still be ``param``'s."""
+    try:
+        return value.expand_as(param)
+    except RuntimeError:
+        pass
+    if getattr(module, "_strict_init", True):
+        return None
+    try:
+        shape = torch.broadcast_shapes(value.shape, param.shape)
+    except RuntimeError:
+        return None
+    if param.dim() and shape[len(shape) - param.dim() :] != param.shape:
+        return None
+    return value.expand(shape).contiguous()  # it becomes the parameter's data: no stride-0 view
+
+
 def _matrix_prior_size(prior) -> int | None:
     """The size ``n`` of the ``n x n`` matrices a matrix prior is on, where it says (``LKJPrior``'s ``n``,
     ``LKJCovariancePrior``'s correlation prior, a square ``event_shape``), else None."""
@@ -383,7 +405,11 @@ class GroupKernel(Kernel):
                 )
             self.register_parameter("raw_corr", None)
         if prior is not None:  # a method, not a lambda, so that the module pickles (torch.save(model))
-            self.register_prior("GroupKernelPrior", prior, self._prior_param)
+            # the prior on slope_covar of a correlated intercept and slope is a prior on (var, corr), one to one, so
+            # its samples can be loaded (pyro_load_from_samples); C = W W^T + diag(v) is not one to one (nor C = v I
+            # a general matrix), so that prior has no setting closure, as GPyTorch's IndexKernelPrior has none
+            closure = self._prior_closure if self.correlated else None
+            self.register_prior("GroupKernelPrior", prior, self._prior_param, closure)
         if var_prior is not None:
             self.register_prior("var_prior", var_prior, self._var_param, self._var_closure)
 
@@ -397,6 +423,38 @@ class GroupKernel(Kernel):
     def _var_closure(self, m: GroupKernel, value: Tensor) -> None:
         m.var = value
 
+    def _prior_closure(self, m: GroupKernel, value: Tensor) -> None:
+        """Set ``var`` and ``corr`` from a sample of :attr:`slope_covar` ``(*batch, 2, 2)`` (correlated slopes)."""
+        value = torch.as_tensor(value, dtype=m.raw_var.dtype, device=m.raw_var.device)
+        if value.dim() < 2 or tuple(value.shape[-2:]) != (2, 2):
+            raise ValueError(
+                f"slope_covar of shape {tuple(value.shape)} is no batch of 2 x 2 covariances of (intercept, slope); "
+                "pass a tensor of shape (*batch, 2, 2)."
+            )
+        var = torch.stack([value[..., 0, 0], value[..., 1, 1]], -1)
+        off = 0.5 * (value[..., 0, 1] + value[..., 1, 0])
+        corr = (off / (var[..., 0] * var[..., 1]).sqrt()).unsqueeze(-1)
+        raw_var = m._checked_var(var)
+        raw_corr = m._checked_corr(corr)
+        m.initialize(raw_var=raw_var, raw_corr=raw_corr)
+
+    def local_load_samples(self, samples_dict, memo, prefix: str) -> None:
+        """GPyTorch's, which sets the batch shape to ``(num_samples, *batch_shape)`` and calls the setting closures of
+        the priors with the samples; where a closure raises, the kernel is left as it was (batch shape, parameters,
+        strictness) and the error is raised."""
+        batch_shape = self.batch_shape
+        saved = {name: p.data for name, p in self._parameters.items() if p is not None}
+        known = set(memo)
+        try:
+            super().local_load_samples(samples_dict, memo, prefix)
+        except BaseException:
+            setattr(self, "batch_shape", batch_shape)  # noqa: B010 (an assignment confuses mypy's property type)
+            for name, data in saved.items():
+                self._parameters[name].data = data
+            memo.intersection_update(known)
+            self._strict(True)
+            raise
+
     # ------------------------------------------------------------------ parameters
     @property
     def var(self) -> Tensor:
@@ -407,17 +465,21 @@ class GroupKernel(Kernel):
 
     @var.setter
     def var(self, value) -> None:
+        self.initialize(raw_var=self._checked_var(value))
+
+    def _checked_var(self, value) -> Tensor:
+        """``raw_var`` for the variance ``value``, checked (``ValueError`` naming ``var``); changes nothing. A batch of
+        samples ``(*sample_shape, *var.shape)`` is taken where the kernel is not strict
+        (:func:`fit_parameter_shape`: ``pyro_load_from_samples``)."""
         value = torch.as_tensor(value, dtype=self.raw_var.dtype, device=self.raw_var.device)
-        if value.dim() == 0:
-            value = value.expand_as(self.raw_var)
-        try:
-            value = value.expand_as(self.raw_var)
-        except RuntimeError:
+        fitted = fit_parameter_shape(self, value, self.raw_var)
+        if fitted is None:
             raise ValueError(
                 f"var of shape {tuple(value.shape)} does not fit the kernel's variance of shape "
                 f"{tuple(self.raw_var.shape)} (per_group_variance={self.per_group_variance}); pass a "
                 "scalar or a tensor of that shape."
-            ) from None
+            )
+        value = fitted
         constraint = self.raw_var_constraint
         raw = constraint.inverse_transform(value)
         # inside the constraint's open interval: a NaN, a value outside it, or its bound (var = 0 under Positive():
@@ -429,7 +491,7 @@ class GroupKernel(Kernel):
                 f"{constraint}; pass variances inside it (for Positive(): > 0, e.g. 1e-6 for an effect near 0), or "
                 "build the kernel with another constraint (var_constraint=gpytorch.constraints.GreaterThan(bound))."
             )
-        self.initialize(raw_var=raw)
+        return raw
 
     @property
     def covar_matrix(self) -> Tensor:
@@ -454,23 +516,28 @@ class GroupKernel(Kernel):
 
     @corr.setter
     def corr(self, value) -> None:
+        self.initialize(raw_corr=self._checked_corr(value))
+
+    def _checked_corr(self, value) -> Tensor:
+        """``raw_corr`` for the correlation ``value``, checked (``ValueError`` naming ``corr``); changes nothing. Takes
+        a batch of samples where the kernel is not strict, as :meth:`_checked_var`."""
         if self.raw_corr is None:
             raise ValueError("corr needs slope=True, intercept=True and correlated=True.")
         value = torch.as_tensor(value, dtype=self.raw_corr.dtype, device=self.raw_corr.device)
-        try:
-            value = value.expand_as(self.raw_corr)
-        except RuntimeError:
+        fitted = fit_parameter_shape(self, value, self.raw_corr)
+        if fitted is None:
             raise ValueError(
                 f"corr of shape {tuple(value.shape)} does not fit the kernel's correlation of shape "
                 f"{tuple(self.raw_corr.shape)}; pass a scalar or a tensor of that shape."
-            ) from None
+            )
+        value = fitted
         if not bool((value.abs() < 1).all()):  # also NaN
             raise ValueError(
                 f"corr must lie strictly inside (-1, 1), got {value.flatten().tolist()}: at +-1 the covariance of "
                 "intercept and slope is singular and its parameter infinite. For a perfectly correlated slope use "
                 "a value such as 0.999."
             )
-        self.initialize(raw_corr=self.raw_corr_constraint.inverse_transform(value))
+        return self.raw_corr_constraint.inverse_transform(value)
 
     @property
     def slope_covar(self) -> Tensor:

@@ -285,8 +285,9 @@ class _Factor:
         wdt = core_dtype(prior.dtype)
         M = prior.add_diagonal(noise.to(prior.dtype))
         sizes = M._sizes()
-        c = prior.diag_values.to(wdt)
-        nu = noise.to(wdt).expand_as(c)
+        # the noise (or the mean, through the strategy's batch) can carry a batch of hyperparameter samples the
+        # prior covariance does not (an unbatched kernel with a batched likelihood): broadcast both to the joint batch
+        c, nu = torch.broadcast_tensors(prior.diag_values.to(wdt), noise.to(wdt))
         e = c + nu
         self.M = M
         self.s = nu * c / e
