@@ -4,7 +4,10 @@ One formula for every path of the step (eager, fused and scattered): entries who
 always been exactly 0 (:math:`h = 0`) get :math:`r = 0` instead of :math:`\epsilon^{-1/2}`, which
 would amplify the coupling term of their block by up to :math:`10^5`. The mask needs no boolean
 tensor: :math:`\min(z^{-1/2}, \sqrt{h}\,\beta)` is :math:`z^{-1/2}` for every :math:`h > 0` and 0 for
-:math:`h = 0`, with :math:`\beta` from :func:`unmask_scale`.
+:math:`h = 0`, with :math:`\beta` from :func:`unmask_scale`. The normalised gradient :math:`n = r^2 g` is 0
+there too: an entry whose :math:`g^2` underflows to 0 in the state's dtype (:math:`|g|` below about
+:math:`10^{-23}` in float32, :math:`10^{-162}` in float64) keeps :math:`h = 0` and counts as one without
+gradient, in every path (the fused passes compute :math:`n = v r`; the eager ones divide and then mask).
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ def z_inv_sqrt(
         out: receives ``r``.
         scratch: receives :math:`\sqrt{h}` (then overwritten when masking).
         divide: ``(g, n)``: also write :math:`n = g / z` into ``n`` (with ``out``), divided exactly as
-            ``torch.optim.Adagrad`` divides, before ``z`` becomes ``r`` in place.
+            ``torch.optim.Adagrad`` divides, before ``z`` becomes ``r`` in place; with ``mask``, ``n = 0`` where
+            ``h == 0`` too (:math:`n = r^2 g`). Without ``mask`` the caller masks ``n`` with ``r``
+            (:meth:`bma_gp.optim.functional.Workspace.mask_zeros`).
     """
     big = unmask_scale(h.dtype)
     if out is None:  # functional form (compiled passes)
@@ -71,6 +76,8 @@ def z_inv_sqrt(
     z.rsqrt_()
     if mask:
         torch.minimum(out, root.mul_(big), out=out)
+        if divide is not None:  # n = r^2 g = 0 where h = 0 (g^2 underflowed): not g / eps
+            divide[1].masked_fill_(root == 0, 0.0)
     return out
 
 

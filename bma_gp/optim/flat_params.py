@@ -171,7 +171,12 @@ class FlatParams:
         return buffers[name]
 
     def collect_grads(self) -> tuple[list[Tensor | None], list[bool]]:
-        """The parameters' gradients as they are (``None`` where a parameter has none).
+        """The parameters' gradients as they are (``None`` where a parameter has none), with a negative bit resolved.
+
+        A gradient may carry torch's lazy negation (``x.conj().imag``, ``torch._neg_view``): its values are right,
+        but torch's fused kernels and ``.numpy()`` refuse it (the CPU step's ratio form raised from
+        ``torch._fused_adagrad_``, ``fused=True`` from numba's ``.numpy()``). Such a gradient is materialised here,
+        as ``torch.optim.Adagrad`` accepts it; ``resolve_neg()`` is free where the bit is not set.
 
         Returns:
             ``(grads, active)``: per parameter, its gradient and whether it has one.
@@ -180,12 +185,16 @@ class FlatParams:
             SparseGradientError: a gradient is sparse.
         """
         grads = [p.grad for p in self.params]
-        for p, grad in zip(self.params, grads):
-            if grad is not None and (grad.is_sparse or grad.layout != torch.strided):
+        for i, (p, grad) in enumerate(zip(self.params, grads)):
+            if grad is None:
+                continue
+            if grad.is_sparse or grad.layout != torch.strided:
                 raise SparseGradientError(
                     f"sparse gradients are not supported (parameter of shape {tuple(p.shape)} has a "
                     f"{grad.layout} gradient); use dense gradients, e.g. nn.Embedding(..., sparse=False)."
                 )
+            if grad.is_neg():
+                grads[i] = grad.resolve_neg()
         return grads, [grad is not None for grad in grads]
 
     def gather_grads(self, grads: list[Tensor | None], maximize_of_group: list[bool]) -> Tensor:

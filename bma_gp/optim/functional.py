@@ -80,6 +80,9 @@ def normalised_correlation(U: Tensor, w: Tensor, partition: Partition) -> BlockM
         TypeError: ``U`` and ``w`` are not floating-point tensors of one dtype.
     """
     _check_statistics_dtype(U, w)
+    # rescaled per block by powers of two (F does not change, the same numbers where nothing under- or overflows):
+    # a tiny w (subnormal) gave 1 / d an overflow and F non-finite entries
+    U, w = _rescale_statistics(U, w)
     F_tilde = block_mean_from_sums(U, w, partition)
     d = w / partition.sizes.to(w.dtype)
     seen = d > 0
@@ -155,8 +158,14 @@ _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.flo
 
 
 def _inverse_root_formulas(U: Tensor, w: Tensor, consts, damping: float) -> tuple[Tensor, Tensor]:
-    """The body of :func:`_normalised_inverse_root` in torch (2-D ``U``)."""
+    """The body of :func:`_normalised_inverse_root` in torch (2-D ``U``).
+
+    The statistics are first rescaled per block by powers of two (:func:`_rescale_statistics`): :math:`F` does not
+    change, every result is the same bit for bit where nothing under- or overflows, and a block whose ``w / s``
+    is tiny (a subnormal ``w``, where ``1 / d`` overflowed to a non-finite root) gets its finite root. A few
+    ``k``-sized operations, no host synchronisation."""
     inv_s, inv_within, single, outer_rsqrt = consts
+    U, w = _rescale_statistics(U, w)
     d = w * inv_s
     seen = d > 0
     inv_d = torch.where(seen, 1 / torch.where(seen, d, 1.0), 0.0)
@@ -182,12 +191,16 @@ def _inverse_root_formulas(U: Tensor, w: Tensor, consts, damping: float) -> tupl
 
 
 @np.errstate(all="ignore")  # inf/nan where torch gives them silently (a singular F with damping 0, NaN statistics)
-def _inverse_root_numpy(U: np.ndarray, w: np.ndarray, consts, damping: float) -> tuple[np.ndarray, np.ndarray]:
+def _inverse_root_numpy(
+    U: np.ndarray, w: np.ndarray, consts, damping: float, rescaled: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_inverse_root_formulas` on float64 numpy arrays, the same operations in the same order (tested equal
     to rounding), with one ``syevd`` through scipy's LAPACK wrapper (5 us at a few blocks, where
     ``numpy.linalg.eigh`` costs 14 us) and no ``where``/``outer`` calls (4 us each) where a block has had no
     gradient or no block is a singleton. Raises :class:`numpy.linalg.LinAlgError` on non-finite statistics (as
-    ``numpy.linalg.eigh`` does) or when ``syevd`` fails."""
+    ``numpy.linalg.eigh`` does) or when ``syevd`` fails. Where finite statistics give a non-finite core matrix (a
+    tiny ``w``: ``1 / d`` overflowed), it starts again once from statistics rescaled per block by powers of two
+    (:func:`_rescale_statistics_numpy`; ``rescaled``), which leave :math:`F` as it is: only that rare case pays."""
     inv_s, inv_within, single, outer_rsqrt, any_single = consts
     k = w.shape[0]
     d = w * inv_s
@@ -206,8 +219,10 @@ def _inverse_root_numpy(U: np.ndarray, w: np.ndarray, consts, damping: float) ->
     C.ravel()[:: k + 1] = C_diag
     if any_single:  # fold singletons as the operator does
         lam = np.where(single, np.where(C_diag > 0, C_diag, 1.0), lam)
-    if not np.isfinite(C).all():  # as numpy's eigh does: the caller then leaves the case to torch
-        raise np.linalg.LinAlgError("non-finite statistics")
+    if not np.isfinite(C).all():
+        if not rescaled and np.isfinite(U).all() and np.isfinite(w).all():  # tiny w: 1 / d overflowed
+            return _inverse_root_numpy(*_rescale_statistics_numpy(U, w), consts, damping, rescaled=True)
+        raise np.linalg.LinAlgError("non-finite statistics")  # as numpy's eigh does: the caller then asks torch
     e, V, info = _lapack().dsyevd(C, compute_v=1, lower=1)  # the lower triangle, as numpy's eigh reads it
     if info != 0:
         raise np.linalg.LinAlgError(f"syevd failed (info = {info})")
@@ -221,13 +236,15 @@ def _inverse_root_numpy(U: np.ndarray, w: np.ndarray, consts, damping: float) ->
     return f_lam, B
 
 
-def _inverse_root_python(U: list, w: list, consts, damping: float) -> tuple[list, list] | None:
+def _inverse_root_python(U: list, w: list, consts, damping: float, rescaled: bool = False) -> tuple[list, list] | None:
     """:func:`_inverse_root_numpy` on Python floats, for the few blocks of :data:`PYTHON_ROOT_MAX_BLOCKS`: the same
     formulas (equal to rounding, tested) with one ``syevd``, at about a third of the cost right after a step's passes
     over megabytes, where each numpy call costs about 10 us (its code and tables are out of the caches). ``U`` is a
     list of rows, ``w`` a list, ``consts`` :func:`_root_constants`'s arrays as lists. Returns ``(lam, B)`` as lists,
     or ``None`` where some quantity is not finite or not positive (the numpy path then gives the result, with its
-    inf/nan semantics)."""
+    inf/nan semantics). Where finite statistics give a non-finite core matrix (a tiny ``w``: ``1 / d`` overflowed),
+    it starts again once from statistics rescaled per block by powers of two (:func:`_rescale_statistics_numpy`;
+    ``rescaled``), which leave :math:`F` as it is."""
     inv_s, inv_within, single, outer_rsqrt = consts
     k = len(w)
     lam, t, C = [0.0] * k, [0.0] * k, []
@@ -245,6 +262,9 @@ def _inverse_root_python(U: list, w: list, consts, damping: float) -> tuple[list
         if single[i]:  # fold singletons as the operator does
             lam[i] = diag[i] if diag[i] > 0 else 1.0
     if not all(math.isfinite(x) for row in C for x in row) or not all(x > 0 for x in lam):
+        if not rescaled and all(math.isfinite(x) for x in w) and all(math.isfinite(x) for row in U for x in row):
+            U_s, w_s = _rescale_statistics_numpy(np.array(U, dtype=np.float64), np.array(w, dtype=np.float64))
+            return _inverse_root_python(U_s.tolist(), w_s.tolist(), consts, damping, rescaled=True)
         return None
     e, V, info = _lapack().dsyevd(np.array(C), compute_v=1, lower=1)
     if info != 0:
@@ -262,6 +282,38 @@ def _inverse_root_python(U: list, w: list, consts, damping: float) -> tuple[list
                 x -= f_lam[i]
             B[i][j] = B[j][i] = x * outer_rsqrt[i][j]
     return f_lam, B
+
+
+def _block_scales_numpy(w: np.ndarray) -> np.ndarray:
+    """Per block a power of two ``c`` with ``w c^2`` in ``[1/2, 2)`` (1 where ``w`` is 0 or not finite)."""
+    with np.errstate(all="ignore"):
+        e = np.frexp(np.where(np.isfinite(w), w, 0.0))[1]
+    return np.ldexp(1.0, -(e // 2))
+
+
+def _rescale_statistics_numpy(U: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    r"""``(U c c^T, w c^2)`` with :func:`_block_scales_numpy`'s powers of two ``c``: the statistics of the
+    normalised gradients with block ``i`` scaled by ``c_i``, exactly. :math:`F` is scale-free per block (a
+    correlation normalised by each block's mean diagonal ``w / s``), so it does not change; but ``w / s`` is then
+    about 1, where a tiny ``w`` (subnormal, or nearly) made ``1 / d`` overflow and the root non-finite."""
+    c = _block_scales_numpy(w)
+    return (U * c[:, None]) * c, (w * c) * c  # c_i c_j may overflow alone; U_ij c_i c_j does not
+
+
+def _rescale_statistics(U: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_rescale_statistics_numpy` in torch, without a host synchronisation: the powers of two are built from
+    ``w``'s exponents (``torch.frexp``) bit by bit (exact), and taken from ``w`` outside autograd (:math:`F` does not
+    depend on them)."""
+    with torch.no_grad():
+        _, e = torch.frexp(torch.where(torch.isfinite(w), w, 0.0))
+        k = torch.div(e, 2, rounding_mode="floor")
+        if w.dtype == torch.float64:
+            c = ((1023 - k).to(torch.int64) << 52).view(torch.float64)
+        elif w.dtype == torch.float32:
+            c = ((127 - k).to(torch.int32) << 23).view(torch.float32)
+        else:  # 16-bit statistics: 2^-k in float32, cast (exact where it fits)
+            c = torch.exp2(-k.to(torch.float32)).to(w.dtype)
+    return (U * c.unsqueeze(-1)) * c, (w * c) * c
 
 
 @functools.cache
@@ -382,11 +434,16 @@ class Workspace:
         self.zeros.clear()
         self.host_zeros.clear()
 
-    def mask_zeros(self, key: int, h: Tensor, r: Tensor) -> None:
-        """``r = 0`` where ``h = 0``, by the list of such entries (CPU)."""
+    def mask_zeros(self, key: int, h: Tensor, r: Tensor, n: Tensor | None = None) -> None:
+        """``r = 0`` where ``h = 0``, by the list of such entries (CPU); and ``n = 0`` there too where ``n`` is
+        given: ``n = r^2 g`` (the update is ``r R (r g)``), so an entry whose ``g^2`` underflowed to 0 (``h`` stays
+        0) has ``n = 0``, not ``g / eps``, as in the fused passes. Nothing more where the list is empty."""
         idx = self.zeros[key] = zero_entries(h, self.zeros.get(key))
         if idx.numel():
-            r.index_put_((idx,), r.new_zeros(()))  # measured faster than index_fill_ (46 against 55 us per 10^4)
+            zero = r.new_zeros(())
+            r.index_put_((idx,), zero)  # measured faster than index_fill_ (46 against 55 us per 10^4)
+            if n is not None:
+                n.index_put_((idx,), zero)
 
     def tensor_views(self, blocks: ParamBlocks, params: list[Tensor], present: list[int]) -> tuple[list, ...]:
         """``(h, n, r, n_shaped, r_shaped, host, stepped)`` of the tensors ``present``: flat views, then ``n`` and ``r``
@@ -793,6 +850,8 @@ def block_mean_adagrad(
     damping = check_hyperparameter("damping", damping)
     update_interval = check_hyperparameter("update_interval", update_interval, positive=True, integer=True)
     fingerprint = _check_arguments(params, grads, state_sum, stats, blocks, workspace, lr, weight_decay, maximize)
+    # a gradient with torch's negative bit (x.conj().imag): materialised, as the class does (FlatParams.collect_grads)
+    grads = [g.resolve_neg() if g is not None and g.is_neg() else g for g in grads]
     # per parameter as the class passes them: Python floats (a 0-d tensor lr of a scheduler, as in a param group)
     lr = [float(check_hyperparameter("learning rate", x)) for x in lr]
     weight_decay = [float(check_hyperparameter("weight_decay", x)) for x in weight_decay]
@@ -957,7 +1016,7 @@ def _single_tensor_block_mean_adagrad(
         h.addcmul_(g, g)
         z_inv_sqrt(h, eps, mask=mask and not cpu, out=r, scratch=ws.scratch[: b - a], divide=(g, n))  # n = g / z
         if cpu:
-            ws.mask_zeros(i, h, r)
+            ws.mask_zeros(i, h, r, n)  # before the block sums: n = 0 where h = 0, as r
         first, last = blocks.first_block[i], blocks.first_block[i + 1]
         if last - first == 1:  # one block (every tensor under "tensor"): plain reductions, no partition bookkeeping
             torch.stack([torch.dot(g, r), n.sum(), torch.dot(n, n)], out=sums[first])
@@ -1136,7 +1195,8 @@ def _tensor_blocks_cpu_step(
             z_inv_sqrt(h, eps, mask=False, out=r, divide=(g, n))  # r, and n = g / z
         if j in chunked:
             continue
-        ws.mask_zeros(i, h, r)  # h = 0 (no gradient yet): r = 0 (n is already 0 there)
+        # h = 0 (no gradient yet, or g^2 underflowed to 0): r = 0 and n = r^2 g = 0 there, before the block sums
+        ws.mask_zeros(i, h, r, n)
         torch.dot(g, r, out=dots[j, 1])
         torch.sum(n, 0, out=dots[j, 2])
         torch.dot(n, n, out=dots[j, 3])
@@ -1222,8 +1282,9 @@ def _host_array(t: Tensor) -> np.ndarray:
 
 def _host_tensor_pass(g, h, n, r, eps: float) -> tuple[float, float, float, bool]:
     """The host form's first pass over one tensor (numpy arrays on the tensors' memory): ``h += g^2``,
-    ``z = sqrt(h) + eps``, ``n = g / z`` and ``r = z^{-1/2}`` (0 where ``h == 0``); returns the block sums
-    ``(g . r, sum n, n . n)`` and whether some entry of ``h`` is 0."""
+    ``z = sqrt(h) + eps``, ``n = g / z`` and ``r = z^{-1/2}`` (both 0 where ``h == 0``: ``n = r^2 g``, and an entry
+    whose ``g^2`` underflowed to 0 counts as one without gradient); returns the block sums ``(g . r, sum n, n . n)``
+    and whether some entry of ``h`` is 0."""
     np.multiply(g, g, out=n)
     h += n
     np.sqrt(h, out=r)
@@ -1235,6 +1296,7 @@ def _host_tensor_pass(g, h, n, r, eps: float) -> tuple[float, float, float, bool
     some_zero = bool(zero.any())
     if some_zero:
         r[zero] = 0.0
+        n[zero] = 0.0
     return float(np.dot(g, r)), float(n.sum()), float(np.dot(n, n)), some_zero
 
 
@@ -1480,7 +1542,7 @@ def _scattered_block_mean_adagrad(
     cpu = h.device.type == "cpu"
     z_inv_sqrt(h, eps, mask=mask and not cpu, out=r, scratch=ws.scratch, divide=(g, n))  # r, and n = g / z
     if cpu:
-        ws.mask_zeros(-1, h, r)
+        ws.mask_zeros(-1, h, r, n)  # n = 0 where h = 0, as r (before the block sums)
     n_sums = partition.block_sum(n)
     _accumulate(stats, n_sums, partition.block_sum(n.square_()))
     lam, B = preconditioner(
