@@ -1387,6 +1387,19 @@ def _hooked_root_diag_mul_constant(original):
     return _mul_constant
 
 
+def _scales_lazily(op) -> bool:
+    """Whether ``op`` is a covariance the package's predictions read in structured form and a batch of constants
+    should keep lazy: a group kernel's test-by-training covariance (:class:`BlockCrossLinearOperator`), a low-rank
+    product (an inducing-point kernel's), or a plain sum of such terms and block mean operators."""
+    from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
+
+    if isinstance(op, (BlockCrossLinearOperator, MatmulLinearOperator)) or (
+        _is_ours(op) and not _is_lazy_block_mean(op)
+    ):
+        return True
+    return type(op) is SumLinearOperator and all(_scales_lazily(term) for term in op.linear_ops)
+
+
 def _hooked_mul_matrix(original):
     """``LinearOperator._mul_matrix`` (the elementwise product ``A * B``, ``A.mul(B)``): when a factor is a lazily
     evaluated kernel tensor with a block mean or group kernel, or the other factor is a block mean operator, the block
@@ -1401,11 +1414,19 @@ def _hooked_mul_matrix(original):
 
     @functools.wraps(original)
     def _mul_matrix(self, other):
-        if isinstance(self, (LowRankRootLinearOperator, LowRankRootAddedDiagLinearOperator)):
-            constants = batch_constants(other)
-            scaled = _scaled_low_rank(self, constants) if constants is not None else None
+        constants = batch_constants(other)
+        if constants is not None and isinstance(self, (LowRankRootLinearOperator, LowRankRootAddedDiagLinearOperator)):
+            scaled = _scaled_low_rank(self, constants)
             if scaled is not None:
                 return scaled
+        if constants is not None and _scales_lazily(self):
+            # one constant per batch entry, in a batch that broadcasts against the operator's rather than equals it (a
+            # ScaleKernel with batch_shape=(S,) around an unbatched kernel, at test inputs (b, 1, q, d)): the lazy
+            # constant multiple that linear_operator's mul gives for equal batches, where its _mul_matrix multiplied the
+            # test-by-training covariance densely and the prediction left its closed form
+            shape = torch.broadcast_shapes(self.batch_shape, constants.shape)
+            operand = self if shape == self.batch_shape else self._expand_batch(shape)
+            return operand._mul_constant(constants.expand(shape))
         if isinstance(other, LinearOperator) and (
             _is_lazy_block_mean(self) or _is_lazy_block_mean(other) or (not own(self) and own(other))
         ):
