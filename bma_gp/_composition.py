@@ -49,7 +49,7 @@ from linear_operator.utils.getitem import _is_noop_index
 from torch import Tensor
 
 from bma_gp._autograd import carries_tangent, functorch_wrapped, tracks_derivatives
-from bma_gp._broadcast import batch_constants
+from bma_gp._broadcast import batch_constants, shared_batch_entry
 from bma_gp._indexing import TorchIndexing
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._warnings import ClosedFormFallbackWarning
@@ -677,20 +677,27 @@ class FallbackSumLinearOperator(_WarnsWhenFactorised, SumLinearOperator):
 
 
 class FallbackIndexedLinearOperator(_WarnsWhenFactorised, InterpolatedLinearOperator):
-    """Rows and columns of a block mean operator or sum other than one principal slice (``M[idx][:, idx]``,
-    ``M[:, :m]``): linear_operator's interpolated operator, whose solves, log-determinants and roots take the
-    generic path and say so with a :class:`ClosedFormFallbackWarning` when they run (products stay silent; a
-    principal slice ``M[a:b, a:b]`` stays in closed form)."""
+    """Rows and columns of a block mean operator or sum other than one principal submatrix (``M[:, :m]``, a point
+    repeated, different points on the two sides): linear_operator's interpolated operator, whose solves,
+    log-determinants and roots take the generic path and say so with a :class:`ClosedFormFallbackWarning` when they
+    run (products stay silent). A principal slice ``M[a:b, a:b]`` and the same distinct points on both sides
+    (``M[idx][:, idx]``, :func:`_indexed_principal`) stay in closed form."""
 
     def _nonsymmetric(self) -> bool:
         return _known_nonsymmetric(self.base_linear_op)
+
+    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+        # M[idx][:, idx] (rows, then the same columns): a principal submatrix, in the family again
+        res = super()._getitem(row_index, col_index, *batch_indices)
+        principal = _indexed_principal(res)
+        return res if principal is None else principal
 
     def _warn(self, what: str) -> None:
         warnings.warn(
             f"{what} of rows and columns of a {type(self.base_linear_op).__name__} other than one principal slice: "
             "this submatrix has no closed form here; linear_operator's generic path (dense Cholesky up to "
-            "max_cholesky_size, CG and Lanczos beyond) is used. Index with one slice on both sides "
-            "(M[a:b, a:b], or mvn[..., a:b]) to keep the closed forms.",
+            "max_cholesky_size, CG and Lanczos beyond) is used. Index with one slice, or the same distinct points, "
+            "on both sides (M[a:b, a:b], M[idx][:, idx], or mvn[..., a:b]) to keep the closed forms.",
             ClosedFormFallbackWarning,
             stacklevel=3,
         )
@@ -866,6 +873,30 @@ class FallbackMatmulLinearOperator(_WarnsWhenFactorised, MatmulLinearOperator):
 
     def add_diagonal(self, diag):
         return _as_fallback(super().add_diagonal(diag))
+
+
+def _indexed_principal(op: FallbackIndexedLinearOperator) -> LinearOperator | None:
+    """``op`` as the principal submatrix of its base where its rows and columns are the same distinct points in the
+    same order (``M[idx][:, idx]``, ``M[perm][:, perm]``, the same positions in every batch entry), else None: a block
+    mean operator or a sum of them restricted to those points (relabelled; a permutation permutes the labels) keeps
+    its closed forms. Repeated points are no principal submatrix (the diagonal of a repeated pair is not ``lam``)."""
+    base = op.base_linear_op
+    if not isinstance(base, (BlockMeanLinearOperator, BlockMeanSumLinearOperator)):
+        return None
+    rows, cols = op.left_interp_indices, op.right_interp_indices
+    if rows.shape != cols.shape or rows.shape[-1] != 1 or rows.shape[-2] == 0 or base.batch_shape != op.batch_shape:
+        return None
+    if not (bool((op.left_interp_values == 1).all()) and bool((op.right_interp_values == 1).all())):
+        return None
+    if not (rows is cols or torch.equal(rows, cols)):
+        return None
+    positions = shared_batch_entry(rows, 2)
+    if positions is None:
+        return None
+    positions = positions.squeeze(-1)
+    if torch.unique(positions).numel() != positions.numel():
+        return None
+    return base._principal(positions)
 
 
 def indexed_fallback(op: LinearOperator, row_index, col_index, *batch_indices) -> LinearOperator:

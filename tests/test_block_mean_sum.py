@@ -305,11 +305,12 @@ def test_principal_slices_stay_closed_form(structure, batch):
 
 
 def test_other_indexing_warns_when_it_leaves_the_closed_forms():
-    """Rows and columns other than one principal slice (a tensor index, different slices) take linear_operator's
-    interpolated operator: its products are right and silent, its solves say that they are generic."""
+    """Rows and columns other than one principal submatrix (a point repeated, different slices) take linear_operator's
+    interpolated operator: its products are right and silent, its solves say that they are generic. (The same distinct
+    points on both sides, ``M[idx][:, idx]``, are the principal submatrix: tests/test_indexed_principal19.py.)"""
     case = Case("crossed_root")
     op, A = case.op(), case.dense()
-    idx = torch.arange(0, N, 2)
+    idx = torch.cat([torch.arange(0, N, 2), torch.tensor([0])])  # the first point twice
     b = torch.randn(idx.numel(), 2, dtype=torch.float64)
     M1 = BlockMeanLinearOperator(
         torch.rand(4, dtype=torch.float64) + 0.5,
@@ -322,7 +323,10 @@ def test_other_indexing_warns_when_it_leaves_the_closed_forms():
         torch.testing.assert_close(sub.to_dense(), ref[idx][:, idx])
         torch.testing.assert_close(sub @ b, ref[idx][:, idx] @ b)  # products stay silent
         with pytest.warns(bma_gp.ClosedFormFallbackWarning, match="other than one principal slice"):
-            sub.solve(b)
+            try:
+                sub.solve(b)
+            except Exception:  # singular (two equal rows): the generic path may refuse it after warning
+                pass
         rows = M[: N // 2, N // 2 :]
         torch.testing.assert_close(rows.to_dense(), ref[: N // 2, N // 2 :])
 

@@ -158,7 +158,15 @@ def _fallbacks():
     A = torch.randn(7, 7, dtype=DT, generator=torch.Generator().manual_seed(9))
     A = A @ A.mT + 7 * torch.eye(7, dtype=DT)
     idx = torch.tensor([3, 0, 5, 6])
-    return [M + DenseLinearOperator(A), M[idx][:, idx], _sum()[idx][:, idx]]
+    # the indexed fallbacks built directly over the same points on both sides: indexing (M[idx][:, idx]) now gives
+    # the principal submatrix in the family, and other square indexings are singular or not symmetric
+    return [M + DenseLinearOperator(A), _indexed_fallback(M, idx), _indexed_fallback(_sum(), idx)]
+
+
+def _indexed_fallback(op, idx):
+    rows = idx.view(-1, 1)
+    ones = torch.ones(idx.numel(), 1, dtype=op.dtype)
+    return FallbackIndexedLinearOperator(op, rows, ones, rows, ones)
 
 
 @pytest.mark.parametrize("which", [0, 1, 2], ids=["sum", "indexed", "indexed_sum"])
