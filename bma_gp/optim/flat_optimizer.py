@@ -819,8 +819,13 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         change ``state_dict``, a copy)."""
         global_state = state_dict.pop("global_state", None)
         if global_state is None:
+            name = type(self).__name__
             raise ValueError(
-                f"state_dict has no 'global_state' entry: it was not produced by {type(self).__name__}.state_dict()."
+                f"state_dict has no 'global_state' entry: it was not produced by {name}.state_dict(), or a tool kept "
+                "only its 'state' and 'param_groups' (torch.distributed.checkpoint's get_optimizer_state_dict / "
+                "set_optimizer_state_dict do: they drop the optimizer's statistics, which no per-parameter entry "
+                f"holds). Save and load {name}.state_dict() whole (torch.save, or dcp.save / dcp.load of a dict that "
+                "holds it). Nothing was loaded."
             )
         saved_hyperparameters = state_dict.pop("hyperparameters", None)
         saved_flat = {
