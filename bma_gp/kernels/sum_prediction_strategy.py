@@ -1668,7 +1668,9 @@ class _DenseFactorSolves(KeepsIntegers):
             ValueError: the size is larger than :class:`bma_gp.settings.max_capacitance_size`."""
         L = self._dense_cholesky("draw")
         if L is None:
-            L = symmetric_matrix_function(self._symmetric_dense("draw"), torch.sqrt, lambda x: x.clamp_min(0))
+            # floored_sqrt: an eigenvalue 0 within rounding (two equal test points) has derivative 0, not inf (NaN
+            # gradients through every draw of that batch entry)
+            L = symmetric_matrix_function(self._symmetric_dense("draw"), floored_sqrt, lambda x: x.clamp_min(0))
         return RootLinearOperator(DenseLinearOperator(L.to(self.dtype)))  # type: ignore[attr-defined]
 
 
