@@ -7,6 +7,9 @@ within rounding as 0 with derivative 0."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import gpytorch
 import pytest
 import torch
@@ -47,3 +50,82 @@ def test_draws_at_equal_candidates_have_finite_gradients(kind, gap):
     draws.amax(-1).mean().backward()
     assert X.grad is not None and torch.isfinite(X.grad).all(), X.grad
     assert X.grad[..., :2].abs().sum() > 0  # the draws do depend on the candidates
+
+
+# ---------------------------------------------------------------------------- approximate GPs with group kernels
+class _SVGP(gpytorch.models.ApproximateGP):
+    def __init__(self, inducing, kernel, learn=False):
+        distribution = gpytorch.variational.CholeskyVariationalDistribution(inducing.shape[0])
+        strategy = gpytorch.variational.VariationalStrategy(
+            self, inducing, distribution, learn_inducing_locations=learn
+        )
+        super().__init__(strategy)
+        self.mean_module, self.covar_module = gpytorch.means.ConstantMean(), kernel
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+@pytest.mark.parametrize("which", ["rbf + group", "group(slope) + rbf", "scale(group + rbf)"])
+def test_approximate_gp_with_a_group_kernel_beside_a_dense_one_forms_no_n_by_n_matrix(which, monkeypatch):
+    """An approximate GP asks for ``data_data_covar.add_jitter()`` and then only its diagonal; the package evaluated
+    the lazy kernel tensor there, and a summand outside the family (RBF) formed the dense ``n x n`` matrix (10 GB at
+    n = 50,000), without a warning. The values equal the same model's with the kernel's own diagonal."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    n, m, groups = 600, 20, 12
+    generator = torch.Generator().manual_seed(0)
+    X = torch.stack(
+        [torch.randint(0, groups, (n,), generator=generator).double(), torch.rand(n, generator=generator, dtype=DTYPE)],
+        -1,
+    )
+    y = (torch.rand(n, generator=generator) < 0.5).double()
+    rbf = gpytorch.kernels.RBFKernel(active_dims=[1])
+    kernel = {
+        "rbf + group": lambda: rbf + GroupKernel(groups, active_dims=[0]),
+        "group(slope) + rbf": lambda: GroupKernel(groups, slope=True, active_dims=[0, 1]) + rbf,
+        "scale(group + rbf)": lambda: gpytorch.kernels.ScaleKernel(GroupKernel(groups, active_dims=[0]) + rbf),
+    }[which]()
+    model = _SVGP(X[:m].clone(), kernel).to(DTYPE)
+
+    class Squares(TorchDispatchMode):
+        found = False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if torch.is_tensor(out) and out.dim() >= 2 and tuple(out.shape[-2:]) == (n, n):
+                Squares.found = True
+            return out
+
+    def run(model, detect: bool):
+        torch.manual_seed(0)  # the variational distribution's first call initialises it with random noise
+        model.train()
+        model.zero_grad()
+        elbo = gpytorch.mlls.VariationalELBO(gpytorch.likelihoods.BernoulliLikelihood(), model, num_data=n)
+        with Squares() if detect else contextlib.nullcontext():
+            value = elbo(model(X), y)
+            value.backward()
+            model.eval()
+            with torch.no_grad():
+                variance = model(X).variance
+        grads = [p.grad.clone() for p in model.covar_module.parameters()]
+        return value.detach(), variance, grads
+
+    reference = copy.deepcopy(model)
+    value, variance, grads = run(model, detect=True)
+    assert not Squares.found
+    import bma_gp._composition as composition
+
+    monkeypatch.setattr(composition, "_kernel_in_family", lambda kernel, in_product=False: True)
+    ref_value, ref_variance, ref_grads = run(reference, detect=True)
+    assert Squares.found  # the evaluated kernel formed it
+    torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(variance, ref_variance, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_fractional_group_id_names_the_inducing_points():
+    kernel = GroupKernel(5)
+    with pytest.raises(ValueError, match="inducing points"):
+        kernel(torch.tensor([[3.998], [1.0]], dtype=DTYPE)).to_dense()

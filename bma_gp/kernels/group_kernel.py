@@ -85,6 +85,13 @@ def check_group_ids(values: Tensor, num_groups: int, name: str = "x") -> Tensor:
             if value == num_groups
             else ""
         )
+        if isinstance(value, float) and value != round(value) and 0 <= value < num_groups:
+            new_level = (
+                " A fraction between two ids is often an approximate GP's inducing points moved by training "
+                "(learn_inducing_locations=True: an optimiser with weight decay, such as AdamW, moves even a column "
+                "whose gradient is 0): keep them fixed (learn_inducing_locations=False), or keep the inducing points "
+                "out of weight decay."
+            )
         raise ValueError(
             f"{name} holds {value!r}, which is not an integer group id in [0, {num_groups}); "
             f"group ids must be whole numbers 0 .. num_groups - 1 = {num_groups - 1}.{new_level}"
