@@ -959,7 +959,7 @@ class BlockMeanSumLinearOperator(
 
         return indexed_fallback(self, row_index, col_index, *batch_indices)
 
-    def _principal(self, index: slice) -> BlockMeanSumLinearOperator:
+    def _principal(self, index: slice | Tensor) -> BlockMeanSumLinearOperator:
         """The principal submatrix over the points ``index``: ``d``, the labels, the weights and the root's rows
         restricted, every block matrix to the blocks those points touch."""
         partitions, blocks = [], []

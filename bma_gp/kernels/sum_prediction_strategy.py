@@ -77,6 +77,7 @@ from bma_gp.block_mean_sum_linear_operator import (
 )
 from bma_gp.kernels._bound_data import check_bound_data, check_prediction_dtype, record_bound_data
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
+from bma_gp.kernels.leading_rows_linear_operator import LeadingRowsLinearOperator
 from bma_gp.partition import Partition
 
 __all__ = [
@@ -478,6 +479,17 @@ def _training_mean(
     alpha = (r.to(wdt) - fitted) / M_o.diag_values.to(wdt)
     if gpytorch_settings.detach_test_caches.on():
         alpha = alpha.detach()
+        root = K.root if K.rank else None
+        if (
+            root is not None
+            and torch.is_grad_enabled()
+            and root.requires_grad
+            and _training_side_differentiable(strategy)
+        ):
+            # K's root enters K alpha twice, U (U^T alpha): U^T alpha from M is held fixed, so its dependence on the
+            # inducing points and hyperparameters is added back with the graph of K's own root (zero in value)
+            change = (root - root.detach()).to(wdt).mT @ alpha.unsqueeze(-1)
+            pieces[-1] = pieces[-1] + change
     shift = K.diag_values.to(wdt) * alpha + K._z([K._G(j, p) for j, p in enumerate(pieces)]).squeeze(-1)
     return _plus(test_mean, shift, test_train_covar)
 
@@ -868,9 +880,13 @@ def _same_root(a: Tensor, b: Tensor) -> bool:
     return _within(a, b, 64 * a.shape[-1])
 
 
-def _cross_factor(M: BlockMeanSumLinearOperator, pieces: list[_Piece]) -> list[Tensor | _OneHot | None] | None:
+def _cross_factor(
+    M: BlockMeanSumLinearOperator, pieces: list[_Piece], roots: list[tuple[int, Tensor]] | None = None
+) -> list[Tensor | _OneHot | None] | None:
     r""":math:`F` with :math:`K_{*x} = F Z^\top` for the columns :math:`Z` of ``M``, one block per term of ``M``
-    (None: zero), or None when a piece has no matching column block in ``M``."""
+    (None: zero), or None when a piece has no matching column block in ``M``. ``roots`` (if given) receives, per
+    inducing-point piece, its first column in the root of ``M`` and the cross covariance's own training root (the
+    right factor, ``(*batch, n, m)``, with the graph of this evaluation)."""
     sizes = M._sizes()
     J = len(M.partitions)
     blocks: list[Tensor | _OneHot | None] = [None] * len(sizes)
@@ -904,6 +920,8 @@ def _cross_factor(M: BlockMeanSumLinearOperator, pieces: list[_Piece]) -> list[T
                     break
             else:
                 return None
+            if roots is not None:
+                roots.append((offset, cols))
             if m < rank:
                 left = torch.nn.functional.pad(left, (offset, rank - m - offset))
             add(J, left)
@@ -1108,9 +1126,14 @@ def _posterior_coefficients(M: BlockMeanSumLinearOperator, offset: Tensor) -> Te
     the cancellation between the two happens among ``q`` numbers in the working precision, not among the ``n``
     entries of :math:`M^{-1} r` in the model's (float32: GPyTorch's :math:`K_{*x} M^{-1} r` lost two to three
     digits of the mean at a group kernel's factor, n = 10^5)."""
-    _, u, x = M._woodbury(offset.unsqueeze(-1))
-    coef = torch.cat(u, dim=-2) - _gram_matmul(M, torch.cat(x, dim=-2))
-    return coef.squeeze(-1)
+    return _solved_coefficients(M, offset.unsqueeze(-1)).squeeze(-1)
+
+
+def _solved_coefficients(M: BlockMeanSumLinearOperator, rhs: Tensor) -> Tensor:
+    r""":math:`Z^\top M^{-1} R = u - A x` (Woodbury: :math:`u = Z^\top D^{-1} R`, :math:`x = C^{-1} G u`), working
+    precision. ``rhs`` # shape: (*batch, n, c) -> (*batch, q, c)"""
+    _, u, x = M._woodbury(rhs)
+    return torch.cat(u, dim=-2) - _gram_matmul(M, torch.cat(x, dim=-2))
 
 
 def _new_input_weight(strategy: DefaultPredictionStrategy) -> tuple[BlockMeanSumLinearOperator, Tensor] | None:
@@ -1159,6 +1182,77 @@ def _new_input_coefficients(strategy: DefaultPredictionStrategy, M: BlockMeanSum
     return coef
 
 
+def _training_side_differentiable(strategy: DefaultPredictionStrategy) -> bool:
+    """Whether the training side of a cross covariance may depend on something that requires gradients: a training
+    input (a fantasy model's fantasy inputs) or a parameter of the model's kernel. Its ``requires_grad`` alone does
+    not say: GPyTorch evaluates the kernel on ``cat(train_x, test_x)``, whose training rows require gradients whenever
+    the test inputs do (an acquisition function's gradient with the hyperparameters frozen), with a zero gradient."""
+    if any(torch.is_tensor(x) and x.requires_grad for x in strategy.train_inputs):
+        return True
+    kernel = getattr(strategy.train_prior_dist.lazy_covariance_matrix, "kernel", None)
+    if not isinstance(kernel, torch.nn.Module):  # not a lazily evaluated kernel tensor: assume it may
+        return True
+    return any(p.requires_grad for p in kernel.parameters())
+
+
+def _root_change(
+    strategy: DefaultPredictionStrategy, M: BlockMeanSumLinearOperator, roots: list[tuple[int, Tensor]]
+) -> Tensor | None:
+    r""":math:`\Delta = U_x - \operatorname{detach}(U_x)` in the root's columns of ``M``: zero, with the graph of the
+    training roots of the cross covariance (:func:`_cross_factor`'s ``roots``), or None where no gradient needs it.
+
+    GPyTorch's ``detach_test_caches`` holds :math:`\alpha = M^{-1} r` (and, with eagerly evaluated kernels, the noisy
+    training covariance of the predictive covariance) fixed, but differentiates the whole test-by-training covariance
+    :math:`K_{*x} = U_* U_x^\top`, its training side too: :math:`U_x` depends on the inducing points, the base
+    kernel's hyperparameters and the training inputs (a fantasy model's fantasy inputs). The closed forms read the
+    training side from the detached ``M`` (the coefficients :math:`Z^\top \alpha`, the weight
+    :math:`W = Z^\top M^{-1} Z`), so that dependence is added back through :math:`\Delta` (see
+    :func:`new_input_prediction`); only with gradients enabled, under ``detach_test_caches`` (without it ``M`` keeps
+    its graph), and when a training root requires gradients. # shape: (*batch, n, rank)"""
+    if not (torch.is_grad_enabled() and gpytorch_settings.detach_test_caches.on()):
+        return None
+    live = [(offset, cols) for offset, cols in roots if cols.requires_grad]
+    if not live or not _training_side_differentiable(strategy):
+        return None
+    wdt, rank = core_dtype(M.dtype), M.rank
+    delta = None
+    for offset, cols in live:
+        # a training root copied across a batch of test sets (an expanded view) is one matrix
+        while cols.dim() > max(2, M.dim()) and cols.stride(0) == 0:
+            cols = cols[0]
+        m = cols.shape[-1]
+        change = torch.nn.functional.pad((cols - cols.detach()).to(wdt), (offset, rank - m - offset))
+        delta = change if delta is None else delta + change
+    return delta
+
+
+def _new_input_alpha(strategy: DefaultPredictionStrategy, M: BlockMeanSumLinearOperator) -> Tensor | None:
+    """GPyTorch's detached mean cache :math:`M_o^{-1} r` (:func:`_observed_alpha`; 0 at the points an observation NaN
+    policy drops) in the working precision, kept with ``M``; None where it has no closed form. # shape: (*batch, n)"""
+    policy = gpytorch_settings.observation_nan_policy.value()
+    cached = getattr(strategy, "_bma_gp_alpha", None)
+    if cached is not None and cached[0] is M and cached[1] == policy:
+        return cached[2]
+    found = _observed_alpha(strategy, M, policy)
+    if found is None:
+        return None
+    alpha = found[0].detach()
+    strategy._bma_gp_alpha = (M, policy, alpha)
+    return alpha
+
+
+def _blocks_matmul(blocks: list[Tensor | _OneHot | None], sizes: list[int], y: Tensor) -> Tensor:
+    """:math:`F y` from the blocks of :math:`F` (None: zero), in ``y``'s dtype. ``y`` # shape: (*batch, q, c)"""
+    res = None
+    for block, piece in zip(blocks, y.split(sizes, dim=-2)):
+        if block is not None:
+            values = block if isinstance(block, _OneHot) else block.to(y.dtype)
+            term = _block_matmul(values, piece)
+            res = term if res is None else res + term
+    assert res is not None
+    return res
+
+
 def new_input_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor, test_test_covar, test_train_covar):
     r"""``(mean, covariance)`` at new inputs in closed form, or None (then GPyTorch's path).
 
@@ -1189,16 +1283,36 @@ def new_input_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor,
     if found is None:
         return None
     M, W = found
-    blocks = _cross_factor(M, pieces)
+    roots: list[tuple[int, Tensor]] = []
+    blocks = _cross_factor(M, pieces, roots)
     if blocks is None or all(b is None for b in blocks):
         _warn_unrecognised_cross(strategy, test_train_covar, M)
         return None
-    covar = PredictiveCovarianceLinearOperator.from_blocks(test_test_covar, W, blocks, M._sizes())
+    sizes = M._sizes()
+    delta = _root_change(strategy, M, roots)
+    graph = None
+    if delta is not None and blocks[-1] is not None:
+        # GPyTorch's K_{*x} M^{-1} K_{x*} with M fixed and K_{*x} = F (Z + Delta)^T: to first order the closed form
+        # F W F^T plus G1 G2^T + G2 G1^T, G1 = F's root block and G2 = F Z^T M^{-1} Delta (both t x rank; G2 is
+        # zero, with the graph of Delta)
+        change = _scoped(lambda op: _solved_coefficients(op, delta))(M)  # Z^T M^{-1} Delta, (*batch, q, rank)
+        root_block = blocks[-1]
+        assert not isinstance(root_block, _OneHot)
+        graph = (root_block, _blocks_matmul(blocks, sizes, change))
+    covar = PredictiveCovarianceLinearOperator.from_blocks(test_test_covar, W, blocks, sizes, graph)
     # the mean as F (Z^T M^{-1} r), its coefficients in the working precision (of the observed points under a NaN
     # policy: Z's rows at the others are zeroed in M_o, so F's blocks apply as they are)
     coef = _new_input_coefficients(strategy, M)
     if coef is None:
         return _policy_mean(strategy, test_mean, test_train_covar), covar
+    if delta is not None:
+        alpha = _new_input_alpha(strategy, M)
+        if alpha is not None:  # the root's coefficients U^T alpha with the graph of the cross covariance's U (+ 0)
+            root_coef = (delta.mT @ alpha.to(delta.dtype).unsqueeze(-1)).squeeze(-1)
+            q = coef.shape[-1]
+            head, tail = coef[..., : q - M.rank], coef[..., q - M.rank :] + root_coef
+            batch = torch.broadcast_shapes(head.shape[:-1], tail.shape[:-1])
+            coef = torch.cat([head.expand(*batch, head.shape[-1]), tail.expand(*batch, tail.shape[-1])], dim=-1)
     shift = None
     for block, c in zip(blocks, coef.split(M._sizes(), dim=-1)):
         if block is not None:
@@ -1213,6 +1327,17 @@ def _has_dense_part(op) -> bool:
     if isinstance(op, DenseLinearOperator):
         return True
     return isinstance(op, SumLinearOperator) and any(_has_dense_part(term) for term in op.linear_ops)
+
+
+def _has_leading_rows(op) -> bool:
+    """Whether ``op`` is (or holds, as a summand or scaled) the columns of a block mean operator of the training
+    points followed by new points (:class:`~bma_gp.kernels.LeadingRowsLinearOperator`, transposed): what a
+    ``BlockMeanKernel`` returns for ``cat(train_x, new_x)`` against ``train_x``."""
+    if isinstance(op, LeadingRowsLinearOperator):
+        return op.transposed
+    if isinstance(op, ConstantMulLinearOperator):
+        return _has_leading_rows(op.base_linear_op)
+    return isinstance(op, SumLinearOperator) and any(_has_leading_rows(term) for term in op.linear_ops)
 
 
 def _kernel_product_strategy(strategy: DefaultPredictionStrategy) -> bool:
@@ -1237,6 +1362,18 @@ def _warn_unrecognised_cross(
         hint = (
             "It is (or holds) a dense matrix, as a gpytorch ProductKernel (k1 * k2) always makes the covariance "
             "between different inputs: the prediction is exact, but the t x n matrix is formed."
+        )
+    elif _has_leading_rows(test_train_covar):
+        # BoTorch's qNEI / qNEHVI posterior at cat(X_baseline = train_x, X_candidates): a BlockMeanKernel's rows for
+        # the training inputs themselves are its training covariance (with the within-block term on its diagonal),
+        # which is not of the form A P^T that the closed form at new inputs reads
+        hint = (
+            "The test inputs start with the training inputs themselves (train_x followed by new points, as BoTorch's "
+            "qNEI evaluates X_baseline = train_x with the candidates): a BlockMeanKernel's covariance of those rows "
+            "with the training points is its training covariance (LeadingRowsLinearOperator, the within-block term "
+            "on its diagonal), not the cross covariance A P^T of new points that the closed form at new inputs "
+            "takes. The prediction is exact, but the t x n matrix is formed. model(train_x) and model(new_x) alone "
+            "stay closed form."
         )
     elif _kernel_product_strategy(strategy):
         # a model that multiplies two lazily evaluated kernels in forward (routed to the block mean strategy)
@@ -1861,9 +1998,12 @@ class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, Clos
         present: tuple[bool, ...],
         sizes: tuple[int, ...],
         one_hot: tuple[bool, ...] = (),
+        graph: bool = False,
     ):
         one_hot = tuple(one_hot) or (False,) * len(present)
-        super().__init__(prior, W, *tensors, present=tuple(present), sizes=tuple(sizes), one_hot=one_hot)
+        super().__init__(
+            prior, W, *tensors, present=tuple(present), sizes=tuple(sizes), one_hot=one_hot, graph=bool(graph)
+        )
         given = iter(tensors)
         self.prior = prior
         self.W = W
@@ -1876,12 +2016,23 @@ class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, Clos
                 self.blocks.append(_OneHot(next(given), next(given), k))
             else:
                 self.blocks.append(next(given))
+        #: ``(G1, G2)``, the term :math:`G_1 G_2^\top + G_2 G_1^\top` subtracted too: zero, with the graph of the
+        #: training side of an inducing-point cross covariance (:func:`new_input_prediction`), or None
+        self.graph: tuple[Tensor, Tensor] | None = (next(given), next(given)) if graph else None
         self._sparse: list[bool] | None = None
         self._parts: _Structured | bool | None = None  # the structured forms' pieces (False: they do not apply)
 
     @classmethod
-    def from_blocks(cls, prior, W: Tensor | _ImplicitWeight, blocks: list[Tensor | _OneHot | None], sizes: list[int]):
-        """The operator from :math:`F`'s blocks (None: a zero block)."""
+    def from_blocks(
+        cls,
+        prior,
+        W: Tensor | _ImplicitWeight,
+        blocks: list[Tensor | _OneHot | None],
+        sizes: list[int],
+        graph: tuple[Tensor, Tensor] | None = None,
+    ):
+        """The operator from :math:`F`'s blocks (None: a zero block) and the optional graph term (see
+        :attr:`graph`)."""
         present = tuple(b is not None for b in blocks)
         one_hot = tuple(isinstance(b, _OneHot) for b in blocks)
         tensors: list[Tensor] = []
@@ -1890,7 +2041,9 @@ class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, Clos
                 tensors += [b.values, b.columns]
             elif b is not None:
                 tensors.append(b)
-        return cls(prior, W, *tensors, present=present, sizes=tuple(sizes), one_hot=one_hot)
+        if graph is not None:
+            tensors += list(graph)
+        return cls(prior, W, *tensors, present=present, sizes=tuple(sizes), one_hot=one_hot, graph=graph is not None)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -1914,7 +2067,11 @@ class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, Clos
         prior = self.prior.expand(*batch_shape, t, t)
         W = self.W.expand(*batch_shape, *self.W.shape[-2:])
         blocks = [None if b is None else b.expand(*batch_shape, *b.shape[-2:]) for b in self.blocks]
-        return PredictiveCovarianceLinearOperator.from_blocks(prior, W, blocks, self.sizes)
+        graph = self._map_graph(lambda g: g.expand(*batch_shape, *g.shape[-2:]))
+        return PredictiveCovarianceLinearOperator.from_blocks(prior, W, blocks, self.sizes, graph)
+
+    def _map_graph(self, fn) -> tuple[Tensor, Tensor] | None:
+        return None if self.graph is None else (fn(self.graph[0]), fn(self.graph[1]))
 
     def _unsqueeze_batch(self, dim: int) -> PredictiveCovarianceLinearOperator:
         """A new batch dimension of size 1 at ``dim`` in every part, expanded to the whole batch shape first
@@ -1930,7 +2087,11 @@ class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, Clos
             for b in full.blocks
         ]
         return PredictiveCovarianceLinearOperator.from_blocks(
-            full.prior.unsqueeze(dim), full.W.unsqueeze(dim), blocks, self.sizes
+            full.prior.unsqueeze(dim),
+            full.W.unsqueeze(dim),
+            blocks,
+            self.sizes,
+            full._map_graph(lambda g: g.unsqueeze(dim)),
         )
 
     def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
@@ -1953,7 +2114,8 @@ class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, Clos
                 else x[(*batch_indices, *every, *every)]
                 for x in (full.prior, full.W)
             )
-            return PredictiveCovarianceLinearOperator.from_blocks(prior, W, blocks, self.sizes)
+            graph = full._map_graph(lambda g: g[(*batch_indices, *every, *every)])
+            return PredictiveCovarianceLinearOperator.from_blocks(prior, W, blocks, self.sizes, graph)
         return super()._getitem(row_index, col_index, *batch_indices)
 
     def evaluate_kernel(self) -> PredictiveCovarianceLinearOperator:
@@ -1989,6 +2151,10 @@ class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, Clos
         correction = self._structured_product(x.to(core_dtype(self.dtype)))
         if correction is None:
             correction = self._f(self._w(self._f_t(x)))
+        if self.graph is not None:
+            G1, G2 = (g.to(correction.dtype) for g in self.graph)
+            xw = x.to(correction.dtype)
+            correction = correction + G1 @ (G2.mT @ xw) + G2 @ (G1.mT @ xw)
         return res.to(correction.dtype) - correction
 
     def _matmul(self, rhs: Tensor) -> Tensor:
@@ -2025,7 +2191,9 @@ class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, Clos
         """A diagonal (the likelihood's noise) goes into :math:`K_{**}`, so the sum keeps its exact root."""
         if isinstance(other, DiagLinearOperator):
             prior = self.prior if isinstance(self.prior, LinearOperator) else DenseLinearOperator(self.prior)
-            return PredictiveCovarianceLinearOperator.from_blocks(prior + other, self.W, self.blocks, self.sizes)
+            return PredictiveCovarianceLinearOperator.from_blocks(
+                prior + other, self.W, self.blocks, self.sizes, self.graph
+            )
         return super().__add__(other)
 
     def add_diagonal(self, diag: Tensor) -> LinearOperator:
@@ -2033,6 +2201,16 @@ class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, Clos
         return self + DiagLinearOperator(diag.expand(*self.shape[:-1]))
 
     def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
+        res = self._closed_form_indices(row_index, col_index, *batch_indices)
+        if self.graph is None:
+            return res
+        G1, G2 = (g.expand(*self.batch_shape, *g.shape[-2:]) for g in self.graph)
+        rows, cols = (*batch_indices, row_index), (*batch_indices, col_index)
+        extra = (G1[rows] * G2[cols]).sum(-1) + (G2[rows] * G1[cols]).sum(-1)
+        return res - extra.to(res.dtype)
+
+    def _closed_form_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
+        """Entries of :math:`K_{**} - F W F^\top` (without the :attr:`graph` term)."""
         prior = self.prior
         if isinstance(prior, LinearOperator):
             base = prior._expand_batch(self.batch_shape)._get_indices(row_index, col_index, *batch_indices)
@@ -2206,6 +2384,9 @@ class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, Clos
         prior = self.prior
         base = prior.diagonal(dim1=-2, dim2=-1)
         quad = self._quadratic_diagonal()
+        if self.graph is not None:
+            G1, G2 = (g.to(quad.dtype) for g in self.graph)
+            quad = quad + 2 * (G1 * G2).sum(-1)
         return (base.to(quad.dtype) - quad).clamp_min(0).to(self.dtype)  # >= 0 up to rounding
 
     def __repr__(self) -> str:
