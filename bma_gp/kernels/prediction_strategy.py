@@ -228,9 +228,24 @@ class _OneHotGram(KeepsIntegers, LinearOperator):
     def _expand_batch(self, batch_shape) -> LinearOperator:
         return _OneHotGram(self.f.expand(*batch_shape, self.f.shape[-1]), self.columns, self.num_columns)
 
+    def _dense(self) -> Tensor:
+        """The ``t x t`` matrix :math:`f f^\top \circ [c_i = c_j]`, without a ``k x t`` intermediate."""
+        same = self.columns.unsqueeze(-1) == self.columns.unsqueeze(-2)  # rows without a column have f = 0
+        outer = self.f.unsqueeze(-1) * self.f.unsqueeze(-2)
+        return torch.where(same, outer, torch.zeros_like(outer))
+
+    def to_dense(self) -> Tensor:
+        return self._dense()
+
     def _matmul(self, rhs: Tensor) -> Tensor:
         vector = rhs.dim() == 1
         x = rhs.unsqueeze(-1) if vector else rhs
+        t, c = self.f.shape[-1], x.shape[-1]
+        if self.num_columns * c > t * (t + c):
+            # many columns (a draw's or a dense covariance's identity): the column sums would be a k x c matrix, 8 GB
+            # at 10^5 levels and 10^4 columns; the t x t matrix and its product are smaller
+            res = self._dense() @ x
+            return res.squeeze(-1) if vector else res
         scaled = self.f.unsqueeze(-1) * x
         sums = scaled.new_zeros(*scaled.shape[:-2], self.num_columns, scaled.shape[-1]).index_add(
             -2, self._index, scaled
