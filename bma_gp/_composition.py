@@ -1479,29 +1479,28 @@ def _hooked_mul_matrix(original):
     return _mul_matrix
 
 
-def _kernel_in_family(kernel, in_product: bool = False) -> bool:
-    """Whether ``kernel``'s matrix evaluates to an operator with closed forms: a group or block mean kernel, a scale
-    of one, a sum of such kernels and inducing-point kernels (low-rank roots), a product of group or block mean
-    kernels. A summand or factor outside (an RBF kernel, say) makes the evaluated matrix a dense one."""
-    from gpytorch.kernels import AdditiveKernel, InducingPointKernel, ProductKernel, ScaleKernel
+def _has_dense_summand(kernel) -> bool:
+    """Whether ``kernel`` (a sum, possibly scaled) has a summand with no block mean, group or inducing-point kernel in
+    it (an RBF kernel, say), which makes the evaluated matrix a dense one. Products and other kernels are not looked
+    into: they evaluate as before."""
+    from gpytorch.kernels import AdditiveKernel, InducingPointKernel, ScaleKernel
 
-    from bma_gp.kernels import BlockMeanKernel, GroupKernel
-
-    if isinstance(kernel, (BlockMeanKernel, GroupKernel)):
-        return True
     if isinstance(kernel, ScaleKernel):
-        return _kernel_in_family(kernel.base_kernel, in_product)
+        return _has_dense_summand(kernel.base_kernel)
     if isinstance(kernel, AdditiveKernel):
-        return all(_kernel_in_family(part, in_product) for part in kernel.kernels)
-    if isinstance(kernel, ProductKernel):
-        return all(_kernel_in_family(part, True) for part in kernel.kernels)
-    return isinstance(kernel, InducingPointKernel) and not in_product
+        return any(
+            _has_dense_summand(part)
+            if isinstance(part, (ScaleKernel, AdditiveKernel))
+            else not (_involves_block_mean(part) or isinstance(part, InducingPointKernel))
+            for part in kernel.kernels
+        )
+    return False
 
 
 def _hooked_add_diagonal(original):
     """``add_diagonal`` (and ``add_jitter``) of a lazily evaluated kernel tensor with a block mean or group kernel:
-    the evaluated operator's, closed form, where the kernel is wholly in the family. Where a summand or factor is not
-    (``RBFKernel() + GroupKernel()``) the evaluated matrix is dense anyway: the lazy tensor plus the diagonal as a
+    the evaluated operator's, closed form. Where a summand is outside the family (``RBFKernel() + GroupKernel()``)
+    the evaluated matrix is dense anyway: the lazy tensor plus the diagonal as a
     :class:`FallbackSumLinearOperator`, which warns when it is factorised and keeps the kernel unevaluated for what
     needs only its diagonal or products (an approximate GP's ``data_data_covar.add_jitter()`` then ``.diagonal()``,
     where evaluating formed the ``n x n`` matrix: 10 GB at n = 50,000)."""
@@ -1509,7 +1508,7 @@ def _hooked_add_diagonal(original):
     @functools.wraps(original)
     def add_diagonal(self, diag):
         if _is_lazy_block_mean(self):
-            if _kernel_in_family(self.kernel):
+            if not _has_dense_summand(self.kernel):
                 return self.evaluate_kernel().add_diagonal(diag)
             res = original(self, diag)
             if isinstance(res, AddedDiagLinearOperator):

@@ -54,7 +54,7 @@ def test_draws_at_new_inputs_form_no_levels_by_points_matrix():
             return out
 
     with torch.no_grad():
-        model(X[:3]).mean  # the caches
+        _ = model(X[:3]).mean  # the caches
         pred = model(xt)
         with Wide():
             covariance = pred.covariance_matrix

@@ -229,7 +229,7 @@ class _OneHotGram(KeepsIntegers, LinearOperator):
         return _OneHotGram(self.f.expand(*batch_shape, self.f.shape[-1]), self.columns, self.num_columns)
 
     def _dense(self) -> Tensor:
-        """The ``t x t`` matrix :math:`f f^\top \circ [c_i = c_j]`, without a ``k x t`` intermediate."""
+        r"""The ``t x t`` matrix :math:`f f^\top \circ [c_i = c_j]`, without a ``k x t`` intermediate."""
         same = self.columns.unsqueeze(-1) == self.columns.unsqueeze(-2)  # rows without a column have f = 0
         outer = self.f.unsqueeze(-1) * self.f.unsqueeze(-2)
         return torch.where(same, outer, torch.zeros_like(outer))
