@@ -85,9 +85,9 @@ def check_group_ids(values: Tensor, num_groups: int, name: str = "x") -> Tensor:
             if value == num_groups
             else ""
         )
-        if isinstance(value, float) and value != round(value) and 0 <= value < num_groups:
+        if isinstance(value, float) and 0 <= value < num_groups and 0 < abs(value - round(value)) < 0.1:
             new_level = (
-                " A fraction between two ids is often an approximate GP's inducing points moved by training "
+                " A value this close to an id is often an approximate GP's inducing points moved by training "
                 "(learn_inducing_locations=True: an optimiser with weight decay, such as AdamW, moves even a column "
                 "whose gradient is 0): keep them fixed (learn_inducing_locations=False), or keep the inducing points "
                 "out of weight decay."
