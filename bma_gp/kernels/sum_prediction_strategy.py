@@ -990,13 +990,16 @@ def _posterior_weight(M: BlockMeanSumLinearOperator) -> Tensor | _ImplicitWeight
     Formed as a matrix when the eliminated grouping is small (then :math:`W` costs about what the capacitance
     does) and ``q`` fits ``max_capacitance_size``; otherwise applied as products (:class:`_ImplicitWeight`), which
     needs no ``q x q`` matrix at all: a random intercept with many levels predicts ``t`` points in :math:`O(t q)`
-    memory, however large ``q`` is."""
+    memory, however large ``q`` is. Formed where :func:`_stable_weight_applies`, it is :math:`G W G = G - \Sigma`
+    instead (:func:`_stable_weight`), to be used with :func:`_stable_blocks` of :math:`F`."""
     sizes = M._sizes()
     elim = M._elimination_term()
     if elim is not None and (
         sizes[elim] > _DENSE_WEIGHT_MAX_ELIMINATED or sum(sizes) > settings.max_capacitance_size.value()
     ):  # many levels, or q past the limit while the factorisation itself fits (e.g. a random slope's three terms)
         return _ImplicitWeight(M)
+    if _stable_weight_applies(M):
+        return _stable_weight(M)
     return _formed_weight(M)
 
 
@@ -1016,6 +1019,68 @@ def _formed_weight(M: BlockMeanSumLinearOperator) -> Tensor:
     X = torch.cat(M._cap_solve(GA), dim=-2)  # C^{-1} G A
     W = A - _gram_matmul(M, X)
     return 0.5 * (W + W.mT)
+
+
+#: The stable weight (:func:`_stable_weight`) is formed up to this many levels of the eliminated grouping, the
+#: default of ``_DENSE_WEIGHT_MAX_ELIMINATED``; a larger threshold for the formed weight forms :math:`W` past it.
+_STABLE_WEIGHT_MAX_ELIMINATED = 1024
+
+
+def _stable_weight_applies(M: BlockMeanSumLinearOperator) -> bool:
+    r"""Whether the posterior at new inputs takes the stable form :func:`_stable_weight`: every :math:`G_j` of a
+    grouping is diagonal (random intercepts and slopes; the root's is the identity), and the weight is formed
+    (:func:`_posterior_weight` would form :math:`W`)."""
+    sizes = M._sizes()
+    if not sizes or sum(sizes) > settings.max_capacitance_size.value():
+        return False
+    elim = M._elimination_term()
+    if elim is not None and sizes[elim] > min(_DENSE_WEIGHT_MAX_ELIMINATED, _STABLE_WEIGHT_MAX_ELIMINATED):
+        return False
+    return all(M._block_is_diagonal(j) for j in range(len(M.partitions)))
+
+
+def _stable_weight(M: BlockMeanSumLinearOperator) -> Tensor:
+    r""":math:`G W G = G - \Sigma` (``q x q``, working precision), with :math:`\Sigma = C^{-1} G = (I + G A)^{-1} G`
+    the posterior covariance of the random effects, by solves with ``M``'s own capacitance factorisation.
+
+    :math:`K_{*x} = F Z^\top` with :math:`F = Z_* G`, so :math:`F W F^\top = Z_* (G - \Sigma) Z_*^\top` with
+    :math:`Z_* = F G^{+}` (:func:`_stable_blocks`; exact for a diagonal :math:`G`). :math:`W = A - A C^{-1} G A`
+    cancels terms of size :math:`|A|` (``n`` over the noise), which :math:`F`'s two factors of :math:`G` then scale to
+    :math:`|G A G|`; :math:`G - \Sigma` rounds at :math:`|G|`, so the variance :math:`K_{**} - Z_* (G - \Sigma)
+    Z_*^\top` keeps the accuracy of :math:`K_{**}` itself, as a dense Cholesky does. # shape: (*batch, q, q)"""
+    _check_weight_size(M, "the weight G - Sigma")
+    sizes = M._sizes()
+    q = sum(sizes)
+    wdt = core_dtype(M.dtype)
+    eye = torch.eye(q, dtype=wdt, device=M.device).expand(*M.batch_shape, q, q)
+    G = [M._G(t, piece) for t, piece in enumerate(eye.split(sizes, dim=-2))]
+    sigma = torch.cat(M._cap_solve(G), dim=-2)
+    Wg = torch.cat(G, dim=-2) - sigma
+    return 0.5 * (Wg + Wg.mT)
+
+
+def _stable_blocks(M: BlockMeanSumLinearOperator, blocks: list[Tensor | _OneHot | None]) -> list:
+    r""":math:`Z_* = F G^{+}` block by block for diagonal :math:`G_j` (the root's is the identity): each column of a
+    grouping's block divided by its variance, 0 where that is 0 (there :math:`F`'s column is 0 too, and so are
+    :math:`G - \Sigma`'s row and column)."""
+    J = len(M.partitions)
+    out: list[Tensor | _OneHot | None] = []
+    for j, block in enumerate(blocks):
+        if block is None or j >= J:
+            out.append(block)
+            continue
+        g = M._working_block_diagonal(j)
+        if isinstance(block, _OneHot):
+            values = block.values.to(g.dtype)
+            gv = g.index_select(-1, block.index())
+            safe = torch.where(gv != 0, gv, torch.ones_like(gv))
+            out.append(_OneHot(torch.where(gv != 0, values / safe, torch.zeros_like(safe)), block.columns, block.k))
+        else:
+            values = block.to(g.dtype)
+            gv = g.unsqueeze(-2)
+            safe = torch.where(gv != 0, gv, torch.ones_like(gv))
+            out.append(torch.where(gv != 0, values / safe, torch.zeros_like(values / safe)))
+    return out
 
 
 def _weight_matmul(M: BlockMeanSumLinearOperator, X: Tensor) -> Tensor:
@@ -1136,10 +1201,14 @@ def _solved_coefficients(M: BlockMeanSumLinearOperator, rhs: Tensor) -> Tensor:
     return torch.cat(u, dim=-2) - _gram_matmul(M, torch.cat(x, dim=-2))
 
 
-def _new_input_weight(strategy: DefaultPredictionStrategy) -> tuple[BlockMeanSumLinearOperator, Tensor] | None:
-    """``(M, W)`` for the strategy's noisy training covariance, or None outside the family. One computed without
-    autograd is kept on the strategy (GPyTorch drops the strategy when the model is trained or its data change);
-    with gradients (``detach_test_caches`` off) it is rebuilt per call, as at the training inputs."""
+def _new_input_weight(
+    strategy: DefaultPredictionStrategy,
+) -> tuple[BlockMeanSumLinearOperator, Tensor | _ImplicitWeight, bool] | None:
+    """``(M, W, stable)`` for the strategy's noisy training covariance, or None outside the family: with
+    ``stable``, ``W`` is :func:`_stable_weight`'s :math:`G - \\Sigma`, to be used with :func:`_stable_blocks` of
+    :math:`F`. One computed without autograd is kept on the strategy (GPyTorch drops the strategy when the model is
+    trained or its data change); with gradients (``detach_test_caches`` off) it is rebuilt per call, as at the
+    training inputs."""
     cached = getattr(strategy, "_bma_gp_weight", None)
     if cached is not None and not torch.is_grad_enabled():
         return cached
@@ -1156,10 +1225,15 @@ def _new_input_weight(strategy: DefaultPredictionStrategy) -> tuple[BlockMeanSum
     needs_grad = M._differentiable()
     if cached is not None and not needs_grad:
         return cached
-    W = _scoped(_posterior_weight)(M)
+
+    def weight(op: BlockMeanSumLinearOperator) -> tuple[Tensor | _ImplicitWeight, bool]:
+        W = _posterior_weight(op)
+        return W, torch.is_tensor(W) and _stable_weight_applies(op)  # the rule _posterior_weight followed
+
+    W, stable = _scoped(weight)(M)
     if not needs_grad:
-        strategy._bma_gp_weight = (M, W)
-    return M, W
+        strategy._bma_gp_weight = (M, W, stable)
+    return M, W, stable
 
 
 def _new_input_coefficients(strategy: DefaultPredictionStrategy, M: BlockMeanSumLinearOperator) -> Tensor | None:
@@ -1282,7 +1356,7 @@ def new_input_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor,
     found = _new_input_weight(strategy)
     if found is None:
         return None
-    M, W = found
+    M, W, stable = found
     roots: list[tuple[int, Tensor]] = []
     blocks = _cross_factor(M, pieces, roots)
     if blocks is None or all(b is None for b in blocks):
@@ -1299,7 +1373,10 @@ def new_input_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor,
         root_block = blocks[-1]
         assert not isinstance(root_block, _OneHot)
         graph = (root_block, _blocks_matmul(blocks, sizes, change))
-    covar = PredictiveCovarianceLinearOperator.from_blocks(test_test_covar, W, blocks, sizes, graph)
+    # the stable form: F W F^T = Z_* (G - Sigma) Z_*^T with Z_* = F G^+ (F's root block, and so the graph term's
+    # G1, unchanged: the root's G is the identity)
+    covar_blocks = _scoped(_stable_blocks)(M, blocks) if stable else blocks
+    covar = PredictiveCovarianceLinearOperator.from_blocks(test_test_covar, W, covar_blocks, sizes, graph)
     # the mean as F (Z^T M^{-1} r), its coefficients in the working precision (of the observed points under a NaN
     # policy: Z's rows at the others are zeroed in M_o, so F's blocks apply as they are)
     coef = _new_input_coefficients(strategy, M)
