@@ -1076,10 +1076,9 @@ def _stable_blocks(M: BlockMeanSumLinearOperator, blocks: list[Tensor | _OneHot 
             safe = torch.where(gv != 0, gv, torch.ones_like(gv))
             out.append(_OneHot(torch.where(gv != 0, values / safe, torch.zeros_like(safe)), block.columns, block.k))
         else:
-            values = block.to(g.dtype)
             gv = g.unsqueeze(-2)
-            safe = torch.where(gv != 0, gv, torch.ones_like(gv))
-            out.append(torch.where(gv != 0, values / safe, torch.zeros_like(values / safe)))
+            ratio = block.to(g.dtype) / torch.where(gv != 0, gv, torch.ones_like(gv))
+            out.append(torch.where(gv != 0, ratio, torch.zeros_like(ratio)))
     return out
 
 
@@ -1240,20 +1239,30 @@ def _new_input_coefficients(strategy: DefaultPredictionStrategy, M: BlockMeanSum
     """:func:`_posterior_coefficients` of the strategy's data, of the observed points under an observation NaN policy
     (:func:`_observed_problem`, whose ``M_o`` has the columns of ``M``), kept like the weight when no gradient is
     needed; None where that has no closed form."""
+
+    def compute(policy: str) -> Tensor | None:
+        problem = _observed_problem(strategy, M, policy)
+        if problem is None:
+            return None
+        M_o, offset, _ = problem
+        coef = _scoped(lambda op: _posterior_coefficients(op, offset))(M_o)  # one scope of the operator's caches
+        return coef.detach() if gpytorch_settings.detach_test_caches.on() else coef  # as GPyTorch's mean cache
+
+    keep = not M._differentiable() and not torch.is_grad_enabled()
+    return _kept_with(strategy, "_bma_gp_coefficients", M, compute, keep)
+
+
+def _kept_with(strategy: DefaultPredictionStrategy, name: str, M, compute, keep: bool = True) -> Tensor | None:
+    """``compute(policy)`` for the observation NaN policy in force, kept on the strategy as ``name`` with ``M`` and
+    the policy (where ``keep``), and read back while both are the same; None results are not kept."""
     policy = gpytorch_settings.observation_nan_policy.value()
-    cached = getattr(strategy, "_bma_gp_coefficients", None)
+    cached = getattr(strategy, name, None)
     if cached is not None and cached[0] is M and cached[1] == policy:
         return cached[2]
-    problem = _observed_problem(strategy, M, policy)
-    if problem is None:
-        return None
-    M_o, offset, _ = problem
-    coef = _scoped(lambda op: _posterior_coefficients(op, offset))(M_o)  # one scope of the operator's caches
-    if gpytorch_settings.detach_test_caches.on():  # as GPyTorch's mean cache
-        coef = coef.detach()
-    if not M._differentiable() and not torch.is_grad_enabled():
-        strategy._bma_gp_coefficients = (M, policy, coef)
-    return coef
+    value = compute(policy)
+    if value is not None and keep:
+        setattr(strategy, name, (M, policy, value))
+    return value
 
 
 def _training_side_differentiable(strategy: DefaultPredictionStrategy) -> bool:
@@ -1303,16 +1312,12 @@ def _root_change(
 def _new_input_alpha(strategy: DefaultPredictionStrategy, M: BlockMeanSumLinearOperator) -> Tensor | None:
     """GPyTorch's detached mean cache :math:`M_o^{-1} r` (:func:`_observed_alpha`; 0 at the points an observation NaN
     policy drops) in the working precision, kept with ``M``; None where it has no closed form. # shape: (*batch, n)"""
-    policy = gpytorch_settings.observation_nan_policy.value()
-    cached = getattr(strategy, "_bma_gp_alpha", None)
-    if cached is not None and cached[0] is M and cached[1] == policy:
-        return cached[2]
-    found = _observed_alpha(strategy, M, policy)
-    if found is None:
-        return None
-    alpha = found[0].detach()
-    strategy._bma_gp_alpha = (M, policy, alpha)
-    return alpha
+
+    def compute(policy: str) -> Tensor | None:
+        found = _observed_alpha(strategy, M, policy)
+        return None if found is None else found[0].detach()
+
+    return _kept_with(strategy, "_bma_gp_alpha", M, compute)
 
 
 def _blocks_matmul(blocks: list[Tensor | _OneHot | None], sizes: list[int], y: Tensor) -> Tensor:
