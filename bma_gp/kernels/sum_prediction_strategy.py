@@ -990,84 +990,114 @@ def _posterior_weight(M: BlockMeanSumLinearOperator) -> Tensor | _ImplicitWeight
     Formed as a matrix when the eliminated grouping is small (then :math:`W` costs about what the capacitance
     does) and ``q`` fits ``max_capacitance_size``; otherwise applied as products (:class:`_ImplicitWeight`), which
     needs no ``q x q`` matrix at all: a random intercept with many levels predicts ``t`` points in :math:`O(t q)`
-    memory, however large ``q`` is. Formed where :func:`_stable_weight_applies`, it is :math:`G W G = G - \Sigma`
-    instead (:func:`_stable_weight`), to be used with :func:`_stable_blocks` of :math:`F`."""
+    memory, however large ``q`` is. Formed, it is :math:`T W T` (:func:`_transformed_weight`) with
+    :math:`T = G` on the terms :func:`_stable_terms` picks, to be used with :func:`_stable_blocks` of :math:`F`."""
     sizes = M._sizes()
     elim = M._elimination_term()
     if elim is not None and (
         sizes[elim] > _DENSE_WEIGHT_MAX_ELIMINATED or sum(sizes) > settings.max_capacitance_size.value()
     ):  # many levels, or q past the limit while the factorisation itself fits (e.g. a random slope's three terms)
         return _ImplicitWeight(M)
-    if _stable_weight_applies(M):
-        return _stable_weight(M)
-    return _formed_weight(M)
+    stable = _stable_terms(M)
+    return _transformed_weight(M, stable if stable is not None else [False] * len(sizes))
 
 
 def _formed_weight(M: BlockMeanSumLinearOperator) -> Tensor:
     """:math:`W` formed as a ``q x q`` matrix (working precision); past ``max_capacitance_size`` a ``ValueError``."""
-    sizes = M._sizes()
-    q = sum(sizes)
-    limit = settings.max_capacitance_size.value()
-    if q > limit:
-        raise ValueError(
-            f"the posterior covariance at new inputs needs a {q} x {q} matrix Z^T M^-1 Z ({M._describe()}), more "
-            f"than bma_gp.settings.max_capacitance_size = {limit}; raise the limit with "
-            f"`with bma_gp.settings.max_capacitance_size({q}):` if it fits your machine."
-        )
-    A = _scaled_gram(M, [None] * len(sizes))
-    GA = [M._G(t, piece) for t, piece in enumerate(A.split(sizes, dim=-2))]
-    X = torch.cat(M._cap_solve(GA), dim=-2)  # C^{-1} G A
-    W = A - _gram_matmul(M, X)
-    return 0.5 * (W + W.mT)
+    return _transformed_weight(M, [False] * len(M._sizes()))
 
 
-#: The stable weight (:func:`_stable_weight`) is formed up to this many levels of the eliminated grouping, the
-#: default of ``_DENSE_WEIGHT_MAX_ELIMINATED``; a larger threshold for the formed weight forms :math:`W` past it.
+#: The stable form of the weight (:func:`_transformed_weight` with stable terms) is taken up to this many levels of
+#: the eliminated grouping, the default of ``_DENSE_WEIGHT_MAX_ELIMINATED``; a larger threshold for the formed
+#: weight forms :math:`W` past it.
 _STABLE_WEIGHT_MAX_ELIMINATED = 1024
 
 
-def _stable_weight_applies(M: BlockMeanSumLinearOperator) -> bool:
-    r"""Whether the posterior at new inputs takes the stable form :func:`_stable_weight`: every :math:`G_j` of a
-    grouping is diagonal (random intercepts and slopes; the root's is the identity), and the weight is formed
-    (:func:`_posterior_weight` would form :math:`W`)."""
+def _stable_terms(M: BlockMeanSumLinearOperator) -> list[bool] | None:
+    r"""Per term of ``M`` (the root last), whether the posterior at new inputs works with :math:`Z_* = F_j G_j^{-1}`
+    and the weight's rows and columns :math:`G_j W`: every diagonal :math:`G_j` (random intercepts and slopes;
+    :math:`G^{+}` there) and the root's (the identity), and a dense :math:`G_j` (``GroupKernel(k, rank=r)``, a
+    ``BlockMeanKernel``) whose condition number is below :math:`\lVert G_j \rVert \max_a A_{aa}`: its
+    :math:`F_j G_j^{-1}` rounds at :math:`\epsilon \operatorname{cond}(G_j)` where :math:`F W F^\top` cancels at
+    :math:`\epsilon \lVert G_j \rVert \lVert A_{jj} \rVert` (``n`` over the noise), so it is taken where it is the
+    more accurate. None where the weight is not formed (:func:`_posterior_weight` applies it as products) or no
+    grouping's term qualifies (the weight is then :math:`W` itself, as before: ``[False] * len(sizes)``)."""
     sizes = M._sizes()
     if not sizes or sum(sizes) > settings.max_capacitance_size.value():
-        return False
+        return None
     elim = M._elimination_term()
     if elim is not None and sizes[elim] > min(_DENSE_WEIGHT_MAX_ELIMINATED, _STABLE_WEIGHT_MAX_ELIMINATED):
-        return False
-    return all(M._block_is_diagonal(j) for j in range(len(M.partitions)))
+        return None
+
+    def decide() -> list[bool] | None:
+        J = len(M.partitions)
+        flags = [j >= J or M._block_is_diagonal(j) or _well_conditioned(M, j) for j in range(len(sizes))]
+        return flags if any(flags[:J]) else None
+
+    return M._memo("stable_terms", decide)
 
 
-def _stable_weight(M: BlockMeanSumLinearOperator) -> Tensor:
-    r""":math:`G W G = G - \Sigma` (``q x q``, working precision), with :math:`\Sigma = C^{-1} G = (I + G A)^{-1} G`
-    the posterior covariance of the random effects, by solves with ``M``'s own capacitance factorisation.
+def _well_conditioned(M: BlockMeanSumLinearOperator, j: int) -> bool:
+    r"""Whether the dense :math:`G_j` is positive definite with :math:`\operatorname{cond}(G_j) < \lVert G_j
+    \rVert \max_a A_{aa}`, that is :math:`\lambda_{\min}(G_j) \max_a A_{aa} > 1`, in every batch entry (see
+    :func:`_stable_terms`; decided on the values, without a graph)."""
+    with torch.no_grad():
+        values = torch.linalg.eigvalsh(M._symmetric_block(j, core_dtype(M.dtype)).detach())  # (*batch, k), ascending
+        a = M._gram()[0][j].detach().amax(-1)
+        return bool((torch.isfinite(values[..., -1]) & (values[..., 0] * a > 1)).all())
 
-    :math:`K_{*x} = F Z^\top` with :math:`F = Z_* G`, so :math:`F W F^\top = Z_* (G - \Sigma) Z_*^\top` with
-    :math:`Z_* = F G^{+}` (:func:`_stable_blocks`; exact for a diagonal :math:`G`). :math:`W = A - A C^{-1} G A`
-    cancels terms of size :math:`|A|` (``n`` over the noise), which :math:`F`'s two factors of :math:`G` then scale to
-    :math:`|G A G|`; :math:`G - \Sigma` rounds at :math:`|G|`, so the variance :math:`K_{**} - Z_* (G - \Sigma)
-    Z_*^\top` keeps the accuracy of :math:`K_{**}` itself, as a dense Cholesky does. # shape: (*batch, q, q)"""
-    _check_weight_size(M, "the weight G - Sigma")
+
+def _transformed_weight(M: BlockMeanSumLinearOperator, stable: list[bool]) -> Tensor:
+    r""":math:`T W T` (``q x q``, working precision) with :math:`T = \operatorname{blockdiag}(T_j)`,
+    :math:`T_j = G_j` on the ``stable`` terms ``S`` and the identity on the others ``N``; with
+    :math:`F = Z_* G`, :math:`F W F^\top = (F T^{-1}) T W T (F T^{-1})^\top` (:func:`_stable_blocks` forms
+    :math:`F T^{-1}`). From :math:`G W = I - C^{-1}` (:math:`C = I + G A`) and one solve
+    :math:`Y = C^{-1} G R` with :math:`R`'s columns :math:`e` on ``S`` and :math:`A e` on ``N``:
+
+    * :math:`(T W T)_{SS} = (G - \Sigma)_{SS}`, :math:`\Sigma = C^{-1} G` the posterior covariance of the random
+      effects: rounded at the size of :math:`G`, so the variance keeps the accuracy of :math:`K_{**}` itself, as a
+      dense Cholesky does, where :math:`A - A C^{-1} G A` cancels terms of the size of :math:`A` (``n`` over the
+      noise) that :math:`F`'s two factors of :math:`G` then scale to :math:`|G A G|`;
+    * :math:`(T W T)_{SN} = (G W)_{SN} = (C^{-1} G A)_{SN} = Y_{SN}`, and :math:`(T W T)_{NS}` its transpose;
+    * :math:`(T W T)_{NN} = W_{NN} = (A - A Y)_{NN}`.
+
+    ``stable`` all False is :math:`W` itself; past ``max_capacitance_size`` a ``ValueError``. # shape: (*batch, q, q)"""
+    _check_weight_size(M, "the weight Z^T M^-1 Z")
     sizes = M._sizes()
     q = sum(sizes)
     wdt = core_dtype(M.dtype)
     eye = torch.eye(q, dtype=wdt, device=M.device).expand(*M.batch_shape, q, q)
-    G = [M._G(t, piece) for t, piece in enumerate(eye.split(sizes, dim=-2))]
-    sigma = torch.cat(M._cap_solve(G), dim=-2)
-    Wg = torch.cat(G, dim=-2) - sigma
-    return 0.5 * (Wg + Wg.mT)
+    on = torch.cat([torch.full((k,), flag, dtype=torch.bool, device=M.device) for k, flag in zip(sizes, stable)])
+    dense = not bool(on.all())
+    A = _scaled_gram(M, [None] * len(sizes)) if dense else None
+    R = eye if A is None else torch.where(on, eye, A)  # columns: e on S, A e on N
+    Y = torch.cat(M._cap_solve([M._G(t, piece) for t, piece in enumerate(R.split(sizes, dim=-2))]), dim=-2)
+    if A is None:  # every term stable: G - Sigma
+        W = torch.cat([M._G(t, piece) for t, piece in enumerate(eye.split(sizes, dim=-2))], dim=-2) - Y
+    else:
+        W = A - _gram_matmul(M, Y)  # the N x N block (the others are replaced)
+        if bool(on.any()):
+            G = torch.cat([M._G(t, piece) for t, piece in enumerate(eye.split(sizes, dim=-2))], dim=-2)
+            rows, cols = on.unsqueeze(-1), on.unsqueeze(-2)
+            W = torch.where(rows & cols, G - Y, torch.where(rows, Y, torch.where(cols, Y.mT, W)))
+    return 0.5 * (W + W.mT)
 
 
-def _stable_blocks(M: BlockMeanSumLinearOperator, blocks: list[Tensor | _OneHot | None]) -> list:
-    r""":math:`Z_* = F G^{+}` block by block for diagonal :math:`G_j` (the root's is the identity): each column of a
-    grouping's block divided by its variance, 0 where that is 0 (there :math:`F`'s column is 0 too, and so are
-    :math:`G - \Sigma`'s row and column)."""
+def _stable_blocks(M: BlockMeanSumLinearOperator, blocks: list[Tensor | _OneHot | None], stable: list[bool]) -> list:
+    r""":math:`F T^{-1}` block by block (:func:`_transformed_weight`): on a ``stable`` term with a diagonal
+    :math:`G_j`, each column of its block divided by its variance, 0 where that is 0 (there :math:`F`'s column is 0
+    too, and so are :math:`G - \Sigma`'s row and column); with a dense :math:`G_j`, :math:`F_j G_j^{-1}` by a
+    Cholesky solve; the root's (:math:`G = I`) and the other terms' blocks unchanged."""
     J = len(M.partitions)
     out: list[Tensor | _OneHot | None] = []
     for j, block in enumerate(blocks):
-        if block is None or j >= J:
+        if block is None or j >= J or not stable[j]:
             out.append(block)
+            continue
+        if not M._block_is_diagonal(j):
+            B = M._symmetric_block(j, core_dtype(M.dtype))
+            F = _dense_block(block).to(B.dtype)
+            out.append(torch.cholesky_solve(F.mT, torch.linalg.cholesky(B)).mT)
             continue
         g = M._working_block_diagonal(j)
         if isinstance(block, _OneHot):
@@ -1202,12 +1232,12 @@ def _solved_coefficients(M: BlockMeanSumLinearOperator, rhs: Tensor) -> Tensor:
 
 def _new_input_weight(
     strategy: DefaultPredictionStrategy,
-) -> tuple[BlockMeanSumLinearOperator, Tensor | _ImplicitWeight, bool] | None:
+) -> tuple[BlockMeanSumLinearOperator, Tensor | _ImplicitWeight, list[bool] | None] | None:
     """``(M, W, stable)`` for the strategy's noisy training covariance, or None outside the family: with
-    ``stable``, ``W`` is :func:`_stable_weight`'s :math:`G - \\Sigma`, to be used with :func:`_stable_blocks` of
-    :math:`F`. One computed without autograd is kept on the strategy (GPyTorch drops the strategy when the model is
-    trained or its data change); with gradients (``detach_test_caches`` off) it is rebuilt per call, as at the
-    training inputs."""
+    ``stable`` (per term, :func:`_stable_terms`), ``W`` is :func:`_transformed_weight`'s :math:`T W T`, to be used
+    with :func:`_stable_blocks` of :math:`F`. One computed without autograd is kept on the strategy (GPyTorch drops
+    the strategy when the model is trained or its data change); with gradients (``detach_test_caches`` off) it is
+    rebuilt per call, as at the training inputs."""
     cached = getattr(strategy, "_bma_gp_weight", None)
     if cached is not None and not torch.is_grad_enabled():
         return cached
@@ -1225,9 +1255,9 @@ def _new_input_weight(
     if cached is not None and not needs_grad:
         return cached
 
-    def weight(op: BlockMeanSumLinearOperator) -> tuple[Tensor | _ImplicitWeight, bool]:
+    def weight(op: BlockMeanSumLinearOperator) -> tuple[Tensor | _ImplicitWeight, list[bool] | None]:
         W = _posterior_weight(op)
-        return W, torch.is_tensor(W) and _stable_weight_applies(op)  # the rule _posterior_weight followed
+        return W, (_stable_terms(op) if torch.is_tensor(W) else None)  # the rule _posterior_weight followed
 
     W, stable = _scoped(weight)(M)
     if not needs_grad:
@@ -1380,7 +1410,7 @@ def new_input_prediction(strategy: DefaultPredictionStrategy, test_mean: Tensor,
         graph = (root_block, _blocks_matmul(blocks, sizes, change))
     # the stable form: F W F^T = Z_* (G - Sigma) Z_*^T with Z_* = F G^+ (F's root block, and so the graph term's
     # G1, unchanged: the root's G is the identity)
-    covar_blocks = _scoped(_stable_blocks)(M, blocks) if stable else blocks
+    covar_blocks = _scoped(_stable_blocks)(M, blocks, stable) if stable is not None else blocks
     covar = PredictiveCovarianceLinearOperator.from_blocks(test_test_covar, W, covar_blocks, sizes, graph)
     # the mean as F (Z^T M^{-1} r), its coefficients in the working precision (of the observed points under a NaN
     # policy: Z's rows at the others are zeroed in M_o, so F's blocks apply as they are)
