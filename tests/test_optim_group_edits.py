@@ -131,3 +131,60 @@ def test_corrupt_statistics_refused_at_load(cls, corrupt):
     # check_finite=False: loaded as it is (such a run may hold inf / nan statistics)
     lax = cls(_model().parameters(), lr=0.1, check_finite=False)
     lax.load_state_dict(sd)
+
+
+_EDITS = [
+    ("foreach", True, "foreach"),
+    ("capturable", True, "capturable"),
+    ("differentiable", True, "differentiable"),
+    ("lr", float("nan"), "learning rate"),
+    ("lr", -1.0, "learning rate"),
+    ("lr", None, "learning rate"),
+    ("lr", torch.tensor([0.1, 0.2]), "learning rate"),
+    ("weight_decay", float("nan"), "weight_decay"),
+    ("weight_decay", float("inf"), "weight_decay"),
+    ("maximize", "yes", "maximize"),
+]
+
+
+@pytest.mark.parametrize("cls", [BlockMeanAdagrad, FullMatrixAdagrad])
+@pytest.mark.parametrize(("key", "value", "named"), _EDITS, ids=[f"{k}={v!r}"[:24] for k, v, _ in _EDITS])
+def test_group_options_edited_in_place_are_refused_at_the_step(cls, key, value, named):
+    """The constructor and add_param_group refuse these values; set in place between steps they were taken
+    silently (a differentiable step without gradients, NaN in every parameter from lr = nan) (trial 20)."""
+    model = _model()
+    ps = list(model.parameters())
+    opt = cls([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.2}], lr=0.05)
+    _grads(model, 0)
+    opt.step()
+    before = [p.detach().clone() for p in ps]
+    state = copy.deepcopy(opt.state_dict())
+    opt.param_groups[1][key] = value
+    _grads(model, 1)
+    with pytest.raises(ValueError, match=rf"{named}.*param_groups\[1\] was edited after it was added; nothing"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(ps, before))
+    after = opt.state_dict()
+    for name in ("state", "global_state"):
+        if name in state:
+            torch.testing.assert_close(after[name], state[name], rtol=0, atol=0)
+    # set back to a valid value, the step runs
+    opt.param_groups[1][key] = {"lr": 0.1, "weight_decay": 0.0, "maximize": False}.get(key, False)
+    opt.step()
+    assert not torch.equal(ps[2], before[2])
+
+
+@pytest.mark.parametrize("cls", [BlockMeanAdagrad, FullMatrixAdagrad])
+def test_valid_group_values_of_other_types_still_step(cls):
+    """Python ints, numpy floats and one-element tensors (a scheduler's or a config's values) pass the step's check."""
+    np = pytest.importorskip("numpy")
+    model = _model()
+    ps = list(model.parameters())
+    opt = cls(ps, lr=0.05)
+    for lr in (1, np.float64(0.1), torch.tensor(0.05)):
+        opt.param_groups[0]["lr"] = lr
+        opt.param_groups[0]["weight_decay"] = np.float32(0.01)
+        _grads(model, 2)
+        before = ps[0].detach().clone()
+        opt.step()
+        assert not torch.equal(ps[0], before)

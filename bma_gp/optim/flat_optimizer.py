@@ -159,6 +159,8 @@ class OptimizerSetting(Generic[_T]):
         def __get__(self, obj: Any, owner: type | None = None) -> _T: ...
 
 
+_INF = float("inf")
+
 #: torch.optim's implementation switches and the values of each that mean "nothing special", which the flat
 #: preconditioners accept (configuration systems pass them to every optimizer); ``fused`` only where a class has no
 #: fused step (:class:`~bma_gp.optim.BlockMeanAdagrad` checks its own)
@@ -391,10 +393,15 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
 
     def _check_groups_unedited(self) -> None:
         """Refuse a step after a param group's optimizer-wide setting was edited in place (``param_groups[0]["eps"] =
-        1e-8``, how torch.optim's ``eps`` is changed between steps), or torch.optim.Adagrad's ``lr_decay`` or
-        ``initial_accumulator_value`` set in place to a value but 0 (:func:`check_adagrad_options`): the step would
-        silently ignore it. Before anything changes; a few dict lookups per group."""
+        1e-8``, how torch.optim's ``eps`` is changed between steps), torch.optim.Adagrad's ``lr_decay`` or
+        ``initial_accumulator_value`` set in place to a value but 0 (:func:`check_adagrad_options`), or torch.optim's
+        ``foreach``, ``capturable`` or ``differentiable`` set in place to a value the step cannot honour
+        (:func:`check_torch_optim_flags`): the step would silently ignore it. Also refuse an ``lr``, ``weight_decay``
+        or ``maximize`` edited in place to a value the constructor refuses (``nan``, a negative number, ``None``):
+        the step would write NaN into the parameters or fail half-way. Before anything changes; a few dict lookups
+        and comparisons per group."""
         for i, group in enumerate(self.param_groups):
+            self._check_group_edits(i, group)
             for name in _ADAGRAD_ONLY_OPTIONS:
                 if name in group:
                     value = group[name]
@@ -416,6 +423,32 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
                             "change) and delete the group's entry or set it to the same value. Nothing was changed."
                         ) from None
                     break
+
+    def _check_group_edits(self, i: int, group: dict[str, Any]) -> None:
+        """The per-group part of :meth:`_check_groups_unedited` for ``param_groups[i]``: torch.optim's flags and the
+        per-group options, with Python numbers at valid values let through on two comparisons."""
+        edited = f" (param_groups[{i}] was edited after it was added; nothing was changed.)"
+        for name in ("foreach", "capturable", "differentiable", "fused"):
+            value = group.get(name)
+            if value is not None and value is not False and not (name == "fused" and self._fused_hint is not None):
+                try:
+                    check_torch_optim_flags(type(self).__name__, {name: value}, fused_hint=self._fused_hint)
+                except ValueError as error:
+                    raise ValueError(f"{error}{edited}") from None
+        for name, key in (("learning rate", "lr"), ("weight_decay", "weight_decay")):
+            value = group.get(key, 0.0)
+            if type(value) is float and 0.0 <= value < _INF:  # the usual case: a valid Python float
+                continue
+            try:
+                check_hyperparameter(name, value)
+            except ValueError as error:
+                raise ValueError(f"{error}{edited}") from None
+        maximize = group.get("maximize", False)
+        if maximize is not True and maximize is not False:
+            try:
+                check_bool("maximize", maximize)
+            except ValueError as error:
+                raise ValueError(f"{error}{edited}") from None
 
     @staticmethod
     def _check_group(group: dict[str, Any]) -> None:
