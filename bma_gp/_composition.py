@@ -723,9 +723,10 @@ class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperat
     carry a negative factor): linear_operator's constant multiple. Products are exact; ``solve`` and the inverse
     quadratic form are :math:`M`'s closed forms divided by :math:`c`; the log-determinant is :math:`M`'s plus
     :math:`n \log |c|` (torch.logdet's semantics: NaN where :math:`c^n \det M < 0`, so for odd :math:`n` when
-    :math:`M` is positive definite). Roots raise a ``ValueError`` where every ``c < 0`` (a negative definite matrix
-    has no real root); with factors of both signs along a batch they take linear_operator's generic path with a
-    :class:`ClosedFormFallbackWarning`."""
+    :math:`M` is positive definite). Roots (``root_decomposition``, ``root_inv_decomposition``, ``sqrt_inv_matmul``,
+    a Cholesky factor) raise a ``ValueError``: a negative definite matrix has no real root, and in a batch with
+    factors of both signs the entries with ``c < 0`` have none (the class holds only multiples with some
+    ``c < 0``; take the root of :math:`M` itself)."""
 
     def solve(self, right_tensor, left_tensor=None):
         res = self.base_linear_op.solve(right_tensor, left_tensor)

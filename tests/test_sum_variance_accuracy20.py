@@ -178,3 +178,36 @@ def test_float32_low_rank_grouping():
     model.set_train_data(x, model.train_targets.float(), strict=False)
     (mean, var, _), (_, ref_var, _) = _predict(model, ref, x, xs.double())
     torch.testing.assert_close(var.double(), ref_var, rtol=1e-3, atol=0)
+
+
+def test_float32_prediction_outside_the_closed_form_solves_in_the_working_precision(monkeypatch):
+    """``model(cat(train_x, new_x))`` with a ``BlockMeanKernel`` in a sum (the cross covariance is not in the
+    family: warned) takes GPyTorch's path with the solves in float64 (``_low_precision_family``); no test reached
+    it before (a coverage trial)."""
+    model, x, xs = _block_mean_model(1e-3)
+    ref = dense_copy(model)
+    ref.eval()
+    taken = []
+    real = sps.SumPredictionStrategy._low_precision_family
+    monkeypatch.setattr(
+        sps.SumPredictionStrategy,
+        "_low_precision_family",
+        lambda self: taken.append(1) or real(self),
+    )
+    base = gpytorch.kernels.RBFKernel(active_dims=[0, 1])
+    kernel = BlockMeanKernel(base, x.float(), kmeans_partition(x[:, :2].float(), 20)) + GroupKernel(5, active_dims=[2])
+    low = GP(x.float(), model.train_targets.float(), gpytorch.likelihoods.GaussianLikelihood(), kernel)
+    low.load_state_dict(model.state_dict())
+    low.eval()
+    joint = torch.cat([x, xs[-2:]])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ClosedFormFallbackWarning)  # the t x n cross covariance, said in words
+        post = low(joint.float())
+        mean, var = post.mean.double(), post.variance.double()
+    with torch.no_grad(), gpytorch.settings.max_cholesky_size(10**6), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = ref(joint)
+    assert taken  # the working-precision path, not the closed form at new inputs
+    sd = want.variance.sqrt()
+    assert float(((mean - want.mean) / sd).abs().max()) < 1e-2
+    torch.testing.assert_close(var, want.variance, rtol=5e-3, atol=0)
