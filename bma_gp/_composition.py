@@ -452,8 +452,13 @@ def closed_form(op: LinearOperator) -> LinearOperator:
         roots alone).
 
     Raises:
+        TypeError: ``op`` is not a ``LinearOperator`` or a tensor.
         ValueError: a summand is not a block mean operator, a diagonal or a low-rank root.
     """
+    if not isinstance(op, (LinearOperator, Tensor)):
+        raise TypeError(
+            f"closed_form needs a LinearOperator (a sum of block mean operators, ...), got {type(op).__name__}."
+        )
     parts = _Parts()
     if not _collect(op, parts) or not (parts.terms or parts.diag or parts.scalars or parts.roots):
         raise ValueError(

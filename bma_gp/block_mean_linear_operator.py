@@ -298,9 +298,11 @@ def check_symmetric_flag(symmetric) -> None:
         raise TypeError(f"symmetric must be True or False, got {symmetric!r}.")
 
 
-def _elementwise(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+def _elementwise(fn: Callable[[Tensor], Tensor], finite: bool = False) -> Callable[[Tensor], Tensor]:
     """``fn`` with its result checked: a tensor of the shape of its input (of eigenvalues), or an error that says so
-    (a reduction or a constant reached the closed form as a shape error about ``lam``, or an ``AttributeError``)."""
+    (a reduction or a constant reached the closed form as a shape error about ``lam``, or an ``AttributeError``);
+    with ``finite``, a ``ValueError`` where ``fn`` gives NaN or inf at a finite eigenvalue (one host
+    synchronisation: ``fn`` undefined somewhere on the spectrum gave an operator of NaNs, silently)."""
 
     def apply(e: Tensor) -> Tensor:
         out = fn(e)
@@ -321,9 +323,24 @@ def _elementwise(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
                 f"{out.dtype} for eigenvalues of dtype {e.dtype}; the result is a real symmetric matrix (for an "
                 "integer result convert it, e.g. lambda e: torch.round(e), which keeps the dtype)."
             )
+        if finite:
+            bad = torch.isfinite(e) & ~torch.isfinite(out)
+            if bool(bad.any()):
+                at = float(e.detach()[bad][0])
+                value = float(out.detach()[bad][0])
+                raise ValueError(
+                    f"matrix_function(fn): fn gave {value} at the eigenvalue {at:.6g}: fn must be defined (finite) on "
+                    "the whole spectrum of the operator (its lam and the eigenvalues of its core; see eigvalsh()). "
+                    "check=False or bma_gp.settings.validate(False) skips this check."
+                )
         return out.to(e.dtype)
 
     return apply
+
+
+def _prepared(lam: Tensor, clamp: bool) -> Tensor:
+    """``lam`` clamped at 0 for a function on the nonnegative numbers (the square root), else as it is."""
+    return lam.clamp_min(0) if clamp else lam
 
 
 class BlockMeanLinearOperator(
@@ -642,6 +659,8 @@ class BlockMeanLinearOperator(
             )
         if not isinstance(partition, Partition) or partition.num_blocks != C.shape[-1]:
             raise ValueError(f"partition must be a bma_gp.Partition with num_blocks = {C.shape[-1]} (the size of C).")
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float64) or None, got {dtype!r}.")
         partition = partition.to(C.device)
         # a singleton block stores its one entry in lam (B_ii = 0), the convention of block_mean: a
         # placeholder lam_i would leave B_ii = C_ii - lam_i to cancel in a float32 operator
@@ -678,8 +697,8 @@ class BlockMeanLinearOperator(
             other: :math:`N`, a symmetric positive definite block mean operator on the same partition.
 
         Raises:
-            ValueError: the partitions differ, ``self`` or ``other`` is not symmetric, or ``other``
-                is not positive definite (validation on; see :meth:`core_cholesky`).
+            ValueError: the partitions differ, the batch shapes do not broadcast, ``self`` or ``other`` is not
+                symmetric, or ``other`` is not positive definite (validation on; see :meth:`core_cholesky`).
         """
         for name, op in (("cross", cross), ("other", other)):
             if not self._same_partition(op):
@@ -687,6 +706,14 @@ class BlockMeanLinearOperator(
                     f"schur_complement: {name} must be a BlockMeanLinearOperator on the same partition "
                     f"as self (k = {self.partition.num_blocks}), got {type(op).__name__}."
                 )
+        try:
+            torch.broadcast_shapes(self.batch_shape, cross.batch_shape, other.batch_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"schur_complement: the batch shapes of self {tuple(self.batch_shape)}, cross "
+                f"{tuple(cross.batch_shape)} and other {tuple(other.batch_shape)} do not broadcast; give the three "
+                "operators broadcastable batch shapes (e.g. unsqueeze one with op.unsqueeze(0))."
+            ) from None
         self._check_symmetric("schur_complement")
         other._check_symmetric("schur_complement's other (N, which it inverts)")
         if self._diagonal_core() and cross._diagonal_core() and other._diagonal_core():
@@ -1212,17 +1239,17 @@ class BlockMeanLinearOperator(
             fn: maps a tensor of eigenvalues elementwise (e.g. ``torch.exp``); must be differentiable
                 through autograd if gradients are needed.
             check: with :class:`bma_gp.settings.validate` on, raise a ``ValueError`` for NaN or inf
-                in ``lam`` or ``B``. ``False`` skips that host synchronisation.
+                in ``lam`` or ``B``, or in ``fn``'s values at the (finite) eigenvalues. ``False`` skips those host
+                synchronisations.
 
         Raises:
             ValueError: the operator was built with ``symmetric=False``, or (``check``) its input is
-                not finite.
+                not finite or ``fn`` is not finite somewhere on its spectrum.
         """
         if not callable(fn):
             raise TypeError(f"matrix_function(fn): fn must be a function of a tensor of eigenvalues, got {fn!r}.")
-        return self._spectral(
-            _elementwise(fn), domain=None, what="matrix_function", check=check and settings.validate.on()
-        )
+        check = check and settings.validate.on()
+        return self._spectral(_elementwise(fn, finite=check), domain=None, what="matrix_function", check=check)
 
     def _spectral(
         self, fn: Callable[[Tensor], Tensor], *, domain: str | None, what: str, check: bool
@@ -1250,11 +1277,24 @@ class BlockMeanLinearOperator(
                     self._check_core_eigenvalues(e, what, strict=strict)
                 return e.clamp_min(0) if clamp else e
 
-        f_lam = fn(lam.clamp_min(0) if clamp else lam)
+        # lam_i of a singleton block is no eigenvalue (its one entry is C_ii): fn is not evaluated there (it need not
+        # be defined off the spectrum), its f(lam)_i is f(C)_ii, with B_ii = 0, the convention of from_core
+        single = self.partition.sizes == 1
         if diagonal:  # f acts on the eigenvalues c elementwise: D = diag((f(c) - f(lam)) / s)
             f_c = fn(C if prepare is None else prepare(C))
+            f_lam = torch.where(single, f_c, fn(_prepared(torch.where(single, C, lam), clamp)))
             return self._new_diagonal(f_lam.to(self.dtype), ((f_c - f_lam) / self._core_sizes).to(self.dtype))
-        fC = symmetric_matrix_function(C, fn, prepare)
+        top: list[Tensor] = []
+
+        def keep_top(e: Tensor) -> Tensor:  # the largest eigenvalue of C, a value in fn's domain
+            e = e if prepare is None else prepare(e)
+            top.append(e.detach()[..., -1:])
+            return e
+
+        fC = symmetric_matrix_function(C, fn, keep_top)
+        spare = top[0].expand(lam.shape) if top else lam
+        f_lam = fn(_prepared(torch.where(single, spare, lam), clamp))
+        f_lam = torch.where(single, torch.diagonal(fC, dim1=-2, dim2=-1), f_lam)
         inv_root = self._core_sizes.rsqrt()
         D = (fC - torch.diag_embed(f_lam)) * inv_root.unsqueeze(-1) * inv_root.unsqueeze(-2)
         return self._new(f_lam.to(self.dtype), (0.5 * (D + D.mT)).to(self.dtype))

@@ -1129,7 +1129,15 @@ class BlockMeanSumLinearOperator(
         if found is not None:
             batch, index = found
             value = float(d.detach()[batch][index])
-            if math.isfinite(value):
+            if math.isfinite(value) and value < 0:  # a difference or a negative multiple of operators
+                advice = (
+                    "d is the sum of the noise (add_diagonal, the likelihood) and the block mean operators' lam "
+                    "spread over their blocks, so a negative multiple or a difference of operators (-M + D, M - N) "
+                    "can make it negative; the closed forms of a sum work through D^-1 and need every d > 0 (also "
+                    "for an invertible sum that is not definite). Add a diagonal large enough, or solve such a "
+                    "matrix densely (torch.linalg.solve(S.to_dense(), b))."
+                )
+            elif math.isfinite(value):
                 advice = "Add noise (add_diagonal) or check the likelihood's noise."
             else:  # d collects the noise and every block mean operator's lam
                 advice = (
@@ -1810,8 +1818,9 @@ class BlockMeanSumLinearOperator(
     @_scoped
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
         r"""Closed-form :math:`M^{-1} R` (or :math:`L M^{-1} R`) through the capacitance: no CG, any size. Any
-        invertible sum, definite or not, as a single block mean operator's; with :class:`bma_gp.settings.validate`
-        on a singular one raises a ``ValueError``."""
+        invertible sum with a positive per-point diagonal :math:`d`, definite or not (an indefinite ``B_j``), as a
+        single block mean operator's; with :class:`bma_gp.settings.validate` on a singular one, or one with some
+        :math:`d_a \le 0` (a negative multiple or a difference of operators, ``-M + D``), raises a ``ValueError``."""
         self._check_rhs(right_tensor, "right_tensor")
         if left_tensor is not None:
             check_left(self.shape, left_tensor, solution_batch(self.shape, right_tensor), self.dtype)
