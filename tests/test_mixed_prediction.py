@@ -297,7 +297,8 @@ def test_gradients_of_the_predictive_variance_match_gpytorch(weight, monkeypatch
         post = model(xt)
         covar = post.lazy_covariance_matrix
         assert isinstance(covar, PredictiveCovarianceLinearOperator)
-        assert isinstance(covar.W, sps._ImplicitWeight) == (weight == "products")
+        W = covar.W  # formed, or (every term in the stable form) G - Sigma as products
+        assert (isinstance(W, sps._ImplicitWeight) and not W.stable) == (weight == "products")
         loss = post.variance.sum() + post.mean.square().sum() + post.covariance_matrix[0, 1]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     model.train()  # drops the inducing-point kernel's cached inverse root (its graph was used above)
