@@ -66,3 +66,18 @@ def dense_prediction(model: GP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     with torch.no_grad(), gpytorch.settings.max_cholesky_size(10**6):
         pred = model(x)
         return pred.mean, pred.variance
+
+
+def assert_gradients_like_dense(model: GP, reference: GP, rtol: float = 1e-4, minimum: int = 2) -> None:
+    """Every parameter gradient of ``model`` against its twin in ``reference`` (a :func:`dense_copy`, whose kernel
+    sits one level deeper): close where the twin has one, and at least ``minimum`` of them compared."""
+    names = dict(reference.named_parameters())
+    checked = 0
+    for name, p in model.named_parameters():
+        twin = names[name.replace("covar_module.", "covar_module.kernel.", 1)]
+        if twin.grad is None:
+            continue
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, twin.grad, rtol=rtol, atol=1e-6 * float(twin.grad.abs().max()) + 1e-12)
+        checked += 1
+    assert checked >= minimum

@@ -1025,8 +1025,8 @@ def _stable_terms(M: BlockMeanSumLinearOperator) -> list[bool] | None:
     ``BlockMeanKernel``) whose condition number is below :math:`\lVert G_j \rVert \max_a A_{aa}`: its
     :math:`F_j G_j^{-1}` rounds at :math:`\epsilon \operatorname{cond}(G_j)` where :math:`F W F^\top` cancels at
     :math:`\epsilon \lVert G_j \rVert \lVert A_{jj} \rVert` (``n`` over the noise), so it is taken where it is the
-    more accurate. None where the weight is not formed (:func:`_posterior_weight` applies it as products) or no
-    grouping's term qualifies (the weight is then :math:`W` itself, as before: ``[False] * len(sizes)``)."""
+    more accurate. None where the weight is not formed (:func:`_posterior_weight` applies it as products) or there
+    are groupings and none qualifies (the weight is then :math:`W` itself: ``[False] * len(sizes)``)."""
     sizes = M._sizes()
     if not sizes or sum(sizes) > settings.max_capacitance_size.value():
         return None
@@ -1037,7 +1037,7 @@ def _stable_terms(M: BlockMeanSumLinearOperator) -> list[bool] | None:
     def decide() -> list[bool] | None:
         J = len(M.partitions)
         flags = [j >= J or M._block_is_diagonal(j) or _well_conditioned(M, j) for j in range(len(sizes))]
-        return flags if any(flags[:J]) else None
+        return flags if J == 0 or any(flags[:J]) else None  # a root alone (an SGPR term): its G is I
 
     return M._memo("stable_terms", decide)
 
