@@ -1189,7 +1189,7 @@ class BlockMeanLinearOperator(
         found = _first_bad(bad)
         if found is not None:
             batch, i = found
-            value = float(lam[batch][i])
+            value = float(lam.detach()[batch][i])
             size = int(self.partition.sizes[i])
             kind = "positive definite" if strict else "positive semidefinite"
             raise ValueError(
@@ -1217,7 +1217,7 @@ class BlockMeanLinearOperator(
         found = _first_bad(bad)
         if found is not None:
             batch, i = found
-            value = float(evals[batch][i])
+            value = float(evals.detach()[batch][i])
             raise ValueError(
                 f"{what} needs a positive {'definite' if strict else 'semidefinite'} matrix, but the k x k core "
                 f"matrix C = diag(lam) + S^1/2 B S^1/2 has eigenvalue {value:.6g}{_where(batch)}. "

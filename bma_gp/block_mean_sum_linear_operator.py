@@ -7,6 +7,7 @@ matrix whose size is the number of blocks plus the rank, never ``n``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import warnings
@@ -17,6 +18,7 @@ import linear_operator
 import numpy as np
 import torch
 from linear_operator.operators import LinearOperator
+from linear_operator.operators.linear_operator_representation_tree import LinearOperatorRepresentationTree
 from linear_operator.operators.root_linear_operator import RootLinearOperator
 from linear_operator.utils.broadcasting import _matmul_broadcast_shape
 from linear_operator.utils.memoize import clear_cache_hook
@@ -167,6 +169,24 @@ class _Cells:
         first = torch.cumsum(reps, 0) - reps
         theirs = other.starts[self.col[mine]] + (torch.arange(total, device=reps.device) - first[mine])
         return mine, theirs
+
+
+class _SumRepresentationTree:
+    """Rebuilds a :class:`BlockMeanSumLinearOperator` from its :meth:`~BlockMeanSumLinearOperator.representation`:
+    linear_operator's tree for the arguments and the tensor keyword arguments, then the row weights (the
+    representation's last tensors) in their partitions' places."""
+
+    def __init__(self, op: BlockMeanSumLinearOperator):
+        self._tree = LinearOperatorRepresentationTree(op)
+        self._size = len(LinearOperator.representation(op))
+        self._template = tuple(w is not None for w in op.weights)
+
+    def __call__(self, *flat: Tensor) -> BlockMeanSumLinearOperator:
+        rest = iter(flat[self._size :])
+        weights = tuple(next(rest) if held else None for held in self._template)
+        tree = copy.copy(self._tree)
+        tree._nondifferentiable_kwargs = {**self._tree._nondifferentiable_kwargs, "weights": weights}
+        return tree(*flat[: self._size])
 
 
 class _Contingencies(dict):
@@ -905,6 +925,16 @@ class BlockMeanSumLinearOperator(
                     "that produced them."
                 )
         return None
+
+    def representation(self) -> tuple[Tensor, ...]:
+        """linear_operator's representation (``diag``, the blocks, a tensor root) and the slopes' row weights: the
+        generic autograd functions (``Matmul``, ``InvQuadLogdet``, ... of a linear_operator sum holding this one)
+        differentiate the representation only, and a weight held as a plain keyword argument lost its gradient
+        (a random slope's covariate at test points, under a sum with an exact kernel)."""
+        return (*super().representation(), *(w for w in self.weights if w is not None))
+
+    def representation_tree(self) -> _SumRepresentationTree:
+        return _SumRepresentationTree(self)
 
     def _describe(self) -> str:
         parts = ", ".join(f"k_{j + 1} = {k}" for j, k in enumerate(self.num_blocks))

@@ -4,6 +4,8 @@ evaluating the function only on the spectrum (a singleton block's ``lam`` is no 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from linear_operator.operators import DiagLinearOperator
@@ -112,3 +114,16 @@ def test_sum_solve_with_a_negative_diagonal_says_why():
     assert type(S).__name__ == "BlockMeanSumLinearOperator"
     with pytest.raises(ValueError, match=r"negative multiple or a difference of operators .*need every d > 0"):
         S.solve(torch.ones(6, dtype=DTYPE))
+
+
+def test_domain_errors_with_gradients_say_only_their_words():
+    """The error for an eigenvalue outside a matrix function's domain read the value from a tensor with a graph:
+    torch's 'Converting a tensor with requires_grad=True to a scalar' warning came with it (trial 20)."""
+    M = _op()
+    lam = M.lam.detach().clone()
+    lam[0] = 0.0  # block 0 has two indices: lam_0 is an eigenvalue, log is undefined there
+    bad = BlockMeanLinearOperator(lam.requires_grad_(), M.B.detach().clone().requires_grad_(), M.partition)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="lam\\[0\\]"):
+            bad.matrix_log()
