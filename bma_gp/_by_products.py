@@ -31,6 +31,30 @@ class ByProducts(LinearOperator):
             return self._matmul(other)
         return super().matmul(other)
 
+    def _fixed(self, what: str) -> ValueError:
+        return ValueError(
+            f"{what} of a {type(self).__name__}: it is a root (or factor) of a {type(self.parent).__name__} applied "
+            "through that operator's products, and keeps its batch shape, dtype and device (linear_operator's "
+            "default rebuilt it with the old shape: a repeated root held one copy). Change the operator first and "
+            "take its root then (op.unsqueeze(0).root_decomposition(), op.to(torch.float32).root_decomposition()), "
+            "or form this one: DenseLinearOperator(root.to_dense())."
+        )
+
+    def _unsqueeze_batch(self, dim: int):
+        raise self._fixed("unsqueeze / repeat / a new batch dimension")
+
+    def to(self, *args, **kwargs):
+        """This operator when the dtype and device stay; ``ValueError`` otherwise (see :meth:`_fixed`)."""
+        probe = torch.empty(0, dtype=self.dtype, device=self.device).to(*args, **kwargs)
+        if probe.dtype == self.dtype and probe.device == self.device:
+            return self
+        raise self._fixed(f".to({probe.dtype}, {probe.device})")
+
+    def type(self, dtype: torch.dtype):
+        if dtype == self.dtype:
+            return self
+        raise self._fixed(f".type({dtype})")
+
     def _t_matmul(self, rhs: Tensor) -> Tensor:
         return self._transpose_nonbatch()._matmul(rhs)
 

@@ -319,6 +319,18 @@ class LazyRootOperator(LowRankRootLinearOperator):
             return self.root.row_norms()
         return super()._diagonal()
 
+    def _formed(self) -> LowRankRootLinearOperator:
+        """``U U^T`` with ``U`` formed: the factor has no batch dimensions of its own (linear_operator's default
+        rebuilt it with the old shape: an unsqueezed or repeated operator kept ``(n, n)``)."""
+        root = self.root
+        return LowRankRootLinearOperator(root.materialize() if isinstance(root, RBFRootFactor) else root)
+
+    def _unsqueeze_batch(self, dim: int) -> LinearOperator:
+        return self._formed()._unsqueeze_batch(dim)
+
+    def _expand_batch(self, batch_shape) -> LinearOperator:
+        return self._formed()._expand_batch(batch_shape)
+
     def add_diagonal(self, diag: Tensor) -> LinearOperator:
         from bma_gp._composition import add_lazy_root
 
