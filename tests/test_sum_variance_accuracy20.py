@@ -19,17 +19,16 @@ import torch
 from bma_gp import BlockMeanKernel, ClosedFormFallbackWarning, GroupKernel
 from bma_gp.kernels import sum_prediction_strategy as sps
 from bma_gp.partition_builders import kmeans_partition
-from closed_form_guard import closed_forms_only
-from gp_reference import GP, assert_gradients_like_dense, dense_copy
+from gp_reference import GP, dense_copy
+from test_sum_variance_accuracy19 import (  # noqa: F401  (_no_fallback: the autouse fixture)
+    _closed,
+    _dense,
+    _no_fallback,
+    check_variance_gradients,
+    crossed_data,
+)
 
 DTYPE = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def _no_fallback():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", ClosedFormFallbackWarning)
-        yield
 
 
 def _likelihood(noise: float):
@@ -41,12 +40,7 @@ def _likelihood(noise: float):
 def _rank_model(noise: float, batch: tuple[int, ...] = ()):
     """``GroupKernel(8, rank=2)`` over 6 levels crossed with ``GroupKernel(6)`` over 4; test points at seen and
     unseen levels of both."""
-    g = torch.Generator().manual_seed(1)
-    n = 60
-    a, b = torch.arange(n) % 6, (torch.arange(n) // 6) % 4
-    x = torch.stack([torch.randn(n, generator=g, dtype=DTYPE), a.to(DTYPE), b.to(DTYPE)], -1)
-    y = torch.randn(6, generator=g, dtype=DTYPE)[a] + torch.randn(4, generator=g, dtype=DTYPE)[b]
-    y = y + 0.3 * torch.randn(n, generator=g, dtype=DTYPE)
+    x, y, xs = crossed_data()
     torch.manual_seed(0)
     kernel = GroupKernel(8, rank=2, active_dims=[1], batch_shape=torch.Size(batch)) + GroupKernel(
         6, active_dims=[2], batch_shape=torch.Size(batch)
@@ -56,7 +50,6 @@ def _rank_model(noise: float, batch: tuple[int, ...] = ()):
         with torch.no_grad():
             factor = kernel.kernels[0].covar_factor
             factor.mul_(torch.linspace(0.5, 2.0, batch[0], dtype=DTYPE).view(-1, 1, 1))
-    xs = torch.cat([x[:4], torch.tensor([[0.0, 5.0, 3.0], [0.0, 7.0, 1.0], [0.0, 2.0, 5.0]], dtype=DTYPE)])
     return model, x, xs
 
 
@@ -80,14 +73,12 @@ def _predict(model, ref, x, xs):
     model.eval()
     ref.eval()
     with torch.no_grad():
-        with closed_forms_only(x.shape[0]), gpytorch.settings.max_cholesky_size(0):
-            post = model(xs)
-            var, cov = post.variance, post.covariance_matrix
+        post = _closed(model, xs, x.shape[0])
+        got = post.mean, post.variance, post.covariance_matrix
         with gpytorch.settings.max_cholesky_size(10**6), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            want = ref(xs)
-            ref_var, ref_cov = want.variance, want.covariance_matrix
-    return (post.mean, var, cov), (want.mean, ref_var, ref_cov)
+            warnings.simplefilter("ignore")  # the dense reference's own fallback warnings
+            want = _dense(ref, xs)
+            return got, (want.mean, want.variance, want.covariance_matrix)
 
 
 def _check(model, x, xs, rtol):
@@ -150,16 +141,7 @@ def test_the_weight_forms_agree_where_both_are_accurate():
 @pytest.mark.parametrize("case", ["rank", "block_mean"])
 def test_variance_gradients_match_the_dense_reference(case):
     model, x, xs = _rank_model(1e-6) if case == "rank" else _block_mean_model(1e-3)
-    ref = dense_copy(model)
-    model.eval()
-    ref.eval()
-    with gpytorch.settings.detach_test_caches(False):
-        with closed_forms_only(x.shape[0]), gpytorch.settings.max_cholesky_size(0):
-            model(xs).variance.sum().backward()
-        with gpytorch.settings.max_cholesky_size(10**6), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ref(xs).variance.sum().backward()
-    assert_gradients_like_dense(model, ref)
+    check_variance_gradients(model, x, xs)
 
 
 def test_float32_low_rank_grouping():

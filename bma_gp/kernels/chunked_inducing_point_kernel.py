@@ -44,6 +44,7 @@ from torch import Tensor
 from bma_gp._autograd import first_order_only
 from bma_gp._broadcast import shared_batch_entry
 from bma_gp._kernel_sums.generic import kernel_diagonal
+from bma_gp.kernels._kept import KeptByInput
 from bma_gp.kernels._rbf_gram import LazyRootOperator, RBFRootFactor, TraceTerm
 from bma_gp.kernels._rbf_root import rbf_parts, rbf_root
 
@@ -301,16 +302,11 @@ class ChunkedInducingPointKernel(InducingPointKernel):
             self.inducing_points._version,
             tuple((id(p), p._version) for p in self.base_kernel.parameters()),
         )
-        kept = self.__dict__.get("_bma_gp_kept_root", [])
-        for i, (kx, kkey, value) in enumerate(kept):
-            if kkey == key and kx.shape == x.shape and kx.dtype == x.dtype and kx.device == x.device:
-                if torch.equal(kx, x):
-                    kept.insert(0, kept.pop(i))
-                    return value
-        value = self._root(x)
-        # two entries: a prediction roots the test inputs (their own covariance) between uses of the training root
-        self.__dict__["_bma_gp_kept_root"] = [(x.detach().clone(), key, value), *kept[:1]]
-        return value
+        kept = self.__dict__.get("_bma_gp_kept_root")
+        if kept is None:
+            # two entries: a prediction roots the test inputs (their own covariance) between uses of the training root
+            kept = self.__dict__["_bma_gp_kept_root"] = KeptByInput(2)
+        return kept(x, lambda: self._root(x), key)
 
     def _clear_cache(self):
         super()._clear_cache()
