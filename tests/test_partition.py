@@ -435,3 +435,28 @@ def test_16_bit_operator_products_match_the_exact_sums():
         res = M @ torch.ones(n, 1, dtype=dtype)
         # (M 1)_a = lam + sum_b B = 1 + 2500 + 2500 = 5001 (the other block's 2500 too: B is all ones)
         assert torch.equal(res, torch.full((n, 1), 5001.0).to(dtype))
+
+
+@pytest.mark.parametrize("shape_dim", [((-1,), -1), ((3, -1), -1), ((-1, 2), 0), ((2, -1, 3), 1)])
+def test_widened_block_sums_of_many_unequal_contiguous_blocks(shape_dim):
+    # a contiguous partition of unequal blocks widens float32 slab by slab into segment sums: the slabs' bounds cut
+    # blocks, which each slab sums in part (checked against float64 sums over the scattered labels)
+    shape, dim = shape_dim
+    n, gen = 400_003, torch.Generator().manual_seed(5)
+    sizes = torch.randint(1, 60, (20_000,), generator=gen)
+    sizes = sizes[: int((sizes.cumsum(0) < n).sum())]
+    sizes = torch.cat([sizes, (n - sizes.sum()).view(1)])
+    p = Partition.from_sizes(sizes)
+    assert p.is_contiguous and p._runs is None
+    x = torch.randn([n if s == -1 else s for s in shape], generator=gen)
+    scattered = Partition.from_labels(p.labels.clone())
+    scattered.is_contiguous = False  # the index_add path, in float64
+    exact = scattered.block_sum(x.double(), dim=dim)
+    res = p.block_sum(x, dim=dim)
+    assert res.dtype == torch.float32 and res.shape == exact.shape
+    torch.testing.assert_close(res.double(), exact, rtol=0, atol=1e-5)
+    y = x.double().requires_grad_()
+    p.block_sum(y.float(), dim=dim).sum().backward()
+    assert torch.equal(y.grad, torch.ones_like(y))
+    again = pickle.loads(pickle.dumps(p))  # the cached boundaries are rebuilt, not carried
+    assert again._offset_table is None and torch.equal(again.block_sum(x, dim=dim), res)
