@@ -18,9 +18,16 @@ from linear_operator.utils.memoize import add_to_cache, clear_cache_hook, get_fr
 from torch import Tensor
 
 from bma_gp import settings
-from bma_gp._autograd import diagonal_tangent, functorch_wrapped, has_forward_tangent, tracks_derivatives
+from bma_gp._autograd import (
+    carries_tangent,
+    diagonal_tangent,
+    functorch_wrapped,
+    has_forward_tangent,
+    tracks_derivatives,
+)
 from bma_gp._broadcast import batch_constants, sum_to_shape, times_diagonal
 from bma_gp._closed_roots import ClosedFormRoots, check_root_method
+from bma_gp._core_backward import CoreCholeskySolve, CoreLogdet
 from bma_gp._diagonal import diagonal_by_construction, is_diagonal
 from bma_gp._indexing import TorchIndexing
 from bma_gp._low_rank_sum import LowRankInClosedForm
@@ -460,7 +467,7 @@ class BlockMeanLinearOperator(
         self._core_cache: tuple[Tensor, Tensor] | None = None
         self._checked_finite = False
         self._rounding: Tensor | None = None  # set by schur_complement: absolute rounding of C's spectrum
-        self._shared_factor: tuple[Tensor, Tensor] | None = None  # inside inv_quad_logdet
+        self._shared_factor: tuple[Tensor | None, Tensor, Tensor] | None = None  # inside inv_quad_logdet
         self._diagonal_flag: bool | None = None  # whether B (so C) is diagonal: see _diagonal_core
 
     # ------------------------------------------------------------------ cheap views
@@ -661,6 +668,17 @@ class BlockMeanLinearOperator(
             raise ValueError(f"partition must be a bma_gp.Partition with num_blocks = {C.shape[-1]} (the size of C).")
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float64) or None, got {dtype!r}.")
+        if lam.device != C.device:
+            raise ValueError(
+                f"lam and C must be on one device, got {lam.device} and {C.device}; move one with .to(other.device)."
+            )
+        try:
+            torch.broadcast_shapes(lam.shape[:-1], C.shape[:-2])
+        except RuntimeError:
+            raise ValueError(
+                f"batch shapes of lam {tuple(lam.shape[:-1])} and C {tuple(C.shape[:-2])} do not broadcast; give "
+                "them equal batch shapes (or size 1 where one is shared)."
+            ) from None
         partition = partition.to(C.device)
         # a singleton block stores its one entry in lam (B_ii = 0), the convention of block_mean: a
         # placeholder lam_i would leave B_ii = C_ii - lam_i to cancel in a float32 operator
@@ -1338,10 +1356,7 @@ class BlockMeanLinearOperator(
     # ------------------------------------------------------------------ factorisation of the core
     @_cached_unless_grad("core_cholesky_ex")
     def _core_cholesky_ex(self) -> tuple[Tensor, Tensor]:
-        """``torch.linalg.cholesky_ex`` of C, factors of failed batch entries set to NaN (no host sync).
-        Inside :meth:`inv_quad_logdet` one factorisation serves both terms, also with gradients."""
-        if self._shared_factor is not None:
-            return self._shared_factor
+        """``torch.linalg.cholesky_ex`` of C, factors of failed batch entries set to NaN (no host sync)."""
         if self._diagonal_core():
             d, info = self._core_cholesky_diagonal()
             L = torch.diag_embed(d)
@@ -1349,6 +1364,26 @@ class BlockMeanLinearOperator(
             L, info = torch.linalg.cholesky_ex(self._unchecked_core()[1])
         failed = (info > 0).unsqueeze(-1).unsqueeze(-1)
         return torch.where(failed, torch.full_like(L, float("nan")), L), info
+
+    def _core_factor(self) -> tuple[Tensor | None, Tensor, Tensor]:
+        """``(C, L, info)`` for the solves and the log-determinant of the core (:meth:`_core_solve`, :meth:`_logdet`).
+
+        Where ``C`` requires gradients in plain reverse mode (no forward-mode tangent, no :mod:`torch.func`
+        transform), ``L`` is factorised without a graph and ``C`` is returned beside it: the callers differentiate
+        in closed form (:mod:`bma_gp._core_backward`), not through the factorisation. Otherwise ``C`` is ``None``
+        and ``L`` is :meth:`_core_cholesky_ex`'s (differentiable, cached without gradients). Inside
+        :meth:`inv_quad_logdet` one factorisation serves both terms."""
+        if self._shared_factor is not None:
+            return self._shared_factor
+        if not self._diagonal_core() and torch.is_grad_enabled():
+            C = self._unchecked_core()[1]
+            if C.requires_grad and not carries_tangent(C):
+                with torch.no_grad():
+                    L, info = torch.linalg.cholesky_ex(C)
+                    failed = (info > 0).unsqueeze(-1).unsqueeze(-1)
+                    L = torch.where(failed, torch.full_like(L, float("nan")), L)
+                return C, L, info
+        return (None, *self._core_cholesky_ex())
 
     def _core_cholesky_diagonal(self) -> tuple[Tensor, Tensor]:
         """For a diagonal core (:meth:`_diagonal_core`) ``C = diag(c)``: the diagonal ``sqrt(c)`` of its Cholesky
@@ -1435,11 +1470,13 @@ class BlockMeanLinearOperator(
         of :math:`C`, a singular one an error with validation on. # shape: (*batch, k, t)"""
         L = None
         if self.symmetric and not self._unchecked_on_accelerator():
-            L, info = self._core_cholesky_ex()
+            C, L, info = self._core_factor()
             if bool((info > 0).any()):  # with validation on, or on CPU (nothing to synchronise)
                 L = None  # symmetric but indefinite: still invertible, through LU below
+            elif C is not None and carries_tangent(rhs):  # the closed-form backward is reverse mode only
+                C, (L, info) = None, self._core_cholesky_ex()
         if L is not None:
-            return torch.cholesky_solve(rhs, L)
+            return torch.cholesky_solve(rhs, L) if C is None else CoreCholeskySolve.apply(C, L, rhs)
         X, info = torch.linalg.solve_ex(self._unchecked_core()[1], rhs)
         if settings.validate.on() and bool((info > 0).any()):
             raise ValueError(
@@ -1514,14 +1551,17 @@ class BlockMeanLinearOperator(
             if self._unchecked_on_accelerator():
                 return self._signed_logdet().to(self.dtype)
             lam, _ = self.core()
-            L, info = self._core_cholesky_ex()
+            C, L, info = self._core_factor()
             if settings.validate.on():
                 self._check_block_offsets(lam, what, strict=True)
                 if bool((info > 0).any()):
                     self._raise_not_positive_definite(what)
             elif bool(((info > 0) | ((lam <= 0) & (self.partition.sizes > 1)).any(-1)).any()):  # CPU: free
                 return self._signed_logdet().to(self.dtype)
-            logdet_core = 2 * torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1)
+            if C is None:
+                logdet_core = 2 * torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1)
+            else:
+                logdet_core = CoreLogdet.apply(C, L)
         safe_lam = torch.where(self.partition.sizes > 1, lam, torch.ones_like(lam))
         return (logdet_core + (multiplicity * safe_lam.log()).sum(-1)).to(self.dtype)
 
@@ -1608,7 +1648,7 @@ class BlockMeanLinearOperator(
         ):
             if settings.validate.on():
                 self._check_finite()
-            self._shared_factor = self._core_cholesky_ex()  # one factorisation for both terms
+            self._shared_factor = self._core_factor()  # one factorisation for both terms
             try:
                 return self.inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
             finally:
