@@ -123,6 +123,30 @@ def _as_int(value) -> int | None:
         return None
 
 
+#: The seeds that give distinct random draws, ``0 .. 2**32 - 1``: torch's CPU generator
+#: (``torch.Generator().manual_seed``) takes -2**63 .. 2**64 - 1 but keeps only the low 32 bits of a seed, so seeds
+#: 2**32 apart (and -1 and 2**64 - 1) gave the same draws. Shared with ``bma-gp --seed`` (:mod:`bma_gp.cli.arguments`).
+_SEED_RANGE = (0, 2**32 - 1)
+
+#: Why a seed is refused outside ``_SEED_RANGE``, for the messages (here and the CLI's).
+_SEED_REASON = "torch's random generator keeps 32 bits of a seed"
+
+
+def _seed(value, name: str = "seed") -> int:
+    """Return ``value`` as a Python int in ``_SEED_RANGE`` or raise a ValueError naming ``name``, the range and
+    why (a seed outside it would repeat the draws of one inside)."""
+    seed = _as_int(value)
+    if seed is None:
+        raise ValueError(f"{name} must be an int, got {value!r}.")
+    low, high = _SEED_RANGE
+    if not low <= seed <= high:
+        raise ValueError(
+            f"{name} must be an int in {low} .. 2**32 - 1 = {high}, got {value!r}: {_SEED_REASON}, so a larger "
+            "or negative seed would repeat the result of one in that range."
+        )
+    return seed
+
+
 def _positive_int(value, name: str) -> int:
     """Return ``value`` as a positive Python int or raise a ValueError naming ``name``."""
     count = _as_int(value)
@@ -313,8 +337,10 @@ def kmeans_partition(
     Args:
         x: the points. # shape: (n, d) or (n,)
         k: number of clusters, ``1 <= k <= n``.
-        seed: seed of the random generator; the result is a deterministic function of
-            the arguments.
+        seed: seed of the random generator, an int in ``0 .. 2**32 - 1``; the result is a
+            deterministic function of the arguments. torch's generator keeps only the low 32
+            bits of a seed, so a larger or negative seed, which would repeat the partition of
+            the seed in that range with the same low 32 bits, is refused (a ValueError).
         iters: maximum number of Lloyd iterations (on the subsample when there is one);
             iterations stop once at most a fraction ``tol`` of the points change cluster.
         sample_size: subsample size for seeding and the first iterations; default
@@ -328,7 +354,8 @@ def kmeans_partition(
 
     Raises:
         ValueError: ``x`` is not a finite ``(n, d)`` array, ``k`` is not in ``1 .. n``,
-            or ``seed`` / ``iters`` / ``full_iters`` / ``sample_size`` / ``tol`` are invalid.
+            ``seed`` is not an int in ``0 .. 2**32 - 1``, or ``iters`` / ``full_iters`` /
+            ``sample_size`` / ``tol`` are invalid.
 
     Example:
         >>> x = torch.randn(1000, 2)
@@ -350,11 +377,7 @@ def kmeans_partition(
             raise ValueError(f"{name} must be a non-negative int, got {value!r}.")
         counts.append(count)
     iters, full_iters = counts
-    seed_value = _as_int(seed)
-    if seed_value is None:
-        raise ValueError(f"seed must be an int, got {seed!r}.")
-    if not -(2**63) <= seed_value < 2**64:  # the range torch.Generator.manual_seed takes
-        raise ValueError(f"seed must be an int in -2**63 .. 2**64 - 1, got {seed!r}.")
+    seed_value = _seed(seed)
     if isinstance(tol, (bool, np.bool_)) or not isinstance(tol, numbers.Real) or not 0.0 <= tol < math.inf:
         raise ValueError(f"tol must be a non-negative number (a fraction of the points), got {tol!r}.")
     sample_size = max(20_000, 40 * k) if sample_size is None else _positive_int(sample_size, "sample_size")

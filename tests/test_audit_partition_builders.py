@@ -69,7 +69,7 @@ def test_kmeans_still_drops_clusters_when_x_has_fewer_distinct_points():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"seed": 2**64}, r"seed must be an int in -2\*\*63 \.\. 2\*\*64 - 1, got 18446744073709551616"),
+        ({"seed": 2**64}, r"seed must be an int in 0 \.\. 2\*\*32 - 1 = 4294967295, got 18446744073709551616"),
         ({"seed": -(2**63) - 1}, "seed must be an int in"),
         ({"tol": "0.1"}, "tol must be a non-negative number"),
         ({"tol": -0.5}, "tol must be a non-negative number"),
@@ -82,10 +82,14 @@ def test_kmeans_names_a_bad_seed_or_tol(kwargs, match):
         kmeans_partition(torch.randn(20, 2), 3, **kwargs)
 
 
-def test_kmeans_takes_every_seed_torch_takes():
+def test_kmeans_takes_the_seeds_that_reach_the_generator_and_refuses_the_rest():
+    # torch's CPU generator keeps 32 bits of a seed: a wider one would silently repeat one of these
     x = torch.randn(20, 2, generator=torch.Generator().manual_seed(1))
-    for seed in (2**64 - 1, -(2**63), np.uint64(2**63)):
+    for seed in (0, 2**32 - 1, np.uint32(2**32 - 1), np.int64(7)):
         assert kmeans_partition(x, 3, seed=seed).num_blocks == 3
+    for seed in (2**64 - 1, -(2**63), np.uint64(2**63), 2**32, -1):
+        with pytest.raises(ValueError, match="torch's random generator keeps 32 bits of a seed"):
+            kmeans_partition(x, 3, seed=seed)
     assert kmeans_partition(x, 3, tol=np.float32(0.5)).num_blocks == 3
 
 

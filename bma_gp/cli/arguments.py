@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from bma_gp.cli.config import METHODS, PROG, RunConfig
+from bma_gp.partition_builders import _SEED_RANGE, _SEED_REASON
+from bma_gp.partition_builders import _seed as _checked_seed
 
 __all__ = ["build_parser", "parse_config"]
 
@@ -49,24 +51,23 @@ def _iters(text: str) -> int:
     return value
 
 
-#: The seeds that give distinct runs: torch's CPU generator (the split, the inducing points, k-means) keeps only the
-#: low 32 bits of a seed, so seeds 2**32 apart (and -2**63 and 0) gave the same run; the range is that of the bits kept.
-_SEED_RANGE = (0, 2**32 - 1)
-
-
 def _seed(text: str) -> int:
+    """``--seed``: an integer in the range :func:`~bma_gp.partition_builders.kmeans_partition` takes, checked by the
+    same helper. torch's CPU generator (the split, the inducing points, k-means) keeps only the low 32 bits of a
+    seed, so seeds 2**32 apart (and -2**63 and 0) gave the same run; the range is that of the bits kept."""
     low, high = _SEED_RANGE
     expected = (
-        f"expected an integer from {low} to {high} (2**32 - 1; torch's random generator keeps 32 bits of a seed, so "
-        "larger or negative seeds would repeat these runs)"
+        f"expected an integer from {low} to {high} (2**32 - 1; {_SEED_REASON}, so larger or negative seeds would "
+        "repeat these runs)"
     )
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
-    if not low <= value <= high:
-        raise argparse.ArgumentTypeError(f"{expected}, got {value}")
-    return value
+    try:
+        return _checked_seed(value, "--seed")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{expected}, got {value}") from None
 
 
 def _fraction(text: str) -> float:

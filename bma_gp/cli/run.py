@@ -8,10 +8,11 @@ standardise), :mod:`~bma_gp.cli.models` (build, train, predict) and :mod:`~bma_g
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -54,10 +55,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(config: RunConfig) -> int:
+    with _seeded_global_rng(config):
+        return _seeded_run(config)
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(config: RunConfig) -> Iterator[None]:
+    """Seed torch's global random generators that the run uses (the CPU one, and ``--device``'s for CUDA) with
+    ``--seed``, as ``torch.manual_seed`` did, and give the caller's states back afterwards, also when the run
+    raises: ``main`` called from Python leaves the caller's random stream where it was."""
+    cuda = [config.device] if config.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(config.seed)
+        for device in cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(config.seed)
+        yield
+
+
+def _seeded_run(config: RunConfig) -> int:
     for message in config.unused_options():
         print(f"{PROG}: warning: {message}", file=sys.stderr)
     generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
 
     loaded = load_dataset(config)
     dataset = subsample(loaded, config.max_rows, generator)
