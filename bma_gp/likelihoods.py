@@ -20,7 +20,7 @@ from gpytorch.priors import Prior
 from linear_operator.operators import DiagLinearOperator
 from torch import Tensor
 
-from bma_gp.kernels.group_kernel import as_int, check_group_ids, fit_parameter_shape
+from bma_gp.kernels.group_kernel import as_int, as_real_values, check_group_ids, fit_parameter_shape
 from bma_gp.partition import _as_array
 
 __all__ = ["GroupGaussianLikelihood", "GroupNoise"]
@@ -30,18 +30,10 @@ _NO_BATCH = torch.Size()
 
 
 def _as_variances(value, like: Tensor, what: str) -> Tensor:
-    """``value`` (a number, list, array or tensor) as real noise variances on ``like``'s device: floating point
-    tensors and arrays keep their dtype, anything else (Python numbers, integers) takes ``like``'s, so that
-    ``0.1`` is not rounded to float32 first; ``TypeError`` naming ``noise`` for what holds no real numbers."""
-    try:
-        given = value if torch.is_tensor(value) else torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError):  # strings, None, ragged lists: torch's message names nothing
-        raise TypeError(f"noise must be {what}, got {type(value).__name__} {value!r:.60}.") from None
-    if given.dtype == torch.bool or given.dtype.is_complex:
-        raise TypeError(f"noise must hold real noise variances, got dtype {given.dtype}.")
-    if torch.is_tensor(value) or hasattr(value, "dtype"):  # a tensor or an array: its floating point dtype stays
-        return given.to(device=like.device, dtype=given.dtype if given.dtype.is_floating_point else like.dtype)
-    return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    """``value`` as real noise variances on ``like``'s device (:func:`~bma_gp.kernels.group_kernel.as_real_values`:
+    floating point tensors and arrays keep their dtype, Python numbers take ``like``'s); ``TypeError`` naming
+    ``noise`` for what holds no real numbers."""
+    return as_real_values(value, like, "noise", what, "real noise variances")
 
 
 class GroupNoise(Noise):

@@ -43,6 +43,25 @@ def as_int(value, name: str, what: str) -> int:
         raise ValueError(f"{name} must be {what}, got {value!r}.") from None
 
 
+def as_real_values(value, like: Tensor, name: str, what: str, kind: str = "real numbers") -> Tensor:
+    """``value`` (a number, list, array or tensor) as a real tensor on ``like``'s device: floating point tensors and
+    arrays keep their dtype, anything else (Python numbers, integers) takes ``like``'s, so that ``0.1`` is not rounded
+    to float32 first. ``TypeError`` naming ``name`` where it holds no real numbers: a string, ``None`` or a ragged
+    list (``name must be <what>``), or a bool or complex dtype (``name must hold <kind>``; torch would drop an
+    imaginary part with only a warning). Reads nothing but ``value``: a setter that calls it first changes nothing
+    when it raises. The noise setters of :mod:`bma_gp.likelihoods` convert their values the same way."""
+    try:
+        given = value if torch.is_tensor(value) else torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):  # strings, None, ragged lists: torch's message names nothing
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r:.60}.") from None
+    if given.dtype == torch.bool or given.dtype.is_complex:
+        fix = "its real part, value.real, where the imaginary part is 0" if given.dtype.is_complex else "value.float()"
+        raise TypeError(f"{name} must hold {kind}, got dtype {given.dtype}; pass {what} ({fix}).")
+    if torch.is_tensor(value) or hasattr(value, "dtype"):  # a tensor or an array: its floating point dtype stays
+        return given.to(device=like.device, dtype=given.dtype if given.dtype.is_floating_point else like.dtype)
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+
+
 def check_group_ids(values: Tensor, num_groups: int, name: str = "x") -> Tensor:
     """``values`` (*batch, n) as a LongTensor of group ids; ``ValueError`` unless every entry is an integer in
     ``[0, num_groups)`` (floating point values must be whole numbers, and below the size from which the dtype merges
@@ -446,7 +465,8 @@ class GroupKernel(Kernel):
 
     def _prior_closure(self, m: GroupKernel, value: Tensor) -> None:
         """Set ``var`` and ``corr`` from a sample of :attr:`slope_covar` ``(*batch, 2, 2)`` (correlated slopes)."""
-        value = torch.as_tensor(value, dtype=m.raw_var.dtype, device=m.raw_var.device)
+        what = "a tensor of 2 x 2 covariances of (intercept, slope)"
+        value = as_real_values(value, m.raw_var, "slope_covar", what, "real covariances").to(m.raw_var.dtype)
         if value.dim() < 2 or tuple(value.shape[-2:]) != (2, 2):
             raise ValueError(
                 f"slope_covar of shape {tuple(value.shape)} is no batch of 2 x 2 covariances of (intercept, slope); "
@@ -489,10 +509,12 @@ class GroupKernel(Kernel):
         self.initialize(raw_var=self._checked_var(value))
 
     def _checked_var(self, value) -> Tensor:
-        """``raw_var`` for the variance ``value``, checked (``ValueError`` naming ``var``); changes nothing. A batch of
+        """``raw_var`` for the variance ``value``, checked (``ValueError`` naming ``var``; ``TypeError`` for a value
+        that holds no real numbers, a string, ``None`` or a complex tensor); changes nothing. A batch of
         samples ``(*sample_shape, *var.shape)`` is taken where the kernel is not strict
         (:func:`fit_parameter_shape`: ``pyro_load_from_samples``)."""
-        value = torch.as_tensor(value, dtype=self.raw_var.dtype, device=self.raw_var.device)
+        what = "a number or a tensor of variances"
+        value = as_real_values(value, self.raw_var, "var", what, "real variances").to(self.raw_var.dtype)
         fitted = fit_parameter_shape(self, value, self.raw_var)
         if fitted is None:
             raise ValueError(
@@ -544,7 +566,8 @@ class GroupKernel(Kernel):
         a batch of samples where the kernel is not strict, as :meth:`_checked_var`."""
         if self.raw_corr is None:
             raise ValueError("corr needs slope=True, intercept=True and correlated=True.")
-        value = torch.as_tensor(value, dtype=self.raw_corr.dtype, device=self.raw_corr.device)
+        what = "a number or a tensor of correlations in (-1, 1)"
+        value = as_real_values(value, self.raw_corr, "corr", what, "real correlations").to(self.raw_corr.dtype)
         fitted = fit_parameter_shape(self, value, self.raw_corr)
         if fitted is None:
             raise ValueError(

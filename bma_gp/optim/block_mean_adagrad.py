@@ -8,6 +8,9 @@
 from __future__ import annotations
 
 import copy
+import math
+import numbers
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +42,10 @@ FUSED_MIN_NUMEL = 2**18
 #: 1.34-1.52x at 132 to 33k entries, 1.00x at 66k, 0.89x at 131k; docs/optimizer.md). With several blocks per tensor
 #: numba's kernels run at every size (0.65x the eager step at 144 entries).
 FUSED_MIN_NUMEL_ONE_BLOCK = 2**16
+
+
+#: the global state's cached root (``None`` until a step computes it)
+_ROOT_KEYS = ("root_lam", "root_B", "root_step")
 
 
 def _short(values: list[int], limit: int = 8) -> str:
@@ -384,7 +391,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
                     sd["partition_fingerprint"] = fingerprint
 
     def _load_own_state(self, state_dict: dict[str, Any]) -> None:
-        ratio_form = state_dict.pop("ratio_form", None)
+        ratio_form = self._checked_ratio_form(state_dict.pop("ratio_form", None))  # before anything changes
         self._loading_block_sizes = state_dict.pop("block_sizes", None)  # read by _check_global_sizes
         self._loading_fingerprint = state_dict.pop("partition_fingerprint", None)  # read by _check_global_sizes
         try:
@@ -392,9 +399,76 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         finally:
             self._loading_block_sizes = None
             self._loading_fingerprint = None
+        if self.global_state:
+            for key in _ROOT_KEYS:  # a state saved without a cached root: the next step computes one
+                self.global_state.setdefault(key, None)
         self._workspace = None
-        self._pending_ratio_form = copy.deepcopy(ratio_form)
+        self._pending_ratio_form = ratio_form
         self._carried_ratio_form = None
+
+    def _check_saved_step_entries(self, global_state: dict[str, Any]) -> None:
+        """The cached root of a saved global state whose ``U`` and ``w`` fit (:meth:`_check_global_sizes`): of their
+        ``k`` blocks, real floating-point, and from a step not after the saved ``step``
+        (:func:`~bma_gp.optim.functional._check_step_and_root`, the functional step's check of its ``stats``).
+        Otherwise the next step with a stale root (``update_interval > 1``) failed half-way with ``IndexError``
+        after updating ``h``, ``U`` and ``w``, or a ``root_step`` after ``step`` kept the stale root for good."""
+        k = global_state["w"].shape[-1]
+        try:
+            functional._check_step_and_root(
+                global_state, k, where="state_dict's global_state", fix=self._corrupt_global_fix()
+            )
+        except TypeError as error:  # a type error of the saved state: refused as the other checks refuse it
+            raise ValueError(str(error)) from None
+
+    def _checked_ratio_form(self, ratio_form: Any) -> dict[str, dict] | None:
+        """A state dict's ``"ratio_form"`` (the CPU eager step's bounds of ``h``, :meth:`_ratio_form_state`) as plain
+        numbers, or ``ValueError`` (before anything changes) where it is not what :meth:`state_dict` saves: a dict
+        ``{"h_max": {i: bound}, "chain_until": {i: step}}`` over the positions ``i`` of the parameters, with
+        non-negative finite bounds and int steps. The next step read it only after committing the loaded state and
+        failed there with a raw ``ValueError`` or ``TypeError``."""
+        if ratio_form is None:
+            return None
+        num_params = sum(len(group["params"]) for group in self.param_groups)
+        fix = (
+            "it was not produced by BlockMeanAdagrad.state_dict() as it is (edited or corrupted?). Load an intact "
+            "state dict, or delete its 'ratio_form' entry (the next step then bounds h afresh, with the rounding of a "
+            "fresh run). Nothing was loaded."
+        )
+        if not isinstance(ratio_form, dict) or set(ratio_form) != {"h_max", "chain_until"}:
+            got = sorted(map(str, ratio_form)) if isinstance(ratio_form, dict) else type(ratio_form).__name__
+            raise ValueError(
+                f"state_dict's 'ratio_form' must be a dict with the keys 'h_max' and 'chain_until', got {got}; {fix}"
+            )
+        checked: dict[str, dict] = {}
+        for key, kind in (("h_max", "a finite non-negative number"), ("chain_until", "an int step")):
+            entries = ratio_form[key]
+            if not isinstance(entries, dict):
+                raise ValueError(
+                    f"state_dict's 'ratio_form'[{key!r}] must be a dict from parameter positions to {kind}, got "
+                    f"{type(entries).__name__}; {fix}"
+                )
+            out: dict[int, Any] = {}
+            checked[key] = out
+            for i, value in entries.items():
+                position = operator.index(i) if isinstance(i, numbers.Integral) and not isinstance(i, bool) else -1
+                if not 0 <= position < num_params:
+                    raise ValueError(
+                        f"state_dict's 'ratio_form'[{key!r}] has the key {i!r}, not the position of one of this "
+                        f"optimizer's {num_params} parameters; {fix}"
+                    )
+                number: float | int | None = None
+                if key == "h_max" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+                    number = float(value)
+                    if not 0 <= number < math.inf:  # also nan
+                        number = None
+                elif key == "chain_until" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                    number = operator.index(value)
+                if number is None:
+                    raise ValueError(
+                        f"state_dict's 'ratio_form'[{key!r}][{i!r}] is {value!r}; it must be {kind}; {fix}"
+                    )
+                out[position] = number
+        return checked
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

@@ -125,6 +125,24 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_step_count(state: dict[str, Any], key: str, where: str, fix: str) -> int:
+    """``state[key]``, a step count: ``TypeError`` unless it is a Python ``int`` (not ``bool``; a missing entry too),
+    ``ValueError`` where it is negative. The message names ``where[key]`` and ends with ``fix`` (a sentence).
+
+    Shared by the functional step (its ``stats["step"]``) and the loading of a global state (``load_state_dict``),
+    where a ``"2"``, ``None``, ``2.5`` or a missing entry failed only inside the next step, after it changed the
+    statistics."""
+    name = f"{where}[{key!r}]"
+    if key not in state:
+        raise TypeError(f"{name} is missing: it must be an int, the number of steps taken; {fix}")
+    value = state[key]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int (the number of steps taken), got {value!r}; {fix}")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative int (the number of steps taken), got {value!r}; {fix}")
+    return value
+
+
 _T = TypeVar("_T")
 
 
@@ -397,9 +415,9 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         ``initial_accumulator_value`` set in place to a value but 0 (:func:`check_adagrad_options`), or torch.optim's
         ``foreach``, ``capturable`` or ``differentiable`` set in place to a value the step cannot honour
         (:func:`check_torch_optim_flags`): the step would silently ignore it. Also refuse an ``lr``, ``weight_decay``
-        or ``maximize`` edited in place to a value the constructor refuses (``nan``, a negative number, ``None``):
-        the step would write NaN into the parameters or fail half-way. Before anything changes; a few dict lookups
-        and comparisons per group."""
+        or ``maximize`` edited in place to a value the constructor refuses (``nan``, a negative number, ``None``),
+        or removed (``del param_groups[0]["lr"]``; also ``"params"``): the step would write NaN into the parameters or
+        fail half-way. Before anything changes; a few dict lookups and comparisons per group."""
         for i, group in enumerate(self.param_groups):
             self._check_group_edits(i, group)
             for name in _ADAGRAD_ONLY_OPTIONS:
@@ -428,6 +446,8 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         """The per-group part of :meth:`_check_groups_unedited` for ``param_groups[i]``: torch.optim's flags and the
         per-group options, with Python numbers at valid values let through on two comparisons."""
         edited = f" (param_groups[{i}] was edited after it was added; nothing was changed.)"
+        if "lr" not in group or "maximize" not in group or "params" not in group:  # _required_group_keys, unrolled
+            self._refuse_missing_group_key(i, group)
         for name in ("foreach", "capturable", "differentiable", "fused"):
             value = group.get(name)
             if value is not None and value is not False and not (name == "fused" and self._fused_hint is not None):
@@ -436,19 +456,42 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
                 except ValueError as error:
                     raise ValueError(f"{error}{edited}") from None
         for name, key in (("learning rate", "lr"), ("weight_decay", "weight_decay")):
-            value = group.get(key, 0.0)
+            value = group.get(key, 0.0)  # lr is present (checked above); a group without weight_decay steps with 0
             if type(value) is float and 0.0 <= value < _INF:  # the usual case: a valid Python float
                 continue
             try:
                 check_hyperparameter(name, value)
             except ValueError as error:
                 raise ValueError(f"{error}{edited}") from None
-        maximize = group.get("maximize", False)
+        maximize = group["maximize"]
         if maximize is not True and maximize is not False:
             try:
                 check_bool("maximize", maximize)
             except ValueError as error:
                 raise ValueError(f"{error}{edited}") from None
+
+    #: the entries every param group must hold at a step (``add_param_group`` fills ``lr`` and ``maximize`` from the
+    #: defaults; a group without ``weight_decay`` steps without decay)
+    _required_group_keys = ("params", "lr", "maximize")
+
+    def _refuse_missing_group_key(self, i: int, group: dict[str, Any]) -> None:
+        """Raise ``ValueError`` naming ``param_groups[i]``'s first missing required entry (:attr:`_required_group_keys`)
+        and how to put it back: the step reads it after changing state (torch.optim's optimizers raise ``KeyError``
+        there, before changing anything), so it is refused before anything changes."""
+        name = type(self).__name__
+        key = next(key for key in self._required_group_keys if key not in group)
+        if key == "params":
+            fix = f"put the group's parameters back (opt.param_groups[{i}]['params'] = [...], in the order they had)"
+        else:
+            fix = (
+                f"put it back, e.g. opt.param_groups[{i}][{key!r}] = opt.defaults[{key!r}] (here "
+                f"{self.defaults.get(key)!r}), or set it in the group given to add_param_group"
+            )
+        raise ValueError(
+            f"param_groups[{i}] of {name} has no {key!r} entry: it was removed after the group was added (a tool that "
+            f"rebuilt the group?), and every param group needs {', '.join(map(repr, self._required_group_keys))} at a "
+            f"step. Nothing was changed; {fix}."
+        )
 
     @staticmethod
     def _check_group(group: dict[str, Any]) -> None:
@@ -625,9 +668,9 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             SparseGradientError: a parameter has a sparse gradient.
             ValueError: a gradient holds inf or nan, or (FullMatrixAdagrad) is so large that its
                 statistics would overflow, in their entries or their eigenvalues (when ``check_finite``); a param
-                group was edited in place to an optimizer-wide setting of another value, or to torch.optim.Adagrad's
-                ``lr_decay`` or ``initial_accumulator_value`` at a value but 0; nothing has been changed when this
-                is raised.
+                group was edited in place to an optimizer-wide setting of another value, to torch.optim.Adagrad's
+                ``lr_decay`` or ``initial_accumulator_value`` at a value but 0, or lost its ``lr``, ``maximize`` or
+                ``params`` entry; nothing has been changed when this is raised.
         """
         if _dynamo_may_trace():
             # torch.compile is tracing this call (a compiled training step that calls step()), or running it after a
@@ -966,9 +1009,32 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
 
         Its size must be that of the parameters of the first ``m`` groups, for some ``m``: all of them, or fewer when
         the state was saved after ``add_param_group`` and before the next step (the step then pads it, as it would
-        have in the saving run)."""
+        have in the saving run).
+
+        Also refused, since the next step would fail half-way on them (after changing the statistics) or silently keep
+        a stale cached root: a global state that is not a dict, a ``step`` that is missing or not a non-negative
+        ``int``, statistics (``_nonnegative_global``) that are not real floating-point tensors, and (via
+        :meth:`_check_saved_step_entries`) what a subclass keeps besides, such as block-mean AdaGrad's cached root."""
+        name = type(self).__name__
+        if not isinstance(global_state, dict):
+            raise ValueError(
+                f"state_dict's 'global_state' must be a dict (as {name}.state_dict() saves it), got "
+                f"{type(global_state).__name__}: it was not produced by {name}.state_dict(). Nothing was loaded."
+            )
         if not global_state:
             return  # saved before the first step
+        try:
+            check_step_count(global_state, "step", "state_dict's global_state", self._corrupt_global_fix())
+        except TypeError as error:  # a type error of the saved state: refused as the other checks refuse it
+            raise ValueError(str(error)) from None
+        for key in self._nonnegative_global:
+            value = global_state.get(key)
+            if isinstance(value, Tensor) and not value.is_floating_point():
+                raise ValueError(
+                    f"state_dict's global_state[{key!r}] has dtype {value.dtype}, but {name}'s statistics are real "
+                    f"floating-point (float32 or the widest parameter dtype): a step would round them to integers "
+                    f"or fail; {self._corrupt_global_fix()}"
+                )
         saved_groups = state_dict.get("param_groups", [])
         if len(saved_groups) != len(self.param_groups) or any(
             len(saved["params"]) != len(group["params"]) for saved, group in zip(saved_groups, self.param_groups)
@@ -979,7 +1045,21 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             ends.append(ends[-1] + len(group["params"]))
         layout = FlatParams(self.param_groups)
         self._check_global_sizes(global_state, layout, ends[1:])
+        self._check_saved_step_entries(global_state)
         self._check_saved_flat_state_present(state_dict, global_state, layout, ends[1:])
+
+    def _corrupt_global_fix(self) -> str:
+        """The end of the messages that refuse a saved global state no run produces (edited or corrupted)."""
+        name = type(self).__name__
+        return (
+            f"it was not produced by {name}.state_dict() as it is (edited or corrupted?). Load an intact state dict, "
+            "or leave the state out to restart the statistics. Nothing was loaded."
+        )
+
+    def _check_saved_step_entries(self, global_state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` (before anything changes) for entries of a saved global state, of a size that
+        :meth:`_check_global_sizes` accepted, that a step cannot take (a subclass checks what it keeps besides the
+        step count and the statistics)."""
 
     def _check_saved_flat_state_present(
         self, state_dict: dict[str, Any], global_state: dict[str, Any], layout: FlatParams, group_ends: list[int]

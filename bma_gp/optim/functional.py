@@ -45,7 +45,13 @@ from bma_gp import BlockMeanLinearOperator, Partition, block_mean_from_sums
 from bma_gp._precision import core_dtype
 from bma_gp.optim import _cpu_kernels, _fused
 from bma_gp.optim._scaling import z_inv_sqrt, zero_entries
-from bma_gp.optim.flat_optimizer import _all_finite, _non_finite_message, check_bool, check_hyperparameter
+from bma_gp.optim.flat_optimizer import (
+    _all_finite,
+    _non_finite_message,
+    check_bool,
+    check_hyperparameter,
+    check_step_count,
+)
 from bma_gp.optim.flat_params import SparseGradientError, check_params, state_dtype
 from bma_gp.optim.param_blocks import ParamBlocks
 
@@ -674,6 +680,65 @@ def _check_statistics_dtype(U: Tensor, w: Tensor) -> None:
 FINGERPRINT_KEY = "partition_fingerprint"
 
 
+def _check_step_and_root(
+    stats: dict[str, Any],
+    k: int,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+    *,
+    where: str = "stats",
+    fix: str | None = None,
+) -> None:
+    """Raise ``TypeError`` or ``ValueError`` unless ``stats`` holds a step count and statistics (and a cached root,
+    where it holds one) that a step over ``k`` blocks can take: ``step`` a non-negative ``int``; ``U`` and ``w``
+    (and ``root_lam``, ``root_B``, where either is not ``None``) tensors of shapes ``(k, k)``, ``(k,)``, ``(k,)`` and
+    ``(k, k)``, of ``dtype`` on ``device`` (where given; else of a real floating-point dtype); a cached root's
+    ``root_step`` an ``int`` not after ``step`` (a later one would keep the stale root until the step count reached
+    it). Only types, shapes, dtypes and devices are read (no host synchronisation).
+
+    Shared by :func:`block_mean_adagrad` (the caller's ``stats``) and :meth:`BlockMeanAdagrad.load_state_dict`
+    (a saved global state, before anything is loaded: ``where`` names it in the message, and ``fix``, a sentence,
+    replaces the fixes the messages give to a caller of the functional step)."""
+    step = check_step_count(stats, "step", where, fix or "start it at 0.")
+    tensors = {"U": (k, k), "w": (k,)}
+    if stats.get("root_lam") is not None or stats.get("root_B") is not None:
+        tensors.update(root_lam=(k,), root_B=(k, k))
+        root_step = stats.get("root_step")
+        if not isinstance(root_step, int) or isinstance(root_step, bool):
+            raise TypeError(
+                f"{where}['root_step'] must be the int step of the cached root, got {root_step!r}; "
+                + (fix or "set root_lam, root_B and root_step to None to compute the root at this step.")
+            )
+        if root_step > step:
+            raise ValueError(
+                f"{where}['root_step'] = {root_step} is after {where}['step'] = {step}: the cached root cannot come "
+                "from a later step, and the stale root would be kept until the step count reached it; "
+                + (fix or "set root_lam, root_B and root_step to None to compute the root at this step.")
+            )
+    for name, shape in tensors.items():
+        t = stats.get(name)
+        if isinstance(t, Tensor) and tuple(t.shape) == shape:
+            if t.is_floating_point() if dtype is None else (t.dtype == dtype and t.device == device):
+                continue
+        got = f"has shape {tuple(t.shape)}, dtype {t.dtype} on {t.device}" if isinstance(t, Tensor) else f"has {t!r}"
+        if name not in stats:
+            got = "is missing"
+        if dtype is None:
+            need = f"k = {k} blocks: it must be a real floating-point tensor of shape {shape}"
+        else:
+            need = (
+                f"k = {k} blocks and state_sum is {dtype} on {device}: it must be a {dtype} tensor of shape {shape} on "
+                f"{device}"
+            )
+        tail = (
+            f"; {fix}"
+            if fix
+            else " (take the statistics, the root and state_sum from one run over these blocks, or set root_lam, "
+            "root_B and root_step to None)."
+        )
+        raise ValueError(f"{where}[{name!r}] {got}, but the partition has {need}{tail}")
+
+
 def _check_arguments(params, grads, state_sum, stats, blocks: ParamBlocks, workspace, lr, weight_decay, maximize):
     """Raise ``ValueError`` (``TypeError`` for an argument of the wrong type) unless the arguments of
     :func:`block_mean_adagrad` fit ``blocks`` and one another, before anything changes; return the blocks'
@@ -726,27 +791,7 @@ def _check_arguments(params, grads, state_sum, stats, blocks: ParamBlocks, works
                 f"grads[{i}] has shape {tuple(g.shape)}, dtype {g.dtype} on {g.device}, but parameter {i} has shape "
                 f"{tuple(p.shape)} on {device}: pass each parameter's own (floating-point) gradient, or None."
             )
-    if not isinstance(stats.get("step"), int) or isinstance(stats.get("step"), bool):
-        raise TypeError(
-            f"stats['step'] must be an int (the number of steps taken), got {stats.get('step')!r}; start it at 0."
-        )
-    tensors = {"U": (k, k), "w": (k,)}
-    if stats.get("root_lam") is not None or stats.get("root_B") is not None:
-        tensors.update(root_lam=(k,), root_B=(k, k))
-        if not isinstance(stats.get("root_step"), int):
-            raise TypeError(
-                f"stats['root_step'] must be the int step of the cached root, got {stats.get('root_step')!r}; "
-                "set root_lam, root_B and root_step to None to compute the root at this step."
-            )
-    for name, shape in tensors.items():
-        t = stats.get(name)
-        if not isinstance(t, Tensor) or tuple(t.shape) != shape or t.dtype != dtype or t.device != device:
-            got = f"shape {tuple(t.shape)}, dtype {t.dtype} on {t.device}" if isinstance(t, Tensor) else repr(t)
-            raise ValueError(
-                f"stats[{name!r}] has {got}, but the partition has k = {k} blocks and state_sum is {dtype} on "
-                f"{device}: it must be a {dtype} tensor of shape {shape} on {device} (take the statistics, the root "
-                "and state_sum from one run over these blocks, or set root_lam, root_B and root_step to None)."
-            )
+    _check_step_and_root(stats, k, dtype, device)
     fingerprint = blocks.label_fingerprint(k)
     saved = stats.get(FINGERPRINT_KEY)
     if saved is not None and saved != fingerprint:
@@ -824,7 +869,9 @@ def block_mean_adagrad(
             ``state_sum``, ``stats`` (``U``, ``w``, the root: shape, dtype, device, blocks) or ``workspace`` do not
             fit ``blocks`` and one another; ``state_sum`` is narrower than float32 or a parameter's dtype; ``eps``,
             ``damping`` or ``update_interval`` is invalid (checked as the class checks them). Nothing is changed
-            then. ``TypeError``: an argument of the wrong type (``lr`` not a list, ``stats["step"]`` not an int).
+            then; also a negative ``stats["step"]`` or a cached root whose ``root_step`` is after it (the stale
+            root would be kept until the count reached it). ``TypeError``: an argument of the wrong type (``lr``
+            not a list, ``stats["step"]`` not an int).
         SparseGradientError: a gradient is sparse.
     """
     if not isinstance(state_sum, Tensor):
