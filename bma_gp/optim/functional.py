@@ -29,6 +29,7 @@ matrix-vector product, written per tensor as
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import operator
@@ -536,15 +537,18 @@ class Workspace:
     def build(cls, blocks: ParamBlocks, h: Tensor) -> Workspace:
         numels = [b - a for a, b in zip(blocks.bounds, blocks.bounds[1:])]
         scratch = max(numels, default=0) if blocks.by_rows else h.numel()  # per tensor, or the flat vector
-        return cls(
-            h=h,
-            nr=torch.empty(2, h.numel(), dtype=h.dtype, device=h.device),
-            sums=torch.zeros(blocks.num_blocks, 3, dtype=h.dtype, device=h.device),
-            scratch=torch.empty(scratch, dtype=h.dtype, device=h.device),
-            one=torch.ones((), dtype=h.dtype, device=h.device),
-            dots=torch.zeros(len(numels), 4, dtype=h.dtype, device=h.device),
-            bounds=blocks.bounds,
-        )
+        # built under torch.inference_mode() the buffers would be inference tensors, which the step (run outside
+        # inference mode, see block_mean_adagrad) could not write in place
+        with torch.inference_mode(False):
+            return cls(
+                h=h,
+                nr=torch.empty(2, h.numel(), dtype=h.dtype, device=h.device),
+                sums=torch.zeros(blocks.num_blocks, 3, dtype=h.dtype, device=h.device),
+                scratch=torch.empty(scratch, dtype=h.dtype, device=h.device),
+                one=torch.ones((), dtype=h.dtype, device=h.device),
+                dots=torch.zeros(len(numels), 4, dtype=h.dtype, device=h.device),
+                bounds=blocks.bounds,
+            )
 
 
 def _check_host_statistics(U: Tensor, w: Tensor, k: int, dtype: torch.dtype) -> None:
@@ -885,6 +889,7 @@ def block_mean_adagrad(
             f"stats must be a dict holding U, w and step, got {type(stats).__name__}; start it as "
             "{'U': zeros(k, k), 'w': zeros(k), 'step': 0}."
         )
+    _refuse_inference_tensors(params, state_sum, stats)
     d, k = blocks.bounds[-1], blocks.num_blocks
     if len(params) != len(blocks.segments) or len(grads) != len(params) or tuple(state_sum.shape) != (d,):
         raise ValueError(
@@ -910,11 +915,13 @@ def block_mean_adagrad(
     stats.setdefault("root_lam", None)  # no root yet: computed at this step
     stats.setdefault("root_B", None)
     stats.setdefault("root_step", None)
-    if workspace is None and not fused:
-        workspace = Workspace.build(blocks, state_sum)
-    # called inside torch.autocast, the step's matrix products would run in bfloat16/float16 (see the class's step)
-    with torch.autocast(state_sum.device.type, enabled=False), torch.autocast("cpu", enabled=False):
-        _block_mean_adagrad(
+    # under torch.inference_mode() the buffers the step makes (a workspace, the root) would be inference tensors,
+    # without the version counters it keeps its caches by: it runs outside, as the class's step does
+    with contextlib.ExitStack() as outside:
+        if torch.is_inference_mode_enabled():
+            outside.enter_context(torch.inference_mode(False))
+            outside.enter_context(torch.no_grad())
+        _run_block_mean_adagrad(
             params,
             grads,
             state_sum,
@@ -933,6 +940,30 @@ def block_mean_adagrad(
             fused=fused,
         )
     stats[FINGERPRINT_KEY] = fingerprint  # these statistics now belong to these blocks
+
+
+def _refuse_inference_tensors(params: list[Tensor], state_sum: Tensor, stats: dict[str, Any]) -> None:
+    """``ValueError`` where a parameter or a statistic is an inference tensor (made under ``torch.inference_mode()``):
+    such a tensor has no version counter, which the step reads to keep its caches, and outside inference mode it
+    cannot be updated in place. A few flag reads; before anything changes."""
+    named = [("state_sum", state_sum)] + [(f'stats["{key}"]', stats.get(key)) for key in ("U", "w", "root_lam", "root_B")]
+    named += [(f"params[{i}]", p) for i, p in enumerate(params)]
+    for name, t in named:
+        if isinstance(t, Tensor) and t.is_inference():
+            raise ValueError(
+                f"{name} is an inference tensor (made under torch.inference_mode()): the step keeps its caches by "
+                "version counters, which inference tensors lack. Make the parameters and the state outside "
+                "torch.inference_mode() (the step itself may be called inside it, or under torch.no_grad())."
+            )
+
+
+def _run_block_mean_adagrad(params, grads, state_sum, stats, blocks, workspace, *, fused, **kwargs) -> None:
+    """:func:`block_mean_adagrad` after its checks: a workspace for the eager paths, autocast off."""
+    if workspace is None and not fused:
+        workspace = Workspace.build(blocks, state_sum)
+    # called inside torch.autocast, the step's matrix products would run in bfloat16/float16 (see the class's step)
+    with torch.autocast(state_sum.device.type, enabled=False), torch.autocast("cpu", enabled=False):
+        _block_mean_adagrad(params, grads, state_sum, stats, blocks, workspace, fused=fused, **kwargs)
 
 
 def _block_mean_adagrad(
