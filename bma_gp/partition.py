@@ -104,8 +104,9 @@ def _refuse_meta(values: Tensor, name: str) -> None:
 #: entries of a narrower float input that block_sum widens to float64 at a time (2 MB of float64): a larger input is
 #: summed a slab of indices at a time
 _WIDEN_ENTRIES = 2**18
-#: mean block size from which block_sum widens a contiguous partition's slabs into segment sums rather than an
-#: index_add (2.3x faster at 20 .. 2000 blocks of 2^21 float32 entries; slower from about 4 indices a block)
+#: mean block size from which block_sum sums a contiguous partition by segments rather than an index_add (float32
+#: widened slab by slab: 2.3x faster at 20 .. 2000 blocks of 2^21 entries; float64: 3.5x at 2000 blocks, and 2.5-3x
+#: slower at 2-3 indices a block, even at 8)
 _SEGMENT_MIN_SIZE = 8
 # the dtype block_sum adds floats of each dtype in where it does not take torch.sum (see there)
 _WIDER_SUM = {
@@ -583,7 +584,7 @@ class Partition:
                 res.narrow(dim, first, last - first).add_(torch.segment_reduce(slab, "sum", lengths=lengths, axis=dim))
             return res.to(x.dtype)
         src = x if wide is None else x.to(wide)
-        if self.is_contiguous and src.dtype.is_floating_point:
+        if self.is_contiguous and src.dtype.is_floating_point and len(self) >= _SEGMENT_MIN_SIZE * self.num_blocks:
             # segment_reduce (floating point only) wants one length vector per leading index
             lengths = self.sizes.expand(*x.shape[:dim], self.num_blocks)
             res = torch.segment_reduce(src, "sum", lengths=lengths, axis=dim)
