@@ -44,7 +44,7 @@ from torch import Tensor
 from bma_gp._autograd import first_order_only
 from bma_gp._broadcast import shared_batch_entry
 from bma_gp._kernel_sums.generic import kernel_diagonal
-from bma_gp.kernels._kept import KeptByInput
+from bma_gp.kernels._kept import KeptByInput, version_key
 from bma_gp.kernels._rbf_gram import LazyRootOperator, RBFRootFactor, TraceTerm
 from bma_gp.kernels._rbf_root import rbf_parts, rbf_root
 
@@ -291,16 +291,17 @@ class ChunkedInducingPointKernel(InducingPointKernel):
         already. Kept with a copy of ``x`` (compared in one pass) and the identity and version of everything else it
         depends on (the cached inverse root of ``K_ZZ``, the inducing points, the base kernel's parameters), so an
         in-place change of any of them forms it again; dropped with GPyTorch's caches (``train()``,
-        ``load_state_dict``, ``.to()``, a deep copy)."""
+        ``load_state_dict``, ``.to()``, a deep copy). One formed under ``torch.inference_mode()`` serves only calls
+        under inference mode (:class:`~bma_gp.kernels._kept.KeptByInput`)."""
         if self.training or torch.is_grad_enabled():
             return self._root(x)
         inv_root = self._inducing_inv_root
+        # (an inverse root GPyTorch cached under inference mode is an inference tensor, without a version counter:
+        # reading its _version raised, there and in every later prediction until train())
         key = (
-            id(inv_root),
-            inv_root._version,
-            id(self.inducing_points),
-            self.inducing_points._version,
-            tuple((id(p), p._version) for p in self.base_kernel.parameters()),
+            version_key(inv_root),
+            version_key(self.inducing_points),
+            tuple(version_key(p) for p in self.base_kernel.parameters()),
         )
         kept = self.__dict__.get("_bma_gp_kept_root")
         if kept is None:

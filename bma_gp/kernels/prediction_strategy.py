@@ -55,7 +55,9 @@ from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.kernels.leading_rows_linear_operator import LeadingBlockLinearOperator, LeadingRowsLinearOperator
 from bma_gp.kernels.sum_prediction_strategy import (
     KeepsIntegers,
+    _CastOnce,
     _DenseFactorSolves,
+    _widened,
     closed_form_fantasy,
     new_input_prediction,
     observed_mean_cache,
@@ -100,7 +102,7 @@ def _fresh_dense(op) -> Tensor:
     return op.matmul(eye)
 
 
-class _PredictiveDifference(_DenseFactorSolves, TorchIndexing, ClosedFormSamples, LinearOperator):
+class _PredictiveDifference(_CastOnce, _DenseFactorSolves, TorchIndexing, ClosedFormSamples, LinearOperator):
     r""":math:`K_{**} - G` at new inputs, :math:`G = (A W)(A W)^\top` held in the working precision
     (:class:`_OneHotGram` or a product of the ``t x k`` factor): entries, products, the diagonal and the dense matrix
     are formed there and only then cast to the model's dtype. For a well-observed block the difference is far smaller
@@ -109,17 +111,44 @@ class _PredictiveDifference(_DenseFactorSolves, TorchIndexing, ClosedFormSamples
     :meth:`to_dense`, and by roots, solves and ``inv_quad_logdet`` (a joint ``log_prob``): one exact Cholesky
     factorisation of the matrix in the working precision
     (:class:`~bma_gp.kernels.sum_prediction_strategy._DenseFactorSolves`), also once the likelihood's noise is added,
-    instead of linear_operator's generic paths (Lanczos and CG past ``max_cholesky_size``).
+    instead of linear_operator's generic paths (Lanczos and CG past ``max_cholesky_size``). A cast (``to(dtype)``,
+    ``float()``, ``half()``, ...) keeps both parts and the working precision and rounds only the result
+    (:class:`~bma_gp.kernels.sum_prediction_strategy._CastOnce`).
 
     Args:
         prior: :math:`K_{**}`, an operator or a tensor in the model's dtype. # shape: (*batch, t, t)
         gram: :math:`G`, an operator in the working precision. # shape: (*batch, t, t)
+        output_dtype: the dtype of what the operator returns, when it differs from ``prior``'s (a cast operator);
+            None (the default): ``prior``'s.
     """
 
-    def __init__(self, prior, gram: LinearOperator):
-        super().__init__(prior, gram)
+    def __init__(self, prior, gram: LinearOperator, output_dtype: torch.dtype | None = None):
+        output_dtype = None if output_dtype == prior.dtype else output_dtype
+        super().__init__(prior, gram, output_dtype=output_dtype)
         self.prior, self.gram = prior, gram
+        self._output_dtype = output_dtype
         self._prior_in_working_precision: LinearOperator | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.prior.dtype if self._output_dtype is None else self._output_dtype
+
+    def _cast(self, device: torch.device | None, dtype: torch.dtype) -> _PredictiveDifference:
+        """See :class:`~bma_gp.kernels.sum_prediction_strategy._CastOnce`; :math:`G` stays in the working precision
+        (widened if ``dtype`` is wider still)."""
+        prior, gram = self.prior, self.gram
+        if device is not None:
+            prior, gram = prior.to(device=device), gram.to(device=device)
+        wide = torch.promote_types(prior.dtype, dtype)
+        prior = prior if wide == prior.dtype else prior.to(wide)
+        wide = torch.promote_types(gram.dtype, dtype)
+        gram = gram if wide == gram.dtype else gram.to(wide)
+        res = _PredictiveDifference(prior, gram, dtype)
+        if device is None or res.device == self.device:  # K_** in the working precision, if converted already
+            kept = self._prior_in_working_precision
+            if kept is not None and kept.dtype == gram.dtype:
+                res._prior_in_working_precision = kept
+        return res
 
     def _size(self) -> torch.Size:
         batch = torch.broadcast_shapes(self.prior.shape[:-2], self.gram.shape[:-2])
@@ -130,7 +159,8 @@ class _PredictiveDifference(_DenseFactorSolves, TorchIndexing, ClosedFormSamples
 
     def _expand_batch(self, batch_shape) -> LinearOperator:
         t = self.prior.shape[-1]
-        return _PredictiveDifference(self.prior.expand(*batch_shape, t, t), self.gram._expand_batch(batch_shape))
+        prior, gram = self.prior.expand(*batch_shape, t, t), self.gram._expand_batch(batch_shape)
+        return _PredictiveDifference(prior, gram, self._output_dtype)
 
     def _working_prior(self):
         r""":math:`K_{**}` in the working precision: a structured operator converted (its entries are sums, such as
@@ -187,7 +217,7 @@ class _PredictiveDifference(_DenseFactorSolves, TorchIndexing, ClosedFormSamples
         # a principal slice (``mvn[..., a:b]``) is the same difference on the slice, so it keeps the exact root
         if _is_principal_slice(row_index, col_index, batch_indices):
             index = (*batch_indices, row_index, col_index)
-            return _PredictiveDifference(self.prior[index], self.gram[index])
+            return _PredictiveDifference(self.prior[index], self.gram[index], self._output_dtype)
         return super()._getitem(row_index, col_index, *batch_indices)
 
     def add_diagonal(self, diag):
@@ -197,7 +227,7 @@ class _PredictiveDifference(_DenseFactorSolves, TorchIndexing, ClosedFormSamples
     def __add__(self, other):
         if isinstance(other, DiagLinearOperator):  # the likelihood's noise goes into K_**: the sum keeps its root
             prior = self.prior if isinstance(self.prior, LinearOperator) else DenseLinearOperator(self.prior)
-            return _PredictiveDifference(prior + other, self.gram)
+            return _PredictiveDifference(prior + _widened(other, prior.dtype), self.gram, self._output_dtype)
         return super().__add__(other)
 
 

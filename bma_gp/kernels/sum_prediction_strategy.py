@@ -1758,13 +1758,26 @@ def _dense_limit_error(size: int, inputs: str, purpose: str) -> ValueError | Non
     )
 
 
+def _cast_target(*args: Any, **kwargs: Any) -> tuple[torch.device | None, torch.dtype | None]:
+    """The device and dtype of a ``to(...)`` call, as linear_operator's ``_to_helper`` reads them, with a device named
+    by a string (``"cpu"``, ``"cuda:0"``) too (``_to_helper`` ignored it)."""
+    args = tuple(torch.device(a) if isinstance(a, str) else a for a in args)
+    if isinstance(kwargs.get("device"), str):
+        kwargs = {**kwargs, "device": torch.device(kwargs["device"])}
+    return _to_helper(*args, **kwargs)
+
+
 class KeepsIntegers:
     """A mixin for operators that hold integer tensors (positions, one-hot columns) among their arguments:
     linear_operator's ``to(dtype)`` casts every argument, and ``.to(torch.float32)`` made them floats, which no index
-    takes. Here a dtype casts the floating-point tensors only."""
+    takes. Here a dtype casts the floating-point tensors only; ``type(dtype)`` (and so ``float()``, ``double()``,
+    ``half()``) is ``to(dtype)``, bfloat16 included (linear_operator's ``type`` knows three dtypes)."""
+
+    def type(self, dtype: torch.dtype) -> LinearOperator:
+        return self.to(dtype)
 
     def to(self, *args: Any, **kwargs: Any) -> LinearOperator:
-        device, dtype = _to_helper(*args, **kwargs)
+        device, dtype = _cast_target(*args, **kwargs)
 
         def cast(value):
             if torch.is_tensor(value):
@@ -1956,6 +1969,54 @@ class _DenseFactorSolves(KeepsIntegers):
         return RootLinearOperator(DenseLinearOperator(L.to(self.dtype)))  # type: ignore[attr-defined]
 
 
+def _widened(diag: DiagLinearOperator, dtype: torch.dtype) -> DiagLinearOperator:
+    """A diagonal added to :math:`K_{**}` in ``dtype`` (exactly) when it is narrower: a cast operator's noise, in its
+    narrower output dtype. # shape: (*batch, t, t)"""
+    wide = torch.promote_types(diag.dtype, dtype)
+    return diag if wide == diag.dtype else DiagLinearOperator(diag._diagonal().to(wide))
+
+
+class _CastOnce:
+    r"""A mixin for the predictive covariances at new inputs, which hold :math:`K_{**}` and the part the data explain
+    apart and subtract them in the working precision (before :class:`_DenseFactorSolves` in the bases): ``to(dtype)``,
+    ``to(device, dtype)``, ``type(dtype)``, ``float()``, ``double()`` and ``half()`` give the same operator with
+    another dtype, whose products, diagonal, entries, dense matrix, roots and solves form the difference in the
+    working precision as before and round it once to the new dtype: what ``C.to_dense().to(dtype)`` gives.
+    linear_operator's generic cast rounded :math:`K_{**}` and the explained part to the new dtype separately and
+    subtracted there, so a posterior variance far below the prior's was lost: 2e-6 (noise 1e-4) came out 0 in
+    float16 and 0.0039 in bfloat16, and ``.float()`` of a float64 model's covariance was 1 % off. A wider dtype
+    widens :math:`K_{**}` (exactly); the working precision is kept (it is float64 already); a device moves every part.
+    The factorisations the operator kept (no graph) are shared with the cast one on the same device."""
+
+    #: the kept factorisations the cast operator shares (same matrix in the same working precision)
+    _SHARED_KEPT: tuple[str, ...] = ("_kept_cholesky", "_kept_jittered", "_kept_eigen_root")
+
+    def _cast(self, device: torch.device | None, dtype: torch.dtype) -> LinearOperator:
+        """The operator with output ``dtype``, its parts moved to ``device`` (None: where they are)."""
+        raise NotImplementedError
+
+    def to(self, *args: Any, **kwargs: Any) -> LinearOperator:
+        device, dtype = _cast_target(*args, **kwargs)
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(
+                f"{type(self).__name__}: a predictive covariance can be cast to a floating-point dtype only, got "
+                f"{dtype}"
+            )
+        res = self._cast(device, self.dtype if dtype is None else dtype)  # type: ignore[attr-defined]
+        if self._shares_kept_with(res):
+            for name in self._SHARED_KEPT:
+                if name in self.__dict__:
+                    res.__dict__[name] = self.__dict__[name]
+        return res
+
+    def _shares_kept_with(self, res: LinearOperator) -> bool:
+        """Whether ``res``, a cast of this operator, may take the values this one kept: on the same device."""
+        return res.device == self.device  # type: ignore[attr-defined]
+
+    def type(self, dtype: torch.dtype) -> LinearOperator:
+        return self.to(dtype)
+
+
 class _Positions:
     """Positions of rows or columns (an int64 vector) held for :class:`_DenseSubmatrix`; ``to`` moves them to a device
     and keeps their dtype."""
@@ -2112,7 +2173,9 @@ class _DenseSubmatrix(_DenseFactorSolves, TorchIndexing, LinearOperator):
         return self
 
 
-class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, ClosedFormSamples, LinearOperator):
+class PredictiveCovarianceLinearOperator(
+    _CastOnce, _DenseFactorSolves, TorchIndexing, ClosedFormSamples, LinearOperator
+):
     r"""The posterior covariance at new inputs :math:`K_{**} - F W F^\top` (see :func:`new_input_prediction`).
 
     ``F`` is held in blocks, one per term of the training covariance (the tensors the kernels returned, not
@@ -2123,7 +2186,8 @@ class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, Clos
     ``t x n`` is formed (only :meth:`to_dense` forms ``t x t``). The diagonal is clamped at 0, where only rounding
     can take it (:math:`F W F^\top` is bounded by :math:`K_{**}`'s diagonal in exact arithmetic). Solves,
     ``inv_quad_logdet`` (a joint ``log_prob``) and roots factorise the ``t x t`` matrix once, exactly
-    (:class:`_DenseFactorSolves`), never by CG or Lanczos.
+    (:class:`_DenseFactorSolves`), never by CG or Lanczos. A cast (``to(dtype)``, ``half()``, ...) keeps that
+    working precision and rounds the difference once (:class:`_CastOnce`).
 
     Args:
         prior: :math:`K_{**}`, a :class:`~linear_operator.operators.LinearOperator` or tensor. # shape: (*batch, t, t)
@@ -2133,6 +2197,9 @@ class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, Clos
         present: per term of the training covariance, whether its block is among ``tensors`` (else zero).
         sizes: :math:`k_j` per term (the root's ``m`` last). :meth:`from_blocks` builds it from a list.
         one_hot: per term, whether its block is given as values and columns (default: none is).
+        graph: whether the last two tensors are :attr:`graph`'s.
+        output_dtype: the dtype of what the operator returns, when it differs from ``prior``'s (a cast operator,
+            :class:`_CastOnce`); None (the default): ``prior``'s.
     """
 
     def __init__(
@@ -2144,13 +2211,23 @@ class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, Clos
         sizes: tuple[int, ...],
         one_hot: tuple[bool, ...] = (),
         graph: bool = False,
+        output_dtype: torch.dtype | None = None,
     ):
         one_hot = tuple(one_hot) or (False,) * len(present)
+        output_dtype = None if output_dtype == prior.dtype else output_dtype
         super().__init__(
-            prior, W, *tensors, present=tuple(present), sizes=tuple(sizes), one_hot=one_hot, graph=bool(graph)
+            prior,
+            W,
+            *tensors,
+            present=tuple(present),
+            sizes=tuple(sizes),
+            one_hot=one_hot,
+            graph=bool(graph),
+            output_dtype=output_dtype,
         )
         given = iter(tensors)
         self.prior = prior
+        self._output_dtype = output_dtype
         self.W = W
         self.sizes = list(sizes)
         self.blocks: list[Tensor | _OneHot | None] = []
@@ -2175,9 +2252,10 @@ class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, Clos
         blocks: list[Tensor | _OneHot | None],
         sizes: list[int],
         graph: tuple[Tensor, Tensor] | None = None,
+        output_dtype: torch.dtype | None = None,
     ):
         """The operator from :math:`F`'s blocks (None: a zero block) and the optional graph term (see
-        :attr:`graph`)."""
+        :attr:`graph`); ``output_dtype`` as the class takes it."""
         present = tuple(b is not None for b in blocks)
         one_hot = tuple(isinstance(b, _OneHot) for b in blocks)
         tensors: list[Tensor] = []
@@ -2188,11 +2266,38 @@ class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, Clos
                 tensors.append(b)
         if graph is not None:
             tensors += list(graph)
-        return cls(prior, W, *tensors, present=present, sizes=tuple(sizes), one_hot=one_hot, graph=graph is not None)
+        return cls(
+            prior,
+            W,
+            *tensors,
+            present=present,
+            sizes=tuple(sizes),
+            one_hot=one_hot,
+            graph=graph is not None,
+            output_dtype=output_dtype,
+        )
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.prior.dtype
+        return self.prior.dtype if self._output_dtype is None else self._output_dtype
+
+    def _cast(self, device: torch.device | None, dtype: torch.dtype) -> PredictiveCovarianceLinearOperator:
+        """See :class:`_CastOnce`: ``W`` stays in the working precision, ``F``'s blocks as they are."""
+
+        def move(t):
+            return t if device is None else t.to(device=device)
+
+        prior = move(self.prior)
+        wide = torch.promote_types(prior.dtype, dtype)
+        prior = prior if wide == prior.dtype else prior.to(wide)
+        blocks = [
+            None if b is None else _OneHot(move(b.values), move(b.columns), b.k) if isinstance(b, _OneHot) else move(b)
+            for b in self.blocks
+        ]
+        graph = self._map_graph(move)
+        return PredictiveCovarianceLinearOperator.from_blocks(
+            prior, move(self.W), blocks, self.sizes, graph, output_dtype=dtype
+        )
 
     @property
     def device(self) -> torch.device:
@@ -2213,7 +2318,7 @@ class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, Clos
         W = self.W.expand(*batch_shape, *self.W.shape[-2:])
         blocks = [None if b is None else b.expand(*batch_shape, *b.shape[-2:]) for b in self.blocks]
         graph = self._map_graph(lambda g: g.expand(*batch_shape, *g.shape[-2:]))
-        return PredictiveCovarianceLinearOperator.from_blocks(prior, W, blocks, self.sizes, graph)
+        return PredictiveCovarianceLinearOperator.from_blocks(prior, W, blocks, self.sizes, graph, self._output_dtype)
 
     def _map_graph(self, fn) -> tuple[Tensor, Tensor] | None:
         return None if self.graph is None else (fn(self.graph[0]), fn(self.graph[1]))
@@ -2237,6 +2342,7 @@ class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, Clos
             blocks,
             self.sizes,
             full._map_graph(lambda g: g.unsqueeze(dim)),
+            self._output_dtype,
         )
 
     def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
@@ -2260,7 +2366,9 @@ class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, Clos
                 for x in (full.prior, full.W)
             )
             graph = full._map_graph(lambda g: g[(*batch_indices, *every, *every)])
-            return PredictiveCovarianceLinearOperator.from_blocks(prior, W, blocks, self.sizes, graph)
+            return PredictiveCovarianceLinearOperator.from_blocks(
+                prior, W, blocks, self.sizes, graph, self._output_dtype
+            )
         return super()._getitem(row_index, col_index, *batch_indices)
 
     def evaluate_kernel(self) -> PredictiveCovarianceLinearOperator:
@@ -2292,8 +2400,9 @@ class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, Clos
 
     def _working_matmul(self, x: Tensor) -> Tensor:
         r""":math:`(K_{**} - F W F^\top) x`, the difference in the working precision. ``x`` # shape: (*batch, t, c)"""
-        res = self.prior @ x
-        correction = self._structured_product(x.to(core_dtype(self.dtype)))
+        prior = self.prior
+        res = prior @ x.to(torch.promote_types(x.dtype, prior.dtype))  # (a cast operator's x may be narrower)
+        correction = self._structured_product(x.to(core_dtype(prior.dtype)))
         if correction is None:
             correction = self._f(self._w(self._f_t(x)))
         if self.graph is not None:
@@ -2326,7 +2435,7 @@ class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, Clos
 
     def _working_dense(self) -> Tensor:
         t = self.shape[-1]
-        eye = torch.eye(t, dtype=self.dtype, device=self.device)
+        eye = torch.eye(t, dtype=self.prior.dtype, device=self.device)
         return self._working_matmul(eye.expand(*self.batch_shape, t, t))
 
     def to_dense(self) -> Tensor:
@@ -2337,7 +2446,7 @@ class PredictiveCovarianceLinearOperator(_DenseFactorSolves, TorchIndexing, Clos
         if isinstance(other, DiagLinearOperator):
             prior = self.prior if isinstance(self.prior, LinearOperator) else DenseLinearOperator(self.prior)
             return PredictiveCovarianceLinearOperator.from_blocks(
-                prior + other, self.W, self.blocks, self.sizes, self.graph
+                prior + _widened(other, prior.dtype), self.W, self.blocks, self.sizes, self.graph, self._output_dtype
             )
         return super().__add__(other)
 
@@ -2572,7 +2681,7 @@ def _z_rows(M: BlockMeanSumLinearOperator, rows: Tensor) -> Tensor:
 _DIAG_KINDS = ("zero", "nonnegative", "positive")
 
 
-class TrainingPosteriorLinearOperator(_DenseFactorSolves, TorchIndexing, LinearOperator):
+class TrainingPosteriorLinearOperator(_CastOnce, _DenseFactorSolves, TorchIndexing, LinearOperator):
     r""":math:`S = \operatorname{diag}(s) + V V^\top` with :math:`V = \operatorname{diag}(\beta) Z Y`
     (:math:`Z` the columns of the noisy training covariance ``M``, :math:`Y` of size :math:`q \times q` with
     :math:`Y Y^\top = H`, :math:`H = C^{-1} G`). Products apply :math:`H` by solves with ``M``'s capacitance
@@ -2617,7 +2726,21 @@ class TrainingPosteriorLinearOperator(_DenseFactorSolves, TorchIndexing, LinearO
         psd: whether every block matrix of ``M`` is positive semidefinite, so that ``H`` is and has the root ``Y``.
             Without it (a block mean kernel's indefinite ``B``) products and the diagonal stay closed form, and a
             root is linear_operator's generic one, with a :class:`~bma_gp.ClosedFormFallbackWarning`.
+        output_dtype: the dtype of what the operator returns, when it differs from ``M``'s (a cast operator,
+            :class:`_CastOnce`: ``M``, ``s`` and the factors keep their precision); None (the default): ``M``'s.
     """
+
+    #: the kept values a cast operator shares (:class:`_CastOnce`) when it holds the same ``M``: none depends on the
+    #: output dtype
+    _SHARED_KEPT = (
+        *_CastOnce._SHARED_KEPT,
+        "_kept_woodbury",
+        "_square_core",
+        "_gram_square_core",
+        "_split_rows",
+        "_split_kept",
+        "_prior_root_kept",
+    )
 
     def __init__(
         self,
@@ -2628,6 +2751,7 @@ class TrainingPosteriorLinearOperator(_DenseFactorSolves, TorchIndexing, LinearO
         diag_kind: str = "zero",
         Y: Tensor | None = None,
         psd: bool = True,
+        output_dtype: torch.dtype | None = None,
     ):
         if diag_kind not in _DIAG_KINDS:
             raise ValueError(f"diag_kind must be one of {_DIAG_KINDS}, got {diag_kind!r}.")
@@ -2639,8 +2763,10 @@ class TrainingPosteriorLinearOperator(_DenseFactorSolves, TorchIndexing, LinearO
             H = H.expand(*batch, q, q)
         if M.batch_shape != batch:
             M = M._expand_batch(batch)
-        super().__init__(s, beta, M, H=H, diag_kind=diag_kind, psd=psd)
+        output_dtype = None if output_dtype == M.dtype else output_dtype
+        super().__init__(s, beta, M, H=H, diag_kind=diag_kind, psd=psd, output_dtype=output_dtype)
         self.s, self.beta, self.M = s, beta, M
+        self._output_dtype = output_dtype
         self._h = H
         self.q = q
         self.diag_kind = diag_kind
@@ -2670,7 +2796,33 @@ class TrainingPosteriorLinearOperator(_DenseFactorSolves, TorchIndexing, LinearO
 
     @property
     def dtype(self) -> torch.dtype:  # the factors are held in the working precision
-        return self.M.dtype
+        return self.M.dtype if self._output_dtype is None else self._output_dtype
+
+    def _cast(self, device: torch.device | None, dtype: torch.dtype) -> TrainingPosteriorLinearOperator:
+        """See :class:`_CastOnce`: ``M`` widened if ``dtype`` is wider (exactly), ``s``, ``beta`` and the factors
+        kept in the working precision."""
+
+        def move(t):
+            if t is None:
+                return None
+            t = t if device is None else t.to(device=device)
+            wide = torch.promote_types(t.dtype, dtype)
+            return t if wide == t.dtype else t.to(wide)
+
+        return TrainingPosteriorLinearOperator(
+            move(self.s),
+            move(self.beta),
+            move(self.M),
+            H=move(self._h),
+            diag_kind=self.diag_kind,
+            Y=move(self._y),
+            psd=self.psd,
+            output_dtype=dtype,
+        )
+
+    def _shares_kept_with(self, res: LinearOperator) -> bool:
+        """Only with the same ``M`` (not moved, not widened): a root of the prior is kept in ``M``'s dtype."""
+        return isinstance(res, TrainingPosteriorLinearOperator) and res.M is self.M
 
     @property
     def device(self) -> torch.device:
@@ -2692,6 +2844,7 @@ class TrainingPosteriorLinearOperator(_DenseFactorSolves, TorchIndexing, LinearO
             diag_kind=self.diag_kind,
             Y=None if self._y is None else self._y.expand(*batch_shape, q, q),
             psd=self.psd,
+            output_dtype=self._output_dtype,
         )
 
     def evaluate_kernel(self) -> TrainingPosteriorLinearOperator:
@@ -2732,13 +2885,17 @@ class TrainingPosteriorLinearOperator(_DenseFactorSolves, TorchIndexing, LinearO
     def _t_matmul(self, rhs: Tensor) -> Tensor:
         return self._matmul(rhs)
 
-    def _diagonal(self) -> Tensor:
+    def _working_diagonal(self) -> Tensor:
+        """The diagonal in the working precision. # shape: (*batch, n)"""
         quad = _posterior_quadratic_diagonal(self.M) if self._h is None else None
         if quad is None:
             quad = _quadratic_diagonal(self.M, self.H, self.M._sizes())
         if self.psd:
-            return (self.s + self.beta.pow(2) * quad.clamp_min(0)).to(self.dtype)  # quad >= 0 up to rounding
-        return (self.s + self.beta.pow(2) * quad).clamp_min(0).to(self.dtype)  # H indefinite: the sum is >= 0
+            return self.s + self.beta.pow(2) * quad.clamp_min(0)  # quad >= 0 up to rounding
+        return (self.s + self.beta.pow(2) * quad).clamp_min(0)  # H indefinite: the sum is >= 0
+
+    def _diagonal(self) -> Tensor:
+        return self._working_diagonal().to(self.dtype)
 
     def _working_dense(self) -> Tensor:
         n = self.shape[-1]
@@ -2841,7 +2998,14 @@ class TrainingPosteriorLinearOperator(_DenseFactorSolves, TorchIndexing, LinearO
         else:  # some entry < 0: the sum need not be positive semidefinite; linear_operator's generic sum
             return super().add_diagonal(diag.to(self.dtype))
         return TrainingPosteriorLinearOperator(
-            self.s + diag, self.beta, self.M, H=self._h, diag_kind=kind, Y=self._y, psd=self.psd
+            self.s + diag,
+            self.beta,
+            self.M,
+            H=self._h,
+            diag_kind=kind,
+            Y=self._y,
+            psd=self.psd,
+            output_dtype=self._output_dtype,
         )
 
     def __add__(self, other):
@@ -2918,7 +3082,7 @@ class TrainingPosteriorLinearOperator(_DenseFactorSolves, TorchIndexing, LinearO
                 small = torch.ones(n, dtype=torch.bool, device=self.device)
             else:
                 with torch.no_grad():
-                    d = self._diagonal().to(self.s.dtype)
+                    d = self._working_diagonal().to(self.s.dtype)
                     ratio = torch.where(d > 0, self.s / torch.where(d > 0, d, torch.ones_like(d)), 0)
                     small = (ratio <= _SPLIT_THRESHOLD * ratio.amax(-1, keepdim=True)).reshape(-1, n).any(0)
             self._split_rows = small
@@ -2927,7 +3091,9 @@ class TrainingPosteriorLinearOperator(_DenseFactorSolves, TorchIndexing, LinearO
         if z == 0:
             return self._square_root(), q
         if z == n and q <= n:  # s = 0 everywhere (a zero diagonal added to it): [V, 0] is square already
-            zero = TrainingPosteriorLinearOperator(self.s, self.beta, self.M, H=self._h, diag_kind="zero", Y=self._y)
+            zero = TrainingPosteriorLinearOperator(
+                self.s, self.beta, self.M, H=self._h, diag_kind="zero", Y=self._y, output_dtype=self._output_dtype
+            )
             return _PosteriorRoot(zero), q
         if q + z > settings.max_capacitance_size.value():
             return None, q + z
@@ -2939,7 +3105,7 @@ class TrainingPosteriorLinearOperator(_DenseFactorSolves, TorchIndexing, LinearO
         # s at least eps times the variance there (the rounding of SGPR's correction, which is clamped at 0), so that
         # [V0, diag(sqrt s0)] has full rank and its QR factorisation a finite derivative where V0's rows repeat
         with torch.no_grad():
-            floor = torch.finfo(wdt).eps * self._diagonal().to(wdt).index_select(-1, rows)
+            floor = torch.finfo(wdt).eps * self._working_diagonal().to(wdt).index_select(-1, rows)
         s0 = torch.maximum(self.s.index_select(-1, rows), floor)
         Q0, T0 = torch.linalg.qr(torch.cat([V0.mT, torch.diag_embed(s0.sqrt())], dim=-2))  # [V0, diag(sqrt s0)]^T
         Qq, Qd = Q0[..., :q, :], Q0[..., q:, :]  # T0^T T0 = V0 V0^T + diag(s0)
@@ -3075,7 +3241,7 @@ class TrainingPosteriorLinearOperator(_DenseFactorSolves, TorchIndexing, LinearO
         gives :math:`I + Y X Y^\top = (I + Y H Y^\top)^{1/2}` from :math:`Y^\top Y` and the formed :math:`H`."""
         _check_weight_size(self.M, "a root")
         return gram_root_core(
-            self._scaled_gram(), self.H, "root", "the posterior covariance at the training inputs", self.dtype
+            self._scaled_gram(), self.H, "root", "the posterior covariance at the training inputs", self.M.dtype
         )
 
     def _square_root_core(self) -> Tensor:
