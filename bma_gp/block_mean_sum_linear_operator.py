@@ -2203,7 +2203,9 @@ def warned_diagonalization(op: LinearOperator, diagonalization, method: str | No
     return diagonalization(method=method)
 
 
-def gram_root_core(A: Tensor, G: Tensor, kind: str, what: str, input_dtype: torch.dtype | None = None) -> Tensor:
+def gram_root_core(
+    A: Tensor, G: Tensor, kind: str, what: str, input_dtype: torch.dtype | None = None, band: float = 0.0
+) -> Tensor:
     r""":math:`X` with :math:`(I + Y G Y^\top)^{1/2} = I + Y X Y^\top` for any :math:`Y` with :math:`Y^\top Y = A`
     (``kind="root"``), :math:`(I + Y G Y^\top)^{-1/2} = I + Y X Y^\top` (``"inverse"``) or
     :math:`(Y G Y^\top)^{1/2} = Y X Y^\top` (``"zero"``), for a symmetric, possibly indefinite :math:`G`:
@@ -2214,7 +2216,9 @@ def gram_root_core(A: Tensor, G: Tensor, kind: str, what: str, input_dtype: torc
     beyond the rounding of ``input_dtype`` (the operator's; default ``G``'s), eigenvalues within it clamped (the
     square roots); the inverse root allows no band: an eigenvalue of :math:`I + F G F` at or below 0 raises. With
     :class:`bma_gp.settings.validate` off (nothing read back) the square roots clamp the eigenvalues of
-    :math:`I + F G F` (:math:`F G F`) to 0 instead, and the inverse root is NaN where one is negative.
+    :math:`I + F G F` (:math:`F G F`) to 0 instead, and the inverse root is NaN where one is negative. ``band``
+    widens the rounding band of the square roots (relative to the identity): for a ``G`` formed by solves whose
+    condition multiplies its rounding (a posterior covariance, positive semidefinite by construction).
     ``A``, ``G`` # shape: (*batch, q, q)"""
     A = 0.5 * (A + A.mT)
     q = A.shape[-1]
@@ -2256,7 +2260,7 @@ def gram_root_core(A: Tensor, G: Tensor, kind: str, what: str, input_dtype: torc
                     + ". Check the signs of its blocks B_j and of its diagonal."
                 )
             return e  # validation off: NaN where 1 + e < 0, nothing read back
-        bound = (0 if zero else -1) - 10 * q * tol * (1 + e.detach().abs().amax(-1, keepdim=True))
+        bound = (0 if zero else -1) - (10 * q * tol * (1 + e.detach().abs().amax(-1, keepdim=True))).clamp_min(band)
         if not settings.validate.on():  # nothing read back: square roots clamp
             return e.clamp_min(0 if zero else -1 + eps)
         if bool((e < bound).any()):
