@@ -18,6 +18,7 @@ __all__ = [
     "carries_tangent",
     "diagonal_tangent",
     "first_order_only",
+    "functorch_active",
     "functorch_wrapped",
     "has_forward_tangent",
     "refuse_tangents",
@@ -38,6 +39,12 @@ def functorch_wrapped(t: Tensor) -> bool:
     if _transforms_active is None or not _transforms_active():
         return False  # a wrapper kept from a transform that has returned is dead: a plain constant, as torch treats it
     return _is_wrapped is None or bool(_is_wrapped(t))
+
+
+def functorch_active() -> bool:
+    """Whether a :mod:`torch.func` transform is running (``vmap``, ``grad``, ``jacrev``, ...): torch then refuses
+    every ``torch.autograd.Function`` without a ``setup_context``, whatever its inputs. One flag read."""
+    return _transforms_active is not None and bool(_transforms_active())
 
 
 def has_forward_tangent(t: Tensor) -> bool:

@@ -17,7 +17,8 @@ one ``cholesky_inverse`` (the log-determinant) and one ``cholesky_solve`` with a
 
 Second derivatives (``create_graph=True``) stay exact: the backward passes then factorise ``C`` again with
 autograd recording, and express the same formulas through that factor. Forward-mode AD and :mod:`torch.func` do
-not come here (the caller takes the factorisation's own derivatives where a tensor carries a tangent).
+not come here: the caller takes the factorisation's own derivatives where a tensor carries a tangent or a
+transform is running (torch refuses a Function without ``setup_context`` under any transform, ``vmap`` too).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from bma_gp import settings
 from bma_gp._autograd import (
     carries_tangent,
     diagonal_tangent,
+    functorch_active,
     functorch_wrapped,
     has_forward_tangent,
     tracks_derivatives,
@@ -1369,7 +1370,7 @@ class BlockMeanLinearOperator(
         """``(C, L, info)`` for the solves and the log-determinant of the core (:meth:`_core_solve`, :meth:`_logdet`).
 
         Where ``C`` requires gradients in plain reverse mode (no forward-mode tangent, no :mod:`torch.func`
-        transform), ``L`` is factorised without a graph and ``C`` is returned beside it: the callers differentiate
+        transform running, ``vmap`` included), ``L`` is factorised without a graph and ``C`` is returned beside it: the callers differentiate
         in closed form (:mod:`bma_gp._core_backward`), not through the factorisation. Otherwise ``C`` is ``None``
         and ``L`` is :meth:`_core_cholesky_ex`'s (differentiable, cached without gradients). Inside
         :meth:`inv_quad_logdet` one factorisation serves both terms."""
@@ -1377,7 +1378,7 @@ class BlockMeanLinearOperator(
             return self._shared_factor
         if not self._diagonal_core() and torch.is_grad_enabled():
             C = self._unchecked_core()[1]
-            if C.requires_grad and not carries_tangent(C):
+            if C.requires_grad and not carries_tangent(C) and not functorch_active():
                 with torch.no_grad():
                     L, info = torch.linalg.cholesky_ex(C)
                     failed = (info > 0).unsqueeze(-1).unsqueeze(-1)

@@ -12,7 +12,6 @@ blocks use a segment reduction, scattered ones a scatter-add and a gather.
 from __future__ import annotations
 
 import bisect
-
 import operator
 import warnings
 from collections.abc import Sequence

@@ -35,7 +35,9 @@ def test_steps_under_inference_mode_match_steps_outside(rule, workspace):
             if workspace == "inside" and ws is None:
                 ws = Workspace.build(blocks, h)
             block_mean_adagrad(params, g, h, stats, blocks, ws, lr=[0.1, 0.1], check_finite=True, fused=False, **KW)
-        block_mean_adagrad(ref, g, h_ref, stats_ref, blocks, ws_ref, lr=[0.1, 0.1], check_finite=True, fused=False, **KW)
+        block_mean_adagrad(
+            ref, g, h_ref, stats_ref, blocks, ws_ref, lr=[0.1, 0.1], check_finite=True, fused=False, **KW
+        )
     assert stats["step"] == 3
     for a, b in zip(params, ref):
         assert not a.is_inference() and torch.equal(a, b)
@@ -57,6 +59,8 @@ def test_state_made_under_inference_mode_is_refused_before_anything_changes(made
     before = [p.clone() for p in params], h.clone(), stats["U"].clone()
     name = {"state_sum": "state_sum", "U": 'stats\\["U"\\]', "params": r"params\[0\]"}[made_inside]
     with pytest.raises(ValueError, match=f"{name} is an inference tensor .*outside torch.inference_mode"):
-        block_mean_adagrad(params, grads[0], h, stats, blocks, None, lr=[0.1, 0.1], check_finite=True, fused=False, **KW)
+        block_mean_adagrad(
+            params, grads[0], h, stats, blocks, None, lr=[0.1, 0.1], check_finite=True, fused=False, **KW
+        )
     assert stats["step"] == 0 and torch.equal(h, before[1]) and torch.equal(stats["U"], before[2])
     assert all(torch.equal(a, b) for a, b in zip(params, before[0]))

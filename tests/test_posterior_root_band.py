@@ -8,29 +8,22 @@ import torch
 
 from bma_gp import BlockMeanKernel, GroupKernel, Partition
 from bma_gp.block_mean_sum_linear_operator import gram_root_core
-
-
-class _GP(gpytorch.models.ExactGP):
-    def __init__(self, x, y, likelihood, covar):
-        super().__init__(x, y, likelihood)
-        self.mean_module = gpytorch.means.ConstantMean()
-        self.covar_module = covar
-
-    def forward(self, x):
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+from gp_reference import GP
 
 
 @pytest.mark.parametrize("noise", [1e-3, 1e-5, 1e-7])
 def test_training_posterior_root_of_a_low_rank_prior(noise):
     gen = torch.Generator().manual_seed(0)
     n = 100
-    x = torch.stack([torch.rand(n, generator=gen, dtype=torch.float64), torch.randint(0, 4, (n,), generator=gen).double()], -1)
+    x = torch.stack(
+        [torch.rand(n, generator=gen, dtype=torch.float64), torch.randint(0, 4, (n,), generator=gen).double()], -1
+    )
     y = torch.sin(6 * x[:, 0])
     covar = BlockMeanKernel(gpytorch.kernels.RBFKernel(active_dims=[0]), x, Partition.from_labels(torch.arange(n) // 2))
     covar = covar + GroupKernel(6, active_dims=[1])  # rank at most 50 + 4 < n: the posterior is singular
     likelihood = gpytorch.likelihoods.GaussianLikelihood(noise_constraint=gpytorch.constraints.GreaterThan(1e-9))
     likelihood.noise = noise
-    model = _GP(x, y, likelihood, covar).double().eval()
+    model = GP(x, y, likelihood, covar).double().eval()
     with torch.no_grad(), pytest.warns(gpytorch.utils.warnings.GPInputWarning):
         S = model(x).lazy_covariance_matrix
     with torch.no_grad():

@@ -17,18 +17,9 @@ import pytest
 import torch
 
 from bma_gp import BlockMeanKernel, ChunkedInducingPointKernel, GroupGaussianLikelihood, GroupKernel, Partition
+from gp_reference import GP
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
-
-
-class GP(gpytorch.models.ExactGP):
-    def __init__(self, x, y, likelihood, kernel):
-        super().__init__(x, y, likelihood)
-        self.mean_module = gpytorch.means.ConstantMean()
-        self.covar_module = kernel
-
-    def forward(self, x):
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
 
 # ---------------------------------------------------------------------------------------------------------- casts

@@ -946,7 +946,8 @@ def _refuse_inference_tensors(params: list[Tensor], state_sum: Tensor, stats: di
     """``ValueError`` where a parameter or a statistic is an inference tensor (made under ``torch.inference_mode()``):
     such a tensor has no version counter, which the step reads to keep its caches, and outside inference mode it
     cannot be updated in place. A few flag reads; before anything changes."""
-    named = [("state_sum", state_sum)] + [(f'stats["{key}"]', stats.get(key)) for key in ("U", "w", "root_lam", "root_B")]
+    named: list[tuple[str, Any]] = [("state_sum", state_sum)]
+    named += [(f'stats["{key}"]', stats.get(key)) for key in ("U", "w", "root_lam", "root_B")]
     named += [(f"params[{i}]", p) for i, p in enumerate(params)]
     for name, t in named:
         if isinstance(t, Tensor) and t.is_inference():
