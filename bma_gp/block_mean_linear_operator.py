@@ -1370,10 +1370,10 @@ class BlockMeanLinearOperator(
         """``(C, L, info)`` for the solves and the log-determinant of the core (:meth:`_core_solve`, :meth:`_logdet`).
 
         Where ``C`` requires gradients in plain reverse mode (no forward-mode tangent, no :mod:`torch.func`
-        transform running, ``vmap`` included), ``L`` is factorised without a graph and ``C`` is returned beside it: the callers differentiate
-        in closed form (:mod:`bma_gp._core_backward`), not through the factorisation. Otherwise ``C`` is ``None``
-        and ``L`` is :meth:`_core_cholesky_ex`'s (differentiable, cached without gradients). Inside
-        :meth:`inv_quad_logdet` one factorisation serves both terms."""
+        transform running, ``vmap`` included), ``L`` is factorised without a graph and ``C`` is returned beside it:
+        the callers differentiate in closed form (:mod:`bma_gp._core_backward`), not through the factorisation.
+        Otherwise ``C`` is ``None`` and ``L`` is :meth:`_core_cholesky_ex`'s (differentiable, cached without
+        gradients). Inside :meth:`inv_quad_logdet` one factorisation serves both terms."""
         if self._shared_factor is not None:
             return self._shared_factor
         if not self._diagonal_core() and torch.is_grad_enabled():
