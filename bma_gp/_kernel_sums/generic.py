@@ -223,6 +223,9 @@ def check_parameters(kernel: Kernel, x: Tensor, params: list[Tensor]) -> None:
     if probe.grad_fn is None:
         return
     known = {id(p) for p in params}
+    # a parameter that is not a leaf (torch.func.functional_call with computed values, a MAML inner step's
+    # theta - lr g): the graph above it is the caller's, and backward's gradient for it flows there
+    made = {p.grad_fn for p in params if p.grad_fn is not None}
     seen: set[Any] = set()
     stack: list[Any] = [probe.grad_fn]
     while stack:
@@ -230,6 +233,8 @@ def check_parameters(kernel: Kernel, x: Tensor, params: list[Tensor]) -> None:
         if node is None or node in seen:
             continue
         seen.add(node)
+        if node in made:
+            continue
         leaf = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf that needs a gradient
         if leaf is not None and id(leaf) not in known:
             raise ValueError(
