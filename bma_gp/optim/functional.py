@@ -43,6 +43,7 @@ from torch import Tensor
 from torch.autograd.graph import increment_version
 
 from bma_gp import BlockMeanLinearOperator, Partition, block_mean_from_sums
+from bma_gp._blas_threads import single_blas_thread
 from bma_gp._precision import core_dtype
 from bma_gp.optim import _cpu_kernels, _fused
 from bma_gp.optim._scaling import z_inv_sqrt, zero_entries
@@ -230,12 +231,14 @@ def _inverse_root_numpy(
         if not rescaled and np.isfinite(U).all() and np.isfinite(w).all():  # tiny w: 1 / d overflowed
             return _inverse_root_numpy(*_rescale_statistics_numpy(U, w), consts, damping, rescaled=True)
         raise np.linalg.LinAlgError("non-finite statistics")  # as numpy's eigh does: the caller then asks torch
-    e, V, info = _lapack().dsyevd(C, compute_v=1, lower=1)  # the lower triangle, as numpy's eigh reads it
-    if info != 0:
-        raise np.linalg.LinAlgError(f"syevd failed (info = {info})")
-    np.maximum(e, damping, out=e)
-    f_lam = 1 / np.sqrt(lam)
-    D = (V * (1 / np.sqrt(e))) @ V.T
+    lapack = _lapack()
+    with single_blas_thread():  # OpenBLAS's own threads, beside other work, made k = 128 100x slower
+        e, V, info = lapack.dsyevd(C, compute_v=1, lower=1)  # the lower triangle, as numpy's eigh reads it
+        if info != 0:
+            raise np.linalg.LinAlgError(f"syevd failed (info = {info})")
+        np.maximum(e, damping, out=e)
+        f_lam = 1 / np.sqrt(lam)
+        D = (V * (1 / np.sqrt(e))) @ V.T
     D.ravel()[:: k + 1] -= f_lam
     D *= outer_rsqrt
     B = D + D.T
