@@ -669,6 +669,12 @@ class BlockMeanLinearOperator(
             raise ValueError(f"partition must be a bma_gp.Partition with num_blocks = {C.shape[-1]} (the size of C).")
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float64) or None, got {dtype!r}.")
+        for name, t in (("lam", lam), ("C", C)):
+            if t.dtype.is_complex or t.dtype == torch.bool:
+                raise TypeError(
+                    f"{name} must hold real numbers, got dtype {t.dtype}: a block mean operator is real (the cast "
+                    f"would drop the imaginary part); pass {name}.real where the imaginary part is 0."
+                )
         if lam.device != C.device:
             raise ValueError(
                 f"lam and C must be on one device, got {lam.device} and {C.device}; move one with .to(other.device)."

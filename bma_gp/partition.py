@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bma_gp._autograd import carries_tangent
+
 __all__ = ["Partition"]
 
 # Indices per gather chunk on CPU (Partition.expand_addcmul): the chunk buffers stay in cache, and the
@@ -103,10 +105,10 @@ def _refuse_meta(values: Tensor, name: str) -> None:
 #: entries of a narrower float input that block_sum widens to float64 at a time (2 MB of float64): a larger input is
 #: summed a slab of indices at a time
 _WIDEN_ENTRIES = 2**18
-#: mean block size from which block_sum sums a contiguous partition by segments rather than an index_add (float32
-#: widened slab by slab: 2.3x faster at 20 .. 2000 blocks of 2^21 entries; float64: 3.5x at 2000 blocks, and 2.5-3x
-#: slower at 2-3 indices a block, even at 8)
-_SEGMENT_MIN_SIZE = 8
+#: mean block size from which block_sum sums a contiguous partition by segments rather than an index_add: the measured
+#: crossover (1.1-1.6x slower at 8-12 indices a block, with leading batch rows too; float32 widened slab by slab:
+#: 2.3x faster at 20 .. 2000 blocks of 2^21 entries; float64: 3x faster from 32 a block)
+_SEGMENT_MIN_SIZE = 16
 # the dtype block_sum adds floats of each dtype in where it does not take torch.sum (see there)
 _WIDER_SUM = {
     torch.float16: torch.float64,
@@ -556,18 +558,21 @@ class Partition:
         wide = _WIDER_SUM.get(x.dtype)
         shape = list(x.shape)
         shape[dim] = self.num_blocks
+        # segment sums of contiguous blocks, where they are faster (mean block size; floating point only), and not
+        # where derivatives are tracked: segment_reduce's backward has no derivative of its own (a Hessian-vector
+        # product, create_graph=True) and it has no forward-mode derivative, where index_add has both
+        segments = (
+            self.is_contiguous
+            and len(self) >= _SEGMENT_MIN_SIZE * self.num_blocks
+            and x.dtype.is_floating_point
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and not carries_tangent(x)
+        )
         if wide is not None and x.numel() > _WIDEN_ENTRIES:
             # widened a slab of indices at a time (a whole float64 copy was twice a float32 input's memory)
             rows = max(1, _WIDEN_ENTRIES // max(1, x.numel() // len(self)))
             res = torch.zeros(shape, dtype=wide, device=x.device)
-            offsets = None
-            if (
-                self.is_contiguous
-                and len(self) >= _SEGMENT_MIN_SIZE * self.num_blocks
-                and x.dtype.is_floating_point
-                and x.device.type != "meta"
-            ):
-                offsets = self._offsets()
+            offsets = self._offsets() if segments and x.device.type != "meta" else None
             for start in range(0, len(self), rows):
                 stop = min(start + rows, len(self))
                 slab = x.narrow(dim, start, stop - start).to(wide)
@@ -583,7 +588,7 @@ class Partition:
                 res.narrow(dim, first, last - first).add_(torch.segment_reduce(slab, "sum", lengths=lengths, axis=dim))
             return res.to(x.dtype)
         src = x if wide is None else x.to(wide)
-        if self.is_contiguous and src.dtype.is_floating_point and len(self) >= _SEGMENT_MIN_SIZE * self.num_blocks:
+        if segments:
             # segment_reduce (floating point only) wants one length vector per leading index
             lengths = self.sizes.expand(*x.shape[:dim], self.num_blocks)
             res = torch.segment_reduce(src, "sum", lengths=lengths, axis=dim)

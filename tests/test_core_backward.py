@@ -144,3 +144,16 @@ def test_vmap_over_right_hand_sides_with_parameters_that_require_grad():
     grads = torch.autograd.grad(got.sum(), (lam, B))
     for g, w in zip(grads, torch.autograd.grad(want.sum(), (lam, B))):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_second_derivatives_on_a_partition_of_large_contiguous_blocks():
+    # the block sums of such a partition took segment_reduce, whose backward has no derivative
+    labels = torch.repeat_interleave(torch.arange(12), torch.arange(16, 28))  # more runs than reshaped sums take
+    p, *values = _inputs(labels, torch.float64, seed=6)
+    leaves = [v.clone().requires_grad_() for v in values]
+    results = []
+    for f in (_closed, _dense):
+        grads = torch.autograd.grad(f(p, *leaves), leaves, create_graph=True)
+        results.append(torch.autograd.grad(sum(g.square().sum() for g in grads), leaves))
+    for g, w in zip(*results):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-9)

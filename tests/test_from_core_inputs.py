@@ -27,3 +27,14 @@ def test_from_core_broadcasts_batch_shapes_that_do():
     assert op.shape == (2, 4, 5, 5)
     _, core = op.core()
     torch.testing.assert_close(core, C.expand(2, 4, 3, 3))
+
+
+@pytest.mark.parametrize("which", ["lam", "C"])
+def test_from_core_refuses_complex_values_naming_them(which):
+    lam, C = torch.ones(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64) * 2
+    if which == "lam":
+        lam = torch.tensor([1 + 2j, 1 - 3j, 1 + 0j])
+    else:
+        C = C.to(torch.complex128)
+    with pytest.raises(TypeError, match=f"{which} must hold real numbers, got dtype torch.complex"):
+        BlockMeanLinearOperator.from_core(lam, C, _partition())

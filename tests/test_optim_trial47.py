@@ -269,3 +269,33 @@ def test_the_functional_step_refuses_a_root_from_a_later_step_and_a_negative_ste
         with pytest.raises(ValueError, match=match):
             F.block_mean_adagrad(params, grads, h, bad, blocks, None, **kwargs)
         assert _same(before, (bad, h, [p.detach() for p in params]))
+
+
+@pytest.mark.parametrize("cls", [BlockMeanAdagrad, FullMatrixAdagrad])
+def test_a_saved_group_without_maximize_loads_as_minimising_and_one_without_lr_is_refused(cls):
+    torch.manual_seed(0)
+    w = torch.randn(6, 5, requires_grad=True)
+    opt = cls([w], lr=0.1)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    saved = opt.state_dict()
+    grad = torch.randn_like(w)
+    reference = copy.deepcopy(opt)
+    reference.param_groups[0]["params"][0].grad = grad.clone()
+    reference.step()
+    for key, loads in (("maximize", True), ("lr", False)):
+        s = copy.deepcopy(saved)
+        del s["param_groups"][0][key]
+        w2 = w.detach().clone().requires_grad_()
+        other = cls([w2], lr=0.5)
+        before = copy.deepcopy(other.state_dict())
+        if loads:
+            other.load_state_dict(s)
+            assert other.param_groups[0]["maximize"] is False
+            w2.grad = grad.clone()
+            other.step()
+            assert torch.equal(w2, reference.param_groups[0]["params"][0])
+        else:
+            with pytest.raises(ValueError, match=r"param_groups'\]\[0\] has no 'lr'.*Nothing was loaded"):
+                other.load_state_dict(s)
+            assert other.param_groups[0]["lr"] == 0.5 and not other.state and str(other.state_dict()) == str(before)

@@ -460,3 +460,24 @@ def test_widened_block_sums_of_many_unequal_contiguous_blocks(shape_dim):
     assert torch.equal(y.grad, torch.ones_like(y))
     again = pickle.loads(pickle.dumps(p))  # the cached boundaries are rebuilt, not carried
     assert again._offset_table is None and torch.equal(again.block_sum(x, dim=dim), res)
+
+
+@pytest.mark.parametrize("n, dtype", [(400, torch.float64), (300_000, torch.float32)])
+def test_block_sums_of_contiguous_blocks_have_second_and_forward_derivatives(n, dtype):
+    # segment_reduce's backward has no derivative of its own: where derivatives are tracked the sums take index_add
+    gen = torch.Generator().manual_seed(7)
+    sizes = torch.randint(16, 33, (n // 24,), generator=gen)  # segment sums' sizes (_SEGMENT_MIN_SIZE)
+    p = Partition.from_sizes(sizes)
+    n = len(p)
+    x = torch.randn(n, generator=gen, dtype=dtype, requires_grad=True)
+    weights = torch.linspace(0.5, 1.5, p.num_blocks, dtype=dtype)
+    (g,) = torch.autograd.grad((weights * p.block_sum(x).square()).sum(), x, create_graph=True)
+    # sum_i g_i^2 = sum_c s_c (2 w_c S_c)^2, whose derivative is 8 s_c w_c^2 S_c at each index of block c
+    (h,) = torch.autograd.grad(g.square().sum(), x)
+    want = p.expand(8 * sizes.to(dtype) * weights.square() * p.block_sum(x.detach().double()).to(dtype))
+    torch.testing.assert_close(h, want, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-3)
+    tangent = torch.randn(n, generator=gen, dtype=dtype)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x.detach(), tangent)
+        got = torch.autograd.forward_ad.unpack_dual(p.block_sum(dual)).tangent
+    torch.testing.assert_close(got, p.block_sum(tangent), rtol=1e-6, atol=1e-4)

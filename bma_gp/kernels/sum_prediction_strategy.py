@@ -263,23 +263,25 @@ def _check_weight_size(M: BlockMeanSumLinearOperator, what: str) -> None:
 
 
 def _condition_estimate(M: BlockMeanSumLinearOperator, iters: int = 16) -> float:
-    r"""An estimate of the condition of the noisy training covariance ``M`` (positive definite, its diagonal term
-    :math:`d` at least the noise): :math:`2 \lambda_{max} / \min d`, :math:`\lambda_{max}` by ``iters`` power
-    iterations from a fixed vector (no random draw), doubled against their underestimate; the largest over a
-    batch, and 0 where ``d`` is not positive. ``iters`` products with ``M``, no ``n x n`` matrix. Used for the
-    rounding band of a posterior's root."""
+    r"""An estimate of the condition of the noisy training covariance ``M`` (positive definite):
+    :math:`2 \lambda_{max} / \lambda_{min}`, each by ``iters`` power iterations from a fixed vector (no random
+    draw), with ``M`` and with its (closed-form) solve, doubled against their underestimates; the largest over a
+    batch. ``2 iters`` products and solves, no ``n x n`` matrix. Used for the rounding band of a posterior's root
+    (the smallest diagonal entry of ``M`` is no bound: with a block mean kernel it holds the block offsets)."""
     n = M.shape[-1]
     with torch.no_grad():
-        v = torch.linspace(1.0, 2.0, n, dtype=M.dtype, device=M.device).expand(*M.batch_shape, n).unsqueeze(-1)
-        top = torch.ones((), dtype=M.dtype, device=M.device)
-        for _ in range(iters):
-            w = M.matmul(v)
-            top = w.norm(dim=-2, keepdim=True)
-            v = w / top.clamp_min(torch.finfo(M.dtype).tiny)
-        low = M.diag_values.amin(-1)
-        # without a positive diagonal (no noise anywhere) there is no estimate: no band beyond the inputs' rounding
-        ratio = torch.where(low > 0, 2 * top.squeeze(-1).squeeze(-1) / low.clamp_min(torch.finfo(M.dtype).tiny), 0.0)
-        return float(ratio.amax())
+        start = torch.linspace(1.0, 2.0, n, dtype=M.dtype, device=M.device).expand(*M.batch_shape, n).unsqueeze(-1)
+        tiny = torch.finfo(M.dtype).tiny
+        norms = []
+        for apply in (M.matmul, M.solve):
+            v, norm = start, torch.ones((), dtype=M.dtype, device=M.device)
+            for _ in range(iters):
+                w = apply(v)
+                norm = w.norm(dim=-2, keepdim=True)
+                v = w / norm.clamp_min(tiny)
+            norms.append(norm.squeeze(-1).squeeze(-1))
+        ratio = 2 * norms[0] * norms[1]  # lambda_max * (1 / lambda_min)
+        return float(torch.nan_to_num(ratio, nan=0.0, posinf=0.0).amax())
 
 
 def _training_weight(M: BlockMeanSumLinearOperator) -> Tensor:
@@ -3263,10 +3265,11 @@ class TrainingPosteriorLinearOperator(_CastOnce, _DenseFactorSolves, TorchIndexi
         # S is positive semidefinite by construction (a conditional covariance), but H = C^{-1} G comes from solves
         # with M, whose condition multiplies their rounding: an eigenvalue of I + Y H Y^T that is 0 in exact
         # arithmetic (a prior of lower rank than n) came out -7e-10, -4e-8 and -3.5e-7 in float64 at noise 1e-3,
-        # 1e-5 and 1e-7 (n = 100, a block mean and a group kernel). The band is that rounding: 10 q eps times an
-        # estimate of M's condition, its largest eigenvalue (a few power iterations) over its smallest diagonal.
+        # 1e-5 and 1e-7 (n = 100, a block mean and a group kernel), -3.6e-5 in float32 at noise 1e-2. The band is
+        # that rounding: 10 q eps (of M's dtype where it is narrower) times an estimate of M's condition.
         q = self.H.shape[-1]
-        band = 10 * q * torch.finfo(self.H.dtype).eps * _condition_estimate(self.M)
+        eps = max(torch.finfo(self.H.dtype).eps, torch.finfo(self.M.dtype).eps)  # a float32 M's entries carry its
+        band = 10 * q * eps * _condition_estimate(self.M)
         return gram_root_core(
             self._scaled_gram(), self.H, "root", "the posterior covariance at the training inputs", self.M.dtype, band
         )

@@ -919,6 +919,12 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
                 check_adagrad_options(
                     type(self).__name__, group, f" (in state_dict['param_groups'][{i}]; nothing was loaded.)"
                 )
+                if "lr" not in group:  # a step could not take the group (maximize is filled in, as torch.optim does)
+                    raise ValueError(
+                        f"state_dict['param_groups'][{i}] has no 'lr': the group cannot be stepped. It was not saved "
+                        f"by {type(self).__name__}.state_dict() whole; put the learning rate back into the saved "
+                        "group. Nothing was loaded."
+                    )
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
@@ -1121,6 +1127,8 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        for group in self.param_groups:  # as torch.optim's Adagrad: a group saved without it (older torch) minimises
+            group.setdefault("maximize", False)
         self.__dict__.setdefault("global_state", {})
         self.__dict__.setdefault("check_finite", True)
         self._layout = None
