@@ -11,7 +11,6 @@ blocks use a segment reduction, scattered ones a scatter-add and a gather.
 
 from __future__ import annotations
 
-import bisect
 import operator
 import warnings
 from collections.abc import Sequence
@@ -303,17 +302,18 @@ class Partition:
         # on the meta device (no values): the partition with values it was made from, which equality, hashing and
         # moves back to a real device read (None elsewhere, and for a meta partition with no known origin)
         self._values: Partition | None = None
-        self._offset_table: tuple[list[int], Tensor] | None = None  # see _offsets
+        self._offset_table: tuple[np.ndarray, Tensor] | None = None  # see _offsets
         if runs is ...:  # a host-side table, built once here (not in the hot paths that use it)
             runs = _equal_size_runs(self.sizes) if contiguous else None
         self._runs: tuple[tuple[int, int, int, int], ...] | None = runs
 
-    def _offsets(self) -> tuple[list[int], Tensor]:
-        """A contiguous partition's block boundaries ``0, s_0, s_0 + s_1, ..., n``, as host ints (to find the blocks
-        of a range without a device read-back) and as a tensor on the partition's device; built on first use."""
+    def _offsets(self) -> tuple[np.ndarray, Tensor]:
+        """A contiguous partition's block boundaries ``0, s_0, s_0 + s_1, ..., n``, on the host (an int64 array, to
+        find the blocks of a range without a device read-back) and as a tensor on the partition's device; built on
+        first use."""
         if self._offset_table is None:
             bounds = torch.cat([self.sizes.new_zeros(1), torch.cumsum(self.sizes, 0)])
-            self._offset_table = (bounds.tolist(), bounds)
+            self._offset_table = (bounds.cpu().numpy().astype(np.int64), bounds)
         return self._offset_table
 
     @property
@@ -582,7 +582,8 @@ class Partition:
                 # contiguous blocks: the segment sums of the blocks the slab overlaps (an index_add of unequal-size
                 # contiguous blocks was 10x a segment sum, and the optimizer's flat vectors take this path)
                 host, bounds = offsets
-                first, last = bisect.bisect_right(host, start) - 1, bisect.bisect_left(host, stop)
+                first = int(np.searchsorted(host, start, side="right")) - 1
+                last = int(np.searchsorted(host, stop, side="left"))
                 lengths = bounds[first : last + 1].clamp(start, stop).diff()
                 lengths = lengths.expand(*x.shape[:dim], last - first)
                 res.narrow(dim, first, last - first).add_(torch.segment_reduce(slab, "sum", lengths=lengths, axis=dim))
