@@ -7,6 +7,7 @@ nor the fix."""
 
 import warnings
 
+import gpytorch
 import numpy as np
 import pytest
 import torch
@@ -85,3 +86,24 @@ def test_slope_prior_sample_closure_refuses_complex_samples():
         kernel._prior_closure(kernel, torch.eye(2, dtype=torch.complex64))
     after = _raw(kernel)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_corr_outside_a_narrower_corr_constraint_is_refused_naming_corr_and_nothing_changes():
+    kernel = GroupKernel(5, slope=True, corr_constraint=gpytorch.constraints.Interval(-0.5, 0.5))
+    var, corr = kernel.var.detach().clone(), kernel.corr.detach().clone()
+    with pytest.raises(ValueError, match=r"corr holds 0\.8.*correlation constraint Interval"):
+        kernel.corr = 0.8
+    # a prior's draw of slope_covar outside it: var was set before gpytorch refused corr
+    covar = torch.tensor([[2.0, 0.8 * 6**0.5], [0.8 * 6**0.5, 3.0]])
+    with pytest.raises(ValueError, match="corr holds"):
+        kernel._prior_closure(kernel, covar)
+    assert torch.equal(kernel.var, var) and torch.equal(kernel.corr, corr)
+    kernel.corr = 0.4
+    assert torch.allclose(kernel.corr, torch.tensor([0.4]))
+
+
+@pytest.mark.parametrize("name", ["var_constraint", "corr_constraint"])
+@pytest.mark.parametrize("bad", [1e-3, "positive"])
+def test_a_constraint_that_is_no_interval_is_refused_naming_the_argument(name, bad):
+    with pytest.raises(TypeError, match=f"{name} must be a gpytorch.constraints.Interval"):
+        GroupKernel(3, slope=True, **{name: bad})

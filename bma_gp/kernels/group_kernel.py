@@ -420,6 +420,12 @@ class GroupKernel(Kernel):
         self.slope = slope
         self.intercept = intercept
         self.correlated = bool(slope and intercept and correlated)
+        for name, constraint in (("var_constraint", var_constraint), ("corr_constraint", corr_constraint)):
+            if constraint is not None and not isinstance(constraint, Interval):  # torch: "float is not a Module ..."
+                raise TypeError(
+                    f"{name} must be a gpytorch.constraints.Interval (e.g. GreaterThan(1e-6), Interval(-0.5, 0.5)), "
+                    f"got {type(constraint).__name__} {constraint!r:.60}; a prior goes to var_prior / prior."
+                )
         if var_constraint is None:
             var_constraint = Positive()
         if rank > 0:
@@ -581,7 +587,16 @@ class GroupKernel(Kernel):
                 "intercept and slope is singular and its parameter infinite. For a perfectly correlated slope use "
                 "a value such as 0.999."
             )
-        return self.raw_corr_constraint.inverse_transform(value)
+        constraint = self.raw_corr_constraint
+        raw = constraint.inverse_transform(value)
+        outside = ~torch.isfinite(raw) | (value < constraint.lower_bound) | (value > constraint.upper_bound)
+        if constraint.enforced and bool(outside.any()):  # a narrower corr_constraint (gpytorch's RuntimeError
+            # named a likelihood's noise_constraint)
+            raise ValueError(
+                f"corr holds {value[outside].reshape(-1)[0].item()!r}, not strictly inside the correlation constraint "
+                f"{constraint}; pass correlations inside it, or build the kernel with another corr_constraint."
+            )
+        return raw
 
     @property
     def slope_covar(self) -> Tensor:
