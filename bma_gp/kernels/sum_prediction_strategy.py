@@ -72,6 +72,7 @@ from bma_gp.block_mean_sum_linear_operator import (
     BlockMeanSumLinearOperator,
     _cells_matmul,
     _LUSolve,
+    _rest_solve,
     _scoped,
     gram_root_core,
 )
@@ -1001,7 +1002,10 @@ def _gram_matmul(M: BlockMeanSumLinearOperator, X: Tensor) -> Tensor:
 #: The posterior weight is formed as a ``q x q`` matrix only while the largest diagonal grouping (the one the
 #: capacitance factorisation eliminates) has at most this many levels; past it, it is applied as products
 #: (:class:`_ImplicitWeight`). Measured with ``GroupKernel(k, rank=2)`` at n = 10^5, 1000 test points, float32:
-#: formed 0.059 / 0.31 / 2.28 s at k = 1000 / 2000 / 4000 against 0.083 / 0.18 / 0.38 s as products.
+#: formed 0.059 / 0.31 / 2.28 s at k = 1000 / 2000 / 4000 against 0.083 / 0.18 / 0.38 s as products. Where every
+#: term is stable (random slopes, ``GroupKernel(k, rank=r)``), the weight below it is :math:`G - \Sigma` as products,
+#: and variances, entries and products at new inputs come from the structured forms on both sides of the threshold
+#: (:class:`_Structured`, with ``R^2 <= q``): :math:`O(t)` for ``t`` new points, flat in ``k``.
 _DENSE_WEIGHT_MAX_ELIMINATED = 1024
 
 
@@ -1016,7 +1020,8 @@ def _posterior_weight(M: BlockMeanSumLinearOperator) -> Tensor | _ImplicitWeight
     :math:`T = G` on the terms :func:`_stable_terms` picks, to be used with :func:`_stable_blocks` of :math:`F`.
     Where it picks every term, :math:`G - \Sigma` is applied as products too (``_ImplicitWeight(M, stable=True)``,
     formed once ``q`` columns have been asked for): a random slope over 1024 levels (``q = 3072``) formed a
-    ``q x q`` weight for 10 test points, 0.6 s and 400 MB against 0.01 s for its products."""
+    ``q x q`` weight for 10 test points, 0.6 s and 400 MB against 0.01 s for its products. The predictive covariance
+    takes its structured form (:class:`_Structured` with ``stable``) where the other terms are few."""
     sizes = M._sizes()
     elim = M._elimination_term()
     if elim is not None and (
@@ -1609,32 +1614,56 @@ class _Structured:
 
     :math:`[V, F_r]` is formed ``_DIAG_CHUNK / 2R`` rows at a time, so nothing ``t x R`` is kept.
 
+    With every term stable (``stable``: ``_ImplicitWeight(M, stable=True)``, :func:`_transformed_weight`), ``F``'s
+    blocks are :math:`Z_* = F G^{+}` and the weight is :math:`G - \Sigma`, :math:`\Sigma = C^{-1} G` the random
+    effects' posterior covariance. Its blocks from the same factorisation, with
+    :math:`H = \Delta^{-1} G_E A_{Er}` and :math:`K G_r = S_r^{-1} G_r`:
+
+    .. math::
+        (G - \Sigma)_{EE} = (G_E - \Delta^{-1} G_E) - H K G_r H^\top, \qquad
+        (G - \Sigma)_{Er} = H K G_r, \qquad (G - \Sigma)_{rr} = G_r - K G_r,
+
+    so the same pieces hold them, with ``w`` the rows :math:`\Delta^{-1} G_E v` (:math:`V = Z_{*E} H`), ``core``
+    :math:`[[-K G_r, K G_r], [K G_r, G_r - K G_r]]`, and ``g`` and ``delta`` (no ``A_EE``) to apply
+    :math:`G_E - \Delta^{-1} G_E` as :func:`_stable_weight_matmul` does: :math:`G_E u - \Delta^{-1} (G_E u)` for
+    each right-hand side :math:`u` (a row's :math:`v`, a level's sum of :math:`v x`), one solve per row or level
+    rather than a formed ``r_e x r_e`` matrix, whose columns can cancel in :math:`v^\top (\cdot) v` (twice the
+    products' error with a correlated slope on calendar years). Each rounds at the size of :math:`G`, as the products
+    do, at the same cost as :math:`W`'s.
+
     Attributes:
         inverse: each test row's position among the eliminated levels the test rows use. # shape: (t,)
         v: :math:`F_E` per row, one value per eliminated term. # shape: (*batch, t, r_e)
-        A_EE: :math:`\tilde A_{EE}` at those levels. # shape: (*batch, levels, r_e, r_e)
+        A_EE: :math:`\tilde A_{EE}` at those levels; None with ``g`` and ``delta``. # shape: (*batch, levels, r_e, r_e)
         index: each test row's eliminated level. # shape: (t,)
         w: :math:`\Delta^{-1} v` per row (:math:`V` row :math:`a` is :math:`w_a^\top A_{Er}` at its level), None
-            without other terms. # shape: (*batch, t, r_e)
+            without other terms; the stable form's :math:`\Delta^{-1} G_E v`, always. # shape: (*batch, t, r_e)
         A_Er: :math:`A_{Er}` at the eliminated levels the test rows use. # shape: (*batch, levels, r_e, R)
         rest: the blocks of :math:`F_r` (None: zero) and their widths.
         core: the ``2R x 2R`` matrix between :math:`[V, F_r]` and its transpose. # shape: (*batch, 2 R, 2 R)
+        g: the stable form's :math:`G_E` at those levels (its diagonals). # shape: (*batch, levels, r_e)
+        delta: the stable form's :math:`\Delta` at those levels. # shape: (*batch, levels, r_e, r_e)
     """
 
     inverse: Tensor
     v: Tensor
-    A_EE: Tensor
+    A_EE: Tensor | None
     index: Tensor
     w: Tensor | None = None
     A_Er: Tensor | None = None
     rest: tuple = ()
     core: Tensor | None = None
+    g: Tensor | None = None
+    delta: Tensor | None = None
 
     @staticmethod
-    def build(M: BlockMeanSumLinearOperator, blocks: list[Tensor | _OneHot | None], t: int) -> _Structured | None:
-        """The pieces, or None when the factorisation eliminates no grouping, a block of an eliminated term is
-        not one-hot (or two put a row in different columns), or :math:`A_{Er}` at the levels the test rows use
-        would pass ``_STRUCTURED_MAX_ELEMENTS`` entries."""
+    def build(
+        M: BlockMeanSumLinearOperator, blocks: list[Tensor | _OneHot | None], t: int, stable: bool = False
+    ) -> _Structured | None:
+        """The pieces (of :math:`G - \\Sigma` with the blocks of :math:`Z_*` where ``stable``), or None when the
+        factorisation eliminates no grouping, a block of an eliminated term is not one-hot (or two put a row in
+        different columns), :math:`A_{Er}` at the levels the test rows use would pass ``_STRUCTURED_MAX_ELEMENTS``
+        entries, or (``stable``) the ``R`` columns of the other terms have :math:`R^2 > q`."""
         cap = M._capacitance()
         E = list(cap.joint.terms) if cap.joint is not None else [cap.elim] if cap.elim is not None else []
         if not E:
@@ -1642,6 +1671,14 @@ class _Structured:
         sizes = M._sizes()
         rest = [i for i in range(len(sizes)) if i not in E]
         R, re = sum(sizes[i] for i in rest), len(E)
+        # G - Sigma (at most _DENSE_WEIGHT_MAX_ELIMINATED eliminated levels) is also formed, once q columns of its
+        # products have been asked for, and then a one-hot block's variance is a gather. Structured, K G_r costs
+        # O(R^3) and each variance O(R^2), so it is taken while R^2 <= q: random slopes (R = 0) and GroupKernel(k,
+        # rank=r) (R = r) always. Measured at n = 10^5, 1000 new points, one thread: a slope over 1024 levels 162 ms
+        # as products, 8 ms structured (5 ms at 1025 levels); intercepts crossed over 1000 x 800 levels 120 ms
+        # structured against 8-10 ms formed (150 ms as products before), 1000 x 32 levels 8 ms either way.
+        if stable and R * R > sum(sizes):
+            return None
         onehots: dict[int, _OneHot] = {}
         for e in E:
             block = blocks[e]
@@ -1659,22 +1696,32 @@ class _Structured:
         v = torch.stack(torch.broadcast_tensors(*columns), -1)  # (*b, t, r_e)
         # Delta and A_EE per level
         if cap.joint is not None:
-            delta = cap.joint.delta
-            A = torch.stack([torch.stack([M._level_gram(i, j).to(wdt) for j in E], -1) for i in E], -2)
+            delta, g = cap.joint.delta, cap.joint.g  # (*b, k, r_e, r_e), (*b, k, r_e)
         else:
-            assert cap.delta is not None
-            delta = cap.delta.unsqueeze(-1).unsqueeze(-1)
-            A = M._gram()[0][E[0]].to(wdt).unsqueeze(-1).unsqueeze(-1)
+            assert cap.delta is not None and cap.g is not None
+            delta, g = cap.delta.unsqueeze(-1).unsqueeze(-1), cap.g.unsqueeze(-1)
         levels, inverse = torch.unique(index, return_inverse=True)
         if levels.shape[0] * re * R > _STRUCTURED_MAX_ELEMENTS:
             return None
         delta_l = delta.index_select(-3, levels)
-        A_EE = torch.linalg.solve(delta_l.mT, A.index_select(-3, levels)).mT  # A Delta^-1
-        A_EE = 0.5 * (A_EE + A_EE.mT)
+        g_l = A_EE = None
+        if stable:  # G - Sigma's EE block (before the rest's part) is G_E u - Delta^-1 G_E u: w = Delta^-1 G_E v
+            g_l = g.index_select(-2, levels).to(wdt)
+            rhs = g_l.index_select(-2, inverse) * v
+        else:  # A Delta^-1
+            if cap.joint is not None:
+                A = torch.stack([torch.stack([M._level_gram(i, j).to(wdt) for j in E], -1) for i in E], -2)
+            else:
+                A = M._gram()[0][E[0]].to(wdt).unsqueeze(-1).unsqueeze(-1)
+            A_EE = torch.linalg.solve(delta_l.mT, A.index_select(-3, levels)).mT
+            A_EE = 0.5 * (A_EE + A_EE.mT)
+            rhs = v
+            if not rest:
+                return _Structured(inverse, v, A_EE, index)
+        # V = F_E Delta^-T A_Er, row by row: w = Delta_l^-1 v (stable: V = Z_*E Delta^-1 G_E A_Er, w = Delta^-1 G_E v)
+        w = torch.linalg.solve(delta_l.index_select(-3, inverse), rhs.unsqueeze(-1)).squeeze(-1)  # (*b, t, r_e)
         if not rest:
-            return _Structured(inverse, v, A_EE, index)
-        # V = F_E Delta^-T A_Er, row by row: w = Delta_l^-1 v
-        w = torch.linalg.solve(delta_l.index_select(-3, inverse), v.unsqueeze(-1)).squeeze(-1)  # (*b, t, r_e)
+            return _Structured(inverse, v, None, index, w, g=g_l, delta=delta_l)
         if cap.joint is not None:  # A_Er at the levels the test rows use
             assert cap.joint.A_rE is not None
             A_Er = cap.joint.A_rE.index_select(-2, levels).movedim(-3, -1)  # (*b, L, r_e, R)
@@ -1684,6 +1731,12 @@ class _Structured:
         pieces = tuple((blocks[i], sizes[i]) for i in rest)
         assert cap.lu is not None and cap.A_tilde is not None
         eye = torch.eye(R, dtype=wdt, device=device).expand(*M.batch_shape, R, R)
+        if stable:  # K G_r = S^-1 G_r, as _cap_solve applies it (G - Sigma: no A_tilde, no K alone)
+            G_r = M._apply_G_rest(rest, eye)
+            KG = _rest_solve(cap.lu, G_r)
+            KG_sym = 0.5 * (KG + KG.mT)
+            core = torch.cat([torch.cat([-KG_sym, KG], -1), torch.cat([KG.mT, 0.5 * (G_r + G_r.mT) - KG_sym], -1)], -2)
+            return _Structured(inverse, v, None, index, w, A_Er, pieces, core, g_l, delta_l)
         K = _LUSolve.apply(*cap.lu, eye)
         KG = _LUSolve.apply(*cap.lu, M._apply_G_rest(rest, eye))
         AK = cap.A_tilde.to(wdt) @ K
@@ -1712,10 +1765,25 @@ class _Structured:
         size = max(1, _DIAG_CHUNK // max(1, self.core.shape[-1] if self.core is not None else 1))
         return [slice(start, min(t, start + size)) for start in range(0, t, size)]
 
+    def unbatched(self) -> bool:
+        """Whether no piece has batch dimensions (then :meth:`entries` applies)."""
+        rows = (self.v, self.w, self.g, self.core)
+        levels = (self.A_EE, self.delta, self.A_Er)
+        return all(x is None or x.dim() == 2 for x in rows) and all(x is None or x.dim() == 3 for x in levels)
+
+    def _stable_rows(self, rows: Tensor | slice) -> Tensor:
+        r""":math:`(G_E - \Delta^{-1} G_E) v` at the rows ``rows``, from the rows' own solves ``w``. # shape:
+        (*batch, c, r_e)"""
+        assert self.g is not None and self.w is not None
+        return self.g.index_select(-2, self.inverse[rows]) * self.v[..., rows, :] - self.w[..., rows, :]
+
     def diagonal(self) -> Tensor:
         r""":math:`\operatorname{diag}(F W F^\top)`. # shape: (*batch, t)"""
-        rows = self.A_EE.index_select(-3, self.inverse)  # (*b, t, r_e, r_e)
-        out = (self.v.unsqueeze(-1) * rows * self.v.unsqueeze(-2)).sum((-2, -1))
+        if self.A_EE is None:
+            out = (self.v * self._stable_rows(slice(None))).sum(-1)
+        else:
+            rows = self.A_EE.index_select(-3, self.inverse)  # (*b, t, r_e, r_e)
+            out = (self.v.unsqueeze(-1) * rows * self.v.unsqueeze(-2)).sum((-2, -1))
         if self.core is not None:
             quad = [((U @ self.core) * U).sum(-1) for U in map(self._u_rows, self._chunks())]
             out = out + torch.cat(quad, dim=-1)
@@ -1726,7 +1794,11 @@ class _Structured:
         rows, cols = torch.broadcast_tensors(rows, cols)
         same = self.inverse[rows] == self.inverse[cols]
         vr, vc = self.v[rows], self.v[cols]  # (..., r_e)
-        out = ((vr.unsqueeze(-1) * self.A_EE[self.inverse[rows]]).sum(-2) * vc).sum(-1) * same
+        if self.A_EE is None:  # v_r . (G_E - Delta^-1 G_E) v_c
+            shape = cols.shape
+            out = (vr * self._stable_rows(cols.reshape(-1)).reshape(*shape, -1)).sum(-1) * same
+        else:
+            out = ((vr.unsqueeze(-1) * self.A_EE[self.inverse[rows]]).sum(-2) * vc).sum(-1) * same
         if self.core is not None:
             shape = rows.shape
             Ur, Uc = self._u_rows(rows.reshape(-1)), self._u_rows(cols.reshape(-1))
@@ -1736,8 +1808,16 @@ class _Structured:
     def matmul(self, x: Tensor) -> Tensor:
         r""":math:`F W F^\top x`. ``x`` # shape: (*batch, t, c), working precision"""
         vx = self.v.unsqueeze(-1) * x.unsqueeze(-2)  # (*b, t, r_e, c)
-        u = vx.new_zeros(*vx.shape[:-3], self.A_EE.shape[-3], *vx.shape[-2:]).index_add(-3, self.inverse, vx)
-        out = (self.v.unsqueeze(-1) * (self.A_EE @ u).index_select(-3, self.inverse)).sum(-2)
+        per_level = self.A_EE if self.A_EE is not None else self.delta
+        assert per_level is not None
+        u = vx.new_zeros(*vx.shape[:-3], per_level.shape[-3], *vx.shape[-2:]).index_add(-3, self.inverse, vx)
+        if self.A_EE is None:  # G_E u - Delta^-1 G_E u per level
+            assert self.g is not None and self.delta is not None
+            gu = self.g.unsqueeze(-1) * u
+            Au = gu - torch.linalg.solve(self.delta, gu)
+        else:
+            Au = self.A_EE @ u
+        out = (self.v.unsqueeze(-1) * Au.index_select(-3, self.inverse)).sum(-2)
         if self.core is not None:
             chunks = self._chunks()
             Y = None
@@ -2508,7 +2588,7 @@ class PredictiveCovarianceLinearOperator(
             return torch.cat([p.expand(*shape, p.shape[-1]) for p in pieces], dim=-1)
 
         parts = self._structured() if not batch_indices else None
-        if parts is not None and parts.v.dim() == 2 and (parts.core is None or parts.core.dim() == 2):  # no batch
+        if parts is not None and parts.unbatched():
             return (base.to(parts.v.dtype) - parts.entries(row_index, col_index)).to(self.dtype)
         fr, fc = rows(row_index), rows(col_index)
         implicit = self.W if isinstance(self.W, _ImplicitWeight) else None
@@ -2579,10 +2659,10 @@ class PredictiveCovarianceLinearOperator(
         if self._parts is not None and not grad:
             return self._parts if isinstance(self._parts, _Structured) else None
         W = self.W
-        # the structured forms write W's products from M's structure: not G - Sigma's
+        # the structured forms write W's products (or G - Sigma's, with F's blocks Z_*) from M's structure
         parts = None
-        if isinstance(W, _ImplicitWeight) and not W.stable:
-            parts = _Structured.build(W.M, self.blocks, self.shape[-1])
+        if isinstance(W, _ImplicitWeight):
+            parts = _Structured.build(W.M, self.blocks, self.shape[-1], stable=W.stable)
         if not grad:
             self._parts = parts if parts is not None else False
         return parts
