@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from autograd_graph import graph_nodes
 from bma_gp import BlockMeanLinearOperator, Partition
 
 LAYOUTS = {
@@ -25,21 +26,10 @@ def _inputs(labels, dtype, batch=(), seed=0):
     return p, lam, B, rhs
 
 
-def _graph_names(t):
-    seen, stack, names = set(), [t.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        stack.extend(child for child, _ in node.next_functions)
-    return names
-
-
 def _differentiates_the_factor(t):
     """Whether the graph of ``t`` runs torch's own Cholesky or Cholesky-solve backward."""
-    return bool(_graph_names(t) & {"LinalgCholeskyExBackward0", "LinalgCholeskyBackward0", "CholeskySolveBackward0"})
+    names = {type(node).__name__ for node in graph_nodes(t)}
+    return bool(names & {"LinalgCholeskyExBackward0", "LinalgCholeskyBackward0", "CholeskySolveBackward0"})
 
 
 def _closed(p, lam, B, rhs):
