@@ -412,13 +412,10 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         (:func:`~bma_gp.optim.functional._check_step_and_root`, the functional step's check of its ``stats``).
         Otherwise the next step with a stale root (``update_interval > 1``) failed half-way with ``IndexError``
         after updating ``h``, ``U`` and ``w``, or a ``root_step`` after ``step`` kept the stale root for good."""
-        k = global_state["w"].shape[-1]
-        try:
-            functional._check_step_and_root(
-                global_state, k, where="state_dict's global_state", fix=self._corrupt_global_fix()
-            )
-        except TypeError as error:  # a type error of the saved state: refused as the other checks refuse it
-            raise ValueError(str(error)) from None
+        k = global_state["w"].shape[-1]  # a TypeError is refused as a ValueError by the caller
+        functional._check_step_and_root(
+            global_state, k, where="state_dict's global_state", fix=self._corrupt_global_fix()
+        )
 
     def _checked_ratio_form(self, ratio_form: Any) -> dict[str, dict] | None:
         """A state dict's ``"ratio_form"`` (the CPU eager step's bounds of ``h``, :meth:`_ratio_form_state`) as plain

@@ -125,6 +125,15 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+@contextlib.contextmanager
+def _type_errors_refused():
+    """A ``TypeError`` of a check of a saved state raised as the ``ValueError`` the other load checks raise."""
+    try:
+        yield
+    except TypeError as error:
+        raise ValueError(str(error)) from None
+
+
 def check_step_count(state: dict[str, Any], key: str, where: str, fix: str) -> int:
     """``state[key]``, a step count: ``TypeError`` unless it is a Python ``int`` (not ``bool``; a missing entry too),
     ``ValueError`` where it is negative. The message names ``where[key]`` and ends with ``fix`` (a sentence).
@@ -1029,10 +1038,8 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             )
         if not global_state:
             return  # saved before the first step
-        try:
+        with _type_errors_refused():
             check_step_count(global_state, "step", "state_dict's global_state", self._corrupt_global_fix())
-        except TypeError as error:  # a type error of the saved state: refused as the other checks refuse it
-            raise ValueError(str(error)) from None
         for key in self._nonnegative_global:
             value = global_state.get(key)
             if isinstance(value, Tensor) and not value.is_floating_point():
@@ -1051,7 +1058,8 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             ends.append(ends[-1] + len(group["params"]))
         layout = FlatParams(self.param_groups)
         self._check_global_sizes(global_state, layout, ends[1:])
-        self._check_saved_step_entries(global_state)
+        with _type_errors_refused():
+            self._check_saved_step_entries(global_state)
         self._check_saved_flat_state_present(state_dict, global_state, layout, ends[1:])
 
     def _corrupt_global_fix(self) -> str:

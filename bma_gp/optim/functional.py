@@ -945,15 +945,23 @@ def block_mean_adagrad(
     stats[FINGERPRINT_KEY] = fingerprint  # these statistics now belong to these blocks
 
 
+#: the tensors of a functional step's ``stats`` (the statistics and the cached root)
+_STATS_TENSORS = ("U", "w", "root_lam", "root_B")
+
+
 def _refuse_inference_tensors(params: list[Tensor], state_sum: Tensor, stats: dict[str, Any]) -> None:
     """``ValueError`` where a parameter or a statistic is an inference tensor (made under ``torch.inference_mode()``):
     such a tensor has no version counter, which the step reads to keep its caches, and outside inference mode it
     cannot be updated in place. A few flag reads; before anything changes."""
-    named: list[tuple[str, Any]] = [("state_sum", state_sum)]
-    named += [(f'stats["{key}"]', stats.get(key)) for key in ("U", "w", "root_lam", "root_B")]
-    named += [(f"params[{i}]", p) for i, p in enumerate(params)]
-    for name, t in named:
-        if isinstance(t, Tensor) and t.is_inference():
+    tensors = [state_sum, *(stats.get(key) for key in _STATS_TENSORS), *params]
+    for i, t in enumerate(tensors):
+        if isinstance(t, Tensor) and t.is_inference():  # named only then: no string per parameter and step
+            names = [
+                "state_sum",
+                *(f'stats["{key}"]' for key in _STATS_TENSORS),
+                *map("params[{}]".format, range(len(params))),
+            ]
+            name = names[i]
             raise ValueError(
                 f"{name} is an inference tensor (made under torch.inference_mode()): the step keeps its caches by "
                 "version counters, which inference tensors lack. Make the parameters and the state outside "
