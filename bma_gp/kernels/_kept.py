@@ -23,7 +23,9 @@ class KeptByInput(Generic[_V]):
     """The last ``size`` values of a function of a tensor ``x`` (and of a hashable ``key`` for whatever else it
     depends on), each with a copy of its ``x``: a call whose ``x`` equals a kept one by value (one pass) and whose
     ``key`` is equal returns the kept value. The copy makes it safe against ``x`` changed in place afterwards.
-    Not part of a module's state: kept in its ``__dict__``, copied with it, never saved.
+    Not part of a module's state: kept in its ``__dict__`` and dropped when the module is pickled or saved whole
+    (``torch.save(model)``, which would otherwise write an ``n x m`` training root into every file) or deep-copied; the
+    copy computes its values afresh on first use.
 
     A value computed under ``torch.inference_mode()`` holds inference tensors, which autograd refuses to save
     ("Inference tensors cannot be saved for backward"): it is served only to calls under inference mode, and the first
@@ -35,6 +37,9 @@ class KeptByInput(Generic[_V]):
         self.size = size
         # (copy of x, key, value, whether it was computed under inference mode)
         self._entries: list[tuple[Tensor, Hashable, _V, bool]] = []
+
+    def __getstate__(self) -> dict:
+        return {"size": self.size, "_entries": []}
 
     def __len__(self) -> int:
         return len(self._entries)

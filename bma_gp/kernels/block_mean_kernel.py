@@ -17,6 +17,7 @@ from torch import Tensor
 
 from bma_gp._autograd import functorch_wrapped, has_forward_tangent
 from bma_gp._composition import ClosedFormFallbackWarning
+from bma_gp._warnings import caller_stacklevel
 from bma_gp._kernel_sums.generic import kernel_diagonal, translation_invariant
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.kernel_block_mean import block_mean_of_kernel, check_finite_inputs, check_single_output, chunk_rows
@@ -397,6 +398,42 @@ class BlockMeanKernel(Kernel):
         self._train_x = fn(self._train_x)
         return module
 
+    # ------------------------------------------------------------------ saved state
+    # The partition is not a parameter and is not loaded, but it is part of the model as inducing points are: the state
+    # dict records which partition of how many training points the hyperparameters were fitted with (n, k and a
+    # 128-bit fingerprint of the labels, one int64 tensor), and loading it into a kernel bound to as many points under
+    # another partition warns (a partition rebuilt with another seed or rule: the loaded model predicts otherwise).
+    # Other training data (another n) is a transfer of hyperparameters, as in GPyTorch, and loads silently.
+    def get_extra_state(self) -> Tensor:
+        fingerprint = self._partition._fingerprint() or (0, 0)
+        return torch.tensor([self._partition.n, self._partition.num_blocks, *fingerprint], dtype=torch.long)
+
+    def set_extra_state(self, state) -> None:
+        _check_extra_state(state)
+        n, k, *saved = state.tolist()
+        current = self._partition._fingerprint()
+        if n != self._partition.n or current is None or not any(saved) or tuple(saved) == current:
+            return
+        warnings.warn(
+            f"the loaded state was fitted with another partition of the same {n} training points ({k} blocks; this "
+            f"kernel's has {self._partition.num_blocks}, with other labels): the hyperparameters are loaded, but this "
+            "model's block mean covariance differs from the saved model's, and so do its predictions. To restore the "
+            "saved model, build the kernel (or kernel.set_partition) with the partition it was trained with (save "
+            "partition.labels beside the state dict, rebuild with Partition.from_labels); to use the hyperparameters "
+            "with this partition on purpose, ignore this warning.",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs):
+        key = prefix + "_extra_state"
+        saved = key in state_dict
+        if saved:
+            _check_extra_state(state_dict[key])  # before anything of this kernel is loaded
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)
+        if not saved and key in missing_keys:  # a state saved before the partition was recorded: nothing to compare
+            missing_keys.remove(key)
+
     def __getitem__(self, index) -> Kernel:
         new_kernel = super().__getitem__(index)
         if new_kernel is not self and self._train_x.dim() > 2:
@@ -648,6 +685,16 @@ class BlockMeanKernel(Kernel):
 
 #: ``torch.nn.Module``'s own bookkeeping in ``vars(module)``: not settings of a kernel
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
+
+
+def _check_extra_state(state) -> None:
+    """Refuse a saved ``_extra_state`` entry that :meth:`BlockMeanKernel.get_extra_state` did not write."""
+    if not (torch.is_tensor(state) and state.dtype == torch.long and state.shape == (4,)):
+        raise ValueError(
+            "the saved state's BlockMeanKernel entry (key '..._extra_state') is not the int64 tensor of 4 values "
+            f"(n, k and the partition's fingerprint) that BlockMeanKernel.state_dict() writes, got {state!r}: "
+            "load a state dict saved from a BlockMeanKernel, or drop that key to load only the hyperparameters."
+        )
 
 
 def _setting_attributes(module: torch.nn.Module):
