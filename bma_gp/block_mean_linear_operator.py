@@ -857,11 +857,16 @@ class BlockMeanLinearOperator(
             return BlockMeanProductLinearOperator(self, other)
         if torch.is_tensor(other):
             check_rhs_dtype(other, "other", self.dtype)
-        if torch.is_tensor(other) and not (
-            torch.is_grad_enabled() and (other.requires_grad or self.lam.requires_grad or self._b_requires_grad())
+        if torch.is_tensor(other) and (
+            functorch_active()
+            or not (
+                torch.is_grad_enabled() and (other.requires_grad or self.lam.requires_grad or self._b_requires_grad())
+            )
         ):
-            # nothing to differentiate: skip linear_operator's Matmul function, which rebuilds the operator
-            # (losing its cached symmetrised B) on every call
+            # the product in plain torch operations: with nothing to differentiate (linear_operator's Matmul function
+            # rebuilds the operator, losing its cached symmetrised B, on every call), and under a torch.func transform
+            # (grad, jacrev, vmap), which differentiates these operations where Matmul (an autograd.Function without
+            # setup_context) raised torch's "must override the setup_context" error
             _matmul_broadcast_shape(self.shape, other.shape)
             return self._matmul(other)
         return super().matmul(other)

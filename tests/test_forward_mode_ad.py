@@ -388,3 +388,31 @@ def test_matrix_functions_of_a_dense_B_refuse_forward_mode_in_words(call):
     part = Partition.from_labels(torch.tensor([0, 1, 2, 1, 0, 2, 2]))
     with fwAD.dual_level(), pytest.raises(NotImplementedError, match="reverse mode only"):
         call(BlockMeanLinearOperator(lam, fwAD.make_dual(B, torch.randn_like(B)), part), x)
+
+
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "jacfwd"])
+@pytest.mark.parametrize("name", ["solve", "matmul"])
+def test_reverse_and_forward_transforms_through_solve_and_matmul_match_dense(transform, name):
+    """``torch.func.grad`` / ``jacrev`` through a single operator's ``solve`` or ``@`` reached linear_operator's
+    ``Matmul`` (an ``autograd.Function`` without ``setup_context``) and failed with torch's raw "must override the
+    setup_context" error, while ``jacfwd`` and the other operations worked. Under a transform the product now runs in
+    plain torch operations: every transform gives the dense derivative, in ``lam`` and in ``B``."""
+    part = _partition()
+    B = B_DIAG + 0.2 * OFF
+    rhs = torch.stack([R, R.flip(0)], -1)
+
+    def f_ours(lam, b):
+        M = BlockMeanLinearOperator(lam, b, part)
+        out = M.solve(rhs) if name == "solve" else M @ rhs
+        return out.square().sum() if transform == "grad" else out
+
+    def f_dense(lam, b):
+        D = _dense(lam, b, part)
+        out = torch.linalg.solve(D, rhs) if name == "solve" else D @ rhs
+        return out.square().sum() if transform == "grad" else out
+
+    t = getattr(tf, transform)
+    got = t(f_ours, argnums=(0, 1))(LAM, B)
+    expected = t(f_dense, argnums=(0, 1))(LAM, B)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e)
