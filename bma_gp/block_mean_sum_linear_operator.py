@@ -2152,8 +2152,10 @@ class BlockMeanSumLinearOperator(
         inverse root of :meth:`root_inv_decomposition` is symmetric and is :math:`M^{-1/2}`.
 
         Raises:
-            NotImplementedError: ``d`` is not constant; the symmetric :math:`M^{-1/2}` has no closed form in
-                this family (``root_inv_decomposition()`` still gives a root :math:`R R^\top = M^{-1}`).
+            NotImplementedError: ``d`` is not constant (it holds the added diagonal and every summand's ``lam``
+                spread over its blocks: a constant noise plus a summand whose ``lam`` varies by block gives a
+                varying ``d``); the symmetric :math:`M^{-1/2}` has no closed form in this family
+                (``root_inv_decomposition()`` still gives a root :math:`R R^\top = M^{-1}`).
         """
         self._check_rhs(rhs, "rhs")
         self._check_diag("sqrt_inv_matmul")  # before root_inv_decomposition's check, which would name that
@@ -2161,9 +2163,12 @@ class BlockMeanSumLinearOperator(
         if not bool((d == d[..., :1]).all()):
             raise NotImplementedError(
                 "sqrt_inv_matmul needs the symmetric inverse square root M^{-1/2}, which has a closed form in "
-                "BlockMeanSumLinearOperator only when the diagonal d is one constant; this operator has a "
-                "per-point diagonal. root_inv_decomposition() gives a (non-symmetric) root R with R R^T = M^{-1} "
-                "and solve() gives M^{-1} R, both in closed form."
+                "BlockMeanSumLinearOperator only when its diagonal d is one constant; this operator's d varies "
+                "from point to point. d collects the added diagonal (noise) and each block mean summand's lam "
+                "spread over its blocks, so a constant noise still gives a varying d when some summand's lam "
+                "differs between blocks (a BlockMeanKernel's does) or when two summands' lam differ. "
+                "root_inv_decomposition() gives a (non-symmetric) root R with R R^T = M^{-1} and solve() gives "
+                "M^{-1} R, both in closed form."
             )
         root = self.root_inv_decomposition().root
         res = root.matmul(rhs)

@@ -228,3 +228,18 @@ def test_sum_roots_without_validation_give_nan_for_non_finite_input(case):
         for call in calls:  # LAPACK's LinAlgError, or (inf) finite numbers, before
             root = call().root.to_dense()
             assert not bool(torch.isfinite(root).all())
+
+
+def test_sum_sqrt_inv_matmul_refusal_says_that_d_holds_the_summands_lam():
+    """A sum with a constant noise whose block mean summand has a ``lam`` that varies by block (a
+    ``BlockMeanKernel``'s operator) was refused with "this operator has a per-point diagonal", which reads as wrong
+    to a user who added a constant: the message now says that ``d`` collects each summand's ``lam`` too."""
+    from linear_operator.operators import DiagLinearOperator
+
+    pa = Partition.from_labels(torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    pb = Partition.from_labels(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    Ma = BlockMeanLinearOperator(torch.tensor([0.2, 0.3, 0.4], dtype=DTYPE), torch.eye(3, dtype=DTYPE), pa)
+    Gb = BlockMeanLinearOperator(torch.zeros(4, dtype=DTYPE), torch.ones(4, dtype=DTYPE), pb, diagonal=True)
+    S = Ma + Gb + DiagLinearOperator(torch.full((8,), 0.5, dtype=DTYPE))
+    with pytest.raises(NotImplementedError, match=r"d varies from point to point.*each block mean summand's lam"):
+        S.sqrt_inv_matmul(torch.ones(8, 2, dtype=DTYPE))
