@@ -230,6 +230,11 @@ def check_rhs_dtype(rhs: Tensor, name: str, dtype: torch.dtype) -> None:
     )
 
 
+def _is_number(value) -> bool:
+    """Whether ``value`` is a real Python (or NumPy) number, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_real(value: Tensor, name: str) -> None:
     """``TypeError`` for a complex ``value`` added to a (real) operator: the cast to the operator's dtype would drop
     its imaginary part, with at most one warning per process from torch."""
@@ -1112,6 +1117,13 @@ class BlockMeanLinearOperator(
 
     def __radd__(self, other):
         return self.__add__(other)
+
+    def __sub__(self, other):
+        # linear_operator's __sub__ is ``self + other.mul(-1)``, which a Python number has not (AttributeError)
+        return self + (-other) if _is_number(other) else super().__sub__(other)
+
+    def __neg__(self):
+        return self.mul(-1)
 
     def add_diagonal(self, diag: Tensor) -> LinearOperator:
         """Add ``diag`` to the diagonal. A scalar (or one value per batch entry, shape ``(*batch, 1)``)

@@ -15,6 +15,7 @@ from bma_gp._indexing import TorchIndexing
 from bma_gp._low_rank_sum import LowRankInClosedForm
 from bma_gp.block_mean_linear_operator import (
     BlockMeanLinearOperator,
+    _is_number,
     batch_repeat,
     check_left,
     check_rhs,
@@ -371,6 +372,13 @@ class BlockMeanProductLinearOperator(TorchIndexing, LowRankInClosedForm, MatmulL
 
     def __radd__(self, other):
         return self.__add__(other)
+
+    def __sub__(self, other):
+        # linear_operator's __sub__ is ``self + other.mul(-1)``, which a Python number has not (AttributeError)
+        return self + (-other) if _is_number(other) else super().__sub__(other)
+
+    def __neg__(self):
+        return self.mul(-1)
 
     def add_diagonal(self, diag: Tensor) -> LinearOperator:
         """``MN + diag(d)``: no closed form, a :class:`~bma_gp.FallbackSumLinearOperator` (its solves warn)."""

@@ -54,8 +54,10 @@ from bma_gp._symmetric_function import (
 )
 from bma_gp._warnings import warn_dense_cholesky, warn_dense_eigh, warn_elementwise
 from bma_gp.block_mean_linear_operator import (
+    BlockMeanLinearOperator,
     WarnsOnCatRows,
     _first_bad,
+    _is_number,
     _where,
     batch_repeat,
     check_left,
@@ -1109,6 +1111,10 @@ class BlockMeanSumLinearOperator(
     def __add__(self, other):
         from bma_gp._composition import add_structured, fallback_sum
 
+        if not isinstance(other, LinearOperator):
+            constant = self._constant_term(other)
+            if constant is not None:
+                return self + constant
         res = add_structured(self, other)
         if res is None:
             res = fallback_sum(self, other)
@@ -1116,6 +1122,31 @@ class BlockMeanSumLinearOperator(
 
     def __radd__(self, other):
         return self.__add__(other)
+
+    def __sub__(self, other):
+        # linear_operator's __sub__ is ``self + other.mul(-1)``, which a Python number has not (AttributeError)
+        return self + (-other) if _is_number(other) else super().__sub__(other)
+
+    def __neg__(self):
+        return self.mul(-1)
+
+    def _constant_term(self, c) -> BlockMeanLinearOperator | None:
+        """``c 1 1^T`` for a number or a tensor of shape ``()``, ``(1,)`` or ``(*batch, 1, 1)`` (added to every entry,
+        as for a dense tensor, and as ``M + c`` adds it to a single operator's ``B``): a block mean operator over one
+        block of all ``n`` points, ``lam = 0`` and ``B = c``, a term of rank one that the sum takes in closed form.
+        ``None`` for anything else (linear_operator's path)."""
+        if not (_is_number(c) or torch.is_tensor(c)):
+            return None
+        one_block = Partition._trusted(
+            torch.tensor([self.shape[-1]], device=self.device), contiguous=True, max_size=self.shape[-1]
+        )
+        zero = BlockMeanLinearOperator(
+            torch.zeros(1, dtype=self.dtype, device=self.device),
+            torch.zeros(1, dtype=self.dtype, device=self.device),
+            one_block,
+            diagonal=True,
+        )
+        return zero._add_constant(c)
 
     def _mul_matrix(self, other) -> LinearOperator:
         """The elementwise product with a matrix: no closed form (a sum of block mean matrices times another matrix is
