@@ -448,7 +448,10 @@ class Partition:
             digest.update(self._n.to_bytes(8, "little"))
             digest.update(values.to("cpu", torch.int64).contiguous().numpy().astype("<i8").tobytes())
             raw = digest.digest()
-            self._digest = (int.from_bytes(raw[:8], "little", signed=True), int.from_bytes(raw[8:], "little", signed=True))
+            self._digest = (
+                int.from_bytes(raw[:8], "little", signed=True),
+                int.from_bytes(raw[8:], "little", signed=True),
+            )
         return self._digest
 
     def _with_values(self) -> Partition | None:

@@ -200,8 +200,13 @@ def test_a_foreign_extra_state_entry_is_refused_before_the_kernel_changes():
     kernel = model.covar_module.kernels[0]
     before = kernel.base_kernel.base_kernel.lengthscale.item()
     with pytest.raises(ValueError, match=r"_extra_state.*int64 tensor of 4 values"):
-        kernel.load_state_dict({key.removeprefix("covar_module.kernels.0."): value for key, value in state.items()
-                                if key.startswith("covar_module.kernels.0.")})
+        kernel.load_state_dict(
+            {
+                key.removeprefix("covar_module.kernels.0."): value
+                for key, value in state.items()
+                if key.startswith("covar_module.kernels.0.")
+            }
+        )
     assert kernel.base_kernel.base_kernel.lengthscale.item() == before
 
 

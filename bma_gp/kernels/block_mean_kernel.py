@@ -17,8 +17,8 @@ from torch import Tensor
 
 from bma_gp._autograd import functorch_wrapped, has_forward_tangent
 from bma_gp._composition import ClosedFormFallbackWarning
-from bma_gp._warnings import caller_stacklevel
 from bma_gp._kernel_sums.generic import kernel_diagonal, translation_invariant
+from bma_gp._warnings import caller_stacklevel
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.kernel_block_mean import block_mean_of_kernel, check_finite_inputs, check_single_output, chunk_rows
 from bma_gp.kernels._bound_data import record_bound_data
