@@ -341,3 +341,24 @@ def test_other_values_are_refused_on_every_path(cls, value):
     with pytest.raises(ValueError, match=r"lr_decay=.*nothing was loaded"):
         opt.load_state_dict(sd)
     _assert_same(_snapshot(opt, ps), before)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_adagrad_options_as_constructor_keywords_at_zero_are_accepted_and_refused_otherwise(cls):
+    """A ported torch.optim.Adagrad configuration passed as keywords (``Opt(params, **cfg)``) with ``lr_decay=0`` and
+    ``initial_accumulator_value=0`` failed with ``TypeError: unexpected keyword argument``, while the same options in a
+    param group were accepted at 0. Now the constructor takes them at 0 (not stored in the groups) and refuses any
+    other value with the param groups' ``ValueError``."""
+    p = torch.nn.Parameter(torch.ones(3))
+    cfg = dict(lr=0.1, lr_decay=0, initial_accumulator_value=0.0, weight_decay=0.0)
+    opt = cls([p], **cfg)
+    assert "lr_decay" not in opt.param_groups[0] and "initial_accumulator_value" not in opt.param_groups[0]
+    reference = torch.nn.Parameter(torch.ones(3))
+    plain = cls([reference], lr=0.1)
+    for q, o in ((p, opt), (reference, plain)):
+        q.grad = torch.tensor([0.5, -1.0, 2.0])
+        o.step()
+    torch.testing.assert_close(p.detach(), reference.detach(), rtol=0, atol=0)
+    for name, value in (("lr_decay", 0.5), ("initial_accumulator_value", 0.1)):
+        with pytest.raises(ValueError, match=rf"{cls.__name__}\(\.\.\.\) was given {name}={value}.*Nothing was made"):
+            cls([torch.nn.Parameter(torch.ones(3))], **{name: value})

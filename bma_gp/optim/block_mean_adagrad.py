@@ -22,6 +22,7 @@ from bma_gp.optim import _fused, functional
 from bma_gp.optim.flat_optimizer import (
     FlatPreconditionedOptimizer,
     OptimizerSetting,
+    check_adagrad_options,
     check_bool,
     check_hyperparameter,
     check_torch_optim_flags,
@@ -213,6 +214,9 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             root an ``O(k^3)`` eigendecomposition, so a partition with more blocks (``"row"`` on a tall tensor,
             one block per row) raises ``ValueError`` at the first step, before any state is made. At the default
             4096 the ``k x k`` matrices take about 0.4 GB in float64. Raise it where the memory and time are there.
+        lr_decay, initial_accumulator_value: torch.optim.Adagrad's options, accepted at 0 (what this optimizer does)
+            so that a ported Adagrad configuration passed as keywords works; any other value raises the
+            ``ValueError`` a param group with it gets. Not stored.
         foreach, capturable, differentiable: torch.optim's implementation switches, accepted so that configurations
             that pass them to every optimizer work: ``foreach=None`` or ``False``, ``capturable=False`` and
             ``differentiable=False`` (the defaults) run the one step there is; ``foreach=True`` (there is no
@@ -316,12 +320,20 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         check_finite: bool = True,
         fused: bool | None = False,
         max_blocks: int = 4096,
+        lr_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
         foreach: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
     ):
         flags = dict(foreach=foreach, capturable=capturable, differentiable=differentiable)
         check_torch_optim_flags(type(self).__name__, flags, fused_hint=self._fused_hint)
+        check_adagrad_options(
+            type(self).__name__,
+            dict(lr_decay=lr_decay, initial_accumulator_value=initial_accumulator_value),
+            " Nothing was made.",
+            keywords=True,
+        )
         lr = check_hyperparameter("learning rate", lr)
         # eps = 0 divides 0 by 0 where a gradient entry has always been 0 (h = 0), which poisons the statistics
         eps = check_hyperparameter("eps", eps, positive=True)

@@ -253,7 +253,7 @@ def _is_zero_option(value: Any) -> bool:
     return False
 
 
-def check_adagrad_options(owner: str, group: dict[str, Any], where: str = "") -> None:
+def check_adagrad_options(owner: str, group: dict[str, Any], where: str = "", *, keywords: bool = False) -> None:
     """Refuse torch.optim.Adagrad's ``lr_decay`` and ``initial_accumulator_value`` in a param group (a configuration
     ported from Adagrad) at any value but 0, which is what these optimizers do: torch.optim keeps unknown group entries
     without a word, so the option would be silently ignored. Zero may be given as a Python or NumPy number or a
@@ -262,7 +262,8 @@ def check_adagrad_options(owner: str, group: dict[str, Any], where: str = "") ->
 
     Checked by ``add_param_group`` (the constructor's groups included), at each step (a group edited in place,
     ``param_groups[0]["lr_decay"] = 0.5``) and by ``load_state_dict`` (a saved group), each before anything
-    changes."""
+    changes. With ``keywords``, ``group`` holds the constructor's keywords of these names (the message says so)."""
+    subject = f"{owner}(...) was given" if keywords else f"a param group of {owner} has"
     for name, value_here in _ADAGRAD_ONLY_OPTIONS.items():
         if name not in group:
             continue
@@ -276,7 +277,7 @@ def check_adagrad_options(owner: str, group: dict[str, Any], where: str = "") ->
             else "the statistics start at 0; damping (an optimizer-wide setting) keeps the first steps bounded"
         )
         raise ValueError(
-            f"a param group of {owner} has {name}={value!r}: that is a torch.optim.Adagrad option {owner} does not "
+            f"{subject} {name}={value!r}: that is a torch.optim.Adagrad option {owner} does not "
             f"have, and it would be silently ignored. Remove it (or set it to {value_here!r}); {fix}.{where}"
         )
 

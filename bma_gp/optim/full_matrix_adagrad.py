@@ -11,6 +11,7 @@ from torch import Tensor
 from bma_gp.optim.flat_optimizer import (
     FlatPreconditionedOptimizer,
     OptimizerSetting,
+    check_adagrad_options,
     check_bool,
     check_hyperparameter,
     check_torch_optim_flags,
@@ -86,6 +87,9 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
             gradient so large (finite, say 1e30 in float32) that :math:`H_t` would overflow to inf; ``False``
             skips these checks and their host synchronisations (such a step then fails in the
             eigendecomposition, its step count unchanged but :math:`H_t` not finite). Default: ``True``.
+        lr_decay, initial_accumulator_value: torch.optim.Adagrad's options, accepted at 0 (what this optimizer does)
+            so that a ported Adagrad configuration passed as keywords works; any other value raises the
+            ``ValueError`` a param group with it gets. Not stored.
         foreach, capturable, differentiable, fused: torch.optim's implementation switches, accepted so that
             configurations that pass them to every optimizer work: ``foreach=None`` or ``False``,
             ``capturable=False``, ``differentiable=False`` and ``fused=None`` or ``False`` (the defaults) run the
@@ -126,6 +130,8 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
         maximize: bool = False,
         max_dim: int = 20000,
         check_finite: bool = True,
+        lr_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
         foreach: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
@@ -133,6 +139,12 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
     ):
         flags = dict(foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused)
         check_torch_optim_flags(type(self).__name__, flags, fused_hint=None)
+        check_adagrad_options(
+            type(self).__name__,
+            dict(lr_decay=lr_decay, initial_accumulator_value=initial_accumulator_value),
+            " Nothing was made.",
+            keywords=True,
+        )
         lr = check_hyperparameter("learning rate", lr)
         eps = check_hyperparameter("eps", eps, positive=True)
         weight_decay = check_hyperparameter("weight_decay", weight_decay)
