@@ -168,13 +168,14 @@ def set_flat(params: list[Tensor], values: Tensor) -> None:
 def fused_at_any_size():
     """Let ``fused=True`` take the compiled passes on the tiny test models too.
 
-    Below ``FUSED_MIN_NUMEL`` entries (``FUSED_MIN_NUMEL_ONE_BLOCK`` with numba and one block per tensor)
+    Below ``FUSED_MIN_NUMEL`` entries (``FUSED_MIN_NUMEL_ONE_BLOCK`` and ``FUSED_MIN_MEAN_NUMEL_ONE_BLOCK`` per tensor
+    with numba and one block per tensor)
     the optimizer takes the eager path (the compiled one is no faster there); the tests want the
     compiled code itself, on models small enough for a dense reference.
     """
     from bma_gp.optim import block_mean_adagrad
 
-    names = ("FUSED_MIN_NUMEL", "FUSED_MIN_NUMEL_ONE_BLOCK")
+    names = ("FUSED_MIN_NUMEL", "FUSED_MIN_NUMEL_ONE_BLOCK", "FUSED_MIN_MEAN_NUMEL_ONE_BLOCK")
     old = {name: getattr(block_mean_adagrad, name) for name in names}
     for name in names:
         setattr(block_mean_adagrad, name, 0)

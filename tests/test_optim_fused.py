@@ -374,6 +374,7 @@ def test_numba_kernels_and_small_models(monkeypatch, partition):
 
     monkeypatch.setattr(block_mean_adagrad, "FUSED_MIN_NUMEL", 10**9)
     monkeypatch.setattr(block_mean_adagrad, "FUSED_MIN_NUMEL_ONE_BLOCK", 61)  # the small model has 60 entries
+    monkeypatch.setattr(block_mean_adagrad, "FUSED_MIN_MEAN_NUMEL_ONE_BLOCK", 0)  # (tested below)
     monkeypatch.setattr(_fused, "CPU_BACKEND", "numba")
     calls, eager = [], []
     kernel, eager_step = _jit.block_sums, functional._tensor_blocks_cpu_step
@@ -388,3 +389,31 @@ def test_numba_kernels_and_small_models(monkeypatch, partition):
     monkeypatch.setattr(block_mean_adagrad, "FUSED_MIN_NUMEL_ONE_BLOCK", 60)  # now at the threshold: numba's kernels
     _train(fused_model, opt, 1, start=3)
     assert len(calls) == (1 if partition == "tensor" else 4)
+
+
+@pytest.mark.skipif(not _jit.AVAILABLE, reason="numba is not installed (pip install bma-gp[jit])")
+def test_many_small_tensors_take_the_eager_step_and_few_large_ones_numbas_kernels(monkeypatch):
+    """``fused=True`` with numba and one block per tensor took numba's kernels from 2^16 entries whatever the number
+    of tensors: with hundreds of small tensors each tensor's fixed cost (two kernel dispatches) made the step slower
+    than the eager one (a user trial: 400 tensors of 528 entries, 1.22x). Now it also needs
+    ``FUSED_MIN_MEAN_NUMEL_ONE_BLOCK`` entries per stepped tensor on average."""
+    from bma_gp.optim import block_mean_adagrad, functional
+
+    monkeypatch.setattr(_fused, "CPU_BACKEND", "numba")
+    calls, eager = [], []
+    kernel, eager_step = _jit.block_sums, functional._tensor_blocks_cpu_step
+    monkeypatch.setattr(_jit, "block_sums", lambda *args: calls.append(1) or kernel(*args))
+    monkeypatch.setattr(functional, "_tensor_blocks_cpu_step", lambda *a, **k: eager.append(1) or eager_step(*a, **k))
+    mean, total = 2**12, 2**16  # the defaults (this module's fixture sets them to 0)
+    monkeypatch.setattr(block_mean_adagrad, "FUSED_MIN_MEAN_NUMEL_ONE_BLOCK", mean)
+    monkeypatch.setattr(block_mean_adagrad, "FUSED_MIN_NUMEL_ONE_BLOCK", total)
+    monkeypatch.setattr(block_mean_adagrad, "FUSED_MIN_NUMEL", 10**9)
+    small = [torch.nn.Parameter(torch.randn(mean // 2)) for _ in range(2 * total // mean + 2)]  # past 2^16 in all
+    large = [torch.nn.Parameter(torch.randn(total // 2)) for _ in range(2)]
+    for params, expected in ((small, (0, 1)), (large, (1, 0)), (large + small[:8], (1, 0))):
+        calls.clear(), eager.clear()
+        for p in params:
+            p.grad = torch.randn_like(p)
+        BlockMeanAdagrad(params, lr=0.01, fused=True).step()
+        assert (len(calls), len(eager)) == expected
+    assert sum(p.numel() for p in small) >= total

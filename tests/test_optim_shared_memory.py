@@ -124,6 +124,7 @@ def run_case(case: str) -> dict[str, str]:
         _cpu_kernels.RATIO_CHUNK_NUMEL = 4096
     if path == "fused_passes":  # the fused path itself at this size, its passes uncompiled (no compiler needed)
         block_mean_adagrad.FUSED_MIN_NUMEL = block_mean_adagrad.FUSED_MIN_NUMEL_ONE_BLOCK = 0
+        block_mean_adagrad.FUSED_MIN_MEAN_NUMEL_ONE_BLOCK = 0
         passes = {"block_sums": _fused.block_sums, "apply_update": _fused.apply_update}
         _fused.compiled = passes.__getitem__
     report = {}

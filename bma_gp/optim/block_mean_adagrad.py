@@ -44,6 +44,13 @@ FUSED_MIN_NUMEL = 2**18
 #: numba's kernels run at every size (0.65x the eager step at 144 entries).
 FUSED_MIN_NUMEL_ONE_BLOCK = 2**16
 
+#: and with fewer than this many entries per stepped tensor on average: each tensor costs numba's passes a few
+#: microseconds more than the eager step's (two kernel dispatches and array conversions per tensor), which the
+#: entries' faster passes repay only above about 4096 entries per tensor (200 tensors, 1 and 2 threads, 6 December
+#: 2026: fused / eager 1.13-1.21 at 512 to 2048 entries, 0.97-1.02 at 4096, 0.88-0.90 at 8192, 0.70-0.72 at 16384;
+#: a user trial's 400 tensors of 528 entries: 1.22)
+FUSED_MIN_MEAN_NUMEL_ONE_BLOCK = 2**12
+
 
 #: the global state's cached root (``None`` until a step computes it)
 _ROOT_KEYS = ("root_lam", "root_B", "root_step")
@@ -203,7 +210,8 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             numba kernels, compiled once per machine and dtype (seconds) and loaded from numba's
             disk cache by later processes (about a second); they run at every model size, except that
             with one block per tensor steps with fewer than :data:`FUSED_MIN_NUMEL_ONE_BLOCK` gradient
-            entries take the eager path, which is as fast there. Otherwise
+            entries, or fewer than :data:`FUSED_MIN_MEAN_NUMEL_ONE_BLOCK` per tensor on average (many small
+            tensors), take the eager path, which is as fast or faster there. Otherwise
             (CUDA, or no numba) they are ``torch.compile``'d: each new parameter structure compiles
             once per process (seconds), steps with fewer than :data:`FUSED_MIN_NUMEL` gradient
             entries take the eager path, where it is faster, and where ``torch.compile`` fails (the
@@ -622,14 +630,19 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
     def _uses_fused(self, blocks: ParamBlocks, grads: list[Tensor | None], layout: FlatParams) -> bool:
         """Whether this step takes the compiled path: ``fused=True``, some gradient with entries, and enough entries
         that the compiled passes are faster than the eager ones (:data:`FUSED_MIN_NUMEL` for ``torch.compile``'d
-        passes; for numba's kernels on CPU, :data:`FUSED_MIN_NUMEL_ONE_BLOCK` with one block per tensor, any size
+        passes; for numba's kernels on CPU, :data:`FUSED_MIN_NUMEL_ONE_BLOCK` entries and
+        :data:`FUSED_MIN_MEAN_NUMEL_ONE_BLOCK` per tensor on average with one block per tensor, any size
         otherwise)."""
         if not self.fused:
             return False
-        numel = sum(g.numel() for g, seg in zip(grads, blocks.segments) if g is not None and seg is not None)
+        sizes = [g.numel() for g, seg in zip(grads, blocks.segments) if g is not None and seg is not None]
+        numel = sum(sizes)
         if _fused.uses_numba(layout.device, layout.dtype):
             one_block = all(seg is None or seg.num_blocks == 1 for seg in blocks.segments)
-            return numel > 0 and (numel >= FUSED_MIN_NUMEL_ONE_BLOCK or not one_block)
+            if not one_block:
+                return numel > 0
+            tensors = sum(1 for size in sizes if size)
+            return numel >= FUSED_MIN_NUMEL_ONE_BLOCK and numel >= FUSED_MIN_MEAN_NUMEL_ONE_BLOCK * tensors
         if _fused.forked_without_numba(layout.device, layout.dtype):
             # a child forked where numba cannot run (its GNU OpenMP layer): the eager step, the fastest path without
             # a compiler (the fused passes uncompiled took 10.2 against 1.57 ms at 1M entries, 424 against 100 ms
