@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bma_gp._autograd import carries_tangent, functorch_wrapped
+from bma_gp._autograd import carries_tangent, functorch_wrapped, has_forward_tangent
 
 __all__ = ["Partition"]
 
@@ -670,7 +670,11 @@ class Partition:
             res = self.expand_addcmul(shift.flatten(dim), scale.flatten(dim), x.flatten(dim), dim=-1)
             return res.view(*res.shape, *trail)
         dtype = torch.promote_types(torch.promote_types(shift.dtype, scale.dtype), x.dtype)
-        grad = torch.is_grad_enabled() and (shift.requires_grad or scale.requires_grad or x.requires_grad)
+        # the out= and in-place paths below only for plain tensors: not under autograd, and not for a torch.func
+        # wrapper (vmap has no batching rule for addcmul's out= form) or a dual tensor (no forward derivative either)
+        grad = (torch.is_grad_enabled() and (shift.requires_grad or scale.requires_grad or x.requires_grad)) or any(
+            functorch_wrapped(t) or has_forward_tangent(t) for t in (shift, scale, x)
+        )
         if self._runs is not None:
             out = None if grad else torch.empty(shape, dtype=dtype, device=x.device)
             pieces = []
@@ -690,10 +694,8 @@ class Partition:
         if grad or x.device.type != "cpu" or n <= 2 * _GATHER_CHUNK:
             res = shift.index_select(dim, labels)
             factor = scale.index_select(dim, labels)
-            if not grad and list(res.shape) == shape and res.dtype == dtype and not functorch_wrapped(x):
-                # the gathered shift is the result's buffer (not under vmap, whose in-place addcmul_ takes torch's
-                # slow per-sample fallback with a performance warning)
-                return res.addcmul_(factor, x)
+            if not grad and list(res.shape) == shape and res.dtype == dtype:
+                return res.addcmul_(factor, x)  # the gathered shift is the result's buffer
             return torch.addcmul(res, factor, x)
         # CPU, no autograd: gather chunk by chunk into small reused buffers, write each chunk's result once
         out = torch.empty(shape, dtype=dtype, device=x.device)

@@ -416,3 +416,32 @@ def test_reverse_and_forward_transforms_through_solve_and_matmul_match_dense(tra
     expected = t(f_dense, argnums=(0, 1))(LAM, B)
     for a, e in zip(got, expected):
         torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [torch.arange(60) // 15, torch.arange(40000) % 4],
+    ids=["contiguous", "scattered_past_the_gather_chunks"],
+)
+@pytest.mark.parametrize("name", ["matmul", "solve"])
+def test_vmap_and_jvp_over_right_hand_sides_on_every_partition_layout(labels, name):
+    """``vmap(M.solve)(R)``, ``vmap(lambda r: M @ r)(R)`` and ``jvp`` in ``r`` worked on a small scattered partition but
+    failed on a contiguous one (any ``n``) and on a scattered one past 32,768 points on CPU, with torch's "Batching
+    rule not implemented for aten::addcmul.out" and "Trying to use forward AD with addcmul_out": the product's
+    ``out=`` paths took wrapped and dual tensors. Each now gives the product or solve of every right-hand side."""
+    part = Partition.from_labels(labels)
+    g = torch.Generator().manual_seed(0)
+    M = BlockMeanLinearOperator(torch.rand(4, generator=g, dtype=DT) + 1.0, torch.eye(4, dtype=DT) * 0.5, part)
+    R = torch.randn(3, len(part), generator=g, dtype=DT)
+
+    def f(r):
+        return M.solve(r) if name == "solve" else M @ r
+
+    expected = torch.stack([f(r) for r in R])
+    torch.testing.assert_close(tf.vmap(f)(R), expected)
+    value, tangent = tf.jvp(f, (R[0],), (R[1],))
+    torch.testing.assert_close(value, expected[0])
+    torch.testing.assert_close(tangent, expected[1])  # linear in r: the derivative along R[1] is f(R[1])
+    with fwAD.dual_level():
+        dual = f(fwAD.make_dual(R[0], R[2]))
+        torch.testing.assert_close(fwAD.unpack_dual(dual).tangent, expected[2])
