@@ -1123,6 +1123,13 @@ class BlockMeanSumLinearOperator(
     def __radd__(self, other):
         return self.__add__(other)
 
+    def __rsub__(self, other):
+        # c - S = -(S - c): the sum with the constant term, times -1 (linear_operator's ``self.mul(-1) + other`` adds a
+        # number to a negative multiple, which its SumLinearOperator refuses)
+        if _is_number(other) or (torch.is_tensor(other) and self._constant_term(other) is not None):
+            return (self - other).mul(-1)
+        return super().__rsub__(other)
+
     def __sub__(self, other):
         # linear_operator's __sub__ is ``self + other.mul(-1)``, which a Python number has not (AttributeError)
         return self + (-other) if _is_number(other) else super().__sub__(other)
