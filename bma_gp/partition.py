@@ -431,10 +431,11 @@ class Partition:
         return self._hash
 
     def _fingerprint(self) -> tuple[int, int] | None:
-        """A 128-bit hash of the content as two signed 64-bit ints, consistent with ``==`` (equal partitions give
-        equal fingerprints, different ones differ up to a hash collision), or ``None`` on the meta device without
-        a known origin. It reads the sizes of a contiguous partition and the labels of a scattered one (one host
-        copy of ``n`` int64 values, about 0.1 s per 10^7), once: it is cached, a partition being immutable."""
+        """A 128-bit hash of which points share a block, as two signed 64-bit ints, whatever ids the blocks carry: equal
+        for equal partitions and for the same blocks under other ids (k-means run again), different otherwise (up to a
+        hash collision); ``None`` on the meta device without a known origin. It hashes the labels renumbered in order
+        of first appearance (the sizes of a contiguous partition, whose labels are in that order already): one host
+        copy of ``n`` int64 values, about 0.1 s per 10^7, once (cached: a partition is immutable)."""
         if self._digest is None:
             source = self._with_values()
             if source is None:
@@ -442,9 +443,21 @@ class Partition:
             if source is not self:
                 self._digest = source._fingerprint()
                 return self._digest
-            values = self.sizes if self.is_contiguous else self.labels
+            runs, values = True, self.sizes
+            if not self.is_contiguous:
+                labels = self.labels
+                n, k = labels.numel(), self.num_blocks
+                first = torch.full((k,), n, dtype=torch.long, device=labels.device)
+                first.scatter_reduce_(0, labels, torch.arange(n, device=labels.device), reduce="amin")
+                order = torch.argsort(first)
+                rank = torch.empty_like(first)
+                rank[order] = torch.arange(k, device=labels.device)
+                values = rank[labels]
+                runs = bool((values[1:] >= values[:-1]).all())  # blocks that are runs in another order of ids
+                if runs:
+                    values = self.sizes[order]
             digest = hashlib.blake2b(digest_size=16)
-            digest.update(b"c" if self.is_contiguous else b"s")
+            digest.update(b"c" if runs else b"s")
             digest.update(self._n.to_bytes(8, "little"))
             digest.update(values.to("cpu", torch.int64).contiguous().numpy().astype("<i8").tobytes())
             raw = digest.digest()

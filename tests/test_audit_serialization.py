@@ -192,22 +192,53 @@ def test_a_state_dict_loads_silently_under_the_same_partition_other_data_or_an_o
     assert fresh.covar_module.kernels[0].base_kernel.base_kernel.lengthscale.item() == pytest.approx(0.37)
 
 
-def test_a_foreign_extra_state_entry_is_refused_before_the_kernel_changes():
+def test_a_foreign_extra_state_entry_warns_and_loads_the_rest():
+    """An ``_extra_state`` entry BlockMeanKernel did not write is ignored with a warning (a refusal would leave the
+    modules torch loaded before this kernel changed)."""
     x, y, _ = data()
     state = _fitted_state(x, y)
     state["covar_module.kernels.0._extra_state"] = {"partition": "labels"}
     model = block_mean_model(x, y)
-    kernel = model.covar_module.kernels[0]
-    before = kernel.base_kernel.base_kernel.lengthscale.item()
-    with pytest.raises(ValueError, match=r"_extra_state.*int64 tensor of 4 values"):
-        kernel.load_state_dict(
-            {
-                key.removeprefix("covar_module.kernels.0."): value
-                for key, value in state.items()
-                if key.startswith("covar_module.kernels.0.")
-            }
-        )
-    assert kernel.base_kernel.base_kernel.lengthscale.item() == before
+    with pytest.warns(UserWarning, match=r"_extra_state.*is ignored"):
+        model.load_state_dict(state)
+    assert model.covar_module.kernels[0].base_kernel.base_kernel.lengthscale.item() == pytest.approx(0.37)
+
+
+@pytest.mark.parametrize("cast", ["double", "average"])
+def test_state_dict_utilities_that_cast_every_entry_still_load(cast, recwarn):
+    """``{k: v.double() for k, v in sd.items()}`` and an average of state dicts (a model soup) cast the int64
+    ``_extra_state`` to a float: they loaded before it existed, and they load now, silently (a float cannot hold the
+    fingerprint exactly, so nothing is compared)."""
+    x, y, _ = data()
+    state = _fitted_state(x, y)
+    if cast == "double":
+        state = {key: value.double() for key, value in state.items()}
+    else:
+        other = block_mean_model(x, y).state_dict()
+        state = {key: (value.double() + other[key].double()) / 2 for key, value in state.items()}
+    model = block_mean_model(x, y)
+    model.covar_module.kernels[0].set_partition(Partition.from_labels(torch.arange(N) % 2))
+    model.load_state_dict(state)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_the_same_blocks_under_other_ids_load_silently(recwarn):
+    """k-means run again numbers its clusters differently: the same blocks under other ids are the same block mean
+    model (BlockMeanKernel has no per-block parameters), and loading does not warn; other blocks do."""
+    x, y, _ = data()
+    labels = torch.arange(N) % 6
+    saved_model = block_mean_model(x, y)
+    saved_model.covar_module.kernels[0].set_partition(Partition.from_labels(labels))
+    saved = save_load(saved_model.state_dict())
+    model = block_mean_model(x, y)
+    model.covar_module.kernels[0].set_partition(Partition.from_labels(torch.tensor([3, 5, 0, 1, 4, 2])[labels]))
+    model.load_state_dict(saved)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+    moved = labels.clone()
+    moved[:2] = moved[:2].flip(0)  # two points swap blocks
+    model.covar_module.kernels[0].set_partition(Partition.from_labels(moved))
+    with pytest.warns(UserWarning, match="another partition of the same"):
+        model.load_state_dict(saved)
 
 
 def test_a_pickled_inducing_point_model_leaves_its_kept_training_root_behind():

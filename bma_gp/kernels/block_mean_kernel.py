@@ -401,26 +401,40 @@ class BlockMeanKernel(Kernel):
     # ------------------------------------------------------------------ saved state
     # The partition is not a parameter and is not loaded, but it is part of the model as inducing points are: the state
     # dict records which partition of how many training points the hyperparameters were fitted with (n, k and a
-    # 128-bit fingerprint of the labels, one int64 tensor), and loading it into a kernel bound to as many points under
-    # another partition warns (a partition rebuilt with another seed or rule: the loaded model predicts otherwise).
-    # Other training data (another n) is a transfer of hyperparameters, as in GPyTorch, and loads silently.
+    # 128-bit fingerprint of which points share a block, one int64 tensor), and loading it into a kernel bound to as
+    # many points under other blocks warns (a partition rebuilt with another seed or rule: the loaded model predicts
+    # otherwise); the same blocks under other ids (k-means run again) are the same model. Other training data
+    # (another n) is a transfer of hyperparameters, as in GPyTorch, and loads silently. Nothing here raises: torch
+    # loads module by module, so a refusal would leave the modules loaded before this one changed.
     def get_extra_state(self) -> Tensor:
         fingerprint = self._partition._fingerprint() or (0, 0)
         return torch.tensor([self._partition.n, self._partition.num_blocks, *fingerprint], dtype=torch.long)
 
     def set_extra_state(self, state) -> None:
-        _check_extra_state(state)
+        if not (torch.is_tensor(state) and state.shape == (4,) and not state.is_complex()):
+            warnings.warn(
+                "the saved state's BlockMeanKernel entry (key '..._extra_state') is not the tensor of 4 values (n, k "
+                f"and the partition's fingerprint) that BlockMeanKernel.state_dict() writes, got {_short_repr(state)}: "
+                "it is ignored, and whether the saved model had this kernel's partition is not checked.",
+                UserWarning,
+                stacklevel=caller_stacklevel(),
+            )
+            return
+        if state.dtype != torch.long:
+            # cast by a state dict utility ({k: v.double() ...}, an average of state dicts): the fingerprint's 64-bit
+            # values are not exact in a float, so there is nothing to compare
+            return
         n, k, *saved = state.tolist()
         current = self._partition._fingerprint()
         if n != self._partition.n or current is None or not any(saved) or tuple(saved) == current:
             return
         warnings.warn(
             f"the loaded state was fitted with another partition of the same {n} training points ({k} blocks; this "
-            f"kernel's has {self._partition.num_blocks}, with other labels): the hyperparameters are loaded, but this "
-            "model's block mean covariance differs from the saved model's, and so do its predictions. To restore the "
-            "saved model, build the kernel (or kernel.set_partition) with the partition it was trained with (save "
-            "partition.labels beside the state dict, rebuild with Partition.from_labels); to use the hyperparameters "
-            "with this partition on purpose, ignore this warning.",
+            f"kernel's has {self._partition.num_blocks}, and other points share them): the hyperparameters are "
+            "loaded, but this model's block mean covariance differs from the saved model's, and so do its "
+            "predictions. To restore the saved model, build the kernel (or kernel.set_partition) with the partition it "
+            "was trained with (save partition.labels beside the state dict, rebuild with Partition.from_labels); to "
+            "use the hyperparameters with this partition on purpose, ignore this warning.",
             UserWarning,
             stacklevel=caller_stacklevel(),
         )
@@ -428,8 +442,6 @@ class BlockMeanKernel(Kernel):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs):
         key = prefix + "_extra_state"
         saved = key in state_dict
-        if saved:
-            _check_extra_state(state_dict[key])  # before anything of this kernel is loaded
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)
         if not saved and key in missing_keys:  # a state saved before the partition was recorded: nothing to compare
             missing_keys.remove(key)
@@ -687,15 +699,9 @@ class BlockMeanKernel(Kernel):
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
 
 
-def _check_extra_state(state) -> None:
-    """Refuse a saved ``_extra_state`` entry that :meth:`BlockMeanKernel.get_extra_state` did not write."""
-    if not (torch.is_tensor(state) and state.dtype == torch.long and state.shape == (4,)):
-        raise ValueError(
-            "the saved state's BlockMeanKernel entry (key '..._extra_state') is not the int64 tensor of 4 values "
-            f"(n, k and the partition's fingerprint) that BlockMeanKernel.state_dict() writes, got {state!r}: "
-            "load a state dict saved from a BlockMeanKernel, or drop that key to load only the hyperparameters."
-        )
-
+def _short_repr(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 def _setting_attributes(module: torch.nn.Module):
     """``(name, value)`` of the attributes a module keeps besides its parameters, buffers and submodules (which live
