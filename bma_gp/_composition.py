@@ -206,7 +206,28 @@ def _collect(op, parts: _Parts) -> bool:
         return True
     if _is_lazy_block_mean(op) or _is_lazy_root(op):
         return _collect(op.evaluate_kernel(), parts)
+    constant = _expanded_constant(op)
+    if constant is not None:
+        return _collect(constant, parts)
     return False
+
+
+def _expanded_constant(op) -> BlockMeanLinearOperator | None:
+    """A square ``DenseLinearOperator`` of one value per batch entry held as an expanded tensor (strides 0 over the
+    matrix, what GPyTorch's ``ConstantKernel`` returns) as the block mean operator over one block of all points
+    (``lam = 0``, ``B = c``): a term of rank one that sums take in closed form, where the dense summand made the sum a
+    fallback (dense Cholesky, CG and Lanczos). None for anything else."""
+    if type(op) is not DenseLinearOperator:
+        return None
+    t = op.tensor
+    if t.dim() < 2 or t.shape[-1] != t.shape[-2] or t.shape[-1] < 2 or t.stride(-1) != 0 or t.stride(-2) != 0:
+        return None
+    if not t.is_floating_point():
+        return None
+    n = t.shape[-1]
+    values = t[..., :1, 0]  # (*batch, 1)
+    one_block = Partition._trusted(torch.tensor([n], device=t.device), contiguous=True, max_size=n)
+    return BlockMeanLinearOperator(torch.zeros_like(values), values, one_block, diagonal=True)
 
 
 def _offsets_and_block(op: BlockMeanLinearOperator) -> tuple[Tensor, Tensor | _Diagonal]:
