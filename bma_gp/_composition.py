@@ -37,6 +37,7 @@ from linear_operator.operators import (
     LinearOperator,
     LowRankRootAddedDiagLinearOperator,
     LowRankRootLinearOperator,
+    MaskedLinearOperator,
     MatmulLinearOperator,
     RootLinearOperator,
     SumKroneckerLinearOperator,
@@ -976,7 +977,8 @@ def masked_principal(base, row_mask, col_mask) -> LinearOperator | None:
     log-determinants took a dense Cholesky up to ``max_cholesky_size`` and CG and Lanczos beyond, without a word."""
     if _is_lazy_block_mean(base):
         base = base.evaluate_kernel()
-    if not isinstance(base, (BlockMeanLinearOperator, BlockMeanSumLinearOperator)):
+    tasks = _tasks_of_ours(base)
+    if not (tasks or isinstance(base, (BlockMeanLinearOperator, BlockMeanSumLinearOperator))):
         return None
     if not getattr(base, "symmetric", True):  # a non-symmetric block mean operator: its masked solve is a dense LU
         return None
@@ -985,7 +987,86 @@ def masked_principal(base, row_mask, col_mask) -> LinearOperator | None:
         return None
     if not (row_mask is col_mask or torch.equal(row_mask, col_mask)) or not bool(row_mask.any()):
         return None
+    if tasks:
+        # a batch-independent multi-output model's covariance with missing targets: the tasks as one block mean
+        # operator over their blocks side by side, whose principal submatrix is closed form; other task layouts (sums
+        # per task) keep linear_operator's masked operator, which now says so when it is factorised
+        one = _tasks_as_one(base)
+        if one is None:
+            return FallbackMaskedLinearOperator(base, row_mask, col_mask)
+        return one._principal(row_mask)
     return base._principal(row_mask)
+
+
+def _tasks_as_one(layout) -> BlockMeanLinearOperator | None:
+    r"""A block-diagonal or block-interleaved layout over a batch of ``t`` block mean operators or sums as one operator
+    of the same kind over the ``t n`` rows: for every partition (``k`` blocks), task ``j``'s block ``b`` is block
+    ``j k + b`` and ``B`` is block diagonal over the tasks (``t k x t k``, or ``t k`` values for a diagonal ``B``);
+    ``lam``, ``d`` and the weights are the tasks' side by side, and a root is block diagonal over the tasks (``t n x t
+    m``). The same matrix, whose principal submatrices (missing targets) are closed form. None for anything else (a
+    batch beyond the tasks, a non-symmetric operator)."""
+    base = _rescaled(layout.base_linear_op)
+    if base.dim() != 3 or not getattr(base, "symmetric", True):
+        return None
+    interleaved = isinstance(layout, BlockInterleavedLinearOperator)
+    t, n = base.shape[-3], base.shape[-1]
+
+    def rows(x: Tensor) -> Tensor:  # (t, n, *rest) -> (t n, *rest), the layout's row order
+        return (x.transpose(0, 1) if interleaved else x).reshape(t * n, *x.shape[2:])
+
+    def side_by_side(partition: Partition) -> Partition:  # task j's block b is block j k + b
+        k = partition.num_blocks
+        labels = partition.labels.to(base.device)
+        return Partition(rows((torch.arange(t, device=base.device) * k).unsqueeze(-1) + labels), num_blocks=t * k)
+
+    def blocks(B: Tensor, k: int, diagonal: bool) -> Tensor:
+        if diagonal:
+            return B.expand(t, k).reshape(-1)
+        return torch.block_diag(*B.expand(t, k, k).unbind(0))
+
+    if type(base) is BlockMeanLinearOperator:
+        k = base.partition.num_blocks
+        lam = base.lam.expand(t, k).reshape(-1)
+        diagonal = base._b_diag is not None
+        B = blocks(base._b_diag if diagonal else base.B, k, diagonal)
+        return BlockMeanLinearOperator(lam, B, side_by_side(base.partition), diagonal=diagonal)
+    if type(base) is BlockMeanSumLinearOperator:
+        full = base._expand_batch(base.batch_shape)
+        parts = [side_by_side(p) for p in full.partitions]
+        merged = [
+            blocks(B, p.num_blocks, flag) for B, p, flag in zip(full._block_args, full.partitions, full.diagonal_blocks)
+        ]
+        weights = [None if w is None else rows(w.expand(t, n)) for w in full.weights]
+        root = full.root
+        if root is not None:  # block diagonal over the tasks: task j's rows take columns j m .. (j + 1) m
+            m = root.shape[-1]
+            wide = root.new_zeros(t, n, t, m)
+            wide[torch.arange(t), :, torch.arange(t)] = root
+            root = rows(wide.flatten(-2))
+        return BlockMeanSumLinearOperator(
+            rows(full.diag_values),
+            *merged,
+            partitions=parts,
+            root=root,
+            weights=weights,
+            diagonal=list(full.diagonal_blocks),
+        )
+    return None
+
+
+class FallbackMaskedLinearOperator(_WarnsWhenFactorised, MaskedLinearOperator):
+    """linear_operator's masked operator (the rows and columns of observed targets, ``observation_nan_policy("mask")``)
+    over a layout of the tasks with no closed form for its principal submatrix (a batch of sums per task): its solves,
+    log-determinants and roots take the generic path and say so with a :class:`ClosedFormFallbackWarning`."""
+
+    def _warn(self, what: str) -> None:
+        warnings.warn(
+            f"{what} of the observed rows and columns (missing targets, observation_nan_policy('mask')) of a "
+            f"{type(self.base).__name__}: the tasks' operators are sums, whose masked layout has no closed form here; "
+            "linear_operator's generic path (dense Cholesky up to max_cholesky_size, CG and Lanczos beyond) is used.",
+            ClosedFormFallbackWarning,
+            stacklevel=3,
+        )
 
 
 def _hooked_masked_new(original):
@@ -994,7 +1075,7 @@ def _hooked_masked_new(original):
 
     @functools.wraps(original)
     def __new__(cls, *args, **kwargs):
-        if len(args) == 3 and not kwargs:
+        if len(args) == 3 and not kwargs and not issubclass(cls, FallbackMaskedLinearOperator):
             res = masked_principal(*args)
             if res is not None:
                 return res
