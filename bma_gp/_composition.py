@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import torch
+from linear_operator import to_dense
 from linear_operator.operators import (
     AddedDiagLinearOperator,
     BlockDiagLinearOperator,
@@ -44,7 +45,6 @@ from linear_operator.operators import (
     SumLinearOperator,
     ZeroLinearOperator,
 )
-from linear_operator import to_dense
 from linear_operator.operators.diag_linear_operator import ConstantDiagLinearOperator
 from linear_operator.utils.broadcasting import _matmul_broadcast_shape
 from linear_operator.utils.getitem import _is_noop_index
@@ -1027,8 +1027,9 @@ def _tasks_as_one(layout) -> BlockMeanLinearOperator | None:
     if type(base) is BlockMeanLinearOperator:
         k = base.partition.num_blocks
         lam = base.lam.expand(t, k).reshape(-1)
-        diagonal = base._b_diag is not None
-        B = blocks(base._b_diag if diagonal else base.B, k, diagonal)
+        b_diag = base._b_diag
+        diagonal = b_diag is not None
+        B = blocks(b_diag if b_diag is not None else base.B, k, diagonal)
         return BlockMeanLinearOperator(lam, B, side_by_side(base.partition), diagonal=diagonal)
     if type(base) is BlockMeanSumLinearOperator:
         full = base._expand_batch(base.batch_shape)

@@ -60,8 +60,10 @@ def test_constant_kernel_plus_group_kernel_trains_in_closed_form_and_matches_den
     constant = model.covar_module.kernels[0]
     raw = constant.raw_constant.detach().clone().requires_grad_(True)
     value = constant.raw_constant_constraint.transform(raw) if hasattr(constant, "raw_constant_constraint") else raw
-    K_ref = (_dense(model, x, x) - constant.constant.detach()) + value + model.likelihood.noise.detach() * torch.eye(
-        N, dtype=DT
+    K_ref = (
+        (_dense(model, x, x) - constant.constant.detach())
+        + value
+        + model.likelihood.noise.detach() * torch.eye(N, dtype=DT)
     )
     (torch.distributions.MultivariateNormal(torch.zeros(N, dtype=DT), K_ref).log_prob(y) / N).sum().backward()
     torch.testing.assert_close(constant.raw_constant.grad, raw.grad)

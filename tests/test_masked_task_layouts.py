@@ -41,8 +41,11 @@ class _BatchIndependent(gpytorch.models.ExactGP):
 
     def forward(self, x):
         mvn = gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
-        return gpytorch.distributions.MultitaskMultivariateNormal.from_batch_mvn(mvn, task_dim=-1) if self.interleaved \
+        return (
+            gpytorch.distributions.MultitaskMultivariateNormal.from_batch_mvn(mvn, task_dim=-1)
+            if self.interleaved
             else gpytorch.distributions.MultitaskMultivariateNormal.from_batch_mvn(mvn, task_dim=0)
+        )
 
 
 def _model(interleaved):

@@ -703,6 +703,7 @@ def _short_repr(value) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
+
 def _setting_attributes(module: torch.nn.Module):
     """``(name, value)`` of the attributes a module keeps besides its parameters, buffers and submodules (which live
     in torch's own dictionaries) and ``torch.nn.Module``'s bookkeeping."""
