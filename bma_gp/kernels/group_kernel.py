@@ -630,7 +630,12 @@ class GroupKernel(Kernel):
         if self.correlated:
             corr = self.corr
             assert corr is not None  # correlated kernels have it
-            off = corr[..., 0] * (v0 * v1).sqrt()
+            # sqrt(v0 v1), with derivative 0 where a variance is exactly 0 (a softplus far below 0): sqrt's infinite
+            # derivative times the softplus's 0 was NaN in every gradient (the limit as the raw value falls is 0)
+            prod = v0 * v1
+            positive = prod > 0
+            root = torch.where(positive, prod, torch.ones_like(prod)).sqrt()
+            off = corr[..., 0] * torch.where(positive, root, torch.zeros_like(root))
         else:
             off = torch.zeros_like(v0)
         return torch.stack([torch.stack([v0, off], -1), torch.stack([off, v1], -1)], -2)
@@ -915,6 +920,10 @@ class GroupKernel(Kernel):
         s00, s01, s11 = S[..., 0, 0], S[..., 0, 1], S[..., 1, 1]
         with torch.no_grad():
             ratio = (s11 / s00).sqrt().reshape(-1)
+            # a variance at exactly 0 (a softplus far below 0, where training drives an unneeded slope) made c 0 or
+            # inf and the coefficient s01 / c 0 / 0: NaN in the kernel. Then s01 = 0 too, and any c != 0 is exact
+            # and keeps the three coefficients nonnegative (s00, s11 and 0): c = 1 there
+            ratio = torch.where(torch.isfinite(ratio) & (ratio > 0), ratio, torch.ones_like(ratio))
             positive = (s01 >= 0).reshape(-1)
             if ratio.numel() == 1:
                 c = torch.where(positive, ratio, -ratio).reshape(())
