@@ -9,6 +9,7 @@ is :math:`K + \operatorname{diag}(\sigma^2_{g_a})`: a per-point diagonal, which 
 from __future__ import annotations
 
 import operator
+import warnings
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from gpytorch.priors import Prior
 from linear_operator.operators import DiagLinearOperator
 from torch import Tensor
 
+from bma_gp._warnings import caller_stacklevel
 from bma_gp.kernels.group_kernel import as_int, as_real_values, check_group_ids, fit_parameter_shape
 from bma_gp.partition import _as_array
 
@@ -187,6 +189,20 @@ class GroupNoise(Noise):
                     f"(shape {tuple(inputs.shape)})."
                 )
             values = inputs[..., self.group_dim]
+            declared = self.__dict__.get("_group_dim_declared", True)  # (an older pickle: no warning)
+            if d > 1 and not declared and not self.__dict__.get("_warned_last_column", False):
+                # the kernel's ids come from its own active_dims, which do not reach the likelihood: ids first and a
+                # small integer covariate last (sleepstudy's Days) gave one noise per covariate value, silently
+                self.__dict__["_warned_last_column"] = True
+                warnings.warn(
+                    f"GroupGaussianLikelihood (GroupNoise) reads the group ids from the last column of {name} ({d} columns) "
+                    "because "
+                    "group_dim was not given; a GroupKernel's active_dims do not reach the likelihood. Pass "
+                    "group_dim=j (the column of the ids, e.g. the first entry of the GroupKernel's active_dims) to "
+                    "say which column holds them; this warning is then not given.",
+                    UserWarning,
+                    stacklevel=caller_stacklevel(),
+                )
         return check_group_ids(values, self.num_groups, f"{name}[..., {self.group_dim}]")
 
     def set_train_inputs(self, train_inputs) -> None:
