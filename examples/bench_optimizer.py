@@ -124,7 +124,8 @@ def main(argv=None) -> None:
         "--baseline",
         default=None,
         metavar="DIR",
-        help="also time BlockMeanAdagrad from DIR/optim (an older version), in the same run",
+        help="also time BlockMeanAdagrad from DIR/bma_gp/optim (another checkout, e.g. git worktree add DIR REV), "
+        "in the same run",
     )
     args = parser.parse_args(argv)
     if args.smoke:  # smaller defaults: an option given explicitly still wins

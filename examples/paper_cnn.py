@@ -218,9 +218,11 @@ def run_dataset(
         runs = [train_run(make_model, data, opt_name, best, epochs, seed=s) for s in range(seeds)]
         results[opt_name] = {"lr": best, "tuning": {str(k): v for k, v in tuning.items()}, "runs": runs}
         last = [r["mean_loss"][-1] for r in runs]
+        summed = [r["summed_loss"][-1] for r in runs]
         err = [r["test_error"][-1] for r in runs]
         log(
-            f"  {name} {model_name} {opt_name} lr={best}: final loss {statistics.mean(last):.4f}, "
+            f"  {name} {model_name} {opt_name} lr={best}: final loss {statistics.mean(summed):.4f} summed over the "
+            f"epoch's minibatches (the tables' figure; {statistics.mean(last):.4f} per minibatch), "
             f"test error {statistics.mean(err):.4f}, step {runs[0]['step_ms']:.2f} ms"
         )
     return results
