@@ -404,13 +404,13 @@ def test_many_small_tensors_take_the_eager_step_and_few_large_ones_numbas_kernel
     kernel, eager_step = _jit.block_sums, functional._tensor_blocks_cpu_step
     monkeypatch.setattr(_jit, "block_sums", lambda *args: calls.append(1) or kernel(*args))
     monkeypatch.setattr(functional, "_tensor_blocks_cpu_step", lambda *a, **k: eager.append(1) or eager_step(*a, **k))
-    mean, total = 2**12, 2**16  # the defaults (this module's fixture sets them to 0)
+    mean, total = 2**14, 2**16  # the defaults (this module's fixture sets them to 0)
     monkeypatch.setattr(block_mean_adagrad, "FUSED_MIN_MEAN_NUMEL_ONE_BLOCK", mean)
     monkeypatch.setattr(block_mean_adagrad, "FUSED_MIN_NUMEL_ONE_BLOCK", total)
     monkeypatch.setattr(block_mean_adagrad, "FUSED_MIN_NUMEL", 10**9)
     small = [torch.nn.Parameter(torch.randn(mean // 2)) for _ in range(2 * total // mean + 2)]  # past 2^16 in all
     large = [torch.nn.Parameter(torch.randn(total // 2)) for _ in range(2)]
-    for params, expected in ((small, (0, 1)), (large, (1, 0)), (large + small[:8], (1, 0))):
+    for params, expected in ((small, (0, 1)), (large, (1, 0)), (large + small[:2], (1, 0))):
         calls.clear(), eager.clear()
         for p in params:
             p.grad = torch.randn_like(p)

@@ -46,10 +46,10 @@ FUSED_MIN_NUMEL_ONE_BLOCK = 2**16
 
 #: and with fewer than this many entries per stepped tensor on average: each tensor costs numba's passes a few
 #: microseconds more than the eager step's (two kernel dispatches and array conversions per tensor), which the
-#: entries' faster passes repay only above about 4096 entries per tensor (200 tensors, 1 and 2 threads, 6 December
-#: 2026: fused / eager 1.13-1.21 at 512 to 2048 entries, 0.97-1.02 at 4096, 0.88-0.90 at 8192, 0.70-0.72 at 16384;
-#: a user trial's 400 tensors of 528 entries: 1.22)
-FUSED_MIN_MEAN_NUMEL_ONE_BLOCK = 2**12
+#: entries' faster passes repay only from about 16384 entries per tensor (6 December 2026, 1 / 2 threads, median of
+#: interleaved rounds, fused / eager: 200 tensors of 512 to 2048 entries 1.06-1.21, of 4096 0.97-1.14, of 8192
+#: 0.88-1.09, of 16384 0.70-0.87; a user trial's 400 tensors of 528 entries: 1.22)
+FUSED_MIN_MEAN_NUMEL_ONE_BLOCK = 2**14
 
 
 #: the global state's cached root (``None`` until a step computes it)
