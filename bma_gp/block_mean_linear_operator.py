@@ -1525,8 +1525,7 @@ class BlockMeanLinearOperator(
         if settings.validate.on() and bool((info > 0).any()):
             raise ValueError(
                 "the block mean matrix is singular: its k x k core matrix C = diag(lam) + S^1/2 B S^1/2 "
-                "cannot be inverted. Add a diagonal (add_diagonal / noise) before solving."
-                + _singular_hint(self.dtype)
+                "cannot be inverted. Add a diagonal (add_diagonal / noise) before solving." + _singular_hint(self.dtype)
             )
         return X
 

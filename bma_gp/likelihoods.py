@@ -195,9 +195,9 @@ class GroupNoise(Noise):
                 # small integer covariate last (sleepstudy's Days) gave one noise per covariate value, silently
                 self.__dict__["_warned_last_column"] = True
                 warnings.warn(
-                    f"GroupGaussianLikelihood (GroupNoise) reads the group ids from the last column of {name} ({d} columns) "
-                    "because "
-                    "group_dim was not given; a GroupKernel's active_dims do not reach the likelihood. Pass "
+                    f"GroupGaussianLikelihood (GroupNoise) reads the group ids from the last column of {name} "
+                    f"({d} columns) because group_dim was not given; a GroupKernel's active_dims do not reach the "
+                    "likelihood. Pass "
                     "group_dim=j (the column of the ids, e.g. the first entry of the GroupKernel's active_dims) to "
                     "say which column holds them; this warning is then not given.",
                     UserWarning,
