@@ -998,7 +998,7 @@ def masked_principal(base, row_mask, col_mask) -> LinearOperator | None:
     return base._principal(row_mask)
 
 
-def _tasks_as_one(layout) -> BlockMeanLinearOperator | None:
+def _tasks_as_one(layout) -> LinearOperator | None:
     r"""A block-diagonal or block-interleaved layout over a batch of ``t`` block mean operators or sums as one operator
     of the same kind over the ``t n`` rows: for every partition (``k`` blocks), task ``j``'s block ``b`` is block
     ``j k + b`` and ``B`` is block diagonal over the tasks (``t k x t k``, or ``t k`` values for a diagonal ``B``);

@@ -1590,7 +1590,7 @@ class BlockMeanLinearOperator(
         return True
 
     def _direct_solve(self, rhs: Tensor) -> Tensor:
-        r""":math:`M^{-1} R = (R - P ar R) / \lambda + P S^{-1/2} C^{-1} S^{1/2} ar R` (:math:`ar R` the block
+        r""":math:`M^{-1} R = (R - P \bar R) / \lambda + P S^{-1/2} C^{-1} S^{1/2} \bar R` (:math:`\bar R` the block
         means): ``M`` is :math:`\lambda_c` on the deviations from the block means and the core :math:`C` on the block
         means, in :attr:`core_dtype`. # shape: (*batch, n, t)"""
         part, dtype = self.partition, self.core_dtype
