@@ -586,6 +586,25 @@ def _scoped(method):
 
 
 # ---------------------------------------------------------------------------- the operator
+
+
+def _level_ratio_hint(g: Tensor, diag: Tensor) -> str:
+    """For a joint elimination refused as not positive definite: where the terms' variances dwarf the diagonal (the
+    noise), the per-level blocks ``I + diag(g) A`` lose precision in the elimination (groups with fewer points than
+    terms: a random slope's one-member groups) and a definite matrix can look indefinite; "" otherwise."""
+    with torch.no_grad():
+        largest = float(g.abs().max()) if g.numel() else 0.0
+        smallest = float(diag.abs().min()) if diag.numel() else 0.0
+    if smallest <= 0 or largest < 1e6 * smallest:
+        return ""
+    return (
+        f" The terms' variances reach {largest:.3g}, {largest / smallest:.2g} times the smallest diagonal entry (the "
+        "noise): at such ratios the per-level blocks lose precision (groups with fewer points than terms, such as a "
+        "random slope's groups of one point), and a positive definite matrix can be refused. A larger noise floor "
+        "(a GreaterThan constraint on the noise), a rescaled covariate or rescaled outputs bring the ratio down."
+    )
+
+
 class BlockMeanSumLinearOperator(
     WarnsOnCatRows, TorchIndexing, ClosedFormSamples, LowRankInClosedForm, ClosedFormRoots, LinearOperator
 ):
@@ -1703,7 +1722,7 @@ class BlockMeanSumLinearOperator(
             raise self._not_positive_definite(
                 f"the sum ({self._describe()}) is not positive definite: the block of the capacitance of the "
                 f"terms {[e + 1 for e in eliminated]} over one grouping has a non-positive determinant at some level. "
-                "Check the block matrices and the diagonal."
+                "Check the block matrices and the diagonal." + _level_ratio_hint(g, self.diag_values)
             )
         sign, logdet = sign.prod(-1), logabs.sum(-1)  # levels of either sign without validation: their product
         A_rE = lu = A_rr = None

@@ -40,3 +40,25 @@ def test_a_correlated_slope_with_a_zero_variance_matches_dense(which):
     )
     loss.backward()
     assert all(bool(torch.isfinite(p.grad).all()) for p in kernel.parameters() if p.grad is not None)
+
+
+def test_a_refused_slope_at_a_huge_variance_to_noise_ratio_says_why():
+    """Groups of one point, variances 1e8 and noise 1e-8: the per-level blocks of the joint elimination lose precision
+    and the (well-conditioned) sum can be refused as not positive definite (a known limit; whether it is depends on
+    the LU's rounding); the error names the ratio and what brings it down, where it said only "check the block
+    matrices and the diagonal"."""
+    from bma_gp.block_mean_sum_linear_operator import _level_ratio_hint
+
+    assert "1e+16 times the smallest diagonal entry" in _level_ratio_hint(torch.tensor([1e8]), torch.tensor([1e-8]))
+    assert _level_ratio_hint(torch.tensor([1.0]), torch.tensor([0.1])) == ""
+    g = torch.Generator().manual_seed(1)
+    n = 20
+    x = torch.stack([torch.randn(n, generator=g, dtype=DT), torch.arange(n, dtype=DT)], -1)
+    kernel = GroupKernel(n, slope=True, active_dims=[1, 0]).to(DT)
+    with torch.no_grad():
+        kernel.var = torch.tensor([1e8, 1e8], dtype=DT)
+    op = kernel(x).add_diagonal(torch.tensor(1e-8, dtype=DT))
+    try:
+        op.inv_quad_logdet(torch.randn(n, generator=g, dtype=DT), logdet=True)
+    except ValueError as err:
+        assert "times the smallest diagonal entry (the noise)" in str(err)
