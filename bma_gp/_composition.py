@@ -221,14 +221,18 @@ def _expanded_constant(op) -> BlockMeanLinearOperator | None:
     if type(op) is not DenseLinearOperator:
         return None
     t = op.tensor
-    if t.dim() < 2 or t.shape[-1] != t.shape[-2] or t.shape[-1] < 2 or t.stride(-1) != 0 or t.stride(-2) != 0:
+    if not is_expanded_constant(t) or t.shape[-1] != t.shape[-2] or t.shape[-1] < 2:
         return None
-    if not t.is_floating_point():
-        return None
-    n = t.shape[-1]
     values = t[..., :1, 0]  # (*batch, 1)
-    one_block = Partition._trusted(torch.tensor([n], device=t.device), contiguous=True, max_size=n)
-    return BlockMeanLinearOperator(torch.zeros_like(values), values, one_block, diagonal=True)
+    return BlockMeanLinearOperator(
+        torch.zeros_like(values), values, Partition._whole(t.shape[-1], t.device), diagonal=True
+    )
+
+
+def is_expanded_constant(t: Tensor) -> bool:
+    """A floating tensor of one value per batch entry held expanded over its last two dimensions (strides 0): what
+    GPyTorch's ``ConstantKernel`` returns, between the same or different inputs."""
+    return t.dim() >= 2 and t.is_floating_point() and t.stride(-1) == 0 and t.stride(-2) == 0
 
 
 def _offsets_and_block(op: BlockMeanLinearOperator) -> tuple[Tensor, Tensor | _Diagonal]:

@@ -1090,7 +1090,7 @@ class BlockMeanLinearOperator(
         entry (as for a dense tensor), which is again block mean, ``B + c`` (``P (B + c 11^T) P^T``, the same
         ``lam``). ``None`` for any other ``other``. ``c`` is cast to the operator's dtype and device (a complex
         ``c`` raises ``TypeError``: the cast would drop its imaginary part)."""
-        if isinstance(c, numbers.Real) and not isinstance(c, bool):
+        if _is_number(c):
             c = torch.tensor(float(c), dtype=self.dtype, device=self.device)
         elif not torch.is_tensor(c):
             return None

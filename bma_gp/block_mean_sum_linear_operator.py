@@ -1163,13 +1163,10 @@ class BlockMeanSumLinearOperator(
         ``None`` for anything else (linear_operator's path)."""
         if not (_is_number(c) or torch.is_tensor(c)):
             return None
-        one_block = Partition._trusted(
-            torch.tensor([self.shape[-1]], device=self.device), contiguous=True, max_size=self.shape[-1]
-        )
         zero = BlockMeanLinearOperator(
             torch.zeros(1, dtype=self.dtype, device=self.device),
             torch.zeros(1, dtype=self.dtype, device=self.device),
-            one_block,
+            Partition._whole(self.shape[-1], self.device),
             diagonal=True,
         )
         return zero._add_constant(c)

@@ -291,6 +291,11 @@ class Partition:
         res._max_size = max_size
         return res
 
+    @classmethod
+    def _whole(cls, n: int, device: torch.device | str | None = None) -> Partition:
+        """One block of all ``n`` indices (a constant ``c 1 1^T`` as a block mean term), without checks."""
+        return cls._trusted(torch.tensor([n], device=device), contiguous=True, max_size=n, n=n)
+
     def _setup(self, labels: Tensor | None, sizes: Tensor, n: int | None, contiguous: bool, runs=...) -> None:
         device = labels.device if labels is not None else sizes.device
         self._labels: Tensor | None = labels

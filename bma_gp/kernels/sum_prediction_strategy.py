@@ -61,7 +61,7 @@ from torch import Tensor
 
 from bma_gp import settings
 from bma_gp._by_products import ByProducts
-from bma_gp._composition import ClosedFormFallbackWarning, _build, _collect, _Parts
+from bma_gp._composition import ClosedFormFallbackWarning, _build, _collect, _Parts, is_expanded_constant
 from bma_gp._indexing import TorchIndexing
 from bma_gp._precision import core_dtype
 from bma_gp._samples import ClosedFormSamples
@@ -846,13 +846,11 @@ def _cross_pieces(op, out: list[_Piece]) -> bool:
             return False
         out.append(("term", _cross_values(op), op.partition, None))
         return True
-    if type(op) is DenseLinearOperator and _is_expanded_constant(op.tensor):
+    if type(op) is DenseLinearOperator and is_expanded_constant(op.tensor):
         # GPyTorch's ConstantKernel between new and training inputs: c 1 1^T, the cross covariance of the training
         # sum's one-block term (lam = 0, B = c) over all n points
         t = op.tensor
-        n = t.shape[-1]
-        one_block = Partition._trusted(torch.tensor([n], device=t.device), contiguous=True, max_size=n)
-        out.append(("term", t[..., :, :1].contiguous(), one_block, None))
+        out.append(("term", t[..., :, :1].contiguous(), Partition._whole(t.shape[-1], t.device), None))
         return True
     if isinstance(op, MatmulLinearOperator):
         left, right = op.left_linear_op, op.right_linear_op
@@ -885,12 +883,6 @@ def _cross_pieces(op, out: list[_Piece]) -> bool:
         out.append(("root", inner[0][1] * half, inner[0][2] * half))
         return True
     return False
-
-
-def _is_expanded_constant(t: Tensor) -> bool:
-    """A floating tensor of one value per batch entry held expanded over its last two dimensions (strides 0): what
-    GPyTorch's ``ConstantKernel`` returns."""
-    return t.dim() >= 2 and t.is_floating_point() and t.stride(-1) == 0 and t.stride(-2) == 0
 
 
 def _same_weight(a: Tensor | None, b: Tensor | None) -> bool:
