@@ -7,6 +7,8 @@ pass), and the automatic choice of the chunk length must follow its rules.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -108,6 +110,7 @@ def automatic(monkeypatch):
 def test_automatic_chunk_fits_four_buffers_in_the_level_2_caches(monkeypatch, automatic):
     monkeypatch.setattr(_cpu_kernels, "_l2_bytes", lambda: 2 * 2**20)
     monkeypatch.setattr(_cpu_kernels, "_parallel_call_seconds", lambda: 4e-6)
+    monkeypatch.setattr(_cpu_kernels, "_chunks_pay", lambda chunk, itemsize: True)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert _cpu_kernels.ratio_chunk_numel(torch.float32) == 2**18  # 4 buffers x 2^18 x 4 bytes = 2 x 2 MB
     assert _cpu_kernels.ratio_chunk_numel(torch.float64) == 2**17
@@ -116,15 +119,51 @@ def test_automatic_chunk_fits_four_buffers_in_the_level_2_caches(monkeypatch, au
 
 
 @pytest.mark.parametrize(
-    "l2, call, deterministic",
-    [(0, 4e-6, False), (2 * 2**20, 40e-6, False), (2 * 2**20, 4e-6, True), (2**16, 4e-6, False)],
-    ids=["unknown-l2", "costly-calls", "deterministic-algorithms", "tiny-l2"],
+    "l2, call, deterministic, pays",
+    [
+        (0, 4e-6, False, True),
+        (2 * 2**20, 40e-6, False, True),
+        (2 * 2**20, 4e-6, True, True),
+        (2**16, 4e-6, False, True),
+        (2 * 2**20, 4e-6, False, False),
+    ],
+    ids=["unknown-l2", "costly-calls", "deterministic-algorithms", "tiny-l2", "chunks-measured-slower"],
 )
-def test_automatic_chunk_declines(monkeypatch, automatic, l2, call, deterministic):
+def test_automatic_chunk_declines(monkeypatch, automatic, l2, call, deterministic, pays):
     monkeypatch.setattr(_cpu_kernels, "_l2_bytes", lambda: l2)
     monkeypatch.setattr(_cpu_kernels, "_parallel_call_seconds", lambda: call)
+    monkeypatch.setattr(_cpu_kernels, "_chunks_pay", lambda chunk, itemsize: pays)
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
     assert _cpu_kernels.ratio_chunk_numel(torch.float32) == 0
+
+
+def test_chunks_pay_follows_the_measured_times(monkeypatch):
+    """The calibration chunks where the chunked pass is faster by the margin, not otherwise; it leaves nothing
+    changed behind (its own buffers only) and allocates nothing above its memory cap."""
+    clock = {"t": 0.0, "calls": 0}
+    durations = {}
+
+    def fake_ratio(g, h, n, r, step, scale, eps):  # one call per chunk: the chunked pass costs `chunked` in all
+        clock["calls"] += 1
+        clock["t"] += durations["whole"] if g.numel() == 4 * 1024 else durations["chunked"] / 4
+
+    monkeypatch.setattr(_cpu_kernels, "adagrad_ratio", fake_ratio)
+    monkeypatch.setattr(_cpu_kernels.time, "perf_counter", lambda: clock["t"])
+    for whole, chunked, expected in ((1.0, 0.9, True), (1.0, 0.96, False), (1.0, 1.3, False)):
+        durations.update(whole=whole, chunked=chunked)
+        assert _cpu_kernels._chunks_pay(1024, 4) is expected
+    assert clock["calls"] == 3 * 11 * (1 + 4)  # 11 interleaved rounds of each
+    monkeypatch.setattr(_cpu_kernels, "_CALIBRATION_MAX_BYTES", 4 * 4 * 1024 * 4 - 1)
+    assert _cpu_kernels._chunks_pay(1024, 4) is False
+    assert clock["calls"] == 3 * 11 * 5  # declined without measuring
+    assert _cpu_kernels._chunks_pay(1024, 2) is False  # a dtype the step does not chunk
+
+
+def test_chunks_pay_runs_for_real():
+    """Unpatched, on this machine: a bool, in well under a second."""
+    start = time.perf_counter()
+    assert isinstance(_cpu_kernels._chunks_pay(2**12, 4), bool)
+    assert time.perf_counter() - start < 5.0
 
 
 def test_the_setting_wins_and_is_checked(monkeypatch):
