@@ -1878,16 +1878,23 @@ def _one_hot_block_mean(other) -> BlockMeanLinearOperator | None:
     if not bool((ids == ids[0]).all()):
         return None
     present, labels = torch.unique(ids[0], sorted=True, return_inverse=True)
-    C = other.base_linear_op.to_dense()  # (*batch, k, k): the task covariance, small
+    C = _symmetric_task_covariance(other.base_linear_op.to_dense())  # (*batch, k, k): the task covariance, small
+    if C is None:
+        return None
+    B = C.index_select(-2, present).index_select(-1, present)
+    lam = B.new_zeros(B.shape[:-1])
+    return BlockMeanLinearOperator(lam, B, Partition.from_labels(labels, num_blocks=present.numel()))
+
+
+def _symmetric_task_covariance(C: Tensor) -> Tensor | None:
+    """An ``IndexKernel``'s task covariance ``C`` (``W W^T + diag(v)``, symmetric up to rounding) made exactly
+    symmetric, or ``None`` where it is not square or not symmetric (no block mean matrix)."""
     if C.shape[-1] != C.shape[-2]:
         return None
     scale = C.detach().abs().amax().clamp(min=torch.finfo(C.dtype).tiny)
     if bool(((C - C.mT).detach().abs() > _tolerance(C.dtype) * scale).any()):
-        return None  # not symmetric (IndexKernel's W W^T + diag(v) is, up to rounding): no block mean matrix
-    C = (C + C.mT) / 2
-    B = C.index_select(-2, present).index_select(-1, present)
-    lam = B.new_zeros(B.shape[:-1])
-    return BlockMeanLinearOperator(lam, B, Partition.from_labels(labels, num_blocks=present.numel()))
+        return None
+    return (C + C.mT) / 2
 
 
 def _tolerance(dtype: torch.dtype) -> float:

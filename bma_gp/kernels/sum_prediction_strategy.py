@@ -815,6 +815,43 @@ def _cross_values(op: BlockCrossLinearOperator) -> Tensor | _OneHot:
     return op.values
 
 
+def _index_cross(op) -> BlockCrossLinearOperator | None:
+    r"""GPyTorch's ``IndexKernel`` between new and training task ids, ``C[i_a, j_b]`` (an ``InterpolatedLinearOperator``
+    with one weight 1 per row on both sides, possibly scaled), as the cross covariance :math:`A P^\top` over the
+    training ids present (numbered in sorted order, as the training covariance's product numbers them,
+    :func:`bma_gp.block_mean_linear_operator._one_hot_block_mean`): :math:`A_{a,c} = C[i_a, \mathrm{present}_c]`.
+    ``None`` for anything else (training ids that differ across a batch included)."""
+    from linear_operator.operators import InterpolatedLinearOperator
+
+    from bma_gp.block_mean_linear_operator import _symmetric_task_covariance
+
+    scale = None
+    if type(op) is ConstantMulLinearOperator:
+        op, scale = op.base_linear_op, op.expanded_constant
+    if type(op) is not InterpolatedLinearOperator:
+        return None
+    left, right = op.left_interp_indices, op.right_interp_indices
+    if left.shape[-1] != 1 or right.shape[-1] != 1:
+        return None
+    if not (bool((op.left_interp_values == 1).all()) and bool((op.right_interp_values == 1).all())):
+        return None
+    ids = right[..., 0].reshape(-1, right.shape[-2])
+    if not bool((ids == ids[0]).all()):
+        return None
+    C = _symmetric_task_covariance(op.base_linear_op.to_dense())
+    if C is None:
+        return None
+    present, labels = torch.unique(ids[0], sorted=True, return_inverse=True)
+    rows = left[..., 0]  # (*batch, t)
+    batch = torch.broadcast_shapes(C.shape[:-2], rows.shape[:-1])
+    C = C.index_select(-1, present).expand(*batch, *C.shape[-2:-1], present.numel())
+    t = rows.shape[-1]
+    values = torch.gather(C, -2, rows.expand(*batch, t).unsqueeze(-1).expand(*batch, t, present.numel()))
+    if scale is not None:
+        values = values * scale
+    return BlockCrossLinearOperator(values, Partition.from_labels(labels, num_blocks=present.numel()))
+
+
 def _block_mean_as_cross(op) -> BlockCrossLinearOperator | None:
     r"""A :class:`~bma_gp.BlockMeanLinearOperator` with :math:`\lambda = 0` as the cross covariance
     :math:`(P B) P^\top` (row :math:`a` of :math:`A` is row :math:`g_a` of :math:`B`; one value per row when
@@ -1527,11 +1564,12 @@ def _warn_unrecognised_cross(
     if M is None or not M._sizes():
         return
     if _has_dense_part(test_train_covar):
-        # what a kernel product gives: GPyTorch's ProductKernel multiplies its factors' cross covariances as dense
-        # matrices, so no group ids or partitions are left to match
+        # what a kernel product gives where _product_cross does not apply: GPyTorch's ProductKernel multiplies its
+        # factors' cross covariances as dense matrices, so no group ids or partitions are left to match
         hint = (
-            "It is (or holds) a dense matrix, as a gpytorch ProductKernel (k1 * k2) always makes the covariance "
-            "between different inputs: the prediction is exact, but the t x n matrix is formed."
+            "It is (or holds) a dense matrix, as a gpytorch ProductKernel (k1 * k2) makes the covariance between "
+            "different inputs unless every factor is a GroupKernel, a BlockMeanKernel or an IndexKernel (in a "
+            "ScaleKernel or not): the prediction is exact, but the t x n matrix is formed."
         )
     elif _has_leading_rows(test_train_covar):
         # BoTorch's qNEI / qNEHVI posterior at cat(X_baseline = train_x, X_candidates): a BlockMeanKernel's rows for
@@ -3790,7 +3828,9 @@ def _hook_product_forward(cls) -> None:
             cross = _product_cross(self, x1, x2, params)
             if cross is not None:
                 return cross
-        with quiet_elementwise():
+        # GPyTorch's product densifies an IndexKernel's test-by-test covariance through a sparse tensor made without
+        # an explicit invariant check, and torch's once-per-process warning about that would reach the user
+        with quiet_elementwise(), torch.sparse.check_sparse_tensor_invariants(enable=False):
             return original(self, x1, x2, diag=diag, **params)
 
     forward._bma_gp_original = original  # type: ignore[attr-defined]
@@ -3801,32 +3841,42 @@ def _product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> BlockCrossLi
     """The covariance of a product of block mean kernels between different inputs (new and training points) as a
     :class:`BlockCrossLinearOperator` over the intersection of the factors' partitions
     (:meth:`BlockCrossLinearOperator.hadamard`), or ``None`` (then GPyTorch's ``ProductKernel.forward``, which
-    multiplies the factors' cross covariances as dense matrices). Applies when every factor is a ``GroupKernel`` or
-    ``BlockMeanKernel`` (also inside a ``ScaleKernel``) whose cross covariance is one; the prediction at new inputs
-    then matches it with the training covariance's product, a block mean operator over the same intersection."""
-    from gpytorch.kernels import ScaleKernel
+    multiplies the factors' cross covariances as dense matrices). Applies when every factor is a ``GroupKernel``,
+    ``BlockMeanKernel`` or GPyTorch ``IndexKernel`` (also inside a ``ScaleKernel``), at least one of them of this
+    package, whose cross covariance is one; the prediction at new inputs then matches it with the training
+    covariance's product, a block mean operator over the same intersection."""
+    from gpytorch.kernels import IndexKernel, ScaleKernel
     from gpytorch.lazy import LazyEvaluatedKernelTensor
 
     from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
     from bma_gp.kernels.group_kernel import GroupKernel
 
-    def plain(k) -> bool:
+    def bare(k):
         while isinstance(k, ScaleKernel):
             k = k.base_kernel
-        return isinstance(k, (GroupKernel, BlockMeanKernel))
+        return k
 
-    if not all(plain(k) for k in kernel.kernels) or (x1.shape == x2.shape and torch.equal(x1, x2)):
+    factors = [bare(k) for k in kernel.kernels]
+    if not all(isinstance(k, (GroupKernel, BlockMeanKernel, IndexKernel)) for k in factors):
         return None
-    result = None
+    if all(isinstance(k, IndexKernel) for k in factors) or (x1.shape == x2.shape and torch.equal(x1, x2)):
+        return None
+    crosses = []
     for factor in kernel.kernels:
         cross = factor(x1, x2, **params)
         if isinstance(cross, LazyEvaluatedKernelTensor):
             cross = cross.evaluate_kernel()
         if not isinstance(cross, BlockCrossLinearOperator):
-            cross = _block_mean_as_cross(cross)  # a group kernel whose test ids are the training ids
+            # a group kernel whose test ids are the training ids, or an IndexKernel's C[i_test, i_train]
+            cross = _block_mean_as_cross(cross) or _index_cross(cross)
             if cross is None:
                 return None
-        result = cross if result is None else result.hadamard(cross)
-        if result is None:
-            return None
+        crosses.append(cross)
+    if isinstance(factors[0], IndexKernel):
+        # the training product IndexKernel(i) * M is M's (M._mul_matrix reads the task covariance): its blocks are
+        # numbered from M's partition first, and the cross covariance's must be the same
+        crosses[0], crosses[1] = crosses[1], crosses[0]
+    result: BlockCrossLinearOperator | None = crosses[0]
+    for cross in crosses[1:]:
+        result = result.hadamard(cross) if result is not None else None
     return result
