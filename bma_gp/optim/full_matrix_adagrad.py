@@ -39,9 +39,23 @@ def full_matrix_direction(H: Tensor, g: Tensor, eps: float) -> Tensor:
 def _direction_and_eigenvalues(H: Tensor, g: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """:func:`full_matrix_direction` and the eigenvalues :math:`\\mu` of ``H`` it was computed from (for the
     overflow check of :meth:`FullMatrixAdagrad._checked_update`)."""
-    mu, Q = torch.linalg.eigh(H)
+    mu, Q = _eigh(H)
     coef = (Q.mT @ g) * (mu.clamp_min(0) + eps).rsqrt()
     return Q @ coef, mu
+
+
+def _eigh(H: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh(H)``; where LAPACK's iteration fails to converge in a narrower dtype, computed again in
+    float64 and rounded back: a user trial's float32 ``g g^T`` (a rank-one ``H`` at the first step of a small model
+    with a frozen layer) failed in float32 and not in float64, and the same holds for numpy's and scipy's
+    float32 drivers on it only in part. The same decomposition, more precisely; float64 failures raise."""
+    try:
+        return torch.linalg.eigh(H)
+    except torch.linalg.LinAlgError:
+        if H.dtype == torch.float64 or not H.is_floating_point():
+            raise
+        mu, Q = torch.linalg.eigh(H.double())
+        return mu.to(H.dtype), Q.to(H.dtype)
 
 
 def _checked_eps(opt: Any, value: Any) -> float:
@@ -250,8 +264,7 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
             self._commit_layout(layout)
             g = layout.gather_grads(grads, self._maximize_of_group())
             st = self.global_state
-            st["H"].addr_(g, g)
-            direction = full_matrix_direction(st["H"], g, self.eps)
+            direction = self._update_in_place(st["H"], g)
             st["step"] += 1  # after the eigendecomposition: a step that raises there does not count
             self._apply(layout, direction, active)
             return
@@ -295,8 +308,7 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
         # products, not powers: a Python float ** 2 past 1.8e308 raises OverflowError, a product is inf
         if g.numel() * h_max + g_norm * g_norm <= limit * (1 - 2.0**-8):
             # every eigenvalue (and entry) of H + g g^T stays finite, with margin
-            H.addr_(g, g)
-            return full_matrix_direction(H, g, self.eps)
+            return self._update_in_place(H, g)
         if not math.isfinite(g_norm) and g_max > 0:  # for the message: |g| without overflow, off the fast path
             g_norm = g_max * float(torch.linalg.vector_norm(g / g_max))
         updated = torch.addr(H, g, g)
@@ -311,6 +323,25 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
             raise ValueError(self._overflow_message(g_max, h_max, H.dtype, g_norm))
         H.copy_(updated)
         return direction
+
+    def _update_in_place(self, H: Tensor, g: Tensor) -> Tensor:
+        """``H += g g^T`` in place and the step's direction. Where the eigendecomposition fails even in float64
+        (:func:`_eigh`), ``g g^T`` is subtracted again (``H`` as it was, up to the rounding of that addition and
+        subtraction) and ``ValueError`` says so: the step neither counts the gradient nor half-applies it (a user
+        trial's retry after such an error counted it twice). A non-finite ``H`` (only with ``check_finite=False``,
+        where nothing refused the overflowing gradient) cannot be restored so: torch's error is raised as it is."""
+        H.addr_(g, g)
+        try:
+            return full_matrix_direction(H, g, self.eps)
+        except torch.linalg.LinAlgError as error:
+            if not bool(torch.isfinite(H).all()):  # check_finite=False with a gradient that overflowed H: as it is
+                raise
+            H.addr_(g, g, alpha=-1)
+            raise ValueError(
+                f"FullMatrixAdagrad: the eigendecomposition of H + g g^T ({H.shape[-1]} x {H.shape[-1]}, {H.dtype}) "
+                f"failed to converge, in float64 too ({error}); the step was not taken and H was restored (up to the "
+                "rounding of adding and subtracting g g^T). Skip this batch, or check the gradients' scale."
+            ) from None
 
     @staticmethod
     def _overflow_message(g_max: float, h_max: float, dtype: torch.dtype, g_norm: float | None = None) -> str:

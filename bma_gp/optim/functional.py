@@ -54,7 +54,7 @@ from bma_gp.optim.flat_optimizer import (
     check_hyperparameter,
     check_step_count,
 )
-from bma_gp.optim.flat_params import SparseGradientError, check_params, state_dtype
+from bma_gp.optim.flat_params import SparseGradientError, check_params, materialised_grad, state_dtype
 from bma_gp.optim.param_blocks import ParamBlocks
 
 __all__ = ["Workspace", "block_mean_adagrad", "inverse_root", "normalised_correlation", "preconditioner"]
@@ -905,8 +905,9 @@ def block_mean_adagrad(
     damping = check_hyperparameter("damping", damping)
     update_interval = check_hyperparameter("update_interval", update_interval, positive=True, integer=True)
     fingerprint = _check_arguments(params, grads, state_sum, stats, blocks, workspace, lr, weight_decay, maximize)
-    # a gradient with torch's negative bit (x.conj().imag): materialised, as the class does (FlatParams.collect_grads)
-    grads = [g.resolve_neg() if g is not None and g.is_neg() else g for g in grads]
+    # a gradient with torch's negative bit (x.conj().imag) or a zero stride: materialised, as the class does
+    # (FlatParams.collect_grads)
+    grads = [materialised_grad(g) if g is not None else g for g in grads]
     # per parameter as the class passes them: Python floats (a 0-d tensor lr of a scheduler, as in a param group)
     lr = [float(check_hyperparameter("learning rate", x)) for x in lr]
     weight_decay = [float(check_hyperparameter("weight_decay", x)) for x in weight_decay]
