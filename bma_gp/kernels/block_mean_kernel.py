@@ -20,7 +20,13 @@ from bma_gp._composition import ClosedFormFallbackWarning
 from bma_gp._kernel_sums.generic import kernel_diagonal, translation_invariant
 from bma_gp._warnings import caller_stacklevel
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
-from bma_gp.kernel_block_mean import block_mean_of_kernel, check_finite_inputs, check_single_output, chunk_rows
+from bma_gp.kernel_block_mean import (
+    block_mean_of_kernel,
+    check_finite_inputs,
+    check_single_output,
+    chunk_rows,
+    optional_flag,
+)
 from bma_gp.kernels._bound_data import record_bound_data
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.kernels.leading_rows_linear_operator import LeadingRowsLinearOperator
@@ -192,7 +198,7 @@ def _check_kernel_kwargs(base_kernel: Kernel, kwargs: dict) -> None:
     if unknown:
         raise TypeError(
             f"BlockMeanKernel got unexpected keyword arguments {unknown}; it takes base_kernel, train_x, partition "
-            "and chunk_size (set kernel options on base_kernel)."
+            ", chunk_size and progress (set kernel options on base_kernel)."
         )
 
 
@@ -287,6 +293,9 @@ class BlockMeanKernel(Kernel):
         chunk_size: rows of kernel entries evaluated at once when forming block sums
             (``None``: about 64 MB of kernel entries at a time for the training covariance, 2^22 entries for a
             cross-covariance).
+        progress: a tqdm progress bar for each pass over the kernel's block sums (forward and backward): ``False``
+            (the default: a training loop stays quiet), ``True``, or ``None`` for one where the pass evaluates more
+            than 10^9 kernel entries (n above about 31,600), as :func:`~bma_gp.kernel_block_mean` shows by default.
 
     Example:
         >>> import gpytorch, torch
@@ -307,7 +316,14 @@ class BlockMeanKernel(Kernel):
     has_lengthscale = False
 
     def __init__(
-        self, base_kernel: Kernel, train_x: Tensor, partition: Partition, *, chunk_size: int | None = None, **kwargs
+        self,
+        base_kernel: Kernel,
+        train_x: Tensor,
+        partition: Partition,
+        *,
+        chunk_size: int | None = None,
+        progress: bool | None = False,
+        **kwargs,
     ):
         if not isinstance(base_kernel, Kernel):
             raise TypeError(f"base_kernel must be a gpytorch Kernel, got {type(base_kernel).__name__}.")
@@ -323,11 +339,18 @@ class BlockMeanKernel(Kernel):
                 "(it is respected; train_x keeps all input columns)."
             )
         chunk_size = chunk_rows(chunk_size)
+        progress = optional_flag(
+            progress,
+            "progress",
+            "False (no progress bar, the default), True (one per block-sum pass) or None (one "
+            "above 10^9 kernel entries, as kernel_block_mean shows)",
+        )
         _check_kernel_kwargs(base_kernel, kwargs)
         check_single_output(base_kernel, _check_train_x(train_x))
         super().__init__(**kwargs)
         self.base_kernel = base_kernel
         self.chunk_size = chunk_size
+        self.progress = progress
         self._train_x: Tensor
         self._partition: Partition
         self._data_version = 0
@@ -476,7 +499,8 @@ class BlockMeanKernel(Kernel):
             return cached[1]
         partition = self._partition_on(train_x.device)
         # its check of the inputs names them train_x (changed in place, or bound with validation off)
-        res = _kernel_block_mean(self.base_kernel, train_x, partition, self.chunk_size)
+        progress = getattr(self, "progress", False)  # a kernel pickled before the option: none
+        res = _kernel_block_mean(self.base_kernel, train_x, partition, self.chunk_size, progress)
         self._block_sums_cache = None if key is None else (key, res)
         return res
 
@@ -801,8 +825,8 @@ def _joint_partition(partition: Partition, t: int) -> Partition:
 
 
 def _kernel_block_mean(
-    kernel: Kernel, x: Tensor, partition: Partition, chunk_size: int | None
+    kernel: Kernel, x: Tensor, partition: Partition, chunk_size: int | None, progress: bool | None = False
 ) -> BlockMeanLinearOperator:
     """The block mean of ``kernel(x, x)`` on the training inputs: :func:`bma_gp.kernel_block_mean`, its errors about
     the inputs naming them ``train_x``."""
-    return block_mean_of_kernel(kernel, x, partition, chunk_size, x_name="train_x")
+    return block_mean_of_kernel(kernel, x, partition, chunk_size, progress=progress, x_name="train_x")
