@@ -197,8 +197,8 @@ def _check_kernel_kwargs(base_kernel: Kernel, kwargs: dict) -> None:
     unknown = sorted(set(kwargs) - {"active_dims", "batch_shape"})
     if unknown:
         raise TypeError(
-            f"BlockMeanKernel got unexpected keyword arguments {unknown}; it takes base_kernel, train_x, partition "
-            ", chunk_size and progress (set kernel options on base_kernel)."
+            f"BlockMeanKernel got unexpected keyword arguments {unknown}; it takes base_kernel, train_x, "
+            "partition, chunk_size and progress (set kernel options on base_kernel)."
         )
 
 
