@@ -123,9 +123,9 @@ def _counting_block_means(monkeypatch) -> list:
     calls: list = []
     original = block_mean_kernel._kernel_block_mean
 
-    def counting(kernel, x, partition, chunk_size):
+    def counting(kernel, x, partition, chunk_size, *options):
         calls.append(x.shape[-2])
-        return original(kernel, x, partition, chunk_size)
+        return original(kernel, x, partition, chunk_size, *options)
 
     monkeypatch.setattr(block_mean_kernel, "_kernel_block_mean", counting)
     return calls

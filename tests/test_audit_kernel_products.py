@@ -503,3 +503,37 @@ def test_product_with_an_index_kernel_differentiates_like_dense():
         task = m.covar_module.kernels[1] if m is model else m.covar_module.kernel.kernels[1]
         grads.append(task.covar_factor.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "form", ["ScaleKernel(GroupKernel * BlockMeanKernel) * IndexKernel", "ScaleKernel(BlockMeanKernel) * IndexKernel"]
+)
+def test_scaled_dense_test_covariance_times_an_index_kernel_is_exact(form):
+    """A ``ScaleKernel`` around a kernel whose covariance between new points is held densely (a ``BlockMeanKernel``'s)
+    is ``c D``: linear_operator multiplied it with the ``IndexKernel`` through roots of both factors, a jittered
+    Cholesky or Lanczos past ``max_cholesky_size`` (a user trial's variances at 1000 new points were up to 100% off,
+    with ``ScaleKernel(GroupKernel * BlockMeanKernel) * IndexKernel`` also leaving the closed form for the cross
+    covariance). Its product is now formed densely (exact), and the nested product's cross covariance is closed form.
+    ``max_cholesky_size`` is lowered so that the old path took Lanczos at this size."""
+    inputs, y, partition, xt = data()
+    x = torch.cat([inputs, (torch.arange(N) % 3).to(DTYPE).unsqueeze(-1)], -1)
+    g = torch.Generator().manual_seed(3)
+    xt = torch.cat([torch.randn(40, 2, generator=g, dtype=DTYPE), torch.randint(0, 7, (40, 1), generator=g).to(DTYPE),
+                    torch.randint(0, 3, (40, 1), generator=g).to(DTYPE)], -1)  # fmt: skip
+    task = gpytorch.kernels.IndexKernel(num_tasks=3, rank=1, active_dims=[3])
+    task.covar_factor.data = torch.tensor([[0.5], [-0.3], [0.8]])
+    block_mean = BlockMeanKernel(rbf(), x, partition)
+    inner = GroupKernel(7, active_dims=[2]) * block_mean if "Group" in form else block_mean
+    model = model_of(gpytorch.kernels.ScaleKernel(inner) * task, x, y)
+    model.eval()
+    with torch.no_grad(), warnings.catch_warnings(), gpytorch.settings.max_cholesky_size(10):
+        warnings.simplefilter("error")
+        pred = model(xt)
+        mean, covar = pred.mean, pred.covariance_matrix
+    reference = dense_copy(model)
+    reference.eval()
+    with torch.no_grad(), gpytorch.settings.max_cholesky_size(10**6):
+        ref = reference(xt)
+        ref_mean, ref_covar = ref.mean, ref.covariance_matrix
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(covar, ref_covar, rtol=1e-10, atol=1e-10)

@@ -263,3 +263,32 @@ def test_joint_posterior_with_the_training_inputs_names_its_cause(likelihood, wi
         ref = reference(torch.cat([X, xc]))
         torch.testing.assert_close(post.mean, ref.mean, rtol=1e-8, atol=1e-10)
         torch.testing.assert_close(covar, ref.covariance_matrix, rtol=1e-7, atol=1e-9)
+
+
+def test_joint_posterior_with_the_training_inputs_samples_exactly():
+    """BoTorch's qNEI pattern on a BlockMeanKernel with a GaussianLikelihood (no warning, as documented): its
+    covariance was GPyTorch's K_** - K_*x (K + D)^{-1} K_x*, which linear_operator rooted by Lanczos past
+    max_cholesky_size (a user trial at n = 1000: a rank-96 root 100% off at the training rows, and base samples of
+    shape (S, n + q) did not fit it). Its roots and draws now take one exact factorisation of the joint matrix, and
+    no CG or Lanczos runs (max_cholesky_size lowered so that the old path took Lanczos at this size, and
+    max_eager_kernel_size so that GPyTorch keeps the covariances lazy, as it does past 512 joint points)."""
+    model, X = _block_mean_model("gauss", False)
+    xc = torch.tensor([[0.3, 0.6, 1.0], [0.8, 0.2, 4.0]], dtype=DTYPE)
+    t = N + xc.shape[0]
+    small = gpytorch.settings.max_cholesky_size(10), gpytorch.settings.max_eager_kernel_size(0)
+    with torch.no_grad(), warnings.catch_warnings(), small[0], small[1]:
+        warnings.simplefilter("error")
+        with closed_forms_only(10**6):  # no CG or Lanczos; the exact (n + q) x (n + q) factorisation is allowed
+            post = model(torch.cat([X, xc]))
+            covar = post.covariance_matrix
+            root = post.lazy_covariance_matrix.root_decomposition().root.to_dense()
+            draws = post.rsample(torch.Size([t]), base_samples=torch.eye(t, dtype=DTYPE))
+    torch.testing.assert_close(root @ root.mT, covar, rtol=1e-10, atol=1e-12)
+    centred = draws - post.mean
+    torch.testing.assert_close(centred.mT @ centred, covar, rtol=1e-10, atol=1e-12)
+    reference = dense_copy(model)
+    with torch.no_grad(), warnings.catch_warnings(), gpytorch.settings.max_cholesky_size(10**6):
+        warnings.simplefilter("ignore")
+        ref = reference(torch.cat([X, xc]))
+        torch.testing.assert_close(post.mean, ref.mean, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(covar, ref.covariance_matrix, rtol=1e-7, atol=1e-9)

@@ -102,6 +102,16 @@ def _fresh_dense(op) -> Tensor:
     return op.matmul(eye)
 
 
+def _leading_rows(op) -> bool:
+    """Whether ``op`` (a test-by-training covariance) is, or is a constant multiple of, a
+    :class:`LeadingRowsLinearOperator`: a ``BlockMeanKernel``'s rows at ``cat(train_x, new_x)``."""
+    from linear_operator.operators import ConstantMulLinearOperator
+
+    while isinstance(op, ConstantMulLinearOperator):
+        op = op.base_linear_op
+    return isinstance(op, LeadingRowsLinearOperator)
+
+
 class _PredictiveDifference(_CastOnce, _DenseFactorSolves, TorchIndexing, ClosedFormSamples, LinearOperator):
     r""":math:`K_{**} - G` at new inputs, :math:`G = (A W)(A W)^\top` held in the working precision
     (:class:`_OneHotGram` or a product of the ``t x k`` factor): entries, products, the diagonal and the dense matrix
@@ -553,10 +563,13 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
             "prediction at new inputs: the training covariance is a product of two lazily evaluated kernels computed "
             "in forward (GPyTorch's Hadamard multitask model), but the test-by-training covariance "
             f"({type(test_train_covar).__name__}, shape {tuple(test_train_covar.shape)}) is not rows of a block mean "
-            "joint covariance over the training blocks, so GPyTorch's exact path forms the t x n cross covariance "
-            "(exact, O(t n) memory). Write the product as one kernel with active_dims, e.g. covar_module = "
-            "BlockMeanKernel(...) * GroupKernel(num_tasks, rank=1, active_dims=[task column]), whose prediction is "
-            "closed form.",
+            "joint covariance over the training blocks, so GPyTorch's path forms the t x n cross covariance (O(t n) "
+            "memory). Where the task ids differ across a batch of test sets, the product of the joint covariance was "
+            "itself linear_operator's product of both factors' roots (a jittered Cholesky, Lanczos past "
+            "max_cholesky_size: approximate, and (n + t)-sized). Predict each test set alone (model(x[i], i[i])), or "
+            "write the product as one kernel with active_dims, e.g. covar_module = BlockMeanKernel(...) * "
+            "GroupKernel(num_tasks, rank=1, active_dims=[task column]), whose prediction is closed form, test "
+            "batches included.",
             ClosedFormFallbackWarning,
             stacklevel=4,
         )
@@ -682,6 +695,15 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
                 *test_test_covar.size(), dtype=test_test_covar.dtype, device=test_test_covar.device
             )
         cross = self._block_cross(test_train_covar)
+        if cross is None and _leading_rows(test_train_covar):
+            # the joint posterior at cat(train_x, new_x) (BoTorch's qNEI): GPyTorch's K_** + K_*x (-(K + D)^{-1} K_x*)
+            # is a sum linear_operator factorised by Lanczos past max_cholesky_size, a rank-100 root of a full-rank
+            # matrix (a user trial's draws at n = 1000 were 100% off at the training rows, and base samples of shape
+            # (S, n + q) did not fit the root). As a predictive difference its roots, solves and draws take one
+            # exact Cholesky of the (n + q) x (n + q) matrix, as at any t new inputs (max_capacitance_size bounds it)
+            covar = to_linear_operator(test_train_covar)
+            rhs = self.lik_train_train_covar.solve(covar.to_dense().mT)  # the closed-form solve, n x (n + q)
+            return _PredictiveDifference(test_test_covar, MatmulLinearOperator(covar, to_linear_operator(rhs)))
         if cross is None:
             return super().exact_predictive_covar(test_test_covar, test_train_covar)
         if settings.fast_pred_var.on():

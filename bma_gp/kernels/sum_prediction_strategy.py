@@ -3845,9 +3845,10 @@ def _product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> BlockCrossLi
     ``BlockMeanKernel`` or GPyTorch ``IndexKernel`` (also inside a ``ScaleKernel``), at least one of them of this
     package, whose cross covariance is one; the prediction at new inputs then matches it with the training
     covariance's product, a block mean operator over the same intersection."""
-    from gpytorch.kernels import IndexKernel, ScaleKernel
+    from gpytorch.kernels import IndexKernel, ProductKernel, ScaleKernel
     from gpytorch.lazy import LazyEvaluatedKernelTensor
 
+    from bma_gp._composition import _involves_block_mean
     from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
     from bma_gp.kernels.group_kernel import GroupKernel
 
@@ -3856,10 +3857,16 @@ def _product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> BlockCrossLi
             k = k.base_kernel
         return k
 
+    def qualifies(k) -> bool:  # a factor, or a product of them (ScaleKernel(GroupKernel * BlockMeanKernel))
+        k = bare(k)
+        if isinstance(k, ProductKernel):
+            return all(qualifies(part) for part in k.kernels)
+        return isinstance(k, (GroupKernel, BlockMeanKernel, IndexKernel))
+
     factors = [bare(k) for k in kernel.kernels]
-    if not all(isinstance(k, (GroupKernel, BlockMeanKernel, IndexKernel)) for k in factors):
+    if not all(qualifies(k) for k in factors) or not any(_involves_block_mean(k) for k in factors):
         return None
-    if all(isinstance(k, IndexKernel) for k in factors) or (x1.shape == x2.shape and torch.equal(x1, x2)):
+    if x1.shape == x2.shape and torch.equal(x1, x2):
         return None
     crosses = []
     for factor in kernel.kernels:
