@@ -1865,25 +1865,39 @@ def _one_hot_block_mean(other) -> BlockMeanLinearOperator | None:
     ``IndexKernel`` between the same task ids: a ``LazyEvaluatedKernelTensor``'s ``InterpolatedLinearOperator`` with one
     interpolation weight 1 per row), ``C[i_a, i_b]``: ``lam = 0`` and ``B = C`` over the ids present, as
     ``GroupKernel(k, rank=r)`` gives it. None for anything else (ids that differ across a batch included)."""
-    from linear_operator.operators import InterpolatedLinearOperator
-
-    if type(other) is not InterpolatedLinearOperator:
+    found = _task_lookup(other)
+    if found is None:
         return None
-    left, right = other.left_interp_indices, other.right_interp_indices
-    if left.shape[-1] != 1 or left.shape != right.shape or not torch.equal(left, right):
+    rows, ids, C = found
+    if rows.shape[-1] != ids.shape[-1] or not bool((rows == ids).all()):
         return None
-    if not (bool((other.left_interp_values == 1).all()) and bool((other.right_interp_values == 1).all())):
-        return None
-    ids = left[..., 0].reshape(-1, left.shape[-2])
-    if not bool((ids == ids[0]).all()):
-        return None
-    present, labels = torch.unique(ids[0], sorted=True, return_inverse=True)
-    C = _symmetric_task_covariance(other.base_linear_op.to_dense())  # (*batch, k, k): the task covariance, small
-    if C is None:
-        return None
+    present, labels = torch.unique(ids, sorted=True, return_inverse=True)
     B = C.index_select(-2, present).index_select(-1, present)
     lam = B.new_zeros(B.shape[:-1])
     return BlockMeanLinearOperator(lam, B, Partition.from_labels(labels, num_blocks=present.numel()))
+
+
+def _task_lookup(op) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(rows, columns, C)`` when ``op`` is a ``k x k`` matrix ``C`` read at ids, ``C[rows_a, columns_b]`` (GPyTorch's
+    ``IndexKernel``: an ``InterpolatedLinearOperator`` with one interpolation weight 1 per row on both sides) whose
+    column ids are the same across its batch, ``C`` symmetric (made exactly so); ``rows`` keeps its batch
+    ``(*batch, t)``, ``columns`` is one ``(n,)`` vector. None for anything else."""
+    from linear_operator.operators import InterpolatedLinearOperator
+
+    if type(op) is not InterpolatedLinearOperator:
+        return None
+    left, right = op.left_interp_indices, op.right_interp_indices
+    if left.shape[-1] != 1 or right.shape[-1] != 1:
+        return None
+    if not (bool((op.left_interp_values == 1).all()) and bool((op.right_interp_values == 1).all())):
+        return None
+    columns = right[..., 0].reshape(-1, right.shape[-2])
+    if not bool((columns == columns[0]).all()):
+        return None
+    C = _symmetric_task_covariance(op.base_linear_op.to_dense())  # (*batch, k, k): the task covariance, small
+    if C is None:
+        return None
+    return left[..., 0], columns[0], C
 
 
 def _symmetric_task_covariance(C: Tensor) -> Tensor | None:

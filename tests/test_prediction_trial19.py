@@ -243,6 +243,16 @@ def _block_mean_model(likelihood, with_groups):
     return model, X
 
 
+def _assert_joint_like_dense(model, x, mean, covar) -> None:
+    """``mean`` and ``covar`` of ``model(x)`` against the dense model's (GPyTorch's Cholesky on the kernel matrix)."""
+    reference = dense_copy(model)
+    with torch.no_grad(), warnings.catch_warnings(), gpytorch.settings.max_cholesky_size(10**6):
+        warnings.simplefilter("ignore")
+        ref = reference(x)
+        torch.testing.assert_close(mean, ref.mean, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(covar, ref.covariance_matrix, rtol=1e-7, atol=1e-9)
+
+
 @pytest.mark.parametrize(("likelihood", "with_groups"), [("fixed", False), ("gauss", True), ("fixed", True)])
 def test_joint_posterior_with_the_training_inputs_names_its_cause(likelihood, with_groups):
     """BoTorch's qNEI pattern, model(cat(train_x, new_x)), with a BlockMeanKernel in a sum (or per-point noise): the
@@ -257,12 +267,7 @@ def test_joint_posterior_with_the_training_inputs_names_its_cause(likelihood, wi
     messages = [str(w.message) for w in record if issubclass(w.category, ClosedFormFallbackWarning)]
     assert any("start with the training inputs" in m for m in messages), messages
     assert not any("Group ids, partitions" in m for m in messages), messages
-    reference = dense_copy(model)
-    with torch.no_grad(), warnings.catch_warnings(), gpytorch.settings.max_cholesky_size(10**6):
-        warnings.simplefilter("ignore")
-        ref = reference(torch.cat([X, xc]))
-        torch.testing.assert_close(post.mean, ref.mean, rtol=1e-8, atol=1e-10)
-        torch.testing.assert_close(covar, ref.covariance_matrix, rtol=1e-7, atol=1e-9)
+    _assert_joint_like_dense(model, torch.cat([X, xc]), post.mean, covar)
 
 
 def test_joint_posterior_with_the_training_inputs_samples_exactly():
@@ -286,9 +291,4 @@ def test_joint_posterior_with_the_training_inputs_samples_exactly():
     torch.testing.assert_close(root @ root.mT, covar, rtol=1e-10, atol=1e-12)
     centred = draws - post.mean
     torch.testing.assert_close(centred.mT @ centred, covar, rtol=1e-10, atol=1e-12)
-    reference = dense_copy(model)
-    with torch.no_grad(), warnings.catch_warnings(), gpytorch.settings.max_cholesky_size(10**6):
-        warnings.simplefilter("ignore")
-        ref = reference(torch.cat([X, xc]))
-        torch.testing.assert_close(post.mean, ref.mean, rtol=1e-8, atol=1e-10)
-        torch.testing.assert_close(covar, ref.covariance_matrix, rtol=1e-7, atol=1e-9)
+    _assert_joint_like_dense(model, torch.cat([X, xc]), post.mean, covar)

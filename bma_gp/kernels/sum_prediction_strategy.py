@@ -821,28 +821,16 @@ def _index_cross(op) -> BlockCrossLinearOperator | None:
     training ids present (numbered in sorted order, as the training covariance's product numbers them,
     :func:`bma_gp.block_mean_linear_operator._one_hot_block_mean`): :math:`A_{a,c} = C[i_a, \mathrm{present}_c]`.
     ``None`` for anything else (training ids that differ across a batch included)."""
-    from linear_operator.operators import InterpolatedLinearOperator
-
-    from bma_gp.block_mean_linear_operator import _symmetric_task_covariance
+    from bma_gp.block_mean_linear_operator import _task_lookup
 
     scale = None
     if type(op) is ConstantMulLinearOperator:
         op, scale = op.base_linear_op, op.expanded_constant
-    if type(op) is not InterpolatedLinearOperator:
+    found = _task_lookup(op)
+    if found is None:
         return None
-    left, right = op.left_interp_indices, op.right_interp_indices
-    if left.shape[-1] != 1 or right.shape[-1] != 1:
-        return None
-    if not (bool((op.left_interp_values == 1).all()) and bool((op.right_interp_values == 1).all())):
-        return None
-    ids = right[..., 0].reshape(-1, right.shape[-2])
-    if not bool((ids == ids[0]).all()):
-        return None
-    C = _symmetric_task_covariance(op.base_linear_op.to_dense())
-    if C is None:
-        return None
-    present, labels = torch.unique(ids[0], sorted=True, return_inverse=True)
-    rows = left[..., 0]  # (*batch, t)
+    rows, ids, C = found  # rows (*batch, t)
+    present, labels = torch.unique(ids, sorted=True, return_inverse=True)
     batch = torch.broadcast_shapes(C.shape[:-2], rows.shape[:-1])
     C = C.index_select(-1, present).expand(*batch, *C.shape[-2:-1], present.numel())
     t = rows.shape[-1]
