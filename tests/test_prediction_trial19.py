@@ -292,3 +292,17 @@ def test_joint_posterior_with_the_training_inputs_samples_exactly():
     centred = draws - post.mean
     torch.testing.assert_close(centred.mT @ centred, covar, rtol=1e-10, atol=1e-12)
     _assert_joint_like_dense(model, torch.cat([X, xc]), post.mean, covar)
+
+
+def test_joint_posterior_with_the_training_inputs_above_the_capacitance_limit_says_so():
+    """Past bma_gp.settings.max_capacitance_size joint points the exact factorisation is not formed: GPyTorch's path
+    follows (its roots Lanczos past max_cholesky_size), with a warning that names the limit; the values match."""
+    from bma_gp import ClosedFormFallbackWarning, settings
+
+    model, X = _block_mean_model("gauss", False)
+    xc = torch.tensor([[0.3, 0.6, 1.0], [0.8, 0.2, 4.0]], dtype=DTYPE)
+    with torch.no_grad(), gpytorch.settings.max_eager_kernel_size(0), settings.max_capacitance_size(N):
+        with pytest.warns(ClosedFormFallbackWarning, match="max_capacitance_size = 40"):
+            post = model(torch.cat([X, xc]))
+            covar = post.covariance_matrix
+    _assert_joint_like_dense(model, torch.cat([X, xc]), post.mean, covar)
