@@ -272,7 +272,20 @@ class ChunkedInducingPointKernel(InducingPointKernel):
         return max(1024, CHUNK_BYTES // max(1, m * torch.finfo(dtype).bits // 8))
 
     def _root(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(U, rowsum(U**2))``, block by block, written into one ``n x m`` result."""
+        """``(U, rowsum(U**2))``, block by block, written into one ``n x m`` result. Inputs equal across their
+        leading batch dimensions (a fantasy model's training inputs under a batch of fantasy targets) are rooted
+        once and the root expanded: the numbers of the inputs alone, which the training root of the same points
+        has. A batched product rounded differently (2.3e-12 on roots of 0.8 in a user trial, magnified by an
+        ill-conditioned ``K_ZZ``), and predictions from such a fantasy model no longer recognised the training root
+        in the cross covariance (a warning, and the ``t x n`` cross covariance per fantasy: 0.80 s against 0.04 s at
+        n = 20,000). One comparison pass over ``x`` decides; inputs that require a gradient are rooted as they
+        are (each batch entry its own gradient)."""
+        if x.dim() > 2 and x.shape[:-2].numel() > 1 and not (x.requires_grad and torch.is_grad_enabled()):
+            first = x.reshape(-1, *x.shape[-2:])[:1]
+            if bool((x.reshape(-1, *x.shape[-2:]) == first).all()):
+                U, diag = self._root(first[0])  # batched already where the kernel's parameters are
+                batch = torch.broadcast_shapes(x.shape[:-2], U.shape[:-2])
+                return U.expand(*batch, *U.shape[-2:]), diag.expand(*batch, *diag.shape[-1:])
         inv_root = self._inducing_inv_root
         # the dtype of the root (an integer or narrower x takes the kernel's, as GPyTorch's kernels promote it)
         rows = self._rows(torch.promote_types(x.dtype, inv_root.dtype))
