@@ -1630,12 +1630,18 @@ def _hooked_mul_matrix(original):
     return _mul_matrix
 
 
-def _scaled_dense(op) -> bool:
-    """Whether ``op`` is a dense matrix times constants (``ConstantMulLinearOperator`` around a
-    ``DenseLinearOperator``, at any depth)."""
-    while type(op) is ConstantMulLinearOperator:
+def unscaled(op):
+    """``op`` without the constant multiples around it (``ConstantMulLinearOperator``s, at any depth: nested
+    ``ScaleKernel``s)."""
+    while isinstance(op, ConstantMulLinearOperator):
         op = op.base_linear_op
-    return isinstance(op, DenseLinearOperator)
+    return op
+
+
+def _scaled_dense(op) -> bool:
+    """Whether ``op`` is a dense matrix, or one times constants (a ``DenseLinearOperator`` under
+    :func:`unscaled`)."""
+    return isinstance(unscaled(op), DenseLinearOperator)
 
 
 def _has_dense_summand(kernel) -> bool:

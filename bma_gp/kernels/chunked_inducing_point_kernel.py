@@ -281,9 +281,9 @@ class ChunkedInducingPointKernel(InducingPointKernel):
         n = 20,000). One comparison pass over ``x`` decides; inputs that require a gradient are rooted as they
         are (each batch entry its own gradient)."""
         if x.dim() > 2 and x.shape[:-2].numel() > 1 and not (x.requires_grad and torch.is_grad_enabled()):
-            first = x.reshape(-1, *x.shape[-2:])[:1]
-            if bool((x.reshape(-1, *x.shape[-2:]) == first).all()):
-                U, diag = self._root(first[0])  # batched already where the kernel's parameters are
+            first = shared_batch_entry(x, 2)
+            if first is not None:
+                U, diag = self._root(first)  # batched already where the kernel's parameters are
                 batch = torch.broadcast_shapes(x.shape[:-2], U.shape[:-2])
                 return U.expand(*batch, *U.shape[-2:]), diag.expand(*batch, *diag.shape[-1:])
         inv_root = self._inducing_inv_root

@@ -105,11 +105,9 @@ def _fresh_dense(op) -> Tensor:
 def _leading_rows(op) -> bool:
     """Whether ``op`` (a test-by-training covariance) is, or is a constant multiple of, a
     :class:`LeadingRowsLinearOperator`: a ``BlockMeanKernel``'s rows at ``cat(train_x, new_x)``."""
-    from linear_operator.operators import ConstantMulLinearOperator
+    from bma_gp._composition import unscaled
 
-    while isinstance(op, ConstantMulLinearOperator):
-        op = op.base_linear_op
-    return isinstance(op, LeadingRowsLinearOperator)
+    return isinstance(unscaled(op), LeadingRowsLinearOperator)
 
 
 class _PredictiveDifference(_CastOnce, _DenseFactorSolves, TorchIndexing, ClosedFormSamples, LinearOperator):
