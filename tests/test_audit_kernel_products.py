@@ -537,3 +537,41 @@ def test_scaled_dense_test_covariance_times_an_index_kernel_is_exact(form):
         ref_mean, ref_covar = ref.mean, ref.covariance_matrix
     torch.testing.assert_close(mean, ref_mean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(covar, ref_covar, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("order", ["I1 * I2 * G", "I1 * G * I2", "G * I1 * I2", "I1 * I2 * M"])
+def test_two_index_kernels_multiplied_first_stay_closed_form(order):
+    """``IndexKernel(i1) * IndexKernel(i2) * GroupKernel(g)``: GPyTorch's product multiplied the two task kernels
+    first, linear_operator's product of their roots (a training covariance that left the closed forms, with a
+    warning), while the order ``I1 * G * I2`` was closed form. The product's factors are now taken block mean first
+    (the elementwise product commutes), in training and in the cross covariance alike."""
+    inputs, y, partition, xt = data()
+    x = torch.cat([inputs, (torch.arange(N) % 3).to(DTYPE).unsqueeze(-1), (torch.arange(N) % 2).to(DTYPE)[:, None]], -1)
+    xt = torch.cat([xt, torch.tensor([[0.0], [1.0], [2.0], [1.0], [3.0]], dtype=DTYPE),
+                    torch.tensor([[1.0], [0.0], [1.0], [1.0], [0.0]], dtype=DTYPE)], -1)  # fmt: skip
+    i1 = gpytorch.kernels.IndexKernel(num_tasks=4, rank=1, active_dims=[3])
+    i1.covar_factor.data = torch.tensor([[0.5], [-0.3], [0.8], [0.1]])
+    i2 = gpytorch.kernels.IndexKernel(num_tasks=2, rank=1, active_dims=[4])
+    i2.covar_factor.data = torch.tensor([[0.9], [0.4]])
+    other = BlockMeanKernel(rbf(), x, partition) if order.endswith("M") else GroupKernel(7, active_dims=[2])
+    factors = {"I1": i1, "I2": i2, "G": other, "M": other}
+    names = order.split(" * ")
+    kernel = factors[names[0]] * factors[names[1]] * factors[names[2]]
+    model = model_of(kernel, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        covar = model.covar_module(x)
+        covar = covar.evaluate_kernel() if hasattr(covar, "evaluate_kernel") else covar
+        assert isinstance(covar, BlockMeanLinearOperator)
+        reference = dense_copy(model)
+        torch.testing.assert_close(covar.to_dense(), reference.covar_module(x).to_dense(), rtol=1e-12, atol=1e-12)
+        model.train()
+        loss = -gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)(model(x), y)
+        loss.backward()
+        model.eval()
+        with torch.no_grad():
+            pred = model(xt)
+            mean, var = pred.mean, pred.variance
+    ref_mean, ref_var = dense_prediction(reference, xt)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(var, ref_var, rtol=1e-10, atol=1e-10)

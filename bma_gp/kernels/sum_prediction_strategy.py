@@ -3810,7 +3810,11 @@ def _hook_product_forward(cls) -> None:
 
     @functools.wraps(original)
     def forward(self, x1, x2, diag=False, **params):
-        if self.training or not _involves_block_mean(self):
+        if not _involves_block_mean(self):
+            return original(self, x1, x2, diag=diag, **params)
+        if not diag and _block_mean_first(self.kernels) != list(self.kernels) and torch.equal(x1, x2):
+            return _ordered_product(self, x1, x2, params)
+        if self.training:
             return original(self, x1, x2, diag=diag, **params)
         if not diag:
             cross = _product_cross(self, x1, x2, params)
@@ -3823,6 +3827,30 @@ def _hook_product_forward(cls) -> None:
 
     forward._bma_gp_original = original  # type: ignore[attr-defined]
     cls.forward = forward
+
+
+def _block_mean_first(kernels) -> list:
+    """A product's factors with those that involve a block mean or group kernel first (otherwise in their order): the
+    elementwise product commutes, and a block mean operator multiplies an ``IndexKernel`` in closed form where two
+    ``IndexKernel``'s multiplied first (``IndexKernel(i1) * IndexKernel(i2) * GroupKernel(g)``) gave linear_operator's
+    product of their roots. The training covariance and the cross covariance (:func:`_product_cross`) number the
+    intersection's blocks in this order."""
+    from bma_gp._composition import _involves_block_mean
+
+    kernels = list(kernels)
+    return [k for k in kernels if _involves_block_mean(k)] + [k for k in kernels if not _involves_block_mean(k)]
+
+
+def _ordered_product(kernel, x1: Tensor, x: Tensor, params: dict):
+    """GPyTorch's ``ProductKernel.forward`` between equal inputs, its factors taken in :func:`_block_mean_first`'s
+    order."""
+    from linear_operator import to_linear_operator
+
+    factors = _block_mean_first(kernel.kernels)
+    result = to_linear_operator(factors[0](x1, x, **params))
+    for factor in factors[1:]:
+        result = result * to_linear_operator(factor(x1, x, **params))
+    return result
 
 
 def _product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> BlockCrossLinearOperator | None:
@@ -3857,7 +3885,7 @@ def _product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> BlockCrossLi
     if x1.shape == x2.shape and torch.equal(x1, x2):
         return None
     crosses = []
-    for factor in kernel.kernels:
+    for factor in _block_mean_first(kernel.kernels):  # the training covariance's order
         cross = factor(x1, x2, **params)
         if isinstance(cross, LazyEvaluatedKernelTensor):
             cross = cross.evaluate_kernel()
@@ -3867,10 +3895,6 @@ def _product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> BlockCrossLi
             if cross is None:
                 return None
         crosses.append(cross)
-    if isinstance(factors[0], IndexKernel):
-        # the training product IndexKernel(i) * M is M's (M._mul_matrix reads the task covariance): its blocks are
-        # numbered from M's partition first, and the cross covariance's must be the same
-        crosses[0], crosses[1] = crosses[1], crosses[0]
     result: BlockCrossLinearOperator | None = crosses[0]
     for cross in crosses[1:]:
         result = result.hadamard(cross) if result is not None else None
