@@ -1090,6 +1090,74 @@ def _hooked_masked_new(original):
     return __new__
 
 
+# set while a sum or constant multiple built directly is routed through the hooked ``+`` and ``_mul_constant``: the
+# constructions those make themselves (linear_operator's own sums, where no closed form applies) are left as they are
+_ROUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("_bma_gp_routing", default=False)
+
+
+def _routed_construction(cls, args: tuple, kwargs: dict) -> LinearOperator | None:
+    """What ``cls(*args)`` means for linear_operator's generic ``SumLinearOperator``, ``AddedDiagLinearOperator`` and
+    ``ConstantMulLinearOperator`` built directly around a block mean operator (``AddedDiagLinearOperator(M,
+    DiagLinearOperator(d))``, ``ConstantMulLinearOperator(M, c)``), or ``None`` (then linear_operator's own). These
+    solved by CG and Lanczos without a word (a user trial: log-determinants 27-350 nats off, solves 23-39% off)
+    where ``M + D`` and ``M * c`` reach the closed forms; now they are ``args[0] + args[1] + ...`` and
+    ``M._mul_constant(c)``: the closed form, or a sum that says when it leaves it."""
+    if kwargs or _ROUTING.get() or cls not in (SumLinearOperator, AddedDiagLinearOperator, ConstantMulLinearOperator):
+        return None
+    if cls is ConstantMulLinearOperator:
+        if len(args) != 2 or not isinstance(args[0], LinearOperator) or not _is_ours(args[0]):
+            return None
+        base = args[0].evaluate_kernel() if _is_lazy_block_mean(args[0]) else args[0]
+        constant = args[1] if torch.is_tensor(args[1]) else torch.tensor(args[1], dtype=base.dtype, device=base.device)
+        token = _ROUTING.set(True)
+        try:
+            return base._mul_constant(constant)
+        finally:
+            _ROUTING.reset(token)
+    if len(args) < 2 or not all(isinstance(a, LinearOperator) for a in args):
+        return None
+    if not any(_is_ours(a) or _holds_ours(a) for a in args):
+        return None
+    token = _ROUTING.set(True)
+    try:
+        res = args[0]
+        for term in args[1:]:
+            res = res + term
+        return res
+    finally:
+        _ROUTING.reset(token)
+
+
+def _hooked_generic_new(original):
+    """``__new__`` of linear_operator's generic sums and constant multiples: :func:`_routed_construction` where it
+    applies. Python calls ``__init__`` on what ``__new__`` returns when it is an instance of the class asked for (a
+    :class:`FallbackSumLinearOperator` is a ``SumLinearOperator``): the result is marked as built, and
+    :func:`_hooked_generic_init` leaves it as it is."""
+
+    @functools.wraps(original)
+    def __new__(cls, *args, **kwargs):
+        res = _routed_construction(cls, args, kwargs)
+        if res is not None:
+            if isinstance(res, cls):
+                res.__dict__["_bma_gp_built"] = True
+            return res
+        return original(cls) if original is object.__new__ else original(cls, *args, **kwargs)
+
+    __new__._bma_gp_original = original
+    return __new__
+
+
+def _hooked_generic_init(original):
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        if self.__dict__.pop("_bma_gp_built", False):
+            return
+        original(self, *args, **kwargs)
+
+    __init__._bma_gp_original = original
+    return __init__
+
+
 def _as_fallback(res):
     """``res``, a sum that contains a :class:`FallbackSumLinearOperator`, as one (flattened) such sum."""
     if isinstance(res, FallbackSumLinearOperator):
@@ -1772,12 +1840,25 @@ def install() -> None:
     original_new = MaskedLinearOperator.__new__
     if not hasattr(original_new, "_bma_gp_original"):
         MaskedLinearOperator.__new__ = _hooked_masked_new(original_new)
+    # sums and constant multiples built directly (AddedDiagLinearOperator(M, D), ConstantMulLinearOperator(M, c)):
+    # the closed forms that M + D and M * c reach, not linear_operator's silent CG
+    for cls in (SumLinearOperator, AddedDiagLinearOperator, ConstantMulLinearOperator):
+        original_new = cls.__dict__.get("__new__", object.__new__)
+        if not hasattr(original_new, "_bma_gp_original"):
+            cls.__new__ = _hooked_generic_new(original_new)
+        original_init = cls.__dict__["__init__"]
+        if not hasattr(original_init, "_bma_gp_original"):
+            cls.__init__ = _hooked_generic_init(original_init)
     # the others reach the evaluated operator already; zero_mean_mvn_samples ran linear_operator's contour integral
     # quadrature on the lazy tensor under ciq_samples(True)
     for name in ("root_decomposition", "root_inv_decomposition", "zero_mean_mvn_samples"):
         method = getattr(LazyEvaluatedKernelTensor, name)
         if not hasattr(method, "_bma_gp_original"):
             setattr(LazyEvaluatedKernelTensor, name, _hooked_evaluated(method, name))
+    # GPyTorch's leave-one-out objective: diag(K^{-1}) and K^{-1}(y - m) in closed form, not through a dense Cholesky
+    from bma_gp._leave_one_out import install as install_leave_one_out
+
+    install_leave_one_out()
     # kernel sums (AdditiveKernel) with a group or block mean kernel: the posterior at the training inputs too
     from bma_gp.kernels.sum_prediction_strategy import install as install_prediction
 

@@ -32,6 +32,7 @@ from bma_gp._core_backward import CoreCholeskySolve, CoreLogdet
 from bma_gp._diagonal import diagonal_by_construction, is_diagonal
 from bma_gp._indexing import TorchIndexing
 from bma_gp._low_rank_sum import LowRankInClosedForm
+from bma_gp._pickling import PicklesWithoutCache
 from bma_gp._precision import core_dtype
 from bma_gp._samples import ClosedFormSamples
 from bma_gp._symmetric_function import floored_sqrt, symmetric_matrix_function
@@ -374,7 +375,13 @@ def _prepared(lam: Tensor, clamp: bool) -> Tensor:
 
 
 class BlockMeanLinearOperator(
-    WarnsOnCatRows, TorchIndexing, ClosedFormSamples, LowRankInClosedForm, ClosedFormRoots, LinearOperator
+    WarnsOnCatRows,
+    TorchIndexing,
+    PicklesWithoutCache,
+    ClosedFormSamples,
+    LowRankInClosedForm,
+    ClosedFormRoots,
+    LinearOperator,
 ):
     r"""A block mean matrix over a partition of :math:`n` indices into :math:`k` blocks.
 

@@ -13,6 +13,7 @@ from torch import Tensor
 from bma_gp._broadcast import batch_constants, times_diagonal
 from bma_gp._indexing import TorchIndexing
 from bma_gp._low_rank_sum import LowRankInClosedForm
+from bma_gp._pickling import PicklesWithoutCache
 from bma_gp.block_mean_linear_operator import (
     BlockMeanLinearOperator,
     _is_number,
@@ -30,7 +31,7 @@ def _is_noop(index) -> bool:
     return isinstance(index, slice) and index == slice(None, None, None)
 
 
-class BlockMeanProductLinearOperator(TorchIndexing, LowRankInClosedForm, MatmulLinearOperator):
+class BlockMeanProductLinearOperator(TorchIndexing, PicklesWithoutCache, LowRankInClosedForm, MatmulLinearOperator):
     r"""The matrix product :math:`M N` of two :class:`~bma_gp.BlockMeanLinearOperator` over different partitions of the
     same :math:`n` points (what ``M @ N`` gives; over one partition the product is again a block mean operator).
 

@@ -43,6 +43,7 @@ from bma_gp._diagonal import structurally_diagonal as _structurally_diagonal
 from bma_gp._indexing import TorchIndexing
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._low_rank_sum import LowRankInClosedForm
+from bma_gp._pickling import PicklesWithoutCache
 from bma_gp._precision import core_dtype
 from bma_gp._samples import ClosedFormSamples
 from bma_gp._symmetric_function import (
@@ -606,7 +607,13 @@ def _level_ratio_hint(g: Tensor, diag: Tensor) -> str:
 
 
 class BlockMeanSumLinearOperator(
-    WarnsOnCatRows, TorchIndexing, ClosedFormSamples, LowRankInClosedForm, ClosedFormRoots, LinearOperator
+    WarnsOnCatRows,
+    TorchIndexing,
+    PicklesWithoutCache,
+    ClosedFormSamples,
+    LowRankInClosedForm,
+    ClosedFormRoots,
+    LinearOperator,
 ):
     r"""A per-point diagonal plus block mean matrices over several partitions plus a low-rank root.
 
@@ -777,6 +784,8 @@ class BlockMeanSumLinearOperator(
         self._graphless: set[str] = set()  # stored under no_grad from tensors that require gradients
 
     # ------------------------------------------------------------------ bookkeeping
+    _pickled_empty = {"_store": dict, "_scoped_names": set, "_graphless": set}  # results: recomputed by a copy
+
     def evaluate_kernel(self) -> BlockMeanSumLinearOperator:
         """Itself: its summands were evaluated when it was built (linear_operator's default rebuilds the operator
         from its tensors and would drop what it has computed)."""
