@@ -30,14 +30,19 @@ _functorch = getattr(torch._C, "_functorch", None)
 _is_wrapped = getattr(_functorch, "is_functorch_wrapped_tensor", None)
 _unwrapped = getattr(_functorch, "get_unwrapped", None)
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_is_legacy_batched = getattr(_functorch, "is_legacy_batchedtensor", None)
 
 
 def functorch_wrapped(t: Tensor) -> bool:
     """Whether ``t`` is a wrapper of a running :mod:`torch.func` transform (``grad``, ``jacrev``, ``jvp``,
     ``jacfwd``, ``hessian``, ``vmap``): every tensor made inside one is, whether or not it carries a derivative. Such
-    a tensor has no storage of its own (``data_ptr()`` raises). One flag read outside a transform."""
+    a tensor has no storage of its own (``data_ptr()`` raises); so has a batched tensor of torch's legacy ``vmap``.
+    Two flag reads outside a transform."""
     if _transforms_active is None or not _transforms_active():
-        return False  # a wrapper kept from a transform that has returned is dead: a plain constant, as torch treats it
+        # a wrapper kept from a transform that has returned is dead: a plain constant, as torch treats it. torch's
+        # legacy vmap (torch.autograd.functional.jacobian with vectorize=True, gradcheck's batched gradients) sets no
+        # transform flag: its batched tensors (no storage either, no batching rule for out= forms) are read apart
+        return _is_legacy_batched is not None and bool(_is_legacy_batched(t))
     return _is_wrapped is None or bool(_is_wrapped(t))
 
 

@@ -558,7 +558,7 @@ class Partition:
         """For each equal-size run: ``(first index, first block, blocks, size, x's run as a view)``.
         ``dim`` counts from the end; the view has the blocks at ``dim - 1`` and the size at ``dim``."""
         for start, block, count, size in self._runs or ():
-            yield start, block, count, size, x.narrow(dim, start, count * size).unflatten(dim, (count, size))
+            yield start, block, count, size, _split(x.narrow(dim, start, count * size), dim, count, size)
 
     # ------------------------------------------------------------------ algebra
     def _check_device(self, t: Tensor, method: str, name: str) -> None:
@@ -588,7 +588,7 @@ class Partition:
             )
         trail = x.shape[dim + 1 :]
         if trail and all(size == 1 for size in trail):  # (*, n, 1): the 1-d kernels are much faster
-            res = self.block_sum(x.flatten(dim), dim=dim)
+            res = self.block_sum(_merge_from(x, dim), dim=dim)
             return res.view(*res.shape, *trail)
         if self._runs is not None:  # a few runs of equal-size blocks: reshape and sum, no index vector
             ndim = dim - x.dim()
@@ -685,7 +685,7 @@ class Partition:
         shape[dim] = len(self)
         trail = shape[len(shape) + dim + 1 :]
         if trail and all(size == 1 for size in trail):  # (*, n, 1): the 1-d kernels are much faster
-            res = self.expand_addcmul(shift.flatten(dim), scale.flatten(dim), x.flatten(dim), dim=-1)
+            res = self.expand_addcmul(_merge_from(shift, dim), _merge_from(scale, dim), _merge_from(x, dim), dim=-1)
             return res.view(*res.shape, *trail)
         dtype = torch.promote_types(torch.promote_types(shift.dtype, scale.dtype), x.dtype)
         # the out= and in-place paths below only for plain tensors: not under autograd, and not for a torch.func
@@ -700,9 +700,9 @@ class Partition:
                 a = shift.narrow(dim, block, count).unsqueeze(dim)  # (*, count, 1, *trail)
                 b = scale.narrow(dim, block, count).unsqueeze(dim)
                 if out is None:
-                    pieces.append(torch.addcmul(a, b, run).flatten(dim - 1, dim))
+                    pieces.append(_merge_pair(torch.addcmul(a, b, run), dim - 1))
                 else:
-                    torch.addcmul(a, b, run, out=out.narrow(dim, start, count * size).unflatten(dim, (count, size)))
+                    torch.addcmul(a, b, run, out=_split(out.narrow(dim, start, count * size), dim, count, size))
             if out is not None:
                 return out
             return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
@@ -925,3 +925,23 @@ def intersection(first: Partition, second: Partition) -> tuple[Partition, Tensor
     k2 = second.num_blocks
     codes, labels = torch.unique(first.labels * k2 + second.labels.to(first.device), return_inverse=True)
     return Partition(labels, num_blocks=codes.numel()), codes
+
+
+# reshapes as view/reshape with explicit sizes: torch's legacy vmap (torch.autograd.functional.jacobian with
+# vectorize=True, gradcheck's batched gradients) has no batching rule for unflatten or flatten(start_dim)
+def _split(t: Tensor, dim: int, count: int, size: int) -> Tensor:
+    """``t.unflatten(dim, (count, size))``."""
+    d = dim % t.dim()
+    return t.view(*t.shape[:d], count, size, *t.shape[d + 1 :])
+
+
+def _merge_from(t: Tensor, dim: int) -> Tensor:
+    """``t.flatten(dim)``: ``dim`` and every dimension after it as one."""
+    d = dim % t.dim()
+    return t.reshape(*t.shape[:d], -1)
+
+
+def _merge_pair(t: Tensor, dim: int) -> Tensor:
+    """``t.flatten(dim, dim + 1)``."""
+    d = dim % t.dim()
+    return t.reshape(*t.shape[:d], t.shape[d] * t.shape[d + 1], *t.shape[d + 2 :])

@@ -239,3 +239,145 @@ def test_leave_one_out_of_a_covariance_outside_the_family_is_gpytorchs():
         got = mll(model(inputs), y)
         original = type(mll).forward._bma_gp_original(mll, model(inputs), y)
     torch.testing.assert_close(got, original, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ gradients with respect to the training inputs
+def _bound_model(bound_x, x, y):
+    import gpytorch
+
+    from bma_gp import BlockMeanKernel
+    from gp_reference import GP
+
+    partition = Partition.from_labels(torch.arange(x.shape[0]) % 4)
+    kernel = BlockMeanKernel(gpytorch.kernels.RBFKernel(), bound_x, partition)
+    return GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).double()
+
+
+def test_training_input_gradient_goes_to_the_tensor_the_model_is_called_with():
+    """A ``BlockMeanKernel`` bound to one tensor and called with another of the same values built the training
+    covariance from the bound one: the gradient went there, and the inputs the model was called with got none
+    (silently). It now differentiates the inputs given, as any GPyTorch kernel does."""
+    import gpytorch
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.rand(20, 2, generator=g, dtype=torch.float64)
+    y = torch.randn(20, generator=g, dtype=torch.float64)
+    grads = []
+    for bound_to_itself in (True, False):
+        x = X.clone().requires_grad_()
+        bound = x if bound_to_itself else X.clone().requires_grad_()
+        model = _bound_model(bound, x, y)
+        model.train()
+        (-gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)(model(x), y)).backward()
+        grads.append(x.grad)
+        if not bound_to_itself:
+            assert bound.grad is None  # the bound copy took no part
+    assert grads[1] is not None and grads[0].abs().max() > 1e-3
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-14)
+
+
+def test_a_learnable_input_transform_rebuilt_every_iteration_trains():
+    """BoTorch's pattern: the inputs rebuilt from a learnable transform every iteration and set with
+    ``model.set_train_data``. The kernel used the tensor bound when it was built, whose graph the first backward
+    pass had freed: torch's "backward through the graph a second time" on the second iteration. The gradient of the
+    transform is now the one through the inputs given, each iteration."""
+    import gpytorch
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.rand(24, 2, generator=g, dtype=torch.float64)
+    y = torch.randn(24, generator=g, dtype=torch.float64)
+    scale = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    model = _bound_model(X * scale, X * scale, y)
+    model.train()
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    steps = []
+    for _ in range(2):
+        scale.grad = None
+        x = X * scale
+        model.set_train_data(x, y, strict=False)
+        (-mll(model(x), y)).backward()
+        steps.append(scale.grad.clone())
+    assert steps[0].abs().max() > 1e-4
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-12, atol=1e-14)  # same inputs, same gradient
+    # the gradient is the one of a kernel bound to the inputs of this iteration
+    x = (X * scale).detach().requires_grad_()
+    fresh = _bound_model(x, x, y)
+    fresh.load_state_dict(model.state_dict())
+    fresh.train()
+    (-gpytorch.mlls.ExactMarginalLogLikelihood(fresh.likelihood, fresh)(fresh(x), y)).backward()
+    torch.testing.assert_close(steps[0], (x.grad * X).sum(0), rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------ torch's legacy vmap (vectorized Jacobians)
+@pytest.mark.parametrize("wrt", ["lam", "B", "rhs", "vector rhs"])
+@pytest.mark.parametrize("method", ["solve", "matmul"])
+def test_vectorized_jacobians_through_contiguous_partitions(method, wrt):
+    """``torch.autograd.functional.jacobian(..., vectorize=True)`` (and gradcheck's batched gradients) run the
+    backward pass under torch's legacy vmap, which has no batching rule for ``unflatten``, ``flatten(start_dim)``
+    or ``addcmul``'s ``out=`` form: a raw torch error on every partition from ``from_sizes``."""
+    from torch.autograd.functional import jacobian
+
+    dt = torch.float64
+    g = torch.Generator().manual_seed(2)
+    partition = Partition.from_sizes([3, 2, 4, 3])
+    lam = torch.rand(4, generator=g, dtype=dt) + 1
+    A = 0.3 * torch.randn(4, 4, generator=g, dtype=dt)
+    B = A @ A.mT + 0.2 * torch.eye(4, dtype=dt)
+    r = torch.randn(12, 2, generator=g, dtype=dt)
+    if wrt == "vector rhs":
+        r = r[:, 0].clone()
+
+    def apply(lam_, B_, r_):
+        op = BlockMeanLinearOperator(lam_, B_, partition)
+        return op.solve(r_) if method == "solve" else op @ r_
+
+    fns = {
+        "lam": (lambda x: apply(x, B, r), lam),
+        "B": (lambda x: apply(lam, x, r), B),
+        "rhs": (lambda x: apply(lam, B, x), r),
+        "vector rhs": (lambda x: apply(lam, B, x), r),
+    }
+    f, x = fns[wrt]
+    vectorized = jacobian(f, x, vectorize=True)
+    torch.testing.assert_close(vectorized, jacobian(f, x), rtol=1e-12, atol=1e-14)
+    # the dense reference
+    dense = lambda lam_, B_, r_: (  # noqa: E731
+        torch.linalg.solve(BlockMeanLinearOperator(lam_, B_, partition).to_dense(), r_)
+        if method == "solve"
+        else BlockMeanLinearOperator(lam_, B_, partition).to_dense() @ r_
+    )
+    reference = {"lam": lambda y: dense(y, B, r), "B": lambda y: dense(lam, y, r)}.get(wrt, lambda y: dense(lam, B, y))
+    torch.testing.assert_close(vectorized, jacobian(reference, x), rtol=1e-9, atol=1e-11)
+
+
+# ------------------------------------------------------------------ the functional optimizer inside torch.func
+@pytest.mark.parametrize("rule", ["row", "tensor"])
+def test_functional_step_inside_a_torch_func_transform_is_refused_before_anything_changes(rule):
+    """``bma_gp.optim.functional.block_mean_adagrad`` inside ``torch.func.grad`` raised torch's raw error about
+    in-place updates of captured tensors after ``stats["step"]`` had counted the step ("row"), or one about data
+    pointers ("tensor"). It now refuses in words, with nothing changed."""
+    from torch.func import grad
+
+    from bma_gp.optim.functional import block_mean_adagrad
+    from bma_gp.optim.param_blocks import ParamBlocks
+
+    params = [torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)]
+    blocks = ParamBlocks.build(params, rule)
+    k = blocks.num_blocks
+    h = torch.zeros(blocks.bounds[-1], dtype=torch.float64)
+    stats = {"U": torch.zeros(k, k, dtype=torch.float64), "w": torch.zeros(k, dtype=torch.float64), "step": 0}
+    kwargs = dict(lr=[0.1] * 2, weight_decay=[0.0] * 2, maximize=[False] * 2, eps=1e-10, damping=0.1,
+                  update_interval=1, mask=True, check_finite=True, fused=False)  # fmt: skip
+    block_mean_adagrad(params, [torch.randn_like(p) for p in params], h, stats, blocks, None, **kwargs)
+    before = copy.deepcopy((h, stats, params))
+
+    def inner(ps):
+        block_mean_adagrad(ps, [torch.ones_like(p) for p in ps], h, stats, blocks, None, **kwargs)
+        return sum(p.sum() for p in ps)
+
+    with pytest.raises(ValueError, match="inside a torch.func transform"):
+        grad(inner)([p.clone() for p in params])
+    assert stats["step"] == before[1]["step"] == 1
+    torch.testing.assert_close(h, before[0], rtol=0, atol=0)
+    for key in ("U", "w"):
+        torch.testing.assert_close(stats[key], before[1][key], rtol=0, atol=0)

@@ -603,6 +603,14 @@ class BlockMeanKernel(Kernel):
             )
         train_x = self._train_x.to(device=x1.device, dtype=x1.dtype)
         r1, r2 = self._num_train_rows(x1), self._num_train_rows(x2)
+        if r1 or r2:
+            # the training rows as the model passed them: equal in value to the bound inputs (so they were recognised),
+            # but where either tracks a gradient, the tensor the model is called with is the one differentiated, as
+            # for any GPyTorch kernel (the bound one took the gradient, or a stale graph of it raised on a second
+            # backward pass, when a learnable input transform rebuilt the inputs every iteration)
+            rows = (x1 if r1 else x2)[..., : train_x.shape[-2], :]
+            if (rows.requires_grad or train_x.requires_grad) and rows.shape[-2:] == train_x.shape[-2:]:
+                train_x = rows
         new1, new2 = x1[..., r1:, :], x2[..., r2:, :]
 
         if diag:

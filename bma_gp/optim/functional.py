@@ -43,6 +43,7 @@ from torch import Tensor
 from torch.autograd.graph import increment_version
 
 from bma_gp import BlockMeanLinearOperator, Partition, block_mean_from_sums
+from bma_gp._autograd import functorch_active
 from bma_gp._blas_threads import single_blas_thread
 from bma_gp._precision import core_dtype
 from bma_gp.optim import _cpu_kernels, _fused
@@ -893,6 +894,7 @@ def block_mean_adagrad(
             "{'U': zeros(k, k), 'w': zeros(k), 'step': 0}."
         )
     _refuse_inference_tensors(params, state_sum, stats)
+    _refuse_transforms()
     d, k = blocks.bounds[-1], blocks.num_blocks
     if len(params) != len(blocks.segments) or len(grads) != len(params) or tuple(state_sum.shape) != (d,):
         raise ValueError(
@@ -968,6 +970,18 @@ def _refuse_inference_tensors(params: list[Tensor], state_sum: Tensor, stats: di
                 "version counters, which inference tensors lack. Make the parameters and the state outside "
                 "torch.inference_mode() (the step itself may be called inside it, or under torch.no_grad())."
             )
+
+
+def _refuse_transforms() -> None:
+    """``ValueError`` inside a running :mod:`torch.func` transform (``grad``, ``vmap``, ...): the step updates the
+    parameters, ``state_sum`` and ``stats`` in place, which a transform's wrappers cannot take (torch raised its own
+    error part-way through, after ``stats["step"]`` had counted the step). One flag read; before anything changes."""
+    if functorch_active():
+        raise ValueError(
+            "block_mean_adagrad was called inside a torch.func transform (grad, vmap, jacrev, ...): it updates "
+            "params, state_sum and stats in place, which a transform's tensors cannot take. Compute the gradients "
+            "with the transform (grads = torch.func.grad(loss)(params)) and call the step outside it."
+        )
 
 
 def _run_block_mean_adagrad(params, grads, state_sum, stats, blocks, workspace, *, fused, **kwargs) -> None:
