@@ -26,7 +26,7 @@ from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
 __all__ = ["install"]
 
 
-def _closed_form_terms(covar) -> tuple[Tensor, object] | None:
+def _closed_form_terms(covar) -> tuple[Tensor, BlockMeanLinearOperator | BlockMeanSumLinearOperator] | None:
     """``(diag(K^{-1}), K)`` for a covariance of the package's family, else ``None``."""
     if hasattr(covar, "evaluate_kernel"):
         covar = covar.evaluate_kernel()

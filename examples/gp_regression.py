@@ -28,12 +28,12 @@ from bma_gp import Partition
 from bma_gp.kernels import BlockMeanKernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/: the shared _common module
-from _common import check_out_dir  # noqa: E402
+from _common import check_out_dir, require  # noqa: E402
 
 
 def load_co2() -> tuple[torch.Tensor, torch.Tensor]:
     """Decimal years and CO2 (ppm) of the weekly record, missing weeks dropped."""
-    import statsmodels.datasets.co2 as co2
+    co2 = require("statsmodels.datasets.co2")
 
     frame = co2.load_pandas().data.dropna()
     index = frame.index

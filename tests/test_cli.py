@@ -277,9 +277,19 @@ def test_help_lists_every_option(capsys):
         "--seed",
         "--split",
         "--kernel",
+        "--version",
     ):
         assert option in text
     assert build_parser().prog == "bma-gp"
+
+
+def test_version_option_prints_the_package_version(capsys):
+    import bma_gp
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"bma-gp {bma_gp.__version__}"
 
 
 # ------------------------------------------------------------------------ errors: exit 2, a message, no traceback

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from bma_gp._version import __version__
 from bma_gp.cli.config import METHODS, PROG, RunConfig
 from bma_gp.partition_builders import _SEED_RANGE, _SEED_REASON
 from bma_gp.partition_builders import _seed as _checked_seed
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "them on held-out points. Without --data it uses the Mauna Loa CO2 series bundled with the package.",
         formatter_class=_DefaultsHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     data = parser.add_argument_group("data")
     data.add_argument("--data", metavar="CSV", help="a CSV file with a header line (default: the bundled CO2 series)")
     data.add_argument("--target", metavar="COL", help="the column to predict (required with --data)")

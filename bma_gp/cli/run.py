@@ -217,7 +217,7 @@ def _fit_and_report(
         except ImportError:
             print(
                 f"{PROG}: warning: matplotlib is not installed, no plot written "
-                "(pip install matplotlib, or pass --no-plot)",
+                "(pip install bma-gp[examples], or pass --no-plot)",
                 file=sys.stderr,
             )
             _note_stale_plot(config.out, "matplotlib is not installed")

@@ -165,7 +165,8 @@ def _with_eager_fallback(name: str, eager, fast):
                 warnings.warn(
                     f"BlockMeanAdagrad(fused=True): torch.compile of the fused step failed ({type(exc).__name__}: "
                     f"{str(exc).splitlines()[0] if str(exc) else ''}); running the same passes eagerly (slower). "
-                    "The CPU backend needs a C++ compiler; fused=False avoids torch.compile.",
+                    "The CPU backend needs a C++ compiler; on CPU numba's kernels replace torch.compile (pip install "
+                    "bma-gp[jit]), and fused=False avoids both.",
                     RuntimeWarning,
                     stacklevel=caller_stacklevel(),
                 )

@@ -32,7 +32,7 @@ import operator
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import torch
 from torch import Tensor
@@ -663,8 +663,14 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         """Drop what a subclass derived from the flat buffers: the step rebuilds them from ``self.state``."""
 
     # ------------------------------------------------------------------ torch.optim protocol
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimization step.
 
         Args:
