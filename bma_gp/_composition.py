@@ -1128,6 +1128,22 @@ def _routed_construction(cls, args: tuple, kwargs: dict) -> LinearOperator | Non
         _ROUTING.reset(token)
 
 
+def _unrouted(original):
+    """``original`` (linear_operator's ``__add__``, ``add_diagonal``, ...) with the sums and multiples it builds left
+    as linear_operator builds them: the hooks around it route its result themselves (a lazily evaluated kernel
+    plus a diagonal stays unevaluated, for an approximate GP that reads only its diagonal)."""
+
+    @functools.wraps(original)
+    def call(*args, **kwargs):
+        token = _ROUTING.set(True)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _ROUTING.reset(token)
+
+    return call
+
+
 def _hooked_generic_new(original):
     """``__new__`` of linear_operator's generic sums and constant multiples: :func:`_routed_construction` where it
     applies. Python calls ``__init__`` on what ``__new__`` returns when it is an instance of the class asked for (a
@@ -1454,9 +1470,11 @@ def _hooked_tasks_add_diagonal(original):
     log-determinant took a dense Cholesky of the whole ``t n x t n`` matrix without a word. Its checks and expansion
     of ``diag`` (a vector, one value per batch entry, a scalar) are kept: the routing starts from its result."""
 
+    unrouted = _unrouted(original)
+
     @functools.wraps(original)
     def add_diagonal(self, diag):
-        res = original(self, diag)
+        res = unrouted(self, diag)
         if _tasks_of_ours(self) and isinstance(res, AddedDiagLinearOperator):
             routed = add_to_tasks(self, res._diag_tensor)
             if routed is None:
@@ -1478,6 +1496,8 @@ def _hooked_tasks_mul_constant(original):
     (shape ``(*batch,)``) broadcast against the tasks' dimension and raised. ``c`` is one value for the layout or one
     per batch entry of it, the same for all its tasks."""
 
+    unrouted = _unrouted(original)
+
     @functools.wraps(original)
     def _mul_constant(self, other):
         base = self.base_linear_op
@@ -1488,19 +1508,21 @@ def _hooked_tasks_mul_constant(original):
             if c.dim() > 0:  # (*batch) of the layout: the base's batch is (*batch, t)
                 c = c.unsqueeze(-1)
             return type(self)(base._mul_constant(c))
-        return original(self, other)
+        return unrouted(self, other)
 
     _mul_constant._bma_gp_original = original
     return _mul_constant
 
 
 def _hooked_add(original):
+    unrouted = _unrouted(original)
+
     @functools.wraps(original)
     def __add__(self, other):
         if isinstance(other, LinearOperator) and (
             isinstance(self, FallbackSumLinearOperator) or isinstance(other, FallbackSumLinearOperator)
         ):  # a fallback sum plus anything (noise, say) is still one: it keeps its warning
-            return _as_fallback(original(self, other))
+            return _as_fallback(unrouted(self, other))
         if isinstance(other, FallbackScaledLinearOperator) and isinstance(self, LinearOperator):
             return other.__radd__(self)  # D + c M: no closed form, a sum that warns when solved
         if isinstance(other, LinearOperator) and (_tasks_of_ours(self) or _tasks_of_ours(other)):
@@ -1523,8 +1545,8 @@ def _hooked_add(original):
             if res is not None:
                 return res
         if _kronecker_of_ours(self) or _kronecker_of_ours(other):
-            return _announced_kronecker(original(self, other))
-        return original(self, other)
+            return _announced_kronecker(unrouted(self, other))
+        return unrouted(self, other)
 
     __add__._bma_gp_original = original
     return __add__
@@ -1555,6 +1577,8 @@ def _hooked_matmul(original):
     warn and use LU, not a silent ``MatmulLinearOperator`` (whose solvers assume symmetry). Products with tensors
     and products of other operators are linear_operator's own."""
 
+    unrouted = _unrouted(original)
+
     @functools.wraps(original)
     def matmul(self, other):
         scaled = _times_constant_diagonal(self, other)
@@ -1563,7 +1587,7 @@ def _hooked_matmul(original):
         if isinstance(other, LinearOperator) and (_in_matmul_family(self) or _in_matmul_family(other)):
             _matmul_broadcast_shape(self.shape, other.shape)
             return FallbackMatmulLinearOperator(self, other)
-        return original(self, other)
+        return unrouted(self, other)
 
     matmul._bma_gp_original = original
     return matmul
@@ -1612,10 +1636,12 @@ def _hooked_root_diag_mul_constant(original):
     covariance of a batch ``ScaleKernel`` around an SGPR kernel in eval mode, whose inputs are expanded to the batch).
     Nonnegative constants scale the root by their square roots; others take linear_operator's negative branch."""
 
+    unrouted = _unrouted(original)
+
     @functools.wraps(original)
     def _mul_constant(self, other):
         if not (torch.is_tensor(other) and other.dim() > 0):
-            return original(self, other)
+            return unrouted(self, other)
         if bool((other >= 0).all()):
             return _scaled_low_rank(self, other)
         return AddedDiagLinearOperator(self._linear_op._mul_constant(other), self._diag_tensor._mul_constant(other))
@@ -1645,6 +1671,8 @@ def _hooked_mul_matrix(original):
     multiplies the roots of both factors without a word (a dense ``n x n`` Cholesky for a GPyTorch Hadamard multitask
     model, ``covar_module(x).mul(task_covar_module(i))``, and for ``GroupKernel()(g).mul(BlockMeanKernel(...)(x))``,
     which is a block mean operator)."""
+
+    unrouted = _unrouted(original)
 
     def own(op) -> bool:
         return isinstance(op, (BlockMeanLinearOperator, BlockMeanSumLinearOperator))
@@ -1692,7 +1720,7 @@ def _hooked_mul_matrix(original):
                 # trial's predictive variances of ScaleKernel(GroupKernel * BlockMeanKernel) * IndexKernel at 1000 new
                 # points were up to 100% off). Its product is as dense as the factor already is: exact entries
                 return DenseLinearOperator(left.to_dense() * right.to_dense())
-        return original(self, other)
+        return unrouted(self, other)
 
     _mul_matrix._bma_gp_original = original
     return _mul_matrix
@@ -1738,16 +1766,18 @@ def _hooked_add_diagonal(original):
     needs only its diagonal or products (an approximate GP's ``data_data_covar.add_jitter()`` then ``.diagonal()``,
     where evaluating formed the ``n x n`` matrix: 10 GB at n = 50,000)."""
 
+    unrouted = _unrouted(original)
+
     @functools.wraps(original)
     def add_diagonal(self, diag):
         if _is_lazy_block_mean(self):
             if not _has_dense_summand(self.kernel):
                 return self.evaluate_kernel().add_diagonal(diag)
-            res = original(self, diag)
+            res = unrouted(self, diag)
             if isinstance(res, AddedDiagLinearOperator):
                 return FallbackSumLinearOperator(self, res._diag_tensor)
             return res
-        return original(self, diag)
+        return unrouted(self, diag)
 
     add_diagonal._bma_gp_original = original
     return add_diagonal
@@ -1757,9 +1787,11 @@ def _hooked_sum_add_diagonal(original):
     """``add_diagonal`` of a plain ``SumLinearOperator`` that holds a block mean operator: the closed form when
     every term has one, else a :class:`FallbackSumLinearOperator` (which warns), not a silent generic sum."""
 
+    unrouted = _unrouted(original)
+
     @functools.wraps(original)
     def add_diagonal(self, diag):
-        res = original(self, diag)
+        res = unrouted(self, diag)
         if _holds_ours(self) and isinstance(res, AddedDiagLinearOperator):
             routed = add_structured(self, res._diag_tensor)
             return routed if routed is not None else FallbackSumLinearOperator(*self.linear_ops, res._diag_tensor)
