@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import warnings
 from dataclasses import dataclass, field
 from typing import cast
@@ -1096,32 +1097,49 @@ _ROUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("_bma_gp_routing
 
 
 def _routed_construction(cls, args: tuple, kwargs: dict) -> LinearOperator | None:
-    """What ``cls(*args)`` means for linear_operator's generic ``SumLinearOperator``, ``AddedDiagLinearOperator`` and
-    ``ConstantMulLinearOperator`` built directly around a block mean operator (``AddedDiagLinearOperator(M,
-    DiagLinearOperator(d))``, ``ConstantMulLinearOperator(M, c)``), or ``None`` (then linear_operator's own). These
-    solved by CG and Lanczos without a word (a user trial: log-determinants 27-350 nats off, solves 23-39% off)
-    where ``M + D`` and ``M * c`` reach the closed forms; now they are ``args[0] + args[1] + ...`` and
-    ``M._mul_constant(c)``: the closed form, or a sum that says when it leaves it."""
-    if kwargs or _ROUTING.get() or cls not in (SumLinearOperator, AddedDiagLinearOperator, ConstantMulLinearOperator):
+    """What ``cls(*args, **kwargs)`` means for linear_operator's generic ``SumLinearOperator``,
+    ``AddedDiagLinearOperator`` and ``ConstantMulLinearOperator`` built directly around a block mean operator
+    (``AddedDiagLinearOperator(M, DiagLinearOperator(d))``, ``ConstantMulLinearOperator(M, c)``), or ``None`` (then
+    linear_operator's own). These solved by CG and Lanczos without a word (a user trial: log-determinants 27-350 nats
+    off, solves 23-39% off) where ``M + D`` and ``M * c`` reach the closed forms; now they are ``args[0] + args[1] +
+    ...`` and ``M._mul_constant(c)``: the closed form, or a sum that says when it leaves it. The arguments are taken
+    as linear_operator's ``__init__`` takes them (tensors as dense operators, ``constant=`` by keyword, a constant
+    of one entry as a number); an ``AddedDiagLinearOperator`` given its own ``preconditioner_override`` (for CG) is
+    left as it is."""
+    if _ROUTING.get() or cls not in (SumLinearOperator, AddedDiagLinearOperator, ConstantMulLinearOperator):
         return None
     if cls is ConstantMulLinearOperator:
-        if len(args) != 2 or not isinstance(args[0], LinearOperator) or not _is_ours(args[0]):
+        try:
+            bound = inspect.signature(ConstantMulLinearOperator.__init__._bma_gp_original).bind(None, *args, **kwargs)
+        except TypeError:
+            return None  # linear_operator's own error
+        base, constant = bound.arguments["base_linear_op"], bound.arguments["constant"]
+        if not isinstance(base, LinearOperator) or not _is_ours(base):
             return None
-        base = args[0].evaluate_kernel() if _is_lazy_block_mean(args[0]) else args[0]
-        constant = args[1] if torch.is_tensor(args[1]) else torch.tensor(args[1], dtype=base.dtype, device=base.device)
+        base = base.evaluate_kernel() if _is_lazy_block_mean(base) else base
+        if not torch.is_tensor(constant):
+            constant = torch.tensor(constant, dtype=base.dtype, device=base.device)
+        if constant.numel() == 1 and constant.dim() > len(base.batch_shape):
+            constant = constant.reshape(())  # linear_operator's multiple keeps the base's shape
         token = _ROUTING.set(True)
         try:
             return base._mul_constant(constant)
         finally:
             _ROUTING.reset(token)
-    if len(args) < 2 or not all(isinstance(a, LinearOperator) for a in args):
+    if cls is AddedDiagLinearOperator:
+        if set(kwargs) - {"preconditioner_override"} or kwargs.get("preconditioner_override") is not None:
+            return None
+    elif kwargs:
         return None
-    if not any(_is_ours(a) or _holds_ours(a) for a in args):
+    if not args or not all(isinstance(a, (LinearOperator, Tensor)) for a in args):
+        return None
+    terms = [a if isinstance(a, LinearOperator) else DenseLinearOperator(a) for a in args]
+    if not any(_is_ours(a) or _holds_ours(a) for a in terms):
         return None
     token = _ROUTING.set(True)
     try:
-        res = args[0]
-        for term in args[1:]:
+        res = terms[0].evaluate_kernel() if len(terms) == 1 and _is_lazy_block_mean(terms[0]) else terms[0]
+        for term in terms[1:]:
             res = res + term
         return res
     finally:
@@ -1643,8 +1661,13 @@ def _hooked_root_diag_mul_constant(original):
         if not (torch.is_tensor(other) and other.dim() > 0):
             return unrouted(self, other)
         if bool((other >= 0).all()):
-            return _scaled_low_rank(self, other)
-        return AddedDiagLinearOperator(self._linear_op._mul_constant(other), self._diag_tensor._mul_constant(other))
+            scaled = _scaled_low_rank(self, other)
+            if scaled is not None:
+                return scaled
+        # a negative constant, or a zero one (the root's square-root scaling has an infinite derivative there): the
+        # generic multiple of the root plus the scaled diagonal (a user trial: None was returned for a 0)
+        root = ConstantMulLinearOperator(self._linear_op, other)
+        return AddedDiagLinearOperator(root, self._diag_tensor._mul_constant(other))
 
     _mul_constant._bma_gp_original = original
     return _mul_constant
@@ -1661,6 +1684,22 @@ def _scales_lazily(op) -> bool:
     ):
         return True
     return type(op) is SumLinearOperator and all(_scales_lazily(term) for term in op.linear_ops)
+
+
+# set while GPyTorch's ProductKernel with a block mean or group kernel among its factors evaluates (its forward,
+# bma_gp.kernels.sum_prediction_strategy): the products it forms there of constant multiples of dense matrices are
+# formed densely; linear_operator's own products elsewhere are left as they are
+_IN_BLOCK_MEAN_PRODUCT: contextvars.ContextVar[bool] = contextvars.ContextVar("_bma_gp_product", default=False)
+
+
+@contextlib.contextmanager
+def block_mean_product():
+    """The extent of a product kernel's evaluation with a block mean or group kernel among its factors."""
+    token = _IN_BLOCK_MEAN_PRODUCT.set(True)
+    try:
+        yield
+    finally:
+        _IN_BLOCK_MEAN_PRODUCT.reset(token)
 
 
 def _hooked_mul_matrix(original):
@@ -1711,7 +1750,7 @@ def _hooked_mul_matrix(original):
                     # bma_gp.kernels.task_prediction_strategy, which gives it the block mean strategy
                     res._bma_gp_kernel_product = True
                 return res
-        if isinstance(other, LinearOperator):
+        if isinstance(other, LinearOperator) and _IN_BLOCK_MEAN_PRODUCT.get():
             left, right = self.evaluate_kernel(), other.evaluate_kernel()
             if _scaled_dense(left) or _scaled_dense(right):
                 # c D, a ScaleKernel around a covariance held densely (a BlockMeanKernel's between new points): a dense
@@ -1899,6 +1938,11 @@ def install() -> None:
     from bma_gp.kernels.task_prediction_strategy import install as install_task_prediction
 
     install_task_prediction()
+    # GPyTorch's lazily_evaluate_kernels blocks, scoped to the thread that enters them (another thread's evaluation
+    # made this one's kernels eager and its predictions GPyTorch's default ones)
+    from bma_gp._flag_scope import install as install_flag_scope
+
+    install_flag_scope()
     # BlockMeanKernel's lazily_evaluate_kernels(False) warning: tell GPyTorch's own evaluation from the user's setting
     from bma_gp.kernels.block_mean_kernel import install as install_lazy_mark
 

@@ -14,9 +14,12 @@ __all__ = ["diagonal_by_construction", "is_diagonal", "structurally_diagonal"]
 
 
 def is_diagonal(B: Tensor) -> bool:
-    """Whether every off-diagonal entry of ``B`` is exactly zero (one host read)."""
+    """Whether every off-diagonal entry of ``B`` is exactly zero (one host read; False for a meta tensor, which has
+    no values: shape-only evaluation then takes the general, dense-core paths)."""
     if B.shape[-1] == 1:
         return True
+    if B.is_meta:
+        return False
     B = B.detach()  # counts, no k x k temporary: the nonzeros are all on the diagonal
     return bool(B.count_nonzero() == torch.diagonal(B, dim1=-2, dim2=-1).count_nonzero())
 

@@ -210,6 +210,15 @@ def warn_cat_rows(op: LinearOperator, cross_mat: Tensor) -> None:
     )
 
 
+#: linear_operator's ``_solve(rhs, preconditioner, num_tridiag)`` asks for Lanczos tridiagonal matrices alongside the
+#: solves (stochastic Lanczos quadrature of a log-determinant) only on its generic path, which these operators replace
+_NO_LANCZOS_QUADRATURE = (
+    "{} was asked for linear_operator's stochastic Lanczos quadrature (_solve with num_tridiag > 0): its "
+    "log-determinant is a closed form. Call logdet() or inv_quad_logdet() on it (or on the sum that holds it) instead "
+    "of through a generic operator built around it."
+)
+
+
 class WarnsOnCatRows:
     """``cat_rows`` as linear_operator's, with :func:`warn_cat_rows`'s warning (block mean operators and sums)."""
 
@@ -620,7 +629,7 @@ class BlockMeanLinearOperator(
 
         Every closed form beyond products starts here, so this is where non-finite input is caught
         (``check`` and validation on; one host synchronisation)."""
-        if check and settings.validate.on():
+        if check and self._validating():
             self._check_finite()
         dtype = self.core_dtype
         return _fold_singletons(self.lam.to(dtype), self._b_sym().to(dtype), self.partition.sizes)
@@ -643,7 +652,7 @@ class BlockMeanLinearOperator(
         Returns:
             ``lam``, shape ``(*batch, k)``, and ``C``, shape ``(*batch, k, k)``.
         """
-        if settings.validate.on():
+        if self._validating():
             self._check_finite()
         return self._unchecked_core()
 
@@ -800,7 +809,7 @@ class BlockMeanLinearOperator(
         random-intercept model's prior, cross and noisy covariances are): :math:`W = C_N^{-1/2} C_A^\top` is
         diagonal, so :math:`C = \operatorname{diag}(c_M - c_A^2 / c_N)`. ``O(k)``: no ``k x k`` matrix, and the
         result is held in diagonal mode."""
-        if settings.validate.on():  # as core() and core_cholesky() check, without a k x k matrix
+        if self._validating():  # as core() and core_cholesky() check, without a k x k matrix
             for op in (self, cross, other):
                 op._check_finite()
             if bool((other._core_cholesky_diagonal()[1] > 0).any()):
@@ -1207,10 +1216,16 @@ class BlockMeanLinearOperator(
                 "(e.g. as the product of two operators that do not commute)."
             )
 
+    def _validating(self) -> bool:
+        """:class:`bma_gp.settings.validate`, except for a meta operator (shape-only evaluation: no values to read
+        back, where the checks raised torch's "Tensor.item() cannot be called on meta tensors")."""
+        return settings.validate.on() and not self.lam.is_meta
+
     def _check_finite(self) -> None:
         """NaN or inf in ``lam`` or ``B`` would surface as a misleading definiteness error, or as a
-        silent NaN result: name the input instead (one host synchronisation, once per operator)."""
-        if self._checked_finite:
+        silent NaN result: name the input instead (one host synchronisation, once per operator). A meta operator
+        (shape-only evaluation) has no values to check."""
+        if self._checked_finite or self.lam.is_meta:
             return
         lam_bad = ~torch.isfinite(self.lam)
         if self._b_diag is not None:  # no k x k check (nor matrix)
@@ -1316,7 +1331,7 @@ class BlockMeanLinearOperator(
         """
         if not callable(fn):
             raise TypeError(f"matrix_function(fn): fn must be a function of a tensor of eigenvalues, got {fn!r}.")
-        check = check and settings.validate.on()
+        check = check and self._validating()
         return self._spectral(_elementwise(fn, finite=check), domain=None, what="matrix_function", check=check)
 
     def _spectral(
@@ -1380,7 +1395,7 @@ class BlockMeanLinearOperator(
 
     def _sqrt(self, what: str, check: bool = True) -> BlockMeanLinearOperator:
         """:meth:`matrix_sqrt`, its errors naming ``what`` (the method the user called)."""
-        return self._spectral(floored_sqrt, domain="nonnegative", what=what, check=check and settings.validate.on())
+        return self._spectral(floored_sqrt, domain="nonnegative", what=what, check=check and self._validating())
 
     @_cached_unless_grad("matrix_inv_sqrt")
     def matrix_inv_sqrt(self, *, check: bool = True) -> BlockMeanLinearOperator:
@@ -1392,16 +1407,16 @@ class BlockMeanLinearOperator(
 
     def _inv_sqrt(self, what: str, check: bool = True) -> BlockMeanLinearOperator:
         """:meth:`matrix_inv_sqrt`, its errors naming ``what`` (the method the user called)."""
-        return self._spectral(torch.rsqrt, domain="positive", what=what, check=check and settings.validate.on())
+        return self._spectral(torch.rsqrt, domain="positive", what=what, check=check and self._validating())
 
     def matrix_log(self, *, check: bool = True) -> BlockMeanLinearOperator:
         r"""The matrix logarithm (positive definite :math:`M`), a block mean operator (checks as
         :meth:`matrix_inv_sqrt`)."""
-        return self._spectral(torch.log, domain="positive", what="matrix_log", check=check and settings.validate.on())
+        return self._spectral(torch.log, domain="positive", what="matrix_log", check=check and self._validating())
 
     def matrix_exp(self) -> BlockMeanLinearOperator:
         r"""The matrix exponential, a block mean operator."""
-        return self._spectral(torch.exp, domain=None, what="matrix_exp", check=settings.validate.on())
+        return self._spectral(torch.exp, domain=None, what="matrix_exp", check=self._validating())
 
     # ------------------------------------------------------------------ factorisation of the core
     @_cached_unless_grad("core_cholesky_ex")
@@ -1463,10 +1478,10 @@ class BlockMeanLinearOperator(
             # shape: (*batch, k, k)
         """
         self._check_symmetric("core_cholesky")
-        if settings.validate.on():
+        if self._validating():
             self._check_finite()
         L, info = self._core_cholesky_ex()
-        if settings.validate.on() and bool((info > 0).any()):
+        if self._validating() and bool((info > 0).any()):
             self._raise_not_positive_definite("core_cholesky")
         return L
 
@@ -1474,7 +1489,7 @@ class BlockMeanLinearOperator(
         """Validation off on an accelerator: nothing is read back, so whether the Cholesky factorisation of
         :math:`C` failed is not known on the host. Solves and log-determinants then take the LU of :math:`C`, which
         serves every invertible :math:`C`, definite or not (a Cholesky factor would be NaN for an indefinite one)."""
-        return not settings.validate.on() and self.lam.device.type != "cpu"
+        return not self._validating() and self.lam.device.type != "cpu"
 
     def _raise_not_positive_definite(self, what: str) -> None:
         if self._diagonal_core():  # the eigenvalues of C = diag(c) are c
@@ -1490,11 +1505,11 @@ class BlockMeanLinearOperator(
     @_cached_unless_grad("inverse_parts")
     def _inverse_parts(self) -> tuple[Tensor, Tensor]:
         if self._diagonal_core():
-            if settings.validate.on():
+            if self._validating():
                 self._check_finite()
             lam, b, c = self._diagonal_parts()
             self._check_invertible_offsets(lam)
-            if settings.validate.on() and bool((c == 0).any()):
+            if self._validating() and bool((c == 0).any()):
                 raise ValueError(
                     "the block mean matrix is singular: its k x k core matrix C = diag(lam) + S^1/2 B S^1/2 "
                     "cannot be inverted. Add a diagonal (add_diagonal / noise) before solving."
@@ -1529,7 +1544,7 @@ class BlockMeanLinearOperator(
         if L is not None:
             return torch.cholesky_solve(rhs, L) if C is None else CoreCholeskySolve.apply(C, L, rhs)
         X, info = torch.linalg.solve_ex(self._unchecked_core()[1], rhs)
-        if settings.validate.on() and bool((info > 0).any()):
+        if self._validating() and bool((info > 0).any()):
             raise ValueError(
                 "the block mean matrix is singular: its k x k core matrix C = diag(lam) + S^1/2 B S^1/2 "
                 "cannot be inverted. Add a diagonal (add_diagonal / noise) before solving." + _singular_hint(self.dtype)
@@ -1537,7 +1552,7 @@ class BlockMeanLinearOperator(
         return X
 
     def _check_invertible_offsets(self, lam: Tensor) -> None:
-        if settings.validate.on() and bool(((lam == 0) & (self.partition.sizes > 1)).any()):
+        if self._validating() and bool(((lam == 0) & (self.partition.sizes > 1)).any()):
             found = _first_bad((lam == 0) & (self.partition.sizes > 1))
             assert found is not None
             batch, i = found
@@ -1555,6 +1570,8 @@ class BlockMeanLinearOperator(
         return self._new(inv_lam, D)
 
     def _solve(self, rhs: Tensor, preconditioner=None, num_tridiag: int = 0) -> Tensor:
+        if num_tridiag:
+            raise NotImplementedError(_NO_LANCZOS_QUADRATURE.format(type(self).__name__))
         return self.inverse()._matmul(rhs)
 
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
@@ -1587,7 +1604,7 @@ class BlockMeanLinearOperator(
         ``k = 4000`` in a user trial); the direct form ``t`` columns."""
         if self._diagonal_core() or 4 * columns >= self.partition.num_blocks:
             return False
-        names = ("inverse",) if settings.validate.on() else ("inverse", "inverse (unvalidated)")
+        names = ("inverse",) if self._validating() else ("inverse", "inverse (unvalidated)")
         for key in names:
             try:
                 get_from_cache(self, key)
@@ -1620,13 +1637,13 @@ class BlockMeanLinearOperator(
         multiplicity = (self.partition.sizes - 1).to(self.core_dtype)
         if not self.symmetric:  # of any sign: torch.logdet semantics (nan below zero)
             return self._signed_logdet().to(self.dtype)
-        if not settings.validate.on() and self._diagonal_core():  # unchecked: torch.logdet of the dense M, O(k)
+        if not self._validating() and self._diagonal_core():  # unchecked: torch.logdet of the dense M, O(k)
             return self._signed_logdet().to(self.dtype)
         if self._diagonal_core():  # log det C = sum log c: O(k)
-            if settings.validate.on():
+            if self._validating():
                 self._check_finite()
             lam, _, c = self._diagonal_parts()
-            if settings.validate.on():
+            if self._validating():
                 self._check_block_offsets(lam, what, strict=True)
                 if bool((c <= 0).any()):
                     self._raise_not_positive_definite(what)
@@ -1639,7 +1656,7 @@ class BlockMeanLinearOperator(
                 return self._signed_logdet().to(self.dtype)
             lam, _ = self.core()
             C, L, info = self._core_factor()
-            if settings.validate.on():
+            if self._validating():
                 self._check_block_offsets(lam, what, strict=True)
                 if bool((info > 0).any()):
                     self._raise_not_positive_definite(what)
@@ -1659,7 +1676,7 @@ class BlockMeanLinearOperator(
         adds the logarithms. With :class:`bma_gp.settings.validate` on, NaN or inf in ``lam`` or ``B`` raises a
         ``ValueError``. # shape: (*batch,), (*batch,)"""
         if self._diagonal_core():  # det C = prod c: O(k)
-            if settings.validate.on():
+            if self._validating():
                 self._check_finite()
             lam, _, c = self._diagonal_parts()
             sign, logabs = torch.sign(c).prod(-1), c.abs().log().sum(-1)
@@ -1695,7 +1712,7 @@ class BlockMeanLinearOperator(
         rhs = inv_quad_rhs.unsqueeze(-1) if inv_quad_rhs.dim() == 1 else inv_quad_rhs
         part, dtype = self.partition, self.core_dtype
         if self._diagonal_core():
-            if settings.validate.on():
+            if self._validating():
                 self._check_finite()
             lam, _, c = self._diagonal_parts()
         else:
@@ -1708,7 +1725,7 @@ class BlockMeanLinearOperator(
         safe_lam = torch.where(part.sizes > 1, lam, torch.ones_like(lam)).unsqueeze(-1)
         z = sums / sizes.sqrt()
         if self._diagonal_core():
-            if settings.validate.on() and bool((c == 0).any()):
+            if self._validating() and bool((c == 0).any()):
                 raise ValueError(
                     "the block mean matrix is singular: its k x k core matrix C = diag(lam) + S^1/2 B S^1/2 "
                     "cannot be inverted. Add a diagonal (add_diagonal / noise) before solving."
@@ -1734,7 +1751,7 @@ class BlockMeanLinearOperator(
             and not self._diagonal_core()
             and not self._unchecked_on_accelerator()
         ):
-            if settings.validate.on():
+            if self._validating():
                 self._check_finite()
             self._shared_factor = self._core_factor()  # one factorisation for both terms
             try:
@@ -1807,7 +1824,7 @@ class BlockMeanLinearOperator(
         self._check_symmetric("an eigendecomposition (eigh, diagonalization)" if eigenvectors else "eigvalsh")
         diagonal = self._diagonal_core()
         if diagonal:  # C = diag(c): its eigenvalues are c, no k x k matrix
-            if settings.validate.on():
+            if self._validating():
                 self._check_finite()
             lam, _, c = self._diagonal_parts()
         else:

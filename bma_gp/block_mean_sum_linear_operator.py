@@ -55,6 +55,7 @@ from bma_gp._symmetric_function import (
 )
 from bma_gp._warnings import warn_dense_cholesky, warn_dense_eigh, warn_elementwise
 from bma_gp.block_mean_linear_operator import (
+    _NO_LANCZOS_QUADRATURE,
     BlockMeanLinearOperator,
     WarnsOnCatRows,
     _first_bad,
@@ -1930,6 +1931,8 @@ class BlockMeanSumLinearOperator(
         return res.squeeze(-1) if vector else res
 
     def _solve(self, rhs: Tensor, preconditioner=None, num_tridiag: int = 0) -> Tensor:
+        if num_tridiag:
+            raise NotImplementedError(_NO_LANCZOS_QUADRATURE.format(type(self).__name__))
         return self.solve(rhs)
 
     def inv_quad(self, inv_quad_rhs: Tensor, reduce_inv_quad: bool = True) -> Tensor:

@@ -41,9 +41,12 @@ def _assert_solves_like(op, dense, dtype):
     rhs = torch.randn(*dense.shape[:-1], 3, dtype=dtype)
     with closed_forms_only(dense.shape[-1]):  # no CG, no Lanczos, no dense factorisation
         solved, logdet = op.solve(rhs), op.logdet()
-    # the reference in float64 from the same entries (a float32 dense solve is no better than the closed form)
-    ref_solve = torch.linalg.solve(dense.double(), rhs.double()).to(dtype)
-    ref_logdet = torch.logdet(dense.double()).to(dtype)
+    # the reference in float64 from the same entries (a float32 dense solve is no better than the closed form), by
+    # Cholesky: torch 2.13's batched LU solve on CPU (MKL) returns invalid pivots at n >= 300 once
+    # torch.set_num_threads has been called with 2 threads (as the suite's one_thread fixture does on its way out)
+    factor = torch.linalg.cholesky(dense.double())
+    ref_solve = torch.cholesky_solve(rhs.double(), factor).to(dtype)
+    ref_logdet = (2 * factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)).to(dtype)
     tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-3 * ref_solve.abs().max())
     torch.testing.assert_close(solved, ref_solve, **tol)
     torch.testing.assert_close(logdet, ref_logdet, **(tol if dtype == torch.float64 else dict(rtol=1e-4, atol=0)))
@@ -415,3 +418,182 @@ def test_an_example_without_its_extra_names_it():
     assert require("math").sqrt(4.0) == 2.0
     with pytest.raises(SystemExit, match=r"needs no_such_module_bma .*pip install 'bma-gp\[examples\]'"):
         require("no_such_module_bma.sub")
+
+
+# ------------------------------------------------------------------ direct constructions, as linear_operator takes them
+def test_direct_constructions_take_linear_operators_arguments_as_linear_operator_does():
+    """A user trial of the routing: keyword arguments (``preconditioner_override=None``, ``constant=``, which
+    linear_operator's own rebuilds pass), a tensor summand and a single term were left to CG without a word, and a
+    constant of one entry gave a batch of one."""
+    import gpytorch
+
+    M = _operator(n=400)
+    d = torch.full((400,), 1e-3, dtype=torch.float64)
+    dense_noisy = M.to_dense() + torch.diag(d)
+    with closed_forms_only(400):
+        op = AddedDiagLinearOperator(M, DiagLinearOperator(d), preconditioner_override=None)
+        assert isinstance(op, (BlockMeanLinearOperator, BlockMeanSumLinearOperator))
+        noisy_logdet = op.logdet()
+        scaled = ConstantMulLinearOperator(M, constant=2.0)
+        assert isinstance(scaled, BlockMeanLinearOperator)
+        with gpytorch.settings.max_cholesky_size(0):
+            scaled_logdet = scaled.logdet()
+        assert SumLinearOperator(M) is M
+        one = ConstantMulLinearOperator(M, torch.tensor([2.0], dtype=torch.float64))
+        assert one.shape == M.shape
+    torch.testing.assert_close(noisy_logdet, torch.logdet(dense_noisy), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(scaled_logdet, torch.logdet(2 * M.to_dense()), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(one.to_dense(), 2 * M.to_dense())
+    # a dense summand has no closed form: the fallback sum, which says so when solved
+    op = SumLinearOperator(M, torch.diag(d))
+    assert isinstance(op, FallbackSumLinearOperator)
+    with pytest.warns(ClosedFormFallbackWarning):
+        op.solve(torch.ones(400, dtype=torch.float64))
+
+
+def test_a_generic_multiple_of_a_low_rank_sum_with_a_zero_constant():
+    """``LowRankRootAddedDiagLinearOperator`` (no block mean operator in it) times constants that include a 0 returned
+    ``None`` after ``import bma_gp``: the square-root scaling of the root declines a 0, and nothing took over."""
+    from linear_operator.operators import LowRankRootAddedDiagLinearOperator, LowRankRootLinearOperator
+
+    g = torch.Generator().manual_seed(3)
+    op = LowRankRootAddedDiagLinearOperator(
+        LowRankRootLinearOperator(torch.randn(2, 6, 2, generator=g, dtype=torch.float64)),
+        DiagLinearOperator(torch.rand(2, 6, generator=g, dtype=torch.float64) + 0.5),
+    )
+    for c in ([0.0, 3.0], [0.0, 0.0], [2.0, 3.0]):
+        constant = torch.tensor(c, dtype=torch.float64)
+        res = op * constant.view(2, 1, 1)
+        assert res is not None
+        torch.testing.assert_close(res.to_dense(), op.to_dense() * constant.view(2, 1, 1))
+    single = LowRankRootAddedDiagLinearOperator(
+        LowRankRootLinearOperator(torch.randn(6, 2, generator=g, dtype=torch.float64)),
+        DiagLinearOperator(torch.rand(6, generator=g, dtype=torch.float64) + 0.5),
+    )
+    res = single._mul_constant(torch.tensor([0.0], dtype=torch.float64))
+    assert res is not None and res.to_dense().abs().max() == 0
+
+
+def test_linear_operators_own_products_of_dense_multiples_are_left_as_they_are():
+    """The dense product of ``c D`` with another factor (exact entries where linear_operator multiplies roots) is
+    for a product kernel with a block mean or group kernel among its factors; linear_operator's own
+    ``ConstantMulLinearOperator(DenseLinearOperator(K), c) * X`` stays its ``MulLinearOperator`` (a user trial:
+    the type and, at ``max_cholesky_size(0)``, the numbers changed with the import)."""
+    from linear_operator.operators import (
+        LowRankRootAddedDiagLinearOperator,
+        LowRankRootLinearOperator,
+        MulLinearOperator,
+    )
+
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    dense = ConstantMulLinearOperator(DenseLinearOperator(A @ A.mT + torch.eye(8, dtype=torch.float64)), 2.0)
+    other = LowRankRootAddedDiagLinearOperator(
+        LowRankRootLinearOperator(torch.randn(8, 2, generator=g, dtype=torch.float64)),
+        DiagLinearOperator(torch.ones(8, dtype=torch.float64)),
+    )
+    assert type(dense.mul(other)) is MulLinearOperator
+
+
+# ------------------------------------------------------------------ joint posteriors of small problems
+def test_joint_posterior_of_a_small_problem_takes_the_exact_factorisation():
+    """``model(cat(train_x, new_x))`` (BoTorch's qNEI) at a joint size within GPyTorch's ``max_eager_kernel_size``
+    (512): GPyTorch densified both covariances, the strategy no longer saw the training rows, and the posterior's
+    draws took Lanczos past a lowered ``max_cholesky_size`` without a word (a user trial: n = 200, the draws'
+    covariance 100% off). The posterior is the predictive difference again, factorised exactly."""
+    import gpytorch
+
+    from bma_gp import BlockMeanKernel
+    from gp_reference import GP
+
+    g = torch.Generator().manual_seed(5)
+    n, q = 120, 5
+    x = torch.cat([torch.rand(n, 1, generator=g, dtype=torch.float64) * 5, (torch.arange(n) % 4)[:, None].double()], -1)
+    y = torch.sin(x[:, 0]) + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    partition = Partition.from_labels(torch.arange(n) // 6)
+    kernel = BlockMeanKernel(gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(active_dims=[0])), x, partition)
+    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).double()
+    model.likelihood.noise = 0.05
+    model.eval()
+    xt = torch.cat(
+        [torch.rand(q, 1, generator=g, dtype=torch.float64) * 5, torch.tensor([[0.0], [1], [2], [3], [0]])], -1
+    )
+    joint_x = torch.cat([x, xt.double()])
+    with torch.no_grad(), gpytorch.settings.max_cholesky_size(50), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        posterior = model(joint_x)
+        covar = posterior.lazy_covariance_matrix
+        with closed_forms_only(2 * n):  # no Lanczos; the one (n + q) x (n + q) Cholesky is below the guard's size
+            root = covar.root_decomposition().root.to_dense()
+    dense = covar.to_dense()
+    torch.testing.assert_close(root @ root.mT, dense, rtol=1e-7, atol=1e-9)
+
+
+# ------------------------------------------------------------------ threads and GPyTorch's lazily_evaluate_kernels
+def test_another_threads_eager_evaluation_does_not_change_this_threads_prediction():
+    """GPyTorch's ``with lazily_evaluate_kernels(False)`` (entered on every evaluation of a lazy kernel tensor) switched
+    lazy evaluation off for the whole process: a ``BlockMeanKernel`` model predicted in another thread meanwhile took
+    GPyTorch's default strategy (a user trial: the posterior mean at the training inputs 0.79 off), and interleaved
+    blocks left the flag off for good. Its blocks now hold for the thread that enters them."""
+    import threading
+
+    import gpytorch
+
+    from bma_gp import BlockMeanKernel
+    from gp_reference import GP
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(60, 1, generator=g, dtype=torch.float64) * 5
+    y = torch.sin(x[:, 0]) + 0.1 * torch.randn(60, generator=g, dtype=torch.float64)
+    kernel = BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, Partition.from_labels(torch.arange(60) // 6))
+    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).double()
+    model.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", gpytorch.utils.warnings.GPInputWarning)
+        expected = model(x)
+        expected_mean, expected_var = expected.mean, expected.variance
+        model.prediction_strategy = None  # built again below, while the other thread holds its block
+        entered, release = threading.Event(), threading.Event()
+
+        def eager_elsewhere():
+            with gpytorch.settings.lazily_evaluate_kernels(False):
+                entered.set()
+                release.wait(30)
+
+        other = threading.Thread(target=eager_elsewhere)
+        other.start()
+        try:
+            assert entered.wait(30)
+            assert gpytorch.settings.lazily_evaluate_kernels.on()  # this thread is in no such block
+            warnings.simplefilter("error", ClosedFormFallbackWarning)
+            got = model(x)
+            mean, var = got.mean, got.variance
+        finally:
+            release.set()
+            other.join(30)
+    torch.testing.assert_close(mean, expected_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, expected_var, rtol=1e-12, atol=1e-12)
+    # the blocks nest and unwind in one thread as before, and leave the class attribute alone
+    flag = gpytorch.settings.lazily_evaluate_kernels
+    with flag(False):
+        assert flag.off()
+        with flag(True):
+            assert flag.on()
+        assert flag.off()
+    assert flag.on() and flag._state is None
+
+
+def test_a_meta_operator_evaluates_shapes_with_validation_on():
+    """Shape-only evaluation on the ``meta`` device: ``solve`` and ``logdet`` with validation on (the default) raised
+    torch's "Tensor.item() cannot be called on meta tensors" from the value checks; they now give the shapes."""
+    from bma_gp import settings
+
+    k, n = 6, 40
+    labels = torch.arange(n) % k
+    M = BlockMeanLinearOperator(
+        torch.ones(k, device="meta"), torch.ones(k, k, device="meta"), Partition.from_labels(labels).to("meta")
+    )
+    assert settings.validate.on()
+    assert M.solve(torch.ones(n, 3, device="meta")).shape == (n, 3)
+    assert M.logdet().shape == () and M.logdet().is_meta
+    assert (M @ torch.ones(n, device="meta")).shape == (n,)

@@ -680,6 +680,13 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
         if self._block_cross(test_train_covar) is None:
             if self._kernel_product and self.block_mean_covar is not None:  # (the sums' path above warned itself)
                 self._warn_joint_cross(test_train_covar)
+            if _leading_rows(test_train_covar):
+                # the joint covariance at cat(train_x, new_x): GPyTorch densifies both covariances of a small problem
+                # (joint size up to max_eager_kernel_size), and exact_predictive_covar no longer saw the training
+                # rows, so the posterior's draws took Lanczos past max_cholesky_size (a user trial: n = 200, draws'
+                # covariance 100% off); kept lazy, it takes the one exact factorisation
+                with settings.max_eager_kernel_size(0):
+                    return super().exact_prediction(test_mean, test_test_covar, test_train_covar)
             return super().exact_prediction(test_mean, test_test_covar, test_train_covar)
         # no densification of the (t x n) cross-covariance, whatever max_eager_kernel_size says
         return (

@@ -3802,7 +3802,7 @@ def _hook_product_forward(cls) -> None:
     operator over the test ids times the base kernel's dense matrix), which prediction never solves with; it warned
     on every prediction. A training covariance that leaves the closed forms still warns in training, and in eval
     mode through the solves against it."""
-    from bma_gp._composition import _involves_block_mean
+    from bma_gp._composition import _involves_block_mean, block_mean_product
 
     original = cls.__dict__["forward"]
     if hasattr(original, "_bma_gp_original"):
@@ -3812,6 +3812,10 @@ def _hook_product_forward(cls) -> None:
     def forward(self, x1, x2, diag=False, **params):
         if not _involves_block_mean(self):
             return original(self, x1, x2, diag=diag, **params)
+        with block_mean_product():  # c D times a factor: a dense product, not one of roots
+            return product_forward(self, x1, x2, diag, params)
+
+    def product_forward(self, x1, x2, diag, params):
         if not diag and _block_mean_first(self.kernels) != list(self.kernels) and torch.equal(x1, x2):
             return _ordered_product(self, x1, x2, params)
         if self.training:
