@@ -515,12 +515,17 @@ _ANNOUNCED: contextvars.ContextVar[bool] = contextvars.ContextVar("_bma_gp_annou
 
 
 @contextlib.contextmanager
-def _announced():
-    token = _ANNOUNCED.set(True)
+def _raised(flag: contextvars.ContextVar[bool]):
+    """``flag`` set for the extent of the block (and put back after it)."""
+    token = flag.set(True)
     try:
         yield
     finally:
-        _ANNOUNCED.reset(token)
+        flag.reset(token)
+
+
+def _announced():
+    return _raised(_ANNOUNCED)
 
 
 class _WarnsWhenFactorised(TorchIndexing):
@@ -1121,11 +1126,8 @@ def _routed_construction(cls, args: tuple, kwargs: dict) -> LinearOperator | Non
             constant = torch.tensor(constant, dtype=base.dtype, device=base.device)
         if constant.numel() == 1 and constant.dim() > len(base.batch_shape):
             constant = constant.reshape(())  # linear_operator's multiple keeps the base's shape
-        token = _ROUTING.set(True)
-        try:
+        with _raised(_ROUTING):
             return base._mul_constant(constant)
-        finally:
-            _ROUTING.reset(token)
     if cls is AddedDiagLinearOperator:
         if set(kwargs) - {"preconditioner_override"} or kwargs.get("preconditioner_override") is not None:
             return None
@@ -1136,14 +1138,11 @@ def _routed_construction(cls, args: tuple, kwargs: dict) -> LinearOperator | Non
     terms = [a if isinstance(a, LinearOperator) else DenseLinearOperator(a) for a in args]
     if not any(_is_ours(a) or _holds_ours(a) for a in terms):
         return None
-    token = _ROUTING.set(True)
-    try:
+    with _raised(_ROUTING):
         res = terms[0].evaluate_kernel() if len(terms) == 1 and _is_lazy_block_mean(terms[0]) else terms[0]
         for term in terms[1:]:
             res = res + term
         return res
-    finally:
-        _ROUTING.reset(token)
 
 
 def _unrouted(original):
@@ -1153,11 +1152,8 @@ def _unrouted(original):
 
     @functools.wraps(original)
     def call(*args, **kwargs):
-        token = _ROUTING.set(True)
-        try:
+        with _raised(_ROUTING):
             return original(*args, **kwargs)
-        finally:
-            _ROUTING.reset(token)
 
     return call
 
@@ -1692,14 +1688,9 @@ def _scales_lazily(op) -> bool:
 _IN_BLOCK_MEAN_PRODUCT: contextvars.ContextVar[bool] = contextvars.ContextVar("_bma_gp_product", default=False)
 
 
-@contextlib.contextmanager
 def block_mean_product():
     """The extent of a product kernel's evaluation with a block mean or group kernel among its factors."""
-    token = _IN_BLOCK_MEAN_PRODUCT.set(True)
-    try:
-        yield
-    finally:
-        _IN_BLOCK_MEAN_PRODUCT.reset(token)
+    return _raised(_IN_BLOCK_MEAN_PRODUCT)
 
 
 def _hooked_mul_matrix(original):
