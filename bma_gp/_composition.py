@@ -41,6 +41,7 @@ from linear_operator.operators import (
     LowRankRootLinearOperator,
     MaskedLinearOperator,
     MatmulLinearOperator,
+    PsdSumLinearOperator,
     RootLinearOperator,
     SumKroneckerLinearOperator,
     SumLinearOperator,
@@ -55,6 +56,7 @@ from bma_gp._autograd import carries_tangent, functorch_wrapped, tracks_derivati
 from bma_gp._broadcast import batch_constants, shared_batch_entry
 from bma_gp._indexing import TorchIndexing
 from bma_gp._lazy_root import LazyRoot
+from bma_gp._pickling import PicklesWithoutCache
 from bma_gp._warnings import ClosedFormFallbackWarning
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator, dense_svd
 from bma_gp.block_mean_product_linear_operator import BlockMeanProductLinearOperator
@@ -1101,6 +1103,11 @@ def _hooked_masked_new(original):
 _ROUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("_bma_gp_routing", default=False)
 
 
+#: linear_operator's generic sums and multiples whose direct construction around a block mean operator is routed
+#: (``PsdSumLinearOperator``, a sum known to be positive semidefinite, inherits ``SumLinearOperator``'s hooks)
+_GENERIC_CLASSES = (SumLinearOperator, PsdSumLinearOperator, AddedDiagLinearOperator, ConstantMulLinearOperator)
+
+
 def _routed_construction(cls, args: tuple, kwargs: dict) -> LinearOperator | None:
     """What ``cls(*args, **kwargs)`` means for linear_operator's generic ``SumLinearOperator``,
     ``AddedDiagLinearOperator`` and ``ConstantMulLinearOperator`` built directly around a block mean operator
@@ -1111,7 +1118,7 @@ def _routed_construction(cls, args: tuple, kwargs: dict) -> LinearOperator | Non
     as linear_operator's ``__init__`` takes them (tensors as dense operators, ``constant=`` by keyword, a constant
     of one entry as a number); an ``AddedDiagLinearOperator`` given its own ``preconditioner_override`` (for CG) is
     left as it is."""
-    if _ROUTING.get() or cls not in (SumLinearOperator, AddedDiagLinearOperator, ConstantMulLinearOperator):
+    if _ROUTING.get() or cls not in _GENERIC_CLASSES:
         return None
     if cls is ConstantMulLinearOperator:
         try:
@@ -1227,7 +1234,7 @@ def fallback_sum(left, right) -> LinearOperator | None:
 
 
 # ---------------------------------------------------------------------------- hooks
-class _BlockMeanTasks(TorchIndexing):
+class _BlockMeanTasks(TorchIndexing, PicklesWithoutCache):
     """The block-diagonal operator of a batch of block mean operators or sums, one per task (a batch-independent
     multi-output model's ``MultitaskMultivariateNormal.from_batch_mvn`` covariance plus a diagonal noise): ``solve``,
     ``inv_quad``, ``inv_quad_logdet`` and the roots are the batch's closed forms, applied task by task

@@ -84,8 +84,14 @@ def import_kernels(module: str, state: list[bool], user: str, instead: str) -> b
     """
     if not state:
         try:
-            import numba  # noqa: F401
+            import numba
 
+            if getattr(numba.config, "DISABLE_JIT", False):
+                # switched off after this module was imported (numba.config.DISABLE_JIT, a .numba_config.yaml,
+                # NUMBA_DISABLE_JIT set late): the kernels would run as plain Python, 200 times slower (a user
+                # trial); the torch paths run instead, as without numba
+                state.append(False)
+                return False
             importlib.import_module(module)
         except Exception as exc:  # any import-time failure of the optional dependency
             first = str(exc).splitlines()[0] if str(exc) else ""

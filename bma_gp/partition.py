@@ -215,8 +215,9 @@ class Partition:
 
     Partitions (and the operators built on them) pickle, deep-copy and ``torch.save``. ``torch.load`` with
     ``weights_only=True`` (torch's default) loads only allow-listed classes: load inside
-    ``torch.serialization.safe_globals([Partition, BlockMeanLinearOperator])``, or save ``partition.labels``
-    and rebuild the partition with :meth:`from_labels`.
+    ``torch.serialization.safe_globals([Partition, BlockMeanLinearOperator])`` (add ``BlockMeanSumLinearOperator``
+    or ``BlockMeanProductLinearOperator`` for those operators), or save ``partition.labels`` and rebuild the partition
+    with :meth:`from_labels`. Operators are saved without the results they computed.
 
     Example:
         >>> p = Partition.from_labels([0, 1, 0, 2])
