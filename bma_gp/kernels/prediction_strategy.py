@@ -59,6 +59,7 @@ from bma_gp.kernels.sum_prediction_strategy import (
     _DenseFactorSolves,
     _widened,
     closed_form_fantasy,
+    exact_difference,
     new_input_prediction,
     observed_mean_cache,
     training_prediction,
@@ -700,27 +701,13 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
                 *test_test_covar.size(), dtype=test_test_covar.dtype, device=test_test_covar.device
             )
         cross = self._block_cross(test_train_covar)
-        if cross is None and _leading_rows(test_train_covar):
-            # the joint posterior at cat(train_x, new_x) (BoTorch's qNEI): GPyTorch's K_** + K_*x (-(K + D)^{-1} K_x*)
-            # is a sum linear_operator factorised by Lanczos past max_cholesky_size, a rank-100 root of a full-rank
-            # matrix (a user trial's draws at n = 1000 were 100% off at the training rows, and base samples of shape
-            # (S, n + q) did not fit the root). As a predictive difference its roots, solves and draws take one
-            # exact Cholesky of the (n + q) x (n + q) matrix, as at any t new inputs, up to max_capacitance_size
-            # points (the solve holds an n x (n + q) matrix, as GPyTorch's exact path does)
-            size = test_train_covar.shape[-2]
-            if size <= bma_settings.max_capacitance_size.value():
-                covar = to_linear_operator(test_train_covar)
-                rhs = self.lik_train_train_covar.solve(covar.to_dense().mT)  # the closed-form solve, n x (n + q)
-                return _PredictiveDifference(test_test_covar, MatmulLinearOperator(covar, to_linear_operator(rhs)))
-            warnings.warn(
-                f"the joint posterior at the training inputs and new ones ({size} points, above "
-                f"bma_gp.settings.max_capacitance_size = {bma_settings.max_capacitance_size.value()}) is GPyTorch's: "
-                "its roots and draws take linear_operator's Lanczos past max_cholesky_size, which is approximate for "
-                "this full-rank matrix. Raise max_capacitance_size for one exact factorisation (memory of an "
-                "(n + q) x (n + q) matrix), or predict at the new inputs alone.",
-                ClosedFormFallbackWarning,
-                stacklevel=4,
-            )
+        if cross is None:
+            # the joint posterior at cat(train_x, new_x) (BoTorch's qNEI), also of a fantasy model, and other test
+            # covariances without the closed form at new inputs: one exact factorisation in the working precision,
+            # not GPyTorch's sum whose roots are Lanczos past max_cholesky_size
+            exact = exact_difference(self, test_test_covar, test_train_covar)
+            if exact is not None:
+                return exact
         if cross is None:
             return super().exact_predictive_covar(test_test_covar, test_train_covar)
         if settings.fast_pred_var.on():

@@ -692,10 +692,10 @@ class SumPredictionStrategy(DefaultPredictionStrategy):
             return ZeroLinearOperator(
                 *test_test_covar.size(), dtype=test_test_covar.dtype, device=test_test_covar.device
             )
-        found = self._low_precision_family()
-        exact = self._exact_difference(test_test_covar, test_train_covar, None if found is None else found[0])
+        exact = exact_difference(self, test_test_covar, test_train_covar)
         if exact is not None:
             return exact
+        found = self._low_precision_family()
         if found is None:
             return super().exact_predictive_covar(test_test_covar, test_train_covar)
         if gpytorch_settings.fast_pred_var.on():
@@ -707,33 +707,44 @@ class SumPredictionStrategy(DefaultPredictionStrategy):
             return to_linear_operator(test_test_covar - cross @ correction)
         return test_test_covar + MatmulLinearOperator(cross, correction.mul(-1))
 
-    def _exact_difference(self, test_test_covar, test_train_covar, low_precision) -> LinearOperator | None:
-        r""":math:`K_{**} - K_{*x} M^{-1} K_{x*}` as a predictive difference (one exact factorisation for its roots,
-        solves and draws) where the closed forms at new inputs do not apply but the training covariance :math:`M` is
-        in the family: the joint covariance at ``cat(train_x, new_x)`` of a sum or product with a ``BlockMeanKernel``
-        (BoTorch's qNEI). GPyTorch's sum of the prior and the correction took Lanczos past ``max_cholesky_size``: a
-        rank-100 root 57-89% off in a user trial, and base samples of the joint size did not fit it. Not under
-        ``fast_pred_var`` (LOVE, asked for), an observation NaN policy, or past ``max_capacitance_size`` test
-        points. ``low_precision``: ``M`` held below the working precision (its solve is the working one)."""
-        from bma_gp.kernels.prediction_strategy import _PredictiveDifference
 
-        t = test_train_covar.shape[-2]
-        if (
-            gpytorch_settings.fast_pred_var.on()
-            or gpytorch_settings.observation_nan_policy.value() != "ignore"
-            or t > settings.max_capacitance_size.value()
-        ):
-            return None
-        M = self.lik_train_train_covar
-        M = M.evaluate_kernel() if isinstance(M, LinearOperator) else M
-        if not isinstance(M, (BlockMeanSumLinearOperator, BlockMeanLinearOperator)):
-            return None
-        cross = test_train_covar.to_dense() if isinstance(test_train_covar, LinearOperator) else test_train_covar
-        if low_precision is not None:
-            correction = _working_solve(low_precision, cross.mT).to(cross.dtype)
-        else:
-            correction = M.solve(cross.mT)
-        return _PredictiveDifference(test_test_covar, MatmulLinearOperator(cross, correction))
+def exact_difference(strategy, test_test_covar, test_train_covar) -> LinearOperator | None:
+    r""":math:`K_{**} - K_{*x} M^{-1} K_{x*}` as a predictive difference (one exact factorisation for its roots,
+    solves and draws, formed in the working precision) where the closed forms at new inputs do not apply but the
+    noisy training covariance :math:`M` is in the family: the joint covariance at ``cat(train_x, new_x)`` of a
+    ``BlockMeanKernel`` alone, in a sum or in a product (BoTorch's qNEI), also of a fantasy model. GPyTorch's sum of
+    the prior and the correction took Lanczos past ``max_cholesky_size`` (rank-40 to rank-100 roots 7-100% off in
+    user trials, and base samples of the joint size did not fit them), and a float32 subtraction lost the difference
+    (variances 2-20% off at noise 1e-3 to 1e-4). :math:`M` is detached under ``detach_test_caches``, as GPyTorch's
+    solve is. ``None`` under ``fast_pred_var`` (LOVE, asked for) or an observation NaN policy; past
+    ``max_capacitance_size`` test points ``None`` with a :class:`ClosedFormFallbackWarning`."""
+    from bma_gp.kernels.prediction_strategy import _PredictiveDifference
+
+    if gpytorch_settings.fast_pred_var.on() or gpytorch_settings.observation_nan_policy.value() != "ignore":
+        return None
+    M = strategy.lik_train_train_covar
+    M = M.evaluate_kernel() if isinstance(M, LinearOperator) else M
+    if not isinstance(M, (BlockMeanSumLinearOperator, BlockMeanLinearOperator)):
+        return None
+    t, limit = test_train_covar.shape[-2], settings.max_capacitance_size.value()
+    if t > limit:
+        warnings.warn(
+            f"the posterior covariance at these {t} test points (above bma_gp.settings.max_capacitance_size = "
+            f"{limit}) is GPyTorch's: its roots and draws take linear_operator's Lanczos past max_cholesky_size, "
+            "which is approximate for this full-rank matrix. Raise max_capacitance_size for one exact factorisation "
+            "(memory of a t x t matrix), or predict fewer points at a time.",
+            ClosedFormFallbackWarning,
+            stacklevel=4,
+        )
+        return None
+    if gpytorch_settings.detach_test_caches.on():
+        M = M.detach()
+    wdt = core_dtype(M.dtype)
+    if M.dtype != wdt:
+        M = M.to(wdt)
+    cross = test_train_covar.to_dense() if isinstance(test_train_covar, LinearOperator) else test_train_covar
+    cross = cross.to(wdt)
+    return _PredictiveDifference(test_test_covar, MatmulLinearOperator(cross, M.solve(cross.mT)))
 
 
 def _check_definite(M: BlockMeanSumLinearOperator) -> None:
