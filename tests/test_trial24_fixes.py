@@ -600,6 +600,31 @@ def test_a_meta_operator_evaluates_shapes_with_validation_on():
 
 
 # ------------------------------------------------------------------ user trial M: this session's fixes, attacked
+def _cat_model(form: str = "bm", dtype=torch.float64, noise: float = 1e-3, n: int = 80, block: int = 4, seed: int = 9):
+    """A ``BlockMeanKernel`` model (alone, plus or times a ``GroupKernel`` over 4 ids), its inputs, targets and 5 new
+    inputs."""
+    import gpytorch
+
+    from bma_gp import BlockMeanKernel, GroupKernel
+    from gp_reference import GP
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([torch.rand(n, 1, generator=g, dtype=torch.float64) * 5, (torch.arange(n) % 4)[:, None].double()], -1)
+    y = torch.sin(x[:, 0]) + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    smooth = BlockMeanKernel(
+        gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(active_dims=[0])), x,
+        Partition.from_labels(torch.arange(n) // block),
+    )  # fmt: skip
+    group = GroupKernel(4, active_dims=[1])
+    kernel = {"bm": smooth, "bm+group": smooth + group, "bm*group": smooth * group}[form]
+    model = GP(x.to(dtype), y.to(dtype), gpytorch.likelihoods.GaussianLikelihood(), kernel).to(dtype)
+    model.likelihood.noise = noise
+    xt = torch.cat(
+        [torch.rand(5, 1, generator=g, dtype=torch.float64) * 5, torch.tensor([[0.0], [1], [2], [3], [0]])], -1
+    )
+    return model, x.to(dtype), y.to(dtype), xt.to(dtype)
+
+
 @pytest.mark.parametrize("form", ["sum", "product"])
 def test_joint_posterior_of_a_block_mean_kernel_in_a_sum_or_product_is_exact(form):
     """``model(cat(train_x, new_x))`` with a ``BlockMeanKernel`` plus (or times) a ``GroupKernel``: GPyTorch's sum of
@@ -607,28 +632,12 @@ def test_joint_posterior_of_a_block_mean_kernel_in_a_sum_or_product_is_exact(for
     trial, and base samples of the joint size did not fit it). It is the exact predictive difference now."""
     import gpytorch
 
-    from bma_gp import BlockMeanKernel, GroupKernel
-    from gp_reference import GP
-
-    g = torch.Generator().manual_seed(8)
     n, q = 120, 5
-    x = torch.cat([torch.rand(n, 1, generator=g, dtype=torch.float64) * 5, (torch.arange(n) % 4)[:, None].double()], -1)
-    y = torch.sin(x[:, 0]) + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
-    smooth = BlockMeanKernel(
-        gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(active_dims=[0])), x,
-        Partition.from_labels(torch.arange(n) // 6),
-    )  # fmt: skip
-    group = GroupKernel(4, active_dims=[1])
-    kernel = smooth + group if form == "sum" else smooth * group
-    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).double()
-    model.likelihood.noise = 0.05
+    model, x, _, xt = _cat_model("bm+group" if form == "sum" else "bm*group", noise=0.05, n=n, block=6, seed=8)
     model.eval()
-    xt = torch.cat(
-        [torch.rand(q, 1, generator=g, dtype=torch.float64) * 5, torch.tensor([[0.0], [1], [2], [3], [0]])], -1
-    )
     with torch.no_grad(), gpytorch.settings.max_cholesky_size(50), warnings.catch_warnings():
         warnings.simplefilter("ignore", ClosedFormFallbackWarning)  # the t x n cross covariance, said so
-        posterior = model(torch.cat([x, xt.double()]))
+        posterior = model(torch.cat([x, xt]))
         covar = posterior.lazy_covariance_matrix
         with closed_forms_only(2 * n):  # no Lanczos
             root = covar.root_decomposition().root.to_dense()
@@ -703,28 +712,6 @@ def test_numba_switched_off_after_import_takes_the_torch_paths(monkeypatch):
 
 
 # ------------------------------------------------------------------ user trial P: the exact predictive difference
-def _cat_model(form: str = "bm", dtype=torch.float64, noise: float = 1e-3, n: int = 80):
-    import gpytorch
-
-    from bma_gp import BlockMeanKernel, GroupKernel
-    from gp_reference import GP
-
-    g = torch.Generator().manual_seed(9)
-    x = torch.cat([torch.rand(n, 1, generator=g, dtype=torch.float64) * 5, (torch.arange(n) % 4)[:, None].double()], -1)
-    y = torch.sin(x[:, 0]) + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
-    smooth = BlockMeanKernel(
-        gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(active_dims=[0])), x,
-        Partition.from_labels(torch.arange(n) // 4),
-    )  # fmt: skip
-    kernel = {"bm": smooth, "bm+group": smooth + GroupKernel(4, active_dims=[1])}[form]
-    model = GP(x.to(dtype), y.to(dtype), gpytorch.likelihoods.GaussianLikelihood(), kernel).to(dtype)
-    model.likelihood.noise = noise
-    xt = torch.cat(
-        [torch.rand(5, 1, generator=g, dtype=torch.float64) * 5, torch.tensor([[0.0], [1], [2], [3], [0]])], -1
-    )
-    return model, x.to(dtype), y.to(dtype), xt.to(dtype)
-
-
 def test_float32_joint_posterior_is_formed_in_the_working_precision():
     """A float32 ``BlockMeanKernel`` model at ``cat(train_x, new_x)`` subtracted its correction in float32: variances
     at the training rows 2% off at noise 1e-3 (20% at 1e-4), more than a float32 Cholesky of the same prior."""
