@@ -2046,12 +2046,12 @@ class BlockMeanSumLinearOperator(
         draws = noise + self._z(pieces) if pieces else noise
         return draws.permute(-1, *range(draws.dim() - 1)).contiguous().to(self.dtype)
 
-    def _check_root_size(self) -> None:
+    def _check_root_size(self, what: str = "a root of this sum needs an eigendecomposition") -> None:
         q = self.capacitance_size
         limit = settings.max_capacitance_size.value()
         if q > limit:
             raise ValueError(
-                f"a root of this sum needs an eigendecomposition of size q = {q} ({self._describe()}), more than "
+                f"{what} of size q = {q} ({self._describe()}), more than "
                 f"bma_gp.settings.max_capacitance_size = {limit}; raise the limit with "
                 f"`with bma_gp.settings.max_capacitance_size({q}):` if it fits your machine."
             )
@@ -2198,7 +2198,10 @@ class BlockMeanSumLinearOperator(
         :math:`H = (I + G A)^{-1} G` (``q x q``, one LU; any symmetric :math:`B_j`): :math:`O(n (J + m)^2 + q^3)`."""
         from bma_gp.kernels.sum_prediction_strategy import _quadratic_diagonal
 
-        self._check_root_size()
+        # (GPyTorch's leave-one-out objective reads it; the message named a root the user never asked for)
+        self._check_root_size(
+            "the diagonal of the inverse (diag(K^{-1}), which the leave-one-out objective reads) solves a q x q system"
+        )
         self._check_diag("root_inv_decomposition")
         wdt = core_dtype(self.dtype)
         sizes = self._sizes()

@@ -779,3 +779,14 @@ def test_joint_posterior_follows_detach_test_caches(form):
         grad = model.likelihood.raw_noise.grad
         grads[detach] = 0.0 if grad is None else float(grad.abs().sum())
     assert grads[True] == 0.0 and grads[False] > 1e-3
+
+
+def test_the_inverse_diagonal_past_the_capacitance_limit_names_itself():
+    """The leave-one-out objective of a sum past ``max_capacitance_size`` raised "a root of this sum needs an
+    eigendecomposition", a root the user never asked for; the inverse diagonal solves a ``q x q`` system."""
+    from bma_gp import settings
+
+    S = _operator(n=300) + _operator(n=300, seed=1) + DiagLinearOperator(torch.ones(300, dtype=torch.float64))
+    assert isinstance(S, BlockMeanSumLinearOperator)
+    with settings.max_capacitance_size(5), pytest.raises(ValueError, match="diagonal of the inverse .* q x q system"):
+        S._inverse_diagonal()
