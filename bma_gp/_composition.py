@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import inspect
 import warnings
 from dataclasses import dataclass, field
 from typing import cast
@@ -1121,11 +1120,12 @@ def _routed_construction(cls, args: tuple, kwargs: dict) -> LinearOperator | Non
     if _ROUTING.get() or cls not in _GENERIC_CLASSES:
         return None
     if cls is ConstantMulLinearOperator:
-        try:
-            bound = inspect.signature(ConstantMulLinearOperator.__init__._bma_gp_original).bind(None, *args, **kwargs)
-        except TypeError:
-            return None  # linear_operator's own error
-        base, constant = bound.arguments["base_linear_op"], bound.arguments["constant"]
+        # (base_linear_op, constant), by position or keyword; anything else is linear_operator's to refuse. Read
+        # directly: every ScaleKernel output and constant multiple of linear_operator's own comes through here
+        if len(args) + len(kwargs) != 2 or set(kwargs) - {"base_linear_op", "constant"}:
+            return None
+        base = args[0] if args else kwargs.get("base_linear_op")
+        constant = args[1] if len(args) > 1 else kwargs.get("constant")
         if not isinstance(base, LinearOperator) or not _is_ours(base):
             return None
         base = base.evaluate_kernel() if _is_lazy_block_mean(base) else base
@@ -1158,9 +1158,12 @@ def _unrouted(original):
     plus a diagonal stays unevaluated, for an approximate GP that reads only its diagonal)."""
 
     @functools.wraps(original)
-    def call(*args, **kwargs):
-        with _raised(_ROUTING):
+    def call(*args, **kwargs):  # on every operator sum: the token directly, not a generator context manager
+        token = _ROUTING.set(True)
+        try:
             return original(*args, **kwargs)
+        finally:
+            _ROUTING.reset(token)
 
     return call
 
