@@ -1092,8 +1092,11 @@ class BlockMeanLinearOperator(
         if indexed is not None and indexed.shape[-1] == self.shape[-1]:  # IndexKernel(i): C[i_a, i_b], block mean
             return self._hadamard_across(indexed)
         from bma_gp.block_mean_product_linear_operator import BlockMeanProductLinearOperator
+        from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
 
         if isinstance(other, BlockMeanProductLinearOperator):  # its refusal (no root), without the warning first
+            return other._mul_matrix(self)
+        if isinstance(other, BlockMeanSumLinearOperator) and self.symmetric:  # distributed over the sum's terms
             return other._mul_matrix(self)
         warn_elementwise(self, other)  # linear_operator's MulLinearOperator: roots of both, or dense matrices
         return super()._mul_matrix(other)

@@ -59,6 +59,7 @@ from bma_gp.block_mean_linear_operator import (
     BlockMeanLinearOperator,
     WarnsOnCatRows,
     _first_bad,
+    _one_hot_block_mean,
     _is_number,
     _where,
     batch_repeat,
@@ -1192,8 +1193,96 @@ class BlockMeanSumLinearOperator(
         constants = batch_constants(other)
         if constants is not None:  # one constant per batch entry (a batch ScaleKernel around an unbatched kernel)
             return self._mul_constant(constants)
+        from linear_operator.operators import ConstantMulLinearOperator
+
+        if type(other) is ConstantMulLinearOperator:  # S o (c A) = c (S o A): a ScaleKernel's output, unwrapped
+            inner = other.base_linear_op
+            inner = inner.evaluate_kernel() if hasattr(inner, "evaluate_kernel") else inner
+            if isinstance(inner, BlockMeanLinearOperator) or _one_hot_block_mean(inner) is not None:
+                return self._mul_matrix(inner)._mul_constant(other._constant)
+        factor = other if isinstance(other, BlockMeanLinearOperator) else _one_hot_block_mean(other)
+        if factor is not None and factor.shape[-1] == self.shape[-1]:
+            res = self._hadamard_block_mean(factor)
+            if res is not None:
+                return res
         warn_elementwise(self, other)
         return super()._mul_matrix(other)
+
+    def _hadamard_block_mean(self, X: BlockMeanLinearOperator) -> BlockMeanSumLinearOperator | None:
+        r""":math:`S \circ X` for a symmetric block mean operator :math:`X = P_X C P_X^\top +
+        \operatorname{diag}(P_X \lambda_X)` over the same points (a task kernel, ``IndexKernel(i)``, another grouping or
+        a ``BlockMeanKernel``): the elementwise product distributes over the sum's terms, and each is in the family.
+
+        * :math:`D \circ X = \operatorname{diag}(d \cdot \operatorname{diag}(X))`.
+        * A term :math:`W_j P_j B_j P_j^\top W_j` times :math:`X`: with :math:`B_j` diagonal and :math:`C = L L^\top`
+          (Cholesky, unbatched), :math:`\sum_\rho W_j \Lambda_\rho P_j B_j P_j^\top \Lambda_\rho W_j` with
+          :math:`\Lambda_\rho = \operatorname{diag}(L_{x_a \rho})`: ``k_X`` diagonal terms over the same grouping,
+          which the capacitance eliminates together as it does a random intercept and slope; otherwise one block mean
+          term over the intersection of the partitions (:meth:`BlockMeanLinearOperator._hadamard_across`), ``k_j
+          k_X`` levels at most (also for a diagonal term where ``C`` is batched, or is differentiated and the sum
+          has a root, whose products take row weights as constants). Their products with :math:`\operatorname{diag}(P_X \lambda_X)` join the diagonal.
+        * The root: :math:`U U^\top \circ P_X L L^\top P_X^\top = R R^\top` with :math:`R_{a, (i, \rho)} = U_{ai}
+          L_{x_a \rho}`, rank ``m k_X``, and :math:`\operatorname{diag}(\|U_a\|^2 \lambda_{X, x_a})`.
+
+        ``None`` (the caller's generic product, with its warning) for a non-symmetric ``X``, or a root with a
+        :math:`C` that is not positive definite."""
+        if not X.symmetric:
+            return None
+        labels_x = X.partition.labels
+        C = X._b_sym()
+        lam_x = X.lam.index_select(-1, labels_x)  # (*b_x, n)
+        L: Tensor | None = None
+        if self.root is not None or (any(self.diagonal_blocks) and C.dim() == 2):
+            factor, info = torch.linalg.cholesky_ex(C.to(core_dtype(C.dtype)))
+            if not bool((info == 0).all()):  # (one host read, of a k_X x k_X factorisation)
+                if self.root is not None:
+                    return None
+            else:
+                L = factor.to(C.dtype)
+        diag = self.diag_values * X.diagonal()
+        blocks: list[Tensor] = []
+        partitions: list[Partition] = []
+        weights: list[Tensor | None] = []
+        flags: list[bool] = []
+        # the task factor as row weights: unbatched, and without derivatives where a root takes the weights as
+        # constants (_chunked_gram refuses weights that require grad)
+        as_weights = (
+            L is not None
+            and L.dim() == 2
+            and (self.root is None or not ((torch.is_grad_enabled() and L.requires_grad) or carries_tangent(L)))
+        )
+        for B, partition, w, flag in zip(self._block_args, self.partitions, self.weights, self.diagonal_blocks):
+            if flag and as_weights:
+                assert L is not None
+                extra = B.index_select(-1, partition.labels) * lam_x
+                diag = diag + (extra if w is None else extra * w.pow(2))
+                for rho in range(L.shape[-1]):
+                    scale = L[:, rho].index_select(0, labels_x)
+                    blocks.append(B)
+                    partitions.append(partition)
+                    weights.append(scale if w is None else w * scale)
+                    flags.append(True)
+                continue
+            term = BlockMeanLinearOperator(B.new_zeros(B.shape[: -1 if flag else -2] + B.shape[-1:]), B, partition,
+                                           diagonal=flag)  # fmt: skip
+            product = term._mul_matrix(X)
+            assert isinstance(product, BlockMeanLinearOperator)
+            extra = product.lam.index_select(-1, product.partition.labels)
+            diag = diag + (extra if w is None else extra * w.pow(2))
+            blocks.append(product._b_diag if product.is_diagonal_mode else product.B)
+            partitions.append(product.partition)
+            weights.append(w)
+            flags.append(product.is_diagonal_mode)
+        root = None
+        if self.root is not None:
+            assert L is not None
+            U = self.root
+            rows = L.index_select(-2, labels_x)  # (*b_x, n, k_X)
+            root = (U.unsqueeze(-1) * rows.unsqueeze(-2)).flatten(-2)
+            diag = diag + U.pow(2).sum(-1) * lam_x
+        return BlockMeanSumLinearOperator(
+            diag, *blocks, partitions=partitions, root=root, weights=weights, diagonal=flags
+        )
 
     def _mul_constant(self, other):
         if torch.is_tensor(other) and other.dim() > 0:
