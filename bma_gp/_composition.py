@@ -244,7 +244,7 @@ def _offsets_and_block(op: BlockMeanLinearOperator) -> tuple[Tensor, Tensor | _D
     lam, b = op.lam, op._b_diag
     single = op.partition.sizes.to(lam.device) == 1
     moved = torch.where(single & (lam < 0), lam, torch.zeros_like(lam))
-    if not bool(moved.any()):
+    if moved.is_meta or not bool(moved.any()):  # (meta tensors hold no values: shapes only)
         return lam, op.B if b is None else _Diagonal(b)
     lam = lam - moved
     return lam, op.B + torch.diag_embed(moved) if b is None else _Diagonal(b + moved)
@@ -383,6 +383,8 @@ def _singletons_into_diagonal(diag: Tensor, terms: list[tuple[Partition, Tensor 
     where that leaves every entry of ``d`` positive: a sum with ``d = 0`` at other points keeps its diagonal (with
     ``d = 0`` everywhere it is :math:`Z G Z^\top`, whose root needs no ``d``). Host reads: one per term over a
     partition with singletons, one more where something moves."""
+    if diag.is_meta:  # no values to read (shapes only)
+        return diag
     moved = list(terms)
     new = diag
     for t, (part, B, w) in enumerate(terms):
@@ -425,8 +427,9 @@ def _as_block_mean(parts: _Parts, partition: Partition, B: Tensor | _Diagonal) -
         diag = rest[0]
         for d in rest[1:]:
             diag = diag + d
-        if (torch.is_grad_enabled() and diag.requires_grad) or carries_tangent(diag):
-            # (a dual tensor or a torch.func input reports requires_grad=False, and its tangent may differ per point)
+        if (torch.is_grad_enabled() and diag.requires_grad) or carries_tangent(diag) or diag.is_meta:
+            # (a dual tensor or a torch.func input reports requires_grad=False, and its tangent may differ per point;
+            # a meta tensor holds no values to compare: the general sum, as for a diagonal that varies)
             return None
         # the largest and smallest entry of each block: equal exactly when d is constant there (an average of equal
         # entries need not round back to them: 7 entries of 0.1 average to 0.1 + 1 ulp)

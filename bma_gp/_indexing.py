@@ -147,7 +147,18 @@ def getitem(op, index, base_getitem):
 
 
 class TorchIndexing:
-    """Mixin (before ``LinearOperator`` in the bases): ``__getitem__`` with torch's semantics (:func:`getitem`)."""
+    """Mixin (before ``LinearOperator`` in the bases): ``__getitem__`` and ``to`` with torch's semantics
+    (:func:`getitem`)."""
 
     def __getitem__(self, index):
         return getitem(self, index, super().__getitem__)
+
+    def to(self, *args, **kwargs):
+        """Move to a device and/or cast to a dtype, as :meth:`torch.Tensor.to` takes them: a device named by a string
+        or an index too (``M.to("cuda")``, ``M.to("meta", torch.float64)``), which linear_operator's ``to`` ignored
+        (a user trial: the operator stayed where it was, without a word)."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        target = {"device": device} if device is not None else {}
+        if dtype is not None:
+            target["dtype"] = dtype
+        return super().to(**target)

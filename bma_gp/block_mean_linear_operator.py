@@ -243,13 +243,18 @@ class WarnsOnCatRows:
 
 
 def check_rhs_dtype(rhs: Tensor, name: str, dtype: torch.dtype) -> None:
-    """``TypeError`` for a floating-point right-hand side of another dtype than the operator's: torch's matrix
-    products refuse them, and the closed forms took one path or the other by the values of ``B`` (a diagonal ``B``
-    promoted, a dense one raised torch's 'expected m1 and m2 to have the same dtype'; a sum's solve promoted and its
-    product raised). A complex right-hand side is a ``TypeError`` too (:func:`check_real`): cast to the operator's
+    """``TypeError`` for an integer or boolean right-hand side, and for a floating-point one of another dtype than
+    the operator's: torch's matrix products refuse them, and the closed forms took one path or the other by the
+    values of ``B`` (a diagonal ``B`` promoted, a dense one raised torch's 'expected m1 and m2 to have the same
+    dtype'; a sum's solve promoted and its product raised). A complex right-hand side is a ``TypeError`` too (:func:`check_real`): cast to the operator's
     dtype it lost its imaginary part, with at most one warning per process from torch."""
     check_real(rhs, name)
-    if not rhs.dtype.is_floating_point or rhs.dtype == dtype:
+    if not rhs.dtype.is_floating_point:  # solves promoted it silently and products raised torch's dtype error
+        raise TypeError(
+            f"{name} has dtype {rhs.dtype}, not a floating-point dtype: cast it to the operator's, "
+            f"{name}.to({dtype}), as torch's matrix products and solves ask."
+        )
+    if rhs.dtype == dtype:
         return
     raise TypeError(
         f"{name} has dtype {rhs.dtype} but the operator has dtype {dtype}: cast one of them with .to() (e.g. "

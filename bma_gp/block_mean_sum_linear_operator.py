@@ -1304,7 +1304,7 @@ class BlockMeanSumLinearOperator(
 
     # ------------------------------------------------------------------ the Gram matrix A = Z^T D^{-1} Z
     def _check_diag(self, what: str) -> None:
-        if not settings.validate.on():
+        if not settings.validate.on() or self.diag_values.is_meta:  # (a meta tensor holds no values: shapes only)
             return
         d = self.diag_values
         bad = ~(d > 0)

@@ -855,7 +855,15 @@ class GroupKernel(Kernel):
 
     # ------------------------------------------------------------------ random slopes
     def _slope_forward(self, x1: Tensor, x2: Tensor, diag: bool) -> Tensor | LinearOperator:
-        r"""``[1, x_a] S [1, x_b]^T`` for points of one group, 0 across groups."""
+        r"""``[1, x_a] S [1, x_b]^T`` for points of one group, 0 across groups, in the promoted dtype of the covariates
+        and ``S`` also inside ``torch.autocast`` (whose bfloat16 products made the test-by-training covariance
+        bfloat16 against a float32 training covariance: the prediction refused the inputs, which were float32)."""
+        if not torch.amp.is_autocast_available(x1.device.type):  # (meta)
+            return self._slope_forward_exact(x1, x2, diag)
+        with torch.autocast(x1.device.type, enabled=False):
+            return self._slope_forward_exact(x1, x2, diag)
+
+    def _slope_forward_exact(self, x1: Tensor, x2: Tensor, diag: bool) -> Tensor | LinearOperator:
         S = self.slope_covar
         ids1, cov1 = self.group_ids(x1, "x1"), self.slope_covariate(x1, "x1")
         if x2 is x1:

@@ -941,6 +941,17 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
                         f"by {type(self).__name__}.state_dict() whole; put the learning rate back into the saved "
                         "group. Nothing was loaded."
                     )
+                # checked as add_param_group checks them: loaded, an invalid one was refused at every later step as
+                # "edited after it was added", which sent the user looking for an edit that never happened
+                where = f" (in state_dict['param_groups'][{i}]; nothing was loaded.)"
+                try:
+                    check_hyperparameter("learning rate", group["lr"])
+                    if "weight_decay" in group:
+                        check_hyperparameter("weight_decay", group["weight_decay"])
+                    if "maximize" in group:
+                        check_bool("maximize", group["maximize"])
+                except ValueError as error:
+                    raise ValueError(f"{error}{where}") from None
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]

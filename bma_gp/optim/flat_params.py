@@ -36,7 +36,7 @@ def state_dtype(dtypes) -> torch.dtype:
 
 def check_params(params: list[Tensor]) -> None:
     """Raise ``ValueError`` unless the flat preconditioner can step ``params``: real floating-point tensors with data
-    (not on the ``meta`` device), all on one device.
+    (not on the ``meta`` device) whose entries do not share memory, all on one device.
 
     The optimizers run it when a param group is added (so an unusable parameter is refused before it joins the
     optimizer) and when they build a layout (parameters may have moved since).
@@ -59,6 +59,13 @@ def check_params(params: list[Tensor]) -> None:
                 f"cannot optimize a parameter on the meta device (shape {tuple(p.shape)}): it holds no data for the "
                 "optimizer's statistics. Materialize the model first (e.g. `model.to_empty(device=...)` and load its "
                 "weights), then build the optimizer from its parameters."
+            )
+        if torch._debug_has_internal_overlap(p) == 1:  # 1: overlap for certain (a stride of 0 over several entries)
+            raise ValueError(
+                f"cannot optimize a parameter whose entries share memory (shape {tuple(p.shape)}, strides "
+                f"{tuple(p.stride())}, e.g. made with `.expand`): an in-place update would write one location several "
+                "times (torch raised this midway through a step, after the optimizer's state had changed). Make it "
+                "its own storage, `torch.nn.Parameter(p.detach().clone())`, before building the optimizer."
             )
         devices.add(p.device)
     if len(devices) > 1:
