@@ -1103,6 +1103,10 @@ class BlockMeanLinearOperator(
             return other._mul_matrix(self)
         if isinstance(other, BlockMeanSumLinearOperator) and self.symmetric:  # distributed over the sum's terms
             return other._mul_matrix(self)
+        from bma_gp._composition import FallbackSumLinearOperator, _dense_elementwise
+
+        if isinstance(other, FallbackSumLinearOperator):  # n x n anyway: exact entries, as in the other order
+            return _dense_elementwise(other, self)
         warn_elementwise(self, other)  # linear_operator's MulLinearOperator: roots of both, or dense matrices
         return super()._mul_matrix(other)
 

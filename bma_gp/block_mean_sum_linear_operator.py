@@ -608,6 +608,69 @@ def _level_ratio_hint(g: Tensor, diag: Tensor) -> str:
     )
 
 
+#: A diagonal term times a block mean operator of at most this many blocks becomes that many weighted diagonal terms
+#: over its own grouping (:func:`hadamard_plan`); over more, one term over the intersection of the two partitions
+TASK_TERMS_MAX = 16
+
+
+def hadamard_plan(S: BlockMeanSumLinearOperator, X: BlockMeanLinearOperator) -> tuple[Tensor | None, bool] | None:
+    r"""How :meth:`BlockMeanSumLinearOperator._hadamard_block_mean` multiplies ``S`` by ``X`` elementwise, also read by
+    the prediction's cross covariance (``bma_gp.kernels.sum_prediction_strategy``), which must number the columns the
+    same way: ``(L, as_weights)``, ``L`` the Cholesky factor of ``X``'s core :math:`C = L L^\top` (``None`` where it
+    is not needed or :math:`C` is not positive definite) and ``as_weights`` whether a diagonal term becomes ``k_X``
+    terms weighted by the rows of ``L`` (``L`` unbatched, ``k_X <= TASK_TERMS_MAX``, and not differentiated where
+    ``S`` has a root, whose products take row weights as constants). ``None``: no closed form (``X`` not symmetric,
+    or a root with a :math:`C` that is not positive definite)."""
+    if not X.symmetric:
+        return None
+    C = X._b_sym()
+    small = C.dim() == 2 and C.shape[-1] <= TASK_TERMS_MAX
+    L: Tensor | None = None
+    if S.root is not None or (any(S.diagonal_blocks) and small):
+        factor, info = torch.linalg.cholesky_ex(C.to(core_dtype(C.dtype)))
+        if bool((info == 0).all()):  # (one host read, of a k_X x k_X factorisation)
+            L = factor.to(C.dtype)
+        elif S.root is not None:
+            return None
+    as_weights = (
+        L is not None
+        and small
+        and (S.root is None or not ((torch.is_grad_enabled() and L.requires_grad) or carries_tangent(L)))
+    )
+    return L, as_weights
+
+
+def as_block_mean_factor(op) -> BlockMeanLinearOperator | None:
+    """``op`` as a block mean operator for an elementwise product with a sum: a block mean operator, GPyTorch's
+    ``IndexKernel`` between the same ids (``C[i_a, i_b]``, :func:`~bma_gp.block_mean_linear_operator._one_hot_block_mean`),
+    or a multiple ``c X`` of one (a ``ScaleKernel``'s output, the constant taken into ``X``); else ``None``."""
+    from linear_operator.operators import ConstantMulLinearOperator
+
+    if hasattr(op, "evaluate_kernel"):
+        op = op.evaluate_kernel()
+    if isinstance(op, BlockMeanLinearOperator):
+        return op
+    if type(op) is ConstantMulLinearOperator:
+        inner = as_block_mean_factor(op.base_linear_op)
+        if inner is None:
+            return None
+        scaled = inner._mul_constant(op._constant)
+        return scaled if isinstance(scaled, BlockMeanLinearOperator) else None
+    return _one_hot_block_mean(op)
+
+
+def task_weight(L: Tensor, labels: Tensor, rho: int, w: Tensor | None) -> Tensor:
+    """The row weight of the ``rho``-th term a diagonal term with weight ``w`` becomes (:func:`hadamard_plan`)."""
+    scale = L[:, rho].index_select(0, labels)
+    return scale if w is None else w * scale
+
+
+def rows_times_root(U: Tensor, rows: Tensor) -> Tensor:
+    r""":math:`R_{a, (i, \rho)} = U_{ai} \, \mathrm{rows}_{a \rho}`: the root of :math:`U U^\top \circ
+    (\mathrm{rows}\ \mathrm{rows}^\top)`. # shape: (*batch, n, m k_X)"""
+    return (U.unsqueeze(-1) * rows.unsqueeze(-2)).flatten(-2)
+
+
 class BlockMeanSumLinearOperator(
     WarnsOnCatRows,
     TorchIndexing,
@@ -1193,14 +1256,7 @@ class BlockMeanSumLinearOperator(
         constants = batch_constants(other)
         if constants is not None:  # one constant per batch entry (a batch ScaleKernel around an unbatched kernel)
             return self._mul_constant(constants)
-        from linear_operator.operators import ConstantMulLinearOperator
-
-        if type(other) is ConstantMulLinearOperator:  # S o (c A) = c (S o A): a ScaleKernel's output, unwrapped
-            inner = other.base_linear_op
-            inner = inner.evaluate_kernel() if hasattr(inner, "evaluate_kernel") else inner
-            if isinstance(inner, BlockMeanLinearOperator) or _one_hot_block_mean(inner) is not None:
-                return self._mul_matrix(inner)._mul_constant(other._constant)
-        factor = other if isinstance(other, BlockMeanLinearOperator) else _one_hot_block_mean(other)
+        factor = as_block_mean_factor(other)
         if factor is not None and factor.shape[-1] == self.shape[-1]:
             res = self._hadamard_block_mean(factor)
             if res is not None:
@@ -1228,39 +1284,26 @@ class BlockMeanSumLinearOperator(
         :math:`C` that is not positive definite."""
         if not X.symmetric:
             return None
+        plan = hadamard_plan(self, X)
+        if plan is None:
+            return None
+        L, as_weights = plan
         labels_x = X.partition.labels
-        C = X._b_sym()
         lam_x = X.lam.index_select(-1, labels_x)  # (*b_x, n)
-        L: Tensor | None = None
-        if self.root is not None or (any(self.diagonal_blocks) and C.dim() == 2):
-            factor, info = torch.linalg.cholesky_ex(C.to(core_dtype(C.dtype)))
-            if not bool((info == 0).all()):  # (one host read, of a k_X x k_X factorisation)
-                if self.root is not None:
-                    return None
-            else:
-                L = factor.to(C.dtype)
         diag = self.diag_values * X.diagonal()
         blocks: list[Tensor] = []
         partitions: list[Partition] = []
         weights: list[Tensor | None] = []
         flags: list[bool] = []
-        # the task factor as row weights: unbatched, and without derivatives where a root takes the weights as
-        # constants (_chunked_gram refuses weights that require grad)
-        as_weights = (
-            L is not None
-            and L.dim() == 2
-            and (self.root is None or not ((torch.is_grad_enabled() and L.requires_grad) or carries_tangent(L)))
-        )
         for B, partition, w, flag in zip(self._block_args, self.partitions, self.weights, self.diagonal_blocks):
             if flag and as_weights:
                 assert L is not None
                 extra = B.index_select(-1, partition.labels) * lam_x
                 diag = diag + (extra if w is None else extra * w.pow(2))
                 for rho in range(L.shape[-1]):
-                    scale = L[:, rho].index_select(0, labels_x)
                     blocks.append(B)
                     partitions.append(partition)
-                    weights.append(scale if w is None else w * scale)
+                    weights.append(task_weight(L, labels_x, rho, w))
                     flags.append(True)
                 continue
             term = BlockMeanLinearOperator(B.new_zeros(B.shape[: -1 if flag else -2] + B.shape[-1:]), B, partition,
@@ -1277,8 +1320,7 @@ class BlockMeanSumLinearOperator(
         if self.root is not None:
             assert L is not None
             U = self.root
-            rows = L.index_select(-2, labels_x)  # (*b_x, n, k_X)
-            root = (U.unsqueeze(-1) * rows.unsqueeze(-2)).flatten(-2)
+            root = rows_times_root(U, L.index_select(-2, labels_x))
             diag = diag + U.pow(2).sum(-1) * lam_x
         return BlockMeanSumLinearOperator(
             diag, *blocks, partitions=partitions, root=root, weights=weights, diagonal=flags

@@ -19,7 +19,7 @@ from linear_operator.operators import ConstantMulLinearOperator, DiagLinearOpera
 
 from bma_gp import BlockMeanKernel, BlockMeanLinearOperator, BlockMeanSumLinearOperator, ClosedFormFallbackWarning
 from bma_gp import Partition
-from bma_gp.kernels import GroupKernel
+from bma_gp.kernels import ChunkedInducingPointKernel, GroupKernel
 from closed_form_guard import closed_forms_only
 from gp_reference import GP, assert_gradients_like_dense, dense_copy, dense_prediction
 
@@ -148,7 +148,7 @@ def test_a_scaled_factor_and_an_indefinite_task_matrix():
 
 
 # ------------------------------------------------------------------ the multitask model
-def _model(form: str):
+def _model(form: str, sum_kind: str = "block mean + group", task_kind: str = "index"):
     g = torch.Generator().manual_seed(1)
     n, tasks, levels = 150, 3, 6
     x = torch.stack(
@@ -156,32 +156,44 @@ def _model(form: str):
             torch.rand(n, generator=g, dtype=torch.float64),
             torch.randint(0, levels, (n,), generator=g).double(),
             torch.randint(0, tasks, (n,), generator=g).double(),
+            torch.randn(n, generator=g, dtype=torch.float64),
         ],
         -1,
     )
     y = torch.sin(6 * x[:, 0]) + 0.3 * x[:, 1] - 0.2 * x[:, 2] + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    likelihood = gpytorch.likelihoods.GaussianLikelihood()
     group = GroupKernel(levels, active_dims=[1])
-    bmk = BlockMeanKernel(gpytorch.kernels.RBFKernel(active_dims=[0]), x, Partition.from_labels((x[:, 0] * 8).long()))
-    task = gpytorch.kernels.IndexKernel(num_tasks=tasks, rank=1, active_dims=[2])
-    first = gpytorch.kernels.ScaleKernel(bmk + group)
+    if sum_kind == "block mean + group":
+        parts = BlockMeanKernel(gpytorch.kernels.RBFKernel(active_dims=[0]), x, Partition.from_labels((x[:, 0] * 8).long()))
+    elif sum_kind == "slope + group":  # a random slope on column 3 over the levels of column 1, and a crossed grouping
+        parts = GroupKernel(levels, slope=True, active_dims=[1, 3])
+        group = GroupKernel(tasks + 1, active_dims=[2])
+    else:  # "inducing points + group": a root
+        inducing = torch.linspace(0, 1, 5, dtype=torch.float64).unsqueeze(-1)
+        parts = ChunkedInducingPointKernel(gpytorch.kernels.RBFKernel(), inducing, likelihood, active_dims=[0])
+    if task_kind == "index":
+        task = gpytorch.kernels.IndexKernel(num_tasks=tasks + 1, rank=1, active_dims=[2])
+    elif task_kind == "scaled index":
+        task = gpytorch.kernels.ScaleKernel(gpytorch.kernels.IndexKernel(num_tasks=tasks + 1, rank=1, active_dims=[2]))
+        task.outputscale = 1.7
+    else:  # a second grouping, of rank 1 (dense B)
+        task = GroupKernel(tasks + 1, rank=1, active_dims=[2])
+    first = gpytorch.kernels.ScaleKernel(parts + group)
     kernel = first * task if form == "sum first" else task * first
-    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).double()
+    model = GP(x, y, likelihood, kernel).double()
     xt = torch.stack(
         [
             torch.rand(7, generator=g, dtype=torch.float64),
-            torch.randint(0, levels, (7,), generator=g).double(),
-            torch.randint(0, tasks, (7,), generator=g).double(),
+            torch.tensor([0.0, 1, 2, 3, 4, 5, 7], dtype=torch.float64).clamp_max(levels - 1),
+            torch.tensor([0.0, 1, 2, 3, 0, 1, 2], dtype=torch.float64),  # task 3 is never seen in training
+            torch.randn(7, generator=g, dtype=torch.float64),
         ],
         -1,
     )
     return model, x, y, xt
 
 
-@pytest.mark.parametrize("form", ["sum first", "task first"])
-def test_multitask_model_trains_in_closed_form(form):
-    """``ScaleKernel(BlockMeanKernel + GroupKernel) * IndexKernel``: the marginal log likelihood and its gradients
-    in closed form, equal to the dense model's; predictions exact (through the exact t x n path, with its warning)."""
-    model, x, y, xt = _model(form)
+def _train_and_predict(model, x, y, xt):
     reference = dense_copy(model)
     for m in (model, reference):
         m.train()
@@ -194,17 +206,82 @@ def test_multitask_model_trains_in_closed_form(form):
         ref = -gpytorch.mlls.ExactMarginalLogLikelihood(reference.likelihood, reference)(reference(x), y)
         ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
-    assert_gradients_like_dense(model, reference, rtol=1e-8, minimum=4)
+    assert_gradients_like_dense(model, reference, rtol=1e-8, minimum=3)
     model.eval()
     with torch.no_grad(), warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         pred = model(xt)
-        mean, var = pred.mean, pred.variance
-    # one warning, the exact t x n path's; the test-by-test covariance is formed densely without a word in either
-    # order of the factors, as GPyTorch's own product forms it
-    assert [str(w.message)[:26] for w in seen] == ["prediction at new inputs: "], [str(w.message) for w in seen]
+        mean, var, covar = pred.mean, pred.variance, pred.covariance_matrix
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref_mean, ref_var = dense_prediction(reference, xt)
+        with torch.no_grad(), gpytorch.settings.max_cholesky_size(10**6):
+            ref_covar = reference(xt).covariance_matrix
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(var, ref_var, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(covar, ref_covar, rtol=1e-10, atol=1e-10)
+    return [str(w.message) for w in seen if issubclass(w.category, ClosedFormFallbackWarning)]
+
+
+@pytest.mark.parametrize("task_kind", ["index", "scaled index", "group kernel"])
+@pytest.mark.parametrize("form", ["sum first", "task first"])
+def test_multitask_model_trains_and_predicts_in_closed_form(form, task_kind):
+    """``ScaleKernel(BlockMeanKernel + GroupKernel) * IndexKernel``: the marginal log likelihood and its gradients in
+    closed form, equal to the dense model's; the prediction at new inputs (a task id never seen in training among
+    them) reads the cross covariance as the product's columns, without a warning, with the dense model's numbers."""
+    model, x, y, xt = _model(form, task_kind=task_kind)
+    assert _train_and_predict(model, x, y, xt) == []
+
+
+@pytest.mark.parametrize("sum_kind", ["slope + group", "inducing points + group"])
+def test_multitask_model_with_slopes_or_a_root(sum_kind):
+    """Random slopes (three diagonal terms over one grouping, weighted) and an inducing-point kernel's root times a
+    task kernel: closed form in training and prediction, the root's product of rank ``m k_X``."""
+    model, x, y, xt = _model("sum first", sum_kind=sum_kind)
+    assert _train_and_predict(model, x, y, xt) == []
+
+
+def test_cross_covariance_is_not_formed():
+    """The prediction's test-by-training covariance is the product's columns (``t x k`` blocks), not ``t x n``."""
+    from bma_gp.kernels.sum_prediction_strategy import _cross_pieces
+
+    model, x, y, xt = _model("sum first")
+    model.eval()
+    with torch.no_grad():
+        cross = model.covar_module(xt, x)
+        cross = cross.evaluate_kernel() if hasattr(cross, "evaluate_kernel") else cross
+    pieces: list = []
+    assert _cross_pieces(cross, pieces)
+    assert all(p[0] == "term" for p in pieces) and max(p[1].shape[-1] for p in pieces) < x.shape[0] // 4
+
+
+@pytest.mark.parametrize("sum_kind", ["block mean + group", "inducing points + group"])
+def test_prediction_gradients_match_the_dense_model(sum_kind):
+    """Gradients of the predictive mean and variance in every hyperparameter (``detach_test_caches(False)``)."""
+    model, x, y, xt = _model("sum first", sum_kind=sum_kind)
+    reference = dense_copy(model)
+    for m in (model, reference):
+        m.eval()
+        with warnings.catch_warnings(), gpytorch.settings.detach_test_caches(False):
+            warnings.simplefilter("error" if m is model else "ignore", ClosedFormFallbackWarning)
+            with gpytorch.settings.max_cholesky_size(10**6 if m is reference else 0):
+                pred = m(xt)
+                (pred.mean.sum() + pred.variance.sum()).backward()
+    assert_gradients_like_dense(model, reference, rtol=1e-7, minimum=4)
+
+
+def test_a_batch_of_test_sets_takes_the_exact_path_with_its_warning():
+    """A batch of test sets whose group ids differ across the batch: the group kernel's cross covariance is dense
+    there, and the product's columns are not read from it; the exact ``t x n`` path, with its warning."""
+    model, x, y, xt = _model("sum first", sum_kind="slope + group")
+    reference = dense_copy(model)
+    model.eval()
+    batch = torch.stack([xt, xt.flip(0)])
+    with torch.no_grad(), pytest.warns(ClosedFormFallbackWarning, match="prediction at new inputs"):
+        pred = model(batch)
+        mean, var = pred.mean, pred.variance
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_mean, ref_var = dense_prediction(reference, batch)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(var, ref_var, rtol=1e-10, atol=1e-10)

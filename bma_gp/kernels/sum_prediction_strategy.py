@@ -74,7 +74,11 @@ from bma_gp.block_mean_sum_linear_operator import (
     _LUSolve,
     _rest_solve,
     _scoped,
+    as_block_mean_factor,
     gram_root_core,
+    hadamard_plan,
+    rows_times_root,
+    task_weight,
 )
 from bma_gp.kernels._bound_data import check_bound_data, check_prediction_dtype, record_bound_data
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
@@ -3866,6 +3870,8 @@ def _hook_product_forward(cls) -> None:
                 return _ordered_product(self, x1, x2, params)
         if not diag:
             cross = _product_cross(self, x1, x2, params)
+            if cross is None:
+                cross = _sum_product_cross(self, x1, x2, params)
             if cross is not None:
                 return cross
         # GPyTorch's product densifies an IndexKernel's test-by-test covariance through a sparse tensor made without
@@ -3947,3 +3953,114 @@ def _product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> BlockCrossLi
     for cross in crosses[1:]:
         result = result.hadamard(cross) if result is not None else None
     return result
+
+
+def _sum_product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> LinearOperator | None:
+    r"""The covariance between new and training points of a product of one sum of block mean kernels with
+    ``GroupKernel`` / ``IndexKernel`` factors (``(BlockMeanKernel + GroupKernel) * IndexKernel``), as the columns of
+    the training covariance's product (:meth:`BlockMeanSumLinearOperator._hadamard_block_mean`, numbered as
+    :func:`~bma_gp.block_mean_sum_linear_operator.hadamard_plan` numbers them), so that the prediction at new inputs
+    stays closed form; ``None`` where it does not apply (then GPyTorch's product of the cross covariances, densely).
+
+    With the factors' product :math:`X = P_X C P_X^\top + \dots` at the training points (:math:`C = L L^\top`) and
+    :math:`A_*` its cross covariance (``t x k_X``), the new point :math:`a` has :math:`C_{x_a x_b} = u_a^\top
+    L_{x_b}` with :math:`u_a = L^{-1} A_{*a}` (any task id, seen in training or not). So a sum's term
+    :math:`A_j P_j^\top W_j` times :math:`A_* P_X^\top` is :math:`\sum_\rho (\operatorname{diag}(u_{\cdot\rho})
+    A_j) P_j^\top W_j \Lambda_\rho` (a diagonal term, the training covariance's weighted terms) or :math:`(A_j \circ
+    A_*) P_{j \cap X}^\top W_j` (a term over the intersection), and a root's :math:`U_* U^\top` is
+    :math:`R_* R^\top` with :math:`R_* = U_* \odot u` and :math:`R = U \odot L_{x}` row by row. Which form a term
+    takes is read from its cross covariance (one-hot: a diagonal term, as a ``GroupKernel``'s intercept); where the
+    training covariance chose otherwise the prediction does not match its columns and says so."""
+    from gpytorch.kernels import AdditiveKernel, IndexKernel, ScaleKernel
+    from gpytorch.lazy import LazyEvaluatedKernelTensor
+
+    from bma_gp._composition import _involves_block_mean
+    from bma_gp.kernels.group_kernel import GroupKernel
+
+    def bare(k):
+        while isinstance(k, ScaleKernel):
+            k = k.base_kernel
+        return k
+
+    if x1.shape == x2.shape and torch.equal(x1, x2):
+        return None
+    factors = _block_mean_first(kernel.kernels)
+    sums = [f for f in factors if isinstance(bare(f), AdditiveKernel) and _involves_block_mean(f)]
+    others = [f for f in factors if not any(f is g for g in sums)]
+    if len(sums) != 1 or not others or not all(isinstance(bare(f), (GroupKernel, IndexKernel)) for f in others):
+        return None
+
+    def evaluated(op):
+        return op.evaluate_kernel() if isinstance(op, LazyEvaluatedKernelTensor) else op
+
+    cross_x: BlockCrossLinearOperator | None = None
+    train_x = None
+    for factor in others:
+        cross = evaluated(factor(x1, x2, **params))
+        if not isinstance(cross, BlockCrossLinearOperator):
+            cross = _block_mean_as_cross(cross) or _index_cross(cross)
+        train = as_block_mean_factor(evaluated(factor(x2, x2, **params)))
+        if cross is None or train is None:
+            return None
+        cross_x = cross if cross_x is None else cross_x.hadamard(cross)
+        train_x = train if train_x is None else train_x._mul_matrix(train)
+        if cross_x is None or not isinstance(train_x, BlockMeanLinearOperator):
+            return None
+    assert cross_x is not None and train_x is not None
+    if cross_x.transposed or not train_x.symmetric or cross_x.partition.num_blocks != train_x.partition.num_blocks:
+        return None
+    pieces: list[_Piece] = []
+    if not _cross_pieces(evaluated(sums[0](x1, x2, **params)), pieces):
+        return None
+    has_root = any(piece[0] == "root" for piece in pieces)
+    diagonal = [piece[0] == "term" and isinstance(piece[1], _OneHot) for piece in pieces]
+    labels_x = train_x.partition.labels
+    L: Tensor | None = None
+    as_weights = False
+    if has_root or any(diagonal):
+        plan = hadamard_plan(_RootAndDiagonals(has_root, any(diagonal)), train_x)
+        if plan is None:
+            return None
+        L, as_weights = plan
+    rows_new = None
+    if L is not None:  # u_a = L^{-1} A_*a for every new point: (*batch, t, k_X)
+        values = cross_x.block_values() if not cross_x.is_one_hot else _cross_values(cross_x).dense()
+        rows_new = torch.linalg.solve_triangular(L, values.to(L.dtype).mT, upper=False).mT
+    out: list[LinearOperator] = []
+    for piece, one_hot in zip(pieces, diagonal):
+        if piece[0] == "root":
+            _, left, right = piece
+            if L is None or rows_new is None:
+                return None
+            R = rows_times_root(right.mT, L.index_select(-2, labels_x))
+            out.append(MatmulLinearOperator(DenseLinearOperator(rows_times_root(left, rows_new)),
+                                            DenseLinearOperator(R.mT)))  # fmt: skip
+            continue
+        _, values, partition, weight = piece
+        if one_hot and as_weights:
+            assert L is not None and rows_new is not None and isinstance(values, _OneHot)
+            for rho in range(L.shape[-1]):
+                scaled = BlockCrossLinearOperator.one_hot(values.values * rows_new[..., rho], values.columns, partition)
+                out.append(MatmulLinearOperator(scaled, DiagLinearOperator(task_weight(L, labels_x, rho, weight))))
+            continue
+        term = (
+            BlockCrossLinearOperator.one_hot(values.values, values.columns, partition)
+            if isinstance(values, _OneHot)
+            else BlockCrossLinearOperator(values, partition)
+        )
+        product = term.hadamard(cross_x)
+        if product is None:
+            return None
+        out.append(product if weight is None else MatmulLinearOperator(product, DiagLinearOperator(weight)))
+    if not out:
+        return None
+    return out[0] if len(out) == 1 else SumLinearOperator(*out)
+
+
+class _RootAndDiagonals:
+    """What :func:`~bma_gp.block_mean_sum_linear_operator.hadamard_plan` reads of a sum (whether it has a root and a
+    diagonal term), for :func:`_sum_product_cross`, which knows them from the cross covariance's pieces."""
+
+    def __init__(self, root: bool, diagonal: bool):
+        self.root = object() if root else None
+        self.diagonal_blocks = (diagonal,)
