@@ -19,6 +19,7 @@ GPyTorch's generic path, as it does without groups.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 import sys
@@ -349,8 +350,16 @@ def _numerical_warnings(method: str, dtype_name: str) -> Iterator[None]:
         print(f"{PROG}: warning: the {method} GP: GPyTorch: {others[0]}{more}", file=sys.stderr)
 
 
+@functools.cache
+def _imports_for_training() -> None:
+    """Import what the first ``torch.optim.Adam`` imports (``torch._dynamo``, 0.6-1.2 s), once, outside the timers: the
+    first method of a run was charged for it (a user trial: exact GP 1.70 s against 0.01 s at n = 120)."""
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
+
 def _fit(model: GP, method: str, problem: Problem, config: RunConfig, grid: Tensor | None) -> Fit:
     device = config.device
+    _imports_for_training()
     with gpytorch.settings.max_cholesky_size(config.max_cholesky):
         _synchronize(device)
         start = time.perf_counter()

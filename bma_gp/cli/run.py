@@ -29,7 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``bma-gp`` with the command-line arguments ``argv`` (default ``sys.argv[1:]``).
 
     Returns:
-        0 on success; 1, quietly, when the reader of standard output goes away early (``bma-gp ... | head``).
+        0 on success; 1, quietly, when the reader of standard output goes away early (``bma-gp ... | head``); 130
+        after Ctrl-C (``KeyboardInterrupt``), with one line on standard error.
         Bad arguments or unusable data end the program like argparse does: a message on standard error and
         ``SystemExit(2)`` (with the usage block for a bad option, one line for the data or the run).
     """
@@ -52,6 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C: one line and the shell's status for SIGINT (128 + 2), not a traceback from deep inside torch; the
+        # output directory a failed run created is removed on the way out, as for any other failure
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _run(config: RunConfig) -> int:
@@ -213,7 +219,6 @@ def _fit_and_report(
         png_path = os.path.join(config.out, "fits.png")
         try:
             report.plot(problem, fits, grid, png_path)
-            print(f"{PROG}: wrote {png_path}")
         except ImportError:
             print(
                 f"{PROG}: warning: matplotlib is not installed, no plot written "
@@ -223,6 +228,8 @@ def _fit_and_report(
             _note_stale_plot(config.out, "matplotlib is not installed")
         except OSError as err:
             raise UsageError(_cannot_write(png_path, err)) from err
+        else:  # (outside the try: a reader of standard output gone away is no failure to write the plot)
+            print(f"{PROG}: wrote {png_path}")
     else:
         _note_stale_plot(config.out, "--no-plot")
     return 0
