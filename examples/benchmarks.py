@@ -26,7 +26,7 @@ every script with a ``suite`` field), ``summary.md`` (tables, the issue-5 target
 missed, the machine and the command), ``matvec_ratio.png`` and ``gp_iteration.png``, and the
 raw output of each script in ``logs/``.
 
-    python examples/benchmarks.py                      # everything, full size (about 30-40 minutes on 2 cores)
+    python examples/benchmarks.py                      # everything, full size (27-40 minutes on 2 cores)
     python examples/benchmarks.py --smoke              # tiny sizes, a couple of minutes
     python examples/benchmarks.py --only gp,optimizer  # a subset
     python examples/benchmarks.py --device cuda        # GPU sizes where a script accepts --device
