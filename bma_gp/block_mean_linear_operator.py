@@ -246,8 +246,9 @@ def check_rhs_dtype(rhs: Tensor, name: str, dtype: torch.dtype) -> None:
     """``TypeError`` for an integer or boolean right-hand side, and for a floating-point one of another dtype than
     the operator's: torch's matrix products refuse them, and the closed forms took one path or the other by the
     values of ``B`` (a diagonal ``B`` promoted, a dense one raised torch's 'expected m1 and m2 to have the same
-    dtype'; a sum's solve promoted and its product raised). A complex right-hand side is a ``TypeError`` too (:func:`check_real`): cast to the operator's
-    dtype it lost its imaginary part, with at most one warning per process from torch."""
+    dtype'; a sum's solve promoted and its product raised). A complex right-hand side is a ``TypeError`` too
+    (:func:`check_real`): cast to the operator's dtype it lost its imaginary part, with at most one warning per
+    process from torch."""
     check_real(rhs, name)
     if not rhs.dtype.is_floating_point:  # solves promoted it silently and products raised torch's dtype error
         raise TypeError(

@@ -59,8 +59,8 @@ from bma_gp.block_mean_linear_operator import (
     BlockMeanLinearOperator,
     WarnsOnCatRows,
     _first_bad,
-    _one_hot_block_mean,
     _is_number,
+    _one_hot_block_mean,
     _where,
     batch_repeat,
     check_left,
@@ -613,7 +613,7 @@ def _level_ratio_hint(g: Tensor, diag: Tensor) -> str:
 TASK_TERMS_MAX = 16
 
 
-def hadamard_plan(S: BlockMeanSumLinearOperator, X: BlockMeanLinearOperator) -> tuple[Tensor | None, bool] | None:
+def hadamard_plan(S, X: BlockMeanLinearOperator) -> tuple[Tensor | None, bool] | None:
     r"""How :meth:`BlockMeanSumLinearOperator._hadamard_block_mean` multiplies ``S`` by ``X`` elementwise, also read by
     the prediction's cross covariance (``bma_gp.kernels.sum_prediction_strategy``), which must number the columns the
     same way: ``(L, as_weights)``, ``L`` the Cholesky factor of ``X``'s core :math:`C = L L^\top` (``None`` where it
@@ -642,8 +642,9 @@ def hadamard_plan(S: BlockMeanSumLinearOperator, X: BlockMeanLinearOperator) -> 
 
 def as_block_mean_factor(op) -> BlockMeanLinearOperator | None:
     """``op`` as a block mean operator for an elementwise product with a sum: a block mean operator, GPyTorch's
-    ``IndexKernel`` between the same ids (``C[i_a, i_b]``, :func:`~bma_gp.block_mean_linear_operator._one_hot_block_mean`),
-    or a multiple ``c X`` of one (a ``ScaleKernel``'s output, the constant taken into ``X``); else ``None``."""
+    ``IndexKernel`` between the same ids (``C[i_a, i_b]``,
+    :func:`~bma_gp.block_mean_linear_operator._one_hot_block_mean`), or a multiple ``c X`` of one (a
+    ``ScaleKernel``'s output, the constant taken into ``X``); else ``None``."""
     from linear_operator.operators import ConstantMulLinearOperator
 
     if hasattr(op, "evaluate_kernel"):
@@ -1276,7 +1277,8 @@ class BlockMeanSumLinearOperator(
           which the capacitance eliminates together as it does a random intercept and slope; otherwise one block mean
           term over the intersection of the partitions (:meth:`BlockMeanLinearOperator._hadamard_across`), ``k_j
           k_X`` levels at most (also for a diagonal term where ``C`` is batched, or is differentiated and the sum
-          has a root, whose products take row weights as constants). Their products with :math:`\operatorname{diag}(P_X \lambda_X)` join the diagonal.
+          has a root, whose products take row weights as constants). Their products with
+          :math:`\operatorname{diag}(P_X \lambda_X)` join the diagonal.
         * The root: :math:`U U^\top \circ P_X L L^\top P_X^\top = R R^\top` with :math:`R_{a, (i, \rho)} = U_{ai}
           L_{x_a \rho}`, rank ``m k_X``, and :math:`\operatorname{diag}(\|U_a\|^2 \lambda_{X, x_a})`.
 
@@ -1312,7 +1314,7 @@ class BlockMeanSumLinearOperator(
             assert isinstance(product, BlockMeanLinearOperator)
             extra = product.lam.index_select(-1, product.partition.labels)
             diag = diag + (extra if w is None else extra * w.pow(2))
-            blocks.append(product._b_diag if product.is_diagonal_mode else product.B)
+            blocks.append(product._b_vector() if product.is_diagonal_mode else product.B)
             partitions.append(product.partition)
             weights.append(w)
             flags.append(product.is_diagonal_mode)

@@ -17,8 +17,13 @@ import pytest
 import torch
 from linear_operator.operators import ConstantMulLinearOperator, DiagLinearOperator
 
-from bma_gp import BlockMeanKernel, BlockMeanLinearOperator, BlockMeanSumLinearOperator, ClosedFormFallbackWarning
-from bma_gp import Partition
+from bma_gp import (
+    BlockMeanKernel,
+    BlockMeanLinearOperator,
+    BlockMeanSumLinearOperator,
+    ClosedFormFallbackWarning,
+    Partition,
+)
 from bma_gp.kernels import ChunkedInducingPointKernel, GroupKernel
 from closed_form_guard import closed_forms_only
 from gp_reference import GP, assert_gradients_like_dense, dense_copy, dense_prediction
@@ -164,7 +169,9 @@ def _model(form: str, sum_kind: str = "block mean + group", task_kind: str = "in
     likelihood = gpytorch.likelihoods.GaussianLikelihood()
     group = GroupKernel(levels, active_dims=[1])
     if sum_kind == "block mean + group":
-        parts = BlockMeanKernel(gpytorch.kernels.RBFKernel(active_dims=[0]), x, Partition.from_labels((x[:, 0] * 8).long()))
+        parts = BlockMeanKernel(
+            gpytorch.kernels.RBFKernel(active_dims=[0]), x, Partition.from_labels((x[:, 0] * 8).long())
+        )
     elif sum_kind == "slope + group":  # a random slope on column 3 over the levels of column 1, and a crossed grouping
         parts = GroupKernel(levels, slope=True, active_dims=[1, 3])
         group = GroupKernel(tasks + 1, active_dims=[2])

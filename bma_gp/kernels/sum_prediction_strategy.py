@@ -4024,7 +4024,7 @@ def _sum_product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> LinearOp
         L, as_weights = plan
     rows_new = None
     if L is not None:  # u_a = L^{-1} A_*a for every new point: (*batch, t, k_X)
-        values = cross_x.block_values() if not cross_x.is_one_hot else _cross_values(cross_x).dense()
+        values = _dense_block(_cross_values(cross_x))
         rows_new = torch.linalg.solve_triangular(L, values.to(L.dtype).mT, upper=False).mT
     out: list[LinearOperator] = []
     for piece, one_hot in zip(pieces, diagonal):
