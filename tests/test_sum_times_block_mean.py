@@ -277,14 +277,17 @@ def test_prediction_gradients_match_the_dense_model(sum_kind):
     assert_gradients_like_dense(model, reference, rtol=1e-7, minimum=4)
 
 
-def test_a_batch_of_test_sets_takes_the_exact_path_with_its_warning():
+@pytest.mark.parametrize("sum_kind", ["block mean + group", "slope + group", "inducing points + group"])
+def test_a_batch_of_test_sets_predicts_in_closed_form(sum_kind):
     """A batch of test sets whose group ids differ across the batch: the group kernel's cross covariance is dense
-    there, and the product's columns are not read from it; the exact ``t x n`` path, with its warning."""
-    model, x, y, xt = _model("sum first", sum_kind="slope + group")
+    there (one column per row still), GPyTorch copies the training inputs across the batch, and the product's
+    columns are read all the same, without a warning and with the dense model's numbers."""
+    model, x, y, xt = _model("sum first", sum_kind=sum_kind)
     reference = dense_copy(model)
     model.eval()
     batch = torch.stack([xt, xt.flip(0)])
-    with torch.no_grad(), pytest.warns(ClosedFormFallbackWarning, match="prediction at new inputs"):
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
         pred = model(batch)
         mean, var = pred.mean, pred.variance
     with warnings.catch_warnings():
@@ -292,3 +295,58 @@ def test_a_batch_of_test_sets_takes_the_exact_path_with_its_warning():
         ref_mean, ref_var = dense_prediction(reference, batch)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(var, ref_var, rtol=1e-10, atol=1e-10)
+
+
+def test_hadamard_model_over_a_sum_trains_in_closed_form_and_names_the_product_kernel():
+    """GPyTorch's Hadamard multitask model whose data kernel is a sum, ``covar_module(x).mul(task_covar(i))``: the
+    marginal log likelihood is closed form and equal to the dense model's; its prediction (GPyTorch's default
+    strategy, exact here) warns once and names the one-kernel product that predicts in closed form."""
+    from linear_operator import to_linear_operator
+
+    g = torch.Generator().manual_seed(1)
+    n, tasks, levels = 150, 3, 6
+    x = torch.stack(
+        [torch.rand(n, generator=g, dtype=torch.float64), torch.randint(0, levels, (n,), generator=g).double()], -1
+    )
+    ids = torch.randint(0, tasks, (n, 1), generator=g)
+    y = torch.sin(6 * x[:, 0]) + 0.3 * x[:, 1] + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+
+    class Hadamard(gpytorch.models.ExactGP):
+        def __init__(self, dense: bool = False):
+            super().__init__((x, ids), y, gpytorch.likelihoods.GaussianLikelihood())
+            self.mean_module = gpytorch.means.ConstantMean()
+            partition = Partition.from_labels((x[:, 0] * 8).long())
+            self.covar_module = BlockMeanKernel(
+                gpytorch.kernels.RBFKernel(active_dims=[0]), x, partition
+            ) + GroupKernel(levels, active_dims=[1])
+            self.task_covar_module = gpytorch.kernels.IndexKernel(num_tasks=tasks, rank=1)
+            self.dense = dense
+
+        def forward(self, inputs, task_ids):
+            covar, task = self.covar_module(inputs), self.task_covar_module(task_ids)
+            if self.dense:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    covar, task = to_linear_operator(covar.to_dense()), to_linear_operator(task.to_dense())
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(inputs), covar.mul(task))
+
+    model = Hadamard().double()
+    reference = Hadamard(dense=True).double()
+    reference.load_state_dict(model.state_dict())
+    with closed_forms_only(n), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        loss = -gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)(model(x, ids), y)
+    with gpytorch.settings.max_cholesky_size(10**6):
+        ref = -gpytorch.mlls.ExactMarginalLogLikelihood(reference.likelihood, reference)(reference(x, ids), y)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
+    model.eval()
+    reference.eval()
+    xt, it = x[:6].clone(), torch.tensor([[0], [1], [2], [0], [1], [2]])
+    xt[:, 0] += 0.01
+    with torch.no_grad():
+        with pytest.warns(ClosedFormFallbackWarning, match=r"\(BlockMeanKernel\(\.\.\.\) \+ GroupKernel"):
+            pred = model(xt, it)
+        with gpytorch.settings.max_cholesky_size(10**6):
+            want = reference(xt, it)
+    torch.testing.assert_close(pred.mean, want.mean, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(pred.variance, want.variance, rtol=1e-10, atol=1e-10)

@@ -3993,13 +3993,18 @@ def _sum_product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> LinearOp
     def evaluated(op):
         return op.evaluate_kernel() if isinstance(op, LazyEvaluatedKernelTensor) else op
 
+    # the training points once: GPyTorch copies them across a batch of test sets, and the training covariance's
+    # product (unbatched) splits its diagonal terms only by an unbatched task matrix
+    x_train = x2
+    while x_train.dim() > 2 and bool((x_train == x_train[:1]).all()):
+        x_train = x_train[0]
     cross_x: BlockCrossLinearOperator | None = None
     train_x = None
     for factor in others:
         cross = evaluated(factor(x1, x2, **params))
         if not isinstance(cross, BlockCrossLinearOperator):
             cross = _block_mean_as_cross(cross) or _index_cross(cross)
-        train = as_block_mean_factor(evaluated(factor(x2, x2, **params)))
+        train = as_block_mean_factor(evaluated(factor(x_train, x_train, **params)))
         if cross is None or train is None:
             return None
         cross_x = cross if cross_x is None else cross_x.hadamard(cross)
@@ -4013,7 +4018,7 @@ def _sum_product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> LinearOp
     if not _cross_pieces(evaluated(sums[0](x1, x2, **params)), pieces):
         return None
     has_root = any(piece[0] == "root" for piece in pieces)
-    diagonal = [piece[0] == "term" and isinstance(piece[1], _OneHot) for piece in pieces]
+    diagonal = [piece[0] == "term" and _one_value_per_row(piece[1], piece[2]) for piece in pieces]
     labels_x = train_x.partition.labels
     L: Tensor | None = None
     as_weights = False
@@ -4038,9 +4043,14 @@ def _sum_product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> LinearOp
             continue
         _, values, partition, weight = piece
         if one_hot and as_weights:
-            assert L is not None and rows_new is not None and isinstance(values, _OneHot)
+            assert L is not None and rows_new is not None
             for rho in range(L.shape[-1]):
-                scaled = BlockCrossLinearOperator.one_hot(values.values * rows_new[..., rho], values.columns, partition)
+                u = rows_new[..., rho]
+                scaled = (
+                    BlockCrossLinearOperator.one_hot(values.values * u, values.columns, partition)
+                    if isinstance(values, _OneHot)
+                    else BlockCrossLinearOperator(values * u.unsqueeze(-1), partition)
+                )
                 out.append(MatmulLinearOperator(scaled, DiagLinearOperator(task_weight(L, labels_x, rho, weight))))
             continue
         term = (
@@ -4055,6 +4065,16 @@ def _sum_product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> LinearOp
     if not out:
         return None
     return out[0] if len(out) == 1 else SumLinearOperator(*out)
+
+
+def _one_value_per_row(values: Tensor | _OneHot, partition: Partition) -> bool:
+    """Whether a cross covariance's :math:`A` has at most one nonzero per row over several blocks: a diagonal term's
+    (a group kernel's intercept or slope; one-hot, or dense where a batch of test sets gives each entry its own
+    columns), which the training covariance's product splits into weighted terms. A one-block term (a constant)
+    is not one: the product keeps it whole."""
+    if isinstance(values, _OneHot):
+        return True
+    return partition.num_blocks > 1 and bool(((values != 0).sum(-1) <= 1).all())
 
 
 class _RootAndDiagonals:

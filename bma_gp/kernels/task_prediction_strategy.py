@@ -151,16 +151,26 @@ def _warn_evaluated_prior(train_prior_dist) -> None:
         "DefaultPredictionStrategy instead of bma-gp's closed-form one, so the test covariances are formed densely "
         "(up to gpytorch.settings.max_eager_kernel_size) and posterior samples, e.g. model(train_x).rsample() in "
         "eval mode, factorise the dense t x t predictive covariance (Cholesky, or Lanczos above max_cholesky_size). "
-        f"{_evaluated_prior_advice()}",
+        f"{_evaluated_prior_advice(covar)}",
         ClosedFormFallbackWarning,
         stacklevel=4,
     )
 
 
-def _evaluated_prior_advice() -> str:
+def _evaluated_prior_advice(covar=None) -> str:
     """What to write instead, for :func:`_warn_evaluated_prior`."""
+    from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
+
     if settings.lazily_evaluate_kernels.off():
         return "Keep lazily_evaluate_kernels on (GPyTorch's default)."
+    if isinstance(covar, BlockMeanSumLinearOperator):  # a Hadamard model over a sum of kernels
+        return (
+            "Return from forward a kernel's output as it comes (a lazily evaluated kernel tensor). A product of a sum "
+            "of kernels and a task kernel computed in forward (sum_kernel(x).mul(task_kernel(i))) is closed form in "
+            "training, but its prediction needs the product as one kernel with active_dims, e.g. for the task id in "
+            "input column 2: covar_module = (BlockMeanKernel(...) + GroupKernel(k, active_dims=[1])) * "
+            "IndexKernel(num_tasks, rank=1, active_dims=[2]), whose prediction is closed form."
+        )
     return (
         "Return from forward a kernel's output as it comes (a lazily evaluated kernel tensor); the elementwise "
         "product of two of them (kernel_x(x).mul(task_kernel(i)), GPyTorch's Hadamard multitask model) keeps the "
