@@ -102,10 +102,9 @@ def warn_elementwise(op, other) -> None:
     n = op.shape[-1]
     warnings.warn(
         f"elementwise product of a {type(op).__name__} (n = {n}) with a {type(other).__name__}: it has no closed "
-        "form (only two block mean operators multiply into one), so linear_operator's generic product is used. It "
-        f"forms the dense {n} x {n} matrices of a dense factor, or else a root of each factor and the dense matrix "
-        f"of one of them ({n} x {n} or wider for a BlockMeanSumLinearOperator), and its solves and log-determinants "
-        "take the generic path (dense Cholesky up to max_cholesky_size, CG and Lanczos beyond).",
+        "form (two block mean operators multiply into one, and a sum of them times one into a sum), so the product "
+        f"is formed densely, {n} x {n} with exact entries, and its solves and log-determinants take the generic "
+        "path (dense Cholesky up to max_cholesky_size, CG and Lanczos beyond).",
         ClosedFormFallbackWarning,
         stacklevel=caller_stacklevel(),
     )

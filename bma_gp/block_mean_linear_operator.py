@@ -36,7 +36,7 @@ from bma_gp._pickling import PicklesWithoutCache
 from bma_gp._precision import core_dtype
 from bma_gp._samples import ClosedFormSamples
 from bma_gp._symmetric_function import floored_sqrt, symmetric_matrix_function
-from bma_gp._warnings import ClosedFormFallbackWarning, caller_stacklevel, warn_dense_cholesky, warn_elementwise
+from bma_gp._warnings import ClosedFormFallbackWarning, caller_stacklevel, warn_dense_cholesky
 from bma_gp.partition import Partition, intersection
 
 __all__ = ["BlockMeanLinearOperator"]
@@ -1108,8 +1108,10 @@ class BlockMeanLinearOperator(
 
         if isinstance(other, FallbackSumLinearOperator):  # n x n anyway: exact entries, as in the other order
             return _dense_elementwise(other, self)
-        warn_elementwise(self, other)  # linear_operator's MulLinearOperator: roots of both, or dense matrices
-        return super()._mul_matrix(other)
+        # linear_operator's MulLinearOperator multiplied through a root of each factor (a jittered Cholesky where one
+        # is singular, Lanczos past max_cholesky_size: entries off by the jitter or more) and formed one factor
+        # densely anyway; the dense product itself is exact and no larger
+        return _dense_elementwise(self, other)
 
     def _same_partition(self, other) -> bool:
         return isinstance(other, BlockMeanLinearOperator) and other.partition.same_as(self.partition)

@@ -53,7 +53,7 @@ from bma_gp._symmetric_function import (
     symmetric_matrix_function,
     symmetric_matrix_functions,
 )
-from bma_gp._warnings import warn_dense_cholesky, warn_dense_eigh, warn_elementwise
+from bma_gp._warnings import warn_dense_cholesky, warn_dense_eigh
 from bma_gp.block_mean_linear_operator import (
     _NO_LANCZOS_QUADRATURE,
     BlockMeanLinearOperator,
@@ -1262,8 +1262,9 @@ class BlockMeanSumLinearOperator(
             res = self._hadamard_block_mean(factor)
             if res is not None:
                 return res
-        warn_elementwise(self, other)
-        return super()._mul_matrix(other)
+        from bma_gp._composition import _dense_elementwise
+
+        return _dense_elementwise(self, other)  # exact entries (linear_operator's product went through roots)
 
     def _hadamard_block_mean(self, X: BlockMeanLinearOperator) -> BlockMeanSumLinearOperator | None:
         r""":math:`S \circ X` for a symmetric block mean operator :math:`X = P_X C P_X^\top +
