@@ -53,7 +53,7 @@ from torch import Tensor
 
 from bma_gp._autograd import carries_tangent, functorch_wrapped, tracks_derivatives
 from bma_gp._broadcast import batch_constants, shared_batch_entry
-from bma_gp._indexing import TorchIndexing
+from bma_gp._indexing import TorchIndexing, check_floating
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._pickling import PicklesWithoutCache
 from bma_gp._warnings import ClosedFormFallbackWarning
@@ -225,10 +225,21 @@ def _expanded_constant(op) -> BlockMeanLinearOperator | None:
     t = op.tensor
     if not is_expanded_constant(t) or t.shape[-1] != t.shape[-2] or t.shape[-1] < 2:
         return None
-    values = t[..., :1, 0]  # (*batch, 1)
+    values = _corner(t)  # (*batch, 1)
     return BlockMeanLinearOperator(
         torch.zeros_like(values), values, Partition._whole(t.shape[-1], t.device), diagonal=True
     )
+
+
+def _corner(t: Tensor) -> Tensor:
+    """``t[..., :1, 0]`` of an expanded constant, read from the tensor it was expanded from where it is a view: the
+    backward of a slice of the expanded ``n x n`` tensor allocates its whole gradient, ``n x n`` (a user trial: 320 GB
+    asked for at n = 2e5 by ``ConstantKernel() + GroupKernel``), while ``as_strided`` of the view's base allocates the
+    base's. # shape: (*batch, 1)"""
+    base = t._base
+    if base is None:
+        return t[..., :1, 0]
+    return torch.as_strided(base, (*t.shape[:-2], 1), (*t.stride()[:-2], 0), t.storage_offset())
 
 
 def is_expanded_constant(t: Tensor) -> bool:
@@ -1280,6 +1291,8 @@ class _BlockMeanTasks(TorchIndexing, PicklesWithoutCache):
         return type(cast(LinearOperator, self))(self.base_linear_op.sum(dim))
 
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
+        check_floating(right_tensor, "right_tensor")
+        check_floating(left_tensor, "left_tensor")
         vector = right_tensor.dim() == 1
         rhs = right_tensor.unsqueeze(-1) if vector else right_tensor
         blocks = cast(LinearOperator, self)

@@ -146,9 +146,39 @@ def getitem(op, index, base_getitem):
     return res
 
 
+def check_floating(value, name: str) -> None:
+    """``TypeError`` for an integer, boolean or complex tensor ``value`` given as an operand of a product or solve:
+    torch's matrix products and solves refuse them, and the operators' paths promoted some silently and raised torch's
+    dtype error from others (a user trial). Anything else (``None``, an operator, a floating tensor) passes."""
+    if torch.is_tensor(value) and not value.dtype.is_floating_point:
+        raise TypeError(
+            f"{name} has dtype {value.dtype}, not a real floating-point dtype: cast it to the operator's dtype first "
+            f"({name}.to(op.dtype)), as torch's matrix products and solves ask."
+        )
+
+
 class TorchIndexing:
     """Mixin (before ``LinearOperator`` in the bases): ``__getitem__`` and ``to`` with torch's semantics
-    (:func:`getitem`)."""
+    (:func:`getitem`), and tensor operands of products and solves that torch would take (:func:`check_floating`;
+    a class that defines these methods itself checks there)."""
+
+    def matmul(self, other):
+        check_floating(other, "other")
+        return super().matmul(other)
+
+    def solve(self, right_tensor, left_tensor=None):
+        check_floating(right_tensor, "right_tensor")
+        check_floating(left_tensor, "left_tensor")
+        return super().solve(right_tensor, left_tensor)
+
+    def inv_quad_logdet(self, inv_quad_rhs=None, logdet=False, reduce_inv_quad=True):
+        check_floating(inv_quad_rhs, "inv_quad_rhs")
+        return super().inv_quad_logdet(inv_quad_rhs, logdet=logdet, reduce_inv_quad=reduce_inv_quad)
+
+    def sqrt_inv_matmul(self, rhs, lhs=None):
+        check_floating(rhs, "rhs")
+        check_floating(lhs, "lhs")
+        return super().sqrt_inv_matmul(rhs, lhs)
 
     def __getitem__(self, index):
         return getitem(self, index, super().__getitem__)

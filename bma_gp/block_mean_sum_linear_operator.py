@@ -40,7 +40,7 @@ from bma_gp._by_products import ByProducts
 from bma_gp._closed_roots import ClosedFormRoots, check_root_method
 from bma_gp._diagonal import is_diagonal as _is_diagonal
 from bma_gp._diagonal import structurally_diagonal as _structurally_diagonal
-from bma_gp._indexing import TorchIndexing
+from bma_gp._indexing import TorchIndexing, check_floating
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._low_rank_sum import LowRankInClosedForm
 from bma_gp._pickling import PicklesWithoutCache
@@ -626,7 +626,7 @@ def hadamard_plan(S, X: BlockMeanLinearOperator) -> tuple[Tensor | None, bool] |
     C = X._b_sym()
     small = C.dim() == 2 and C.shape[-1] <= TASK_TERMS_MAX
     L: Tensor | None = None
-    if S.root is not None or (any(S.diagonal_blocks) and small):
+    if S.root is not None or ((any(S.diagonal_blocks) or 1 in getattr(S, "num_blocks", ())) and small):
         factor, info = torch.linalg.cholesky_ex(C.to(core_dtype(C.dtype)))
         if bool((info == 0).all()):  # (one host read, of a k_X x k_X factorisation)
             L = factor.to(C.dtype)
@@ -952,7 +952,7 @@ class BlockMeanSumLinearOperator(
         it is kept apart and used only while validation stays off (a checked value serves both)."""
         if self._cached(name):
             return self._store[name]
-        if not settings.validate.on():
+        if not self._validating():
             name = f"{name} (unvalidated)"
             if self._cached(name):
                 return self._store[name]
@@ -999,7 +999,7 @@ class BlockMeanSumLinearOperator(
     def _check_finite_input(self) -> None:
         """With validation on, the ``ValueError`` of :meth:`_nonfinite_input` (the roots' eigendecompositions would
         fail with torch's ``LinAlgError`` on a non-finite ``B_j``, root or weight instead)."""
-        if settings.validate.on():
+        if self._validating():
             error = self._nonfinite_input()
             if error is not None:
                 raise error
@@ -1257,6 +1257,12 @@ class BlockMeanSumLinearOperator(
         constants = batch_constants(other)
         if constants is not None:  # one constant per batch entry (a batch ScaleKernel around an unbatched kernel)
             return self._mul_constant(constants)
+        from linear_operator.operators import ConstantMulLinearOperator
+
+        if type(other) is ConstantMulLinearOperator and as_block_mean_factor(other.base_linear_op) is not None:
+            # S o (c X) = c (S o X): a negative c makes the generic multiple (a FallbackScaledLinearOperator), c = 0
+            # the zero sum, where taken into X it left no root of C (a ScaleKernel's output, usually c > 0)
+            return self._mul_matrix(other.base_linear_op)._mul_constant(other._constant)
         factor = as_block_mean_factor(other)
         if factor is not None and factor.shape[-1] == self.shape[-1]:
             res = self._hadamard_block_mean(factor)
@@ -1299,6 +1305,8 @@ class BlockMeanSumLinearOperator(
         weights: list[Tensor | None] = []
         flags: list[bool] = []
         for B, partition, w, flag in zip(self._block_args, self.partitions, self.weights, self.diagonal_blocks):
+            if not flag and B.shape[-1] == 1:  # a one-block term (a constant) is diagonal: k_X weighted terms too
+                B, flag = B[..., 0], True
             if flag and as_weights:
                 assert L is not None
                 extra = B.index_select(-1, partition.labels) * lam_x
@@ -1349,7 +1357,7 @@ class BlockMeanSumLinearOperator(
 
     # ------------------------------------------------------------------ the Gram matrix A = Z^T D^{-1} Z
     def _check_diag(self, what: str) -> None:
-        if not settings.validate.on() or self.diag_values.is_meta:  # (a meta tensor holds no values: shapes only)
+        if not self._validating():
             return
         d = self.diag_values
         bad = ~(d > 0)
@@ -1506,7 +1514,7 @@ class BlockMeanSumLinearOperator(
         validation found not positive definite raises its ``ValueError``; ``solve`` and ``inv_quad`` pass False:
         like a single block mean operator's, they need an invertible sum only (a singular one raises either way)."""
         cap = self._memo("capacitance", self._factorise)
-        if definite and cap.not_definite is not None and settings.validate.on():  # a checked one serves both
+        if definite and cap.not_definite is not None and self._validating():  # a checked one serves both
             raise ValueError(*cap.not_definite.args)
         return cap
 
@@ -1535,7 +1543,7 @@ class BlockMeanSumLinearOperator(
             refusal = None
             if self._reads_back():  # eliminate only groupings whose part D' of the sum is positive definite
                 negative = [self._grouping_negative(group) for group in groups]
-                refuse = settings.validate.on() and len(groups) == 1 and len(groups[0]) == len(self._sizes())
+                refuse = self._validating() and len(groups) == 1 and len(groups[0]) == len(self._sizes())
                 if refuse and negative[0] is not None:
                     names = [f"blocks[{e}]" for e in groups[0] if bool((self._block_diagonal(e) < 0).any())]
                     count = int(negative[0].max())  # nothing else in the sum to make up for them
@@ -1570,9 +1578,15 @@ class BlockMeanSumLinearOperator(
         A_EE = torch.stack([torch.stack([self._level_gram(i, j).detach() for j in group], -1) for i in group], -2)
         return self._level_negative_directions(g, A_EE)
 
+    def _validating(self) -> bool:
+        """:class:`bma_gp.settings.validate`, except for a meta operator (shape-only evaluation: no values to read
+        back, where the checks raised torch's "Tensor.item() cannot be called on meta tensors")."""
+        return settings.validate.on() and self.diag_values.device.type != "meta"
+
     def _reads_back(self) -> bool:
-        """Whether values may be read back to the host: with validation on, or on CPU (nothing to synchronise)."""
-        return settings.validate.on() or self.device.type == "cpu"
+        """Whether values may be read back to the host: with validation on, or on CPU (nothing to synchronise); never
+        on the meta device, which holds none (shape-only evaluation)."""
+        return self.device.type != "meta" and (settings.validate.on() or self.device.type == "cpu")
 
     def _elimination_term(self) -> int | None:
         """The first of :meth:`_elimination_terms` (its partition is the eliminated grouping), or None."""
@@ -1650,7 +1664,7 @@ class BlockMeanSumLinearOperator(
         non-positive determinant, or an even number of negative eigenvalues: :meth:`_check_inertia`), None
         otherwise. Returned, not raised: ``solve`` and ``inv_quad`` go on with an invertible sum; a non-finite input
         raises here."""
-        if not settings.validate.on():
+        if not self._validating():
             return None
         error: ValueError | None
         if bool((sign <= 0).any()):
@@ -1716,7 +1730,7 @@ class BlockMeanSumLinearOperator(
         :math:`S` is an error when validating; a negative determinant is judged by :meth:`_definiteness_error`)."""
         r = S.shape[-1]
         LU, pivots, info = torch.linalg.lu_factor_ex(S.detach())  # the gradients come from _LUSolve/_LULogAbsDet
-        if settings.validate.on() and bool((info > 0).any()):
+        if self._validating() and bool((info > 0).any()):
             raise self._not_positive_definite(
                 f"the capacitance matrix of this sum ({self._describe()}) is singular: the sum is "
                 "not invertible (nor positive definite). Check the block matrices and the diagonal."
@@ -1792,7 +1806,7 @@ class BlockMeanSumLinearOperator(
         :math:`H_{++} = I + L_+^\top \tilde A L_+ \succ 0`, :math:`M \succ 0` iff the
         ``nu x nu`` Schur complement :math:`H_{--} - H_{-+} H_{++}^{-1} H_{+-}` is negative definite: two Cholesky
         factorisations, and only where some :math:`B_j` has a negative eigenvalue (otherwise :math:`\nu = 0`)."""
-        if not settings.validate.on() or A_rr is None:
+        if not self._validating() or A_rr is None:
             return None
         A = A_rr.detach().expand(*self.batch_shape, *A_rr.shape[-2:])  # the blocks' batch: vectors are diagonals
         wdt = A.dtype
@@ -1859,7 +1873,7 @@ class BlockMeanSumLinearOperator(
         eye = torch.eye(len(eliminated), dtype=wdt, device=self.device)
         delta = eye + g.unsqueeze(-1) * A_EE  # (*b, k, r_e, r_e)
         sign, logabs = torch.linalg.slogdet(delta)
-        if settings.validate.on() and bool((sign <= 0).any()):
+        if self._validating() and bool((sign <= 0).any()):
             raise self._not_positive_definite(
                 f"the sum ({self._describe()}) is not positive definite: the block of the capacitance of the "
                 f"terms {[e + 1 for e in eliminated]} over one grouping has a non-positive determinant at some level. "
@@ -2371,6 +2385,7 @@ class BlockMeanSumLinearOperator(
                 (``root_inv_decomposition()`` still gives a root :math:`R R^\top = M^{-1}`).
         """
         self._check_rhs(rhs, "rhs")
+        check_floating(lhs, "lhs")
         self._check_diag("sqrt_inv_matmul")  # before root_inv_decomposition's check, which would name that
         d = self.diag_values
         if not bool((d == d[..., :1]).all()):
@@ -2465,7 +2480,7 @@ def gram_root_core(
             # no rounding band here: an eigenvalue 1 + e <= 0 clamped to eps would become 1 / sqrt(eps) in the inverse
             # root, a silently unbounded result (float32 inputs carry a band of about q eps32 max|e|, which can be
             # far above 1), while the log-determinant of the same sum refuses it
-            if settings.validate.on() and bool((e <= -1).any()):
+            if (settings.validate.on() and not A.is_meta) and bool((e <= -1).any()):
                 raise ValueError(
                     f"{what} is not positive definite: the eigenvalue {float((e + 1).min()):.3g} of I + F G F (F the "
                     "root of its Gram matrix, G its blocks) is not positive, so it has no inverse square root"
@@ -2479,7 +2494,7 @@ def gram_root_core(
                 )
             return e  # validation off: NaN where 1 + e < 0, nothing read back
         bound = (0 if zero else -1) - (10 * q * tol * (1 + e.detach().abs().amax(-1, keepdim=True))).clamp_min(band)
-        if not settings.validate.on():  # nothing read back: square roots clamp
+        if not (settings.validate.on() and not A.is_meta):  # nothing read back: square roots clamp
             return e.clamp_min(0 if zero else -1 + eps)
         if bool((e < bound).any()):
             raise ValueError(

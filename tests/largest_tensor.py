@@ -10,10 +10,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 class LargestTensor(TorchDispatchMode):
     """Records the largest tensor any torch operation returns, and the operation that returned it."""
 
-    def __init__(self, square: int | None = None):
+    def __init__(self, square: int | None = None, storage: bool = False):
         """``square``: also record, in :attr:`squares`, every operation that returns a ``square x square`` matrix
-        (its last two dimensions)."""
+        (its last two dimensions). ``storage``: measure each result by the entries of the memory it holds (its
+        storage), so that an expanded view of a few values (a constant kernel's ``n x n``) counts as those values."""
         super().__init__()
+        self.storage = storage
         self.largest = 0
         self.where = ""
         self.square = square
@@ -24,8 +26,9 @@ class LargestTensor(TorchDispatchMode):
         for value in out if isinstance(out, (tuple, list)) else (out,):
             if not torch.is_tensor(value):
                 continue
-            if value.numel() > self.largest:
-                self.largest, self.where = value.numel(), str(func)
+            size = value.untyped_storage().nbytes() // value.element_size() if self.storage else value.numel()
+            if size > self.largest:
+                self.largest, self.where = size, str(func)
             if self.square is not None and tuple(value.shape[-2:]) == (self.square, self.square):
                 self.squares.append(str(func))
         return out

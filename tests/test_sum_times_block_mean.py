@@ -208,11 +208,11 @@ def _train_and_predict(model, x, y, xt):
     with closed_forms_only(x.shape[0]), warnings.catch_warnings():
         warnings.simplefilter("error", ClosedFormFallbackWarning)
         loss = -gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)(model(x), y)
-        loss.backward()
+        loss.sum().backward()
     with warnings.catch_warnings(), gpytorch.settings.max_cholesky_size(10**6):
         warnings.simplefilter("ignore")
         ref = -gpytorch.mlls.ExactMarginalLogLikelihood(reference.likelihood, reference)(reference(x), y)
-        ref.backward()
+        ref.sum().backward()
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
     assert_gradients_like_dense(model, reference, rtol=1e-8, minimum=3)
     model.eval()
@@ -351,3 +351,47 @@ def test_hadamard_model_over_a_sum_trains_in_closed_form_and_names_the_product_k
             want = reference(xt, it)
     torch.testing.assert_close(pred.mean, want.mean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(pred.variance, want.variance, rtol=1e-10, atol=1e-10)
+
+
+_MORE = {
+    "constant + group": lambda: (
+        (gpytorch.kernels.ConstantKernel() + GroupKernel(6, active_dims=[0]))
+        * gpytorch.kernels.IndexKernel(4, rank=1, active_dims=[1])
+    ),
+    "two task factors": lambda: (
+        (GroupKernel(6, active_dims=[0]) + GroupKernel(5, active_dims=[2]))
+        * gpytorch.kernels.IndexKernel(4, rank=1, active_dims=[1])
+        * GroupKernel(5, rank=1, active_dims=[2])
+    ),
+    "a batched scale": lambda: (
+        gpytorch.kernels.ScaleKernel(
+            GroupKernel(6, active_dims=[0]) + GroupKernel(5, active_dims=[2]), batch_shape=torch.Size([2])
+        )
+        * gpytorch.kernels.IndexKernel(4, rank=1, active_dims=[1])
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", _MORE)
+def test_more_products_predict_in_closed_form(kind):
+    """A constant in the sum (a one-block term, split by the task factor as a diagonal term is), a sum times two
+    task factors (multiplied in turn, as the training covariance is) and a batched scale around the sum: each
+    predicted through the exact t x n path with a warning that blamed the test inputs."""
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    x = torch.stack(
+        [
+            torch.randint(0, 5, (n,), generator=g).double(),
+            torch.randint(0, 3, (n,), generator=g).double(),
+            torch.randint(0, 4, (n,), generator=g).double(),
+        ],
+        -1,
+    )
+    batch = torch.Size([2]) if kind == "a batched scale" else torch.Size()
+    y = torch.randn(*batch, n, generator=g, dtype=torch.float64)
+    likelihood = gpytorch.likelihoods.GaussianLikelihood(batch_shape=batch)
+    model = GP(x, y, likelihood, _MORE[kind](), batch_shape=batch).double()
+    if kind == "a batched scale":
+        model.covar_module.kernels[0].outputscale = torch.tensor([0.7, 1.3])
+    xt = torch.tensor([[0.0, 0, 1], [5, 1, 4], [2, 3, 0], [4, 2, 3], [1, 0, 2]], dtype=torch.float64)  # new ids too
+    assert _train_and_predict(model, x, y, xt) == []

@@ -126,3 +126,133 @@ def test_a_checkpoint_with_an_invalid_group_option_is_refused_at_load(make, key,
     after = fresh.state_dict()
     assert after["param_groups"] == before["param_groups"]
     assert after["global_state"].keys() == before["global_state"].keys()
+
+
+def test_a_constant_kernel_in_a_sum_has_no_n_by_n_gradient():
+    """``ConstantKernel() + GroupKernel``: the constant's value was sliced from its expanded ``n x n`` tensor, whose
+    backward allocated the whole ``n x n`` gradient (320 GB asked for at n = 2e5 in a user trial)."""
+    from largest_tensor import LargestTensor
+
+    n = 3000
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 50, (n, 1), generator=g).double()
+    y = torch.randn(n, generator=g, dtype=torch.float64)
+    kernel = gpytorch.kernels.ConstantKernel() + GroupKernel(50)
+    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).double()
+    model.train()
+    with LargestTensor(storage=True) as seen:
+        loss = -gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)(model(x), y)
+        loss.backward()
+    assert seen.largest < n * n // 16, seen.where
+    assert model.covar_module.kernels[0].raw_constant.grad is not None
+
+
+# ------------------------------------------------------------------ the second round of this session's trials
+def _sum_prediction():
+    """A model over two crossed groupings, and its prediction at new points (a sum's predictive covariance)."""
+    g = torch.Generator().manual_seed(0)
+    n = 80
+    x = torch.stack([torch.randint(0, 5, (n,), generator=g), torch.randint(0, 3, (n,), generator=g)], -1).double()
+    y = torch.randn(n, generator=g, dtype=torch.float64)
+    kernel = GroupKernel(6, active_dims=[0]) + GroupKernel(4, active_dims=[1])
+    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).double()
+    model.eval()
+    xt = torch.tensor([[0.0, 1], [5, 3], [2, 0]], dtype=torch.float64)
+    with torch.no_grad():
+        return model(xt).lazy_covariance_matrix, model
+
+
+@pytest.mark.parametrize("make", [BlockMeanAdagrad, FullMatrixAdagrad], ids=["block mean", "full matrix"])
+def test_a_parameter_made_to_share_memory_after_construction_is_refused_before_the_step(make):
+    a = torch.nn.Parameter(torch.randn(3, 4))
+    q = torch.nn.Parameter(torch.randn(3, 4))
+    opt = make([a, q], lr=0.1)
+    a.grad, q.grad = torch.randn(3, 4), torch.randn(3, 4)
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    a_before = a.detach().clone()
+    q.data = torch.randn(3, 1).expand(3, 4)
+    with pytest.raises(ValueError, match="parameter 1 .* share memory"):
+        opt.step()
+    torch.testing.assert_close(a.detach(), a_before, rtol=0, atol=0)  # the other parameter did not move
+    after = opt.state_dict()
+    for key, value in before["global_state"].items():
+        if torch.is_tensor(value):
+            torch.testing.assert_close(after["global_state"][key], value, rtol=0, atol=0)
+    for index, entry in before["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                torch.testing.assert_close(after["state"][index][key], value, rtol=0, atol=0)
+
+
+def test_predictive_covariances_take_a_device_index_as_torch_does():
+    covar, _ = _sum_prediction()
+    assert type(covar).__name__ == "PredictiveCovarianceLinearOperator"
+    moved = covar.to("meta")
+    assert moved.device.type == "meta" and moved.shape == covar.shape
+    if torch.cuda.is_available():
+        assert covar.to(0).device.type == "cuda"
+        return
+    with pytest.raises(RuntimeError) as for_tensor:
+        torch.zeros(1).to(0)
+    with pytest.raises(type(for_tensor.value)):  # it was ignored: the operator stayed on the CPU, without a word
+        covar.to(0)
+
+
+def test_integer_operands_are_type_errors_in_every_operator():
+    from bma_gp._composition import BlockMeanInterleavedLinearOperator
+    from bma_gp.kernels import BlockCrossLinearOperator
+
+    covar, _ = _sum_prediction()
+    t = covar.shape[-1]
+    ints = torch.ones(t, 2, dtype=torch.int64)
+    for call in (
+        lambda: covar.solve(ints),
+        lambda: covar @ ints,
+        lambda: covar.inv_quad(ints.bool()),
+        lambda: covar.sqrt_inv_matmul(ints),
+        lambda: covar.solve(ints.double(), left_tensor=ints.mT),
+    ):
+        with pytest.raises(TypeError, match="not a real floating-point dtype"):
+            call()
+    M = _operators()["block mean"]
+    tasks = BlockMeanInterleavedLinearOperator(
+        BlockMeanLinearOperator(M.lam.expand(2, K), M.B.expand(2, K, K), M.partition)
+    ).add_diagonal(torch.tensor(0.5, dtype=torch.float64))
+    rows = torch.ones(tasks.shape[-1], 1, dtype=torch.int64)
+    for call in (lambda: tasks @ rows, lambda: tasks.solve(rows), lambda: tasks.solve(rows.double(), rows.mT)):
+        with pytest.raises(TypeError, match="not a real floating-point dtype"):
+            call()
+    cross = BlockCrossLinearOperator(torch.rand(3, K, dtype=torch.float64), M.partition)
+    with pytest.raises(TypeError, match="not a real floating-point dtype"):
+        cross @ torch.ones(N, 1, dtype=torch.int64)  # noqa: B018
+    with pytest.raises(TypeError, match="stay real floating point"):
+        cross.to(torch.int64)
+    S = _operators()["sum"]
+    with pytest.raises(TypeError, match="lhs has dtype"):
+        S.sqrt_inv_matmul(torch.ones(N, 1, dtype=torch.float64), torch.ones(1, N, dtype=torch.int64))
+
+
+def test_a_sum_times_a_negative_or_zero_multiple_of_a_task_operator():
+    """``S * (c X)`` for ``c <= 0``: a multiple of a block mean operator is one again (``B`` scaled), so a sum
+    without a root takes it in closed form; with a root, whose ``U U^T`` cannot carry an indefinite factor, the
+    product is formed densely with exact entries and a warning (it raised a ValueError about the k x k core matrix
+    of the task operator's root, a matrix the user never built)."""
+    from linear_operator.operators import ConstantMulLinearOperator, LowRankRootLinearOperator
+
+    from bma_gp import ClosedFormFallbackWarning
+
+    gen = torch.Generator().manual_seed(4)
+    ops = _operators()
+    X = ops["block mean"]
+    plain = ops["sum"]
+    rooted = plain + LowRankRootLinearOperator(torch.randn(N, 2, generator=gen, dtype=torch.float64))
+    assert isinstance(rooted, BlockMeanSumLinearOperator) and rooted.root is not None
+    for c in (-1.5, 0.0):
+        scaled = ConstantMulLinearOperator(X, torch.tensor(c, dtype=torch.float64))
+        product = plain * scaled
+        assert isinstance(product, BlockMeanSumLinearOperator)
+        torch.testing.assert_close(product.to_dense(), c * plain.to_dense() * X.to_dense(), rtol=1e-12, atol=1e-12)
+    with pytest.warns(ClosedFormFallbackWarning, match="formed densely"):
+        product = rooted * ConstantMulLinearOperator(X, torch.tensor(-1.5, dtype=torch.float64))
+    torch.testing.assert_close(product.to_dense(), -1.5 * rooted.to_dense() * X.to_dense(), rtol=1e-12, atol=1e-12)

@@ -15,7 +15,7 @@ from linear_operator.utils.getitem import _is_noop_index
 from torch import Tensor
 
 from bma_gp._broadcast import batch_constants
-from bma_gp._indexing import TorchIndexing
+from bma_gp._indexing import TorchIndexing, check_floating
 from bma_gp.partition import Partition, intersection
 
 __all__ = ["BlockCrossLinearOperator"]
@@ -143,6 +143,7 @@ class BlockCrossLinearOperator(TorchIndexing, LinearOperator):
         return torch.Size((*batch, *shape))
 
     def _matmul(self, rhs: Tensor) -> Tensor:
+        check_floating(rhs, "rhs")
         is_vec = rhs.dim() == 1
         if is_vec:
             rhs = rhs.unsqueeze(-1)
@@ -169,6 +170,10 @@ class BlockCrossLinearOperator(TorchIndexing, LinearOperator):
         ``to`` casts every tensor argument, which would make ``columns`` floating point."""
         values = self.row_values if self.is_one_hot else self._values
         assert values is not None
+        if dtype is not None and not dtype.is_floating_point:  # (it truncated the values without a word)
+            raise TypeError(
+                f"a BlockCrossLinearOperator's values stay real floating point; cannot cast them to {dtype}."
+            )
         values = values.to(device=device, dtype=dtype)
         columns = None if self.columns is None else self.columns.to(device=device)
         partition = self.partition if device is None else self.partition.to(device=device)

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from bma_gp import settings as bma_settings
 from bma_gp._broadcast import shared_batch_entry
-from bma_gp._indexing import TorchIndexing
+from bma_gp._indexing import TorchIndexing, check_floating
 from bma_gp._precision import core_dtype
 from bma_gp._samples import ClosedFormSamples
 from bma_gp._warnings import ClosedFormFallbackWarning
@@ -188,6 +188,7 @@ class _PredictiveDifference(_CastOnce, _DenseFactorSolves, TorchIndexing, Closed
         return working
 
     def _matmul(self, rhs: Tensor) -> Tensor:
+        check_floating(rhs, "rhs")
         wdt = self.gram.dtype
         x = rhs.to(wdt)
         prior = self._working_prior()

@@ -55,14 +55,13 @@ from linear_operator.operators import (
     ZeroLinearOperator,
 )
 from linear_operator.utils.cholesky import psd_safe_cholesky
-from linear_operator.utils.generic import _to_helper
 from linear_operator.utils.getitem import _is_noop_index
 from torch import Tensor
 
 from bma_gp import settings
 from bma_gp._by_products import ByProducts
 from bma_gp._composition import ClosedFormFallbackWarning, _build, _collect, _Parts, is_expanded_constant
-from bma_gp._indexing import TorchIndexing
+from bma_gp._indexing import TorchIndexing, check_floating
 from bma_gp._precision import core_dtype
 from bma_gp._samples import ClosedFormSamples
 from bma_gp._symmetric_function import floored_sqrt, symmetric_matrix_function
@@ -1939,12 +1938,11 @@ def _dense_limit_error(size: int, inputs: str, purpose: str) -> ValueError | Non
 
 
 def _cast_target(*args: Any, **kwargs: Any) -> tuple[torch.device | None, torch.dtype | None]:
-    """The device and dtype of a ``to(...)`` call, as linear_operator's ``_to_helper`` reads them, with a device named
-    by a string (``"cpu"``, ``"cuda:0"``) too (``_to_helper`` ignored it)."""
-    args = tuple(torch.device(a) if isinstance(a, str) else a for a in args)
-    if isinstance(kwargs.get("device"), str):
-        kwargs = {**kwargs, "device": torch.device(kwargs["device"])}
-    return _to_helper(*args, **kwargs)
+    """The device and dtype of a ``to(...)`` call, read as :meth:`torch.Tensor.to` reads them: a device named by a
+    string (``"cpu"``, ``"cuda:0"``) or an index (``.to(0)``) too, which linear_operator's ``_to_helper`` ignored
+    (the operator stayed where it was, without a word)."""
+    device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+    return device, dtype
 
 
 class KeepsIntegers:
@@ -2083,6 +2081,8 @@ class _DenseFactorSolves(KeepsIntegers):
 
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
         r""":math:`S^{-1} R` (or :math:`L S^{-1} R`) exactly, never by CG (see the class docstring)."""
+        check_floating(right_tensor, "right_tensor")
+        check_floating(left_tensor, "left_tensor")
         check_rhs(self.shape, right_tensor, "right_tensor")  # type: ignore[attr-defined]
         if left_tensor is not None:
             batch = solution_batch(self.shape, right_tensor)  # type: ignore[attr-defined]
@@ -2111,6 +2111,7 @@ class _DenseFactorSolves(KeepsIntegers):
         what ``MultivariateNormal.log_prob`` asks for."""
         if inv_quad_rhs is None and not logdet:
             raise RuntimeError("Either `inv_quad_rhs` or `logdet` must be specified.")
+        check_floating(inv_quad_rhs, "inv_quad_rhs")
         dtype, device = self.dtype, self.device  # type: ignore[attr-defined]
         rhs = None
         if inv_quad_rhs is not None:
@@ -2317,6 +2318,7 @@ class _DenseSubmatrix(_DenseFactorSolves, TorchIndexing, LinearOperator):
         return full.index_add(-2, self.cols, rhs)
 
     def _matmul(self, rhs: Tensor) -> Tensor:
+        check_floating(rhs, "rhs")
         vector = rhs.dim() == 1
         x = rhs.unsqueeze(-1) if vector else rhs
         res = self.parent._matmul(self._scattered(x)).index_select(-2, self.rows)
@@ -2592,6 +2594,7 @@ class PredictiveCovarianceLinearOperator(
         return res.to(correction.dtype) - correction
 
     def _matmul(self, rhs: Tensor) -> Tensor:
+        check_floating(rhs, "rhs")
         vector = rhs.dim() == 1
         x = rhs.unsqueeze(-1) if vector else rhs
         res = self._working_matmul(x).to(torch.promote_types(rhs.dtype, self.dtype))
@@ -3052,6 +3055,7 @@ class TrainingPosteriorLinearOperator(_CastOnce, _DenseFactorSolves, TorchIndexi
         return self.s.unsqueeze(-1) * xw + self.beta.unsqueeze(-1) * self.M._z(coef)
 
     def _matmul(self, rhs: Tensor) -> Tensor:
+        check_floating(rhs, "rhs")
         vector = rhs.dim() == 1
         x = rhs.unsqueeze(-1) if vector else rhs
         res = self._working_matmul(x).to(torch.promote_types(rhs.dtype, self.dtype))
@@ -3998,27 +4002,45 @@ def _sum_product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> LinearOp
     x_train = x2
     while x_train.dim() > 2 and bool((x_train == x_train[:1]).all()):
         x_train = x_train[0]
-    cross_x: BlockCrossLinearOperator | None = None
-    train_x = None
-    for factor in others:
+    pieces: list[_Piece] | None = []
+    assert pieces is not None
+    if not _cross_pieces(evaluated(sums[0](x1, x2, **params)), pieces):
+        return None
+    for factor in others:  # in the training covariance's order: the sum times each factor in turn
         cross = evaluated(factor(x1, x2, **params))
         if not isinstance(cross, BlockCrossLinearOperator):
             cross = _block_mean_as_cross(cross) or _index_cross(cross)
         train = as_block_mean_factor(evaluated(factor(x_train, x_train, **params)))
-        if cross is None or train is None:
+        if cross is None or train is None or pieces is None:
             return None
-        cross_x = cross if cross_x is None else cross_x.hadamard(cross)
-        train_x = train if train_x is None else train_x._mul_matrix(train)
-        if cross_x is None or not isinstance(train_x, BlockMeanLinearOperator):
-            return None
-    assert cross_x is not None and train_x is not None
+        pieces = _times_block_mean(pieces, cross, train)
+    if not pieces:
+        return None
+    out: list[LinearOperator] = []
+    for piece in pieces:
+        if piece[0] == "root":
+            out.append(MatmulLinearOperator(DenseLinearOperator(piece[1]), DenseLinearOperator(piece[2])))
+            continue
+        _, values, partition, weight = piece
+        term = (
+            BlockCrossLinearOperator.one_hot(values.values, values.columns, partition)
+            if isinstance(values, _OneHot)
+            else BlockCrossLinearOperator(values, partition)
+        )
+        out.append(term if weight is None else MatmulLinearOperator(term, DiagLinearOperator(weight)))
+    return out[0] if len(out) == 1 else SumLinearOperator(*out)
+
+
+def _times_block_mean(
+    pieces: list[_Piece], cross_x: BlockCrossLinearOperator, train_x: BlockMeanLinearOperator
+) -> list[_Piece] | None:
+    """The pieces of a cross covariance of a sum (:func:`_cross_pieces`) times one factor's, numbered as
+    :meth:`BlockMeanSumLinearOperator._hadamard_block_mean` numbers the training product's terms (see
+    :func:`_sum_product_cross`); ``None`` where a piece has no such form."""
     if cross_x.transposed or not train_x.symmetric or cross_x.partition.num_blocks != train_x.partition.num_blocks:
         return None
-    pieces: list[_Piece] = []
-    if not _cross_pieces(evaluated(sums[0](x1, x2, **params)), pieces):
-        return None
     has_root = any(piece[0] == "root" for piece in pieces)
-    diagonal = [piece[0] == "term" and _one_value_per_row(piece[1], piece[2]) for piece in pieces]
+    diagonal = [piece[0] == "term" and _one_value_per_row(piece[1]) for piece in pieces]
     labels_x = train_x.partition.labels
     L: Tensor | None = None
     as_weights = False
@@ -4031,27 +4053,26 @@ def _sum_product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> LinearOp
     if L is not None:  # u_a = L^{-1} A_*a for every new point: (*batch, t, k_X)
         values = _dense_block(_cross_values(cross_x))
         rows_new = torch.linalg.solve_triangular(L, values.to(L.dtype).mT, upper=False).mT
-    out: list[LinearOperator] = []
-    for piece, one_hot in zip(pieces, diagonal):
+    out: list[_Piece] = []
+    for piece, one_value in zip(pieces, diagonal):
         if piece[0] == "root":
             _, left, right = piece
             if L is None or rows_new is None:
                 return None
             R = rows_times_root(right.mT, L.index_select(-2, labels_x))
-            out.append(MatmulLinearOperator(DenseLinearOperator(rows_times_root(left, rows_new)),
-                                            DenseLinearOperator(R.mT)))  # fmt: skip
+            out.append(("root", rows_times_root(left, rows_new), R.mT))
             continue
         _, values, partition, weight = piece
-        if one_hot and as_weights:
+        if one_value and as_weights:
             assert L is not None and rows_new is not None
             for rho in range(L.shape[-1]):
                 u = rows_new[..., rho]
                 scaled = (
-                    BlockCrossLinearOperator.one_hot(values.values * u, values.columns, partition)
+                    _OneHot(values.values * u, values.columns, values.k)
                     if isinstance(values, _OneHot)
-                    else BlockCrossLinearOperator(values * u.unsqueeze(-1), partition)
+                    else values * u.unsqueeze(-1)
                 )
-                out.append(MatmulLinearOperator(scaled, DiagLinearOperator(task_weight(L, labels_x, rho, weight))))
+                out.append(("term", scaled, partition, task_weight(L, labels_x, rho, weight)))
             continue
         term = (
             BlockCrossLinearOperator.one_hot(values.values, values.columns, partition)
@@ -4061,20 +4082,17 @@ def _sum_product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> LinearOp
         product = term.hadamard(cross_x)
         if product is None:
             return None
-        out.append(product if weight is None else MatmulLinearOperator(product, DiagLinearOperator(weight)))
-    if not out:
-        return None
-    return out[0] if len(out) == 1 else SumLinearOperator(*out)
+        out.append(("term", _cross_values(product), product.partition, weight))
+    return out
 
 
-def _one_value_per_row(values: Tensor | _OneHot, partition: Partition) -> bool:
-    """Whether a cross covariance's :math:`A` has at most one nonzero per row over several blocks: a diagonal term's
-    (a group kernel's intercept or slope; one-hot, or dense where a batch of test sets gives each entry its own
-    columns), which the training covariance's product splits into weighted terms. A one-block term (a constant)
-    is not one: the product keeps it whole."""
+def _one_value_per_row(values: Tensor | _OneHot) -> bool:
+    """Whether a cross covariance's :math:`A` has at most one nonzero per row: a diagonal term's (a group kernel's
+    intercept or slope, one-hot, or dense where a batch of test sets gives each entry its own columns; a constant's
+    one column), which the training covariance's product splits into weighted terms."""
     if isinstance(values, _OneHot):
         return True
-    return partition.num_blocks > 1 and bool(((values != 0).sum(-1) <= 1).all())
+    return bool(((values != 0).sum(-1) <= 1).all())
 
 
 class _RootAndDiagonals:

@@ -726,6 +726,16 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
                 "optimizer's state was built (p.data = ... of another shape); its state belongs to the old shape. "
                 "Build a new optimizer for the resized parameters. Nothing was changed."
             )
+        shared = layout.overlapping()
+        if shared is not None:
+            i, p = shared
+            raise ValueError(
+                f"parameter {i} of {type(self).__name__} has entries that share memory (shape {tuple(p.shape)}, "
+                f"strides {tuple(p.stride())}: p.data = t.expand(...) since it was added?); the step's in-place "
+                "update would write one location several times, and torch would raise half-way through the step. Make "
+                "it its own "
+                "storage (p.data = p.data.clone()). Nothing was changed."
+            )
         grads, active = layout.collect_grads()
         if not any(active):
             return loss

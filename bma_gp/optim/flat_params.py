@@ -75,6 +75,9 @@ def check_params(params: list[Tensor]) -> None:
         )
 
 
+_IS_CONTIGUOUS = Tensor.is_contiguous
+
+
 def materialised_grad(grad: Tensor) -> Tensor:
     """``grad`` itself, or a materialised copy where the step's kernels would mishandle it:
 
@@ -173,6 +176,14 @@ class FlatParams:
         if [p.shape for p in self.params] == self.shapes:
             return None
         return next((i, a, p.shape) for i, (p, a) in enumerate(zip(self.params, self.shapes)) if p.shape != a)
+
+    def overlapping(self) -> tuple[int, Tensor] | None:
+        """The first parameter whose entries share memory (``p.data = t.expand(...)`` after the layout was built), as
+        ``(index, parameter)``, or ``None``: the step's in-place update would fail half-way on it. Contiguous
+        parameters (the usual case) cannot overlap and are passed in one C-level pass (about 1 us for 20)."""
+        if all(map(_IS_CONTIGUOUS, self.params)):
+            return None
+        return next(((i, p) for i, p in enumerate(self.params) if torch._debug_has_internal_overlap(p) == 1), None)
 
     def extends(self, other: FlatParams) -> bool:
         """Whether ``other``'s parameters are a prefix of this layout's (``add_param_group``)."""
