@@ -1289,10 +1289,8 @@ class BlockMeanSumLinearOperator(
         * The root: :math:`U U^\top \circ P_X L L^\top P_X^\top = R R^\top` with :math:`R_{a, (i, \rho)} = U_{ai}
           L_{x_a \rho}`, rank ``m k_X``, and :math:`\operatorname{diag}(\|U_a\|^2 \lambda_{X, x_a})`.
 
-        ``None`` (the caller's generic product, with its warning) for a non-symmetric ``X``, or a root with a
+        ``None`` (the caller's dense product, with its warning) for a non-symmetric ``X``, or a root with a
         :math:`C` that is not positive definite."""
-        if not X.symmetric:
-            return None
         plan = hadamard_plan(self, X)
         if plan is None:
             return None
