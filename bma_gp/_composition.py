@@ -57,7 +57,7 @@ from bma_gp._indexing import TorchIndexing, check_floating
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._pickling import PicklesWithoutCache
 from bma_gp._warnings import ClosedFormFallbackWarning
-from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator, dense_svd
+from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator, _task_lookup, dense_svd
 from bma_gp.block_mean_product_linear_operator import BlockMeanProductLinearOperator
 from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator, dense_symeig, warned_diagonalization
 from bma_gp.partition import Partition
@@ -243,9 +243,12 @@ def _corner(t: Tensor) -> Tensor:
 
 
 def is_expanded_constant(t: Tensor) -> bool:
-    """A floating tensor of one value per batch entry held expanded over its last two dimensions (strides 0): what
-    GPyTorch's ``ConstantKernel`` returns, between the same or different inputs."""
-    return t.dim() >= 2 and t.is_floating_point() and t.stride(-1) == 0 and t.stride(-2) == 0
+    """A floating tensor of one value per batch entry held expanded over its last two dimensions (strides 0, or a
+    dimension of size 1: a single test point): what GPyTorch's ``ConstantKernel`` returns, between the same or
+    different inputs."""
+    if t.dim() < 2 or not t.is_floating_point() or t.shape[-2:].numel() < 2:
+        return False
+    return all(t.stride(d) == 0 or t.shape[d] == 1 for d in (-1, -2))
 
 
 def _offsets_and_block(op: BlockMeanLinearOperator) -> tuple[Tensor, Tensor | _Diagonal]:
@@ -1740,7 +1743,9 @@ def _hooked_mul_matrix(original):
             scaled = _scaled_low_rank(self, constants)
             if scaled is not None:
                 return scaled
-        if constants is not None and _scales_lazily(self):
+        if constants is not None and (
+            _scales_lazily(self) or (_IN_BLOCK_MEAN_PRODUCT.get() and _task_lookup(self) is not None)
+        ):
             # one constant per batch entry, in a batch that broadcasts against the operator's rather than equals it (a
             # ScaleKernel with batch_shape=(S,) around an unbatched kernel, at test inputs (b, 1, q, d)): the lazy
             # constant multiple that linear_operator's mul gives for equal batches, where its _mul_matrix multiplied the

@@ -618,13 +618,16 @@ def hadamard_plan(S, X: BlockMeanLinearOperator) -> tuple[Tensor | None, bool] |
     the prediction's cross covariance (``bma_gp.kernels.sum_prediction_strategy``), which must number the columns the
     same way: ``(L, as_weights)``, ``L`` the Cholesky factor of ``X``'s core :math:`C = L L^\top` (``None`` where it
     is not needed or :math:`C` is not positive definite) and ``as_weights`` whether a diagonal term becomes ``k_X``
-    terms weighted by the rows of ``L`` (``L`` unbatched, ``k_X <= TASK_TERMS_MAX``, and not differentiated where
+    terms weighted by the rows of ``L`` (``L`` unbatched, ``k_X`` times :func:`diagonal_terms_per_grouping` at most
+    ``TASK_TERMS_MAX``, and not differentiated where
     ``S`` has a root, whose products take row weights as constants). ``None``: no closed form (``X`` not symmetric,
     or a root with a :math:`C` that is not positive definite)."""
     if not X.symmetric:
         return None
     C = X._b_sym()
-    small = C.dim() == 2 and C.shape[-1] <= TASK_TERMS_MAX
+    # the terms one grouping would hold afterwards: a second task factor multiplies those the first made
+    per_grouping = max(1, diagonal_terms_per_grouping(S))
+    small = C.dim() == 2 and C.shape[-1] * per_grouping <= TASK_TERMS_MAX
     L: Tensor | None = None
     if S.root is not None or ((any(S.diagonal_blocks) or 1 in getattr(S, "num_blocks", ())) and small):
         factor, info = torch.linalg.cholesky_ex(C.to(core_dtype(C.dtype)))
@@ -638,6 +641,26 @@ def hadamard_plan(S, X: BlockMeanLinearOperator) -> tuple[Tensor | None, bool] |
         and (S.root is None or not ((torch.is_grad_enabled() and L.requires_grad) or carries_tangent(L)))
     )
     return L, as_weights
+
+
+def diagonal_terms_per_grouping(S) -> int:
+    """The most diagonal terms (one-block terms included) a sum holds over one partition: what a diagonal term
+    becomes ``k_X`` times over in an elementwise product (:func:`hadamard_plan`). ``S`` may say it itself
+    (``terms_per_grouping``, the prediction's cross covariance, which counts its pieces)."""
+    told = getattr(S, "terms_per_grouping", None)
+    if told is not None:
+        return told
+    seen: list[tuple[Partition, int]] = []
+    for partition, flag in zip(S.partitions, S.diagonal_blocks):
+        if not (flag or partition.num_blocks == 1):
+            continue
+        for i, (p, count) in enumerate(seen):
+            if p.same_as(partition):
+                seen[i] = (p, count + 1)
+                break
+        else:
+            seen.append((partition, 1))
+    return max((count for _, count in seen), default=0)
 
 
 def as_block_mean_factor(op) -> BlockMeanLinearOperator | None:

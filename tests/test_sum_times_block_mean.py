@@ -369,6 +369,12 @@ _MORE = {
         )
         * gpytorch.kernels.IndexKernel(4, rank=1, active_dims=[1])
     ),
+    "a batched scale on the task factor": lambda: (
+        (GroupKernel(6, active_dims=[0]) + GroupKernel(5, active_dims=[2]))
+        * gpytorch.kernels.ScaleKernel(
+            gpytorch.kernels.IndexKernel(4, rank=1, active_dims=[1]), batch_shape=torch.Size([2])
+        )
+    ),
 }
 
 
@@ -376,7 +382,8 @@ _MORE = {
 def test_more_products_predict_in_closed_form(kind):
     """A constant in the sum (a one-block term, split by the task factor as a diagonal term is), a sum times two
     task factors (multiplied in turn, as the training covariance is) and a batched scale around the sum: each
-    predicted through the exact t x n path with a warning that blamed the test inputs."""
+    predicted through the exact t x n path with a warning that blamed the test inputs. A batched scale around the
+    task factor made GPyTorch form that factor densely (n x n), and the product with it, in training too."""
     g = torch.Generator().manual_seed(0)
     n = 200
     x = torch.stack(
@@ -387,11 +394,48 @@ def test_more_products_predict_in_closed_form(kind):
         ],
         -1,
     )
-    batch = torch.Size([2]) if kind == "a batched scale" else torch.Size()
+    batch = torch.Size([2]) if "batched" in kind else torch.Size()
     y = torch.randn(*batch, n, generator=g, dtype=torch.float64)
     likelihood = gpytorch.likelihoods.GaussianLikelihood(batch_shape=batch)
     model = GP(x, y, likelihood, _MORE[kind](), batch_shape=batch).double()
-    if kind == "a batched scale":
-        model.covar_module.kernels[0].outputscale = torch.tensor([0.7, 1.3])
+    if "batched" in kind:
+        scaled = 0 if kind == "a batched scale" else 1
+        model.covar_module.kernels[scaled].outputscale = torch.tensor([0.7, 1.3])
     xt = torch.tensor([[0.0, 0, 1], [5, 1, 4], [2, 3, 0], [4, 2, 3], [1, 0, 2]], dtype=torch.float64)  # new ids too
     assert _train_and_predict(model, x, y, xt) == []
+
+
+def test_a_constant_in_the_sum_predicts_one_new_point_in_closed_form():
+    """GPyTorch's ``ConstantKernel`` between one new point and the training points has strides ``(1, 0)``, not
+    ``(0, 0)``: it was not read as the constant term's cross covariance, and the prediction formed ``1 x n``."""
+    _, x, y, xt = _model("sum first", task_kind="index")
+    for t in (1, 2):
+        kernel = (gpytorch.kernels.ConstantKernel() + GroupKernel(6, active_dims=[1])) * gpytorch.kernels.IndexKernel(
+            4, rank=1, active_dims=[2]
+        )
+        model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).double()
+        assert _train_and_predict(model, x, y, xt[:t]) == []
+
+
+def test_a_batch_of_test_sets_forms_no_q_by_q_weight():
+    """Two crossed intercepts of 1,500 and 40 levels: a batch of test sets (dense cross covariance blocks, each
+    entry its own columns) formed the q x q posterior weight (a user trial: 25-35x the time of one set); each entry
+    is now structured as one set is, and equals that set's prediction."""
+    from largest_tensor import LargestTensor
+
+    g = torch.Generator().manual_seed(5)
+    n, k1, k2 = 6000, 1500, 40
+    x = torch.stack([torch.randint(0, k1, (n,), generator=g), torch.randint(0, k2, (n,), generator=g)], -1).double()
+    y = torch.randn(n, generator=g, dtype=torch.float64)
+    kernel = GroupKernel(k1 + 1, active_dims=[0]) + GroupKernel(k2 + 1, active_dims=[1])
+    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).double()
+    model.eval()
+    sets = torch.stack([x[:50], x[50:100].flip(0)])
+    sets[1, :5, 0] = k1  # a new level in one entry only
+    with torch.no_grad():
+        model(sets[0])  # the training side's caches, outside the measurement
+        with LargestTensor(storage=True) as seen:
+            batched = model(sets).variance
+        single = torch.stack([model(s).variance for s in sets])
+    assert seen.largest < (k1 + k2) ** 2 // 4, seen.where
+    torch.testing.assert_close(batched, single, rtol=1e-10, atol=1e-12)

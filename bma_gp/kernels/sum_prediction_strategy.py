@@ -31,6 +31,7 @@ closed form through :class:`~bma_gp.kernels.BlockMeanPredictionStrategy`.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -1745,6 +1746,10 @@ class _Structured:
         E = list(cap.joint.terms) if cap.joint is not None else [cap.elim] if cap.elim is not None else []
         if not E:
             return None
+        if any(torch.is_tensor(blocks[e]) for e in E):
+            # a batch of test sets: a group kernel's cross covariance is dense there (each entry has its own
+            # columns); taken entry by entry, each one-hot again (it formed the q x q weight instead)
+            return _BatchedStructured.build(M, blocks, t, stable, E)  # type: ignore[return-value]
         sizes = M._sizes()
         rest = [i for i in range(len(sizes)) if i not in E]
         R, re = sum(sizes[i] for i in rest), len(E)
@@ -1905,6 +1910,76 @@ class _Structured:
             Z = self.core @ Y
             out = out + torch.cat([self._u_rows(chunk) @ Z for chunk in chunks], dim=-2)
         return out
+
+
+def _one_hot_rows(block: Tensor) -> _OneHot | None:
+    """A dense unbatched ``t x k`` block with at most one nonzero per row as a :class:`_OneHot`, else None."""
+    if block.dim() != 2:
+        return None
+    hit = block != 0
+    if bool((hit.sum(-1) > 1).any()):
+        return None
+    columns = torch.where(
+        hit.any(-1), hit.to(torch.int8).argmax(-1), torch.full_like(block[:, 0], -1, dtype=torch.long)
+    )
+    values = block.gather(-1, columns.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return _OneHot(values, columns, block.shape[-1])
+
+
+class _BatchedStructured:
+    """:class:`_Structured` for a batch of test sets over an unbatched training covariance, one per batch entry (each
+    entry's eliminated blocks one-hot again): ``diagonal`` and ``matmul`` as :class:`_Structured`'s, entry by
+    entry."""
+
+    def __init__(self, entries: list[_Structured], batch: torch.Size, t: int):
+        self.entries_ = entries
+        self.batch = batch
+        self.t = t
+        self.v = entries[0].v
+
+    @staticmethod
+    def build(M, blocks, t: int, stable: bool, E: list[int]) -> _BatchedStructured | None:
+        if M.batch_shape:
+            return None
+        shapes = [b.shape[:-2] if torch.is_tensor(b) else b.values.shape[:-1] for b in blocks if b is not None]
+        batch = torch.broadcast_shapes(*shapes)
+        if not batch:
+            return None
+        entries = []
+        for idx in itertools.product(*map(range, batch)):
+            sub: list[Tensor | _OneHot | None] = []
+            for i, block in enumerate(blocks):
+                if block is None:
+                    sub.append(None)
+                    continue
+                if isinstance(block, _OneHot):
+                    values = block.values.expand(*batch, block.values.shape[-1])[idx]
+                    sub.append(_OneHot(values, block.columns, block.k))
+                    continue
+                entry = block.expand(*batch, *block.shape[-2:])[idx]
+                if i in E:
+                    one_hot = _one_hot_rows(entry)
+                    if one_hot is None:
+                        return None
+                    sub.append(one_hot)
+                else:
+                    sub.append(entry)
+            parts = _Structured.build(M, sub, t, stable)
+            if not isinstance(parts, _Structured):
+                return None
+            entries.append(parts)
+        return _BatchedStructured(entries, batch, t)
+
+    def unbatched(self) -> bool:
+        return False
+
+    def diagonal(self) -> Tensor:
+        return torch.stack([e.diagonal() for e in self.entries_]).reshape(*self.batch, self.t)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        x = x.expand(*self.batch, *x.shape[-2:]).reshape(-1, *x.shape[-2:])
+        out = torch.stack([e.matmul(x[i]) for i, e in enumerate(self.entries_)])
+        return out.reshape(*self.batch, *out.shape[-2:])
 
 
 def _block_rows(block: Tensor | _OneHot, start: int, length: int) -> Tensor:
@@ -4045,7 +4120,18 @@ def _times_block_mean(
     L: Tensor | None = None
     as_weights = False
     if has_root or any(diagonal):
-        plan = hadamard_plan(_RootAndDiagonals(has_root, any(diagonal)), train_x)
+        per_grouping: list[tuple[Partition, int]] = []  # diagonal pieces over each partition, as the sum counts terms
+        for piece, one_value in zip(pieces, diagonal):
+            if not one_value:
+                continue
+            for i, (p, count) in enumerate(per_grouping):
+                if p.same_as(piece[2]):
+                    per_grouping[i] = (p, count + 1)
+                    break
+            else:
+                per_grouping.append((piece[2], 1))
+        most = max((count for _, count in per_grouping), default=0)
+        plan = hadamard_plan(_RootAndDiagonals(has_root, any(diagonal), most), train_x)
         if plan is None:
             return None
         L, as_weights = plan
@@ -4099,6 +4185,7 @@ class _RootAndDiagonals:
     """What :func:`~bma_gp.block_mean_sum_linear_operator.hadamard_plan` reads of a sum (whether it has a root and a
     diagonal term), for :func:`_sum_product_cross`, which knows them from the cross covariance's pieces."""
 
-    def __init__(self, root: bool, diagonal: bool):
+    def __init__(self, root: bool, diagonal: bool, terms_per_grouping: int):
         self.root = object() if root else None
         self.diagonal_blocks = (diagonal,)
+        self.terms_per_grouping = terms_per_grouping
