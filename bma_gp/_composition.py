@@ -1753,6 +1753,12 @@ def _hooked_mul_matrix(original):
             shape = torch.broadcast_shapes(self.batch_shape, constants.shape)
             operand = self if shape == self.batch_shape else self._expand_batch(shape)
             return operand._mul_constant(constants.expand(shape))
+        if isinstance(other, LinearOperator) and (_is_inducing(self) or _is_inducing(other)):
+            inducing = _is_inducing(self)
+            root, factor = (self, other) if inducing else (other, self)
+            res = root_times_block_mean(root.evaluate_kernel(), factor.evaluate_kernel())
+            if res is not None:
+                return res
         if isinstance(other, LinearOperator) and (
             _is_lazy_block_mean(self) or _is_lazy_block_mean(other) or (not own(self) and own(other))
         ):
@@ -1785,6 +1791,53 @@ def _hooked_mul_matrix(original):
 
     _mul_matrix._bma_gp_original = original
     return _mul_matrix
+
+
+def _is_inducing(op) -> bool:
+    """A ``ChunkedInducingPointKernel``'s covariance among one set of inputs, lazily evaluated (training or eval mode),
+    evaluated in training (:func:`_is_lazy_root`), or a low-rank operator evaluated inside a product kernel with a
+    block mean, group or inducing-point factor (the product kernel's forward, :func:`block_mean_product`)."""
+    from gpytorch.lazy import LazyEvaluatedKernelTensor
+
+    from bma_gp.kernels import ChunkedInducingPointKernel
+
+    if isinstance(op, LazyEvaluatedKernelTensor):
+        if not isinstance(op.kernel, ChunkedInducingPointKernel):
+            return False
+        return op.x1 is op.x2 or (op.x1.shape == op.x2.shape and torch.equal(op.x1, op.x2))
+    if _IN_BLOCK_MEAN_PRODUCT.get() and isinstance(op, (LowRankRootLinearOperator, LowRankRootAddedDiagLinearOperator)):
+        return True  # evaluated inside a product kernel with such a factor (GPyTorch evaluates its factors eagerly)
+    return _is_lazy_root(op)
+
+
+def root_times_block_mean(root, other) -> LinearOperator | None:
+    r"""An inducing-point kernel's ``U U^T`` (training: a :class:`~bma_gp.kernels._rbf_gram.LazyRootOperator`; eval:
+    GPyTorch's ``U U^T + diag(c)``, its diagonal correction) times a block mean operator elementwise
+    (``ChunkedInducingPointKernel * IndexKernel``, a multitask SGPR): with the task matrix :math:`C = L L^\top`
+    (positive definite, at most ``TASK_TERMS_MAX`` tasks) and no per-point part (:math:`\lambda = 0`), the low-rank
+    root :math:`R_{a, (i, \rho)} = U_{ai} L_{x_a \rho}` of rank ``m k_X`` (plus :math:`\operatorname{diag}(c \cdot
+    C_{x_a x_a})`), which sums with groupings take in closed form; else ``None`` (linear_operator's product, as
+    before)."""
+    from bma_gp.block_mean_sum_linear_operator import TASK_TERMS_MAX, as_block_mean_factor, rows_times_root
+    from bma_gp.kernels._rbf_gram import LazyRootOperator
+
+    diag = None
+    if isinstance(root, LowRankRootAddedDiagLinearOperator):
+        diag, root = root._diag_tensor.diagonal(dim1=-2, dim2=-1), root._linear_op
+    if not isinstance(root, LowRankRootLinearOperator):
+        return None
+    X = as_block_mean_factor(other)
+    if X is None or not X.symmetric or X.shape[-1] != root.shape[-1] or bool(X.lam.ne(0).any()):
+        return None
+    C = X._b_sym()
+    if C.dim() != 2 or C.shape[-1] > TASK_TERMS_MAX:
+        return None
+    factor, info = torch.linalg.cholesky_ex(C)
+    if not bool((info == 0).all()):
+        return None
+    U = (root._formed() if isinstance(root, LazyRootOperator) else root).root.to_dense()
+    res = LowRankRootLinearOperator(rows_times_root(U, factor.index_select(-2, X.partition.labels)))
+    return res if diag is None else res + DiagLinearOperator(diag * X.diagonal())
 
 
 def unscaled(op):

@@ -619,9 +619,8 @@ def hadamard_plan(S, X: BlockMeanLinearOperator) -> tuple[Tensor | None, bool] |
     same way: ``(L, as_weights)``, ``L`` the Cholesky factor of ``X``'s core :math:`C = L L^\top` (``None`` where it
     is not needed or :math:`C` is not positive definite) and ``as_weights`` whether a diagonal term becomes ``k_X``
     terms weighted by the rows of ``L`` (``L`` unbatched, ``k_X`` times :func:`diagonal_terms_per_grouping` at most
-    ``TASK_TERMS_MAX``, and not differentiated where
-    ``S`` has a root, whose products take row weights as constants). ``None``: no closed form (``X`` not symmetric,
-    or a root with a :math:`C` that is not positive definite)."""
+    ``TASK_TERMS_MAX``). ``None``: no closed form (``X`` not symmetric, or a root with a :math:`C` that is not
+    positive definite)."""
     if not X.symmetric:
         return None
     C = X._b_sym()
@@ -635,12 +634,7 @@ def hadamard_plan(S, X: BlockMeanLinearOperator) -> tuple[Tensor | None, bool] |
             L = factor.to(C.dtype)
         elif S.root is not None:
             return None
-    as_weights = (
-        L is not None
-        and small
-        and (S.root is None or not ((torch.is_grad_enabled() and L.requires_grad) or carries_tangent(L)))
-    )
-    return L, as_weights
+    return L, L is not None and small
 
 
 def diagonal_terms_per_grouping(S) -> int:
@@ -1306,8 +1300,8 @@ class BlockMeanSumLinearOperator(
           :math:`\Lambda_\rho = \operatorname{diag}(L_{x_a \rho})`: ``k_X`` diagonal terms over the same grouping,
           which the capacitance eliminates together as it does a random intercept and slope; otherwise one block mean
           term over the intersection of the partitions (:meth:`BlockMeanLinearOperator._hadamard_across`), ``k_j
-          k_X`` levels at most (also for a diagonal term where ``C`` is batched, or is differentiated and the sum
-          has a root, whose products take row weights as constants). Their products with
+          k_X`` levels at most (also for a diagonal term where ``C`` is batched or has too many blocks,
+          :func:`hadamard_plan`). Their products with
           :math:`\operatorname{diag}(P_X \lambda_X)` join the diagonal.
         * The root: :math:`U U^\top \circ P_X L L^\top P_X^\top = R R^\top` with :math:`R_{a, (i, \rho)} = U_{ai}
           L_{x_a \rho}`, rank ``m k_X``, and :math:`\operatorname{diag}(\|U_a\|^2 \lambda_{X, x_a})`.
@@ -1433,13 +1427,18 @@ class BlockMeanSumLinearOperator(
         the working precision, and a backward pass that needs one product with :math:`U`, writes one gradient
         buffer and keeps no ``n x m`` temporaries from the forward."""
         if any(wj is not None and ((torch.is_grad_enabled() and wj.requires_grad) or carries_tangent(wj)) for wj in w):
-            # the root's products take the row weights as constants: their gradient would be silently wrong
-            raise NotImplementedError(
-                "BlockMeanSumLinearOperator with a low-rank root cannot differentiate the row weights (the "
-                "covariates of random slopes): a weight requires grad (or carries a forward-mode tangent), and its "
-                "gradient through the root's block sums would be wrong. Detach the weights (or the slope covariate "
-                "of the inputs), or drop the root."
-            )
+            # row weights with derivatives (a task factor's Cholesky rows, times a sum with a root; a slope covariate
+            # that requires grad): the one-pass function takes the weights as constants, so the same products in
+            # plain torch operations, which differentiate everything at the cost of an n x m buffer kept for backward
+            U = self.root
+            assert U is not None
+            U = U.to(dinv.dtype)
+            DU = dinv.unsqueeze(-1) * U
+            cross = [
+                p.block_sum(DU if wj is None else DU * wj.unsqueeze(-1), dim=-2) for wj, p in zip(w, self.partitions)
+            ]
+            root_t = None if extra is None else U.mT @ extra.to(U.dtype)
+            return cross, U.mT @ DU, root_t
         x = extra if extra is not None else dinv.new_zeros(*dinv.shape, 0)
         lazy = self._root_arg
         if isinstance(lazy, LazyRoot) and self._root_tensor is None:

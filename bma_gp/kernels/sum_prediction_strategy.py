@@ -3935,7 +3935,7 @@ def _hook_product_forward(cls) -> None:
 
     @functools.wraps(original)
     def forward(self, x1, x2, diag=False, **params):
-        if not _involves_block_mean(self):
+        if not (_involves_block_mean(self) or _inducing_factor(self)):
             return original(self, x1, x2, diag=diag, **params)
         with block_mean_product():  # c D times a factor: a dense product, not one of roots
             return product_forward(self, x1, x2, diag, params)
@@ -3960,6 +3960,22 @@ def _hook_product_forward(cls) -> None:
 
     forward._bma_gp_original = original  # type: ignore[attr-defined]
     cls.forward = forward
+
+
+def _inducing_factor(kernel) -> bool:
+    """Whether a product kernel has a ``ChunkedInducingPointKernel`` factor (in ``ScaleKernel``s or not): its product
+    with a task kernel is a low-rank root (:func:`bma_gp._composition.root_times_block_mean`), and its prediction
+    reads the cross covariance as that root's columns (:func:`_sum_product_cross`)."""
+    from gpytorch.kernels import ScaleKernel
+
+    from bma_gp.kernels.chunked_inducing_point_kernel import ChunkedInducingPointKernel
+
+    for factor in kernel.kernels:
+        while isinstance(factor, ScaleKernel):
+            factor = factor.base_kernel
+        if isinstance(factor, ChunkedInducingPointKernel):
+            return True
+    return False
 
 
 def _block_mean_first(kernels) -> list:
@@ -4054,6 +4070,7 @@ def _sum_product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> LinearOp
     from gpytorch.lazy import LazyEvaluatedKernelTensor
 
     from bma_gp._composition import _involves_block_mean
+    from bma_gp.kernels.chunked_inducing_point_kernel import ChunkedInducingPointKernel
     from bma_gp.kernels.group_kernel import GroupKernel
 
     def bare(k):
@@ -4064,7 +4081,12 @@ def _sum_product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> LinearOp
     if x1.shape == x2.shape and torch.equal(x1, x2):
         return None
     factors = _block_mean_first(kernel.kernels)
-    sums = [f for f in factors if isinstance(bare(f), AdditiveKernel) and _involves_block_mean(f)]
+    sums = [
+        f
+        for f in factors
+        if (isinstance(bare(f), AdditiveKernel) and _involves_block_mean(f))
+        or isinstance(bare(f), ChunkedInducingPointKernel)
+    ]
     others = [f for f in factors if not any(f is g for g in sums)]
     if len(sums) != 1 or not others or not all(isinstance(bare(f), (GroupKernel, IndexKernel)) for f in others):
         return None
