@@ -7,7 +7,9 @@ evaluates eagerly, so a BlockMeanKernel inside it warns about ``lazily_evaluate_
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
 
 import gpytorch
 import torch
@@ -81,3 +83,21 @@ def assert_gradients_like_dense(model: GP, reference: GP, rtol: float = 1e-4, mi
         torch.testing.assert_close(p.grad, twin.grad, rtol=rtol, atol=1e-6 * float(twin.grad.abs().max()) + 1e-12)
         checked += 1
     assert checked >= minimum
+
+
+def objective_like_dense(model: GP, objective, x, y, guard=contextlib.nullcontext) -> tuple[GP, torch.Tensor]:
+    """``objective`` (a GPyTorch marginal log likelihood class) of ``model`` at ``(x, y)`` under ``guard()``, and of its
+    :func:`dense_copy` (dense Cholesky, warnings ignored), both backpropagated and compared to 1e-10; returns the
+    reference and the model's loss."""
+    reference = dense_copy(model)
+    for m in (model, reference):
+        m.train()
+    with guard():
+        loss = -objective(model.likelihood, model)(model(x), y)
+        loss.sum().backward()
+    with warnings.catch_warnings(), gpytorch.settings.max_cholesky_size(10**6):
+        warnings.simplefilter("ignore")
+        ref = -objective(reference.likelihood, reference)(reference(x), y)
+        ref.sum().backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
+    return reference, loss
