@@ -1580,6 +1580,11 @@ def _hooked_add(original):
             res = add_structured(self, other)
             if res is not None:
                 return res
+            evaluated = self.evaluate_kernel() if _is_lazy_block_mean(self) else self
+            if isinstance(evaluated, (LowRankRootLinearOperator, LowRankRootAddedDiagLinearOperator)) and isinstance(
+                other, DiagLinearOperator
+            ):  # a group kernel times an inducing-point kernel is a low-rank root: plus noise, linear_operator's
+                return evaluated + other  # low-rank-plus-diagonal operator (Woodbury), no fallback
             fallback = fallback_sum(self, other)
             if fallback is not None:
                 return fallback
@@ -1756,9 +1761,14 @@ def _hooked_mul_matrix(original):
         if isinstance(other, LinearOperator) and (_is_inducing(self) or _is_inducing(other)):
             inducing = _is_inducing(self)
             root, factor = (self, other) if inducing else (other, self)
-            res = root_times_block_mean(root.evaluate_kernel(), factor.evaluate_kernel())
+            root, factor = root.evaluate_kernel(), factor.evaluate_kernel()
+            res = root_times_block_mean(root, factor)
             if res is not None:
                 return res
+            # no root of the product (task ids that differ across a batch of test sets, a task matrix that is not
+            # positive definite, a per-point part, another kernel): exact entries, not linear_operator's product of
+            # roots (a jittered Cholesky, Lanczos past max_cholesky_size: variances up to 99% off, without a word)
+            return _dense_elementwise(root, factor)
         if isinstance(other, LinearOperator) and (
             _is_lazy_block_mean(self) or _is_lazy_block_mean(other) or (not own(self) and own(other))
         ):
@@ -1787,6 +1797,19 @@ def _hooked_mul_matrix(original):
                 # trial's predictive variances of ScaleKernel(GroupKernel * BlockMeanKernel) * IndexKernel at 1000 new
                 # points were up to 100% off). Its product is as dense as the factor already is: exact entries
                 return DenseLinearOperator(left.to_dense() * right.to_dense())
+        if (
+            isinstance(other, LinearOperator)
+            and isinstance(self, (LowRankRootLinearOperator, LowRankRootAddedDiagLinearOperator))
+            and self.batch_shape != other.batch_shape
+        ):
+            # a low-rank root this module scaled by a batch of constants (_scaled_low_rank: a batched ScaleKernel
+            # around GPyTorch's InducingPointKernel) times an unbatched factor: linear_operator's product takes roots
+            # of both factors and refuses roots of different batch shapes, where GPyTorch's own scaled operator went
+            # through; the factors broadcast to one batch first
+            shape = torch.broadcast_shapes(self.batch_shape, other.batch_shape)
+            left = self if self.batch_shape == shape else self._expand_batch(shape)
+            right = other if other.batch_shape == shape else other._expand_batch(shape)
+            return unrouted(left, right)
         return unrouted(self, other)
 
     _mul_matrix._bma_gp_original = original
@@ -1814,11 +1837,11 @@ def root_times_block_mean(root, other) -> LinearOperator | None:
     r"""An inducing-point kernel's ``U U^T`` (training: a :class:`~bma_gp.kernels._rbf_gram.LazyRootOperator`; eval:
     GPyTorch's ``U U^T + diag(c)``, its diagonal correction) times a block mean operator elementwise
     (``ChunkedInducingPointKernel * IndexKernel``, a multitask SGPR): with the task matrix :math:`C = L L^\top`
-    (positive definite, at most ``TASK_TERMS_MAX`` tasks) and no per-point part (:math:`\lambda = 0`), the low-rank
+    (positive definite, any number of tasks, batched or not) and no per-point part (:math:`\lambda = 0`), the low-rank
     root :math:`R_{a, (i, \rho)} = U_{ai} L_{x_a \rho}` of rank ``m k_X`` (plus :math:`\operatorname{diag}(c \cdot
     C_{x_a x_a})`), which sums with groupings take in closed form; else ``None`` (linear_operator's product, as
     before)."""
-    from bma_gp.block_mean_sum_linear_operator import TASK_TERMS_MAX, as_block_mean_factor, rows_times_root
+    from bma_gp.block_mean_sum_linear_operator import as_block_mean_factor, rows_times_root
     from bma_gp.kernels._rbf_gram import LazyRootOperator
 
     diag = None
@@ -1829,9 +1852,7 @@ def root_times_block_mean(root, other) -> LinearOperator | None:
     X = as_block_mean_factor(other)
     if X is None or not X.symmetric or X.shape[-1] != root.shape[-1] or bool(X.lam.ne(0).any()):
         return None
-    C = X._b_sym()
-    if C.dim() != 2 or C.shape[-1] > TASK_TERMS_MAX:
-        return None
+    C = X._b_sym()  # batched where the test inputs are (a batch of test sets): a batch of roots
     factor, info = torch.linalg.cholesky_ex(C)
     if not bool((info == 0).all()):
         return None

@@ -1104,10 +1104,20 @@ class BlockMeanLinearOperator(
             return other._mul_matrix(self)
         if isinstance(other, BlockMeanSumLinearOperator) and self.symmetric:  # distributed over the sum's terms
             return other._mul_matrix(self)
-        from bma_gp._composition import FallbackSumLinearOperator, _dense_elementwise
+        from bma_gp._composition import FallbackSumLinearOperator, _dense_elementwise, root_times_block_mean
 
         if isinstance(other, FallbackSumLinearOperator):  # n x n anyway: exact entries, as in the other order
             return _dense_elementwise(other, self)
+        from linear_operator.operators import LowRankRootAddedDiagLinearOperator, LowRankRootLinearOperator
+
+        from bma_gp.kernels._rbf_gram import LazyRootOperator
+
+        if isinstance(other, LazyRootOperator) or (
+            isinstance(other, (LowRankRootLinearOperator, LowRankRootAddedDiagLinearOperator)) and _in_product()
+        ):  # an inducing-point kernel's root times a group kernel (a task factor): a root of rank m k_X
+            res = root_times_block_mean(other, self)
+            if res is not None:
+                return res
         # linear_operator's MulLinearOperator multiplied through a root of each factor (a jittered Cholesky where one
         # is singular, Lanczos past max_cholesky_size: entries off by the jitter or more) and formed one factor
         # densely anyway; the dense product itself is exact and no larger
@@ -1899,6 +1909,13 @@ class BlockMeanLinearOperator(
 
 
 # ---------------------------------------------------------------------------- private helpers
+def _in_product() -> bool:
+    """Whether a product kernel with a block mean, group or inducing-point factor is being evaluated."""
+    from bma_gp._composition import _IN_BLOCK_MEAN_PRODUCT
+
+    return _IN_BLOCK_MEAN_PRODUCT.get()
+
+
 def _one_hot_block_mean(other) -> BlockMeanLinearOperator | None:
     """``other`` as a block mean operator when it is a ``k x k`` matrix read at the same ids on both sides (GPyTorch's
     ``IndexKernel`` between the same task ids: a ``LazyEvaluatedKernelTensor``'s ``InterpolatedLinearOperator`` with one
