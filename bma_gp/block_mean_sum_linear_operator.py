@@ -227,13 +227,24 @@ CELL_PRODUCT_ELEMENTS = 2**22
 def _cells_matmul(cells: _Cells, values: Tensor, X: Tensor, rows: int, transpose: bool = False) -> Tensor:
     """``N X`` (``N^T X`` with ``transpose``) for the table ``N`` (``rows`` x its other size) given by its nonzero
     ``cells`` and their ``values``: a sparse CSR product when no gradient is asked for and nothing is batched (3-4x
-    faster than gathers, and no ``cells x c`` temporary), else gathers and ``index_add`` in column chunks of
-    bounded size. # shape: (*batch, rows, c)"""
+    faster than gathers, and no ``cells x c`` temporary); with a reverse-mode gradient the same CSR product as a
+    :class:`_CellsMatmul` (autograd keeps ``values`` and ``X`` only, not two ``cells x c`` gathers); else (batched,
+    forward mode) gathers and ``index_add`` in column chunks of bounded size. # shape: (*batch, rows, c)"""
     needs_grad = (torch.is_grad_enabled() and (values.requires_grad or X.requires_grad)) or (
         carries_tangent(values) or carries_tangent(X)  # forward mode: the CSR product would drop the tangents
     )
     if values.dim() == 1 and X.dim() == 2 and not needs_grad:
         return cells.csr(values, transpose, rows, X.shape[0]) @ X
+    if (
+        values.dim() == 1
+        and X.dim() == 2
+        and values.dtype == X.dtype
+        and X.device.type in _SPARSE_DEVICES
+        and not (carries_tangent(values) or carries_tangent(X))
+    ):
+        # reverse mode: the same CSR product, and autograd keeps only ``values`` and ``X`` (the gathers below keep
+        # two ``cells x c`` tensors, cells up to n: n x r memory in the leave-one-out objective's A_Er Q)
+        return _CellsMatmul.apply(values, X, cells, transpose, rows)
     src, dst = (cells.row, cells.col) if transpose else (cells.col, cells.row)
     step = max(1, CELL_PRODUCT_ELEMENTS // max(1, src.numel()))
     out = []
@@ -241,6 +252,46 @@ def _cells_matmul(cells: _Cells, values: Tensor, X: Tensor, rows: int, transpose
         scaled = values.unsqueeze(-1) * X[..., src, start : start + step]
         out.append(scaled.new_zeros(*scaled.shape[:-2], rows, scaled.shape[-1]).index_add_(-2, dst, scaled))
     return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
+
+
+class _CellsMatmul(torch.autograd.Function):
+    r""":math:`N X` (``transpose``: :math:`N^\top X`) for the table :math:`N` given by its nonzero ``cells`` and
+    their 1-D ``values``, as one sparse CSR product, keeping only ``values`` and ``X`` for the backward pass:
+    :math:`\bar X = N^\top \bar Y` (another CSR product) and :math:`\bar v_c = \bar Y_{dst_c} \cdot X_{src_c}`
+    (:func:`torch.sparse.sampled_addmm` on the pattern of :math:`N^\top`, stored in the cells' own order). With
+    ``create_graph`` the backward pass is built from differentiable operations (:func:`_cells_matmul` again and
+    gathers in chunks of ``CELL_PRODUCT_ELEMENTS``), so second derivatives are those of the gathers."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, X: Tensor, cells: _Cells, transpose: bool, rows: int) -> Tensor:
+        ctx.save_for_backward(v, X)
+        ctx.cells, ctx.transpose, ctx.rows = cells, transpose, rows
+        return cells.csr(v, transpose, rows, X.shape[0]) @ X
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        v, X = ctx.saved_tensors
+        cells, transpose, rows = ctx.cells, ctx.transpose, ctx.rows
+        grad_v = grad_X = None
+        if ctx.needs_input_grad[1]:
+            grad_X = _cells_matmul(cells, v, grad, X.shape[0], transpose=not transpose)
+        if ctx.needs_input_grad[0]:
+            src, dst = (cells.row, cells.col) if transpose else (cells.col, cells.row)
+            if torch.is_grad_enabled():  # create_graph: differentiable gathers, a bounded chunk of cells at a time
+                step = max(1, CELL_PRODUCT_ELEMENTS // max(1, X.shape[-1]))
+                grad_v = torch.cat(
+                    [
+                        (grad[dst[s : s + step]] * X[src[s : s + step]]).sum(-1)
+                        for s in range(0, max(1, src.numel()), step)
+                    ]
+                )
+            else:
+                ka = rows if not transpose else X.shape[0]
+                ke = X.shape[0] if not transpose else rows
+                pattern = cells.csr(torch.zeros_like(v), True, ke, ka)  # N^T, in the cells' order
+                A, B = (X, grad.mT) if not transpose else (grad, X.mT)  # (A B)[col_c, row_c]
+                grad_v = torch.sparse.sampled_addmm(pattern, A, B.to(A.dtype), beta=0.0).values()
+        return grad_v, grad_X, None, None, None
 
 
 class _CrossBlocks:

@@ -26,7 +26,12 @@ class LargestTensor(TorchDispatchMode):
         for value in out if isinstance(out, (tuple, list)) else (out,):
             if not torch.is_tensor(value):
                 continue
-            size = value.untyped_storage().nbytes() // value.element_size() if self.storage else value.numel()
+            if not self.storage:
+                size = value.numel()
+            elif value.layout != torch.strided:  # a sparse result holds its nonzeros
+                size = value._nnz()
+            else:
+                size = value.untyped_storage().nbytes() // value.element_size()
             if size > self.largest:
                 self.largest, self.where = size, str(func)
             if self.square is not None and tuple(value.shape[-2:]) == (self.square, self.square):
