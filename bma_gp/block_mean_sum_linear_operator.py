@@ -1485,9 +1485,7 @@ class BlockMeanSumLinearOperator(
             assert U is not None
             U = U.to(dinv.dtype)
             DU = dinv.unsqueeze(-1) * U
-            cross = [
-                p.block_sum(DU if wj is None else DU * wj.unsqueeze(-1), dim=-2) for wj, p in zip(w, self.partitions)
-            ]
+            cross = [self._weighted_root_sums(p, dinv, wj, U, DU) for wj, p in zip(w, self.partitions)]
             root_t = None if extra is None else U.mT @ extra.to(U.dtype)
             return cross, U.mT @ DU, root_t
         x = extra if extra is not None else dinv.new_zeros(*dinv.shape, 0)
@@ -1508,6 +1506,19 @@ class BlockMeanSumLinearOperator(
             not settings.fast_root_products.on(),
         )
         return list(out[2:]), out[0], (out[1] if extra is not None else None)
+
+    @staticmethod
+    def _weighted_root_sums(p: Partition, dinv: Tensor, wj: Tensor | None, U: Tensor, DU: Tensor) -> Tensor:
+        r""":math:`P^\top W D^{-1} U` with derivatives (:meth:`_root_gram`). A weight that needs them goes through the
+        sparse product of :func:`_cells_matmul` (one cell per point), which keeps the ``n`` weights and ``U`` for
+        backward: the block sums of ``DU * w`` kept an ``n x m`` tensor per weighted term (``index_add``'s backward
+        holds its source), ``k_X`` of them per grouping for a task factor (a user trial: 2.33 against 0.73 GB at
+        n = 20,000 with 16 tasks)."""
+        if wj is None or U.dim() != 2 or wj.dim() != 1 or dinv.dim() != 1:
+            return p.block_sum(DU if wj is None else DU * wj.unsqueeze(-1), dim=-2)
+        n = U.shape[0]
+        cells = _Cells.build(p, Partition.from_labels(torch.arange(n, device=U.device), num_blocks=n))
+        return _cells_matmul(cells, (dinv * wj).to(U.dtype), U, p.num_blocks)
 
     # ------------------------------------------------------------------ the capacitance
     def _block_is_diagonal(self, j: int) -> bool:
