@@ -690,11 +690,8 @@ def hadamard_plan(S, X: BlockMeanLinearOperator) -> tuple[Tensor | None, bool] |
 
 def diagonal_terms_per_grouping(S) -> int:
     """The most diagonal terms (one-block terms included) a sum holds over one partition: what a diagonal term
-    becomes ``k_X`` times over in an elementwise product (:func:`hadamard_plan`). ``S`` may say it itself
-    (``terms_per_grouping``, the prediction's cross covariance, which counts its pieces)."""
-    told = getattr(S, "terms_per_grouping", None)
-    if told is not None:
-        return told
+    becomes ``k_X`` times over in an elementwise product (:func:`hadamard_plan`). ``S`` needs ``partitions`` and
+    ``diagonal_blocks`` only (the prediction's cross covariance passes its pieces' so)."""
     seen: list[tuple[Partition, int]] = []
     for partition, flag in zip(S.partitions, S.diagonal_blocks):
         if not (flag or partition.num_blocks == 1):

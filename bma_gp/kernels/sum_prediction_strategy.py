@@ -1935,7 +1935,6 @@ class _BatchedStructured:
         self.entries_ = entries
         self.batch = batch
         self.t = t
-        self.v = entries[0].v
 
     @staticmethod
     def build(M, blocks, t: int, stable: bool, E: list[int]) -> _BatchedStructured | None:
@@ -4142,18 +4141,8 @@ def _times_block_mean(
     L: Tensor | None = None
     as_weights = False
     if has_root or any(diagonal):
-        per_grouping: list[tuple[Partition, int]] = []  # diagonal pieces over each partition, as the sum counts terms
-        for piece, one_value in zip(pieces, diagonal):
-            if not one_value:
-                continue
-            for i, (p, count) in enumerate(per_grouping):
-                if p.same_as(piece[2]):
-                    per_grouping[i] = (p, count + 1)
-                    break
-            else:
-                per_grouping.append((piece[2], 1))
-        most = max((count for _, count in per_grouping), default=0)
-        plan = hadamard_plan(_RootAndDiagonals(has_root, any(diagonal), most), train_x)
+        diagonal_partitions = [piece[2] for piece, one_value in zip(pieces, diagonal) if one_value]
+        plan = hadamard_plan(_RootAndDiagonals(has_root, diagonal_partitions), train_x)
         if plan is None:
             return None
         L, as_weights = plan
@@ -4204,10 +4193,11 @@ def _one_value_per_row(values: Tensor | _OneHot) -> bool:
 
 
 class _RootAndDiagonals:
-    """What :func:`~bma_gp.block_mean_sum_linear_operator.hadamard_plan` reads of a sum (whether it has a root and a
-    diagonal term), for :func:`_sum_product_cross`, which knows them from the cross covariance's pieces."""
+    """What :func:`~bma_gp.block_mean_sum_linear_operator.hadamard_plan` reads of a sum (whether it has a root, and
+    the partitions of its diagonal terms), for :func:`_times_block_mean`, which knows them from the cross
+    covariance's pieces."""
 
-    def __init__(self, root: bool, diagonal: bool, terms_per_grouping: int):
+    def __init__(self, root: bool, diagonal_partitions: list[Partition]):
         self.root = object() if root else None
-        self.diagonal_blocks = (diagonal,)
-        self.terms_per_grouping = terms_per_grouping
+        self.partitions = diagonal_partitions
+        self.diagonal_blocks = (True,) * len(diagonal_partitions)
