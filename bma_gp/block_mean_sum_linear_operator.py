@@ -2415,10 +2415,25 @@ class BlockMeanSumLinearOperator(
         r""":math:`M^{-1} = R R^\top` with :math:`R = D^{-1/2} + D^{-1} Z L K L^\top Z^\top D^{-1/2}`,
         :math:`K = g(L^\top A L)`, :math:`g(e) = -1/(\sqrt{1+e}(\sqrt{1+e}+1))` (arguments are ignored)."""
         check_root_method("root_inv_decomposition", method)
+        self._check_diag("root_inv_decomposition")
+        if self._validating():  # refused here, as before the root became lazy: from the shared factorisation
+            self._check_finite_input()
+            try:
+                self._capacitance(definite=True)
+            except ValueError as err:
+                if "not positive definite" not in str(err):
+                    raise
+                raise ValueError(f"{err}; so it has no inverse square root (root_inv_decomposition)") from None
+        # K (q x q) is formed at the root's first product: diagonal() reads _inverse_diagonal, which eliminates
+        # diagonal groupings instead (two crossed intercepts of 2,500 and 100 levels: r = 100, not q = 2,600)
+        return _SumInverseRootProduct(_InverseRoot(parent=self))
+
+    def _inverse_root(self) -> _WoodburyRoot:
+        """The root :meth:`root_inv_decomposition` names, with its ``q x q`` core (cached, like the solves')."""
         K, L = self._memo("root_inv_parts", lambda: self._root_parts(inverse=True))
         wdt = K.dtype
         d = self.diag_values.to(wdt)
-        return _SumInverseRootProduct(_WoodburyRoot(K, d.rsqrt(), d.reciprocal(), d.rsqrt(), *L, parent=self))
+        return _WoodburyRoot(K, d.rsqrt(), d.reciprocal(), d.rsqrt(), *L, parent=self)
 
     def _inverse_diagonal(self) -> Tensor:
         r""":math:`\operatorname{diag}(M^{-1}) = 1/d - \operatorname{diag}(D^{-1} Z H Z^\top D^{-1})` with
@@ -2613,9 +2628,33 @@ class _SumInverseRootProduct(RootLinearOperator):
 
     def _diagonal(self) -> Tensor:
         root = self.root
-        if isinstance(root, _WoodburyRoot) and not root.transposed:
+        if isinstance(root, (_WoodburyRoot, _InverseRoot)) and not root.transposed:
             return root.parent._inverse_diagonal()
         return super()._diagonal()
+
+
+class _InverseRoot(ByProducts):
+    r"""The root of :meth:`BlockMeanSumLinearOperator.root_inv_decomposition`, known by its parent only: the
+    :class:`_WoodburyRoot` with its ``q x q`` core :math:`K` is built at the first product, so that reading the
+    diagonal of :math:`R R^\top` (``_inverse_diagonal``) never forms :math:`K`, nor meets
+    ``max_capacitance_size`` where elimination keeps the work small."""
+
+    def __init__(self, parent: BlockMeanSumLinearOperator, transposed: bool = False):
+        super().__init__(parent=parent, transposed=transposed)
+        self.parent, self.transposed = parent, transposed
+
+    def _size(self) -> torch.Size:
+        return self.parent.shape
+
+    def _transpose_nonbatch(self) -> _InverseRoot:
+        return _InverseRoot(parent=self.parent, transposed=not self.transposed)
+
+    def _expand_batch(self, batch_shape) -> _InverseRoot:
+        return _InverseRoot(parent=self.parent._expand_batch(batch_shape), transposed=self.transposed)
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        root = self.parent._inverse_root()
+        return (root._transpose_nonbatch() if self.transposed else root)._matmul(rhs)
 
 
 class _WoodburyRoot(ByProducts):
