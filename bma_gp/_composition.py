@@ -1758,8 +1758,8 @@ def _hooked_mul_matrix(original):
             shape = torch.broadcast_shapes(self.batch_shape, constants.shape)
             operand = self if shape == self.batch_shape else self._expand_batch(shape)
             return operand._mul_constant(constants.expand(shape))
-        if isinstance(other, LinearOperator) and (_is_inducing(self) or _is_inducing(other)):
-            inducing = _is_inducing(self)
+        inducing = isinstance(other, LinearOperator) and _is_inducing(self)  # (a torch.equal of the inputs: once)
+        if inducing or (isinstance(other, LinearOperator) and _is_inducing(other)):
             root, factor = (self, other) if inducing else (other, self)
             root, factor = root.evaluate_kernel(), factor.evaluate_kernel()
             res = root_times_block_mean(root, factor)
@@ -1839,8 +1839,8 @@ def root_times_block_mean(root, other) -> LinearOperator | None:
     (``ChunkedInducingPointKernel * IndexKernel``, a multitask SGPR): with the task matrix :math:`C = L L^\top`
     (positive definite, any number of tasks, batched or not) and no per-point part (:math:`\lambda = 0`), the low-rank
     root :math:`R_{a, (i, \rho)} = U_{ai} L_{x_a \rho}` of rank ``m k_X`` (plus :math:`\operatorname{diag}(c \cdot
-    C_{x_a x_a})`), which sums with groupings take in closed form; else ``None`` (linear_operator's product, as
-    before)."""
+    C_{x_a x_a})`), which sums with groupings take in closed form; else ``None``, and the callers form the product
+    densely with exact entries (:func:`_dense_elementwise`)."""
     from bma_gp.block_mean_sum_linear_operator import as_block_mean_factor, rows_times_root
     from bma_gp.kernels._rbf_gram import LazyRootOperator
 
