@@ -1468,8 +1468,13 @@ def _tasks_of_ours(op) -> bool:
     """A block-diagonal or block-interleaved operator over a batch of block mean operators (a batch-independent
     multi-output model's covariance), or over a constant multiple of them (``W * c`` for a negative ``c`` and a batch
     of sums, or a layout built around a ``ConstantMulLinearOperator``)."""
+    from bma_gp._independent_cat import IndependentCatLinearOperator
+
     return isinstance(op, (BlockDiagLinearOperator, BlockInterleavedLinearOperator)) and (
-        _is_ours(op.base_linear_op) or _scaled_ours(op.base_linear_op) or isinstance(op, _BlockMeanTasks)
+        _is_ours(op.base_linear_op)
+        or _scaled_ours(op.base_linear_op)
+        or isinstance(op, _BlockMeanTasks)
+        or isinstance(op.base_linear_op, IndependentCatLinearOperator)  # from_independent_mvns of block means
     )
 
 
@@ -1504,7 +1509,9 @@ def add_to_tasks(blocks, other) -> LinearOperator | None:
         d = d.reshape(*d.shape[:-1], n, t).mT if interleaved else d.reshape(*d.shape[:-1], t, n)
         noise = DiagLinearOperator(d)
     summed = base + noise
-    if not (_is_ours(summed) or isinstance(summed, _WarnsWhenFactorised)):
+    from bma_gp._independent_cat import IndependentCatLinearOperator
+
+    if not (_is_ours(summed) or isinstance(summed, (_WarnsWhenFactorised, IndependentCatLinearOperator))):
         return None
     cls = BlockMeanInterleavedLinearOperator if interleaved else BlockMeanBlockDiagLinearOperator
     return cls(summed)
@@ -2035,6 +2042,10 @@ def install() -> None:
         method = getattr(LazyEvaluatedKernelTensor, name)
         if not hasattr(method, "_bma_gp_original"):
             setattr(LazyEvaluatedKernelTensor, name, _hooked_evaluated(method, name))
+    # from_independent_mvns: a batch concatenation of block mean covariances, solved member by member
+    from bma_gp._independent_cat import install as install_independent_cat
+
+    install_independent_cat()
     # GPyTorch's leave-one-out objective: diag(K^{-1}) and K^{-1}(y - m) in closed form, not through a dense Cholesky
     from bma_gp._leave_one_out import install as install_leave_one_out
 

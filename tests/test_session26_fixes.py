@@ -236,3 +236,82 @@ def test_lcm_kernel_over_block_means_warns_where_solved():
         D = out.covariance_matrix
     dense = -0.5 * (r @ torch.linalg.solve(D, r) + torch.logdet(D) + r.numel() * math.log(2 * math.pi)) / r.numel()
     torch.testing.assert_close(value.detach(), dense, rtol=1e-8, atol=1e-8)  # dense below max_cholesky_size
+
+
+# ------------------------------------------------ from_independent_mvns: the members' closed forms
+def _independent_members(n=90):
+    gen = torch.Generator().manual_seed(5)
+    p1 = Partition.from_labels(torch.randint(0, 7, (n,), generator=gen))
+    p2 = Partition.from_labels(torch.arange(n) % 4)
+    W = torch.randn(7, 7, generator=gen, dtype=torch.float64)
+    M1 = BlockMeanLinearOperator(torch.rand(7, generator=gen, dtype=torch.float64) + 0.5, W @ W.T / 7, p1)
+    M2 = BlockMeanLinearOperator(torch.rand(4, generator=gen, dtype=torch.float64) + 0.5,
+                                 torch.rand(4, generator=gen, dtype=torch.float64), p2, diagonal=True)  # fmt: skip
+    M3 = M1 + M2  # a sum
+    return [M1, M2, M3]
+
+
+def test_from_independent_mvns_of_block_means_is_solved_member_by_member():
+    """MultitaskMultivariateNormal.from_independent_mvns of block mean MVNs: log_prob, solves and draws from the
+    members' closed forms (the concatenation took CG, stochastic Lanczos and a rank-100 Lanczos root past
+    max_cholesky_size); the same numbers as GPyTorch's dense path."""
+    from gpytorch.distributions import MultitaskMultivariateNormal
+
+    from bma_gp._independent_cat import IndependentCatLinearOperator
+
+    members = _independent_members()
+    n = members[0].shape[-1]
+    zero = torch.zeros(n, dtype=torch.float64)
+    mt = MultitaskMultivariateNormal.from_independent_mvns([MultivariateNormal(zero, M) for M in members])
+    assert isinstance(mt.lazy_covariance_matrix.base_linear_op, IndependentCatLinearOperator)
+    dense = MultitaskMultivariateNormal.from_independent_mvns([MultivariateNormal(zero, M.to_dense()) for M in members])
+    y = torch.randn(n, len(members), dtype=torch.float64)
+    with gpytorch.settings.max_cholesky_size(0), closed_forms_only(n):
+        got = mt.log_prob(y)
+        C = mt.lazy_covariance_matrix
+        rhs = torch.randn(C.shape[-1], 2, dtype=torch.float64)
+        solved = C.solve(rhs)
+        root = C.root_decomposition().root
+        inv_root = C.root_inv_decomposition().root
+    with gpytorch.settings.max_cholesky_size(10**6):
+        want = dense.log_prob(y)
+    D = C.to_dense()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(solved, torch.linalg.solve(D, rhs), rtol=1e-9, atol=1e-10)
+    R, Ri = root.to_dense(), inv_root.to_dense()
+    torch.testing.assert_close(R @ R.mT, D, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(Ri @ Ri.mT, torch.linalg.inv(D), rtol=1e-8, atol=1e-10)
+    draws = mt.rsample(torch.Size([3]))
+    assert draws.shape == (3, n, len(members))
+
+
+def test_independent_mvns_plus_noise_and_predictive_members():
+    """A per-task noise added to the concatenation (add_diagonal) keeps the members apart; predictive covariances of
+    two group models as members are solved by their own exact factorisations."""
+    from gpytorch.distributions import MultitaskMultivariateNormal
+
+    members = _independent_members()
+    n = members[0].shape[-1]
+    zero = torch.zeros(n, dtype=torch.float64)
+    mt = MultitaskMultivariateNormal.from_independent_mvns([MultivariateNormal(zero, M) for M in members])
+    noise = torch.rand(len(members) * n, dtype=torch.float64) + 0.1
+    noisy = mt.lazy_covariance_matrix.add_diagonal(noise)
+    with gpytorch.settings.max_cholesky_size(0), closed_forms_only(n):
+        got = noisy.logdet()
+    torch.testing.assert_close(got, torch.logdet(mt.lazy_covariance_matrix.to_dense() + torch.diag(noise)),
+                               rtol=1e-10, atol=1e-10)  # fmt: skip
+
+    model_a, xt = _predictive("group")
+    model_b, _ = _predictive("group + group")
+    with torch.no_grad():
+        preds = [model_a.likelihood(model_a(xt)), model_b.likelihood(model_b(xt))]
+        mt = MultitaskMultivariateNormal.from_independent_mvns(preds)
+        y = torch.randn(xt.shape[0], 2, dtype=torch.float64)
+        with gpytorch.settings.max_cholesky_size(0), closed_forms_only(xt.shape[0] + 1):
+            got = mt.log_prob(y)
+        dense = MultitaskMultivariateNormal.from_independent_mvns(
+            [MultivariateNormal(p.mean, p.covariance_matrix) for p in preds]
+        )
+        with gpytorch.settings.max_cholesky_size(10**6):
+            want = dense.log_prob(y)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
