@@ -315,3 +315,61 @@ def test_independent_mvns_plus_noise_and_predictive_members():
         with gpytorch.settings.max_cholesky_size(10**6):
             want = dense.log_prob(y)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------ torch.compile, module inspection, torch.func
+def test_compiled_prediction_of_a_plain_gpytorch_model_with_bma_gp_imported():
+    """The prediction-strategy hook read a lazily cached covariance inside Dynamo's trace: every compiled
+    prediction stopped with "Guard failed on the same frame it was created" once bma_gp was imported."""
+    x = torch.rand(40, 2, dtype=torch.float64)
+    y = torch.sin(x.sum(-1))
+    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood().double(),
+               gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()).double())  # fmt: skip
+    model.eval()
+
+    def predict(z):
+        with torch.no_grad():
+            out = model.likelihood(model(z))
+            return out.mean, out.variance
+
+    compiled = torch.compile(predict, backend="eager")
+    mean, var = compiled(x[:7])
+    want_mean, want_var = predict(x[:7])
+    torch.testing.assert_close(mean, want_mean, rtol=0, atol=0)
+    torch.testing.assert_close(var, want_var, rtol=0, atol=0)
+
+
+def test_group_kernel_properties_it_lacks_read_as_absent():
+    """``covar_matrix`` of a random-slope kernel and ``slope_covar`` of an intercept kernel: still a
+    NotImplementedError with the reason, and an AttributeError, so that hasattr and torch.jit.trace's module
+    inspection read them as absent (they raised through hasattr)."""
+    intercept, slope = GroupKernel(4), GroupKernel(4, slope=True)
+    assert not hasattr(intercept, "slope_covar") and hasattr(intercept, "covar_matrix")
+    assert not hasattr(slope, "covar_matrix") and hasattr(slope, "slope_covar")
+    with pytest.raises(NotImplementedError, match="slope_covar needs slope=True"):
+        intercept.slope_covar
+    with pytest.raises(NotImplementedError, match="no covariance over group ids alone"):
+        slope.covar_matrix
+    assert getattr(intercept, "slope_covar", None) is None
+
+
+def test_torch_func_grad_through_chunked_inducing_points_names_the_kernel():
+    from torch.func import functional_call, grad
+
+    from bma_gp.kernels import ChunkedInducingPointKernel
+
+    x = torch.rand(30, 2, dtype=torch.float64)
+    kernel = ChunkedInducingPointKernel(
+        gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()).double(), x[:5].clone(),
+        gpytorch.likelihoods.GaussianLikelihood().double(),
+    )  # fmt: skip
+    kernel.train()
+    params = {name: p.detach().clone() for name, p in kernel.named_parameters()}
+
+    def logdet(p):
+        return functional_call(kernel, p, (x,)).add_jitter(1e-3).to_dense().logdet()
+
+    with pytest.raises(NotImplementedError, match="ChunkedInducingPointKernel .* reverse mode only"):
+        grad(logdet)(params)
+    value = logdet({name: p.clone().requires_grad_() for name, p in params.items()})
+    assert torch.isfinite(value)  # reverse mode itself is unchanged

@@ -39,7 +39,7 @@ from linear_operator.operators import (
 )
 from torch import Tensor
 
-from bma_gp._autograd import first_order_only
+from bma_gp._autograd import first_order_only, reverse_mode_only
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._precision import core_dtype
 from bma_gp.block_mean_sum_linear_operator import _CAST_ROWS, _FLUSH_TERMS, _t_matmul_wide
@@ -48,6 +48,7 @@ from bma_gp.kernels._rbf_root import _augment, _kernel_block, _scaled, input_gra
 __all__ = ["RBFRootFactor", "LazyRootOperator", "TraceTerm"]
 
 
+@reverse_mode_only("ChunkedInducingPointKernel (the Gram matrix of its root)")
 class _RBFGram(torch.autograd.Function):
     """``(U^T S U, U^T b, P_1^T W_1 S U, ...)`` with ``U = K A``, ``K = exp(-|x' - z'|^2 / 2)`` and ``S = diag(dinv)``,
     one row block of ``K`` and ``U`` at a time (neither is stored).

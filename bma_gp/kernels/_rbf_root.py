@@ -23,7 +23,7 @@ import torch
 from gpytorch.kernels import RBFKernel, ScaleKernel
 from torch import Tensor
 
-from bma_gp._autograd import first_order_only
+from bma_gp._autograd import first_order_only, reverse_mode_only
 
 __all__ = ["input_grads", "rbf_parts", "rbf_root"]
 
@@ -94,6 +94,7 @@ def _kernel_block(xa: Tensor, za_t: Tensor, out: Tensor) -> Tensor:
     return out.clamp_max_(0.0).exp_()
 
 
+@reverse_mode_only("ChunkedInducingPointKernel (the RBF / Matern root of its inducing-point covariance)")
 class _RBFRoot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: int, x: Tensor, inducing: Tensor, inv_root: Tensor, lengthscale: Tensor, scale):

@@ -41,7 +41,7 @@ from linear_operator.operators import (
 from linear_operator.utils.cholesky import psd_safe_cholesky
 from torch import Tensor
 
-from bma_gp._autograd import first_order_only
+from bma_gp._autograd import first_order_only, reverse_mode_only
 from bma_gp._broadcast import shared_batch_entry
 from bma_gp._kernel_sums.generic import kernel_diagonal
 from bma_gp.kernels._kept import KeptByInput, version_key
@@ -98,6 +98,7 @@ def _fill_blocks(kernel, rows: int, x: Tensor, inducing: Tensor, inv_root: Tenso
     return root, diag
 
 
+@reverse_mode_only("ChunkedInducingPointKernel (its chunked root)")
 class _ChunkedRoot(torch.autograd.Function):
     """``(U, rowsum(U**2))`` with ``U = K(x, Z) L^{-T}``: the forward keeps no graph; the backward recomputes
     one row block at a time and differentiates it (``x``, ``Z``, ``L^{-T}`` and the base kernel's parameters)."""

@@ -237,6 +237,13 @@ def _matrix_prior_size(prior) -> int | None:
     return None
 
 
+
+class _NotForThisKernel(AttributeError, NotImplementedError):
+    """A property that this configuration of the kernel does not have (``covar_matrix`` with ``slope=True``,
+    ``slope_covar`` without): a ``NotImplementedError`` with the reason, and an ``AttributeError`` so that ``hasattr``,
+    ``getattr(kernel, name, default)`` and torch's module inspection (``torch.jit.trace``, which probes every
+    attribute) read it as absent, where it escaped them."""
+
 class GroupKernel(Kernel):
     r"""A random effect per group: a covariance over integer group ids.
 
@@ -547,6 +554,25 @@ class GroupKernel(Kernel):
             )
         return raw
 
+    def _lacks(self, name: str) -> str | None:
+        """Why this kernel has no ``name`` (``covar_matrix`` with ``slope=True``, ``slope_covar`` without), or None."""
+        if name == "covar_matrix" and self.slope:
+            return (
+                "a GroupKernel with slope=True has no covariance over group ids alone; its covariance per group is "
+                "slope_covar, the 2 x 2 covariance of (intercept, slope)."
+            )
+        if name == "slope_covar" and not self.slope:
+            return "slope_covar needs slope=True; an intercept-only kernel has covar_matrix."
+        return None
+
+    def __getattr__(self, name: str):
+        # a property that raised AttributeError lands here (Python's fallback): torch.nn.Module's would replace the
+        # reason with "has no attribute"
+        reason = self._lacks(name) if name in ("covar_matrix", "slope_covar") else None
+        if reason is not None:
+            raise _NotForThisKernel(reason)
+        return super().__getattr__(name)
+
     @property
     def covar_matrix(self) -> Tensor:
         r""":math:`C = W W^\top + \operatorname{diag}(v)`. # shape: (*batch, num_groups, num_groups)
@@ -554,10 +580,7 @@ class GroupKernel(Kernel):
         A kernel with ``slope=True`` has no covariance over ids alone (it depends on the covariate): see
         :attr:`slope_covar`."""
         if self.slope:
-            raise NotImplementedError(
-                "a GroupKernel with slope=True has no covariance over group ids alone; its covariance per group is "
-                "slope_covar, the 2 x 2 covariance of (intercept, slope)."
-            )
+            raise _NotForThisKernel(self._lacks("covar_matrix"))
         return self._covar_between(None, None)
 
     @property
@@ -611,7 +634,7 @@ class GroupKernel(Kernel):
         ``corr`` :math:`= \rho`; :math:`\rho = 0` with ``correlated=False``; with ``intercept=False`` the
         intercept row and column are zero. # shape: (*batch, 2, 2)"""
         if not self.slope:
-            raise NotImplementedError("slope_covar needs slope=True; an intercept-only kernel has covar_matrix.")
+            raise _NotForThisKernel(self._lacks("slope_covar"))
         var = self.var
         if not self.intercept:
             zero = torch.zeros_like(var)

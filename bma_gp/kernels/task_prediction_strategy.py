@@ -180,6 +180,20 @@ def _evaluated_prior_advice(covar=None) -> str:
     )
 
 
+@torch.compiler.disable
+def _choose(train_prior_dist, likelihood) -> str:
+    """``"tasks"``, ``"product"`` or ``"default"`` (after :func:`_warn_evaluated_prior`): the strategy the hook
+    gives. Run outside ``torch.compile``'s tracing: reading the distribution's lazily cached covariance writes its
+    ``__dict__``, and Dynamo stopped every compiled prediction, plain GPyTorch models' included, with "Guard failed
+    on the same frame it was created"."""
+    if _routable(train_prior_dist, likelihood):
+        return "tasks"
+    if _kernel_product(train_prior_dist):
+        return "product"
+    _warn_evaluated_prior(train_prior_dist)
+    return "default"
+
+
 def _routed(original):
     """GPyTorch's ``prediction_strategy``, with :class:`TaskPredictionStrategy` for a batch-independent multi-output
     model on block mean or group kernels (:func:`_routable`), :class:`~bma_gp.kernels.BlockMeanPredictionStrategy`
@@ -188,13 +202,13 @@ def _routed(original):
 
     @functools.wraps(original)
     def prediction_strategy(train_inputs, train_prior_dist, train_labels, likelihood):
-        if _routable(train_prior_dist, likelihood):
+        choice = _choose(train_prior_dist, likelihood)
+        if choice == "tasks":
             return TaskPredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood)
-        if _kernel_product(train_prior_dist):
+        if choice == "product":
             from bma_gp.kernels.prediction_strategy import BlockMeanPredictionStrategy
 
             return BlockMeanPredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood)
-        _warn_evaluated_prior(train_prior_dist)
         return original(train_inputs, train_prior_dist, train_labels, likelihood)
 
     prediction_strategy._bma_gp_original = original
