@@ -347,9 +347,9 @@ def test_group_kernel_properties_it_lacks_read_as_absent():
     assert not hasattr(intercept, "slope_covar") and hasattr(intercept, "covar_matrix")
     assert not hasattr(slope, "covar_matrix") and hasattr(slope, "slope_covar")
     with pytest.raises(NotImplementedError, match="slope_covar needs slope=True"):
-        intercept.slope_covar
+        _ = intercept.slope_covar
     with pytest.raises(NotImplementedError, match="no covariance over group ids alone"):
-        slope.covar_matrix
+        _ = slope.covar_matrix
     assert getattr(intercept, "slope_covar", None) is None
 
 
