@@ -318,6 +318,7 @@ def test_independent_mvns_plus_noise_and_predictive_members():
 
 
 # ------------------------------------------------ torch.compile, module inspection, torch.func
+@pytest.mark.slow  # Dynamo's first compilation: 10-30 s here
 def test_compiled_prediction_of_a_plain_gpytorch_model_with_bma_gp_imported():
     """The prediction-strategy hook read a lazily cached covariance inside Dynamo's trace: every compiled
     prediction stopped with "Guard failed on the same frame it was created" once bma_gp was imported."""
