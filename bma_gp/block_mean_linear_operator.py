@@ -189,7 +189,7 @@ def solution_batch(shape: torch.Size, rhs: Tensor) -> torch.Size:
     return torch.broadcast_shapes(shape[:-2], rhs.shape[:-2] if rhs.dim() > 1 else torch.Size())
 
 
-def warn_cat_rows(op: LinearOperator, cross_mat: Tensor) -> None:
+def warn_cat_rows(op: LinearOperator, cross_mat: Tensor, roots: bool = False) -> None:
     """Say that ``op.cat_rows(cross_mat, new_mat)`` left the closed forms: the bordered matrix
     ``[[M, B^T], [B, D]]`` with a general ``B`` and ``D`` is no block mean matrix or sum of them (its rows and columns
     need not share the blocks' structure), so linear_operator's ``CatLinearOperator`` of the pieces is returned, and
@@ -204,7 +204,13 @@ def warn_cat_rows(op: LinearOperator, cross_mat: Tensor) -> None:
         f"factorise the dense (n + m) x (n + m) = {n + m} x {n + m} matrix (a Cholesky up to "
         f"max_cholesky_size = {lo_settings.max_cholesky_size.value()}, CG and Lanczos beyond). Where the new points "
         "belong to the family, build the operator over all n + m points instead (the kernel evaluated at them, as "
-        "a fantasy model of a block mean or group kernel does).",
+        "a fantasy model of a block mean or group kernel does)."
+        + (
+            f" With generate_roots / generate_inv_roots (the default) linear_operator forms dense {n} x {n} roots "
+            "first (O(n^2) memory, O(n^3) time); pass generate_roots=False, generate_inv_roots=False to skip them."
+            if roots
+            else ""
+        ),
         ClosedFormFallbackWarning,
         stacklevel=caller_stacklevel(),
     )
@@ -235,11 +241,12 @@ class WarnsOnCatRows:
         :class:`~bma_gp.ClosedFormFallbackWarning`: appended rows and columns ``B``, ``D`` of any values have no
         closed form, and the result's solves and log-determinants factorise the dense :math:`(n + m) \times (n + m)`
         matrix, which they did without a word."""
-        res = super().cat_rows(  # type: ignore[misc]
+        # before the work: with generate_roots linear_operator forms dense n x n roots here (a user trial: 15 s at
+        # n = 4,000, and an 80 GB allocation refused at n = 1e5, with the warning never reached)
+        warn_cat_rows(self, cross_mat, generate_roots or generate_inv_roots)
+        return super().cat_rows(  # type: ignore[misc]
             cross_mat, new_mat, generate_roots, generate_inv_roots, **root_decomp_kwargs
         )
-        warn_cat_rows(self, cross_mat)
-        return res
 
 
 def check_rhs_dtype(rhs: Tensor, name: str, dtype: torch.dtype) -> None:
