@@ -55,21 +55,35 @@ def _fold_singletons(lam: Tensor, B: Tensor, sizes: Tensor) -> tuple[Tensor, Ten
     exactly, at any scale), else 1. Every ``f(lam_i)`` is then defined and cancels in the
     matrix-function formula.
     """
+    folded, new_diag = _folded_diagonal(lam, torch.diagonal(B, dim1=-2, dim2=-1), sizes)
+    batch = torch.broadcast_shapes(B.shape[:-2], new_diag.shape[:-1])
+    return folded, torch.diagonal_scatter(B.expand(*batch, *B.shape[-2:]), new_diag.expand(*batch, -1), 0, -2, -1)
+
+
+def _folded_diagonal(lam: Tensor, diag: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_fold_singletons`'s ``lam`` and the new diagonal of ``B``, from ``B``'s diagonal alone."""
     single = sizes == 1
-    diag = torch.diagonal(B, dim1=-2, dim2=-1)
     value = lam + diag
     placeholder = torch.where(value > 0, value, torch.ones_like(value))
     folded = torch.where(single, placeholder, lam)
     # a singleton's B_ii is set to v_i - placeholder, not B_ii + (lam_i - placeholder): past 2^53 (float64) the
     # difference lam_i - 1 rounds (lam = 2^60, B_ii = -(2^60 + 256): C_ii = -255 instead of -256)
-    new_diag = torch.where(single, value - folded, diag)
-    batch = torch.broadcast_shapes(B.shape[:-2], new_diag.shape[:-1])
-    return folded, torch.diagonal_scatter(B.expand(*batch, *B.shape[-2:]), new_diag.expand(*batch, -1), 0, -2, -1)
+    return folded, torch.where(single, value - folded, diag)
 
 
 def _core(lam: Tensor, B: Tensor, root_sizes: Tensor) -> Tensor:
     """The k x k matrix ``C = diag(lam) + S^{1/2} B S^{1/2}`` that carries the spectrum on span(P)."""
-    return torch.diag_embed(lam) + root_sizes.unsqueeze(-1) * B * root_sizes.unsqueeze(-2)
+    if tracks_derivatives(lam) or tracks_derivatives(B) or functorch_active():
+        return torch.diag_embed(lam) + root_sizes.unsqueeze(-1) * B * root_sizes.unsqueeze(-2)
+    # without derivatives in place: one k x k buffer where four were allocated (128 MB each at k = 4000, float64)
+    C = (root_sizes.unsqueeze(-1) * B).mul_(root_sizes.unsqueeze(-2))
+    C = (
+        C.expand(*torch.broadcast_shapes(C.shape[:-2], lam.shape[:-1]), *C.shape[-2:]).clone()
+        if (lam.shape[:-1] != C.shape[:-2])
+        else C
+    )
+    C.diagonal(dim1=-2, dim2=-1).add_(lam)
+    return C
 
 
 def _rounding_hint(value: float, largest: float, dtype: torch.dtype) -> str:
@@ -571,7 +585,7 @@ class BlockMeanLinearOperator(
         if self.B.requires_grad:  # keep a fresh graph per call: cached graphs break repeated backward
             return 0.5 * (self.B + self.B.mT)
         if self._b_sym_cache is None:
-            self._b_sym_cache = 0.5 * (self.B + self.B.mT)
+            self._b_sym_cache = (self.B + self.B.mT).mul_(0.5)  # (no graph here: one k x k buffer, not two)
         return self._b_sym_cache
 
     def _diagonal_core(self, read_back: bool = True) -> bool:
@@ -673,8 +687,30 @@ class BlockMeanLinearOperator(
         cached_core = self._core_cache
         if cached_core is not None:
             return cached_core
-        lam, B = self._folded(check=False)
-        res = (lam, _core(lam, B, self._core_sizes.sqrt()))
+        if tracks_derivatives(self.lam) or self._b_requires_grad() or functorch_active() or self._b_diag is not None:
+            lam, B = self._folded(check=False)
+            res = (lam, _core(lam, B, self._core_sizes.sqrt()))
+        else:
+            # no derivatives: C in one k x k buffer (the symmetrised B scaled in place, its diagonal set to the folded
+            # one), where the symmetrised B, the folded B and C took one each (and _core four): at k = 4000 in float64
+            # a one-column solve peaked at +0.79 GB, now +0.38 GB. The same operations in the same order as the path
+            # with derivatives, so the same rounding.
+            dtype = self.core_dtype
+            cached = self._b_sym_cache
+            if cached is not None or not self.symmetric:
+                C = self._b_sym().to(dtype, copy=True)
+            else:
+                C = (self.B + self.B.mT).mul_(0.5).to(dtype)
+            lam, new_diag = _folded_diagonal(
+                self.lam.to(dtype), C.diagonal(dim1=-2, dim2=-1).clone(), self.partition.sizes
+            )
+            root_sizes = self._core_sizes.sqrt()
+            C.mul_(root_sizes.unsqueeze(-1)).mul_(root_sizes.unsqueeze(-2))
+            batch = torch.broadcast_shapes(C.shape[:-2], lam.shape[:-1])
+            if batch != C.shape[:-2]:
+                C = C.expand(*batch, *C.shape[-2:]).clone()
+            C.diagonal(dim1=-2, dim2=-1).copy_(lam + root_sizes * new_diag * root_sizes)  # as _core rounds it
+            res = (lam, C)
         if not (self.lam.requires_grad or self._b_requires_grad()):
             # with gradients, a cached graph would break a second backward pass (and a core cached
             # under no_grad would silently drop them later)
@@ -1276,9 +1312,15 @@ class BlockMeanLinearOperator(
                 f"{value}{_where(batch)}. lam and B must be finite; check the kernel hyperparameters or the data that "
                 "produced them."
             )
-        B_bad = ~torch.isfinite(self.B)
-        if not bool(lam_bad.any() | B_bad.any()):
+        # the sum of B is finite exactly when every entry is, but for an overflow: one pass over B and no k x k
+        # temporaries (isfinite of a k x k matrix allocates several, 0.5 GB at k = 4000 in float64); the elementwise
+        # test runs only where the sum is not finite
+        if not bool(lam_bad.any() | ~torch.isfinite(self.B.detach().sum())):
             self._checked_finite = True  # operators are immutable
+            return
+        B_bad = ~torch.isfinite(self.B)
+        if not bool(lam_bad.any() | B_bad.any()):  # a sum that overflowed: the entries are finite
+            self._checked_finite = True
             return
         found = _first_bad(lam_bad)
         if found is not None:
@@ -1460,7 +1502,9 @@ class BlockMeanLinearOperator(
         else:
             L, info = torch.linalg.cholesky_ex(self._unchecked_core()[1])
         failed = (info > 0).unsqueeze(-1).unsqueeze(-1)
-        return torch.where(failed, torch.full_like(L, float("nan")), L), info
+        if tracks_derivatives(L) or functorch_active():
+            return L.masked_fill(failed, float("nan")), info
+        return L.masked_fill_(failed, float("nan")), info  # in place: no second k x k buffer
 
     def _core_factor(self) -> tuple[Tensor | None, Tensor, Tensor]:
         """``(C, L, info)`` for the solves and the log-determinant of the core (:meth:`_core_solve`, :meth:`_logdet`).
@@ -1477,8 +1521,7 @@ class BlockMeanLinearOperator(
             if C.requires_grad and not carries_tangent(C) and not functorch_active():
                 with torch.no_grad():
                     L, info = torch.linalg.cholesky_ex(C)
-                    failed = (info > 0).unsqueeze(-1).unsqueeze(-1)
-                    L = torch.where(failed, torch.full_like(L, float("nan")), L)
+                    L.masked_fill_((info > 0).unsqueeze(-1).unsqueeze(-1), float("nan"))
                 return C, L, info
         return (None, *self._core_cholesky_ex())
 
@@ -1650,7 +1693,9 @@ class BlockMeanLinearOperator(
         means): ``M`` is :math:`\lambda_c` on the deviations from the block means and the core :math:`C` on the block
         means, in :attr:`core_dtype`. # shape: (*batch, n, t)"""
         part, dtype = self.partition, self.core_dtype
-        lam, _ = self._folded()
+        if self._validating():
+            self._check_finite()
+        lam = self._unchecked_core()[0]  # the folded offsets (the core, formed once for the solve below anyway)
         self._check_invertible_offsets(lam)
         y = rhs.to(dtype)
         sizes = self._core_sizes.unsqueeze(-1)
