@@ -255,6 +255,13 @@ class WarnsOnCatRows:
         :class:`~bma_gp.ClosedFormFallbackWarning`: appended rows and columns ``B``, ``D`` of any values have no
         closed form, and the result's solves and log-determinants factorise the dense :math:`(n + m) \times (n + m)`
         matrix, which they did without a word."""
+        n = self.shape[-1]  # type: ignore[attr-defined]
+        m = cross_mat.shape[-2] if cross_mat.dim() >= 2 else -1
+        if m < 0 or cross_mat.shape[-1] != n or new_mat.dim() < 2 or tuple(new_mat.shape[-2:]) != (m, m):
+            # blocks of the wrong shapes: linear_operator's error, with no warning about a result that never comes
+            return super().cat_rows(  # type: ignore[misc]
+                cross_mat, new_mat, generate_roots, generate_inv_roots, **root_decomp_kwargs
+            )
         # before the work: with generate_roots linear_operator forms dense n x n roots here (a user trial: 15 s at
         # n = 4,000, and an 80 GB allocation refused at n = 1e5, with the warning never reached)
         warn_cat_rows(self, cross_mat, generate_roots or generate_inv_roots)

@@ -2096,16 +2096,16 @@ class _DenseFactorSolves(KeepsIntegers):
 
         if isinstance(other, LinearOperator) and not isinstance(other, ZeroLinearOperator):
             try:
-                shape = torch.broadcast_shapes(self.shape, other.shape)  # type: ignore[attr-defined]
+                shape = torch.broadcast_shapes(self.shape, other.shape)
             except RuntimeError:
                 shape = None
-            if shape is not None and shape[-2:] == self.shape[-2:]:  # type: ignore[attr-defined]
+            if shape is not None and shape[-2:] == self.shape[-2:]:
                 if self._is_symmetric() and _known_covariance(other):
                     return _DenseFactorSum(self, other)
                 fallback = fallback_sum(self, other)
                 if fallback is not None:
                     return fallback
-        return super().__add__(other)  # type: ignore[misc]
+        return super().__add__(other)
 
     def _working_dtype(self) -> torch.dtype:
         return core_dtype(self.dtype)  # type: ignore[attr-defined]
