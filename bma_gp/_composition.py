@@ -1555,9 +1555,11 @@ def _hooked_tasks_mul_constant(original):
 
     @functools.wraps(original)
     def _mul_constant(self, other):
+        from bma_gp._independent_cat import IndependentCatLinearOperator
+
         base = self.base_linear_op
         if isinstance(self, (BlockDiagLinearOperator, BlockInterleavedLinearOperator)) and isinstance(
-            base, (BlockMeanLinearOperator, BlockMeanSumLinearOperator)
+            base, (BlockMeanLinearOperator, BlockMeanSumLinearOperator, IndependentCatLinearOperator)
         ):
             c = other if torch.is_tensor(other) else torch.tensor(other, dtype=base.dtype, device=base.device)
             if c.dim() > 0:  # (*batch) of the layout: the base's batch is (*batch, t)
@@ -1569,11 +1571,20 @@ def _hooked_tasks_mul_constant(original):
     return _mul_constant
 
 
+def adds_exactly(op) -> bool:
+    """Whether ``op`` is a covariance whose own ``__add__`` keeps exact solves with anything added to it (a predictive
+    covariance, ``_adds_exactly``): ``other + op`` is then ``op + other``, as the sum commutes (``D + pred`` was
+    linear_operator's ``AddedDiagLinearOperator``, a block mean operator plus ``pred`` a fallback sum)."""
+    return isinstance(op, LinearOperator) and bool(getattr(type(op), "_adds_exactly", False))
+
+
 def _hooked_add(original):
     unrouted = _unrouted(original)
 
     @functools.wraps(original)
     def __add__(self, other):
+        if adds_exactly(other) and not adds_exactly(self):
+            return other.__add__(self)
         if isinstance(other, LinearOperator) and (
             isinstance(self, FallbackSumLinearOperator) or isinstance(other, FallbackSumLinearOperator)
         ):  # a fallback sum plus anything (noise, say) is still one: it keeps its warning
@@ -1732,6 +1743,8 @@ def _scales_lazily(op) -> bool:
     if isinstance(op, (BlockCrossLinearOperator, MatmulLinearOperator)) or (
         _is_ours(op) and not _is_lazy_block_mean(op)
     ):
+        return True
+    if adds_exactly(op):  # a predictive covariance: one constant per batch entry keeps its exact solves
         return True
     return type(op) is SumLinearOperator and all(_scales_lazily(term) for term in op.linear_ops)
 

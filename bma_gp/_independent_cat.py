@@ -130,6 +130,25 @@ class IndependentCatLinearOperator(CatLinearOperator):
             return super()._root_inv_decomposition(initial_vectors, test_vectors)
         return self._joined_roots([op.root_inv_decomposition().root for op in self.linear_ops])
 
+    #: ``D + cat`` is ``cat + D`` (:func:`bma_gp._composition.adds_exactly`), and a constant per batch entry scales
+    #: lazily (``_mul_constant``)
+    _adds_exactly = True
+
+    def _mul_constant(self, other) -> LinearOperator:
+        """``c`` times each member (one constant, or one per batch entry split along the cat dimension): the members'
+        own multiples, which keep their closed forms (linear_operator's ``ConstantMulLinearOperator`` of the
+        concatenation took CG and stochastic Lanczos)."""
+        if not self._members_exact():
+            return super()._mul_constant(other)
+        c = other if torch.is_tensor(other) else torch.tensor(other, dtype=self.dtype, device=self.device)
+        if c.dim() == 0:
+            pieces = [c] * len(self.linear_ops)
+        else:
+            c = c.expand(self.batch_shape)
+            pieces = list(c.split(self._sizes(), dim=self.cat_dim + 2))
+        members = [op._mul_constant(piece) for op, piece in zip(self.linear_ops, pieces)]
+        return CatLinearOperator(*members, dim=self.cat_dim, output_device=self.device)
+
     def __add__(self, other):
         """A diagonal (a likelihood's noise) added member by member, so that the sum keeps the members' closed
         forms."""

@@ -1198,6 +1198,10 @@ class BlockMeanLinearOperator(
         return self._new(self.lam, self.B + c)  # B + c is not diagonal: the k x k matrix is the result
 
     def __add__(self, other):
+        from bma_gp._composition import adds_exactly
+
+        if adds_exactly(other):  # a predictive covariance: its exact sum (the sum commutes)
+            return other.__add__(self)
         shifted = self._add_constant(other)
         if shifted is not None:
             return shifted

@@ -1268,8 +1268,10 @@ class BlockMeanSumLinearOperator(
         return self._new(diag=new)
 
     def __add__(self, other):
-        from bma_gp._composition import add_structured, fallback_sum
+        from bma_gp._composition import add_structured, adds_exactly, fallback_sum
 
+        if adds_exactly(other):  # a predictive covariance: its exact sum (the sum commutes)
+            return other.__add__(self)
         if not isinstance(other, LinearOperator):
             constant = self._constant_term(other)
             if constant is not None:
