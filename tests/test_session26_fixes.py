@@ -492,3 +492,34 @@ def test_independent_mvns_times_a_constant_and_with_noise_stay_exact():
         with torch.no_grad(), gpytorch.settings.max_cholesky_size(0), closed_forms_only(n):
             got = op.logdet()
         torch.testing.assert_close(got, torch.logdet(want), rtol=1e-10, atol=1e-10, msg=name)
+
+
+# ------------------------------------------------ a sum times a task kernel: repeated backward through predictions
+def test_repeated_backward_through_predictions_of_a_sum_times_a_task_kernel():
+    """The held training covariance kept the task factor's Cholesky rows (row weights) with their graph: the second
+    ``backward`` through a prediction of ``(GroupKernel + GroupKernel) * IndexKernel`` failed ("Trying to backward
+    through the graph a second time"), as an acquisition loop on the candidates does."""
+    from bma_gp import BlockMeanSumLinearOperator
+
+    gen = torch.Generator().manual_seed(0)
+    n = 60
+    x = torch.rand(n, 2, generator=gen, dtype=torch.float64)
+    codes = [torch.arange(n) % 5, torch.arange(n) // 3 % 4, torch.arange(n) // 7 % 2]
+    X = torch.cat([x, *(c.to(torch.float64).unsqueeze(-1) for c in codes)], -1)
+    y = torch.sin(5 * x[:, 0])
+    kernel = (GroupKernel(5, active_dims=[2]) + GroupKernel(4, active_dims=[3])) * gpytorch.kernels.IndexKernel(
+        2, rank=1, active_dims=[4]
+    )
+    model = GP(X, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).double().eval()
+    ids = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 1.0], [4.0, 1.0, 1.0]], dtype=torch.float64)
+    for _ in range(3):
+        continuous = torch.rand(3, 2, generator=gen, dtype=torch.float64).requires_grad_(True)
+        out = model(torch.cat([continuous, ids], -1))
+        loss = out.mean.sum() + out.variance.sum()
+        loss.backward()  # raised on the second pass
+        assert bool(torch.isfinite(loss))
+    op = model.likelihood(model.forward(X)).lazy_covariance_matrix
+    op = op.evaluate_kernel() if hasattr(op, "evaluate_kernel") else op
+    assert isinstance(op, BlockMeanSumLinearOperator)
+    assert any(w is not None and w.requires_grad for w in op.weights)
+    assert not any(w is not None and w.requires_grad for w in op.detach().weights)  # the weights detached too

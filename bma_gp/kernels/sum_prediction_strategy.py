@@ -767,6 +767,8 @@ def _working_solve(M: BlockMeanSumLinearOperator, rhs: Tensor) -> Tensor:
         scaled, _, x = op._woodbury(rhs)
         if x:
             scaled = scaled - op._z(x) / op.diag_values.to(scaled.dtype).unsqueeze(-1)
+        if op._refines():  # as M.solve (see BlockMeanSumLinearOperator._refines)
+            scaled = op._refined(rhs, scaled)
         return scaled
 
     return _scoped(solve)(M)
@@ -1354,7 +1356,14 @@ def _posterior_coefficients(M: BlockMeanSumLinearOperator, offset: Tensor) -> Te
 def _solved_coefficients(M: BlockMeanSumLinearOperator, rhs: Tensor) -> Tensor:
     r""":math:`Z^\top M^{-1} R = u - A x` (Woodbury: :math:`u = Z^\top D^{-1} R`, :math:`x = C^{-1} G u`), working
     precision. ``rhs`` # shape: (*batch, n, c) -> (*batch, q, c)"""
-    _, u, x = M._woodbury(rhs)
+    scaled, u, x = M._woodbury(rhs)
+    if M._refines():
+        # weighted terms eliminated jointly (random slopes, BlockMeanSumLinearOperator._refines): Z^T of the refined
+        # M^{-1} R. u - A x took the rounding of A times the components of x that the ill-conditioned per-level
+        # blocks leave along their null directions (W n = 0, A n = 0 up to eps |A| |n|), which Z x does not see; the
+        # block sums of the refined solve round at about eps |Z|^T |M^{-1} R| only, as a dense solve's mean does
+        alpha = scaled - M._z(x) / M._working_diag().to(scaled.dtype).unsqueeze(-1)
+        return torch.cat(M._z_t(M._refined(rhs, alpha)), dim=-2)
     return torch.cat(u, dim=-2) - _gram_matmul(M, torch.cat(x, dim=-2))
 
 
