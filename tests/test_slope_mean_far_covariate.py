@@ -67,7 +67,8 @@ def _model(x, y, corr: float, noise: float = 0.05):
 
 
 def _mp_means(model, x, y, rows):
-    """The posterior mean at ``rows`` in 50-digit arithmetic: per level ``b = (S^{-1} + Z^T Z / s^2)^{-1} Z^T r / s^2``."""
+    """The posterior mean at ``rows`` in 50-digit arithmetic: per level
+    ``b = (S^{-1} + Z^T Z / s^2)^{-1} Z^T r / s^2``."""
     with mpmath.workdps(50):
         S = mpmath.matrix(model.covar_module.slope_covar.detach().tolist())
         s2 = mpmath.mpf(float(model.likelihood.noise.detach()))
@@ -142,7 +143,7 @@ def test_training_solve_matches_a_dense_solve(offset, corr):
                 0, x[:, 1].long(), w * alpha[:, 0]
             )
             dense_sums = torch.zeros_like(sums).index_add_(0, x[:, 1].long(), w * want[:, 0])
-            scale = float((w.abs().max() * want.abs().sum()))  # the sums' own rounding: eps |w| |alpha|
+            scale = float(w.abs().max() * want.abs().sum())  # the sums' own rounding: eps |w| |alpha|
             assert float((sums - dense_sums).abs().max()) <= 1e-12 * scale + 1e3 * dense_residual
 
 
