@@ -101,3 +101,17 @@ def objective_like_dense(model: GP, objective, x, y, guard=contextlib.nullcontex
         ref.sum().backward()
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
     return reference, loss
+
+
+def slope_model(x, y, corr: float, noise: float, var=(1.0, 0.5), constant: float = 0.0) -> GP:
+    """A random-slope GP on ``x = (covariate, id)`` (``GroupKernel(slope=True)`` with one more level than the ids
+    seen, for unseen levels) with the given variances, correlation, noise and constant mean, in ``x``'s dtype."""
+    from bma_gp import GroupKernel
+
+    kernel = GroupKernel(int(x[:, 1].max()) + 2, slope=True, active_dims=[1, 0])
+    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).to(x.dtype)
+    kernel.var = torch.tensor(var, dtype=x.dtype)
+    kernel.corr = corr
+    model.likelihood.noise = noise
+    model.mean_module.constant.data.fill_(constant)
+    return model

@@ -21,9 +21,9 @@ import gpytorch
 import pytest
 import torch
 
-from bma_gp import ClosedFormFallbackWarning, GroupKernel
+from bma_gp import ClosedFormFallbackWarning
 from closed_form_guard import closed_forms_only
-from gp_reference import GP, assert_gradients_like_dense, dense_copy
+from gp_reference import assert_gradients_like_dense, dense_copy, slope_model
 
 mpmath = pytest.importorskip("mpmath")
 
@@ -56,14 +56,7 @@ def _data(offset: float, k: int = 8, per: int = 12, seed: int = 1):
 
 
 def _model(x, y, corr: float, noise: float = 0.05):
-    k = int(x[:, 1].max()) + 2
-    kernel = GroupKernel(k, slope=True, active_dims=[1, 0])
-    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).to(torch.float64)
-    kernel.var = torch.tensor([0.7, 0.5], dtype=torch.float64)
-    kernel.corr = corr
-    model.likelihood.noise = noise
-    model.mean_module.constant.data.fill_(0.2)
-    return model
+    return slope_model(x, y, corr, noise, var=(0.7, 0.5), constant=0.2)
 
 
 def _mp_means(model, x, y, rows):

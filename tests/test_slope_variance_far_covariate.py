@@ -20,9 +20,9 @@ import gpytorch
 import pytest
 import torch
 
-from bma_gp import ClosedFormFallbackWarning, GroupKernel
+from bma_gp import ClosedFormFallbackWarning
 from closed_form_guard import closed_forms_only
-from gp_reference import GP, assert_gradients_like_dense, dense_copy
+from gp_reference import assert_gradients_like_dense, dense_copy, slope_model
 
 
 @pytest.fixture(autouse=True)
@@ -47,14 +47,7 @@ def _data(offset: float, dtype: torch.dtype, k: int = 6, per: int = 8, seed: int
 
 
 def _model(x, y, corr: float, noise: float = 0.1):
-    k = int(x[:, 1].max()) + 2
-    kernel = GroupKernel(k, slope=True, active_dims=[1, 0])
-    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).to(x.dtype)
-    kernel.var = torch.tensor([1.0, 0.5], dtype=x.dtype)
-    kernel.corr = corr
-    model.likelihood.noise = noise
-    model.mean_module.constant.data.fill_(0.0)
-    return model
+    return slope_model(x, y, corr, noise)
 
 
 def _dense(model, x, y, xs):
