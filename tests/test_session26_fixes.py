@@ -523,3 +523,82 @@ def test_repeated_backward_through_predictions_of_a_sum_times_a_task_kernel():
     assert isinstance(op, BlockMeanSumLinearOperator)
     assert any(w is not None and w.requires_grad for w in op.weights)
     assert not any(w is not None and w.requires_grad for w in op.detach().weights)  # the weights detached too
+
+
+# ------------------------------------------------ a random slope alone times a task kernel predicts in closed form
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("second", ["IndexKernel", "GroupKernel"])
+def test_random_slope_times_a_task_kernel_predicts_in_closed_form(dtype, second):
+    """``GroupKernel(slope=True) * IndexKernel`` (no other summand) formed its t x n cross covariance densely at new
+    inputs (with a warning), and GPyTorch's ``K_*x alpha`` in float32 lost the means entirely (-3.2 for 0.17 with the
+    covariate in calendar years); it now reads the training product's columns, as a sum times a task kernel does."""
+    import warnings
+
+    from bma_gp import ClosedFormFallbackWarning
+
+    gen = torch.Generator().manual_seed(3)
+    n, k = 120, 8
+    ids = torch.arange(n) % k
+    tasks = torch.randint(0, 3, (n,), generator=gen)
+    cov = 2010.0 + torch.randint(0, 20, (n,), generator=gen).to(torch.float64)
+    x = torch.stack([cov, ids.to(torch.float64), tasks.to(torch.float64)], -1)
+    y = 0.1 * ids + 0.02 * (cov - 2010.0) + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)
+    slope = GroupKernel(k + 1, slope=True, active_dims=[1, 0])
+    factor = (
+        gpytorch.kernels.IndexKernel(3, rank=1, active_dims=[2])
+        if second == "IndexKernel"
+        else GroupKernel(3, rank=1, active_dims=[2])
+    )
+    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), slope * factor).double()
+    slope.var = torch.tensor([0.7, 0.01], dtype=torch.float64)
+    slope.corr = 0.3
+    model.likelihood.noise = 0.05
+    model = model.to(dtype).eval()
+    xt = torch.tensor([[2015.5, 1.0, 0.0], [2025.0, 3.0, 2.0], [2012.0, 7.0, 1.0], [2001.0, 8.0, 1.0]], dtype=dtype)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        out = model(xt)
+        mean, var = out.mean, out.variance
+    with torch.no_grad():
+        K = model.covar_module
+        xd, xtd = x.to(torch.float64), xt.to(torch.float64)
+        Kxx = K(xd, xd).to_dense().double() + float(model.likelihood.noise) * torch.eye(n, dtype=torch.float64)
+        Ksx = K(xtd, xd).to_dense().double()
+        Kss = K(xtd, xtd).to_dense().double()
+        r = y.double() - float(model.mean_module.constant)
+        want_mean = float(model.mean_module.constant) + Ksx @ torch.linalg.solve(Kxx, r)
+        want_var = Kss.diagonal() - (Ksx * torch.linalg.solve(Kxx, Ksx.mT).mT).sum(-1)
+    tol = dict(rtol=1e-7, atol=1e-8) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+    torch.testing.assert_close(mean.double(), want_mean, **tol)
+    # the model's own K_** rounds at eps K_** (about 4e4 here, the covariate squared times the slope's variance): a
+    # variance below that is known to that absolute level only, in float32 as in any float32 GP
+    floor = 8 * torch.finfo(dtype).eps * float(Kss.diagonal().abs().max())
+    torch.testing.assert_close(var.double(), want_var, rtol=tol["rtol"] * 10, atol=max(tol["atol"] * 10, floor))
+
+
+def test_independent_cat_plus_a_batched_diagonal_or_another_cat():
+    """A diagonal with an extra batch dimension, or a second concatenation over the same members, went to
+    linear_operator's sum and CG without a word (8-27 nats off); anything else now warns where it is solved."""
+    from gpytorch.distributions import MultitaskMultivariateNormal
+    from linear_operator.operators import DenseLinearOperator, DiagLinearOperator
+
+    from bma_gp import ClosedFormFallbackWarning
+    from bma_gp._independent_cat import IndependentCatLinearOperator
+
+    members = _independent_members()
+    n = members[0].shape[-1]
+    zero = torch.zeros(n, dtype=torch.float64)
+    mt = MultitaskMultivariateNormal.from_independent_mvns([MultivariateNormal(zero, M) for M in members])
+    cat = mt.lazy_covariance_matrix.base_linear_op
+    d = torch.rand(2, *cat.shape[:-1], dtype=torch.float64) + 0.1
+    for name, op, want in [
+        ("cat + D(2, t, n)", cat + DiagLinearOperator(d), cat.to_dense() + torch.diag_embed(d)),
+        ("cat + cat", cat + cat, 2 * cat.to_dense()),
+    ]:
+        assert isinstance(op, IndependentCatLinearOperator), name
+        with torch.no_grad(), gpytorch.settings.max_cholesky_size(0), closed_forms_only(n):
+            got = op.logdet()
+        torch.testing.assert_close(got, torch.logdet(want), rtol=1e-10, atol=1e-10, msg=name)
+    other = cat + DenseLinearOperator(0.1 * torch.eye(n, dtype=torch.float64).expand(*cat.shape))
+    with pytest.warns(ClosedFormFallbackWarning):
+        other.logdet()

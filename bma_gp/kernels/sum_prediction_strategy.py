@@ -4262,6 +4262,9 @@ def _sum_product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> LinearOp
         for f in factors
         if (isinstance(bare(f), AdditiveKernel) and _involves_block_mean(f))
         or isinstance(bare(f), ChunkedInducingPointKernel)
+        # a random slope alone is a sum too (its weighted terms over one grouping): GroupKernel(slope=True) *
+        # IndexKernel formed its t x n cross densely, and GPyTorch's K_*x alpha in float32 lost the means entirely
+        or (isinstance(bare(f), GroupKernel) and bare(f).slope)
     ]
     others = [f for f in factors if not any(f is g for g in sums)]
     if len(sums) != 1 or not others or not all(isinstance(bare(f), (GroupKernel, IndexKernel)) for f in others):
