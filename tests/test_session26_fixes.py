@@ -602,3 +602,21 @@ def test_independent_cat_plus_a_batched_diagonal_or_another_cat():
     other = cat + DenseLinearOperator(0.1 * torch.eye(n, dtype=torch.float64).expand(*cat.shape))
     with pytest.warns(ClosedFormFallbackWarning):
         other.logdet()
+
+
+def test_posterior_at_training_inputs_plus_a_negative_diagonal():
+    """The posterior at the training inputs hands a diagonal with negative entries to the generic add_diagonal,
+    which after this session's exact sums came back to its own (a RecursionError): now one exact dense sum."""
+    x, y, _, _ = grouped_data(n=40)
+    kernel = GroupKernel(7, active_dims=[2]) + GroupKernel(7, active_dims=[2], rank=1)
+    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood().double(), kernel.double()).double().eval()
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        C = model(x).lazy_covariance_matrix
+        shifted = C.add_diagonal(torch.tensor(-1e-3, dtype=torch.float64))
+        want = C.to_dense() - 1e-3 * torch.eye(40, dtype=torch.float64)
+        torch.testing.assert_close(shifted.to_dense(), want, rtol=1e-12, atol=1e-12)
+        off = C[..., :5, 5:10].add_diagonal(torch.tensor(1.0, dtype=torch.float64))  # not a covariance: generic
+        torch.testing.assert_close(off.to_dense(), C.to_dense()[:5, 5:10] + torch.eye(5, dtype=torch.float64))

@@ -2096,12 +2096,17 @@ class _DenseFactorSolves(KeepsIntegers):
     def add_diagonal(self, diag) -> LinearOperator:
         """``S + diag(d)`` (and so ``add_jitter``): an exact sum (:class:`_DenseFactorSum`). The covariances that take a
         diagonal into their own form override this; linear_operator's ``AddedDiagLinearOperator`` took CG."""
+        if not self._is_symmetric():  # rows and columns at different positions: no covariance, the generic sum
+            return super().add_diagonal(diag)  # type: ignore[misc]
         diag = diag if torch.is_tensor(diag) else torch.tensor(diag, dtype=self.dtype, device=self.device)  # type: ignore
         n = self.shape[-1]  # type: ignore[attr-defined]
         if diag.dim() == 0 or diag.shape[-1] == 1:
             diag = diag.expand(*diag.shape[:-1] if diag.dim() else (), n)
         batch = torch.broadcast_shapes(self.batch_shape, diag.shape[:-1])  # type: ignore[attr-defined]
-        return self + DiagLinearOperator(diag.to(self.dtype).expand(*batch, n))  # type: ignore[attr-defined]
+        operand = self if self.batch_shape == batch else self._expand_batch(batch)  # type: ignore[attr-defined]
+        # the sum itself, not self + D: a class whose __add__ of a diagonal calls its add_diagonal (the posterior at
+        # the training inputs, for a diagonal with negative entries) would come back here
+        return _DenseFactorSum(operand, DiagLinearOperator(diag.to(self.dtype).expand(*batch, n)))  # type: ignore
 
     def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method: str | None = None):
         r""":math:`S^{-1} = R R^\top` with :math:`R = L^{-\top}` for the exact Cholesky factor :math:`S = L L^\top`
