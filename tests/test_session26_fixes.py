@@ -318,26 +318,24 @@ def test_independent_mvns_plus_noise_and_predictive_members():
 
 
 # ------------------------------------------------ torch.compile, module inspection, torch.func
-@pytest.mark.slow  # Dynamo's first compilation: 10-30 s here
-def test_compiled_prediction_of_a_plain_gpytorch_model_with_bma_gp_imported():
+def test_prediction_strategy_hook_under_torch_compile():
     """The prediction-strategy hook read a lazily cached covariance inside Dynamo's trace: every compiled
-    prediction stopped with "Guard failed on the same frame it was created" once bma_gp was imported."""
-    x = torch.rand(40, 2, dtype=torch.float64)
-    y = torch.sin(x.sum(-1))
-    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood().double(),
-               gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()).double())  # fmt: skip
-    model.eval()
+    prediction, plain GPyTorch models' included, stopped with "Guard failed on the same frame it was created" once
+    bma_gp was imported. GPyTorch's ``prediction_strategy`` (what ``ExactGP`` calls on its first prediction) compiled
+    on its own, a plain RBF prior: the strategy GPyTorch would choose, and the traced tensor work unchanged."""
+    from gpytorch.models import exact_prediction_strategies
 
-    def predict(z):
-        with torch.no_grad():
-            out = model.likelihood(model(z))
-            return out.mean, out.variance
+    x = torch.rand(20, 1, dtype=torch.float64)
+    y = torch.sin(x[:, 0])
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
+    prior = MultivariateNormal(torch.zeros(20, dtype=torch.float64), gpytorch.kernels.RBFKernel().double()(x))
 
-    compiled = torch.compile(predict, backend="eager")
-    mean, var = compiled(x[:7])
-    want_mean, want_var = predict(x[:7])
-    torch.testing.assert_close(mean, want_mean, rtol=0, atol=0)
-    torch.testing.assert_close(var, want_var, rtol=0, atol=0)
+    def build(z):
+        return z + 1, exact_prediction_strategies.prediction_strategy((x,), prior, y, likelihood)
+
+    out, strategy = torch.compile(build, backend="eager")(torch.ones(2, dtype=torch.float64))
+    assert type(strategy).__name__ == "DefaultPredictionStrategy"
+    torch.testing.assert_close(out, torch.full((2,), 2.0, dtype=torch.float64))
 
 
 def test_group_kernel_properties_it_lacks_read_as_absent():
