@@ -2547,8 +2547,7 @@ class _ScaledDenseFactorSolves(_DenseFactorSolves, ConstantMulLinearOperator):
         return c
 
     def _working_dense(self) -> Tensor:
-        base = self.base_linear_op
-        dense = base._working_dense() if isinstance(base, _DenseFactorSolves) else base.to_dense()
+        dense = _working_dense_of(self.base_linear_op, self._working_dtype(), self.shape)
         return dense * self._constants().to(dense.dtype)[..., None, None]
 
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
