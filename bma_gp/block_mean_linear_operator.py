@@ -1706,7 +1706,9 @@ class BlockMeanLinearOperator(
         part, dtype = self.partition, self.core_dtype
         if self._validating():
             self._check_finite()
-        lam = self._unchecked_core()[0]  # the folded offsets (the core, formed once for the solve below anyway)
+        # the folded offsets from B's diagonal alone (the core's own, bitwise: B's symmetrised diagonal is B's): no
+        # folded k x k B, and no second core with derivatives, where the core is not cached
+        lam = _folded_diagonal(self.lam.to(dtype), self._b_vector().to(dtype), part.sizes)[0]
         self._check_invertible_offsets(lam)
         y = rhs.to(dtype)
         sizes = self._core_sizes.unsqueeze(-1)
