@@ -57,7 +57,7 @@ from bma_gp._indexing import TorchIndexing, check_floating
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._pickling import PicklesWithoutCache
 from bma_gp._warnings import ClosedFormFallbackWarning
-from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator, _task_lookup, dense_svd
+from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator, _check_factor_size, _task_lookup, dense_svd
 from bma_gp.block_mean_product_linear_operator import BlockMeanProductLinearOperator
 from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator, dense_symeig, warned_diagonalization
 from bma_gp.partition import Partition
@@ -688,6 +688,11 @@ class _WarnsWhenFactorised(TorchIndexing):
             self._no_root("diagonalization")
         return warned_diagonalization(self, super().diagonalization, method)
 
+    def add_diagonal(self, diag):
+        # linear_operator's AddedDiagLinearOperator around this operator solved it silently (by Cholesky, whatever its
+        # symmetry): a fallback sum, which warns and knows a non-symmetric summand
+        return _as_fallback(super().add_diagonal(diag))  # type: ignore[misc]  # a mixin of LinearOperator subclasses
+
     def _sum_batch(self, dim: int) -> LinearOperator:
         """The sum over batch dimension ``dim``, as a :class:`FallbackSumLinearOperator` of the batch entries where
         linear_operator's would drop the warning (its ``SumBatchLinearOperator`` and interpolated operators solve
@@ -729,9 +734,6 @@ class FallbackSumLinearOperator(_WarnsWhenFactorised, SumLinearOperator):
             stacklevel=3,
         )
 
-    def add_diagonal(self, diag):
-        return _as_fallback(super().add_diagonal(diag))  # an AddedDiagLinearOperator around this sum: keep the warning
-
     def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
         # a batch entry or a slice (mvn[..., a:b]) is a sum of the summands' parts: still no closed form, still warns
         return _as_fallback(super()._getitem(row_index, col_index, *batch_indices))
@@ -769,7 +771,28 @@ class FallbackIndexedLinearOperator(_WarnsWhenFactorised, InterpolatedLinearOper
     (``M[idx][:, idx]``, :func:`_indexed_principal`) stay in closed form."""
 
     def _nonsymmetric(self) -> bool:
-        return _known_nonsymmetric(self.base_linear_op)
+        """A part of a non-symmetric operator, or rows and columns that differ (``M[[1, 0]][:, [1, 2]]`` is square
+        but not symmetric: linear_operator's Cholesky read one triangle of it, and its solve was wrong)."""
+        if _known_nonsymmetric(self.base_linear_op):
+            return True
+        rows, cols = self.left_interp_indices, self.right_interp_indices
+        rows_w, cols_w = self.left_interp_values, self.right_interp_values
+        if rows.shape[-2:] != cols.shape[-2:]:
+            return True
+        return not (bool((rows == cols).all()) and bool((rows_w == cols_w).all()))
+
+    def _why_nonsymmetric(self) -> str:
+        if _known_nonsymmetric(self.base_linear_op):
+            return f"rows and columns of a {type(self.base_linear_op).__name__} that is not symmetric"
+        return "its rows and columns are different points, so the submatrix is in general not symmetric"
+
+    def matmul(self, other):
+        # linear_operator's interpolated product takes tensors only ("Can only unsqueeze batch dimensions of ..."
+        # for an operator): a product operator, which multiplies exactly and warns when it is solved
+        if isinstance(other, LinearOperator):
+            _check_factor_size(self, other, "M[rows, cols] @ other")
+            return FallbackMatmulLinearOperator(self, other)
+        return super().matmul(other)
 
     def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
         # M[idx][:, idx] (rows, then the same columns): a principal submatrix, in the family again
@@ -911,8 +934,14 @@ class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperat
     def __radd__(self, other):
         return self.__add__(other)
 
-    def add_diagonal(self, diag):
-        return _as_fallback(super().add_diagonal(diag))
+    def _mul_constant(self, other):
+        # c (c' S) = (c c') S: the sum's own multiple (a sum again where c c' >= 0), not linear_operator's constant
+        # multiple around this one, whose solves and eigenvalues took the generic path silently ((-S) * 0.9 had
+        # eigenvalues [0, 0] for [-1.14, -0.69])
+        return self.base_linear_op._mul_constant(self._constant * other)
+
+    def _transpose_nonbatch(self):
+        return self  # c S with S symmetric (ConstantMulLinearOperator's transpose forgot the class)
 
     def _warn(self, what: str) -> None:
         warnings.warn(
@@ -957,8 +986,41 @@ class FallbackMatmulLinearOperator(_WarnsWhenFactorised, MatmulLinearOperator):
     def __radd__(self, other):
         return self.__add__(other)
 
-    def add_diagonal(self, diag):
-        return _as_fallback(super().add_diagonal(diag))
+    def _mul_constant(self, other):
+        return FallbackMultipleLinearOperator(self, other)
+
+
+class FallbackMultipleLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperator):
+    """``c A`` for an operator ``A`` without closed forms that says so (a :class:`FallbackMatmulLinearOperator`, a
+    :class:`FallbackMaskedLinearOperator`): linear_operator's constant multiple, which kept neither the warning nor
+    the knowledge that ``A`` is not symmetric (``(S @ N) * 2`` was solved by a Cholesky factor of one triangle, 75%
+    off, without a word). Its solves, log-determinants and roots are ``A``'s generic ones, with ``A``'s warning; a
+    non-symmetric ``A`` is factorised with LU, as ``A`` itself is."""
+
+    def _nonsymmetric(self) -> bool:
+        return _known_nonsymmetric(self.base_linear_op)
+
+    def _why_nonsymmetric(self) -> str:
+        return self.base_linear_op._why_nonsymmetric()
+
+    def _warn(self, what: str) -> None:
+        self.base_linear_op._warn(what)
+
+    def _warn_cholesky(self) -> None:
+        self.base_linear_op._warn_cholesky()
+
+    def _mul_constant(self, other):
+        return FallbackMultipleLinearOperator(self.base_linear_op, self._constant * other)
+
+    def _transpose_nonbatch(self):
+        return FallbackMultipleLinearOperator(self.base_linear_op._transpose_nonbatch(), self._constant)
+
+    def __add__(self, other):
+        res = fallback_sum(self, other)
+        return res if res is not None else super().__add__(other)
+
+    def __radd__(self, other):
+        return self.__add__(other)
 
 
 def _indexed_principal(op: FallbackIndexedLinearOperator) -> LinearOperator | None:
@@ -1101,6 +1163,9 @@ class FallbackMaskedLinearOperator(_WarnsWhenFactorised, MaskedLinearOperator):
             ClosedFormFallbackWarning,
             stacklevel=3,
         )
+
+    def _mul_constant(self, other):
+        return FallbackMultipleLinearOperator(self, other)
 
 
 def _hooked_masked_new(original):

@@ -1216,7 +1216,11 @@ class BlockMeanLinearOperator(
         if self._same_partition(other):
             if self._b_diag is not None and other._b_diag is not None:  # both diagonal: vectors only
                 return self._new_diagonal(self.lam + other.lam, self._b_diag + other._b_diag)
-            return self._new(self.lam + other.lam, self.B + other.B, symmetric=self.symmetric and other.symmetric)
+            if self.symmetric == other.symmetric:
+                B = self.B + other.B
+            else:  # the symmetric one's B as every path of it reads B: symmetrised (its gradient stays symmetric)
+                B = self._b_sym() + other._b_sym()
+            return self._new(self.lam + other.lam, B, symmetric=self.symmetric and other.symmetric)
         if isinstance(other, ConstantDiagLinearOperator) and other.shape[-1] == self.shape[-1]:
             # in torch's promoted dtype, as c + M and a dense sum give (add_diagonal keeps the operator's dtype: a
             # float64 jitter of 1e-9 on a float32 operator was dropped in M + c and kept in c + M)

@@ -1,0 +1,160 @@
+"""Regression tests for what the session-27 user trials found (operator and model fuzzers).
+
+Each test failed on the code before its fix."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from linear_operator.operators import DiagLinearOperator
+
+from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, ClosedFormFallbackWarning, Partition
+
+DT = torch.float64
+
+
+def _pd_operator() -> BlockMeanLinearOperator:
+    return BlockMeanLinearOperator(
+        torch.tensor([1.0, 1.0], dtype=DT),
+        torch.tensor([[0.5, 2.0], [2.0, 3.0]], dtype=DT),
+        Partition.from_labels(torch.tensor([0, 0, 1])),
+    )
+
+
+def _lu_reference(op, rhs):
+    dense = op.to_dense()
+    return torch.linalg.solve(dense, rhs), torch.logdet(dense)
+
+
+@pytest.mark.parametrize("add_diagonal", [False, True])
+def test_square_submatrix_with_other_columns_is_solved_as_not_symmetric(add_diagonal):
+    # rows (1, 0), columns (1, 2): [[1.5, 2], [0.5, 2]], square but not symmetric; linear_operator's Cholesky read
+    # one triangle of it (solve [0.909, -0.727] for [2, -1]); after add_diagonal its AddedDiagLinearOperator did the
+    # same without any warning
+    A = _pd_operator()[torch.tensor([1, 0]), :][:, torch.tensor([1, 2])]
+    if add_diagonal:
+        A = A.add_diagonal(torch.tensor(1.0, dtype=DT))
+    x = torch.tensor([1.0, -1.0], dtype=DT)
+    expected, logdet = _lu_reference(A, x)
+    with pytest.warns(ClosedFormFallbackWarning, match="not symmetric"):
+        solved = A.solve(x)
+    with pytest.warns(ClosedFormFallbackWarning, match="not symmetric"):
+        inv_quad, got_logdet = A.inv_quad_logdet(x, logdet=True)
+    torch.testing.assert_close(solved, expected)
+    torch.testing.assert_close(inv_quad, x @ expected)
+    torch.testing.assert_close(got_logdet, logdet)
+
+
+def test_the_same_points_on_both_sides_stay_symmetric():
+    # a repeated point on both sides is no principal submatrix, but it is symmetric: the generic (Cholesky) path
+    M = _pd_operator()
+    idx = torch.tensor([2, 0, 0])
+    A = M[idx][:, idx].add_diagonal(torch.tensor(0.5, dtype=DT))
+    x = torch.tensor([1.0, -1.0, 0.5], dtype=DT)
+    with pytest.warns(ClosedFormFallbackWarning) as record:
+        solved = A.solve(x)
+    assert not any("not symmetric" in str(w.message) for w in record)
+    torch.testing.assert_close(solved, torch.linalg.solve(A.to_dense(), x))
+
+
+def _sum_and_product():
+    p = Partition.from_labels(torch.tensor([0, 0, 0]))
+    S = BlockMeanSumLinearOperator(
+        torch.tensor([0.9, 0.4, 0.6], dtype=DT), torch.tensor([0.9], dtype=DT), partitions=[p], diagonal=[True]
+    )
+    N = BlockMeanLinearOperator(torch.tensor([0.5], dtype=DT), torch.tensor([1.0], dtype=DT), p, diagonal=True)
+    D = DiagLinearOperator(torch.tensor([0.7, 1.1, 0.6], dtype=DT))
+    return S, N, D
+
+
+@pytest.mark.parametrize("build", ["(S@N)*2", "(S@N)*2+D", "(D+S@N)*2", "2*(S@N).mT", "((S@N)*2)*-3"])
+def test_multiples_of_a_non_symmetric_product_keep_the_lu_solve(build):
+    # (S @ N) * 2 became linear_operator's ConstantMulLinearOperator, solved by Cholesky without a word (75% off)
+    S, N, D = _sum_and_product()
+    A = {
+        "(S@N)*2": lambda: (S @ N) * 2.0,
+        "(S@N)*2+D": lambda: (S @ N) * 2.0 + D,
+        "(D+S@N)*2": lambda: (D + S @ N) * 2.0,
+        "2*(S@N).mT": lambda: (S @ N).mT * 2.0,
+        "((S@N)*2)*-3": lambda: ((S @ N) * 2.0) * -3.0,
+    }[build]()
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=DT)
+    expected, logdet = _lu_reference(A, x)
+    with pytest.warns(ClosedFormFallbackWarning, match="not symmetric"):
+        solved = A.solve(x)
+    with pytest.warns(ClosedFormFallbackWarning, match="not symmetric"):
+        got_logdet = A.logdet()
+    torch.testing.assert_close(solved, expected)
+    torch.testing.assert_close(got_logdet, logdet, equal_nan=True)
+    with pytest.raises(ValueError, match="not symmetric"):
+        A.root_decomposition()
+
+
+def _weighted_sum():
+    return BlockMeanSumLinearOperator(
+        torch.tensor([0.4, 0.7], dtype=DT),
+        torch.tensor([[0.1]], dtype=DT),
+        partitions=[Partition.from_labels(torch.tensor([0, 0]))],
+        root=torch.tensor([[0.7], [-0.5]], dtype=DT),
+    )
+
+
+@pytest.mark.parametrize("factor", [0.9, -1.0, torch.tensor(0.5, dtype=DT)])
+def test_a_multiple_of_a_negative_multiple_is_one_multiple_of_the_sum(factor):
+    # (-S) * 0.9 was linear_operator's ConstantMulLinearOperator around the negative multiple: its eigvalsh clamped
+    # the spectrum to [0, 0] (dense [-1.14, -0.69]) without a warning
+    S = _weighted_sum()
+    A = (-S) * factor
+    dense = -S.to_dense() * factor
+    torch.testing.assert_close(A.to_dense(), dense)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ClosedFormFallbackWarning)
+        torch.testing.assert_close(A.eigvalsh(), torch.linalg.eigvalsh(dense))
+    x = torch.tensor([1.0, -2.0], dtype=DT)
+    torch.testing.assert_close(A.solve(x), torch.linalg.solve(dense, x))
+    if float(factor) > 0:  # c (-S) with c > 0 is negative definite: roots refuse, as for -S itself
+        with pytest.raises(ValueError, match="negative"):
+            A.root_decomposition()
+    else:  # (-S) * -1 is S: a sum again, with its closed forms
+        assert isinstance(A, BlockMeanSumLinearOperator)
+
+
+def test_the_transpose_of_a_negative_multiple_keeps_its_solves():
+    S = _weighted_sum()
+    A = (-S).mT
+    x = torch.tensor([1.0, -2.0], dtype=DT)
+    torch.testing.assert_close(A.solve(x), torch.linalg.solve(-S.to_dense(), x))
+    with pytest.raises(ValueError, match="negative"):
+        A.root_decomposition()
+
+
+def test_adding_a_non_symmetric_operator_keeps_the_symmetric_gradient():
+    # the docs promise symmetric gradients for symmetric=True; M + N (N symmetric=False) used M's raw B
+    p = Partition.from_labels(torch.tensor([0, 1, 1]))
+    B = torch.tensor([[1.0, 0.2], [0.2, 1.0]], dtype=DT, requires_grad=True)
+    M = BlockMeanLinearOperator(torch.ones(2, dtype=DT), B, p)
+    N = BlockMeanLinearOperator(
+        torch.ones(2, dtype=DT), torch.tensor([[0.0, 0.5], [0.0, 0.0]], dtype=DT), p, symmetric=False
+    )
+    W = torch.tensor([[1.0, 2.0, 3.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=DT)
+    (alone,) = torch.autograd.grad((M.to_dense() * W).sum(), B)
+    for total in (M + N, N + M):
+        (grad,) = torch.autograd.grad((total.to_dense() * W).sum(), B)
+        torch.testing.assert_close(grad, alone)
+        torch.testing.assert_close(grad, grad.mT)
+    torch.testing.assert_close((M + N).to_dense(), M.to_dense() + N.to_dense())
+
+
+def test_rows_of_an_operator_times_another_operator():
+    # M[rows, :] @ N raised "Can only unsqueeze batch dimensions of BlockMeanLinearOperator"
+    M = BlockMeanLinearOperator(torch.ones(2, dtype=DT), torch.eye(2, dtype=DT), Partition.from_labels([0, 0, 1]))
+    N = BlockMeanLinearOperator(torch.ones(2, dtype=DT), torch.eye(2, dtype=DT), Partition.from_labels([0, 1, 1]))
+    for rows in (torch.tensor([0, 2]), torch.tensor([0, 2, 1])):
+        R = M[rows, :]
+        torch.testing.assert_close((R @ N).to_dense(), R.to_dense() @ N.to_dense())
+    with pytest.raises(ValueError, match="columns"):
+        M[torch.tensor([0, 2]), :] @ BlockMeanLinearOperator(
+            torch.ones(1, dtype=DT), torch.eye(1, dtype=DT), Partition.from_labels([0, 0])
+        )
