@@ -158,3 +158,66 @@ def test_rows_of_an_operator_times_another_operator():
         M[torch.tensor([0, 2]), :] @ BlockMeanLinearOperator(
             torch.ones(1, dtype=DT), torch.eye(1, dtype=DT), Partition.from_labels([0, 0])
         )
+
+
+# ---------------------------------------------------------------------------------------------------- the optimizer
+
+
+def _functional_setup(shapes, dtype=torch.float64):
+    from bma_gp.optim.param_blocks import ParamBlocks
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    blocks = ParamBlocks.build(params, "tensor")
+    k = blocks.num_blocks
+    h = torch.zeros(blocks.bounds[-1], dtype=dtype)
+    stats = {"U": torch.zeros(k, k, dtype=dtype), "w": torch.zeros(k, dtype=dtype), "step": 0}
+    return params, blocks, h, stats
+
+
+def _functional_step(params, grads, h, stats, blocks, fused=False, update_interval=2):
+    from bma_gp.optim.functional import block_mean_adagrad
+
+    m = len(params)
+    block_mean_adagrad(
+        params, grads, h, stats, blocks, None, lr=[0.1] * m, weight_decay=[0.0] * m, maximize=[False] * m,
+        eps=1e-10, damping=0.1, update_interval=update_interval, mask=True, check_finite=True, fused=fused,
+    )  # fmt: skip
+
+
+def test_functional_step_without_any_gradient_is_not_counted():
+    # the class returns at once when no parameter has a gradient; the functional form counted the step, which moved
+    # the root's refresh schedule (update_interval=2: parameters 0.21 apart after four steps)
+    from bma_gp.optim import BlockMeanAdagrad
+
+    shapes = [(3,), (2, 2)]
+    params, blocks, h, stats = _functional_setup(shapes)
+    ours = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = BlockMeanAdagrad(ours, lr=0.1, damping=0.1, eps=1e-10, update_interval=2)
+    gen = torch.Generator().manual_seed(1)
+    sequence = [[torch.randn(s, generator=gen, dtype=DT) for s in shapes] for _ in range(4)]
+    sequence[1] = [None, None]
+    for grads in sequence:
+        before = (h.clone(), stats["U"].clone(), stats["step"], [p.clone() for p in params])
+        _functional_step(params, grads, h, stats, blocks)
+        for p, g in zip(ours, grads):
+            p.grad = g
+        opt.step()
+        if grads[0] is None:
+            assert stats["step"] == before[2]
+            assert torch.equal(h, before[0]) and torch.equal(stats["U"], before[1])
+            assert all(torch.equal(p, q) for p, q in zip(params, before[3]))
+    assert stats["step"] == opt.global_state["step"] == 3
+    for p, q in zip(params, ours):
+        torch.testing.assert_close(p, q.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_fused_functional_step_with_only_empty_gradients():
+    # fused=True with no gradient entries (a zero-width layer alone) raised torch.cat's "expected a non-empty list"
+    # after pages of compiler logs; it now counts the step as the eager path does and moves nothing
+    params, blocks, h, stats = _functional_setup([(3,), (0,), (4,)], torch.float32)
+    before = [p.clone() for p in params]
+    _functional_step(params, [None, torch.zeros(0), None], h, stats, blocks, fused=True, update_interval=1)
+    assert stats["step"] == 1
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    assert not h.any()
