@@ -91,7 +91,25 @@ def _involves_block_mean(kernel) -> bool:
 def _is_lazy_block_mean(op) -> bool:
     from gpytorch.lazy import LazyEvaluatedKernelTensor
 
-    return isinstance(op, LazyEvaluatedKernelTensor) and _involves_block_mean(op.kernel)
+    return isinstance(op, LazyEvaluatedKernelTensor) and (
+        _involves_block_mean(op.kernel) or _sums_inducing_points(op.kernel)
+    )
+
+
+def _sums_inducing_points(kernel) -> bool:
+    """Whether ``kernel`` (possibly scaled) is a sum with a ``ChunkedInducingPointKernel`` among its summands
+    (``ChunkedInducingPointKernel + ConstantKernel``): evaluated, it is a low-rank root plus the other summands, a
+    sum in the closed-form family or one that warns (GPyTorch's lazy sum went to CG and Lanczos past
+    ``max_cholesky_size``, silently)."""
+    from gpytorch.kernels import AdditiveKernel, ScaleKernel
+
+    from bma_gp.kernels import ChunkedInducingPointKernel
+
+    while isinstance(kernel, ScaleKernel):
+        kernel = kernel.base_kernel
+    return isinstance(kernel, AdditiveKernel) and any(
+        isinstance(module, ChunkedInducingPointKernel) for module in kernel.modules()
+    )
 
 
 def _is_lazy_kernel(op) -> bool:
@@ -475,7 +493,7 @@ def add_structured(left, right) -> LinearOperator | None:
     parts = _Parts()
     if not (_collect(left, parts) and _collect(right, parts)):
         return None
-    if not parts.terms:
+    if not parts.terms and len(parts.roots) < 2:  # one root plus diagonals: linear_operator's Woodbury operator
         return None
     return _build(parts, left)
 
@@ -1663,6 +1681,11 @@ def _hooked_add(original):
             fallback = fallback_sum(self, other)  # a noise that couples the tasks: no closed form, warns when solved
             if fallback is not None:
                 return fallback
+        if _lazy_roots(self, other):
+            # two low-rank roots, one of them an inducing-point kernel's (the sum of two such kernels): a plain sum,
+            # which the closed forms read as two roots; linear_operator's add_low_rank took a Lanczos inverse root of
+            # the first, silently
+            return SumLinearOperator(self, other)
         involved = _is_ours(other) or _is_lazy_block_mean(self) or _holds_ours(self)
         if involved and isinstance(other, LinearOperator):
             res = add_structured(self, other)
@@ -1694,6 +1717,14 @@ def _hooked_add(original):
 
     __add__._bma_gp_original = original
     return __add__
+
+
+def _lazy_roots(left, right) -> bool:
+    """Whether ``left`` and ``right`` are both ``U U^T`` roots of the same shape, one of them held as its inputs
+    (:class:`~bma_gp._lazy_root.LazyRoot`, an inducing-point kernel's)."""
+    if not (isinstance(left, RootLinearOperator) and isinstance(right, RootLinearOperator)):
+        return False
+    return (isinstance(left.root, LazyRoot) or isinstance(right.root, LazyRoot)) and left.shape == right.shape
 
 
 def _in_matmul_family(op) -> bool:

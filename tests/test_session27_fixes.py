@@ -221,3 +221,79 @@ def test_fused_functional_step_with_only_empty_gradients():
     assert stats["step"] == 1
     assert all(torch.equal(p, q) for p, q in zip(params, before))
     assert not h.any()
+
+
+# ---------------------------------------------------------------------------------------------------- inducing points
+
+
+def _inducing_sum_model(extra: str):
+    import gpytorch
+
+    from bma_gp import ChunkedInducingPointKernel
+
+    gen = torch.Generator().manual_seed(0)
+    n = 60
+    x = torch.rand(n, 1, generator=gen, dtype=DT)
+    y = torch.sin(6 * x[:, 0]) + 0.1 * torch.randn(n, generator=gen, dtype=DT)
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
+    base = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()).double()
+    sgpr = ChunkedInducingPointKernel(base, torch.linspace(0, 1, 6, dtype=DT)[:, None], likelihood)
+    other = {
+        "constant": gpytorch.kernels.ConstantKernel(),
+        "rbf": gpytorch.kernels.RBFKernel(),
+        "inducing": ChunkedInducingPointKernel(
+            gpytorch.kernels.RBFKernel(), torch.linspace(0, 1, 4, dtype=DT)[:, None], likelihood
+        ),
+    }[extra].double()
+    covar = sgpr + other
+
+    class GP(gpytorch.models.ExactGP):
+        def __init__(self):
+            super().__init__(x, y, likelihood)
+            self.covar_module = covar
+
+        def forward(self, z):
+            return gpytorch.distributions.MultivariateNormal(torch.zeros_like(z[:, 0]), self.covar_module(z))
+
+    return GP().double(), likelihood, covar, x, y
+
+
+@pytest.mark.parametrize("extra", ["constant", "inducing"])
+def test_inducing_points_plus_a_family_kernel_train_and_predict_in_closed_form(extra):
+    # ChunkedInducingPointKernel + ConstantKernel went to CG and Lanczos past max_cholesky_size without a word; a low
+    # rank root plus a one-block term (or a second root) is in the closed-form family
+    import gpytorch
+
+    from closed_form_guard import closed_forms_only
+
+    model, likelihood, covar, x, y = _inducing_sum_model(extra)
+    with torch.no_grad():
+        K = covar(x).to_dense() + likelihood.noise * torch.eye(len(y), dtype=DT)
+    expected = torch.distributions.MultivariateNormal(torch.zeros_like(y), K).log_prob(y) / len(y)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model.train())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        with gpytorch.settings.max_cholesky_size(0), closed_forms_only(len(y)):
+            value = mll(model(x), y)
+        trace_terms = sum(term.loss() for term in model.added_loss_terms())  # the SGPR trace terms, as GPyTorch adds
+        torch.testing.assert_close(value, expected + trace_terms / len(y), rtol=1e-7, atol=1e-8)
+        with gpytorch.settings.max_cholesky_size(0), closed_forms_only(len(y)):
+            model.eval()
+            x_new = torch.linspace(-0.1, 1.1, 5, dtype=DT)[:, None]
+            pred = model(x_new)
+            mean, var = pred.mean, pred.variance
+    with torch.no_grad():  # in eval mode (an inducing-point kernel's training covariance differs from it: jitter)
+        K = covar(x).to_dense() + likelihood.noise * torch.eye(len(y), dtype=DT)
+        cross, test = covar(x_new, x).to_dense(), covar(x_new).to_dense()
+        torch.testing.assert_close(mean, cross @ torch.linalg.solve(K, y), rtol=1e-6, atol=1e-7)
+        expected_var = (test - cross @ torch.linalg.solve(K, cross.mT)).diagonal()
+        torch.testing.assert_close(var, expected_var, rtol=1e-6, atol=1e-7)
+
+
+def test_inducing_points_plus_an_exact_kernel_warns():
+    import gpytorch
+
+    model, likelihood, _, x, y = _inducing_sum_model("rbf")
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model.train())
+    with gpytorch.settings.max_cholesky_size(0), pytest.warns(ClosedFormFallbackWarning, match="no closed form"):
+        mll(model(x), y)
