@@ -1,18 +1,26 @@
-r"""The SGPR root of an RBF kernel held as its inputs: one training step of SGPR plus groupings in three ``n m^2``
-passes instead of five, with no ``n x m`` tensor kept.
+r"""The SGPR root of an RBF kernel held as its inputs: one training step of SGPR plus groupings with no ``n x m``
+tensor kept.
 
 A closed-form sum ``M = D + sum_j P_j B_j P_j^T + U U^T`` needs only these products with its root
 (:class:`~bma_gp.BlockMeanSumLinearOperator`): ``U^T D^{-1} U``, ``U^T D^{-1} y`` and the block sums
 ``P_j^T W_j D^{-1} U``. For ``U = K A`` (``K = exp(-|x' - z'|^2 / 2)``, ``A = s L^{-T}``), :class:`_RBFGram` forms
 them one row block at a time: the block of ``K`` (one ``exp`` pass), the block of ``U`` (one GEMM) and its
-products (one more). Its backward pass works on ``K``'s side with one GEMM per block, because every gradient
-can be written with ``A`` moved to the small side:
+products (one more). Its backward pass forms the block of ``U`` again, in the eigenvectors ``Q`` of ``H = sym(dG)``
+(``Y = U Q = K (A Q)``, one GEMM), and takes both of ``U``'s factors' gradients from the same ``dU``
+(``P = S (2 Y diag(lam) + g)``, ``g`` the gathered gradients of the block sums in ``Q``'s coordinates):
 
-* ``dK = S (2 K (A H A^T) + g A^T) + b (A dR)^T`` (``H = sym(dG)``, ``g`` the gathered gradients of the block sums);
-* ``dA = A^{-T} (2 G H + sum_j C_j^T dC_j + R dR^T)``, from the outputs ``G``, ``C_j`` and ``R`` themselves.
+* ``dK = P (A Q)^T + b (A dR)^T`` (one GEMM), ``dA = (K^T P) Q^T + (K^T b) dR^T`` (one GEMM);
+* ``d/ds_a = y_a . (lam o y_a + g_a)`` from ``Y`` itself.
+
+A backward pass on ``K``'s side alone (``dK = S (2 K (A H A^T) + ...)``, ``dA = A^{-T} (2 G H + ...)`` from the
+outputs: one GEMM) cancels terms of size ``|k_a| |A|^2`` down to ``U``'s size, and ``|u_a| << |k_a| |A|`` when
+``K_ZZ`` is ill-conditioned: with two inducing points 0.01 apart (``|L^{-T}|`` 7e7) the noise's gradient lost every
+digit and the SGPR trace term's gradients had the wrong sign. The gradients of the lengthscale and the inducing
+points are the difference of a ``K`` path and a ``K_ZZ`` path, each of size ``|A|``: they cancel only when both come
+from the same rounded ``U``, which is why ``dA`` is summed from ``P`` rather than solved for from the outputs.
 
 Forming ``U`` (one pass, 1 GB at ``n = 10^6``, ``m = 256`` in float32), its products (one pass) and the
-gradients back through both (three passes) did the same work in five.
+gradients back through both (three passes) did the same work and kept ``U``.
 
 The forward pass keeps ``U``'s side on purpose: ``A^T (K^T S K) A`` would be one GEMM fewer, but it multiplies
 the rounding of ``K^T S K`` by ``|A|^2``, and in float32 at ``n = 10^6`` the capacitance lost its positive
@@ -56,11 +64,10 @@ class _RBFGram(torch.autograd.Function):
     The forward pass forms ``U``'s products from ``U``'s blocks, so the Gram matrix is a Gram matrix of the rounded
     ``U`` (positive semidefinite to rounding). Forming ``A^T (K^T S K) A`` instead would multiply the rounding of
     ``K^T S K`` by ``|A|^2`` (``L^{-T}`` reaches 10^3 for ill-conditioned inducing points): in float32 at
-    ``n = 10^6`` the capacitance lost its positive determinant. The backward pass works on ``K``'s side, one GEMM
-    per block: with ``H = sym(dG)``, ``dU = S (2 U H + g) + b dR^T`` gives
-    ``dK = dU A^T = S (2 K (A H A^T) + g A^T) + b (A dR)^T``, and
-    ``dA = K^T dU = A^{-T} (2 G H + sum_j C_j^T dC_j + R dR^T)`` from the outputs themselves
-    (``K^T S U = A^{-T} U^T S U``). Products run in ``x``'s precision, sums over blocks in ``dinv``'s.
+    ``n = 10^6`` the capacitance lost its positive determinant. The backward pass works on ``U``'s side too, as
+    autograd through ``U = K A`` would, with ``U``'s rows in the eigenvectors of ``H = sym(dG)``: ``dU = S (2 U H + g)
+    + b dR^T``, ``dK = dU A^T`` and ``dA = K^T dU`` from the same ``dU`` (:meth:`backward`; three GEMMs per block).
+    Products run in ``x``'s precision, sums over blocks in ``dinv``'s.
     """
 
     @staticmethod
@@ -111,87 +118,140 @@ class _RBFGram(torch.autograd.Function):
     @staticmethod
     @first_order_only("the RBF inducing-point Gram products")
     def backward(ctx, grad_gram, grad_root_t, *grad_cross):
-        # per row a, on K's side (W = A H A^T, g_a = sum_j w_ja (dC_j A^T)[l_ja], T_a = k_a W + g_a):
-        #   d/ds_a = k_a . T_a,   d/db_a = dR^T u_a = (A dR)^T k_a,   d/dk_a = s_a (2 T_a - g_a) + b_a (A dR)^T
+        # On U's side, as autograd through U = K A would: with H = sym(dG) = Q diag(lam) Q^T and the rows of U
+        # rotated, Y = U Q = K (A Q) (one GEMM per block), the gathered gradients of the block sums
+        # g_a = sum_j w_ja (dC_j Q)[l_ja] and P = S (2 Y diag(lam) + g) (dU = P Q^T + b dR^T):
+        #   d/ds_a = y_a . (lam o y_a + g_a),   d/db_a = dR^T u_a = (A dR)^T k_a,
+        #   dK = P (A Q)^T + b (A dR)^T,   dA = (K^T P) Q^T + (K^T b) dR^T.
+        # Forming A H A^T and applying it to K (one GEMM per block, dA = A^{-T} (2 G H + ...) from the outputs) cancels
+        # terms of size |K| |A|^2 down to U's size: |u_a| << |k_a| |A| when K_ZZ is ill-conditioned (close inducing
+        # points), and the noise's gradient u_a H u_a^T lost every digit (the trace term's gradient had the wrong sign,
+        # 25.1 against 6e-6). dK and dA must also come from the same dU: the K path and the K_ZZ path of the gradients
+        # of the lengthscale and the inducing points cancel (each of size |A|), and A^{-T} (U^T dU) differs from
+        # K^T dU by cond(A) times the rounding of U.
         x, inducing, lengthscale, a, dinv, rhs, gram, root_t, *cross = ctx.saved_tensors
         need_x, need_z, need_l, need_a, need_d, need_b = ctx.needs_input_grad[4:10]
         dt, wdt = x.dtype, dinv.dtype
-        n, m, d = x.shape[0], inducing.shape[0], x.shape[-1]
+        n, m, d, r = x.shape[0], inducing.shape[0], x.shape[-1], a.shape[-1]
         rows = ctx.rows
         a_w = a.to(wdt)
         sym = None if grad_gram is None else 0.5 * (grad_gram + grad_gram.mT)
         g_root = None if grad_root_t is None or not rhs.shape[-1] else grad_root_t
+        have_g = any(g is not None for g in grad_cross)
+        use_y = sym is not None or have_g
         grads: list[Tensor | None] = [None] * 10
-        if need_a:  # dA = A^{-T} (2 G H + sum_j C_j^T dC_j + R dR^T), all r x r
-            inner = torch.zeros_like(gram)
-            if sym is not None:
-                inner += 2 * gram @ sym
-            for cj, gj in zip(cross, grad_cross):
-                if gj is not None:
-                    inner += cj.mT @ gj
-            if g_root is not None:
-                inner += root_t @ g_root.mT
-            grads[7] = torch.linalg.solve(a_w.mT, inner).to(a.dtype)
-        w_k = None if sym is None else (a_w @ sym @ a_w.mT).to(dt)  # K's side of H
-        g_cross = [None if g is None else (g @ a_w.mT).to(dt).contiguous() for g in grad_cross]
         b_k = None if g_root is None else (a_w @ g_root).to(dt)  # m x t
-        have_g = any(g is not None for g in g_cross)
         need_inputs = need_x or need_z or need_l
-        grad_d = torch.zeros_like(dinv) if need_d else None
+        grad_d = torch.zeros_like(dinv) if need_d and use_y else None
         grad_b = torch.zeros_like(rhs) if need_b and b_k is not None else None
-        if w_k is None and not have_g and b_k is None or not (need_inputs or need_d or grad_b is not None):
+        if not (use_y or b_k is not None) or not (need_inputs or need_a or grad_d is not None or grad_b is not None):
+            if need_a:
+                grads[7] = torch.zeros_like(a)
+            if need_d:
+                grads[8] = torch.zeros_like(dinv)
             return tuple(grads)
+        vecs = b_y = b_y_t = lam_x = h_x = None
+        g_q: list[Tensor | None] = [None] * len(grad_cross)
+        if use_y:
+            lam = None
+            if sym is not None:
+                try:  # a gradient with NaN or inf (which eigh refuses) keeps H: Y H is one more GEMM per block
+                    lam, vecs = torch.linalg.eigh(sym) if bool(torch.isfinite(sym).all()) else (None, None)
+                except RuntimeError:  # eigh did not converge
+                    lam = vecs = None
+                if lam is None:
+                    h_x = sym.to(dt)
+            if vecs is None:
+                vecs = torch.eye(r, dtype=wdt, device=a.device)
+            if lam is None:
+                lam = a_w.new_zeros(r)
+            a_q = a_w @ vecs
+            b_y, b_y_t, lam_x = a_q.to(dt), a_q.mT.to(dt).contiguous(), lam.to(dt)
+            g_q = [None if g is None else (g.to(wdt) @ vecs).to(dt).contiguous() for g in grad_cross]
         dx = torch.zeros_like(x) if need_x else None
         xs, zs = _scaled(x, inducing, lengthscale)
         xa, za_t = _augment(xs, rows=True), _augment(zs, rows=False).T.contiguous()
         xb = torch.cat([xs, xs.square(), torch.ones_like(xs[:, :1])], dim=-1) if need_inputs else None
         col = x.new_zeros(2 * d + 1, m)
         c_max = min(rows, n)
-        kbuf, tbuf, gbuf = (x.new_empty(c_max, m) for _ in range(3))
+        kbuf, tbuf = x.new_empty(c_max, m), x.new_empty(c_max, m)
+        ybuf, pbuf = (x.new_empty(c_max, r) if use_y else None for _ in range(2))
+        qbuf = x.new_empty(c_max, r) if use_y and have_g else None
+        k_p = a_w.new_zeros(m, r) if need_a and use_y else None  # K^T P, summed in the working precision
+        k_b = a_w.new_zeros(m, rhs.shape[-1]) if need_a and b_k is not None else None  # K^T b
         dinv_x = dinv.to(dt)
         for start in range(0, n, rows):
             c = min(rows, n - start)
             k = _kernel_block(xa[start : start + c], za_t, kbuf[:c])
-            g = None
-            for j, gj in enumerate(g_cross):
-                if gj is None:
-                    continue
-                idx = ctx.labels[j][start : start + c]
-                piece = torch.index_select(gj, 0, idx, out=tbuf[:c] if g is not None else gbuf[:c])
-                wj = ctx.weights[j]
-                if wj is not None:
-                    piece.mul_(wj[start : start + c].unsqueeze(-1).expand(c, m))
-                g = piece if g is None else g.add_(piece)
-            T = g
-            if w_k is not None:  # T = k (W / 2) + g, W / 2 = A H A^T
-                T = torch.mm(k, w_k, out=tbuf[:c]) if g is None else torch.addmm(g, k, w_k, out=tbuf[:c])
-            if grad_d is not None and T is not None:  # row dot products: a batched GEMM, 2x vecdot's speed
-                grad_d[start : start + c] = (T.unsqueeze(-2) @ k.unsqueeze(-1)).reshape(c)
+            p = None
+            if use_y:
+                assert ybuf is not None and pbuf is not None and b_y is not None and lam_x is not None
+                y = torch.mm(k, b_y, out=ybuf[:c])  # U Q
+                lam_c = lam_x.expand(c, r)  # expanded: faster than broadcasting
+                p = torch.mul(y, lam_c, out=pbuf[:c]) if h_x is None else torch.mm(y, h_x, out=pbuf[:c])  # U H
+                for j, gj in enumerate(g_q):
+                    if gj is None:
+                        continue
+                    assert qbuf is not None
+                    idx = ctx.labels[j][start : start + c]
+                    piece = torch.index_select(gj, 0, idx, out=qbuf[:c])
+                    wj = ctx.weights[j]
+                    if wj is not None:
+                        piece.mul_(wj[start : start + c].unsqueeze(-1).expand(c, r))
+                    p.add_(piece)
+                if grad_d is not None:  # y_a . (lam o y_a + g_a): row dot products as a batched GEMM
+                    grad_d[start : start + c] = (y.unsqueeze(-2) @ p.unsqueeze(-1)).reshape(c).to(wdt)
+                if h_x is None:
+                    p.addcmul_(y, lam_c)
+                else:
+                    p.addmm_(y, h_x)
+                p.mul_(dinv_x[start : start + c].unsqueeze(-1).expand(c, r))  # P
             if grad_b is not None:
                 assert b_k is not None
                 grad_b[start : start + c] = k @ b_k
+            rhs_c = None if b_k is None else rhs[start : start + c].to(dt)
+            if k_p is not None:
+                assert p is not None
+                if dt == wdt:
+                    k_p.addmm_(k.T, p)
+                else:
+                    k_p.add_((k.T @ p).to(wdt))
+            if k_b is not None:
+                assert rhs_c is not None
+                if dt == wdt:
+                    k_b.addmm_(k.T, rhs_c)
+                else:
+                    k_b.add_((k.T @ rhs_c).to(wdt))
             if not need_inputs:
                 continue
-            s = dinv_x[start : start + c].unsqueeze(-1).expand(c, m)
-            if T is None:  # only U^T b was used
-                dk = gbuf[:c].zero_()
-            elif w_k is None:  # T = g
-                dk = T.mul_(s)
+            if p is not None:
+                assert b_y_t is not None
+                dk = torch.mm(p, b_y_t, out=tbuf[:c])
             else:
-                if g is not None:
-                    T.sub_(g, alpha=0.5)
-                dk = T.mul_(s).mul_(2.0)
+                dk = tbuf[:c].zero_()
             if b_k is not None:
-                dk.addmm_(rhs[start : start + c].to(dt), b_k.T)
+                assert rhs_c is not None
+                dk.addmm_(rhs_c, b_k.T)
             e = dk.mul_(k)  # E = dK o K
             assert xb is not None
             col.addmm_(xb[start : start + c].T, e)
             if dx is not None:  # dx' = E z' - x' rowsum(E)
                 dx[start : start + c] = (e @ zs).sub_(xs[start : start + c] * e.sum(-1, keepdim=True)) / lengthscale
+        if need_a:
+            grad_a = torch.zeros_like(a_w)
+            if k_p is not None:
+                assert vecs is not None
+                grad_a += k_p @ vecs.mT
+            if k_b is not None:
+                assert g_root is not None
+                grad_a += k_b @ g_root.to(wdt).mT
+            grads[7] = grad_a.to(a.dtype)
         grads[4] = dx
         if need_inputs:
             grads[5], grads[6] = input_grads(col, zs, lengthscale, need_z, need_l)
-        grads[8], grads[9] = grad_d, grad_b
+        if need_d:
+            grads[8] = grad_d if grad_d is not None else torch.zeros_like(dinv)
+        grads[9] = grad_b
         return tuple(grads)
 
 
@@ -354,5 +414,10 @@ class TraceTerm(InducingPointKernelAddedLossTerm):
         noise = self.likelihood._shaped_noise_covar(shape, *params).diagonal(dim1=-1, dim2=-2)
         if noise.shape != shape:
             return super().loss(*params)
-        prior = (prior_covar.diagonal(dim1=-1, dim2=-2) / noise).sum(-1)
-        return -0.5 * (prior - factor.weighted_trace(noise).to(prior.dtype))
+        trace = factor.weighted_trace(noise)
+        # the difference of two sums of size n k / sigma^2 in the working precision, in which the trace was summed: a
+        # float32 model rounded both to float32 first (2.4e-4 at 2600, against a difference of 8e-4)
+        wdt = trace.dtype
+        diag = prior_covar.diagonal(dim1=-1, dim2=-2)
+        prior = (diag.to(wdt) / noise.to(wdt)).sum(-1)
+        return (-0.5 * (prior - trace)).to(torch.promote_types(diag.dtype, noise.dtype))
