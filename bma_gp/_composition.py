@@ -29,6 +29,7 @@ from linear_operator.operators import (
     AddedDiagLinearOperator,
     BlockDiagLinearOperator,
     BlockInterleavedLinearOperator,
+    BlockLinearOperator,
     ConstantMulLinearOperator,
     DenseLinearOperator,
     DiagLinearOperator,
@@ -42,6 +43,7 @@ from linear_operator.operators import (
     MatmulLinearOperator,
     PsdSumLinearOperator,
     RootLinearOperator,
+    SumBatchLinearOperator,
     SumKroneckerLinearOperator,
     SumLinearOperator,
     ZeroLinearOperator,
@@ -57,7 +59,13 @@ from bma_gp._indexing import TorchIndexing, check_floating
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._pickling import PicklesWithoutCache
 from bma_gp._warnings import ClosedFormFallbackWarning
-from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator, _check_factor_size, _task_lookup, dense_svd
+from bma_gp.block_mean_linear_operator import (
+    BlockMeanLinearOperator,
+    _check_factor_size,
+    _task_lookup,
+    check_rhs_dtype,
+    dense_svd,
+)
 from bma_gp.block_mean_product_linear_operator import BlockMeanProductLinearOperator
 from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator, dense_symeig, warned_diagonalization
 from bma_gp.partition import Partition
@@ -546,7 +554,41 @@ def _known_nonsymmetric(op) -> bool:
         return not op.symmetric
     if isinstance(op, _WarnsWhenFactorised):
         return op._nonsymmetric()
+    if isinstance(op, (BlockLinearOperator, SumBatchLinearOperator, ConstantMulLinearOperator)):
+        # linear_operator's block-diagonal and interleaved layouts, batch sums and constant multiples of such an
+        # operator are not symmetric either
+        return _known_nonsymmetric(op.base_linear_op)
+    if isinstance(op, InterpolatedLinearOperator):
+        return _different_sides(op) or _known_nonsymmetric(op.base_linear_op)
+    if isinstance(op, SumLinearOperator):  # (rows and columns of a sum regroup its parts into nested plain sums)
+        return any(_known_nonsymmetric(term) for term in op.linear_ops)
+    if isinstance(op, AddedDiagLinearOperator):
+        return _known_nonsymmetric(op._linear_op)
     return False
+
+
+def _different_sides(op: InterpolatedLinearOperator) -> bool:
+    """Whether an interpolated operator takes other rows than columns (``M[[1, 0]][:, [1, 2]]``): a square submatrix
+    of a symmetric matrix that is in general not symmetric."""
+    rows, cols = op.left_interp_indices, op.right_interp_indices
+    if rows.shape[-2:] != cols.shape[-2:]:
+        return True
+    return not (bool((rows == cols).all()) and bool((op.left_interp_values == op.right_interp_values).all()))
+
+
+def _hooked_svd(original):
+    """``LinearOperator._svd``: of an operator known not to be symmetric (a layout or batch sum of products over two
+    partitions, :func:`_known_nonsymmetric`), the dense SVD with a warning; linear_operator's takes the absolute
+    eigenvalues of a symmetric eigendecomposition, which reads one triangle (singular values 2-4% off, silently)."""
+
+    @functools.wraps(original)
+    def _svd(self):
+        if _known_nonsymmetric(self):
+            return dense_svd(self, "that is not symmetric", "it holds an operator that is not symmetric")
+        return original(self)
+
+    _svd._bma_gp_original = original
+    return _svd
 
 
 # set while a warned generic path of a _WarnsWhenFactorised runs: the Cholesky factor that path takes (of the operator
@@ -623,6 +665,9 @@ class _WarnsWhenFactorised(TorchIndexing):
 
     def solve(self, right_tensor, left_tensor=None):
         if self._nonsymmetric():
+            check_rhs_dtype(right_tensor, "right_tensor", self.dtype)
+            if left_tensor is not None:
+                check_rhs_dtype(left_tensor, "left_tensor", self.dtype)
             self._warn_dense_lu("solve")
             vector = right_tensor.dim() == 1  # as a column: a batched S^{-1} v is a batch of columns
             res = torch.linalg.solve(self.to_dense(), right_tensor.unsqueeze(-1) if vector else right_tensor)
@@ -642,6 +687,8 @@ class _WarnsWhenFactorised(TorchIndexing):
 
     def inv_quad_logdet(self, inv_quad_rhs=None, logdet=False, reduce_inv_quad=True):
         if self._nonsymmetric():
+            if inv_quad_rhs is not None:
+                check_rhs_dtype(inv_quad_rhs, "inv_quad_rhs", self.dtype)
             self._warn_dense_lu("inv_quad_logdet")
             dense = self.to_dense()
             inv_quad = torch.zeros((), dtype=self.dtype, device=self.device)
@@ -655,6 +702,7 @@ class _WarnsWhenFactorised(TorchIndexing):
     def inv_quad(self, inv_quad_rhs, reduce_inv_quad=True):
         # linear_operator's inv_quad solves with a Cholesky factor (or CG) of its own, past inv_quad_logdet
         if self._nonsymmetric():
+            check_rhs_dtype(inv_quad_rhs, "inv_quad_rhs", self.dtype)
             self._warn_dense_lu("inv_quad")
             return self._lu_inv_quad(self.to_dense(), inv_quad_rhs, reduce_inv_quad)
         self._say("inv_quad")
@@ -710,6 +758,17 @@ class _WarnsWhenFactorised(TorchIndexing):
         # linear_operator's AddedDiagLinearOperator around this operator solved it silently (by Cholesky, whatever its
         # symmetry): a fallback sum, which warns and knows a non-symmetric summand
         return _as_fallback(super().add_diagonal(diag))  # type: ignore[misc]  # a mixin of LinearOperator subclasses
+
+    def __add__(self, other):
+        # A + D, A + dense, A + tensor (and D + A, which linear_operator builds as AddedDiagLinearOperator(A, D) and
+        # _routed_construction turns into A + D): a fallback sum, not linear_operator's plain sum, which solved by
+        # Cholesky (of one triangle of a non-symmetric A) or CG without a word
+        if adds_exactly(other) and not adds_exactly(self):
+            return other.__add__(self)
+        return _as_fallback(super().__add__(other))  # type: ignore[misc]  # a mixin of LinearOperator subclasses
+
+    def __radd__(self, other):
+        return self.__add__(other)
 
     def _sum_batch(self, dim: int) -> LinearOperator:
         """The sum over batch dimension ``dim``, as a :class:`FallbackSumLinearOperator` of the batch entries where
@@ -776,9 +835,50 @@ def _dense_elementwise(left: LinearOperator, right) -> LinearOperator:
 
     warn_elementwise(left, right)
     res = to_dense(left) * to_dense(right)
-    if res.shape[-1] == res.shape[-2] and not _known_nonsymmetric(left) and not _known_nonsymmetric(right):
-        return FallbackSumLinearOperator(DenseLinearOperator(res))
-    return DenseLinearOperator(res)
+    if res.shape[-1] != res.shape[-2]:
+        return DenseLinearOperator(res)
+    if _known_nonsymmetric(left) or _known_nonsymmetric(right):
+        return FallbackDenseLinearOperator(res)  # a plain dense operator was solved by Cholesky (4-31% off, silently)
+    return FallbackSumLinearOperator(DenseLinearOperator(res))
+
+
+class FallbackDenseLinearOperator(_WarnsWhenFactorised, DenseLinearOperator):
+    """A dense square matrix formed from an operator known not to be symmetric (the elementwise product of a product
+    over two partitions, or of a block mean operator built with ``symmetric=False``, with another matrix): products
+    exact and silent; ``solve``, ``logdet`` and ``inv_quad_logdet`` factorise it with LU and say so with a
+    :class:`ClosedFormFallbackWarning` (linear_operator's dense operator took a Cholesky factor of one triangle);
+    roots raise a ``ValueError``."""
+
+    def _nonsymmetric(self) -> bool:
+        return True
+
+    def _why_nonsymmetric(self) -> str:
+        return "it is formed from a matrix that is not symmetric"
+
+    def _warn(self, what: str) -> None:  # only reached by the symmetric paths, which _nonsymmetric rules out
+        warnings.warn(f"{what} of a {type(self).__name__}.", ClosedFormFallbackWarning, stacklevel=3)
+
+    def _warn_cholesky(self) -> None:
+        pass  # only a matrix that is symmetric after all gets here
+
+    def _transpose_nonbatch(self):
+        return FallbackDenseLinearOperator(self.tensor.mT)
+
+    def _mul_constant(self, other):
+        return FallbackMultipleLinearOperator(self, other)
+
+    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+        res = super()._getitem(row_index, col_index, *batch_indices)
+        if type(res) is DenseLinearOperator and res.shape[-1] == res.shape[-2]:
+            return FallbackDenseLinearOperator(res.tensor)
+        return res
+
+    def __add__(self, other):
+        res = fallback_sum(self, other)
+        return res if res is not None else super().__add__(other)
+
+    def __radd__(self, other):
+        return self.__add__(other)
 
 
 class FallbackIndexedLinearOperator(_WarnsWhenFactorised, InterpolatedLinearOperator):
@@ -791,13 +891,7 @@ class FallbackIndexedLinearOperator(_WarnsWhenFactorised, InterpolatedLinearOper
     def _nonsymmetric(self) -> bool:
         """A part of a non-symmetric operator, or rows and columns that differ (``M[[1, 0]][:, [1, 2]]`` is square
         but not symmetric: linear_operator's Cholesky read one triangle of it, and its solve was wrong)."""
-        if _known_nonsymmetric(self.base_linear_op):
-            return True
-        rows, cols = self.left_interp_indices, self.right_interp_indices
-        rows_w, cols_w = self.left_interp_values, self.right_interp_values
-        if rows.shape[-2:] != cols.shape[-2:]:
-            return True
-        return not (bool((rows == cols).all()) and bool((rows_w == cols_w).all()))
+        return _known_nonsymmetric(self.base_linear_op) or _different_sides(self)
 
     def _why_nonsymmetric(self) -> str:
         if _known_nonsymmetric(self.base_linear_op):
@@ -958,8 +1052,18 @@ class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperat
         # eigenvalues [0, 0] for [-1.14, -0.69])
         return self.base_linear_op._mul_constant(self._constant * other)
 
+    def _nonsymmetric(self) -> bool:
+        return _known_nonsymmetric(self.base_linear_op)  # rows and columns of c S that differ, say
+
+    def _why_nonsymmetric(self) -> str:
+        return f"a multiple of a {type(self.base_linear_op).__name__} that is not symmetric"
+
     def _transpose_nonbatch(self):
-        return self  # c S with S symmetric (ConstantMulLinearOperator's transpose forgot the class)
+        # c S with S symmetric is itself (ConstantMulLinearOperator's transpose forgot the class); a multiple of rows
+        # and columns of S that differ ((-S)[r][:, c]) transposes its base
+        if not _known_nonsymmetric(self.base_linear_op):
+            return self
+        return FallbackScaledLinearOperator(self.base_linear_op._transpose_nonbatch(), self._constant)
 
     def _warn(self, what: str) -> None:
         warnings.warn(
@@ -1090,10 +1194,13 @@ def masked_principal(base, row_mask, col_mask) -> LinearOperator | None:
     log-determinants took a dense Cholesky up to ``max_cholesky_size`` and CG and Lanczos beyond, without a word."""
     if _is_lazy_block_mean(base):
         base = base.evaluate_kernel()
+    if _known_nonsymmetric(base):
+        # a product over two partitions, a block mean operator built with symmetric=False or a fallback made of one:
+        # its masked submatrix is not symmetric, and linear_operator's masked operator solved it by a Cholesky factor
+        # of one triangle (12.6% off, silently); the fallback factorises it with LU and says so
+        return FallbackMaskedLinearOperator(base, row_mask, col_mask)
     tasks = _tasks_of_ours(base)
     if not (tasks or isinstance(base, (BlockMeanLinearOperator, BlockMeanSumLinearOperator))):
-        return None
-    if not getattr(base, "symmetric", True):  # a non-symmetric block mean operator: its masked solve is a dense LU
         return None
     masks = (row_mask, col_mask)
     if not all(torch.is_tensor(m) and m.dtype == torch.bool and m.shape == base.shape[-1:] for m in masks):
@@ -1173,6 +1280,14 @@ class FallbackMaskedLinearOperator(_WarnsWhenFactorised, MaskedLinearOperator):
     over a layout of the tasks with no closed form for its principal submatrix (a batch of sums per task): its solves,
     log-determinants and roots take the generic path and say so with a :class:`ClosedFormFallbackWarning`."""
 
+    def _nonsymmetric(self) -> bool:
+        return _known_nonsymmetric(self.base) or not torch.equal(self.row_mask, self.col_mask)
+
+    def _why_nonsymmetric(self) -> str:
+        if _known_nonsymmetric(self.base):
+            return f"rows and columns of a {type(self.base).__name__} that is not symmetric"
+        return "its row and column masks differ"
+
     def _warn(self, what: str) -> None:
         warnings.warn(
             f"{what} of the observed rows and columns (missing targets, observation_nan_policy('mask')) of a "
@@ -1196,6 +1311,29 @@ def _hooked_masked_new(original):
             res = masked_principal(*args)
             if res is not None:
                 return res
+        return original(cls) if original is object.__new__ else original(cls, *args, **kwargs)
+
+    __new__._bma_gp_original = original
+    return __new__
+
+
+def _hooked_interpolated_new(original):
+    """``InterpolatedLinearOperator.__new__``: rows and columns of a block mean operator, sum, product or fallback
+    built directly (``InterpolatedLinearOperator(M, idx, ones, idx, ones)``, or by another linear_operator wrapper) as
+    the principal submatrix in the family where they are one (:func:`_indexed_principal`), else a
+    :class:`FallbackIndexedLinearOperator`, which warns when it is solved and factorises a non-symmetric submatrix
+    with LU. linear_operator's interpolated operator solved such a submatrix by Cholesky without a word (5% off for
+    a product over two partitions)."""
+
+    @functools.wraps(original)
+    def __new__(cls, *args, **kwargs):
+        if cls is InterpolatedLinearOperator and args and not kwargs:
+            base = args[0]
+            if _is_ours(base) or isinstance(base, _WarnsWhenFactorised):
+                res = object.__new__(FallbackIndexedLinearOperator)
+                res.__init__(*args)  # (Python runs __init__ once more on it: it is an InterpolatedLinearOperator)
+                principal = _indexed_principal(res)
+                return res if principal is None else principal
         return original(cls) if original is object.__new__ else original(cls, *args, **kwargs)
 
     __new__._bma_gp_original = original
@@ -1672,8 +1810,10 @@ def _hooked_add(original):
             isinstance(self, FallbackSumLinearOperator) or isinstance(other, FallbackSumLinearOperator)
         ):  # a fallback sum plus anything (noise, say) is still one: it keeps its warning
             return _as_fallback(unrouted(self, other))
-        if isinstance(other, FallbackScaledLinearOperator) and isinstance(self, LinearOperator):
-            return other.__radd__(self)  # D + c M: no closed form, a sum that warns when solved
+        if isinstance(other, _WarnsWhenFactorised) and not isinstance(self, _WarnsWhenFactorised):
+            # D + c M, D + M[r][:, c], X + (S @ N): no closed form, a sum that warns (and knows a non-symmetric
+            # summand) when solved, as in the other order
+            return other.__radd__(self)
         if isinstance(other, LinearOperator) and (_tasks_of_ours(self) or _tasks_of_ours(other)):
             res = add_to_tasks(self, other) if _tasks_of_ours(self) else add_to_tasks(other, self)
             if res is not None:
@@ -2136,6 +2276,11 @@ def install() -> None:
     original_new = MaskedLinearOperator.__new__
     if not hasattr(original_new, "_bma_gp_original"):
         MaskedLinearOperator.__new__ = _hooked_masked_new(original_new)
+    if not hasattr(LinearOperator._svd, "_bma_gp_original"):
+        LinearOperator._svd = _hooked_svd(LinearOperator._svd)
+    original_new = InterpolatedLinearOperator.__dict__.get("__new__", object.__new__)
+    if not hasattr(original_new, "_bma_gp_original"):
+        InterpolatedLinearOperator.__new__ = _hooked_interpolated_new(original_new)
     # sums and constant multiples built directly (AddedDiagLinearOperator(M, D), ConstantMulLinearOperator(M, c)):
     # the closed forms that M + D and M * c reach, not linear_operator's silent CG
     for cls in (SumLinearOperator, AddedDiagLinearOperator, ConstantMulLinearOperator):

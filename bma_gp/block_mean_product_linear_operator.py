@@ -245,7 +245,9 @@ class BlockMeanProductLinearOperator(TorchIndexing, PicklesWithoutCache, LowRank
         if constants is not None:  # one constant per batch entry, over other batch dimensions than this product's
             return self._mul_constant(constants)
         if isinstance(other, DenseLinearOperator):
-            return super()._mul_matrix(other)
+            from bma_gp._composition import _dense_elementwise
+
+            return _dense_elementwise(self, other)  # warns, and solves as the non-symmetric matrix it is
         raise ValueError(self._no_elementwise_product(f"with a {type(other).__name__}", "A.to_dense() * B.to_dense()"))
 
     def _prod_batch(self, dim: int) -> LinearOperator:

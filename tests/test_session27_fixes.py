@@ -297,3 +297,169 @@ def test_inducing_points_plus_an_exact_kernel_warns():
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model.train())
     with gpytorch.settings.max_cholesky_size(0), pytest.warns(ClosedFormFallbackWarning, match="no closed form"):
         mll(model(x), y)
+
+
+# ---------------------------------------------------------------------------------- linear_operator's wrappers
+
+
+def _product(batch=()):
+    gen = torch.Generator().manual_seed(3)
+    n = 8
+
+    def factor(k):
+        W = torch.randn(*batch, k, k, generator=gen, dtype=DT)
+        B = W @ W.mT / k + 0.1 * torch.eye(k, dtype=DT)
+        lam = torch.rand(*batch, k, generator=gen, dtype=DT) + 1
+        return BlockMeanLinearOperator(lam, B, Partition.from_labels(torch.arange(n) % k))
+
+    return factor(3) @ factor(2)  # a product over two partitions: not symmetric
+
+
+def _assert_lu(op, dense, what="not symmetric"):
+    x = torch.linspace(-1.0, 1.0, dense.shape[-1], dtype=DT)
+    with pytest.warns(ClosedFormFallbackWarning, match=what):
+        solved = op.solve(x)
+    with pytest.warns(ClosedFormFallbackWarning, match=what):
+        logdet = op.logdet()
+    torch.testing.assert_close(solved, torch.linalg.solve(dense, x))
+    torch.testing.assert_close(logdet, torch.logdet(dense), equal_nan=True)
+
+
+def test_wrappers_of_a_non_symmetric_product_solve_with_lu():
+    # MaskedLinearOperator(P, m, m), InterpolatedLinearOperator(P, perm, perm) built directly and P * dense were solved
+    # by Cholesky of one triangle (5-31% off), silently
+    from linear_operator.operators import DenseLinearOperator, InterpolatedLinearOperator, MaskedLinearOperator
+
+    P = _product()
+    Pd = P.to_dense()
+    mask = torch.ones(8, dtype=torch.bool)
+    mask[[2, 5]] = False
+    _assert_lu(MaskedLinearOperator(P, mask, mask), Pd[mask][:, mask])
+    perm = torch.tensor([3, 0, 7, 1, 5, 2, 6, 4])
+    ones = torch.ones(8, 1, dtype=DT)
+    _assert_lu(InterpolatedLinearOperator(P, perm.unsqueeze(-1), ones, perm.unsqueeze(-1), ones), Pd[perm][:, perm])
+    X = torch.eye(8, dtype=DT) + 0.1 * torch.ones(8, 8, dtype=DT)
+    with pytest.warns(ClosedFormFallbackWarning):  # formed densely: says so when it is formed
+        elementwise = P * DenseLinearOperator(X)
+    _assert_lu(elementwise, Pd * X)
+    _assert_lu(elementwise * 2.0, 2 * Pd * X)
+    _assert_lu(elementwise.mT, (Pd * X).mT)
+
+
+def test_principal_interpolation_built_directly_stays_closed_form():
+    from linear_operator.operators import InterpolatedLinearOperator
+
+    M = _pd_operator()
+    idx = torch.tensor([[2], [0]])
+    ones = torch.ones(2, 1, dtype=DT)
+    sub = InterpolatedLinearOperator(M, idx, ones, idx, ones)
+    assert isinstance(sub, BlockMeanLinearOperator)
+    torch.testing.assert_close(sub.to_dense(), M.to_dense()[[2, 0]][:, [2, 0]])
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "interleaved+diag", "sum_batch"])
+def test_svd_of_layouts_of_non_symmetric_products(layout):
+    # linear_operator's svd takes |eigh| of one triangle: 2-4% off for these layouts, silently
+    from linear_operator.operators import BlockInterleavedLinearOperator, SumBatchLinearOperator
+
+    P = _product(batch=(2,))
+    op = {
+        "interleaved": lambda: BlockInterleavedLinearOperator(P),
+        "interleaved+diag": lambda: BlockInterleavedLinearOperator(P).add_diagonal(torch.tensor(0.5, dtype=DT)),
+        "sum_batch": lambda: SumBatchLinearOperator(P),
+    }[layout]()
+    with pytest.warns(ClosedFormFallbackWarning, match="svd"):
+        _, S, _ = op.svd()
+    torch.testing.assert_close(S.sort(descending=True).values, torch.linalg.svdvals(op.to_dense()))
+
+
+def test_negative_multiple_of_rows_and_columns_transposes_and_adds():
+    # (-S)[r][:, c].mT returned the untransposed matrix (a regression of this session), and its add_diagonal solved
+    # by Cholesky of one triangle
+    S = BlockMeanSumLinearOperator(
+        torch.tensor([1.0, 2.0, 1.5, 1.2], dtype=DT),
+        torch.tensor([0.5, 0.3], dtype=DT),
+        partitions=[Partition.from_labels([0, 0, 1, 1])],
+        diagonal=[True],
+    )
+    A = (-S)[torch.tensor([0, 2])][:, torch.tensor([1, 3])]
+    dense = -S.to_dense()[[0, 2]][:, [1, 3]]
+    torch.testing.assert_close(A.mT.to_dense(), dense.mT)
+    x = torch.tensor([1.0, 2.0], dtype=DT)
+    torch.testing.assert_close(A.mT @ x, dense.mT @ x)
+    with pytest.warns(ClosedFormFallbackWarning, match="not symmetric"):
+        torch.testing.assert_close(A.mT.solve(x), torch.linalg.solve(dense.mT, x))
+    shifted = A.add_diagonal(torch.tensor(3.0, dtype=DT))
+    _assert_lu(shifted, dense + 3 * torch.eye(2, dtype=DT))
+
+
+def test_sums_with_a_fallback_stay_fallbacks_in_either_order():
+    # D + A, A + dense, A + tensor were linear_operator's plain sums (Cholesky of one triangle, CG past
+    # max_cholesky_size) for a non-symmetric A; a fallback sum plus a tensor lost its warning
+    from linear_operator.operators import DenseLinearOperator
+
+    M = _pd_operator()
+    A = M[torch.tensor([1, 0]), :][:, torch.tensor([1, 2])]
+    Ad = A.to_dense()
+    d = torch.tensor([1.0, 2.0], dtype=DT)
+    for total, dense in [
+        (DiagLinearOperator(d) + A, Ad + torch.diag(d)),
+        (A + DiagLinearOperator(d), Ad + torch.diag(d)),
+        (A + torch.eye(2, dtype=DT), Ad + torch.eye(2, dtype=DT)),
+        (DenseLinearOperator(torch.eye(2, dtype=DT)) + A, Ad + torch.eye(2, dtype=DT)),
+    ]:
+        _assert_lu(total, dense)
+    K = DenseLinearOperator(torch.eye(3, dtype=DT) + 0.2)
+    with pytest.warns(ClosedFormFallbackWarning, match="no closed form"):
+        (M + K + torch.eye(3, dtype=DT)).inv_quad_logdet(torch.ones(3, 1, dtype=DT), logdet=True)
+
+
+def test_rows_and_columns_of_a_sum_of_three_terms_solve_with_lu():
+    from linear_operator.operators import DenseLinearOperator
+
+    M = BlockMeanLinearOperator(
+        torch.tensor([1.0, 1.0], dtype=DT),
+        torch.tensor([[0.5, 2.0], [2.0, 3.0]], dtype=DT),
+        Partition.from_labels([0, 0, 1, 1]),
+    )
+    K = DenseLinearOperator(0.5 ** torch.arange(4.0, dtype=DT).sub(torch.arange(4.0, dtype=DT)[:, None]).abs())
+    total = M + K + DiagLinearOperator(torch.full((4,), 0.1, dtype=DT))
+    rows, cols = torch.tensor([1, 0]), torch.tensor([1, 2])
+    _assert_lu(total[rows][:, cols], total.to_dense()[rows][:, cols])
+
+
+def test_lu_paths_refuse_a_right_hand_side_of_another_dtype():
+    A = _pd_operator()[torch.tensor([1, 0]), :][:, torch.tensor([1, 2])]
+    with pytest.raises(TypeError, match="dtype"):
+        A.solve(torch.ones(2, dtype=torch.float32))
+    with pytest.raises(TypeError, match="dtype"):
+        A.inv_quad_logdet(torch.ones(2, dtype=torch.float32), logdet=True)
+
+
+def test_predictive_covariance_times_a_root():
+    # its root was a transposed view, and linear_operator's product of roots views it: "view size is not compatible"
+    import gpytorch
+    from linear_operator.operators import RootLinearOperator
+
+    from bma_gp import GroupKernel
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 4, (14, 1), generator=gen).to(DT)
+    y = torch.randn(14, generator=gen, dtype=DT)
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
+    likelihood.noise = 0.3
+
+    class GP(gpytorch.models.ExactGP):
+        def __init__(self):
+            super().__init__(x, y, likelihood)
+            self.covar_module = GroupKernel(5)
+
+        def forward(self, z):
+            return gpytorch.distributions.MultivariateNormal(torch.zeros_like(z[:, 0]), self.covar_module(z))
+
+    model = GP().double().eval()
+    x_new = torch.tensor([[3.0], [0.0], [4.0], [1.0], [2.0]], dtype=DT)  # level 4 unobserved
+    pred = model(x_new).lazy_covariance_matrix
+    R = torch.arange(15.0, dtype=DT).reshape(5, 3) / 15
+    rhs = torch.ones(5, 2, dtype=DT)
+    torch.testing.assert_close((pred * RootLinearOperator(R)) @ rhs, (pred.to_dense() * (R @ R.mT)) @ rhs)

@@ -2289,7 +2289,9 @@ class _DenseFactorSolves(KeepsIntegers):
                 L = symmetric_matrix_function(self._symmetric_dense("draw"), floored_sqrt, lambda x: x.clamp_min(0))
                 if not L.requires_grad:
                     self._kept_eigen_root = L
-        return RootLinearOperator(DenseLinearOperator(L.to(self.dtype)))  # type: ignore[attr-defined]
+        # contiguous: the kept factor can be a transposed view, and linear_operator's products of roots view them
+        # (pred * RootLinearOperator(R) raised "view size is not compatible with input tensor's size and stride")
+        return RootLinearOperator(DenseLinearOperator(L.to(self.dtype).contiguous()))  # type: ignore[attr-defined]
 
 
 def _widened(diag: DiagLinearOperator, dtype: torch.dtype) -> DiagLinearOperator:
