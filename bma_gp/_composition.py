@@ -1329,7 +1329,9 @@ def _hooked_interpolated_new(original):
     def __new__(cls, *args, **kwargs):
         if cls is InterpolatedLinearOperator and args and not kwargs:
             base = args[0]
-            if _is_ours(base) or isinstance(base, _WarnsWhenFactorised):
+            # (an evaluated operator: a lazily evaluated kernel tensor is indexed through its inputs, and GPyTorch reads
+            # its entries through an interpolated operator around it)
+            if (_is_ours(base) and not _is_lazy_kernel(base)) or isinstance(base, _WarnsWhenFactorised):
                 res = object.__new__(FallbackIndexedLinearOperator)
                 res.__init__(*args)  # (Python runs __init__ once more on it: it is an InterpolatedLinearOperator)
                 principal = _indexed_principal(res)
