@@ -757,7 +757,7 @@ class _WarnsWhenFactorised(TorchIndexing):
     def add_diagonal(self, diag):
         # linear_operator's AddedDiagLinearOperator around this operator solved it silently (by Cholesky, whatever its
         # symmetry): a fallback sum, which warns and knows a non-symmetric summand
-        return _as_fallback(super().add_diagonal(diag))  # type: ignore[misc]  # a mixin of LinearOperator subclasses
+        return _as_fallback(super().add_diagonal(diag))
 
     def __add__(self, other):
         # A + D, A + dense, A + tensor (and D + A, which linear_operator builds as AddedDiagLinearOperator(A, D) and
@@ -765,7 +765,7 @@ class _WarnsWhenFactorised(TorchIndexing):
         # Cholesky (of one triangle of a non-symmetric A) or CG without a word
         if adds_exactly(other) and not adds_exactly(self):
             return other.__add__(self)
-        return _as_fallback(super().__add__(other))  # type: ignore[misc]  # a mixin of LinearOperator subclasses
+        return _as_fallback(super().__add__(other))
 
     def __radd__(self, other):
         return self.__add__(other)
