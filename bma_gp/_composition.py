@@ -873,13 +873,6 @@ class FallbackDenseLinearOperator(_WarnsWhenFactorised, DenseLinearOperator):
             return FallbackDenseLinearOperator(res.tensor)
         return res
 
-    def __add__(self, other):
-        res = fallback_sum(self, other)
-        return res if res is not None else super().__add__(other)
-
-    def __radd__(self, other):
-        return self.__add__(other)
-
 
 class FallbackIndexedLinearOperator(_WarnsWhenFactorised, InterpolatedLinearOperator):
     """Rows and columns of a block mean operator or sum other than one principal submatrix (``M[:, :m]``, a point
@@ -1136,13 +1129,6 @@ class FallbackMultipleLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOper
 
     def _transpose_nonbatch(self):
         return FallbackMultipleLinearOperator(self.base_linear_op._transpose_nonbatch(), self._constant)
-
-    def __add__(self, other):
-        res = fallback_sum(self, other)
-        return res if res is not None else super().__add__(other)
-
-    def __radd__(self, other):
-        return self.__add__(other)
 
 
 def _indexed_principal(op: FallbackIndexedLinearOperator) -> LinearOperator | None:
