@@ -109,12 +109,17 @@ def _sums_inducing_points(kernel) -> bool:
     (``ChunkedInducingPointKernel + ConstantKernel``): evaluated, it is a low-rank root plus the other summands, a
     sum in the closed-form family or one that warns (GPyTorch's lazy sum went to CG and Lanczos past
     ``max_cholesky_size``, silently)."""
-    from gpytorch.kernels import AdditiveKernel, ScaleKernel
+    from gpytorch.kernels import AdditiveKernel, ProductKernel, ScaleKernel
 
     from bma_gp.kernels import ChunkedInducingPointKernel
 
     while isinstance(kernel, ScaleKernel):
         kernel = kernel.base_kernel
+    if isinstance(kernel, ProductKernel):
+        # ChunkedInducingPointKernel * IndexKernel (a multitask SGPR): evaluated, a low-rank root plus a diagonal in
+        # eval mode, which plus the noise is linear_operator's Woodbury operator; GPyTorch's lazy product plus the
+        # noise was a plain AddedDiagLinearOperator, solved by CG past max_cholesky_size (variances 21% off)
+        return any(isinstance(part, ChunkedInducingPointKernel) for part in kernel.kernels)
     return isinstance(kernel, AdditiveKernel) and any(
         isinstance(module, ChunkedInducingPointKernel) for module in kernel.modules()
     )
@@ -765,7 +770,13 @@ class _WarnsWhenFactorised(TorchIndexing):
         # Cholesky (of one triangle of a non-symmetric A) or CG without a word
         if adds_exactly(other) and not adds_exactly(self):
             return other.__add__(self)
-        return _as_fallback(super().__add__(other))
+        res = fallback_sum(self, other)  # (not linear_operator's sum: its add_low_rank took roots of this operator)
+        if res is None:  # a number or a vector
+            return _as_fallback(super().__add__(other))
+        parts = [
+            p for op in res.linear_ops for p in (op.linear_ops if type(op) is FallbackSumLinearOperator else (op,))
+        ]
+        return FallbackSumLinearOperator(*parts)
 
     def __radd__(self, other):
         return self.__add__(other)
@@ -1030,15 +1041,6 @@ class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperat
         self._negative_root("cholesky")
         return super()._cholesky(upper)
 
-    def __add__(self, other):
-        # c M + D or c M + anything has no closed form (M's root cannot carry c < 0): a sum that warns when solved,
-        # not linear_operator's AddedDiagLinearOperator, whose dense Cholesky ran silently
-        res = fallback_sum(self, other)
-        return res if res is not None else super().__add__(other)
-
-    def __radd__(self, other):
-        return self.__add__(other)
-
     def _mul_constant(self, other):
         # c (c' S) = (c c') S: the sum's own multiple (a sum again where c c' >= 0), not linear_operator's constant
         # multiple around this one, whose solves and eigenvalues took the generic path silently ((-S) * 0.9 had
@@ -1093,13 +1095,6 @@ class FallbackMatmulLinearOperator(_WarnsWhenFactorised, MatmulLinearOperator):
         if type(res) is MatmulLinearOperator:  # rows and columns of a product: still a product of the factors' parts
             return FallbackMatmulLinearOperator(res.left_linear_op, res.right_linear_op)
         return res
-
-    def __add__(self, other):
-        res = fallback_sum(self, other)  # no closed form: a sum that warns (and factorises with LU) when it is solved
-        return res if res is not None else super().__add__(other)
-
-    def __radd__(self, other):
-        return self.__add__(other)
 
     def _mul_constant(self, other):
         return FallbackMultipleLinearOperator(self, other)
@@ -1313,13 +1308,13 @@ def _hooked_interpolated_new(original):
 
     @functools.wraps(original)
     def __new__(cls, *args, **kwargs):
-        if cls is InterpolatedLinearOperator and args and not kwargs:
-            base = args[0]
+        if cls is InterpolatedLinearOperator and (args or "base_linear_op" in kwargs):
+            base = args[0] if args else kwargs["base_linear_op"]
             # (an evaluated operator: a lazily evaluated kernel tensor is indexed through its inputs, and GPyTorch reads
             # its entries through an interpolated operator around it)
             if (_is_ours(base) and not _is_lazy_kernel(base)) or isinstance(base, _WarnsWhenFactorised):
                 res = object.__new__(FallbackIndexedLinearOperator)
-                res.__init__(*args)  # (Python runs __init__ once more on it: it is an InterpolatedLinearOperator)
+                res.__init__(*args, **kwargs)  # (Python runs __init__ once more on it: an InterpolatedLinearOperator)
                 principal = _indexed_principal(res)
                 return res if principal is None else principal
         return original(cls) if original is object.__new__ else original(cls, *args, **kwargs)
@@ -1815,6 +1810,12 @@ def _hooked_add(original):
             # the first, silently
             return SumLinearOperator(self, other)
         involved = _is_ours(other) or _is_lazy_block_mean(self) or _holds_ours(self)
+        # an inducing-point kernel's root plus a GPyTorch ConstantKernel's matrix (their AdditiveKernel evaluates the
+        # sum itself, inside a ScaleKernel): a root and a one-block term, closed form
+        involved = involved or (
+            (_is_lazy_root(self) or isinstance(self, (LowRankRootLinearOperator, LowRankRootAddedDiagLinearOperator)))
+            and _expanded_constant(other) is not None
+        )
         if involved and isinstance(other, LinearOperator):
             res = add_structured(self, other)
             if res is not None:
@@ -2015,6 +2016,20 @@ def _hooked_mul_matrix(original):
             shape = torch.broadcast_shapes(self.batch_shape, constants.shape)
             operand = self if shape == self.batch_shape else self._expand_batch(shape)
             return operand._mul_constant(constants.expand(shape))
+        if (
+            constants is None
+            and isinstance(other, LinearOperator)
+            and not isinstance(other, DiagLinearOperator)
+            and not isinstance(self, DiagLinearOperator)
+            and (_known_nonsymmetric(self) or _known_nonsymmetric(other))
+        ):
+            if isinstance(other, BlockMeanProductLinearOperator) and not isinstance(
+                self, BlockMeanProductLinearOperator
+            ):
+                return other._mul_matrix(self)  # its own rules (dense: formed, warned; other operators: refused)
+            # X * A for an A known not to be symmetric (a fallback made of one, in either order): the dense product,
+            # which warns and solves with LU; linear_operator's dense product was solved by Cholesky (0.4-5% off)
+            return _dense_elementwise(self, other)
         inducing = isinstance(other, LinearOperator) and _is_inducing(self)  # (a torch.equal of the inputs: once)
         if inducing or (isinstance(other, LinearOperator) and _is_inducing(other)):
             root, factor = (self, other) if inducing else (other, self)

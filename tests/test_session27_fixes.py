@@ -463,3 +463,116 @@ def test_predictive_covariance_times_a_root():
     R = torch.arange(15.0, dtype=DT).reshape(5, 3) / 15
     rhs = torch.ones(5, 2, dtype=DT)
     torch.testing.assert_close((pred * RootLinearOperator(R)) @ rhs, (pred.to_dense() * (R @ R.mT)) @ rhs)
+
+
+# ------------------------------------------------------------------------------------------ second attack round
+
+
+def test_multitask_sgpr_predicts_without_iterative_solvers():
+    # ChunkedInducingPointKernel * IndexKernel: the eval-mode training covariance plus noise was linear_operator's plain
+    # AddedDiagLinearOperator, solved by CG past max_cholesky_size (variances 21% off), silently
+    import gpytorch
+    from gpytorch.kernels import IndexKernel, RBFKernel, ScaleKernel
+
+    from bma_gp import ChunkedInducingPointKernel
+    from closed_form_guard import closed_forms_only
+
+    gen = torch.Generator().manual_seed(0)
+    n = 120
+    x = torch.cat([torch.rand(n, 1, generator=gen, dtype=DT) * 10, torch.randint(0, 3, (n, 1), generator=gen)], -1)
+    y = torch.sin(x[:, 0]) + 0.1 * torch.randn(n, generator=gen, dtype=DT)
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
+    inducing = torch.linspace(0, 10, 8, dtype=DT)[:, None]
+    covar = ChunkedInducingPointKernel(ScaleKernel(RBFKernel()), inducing, likelihood, active_dims=[0]) * IndexKernel(
+        3, rank=1, active_dims=[1]
+    )
+
+    class GP(gpytorch.models.ExactGP):
+        def __init__(self):
+            super().__init__(x, y, likelihood)
+            self.covar_module = covar
+
+        def forward(self, z):
+            return gpytorch.distributions.MultivariateNormal(torch.zeros_like(z[:, 0]), self.covar_module(z))
+
+    model = GP().double().eval()
+    x_new = x[:7] + torch.tensor([0.01, 0.0], dtype=DT)
+    with torch.no_grad(), gpytorch.settings.max_cholesky_size(0), closed_forms_only(n):
+        pred = model(x_new)
+        mean, var = pred.mean, pred.variance
+    with torch.no_grad():
+        K = covar(x).to_dense() + likelihood.noise * torch.eye(n, dtype=DT)
+        cross = covar(x_new, x).to_dense()
+        torch.testing.assert_close(mean, cross @ torch.linalg.solve(K, y))
+        expected = covar(x_new).diagonal() - (cross * torch.linalg.solve(K, cross.mT).mT).sum(-1)
+        torch.testing.assert_close(var, expected)
+
+
+def test_scaled_sum_of_an_inducing_point_kernel_and_a_constant_is_closed_form():
+    import gpytorch
+
+    from bma_gp import ChunkedInducingPointKernel
+    from closed_form_guard import closed_forms_only
+
+    model, likelihood, _, x, y = _inducing_sum_model("constant")
+    base = model.covar_module
+    model.covar_module = gpytorch.kernels.ScaleKernel(base).double()
+    covar = model.covar_module
+    with torch.no_grad():
+        K = covar(x).to_dense() + likelihood.noise * torch.eye(len(y), dtype=DT)
+    expected = torch.distributions.MultivariateNormal(torch.zeros_like(y), K).log_prob(y) / len(y)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model.train())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        with gpytorch.settings.max_cholesky_size(0), closed_forms_only(len(y)):
+            value = mll(model(x), y)
+        trace_terms = sum(term.loss() for term in model.added_loss_terms())
+        torch.testing.assert_close(value, expected + trace_terms / len(y), rtol=1e-7, atol=1e-8)
+        model.eval()
+        with torch.no_grad(), gpytorch.settings.max_cholesky_size(0), closed_forms_only(len(y)):
+            var = model(x[:4] + 0.01).variance
+    assert isinstance(base.kernels[0], ChunkedInducingPointKernel)
+    with torch.no_grad():
+        K = covar(x).to_dense() + likelihood.noise * torch.eye(len(y), dtype=DT)
+        cross = covar(x[:4] + 0.01, x).to_dense()
+        expected_var = covar(x[:4] + 0.01).diagonal() - (cross * torch.linalg.solve(K, cross.mT).mT).sum(-1)
+    torch.testing.assert_close(var, expected_var, rtol=1e-6, atol=1e-8)
+
+
+def test_dense_times_a_non_symmetric_operator_in_either_order():
+    from linear_operator.operators import DenseLinearOperator
+
+    P = _product()
+    X = DenseLinearOperator(torch.eye(8, dtype=DT) + 0.1)
+    with pytest.warns(ClosedFormFallbackWarning):
+        left = X * P
+    _assert_lu(left, X.to_dense() * P.to_dense())
+    A = _pd_operator()[torch.tensor([1, 0]), :][:, torch.tensor([1, 2])]
+    with pytest.warns(ClosedFormFallbackWarning):
+        indexed = A * DenseLinearOperator(torch.ones(2, 2, dtype=DT) + torch.eye(2, dtype=DT))
+    _assert_lu(indexed, A.to_dense() * (torch.ones(2, 2, dtype=DT) + torch.eye(2, dtype=DT)))
+
+
+def test_interpolated_operator_built_with_keywords_takes_the_hook():
+    from linear_operator.operators import InterpolatedLinearOperator
+
+    P = _product()
+    idx = torch.tensor([[3], [0], [7]])
+    ones = torch.ones(3, 1, dtype=DT)
+    op = InterpolatedLinearOperator(
+        base_linear_op=P,
+        left_interp_indices=idx,
+        left_interp_values=ones,
+        right_interp_indices=idx,
+        right_interp_values=ones,
+    )
+    _assert_lu(op, P.to_dense()[[3, 0, 7]][:, [3, 0, 7]])
+
+
+def test_indexed_rows_and_columns_plus_a_root():
+    # M[r][:, c] + RootLinearOperator(U) took roots of the non-symmetric submatrix while the sum was built
+    from linear_operator.operators import RootLinearOperator
+
+    A = _pd_operator()[torch.tensor([1, 0]), :][:, torch.tensor([1, 2])]
+    U = torch.tensor([[1.0], [0.5]], dtype=DT)
+    _assert_lu(A + RootLinearOperator(U), A.to_dense() + U @ U.mT)
