@@ -55,19 +55,6 @@ from bma_gp.kernels._rbf_root import _augment, _kernel_block, _scaled, input_gra
 
 __all__ = ["RBFRootFactor", "LazyRootOperator", "TraceTerm"]
 
-#: Rows per partial sum of the backward pass's sums over rows (``K^T P``, ``E^T [x', x'^2, 1]``) in a narrower ``x``:
-#: each partial is one product in ``x``'s precision, the partials are summed in the working precision.
-_PARTIAL_ROWS = 256
-
-
-def _add_t_matmul(total: Tensor, a: Tensor, b: Tensor) -> None:
-    """``total += a^T b`` with partial sums over :data:`_PARTIAL_ROWS` rows in ``a``'s precision, their sum in
-    ``total``'s. One float32 product over a whole block summed its ``c`` rows in float32: ``K^T P`` and the column sums
-    of ``E = dK o K`` cancel (near-duplicate inducing points: columns of ``E`` of size ``|A|`` with opposite signs),
-    and the lengthscale's and the outputscale's gradients lost most of their digits."""
-    for s in range(0, a.shape[-2], _PARTIAL_ROWS):
-        total.add_(a[s : s + _PARTIAL_ROWS].mT @ b[s : s + _PARTIAL_ROWS])
-
 
 @reverse_mode_only("ChunkedInducingPointKernel (the Gram matrix of its root)")
 class _RBFGram(torch.autograd.Function):
@@ -163,7 +150,7 @@ class _RBFGram(torch.autograd.Function):
             if need_d:
                 grads[8] = torch.zeros_like(dinv)
             return tuple(grads)
-        vecs = b_y = b_y_t = lam_x = h_x = a_x = q_x = None
+        vecs = b_y = b_y_t = lam_x = h_x = None
         g_q: list[Tensor | None] = [None] * len(grad_cross)
         if use_y:
             lam = None
@@ -180,25 +167,14 @@ class _RBFGram(torch.autograd.Function):
                 lam = a_w.new_zeros(r)
             a_q = a_w @ vecs
             b_y, b_y_t, lam_x = a_q.to(dt), a_q.mT.to(dt).contiguous(), lam.to(dt)
-            if dt != wdt and h_x is None:
-                # in a narrower x, Y is the forward pass's block of U (same product, same rounding) rotated: K (A Q)
-                # with A Q rounded to x's precision cancels |k_a| |A| down to |u_a| differently from K A, which
-                # moved U by eps |K| |A| from the U whose Gram matrix the incoming gradient belongs to (near-duplicate
-                # inducing points: the gradients of A and Z 50 times GPyTorch's float32 errors)
-                a_x, q_x = a.to(dt), vecs.to(dt)
             g_q = [None if g is None else (g.to(wdt) @ vecs).to(dt).contiguous() for g in grad_cross]
         dx = torch.zeros_like(x) if need_x else None
         xs, zs = _scaled(x, inducing, lengthscale)
         xa, za_t = _augment(xs, rows=True), _augment(zs, rows=False).T.contiguous()
         xb = torch.cat([xs, xs.square(), torch.ones_like(xs[:, :1])], dim=-1) if need_inputs else None
-        col = x.new_zeros(2 * d + 1, m, dtype=wdt)  # summed in the working precision
+        col = x.new_zeros(2 * d + 1, m)
         c_max = min(rows, n)
         kbuf, tbuf = x.new_empty(c_max, m), x.new_empty(c_max, m)
-        ubuf = x.new_empty(c_max, r) if a_x is not None else None
-        # K^T b in the working precision, K cast through one reused buffer, as the forward pass forms U^T b: a float32
-        # K^T b summed n terms of one sign in float32, and its error reached the lengthscale's gradient through the
-        # K_ZZ path magnified by |L^-T| (3.0e-3 on 0.316 against GPyTorch's 7.5e-5)
-        kb_buf = x.new_empty(min(_CAST_ROWS, c_max), m, dtype=rhs.dtype) if dt != wdt and b_k is not None else None
         ybuf, pbuf = (x.new_empty(c_max, r) if use_y else None for _ in range(2))
         qbuf = x.new_empty(c_max, r) if use_y and have_g else None
         k_p = a_w.new_zeros(m, r) if need_a and use_y else None  # K^T P, summed in the working precision
@@ -210,11 +186,7 @@ class _RBFGram(torch.autograd.Function):
             p = None
             if use_y:
                 assert ybuf is not None and pbuf is not None and b_y is not None and lam_x is not None
-                if a_x is not None:
-                    assert ubuf is not None and q_x is not None
-                    y = torch.mm(torch.mm(k, a_x, out=ubuf[:c]), q_x, out=ybuf[:c])  # (K A) Q
-                else:
-                    y = torch.mm(k, b_y, out=ybuf[:c])  # U Q
+                y = torch.mm(k, b_y, out=ybuf[:c])  # U Q
                 lam_c = lam_x.expand(c, r)  # expanded: faster than broadcasting
                 p = torch.mul(y, lam_c, out=pbuf[:c]) if h_x is None else torch.mm(y, h_x, out=pbuf[:c])  # U H
                 for j, gj in enumerate(g_q):
@@ -243,13 +215,13 @@ class _RBFGram(torch.autograd.Function):
                 if dt == wdt:
                     k_p.addmm_(k.T, p)
                 else:
-                    _add_t_matmul(k_p, k, p)
+                    k_p.add_((k.T @ p).to(wdt))
             if k_b is not None:
                 assert rhs_c is not None
                 if dt == wdt:
                     k_b.addmm_(k.T, rhs_c)
                 else:
-                    k_b.add_(_t_matmul_wide(k, rhs[start : start + c], kb_buf))
+                    k_b.add_((k.T @ rhs_c).to(wdt))
             if not need_inputs:
                 continue
             if p is not None:
@@ -262,10 +234,7 @@ class _RBFGram(torch.autograd.Function):
                 dk.addmm_(rhs_c, b_k.T)
             e = dk.mul_(k)  # E = dK o K
             assert xb is not None
-            if dt == wdt:
-                col.addmm_(xb[start : start + c].T, e)
-            else:
-                _add_t_matmul(col, xb[start : start + c], e)
+            col.addmm_(xb[start : start + c].T, e)
             if dx is not None:  # dx' = E z' - x' rowsum(E)
                 dx[start : start + c] = (e @ zs).sub_(xs[start : start + c] * e.sum(-1, keepdim=True)) / lengthscale
         if need_a:
@@ -279,9 +248,7 @@ class _RBFGram(torch.autograd.Function):
             grads[7] = grad_a.to(a.dtype)
         grads[4] = dx
         if need_inputs:
-            dz, dl = input_grads(col, zs.to(wdt), lengthscale.to(wdt), need_z, need_l)
-            grads[5] = None if dz is None else dz.to(dt)
-            grads[6] = None if dl is None else dl.to(dt)
+            grads[5], grads[6] = input_grads(col, zs, lengthscale, need_z, need_l)
         if need_d:
             grads[8] = grad_d if grad_d is not None else torch.zeros_like(dinv)
         grads[9] = grad_b
