@@ -109,19 +109,26 @@ def _sums_inducing_points(kernel) -> bool:
     (``ChunkedInducingPointKernel + ConstantKernel``): evaluated, it is a low-rank root plus the other summands, a
     sum in the closed-form family or one that warns (GPyTorch's lazy sum went to CG and Lanczos past
     ``max_cholesky_size``, silently)."""
-    from gpytorch.kernels import AdditiveKernel, ProductKernel, ScaleKernel
+    from gpytorch.kernels import AdditiveKernel, InducingPointKernel, ProductKernel, ScaleKernel
 
     from bma_gp.kernels import ChunkedInducingPointKernel
 
-    while isinstance(kernel, ScaleKernel):
-        kernel = kernel.base_kernel
+    def bare(k):
+        while isinstance(k, ScaleKernel):
+            k = k.base_kernel
+        return k
+
+    kernel = bare(kernel)
     if isinstance(kernel, ProductKernel):
-        # ChunkedInducingPointKernel * IndexKernel (a multitask SGPR): evaluated, a low-rank root plus a diagonal in
-        # eval mode, which plus the noise is linear_operator's Woodbury operator; GPyTorch's lazy product plus the
-        # noise was a plain AddedDiagLinearOperator, solved by CG past max_cholesky_size (variances 21% off)
-        return any(isinstance(part, ChunkedInducingPointKernel) for part in kernel.kernels)
+        # ChunkedInducingPointKernel * IndexKernel (a multitask SGPR, its factors scaled or not): evaluated, a low-rank
+        # root plus a diagonal in eval mode, which plus the noise is linear_operator's Woodbury operator; GPyTorch's
+        # lazy product plus the noise was a plain AddedDiagLinearOperator, solved by CG past max_cholesky_size
+        # (variances 21-306x off)
+        return any(isinstance(bare(part), ChunkedInducingPointKernel) for part in kernel.kernels)
+    # (GPyTorch's own InducingPointKernel in a sum too: evaluated, its root plus a constant is a closed-form sum, which
+    # the likelihood's noise must join as one, not as linear_operator's AddedDiagLinearOperator around the lazy sum)
     return isinstance(kernel, AdditiveKernel) and any(
-        isinstance(module, ChunkedInducingPointKernel) for module in kernel.modules()
+        isinstance(module, InducingPointKernel) for module in kernel.modules()
     )
 
 
@@ -772,6 +779,12 @@ class _WarnsWhenFactorised(TorchIndexing):
             return other.__add__(self)
         res = fallback_sum(self, other)  # (not linear_operator's sum: its add_low_rank took roots of this operator)
         if res is None:  # a number or a vector
+            vector = torch.is_tensor(other) and other.dim() == 1  # added to every row: not symmetric
+            if torch.is_tensor(other) and (vector or self._nonsymmetric()):
+                # linear_operator's sum of the dense matrix was solved by Cholesky of one triangle (6.6% off), silently
+                dense = cast(LinearOperator, self).to_dense() + other
+                if dense.shape[-1] == dense.shape[-2]:
+                    return FallbackDenseLinearOperator(dense)
             return _as_fallback(super().__add__(other))
         parts = [
             p for op in res.linear_ops for p in (op.linear_ops if type(op) is FallbackSumLinearOperator else (op,))
@@ -1812,10 +1825,7 @@ def _hooked_add(original):
         involved = _is_ours(other) or _is_lazy_block_mean(self) or _holds_ours(self)
         # an inducing-point kernel's root plus a GPyTorch ConstantKernel's matrix (their AdditiveKernel evaluates the
         # sum itself, inside a ScaleKernel): a root and a one-block term, closed form
-        involved = involved or (
-            (_is_lazy_root(self) or isinstance(self, (LowRankRootLinearOperator, LowRankRootAddedDiagLinearOperator)))
-            and _expanded_constant(other) is not None
-        )
+        involved = involved or _root_and_constant(self, other) or _root_and_constant(other, self)
         if involved and isinstance(other, LinearOperator):
             res = add_structured(self, other)
             if res is not None:
@@ -1846,6 +1856,13 @@ def _hooked_add(original):
 
     __add__._bma_gp_original = original
     return __add__
+
+
+def _root_and_constant(root, constant) -> bool:
+    """Whether ``root`` is a low-rank root (an inducing-point kernel's, evaluated or lazy) and ``constant`` GPyTorch's
+    ``ConstantKernel`` matrix (an expanded constant): their sum is a closed-form one."""
+    is_root = _is_lazy_root(root) or isinstance(root, (LowRankRootLinearOperator, LowRankRootAddedDiagLinearOperator))
+    return is_root and isinstance(constant, LinearOperator) and _expanded_constant(constant) is not None
 
 
 def _lazy_roots(left, right) -> bool:
