@@ -15,6 +15,21 @@ from bma_gp import BlockMeanLinearOperator, BlockMeanSumLinearOperator, ClosedFo
 DT = torch.float64
 
 
+def _exact_gp(x, y, likelihood, covar):
+    """A zero-mean ``ExactGP`` with ``covar`` as its kernel."""
+    import gpytorch
+
+    class GP(gpytorch.models.ExactGP):
+        def __init__(self):
+            super().__init__(x, y, likelihood)
+            self.covar_module = covar
+
+        def forward(self, z):
+            return gpytorch.distributions.MultivariateNormal(torch.zeros_like(z[:, 0]), self.covar_module(z))
+
+    return GP()
+
+
 def _pd_operator() -> BlockMeanLinearOperator:
     return BlockMeanLinearOperator(
         torch.tensor([1.0, 1.0], dtype=DT),
@@ -248,15 +263,7 @@ def _inducing_sum_model(extra: str):
     }[extra].double()
     covar = gpytorch.kernels.ScaleKernel(sgpr + other).double() if extra == "scaled_constant" else sgpr + other
 
-    class GP(gpytorch.models.ExactGP):
-        def __init__(self):
-            super().__init__(x, y, likelihood)
-            self.covar_module = covar
-
-        def forward(self, z):
-            return gpytorch.distributions.MultivariateNormal(torch.zeros_like(z[:, 0]), self.covar_module(z))
-
-    return GP().double(), likelihood, covar, x, y
+    return _exact_gp(x, y, likelihood, covar).double(), likelihood, covar, x, y
 
 
 @pytest.mark.parametrize("extra", ["constant", "inducing", "scaled_constant"])
@@ -450,16 +457,7 @@ def test_predictive_covariance_times_a_root():
     y = torch.randn(14, generator=gen, dtype=DT)
     likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
     likelihood.noise = 0.3
-
-    class GP(gpytorch.models.ExactGP):
-        def __init__(self):
-            super().__init__(x, y, likelihood)
-            self.covar_module = GroupKernel(5)
-
-        def forward(self, z):
-            return gpytorch.distributions.MultivariateNormal(torch.zeros_like(z[:, 0]), self.covar_module(z))
-
-    model = GP().double().eval()
+    model = _exact_gp(x, y, likelihood, GroupKernel(5)).double().eval()
     x_new = torch.tensor([[3.0], [0.0], [4.0], [1.0], [2.0]], dtype=DT)  # level 4 unobserved
     pred = model(x_new).lazy_covariance_matrix
     R = torch.arange(15.0, dtype=DT).reshape(5, 3) / 15
@@ -490,15 +488,7 @@ def test_multitask_sgpr_predicts_without_iterative_solvers(scaled):
     # (in a ScaleKernel the factor was not recognised: CG, variances 306x off with a small noise)
     covar = (ScaleKernel(sgpr) if scaled else sgpr) * IndexKernel(3, rank=1, active_dims=[1])
 
-    class GP(gpytorch.models.ExactGP):
-        def __init__(self):
-            super().__init__(x, y, likelihood)
-            self.covar_module = covar
-
-        def forward(self, z):
-            return gpytorch.distributions.MultivariateNormal(torch.zeros_like(z[:, 0]), self.covar_module(z))
-
-    model = GP().double().eval()
+    model = _exact_gp(x, y, likelihood, covar).double().eval()
     x_new = x[:7] + torch.tensor([0.01, 0.0], dtype=DT)
     with torch.no_grad(), gpytorch.settings.max_cholesky_size(0), closed_forms_only(n):
         pred = model(x_new)
@@ -569,15 +559,7 @@ def test_gpytorchs_inducing_point_kernel_plus_a_constant(scaled):
     if scaled:
         covar = ScaleKernel(covar).double()
 
-    class GP(gpytorch.models.ExactGP):
-        def __init__(self):
-            super().__init__(x, y, likelihood)
-            self.covar_module = covar
-
-        def forward(self, z):
-            return gpytorch.distributions.MultivariateNormal(torch.zeros_like(z[:, 0]), self.covar_module(z))
-
-    model = GP().double().train()
+    model = _exact_gp(x, y, likelihood, covar).double().train()
     with torch.no_grad():
         K = covar(x).to_dense() + likelihood.noise * torch.eye(50, dtype=DT)
     expected = torch.distributions.MultivariateNormal(torch.zeros_like(y), K).log_prob(y) / 50
