@@ -1867,10 +1867,16 @@ def _root_and_constant(root, constant) -> bool:
 
 def _lazy_roots(left, right) -> bool:
     """Whether ``left`` and ``right`` are both ``U U^T`` roots of the same shape, one of them held as its inputs
-    (:class:`~bma_gp._lazy_root.LazyRoot`, an inducing-point kernel's)."""
+    (:class:`~bma_gp._lazy_root.LazyRoot`, an inducing-point kernel's), or both of low rank."""
     if not (isinstance(left, RootLinearOperator) and isinstance(right, RootLinearOperator)):
         return False
-    return (isinstance(left.root, LazyRoot) or isinstance(right.root, LazyRoot)) and left.shape == right.shape
+    if left.shape != right.shape:
+        return False
+    if isinstance(left.root, LazyRoot) or isinstance(right.root, LazyRoot):
+        return True
+    # two low-rank roots (GPyTorch's InducingPointKernels summed): linear_operator's add_low_rank factorised the first
+    # densely (an n x n Cholesky, or Lanczos past max_cholesky_size) while the kernel was evaluated
+    return all(isinstance(op, LowRankRootLinearOperator) and op.root.shape[-1] < op.shape[-1] for op in (left, right))
 
 
 def _in_matmul_family(op) -> bool:

@@ -598,3 +598,32 @@ def test_non_symmetric_fallback_plus_a_number_or_a_vector():
     K = DenseLinearOperator(torch.eye(3, dtype=DT) + 0.2)
     S = _pd_operator() + K
     _assert_lu(S + torch.tensor([0.1, 0.2, 0.3], dtype=DT), S.to_dense() + torch.tensor([0.1, 0.2, 0.3], dtype=DT))
+
+
+def test_two_gpytorch_inducing_point_kernels_sum_in_closed_form():
+    # GPyTorch's InducingPointKernel + InducingPointKernel: linear_operator's add_low_rank factorised the first root's
+    # n x n matrix while the kernel was evaluated, and the sum plus noise took the generic path
+    import gpytorch
+    from gpytorch.kernels import InducingPointKernel, RBFKernel, ScaleKernel
+
+    from closed_form_guard import closed_forms_only
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(60, 1, generator=gen, dtype=DT) * 5
+    y = torch.sin(x[:, 0])
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
+    Z = torch.linspace(0, 5, 6, dtype=DT)[:, None]
+    covar = (
+        InducingPointKernel(ScaleKernel(RBFKernel()), Z, likelihood)
+        + InducingPointKernel(RBFKernel(), Z[::2].clone(), likelihood)
+    ).double()
+    model = _exact_gp(x, y, likelihood, covar).double().train()
+    with torch.no_grad():
+        K = covar(x).to_dense() + likelihood.noise * torch.eye(60, dtype=DT)
+    expected = torch.distributions.MultivariateNormal(torch.zeros_like(y), K).log_prob(y) / 60
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        with gpytorch.settings.max_cholesky_size(0), closed_forms_only(60):
+            value = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y)
+    trace_terms = sum(term.loss() for term in model.added_loss_terms())
+    torch.testing.assert_close(value, expected + trace_terms / 60, rtol=1e-7, atol=1e-8)
