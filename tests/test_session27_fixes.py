@@ -30,6 +30,26 @@ def _exact_gp(x, y, likelihood, covar):
     return GP()
 
 
+def _expected_mll(model, likelihood, covar, x, y):
+    """GPyTorch's exact marginal log likelihood per point, formed densely: ``log N(y; 0, K + noise)`` plus the SGPR
+    trace terms that the model's training forward pass registered (GPyTorch adds them)."""
+    trace_terms = sum(term.loss() for term in model.added_loss_terms())
+    with torch.no_grad():
+        K = covar(x).to_dense() + likelihood.noise * torch.eye(len(y), dtype=y.dtype)
+    log_density = torch.distributions.MultivariateNormal(torch.zeros_like(y), K).log_prob(y)
+    return (log_density + trace_terms) / len(y)
+
+
+def _sgpr_data(n: int):
+    """``(x, y, likelihood, Z)``: ``n`` points on [0, 5], a sine, a Gaussian likelihood and 6 inducing points."""
+    import gpytorch
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 1, generator=gen, dtype=DT) * 5
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
+    return x, torch.sin(x[:, 0]), likelihood, torch.linspace(0, 5, 6, dtype=DT)[:, None]
+
+
 def _pd_operator() -> BlockMeanLinearOperator:
     return BlockMeanLinearOperator(
         torch.tensor([1.0, 1.0], dtype=DT),
@@ -276,16 +296,12 @@ def test_inducing_points_plus_a_family_kernel_train_and_predict_in_closed_form(e
     from closed_form_guard import closed_forms_only
 
     model, likelihood, covar, x, y = _inducing_sum_model(extra)
-    with torch.no_grad():
-        K = covar(x).to_dense() + likelihood.noise * torch.eye(len(y), dtype=DT)
-    expected = torch.distributions.MultivariateNormal(torch.zeros_like(y), K).log_prob(y) / len(y)
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model.train())
     with warnings.catch_warnings():
         warnings.simplefilter("error", ClosedFormFallbackWarning)
         with gpytorch.settings.max_cholesky_size(0), closed_forms_only(len(y)):
             value = mll(model(x), y)
-        trace_terms = sum(term.loss() for term in model.added_loss_terms())  # the SGPR trace terms, as GPyTorch adds
-        torch.testing.assert_close(value, expected + trace_terms / len(y), rtol=1e-7, atol=1e-8)
+        torch.testing.assert_close(value, _expected_mll(model, likelihood, covar, x, y), rtol=1e-7, atol=1e-8)
         with gpytorch.settings.max_cholesky_size(0), closed_forms_only(len(y)):
             model.eval()
             x_new = torch.linspace(-0.1, 1.1, 5, dtype=DT)[:, None]
@@ -560,12 +576,8 @@ def test_gpytorchs_inducing_point_kernel_plus_a_constant(scaled):
         covar = ScaleKernel(covar).double()
 
     model = _exact_gp(x, y, likelihood, covar).double().train()
-    with torch.no_grad():
-        K = covar(x).to_dense() + likelihood.noise * torch.eye(50, dtype=DT)
-    expected = torch.distributions.MultivariateNormal(torch.zeros_like(y), K).log_prob(y) / 50
     value = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y)
-    trace_terms = sum(term.loss() for term in model.added_loss_terms())
-    torch.testing.assert_close(value, expected + trace_terms / 50, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(value, _expected_mll(model, likelihood, covar, x, y), rtol=1e-7, atol=1e-8)
     model.eval()
     x_new = torch.linspace(0, 5, 4, dtype=DT)[:, None]
     with torch.no_grad():
@@ -608,25 +620,17 @@ def test_two_gpytorch_inducing_point_kernels_sum_in_closed_form():
 
     from closed_form_guard import closed_forms_only
 
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(60, 1, generator=gen, dtype=DT) * 5
-    y = torch.sin(x[:, 0])
-    likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
-    Z = torch.linspace(0, 5, 6, dtype=DT)[:, None]
+    x, y, likelihood, Z = _sgpr_data(60)
     covar = (
         InducingPointKernel(ScaleKernel(RBFKernel()), Z, likelihood)
         + InducingPointKernel(RBFKernel(), Z[::2].clone(), likelihood)
     ).double()
     model = _exact_gp(x, y, likelihood, covar).double().train()
-    with torch.no_grad():
-        K = covar(x).to_dense() + likelihood.noise * torch.eye(60, dtype=DT)
-    expected = torch.distributions.MultivariateNormal(torch.zeros_like(y), K).log_prob(y) / 60
     with warnings.catch_warnings():
         warnings.simplefilter("error", ClosedFormFallbackWarning)
         with gpytorch.settings.max_cholesky_size(0), closed_forms_only(60):
             value = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y)
-    trace_terms = sum(term.loss() for term in model.added_loss_terms())
-    torch.testing.assert_close(value, expected + trace_terms / 60, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(value, _expected_mll(model, likelihood, covar, x, y), rtol=1e-7, atol=1e-8)
 
 
 def test_fallback_sum_with_noise_has_linear_operators_preconditioner():
@@ -666,11 +670,7 @@ def test_gpytorchs_inducing_point_kernel_plus_an_exact_kernel_stays_gpytorchs():
     import gpytorch
     from gpytorch.kernels import InducingPointKernel, RBFKernel, ScaleKernel
 
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(80, 1, generator=gen, dtype=DT) * 5
-    y = torch.sin(x[:, 0])
-    likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
-    Z = torch.linspace(0, 5, 6, dtype=DT)[:, None]
+    x, y, likelihood, Z = _sgpr_data(80)
     covar = (InducingPointKernel(ScaleKernel(RBFKernel()), Z, likelihood) + RBFKernel()).double()
     model = _exact_gp(x, y, likelihood, covar).double().train()
     with warnings.catch_warnings():

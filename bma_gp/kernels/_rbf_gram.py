@@ -56,6 +56,14 @@ from bma_gp.kernels._rbf_root import _augment, _kernel_block, _scaled, input_gra
 __all__ = ["RBFRootFactor", "LazyRootOperator", "TraceTerm"]
 
 
+def _add_t_matmul(total: Tensor, a: Tensor, b: Tensor) -> None:
+    """``total += a^T b``, the product in ``a``'s precision and added in ``total``'s (the working precision)."""
+    if a.dtype == total.dtype:
+        total.addmm_(a.T, b)
+    else:
+        total.add_((a.T @ b).to(total.dtype))
+
+
 @reverse_mode_only("ChunkedInducingPointKernel (the Gram matrix of its root)")
 class _RBFGram(torch.autograd.Function):
     """``(U^T S U, U^T b, P_1^T W_1 S U, ...)`` with ``U = K A``, ``K = exp(-|x' - z'|^2 / 2)`` and ``S = diag(dinv)``,
@@ -212,16 +220,10 @@ class _RBFGram(torch.autograd.Function):
             rhs_c = None if b_k is None else rhs[start : start + c].to(dt)
             if k_p is not None:
                 assert p is not None
-                if dt == wdt:
-                    k_p.addmm_(k.T, p)
-                else:
-                    k_p.add_((k.T @ p).to(wdt))
+                _add_t_matmul(k_p, k, p)
             if k_b is not None:
                 assert rhs_c is not None
-                if dt == wdt:
-                    k_b.addmm_(k.T, rhs_c)
-                else:
-                    k_b.add_((k.T @ rhs_c).to(wdt))
+                _add_t_matmul(k_b, k, rhs_c)
             if not need_inputs:
                 continue
             if p is not None:
