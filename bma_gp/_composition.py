@@ -519,8 +519,10 @@ def add_structured(left, right) -> LinearOperator | None:
     parts = _Parts()
     if not (_collect(left, parts) and _collect(right, parts)):
         return None
-    if not parts.terms and len(parts.roots) < 2:  # one root plus diagonals: linear_operator's Woodbury operator
-        return None
+    if not parts.terms and len(parts.roots) < 2 and not (
+        isinstance(left, BlockMeanSumLinearOperator) or isinstance(right, BlockMeanSumLinearOperator)
+    ):  # one root plus diagonals: linear_operator's Woodbury operator (a sum of roots alone, already one of ours,
+        return None  # stays ours: it fell to a warned fallback)
     return _build(parts, left)
 
 
@@ -1406,7 +1408,15 @@ def _routed_construction(cls, args: tuple, kwargs: dict) -> LinearOperator | Non
         return None
     terms = [a if isinstance(a, LinearOperator) else DenseLinearOperator(a) for a in args]
     if not any(_is_ours(a) or _holds_ours(a) or isinstance(a, _WarnsWhenFactorised) for a in terms):
-        return None
+        # AddedDiagLinearOperator(R1 + R2, D), SumLinearOperator(R1, R2, D): closed form too
+        leaves = [_root_leaves(a) for a in terms]
+        if not (all(ok for _, ok in leaves) and sum(c for c, _ in leaves) >= 2 and _same_shapes(terms)):
+            return None
+        with _raised(_ROUTING):
+            total = terms[0]
+            for term in terms[1:-1]:
+                total = total + term
+            return _low_rank_closed_form(total, terms[-1])
     with _raised(_ROUTING):
         res = terms[0].evaluate_kernel() if len(terms) == 1 and _is_lazy_block_mean(terms[0]) else terms[0]
         for term in terms[1:]:
@@ -1840,6 +1850,10 @@ def _hooked_add(original):
             fallback = fallback_sum(self, other)  # a noise that couples the tasks: no closed form, warns when solved
             if fallback is not None:
                 return fallback
+        if _low_rank_sum(self, other) and not _lazy_roots(self, other):
+            res = _low_rank_closed_form(self, other)  # two or more low-rank roots and diagonals: Woodbury
+            if res is not None:
+                return res
         if _lazy_roots(self, other):
             # two low-rank roots, one of them an inducing-point kernel's (the sum of two such kernels): a plain sum,
             # which the closed forms read as two roots; linear_operator's add_low_rank took a Lanczos inverse root of
@@ -1900,6 +1914,61 @@ def _lazy_roots(left, right) -> bool:
     # two low-rank roots (GPyTorch's InducingPointKernels summed): linear_operator's add_low_rank factorised the first
     # densely (an n x n Cholesky, or Lanczos past max_cholesky_size) while the kernel was evaluated
     return all(isinstance(op, LowRankRootLinearOperator) and op.root.shape[-1] < op.shape[-1] for op in (left, right))
+
+
+def _root_leaves(op) -> tuple[int, bool]:
+    """``(roots, ok)``: the number of low-rank roots in ``op`` and whether every summand of it (through plain sums,
+    added diagonals and linear_operator's root-plus-diagonal operator) is a low-rank root (``U U^T`` with fewer
+    columns than rows, or an inducing-point kernel's lazy root) or a diagonal."""
+    if isinstance(op, (DiagLinearOperator, ZeroLinearOperator)):  # (also ConstantDiagLinearOperator)
+        return 0, True
+    if isinstance(op, LowRankRootAddedDiagLinearOperator):
+        parts = (op._linear_op, op._diag_tensor)
+    elif isinstance(op, SumLinearOperator) and not isinstance(op, _WarnsWhenFactorised):  # also AddedDiag...
+        parts = op.linear_ops
+    elif isinstance(op, RootLinearOperator):
+        root = op.root
+        return 1, isinstance(root, LazyRoot) or (
+            isinstance(op, LowRankRootLinearOperator) and root.shape[-1] < op.shape[-1]
+        )
+    else:
+        return 0, False
+    count = 0
+    for part in parts:
+        roots, ok = _root_leaves(part)
+        if not ok:
+            return 0, False
+        count += roots
+    return count, True
+
+
+def _low_rank_closed_form(left, right) -> LinearOperator | None:
+    """``left + right`` (:func:`_low_rank_sum`) as this package's sum with the roots side by side, where its per-point
+    diagonal is positive (what its closed forms divide by; one host read). Else ``None``: linear_operator's own sum,
+    as before (a matrix with a zero on the diagonal that the roots make positive definite is still solved there)."""
+    res = add_structured(left, right)
+    if not isinstance(res, BlockMeanSumLinearOperator):
+        return None
+    d = res.diag_values
+    return res if d.is_meta or bool((d.detach() > 0).all()) else None
+
+
+def _same_shapes(ops) -> bool:
+    return all(op.shape == ops[0].shape for op in ops)
+
+
+def _low_rank_sum(left, right) -> bool:
+    """Whether ``left + right`` is two or more low-rank roots plus diagonals, of one shape (:func:`_root_leaves`):
+    ``(R1 + R2) + D``, ``R1 + (R2 + D)``, ``D + (R1 + R2)``. Their sum has a closed form (Woodbury with the roots
+    side by side); linear_operator's ``AddedDiagLinearOperator`` / ``SumLinearOperator`` of them factorised the
+    ``n x n`` matrix densely, or ran CG and Lanczos past ``max_cholesky_size``, without a word."""
+    if not (isinstance(left, LinearOperator) and isinstance(right, LinearOperator)) or left.shape != right.shape:
+        return False
+    roots_left, ok_left = _root_leaves(left)
+    if not ok_left:
+        return False
+    roots_right, ok_right = _root_leaves(right)
+    return ok_right and roots_left + roots_right >= 2
 
 
 def _in_matmul_family(op) -> bool:
@@ -2245,6 +2314,10 @@ def _hooked_sum_add_diagonal(original):
     @functools.wraps(original)
     def add_diagonal(self, diag):
         res = unrouted(self, diag)
+        if isinstance(res, AddedDiagLinearOperator) and _low_rank_sum(self, res._diag_tensor):
+            routed = _low_rank_closed_form(self, res._diag_tensor)  # low-rank roots plus the diagonal: closed form
+            if routed is not None:
+                return routed
         if _holds_ours(self) and isinstance(res, AddedDiagLinearOperator):
             routed = add_structured(self, res._diag_tensor)
             return routed if routed is not None else FallbackSumLinearOperator(*self.linear_ops, res._diag_tensor)
