@@ -2100,6 +2100,26 @@ def block_mean_product():
     return _raised(_IN_BLOCK_MEAN_PRODUCT)
 
 
+def _hooked_identity_mul_matrix(original):
+    """``IdentityLinearOperator._mul_matrix``: linear_operator's returns the other factor unchanged, which is the
+    elementwise product only for a diagonal; for this package's operators and predictive covariances (whose ``I * A``
+    was ``A``, wrong off the diagonal) the diagonal of ``A``, times the identity's batch of ones."""
+
+    @functools.wraps(original)
+    def _mul_matrix(self, other):
+        if (
+            isinstance(other, LinearOperator)
+            and not isinstance(other, DiagLinearOperator)
+            and (_is_ours(other) or adds_exactly(other) or isinstance(other, _WarnsWhenFactorised))
+            and other.shape[-1] == other.shape[-2]
+        ):
+            return DiagLinearOperator(other.evaluate_kernel()._diagonal() * self._diagonal())
+        return original(self, other)
+
+    _mul_matrix._bma_gp_original = original
+    return _mul_matrix
+
+
 def _hooked_mul_matrix(original):
     """``LinearOperator._mul_matrix`` (the elementwise product ``A * B``, ``A.mul(B)``): when a factor is a lazily
     evaluated kernel tensor with a block mean or group kernel, or the other factor is a block mean operator, the block
@@ -2184,6 +2204,14 @@ def _hooked_mul_matrix(original):
                 # trial's predictive variances of ScaleKernel(GroupKernel * BlockMeanKernel) * IndexKernel at 1000 new
                 # points were up to 100% off). Its product is as dense as the factor already is: exact entries
                 return DenseLinearOperator(left.to_dense() * right.to_dense())
+        if isinstance(other, LinearOperator) and (adds_exactly(self) or adds_exactly(other)):
+            # a predictive covariance times a matrix: linear_operator's MulLinearOperator of the roots of both factors
+            # (a jittered Cholesky, Lanczos past max_cholesky_size: the root of pred * I was 69% off, silently). Times
+            # a diagonal it is the diagonal of products; otherwise exact entries, formed densely with a warning
+            pred, factor = (self, other) if adds_exactly(self) else (other, self)
+            if isinstance(factor, DiagLinearOperator) and pred.shape[-1] == pred.shape[-2]:
+                return DiagLinearOperator(pred._diagonal() * factor._diagonal())
+            return _dense_elementwise(pred, factor)
         if (
             isinstance(other, LinearOperator)
             and isinstance(self, (LowRankRootLinearOperator, LowRankRootAddedDiagLinearOperator))
@@ -2377,6 +2405,10 @@ def install() -> None:
         LowRankRootAddedDiagLinearOperator._mul_constant = _hooked_root_diag_mul_constant(method)
     if not hasattr(LinearOperator._mul_matrix, "_bma_gp_original"):  # also LazyEvaluatedKernelTensor's (inherited)
         LinearOperator._mul_matrix = _hooked_mul_matrix(LinearOperator._mul_matrix)
+    from linear_operator.operators import IdentityLinearOperator
+
+    if not hasattr(IdentityLinearOperator._mul_matrix, "_bma_gp_original"):
+        IdentityLinearOperator._mul_matrix = _hooked_identity_mul_matrix(IdentityLinearOperator._mul_matrix)
     method = LazyEvaluatedKernelTensor.__dict__.get("add_diagonal", None)
     if method is None:
         LazyEvaluatedKernelTensor.add_diagonal = _hooked_add_diagonal(LinearOperator.add_diagonal)
