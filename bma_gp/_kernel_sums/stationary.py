@@ -809,10 +809,11 @@ class StationaryBlockMeans(torch.autograd.Function):
             means, lam0 = rest[1], rest[2]  # B (then <dL/dB, B> / sc) or B0
             total: Tensor | int = 0
             if grad_B is not None:
+                wide = torch.float64 if grad_B.dtype == torch.float32 else grad_B.dtype
                 if grad_B.dim() == 2 and grad_B.is_contiguous() and means.is_contiguous():  # no k x k product formed
-                    total = torch.dot(grad_B.view(-1), means.view(-1))
+                    total = torch.dot(grad_B.view(-1).to(wide), means.view(-1).to(wide))
                 else:
-                    total = (grad_B * means).sum((-2, -1))
+                    total = (grad_B.to(wide) * means.to(wide)).sum((-2, -1))
                 if ctx.divide:
                     total = total / outputscale.to(grad_B.dtype)
             if grad_lam is not None:
