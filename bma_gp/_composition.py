@@ -55,6 +55,7 @@ from torch import Tensor
 
 from bma_gp._autograd import carries_tangent, functorch_wrapped, tracks_derivatives
 from bma_gp._broadcast import batch_constants, shared_batch_entry
+from bma_gp._errors import NotPositiveDefiniteError
 from bma_gp._indexing import TorchIndexing, check_floating
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._pickling import PicklesWithoutCache
@@ -519,8 +520,10 @@ def add_structured(left, right) -> LinearOperator | None:
     parts = _Parts()
     if not (_collect(left, parts) and _collect(right, parts)):
         return None
-    if not parts.terms and len(parts.roots) < 2 and not (
-        isinstance(left, BlockMeanSumLinearOperator) or isinstance(right, BlockMeanSumLinearOperator)
+    if (
+        not parts.terms
+        and len(parts.roots) < 2
+        and not (isinstance(left, BlockMeanSumLinearOperator) or isinstance(right, BlockMeanSumLinearOperator))
     ):  # one root plus diagonals: linear_operator's Woodbury operator (a sum of roots alone, already one of ours,
         return None  # stays ours: it fell to a warned fallback)
     return _build(parts, left)
@@ -1044,7 +1047,7 @@ class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperat
         ``c S`` is negative definite and has no real root; linear_operator's generic root clamped its negative
         eigenvalues and returned a zero matrix after a warning."""
         if bool((self._constant < 0).any()):
-            raise ValueError(
+            raise NotPositiveDefiniteError(
                 f"{what} of a negative multiple c S (c < 0) of a {type(self.base_linear_op).__name__}: for a positive "
                 "definite S (a covariance) c S is negative definite and has no real root (linear_operator's generic "
                 "path returned a zero root; in a batch, for the entries with c < 0). Take the root of S itself "
