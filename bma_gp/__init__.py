@@ -23,6 +23,8 @@ Public names (see the documentation for the mathematics):
   form.
 - :class:`GroupGaussianLikelihood` (its noise model :class:`GroupNoise`) -- a Gaussian likelihood with one learned
   noise variance per group.
+- :class:`NotPositiveDefiniteError` -- what a closed form raises for a matrix that is not positive definite: a
+  ``ValueError`` and linear_operator's ``NotPSDError``.
 - :mod:`settings` -- the package's switches (validation, the capacitance limit, ...).
 """
 
@@ -38,6 +40,7 @@ from bma_gp._composition import (
     closed_form,
 )
 from bma_gp._composition import install as _install_composition
+from bma_gp._errors import NotPositiveDefiniteError
 from bma_gp._version import __version__
 from bma_gp.approximation import block_mean, block_mean_from_sums
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
@@ -59,6 +62,7 @@ __all__ = [
     "BlockMeanBlockDiagLinearOperator",
     "closed_form",
     "ClosedFormFallbackWarning",
+    "NotPositiveDefiniteError",
     "FallbackIndexedLinearOperator",
     "FallbackMatmulLinearOperator",
     "FallbackScaledLinearOperator",

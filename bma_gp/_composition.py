@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import cast
@@ -55,6 +56,7 @@ from torch import Tensor
 
 from bma_gp._autograd import carries_tangent, functorch_wrapped, tracks_derivatives
 from bma_gp._broadcast import batch_constants, shared_batch_entry
+from bma_gp._errors import NotPositiveDefiniteError
 from bma_gp._indexing import TorchIndexing, check_floating
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._pickling import PicklesWithoutCache
@@ -211,6 +213,31 @@ def _is_ours(op) -> bool:
     ) or _is_lazy_block_mean(op)
 
 
+def _root_of_ours(op) -> LinearOperator | None:
+    """The block mean operator or sum that ``op`` equals where ``op`` is one's own root as linear_operator holds it:
+    ``M.root_decomposition()`` (``RootLinearOperator(M^{1/2})``, whose ``R R^T`` is a block mean operator over the
+    same partition, in closed form) or a sum's (whose root knows the sum); ``None`` otherwise. Such a root plus a
+    diagonal was linear_operator's ``AddedDiagLinearOperator`` (CG and Lanczos, silently: 16% off at n = 2,000), and
+    plus a block mean operator its root was formed densely (a capacitance of size ``n + k``)."""
+    if not isinstance(op, RootLinearOperator):
+        return None
+    root = op.root
+    if isinstance(root, BlockMeanLinearOperator):
+        product = root @ root.mT
+        return product if isinstance(product, BlockMeanLinearOperator) and product.symmetric else None
+    from bma_gp.block_mean_sum_linear_operator import _WoodburyRoot, _ZLRoot
+
+    if isinstance(root, (_WoodburyRoot, _ZLRoot)) and not root.transposed:
+        return root.parent
+    return None
+
+
+def _whole_or_itself(op):
+    """:func:`_root_of_ours` of ``op`` where it has one, else ``op``."""
+    whole = _root_of_ours(op)
+    return op if whole is None else whole
+
+
 def _holds_ours(op) -> bool:
     """A plain ``SumLinearOperator`` (built directly, say) with a block mean operator among its terms, or a sum that
     warns where it is factorised (GPyTorch's variational strategy in eval mode builds
@@ -250,6 +277,9 @@ def _collect(op, parts: _Parts) -> bool:
     if isinstance(op, SumLinearOperator):  # also AddedDiagLinearOperator
         return all(_collect(term, parts) for term in op.linear_ops)
     if isinstance(op, RootLinearOperator):  # U U^T with any number of columns (the capacitance limit bounds it)
+        whole = _root_of_ours(op)
+        if whole is not None:  # a block mean operator's or sum's own root: the operator itself, not n x n
+            return _collect(whole, parts)
         root = op.root
         if isinstance(root, LazyRoot):  # formed only if something other than a solve needs it
             parts.roots.append(root)
@@ -519,8 +549,10 @@ def add_structured(left, right) -> LinearOperator | None:
     parts = _Parts()
     if not (_collect(left, parts) and _collect(right, parts)):
         return None
-    if not parts.terms and len(parts.roots) < 2 and not (
-        isinstance(left, BlockMeanSumLinearOperator) or isinstance(right, BlockMeanSumLinearOperator)
+    if (
+        not parts.terms
+        and len(parts.roots) < 2
+        and not (isinstance(left, BlockMeanSumLinearOperator) or isinstance(right, BlockMeanSumLinearOperator))
     ):  # one root plus diagonals: linear_operator's Woodbury operator (a sum of roots alone, already one of ours,
         return None  # stays ours: it fell to a warned fallback)
     return _build(parts, left)
@@ -584,6 +616,31 @@ def _known_nonsymmetric(op) -> bool:
         return any(_known_nonsymmetric(term) for term in op.linear_ops)
     if isinstance(op, AddedDiagLinearOperator):
         return _known_nonsymmetric(op._linear_op)
+    return False
+
+
+def _visibly_nonsymmetric(t: Tensor) -> bool:
+    """Whether the dense square matrix ``t`` differs from its transpose by more than rounding (``sqrt(eps)`` of its
+    largest entry: a kernel matrix evaluated densely need not be symmetric to the last bit)."""
+    if t.is_meta or t.shape[-1] != t.shape[-2]:
+        return t.shape[-1] != t.shape[-2]
+    t = t.detach()
+    scale = t.abs().amax() if t.numel() else t.new_zeros(())
+    tol = math.sqrt(torch.finfo(t.dtype).eps) * scale if t.is_floating_point() else 0
+    return bool(((t - t.mT).abs() > tol).any())
+
+
+def _stored_nonsymmetric(op) -> bool:
+    """Whether ``op``, a summand of a fallback sum, is one of linear_operator's operators that hold their matrix
+    densely and hold one that is not symmetric (a ``TriangularLinearOperator``, a ``DenseLinearOperator`` of a
+    non-symmetric matrix): linear_operator's solvers assume symmetry, and a sum with one was solved by a Cholesky
+    factor of one triangle (3-10% off, silently). One ``O(n^2)`` read of a matrix that is ``n x n`` already."""
+    from linear_operator.operators import TriangularLinearOperator
+
+    if isinstance(op, TriangularLinearOperator):
+        return _visibly_nonsymmetric(to_dense(op))
+    if type(op) is DenseLinearOperator:
+        return _visibly_nonsymmetric(op.tensor)
     return False
 
 
@@ -831,7 +888,13 @@ class FallbackSumLinearOperator(_WarnsWhenFactorised, SumLinearOperator):
     covariance that is only ever multiplied, stays silent)."""
 
     def _nonsymmetric(self) -> bool:
-        return any(_known_nonsymmetric(op) for op in self.linear_ops)
+        return any(_known_nonsymmetric(op) or _stored_nonsymmetric(op) for op in self.linear_ops)
+
+    def _why_nonsymmetric(self) -> str:
+        for op in self.linear_ops:
+            if not _known_nonsymmetric(op) and _stored_nonsymmetric(op):
+                return f"it holds a {type(op).__name__} whose matrix is not symmetric"
+        return super()._why_nonsymmetric()
 
     def _warn(self, what: str) -> None:
         names = " + ".join(type(op).__name__ for op in self.linear_ops)
@@ -886,7 +949,9 @@ def _dense_elementwise(left: LinearOperator, right) -> LinearOperator:
     res = to_dense(left) * to_dense(right)
     if res.shape[-1] != res.shape[-2]:
         return DenseLinearOperator(res)
-    if _known_nonsymmetric(left) or _known_nonsymmetric(right):
+    if _known_nonsymmetric(left) or _known_nonsymmetric(right) or _visibly_nonsymmetric(res):
+        # (a factor of linear_operator's that is not symmetric, TriangularLinearOperator or a dense matrix, shows in
+        # the product formed here: M * Triangular was solved by Cholesky, 1-2% off)
         return FallbackDenseLinearOperator(res)  # a plain dense operator was solved by Cholesky (4-31% off, silently)
     return FallbackSumLinearOperator(DenseLinearOperator(res))
 
@@ -1044,7 +1109,7 @@ class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperat
         ``c S`` is negative definite and has no real root; linear_operator's generic root clamped its negative
         eigenvalues and returned a zero matrix after a warning."""
         if bool((self._constant < 0).any()):
-            raise ValueError(
+            raise NotPositiveDefiniteError(
                 f"{what} of a negative multiple c S (c < 0) of a {type(self.base_linear_op).__name__}: for a positive "
                 "definite S (a covariance) c S is negative definite and has no real root (linear_operator's generic "
                 "path returned a zero root; in a batch, for the entries with c < 0). Take the root of S itself "
@@ -1390,6 +1455,7 @@ def _routed_construction(cls, args: tuple, kwargs: dict) -> LinearOperator | Non
             return None
         base = args[0] if args else kwargs.get("base_linear_op")
         constant = args[1] if len(args) > 1 else kwargs.get("constant")
+        base = _whole_or_itself(base)  # a multiple of M.root_decomposition(): of M
         if not isinstance(base, LinearOperator) or not _is_ours(base):
             return None
         base = base.evaluate_kernel() if _is_lazy_block_mean(base) else base
@@ -1407,6 +1473,7 @@ def _routed_construction(cls, args: tuple, kwargs: dict) -> LinearOperator | Non
     if not args or not all(isinstance(a, (LinearOperator, Tensor)) for a in args):
         return None
     terms = [a if isinstance(a, LinearOperator) else DenseLinearOperator(a) for a in args]
+    terms = [_whole_or_itself(a) for a in terms]  # M.root_decomposition().add_diagonal(d): M + D
     if not any(_is_ours(a) or _holds_ours(a) or isinstance(a, _WarnsWhenFactorised) for a in terms):
         # AddedDiagLinearOperator(R1 + R2, D), SumLinearOperator(R1, R2, D): closed form too
         leaves = [_root_leaves(a) for a in terms]
@@ -1835,6 +1902,12 @@ def _hooked_add(original):
     def __add__(self, other):
         if adds_exactly(other) and not adds_exactly(self):
             return other.__add__(self)
+        whole = _root_of_ours(self)
+        if whole is not None:  # M.root_decomposition() + D: M + D
+            return whole + other
+        whole = _root_of_ours(other)
+        if whole is not None and isinstance(self, LinearOperator):
+            return self + whole
         if isinstance(other, LinearOperator) and (
             isinstance(self, FallbackSumLinearOperator) or isinstance(other, FallbackSumLinearOperator)
         ):  # a fallback sum plus anything (noise, say) is still one: it keeps its warning

@@ -104,7 +104,8 @@ def warn_elementwise(op, other) -> None:
         f"elementwise product of a {type(op).__name__} (n = {n}) with a {type(other).__name__}: it has no closed "
         "form (two block mean operators multiply into one, and a sum of them times one into a sum), so the product "
         f"is formed densely, {n} x {n} with exact entries, and its solves and log-determinants take the generic "
-        "path (dense Cholesky up to max_cholesky_size, CG and Lanczos beyond).",
+        "path (dense Cholesky up to max_cholesky_size, CG and Lanczos beyond; LU where the product is not "
+        "symmetric).",
         ClosedFormFallbackWarning,
         stacklevel=caller_stacklevel(),
     )

@@ -30,6 +30,7 @@ from bma_gp._broadcast import batch_constants, sum_to_shape, times_diagonal
 from bma_gp._closed_roots import ClosedFormRoots, check_root_method
 from bma_gp._core_backward import CoreCholeskySolve, CoreLogdet
 from bma_gp._diagonal import diagonal_by_construction, is_diagonal
+from bma_gp._errors import NotPositiveDefiniteError
 from bma_gp._indexing import TorchIndexing
 from bma_gp._low_rank_sum import LowRankInClosedForm
 from bma_gp._pickling import PicklesWithoutCache
@@ -1364,7 +1365,7 @@ class BlockMeanLinearOperator(
             value = float(lam.detach()[batch][i])
             size = int(self.partition.sizes[i])
             kind = "positive definite" if strict else "positive semidefinite"
-            raise ValueError(
+            raise NotPositiveDefiniteError(
                 f"{what} needs a {kind} matrix, but lam[{i}] = {value:.6g}{_where(batch)} is an eigenvalue "
                 f"(of multiplicity {size - 1}, block {i} has {size} indices) and is "
                 f"{'<= 0' if strict else '< 0'}. Add a diagonal (add_diagonal / noise) to make it {kind}."
@@ -1390,7 +1391,7 @@ class BlockMeanLinearOperator(
         if found is not None:
             batch, i = found
             value = float(evals.detach()[batch][i])
-            raise ValueError(
+            raise NotPositiveDefiniteError(
                 f"{what} needs a positive {'definite' if strict else 'semidefinite'} matrix, but the k x k core "
                 f"matrix C = diag(lam) + S^1/2 B S^1/2 has eigenvalue {value:.6g}{_where(batch)}. "
                 "Add a diagonal (add_diagonal / noise) or check B."
@@ -1586,7 +1587,7 @@ class BlockMeanLinearOperator(
             self._check_core_eigenvalues(self._diagonal_parts()[2].detach(), what, strict=True)
         else:
             self._check_core_eigenvalues(torch.linalg.eigvalsh(self.core()[1].detach()), what, strict=True)
-        raise ValueError(
+        raise NotPositiveDefiniteError(
             f"{what}: the k x k core matrix C = diag(lam) + S^1/2 B S^1/2 is not numerically positive "
             "definite (its Cholesky factorisation failed). Add a diagonal (add_diagonal / noise)."
         )

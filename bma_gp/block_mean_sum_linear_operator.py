@@ -40,6 +40,7 @@ from bma_gp._by_products import ByProducts
 from bma_gp._closed_roots import ClosedFormRoots, check_root_method
 from bma_gp._diagonal import is_diagonal as _is_diagonal
 from bma_gp._diagonal import structurally_diagonal as _structurally_diagonal
+from bma_gp._errors import NotPositiveDefiniteError
 from bma_gp._indexing import TorchIndexing, check_floating
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._low_rank_sum import LowRankInClosedForm
@@ -1078,7 +1079,7 @@ class BlockMeanSumLinearOperator(
                 "for single precision (a diagonal d tiny against the block matrices, nearly collinear root columns): "
                 "compute in float64 (.double()) or add a larger diagonal."
             )
-        return ValueError(message)
+        return NotPositiveDefiniteError(message)
 
     def _check_finite_input(self) -> None:
         """With validation on, the ``ValueError`` of :meth:`_nonfinite_input` (the roots' eigendecompositions would
@@ -1615,7 +1616,7 @@ class BlockMeanSumLinearOperator(
         like a single block mean operator's, they need an invertible sum only (a singular one raises either way)."""
         cap = self._memo("capacitance", self._factorise)
         if definite and cap.not_definite is not None and self._validating():  # a checked one serves both
-            raise ValueError(*cap.not_definite.args)
+            raise type(cap.not_definite)(*cap.not_definite.args)
         return cap
 
     def _elimination_terms(self) -> list[int]:
@@ -2488,7 +2489,7 @@ class BlockMeanSumLinearOperator(
             except ValueError as err:
                 if "not positive definite" not in str(err):
                     raise
-                raise ValueError(f"{err}; so it has no inverse square root (root_inv_decomposition)") from None
+                raise type(err)(f"{err}; so it has no inverse square root (root_inv_decomposition)") from None
         # K (q x q) is formed at the root's first product: diagonal() reads _inverse_diagonal, which eliminates
         # diagonal groupings instead (two crossed intercepts of 2,500 and 100 levels: r = 100, not q = 2,600)
         return _SumInverseRootProduct(_InverseRoot(parent=self))
@@ -2640,7 +2641,7 @@ def gram_root_core(
             # root, a silently unbounded result (float32 inputs carry a band of about q eps32 max|e|, which can be
             # far above 1), while the log-determinant of the same sum refuses it
             if (settings.validate.on() and not A.is_meta) and bool((e <= -1).any()):
-                raise ValueError(
+                raise NotPositiveDefiniteError(
                     f"{what} is not positive definite: the eigenvalue {float((e + 1).min()):.3g} of I + F G F (F the "
                     "root of its Gram matrix, G its blocks) is not positive, so it has no inverse square root"
                     + (
@@ -2656,7 +2657,7 @@ def gram_root_core(
         if not (settings.validate.on() and not A.is_meta):  # nothing read back: square roots clamp
             return e.clamp_min(0 if zero else -1 + eps)
         if bool((e < bound).any()):
-            raise ValueError(
+            raise NotPositiveDefiniteError(
                 f"{what} is not positive {'semidefinite' if zero else 'definite'}: the eigenvalue "
                 f"{float((e + (0 if zero else 1)).min()):.3g} of {'F G F' if zero else 'I + F G F'} (F the root of "
                 "its Gram matrix, G its blocks) is negative, so it has no square root. Check the signs of its blocks "
