@@ -56,7 +56,6 @@ from torch import Tensor
 
 from bma_gp._autograd import carries_tangent, functorch_wrapped, tracks_derivatives
 from bma_gp._broadcast import batch_constants, shared_batch_entry
-from bma_gp._errors import NotPositiveDefiniteError
 from bma_gp._indexing import TorchIndexing, check_floating
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._pickling import PicklesWithoutCache
@@ -90,6 +89,7 @@ class _Parts:
     lams: list[tuple[Partition, Tensor]] = field(default_factory=list)  # constant inside the blocks
     terms: list[tuple[Partition, Tensor | _Diagonal, Tensor | None]] = field(default_factory=list)
     roots: list = field(default_factory=list)  # tensors and LazyRoots
+    sums: int = 0  # how many of this package's sums were collected (their roots are closed form already)
 
 
 def _involves_block_mean(kernel) -> bool:
@@ -253,6 +253,7 @@ def _collect(op, parts: _Parts) -> bool:
     if isinstance(op, ZeroLinearOperator):
         return True
     if isinstance(op, BlockMeanSumLinearOperator):
+        parts.sums += 1
         parts.diag.append(op.diag_values)
         blocks = [_Diagonal(B) if flag else B for B, flag in zip(op._block_args, op.diagonal_blocks)]
         parts.terms.extend(zip(op.partitions, blocks, op.weights))
@@ -549,12 +550,10 @@ def add_structured(left, right) -> LinearOperator | None:
     parts = _Parts()
     if not (_collect(left, parts) and _collect(right, parts)):
         return None
-    if (
-        not parts.terms
-        and len(parts.roots) < 2
-        and not (isinstance(left, BlockMeanSumLinearOperator) or isinstance(right, BlockMeanSumLinearOperator))
-    ):  # one root plus diagonals: linear_operator's Woodbury operator (a sum of roots alone, already one of ours,
-        return None  # stays ours: it fell to a warned fallback)
+    if not parts.terms and len(parts.roots) < 2 and not parts.sums:
+        # one root plus diagonals: linear_operator's Woodbury operator (a sum of roots alone, already one of ours,
+        # evaluated or lazily, stays ours: it fell to a warned fallback)
+        return None
     return _build(parts, left)
 
 
@@ -1109,7 +1108,9 @@ class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperat
         ``c S`` is negative definite and has no real root; linear_operator's generic root clamped its negative
         eigenvalues and returned a zero matrix after a warning."""
         if bool((self._constant < 0).any()):
-            raise NotPositiveDefiniteError(
+            # a ValueError only: linear_operator's generic root_decomposition catches the RuntimeError of a Cholesky
+            # factor (NotPSDError) and clamps a symmetric eigendecomposition instead, which gave a zero root here
+            raise ValueError(
                 f"{what} of a negative multiple c S (c < 0) of a {type(self.base_linear_op).__name__}: for a positive "
                 "definite S (a covariance) c S is negative definite and has no real root (linear_operator's generic "
                 "path returned a zero root; in a batch, for the entries with c < 0). Take the root of S itself "

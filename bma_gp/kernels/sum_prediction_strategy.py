@@ -62,7 +62,6 @@ from torch import Tensor
 from bma_gp import settings
 from bma_gp._by_products import ByProducts
 from bma_gp._composition import ClosedFormFallbackWarning, _build, _collect, _Parts, is_expanded_constant
-from bma_gp._errors import NotPositiveDefiniteError
 from bma_gp._indexing import TorchIndexing, check_floating
 from bma_gp._precision import core_dtype
 from bma_gp._samples import ClosedFormSamples
@@ -2543,7 +2542,8 @@ class _ScaledDenseFactorSolves(_DenseFactorSolves, ConstantMulLinearOperator):
     def _positive(self, what: str) -> Tensor:
         c = self._constants()
         if not bool((c > 0).all()):
-            raise NotPositiveDefiniteError(
+            raise ValueError(  # not NotPSDError: linear_operator's generic root would catch it and clamp (see
+                # _composition's _negative_root)
                 f"{what} of a predictive covariance times {float(c.min()):.3g}: a multiple by a constant <= 0 is not "
                 "a covariance (not positive definite); multiply a distribution by a positive number."
             )
