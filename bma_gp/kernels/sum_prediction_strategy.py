@@ -4093,11 +4093,18 @@ def install() -> None:
     kernel's ``set_train_data`` raises instead of combining old solves with the new kernel."""
     from gpytorch.kernels import AdditiveKernel, ProductKernel
 
-    from bma_gp._composition import _involves_block_mean
+    from bma_gp._composition import _involves_block_mean, _sums_inducing_points
     from bma_gp.kernels._bound_data import install as install_model_check
 
-    _hook(AdditiveKernel, _sum_strategy, _involves_block_mean)
-    _hook(ProductKernel, _sum_strategy, _involves_block_mean)
+    def applies(kernel) -> bool:
+        # also a sum or product of inducing-point kernels without a grouping (an additive SGPR, a multitask SGPR):
+        # GPyTorch's default strategy took the root_inv_decomposition of their closed-form training covariance
+        # densely (n x n under fast_pred_var), or Lanczos of its Woodbury operator, and solved in float32 (variances
+        # 500x off)
+        return _involves_block_mean(kernel) or _sums_inducing_points(kernel)
+
+    _hook(AdditiveKernel, _sum_strategy, applies)
+    _hook(ProductKernel, _sum_strategy, applies)
     _hook_product_forward(ProductKernel)
     install_model_check()
 
