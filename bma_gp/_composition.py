@@ -623,10 +623,17 @@ def _visibly_nonsymmetric(t: Tensor) -> bool:
     largest entry: a kernel matrix evaluated densely need not be symmetric to the last bit)."""
     if t.is_meta or t.shape[-1] != t.shape[-2]:
         return t.shape[-1] != t.shape[-2]
+    if not t.numel():
+        return False
     t = t.detach()
-    scale = t.abs().amax() if t.numel() else t.new_zeros(())
-    tol = math.sqrt(torch.finfo(t.dtype).eps) * scale if t.is_floating_point() else 0
-    return bool(((t - t.mT).abs() > tol).any())
+    n = t.shape[-1]
+    tol = math.sqrt(torch.finfo(t.dtype).eps) * t.abs().amax() if t.is_floating_point() else 0
+    rows = max(1, 2**22 // max(1, n * t[..., 0, 0].numel()))  # row blocks: no n x n temporaries beside the matrix
+    for start in range(0, n, rows):
+        part = t[..., start : start + rows, :]
+        if bool(((part - t[..., :, start : start + rows].mT).abs() > tol).any()):
+            return True
+    return False
 
 
 def _stored_nonsymmetric(op) -> bool:
@@ -887,7 +894,12 @@ class FallbackSumLinearOperator(_WarnsWhenFactorised, SumLinearOperator):
     covariance that is only ever multiplied, stays silent)."""
 
     def _nonsymmetric(self) -> bool:
-        return any(_known_nonsymmetric(op) or _stored_nonsymmetric(op) for op in self.linear_ops)
+        found = self.__dict__.get("_bma_gp_nonsymmetric")
+        if found is None:  # (one O(n^2) read of a stored matrix per operator, not per solve)
+            found = self.__dict__["_bma_gp_nonsymmetric"] = any(
+                _known_nonsymmetric(op) or _stored_nonsymmetric(op) for op in self.linear_ops
+            )
+        return found
 
     def _why_nonsymmetric(self) -> str:
         for op in self.linear_ops:
