@@ -146,10 +146,12 @@ class fast_root_products(_Switch):
 
     An operator keeps the products it formed first (solves, log-determinants and roots of the same
     operator reuse them); the setting applies to operators whose products are formed inside the
-    ``with`` block, as a new training step's are. Float64 roots are not affected, and neither is the
-    RBF inducing-point root that :class:`~bma_gp.kernels.ChunkedInducingPointKernel` keeps as its
-    inputs in training: its blocks of :math:`U` are computed in the data's precision, so their
-    rounding is part of that model either way. The switch is process-wide, as :class:`validate`
+    ``with`` block, as a new training step's are. Float64 roots are not affected. The RBF
+    inducing-point root that :class:`~bma_gp.kernels.ChunkedInducingPointKernel` keeps as its inputs in
+    training computes its kernel blocks, :math:`U`'s blocks, their products and its backward pass in
+    float64 from the float32 inputs by default (about 1.9 times the float32 step at ``n = 20,000``,
+    ``m = 400``; its float32 gradients were up to 1650 times further off than GPyTorch's float32 SGPR);
+    with this switch on, in float32 as before. The switch is process-wide, as :class:`validate`
     is; ``state`` must be a bool.
     """
 
