@@ -519,8 +519,10 @@ def add_structured(left, right) -> LinearOperator | None:
     parts = _Parts()
     if not (_collect(left, parts) and _collect(right, parts)):
         return None
-    if not parts.terms and len(parts.roots) < 2 and not (
-        isinstance(left, BlockMeanSumLinearOperator) or isinstance(right, BlockMeanSumLinearOperator)
+    if (
+        not parts.terms
+        and len(parts.roots) < 2
+        and not (isinstance(left, BlockMeanSumLinearOperator) or isinstance(right, BlockMeanSumLinearOperator))
     ):  # one root plus diagonals: linear_operator's Woodbury operator (a sum of roots alone, already one of ours,
         return None  # stays ours: it fell to a warned fallback)
     return _build(parts, left)
@@ -1699,8 +1701,6 @@ class BlockMeanKroneckerAddedDiagLinearOperator(_KroneckerOfBlockMean, Kronecker
     @contextlib.contextmanager
     def _fallback(self, what: str):
         """Run linear_operator's path for ``what``, announced once (its inner Cholesky then stays quiet)."""
-        from linear_operator import settings as lo_settings
-
         from bma_gp._kronecker import announcing, no_closed_form_reason
 
         with announcing() as outer:
@@ -1708,10 +1708,7 @@ class BlockMeanKroneckerAddedDiagLinearOperator(_KroneckerOfBlockMean, Kronecker
                 size = cast(LinearOperator, self).shape[-1]
                 warnings.warn(
                     f"{what} of a {type(self).__name__} (size {size}), a Kronecker sum with a block mean factor: no "
-                    f"closed form, since {no_closed_form_reason(self)}. linear_operator factorises the dense "
-                    f"{size} x {size} matrix up to gpytorch.settings.max_cholesky_size "
-                    f"({lo_settings.max_cholesky_size.value()}) and runs CG and Lanczos (iterative, approximate "
-                    "solves and log-determinant) beyond it.",
+                    f"closed form, since {no_closed_form_reason(self)}.",
                     ClosedFormFallbackWarning,
                     stacklevel=4,
                 )

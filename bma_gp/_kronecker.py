@@ -215,19 +215,40 @@ class KroneckerBlockMean:
 
 
 def no_closed_form_reason(op) -> str:
-    """Why :func:`kronecker_block_mean` finds no closed form for ``op`` (for the fallback warning)."""
-    kron = op.linear_op
-    if not (isinstance(kron, KroneckerProductLinearOperator) and len(kron.linear_ops) == 2) or not any(
-        isinstance(f, BlockMeanLinearOperator) and f.symmetric for f in kron.linear_ops
-    ):
-        return (
-            "its Kronecker product is not one symmetric BlockMeanLinearOperator times a t x t task matrix (a sum of "
-            "kernels or more than two factors)"
+    """Why :func:`kronecker_block_mean` finds no closed form for ``op``, and what linear_operator does instead (for the
+    fallback warning)."""
+    kron, diag = op.linear_op, op.diag_tensor
+    factors = kron.linear_ops if isinstance(kron, KroneckerProductLinearOperator) else (kron,)
+    if len(factors) != 2 or not any(isinstance(f, BlockMeanLinearOperator) and f.symmetric for f in factors):
+        why = (
+            "its Kronecker product is not one symmetric BlockMeanLinearOperator times a t x t task matrix (it is "
+            f"{' (x) '.join(type(f).__name__ for f in factors)})"
         )
-    return (
-        "its added diagonal is not the same for every data point within a task (a per-point noise, or one that "
-        "carries gradients per entry), so the Kronecker structure does not split it"
+    else:
+        why = (
+            "its added diagonal is not the same for every data point within a task (a per-point noise, or one "
+            "whose entries carry their own gradients), so the Kronecker structure does not split it"
+        )
+    structured = isinstance(diag, ConstantDiagLinearOperator) or (
+        isinstance(diag, KroneckerProductDiagLinearOperator)
+        and len(diag.linear_ops) == len(factors)
+        and all(d.shape == f.shape for d, f in zip(diag.linear_ops, factors))
     )
+    if structured:
+        does = (
+            "linear_operator takes every factor's eigendecomposition (a dense one, or Lanczos past "
+            "max_cholesky_size, for a factor without a closed-form spectrum)"
+        )
+    else:
+        from linear_operator import settings as lo_settings
+
+        size = op.shape[-1]
+        does = (
+            f"linear_operator factorises the dense {size} x {size} matrix up to gpytorch.settings.max_cholesky_size "
+            f"({lo_settings.max_cholesky_size.value()}) and runs CG and Lanczos (iterative, approximate solves and "
+            "log-determinant) beyond it"
+        )
+    return f"{why}. {does}"
 
 
 def kronecker_block_mean(op) -> KroneckerBlockMean | None:

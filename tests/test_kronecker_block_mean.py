@@ -36,7 +36,9 @@ N, K_BLOCKS, T = 40, 6, 3
 def _partition(n: int = N, k: int = K_BLOCKS, seed: int = 0) -> Partition:
     """Unequal blocks, two singletons, labels neither sorted nor contiguous."""
     gen = torch.Generator().manual_seed(seed)
-    labels = torch.cat([torch.arange(k - 2), torch.randint(0, k - 2, (n - k,), generator=gen), torch.tensor([k - 2, k - 1])])
+    labels = torch.cat(
+        [torch.arange(k - 2), torch.randint(0, k - 2, (n - k,), generator=gen), torch.tensor([k - 2, k - 1])]
+    )
     return Partition.from_labels(labels[torch.randperm(n, generator=gen)])
 
 
@@ -50,8 +52,14 @@ def _inputs(batch=(), dtype=torch.float64, diagonal=False, seed=0, identity_task
     else:
         W = torch.randn(*batch, k, k, generator=gen, dtype=dtype)
         B = W @ W.mT / k
-    factor = torch.zeros(*batch, T, 1, dtype=dtype) if identity_task else torch.randn(*batch, T, 2, generator=gen, dtype=dtype)
-    variances = torch.ones(*batch, T, dtype=dtype) if identity_task else torch.rand(*batch, T, generator=gen, dtype=dtype) + 0.2
+    factor = (
+        torch.zeros(*batch, T, 1, dtype=dtype)
+        if identity_task
+        else torch.randn(*batch, T, 2, generator=gen, dtype=dtype)
+    )
+    variances = (
+        torch.ones(*batch, T, dtype=dtype) if identity_task else torch.rand(*batch, T, generator=gen, dtype=dtype) + 0.2
+    )
     noise = torch.rand(*batch, T, generator=gen, dtype=dtype) + 0.05
     return [x.requires_grad_() for x in (lam, B, factor, variances, noise)]
 
@@ -61,8 +69,10 @@ def _build(lam, B, factor, variances, noise, partition, *, diagonal=False, data_
     M = BlockMeanLinearOperator(lam, B, partition, diagonal=diagonal)
     K = factor @ factor.mT + torch.diag_embed(variances)
     n, batch = partition.n, lam.shape[:-1]
-    kron = KroneckerProductLinearOperator(M, DenseLinearOperator(K)) if data_first else KroneckerProductLinearOperator(
-        DenseLinearOperator(K), M
+    kron = (
+        KroneckerProductLinearOperator(M, DenseLinearOperator(K))
+        if data_first
+        else KroneckerProductLinearOperator(DenseLinearOperator(K), M)
     )
     ones = ConstantDiagLinearOperator(torch.ones(*batch, 1, dtype=lam.dtype), diag_shape=n)
     if layout == "task":  # MultitaskGaussianLikelihood(rank=0)
@@ -84,8 +94,10 @@ def _build(lam, B, factor, variances, noise, partition, *, diagonal=False, data_
 def _dense(op, M, K, data_first=True):
     """The same matrix, densely: ``kron(M, K) + noise`` from the operators' dense forms."""
     Md = M.to_dense()
-    A = (Md[..., :, None, :, None] * K[..., None, :, None, :]) if data_first else (
-        K[..., :, None, :, None] * Md[..., None, :, None, :]
+    A = (
+        (Md[..., :, None, :, None] * K[..., None, :, None, :])
+        if data_first
+        else (K[..., :, None, :, None] * Md[..., None, :, None, :])
     )
     nt = Md.shape[-1] * K.shape[-1]
     A = A.reshape(*A.shape[:-4], nt, nt)
@@ -98,7 +110,14 @@ def _rhs(op, columns=2, seed=1):
 
 
 CASES = [
-    pytest.param(batch, dtype, diagonal, data_first, layout, id=f"{dtype}-b{len(batch)}-{'diag' if diagonal else 'dense'}B-{'MK' if data_first else 'KM'}-{layout}")
+    pytest.param(
+        batch,
+        dtype,
+        diagonal,
+        data_first,
+        layout,
+        id=f"{dtype}-b{len(batch)}-{'diag' if diagonal else 'dense'}B-{'MK' if data_first else 'KM'}-{layout}",
+    )
     for batch in ((), (2,))
     for dtype in (torch.float64, torch.float32)
     for diagonal in (False, True)
@@ -179,7 +198,10 @@ def test_no_eigenvectors_of_the_block_mean_factor(monkeypatch):
 def test_capacitance_limit_names_the_setting():
     """k t past bma_gp.settings.max_capacitance_size is refused with a message that names the setting."""
     op, _, _ = _build(*_inputs(), _partition())
-    with bma_gp.settings.max_capacitance_size(K_BLOCKS * T - 1), pytest.raises(ValueError, match="max_capacitance_size"):
+    with (
+        bma_gp.settings.max_capacitance_size(K_BLOCKS * T - 1),
+        pytest.raises(ValueError, match="max_capacitance_size"),
+    ):
         op.solve(_rhs(op))
 
 
@@ -190,7 +212,10 @@ def test_add_diagonal_is_the_bma_gp_class():
     kron = KroneckerProductLinearOperator(M, DenseLinearOperator(factor @ factor.mT + torch.diag_embed(variances)))
     for op in (kron.add_diagonal(torch.tensor(0.3, dtype=lam.dtype)), kron.add_jitter(0.3)):
         assert isinstance(op, BlockMeanKroneckerAddedDiagLinearOperator)
-        assert isinstance(op + ConstantDiagLinearOperator(torch.ones(1, dtype=lam.dtype), N * T), BlockMeanKroneckerAddedDiagLinearOperator)
+        assert isinstance(
+            op + ConstantDiagLinearOperator(torch.ones(1, dtype=lam.dtype), N * T),
+            BlockMeanKroneckerAddedDiagLinearOperator,
+        )
         with closed_forms_only(N):
             op.logdet()
 
@@ -323,7 +348,8 @@ def test_multitask_training_memory_is_linear_in_n():
             super().__init__(x, y, lik)
             self.mean_module = gpytorch.means.MultitaskMean(gpytorch.means.ConstantMean(), num_tasks=2)
             part = Partition.from_labels((x[:, 0] * 40).long().clamp(max=39))
-            self.covar_module = gpytorch.kernels.MultitaskKernel(BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, part), num_tasks=2, rank=1)
+            base = BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, part)
+            self.covar_module = gpytorch.kernels.MultitaskKernel(base, num_tasks=2, rank=1)
 
         def forward(self, x):
             return gpytorch.distributions.MultitaskMultivariateNormal(self.mean_module(x), self.covar_module(x))
