@@ -44,9 +44,11 @@ _SUMS = {
     "SumLinearOperator(R1, R2, D)": lambda R1, R2, D: SumLinearOperator(R1, R2, D),
     "SumLinearOperator(R1, R2 + D)": lambda R1, R2, D: SumLinearOperator(R1, R2 + D),
     "(R1 + R2).add_jitter + rest": lambda R1, R2, D: (R1 + R2).add_jitter(0.25) + (D - 0.25 * _eye_like(D)),
-    "(R1 + R2) + c I + rest": lambda R1, R2, D: (R1 + R2)
-    + ConstantDiagLinearOperator(torch.full((*D.batch_shape, 1), 0.25, dtype=D.dtype), D.shape[-1])
-    + DiagLinearOperator(D.diagonal() - 0.25),
+    "(R1 + R2) + c I + rest": lambda R1, R2, D: (
+        (R1 + R2)
+        + ConstantDiagLinearOperator(torch.full((*D.batch_shape, 1), 0.25, dtype=D.dtype), D.shape[-1])
+        + DiagLinearOperator(D.diagonal() - 0.25)
+    ),
 }
 
 
@@ -79,9 +81,7 @@ class TestLowRankRootsPlusDiagonal:
         expected = torch.linalg.solve(dense, rhs)
         torch.testing.assert_close(x.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
         torch.testing.assert_close(logdet.double(), torch.logdet(dense), rtol=tol, atol=tol)
-        torch.testing.assert_close(
-            inv_quad.double(), (rhs * expected).sum((-1, -2)), rtol=tol, atol=tol * 10
-        )
+        torch.testing.assert_close(inv_quad.double(), (rhs * expected).sum((-1, -2)), rtol=tol, atol=tol * 10)
         torch.testing.assert_close(op.to_dense().double(), dense, rtol=tol, atol=tol)
 
     def test_gradients(self):
