@@ -1743,26 +1743,122 @@ class _KroneckerOfBlockMean:
     def _cholesky(self, upper: bool | None = False) -> LinearOperator:
         from linear_operator import settings as lo_settings
 
+        from bma_gp._kronecker import announced
+
         n = cast(LinearOperator, self).shape[-1]
-        warnings.warn(
-            f"cholesky of a {type(self).__name__} (n = {n}), a Kronecker sum with a block mean factor (a "
-            "MultitaskKernel around a BlockMeanKernel or GroupKernel): linear_operator factorises its dense n x n "
-            f"matrix up to gpytorch.settings.max_cholesky_size ({lo_settings.max_cholesky_size.value()}). "
-            + self._beyond,
-            ClosedFormFallbackWarning,
-            stacklevel=3,
-        )
+        if not announced():  # a warned fallback (BlockMeanKroneckerAddedDiagLinearOperator) said so already
+            warnings.warn(
+                f"cholesky of a {type(self).__name__} (n = {n}), a Kronecker sum with a block mean factor (a "
+                "MultitaskKernel around a BlockMeanKernel or GroupKernel): linear_operator factorises its dense n x n "
+                f"matrix up to gpytorch.settings.max_cholesky_size ({lo_settings.max_cholesky_size.value()}). "
+                + self._beyond,
+                ClosedFormFallbackWarning,
+                stacklevel=3,
+            )
         return super()._cholesky(upper=upper)  # type: ignore[misc]
 
 
 class BlockMeanKroneckerAddedDiagLinearOperator(_KroneckerOfBlockMean, KroneckerProductAddedDiagLinearOperator):
-    """``KroneckerProductAddedDiagLinearOperator`` with a block mean factor: :class:`_KroneckerOfBlockMean`."""
+    """``KroneckerProductAddedDiagLinearOperator`` with a block mean factor: ``M (x) K + I (x) D`` with a per-task
+    noise ``D`` (``MultitaskGaussianLikelihood(rank=0)``, with or without its global noise, ``add_diagonal(c)``)
+    solves and takes its log-determinant in closed form (:mod:`bma_gp._kronecker`, ``O(n t (t + c) + (k t)^3)``,
+    nothing ``n x n``) at every size; linear_operator took every factor's eigendecomposition (an explicit ``n x n``
+    eigenvector matrix of ``M``) above ``max_cholesky_size`` and a dense Cholesky below. Other diagonals (a per-point
+    noise) and other products keep linear_operator's path, with a :class:`ClosedFormFallbackWarning`."""
 
     _beyond = (
-        "Above it, solves and log-determinants use the factors' eigendecompositions, closed form for a block mean "
-        "factor under a constant or per-task noise (MultitaskGaussianLikelihood(rank=0)): set max_cholesky_size "
-        "below n to use them."
+        "Its solves and log-determinant are closed form under a per-task noise (MultitaskGaussianLikelihood(rank=0)); "
+        "an explicit Cholesky factor is dense."
     )
+
+    def _closed(self):
+        from bma_gp._kronecker import kronecker_block_mean
+
+        return kronecker_block_mean(self)
+
+    @contextlib.contextmanager
+    def _fallback(self, what: str):
+        """Run linear_operator's path for ``what``, announced once (its inner Cholesky then stays quiet)."""
+        from bma_gp._kronecker import announcing, no_closed_form_reason
+
+        with announcing() as outer:
+            if not outer:
+                size = cast(LinearOperator, self).shape[-1]
+                warnings.warn(
+                    f"{what} of a {type(self).__name__} (size {size}), a Kronecker sum with a block mean factor: no "
+                    f"closed form, since {no_closed_form_reason(self)}.",
+                    ClosedFormFallbackWarning,
+                    stacklevel=4,
+                )
+            yield
+
+    def _closed_solve(self, closed, rhs: Tensor) -> Tensor:
+        vector = rhs.dim() == 1
+        res = closed.solve(rhs.unsqueeze(-1) if vector else rhs).to(rhs.dtype)
+        return res.squeeze(-1) if vector else res
+
+    def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
+        check_floating(right_tensor, "right_tensor")
+        check_floating(left_tensor, "left_tensor")
+        closed = self._closed()
+        if closed is None:
+            with self._fallback("solve"):
+                return super().solve(right_tensor, left_tensor)
+        res = self._closed_solve(closed, right_tensor)
+        return res if left_tensor is None else left_tensor @ res
+
+    def _solve(self, rhs: Tensor, preconditioner=None, num_tridiag: int | None = 0):
+        closed = None if num_tridiag else self._closed()
+        if closed is None:
+            with self._fallback("solve"):
+                return super()._solve(rhs, preconditioner=preconditioner, num_tridiag=num_tridiag)
+        return self._closed_solve(closed, rhs)
+
+    def inv_quad(self, inv_quad_rhs: Tensor, reduce_inv_quad: bool = True) -> Tensor:
+        closed = self._closed()
+        if closed is None:
+            with self._fallback("inv_quad"):
+                return super().inv_quad(inv_quad_rhs, reduce_inv_quad=reduce_inv_quad)
+        rhs = inv_quad_rhs.unsqueeze(-1) if inv_quad_rhs.dim() == 1 else inv_quad_rhs
+        res = (rhs * self._closed_solve(closed, rhs)).sum(-2)
+        return res.sum(-1) if reduce_inv_quad else res
+
+    def inv_quad_logdet(self, inv_quad_rhs: Tensor | None = None, logdet: bool | None = False, reduce_inv_quad=True):
+        closed = self._closed()
+        if closed is None:
+            with self._fallback("inv_quad_logdet"):
+                return super().inv_quad_logdet(inv_quad_rhs, logdet=logdet, reduce_inv_quad=reduce_inv_quad)
+        factors = closed.factors()
+        inv_quad = None
+        if inv_quad_rhs is not None:
+            rhs = inv_quad_rhs.unsqueeze(-1) if inv_quad_rhs.dim() == 1 else inv_quad_rhs
+            inv_quad = (rhs * closed.solve(rhs, factors).to(rhs.dtype)).sum(-2)
+            if reduce_inv_quad:
+                inv_quad = inv_quad.sum(-1)
+        dtype = cast(LinearOperator, self).dtype
+        logdet_res = closed.logdet(factors).to(dtype) if logdet else None
+        return inv_quad, logdet_res
+
+    def logdet(self) -> Tensor:
+        closed = self._closed()
+        if closed is None:
+            with self._fallback("logdet"):
+                return super().logdet()
+        return closed.logdet().to(cast(LinearOperator, self).dtype)
+
+    def _logdet(self) -> Tensor:
+        closed = self._closed()
+        if closed is None:
+            with self._fallback("logdet"):
+                return super()._logdet()
+        return closed.logdet().to(cast(LinearOperator, self).dtype)
+
+    def __add__(self, other):
+        # linear_operator's adds a constant diagonal into a plain KroneckerProductAddedDiagLinearOperator
+        return _announced_kronecker(super().__add__(other))
+
+    def add_diagonal(self, diag: Tensor) -> LinearOperator:
+        return _announced_kronecker(super().add_diagonal(diag))
 
 
 class BlockMeanSumKroneckerLinearOperator(_KroneckerOfBlockMean, SumKroneckerLinearOperator):
@@ -1787,6 +1883,21 @@ def _announced_kronecker(res):
     if type(res) is SumKroneckerLinearOperator:
         return BlockMeanSumKroneckerLinearOperator(*res.linear_ops)
     return res
+
+
+def _hooked_kron_add_diagonal(original):
+    """``KroneckerProductLinearOperator.add_diagonal``: with a block mean factor (``Kron(M, K).add_diagonal(c)``,
+    ``add_jitter``) the :class:`BlockMeanKroneckerAddedDiagLinearOperator` that ``Kron(M, K) + diagonal`` gives, with
+    its closed forms; linear_operator built its plain operator (a silent dense Cholesky, or ``M``'s ``n x n``
+    eigenvectors)."""
+
+    @functools.wraps(original)
+    def add_diagonal(self, diag):
+        res = original(self, diag)
+        return _announced_kronecker(res) if _kronecker_of_ours(self) else res
+
+    add_diagonal._bma_gp_original = original
+    return add_diagonal
 
 
 def _scaled_ours(op) -> bool:
@@ -2486,6 +2597,9 @@ def install() -> None:
         method = cls.__dict__.get("__add__")
         if method is not None and not hasattr(method, "_bma_gp_original"):
             cls.__add__ = _hooked_add(method)
+    method = KroneckerProductLinearOperator.__dict__["add_diagonal"]
+    if not hasattr(method, "_bma_gp_original"):
+        KroneckerProductLinearOperator.add_diagonal = _hooked_kron_add_diagonal(method)
     if not hasattr(LinearOperator.matmul, "_bma_gp_original"):  # subclasses reach it through super().matmul
         LinearOperator.matmul = _hooked_matmul(LinearOperator.matmul)
     method = LowRankRootAddedDiagLinearOperator._mul_constant

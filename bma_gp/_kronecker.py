@@ -1,0 +1,277 @@
+r"""Closed forms for a Kronecker product with a block mean factor plus a per-task noise.
+
+``MultitaskKernel(BlockMeanKernel(...))`` (or around a ``GroupKernel``) under a ``MultitaskGaussianLikelihood(rank=0)``
+gives :math:`A = M \otimes K + I_n \otimes D` with :math:`M` a symmetric :class:`~bma_gp.BlockMeanLinearOperator`
+(``n x n``, ``k`` blocks), :math:`K` the ``t x t`` task matrix and :math:`D` a positive ``t x t`` diagonal (the task
+noises, plus the global noise). linear_operator solves it through the eigendecomposition of every factor, which for
+:math:`M` is an explicit ``n x n`` eigenvector matrix (``n^2`` memory, ``n^3``-like time), and it runs CG and Lanczos
+silently when the diagonal is not Kronecker-structured.
+
+By :math:`M`'s eigenstructure the matrix splits without any eigendecomposition:
+
+* within block :math:`i` (size :math:`s_i`) the :math:`s_i - 1` directions orthogonal to the block's indicator have
+  eigenvalue :math:`\lambda_i` under :math:`M`, so :math:`A` acts on them, tensored with the tasks, as
+  :math:`G_i = \lambda_i K + D` (``t x t``);
+* on the span of the normalised indicators :math:`U = P S^{-1/2}` :math:`M` acts as the core
+  :math:`C = \operatorname{diag}(\lambda) + S^{1/2} B S^{1/2}`, so :math:`A` acts there as
+  :math:`H = C \otimes K + I_k \otimes D` (``kt x kt``; block diagonal with blocks :math:`c_i K + D` where :math:`B`,
+  so :math:`C`, is diagonal, as a ``GroupKernel`` gives it).
+
+A solve splits the right-hand side into block sums and within-block deviations (``O(n t c)``), applies
+:math:`G_{c_m}^{-1}` to each point's deviation and :math:`H^{-1}` to the scaled block sums, and adds them back;
+:math:`\log|A| = \sum_i (s_i - 1) \log|G_i| + \log|H|`. Everything is a Cholesky factorisation of small matrices, in
+the block mean operator's core dtype (``float64`` for ``float32`` operators), and plain autograd carries the
+gradients to :math:`\lambda`, :math:`B`, :math:`K` and :math:`D` (no ``eigh`` backward, which is undefined at
+repeated eigenvalues such as :math:`K = I`). Cost ``O(n t (t + c) + k t^3 + (k t)^3)``, ``O(n t (t + c))`` memory;
+the ``(k t)^3`` term is ``k t^3`` for a diagonal :math:`B`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from linear_operator.operators import (
+    DiagLinearOperator,
+    KroneckerProductDiagLinearOperator,
+    KroneckerProductLinearOperator,
+    LinearOperator,
+)
+from linear_operator.operators.diag_linear_operator import ConstantDiagLinearOperator
+from torch import Tensor
+
+from bma_gp import settings
+from bma_gp._autograd import tracks_derivatives
+from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
+
+__all__ = ["KroneckerBlockMean", "announcing", "kronecker_block_mean", "no_closed_form_reason"]
+
+# set while a warned fallback runs linear_operator's path, so its inner Cholesky does not warn a second time
+_ANNOUNCED: contextvars.ContextVar[bool] = contextvars.ContextVar("bma_gp_kronecker_announced", default=False)
+
+
+@contextlib.contextmanager
+def announcing() -> Iterator[bool]:
+    """Mark the fallback that runs inside as announced; yields whether an outer call announced it already."""
+    outer = _ANNOUNCED.get()
+    token = _ANNOUNCED.set(True)
+    try:
+        yield outer
+    finally:
+        _ANNOUNCED.reset(token)
+
+
+def announced() -> bool:
+    return _ANNOUNCED.get()
+
+
+def _diag_values(op: DiagLinearOperator, size: int) -> Tensor:
+    """The diagonal of ``op`` as a ``(*batch, size)`` tensor (a ``ConstantDiagLinearOperator`` holds one value)."""
+    values = op._diag  # (ConstantDiagLinearOperator keeps its one value there too, as diag_values)
+    return values.expand(*values.shape[:-1], size) if values.shape[-1] != size else values
+
+
+def _equal_rows(values: Tensor) -> Tensor | None:
+    """The first row of ``values`` (``(*batch, n, t)``) if every row equals it, by value; ``None`` otherwise or where
+    derivatives are tracked (the entries' gradients differ from point to point: no per-task closed form gives them)."""
+    if tracks_derivatives(values):
+        return None
+    first = values[..., :1, :]
+    return first.squeeze(-2) if bool((values == first).all()) else None
+
+
+def _task_noise(diag: LinearOperator, n: int, t: int, data_first: bool) -> Tensor | None:
+    """``D`` (``(*batch, t)``) with ``diag = I_n (x) D`` (``D (x) I_n`` where the task factor comes first), or ``None``
+    where the diagonal is not constant over the points within a task (a per-point noise)."""
+    if isinstance(diag, ConstantDiagLinearOperator):  # a global noise, add_diagonal(c), add_jitter
+        return diag.diag_values.expand(*diag.diag_values.shape[:-1], t)
+    if isinstance(diag, KroneckerProductDiagLinearOperator) and len(diag.linear_ops) == 2:
+        # MultitaskGaussianLikelihood(rank=0): Kron(ConstantDiag(1, n), Diag(task noises [+ global noise]))
+        data, task = diag.linear_ops if data_first else diag.linear_ops[::-1]
+        if data.shape[-1] != n or task.shape[-1] != t:
+            return None
+        task_values = _diag_values(task, t)
+        if isinstance(data, ConstantDiagLinearOperator):
+            return data.diag_values * task_values
+        if isinstance(data, DiagLinearOperator):
+            point = _equal_rows(_diag_values(data, n).unsqueeze(-1))
+            return None if point is None else point * task_values
+        return None
+    if type(diag) is DiagLinearOperator:  # by value: only without derivatives (_equal_rows)
+        values = diag._diag
+        if values.shape[-1] != n * t:
+            return None
+        shaped = values.unflatten(-1, (n, t)) if data_first else values.unflatten(-1, (t, n)).mT
+        return _equal_rows(shaped)
+    return None
+
+
+@dataclass
+class KroneckerBlockMean:
+    r""":math:`M \otimes K + I_n \otimes D` (``data_first``; :math:`K \otimes M + D \otimes I_n` otherwise), with the
+    closed-form solve and log-determinant of the module docstring."""
+
+    M: BlockMeanLinearOperator
+    K: Tensor  # (*batch, t, t), symmetrised, in M's core dtype
+    D: Tensor  # (*batch, t), in M's core dtype
+    data_first: bool
+    batch_shape: torch.Size
+
+    @property
+    def t(self) -> int:
+        return self.K.shape[-1]
+
+    # ------------------------------------------------------------------ the small factorisations
+    def _cholesky(self, A: Tensor, what: str) -> Tensor:
+        L, info = torch.linalg.cholesky_ex(A)
+        if bool((info != 0).any()):
+            raise ValueError(
+                f"the closed form of this Kronecker sum with a block mean factor (M (x) K + I (x) D) needs {what} to "
+                "be positive definite, and its Cholesky factorisation failed: the block mean factor M or the task "
+                "matrix K is not positive semi-definite, or the noise D is not positive."
+            )
+        return L
+
+    def factors(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``(lam_s, LG, LH, sizes_or_None)``: the per-block Cholesky factors ``LG`` of ``G_i = lam_i K + D``
+        (``(*batch, k, t, t)``) and ``LH`` of the core ``H``, ``(*batch, k t, k t)`` or, for a diagonal ``B``,
+        ``(*batch, k, t, t)`` (then the fourth entry is ``None``)."""
+        M, K, D, t = self.M, self.K, self.D, self.t
+        k = M.partition.num_blocks
+        noise = torch.diag_embed(D).unsqueeze(-3)  # (*batch, 1, t, t)
+        if M._diagonal_core():
+            if M._validating():
+                M._check_finite()
+            lam, _, c = M._diagonal_parts()
+            LH = self._cholesky(c[..., :, None, None] * K.unsqueeze(-3) + noise, "c_i K + D for every block")
+            diagonal = True
+        else:
+            lam, C = M.core()
+            limit = settings.max_capacitance_size.value()
+            if k * t > limit:
+                raise ValueError(
+                    f"the closed form of this Kronecker sum with a block mean factor factorises the (k t) x (k t) "
+                    f"core C (x) K + I (x) D, k = {k} blocks times t = {t} tasks = {k * t}, more than "
+                    f"bma_gp.settings.max_capacitance_size = {limit}. Raise the limit with "
+                    f"`with bma_gp.settings.max_capacitance_size({k * t}):` if the O({k * t}^3) factorisation fits "
+                    "your machine, or use fewer blocks (a GroupKernel's diagonal B needs only k t x t factorisations)."
+                )
+            batch = torch.broadcast_shapes(C.shape[:-2], K.shape[:-2], D.shape[:-1])
+            H = (C[..., :, None, :, None] * K[..., None, :, None, :]).expand(*batch, k, t, k, t).reshape(
+                *batch, k * t, k * t
+            ) + torch.diag_embed(D.unsqueeze(-2).expand(*batch, k, t).reshape(*batch, k * t))
+            LH = self._cholesky(H, "the (k t) x (k t) core C (x) K + I (x) D")
+            diagonal = False
+        LG = self._cholesky(lam[..., :, None, None] * K.unsqueeze(-3) + noise, "lam_i K + D for every block")
+        return lam, LG, LH, None if diagonal else LH
+
+    # ------------------------------------------------------------------ solve and log-determinant
+    def _to_points(self, rhs: Tensor) -> Tensor:
+        """``rhs`` (``(*batch, n t, c)``) as ``(*batch, n, t, c)``: points, tasks, columns."""
+        n, t = self.M.shape[-1], self.t
+        if self.data_first:
+            return rhs.unflatten(-2, (n, t))
+        return rhs.unflatten(-2, (t, n)).transpose(-3, -2)
+
+    def _from_points(self, x: Tensor) -> Tensor:
+        if self.data_first:
+            return x.flatten(-3, -2)
+        return x.transpose(-3, -2).flatten(-3, -2)
+
+    def solve(self, rhs: Tensor, factors: tuple | None = None) -> Tensor:
+        """``A^{-1} rhs`` for ``rhs`` of shape ``(*batch, n t, c)``."""
+        _, LG, LH, full = self.factors() if factors is None else factors
+        partition = self.M.partition
+        k, t = partition.num_blocks, self.t
+        dtype = self.K.dtype
+        sizes = partition.sizes.to(dtype)
+        x = self._to_points(rhs.to(dtype))  # (*batch, n, t, c)
+        sums = partition.block_sum(x, dim=-3)  # (*batch, k, t, c)
+        deviations = x - partition.expand(sums / sizes[:, None, None], dim=-3)
+        # the within-block deviations: G_i^{-1} at every point of block i (the k small inverses, gathered)
+        G_inv = torch.cholesky_inverse(LG)  # (*batch, k, t, t)
+        res = partition.expand(G_inv, dim=-3) @ deviations
+        # the block-mean directions: z = S^{-1/2} P^T x, w = H^{-1} z, back as P S^{-1/2} w
+        root = sizes.sqrt()[:, None, None]
+        z = sums / root
+        if full is None:  # block diagonal H: one t x t solve per block
+            w = torch.cholesky_solve(z, LH)
+        else:
+            w = torch.cholesky_solve(z.flatten(-3, -2), LH).unflatten(-2, (k, t))
+        res = res + partition.expand(w / root, dim=-3)
+        return self._from_points(res)
+
+    def logdet(self, factors: tuple | None = None) -> Tensor:
+        r""":math:`\log|A| = \sum_i (s_i - 1) \log|G_i| + \log|H|`, shape ``(*batch)``."""
+        _, LG, LH, full = self.factors() if factors is None else factors
+        dev_weights = (self.M.partition.sizes - 1).to(LG.dtype)
+        log_G = 2 * LG.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # (*batch, k)
+        res = (dev_weights * log_G).sum(-1)
+        log_H = 2 * LH.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        return res + (log_H.sum(-1) if full is None else log_H)
+
+
+def no_closed_form_reason(op) -> str:
+    """Why :func:`kronecker_block_mean` finds no closed form for ``op``, and what linear_operator does instead (for the
+    fallback warning)."""
+    kron, diag = op.linear_op, op.diag_tensor
+    factors = kron.linear_ops if isinstance(kron, KroneckerProductLinearOperator) else (kron,)
+    if len(factors) != 2 or not any(isinstance(f, BlockMeanLinearOperator) and f.symmetric for f in factors):
+        why = (
+            "its Kronecker product is not one symmetric BlockMeanLinearOperator times a t x t task matrix (it is "
+            f"{' (x) '.join(type(f).__name__ for f in factors)})"
+        )
+    else:
+        why = (
+            "its added diagonal is not the same for every data point within a task (a per-point noise, or one "
+            "whose entries carry their own gradients), so the Kronecker structure does not split it"
+        )
+    structured = isinstance(diag, ConstantDiagLinearOperator) or (
+        isinstance(diag, KroneckerProductDiagLinearOperator)
+        and len(diag.linear_ops) == len(factors)
+        and all(d.shape == f.shape for d, f in zip(diag.linear_ops, factors))
+    )
+    if structured:
+        does = (
+            "linear_operator takes every factor's eigendecomposition (a dense one, or Lanczos past "
+            "max_cholesky_size, for a factor without a closed-form spectrum)"
+        )
+    else:
+        from linear_operator import settings as lo_settings
+
+        size = op.shape[-1]
+        does = (
+            f"linear_operator factorises the dense {size} x {size} matrix up to gpytorch.settings.max_cholesky_size "
+            f"({lo_settings.max_cholesky_size.value()}) and runs CG and Lanczos (iterative, approximate solves and "
+            "log-determinant) beyond it"
+        )
+    return f"{why}. {does}"
+
+
+def kronecker_block_mean(op) -> KroneckerBlockMean | None:
+    """The closed form of a ``KroneckerProductAddedDiagLinearOperator`` ``op`` (``Kron(M, K) + diagonal``), or ``None``
+    where it has none: the product is not one symmetric block mean operator times a task matrix, or the diagonal is
+    not ``I_n (x) D`` (:func:`_task_noise`)."""
+    kron = op.linear_op
+    if not isinstance(kron, KroneckerProductLinearOperator) or len(kron.linear_ops) != 2:
+        return None
+    first, second = kron.linear_ops
+    candidates = [
+        (f, other, data_first)
+        for f, other, data_first in ((first, second, True), (second, first, False))
+        if isinstance(f, BlockMeanLinearOperator) and f.symmetric
+    ]
+    if not candidates:
+        return None
+    M, task, data_first = max(candidates, key=lambda c: c[0].shape[-1])  # two: the larger one is the data factor
+    n, t = M.shape[-1], task.shape[-1]
+    D = _task_noise(op.diag_tensor, n, t, data_first)
+    if D is None:
+        return None
+    dtype = M.core_dtype
+    K = task.to_dense() if isinstance(task, LinearOperator) else task
+    K = (0.5 * (K + K.mT)).to(dtype)
+    return KroneckerBlockMean(M, K, D.to(dtype), data_first, op.batch_shape)
