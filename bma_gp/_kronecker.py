@@ -7,10 +7,10 @@ under ``rank=0`` (the task noises, plus the global noise; linear_operator's ``Kr
 or a full positive semi-definite matrix under ``rank >= 1`` (``F F^T``, plus the global noise;
 linear_operator's ``SumKroneckerLinearOperator``). linear_operator solves the first through the eigendecomposition of
 every factor, which for :math:`M` is an explicit ``n x n`` eigenvector matrix (``n^2`` memory, ``n^3``-like time),
-and runs CG and Lanczos silently when the diagonal is not Kronecker-structured; it whitens the second by an inverse
-root of :math:`D` taken by Lanczos (an iterative estimate, and none at all for a singular :math:`D`) and then
-eigendecomposes the whitened :math:`M` densely. Nothing here needs :math:`D` itself to be invertible: only the small
-matrices below must be positive definite.
+and runs CG and Lanczos silently when the diagonal is not Kronecker-structured; it factorises the second densely up
+to ``max_cholesky_size`` and beyond it whitens it by an inverse root of :math:`D`, taken by Lanczos where
+``t > max_cholesky_size`` (an iterative estimate, and none at all for a singular :math:`D`). Nothing here needs
+:math:`D` itself to be invertible: only the small matrices below must be positive definite.
 
 By :math:`M`'s eigenstructure the matrix splits without any eigendecomposition:
 
