@@ -1,11 +1,16 @@
-r"""Closed forms for a Kronecker product with a block mean factor plus a per-task noise.
+r"""Closed forms for a Kronecker product with a block mean factor plus a per-task or task-coupling noise.
 
-``MultitaskKernel(BlockMeanKernel(...))`` (or around a ``GroupKernel``) under a ``MultitaskGaussianLikelihood(rank=0)``
+``MultitaskKernel(BlockMeanKernel(...))`` (or around a ``GroupKernel``) under a ``MultitaskGaussianLikelihood``
 gives :math:`A = M \otimes K + I_n \otimes D` with :math:`M` a symmetric :class:`~bma_gp.BlockMeanLinearOperator`
-(``n x n``, ``k`` blocks), :math:`K` the ``t x t`` task matrix and :math:`D` a positive ``t x t`` diagonal (the task
-noises, plus the global noise). linear_operator solves it through the eigendecomposition of every factor, which for
-:math:`M` is an explicit ``n x n`` eigenvector matrix (``n^2`` memory, ``n^3``-like time), and it runs CG and Lanczos
-silently when the diagonal is not Kronecker-structured.
+(``n x n``, ``k`` blocks), :math:`K` the ``t x t`` task matrix and :math:`D` the ``t x t`` noise: a positive diagonal
+under ``rank=0`` (the task noises, plus the global noise; linear_operator's ``KroneckerProductAddedDiagLinearOperator``)
+or a full positive semi-definite matrix under ``rank >= 1`` (``F F^T``, plus the global noise;
+linear_operator's ``SumKroneckerLinearOperator``). linear_operator solves the first through the eigendecomposition of
+every factor, which for :math:`M` is an explicit ``n x n`` eigenvector matrix (``n^2`` memory, ``n^3``-like time),
+and runs CG and Lanczos silently when the diagonal is not Kronecker-structured; it factorises the second densely up
+to ``max_cholesky_size`` and beyond it whitens it by an inverse root of :math:`D`, taken by Lanczos where
+``t > max_cholesky_size`` (an iterative estimate, and none at all for a singular :math:`D`). Nothing here needs
+:math:`D` itself to be invertible: only the small matrices below must be positive definite.
 
 By :math:`M`'s eigenstructure the matrix splits without any eigendecomposition:
 
@@ -39,6 +44,7 @@ from linear_operator.operators import (
     KroneckerProductDiagLinearOperator,
     KroneckerProductLinearOperator,
     LinearOperator,
+    SumKroneckerLinearOperator,
 )
 from linear_operator.operators.diag_linear_operator import ConstantDiagLinearOperator
 from torch import Tensor
@@ -47,7 +53,14 @@ from bma_gp import settings
 from bma_gp._autograd import tracks_derivatives
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 
-__all__ = ["KroneckerBlockMean", "announcing", "kronecker_block_mean", "no_closed_form_reason"]
+__all__ = [
+    "KroneckerBlockMean",
+    "announcing",
+    "kronecker_block_mean",
+    "kronecker_sum_block_mean",
+    "no_closed_form_reason",
+    "no_closed_form_sum_reason",
+]
 
 # set while a warned fallback runs linear_operator's path, so its inner Cholesky does not warn a second time
 _ANNOUNCED: contextvars.ContextVar[bool] = contextvars.ContextVar("bma_gp_kronecker_announced", default=False)
@@ -116,7 +129,7 @@ class KroneckerBlockMean:
 
     M: BlockMeanLinearOperator
     K: Tensor  # (*batch, t, t), symmetrised, in M's core dtype
-    D: Tensor  # (*batch, t), in M's core dtype
+    D: Tensor  # (*batch, t, t), the noise (diagonal under rank=0), symmetrised, in M's core dtype
     data_first: bool
     batch_shape: torch.Size
 
@@ -131,7 +144,9 @@ class KroneckerBlockMean:
             raise ValueError(
                 f"the closed form of this Kronecker sum with a block mean factor (M (x) K + I (x) D) needs {what} to "
                 "be positive definite, and its Cholesky factorisation failed: the block mean factor M or the task "
-                "matrix K is not positive semi-definite, or the noise D is not positive."
+                "matrix K is not positive semi-definite, or the noise D is not positive definite on what M (x) K "
+                "leaves uncovered (a MultitaskGaussianLikelihood(rank >= 1) without its global noise has a singular "
+                "D; with a block offset lam_i = 0, as a GroupKernel's, the whole matrix is then singular)."
             )
         return L
 
@@ -141,7 +156,7 @@ class KroneckerBlockMean:
         ``(*batch, k, t, t)`` (then the fourth entry is ``None``)."""
         M, K, D, t = self.M, self.K, self.D, self.t
         k = M.partition.num_blocks
-        noise = torch.diag_embed(D).unsqueeze(-3)  # (*batch, 1, t, t)
+        noise = D.unsqueeze(-3)  # (*batch, 1, t, t)
         if M._diagonal_core():
             if M._validating():
                 M._check_finite()
@@ -159,10 +174,12 @@ class KroneckerBlockMean:
                     f"`with bma_gp.settings.max_capacitance_size({k * t}):` if the O({k * t}^3) factorisation fits "
                     "your machine, or use fewer blocks (a GroupKernel's diagonal B needs only k t x t factorisations)."
                 )
-            batch = torch.broadcast_shapes(C.shape[:-2], K.shape[:-2], D.shape[:-1])
-            H = (C[..., :, None, :, None] * K[..., None, :, None, :]).expand(*batch, k, t, k, t).reshape(
-                *batch, k * t, k * t
-            ) + torch.diag_embed(D.unsqueeze(-2).expand(*batch, k, t).reshape(*batch, k * t))
+            batch = torch.broadcast_shapes(C.shape[:-2], K.shape[:-2], D.shape[:-2])
+            eye = torch.eye(k, dtype=C.dtype, device=C.device)
+            H = (
+                C[..., :, None, :, None] * K[..., None, :, None, :] + eye[:, None, :, None] * D[..., None, :, None, :]
+            )  # C (x) K + I_k (x) D
+            H = H.expand(*batch, k, t, k, t).reshape(*batch, k * t, k * t)
             LH = self._cholesky(H, "the (k t) x (k t) core C (x) K + I (x) D")
             diagonal = False
         LG = self._cholesky(lam[..., :, None, None] * K.unsqueeze(-3) + noise, "lam_i K + D for every block")
@@ -255,23 +272,85 @@ def kronecker_block_mean(op) -> KroneckerBlockMean | None:
     """The closed form of a ``KroneckerProductAddedDiagLinearOperator`` ``op`` (``Kron(M, K) + diagonal``), or ``None``
     where it has none: the product is not one symmetric block mean operator times a task matrix, or the diagonal is
     not ``I_n (x) D`` (:func:`_task_noise`)."""
-    kron = op.linear_op
-    if not isinstance(kron, KroneckerProductLinearOperator) or len(kron.linear_ops) != 2:
+    product = _block_mean_product(op.linear_op)
+    if product is None:
         return None
-    first, second = kron.linear_ops
-    candidates = [
-        (f, other, data_first)
-        for f, other, data_first in ((first, second, True), (second, first, False))
-        if isinstance(f, BlockMeanLinearOperator) and f.symmetric
-    ]
-    if not candidates:
-        return None
-    M, task, data_first = max(candidates, key=lambda c: c[0].shape[-1])  # two: the larger one is the data factor
+    M, task, index = product
+    data_first = index == 0
     n, t = M.shape[-1], task.shape[-1]
     D = _task_noise(op.diag_tensor, n, t, data_first)
     if D is None:
         return None
     dtype = M.core_dtype
-    K = task.to_dense() if isinstance(task, LinearOperator) else task
-    K = (0.5 * (K + K.mT)).to(dtype)
-    return KroneckerBlockMean(M, K, D.to(dtype), data_first, op.batch_shape)
+    return KroneckerBlockMean(M, _symmetric(task, dtype), torch.diag_embed(D.to(dtype)), data_first, op.batch_shape)
+
+
+def _symmetric(task, dtype: torch.dtype) -> Tensor:
+    """A ``t x t`` factor (operator or tensor) as a dense symmetrised tensor in ``dtype``."""
+    dense = task.to_dense() if isinstance(task, LinearOperator) else task
+    return (0.5 * (dense + dense.mT)).to(dtype)
+
+
+def _block_mean_product(kron) -> tuple[BlockMeanLinearOperator, LinearOperator, int] | None:
+    """``(M, task factor, index of M)`` for a two-factor Kronecker product with a symmetric block mean factor."""
+    if not isinstance(kron, KroneckerProductLinearOperator) or len(kron.linear_ops) != 2:
+        return None
+    candidates = [
+        (f, kron.linear_ops[1 - i], i)
+        for i, f in enumerate(kron.linear_ops)
+        if isinstance(f, BlockMeanLinearOperator) and f.symmetric
+    ]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda c: c[0].shape[-1])  # two: the larger one is the data factor
+
+
+def _identity_scale(op, n: int) -> Tensor | None:
+    """``c`` (``(*batch, 1)``) with ``op = c I_n``, or ``None``: a ``ConstantDiagLinearOperator`` (the likelihood's
+    ``eye_lt``), or a ``DiagLinearOperator`` whose entries are equal by value and carry no gradients."""
+    if op.shape[-1] != n:
+        return None
+    if isinstance(op, ConstantDiagLinearOperator):
+        return op.diag_values
+    if type(op) is DiagLinearOperator:
+        return _equal_rows(_diag_values(op, n).unsqueeze(-1))
+    return None
+
+
+def kronecker_sum_block_mean(op) -> KroneckerBlockMean | None:
+    """The closed form of a ``SumKroneckerLinearOperator`` ``op``: ``Kron(M, K) + Kron(c I_n, D)`` (either term first,
+    the factors in either order, the data factors in the same place) with ``D`` any ``t x t`` operator
+    (``MultitaskGaussianLikelihood(rank >= 1)``: ``RootLinearOperator(F)``, plus a ``ConstantDiagLinearOperator`` with
+    the global noise); ``None`` otherwise."""
+    if not isinstance(op, SumKroneckerLinearOperator) or len(op.linear_ops) != 2:
+        return None
+    found = [
+        (product, other)
+        for kron, other in (op.linear_ops, op.linear_ops[::-1])
+        if (product := _block_mean_product(kron)) is not None
+    ]
+    if len(found) != 1:  # none, or a block mean factor in both terms
+        return None
+    (M, task, index), noise = found[0]
+    if not isinstance(noise, KroneckerProductLinearOperator) or len(noise.linear_ops) != 2:
+        return None
+    n, t = M.shape[-1], task.shape[-1]
+    data, task_noise = noise.linear_ops[index], noise.linear_ops[1 - index]
+    if task_noise.shape[-1] != t or task_noise.shape[-2] != t:
+        return None
+    scale = _identity_scale(data, n)
+    if scale is None:
+        return None
+    dtype = M.core_dtype
+    D = _symmetric(task_noise, dtype) * scale.to(dtype).unsqueeze(-1)
+    return KroneckerBlockMean(M, _symmetric(task, dtype), D, index == 0, op.batch_shape)
+
+
+def no_closed_form_sum_reason(op) -> str:
+    """Why :func:`kronecker_sum_block_mean` finds no closed form for ``op`` and what linear_operator does instead."""
+    return (
+        "it is not Kron(M, K) + Kron(c I_n, D) with one symmetric BlockMeanLinearOperator M and a t x t noise D "
+        f"(its terms are {' + '.join(type(term).__name__ for term in op.linear_ops)}). linear_operator whitens it "
+        "by an inverse root of the second term's factors (by Lanczos past max_cholesky_size) and eigendecomposes the "
+        "whitened first term densely"
+    )

@@ -295,13 +295,16 @@ def test_multitask_kernel_with_task_noises_uses_the_block_mean_spectrum():
         assert_matches_dense(model, x, y.mT, xt)
 
 
-def test_multitask_kernel_dense_cholesky_is_announced():
-    # up to max_cholesky_size linear_operator factorises the dense (n t) x (n t) Kronecker sum: that must not be silent.
-    # A per-task noise (rank=0) is closed form since session 28 (tests/test_kronecker_block_mean.py): no warning
-    x, _, y, partition, _, _ = data()
+def test_multitask_kernel_with_coupled_task_noise_is_closed_form():
+    # up to max_cholesky_size linear_operator factorised the dense (n t) x (n t) Kronecker sum (announced), and above it
+    # whitened by a Lanczos inverse root of the noise's task factor. A noise that couples the tasks (rank=1) is closed
+    # form since session 28 (tests/test_kronecker_task_noise.py), like a per-task noise (rank=0), at every size
+    x, _, y, partition, xt, _ = data()
     kernel = gpytorch.kernels.MultitaskKernel(BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, partition), T)
     model = KroneckerGP(x, y.mT, multitask_likelihood(rank=1), kernel).to(DTYPE)
-    _assert_warned_loss_matches_dense(model, x, y, r"n = 120\), a Kronecker sum with a block mean factor")
+    for size in (800, 0):
+        with gpytorch.settings.max_cholesky_size(size):
+            assert_matches_dense(model, x, y.mT, xt)
 
 
 # -------------------------------------------------------------- IndexKernel over the tasks (GPyTorch's Hadamard model)
