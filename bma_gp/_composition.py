@@ -59,6 +59,7 @@ from bma_gp._broadcast import batch_constants, shared_batch_entry
 from bma_gp._indexing import TorchIndexing, check_floating
 from bma_gp._lazy_root import LazyRoot
 from bma_gp._pickling import PicklesWithoutCache
+from bma_gp._precision import core_dtype
 from bma_gp._warnings import ClosedFormFallbackWarning
 from bma_gp.block_mean_linear_operator import (
     BlockMeanLinearOperator,
@@ -2181,12 +2182,25 @@ def _low_rank_closed_form(left, right) -> LinearOperator | None:
     res = add_structured(left, right)
     if not isinstance(res, BlockMeanSumLinearOperator):
         return None
-    d = res.diag_values
-    return res if d.is_meta or bool((d.detach() > 0).all()) else None
+    d = res.diag_values.detach()
+    if d.is_meta:
+        return res
+    # Woodbury divides by d: a d_i tiny against the matrix's diagonal (the roots' row norms) loses what rounding
+    # keeps of it (d_i = 1e-12 beside roots of size 1: solves 2e-5 off; 1e-40: 7e22 off, silently), where a dense
+    # Cholesky of the same well-conditioned matrix is exact. Such a sum stays linear_operator's
+    floor = math.sqrt(torch.finfo(core_dtype(d.dtype)).eps) * res._diagonal().detach().abs().amax(-1, keepdim=True)
+    return res if bool((d > floor).all()) else None
 
 
 def _same_shapes(ops) -> bool:
-    return all(op.shape == ops[0].shape for op in ops)
+    """Whether the operators are matrices of one size whose batch shapes broadcast (a batch of roots plus one
+    diagonal: linear_operator's sum of them expands the diagonal when it rebuilds itself, and a rebuild must not
+    change the class, so the first sum is routed as its rebuild would be)."""
+    try:
+        torch.broadcast_shapes(*(op.batch_shape for op in ops))
+    except RuntimeError:
+        return False
+    return all(op.shape[-2:] == ops[0].shape[-2:] for op in ops)
 
 
 def _low_rank_sum(left, right) -> bool:
@@ -2194,7 +2208,7 @@ def _low_rank_sum(left, right) -> bool:
     ``(R1 + R2) + D``, ``R1 + (R2 + D)``, ``D + (R1 + R2)``. Their sum has a closed form (Woodbury with the roots
     side by side); linear_operator's ``AddedDiagLinearOperator`` / ``SumLinearOperator`` of them factorised the
     ``n x n`` matrix densely, or ran CG and Lanczos past ``max_cholesky_size``, without a word."""
-    if not (isinstance(left, LinearOperator) and isinstance(right, LinearOperator)) or left.shape != right.shape:
+    if not (isinstance(left, LinearOperator) and isinstance(right, LinearOperator)) or not _same_shapes([left, right]):
         return False
     roots_left, ok_left = _root_leaves(left)
     if not ok_left:

@@ -249,3 +249,37 @@ class TestStoredNonsymmetricSummands:
         K = K + 1e-14 * torch.triu(torch.ones_like(K), 1)  # rounding-size asymmetry
         op = M + DenseLinearOperator(K)
         assert not op._nonsymmetric()
+
+
+class TestLowRankRootsEdgeCases:
+    """What an attack on the routing of low-rank roots plus diagonals found: a batch of roots plus an unbatched
+    diagonal became linear_operator's sum first and this package's sum when linear_operator rebuilt it
+    (``AttributeError`` in ``logdet``); a tiny positive entry of the diagonal made the Woodbury form lose it (1e-40:
+    a solve 7e22 off, silently)."""
+
+    @pytest.mark.parametrize("batched", ["roots", "diagonal"])
+    def test_broadcast_batches(self, batched):
+        U1, U2, d = _roots(30, batch=(3,))
+        if batched == "diagonal":
+            U1, U2 = U1[0], U2[0]
+        else:
+            d = d[0]
+        op = LowRankRootLinearOperator(U1) + LowRankRootLinearOperator(U2) + DiagLinearOperator(d)
+        dense = _dense(U1, U2, d)
+        rebuilt = op.representation_tree()(*op.representation())
+        assert type(rebuilt) is type(op)
+        torch.testing.assert_close(op.logdet(), torch.logdet(dense), rtol=1e-10, atol=1e-9)
+        root = op.root_decomposition().root.to_dense()
+        torch.testing.assert_close(root @ root.mT, dense, rtol=1e-9, atol=1e-9)
+
+    @pytest.mark.parametrize("tiny", [1e-12, 1e-20, 1e-40, 1e-300])
+    def test_tiny_diagonal_entry_keeps_a_dense_factorisation(self, tiny):
+        n = 50
+        U1, U2, d = _roots(n)
+        d = d.index_fill(0, torch.tensor([3]), tiny)
+        op = LowRankRootLinearOperator(U1) + LowRankRootLinearOperator(U2) + DiagLinearOperator(d)
+        assert not isinstance(op, BlockMeanSumLinearOperator)
+        dense = _dense(U1, U2, d)
+        rhs = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+        expected = torch.linalg.solve(dense, rhs)
+        torch.testing.assert_close(op.solve(rhs), expected, rtol=1e-8, atol=1e-8 * expected.abs().max().item())

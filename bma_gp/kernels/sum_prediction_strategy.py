@@ -4072,6 +4072,17 @@ def _hook(cls, kernel_strategy, applies) -> None:
     cls.prediction_strategy = prediction_strategy
 
 
+def _several_roots(kernel) -> bool:
+    """A product (with a task factor) or a sum of two or more inducing-point kernels: what the package's strategy
+    predicts in closed form without a grouping. An inducing-point kernel plus constants keeps GPyTorch's strategy,
+    whose exact path it serves (the package's reads the cross covariance of a scaled sum as unrecognised, and warns)."""
+    from gpytorch.kernels import AdditiveKernel, InducingPointKernel, ProductKernel
+
+    if isinstance(kernel, ProductKernel):
+        return True
+    return isinstance(kernel, AdditiveKernel) and sum(isinstance(m, InducingPointKernel) for m in kernel.modules()) >= 2
+
+
 def _sum_strategy(kernel, train_inputs, train_prior_dist, train_labels, likelihood) -> SumPredictionStrategy:
     strategy = SumPredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood)
     return record_bound_data(strategy, kernel)
@@ -4101,7 +4112,7 @@ def install() -> None:
         # GPyTorch's default strategy took the root_inv_decomposition of their closed-form training covariance
         # densely (n x n under fast_pred_var), or Lanczos of its Woodbury operator, and solved in float32 (variances
         # 500x off)
-        return _involves_block_mean(kernel) or _sums_inducing_points(kernel)
+        return _involves_block_mean(kernel) or (_sums_inducing_points(kernel) and _several_roots(kernel))
 
     _hook(AdditiveKernel, _sum_strategy, applies)
     _hook(ProductKernel, _sum_strategy, applies)
