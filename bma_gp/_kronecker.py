@@ -51,6 +51,7 @@ from torch import Tensor
 
 from bma_gp import settings
 from bma_gp._autograd import tracks_derivatives
+from bma_gp._errors import NotPositiveDefiniteError
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 
 __all__ = [
@@ -141,7 +142,7 @@ class KroneckerBlockMean:
     def _cholesky(self, A: Tensor, what: str) -> Tensor:
         L, info = torch.linalg.cholesky_ex(A)
         if bool((info != 0).any()):
-            raise ValueError(
+            raise NotPositiveDefiniteError(
                 f"the closed form of this Kronecker sum with a block mean factor (M (x) K + I (x) D) needs {what} to "
                 "be positive definite, and its Cholesky factorisation failed: the block mean factor M or the task "
                 "matrix K is not positive semi-definite, or the noise D is not positive definite on what M (x) K "

@@ -281,3 +281,24 @@ def test_float32_model_matches_float64_dense():
             / y.numel()
         )
     assert abs(value.double() - ref) <= 1e-5 * abs(ref)
+
+
+def test_singular_sum_raises_not_positive_definite_error():
+    # GPyTorch code that retries on NotPSDError caught linear_operator's dense Cholesky failure for this matrix; the
+    # closed form's refusal is one too
+    from linear_operator.operators import DiagLinearOperator, KroneckerProductLinearOperator
+    from linear_operator.utils.errors import NotPSDError
+
+    from bma_gp import BlockMeanLinearOperator, Partition
+
+    M = BlockMeanLinearOperator(
+        torch.tensor([1.0, 1.0], dtype=torch.float64),
+        torch.eye(2, dtype=torch.float64),
+        Partition.from_labels(torch.tensor([0, 0, 1, 1])),
+    )
+    K = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)  # indefinite task matrix
+    op = KroneckerProductLinearOperator(M, DenseLinearOperator(K)) + DiagLinearOperator(
+        torch.full((8,), 1e-3, dtype=torch.float64)
+    )
+    with pytest.raises(NotPSDError, match="positive definite"):
+        op.logdet()
