@@ -26,6 +26,8 @@ from bma_gp import BlockMeanKernel, BlockMeanLinearOperator, ClosedFormFallbackW
 from bma_gp._composition import BlockMeanKroneckerAddedDiagLinearOperator
 from bma_gp.kernels import GroupKernel
 from closed_form_guard import closed_forms_only
+from kronecker_reference import dense_mll, dense_prediction
+from kronecker_reference import rhs as random_rhs
 from peak_memory import peak_memory_increase
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -104,11 +106,6 @@ def _dense(op, M, K, data_first=True):
     return A + torch.diag_embed(op.diag_tensor.diagonal())
 
 
-def _rhs(op, columns=2, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*op.batch_shape, op.shape[-1], columns, generator=gen, dtype=op.dtype)
-
-
 CASES = [
     pytest.param(
         batch,
@@ -135,7 +132,7 @@ def test_closed_form_matches_dense(batch, dtype, diagonal, data_first, layout):
     leaves = _inputs(batch, dtype, diagonal)
     op, M, K = _build(*leaves, partition, diagonal=diagonal, data_first=data_first, layout=layout)
     assert isinstance(op, BlockMeanKroneckerAddedDiagLinearOperator)
-    rhs = _rhs(op)
+    rhs = random_rhs(op)
     with closed_forms_only(N), warnings.catch_warnings():
         warnings.simplefilter("error", ClosedFormFallbackWarning)
         solved = op.solve(rhs)
@@ -165,7 +162,7 @@ def test_gradients_match_dense_autograd(diagonal, batch, identity_task):
     partition = _partition()
     leaves = _inputs(batch, torch.float64, diagonal, identity_task=identity_task)
     op, M, K = _build(*leaves, partition, diagonal=diagonal)
-    rhs = _rhs(op)
+    rhs = random_rhs(op)
     with closed_forms_only(N):
         inv_quad, logdet = op.inv_quad_logdet(rhs, logdet=True)
         got = torch.autograd.grad((inv_quad + logdet).sum(), leaves)
@@ -188,7 +185,7 @@ def test_no_eigenvectors_of_the_block_mean_factor(monkeypatch):
 
     monkeypatch.setattr(BlockMeanLinearOperator, "_eigen", refuse)
     op, M, K = _build(*_inputs(), _partition())
-    rhs = _rhs(op)
+    rhs = random_rhs(op)
     with lo_settings.max_cholesky_size(10), closed_forms_only(N):
         op.inv_quad_logdet(rhs, logdet=True)
         op.solve(rhs)
@@ -202,7 +199,7 @@ def test_capacitance_limit_names_the_setting():
         bma_gp.settings.max_capacitance_size(K_BLOCKS * T - 1),
         pytest.raises(ValueError, match="max_capacitance_size"),
     ):
-        op.solve(_rhs(op))
+        op.solve(random_rhs(op))
 
 
 def test_add_diagonal_is_the_bma_gp_class():
@@ -229,7 +226,7 @@ def test_per_point_diagonal_warns_before_cg():
     d = torch.rand(N * T, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.1
     op = KroneckerProductLinearOperator(M, DenseLinearOperator(K)) + DiagLinearOperator(d)
     assert isinstance(op, BlockMeanKroneckerAddedDiagLinearOperator)
-    rhs = _rhs(op)
+    rhs = random_rhs(op)
     for call in (lambda: op.inv_quad_logdet(rhs, logdet=True), lambda: op.solve(rhs), lambda: op.logdet()):
         with lo_settings.max_cholesky_size(10), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -251,7 +248,7 @@ def test_per_point_diagonal_equal_by_value_is_closed_form():
     M = BlockMeanLinearOperator(lam, B, _partition())
     K = factor @ factor.mT + torch.diag_embed(variances)
     op = KroneckerProductLinearOperator(M, DenseLinearOperator(K)) + DiagLinearOperator(noise.repeat(N))
-    rhs = _rhs(op)
+    rhs = random_rhs(op)
     with closed_forms_only(N), warnings.catch_warnings():
         warnings.simplefilter("error", ClosedFormFallbackWarning)
         solved = op.solve(rhs)
@@ -309,10 +306,7 @@ def test_multitask_model_matches_dense_twin(kind, tasks, global_noise):
         assert isinstance(out.lazy_covariance_matrix, BlockMeanKroneckerAddedDiagLinearOperator)
         value = mll(model(x), y)
         got = torch.autograd.grad(value, params)
-    out = model.likelihood(model(x))
-    dense = torch.distributions.MultivariateNormal(out.mean.reshape(-1), out.lazy_covariance_matrix.to_dense())
-    ref = dense.log_prob(y.reshape(-1)) / y.numel()
-    want = torch.autograd.grad(ref, params)
+    ref, want = dense_mll(model, x, y, params)
     assert torch.allclose(value, ref, rtol=1e-10)
     for name, a, b in zip(names, got, want):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-10 * b.abs().max()), name
@@ -322,15 +316,7 @@ def test_multitask_model_matches_dense_twin(kind, tasks, global_noise):
         warnings.simplefilter("error", ClosedFormFallbackWarning)
         pred = model(xt)
         mean, variance = pred.mean.reshape(-1), pred.variance.reshape(-1)
-    with torch.no_grad():
-        model.train()
-        joint = model.covar_module(torch.cat([x, xt])).to_dense()
-        nt = y.numel()
-        train = joint[:nt, :nt] + model.likelihood._shaped_noise_covar((n, n)).to_dense()
-        cross = joint[nt:, :nt]
-        residual = y.reshape(-1) - model.mean_module(x).reshape(-1)
-        want_mean = model.mean_module(xt).reshape(-1) + cross @ torch.linalg.solve(train, residual)
-        want_variance = (joint[nt:, nt:] - cross @ torch.linalg.solve(train, cross.T)).diagonal()
+    want_mean, want_variance = dense_prediction(model, x, y, xt)
     assert torch.allclose(mean, want_mean, rtol=1e-10, atol=1e-12)
     assert torch.allclose(variance, want_variance, rtol=1e-9, atol=1e-12)
 

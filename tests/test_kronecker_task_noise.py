@@ -27,6 +27,8 @@ from bma_gp import BlockMeanKernel, BlockMeanLinearOperator, ClosedFormFallbackW
 from bma_gp._composition import BlockMeanSumKroneckerLinearOperator
 from bma_gp.kernels import GroupKernel
 from closed_form_guard import closed_forms_only
+from kronecker_reference import dense_mll, dense_prediction
+from kronecker_reference import rhs as random_rhs
 from test_kronecker_block_mean import K_BLOCKS, N, T, _Multitask, _partition
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,11 +84,6 @@ def _dense(M, K, Sigma, data_first=True):
     return A.reshape(*A.shape[:-4], n * T, n * T)
 
 
-def _rhs(op, columns=2, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*op.batch_shape, op.shape[-1], columns, generator=gen, dtype=op.dtype)
-
-
 CASES = [
     pytest.param(
         batch,
@@ -119,7 +116,7 @@ def test_closed_form_matches_dense(batch, dtype, diagonal, data_first, noise_fir
         *leaves, partition, diagonal=diagonal, data_first=data_first, noise_first=noise_first, with_global=with_global
     )
     assert isinstance(op, BlockMeanSumKroneckerLinearOperator)
-    rhs = _rhs(op)
+    rhs = random_rhs(op)
     with lo_settings.max_cholesky_size(max_cholesky), closed_forms_only(N), warnings.catch_warnings():
         warnings.simplefilter("error", ClosedFormFallbackWarning)
         solved = op.solve(rhs)
@@ -148,7 +145,7 @@ def test_gradients_match_dense_autograd(diagonal, batch, with_global):
     partition = _partition()
     leaves = _inputs(batch, torch.float64, diagonal)
     op, M, K, Sigma = _build(*leaves, partition, diagonal=diagonal, with_global=with_global, scale=1.5)
-    rhs = _rhs(op)
+    rhs = random_rhs(op)
     with lo_settings.max_cholesky_size(0), closed_forms_only(N):
         inv_quad, logdet = op.inv_quad_logdet(rhs, logdet=True)
         used = leaves if with_global else leaves[:-1]
@@ -175,7 +172,7 @@ def test_other_sums_warn():
     assert isinstance(op, BlockMeanSumKroneckerLinearOperator)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        op.inv_quad_logdet(_rhs(op), logdet=True)
+        op.inv_quad_logdet(random_rhs(op), logdet=True)
     ours = [str(w.message) for w in caught if issubclass(w.category, ClosedFormFallbackWarning)]
     # (the whitened factor's dense eigendecomposition then warns on its own)
     assert ours and "no closed form" in ours[0] and "Kron(M, K) + Kron(c I_n, D)" in ours[0], ours
@@ -234,10 +231,7 @@ def test_multitask_model_matches_dense_twin(kind, rank, max_cholesky):
         assert isinstance(out.lazy_covariance_matrix, BlockMeanSumKroneckerLinearOperator)
         value = mll(model(x), y)
         got = torch.autograd.grad(value, params)
-    out = model.likelihood(model(x))
-    dense = torch.distributions.MultivariateNormal(out.mean.reshape(-1), out.lazy_covariance_matrix.to_dense())
-    ref = dense.log_prob(y.reshape(-1)) / y.numel()
-    want = torch.autograd.grad(ref, params)
+    ref, want = dense_mll(model, x, y, params)
     assert torch.allclose(value, ref, rtol=1e-10)
     for name, a, b in zip(names, got, want):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-10 * b.abs().max()), name
@@ -252,15 +246,7 @@ def test_multitask_model_matches_dense_twin(kind, rank, max_cholesky):
         warnings.simplefilter("error", ClosedFormFallbackWarning)
         pred = model(xt)
         mean, variance = pred.mean.reshape(-1), pred.variance.reshape(-1)
-    with torch.no_grad():
-        model.train()
-        joint = model.covar_module(torch.cat([x, xt])).to_dense()
-        nt = y.numel()
-        train = joint[:nt, :nt] + model.likelihood._shaped_noise_covar((n, n)).to_dense()
-        cross = joint[nt:, :nt]
-        residual = y.reshape(-1) - model.mean_module(x).reshape(-1)
-        want_mean = model.mean_module(xt).reshape(-1) + cross @ torch.linalg.solve(train, residual)
-        want_variance = (joint[nt:, nt:] - cross @ torch.linalg.solve(train, cross.T)).diagonal()
+    want_mean, want_variance = dense_prediction(model, x, y, xt)
     assert torch.allclose(mean, want_mean, rtol=1e-10, atol=1e-12)
     assert torch.allclose(variance, want_variance, rtol=1e-9, atol=1e-12)
 
