@@ -52,6 +52,7 @@ from linear_operator.operators import (
 from linear_operator.operators.diag_linear_operator import ConstantDiagLinearOperator
 from linear_operator.utils.broadcasting import _matmul_broadcast_shape
 from linear_operator.utils.getitem import _is_noop_index
+from linear_operator.utils.memoize import cached
 from torch import Tensor
 
 from bma_gp._autograd import carries_tangent, functorch_wrapped, tracks_derivatives
@@ -1840,6 +1841,59 @@ class _ClosedKroneckerSum(_KroneckerOfBlockMean):
                 return super().logdet()  # type: ignore[misc]
         return closed.logdet().to(cast(LinearOperator, self).dtype)
 
+    def _closed_root(self, closed, inverse: bool) -> LinearOperator:
+        """The closed-form square root (:class:`~bma_gp._kronecker.KroneckerRoot`, ``n t x n t``, applied by its
+        products), after the small factorisations are checked here: a matrix that is not positive definite raises at
+        the call, not at the root's first product."""
+        from bma_gp._kronecker import KroneckerRoot, KroneckerRootProduct
+
+        with torch.no_grad():
+            closed.factors()
+        return KroneckerRootProduct(KroneckerRoot(cast(LinearOperator, self), inverse=inverse))
+
+    @cached(name="root_decomposition")
+    def root_decomposition(self, method: str | None = None) -> LinearOperator:
+        r""":math:`A = R R^\top` with the closed-form square root of :mod:`bma_gp._kronecker`
+        (:meth:`~bma_gp._kronecker.KroneckerBlockMean.root_matmul`: ``O(n t (t + c) + (k t)^2 c)`` per product with
+        ``c`` columns, nothing ``n x n``; ``method`` is checked and ignored); linear_operator's path, announced, where
+        there is no closed form. linear_operator took every factor's eigendecomposition (an explicit ``n x n``
+        eigenvector matrix of ``M``) or a dense Cholesky."""
+        from bma_gp._closed_roots import check_root_method
+
+        closed = self._closed()
+        if closed is None:
+            with self._fallback("root_decomposition"):
+                return super().root_decomposition(method=method)  # type: ignore[misc]
+        check_root_method("root_decomposition", method)
+        return self._closed_root(closed, inverse=False)
+
+    @cached(name="root_inv_decomposition")
+    def root_inv_decomposition(self, initial_vectors=None, test_vectors=None, method: str | None = None):
+        r""":math:`A^{-1} = R R^\top` in closed form (:mod:`bma_gp._kronecker`; the arguments are checked and ignored),
+        linear_operator's path (announced) where there is none: Lanczos above ``max_cholesky_size``, a dense Cholesky
+        below."""
+        from bma_gp._closed_roots import check_root_method
+
+        closed = self._closed()
+        if closed is None:
+            with self._fallback("root_inv_decomposition"):
+                return super().root_inv_decomposition(  # type: ignore[misc]
+                    initial_vectors=initial_vectors, test_vectors=test_vectors, method=method
+                )
+        check_root_method("root_inv_decomposition", method)
+        return self._closed_root(closed, inverse=True)
+
+    def _root_decomposition(self):
+        # linear_operator's hook (its wrappers call it on the operator they wrap)
+        if self._closed() is None:
+            return super()._root_decomposition()
+        return self.root_decomposition().root
+
+    def _root_inv_decomposition(self, initial_vectors=None, test_vectors=None):
+        if self._closed() is None:
+            return super()._root_inv_decomposition(initial_vectors, test_vectors)
+        return self.root_inv_decomposition().root
+
     def _logdet(self) -> Tensor:
         closed = self._closed()
         if closed is None:
@@ -1852,7 +1906,8 @@ class BlockMeanKroneckerAddedDiagLinearOperator(_ClosedKroneckerSum, KroneckerPr
     """``KroneckerProductAddedDiagLinearOperator`` with a block mean factor: ``M (x) K + I (x) D`` with a per-task
     noise ``D`` (``MultitaskGaussianLikelihood(rank=0)``, with or without its global noise, ``add_diagonal(c)``)
     solves and takes its log-determinant in closed form (:mod:`bma_gp._kronecker`, ``O(n t (t + c) + (k t)^3)``,
-    nothing ``n x n``) at every size; linear_operator took every factor's eigendecomposition (an explicit ``n x n``
+    nothing ``n x n``) at every size, and so are its roots (``root_decomposition``, ``root_inv_decomposition``: draws
+    and ``fast_pred_var``); linear_operator took every factor's eigendecomposition (an explicit ``n x n``
     eigenvector matrix of ``M``) above ``max_cholesky_size`` and a dense Cholesky below. Other diagonals (a per-point
     noise) and other products keep linear_operator's path, with a :class:`ClosedFormFallbackWarning`."""
 
@@ -1883,7 +1938,8 @@ class BlockMeanSumKroneckerLinearOperator(_ClosedKroneckerSum, SumKroneckerLinea
     """``SumKroneckerLinearOperator`` with a block mean factor: ``M (x) K + I (x) D`` with a noise ``D`` that couples
     the tasks (``MultitaskGaussianLikelihood(rank >= 1)``: ``F F^T``, plus the global noise) solves and takes its
     log-determinant in closed form (:mod:`bma_gp._kronecker`, the same split as
-    :class:`BlockMeanKroneckerAddedDiagLinearOperator` with ``lam_i K + D`` per block) at every size. linear_operator
+    :class:`BlockMeanKroneckerAddedDiagLinearOperator` with ``lam_i K + D`` per block) at every size, and so are its
+    roots. linear_operator
     factorised the dense ``n t x n t`` matrix up to ``max_cholesky_size`` (warned), and beyond it whitened the sum by
     an inverse root of ``D``: exact while ``t <= max_cholesky_size``, by Lanczos below that (``max_cholesky_size(0)``:
     the marginal log-likelihood 16-19% off at ``n = 3000-6000``, ``t = 3``, silently; an ``IndexError`` for a

@@ -29,6 +29,12 @@ the block mean operator's core dtype (``float64`` for ``float32`` operators), an
 gradients to :math:`\lambda`, :math:`B`, :math:`K` and :math:`D` (no ``eigh`` backward, which is undefined at
 repeated eigenvalues such as :math:`K = I`). Cost ``O(n t (t + c) + k t^3 + (k t)^3)``, ``O(n t (t + c))`` memory;
 the ``(k t)^3`` term is ``k t^3`` for a diagonal :math:`B`.
+
+The same factors give square roots (:meth:`KroneckerBlockMean.root_matmul`, :class:`KroneckerRoot`): with
+:math:`\Pi` the centring within blocks and :math:`\mathcal L` the point-wise :math:`L_{G_i}`,
+:math:`R = \mathcal L (\Pi \otimes I_t) + (U \otimes I_t) L_H (U \otimes I_t)^\top` has :math:`R R^\top = A`, and
+with :math:`L^{-\top}` in place of both factors :math:`R R^\top = A^{-1}`; ``n t x n t``, applied by products
+(``O(n t (t + c) + (k t)^2 c)``), never formed: draws and ``fast_pred_var`` without linear_operator's eigenvectors.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from linear_operator.operators import (
     KroneckerProductDiagLinearOperator,
     KroneckerProductLinearOperator,
     LinearOperator,
+    RootLinearOperator,
     SumKroneckerLinearOperator,
 )
 from linear_operator.operators.diag_linear_operator import ConstantDiagLinearOperator
@@ -51,11 +58,14 @@ from torch import Tensor
 
 from bma_gp import settings
 from bma_gp._autograd import tracks_derivatives
+from bma_gp._by_products import ByProducts
 from bma_gp._errors import NotPositiveDefiniteError
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 
 __all__ = [
     "KroneckerBlockMean",
+    "KroneckerRoot",
+    "KroneckerRootProduct",
     "announcing",
     "kronecker_block_mean",
     "kronecker_sum_block_mean",
@@ -230,6 +240,109 @@ class KroneckerBlockMean:
         res = (dev_weights * log_G).sum(-1)
         log_H = 2 * LH.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         return res + (log_H.sum(-1) if full is None else log_H)
+
+    # ------------------------------------------------------------------ roots
+    def root_matmul(self, rhs: Tensor, inverse: bool = False, transposed: bool = False) -> Tensor:
+        r"""``R rhs`` (``R^T rhs`` where ``transposed``) for ``rhs`` of shape ``(*batch, n t, c)``, in the core dtype,
+        with the square roots of the module docstring's split: :math:`R = \mathcal L (\Pi \otimes I_t) + (U \otimes I_t)
+        L_H (U \otimes I_t)^\top` (``R R^T = A``) and, where ``inverse``, :math:`R = \mathcal L^{-\top} (\Pi \otimes
+        I_t) + (U \otimes I_t) L_H^{-\top} (U \otimes I_t)^\top` (``R R^T = A^{-1}``), with :math:`\Pi` the centring
+        within blocks, :math:`\mathcal L` the point-wise Cholesky factor :math:`L_{G_i}` of each point's block and
+        :math:`L_H` that of the core. :math:`\mathcal L` is constant within blocks, so it commutes with the centring,
+        and :math:`\Pi U = 0` removes the cross terms of :math:`R R^\top`. Cost ``O(n t (t + c) + (k t)^2 c)``."""
+        _, LG, LH, full = self.factors()
+        partition = self.M.partition
+        k, t = partition.num_blocks, self.t
+        dtype = self.K.dtype
+        sizes = partition.sizes.to(dtype)
+        x = self._to_points(rhs.to(dtype))  # (*batch, n, t, c)
+        sums = partition.block_sum(x, dim=-3)  # (*batch, k, t, c)
+        deviations = x - partition.expand(sums / sizes[:, None, None], dim=-3)
+        if inverse:  # the k small inverses L_{G_i}^{-1}, applied point by point
+            eye = torch.eye(t, dtype=dtype, device=LG.device).expand_as(LG)
+            LG_inv = torch.linalg.solve_triangular(LG, eye, upper=False)
+            point_factor = LG_inv if transposed else LG_inv.mT
+        else:
+            point_factor = LG.mT if transposed else LG
+        res = partition.expand(point_factor, dim=-3) @ deviations
+        root = sizes.sqrt()[:, None, None]
+        z = sums / root  # (U (x) I)^T x
+        if full is None:  # block diagonal H: one t x t factor per block
+            w = _triangular_apply(LH, z, inverse, transposed)
+        else:
+            w = _triangular_apply(LH, z.flatten(-3, -2), inverse, transposed).unflatten(-2, (k, t))
+        res = res + partition.expand(w / root, dim=-3)
+        return self._from_points(res)
+
+    def inverse_diagonal(self) -> Tensor:
+        r""":math:`\operatorname{diag}(A^{-1})` (``(*batch, n t)``): at a point of block :math:`i` and task :math:`a`,
+        :math:`(1 - 1/s_i) [G_i^{-1}]_{aa} + [H^{-1}]_{(i, a), (i, a)} / s_i`."""
+        _, LG, LH, full = self.factors()
+        partition = self.M.partition
+        k, t = partition.num_blocks, self.t
+        sizes = partition.sizes.to(LG.dtype)[:, None]
+        G_diag = torch.cholesky_inverse(LG).diagonal(dim1=-2, dim2=-1)  # (*batch, k, t)
+        H_diag = torch.cholesky_inverse(LH).diagonal(dim1=-2, dim2=-1)
+        if full is not None:
+            H_diag = H_diag.unflatten(-1, (k, t))
+        per_point = partition.expand((1 - 1 / sizes) * G_diag + H_diag / sizes, dim=-2)  # (*batch, n, t)
+        return per_point.flatten(-2) if self.data_first else per_point.mT.flatten(-2)
+
+
+def _triangular_apply(L: Tensor, z: Tensor, inverse: bool, transposed: bool) -> Tensor:
+    """``L z``, ``L^T z``, ``L^{-T} z`` or ``L^{-1} z`` (``inverse``, ``transposed``) for a lower triangular ``L``."""
+    if not inverse:
+        return (L.mT if transposed else L) @ z
+    if transposed:
+        return torch.linalg.solve_triangular(L, z, upper=False)
+    return torch.linalg.solve_triangular(L.mT, z, upper=True)
+
+
+class KroneckerRoot(ByProducts):
+    r"""The square root of :meth:`KroneckerBlockMean.root_matmul` of a Kronecker sum with a block mean factor
+    (``parent``, whose closed form it reads at each product: nothing with a graph is kept), :math:`R R^\top = A`, or
+    :math:`A^{-1}` where ``inverse``; ``transposed``: :math:`R^\top`. ``n t x n t``, never formed (``to_dense`` is a
+    product with the identity)."""
+
+    def __init__(self, parent: LinearOperator, inverse: bool = False, transposed: bool = False):
+        super().__init__(parent=parent, inverse=inverse, transposed=transposed)
+        self.parent, self.inverse, self.transposed = parent, inverse, transposed
+
+    def closed(self) -> KroneckerBlockMean:
+        closed = self.parent._closed()
+        if closed is None:  # (the parent had one when it made this root: its structure does not change)
+            raise RuntimeError(f"{type(self.parent).__name__} lost its closed form")
+        return closed
+
+    def _size(self) -> torch.Size:
+        return self.parent.shape
+
+    def _transpose_nonbatch(self) -> KroneckerRoot:
+        return KroneckerRoot(self.parent, inverse=self.inverse, transposed=not self.transposed)
+
+    def _expand_batch(self, batch_shape) -> KroneckerRoot:
+        return KroneckerRoot(self.parent._expand_batch(batch_shape), inverse=self.inverse, transposed=self.transposed)
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        vector = rhs.dim() == 1
+        x = rhs.unsqueeze(-1) if vector else rhs
+        res = self.closed().root_matmul(x, inverse=self.inverse, transposed=self.transposed)
+        res = res.to(torch.promote_types(rhs.dtype, self.parent.dtype))
+        return res.squeeze(-1) if vector else res
+
+
+class KroneckerRootProduct(RootLinearOperator):
+    r""":math:`R R^\top` for a :class:`KroneckerRoot`: its diagonal is the parent's (``A``) or the closed form of
+    :math:`\operatorname{diag}(A^{-1})`, not a sum over the entries of :math:`R` (linear_operator's default forms
+    ``R``)."""
+
+    def _diagonal(self) -> Tensor:
+        root = self.root
+        if isinstance(root, KroneckerRoot) and not root.transposed:
+            if root.inverse:
+                return root.closed().inverse_diagonal().to(root.parent.dtype)
+            return root.parent._diagonal()
+        return super()._diagonal()
 
 
 def no_closed_form_reason(op) -> str:
