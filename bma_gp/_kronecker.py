@@ -323,6 +323,28 @@ class KroneckerRoot(ByProducts):
     def _expand_batch(self, batch_shape) -> KroneckerRoot:
         return KroneckerRoot(self.parent._expand_batch(batch_shape), inverse=self.inverse, transposed=self.transposed)
 
+    def to_dense(self) -> Tensor:
+        """``R`` as a tensor, by products with the identity a block of columns at a time (GPyTorch's ``fast_pred_var``
+        cache forms it): the products' temporaries are those of a block, not of all ``(n t)^2`` entries."""
+        size = self.shape[-1]
+        step = max(1, min(size, (1 << 21) // size))
+        starts = range(0, size, step)
+        pieces = (self._matmul(self._unit_columns(s, min(step, size - s))) for s in starts)
+        if torch.is_grad_enabled():  # autograd: one concatenation, not in-place writes
+            return torch.cat(list(pieces), dim=-1)
+        res = torch.empty(*self.batch_shape, size, size, dtype=self.dtype, device=self.device)
+        for s, piece in zip(starts, pieces):
+            res[..., s : s + step] = piece
+        return res
+
+    def _unit_columns(self, start: int, width: int) -> Tensor:
+        """Columns ``start .. start + width`` of the identity, batched."""
+        size = self.shape[-1]
+        unit = torch.zeros(size, width, dtype=self.dtype, device=self.device)
+        index = torch.arange(width, device=self.device)
+        unit[start + index, index] = 1
+        return unit.expand(*self.batch_shape, size, width)
+
     def _matmul(self, rhs: Tensor) -> Tensor:
         vector = rhs.dim() == 1
         x = rhs.unsqueeze(-1) if vector else rhs

@@ -76,6 +76,8 @@ def test_roots_match_dense(noise, batch, dtype, diagonal, data_first, max_choles
         diag, inv_diag = root.diagonal(), inv_root.diagonal()
     nt = N * T
     assert R.shape == S.shape == (*batch, nt, nt) and R.dtype == S.dtype == dtype
+    with torch.no_grad():  # formed in place, a block of columns at a time, without autograd
+        assert torch.allclose(root.root.to_dense(), R.detach(), rtol=0, atol=0)
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     R, R_t, S, S_t = (x.detach().double() for x in (R, R_t, S, S_t))
     assert ((R @ R.mT - A).abs().max() / A.abs().max()) < tol
@@ -116,6 +118,9 @@ def test_root_products_form_nothing_n_by_n(noise):
         draws = op.root_decomposition().root.matmul(base)
         whitened = op.root_inv_decomposition().root.mT.matmul(draws)
     assert seen.largest < 20 * n, (seen.largest, seen.where)
+    with torch.no_grad():  # to_dense a block of columns at a time (5 here) equals the product with the identity
+        R = op.root_decomposition().root
+        assert torch.allclose(R.to_dense(), R.matmul(torch.eye(2 * n, dtype=torch.float64)), rtol=0, atol=1e-12)
     # S S^T = A^{-1}: A S S^T (R base) gives the draws back
     back = op.matmul(op.root_inv_decomposition().root.matmul(whitened))
     assert torch.allclose(back, draws, rtol=1e-9, atol=1e-9)
