@@ -209,16 +209,20 @@ class KroneckerBlockMean:
             return x.flatten(-3, -2)
         return x.transpose(-3, -2).flatten(-3, -2)
 
+    def _split(self, rhs: Tensor):
+        """``rhs`` (``(*batch, n t, c)``) as its block sums ``(*batch, k, t, c)`` and within-block deviations
+        ``(*batch, n, t, c)``, in the core dtype, with the partition, ``k``, ``t`` and the block sizes."""
+        partition = self.M.partition
+        sizes = partition.sizes.to(self.K.dtype)
+        x = self._to_points(rhs.to(self.K.dtype))  # (*batch, n, t, c)
+        sums = partition.block_sum(x, dim=-3)  # (*batch, k, t, c)
+        deviations = x - partition.expand(sums / sizes[:, None, None], dim=-3)
+        return partition, partition.num_blocks, self.t, sizes, sums, deviations
+
     def solve(self, rhs: Tensor, factors: tuple | None = None) -> Tensor:
         """``A^{-1} rhs`` for ``rhs`` of shape ``(*batch, n t, c)``."""
         _, LG, LH, full = self.factors() if factors is None else factors
-        partition = self.M.partition
-        k, t = partition.num_blocks, self.t
-        dtype = self.K.dtype
-        sizes = partition.sizes.to(dtype)
-        x = self._to_points(rhs.to(dtype))  # (*batch, n, t, c)
-        sums = partition.block_sum(x, dim=-3)  # (*batch, k, t, c)
-        deviations = x - partition.expand(sums / sizes[:, None, None], dim=-3)
+        partition, k, t, sizes, sums, deviations = self._split(rhs)
         # the within-block deviations: G_i^{-1} at every point of block i (the k small inverses, gathered)
         G_inv = torch.cholesky_inverse(LG)  # (*batch, k, t, t)
         res = partition.expand(G_inv, dim=-3) @ deviations
@@ -251,13 +255,8 @@ class KroneckerBlockMean:
         :math:`L_H` that of the core. :math:`\mathcal L` is constant within blocks, so it commutes with the centring,
         and :math:`\Pi U = 0` removes the cross terms of :math:`R R^\top`. Cost ``O(n t (t + c) + (k t)^2 c)``."""
         _, LG, LH, full = self.factors()
-        partition = self.M.partition
-        k, t = partition.num_blocks, self.t
-        dtype = self.K.dtype
-        sizes = partition.sizes.to(dtype)
-        x = self._to_points(rhs.to(dtype))  # (*batch, n, t, c)
-        sums = partition.block_sum(x, dim=-3)  # (*batch, k, t, c)
-        deviations = x - partition.expand(sums / sizes[:, None, None], dim=-3)
+        partition, k, t, sizes, sums, deviations = self._split(rhs)
+        dtype = sizes.dtype
         if inverse:  # the k small inverses L_{G_i}^{-1}, applied point by point
             eye = torch.eye(t, dtype=dtype, device=LG.device).expand_as(LG)
             LG_inv = torch.linalg.solve_triangular(LG, eye, upper=False)

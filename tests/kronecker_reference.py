@@ -4,7 +4,15 @@ formed from the dense covariance."""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
+import gpytorch
 import torch
+from linear_operator import settings as lo_settings
+
+from bma_gp import ClosedFormFallbackWarning
+from closed_form_guard import closed_forms_only
 
 
 def rhs(op, columns: int = 2, seed: int = 1) -> torch.Tensor:
@@ -35,3 +43,44 @@ def dense_prediction(model, x, y, xt):
         mean = model.mean_module(xt).reshape(-1) + cross @ torch.linalg.solve(train, residual)
         variance = (joint[nt:, nt:] - cross @ torch.linalg.solve(train, cross.T)).diagonal()
     return mean, variance
+
+
+#: source of a ``MultitaskKernel(BlockMeanKernel)`` model over one input in [0, 1] (40 blocks, 2 tasks), for the
+#: memory tests' child processes (tests/peak_memory.py)
+MULTITASK_MODEL_SOURCE = """
+import torch, gpytorch
+torch.set_num_threads(1)
+from bma_gp import BlockMeanKernel, Partition
+
+class MT(gpytorch.models.ExactGP):
+    def __init__(self, x, y, lik):
+        super().__init__(x, y, lik)
+        self.mean_module = gpytorch.means.MultitaskMean(gpytorch.means.ConstantMean(), num_tasks=2)
+        part = Partition.from_labels((x[:, 0] * 40).long().clamp(max=39))
+        base = BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, part)
+        self.covar_module = gpytorch.kernels.MultitaskKernel(base, num_tasks=2, rank=1)
+
+    def forward(self, x):
+        return gpytorch.distributions.MultitaskMultivariateNormal(self.mean_module(x), self.covar_module(x))
+"""
+
+
+def assert_training_matches_dense(model, x, y, operator_class, max_cholesky: int | None = None) -> None:
+    """The exact marginal log-likelihood and the gradient of every parameter equal the dense twin's to 1e-10, with
+    the training covariance an ``operator_class``, in closed form (no dense ``n x n`` factorisation, CG or Lanczos)
+    and without a warning (under ``max_cholesky_size(max_cholesky)`` where given)."""
+    n = x.shape[0]
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    names, params = zip(*model.named_parameters())
+    model.train()
+    size = lo_settings.max_cholesky_size(max_cholesky) if max_cholesky is not None else contextlib.nullcontext()
+    with size, closed_forms_only(n), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        out = model.likelihood(model(x))
+        assert isinstance(out.lazy_covariance_matrix, operator_class)
+        value = mll(model(x), y)
+        got = torch.autograd.grad(value, params)
+    ref, want = dense_mll(model, x, y, params)
+    assert torch.allclose(value, ref, rtol=1e-10)
+    for name, a, b in zip(names, got, want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-10 * b.abs().max()), name

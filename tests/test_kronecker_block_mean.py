@@ -7,6 +7,7 @@ per-point diagonal without a word. Each test failed on the code before."""
 
 from __future__ import annotations
 
+import textwrap
 import warnings
 
 import gpytorch
@@ -26,7 +27,7 @@ from bma_gp import BlockMeanKernel, BlockMeanLinearOperator, ClosedFormFallbackW
 from bma_gp._composition import BlockMeanKroneckerAddedDiagLinearOperator
 from bma_gp.kernels import GroupKernel
 from closed_form_guard import closed_forms_only
-from kronecker_reference import dense_mll, dense_prediction
+from kronecker_reference import MULTITASK_MODEL_SOURCE, assert_training_matches_dense, dense_prediction
 from kronecker_reference import rhs as random_rhs
 from peak_memory import peak_memory_increase
 
@@ -297,19 +298,7 @@ def test_multitask_model_matches_dense_twin(kind, tasks, global_noise):
     factorisation, CG or Lanczos runs, and nothing warns."""
     model, x, y = _model(kind, tasks, global_noise)
     n = x.shape[0]
-    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
-    names, params = zip(*model.named_parameters())
-    model.train()
-    with closed_forms_only(n), warnings.catch_warnings():
-        warnings.simplefilter("error", ClosedFormFallbackWarning)
-        out = model.likelihood(model(x))
-        assert isinstance(out.lazy_covariance_matrix, BlockMeanKroneckerAddedDiagLinearOperator)
-        value = mll(model(x), y)
-        got = torch.autograd.grad(value, params)
-    ref, want = dense_mll(model, x, y, params)
-    assert torch.allclose(value, ref, rtol=1e-10)
-    for name, a, b in zip(names, got, want):
-        assert torch.allclose(a, b, rtol=1e-10, atol=1e-10 * b.abs().max()), name
+    assert_training_matches_dense(model, x, y, BlockMeanKroneckerAddedDiagLinearOperator)
     xt = x[:9] + torch.tensor([0.05, 0.0], dtype=x.dtype)
     model.eval()
     with torch.no_grad(), closed_forms_only(n), warnings.catch_warnings():
@@ -324,22 +313,7 @@ def test_multitask_model_matches_dense_twin(kind, tasks, global_noise):
 def test_multitask_training_memory_is_linear_in_n():
     """A training step of MultitaskKernel(BlockMeanKernel) + MultitaskGaussianLikelihood(rank=0) past
     max_cholesky_size formed M's n x n eigenvector matrix: +969 MB at n = 6000 (t = 2), growing as n^2."""
-    setup = """
-    import torch, gpytorch
-    torch.set_num_threads(1)
-    from bma_gp import BlockMeanKernel, Partition
-
-    class MT(gpytorch.models.ExactGP):
-        def __init__(self, x, y, lik):
-            super().__init__(x, y, lik)
-            self.mean_module = gpytorch.means.MultitaskMean(gpytorch.means.ConstantMean(), num_tasks=2)
-            part = Partition.from_labels((x[:, 0] * 40).long().clamp(max=39))
-            base = BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, part)
-            self.covar_module = gpytorch.kernels.MultitaskKernel(base, num_tasks=2, rank=1)
-
-        def forward(self, x):
-            return gpytorch.distributions.MultitaskMultivariateNormal(self.mean_module(x), self.covar_module(x))
-
+    setup = MULTITASK_MODEL_SOURCE + textwrap.dedent("""
     def step(n):
         g = torch.Generator().manual_seed(0)
         x = torch.rand(n, 1, generator=g, dtype=torch.float64)
@@ -350,7 +324,7 @@ def test_multitask_training_memory_is_linear_in_n():
 
     step(300)  # imports, compiled kernels
     step({n})
-    """
+    """)
     work = "step({n})"
     small, large = 3000, 6000
     peaks = [peak_memory_increase(setup.format(n=n), work.format(n=n)) for n in (small, large)]

@@ -9,6 +9,7 @@ test failed on the code before."""
 
 from __future__ import annotations
 
+import textwrap
 import warnings
 
 import gpytorch
@@ -22,6 +23,7 @@ import test_kronecker_task_noise as rank1
 from bma_gp import BlockMeanLinearOperator, ClosedFormFallbackWarning
 from bma_gp._composition import BlockMeanKroneckerAddedDiagLinearOperator, BlockMeanSumKroneckerLinearOperator
 from closed_form_guard import closed_forms_only
+from kronecker_reference import MULTITASK_MODEL_SOURCE
 from largest_tensor import LargestTensor
 from peak_memory import peak_memory_increase
 
@@ -208,22 +210,7 @@ def test_draws_memory_is_linear_in_n():
     ``MultitaskGaussianLikelihood(rank=0)`` and ``rank=1`` (``t = 2``) past max_cholesky_size: ``O(n t)`` memory.
     linear_operator formed ``M``'s ``n x n`` eigenvectors (``rank=0``) or whitened and eigendecomposed the dense sum
     (``rank=1``): n^2 memory."""
-    setup = """
-    import torch, gpytorch
-    torch.set_num_threads(1)
-    from bma_gp import BlockMeanKernel, Partition
-
-    class MT(gpytorch.models.ExactGP):
-        def __init__(self, x, y, lik):
-            super().__init__(x, y, lik)
-            self.mean_module = gpytorch.means.MultitaskMean(gpytorch.means.ConstantMean(), num_tasks=2)
-            part = Partition.from_labels((x[:, 0] * 40).long().clamp(max=39))
-            base = BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, part)
-            self.covar_module = gpytorch.kernels.MultitaskKernel(base, num_tasks=2, rank=1)
-
-        def forward(self, x):
-            return gpytorch.distributions.MultitaskMultivariateNormal(self.mean_module(x), self.covar_module(x))
-
+    setup = MULTITASK_MODEL_SOURCE + textwrap.dedent("""
     def model(n, rank):
         g = torch.Generator().manual_seed(0)
         x = torch.rand(n, 1, generator=g, dtype=torch.float64)
@@ -240,7 +227,7 @@ def test_draws_memory_is_linear_in_n():
     m, x = model({n}, {rank})
     with torch.no_grad():
         m.likelihood(m(x)).lazy_covariance_matrix  # the kernel's own evaluation
-    """
+    """)
     small, large = 3000, 6000
     for rank in (0, 1):
         peaks = [peak_memory_increase(setup.format(n=n, rank=rank), "draw(m, x)") for n in (small, large)]

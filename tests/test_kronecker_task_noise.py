@@ -27,7 +27,7 @@ from bma_gp import BlockMeanKernel, BlockMeanLinearOperator, ClosedFormFallbackW
 from bma_gp._composition import BlockMeanSumKroneckerLinearOperator
 from bma_gp.kernels import GroupKernel
 from closed_form_guard import closed_forms_only
-from kronecker_reference import dense_mll, dense_prediction
+from kronecker_reference import assert_training_matches_dense, dense_prediction
 from kronecker_reference import rhs as random_rhs
 from test_kronecker_block_mean import K_BLOCKS, N, T, _Multitask, _partition
 
@@ -222,19 +222,7 @@ def test_multitask_model_matches_dense_twin(kind, rank, max_cholesky):
     max_cholesky_size(0) (Lanczos on the noise factor)."""
     model, x, y = _model(kind, rank)
     n = x.shape[0]
-    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
-    names, params = zip(*model.named_parameters())
-    model.train()
-    with lo_settings.max_cholesky_size(max_cholesky), closed_forms_only(n), warnings.catch_warnings():
-        warnings.simplefilter("error", ClosedFormFallbackWarning)
-        out = model.likelihood(model(x))
-        assert isinstance(out.lazy_covariance_matrix, BlockMeanSumKroneckerLinearOperator)
-        value = mll(model(x), y)
-        got = torch.autograd.grad(value, params)
-    ref, want = dense_mll(model, x, y, params)
-    assert torch.allclose(value, ref, rtol=1e-10)
-    for name, a, b in zip(names, got, want):
-        assert torch.allclose(a, b, rtol=1e-10, atol=1e-10 * b.abs().max()), name
+    assert_training_matches_dense(model, x, y, BlockMeanSumKroneckerLinearOperator, max_cholesky)
     xt = x[:9] + torch.tensor([0.05, 0.0], dtype=x.dtype)
     model.eval()
     with (
