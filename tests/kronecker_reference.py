@@ -11,7 +11,7 @@ import gpytorch
 import torch
 from linear_operator import settings as lo_settings
 
-from bma_gp import ClosedFormFallbackWarning
+from bma_gp import BlockMeanKernel, ClosedFormFallbackWarning, GroupKernel, Partition
 from closed_form_guard import closed_forms_only
 
 
@@ -84,3 +84,35 @@ def assert_training_matches_dense(model, x, y, operator_class, max_cholesky: int
     assert torch.allclose(value, ref, rtol=1e-10)
     for name, a, b in zip(names, got, want, strict=True):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-10 * b.abs().max()), name
+
+
+class MultitaskGP(gpytorch.models.ExactGP):
+    def __init__(self, x, y, likelihood, kernel, tasks):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.MultitaskMean(gpytorch.means.ConstantMean(), num_tasks=tasks)
+        self.covar_module = kernel
+
+    def forward(self, x):
+        return gpytorch.distributions.MultitaskMultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def multitask_model(kind: str, tasks: int, likelihood, seed: int, n: int = 50):
+    """``(model, x, y)``: a ``MultitaskKernel`` around a ``BlockMeanKernel`` (``kind="block_mean"``, an RBF over
+    column 0 and the groups of column 1) or a ``GroupKernel`` (``"group"``), with ``likelihood``; 8 groups, one of
+    them a singleton; float64, the parameters moved away from their defaults."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = torch.randint(0, 7, (n,), generator=gen)
+    groups[:7] = torch.tensor([6, 0, 5, 1, 4, 2, 3])
+    groups[-1] = 7  # a singleton group
+    x = torch.cat([torch.rand(n, 1, generator=gen, dtype=torch.float64), groups.unsqueeze(-1).double()], -1)
+    y = torch.randn(n, tasks, generator=gen, dtype=torch.float64)
+    if kind == "block_mean":
+        base = BlockMeanKernel(gpytorch.kernels.RBFKernel(active_dims=[0]), x, Partition.from_labels(groups))
+        kernel = gpytorch.kernels.MultitaskKernel(base, num_tasks=tasks, rank=1)
+    else:
+        kernel = gpytorch.kernels.MultitaskKernel(GroupKernel(8), num_tasks=tasks, rank=1, active_dims=[1])
+    model = MultitaskGP(x, y, likelihood, kernel, tasks).double()
+    with torch.no_grad():
+        for p in model.parameters():  # away from the defaults
+            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model, x, y

@@ -23,11 +23,10 @@ from linear_operator.operators import (
 )
 
 import bma_gp
-from bma_gp import BlockMeanKernel, BlockMeanLinearOperator, ClosedFormFallbackWarning, Partition
+from bma_gp import BlockMeanLinearOperator, ClosedFormFallbackWarning, Partition
 from bma_gp._composition import BlockMeanKroneckerAddedDiagLinearOperator
-from bma_gp.kernels import GroupKernel
 from closed_form_guard import closed_forms_only
-from kronecker_reference import MULTITASK_MODEL_SOURCE, assert_training_matches_dense, dense_prediction
+from kronecker_reference import MULTITASK_MODEL_SOURCE, assert_training_matches_dense, dense_prediction, multitask_model
 from kronecker_reference import rhs as random_rhs
 from peak_memory import peak_memory_increase
 
@@ -257,36 +256,11 @@ def test_per_point_diagonal_equal_by_value_is_closed_form():
 
 
 # ---------------------------------------------------------------------------- models
-class _Multitask(gpytorch.models.ExactGP):
-    def __init__(self, x, y, likelihood, kernel, tasks):
-        super().__init__(x, y, likelihood)
-        self.mean_module = gpytorch.means.MultitaskMean(gpytorch.means.ConstantMean(), num_tasks=tasks)
-        self.covar_module = kernel
-
-    def forward(self, x):
-        return gpytorch.distributions.MultitaskMultivariateNormal(self.mean_module(x), self.covar_module(x))
-
-
 def _model(kind: str, tasks: int, global_noise: bool, n: int = 50):
-    gen = torch.Generator().manual_seed(tasks + 2 * global_noise)
-    groups = torch.randint(0, 7, (n,), generator=gen)
-    groups[:7] = torch.tensor([6, 0, 5, 1, 4, 2, 3])
-    groups[-1] = 7  # a singleton group
-    x = torch.cat([torch.rand(n, 1, generator=gen, dtype=torch.float64), groups.unsqueeze(-1).double()], -1)
-    y = torch.randn(n, tasks, generator=gen, dtype=torch.float64)
-    if kind == "block_mean":
-        base = BlockMeanKernel(gpytorch.kernels.RBFKernel(active_dims=[0]), x, Partition.from_labels(groups))
-        kernel = gpytorch.kernels.MultitaskKernel(base, num_tasks=tasks, rank=1)
-    else:
-        kernel = gpytorch.kernels.MultitaskKernel(GroupKernel(8), num_tasks=tasks, rank=1, active_dims=[1])
     likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(
         num_tasks=tasks, rank=0, has_global_noise=global_noise
     )
-    model = _Multitask(x, y, likelihood, kernel, tasks).double()
-    with torch.no_grad():
-        for p in model.parameters():  # away from the defaults
-            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model, x, y
+    return multitask_model(kind, tasks, likelihood, seed=tasks + 2 * global_noise, n=n)
 
 
 @pytest.mark.parametrize("kind", ["block_mean", "group"])

@@ -23,13 +23,12 @@ from linear_operator.operators import (
     RootLinearOperator,
 )
 
-from bma_gp import BlockMeanKernel, BlockMeanLinearOperator, ClosedFormFallbackWarning, Partition
+from bma_gp import BlockMeanLinearOperator, ClosedFormFallbackWarning, Partition
 from bma_gp._composition import BlockMeanSumKroneckerLinearOperator
-from bma_gp.kernels import GroupKernel
 from closed_form_guard import closed_forms_only
-from kronecker_reference import assert_training_matches_dense, dense_prediction
+from kronecker_reference import assert_training_matches_dense, dense_prediction, multitask_model
 from kronecker_reference import rhs as random_rhs
-from test_kronecker_block_mean import K_BLOCKS, N, T, _Multitask, _partition
+from test_kronecker_block_mean import K_BLOCKS, N, T, _partition
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -192,23 +191,8 @@ def test_singular_matrix_is_refused_with_the_reason():
 
 # ---------------------------------------------------------------------------- models
 def _model(kind: str, rank: int, n: int = 50, dtype=torch.float64):
-    tasks = T
-    gen = torch.Generator().manual_seed(rank)
-    groups = torch.randint(0, 7, (n,), generator=gen)
-    groups[:7] = torch.tensor([6, 0, 5, 1, 4, 2, 3])
-    groups[-1] = 7  # a singleton group
-    x = torch.cat([torch.rand(n, 1, generator=gen, dtype=torch.float64), groups.unsqueeze(-1).double()], -1)
-    y = torch.randn(n, tasks, generator=gen, dtype=torch.float64)
-    if kind == "block_mean":
-        base = BlockMeanKernel(gpytorch.kernels.RBFKernel(active_dims=[0]), x, Partition.from_labels(groups))
-        kernel = gpytorch.kernels.MultitaskKernel(base, num_tasks=tasks, rank=1)
-    else:
-        kernel = gpytorch.kernels.MultitaskKernel(GroupKernel(8), num_tasks=tasks, rank=1, active_dims=[1])
-    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=tasks, rank=rank)
-    model = _Multitask(x, y, likelihood, kernel, tasks).double()
-    with torch.no_grad():
-        for p in model.parameters():  # away from the defaults
-            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=T, rank=rank)
+    model, x, y = multitask_model(kind, T, likelihood, seed=rank, n=n)
     return model.to(dtype), x.to(dtype), y.to(dtype)
 
 
@@ -263,7 +247,7 @@ def test_singular_sum_raises_not_positive_definite_error():
     from linear_operator.operators import DiagLinearOperator, KroneckerProductLinearOperator
     from linear_operator.utils.errors import NotPSDError
 
-    from bma_gp import BlockMeanLinearOperator, Partition
+    from bma_gp import BlockMeanLinearOperator
 
     M = BlockMeanLinearOperator(
         torch.tensor([1.0, 1.0], dtype=torch.float64),
