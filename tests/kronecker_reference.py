@@ -116,3 +116,28 @@ def multitask_model(kind: str, tasks: int, likelihood, seed: int, n: int = 50):
         for p in model.parameters():  # away from the defaults
             p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return model, x, y
+
+
+def assert_prediction_matches_dense(model, x, y, max_cholesky: int | None = None) -> None:
+    """The predictive means and variances at 9 points near the first training inputs equal the dense ones (1e-10 and
+    1e-9 relative), in closed form and without a warning (under ``max_cholesky_size(max_cholesky)`` where given)."""
+    xt = x[:9] + torch.tensor([0.05, 0.0], dtype=x.dtype)
+    model.eval()
+    size = lo_settings.max_cholesky_size(max_cholesky) if max_cholesky is not None else contextlib.nullcontext()
+    with torch.no_grad(), size, closed_forms_only(x.shape[0]), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        pred = model(xt)
+        mean, variance = pred.mean.reshape(-1), pred.variance.reshape(-1)
+    want_mean, want_variance = dense_prediction(model, x, y, xt)
+    assert torch.allclose(mean, want_mean, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(variance, want_variance, rtol=1e-9, atol=1e-12)
+
+
+def block_values(gen, batch, dtype, diagonal: bool, k: int):
+    """``(lam, B)`` of a positive definite block mean factor over ``k`` blocks (``B`` its diagonal where
+    ``diagonal``)."""
+    lam = torch.rand(*batch, k, generator=gen, dtype=dtype) + 0.3
+    if diagonal:
+        return lam, torch.rand(*batch, k, generator=gen, dtype=dtype) + 0.1
+    W = torch.randn(*batch, k, k, generator=gen, dtype=dtype)
+    return lam, W @ W.mT / k

@@ -26,7 +26,13 @@ import bma_gp
 from bma_gp import BlockMeanLinearOperator, ClosedFormFallbackWarning, Partition
 from bma_gp._composition import BlockMeanKroneckerAddedDiagLinearOperator
 from closed_form_guard import closed_forms_only
-from kronecker_reference import MULTITASK_MODEL_SOURCE, assert_training_matches_dense, dense_prediction, multitask_model
+from kronecker_reference import (
+    MULTITASK_MODEL_SOURCE,
+    assert_prediction_matches_dense,
+    assert_training_matches_dense,
+    block_values,
+    multitask_model,
+)
 from kronecker_reference import rhs as random_rhs
 from peak_memory import peak_memory_increase
 
@@ -47,13 +53,7 @@ def _partition(n: int = N, k: int = K_BLOCKS, seed: int = 0) -> Partition:
 def _inputs(batch=(), dtype=torch.float64, diagonal=False, seed=0, identity_task=False):
     """Leaves: ``lam``, ``B`` (or its diagonal), the task factor and variances, and the task noises."""
     gen = torch.Generator().manual_seed(seed)
-    k = K_BLOCKS
-    lam = torch.rand(*batch, k, generator=gen, dtype=dtype) + 0.3
-    if diagonal:
-        B = torch.rand(*batch, k, generator=gen, dtype=dtype) + 0.1
-    else:
-        W = torch.randn(*batch, k, k, generator=gen, dtype=dtype)
-        B = W @ W.mT / k
+    lam, B = block_values(gen, batch, dtype, diagonal, K_BLOCKS)
     factor = (
         torch.zeros(*batch, T, 1, dtype=dtype)
         if identity_task
@@ -271,17 +271,8 @@ def test_multitask_model_matches_dense_twin(kind, tasks, global_noise):
     covariance as a dense matrix) to 1e-10, and so do the predictive means and variances; no dense n x n
     factorisation, CG or Lanczos runs, and nothing warns."""
     model, x, y = _model(kind, tasks, global_noise)
-    n = x.shape[0]
     assert_training_matches_dense(model, x, y, BlockMeanKroneckerAddedDiagLinearOperator)
-    xt = x[:9] + torch.tensor([0.05, 0.0], dtype=x.dtype)
-    model.eval()
-    with torch.no_grad(), closed_forms_only(n), warnings.catch_warnings():
-        warnings.simplefilter("error", ClosedFormFallbackWarning)
-        pred = model(xt)
-        mean, variance = pred.mean.reshape(-1), pred.variance.reshape(-1)
-    want_mean, want_variance = dense_prediction(model, x, y, xt)
-    assert torch.allclose(mean, want_mean, rtol=1e-10, atol=1e-12)
-    assert torch.allclose(variance, want_variance, rtol=1e-9, atol=1e-12)
+    assert_prediction_matches_dense(model, x, y)
 
 
 def test_multitask_training_memory_is_linear_in_n():

@@ -26,7 +26,12 @@ from linear_operator.operators import (
 from bma_gp import BlockMeanLinearOperator, ClosedFormFallbackWarning, Partition
 from bma_gp._composition import BlockMeanSumKroneckerLinearOperator
 from closed_form_guard import closed_forms_only
-from kronecker_reference import assert_training_matches_dense, dense_prediction, multitask_model
+from kronecker_reference import (
+    assert_prediction_matches_dense,
+    assert_training_matches_dense,
+    block_values,
+    multitask_model,
+)
 from kronecker_reference import rhs as random_rhs
 from test_kronecker_block_mean import K_BLOCKS, N, T, _partition
 
@@ -37,13 +42,7 @@ def _inputs(batch=(), dtype=torch.float64, diagonal=False, seed=0):
     """Leaves: ``lam``, ``B`` (or its diagonal), the task factor and variances, the noise factor ``F`` (``t x 1``)
     and the global noise."""
     gen = torch.Generator().manual_seed(seed)
-    k = K_BLOCKS
-    lam = torch.rand(*batch, k, generator=gen, dtype=dtype) + 0.3
-    if diagonal:
-        B = torch.rand(*batch, k, generator=gen, dtype=dtype) + 0.1
-    else:
-        W = torch.randn(*batch, k, k, generator=gen, dtype=dtype)
-        B = W @ W.mT / k
+    lam, B = block_values(gen, batch, dtype, diagonal, K_BLOCKS)
     factor = torch.randn(*batch, T, 2, generator=gen, dtype=dtype)
     variances = torch.rand(*batch, T, generator=gen, dtype=dtype) + 0.2
     noise_factor = torch.randn(*batch, T, 1, generator=gen, dtype=dtype)
@@ -205,22 +204,8 @@ def test_multitask_model_matches_dense_twin(kind, rank, max_cholesky):
     factorisation, CG or Lanczos runs, and nothing warns. linear_operator's value was 10-19% off under
     max_cholesky_size(0) (Lanczos on the noise factor)."""
     model, x, y = _model(kind, rank)
-    n = x.shape[0]
     assert_training_matches_dense(model, x, y, BlockMeanSumKroneckerLinearOperator, max_cholesky)
-    xt = x[:9] + torch.tensor([0.05, 0.0], dtype=x.dtype)
-    model.eval()
-    with (
-        torch.no_grad(),
-        lo_settings.max_cholesky_size(max_cholesky),
-        closed_forms_only(n),
-        warnings.catch_warnings(),
-    ):
-        warnings.simplefilter("error", ClosedFormFallbackWarning)
-        pred = model(xt)
-        mean, variance = pred.mean.reshape(-1), pred.variance.reshape(-1)
-    want_mean, want_variance = dense_prediction(model, x, y, xt)
-    assert torch.allclose(mean, want_mean, rtol=1e-10, atol=1e-12)
-    assert torch.allclose(variance, want_variance, rtol=1e-9, atol=1e-12)
+    assert_prediction_matches_dense(model, x, y, max_cholesky)
 
 
 def test_float32_model_matches_float64_dense():
