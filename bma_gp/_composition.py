@@ -1492,7 +1492,7 @@ def _routed_construction(cls, args: tuple, kwargs: dict) -> LinearOperator | Non
     if not any(_is_ours(a) or _holds_ours(a) or isinstance(a, _WarnsWhenFactorised) for a in terms):
         # AddedDiagLinearOperator(R1 + R2, D), SumLinearOperator(R1, R2, D): closed form too
         leaves = [_root_leaves(a) for a in terms]
-        if not (all(ok for _, ok in leaves) and sum(c for c, _ in leaves) >= 2 and _same_shapes(terms)):
+        if not (all(ok for _, ok in leaves) and sum(c for c, _ in leaves) >= 2 and _one_matrix_size(terms)):
             return None
         with _raised(_ROUTING):
             total = terms[0]
@@ -1830,8 +1830,7 @@ class _ClosedKroneckerSum(_KroneckerOfBlockMean):
             inv_quad = (rhs * closed.solve(rhs, factors).to(rhs.dtype)).sum(-2)
             if reduce_inv_quad:
                 inv_quad = inv_quad.sum(-1)
-        dtype = cast(LinearOperator, self).dtype
-        logdet_res = closed.logdet(factors).to(dtype) if logdet else None
+        logdet_res = self._closed_logdet(closed, factors) if logdet else None
         return inv_quad, logdet_res
 
     def logdet(self) -> Tensor:
@@ -1839,7 +1838,7 @@ class _ClosedKroneckerSum(_KroneckerOfBlockMean):
         if closed is None:
             with self._fallback("logdet"):
                 return super().logdet()  # type: ignore[misc]
-        return closed.logdet().to(cast(LinearOperator, self).dtype)
+        return self._closed_logdet(closed)
 
     def _closed_root(self, closed, inverse: bool) -> LinearOperator:
         """The closed-form square root (:class:`~bma_gp._kronecker.KroneckerRoot`, ``n t x n t``, applied by its
@@ -1899,7 +1898,10 @@ class _ClosedKroneckerSum(_KroneckerOfBlockMean):
         if closed is None:
             with self._fallback("logdet"):
                 return super()._logdet()  # type: ignore[misc]
-        return closed.logdet().to(cast(LinearOperator, self).dtype)
+        return self._closed_logdet(closed)
+
+    def _closed_logdet(self, closed, factors: tuple | None = None) -> Tensor:
+        return closed.logdet(factors).to(cast(LinearOperator, self).dtype)
 
 
 class BlockMeanKroneckerAddedDiagLinearOperator(_ClosedKroneckerSum, KroneckerProductAddedDiagLinearOperator):
@@ -2248,7 +2250,7 @@ def _low_rank_closed_form(left, right) -> LinearOperator | None:
     return res if bool((d > floor).all()) else None
 
 
-def _same_shapes(ops) -> bool:
+def _one_matrix_size(ops) -> bool:
     """Whether the operators are matrices of one size whose batch shapes broadcast (a batch of roots plus one
     diagonal: linear_operator's sum of them expands the diagonal when it rebuilds itself, and a rebuild must not
     change the class, so the first sum is routed as its rebuild would be)."""
@@ -2264,7 +2266,9 @@ def _low_rank_sum(left, right) -> bool:
     ``(R1 + R2) + D``, ``R1 + (R2 + D)``, ``D + (R1 + R2)``. Their sum has a closed form (Woodbury with the roots
     side by side); linear_operator's ``AddedDiagLinearOperator`` / ``SumLinearOperator`` of them factorised the
     ``n x n`` matrix densely, or ran CG and Lanczos past ``max_cholesky_size``, without a word."""
-    if not (isinstance(left, LinearOperator) and isinstance(right, LinearOperator)) or not _same_shapes([left, right]):
+    if not (isinstance(left, LinearOperator) and isinstance(right, LinearOperator)):
+        return False
+    if not _one_matrix_size([left, right]):
         return False
     roots_left, ok_left = _root_leaves(left)
     if not ok_left:
