@@ -147,6 +147,16 @@ def test_targets_verdicts():
     assert "caches flushed before each step (64 MB)" in eager_target and "<= 2x Adagrad" in eager_target
     assert "caches flushed before each step (64 MB)" in fused_target and "<= 1.5x Adagrad" in fused_target
 
+    # with the per-round paired ratios in the record, the targets are judged on them (not on the overall medians'
+    # ratio) and the measurement says so
+    paired = {
+        **fused,
+        "paired_ratio_to_adagrad": {"adagrad": 1.0, "block_mean_tensor": 1.9, "block_mean_tensor_fused": 1.4},
+    }
+    (_, eager_measured, eager_verdict), (_, measured, verdict) = bench.targets([paired])
+    assert eager_verdict == "holds" and eager_measured.startswith("1.90x (paired, 4.50 ms")
+    assert verdict == "holds" and measured.startswith("1.40x (paired, 3.30 ms")
+
     # issue 13: the block mean GP step against SGPR at equal k on elecdemand, judged per dtype and thread count
     step = {"bench": "elecdemand_step", "dtype": "float32", "n_train": 14016, "k": 400, "threads": 2}
     faster = {**step, "blockmean_s": 0.5, "sgpr_s": 0.6, "ratio": 0.5 / 0.6}
@@ -369,3 +379,21 @@ def test_float32_agreement_target_verdicts():
     assert verdict == "holds" and "5.0e-05 (grad_U)" in measured and "fast_root_products 3.0e-04" in measured
     assert missed == "misses by 2.00x"
     assert bench.targets([rec(1.0, n=2000)]) == []
+
+
+def test_optimizer_table_shows_paired_ratios_when_measured():
+    bench = _load("benchmarks")
+    record = {
+        "benchmark": "optimizer_step",
+        "params": 2_099_200,
+        "tensors": 4,
+        "device": "cpu",
+        "steps_timed": 100,
+        "median_ms": {"adagrad": 2.0, "block_mean_tensor": 4.2},
+        "ratio_to_adagrad": {"adagrad": 1.0, "block_mean_tensor": 2.1},
+    }
+    plain = "\n".join(bench.optimizer_tables([record]))
+    assert "| block_mean_tensor | 4.200 | 2.10 |" in plain and "paired" not in plain
+    paired = {**record, "paired_ratio_to_adagrad": {"adagrad": 1.0, "block_mean_tensor": 1.85}}
+    text = "\n".join(bench.optimizer_tables([paired]))
+    assert "| block_mean_tensor | 4.200 | 2.10 | 1.85 |" in text and "paired per round" in text

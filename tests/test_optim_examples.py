@@ -47,6 +47,10 @@ def test_bench_smoke_prints_one_json_line(capsys):
     result = json.loads(line)
     assert result["ratio_to_adagrad"]["adagrad"] == 1.0
     assert result["median_ms"]["block_mean_tensor"] > 0
+    # per-round ratios against the Adagrad steps of the same round (two rounds under --smoke)
+    assert result["paired_ratio_to_adagrad"]["adagrad"] == 1.0
+    assert set(result["paired_ratio_to_adagrad"]) == set(result["ratio_to_adagrad"])
+    assert all(len(q) == 3 and q[0] <= q[1] <= q[2] for q in result["paired_ratio_quartiles"].values())
 
 
 def test_bench_baseline_times_another_optim_package(capsys, tmp_path):
