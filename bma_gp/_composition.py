@@ -1963,6 +1963,46 @@ class BlockMeanSumKroneckerLinearOperator(_ClosedKroneckerSum, SumKroneckerLinea
 
         return no_closed_form_sum_reason(self)
 
+    def add_diagonal(self, diag: Tensor) -> LinearOperator:
+        """``A + diag``: folded into the noise's task factor (``D + diag``) where ``diag`` is the same at every point
+        within a task (``add_jitter``, a scalar, a per-task vector), keeping the closed form; otherwise the sum with
+        ``diag``, which announces its fallback. linear_operator's ``AddedDiagLinearOperator`` around this sum solved
+        by CG and Lanczos, silently."""
+        diag_op = super().add_diagonal(diag)._diag_tensor  # linear_operator's shape checks and diagonal operator
+        return self + diag_op
+
+    def __add__(self, other):
+        if isinstance(other, DiagLinearOperator):
+            folded = self._with_task_diagonal(other)
+            if folded is not None:
+                return folded
+        return super().__add__(other)
+
+    def _with_task_diagonal(self, diag: DiagLinearOperator) -> LinearOperator | None:
+        """This sum with ``diag`` folded into its noise, ``M (x) K + I_n (x) (c D + E)`` (``E`` the diagonal's
+        per-task values, ``c I_n`` the noise's data factor), or ``None`` where there is no closed form for it (the
+        sum has none, or the diagonal differs between the points of a task)."""
+        from bma_gp._kronecker import _block_mean_product, _identity_scale, _task_noise
+
+        if self._closed() is None:
+            return None
+        terms = list(self.linear_ops)
+        pos = next(i for i, term in enumerate(terms) if _block_mean_product(term) is not None)
+        M, _, index = cast(tuple, _block_mean_product(terms[pos]))
+        noise = terms[1 - pos]
+        n, t = M.shape[-1], noise.linear_ops[1 - index].shape[-1]
+        extra = _task_noise(diag, n, t, index == 0)
+        scale = _identity_scale(noise.linear_ops[index], n)
+        if extra is None or scale is None:
+            return None
+        task_noise = to_dense(noise.linear_ops[1 - index]) * scale.unsqueeze(-1) + torch.diag_embed(extra)
+        if task_noise.shape[:-2] != self.batch_shape:  # a diagonal with more batch dimensions than the sum
+            return None
+        eye = ConstantDiagLinearOperator(torch.ones_like(scale.expand(*self.batch_shape, 1)), diag_shape=n)
+        factors = (eye, DenseLinearOperator(task_noise))
+        terms[1 - pos] = KroneckerProductLinearOperator(*(factors if index == 0 else factors[::-1]))
+        return BlockMeanSumKroneckerLinearOperator(*terms)
+
 
 def _kronecker_of_ours(op) -> bool:
     return isinstance(op, KroneckerProductLinearOperator) and any(_is_ours(factor) for factor in op.linear_ops)
