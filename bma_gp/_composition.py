@@ -1489,7 +1489,17 @@ def _routed_construction(cls, args: tuple, kwargs: dict) -> LinearOperator | Non
         return None
     terms = [a if isinstance(a, LinearOperator) else DenseLinearOperator(a) for a in args]
     terms = [_whole_or_itself(a) for a in terms]  # M.root_decomposition().add_diagonal(d): M + D
-    if not any(_is_ours(a) or _holds_ours(a) or isinstance(a, _WarnsWhenFactorised) for a in terms):
+    if len(terms) == 2 and any(isinstance(a, _ClosedKroneckerSum) for a in terms):
+        # SumLinearOperator(M (x) K + I (x) Sigma, D): the sum's closed form with D where it has one (checked before
+        # the routing flag, which would keep linear_operator's own addition inside it); else announced, below
+        kron, diag = terms if isinstance(terms[0], _ClosedKroneckerSum) else terms[::-1]
+        if isinstance(diag, DiagLinearOperator):
+            folded = cast(_ClosedKroneckerSum, kron)._plus_diagonal(diag)
+            if folded is not None:
+                return folded
+    if not any(
+        _is_ours(a) or _holds_ours(a) or isinstance(a, (_WarnsWhenFactorised, _ClosedKroneckerSum)) for a in terms
+    ):
         # AddedDiagLinearOperator(R1 + R2, D), SumLinearOperator(R1, R2, D): closed form too
         leaves = [_root_leaves(a) for a in terms]
         if not (all(ok for _, ok in leaves) and sum(c for c, _ in leaves) >= 2 and _one_matrix_size(terms)):
@@ -1765,6 +1775,13 @@ class _ClosedKroneckerSum(_KroneckerOfBlockMean):
     (:mod:`bma_gp._kronecker`) where :meth:`_closed` finds its structure; linear_operator's path otherwise, announced
     once with a :class:`ClosedFormFallbackWarning` that says why (:meth:`_no_closed_form_reason`)."""
 
+    def __init__(self, *args, **kwargs):
+        # built by the routed construction of linear_operator's generic class (AddedDiagLinearOperator(A, D) is this
+        # sum plus D, already initialised): Python calls __init__ again with the generic class's arguments
+        if self.__dict__.pop("_bma_gp_built", False):
+            return
+        super().__init__(*args, **kwargs)
+
     def _closed(self):
         raise NotImplementedError
 
@@ -1786,6 +1803,10 @@ class _ClosedKroneckerSum(_KroneckerOfBlockMean):
                     stacklevel=4,
                 )
             yield
+
+    def _plus_diagonal(self, diag: DiagLinearOperator) -> LinearOperator | None:
+        """This sum plus ``diag`` in closed form, or ``None`` where the sum with it has none."""
+        raise NotImplementedError
 
     def _closed_solve(self, closed, rhs: Tensor) -> Tensor:
         vector = rhs.dim() == 1
@@ -1935,6 +1956,10 @@ class BlockMeanKroneckerAddedDiagLinearOperator(_ClosedKroneckerSum, KroneckerPr
     def add_diagonal(self, diag: Tensor) -> LinearOperator:
         return _announced_kronecker(super().add_diagonal(diag))
 
+    def _plus_diagonal(self, diag: DiagLinearOperator) -> LinearOperator | None:
+        res = type(self)(self.linear_op, self.diag_tensor + diag)
+        return res if res._closed() is not None else None
+
 
 class BlockMeanSumKroneckerLinearOperator(_ClosedKroneckerSum, SumKroneckerLinearOperator):
     """``SumKroneckerLinearOperator`` with a block mean factor: ``M (x) K + I (x) D`` with a noise ``D`` that couples
@@ -1973,12 +1998,12 @@ class BlockMeanSumKroneckerLinearOperator(_ClosedKroneckerSum, SumKroneckerLinea
 
     def __add__(self, other):
         if isinstance(other, DiagLinearOperator):
-            folded = self._with_task_diagonal(other)
+            folded = self._plus_diagonal(other)
             if folded is not None:
                 return folded
         return super().__add__(other)
 
-    def _with_task_diagonal(self, diag: DiagLinearOperator) -> LinearOperator | None:
+    def _plus_diagonal(self, diag: DiagLinearOperator) -> LinearOperator | None:
         """This sum with ``diag`` folded into its noise, ``M (x) K + I_n (x) (c D + E)`` (``E`` the diagonal's
         per-task values, ``c I_n`` the noise's data factor), or ``None`` where there is no closed form for it (the
         sum has none, or the diagonal differs between the points of a task)."""
@@ -2212,6 +2237,10 @@ def _hooked_add(original):
                 return res
         if _kronecker_of_ours(self) or _kronecker_of_ours(other):
             return _announced_kronecker(unrouted(self, other))
+        if isinstance(self, DiagLinearOperator) and isinstance(other, _ClosedKroneckerSum):
+            # D + (M (x) K + I (x) Sigma): the sum's own addition, which folds a diagonal that is the same at every
+            # point of a task into its noise (the closed form) and announces any other
+            return other + self
         if isinstance(other, LinearOperator) and (
             isinstance(self, _KroneckerOfBlockMean) or isinstance(other, _KroneckerOfBlockMean)
         ):

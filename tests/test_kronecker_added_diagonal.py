@@ -15,10 +15,18 @@ import warnings
 import pytest
 import torch
 from linear_operator import settings as lo_settings
-from linear_operator.operators import ConstantDiagLinearOperator, DiagLinearOperator
+from linear_operator.operators import (
+    AddedDiagLinearOperator,
+    ConstantDiagLinearOperator,
+    DenseLinearOperator,
+    DiagLinearOperator,
+    KroneckerProductDiagLinearOperator,
+    KroneckerProductLinearOperator,
+    SumLinearOperator,
+)
 
-from bma_gp import ClosedFormFallbackWarning
-from bma_gp._composition import BlockMeanSumKroneckerLinearOperator
+from bma_gp import BlockMeanLinearOperator, ClosedFormFallbackWarning
+from bma_gp._composition import BlockMeanKroneckerAddedDiagLinearOperator, BlockMeanSumKroneckerLinearOperator
 from closed_form_guard import closed_forms_only
 from kronecker_reference import rhs as random_rhs
 from test_kronecker_block_mean import N, T, _partition
@@ -34,7 +42,18 @@ def _task_repeated(values: torch.Tensor, data_first: bool) -> torch.Tensor:
     return grid.flatten(-2)
 
 
-ADDITIONS = ["jitter", "scalar", "scalar_batch", "per_task", "plus_constant_diag", "plus_per_task_diag"]
+ADDITIONS = [
+    "jitter",
+    "scalar",
+    "scalar_batch",
+    "per_task",
+    "plus_constant_diag",
+    "plus_per_task_diag",
+    "constant_diag_plus",
+    "per_task_diag_plus",
+    "sum_built_directly",
+    "added_diag_built_directly",
+]
 
 
 def _add(op, how: str, data_first: bool, batch, dtype):
@@ -55,11 +74,17 @@ def _add(op, how: str, data_first: bool, batch, dtype):
     diag = _task_repeated(values, data_first)
     if how == "per_task":
         return op.add_diagonal(diag), diag
-    if how == "plus_constant_diag":
+    if how in ("plus_constant_diag", "constant_diag_plus"):
         c = torch.rand(*batch, 1, generator=gen, dtype=dtype) + 0.1
-        return op + ConstantDiagLinearOperator(c, diag_shape=size), c.expand(*batch, size)
-    assert how == "plus_per_task_diag"
-    return op + DiagLinearOperator(diag), diag
+        constant = ConstantDiagLinearOperator(c, diag_shape=size)
+        return (op + constant if how == "plus_constant_diag" else constant + op), c.expand(*batch, size)
+    made = {
+        "plus_per_task_diag": lambda: op + DiagLinearOperator(diag),
+        "per_task_diag_plus": lambda: DiagLinearOperator(diag) + op,
+        "sum_built_directly": lambda: SumLinearOperator(op, DiagLinearOperator(diag)),
+        "added_diag_built_directly": lambda: AddedDiagLinearOperator(op, DiagLinearOperator(diag)),
+    }
+    return made[how](), diag
 
 
 @pytest.mark.parametrize("how", ADDITIONS)
@@ -126,3 +151,39 @@ def test_per_point_diagonal_is_announced(how):
     assert any(issubclass(w.category, ClosedFormFallbackWarning) for w in caught), [str(w.message) for w in caught]
     A = _dense(M, K, Sigma) + torch.diag_embed(d)
     assert torch.allclose(solved, torch.linalg.solve(A, rhs), rtol=1e-8, atol=1e-10)
+
+
+def _rank_zero(batch=(), dtype=torch.float64):
+    """``M (x) K + I_n (x) diag(sigma)`` (``MultitaskGaussianLikelihood(rank=0)``): a
+    ``BlockMeanKroneckerAddedDiagLinearOperator``, and its dense matrix."""
+    lam, B, factor, variances, *_ = (x.detach() for x in _inputs(batch, dtype))
+    M = BlockMeanLinearOperator(lam, B, _partition())
+    K = factor @ factor.mT + torch.diag_embed(variances)
+    sigma = torch.rand(*batch, T, generator=torch.Generator().manual_seed(11), dtype=dtype) + 0.1
+    eye = ConstantDiagLinearOperator(torch.ones(*batch, 1, dtype=dtype), diag_shape=N)
+    op = KroneckerProductLinearOperator(M, DenseLinearOperator(K)) + KroneckerProductDiagLinearOperator(
+        eye, DiagLinearOperator(sigma)
+    )
+    dense = M.to_dense()[..., :, None, :, None] * K[..., None, :, None, :]
+    dense = dense.reshape(*batch, N * T, N * T) + torch.diag_embed(_task_repeated(sigma, True))
+    return op, dense
+
+
+@pytest.mark.parametrize("how", ["per_task_diag_plus", "sum_built_directly", "added_diag_built_directly"])
+@pytest.mark.parametrize("batch", [(), (2,)])
+def test_rank_zero_sum_built_or_added_either_way_keeps_the_closed_form(how, batch):
+    """The same for a per-task noise (rank 0): a diagonal in front, or the sum built directly, was linear_operator's
+    SumLinearOperator / AddedDiagLinearOperator around it (silent CG and Lanczos; the routed construction was
+    initialised a second time with the generic class's arguments and lost its structure)."""
+    op, dense = _rank_zero(batch)
+    assert isinstance(op, BlockMeanKroneckerAddedDiagLinearOperator)
+    added, diag = _add(op, how, True, batch, torch.float64)
+    assert isinstance(added, BlockMeanKroneckerAddedDiagLinearOperator), type(added)
+    rhs = random_rhs(added)
+    with lo_settings.max_cholesky_size(0), closed_forms_only(N), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        solved = added.solve(rhs)
+        logdet = added.logdet()
+    A = dense + torch.diag_embed(diag)
+    assert torch.allclose(solved, torch.linalg.solve(A, rhs), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(logdet, torch.logdet(A), rtol=1e-10)
