@@ -34,7 +34,8 @@ The same factors give square roots (:meth:`KroneckerBlockMean.root_matmul`, :cla
 :math:`\Pi` the centring within blocks and :math:`\mathcal L` the point-wise :math:`L_{G_i}`,
 :math:`R = \mathcal L (\Pi \otimes I_t) + (U \otimes I_t) L_H (U \otimes I_t)^\top` has :math:`R R^\top = A`, and
 with :math:`L^{-\top}` in place of both factors :math:`R R^\top = A^{-1}`; ``n t x n t``, applied by products
-(``O(n t (t + c) + (k t)^2 c)``), never formed: draws and ``fast_pred_var`` without linear_operator's eigenvectors.
+(``O(n t (t + c) + (k t)^2 c)``), never formed: draws without linear_operator's eigenvectors. Prediction
+(``fast_pred_var`` included) reads the small factors themselves (:mod:`bma_gp.kernels.kronecker_prediction_strategy`).
 """
 
 from __future__ import annotations

@@ -33,16 +33,24 @@ def dense_mll(model, x, y, params):
 def dense_prediction(model, x, y, xt):
     """The posterior mean and variance at ``xt`` (flattened over the tasks) from the dense joint covariance."""
     with torch.no_grad():
-        model.train()
-        joint = model.covar_module(torch.cat([x, xt])).to_dense()
-        nt = y.numel()
-        n = x.shape[0]
-        train = joint[:nt, :nt] + model.likelihood._shaped_noise_covar((n, n)).to_dense()
-        cross = joint[nt:, :nt]
-        residual = y.reshape(-1) - model.mean_module(x).reshape(-1)
-        mean = model.mean_module(xt).reshape(-1) + cross @ torch.linalg.solve(train, residual)
-        variance = (joint[nt:, nt:] - cross @ torch.linalg.solve(train, cross.T)).diagonal()
-    return mean, variance
+        mean, covariance = dense_posterior(model, x, y, xt)
+    return mean, covariance.diagonal()
+
+
+def dense_posterior(model, x, y, xt):
+    """The posterior mean and covariance at ``xt`` (flattened over the tasks, task index the fastest) from the dense
+    joint covariance, with the graph of the model's parameters and of ``xt`` where gradients are enabled; the model is
+    left in training mode."""
+    model.train()
+    joint = model.covar_module(torch.cat([x, xt])).to_dense()
+    nt = y.numel()
+    n = x.shape[0]
+    train = joint[:nt, :nt] + model.likelihood._shaped_noise_covar((n, n)).to_dense()
+    cross = joint[nt:, :nt]
+    residual = y.reshape(-1) - model.mean_module(x).reshape(-1)
+    mean = model.mean_module(xt).reshape(-1) + cross @ torch.linalg.solve(train, residual)
+    covariance = joint[nt:, nt:] - cross @ torch.linalg.solve(train, cross.T)
+    return mean, covariance
 
 
 #: source of a ``MultitaskKernel(BlockMeanKernel)`` model over one input in [0, 1] (40 blocks, 2 tasks), for the
@@ -96,10 +104,11 @@ class MultitaskGP(gpytorch.models.ExactGP):
         return gpytorch.distributions.MultitaskMultivariateNormal(self.mean_module(x), self.covar_module(x))
 
 
-def multitask_model(kind: str, tasks: int, likelihood, seed: int, n: int = 50):
+def multitask_model(kind: str, tasks: int, likelihood, seed: int, n: int = 50, num_groups: int = 8):
     """``(model, x, y)``: a ``MultitaskKernel`` around a ``BlockMeanKernel`` (``kind="block_mean"``, an RBF over
-    column 0 and the groups of column 1) or a ``GroupKernel`` (``"group"``), with ``likelihood``; 8 groups, one of
-    them a singleton; float64, the parameters moved away from their defaults."""
+    column 0 and the groups of column 1) or a ``GroupKernel`` (``"group"``, of ``num_groups`` groups: ids past 7 are
+    groups the training data lack), with ``likelihood``; 8 groups in the data, one of them a singleton; float64, the
+    parameters moved away from their defaults."""
     gen = torch.Generator().manual_seed(seed)
     groups = torch.randint(0, 7, (n,), generator=gen)
     groups[:7] = torch.tensor([6, 0, 5, 1, 4, 2, 3])
@@ -110,7 +119,7 @@ def multitask_model(kind: str, tasks: int, likelihood, seed: int, n: int = 50):
         base = BlockMeanKernel(gpytorch.kernels.RBFKernel(active_dims=[0]), x, Partition.from_labels(groups))
         kernel = gpytorch.kernels.MultitaskKernel(base, num_tasks=tasks, rank=1)
     else:
-        kernel = gpytorch.kernels.MultitaskKernel(GroupKernel(8), num_tasks=tasks, rank=1, active_dims=[1])
+        kernel = gpytorch.kernels.MultitaskKernel(GroupKernel(num_groups), num_tasks=tasks, rank=1, active_dims=[1])
     model = MultitaskGP(x, y, likelihood, kernel, tasks).double()
     with torch.no_grad():
         for p in model.parameters():  # away from the defaults

@@ -143,8 +143,9 @@ def test_active_dims_of_a_product_are_followed_to_the_bound_inputs():
 
 # ---------------------------------------------------------------------------- other containers
 def test_multitask_kernel_refuses_the_stale_prediction_cache():
-    """``MultitaskKernel(BlockMeanKernel(...))`` takes GPyTorch's default strategy (``Kernel.prediction_strategy``),
-    which did not record the BlockMeanKernel's data: a new partition in eval mode moved the means by 0.25, silently."""
+    """``MultitaskKernel(BlockMeanKernel(...))`` took GPyTorch's default strategy (``Kernel.prediction_strategy``; now
+    the package's Kronecker strategy), which did not record the BlockMeanKernel's data: a new partition in eval mode
+    moved the means by 0.25, silently."""
 
     class Multitask(gpytorch.models.ExactGP):
         def __init__(self, x, y, kernel):

@@ -11,8 +11,8 @@ Every strategy a kernel containing a ``BlockMeanKernel`` gives (its own, a sum's
 ``bma_gp.kernels.sum_prediction_strategy.install``) goes through :func:`record_bound_data`, which also refuses a
 model whose training inputs are not the ones a ``BlockMeanKernel`` in it is bound to (the kernel would take them for
 new points, so the model would condition on the exact base kernel instead of its block mean approximation). Any
-other strategy (GPyTorch's default, for a ``MultitaskKernel`` or a Hadamard multitask model) is given the versions
-by the model (:func:`install`).
+other strategy (GPyTorch's default, the Kronecker strategy of a ``MultitaskKernel``, a Hadamard multitask model's) is
+given the versions by the model (:func:`install`).
 """
 
 from __future__ import annotations
@@ -180,8 +180,9 @@ def _tracked(strategy: DefaultPredictionStrategy) -> bool:
 
 
 def _holds_bma_gp_module(model) -> bool:
-    """Whether ``model`` holds a kernel or a noise model of this package (whose model may get GPyTorch's default
-    strategy: under ``lazily_evaluate_kernels(False)``, or in a ``MultitaskKernel``)."""
+    """Whether ``model`` holds a kernel or a noise model of this package (whose model may get a strategy that records
+    nothing: GPyTorch's default under ``lazily_evaluate_kernels(False)``, the Kronecker strategy of a
+    ``MultitaskKernel``)."""
     from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
     from bma_gp.kernels.chunked_inducing_point_kernel import ChunkedInducingPointKernel
     from bma_gp.kernels.group_kernel import GroupKernel
@@ -356,9 +357,10 @@ def install() -> None:
 
     The kernels' own strategies (a ``BlockMeanKernel``'s, a sum's or a product's) record the data versions when they
     are built. A model whose prior is not one lazily evaluated kernel (``covar_x.mul(covar_i)``, GPyTorch's Hadamard
-    multitask model) or whose kernel takes GPyTorch's default strategy (a ``MultitaskKernel`` around a
-    ``BlockMeanKernel``) gets GPyTorch's default strategy, which records nothing: the model records the versions of
-    every ``BlockMeanKernel`` among its modules on the strategy it built, and checks them before each prediction.
+    multitask model) gets GPyTorch's default strategy, and one whose kernel is a ``MultitaskKernel`` around a
+    ``BlockMeanKernel`` the Kronecker strategy (:mod:`bma_gp.kernels.kronecker_prediction_strategy`); neither records
+    anything: the model records the versions of every ``BlockMeanKernel`` among its modules on the strategy it built,
+    and checks them before each prediction.
     A block mean strategy built before the model was moved to another dtype or device is dropped and rebuilt, and
     so is one built before a hyperparameter of the model changed in eval mode (with GPyTorch's eval-mode caches of
     its modules), and any strategy a prediction with :class:`bma_gp.settings.validate` off used (its caches skipped

@@ -180,16 +180,38 @@ def _evaluated_prior_advice(covar=None) -> str:
     )
 
 
+def _kronecker(train_prior_dist, likelihood) -> bool:
+    """Whether the training covariance is a lazily evaluated ``MultitaskKernel`` around a block mean or group kernel,
+    observed through a ``MultitaskGaussianLikelihood``: a Kronecker sum with a block mean factor, predicted by
+    :class:`~bma_gp.kernels.kronecker_prediction_strategy.KroneckerPredictionStrategy` (GPyTorch asks the
+    ``MultitaskKernel`` for its strategy, which is GPyTorch's default one)."""
+    from gpytorch.kernels import MultitaskKernel
+    from gpytorch.lazy import LazyEvaluatedKernelTensor
+
+    from bma_gp._composition import _involves_block_mean
+
+    covar = getattr(train_prior_dist, "lazy_covariance_matrix", None)
+    return (
+        isinstance(train_prior_dist, MultitaskMultivariateNormal)
+        and isinstance(covar, LazyEvaluatedKernelTensor)
+        and isinstance(covar.kernel, MultitaskKernel)
+        and _involves_block_mean(covar.kernel.data_covar_module)
+        and isinstance(likelihood, MultitaskGaussianLikelihood)
+    )
+
+
 @torch.compiler.disable
 def _choose(train_prior_dist, likelihood) -> str:
-    """``"tasks"``, ``"product"`` or ``"default"`` (after :func:`_warn_evaluated_prior`): the strategy the hook
-    gives. Run outside ``torch.compile``'s tracing: reading the distribution's lazily cached covariance writes its
-    ``__dict__``, and Dynamo stopped every compiled prediction, plain GPyTorch models' included, with "Guard failed
-    on the same frame it was created"."""
+    """``"tasks"``, ``"product"``, ``"kronecker"`` or ``"default"`` (after :func:`_warn_evaluated_prior`): the
+    strategy the hook gives. Run outside ``torch.compile``'s tracing: reading the distribution's lazily cached
+    covariance writes its ``__dict__``, and Dynamo stopped every compiled prediction, plain GPyTorch models' included,
+    with "Guard failed on the same frame it was created"."""
     if _routable(train_prior_dist, likelihood):
         return "tasks"
     if _kernel_product(train_prior_dist):
         return "product"
+    if _kronecker(train_prior_dist, likelihood):
+        return "kronecker"
     _warn_evaluated_prior(train_prior_dist)
     return "default"
 
@@ -197,8 +219,10 @@ def _choose(train_prior_dist, likelihood) -> str:
 def _routed(original):
     """GPyTorch's ``prediction_strategy``, with :class:`TaskPredictionStrategy` for a batch-independent multi-output
     model on block mean or group kernels (:func:`_routable`), :class:`~bma_gp.kernels.BlockMeanPredictionStrategy`
-    for the product of two lazily evaluated kernels (:func:`_kernel_product`), and a warning when GPyTorch's default
-    strategy is chosen for an evaluated block mean training covariance (:func:`_warn_evaluated_prior`)."""
+    for the product of two lazily evaluated kernels (:func:`_kernel_product`),
+    :class:`~bma_gp.kernels.kronecker_prediction_strategy.KroneckerPredictionStrategy` for a ``MultitaskKernel`` around
+    one of them (:func:`_kronecker`), and a warning when GPyTorch's default strategy is chosen for an evaluated block
+    mean training covariance (:func:`_warn_evaluated_prior`)."""
 
     @functools.wraps(original)
     def prediction_strategy(train_inputs, train_prior_dist, train_labels, likelihood):
@@ -209,6 +233,10 @@ def _routed(original):
             from bma_gp.kernels.prediction_strategy import BlockMeanPredictionStrategy
 
             return BlockMeanPredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood)
+        if choice == "kronecker":
+            from bma_gp.kernels.kronecker_prediction_strategy import KroneckerPredictionStrategy
+
+            return KroneckerPredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood)
         return original(train_inputs, train_prior_dist, train_labels, likelihood)
 
     prediction_strategy._bma_gp_original = original
