@@ -1950,6 +1950,14 @@ class BlockMeanKroneckerAddedDiagLinearOperator(_ClosedKroneckerSum, KroneckerPr
         return no_closed_form_reason(self)
 
     def __add__(self, other):
+        if isinstance(other, (LinearOperator, Tensor)) and not isinstance(other, DiagLinearOperator):
+            # a matrix that is not a diagonal (SumLinearOperator(op, dense) is routed here): linear_operator's
+            # AddedDiagLinearOperator.__add__ kept this class around Sum(M (x) K, other), whose Kronecker paths then
+            # took that sum for a Kronecker product (a log-determinant past max_cholesky_size raised); a sum that
+            # warns when it is factorised, as a Kronecker sum with a task-coupling noise gives
+            fallback = fallback_sum(self, other)
+            if fallback is not None:
+                return fallback
         # linear_operator's adds a constant diagonal into a plain KroneckerProductAddedDiagLinearOperator
         return _announced_kronecker(super().__add__(other))
 
@@ -2009,8 +2017,8 @@ class BlockMeanSumKroneckerLinearOperator(_ClosedKroneckerSum, SumKroneckerLinea
         sum has none, or the diagonal differs between the points of a task)."""
         from bma_gp._kronecker import _block_mean_product, _identity_scale, _task_noise
 
-        if self._closed() is None:
-            return None
+        if self._closed() is None or diag.shape[-2:] != self.shape[-2:]:
+            return None  # no closed form, or a diagonal of another size (linear_operator's addition refuses it)
         terms = list(self.linear_ops)
         pos = next(i for i, term in enumerate(terms) if _block_mean_product(term) is not None)
         M, _, index = cast(tuple, _block_mean_product(terms[pos]))
