@@ -1,4 +1,4 @@
-"""Attack on session 29's Kronecker-sum routing (found by the session's attack helper).
+"""Kronecker sums with a block mean factor plus a dense matrix or a diagonal of another size (session 29's attack).
 
 1. ``SumLinearOperator(op, dense)`` around a rank-0 Kronecker sum (``M (x) K + I (x) diag(sigma)``, a
    ``BlockMeanKroneckerAddedDiagLinearOperator``) is now routed to ``op + dense``, which linear_operator's
