@@ -1471,6 +1471,10 @@ def _routed_construction(cls, args: tuple, kwargs: dict) -> LinearOperator | Non
         base = args[0] if args else kwargs.get("base_linear_op")
         constant = args[1] if len(args) > 1 else kwargs.get("constant")
         base = _whole_or_itself(base)  # a multiple of M.root_decomposition(): of M
+        if _kronecker_of_ours(base) and torch.is_tensor(constant):
+            scaled = _scaled_kronecker(base, constant)
+            if scaled is not None:
+                return scaled
         if not isinstance(base, LinearOperator) or not _is_ours(base):
             return None
         base = base.evaluate_kernel() if _is_lazy_block_mean(base) else base
@@ -2039,6 +2043,26 @@ class BlockMeanSumKroneckerLinearOperator(_ClosedKroneckerSum, SumKroneckerLinea
 
 def _kronecker_of_ours(op) -> bool:
     return isinstance(op, KroneckerProductLinearOperator) and any(_is_ours(factor) for factor in op.linear_ops)
+
+
+def _scaled_kronecker(kron, constant: Tensor) -> LinearOperator | None:
+    """``c (M (x) K)`` as ``M (x) (c K)`` for a Kronecker product with a symmetric block mean factor ``M``
+    (``ScaleKernel(MultitaskKernel(BlockMeanKernel(...)))``), so that the likelihood's noise makes it a Kronecker sum
+    with its closed forms; None for other products or constants (linear_operator's ``ConstantMulLinearOperator``,
+    whose sums are solved by CG and whose prediction formed the ``n t x n t`` inverse root)."""
+    from bma_gp._kronecker import _block_mean_product
+
+    product = _block_mean_product(kron)
+    if product is None:
+        return None
+    M, task, index = product
+    c = constant.reshape(constant.shape[:-2]) if constant.dim() >= 2 and constant.shape[-2:] == (1, 1) else constant
+    if c.dim() > len(kron.batch_shape) and c.numel() != 1:
+        return None
+    c = c.reshape(()) if c.numel() == 1 and c.dim() > len(kron.batch_shape) else c
+    with _raised(_ROUTING):
+        task = task._mul_constant(c.to(task.dtype))
+    return KroneckerProductLinearOperator(*((M, task) if index == 0 else (task, M)))
 
 
 def _announced_kronecker(res):

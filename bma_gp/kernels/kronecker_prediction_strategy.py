@@ -410,11 +410,18 @@ class KroneckerPredictionStrategy(DefaultPredictionStrategy):
 
     def _cross(self, closed, test_train_covar):
         """``(A P^T, c, K_*)`` with ``test_train_covar = (c A P^T) (x) K_*`` over the training partition, else None."""
+        outer = None
+        while isinstance(test_train_covar, ConstantMulLinearOperator):  # ScaleKernel(MultitaskKernel(...))
+            constant = test_train_covar.expanded_constant
+            outer = constant if outer is None else outer * constant
+            test_train_covar = test_train_covar.base_linear_op
         if closed is None or not isinstance(test_train_covar, KroneckerProductLinearOperator):
             return None
         if len(test_train_covar.linear_ops) != 2:
             return None
         data, task = test_train_covar.linear_ops
+        if outer is not None:
+            data = ConstantMulLinearOperator(data, outer.reshape(outer.shape[:-2]))
         found = _scaled_cross(data)
         if found is None or task.shape[-1] != closed.t or task.shape[-2] != closed.t:
             return None

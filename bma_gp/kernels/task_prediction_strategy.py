@@ -185,17 +185,21 @@ def _kronecker(train_prior_dist, likelihood) -> bool:
     observed through a ``MultitaskGaussianLikelihood``: a Kronecker sum with a block mean factor, predicted by
     :class:`~bma_gp.kernels.kronecker_prediction_strategy.KroneckerPredictionStrategy` (GPyTorch asks the
     ``MultitaskKernel`` for its strategy, which is GPyTorch's default one)."""
-    from gpytorch.kernels import MultitaskKernel
+    from gpytorch.kernels import MultitaskKernel, ScaleKernel
     from gpytorch.lazy import LazyEvaluatedKernelTensor
 
     from bma_gp._composition import _involves_block_mean
 
     covar = getattr(train_prior_dist, "lazy_covariance_matrix", None)
+    if not isinstance(covar, LazyEvaluatedKernelTensor):
+        return False
+    kernel = covar.kernel
+    while isinstance(kernel, ScaleKernel):  # ScaleKernel(MultitaskKernel(...)): a multiple of the task matrix
+        kernel = kernel.base_kernel
     return (
         isinstance(train_prior_dist, MultitaskMultivariateNormal)
-        and isinstance(covar, LazyEvaluatedKernelTensor)
-        and isinstance(covar.kernel, MultitaskKernel)
-        and _involves_block_mean(covar.kernel.data_covar_module)
+        and isinstance(kernel, MultitaskKernel)
+        and _involves_block_mean(kernel.data_covar_module)
         and isinstance(likelihood, MultitaskGaussianLikelihood)
     )
 
