@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from gpytorch import settings
 from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
-from gpytorch.utils.memoize import cached, clear_cache_hook
+from gpytorch.utils.memoize import cached
 from linear_operator import to_linear_operator
 from linear_operator.operators import (
     ConstantMulLinearOperator,
@@ -66,19 +66,11 @@ from bma_gp._warnings import ClosedFormFallbackWarning
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.kernels._bound_data import check_prediction_dtype
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
+from bma_gp.kernels.prediction_strategy import _attach_clear_hook
 from bma_gp.kernels.sum_prediction_strategy import KeepsIntegers, _cast_target
 from bma_gp.partition import Partition
 
 __all__ = ["KroneckerPredictionStrategy"]
-
-
-def _attach_clear_hook(strategy, tensor: Tensor) -> Tensor:
-    """Drop the strategy's caches when gradients flow back through ``tensor`` (as GPyTorch does)."""
-    if tensor.grad_fn is not None:
-        wrapper = functools.partial(clear_cache_hook, strategy)
-        functools.update_wrapper(wrapper, clear_cache_hook)
-        tensor.grad_fn.register_hook(wrapper)
-    return tensor
 
 
 def _scaled_cross(op) -> tuple[BlockCrossLinearOperator, Tensor | None] | None:
