@@ -2777,6 +2777,25 @@ def _hooked_evaluated(original, name):
     return hooked
 
 
+def _hooked_added_diag_evaluate_kernel(original):
+    """``AddedDiagLinearOperator.evaluate_kernel``: linear_operator rebuilds the operator from its representation and
+    reads the rebuilt one's ``_linear_op`` and ``_diag_tensor``; where that rebuild is routed (an evaluated sum with a
+    fallback or block mean summand plus a diagonal becomes the package's sum, say a
+    :class:`FallbackSumLinearOperator`), the rebuilt operator is that sum, evaluated already. It raised
+    ``AttributeError`` (no ``_linear_op``), for plain GPyTorch models too: ``InducingPointKernel + ConstantKernel +
+    RBFKernel`` failed in ``ExactMarginalLogLikelihood``."""
+
+    @functools.wraps(original)
+    def evaluate_kernel(self):
+        rebuilt = self.representation_tree()(*self.representation())
+        if isinstance(rebuilt, AddedDiagLinearOperator):
+            return rebuilt._linear_op + rebuilt._diag_tensor
+        return rebuilt
+
+    evaluate_kernel._bma_gp_original = original
+    return evaluate_kernel
+
+
 def install() -> None:
     """Route sums that involve block mean operators to the closed forms (idempotent)."""
     from gpytorch.lazy import LazyEvaluatedKernelTensor
@@ -2808,6 +2827,9 @@ def install() -> None:
     method = KroneckerProductLinearOperator.__dict__["add_diagonal"]
     if not hasattr(method, "_bma_gp_original"):
         KroneckerProductLinearOperator.add_diagonal = _hooked_kron_add_diagonal(method)
+    method = AddedDiagLinearOperator.__dict__["evaluate_kernel"]
+    if not hasattr(method, "_bma_gp_original"):
+        AddedDiagLinearOperator.evaluate_kernel = _hooked_added_diag_evaluate_kernel(method)
     if not hasattr(LinearOperator.matmul, "_bma_gp_original"):  # subclasses reach it through super().matmul
         LinearOperator.matmul = _hooked_matmul(LinearOperator.matmul)
     method = LowRankRootAddedDiagLinearOperator._mul_constant
