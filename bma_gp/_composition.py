@@ -1471,17 +1471,16 @@ def _routed_construction(cls, args: tuple, kwargs: dict) -> LinearOperator | Non
         base = args[0] if args else kwargs.get("base_linear_op")
         constant = args[1] if len(args) > 1 else kwargs.get("constant")
         base = _whole_or_itself(base)  # a multiple of M.root_decomposition(): of M
-        if _kronecker_of_ours(base) and torch.is_tensor(constant):
-            scaled = _scaled_kronecker(base, constant)
-            if scaled is not None:
-                return scaled
-        if not isinstance(base, LinearOperator) or not _is_ours(base):
+        kronecker = _kronecker_of_ours(base)
+        if not kronecker and (not isinstance(base, LinearOperator) or not _is_ours(base)):
             return None
         base = base.evaluate_kernel() if _is_lazy_block_mean(base) else base
         if not torch.is_tensor(constant):
             constant = torch.tensor(constant, dtype=base.dtype, device=base.device)
         if constant.numel() == 1 and constant.dim() > len(base.batch_shape):
             constant = constant.reshape(())  # linear_operator's multiple keeps the base's shape
+        if kronecker:
+            return _scaled_kronecker(base, constant)
         with _raised(_ROUTING):
             return base._mul_constant(constant)
     if cls is AddedDiagLinearOperator:
@@ -2056,10 +2055,10 @@ def _scaled_kronecker(kron, constant: Tensor) -> LinearOperator | None:
     if product is None:
         return None
     M, task, index = product
+    # (a constant of one entry is a 0-d tensor by now); ScaleKernel's (*batch, 1, 1) is the batch's constants
     c = constant.reshape(constant.shape[:-2]) if constant.dim() >= 2 and constant.shape[-2:] == (1, 1) else constant
-    if c.dim() > len(kron.batch_shape) and c.numel() != 1:
+    if c.dim() > len(kron.batch_shape):
         return None
-    c = c.reshape(()) if c.numel() == 1 and c.dim() > len(kron.batch_shape) else c
     with _raised(_ROUTING):
         task = task._mul_constant(c.to(task.dtype))
     return KroneckerProductLinearOperator(*((M, task) if index == 0 else (task, M)))

@@ -9,6 +9,7 @@ inverse root of the training covariance densely (``(n t)^2`` memory: +0.24 GB at
 
 from __future__ import annotations
 
+import contextlib
 import textwrap
 import warnings
 
@@ -59,6 +60,21 @@ def _counting(monkeypatch) -> dict[str, int]:
     return calls
 
 
+@contextlib.contextmanager
+def _closed_prediction(fast: bool):
+    """Predictions without gradients under ``fast_pred_var(fast)``, where CG, Lanczos, a dense factorisation of ``N``
+    rows or more and a ``ClosedFormFallbackWarning`` raise; yields the tracker of the largest tensor made."""
+    with (
+        torch.no_grad(),
+        gpytorch.settings.fast_pred_var(fast),
+        closed_forms_only(N),
+        warnings.catch_warnings(),
+        LargestTensor(storage=True) as largest,
+    ):
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        yield largest
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["fast_pred_var", "exact"])
 @pytest.mark.parametrize("tasks", [2, 3])
 @pytest.mark.parametrize("rank", [0, 1])
@@ -78,14 +94,7 @@ def test_new_inputs_match_dense_without_training_sized_matrices(kind, rank, task
     with torch.no_grad(), gpytorch.settings.skip_posterior_variances():
         model(xt).mean  # noqa: B018  (the strategy and its training covariance, built outside the measurement)
     calls = _counting(monkeypatch)
-    with (
-        torch.no_grad(),
-        gpytorch.settings.fast_pred_var(fast),
-        closed_forms_only(N),
-        warnings.catch_warnings(),
-        LargestTensor(storage=True) as largest,
-    ):
-        warnings.simplefilter("error", ClosedFormFallbackWarning)
+    with _closed_prediction(fast) as largest:
         pred = model(xt)
         mean, variance, covar = pred.mean.reshape(-1), pred.variance.reshape(-1), pred.covariance_matrix
         noisy = model.likelihood(pred)
@@ -127,14 +136,7 @@ def test_scaled_multitask_kernel_predicts_in_closed_form(kind, wraps, fast):
     model.eval()
     with torch.no_grad(), gpytorch.settings.skip_posterior_variances():
         model(xt).mean  # noqa: B018  (the strategy and its training covariance, built outside the measurement)
-    with (
-        torch.no_grad(),
-        gpytorch.settings.fast_pred_var(fast),
-        closed_forms_only(N),
-        warnings.catch_warnings(),
-        LargestTensor(storage=True) as largest,
-    ):
-        warnings.simplefilter("error", ClosedFormFallbackWarning)
+    with _closed_prediction(fast) as largest:
         pred = model(xt)
         mean, covar = pred.mean.reshape(-1), pred.covariance_matrix
     assert type(model.prediction_strategy).__name__ == "KroneckerPredictionStrategy"
@@ -219,14 +221,7 @@ def test_training_inputs_match_dense_in_closed_form(kind, rank, tasks, fast):
         warnings.simplefilter("ignore", gpytorch.utils.warnings.GPInputWarning)  # "matches the training data"
         model(x).mean  # noqa: B018  (the strategy, built outside the measurement)
     base = torch.randn(4, N, tasks, generator=torch.Generator().manual_seed(2), dtype=x.dtype)
-    with (
-        torch.no_grad(),
-        gpytorch.settings.fast_pred_var(fast),
-        closed_forms_only(N),
-        warnings.catch_warnings(),
-        LargestTensor(storage=True) as largest,
-    ):
-        warnings.simplefilter("error", ClosedFormFallbackWarning)
+    with _closed_prediction(fast) as largest:
         warnings.simplefilter("ignore", gpytorch.utils.warnings.GPInputWarning)
         pred = model(x)
         mean, variance = pred.mean.reshape(-1), pred.variance.reshape(-1)

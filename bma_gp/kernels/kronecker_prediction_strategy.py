@@ -73,14 +73,20 @@ from bma_gp.partition import Partition
 __all__ = ["KroneckerPredictionStrategy"]
 
 
-def _scaled_cross(op) -> tuple[BlockCrossLinearOperator, Tensor | None] | None:
-    """``(A P^T, c)`` with ``op = c A P^T`` (``c`` of shape ``(*batch, 1, 1)``, None for 1): a block cross covariance
-    under any number of constant multiples (``ScaleKernel``s), else None."""
-    scale = None
+def _constants(op, scale: Tensor | None = None) -> tuple[Any, Tensor | None]:
+    """``(B, c)`` with ``op = c B`` under any number of constant multiples (``ScaleKernel``s; ``c`` of shape
+    ``(*batch, 1, 1)``, None for 1), times ``scale`` where one is given."""
     while isinstance(op, ConstantMulLinearOperator):
         constant = op.expanded_constant
         scale = constant if scale is None else scale * constant
         op = op.base_linear_op
+    return op, scale
+
+
+def _scaled_cross(op, scale: Tensor | None = None) -> tuple[BlockCrossLinearOperator, Tensor | None] | None:
+    """``(A P^T, c)`` with ``op = c A P^T`` (times ``scale``): a block cross covariance under any number of constant
+    multiples, else None."""
+    op, scale = _constants(op, scale)
     if not isinstance(op, BlockCrossLinearOperator) or op.transposed:
         return None
     return op, scale
@@ -151,11 +157,7 @@ class _KroneckerOneHotGram(KeepsIntegers, LinearOperator):
 def _scaled_block_mean(op) -> tuple[BlockMeanLinearOperator, Tensor | None] | None:
     """``(M, c)`` with ``op = c M`` for a symmetric block mean operator ``M`` under any number of constant multiples,
     else None."""
-    scale = None
-    while isinstance(op, ConstantMulLinearOperator):
-        constant = op.expanded_constant
-        scale = constant if scale is None else scale * constant
-        op = op.base_linear_op
+    op, scale = _constants(op)
     if not isinstance(op, BlockMeanLinearOperator) or not op.symmetric:
         return None
     return op, scale
@@ -402,19 +404,13 @@ class KroneckerPredictionStrategy(DefaultPredictionStrategy):
 
     def _cross(self, closed, test_train_covar):
         """``(A P^T, c, K_*)`` with ``test_train_covar = (c A P^T) (x) K_*`` over the training partition, else None."""
-        outer = None
-        while isinstance(test_train_covar, ConstantMulLinearOperator):  # ScaleKernel(MultitaskKernel(...))
-            constant = test_train_covar.expanded_constant
-            outer = constant if outer is None else outer * constant
-            test_train_covar = test_train_covar.base_linear_op
+        test_train_covar, outer = _constants(test_train_covar)  # ScaleKernel(MultitaskKernel(...))
         if closed is None or not isinstance(test_train_covar, KroneckerProductLinearOperator):
             return None
         if len(test_train_covar.linear_ops) != 2:
             return None
         data, task = test_train_covar.linear_ops
-        if outer is not None:
-            data = ConstantMulLinearOperator(data, outer.reshape(outer.shape[:-2]))
-        found = _scaled_cross(data)
+        found = _scaled_cross(data, outer)
         if found is None or task.shape[-1] != closed.t or task.shape[-2] != closed.t:
             return None
         cross, scale = found
