@@ -2127,7 +2127,14 @@ def _scaled_kronecker(kron, constant: Tensor) -> LinearOperator | None:
 
 
 def _announced_kronecker(res):
-    """linear_operator's Kronecker sum ``res`` as its subclass that warns on a dense Cholesky factor."""
+    """linear_operator's Kronecker sum ``res`` as its subclass that warns on a dense Cholesky factor; a plain sum of
+    Kronecker products with a block mean factor among them (an ``LCMKernel`` of three or more terms, which
+    linear_operator's ``SumLinearOperator`` solved by CG without a word) as a :class:`BlockMeanLCMLinearOperator`."""
+    if type(res) is SumLinearOperator:
+        terms = [op for term in res.linear_ops for op in (_lcm_terms(term, res.shape) or (None,))]
+        if all(term is not None for term in terms) and any(_kronecker_of_ours(term) for term in terms):
+            return BlockMeanLCMLinearOperator(*terms)
+        return res
     if type(res) is KroneckerProductAddedDiagLinearOperator:
         return BlockMeanKroneckerAddedDiagLinearOperator(*res.linear_ops)
     if type(res) is SumKroneckerLinearOperator:
