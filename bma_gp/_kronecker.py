@@ -36,6 +36,14 @@ The same factors give square roots (:meth:`KroneckerBlockMean.root_matmul`, :cla
 with :math:`L^{-\top}` in place of both factors :math:`R R^\top = A^{-1}`; ``n t x n t``, applied by products
 (``O(n t (t + c) + (k t)^2 c)``), never formed: draws without linear_operator's eigenvectors. Prediction
 (``fast_pred_var`` included) reads the small factors themselves (:mod:`bma_gp.kernels.kronecker_prediction_strategy`).
+
+An ``LCMKernel`` over such kernels gives a sum :math:`\sum_q M_q \otimes K_q + I_n \otimes D`. Where every
+:math:`M_q` has the same partition (equal labels) the within-block deviations of block :math:`i` are eigenvectors of
+every :math:`M_q` (eigenvalue :math:`\lambda_{q,i}`) and the normalised indicators span the same space for all of
+them, so the split holds term by term: :math:`G_i = \sum_q \lambda_{q,i} K_q + D` and
+:math:`H = \sum_q C_q \otimes K_q + I_k \otimes D` (block diagonal where every :math:`B_q` is diagonal), and every
+formula above is unchanged (:class:`KroneckerBlockMean` holds the list of terms; one ``MultitaskKernel`` is the case
+of one term). Different partitions share no such basis and keep linear_operator's path, announced.
 """
 
 from __future__ import annotations
