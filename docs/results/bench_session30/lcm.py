@@ -2,8 +2,8 @@
 ``MultitaskGaussianLikelihood(rank=1)``: one marginal-likelihood step with backward and one prediction of 100 new
 points (means and variances), at n = 2000 and 5000, with the bma_gp on ``PYTHONPATH``.
 
-Each phase is timed ``repeats`` times after one warm-up run (median and minimum: the machine is shared, and the
-first runs after a process starts are slower); every measurement runs in a fresh process (peak resident set size over the size after setup, Linux's
+Each phase is timed ``repeats`` times after one warm-up run (median and minimum; one thread, as the machine is
+shared); every measurement runs in a fresh process (peak resident set size over the size after setup, Linux's
 ``/proc/self/clear_refs``); the loss and the predictions are compared with a dense float64 reference (the dense
 ``n t x n t`` covariance factorised by ``torch.linalg.cholesky``, in its own process). Before session 30 the training
 covariance was linear_operator's generic sum (CG and Lanczos past ``max_cholesky_size`` = 800, GPyTorch's default)
@@ -39,7 +39,7 @@ def _setup(n: int):
 
     from bma_gp import BlockMeanKernel, Partition
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # the machine is shared: two threads against a busy neighbour stalled 10-70x
     torch.manual_seed(0)  # (GPyTorch's IndexKernel draws its covar_factor from the global generator)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(n, 1, generator=gen, dtype=torch.float64)
