@@ -365,3 +365,32 @@ def test_prediction_gradients_match_dense(kind, where):
     assert type(model.prediction_strategy).__name__ == "KroneckerPredictionStrategy"
     for name, a, b in zip(names, got, want, strict=True):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-9 * b.abs().max()), name
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_scaled_lcm_kernel_trains_and_predicts_in_closed_form(rank):
+    """``ScaleKernel(LCMKernel(...))``: the outer constant scales every term's task matrix; the marginal
+    log-likelihood, its gradients and the prediction at new and at training inputs equal the dense ones, in closed
+    form. Before: the generic sum's CG, announced."""
+    model, x, y = _lcm_model("block_mean", 2, 2, rank, seed=17)
+    model.covar_module = gpytorch.kernels.ScaleKernel(model.covar_module).double()
+    with torch.no_grad():
+        model.covar_module.raw_outputscale.fill_(0.7)
+    assert_training_matches_dense(model, x, y, BlockMeanLCMLinearOperator, max_cholesky=0)
+    xt = _prediction_points("block_mean", x)
+    with torch.no_grad():
+        want_mean, want_covar = dense_posterior(model, x, y, xt)
+        train_mean, train_covar = _dense_at_training_inputs(model, x, y)
+    model.eval()
+    with torch.no_grad(), gpytorch.settings.fast_pred_var(), _closed(N), warnings.catch_warnings():
+        warnings.simplefilter("ignore", gpytorch.utils.warnings.GPInputWarning)
+        pred = model(xt)
+        mean, variance = pred.mean.reshape(-1), pred.variance.reshape(-1)
+        at_train = model(x)
+        t_mean, t_variance = at_train.mean.reshape(-1), at_train.variance.reshape(-1)
+    assert type(model.prediction_strategy).__name__ == "KroneckerPredictionStrategy"
+    scale = want_covar.abs().max()
+    torch.testing.assert_close(mean, want_mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(variance, want_covar.diagonal(), rtol=1e-10, atol=1e-12 * scale)
+    torch.testing.assert_close(t_mean, train_mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(t_variance, train_covar.diagonal(), rtol=1e-9, atol=1e-11 * scale)

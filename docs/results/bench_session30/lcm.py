@@ -3,8 +3,8 @@
 points (means and variances), at n = 2000 and 5000, with the bma_gp on ``PYTHONPATH``.
 
 Each phase is timed ``repeats`` times after one warm-up run (median and minimum; one thread, as the machine is
-shared); every measurement runs in a fresh process (peak resident set size over the size after setup, Linux's
-``/proc/self/clear_refs``); the loss and the predictions are compared with a dense float64 reference (the dense
+shared); every phase runs in a fresh process, whose first run gives the peak memory (the peak resident set size
+over the size after setup, Linux's ``/proc/self/clear_refs``); the loss and the predictions are compared with a dense float64 reference (the dense
 ``n t x n t`` covariance factorised by ``torch.linalg.cholesky``, in its own process). Before session 30 the training
 covariance was linear_operator's generic sum (CG and Lanczos past ``max_cholesky_size`` = 800, GPyTorch's default)
 and the prediction GPyTorch's default strategy; after, the closed form.
@@ -110,7 +110,7 @@ def _child(phase: str, n: int, repeats: int) -> dict:
             import gc
 
             gc.collect()
-            if i == 1:  # the peak of one step, after a warm-up step
+            if i == 0:  # the peak of one step in a fresh process (the first)
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
                 before = _status("VmRSS")
@@ -120,7 +120,7 @@ def _child(phase: str, n: int, repeats: int) -> dict:
                 loss = -mll(model(x), y)
                 loss.backward()
             times.append(time.perf_counter() - start)
-            if i == 1:
+            if i == 0:
                 out["peak_mb"] = (_status("VmHWM") - before) / 2**20
             warned += [f"{w.category.__name__}: {str(w.message)[:90]}" for w in caught]
         out.update(loss=loss.item(), seconds=sorted(times[1:])[len(times[1:]) // 2], seconds_min=min(times[1:]))
@@ -135,7 +135,7 @@ def _child(phase: str, n: int, repeats: int) -> dict:
             import gc
 
             gc.collect()
-            if i == 1:
+            if i == 0:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
                 before = _status("VmRSS")
@@ -145,7 +145,7 @@ def _child(phase: str, n: int, repeats: int) -> dict:
                 pred = model(xt)
                 mean, var = pred.mean.reshape(-1), pred.variance.reshape(-1)
             times.append(time.perf_counter() - start)
-            if i == 1:
+            if i == 0:
                 out["peak_mb"] = (_status("VmHWM") - before) / 2**20
             warned += [f"{w.category.__name__}: {str(w.message)[:90]}" for w in caught]
         out.update(mean=mean.tolist(), var=var.tolist(), seconds=sorted(times[1:])[len(times[1:]) // 2])
