@@ -191,8 +191,9 @@ def test_operator_gradients_match_dense():
 
 
 def test_float32_model_matches_dense_float64():
-    """A float32 model: the marginal log-likelihood and gradients match the dense float64 computation on the same
-    (float32) parameters to float32 accuracy (the small factorisations run in float64), in closed form."""
+    """A float32 model: the marginal log-likelihood, its gradients and the predictive means and variances match the
+    dense float64 computation on the same (float32) parameters to float32 accuracy (the small factorisations run in
+    float64), in closed form."""
     model, x, y = _lcm_model("block_mean", 3, 2, 1, seed=5, dtype=torch.float32)
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
     names, params = zip(*model.named_parameters())
@@ -201,8 +202,20 @@ def test_float32_model_matches_dense_float64():
         assert isinstance(out.lazy_covariance_matrix, BlockMeanLCMLinearOperator)
         value = mll(model(x), y)
         got = torch.autograd.grad(value, params)
+    xt = _prediction_points("block_mean", x)
+    model.eval()
+    with torch.no_grad(), _closed(N):
+        pred = model(xt)
+        mean, variance = pred.mean.reshape(-1), pred.variance.reshape(-1)
+    assert type(model.prediction_strategy).__name__ == "KroneckerPredictionStrategy"
+    assert mean.dtype == variance.dtype == torch.float32
+    model.train()
     twin = model.double()  # (the same values, widened)
     params64 = [p for _, p in twin.named_parameters()]
+    with torch.no_grad():
+        want_mean, want_covar = dense_posterior(twin, x.double(), y.double(), xt.double())
+    assert torch.allclose(mean.double(), want_mean, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(variance.double(), want_covar.diagonal(), rtol=1e-3, atol=1e-5 * want_covar.abs().max())
     out = twin.likelihood(twin(x.double()))
     dense = torch.distributions.MultivariateNormal(out.mean.reshape(-1), out.lazy_covariance_matrix.to_dense())
     ref = dense.log_prob(y.double().reshape(-1)) / y.numel()
@@ -259,7 +272,7 @@ def test_prediction_matches_dense(kind, rank, fast):
             pred = model(xt)
             mean, variance, covar = pred.mean.reshape(-1), pred.variance.reshape(-1), pred.covariance_matrix
             noisy_covar = model.likelihood(pred).covariance_matrix
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), LargestTensor(storage=True) as largest_train:
             warnings.simplefilter("ignore", gpytorch.utils.warnings.GPInputWarning)  # "matches the training data"
             at_train = model(x)
             t_mean, t_variance = at_train.mean.reshape(-1), at_train.variance.reshape(-1)
@@ -284,6 +297,8 @@ def test_prediction_matches_dense(kind, rank, fast):
     # (k t)^2 are the largest matrices (GPyTorch's: the n t x n t inverse root, the 9 t x n t cross covariance)
     bound = max(9 * N, (9 * tasks) ** 2)
     assert largest.largest <= bound, (largest.largest, largest.where)
+    # at the training inputs: O(n t) vectors and the (k t)^2 core (8 blocks), nothing n t x n t
+    assert largest_train.largest <= max(4 * N * tasks, (8 * tasks) ** 2), (largest_train.largest, largest_train.where)
 
 
 def _mixed_partition_model(second: str, terms: int):

@@ -4,10 +4,11 @@ points (means and variances), at n = 2000 and 5000, with the bma_gp on ``PYTHONP
 
 Each phase is timed ``repeats`` times after one warm-up run (median and minimum; one thread, as the machine is
 shared); every phase runs in a fresh process, whose first run gives the peak memory (the peak resident set size
-over the size after setup, Linux's ``/proc/self/clear_refs``); the loss and the predictions are compared with a dense float64 reference (the dense
-``n t x n t`` covariance factorised by ``torch.linalg.cholesky``, in its own process). Before session 30 the training
-covariance was linear_operator's generic sum (CG and Lanczos past ``max_cholesky_size`` = 800, GPyTorch's default)
-and the prediction GPyTorch's default strategy; after, the closed form.
+over the size after setup, Linux's ``/proc/self/clear_refs``); the loss and the predictions are compared with a
+dense float64 reference (the dense ``n t x n t`` covariance factorised by ``torch.linalg.cholesky``, in its own
+process). Before session 30 the training covariance was linear_operator's generic sum (CG and Lanczos past
+``max_cholesky_size`` = 800, GPyTorch's default) and the prediction GPyTorch's default strategy; after, the closed
+form.
 
 Usage: ``PYTHONPATH=<checkout> python docs/results/bench_session30/lcm.py [--n 2000 5000] [--repeats 5]``
 (``--child PHASE N`` is the per-measurement process)."""
