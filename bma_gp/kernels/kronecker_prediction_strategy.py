@@ -545,8 +545,8 @@ class KroneckerPredictionStrategy(DefaultPredictionStrategy):
         k, t = first.partition.num_blocks, crosses[0][1].shape[-1]
         if W.shape[-1] != k * t:  # diagonal cores: W block diagonal, (*batch, k, t, t)
             columns = first.columns
-            same_columns = all(
-                cross.is_one_hot and columns is not None and torch.equal(cross.columns, columns) for cross, _ in crosses
+            same_columns = columns is not None and all(
+                cross.columns is not None and torch.equal(cross.columns, columns) for cross, _ in crosses
             )
             if same_columns:  # F_j = sum_q a_{q,j} K_q* W_{c_j}: one t x t block per new point
                 assert columns is not None
