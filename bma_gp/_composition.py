@@ -2040,6 +2040,68 @@ class BlockMeanSumKroneckerLinearOperator(_ClosedKroneckerSum, SumKroneckerLinea
         return BlockMeanSumKroneckerLinearOperator(*terms)
 
 
+class BlockMeanLCMLinearOperator(_ClosedKroneckerSum, SumLinearOperator):
+    r"""The covariance of an ``LCMKernel`` over block mean or group kernels (``ScaleKernel``\ s around them included)
+    plus a ``MultitaskGaussianLikelihood``'s noise: :math:`\sum_q M_q \otimes K_q + I_n \otimes D`, a sum of
+    Kronecker products whose block mean factors :math:`M_q` share one partition (equal labels), and a noise ``D`` of
+    any rank. Its solves, log-determinant, ``inv_quad_logdet`` and roots are closed form (:mod:`bma_gp._kronecker`:
+    block :math:`i`'s within-block deviations see :math:`\sum_q \lambda_{q,i} K_q + D`, the block means
+    :math:`\sum_q C_q \otimes K_q + I_k \otimes D`; nothing ``n t x n t``), the same as
+    :class:`BlockMeanKroneckerAddedDiagLinearOperator`'s for one term. linear_operator's generic sum factorised the
+    dense matrix up to ``max_cholesky_size`` and took CG and Lanczos beyond it. Block mean factors over different
+    partitions, a term that is not such a product, a per-point noise, or no noise at all (the prior alone) keep that
+    generic path, with a :class:`ClosedFormFallbackWarning` that says why."""
+
+    _beyond = (
+        "Its solves and log-determinant are closed form for sum_q M_q (x) K_q + I (x) D with the M_q over one "
+        "partition; an explicit Cholesky factor is dense."
+    )
+
+    def _closed(self):
+        from bma_gp._kronecker import kronecker_terms_block_mean
+
+        return kronecker_terms_block_mean(self.linear_ops, self.batch_shape)
+
+    def _no_closed_form_reason(self) -> str:
+        from bma_gp._kronecker import no_closed_form_terms_reason
+
+        return no_closed_form_terms_reason(self.linear_ops)
+
+    def _plus_diagonal(self, diag: DiagLinearOperator) -> LinearOperator | None:
+        res = BlockMeanLCMLinearOperator(*self.linear_ops, diag)
+        return res if res._closed() is not None else None
+
+    def add_diagonal(self, diag: Tensor) -> LinearOperator:
+        """``A + diag`` as one more term of the sum (closed form where ``diag`` is the same at every point within a
+        task: ``add_jitter``, a scalar, a per-task vector; announced otherwise)."""
+        res = super().add_diagonal(diag)  # linear_operator's shape checks and diagonal operator
+        return self + res._diag_tensor if isinstance(res, AddedDiagLinearOperator) else res
+
+    def __add__(self, other):
+        terms = _lcm_terms(other, cast(LinearOperator, self).shape)
+        if terms is not None:
+            return BlockMeanLCMLinearOperator(*self.linear_ops, *terms)
+        return super().__add__(other)
+
+
+def _lcm_terms(other, shape: torch.Size) -> tuple | None:
+    """The terms that ``other`` adds to a :class:`BlockMeanLCMLinearOperator` of ``shape``: its own Kronecker sum's
+    terms, a two-factor Kronecker product (another ``LCMKernel`` term, a rank >= 1 noise) or a diagonal (a rank-0
+    noise, jitter), all of the same shape; ``None`` for anything else (then the sum is linear_operator's generic one,
+    which announces its fallback)."""
+    if not isinstance(other, LinearOperator) or other.shape != shape:
+        return None
+    if isinstance(other, (BlockMeanLCMLinearOperator, BlockMeanSumKroneckerLinearOperator)):
+        return tuple(other.linear_ops)
+    if isinstance(other, BlockMeanKroneckerAddedDiagLinearOperator):
+        return (other._linear_op, other._diag_tensor)
+    if isinstance(other, DiagLinearOperator):
+        return (other,)
+    if isinstance(other, KroneckerProductLinearOperator) and len(other.linear_ops) == 2:
+        return (other,)
+    return None
+
+
 def _kronecker_of_ours(op) -> bool:
     return isinstance(op, KroneckerProductLinearOperator) and any(_is_ours(factor) for factor in op.linear_ops)
 
@@ -2065,10 +2127,22 @@ def _scaled_kronecker(kron, constant: Tensor) -> LinearOperator | None:
 
 
 def _announced_kronecker(res):
-    """linear_operator's Kronecker sum ``res`` as its subclass that warns on a dense Cholesky factor."""
+    """linear_operator's Kronecker sum ``res`` as its subclass that warns on a dense Cholesky factor; a plain sum of
+    Kronecker products with a block mean factor among them (an ``LCMKernel`` of three or more terms, which
+    linear_operator's ``SumLinearOperator`` solved by CG without a word) as a :class:`BlockMeanLCMLinearOperator`."""
+    if type(res) is SumLinearOperator:
+        terms = [op for term in res.linear_ops for op in (_lcm_terms(term, res.shape) or (None,))]
+        if all(term is not None for term in terms) and any(_kronecker_of_ours(term) for term in terms):
+            return BlockMeanLCMLinearOperator(*terms)
+        return res
     if type(res) is KroneckerProductAddedDiagLinearOperator:
         return BlockMeanKroneckerAddedDiagLinearOperator(*res.linear_ops)
     if type(res) is SumKroneckerLinearOperator:
+        from bma_gp._kronecker import _block_mean_product
+
+        if all(_block_mean_product(term) is not None for term in res.linear_ops):
+            # two terms of an LCMKernel: the sum that the likelihood's noise (and further terms) join
+            return BlockMeanLCMLinearOperator(*res.linear_ops)
         return BlockMeanSumKroneckerLinearOperator(*res.linear_ops)
     return res
 
@@ -2266,6 +2340,8 @@ def _hooked_add(original):
             res = add_lazy_root(self, other)
             if res is not None:
                 return res
+        if isinstance(other, BlockMeanLCMLinearOperator) and _lcm_terms(self, other.shape) is not None:
+            return other + self  # Kron(M, K) + (an LCMKernel's sum): the sum's own addition, which keeps its terms
         if _kronecker_of_ours(self) or _kronecker_of_ours(other):
             return _announced_kronecker(unrouted(self, other))
         if isinstance(self, DiagLinearOperator) and isinstance(other, _ClosedKroneckerSum):

@@ -36,12 +36,21 @@ The same factors give square roots (:meth:`KroneckerBlockMean.root_matmul`, :cla
 with :math:`L^{-\top}` in place of both factors :math:`R R^\top = A^{-1}`; ``n t x n t``, applied by products
 (``O(n t (t + c) + (k t)^2 c)``), never formed: draws without linear_operator's eigenvectors. Prediction
 (``fast_pred_var`` included) reads the small factors themselves (:mod:`bma_gp.kernels.kronecker_prediction_strategy`).
+
+An ``LCMKernel`` over such kernels gives a sum :math:`\sum_q M_q \otimes K_q + I_n \otimes D`. Where every
+:math:`M_q` has the same partition (equal labels) the within-block deviations of block :math:`i` are eigenvectors of
+every :math:`M_q` (eigenvalue :math:`\lambda_{q,i}`) and the normalised indicators span the same space for all of
+them, so the split holds term by term: :math:`G_i = \sum_q \lambda_{q,i} K_q + D` and
+:math:`H = \sum_q C_q \otimes K_q + I_k \otimes D` (block diagonal where every :math:`B_q` is diagonal), and every
+formula above is unchanged (:class:`KroneckerBlockMean` holds the list of terms; one ``MultitaskKernel`` is the case
+of one term). Different partitions share no such basis and keep linear_operator's path, announced.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -70,8 +79,10 @@ __all__ = [
     "announcing",
     "kronecker_block_mean",
     "kronecker_sum_block_mean",
+    "kronecker_terms_block_mean",
     "no_closed_form_reason",
     "no_closed_form_sum_reason",
+    "no_closed_form_terms_reason",
 ]
 
 # set while a warned fallback runs linear_operator's path, so its inner Cholesky does not warn a second time
@@ -136,71 +147,97 @@ def _task_noise(diag: LinearOperator, n: int, t: int, data_first: bool) -> Tenso
 
 @dataclass
 class KroneckerBlockMean:
-    r""":math:`M \otimes K + I_n \otimes D` (``data_first``; :math:`K \otimes M + D \otimes I_n` otherwise), with the
-    closed-form solve and log-determinant of the module docstring."""
+    r""":math:`\sum_q M_q \otimes K_q + I_n \otimes D` (``data_first``; :math:`\sum_q K_q \otimes M_q + D \otimes I_n`
+    otherwise), with the closed-form solve and log-determinant of the module docstring. Every :math:`M_q` is a
+    symmetric block mean operator over the same partition (equal labels); one term is ``MultitaskKernel``'s
+    :math:`M \otimes K + I_n \otimes D`, several an ``LCMKernel``'s. The split is the same: block :math:`i`'s
+    deviations see :math:`G_i = \sum_q \lambda_{q,i} K_q + D` and the block means
+    :math:`H = \sum_q C_q \otimes K_q + I_k \otimes D`."""
 
-    M: BlockMeanLinearOperator
-    K: Tensor  # (*batch, t, t), symmetrised, in M's core dtype
-    D: Tensor  # (*batch, t, t), the noise (diagonal under rank=0), symmetrised, in M's core dtype
+    Ms: tuple[BlockMeanLinearOperator, ...]
+    Ks: tuple[Tensor, ...]  # each (*batch, t, t), symmetrised, in the working dtype
+    D: Tensor  # (*batch, t, t), the noise (diagonal under rank=0), symmetrised, in the working dtype
     data_first: bool
     batch_shape: torch.Size
 
     @property
     def t(self) -> int:
-        return self.K.shape[-1]
+        return self.D.shape[-1]
+
+    @property
+    def partition(self):
+        """The partition every :math:`M_q` shares."""
+        return self.Ms[0].partition
+
+    @property
+    def n(self) -> int:
+        return self.Ms[0].shape[-1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The working dtype: the block mean operators' core dtype (``float64`` for ``float32`` operators)."""
+        return self.D.dtype
 
     # ------------------------------------------------------------------ the small factorisations
     def _cholesky(self, A: Tensor, what: str) -> Tensor:
         L, info = torch.linalg.cholesky_ex(A)
         if bool((info != 0).any()):
             raise NotPositiveDefiniteError(
-                f"the closed form of this Kronecker sum with a block mean factor (M (x) K + I (x) D) needs {what} to "
-                "be positive definite, and its Cholesky factorisation failed: the block mean factor M or the task "
-                "matrix K is not positive semi-definite, or the noise D is not positive definite on what M (x) K "
-                "leaves uncovered (a MultitaskGaussianLikelihood(rank >= 1) without its global noise has a singular "
-                "D; with a block offset lam_i = 0, as a GroupKernel's, the whole matrix is then singular)."
+                f"the closed form of this Kronecker sum with block mean factors (sum_q M_q (x) K_q + I (x) D) needs "
+                f"{what} to be positive definite, and its Cholesky factorisation failed: a block mean factor M_q or "
+                "a task matrix K_q is not positive semi-definite, or the noise D is not positive definite on what "
+                "the products leave uncovered (a MultitaskGaussianLikelihood(rank >= 1) without its global noise has "
+                "a singular D; with a block offset lam_i = 0, as a GroupKernel's, the whole matrix is then singular)."
             )
         return L
 
-    def factors(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """``(lam_s, LG, LH, sizes_or_None)``: the per-block Cholesky factors ``LG`` of ``G_i = lam_i K + D``
-        (``(*batch, k, t, t)``) and ``LH`` of the core ``H``, ``(*batch, k t, k t)`` or, for a diagonal ``B``,
-        ``(*batch, k, t, t)`` (then the fourth entry is ``None``)."""
-        M, K, D, t = self.M, self.K, self.D, self.t
-        k = M.partition.num_blocks
-        noise = D.unsqueeze(-3)  # (*batch, 1, t, t)
-        if M._diagonal_core():
-            if M._validating():
-                M._check_finite()
-            lam, _, c = M._diagonal_parts()
-            LH = self._cholesky(c[..., :, None, None] * K.unsqueeze(-3) + noise, "c_i K + D for every block")
-            diagonal = True
+    def diagonal_core(self) -> bool:
+        """Whether every :math:`M_q` has a diagonal ``B`` (a ``GroupKernel``'s): then :math:`H` is block diagonal."""
+        return all(M._diagonal_core() for M in self.Ms)
+
+    def signal(self, full: bool) -> tuple[Tensor, Tensor]:
+        r"""``(P, X)``: the products' part of the split, :math:`P_i = \sum_q \lambda_{q,i} K_q` (``(*batch, k, t, t)``)
+        and :math:`X = \sum_q C_q \otimes K_q` (``(*batch, k t, k t)``) where ``full``, else its ``k`` diagonal blocks
+        :math:`\sum_q c_{q,i} K_q` (``(*batch, k, t, t)``, for diagonal cores only)."""
+        P, X = signal_parts(self.Ms, self.Ks, full)
+        return P, X
+
+    def factors(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(LG, LH, LH_or_None)``: the per-block Cholesky factors ``LG`` of ``G_i = sum_q lam_{q,i} K_q + D``
+        (``(*batch, k, t, t)``) and ``LH`` of the core ``H``, ``(*batch, k t, k t)`` or, where every ``B`` is
+        diagonal, ``(*batch, k, t, t)`` (then the third entry is ``None``)."""
+        D, t = self.D, self.t
+        k = self.partition.num_blocks
+        diagonal = self.diagonal_core()
+        if diagonal:
+            for M in self.Ms:
+                if M._validating():
+                    M._check_finite()
         else:
-            lam, C = M.core()
             limit = settings.max_capacitance_size.value()
             if k * t > limit:
                 raise ValueError(
-                    f"the closed form of this Kronecker sum with a block mean factor factorises the (k t) x (k t) "
-                    f"core C (x) K + I (x) D, k = {k} blocks times t = {t} tasks = {k * t}, more than "
+                    f"the closed form of this Kronecker sum with block mean factors factorises the (k t) x (k t) "
+                    f"core sum_q C_q (x) K_q + I (x) D, k = {k} blocks times t = {t} tasks = {k * t}, more than "
                     f"bma_gp.settings.max_capacitance_size = {limit}. Raise the limit with "
                     f"`with bma_gp.settings.max_capacitance_size({k * t}):` if the O({k * t}^3) factorisation fits "
                     "your machine, or use fewer blocks (a GroupKernel's diagonal B needs only k t x t factorisations)."
                 )
-            batch = torch.broadcast_shapes(C.shape[:-2], K.shape[:-2], D.shape[:-2])
-            eye = torch.eye(k, dtype=C.dtype, device=C.device)
-            H = (
-                C[..., :, None, :, None] * K[..., None, :, None, :] + eye[:, None, :, None] * D[..., None, :, None, :]
-            )  # C (x) K + I_k (x) D
-            H = H.expand(*batch, k, t, k, t).reshape(*batch, k * t, k * t)
-            LH = self._cholesky(H, "the (k t) x (k t) core C (x) K + I (x) D")
-            diagonal = False
-        LG = self._cholesky(lam[..., :, None, None] * K.unsqueeze(-3) + noise, "lam_i K + D for every block")
-        return lam, LG, LH, None if diagonal else LH
+        P, X = self.signal(not diagonal)
+        noise = D.unsqueeze(-3)  # (*batch, 1, t, t)
+        if diagonal:
+            LH = self._cholesky(X + noise, "sum_q c_{q,i} K_q + D for every block")
+        else:
+            eye = torch.eye(k, dtype=X.dtype, device=X.device)
+            H = X + (eye[:, None, :, None] * D[..., None, :, None, :]).reshape(*D.shape[:-2], k * t, k * t)
+            LH = self._cholesky(H, "the (k t) x (k t) core sum_q C_q (x) K_q + I (x) D")
+        LG = self._cholesky(P + noise, "sum_q lam_{q,i} K_q + D for every block")
+        return LG, LH, None if diagonal else LH
 
     # ------------------------------------------------------------------ solve and log-determinant
     def _to_points(self, rhs: Tensor) -> Tensor:
         """``rhs`` (``(*batch, n t, c)``) as ``(*batch, n, t, c)``: points, tasks, columns."""
-        n, t = self.M.shape[-1], self.t
+        n, t = self.n, self.t
         if self.data_first:
             return rhs.unflatten(-2, (n, t))
         return rhs.unflatten(-2, (t, n)).transpose(-3, -2)
@@ -213,16 +250,16 @@ class KroneckerBlockMean:
     def _split(self, rhs: Tensor):
         """``rhs`` (``(*batch, n t, c)``) as its block sums ``(*batch, k, t, c)`` and within-block deviations
         ``(*batch, n, t, c)``, in the core dtype, with the partition, ``k``, ``t`` and the block sizes."""
-        partition = self.M.partition
-        sizes = partition.sizes.to(self.K.dtype)
-        x = self._to_points(rhs.to(self.K.dtype))  # (*batch, n, t, c)
+        partition = self.partition
+        sizes = partition.sizes.to(self.dtype)
+        x = self._to_points(rhs.to(self.dtype))  # (*batch, n, t, c)
         sums = partition.block_sum(x, dim=-3)  # (*batch, k, t, c)
         deviations = x - partition.expand(sums / sizes[:, None, None], dim=-3)
         return partition, partition.num_blocks, self.t, sizes, sums, deviations
 
     def solve(self, rhs: Tensor, factors: tuple | None = None) -> Tensor:
         """``A^{-1} rhs`` for ``rhs`` of shape ``(*batch, n t, c)``."""
-        _, LG, LH, full = self.factors() if factors is None else factors
+        LG, LH, full = self.factors() if factors is None else factors
         partition, k, t, sizes, sums, deviations = self._split(rhs)
         # the within-block deviations: G_i^{-1} at every point of block i (the k small inverses, gathered)
         G_inv = torch.cholesky_inverse(LG)  # (*batch, k, t, t)
@@ -239,8 +276,8 @@ class KroneckerBlockMean:
 
     def logdet(self, factors: tuple | None = None) -> Tensor:
         r""":math:`\log|A| = \sum_i (s_i - 1) \log|G_i| + \log|H|`, shape ``(*batch)``."""
-        _, LG, LH, full = self.factors() if factors is None else factors
-        dev_weights = (self.M.partition.sizes - 1).to(LG.dtype)
+        LG, LH, full = self.factors() if factors is None else factors
+        dev_weights = (self.partition.sizes - 1).to(LG.dtype)
         log_G = 2 * LG.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # (*batch, k)
         res = (dev_weights * log_G).sum(-1)
         log_H = 2 * LH.diagonal(dim1=-2, dim2=-1).log().sum(-1)
@@ -255,7 +292,7 @@ class KroneckerBlockMean:
         within blocks, :math:`\mathcal L` the point-wise Cholesky factor :math:`L_{G_i}` of each point's block and
         :math:`L_H` that of the core. :math:`\mathcal L` is constant within blocks, so it commutes with the centring,
         and :math:`\Pi U = 0` removes the cross terms of :math:`R R^\top`. Cost ``O(n t (t + c) + (k t)^2 c)``."""
-        _, LG, LH, full = self.factors()
+        LG, LH, full = self.factors()
         partition, k, t, sizes, sums, deviations = self._split(rhs)
         dtype = sizes.dtype
         if inverse:  # the k small inverses L_{G_i}^{-1}, applied point by point
@@ -277,8 +314,8 @@ class KroneckerBlockMean:
     def inverse_diagonal(self) -> Tensor:
         r""":math:`\operatorname{diag}(A^{-1})` (``(*batch, n t)``): at a point of block :math:`i` and task :math:`a`,
         :math:`(1 - 1/s_i) [G_i^{-1}]_{aa} + [H^{-1}]_{(i, a), (i, a)} / s_i`."""
-        _, LG, LH, full = self.factors()
-        partition = self.M.partition
+        LG, LH, full = self.factors()
+        partition = self.partition
         k, t = partition.num_blocks, self.t
         sizes = partition.sizes.to(LG.dtype)[:, None]
         G_diag = torch.cholesky_inverse(LG).diagonal(dim1=-2, dim2=-1)  # (*batch, k, t)
@@ -287,6 +324,31 @@ class KroneckerBlockMean:
             H_diag = H_diag.unflatten(-1, (k, t))
         per_point = partition.expand((1 - 1 / sizes) * G_diag + H_diag / sizes, dim=-2)  # (*batch, n, t)
         return per_point.flatten(-2) if self.data_first else per_point.mT.flatten(-2)
+
+
+def signal_parts(Ms, Ks, full: bool) -> tuple[Tensor, Tensor]:
+    r"""``(P, X)`` for the products :math:`\sum_q M_q \otimes K_q` over one partition (``k`` blocks, ``t`` tasks):
+    :math:`P_i = \sum_q \lambda_{q,i} K_q`, ``(*batch, k, t, t)``, what they are on block :math:`i`'s within-block
+    deviations, and :math:`X = \sum_q C_q \otimes K_q` on the normalised block indicators, ``(*batch, k t, k t)``
+    (block index first) where ``full``, else the ``k`` diagonal blocks :math:`\sum_q c_{q,i} K_q` (every ``B``
+    diagonal). Plain autograd reaches every :math:`\lambda_q`, :math:`B_q` and :math:`K_q`."""
+    P: Tensor | None = None
+    X: Tensor | None = None
+    for M, K in zip(Ms, Ks):
+        if full:
+            lam, C = M.core()
+            k, t = C.shape[-1], K.shape[-1]
+            term = (C[..., :, None, :, None] * K[..., None, :, None, :]).reshape(
+                *torch.broadcast_shapes(C.shape[:-2], K.shape[:-2]), k * t, k * t
+            )
+        else:
+            lam, _, c = M._diagonal_parts()
+            term = c[..., :, None, None] * K.unsqueeze(-3)
+        dev = lam[..., :, None, None] * K.unsqueeze(-3)
+        P = dev if P is None else P + dev
+        X = term if X is None else X + term
+    assert P is not None and X is not None
+    return P, X
 
 
 def _triangular_apply(L: Tensor, z: Tensor, inverse: bool, transposed: bool) -> Tensor:
@@ -408,17 +470,10 @@ def kronecker_block_mean(op) -> KroneckerBlockMean | None:
     """The closed form of a ``KroneckerProductAddedDiagLinearOperator`` ``op`` (``Kron(M, K) + diagonal``), or ``None``
     where it has none: the product is not one symmetric block mean operator times a task matrix, or the diagonal is
     not ``I_n (x) D`` (:func:`_task_noise`)."""
-    product = _block_mean_product(op.linear_op)
-    if product is None:
+    if _block_mean_product(op.linear_op) is None:
         return None
-    M, task, index = product
-    data_first = index == 0
-    n, t = M.shape[-1], task.shape[-1]
-    D = _task_noise(op.diag_tensor, n, t, data_first)
-    if D is None:
-        return None
-    dtype = M.core_dtype
-    return KroneckerBlockMean(M, _symmetric(task, dtype), torch.diag_embed(D.to(dtype)), data_first, op.batch_shape)
+    res = _closed_terms((op.linear_op, op.diag_tensor), op.batch_shape)
+    return res if isinstance(res, KroneckerBlockMean) else None
 
 
 def _symmetric(task, dtype: torch.dtype) -> Tensor:
@@ -460,26 +515,79 @@ def kronecker_sum_block_mean(op) -> KroneckerBlockMean | None:
     the global noise); ``None`` otherwise."""
     if not isinstance(op, SumKroneckerLinearOperator) or len(op.linear_ops) != 2:
         return None
-    found = [
-        (product, other)
-        for kron, other in (op.linear_ops, op.linear_ops[::-1])
-        if (product := _block_mean_product(kron)) is not None
-    ]
-    if len(found) != 1:  # none, or a block mean factor in both terms
-        return None
-    (M, task, index), noise = found[0]
-    if not isinstance(noise, KroneckerProductLinearOperator) or len(noise.linear_ops) != 2:
-        return None
-    n, t = M.shape[-1], task.shape[-1]
-    data, task_noise = noise.linear_ops[index], noise.linear_ops[1 - index]
-    if task_noise.shape[-1] != t or task_noise.shape[-2] != t:
-        return None
-    scale = _identity_scale(data, n)
-    if scale is None:
-        return None
-    dtype = M.core_dtype
-    D = _symmetric(task_noise, dtype) * scale.to(dtype).unsqueeze(-1)
-    return KroneckerBlockMean(M, _symmetric(task, dtype), D, index == 0, op.batch_shape)
+    res = _closed_terms(op.linear_ops, op.batch_shape)
+    return res if isinstance(res, KroneckerBlockMean) else None
+
+
+def kronecker_terms_block_mean(terms, batch_shape: torch.Size) -> KroneckerBlockMean | None:
+    r"""The closed form of the sum of ``terms``, :math:`\sum_q M_q \otimes K_q + I_n \otimes D` (an ``LCMKernel``'s
+    covariance plus a ``MultitaskGaussianLikelihood``'s noise), or ``None`` (:func:`no_closed_form_terms_reason` says
+    why)."""
+    res = _closed_terms(terms, batch_shape)
+    return res if isinstance(res, KroneckerBlockMean) else None
+
+
+def no_closed_form_terms_reason(terms) -> str:
+    """Why :func:`kronecker_terms_block_mean` finds no closed form for the sum of ``terms``, and what linear_operator
+    does instead."""
+    res = _closed_terms(terms, torch.Size())
+    why = "its terms have a closed form" if isinstance(res, KroneckerBlockMean) else res
+    return (
+        f"{why} (its terms are {' + '.join(type(term).__name__ for term in terms)}). linear_operator's generic sum "
+        "factorises the dense matrix up to gpytorch.settings.max_cholesky_size and runs CG and Lanczos beyond it"
+    )
+
+
+def _closed_terms(terms, batch_shape: torch.Size) -> KroneckerBlockMean | str:
+    r"""The closed form of the sum of ``terms`` or, where there is none, why not. The terms are Kronecker products
+    :math:`M_q \otimes K_q` with a symmetric block mean factor :math:`M_q` over one partition (equal labels), all
+    with the data factor in the same place, and the noise: diagonals that are ``I_n (x) D`` (:func:`_task_noise`)
+    and Kronecker products ``c I_n (x) D`` with a ``t x t`` ``D`` (any rank); at least one of each."""
+    products, rest = [], []
+    for term in terms:
+        product = _block_mean_product(term)
+        if product is None:
+            rest.append(term)
+        else:
+            products.append(product)
+    if not products:
+        return "it has no Kronecker product of a symmetric BlockMeanLinearOperator and a t x t task matrix"
+    M0, task0, index = products[0]
+    n, t, partition = M0.shape[-1], task0.shape[-1], M0.partition
+    for M, task, i in products[1:]:
+        if i != index or M.shape[-1] != n or task.shape[-1] != t or task.shape[-2] != t:
+            return "its Kronecker products do not all have an n x n block mean factor and a t x t task factor in place"
+        if not M.partition.same_as(partition):
+            return (
+                "its block mean factors partition the data differently (an LCMKernel's block mean or group kernels "
+                "are in closed form only over the same blocks, equal labels)"
+            )
+    if not rest:
+        return "it has no noise term I_n (x) D (the prior covariance of an LCMKernel alone)"
+    dtype = functools.reduce(torch.promote_types, [M.core_dtype for M, _, _ in products])
+    D: Tensor | None = None
+    for term in rest:
+        if isinstance(term, DiagLinearOperator):
+            values = _task_noise(term, n, t, index == 0)
+            piece = None if values is None else torch.diag_embed(values.to(dtype))
+        elif isinstance(term, KroneckerProductLinearOperator) and len(term.linear_ops) == 2:
+            data, task_noise = term.linear_ops[index], term.linear_ops[1 - index]
+            scale = _identity_scale(data, n)
+            square = task_noise.shape[-1] == t and task_noise.shape[-2] == t
+            piece = None if scale is None or not square else _symmetric(task_noise, dtype) * scale.to(dtype)[..., None]
+        else:
+            piece = None
+        if piece is None:
+            return (
+                f"its {type(term).__name__} term is neither a block mean Kronecker product nor a noise that is the "
+                "same at every data point within a task (I_n (x) D: a per-point noise, or one whose entries carry "
+                "their own gradients, does not split)"
+            )
+        D = piece if D is None else D + piece
+    assert D is not None
+    Ms = tuple(M for M, _, _ in products)
+    Ks = tuple(_symmetric(task, dtype) for _, task, _ in products)
+    return KroneckerBlockMean(Ms, Ks, D, index == 0, batch_shape)
 
 
 def no_closed_form_sum_reason(op) -> str:

@@ -203,8 +203,9 @@ def test_fallback_sum_nested_in_a_plain_sum_still_warns():
 
 
 def test_lcm_kernel_over_block_means_warns_where_solved():
-    """LCMKernel over BlockMeanKernels plus a MultitaskGaussianLikelihood's noise: no closed form, and now a warning
-    (linear_operator's AddedDiagLinearOperator factorised it or took CG silently)."""
+    """LCMKernel over BlockMeanKernels of different partitions plus a MultitaskGaussianLikelihood's noise: no closed
+    form, and now a warning (linear_operator's AddedDiagLinearOperator factorised it or took CG silently). Over one
+    partition the sum is closed form since session 30 (tests/test_lcm_block_mean.py)."""
     from bma_gp import BlockMeanKernel, ClosedFormFallbackWarning
 
     gen = torch.Generator().manual_seed(0)
@@ -219,7 +220,7 @@ def test_lcm_kernel_over_block_means_warns_where_solved():
             self.mean_module = gpytorch.means.MultitaskMean(gpytorch.means.ConstantMean(), num_tasks=T)
             self.covar_module = gpytorch.kernels.LCMKernel(
                 [BlockMeanKernel(gpytorch.kernels.RBFKernel(), X, part),
-                 BlockMeanKernel(gpytorch.kernels.MaternKernel(), X, part)],
+                 BlockMeanKernel(gpytorch.kernels.MaternKernel(), X, Partition.from_labels(torch.arange(n) % 4))],
                 num_tasks=T, rank=1,
             )  # fmt: skip
 

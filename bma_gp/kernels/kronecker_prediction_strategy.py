@@ -55,6 +55,7 @@ from linear_operator.operators import (
     LinearOperator,
     MatmulLinearOperator,
     RootLinearOperator,
+    SumKroneckerLinearOperator,
     SumLinearOperator,
     ZeroLinearOperator,
 )
@@ -62,6 +63,7 @@ from torch import Tensor
 
 from bma_gp._errors import NotPositiveDefiniteError
 from bma_gp._indexing import check_floating
+from bma_gp._kronecker import signal_parts
 from bma_gp._warnings import ClosedFormFallbackWarning
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.kernels._bound_data import check_prediction_dtype
@@ -402,37 +404,42 @@ class KroneckerPredictionStrategy(DefaultPredictionStrategy):
         closed = covar._closed() if isinstance(covar, _ClosedKroneckerSum) else None
         return closed if closed is not None and closed.data_first else None
 
-    def _cross(self, closed, test_train_covar):
-        """``(A P^T, c, K_*)`` with ``test_train_covar = (c A P^T) (x) K_*`` over the training partition, else None."""
-        test_train_covar, outer = _constants(test_train_covar)  # ScaleKernel(MultitaskKernel(...))
-        if closed is None or not isinstance(test_train_covar, KroneckerProductLinearOperator):
+    def _cross(self, closed, test_train_covar) -> list[tuple[BlockCrossLinearOperator, Tensor]] | None:
+        """``[(A_q P^T, K_q*)]`` with ``test_train_covar = sum_q (c_q A_q P^T) (x) K_q*`` over the training partition
+        (each constant ``c_q`` folded into ``K_q*``, in the working precision), else None."""
+        if closed is None:
             return None
-        if len(test_train_covar.linear_ops) != 2:
-            return None
-        data, task = test_train_covar.linear_ops
-        found = _scaled_cross(data, outer)
-        if found is None or task.shape[-1] != closed.t or task.shape[-2] != closed.t:
-            return None
-        cross, scale = found
-        if not cross.partition.same_as(closed.M.partition):
-            return None
-        return cross, scale, task
+        res = []
+        for data, task, scale in _kronecker_terms(test_train_covar):
+            found = _scaled_cross(data, scale)
+            if found is None or task.shape[-1] != closed.t or task.shape[-2] != closed.t:
+                return None
+            cross, scale = found
+            if not cross.partition.same_as(closed.partition):
+                return None
+            K = task.to_dense().to(closed.dtype)
+            res.append((cross, K if scale is None else K * scale.to(K.dtype)))
+        return res or None
 
-    def _training_factor(self, closed, op):
-        """``(M', K')`` in the working precision with ``op = M' (x) K'`` (a constant multiple folded into ``K'``),
-        ``M'`` a symmetric block mean operator over the training partition (the prior at the training inputs), else
-        None."""
-        if closed is None or not isinstance(op, KroneckerProductLinearOperator) or len(op.linear_ops) != 2:
+    def _training_factor(self, closed, op) -> list[tuple[BlockMeanLinearOperator, Tensor]] | None:
+        """``[(M_q', K_q')]`` in the working precision with ``op = sum_q M_q' (x) K_q'`` (a constant multiple folded
+        into ``K_q'``), every ``M_q'`` a symmetric block mean operator over the training partition (the prior at the
+        training inputs), else None."""
+        if closed is None:
             return None
-        data, task = op.linear_ops
-        found = _scaled_block_mean(data)
-        if found is None or task.shape[-1] != closed.t or task.shape[-2] != closed.t:
-            return None
-        M, scale = found
-        if M.shape[-1] != closed.M.shape[-1] or not M.partition.same_as(closed.M.partition):
-            return None
-        K = task.to_dense().to(closed.K.dtype)
-        return M, K if scale is None else K * scale.to(K.dtype)
+        res = []
+        for data, task, outer in _kronecker_terms(op):
+            found = _scaled_block_mean(data)
+            if found is None or task.shape[-1] != closed.t or task.shape[-2] != closed.t:
+                return None
+            M, scale = found
+            if M.shape[-1] != closed.n or not M.partition.same_as(closed.partition):
+                return None
+            K = task.to_dense().to(closed.dtype)
+            for c in (scale, outer):
+                K = K if c is None else K * c.to(K.dtype)
+            res.append((M, K))
+        return res or None
 
     # ------------------------------------------------------------------ caches
     @cached(name="kronecker_factors")
@@ -440,7 +447,7 @@ class KroneckerPredictionStrategy(DefaultPredictionStrategy):
         """``(L_G, L_H)``: the Cholesky factors of the training covariance's closed form
         (:meth:`~bma_gp._kronecker.KroneckerBlockMean.factors`), ``L_H`` ``(*batch, k t, k t)`` or, for a diagonal
         ``B``, ``(*batch, k, t, t)``."""
-        _, LG, LH, _ = self._closed_form().factors()
+        LG, LH, _ = self._closed_form().factors()
         if settings.detach_test_caches.on():
             LG, LH = LG.detach(), LH.detach()
         return _attach_clear_hook(self, LG), _attach_clear_hook(self, LH)
@@ -454,8 +461,8 @@ class KroneckerPredictionStrategy(DefaultPredictionStrategy):
         _, LH = self._factors()
         eye = torch.eye(LH.shape[-1], dtype=LH.dtype, device=LH.device).expand_as(LH)
         inverse_transposed = torch.linalg.solve_triangular(LH.mT, eye, upper=True)  # L_H^{-T}
-        root = closed.M.partition.sizes.to(device=LH.device, dtype=LH.dtype).sqrt()
-        if LH.dim() == closed.K.dim() + 1:  # diagonal B: one t x t factor per block
+        root = closed.partition.sizes.to(device=LH.device, dtype=LH.dtype).sqrt()
+        if LH.dim() == closed.D.dim() + 1:  # diagonal B: one t x t factor per block
             return root[:, None, None] * inverse_transposed
         return root.repeat_interleave(closed.t)[:, None] * inverse_transposed
 
@@ -464,10 +471,10 @@ class KroneckerPredictionStrategy(DefaultPredictionStrategy):
         r""":math:`\alpha = \Sigma^{-1} (y - m)` in the working precision, point by point: the mean sums it over each
         block (float32 lost those sums). # shape: (*batch, n, t)"""
         closed = self._closed_form()
-        wdt = closed.K.dtype
+        wdt = closed.dtype
         train_mean = self.likelihood(self.train_prior_dist, self.train_inputs).loc
         offset = (self.train_labels - train_mean).to(wdt).unsqueeze(-1)
-        res = closed.solve(offset).squeeze(-1).unflatten(-1, (closed.M.shape[-1], closed.t))
+        res = closed.solve(offset).squeeze(-1).unflatten(-1, (closed.n, closed.t))
         if settings.detach_test_caches.on():
             res = res.detach()
         return _attach_clear_hook(self, res)
@@ -475,7 +482,7 @@ class KroneckerPredictionStrategy(DefaultPredictionStrategy):
     @cached(name="kronecker_mean_cache")
     def _mean_sums(self) -> Tensor:
         r"""The block sums :math:`Z = (P^\top \otimes I_t) \alpha`. # shape: (*batch, k, t)"""
-        return self._closed_form().M.partition.block_sum(self._alpha(), dim=-2)
+        return self._closed_form().partition.block_sum(self._alpha(), dim=-2)
 
     @property
     @cached(name="covar_cache")
@@ -507,100 +514,123 @@ class KroneckerPredictionStrategy(DefaultPredictionStrategy):
             if prior is not None:
                 check_prediction_dtype(self, test_train_covar)
                 return self._training_prediction(closed, test_mean, training, prior, test_train_covar.dtype)
-        found = self._cross(closed, test_train_covar)
-        if found is None:
+        crosses = self._cross(closed, test_train_covar)
+        if crosses is None:
             return super().exact_prediction(test_mean, test_test_covar, test_train_covar)
         check_prediction_dtype(self, test_train_covar)
-        cross, scale, task = found
-        K = task.to_dense().to(closed.K.dtype)  # K_*, (*batch, t, t)
-        if scale is not None:
-            K = K * scale.to(K.dtype)
         sums = self._mean_sums()  # Z, (*batch, k, t)
-        AZ = cross._gather_blocks(sums) if cross.is_one_hot else cross.values.to(sums.dtype) @ sums
+        shift = None
+        for cross, K in crosses:  # sum_q A_q Z K_q*^T
+            AZ = cross._gather_blocks(sums) if cross.is_one_hot else cross.values.to(sums.dtype) @ sums
+            term = AZ @ K.mT
+            shift = term if shift is None else shift + term
+        assert shift is not None
         dtype = torch.promote_types(test_mean.dtype, test_train_covar.dtype)
-        mean = test_mean.to(dtype) + (AZ @ K.mT).flatten(-2).to(dtype)
+        mean = test_mean.to(dtype) + shift.flatten(-2).to(dtype)
         if settings.skip_posterior_variances.on():
             return mean, ZeroLinearOperator(*test_test_covar.shape, dtype=test_test_covar.dtype, device=mean.device)
         if settings.fast_pred_var.on():
             self._last_test_train_covar = test_train_covar
-        gram = self._gram(cross, K)
+        gram = self._gram(crosses)
         if torch.is_tensor(test_test_covar):
             return mean, to_linear_operator((test_test_covar.to(gram.dtype) - gram.to_dense()).to(dtype))
         from bma_gp.kernels.prediction_strategy import _PredictiveDifference
 
         return mean, _PredictiveDifference(test_test_covar, gram)
 
-    def _gram(self, cross: BlockCrossLinearOperator, K: Tensor) -> LinearOperator:
-        r""":math:`F F^\top` with :math:`F = (A \otimes K_*) W` in the working precision."""
+    def _gram(self, crosses: list[tuple[BlockCrossLinearOperator, Tensor]]) -> LinearOperator:
+        r""":math:`F F^\top` with :math:`F = \sum_q (A_q \otimes K_q*) W` in the working precision."""
         W = self._covar_factor()
-        k, t = cross.partition.num_blocks, K.shape[-1]
-        if W.shape[-1] != k * t:  # a diagonal B: W block diagonal, (*batch, k, t, t)
+        first = crosses[0][0]
+        k, t = first.partition.num_blocks, crosses[0][1].shape[-1]
+        if W.shape[-1] != k * t:  # diagonal cores: W block diagonal, (*batch, k, t, t)
+            columns = first.columns
+            same_columns = columns is not None and all(
+                cross.columns is not None and torch.equal(cross.columns, columns) for cross, _ in crosses
+            )
+            if same_columns:  # F_j = sum_q a_{q,j} K_q* W_{c_j}: one t x t block per new point
+                assert columns is not None
+                factors = None
+                for cross, K in crosses:
+                    part = cross._gather_blocks((K.unsqueeze(-3) @ W).flatten(-2)).unflatten(-1, (t, t))
+                    factors = part if factors is None else factors + part
+                assert factors is not None
+                return _KroneckerOneHotGram(factors, columns, k)
+            if len(crosses) > 1:  # one-hot rows in different columns: the block diagonal W whole
+                W = _block_diagonal(W)
+        F = None
+        if W.shape[-1] != k * t:  # (one term, a diagonal B, a cross that is not one-hot)
+            cross, K = crosses[0]
             KW = K.unsqueeze(-3) @ W  # K_* W_i, (*batch, k, t, t)
-            if cross.is_one_hot:  # F_j = a_j K_* W_{c_j}: one t x t block per new point
-                assert cross.columns is not None
-                factors = cross._gather_blocks(KW.flatten(-2)).unflatten(-1, (t, t))
-                return _KroneckerOneHotGram(factors, cross.columns, k)
             A = cross.values.to(W.dtype)  # F[(j, a), (i, c)] = A_ji (K_* W_i)_ac
             F = (A[..., :, None, :, None] * KW.transpose(-3, -2).unsqueeze(-4)).flatten(-2)  # (*batch, n_*, t, k t)
         else:
-            W3 = W.unflatten(-2, (k, t))  # (*batch, k, t, k t)
-            if cross.is_one_hot:
-                AW = cross._gather_blocks(W3.flatten(-2))
-            else:
-                AW = cross.values.to(W.dtype) @ W3.flatten(-2)  # (*batch, n_*, t k t)
-            F = K.unsqueeze(-3) @ AW.unflatten(-1, (t, k * t))  # (*batch, n_*, t, k t)
+            W3 = W.unflatten(-2, (k, t)).flatten(-2)  # (*batch, k, t k t)
+            for cross, K in crosses:
+                AW = cross._gather_blocks(W3) if cross.is_one_hot else cross.values.to(W.dtype) @ W3
+                part = K.unsqueeze(-3) @ AW.unflatten(-1, (t, k * t))  # (*batch, n_*, t, k t)
+                F = part if F is None else F + part
+        assert F is not None
         F = F.flatten(-3, -2)  # (*batch, n_* t, k t)
         return MatmulLinearOperator(F, F.mT)
 
     def _training_prediction(self, closed, test_mean: Tensor, cross, prior, cross_dtype: torch.dtype):
-        r"""The posterior at the training inputs, with :math:`X = M' \otimes K'` the prior covariance there (the
-        test-by-training one) and :math:`T = M'' \otimes K''` the test one (the same matrix):
+        r"""The posterior at the training inputs, with :math:`X = \sum_q M_q' \otimes K_q'` the prior covariance there
+        (the test-by-training one) and :math:`T = \sum_q M_q'' \otimes K_q''` the test one (the same matrix):
         :math:`\mu = m + X \alpha` and :math:`T - X \Sigma^{-1} X^\top`, which the split of the module docstring
-        takes to the within-block directions, :math:`V_i = \lambda''_i K'' - \lambda'^2_i K' G_i^{-1} K'^\top`, and the
-        block means, :math:`Q = C'' \otimes K'' - (C' \otimes K') H^{-1} (C' \otimes K')^\top`: a
-        :class:`_KroneckerSplit`, ``O(k t^3 + (k t)^3)`` beyond the mean's ``O(n t^2)``. GPyTorch's strategy formed the
-        ``n t x n t`` cross covariance densely (and under ``fast_pred_var`` the inverse root too)."""
-        (M1, K1), (M2, K2) = cross, prior
-        wdt = closed.K.dtype
+        takes to the within-block directions, :math:`V_i = P_i'' - P_i' G_i^{-1} P_i'^\top` with
+        :math:`P_i = \sum_q \lambda_{q,i} K_q`, and the block means, :math:`Q = X'' - X' H^{-1} X'^\top` with
+        :math:`X = \sum_q C_q \otimes K_q`: a :class:`_KroneckerSplit`, ``O(k t^3 + (k t)^3)`` beyond the mean's
+        ``O(n t^2)``. GPyTorch's strategy formed the ``n t x n t`` cross covariance densely (and under
+        ``fast_pred_var`` the inverse root too)."""
+        wdt = closed.dtype
         alpha = self._alpha()  # (*batch, n, t)
-        shifted = (M1 if M1.dtype == wdt else M1.to(wdt)) @ alpha  # M' alpha, closed form
+        shift = None
+        for M1, K1 in cross:  # sum_q (M_q' alpha) K_q'^T, closed form
+            term = (M1 if M1.dtype == wdt else M1.to(wdt)) @ alpha @ K1.mT
+            shift = term if shift is None else shift + term
+        assert shift is not None
         dtype = torch.promote_types(test_mean.dtype, cross_dtype)
-        mean = test_mean.to(dtype) + (shifted @ K1.mT).flatten(-2).to(dtype)
+        mean = test_mean.to(dtype) + shift.flatten(-2).to(dtype)
         if settings.skip_posterior_variances.on():
             size = mean.shape[-1]
             return mean, ZeroLinearOperator(*mean.shape[:-1], size, size, dtype=dtype, device=mean.device)
         LG, LH = self._factors()
-        k, t = closed.M.partition.num_blocks, closed.t
-        full = LH.shape[-1] == k * t
-        lam1, C1 = _core_of(M1, full or not M2._diagonal_core() or not M1._diagonal_core())
-        lam2, C2 = _core_of(M2, C1.dim() > lam1.dim())
-        full = C1.dim() > lam1.dim()
-        # within the blocks: V_i = lam''_i K'' - lam'_i^2 (L_G^{-1} K'^T)^T (L_G^{-1} K'^T)
-        Y = torch.linalg.solve_triangular(LG, K1.mT.unsqueeze(-3).expand_as(LG), upper=False)
-        V = lam2[..., None, None] * K2.unsqueeze(-3) - lam1.square()[..., None, None] * (Y.mT @ Y)
-        if full:  # the block means: Q = C'' (x) K'' - (C' (x) K') H^{-1} (C' (x) K')^T
+        k, t = closed.partition.num_blocks, closed.t
+        full = LH.shape[-1] == k * t or not all(M._diagonal_core() for M, _ in (*cross, *prior))
+        P1, X1 = signal_parts([M for M, _ in cross], [K for _, K in cross], full)
+        P2, X2 = signal_parts([M for M, _ in prior], [K for _, K in prior], full)
+        # within the blocks: V_i = P_i'' - (L_G^{-1} P_i'^T)^T (L_G^{-1} P_i'^T)
+        Y = torch.linalg.solve_triangular(LG, P1.mT.expand(*LG.shape[:-2], t, t), upper=False)
+        V = P2 - Y.mT @ Y
+        if full:  # the block means: Q = X'' - X' H^{-1} X'^T
             L = LH if LH.shape[-1] == k * t else _block_diagonal(LH)
-            X = _kron(C1, K1)
-            Y = torch.linalg.solve_triangular(L, X.mT, upper=False)
-            Q = _kron(C2, K2) - Y.mT @ Y
-        else:  # one t x t block per block: Q_i = c''_i K'' - c'_i^2 K' H_i^{-1} K'^T
-            Y = torch.linalg.solve_triangular(LH, K1.mT.unsqueeze(-3).expand_as(LH), upper=False)
-            Q = C2[..., None, None] * K2.unsqueeze(-3) - C1.square()[..., None, None] * (Y.mT @ Y)
-        return mean, _KroneckerSplit(V, Q, closed.M.partition, dtype)
+            Y = torch.linalg.solve_triangular(L, X1.mT.expand(*L.shape[:-2], k * t, k * t), upper=False)
+        else:  # one t x t block per block: Q_i = X_i'' - X_i' H_i^{-1} X_i'^T
+            Y = torch.linalg.solve_triangular(LH, X1.mT.expand(*LH.shape[:-2], t, t), upper=False)
+        Q = X2 - Y.mT @ Y
+        return mean, _KroneckerSplit(V, Q, closed.partition, dtype)
 
 
-def _core_of(M: BlockMeanLinearOperator, full: bool) -> tuple[Tensor, Tensor]:
-    """``(lam, C)`` of ``M`` in its core dtype: ``C`` the ``k x k`` core matrix where ``full``, else its diagonal
-    (for a diagonal ``B``)."""
-    if not full:
-        lam, _, c = M._diagonal_parts()
-        return lam, c
-    lam, C = M.core()
-    return lam, C
+def _kronecker_terms(op, scale: Tensor | None = None) -> list[tuple[Any, Any, Tensor | None]]:
+    """``[(data_q, task_q, c_q)]`` with ``op = sum_q c_q data_q (x) task_q`` through constant multiples and sums of
+    two-factor Kronecker products (a ``MultitaskKernel``'s covariance, an ``LCMKernel``'s sum of them), the data factor
+    first; an empty list for anything else (a term that is not such a product)."""
+    op, scale = _constants(op, scale)
+    if isinstance(op, KroneckerProductLinearOperator) and not isinstance(op, DiagLinearOperator):
+        return [(op.linear_ops[0], op.linear_ops[1], scale)] if len(op.linear_ops) == 2 else []
+    if type(op) in (SumLinearOperator, SumKroneckerLinearOperator) or _is_lcm_sum(op):
+        res = []
+        for term in op.linear_ops:
+            found = _kronecker_terms(term, scale)
+            if not found:
+                return []
+            res.extend(found)
+        return res
+    return []
 
 
-def _kron(C: Tensor, K: Tensor) -> Tensor:
-    """:math:`C \\otimes K`, block index first. # shape: (*batch, k t, k t)"""
-    k, t = C.shape[-1], K.shape[-1]
-    res = C[..., :, None, :, None] * K[..., None, :, None, :]
-    return res.reshape(*res.shape[:-4], k * t, k * t)
+def _is_lcm_sum(op) -> bool:
+    from bma_gp._composition import BlockMeanLCMLinearOperator, BlockMeanSumKroneckerLinearOperator
+
+    return isinstance(op, (BlockMeanLCMLinearOperator, BlockMeanSumKroneckerLinearOperator))

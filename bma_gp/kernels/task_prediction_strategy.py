@@ -181,11 +181,12 @@ def _evaluated_prior_advice(covar=None) -> str:
 
 
 def _kronecker(train_prior_dist, likelihood) -> bool:
-    """Whether the training covariance is a lazily evaluated ``MultitaskKernel`` around a block mean or group kernel,
-    observed through a ``MultitaskGaussianLikelihood``: a Kronecker sum with a block mean factor, predicted by
+    """Whether the training covariance is a lazily evaluated ``MultitaskKernel`` around a block mean or group kernel
+    (or an ``LCMKernel`` of such kernels), observed through a ``MultitaskGaussianLikelihood``: a Kronecker sum with
+    block mean factors, predicted by
     :class:`~bma_gp.kernels.kronecker_prediction_strategy.KroneckerPredictionStrategy` (GPyTorch asks the
-    ``MultitaskKernel`` for its strategy, which is GPyTorch's default one)."""
-    from gpytorch.kernels import MultitaskKernel, ScaleKernel
+    ``MultitaskKernel`` for its strategy, which is GPyTorch's default one; an ``LCMKernel`` asks for none)."""
+    from gpytorch.kernels import LCMKernel, MultitaskKernel, ScaleKernel
     from gpytorch.lazy import LazyEvaluatedKernelTensor
 
     from bma_gp._composition import _involves_block_mean
@@ -196,10 +197,10 @@ def _kronecker(train_prior_dist, likelihood) -> bool:
     kernel = covar.kernel
     while isinstance(kernel, ScaleKernel):  # ScaleKernel(MultitaskKernel(...)): a multiple of the task matrix
         kernel = kernel.base_kernel
+    members = list(kernel.covar_module_list) if isinstance(kernel, LCMKernel) else [kernel]
     return (
         isinstance(train_prior_dist, MultitaskMultivariateNormal)
-        and isinstance(kernel, MultitaskKernel)
-        and _involves_block_mean(kernel.data_covar_module)
+        and all(isinstance(m, MultitaskKernel) and _involves_block_mean(m.data_covar_module) for m in members)
         and isinstance(likelihood, MultitaskGaussianLikelihood)
     )
 
