@@ -4327,6 +4327,9 @@ def _sum_product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> LinearOp
     assert pieces is not None
     if not _cross_pieces(evaluated(sums[0](x1, x2, **params)), pieces):
         return None
+    # the training covariance holds one term per distinct unweighted partition (a BlockMeanKernel and a GroupKernel
+    # over the same blocks add into one block mean matrix before the product): so do its columns here
+    pieces = _merged_terms(pieces)
     for factor in others:  # in the training covariance's order: the sum times each factor in turn
         cross = evaluated(factor(x1, x2, **params))
         if not isinstance(cross, BlockCrossLinearOperator):
@@ -4352,6 +4355,31 @@ def _sum_product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> LinearOp
     return out[0] if len(out) == 1 else SumLinearOperator(*out)
 
 
+def _merged_terms(pieces: list[_Piece]) -> list[_Piece]:
+    """The unweighted term pieces of a cross covariance over the same partition added into one, as the sum's
+    training operator adds the block matrices of such terms into one term (``_composition._build``): a
+    ``BlockMeanKernel`` and a ``GroupKernel`` over the same blocks (``(BlockMeanKernel + GroupKernel) * IndexKernel``)
+    are one block mean matrix with a dense ``B`` at the training points, whose product with a task kernel is one term
+    over the intersection of the partitions, not the intercept's diagonal terms weighted by the task factor."""
+    out: list[_Piece] = []
+    for piece in pieces:
+        if piece[0] == "term" and piece[3] is None:
+            for i, other in enumerate(out):
+                if other[0] == "term" and other[3] is None and other[2].same_as(piece[2]):
+                    a, b = other[1], piece[1]
+                    if isinstance(a, _OneHot) and isinstance(b, _OneHot) and _same_columns(a, b):
+                        values: Tensor | _OneHot = _OneHot(a.values + b.values, a.columns, a.k)
+                    else:
+                        values = _dense_block(a) + _dense_block(b)
+                    out[i] = ("term", values, other[2], None)
+                    break
+            else:
+                out.append(piece)
+        else:
+            out.append(piece)
+    return out
+
+
 def _times_block_mean(
     pieces: list[_Piece], cross_x: BlockCrossLinearOperator, train_x: BlockMeanLinearOperator
 ) -> list[_Piece] | None:
@@ -4362,6 +4390,10 @@ def _times_block_mean(
         return None
     has_root = any(piece[0] == "root" for piece in pieces)
     diagonal = [piece[0] == "term" and _one_value_per_row(piece[1]) for piece in pieces]
+    if len(pieces) == 1 and pieces[0][0] == "term" and pieces[0][3] is None:
+        # the sum was one block mean matrix at the training points (two group kernels over the same ids), whose
+        # product with the factor is one operator over the intersection of the partitions (its training form)
+        diagonal = [False]
     labels_x = train_x.partition.labels
     L: Tensor | None = None
     as_weights = False

@@ -1,0 +1,174 @@
+"""Whole user workflows of multitask and structured-sum models (session 30), against dense float64 linear algebra.
+
+A workflow trains a model with Adam on the exact marginal log-likelihood beside a twin that takes the same steps on
+the dense covariance, predicts in eval mode at new inputs and at the training inputs (``fast_pred_var`` on and
+off) in closed form, changes a hyperparameter in eval mode and predicts again, and loads the state into a fresh
+model. Each regression test below failed on the code before its fix."""
+
+from __future__ import annotations
+
+import warnings
+
+import gpytorch
+import pytest
+import torch
+
+from bma_gp import BlockMeanKernel, ClosedFormFallbackWarning, GroupKernel, Partition
+from closed_form_guard import closed_forms_only
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TASKS = 3
+
+
+class GP(gpytorch.models.ExactGP):
+    def __init__(self, x, y, likelihood, kernel):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = kernel
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def _data(dtype=torch.float64, n: int = 48):
+    """Columns: a smooth input, a group id (ids 0..5 plus a singleton 6 and a non-contiguous 8; unseen test ids 7
+    and 10), a task id, a second grouping. New inputs and fantasy points follow the same layout."""
+    gen = torch.Generator().manual_seed(3)
+    x = 4 * torch.rand(n, 1, generator=gen, dtype=dtype)
+    ids = torch.randint(0, 6, (n,), generator=gen)
+    ids[0], ids[1] = 6, 8
+    tasks = torch.randint(0, TASKS, (n,), generator=gen)
+    second = torch.arange(n) % 4
+    X = torch.stack([x[:, 0], ids.to(dtype), tasks.to(dtype), second.to(dtype)], -1)
+    y = torch.sin(2 * x[:, 0]) + 0.3 * tasks.to(dtype) + 0.1 * torch.randn(n, generator=gen, dtype=dtype)
+    new = torch.tensor([[0.5, 0, 0, 0], [1.5, 1, 1, 1], [2.5, 3, 2, 2], [3.0, 7, 1, 3], [0.2, 10, 0, 5]], dtype=dtype)
+    fantasy = torch.tensor([[1.0, 2, 2, 1], [2.0, 10, 0, 5]], dtype=dtype)
+    return X, y, ids, new, fantasy
+
+
+def _partition(ids):
+    return Partition.from_labels(torch.unique(ids, return_inverse=True)[1])
+
+
+def _dense_mll(model, X, y):
+    out = model.likelihood(model(X))
+    dense = torch.distributions.MultivariateNormal(out.mean, out.lazy_covariance_matrix.to_dense())
+    return dense.log_prob(y) / y.numel()
+
+
+def _dense_posterior(model, X, y, new):
+    """Mean and variance at ``new`` from the dense joint prior covariance of ``cat(X, new)`` (the model in eval mode,
+    as GPyTorch evaluates it), solved by ``torch.linalg``."""
+    model.eval()
+    n = X.shape[0]
+    with torch.no_grad():
+        prior = model.forward(X)
+        noise = model.likelihood(prior).lazy_covariance_matrix.to_dense() - prior.lazy_covariance_matrix.to_dense()
+        joint = model.forward(torch.cat([X, new]))
+        K = joint.lazy_covariance_matrix.to_dense()
+        train, cross = K[:n, :n] + noise, K[n:, :n]
+        mean = joint.mean[n:] + cross @ torch.linalg.solve(train, y - prior.mean)
+        variance = K[n:, n:].diagonal() - (cross * torch.linalg.solve(train, cross.mT).mT).sum(-1)
+    return mean, variance
+
+
+def _train_beside_dense(build, X, y, steps: int = 20):
+    """A model trained ``steps`` Adam steps in closed form (no CG, Lanczos or dense factorisation, no fallback
+    warning), and a twin trained on the dense marginal log-likelihood: they track to 1e-9."""
+    model, twin = build(), build()
+    twin.load_state_dict(model.state_dict())
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    opt, twin_opt = torch.optim.Adam(model.parameters(), lr=0.05), torch.optim.Adam(twin.parameters(), lr=0.05)
+    model.train()
+    twin.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        twin_opt.zero_grad()
+        with closed_forms_only(X.shape[0]), warnings.catch_warnings():
+            warnings.simplefilter("error", ClosedFormFallbackWarning)
+            loss = -mll(model(X), y)
+            loss.backward()
+        twin_loss = -_dense_mll(twin, X, y)
+        twin_loss.backward()
+        torch.testing.assert_close(loss, twin_loss, rtol=1e-9, atol=0)
+        opt.step()
+        twin_opt.step()
+    twin_params = dict(twin.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, twin_params[name], rtol=1e-8, atol=1e-10)
+    return model
+
+
+def _assert_predicts_like_dense(model, X, y, new, rtol: float = 1e-9):
+    """Means and variances at ``new`` in closed form, without a fallback warning, with ``fast_pred_var`` on and
+    off (and ``max_cholesky_size(0)``), equal to the dense posterior's to ``rtol``."""
+    want_mean, want_variance = _dense_posterior(model, X, y, new)
+    model.eval()
+    for fast in (False, True):
+        with torch.no_grad(), gpytorch.settings.fast_pred_var(fast), gpytorch.settings.max_cholesky_size(0):
+            with closed_forms_only(X.shape[0]), warnings.catch_warnings():
+                warnings.simplefilter("error", ClosedFormFallbackWarning)
+                pred = model(new)
+                mean, variance = pred.mean, pred.variance
+        torch.testing.assert_close(mean, want_mean, rtol=rtol, atol=rtol / 10)
+        torch.testing.assert_close(variance, want_variance, rtol=10 * rtol, atol=rtol / 10)
+
+
+# ------------------------------------------------------------------ one grouping twice in a sum times a task kernel
+def _same_blocks_model(kind: str, dtype=torch.float64):
+    X, y, ids, new, fantasy = _data(dtype)
+    task = gpytorch.kernels.IndexKernel(TASKS, rank=1, active_dims=[2])
+
+    def build():
+        if kind == "block mean + group":  # a smooth part averaged over the groups plus a random intercept on them
+            smooth = BlockMeanKernel(gpytorch.kernels.RBFKernel(active_dims=[0]), X, _partition(ids))
+            kernel = gpytorch.kernels.ScaleKernel(smooth + GroupKernel(12, active_dims=[1])) * task
+        elif kind == "group + group":  # one grouping with a shared and a per-level variance
+            group = GroupKernel(12, active_dims=[1]) + GroupKernel(12, per_group_variance=True, active_dims=[1])
+            kernel = group * task
+        else:  # "group + block mean + crossed group", the task factor first
+            smooth = BlockMeanKernel(gpytorch.kernels.RBFKernel(active_dims=[0]), X, _partition(ids))
+            kernel = task * (GroupKernel(6, active_dims=[3]) + smooth + GroupKernel(12, active_dims=[1]))
+        return GP(X, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).to(dtype)
+
+    return build, X, y, new, fantasy
+
+
+@pytest.mark.parametrize("kind", ["block mean + group", "group + group", "crossed, task factor first"])
+def test_sum_over_one_grouping_times_task_kernel_predicts_in_closed_form(kind):
+    """``(BlockMeanKernel + GroupKernel) * IndexKernel`` with the block mean kernel's blocks the group kernel's ids
+    (and two group kernels over one id column): the training covariance adds the two terms into one block mean
+    matrix before the product (one term over the intersection of the partitions), while the prediction read the
+    group kernel's cross covariance as a diagonal term weighted by the task factor, did not match the training
+    columns and fell back to GPyTorch's path with a ``ClosedFormFallbackWarning`` (forming the ``t x n`` cross
+    covariance), against the documented closed form."""
+    build, X, y, new, fantasy = _same_blocks_model(kind)
+    model = _train_beside_dense(build, X, y)
+    _assert_predicts_like_dense(model, X, y, new)
+    with torch.no_grad():  # a hyperparameter changed in eval mode: the strategy is rebuilt
+        model.likelihood.noise = 0.2
+    _assert_predicts_like_dense(model, X, y, new)
+    fresh = build()
+    fresh.load_state_dict(model.state_dict())
+    _assert_predicts_like_dense(fresh, X, y, new)
+    targets = torch.tensor([0.3, -0.2], dtype=X.dtype)
+    fantasy_model = model.get_fantasy_model(fantasy, targets)  # GPyTorch's update of the caches: 4e-9 here
+    _assert_predicts_like_dense(fantasy_model, torch.cat([X, fantasy]), torch.cat([y, targets]), new, rtol=1e-7)
+
+
+def test_sum_over_one_grouping_times_task_kernel_batch_of_test_sets():
+    """The same model asked for a batch of test sets (the documented closed form for test batches of the one-kernel
+    product) gives each set's own prediction."""
+    build, X, y, new, _ = _same_blocks_model("block mean + group")
+    model = build()
+    model.eval()
+    batch = torch.stack([new, new.flip(0)])
+    with torch.no_grad(), closed_forms_only(X.shape[0]), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        pred = model(batch)
+        mean, variance = pred.mean, pred.variance
+    for i in range(2):
+        want_mean, want_variance = _dense_posterior(model, X, y, batch[i])
+        torch.testing.assert_close(mean[i], want_mean, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(variance[i], want_variance, rtol=1e-8, atol=1e-10)
