@@ -49,6 +49,7 @@ from linear_operator.operators import (
     ConstantMulLinearOperator,
     DenseLinearOperator,
     DiagLinearOperator,
+    KroneckerProductLinearOperator,
     LinearOperator,
     MatmulLinearOperator,
     RootLinearOperator,
@@ -2511,12 +2512,26 @@ class _DenseSubmatrix(_DenseFactorSolves, TorchIndexing, LinearOperator):
 
 def _known_covariance(op) -> bool:
     """Whether ``op`` is a symmetric matrix whose dense form an exact sum may take: a predictive covariance (or its
-    principal submatrix, multiple or sum), a diagonal, a symmetric block mean operator or a sum of them."""
+    principal submatrix, multiple or sum), a diagonal, a symmetric block mean operator or a sum of them, or a
+    Kronecker product of symmetric factors (a ``MultitaskGaussianLikelihood``'s noise ``I_t (x) D`` with a
+    correlated ``D = F F^T + s I``, ``rank >= 1``)."""
     if isinstance(op, _DenseFactorSolves):
         return op._is_symmetric()
     if isinstance(op, (DiagLinearOperator, BlockMeanSumLinearOperator)):
         return True
+    if isinstance(op, KroneckerProductLinearOperator):
+        return all(_symmetric_factor(factor) for factor in op.linear_ops)
     return isinstance(op, BlockMeanLinearOperator) and op.symmetric
+
+
+def _symmetric_factor(op) -> bool:
+    """Whether ``op`` is symmetric by its form: a diagonal, a root ``R R^T``, or a sum of them (the factors of a
+    multitask likelihood's Kronecker noise)."""
+    if isinstance(op, (DiagLinearOperator, RootLinearOperator)):
+        return True
+    if isinstance(op, SumLinearOperator):  # AddedDiagLinearOperator too
+        return all(_symmetric_factor(part) for part in op.linear_ops)
+    return False
 
 
 def _working_dense_of(op: LinearOperator, dtype: torch.dtype, shape: torch.Size) -> Tensor:
