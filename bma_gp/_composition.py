@@ -1298,6 +1298,10 @@ def masked_principal(base, row_mask, col_mask) -> LinearOperator | None:
         # its masked submatrix is not symmetric, and linear_operator's masked operator solved it by a Cholesky factor
         # of one triangle (12.6% off, silently); the fallback factorises it with LU and says so
         return FallbackMaskedLinearOperator(base, row_mask, col_mask)
+    if isinstance(base, _KroneckerOfBlockMean):
+        # a MultitaskKernel model's Kronecker sum with missing targets: its principal submatrix has no closed form
+        # here, and linear_operator's masked operator took CG and Lanczos past max_cholesky_size without a word
+        return FallbackMaskedLinearOperator(base, row_mask, col_mask)
     tasks = _tasks_of_ours(base)
     if not (tasks or isinstance(base, (BlockMeanLinearOperator, BlockMeanSumLinearOperator))):
         return None
@@ -1388,9 +1392,15 @@ class FallbackMaskedLinearOperator(_WarnsWhenFactorised, MaskedLinearOperator):
         return "its row and column masks differ"
 
     def _warn(self, what: str) -> None:
+        why = (
+            "a Kronecker sum with a block mean factor (a MultitaskKernel model), whose masked rows and columns have no "
+            "closed form here"
+            if isinstance(self.base, _KroneckerOfBlockMean)
+            else "the tasks' operators are sums, whose masked layout has no closed form here"
+        )
         warnings.warn(
             f"{what} of the observed rows and columns (missing targets, observation_nan_policy('mask')) of a "
-            f"{type(self.base).__name__}: the tasks' operators are sums, whose masked layout has no closed form here; "
+            f"{type(self.base).__name__}: {why}; "
             "linear_operator's generic path (dense Cholesky up to max_cholesky_size, CG and Lanczos beyond) is used.",
             ClosedFormFallbackWarning,
             stacklevel=3,
