@@ -242,3 +242,35 @@ def test_multitask_model_with_missing_targets_says_it_leaves_the_closed_form(ran
     covariance = out.lazy_covariance_matrix.to_dense()[observed][:, observed]
     dense = torch.distributions.MultivariateNormal(out.mean.reshape(-1)[observed], covariance)
     torch.testing.assert_close(value, dense.log_prob(Y.reshape(-1)[observed]) / Y.numel(), rtol=1e-10, atol=0)
+
+
+# ------------------------------------------------------------------ a batch of fantasy targets for a task product
+@pytest.mark.parametrize("kind", ["crossed groups", "slope"])
+def test_batch_of_fantasy_targets_for_a_task_product_predicts_in_closed_form(kind):
+    """``get_fantasy_model`` with a batch of fantasy targets at the same points (the documented closed form, as in
+    BoTorch's knowledge gradient) for ``(GroupKernel + GroupKernel) * IndexKernel``: the fantasy model's inputs are
+    copied across the batch, so its task matrix was a batch of equal copies, which the training product split into
+    one dense term per (level, task) pair while the prediction's cross covariance, read on one copy of the training
+    inputs, split each intercept into weighted terms; the columns did not match and every fantasy prediction fell
+    back to GPyTorch's path with a ``ClosedFormFallbackWarning``."""
+    X, y, _, new, fantasy = _data()
+    task = gpytorch.kernels.IndexKernel(TASKS, rank=1, active_dims=[2])
+    if kind == "crossed groups":
+        groups = GroupKernel(12, active_dims=[1]) + GroupKernel(6, active_dims=[3])
+    else:
+        groups = GroupKernel(12, slope=True, active_dims=[1, 0]) + GroupKernel(6, active_dims=[3])
+    model = GP(X, y, gpytorch.likelihoods.GaussianLikelihood(), groups * task).double()
+    model.eval()
+    targets = torch.tensor([[0.3, -0.2], [1.0, 0.5]], dtype=X.dtype)
+    with torch.no_grad():
+        model(new)
+        fantasy_model = model.get_fantasy_model(fantasy, targets)
+        with closed_forms_only(X.shape[0]), warnings.catch_warnings():
+            warnings.simplefilter("error", ClosedFormFallbackWarning)
+            pred = fantasy_model(new)
+            mean, variance = pred.mean, pred.variance
+    assert mean.shape == (2, new.shape[0])
+    for b in range(2):
+        want_mean, want_variance = _dense_posterior(model, torch.cat([X, fantasy]), torch.cat([y, targets[b]]), new)
+        torch.testing.assert_close(mean[b], want_mean, rtol=1e-7, atol=1e-8)
+        torch.testing.assert_close(variance[b], want_variance, rtol=1e-7, atol=1e-8)
