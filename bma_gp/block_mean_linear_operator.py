@@ -2011,12 +2011,14 @@ def _one_hot_block_mean(other) -> BlockMeanLinearOperator | None:
     return BlockMeanLinearOperator(lam, B, Partition.from_labels(labels, num_blocks=present.numel()))
 
 
-def batch_expanded(t: Tensor) -> Tensor | None:
-    """The one matrix that a batched ``t`` repeats across its batch (``t`` an ``expand`` of it: stride 0 in every
-    batch dimension of size above 1), or ``None`` (``t`` unbatched or holding its own batch entries)."""
-    if t.dim() <= 2 or not all(size == 1 or stride == 0 for size, stride in zip(t.shape[:-2], t.stride()[:-2])):
+def batch_expanded(t: Tensor, core_dims: int = 2) -> Tensor | None:
+    """The one matrix (``core_dims=1``: vector) that a batched ``t`` repeats across its batch (``t`` an ``expand`` of
+    it: stride 0 in every batch dimension of size above 1), or ``None`` (``t`` unbatched or holding its own batch
+    entries)."""
+    batch = t.dim() - core_dims
+    if batch <= 0 or not all(size == 1 or stride == 0 for size, stride in zip(t.shape[:batch], t.stride()[:batch])):
         return None
-    return t[(0,) * (t.dim() - 2)]
+    return t[(0,) * batch]
 
 
 def _task_lookup(op) -> tuple[Tensor, Tensor, Tensor] | None:

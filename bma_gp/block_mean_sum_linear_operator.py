@@ -682,7 +682,7 @@ def hadamard_plan(S, X: BlockMeanLinearOperator) -> tuple[Tensor | None, bool] |
     if not X.symmetric:
         return None
     C = X._b_sym()
-    if C.dim() > 2 and batch_expanded(X.B) is not None:
+    if C.dim() > 2 and (batch_expanded(X._b_vector(), 1) if X.is_diagonal_mode else batch_expanded(X.B)) is not None:
         # one task matrix copied across a batch (a fantasy model's inputs copied across its fantasy batch): its
         # factor is one, and the product takes the weighted terms the prediction's cross covariance expects
         C = C[(0,) * (C.dim() - 2)]

@@ -245,20 +245,23 @@ def test_multitask_model_with_missing_targets_says_it_leaves_the_closed_form(ran
 
 
 # ------------------------------------------------------------------ a batch of fantasy targets for a task product
-@pytest.mark.parametrize("kind", ["crossed groups", "slope"])
+@pytest.mark.parametrize("kind", ["crossed groups", "slope", "two factors"])
 def test_batch_of_fantasy_targets_for_a_task_product_predicts_in_closed_form(kind):
     """``get_fantasy_model`` with a batch of fantasy targets at the same points (the documented closed form, as in
     BoTorch's knowledge gradient) for ``(GroupKernel + GroupKernel) * IndexKernel``: the fantasy model's inputs are
     copied across the batch, so its task matrix was a batch of equal copies, which the training product split into
     one dense term per (level, task) pair while the prediction's cross covariance, read on one copy of the training
     inputs, split each intercept into weighted terms; the columns did not match and every fantasy prediction fell
-    back to GPyTorch's path with a ``ClosedFormFallbackWarning``."""
-    X, y, _, new, fantasy = _data()
+    back to GPyTorch's path with a ``ClosedFormFallbackWarning``. (96 points: the capacitance of the two-factor
+    product has 75 columns, which the guard would refuse at fewer points.)"""
+    X, y, _, new, fantasy = _data(n=96)
     task = gpytorch.kernels.IndexKernel(TASKS, rank=1, active_dims=[2])
     if kind == "crossed groups":
         groups = GroupKernel(12, active_dims=[1]) + GroupKernel(6, active_dims=[3])
-    else:
+    elif kind == "slope":
         groups = GroupKernel(12, slope=True, active_dims=[1, 0]) + GroupKernel(6, active_dims=[3])
+    else:  # a second factor, a group kernel over the crossed grouping (its variances copied across the batch)
+        groups = (GroupKernel(12, active_dims=[1]) + GroupKernel(6, active_dims=[3])) * GroupKernel(6, active_dims=[3])
     model = GP(X, y, gpytorch.likelihoods.GaussianLikelihood(), groups * task).double()
     model.eval()
     targets = torch.tensor([[0.3, -0.2], [1.0, 0.5]], dtype=X.dtype)
