@@ -277,3 +277,48 @@ def test_batch_of_fantasy_targets_for_a_task_product_predicts_in_closed_form(kin
         want_mean, want_variance = _dense_posterior(model, torch.cat([X, fantasy]), torch.cat([y, targets[b]]), new)
         torch.testing.assert_close(mean[b], want_mean, rtol=1e-7, atol=1e-8)
         torch.testing.assert_close(variance[b], want_variance, rtol=1e-7, atol=1e-8)
+
+
+def test_multitask_kernel_around_a_sum_over_one_grouping_predicts_in_closed_form():
+    """``MultitaskKernel(BlockMeanKernel + GroupKernel)`` with the block mean kernel's blocks the group ids: the
+    training covariance is one block mean factor (the two terms add) and trains in closed form, but its cross
+    covariance at new inputs, a sum of the two kernels' block cross covariances, was not read as one, so the model
+    predicted through GPyTorch's default strategy (``n t``-sized cross covariances; under ``fast_pred_var`` the dense
+    ``n t x n t`` inverse root, with a ``ClosedFormFallbackWarning``)."""
+    X, y, ids, new, _ = _data()
+    Y = torch.stack([y, -y, 0.5 * y], -1)
+
+    def build():
+        smooth = BlockMeanKernel(gpytorch.kernels.RBFKernel(active_dims=[0]), X, _partition(ids))
+        data = gpytorch.kernels.ScaleKernel(smooth) + GroupKernel(12, active_dims=[1])
+        kernel = gpytorch.kernels.MultitaskKernel(data, num_tasks=TASKS, rank=1)
+        likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=TASKS, rank=1)
+        return MultitaskGP(X, Y, likelihood, kernel).double()
+
+    model = build()
+    with torch.no_grad():
+        for p in model.parameters():  # away from the defaults
+            p.add_(0.2)
+    model.eval()
+    n = X.shape[0]
+    with torch.no_grad():
+        model.train()
+        joint = model.forward(torch.cat([X, new])).lazy_covariance_matrix.to_dense()
+        noisy = model.likelihood(model.forward(X)).lazy_covariance_matrix.to_dense()
+        model.eval()
+        nt = n * TASKS
+        cross = joint[nt:, :nt]
+        residual = (Y - model.mean_module(X)).reshape(-1)
+        want_mean = model.mean_module(new).reshape(-1) + cross @ torch.linalg.solve(noisy, residual)
+        want_variance = joint[nt:, nt:].diagonal() - (cross * torch.linalg.solve(noisy, cross.mT).mT).sum(-1)
+    for fast in (False, True):
+        model.train()
+        model.eval()
+        with torch.no_grad(), gpytorch.settings.fast_pred_var(fast), gpytorch.settings.max_cholesky_size(0):
+            with closed_forms_only(n), warnings.catch_warnings():
+                warnings.simplefilter("error", ClosedFormFallbackWarning)
+                pred = model(new)
+                mean, variance = pred.mean.reshape(-1), pred.variance.reshape(-1)
+            assert type(model.prediction_strategy).__name__ == "KroneckerPredictionStrategy"
+        torch.testing.assert_close(mean, want_mean, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(variance, want_variance, rtol=1e-8, atol=1e-10)

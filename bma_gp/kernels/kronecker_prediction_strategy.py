@@ -87,6 +87,21 @@ def _scaled_cross(op, scale: Tensor | None = None) -> tuple[BlockCrossLinearOper
     """``(A P^T, c)`` with ``op = c A P^T`` (times ``scale``): a block cross covariance under any number of constant
     multiples, else None."""
     op, scale = _constants(op, scale)
+    if isinstance(op, SumLinearOperator):
+        # kernels over the same blocks summed inside the MultitaskKernel (BlockMeanKernel + GroupKernel over the
+        # group ids), which the training covariance adds into one block mean factor: their A's added into one
+        parts = [_scaled_cross(part) for part in op.linear_ops]
+        if not parts or any(part is None for part in parts):
+            return None
+        partition = parts[0][0].partition  # type: ignore[index]
+        values = None
+        for part in parts:
+            cross, c = part  # type: ignore[misc]
+            if cross.partition is not partition and not cross.partition.same_as(partition):
+                return None
+            term = cross.values if c is None else cross.values * c.to(cross.values.dtype)
+            values = term if values is None else values + term
+        return BlockCrossLinearOperator(values, partition), scale
     if not isinstance(op, BlockCrossLinearOperator) or op.transposed:
         return None
     return op, scale
