@@ -2907,6 +2907,10 @@ def install() -> None:
     from bma_gp.kernels.task_prediction_strategy import install as install_task_prediction
 
     install_task_prediction()
+    # a GroupKernel(rank=r) over many groups inside a MultitaskKernel: one block mean factor, not a sum
+    from bma_gp.kernels.group_kernel import install as install_group_kernel
+
+    install_group_kernel()
     # GPyTorch's lazily_evaluate_kernels blocks, scoped to the thread that enters them (another thread's evaluation
     # made this one's kernels eager and its predictions GPyTorch's default ones)
     from bma_gp._flag_scope import install as install_flag_scope

@@ -322,3 +322,62 @@ def test_multitask_kernel_around_a_sum_over_one_grouping_predicts_in_closed_form
             assert type(model.prediction_strategy).__name__ == "KroneckerPredictionStrategy"
         torch.testing.assert_close(mean, want_mean, rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(variance, want_variance, rtol=1e-8, atol=1e-10)
+
+
+def test_multitask_kernel_around_a_group_factor_over_many_groups_is_closed_form():
+    """``MultitaskKernel(GroupKernel(k, rank=r))`` with more than ``FACTOR_DENSE_MAX_GROUPS`` (256) groups present:
+    the group kernel returned its covariance as a diagonal term plus the low-rank root ``P W`` (a sum, the form the
+    sums' capacitance eliminates cheaply), which is no block mean factor of the Kronecker closed form: training took
+    linear_operator's path with an ``n x n`` eigendecomposition (a ``ClosedFormFallbackWarning``) and prediction
+    GPyTorch's strategy. Inside a ``MultitaskKernel`` it is the one block mean matrix ``P (diag(v) + W W^T) P^T``
+    again (while ``k t`` fits ``max_capacitance_size``)."""
+    gen = torch.Generator().manual_seed(1)
+    n, tasks, groups = 700, 2, 300
+    ids = torch.cat([torch.arange(groups), torch.randint(0, groups, (n - groups,), generator=gen)]).double()
+    X = ids.unsqueeze(-1)
+    Y = torch.randn(n, tasks, generator=gen, dtype=torch.float64)
+    new = torch.tensor([[3.0], [299.0], [305.0]], dtype=torch.float64)  # seen ids and an unseen one
+    kernel = gpytorch.kernels.MultitaskKernel(GroupKernel(310, rank=2), num_tasks=tasks, rank=1)
+    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=tasks, rank=1)
+
+    class Model(MultitaskGP):
+        def __init__(self):
+            gpytorch.models.ExactGP.__init__(self, X, Y, likelihood)
+            self.mean_module = gpytorch.means.MultitaskMean(gpytorch.means.ConstantMean(), num_tasks=tasks)
+            self.covar_module = kernel
+
+    model = Model().double()
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+    model.train()
+    params = list(model.parameters())
+    with gpytorch.settings.max_cholesky_size(0), closed_forms_only(n), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        value = mll(model(X), Y)
+        grads = torch.autograd.grad(value, params)
+    out = likelihood(model(X))
+    dense = torch.distributions.MultivariateNormal(out.mean.reshape(-1), out.lazy_covariance_matrix.to_dense())
+    want = dense.log_prob(Y.reshape(-1)) / Y.numel()
+    want_grads = torch.autograd.grad(want, params)
+    torch.testing.assert_close(value, want, rtol=1e-10, atol=0)
+    for got, expected in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-10)
+    model.eval()
+    with torch.no_grad():
+        model.train()
+        joint = model.forward(torch.cat([X, new])).lazy_covariance_matrix.to_dense()
+        noisy = likelihood(model.forward(X)).lazy_covariance_matrix.to_dense()
+        model.eval()
+        nt = n * tasks
+        cross = joint[nt:, :nt]
+        want_mean = model.mean_module(new).reshape(-1) + cross @ torch.linalg.solve(
+            noisy, (Y - model.mean_module(X)).reshape(-1)
+        )
+        want_variance = joint[nt:, nt:].diagonal() - (cross * torch.linalg.solve(noisy, cross.mT).mT).sum(-1)
+        for fast in (False, True):
+            with gpytorch.settings.fast_pred_var(fast), gpytorch.settings.max_cholesky_size(0):
+                with closed_forms_only(n), warnings.catch_warnings():
+                    warnings.simplefilter("error", ClosedFormFallbackWarning)
+                    pred = model(new)
+                    mean, variance = pred.mean.reshape(-1), pred.variance.reshape(-1)
+            torch.testing.assert_close(mean, want_mean, rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(variance, want_variance, rtol=1e-8, atol=1e-10)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import operator
+import threading
 import warnings
 
 import torch
@@ -181,6 +183,43 @@ def _columns_of(rows: Tensor, present: Tensor) -> Tensor:
 #: eliminating the grouping) instead of a block mean operator with a dense ``k x k`` ``B`` (``k^3`` work, and every
 #: matrix function of the one-partition form). See docs/mixed.md for the measured crossover.
 FACTOR_DENSE_MAX_GROUPS = 256
+
+#: ``.tasks``: the number of tasks while this thread evaluates a ``MultitaskKernel``'s data covariance (0 outside),
+#: set by :func:`install`'s hook of ``MultitaskKernel.forward``.
+_TASK_FACTOR = threading.local()
+
+
+def _factor_form(k: int) -> bool:
+    """Whether a ``GroupKernel(rank=r)`` over ``k`` groups present returns its covariance as a diagonal term plus the
+    low-rank root ``P W`` (past :data:`FACTOR_DENSE_MAX_GROUPS`), not as one block mean matrix with a dense ``B``.
+    Inside a ``MultitaskKernel`` it stays one block mean matrix while ``k t`` fits ``max_capacitance_size``: the
+    Kronecker closed form takes a block mean factor (a sum there left it for linear_operator's ``n x n``
+    eigendecomposition), and factorises the ``k t x k t`` core anyway."""
+    if k <= FACTOR_DENSE_MAX_GROUPS:
+        return False
+    tasks = getattr(_TASK_FACTOR, "tasks", 0)
+    return not (tasks and k * tasks <= settings.max_capacitance_size.value())
+
+
+def install() -> None:
+    """Mark the evaluation of a ``MultitaskKernel``'s data covariance (idempotent), for :func:`_factor_form`."""
+    from gpytorch.kernels import MultitaskKernel
+
+    original = MultitaskKernel.__dict__["forward"]
+    if hasattr(original, "_bma_gp_original"):
+        return
+
+    @functools.wraps(original)
+    def forward(self, x1, x2, diag=False, last_dim_is_batch=False, **params):
+        outer = getattr(_TASK_FACTOR, "tasks", 0)
+        _TASK_FACTOR.tasks = self.num_tasks
+        try:
+            return original(self, x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch, **params)
+        finally:
+            _TASK_FACTOR.tasks = outer
+
+    forward._bma_gp_original = original  # type: ignore[attr-defined]
+    MultitaskKernel.forward = forward
 
 
 def _warn_dense(kernel: GroupKernel, what: str) -> None:
@@ -773,7 +812,7 @@ class GroupKernel(Kernel):
             if self.covar_factor is None:  # C = diag(v): the operator holds the k variances, never a k x k matrix
                 v = self._variances_of(present).expand(*batch, k)
                 return BlockMeanLinearOperator(torch.zeros_like(v), v, partition, diagonal=True)
-            if k > FACTOR_DENSE_MAX_GROUPS:
+            if _factor_form(k):
                 return self._factor_train(shared1, present, partition, batch)
             B = self._covar_between(present, present).expand(*batch, k, k)
             return BlockMeanLinearOperator(torch.zeros_like(B[..., 0]), B, partition)
@@ -862,7 +901,7 @@ class GroupKernel(Kernel):
         r"""``C[rows, column_ids]`` as :math:`A P^\top` over the partition of ``column_ids``."""
         present, partition = self._present(column_ids)
         k = present.numel()
-        if self.covar_factor is not None and k > FACTOR_DENSE_MAX_GROUPS and rows.dim() == 1:
+        if self.covar_factor is not None and _factor_form(k) and rows.dim() == 1:
             return self._factor_cross(rows, column_ids, present, partition, batch)
         if self.covar_factor is None and rows.dim() == 1:  # C = diag(v): one nonzero per row, held as such
             values = self._variances_of(rows)
