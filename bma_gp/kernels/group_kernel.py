@@ -352,7 +352,9 @@ class GroupKernel(Kernel):
     so the sums' closed forms eliminate the grouping and factorise an :math:`r \times r` matrix, not
     the :math:`k \times k` matrix :math:`B` (at 4,000 groups and rank 2 a training iteration takes
     milliseconds instead of about 20 s; docs/mixed.md). Against other inputs the covariance is then
-    :math:`A P^\top + W_{\text{rows}} (P W)^\top`, which prediction at new inputs reads in closed form.
+    :math:`A P^\top + W_{\text{rows}} (P W)^\top`, which prediction at new inputs reads in closed form. Inside a
+    ``MultitaskKernel`` it stays the block mean operator while ``k t`` fits ``max_capacitance_size`` (the Kronecker
+    closed form needs one block mean factor).
 
     A block mean matrix with :math:`\lambda = 0` is singular wherever a group holds more than
     one input; the likelihood's noise (a constant diagonal) makes it positive definite, and
