@@ -93,14 +93,13 @@ def _scaled_cross(op, scale: Tensor | None = None) -> tuple[BlockCrossLinearOper
         parts = [_scaled_cross(part) for part in op.linear_ops]
         if not parts or any(part is None for part in parts):
             return None
-        partition = parts[0][0].partition  # type: ignore[index]
-        values = None
-        for part in parts:
-            cross, c = part  # type: ignore[misc]
+        found = [part for part in parts if part is not None]
+        partition = found[0][0].partition
+        values = torch.zeros((), dtype=found[0][0].dtype, device=found[0][0].device)
+        for cross, c in found:
             if cross.partition is not partition and not cross.partition.same_as(partition):
                 return None
-            term = cross.values if c is None else cross.values * c.to(cross.values.dtype)
-            values = term if values is None else values + term
+            values = values + (cross.values if c is None else cross.values * c.to(cross.values.dtype))
         return BlockCrossLinearOperator(values, partition), scale
     if not isinstance(op, BlockCrossLinearOperator) or op.transposed:
         return None
