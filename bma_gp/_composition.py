@@ -1380,8 +1380,9 @@ def _tasks_as_one(layout) -> LinearOperator | None:
 
 class FallbackMaskedLinearOperator(_WarnsWhenFactorised, MaskedLinearOperator):
     """linear_operator's masked operator (the rows and columns of observed targets, ``observation_nan_policy("mask")``)
-    over a layout of the tasks with no closed form for its principal submatrix (a batch of sums per task): its solves,
-    log-determinants and roots take the generic path and say so with a :class:`ClosedFormFallbackWarning`."""
+    over a layout of the tasks with no closed form for its principal submatrix (a batch of sums per task, or a
+    ``MultitaskKernel`` model's Kronecker sum with a block mean factor): its solves, log-determinants and roots take
+    the generic path and say so with a :class:`ClosedFormFallbackWarning`."""
 
     def _nonsymmetric(self) -> bool:
         return _known_nonsymmetric(self.base) or not torch.equal(self.row_mask, self.col_mask)
