@@ -210,11 +210,11 @@ def install() -> None:
         return
 
     @functools.wraps(original)
-    def forward(self, x1, x2, diag=False, last_dim_is_batch=False, **params):
+    def forward(self, x1, x2, *args, **params):
         outer = getattr(_TASK_FACTOR, "tasks", 0)
         _TASK_FACTOR.tasks = self.num_tasks
         try:
-            return original(self, x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch, **params)
+            return original(self, x1, x2, *args, **params)
         finally:
             _TASK_FACTOR.tasks = outer
 
