@@ -381,3 +381,25 @@ def test_multitask_kernel_around_a_group_factor_over_many_groups_is_closed_form(
                     mean, variance = pred.mean.reshape(-1), pred.variance.reshape(-1)
             torch.testing.assert_close(mean, want_mean, rtol=1e-9, atol=1e-10)
             torch.testing.assert_close(variance, want_variance, rtol=1e-8, atol=1e-10)
+
+
+def test_group_factor_over_many_groups_times_task_kernel_predicts_in_closed_form():
+    """``GroupKernel(k, rank=r) * IndexKernel`` with more than 256 groups present: the group kernel's covariance is a
+    diagonal term plus the low-rank root ``P W``, and the training product distributes over both (weighted diagonal
+    terms and a root of rank ``r k_X``), in closed form; its cross covariance (``A P^T + W_rows (P W)^T``) was not read
+    as those columns, so prediction at new inputs fell back to GPyTorch's path with a ``ClosedFormFallbackWarning``
+    (under ``fast_pred_var`` an eigendecomposition of a matrix larger than ``n``)."""
+    gen = torch.Generator().manual_seed(2)
+    n = 700
+    ids = torch.cat([torch.arange(300), torch.randint(0, 300, (n - 300,), generator=gen)])
+    tasks = torch.randint(0, TASKS, (n,), generator=gen)
+    X = torch.stack([ids.double(), tasks.double()], -1)
+    y = torch.randn(n, generator=gen, dtype=torch.float64)
+    new = torch.tensor([[3.0, 0], [299.0, 1], [305.0, 2]], dtype=torch.float64)  # seen ids and an unseen one
+    factor = gpytorch.kernels.ScaleKernel(GroupKernel(310, rank=2, active_dims=[0]))
+    kernel = factor * gpytorch.kernels.IndexKernel(TASKS, rank=1, active_dims=[1]) + GroupKernel(310, active_dims=[0])
+    model = GP(X, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).double()
+    with torch.no_grad():
+        for p in model.parameters():  # away from the defaults
+            p.add_(0.2)
+    _assert_predicts_like_dense(model, X, y, new)

@@ -4326,12 +4326,24 @@ def _sum_product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> LinearOp
         # IndexKernel formed its t x n cross densely, and GPyTorch's K_*x alpha in float32 lost the means entirely
         or (isinstance(bare(f), GroupKernel) and bare(f).slope)
     ]
-    others = [f for f in factors if not any(f is g for g in sums)]
-    if len(sums) != 1 or not others or not all(isinstance(bare(f), (GroupKernel, IndexKernel)) for f in others):
-        return None
 
     def evaluated(op):
         return op.evaluate_kernel() if isinstance(op, LazyEvaluatedKernelTensor) else op
+
+    if not sums:
+        # a cross-group factor over many groups is a sum too (a diagonal term plus the root P W, past
+        # FACTOR_DENSE_MAX_GROUPS), whose cross covariance is A P^T + W_rows (P W)^T; over fewer groups it is one
+        # block cross covariance, which _product_cross took
+        sums = [
+            f
+            for f in factors
+            if isinstance(bare(f), GroupKernel)
+            and bare(f).covar_factor is not None
+            and not isinstance(evaluated(f(x1, x2, **params)), BlockCrossLinearOperator)
+        ]
+    others = [f for f in factors if not any(f is g for g in sums)]
+    if len(sums) != 1 or not others or not all(isinstance(bare(f), (GroupKernel, IndexKernel)) for f in others):
+        return None
 
     # the training points once: GPyTorch copies them across a batch of test sets, and the training covariance's
     # product (unbatched) splits its diagonal terms only by an unbatched task matrix
