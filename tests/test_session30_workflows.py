@@ -403,3 +403,30 @@ def test_group_factor_over_many_groups_times_task_kernel_predicts_in_closed_form
         for p in model.parameters():  # away from the defaults
             p.add_(0.2)
     _assert_predicts_like_dense(model, X, y, new)
+
+
+def test_group_factor_over_many_groups_times_task_kernel_batch_of_test_sets():
+    """The same model asked for a batch of test sets whose group ids differ across the batch: the group kernel's
+    cross covariance was one dense block (``C[rows, present]``), no longer the diagonal term plus the root the
+    training product holds, and prediction fell back to GPyTorch's path with a ``ClosedFormFallbackWarning``."""
+    gen = torch.Generator().manual_seed(2)
+    n = 700
+    ids = torch.cat([torch.arange(300), torch.randint(0, 300, (n - 300,), generator=gen)])
+    tasks = torch.randint(0, TASKS, (n,), generator=gen)
+    X = torch.stack([ids.double(), tasks.double()], -1)
+    y = torch.randn(n, generator=gen, dtype=torch.float64)
+    new = torch.tensor([[3.0, 0], [299.0, 1], [305.0, 2]], dtype=torch.float64)
+    kernel = GroupKernel(310, rank=2, per_group_variance=True, active_dims=[0]) * gpytorch.kernels.IndexKernel(
+        TASKS, rank=1, active_dims=[1]
+    )
+    model = GP(X, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).double()
+    model.eval()
+    batch = torch.stack([new, new.flip(0)])
+    with torch.no_grad(), closed_forms_only(n), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        pred = model(batch)
+        mean, variance = pred.mean, pred.variance
+    for i in range(2):
+        want_mean, want_variance = _dense_posterior(model, X, y, batch[i])
+        torch.testing.assert_close(mean[i], want_mean, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(variance[i], want_variance, rtol=1e-8, atol=1e-10)

@@ -872,17 +872,33 @@ class GroupKernel(Kernel):
         r""":math:`C[rows, ids] = A P^\top + W_{rows} (P W)^\top`, the cross covariance that matches
         :meth:`_factor_train`: the variances of the groups both sides share (:math:`A_{tc} = v_c [g_t = c]`) and
         the factor's product, whose right-hand side is the training covariance's root, so that prediction at new
-        inputs stays in closed form (:func:`~bma_gp.kernels.sum_prediction_strategy.new_input_prediction`)."""
+        inputs stays in closed form (:func:`~bma_gp.kernels.sum_prediction_strategy.new_input_prediction`); for a
+        batch of test sets whose ids differ across the batch :math:`A` is held dense (its nonzero in its own column
+        per batch entry)."""
         t = rows.shape[-1]
-        values = self._variances_of(rows).expand(*batch, t)  # one nonzero per row (rows.dim() == 1 here)
         W = self.covar_factor
-        left, right = W.index_select(-2, rows), W.index_select(-2, column_ids)
         r = W.shape[-1]
+        right = W.index_select(-2, column_ids)
+        if rows.dim() == 1:
+            values = self._variances_of(rows).expand(*batch, t)  # one nonzero per row
+            left = W.index_select(-2, rows)
+            diagonal = BlockCrossLinearOperator.one_hot(values, _columns_of(rows, present), partition)
+        else:
+            # ids that differ across a batch of test sets: A dense (one nonzero per row, in its own column per batch
+            # entry), the factor's rows gathered per entry; the same two pieces, so the prediction keeps its columns
+            rows = rows.expand(*batch, t)
+            var = self.var
+            if self.per_group_variance:
+                v = var.expand(*batch, self.num_groups).gather(-1, rows)
+            else:
+                v = var.expand(*batch, 1)
+            A = v.unsqueeze(-1) * (rows.unsqueeze(-1) == present).to(var.dtype)  # (*batch, t, k)
+            left = W.expand(*batch, *W.shape[-2:]).gather(-2, rows.unsqueeze(-1).expand(*batch, t, r))
+            diagonal = BlockCrossLinearOperator(A, partition)
         low_rank = MatmulLinearOperator(
             DenseLinearOperator(left.expand(*batch, t, r)), DenseLinearOperator(right.expand(*batch, -1, r).mT)
         )
-        one_hot = BlockCrossLinearOperator.one_hot(values, _columns_of(rows, present), partition)
-        return SumLinearOperator(one_hot, low_rank)
+        return SumLinearOperator(diagonal, low_rank)
 
     def _covar_pairs(self, ids1: Tensor, ids2: Tensor, batch: torch.Size) -> Tensor:
         """``C[ids1[..., i], ids2[..., i]]`` for each i. # shape: (*batch, n)"""
@@ -903,7 +919,7 @@ class GroupKernel(Kernel):
         r"""``C[rows, column_ids]`` as :math:`A P^\top` over the partition of ``column_ids``."""
         present, partition = self._present(column_ids)
         k = present.numel()
-        if self.covar_factor is not None and _factor_form(k) and rows.dim() == 1:
+        if self.covar_factor is not None and _factor_form(k):
             return self._factor_cross(rows, column_ids, present, partition, batch)
         if self.covar_factor is None and rows.dim() == 1:  # C = diag(v): one nonzero per row, held as such
             values = self._variances_of(rows)
