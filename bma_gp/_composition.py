@@ -1298,6 +1298,10 @@ def masked_principal(base, row_mask, col_mask) -> LinearOperator | None:
         # its masked submatrix is not symmetric, and linear_operator's masked operator solved it by a Cholesky factor
         # of one triangle (12.6% off, silently); the fallback factorises it with LU and says so
         return FallbackMaskedLinearOperator(base, row_mask, col_mask)
+    if isinstance(base, _KroneckerOfBlockMean):
+        # a MultitaskKernel model's Kronecker sum with missing targets: its principal submatrix has no closed form
+        # here, and linear_operator's masked operator took CG and Lanczos past max_cholesky_size without a word
+        return FallbackMaskedLinearOperator(base, row_mask, col_mask)
     tasks = _tasks_of_ours(base)
     if not (tasks or isinstance(base, (BlockMeanLinearOperator, BlockMeanSumLinearOperator))):
         return None
@@ -1376,8 +1380,9 @@ def _tasks_as_one(layout) -> LinearOperator | None:
 
 class FallbackMaskedLinearOperator(_WarnsWhenFactorised, MaskedLinearOperator):
     """linear_operator's masked operator (the rows and columns of observed targets, ``observation_nan_policy("mask")``)
-    over a layout of the tasks with no closed form for its principal submatrix (a batch of sums per task): its solves,
-    log-determinants and roots take the generic path and say so with a :class:`ClosedFormFallbackWarning`."""
+    over a layout of the tasks with no closed form for its principal submatrix (a batch of sums per task, or a
+    ``MultitaskKernel`` model's Kronecker sum with a block mean factor): its solves, log-determinants and roots take
+    the generic path and say so with a :class:`ClosedFormFallbackWarning`."""
 
     def _nonsymmetric(self) -> bool:
         return _known_nonsymmetric(self.base) or not torch.equal(self.row_mask, self.col_mask)
@@ -1388,9 +1393,15 @@ class FallbackMaskedLinearOperator(_WarnsWhenFactorised, MaskedLinearOperator):
         return "its row and column masks differ"
 
     def _warn(self, what: str) -> None:
+        why = (
+            "a Kronecker sum with a block mean factor (a MultitaskKernel model), whose masked rows and columns have no "
+            "closed form here"
+            if isinstance(self.base, _KroneckerOfBlockMean)
+            else "the tasks' operators are sums, whose masked layout has no closed form here"
+        )
         warnings.warn(
             f"{what} of the observed rows and columns (missing targets, observation_nan_policy('mask')) of a "
-            f"{type(self.base).__name__}: the tasks' operators are sums, whose masked layout has no closed form here; "
+            f"{type(self.base).__name__}: {why}; "
             "linear_operator's generic path (dense Cholesky up to max_cholesky_size, CG and Lanczos beyond) is used.",
             ClosedFormFallbackWarning,
             stacklevel=3,
@@ -2973,6 +2984,10 @@ def install() -> None:
     from bma_gp.kernels.task_prediction_strategy import install as install_task_prediction
 
     install_task_prediction()
+    # a GroupKernel(rank=r) over many groups inside a MultitaskKernel: one block mean factor, not a sum
+    from bma_gp.kernels.group_kernel import install as install_group_kernel
+
+    install_group_kernel()
     # GPyTorch's lazily_evaluate_kernels blocks, scoped to the thread that enters them (another thread's evaluation
     # made this one's kernels eager and its predictions GPyTorch's default ones)
     from bma_gp._flag_scope import install as install_flag_scope

@@ -1998,9 +1998,27 @@ def _one_hot_block_mean(other) -> BlockMeanLinearOperator | None:
     if rows.shape[-1] != ids.shape[-1] or not bool((rows == ids).all()):
         return None
     present, labels = torch.unique(ids, sorted=True, return_inverse=True)
-    B = C.index_select(-2, present).index_select(-1, present)
+    single = batch_expanded(C)
+    if single is not None:
+        # one task matrix copied across a batch (GPyTorch's IndexKernel at batched ids, as a fantasy model's inputs
+        # copied across its fantasy batch): B stays a copy of one matrix, which an elementwise product with a sum
+        # reads as unbatched (hadamard_plan), as the prediction's cross covariance does
+        k = present.numel()
+        B = single.index_select(-2, present).index_select(-1, present).expand(*C.shape[:-2], k, k)
+    else:
+        B = C.index_select(-2, present).index_select(-1, present)
     lam = B.new_zeros(B.shape[:-1])
     return BlockMeanLinearOperator(lam, B, Partition.from_labels(labels, num_blocks=present.numel()))
+
+
+def batch_expanded(t: Tensor, core_dims: int = 2) -> Tensor | None:
+    """The one matrix (``core_dims=1``: vector) that a batched ``t`` repeats across its batch (``t`` an ``expand`` of
+    it: stride 0 in every batch dimension of size above 1), or ``None`` (``t`` unbatched or holding its own batch
+    entries)."""
+    batch = t.dim() - core_dims
+    if batch <= 0 or not all(size == 1 or stride == 0 for size, stride in zip(t.shape[:batch], t.stride()[:batch])):
+        return None
+    return t[(0,) * batch]
 
 
 def _task_lookup(op) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -2020,10 +2038,12 @@ def _task_lookup(op) -> tuple[Tensor, Tensor, Tensor] | None:
     columns = right[..., 0].reshape(-1, right.shape[-2])
     if not bool((columns == columns[0]).all()):
         return None
-    C = _symmetric_task_covariance(op.base_linear_op.to_dense())  # (*batch, k, k): the task covariance, small
+    base = op.base_linear_op.to_dense()  # (*batch, k, k): the task covariance, small
+    single = batch_expanded(base)  # GPyTorch expands one task matrix across batched ids: keep it one
+    C = _symmetric_task_covariance(base if single is None else single)
     if C is None:
         return None
-    return left[..., 0], columns[0], C
+    return left[..., 0], columns[0], C if single is None else C.expand(*base.shape)
 
 
 def _symmetric_task_covariance(C: Tensor) -> Tensor | None:

@@ -63,6 +63,7 @@ from bma_gp.block_mean_linear_operator import (
     _is_number,
     _one_hot_block_mean,
     _where,
+    batch_expanded,
     batch_repeat,
     check_left,
     check_real,
@@ -681,6 +682,10 @@ def hadamard_plan(S, X: BlockMeanLinearOperator) -> tuple[Tensor | None, bool] |
     if not X.symmetric:
         return None
     C = X._b_sym()
+    if C.dim() > 2 and (batch_expanded(X._b_vector(), 1) if X.is_diagonal_mode else batch_expanded(X.B)) is not None:
+        # one task matrix copied across a batch (a fantasy model's inputs copied across its fantasy batch): its
+        # factor is one, and the product takes the weighted terms the prediction's cross covariance expects
+        C = C[(0,) * (C.dim() - 2)]
     # the terms one grouping would hold afterwards: a second task factor multiplies those the first made
     per_grouping = max(1, diagonal_terms_per_grouping(S))
     small = C.dim() == 2 and C.shape[-1] * per_grouping <= TASK_TERMS_MAX

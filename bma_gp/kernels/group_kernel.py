@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import operator
+import threading
 import warnings
 
 import torch
@@ -182,6 +184,43 @@ def _columns_of(rows: Tensor, present: Tensor) -> Tensor:
 #: matrix function of the one-partition form). See docs/mixed.md for the measured crossover.
 FACTOR_DENSE_MAX_GROUPS = 256
 
+#: ``.tasks``: the number of tasks while this thread evaluates a ``MultitaskKernel``'s data covariance (0 outside),
+#: set by :func:`install`'s hook of ``MultitaskKernel.forward``.
+_TASK_FACTOR = threading.local()
+
+
+def _factor_form(k: int) -> bool:
+    """Whether a ``GroupKernel(rank=r)`` over ``k`` groups present returns its covariance as a diagonal term plus the
+    low-rank root ``P W`` (past :data:`FACTOR_DENSE_MAX_GROUPS`), not as one block mean matrix with a dense ``B``.
+    Inside a ``MultitaskKernel`` it stays one block mean matrix while ``k t`` fits ``max_capacitance_size``: the
+    Kronecker closed form takes a block mean factor (a sum there left it for linear_operator's ``n x n``
+    eigendecomposition), and factorises the ``k t x k t`` core anyway."""
+    if k <= FACTOR_DENSE_MAX_GROUPS:
+        return False
+    tasks = getattr(_TASK_FACTOR, "tasks", 0)
+    return not (tasks and k * tasks <= settings.max_capacitance_size.value())
+
+
+def install() -> None:
+    """Mark the evaluation of a ``MultitaskKernel``'s data covariance (idempotent), for :func:`_factor_form`."""
+    from gpytorch.kernels import MultitaskKernel
+
+    original = MultitaskKernel.__dict__["forward"]
+    if hasattr(original, "_bma_gp_original"):
+        return
+
+    @functools.wraps(original)
+    def forward(self, x1, x2, *args, **params):
+        outer = getattr(_TASK_FACTOR, "tasks", 0)
+        _TASK_FACTOR.tasks = self.num_tasks
+        try:
+            return original(self, x1, x2, *args, **params)
+        finally:
+            _TASK_FACTOR.tasks = outer
+
+    forward._bma_gp_original = original  # type: ignore[attr-defined]
+    MultitaskKernel.forward = forward
+
 
 def _warn_dense(kernel: GroupKernel, what: str) -> None:
     """The warning of a :class:`GroupKernel` that assembles its covariance densely, in training mode only.
@@ -313,7 +352,9 @@ class GroupKernel(Kernel):
     so the sums' closed forms eliminate the grouping and factorise an :math:`r \times r` matrix, not
     the :math:`k \times k` matrix :math:`B` (at 4,000 groups and rank 2 a training iteration takes
     milliseconds instead of about 20 s; docs/mixed.md). Against other inputs the covariance is then
-    :math:`A P^\top + W_{\text{rows}} (P W)^\top`, which prediction at new inputs reads in closed form.
+    :math:`A P^\top + W_{\text{rows}} (P W)^\top`, which prediction at new inputs reads in closed form. Inside a
+    ``MultitaskKernel`` it stays the block mean operator while ``k t`` fits ``max_capacitance_size`` (the Kronecker
+    closed form needs one block mean factor).
 
     A block mean matrix with :math:`\lambda = 0` is singular wherever a group holds more than
     one input; the likelihood's noise (a constant diagonal) makes it positive definite, and
@@ -773,7 +814,7 @@ class GroupKernel(Kernel):
             if self.covar_factor is None:  # C = diag(v): the operator holds the k variances, never a k x k matrix
                 v = self._variances_of(present).expand(*batch, k)
                 return BlockMeanLinearOperator(torch.zeros_like(v), v, partition, diagonal=True)
-            if k > FACTOR_DENSE_MAX_GROUPS:
+            if _factor_form(k):
                 return self._factor_train(shared1, present, partition, batch)
             B = self._covar_between(present, present).expand(*batch, k, k)
             return BlockMeanLinearOperator(torch.zeros_like(B[..., 0]), B, partition)
@@ -831,17 +872,33 @@ class GroupKernel(Kernel):
         r""":math:`C[rows, ids] = A P^\top + W_{rows} (P W)^\top`, the cross covariance that matches
         :meth:`_factor_train`: the variances of the groups both sides share (:math:`A_{tc} = v_c [g_t = c]`) and
         the factor's product, whose right-hand side is the training covariance's root, so that prediction at new
-        inputs stays in closed form (:func:`~bma_gp.kernels.sum_prediction_strategy.new_input_prediction`)."""
+        inputs stays in closed form (:func:`~bma_gp.kernels.sum_prediction_strategy.new_input_prediction`); for a
+        batch of test sets whose ids differ across the batch :math:`A` is held dense (its nonzero in its own column
+        per batch entry)."""
         t = rows.shape[-1]
-        values = self._variances_of(rows).expand(*batch, t)  # one nonzero per row (rows.dim() == 1 here)
         W = self.covar_factor
-        left, right = W.index_select(-2, rows), W.index_select(-2, column_ids)
         r = W.shape[-1]
+        right = W.index_select(-2, column_ids)
+        if rows.dim() == 1:
+            values = self._variances_of(rows).expand(*batch, t)  # one nonzero per row
+            left = W.index_select(-2, rows)
+            diagonal = BlockCrossLinearOperator.one_hot(values, _columns_of(rows, present), partition)
+        else:
+            # ids that differ across a batch of test sets: A dense (one nonzero per row, in its own column per batch
+            # entry), the factor's rows gathered per entry; the same two pieces, so the prediction keeps its columns
+            rows = rows.expand(*batch, t)
+            var = self.var
+            if self.per_group_variance:
+                v = var.expand(*batch, self.num_groups).gather(-1, rows)
+            else:
+                v = var.expand(*batch, 1)
+            A = v.unsqueeze(-1) * (rows.unsqueeze(-1) == present).to(var.dtype)  # (*batch, t, k)
+            left = W.expand(*batch, *W.shape[-2:]).gather(-2, rows.unsqueeze(-1).expand(*batch, t, r))
+            diagonal = BlockCrossLinearOperator(A, partition)
         low_rank = MatmulLinearOperator(
             DenseLinearOperator(left.expand(*batch, t, r)), DenseLinearOperator(right.expand(*batch, -1, r).mT)
         )
-        one_hot = BlockCrossLinearOperator.one_hot(values, _columns_of(rows, present), partition)
-        return SumLinearOperator(one_hot, low_rank)
+        return SumLinearOperator(diagonal, low_rank)
 
     def _covar_pairs(self, ids1: Tensor, ids2: Tensor, batch: torch.Size) -> Tensor:
         """``C[ids1[..., i], ids2[..., i]]`` for each i. # shape: (*batch, n)"""
@@ -862,7 +919,7 @@ class GroupKernel(Kernel):
         r"""``C[rows, column_ids]`` as :math:`A P^\top` over the partition of ``column_ids``."""
         present, partition = self._present(column_ids)
         k = present.numel()
-        if self.covar_factor is not None and k > FACTOR_DENSE_MAX_GROUPS and rows.dim() == 1:
+        if self.covar_factor is not None and _factor_form(k):
             return self._factor_cross(rows, column_ids, present, partition, batch)
         if self.covar_factor is None and rows.dim() == 1:  # C = diag(v): one nonzero per row, held as such
             values = self._variances_of(rows)

@@ -89,6 +89,20 @@ def _scaled_cross(op, scale: Tensor | None = None) -> tuple[BlockCrossLinearOper
     """``(A P^T, c)`` with ``op = c A P^T`` (times ``scale``): a block cross covariance under any number of constant
     multiples, else None."""
     op, scale = _constants(op, scale)
+    if isinstance(op, SumLinearOperator):
+        # kernels over the same blocks summed inside the MultitaskKernel (BlockMeanKernel + GroupKernel over the
+        # group ids), which the training covariance adds into one block mean factor: their A's added into one
+        parts = [_scaled_cross(part) for part in op.linear_ops]
+        if not parts or any(part is None for part in parts):
+            return None
+        found = [part for part in parts if part is not None]
+        partition = found[0][0].partition
+        values = torch.zeros((), dtype=found[0][0].dtype, device=found[0][0].device)
+        for cross, c in found:
+            if cross.partition is not partition and not cross.partition.same_as(partition):
+                return None
+            values = values + (cross.values if c is None else cross.values * c.to(cross.values.dtype))
+        return BlockCrossLinearOperator(values, partition), scale
     if not isinstance(op, BlockCrossLinearOperator) or op.transposed:
         return None
     return op, scale

@@ -49,6 +49,7 @@ from linear_operator.operators import (
     ConstantMulLinearOperator,
     DenseLinearOperator,
     DiagLinearOperator,
+    KroneckerProductLinearOperator,
     LinearOperator,
     MatmulLinearOperator,
     RootLinearOperator,
@@ -2511,12 +2512,26 @@ class _DenseSubmatrix(_DenseFactorSolves, TorchIndexing, LinearOperator):
 
 def _known_covariance(op) -> bool:
     """Whether ``op`` is a symmetric matrix whose dense form an exact sum may take: a predictive covariance (or its
-    principal submatrix, multiple or sum), a diagonal, a symmetric block mean operator or a sum of them."""
+    principal submatrix, multiple or sum), a diagonal, a symmetric block mean operator or a sum of them, or a
+    Kronecker product of symmetric factors (a ``MultitaskGaussianLikelihood``'s noise ``I_t (x) D`` with a
+    correlated ``D = F F^T + s I``, ``rank >= 1``)."""
     if isinstance(op, _DenseFactorSolves):
         return op._is_symmetric()
     if isinstance(op, (DiagLinearOperator, BlockMeanSumLinearOperator)):
         return True
+    if isinstance(op, KroneckerProductLinearOperator):
+        return all(_symmetric_factor(factor) for factor in op.linear_ops)
     return isinstance(op, BlockMeanLinearOperator) and op.symmetric
+
+
+def _symmetric_factor(op) -> bool:
+    """Whether ``op`` is symmetric by its form: a diagonal, a root ``R R^T``, or a sum of them (the factors of a
+    multitask likelihood's Kronecker noise)."""
+    if isinstance(op, (DiagLinearOperator, RootLinearOperator)):
+        return True
+    if isinstance(op, SumLinearOperator):  # AddedDiagLinearOperator too
+        return all(_symmetric_factor(part) for part in op.linear_ops)
+    return False
 
 
 def _working_dense_of(op: LinearOperator, dtype: torch.dtype, shape: torch.Size) -> Tensor:
@@ -4311,12 +4326,24 @@ def _sum_product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> LinearOp
         # IndexKernel formed its t x n cross densely, and GPyTorch's K_*x alpha in float32 lost the means entirely
         or (isinstance(bare(f), GroupKernel) and bare(f).slope)
     ]
-    others = [f for f in factors if not any(f is g for g in sums)]
-    if len(sums) != 1 or not others or not all(isinstance(bare(f), (GroupKernel, IndexKernel)) for f in others):
-        return None
 
     def evaluated(op):
         return op.evaluate_kernel() if isinstance(op, LazyEvaluatedKernelTensor) else op
+
+    if not sums:
+        # a cross-group factor over many groups is a sum too (a diagonal term plus the root P W, past
+        # FACTOR_DENSE_MAX_GROUPS), whose cross covariance is A P^T + W_rows (P W)^T; over fewer groups it is one
+        # block cross covariance, which _product_cross took
+        sums = [
+            f
+            for f in factors
+            if isinstance(bare(f), GroupKernel)
+            and bare(f).covar_factor is not None
+            and not isinstance(evaluated(f(x1, x2, **params)), BlockCrossLinearOperator)
+        ]
+    others = [f for f in factors if not any(f is g for g in sums)]
+    if len(sums) != 1 or not others or not all(isinstance(bare(f), (GroupKernel, IndexKernel)) for f in others):
+        return None
 
     # the training points once: GPyTorch copies them across a batch of test sets, and the training covariance's
     # product (unbatched) splits its diagonal terms only by an unbatched task matrix
@@ -4327,6 +4354,9 @@ def _sum_product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> LinearOp
     assert pieces is not None
     if not _cross_pieces(evaluated(sums[0](x1, x2, **params)), pieces):
         return None
+    # the training covariance holds one term per distinct unweighted partition (a BlockMeanKernel and a GroupKernel
+    # over the same blocks add into one block mean matrix before the product): so do its columns here
+    pieces = _merged_terms(pieces)
     for factor in others:  # in the training covariance's order: the sum times each factor in turn
         cross = evaluated(factor(x1, x2, **params))
         if not isinstance(cross, BlockCrossLinearOperator):
@@ -4352,6 +4382,31 @@ def _sum_product_cross(kernel, x1: Tensor, x2: Tensor, params: dict) -> LinearOp
     return out[0] if len(out) == 1 else SumLinearOperator(*out)
 
 
+def _merged_terms(pieces: list[_Piece]) -> list[_Piece]:
+    """The unweighted term pieces of a cross covariance over the same partition added into one, as the sum's
+    training operator adds the block matrices of such terms into one term (``_composition._build``): a
+    ``BlockMeanKernel`` and a ``GroupKernel`` over the same blocks (``(BlockMeanKernel + GroupKernel) * IndexKernel``)
+    are one block mean matrix with a dense ``B`` at the training points, whose product with a task kernel is one term
+    over the intersection of the partitions, not the intercept's diagonal terms weighted by the task factor."""
+    out: list[_Piece] = []
+    for piece in pieces:
+        if piece[0] == "term" and piece[3] is None:
+            for i, other in enumerate(out):
+                if other[0] == "term" and other[3] is None and other[2].same_as(piece[2]):
+                    a, b = other[1], piece[1]
+                    if isinstance(a, _OneHot) and isinstance(b, _OneHot) and _same_columns(a, b):
+                        values: Tensor | _OneHot = _OneHot(a.values + b.values, a.columns, a.k)
+                    else:
+                        values = _dense_block(a) + _dense_block(b)
+                    out[i] = ("term", values, other[2], None)
+                    break
+            else:
+                out.append(piece)
+        else:
+            out.append(piece)
+    return out
+
+
 def _times_block_mean(
     pieces: list[_Piece], cross_x: BlockCrossLinearOperator, train_x: BlockMeanLinearOperator
 ) -> list[_Piece] | None:
@@ -4362,6 +4417,10 @@ def _times_block_mean(
         return None
     has_root = any(piece[0] == "root" for piece in pieces)
     diagonal = [piece[0] == "term" and _one_value_per_row(piece[1]) for piece in pieces]
+    if len(pieces) == 1 and pieces[0][0] == "term" and pieces[0][3] is None:
+        # the sum was one block mean matrix at the training points (two group kernels over the same ids), whose
+        # product with the factor is one operator over the intersection of the partitions (its training form)
+        diagonal = [False]
     labels_x = train_x.partition.labels
     L: Tensor | None = None
     as_weights = False
