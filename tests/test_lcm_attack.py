@@ -117,3 +117,69 @@ def test_one_training_group_predicts_with_the_model_shape(kind, batch_shape, ran
     torch.testing.assert_close(
         t_variance.reshape(*batch_shape, -1), train_covar.diagonal(dim1=-2, dim2=-1), rtol=1e-9, atol=1e-11 * scale
     )
+
+
+def _additive_model(rank: int):
+    """``MultitaskKernel(BlockMeanKernel) + ScaleKernel(MultitaskKernel(GroupKernel))`` over the same 6 groups
+    (an ``LCMKernel`` written out as a sum), 40 points, one group a singleton."""
+    from bma_gp import BlockMeanKernel, Partition
+
+    gen = torch.Generator().manual_seed(8)
+    n = 40
+    groups = torch.randint(0, 5, (n,), generator=gen)
+    groups[:5] = torch.tensor([3, 0, 4, 1, 2])
+    groups[-1] = 5
+    x = torch.cat([torch.rand(n, 1, generator=gen, dtype=torch.float64), groups.unsqueeze(-1).double()], -1)
+    y = torch.randn(n, T, generator=gen, dtype=torch.float64)
+    multitask = gpytorch.kernels.MultitaskKernel
+    block_mean = BlockMeanKernel(gpytorch.kernels.RBFKernel(active_dims=[0]), x, Partition.from_labels(groups))
+    kernel = multitask(block_mean, num_tasks=T, rank=1) + gpytorch.kernels.ScaleKernel(
+        multitask(GroupKernel(6), num_tasks=T, rank=1, active_dims=[1])
+    )
+    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=T, rank=rank)
+    model = _BatchMultitaskGP(x, y, likelihood, kernel, torch.Size()).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model, x, y
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast_pred_var"])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sum_of_multitask_kernels_predicts_without_nt_by_nt_matrices(rank, fast):
+    """``MultitaskKernel(a) + MultitaskKernel(b)`` over one partition trains in closed form since the LCM change (its
+    training covariance is a ``BlockMeanLCMLinearOperator``), but its ``AdditiveKernel`` asked for the package's
+    ``SumPredictionStrategy``, which took the closed form's root densely: an ``n t x n t`` matrix under
+    ``fast_pred_var`` and at the training inputs, without a warning. Now the Kronecker strategy predicts it as an
+    ``LCMKernel``: means, variances and covariances equal the dense posterior's (1e-10), nothing ``n t x n t``."""
+    from largest_tensor import LargestTensor
+
+    model, x, y = _additive_model(rank)
+    n = x.shape[0]
+    xt = x[:9] + torch.tensor([0.05, 0.0], dtype=x.dtype)
+    with torch.no_grad():
+        want_mean, want_covar = _dense_posterior(model, x, y, xt)
+        prior = model.covar_module(x).to_dense()
+        noise = model.likelihood._shaped_noise_covar((n, n)).to_dense()
+        residual = (y - model.mean_module(x)).reshape(-1, 1)
+        train_mean = model.mean_module(x).reshape(-1) + (prior @ torch.linalg.solve(prior + noise, residual))[:, 0]
+        train_covar = prior - prior @ torch.linalg.solve(prior + noise, prior)
+    model.eval()
+    with torch.no_grad(), gpytorch.settings.fast_pred_var(fast), closed_forms_only(n), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        warnings.simplefilter("ignore", gpytorch.utils.warnings.GPInputWarning)
+        with LargestTensor(storage=True) as largest:
+            pred = model(xt)
+            mean, variance, covar = pred.mean.reshape(-1), pred.variance.reshape(-1), pred.covariance_matrix
+        with LargestTensor(storage=True) as largest_train:
+            at_train = model(x)
+            t_mean, t_variance = at_train.mean.reshape(-1), at_train.variance.reshape(-1)
+    scale = want_covar.abs().max()
+    torch.testing.assert_close(mean, want_mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(covar, want_covar, rtol=1e-10, atol=1e-12 * scale)
+    torch.testing.assert_close(variance, want_covar.diagonal(), rtol=1e-10, atol=1e-12 * scale)
+    torch.testing.assert_close(t_mean, train_mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(t_variance, train_covar.diagonal(), rtol=1e-9, atol=1e-11 * scale)
+    k = 6
+    assert largest.largest <= max(9 * n, (9 * T) ** 2, (k * T) ** 2), (largest.largest, largest.where)
+    assert largest_train.largest <= max(4 * n * T, (k * T) ** 2), (largest_train.largest, largest_train.where)
