@@ -183,3 +183,56 @@ def test_sum_of_multitask_kernels_predicts_without_nt_by_nt_matrices(rank, fast)
     k = 6
     assert largest.largest <= max(9 * n, (9 * T) ** 2, (k * T) ** 2), (largest.largest, largest.where)
     assert largest_train.largest <= max(4 * n * T, (k * T) ** 2), (largest_train.largest, largest_train.where)
+
+
+def _noisy_covariance(kind: str, rank: int):
+    """The noisy training covariance of a ``MultitaskKernel(BlockMeanKernel)`` (``"multitask"``) or of an
+    ``LCMKernel`` of two ``BlockMeanKernel``\\ s over one partition (``"lcm"``), 24 points in 5 blocks, with the
+    parameters' graph; and the covariance's parameters."""
+    from bma_gp import BlockMeanKernel, Partition
+
+    gen = torch.Generator().manual_seed(11)
+    n = 24
+    labels = torch.tensor([3, 0, 4, 1, 2] + [int(v) for v in torch.randint(0, 4, (n - 6,), generator=gen)] + [4])
+    x = torch.rand(n, 1, generator=gen, dtype=torch.float64)
+    y = torch.randn(n, T, generator=gen, dtype=torch.float64)
+    part = Partition.from_labels(labels)
+    rbf, matern = gpytorch.kernels.RBFKernel(), gpytorch.kernels.MaternKernel(nu=1.5)
+    if kind == "multitask":
+        kernel = gpytorch.kernels.MultitaskKernel(BlockMeanKernel(rbf, x, part), num_tasks=T, rank=1)
+    else:
+        kernel = gpytorch.kernels.LCMKernel([BlockMeanKernel(rbf, x, part), BlockMeanKernel(matern, x, part)], T, 1)
+    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=T, rank=rank)
+    model = _BatchMultitaskGP(x, y, likelihood, kernel, torch.Size()).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    params = [p for name, p in model.named_parameters() if not name.startswith("mean_module")]
+    return likelihood(model(x)).lazy_covariance_matrix, params, y.reshape(-1)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("kind", ["multitask", "lcm"])
+def test_positive_multiple_of_the_noisy_covariance_keeps_the_closed_form(kind, rank):
+    """``c A`` for the noisy training covariance ``A`` of a multitask model on block mean kernels (what
+    ``MultivariateNormal * c`` gives its covariance): linear_operator wrapped the likelihood's noise term
+    ``I_n (x) D`` in a ``ConstantMulLinearOperator``, which the closed form did not read, so ``MultitaskKernel``
+    under ``rank >= 1`` crashed in linear_operator's Kronecker sum (``AttributeError: 'ConstantMulLinearOperator'
+    object has no attribute 'linear_ops'``) and the ``LCMKernel`` (and ``rank = 0`` with gradients) took the warned
+    fallback (CG past ``max_cholesky_size``). Now the constant goes into the noise's identity factor: the solve,
+    log-determinant and their gradients equal the dense ones (1e-10), in closed form."""
+    from linear_operator import settings as lo_settings
+
+    A, params, y = _noisy_covariance(kind, rank)
+    c = 2.5
+    with lo_settings.max_cholesky_size(0), closed_forms_only(A.shape[-1] // T), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        scaled = A * c
+        quad, logdet = scaled.inv_quad_logdet(y.unsqueeze(-1), logdet=True)
+        got = torch.autograd.grad(quad + logdet, params, retain_graph=True)
+    dense = c * A.to_dense()
+    want_value = y @ torch.linalg.solve(dense, y) + torch.logdet(dense)
+    want = torch.autograd.grad(want_value, params)
+    torch.testing.assert_close(quad + logdet, want_value, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10 * b.abs().max())
