@@ -1821,7 +1821,7 @@ class _ClosedKroneckerSum(_KroneckerOfBlockMean):
         constants keep linear_operator's path."""
         if torch.is_tensor(other) and other.numel() > 0 and bool((other > 0).all()):
             return type(self)(*(_scaled_term(term, other) for term in cast(SumLinearOperator, self).linear_ops))
-        return super()._mul_constant(other)  # type: ignore[misc]
+        return super()._mul_constant(other)
 
     def _closed_solve(self, closed, rhs: Tensor) -> Tensor:
         vector = rhs.dim() == 1
