@@ -236,3 +236,15 @@ def test_positive_multiple_of_the_noisy_covariance_keeps_the_closed_form(kind, r
     torch.testing.assert_close(quad + logdet, want_value, rtol=1e-10, atol=1e-10)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10 * b.abs().max())
+
+
+def test_group_kernel_in_an_lcm_names_the_lcm_fix():
+    """A ``GroupKernel`` with its own ``active_dims`` inside an ``LCMKernel`` gets every input column (the LCMKernel's
+    MultitaskKernels call its ``forward`` directly): the ``ValueError`` named only ``MultitaskKernel(...,
+    active_dims=[j])``, which an ``LCMKernel`` does not take; it now names the ``LCMKernel``'s attribute."""
+    x = torch.cat([torch.rand(6, 1, dtype=torch.float64), torch.tensor([[0.0], [1.0], [0.0], [2.0], [1.0], [0.0]])], -1)
+    kernel = gpytorch.kernels.LCMKernel([GroupKernel(3, active_dims=[1]), GroupKernel(3, active_dims=[1])], T, 1)
+    with pytest.raises(ValueError, match=r"LCMKernel.*lcm\.active_dims = torch\.tensor\(\[j\]\)"):
+        kernel(x).to_dense()
+    kernel.active_dims = torch.tensor([1])  # the fix the message names
+    assert kernel(x).to_dense().shape == (6 * T, 6 * T)
