@@ -1822,6 +1822,18 @@ class _ClosedKroneckerSum(_KroneckerOfBlockMean):
         """This sum plus ``diag`` in closed form, or ``None`` where the sum with it has none."""
         raise NotImplementedError
 
+    def _mul_constant(self, other):
+        """``other * A`` for a positive constant: every term scaled, the likelihood's noise ``I_n (x) D`` (a
+        two-factor Kronecker product, a ``KroneckerProductDiagLinearOperator`` under ``rank=0``) in its first factor,
+        so that it stays a Kronecker product that the closed form reads (``MultivariateNormal * c`` scales its
+        covariance so). linear_operator wrapped it in a ``ConstantMulLinearOperator`` (or, for ``rank=0``, made it a
+        plain diagonal, whose entries carry gradients in training): the warned fallback, and for a
+        ``MultitaskKernel`` under ``rank >= 1`` an ``AttributeError`` inside linear_operator's Kronecker sum. Other
+        constants keep linear_operator's path."""
+        if torch.is_tensor(other) and other.numel() > 0 and bool((other > 0).all()):
+            return type(self)(*(_scaled_term(term, other) for term in cast(SumLinearOperator, self).linear_ops))
+        return super()._mul_constant(other)
+
     def _closed_solve(self, closed, rhs: Tensor) -> Tensor:
         vector = rhs.dim() == 1
         res = closed.solve(rhs.unsqueeze(-1) if vector else rhs).to(rhs.dtype)
@@ -2093,6 +2105,19 @@ class BlockMeanLCMLinearOperator(_ClosedKroneckerSum, SumLinearOperator):
         if terms is not None:
             return BlockMeanLCMLinearOperator(*self.linear_ops, *terms)
         return super().__add__(other)
+
+
+def _scaled_term(term: LinearOperator, constant: Tensor) -> LinearOperator:
+    """``constant * term`` for a term of a Kronecker sum with block mean factors: a two-factor Kronecker product
+    that is not a block mean one (the likelihood's noise ``I_n (x) D``) keeps its class, the constant in its first
+    factor; every other term is scaled as linear_operator scales it."""
+    from bma_gp._kronecker import _block_mean_product
+
+    if isinstance(term, KroneckerProductLinearOperator) and len(term.linear_ops) == 2:
+        if _block_mean_product(term) is None:
+            first, second = term.linear_ops
+            return type(term)(first._mul_constant(constant), second)
+    return term._mul_constant(constant)
 
 
 def _lcm_terms(other, shape: torch.Size) -> tuple | None:

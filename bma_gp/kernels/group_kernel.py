@@ -740,8 +740,10 @@ class GroupKernel(Kernel):
                 ""
                 if dims is None or x.dim() < 2 or x.shape[-1] == len(dims)
                 else f" This kernel's active_dims={dims.tolist()} were not applied: a kernel that calls its forward "
-                "directly (GPyTorch's MultitaskKernel) ignores them; set active_dims on that kernel instead, e.g. "
-                "MultitaskKernel(GroupKernel(k), num_tasks=t, active_dims=[j])."
+                "directly (GPyTorch's MultitaskKernel, and the MultitaskKernels of an LCMKernel) ignores them; set "
+                "active_dims on that kernel instead, e.g. MultitaskKernel(GroupKernel(k), num_tasks=t, "
+                "active_dims=[j]), or for an LCMKernel (whose constructor takes none) the attribute, "
+                "lcm.active_dims = torch.tensor([j]) (build a BlockMeanKernel among its kernels on those columns)."
             )
             if self.slope:
                 raise ValueError(

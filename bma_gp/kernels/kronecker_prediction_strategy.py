@@ -466,6 +466,14 @@ class KroneckerPredictionStrategy(DefaultPredictionStrategy):
             LG, LH = LG.detach(), LH.detach()
         return _attach_clear_hook(self, LG), _attach_clear_hook(self, LH)
 
+    def _blocks_only(self) -> bool:
+        """Whether :math:`L_H` (and :math:`W`) are held as their ``k`` diagonal ``t x t`` blocks, ``(*batch, k, t,
+        t)``: every block mean factor has a diagonal ``B`` (:meth:`~bma_gp._kronecker.KroneckerBlockMean.factors`).
+        Read from the closed form, not from a shape: with one block (``k = 1``) both forms end in ``t x t``, and the
+        blocks' extra dimension was taken for a batch dimension (predictions of shape ``(1, n_*, t)``, or a batched
+        model's ``(b, b, n_*, t)`` and a crash at the training inputs)."""
+        return self._closed_form().diagonal_core()
+
     @cached(name="kronecker_covar_cache")
     def _covar_factor(self) -> Tensor:
         r""":math:`W = (S^{1/2} \otimes I_t) L_H^{-\top}` with :math:`W W^\top = (P^\top \otimes I) \Sigma^{-1}
@@ -476,7 +484,7 @@ class KroneckerPredictionStrategy(DefaultPredictionStrategy):
         eye = torch.eye(LH.shape[-1], dtype=LH.dtype, device=LH.device).expand_as(LH)
         inverse_transposed = torch.linalg.solve_triangular(LH.mT, eye, upper=True)  # L_H^{-T}
         root = closed.partition.sizes.to(device=LH.device, dtype=LH.dtype).sqrt()
-        if LH.dim() == closed.D.dim() + 1:  # diagonal B: one t x t factor per block
+        if self._blocks_only():  # diagonal B: one t x t factor per block
             return root[:, None, None] * inverse_transposed
         return root.repeat_interleave(closed.t)[:, None] * inverse_transposed
 
@@ -557,7 +565,8 @@ class KroneckerPredictionStrategy(DefaultPredictionStrategy):
         W = self._covar_factor()
         first = crosses[0][0]
         k, t = first.partition.num_blocks, crosses[0][1].shape[-1]
-        if W.shape[-1] != k * t:  # diagonal cores: W block diagonal, (*batch, k, t, t)
+        blocks = self._blocks_only()
+        if blocks:  # diagonal cores: W block diagonal, (*batch, k, t, t)
             columns = first.columns
             same_columns = columns is not None and all(
                 cross.columns is not None and torch.equal(cross.columns, columns) for cross, _ in crosses
@@ -571,9 +580,9 @@ class KroneckerPredictionStrategy(DefaultPredictionStrategy):
                 assert factors is not None
                 return _KroneckerOneHotGram(factors, columns, k)
             if len(crosses) > 1:  # one-hot rows in different columns: the block diagonal W whole
-                W = _block_diagonal(W)
+                W, blocks = _block_diagonal(W), False
         F = None
-        if W.shape[-1] != k * t:  # (one term, a diagonal B, a cross that is not one-hot)
+        if blocks:  # (one term, a diagonal B, a cross that is not one-hot)
             cross, K = crosses[0]
             KW = K.unsqueeze(-3) @ W  # K_* W_i, (*batch, k, t, t)
             A = cross.values.to(W.dtype)  # F[(j, a), (i, c)] = A_ji (K_* W_i)_ac
@@ -611,14 +620,15 @@ class KroneckerPredictionStrategy(DefaultPredictionStrategy):
             return mean, ZeroLinearOperator(*mean.shape[:-1], size, size, dtype=dtype, device=mean.device)
         LG, LH = self._factors()
         k, t = closed.partition.num_blocks, closed.t
-        full = LH.shape[-1] == k * t or not all(M._diagonal_core() for M, _ in (*cross, *prior))
+        blocks = self._blocks_only()
+        full = not blocks or not all(M._diagonal_core() for M, _ in (*cross, *prior))
         P1, X1 = signal_parts([M for M, _ in cross], [K for _, K in cross], full)
         P2, X2 = signal_parts([M for M, _ in prior], [K for _, K in prior], full)
         # within the blocks: V_i = P_i'' - (L_G^{-1} P_i'^T)^T (L_G^{-1} P_i'^T)
         Y = torch.linalg.solve_triangular(LG, P1.mT.expand(*LG.shape[:-2], t, t), upper=False)
         V = P2 - Y.mT @ Y
         if full:  # the block means: Q = X'' - X' H^{-1} X'^T
-            L = LH if LH.shape[-1] == k * t else _block_diagonal(LH)
+            L = _block_diagonal(LH) if blocks else LH
             Y = torch.linalg.solve_triangular(L, X1.mT.expand(*L.shape[:-2], k * t, k * t), upper=False)
         else:  # one t x t block per block: Q_i = X_i'' - X_i' H_i^{-1} X_i'^T
             Y = torch.linalg.solve_triangular(LH, X1.mT.expand(*LH.shape[:-2], t, t), upper=False)

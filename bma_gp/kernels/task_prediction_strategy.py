@@ -180,13 +180,31 @@ def _evaluated_prior_advice(covar=None) -> str:
     )
 
 
+def _multitask_members(kernel) -> list:
+    r"""The kernels whose sum ``kernel`` is, through ``ScaleKernel``\ s (constant multiples of the task matrices),
+    ``LCMKernel``\ s and ``AdditiveKernel``\ s (``MultitaskKernel(a) + MultitaskKernel(b)``, an ``LCMKernel`` written
+    out): the ``MultitaskKernel``\ s of a sum of Kronecker products, or whatever else stands in their place."""
+    from gpytorch.kernels import AdditiveKernel, LCMKernel, ScaleKernel
+
+    while isinstance(kernel, ScaleKernel):  # ScaleKernel(MultitaskKernel(...)): a multiple of the task matrix
+        kernel = kernel.base_kernel
+    if isinstance(kernel, LCMKernel):
+        return [member for part in kernel.covar_module_list for member in _multitask_members(part)]
+    if isinstance(kernel, AdditiveKernel):
+        return [member for part in kernel.kernels for member in _multitask_members(part)]
+    return [kernel]
+
+
 def _kronecker(train_prior_dist, likelihood) -> bool:
-    """Whether the training covariance is a lazily evaluated ``MultitaskKernel`` around a block mean or group kernel
-    (or an ``LCMKernel`` of such kernels), observed through a ``MultitaskGaussianLikelihood``: a Kronecker sum with
-    block mean factors, predicted by
+    r"""Whether the training covariance is a lazily evaluated ``MultitaskKernel`` around a block mean or group kernel
+    (or an ``LCMKernel`` of such kernels, or a sum of them, ``ScaleKernel``\ s around any of them included), observed
+    through a ``MultitaskGaussianLikelihood``: a Kronecker sum with block mean factors, predicted by
     :class:`~bma_gp.kernels.kronecker_prediction_strategy.KroneckerPredictionStrategy` (GPyTorch asks the
-    ``MultitaskKernel`` for its strategy, which is GPyTorch's default one; an ``LCMKernel`` asks for none)."""
-    from gpytorch.kernels import LCMKernel, MultitaskKernel, ScaleKernel
+    ``MultitaskKernel`` for its strategy, which is GPyTorch's default one; an ``LCMKernel`` asks for none; the
+    ``AdditiveKernel`` of ``MultitaskKernel(a) + MultitaskKernel(b)`` asked for :class:`SumPredictionStrategy`,
+    whose ``fast_pred_var`` and predictions at the training inputs formed ``n t x n t`` matrices without a word once
+    the training covariance was closed form)."""
+    from gpytorch.kernels import MultitaskKernel
     from gpytorch.lazy import LazyEvaluatedKernelTensor
 
     from bma_gp._composition import _involves_block_mean
@@ -194,10 +212,7 @@ def _kronecker(train_prior_dist, likelihood) -> bool:
     covar = getattr(train_prior_dist, "lazy_covariance_matrix", None)
     if not isinstance(covar, LazyEvaluatedKernelTensor):
         return False
-    kernel = covar.kernel
-    while isinstance(kernel, ScaleKernel):  # ScaleKernel(MultitaskKernel(...)): a multiple of the task matrix
-        kernel = kernel.base_kernel
-    members = list(kernel.covar_module_list) if isinstance(kernel, LCMKernel) else [kernel]
+    members = _multitask_members(covar.kernel)
     return (
         isinstance(train_prior_dist, MultitaskMultivariateNormal)
         and all(isinstance(m, MultitaskKernel) and _involves_block_mean(m.data_covar_module) for m in members)
