@@ -73,6 +73,20 @@ def _dense_posterior(model, X, y, new):
     return mean, variance
 
 
+def _assert_test_set_batch(model, X, y, new):
+    """``model`` (in eval mode) asked for the batch of test sets ``new`` and ``new`` reversed predicts each set as the
+    dense posterior does, in closed form and without a fallback warning."""
+    batch = torch.stack([new, new.flip(0)])
+    with torch.no_grad(), closed_forms_only(X.shape[0]), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        pred = model(batch)
+        mean, variance = pred.mean, pred.variance
+    for i in range(2):
+        want_mean, want_variance = _dense_posterior(model, X, y, batch[i])
+        torch.testing.assert_close(mean[i], want_mean, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(variance[i], want_variance, rtol=1e-8, atol=1e-10)
+
+
 def _train_beside_dense(build, X, y, steps: int = 20):
     """A model trained ``steps`` Adam steps in closed form (no CG, Lanczos or dense factorisation, no fallback
     warning), and a twin trained on the dense marginal log-likelihood: they track to 1e-9."""
@@ -163,15 +177,7 @@ def test_sum_over_one_grouping_times_task_kernel_batch_of_test_sets():
     build, X, y, new, _ = _same_blocks_model("block mean + group")
     model = build()
     model.eval()
-    batch = torch.stack([new, new.flip(0)])
-    with torch.no_grad(), closed_forms_only(X.shape[0]), warnings.catch_warnings():
-        warnings.simplefilter("error", ClosedFormFallbackWarning)
-        pred = model(batch)
-        mean, variance = pred.mean, pred.variance
-    for i in range(2):
-        want_mean, want_variance = _dense_posterior(model, X, y, batch[i])
-        torch.testing.assert_close(mean[i], want_mean, rtol=1e-9, atol=1e-10)
-        torch.testing.assert_close(variance[i], want_variance, rtol=1e-8, atol=1e-10)
+    _assert_test_set_batch(model, X, y, new)
 
 
 # ------------------------------------------------------------------ multitask predictive densities with task noise
@@ -421,12 +427,4 @@ def test_group_factor_over_many_groups_times_task_kernel_batch_of_test_sets():
     )
     model = GP(X, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).double()
     model.eval()
-    batch = torch.stack([new, new.flip(0)])
-    with torch.no_grad(), closed_forms_only(n), warnings.catch_warnings():
-        warnings.simplefilter("error", ClosedFormFallbackWarning)
-        pred = model(batch)
-        mean, variance = pred.mean, pred.variance
-    for i in range(2):
-        want_mean, want_variance = _dense_posterior(model, X, y, batch[i])
-        torch.testing.assert_close(mean[i], want_mean, rtol=1e-9, atol=1e-10)
-        torch.testing.assert_close(variance[i], want_variance, rtol=1e-8, atol=1e-10)
+    _assert_test_set_batch(model, X, y, new)
