@@ -248,3 +248,35 @@ def test_group_kernel_in_an_lcm_names_the_lcm_fix():
         kernel(x).to_dense()
     kernel.active_dims = torch.tensor([1])  # the fix the message names
     assert kernel(x).to_dense().shape == (6 * T, 6 * T)
+
+
+@pytest.mark.parametrize("container", ["lcm", "multitask"])
+def test_block_mean_kernel_given_other_columns_by_a_multitask_container_is_refused(container):
+    """A ``BlockMeanKernel`` bound to both input columns inside an ``LCMKernel`` or ``MultitaskKernel`` whose
+    ``active_dims`` select one column gets one-column inputs (both call their members' ``forward``): it took them for
+    new points, so the model trained and predicted on the exact base kernel, silently (linear_operator's CG past
+    ``max_cholesky_size``). Refused by name, as inside a sum or a ``ScaleKernel``, in training and in eval mode."""
+    from bma_gp import BlockMeanKernel, Partition
+
+    gen = torch.Generator().manual_seed(5)
+    n = 40
+    groups = torch.randint(0, 5, (n,), generator=gen)
+    x = torch.stack([torch.rand(n, generator=gen, dtype=torch.float64), groups.double()], -1)
+    y = torch.randn(n, T, generator=gen, dtype=torch.float64)
+    part = Partition.from_labels(groups)
+    if container == "lcm":
+        members = [BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, part) for _ in range(2)]
+        kernel = gpytorch.kernels.LCMKernel(members, num_tasks=T, rank=1)
+    else:
+        base = BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, part)
+        kernel = gpytorch.kernels.MultitaskKernel(base, num_tasks=T, rank=1)
+    kernel.active_dims = torch.tensor([0])
+    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=T)
+    model = _BatchMultitaskGP(x, y, likelihood, kernel, torch.Size()).double()
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+    message = r"bound to train_x with 2 columns but is given inputs with 1"
+    with pytest.raises(ValueError, match=message):
+        mll(model(x), y)
+    model.eval()
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        model(x[:3])

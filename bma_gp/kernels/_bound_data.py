@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 
 import torch
-from gpytorch.kernels import AdditiveKernel, Kernel, ProductKernel, ScaleKernel
+from gpytorch.kernels import AdditiveKernel, Kernel, LCMKernel, MultitaskKernel, ProductKernel, ScaleKernel
 from gpytorch.lazy import LazyEvaluatedKernelTensor
 from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
 from torch import Tensor
@@ -65,9 +65,9 @@ _APPROXIMATE_INDUCING_MESSAGE = (
 
 def _inputs_seen(kernel: Kernel, x: Tensor | None) -> Iterator[tuple[Kernel, Tensor | None]]:
     """Every :class:`~bma_gp.BlockMeanKernel` in ``kernel`` with the inputs its ``forward`` gets when ``kernel``'s
-    ``forward`` gets ``x`` (GPyTorch's containers apply each child's ``active_dims`` in the child's ``__call__``,
-    ``ScaleKernel`` calls its base kernel's ``forward`` with its own inputs); ``None`` inside any other container,
-    whose ``forward`` may pass anything."""
+    ``forward`` gets ``x`` (GPyTorch's sums and products apply each child's ``active_dims`` in the child's
+    ``__call__``; ``ScaleKernel``, ``MultitaskKernel`` and ``LCMKernel`` call their children's ``forward`` with their
+    own inputs); ``None`` inside any other container, whose ``forward`` may pass anything."""
     from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
 
     if isinstance(kernel, BlockMeanKernel):
@@ -75,6 +75,15 @@ def _inputs_seen(kernel: Kernel, x: Tensor | None) -> Iterator[tuple[Kernel, Ten
         return
     if isinstance(kernel, ScaleKernel):
         yield from _inputs_seen(kernel.base_kernel, x)
+        return
+    if isinstance(kernel, MultitaskKernel):
+        # its forward calls the data kernel's forward with its own inputs (the data kernel's active_dims unapplied)
+        yield from _inputs_seen(kernel.data_covar_module, x)
+        return
+    if isinstance(kernel, LCMKernel):
+        # its forward calls each member's forward with its own inputs (the members' active_dims unapplied)
+        for member in kernel.covar_module_list:
+            yield from _inputs_seen(member, x)
         return
     if isinstance(kernel, (AdditiveKernel, ProductKernel)):
         for child in kernel.kernels:
@@ -323,12 +332,31 @@ def _follow_fantasy_inputs(fantasy) -> None:
             module._store_train_groups(fantasy.train_inputs)
 
 
+def _multitask_container(strategy: DefaultPredictionStrategy) -> bool:
+    """Whether ``strategy``'s training covariance is a lazily evaluated kernel with a ``MultitaskKernel`` or an
+    ``LCMKernel`` around a :class:`~bma_gp.BlockMeanKernel` (containers that call their members' ``forward`` with
+    their own inputs, :func:`_inputs_seen`)."""
+    prior = getattr(strategy.train_prior_dist, "lazy_covariance_matrix", None)
+    if prior is None or not _holds_block_mean_kernel(prior):
+        return False
+    return any(isinstance(module, (MultitaskKernel, LCMKernel)) for module in prior.kernel.modules())
+
+
 def _record(model, strategy: DefaultPredictionStrategy) -> None:
     """What a model records on a strategy it built: the data versions of its ``BlockMeanKernel``s (the block mean
     strategies record them themselves) and, in eval mode, the hyperparameters the strategy was built with."""
     if not hasattr(strategy, "_bound_data_versions"):
         from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
 
+        if _multitask_container(strategy):
+            # GPyTorch's or the Kronecker strategy of a MultitaskKernel / LCMKernel, which do not check the inputs
+            # their BlockMeanKernels get: refused as the block mean strategies refuse them (training mode checks
+            # the same in __call__), with the strategy dropped so that the model keeps nothing built on them
+            try:
+                _check_training_inputs(strategy)
+            except ValueError:
+                model.prediction_strategy = None
+                raise
         strategy._bound_data_versions = tuple(
             (module, module.data_version) for module in model.modules() if isinstance(module, BlockMeanKernel)
         )
