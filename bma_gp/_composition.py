@@ -1802,6 +1802,15 @@ class _ClosedKroneckerSum(_KroneckerOfBlockMean):
     def _no_closed_form_reason(self) -> str:
         raise NotImplementedError
 
+    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+        """Batch indexing keeps the sum (each term indexed, the closed form read again); rows and columns taken out
+        of it are a :class:`FallbackIndexedLinearOperator`, whose solves warn (linear_operator's sum of the indexed
+        terms, a plain ``SumLinearOperator``, solved them by CG past ``max_cholesky_size`` without a word)."""
+        if _is_noop_index(row_index) and _is_noop_index(col_index):
+            ops = cast(SumLinearOperator, self).linear_ops
+            return type(self)(*(op._getitem(row_index, col_index, *batch_indices) for op in ops))
+        return indexed_fallback(cast(LinearOperator, self), row_index, col_index, *batch_indices)
+
     @contextlib.contextmanager
     def _fallback(self, what: str):
         """Run linear_operator's path for ``what``, announced once (its inner Cholesky then stays quiet)."""

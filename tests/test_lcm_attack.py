@@ -280,3 +280,42 @@ def test_block_mean_kernel_given_other_columns_by_a_multitask_container_is_refus
     model.eval()
     with pytest.raises(ValueError, match=message), torch.no_grad():
         model(x[:3])
+
+
+@pytest.mark.parametrize("kind", ["multitask", "lcm"])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_indexing_the_noisy_kronecker_sum(kind, rank):
+    """Rows and columns taken out of the noisy training covariance of a ``MultitaskKernel(BlockMeanKernel)`` or an
+    ``LCMKernel`` (``A[:n, :n]``) were linear_operator's plain sum of the indexed terms, solved by CG past
+    ``max_cholesky_size`` without a word: now an indexed fallback whose solve warns and is exact below
+    ``max_cholesky_size``. Indexing a batch keeps the closed form (each entry equals the unbatched sum's solve)."""
+    from bma_gp import BlockMeanKernel, Partition
+
+    gen = torch.Generator().manual_seed(7)
+    n = 30
+    groups = torch.randint(0, 5, (n,), generator=gen)
+    x = torch.rand(n, 1, generator=gen, dtype=torch.float64)
+    part = Partition.from_labels(groups)
+    rbf = gpytorch.kernels.RBFKernel
+    if kind == "multitask":
+        kernel = gpytorch.kernels.MultitaskKernel(BlockMeanKernel(rbf(), x, part), num_tasks=T, rank=1)
+    else:
+        members = [BlockMeanKernel(rbf(), x, part), BlockMeanKernel(gpytorch.kernels.MaternKernel(), x, part)]
+        kernel = gpytorch.kernels.LCMKernel(members, num_tasks=T, rank=1)
+    kernel = kernel.double()
+    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=T, rank=rank).double()
+    prior = gpytorch.distributions.MultitaskMultivariateNormal(torch.zeros(n, T, dtype=torch.float64), kernel(x))
+    A = likelihood(prior).lazy_covariance_matrix
+    rhs = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    sub = A[:n, :n]
+    with pytest.warns(ClosedFormFallbackWarning):
+        solved = sub.solve(rhs)
+    torch.testing.assert_close(solved, torch.linalg.solve(A.to_dense()[:n, :n], rhs), rtol=1e-9, atol=1e-10)
+    # a batch of two (the same sum twice), indexed back to one entry: still closed form
+    batched = A.expand(2, *A.shape)
+    entry = batched[1]
+    full_rhs = torch.randn(n * T, 1, generator=gen, dtype=torch.float64)
+    with closed_forms_only(n * T), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        got = entry.solve(full_rhs)
+    torch.testing.assert_close(got, torch.linalg.solve(A.to_dense(), full_rhs), rtol=1e-9, atol=1e-10)
