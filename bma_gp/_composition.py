@@ -2695,7 +2695,9 @@ def _hooked_mul_matrix(original):
                 # matrix, which linear_operator multiplies densely only when it is a DenseLinearOperator itself, and
                 # otherwise through roots of both factors (a jittered Cholesky, Lanczos past max_cholesky_size: a user
                 # trial's predictive variances of ScaleKernel(GroupKernel * BlockMeanKernel) * IndexKernel at 1000 new
-                # points were up to 100% off). Its product is as dense as the factor already is: exact entries
+                # points were up to 100% off). Its product is as dense as the factor already is: exact entries. So is
+                # a sum of such matrices ((ScaleKernel(BlockMeanKernel) + GroupKernel) * IndexKernel between the new
+                # points of a batch of test sets whose ids differ: Lanczos, silently)
                 return DenseLinearOperator(left.to_dense() * right.to_dense())
         if isinstance(other, LinearOperator) and (adds_exactly(self) or adds_exactly(other)):
             # a predictive covariance times a matrix: linear_operator's MulLinearOperator of the roots of both factors
@@ -2779,8 +2781,11 @@ def unscaled(op):
 
 def _scaled_dense(op) -> bool:
     """Whether ``op`` is a dense matrix, or one times constants (a ``DenseLinearOperator`` under
-    :func:`unscaled`)."""
-    return isinstance(unscaled(op), DenseLinearOperator)
+    :func:`unscaled`), or linear_operator's plain sum of such matrices (its summands held densely already)."""
+    op = unscaled(op)
+    if type(op) is SumLinearOperator:
+        return all(_scaled_dense(part) for part in op.linear_ops)
+    return isinstance(op, DenseLinearOperator)
 
 
 def _has_dense_summand(kernel) -> bool:
