@@ -100,3 +100,35 @@ def test_batch_of_test_sets_with_a_scaled_block_mean_summand_times_task_kernel(k
     for i in range(2):
         torch.testing.assert_close(mean[i].double(), wants[i][0], rtol=rtol, atol=rtol / 10)
         torch.testing.assert_close(variance[i].double(), wants[i][1], rtol=10 * rtol, atol=rtol / 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batch_of_test_sets_with_a_linear_summand_times_task_kernel(dtype):
+    """``(GroupKernel + LinearKernel) * IndexKernel`` asked for a batch of test sets whose ids differ across the batch:
+    among the new points the group kernel's covariance is dense and the linear kernel's a root, whose sum
+    linear_operator formed by ``add_low_rank``, a root of the dense matrix (a jittered Cholesky, Lanczos past
+    ``max_cholesky_size``: under ``max_cholesky_size(0)`` this model's prediction raised a ``LinAlgError`` on
+    non-finite values, and on other data its variances were 54-86 % off, silently). The sum stays plain and its
+    product with the task kernel's is formed densely, exactly."""
+    X, y, _, new = _data(torch.float64)
+    task = gpytorch.kernels.IndexKernel(TASKS, rank=1, active_dims=[2])
+    groups = GroupKernel(12, active_dims=[1]) + GroupKernel(12, per_group_variance=True, active_dims=[1])
+    kernel = (groups + gpytorch.kernels.LinearKernel(active_dims=[0])) * task
+    model = GP(X, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).double()
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):  # away from the defaults
+            p.add_(0.1 + 0.05 * i)
+    batch = torch.stack([new, new.flip(0)])
+    wants = [_dense_posterior(model, X, y, batch[i]) for i in range(2)]
+    model = model.to(dtype)
+    model.train()
+    model.eval()
+    with torch.no_grad(), gpytorch.settings.max_cholesky_size(0), closed_forms_only(X.shape[0]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ClosedFormFallbackWarning)
+            pred = model(batch.to(dtype))
+            mean, variance = pred.mean, pred.variance
+    rtol = 1e-9 if dtype == torch.float64 else 1e-4
+    for i in range(2):
+        torch.testing.assert_close(mean[i].double(), wants[i][0], rtol=rtol, atol=rtol / 10)
+        torch.testing.assert_close(variance[i].double(), wants[i][1], rtol=10 * rtol, atol=rtol / 10)
