@@ -2401,6 +2401,12 @@ def _hooked_add(original):
             # Lanczos beyond, silently (a user trial: 1.6 nats off at 1,000 rows); no closed form, so a sum that warns
             res = unrouted(self, other)
             return _as_fallback(res) if type(res) in (SumLinearOperator, AddedDiagLinearOperator) else res
+        if isinstance(other, RootLinearOperator) and _IN_BLOCK_MEAN_PRODUCT.get() and _scaled_dense(self):
+            # a dense matrix plus a root (a LinearKernel's) inside a product kernel with a block mean, group or task
+            # factor (between the new points of a batch of test sets whose ids differ, where a group kernel's matrix
+            # is dense): linear_operator's add_low_rank took a root of the dense matrix (a jittered Cholesky, Lanczos
+            # past max_cholesky_size: variances up to 86% off, silently); a plain sum, which the product forms densely
+            return SumLinearOperator(self, other)
         return unrouted(self, other)
 
     __add__._bma_gp_original = original
@@ -2729,7 +2735,9 @@ def _hooked_mul_matrix(original):
                 # matrix, which linear_operator multiplies densely only when it is a DenseLinearOperator itself, and
                 # otherwise through roots of both factors (a jittered Cholesky, Lanczos past max_cholesky_size: a user
                 # trial's predictive variances of ScaleKernel(GroupKernel * BlockMeanKernel) * IndexKernel at 1000 new
-                # points were up to 100% off). Its product is as dense as the factor already is: exact entries
+                # points were up to 100% off). Its product is as dense as the factor already is: exact entries. So is
+                # a sum of such matrices ((ScaleKernel(BlockMeanKernel) + GroupKernel) * IndexKernel between the new
+                # points of a batch of test sets whose ids differ: Lanczos, silently)
                 return DenseLinearOperator(left.to_dense() * right.to_dense())
         if isinstance(other, LinearOperator) and (adds_exactly(self) or adds_exactly(other)):
             # a predictive covariance times a matrix: linear_operator's MulLinearOperator of the roots of both factors
@@ -2813,8 +2821,15 @@ def unscaled(op):
 
 def _scaled_dense(op) -> bool:
     """Whether ``op`` is a dense matrix, or one times constants (a ``DenseLinearOperator`` under
-    :func:`unscaled`)."""
-    return isinstance(unscaled(op), DenseLinearOperator)
+    :func:`unscaled`), or linear_operator's plain sum of such matrices (its summands held densely already), roots
+    ``R R^T`` among them (a ``LinearKernel``'s, no larger than the dense summand beside it)."""
+    op = unscaled(op)
+    if type(op) is SumLinearOperator:
+        parts = [unscaled(part) for part in op.linear_ops]
+        return any(_scaled_dense(part) for part in parts) and all(
+            _scaled_dense(part) or isinstance(part, RootLinearOperator) for part in parts
+        )
+    return isinstance(op, DenseLinearOperator)
 
 
 def _has_dense_summand(kernel) -> bool:
