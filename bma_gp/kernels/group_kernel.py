@@ -868,6 +868,16 @@ class GroupKernel(Kernel):
             diagonal=[True],
         )
 
+    def _batch_rows_diagonal(self, rows: Tensor, present: Tensor, batch: torch.Size) -> Tensor:
+        """The variance part of ``C[rows, present]`` for ids ``rows`` that differ across the batch (``(*batch, t)``):
+        ``v_{rows}`` where the row's group is the column's, else 0. # shape: (*batch, t, k)"""
+        var = self.var
+        if self.per_group_variance:
+            v = var.expand(*batch, self.num_groups).gather(-1, rows)
+        else:
+            v = var.expand(*batch, 1)
+        return v.unsqueeze(-1) * (rows.unsqueeze(-1) == present).to(var.dtype)
+
     def _factor_cross(
         self, rows: Tensor, column_ids: Tensor, present: Tensor, partition: Partition, batch: torch.Size
     ) -> LinearOperator:
@@ -889,12 +899,7 @@ class GroupKernel(Kernel):
             # ids that differ across a batch of test sets: A dense (one nonzero per row, in its own column per batch
             # entry), the factor's rows gathered per entry; the same two pieces, so the prediction keeps its columns
             rows = rows.expand(*batch, t)
-            var = self.var
-            if self.per_group_variance:
-                v = var.expand(*batch, self.num_groups).gather(-1, rows)
-            else:
-                v = var.expand(*batch, 1)
-            A = v.unsqueeze(-1) * (rows.unsqueeze(-1) == present).to(var.dtype)  # (*batch, t, k)
+            A = self._batch_rows_diagonal(rows, present, batch)
             left = W.expand(*batch, *W.shape[-2:]).gather(-2, rows.unsqueeze(-1).expand(*batch, t, r))
             diagonal = BlockCrossLinearOperator(A, partition)
         low_rank = MatmulLinearOperator(
@@ -933,12 +938,7 @@ class GroupKernel(Kernel):
         else:  # ids that differ across the batch: C[rows, present] per batch entry, no G x k table
             t = rows.shape[-1]
             rows = rows.expand(*batch, t)
-            var = self.var
-            if self.per_group_variance:
-                v = var.expand(*batch, self.num_groups).gather(-1, rows)
-            else:
-                v = var.expand(*batch, 1)
-            values = v.unsqueeze(-1) * (rows.unsqueeze(-1) == present).to(var.dtype)  # (*batch, t, k)
+            values = self._batch_rows_diagonal(rows, present, batch)
             W = self.covar_factor
             if W is not None:
                 W = W.expand(*batch, *W.shape[-2:])
