@@ -389,19 +389,25 @@ def test_multitask_kernel_around_a_group_factor_over_many_groups_is_closed_form(
             torch.testing.assert_close(variance, want_variance, rtol=1e-8, atol=1e-10)
 
 
-def test_group_factor_over_many_groups_times_task_kernel_predicts_in_closed_form():
-    """``GroupKernel(k, rank=r) * IndexKernel`` with more than 256 groups present: the group kernel's covariance is a
-    diagonal term plus the low-rank root ``P W``, and the training product distributes over both (weighted diagonal
-    terms and a root of rank ``r k_X``), in closed form; its cross covariance (``A P^T + W_rows (P W)^T``) was not read
-    as those columns, so prediction at new inputs fell back to GPyTorch's path with a ``ClosedFormFallbackWarning``
-    (under ``fast_pred_var`` an eigendecomposition of a matrix larger than ``n``)."""
+def _many_groups_data():
+    """700 points over 300 groups (each present), a task column; new points at seen ids and an unseen one."""
     gen = torch.Generator().manual_seed(2)
     n = 700
     ids = torch.cat([torch.arange(300), torch.randint(0, 300, (n - 300,), generator=gen)])
     tasks = torch.randint(0, TASKS, (n,), generator=gen)
     X = torch.stack([ids.double(), tasks.double()], -1)
     y = torch.randn(n, generator=gen, dtype=torch.float64)
-    new = torch.tensor([[3.0, 0], [299.0, 1], [305.0, 2]], dtype=torch.float64)  # seen ids and an unseen one
+    new = torch.tensor([[3.0, 0], [299.0, 1], [305.0, 2]], dtype=torch.float64)
+    return X, y, new
+
+
+def test_group_factor_over_many_groups_times_task_kernel_predicts_in_closed_form():
+    """``GroupKernel(k, rank=r) * IndexKernel`` with more than 256 groups present: the group kernel's covariance is a
+    diagonal term plus the low-rank root ``P W``, and the training product distributes over both (weighted diagonal
+    terms and a root of rank ``r k_X``), in closed form; its cross covariance (``A P^T + W_rows (P W)^T``) was not read
+    as those columns, so prediction at new inputs fell back to GPyTorch's path with a ``ClosedFormFallbackWarning``
+    (under ``fast_pred_var`` an eigendecomposition of a matrix larger than ``n``)."""
+    X, y, new = _many_groups_data()
     factor = gpytorch.kernels.ScaleKernel(GroupKernel(310, rank=2, active_dims=[0]))
     kernel = factor * gpytorch.kernels.IndexKernel(TASKS, rank=1, active_dims=[1]) + GroupKernel(310, active_dims=[0])
     model = GP(X, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).double()
@@ -415,13 +421,7 @@ def test_group_factor_over_many_groups_times_task_kernel_batch_of_test_sets():
     """The same model asked for a batch of test sets whose group ids differ across the batch: the group kernel's
     cross covariance was one dense block (``C[rows, present]``), no longer the diagonal term plus the root the
     training product holds, and prediction fell back to GPyTorch's path with a ``ClosedFormFallbackWarning``."""
-    gen = torch.Generator().manual_seed(2)
-    n = 700
-    ids = torch.cat([torch.arange(300), torch.randint(0, 300, (n - 300,), generator=gen)])
-    tasks = torch.randint(0, TASKS, (n,), generator=gen)
-    X = torch.stack([ids.double(), tasks.double()], -1)
-    y = torch.randn(n, generator=gen, dtype=torch.float64)
-    new = torch.tensor([[3.0, 0], [299.0, 1], [305.0, 2]], dtype=torch.float64)
+    X, y, new = _many_groups_data()
     kernel = GroupKernel(310, rank=2, per_group_variance=True, active_dims=[0]) * gpytorch.kernels.IndexKernel(
         TASKS, rank=1, active_dims=[1]
     )
