@@ -2125,6 +2125,11 @@ def _scaled_term(term: LinearOperator, constant: Tensor) -> LinearOperator:
     if isinstance(term, KroneckerProductLinearOperator) and len(term.linear_ops) == 2:
         if _block_mean_product(term) is None:
             first, second = term.linear_ops
+            if isinstance(first, ConstantDiagLinearOperator):
+                # linear_operator's ConstantDiagLinearOperator._mul_constant multiplies its (*batch, 1) values by a
+                # (*batch) constant unaligned: (*batch, *batch), a ValueError for a batch of constants
+                scaled = first.diag_values * constant.unsqueeze(-1)
+                return type(term)(ConstantDiagLinearOperator(scaled, diag_shape=first.diag_shape), second)
             return type(term)(first._mul_constant(constant), second)
     return term._mul_constant(constant)
 
