@@ -81,3 +81,24 @@ def test_a_batch_of_positive_constants_scales_a_batched_noisy_kronecker_sum(kind
     (inv_quad + logdet).sum().backward()
     (ref_inv_quad + ref_logdet).sum().backward()
     assert torch.allclose(c.grad, c_ref.grad, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["multitask", "lcm"])
+@pytest.mark.parametrize("index", ["slice", "points"])
+def test_a_principal_submatrix_of_a_kronecker_sum_warns_without_advising_a_principal_submatrix(kind, index):
+    """A principal submatrix of a noisy multitask Kronecker sum (``A[..., a:b, a:b]``, ``A[..., idx, :][..., idx]``)
+    is solved by linear_operator's generic path, announced: the warning told the user to "index with one slice, or
+    the same distinct points, on both sides (M[a:b, a:b], M[idx][:, idx]) to keep the closed forms", advice that
+    gives this very warning again for a Kronecker sum (no submatrix of it is in the family). It now says so. The
+    solve itself is the dense one."""
+    op = _noisy_training_covariance(kind, 1).detach()
+    idx = torch.tensor([0, 3, 5, 8])
+    sub = op[..., 2:9, 2:9] if index == "slice" else op[..., idx, :][..., :, idx]
+    want = op.to_dense()[..., 2:9, 2:9] if index == "slice" else op.to_dense()[..., idx, :][..., :, idx]
+    rhs = torch.randn(*sub.shape[:-1], 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with pytest.warns(ClosedFormFallbackWarning) as record:
+        solved = sub.solve(rhs)
+    messages = [str(w.message) for w in record if issubclass(w.category, ClosedFormFallbackWarning)]
+    assert messages and all("principal" in m for m in messages)
+    assert not any("to keep the closed forms." in m and "Index with one slice" in m for m in messages), messages
+    assert torch.allclose(solved, torch.linalg.solve(want, rhs), atol=1e-10)
