@@ -1033,8 +1033,21 @@ class FallbackIndexedLinearOperator(_WarnsWhenFactorised, InterpolatedLinearOper
         return res if principal is None else principal
 
     def _warn(self, what: str) -> None:
+        name = type(self.base_linear_op).__name__
+        if isinstance(self.base_linear_op, _ClosedKroneckerSum):
+            # no principal submatrix of a multitask Kronecker sum is in the family: the advice below would not help
+            warnings.warn(
+                f"{what} of rows and columns of a {name} (a multitask Kronecker sum with a block mean factor): no "
+                "submatrix of it, a principal one (M[a:b, a:b], M[idx][:, idx], one task's mvn[..., j]) included, "
+                "has a closed form here; linear_operator's generic path (dense Cholesky up to max_cholesky_size, CG "
+                "and Lanczos beyond) is used. Solve with the whole covariance (the model's full multitask output) "
+                "and select points or tasks from the result to keep the closed forms.",
+                ClosedFormFallbackWarning,
+                stacklevel=3,
+            )
+            return
         warnings.warn(
-            f"{what} of rows and columns of a {type(self.base_linear_op).__name__} other than one principal slice: "
+            f"{what} of rows and columns of a {name} other than one principal slice: "
             "this submatrix has no closed form here; linear_operator's generic path (dense Cholesky up to "
             "max_cholesky_size, CG and Lanczos beyond) is used. Index with one slice, or the same distinct points, "
             "on both sides (M[a:b, a:b], M[idx][:, idx], or mvn[..., a:b]) to keep the closed forms.",
@@ -2125,6 +2138,11 @@ def _scaled_term(term: LinearOperator, constant: Tensor) -> LinearOperator:
     if isinstance(term, KroneckerProductLinearOperator) and len(term.linear_ops) == 2:
         if _block_mean_product(term) is None:
             first, second = term.linear_ops
+            if isinstance(first, ConstantDiagLinearOperator):
+                # linear_operator's ConstantDiagLinearOperator._mul_constant multiplies its (*batch, 1) values by a
+                # (*batch) constant unaligned: (*batch, *batch), a ValueError for a batch of constants
+                scaled = first.diag_values * constant.unsqueeze(-1)
+                return type(term)(ConstantDiagLinearOperator(scaled, diag_shape=first.diag_shape), second)
             return type(term)(first._mul_constant(constant), second)
     return term._mul_constant(constant)
 
