@@ -12,21 +12,11 @@ import torch
 
 from bma_gp import BlockMeanKernel, ClosedFormFallbackWarning, Partition
 from closed_form_guard import closed_forms_only
+from test_lcm_attack import _BatchMultitaskGP  # the same multitask model (T = 2 tasks)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 T, N, B = 2, 12, 3  # tasks, points, batch
-
-
-class _MultitaskGP(gpytorch.models.ExactGP):
-    def __init__(self, x, y, likelihood, kernel, batch_shape: torch.Size):
-        super().__init__(x, y, likelihood)
-        mean = gpytorch.means.ConstantMean(batch_shape=batch_shape)
-        self.mean_module = gpytorch.means.MultitaskMean(mean, num_tasks=T)
-        self.covar_module = kernel
-
-    def forward(self, x):
-        return gpytorch.distributions.MultitaskMultivariateNormal(self.mean_module(x), self.covar_module(x))
 
 
 def _noisy_training_covariance(kind: str, rank: int):
@@ -50,7 +40,7 @@ def _noisy_training_covariance(kind: str, rank: int):
     likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=T, batch_shape=batch, rank=rank)
     xb = x.expand(B, N, 2)
     y = torch.randn(B, N, T, generator=gen, dtype=torch.float64)
-    model = _MultitaskGP(xb, y, likelihood, kernel, batch).double()
+    model = _BatchMultitaskGP(xb, y, likelihood, kernel, batch).double()
     return likelihood(model(xb)).lazy_covariance_matrix
 
 
