@@ -1,0 +1,186 @@
+"""Known gaps left open by session 30, closed in session 31. Each test failed before its fix and compares with dense
+float64 linear algebra or with the same model evaluated lazily (GPyTorch's default), which session 30 checked."""
+
+from __future__ import annotations
+
+import copy
+
+import gpytorch
+import pytest
+import torch
+
+from bma_gp import BlockMeanKernel, Partition
+from test_lcm_attack import T, _BatchMultitaskGP  # the same multitask model (T = 2 tasks)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N = 16
+DTYPE = torch.float64
+UNBATCHED = torch.Size()
+COLUMNS = r"bound to train_x with 2 columns but is given inputs with 1"
+MISMATCH = r"training inputs do not match BlockMeanKernel\.train_x"
+
+
+class _GP(gpytorch.models.ExactGP):
+    def __init__(self, x, y, likelihood, kernel):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean(batch_shape=y.shape[:-1])
+        self.covar_module = kernel
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def _data(batch: torch.Size = UNBATCHED):
+    gen = torch.Generator().manual_seed(11)
+    groups = torch.randint(0, 4, (N,), generator=gen)
+    x = torch.stack([torch.rand(N, generator=gen, dtype=DTYPE), groups.to(DTYPE)], -1)
+    y = torch.sin(6 * x[:, 0]) + 0.1 * torch.randn(*batch, N, generator=gen, dtype=DTYPE)
+    return x, y, Partition.from_labels(groups)
+
+
+def _rbf(**kwargs):
+    return gpytorch.kernels.RBFKernel(**kwargs)
+
+
+def _model(container: str, bound_columns: list[int] | None, batch: torch.Size = UNBATCHED):
+    """A model whose ``BlockMeanKernel`` sits in ``container`` and is bound to ``bound_columns`` of the two input
+    columns (None: all of them); the containers around it select column 0, so all-column kernels are mis-bound."""
+    x, y, part = _data(batch)
+    bound = x if bound_columns is None else x[:, bound_columns]
+
+    def bmk(base=None):
+        return BlockMeanKernel(base if base is not None else _rbf(batch_shape=batch), bound, part)
+
+    if container in ("lcm", "multitask"):
+        if container == "lcm":
+            kernel = gpytorch.kernels.LCMKernel([bmk(), bmk(gpytorch.kernels.MaternKernel(batch_shape=batch))], T, 1)
+        else:
+            kernel = gpytorch.kernels.MultitaskKernel(bmk(), num_tasks=T, rank=1)
+        kernel.active_dims = torch.tensor([0])
+        likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=T, batch_shape=batch)
+        ys = torch.stack([y, y.flip(-1)], -1)
+        return _BatchMultitaskGP(x.expand(*batch, N, 2), ys, likelihood, kernel, batch).double(), x, ys
+    if container == "scale":
+        kernel = gpytorch.kernels.ScaleKernel(bmk(), active_dims=[0])
+    elif container == "sum":  # the block mean kernel selects column 0 in the sum, the other summand reads both
+        inner = bmk()
+        inner.active_dims = torch.tensor([0])
+        kernel = inner + _rbf(batch_shape=batch)
+    elif container == "nested":  # active_dims at two levels: the sum picks columns (1, 0), the scale the second (0)
+        inner = gpytorch.kernels.ScaleKernel(bmk(), active_dims=[1])
+        kernel = gpytorch.kernels.AdditiveKernel(inner, _rbf(batch_shape=batch))
+        kernel.active_dims = torch.tensor([1, 0])
+    else:
+        raise AssertionError(container)
+    likelihood = gpytorch.likelihoods.GaussianLikelihood(batch_shape=batch)
+    return _GP(x.expand(*batch, N, 2), y, likelihood, kernel).double(), x, y
+
+
+def _mll_and_mean(model, x, y, lazy: bool):
+    """The marginal log-likelihood (training mode) and the predictive mean at three inputs (eval mode)."""
+    model.train()
+    model.prediction_strategy = None
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    with gpytorch.settings.lazily_evaluate_kernels(lazy):
+        value = mll(model(model.train_inputs[0]), model.train_targets).detach()
+        model.eval()
+        with torch.no_grad(), pytest.warns() if not lazy else _nothing():
+            mean = model(model.train_inputs[0][..., :3, :] + 0.01).mean
+    model.train()
+    return value, mean
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("container", ["scale", "sum", "nested", "lcm", "multitask"])
+def test_eager_evaluation_refuses_a_block_mean_kernel_given_other_columns(container):
+    """Under ``gpytorch.settings.lazily_evaluate_kernels(False)`` a ``BlockMeanKernel`` bound to both input columns,
+    which a kernel around it hands one column, trained and predicted on its exact base kernel without a word (the
+    check read the lazily evaluated prior, which eager evaluation does not give): it now raises the lazy mode's
+    ``ValueError`` in training and in eval mode, and the model keeps no prediction strategy."""
+    model, x, y = _model(container, None)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    for lazy in (True, False):
+        model.train()
+        with gpytorch.settings.lazily_evaluate_kernels(lazy):
+            with pytest.raises(ValueError, match=COLUMNS):
+                mll(model(x), y)
+            model.eval()
+            with pytest.raises(ValueError, match=COLUMNS), torch.no_grad():
+                model(x[:3])
+            assert model.prediction_strategy is None
+
+
+@pytest.mark.parametrize("container", ["scale", "lcm"])
+def test_eager_evaluation_refuses_training_inputs_the_kernel_is_not_bound_to(container):
+    """``model.set_train_data(new_x, y)`` without ``kernel.set_train_data``: the eager model trained on the base kernel
+    at the new inputs, silently; it now raises the lazy mode's ``ValueError``. After ``kernel.set_train_data`` both
+    modes agree (values of the marginal log-likelihood and of the predictive mean)."""
+    model, x, y = _model(container, [0])
+    new_x = x.clone()
+    new_x[:, 0] = torch.rand(N, generator=torch.Generator().manual_seed(2), dtype=DTYPE)
+    model.set_train_data(new_x, y, strict=False)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    for lazy in (True, False):
+        model.train()
+        with gpytorch.settings.lazily_evaluate_kernels(lazy), pytest.raises(ValueError, match=MISMATCH):
+            mll(model(new_x), y)
+    for module in model.modules():
+        if isinstance(module, BlockMeanKernel):
+            module.set_train_data(new_x[:, [0]])
+    lazy_value, lazy_mean = _mll_and_mean(model, new_x, y, lazy=True)
+    eager_value, eager_mean = _mll_and_mean(model, new_x, y, lazy=False)
+    torch.testing.assert_close(eager_value, lazy_value, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(eager_mean, lazy_mean, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "container, bound, batch",
+    [
+        ("scale", [0], torch.Size()),
+        ("sum", [0], torch.Size()),
+        ("nested", [0], torch.Size()),
+        ("lcm", [0], torch.Size()),
+        ("multitask", [0], torch.Size([2])),
+        ("scale", [0], torch.Size([2])),
+    ],
+)
+def test_eager_evaluation_accepts_correctly_bound_kernels(container, bound, batch):
+    """No false positives: kernels bound to the columns they are given (active_dims on a ScaleKernel, in a sum, at two
+    levels, on an LCMKernel / MultitaskKernel; batched models), after ``load_state_dict`` into a copy and after
+    ``.float()``, train and predict eagerly as lazily (the same marginal log-likelihood and predictive mean)."""
+    model, x, y = _model(container, bound, batch)
+    lazy_value, lazy_mean = _mll_and_mean(model, x, y, lazy=True)
+    eager_value, eager_mean = _mll_and_mean(model, x, y, lazy=False)
+    torch.testing.assert_close(eager_value, lazy_value, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(eager_mean, lazy_mean, rtol=1e-8, atol=1e-10)
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(model.state_dict())
+    assert torch.equal(_mll_and_mean(twin, x, y, lazy=False)[0], eager_value)
+    value32, _ = _mll_and_mean(model.float(), x, y, lazy=False)
+    torch.testing.assert_close(value32.double(), lazy_value, rtol=1e-3, atol=1e-4)
+
+
+def test_eager_evaluation_accepts_one_dimensional_inputs_and_fantasy_models():
+    """No false positives: 1-D training inputs (GPyTorch gives the kernel ``(n, 1)``), a model whose training inputs
+    were replaced together with the kernel's, and a fantasy model (whose training inputs extend the kernel's)."""
+    x, y, part = _data()
+    x1 = x[:, 0]
+    likelihood = gpytorch.likelihoods.GaussianLikelihood()
+    model = _GP(x1, y, likelihood, BlockMeanKernel(_rbf(), x1, part)).double()
+    lazy = _mll_and_mean(model, x1, y, lazy=True)
+    eager = _mll_and_mean(model, x1, y, lazy=False)
+    torch.testing.assert_close(eager[0], lazy[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(eager[1], lazy[1], rtol=1e-8, atol=1e-10)
+    model.eval()
+    with gpytorch.settings.lazily_evaluate_kernels(False), torch.no_grad(), pytest.warns():
+        model(x1[:2])
+        fantasy = model.get_fantasy_model(torch.tensor([0.25, 0.75], dtype=DTYPE), torch.zeros(2, dtype=DTYPE))
+        assert fantasy(x1[:3]).mean.shape == (3,)
