@@ -1073,13 +1073,15 @@ class FallbackIndexedLinearOperator(_WarnsWhenFactorised, InterpolatedLinearOper
 
 class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperator):
     r"""A negative multiple :math:`c M` of a :class:`~bma_gp.BlockMeanSumLinearOperator` (its root ``U U^T`` cannot
-    carry a negative factor): linear_operator's constant multiple. Products are exact; ``solve`` and the inverse
-    quadratic form are :math:`M`'s closed forms divided by :math:`c`; the log-determinant is :math:`M`'s plus
-    :math:`n \log |c|` (torch.logdet's semantics: NaN where :math:`c^n \det M < 0`, so for odd :math:`n` when
-    :math:`M` is positive definite). Roots (``root_decomposition``, ``root_inv_decomposition``, ``sqrt_inv_matmul``,
-    a Cholesky factor) raise a ``ValueError``: a negative definite matrix has no real root, and in a batch with
-    factors of both signs the entries with ``c < 0`` have none (the class holds only multiples with some
-    ``c < 0``; take the root of :math:`M` itself)."""
+    carry a negative factor) or of a noisy multitask Kronecker sum (:class:`BlockMeanSumKroneckerLinearOperator` and
+    its siblings, whose closed form needs a positive definite noise): linear_operator's constant multiple. Products
+    are exact; ``solve`` and the inverse quadratic form are :math:`M`'s closed forms divided by :math:`c`; the
+    log-determinant is :math:`M`'s plus :math:`n \log |c|` (torch.logdet's semantics: NaN where
+    :math:`c^n \det M < 0`, so for odd :math:`n` when :math:`M` is positive definite). Roots
+    (``root_decomposition``, ``root_inv_decomposition``, ``sqrt_inv_matmul``, a Cholesky factor) raise a
+    ``ValueError``: a negative definite matrix has no real root, and in a batch with factors of both signs the entries
+    with ``c < 0`` have none (the class holds only multiples with some ``c < 0``; take the root of :math:`M`
+    itself)."""
 
     def solve(self, right_tensor, left_tensor=None):
         res = self.base_linear_op.solve(right_tensor, left_tensor)
@@ -1850,11 +1852,44 @@ class _ClosedKroneckerSum(_KroneckerOfBlockMean):
         so that it stays a Kronecker product that the closed form reads (``MultivariateNormal * c`` scales its
         covariance so). linear_operator wrapped it in a ``ConstantMulLinearOperator`` (or, for ``rank=0``, made it a
         plain diagonal, whose entries carry gradients in training): the warned fallback, and for a
-        ``MultitaskKernel`` under ``rank >= 1`` an ``AttributeError`` inside linear_operator's Kronecker sum. Other
-        constants keep linear_operator's path."""
-        if torch.is_tensor(other) and other.numel() > 0 and bool((other > 0).all()):
-            return type(self)(*(_scaled_term(term, other) for term in cast(SumLinearOperator, self).linear_ops))
-        return super()._mul_constant(other)
+        ``MultitaskKernel`` under ``rank >= 1`` an ``AttributeError`` inside linear_operator's Kronecker sum.
+
+        A batch of constants broader than the sum's batch scales the sum expanded to it (views of its factors, the
+        closed form per entry; linear_operator's ``mul`` handed it to ``_mul_matrix``, which formed the dense
+        ``n t x n t`` matrix of every entry without a word). A negative constant gives a
+        :class:`FallbackScaledLinearOperator`, whose solves and log-determinant are this sum's closed forms divided
+        by ``c`` (and whose roots raise: a negative definite matrix has none); zero or NaN raise a ``ValueError``
+        that names ``c`` (they failed later, in a Cholesky factor or an ``AttributeError``, without naming it)."""
+        op = cast(LinearOperator, self)
+        c = other if torch.is_tensor(other) else torch.as_tensor(other, dtype=op.dtype, device=op.device)
+        if c.dim() > 0:
+            shape = torch.broadcast_shapes(op.batch_shape, c.shape)
+            if shape != op.batch_shape:
+                return op._expand_batch(shape)._mul_constant(c.expand(shape))
+        if c.numel() == 0:
+            return super()._mul_constant(other)
+        if bool((c > 0).all()):
+            return type(self)(*(_scaled_term(term, c) for term in cast(SumLinearOperator, self).linear_ops))
+        if bool((c < 0).any()) and not bool((c == 0).any() or c.isnan().any()):
+            return FallbackScaledLinearOperator(op, c)
+        zero = bool((c == 0).any())
+        where = " in some batch entries" if c.dim() else ""
+        raise ValueError(
+            f"c * A with the constant c {'zero' if zero else 'NaN'}{where}, for A a {type(self).__name__} (a noisy "
+            "multitask covariance): c A is then "
+            + ("the zero matrix, singular" if zero else "NaN")
+            + ", with no solve, log-determinant or root. The closed form of c A needs c > 0 (a negative c is solved "
+            "through A, (c A)^{-1} b = A^{-1} b / c). Multiply by a positive constant (a ScaleKernel's outputscale "
+            "stays positive), or leave the term out of the model instead of multiplying it by 0."
+        )
+
+    def _mul_matrix(self, other):
+        # A * c with c of shape (*batch, 1, 1) whose batch is not the sum's (linear_operator's mul takes only a batch
+        # equal to the operator's for a constant): the constant multiple, the sum expanded to the broadcast batch
+        constants = batch_constants(other)
+        if constants is not None:
+            return self._mul_constant(constants)
+        return super()._mul_matrix(other)
 
     def _closed_solve(self, closed, rhs: Tensor) -> Tensor:
         vector = rhs.dim() == 1

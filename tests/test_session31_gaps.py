@@ -4,6 +4,7 @@ float64 linear algebra or with the same model evaluated lazily (GPyTorch's defau
 from __future__ import annotations
 
 import copy
+import warnings
 
 import gpytorch
 import pytest
@@ -184,3 +185,113 @@ def test_eager_evaluation_accepts_one_dimensional_inputs_and_fantasy_models():
         model(x1[:2])
         fantasy = model.get_fantasy_model(torch.tensor([0.25, 0.75], dtype=DTYPE), torch.zeros(2, dtype=DTYPE))
         assert fantasy(x1[:3]).mean.shape == (3,)
+
+
+# ---------------------------------------------------------------- constants times a noisy Kronecker sum
+
+
+def _noisy_kronecker(kind: str, rank: int, batch: torch.Size = UNBATCHED, tasks: int = T, detach: bool = True):
+    """The noisy training covariance ``likelihood(prior)`` of a ``MultitaskKernel`` around a ``BlockMeanKernel`` or of
+    an ``LCMKernel`` of two (``N`` points, ``tasks`` tasks): a closed-form Kronecker sum (with the parameters it was
+    built from where not ``detach``)."""
+    x, _, part = _data()
+    if kind == "multitask":
+        kernel = gpytorch.kernels.MultitaskKernel(
+            BlockMeanKernel(_rbf(batch_shape=batch), x, part), num_tasks=tasks, rank=1
+        )
+    else:
+        members = [
+            BlockMeanKernel(_rbf(batch_shape=batch), x, part),
+            BlockMeanKernel(gpytorch.kernels.MaternKernel(batch_shape=batch), x, part),
+        ]
+        kernel = gpytorch.kernels.LCMKernel(members, num_tasks=tasks, rank=1)
+    kernel = kernel.double()
+    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=tasks, rank=rank, batch_shape=batch)
+    likelihood = likelihood.double()
+    with torch.no_grad():
+        for p in [*kernel.parameters(), *likelihood.parameters()]:
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
+    prior = gpytorch.distributions.MultitaskMultivariateNormal(
+        torch.zeros(*batch, N, tasks, dtype=DTYPE), kernel(x.expand(*batch, N, 2))
+    )
+    covariance = likelihood(prior).lazy_covariance_matrix
+    if detach:
+        return covariance.detach()
+    return covariance, [*kernel.parameters(), *likelihood.parameters()]
+
+
+def _reference(scaled_dense, rhs):
+    solved = torch.linalg.solve(scaled_dense, rhs)
+    return solved, (rhs * solved).sum((-2, -1)), torch.logdet(scaled_dense)
+
+
+KINDS = [("multitask", 0), ("multitask", 1), ("lcm", 0), ("lcm", 1)]
+
+
+@pytest.mark.parametrize("kind, rank", KINDS)
+@pytest.mark.parametrize(
+    "sum_batch, c_batch", [(UNBATCHED, (3,)), (torch.Size([3]), (2, 3)), (torch.Size([3]), (2, 1))]
+)
+def test_a_batch_of_constants_broader_than_the_kronecker_sum_keeps_the_closed_form(kind, rank, sum_batch, c_batch):
+    """``A * c`` with one positive constant per entry of a batch broader than the noisy Kronecker sum's
+    (``c`` of shape ``(3, 1, 1)`` for an unbatched sum): linear_operator's ``mul`` handed it to ``_mul_matrix``, which
+    formed the dense ``n t x n t`` matrix of every entry without a word (a ``DenseLinearOperator``). The sum is now
+    expanded to the broadcast batch (views) and scaled in closed form: values, solves, the log-determinant and the
+    gradients w.r.t. the constants equal the dense ones."""
+    from bma_gp import ClosedFormFallbackWarning
+    from closed_form_guard import closed_forms_only
+
+    A = _noisy_kronecker(kind, rank, sum_batch)
+    dense = A.to_dense()
+    values = torch.tensor([2.0, 3.0, 0.5, 1.5, 0.25, 4.0], dtype=DTYPE)[: torch.Size(c_batch).numel()]
+    c = values.view(*c_batch, 1, 1).requires_grad_()
+    scaled = A * c
+    assert type(scaled) is type(A), type(scaled).__name__
+    assert scaled.shape == torch.broadcast_shapes(dense.shape, c.shape)
+    rhs = torch.randn(*scaled.shape[:-1], 1, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    with closed_forms_only(N * T), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        solved = scaled.solve(rhs)
+        inv_quad, logdet = scaled.inv_quad_logdet(rhs, logdet=True)
+    c_ref = c.detach().clone().requires_grad_()
+    ref_solved, ref_inv_quad, ref_logdet = _reference(dense * c_ref, rhs)
+    torch.testing.assert_close(scaled.to_dense(), (dense * c_ref).detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(solved, ref_solved.detach(), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(inv_quad, ref_inv_quad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(logdet, ref_logdet, rtol=1e-10, atol=1e-10)
+    (inv_quad + logdet).sum().backward()
+    (ref_inv_quad + ref_logdet).sum().backward()
+    torch.testing.assert_close(c.grad, c_ref.grad, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind, rank", KINDS)
+def test_a_negative_multiple_of_a_kronecker_sum_solves_through_the_sum(kind, rank):
+    """``c A`` with ``c < 0`` (also one entry of a batch of constants): linear_operator's multiple, whose solves
+    raised ``NotPSDError`` (a jittered Cholesky of a negative definite matrix) or the closed form's "core not positive
+    definite" error, neither naming ``c``. Now the sum's closed forms divided by ``c`` (equal to the dense solve and
+    log-determinant), and a root raises a ``ValueError`` that says ``c < 0``."""
+    A = _noisy_kronecker(kind, rank)
+    dense = A.to_dense()
+    rhs = torch.randn(N * T, 2, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    for c in (torch.tensor(-2.5, dtype=DTYPE), torch.tensor([-2.5, 0.5], dtype=DTYPE).view(2, 1, 1)):
+        scaled = A * c
+        ref_solved, ref_inv_quad, ref_logdet = _reference(dense * c, rhs)
+        torch.testing.assert_close(scaled.solve(rhs), ref_solved, rtol=1e-9, atol=1e-10)
+        inv_quad, logdet = scaled.inv_quad_logdet(rhs, logdet=True)
+        torch.testing.assert_close(inv_quad, ref_inv_quad, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(logdet, ref_logdet, rtol=1e-10, atol=1e-10)
+        with pytest.raises(ValueError, match=r"negative multiple c S \(c < 0\)"):
+            scaled.root_decomposition()
+
+
+@pytest.mark.parametrize("kind, rank", KINDS)
+@pytest.mark.parametrize("value", [0.0, float("nan")])
+def test_a_zero_multiple_of_a_kronecker_sum_names_the_constant(kind, rank, value):
+    """``c A`` with ``c = 0`` (or NaN, alone or in a batch of constants): a ``NotPositiveDefiniteError`` about the
+    core, an ``AttributeError`` inside linear_operator's Kronecker sum, or a warned fallback, none naming ``c``. Now a
+    ``ValueError`` that names the constant, says the closed form needs ``c > 0`` and what to do."""
+    A = _noisy_kronecker(kind, rank)
+    word = "zero" if value == 0 else "NaN"
+    for c in (torch.tensor(value, dtype=DTYPE), torch.tensor([2.0, value], dtype=DTYPE).view(2, 1, 1)):
+        with pytest.raises(ValueError, match=rf"constant c {word}.*needs c > 0.*Multiply by a positive constant"):
+            (A * c).solve(torch.ones(*A.shape[:-1], 1, dtype=DTYPE))
