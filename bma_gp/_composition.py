@@ -1038,10 +1038,11 @@ class FallbackIndexedLinearOperator(_WarnsWhenFactorised, InterpolatedLinearOper
             # no principal submatrix of a multitask Kronecker sum is in the family: the advice below would not help
             warnings.warn(
                 f"{what} of rows and columns of a {name} (a multitask Kronecker sum with a block mean factor): no "
-                "submatrix of it, a principal one (M[a:b, a:b], M[idx][:, idx], one task's mvn[..., j]) included, "
-                "has a closed form here; linear_operator's generic path (dense Cholesky up to max_cholesky_size, CG "
-                "and Lanczos beyond) is used. Solve with the whole covariance (the model's full multitask output) "
-                "and select points or tasks from the result to keep the closed forms.",
+                "submatrix of it but whole tasks (every point of one task, mvn[..., j], or of several, mvn[..., S]) "
+                "has a closed form here, a principal one (M[a:b, a:b], M[idx][:, idx]) included; linear_operator's "
+                "generic path (dense Cholesky up to max_cholesky_size, CG and Lanczos beyond) is used. Solve with the "
+                "whole covariance (the model's full multitask output) and select points from the result to keep the "
+                "closed forms.",
                 ClosedFormFallbackWarning,
                 stacklevel=3,
             )
@@ -1265,7 +1266,8 @@ def _indexed_principal(op: FallbackIndexedLinearOperator) -> LinearOperator | No
     mean operator or a sum of them restricted to those points (relabelled; a permutation permutes the labels) keeps
     its closed forms. Repeated points are no principal submatrix (the diagonal of a repeated pair is not ``lam``)."""
     base = op.base_linear_op
-    if not isinstance(base, (BlockMeanLinearOperator, BlockMeanSumLinearOperator)):
+    tasks = isinstance(base, _ClosedKroneckerSum)  # whole tasks of a noisy multitask covariance (mvn[..., j])
+    if not (tasks or isinstance(base, (BlockMeanLinearOperator, BlockMeanSumLinearOperator))):
         return None
     rows, cols = op.left_interp_indices, op.right_interp_indices
     if rows.shape != cols.shape or rows.shape[-1] != 1 or rows.shape[-2] == 0 or base.batch_shape != op.batch_shape:
@@ -1280,7 +1282,7 @@ def _indexed_principal(op: FallbackIndexedLinearOperator) -> LinearOperator | No
     positions = positions.squeeze(-1)
     if torch.unique(positions).numel() != positions.numel():
         return None
-    return base._principal(positions)
+    return base._whole_tasks(positions) if tasks else base._principal(positions)
 
 
 def indexed_fallback(op: LinearOperator, row_index, col_index, *batch_indices) -> LinearOperator:
@@ -1825,6 +1827,51 @@ class _ClosedKroneckerSum(_KroneckerOfBlockMean):
             ops = cast(SumLinearOperator, self).linear_ops
             return type(self)(*(op._getitem(row_index, col_index, *batch_indices) for op in ops))
         return indexed_fallback(cast(LinearOperator, self), row_index, col_index, *batch_indices)
+
+    def _whole_tasks(self, positions: Tensor) -> LinearOperator | None:
+        r"""The principal submatrix over ``positions`` (distinct) where they are every point of some tasks ``S``, in
+        the layout's order (what ``mvn[..., j]`` and ``mvn[..., S]`` of a ``MultitaskMultivariateNormal`` take): for one
+        task ``j`` the block mean operator :math:`\sum_q K_q[j, j] M_q + D_{jj} I_n` over the shared partition, for
+        several the same Kronecker sum with the task factors :math:`K_q[S, S]` and the noise :math:`D[S, S]` (a
+        :class:`BlockMeanLCMLinearOperator`); ``None`` for any other points or where the sum has no closed form
+        (then the indexed fallback, which warns). linear_operator's indexed sum took CG (session 30: a warned
+        fallback)."""
+        closed = self._closed()
+        if closed is None or positions.dim() != 1 or positions.numel() % closed.n:
+            return None
+        n, t, s = closed.n, closed.t, positions.numel() // closed.n
+        points = torch.arange(n, device=positions.device)
+        if closed.data_first:  # point-major (interleaved): position i t + j
+            grid = positions.view(n, s)
+            S = grid[0]
+            expected = points[:, None] * t + S[None, :]
+        else:  # task-major: position j n + i
+            grid = positions.view(s, n)
+            S = torch.div(grid[:, 0], n, rounding_mode="floor")
+            expected = S[:, None] * n + points[None, :]
+        if not (bool(((S >= 0) & (S < t)).all()) and torch.equal(grid, expected)):
+            return None
+        op = cast(LinearOperator, self)
+        Ks = [K[..., S, :][..., :, S].to(op.dtype) for K in closed.Ks]
+        D = closed.D[..., S, :][..., :, S].to(op.dtype)
+        if s == 1:
+            batch = torch.broadcast_shapes(op.batch_shape, *(M.batch_shape for M in closed.Ms))
+            res: LinearOperator | None = None
+            for M, K in zip(closed.Ms, Ks, strict=True):
+                term = M._expand_batch(batch) if M.batch_shape != batch else M
+                term = term._mul_constant(K[..., 0, 0].expand(batch))
+                res = term if res is None else res + term
+            assert res is not None
+            return res.add_diagonal(D[..., 0, :].expand(*batch, 1))
+        terms = [
+            KroneckerProductLinearOperator(
+                *((M, DenseLinearOperator(K)) if closed.data_first else (DenseLinearOperator(K), M))
+            )
+            for M, K in zip(closed.Ms, Ks, strict=True)
+        ]
+        eye = ConstantDiagLinearOperator(torch.ones(*D.shape[:-2], 1, dtype=op.dtype, device=op.device), diag_shape=n)
+        noise = (eye, DenseLinearOperator(D)) if closed.data_first else (DenseLinearOperator(D), eye)
+        return BlockMeanLCMLinearOperator(*terms, KroneckerProductLinearOperator(*noise))
 
     @contextlib.contextmanager
     def _fallback(self, what: str):

@@ -295,3 +295,74 @@ def test_a_zero_multiple_of_a_kronecker_sum_names_the_constant(kind, rank, value
     for c in (torch.tensor(value, dtype=DTYPE), torch.tensor([2.0, value], dtype=DTYPE).view(2, 1, 1)):
         with pytest.raises(ValueError, match=rf"constant c {word}.*needs c > 0.*Multiply by a positive constant"):
             (A * c).solve(torch.ones(*A.shape[:-1], 1, dtype=DTYPE))
+
+
+# ---------------------------------------------------------------- whole tasks of a noisy multitask covariance
+
+
+@pytest.mark.parametrize("kind, rank", KINDS)
+@pytest.mark.parametrize("batch", [UNBATCHED, torch.Size([2])], ids=["unbatched", "batch2"])
+def test_one_task_of_a_noisy_multitask_covariance_is_a_block_mean_operator(kind, rank, batch):
+    """``mvn[..., j]`` for the noisy multitask output of a closed-form Kronecker sum: its covariance, every point of
+    task ``j``, is :math:`\\sum_q K_q[j, j] M_q + D_{jj} I`, a block mean operator over the shared partition, but was
+    linear_operator's indexed sum with a ``ClosedFormFallbackWarning`` (its solves took the generic path). Now that
+    block mean operator: entries, solves, log-determinant and the gradients w.r.t. the model's parameters equal the
+    dense ones, with no fallback."""
+    from bma_gp import BlockMeanLinearOperator, ClosedFormFallbackWarning
+    from closed_form_guard import closed_forms_only
+
+    tasks = 3
+    A, params = _noisy_kronecker(kind, rank, batch, tasks=tasks, detach=False)
+    mvn = gpytorch.distributions.MultitaskMultivariateNormal(torch.zeros(*batch, N, tasks, dtype=DTYPE), A)
+    rhs = torch.randn(*batch, N, 1, generator=torch.Generator().manual_seed(5), dtype=DTYPE)
+    for j in range(tasks):
+        with closed_forms_only(N), warnings.catch_warnings():
+            warnings.simplefilter("error", ClosedFormFallbackWarning)
+            sub = mvn[..., j].lazy_covariance_matrix
+            assert isinstance(sub, BlockMeanLinearOperator), type(sub).__name__
+            solved = sub.solve(rhs)
+            inv_quad, logdet = sub.inv_quad_logdet(rhs, logdet=True)
+        ref = A.to_dense()[..., j::tasks, j::tasks]
+        ref_solved = torch.linalg.solve(ref, rhs)
+        ref_value = ((rhs * ref_solved).sum((-2, -1)) + torch.logdet(ref)).sum()
+        torch.testing.assert_close(sub.to_dense(), ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(solved, ref_solved, rtol=1e-9, atol=1e-10)
+        value = (inv_quad + logdet).sum()
+        torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-10)
+        got = torch.autograd.grad(value, params, allow_unused=True, retain_graph=True)
+        want = torch.autograd.grad(ref_value, params, allow_unused=True, retain_graph=True)
+        for a, b in zip(got, want, strict=True):
+            if b is None:
+                assert a is None or not bool(a.abs().max() > 0)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind, rank", KINDS)
+@pytest.mark.parametrize("tasks_index", [[2, 0], [1, 2], slice(0, 2)], ids=["2,0", "1,2", "0:2"])
+def test_a_set_of_whole_tasks_of_a_noisy_multitask_covariance_keeps_the_closed_form(kind, rank, tasks_index):
+    """``mvn[..., S]`` for a set of whole tasks ``S`` (a list, a slice): the Kronecker sum with the task factors
+    :math:`K_q[S, S]` and the noise :math:`D[S, S]`, solved in closed form (it was the warned indexed fallback);
+    other submatrices (a slice of points) keep the warned fallback."""
+    from bma_gp import ClosedFormFallbackWarning
+    from closed_form_guard import closed_forms_only
+
+    tasks = 3
+    A = _noisy_kronecker(kind, rank, tasks=tasks)
+    mvn = gpytorch.distributions.MultitaskMultivariateNormal(torch.zeros(N, tasks, dtype=DTYPE), A)
+    index = torch.tensor(tasks_index) if isinstance(tasks_index, list) else tasks_index
+    sub = mvn[..., index].lazy_covariance_matrix
+    S = torch.arange(tasks)[index]
+    positions = (torch.arange(N)[:, None] * tasks + S[None, :]).reshape(-1)
+    ref = A.to_dense()[positions][:, positions]
+    rhs = torch.randn(positions.numel(), 2, generator=torch.Generator().manual_seed(6), dtype=DTYPE)
+    with closed_forms_only(N), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        solved = sub.solve(rhs)
+        logdet = sub.logdet()
+    torch.testing.assert_close(sub.to_dense(), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(solved, torch.linalg.solve(ref, rhs), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(logdet, torch.logdet(ref), rtol=1e-10, atol=1e-10)
+    points = mvn[2:9, :].lazy_covariance_matrix  # not whole tasks: still the fallback, announced
+    with pytest.warns(ClosedFormFallbackWarning):
+        points.solve(torch.ones(points.shape[-1], 1, dtype=DTYPE))
