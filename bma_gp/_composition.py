@@ -1038,10 +1038,11 @@ class FallbackIndexedLinearOperator(_WarnsWhenFactorised, InterpolatedLinearOper
             # no principal submatrix of a multitask Kronecker sum is in the family: the advice below would not help
             warnings.warn(
                 f"{what} of rows and columns of a {name} (a multitask Kronecker sum with a block mean factor): no "
-                "submatrix of it, a principal one (M[a:b, a:b], M[idx][:, idx], one task's mvn[..., j]) included, "
-                "has a closed form here; linear_operator's generic path (dense Cholesky up to max_cholesky_size, CG "
-                "and Lanczos beyond) is used. Solve with the whole covariance (the model's full multitask output) "
-                "and select points or tasks from the result to keep the closed forms.",
+                "submatrix of it but whole tasks (every point of one task, mvn[..., j], or of several, mvn[..., S]) "
+                "has a closed form here, a principal one (M[a:b, a:b], M[idx][:, idx]) included; linear_operator's "
+                "generic path (dense Cholesky up to max_cholesky_size, CG and Lanczos beyond) is used. Solve with the "
+                "whole covariance (the model's full multitask output) and select points from the result to keep the "
+                "closed forms.",
                 ClosedFormFallbackWarning,
                 stacklevel=3,
             )
@@ -1073,13 +1074,15 @@ class FallbackIndexedLinearOperator(_WarnsWhenFactorised, InterpolatedLinearOper
 
 class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperator):
     r"""A negative multiple :math:`c M` of a :class:`~bma_gp.BlockMeanSumLinearOperator` (its root ``U U^T`` cannot
-    carry a negative factor): linear_operator's constant multiple. Products are exact; ``solve`` and the inverse
-    quadratic form are :math:`M`'s closed forms divided by :math:`c`; the log-determinant is :math:`M`'s plus
-    :math:`n \log |c|` (torch.logdet's semantics: NaN where :math:`c^n \det M < 0`, so for odd :math:`n` when
-    :math:`M` is positive definite). Roots (``root_decomposition``, ``root_inv_decomposition``, ``sqrt_inv_matmul``,
-    a Cholesky factor) raise a ``ValueError``: a negative definite matrix has no real root, and in a batch with
-    factors of both signs the entries with ``c < 0`` have none (the class holds only multiples with some
-    ``c < 0``; take the root of :math:`M` itself)."""
+    carry a negative factor) or of a noisy multitask Kronecker sum (:class:`BlockMeanSumKroneckerLinearOperator` and
+    its siblings, whose closed form needs a positive definite noise): linear_operator's constant multiple. Products
+    are exact; ``solve`` and the inverse quadratic form are :math:`M`'s closed forms divided by :math:`c`; the
+    log-determinant is :math:`M`'s plus :math:`n \log |c|` (torch.logdet's semantics: NaN where
+    :math:`c^n \det M < 0`, so for odd :math:`n` when :math:`M` is positive definite). Roots
+    (``root_decomposition``, ``root_inv_decomposition``, ``sqrt_inv_matmul``, a Cholesky factor) raise a
+    ``ValueError``: a negative definite matrix has no real root, and in a batch with factors of both signs the entries
+    with ``c < 0`` have none (the class holds only multiples with some ``c < 0``; take the root of :math:`M`
+    itself)."""
 
     def solve(self, right_tensor, left_tensor=None):
         res = self.base_linear_op.solve(right_tensor, left_tensor)
@@ -1263,7 +1266,8 @@ def _indexed_principal(op: FallbackIndexedLinearOperator) -> LinearOperator | No
     mean operator or a sum of them restricted to those points (relabelled; a permutation permutes the labels) keeps
     its closed forms. Repeated points are no principal submatrix (the diagonal of a repeated pair is not ``lam``)."""
     base = op.base_linear_op
-    if not isinstance(base, (BlockMeanLinearOperator, BlockMeanSumLinearOperator)):
+    tasks = isinstance(base, _ClosedKroneckerSum)  # whole tasks of a noisy multitask covariance (mvn[..., j])
+    if not (tasks or isinstance(base, (BlockMeanLinearOperator, BlockMeanSumLinearOperator))):
         return None
     rows, cols = op.left_interp_indices, op.right_interp_indices
     if rows.shape != cols.shape or rows.shape[-1] != 1 or rows.shape[-2] == 0 or base.batch_shape != op.batch_shape:
@@ -1278,7 +1282,7 @@ def _indexed_principal(op: FallbackIndexedLinearOperator) -> LinearOperator | No
     positions = positions.squeeze(-1)
     if torch.unique(positions).numel() != positions.numel():
         return None
-    return base._principal(positions)
+    return base._whole_tasks(positions) if tasks else base._principal(positions)
 
 
 def indexed_fallback(op: LinearOperator, row_index, col_index, *batch_indices) -> LinearOperator:
@@ -1824,6 +1828,51 @@ class _ClosedKroneckerSum(_KroneckerOfBlockMean):
             return type(self)(*(op._getitem(row_index, col_index, *batch_indices) for op in ops))
         return indexed_fallback(cast(LinearOperator, self), row_index, col_index, *batch_indices)
 
+    def _whole_tasks(self, positions: Tensor) -> LinearOperator | None:
+        r"""The principal submatrix over ``positions`` (distinct) where they are every point of some tasks ``S``, in
+        the layout's order (what ``mvn[..., j]`` and ``mvn[..., S]`` of a ``MultitaskMultivariateNormal`` take): for one
+        task ``j`` the block mean operator :math:`\sum_q K_q[j, j] M_q + D_{jj} I_n` over the shared partition, for
+        several the same Kronecker sum with the task factors :math:`K_q[S, S]` and the noise :math:`D[S, S]` (a
+        :class:`BlockMeanLCMLinearOperator`); ``None`` for any other points or where the sum has no closed form
+        (then the indexed fallback, which warns). linear_operator's indexed sum took CG (session 30: a warned
+        fallback)."""
+        closed = self._closed()
+        if closed is None or positions.dim() != 1 or positions.numel() % closed.n:
+            return None
+        n, t, s = closed.n, closed.t, positions.numel() // closed.n
+        points = torch.arange(n, device=positions.device)
+        if closed.data_first:  # point-major (interleaved): position i t + j
+            grid = positions.view(n, s)
+            S = grid[0]
+            expected = points[:, None] * t + S[None, :]
+        else:  # task-major: position j n + i
+            grid = positions.view(s, n)
+            S = torch.div(grid[:, 0], n, rounding_mode="floor")
+            expected = S[:, None] * n + points[None, :]
+        if not (bool(((S >= 0) & (S < t)).all()) and torch.equal(grid, expected)):
+            return None
+        op = cast(LinearOperator, self)
+        Ks = [K[..., S, :][..., :, S].to(op.dtype) for K in closed.Ks]
+        D = closed.D[..., S, :][..., :, S].to(op.dtype)
+        if s == 1:
+            batch = torch.broadcast_shapes(op.batch_shape, *(M.batch_shape for M in closed.Ms))
+            res: LinearOperator | None = None
+            for M, K in zip(closed.Ms, Ks, strict=True):
+                term = M._expand_batch(batch) if M.batch_shape != batch else M
+                term = term._mul_constant(K[..., 0, 0].expand(batch))
+                res = term if res is None else res + term
+            assert res is not None
+            return res.add_diagonal(D[..., 0, :].expand(*batch, 1))
+        terms = [
+            KroneckerProductLinearOperator(
+                *((M, DenseLinearOperator(K)) if closed.data_first else (DenseLinearOperator(K), M))
+            )
+            for M, K in zip(closed.Ms, Ks, strict=True)
+        ]
+        eye = ConstantDiagLinearOperator(torch.ones(*D.shape[:-2], 1, dtype=op.dtype, device=op.device), diag_shape=n)
+        noise = (eye, DenseLinearOperator(D)) if closed.data_first else (DenseLinearOperator(D), eye)
+        return BlockMeanLCMLinearOperator(*terms, KroneckerProductLinearOperator(*noise))
+
     @contextlib.contextmanager
     def _fallback(self, what: str):
         """Run linear_operator's path for ``what``, announced once (its inner Cholesky then stays quiet)."""
@@ -1850,11 +1899,44 @@ class _ClosedKroneckerSum(_KroneckerOfBlockMean):
         so that it stays a Kronecker product that the closed form reads (``MultivariateNormal * c`` scales its
         covariance so). linear_operator wrapped it in a ``ConstantMulLinearOperator`` (or, for ``rank=0``, made it a
         plain diagonal, whose entries carry gradients in training): the warned fallback, and for a
-        ``MultitaskKernel`` under ``rank >= 1`` an ``AttributeError`` inside linear_operator's Kronecker sum. Other
-        constants keep linear_operator's path."""
-        if torch.is_tensor(other) and other.numel() > 0 and bool((other > 0).all()):
-            return type(self)(*(_scaled_term(term, other) for term in cast(SumLinearOperator, self).linear_ops))
-        return super()._mul_constant(other)
+        ``MultitaskKernel`` under ``rank >= 1`` an ``AttributeError`` inside linear_operator's Kronecker sum.
+
+        A batch of constants broader than the sum's batch scales the sum expanded to it (views of its factors, the
+        closed form per entry; linear_operator's ``mul`` handed it to ``_mul_matrix``, which formed the dense
+        ``n t x n t`` matrix of every entry without a word). A negative constant gives a
+        :class:`FallbackScaledLinearOperator`, whose solves and log-determinant are this sum's closed forms divided
+        by ``c`` (and whose roots raise: a negative definite matrix has none); zero or NaN raise a ``ValueError``
+        that names ``c`` (they failed later, in a Cholesky factor or an ``AttributeError``, without naming it)."""
+        op = cast(LinearOperator, self)
+        c = other if torch.is_tensor(other) else torch.as_tensor(other, dtype=op.dtype, device=op.device)
+        if c.dim() > 0:
+            shape = torch.broadcast_shapes(op.batch_shape, c.shape)
+            if shape != op.batch_shape:
+                return op._expand_batch(shape)._mul_constant(c.expand(shape))
+        if c.numel() == 0:
+            return super()._mul_constant(other)
+        if bool((c > 0).all()):
+            return type(self)(*(_scaled_term(term, c) for term in cast(SumLinearOperator, self).linear_ops))
+        if bool((c < 0).any()) and not bool((c == 0).any() or c.isnan().any()):
+            return FallbackScaledLinearOperator(op, c)
+        zero = bool((c == 0).any())
+        where = " in some batch entries" if c.dim() else ""
+        raise ValueError(
+            f"c * A with the constant c {'zero' if zero else 'NaN'}{where}, for A a {type(self).__name__} (a noisy "
+            "multitask covariance): c A is then "
+            + ("the zero matrix, singular" if zero else "NaN")
+            + ", with no solve, log-determinant or root. The closed form of c A needs c > 0 (a negative c is solved "
+            "through A, (c A)^{-1} b = A^{-1} b / c). Multiply by a positive constant (a ScaleKernel's outputscale "
+            "stays positive), or leave the term out of the model instead of multiplying it by 0."
+        )
+
+    def _mul_matrix(self, other):
+        # A * c with c of shape (*batch, 1, 1) whose batch is not the sum's (linear_operator's mul takes only a batch
+        # equal to the operator's for a constant): the constant multiple, the sum expanded to the broadcast batch
+        constants = batch_constants(other)
+        if constants is not None:
+            return self._mul_constant(constants)
+        return super()._mul_matrix(other)
 
     def _closed_solve(self, closed, rhs: Tensor) -> Tensor:
         vector = rhs.dim() == 1

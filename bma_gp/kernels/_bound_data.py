@@ -29,7 +29,14 @@ from torch import Tensor
 
 from bma_gp import settings
 
-__all__ = ["check_bound_data", "check_prediction_dtype", "install", "record_bound_data"]
+__all__ = [
+    "check_bound_data",
+    "check_eager_inputs",
+    "check_prediction_dtype",
+    "check_training_inputs",
+    "install",
+    "record_bound_data",
+]
 
 _MISMATCH_MESSAGE = (
     "the model's training inputs do not match BlockMeanKernel.train_x, so the training covariance is not the block "
@@ -101,14 +108,14 @@ def _inputs_seen(kernel: Kernel, x: Tensor | None) -> Iterator[tuple[Kernel, Ten
 _FANTASY_MODEL: ContextVar[bool] = ContextVar("bma_gp_fantasy_model", default=False)
 
 
-def _check_training_inputs(strategy: DefaultPredictionStrategy) -> None:
+def check_training_inputs(strategy: DefaultPredictionStrategy) -> None:
     """``ValueError`` if a ``BlockMeanKernel`` in the model's kernel does not take the model's training inputs (as
     the kernels around it pass them on) for its own: it would treat them as new points, silently a different model."""
     _check_prior(strategy.train_prior_dist.lazy_covariance_matrix)
 
 
 def _check_prior(prior) -> None:
-    """:func:`_check_training_inputs` for the prior covariance of the model at its training inputs."""
+    """:func:`check_training_inputs` for the prior covariance of the model at its training inputs."""
     from gpytorch.lazy import LazyEvaluatedKernelTensor
 
     if not isinstance(prior, LazyEvaluatedKernelTensor):
@@ -118,11 +125,59 @@ def _check_prior(prior) -> None:
     # a fantasy model's training inputs are the kernel's followed by the fantasy points (new points for the kernel)
     extended = _FANTASY_MODEL.get()
     for module, seen in _inputs_seen(prior.kernel, prior.x1):
-        if seen is None or (seen.shape[-2] == module.train_x.shape[-2] or extended) and module._num_train_rows(seen):
-            continue
-        if seen.shape[-1] != module.train_x.shape[-1]:  # the model's inputs, but columns chosen by a kernel around it
-            raise ValueError(_COLUMNS_MESSAGE.format(seen=seen.shape[-1], bound=module.train_x.shape[-1]))
-        raise ValueError(_MISMATCH_MESSAGE)
+        if seen is not None:
+            _check_seen(module, seen, extended)
+
+
+def _check_seen(module, seen: Tensor, extended: bool) -> None:
+    """``ValueError`` unless the :class:`~bma_gp.BlockMeanKernel` ``module``, given ``seen`` where its ``forward``
+    gets the model's training inputs, takes them for its training inputs (``extended``: a fantasy model's, which
+    may be followed by the fantasy points)."""
+    if (seen.shape[-2] == module.train_x.shape[-2] or extended) and module._num_train_rows(seen):
+        return
+    if seen.shape[-1] != module.train_x.shape[-1]:  # the model's inputs, but columns chosen by a kernel around it
+        raise ValueError(_COLUMNS_MESSAGE.format(seen=seen.shape[-1], bound=module.train_x.shape[-1]))
+    raise ValueError(_MISMATCH_MESSAGE)
+
+
+# the number of training rows of the ExactGP being called with its kernels evaluated eagerly
+# (``lazily_evaluate_kernels(False)``) on its training inputs (training mode) or on them followed by test inputs (eval
+# mode): its prior is then no lazily evaluated kernel that :func:`_check_prior` could read, so each BlockMeanKernel
+# checks the inputs its ``forward`` gets (:func:`check_eager_inputs`); None outside such a call
+_EAGER_TRAINING_ROWS: ContextVar[int | None] = ContextVar("bma_gp_eager_training_rows", default=None)
+
+
+def check_eager_inputs(module, x1: Tensor, x2: Tensor) -> None:
+    """:func:`_check_prior` for a model evaluated eagerly: ``ValueError`` if the :class:`~bma_gp.BlockMeanKernel`
+    ``module``, whose ``forward`` gets ``x1`` and ``x2`` inside such a model call, is not given its training inputs
+    where the model's training inputs are (the first rows; the test inputs follow them in eval mode)."""
+    rows = _EAGER_TRAINING_ROWS.get()
+    if rows is None:
+        return
+    for x in (x1,) if x2 is x1 else (x1, x2):
+        if x.dim() >= 2 and x.shape[-2] >= rows:
+            _check_seen(module, x[..., :rows, :], _FANTASY_MODEL.get())
+
+
+def _eager_training_rows(model, args) -> int | None:
+    """What :data:`_EAGER_TRAINING_ROWS` holds while ``model(*args)`` runs: the number of the model's training rows
+    where its kernels are evaluated eagerly on inputs that start with its training inputs (a training call in
+    training mode; eval mode, which evaluates them on the training inputs followed by the test inputs, but for
+    ``prior_mode``), a model with a :class:`~bma_gp.BlockMeanKernel`; else None."""
+    from gpytorch import settings as gpt_settings
+
+    from bma_gp.kernels.block_mean_kernel import BlockMeanKernel, _inside_lazy_evaluation
+
+    if gpt_settings.lazily_evaluate_kernels.on() or _inside_lazy_evaluation() or not model.train_inputs:
+        return None
+    if model.training and not _is_training_call(model, args):
+        return None
+    if not model.training and gpt_settings.prior_mode.on():
+        return None
+    first = model.train_inputs[0]
+    if not torch.is_tensor(first) or not any(isinstance(m, BlockMeanKernel) for m in model.modules()):
+        return None
+    return first.shape[-2] if first.dim() > 1 else first.shape[-1]
 
 
 def record_bound_data(strategy: DefaultPredictionStrategy, kernel: Kernel) -> DefaultPredictionStrategy:
@@ -134,7 +189,7 @@ def record_bound_data(strategy: DefaultPredictionStrategy, kernel: Kernel) -> De
     """
     from bma_gp.kernels.block_mean_kernel import BlockMeanKernel  # that module builds the strategies
 
-    _check_training_inputs(strategy)
+    check_training_inputs(strategy)
     strategy._bound_data_versions = tuple(
         (module, module.data_version) for module in kernel.modules() if isinstance(module, BlockMeanKernel)
     )
@@ -353,7 +408,7 @@ def _record(model, strategy: DefaultPredictionStrategy) -> None:
             # their BlockMeanKernels get: refused as the block mean strategies refuse them (training mode checks
             # the same in __call__), with the strategy dropped so that the model keeps nothing built on them
             try:
-                _check_training_inputs(strategy)
+                check_training_inputs(strategy)
             except ValueError:
                 model.prediction_strategy = None
                 raise
@@ -432,9 +487,12 @@ def install() -> None:
             self.prediction_strategy = strategy = _rebuilt(self, strategy)
         if strategy is not None and not self.training:
             check_bound_data(strategy)
+        # with lazy evaluation off, the kernels check the inputs they get while the model evaluates them
+        eager = _EAGER_TRAINING_ROWS.set(_eager_training_rows(self, args))
         try:
             res = original(self, *args, **kwargs)
         finally:  # also when it raised after filling a cache (a size limit past an unchecked mean)
+            _EAGER_TRAINING_ROWS.reset(eager)
             if not validated and self.prediction_strategy is not None:
                 self.prediction_strategy._bma_gp_unvalidated = True
         if self.training:

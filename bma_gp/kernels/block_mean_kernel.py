@@ -27,7 +27,7 @@ from bma_gp.kernel_block_mean import (
     chunk_rows,
     optional_flag,
 )
-from bma_gp.kernels._bound_data import record_bound_data
+from bma_gp.kernels._bound_data import check_eager_inputs, check_training_inputs, record_bound_data
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.kernels.leading_rows_linear_operator import LeadingRowsLinearOperator
 from bma_gp.kernels.prediction_strategy import BlockMeanPredictionStrategy
@@ -601,6 +601,7 @@ class BlockMeanKernel(Kernel):
                 "at a time. Build the sum (or product) over the columns instead: AdditiveKernel(*[BlockMeanKernel("
                 "RBFKernel(active_dims=[j]), train_x, partition) for j in range(d)]) (ProductKernel for a product)."
             )
+        check_eager_inputs(self, x1, x2)  # inside a model evaluated with lazily_evaluate_kernels(False)
         train_x = self._train_x.to(device=x1.device, dtype=x1.dtype)
         r1, r2 = self._num_train_rows(x1), self._num_train_rows(x2)
         if r1 or r2:
@@ -719,6 +720,7 @@ class BlockMeanKernel(Kernel):
         strategy = BlockMeanPredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood)
         prior = train_prior_dist.lazy_covariance_matrix
         if isinstance(prior, LinearOperator) and not isinstance(prior.evaluate_kernel(), BlockMeanLinearOperator):
+            check_training_inputs(strategy)  # a kernel around this one gave it other columns: says so, with the fix
             raise ValueError(
                 "the model's training inputs do not match BlockMeanKernel.train_x, so the training covariance is "
                 "not the block mean approximation. After model.set_train_data(x, y), also call "
