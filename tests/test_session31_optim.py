@@ -246,3 +246,40 @@ def test_a_float64_default_dtype_does_not_change_the_steps_of_a_float32_model(pa
     a, b = run(torch.float32), run(torch.float64)
     assert a.dtype == b.dtype == torch.float32
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("partition", ["tensor", "row"])
+def test_an_entry_whose_h_overflows_never_moves_again_and_the_rest_step_as_the_reference(partition, fused):
+    """A finite float32 gradient entry of 1e30 makes ``h = inf`` there (docs/optimizer.md, "Entries whose h
+    overflows"): that entry never moves again, as with ``torch.optim.Adagrad``, nothing turns nan, and every other
+    entry steps as the dense float64 reference does when its ``h`` is inf there too (a gradient of 1e200)."""
+    from optim_reference import fused_at_any_size
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    start = flat(params).double()
+    labels = reference_labels(params, partition)
+    ref = DenseBlockMeanAdagrad(labels, torch.full((labels.numel(),), 0.1, dtype=torch.float64))
+    adagrad_param = torch.nn.Parameter(params[0].detach().clone())
+    adagrad = torch.optim.Adagrad([adagrad_param], lr=0.1)
+    theta = start
+    with fused_at_any_size():
+        opt = BlockMeanAdagrad(params, lr=0.1, partition=partition, fused=fused)
+        for t in range(4):
+            gen = torch.Generator().manual_seed(t)
+            grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+            ref_grads = [g.clone() for g in grads]
+            if t == 0:
+                grads[0][0, 0], ref_grads[0][0, 0] = 1e30, 1e200  # squares: inf in float32 and in float64
+            for p, g in zip(params, grads):
+                p.grad = g.float()
+            adagrad_param.grad = grads[0].float()
+            opt.step()
+            adagrad.step()
+            theta = ref.step(theta, flat(ref_grads), torch.ones(labels.numel(), dtype=torch.bool))
+            assert opt.state[params[0]]["sum"][0, 0] == float("inf")
+            assert params[0][0, 0] == start[0] == adagrad_param[0, 0]
+            assert all(torch.isfinite(opt.global_state[key]).all() for key in ("U", "w", "root_lam", "root_B"))
+            torch.testing.assert_close(flat(params).double(), theta, rtol=1e-5, atol=1e-6)
+    assert (flat(params).double() - start).abs().max() > 0.1  # the other entries moved
