@@ -283,3 +283,43 @@ def test_an_entry_whose_h_overflows_never_moves_again_and_the_rest_step_as_the_r
             assert all(torch.isfinite(opt.global_state[key]).all() for key in ("U", "w", "root_lam", "root_B"))
             torch.testing.assert_close(flat(params).double(), theta, rtol=1e-5, atol=1e-6)
     assert (flat(params).double() - start).abs().max() > 0.1  # the other entries moved
+
+
+def test_the_functional_step_bumps_the_versions_of_the_tensors_it_writes_when_the_workspace_saw_others():
+    """``block_mean_adagrad`` with a kept workspace and other parameter tensors of the same shapes (a rebuilt list,
+    ``load_state_dict(..., assign=True)``): the CPU step for one block per tensor writes them through numpy and bumped
+    the version counters of the tensors its cached views were made with. The tensors written kept their counters, so a
+    ``backward()`` through a graph that saved their old values ran on the new ones without an error (torch.optim's
+    in-place steps make autograd raise there), and the old tensors, not written, were marked as changed."""
+    from bma_gp.optim.functional import Workspace, block_mean_adagrad
+    from bma_gp.optim.param_blocks import ParamBlocks
+
+    torch.manual_seed(0)
+    first = [torch.randn(4, 3), torch.randn(5), torch.randn(2, 2)]
+    blocks = ParamBlocks.build(first, "tensor")
+    k = blocks.num_blocks
+    h = torch.zeros(blocks.bounds[-1])
+    stats = {"U": torch.zeros(k, k), "w": torch.zeros(k), "step": 0}
+    workspace = Workspace.build(blocks, h)
+
+    def step(params, seed):
+        gen = torch.Generator().manual_seed(seed)
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        n = len(params)
+        block_mean_adagrad(
+            params, grads, h, stats, blocks, workspace, lr=[0.1] * n, weight_decay=[0.0] * n, maximize=[False] * n,
+            eps=1e-10, damping=0.1, update_interval=1, mask=True, check_finite=True, fused=False,
+        )  # fmt: skip
+
+    step(first, 0)
+    second = [p.detach().clone().requires_grad_() for p in first]
+    loss = sum((p * p).sum() for p in second)  # saves the values of `second`
+    before_first = [p._version for p in first]
+    before_second = [p._version for p in second]
+    values = [p.detach().clone() for p in second]
+    step(second, 1)
+    assert not any(torch.equal(p.detach(), v) for p, v in zip(second, values))  # written
+    assert [p._version for p in first] == before_first
+    assert all(p._version > v for p, v in zip(second, before_second))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -445,6 +445,19 @@ class Workspace:
         self.zeros.clear()
         self.host_zeros.clear()
 
+    def forget_other_params(self, params: list[Tensor]) -> None:
+        """Drop the cached :attr:`views` whose parameters are not the tensors ``params`` (by identity): the functional
+        step may be called with other tensors of the same shapes (``load_state_dict(..., assign=True)``, a rebuilt
+        list), and the step bumps the version counters of the parameters cached there, which must be the ones it
+        writes. The class steps one list of the same parameters (its layout's) and does not call this."""
+        stale = [
+            key
+            for key, cached in self.views.items()
+            if any(old is not params[i] for old, i in zip(cached[-1], key[1:]))
+        ]
+        for key in stale:
+            del self.views[key]
+
     def mask_zeros(self, key: int, h: Tensor, r: Tensor, n: Tensor | None = None) -> None:
         """``r = 0`` where ``h = 0``, by the list of such entries (CPU); and ``n = 0`` there too where ``n`` is
         given: ``n = r^2 g`` (the update is ``r R (r g)``), so an entry whose ``g^2`` underflowed to 0 (``h`` stays
@@ -861,7 +874,8 @@ def block_mean_adagrad(
         blocks: the partition of the ``d`` entries, per tensor.
         workspace: buffers for ``state_sum`` and ``blocks`` (:meth:`Workspace.build`), kept between steps; unused
             by the fused path. ``None`` builds one for this call (correct, but it allocates and finds the entries
-            where ``h == 0`` again every step).
+            where ``h == 0`` again every step). It may be kept across calls with other parameter tensors of the same
+            shapes (its views of them are dropped and made again).
         lr, weight_decay, maximize: per parameter (numbers or one-element tensors, and bools; checked as the class
             checks them). The step runs under ``torch.no_grad()``: no need to wrap the call.
         eps, damping, update_interval, correlation: as in :class:`~bma_gp.optim.BlockMeanAdagrad`.
@@ -926,6 +940,11 @@ def block_mean_adagrad(
     stats.setdefault("root_lam", None)  # no root yet: computed at this step
     stats.setdefault("root_B", None)
     stats.setdefault("root_step", None)
+    if workspace is not None:
+        # the CPU step for one block per tensor bumps the version counters of the parameters its cached views were
+        # made with: other tensors of the same shapes (a rebuilt list) would be written with their counters unbumped
+        # (autograd would not refuse a graph that saved their old values) and the old ones bumped
+        workspace.forget_other_params(params)
     # under torch.inference_mode() the buffers the step makes (a workspace, the root) would be inference tensors,
     # without the version counters it keeps its caches by: it runs outside, as the class's step does
     with contextlib.ExitStack() as outside:
