@@ -323,3 +323,44 @@ def test_the_functional_step_bumps_the_versions_of_the_tensors_it_writes_when_th
     assert all(p._version > v for p, v in zip(second, before_second))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize(
+    ("partition", "numel"),
+    [("row", 12), ("tensor", 40000), (lambda p: torch.arange(p.numel()).reshape(p.shape) % 2, 12)],
+    ids=["row", "tensor-torch-form", "callable"],
+)
+def test_the_functional_step_after_h_is_reset_in_place_does_not_move_entries_without_gradient(partition, numel):
+    """``block_mean_adagrad`` with a kept workspace after ``state_sum.zero_()`` (a warm restart): the workspace's CPU
+    lists of the entries where ``h == 0`` assume that ``h`` only grows, and were kept, so an entry whose gradient was
+    0 at the next step had ``r = eps^(-1/2)`` instead of 0 and moved (by 236 at ``lr = 0.1`` with ``"row"``, 20 with a
+    tensor of 40,000 entries), where the class's step (which checks ``h``'s version counter) and a fresh workspace
+    leave it. The kept workspace now steps as a fresh one."""
+    from bma_gp.optim.functional import Workspace, block_mean_adagrad
+    from bma_gp.optim.param_blocks import ParamBlocks
+
+    def run(keep):
+        torch.manual_seed(0)
+        params = [torch.randn(numel), torch.randn(5), torch.randn(3, 4)]
+        blocks = ParamBlocks.build(params, partition)
+        k = blocks.num_blocks
+        h = torch.zeros(blocks.bounds[-1])
+        stats = {"U": torch.zeros(k, k), "w": torch.zeros(k), "step": 0}
+        workspace = Workspace.build(blocks, h) if keep else None
+        n = len(params)
+        for t in range(4):
+            gen = torch.Generator().manual_seed(t)
+            grads = [torch.randn(p.shape, generator=gen) for p in params]
+            if t == 3:
+                h.zero_()
+                grads[0][:4] = 0
+                held = params[0][:4].clone()
+            block_mean_adagrad(
+                params, grads, h, stats, blocks, workspace, lr=[0.1] * n, weight_decay=[0.0] * n,
+                maximize=[False] * n, eps=1e-10, damping=0.1, update_interval=1, mask=True, check_finite=True,
+                fused=False,
+            )  # fmt: skip
+        assert torch.equal(params[0][:4], held)  # h = 0 and g = 0 there: not moved
+        return flat(params)
+
+    torch.testing.assert_close(run(keep=True), run(keep=False), rtol=1e-6, atol=1e-6)

@@ -391,6 +391,9 @@ class Workspace:
             arrays still point: they are made again.
         h_max: per tensor, an upper bound of its ``h`` (:func:`_tensor_blocks_cpu_step`'s ratio form), valid while
             ``h``'s version counter is ``h_version`` (else checked against ``h``, :func:`_ratio_scales`).
+        stepped_version: ``h``'s version counter after the last step of the functional :func:`block_mean_adagrad` with
+            this workspace (``-1`` before one): where it moved since (``h.zero_()``, a warm restart), the lists in
+            :attr:`zeros` are rebuilt from ``h``. The class keeps its own record and does not use this.
         chain_until: per tensor, the step until which it takes the chain form (a gradient entry was exactly 0, or
             no scale of the ratio form was safe).
         one: a 0-d tensor holding 1 (the step count handed to torch's fused AdaGrad kernel).
@@ -421,6 +424,7 @@ class Workspace:
     h_ptr: int = 0
     h_max: dict[int, float] = field(default_factory=dict)
     h_version: int = -1
+    stepped_version: int = -1
     chain_until: dict[int, int] = field(default_factory=dict)
     one: Tensor | None = None
     dots: Tensor | None = None
@@ -945,6 +949,11 @@ def block_mean_adagrad(
         # made with: other tensors of the same shapes (a rebuilt list) would be written with their counters unbumped
         # (autograd would not refuse a graph that saved their old values) and the old ones bumped
         workspace.forget_other_params(params)
+        if workspace.stepped_version != state_sum._version:
+            # h changed since this workspace's last step (a reset in place, h.zero_()): some entry may be 0 again, and
+            # the CPU lists of such entries assume that h only grows (a kept list left r = eps^(-1/2) there, and an
+            # entry whose gradient was 0 moved by 236 at lr = 0.1), as the class's step checks its own record
+            workspace.forget_zeros()
     # under torch.inference_mode() the buffers the step makes (a workspace, the root) would be inference tensors,
     # without the version counters it keeps its caches by: it runs outside, as the class's step does
     with contextlib.ExitStack() as outside:
@@ -970,6 +979,8 @@ def block_mean_adagrad(
             fused=fused,
         )
     stats[FINGERPRINT_KEY] = fingerprint  # these statistics now belong to these blocks
+    if workspace is not None:
+        workspace.stepped_version = state_sum._version
 
 
 #: the tensors of a functional step's ``stats`` (the statistics and the cached root)
