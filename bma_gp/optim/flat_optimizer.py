@@ -821,7 +821,9 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         """The torch state dict plus ``"global_state"`` (the state spanning all parameters) and, where a subclass has
         them, ``"hyperparameters"`` (its optimizer-wide hyperparameters, plain numbers: ``eps``, ...).
 
-        Like torch's, the returned tensors are references, not copies. Hooks registered with
+        Like torch's, the returned tensors are references, not copies; the step count and the other plain numbers are
+        copied now (a dict kept while training goes on pairs later statistics with this count: deep-copy it to keep
+        it). Hooks registered with
         ``register_state_dict_post_hook`` get the whole dict, ``"global_state"`` included.
         """
         with self._torch_hooks_held("_optimizer_state_dict_post_hooks") as (post_hooks,):

@@ -391,6 +391,9 @@ class Workspace:
             arrays still point: they are made again.
         h_max: per tensor, an upper bound of its ``h`` (:func:`_tensor_blocks_cpu_step`'s ratio form), valid while
             ``h``'s version counter is ``h_version`` (else checked against ``h``, :func:`_ratio_scales`).
+        stepped_version: ``h``'s version counter after the last step of the functional :func:`block_mean_adagrad` with
+            this workspace (``-1`` before one): where it moved since (``h.zero_()``, a warm restart), the lists in
+            :attr:`zeros` are rebuilt from ``h``. The class keeps its own record and does not use this.
         chain_until: per tensor, the step until which it takes the chain form (a gradient entry was exactly 0, or
             no scale of the ratio form was safe).
         one: a 0-d tensor holding 1 (the step count handed to torch's fused AdaGrad kernel).
@@ -421,6 +424,7 @@ class Workspace:
     h_ptr: int = 0
     h_max: dict[int, float] = field(default_factory=dict)
     h_version: int = -1
+    stepped_version: int = -1
     chain_until: dict[int, int] = field(default_factory=dict)
     one: Tensor | None = None
     dots: Tensor | None = None
@@ -444,6 +448,19 @@ class Workspace:
         next step, after ``h`` was changed outside the steps."""
         self.zeros.clear()
         self.host_zeros.clear()
+
+    def forget_other_params(self, params: list[Tensor]) -> None:
+        """Drop the cached :attr:`views` whose parameters are not the tensors ``params`` (by identity): the functional
+        step may be called with other tensors of the same shapes (``load_state_dict(..., assign=True)``, a rebuilt
+        list), and the step bumps the version counters of the parameters cached there, which must be the ones it
+        writes. The class steps one list of the same parameters (its layout's) and does not call this."""
+        stale = [
+            key
+            for key, cached in self.views.items()
+            if any(old is not params[i] for old, i in zip(cached[-1], key[1:]))
+        ]
+        for key in stale:
+            del self.views[key]
 
     def mask_zeros(self, key: int, h: Tensor, r: Tensor, n: Tensor | None = None) -> None:
         """``r = 0`` where ``h = 0``, by the list of such entries (CPU); and ``n = 0`` there too where ``n`` is
@@ -861,7 +878,8 @@ def block_mean_adagrad(
         blocks: the partition of the ``d`` entries, per tensor.
         workspace: buffers for ``state_sum`` and ``blocks`` (:meth:`Workspace.build`), kept between steps; unused
             by the fused path. ``None`` builds one for this call (correct, but it allocates and finds the entries
-            where ``h == 0`` again every step).
+            where ``h == 0`` again every step). It may be kept across calls with other parameter tensors of the same
+            shapes (its views of them are dropped and made again).
         lr, weight_decay, maximize: per parameter (numbers or one-element tensors, and bools; checked as the class
             checks them). The step runs under ``torch.no_grad()``: no need to wrap the call.
         eps, damping, update_interval, correlation: as in :class:`~bma_gp.optim.BlockMeanAdagrad`.
@@ -926,6 +944,16 @@ def block_mean_adagrad(
     stats.setdefault("root_lam", None)  # no root yet: computed at this step
     stats.setdefault("root_B", None)
     stats.setdefault("root_step", None)
+    if workspace is not None:
+        # the CPU step for one block per tensor bumps the version counters of the parameters its cached views were
+        # made with: other tensors of the same shapes (a rebuilt list) would be written with their counters unbumped
+        # (autograd would not refuse a graph that saved their old values) and the old ones bumped
+        workspace.forget_other_params(params)
+        if workspace.stepped_version != state_sum._version:
+            # h changed since this workspace's last step (a reset in place, h.zero_()): some entry may be 0 again, and
+            # the CPU lists of such entries assume that h only grows (a kept list left r = eps^(-1/2) there, and an
+            # entry whose gradient was 0 moved by 236 at lr = 0.1), as the class's step checks its own record
+            workspace.forget_zeros()
     # under torch.inference_mode() the buffers the step makes (a workspace, the root) would be inference tensors,
     # without the version counters it keeps its caches by: it runs outside, as the class's step does
     with contextlib.ExitStack() as outside:
@@ -951,6 +979,8 @@ def block_mean_adagrad(
             fused=fused,
         )
     stats[FINGERPRINT_KEY] = fingerprint  # these statistics now belong to these blocks
+    if workspace is not None:
+        workspace.stepped_version = state_sum._version
 
 
 #: the tensors of a functional step's ``stats`` (the statistics and the cached root)
