@@ -226,6 +226,27 @@ class GroupNoise(Noise):
         self._ids_column_seen = False
         return seen
 
+    def _stored_groups_of(self, inputs) -> Tensor | None:
+        """The stored training groups where ``inputs`` are a model's training inputs as prediction strategies pass
+        them (GPyTorch's and bma-gp's call ``likelihood(train_prior, train_inputs)`` with the list of input tensors)
+        and the training groups were given as 1-D ids that no input column is known to hold (``group_dim`` not
+        given, and no column seen to hold them): the inputs need not hold the groups then. Reading their last column
+        instead gave the training points the noise of another column's values, silently where those were whole
+        numbers in range (a covariate such as a day count: the posterior mean 0.7467 against 0.7361), or a
+        ``ValueError`` about values never passed as ids. None where the column is to be read."""
+        if not isinstance(inputs, (list, tuple)) or not inputs or self.train_groups is None:
+            return None
+        if self._train_columns is not None:  # the stored ids were read from the inputs' own column
+            return None
+        # getattr: a likelihood pickled by an older version has neither attribute (it read the column)
+        if getattr(self, "_group_dim_declared", True) or getattr(self, "_ids_column_seen", False):
+            return None
+        first = inputs[0]
+        if not torch.is_tensor(first) or first.dim() == 0:
+            return None
+        points = first.shape[-2] if first.dim() > 1 else first.shape[-1]
+        return self.train_groups if points == self.train_groups.shape[-1] else None
+
     def _check_train_groups(self, ids: Tensor, model_inputs) -> None:
         """``ValueError`` if ``model_inputs`` (the inputs an :class:`~gpytorch.models.ExactGP` output was computed
         at in training mode) hold other group ids than the stored training groups ``ids``: the model was given new
@@ -327,7 +348,8 @@ class GroupNoise(Noise):
                 groups = groups.squeeze(-1)  # an (n, 1) column of ids (df[["g"]]), as group_partition takes it
             ids = check_group_ids(groups, self.num_groups, "groups")
         elif params and params[0] is not None:
-            ids = self.groups_of(params[0])
+            stored = self._stored_groups_of(params[0])
+            ids = self.groups_of(params[0]) if stored is None else stored
         elif self.training and self.train_groups is not None:
             ids = self.train_groups
             self._check_train_groups(ids, model_inputs)

@@ -1,0 +1,102 @@
+"""Session 31, mixed-effects user trial: per-group noise with the groups given as 1-D ids."""
+
+from __future__ import annotations
+
+import warnings
+
+import gpytorch
+import pytest
+import torch
+
+from bma_gp import GroupGaussianLikelihood
+
+DTYPE = torch.float64
+
+
+class _SmoothGP(gpytorch.models.ExactGP):
+    """A smooth GP on the inputs alone: the groups reach only the likelihood (heteroscedastic noise by group)."""
+
+    def __init__(self, x, y, likelihood):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def _days_data():
+    """sleepstudy's layout: 18 subjects, days 0..9. The only input column (days) holds whole numbers below the
+    number of subjects, so it reads as valid group ids."""
+    generator = torch.Generator().manual_seed(0)
+    k = 18
+    groups = torch.arange(k).repeat_interleave(10)
+    days = torch.arange(10, dtype=DTYPE).repeat(k)
+    y = torch.sin(days / 3) + torch.randn(k * 10, generator=generator, dtype=DTYPE) * (0.1 + groups.to(DTYPE) / 10)
+    return days.unsqueeze(-1), y, groups, k
+
+
+def _dense_posterior(model, x, y, groups, x_test):
+    """Mean and variance at ``x_test`` with each training point's own group noise, by dense linear algebra."""
+    with torch.no_grad():
+        noise = model.likelihood.noise[groups]
+        K = model.covar_module(x).to_dense() + torch.diag(noise)
+        cross = model.covar_module(x_test, x).to_dense()
+        mean = model.mean_module(x_test) + cross @ torch.linalg.solve(K, y - model.mean_module(x))
+        prior = model.covar_module(x_test, diag=True)
+        variance = prior - (cross * torch.linalg.solve(K, cross.mT).mT).sum(-1)
+    return mean, variance
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_training_groups_given_as_ids_are_the_groups_of_the_training_points_in_prediction(trained):
+    # GroupGaussianLikelihood(k, train_inputs=ids): "the inputs need not hold them" (docs/mixed.md). The
+    # prediction strategy hands the likelihood the training inputs, whose last column was read as the groups:
+    # here the days, so the posterior mean was 0.7467 / 0.6580 against 0.7361 / 0.6240, without a warning
+    x, y, groups, k = _days_data()
+    likelihood = GroupGaussianLikelihood(k, train_inputs=groups)
+    model = _SmoothGP(x, y, likelihood).to(DTYPE)
+    with torch.no_grad():
+        likelihood.noise = torch.linspace(0.01, 3.0, k)
+    if trained:
+        model.train()
+        loss = -gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y)
+        loss.backward()
+    model.eval()
+    x_test = torch.tensor([[2.5], [7.0], [0.0]], dtype=DTYPE)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pred = model(x_test)
+        noisy = likelihood(model(x_test), groups=torch.tensor([0, 17, 5]))
+    mean, variance = _dense_posterior(model, x, y, groups, x_test)
+    torch.testing.assert_close(pred.mean, mean, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(pred.variance, variance, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(noisy.variance - pred.variance, likelihood.noise[[0, 17, 5]].detach())
+
+
+def test_ids_as_a_second_model_input_predict():
+    # GPyTorch's Hadamard layout, (x, ids) as two inputs, with the noise per group given the ids: the strategy's
+    # training inputs start with x (not whole numbers), and prediction raised "inputs[..., -1] holds 0.41..."
+    x, y, groups, k = _days_data()
+    x = x + 0.5  # not whole numbers
+
+    class TwoInputs(gpytorch.models.ExactGP):
+        def __init__(self, x, ids, y, likelihood):
+            super().__init__((x, ids), y, likelihood)
+            self.mean_module = gpytorch.means.ConstantMean()
+            self.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+
+        def forward(self, x, ids):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+    likelihood = GroupGaussianLikelihood(k, train_inputs=groups)
+    model = TwoInputs(x, groups, y, likelihood).to(DTYPE)
+    with torch.no_grad():
+        likelihood.noise = torch.linspace(0.01, 3.0, k)
+    model.eval()
+    x_test = torch.tensor([[2.5], [7.25]], dtype=DTYPE)
+    with torch.no_grad():
+        pred = model(x_test, torch.tensor([1, 2]))
+    mean, variance = _dense_posterior(model, x, y, groups, x_test)
+    torch.testing.assert_close(pred.mean, mean, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(pred.variance, variance, rtol=1e-8, atol=1e-10)
