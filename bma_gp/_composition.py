@@ -108,6 +108,24 @@ def _is_lazy_block_mean(op) -> bool:
     )
 
 
+def _is_lazy_inducing(op) -> bool:
+    """A lazily evaluated inducing-point kernel alone (possibly in ``ScaleKernel`` wrappers): evaluated, a low-rank
+    root (plus its diagonal correction in eval mode). A model that adds kernel outputs in its ``forward``
+    (``self.sgpr(x) + self.groups(x)``, the only way with the group ids as a second input) made a sum of lazy tensors
+    whose SGPR summand had no place in the closed forms: GPyTorch's ``InducingPointKernel`` trained by a dense Cholesky
+    (CG and Lanczos past ``max_cholesky_size``), and both it and ``ChunkedInducingPointKernel`` predicted so, with a
+    warning, where the same kernels added as kernels (``covar_module = sgpr + groups``) stay closed form."""
+    from gpytorch.kernels import InducingPointKernel, ScaleKernel
+    from gpytorch.lazy import LazyEvaluatedKernelTensor
+
+    if not isinstance(op, LazyEvaluatedKernelTensor):
+        return False
+    kernel = op.kernel
+    while isinstance(kernel, ScaleKernel):
+        kernel = kernel.base_kernel
+    return isinstance(kernel, InducingPointKernel)
+
+
 def _sums_inducing_points(kernel) -> bool:
     """Whether ``kernel`` (possibly scaled) is a sum with a ``ChunkedInducingPointKernel`` among its summands
     (``ChunkedInducingPointKernel + ConstantKernel``): evaluated, it is a low-rank root plus the other summands, a
@@ -289,7 +307,7 @@ def _collect(op, parts: _Parts) -> bool:
         else:
             parts.roots.append(root.to_dense() if isinstance(root, LinearOperator) else root)
         return True
-    if _is_lazy_block_mean(op) or _is_lazy_root(op):
+    if _is_lazy_block_mean(op) or _is_lazy_root(op) or _is_lazy_inducing(op):
         return _collect(op.evaluate_kernel(), parts)
     constant = _expanded_constant(op)
     if constant is not None:

@@ -1,4 +1,5 @@
-"""Session 31, mixed-effects user trial: per-group noise with the groups given as 1-D ids."""
+"""Session 31, mixed-effects user trial: per-group noise with the groups given as 1-D ids, SGPR and groups added in
+a model's forward."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import gpytorch
 import pytest
 import torch
 
-from bma_gp import GroupGaussianLikelihood
+from bma_gp import ChunkedInducingPointKernel, ClosedFormFallbackWarning, GroupGaussianLikelihood, GroupKernel
+from closed_form_guard import closed_forms_only
 
 DTYPE = torch.float64
 
@@ -147,3 +149,90 @@ def test_fantasy_with_ids_given_and_held_in_the_last_column():
     )
     torch.testing.assert_close(pred.mean, mean, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(pred.variance, variance, rtol=1e-8, atol=1e-10)
+
+
+class _ForwardSum(gpytorch.models.ExactGP):
+    """SGPR on column 0 plus a random intercept on column 1, added in ``forward`` (the only way when the kernels take
+    different inputs) instead of as ``covar_module = sgpr + group``."""
+
+    def __init__(self, x, y, likelihood, inducing_kernel, num_groups):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean()
+        base = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+        inducing = torch.linspace(0, 4, 8, dtype=x.dtype).unsqueeze(-1)
+        self.sgpr = inducing_kernel(base, inducing, likelihood, active_dims=[0])
+        self.group = GroupKernel(num_groups, active_dims=[1])
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.sgpr(x) + self.group(x))
+
+
+def _forward_sum_data():
+    generator = torch.Generator().manual_seed(1)
+    n, k = 120, 6
+    groups = torch.randint(0, k, (n,), generator=generator)
+    x = 4 * torch.rand(n, generator=generator, dtype=DTYPE)
+    y = torch.sin(x) + groups.to(DTYPE) / 5 + 0.2 * torch.randn(n, generator=generator, dtype=DTYPE)
+    return torch.stack([x, groups.to(DTYPE)], -1), y, k
+
+
+def _sgpr_parts(model, x):
+    """The model's SGPR pieces by dense algebra: ``Q = K_xz K_zz^{-1} K_zx`` and the exact prior diagonal."""
+    base = model.sgpr.base_kernel
+    z = model.sgpr.inducing_points
+    cross = base(x[:, :1], z).to_dense()
+    return cross @ torch.linalg.solve(base(z).to_dense(), cross.mT), base(x[:, :1], diag=True)
+
+
+@pytest.mark.parametrize("inducing_kernel", [gpytorch.kernels.InducingPointKernel, ChunkedInducingPointKernel])
+def test_sgpr_and_groups_added_in_forward_train_and_predict_in_closed_form(inducing_kernel):
+    # the same kernels as covar_module = sgpr + group are closed form; added as outputs in forward, GPyTorch's
+    # InducingPointKernel trained by a dense Cholesky of the n x n sum (CG and Lanczos past max_cholesky_size) and
+    # both kernels predicted so (linear_cg inside the guard), with a ClosedFormFallbackWarning
+    x, y, k = _forward_sum_data()
+    n = x.shape[0]
+    likelihood = gpytorch.likelihoods.GaussianLikelihood()
+    model = _ForwardSum(x, y, likelihood, inducing_kernel, k + 1).to(DTYPE)
+    model.train()
+    with warnings.catch_warnings(), closed_forms_only(n), gpytorch.settings.max_cholesky_size(0):
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        loss = -gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y)
+        loss.backward()
+    params = dict(model.named_parameters())
+    grads = {name: p.grad.clone() for name, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    # the reference: SGPR's collapsed bound by dense algebra, differentiated by autograd
+    Q, prior = _sgpr_parts(model, x)
+    noise = likelihood.noise
+    groups = x[:, 1].long()
+    C = Q + model.group.var * (groups.unsqueeze(-1) == groups).to(DTYPE) + noise * torch.eye(n, dtype=DTYPE)
+    r = y - model.mean_module.constant
+    fit = r @ torch.linalg.solve(C, r) + torch.logdet(C) + n * torch.log(torch.tensor(2 * torch.pi, dtype=DTYPE))
+    reference = (0.5 * fit + 0.5 * (prior - Q.diagonal()).sum() / noise.squeeze()) / n
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-10, atol=1e-12)
+    for name, p in params.items():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-7, atol=1e-9 * float(p.grad.abs().max()) + 1e-12)
+
+    model.eval()
+    x_test = torch.tensor([[1.0, 0.0], [2.0, 4.0], [3.0, k], [0.3, 2.0]], dtype=DTYPE)
+    with torch.no_grad(), warnings.catch_warnings(), closed_forms_only(n), gpytorch.settings.max_cholesky_size(0):
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        # GPyTorch's default strategy for an evaluated training covariance, as for any forward that adds outputs;
+        # its solves are the closed-form ones (the guard)
+        warnings.filterwarnings("ignore", "the training covariance is an evaluated", ClosedFormFallbackWarning)
+        pred = model(x_test)
+        mean, covariance = pred.mean, pred.covariance_matrix
+    with torch.no_grad():
+        # GPyTorch's prediction for this model: in eval mode the SGPR covariance carries its diagonal correction
+        inputs = torch.cat([x, x_test])
+        Q, prior = _sgpr_parts(model, inputs)
+        ids = inputs[:, 1].long()
+        K = Q + torch.diag(prior - Q.diagonal()) + model.group.var * (ids.unsqueeze(-1) == ids).to(DTYPE)
+        train = K[:n, :n] + likelihood.noise * torch.eye(n, dtype=DTYPE)
+        cross = K[n:, :n]
+        expected_mean = model.mean_module.constant + cross @ torch.linalg.solve(train, y - model.mean_module.constant)
+        expected_covariance = K[n:, n:] - cross @ torch.linalg.solve(train, cross.mT)
+    torch.testing.assert_close(mean, expected_mean, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(covariance, expected_covariance, rtol=1e-8, atol=1e-11)
