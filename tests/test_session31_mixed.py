@@ -236,3 +236,55 @@ def test_sgpr_and_groups_added_in_forward_train_and_predict_in_closed_form(induc
         expected_covariance = K[n:, n:] - cross @ torch.linalg.solve(train, cross.mT)
     torch.testing.assert_close(mean, expected_mean, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(covariance, expected_covariance, rtol=1e-8, atol=1e-11)
+
+
+class _Added(gpytorch.models.ExactGP):
+    """``first + GroupKernel`` on column 1, added as kernels or as outputs in ``forward``."""
+
+    def __init__(self, x, y, likelihood, first, num_groups, in_forward):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ZeroMean()
+        self.first, self.group = first, GroupKernel(num_groups, active_dims=[1])
+        self.covar_module = first + self.group
+        self.in_forward = in_forward
+
+    def forward(self, x):
+        covariance = self.first(x) + self.group(x) if self.in_forward else self.covar_module(x)
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), covariance)
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        lambda: gpytorch.kernels.ConstantKernel(),
+        lambda: gpytorch.kernels.ScaleKernel(gpytorch.kernels.LinearKernel(active_dims=[0])),
+    ],
+    ids=["constant", "linear"],
+)
+def test_constant_and_linear_kernels_added_in_forward_are_the_kernel_sum(first):
+    # ConstantKernel() + GroupKernel and LinearKernel + GroupKernel are closed form as kernels; added in forward they
+    # trained by a dense Cholesky of the n x n sum (CG and Lanczos past max_cholesky_size), with a warning
+    x, y, k = _forward_sum_data()
+    n = x.shape[0]
+    results = []
+    for in_forward in (True, False):
+        torch.manual_seed(0)
+        likelihood = gpytorch.likelihoods.GaussianLikelihood()
+        model = _Added(x, y, likelihood, first(), k + 1, in_forward).to(DTYPE)
+        model.train()
+        with warnings.catch_warnings(), closed_forms_only(n), gpytorch.settings.max_cholesky_size(0):
+            warnings.simplefilter("error", ClosedFormFallbackWarning)
+            loss = -gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y)
+            loss.backward()
+        model.eval()
+        with torch.no_grad(), warnings.catch_warnings(), closed_forms_only(n), gpytorch.settings.max_cholesky_size(0):
+            warnings.simplefilter("error", ClosedFormFallbackWarning)
+            warnings.filterwarnings("ignore", "the training covariance is an evaluated", ClosedFormFallbackWarning)
+            pred = model(torch.tensor([[1.0, 0.0], [2.5, k]], dtype=DTYPE))
+            results.append((loss, {name: p.grad for name, p in model.named_parameters()}, pred.mean, pred.variance))
+    (loss, grads, mean, variance), (loss_k, grads_k, mean_k, variance_k) = results
+    torch.testing.assert_close(loss, loss_k, rtol=1e-12, atol=1e-12)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_k[name], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(mean, mean_k, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(variance, variance_k, rtol=1e-9, atol=1e-11)
