@@ -108,6 +108,26 @@ def _is_lazy_block_mean(op) -> bool:
     )
 
 
+def _is_lazy_family_kernel(op) -> bool:
+    """A lazily evaluated kernel alone (possibly in ``ScaleKernel`` wrappers) whose evaluation is in the closed-form
+    family: an inducing-point kernel (a low-rank root, plus its diagonal correction in eval mode), a ``LinearKernel``
+    (a root of the inputs' columns) or a ``ConstantKernel`` (one block of all points). A model that adds kernel
+    outputs in its ``forward`` (``self.sgpr(x) + self.groups(x)``, the only way with the group ids as a second input)
+    made a sum of lazy tensors where these had no place in the closed forms, though the same kernels added as kernels
+    (``covar_module = sgpr + groups``) have one: GPyTorch's ``InducingPointKernel``, ``LinearKernel`` and
+    ``ConstantKernel`` trained by a dense Cholesky of the ``n x n`` sum (CG and Lanczos past ``max_cholesky_size``),
+    and a ``ChunkedInducingPointKernel`` predicted so, with a warning."""
+    from gpytorch.kernels import ConstantKernel, InducingPointKernel, LinearKernel, ScaleKernel
+    from gpytorch.lazy import LazyEvaluatedKernelTensor
+
+    if not isinstance(op, LazyEvaluatedKernelTensor):
+        return False
+    kernel = op.kernel
+    while isinstance(kernel, ScaleKernel):
+        kernel = kernel.base_kernel
+    return isinstance(kernel, (InducingPointKernel, LinearKernel, ConstantKernel))
+
+
 def _sums_inducing_points(kernel) -> bool:
     """Whether ``kernel`` (possibly scaled) is a sum with a ``ChunkedInducingPointKernel`` among its summands
     (``ChunkedInducingPointKernel + ConstantKernel``): evaluated, it is a low-rank root plus the other summands, a
@@ -289,7 +309,7 @@ def _collect(op, parts: _Parts) -> bool:
         else:
             parts.roots.append(root.to_dense() if isinstance(root, LinearOperator) else root)
         return True
-    if _is_lazy_block_mean(op) or _is_lazy_root(op):
+    if _is_lazy_block_mean(op) or _is_lazy_root(op) or _is_lazy_family_kernel(op):
         return _collect(op.evaluate_kernel(), parts)
     constant = _expanded_constant(op)
     if constant is not None:

@@ -374,6 +374,16 @@ def _check_noise_first(model, inputs, noise) -> None:
         _check_fantasy_noise(noise, first.shape[-2] if first.dim() > 1 else first.shape[-1])
 
 
+def _check_fantasy_groups(model) -> None:
+    """``ValueError`` before a fantasy of ``model`` whose :class:`~bma_gp.GroupGaussianLikelihood` cannot find the
+    fantasy points' groups (:meth:`~bma_gp.GroupNoise._check_fantasy_inputs`)."""
+    from bma_gp.likelihoods import GroupNoise
+
+    for module in model.likelihood.modules() if model.likelihood is not None else ():
+        if isinstance(module, GroupNoise) and model.train_inputs:
+            module._check_fantasy_inputs(list(model.train_inputs))
+
+
 def _follow_fantasy_inputs(fantasy) -> None:
     """Give the training groups a :class:`~bma_gp.GroupGaussianLikelihood` of ``fantasy`` stored (for
     ``mll(model(train_x), train_y)``, which passes it no inputs) the fantasy model's training inputs: the likelihood
@@ -524,6 +534,7 @@ def install() -> None:
         # strategy is, so that __call__ rebuilds it (from the fantasy model's data) before a prediction with
         # validation on
         _check_noise_first(self, inputs, kwargs.get("noise"))  # before anything of the parent changes
+        _check_fantasy_groups(self)
         strategy = self.prediction_strategy
         if (
             strategy is not None
