@@ -94,3 +94,44 @@ def test_eager_check_still_refuses_the_models_inputs_the_kernel_is_not_bound_to(
         model.eval()
         with pytest.raises(ValueError, match=r"training inputs do not match BlockMeanKernel\.train_x"):
             model(test_x)
+
+
+# ---------------------------------------------------------------- whole tasks in the task-major layout
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_whole_tasks_match_gpytorchs_dense_twin_in_both_layouts(interleaved):
+    """Guard (held under attack): ``mvn[..., j]`` and ``mvn[..., S]`` of a noisy Kronecker sum in the point-major
+    (``interleaved=True``, ``M (x) K``) and the task-major layout (``interleaved=False``, ``K (x) M``) keep the closed
+    form and equal GPyTorch's own indexing of the dense matrix (log-probabilities, covariances, variances)."""
+    import warnings
+
+    from linear_operator.operators import DenseLinearOperator
+
+    from bma_gp import BlockMeanLinearOperator, ClosedFormFallbackWarning
+    from bma_gp._composition import BlockMeanLCMLinearOperator
+    from test_kronecker_block_mean import N as POINTS
+    from test_kronecker_block_mean import T as TASKS
+    from test_kronecker_block_mean import _build, _inputs, _partition
+
+    op, _, _ = _build(*_inputs(()), _partition(), data_first=interleaved)
+    op = op.detach()
+    gen = torch.Generator().manual_seed(4)
+    mean = torch.randn(POINTS, TASKS, generator=gen, dtype=DTYPE)
+    y = torch.randn(POINTS, TASKS, generator=gen, dtype=DTYPE)
+    mvn = gpytorch.distributions.MultitaskMultivariateNormal(mean, op, interleaved=interleaved)
+    twin = gpytorch.distributions.MultitaskMultivariateNormal(
+        mean, DenseLinearOperator(op.to_dense()), interleaved=interleaved
+    )
+    for index in (1, -1, torch.tensor([2, 0]), slice(0, 3, 2)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ClosedFormFallbackWarning)
+            sub = mvn[..., index]
+            assert isinstance(sub.lazy_covariance_matrix, (BlockMeanLinearOperator, BlockMeanLCMLinearOperator))
+            got = sub.log_prob(y[..., index].contiguous())
+        ref = twin[..., index]
+        with gpytorch.settings.max_cholesky_size(10**9):
+            want = ref.log_prob(y[..., index].contiguous())
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(sub.covariance_matrix, ref.covariance_matrix, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sub.variance, ref.variance, rtol=1e-12, atol=1e-12)
