@@ -142,28 +142,58 @@ def _check_seen(module, seen: Tensor, extended: bool) -> None:
 
 # the number of training rows of the ExactGP being called with its kernels evaluated eagerly
 # (``lazily_evaluate_kernels(False)``) on its training inputs (training mode) or on them followed by test inputs (eval
-# mode): its prior is then no lazily evaluated kernel that :func:`_check_prior` could read, so each BlockMeanKernel
-# checks the inputs its ``forward`` gets (:func:`check_eager_inputs`); None outside such a call
-_EAGER_TRAINING_ROWS: ContextVar[int | None] = ContextVar("bma_gp_eager_training_rows", default=None)
+# mode), with its training inputs: its prior is then no lazily evaluated kernel that :func:`_check_prior` could read, so
+# each BlockMeanKernel checks the inputs its ``forward`` gets (:func:`check_eager_inputs`); None outside such a call
+_EAGER_TRAINING: ContextVar[tuple[int, tuple[Tensor, ...]] | None] = ContextVar("bma_gp_eager_training", default=None)
 
 
 def check_eager_inputs(module, x1: Tensor, x2: Tensor) -> None:
     """:func:`_check_prior` for a model evaluated eagerly: ``ValueError`` if the :class:`~bma_gp.BlockMeanKernel`
     ``module``, whose ``forward`` gets ``x1`` and ``x2`` inside such a model call, is not given its training inputs
-    where the model's training inputs are (the first rows; the test inputs follow them in eval mode)."""
-    rows = _EAGER_TRAINING_ROWS.get()
-    if rows is None:
+    where the model's training inputs are (the first rows; the test inputs follow them in eval mode).
+
+    Only inputs whose first rows are the model's training inputs, or columns of them (chosen by the ``active_dims``
+    of the kernels around it), are checked: a kernel that hands its base kernel other points (a custom wrapper that
+    evaluates it at ``1 - x``, an ``InducingPointKernel``'s inducing points, a model whose ``forward`` transforms its
+    inputs for one kernel call) gives it new points, as the lazy mode's check lets it (it reads no container it does
+    not know); those trained and predicted eagerly until session 31, where the check refused them."""
+    state = _EAGER_TRAINING.get()
+    if state is None:
         return
+    rows, inputs = state
     for x in (x1,) if x2 is x1 else (x1, x2):
         if x.dim() >= 2 and x.shape[-2] >= rows:
-            _check_seen(module, x[..., :rows, :], _FANTASY_MODEL.get())
+            seen = x[..., :rows, :]
+            if _columns_of(seen, inputs):
+                _check_seen(module, seen, _FANTASY_MODEL.get())
 
 
-def _eager_training_rows(model, args) -> int | None:
-    """What :data:`_EAGER_TRAINING_ROWS` holds while ``model(*args)`` runs: the number of the model's training rows
-    where its kernels are evaluated eagerly on inputs that start with its training inputs (a training call in
-    training mode; eval mode, which evaluates them on the training inputs followed by the test inputs, but for
-    ``prior_mode``), a model with a :class:`~bma_gp.BlockMeanKernel`; else None."""
+def _columns_of(seen: Tensor, inputs: tuple[Tensor, ...]) -> bool:
+    """Whether every column of ``seen`` (``(*batch, n, d')``) equals a column of one of the model's training inputs
+    ``inputs`` (``(*batch, n, d)`` each; batches broadcast): the model's training inputs as the kernels around a
+    :class:`~bma_gp.BlockMeanKernel` pass them on, not points of their own."""
+    for j in range(seen.shape[-1]):
+        column = seen[..., j]
+        if not any(_equal_broadcast(column, t[..., i]) for t in inputs for i in range(t.shape[-1])):
+            return False
+    return True
+
+
+def _equal_broadcast(a: Tensor, b: Tensor) -> bool:
+    if a.shape[-1] != b.shape[-1]:
+        return False
+    try:
+        return bool((a == b.to(device=a.device, dtype=a.dtype)).all())
+    except RuntimeError:  # batches that do not broadcast
+        return False
+
+
+def _eager_training(model, args) -> tuple[int, tuple[Tensor, ...]] | None:
+    """What :data:`_EAGER_TRAINING` holds while ``model(*args)`` runs: the number of the model's training rows and
+    its training inputs (each ``(*batch, n, d)``) where its kernels are evaluated eagerly on inputs that start with its
+    training inputs (a training call in training mode; eval mode, which evaluates them on the training inputs
+    followed by the test inputs, but for ``prior_mode``), a model with a :class:`~bma_gp.BlockMeanKernel`; else
+    None."""
     from gpytorch import settings as gpt_settings
 
     from bma_gp.kernels.block_mean_kernel import BlockMeanKernel, _inside_lazy_evaluation
@@ -177,7 +207,8 @@ def _eager_training_rows(model, args) -> int | None:
     first = model.train_inputs[0]
     if not torch.is_tensor(first) or not any(isinstance(m, BlockMeanKernel) for m in model.modules()):
         return None
-    return first.shape[-2] if first.dim() > 1 else first.shape[-1]
+    inputs = tuple(t if t.dim() > 1 else t.unsqueeze(-1) for t in model.train_inputs if torch.is_tensor(t))
+    return (first.shape[-2] if first.dim() > 1 else first.shape[-1]), inputs
 
 
 def record_bound_data(strategy: DefaultPredictionStrategy, kernel: Kernel) -> DefaultPredictionStrategy:
@@ -498,11 +529,11 @@ def install() -> None:
         if strategy is not None and not self.training:
             check_bound_data(strategy)
         # with lazy evaluation off, the kernels check the inputs they get while the model evaluates them
-        eager = _EAGER_TRAINING_ROWS.set(_eager_training_rows(self, args))
+        eager = _EAGER_TRAINING.set(_eager_training(self, args))
         try:
             res = original(self, *args, **kwargs)
         finally:  # also when it raised after filling a cache (a size limit past an unchecked mean)
-            _EAGER_TRAINING_ROWS.reset(eager)
+            _EAGER_TRAINING.reset(eager)
             if not validated and self.prediction_strategy is not None:
                 self.prediction_strategy._bma_gp_unvalidated = True
         if self.training:
