@@ -177,12 +177,14 @@ class StationaryForm:
         if self.nu is None:
             values = rho2.exp_()
             return values, values, -1.0
-        noise = _below_floor(rho2, floor, extra) if self.nu == 0.5 else None  # before extra holds the weights
-        rho = rho2.sqrt_()
-        e = torch.neg(rho, out=spare).exp_()
         if self.nu == 0.5:
+            noise = _below_floor(rho2, floor, extra)  # before extra holds the weights
+            rho = rho2.sqrt_()
+            e = torch.neg(rho, out=spare).exp_()
             weights = torch.div(e, rho.clamp_min_(torch.finfo(rho.dtype).tiny), out=extra).masked_fill_(noise, 0.0)
             return e, weights, -0.5
+        rho = rho2.sqrt_()
+        e = torch.neg(rho, out=spare).exp_()
         if self.nu == 1.5:
             weights = extra.copy_(e)
             return e.mul_(rho.add_(1.0)), weights, -0.5
@@ -210,11 +212,13 @@ class StationaryForm:
         """
         if self.nu is None:
             return rho2.exp_(), -1.0
-        noise = _below_floor(rho2, floor, extra) if self.nu == 0.5 else None
+        if self.nu == 0.5:
+            noise = _below_floor(rho2, floor, extra)
+            rho = rho2.sqrt_()
+            e = torch.neg(rho, out=spare).exp_()
+            return e.div_(rho.clamp_min_(torch.finfo(rho.dtype).tiny)).masked_fill_(noise, 0.0), -0.5
         rho = rho2.sqrt_()
         e = torch.neg(rho, out=spare).exp_()
-        if self.nu == 0.5:
-            return e.div_(rho.clamp_min_(torch.finfo(rho.dtype).tiny)).masked_fill_(noise, 0.0), -0.5
         if self.nu == 1.5:
             return e, -0.5
         return e.mul_(rho.add_(1.0)), -1.0 / 6.0
