@@ -23,8 +23,8 @@ def _exact_matern12(kernel, x):
 @pytest.mark.parametrize("backend", ["torch", "numba"])
 def test_matern12_float32_lengthscale_gradient_with_an_outlying_point(backend, monkeypatch):
     """Matern-1/2's derivative weight ``exp(-rho) / rho`` is set to 0 where ``rho^2`` is rounding noise of the
-    distance GEMM. That bound was taken from the largest norms in the whole tile, so one far point (here at 3000
-    lengthscales, the others within 20) made it about 3 in float32: every pair closer than 1.7 lengthscales lost its
+    distance GEMM. That bound was taken from the largest norms in the whole tile, so one far point (here at 3000,
+    the others in [0, 20], lengthscale 0.69) made it 53 in float32: every pair closer than 7.3 lengthscales lost its
     weight, and the lengthscale gradient was 0.0079 where the exact one is 1.8187 (both backends). The bound is
     now each pair's own."""
     monkeypatch.setattr(jit, "BACKEND", backend)

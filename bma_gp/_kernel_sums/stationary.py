@@ -346,8 +346,8 @@ class _TilePass:
         :math:`(d + 2)\, \epsilon\, (|z_p|^2 + |z_j|^2)`, a bound of each pair's own; only Matern-1/2's derivative
         weight :math:`e^{-\rho} / \rho` is sensitive to it (:meth:`StationaryForm.derivative_weights`). A bound
         from the tile's largest norms instead zeroed the weights of close pairs far above their own noise: in
-        float32 with inputs spanning 1000 lengthscales, every pair closer than about one lengthscale, which gave
-        the lengthscale gradient the wrong sign on scattered inputs.
+        float32, one point 4300 lengthscales from the others made it cover every pair closer than 7 lengthscales
+        (a lengthscale gradient of 0.0079 for 1.8187).
         """
         if self.form.nu != 0.5:
             return None
