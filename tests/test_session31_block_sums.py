@@ -46,3 +46,34 @@ def test_matern12_float32_lengthscale_gradient_with_an_outlying_point(backend, m
         op = kernel_block_mean(kernel, x.to(dtype), partition, fused=True)
         g = torch.autograd.grad(loss(op.lam, op.B), kernel.base_kernel.raw_lengthscale)[0]
         torch.testing.assert_close(g.double(), ref, rtol=rtol, atol=0)
+
+
+def test_a_call_under_inference_mode_leaves_the_next_ordinary_call_working(monkeypatch):
+    """The stationary engine keeps its ``k x k`` float64 accumulator for the next call of that size (the numba means
+    free it). Made under ``torch.inference_mode()`` it is an inference tensor, which may not be changed in place
+    outside it: the next ordinary call of the same size raised ``RuntimeError: Inplace update to inference tensor
+    outside InferenceMode``. Each mode now reuses its own."""
+    pytest.importorskip("numba")  # the accumulator is kept where the numba means free it
+    monkeypatch.setattr(jit, "MIN_ENTRIES", 0)
+    stationary = importlib.import_module("bma_gp._kernel_sums.stationary")
+    monkeypatch.setattr(stationary, "_SPARE", {})
+    gen = torch.Generator().manual_seed(1)
+    n, k = 300, 150  # k * k above jit.MEANS_MIN_ENTRIES: the numba means
+    x = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    partition = Partition.from_labels(torch.arange(n) % k)
+    kernel = ScaleKernel(MaternKernel(nu=2.5)).double()
+    with torch.no_grad():
+        expected = block_mean(kernel(x, x).to_dense(), partition)
+    for mode in ("inference", "grad", "inference", "inference", "no_grad", "grad"):
+        if mode == "inference":
+            with torch.inference_mode():
+                op = kernel_block_mean(kernel, x, partition)
+        elif mode == "no_grad":
+            with torch.no_grad():
+                op = kernel_block_mean(kernel, x, partition)
+        else:
+            op = kernel_block_mean(kernel, x, partition)
+            grads = torch.autograd.grad(op.lam.sum() + op.B.sum(), [kernel.raw_outputscale])
+            assert torch.isfinite(grads[0]).all()
+        torch.testing.assert_close(op.B.detach().clone(), expected.B, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(op.lam.detach().clone(), expected.lam, rtol=1e-10, atol=1e-12)

@@ -527,13 +527,18 @@ def _tile_gradient(
 #: one pays its page faults on every call: at ``k = 2000`` about 4 ms for its 32 MB, against 1.5 ms to zero a kept
 #: one. One buffer at most; 0 keeps none.
 SPARE_ACCUMULATOR_BYTES = 64 * 2**20
-_SPARE: dict[tuple[int, torch.dtype], Tensor] = {}
+#: ``{(entries, dtype, made in inference mode): buffer}``: a buffer made under ``torch.inference_mode()`` is an
+#: inference tensor, which may not be changed in place outside it (the next ordinary call of that size raised
+#: ``RuntimeError: Inplace update to inference tensor outside InferenceMode``), so each mode reuses its own
+_SPARE: dict[tuple[int, torch.dtype, bool], Tensor] = {}
 
 
 def _new_accumulator(bsz: int, k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A zeroed ``(bsz, k, k)`` accumulator: the spare one where it has that size, else a new one."""
+    """A zeroed ``(bsz, k, k)`` accumulator: the spare one where it has that size (and was made in the same
+    inference mode), else a new one."""
     if device.type == "cpu":
-        spare = _SPARE.pop((bsz * k * k, dtype), None)  # taken: a concurrent call makes its own
+        key = (bsz * k * k, dtype, torch.is_inference_mode_enabled())
+        spare = _SPARE.pop(key, None)  # taken: a concurrent call makes its own
         if spare is not None:
             return spare.view(bsz, k, k).zero_()
     return torch.zeros(bsz, k, k, dtype=dtype, device=device)
@@ -543,7 +548,7 @@ def _keep_spare(acc: Tensor) -> None:
     """Keep ``acc``, which nothing reads any more, as the spare accumulator (in place of any other)."""
     if acc.device.type == "cpu" and acc.is_contiguous() and acc.numel() * acc.element_size() <= SPARE_ACCUMULATOR_BYTES:
         _SPARE.clear()
-        _SPARE[(acc.numel(), acc.dtype)] = acc.reshape(-1)
+        _SPARE[(acc.numel(), acc.dtype, acc.is_inference())] = acc.reshape(-1)
 
 
 #: Tiles whose rows span at most this many blocks reduce their derivative sums in forward
