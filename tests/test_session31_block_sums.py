@@ -77,3 +77,36 @@ def test_a_call_under_inference_mode_leaves_the_next_ordinary_call_working(monke
             assert torch.isfinite(grads[0]).all()
         torch.testing.assert_close(op.B.detach().clone(), expected.B, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(op.lam.detach().clone(), expected.lam, rtol=1e-10, atol=1e-12)
+
+
+def test_block_mean_kernel_made_under_inference_mode_is_not_reused_with_autograd():
+    """``BlockMeanKernel`` keeps its training block means while its inputs and hyperparameters are unchanged and need
+    no gradient. Made under ``torch.inference_mode()`` they are inference tensors, and reused in an ordinary call
+    (the block mean kernel frozen inside a ``ScaleKernel`` whose outputscale is learnt) the scaled operator's
+    log-determinant raised ``RuntimeError: Inference tensors cannot be saved for backward`` (so did a product with a
+    tensor needing a gradient), where a plain GPyTorch kernel works. They are now made afresh outside that mode."""
+    from bma_gp import BlockMeanKernel
+
+    gen = torch.Generator().manual_seed(2)
+    n = 120
+    x = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    y = torch.randn(n, 1, generator=gen, dtype=torch.float64)
+    partition = Partition.from_labels(torch.arange(n) % 7)
+
+    def scaled_frozen():
+        inner = BlockMeanKernel(MaternKernel(nu=1.5), x, partition).double()
+        for p in inner.parameters():
+            p.requires_grad_(False)
+        return ScaleKernel(inner).double()
+
+    def scale_gradient(kernel):
+        covar = kernel(x, x).evaluate_kernel().add_diagonal(torch.tensor(0.1, dtype=torch.float64))
+        quad, logdet = covar.inv_quad_logdet(y, logdet=True)
+        return torch.autograd.grad(quad + logdet, kernel.raw_outputscale)[0]
+
+    kernel = scaled_frozen()
+    with torch.inference_mode():
+        kernel(x, x).evaluate_kernel() @ y  # the block means are kept
+    torch.testing.assert_close(scale_gradient(kernel), scale_gradient(scaled_frozen()), rtol=1e-10, atol=0)
+    with torch.inference_mode():  # and still reused under inference_mode
+        assert (kernel(x, x).evaluate_kernel() @ y).is_inference()
