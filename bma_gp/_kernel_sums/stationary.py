@@ -171,18 +171,20 @@ class StationaryForm:
         return e.mul_(rho.add_(1.0)).add_(tail)
 
     def values_and_weights(
-        self, rho2: Tensor, spare: Tensor, extra: Tensor, floor: float = 0.0
+        self, rho2: Tensor, spare: Tensor, extra: Tensor, floor: NoiseFloor | None = None
     ) -> tuple[Tensor, Tensor, float]:
         """``values(...)`` and ``derivative_weights(..., floor)`` from one evaluation, in three buffers."""
         if self.nu is None:
             values = rho2.exp_()
             return values, values, -1.0
+        if self.nu == 0.5:
+            noise = _below_floor(rho2, floor, extra)  # before extra holds the weights
+            rho = rho2.sqrt_()
+            e = torch.neg(rho, out=spare).exp_()
+            weights = torch.div(e, rho.clamp_min_(torch.finfo(rho.dtype).tiny), out=extra).masked_fill_(noise, 0.0)
+            return e, weights, -0.5
         rho = rho2.sqrt_()
         e = torch.neg(rho, out=spare).exp_()
-        if self.nu == 0.5:
-            cut = max(torch.finfo(rho.dtype).tiny, math.sqrt(floor))
-            weights = torch.div(e, rho.clamp_min_(cut), out=extra).masked_fill_(rho == cut, 0.0)
-            return e, weights, -0.5
         if self.nu == 1.5:
             weights = extra.copy_(e)
             return e.mul_(rho.add_(1.0)), weights, -0.5
@@ -190,7 +192,9 @@ class StationaryForm:
         tail = rho.square_().mul_(1.0 / 3.0).mul_(e)  # (rho^2 / 3) e
         return torch.add(weights, tail, out=spare), weights, -1.0 / 6.0
 
-    def derivative_weights(self, rho2: Tensor, spare: Tensor, floor: float = 0.0) -> tuple[Tensor, float]:
+    def derivative_weights(
+        self, rho2: Tensor, spare: Tensor, extra: Tensor, floor: NoiseFloor | None = None
+    ) -> tuple[Tensor, float]:
         r"""Weights :math:`w` and a factor with :math:`g'(r^2)\, \Delta z_a^2 = \text{factor} \cdot w\, \Delta z'^2_a`.
 
         :math:`g(r^2) = f(\rho)` is the kernel as a function of the squared distance in
@@ -198,24 +202,42 @@ class StationaryForm:
         :math:`-1`; Matern :math:`\nu = 1/2`: :math:`w = e^{-\rho} / \rho` (0 at :math:`\rho = 0`,
         where every :math:`\Delta z'_a` is 0), factor :math:`-1/2`; :math:`\nu = 3/2`:
         :math:`w = e^{-\rho}`, :math:`-1/2`; :math:`\nu = 5/2`: :math:`w = (1 + \rho) e^{-\rho}`,
-        :math:`-1/6`. Overwrites ``rho2`` and ``spare``.
+        :math:`-1/6`. Overwrites ``rho2`` and ``spare`` (and, for Matern-1/2, ``extra``).
 
-        ``floor`` (Matern-1/2 only): squared distances up to it are rounding noise of the distance GEMM
-        (:meth:`_TilePass.noise_floor`), where :math:`w` is set to 0 as at :math:`\rho = 0`. Duplicate points
+        ``floor`` (Matern-1/2 only): a pair's squared distance up to its own bound is rounding noise of the distance
+        GEMM (:meth:`_TilePass.noise_floor`), where :math:`w` is set to 0 as at :math:`\rho = 0`. Duplicate points
         otherwise get :math:`w \sim 1 / \sqrt{\text{noise}}` times a :math:`\Delta z'^2` that is noise as well
-        (the feature GEMM), a large spurious gradient; a pair below the floor contributes at most
+        (the feature GEMM), a large spurious gradient; a pair below its floor contributes at most
         :math:`\rho \le \sqrt{\text{floor}}` in exact arithmetic.
         """
         if self.nu is None:
             return rho2.exp_(), -1.0
+        if self.nu == 0.5:
+            noise = _below_floor(rho2, floor, extra)
+            rho = rho2.sqrt_()
+            e = torch.neg(rho, out=spare).exp_()
+            return e.div_(rho.clamp_min_(torch.finfo(rho.dtype).tiny)).masked_fill_(noise, 0.0), -0.5
         rho = rho2.sqrt_()
         e = torch.neg(rho, out=spare).exp_()
-        if self.nu == 0.5:
-            cut = max(torch.finfo(rho.dtype).tiny, math.sqrt(floor))
-            return e.div_(rho.clamp_min_(cut)).masked_fill_(rho == cut, 0.0), -0.5
         if self.nu == 1.5:
             return e, -0.5
         return e.mul_(rho.add_(1.0)), -1.0 / 6.0
+
+
+class NoiseFloor(NamedTuple):
+    """Per-pair bounds on the rounding noise of a tile's squared distances, ``rows + cols``
+    (:meth:`_TilePass.noise_floor`). # shapes: (B, R, 1), (B, 1, C)"""
+
+    rows: Tensor
+    cols: Tensor
+
+
+def _below_floor(rho2: Tensor, floor: NoiseFloor | None, scratch: Tensor) -> Tensor:
+    """Where the squared distances ``rho2`` are at most their pair's noise bound (at most 0 without ``floor``), as
+    a boolean tile; ``scratch`` (``rho2``'s shape) is overwritten."""
+    if floor is None:
+        return rho2 <= 0
+    return torch.le(rho2, torch.add(floor.rows, floor.cols, out=scratch))
 
 
 # ============================================================================ tiles
@@ -317,18 +339,21 @@ class _TilePass:
             self.group = _RowGroup.build(self.z, self.labels, tile, self.sign)
         return self.group
 
-    def noise_floor(self, tile: Tile, zc: Tensor) -> float:
-        r"""A bound on the rounding error of the tile's :math:`\rho^2` (Matern-1/2 only, else 0).
+    def noise_floor(self, tile: Tile, zc: Tensor) -> NoiseFloor | None:
+        r"""A bound on the rounding error of each pair's :math:`\rho^2` in the tile (Matern-1/2 only, else ``None``).
 
         :math:`\rho^2 = |z_p|^2 + |z_j|^2 - 2 z_p \cdot z_j` in centred coordinates is exact to about
-        :math:`(d + 2)\, \epsilon\, (|z_p|^2 + |z_j|^2)`; only Matern-1/2's derivative weight
-        :math:`e^{-\rho} / \rho` is sensitive to it (:meth:`StationaryForm.derivative_weights`).
+        :math:`(d + 2)\, \epsilon\, (|z_p|^2 + |z_j|^2)`, a bound of each pair's own; only Matern-1/2's derivative
+        weight :math:`e^{-\rho} / \rho` is sensitive to it (:meth:`StationaryForm.derivative_weights`). A bound
+        from the tile's largest norms instead zeroed the weights of close pairs far above their own noise: in
+        float32, one point 4300 lengthscales from the others made it cover every pair closer than 7 lengthscales
+        (a lengthscale gradient of 0.0079 for 1.8187).
         """
         if self.form.nu != 0.5:
-            return 0.0
+            return None
         group = self.rows(tile)
-        norms = torch.stack([group.z.square().sum(-1).amax(), zc.square().sum(-1).amax()]).tolist()
-        return _NOISE_FLOOR * (zc.shape[-1] + 2) * torch.finfo(zc.dtype).eps * sum(norms)
+        c = _NOISE_FLOOR * (zc.shape[-1] + 2) * torch.finfo(zc.dtype).eps
+        return NoiseFloor(group.z.square().sum(-1, keepdim=True).mul_(c), zc.square().sum(-1).mul_(c).unsqueeze(1))
 
     def distances(self, tile: Tile) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(sign * rho^2, spare, extra, centred column inputs)`` of one tile; ``spare``, ``extra``: free buffers."""
@@ -502,13 +527,18 @@ def _tile_gradient(
 #: one pays its page faults on every call: at ``k = 2000`` about 4 ms for its 32 MB, against 1.5 ms to zero a kept
 #: one. One buffer at most; 0 keeps none.
 SPARE_ACCUMULATOR_BYTES = 64 * 2**20
-_SPARE: dict[tuple[int, torch.dtype], Tensor] = {}
+#: ``{(entries, dtype, made in inference mode): buffer}``: a buffer made under ``torch.inference_mode()`` is an
+#: inference tensor, which may not be changed in place outside it (the next ordinary call of that size raised
+#: ``RuntimeError: Inplace update to inference tensor outside InferenceMode``), so each mode reuses its own
+_SPARE: dict[tuple[int, torch.dtype, bool], Tensor] = {}
 
 
 def _new_accumulator(bsz: int, k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A zeroed ``(bsz, k, k)`` accumulator: the spare one where it has that size, else a new one."""
+    """A zeroed ``(bsz, k, k)`` accumulator: the spare one where it has that size (and was made in the same
+    inference mode), else a new one."""
     if device.type == "cpu":
-        spare = _SPARE.pop((bsz * k * k, dtype), None)  # taken: a concurrent call makes its own
+        key = (bsz * k * k, dtype, torch.is_inference_mode_enabled())
+        spare = _SPARE.pop(key, None)  # taken: a concurrent call makes its own
         if spare is not None:
             return spare.view(bsz, k, k).zero_()
     return torch.zeros(bsz, k, k, dtype=dtype, device=device)
@@ -518,7 +548,7 @@ def _keep_spare(acc: Tensor) -> None:
     """Keep ``acc``, which nothing reads any more, as the spare accumulator (in place of any other)."""
     if acc.device.type == "cpu" and acc.is_contiguous() and acc.numel() * acc.element_size() <= SPARE_ACCUMULATOR_BYTES:
         _SPARE.clear()
-        _SPARE[(acc.numel(), acc.dtype)] = acc.reshape(-1)
+        _SPARE[(acc.numel(), acc.dtype, acc.is_inference())] = acc.reshape(-1)
 
 
 #: Tiles whose rows span at most this many blocks reduce their derivative sums in forward
@@ -647,7 +677,7 @@ def lengthscale_gradient(
     tiler = _TilePass(plan.labels, form, z, again)
     for tile in progress(again, plan.show_progress, "kernel block sums (backward)"):
         rho2, spare, extra, zc = tiler.distances(tile)
-        weights, factor = form.derivative_weights(rho2, spare, tiler.noise_floor(tile, zc))
+        weights, factor = form.derivative_weights(rho2, spare, extra, tiler.noise_floor(tile, zc))
         if starts is not None:  # the tile's derivative sums, contracted with G (its value sums land in scratch)
             at = (0, 0, False)
             sums = jit.tile_sums(weights, weights, *_tile_bounds(starts, tile), tiler.rows(tile).z, zc, scratch, at)

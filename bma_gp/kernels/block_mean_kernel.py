@@ -495,7 +495,15 @@ class BlockMeanKernel(Kernel):
         the pass."""
         key = self._block_sums_key(train_x)
         cached = self.__dict__.get("_block_sums_cache")  # (a kernel unpickled from an older version has none)
-        if key is not None and cached is not None and _same_key(cached[0], key):
+        # one made under torch.inference_mode() holds inference tensors, which autograd may not save: outside that
+        # mode it is made afresh (a model evaluated under inference_mode, then trained with the kernel frozen but the
+        # noise or the mean learnt, raised "Inference tensors cannot be saved for backward")
+        if (
+            key is not None
+            and cached is not None
+            and _same_key(cached[0], key)
+            and (torch.is_inference_mode_enabled() or not cached[1].lam.is_inference())
+        ):
             return cached[1]
         partition = self._partition_on(train_x.device)
         # its check of the inputs names them train_x (changed in place, or bound with validation off)
