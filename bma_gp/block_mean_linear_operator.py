@@ -317,12 +317,18 @@ def _cached_unless_grad(name: str):
     ``no_grad`` would silently drop the gradients of later calls. Entries put in the cache by
     others (GPyTorch's ``add_to_cache``) are still returned. A result computed with
     :class:`bma_gp.settings.validate` off skipped its checks, so it is kept apart and returned only
-    while validation stays off (a checked result serves both)."""
+    while validation stays off (a checked result serves both). So is one computed under
+    ``torch.inference_mode()``, returned only under it: it holds inference tensors, which autograd refuses to save
+    (an operator used under inference mode, then with gradients of other tensors, raised "Inference tensors cannot
+    be saved for backward": a ``BlockMeanKernel``'s kept training block means, say, whose dense matrix or solve a
+    validation step made under inference mode before the next training step)."""
 
     def decorator(method):
         @functools.wraps(method)
         def wrapped(self, *args, **kwargs):
             names = (name,) if settings.validate.on() else (name, f"{name} (unvalidated)")
+            if torch.is_inference_mode_enabled():
+                names = (*names, *(f"{key} (inference)" for key in names))
             for key in names:
                 try:
                     return get_from_cache(self, key, *args, **kwargs)

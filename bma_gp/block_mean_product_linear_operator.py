@@ -179,15 +179,18 @@ class BlockMeanProductLinearOperator(TorchIndexing, PicklesWithoutCache, LowRank
     def to_dense(self) -> Tensor:
         """The dense ``n x n`` product, cached only when no ``lam`` or ``B`` of the factors requires gradients (as
         :class:`~bma_gp.BlockMeanLinearOperator` caches): MatmulLinearOperator's cache kept a result computed under
-        ``no_grad`` and returned it, without a graph, to later calls that need gradients."""
-        try:
-            return get_from_cache(self, "to_dense")
-        except CachingError:
-            pass
+        ``no_grad`` and returned it, without a graph, to later calls that need gradients. One computed under
+        ``torch.inference_mode()`` is kept apart and returned only under it (autograd refuses its inference tensor)."""
+        names = ("to_dense", "to_dense (inference)") if torch.is_inference_mode_enabled() else ("to_dense",)
+        for name in names:
+            try:
+                return get_from_cache(self, name)
+            except CachingError:
+                pass
         M, N = self.left_linear_op, self.right_linear_op
         res = M.to_dense() @ N.to_dense()
         if not any(op.lam.requires_grad or op._b_requires_grad() for op in (M, N)):
-            add_to_cache(self, "to_dense", res)
+            add_to_cache(self, names[-1], res)
         return res
 
     # ------------------------------------------------------------------ products
