@@ -9,7 +9,8 @@ import gpytorch
 import pytest
 import torch
 
-from bma_gp import GroupKernel
+from bma_gp import GroupGaussianLikelihood, GroupKernel
+from test_session31_mixed import _days_data, _dense_posterior, _SmoothGP
 
 DTYPE = torch.float64
 
@@ -75,3 +76,56 @@ def test_fantasy_of_an_inducing_point_kernel_plus_groups_predicts_as_all_the_poi
     torch.testing.assert_close(pred.mean, mean, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(pred.variance, variance, rtol=1e-9, atol=1e-11)
     assert not any(module.training for module in fantasy.modules())
+
+
+def _days_model():
+    x, y, groups, k = _days_data()
+    likelihood = GroupGaussianLikelihood(k, train_inputs=groups)
+    model = _SmoothGP(x, y, likelihood).to(DTYPE)
+    with torch.no_grad():
+        likelihood.noise = torch.linspace(0.01, 3.0, k)
+    model.eval()
+    return model, likelihood, x, y, groups
+
+
+@pytest.mark.parametrize("points", ["same", "fewer"])
+def test_training_ids_left_stale_by_set_train_data_raise(points):
+    # 1-D training ids that the inputs do not hold, and model.set_train_data(x, y) without
+    # likelihood.set_train_inputs(ids): the new training points took the old points' groups (the posterior mean 0.41
+    # off, the same number of points) or the values of the inputs' last column (0.012 off, 150 points), silently
+    model, likelihood, x, y, groups = _days_model()
+    x_test = torch.tensor([[2.5], [7.0]], dtype=DTYPE)
+    with torch.no_grad():
+        model(x_test)
+    if points == "same":
+        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(3))
+    else:
+        keep = torch.arange(150)
+    model.set_train_data(x[keep], y[keep], strict=False)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"set_train_data.*set_train_inputs\(ids\)"):
+        model(x_test)
+    likelihood.set_train_inputs(groups[keep])
+    with torch.no_grad():
+        pred = model(x_test)
+    mean, variance = _dense_posterior(model, x[keep], y[keep], groups[keep], x_test)
+    torch.testing.assert_close(pred.mean, mean, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(pred.variance, variance, rtol=1e-8, atol=1e-10)
+
+
+def test_training_ids_with_the_same_inputs_moved_or_shared_still_predict():
+    # the inputs the ids were used with, cast (model.float()/double()) or held by a second model: not stale
+    model, likelihood, x, y, groups = _days_model()
+    x_test = torch.tensor([[2.5], [7.0]], dtype=DTYPE)
+    with torch.no_grad():
+        first = model(x_test).mean
+    twin = _SmoothGP(x.clone(), 2 * y, likelihood).to(DTYPE)
+    twin.load_state_dict(model.state_dict())
+    twin.eval()
+    with torch.no_grad():
+        doubled = twin(x_test).mean
+    mean, _ = _dense_posterior(twin, x, 2 * y, groups, x_test)
+    torch.testing.assert_close(doubled, mean, rtol=1e-8, atol=1e-10)
+    model.float().double()  # the training inputs are new tensors of the same values
+    with torch.no_grad():
+        again = model(x_test).mean
+    torch.testing.assert_close(again, first, rtol=1e-6, atol=1e-6)
