@@ -9,7 +9,8 @@ import gpytorch
 import pytest
 import torch
 
-from bma_gp import GroupGaussianLikelihood, GroupKernel
+from bma_gp import ClosedFormFallbackWarning, GroupGaussianLikelihood, GroupKernel
+from closed_form_guard import closed_forms_only
 from test_session31_mixed import _days_data, _dense_posterior, _SmoothGP
 
 DTYPE = torch.float64
@@ -129,3 +130,63 @@ def test_training_ids_with_the_same_inputs_moved_or_shared_still_predict():
     with torch.no_grad():
         again = model(x_test).mean
     torch.testing.assert_close(again, first, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [torch.Size(), torch.Size([2])], ids=["single", "batch"])
+def test_a_scaled_constant_kernel_added_in_forward_joins_the_closed_form(batch):
+    # ScaleKernel(ConstantKernel()) + GroupKernel added in forward: ScaleKernel multiplied the constant's expanded
+    # matrix by its outputscale, a dense n x n summand (O(n^2) memory), so the sum trained by a dense Cholesky with a
+    # ClosedFormFallbackWarning, where ConstantKernel() alone joined the closed form
+    x, y, k = _data()
+    n = x.shape[0]
+    y = y.expand(*batch, n)
+    likelihood = gpytorch.likelihoods.GaussianLikelihood(batch_shape=batch)
+    model = _InducingPlusGroups(x, y, likelihood, k + 1, True).to(DTYPE)
+    model.mean_module = gpytorch.means.ZeroMean()
+    model.first = gpytorch.kernels.ScaleKernel(gpytorch.kernels.ConstantKernel(batch_shape=batch), batch_shape=batch)
+    model.group = GroupKernel(k + 1, active_dims=[1], batch_shape=batch)
+    model.to(DTYPE)
+    with torch.no_grad():
+        model.first.outputscale = torch.linspace(0.7, 1.3, batch.numel() or 1).reshape(batch)
+        model.first.base_kernel.constant = torch.full((*batch, 1), 0.4, dtype=DTYPE)
+
+    def forward(inputs):
+        covariance = model.first(inputs) + model.group(inputs)
+        return gpytorch.distributions.MultivariateNormal(model.mean_module(inputs), covariance)
+
+    model.forward = forward
+    with warnings.catch_warnings(), closed_forms_only(n), gpytorch.settings.max_cholesky_size(0):
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        loss = -gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y).sum()
+        loss.backward()
+    params = {name: p for name, p in model.named_parameters() if name.startswith(("first", "group", "likelihood"))}
+    grads = {name: p.grad.clone() for name, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    ids = x[:, 1].long()
+    same = (ids.unsqueeze(-1) == ids).to(DTYPE)
+    scale = (model.first.outputscale * model.first.base_kernel.constant.squeeze(-1)).reshape(*batch, 1, 1)
+    noise = likelihood.noise.unsqueeze(-1) * torch.eye(n, dtype=DTYPE)
+    C = scale + model.group.var.reshape(*batch, 1, 1) * same + noise
+    fit = (y.unsqueeze(-2) @ torch.linalg.solve(C, y.unsqueeze(-1))).reshape(batch) + torch.logdet(C)
+    reference = ((0.5 * fit + 0.5 * n * torch.log(torch.tensor(2 * torch.pi, dtype=DTYPE))) / n).sum()
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-10, atol=1e-12)
+    for name, p in params.items():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-8, atol=1e-12)
+
+    model.eval()
+    x_test = torch.tensor([[1.0, 0.0], [2.0, k]], dtype=DTYPE)
+    with torch.no_grad(), warnings.catch_warnings(), closed_forms_only(n), gpytorch.settings.max_cholesky_size(0):
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        warnings.filterwarnings("ignore", "the training covariance is an evaluated", ClosedFormFallbackWarning)
+        pred = model(x_test)
+    with torch.no_grad():
+        test_ids = x_test[:, 1].long()
+        cross = scale + model.group.var.reshape(*batch, 1, 1) * (test_ids.unsqueeze(-1) == ids).to(DTYPE)
+        prior = scale.squeeze(-1) + model.group.var.reshape(*batch, 1)
+        solved = torch.linalg.solve(C, cross.mT)
+        mean = (cross @ torch.linalg.solve(C, y.unsqueeze(-1))).squeeze(-1)
+        variance = prior - (cross * solved.mT).sum(-1)
+    torch.testing.assert_close(pred.mean, mean, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(pred.variance, variance, rtol=1e-9, atol=1e-11)
