@@ -535,7 +535,8 @@ class GroupGaussianLikelihood(_GaussianLikelihoodBase):
        given as 1-D ids (the inputs need not hold them) are checked so only against a column known to hold the
        ids: ``group_dim`` passed explicitly, or a column that held these ids at an earlier call. Without such a
        column they are the training points' groups in prediction too (the strategies pass the training inputs),
-       and the new points' groups go as ``groups=``; a fantasy model of such a model raises ``ValueError``.
+       and the new points' groups go as ``groups=``; a fantasy model of such a model raises ``ValueError``, and so
+       does a prediction after ``model.set_train_data`` with other inputs and no ``set_train_inputs(ids)``.
 
     Without any of them it raises ``ValueError``; in eval mode the inputs must be passed, so the
     training groups are never used silently for test points. GPyTorch's ``noise=`` keyword (one variance per
