@@ -128,6 +128,31 @@ def _is_lazy_family_kernel(op) -> bool:
     return isinstance(kernel, (InducingPointKernel, LinearKernel, ConstantKernel))
 
 
+def _scaled_constant(op) -> BlockMeanLinearOperator | None:
+    """A square lazily evaluated ``ScaleKernel(ConstantKernel())`` (one or more ``ScaleKernel`` wrappers) as the block
+    mean operator over one block of all points, ``B = outputscale * constant``, without evaluating it: GPyTorch's
+    ``ScaleKernel`` multiplies the constant's expanded matrix by its outputscale, a dense ``n x n`` tensor (memory
+    ``O(n^2)``) whose sum with a group kernel added in ``forward`` trained by a dense Cholesky, with a warning. None
+    for anything else."""
+    from gpytorch.kernels import ConstantKernel, ScaleKernel
+    from gpytorch.lazy import LazyEvaluatedKernelTensor
+
+    if not isinstance(op, LazyEvaluatedKernelTensor) or op.last_dim_is_batch:
+        return None
+    kernel, scales = op.kernel, []
+    while isinstance(kernel, ScaleKernel):
+        scales.append(kernel.outputscale)
+        kernel = kernel.base_kernel
+    n = op.shape[-1]
+    if not scales or not isinstance(kernel, ConstantKernel) or op.shape[-2] != n or n < 2:
+        return None
+    value = kernel.constant  # (*batch, 1)
+    for scale in scales:
+        value = value * scale.unsqueeze(-1)
+    value = value.to(op.dtype).expand(*op.shape[:-2], 1)
+    return BlockMeanLinearOperator(torch.zeros_like(value), value, Partition._whole(n, value.device), diagonal=True)
+
+
 def _sums_inducing_points(kernel) -> bool:
     """Whether ``kernel`` (possibly scaled) is a sum with a ``ChunkedInducingPointKernel`` among its summands
     (``ChunkedInducingPointKernel + ConstantKernel``): evaluated, it is a low-rank root plus the other summands, a
@@ -309,6 +334,9 @@ def _collect(op, parts: _Parts) -> bool:
         else:
             parts.roots.append(root.to_dense() if isinstance(root, LinearOperator) else root)
         return True
+    constant = _scaled_constant(op)
+    if constant is not None:
+        return _collect(constant, parts)
     if _is_lazy_block_mean(op) or _is_lazy_root(op) or _is_lazy_family_kernel(op):
         return _collect(op.evaluate_kernel(), parts)
     constant = _expanded_constant(op)

@@ -224,6 +224,7 @@ class GroupNoise(Noise):
         self.train_groups = ids.to(self.raw_noise.device)
         self._train_columns = source.shape[-1] if source.dim() > 1 else None
         self._ids_column_seen = False
+        self.__dict__.pop("_ids_inputs", None)  # the model inputs the 1-D ids were first used with
         return seen
 
     def _stored_groups_of(self, inputs) -> Tensor | None:
@@ -245,7 +246,35 @@ class GroupNoise(Noise):
         if not torch.is_tensor(first) or first.dim() == 0:
             return None
         points = first.shape[-2] if first.dim() > 1 else first.shape[-1]
-        return self.train_groups if points == self.train_groups.shape[-1] else None
+        self._check_ids_inputs(first, points)
+        return self.train_groups
+
+    def _check_ids_inputs(self, inputs: Tensor, points: int) -> None:
+        """``ValueError`` where ``inputs`` (a model's training inputs, which need not hold the groups) are not the
+        training inputs the stored 1-D ids were used with (their first use is remembered): after
+        ``model.set_train_data(x, y)`` without ``likelihood.set_train_inputs(ids)``, the training points took the old
+        points' groups (the posterior mean 0.41 off at the same number of points) or, at another number, the values of
+        the inputs' last column (0.012 off), silently."""
+        ids = self.train_groups
+        assert ids is not None  # (the caller's check)
+        stale = points != ids.shape[-1]
+        seen: Tensor | None = self.__dict__.get("_ids_inputs")
+        if not stale and seen is None:
+            self.__dict__["_ids_inputs"] = inputs
+            return
+        if not stale and seen is not None and seen is not inputs:
+            try:
+                stale = seen.shape != inputs.shape or not torch.equal(seen, inputs.to(seen))
+            except RuntimeError:
+                stale = True
+        if stale:
+            raise ValueError(
+                f"the model's training inputs ({points} points) are not those the likelihood's training groups, given "
+                f"as 1-D ids ({ids.shape[-1]} points, train_inputs=ids), were used with, and hold no column known to "
+                "hold the groups: after model.set_train_data(x, y) also call likelihood.set_train_inputs(ids) with "
+                "the new points' group ids (one likelihood per model), or give the inputs a column of the ids and "
+                "pass GroupGaussianLikelihood(..., group_dim=j)."
+            )
 
     def _check_fantasy_inputs(self, train_inputs) -> None:
         """``ValueError`` before ``model.get_fantasy_model`` of a model whose training groups were given as 1-D ids
@@ -506,7 +535,8 @@ class GroupGaussianLikelihood(_GaussianLikelihoodBase):
        given as 1-D ids (the inputs need not hold them) are checked so only against a column known to hold the
        ids: ``group_dim`` passed explicitly, or a column that held these ids at an earlier call. Without such a
        column they are the training points' groups in prediction too (the strategies pass the training inputs),
-       and the new points' groups go as ``groups=``; a fantasy model of such a model raises ``ValueError``.
+       and the new points' groups go as ``groups=``; a fantasy model of such a model raises ``ValueError``, and so
+       does a prediction after ``model.set_train_data`` with other inputs and no ``set_train_inputs(ids)``.
 
     Without any of them it raises ``ValueError``; in eval mode the inputs must be passed, so the
     training groups are never used silently for test points. GPyTorch's ``noise=`` keyword (one variance per

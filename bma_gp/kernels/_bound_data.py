@@ -415,6 +415,19 @@ def _check_fantasy_groups(model) -> None:
             module._check_fantasy_inputs(list(model.train_inputs))
 
 
+def _copy_training_modes(model, fantasy) -> None:
+    """Give every module of ``fantasy`` the training mode of the same module of ``model``: GPyTorch's
+    ``InducingPointKernel`` deep-copies itself as a new instance, in training mode, so the fantasy model of a model in
+    eval mode (``self.sgpr(x) + self.group(x)``, closed form) evaluated it without its diagonal correction at the
+    fantasy and test points: the posterior variances of a fantasy 4.6e-4 off (0.8%) those of the model given all the
+    points, silently."""
+    modes = {name: module.training for name, module in model.named_modules()}
+    for name, module in fantasy.named_modules():  # parents before their children
+        mode = modes.get(name)
+        if mode is not None and module.training != mode:
+            module.train(mode)
+
+
 def _follow_fantasy_inputs(fantasy) -> None:
     """Give the training groups a :class:`~bma_gp.GroupGaussianLikelihood` of ``fantasy`` stored (for
     ``mll(model(train_x), train_y)``, which passes it no inputs) the fantasy model's training inputs: the likelihood
@@ -583,6 +596,7 @@ def install() -> None:
         finally:  # the parent's caches filled here skipped the checks too
             if not validated and self.prediction_strategy is not None:
                 self.prediction_strategy._bma_gp_unvalidated = True
+        _copy_training_modes(self, fantasy)
         fantasy._bma_gp_fantasy_model = True  # its training inputs extend its BlockMeanKernels' (see __call__)
         _follow_fantasy_inputs(fantasy)
         if fantasy.prediction_strategy is not None:
