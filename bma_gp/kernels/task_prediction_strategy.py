@@ -220,7 +220,7 @@ def _kronecker(train_prior_dist, likelihood) -> bool:
     )
 
 
-@torch.compiler.disable
+@torch._disable_dynamo  # imports torch._dynamo (1.7 s) at the first call, not when bma_gp is imported
 def _choose(train_prior_dist, likelihood) -> str:
     """``"tasks"``, ``"product"``, ``"kronecker"`` or ``"default"`` (after :func:`_warn_evaluated_prior`): the
     strategy the hook gives. Run outside ``torch.compile``'s tracing: reading the distribution's lazily cached
