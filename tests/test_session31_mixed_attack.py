@@ -12,6 +12,7 @@ import torch
 from bma_gp import ClosedFormFallbackWarning, GroupGaussianLikelihood, GroupKernel
 from closed_form_guard import closed_forms_only
 from test_session31_mixed import _days_data, _dense_posterior, _SmoothGP
+from test_session31_mixed import _forward_sum_data as _data  # x (day, id), y, k: the forward-sum tests' data
 
 DTYPE = torch.float64
 
@@ -33,15 +34,6 @@ class _InducingPlusGroups(gpytorch.models.ExactGP):
     def forward(self, x):
         covariance = self.sgpr(x) + self.group(x) if self.in_forward else self.covar_module(x)
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x), covariance)
-
-
-def _data():
-    generator = torch.Generator().manual_seed(1)
-    n, k = 120, 6
-    groups = torch.randint(0, k, (n,), generator=generator)
-    x = 4 * torch.rand(n, generator=generator, dtype=DTYPE)
-    y = torch.sin(x) + groups.to(DTYPE) / 5 + 0.2 * torch.randn(n, generator=generator, dtype=DTYPE)
-    return torch.stack([x, groups.to(DTYPE)], -1), y, k
 
 
 @pytest.mark.parametrize("in_forward", [True, False], ids=["forward", "kernel_sum"])
