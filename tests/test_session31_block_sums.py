@@ -8,16 +8,9 @@ from gpytorch.kernels import MaternKernel, ScaleKernel
 
 from bma_gp import Partition, block_mean
 from bma_gp.kernel_block_mean import kernel_block_mean
+from test_audit_kernel_sums import _exact_matern12  # ScaleKernel(MaternKernel(nu=0.5)) from exact differences
 
 jit = importlib.import_module("bma_gp._kernel_sums.jit")
-
-
-def _exact_matern12(kernel, x):
-    """``ScaleKernel(MaternKernel(nu=0.5))(x, x)`` from exact differences (0 at duplicates), differentiable."""
-    base = kernel.base_kernel
-    r2 = ((x.unsqueeze(-2) - x.unsqueeze(-3)) / base.lengthscale).square().sum(-1)
-    r = torch.where(r2 > 0, r2.clamp_min(1e-300).sqrt(), torch.zeros_like(r2))
-    return kernel.outputscale * torch.exp(-r)
 
 
 @pytest.mark.parametrize("backend", ["torch", "numba"])
