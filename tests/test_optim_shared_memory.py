@@ -9,8 +9,8 @@ segfaults) or stepped a copy of the state the user no longer saw. Each case here
 must not take pytest with it) and checks that the run equals an uninterrupted one bit for bit: parameters, every
 ``state[p]["sum"]``, ``U``, ``w``, the root and the step count, and that shared state stays shared.
 
-The file is also the child's script: ``python tests/test_optim_shared_memory.py CASE`` prints one line per scenario
-and a JSON report last.
+The file is also the child's script: ``python tests/test_optim_shared_memory.py CASE [CASE ...]`` prints one line per
+scenario and a JSON report (one per case) last.
 """
 
 from __future__ import annotations
@@ -114,31 +114,44 @@ def _compare(ref, opt, ref_params, params, scenario) -> str | None:
 
 
 def run_case(case: str) -> dict[str, str]:
-    """Every scenario of one case (``model:dtype:path``), each against an uninterrupted run."""
+    """Every scenario of one case (``model:dtype:path``), each against an uninterrupted run. The module settings a
+    path changes are put back after it, so that the cases of one child process do not see each other's."""
     from bma_gp.optim import _cpu_kernels, _fused, block_mean_adagrad
 
     model, dtype_name, path = case.split(":")
     dtype, shapes = getattr(torch, dtype_name), MODELS[model]
     fused = path.startswith("fused")
-    if path == "chunked":  # the ratio form's first pass in chunks of 4096 entries
-        _cpu_kernels.RATIO_CHUNK_NUMEL = 4096
-    if path == "fused_passes":  # the fused path itself at this size, its passes uncompiled (no compiler needed)
-        block_mean_adagrad.FUSED_MIN_NUMEL = block_mean_adagrad.FUSED_MIN_NUMEL_ONE_BLOCK = 0
-        block_mean_adagrad.FUSED_MIN_MEAN_NUMEL_ONE_BLOCK = 0
-        passes = {"block_sums": _fused.block_sums, "apply_update": _fused.apply_update}
-        _fused.compiled = passes.__getitem__
-    report = {}
-    for scenario in SCENARIOS:
-        print("running", scenario, flush=True)  # the last line before a crash names it
-        ref_params, params = _params(shapes, dtype), _params(shapes, dtype)
-        ref, opt = _optimizer(ref_params, fused), _optimizer(params, fused)
-        for t in range(STEPS):
-            _step(ref, ref_params, shapes, t, dtype)
-            if t == MOVE_AT:
-                _move(opt, params, scenario)
-            _step(opt, params, shapes, t, dtype)
-        report[scenario] = _compare(ref, opt, ref_params, params, scenario) or "ok"
-    return report
+    patched = [
+        (_cpu_kernels, "RATIO_CHUNK_NUMEL"),
+        (block_mean_adagrad, "FUSED_MIN_NUMEL"),
+        (block_mean_adagrad, "FUSED_MIN_NUMEL_ONE_BLOCK"),
+        (block_mean_adagrad, "FUSED_MIN_MEAN_NUMEL_ONE_BLOCK"),
+        (_fused, "compiled"),
+    ]
+    kept = [(module, name, getattr(module, name)) for module, name in patched]
+    try:
+        if path == "chunked":  # the ratio form's first pass in chunks of 4096 entries
+            _cpu_kernels.RATIO_CHUNK_NUMEL = 4096
+        if path == "fused_passes":  # the fused path itself at this size, its passes uncompiled (no compiler needed)
+            block_mean_adagrad.FUSED_MIN_NUMEL = block_mean_adagrad.FUSED_MIN_NUMEL_ONE_BLOCK = 0
+            block_mean_adagrad.FUSED_MIN_MEAN_NUMEL_ONE_BLOCK = 0
+            passes = {"block_sums": _fused.block_sums, "apply_update": _fused.apply_update}
+            _fused.compiled = passes.__getitem__
+        report = {}
+        for scenario in SCENARIOS:
+            print("running", case, scenario, flush=True)  # the last line before a crash names it
+            ref_params, params = _params(shapes, dtype), _params(shapes, dtype)
+            ref, opt = _optimizer(ref_params, fused), _optimizer(params, fused)
+            for t in range(STEPS):
+                _step(ref, ref_params, shapes, t, dtype)
+                if t == MOVE_AT:
+                    _move(opt, params, scenario)
+                _step(opt, params, shapes, t, dtype)
+            report[scenario] = _compare(ref, opt, ref_params, params, scenario) or "ok"
+        return report
+    finally:
+        for module, name, value in kept:
+            setattr(module, name, value)
 
 
 def run_refusal() -> dict[str, str]:
@@ -219,25 +232,54 @@ def _run_child(*args: str, timeout: float = 240) -> dict[str, str]:
     return json.loads(lines[-1])
 
 
-CASES = [
-    "host:float32:eager",
-    "host:float64:eager",
-    "many:float64:eager",
-    "big:float32:eager",
-    "big:float64:eager",
-    "big:float32:chunked",
-    "big:float64:chunked",
-    "host:float32:fused",  # fused=True below FUSED_MIN_NUMEL(_ONE_BLOCK): the eager step
-    "big:float32:fused",  # numba's kernels where numba is installed (76,380 entries), else the eager step
-    "host:float64:fused_passes",
-]
+#: the cases, in two child processes (each pays torch's imports, a few seconds, once)
+CASE_GROUPS = {
+    "small": [
+        "host:float32:eager",
+        "host:float64:eager",
+        "many:float64:eager",
+        "host:float32:fused",  # fused=True below FUSED_MIN_NUMEL(_ONE_BLOCK): the eager step
+        "host:float64:fused_passes",
+    ],
+    "big": [
+        "big:float32:eager",
+        "big:float64:eager",
+        "big:float32:chunked",
+        "big:float64:chunked",
+        "big:float32:fused",  # numba's kernels where numba is installed (76,380 entries), else the eager step
+    ],
+}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES)
-def test_state_moved_between_steps_continues_the_run(case):
-    report = _run_child(case)
-    assert report == dict.fromkeys(SCENARIOS, "ok")
+@pytest.mark.parametrize("group", CASE_GROUPS)
+def test_state_moved_between_steps_continues_the_run(group):
+    cases = CASE_GROUPS[group]
+    report = _run_child(*cases)
+    assert report == {case: dict.fromkeys(SCENARIOS, "ok") for case in cases}
+
+
+def test_a_case_puts_back_the_settings_it_changes():
+    """The cases of one child must not see each other's settings (chunk size, fused thresholds)."""
+    from bma_gp.optim import _cpu_kernels, _fused, block_mean_adagrad
+
+    before = (
+        _cpu_kernels.RATIO_CHUNK_NUMEL,
+        block_mean_adagrad.FUSED_MIN_NUMEL,
+        block_mean_adagrad.FUSED_MIN_NUMEL_ONE_BLOCK,
+        block_mean_adagrad.FUSED_MIN_MEAN_NUMEL_ONE_BLOCK,
+        _fused.compiled,
+    )
+    for case in ("host:float32:chunked", "host:float64:fused_passes"):
+        assert run_case(case) == dict.fromkeys(SCENARIOS, "ok")
+        after = (
+            _cpu_kernels.RATIO_CHUNK_NUMEL,
+            block_mean_adagrad.FUSED_MIN_NUMEL,
+            block_mean_adagrad.FUSED_MIN_NUMEL_ONE_BLOCK,
+            block_mean_adagrad.FUSED_MIN_MEAN_NUMEL_ONE_BLOCK,
+            _fused.compiled,
+        )
+        assert after == before, case
 
 
 @pytest.mark.slow
@@ -257,5 +299,8 @@ def test_optimizer_sent_to_a_spawn_worker_keeps_training():
 if __name__ == "__main__":
     torch.set_num_threads(1)
     special = {"spawn": run_spawn, "refusal": run_refusal}
-    result = special[sys.argv[1]]() if sys.argv[1] in special else run_case(sys.argv[1])
+    if sys.argv[1] in special:
+        result = special[sys.argv[1]]()
+    else:  # one or more cases: a report per case
+        result = {case: run_case(case) for case in sys.argv[1:]}
     print(json.dumps(result), flush=True)
