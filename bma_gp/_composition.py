@@ -101,11 +101,21 @@ def _involves_block_mean(kernel) -> bool:
 
 
 def _is_lazy_block_mean(op) -> bool:
+    from gpytorch.kernels import InducingPointKernel, ScaleKernel
     from gpytorch.lazy import LazyEvaluatedKernelTensor
 
-    return isinstance(op, LazyEvaluatedKernelTensor) and (
-        _involves_block_mean(op.kernel) or _sums_inducing_points(op.kernel)
-    )
+    if not isinstance(op, LazyEvaluatedKernelTensor):
+        return False
+    bare = op.kernel
+    while isinstance(bare, ScaleKernel):
+        bare = bare.base_kernel
+    if isinstance(bare, InducingPointKernel):
+        # an inducing-point kernel alone (scaled or not) evaluates to a low-rank root whatever its base kernel (a
+        # block mean or group kernel only gives it K_XZ and K_ZZ): plus a noise, GPyTorch's own closed form
+        # (Woodbury), which its SGPR prediction strategy reads. Routed to the package's sum, prediction raised
+        # AttributeError (no ``_linear_op``)
+        return False
+    return _involves_block_mean(op.kernel) or _sums_inducing_points(op.kernel)
 
 
 def _is_lazy_family_kernel(op) -> bool:

@@ -1,0 +1,91 @@
+"""An inducing-point kernel over a block mean kernel (``InducingPointKernel(BlockMeanKernel(...))``, GPyTorch's or
+the package's ``ChunkedInducingPointKernel``) as the whole covariance module: SGPR whose ``K_XZ`` and ``K_ZZ`` come
+from the block mean kernel. Its evaluation is a low-rank root whatever the base kernel, which plus the noise is
+GPyTorch's own closed form (Woodbury), and GPyTorch's SGPR prediction strategy reads that operator's parts. The
+package routed the sum to its own operator because a block mean kernel sat somewhere in the module tree: training
+ran, prediction raised ``AttributeError: 'BlockMeanSumLinearOperator' object has no attribute '_linear_op'``.
+
+The reference is the same model with the block mean kernel hidden from the package (its values, held outside the
+module tree): plain GPyTorch SGPR over the same base kernel values.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import gpytorch
+import pytest
+import torch
+
+from bma_gp import BlockMeanKernel, ChunkedInducingPointKernel, Partition
+
+
+class _Hidden(gpytorch.kernels.Kernel):
+    """A block mean kernel's values as a kernel the package does not recognise (held outside the module tree)."""
+
+    def __init__(self, block_mean: BlockMeanKernel):
+        super().__init__()
+        self._held = [block_mean]
+
+    def forward(self, x1, x2, diag=False, **kwargs):
+        dense = self._held[0](x1, x2).to_dense()
+        return dense.diagonal(dim1=-2, dim2=-1) if diag else dense
+
+
+def _data(dtype):
+    g = torch.Generator().manual_seed(3)
+    n = 150
+    x = torch.rand(n, 2, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.sin(6 * x[:, 0]) + 0.1 * torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    labels = (x[:, 0] * 9).long().clamp(max=8)
+    labels[::7] = 9  # a block of scattered points, unequal sizes
+    return x, y.to(dtype), Partition.from_labels(labels), torch.rand(6, 2, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _fit_and_predict(x, y, part, xt, kernel_class, hidden: bool):
+    """One marginal log-likelihood with its gradients, then the predictive mean and variance at ``xt``."""
+    lik = gpytorch.likelihoods.GaussianLikelihood().to(x.dtype)
+    block_mean = BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, part).to(x.dtype)
+    base = _Hidden(block_mean) if hidden else block_mean
+
+    class Model(gpytorch.models.ExactGP):
+        def __init__(self):
+            super().__init__(x, y, lik)
+            self.mean_module = gpytorch.means.ConstantMean()
+            self.covar_module = kernel_class(base, inducing_points=x[::10].clone(), likelihood=lik)
+            self.block_mean = block_mean  # registered either way: the same parameter names
+
+        def forward(self, inputs):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(inputs), self.covar_module(inputs))
+
+    model = Model().to(x.dtype)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning, no other warning
+        loss = -mll(model(x), y)
+        loss.backward()
+        named = model.named_parameters()
+        grads = {name.replace("covar_module.base_kernel.", "block_mean."): p.grad for name, p in named}
+        model.eval()
+        with torch.no_grad():
+            pred = lik(model(xt))
+            mean, variance = pred.mean, pred.variance
+    return loss.detach(), grads, mean, variance
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kernel_class", [gpytorch.kernels.InducingPointKernel, ChunkedInducingPointKernel])
+def test_inducing_point_kernel_over_a_block_mean_kernel_trains_and_predicts_as_sgpr(kernel_class, dtype):
+    x, y, part, xt = _data(dtype)
+    loss, grads, mean, variance = _fit_and_predict(x, y, part, xt, kernel_class, hidden=False)
+    # the reference: GPyTorch's own SGPR (the chunked kernel evaluates its base on row chunks, which a hidden block
+    # mean kernel cannot average over the whole training set; GPyTorch's kernel evaluates it whole)
+    want = _fit_and_predict(x, y, part, xt, gpytorch.kernels.InducingPointKernel, hidden=True)
+    tol = {"rtol": 1e-8, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 2e-3, "atol": 2e-4}
+    assert torch.allclose(loss, want[0], **tol)
+    assert grads.keys() == want[1].keys()
+    for name, grad in grads.items():
+        assert grad is not None and torch.allclose(grad, want[1][name], **tol), name
+    assert mean.dtype == dtype and torch.allclose(mean, want[2], **tol)
+    assert torch.allclose(variance, want[3], **tol)
+    assert torch.all(variance > 0)
