@@ -7,8 +7,10 @@
   memory), where ``ConstantKernel() + GroupKernel(k)`` was closed form. Checked: the marginal log likelihood and its
   gradients, and the posterior with ``fast_pred_var`` on and off, against the dense covariance formed by hand from the
   same parameters (single and batched models, a ``GaussianLikelihood`` and a ``GroupGaussianLikelihood``, float64 and
-  float32), inside the closed-forms guard with the fallback warning an error; the peak memory of training and
-  prediction at n = 20,000; and that ``ScaleKernel(ConstantKernel())`` evaluates to the same values as before.
+  float32), inside the closed-forms guard with the fallback warning an error; the peak memory of training at
+  n = 20,000 (one child process) and the largest tensor prediction makes there; that ``ScaleKernel(ConstantKernel())``
+  evaluates to GPyTorch's values and gradients, held expanded; and ``ChunkedInducingPointKernel +
+  ScaleKernel(ConstantKernel())`` (documented as a fallback) against GPyTorch's own dense evaluation.
 * ``BlockMeanAdagrad(params, maximize=numpy.True_)`` raised ``ValueError`` (torch.optim accepts NumPy bools); so did
   ``fused=numpy.False_``, ``check_finite=numpy.True_`` and ``FullMatrixAdagrad(..., foreach=numpy.False_)``. Checked:
   they are accepted by the constructors, ``add_param_group`` and ``load_state_dict``, stored as Python bools, step as
