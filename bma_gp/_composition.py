@@ -391,6 +391,40 @@ def is_expanded_constant(t: Tensor) -> bool:
     return all(t.stride(d) == 0 or t.shape[d] == 1 for d in (-1, -2))
 
 
+def _hooked_scale_forward(original):
+    """GPyTorch's ``ScaleKernel.forward`` around a ``ConstantKernel`` (possibly in more ``ScaleKernel`` wrappers)
+    returning the scaled constant held expanded, one value per batch entry with strides 0 over the matrix, as
+    ``ConstantKernel`` returns its own: GPyTorch multiplies the constant's expanded matrix by the outputscale, a dense
+    ``n x n`` tensor, so ``ScaleKernel(ConstantKernel()) + GroupKernel(k)`` (a kernel sum, an intercept variance plus
+    random effects) was a fallback sum that trained by a dense Cholesky with a warning, where ``ConstantKernel() +
+    GroupKernel(k)`` was closed form. The values, dtype (torch's promotion of the constant and the outputscale),
+    device and shape are the original's; every other base kernel, and ``diag=True``, run the original."""
+    from gpytorch.kernels import ConstantKernel, ScaleKernel
+
+    @functools.wraps(original)
+    def forward(self, x1, x2, last_dim_is_batch=False, diag=False, **params):
+        base = self.base_kernel
+        while isinstance(base, ScaleKernel):
+            base = base.base_kernel
+        if diag or not isinstance(base, ConstantKernel):
+            return original(self, x1, x2, last_dim_is_batch=last_dim_is_batch, diag=diag, **params)
+        inner = self.base_kernel.forward(x1, x2, diag=False, last_dim_is_batch=last_dim_is_batch, **params)
+        if not isinstance(inner, Tensor) or not is_expanded_constant(inner):  # a ConstantKernel subclass's own
+            return original(self, x1, x2, last_dim_is_batch=last_dim_is_batch, diag=diag, **params)
+        scale = self.outputscale
+        if last_dim_is_batch:
+            scale = scale.unsqueeze(-1)
+        scale = scale.view(*scale.shape, 1, 1)
+        shape = torch.broadcast_shapes(inner.shape, scale.shape)
+        # the corner read from the tensor the constant was expanded from (a slice of the expanded matrix would
+        # allocate its whole n x n gradient in backward): (*batch, 1, 1), expanded again without a copy
+        value = _corner(inner).unsqueeze(-1) * scale
+        return value.expand(shape)
+
+    forward._bma_gp_original = original
+    return forward
+
+
 def _offsets_and_block(op: BlockMeanLinearOperator) -> tuple[Tensor, Tensor | _Diagonal]:
     """``lam`` and the block matrix of ``op`` for a sum. Of a singleton block only ``lam_i + B_ii`` is visible, so a
     negative ``lam_i`` is valid there; it moves into ``B_ii``, so that the sum's per-point diagonal holds only
@@ -3200,6 +3234,13 @@ def install() -> None:
     from bma_gp._flag_scope import install as install_flag_scope
 
     install_flag_scope()
+    # ScaleKernel(ConstantKernel()): the scaled constant held expanded (one value), not an n x n tensor, so that its
+    # sum with a group or block mean kernel (covar_module = ScaleKernel(ConstantKernel()) + GroupKernel(k)) is closed
+    from gpytorch.kernels import ScaleKernel
+
+    method = ScaleKernel.__dict__["forward"]
+    if not hasattr(method, "_bma_gp_original"):
+        ScaleKernel.forward = _hooked_scale_forward(method)
     # BlockMeanKernel's lazily_evaluate_kernels(False) warning: tell GPyTorch's own evaluation from the user's setting
     from bma_gp.kernels.block_mean_kernel import install as install_lazy_mark
 

@@ -90,7 +90,7 @@ def _checked_update_interval(opt: Any, value: Any) -> int:
 def _checked_fused(opt: Any, value: Any) -> bool:
     if value is None:  # torch.optim's default value, "let the optimizer choose": here the eager step
         value = False
-    check_bool("fused", value)
+    value = check_bool("fused", value)
     if value and callable(opt.__dict__.get("partition_rule")):
         raise ValueError(_FUSED_NEEDS_ROWS)
     return value
@@ -349,10 +349,10 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
         update_interval = check_hyperparameter("update_interval", update_interval, positive=True, integer=True)
         weight_decay = check_hyperparameter("weight_decay", weight_decay)
         check_partition_rule(partition)
-        check_bool("maximize", maximize)
+        maximize = check_bool("maximize", maximize)
         if fused is None:  # torch.optim's default value, "let the optimizer choose": here the eager step
             fused = False
-        check_bool("fused", fused)
+        fused = check_bool("fused", fused)
         if fused and callable(partition):
             raise ValueError(_FUSED_NEEDS_ROWS)
         self.partition_rule = partition

@@ -34,6 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -118,11 +119,15 @@ def check_hyperparameter(name: str, value, *, positive: bool = False, integer: b
 
 
 def check_bool(name: str, value) -> bool:
-    """Raise ``ValueError("Invalid <name> value: ...")`` unless ``value`` is ``True`` or ``False`` (a truthy string
-    such as ``"no"`` would silently mean ``True``)."""
-    if not isinstance(value, bool):
-        raise ValueError(f"Invalid {name} value: {value!r}; it must be True or False.")
-    return value
+    """``value`` as a Python ``bool``: ``True`` or ``False``, or NumPy's ``numpy.True_`` / ``numpy.False_`` (what a
+    configuration read through NumPy holds, and torch.optim accepts), converted, so that a param group, a state dict
+    and comparisons with ``is True`` hold a plain ``bool``. Raise ``ValueError("Invalid <name> value: ...")`` for
+    anything else (a truthy string such as ``"no"`` would silently mean ``True``)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise ValueError(f"Invalid {name} value: {value!r}; it must be True or False.")
 
 
 @contextlib.contextmanager
@@ -229,6 +234,8 @@ def check_torch_optim_flags(owner: str, values: dict[str, Any], *, fused_hint: s
         if name not in values or (name == "fused" and fused_hint is not None):
             continue
         value = values[name]
+        if isinstance(value, np.bool_):  # numpy.False_ means False, as it does to torch.optim
+            value = bool(value)
         if not any(value is ok for ok in accepted):
             allowed = " or ".join(f"{name}={ok!r}" for ok in accepted)
             raise ValueError(f"Invalid {name} value: {value!r}; pass {allowed}. {reasons[name]}")
@@ -298,7 +305,12 @@ def _all_finite(grads: list[Tensor], dtype: torch.dtype, extra: list[Tensor]) ->
 
 def _same_setting(value, current) -> bool:
     """Whether a param group's ``value`` of an optimizer-wide setting is the optimizer's ``current`` one (the same
-    object, or an equal number or string; a bool only as itself)."""
+    object, or an equal number or string; a bool only as itself, NumPy's ``numpy.True_`` / ``numpy.False_`` as the
+    Python bool it stands for)."""
+    if isinstance(value, np.bool_):
+        value = bool(value)
+    if isinstance(current, np.bool_):
+        current = bool(current)
     if value is current:
         return True
     if isinstance(value, (bool, Tensor)) or isinstance(current, bool) or callable(value) or callable(current):
@@ -392,6 +404,10 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        group = self.param_groups[-1]
+        for key, attribute in self._optimizer_wide:  # numpy.True_ repeating a bool setting: its Python bool
+            if isinstance(group.get(key), np.bool_):
+                group[key] = getattr(self, attribute)
 
     def _check_no_duplicates(self, params: list[Tensor]) -> None:
         """Refuse a group that lists a parameter twice. torch.optim only warns (and steps it twice); here the flat
@@ -508,8 +524,9 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         """Check (and convert) the per-group options of an added group; raise ``ValueError`` before changing it."""
         lr = check_hyperparameter("learning rate", group["lr"])
         weight_decay = check_hyperparameter("weight_decay", group.get("weight_decay", 0.0))
-        check_bool("maximize", group["maximize"])
+        maximize = check_bool("maximize", group["maximize"])
         group["lr"] = lr
+        group["maximize"] = maximize  # a Python bool (numpy.True_ converted)
         if "weight_decay" in group:
             group["weight_decay"] = weight_decay
 
@@ -988,6 +1005,8 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             for key, attribute in self._optimizer_wide:
                 if key in group:
                     group[key] = getattr(self, attribute)
+            if "maximize" in group:  # checked above: a Python bool, as add_param_group stores it (numpy.True_)
+                group["maximize"] = check_bool("maximize", group["maximize"])
         self._layout = None
         self._flat = {}
         self._flat_views = {}

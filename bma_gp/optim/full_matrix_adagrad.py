@@ -163,7 +163,7 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
         eps = check_hyperparameter("eps", eps, positive=True)
         weight_decay = check_hyperparameter("weight_decay", weight_decay)
         max_dim = check_hyperparameter("max_dim", max_dim, positive=True, integer=True)
-        check_bool("maximize", maximize)
+        maximize = check_bool("maximize", maximize)
         self.eps = eps
         self.max_dim = max_dim
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize)
