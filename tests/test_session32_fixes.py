@@ -7,6 +7,9 @@ ran, prediction raised ``AttributeError: 'BlockMeanSumLinearOperator' object has
 
 The reference is the same model with the block mean kernel hidden from the package (its values, held outside the
 module tree): plain GPyTorch SGPR over the same base kernel values.
+
+Also: the functional ``block_mean_adagrad`` checks its switches (``mask``, ``check_finite``, ``fused``) as the class
+does.
 """
 
 from __future__ import annotations
@@ -89,3 +92,38 @@ def test_inducing_point_kernel_over_a_block_mean_kernel_trains_and_predicts_as_s
     assert mean.dtype == dtype and torch.allclose(mean, want[2], **tol)
     assert torch.allclose(variance, want[3], **tol)
     assert torch.all(variance > 0)
+
+
+@pytest.mark.parametrize("switch", ["mask", "check_finite", "fused"])
+@pytest.mark.parametrize("value", ["no", 1, None, torch.tensor(True)])
+def test_functional_block_mean_adagrad_checks_its_switches_before_changing_anything(switch, value):
+    """The functional step took any truthy value for ``mask``, ``check_finite`` and ``fused`` (``check_finite="no"``
+    checked; ``fused=1`` took the fused path), where the class refuses them: now the same ``ValueError`` naming the
+    argument, raised before the parameters, the statistics or the step count change; NumPy bools pass as the class's
+    do."""
+    import numpy as np
+
+    from bma_gp.optim.functional import block_mean_adagrad
+    from bma_gp.optim.param_blocks import ParamBlocks
+
+    def call(params, h, stats, **switches):
+        n = len(params)
+        grads = [torch.ones_like(p) for p in params]
+        options = {"mask": True, "check_finite": True, "fused": False, **switches}
+        with torch.no_grad():
+            block_mean_adagrad(
+                params, grads, h, stats, blocks, None, lr=[0.1] * n, weight_decay=[0.0] * n, maximize=[False] * n,
+                eps=1e-10, damping=0.1, update_interval=1, **options,
+            )  # fmt: skip
+
+    params = [torch.nn.Parameter(torch.arange(6.0, dtype=torch.float64).reshape(2, 3))]
+    params.append(torch.nn.Parameter(torch.ones(4, dtype=torch.float64)))
+    blocks = ParamBlocks.build(params, "tensor")
+    h = torch.zeros(blocks.bounds[-1], dtype=torch.float64)
+    stats = {"U": torch.zeros(2, 2, dtype=torch.float64), "w": torch.zeros(2, dtype=torch.float64), "step": 0}
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=rf"Invalid {switch} value: .*; it must be True or False"):
+        call(params, h, stats, **{switch: value})
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and not h.any() and stats["step"] == 0
+    call(params, h, stats, **{switch: np.bool_(switch != "fused")})  # NumPy's bools are bools
+    assert stats["step"] == 1 and not torch.equal(params[0], before[0])

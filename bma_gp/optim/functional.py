@@ -925,6 +925,10 @@ def block_mean_adagrad(
     eps = check_hyperparameter("eps", eps, positive=True)  # eps = 0 gives 0 / 0 where h = 0 (see the class)
     damping = check_hyperparameter("damping", damping)
     update_interval = check_hyperparameter("update_interval", update_interval, positive=True, integer=True)
+    # the switches as the class checks its own (a truthy string such as "no" silently meant True; NumPy bools pass)
+    mask = check_bool("mask", mask)
+    check_finite = check_bool("check_finite", check_finite)
+    fused = check_bool("fused", fused)
     fingerprint = _check_arguments(params, grads, state_sum, stats, blocks, workspace, lr, weight_decay, maximize)
     # a gradient with torch's negative bit (x.conj().imag) or a zero stride: materialised, as the class does
     # (FlatParams.collect_grads)
