@@ -9,6 +9,12 @@ n = 120 with 16 rows a chunk; the same alone and in sums with a ``BlockMeanKerne
 ``BlockMeanKernel`` in it is now evaluated on all rows at once (an ``n x m`` matrix, as GPyTorch's kernel forms), and an
 explicit ``chunk_rows`` with such a base kernel is refused in words.
 
+Found: after ``model.set_train_data`` alone, a ``BlockMeanKernel`` inside an inducing-point kernel took the new
+training inputs for new points (the exact base kernel's ``K_xZ``) and the model trained and predicted as another one,
+without a word: the check that refuses this for a block mean kernel anywhere else did not look inside an
+inducing-point kernel, and GPyTorch's SGPR strategy (the model's, with the kernel alone) checks nothing. It is now
+refused in training and in eval mode.
+
 Checked that held (against dense linear algebra on the same kernel values: ``Q = K_xZ K_ZZ^{-1} K_Zx`` plus the other
 summands and the noise, the SGPR trace term, and GPyTorch's diagonal correction at the test points):
 ``InducingPointKernel`` / ``ChunkedInducingPointKernel`` over ``BlockMeanKernel`` and over ``GroupKernel`` (inducing
@@ -221,3 +227,35 @@ def test_inducing_point_kernel_sums_stay_closed_form_without_cholesky(base):
                 fast = lik(model(test)).variance
         _assert_close(got, want, torch.float64)
         assert torch.allclose(fast, want[3], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("extra", [False, True], ids=["alone", "plus a group kernel"])
+@pytest.mark.parametrize("kernel_class", [IPK, CIPK], ids=["InducingPointKernel", "ChunkedInducingPointKernel"])
+def test_new_training_data_without_the_block_mean_kernels_is_refused_inside_an_inducing_point_kernel(
+    kernel_class, extra
+):
+    """After ``model.set_train_data`` alone, a block mean kernel inside an inducing-point kernel took the new training
+    inputs for new points (the exact base kernel's ``K_xZ``): the model trained and predicted as another one, without a
+    word, where a block mean kernel anywhere else raises. The check now follows the inducing-point kernel to its base
+    kernel, in training and in eval mode; once the kernel is given the data too, the model is the fresh one's."""
+    model, lik, sgpr, inputs, y, test = _model(kernel_class, "block mean", extra, torch.float64)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
+    new = inputs.clone()
+    new[:, :2] = torch.rand(new.shape[0], 2, generator=torch.Generator().manual_seed(2), dtype=new.dtype)
+    model.set_train_data(new, y, strict=False)
+    for mode in ("eval", "train"):
+        model.train(mode == "train")
+        with pytest.raises(ValueError, match="training inputs do not match BlockMeanKernel.train_x"):
+            if mode == "train":
+                mll(model(new), y)
+            else:
+                with torch.no_grad():
+                    model(test)
+    block_mean = sgpr.base_kernel
+    part = block_mean.partition
+    block_mean.set_train_data(new[:, :2], part)
+    got = _fit_and_predict(model, lik, sgpr, new, y, test)
+    fresh = _model(kernel_class, "block mean", extra, torch.float64)
+    fresh[2].base_kernel.set_train_data(new[:, :2], part)
+    fresh[0].set_train_data(new, y, strict=False)
+    _assert_close(got, _fit_and_predict(fresh[0], fresh[1], fresh[2], new, y, test), torch.float64)
