@@ -259,3 +259,26 @@ def test_new_training_data_without_the_block_mean_kernels_is_refused_inside_an_i
     fresh[2].base_kernel.set_train_data(new[:, :2], part)
     fresh[0].set_train_data(new, y, strict=False)
     _assert_close(got, _fit_and_predict(fresh[0], fresh[1], fresh[2], new, y, test), torch.float64)
+
+
+@pytest.mark.parametrize("extra", [False, True], ids=["alone", "plus a group kernel"])
+def test_chunked_kept_training_root_follows_the_block_mean_kernels_partition(extra):
+    """In eval mode the chunked kernel keeps the root of the training inputs between predictions, keyed by their
+    values, its inducing points and its base kernel's parameters. A block mean kernel's values also depend on its
+    partition: after ``set_partition`` and ``model.set_train_data(..., strict=False)`` (what the block mean kernel's
+    error asks for), the old partition's root was served for the same inputs (predictive means 0.65 off). The key now
+    holds the block mean kernels' data versions."""
+    model, lik, sgpr, inputs, y, test = _model(CIPK, "block mean", extra, torch.float64)
+    model.eval()
+    with torch.no_grad():
+        lik(model(test))
+    other = Partition.from_labels((inputs[:, 1] * 5).long())
+    sgpr.base_kernel.set_partition(other)
+    model.set_train_data(inputs, y, strict=False)
+    with torch.no_grad():
+        pred = lik(model(test))
+    fresh = _model(CIPK, "block mean", extra, torch.float64)
+    fresh[2].base_kernel.set_partition(other)
+    want = _dense_reference(*fresh)
+    assert torch.allclose(pred.mean, want[2], rtol=1e-7, atol=1e-9)
+    assert torch.allclose(pred.variance, want[3], rtol=1e-7, atol=1e-9)

@@ -84,6 +84,14 @@ def _whole_rows_only(kernel) -> bool:
     return any(isinstance(module, BlockMeanKernel) for module in kernel.modules())
 
 
+def _bound_data_versions(kernel) -> tuple[tuple[int, int], ...]:
+    """``(id, data_version)`` of every :class:`~bma_gp.BlockMeanKernel` in ``kernel`` (its training inputs and
+    partition, which its values depend on besides its parameters)."""
+    from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
+
+    return tuple((id(m), m.data_version) for m in kernel.modules() if isinstance(m, BlockMeanKernel))
+
+
 def _root_block(kernel, x: Tensor, inducing: Tensor, inv_root: Tensor) -> tuple[Tensor, Tensor]:
     root = to_dense(kernel(x, inducing)) @ inv_root
     return root, root.square().sum(-1)
@@ -336,6 +344,10 @@ class ChunkedInducingPointKernel(InducingPointKernel):
             version_key(inv_root),
             version_key(self.inducing_points),
             tuple(version_key(p) for p in self.base_kernel.parameters()),
+            # a BlockMeanKernel's values depend on its bound data too: after set_partition (or set_train_data) and
+            # model.set_train_data as its error asks, the root of the old partition's block means was served for
+            # inputs equal to the old ones (predictive means 0.65 off)
+            _bound_data_versions(self.base_kernel),
         )
         kept = self.__dict__.get("_bma_gp_kept_root")
         if kept is None:
