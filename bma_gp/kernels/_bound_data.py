@@ -22,7 +22,15 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 
 import torch
-from gpytorch.kernels import AdditiveKernel, Kernel, LCMKernel, MultitaskKernel, ProductKernel, ScaleKernel
+from gpytorch.kernels import (
+    AdditiveKernel,
+    InducingPointKernel,
+    Kernel,
+    LCMKernel,
+    MultitaskKernel,
+    ProductKernel,
+    ScaleKernel,
+)
 from gpytorch.lazy import LazyEvaluatedKernelTensor
 from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
 from torch import Tensor
@@ -86,6 +94,15 @@ def _inputs_seen(kernel: Kernel, x: Tensor | None) -> Iterator[tuple[Kernel, Ten
     if isinstance(kernel, MultitaskKernel):
         # its forward calls the data kernel's forward with its own inputs (the data kernel's active_dims unapplied)
         yield from _inputs_seen(kernel.data_covar_module, x)
+        return
+    if isinstance(kernel, InducingPointKernel):
+        # its forward calls base_kernel(x, inducing_points) (the base kernel's active_dims applied in its __call__):
+        # a block mean kernel in it gets the model's inputs as its first inputs and the inducing points as new points.
+        # Not followed, the model's inputs were never compared with its train_x: after model.set_train_data alone
+        # the SGPR trained and predicted on the exact base kernel's K_xZ, without a word
+        base = kernel.base_kernel
+        dims = base.active_dims
+        yield from _inputs_seen(base, x if x is None or dims is None else x.index_select(-1, dims.to(x.device)))
         return
     if isinstance(kernel, LCMKernel):
         # its forward calls each member's forward with its own inputs (the members' active_dims unapplied)
@@ -451,16 +468,26 @@ def _multitask_container(strategy: DefaultPredictionStrategy) -> bool:
     return any(isinstance(module, (MultitaskKernel, LCMKernel)) for module in prior.kernel.modules())
 
 
+def _inducing_container(strategy: DefaultPredictionStrategy) -> bool:
+    """Whether ``strategy``'s training covariance is a lazily evaluated kernel with an ``InducingPointKernel`` around a
+    :class:`~bma_gp.BlockMeanKernel` (alone, it gets GPyTorch's SGPR strategy, which checks nothing)."""
+    prior = getattr(strategy.train_prior_dist, "lazy_covariance_matrix", None)
+    if prior is None or not _holds_block_mean_kernel(prior):
+        return False
+    return any(isinstance(module, InducingPointKernel) for module in prior.kernel.modules())
+
+
 def _record(model, strategy: DefaultPredictionStrategy) -> None:
     """What a model records on a strategy it built: the data versions of its ``BlockMeanKernel``s (the block mean
     strategies record them themselves) and, in eval mode, the hyperparameters the strategy was built with."""
     if not hasattr(strategy, "_bound_data_versions"):
         from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
 
-        if _multitask_container(strategy):
-            # GPyTorch's or the Kronecker strategy of a MultitaskKernel / LCMKernel, which do not check the inputs
-            # their BlockMeanKernels get: refused as the block mean strategies refuse them (training mode checks
-            # the same in __call__), with the strategy dropped so that the model keeps nothing built on them
+        if _multitask_container(strategy) or _inducing_container(strategy):
+            # GPyTorch's or the Kronecker strategy of a MultitaskKernel / LCMKernel, or GPyTorch's SGPR strategy,
+            # which do not check the inputs their BlockMeanKernels get: refused as the block mean strategies refuse
+            # them (training mode checks the same in __call__), with the strategy dropped so that the model keeps
+            # nothing built on them
             try:
                 check_training_inputs(strategy)
             except ValueError:

@@ -76,6 +76,22 @@ def _same_up_to_rounding(a: Tensor, b: Tensor) -> bool:
     return bool((a - b).abs().amax() <= 16 * torch.finfo(a.dtype).eps * a.abs().amax())
 
 
+def _whole_rows_only(kernel) -> bool:
+    """Whether ``kernel`` holds a :class:`~bma_gp.BlockMeanKernel`, whose values at a training row depend on every
+    training row, so that it cannot be evaluated a block of rows at a time."""
+    from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
+
+    return any(isinstance(module, BlockMeanKernel) for module in kernel.modules())
+
+
+def _bound_data_versions(kernel) -> tuple[tuple[int, int], ...]:
+    """``(id, data_version)`` of every :class:`~bma_gp.BlockMeanKernel` in ``kernel`` (its training inputs and
+    partition, which its values depend on besides its parameters)."""
+    from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
+
+    return tuple((id(m), m.data_version) for m in kernel.modules() if isinstance(m, BlockMeanKernel))
+
+
 def _root_block(kernel, x: Tensor, inducing: Tensor, inv_root: Tensor) -> tuple[Tensor, Tensor]:
     root = to_dense(kernel(x, inducing)) @ inv_root
     return root, root.square().sum(-1)
@@ -188,6 +204,13 @@ class ChunkedInducingPointKernel(InducingPointKernel):
                 raise TypeError(f"chunk_rows must be a positive int or None, got {type(chunk_rows).__name__}") from None
         if chunk_rows is not None and chunk_rows < 1:
             raise ValueError(f"chunk_rows must be a positive int or None (the default), got {chunk_rows}")
+        if chunk_rows is not None and _whole_rows_only(base_kernel):
+            raise ValueError(
+                f"chunk_rows={chunk_rows} cannot be honoured: base_kernel contains a BlockMeanKernel, whose value at a "
+                "training row depends on the whole training set (a chunk of train_x is new points to it, which gives "
+                "the exact base kernel, not the block means). Its rows are always evaluated at once; leave chunk_rows "
+                "out (None)."
+            )
         super().__init__(base_kernel, inducing_points, likelihood, active_dims=active_dims)
         self.chunk_rows = chunk_rows
 
@@ -290,6 +313,11 @@ class ChunkedInducingPointKernel(InducingPointKernel):
         inv_root = self._inducing_inv_root
         # the dtype of the root (an integer or narrower x takes the kernel's, as GPyTorch's kernels promote it)
         rows = self._rows(torch.promote_types(x.dtype, inv_root.dtype))
+        if _whole_rows_only(self.base_kernel):
+            # a BlockMeanKernel takes a chunk of the training rows for new points (the exact base kernel against Z,
+            # not the block means of the whole training set): past chunk_rows the root, its gradients and the
+            # predictions were those of another model, without a word (loss 0.07 off at n = 120, 16 rows a chunk)
+            rows = max(rows, x.shape[-2])
         parts = rbf_parts(self.base_kernel, x, self.inducing_points) if self.analytic_rbf else None
         if parts is not None:  # (Scale)RBF: derivatives written out, no autograd recomputation
             return rbf_root(rows, x, self.inducing_points, inv_root, *parts)
@@ -316,6 +344,10 @@ class ChunkedInducingPointKernel(InducingPointKernel):
             version_key(inv_root),
             version_key(self.inducing_points),
             tuple(version_key(p) for p in self.base_kernel.parameters()),
+            # a BlockMeanKernel's values depend on its bound data too: after set_partition (or set_train_data) and
+            # model.set_train_data as its error asks, the root of the old partition's block means was served for
+            # inputs equal to the old ones (predictive means 0.65 off)
+            _bound_data_versions(self.base_kernel),
         )
         kept = self.__dict__.get("_bma_gp_kept_root")
         if kept is None:
