@@ -249,6 +249,41 @@ class GroupNoise(Noise):
         self._check_ids_inputs(first, points)
         return self.train_groups
 
+    def _refuse_a_column_known_not_to_hold_ids(self, inputs) -> None:
+        """``ValueError`` where the groups of ``inputs`` passed with a call (``likelihood(model(x), x)``) would be read
+        from a column known not to hold group ids: the training groups were given as 1-D ids (no ``group_dim``, no
+        column seen to hold them), and the model's training inputs, which the prediction strategy handed over
+        (:meth:`_check_ids_inputs`), hold other values in that column. The same column of ``x`` is then a feature
+        too: its values were taken for ids, silently where they were whole numbers in range (sleepstudy's days gave
+        the test points the noise of subjects 2 and 7). Without that evidence (no prediction yet) the column is read
+        as before."""
+        if not torch.is_tensor(inputs) or inputs.dim() < 2 or self.train_groups is None:
+            return
+        if self._train_columns is not None:  # the stored ids were read from the inputs' own column
+            return
+        if getattr(self, "_group_dim_declared", True) or getattr(self, "_ids_column_seen", False):
+            return
+        seen: Tensor | None = self.__dict__.get("_ids_inputs")
+        if seen is None or seen.dim() < 2:
+            return
+        ids = self.train_groups
+        d = seen.shape[-1]
+        if -d <= self.group_dim < d:
+            column = seen[..., self.group_dim]
+            try:
+                if column.shape[-1] == ids.shape[-1] and bool((column.to(ids.device) == ids).all()):
+                    self._ids_column_seen = True  # the column holds the ids after all: read it
+                    return
+            except RuntimeError:  # batch shapes that do not broadcast: not the ids
+                pass
+        raise ValueError(
+            f"the likelihood's training groups were given as 1-D ids (train_inputs=ids), and column "
+            f"group_dim={self.group_dim} of the model's training inputs does not hold them, so that column of these "
+            f"inputs (shape {tuple(inputs.shape)}) is not group ids either: pass the points' group ids as groups= "
+            "(likelihood(model(x), groups=ids)), or give the inputs a column of ids and pass "
+            "GroupGaussianLikelihood(..., group_dim=j)."
+        )
+
     def _check_ids_inputs(self, inputs: Tensor, points: int) -> None:
         """``ValueError`` where ``inputs`` (a model's training inputs, which need not hold the groups) are not the
         training inputs the stored 1-D ids were used with (their first use is remembered): after
@@ -404,6 +439,8 @@ class GroupNoise(Noise):
             ids = check_group_ids(groups, self.num_groups, "groups")
         elif params and params[0] is not None:
             stored = self._stored_groups_of(params[0])
+            if stored is None:
+                self._refuse_a_column_known_not_to_hold_ids(params[0])
             ids = self.groups_of(params[0]) if stored is None else stored
         elif self.training and self.train_groups is not None:
             ids = self.train_groups

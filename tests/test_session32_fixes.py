@@ -8,7 +8,8 @@ ran, prediction raised ``AttributeError: 'BlockMeanSumLinearOperator' object has
 The reference is the same model with the block mean kernel hidden from the package (its values, held outside the
 module tree): plain GPyTorch SGPR over the same base kernel values.
 
-Also: the functional ``block_mean_adagrad`` checks its switches (``mask``, ``check_finite``, ``fused``) as the class
+Also: a likelihood whose training groups were 1-D ids refuses to read a test column known not to hold ids, and the
+functional ``block_mean_adagrad`` checks its switches (``mask``, ``check_finite``, ``fused``) as the class
 does.
 """
 
@@ -127,3 +128,40 @@ def test_functional_block_mean_adagrad_checks_its_switches_before_changing_anyth
     assert all(torch.equal(p, b) for p, b in zip(params, before)) and not h.any() and stats["step"] == 0
     call(params, h, stats, **{switch: np.bool_(switch != "fused")})  # NumPy's bools are bools
     assert stats["step"] == 1 and not torch.equal(params[0], before[0])
+
+
+def test_a_column_known_not_to_hold_the_ids_is_not_read_as_the_test_points_groups():
+    """Training groups given as 1-D ids and single-column inputs (sleepstudy's days): after a prediction had shown
+    the training inputs' column to hold other values than the ids, ``likelihood(model(x), x)`` still read the test
+    points' days as their groups (the noise of subjects 2 and 7 for days 2 and 7, silently). It now raises and says
+    to pass ``groups=``; where the column does hold the ids, it is read as before."""
+    from bma_gp import GroupGaussianLikelihood
+    from test_session31_mixed import DTYPE, _days_data, _SmoothGP
+
+    x, y, groups, k = _days_data()
+    likelihood = GroupGaussianLikelihood(k, train_inputs=groups)
+    model = _SmoothGP(x, y, likelihood).to(DTYPE)
+    with torch.no_grad():
+        likelihood.noise = torch.linspace(0.01, 3.0, k)
+    model.eval()
+    x_test = torch.tensor([[2.0], [7.0]], dtype=DTYPE)
+    with torch.no_grad():
+        latent = model(x_test)
+        with pytest.raises(ValueError, match=r"1-D ids .* groups= \(likelihood\(model\(x\), groups=ids\)\)"):
+            likelihood(latent, x_test)
+        noisy = likelihood(latent, groups=torch.tensor([0, 17]))
+    torch.testing.assert_close(noisy.variance - latent.variance, likelihood.noise[[0, 17]].detach())
+
+    # the ids as the inputs' last column (and also given as 1-D ids): that column is read for the test points
+    x2 = torch.cat([x, groups.to(DTYPE).unsqueeze(-1)], -1)
+    likelihood = GroupGaussianLikelihood(k, train_inputs=groups)
+    model = _SmoothGP(x2, y, likelihood).to(DTYPE)
+    with torch.no_grad():
+        likelihood.noise = torch.linspace(0.01, 3.0, k)
+    model.eval()
+    x2_test = torch.tensor([[2.0, 4.0], [7.0, 11.0]], dtype=DTYPE)
+    with torch.no_grad():
+        latent = model(x2_test)
+        with pytest.warns(UserWarning, match="reads the group ids from the last column"):  # group_dim not given
+            read = likelihood(latent, x2_test)
+    torch.testing.assert_close(read.variance - latent.variance, likelihood.noise[[4, 11]].detach())
