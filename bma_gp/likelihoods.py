@@ -249,23 +249,23 @@ class GroupNoise(Noise):
         self._check_ids_inputs(first, points)
         return self.train_groups
 
-    def _refuse_a_column_known_not_to_hold_ids(self, inputs) -> None:
+    def _refuse_a_column_known_not_to_hold_ids(self, inputs) -> Tensor | None:
         """``ValueError`` where the groups of ``inputs`` passed with a call (``likelihood(model(x), x)``) would be read
         from a column known not to hold group ids: the training groups were given as 1-D ids (no ``group_dim``, no
         column seen to hold them), and the model's training inputs, which the prediction strategy handed over
         (:meth:`_check_ids_inputs`), hold other values in that column. The same column of ``x`` is then a feature
         too: its values were taken for ids, silently where they were whole numbers in range (sleepstudy's days gave
-        the test points the noise of subjects 2 and 7). Without that evidence (no prediction yet) the column is read
-        as before."""
+        the test points the noise of subjects 2 and 7). Those training inputs themselves get the stored ids. None
+        where the column is to be read: without that evidence (no prediction yet), as before."""
         if not torch.is_tensor(inputs) or inputs.dim() < 2 or self.train_groups is None:
-            return
+            return None
         if self._train_columns is not None:  # the stored ids were read from the inputs' own column
-            return
+            return None
         if getattr(self, "_group_dim_declared", True) or getattr(self, "_ids_column_seen", False):
-            return
+            return None
         seen: Tensor | None = self.__dict__.get("_ids_inputs")
         if seen is None or seen.dim() < 2:
-            return
+            return None
         ids = self.train_groups
         d = seen.shape[-1]
         if -d <= self.group_dim < d:
@@ -273,9 +273,14 @@ class GroupNoise(Noise):
             try:
                 if column.shape[-1] == ids.shape[-1] and bool((column.to(ids.device) == ids).all()):
                     self._ids_column_seen = True  # the column holds the ids after all: read it
-                    return
+                    return None
             except RuntimeError:  # batch shapes that do not broadcast: not the ids
                 pass
+        try:  # the training inputs themselves (likelihood(model(train_x), train_x)): their groups are the stored ids
+            if inputs is seen or (inputs.shape == seen.shape and torch.equal(inputs.to(seen), seen)):
+                return ids
+        except RuntimeError:
+            pass
         raise ValueError(
             f"the likelihood's training groups were given as 1-D ids (train_inputs=ids), and column "
             f"group_dim={self.group_dim} of the model's training inputs does not hold them, so that column of these "
@@ -440,7 +445,7 @@ class GroupNoise(Noise):
         elif params and params[0] is not None:
             stored = self._stored_groups_of(params[0])
             if stored is None:
-                self._refuse_a_column_known_not_to_hold_ids(params[0])
+                stored = self._refuse_a_column_known_not_to_hold_ids(params[0])
             ids = self.groups_of(params[0]) if stored is None else stored
         elif self.training and self.train_groups is not None:
             ids = self.train_groups

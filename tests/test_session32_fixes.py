@@ -165,3 +165,23 @@ def test_a_column_known_not_to_hold_the_ids_is_not_read_as_the_test_points_group
         with pytest.warns(UserWarning, match="reads the group ids from the last column"):  # group_dim not given
             read = likelihood(latent, x2_test)
     torch.testing.assert_close(read.variance - latent.variance, likelihood.noise[[4, 11]].detach())
+
+
+def test_the_training_inputs_passed_with_the_call_get_the_stored_1d_ids():
+    """``likelihood(model(train_x), train_x)`` in eval mode with training groups given as 1-D ids: the training
+    points' groups are the stored ids (their day column was read as groups before)."""
+    from bma_gp import GroupGaussianLikelihood
+    from test_session31_mixed import DTYPE, _days_data, _SmoothGP
+
+    x, y, groups, k = _days_data()
+    likelihood = GroupGaussianLikelihood(k, train_inputs=groups)
+    model = _SmoothGP(x, y, likelihood).to(DTYPE)
+    with torch.no_grad():
+        likelihood.noise = torch.linspace(0.01, 3.0, k)
+    model.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", gpytorch.utils.warnings.GPInputWarning)  # (the training inputs, on purpose)
+        latent = model(x)
+        for inputs in (x, x.clone()):
+            noisy = likelihood(latent, inputs)
+            torch.testing.assert_close(noisy.variance - latent.variance, likelihood.noise[groups].detach())
