@@ -413,13 +413,13 @@ def _leaves(t: Tensor, limit: int = 256) -> frozenset[int] | None:
     if t.grad_fn is None:
         return frozenset((id(t),)) if t.requires_grad else frozenset()
     leaves: set[int] = set()
-    seen: set[int] = set()
-    stack = [t.grad_fn]
+    seen: dict[int, object] = {}  # the nodes held, so that no id is reused during the walk
+    stack: list = [t.grad_fn]
     while stack:
         fn = stack.pop()
         if fn is None or id(fn) in seen:
             continue
-        seen.add(id(fn))
+        seen[id(fn)] = fn
         if len(seen) > limit:
             return None
         variable = getattr(fn, "variable", None)  # AccumulateGrad: a leaf
