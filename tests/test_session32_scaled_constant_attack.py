@@ -40,6 +40,7 @@ from gpytorch.kernels import ConstantKernel, IndexKernel, InducingPointKernel, R
 from bma_gp import ChunkedInducingPointKernel, ClosedFormFallbackWarning, GroupGaussianLikelihood, GroupKernel
 
 B = torch.Size([2])
+NO_BATCH = torch.Size()
 
 
 @contextlib.contextmanager
@@ -104,7 +105,7 @@ class _GP(gpytorch.models.ExactGP):
         return mvn
 
 
-def _exact_run(make_covar, make_likelihood=None, batch=torch.Size(), dtype=torch.float64, lazy=True, mt=False):
+def _exact_run(make_covar, make_likelihood=None, batch=NO_BATCH, dtype=torch.float64, lazy=True, mt=False):
     """Loss and gradients of the exact marginal log likelihood, the posterior (fast_pred_var off and on) and a
     fantasy model's mean."""
     x, y, xt = _data(dtype=dtype)
@@ -154,11 +155,13 @@ PLAIN = {
     "sc_alone": (lambda: _sc(), {}),
     "nested_scales_plus_scaled_rbf": (lambda: ScaleKernel(_sc()) + ScaleKernel(RBFKernel()), {}),
     "priors_active_dims": (
-        lambda: ScaleKernel(
-            ConstantKernel(active_dims=[1], constant_prior=gpytorch.priors.GammaPrior(2.0, 2.0)),
-            outputscale_prior=gpytorch.priors.GammaPrior(2.0, 2.0),
-        )
-        + RBFKernel(active_dims=[0]),
+        lambda: (
+            ScaleKernel(
+                ConstantKernel(active_dims=[1], constant_prior=gpytorch.priors.GammaPrior(2.0, 2.0)),
+                outputscale_prior=gpytorch.priors.GammaPrior(2.0, 2.0),
+            )
+            + RBFKernel(active_dims=[0])
+        ),
         {},
     ),
     "batch_scale_around_plain_constant": (
