@@ -409,12 +409,15 @@ def _hooked_scale_forward(original):
         if diag or not isinstance(base, ConstantKernel):
             return original(self, x1, x2, last_dim_is_batch=last_dim_is_batch, diag=diag, **params)
         inner = self.base_kernel.forward(x1, x2, diag=False, last_dim_is_batch=last_dim_is_batch, **params)
-        if not isinstance(inner, Tensor) or not is_expanded_constant(inner):  # a ConstantKernel subclass's own
-            return original(self, x1, x2, last_dim_is_batch=last_dim_is_batch, diag=diag, **params)
         scale = self.outputscale
         if last_dim_is_batch:
             scale = scale.unsqueeze(-1)
         scale = scale.view(*scale.shape, 1, 1)
+        if not isinstance(inner, Tensor) or not is_expanded_constant(inner):
+            # a ConstantKernel subclass's own matrix: GPyTorch's product with the outputscale, of the matrix evaluated
+            # above (calling the original evaluated the base kernel a second time: twice the cost of a dense subclass,
+            # and a second draw of a random one)
+            return inner.mul(scale)
         shape = torch.broadcast_shapes(inner.shape, scale.shape)
         # the corner read from the tensor the constant was expanded from (a slice of the expanded matrix would
         # allocate its whole n x n gradient in backward): (*batch, 1, 1), expanded again without a copy

@@ -361,9 +361,14 @@ class RBFRootFactor(LinearOperator, LazyRoot):
     def weighted_trace(self, noise: Tensor) -> Tensor:
         r""":math:`\sum_i \lVert u_i \rVert^2 / \sigma_i^2 = \operatorname{tr}(U^\top S^{-1} U)`: the trace of the Gram
         matrix of an earlier :meth:`weighted_products` with the same diagonal when there is one (working precision)."""
+        needs_grad = torch.is_grad_enabled() and self._needs_grad(noise)
         for diag_values, gram in reversed(self._grams):
             if diag_values.shape == noise.shape and (diag_values is noise or torch.equal(diag_values, noise)):
-                if gram.requires_grad or not (torch.is_grad_enabled() and self._needs_grad(noise)):
+                # equal values are not the same noise for the gradient: a kernel given a likelihood of its own whose
+                # noise equals the model's (two fresh GaussianLikelihoods start equal) took the model's Gram matrix,
+                # so the trace term's gradient went to the model's noise (8.8 where -0.17, the kernel's -9.7 where
+                # -0.78): reused with gradients only when both come from the same parameters
+                if not needs_grad or (gram.requires_grad and _same_leaves(diag_values, noise)):
                     return torch.diagonal(gram).sum()
         wdt = core_dtype(self.dtype)
         empty = noise.new_zeros(noise.shape[-1], 0, dtype=wdt)
@@ -400,6 +405,38 @@ class LazyRootOperator(LowRankRootLinearOperator):
         res = super().add_diagonal(diag)  # linear_operator's reading of a scalar, one-entry or per-point diag
         closed = add_lazy_root(self, res._diag_tensor) if isinstance(res, LowRankRootAddedDiagLinearOperator) else None
         return res if closed is None else closed
+
+
+def _leaves(t: Tensor, limit: int = 256) -> frozenset[int] | None:
+    """The ids of the autograd leaves ``t`` is computed from (empty for a constant); None past ``limit`` graph nodes
+    (too far to tell)."""
+    if t.grad_fn is None:
+        return frozenset((id(t),)) if t.requires_grad else frozenset()
+    leaves: set[int] = set()
+    seen: dict[int, object] = {}  # the nodes held, so that no id is reused during the walk
+    stack: list = [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen[id(fn)] = fn
+        if len(seen) > limit:
+            return None
+        variable = getattr(fn, "variable", None)  # AccumulateGrad: a leaf
+        if variable is not None:
+            leaves.add(id(variable))
+            continue
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return frozenset(leaves)
+
+
+def _same_leaves(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` (equal values) come from the same autograd leaves: the same likelihood's noise, read
+    twice."""
+    if a is b:
+        return True
+    leaves = _leaves(a)
+    return leaves is not None and leaves == _leaves(b)
 
 
 class TraceTerm(InducingPointKernelAddedLossTerm):
