@@ -477,6 +477,28 @@ def _inducing_container(strategy: DefaultPredictionStrategy) -> bool:
     return any(isinstance(module, InducingPointKernel) for module in prior.kernel.modules())
 
 
+def _refresh_inducing_caches(model) -> None:
+    """Drop the eval-mode caches of an ``InducingPointKernel`` (``K_ZZ``, its inverse root, a chunked kernel's kept
+    training root) whose base kernel holds a :class:`~bma_gp.BlockMeanKernel` that got new training inputs or a new
+    partition since they were kept. ``K_ZZ`` depends on them wherever the inducing points start with the kernel's
+    training inputs (inducing points equal to ``train_x``: its block mean matrix); GPyTorch drops the cache only in
+    ``train()``, so after ``kernel.set_partition(p)`` and ``model.set_train_data(..., strict=False)`` (what the block
+    mean kernel's error asks for) the predictions used the old partition's ``K_ZZ`` (means 0.24 off, silently)."""
+    from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
+
+    for module in model.modules():
+        if not isinstance(module, InducingPointKernel):
+            continue
+        versions = tuple(
+            (id(m), m.data_version) for m in module.base_kernel.modules() if isinstance(m, BlockMeanKernel)
+        )
+        if not versions:
+            continue
+        if module.__dict__.get("_bma_gp_bound_versions") != versions:
+            module._clear_cache()
+            module.__dict__["_bma_gp_bound_versions"] = versions
+
+
 def _record(model, strategy: DefaultPredictionStrategy) -> None:
     """What a model records on a strategy it built: the data versions of its ``BlockMeanKernel``s (the block mean
     strategies record them themselves) and, in eval mode, the hyperparameters the strategy was built with."""
@@ -568,6 +590,7 @@ def install() -> None:
             self.prediction_strategy = strategy = _rebuilt(self, strategy)
         if strategy is not None and not self.training:
             check_bound_data(strategy)
+        _refresh_inducing_caches(self)
         # with lazy evaluation off, the kernels check the inputs they get while the model evaluates them
         eager = _EAGER_TRAINING.set(_eager_training(self, args))
         try:
