@@ -335,7 +335,9 @@ class GroupNoise(Noise):
                 f"as 1-D ids ({ids.shape[-1]} points, train_inputs=ids), were used with, and hold no column known to "
                 "hold the groups: after model.set_train_data(x, y) also call likelihood.set_train_inputs(ids) with "
                 "the new points' group ids (one likelihood per model), or give the inputs a column of the ids and "
-                "pass GroupGaussianLikelihood(..., group_dim=j)."
+                "pass GroupGaussianLikelihood(..., group_dim=j). Inputs passed with a call as a list or tuple are "
+                "taken for the model's training inputs (prediction strategies pass them so): pass other points' group "
+                "ids as groups= (likelihood(model(x), groups=ids))."
             )
 
     def _check_fantasy_inputs(self, train_inputs) -> None:

@@ -15,7 +15,9 @@ What was wrong:
   tensors were always taken for ids); floating point values where the model's inputs are one feature column now get
   the same refusal (integer 1-D tensors are still ids);
 - inputs passed to the likelihood with another number of columns than the model's training inputs (so not in the
-  model's layout) were refused; their column is read again, with the last-column warning.
+  model's layout) were refused; their column is read again, with the last-column warning;
+- test inputs passed in a list or tuple (``likelihood(model(x_test), [x_test])``) are taken for the model's training
+  inputs, and the error spoke only of ``set_train_data``; it now also says to pass ``groups=``.
 
 What held (checked here): ids as a real column (given 1-D too, or only as the column; ``group_dim`` declared),
 batch-shaped test inputs, a batch of models, a fantasy model where the ids are a column, ``model.double()`` after
@@ -133,6 +135,20 @@ def test_one_dimensional_feature_inputs_are_not_read_as_ids():
     likelihood, model = _model(days, y, groups, k)
     output = model(days)
     torch.testing.assert_close(_added_noise(likelihood, output, days), likelihood.noise[groups])
+
+
+def test_test_inputs_in_a_list_are_refused_with_a_message_that_names_groups():
+    """``likelihood(model(x_test), [x_test])``: a list is taken for the model's training inputs (as the strategies
+    pass them), and the error spoke only of ``set_train_data``; it now says to pass ``groups=``."""
+    x, y, groups, k = _days_data()
+    likelihood, model = _model(x, y, groups, k)
+    model.eval()
+    x_test = torch.tensor([[2.0], [7.0]], dtype=DTYPE)
+    with torch.no_grad():
+        latent = model(x_test)
+        for wrapped in ([x_test], (x_test,)):
+            with pytest.raises(ValueError, match=r"as a list or tuple .* groups= \(likelihood\(model\(x\), groups"):
+                likelihood(latent, wrapped)
 
 
 def test_inputs_with_another_number_of_columns_than_the_model_are_read_with_the_warning():
