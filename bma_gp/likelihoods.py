@@ -249,24 +249,42 @@ class GroupNoise(Noise):
         self._check_ids_inputs(first, points)
         return self.train_groups
 
-    def _refuse_a_column_known_not_to_hold_ids(self, inputs) -> Tensor | None:
+    def _refuse_a_column_known_not_to_hold_ids(self, inputs, model_inputs=None) -> Tensor | None:
         """``ValueError`` where the groups of ``inputs`` passed with a call (``likelihood(model(x), x)``) would be read
         from a column known not to hold group ids: the training groups were given as 1-D ids (no ``group_dim``, no
         column seen to hold them), and the model's training inputs, which the prediction strategy handed over
-        (:meth:`_check_ids_inputs`), hold other values in that column. The same column of ``x`` is then a feature
-        too: its values were taken for ids, silently where they were whole numbers in range (sleepstudy's days gave
-        the test points the noise of subjects 2 and 7). Those training inputs themselves get the stored ids. None
-        where the column is to be read: without that evidence (no prediction yet), as before."""
-        if not torch.is_tensor(inputs) or inputs.dim() < 2 or self.train_groups is None:
+        (:meth:`_check_ids_inputs`) or a training-mode output was computed at (``model_inputs``), hold other values in
+        that column. The same column of ``x`` is then a feature too: its values were taken for ids, silently where
+        they were whole numbers in range (sleepstudy's days gave the test points the noise of subjects 2 and 7). Those
+        training inputs themselves get the stored ids. A 1-D ``x`` of floating point values is GPyTorch's layout of
+        one feature (the model's inputs ``(n, 1)``), not ids; inputs with another number of columns than the training
+        inputs are not in the model's layout, and their column is read. None where the column is to be read: without
+        that evidence, as before."""
+        if not torch.is_tensor(inputs) or inputs.dim() == 0 or self.train_groups is None:
             return None
         if self._train_columns is not None:  # the stored ids were read from the inputs' own column
             return None
         if getattr(self, "_group_dim_declared", True) or getattr(self, "_ids_column_seen", False):
             return None
+        ids = self.train_groups
         seen: Tensor | None = self.__dict__.get("_ids_inputs")
+        first = model_inputs[0] if model_inputs else None
+        if seen is None and torch.is_tensor(first) and first.dim() > 0:
+            # a training-mode output's inputs are the model's training inputs (GPyTorch trains on nothing else),
+            # remembered as a prediction strategy's are, in its layout ((n,) as (n, 1))
+            first = first.unsqueeze(-1) if first.dim() == 1 else first
+            if first.shape[-2] == ids.shape[-1]:
+                self._check_ids_inputs(first, first.shape[-2])
+                seen = self.__dict__.get("_ids_inputs")
         if seen is None or seen.dim() < 2:
             return None
-        ids = self.train_groups
+        layout = inputs
+        if inputs.dim() == 1:  # ids, unless floating point values where the model's inputs are one feature column
+            if not (inputs.is_floating_point() and seen.shape[-1] == 1):
+                return None
+            layout = inputs.unsqueeze(-1)
+        elif inputs.shape[-1] != seen.shape[-1]:  # not the model's inputs: the column is read (as before)
+            return None
         d = seen.shape[-1]
         if -d <= self.group_dim < d:
             column = seen[..., self.group_dim]
@@ -276,8 +294,9 @@ class GroupNoise(Noise):
                     return None
             except RuntimeError:  # batch shapes that do not broadcast: not the ids
                 pass
-        try:  # the training inputs themselves (likelihood(model(train_x), train_x)): their groups are the stored ids
-            if inputs is seen or (inputs.shape == seen.shape and torch.equal(inputs.to(seen), seen)):
+        try:  # the training inputs themselves (likelihood(model(train_x), train_x)): their groups are the stored ids;
+            # compared in the inputs' dtype (after model.float() the inputs are the remembered ones rounded)
+            if layout is seen or (layout.shape == seen.shape and torch.equal(seen.to(layout), layout)):
                 return ids
         except RuntimeError:
             pass
@@ -304,16 +323,21 @@ class GroupNoise(Noise):
             return
         if not stale and seen is not None and seen is not inputs:
             try:
-                stale = seen.shape != inputs.shape or not torch.equal(seen, inputs.to(seen))
+                # in the inputs' dtype: after model.float() they are the remembered double inputs rounded
+                stale = seen.shape != inputs.shape or not torch.equal(seen.to(inputs), inputs)
             except RuntimeError:
                 stale = True
+            if not stale:  # the same points in the model's current dtype and device (model.float(), then .double())
+                self.__dict__["_ids_inputs"] = inputs
         if stale:
             raise ValueError(
                 f"the model's training inputs ({points} points) are not those the likelihood's training groups, given "
                 f"as 1-D ids ({ids.shape[-1]} points, train_inputs=ids), were used with, and hold no column known to "
                 "hold the groups: after model.set_train_data(x, y) also call likelihood.set_train_inputs(ids) with "
                 "the new points' group ids (one likelihood per model), or give the inputs a column of the ids and "
-                "pass GroupGaussianLikelihood(..., group_dim=j)."
+                "pass GroupGaussianLikelihood(..., group_dim=j). Inputs passed with a call as a list or tuple are "
+                "taken for the model's training inputs (prediction strategies pass them so): pass other points' group "
+                "ids as groups= (likelihood(model(x), groups=ids))."
             )
 
     def _check_fantasy_inputs(self, train_inputs) -> None:
@@ -445,7 +469,7 @@ class GroupNoise(Noise):
         elif params and params[0] is not None:
             stored = self._stored_groups_of(params[0])
             if stored is None:
-                stored = self._refuse_a_column_known_not_to_hold_ids(params[0])
+                stored = self._refuse_a_column_known_not_to_hold_ids(params[0], model_inputs)
             ids = self.groups_of(params[0]) if stored is None else stored
         elif self.training and self.train_groups is not None:
             ids = self.train_groups
@@ -688,6 +712,6 @@ class GroupGaussianLikelihood(_GaussianLikelihoodBase):
                 f"batch_shape=torch.Size([{t}])) with targets of shape ({t}, {n})."
             )
         inputs = getattr(function_dist, "_bma_gp_inputs", None)
-        if inputs is not None and not params and kwargs.get("groups") is None and kwargs.get("noise") is None:
+        if inputs is not None and kwargs.get("groups") is None and kwargs.get("noise") is None:
             kwargs = {**kwargs, "model_inputs": inputs}
         return super().marginal(function_dist, *params, **kwargs)
