@@ -12,7 +12,7 @@
   table) and the same numbers; SGPR over a ``BlockMeanKernel`` (Days, in blocks of subjects) with 1-D noise ids and
   Days as the only input column trains and predicts, and refuses to read the test points' Days as group ids.
 
-The numbers side by side: ``scripts/session32_mixed_trial.py`` (docs/results/session32_mixed_trial.md).
+The numbers side by side: ``docs/results/session32_mixed_trial.py`` (docs/results/session32_mixed_trial.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Session 32 mixed-effects trial on lme4's sleepstudy: the GP random-intercept model against statsmodels' MixedLM
 (ML), then the session's new compositions. Prints the side-by-side numbers of docs/results/session32_mixed_trial.md.
 
-    PYTHONPATH=. python scripts/session32_mixed_trial.py
+    PYTHONPATH=. python docs/results/session32_mixed_trial.py
 """
 
 from __future__ import annotations
