@@ -136,14 +136,11 @@ def test_a_column_known_not_to_hold_the_ids_is_not_read_as_the_test_points_group
     points' days as their groups (the noise of subjects 2 and 7 for days 2 and 7, silently). It now raises and says
     to pass ``groups=``; where the column does hold the ids, it is read as before."""
     from bma_gp import GroupGaussianLikelihood
-    from test_session31_mixed import DTYPE, _days_data, _SmoothGP
+    from test_session31_mixed import DTYPE, _SmoothGP
+    from test_session31_mixed_attack import _days_model
 
-    x, y, groups, k = _days_data()
-    likelihood = GroupGaussianLikelihood(k, train_inputs=groups)
-    model = _SmoothGP(x, y, likelihood).to(DTYPE)
-    with torch.no_grad():
-        likelihood.noise = torch.linspace(0.01, 3.0, k)
-    model.eval()
+    model, likelihood, x, y, groups = _days_model()
+    k = likelihood.num_groups
     x_test = torch.tensor([[2.0], [7.0]], dtype=DTYPE)
     with torch.no_grad():
         latent = model(x_test)
@@ -170,15 +167,9 @@ def test_a_column_known_not_to_hold_the_ids_is_not_read_as_the_test_points_group
 def test_the_training_inputs_passed_with_the_call_get_the_stored_1d_ids():
     """``likelihood(model(train_x), train_x)`` in eval mode with training groups given as 1-D ids: the training
     points' groups are the stored ids (their day column was read as groups before)."""
-    from bma_gp import GroupGaussianLikelihood
-    from test_session31_mixed import DTYPE, _days_data, _SmoothGP
+    from test_session31_mixed_attack import _days_model
 
-    x, y, groups, k = _days_data()
-    likelihood = GroupGaussianLikelihood(k, train_inputs=groups)
-    model = _SmoothGP(x, y, likelihood).to(DTYPE)
-    with torch.no_grad():
-        likelihood.noise = torch.linspace(0.01, 3.0, k)
-    model.eval()
+    model, likelihood, x, y, groups = _days_model()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", gpytorch.utils.warnings.GPInputWarning)  # (the training inputs, on purpose)
         latent = model(x)

@@ -18,15 +18,14 @@ The numbers side by side: ``docs/results/session32_mixed_trial.py`` (docs/result
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import gpytorch
 import pytest
 import torch
 
 from bma_gp import BlockMeanKernel, ClosedFormFallbackWarning, GroupGaussianLikelihood, GroupKernel, Partition
-from closed_form_guard import closed_forms_only
 from lbfgs_fit import TIGHT, lbfgs
+from test_session32_known_gaps import _strict  # the closed-forms guard at n and the fallback warning raised
 
 DTYPE = torch.float64
 
@@ -63,16 +62,6 @@ class _GP(gpytorch.models.ExactGP):
 
     def forward(self, x):
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x[..., :1]), self.covar_module(x))
-
-
-def _strict(n):
-    """The closed-forms guard at ``n`` and the fallback warning raised."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(warnings.catch_warnings())
-    warnings.simplefilter("error", ClosedFormFallbackWarning)
-    stack.enter_context(closed_forms_only(n))
-    stack.enter_context(gpytorch.settings.max_cholesky_size(0))
-    return stack
 
 
 def _dense_loss(mean_train, K, noise, y):
