@@ -285,15 +285,9 @@ class GroupNoise(Noise):
             layout = inputs.unsqueeze(-1)
         elif inputs.shape[-1] != seen.shape[-1]:  # not the model's inputs: the column is read (as before)
             return None
-        d = seen.shape[-1]
-        if -d <= self.group_dim < d:
-            column = seen[..., self.group_dim]
-            try:
-                if column.shape[-1] == ids.shape[-1] and bool((column.to(ids.device) == ids).all()):
-                    self._ids_column_seen = True  # the column holds the ids after all: read it
-                    return None
-            except RuntimeError:  # batch shapes that do not broadcast: not the ids
-                pass
+        if self._column_holds(seen, ids):
+            self._ids_column_seen = True  # the column holds the ids after all: read it
+            return None
         try:  # the training inputs themselves (likelihood(model(train_x), train_x)): their groups are the stored ids;
             # compared in the inputs' dtype (after model.float() the inputs are the remembered ones rounded)
             if layout is seen or (layout.shape == seen.shape and torch.equal(seen.to(layout), layout)):
@@ -307,6 +301,21 @@ class GroupNoise(Noise):
             "(likelihood(model(x), groups=ids)), or give the inputs a column of ids and pass "
             "GroupGaussianLikelihood(..., group_dim=j)."
         )
+
+    def _column_holds(self, inputs: Tensor, ids: Tensor) -> bool:
+        """Whether column ``group_dim`` of ``inputs`` (``(..., n, d)``) holds the group ids ``ids`` (``(..., n)``),
+        point for point: as many points, and equal values wherever the batch shapes broadcast. 1-D inputs, a
+        column index out of range, another number of points (a column of one point equal to every id broadcast
+        against them) or batch shapes that do not broadcast do not hold them."""
+        if inputs.dim() < 2 or not -inputs.shape[-1] <= self.group_dim < inputs.shape[-1]:
+            return False
+        column = inputs[..., self.group_dim]
+        if column.shape[-1] != ids.shape[-1]:
+            return False
+        try:
+            return bool((column.to(ids.device) == ids).all())
+        except RuntimeError:  # batch shapes that do not broadcast: not the ids
+            return False
 
     def _check_ids_inputs(self, inputs: Tensor, points: int) -> None:
         """``ValueError`` where ``inputs`` (a model's training inputs, which need not hold the groups) are not the
@@ -350,14 +359,9 @@ class GroupNoise(Noise):
         ids = self._stored_groups_of(train_inputs)
         if ids is None:
             return
-        first = train_inputs[0]
-        if first.dim() > 1 and -first.shape[-1] <= self.group_dim < first.shape[-1]:
-            try:
-                if bool((first[..., self.group_dim].to(ids.device) == ids).all()):
-                    self._ids_column_seen = True
-                    return
-            except RuntimeError:  # batch shapes that do not broadcast: not the ids
-                pass
+        if self._column_holds(train_inputs[0], ids):
+            self._ids_column_seen = True
+            return
         raise ValueError(
             "get_fantasy_model: the likelihood's training groups were given as 1-D ids (train_inputs=ids), which the "
             "model's inputs do not hold, and GPyTorch hands the likelihood only the fantasy points' inputs, so their "
@@ -386,14 +390,10 @@ class GroupNoise(Noise):
                 return
         elif inputs.dim() < 2 or inputs.shape[-1] != self._train_columns:
             return
-        column = inputs[..., self.group_dim].to(ids.device)
-        try:  # one pass over the column: values equal to the stored (valid) ids are those ids
-            if column.shape[-1] == ids.shape[-1] and bool((column == ids).all()):
-                if one_d:
-                    self._ids_column_seen = True  # the column holds the group ids: later inputs are compared
-                return
-        except RuntimeError:  # batch shapes that do not broadcast: other data
-            pass
+        if self._column_holds(inputs, ids):  # one pass: values equal to the stored (valid) ids are those ids
+            if one_d:
+                self._ids_column_seen = True  # the column holds the group ids: later inputs are compared
+            return
         # getattr: a likelihood pickled by an older version has neither attribute (it compared every such column)
         if one_d and not (getattr(self, "_group_dim_declared", True) or getattr(self, "_ids_column_seen", False)):
             return  # no column was declared or seen to hold the ids: the inputs need not hold the groups

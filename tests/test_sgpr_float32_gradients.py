@@ -8,6 +8,7 @@ be within 5x of GPyTorch float32's error (both against GPyTorch float64 on the s
 """
 
 import math
+import statistics
 import warnings
 
 import gpytorch
@@ -62,10 +63,7 @@ def _rel(a, ref):
 
 
 # (n, d, m, lengthscale, noise, outputscale, seed): configurations of the session-28 table at n = 400, where the
-# analytic path was 11-480x further off than GPyTorch float32 (and is now within 2.5x). The outputscale's gradient
-# is a float32 cancellation of terms of size n s / sigma^2 in GPyTorch's own code (K_ZZ and the trace term's prior
-# diagonal), so GPyTorch float32 is right or wrong there by luck of rounding; these seeds are ones where neither is
-# lucky
+# analytic path was 11-480x further off than GPyTorch float32 (and is now within 2.5x)
 CASES = [
     (400, 1, 64, 0.3, 1e-2, 1.0, 0),
     (400, 3, 16, 2.0, 1e-4, 1.0, 0),
@@ -73,17 +71,32 @@ CASES = [
     (400, 3, 64, 0.3, 1e-1, 1.0, 1),
 ]
 
+# Each error is the median over the points in their own order and in four shuffled orders (the same problem,
+# rounded differently). GPyTorch float32's own error moves by 20x between orders (the noise gradient of the first
+# case: 6.7e-5 to 1.5e-3 on an Intel Xeon), and by as much between CPUs in one order: compared order by order, the
+# test passed on an AMD EPYC and failed on an Intel Xeon (ours 3.8e-4 against GPyTorch's lucky 6.7e-5) with nothing
+# changed but the machine.
+ORDERS = 5
+
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "n{}-d{}-m{}-ls{}-noise{}-scale{}-seed{}".format(*c))
 def test_float32_gradients_as_accurate_as_gpytorch_float32(case):
     n, d, m, ls, noise, scale, seed = case
     x, y, z = _data(n, d, m, noise, scale, seed)
     truth = _grads(x, y, z, noise, scale, ls, torch.float64, False)
-    gpytorch32 = _grads(x, y, z, noise, scale, ls, torch.float32, False)
-    ours = _grads(x, y, z, noise, scale, ls, torch.float32, True)
+    errors: dict[str, list[list[float]]] = {"ours": [], "gpytorch": []}
+    gen = torch.Generator().manual_seed(100)
+    for order in range(ORDERS):
+        pts = torch.randperm(n, generator=gen) if order else torch.arange(n)
+        ind = torch.randperm(m, generator=gen) if order else torch.arange(m)
+        ref = [*truth[:3], truth[3][ind]]  # the inducing points' gradient follows their order
+        for who, chunked in (("gpytorch", False), ("ours", True)):
+            grads = _grads(x[pts], y[pts], z[ind], noise, scale, ls, torch.float32, chunked)
+            errors[who].append([_rel(g, t) for g, t in zip(grads, ref)])
     names = ["noise", "outputscale", "lengthscale", "inducing points"]
-    for name, t, g, c in zip(names, truth, gpytorch32, ours):
-        ours_err, gpytorch_err = _rel(c, t), _rel(g, t)
+    for j, name in enumerate(names):
+        ours_err = statistics.median(e[j] for e in errors["ours"])
+        gpytorch_err = statistics.median(e[j] for e in errors["gpytorch"])
         # a floor of a few float32 roundings, where GPyTorch's own error is at (or below) that level
         assert ours_err <= 5 * max(gpytorch_err, 1e-6), (name, ours_err, gpytorch_err)
 
