@@ -12,7 +12,8 @@ evaluated while the model is called (a product, ``add_diagonal``, the package's 
 there) checks the inputs its ``forward`` gets, as it did only under ``lazily_evaluate_kernels(False)``. Inputs are
 checked only where their columns are columns of the model's training inputs, so a ``forward`` that transforms its
 inputs, a kernel evaluating the block mean kernel at points of its own, inducing points, fantasy models and batch
-models are left alone.
+models are left alone. Group ids as a second input (``self.bmk(x) + self.group(g)``, GPyTorch's Hadamard form
+``self.bmk(x).mul(self.task(g))``) were unchecked too and are now refused the same way.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _data(seed: int, n: int = N):
     x = torch.rand(n, 3, generator=g, dtype=DTYPE)
     x[:, 2] = torch.randint(0, 4, (n,), generator=g).to(DTYPE)
     y = torch.sin(5 * x[:, 0]) + x[:, 2] / 4 + 0.1 * torch.randn(n, generator=g, dtype=DTYPE)
-    part = Partition.from_labels((x[:, 0] * 5).long().clamp(max=4))
+    part = Partition.from_labels(torch.unique((x[:, 0] * 5).long(), return_inverse=True)[1])
     return x, y, part
 
 
@@ -289,3 +290,53 @@ def test_batch_model_with_a_forward_sum_is_not_refused(lazy):
         covariance = model.bmk(x).to_dense() + model.rbf(x).to_dense() + noise
     dense = -(MVN(model.mean_module(x).detach(), covariance).log_prob(ys) / N).sum()
     assert mean.shape == (2, 6) and torch.allclose(loss.sum(), dense, rtol=1e-8), (loss, dense)
+
+
+class _TwoInputs(gpytorch.models.ExactGP):
+    """Group ids as a second input: ``self.bmk(x) + self.group(g)``, or GPyTorch's Hadamard form
+    ``self.bmk(x).mul(self.task(g))``."""
+
+    def __init__(self, x, ids, y, part, hadamard):
+        super().__init__((x, ids), y, gpytorch.likelihoods.GaussianLikelihood())
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.bmk = _bmk(x, part)
+        self.other = gpytorch.kernels.IndexKernel(4, rank=1) if hadamard else GroupKernel(4)
+        self.hadamard = hadamard
+        if hadamard:
+            with torch.no_grad():
+                self.other.covar_factor.copy_(torch.linspace(0.2, 1.0, 4).view(4, 1))
+                self.other.raw_var.copy_(torch.linspace(-1.0, 0.5, 4))  # both random at construction
+
+    def forward(self, x, ids):
+        covariance = self.bmk(x).mul(self.other(ids)) if self.hadamard else self.bmk(x) + self.other(ids)
+        return MVN(self.mean_module(x), covariance)
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "eager"])
+@pytest.mark.parametrize("hadamard", [False, True], ids=["sum", "hadamard"])
+def test_group_ids_as_a_second_input(hadamard, lazy):
+    """A model with two training inputs: the block mean kernel is checked against the first (its columns are the
+    model's), after ``model.set_train_data`` alone it is refused, and once bound the model equals a fresh one."""
+    (x, _, part), (x2, y2, part2) = _data(0), _data(1)
+    ids, ids2 = x[:, 2:].long(), x2[:, 2:].long()
+    test = _data(2, n=6)[0]
+    model = _TwoInputs(x[:, :2], ids, _data(0)[1], part, hadamard).to(DTYPE)
+    model.set_train_data((x2[:, :2], ids2), y2, strict=False)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    with gpytorch.settings.lazily_evaluate_kernels(lazy):
+        model.train()
+        with pytest.raises(ValueError, match=MESSAGE):
+            mll(model(x2[:, :2], ids2), y2)
+        model.eval()
+        with pytest.raises(ValueError, match=MESSAGE), torch.no_grad():
+            model(test[:, :2], test[:, 2:].long())
+        model.bmk.set_train_data(x2[:, :2], part2)
+        fresh = _TwoInputs(x2[:, :2], ids2, y2, part2, hadamard).to(DTYPE)
+        results = []
+        for m in (model, fresh):
+            m.train()
+            loss = -gpytorch.mlls.ExactMarginalLogLikelihood(m.likelihood, m)(m(x2[:, :2], ids2), y2)
+            m.eval()
+            with torch.no_grad():
+                results.append((loss.detach(), m(test[:, :2], test[:, 2:].long()).mean))
+    _assert_close(*results)
