@@ -340,3 +340,39 @@ def test_group_ids_as_a_second_input(hadamard, lazy):
             with torch.no_grad():
                 results.append((loss.detach(), m(test[:, :2], test[:, 2:].long()).mean))
     _assert_close(*results)
+
+
+class _Wrapped(gpytorch.kernels.Kernel):
+    """A kernel wrapper the check does not know, passing the block mean kernel the inputs as they come."""
+
+    def __init__(self, kernel):
+        super().__init__()
+        self.kernel = kernel
+
+    def forward(self, x1, x2, diag=False, **params):
+        return self.kernel.forward(x1, x2, diag=diag, **params)
+
+
+def test_block_mean_kernel_inside_an_unknown_wrapper_is_left_to_it_with_lazy_evaluation():
+    """With lazy evaluation on, a block mean kernel inside a kernel the check does not know is not checked (as the
+    lazy check of a model's prior leaves it; the tests' dense references are built so, on training inputs that
+    extend its ``train_x``): no refusal, and the loss is the dense one of the kernel it evaluates (its training
+    inputs followed by new points). Under ``lazily_evaluate_kernels(False)`` the kernel still refuses them."""
+    x, y, part = _data(0)
+    xf, yf, _ = _data(3, n=4)
+    xa, ya = torch.cat([x, xf]), torch.cat([y, yf])
+    model = _Model(
+        xa, ya, {"wrapped": _Wrapped(_bmk(x, part)), "rbf": RBF(active_dims=[1])}, lambda m, z: m.wrapped(z) + m.rbf(z)
+    )
+    model = model.to(DTYPE)
+    model.likelihood.noise = 0.05
+    loss = _loss_and_prediction(model, xa, ya, _data(2, n=6)[0])[0]
+    with torch.no_grad():
+        covariance = (
+            model.wrapped.kernel(xa).to_dense() + model.rbf(xa).to_dense() + 0.05 * torch.eye(N + 4, dtype=DTYPE)
+        )
+    dense = -MVN(model.mean_module(xa).detach(), covariance).log_prob(ya) / (N + 4)
+    assert torch.allclose(loss, dense, rtol=1e-8), (loss, dense)
+    model.train()
+    with gpytorch.settings.lazily_evaluate_kernels(False), pytest.raises(ValueError, match=MESSAGE):
+        model(xa)

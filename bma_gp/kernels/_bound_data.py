@@ -196,8 +196,12 @@ def _check_seen(module, seen: Tensor, extended: bool) -> None:
 # inputs; None outside such a call. Each BlockMeanKernel whose ``forward`` runs inside the call checks the inputs it
 # gets (:func:`check_eager_inputs`): with lazily_evaluate_kernels(False) the model's prior is no lazily evaluated kernel
 # that :func:`_check_prior` could read, and with lazy evaluation on a ``forward`` that combines kernel outputs
-# (``self.bmk(x) * self.rbf(x)``, ``self.bmk(x).add_diagonal(d)``, the package's closed-form sums) evaluates them there
-_MODEL_CALL: ContextVar[tuple[int, tuple[Tensor, ...]] | None] = ContextVar("bma_gp_model_call", default=None)
+# (``self.bmk(x) * self.rbf(x)``, ``self.bmk(x).add_diagonal(d)``, the package's closed-form sums) evaluates them there.
+# The third entry: the ids of the BlockMeanKernels that do not check (with lazy evaluation on, those inside a kernel
+# :func:`_inputs_seen` does not know, as the lazy check of the prior leaves them)
+_MODEL_CALL: ContextVar[tuple[int, tuple[Tensor, ...], frozenset[int]] | None] = ContextVar(
+    "bma_gp_model_call", default=None
+)
 
 
 def check_eager_inputs(module, x1: Tensor, x2: Tensor) -> None:
@@ -215,7 +219,9 @@ def check_eager_inputs(module, x1: Tensor, x2: Tensor) -> None:
     state = _MODEL_CALL.get()
     if state is None:
         return
-    rows, inputs = state
+    rows, inputs, unchecked = state
+    if id(module) in unchecked:
+        return
     for x in (x1,) if x2 is x1 else (x1, x2):
         if x.dim() >= 2 and x.shape[-2] >= rows:
             seen = x[..., :rows, :]
@@ -250,9 +256,10 @@ def _equal_broadcast(a: Tensor, b: Tensor) -> bool:
         return False
 
 
-def _model_call(model, args) -> tuple[int, tuple[Tensor, ...]] | None:
-    """What :data:`_MODEL_CALL` holds while ``model(*args)`` runs: the number of the model's training rows and its
-    training inputs (each ``(*batch, n, d)``) where its kernels are evaluated on inputs that start with its training
+def _model_call(model, args) -> tuple[int, tuple[Tensor, ...], frozenset[int]] | None:
+    """What :data:`_MODEL_CALL` holds while ``model(*args)`` runs: the number of the model's training rows, its
+    training inputs (each ``(*batch, n, d)``) and the block mean kernels left unchecked (with lazy evaluation on,
+    :func:`_inside_unknown_kernels`) where its kernels are evaluated on inputs that start with its training
     inputs (a training call in training mode; eval mode, which evaluates them on the training inputs followed by the
     test inputs, but for ``prior_mode``), a model with a :class:`~bma_gp.BlockMeanKernel`; else None (also inside
     GPyTorch's evaluation of a lazily evaluated kernel: a model called from a kernel)."""
@@ -269,7 +276,32 @@ def _model_call(model, args) -> tuple[int, tuple[Tensor, ...]] | None:
         return None
     if model.training and not _is_training_call(model, args):
         return None
-    return (first.shape[-2] if first.dim() > 1 else first.shape[-1]), _input_columns(model.train_inputs)
+    rows = first.shape[-2] if first.dim() > 1 else first.shape[-1]
+    unchecked = _inside_unknown_kernels(model) if gpt_settings.lazily_evaluate_kernels.on() else frozenset()
+    return rows, _input_columns(model.train_inputs), unchecked
+
+
+def _inside_unknown_kernels(model) -> frozenset[int]:
+    """The ids of the :class:`~bma_gp.BlockMeanKernel` modules of ``model`` inside a kernel that :func:`_inputs_seen`
+    does not know (a custom wrapper, whose ``forward`` may pass them anything: a reference that evaluates a kernel
+    densely on training inputs that extend its ``train_x``, say). The lazy check of the prior leaves them unchecked,
+    and so does the check while a model with lazy evaluation on is called."""
+    from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
+
+    known = (
+        BlockMeanKernel,
+        ScaleKernel,
+        MultitaskKernel,
+        InducingPointKernel,
+        LCMKernel,
+        AdditiveKernel,
+        ProductKernel,
+    )
+    inside: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, Kernel) and not isinstance(module, known):
+            inside.update(id(m) for m in module.modules() if isinstance(m, BlockMeanKernel))
+    return frozenset(inside)
 
 
 def record_bound_data(strategy: DefaultPredictionStrategy, kernel: Kernel) -> DefaultPredictionStrategy:
