@@ -33,6 +33,7 @@ from gpytorch.kernels import (
 )
 from gpytorch.lazy import LazyEvaluatedKernelTensor
 from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
+from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from bma_gp import settings
@@ -128,14 +129,47 @@ _FANTASY_MODEL: ContextVar[bool] = ContextVar("bma_gp_fantasy_model", default=Fa
 def check_training_inputs(strategy: DefaultPredictionStrategy) -> None:
     """``ValueError`` if a ``BlockMeanKernel`` in the model's kernel does not take the model's training inputs (as
     the kernels around it pass them on) for its own: it would treat them as new points, silently a different model."""
-    _check_prior(strategy.train_prior_dist.lazy_covariance_matrix)
+    _check_prior(strategy.train_prior_dist.lazy_covariance_matrix, _input_columns(strategy.train_inputs))
 
 
-def _check_prior(prior) -> None:
-    """:func:`check_training_inputs` for the prior covariance of the model at its training inputs."""
-    from gpytorch.lazy import LazyEvaluatedKernelTensor
+def _input_columns(train_inputs) -> tuple[Tensor, ...]:
+    """A model's training inputs as ``(*batch, n, d)`` tensors (GPyTorch's 1-D inputs as one column), what
+    :func:`_columns_of` compares with."""
+    return tuple(t if t.dim() > 1 else t.unsqueeze(-1) for t in train_inputs or () if torch.is_tensor(t))
 
+
+def _lazy_kernel_tensors(op) -> Iterator[LazyEvaluatedKernelTensor]:
+    """The lazily evaluated kernel tensors ``op`` is built of: ``op`` itself, or those among the operators it holds
+    (the terms of a ``SumLinearOperator`` or of the package's fallback sum, an ``AddedDiagLinearOperator``'s operator,
+    the factors of a ``MulLinearOperator``, a ``ConstantMulLinearOperator``'s base, ...: every ``LinearOperator`` in
+    its ``_args``), read without evaluating anything."""
+    if isinstance(op, LazyEvaluatedKernelTensor):
+        yield op
+        return
+    if isinstance(op, LinearOperator):
+        for arg in op._args:
+            yield from _lazy_kernel_tensors(arg)
+
+
+def _check_prior(prior, inputs: tuple[Tensor, ...] | None = None) -> None:
+    """:func:`check_training_inputs` for the prior covariance of the model at its training inputs.
+
+    A prior that is one lazily evaluated kernel is the model's kernel at its training inputs: each block mean kernel
+    in it must be bound to what it is given there. A prior built in the model's ``forward`` from several kernel
+    outputs (``self.bmk(x) + self.rbf(x)``, ``ScaleKernel(bmk)(x) * ...``, ``.add_diagonal(d)``) is searched for the
+    lazily evaluated kernel tensors still in it (:func:`_lazy_kernel_tensors`), and a block mean kernel in one of them
+    is checked where it is given the model's training inputs ``inputs``, or columns of them (:func:`_columns_of`, the
+    rule of :func:`check_eager_inputs`: a ``forward`` may hand a kernel points of its own, or transformed inputs).
+    Summands the sum evaluated at once (a product, ``add_diagonal``, the package's closed-form sums) are checked while
+    the model is called, where their ``forward`` runs (:func:`check_eager_inputs`)."""
     if not isinstance(prior, LazyEvaluatedKernelTensor):
+        if inputs is None or not inputs:
+            return
+        extended = _FANTASY_MODEL.get()
+        for lazy in _lazy_kernel_tensors(prior):
+            for module, seen in _inputs_seen(lazy.kernel, lazy.x1):
+                if seen is not None and _columns_of(seen, inputs):
+                    _check_seen(module, seen, extended)
         return
     # from the model's kernel (``kernel`` may be inside it: a ScaleKernel hands its base kernel's strategy on), whose
     # active_dims the lazy tensor's inputs have already
@@ -157,32 +191,49 @@ def _check_seen(module, seen: Tensor, extended: bool) -> None:
     raise ValueError(_MISMATCH_MESSAGE)
 
 
-# the number of training rows of the ExactGP being called with its kernels evaluated eagerly
-# (``lazily_evaluate_kernels(False)``) on its training inputs (training mode) or on them followed by test inputs (eval
-# mode), with its training inputs: its prior is then no lazily evaluated kernel that :func:`_check_prior` could read, so
-# each BlockMeanKernel checks the inputs its ``forward`` gets (:func:`check_eager_inputs`); None outside such a call
-_EAGER_TRAINING: ContextVar[tuple[int, tuple[Tensor, ...]] | None] = ContextVar("bma_gp_eager_training", default=None)
+# the number of training rows of the ExactGP being called on its training inputs (training mode) or on test inputs
+# (eval mode, where its kernels are evaluated on the training inputs followed by the test inputs), with its training
+# inputs; None outside such a call. Each BlockMeanKernel whose ``forward`` runs inside the call checks the inputs it
+# gets (:func:`check_eager_inputs`): with lazily_evaluate_kernels(False) the model's prior is no lazily evaluated kernel
+# that :func:`_check_prior` could read, and with lazy evaluation on a ``forward`` that combines kernel outputs
+# (``self.bmk(x) * self.rbf(x)``, ``self.bmk(x).add_diagonal(d)``, the package's closed-form sums) evaluates them there.
+# The third entry: the ids of the BlockMeanKernels that do not check (with lazy evaluation on, those inside a kernel
+# :func:`_inputs_seen` does not know, as the lazy check of the prior leaves them)
+_MODEL_CALL: ContextVar[tuple[int, tuple[Tensor, ...], frozenset[int]] | None] = ContextVar(
+    "bma_gp_model_call", default=None
+)
 
 
 def check_eager_inputs(module, x1: Tensor, x2: Tensor) -> None:
-    """:func:`_check_prior` for a model evaluated eagerly: ``ValueError`` if the :class:`~bma_gp.BlockMeanKernel`
-    ``module``, whose ``forward`` gets ``x1`` and ``x2`` inside such a model call, is not given its training inputs
-    where the model's training inputs are (the first rows; the test inputs follow them in eval mode).
+    """:func:`_check_prior` for a kernel evaluated while the model is called: ``ValueError`` if the
+    :class:`~bma_gp.BlockMeanKernel` ``module``, whose ``forward`` gets ``x1`` and ``x2`` inside a model call (with
+    ``lazily_evaluate_kernels(False)``, or in a ``forward`` that combines kernel outputs and so evaluates them), is
+    not given its training inputs where the model's training inputs are (the first rows; the test inputs follow them
+    in eval mode).
 
     Only inputs whose first rows are the model's training inputs, or columns of them (chosen by the ``active_dims``
     of the kernels around it), are checked: a kernel that hands its base kernel other points (a custom wrapper that
     evaluates it at ``1 - x``, an ``InducingPointKernel``'s inducing points, a model whose ``forward`` transforms its
     inputs for one kernel call) gives it new points, as the lazy mode's check lets it (it reads no container it does
     not know); those trained and predicted eagerly until session 31, where the check refused them."""
-    state = _EAGER_TRAINING.get()
+    state = _MODEL_CALL.get()
     if state is None:
         return
-    rows, inputs = state
+    rows, inputs, unchecked = state
+    if id(module) in unchecked:
+        return
     for x in (x1,) if x2 is x1 else (x1, x2):
         if x.dim() >= 2 and x.shape[-2] >= rows:
             seen = x[..., :rows, :]
             if _columns_of(seen, inputs):
                 _check_seen(module, seen, _FANTASY_MODEL.get())
+
+
+def _refused_inputs(error: ValueError) -> bool:
+    """Whether ``error`` is the refusal of a :class:`~bma_gp.BlockMeanKernel` given other inputs than its training
+    inputs (:func:`_check_seen`)."""
+    message = str(error)
+    return message == _MISMATCH_MESSAGE or message.startswith(_COLUMNS_MESSAGE.split("{", 1)[0])
 
 
 def _columns_of(seen: Tensor, inputs: tuple[Tensor, ...]) -> bool:
@@ -205,27 +256,52 @@ def _equal_broadcast(a: Tensor, b: Tensor) -> bool:
         return False
 
 
-def _eager_training(model, args) -> tuple[int, tuple[Tensor, ...]] | None:
-    """What :data:`_EAGER_TRAINING` holds while ``model(*args)`` runs: the number of the model's training rows and
-    its training inputs (each ``(*batch, n, d)``) where its kernels are evaluated eagerly on inputs that start with its
-    training inputs (a training call in training mode; eval mode, which evaluates them on the training inputs
-    followed by the test inputs, but for ``prior_mode``), a model with a :class:`~bma_gp.BlockMeanKernel`; else
-    None."""
+def _model_call(model, args) -> tuple[int, tuple[Tensor, ...], frozenset[int]] | None:
+    """What :data:`_MODEL_CALL` holds while ``model(*args)`` runs: the number of the model's training rows, its
+    training inputs (each ``(*batch, n, d)``) and the block mean kernels left unchecked (with lazy evaluation on,
+    :func:`_inside_unknown_kernels`) where its kernels are evaluated on inputs that start with its training
+    inputs (a training call in training mode; eval mode, which evaluates them on the training inputs followed by the
+    test inputs, but for ``prior_mode``), a model with a :class:`~bma_gp.BlockMeanKernel`; else None (also inside
+    GPyTorch's evaluation of a lazily evaluated kernel: a model called from a kernel)."""
     from gpytorch import settings as gpt_settings
 
     from bma_gp.kernels.block_mean_kernel import BlockMeanKernel, _inside_lazy_evaluation
 
-    if gpt_settings.lazily_evaluate_kernels.on() or _inside_lazy_evaluation() or not model.train_inputs:
-        return None
-    if model.training and not _is_training_call(model, args):
+    if _inside_lazy_evaluation() or not model.train_inputs:
         return None
     if not model.training and gpt_settings.prior_mode.on():
         return None
     first = model.train_inputs[0]
     if not torch.is_tensor(first) or not any(isinstance(m, BlockMeanKernel) for m in model.modules()):
         return None
-    inputs = tuple(t if t.dim() > 1 else t.unsqueeze(-1) for t in model.train_inputs if torch.is_tensor(t))
-    return (first.shape[-2] if first.dim() > 1 else first.shape[-1]), inputs
+    if model.training and not _is_training_call(model, args):
+        return None
+    rows = first.shape[-2] if first.dim() > 1 else first.shape[-1]
+    unchecked = _inside_unknown_kernels(model) if gpt_settings.lazily_evaluate_kernels.on() else frozenset()
+    return rows, _input_columns(model.train_inputs), unchecked
+
+
+def _inside_unknown_kernels(model) -> frozenset[int]:
+    """The ids of the :class:`~bma_gp.BlockMeanKernel` modules of ``model`` inside a kernel that :func:`_inputs_seen`
+    does not know (a custom wrapper, whose ``forward`` may pass them anything: a reference that evaluates a kernel
+    densely on training inputs that extend its ``train_x``, say). The lazy check of the prior leaves them unchecked,
+    and so does the check while a model with lazy evaluation on is called."""
+    from bma_gp.kernels.block_mean_kernel import BlockMeanKernel
+
+    known = (
+        BlockMeanKernel,
+        ScaleKernel,
+        MultitaskKernel,
+        InducingPointKernel,
+        LCMKernel,
+        AdditiveKernel,
+        ProductKernel,
+    )
+    inside: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, Kernel) and not isinstance(module, known):
+            inside.update(id(m) for m in module.modules() if isinstance(m, BlockMeanKernel))
+    return frozenset(inside)
 
 
 def record_bound_data(strategy: DefaultPredictionStrategy, kernel: Kernel) -> DefaultPredictionStrategy:
@@ -591,12 +667,21 @@ def install() -> None:
         if strategy is not None and not self.training:
             check_bound_data(strategy)
         _refresh_inducing_caches(self)
-        # with lazy evaluation off, the kernels check the inputs they get while the model evaluates them
-        eager = _EAGER_TRAINING.set(_eager_training(self, args))
+        # the block mean kernels check the inputs they get while the model evaluates them (all of them with lazy
+        # evaluation off; those a forward that combines kernel outputs evaluates, with it on)
+        state = _model_call(self, args)
+        token = _MODEL_CALL.set(state)
         try:
             res = original(self, *args, **kwargs)
+        except ValueError as error:
+            if strategy is None and _refused_inputs(error):
+                # refused while GPyTorch predicted with the strategy it had just built on those inputs (a forward
+                # that combines kernel outputs, GPyTorch's default strategy): not kept, so that the model, once its
+                # kernels are bound to its training inputs, builds its strategy on their block mean approximation
+                self.prediction_strategy = None
+            raise
         finally:  # also when it raised after filling a cache (a size limit past an unchecked mean)
-            _EAGER_TRAINING.reset(eager)
+            _MODEL_CALL.reset(token)
             if not validated and self.prediction_strategy is not None:
                 self.prediction_strategy._bma_gp_unvalidated = True
         if self.training:
@@ -608,10 +693,15 @@ def install() -> None:
                 pass
         if self.training and self.train_inputs is not None:
             prior = getattr(res, "lazy_covariance_matrix", None)
-            if _holds_block_mean_kernel(prior) and _is_training_call(self, args):
-                # a training covariance on inputs the BlockMeanKernel takes for new points is the exact base kernel's
-                # (an n x n dense matrix, trained by dense Cholesky / CG): refused here, as in eval mode
-                _check_prior(prior)
+            if isinstance(prior, LazyEvaluatedKernelTensor):
+                if _holds_block_mean_kernel(prior) and (state is not None or _is_training_call(self, args)):
+                    # a training covariance on inputs the BlockMeanKernel takes for new points is the exact base
+                    # kernel's (an n x n dense matrix, trained by dense Cholesky / CG): refused here, as in eval mode
+                    _check_prior(prior)
+            elif state is not None and prior is not None:
+                # a forward that combines kernel outputs (self.bmk(x) + self.rbf(x)): the lazily evaluated kernels
+                # still in the sum, which the marginal likelihood evaluates after this call
+                _check_prior(prior, state[1])
         if self.prediction_strategy is not None:
             _record(self, self.prediction_strategy)
         return res
