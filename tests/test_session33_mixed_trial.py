@@ -352,3 +352,28 @@ def test_evaluation_script_refuses_an_unknown_gpboost_matrix_inversion():
     with pytest.raises(SystemExit):
         evaluate_mixed.build_parser().parse_args(["--gpboost-matrix-inversion", "lanczos"])
     assert isinstance(evaluate_mixed.build_parser().parse_args([]), argparse.Namespace)
+
+
+def test_group_partition_reads_pandas_bins_and_factors_by_their_codes():
+    """``group_partition(pandas.qcut(x, q))``, the natural partition "by gcsescore bins", raised "could not convert it
+    (Could not infer dtype of pandas._libs.interval.Interval)" before session 33; a categorical is read by its codes."""
+    pd = pytest.importorskip("pandas")
+    from bma_gp.partition_builders import group_partition
+
+    score = pd.Series(_frame("mlmRev", "Chem97").gcsescore.to_numpy()[:500])
+    bins = pd.qcut(score, 10, duplicates="drop")  # ties stay in one bin, unlike sorted_partition's equal counts
+    partition = group_partition(bins)
+    codes = torch.as_tensor(bins.cat.codes.to_numpy().astype(np.int64))
+    assert torch.equal(partition.labels, codes)
+    assert partition.num_blocks == len(bins.cat.categories)
+    # the bins' order is the blocks' order: block means of the scores increase
+    means = torch.zeros(partition.num_blocks, dtype=DTYPE).index_add_(0, partition.labels, torch.tensor(score))
+    means = means / torch.bincount(partition.labels)
+    assert bool((means.diff() > 0).all())
+    # a factor of names: as the names themselves (sorted) when the categories are sorted, else in category order
+    names = ["b", "a", "c", "b"]
+    assert torch.equal(group_partition(pd.Categorical(names)).labels, group_partition(names).labels)
+    ordered = pd.Categorical(names, categories=["c", "b", "a", "unused"])
+    assert group_partition(ordered).labels.tolist() == [1, 2, 0, 1]
+    with pytest.raises(ValueError, match="missing value at position 1"):
+        group_partition(pd.cut(pd.Series([0.5, 5.0]), [0, 1]))  # 5.0 falls in no bin
