@@ -557,6 +557,25 @@ def sorted_partition(x: Tensor, num_blocks: int, dim: int = 0) -> Partition:
 
 
 # ---------------------------------------------------------------------------- groups
+def _categorical_codes(ids) -> Tensor | None:
+    """A pandas ``Categorical`` or a column of category dtype (``pandas.cut`` / ``qcut`` bins, R factors): its codes
+    as a ``(n,)`` integer tensor, the levels numbered in the order of its categories; None for anything else. A
+    missing value (code -1) is refused: it belongs to no level."""
+    if type(getattr(ids, "dtype", None)).__name__ != "CategoricalDtype":
+        return None
+    codes = getattr(ids, "codes", None)  # a Categorical; a Series holds them under .cat
+    if codes is None:
+        codes = ids.cat.codes
+    codes = np.asarray(codes).astype(np.int64)
+    if codes.size and bool((codes < 0).any()):
+        position = int(np.flatnonzero(codes < 0)[0])
+        raise ValueError(
+            f"ids (a pandas categorical) hold a missing value at position {position}; every point needs a group: give "
+            "those points a category of their own or drop them."
+        )
+    return torch.as_tensor(codes, device="cpu")
+
+
 def _string_ids_as_integers(ids):
     """String ids (in any sequence numpy reads, pandas columns included) as their positions in sorted order, a
     ``(n,)`` or ``(n, 1)`` integer tensor; numbers held as Python objects as a numeric array; anything else is
@@ -605,22 +624,25 @@ def group_partition(ids) -> Partition:
     ``0 .. k-1`` in increasing order of the id. Floating ids are accepted when they are
     whole numbers (gpytorch passes inputs as floats), and an ``(n, 1)`` column is
     treated as a vector. Strings (a list, a numpy array or a pandas column of names)
-    are accepted too, numbered in sorted order.
+    are accepted too, numbered in sorted order. A pandas categorical (a ``Categorical`` or a
+    column of category dtype, such as the bins of ``pandas.qcut(x, 40)``) is read by its codes:
+    blocks in the order of its categories (unused categories get none), a missing value refused.
 
     Args:
         ids: group id of every point. # shape: (n,) or (n, 1)
 
     Raises:
         ValueError: empty ids, a non-numeric dtype, a shape other than ``(n,)`` /
-            ``(n, 1)``, floating ids that are not whole numbers, or strings mixed with
-            other objects.
+            ``(n, 1)``, floating ids that are not whole numbers, strings mixed with
+            other objects, or a missing value in a pandas categorical.
 
     Example:
         >>> group_partition(["b", "a", "b", "c"]).labels
         tensor([1, 0, 1, 2])
     """
     if not isinstance(ids, Tensor):
-        ids = _string_ids_as_integers(ids)
+        codes = _categorical_codes(ids)
+        ids = codes if codes is not None else _string_ids_as_integers(ids)
     if not isinstance(ids, Tensor):
         try:
             ids = torch.as_tensor(ids, device="cpu")  # host data: on the CPU, not torch's default device
