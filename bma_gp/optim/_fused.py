@@ -141,8 +141,24 @@ def _inductor(name: str):
     if fn is None:
         passes: dict[str, Callable[..., Any]] = {"block_sums": block_sums, "apply_update": apply_update}
         eager = passes[name]
-        fn = _COMPILED[name] = _with_eager_fallback(name, eager, torch.compile(eager, dynamic=True))
+        compiled_fn = torch.compile(eager, dynamic=True, options=_isa_options())
+        fn = _COMPILED[name] = _with_eager_fallback(name, eager, compiled_fn)
     return fn
+
+
+def _isa_options() -> dict[str, Any]:
+    """Inductor options that name the CPU vector instruction set its C++ code is generated for.
+
+    Inductor picks that set from ``ATEN_CPU_CAPABILITY`` (``avx2``, ``avx512``, ``default`` for none) or, unset, the
+    best the machine has, but its on-disk compiled-graph cache (FX graph cache, shared by every process of a user
+    under ``/tmp/torchinductor_<user>``) does not tell the sets apart: with torch 2.13 a process on an AVX-512
+    machine that loaded the graph a process under ``ATEN_CPU_CAPABILITY=avx2`` had stored (or the reverse) ran the
+    fused passes to wrong steps (parameters off by 1.4, NaN), silently. ``cpp.simdlen`` is part of the cache key, and
+    set to the picked set's width it picks the same set (0 where none is picked), so each set gets its own entries.
+    """
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return {"cpp.simdlen": pick_vec_isa().bit_width()}
 
 
 def _with_eager_fallback(name: str, eager, fast):
