@@ -156,9 +156,12 @@ def _isa_options() -> dict[str, Any]:
     fused passes to wrong steps (parameters off by 1.4, NaN), silently. ``cpp.simdlen`` is part of the cache key, and
     set to the picked set's width it picks the same set (0 where none is picked), so each set gets its own entries.
     """
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    try:  # a private module: a torch that moved it compiles without the option (as before session 33)
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-    return {"cpp.simdlen": pick_vec_isa().bit_width()}
+        return {"cpp.simdlen": int(pick_vec_isa().bit_width())}
+    except Exception:  # pragma: no cover - depends on the torch build
+        return {}
 
 
 def _with_eager_fallback(name: str, eager, fast):
