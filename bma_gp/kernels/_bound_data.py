@@ -180,6 +180,11 @@ def _check_prior(prior, inputs: tuple[Tensor, ...] | None = None) -> None:
             _check_seen(module, seen, extended)
 
 
+class _UnboundInputsError(ValueError):
+    """The refusal of a :class:`~bma_gp.BlockMeanKernel` given other inputs than its training inputs
+    (:func:`_check_seen`): a ``ValueError`` the model's call tells apart from others."""
+
+
 def _check_seen(module, seen: Tensor, extended: bool) -> None:
     """``ValueError`` unless the :class:`~bma_gp.BlockMeanKernel` ``module``, given ``seen`` where its ``forward``
     gets the model's training inputs, takes them for its training inputs (``extended``: a fantasy model's, which
@@ -187,8 +192,8 @@ def _check_seen(module, seen: Tensor, extended: bool) -> None:
     if (seen.shape[-2] == module.train_x.shape[-2] or extended) and module._num_train_rows(seen):
         return
     if seen.shape[-1] != module.train_x.shape[-1]:  # the model's inputs, but columns chosen by a kernel around it
-        raise ValueError(_COLUMNS_MESSAGE.format(seen=seen.shape[-1], bound=module.train_x.shape[-1]))
-    raise ValueError(_MISMATCH_MESSAGE)
+        raise _UnboundInputsError(_COLUMNS_MESSAGE.format(seen=seen.shape[-1], bound=module.train_x.shape[-1]))
+    raise _UnboundInputsError(_MISMATCH_MESSAGE)
 
 
 # the number of training rows of the ExactGP being called on its training inputs (training mode) or on test inputs
@@ -227,13 +232,6 @@ def check_eager_inputs(module, x1: Tensor, x2: Tensor) -> None:
             seen = x[..., :rows, :]
             if _columns_of(seen, inputs):
                 _check_seen(module, seen, _FANTASY_MODEL.get())
-
-
-def _refused_inputs(error: ValueError) -> bool:
-    """Whether ``error`` is the refusal of a :class:`~bma_gp.BlockMeanKernel` given other inputs than its training
-    inputs (:func:`_check_seen`)."""
-    message = str(error)
-    return message == _MISMATCH_MESSAGE or message.startswith(_COLUMNS_MESSAGE.split("{", 1)[0])
 
 
 def _columns_of(seen: Tensor, inputs: tuple[Tensor, ...]) -> bool:
@@ -674,7 +672,7 @@ def install() -> None:
         try:
             res = original(self, *args, **kwargs)
         except ValueError as error:
-            if strategy is None and _refused_inputs(error):
+            if strategy is None and isinstance(error, _UnboundInputsError):
                 # refused while GPyTorch predicted with the strategy it had just built on those inputs (a forward
                 # that combines kernel outputs, GPyTorch's default strategy): not kept, so that the model, once its
                 # kernels are bound to its training inputs, builds its strategy on their block mean approximation
