@@ -1,0 +1,172 @@
+"""The Schur complement's product of two sparse contingency tables, ``N_a diag(c) N_b^T``, as one CSR product.
+
+:class:`bma_gp.block_mean_sum_linear_operator._CellsProduct` replaces the joined pairs of cells in the forward pass
+with a sparse-by-sparse CSR product, and its backward pass reads the gradients off ``N_b^T G^T`` in column chunks
+(or off the joined pairs where that costs less). These tests compare it, in values, first and second derivatives,
+with the dense product of the two tables and with the pairs' form, on random partitions: both backward paths, chunked
+and whole, one table with itself and two different tables, float32 and float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bma_gp import BlockMeanSumLinearOperator, Partition
+from bma_gp import block_mean_sum_linear_operator as bms
+from closed_form_guard import closed_forms_only
+
+
+def _tables(seed: int, n: int, ka: int, kb: int, ke: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(seed)
+    pa, pb, pe = (Partition.from_labels(_labels(k, n, g), num_blocks=k) for k in (ka, kb, ke))
+    ca, cb = bms._Cells.build(pa, pe), bms._Cells.build(pb, pe)
+    va = torch.randn(ca.count, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    vb = torch.randn(cb.count, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    c = torch.randn(ke, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    return ca, cb, va, vb, c
+
+
+def _labels(k: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """Scattered labels of ``n`` points that use every one of the ``k`` blocks."""
+    labels = torch.cat([torch.arange(k), torch.randint(k, (n - k,), generator=g)])
+    return labels[torch.randperm(n, generator=g)]
+
+
+def _dense(cells: bms._Cells, values: torch.Tensor, k: int, ke: int) -> torch.Tensor:
+    out = values.new_zeros(k, ke)
+    return out.index_put((cells.row, cells.col), values, accumulate=True)
+
+
+@pytest.mark.parametrize("ratio", [0, 64, math.inf], ids=["pairs_backward", "default", "csr_backward"])
+@pytest.mark.parametrize("chunk", [2**22, 5], ids=["whole", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_product_and_gradients_match_dense(monkeypatch, ratio, chunk, dtype, seed):
+    monkeypatch.setattr(bms, "CELL_PRODUCT_DENSE_RATIO", ratio)
+    monkeypatch.setattr(bms, "CELL_PRODUCT_ELEMENTS", chunk)
+    ka, kb, ke = 7, 4, 13
+    ca, cb, va, vb, c = _tables(seed, 90, ka, kb, ke, dtype)
+    W1 = torch.randn(ka, kb, dtype=dtype)
+    W2 = torch.randn(ka, ka, dtype=dtype)
+
+    def loss(product, Na, Nb):
+        cross = product(ca, va, cb, vb, c, kb, ka) if product else (Na * c) @ Nb.mT
+        own = product(ca, va, ca, va, c, ka, ka) if product else (Na * c) @ Na.mT
+        return (cross * W1).sum() + (own * W2).sum() ** 2 / 100
+
+    Na, Nb = _dense(ca, va, ka, ke), _dense(cb, vb, kb, ke)
+    ref = loss(None, Na, Nb)
+    got = loss(bms._cells_product, None, None)
+    pairs = loss(bms._cells_product_pairs, None, None)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(got, ref, **tol)
+    torch.testing.assert_close(pairs, ref, **tol)
+    grads = torch.autograd.grad(got, (va, vb, c), create_graph=True)
+    ref_grads = torch.autograd.grad(ref, (va, vb, c), create_graph=True)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, **tol)
+    # second derivatives (a Hessian-vector product) through the backward pass's own operations
+    probe = [torch.randn_like(t) for t in (va, vb, c)]
+    hv = torch.autograd.grad(sum((gr * p).sum() for gr, p in zip(grads, probe)), (va, vb, c))
+    ref_hv = torch.autograd.grad(sum((gr * p).sum() for gr, p in zip(ref_grads, probe)), (va, vb, c))
+    for a, b in zip(hv, ref_hv):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_forward_joins_no_pairs_and_backward_picks_by_cost(monkeypatch):
+    """The forward pass is the CSR product (no joined pairs); the backward pass joins pairs only where the CSR
+    products would cost more than CELL_PRODUCT_DENSE_RATIO multiply-adds per pair."""
+    joins = []
+    original = bms._Cells.join
+    monkeypatch.setattr(bms._Cells, "join", lambda self, other: joins.append(1) or original(self, other))
+    ca, cb, va, vb, c = _tables(3, 200, 6, 5, 40, torch.float64)
+    out = bms._cells_product(ca, va, cb, vb, c, 5, 6)
+    assert joins == []
+    monkeypatch.setattr(bms, "CELL_PRODUCT_DENSE_RATIO", math.inf)
+    out.sum().backward(retain_graph=True)
+    assert joins == []
+    monkeypatch.setattr(bms, "CELL_PRODUCT_DENSE_RATIO", 0)
+    out.sum().backward()
+    assert len(joins) == 2  # h^B for va and c, h^A for vb
+
+
+def test_batched_and_forward_mode_take_the_pairs(monkeypatch):
+    """A batch of values, or a forward-mode tangent, goes through the pairs' form (the CSR product is 2-D)."""
+    calls = []
+    original = bms._cells_product_pairs
+    monkeypatch.setattr(bms, "_cells_product_pairs", lambda *a: calls.append(1) or original(*a))
+    ca, cb, va, vb, c = _tables(4, 80, 5, 4, 9, torch.float64)
+    batched = bms._cells_product(ca, va.detach().expand(2, -1), cb, vb, c, 4, 5)
+    assert calls == [1]
+    torch.testing.assert_close(batched[0], bms._cells_product(ca, va, cb, vb, c, 4, 5))
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(va.detach(), torch.ones_like(va))
+        out = bms._cells_product(ca, dual, cb, vb.detach(), c.detach(), 4, 5)
+        tangent = fwAD.unpack_dual(out).tangent
+    assert calls == [1, 1]
+    expected = bms._cells_product_pairs(ca, torch.ones_like(va), cb, vb.detach(), c.detach(), 4, 5)
+    torch.testing.assert_close(tangent, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_crossed_sum_loss_and_gradients_match_dense(monkeypatch, dtype):
+    """Three crossed groupings, the largest eliminated, the others' tables with it sparse: the operator's
+    log-determinant and quadratic form, and their gradients in the noise and the variances, equal the dense ones
+    with the CSR backward, chunked, and with the pairs' backward."""
+    monkeypatch.setattr(bms, "SPARSE_CELLS_DENSITY", math.inf)
+    g = torch.Generator().manual_seed(5)
+    n, ks = 150, (40, 12, 3)
+    parts = [Partition.from_labels(_labels(k, n, g), num_blocks=k) for k in ks]
+    y = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    log_var = torch.tensor([-0.3, 0.2, -1.0], dtype=dtype, requires_grad=True)
+    log_noise = torch.tensor(-0.5, dtype=dtype, requires_grad=True)
+
+    def terms(dense: bool):
+        var = log_var.exp()
+        blocks = [v * torch.eye(k, dtype=dtype) for v, k in zip(var, ks)]
+        d = log_noise.exp().expand(n)
+        if dense:
+            P = [torch.nn.functional.one_hot(p.labels, k).to(dtype) for p, k in zip(parts, ks)]
+            M = torch.diag(d) + sum(Pj @ B @ Pj.mT for Pj, B in zip(P, blocks))
+            return torch.logdet(M), y @ torch.linalg.solve(M, y)
+        op = BlockMeanSumLinearOperator(d, *blocks, partitions=parts)
+        with closed_forms_only(n):
+            quad, logdet = op.inv_quad_logdet(y.unsqueeze(-1), logdet=True)
+        return logdet, quad
+
+    ref = terms(True)
+    ref_grads = torch.autograd.grad(ref[0] + ref[1], (log_var, log_noise))
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-3)
+    for ratio, chunk in ((math.inf, 2**22), (math.inf, 7), (0, 2**22)):
+        monkeypatch.setattr(bms, "CELL_PRODUCT_DENSE_RATIO", ratio)
+        monkeypatch.setattr(bms, "CELL_PRODUCT_ELEMENTS", chunk)
+        got = terms(False)
+        torch.testing.assert_close(torch.stack(got), torch.stack(ref), **tol)
+        grads = torch.autograd.grad(got[0] + got[1], (log_var, log_noise))
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("ratio", [0, math.inf], ids=["pairs_backward", "csr_backward"])
+def test_cuda_matches_cpu(monkeypatch, ratio):
+    """On CUDA the product is cuSPARSE's CSR-by-CSR product; values and gradients equal the CPU ones."""
+    monkeypatch.setattr(bms, "CELL_PRODUCT_DENSE_RATIO", ratio)
+    ca, cb, va, vb, c = _tables(6, 300, 9, 6, 50, torch.float64)
+    results = []
+    for device in ("cpu", "cuda"):
+        cells_a = bms._Cells(*(t.to(device) for t in (ca.row, ca.col, ca.of_index, ca.starts)))
+        cells_b = bms._Cells(*(t.to(device) for t in (cb.row, cb.col, cb.of_index, cb.starts)))
+        leaves = [t.detach().to(device).requires_grad_(True) for t in (va, vb, c)]
+        a, b, cc = leaves
+        out = bms._cells_product(cells_a, a, cells_b, b, cc, 6, 9).square().sum()
+        out = out + bms._cells_product(cells_a, a, cells_a, a, cc, 9, 9).sum()
+        results.append([out.detach().cpu(), *(g.cpu() for g in torch.autograd.grad(out, leaves))])
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
