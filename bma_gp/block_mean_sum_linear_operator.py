@@ -457,7 +457,7 @@ class _CellsProduct(torch.autograd.Function):
         h_b: Tensor | None = None
         h_a: Tensor | None = None
         if same:  # va is vb: its gradient holds both sides' terms, and vb's is returned as None
-            h_b = _cells_gather_product(cells_a, cells_a, vb, grad + grad.mT, ka)
+            h_b = _cells_gather_product(cells_a, cells_a, vb, grad, ka, symmetrised=True)
         else:
             if need_a or need_c:
                 h_b = _cells_gather_product(cells_a, cells_b, vb, grad, ka)
@@ -472,18 +472,25 @@ class _CellsProduct(torch.autograd.Function):
         return grad_va, grad_c, grad_vb, None, None, None, None
 
 
-def _cells_gather_product(cells_a: _Cells, cells_b: _Cells, vb: Tensor, grad: Tensor, ka: int) -> Tensor:
+def _cells_gather_product(
+    cells_a: _Cells, cells_b: _Cells, vb: Tensor, grad: Tensor, ka: int, symmetrised: bool = False
+) -> Tensor:
     r""":math:`h_p = \sum_{q \in l(p)} G_{i_p j_q} v^b_q` at the cells ``p`` of ``cells_a`` (rows ``i`` of ``G``,
     ``k_a x k_b``), the cells ``q`` of ``cells_b`` (columns ``j``) sharing the level ``l`` of ``e``: from
     :math:`N_b^\top G^\top` in column chunks, or from the joined pairs where that costs more (see
-    :class:`_CellsProduct`). # shape: (c_a,)"""
+    :class:`_CellsProduct`). ``symmetrised`` (one table with itself): the same for :math:`G + G^\top`; the pairs
+    then scatter the one gather of ``G`` twice rather than form :math:`G + G^\top` (a pass over ``k_a^2`` entries
+    with one side transposed: 65 ms at ``k_a = 3000``). # shape: (c_a,)"""
     ke = cells_a.starts.shape[0] - 1
     kb = grad.shape[-1]
     pairs = cells_a.pairs(cells_b)
     if cells_b.count * ka > CELL_PRODUCT_DENSE_RATIO * pairs:
         mine, theirs = cells_a.join(cells_b)
-        terms = grad.reshape(-1)[cells_a.row[mine] * kb + cells_b.row[theirs]] * vb[theirs]
-        return vb.new_zeros(cells_a.count).index_add(0, mine, terms)
+        gathered = grad.reshape(-1)[cells_a.row[mine] * kb + cells_b.row[theirs]]
+        h = vb.new_zeros(cells_a.count).index_add(0, mine, gathered * vb[theirs])
+        return h.index_add(0, theirs, gathered * vb[mine]) if symmetrised else h
+    if symmetrised:
+        grad = grad + grad.mT
     perm, crow = cells_a.by_row(ka)  # the cells of a in order of their row: rows i0 .. i1 are crow[i0]:crow[i1]
     bounds = crow.tolist()
     step = max(1, CELL_PRODUCT_ELEMENTS // max(1, ke))
