@@ -170,3 +170,32 @@ def test_cuda_matches_cpu(monkeypatch, ratio):
         results.append([out.detach().cpu(), *(g.cpu() for g in torch.autograd.grad(out, leaves))])
     for x, y in zip(*results):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_past_max_cell_pairs_one_csr_product_joins_no_pairs(monkeypatch, dtype):
+    """Past MAX_CELL_PAIRS, where the CSR product costs less than the GEMM (CELL_PAIRS_GEMM_RATIO), the Schur
+    blocks come from the cells without joining a single pair, forward or backward (the backward's pairs path is
+    capped by MAX_CELL_PAIRS too); the log-determinant, the quadratic form and their gradients equal dense linear
+    algebra. A batch (no CSR product) takes the GEMM there."""
+    monkeypatch.setattr(bms, "MAX_CELL_PAIRS", 0)
+    monkeypatch.setattr(bms, "CELL_PAIRS_GEMM_RATIO", 1)
+    monkeypatch.setattr(bms, "CELL_PRODUCT_DENSE_RATIO", 0)  # the backward would take the pairs were it not capped
+    joins, products = [], []
+    original_join, original_product = bms._Cells.join, bms._cells_product
+    monkeypatch.setattr(bms._Cells, "join", lambda self, other: joins.append(1) or original_join(self, other))
+    monkeypatch.setattr(bms, "_cells_product", lambda *a: products.append(1) or original_product(*a))
+    test_crossed_sum_loss_and_gradients_match_dense(monkeypatch, dtype)
+    assert products and not joins
+    products.clear()
+    g = torch.Generator().manual_seed(8)
+    n, ks = 120, (30, 9, 4)
+    parts = [Partition.from_labels(_labels(k, n, g), num_blocks=k) for k in ks]
+    blocks = [
+        torch.rand(2, 1, 1, dtype=dtype) * torch.eye(k, dtype=dtype) + 0.1 * torch.eye(k, dtype=dtype) for k in ks
+    ]
+    d = torch.rand(2, n, dtype=dtype) + 0.5
+    op = BlockMeanSumLinearOperator(d, *blocks, partitions=parts)
+    dense = op.to_dense()
+    torch.testing.assert_close(op.logdet(), torch.logdet(dense.double()).to(dtype), rtol=1e-4, atol=1e-4)
+    assert not products

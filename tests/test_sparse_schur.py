@@ -185,7 +185,9 @@ def test_join_pairs_every_cell_of_a_level():
 
 
 def test_too_many_cell_pairs_take_the_gemm(monkeypatch):
-    """Past MAX_CELL_PAIRS a block of the Schur product takes the GEMM; the answer is the same."""
+    """Past MAX_CELL_PAIRS a block of the Schur product takes the GEMM where one CSR product would not cost less
+    (CELL_PAIRS_GEMM_RATIO; tests/test_cells_product.py has the other side); the answer is the same."""
+    monkeypatch.setattr(bms, "CELL_PAIRS_GEMM_RATIO", math.inf)
     case = CrossedCase((5, 7, 20), (2,), 2, seed=12)
     monkeypatch.setattr(bms, "SPARSE_CELLS_DENSITY", math.inf)
     reference = case.op().logdet()
