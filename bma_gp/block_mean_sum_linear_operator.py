@@ -407,9 +407,10 @@ def _cells_product(cells_a: _Cells, va: Tensor, cells_b: _Cells, vb: Tensor, c: 
 
 
 def _csr_product_applies(va: Tensor, vb: Tensor, c: Tensor) -> bool:
-    """Whether :func:`_cells_product` takes the CSR product (:class:`_CellsProduct`): unbatched values on CPU or
-    CUDA, without forward-mode tangents."""
+    """Whether :func:`_cells_product` takes the CSR product (:class:`_CellsProduct`): unbatched values of one dtype on
+    CPU or CUDA, without forward-mode tangents."""
     plain = va.dim() == 1 and vb.dim() == 1 and c.dim() == 1 and va.device.type in _SPARSE_DEVICES
+    plain = plain and va.dtype == vb.dtype == c.dtype
     return plain and not (carries_tangent(va) or carries_tangent(vb) or carries_tangent(c))
 
 

@@ -199,3 +199,15 @@ def test_past_max_cell_pairs_one_csr_product_joins_no_pairs(monkeypatch, dtype):
     dense = op.to_dense()
     torch.testing.assert_close(op.logdet(), torch.logdet(dense.double()).to(dtype), rtol=1e-4, atol=1e-4)
     assert not products
+
+
+def test_mixed_dtypes_take_the_pairs(monkeypatch):
+    """Values and ``c`` of different dtypes (promoted by the pairs' products) do not enter the CSR product."""
+    calls = []
+    original = bms._cells_product_pairs
+    monkeypatch.setattr(bms, "_cells_product_pairs", lambda *a: calls.append(1) or original(*a))
+    ca, cb, va, vb, c = _tables(9, 60, 5, 4, 8, torch.float32)
+    out = bms._cells_product(ca, va, cb, vb, c.detach().double(), 4, 5)
+    assert calls == [1] and out.dtype == torch.float64
+    Na, Nb = _dense(ca, va.detach().double(), 5, 8), _dense(cb, vb.detach().double(), 4, 8)
+    torch.testing.assert_close(out.detach(), (Na * c.detach().double()) @ Nb.mT)
