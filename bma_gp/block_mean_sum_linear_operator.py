@@ -648,7 +648,82 @@ class _JointElimination:
     terms: tuple[int, ...]
     g: Tensor  # (*b, k, r_e): the diagonals of G_E, level-major
     delta: Tensor  # (*b, k, r_e, r_e): I + diag(g_c) A_c per level
-    A_rE: Tensor | None  # (*b, r, k, r_e): the blocks of Z^T D^-1 Z between the other terms and E; None when r == 0
+    formed: Tensor | None  # (*b, r, k, r_e): A_rE formed; None when r == 0 or when ``cross`` holds it
+    cross: _JointCross | None = None  # A_rE as the cells of sparse tables (training never forms it then)
+
+    @functools.cached_property
+    def A_rE(self) -> Tensor | None:
+        """The blocks of :math:`Z^\top D^{-1} Z` between the other terms and ``E`` (``(*b, r, k, r_e)``; None when
+        ``r == 0``), formed from ``cross`` on first use (the posterior at new inputs)."""
+        return self.cross.dense() if self.formed is None and self.cross is not None else self.formed
+
+    def rest_product(self, zE: Tensor) -> Tensor:
+        """:math:`A_{rE} z_E` for ``zE`` (``(*b, k, r_e, t)``). # shape: (*b, r, t)"""
+        if self.cross is not None:
+            return self.cross.matmul(zE)
+        assert self.formed is not None
+        return torch.einsum("...rci,...cit->...rt", self.formed, zE)
+
+    def level_product(self, x: Tensor) -> Tensor:
+        """:math:`A_{Er} x` for ``x`` (``(*b, r, t)``), level by level. # shape: (*b, k, r_e, t)"""
+        if self.cross is not None:
+            return self.cross.t_matmul(x)
+        assert self.formed is not None
+        return torch.einsum("...rci,...rt->...cit", self.formed, x)
+
+
+class _JointCross:
+    r""":math:`A_{rE}` of a joint elimination whose other terms are all groupings with sparse tables against the
+    eliminated grouping: per such grouping ``t`` its cells (:class:`_Cells`) and one value vector per eliminated
+    term ``e`` (:math:`P_t^\top W_t D^{-1} W_e P_e` at the cells). Products cost one pass over the cells per term
+    (:func:`_cells_matmul`); ``dense`` forms the ``(r, k, r_e)`` tensor where a caller needs it."""
+
+    def __init__(self, tables: list[_Cells], values: list[list[Tensor]], sizes: list[int], ke: int, dense):
+        self.tables, self.values, self.sizes, self.ke = tables, values, sizes, ke
+        self._dense = dense
+
+    def dense(self) -> Tensor:
+        return self._dense()
+
+    def matmul(self, zE: Tensor) -> Tensor:
+        parts = []
+        for table, vals, size in zip(self.tables, self.values, self.sizes):
+            terms = [_cells_matmul(table, v, zE[..., e, :], size) for e, v in enumerate(vals)]
+            parts.append(functools.reduce(torch.add, terms))
+        return torch.cat(parts, dim=-2)
+
+    def t_matmul(self, x: Tensor) -> Tensor:
+        pieces = x.split(self.sizes, dim=-2)
+        columns = []
+        for e in range(len(self.values[0])):
+            terms = [
+                _cells_matmul(table, vals[e], piece, self.ke, transpose=True)
+                for table, vals, piece in zip(self.tables, self.values, pieces)
+            ]
+            columns.append(functools.reduce(torch.add, terms))
+        return torch.stack(columns, dim=-2)
+
+    def correction(self, M: Tensor) -> Tensor:
+        r""":math:`A_{rE} \Delta^{-1} G_E A_{Er}` given :math:`M_l = \Delta_l^{-1} \operatorname{diag}(g_l)` per
+        level (``(k, r_e, r_e)``): the block between groupings ``s`` and ``t`` is :math:`\sum_{e, e'} N_{se}
+        \operatorname{diag}(M_{:, e, e'}) N_{te'}^\top`, ``r_e^2`` products of tables held as cells
+        (:func:`_cells_product`). # shape: (r, r)"""
+        r_e = len(self.values[0])
+        rows: list[list[Tensor]] = []
+        for i, (table_s, vals_s, size_s) in enumerate(zip(self.tables, self.values, self.sizes)):
+            row = []
+            for j, (table_t, vals_t, size_t) in enumerate(zip(self.tables, self.values, self.sizes)):
+                if j < i:
+                    row.append(rows[j][i].mT)
+                    continue
+                terms = [
+                    _cells_product(table_s, vals_s[a], table_t, vals_t[b], M[:, a, b], size_t, size_s)
+                    for a in range(r_e)
+                    for b in range(r_e)
+                ]
+                row.append(functools.reduce(torch.add, terms))
+            rows.append(row)
+        return torch.cat([torch.cat(row, -1) for row in rows], -2)
 
 
 #: The capacitance's rest (``r`` columns, the root's among them) is factorised with the root's block eliminated
@@ -2116,27 +2191,68 @@ class BlockMeanSumLinearOperator(
                 "Check the block matrices and the diagonal." + _level_ratio_hint(g, self.diag_values)
             )
         sign, logdet = sign.prod(-1), logabs.sum(-1)  # levels of either sign without validation: their product
-        A_rE = lu = A_rr = None
+        A_rE = lu = A_rr = cross = None
         if rest:
             A_rr = torch.cat([torch.cat([self._A_block(s_, t) for t in rest], dim=-1) for s_ in rest], dim=-2)
-            A_rE = torch.stack(
-                [torch.cat([self._A_block(t, e).to(wdt) for t in rest], dim=-2) for e in eliminated], -1
-            )  # (*b, r, k, r_e)
-            batch = torch.broadcast_shapes(A_rE.shape[:-3], g.shape[:-2])
-            A_rE = A_rE.expand(*batch, *A_rE.shape[-3:])
-            GA_Er = g.unsqueeze(-1) * A_rE.movedim(-3, -1)  # (*b, k, r_e, r)
-            X = torch.linalg.solve(delta, GA_Er)  # Delta^{-1} G_E A_{Er}, level by level
-            A_rr = A_rr - torch.einsum("...rci,...cis->...rs", A_rE, X)
+            cross = self._joint_cross(rest, eliminated, g, delta)
+            if cross is not None:  # the groupings' tables as their cells: no (r, k, r_e) tensor
+                eye_e = torch.eye(len(eliminated), dtype=wdt, device=self.device)
+                A_rr = A_rr - cross.correction(torch.linalg.solve(delta, eye_e * g.unsqueeze(-2)))
+            else:
+                A_rE = self._joint_dense_cross(rest, eliminated, g)
+                GA_Er = g.unsqueeze(-1) * A_rE.movedim(-3, -1)  # (*b, k, r_e, r)
+                X = torch.linalg.solve(delta, GA_Er)  # Delta^{-1} G_E A_{Er}, level by level
+                A_rr = A_rr - torch.einsum("...rci,...cis->...rs", A_rE, X)
             lu, rest_sign, rest_logdet = self._factorise_rest(A_rr, rest)
             logdet = logdet + rest_logdet
             sign = sign * rest_sign
         elif sum(sizes) == 0:  # pragma: no cover - a sum has at least one term here
             raise AssertionError
         not_definite = self._definiteness_error(sign, A_rr, rest)
-        joint = _JointElimination(tuple(eliminated), g, delta, A_rE)
+        joint = _JointElimination(tuple(eliminated), g, delta, A_rE, cross)
         return _Capacitance(
             None, None, None, None, lu, logdet, joint, A_tilde=A_rr, sign=sign, not_definite=not_definite
         )
+
+    def _joint_dense_cross(self, rest: list[int], eliminated: list[int], g: Tensor) -> Tensor:
+        """:math:`A_{rE}` formed, ``(*b, r, k, r_e)`` (broadcast with ``g``'s batch)."""
+        wdt = core_dtype(self.dtype)
+        A_rE = torch.stack([torch.cat([self._A_block(t, e).to(wdt) for t in rest], dim=-2) for e in eliminated], -1)
+        batch = torch.broadcast_shapes(A_rE.shape[:-3], g.shape[:-2])
+        return A_rE.expand(*batch, *A_rE.shape[-3:])
+
+    def _joint_cross(self, rest: list[int], eliminated: list[int], g: Tensor, delta: Tensor) -> _JointCross | None:
+        r""":math:`A_{rE}` as cells (:class:`_JointCross`) where every non-eliminated term is a grouping whose table
+        with the eliminated one is sparse (as in :meth:`_cross_blocks`), nothing is batched and every block of the
+        Schur correction fits the cells' products (:func:`_cells_product_fits`); None otherwise (formed, and the
+        correction one GEMM). Random slopes on a grouping crossed with another (``(1 + x | user) + (1 | item)``,
+        20,000 x 2,000 levels at ``n = 10^6``): the formed ``(r, k, r_e)`` tensor holds 8 x 10^7 entries and the
+        GEMM costs ``2 r^2 k r_e`` operations (1.6 x 10^11 forward, twice that backward)."""
+        J = len(self.partitions)
+        sizes = self._sizes()
+        n = self.diag_values.shape[-1]
+        ke = sizes[eliminated[0]]
+        if g.dim() != 2 or delta.dim() != 3:
+            return None
+        if any(t >= J or n > SPARSE_CELLS_DENSITY * sizes[t] * ke for t in rest):
+            return None
+        _, blocks = self._gram()
+        wdt = core_dtype(self.dtype)
+        part_e = self.partitions[eliminated[0]]
+        tables = [_Cells.build(self.partitions[t], part_e) for t in rest]
+        values = [
+            [table.values(blocks.point_values(t, e).to(wdt)) for e in eliminated] for table, t in zip(tables, rest)
+        ]
+        if any(v.dim() != 1 for row in values for v in row):
+            return None
+        probe = g[:, 0]  # the dtype and device of M's columns
+        pieces = [(table, vals[0]) for table, vals in zip(tables, values)]
+        for i in range(len(rest)):
+            for j in range(i, len(rest)):
+                if not _cells_product_fits(pieces[i], pieces[j], probe, sizes[rest[i]], sizes[rest[j]]):
+                    return None
+        dense = functools.partial(self._joint_dense_cross, rest, eliminated, g)
+        return _JointCross(tables, values, [sizes[t] for t in rest], ke, dense)
 
     def _cross_blocks(self, rest: list[int], elim: int) -> _CrossBlocks:
         """:math:`A_{re}`, with the nonzero cells of a grouping's table with the eliminated one where at most
@@ -2234,14 +2350,14 @@ class BlockMeanSumLinearOperator(
         batch = torch.broadcast_shapes(*(y[e].shape[:-2] for e in E))
         yE = torch.stack([y[e].expand(*batch, *y[e].shape[-2:]) for e in E], -2)  # (*b, k, r_e, t)
         if rest:
-            assert cap.lu is not None and joint.A_rE is not None
+            assert cap.lu is not None and (joint.formed is not None or joint.cross is not None)
             zE = torch.linalg.solve(joint.delta, yE)
             rhs = torch.cat([y[t] for t in rest], dim=-2)
-            rhs = rhs - self._apply_G_rest(rest, torch.einsum("...rci,...cit->...rt", joint.A_rE, zE))
+            rhs = rhs - self._apply_G_rest(rest, joint.rest_product(zE))
             x_rest = _rest_solve(cap.lu, rhs)
             for t, piece in zip(rest, x_rest.split([y[t].shape[-2] for t in rest], dim=-2)):
                 out[t] = piece
-            yE = yE - joint.g.unsqueeze(-1) * torch.einsum("...rci,...rt->...cit", joint.A_rE, x_rest)
+            yE = yE - joint.g.unsqueeze(-1) * joint.level_product(x_rest)
         xE = torch.linalg.solve(joint.delta, yE)
         for i, e in enumerate(E):
             out[e] = xE[..., i, :]

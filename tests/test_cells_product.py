@@ -211,3 +211,122 @@ def test_mixed_dtypes_take_the_pairs(monkeypatch):
     assert calls == [1] and out.dtype == torch.float64
     Na, Nb = _dense(ca, va.detach().double(), 5, 8), _dense(cb, vb.detach().double(), 4, 8)
     torch.testing.assert_close(out.detach(), (Na * c.detach().double()) @ Nb.mT)
+
+
+def _slopes_sum(dtype, log_var, log_noise, parts, x, dense: bool):
+    """``(1 + x | user)`` as two diagonal terms over the users (the second weighted by ``x``), plus items and
+    departments crossed with them; the operator, or its dense matrix."""
+    n = x.shape[0]
+    var = log_var.exp()
+    ks = [p.num_blocks for p in parts]
+    vectors = [v * torch.ones(k, dtype=dtype) for v, k in zip(var, ks)]
+    d = log_noise.exp().expand(n)
+    weights = [None, x, None, None]
+    if dense:
+        P = [torch.nn.functional.one_hot(p.labels, k).to(dtype) for p, k in zip(parts, ks)]
+        P = [Pj if w is None else Pj * w.unsqueeze(-1) for Pj, w in zip(P, weights)]
+        return torch.diag(d) + sum((Pj * v) @ Pj.mT for Pj, v in zip(P, vectors))
+    return BlockMeanSumLinearOperator(d, *vectors, partitions=parts, weights=weights, diagonal=[True] * 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("chunk", [2**22, 7], ids=["whole", "chunked"])
+def test_joint_elimination_on_cells_matches_dense(monkeypatch, dtype, chunk):
+    """Random slopes on the eliminated grouping (its intercept and slope eliminated jointly) beside two groupings
+    crossed with it and held as cells: the Schur correction is the cells' products and the solves multiply by the
+    cells, with no ``(r, k, r_e)`` tensor formed; log-determinant, quadratic form, a solve and the gradients in the
+    variances and the noise equal dense linear algebra, and the formed ``A_rE`` (the posterior's) equals the
+    formed path's."""
+    monkeypatch.setattr(bms, "SPARSE_CELLS_DENSITY", math.inf)
+    monkeypatch.setattr(bms, "CELL_PRODUCT_ELEMENTS", chunk)
+    crosses, dense_forms = [], []
+    original_cross, original_dense = (
+        bms.BlockMeanSumLinearOperator._joint_cross,
+        bms.BlockMeanSumLinearOperator._joint_dense_cross,
+    )
+    monkeypatch.setattr(
+        bms.BlockMeanSumLinearOperator, "_joint_cross", lambda self, *a: crosses.append(1) or original_cross(self, *a)
+    )
+    monkeypatch.setattr(
+        bms.BlockMeanSumLinearOperator,
+        "_joint_dense_cross",
+        lambda self, *a: dense_forms.append(1) or original_dense(self, *a),
+    )
+    g = torch.Generator().manual_seed(11)
+    n, ks = 160, (30, 9, 3)
+    users, items, depts = (Partition.from_labels(_labels(k, n, g), num_blocks=k) for k in ks)
+    parts = [users, users, items, depts]
+    x = (torch.rand(n, generator=g, dtype=torch.float64) * 2 - 0.5).to(dtype)
+    y = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    log_var = torch.tensor([-0.2, -1.0, 0.3, -0.7], dtype=dtype, requires_grad=True)
+    log_noise = torch.tensor(-0.4, dtype=dtype, requires_grad=True)
+    M = _slopes_sum(dtype, log_var, log_noise, parts, x, dense=True)
+    ref = (torch.logdet(M), y @ torch.linalg.solve(M, y))
+    ref_grads = torch.autograd.grad(ref[0] + ref[1], (log_var, log_noise))
+    op = _slopes_sum(dtype, log_var, log_noise, parts, x, dense=False)
+    with closed_forms_only(n):
+        quad, logdet = op.inv_quad_logdet(y.unsqueeze(-1), logdet=True)
+        solved = op.solve(y.unsqueeze(-1)).squeeze(-1)
+    assert crosses and not dense_forms
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(torch.stack([logdet, quad]), torch.stack(ref), **tol)
+    torch.testing.assert_close(solved, torch.linalg.solve(M, y), **tol)
+    grads = torch.autograd.grad(logdet + quad, (log_var, log_noise))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, **tol)
+    joint = op._capacitance().joint
+    assert joint is not None and joint.cross is not None and joint.formed is None and not dense_forms
+    formed = joint.A_rE  # the posterior at new inputs forms it on first use
+    assert len(dense_forms) == 1
+    with torch.no_grad():
+        rest = [t for t in range(4) if t not in joint.terms]
+        expected = op._joint_dense_cross(rest, list(joint.terms), joint.g)
+    torch.testing.assert_close(formed.detach(), expected)
+
+
+def test_joint_elimination_keeps_the_gemm_where_a_table_is_dense(monkeypatch):
+    """With the default density threshold a small crossing's tables are dense: A_rE is formed, as before."""
+    g = torch.Generator().manual_seed(12)
+    n, ks = 160, (30, 9, 3)
+    users, items, depts = (Partition.from_labels(_labels(k, n, g), num_blocks=k) for k in ks)
+    x = torch.rand(n, generator=g, dtype=torch.float64)
+    log_var = torch.tensor([-0.2, -1.0, 0.3, -0.7], dtype=torch.float64)
+    op = _slopes_sum(
+        torch.float64, log_var, torch.tensor(-0.4, dtype=torch.float64), [users, users, items, depts], x, False
+    )
+    op.logdet()
+    joint = op._capacitance().joint
+    assert joint is not None and joint.cross is None and joint.formed is not None
+    M = _slopes_sum(
+        torch.float64, log_var, torch.tensor(-0.4, dtype=torch.float64), [users, users, items, depts], x, True
+    )
+    torch.testing.assert_close(op.logdet(), torch.logdet(M))
+
+
+@pytest.mark.filterwarnings("ignore:The input matches the stored training data")
+@pytest.mark.parametrize("case", ["slopes", "slopes_group_noise", "slopes_fixed_noise"])
+def test_posterior_after_a_joint_elimination_on_cells_matches_gpytorch(monkeypatch, case):
+    """The posterior at new inputs of slope models whose joint elimination kept the crossed tables as cells (the
+    strategy forms A_rE on first use) equals GPyTorch's dense computation."""
+    from test_mixed_posterior import reference
+    from test_mixed_prediction import build, closed_form, random_new_inputs
+
+    monkeypatch.setattr(bms, "SPARSE_CELLS_DENSITY", math.inf)
+    used = []
+    original = bms.BlockMeanSumLinearOperator._joint_cross
+
+    def spy(self, *args):
+        cross = original(self, *args)
+        used.append(cross is not None)
+        return cross
+
+    monkeypatch.setattr(bms.BlockMeanSumLinearOperator, "_joint_cross", spy)
+    model, _, _ = build(case)
+    model.eval()
+    xt = random_new_inputs(50)
+    _, (mean, dense, diag, _), _ = closed_form(model, xt, False)
+    assert any(used)
+    ref_mean, ref_cov = reference(model, xt)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(dense, ref_cov, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(diag, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-10)
