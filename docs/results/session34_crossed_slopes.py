@@ -1,0 +1,53 @@
+"""``(1 + x | user) + (1 | item)`` at scale: ``GroupKernel(users, slope=True) + GroupKernel(items)`` with every user and
+item present, items Zipf-like (weight ``rank^-0.8``), ``x`` uniform on [0, 1], float64. Prints three training
+evaluations (forward and backward of the exact marginal log-likelihood) and the process's peak RSS. The users'
+intercept and slope are eliminated jointly (``_factorise_joint``). Run from a checkout, with n, users and items:
+
+    PYTHONPATH=. python docs/results/session34_crossed_slopes.py 1000000 20000 2000
+"""
+
+import resource
+import sys
+import time
+
+import gpytorch
+import torch
+
+from bma_gp import GroupKernel
+
+
+class Model(gpytorch.models.ExactGP):
+    def __init__(self, x, y, users, items):
+        super().__init__(x, y, gpytorch.likelihoods.GaussianLikelihood())
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = GroupKernel(users, slope=True, active_dims=[0, 2]) + GroupKernel(items, active_dims=[1])
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    n, users, items = (int(a) for a in sys.argv[1:4])
+    u = torch.cat([torch.arange(users), torch.randint(users, (n - users,))])
+    popularity = 1.0 / torch.arange(1, items + 1).double() ** 0.8
+    it = torch.cat([torch.arange(items), torch.multinomial(popularity, n - items, replacement=True)])
+    covariate = torch.rand(n, dtype=torch.float64)
+    y = torch.randn(n, dtype=torch.float64)
+    x = torch.stack([u.double(), it.double(), covariate], -1)
+    model = Model(x, y, users, items).double()
+    model.train()
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    for _ in range(3):
+        model.zero_grad()
+        start = time.perf_counter()
+        loss = -mll(model(x), y)
+        middle = time.perf_counter()
+        loss.backward()
+        end = time.perf_counter()
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"forward {middle - start:.2f} s, backward {end - middle:.2f} s, peak RSS {rss:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
