@@ -672,6 +672,20 @@ class _JointElimination:
         return torch.einsum("...rci,...rt->...cit", self.formed, x)
 
 
+def _formed_cross(
+    blocks: _Contingencies, rest: list[int], eliminated: list[int], g: Tensor, wdt: torch.dtype
+) -> Tensor:
+    """:math:`A_{rE}` of a joint elimination formed from the tables of ``blocks`` (the groupings ``rest`` against the
+    eliminated terms, none of them the root), broadcast with ``g``'s batch. # shape: (*b, r, k, r_e)"""
+
+    def table(t: int, e: int) -> Tensor:
+        return (blocks[t, e] if t < e else blocks[e, t].mT).to(wdt)
+
+    A_rE = torch.stack([torch.cat([table(t, e) for t in rest], dim=-2) for e in eliminated], -1)
+    batch = torch.broadcast_shapes(A_rE.shape[:-3], g.shape[:-2])
+    return A_rE.expand(*batch, *A_rE.shape[-3:])
+
+
 class _JointCross:
     r""":math:`A_{rE}` of a joint elimination whose other terms are all groupings with sparse tables against the
     eliminated grouping: per such grouping ``t`` its cells (:class:`_Cells`) and one value vector per eliminated
@@ -2216,10 +2230,7 @@ class BlockMeanSumLinearOperator(
 
     def _joint_dense_cross(self, rest: list[int], eliminated: list[int], g: Tensor) -> Tensor:
         """:math:`A_{rE}` formed, ``(*b, r, k, r_e)`` (broadcast with ``g``'s batch)."""
-        wdt = core_dtype(self.dtype)
-        A_rE = torch.stack([torch.cat([self._A_block(t, e).to(wdt) for t in rest], dim=-2) for e in eliminated], -1)
-        batch = torch.broadcast_shapes(A_rE.shape[:-3], g.shape[:-2])
-        return A_rE.expand(*batch, *A_rE.shape[-3:])
+        return _formed_cross(self._gram()[1], rest, eliminated, g, core_dtype(self.dtype))
 
     def _joint_cross(self, rest: list[int], eliminated: list[int], g: Tensor, delta: Tensor) -> _JointCross | None:
         r""":math:`A_{rE}` as cells (:class:`_JointCross`) where every non-eliminated term is a grouping whose table
@@ -2251,7 +2262,8 @@ class BlockMeanSumLinearOperator(
             for j in range(i, len(rest)):
                 if not _cells_product_fits(pieces[i], pieces[j], probe, sizes[rest[i]], sizes[rest[j]]):
                     return None
-        dense = functools.partial(self._joint_dense_cross, rest, eliminated, g)
+        # formed on demand from the tables alone (a reference to the operator would make a cycle through its memo)
+        dense = functools.partial(_formed_cross, blocks, rest, eliminated, g, wdt)
         return _JointCross(tables, values, [sizes[t] for t in rest], ke, dense)
 
     def _cross_blocks(self, rest: list[int], elim: int) -> _CrossBlocks:

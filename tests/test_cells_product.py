@@ -240,18 +240,11 @@ def test_joint_elimination_on_cells_matches_dense(monkeypatch, dtype, chunk):
     monkeypatch.setattr(bms, "SPARSE_CELLS_DENSITY", math.inf)
     monkeypatch.setattr(bms, "CELL_PRODUCT_ELEMENTS", chunk)
     crosses, dense_forms = [], []
-    original_cross, original_dense = (
-        bms.BlockMeanSumLinearOperator._joint_cross,
-        bms.BlockMeanSumLinearOperator._joint_dense_cross,
-    )
+    original_cross, original_formed = bms.BlockMeanSumLinearOperator._joint_cross, bms._formed_cross
     monkeypatch.setattr(
         bms.BlockMeanSumLinearOperator, "_joint_cross", lambda self, *a: crosses.append(1) or original_cross(self, *a)
     )
-    monkeypatch.setattr(
-        bms.BlockMeanSumLinearOperator,
-        "_joint_dense_cross",
-        lambda self, *a: dense_forms.append(1) or original_dense(self, *a),
-    )
+    monkeypatch.setattr(bms, "_formed_cross", lambda *a: dense_forms.append(1) or original_formed(*a))
     g = torch.Generator().manual_seed(11)
     n, ks = 160, (30, 9, 3)
     users, items, depts = (Partition.from_labels(_labels(k, n, g), num_blocks=k) for k in ks)
@@ -330,3 +323,30 @@ def test_posterior_after_a_joint_elimination_on_cells_matches_gpytorch(monkeypat
     torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(dense, ref_cov, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(diag, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-10)
+
+
+def test_a_joint_elimination_on_cells_keeps_no_reference_to_its_operator(monkeypatch):
+    """The cells' form of A_rE forms the dense tensor from the tables alone: the operator (and its memoized
+    capacitance) is freed when the last reference goes, without waiting for the cycle collector."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(bms, "SPARSE_CELLS_DENSITY", math.inf)
+    g = torch.Generator().manual_seed(13)
+    n, ks = 120, (25, 8, 3)
+    users, items, depts = (Partition.from_labels(_labels(k, n, g), num_blocks=k) for k in ks)
+    x = torch.rand(n, generator=g, dtype=torch.float64)
+    log_var = torch.tensor([-0.2, -1.0, 0.3, -0.7], dtype=torch.float64)
+    noise = torch.tensor(-0.4, dtype=torch.float64)
+    op = _slopes_sum(torch.float64, log_var, noise, [users, users, items, depts], x, False)
+    op.logdet()
+    assert op._capacitance().joint.cross is not None
+    ref = weakref.ref(op)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del op
+        assert ref() is None
+    finally:
+        if was_enabled:
+            gc.enable()
