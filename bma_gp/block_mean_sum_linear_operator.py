@@ -2243,7 +2243,7 @@ class BlockMeanSumLinearOperator(
         sizes = self._sizes()
         n = self.diag_values.shape[-1]
         ke = sizes[eliminated[0]]
-        if g.dim() != 2 or delta.dim() != 3:
+        if g.dim() != 2 or delta.dim() != 3 or self.device.type == "meta":  # meta: no labels to find the cells in
             return None
         if any(t >= J or n > SPARSE_CELLS_DENSITY * sizes[t] * ke for t in rest):
             return None
@@ -2276,7 +2276,8 @@ class BlockMeanSumLinearOperator(
         n = self.diag_values.shape[-1]
         pieces: list = []
         for t in rest:
-            if t == J or n > SPARSE_CELLS_DENSITY * sizes[t] * ke:  # at most n of the k_t k_e cells hold an index
+            # sparse: at most n of the k_t k_e cells hold an index; a meta operator has no labels to find them in
+            if t == J or n > SPARSE_CELLS_DENSITY * sizes[t] * ke or self.device.type == "meta":
                 pieces.append(self._A_block(t, elim))
                 continue
             _, blocks = self._gram()

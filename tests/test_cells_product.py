@@ -350,3 +350,26 @@ def test_a_joint_elimination_on_cells_keeps_no_reference_to_its_operator(monkeyp
     finally:
         if was_enabled:
             gc.enable()
+
+
+@pytest.mark.parametrize("slopes", [False, True], ids=["single", "joint"])
+def test_meta_operators_with_sparse_tables_evaluate_shapes(monkeypatch, slopes):
+    """A meta copy of a sum whose crossed tables would be held as cells (single or joint elimination) evaluates its
+    log-determinant's shape: it has no labels to find the cells in, so it takes the formed tables (it raised
+    torch's "no Meta kernel" for ``unique``)."""
+    monkeypatch.setattr(bms, "SPARSE_CELLS_DENSITY", math.inf)
+    g = torch.Generator().manual_seed(14)
+    n, ks = 120, (25, 8, 3)
+    users, items, depts = (Partition.from_labels(_labels(k, n, g), num_blocks=k) for k in ks)
+    if slopes:
+        x = torch.rand(n, generator=g, dtype=torch.float64)
+        log_var = torch.tensor([-0.2, -1.0, 0.3, -0.7], dtype=torch.float64)
+        parts = [users, users, items, depts]
+        op = _slopes_sum(torch.float64, log_var, torch.tensor(-0.4, dtype=torch.float64), parts, x, False)
+    else:
+        vectors = [torch.full((k,), 0.5, dtype=torch.float64) for k in ks]
+        op = BlockMeanSumLinearOperator(
+            torch.ones(n, dtype=torch.float64), *vectors, partitions=[users, items, depts], diagonal=[True] * 3
+        )
+    shape_only = op.to("meta").logdet()
+    assert shape_only.device.type == "meta" and shape_only.shape == op.logdet().shape
