@@ -720,20 +720,25 @@ class _JointCross:
     def correction(self, M: Tensor) -> Tensor:
         r""":math:`A_{rE} \Delta^{-1} G_E A_{Er}` given :math:`M_l = \Delta_l^{-1} \operatorname{diag}(g_l)` per
         level (``(k, r_e, r_e)``): the block between groupings ``s`` and ``t`` is :math:`\sum_{e, e'} N_{se}
-        \operatorname{diag}(M_{:, e, e'}) N_{te'}^\top`, ``r_e^2`` products of tables held as cells
-        (:func:`_cells_product`). # shape: (r, r)"""
+        \operatorname{diag}(M_{:, e, e'}) N_{te'}^\top`. The tables :math:`N_{se}` of one grouping share their cells
+        (only the values differ), so :math:`\sum_e N_{se} \operatorname{diag}(M_{:, e, e'})` is one table on those
+        cells, with values :math:`\sum_e v_{se} M_{l, e, e'}`: ``r_e`` products of tables held as cells
+        (:func:`_cells_product`) per block, not ``r_e^2``. # shape: (r, r)"""
         r_e = len(self.values[0])
+        ones = M.new_ones(M.shape[-3])
         rows: list[list[Tensor]] = []
         for i, (table_s, vals_s, size_s) in enumerate(zip(self.tables, self.values, self.sizes)):
+            levels = M.index_select(-3, table_s.col)  # M at each cell's level: (c_s, r_e, r_e)
+            merged = [
+                functools.reduce(torch.add, [vals_s[a] * levels[:, a, b] for a in range(r_e)]) for b in range(r_e)
+            ]
             row = []
             for j, (table_t, vals_t, size_t) in enumerate(zip(self.tables, self.values, self.sizes)):
                 if j < i:
                     row.append(rows[j][i].mT)
                     continue
                 terms = [
-                    _cells_product(table_s, vals_s[a], table_t, vals_t[b], M[:, a, b], size_t, size_s)
-                    for a in range(r_e)
-                    for b in range(r_e)
+                    _cells_product(table_s, merged[b], table_t, vals_t[b], ones, size_t, size_s) for b in range(r_e)
                 ]
                 row.append(functools.reduce(torch.add, terms))
             rows.append(row)
