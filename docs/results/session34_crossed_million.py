@@ -1,9 +1,11 @@
 """Crossed random intercepts at n = 10^6 as in a recommender: ``GroupKernel(users) + GroupKernel(items)`` with every
 user and item present, items drawn with a Zipf-like popularity (weight ``rank^-0.8``), a Gaussian likelihood,
-float64. Prints three training evaluations (forward and backward of the exact marginal log-likelihood) and the
-process's peak RSS. Run from a checkout, with n, users and items:
+float64. With ``--slopes``, ``(1 + x | user) + (1 | item)``: ``GroupKernel(users, slope=True)`` on a covariate ``x``
+uniform on [0, 1] (the users' intercept and slope are eliminated jointly). Prints three training evaluations
+(forward and backward of the exact marginal log-likelihood) and the process's peak RSS. Run from a checkout, with
+n, users and items:
 
-    PYTHONPATH=. python docs/results/session34_crossed_million.py 1000000 20000 2000
+    PYTHONPATH=. python docs/results/session34_crossed_million.py 1000000 20000 2000 [--slopes]
 """
 
 import resource
@@ -17,10 +19,11 @@ from bma_gp import GroupKernel
 
 
 class Model(gpytorch.models.ExactGP):
-    def __init__(self, x, y, users, items):
+    def __init__(self, x, y, users, items, slopes=False):
         super().__init__(x, y, gpytorch.likelihoods.GaussianLikelihood())
         self.mean_module = gpytorch.means.ConstantMean()
-        self.covar_module = GroupKernel(users, active_dims=[0]) + GroupKernel(items, active_dims=[1])
+        user = GroupKernel(users, slope=True, active_dims=[0, 2]) if slopes else GroupKernel(users, active_dims=[0])
+        self.covar_module = user + GroupKernel(items, active_dims=[1])
 
     def forward(self, x):
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
@@ -32,9 +35,11 @@ def main() -> None:
     u = torch.cat([torch.arange(users), torch.randint(users, (n - users,))])
     popularity = 1.0 / torch.arange(1, items + 1).double() ** 0.8
     it = torch.cat([torch.arange(items), torch.multinomial(popularity, n - items, replacement=True)])
+    slopes = "--slopes" in sys.argv
+    columns = [u.double(), it.double()] + ([torch.rand(n, dtype=torch.float64)] if slopes else [])
     y = torch.randn(n, dtype=torch.float64)
-    x = torch.stack([u.double(), it.double()], -1)
-    model = Model(x, y, users, items).double()
+    x = torch.stack(columns, -1)
+    model = Model(x, y, users, items, slopes=slopes).double()
     model.train()
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
     for _ in range(3):
