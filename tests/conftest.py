@@ -4,16 +4,42 @@ import pytest
 import torch
 
 
+def _function_modes() -> list:
+    """torch's active torch-function modes (``torch.set_default_device`` pushes one), or [] where torch's private
+    accessor is missing."""
+    try:
+        from torch.overrides import _get_current_function_mode_stack
+    except ImportError:  # pragma: no cover - another torch
+        return []
+    return list(_get_current_function_mode_stack())
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same random state, so tolerances are checked on fixed data, and ends with torch's
     thread count as it found it: an example script's ``main`` sets it (``paper_cnn --threads``, default 1), and the
-    tests after it ran on one thread, an order-dependent difference in reductions."""
+    tests after it ran on one thread, an order-dependent difference in reductions.
+
+    A test that leaves a torch-function mode active fails here (and the mode is removed): ``set_default_device`` back
+    to ``torch.get_default_device()`` (``cpu``) leaves a ``DeviceContext`` mode that every later torch call in the
+    worker went through, which doubled a test's count of patched ``Tensor`` method calls depending on which tests
+    ran before it."""
     torch.manual_seed(0)
     threads = torch.get_num_threads()
+    modes = len(_function_modes())
     yield
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+    left = _function_modes()[modes:]
+    if left:
+        torch.set_default_device(None)  # pops a DeviceContext
+        for _ in range(len(_function_modes()) - modes):
+            torch._C._pop_torch_function_stack()
+        pytest.fail(
+            f"the test left torch-function modes active: {left}. Restore the default device with "
+            "torch.set_default_device(None), not with the device torch.get_default_device() returned.",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="module")

@@ -236,12 +236,11 @@ def test_meta_inputs_are_still_refused_with_a_clear_error():
 def test_partition_from_a_list_under_another_default_device_is_built_on_the_cpu():
     from bma_gp import Partition
 
-    previous = torch.get_default_device()
     torch.set_default_device("meta")
     try:
         p = Partition.from_labels([0, 1, 1, 0])
         q = Partition.from_sizes([2, 3])
     finally:
-        torch.set_default_device(previous)
+        torch.set_default_device(None)  # not back to get_default_device() ("cpu"): that leaves a mode active
     assert p.device.type == "cpu" and p.sizes.tolist() == [2, 2]
     assert q.device.type == "cpu" and q.n == 5
