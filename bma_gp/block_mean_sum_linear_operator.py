@@ -675,8 +675,9 @@ class _JointElimination:
 def _formed_cross(
     blocks: _Contingencies, rest: list[int], eliminated: list[int], g: Tensor, wdt: torch.dtype
 ) -> Tensor:
-    """:math:`A_{rE}` of a joint elimination formed from the tables of ``blocks`` (the groupings ``rest`` against the
-    eliminated terms, none of them the root), broadcast with ``g``'s batch. # shape: (*b, r, k, r_e)"""
+    """:math:`A_{rE}` of a joint elimination formed from the blocks of :math:`Z^\top D^{-1} Z` in ``blocks`` (the
+    terms ``rest``, groupings or the root, against the eliminated terms), broadcast with ``g``'s batch.
+    # shape: (*b, r, k, r_e)"""
 
     def table(t: int, e: int) -> Tensor:
         return (blocks[t, e] if t < e else blocks[e, t].mT).to(wdt)
