@@ -2245,13 +2245,9 @@ class BlockMeanSumLinearOperator(
         correction one GEMM). Random slopes on a grouping crossed with another (``(1 + x | user) + (1 | item)``,
         20,000 x 2,000 levels at ``n = 10^6``): the formed ``(r, k, r_e)`` tensor holds 8 x 10^7 entries and the
         GEMM costs ``2 r^2 k r_e`` operations (1.6 x 10^11 forward, twice that backward)."""
-        J = len(self.partitions)
         sizes = self._sizes()
-        n = self.diag_values.shape[-1]
         ke = sizes[eliminated[0]]
-        if g.dim() != 2 or delta.dim() != 3 or self.device.type == "meta":  # meta: no labels to find the cells in
-            return None
-        if any(t >= J or n > SPARSE_CELLS_DENSITY * sizes[t] * ke for t in rest):
+        if g.dim() != 2 or delta.dim() != 3 or not all(self._table_as_cells(t, ke) for t in rest):
             return None
         _, blocks = self._gram()
         wdt = core_dtype(self.dtype)
@@ -2272,18 +2268,23 @@ class BlockMeanSumLinearOperator(
         dense = functools.partial(_formed_cross, blocks, rest, eliminated, g, wdt)
         return _JointCross(tables, values, [sizes[t] for t in rest], ke, dense)
 
+    def _table_as_cells(self, t: int, ke: int) -> bool:
+        """Whether term ``t``'s table with an eliminated grouping of ``ke`` levels is held as its nonzero cells: ``t``
+        is a grouping (not the root), at most :data:`SPARSE_CELLS_DENSITY` of its ``k_t k_e`` cells can hold one of
+        the ``n`` indices, and the operator has labels to find them in (not on the meta device)."""
+        if t >= len(self.partitions) or self.device.type == "meta":
+            return False
+        return self.diag_values.shape[-1] <= SPARSE_CELLS_DENSITY * self._sizes()[t] * ke
+
     def _cross_blocks(self, rest: list[int], elim: int) -> _CrossBlocks:
         """:math:`A_{re}`, with the nonzero cells of a grouping's table with the eliminated one where at most
         :data:`SPARSE_CELLS_DENSITY` of its cells can hold an index (many crossed levels): that table is never
         formed as a ``k_t x k_e`` matrix."""
-        J = len(self.partitions)
         sizes = self._sizes()
         ke = sizes[elim]
-        n = self.diag_values.shape[-1]
         pieces: list = []
         for t in rest:
-            # sparse: at most n of the k_t k_e cells hold an index; a meta operator has no labels to find them in
-            if t == J or n > SPARSE_CELLS_DENSITY * sizes[t] * ke or self.device.type == "meta":
+            if not self._table_as_cells(t, ke):
                 pieces.append(self._A_block(t, elim))
                 continue
             _, blocks = self._gram()
