@@ -88,9 +88,18 @@ def closed_form(inputs: dict, x: dict):
     return M
 
 
+class GenericSum(SumLinearOperator):
+    """linear_operator's ``SumLinearOperator``, left to linear_operator's generic path.
+
+    bma_gp routes a ``SumLinearOperator`` built directly around its operators to the closed form (so that no user
+    gets CG without asking for it), and a subclass is not routed. From e582a24 (6 December 2026) to 7 December
+    this suite built the plain class, so that both sides of ``cg`` were the closed form (0 CG products, "1x"); the
+    part now raises where the generic side asked for no product."""
+
+
 def generic(inputs: dict, x: dict):
-    """The same summands in linear_operator's own SumLinearOperator (constructed directly, so no closed form)."""
-    return SumLinearOperator(*summands(inputs, x))
+    """The same summands in linear_operator's own sum (:class:`GenericSum`: CG and Lanczos, no closed form)."""
+    return GenericSum(*summands(inputs, x))
 
 
 def step(build, inputs: dict, cpu: bool = False):
@@ -172,6 +181,11 @@ def part_cg(n: int, k1: int, k2: int, m: int, dtype: torch.dtype, repeats: int, 
         gram_floor(inputs)
         with _CountProducts() as products:
             step(generic, inputs)
+        if products.calls == 0:
+            raise RuntimeError(
+                "the generic side of the cg part asked the sum for no product: it is not linear_operator's CG path "
+                "(bma_gp routed it to the closed form?), so the ratio would compare the closed form with itself"
+            )
         for _ in range(repeats):  # interleaved: a busy moment hits all three
             ours.append(step(closed_form, inputs)[0])
             theirs.append(step(generic, inputs)[0])

@@ -10,8 +10,11 @@ from __future__ import annotations
 import subprocess
 
 import gpytorch
+import linear_operator
 import pytest
 import torch
+
+import bma_gp
 
 from example_scripts import Stop, load_example, stop
 
@@ -487,3 +490,21 @@ def test_benchmark_lists_refuse_an_item_given_twice(name, target, argv, message,
     out = ["--out-dir", str(tmp_path / "bench")] if name == "benchmarks" else []
     assert message in _usage_error(module.main, ["--smoke", *out, *argv], capsys)
     assert not (tmp_path / "bench").exists()
+
+
+def test_bench_compositions_generic_side_is_linear_operators_cg():
+    # from e582a24 on, a SumLinearOperator built directly around block mean operators is routed to the closed form,
+    # and the suite's "generic CG path" was the closed form itself (0 products, "1x" against it)
+    from linear_operator.operators import SumLinearOperator
+
+    bench = _example("bench_compositions")
+    inputs = bench.make_inputs(300, 6, 20, 3, torch.float64, seed=1)
+    x = bench.leaves(inputs)
+    op = bench.generic(inputs, x)
+    assert isinstance(op, SumLinearOperator) and not isinstance(op, bma_gp.BlockMeanSumLinearOperator)
+    with bench._CountProducts() as products, linear_operator.settings.max_cholesky_size(0):
+        quad, logdet = op.inv_quad_logdet(inputs["y"], logdet=True)
+    assert products.calls > 0
+    exact = bench.closed_form(inputs, x).to_dense()
+    y = inputs["y"]
+    assert float(quad) == pytest.approx(float(y @ torch.linalg.solve(exact, y)), rel=1e-3)
