@@ -220,7 +220,6 @@ def _kronecker(train_prior_dist, likelihood) -> bool:
     )
 
 
-@torch._disable_dynamo  # imports torch._dynamo (1.7 s) at the first call, not when bma_gp is imported
 def _choose(train_prior_dist, likelihood) -> str:
     """``"tasks"``, ``"product"``, ``"kronecker"`` or ``"default"`` (after :func:`_warn_evaluated_prior`): the
     strategy the hook gives. Run outside ``torch.compile``'s tracing: reading the distribution's lazily cached
@@ -236,6 +235,19 @@ def _choose(train_prior_dist, likelihood) -> str:
     return "default"
 
 
+# _choose kept out of Dynamo's tracing. torch._disable_dynamo imports torch._dynamo at its first call (1.2-1.7 s), so
+# it is called only while compiling (Dynamo is loaded then): otherwise a user's first prediction paid that import
+_choose_untraced = torch._disable_dynamo(_choose)
+
+
+def _choose_outside_tracing(train_prior_dist, likelihood) -> str:
+    """:func:`_choose`, out of ``torch.compile``'s trace where one is running (``torch.compiler.is_compiling`` is
+    constant ``True`` there, and the disabled call a graph break)."""
+    if torch.compiler.is_compiling():
+        return _choose_untraced(train_prior_dist, likelihood)
+    return _choose(train_prior_dist, likelihood)
+
+
 def _routed(original):
     """GPyTorch's ``prediction_strategy``, with :class:`TaskPredictionStrategy` for a batch-independent multi-output
     model on block mean or group kernels (:func:`_routable`), :class:`~bma_gp.kernels.BlockMeanPredictionStrategy`
@@ -246,7 +258,7 @@ def _routed(original):
 
     @functools.wraps(original)
     def prediction_strategy(train_inputs, train_prior_dist, train_labels, likelihood):
-        choice = _choose(train_prior_dist, likelihood)
+        choice = _choose_outside_tracing(train_prior_dist, likelihood)
         if choice == "tasks":
             return TaskPredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood)
         if choice == "product":
