@@ -83,7 +83,9 @@ def test_gradients_and_batches_take_the_gemm(monkeypatch):
 )
 def test_predictive_variance_with_csr_rows_matches_gpytorch(case, monkeypatch):
     """Every row chunk as CSR (density threshold 1), chunks of a few rows: the predictive variances equal
-    GPyTorch's dense ones."""
+    GPyTorch's dense ones. (The level-by-level form takes these models first: tests/test_level_quadratic.py; here
+    the row chunks it falls back to.)"""
+    monkeypatch.setattr(sps._Structured, "_one_hot_rest_quadratic", lambda self: None)
     monkeypatch.setattr(sps, "SPARSE_ROWS_DENSITY", 1.0)
     monkeypatch.setattr(sps, "_DIAG_CHUNK", 64)
     calls = _spy(monkeypatch)

@@ -1680,19 +1680,24 @@ _DIAG_CHUNK = 2**22
 SPARSE_ROWS_DENSITY = 0.04
 
 
-def _row_quadratic(U: Tensor, core: Tensor) -> Tensor:
-    r""":math:`\operatorname{diag}(U C U^\top)` for a row chunk ``U`` of :math:`[V, F_r]` and the core ``C``: one GEMM,
-    or on CPU, without gradients or tangents, a CSR product where ``U`` is sparse (:data:`SPARSE_ROWS_DENSITY`;
-    rows of one-hot group columns and of a grouping's sparse table with the eliminated one). The same sums up to
-    their order. # shape: (*batch, c)"""
-    plain = U.dim() == 2 and core.dim() == 2 and U.device.type == "cpu" and U.dtype == core.dtype
-    if plain and not (carries_tangent(U) or carries_tangent(core)):
-        if not (torch.is_grad_enabled() and (U.requires_grad or core.requires_grad)):
+def _sparse_rows_matmul(U: Tensor, Y: Tensor) -> Tensor:
+    """``U @ Y``: one GEMM, or on CPU, without gradients or tangents, a CSR product where ``U`` is sparse
+    (:data:`SPARSE_ROWS_DENSITY`; rows of one-hot group columns and of a grouping's sparse table with the eliminated
+    one). The same sums up to their order."""
+    plain = U.dim() == 2 and Y.dim() == 2 and U.device.type == "cpu" and U.dtype == Y.dtype
+    if plain and not (carries_tangent(U) or carries_tangent(Y)):
+        if not (torch.is_grad_enabled() and (U.requires_grad or Y.requires_grad)):
             if int(torch.count_nonzero(U)) <= SPARSE_ROWS_DENSITY * U.numel():
                 with warnings.catch_warnings():  # torch's note that CSR support is in beta
                     warnings.filterwarnings("ignore", message="Sparse CSR tensor support", category=UserWarning)
-                    return ((U.to_sparse_csr() @ core) * U).sum(-1)
-    return ((U @ core) * U).sum(-1)
+                    return U.to_sparse_csr() @ Y
+    return U @ Y
+
+
+def _row_quadratic(U: Tensor, core: Tensor) -> Tensor:
+    r""":math:`\operatorname{diag}(U C U^\top)` for a row chunk ``U`` of :math:`[V, F_r]` and the core ``C``
+    (:func:`_sparse_rows_matmul`). # shape: (*batch, c)"""
+    return (_sparse_rows_matmul(U, core) * U).sum(-1)
 
 
 #: A block of ``F`` with more columns than this, and at most one nonzero per row (a random intercept's cross
@@ -1908,9 +1913,70 @@ class _Structured:
             rows = self.A_EE.index_select(-3, self.inverse)  # (*b, t, r_e, r_e)
             out = (self.v.unsqueeze(-1) * rows * self.v.unsqueeze(-2)).sum((-2, -1))
         if self.core is not None:
-            quad = [_row_quadratic(U, self.core) for U in map(self._u_rows, self._chunks())]
-            out = out + torch.cat(quad, dim=-1)
+            quad = self._one_hot_rest_quadratic()
+            if quad is None:
+                quad = torch.cat([_row_quadratic(U, self.core) for U in map(self._u_rows, self._chunks())], dim=-1)
+            out = out + quad
         return out
+
+    def _one_hot_rest_quadratic(self) -> Tensor | None:
+        r""":math:`\operatorname{diag}(U C U^\top)`, :math:`U = [V, F_r]`, level by level where every block of
+        :math:`F_r` is one-hot or zero (crossed random intercepts and slopes); None otherwise, or with batch
+        dimensions.
+
+        Row ``a`` of :math:`V` is :math:`w_a^\top A_l`, with :math:`A_l` the ``r_e x R`` rows of :math:`A_{Er}` at
+        the row's eliminated level ``l``, and its row of :math:`F_r` has one value :math:`u_{aj}` per block ``j``, at
+        column :math:`c_{aj}`. With :math:`[Q_l, P_l] = A_l [C_{VV}, C_{VF}]` once per level (``r_e x R`` by
+        ``R x 2R``, a CSR product where :math:`A_{Er}` is sparse; ``C`` is symmetric),
+
+        .. math::
+            (U C U^\top)_{aa} = w_a^\top Q_l A_l^\top w_a + 2 \sum_j u_{aj}\, w_a^\top P_l e_{c_{aj}}
+                + \sum_{i, j} u_{ai} u_{aj} (C_{FF})_{c_{ai} c_{aj}},
+
+        gathers of ``O(r_e^2 + r_e J + J^2)`` per row for ``J`` blocks. Each row's ``2R`` columns were formed and
+        multiplied by the ``2R x 2R`` core before: ``L r_e`` rows of ``R`` columns now, for the ``L`` levels the
+        test rows use (lme4's InstEval, 14,685 new rows over 2,972 student levels: see
+        docs/results/session35_crossed_predict.md). The levels go ``_DIAG_CHUNK / 2R`` at a time, each with the rows
+        at them. # shape: (t,)"""
+        C, A, w = self.core, self.A_Er, self.w
+        if C is None or A is None or w is None or not self.unbatched():
+            return None
+        if any(block is not None and not isinstance(block, _OneHot) for block, _ in self.rest):
+            return None
+        L, re, R = A.shape
+        wdt = C.dtype
+        columns, values, offset = [], [], 0
+        for block, size in self.rest:
+            if isinstance(block, _OneHot):
+                if block.values.dim() != 1:
+                    return None
+                columns.append(block.index() + offset)
+                values.append(block.weight().to(wdt))
+            offset += size
+        C_FF = C[R:, R:]
+        out = C.new_zeros(w.shape[0])
+        for i, (ci, ui) in enumerate(zip(columns, values)):  # the F_r part: the same for any level
+            for j, (cj, uj) in enumerate(zip(columns, values)):
+                if j >= i:
+                    out = out + (1 if i == j else 2) * ui * uj * C_FF[ci, cj]
+        order = torch.argsort(self.inverse)  # the rows level by level
+        bounds = torch.searchsorted(self.inverse[order], torch.arange(L + 1, device=order.device)).tolist()
+        size = max(1, _DIAG_CHUNK // max(1, re * 2 * R))
+        parts = []
+        for start in range(0, L, size):
+            stop = min(L, start + size)
+            rows = order[bounds[start] : bounds[stop]]
+            A_c = A[start:stop]  # (Lc, r_e, R)
+            T = _sparse_rows_matmul(A_c.reshape(-1, R), C[:R]).reshape(stop - start, re, 2 * R)
+            Q = T[..., :R] @ A_c.mT  # (Lc, r_e, r_e)
+            level = self.inverse[rows] - start
+            w_c = w[rows]  # (c, r_e)
+            part = (w_c.unsqueeze(-1) * Q[level] * w_c.unsqueeze(-2)).sum((-2, -1))
+            P = T[..., R:]  # (Lc, r_e, R): A_l C_VF
+            for cj, uj in zip(columns, values):
+                part = part + 2 * uj[rows] * (w_c * P[level, :, cj[rows]]).sum(-1)
+            parts.append(part)
+        return out + torch.cat(parts).new_zeros(out.shape).scatter(0, order, torch.cat(parts))
 
     def entries(self, rows: Tensor, cols: Tensor) -> Tensor:
         r"""Entries ``(rows, cols)`` of :math:`F W F^\top` (no batch dimensions). # shape: broadcast of the indices"""

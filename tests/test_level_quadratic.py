@@ -1,0 +1,178 @@
+"""The predictive variance over crossed groupings, level by level (``_Structured._one_hot_rest_quadratic``).
+
+At new inputs the variance's quadratic form is ``diag(U C U^T)`` with ``U = [V, F_r]``. Where every other term's
+block of ``F_r`` is one-hot (crossed random intercepts and slopes), row ``a`` of ``V`` is a combination of the
+eliminated level's rows of ``A_Er``, so the products with the core are taken once per level and the rows read
+gathers of them, instead of forming every row's ``2R`` columns. These tests check it against GPyTorch's dense
+posterior (both weight forms, one and many level chunks, the GEMM and the CSR product, unseen levels), against the
+row chunks it replaces (values and gradients, float32), and that the row chunks still serve the cases it leaves.
+"""
+
+from __future__ import annotations
+
+import gpytorch
+import pytest
+import torch
+
+import bma_gp.kernels.sum_prediction_strategy as sps
+from test_mixed_posterior import reference
+from test_mixed_prediction import build, closed_form, new_inputs, random_new_inputs
+
+pytestmark = pytest.mark.filterwarnings("ignore:The input matches the stored training data")
+
+CROSSED = [
+    "crossed",
+    "crossed_per_group",
+    "crossed_fixed_noise",
+    "crossed_group_noise",
+    "slopes",
+    "slopes_uncorrelated",
+    "slope_only",
+    "slopes_group_noise",
+]
+
+
+def _paths(monkeypatch) -> list[bool]:
+    """Per diagonal of a structured form: whether it went level by level."""
+    taken: list[bool] = []
+    original = sps._Structured._one_hot_rest_quadratic
+
+    def spy(self):
+        res = original(self)
+        taken.append(res is not None)
+        return res
+
+    monkeypatch.setattr(sps._Structured, "_one_hot_rest_quadratic", spy)
+    return taken
+
+
+def _inputs():
+    return torch.cat([new_inputs(), random_new_inputs(40)])  # unseen levels of both groupings, then seen ones
+
+
+# (case, weight form): the stable form (G - Sigma) is structured only while R^2 <= q, which the slope models here
+# (R = 7 other levels, q = 19) are not; their G - Sigma is formed and no row or level is read
+CASE_WEIGHTS = [(case, "stable") for case in CROSSED if case.startswith("crossed")] + [
+    (case, "products") for case in CROSSED
+]
+
+
+@pytest.mark.parametrize("product", ["gemm", "csr"])
+@pytest.mark.parametrize("chunks", ["one", "per_level"])
+@pytest.mark.parametrize(("case", "weight"), CASE_WEIGHTS)
+def test_levels_match_gpytorch(case, weight, chunks, product, monkeypatch):
+    if weight == "products":  # the weight applied as products (many eliminated levels), not G - Sigma
+        monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    if chunks == "per_level":
+        monkeypatch.setattr(sps, "_DIAG_CHUNK", 1)
+    monkeypatch.setattr(sps, "SPARSE_ROWS_DENSITY", 0.0 if product == "gemm" else 1.0)
+    csr = []
+    original = torch.Tensor.to_sparse_csr
+    monkeypatch.setattr(torch.Tensor, "to_sparse_csr", lambda self, *a, **k: csr.append(1) or original(self, *a, **k))
+    taken = _paths(monkeypatch)
+    model, _, _ = build(case)
+    model.eval()
+    xt = _inputs()
+    _, (mean, dense, diag, variance), noisy = closed_form(model, xt, False)
+    assert taken and all(taken)
+    assert bool(csr) == (product == "csr")
+    ref_mean, ref_cov = reference(model, xt)
+    torch.testing.assert_close(diag, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(variance, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(dense, ref_cov, rtol=1e-8, atol=1e-10)  # the entries: the rows, as before
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["sgpr_gpytorch", "sgpr_chunked_group_noise"])
+def test_a_dense_block_keeps_the_row_chunks(case, monkeypatch):
+    """An inducing-point root's block of ``F_r`` is dense: its rows are formed, as before."""
+    monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)  # the structured form (else W is formed here)
+    taken = _paths(monkeypatch)
+    model, _, _ = build(case)
+    model.eval()
+    xt = _inputs()
+    _, (_, _, diag, _), _ = closed_form(model, xt, False)
+    assert taken and not any(taken)
+    torch.testing.assert_close(diag, torch.diagonal(reference(model, xt)[1]), rtol=1e-8, atol=1e-10)
+
+
+def _variance_and_grads(model, xt):
+    model.train()
+    model.eval()  # a fresh prediction strategy
+    params = [p for p in model.parameters() if p.requires_grad]
+    with gpytorch.settings.detach_test_caches(False), gpytorch.settings.max_cholesky_size(0):
+        variance = model(xt).variance
+        weights = torch.linspace(1, 2, variance.shape[-1], dtype=variance.dtype)
+        grads = torch.autograd.grad((variance * weights).sum(), params, allow_unused=True)
+    return variance.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+@pytest.mark.parametrize(
+    ("case", "weight"),
+    [("crossed", "stable"), ("crossed", "products"), ("crossed_group_noise", "products"), ("slopes", "products")],
+)
+def test_gradients_equal_the_row_chunks(case, weight, monkeypatch):
+    if weight == "products":
+        monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    model, _, _ = build(case)
+    xt = _inputs()
+    taken = _paths(monkeypatch)
+    levels, levels_grads = _variance_and_grads(model, xt)
+    assert taken and all(taken)
+    monkeypatch.setattr(sps._Structured, "_one_hot_rest_quadratic", lambda self: None)
+    rows, rows_grads = _variance_and_grads(model, xt)
+    torch.testing.assert_close(levels, rows, rtol=1e-10, atol=1e-12)
+    assert any(float(g.abs().max()) > 0 for g in rows_grads)
+    for a, b in zip(levels_grads, rows_grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["crossed", "slopes"])
+def test_float32_equals_the_row_chunks(case, monkeypatch):
+    monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    model, _, _ = build(case)
+    model = model.float().eval()
+    xt = _inputs().float()
+    taken = _paths(monkeypatch)
+    with torch.no_grad():
+        levels = model(xt).variance
+    assert taken and all(taken) and levels.dtype == torch.float32
+    monkeypatch.setattr(sps._Structured, "_one_hot_rest_quadratic", lambda self: None)
+    model.train()
+    model.eval()
+    with torch.no_grad():
+        rows = model(xt).variance
+    torch.testing.assert_close(levels, rows, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("slope", [False, True], ids=["intercepts", "slope"])
+def test_three_crossed_groupings_match_gpytorch(slope, monkeypatch):
+    """Two other groupings beside the eliminated one (lme4's InstEval has three): the pairs of ``F_r``'s blocks."""
+    from bma_gp import GroupKernel
+    from test_mixed_prediction import GP
+
+    monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    monkeypatch.setattr(sps, "_DIAG_CHUNK", 200)  # a few levels per chunk
+    taken = _paths(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    n, levels = 150, (12, 6, 4)
+    ids = [torch.randint(0, k - 1, (n,), generator=g) for k in levels]  # the last level of each: never in training
+    covariate = torch.rand(n, generator=g, dtype=torch.float64)
+    x = torch.stack([*(i.double() for i in ids), covariate], -1)
+    y = sum(torch.randn(k, generator=g, dtype=torch.float64)[i] for k, i in zip(levels, ids)) + covariate
+    first = GroupKernel(levels[0], slope=True, active_dims=[0, 3]) if slope else GroupKernel(levels[0], active_dims=[0])
+    kernels = [first, GroupKernel(levels[1], active_dims=[1]), GroupKernel(levels[2], active_dims=[2])]
+    for kernel, variance in zip(kernels, (0.7, 0.4, 0.2)):
+        kernel.var = torch.full_like(kernel.var, variance)
+    likelihood = gpytorch.likelihoods.GaussianLikelihood()
+    model = GP(x, y, likelihood, kernels).double().eval()
+    likelihood.noise = 0.1
+    t = 60
+    xt = torch.stack(
+        [*(torch.randint(0, k, (t,), generator=g).double() for k in levels), 1.3 * torch.rand(t, generator=g)], -1
+    ).double()
+    _, (_, _, diag, variance), _ = closed_form(model, xt, False)
+    assert taken and all(taken)
+    ref = torch.diagonal(reference(model, xt)[1])
+    torch.testing.assert_close(diag, ref, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(variance, ref, rtol=1e-8, atol=1e-10)
