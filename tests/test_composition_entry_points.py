@@ -138,9 +138,13 @@ def test_layout_around_a_constant_multiple_reaches_the_closed_form():
     """A layout built around linear_operator's ``ConstantMulLinearOperator`` of a batch: its diagonal sum is the
     batch's own multiple plus the diagonal."""
     d = torch.rand(T * N, dtype=DT) + 0.5
-    W = BlockDiagLinearOperator(ConstantMulLinearOperator(_sum((T,)), torch.tensor(2.0, dtype=DT)))
+    S = _sum((T,))
+    W = BlockDiagLinearOperator(ConstantMulLinearOperator(S, torch.tensor(2.0, dtype=DT)))
     op = W.add_diagonal(d)
     assert type(op) is BlockMeanBlockDiagLinearOperator
+    # since e582a24 ConstantMulLinearOperator(S, c) is routed to S's own multiple, so op.to_dense() (the reference
+    # below) is the closed form's: check it against the multiple and the diagonal formed here
+    torch.testing.assert_close(op.to_dense(), torch.block_diag(*(2.0 * S.to_dense()).unbind(0)) + torch.diag(d))
     _, dense, (_, logdet, _) = _assert_matches_dense(op, ())
     with closed_forms_only(N):
         got = op.logdet()
