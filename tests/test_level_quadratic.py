@@ -176,3 +176,35 @@ def test_three_crossed_groupings_match_gpytorch(slope, monkeypatch):
     ref = torch.diagonal(reference(model, xt)[1])
     torch.testing.assert_close(diag, ref, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(variance, ref, rtol=1e-8, atol=1e-10)
+
+
+def test_no_rows():
+    """The pieces of a prediction cut to no test rows: an empty diagonal, not an error (no level chunk runs)."""
+    import dataclasses
+
+    captured = []
+    original = sps._Structured._one_hot_rest_quadratic
+
+    def keep(self):
+        captured.append(self)
+        return original(self)
+
+    model, _, _ = build("crossed")
+    model.eval()
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+        patch.setattr(sps._Structured, "_one_hot_rest_quadratic", keep)
+        model(_inputs()).variance
+    parts = captured[0]
+    rest = tuple((block.narrow(0, 0) if block is not None else None, size) for block, size in parts.rest)
+    empty = dataclasses.replace(
+        parts,
+        inverse=parts.inverse[:0],
+        v=parts.v[:0],
+        index=parts.index[:0],
+        w=parts.w[:0],
+        A_Er=parts.A_Er[:0],
+        rest=rest,
+    )
+    out = empty._one_hot_rest_quadratic()
+    assert out is not None and out.shape == (0,)

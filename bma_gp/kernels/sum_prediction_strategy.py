@@ -1976,7 +1976,10 @@ class _Structured:
             for cj, uj in zip(columns, values):
                 part = part + 2 * uj[rows] * (w_c * P[level, :, cj[rows]]).sum(-1)
             parts.append(part)
-        return out + torch.cat(parts).new_zeros(out.shape).scatter(0, order, torch.cat(parts))
+        if not parts:  # no test rows
+            return out
+        by_level = torch.cat(parts)
+        return out + by_level.new_zeros(out.shape).scatter(0, order, by_level)
 
     def entries(self, rows: Tensor, cols: Tensor) -> Tensor:
         r"""Entries ``(rows, cols)`` of :math:`F W F^\top` (no batch dimensions). # shape: broadcast of the indices"""
