@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import bma_gp
-
 from example_scripts import Stop, load_example, stop
 
 

@@ -194,7 +194,7 @@ def test_no_rows():
     with pytest.MonkeyPatch.context() as patch, torch.no_grad():
         patch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
         patch.setattr(sps._Structured, "_one_hot_rest_quadratic", keep)
-        model(_inputs()).variance
+        _ = model(_inputs()).variance
     parts = captured[0]
     rest = tuple((block.narrow(0, 0) if block is not None else None, size) for block, size in parts.rest)
     empty = dataclasses.replace(
@@ -208,3 +208,20 @@ def test_no_rows():
     )
     out = empty._one_hot_rest_quadratic()
     assert out is not None and out.shape == (0,)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", ["crossed", "slopes"])
+def test_cuda_matches_cpu(case, monkeypatch):
+    """The level-by-level variance on CUDA (the GEMM; the CSR product is CPU-only here) against CPU."""
+    monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    taken = _paths(monkeypatch)
+    out = {}
+    for device in ("cpu", "cuda"):
+        model, _, _ = build(case)
+        model = model.to(device).eval()
+        with torch.no_grad():
+            out[device] = model(_inputs().to(device)).variance.cpu()
+    assert len(taken) == 2 and all(taken)
+    torch.testing.assert_close(out["cuda"], out["cpu"], rtol=1e-8, atol=1e-10)

@@ -35,9 +35,9 @@ class GP(gpytorch.models.ExactGP):
 
 x = torch.cat([torch.randint(0, 5, (40, 1)).float(), torch.rand(40, 1)], -1)
 y = torch.randn(40)
-for covar in (GroupKernel(5, active_dims=[0]),
-              BlockMeanKernel(gpytorch.kernels.RBFKernel(active_dims=[1]), x, Partition.from_labels(torch.arange(40) % 4))
-              + GroupKernel(5, active_dims=[0])):
+blocks = Partition.from_labels(torch.arange(40) % 4)
+smooth = BlockMeanKernel(gpytorch.kernels.RBFKernel(active_dims=[1]), x, blocks)
+for covar in (GroupKernel(5, active_dims=[0]), smooth + GroupKernel(5, active_dims=[0])):
     likelihood = gpytorch.likelihoods.GaussianLikelihood()
     model = GP(x, y, likelihood, covar).eval()
     with torch.no_grad():
