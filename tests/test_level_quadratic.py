@@ -57,15 +57,22 @@ CASE_WEIGHTS = [(case, "stable") for case in CROSSED if case.startswith("crossed
 ]
 
 
-@pytest.mark.parametrize("product", ["gemm", "csr"])
+@pytest.mark.parametrize("product", ["gemm", "csr", "pairs"])
 @pytest.mark.parametrize("chunks", ["one", "per_level"])
 @pytest.mark.parametrize(("case", "weight"), CASE_WEIGHTS)
 def test_levels_match_gpytorch(case, weight, chunks, product, monkeypatch):
     if weight == "products":  # the weight applied as products (many eliminated levels), not G - Sigma
         monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
-    if chunks == "per_level":
+    if chunks == "per_level":  # a level chunk per level; with the pairs, a chunk per nonzero or row
         monkeypatch.setattr(sps, "_DIAG_CHUNK", 1)
-    monkeypatch.setattr(sps, "SPARSE_ROWS_DENSITY", 0.0 if product == "gemm" else 1.0)
+        monkeypatch.setattr(sps, "_LEVEL_PAIRS_CHUNK", 1)
+    monkeypatch.setattr(sps, "SPARSE_ROWS_DENSITY", 1.0 if product == "csr" else 0.0)  # pairs: A_l C_VV by GEMM
+    monkeypatch.setattr(sps, "LEVEL_PAIR_COST", 0 if product == "pairs" else float("inf"))
+    pairs = []
+    original_build = sps._LevelPairs.build
+    monkeypatch.setattr(
+        sps._LevelPairs, "build", staticmethod(lambda *a: pairs.append(original_build(*a)) or pairs[-1])
+    )
     csr = []
     original = torch.Tensor.to_sparse_csr
     monkeypatch.setattr(torch.Tensor, "to_sparse_csr", lambda self, *a, **k: csr.append(1) or original(self, *a, **k))
@@ -76,6 +83,7 @@ def test_levels_match_gpytorch(case, weight, chunks, product, monkeypatch):
     _, (mean, dense, diag, variance), noisy = closed_form(model, xt, False)
     assert taken and all(taken)
     assert bool(csr) == (product == "csr")
+    assert pairs and all((p is not None) == (product == "pairs") for p in pairs)
     ref_mean, ref_cov = reference(model, xt)
     torch.testing.assert_close(diag, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(variance, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-10)
@@ -114,6 +122,7 @@ def _variance_and_grads(model, xt):
 def test_gradients_equal_the_row_chunks(case, weight, monkeypatch):
     if weight == "products":
         monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    monkeypatch.setattr(sps, "LEVEL_PAIR_COST", 0)  # not under a gradient: the products
     model, _, _ = build(case)
     xt = _inputs()
     taken = _paths(monkeypatch)
@@ -145,13 +154,16 @@ def test_float32_equals_the_row_chunks(case, monkeypatch):
     torch.testing.assert_close(levels, rows, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("form", ["products", "pairs"])
 @pytest.mark.parametrize("slope", [False, True], ids=["intercepts", "slope"])
-def test_three_crossed_groupings_match_gpytorch(slope, monkeypatch):
+def test_three_crossed_groupings_match_gpytorch(slope, form, monkeypatch):
     """Two other groupings beside the eliminated one (lme4's InstEval has three): the pairs of ``F_r``'s blocks."""
     from bma_gp import GroupKernel
     from test_mixed_prediction import GP
 
     monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    monkeypatch.setattr(sps, "LEVEL_PAIR_COST", 0 if form == "pairs" else float("inf"))
+    monkeypatch.setattr(sps, "_LEVEL_PAIRS_CHUNK", 97)  # several chunks of pairs
     monkeypatch.setattr(sps, "_DIAG_CHUNK", 200)  # a few levels per chunk
     taken = _paths(monkeypatch)
     g = torch.Generator().manual_seed(5)
@@ -225,3 +237,26 @@ def test_cuda_matches_cpu(case, monkeypatch):
             out[device] = model(_inputs().to(device)).variance.cpu()
     assert len(taken) == 2 and all(taken)
     torch.testing.assert_close(out["cuda"], out["cpu"], rtol=1e-8, atol=1e-10)
+
+
+def test_pairs_warn_nothing(monkeypatch):
+    """The pairs' CSR rows are built from the nonzeros found (valid by construction): no warning reaches the user
+    (torch warns about sparse invariant checks left implicit, and that CSR support is in beta)."""
+    import warnings
+
+    monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    monkeypatch.setattr(sps, "LEVEL_PAIR_COST", 0)
+    monkeypatch.setattr(sps, "SPARSE_ROWS_DENSITY", 1.0)
+    built = []
+    original_build = sps._LevelPairs.build
+    monkeypatch.setattr(
+        sps._LevelPairs, "build", staticmethod(lambda *a: built.append(original_build(*a)) or built[-1])
+    )
+    model, _, _ = build("crossed")
+    model.eval()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        variance = model(_inputs()).variance
+    assert built and all(p is not None for p in built)
+    assert [str(w.message) for w in caught if "sum_prediction_strategy" in w.filename] == []
+    torch.testing.assert_close(variance, torch.diagonal(reference(model, _inputs())[1]), rtol=1e-8, atol=1e-10)
