@@ -1739,6 +1739,7 @@ class _LevelPairs:
         e, c: each nonzero's row within its level and its column, by level. # shape: (N,)
         a: its value. # shape: (N,)
         start, count: each level's first nonzero and number of nonzeros. # shape: (L,)
+        crow: the CSR row pointers of :math:`A_{Er}`'s ``L r_e`` rows. # shape: (L r_e + 1,)
     """
 
     e: Tensor
@@ -1766,20 +1767,19 @@ class _LevelPairs:
         crow = torch.cat([crow.new_zeros(1), crow])
         return _LevelPairs(index[:, 0] % re, index[:, 1], flat[index[:, 0], index[:, 1]], start, count, crow)
 
-    def product(self, start: int, stop: int, right: Tensor) -> Tensor:
-        """``A_l right`` for the levels ``start .. stop`` (their rows of :math:`A_{Er}`, ``(stop - start) r_e x R``):
-        a CSR product from the nonzeros already found where at most :data:`SPARSE_ROWS_DENSITY` of those rows'
-        entries are nonzero, else the GEMM over the rows formed again. # shape: ((stop - start) r_e, width)"""
-        re = int(self.crow.shape[0] - 1) // self.count.shape[0]
+    def product(self, start: int, stop: int, rows: Tensor, right: Tensor) -> Tensor:
+        """``rows @ right`` for ``rows``, the rows of :math:`A_{Er}` at the levels ``start .. stop`` (``(stop -
+        start) r_e x R``): a CSR product from the nonzeros already found where at most :data:`SPARSE_ROWS_DENSITY` of
+        their entries are nonzero, else the GEMM. # shape: ((stop - start) r_e, width)"""
+        re = rows.shape[0] // max(1, stop - start)
         lo, hi = int(self.crow[start * re]), int(self.crow[stop * re])
-        rows, R = (stop - start) * re, right.shape[0]
+        if hi - lo > SPARSE_ROWS_DENSITY * rows.numel():
+            return rows @ right
         crow = self.crow[start * re : stop * re + 1] - lo
         with warnings.catch_warnings():  # torch's note that CSR support is in beta
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support", category=UserWarning)
-            csr = torch.sparse_csr_tensor(crow, self.c[lo:hi], self.a[lo:hi], size=(rows, R), check_invariants=False)
-            if hi - lo <= SPARSE_ROWS_DENSITY * rows * R:
-                return csr @ right
-            return csr.to_dense() @ right
+            csr = torch.sparse_csr_tensor(crow, self.c[lo:hi], self.a[lo:hi], size=rows.shape, check_invariants=False)
+            return csr @ right
 
     @staticmethod
     def _chunks(reps: Tensor) -> list[tuple[int, int]]:
@@ -2027,7 +2027,9 @@ class _Structured:
         Row ``a`` of :math:`V` is :math:`w_a^\top A_l`, with :math:`A_l` the ``r_e x R`` rows of :math:`A_{Er}` at
         the row's eliminated level ``l``, and its row of :math:`F_r` has one value :math:`u_{aj}` per block ``j``, at
         column :math:`c_{aj}`. With :math:`[Q_l, P_l] = A_l [C_{VV}, C_{VF}]` once per level (``r_e x R`` by
-        ``R x 2R``, a CSR product where :math:`A_{Er}` is sparse; ``C`` is symmetric),
+        ``R x 2R``, a CSR product where :math:`A_{Er}` is sparse; ``C`` is symmetric; where the table is sparse
+        enough, :math:`w_a^\top P_l e_c` from pairs of nonzeros instead, :class:`_LevelPairs`, and only
+        :math:`A_l C_{VV}` multiplied out),
 
         .. math::
             (U C U^\top)_{aa} = w_a^\top Q_l A_l^\top w_a + 2 \sum_j u_{aj}\, w_a^\top P_l e_{c_{aj}}
@@ -2036,8 +2038,8 @@ class _Structured:
         gathers of ``O(r_e^2 + r_e J + J^2)`` per row for ``J`` blocks. Each row's ``2R`` columns were formed and
         multiplied by the ``2R x 2R`` core before: ``L r_e`` rows of ``R`` columns now, for the ``L`` levels the
         test rows use (lme4's InstEval, 14,685 new rows over 2,972 student levels: see
-        docs/results/session35_crossed_predict.md). The levels go ``_DIAG_CHUNK / 2R`` at a time, each with the rows
-        at them. # shape: (t,)"""
+        docs/results/session35_crossed_predict.md). The levels go ``_DIAG_CHUNK / 2R`` (``/ R``) at a time, each with
+        the rows at them. # shape: (t,)"""
         C, A, w = self.core, self.A_Er, self.w
         if C is None or A is None or w is None or not self.unbatched():
             return None
@@ -2074,7 +2076,7 @@ class _Structured:
             rows = order[bounds[start] : bounds[stop]]
             A_c = A[start:stop]  # (Lc, r_e, R)
             if pairs is not None:  # the nonzeros are known: no scan of the dense rows for a CSR copy
-                T = pairs.product(start, stop, right).reshape(stop - start, re, width)
+                T = pairs.product(start, stop, A_c.reshape(-1, R), right).reshape(stop - start, re, width)
             else:
                 T = _sparse_rows_matmul(A_c.reshape(-1, R), right).reshape(stop - start, re, width)
             # (Lc, r_e, r_e), elementwise: a batched GEMM of Lc tiny matrices copied each one (19,862 copies,
