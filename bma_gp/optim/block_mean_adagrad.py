@@ -341,6 +341,7 @@ class BlockMeanAdagrad(FlatPreconditionedOptimizer):
             dict(lr_decay=lr_decay, initial_accumulator_value=initial_accumulator_value),
             " Nothing was made.",
             keywords=True,
+            bounded_by=self._first_steps_bound,
         )
         lr = check_hyperparameter("learning rate", lr)
         # eps = 0 divides 0 by 0 where a gradient entry has always been 0 (h = 0), which poisons the statistics

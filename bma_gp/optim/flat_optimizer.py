@@ -260,7 +260,14 @@ def _is_zero_option(value: Any) -> bool:
     return False
 
 
-def check_adagrad_options(owner: str, group: dict[str, Any], where: str = "", *, keywords: bool = False) -> None:
+def check_adagrad_options(
+    owner: str,
+    group: dict[str, Any],
+    where: str = "",
+    *,
+    keywords: bool = False,
+    bounded_by: str = "damping (an optimizer-wide setting)",
+) -> None:
     """Refuse torch.optim.Adagrad's ``lr_decay`` and ``initial_accumulator_value`` in a param group (a configuration
     ported from Adagrad) at any value but 0, which is what these optimizers do: torch.optim keeps unknown group entries
     without a word, so the option would be silently ignored. Zero may be given as a Python or NumPy number or a
@@ -281,11 +288,22 @@ def check_adagrad_options(owner: str, group: dict[str, Any], where: str = "", *,
             "schedule the learning rate instead, e.g. torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + t * "
             "lr_decay)) for Adagrad's decay"
             if name == "lr_decay"
-            else "the statistics start at 0; damping (an optimizer-wide setting) keeps the first steps bounded"
+            else f"the statistics start at 0; {bounded_by} keeps the first steps bounded"
         )
         raise ValueError(
             f"{subject} {name}={value!r}: that is a torch.optim.Adagrad option {owner} does not "
             f"have, and it would be silently ignored. Remove it (or set it to {value_here!r}); {fix}.{where}"
+        )
+
+
+def _refuse_meta(what: str, value: Tensor) -> None:
+    """``ValueError`` for a saved state tensor on the meta device (no values: the checks and the load would fail on
+    torch's own error)."""
+    if value.is_meta:
+        raise ValueError(
+            f"state_dict's {what} is a tensor on the meta device: it has no values to load (a checkpoint saved or "
+            "loaded with device='meta'?). Load the saved file onto a real device, torch.load(path, "
+            "map_location='cpu'), or leave the state out to restart the statistics. Nothing was loaded."
         )
 
 
@@ -356,6 +374,8 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
 
     #: per-parameter state entries kept as views of one flat buffer each
     _flat_state_keys: tuple[str, ...] = ()
+    #: what keeps the first steps bounded, for the message that refuses Adagrad's ``initial_accumulator_value``
+    _first_steps_bound = "damping (an optimizer-wide setting)"
     #: instance attributes that pickling and ``copy.deepcopy`` keep besides torch's ``defaults``, ``state`` and
     #: ``param_groups`` (a subclass adds its hyperparameters); caches are rebuilt on the first step
     _pickled_attributes: tuple[str, ...] = ("check_finite", "global_state")
@@ -394,7 +414,7 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         """
         if isinstance(param_group, dict):  # else torch's TypeError
             check_torch_optim_flags(type(self).__name__, param_group, fused_hint=self._fused_hint)
-            check_adagrad_options(type(self).__name__, param_group)
+            check_adagrad_options(type(self).__name__, param_group, bounded_by=self._first_steps_bound)
             self._check_optimizer_wide(param_group)
         super().add_param_group(param_group)
         try:
@@ -455,6 +475,7 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
                         type(self).__name__,
                         group,
                         f" (param_groups[{i}] was edited after it was added; nothing was changed.)",
+                        bounded_by=self._first_steps_bound,
                     )
             for key, _ in self._optimizer_wide:
                 if key in group:
@@ -612,11 +633,13 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
                 else:
                     parts.append(value.reshape(-1).to(device=layout.device, dtype=layout.dtype))
             flats[key] = torch.cat(parts) if parts else torch.zeros(0, dtype=layout.dtype, device=layout.device)
-        # per-parameter state removed for every parameter (`optimizer.state = defaultdict(dict)`): a reset of the
-        # whole optimizer, so the global state restarts too
-        cleared = bool(self._flat_state_keys) and not any(
-            key in state[p] for p in layout.params if p in state for key in self._flat_state_keys
-        )
+        # per-parameter state removed for every parameter (`optimizer.state = defaultdict(dict)`, `state.clear()`): a
+        # reset of the whole optimizer, so the global state restarts too. Without flat state (FullMatrixAdagrad, whose
+        # statistics are all global) the entries themselves mark it: every commit leaves one per parameter, if empty
+        if self._flat_state_keys:
+            cleared = not any(key in state[p] for p in layout.params if p in state for key in self._flat_state_keys)
+        else:
+            cleared = bool(layout.params) and not any(p in state for p in layout.params)
         if self.global_state and not cleared:
             global_state = self._fit_global_state(self.global_state, layout)
         else:
@@ -627,6 +650,8 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             self._flat_views[key] = views = layout.split(flat)
             for p, view in zip(layout.params, views):
                 state.setdefault(p, {})[key] = view
+        for p in layout.params:  # the marks of a cleared state (above)
+            state.setdefault(p, {})
         self.global_state = global_state
         self._layout = layout
 
@@ -654,6 +679,8 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         ``share_memory_()`` of an entry (what torch.multiprocessing's pickler does) moves the whole flat buffer, the
         views with it: not a replacement."""
         state = self.state
+        if not self._flat_state_keys:  # the global statistics only: replaced when the whole state was cleared
+            return bool(layout.params) and not any(p in state for p in layout.params)
         for key, views in self._flat_views.items():
             for p, view in zip(layout.params, views):
                 entry = state.get(p)
@@ -728,7 +755,7 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._check_groups_unedited()
         layout = self._current_layout()
-        if layout is self._layout and self._flat_views and self._state_replaced(layout):
+        if layout is self._layout and self._state_replaced(layout):
             # torch.optim reads self.state at every step: a replaced entry is honoured (copied into a new flat
             # buffer when this step commits the layout, after its checks; a cleared state restarts the optimizer)
             self._layout = None
@@ -962,7 +989,10 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         for i, group in enumerate(saved_groups if isinstance(saved_groups, list) else []):
             if isinstance(group, dict):  # a loaded group would keep the option, and the steps ignore it
                 check_adagrad_options(
-                    type(self).__name__, group, f" (in state_dict['param_groups'][{i}]; nothing was loaded.)"
+                    type(self).__name__,
+                    group,
+                    f" (in state_dict['param_groups'][{i}]; nothing was loaded.)",
+                    bounded_by=self._first_steps_bound,
                 )
                 if "lr" not in group:  # a step could not take the group (maximize is filled in, as torch.optim does)
                     raise ValueError(
@@ -989,11 +1019,13 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
         device = params[0].device
         for idx, entries in saved_flat.items():
             if idx in id_map:
-                for k, v in entries.items():
-                    self.state[id_map[idx]][k] = v.to(device=device, dtype=dtype, copy=True)
+                for k, v in entries.items():  # detached: a saved tensor that requires grad loads as a leaf
+                    self.state[id_map[idx]][k] = v.detach().to(device=device, dtype=dtype, copy=True)
+        for p in params:  # every parameter marked as the steps leave them (a cleared state restarts: _commit_layout)
+            self.state.setdefault(p, {})
         self.global_state = {
             k: (
-                v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype, copy=True)
+                v.detach().to(device=device, dtype=dtype if v.is_floating_point() else v.dtype, copy=True)
                 if isinstance(v, Tensor)
                 else copy.deepcopy(v)
             )
@@ -1026,6 +1058,13 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
                         f"state_dict does not fit these parameters: its '{key}' of parameter {position} is a "
                         f"{type(value).__name__}, not a tensor: it was not produced by {type(self).__name__}."
                         "state_dict(). Nothing was loaded."
+                    )
+                _refuse_meta(f"'{key}' of parameter {position}", value)
+                if not value.is_floating_point():
+                    raise ValueError(
+                        f"state_dict's '{key}' of parameter {position} has dtype {value.dtype}, but "
+                        f"{type(self).__name__}'s statistics are real floating-point (float32 or the widest "
+                        f"parameter dtype): {self._corrupt_global_fix()}"
                     )
                 if value.numel() != p.numel():
                     raise ValueError(
@@ -1087,6 +1126,9 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             )
         if not global_state:
             return  # saved before the first step
+        for key, value in global_state.items():
+            if isinstance(value, Tensor):
+                _refuse_meta(f"global_state[{key!r}]", value)
         with _type_errors_refused():
             check_step_count(global_state, "step", "state_dict's global_state", self._corrupt_global_fix())
         for key in self._nonnegative_global:

@@ -129,6 +129,7 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
     _pickled_attributes = (*FlatPreconditionedOptimizer._pickled_attributes, "eps", "max_dim")
     _saved_hyperparameters = (("eps", {"positive": True}),)
     _optimizer_wide = (*FlatPreconditionedOptimizer._optimizer_wide, ("eps", "eps"), ("max_dim", "max_dim"))
+    _first_steps_bound = "eps (the ridge added to H)"
 
     # checked on assignment as the constructor checks them (opt.eps = -1.0 raises its ValueError, nothing changed)
     eps = OptimizerSetting(_checked_eps)
@@ -158,6 +159,7 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
             dict(lr_decay=lr_decay, initial_accumulator_value=initial_accumulator_value),
             " Nothing was made.",
             keywords=True,
+            bounded_by=self._first_steps_bound,
         )
         lr = check_hyperparameter("learning rate", lr)
         eps = check_hyperparameter("eps", eps, positive=True)
@@ -270,8 +272,10 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
             return
         self._check_finite(grads, layout)
         # committing the layout replaces references only (FullMatrixAdagrad has no flat per-parameter state, and
-        # _fit_global_state returns a new dict): a step refused below puts them back and so changes nothing
+        # _fit_global_state returns a new dict) and marks the parameters in self.state: a step refused below puts them
+        # back and so changes nothing
         undo = (self._layout, self.global_state, dict(self._flat), dict(self._flat_views))
+        unmarked = [p for p in layout.params if p not in self.state]  # a cleared state stays cleared when refused
         self._commit_layout(layout)
         g = layout.gather_grads(grads, self._maximize_of_group())
         st = self.global_state
@@ -279,6 +283,8 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
             direction = self._checked_update(st["H"], g)
         except ValueError:
             self._layout, self.global_state, self._flat, self._flat_views = undo
+            for p in unmarked:
+                self.state.pop(p, None)
             raise
         st["step"] += 1
         self._apply(layout, direction, active)
