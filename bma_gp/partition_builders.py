@@ -576,6 +576,18 @@ def _categorical_codes(ids) -> Tensor | None:
     return torch.as_tensor(codes, device="cpu")
 
 
+def _ids_shape_message(shape: tuple[int, ...]) -> str:
+    """The error for ids that are not one id per point (pairs or tuples of ids: several columns)."""
+    hint = ""
+    if len(shape) == 2:
+        hint = (
+            f" Each point has {shape[1]} values: for one group per combination (a nested or interaction id) "
+            "number the combinations first, codes, _ = pandas.factorize(pandas.MultiIndex.from_arrays(columns)), "
+            "or give each column its own partition (one GroupKernel per grouping)."
+        )
+    return f"ids must have shape (n,) or (n, 1), got shape {tuple(shape)}.{hint}"
+
+
 def _string_ids_as_integers(ids):
     """String ids (in any sequence numpy reads, pandas columns included) as their positions in sorted order, a
     ``(n,)`` or ``(n, 1)`` integer tensor; numbers held as Python objects as a numeric array; anything else is
@@ -592,6 +604,8 @@ def _string_ids_as_integers(ids):
         return ids
     if array.size == 0:
         raise ValueError("ids must not be empty: a partition needs at least one index.")
+    if array.ndim > 2 or (array.ndim == 2 and array.shape[1] != 1):  # pairs (a nested id): before their kinds
+        raise ValueError(_ids_shape_message(array.shape))
     flat = array.reshape(-1)
     strings = [isinstance(x, str) for x in flat]
     if not any(strings):
@@ -651,7 +665,7 @@ def group_partition(ids) -> Partition:
     if ids.dim() == 2 and ids.shape[-1] == 1:
         ids = ids.squeeze(-1)
     if ids.dim() != 1:
-        raise ValueError(f"ids must have shape (n,) or (n, 1), got shape {tuple(ids.shape)}.")
+        raise ValueError(_ids_shape_message(tuple(ids.shape)))
     if ids.numel() == 0:
         raise ValueError("ids must not be empty: a partition needs at least one index.")
     if ids.dtype == torch.bool or ids.dtype.is_complex:
