@@ -46,8 +46,11 @@ class validate(_Switch):
 
     With validation on, every closed form of a block mean operator beyond products (solves,
     log-determinants, roots, matrix functions, eigenvalues, the core factorisation) raises a
-    ``ValueError`` that names the cause: NaN or inf in ``lam`` or ``B`` (entry and batch index),
-    a non-positive block offset or core eigenvalue, a singular matrix.
+    ``ValueError`` that names the cause: NaN or inf in ``lam`` or ``B`` (entry and batch index), a
+    singular matrix, and, where the form needs a positive (semi)definite matrix (log-determinants,
+    ``inv_quad_logdet``, square roots and inverse roots), a non-positive block offset or core
+    eigenvalue. Solves, eigenvalues and matrix functions need no definiteness: an invertible
+    indefinite matrix is solved exactly.
 
     The checks read a few numbers back from the device (a host synchronisation). Code that
     must not synchronise, such as a training step on a GPU, can switch them off::
@@ -55,8 +58,8 @@ class validate(_Switch):
         with bma_gp.settings.validate(False):
             root = op.matrix_inv_sqrt()
 
-    With validation off, non-finite input, an indefinite or a singular matrix gives
-    ``nan``/``inf`` instead of a ``ValueError`` (``solve`` included); square roots
+    With validation off, non-finite input or a singular matrix gives ``nan``/``inf`` instead of a
+    ``ValueError`` (``solve`` included), and an indefinite matrix a ``nan`` log-determinant; square roots
     (``matrix_sqrt``, ``root_decomposition``, draws) clamp negative eigenvalues to zero and inverse roots
     are NaN where one is negative. A block mean operator clamps those of :math:`M`; a
     :class:`~bma_gp.BlockMeanSumLinearOperator` those of :math:`D^{-1/2} M D^{-1/2}` (its root is
