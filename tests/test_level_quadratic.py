@@ -46,6 +46,33 @@ def _paths(monkeypatch) -> list[bool]:
     return taken
 
 
+def _spy_nonzeros(monkeypatch) -> dict[str, list]:
+    """What :class:`sps._LevelRows` did: ``"pairs"``, per diagonal whether the cross term took the pairs;
+    ``"csr"``, per level chunk whether its product was the CSR one; ``"cells"``, per structured form whether the
+    nonzeros came from the tables' cells."""
+    seen: dict[str, list] = {"pairs": [], "csr": [], "cells": []}
+    pays, product, from_cells = sps._LevelRows.pairs_pay, sps._LevelRows.product, sps._LevelRows.from_cells
+
+    def spy_pays(self, *args):
+        seen["pairs"].append(pays(self, *args))
+        return seen["pairs"][-1]
+
+    def spy_product(self, *args):
+        res = product(self, *args)
+        seen["csr"].append(res[1] is None)
+        return res
+
+    def spy_cells(*args):
+        res = from_cells(*args)
+        seen["cells"].append(res is not None)
+        return res
+
+    monkeypatch.setattr(sps._LevelRows, "pairs_pay", spy_pays)
+    monkeypatch.setattr(sps._LevelRows, "product", spy_product)
+    monkeypatch.setattr(sps._LevelRows, "from_cells", staticmethod(spy_cells))
+    return seen
+
+
 def _inputs():
     return torch.cat([new_inputs(), random_new_inputs(40)])  # unseen levels of both groupings, then seen ones
 
@@ -57,33 +84,35 @@ CASE_WEIGHTS = [(case, "stable") for case in CROSSED if case.startswith("crossed
 ]
 
 
+@pytest.mark.parametrize("table", ["dense", "cells"])
 @pytest.mark.parametrize("product", ["gemm", "csr", "pairs"])
 @pytest.mark.parametrize("chunks", ["one", "per_level"])
 @pytest.mark.parametrize(("case", "weight"), CASE_WEIGHTS)
-def test_levels_match_gpytorch(case, weight, chunks, product, monkeypatch):
+def test_levels_match_gpytorch(case, weight, chunks, product, table, monkeypatch):
+    import bma_gp.block_mean_sum_linear_operator as sums
+
     if weight == "products":  # the weight applied as products (many eliminated levels), not G - Sigma
         monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    # the grouping tables with the eliminated grouping held as their cells (a crossed random intercept's, read
+    # level by level without forming A_Er), or as dense blocks
+    monkeypatch.setattr(sums, "SPARSE_CELLS_DENSITY", 1e9 if table == "cells" else 0.0)
     if chunks == "per_level":  # a level chunk per level; with the pairs, a chunk per nonzero or row
         monkeypatch.setattr(sps, "_DIAG_CHUNK", 1)
         monkeypatch.setattr(sps, "_LEVEL_PAIRS_CHUNK", 1)
     monkeypatch.setattr(sps, "SPARSE_ROWS_DENSITY", 1.0 if product == "csr" else 0.0)  # pairs: A_l C_VV by GEMM
     monkeypatch.setattr(sps, "LEVEL_PAIR_COST", 0 if product == "pairs" else float("inf"))
-    pairs = []
-    original_build = sps._LevelPairs.build
-    monkeypatch.setattr(
-        sps._LevelPairs, "build", staticmethod(lambda *a: pairs.append(original_build(*a)) or pairs[-1])
-    )
-    csr = []
-    original = torch.Tensor.to_sparse_csr
-    monkeypatch.setattr(torch.Tensor, "to_sparse_csr", lambda self, *a, **k: csr.append(1) or original(self, *a, **k))
+    seen = _spy_nonzeros(monkeypatch)
     taken = _paths(monkeypatch)
     model, _, _ = build(case)
     model.eval()
     xt = _inputs()
     _, (mean, dense, diag, variance), noisy = closed_form(model, xt, False)
     assert taken and all(taken)
-    assert bool(csr) == (product == "csr")
-    assert pairs and all((p is not None) == (product == "pairs") for p in pairs)
+    assert seen["csr"] and all(c == (product == "csr") for c in seen["csr"])
+    assert seen["pairs"] and all(p == (product == "pairs") for p in seen["pairs"])
+    # with the tables as cells, the crossed intercepts' nonzeros come from them (a slope's joint elimination has none)
+    assert not any(seen["cells"]) if table == "dense" else (not case.startswith("crossed") or all(seen["cells"]))
+    assert seen["cells"] or not case.startswith("crossed")
     ref_mean, ref_cov = reference(model, xt)
     torch.testing.assert_close(diag, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(variance, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-10)
@@ -247,16 +276,12 @@ def test_pairs_warn_nothing(monkeypatch):
     monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
     monkeypatch.setattr(sps, "LEVEL_PAIR_COST", 0)
     monkeypatch.setattr(sps, "SPARSE_ROWS_DENSITY", 1.0)
-    built = []
-    original_build = sps._LevelPairs.build
-    monkeypatch.setattr(
-        sps._LevelPairs, "build", staticmethod(lambda *a: built.append(original_build(*a)) or built[-1])
-    )
+    seen = _spy_nonzeros(monkeypatch)
     model, _, _ = build("crossed")
     model.eval()
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         variance = model(_inputs()).variance
-    assert built and all(p is not None for p in built)
+    assert seen["pairs"] and all(seen["pairs"]) and seen["csr"] and all(seen["csr"])
     assert [str(w.message) for w in caught if "sum_prediction_strategy" in w.filename] == []
     torch.testing.assert_close(variance, torch.diagonal(reference(model, _inputs())[1]), rtol=1e-8, atol=1e-10)

@@ -1710,76 +1710,150 @@ _SPARSE_COLUMNS = 64
 _STRUCTURED_MAX_ELEMENTS = 2**26
 
 
-#: The cross term of :meth:`_Structured._one_hot_rest_quadratic` is gathered pair by pair (:class:`_LevelPairs`)
+#: The cross term of :meth:`_Structured._one_hot_rest_quadratic` is gathered pair by pair (:meth:`_LevelRows.cross`)
 #: where the pairs, weighted by this many multiply-adds each, cost less than the product ``A_{Er} C_VF`` they replace
 #: (the table's nonzeros times ``R``). Measured on CPU, float64, at n = 10^6 crossed users and items (20,000 x 2,000,
 #: 100,000 new pairs): a gathered pair cost 95 ns where the CSR-by-dense product took 0.6 ns per multiply-add.
 LEVEL_PAIR_COST = 128
 
-#: Pairs formed at a time by :class:`_LevelPairs` (each holds a few index and value tensors of this length).
+#: Pairs formed at a time by :meth:`_LevelRows.cross` (each holds a few index and value tensors of this length).
 _LEVEL_PAIRS_CHUNK = 2**22
 
 
 @dataclass(frozen=True, eq=False)
-class _LevelPairs:
-    r"""The cross term of :meth:`_Structured._one_hot_rest_quadratic` from the nonzeros of :math:`A_{Er}` at the
-    levels used, without the product :math:`A_{Er} C_{VF}`:
+class _LevelRows:
+    r""":math:`A_{Er}` at the ``L`` eliminated levels the test rows use (``L x r_e x R``), held by its nonzeros level
+    by level, for :meth:`_Structured._one_hot_rest_quadratic`: read from the cells of the grouping tables with the
+    eliminated grouping (:meth:`from_cells`, a random intercept's sparse tables: no ``L x R`` matrix is formed or
+    scanned), or from a dense tensor (:meth:`from_dense`). Only without gradients or tangents, on CPU
+    (:meth:`eligible`).
+
+    With them, per chunk of levels, :math:`A_l C` is a CSR product where the rows are sparse (:meth:`product`),
+    the level's own form :math:`A_l C_{VV} A_l^\top` one gather per nonzero (:meth:`level_forms`), and, where
+    cheaper than the product with :math:`C_{VF}`, the cross term
 
     .. math::
         w_a^\top P_l e_c = \sum_{i \in l} w_{a e_i} a_i (C_{VF})_{c_i c},
 
-    with ``(e_i, c_i, a_i)`` the nonzeros of level ``l``'s rows of :math:`A_{Er}`: :math:`J \sum_a n_{l(a)}`
-    gathers for ``J`` one-hot blocks, where the product costs the nonzeros times ``R`` multiply-adds (a user's few
-    items among thousands: one pair per test row and item of its user). The level's own quadratic form
-    :math:`A_l C_{VV} A_l^\top` would take :math:`\sum_l n_l^2` pairs, which measured slower than its product
-    (2.3 s against 1.1 s at 20,000 users with 44 items each), so it keeps the product. Only without gradients or
-    tangents, on CPU (:meth:`build`).
+    with ``(e_i, c_i, a_i)`` the nonzeros of level ``l``: :math:`J \sum_a n_{l(a)}` gathers for ``J`` one-hot blocks,
+    where the product costs the nonzeros times ``R`` multiply-adds (a user's few items among thousands: one pair per
+    test row and item of its user; :meth:`pairs_pay`, :meth:`cross`). The level's form as pairs of nonzeros would
+    take :math:`\sum_l n_l^2` gathers, which measured slower than its product (2.3 s against 1.1 s at 20,000 users
+    with 44 items each), so it takes the product and then one gather per nonzero.
 
     Attributes:
-        e, c: each nonzero's row within its level and its column, by level. # shape: (N,)
+        shape: ``(L, r_e, R)``.
+        e, c: each nonzero's row within its level and its column, by level (then row, then column). # shape: (N,)
         a: its value. # shape: (N,)
         start, count: each level's first nonzero and number of nonzeros. # shape: (L,)
-        crow: the CSR row pointers of :math:`A_{Er}`'s ``L r_e`` rows. # shape: (L r_e + 1,)
+        crow: the CSR row pointers of the ``L r_e`` rows. # shape: (L r_e + 1,)
+        held: the dense ``(L, r_e, R)`` tensor, where given or formed (:meth:`dense`).
     """
 
+    shape: tuple[int, int, int]
     e: Tensor
     c: Tensor
     a: Tensor
     start: Tensor
     count: Tensor
     crow: Tensor
+    held: Tensor | None = None
 
     @staticmethod
-    def build(A: Tensor, inverse: Tensor, blocks: int) -> _LevelPairs | None:
-        """The nonzeros of ``A`` (``(L, r_e, R)``), where gathering the cross term's pairs for the test rows'
-        levels ``inverse`` and ``blocks`` one-hot blocks costs less than the product (:data:`LEVEL_PAIR_COST`);
-        else None."""
-        if not blocks or A.device.type != "cpu" or carries_tangent(A) or (torch.is_grad_enabled() and A.requires_grad):
-            return None
+    def eligible(x: Tensor) -> bool:
+        """Whether values like ``x`` may be read as nonzeros: on CPU, without a tangent, and no graph to keep."""
+        return x.device.type == "cpu" and not carries_tangent(x) and not (torch.is_grad_enabled() and x.requires_grad)
+
+    @staticmethod
+    def _by_level(shape: tuple[int, int, int], level: Tensor, e: Tensor, c: Tensor, a: Tensor, held=None) -> _LevelRows:
+        """From the nonzeros in order (``level`` each one's level)."""
+        L, re, _ = shape
+        count = torch.bincount(level, minlength=L)
+        row_count = torch.bincount(level * re + e, minlength=L * re)
+        crow = torch.cat([row_count.new_zeros(1), torch.cumsum(row_count, 0)])
+        return _LevelRows(shape, e, c, a, torch.cumsum(count, 0) - count, count, crow, held)
+
+    @staticmethod
+    def from_dense(A: Tensor) -> _LevelRows:
+        """The nonzeros of ``A`` (``(L, r_e, R)``, :meth:`eligible`), found by one scan."""
         L, re, R = A.shape
         flat = A.reshape(L * re, R)
-        index = flat.nonzero()  # row-major: by level
-        count = torch.bincount(index[:, 0] // re, minlength=L)
-        if LEVEL_PAIR_COST * blocks * int(count[inverse].sum()) > index.shape[0] * R:
-            return None
-        start = torch.cumsum(count, 0) - count
-        crow = torch.cumsum(torch.bincount(index[:, 0], minlength=L * re), 0)
-        crow = torch.cat([crow.new_zeros(1), crow])
-        return _LevelPairs(index[:, 0] % re, index[:, 1], flat[index[:, 0], index[:, 1]], start, count, crow)
+        index = flat.nonzero()  # row-major: by level, then row, then column
+        i, c = index.unbind(-1)
+        return _LevelRows._by_level((L, re, R), i // re, i % re, c, flat[i, c], A)
 
-    def product(self, start: int, stop: int, rows: Tensor, right: Tensor) -> Tensor:
-        """``rows @ right`` for ``rows``, the rows of :math:`A_{Er}` at the levels ``start .. stop`` (``(stop -
-        start) r_e x R``): a CSR product from the nonzeros already found where at most :data:`SPARSE_ROWS_DENSITY` of
-        their entries are nonzero, else the GEMM. # shape: ((stop - start) r_e, width)"""
-        re = rows.shape[0] // max(1, stop - start)
+    @staticmethod
+    def from_cells(A_re, levels: Tensor, dtype: torch.dtype) -> _LevelRows | None:
+        r"""The columns ``levels`` of :math:`A_{re}` (``A_re`` a ``_CrossBlocks``, one eliminated grouping: ``r_e =
+        1``) as nonzeros, from its pieces' cells (each table's cells are held by level of the eliminated grouping, so a
+        level's cells are one range); None where a piece is dense, its values batched, or they are not
+        :meth:`eligible`."""
+        pieces = A_re.pieces
+        if not pieces or any(torch.is_tensor(p) or p[1].dim() != 1 or not _LevelRows.eligible(p[1]) for p in pieces):
+            return None
+        L = levels.shape[0]
+        order = torch.arange(L, device=levels.device)
+        parts, offset = [], 0
+        for (cells, values), size in zip(pieces, A_re.sizes):
+            lo = cells.starts[levels]
+            count = cells.starts[levels + 1] - lo
+            level = torch.repeat_interleave(order, count)
+            first = torch.cumsum(count, 0) - count  # each level's first nonzero among this piece's
+            index = lo[level] + torch.arange(level.shape[0], device=level.device) - first[level]
+            parts.append((level, cells.row[index] + offset, values[index].to(dtype)))
+            offset += size
+        level, c, a = (torch.cat(x) for x in zip(*parts))
+        if len(parts) > 1:  # by level, each level's columns in order (the pieces' columns follow one another)
+            by = torch.argsort(level, stable=True)
+            level, c, a = level[by], c[by], a[by]
+        return _LevelRows._by_level((L, 1, offset), level, torch.zeros_like(c), c, a)
+
+    def dense(self) -> Tensor:
+        """:math:`A_{Er}` at the levels, formed once. # shape: (L, r_e, R)"""
+        if self.held is None:
+            L, re, R = self.shape
+            level = torch.repeat_interleave(torch.arange(L, device=self.a.device), self.count)
+            out = self.a.new_zeros(L * re, R)
+            out[level * re + self.e, self.c] = self.a
+            object.__setattr__(self, "held", out.view(L, re, R))
+        assert self.held is not None
+        return self.held
+
+    def product(self, start: int, stop: int, right: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``A_l @ right`` for the levels ``start .. stop`` (``(stop - start) r_e x R`` rows): a CSR product from the
+        nonzeros where at most :data:`SPARSE_ROWS_DENSITY` of the rows' entries are nonzero, else the GEMM on the
+        dense rows, which it also returns (None with the CSR product). # shape: (stop - start, r_e, width)"""
+        _, re, R = self.shape
         lo, hi = int(self.crow[start * re]), int(self.crow[stop * re])
-        if hi - lo > SPARSE_ROWS_DENSITY * rows.numel():
-            return rows @ right
+        if hi - lo > SPARSE_ROWS_DENSITY * (stop - start) * re * R:
+            rows = self.dense()[start:stop]
+            return (rows.reshape(-1, R) @ right).reshape(stop - start, re, -1), rows
         crow = self.crow[start * re : stop * re + 1] - lo
         with warnings.catch_warnings():  # torch's note that CSR support is in beta
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support", category=UserWarning)
-            csr = torch.sparse_csr_tensor(crow, self.c[lo:hi], self.a[lo:hi], size=rows.shape, check_invariants=False)
-            return csr @ right
+            csr = torch.sparse_csr_tensor(
+                crow, self.c[lo:hi], self.a[lo:hi], size=((stop - start) * re, R), check_invariants=False
+            )
+            return (csr @ right).reshape(stop - start, re, -1), None
+
+    def level_forms(self, start: int, stop: int, T: Tensor) -> Tensor:
+        """:math:`A_l X^\\top` per level ``start .. stop`` from ``T = A_l X`` (``(stop - start, r_e, R)``), one
+        gather per nonzero: with ``X = C_VV``, the level's own form :math:`A_l C_{VV} A_l^\\top`. # shape: (stop -
+        start, r_e, r_e)"""
+        re = self.shape[1]
+        lo, hi = int(self.crow[start * re]), int(self.crow[stop * re])
+        span = torch.arange(start, stop, device=T.device)
+        level = torch.repeat_interleave(span - start, self.count[start:stop])  # the nonzeros' levels, from 0
+        e, c, a = self.e[lo:hi], self.c[lo:hi], self.a[lo:hi]
+        gathered = T[level, :, c] * a.unsqueeze(-1)  # (N, r_e): row e1 of T at column c, times a
+        out = T.new_zeros((stop - start) * re, re).index_add_(0, level * re + e, gathered)
+        return out.view(stop - start, re, re).mT  # [l, e1, e2] = sum over l's nonzeros in row e2
+
+    def pairs_pay(self, inverse: Tensor, blocks: int) -> bool:
+        """Whether the cross term's pairs for the test rows' levels ``inverse`` and ``blocks`` one-hot blocks cost less
+        than the product with :math:`C_{VF}` (:data:`LEVEL_PAIR_COST`)."""
+        pairs = int(self.count[inverse].sum())
+        return bool(blocks) and LEVEL_PAIR_COST * blocks * pairs <= self.a.shape[0] * self.shape[2]
 
     @staticmethod
     def _chunks(reps: Tensor) -> list[tuple[int, int]]:
@@ -1862,7 +1936,8 @@ class _Structured:
         index: each test row's eliminated level. # shape: (t,)
         w: :math:`\Delta^{-1} v` per row (:math:`V` row :math:`a` is :math:`w_a^\top A_{Er}` at its level), None
             without other terms; the stable form's :math:`\Delta^{-1} G_E v`, always. # shape: (*batch, t, r_e)
-        A_Er: :math:`A_{Er}` at the eliminated levels the test rows use. # shape: (*batch, levels, r_e, R)
+        A_Er: :math:`A_{Er}` at the eliminated levels the test rows use, or its nonzeros (:class:`_LevelRows`, read
+            from a sparse table's cells; :meth:`_levels` forms it where needed). # shape: (*batch, levels, r_e, R)
         rest: the blocks of :math:`F_r` (None: zero) and their widths.
         core: the ``2R x 2R`` matrix between :math:`[V, F_r]` and its transpose. # shape: (*batch, 2 R, 2 R)
         g: the stable form's :math:`G_E` at those levels (its diagonals). # shape: (*batch, levels, r_e)
@@ -1874,7 +1949,7 @@ class _Structured:
     A_EE: Tensor | None
     index: Tensor
     w: Tensor | None = None
-    A_Er: Tensor | None = None
+    A_Er: Tensor | _LevelRows | None = None
     rest: tuple = ()
     core: Tensor | None = None
     g: Tensor | None = None
@@ -1950,12 +2025,17 @@ class _Structured:
         w = torch.linalg.solve(delta_l.index_select(-3, inverse), rhs.unsqueeze(-1)).squeeze(-1)  # (*b, t, r_e)
         if not rest:
             return _Structured(inverse, v, None, index, w, g=g_l, delta=delta_l)
+        A_Er: Tensor | _LevelRows
         if cap.joint is not None:  # A_Er at the levels the test rows use
             assert cap.joint.A_rE is not None
             A_Er = cap.joint.A_rE.index_select(-2, levels).movedim(-3, -1)  # (*b, L, r_e, R)
         else:
             assert cap.A_re is not None
-            A_Er = cap.A_re.columns(levels).to(wdt).mT.unsqueeze(-2)  # (*b, L, 1, R)
+            # a random intercept's sparse tables: the nonzeros at those levels from their cells (nothing L x R formed)
+            from_cells = _LevelRows.from_cells(cap.A_re, levels, wdt)
+            A_Er = (
+                cap.A_re.columns(levels).to(wdt).mT.unsqueeze(-2) if from_cells is None else from_cells
+            )  # (*b, L, 1, R)
         pieces = tuple((blocks[i], sizes[i]) for i in rest)
         assert cap.lu is not None and cap.A_tilde is not None
         eye = torch.eye(R, dtype=wdt, device=device).expand(*M.batch_shape, R, R)
@@ -1973,9 +2053,9 @@ class _Structured:
 
     def _u_rows(self, rows: Tensor | slice) -> Tensor:
         """Rows of :math:`[V, F_r]` (a slice, or indices without batch dimensions). # shape: (*batch, c, 2 R)"""
-        assert self.w is not None and self.A_Er is not None
+        assert self.w is not None
         w = self.w[..., rows, :]
-        V = (w.unsqueeze(-1) * self.A_Er.index_select(-3, self.inverse[rows])).sum(-2)  # (*b, c, R)
+        V = (w.unsqueeze(-1) * self._levels().index_select(-3, self.inverse[rows])).sum(-2)  # (*b, c, R)
         c, wdt = V.shape[-2], V.dtype
         pieces = [V]
         for block, size in self.rest:
@@ -1988,6 +2068,13 @@ class _Structured:
         batch = torch.broadcast_shapes(*(p.shape[:-2] for p in pieces))
         return torch.cat([p.expand(*batch, c, p.shape[-1]) for p in pieces], dim=-1)
 
+    def _levels(self) -> Tensor:
+        """:attr:`A_Er` as a tensor (formed once from its nonzeros where held as them). # shape: (*batch, levels,
+        r_e, R)"""
+        A = self.A_Er
+        assert A is not None
+        return A.dense() if isinstance(A, _LevelRows) else A
+
     def _chunks(self) -> list[slice]:
         t = self.index.shape[0]
         size = max(1, _DIAG_CHUNK // max(1, self.core.shape[-1] if self.core is not None else 1))
@@ -1996,7 +2083,11 @@ class _Structured:
     def unbatched(self) -> bool:
         """Whether no piece has batch dimensions (then :meth:`entries` applies)."""
         rows = (self.v, self.w, self.g, self.core)
-        levels = (self.A_EE, self.delta, self.A_Er)
+        levels = (
+            self.A_EE,
+            self.delta,
+            None if isinstance(self.A_Er, _LevelRows) else self.A_Er,
+        )  # nonzeros: unbatched
         return all(x is None or x.dim() == 2 for x in rows) and all(x is None or x.dim() == 3 for x in levels)
 
     def _stable_rows(self, rows: Tensor | slice) -> Tensor:
@@ -2027,9 +2118,10 @@ class _Structured:
         Row ``a`` of :math:`V` is :math:`w_a^\top A_l`, with :math:`A_l` the ``r_e x R`` rows of :math:`A_{Er}` at
         the row's eliminated level ``l``, and its row of :math:`F_r` has one value :math:`u_{aj}` per block ``j``, at
         column :math:`c_{aj}`. With :math:`[Q_l, P_l] = A_l [C_{VV}, C_{VF}]` once per level (``r_e x R`` by
-        ``R x 2R``, a CSR product where :math:`A_{Er}` is sparse; ``C`` is symmetric; where the table is sparse
-        enough, :math:`w_a^\top P_l e_c` from pairs of nonzeros instead, :class:`_LevelPairs`, and only
-        :math:`A_l C_{VV}` multiplied out),
+        ``R x 2R``, a CSR product where :math:`A_{Er}` is sparse, then :math:`Q_l A_l^\top` one gather per nonzero;
+        ``C`` is symmetric; where the table is sparse enough, :math:`w_a^\top P_l e_c` from pairs of nonzeros
+        instead, and only :math:`A_l C_{VV}` multiplied out: :class:`_LevelRows`, whose nonzeros come from the
+        tables' cells where they are held so),
 
         .. math::
             (U C U^\top)_{aa} = w_a^\top Q_l A_l^\top w_a + 2 \sum_j u_{aj}\, w_a^\top P_l e_{c_{aj}}
@@ -2061,9 +2153,10 @@ class _Structured:
             for j, (cj, uj) in enumerate(zip(columns, values)):
                 if j >= i:
                     out = out + (1 if i == j else 2) * ui * uj * C_FF[ci, cj]
-        pairs = _LevelPairs.build(A, self.inverse, len(columns))
-        if pairs is not None:  # the cross term from pairs: only A_l C_VV is multiplied out
-            out = out + 2 * pairs.cross(C[:R, R:], w, self.inverse, columns, values)
+        nonzeros = A if isinstance(A, _LevelRows) else _LevelRows.from_dense(A) if _LevelRows.eligible(A) else None
+        if nonzeros is not None and nonzeros.pairs_pay(self.inverse, len(columns)):
+            # the cross term from pairs: only A_l C_VV is multiplied out
+            out = out + 2 * nonzeros.cross(C[:R, R:], w, self.inverse, columns, values)
             columns, values = [], []
         width = R * (1 + bool(columns))
         right = C[:R, :width].contiguous()
@@ -2074,14 +2167,18 @@ class _Structured:
         for start in range(0, L, size):
             stop = min(L, start + size)
             rows = order[bounds[start] : bounds[stop]]
-            A_c = A[start:stop]  # (Lc, r_e, R)
-            if pairs is not None:  # the nonzeros are known: no scan of the dense rows for a CSR copy
-                T = pairs.product(start, stop, A_c.reshape(-1, R), right).reshape(stop - start, re, width)
+            A_c: Tensor | None
+            if nonzeros is not None:  # the nonzeros are known: no scan of dense rows for a CSR copy
+                T, A_c = nonzeros.product(start, stop, right)
             else:
+                A_c = A[start:stop]  # type: ignore[index]  # (Lc, r_e, R)
                 T = _sparse_rows_matmul(A_c.reshape(-1, R), right).reshape(stop - start, re, width)
-            # (Lc, r_e, r_e), elementwise: a batched GEMM of Lc tiny matrices copied each one (19,862 copies,
-            # 0.4 s, at 20,000 users)
-            Q = (T[..., :R].unsqueeze(-2) * A_c.unsqueeze(-3)).sum(-1)
+            if A_c is None:  # the level's form from its nonzeros
+                Q = nonzeros.level_forms(start, stop, T[..., :R])  # type: ignore[union-attr]
+            else:
+                # (Lc, r_e, r_e), elementwise: a batched GEMM of Lc tiny matrices copied each one (19,862 copies,
+                # 0.4 s, at 20,000 users)
+                Q = (T[..., :R].unsqueeze(-2) * A_c.unsqueeze(-3)).sum(-1)
             level = self.inverse[rows] - start
             w_c = w[rows]  # (c, r_e)
             part = (w_c.unsqueeze(-1) * Q[level] * w_c.unsqueeze(-2)).sum((-2, -1))

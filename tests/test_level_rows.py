@@ -1,0 +1,103 @@
+"""``_LevelRows``: the eliminated levels' rows of ``A_Er`` held by their nonzeros (session 36), read from the grouping
+tables' cells or from a dense tensor, against the dense rows they stand for: the rows themselves, their products (CSR
+and GEMM), the levels' own forms and the cross term's pairs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bma_gp.kernels.sum_prediction_strategy as sps
+from bma_gp import Partition
+from bma_gp.block_mean_sum_linear_operator import _Cells, _CrossBlocks
+
+
+def _labels(gen, n: int, k: int) -> torch.Tensor:
+    """``n`` random labels of ``k`` blocks, each used (unequal sizes, scattered)."""
+    labels = torch.cat([torch.arange(k), torch.randint(0, k, (n - k,), generator=gen)])
+    return labels[torch.randperm(n, generator=gen)]
+
+
+def _cross_blocks(gen, n: int, sizes: list[int], ke: int, dense: list[bool] | None = None):
+    """A ``_CrossBlocks`` of random tables against an eliminated grouping of ``ke`` levels (crossed: some cells
+    empty), its pieces as cells (or dense where ``dense`` says), and the dense ``r x k_e`` matrix it stands for."""
+    elim = Partition.from_labels(_labels(gen, n, ke))
+    pieces, blocks = [], []
+    for i, size in enumerate(sizes):
+        part = Partition.from_labels(_labels(gen, n, size))
+        cells = _Cells.build(part, elim)
+        values = torch.randn(cells.count, generator=gen, dtype=torch.float64)
+        full = torch.zeros(size, ke, dtype=torch.float64)
+        full[cells.row, cells.col] = values
+        pieces.append(full if dense and dense[i] else (cells, values))
+        blocks.append(full)
+    return _CrossBlocks(pieces, sizes, ke), torch.cat(blocks), elim
+
+
+@pytest.mark.parametrize("sizes", [[7], [5, 1, 9], [1]])
+@pytest.mark.parametrize("used", ["all", "some", "one"])
+def test_from_cells_holds_the_columns_of_the_table(sizes, used):
+    gen = torch.Generator().manual_seed(len(sizes) * 10 + len(used))
+    ke = 13
+    A_re, full, elim = _cross_blocks(gen, 60, sizes, ke)
+    levels = {"all": torch.arange(ke), "some": torch.tensor([0, 3, 4, 11]), "one": torch.tensor([5])}[used]
+    rows = sps._LevelRows.from_cells(A_re, levels, torch.float64)
+    assert rows is not None and rows.held is None
+    expected = full[:, levels].mT.unsqueeze(-2)  # (L, 1, R)
+    assert rows.shape == tuple(expected.shape)
+    torch.testing.assert_close(rows.dense(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(rows.dense(), A_re.columns(levels).mT.unsqueeze(-2), rtol=0, atol=0)
+    # by level, each level's columns in increasing order (CSR rows as torch builds them from a dense tensor)
+    dense_rows = sps._LevelRows.from_dense(expected)
+    keep = rows.a != 0  # a cell whose value happens to be 0 is kept; the scan drops it
+    for name in ("c", "a", "e"):
+        torch.testing.assert_close(getattr(rows, name)[keep], getattr(dense_rows, name), rtol=0, atol=0)
+
+
+def test_from_cells_refuses_dense_pieces_and_graphs():
+    gen = torch.Generator().manual_seed(3)
+    A_re, _, _ = _cross_blocks(gen, 40, [4, 6], 9, dense=[False, True])
+    assert sps._LevelRows.from_cells(A_re, torch.arange(9), torch.float64) is None
+    A_re, _, _ = _cross_blocks(gen, 40, [4], 9)
+    cells, values = A_re.pieces[0]
+    A_re.pieces[0] = (cells, values.requires_grad_())
+    assert sps._LevelRows.from_cells(A_re, torch.arange(9), torch.float64) is None  # grad mode: the dense path
+    with torch.no_grad():
+        assert sps._LevelRows.from_cells(A_re, torch.arange(9), torch.float64) is not None
+
+
+@pytest.mark.parametrize("re", [1, 3])
+@pytest.mark.parametrize("density", [0.0, 1.0])  # SPARSE_ROWS_DENSITY: the GEMM always, the CSR product always
+def test_products_and_level_forms_equal_the_dense_formulas(re, density, monkeypatch):
+    monkeypatch.setattr(sps, "SPARSE_ROWS_DENSITY", density)
+    gen = torch.Generator().manual_seed(re)
+    L, R = 11, 8
+    A = torch.randn(L, re, R, generator=gen, dtype=torch.float64)
+    A = A * (torch.rand(L, re, R, generator=gen) < 0.3)
+    A[4] = 0  # a level without nonzeros
+    rows = sps._LevelRows.from_dense(A)
+    C = torch.randn(R, 2 * R, generator=gen, dtype=torch.float64)
+    for start, stop in [(0, L), (2, 5), (4, 5), (10, 11)]:
+        T, dense = rows.product(start, stop, C)
+        assert (dense is None) == (density == 1.0 or not bool(A[start:stop].any()))
+        expected = A[start:stop] @ C
+        torch.testing.assert_close(T, expected, rtol=1e-13, atol=1e-13)
+        Q = rows.level_forms(start, stop, T[..., :R])
+        torch.testing.assert_close(Q, expected[..., :R] @ A[start:stop].mT, rtol=1e-13, atol=1e-13)
+
+
+def test_cross_pairs_equal_the_product(monkeypatch):
+    monkeypatch.setattr(sps, "_LEVEL_PAIRS_CHUNK", 5)  # several chunks of pairs
+    gen = torch.Generator().manual_seed(7)
+    L, re, R, t = 6, 2, 9, 23
+    A = torch.randn(L, re, R, generator=gen, dtype=torch.float64) * (torch.rand(L, re, R, generator=gen) < 0.4)
+    rows = sps._LevelRows.from_dense(A)
+    inverse = torch.randint(0, L, (t,), generator=gen)
+    w = torch.randn(t, re, generator=gen, dtype=torch.float64)
+    C_VF = torch.randn(R, R, generator=gen, dtype=torch.float64)
+    columns = [torch.randint(0, R, (t,), generator=gen) for _ in range(2)]
+    values = [torch.randn(t, generator=gen, dtype=torch.float64) for _ in range(2)]
+    got = rows.cross(C_VF, w, inverse, columns, values)
+    P = A @ C_VF  # (L, re, R)
+    expected = sum(u * (w * P[inverse, :, c]).sum(-1) for c, u in zip(columns, values))
+    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
