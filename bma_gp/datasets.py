@@ -133,9 +133,17 @@ def _parse_number(cell: str) -> float:
     return float(cell)
 
 
-def _convert_column(name: str, cells: list[str], description: str, numbers: Sequence[int]) -> list[float]:
+def _leave_out(target: bool) -> str:
+    """The last fix the column messages offer: leave a feature out, or choose another target."""
+    return "choose another target column" if target else "leave this column out of the features"
+
+
+def _convert_column(
+    name: str, cells: list[str], description: str, numbers: Sequence[int], target: bool = False
+) -> list[float]:
     """Convert the cells of one column of ``description`` (the file) to floats (NaN for missing), or raise naming
-    the file, the column, the data row (``numbers[i]`` for cell ``i``, see :func:`_read_table`) and the cell."""
+    the file, the column, the data row (``numbers[i]`` for cell ``i``, see :func:`_read_table`) and the cell (and a
+    fix for a feature or, ``target``, for the target column)."""
     values: list[float] = []
     first_bad: tuple[int, str] | None = None
     first_infinite: tuple[int, str] | None = None
@@ -159,8 +167,7 @@ def _convert_column(name: str, cells: list[str], description: str, numbers: Sequ
             row, cell = first_infinite
             raise DatasetError(
                 f"{description}: column {name!r} is not finite: data row {numbers[row]} holds {cell!r}. Values must be "
-                "finite numbers: correct the cell, empty it (or write NA) to drop the row, or leave this column out of "
-                "the features."
+                f"finite numbers: correct the cell, empty it (or write NA) to drop the row, or {_leave_out(target)}."
             )
         return values
     # Not all numbers: accept the column only if every present cell is a date.
@@ -172,13 +179,15 @@ def _convert_column(name: str, cells: list[str], description: str, numbers: Sequ
             if _decimal_year(first_bad[1]) is None:  # report the first cell that is not a number
                 row, cell = first_bad
             else:  # the column holds dates: a number among them is not "not numeric"
-                _refuse_number_among_dates(name, description, numbers[row], cell, numbers[first_bad[0]], first_bad[1])
+                _refuse_number_among_dates(
+                    name, description, numbers[row], cell, numbers[first_bad[0]], first_bad[1], target
+                )
             reason = _not_a_date(cell)
             if reason is not None:
                 raise DatasetError(
                     f"{description}: column {name!r} holds a date that cannot be read: data row {numbers[row]} holds "
-                    f"{cell!r}; {reason}. Correct the cell, empty it (or write NA) to drop the row, or leave this "
-                    "column out of the features."
+                    f"{cell!r}; {reason}. Correct the cell, empty it (or write NA) to drop the row, or "
+                    f"{_leave_out(target)}."
                 )
             if "\n" in cell or "\r" in cell:
                 raise DatasetError(
@@ -189,18 +198,19 @@ def _convert_column(name: str, cells: list[str], description: str, numbers: Sequ
                 raise DatasetError(
                     f"{description}: column {name!r} is not numeric: data row {numbers[row]} holds {cell!r}, a number "
                     "with a decimal comma or a thousands separator. Numbers need a decimal point and no separators "
-                    "(1.5, 1234): save the file so (in a spreadsheet: English number format), or leave this column "
-                    "out of the features."
+                    f"(1.5, 1234): save the file so (in a spreadsheet: English number format), or {_leave_out(target)}."
                 )
             raise DatasetError(
                 f"{description}: column {name!r} is not numeric: data row {numbers[row]} holds {cell!r}. Use numeric "
-                "columns (or ISO dates, which are read as decimal years), or leave this column out of the features."
+                f"columns (or ISO dates, which are read as decimal years), or {_leave_out(target)}."
             )
         dates.append(year)
     return dates
 
 
-def _refuse_number_among_dates(name: str, description: str, row: int, cell: str, date_row: int, date: str) -> None:
+def _refuse_number_among_dates(
+    name: str, description: str, row: int, cell: str, date_row: int, date: str, target: bool = False
+) -> None:
     """Raise for a plain number ``cell`` (data row ``row``) in a column whose cells are ISO dates (``date`` in data
     row ``date_row``); return if ``cell`` is not a number."""
     try:
@@ -214,7 +224,7 @@ def _refuse_number_among_dates(name: str, description: str, row: int, cell: str,
     raise DatasetError(
         f"{description}: column {name!r} mixes ISO dates with a plain number: data row {row} holds {cell!r}, while "
         f"data row {date_row} holds the date {date!r}. Write the number as a date ({how}), empty the cell (or write "
-        "NA) to drop the row, or leave this column out of the features."
+        f"NA) to drop the row, or {_leave_out(target)}."
     )
 
 
@@ -388,7 +398,7 @@ def _table_to_tensors(
     columns = {}
     for name in [*features, target]:
         index = position[name]
-        columns[name] = _convert_column(name, [row[index] for row in rows], description, numbers)
+        columns[name] = _convert_column(name, [row[index] for row in rows], description, numbers, name == target)
     x = torch.tensor([columns[name] for name in features], dtype=dtype).T.contiguous()
     y = torch.tensor(columns[target], dtype=dtype)
     overflow = torch.isinf(torch.cat([x, y.unsqueeze(-1)], dim=-1)).nonzero()

@@ -566,6 +566,8 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value:g}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {value:g}")
     return value
 
 

@@ -86,8 +86,10 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0.0 or not math.isfinite(value):
+    if not value > 0.0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {value}")
     return value
 
 

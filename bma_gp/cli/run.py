@@ -48,16 +48,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"{PROG}: error: {message}\n")
     except BrokenPipeError:
         # the reader of standard output went away (`| head -1`): stop quietly, as shell tools do, with the results
-        # written so far kept; standard output points at devnull so that the interpreter's last flush cannot fail
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        # written so far kept
+        _stdout_to_devnull()
+        return 1
+    except OSError as err:
+        # the system refused a write or a read (a full disk behind a redirected standard output, `> /dev/full`):
+        # one line, as for the other failures, and the files a run created removed on the way out, as after them
+        _stdout_to_devnull()
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"{PROG}: error: {err.strerror or err}{where}; nothing more was written.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # Ctrl-C: one line and the shell's status for SIGINT (128 + 2), not a traceback from deep inside torch; the
         # output directory a failed run created is removed on the way out, as for any other failure
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130
+
+
+def _stdout_to_devnull() -> None:
+    """Point standard output at devnull, so that the interpreter's last flush of what is left in its buffer cannot
+    fail again (after a write to it failed)."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        pass
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor (a StringIO standing in for stdout): nothing to flush at exit
+        pass
+    finally:
+        os.close(devnull)
 
 
 def _run(config: RunConfig) -> int:
