@@ -2033,9 +2033,10 @@ class _Structured:
             assert cap.A_re is not None
             # a random intercept's sparse tables: the nonzeros at those levels from their cells (nothing L x R formed)
             from_cells = _LevelRows.from_cells(cap.A_re, levels, wdt)
-            A_Er = (
-                cap.A_re.columns(levels).to(wdt).mT.unsqueeze(-2) if from_cells is None else from_cells
-            )  # (*b, L, 1, R)
+            if from_cells is None:
+                A_Er = cap.A_re.columns(levels).to(wdt).mT.unsqueeze(-2)  # (*b, L, 1, R)
+            else:
+                A_Er = from_cells
         pieces = tuple((blocks[i], sizes[i]) for i in rest)
         assert cap.lu is not None and cap.A_tilde is not None
         eye = torch.eye(R, dtype=wdt, device=device).expand(*M.batch_shape, R, R)
@@ -2083,11 +2084,8 @@ class _Structured:
     def unbatched(self) -> bool:
         """Whether no piece has batch dimensions (then :meth:`entries` applies)."""
         rows = (self.v, self.w, self.g, self.core)
-        levels = (
-            self.A_EE,
-            self.delta,
-            None if isinstance(self.A_Er, _LevelRows) else self.A_Er,
-        )  # nonzeros: unbatched
+        A_Er = None if isinstance(self.A_Er, _LevelRows) else self.A_Er  # nonzeros are unbatched
+        levels = (self.A_EE, self.delta, A_Er)
         return all(x is None or x.dim() == 2 for x in rows) and all(x is None or x.dim() == 3 for x in levels)
 
     def _stable_rows(self, rows: Tensor | slice) -> Tensor:
