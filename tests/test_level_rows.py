@@ -101,3 +101,50 @@ def test_cross_pairs_equal_the_product(monkeypatch):
     P = A @ C_VF  # (L, re, R)
     expected = sum(u * (w * P[inverse, :, c]).sum(-1) for c, u in zip(columns, values))
     torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+
+
+def test_combine_and_chunk_rows_equal_the_dense_rows():
+    gen = torch.Generator().manual_seed(11)
+    L, re, R, c = 9, 2, 7, 31
+    A = torch.randn(L, re, R, generator=gen, dtype=torch.float64) * (torch.rand(L, re, R, generator=gen) < 0.35)
+    A[3] = 0
+    rows = sps._LevelRows.from_dense(A)
+    levels = torch.randint(0, L, (c,), generator=gen)
+    w = torch.randn(c, re, generator=gen, dtype=torch.float64)
+    expected = (w.unsqueeze(-1) * A[levels]).sum(-2)
+    torch.testing.assert_close(rows.combine(w, levels), expected, rtol=1e-14, atol=1e-14)
+    for start, stop in [(0, L), (2, 6), (3, 4), (8, 9)]:
+        lo, hi = int(rows.crow[start * re]), int(rows.crow[stop * re])
+        torch.testing.assert_close(rows._dense_rows(start, stop, lo, hi), A[start:stop], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("table", ["dense", "cells"])
+def test_cells_lift_the_bound_on_the_levels_rows(table, monkeypatch):
+    """Held as cells, ``A_Er`` is never formed, so the structured form no longer stops at
+    ``_STRUCTURED_MAX_ELEMENTS`` (20,000 users x 2,000 items at 48,000 new users' levels fell to the products with
+    ``W``: more than 10 minutes and 9 GB at n = 10^6); dense tables still do."""
+    import bma_gp.block_mean_sum_linear_operator as sums
+    from test_mixed_posterior import reference
+    from test_mixed_prediction import build, closed_form, random_new_inputs
+
+    monkeypatch.setattr(sums, "SPARSE_CELLS_DENSITY", 1e9 if table == "cells" else 0.0)
+    monkeypatch.setattr(sps, "_STRUCTURED_MAX_ELEMENTS", 1)
+    monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)  # the structured form, not a formed G - Sigma
+    built = []
+    original = sps._Structured.build
+
+    def spy(*args, **kwargs):
+        built.append(original(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(sps._Structured, "build", staticmethod(spy))
+    model, _, _ = build("crossed")
+    model.eval()
+    xt = random_new_inputs(40)
+    _, (mean, dense, diag, variance), _ = closed_form(model, xt, False)
+    assert built and all((b is not None) == (table == "cells") for b in built)
+    if table == "cells":
+        assert all(isinstance(b.A_Er, sps._LevelRows) for b in built)
+    ref_mean, ref_cov = reference(model, xt)
+    torch.testing.assert_close(variance, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(dense, ref_cov, rtol=1e-8, atol=1e-10)  # entries: the rows of V from the nonzeros

@@ -1707,6 +1707,7 @@ _SPARSE_COLUMNS = 64
 
 #: The structured forms at new inputs (:class:`_Structured`) keep :math:`A_{Er}` at the eliminated levels the test
 #: points use (``levels r_e x R`` entries); past this many the predictive covariance applies :math:`W` as products.
+#: Not where the tables are held as cells (:meth:`_LevelRows.from_cells`): nothing ``levels x R`` is formed there.
 _STRUCTURED_MAX_ELEMENTS = 2**26
 
 
@@ -1809,15 +1810,28 @@ class _LevelRows:
         return _LevelRows._by_level((L, 1, offset), level, torch.zeros_like(c), c, a)
 
     def dense(self) -> Tensor:
-        """:math:`A_{Er}` at the levels, formed once. # shape: (L, r_e, R)"""
-        if self.held is None:
-            L, re, R = self.shape
-            level = torch.repeat_interleave(torch.arange(L, device=self.a.device), self.count)
-            out = self.a.new_zeros(L * re, R)
-            out[level * re + self.e, self.c] = self.a
-            object.__setattr__(self, "held", out.view(L, re, R))
-        assert self.held is not None
-        return self.held
+        """:math:`A_{Er}` at the levels. # shape: (L, r_e, R)"""
+        if self.held is not None:
+            return self.held
+        return self._dense_rows(0, self.shape[0], 0, self.a.shape[0])
+
+    def _dense_rows(self, start: int, stop: int, lo: int, hi: int) -> Tensor:
+        """The rows of the levels ``start .. stop`` (nonzeros ``lo .. hi``) formed. # shape: (stop - start, r_e, R)"""
+        _, re, R = self.shape
+        level = torch.repeat_interleave(torch.arange(stop - start, device=self.a.device), self.count[start:stop])
+        out = self.a.new_zeros((stop - start) * re, R)
+        out[level * re + self.e[lo:hi], self.c[lo:hi]] = self.a[lo:hi]
+        return out.view(stop - start, re, R)
+
+    def combine(self, w: Tensor, levels: Tensor) -> Tensor:
+        """``w_a^T A_{l_a}`` for rows with weights ``w`` (``(c, r_e)``) at the levels ``levels`` (``(c,)``), one gather
+        per row and nonzero of its level. # shape: (c, R)"""
+        reps = self.count[levels]
+        row = torch.repeat_interleave(torch.arange(levels.shape[0], device=levels.device), reps)
+        offset = torch.arange(row.shape[0], device=row.device) - (torch.cumsum(reps, 0) - reps)[row]
+        entry = self.start[levels[row]] + offset
+        out = w.new_zeros(levels.shape[0], self.shape[2])
+        return out.index_put_((row, self.c[entry]), w[row, self.e[entry]] * self.a[entry], accumulate=True)
 
     def product(self, start: int, stop: int, right: Tensor) -> tuple[Tensor, Tensor | None]:
         """``A_l @ right`` for the levels ``start .. stop`` (``(stop - start) r_e x R`` rows): a CSR product from the
@@ -1826,7 +1840,7 @@ class _LevelRows:
         _, re, R = self.shape
         lo, hi = int(self.crow[start * re]), int(self.crow[stop * re])
         if hi - lo > SPARSE_ROWS_DENSITY * (stop - start) * re * R:
-            rows = self.dense()[start:stop]
+            rows = self.held[start:stop] if self.held is not None else self._dense_rows(start, stop, lo, hi)
             return (rows.reshape(-1, R) @ right).reshape(stop - start, re, -1), rows
         crow = self.crow[start * re : stop * re + 1] - lo
         with warnings.catch_warnings():  # torch's note that CSR support is in beta
@@ -1962,7 +1976,7 @@ class _Structured:
         """The pieces (of :math:`G - \\Sigma` with the blocks of :math:`Z_*` where ``stable``), or None when the
         factorisation eliminates no grouping, a block of an eliminated term is not one-hot (or two put a row in
         different columns), :math:`A_{Er}` at the levels the test rows use would pass ``_STRUCTURED_MAX_ELEMENTS``
-        entries, or (``stable``) the ``R`` columns of the other terms have :math:`R^2 > q`."""
+        entries (formed: not where the tables' cells give its nonzeros, :class:`_LevelRows`), or (``stable``) the ``R`` columns of the other terms have :math:`R^2 > q`."""
         cap = M._capacitance()
         E = list(cap.joint.terms) if cap.joint is not None else [cap.elim] if cap.elim is not None else []
         if not E:
@@ -2004,7 +2018,12 @@ class _Structured:
             assert cap.delta is not None and cap.g is not None
             delta, g = cap.delta.unsqueeze(-1).unsqueeze(-1), cap.g.unsqueeze(-1)
         levels, inverse = torch.unique(index, return_inverse=True)
-        if levels.shape[0] * re * R > _STRUCTURED_MAX_ELEMENTS:
+        # a random intercept's sparse tables: A_Er's nonzeros at those levels from their cells (nothing L x R formed,
+        # so no bound on L R: the rows of V are gathered from them too)
+        from_cells = None
+        if rest and cap.joint is None and cap.A_re is not None:
+            from_cells = _LevelRows.from_cells(cap.A_re, levels, wdt)
+        if from_cells is None and levels.shape[0] * re * R > _STRUCTURED_MAX_ELEMENTS:
             return None
         delta_l = delta.index_select(-3, levels)
         g_l = A_EE = None
@@ -2031,8 +2050,6 @@ class _Structured:
             A_Er = cap.joint.A_rE.index_select(-2, levels).movedim(-3, -1)  # (*b, L, r_e, R)
         else:
             assert cap.A_re is not None
-            # a random intercept's sparse tables: the nonzeros at those levels from their cells (nothing L x R formed)
-            from_cells = _LevelRows.from_cells(cap.A_re, levels, wdt)
             if from_cells is None:
                 A_Er = cap.A_re.columns(levels).to(wdt).mT.unsqueeze(-2)  # (*b, L, 1, R)
             else:
@@ -2054,9 +2071,13 @@ class _Structured:
 
     def _u_rows(self, rows: Tensor | slice) -> Tensor:
         """Rows of :math:`[V, F_r]` (a slice, or indices without batch dimensions). # shape: (*batch, c, 2 R)"""
-        assert self.w is not None
-        w = self.w[..., rows, :]
-        V = (w.unsqueeze(-1) * self._levels().index_select(-3, self.inverse[rows])).sum(-2)  # (*b, c, R)
+        assert self.w is not None and self.A_Er is not None
+        w, A = self.w[..., rows, :], self.A_Er
+        if isinstance(A, _LevelRows) and w.dim() == 2:  # gathered from its nonzeros: nothing L x R formed
+            V = A.combine(w, self.inverse[rows])
+        else:
+            A = A.dense() if isinstance(A, _LevelRows) else A
+            V = (w.unsqueeze(-1) * A.index_select(-3, self.inverse[rows])).sum(-2)  # (*b, c, R)
         c, wdt = V.shape[-2], V.dtype
         pieces = [V]
         for block, size in self.rest:
@@ -2068,13 +2089,6 @@ class _Structured:
                 pieces.append(block[..., rows, :].to(wdt))
         batch = torch.broadcast_shapes(*(p.shape[:-2] for p in pieces))
         return torch.cat([p.expand(*batch, c, p.shape[-1]) for p in pieces], dim=-1)
-
-    def _levels(self) -> Tensor:
-        """:attr:`A_Er` as a tensor (formed once from its nonzeros where held as them). # shape: (*batch, levels,
-        r_e, R)"""
-        A = self.A_Er
-        assert A is not None
-        return A.dense() if isinstance(A, _LevelRows) else A
 
     def _chunks(self) -> list[slice]:
         t = self.index.shape[0]
