@@ -24,6 +24,7 @@ __all__ = [
     "refuse_tangents",
     "reverse_mode_only",
     "tracks_derivatives",
+    "unbatched_backward",
 ]
 
 _functorch = getattr(torch._C, "_functorch", None)
@@ -155,6 +156,31 @@ def reverse_mode_only(what: str):
 
         cls.apply = staticmethod(apply)
         return cls
+
+    return decorator
+
+
+def unbatched_backward(what: str):
+    """Mark the ``backward`` of a ``torch.autograd.Function`` as having no batched form: where its incoming gradients
+    are batched (torch's legacy ``vmap``, under ``torch.autograd.functional.jacobian(..., vectorize=True)``,
+    ``torch.autograd.grad(..., is_grads_batched=True)`` and gradcheck's batched-gradient check), it raises a
+    ``NotImplementedError`` naming ``what`` and the fix, where torch raised an internal error from inside the pass (a
+    missing batching rule, or ``autograd.grad`` called under ``vmap``). Two flag reads per gradient otherwise."""
+    message = (
+        f"batched gradients are not implemented for {what}: its backward pass has no batched form, so "
+        "torch.autograd.functional.jacobian(..., vectorize=True), torch.autograd.grad(..., is_grads_batched=True) "
+        "and gradcheck's batched-gradient check cannot run through it. Use vectorize=False (one backward pass per "
+        "output row), or check_batched_grad=False."
+    )
+
+    def decorator(backward):
+        @functools.wraps(backward)
+        def wrapped(ctx, *grads: Any):
+            if any(g is not None and functorch_wrapped(g) for g in grads):
+                raise NotImplementedError(message)
+            return backward(ctx, *grads)
+
+        return wrapped
 
     return decorator
 

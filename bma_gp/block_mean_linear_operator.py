@@ -326,6 +326,7 @@ def _cached_unless_grad(name: str):
     def decorator(method):
         @functools.wraps(method)
         def wrapped(self, *args, **kwargs):
+            self._drop_stale_caches()
             names = (name,) if settings.validate.on() else (name, f"{name} (unvalidated)")
             if torch.is_inference_mode_enabled():
                 names = (*names, *(f"{key} (inference)" for key in names))
@@ -549,6 +550,7 @@ class BlockMeanLinearOperator(
         self._rounding: Tensor | None = None  # set by schur_complement: absolute rounding of C's spectrum
         self._shared_factor: tuple[Tensor | None, Tensor, Tensor] | None = None  # inside inv_quad_logdet
         self._diagonal_flag: bool | None = None  # whether B (so C) is diagonal: see _diagonal_core
+        self._cache_stamp: tuple[int, int] | None = None  # lam's and B's versions when the caches were filled
 
     # ------------------------------------------------------------------ cheap views
     @property
@@ -592,8 +594,31 @@ class BlockMeanLinearOperator(
         self._b_sym_cache = None
         self._diagonal_flag = None  # with gradients only a B diagonal by construction counts (_diagonal_core)
 
+    def _drop_stale_caches(self) -> None:
+        """Drop every stored result (linear_operator's cache, the core, the symmetrised ``B``, the finiteness and
+        diagonality checks) where ``lam`` or ``B`` changed in place since they were stored (their version counters):
+        an edit such as ``op.lam.mul_(2)`` after a solve reached the products and ``to_dense()`` but not the cached
+        solves, log-determinants and roots. Inference tensors have no version counter (nothing to compare)."""
+        b = self._b_diag if self._b_diag is not None else self._B
+        try:
+            stamp = (self.lam._version, -1 if b is None else b._version)
+        except RuntimeError:  # an inference tensor
+            return
+        if stamp == self._cache_stamp:
+            return
+        if self._cache_stamp is not None:
+            clear_cache_hook(self)
+            self._core_cache = None
+            self._b_sym_cache = None
+            self._diagonal_flag = None
+            self._checked_finite = False
+            if self._b_diag is not None:
+                self._B = None  # the matrix formed from the diagonal
+        self._cache_stamp = stamp
+
     def _b_sym(self) -> Tensor:
         """``B`` as used by every path: symmetrised unless ``symmetric=False``."""
+        self._drop_stale_caches()
         if not self.symmetric:
             return self.B
         if self.B.requires_grad:  # keep a fresh graph per call: cached graphs break repeated backward
@@ -698,6 +723,7 @@ class BlockMeanLinearOperator(
         return self._unchecked_core()
 
     def _unchecked_core(self) -> tuple[Tensor, Tensor]:
+        self._drop_stale_caches()
         cached_core = self._core_cache
         if cached_core is not None:
             return cached_core
@@ -1315,6 +1341,7 @@ class BlockMeanLinearOperator(
         """NaN or inf in ``lam`` or ``B`` would surface as a misleading definiteness error, or as a
         silent NaN result: name the input instead (one host synchronisation, once per operator). A meta operator
         (shape-only evaluation) has no values to check."""
+        self._drop_stale_caches()
         if self._checked_finite or self.lam.is_meta:
             return
         lam_bad = ~torch.isfinite(self.lam)

@@ -34,6 +34,7 @@ from bma_gp._autograd import (
     has_forward_tangent,
     reverse_mode_only,
     tracks_derivatives,
+    unbatched_backward,
 )
 from bma_gp._broadcast import batch_constants, times_diagonal
 from bma_gp._by_products import ByProducts
@@ -3158,6 +3159,7 @@ class _RootGram(torch.autograd.Function):
         return (gram, root_t, *cross)
 
     @staticmethod
+    @unbatched_backward("BlockMeanSumLinearOperator (the root's products)")
     @first_order_only("BlockMeanSumLinearOperator (the root's products)")
     def backward(ctx, grad_gram: Tensor, grad_root_t: Tensor, *grad_cross: Tensor):
         # rows a (s = 1/d, G the gradient of the Gram matrix, X_j that of the block sums, R that of U^T x):

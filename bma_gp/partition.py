@@ -92,6 +92,16 @@ def _as_device(device: Any, name: str = "device") -> torch.device:
         ) from None
 
 
+def _ordinary(t: Tensor) -> Tensor:
+    """``t``, or an ordinary copy of an inference tensor (made under ``torch.inference_mode()``): a partition built
+    there is kept and used later with gradients, and autograd refuses to save inference tensors for backward
+    ("Inference tensors cannot be saved for backward", from a closed form that indexes with the labels)."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
+
+
 def _refuse_meta(values: Tensor, name: str) -> None:
     """``ValueError`` for ``values`` on the meta device, which holds no values to check (torch's own error there
     names neither the argument nor the way round)."""
@@ -299,8 +309,8 @@ class Partition:
 
     def _setup(self, labels: Tensor | None, sizes: Tensor, n: int | None, contiguous: bool, runs=...) -> None:
         device = labels.device if labels is not None else sizes.device
-        self._labels: Tensor | None = labels
-        self.sizes: Tensor = sizes.to(device=device)
+        self._labels: Tensor | None = None if labels is None else _ordinary(labels)
+        self.sizes: Tensor = _ordinary(sizes.to(device=device))
         self.num_blocks: int = int(sizes.numel())
         self._n: int = int(sizes.sum()) if n is None else n
         self.is_contiguous: bool = contiguous
@@ -320,7 +330,8 @@ class Partition:
         find the blocks of a range without a device read-back) and as a tensor on the partition's device; built on
         first use."""
         if self._offset_table is None:
-            bounds = torch.cat([self.sizes.new_zeros(1), torch.cumsum(self.sizes, 0)])
+            with torch.inference_mode(False):  # kept: an ordinary tensor whatever the mode of the first call
+                bounds = torch.cat([self.sizes.new_zeros(1), torch.cumsum(self.sizes, 0)])
             self._offset_table = (bounds.cpu().numpy().astype(np.int64), bounds)
         return self._offset_table
 
@@ -330,9 +341,10 @@ class Partition:
         partition came from sizes)."""
         if self._labels is None:
             k = self.num_blocks
-            self._labels = torch.repeat_interleave(
-                torch.arange(k, device=self.sizes.device), self.sizes, output_size=self._n
-            )
+            with torch.inference_mode(False):  # kept: an ordinary tensor whatever the mode of the first call
+                self._labels = torch.repeat_interleave(
+                    torch.arange(k, device=self.sizes.device), self.sizes, output_size=self._n
+                )
         return self._labels
 
     # ------------------------------------------------------------------ builders

@@ -35,7 +35,7 @@ from gpytorch.kernels import (
 from linear_operator import to_dense
 from torch import Tensor
 
-from bma_gp._autograd import first_order_only, reverse_mode_only
+from bma_gp._autograd import first_order_only, reverse_mode_only, unbatched_backward
 from bma_gp._kernel_sums.plan import KernelSumsPlan, all_reduce, chunk_ranges, progress
 from bma_gp._precision import core_dtype
 
@@ -312,6 +312,7 @@ class GenericKernelSums(torch.autograd.Function):
         return sums, diag  # in core_dtype: kernel_block_mean rounds to the kernel's dtype only after the means
 
     @staticmethod
+    @unbatched_backward("kernel_block_mean (the generic engine)")
     @first_order_only("kernel_block_mean (the generic engine)")
     def backward(ctx: Any, grad_sums: Tensor, grad_diag: Tensor) -> tuple[Tensor | None, ...]:
         plan, kernel = ctx.plan, ctx.kernel

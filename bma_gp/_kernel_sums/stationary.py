@@ -75,7 +75,7 @@ import torch
 from gpytorch.kernels import Kernel, MaternKernel, RBFKernel, ScaleKernel
 from torch import Tensor
 
-from bma_gp._autograd import first_order_only, refuse_tangents, reverse_mode_only
+from bma_gp._autograd import first_order_only, refuse_tangents, reverse_mode_only, unbatched_backward
 from bma_gp._broadcast import sum_to_shape
 from bma_gp._kernel_sums import jit
 from bma_gp._kernel_sums.plan import KernelSumsPlan, all_reduce, progress
@@ -823,6 +823,7 @@ class StationaryBlockMeans(torch.autograd.Function):
         return lam, B
 
     @staticmethod
+    @unbatched_backward("kernel_block_mean (the stationary engine)")
     @first_order_only("kernel_block_mean (the stationary engine)")
     def backward(ctx: Any, grad_lam: Tensor | None, grad_B: Tensor | None) -> tuple[Any, ...]:
         lengthscale, within, *rest = ctx.saved_tensors

@@ -1976,7 +1976,8 @@ class _Structured:
         """The pieces (of :math:`G - \\Sigma` with the blocks of :math:`Z_*` where ``stable``), or None when the
         factorisation eliminates no grouping, a block of an eliminated term is not one-hot (or two put a row in
         different columns), :math:`A_{Er}` at the levels the test rows use would pass ``_STRUCTURED_MAX_ELEMENTS``
-        entries (formed: not where the tables' cells give its nonzeros, :class:`_LevelRows`), or (``stable``) the ``R`` columns of the other terms have :math:`R^2 > q`."""
+        entries (formed: not where the tables' cells give its nonzeros, :class:`_LevelRows`), or (``stable``) the
+        ``R`` columns of the other terms have :math:`R^2 > q`."""
         cap = M._capacitance()
         E = list(cap.joint.terms) if cap.joint is not None else [cap.elim] if cap.elim is not None else []
         if not E:
