@@ -29,12 +29,26 @@ class Model(gpytorch.models.ExactGP):
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
 
-def main() -> None:
-    torch.manual_seed(0)
-    n, users, items = (int(a) for a in sys.argv[1:4])
+def crossed_ids(n: int, users: int, items: int):
+    """The training rows' user and item ids (every user and item present, items by popularity ``rank^-0.8``) and the
+    popularity, from torch's global generator."""
     u = torch.cat([torch.arange(users), torch.randint(users, (n - users,))])
     popularity = 1.0 / torch.arange(1, items + 1).double() ** 0.8
     it = torch.cat([torch.arange(items), torch.multinomial(popularity, n - items, replacement=True)])
+    return u, it, popularity
+
+
+def new_pairs(t: int, users: int, popularity):
+    """``t`` new (user, item) pairs as model inputs, drawn as the training rows are."""
+    return torch.stack(
+        [torch.randint(users, (t,)).double(), torch.multinomial(popularity, t, replacement=True).double()], -1
+    )
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    n, users, items = (int(a) for a in sys.argv[1:4])
+    u, it, popularity = crossed_ids(n, users, items)
     slopes = "--slopes" in sys.argv
     columns = [u.double(), it.double()] + ([torch.rand(n, dtype=torch.float64)] if slopes else [])
     y = torch.randn(n, dtype=torch.float64)

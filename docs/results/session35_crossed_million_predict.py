@@ -15,7 +15,7 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from session34_crossed_million import Model  # noqa: E402
+from session34_crossed_million import Model, crossed_ids, new_pairs  # noqa: E402
 
 from bma_gp.kernels import sum_prediction_strategy as sps  # noqa: E402
 
@@ -23,15 +23,11 @@ from bma_gp.kernels import sum_prediction_strategy as sps  # noqa: E402
 def main() -> None:
     torch.manual_seed(0)
     n, users, items, t = (int(a) for a in sys.argv[1:5])
-    u = torch.cat([torch.arange(users), torch.randint(users, (n - users,))])
-    popularity = 1.0 / torch.arange(1, items + 1).double() ** 0.8
-    it = torch.cat([torch.arange(items), torch.multinomial(popularity, n - items, replacement=True)])
+    u, it, popularity = crossed_ids(n, users, items)
     x = torch.stack([u.double(), it.double()], -1)
     y = torch.randn(n, dtype=torch.float64)
     model = Model(x, y, users, items).double().eval()
-    xt = torch.stack(
-        [torch.randint(users, (t,)).double(), torch.multinomial(popularity, t, replacement=True).double()], -1
-    )
+    xt = new_pairs(t, users, popularity)
     with torch.no_grad():
         start = time.perf_counter()
         model(xt[:2]).mean  # the training-side factorisation and caches
