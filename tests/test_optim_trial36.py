@@ -96,14 +96,19 @@ def test_full_matrix_checkpoint_without_parameter_entries_keeps_its_statistics()
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("cls", CLASSES)
-def test_loaded_state_that_requires_grad_is_a_leaf(cls):
-    torch.manual_seed(3)
+def _stepped_state(cls, seed: int):
+    """A small model and a copy of its optimizer's state dict after one step."""
+    torch.manual_seed(seed)
     model = torch.nn.Linear(3, 2)
     opt = cls(model.parameters(), lr=0.1)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
-    saved = copy.deepcopy(opt.state_dict())
+    return model, copy.deepcopy(opt.state_dict())
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_loaded_state_that_requires_grad_is_a_leaf(cls):
+    model, saved = _stepped_state(cls, seed=3)
     for key, value in saved["global_state"].items():
         if torch.is_tensor(value) and value.is_floating_point():
             saved["global_state"][key] = value.clone().requires_grad_()
@@ -125,12 +130,7 @@ def test_loaded_state_that_requires_grad_is_a_leaf(cls):
     [(BlockMeanAdagrad, "sum"), (BlockMeanAdagrad, "U"), (BlockMeanAdagrad, "w"), (FullMatrixAdagrad, "H")],
 )
 def test_meta_checkpoint_entry_is_refused_by_name(cls, where):
-    torch.manual_seed(4)
-    model = torch.nn.Linear(3, 2)
-    opt = cls(model.parameters(), lr=0.1)
-    model(torch.randn(4, 3)).sum().backward()
-    opt.step()
-    saved = copy.deepcopy(opt.state_dict())
+    model, saved = _stepped_state(cls, seed=4)
     if where == "sum":
         saved["state"][0]["sum"] = saved["state"][0]["sum"].to("meta")
         name = "'sum' of parameter 0"
@@ -151,11 +151,7 @@ def test_meta_checkpoint_entry_is_refused_by_name(cls, where):
 
 
 def test_integer_sum_is_refused():
-    model = torch.nn.Linear(3, 2)
-    opt = BlockMeanAdagrad(model.parameters(), lr=0.1)
-    model(torch.randn(4, 3)).sum().backward()
-    opt.step()
-    saved = copy.deepcopy(opt.state_dict())
+    model, saved = _stepped_state(BlockMeanAdagrad, seed=5)
     saved["state"][0]["sum"] = saved["state"][0]["sum"].round().long()
     fresh = BlockMeanAdagrad(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="'sum' of parameter 0 has dtype torch.int64"):
