@@ -551,6 +551,7 @@ class BlockMeanLinearOperator(
         self._shared_factor: tuple[Tensor | None, Tensor, Tensor] | None = None  # inside inv_quad_logdet
         self._diagonal_flag: bool | None = None  # whether B (so C) is diagonal: see _diagonal_core
         self._cache_stamp: tuple[int, int] | None = None  # lam's and B's versions when the caches were filled
+        self._drop_stale_caches()  # stamped at construction: an edit before the first stored result is seen too
 
     # ------------------------------------------------------------------ cheap views
     @property
@@ -604,9 +605,10 @@ class BlockMeanLinearOperator(
             stamp = (self.lam._version, -1 if b is None else b._version)
         except RuntimeError:  # an inference tensor
             return
-        if stamp == self._cache_stamp:
+        previous = getattr(self, "_cache_stamp", None)  # (an operator pickled before the stamp has none)
+        if stamp == previous:
             return
-        if self._cache_stamp is not None:
+        if previous is not None:
             clear_cache_hook(self)
             self._core_cache = None
             self._b_sym_cache = None

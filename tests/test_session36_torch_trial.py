@@ -111,3 +111,17 @@ def test_in_place_edits_of_lam_and_B_drop_the_stored_results(diagonal, copied):
         M.lam[0] = float("nan")
     with pytest.raises(ValueError, match=r"lam\[0\] = nan"):  # the finiteness check runs again
         M.solve(x)
+
+
+def test_an_edit_after_a_flag_was_stored_but_before_any_result_is_seen():
+    """``B`` diagonal by value when a product first looked (the diagonality flag stored), then edited in place to a
+    dense matrix before any solve: the solve follows the edited ``B``."""
+    p = Partition.from_labels(torch.tensor([0, 1, 1, 2, 0, 2]))
+    lam, B = torch.ones(3, dtype=F64), torch.eye(3, dtype=F64)
+    M = BlockMeanLinearOperator(lam, B, p)
+    x = torch.randn(6, 1, dtype=F64)
+    M @ x  # noqa: B018
+    with torch.no_grad():
+        B.add_(0.2)
+    torch.testing.assert_close(M.solve(x), torch.linalg.solve(M.to_dense(), x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(M.to_dense(), torch.diag(lam[p.labels]) + B[p.labels][:, p.labels], rtol=0, atol=0)
