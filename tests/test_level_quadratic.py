@@ -48,10 +48,11 @@ def _paths(monkeypatch) -> list[bool]:
 
 def _spy_nonzeros(monkeypatch) -> dict[str, list]:
     """What :class:`sps._LevelRows` did: ``"pairs"``, per diagonal whether the cross term took the pairs;
-    ``"csr"``, per level chunk whether its product was the CSR one; ``"cells"``, per structured form whether the
-    nonzeros came from the tables' cells."""
-    seen: dict[str, list] = {"pairs": [], "csr": [], "cells": []}
+    ``"csr"``, per level chunk whether its product was the CSR one; ``"cells"`` (``"joint"``), per structured form
+    of one eliminated grouping (of a joint elimination) whether the nonzeros came from the tables' cells."""
+    seen: dict[str, list] = {"pairs": [], "csr": [], "cells": [], "joint": []}
     pays, product, from_cells = sps._LevelRows.pairs_pay, sps._LevelRows.product, sps._LevelRows.from_cells
+    from_joint = sps._LevelRows.from_joint_cells
 
     def spy_pays(self, *args):
         seen["pairs"].append(pays(self, *args))
@@ -69,7 +70,14 @@ def _spy_nonzeros(monkeypatch) -> dict[str, list]:
 
     monkeypatch.setattr(sps._LevelRows, "pairs_pay", spy_pays)
     monkeypatch.setattr(sps._LevelRows, "product", spy_product)
+
+    def spy_joint(*args):
+        res = from_joint(*args)
+        seen["joint"].append(res is not None)
+        return res
+
     monkeypatch.setattr(sps._LevelRows, "from_cells", staticmethod(spy_cells))
+    monkeypatch.setattr(sps._LevelRows, "from_joint_cells", staticmethod(spy_joint))
     return seen
 
 
@@ -113,6 +121,13 @@ def test_levels_match_gpytorch(case, weight, chunks, product, table, monkeypatch
     # with the tables as cells, the crossed intercepts' nonzeros come from them (a slope's joint elimination has none)
     assert not any(seen["cells"]) if table == "dense" else (not case.startswith("crossed") or all(seen["cells"]))
     assert seen["cells"] or not case.startswith("crossed")
+    # a correlated slope's joint elimination reads its tables' cells where the training side kept them
+    assert (
+        not any(seen["joint"])
+        if table == "dense"
+        else (case not in ("slopes", "slopes_group_noise") or all(seen["joint"]))
+    )
+    assert seen["joint"] or case not in ("slopes", "slopes_group_noise") or table == "dense"
     ref_mean, ref_cov = reference(model, xt)
     torch.testing.assert_close(diag, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(variance, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-10)

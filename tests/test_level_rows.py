@@ -148,3 +148,36 @@ def test_cells_lift_the_bound_on_the_levels_rows(table, monkeypatch):
     ref_mean, ref_cov = reference(model, xt)
     torch.testing.assert_close(variance, torch.diagonal(ref_cov), rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(dense, ref_cov, rtol=1e-8, atol=1e-10)  # entries: the rows of V from the nonzeros
+
+
+def test_joint_cells_hold_the_levels_rows_of_every_eliminated_term():
+    """A joint elimination (``r_e`` terms over one grouping: a correlated intercept and slope) keeps one value vector
+    per term on each table's cells; the rows at the levels used are ``A_Er[l, e, c]``, by level, then term, then
+    column."""
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(13)
+    n, ke, sizes, re = 80, 11, [6, 3, 8], 2
+    elim = Partition.from_labels(_labels(gen, n, ke))
+    tables, values, blocks = [], [], []
+    for size in sizes:
+        cells = _Cells.build(Partition.from_labels(_labels(gen, n, size)), elim)
+        vals = [torch.randn(cells.count, generator=gen, dtype=torch.float64) for _ in range(re)]
+        full = torch.zeros(size, ke, re, dtype=torch.float64)
+        for e, v in enumerate(vals):
+            full[cells.row, cells.col, e] = v
+        tables.append(cells)
+        values.append(vals)
+        blocks.append(full)
+    cross = SimpleNamespace(tables=tables, values=values, sizes=sizes)
+    A_rE = torch.cat(blocks)  # (R, k_e, r_e)
+    levels = torch.tensor([0, 2, 3, 7, 10])
+    rows = sps._LevelRows.from_joint_cells(cross, levels, torch.float64)
+    assert rows is not None and rows.shape == (5, re, sum(sizes))
+    expected = A_rE[:, levels].permute(1, 2, 0)  # (L, r_e, R)
+    torch.testing.assert_close(rows.dense(), expected, rtol=0, atol=0)
+    dense_rows = sps._LevelRows.from_dense(expected)
+    keep = rows.a != 0
+    for name in ("e", "c", "a"):
+        torch.testing.assert_close(getattr(rows, name)[keep], getattr(dense_rows, name), rtol=0, atol=0)
+    torch.testing.assert_close(rows.crow, dense_rows.crow)
