@@ -86,12 +86,17 @@ def test_products_and_level_forms_equal_the_dense_formulas(re, density, monkeypa
         torch.testing.assert_close(Q, expected[..., :R] @ A[start:stop].mT, rtol=1e-13, atol=1e-13)
 
 
+def _sparse_levels(gen, L: int, re: int, R: int):
+    """Random ``(L, r_e, R)`` level rows with about 40 % nonzeros, and their :class:`sps._LevelRows`."""
+    A = torch.randn(L, re, R, generator=gen, dtype=torch.float64) * (torch.rand(L, re, R, generator=gen) < 0.4)
+    return A, sps._LevelRows.from_dense(A)
+
+
 def test_cross_pairs_equal_the_product(monkeypatch):
     monkeypatch.setattr(sps, "_LEVEL_PAIRS_CHUNK", 5)  # several chunks of pairs
     gen = torch.Generator().manual_seed(7)
     L, re, R, t = 6, 2, 9, 23
-    A = torch.randn(L, re, R, generator=gen, dtype=torch.float64) * (torch.rand(L, re, R, generator=gen) < 0.4)
-    rows = sps._LevelRows.from_dense(A)
+    A, rows = _sparse_levels(gen, L, re, R)
     inverse = torch.randint(0, L, (t,), generator=gen)
     w = torch.randn(t, re, generator=gen, dtype=torch.float64)
     C_VF = torch.randn(R, R, generator=gen, dtype=torch.float64)
@@ -187,8 +192,7 @@ def test_gathered_products_equal_the_dense_product(monkeypatch):
     monkeypatch.setattr(sps, "_LEVEL_PAIRS_CHUNK", 7)  # several chunks of pairs
     gen = torch.Generator().manual_seed(17)
     L, re, R, t = 7, 2, 9, 25
-    A = torch.randn(L, re, R, generator=gen, dtype=torch.float64) * (torch.rand(L, re, R, generator=gen) < 0.4)
-    rows = sps._LevelRows.from_dense(A)
+    A, rows = _sparse_levels(gen, L, re, R)
     X = torch.randn(R, R, generator=gen, dtype=torch.float64)
     levels, columns = torch.randint(0, L, (t,), generator=gen), torch.randint(0, R, (t,), generator=gen)
     expected = (A @ X)[levels, :, columns]  # (t, r_e)
