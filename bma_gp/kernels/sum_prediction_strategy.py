@@ -34,6 +34,7 @@ import functools
 import itertools
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -1844,12 +1845,10 @@ class _LevelRows:
     def combine(self, w: Tensor, levels: Tensor) -> Tensor:
         """``w_a^T A_{l_a}`` for rows with weights ``w`` (``(c, r_e)``) at the levels ``levels`` (``(c,)``), one gather
         per row and nonzero of its level. # shape: (c, R)"""
-        reps = self.count[levels]
-        row = torch.repeat_interleave(torch.arange(levels.shape[0], device=levels.device), reps)
-        offset = torch.arange(row.shape[0], device=row.device) - (torch.cumsum(reps, 0) - reps)[row]
-        entry = self.start[levels[row]] + offset
         out = w.new_zeros(levels.shape[0], self.shape[2])
-        return out.index_put_((row, self.c[entry]), w[row, self.e[entry]] * self.a[entry], accumulate=True)
+        for row, entry in self._pairs(levels):
+            out.index_put_((row, self.c[entry]), w[row, self.e[entry]] * self.a[entry], accumulate=True)
+        return out
 
     def product(self, start: int, stop: int, right: Tensor) -> tuple[Tensor, Tensor | None]:
         """``A_l @ right`` for the levels ``start .. stop`` (``(stop - start) r_e x R`` rows): a CSR product from the
@@ -1867,6 +1866,17 @@ class _LevelRows:
                 crow, self.c[lo:hi], self.a[lo:hi], size=((stop - start) * re, R), check_invariants=False
             )
             return (csr @ right).reshape(stop - start, re, -1), None
+
+    def product_and_forms(self, start: int, stop: int, right: Tensor) -> tuple[Tensor, Tensor]:
+        """``T = A_l @ right`` (:meth:`product`) and :math:`A_l X A_l^\top` with ``X`` the first ``R`` columns of
+        ``right``, per level ``start .. stop``: from the nonzeros after a CSR product (:meth:`level_forms`),
+        elementwise over the dense rows after the GEMM. # shape: (stop - start, r_e, width), (stop - start, r_e, r_e)"""
+        T, dense = self.product(start, stop, right)
+        R = self.shape[2]
+        if dense is None:
+            return T, self.level_forms(start, stop, T[..., :R])
+        # elementwise: a batched GEMM of many tiny matrices copied each one (19,862 copies, 0.4 s, at 20,000 users)
+        return T, (T[..., :R].unsqueeze(-2) * dense.unsqueeze(-3)).sum(-1)
 
     def level_forms(self, start: int, stop: int, T: Tensor) -> Tensor:
         """:math:`A_l X^\\top` per level ``start .. stop`` from ``T = A_l X`` (``(stop - start, r_e, R)``), one
@@ -1887,6 +1897,18 @@ class _LevelRows:
         pairs = int(self.count[inverse].sum())
         return bool(blocks) and LEVEL_PAIR_COST * blocks * pairs <= self.a.shape[0] * self.shape[2]
 
+    def _pairs(self, levels: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """Each row ``a`` (at level ``levels[a]``) with every nonzero of its level: ``(row, entry)`` index pairs, at
+        most :data:`_LEVEL_PAIRS_CHUNK` at a time (one row alone where it has more)."""
+        reps = self.count[levels]
+        for lo, hi in self._chunks(reps):
+            row = torch.repeat_interleave(torch.arange(lo, hi, device=reps.device), reps[lo:hi])
+            # the k-th pair of a row: its level's k-th nonzero
+            offset = (
+                torch.arange(row.shape[0], device=row.device) - (torch.cumsum(reps[lo:hi], 0) - reps[lo:hi])[row - lo]
+            )
+            yield row, self.start[levels[row]] + offset
+
     @staticmethod
     def _chunks(reps: Tensor) -> list[tuple[int, int]]:
         """Ranges of consecutive owners with at most :data:`_LEVEL_PAIRS_CHUNK` pairs each (one owner alone where it
@@ -1904,27 +1926,14 @@ class _LevelRows:
         gather per row and nonzero of its level, nothing ``L x R`` formed. # shape: (t, r_e)"""
         re = self.shape[1]
         out = X.new_zeros(levels.shape[0] * re)
-        reps = self.count[levels]
-        for lo, hi in self._chunks(reps):
-            row = torch.repeat_interleave(torch.arange(lo, hi, device=reps.device), reps[lo:hi])
-            offset = (
-                torch.arange(row.shape[0], device=row.device) - (torch.cumsum(reps[lo:hi], 0) - reps[lo:hi])[row - lo]
-            )
-            entry = self.start[levels[row]] + offset
+        for row, entry in self._pairs(levels):
             out.index_add_(0, row * re + self.e[entry], self.a[entry] * X[self.c[entry], columns[row]])
         return out.view(levels.shape[0], re)
 
     def cross(self, C_VF: Tensor, w: Tensor, inverse: Tensor, columns: list, values: list) -> Tensor:
         """``sum_j u_j w^T P_l e_{c_j}`` per test row (``C_VF`` the core's ``R x R`` block). # shape: (t,)"""
         out = C_VF.new_zeros(w.shape[0])
-        reps = self.count[inverse]  # each row pairs with every nonzero of its level
-        for lo, hi in self._chunks(reps):
-            row = torch.repeat_interleave(torch.arange(lo, hi, device=reps.device), reps[lo:hi])
-            # the k-th pair of a row: its level's k-th nonzero
-            offset = (
-                torch.arange(row.shape[0], device=row.device) - (torch.cumsum(reps[lo:hi], 0) - reps[lo:hi])[row - lo]
-            )
-            entry = self.start[inverse[row]] + offset
+        for row, entry in self._pairs(inverse):
             weighted = w[row, self.e[entry]] * self.a[entry]
             for cj, uj in zip(columns, values):
                 out.index_add_(0, row, weighted * uj[row] * C_VF[self.c[entry], cj[row]])
@@ -2214,18 +2223,12 @@ class _Structured:
         for start in range(0, L, size):
             stop = min(L, start + size)
             rows = order[bounds[start] : bounds[stop]]
-            A_c: Tensor | None
             if nonzeros is not None:  # the nonzeros are known: no scan of dense rows for a CSR copy
-                T, A_c = nonzeros.product(start, stop, right)
+                T, Q = nonzeros.product_and_forms(start, stop, right)
             else:
                 A_c = A[start:stop]  # type: ignore[index]  # (Lc, r_e, R)
                 T = _sparse_rows_matmul(A_c.reshape(-1, R), right).reshape(stop - start, re, width)
-            if A_c is None:  # the level's form from its nonzeros
-                Q = nonzeros.level_forms(start, stop, T[..., :R])  # type: ignore[union-attr]
-            else:
-                # (Lc, r_e, r_e), elementwise: a batched GEMM of Lc tiny matrices copied each one (19,862 copies,
-                # 0.4 s, at 20,000 users)
-                Q = (T[..., :R].unsqueeze(-2) * A_c.unsqueeze(-3)).sum(-1)
+                Q = (T[..., :R].unsqueeze(-2) * A_c.unsqueeze(-3)).sum(-1)  # elementwise, as product_and_forms
             level = self.inverse[rows] - start
             w_c = w[rows]  # (c, r_e)
             part = (w_c.unsqueeze(-1) * Q[level] * w_c.unsqueeze(-2)).sum((-2, -1))
@@ -4252,10 +4255,7 @@ def _joint_cells_quadratic_diagonal(
     size = max(1, _DIAG_CHUNK // max(1, re * R))
     for start in range(0, k, size):
         stop = min(k, start + size)
-        AQ, dense = rows.product(start, stop, Q)
-        S[start:stop] = (
-            rows.level_forms(start, stop, AQ) if dense is None else (AQ.unsqueeze(-2) * dense.unsqueeze(-3)).sum(-1)
-        )
+        S[start:stop] = rows.product_and_forms(start, stop, Q)[1]
     H = P + P @ S @ P.mT  # (k, r_e, r_e): Delta^-1 G_E + T Q T^T, level by level
     P_rows = H.index_select(-3, labels)  # (n, r_e, r_e)
     out = (omega.unsqueeze(-1) * P_rows * omega.unsqueeze(-2)).sum((-2, -1))
