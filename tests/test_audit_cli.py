@@ -9,6 +9,7 @@ import torch
 
 from bma_gp.cli import main
 from bma_gp.datasets import DatasetError, load_co2, load_csv, load_exam
+from cli_subprocess import small_cli_run
 
 FAST = ["--iters", "5", "--no-progress", "--no-plot", "--blocks", "2"]
 
@@ -173,15 +174,10 @@ def test_a_last_step_that_leaves_nan_hyperparameters_is_reported(tmp_path, capsy
 def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):
     """``bma-gp ... | head -1`` ended in a BrokenPipeError traceback; it now stops quietly with status 1."""
     import subprocess
-    import sys
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    lines = ["u,v,y"] + [f"{i % 7 / 2},{i % 5 / 3},{math.sin(i)}" for i in range(200)]
-    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    argv = ["--data", "d.csv", "--target", "y", "--iters", "2", "--no-progress", "--no-plot", "--blocks", "8"]
+    command, env = small_cli_run(tmp_path)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bma_gp", *argv, "--out", "out"],
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=tmp_path,

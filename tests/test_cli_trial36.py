@@ -3,29 +3,24 @@ column's messages offer the target's fix; an infinite ``--lr`` is refused as not
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
 
 from bma_gp.cli import main
 from bma_gp.datasets import DatasetError, load_csv
+from cli_subprocess import small_cli_run
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full (a device that is always full)")
 def test_standard_output_on_a_full_device_ends_in_one_line(tmp_path):
     import subprocess
-    import sys
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    lines = ["u,v,y"] + [f"{i % 7 / 2},{i % 5 / 3},{math.sin(i)}" for i in range(200)]
-    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    argv = ["--data", "d.csv", "--target", "y", "--iters", "2", "--no-progress", "--no-plot", "--blocks", "8"]
+    command, env = small_cli_run(tmp_path)
     with open("/dev/full", "wb") as full:
         proc = subprocess.run(
-            [sys.executable, "-m", "bma_gp", *argv, "--out", "out"],
+            command,
             stdout=full,
             stderr=subprocess.PIPE,
             cwd=tmp_path,
