@@ -2079,6 +2079,20 @@ class _ClosedKroneckerSum(_KroneckerOfBlockMean):
         logdet_res = self._closed_logdet(closed, factors) if logdet else None
         return inv_quad, logdet_res
 
+    def sqrt_inv_matmul(self, rhs: Tensor, lhs: Tensor | None = None):
+        r""":math:`A^{-1/2} R` with the symmetric inverse square root, or (:math:`L A^{-1/2} R`,
+        :math:`\operatorname{diag}(L A^{-1} L^\top)`), in closed form
+        (:meth:`~bma_gp._kronecker.KroneckerBlockMean.inverse_sqrt_matmul`). linear_operator's contour-integral
+        quadrature (CG and MINRES) ran here without a word (a user trial: 1.6e-6 off by default, 0.4-0.6 under
+        ``max_cg_iterations(1)``); where the sum has no closed form it still does, announced."""
+        check_floating(rhs, "rhs")
+        check_floating(lhs, "lhs")
+        closed = self._closed()
+        if closed is None:
+            with self._fallback("sqrt_inv_matmul"):
+                return super().sqrt_inv_matmul(rhs, lhs)  # type: ignore[misc]
+        return closed_sqrt_inv_matmul(closed, rhs, lhs)
+
     def logdet(self) -> Tensor:
         closed = self._closed()
         if closed is None:
@@ -2400,6 +2414,76 @@ def _hooked_kron_add_diagonal(original):
 
     add_diagonal._bma_gp_original = original
     return add_diagonal
+
+
+def closed_sqrt_inv_matmul(closed, rhs: Tensor, lhs: Tensor | None):
+    """linear_operator's ``sqrt_inv_matmul(rhs, lhs)`` from a :class:`~bma_gp._kronecker.KroneckerBlockMean`'s
+    symmetric inverse square root: :math:`A^{-1/2} R`, or (:math:`L A^{-1/2} R`, :math:`diag(L A^{-1} L^T)`)."""
+    if lhs is None:
+        vector = rhs.dim() == 1
+        res = closed.inverse_sqrt_matmul(rhs.unsqueeze(-1) if vector else rhs).to(rhs.dtype)
+        return res.squeeze(-1) if vector else res
+    lhs_root = closed.inverse_sqrt_matmul(lhs.mT).to(lhs.dtype).mT  # L A^{-1/2} (A^{-1/2} symmetric)
+    return lhs_root @ rhs, lhs_root.pow(2).sum(-1)
+
+
+def _hooked_kron_sqrt_inv_matmul(original):
+    """``KroneckerProductLinearOperator.sqrt_inv_matmul`` with a block mean factor: ``(M (x) K)^{-1/2} R`` in closed
+    form for a symmetric ``M`` and a ``t x t`` ``K`` (the split of :mod:`bma_gp._kronecker` with no noise); other
+    products of ours take linear_operator's contour-integral quadrature, announced. It ran that quadrature (CG and
+    MINRES) without a word (a user trial: 1.3e-5 to 2.5e-4 off by default, 0.63 under ``max_cg_iterations(1)``)."""
+
+    @functools.wraps(original)
+    def sqrt_inv_matmul(self, rhs, lhs=None):
+        if not _kronecker_of_ours(self):
+            return original(self, rhs, lhs)
+        from bma_gp._kronecker import KroneckerBlockMean, _block_mean_product, _symmetric
+
+        check_floating(rhs, "rhs")
+        check_floating(lhs, "lhs")
+        product = _block_mean_product(self)
+        if product is None:
+            warnings.warn(
+                f"sqrt_inv_matmul of a KroneckerProductLinearOperator (size {self.shape[-1]}) with a block mean factor "
+                "that is not one symmetric BlockMeanLinearOperator times one other factor: no closed form. "
+                "linear_operator's contour-integral quadrature (CG and MINRES: iterative, approximate) is used.",
+                ClosedFormFallbackWarning,
+                stacklevel=2,
+            )
+            return original(self, rhs, lhs)
+        M, task, index = product
+        K = _symmetric(task, M.core_dtype)
+        D = torch.zeros(*self.batch_shape, *K.shape[-2:], dtype=K.dtype, device=K.device)
+        closed = KroneckerBlockMean((M,), (K,), D, index == 0, self.batch_shape)
+        return closed_sqrt_inv_matmul(closed, rhs, lhs)
+
+    sqrt_inv_matmul._bma_gp_original = original
+    return sqrt_inv_matmul
+
+
+def _hooked_kron_sum_new(original):
+    """``__new__`` of linear_operator's ``KroneckerProductAddedDiagLinearOperator`` and ``SumKroneckerLinearOperator``:
+    built directly around a Kronecker product with a block mean factor
+    (``KroneckerProductAddedDiagLinearOperator(Kron(M, K), DiagLinearOperator(d))``), the subclass that ``Kron(M, K) +
+    diagonal`` gives (:func:`_announced_kronecker`): its closed forms, or linear_operator's path with a
+    :class:`ClosedFormFallbackWarning`. A user trial: built directly, a per-point noise was solved by CG without a
+    word (solves 18-21% off, log-determinants 3.6 nats off)."""
+
+    @functools.wraps(original)
+    def __new__(cls, *args, **kwargs):
+        plain = original(cls) if original is object.__new__ else original(cls, *args, **kwargs)
+        if cls not in (KroneckerProductAddedDiagLinearOperator, SumKroneckerLinearOperator) or not any(
+            _kronecker_of_ours(a) for a in args
+        ):
+            return plain
+        cls.__init__(plain, *args, **kwargs)  # linear_operator's checks of the arguments, and its operator
+        res = _announced_kronecker(plain)
+        if res is not plain and isinstance(res, cls):
+            res.__dict__["_bma_gp_built"] = True  # initialised: _ClosedKroneckerSum.__init__ leaves it as it is
+        return res
+
+    __new__._bma_gp_original = original
+    return __new__
 
 
 def _scaled_ours(op) -> bool:
@@ -3157,6 +3241,9 @@ def install() -> None:
     method = KroneckerProductLinearOperator.__dict__["add_diagonal"]
     if not hasattr(method, "_bma_gp_original"):
         KroneckerProductLinearOperator.add_diagonal = _hooked_kron_add_diagonal(method)
+    method = KroneckerProductLinearOperator.__dict__.get("sqrt_inv_matmul", LinearOperator.sqrt_inv_matmul)
+    if not hasattr(method, "_bma_gp_original"):
+        KroneckerProductLinearOperator.sqrt_inv_matmul = _hooked_kron_sqrt_inv_matmul(method)
     method = AddedDiagLinearOperator.__dict__["evaluate_kernel"]
     if not hasattr(method, "_bma_gp_original"):
         AddedDiagLinearOperator.evaluate_kernel = _hooked_added_diag_evaluate_kernel(method)
@@ -3206,6 +3293,10 @@ def install() -> None:
         original_init = cls.__dict__["__init__"]
         if not hasattr(original_init, "_bma_gp_original"):
             cls.__init__ = _hooked_generic_init(original_init)
+    for cls in (KroneckerProductAddedDiagLinearOperator, SumKroneckerLinearOperator):
+        original_new = cls.__dict__.get("__new__", object.__new__)
+        if not hasattr(original_new, "_bma_gp_original"):
+            cls.__new__ = _hooked_kron_sum_new(original_new)
     # the others reach the evaluated operator already; zero_mean_mvn_samples ran linear_operator's contour integral
     # quadrature on the lazy tensor under ciq_samples(True)
     for name in ("root_decomposition", "root_inv_decomposition", "zero_mean_mvn_samples"):
