@@ -595,6 +595,24 @@ def _record(model, strategy: DefaultPredictionStrategy) -> None:
     if not model.training and not hasattr(strategy, "_bma_gp_hyperparameters"):
         if _tracked(strategy) or _holds_bma_gp_module(model):  # GPyTorch's strategy under lazy evaluation off
             _record_hyperparameters(strategy, model)
+            # built (and its caches filled) without autograd: no graph to the hyperparameters (_without_graph)
+            strategy._bma_gp_without_graph = not torch.is_grad_enabled()
+
+
+def _without_graph(strategy: DefaultPredictionStrategy, model) -> bool:
+    """Whether ``strategy`` was built without autograd (a prediction under ``torch.no_grad()``, say a validation
+    metric) and is now asked for gradients that need its graph: autograd on, ``detach_test_caches(False)``, and a
+    parameter of the model that requires gradients. Its training covariance and mean cache hold no graph, so the
+    gradients of a predictive loss were those with the solve held fixed, without a word (a user trial: 17.03 against
+    -0.28 for a variance's raw parameter). GPyTorch's own models do the same; ``model.train(); model.eval()`` was
+    the way out."""
+    from gpytorch import settings as gpytorch_settings
+
+    if not getattr(strategy, "_bma_gp_without_graph", False) or not torch.is_grad_enabled():
+        return False
+    if gpytorch_settings.detach_test_caches.on():
+        return False
+    return any(p.requires_grad for p in model.parameters())
 
 
 def _refreshed(model, strategy: DefaultPredictionStrategy) -> DefaultPredictionStrategy:
@@ -658,6 +676,9 @@ def install() -> None:
         if strategy is not None and not self.training and _hyperparameters_changed(strategy, self):
             _clear_caches(self)  # GPyTorch's own eval-mode caches, as model.train() clears them
             self.prediction_strategy = strategy = _rebuilt(self, strategy)  # with the new hyperparameters
+        if strategy is not None and not self.training and _without_graph(strategy, self):
+            _clear_caches(self)  # GPyTorch's eval-mode caches, filled without autograd too
+            self.prediction_strategy = strategy = _rebuilt(self, strategy)  # rebuilt with autograd on
         if strategy is not None and validated and getattr(strategy, "_bma_gp_unvalidated", False):
             # its caches (GPyTorch's mean and covariance caches, the block mean strategies' factors) may hold NaN from
             # unchecked solves: rebuilt, so that validation raises what it finds

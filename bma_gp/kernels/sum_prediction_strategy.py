@@ -597,6 +597,10 @@ class SumPredictionStrategy(DefaultPredictionStrategy):
     def exact_prediction(self, test_mean: Tensor, test_test_covar, test_train_covar):
         check_bound_data(self)
         check_prediction_dtype(self, test_train_covar)
+        if test_train_covar.shape[-2] == 0:
+            # no test points: GPyTorch's path forms nothing (0 x n); the closed form's checks of the cross covariance's
+            # columns warned of a fallback (a user trial: "as a gpytorch ProductKernel makes", with none in the model)
+            return super().exact_prediction(test_mean, test_test_covar, test_train_covar)
         res = training_prediction(self, test_mean, test_test_covar, test_train_covar)
         if res is not None:
             return res
