@@ -27,6 +27,7 @@ from bma_gp._broadcast import shared_batch_entry
 from bma_gp._warnings import ClosedFormFallbackWarning
 from bma_gp.block_mean_linear_operator import BlockMeanLinearOperator
 from bma_gp.block_mean_sum_linear_operator import BlockMeanSumLinearOperator
+from bma_gp.kernels._active_dims import call_checking_active_dims
 from bma_gp.kernels._kept import KeptByInput
 from bma_gp.kernels.block_cross_linear_operator import BlockCrossLinearOperator
 from bma_gp.kernels.prediction_strategy import BlockMeanPredictionStrategy
@@ -781,6 +782,9 @@ class GroupKernel(Kernel):
         return cache(ids, lambda: _present_partition(ids))
 
     # ------------------------------------------------------------------ kernel interface
+    def __call__(self, x1, *args, **kwargs):
+        return call_checking_active_dims(self, super().__call__, x1, args, kwargs)
+
     def forward(
         self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params
     ) -> Tensor | LinearOperator:

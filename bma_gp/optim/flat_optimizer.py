@@ -331,12 +331,25 @@ def _same_setting(value, current) -> bool:
         current = bool(current)
     if value is current:
         return True
+    if isinstance(value, Tensor) and value.numel() == 1 and value.device.type == "cpu" and not value.is_complex():
+        # a one-element CPU tensor, as the constructor takes one (a float32 1e-10 is another number than 1e-10)
+        value = value.item()
+        if isinstance(value, bool):
+            return False
     if isinstance(value, (bool, Tensor)) or isinstance(current, bool) or callable(value) or callable(current):
         return False
     try:
         return bool(value == current)
     except (TypeError, ValueError, RuntimeError):
         return False
+
+
+def _setting_repr(value) -> str:
+    """``repr(value)``, with a one-element CPU tensor's exact number (its repr rounds: a float32 ``1e-10`` printed as
+    the optimizer's ``1e-10``)."""
+    if isinstance(value, Tensor) and value.numel() == 1 and value.device.type == "cpu" and not value.is_complex():
+        return f"{value!r} (the number {value.item()!r})"
+    return repr(value)
 
 
 #: the likely cause named by :func:`_non_finite_message` when some parameter is already non-finite, per optimizer
@@ -450,7 +463,7 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
             if key in group and not _same_setting(group[key], getattr(self, attribute)):
                 raise ValueError(
                     f"{key} is an optimizer-wide setting of {name} (one preconditioner spans all parameter groups), "
-                    f"not a per-group one: a param group has {key}={group[key]!r}, the optimizer {key}="
+                    f"not a per-group one: a param group has {key}={_setting_repr(group[key])}, the optimizer {key}="
                     f"{getattr(self, attribute)!r}. Set it in the constructor, {name}(params, {key}=...), for all "
                     f"groups (per group: lr, weight_decay, maximize)."
                 )
@@ -516,6 +529,8 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
                 check_bool("maximize", maximize)
             except ValueError as error:
                 raise ValueError(f"{error}{edited}") from None
+            if isinstance(maximize, np.bool_):  # its Python bool, as the constructor stores it (a numpy.bool_ in the
+                group["maximize"] = bool(maximize)  # state dict fails torch.load(weights_only=True))
 
     #: the entries every param group must hold at a step (``add_param_group`` fills ``lr`` and ``maximize`` from the
     #: defaults; a group without ``weight_decay`` steps without decay)
@@ -882,6 +897,10 @@ class FlatPreconditionedOptimizer(torch.optim.Optimizer):
     def _save_own_state(self, sd: dict[str, Any]) -> None:
         """Add to torch's state dict ``sd`` what torch does not save (a subclass adds its own entries)."""
         sd["global_state"] = dict(self.global_state)
+        for group in sd["param_groups"]:  # torch's copies: a numpy.bool_ set in place (maximize) as its Python bool,
+            for key, value in group.items():  # which torch.load(weights_only=True) reads back
+                if isinstance(value, np.bool_):
+                    group[key] = bool(value)
         if self._saved_hyperparameters:
             sd["hyperparameters"] = {name: getattr(self, name) for name, _ in self._saved_hyperparameters}
 

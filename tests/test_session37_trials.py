@@ -1,0 +1,126 @@
+"""Session 37 user trials: an empty test set of a crossed model predicts without a fallback warning; ``active_dims``
+beyond the inputs' columns are refused by name; a param group repeating ``eps`` as a tensor of the optimizer's value
+is accepted (and one of another value is refused with its exact number); ``maximize`` edited in place to
+``numpy.True_`` is saved as a Python bool. Each test failed on the code before."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import gpytorch
+import numpy as np
+import pytest
+import torch
+
+from bma_gp import ClosedFormFallbackWarning, GroupKernel
+from bma_gp.optim import BlockMeanAdagrad, FullMatrixAdagrad
+
+
+class _GP(gpytorch.models.ExactGP):
+    def __init__(self, x, y, likelihood, kernel):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean(batch_shape=y.shape[:-1])
+        self.covar_module = kernel
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+@pytest.mark.parametrize("batch", [(), (2,)])
+def test_an_empty_test_set_of_crossed_groupings_predicts_without_a_warning(batch):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.stack([torch.randint(0, 10, (100,), generator=gen), torch.randint(0, 5, (100,), generator=gen)], -1)
+    x = x.double().expand(*batch, 100, 2)
+    y = torch.randn(*batch, 100, generator=gen, dtype=torch.float64)
+    kernel = GroupKernel(10, active_dims=[0], batch_shape=torch.Size(batch)) + GroupKernel(
+        5, active_dims=[1], batch_shape=torch.Size(batch)
+    )
+    likelihood = gpytorch.likelihoods.GaussianLikelihood(batch_shape=torch.Size(batch))
+    model = _GP(x, y, likelihood, kernel).double().eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        empty = model(x[..., :0, :])
+        mean, variance = empty.mean, empty.variance
+        full = model(x[..., :3, :]).variance  # the closed form still serves a non-empty set afterwards
+    assert mean.shape == variance.shape == (*batch, 0)
+    assert full.shape == (*batch, 3) and bool((full > 0).all())
+
+
+def test_active_dims_beyond_the_columns_are_refused_by_name():
+    x = torch.zeros(4, 2)
+    with pytest.raises(ValueError, match=r"GroupKernel\(active_dims=\[3\]\): x1 has 2 columns .* \[3\]"):
+        GroupKernel(3, active_dims=[3])(x).to_dense()
+    total = GroupKernel(3, active_dims=[1]) + GroupKernel(3, active_dims=[5])
+    with pytest.raises(ValueError, match=r"active_dims \[5\] select columns it does not have"):
+        total(x).to_dense()
+    assert GroupKernel(3, active_dims=[1])(x).to_dense().shape == (4, 4)  # columns that exist: unchanged
+
+
+@pytest.mark.parametrize("cls", [BlockMeanAdagrad, FullMatrixAdagrad])
+def test_a_group_repeating_eps_as_a_tensor_of_the_same_value_is_accepted(cls):
+    p = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    eps = cls([p]).eps
+    opt = cls([{"params": [p], "eps": torch.tensor(eps, dtype=torch.float64)}])
+    p.grad = torch.ones_like(p)
+    opt.step()  # the per-step check of the groups accepts it too
+    assert opt.eps == eps
+    other = torch.tensor(eps, dtype=torch.float32)  # prints as the same number, is another
+    with pytest.raises(ValueError, match=rf"the number {float(other)!r}"):
+        cls([{"params": [p], "eps": other}])
+
+
+@pytest.mark.parametrize("cls", [BlockMeanAdagrad, FullMatrixAdagrad])
+@pytest.mark.parametrize("save_before_step", [False, True])
+def test_maximize_set_in_place_to_numpy_bool_saves_a_python_bool(cls, save_before_step):
+    p = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    opt = cls([p], lr=0.1)
+    opt.param_groups[0]["maximize"] = np.True_
+    if not save_before_step:
+        p.grad = torch.ones_like(p)
+        before = p.detach().clone()
+        opt.step()
+        assert bool((p.detach() > before).all())  # maximised
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert loaded["param_groups"][0]["maximize"] is True
+
+
+def _crossed_model(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.stack([torch.randint(0, 8, (60,), generator=gen), torch.randint(0, 4, (60,), generator=gen)], -1).double()
+    y = torch.randn(60, generator=gen, dtype=torch.float64)
+    kernel = GroupKernel(8, active_dims=[0]) + GroupKernel(4, active_dims=[1])
+    model = _GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).double()
+    test_x = torch.stack([torch.randint(0, 8, (5,), generator=gen), torch.randint(0, 4, (5,), generator=gen)], -1)
+    test_y = torch.randn(5, generator=gen, dtype=torch.float64)
+    return model.eval(), test_x.double(), test_y
+
+
+def _predictive_gradients(model, test_x, test_y):
+    with gpytorch.settings.detach_test_caches(False):
+        loss = -model.likelihood(model(test_x)).log_prob(test_y)
+        return torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+
+def test_gradients_after_a_prediction_without_autograd_keep_the_solve_live():
+    """A prediction under ``torch.no_grad()`` (a validation metric) built the strategy without a graph; the gradients of
+    a predictive loss under ``detach_test_caches(False)`` then held the solve fixed (17.03 against -0.28). The strategy
+    is rebuilt with autograd on: the gradients equal those of a model that never predicted without it."""
+    fresh, test_x, test_y = _crossed_model()
+    expected = _predictive_gradients(fresh, test_x, test_y)
+    model, _, _ = _crossed_model()
+    with torch.no_grad():
+        model(test_x).mean  # noqa: B018  (builds the strategy without autograd)
+    got = _predictive_gradients(model, test_x, test_y)
+    for g, e in zip(got, expected, strict=True):
+        assert torch.allclose(g, e, rtol=1e-10, atol=1e-12)
+    # with the default detach_test_caches the strategy built without autograd is kept (nothing of it is differentiated)
+    model, _, _ = _crossed_model()
+    with torch.no_grad():
+        model(test_x)
+    kept = model.prediction_strategy
+    model(test_x).mean.sum().backward()
+    assert model.prediction_strategy is kept
