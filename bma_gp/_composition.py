@@ -791,6 +791,13 @@ def _announced():
     return _raised(_ANNOUNCED)
 
 
+def _generic_path(what: str) -> str:
+    """What linear_operator does for ``what`` where a fallback operator has no closed form (for its warning)."""
+    if what == "sqrt_inv_matmul":
+        return "linear_operator's contour-integral quadrature (CG and MINRES: iterative and approximate, at every size)"
+    return "linear_operator's generic path (dense Cholesky up to max_cholesky_size, CG and Lanczos beyond)"
+
+
 class _WarnsWhenFactorised(TorchIndexing):
     """Solves, log-determinants and roots that say with a :class:`ClosedFormFallbackWarning` that they take
     linear_operator's generic path (products stay silent); ``_warn(what)`` words it.
@@ -1006,10 +1013,14 @@ class FallbackSumLinearOperator(_WarnsWhenFactorised, SumLinearOperator):
 
     def _warn(self, what: str) -> None:
         names = " + ".join(type(op).__name__ for op in self.linear_ops)
+        why = (
+            "one summand is not a block mean operator, a diagonal or a low-rank root, so this sum has no closed form"
+            if len(self.linear_ops) > 1
+            else "the matrix formed by an operation without a closed form (an elementwise product, say), which "
+            "warned when it was formed"
+        )
         warnings.warn(
-            f"{what} of {names}: one summand is not a block mean operator, a diagonal or a low-rank root, so this "
-            "sum has no closed form; linear_operator's generic path (dense Cholesky up to max_cholesky_size, CG "
-            "and Lanczos beyond) is used.",
+            f"{what} of {names}: {why}; {_generic_path(what)} is used.",
             ClosedFormFallbackWarning,
             stacklevel=3,
         )
@@ -1134,8 +1145,8 @@ class FallbackIndexedLinearOperator(_WarnsWhenFactorised, InterpolatedLinearOper
             warnings.warn(
                 f"{what} of rows and columns of a {name} (a multitask Kronecker sum with a block mean factor): no "
                 "submatrix of it but whole tasks (every point of one task, mvn[..., j], or of several, mvn[..., S]) "
-                "has a closed form here, a principal one (M[a:b, a:b], M[idx][:, idx]) included; linear_operator's "
-                "generic path (dense Cholesky up to max_cholesky_size, CG and Lanczos beyond) is used. Solve with the "
+                "has a closed form here, a principal one (M[a:b, a:b], M[idx][:, idx]) included; "
+                f"{_generic_path(what)} is used. Solve with the "
                 "whole covariance (the model's full multitask output) and select points from the result to keep the "
                 "closed forms.",
                 ClosedFormFallbackWarning,
@@ -1144,8 +1155,8 @@ class FallbackIndexedLinearOperator(_WarnsWhenFactorised, InterpolatedLinearOper
             return
         warnings.warn(
             f"{what} of rows and columns of a {name} other than one principal slice: "
-            "this submatrix has no closed form here; linear_operator's generic path (dense Cholesky up to "
-            "max_cholesky_size, CG and Lanczos beyond) is used. Index with one slice, or the same distinct points, "
+            f"this submatrix has no closed form here; {_generic_path(what)} is used. Index with one slice, or the "
+            "same distinct points, "
             "on both sides (M[a:b, a:b], M[idx][:, idx], or mvn[..., a:b]) to keep the closed forms.",
             ClosedFormFallbackWarning,
             stacklevel=3,
@@ -1292,8 +1303,8 @@ class FallbackScaledLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperat
     def _warn(self, what: str) -> None:
         warnings.warn(
             f"{what} of a negative multiple of a {type(self.base_linear_op).__name__}: the sum's closed forms need a "
-            "nonnegative factor; linear_operator's generic path (dense Cholesky up to max_cholesky_size, CG and "
-            "Lanczos beyond) is used. Solve with the sum itself and divide (M * c)^{-1} b = M^{-1} b / c.",
+            f"nonnegative factor; {_generic_path(what)} is used. Solve with the sum itself and divide "
+            "(M * c)^{-1} b = M^{-1} b / c.",
             ClosedFormFallbackWarning,
             stacklevel=3,
         )
@@ -1513,8 +1524,7 @@ class FallbackMaskedLinearOperator(_WarnsWhenFactorised, MaskedLinearOperator):
         )
         warnings.warn(
             f"{what} of the observed rows and columns (missing targets, observation_nan_policy('mask')) of a "
-            f"{type(self.base).__name__}: {why}; "
-            "linear_operator's generic path (dense Cholesky up to max_cholesky_size, CG and Lanczos beyond) is used.",
+            f"{type(self.base).__name__}: {why}; {_generic_path(what)} is used.",
             ClosedFormFallbackWarning,
             stacklevel=3,
         )

@@ -124,3 +124,25 @@ def test_gradients_after_a_prediction_without_autograd_keep_the_solve_live():
     kept = model.prediction_strategy
     model(test_x).mean.sum().backward()
     assert model.prediction_strategy is kept
+
+
+def test_a_fallback_sqrt_inv_matmul_names_the_quadrature_it_runs():
+    """The warning of ``sqrt_inv_matmul`` without a closed form named the dense Cholesky and CG and Lanczos, and called
+    an elementwise product "this sum"; linear_operator runs its contour-integral quadrature (MINRES) at every size."""
+    from bma_gp import BlockMeanLinearOperator, Partition
+
+    n = 12
+    M = BlockMeanLinearOperator(
+        torch.rand(3, dtype=torch.float64) + 0.5,
+        torch.eye(3, dtype=torch.float64),
+        Partition.from_labels(torch.arange(n) % 3),
+    )
+    with pytest.warns(ClosedFormFallbackWarning):
+        product = M * (2 * torch.ones(n, n, dtype=torch.float64))
+    with pytest.warns(ClosedFormFallbackWarning) as record:
+        product.sqrt_inv_matmul(torch.ones(n, 1, dtype=torch.float64))
+    message = str(record[0].message)
+    assert "contour-integral quadrature (CG and MINRES" in message and "this sum" not in message
+    assert "formed by an operation without a closed form" in message
+    with pytest.warns(ClosedFormFallbackWarning, match="dense Cholesky up to max_cholesky_size"):
+        product.solve(torch.ones(n, 1, dtype=torch.float64))
