@@ -292,6 +292,8 @@ def test_predictive_covariance_new_axes_and_batch_entries(monkeypatch):
         _check(covar, fn)
 
     monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+
+    monkeypatch.setattr(sps, "_stable_past_threshold", lambda M: False)  # W past it, not G - Sigma
     monkeypatch.setattr(sps._ImplicitWeight, "formed", lambda self, columns: None)
     monkeypatch.setattr(group_kernel, "FACTOR_DENSE_MAX_GROUPS", 0)
     model, _, _, _, xt = factor_model(30, n=120, batch_shape=(2,))

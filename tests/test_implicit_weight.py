@@ -36,6 +36,7 @@ def implicit(monkeypatch):
     """Every sum with a diagonal grouping to eliminate predicts through the implicit weight, by products only (it
     never forms ``W``, however many columns are asked for; that switch is tested on its own below)."""
     monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    monkeypatch.setattr(sps, "_stable_past_threshold", lambda M: False)  # W itself, not G - Sigma
     monkeypatch.setattr(sps._ImplicitWeight, "formed", lambda self, columns: None)
     no_structured_forms(monkeypatch)
 
@@ -45,6 +46,7 @@ def implicit_either(request, monkeypatch):
     """As ``implicit``, and once more with the structured forms where they apply (the default path;
     tests/test_structured_prediction.py)."""
     monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    monkeypatch.setattr(sps, "_stable_past_threshold", lambda M: False)  # W itself, not G - Sigma
     monkeypatch.setattr(sps._ImplicitWeight, "formed", lambda self, columns: None)
     if request.param == "products":
         no_structured_forms(monkeypatch)
@@ -171,10 +173,9 @@ def test_default_threshold_takes_the_implicit_weight_for_many_levels(monkeypatch
         assert isinstance(covar.W, sps._ImplicitWeight)
         M = covar.W.M
         X = torch.randn(covar.W.shape[-1], 3, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
-        with pytest.MonkeyPatch.context() as m:
-            m.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 10**9)
-            formed = sps._posterior_weight(M)
-        assert torch.is_tensor(formed)
+        # past the threshold the weight is G - Sigma (every term diagonal or the root's: _stable_past_threshold)
+        assert covar.W.stable
+        formed = sps._transformed_weight(M, [True] * len(M._sizes()))
         torch.testing.assert_close(covar.W @ X, formed @ X, rtol=1e-9, atol=1e-11)
 
 

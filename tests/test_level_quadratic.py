@@ -101,6 +101,7 @@ def test_levels_match_gpytorch(case, weight, chunks, product, table, monkeypatch
 
     if weight == "products":  # the weight applied as products (many eliminated levels), not G - Sigma
         monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+        monkeypatch.setattr(sps, "_stable_past_threshold", lambda M: False)  # W past it, not G - Sigma
     # the grouping tables with the eliminated grouping held as their cells (a crossed random intercept's, read
     # level by level without forming A_Er), or as dense blocks
     monkeypatch.setattr(sums, "SPARSE_CELLS_DENSITY", 1e9 if table == "cells" else 0.0)
@@ -139,6 +140,7 @@ def test_levels_match_gpytorch(case, weight, chunks, product, table, monkeypatch
 def test_a_dense_block_keeps_the_row_chunks(case, monkeypatch):
     """An inducing-point root's block of ``F_r`` is dense: its rows are formed, as before."""
     monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)  # the structured form (else W is formed here)
+    monkeypatch.setattr(sps, "_stable_past_threshold", lambda M: False)  # W past it, not G - Sigma
     taken = _paths(monkeypatch)
     model, _, _ = build(case)
     model.eval()
@@ -166,6 +168,7 @@ def _variance_and_grads(model, xt):
 def test_gradients_equal_the_row_chunks(case, weight, monkeypatch):
     if weight == "products":
         monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+        monkeypatch.setattr(sps, "_stable_past_threshold", lambda M: False)  # W past it, not G - Sigma
     monkeypatch.setattr(sps, "LEVEL_PAIR_COST", 0)  # not under a gradient: the products
     model, _, _ = build(case)
     xt = _inputs()
@@ -183,6 +186,7 @@ def test_gradients_equal_the_row_chunks(case, weight, monkeypatch):
 @pytest.mark.parametrize("case", ["crossed", "slopes"])
 def test_float32_equals_the_row_chunks(case, monkeypatch):
     monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    monkeypatch.setattr(sps, "_stable_past_threshold", lambda M: False)  # W past it, not G - Sigma
     model, _, _ = build(case)
     model = model.float().eval()
     xt = _inputs().float()
@@ -206,6 +210,8 @@ def test_three_crossed_groupings_match_gpytorch(slope, form, monkeypatch):
     from test_mixed_prediction import GP
 
     monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+
+    monkeypatch.setattr(sps, "_stable_past_threshold", lambda M: False)  # W past it, not G - Sigma
     monkeypatch.setattr(sps, "LEVEL_PAIR_COST", 0 if form == "pairs" else float("inf"))
     monkeypatch.setattr(sps, "_LEVEL_PAIRS_CHUNK", 97)  # several chunks of pairs
     monkeypatch.setattr(sps, "_DIAG_CHUNK", 200)  # a few levels per chunk
@@ -249,6 +255,7 @@ def test_no_rows():
     model.eval()
     with pytest.MonkeyPatch.context() as patch, torch.no_grad():
         patch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+        patch.setattr(sps, "_stable_past_threshold", lambda M: False)  # W past it, not G - Sigma
         patch.setattr(sps._Structured, "_one_hot_rest_quadratic", keep)
         _ = model(_inputs()).variance
     parts = captured[0]
@@ -272,6 +279,7 @@ def test_no_rows():
 def test_cuda_matches_cpu(case, monkeypatch):
     """The level-by-level variance on CUDA (the GEMM; the CSR product is CPU-only here) against CPU."""
     monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    monkeypatch.setattr(sps, "_stable_past_threshold", lambda M: False)  # W past it, not G - Sigma
     taken = _paths(monkeypatch)
     out = {}
     for device in ("cpu", "cuda"):
@@ -289,6 +297,8 @@ def test_pairs_warn_nothing(monkeypatch):
     import warnings
 
     monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+
+    monkeypatch.setattr(sps, "_stable_past_threshold", lambda M: False)  # W past it, not G - Sigma
     monkeypatch.setattr(sps, "LEVEL_PAIR_COST", 0)
     monkeypatch.setattr(sps, "SPARSE_ROWS_DENSITY", 1.0)
     seen = _spy_nonzeros(monkeypatch)

@@ -135,6 +135,7 @@ def test_cells_lift_the_bound_on_the_levels_rows(table, monkeypatch):
     monkeypatch.setattr(sums, "SPARSE_CELLS_DENSITY", 1e9 if table == "cells" else 0.0)
     monkeypatch.setattr(sps, "_STRUCTURED_MAX_ELEMENTS", 1)
     monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)  # the structured form, not a formed G - Sigma
+    monkeypatch.setattr(sps, "_stable_past_threshold", lambda M: False)  # W past it, not G - Sigma
     built = []
     original = sps._Structured.build
 

@@ -146,3 +146,34 @@ def test_a_fallback_sqrt_inv_matmul_names_the_quadrature_it_runs():
     assert "formed by an operation without a closed form" in message
     with pytest.warns(ClosedFormFallbackWarning, match="dense Cholesky up to max_cholesky_size"):
         product.solve(torch.ones(n, 1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("noise", [1e-6, 1e-8])
+def test_variances_past_the_formed_weights_threshold_keep_their_accuracy(noise):
+    """Crossed intercepts whose eliminated grouping has more levels than ``_DENSE_WEIGHT_MAX_ELIMINATED``: the
+    variances at seen levels came from ``K_** - F W F^T``, which cancels at the size of ``n / noise`` (22 % off at
+    noise 1e-8, 1766 x 5 levels); the weight there is ``G - Sigma`` now, as below the threshold."""
+    from bma_gp.kernels import sum_prediction_strategy as sps
+
+    levels = sps._DENSE_WEIGHT_MAX_ELIMINATED + 100
+    n = 2 * levels + 200
+    gen = torch.Generator().manual_seed(3)
+    first = torch.cat([torch.arange(levels), torch.randint(0, levels, (n - levels,), generator=gen)])
+    second = torch.randint(0, 5, (n,), generator=gen)
+    x = torch.stack([first, second], -1).double()
+    y = torch.randn(n, generator=gen, dtype=torch.float64)
+    kernel = GroupKernel(levels, active_dims=[0]) + GroupKernel(5, active_dims=[1])
+    likelihood = gpytorch.likelihoods.GaussianLikelihood(noise_constraint=gpytorch.constraints.GreaterThan(1e-12))
+    model = _GP(x, y, likelihood, kernel).double()
+    with torch.no_grad():
+        kernel.kernels[0].var, kernel.kernels[1].var = 0.8, 0.4
+        likelihood.noise = noise
+    model.eval()
+    test_x = x[torch.randint(0, n, (40,), generator=gen)]
+    with torch.no_grad():
+        variance = model(test_x).variance
+    same = [(a[:, None] == b[None, :]).double() for a, b in ((test_x[:, 0], x[:, 0]), (test_x[:, 1], x[:, 1]))]
+    K = 0.8 * (x[:, :1] == x[:, 0]).double() + 0.4 * (x[:, 1:] == x[:, 1]).double() + noise * torch.eye(n).double()
+    cross = 0.8 * same[0] + 0.4 * same[1]
+    expected = 1.2 - (cross * torch.cholesky_solve(cross.mT, torch.linalg.cholesky(K)).mT).sum(-1)
+    assert bool(((variance - expected).abs() / expected).max() < 1e-3)

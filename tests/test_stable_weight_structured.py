@@ -176,6 +176,7 @@ def test_values_match_the_products_the_other_side_of_the_threshold_and_a_dense_c
         assert isinstance(_weight(products), sps._ImplicitWeight) and _weight(products).stable
     with monkeypatch.context() as m:
         m.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)  # W as products, the structured forms of W
+        m.setattr(sps, "_stable_past_threshold", lambda M: False)  # (G - Sigma there too by default: session 37)
         other = _prediction(past, xs, x.shape[0])
         assert isinstance(_weight(past), sps._ImplicitWeight) and not _weight(past).stable
     # the same values as the products (the path before), to rounding

@@ -262,6 +262,7 @@ def test_models_take_it_and_match_gpytorch(monkeypatch, case):
     and the full covariance come from the structured forms (no product with ``W``) and equal GPyTorch's dense
     computation."""
     monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    monkeypatch.setattr(sps, "_stable_past_threshold", lambda M: False)  # W past it, not G - Sigma
     model, x, y = build(case)
     model.eval()
     xt = random_new_inputs(40)
@@ -296,6 +297,7 @@ def test_dense_kernels_beside_a_grouping(monkeypatch, dense):
     test points densely; beside an eliminated random intercept the structured forms still apply, and match
     GPyTorch."""
     monkeypatch.setattr(sps, "_DENSE_WEIGHT_MAX_ELIMINATED", 0)
+    monkeypatch.setattr(sps, "_stable_past_threshold", lambda M: False)  # W past it, not G - Sigma
     model, x, y = build("crossed")
     if dense == "rank_group":
         other = GroupKernel(7, rank=1, active_dims=[1]).to(DTYPE)
