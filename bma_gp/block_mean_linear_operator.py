@@ -307,6 +307,15 @@ def check_real(value: Tensor, name: str) -> None:
         )
 
 
+#: The end of the refusal of a non-finite ``lam`` or ``B`` (:meth:`BlockMeanLinearOperator._check_finite`).
+_NOT_FINITE_HINT = (
+    "check the kernel hyperparameters or the data that produced them. In a GP model lam holds the likelihood's noise "
+    "(plus a BlockMeanKernel's within-block variance) and B the kernels' block values: a NaN or inf there usually "
+    "means training diverged (a learning rate or an L-BFGS line search that sent a raw hyperparameter far out); lower "
+    "the learning rate, bound the noise (a GreaterThan constraint), or centre and scale the targets."
+)
+
+
 def _where(batch: tuple[int, ...]) -> str:
     return f" (batch index {batch})" if batch else ""
 
@@ -1360,8 +1369,7 @@ class BlockMeanLinearOperator(
             value = float((self.lam if which == "lam" else self._b_diag).detach()[batch][i])
             raise ValueError(
                 f"the block mean operator's input is not finite: {which}[{i}{', ' + str(i) if which == 'B' else ''}] = "
-                f"{value}{_where(batch)}. lam and B must be finite; check the kernel hyperparameters or the data that "
-                "produced them."
+                f"{value}{_where(batch)}. lam and B must be finite; {_NOT_FINITE_HINT}"
             )
         # the sum of B is finite exactly when every entry is, but for an overflow: one pass over B and no k x k
         # temporaries (isfinite of a k x k matrix allocates several, 0.5 GB at k = 4000 in float64); the elementwise
@@ -1386,7 +1394,7 @@ class BlockMeanLinearOperator(
             value, where = float(self.B.detach()[batch][i, j]), f"B[{i}, {j}]"
         raise ValueError(
             f"the block mean operator's input is not finite: {where} = {value}{_where(batch)}. lam and B must be "
-            "finite; check the kernel hyperparameters or the data that produced them."
+            f"finite; {_NOT_FINITE_HINT}"
         )
 
     def _check_block_offsets(self, lam: Tensor, what: str, strict: bool) -> None:

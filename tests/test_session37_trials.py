@@ -177,3 +177,16 @@ def test_variances_past_the_formed_weights_threshold_keep_their_accuracy(noise):
     cross = 0.8 * same[0] + 0.4 * same[1]
     expected = 1.2 - (cross * torch.cholesky_solve(cross.mT, torch.linalg.cholesky(K)).mT).sum(-1)
     assert bool(((variance - expected).abs() / expected).max() < 1e-3)
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_a_non_finite_lam_says_what_it_is_in_a_gp(diagonal):
+    """``lam[0] = nan`` named the operator's own argument only; in a GP it is the likelihood's noise, and a NaN there
+    is a diverged training run (a user trial: an L-BFGS line search on uncentred targets)."""
+    from bma_gp import BlockMeanLinearOperator, Partition
+
+    lam = torch.tensor([float("nan"), 1.0], dtype=torch.float64)
+    B = torch.ones(2, dtype=torch.float64) if diagonal else torch.eye(2, dtype=torch.float64)
+    op = BlockMeanLinearOperator(lam, B, Partition.from_labels(torch.tensor([0, 0, 1, 1])), diagonal=diagonal)
+    with pytest.raises(ValueError, match=r"lam\[0\] = nan.*likelihood's noise.*centre and scale the targets"):
+        op.solve(torch.ones(4, 1, dtype=torch.float64))
