@@ -15,16 +15,7 @@ import torch
 
 from bma_gp import ClosedFormFallbackWarning, GroupKernel
 from bma_gp.optim import BlockMeanAdagrad, FullMatrixAdagrad
-
-
-class _GP(gpytorch.models.ExactGP):
-    def __init__(self, x, y, likelihood, kernel):
-        super().__init__(x, y, likelihood)
-        self.mean_module = gpytorch.means.ConstantMean(batch_shape=y.shape[:-1])
-        self.covar_module = kernel
-
-    def forward(self, x):
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+from gp_reference import GP
 
 
 @pytest.mark.parametrize("batch", [(), (2,)])
@@ -37,7 +28,7 @@ def test_an_empty_test_set_of_crossed_groupings_predicts_without_a_warning(batch
         5, active_dims=[1], batch_shape=torch.Size(batch)
     )
     likelihood = gpytorch.likelihoods.GaussianLikelihood(batch_shape=torch.Size(batch))
-    model = _GP(x, y, likelihood, kernel).double().eval()
+    model = GP(x, y, likelihood, kernel, batch_shape=batch).double().eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("error", ClosedFormFallbackWarning)
         empty = model(x[..., :0, :])
@@ -93,7 +84,7 @@ def _crossed_model(seed: int = 0):
     x = torch.stack([torch.randint(0, 8, (60,), generator=gen), torch.randint(0, 4, (60,), generator=gen)], -1).double()
     y = torch.randn(60, generator=gen, dtype=torch.float64)
     kernel = GroupKernel(8, active_dims=[0]) + GroupKernel(4, active_dims=[1])
-    model = _GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).double()
+    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), kernel).double()
     test_x = torch.stack([torch.randint(0, 8, (5,), generator=gen), torch.randint(0, 4, (5,), generator=gen)], -1)
     test_y = torch.randn(5, generator=gen, dtype=torch.float64)
     return model.eval(), test_x.double(), test_y
@@ -164,7 +155,7 @@ def test_variances_past_the_formed_weights_threshold_keep_their_accuracy(noise):
     y = torch.randn(n, generator=gen, dtype=torch.float64)
     kernel = GroupKernel(levels, active_dims=[0]) + GroupKernel(5, active_dims=[1])
     likelihood = gpytorch.likelihoods.GaussianLikelihood(noise_constraint=gpytorch.constraints.GreaterThan(1e-12))
-    model = _GP(x, y, likelihood, kernel).double()
+    model = GP(x, y, likelihood, kernel).double()
     with torch.no_grad():
         kernel.kernels[0].var, kernel.kernels[1].var = 0.8, 0.4
         likelihood.noise = noise
