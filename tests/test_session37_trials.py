@@ -139,8 +139,9 @@ def test_a_fallback_sqrt_inv_matmul_names_the_quadrature_it_runs():
         product.solve(torch.ones(n, 1, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("other", [5, 40])  # 40: R^2 > q, the structured stable forms all the same
 @pytest.mark.parametrize("noise", [1e-6, 1e-8])
-def test_variances_past_the_formed_weights_threshold_keep_their_accuracy(noise):
+def test_variances_past_the_formed_weights_threshold_keep_their_accuracy(noise, other):
     """Crossed intercepts whose eliminated grouping has more levels than ``_DENSE_WEIGHT_MAX_ELIMINATED``: the
     variances at seen levels came from ``K_** - F W F^T``, which cancels at the size of ``n / noise`` (22 % off at
     noise 1e-8, 1766 x 5 levels); the weight there is ``G - Sigma`` now, as below the threshold."""
@@ -150,10 +151,10 @@ def test_variances_past_the_formed_weights_threshold_keep_their_accuracy(noise):
     n = 2 * levels + 200
     gen = torch.Generator().manual_seed(3)
     first = torch.cat([torch.arange(levels), torch.randint(0, levels, (n - levels,), generator=gen)])
-    second = torch.randint(0, 5, (n,), generator=gen)
+    second = torch.randint(0, other, (n,), generator=gen)
     x = torch.stack([first, second], -1).double()
     y = torch.randn(n, generator=gen, dtype=torch.float64)
-    kernel = GroupKernel(levels, active_dims=[0]) + GroupKernel(5, active_dims=[1])
+    kernel = GroupKernel(levels, active_dims=[0]) + GroupKernel(other, active_dims=[1])
     likelihood = gpytorch.likelihoods.GaussianLikelihood(noise_constraint=gpytorch.constraints.GreaterThan(1e-12))
     model = GP(x, y, likelihood, kernel).double()
     with torch.no_grad():
@@ -181,3 +182,32 @@ def test_a_non_finite_lam_says_what_it_is_in_a_gp(diagonal):
     op = BlockMeanLinearOperator(lam, B, Partition.from_labels(torch.tensor([0, 0, 1, 1])), diagonal=diagonal)
     with pytest.raises(ValueError, match=r"lam\[0\] = nan.*likelihood's noise.*centre and scale the targets"):
         op.solve(torch.ones(4, 1, dtype=torch.float64))
+
+
+def test_sqrt_inv_matmul_of_a_lazily_evaluated_multitask_prior_is_closed_form():
+    """``model(x).lazy_covariance_matrix`` of a ``MultitaskKernel(BlockMeanKernel)`` is a lazily evaluated kernel
+    tensor, whose ``sqrt_inv_matmul`` ran linear_operator's quadrature without a word (0.55 off with one CG
+    iteration); it is the evaluated operator's closed form."""
+    from gpytorch.lazy import LazyEvaluatedKernelTensor
+    from linear_operator import settings as lo_settings
+
+    from bma_gp import BlockMeanKernel, Partition
+    from closed_form_guard import closed_forms_only
+
+    gen = torch.Generator().manual_seed(4)
+    n = 30
+    x = torch.rand(n, 2, generator=gen, dtype=torch.float64)
+    base = BlockMeanKernel(gpytorch.kernels.RBFKernel(), x, Partition.from_labels(torch.arange(n) % 5))
+    kernel = gpytorch.kernels.MultitaskKernel(base, num_tasks=2, rank=1).double()
+    with torch.no_grad():
+        kernel.task_covar_module.covar_factor.fill_(0.5)
+    covar = kernel(x)
+    assert isinstance(covar, LazyEvaluatedKernelTensor)
+    dense = covar.to_dense().detach()
+    e, V = torch.linalg.eigh(dense)
+    rhs = torch.randn(2 * n, 2, generator=gen, dtype=torch.float64)
+    with lo_settings.max_cg_iterations(1), closed_forms_only(n), warnings.catch_warnings():
+        warnings.simplefilter("error", ClosedFormFallbackWarning)
+        got = covar.sqrt_inv_matmul(rhs)
+    expected = (V * e.rsqrt().unsqueeze(-2)) @ V.mT @ rhs
+    assert bool(((got - expected).abs().max() / expected.abs().max()) < 1e-9)
