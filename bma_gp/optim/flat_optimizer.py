@@ -331,8 +331,7 @@ def _same_setting(value, current) -> bool:
         current = bool(current)
     if value is current:
         return True
-    if isinstance(value, Tensor) and value.numel() == 1 and value.device.type == "cpu" and not value.is_complex():
-        # a one-element CPU tensor, as the constructor takes one (a float32 1e-10 is another number than 1e-10)
+    if _host_number(value):  # as the constructor takes one (a float32 1e-10 is another number than 1e-10)
         value = value.item()
         if isinstance(value, bool):
             return False
@@ -344,10 +343,15 @@ def _same_setting(value, current) -> bool:
         return False
 
 
+def _host_number(value) -> bool:
+    """Whether ``value`` is a one-element real CPU tensor (its number is read without a device synchronisation)."""
+    return isinstance(value, Tensor) and value.numel() == 1 and value.device.type == "cpu" and not value.is_complex()
+
+
 def _setting_repr(value) -> str:
     """``repr(value)``, with a one-element CPU tensor's exact number (its repr rounds: a float32 ``1e-10`` printed as
     the optimizer's ``1e-10``)."""
-    if isinstance(value, Tensor) and value.numel() == 1 and value.device.type == "cpu" and not value.is_complex():
+    if _host_number(value):
         return f"{value!r} (the number {value.item()!r})"
     return repr(value)
 
