@@ -48,14 +48,20 @@ def _eigh(H: Tensor) -> tuple[Tensor, Tensor]:
     """``torch.linalg.eigh(H)``; where LAPACK's iteration fails to converge in a narrower dtype, computed again in
     float64 and rounded back: a user trial's float32 ``g g^T`` (a rank-one ``H`` at the first step of a small model
     with a frozen layer) failed in float32 and not in float64, and the same holds for numpy's and scipy's
-    float32 drivers on it only in part. The same decomposition, more precisely; float64 failures raise."""
+    float32 drivers on it only in part. The same decomposition, more precisely; float64 failures raise. On that same
+    matrix float32 ``eigh`` also returned NaN without raising (as often as not, on two threads: the step wrote NaN
+    into the parameters): a non-finite result of a finite ``H`` in a narrower dtype is redone in float64 too."""
+    narrow = H.dtype != torch.float64 and H.is_floating_point()
     try:
-        return torch.linalg.eigh(H)
+        mu, Q = torch.linalg.eigh(H)
     except torch.linalg.LinAlgError:
-        if H.dtype == torch.float64 or not H.is_floating_point():
+        if not narrow:
             raise
-        mu, Q = torch.linalg.eigh(H.double())
-        return mu.to(H.dtype), Q.to(H.dtype)
+    else:
+        if not narrow or bool(torch.isfinite(mu).all() & torch.isfinite(Q).all()) or not bool(torch.isfinite(H).all()):
+            return mu, Q
+    mu, Q = torch.linalg.eigh(H.double())
+    return mu.to(H.dtype), Q.to(H.dtype)
 
 
 def _checked_eps(opt: Any, value: Any) -> float:
