@@ -119,6 +119,14 @@ def _singular_hint(dtype: torch.dtype) -> str:
     )
 
 
+def _singular_core_error(dtype: torch.dtype) -> ValueError:
+    """The error of a solve with a singular core matrix."""
+    return ValueError(
+        "the block mean matrix is singular: its k x k core matrix C = diag(lam) + S^1/2 B S^1/2 cannot be inverted. "
+        "Add a diagonal (add_diagonal / noise) before solving." + _singular_hint(dtype)
+    )
+
+
 def _first_bad(mask: Tensor) -> tuple[tuple[int, ...], int] | None:
     """(batch index, position) of the first True entry of ``mask`` (*batch, k), or None."""
     if not bool(mask.any()):
@@ -1644,11 +1652,7 @@ class BlockMeanLinearOperator(
             lam, b, c = self._diagonal_parts()
             self._check_invertible_offsets(lam)
             if self._validating() and bool((c == 0).any()):
-                raise ValueError(
-                    "the block mean matrix is singular: its k x k core matrix C = diag(lam) + S^1/2 B S^1/2 "
-                    "cannot be inverted. Add a diagonal (add_diagonal / noise) before solving."
-                    + _singular_hint(self.dtype)
-                )
+                raise _singular_core_error(self.dtype)
             # C^{-1} - diag(1/lam) = -diag(s b / (c lam)), in B's scaling -diag(b / (c lam)): O(k)
             inv_lam = lam.reciprocal()
             return inv_lam.to(self.dtype), (-b * inv_lam / c).to(self.dtype)  # the diagonal of D
@@ -1679,10 +1683,7 @@ class BlockMeanLinearOperator(
             return torch.cholesky_solve(rhs, L) if C is None else CoreCholeskySolve.apply(C, L, rhs)
         X, info = torch.linalg.solve_ex(self._unchecked_core()[1], rhs)
         if self._validating() and bool((info > 0).any()):
-            raise ValueError(
-                "the block mean matrix is singular: its k x k core matrix C = diag(lam) + S^1/2 B S^1/2 "
-                "cannot be inverted. Add a diagonal (add_diagonal / noise) before solving." + _singular_hint(self.dtype)
-            )
+            raise _singular_core_error(self.dtype)
         return X
 
     def _check_invertible_offsets(self, lam: Tensor) -> None:
@@ -1765,6 +1766,31 @@ class BlockMeanLinearOperator(
         safe_lam = torch.where(part.sizes > 1, lam, torch.ones_like(lam)).unsqueeze(-1)
         deviation = y - part.expand(means, dim=-2)  # 0 in singleton blocks
         return part.expand_addcmul(w, safe_lam.reciprocal(), deviation, dim=-2).to(self.dtype)
+
+    def _solve_block_sums(self, rhs: Tensor) -> Tensor:
+        r""":math:`P^\top M^{-1} R` for a symmetric ``M``, the block sums of :math:`M^{-1} R`, without forming
+        :math:`M^{-1} R`: :math:`M P = P (\Lambda + B S)`, so :math:`P^\top M^{-1} = S^{1/2} C^{-1} S^{-1/2} P^\top`
+        (:math:`\Lambda = \mathrm{diag}(\lambda)`, :math:`S` the block sizes, :math:`C` the core). Summing the entries
+        of :math:`M^{-1} R` instead adds terms of size :math:`R / \lambda` whose block sums are far smaller (a random
+        intercept's posterior mean at noise :math:`\ll` its variance): that lost about
+        :math:`\epsilon\, s\, B / \lambda` relative, 1.5e-5 in float64 at noise 1e-10 in a user trial, where a dense
+        Cholesky lost 6e-9. In :attr:`core_dtype`. # shape: (*batch, k, t)"""
+        part, dtype = self.partition, self.core_dtype
+        sums = part.block_sum(rhs.to(dtype), dim=-2)  # (*, k, t)
+        if self._diagonal_core():  # C = diag(c), c = lam + s b: P^T M^{-1} R = (P^T R) / c
+            if self._validating():
+                self._check_finite()
+            lam, _, c = self._diagonal_parts()
+            self._check_invertible_offsets(lam)
+            if self._validating() and bool((c == 0).any()):
+                raise _singular_core_error(self.dtype)
+            return sums / c.unsqueeze(-1)
+        if self._validating():
+            self._check_finite()
+        lam = _folded_diagonal(self.lam.to(dtype), self._b_vector().to(dtype), part.sizes)[0]
+        self._check_invertible_offsets(lam)
+        root = self._core_sizes.sqrt().unsqueeze(-1)
+        return root * self._core_solve(sums / root)
 
     def _signed_logdet(self) -> Tensor:
         """``torch.logdet``'s semantics from :meth:`slogdet_parts`: NaN below zero, ``-inf`` at zero. # (*batch,)"""
@@ -1864,11 +1890,7 @@ class BlockMeanLinearOperator(
         z = sums / sizes.sqrt()
         if self._diagonal_core():
             if self._validating() and bool((c == 0).any()):
-                raise ValueError(
-                    "the block mean matrix is singular: its k x k core matrix C = diag(lam) + S^1/2 B S^1/2 "
-                    "cannot be inverted. Add a diagonal (add_diagonal / noise) before solving."
-                    + _singular_hint(self.dtype)
-                )
+                raise _singular_core_error(self.dtype)
             core_term = z.square() / c.unsqueeze(-1)
         else:
             core_term = z * self._core_solve(z)

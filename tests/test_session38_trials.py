@@ -1,0 +1,100 @@
+"""Session 38 user trials: the findings, each a test that failed on the code before the fix."""
+
+from __future__ import annotations
+
+import gpytorch
+import pytest
+import torch
+
+from bma_gp import BlockMeanLinearOperator, GroupKernel, Partition
+from gp_reference import GP
+
+PARTITIONS = {
+    "scattered": [2, 0, 1, 0, 3, 1, 1, 0, 2, 4, 1, 0],  # blocks 3 and 4 are singletons
+    "one_block": [0] * 7,
+    "all_singletons": [4, 2, 0, 1, 3],
+}
+
+
+def _operator(labels, batch, dtype, diagonal_core, requires_grad=False):
+    gen = torch.Generator().manual_seed(len(labels))
+    partition = Partition.from_labels(torch.tensor(labels))
+    k = partition.num_blocks
+    if diagonal_core:
+        B = torch.diag_embed(torch.rand(*batch, k, generator=gen, dtype=torch.float64) + 0.3)
+    else:
+        root = torch.randn(*batch, k, k, generator=gen, dtype=torch.float64)
+        B = root @ root.mT / k + 0.2
+    lam = torch.rand(*batch, k, generator=gen, dtype=torch.float64) + 0.5
+    lam, B = lam.to(dtype).requires_grad_(requires_grad), B.to(dtype).requires_grad_(requires_grad)
+    return BlockMeanLinearOperator(lam, B, partition), lam, B
+
+
+@pytest.mark.parametrize("diagonal_core", [True, False])
+@pytest.mark.parametrize("batch", [(), (2,)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", list(PARTITIONS))
+def test_block_sums_of_a_solve_match_dense(name, dtype, batch, diagonal_core):
+    labels = PARTITIONS[name]
+    op, lam, B = _operator(labels, batch, dtype, diagonal_core)
+    rhs = torch.randn(*batch, len(labels), 3, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    P = torch.nn.functional.one_hot(torch.tensor(labels)).to(torch.float64)
+    expected = P.mT @ torch.linalg.solve(op.to_dense().double(), rhs.double())
+    got = op._solve_block_sums(rhs)
+    assert got.dtype == torch.float64  # the core's precision
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("diagonal_core", [True, False])
+def test_block_sums_of_a_solve_have_dense_gradients(diagonal_core):
+    labels = PARTITIONS["scattered"]
+    gen = torch.Generator().manual_seed(3)
+    partition = Partition.from_labels(torch.tensor(labels))
+    k = partition.num_blocks
+    lam = (torch.rand(k, generator=gen, dtype=torch.float64) + 0.5).requires_grad_(True)
+    shape = (k,) if diagonal_core else (k, k)
+    raw = (torch.rand(*shape, generator=gen, dtype=torch.float64) + 0.3).requires_grad_(True)
+    rhs = torch.randn(len(labels), 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(k, 2, generator=gen, dtype=torch.float64)
+
+    def B():  # diagonal by construction, or a symmetric matrix
+        return torch.diag_embed(raw) if diagonal_core else raw @ raw.mT
+
+    op = BlockMeanLinearOperator(lam, B(), partition)
+    assert op._diagonal_core() == diagonal_core
+    got = torch.autograd.grad((op._solve_block_sums(rhs) * weights).sum(), (lam, raw, rhs))
+    P = torch.nn.functional.one_hot(torch.tensor(labels)).to(torch.float64)
+    dense = torch.diag_embed(lam[torch.tensor(labels)]) + B()[labels][:, labels]
+    expected = torch.autograd.grad(((P.mT @ torch.linalg.solve(dense, rhs)) * weights).sum(), (lam, raw, rhs))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+
+def _random_intercept_mean(noise: float, labels: torch.Tensor, y: torch.Tensor, variance: float):
+    x = labels.to(torch.float64).unsqueeze(-1)
+    likelihood = gpytorch.likelihoods.GaussianLikelihood(noise_constraint=gpytorch.constraints.GreaterThan(1e-14))
+    model = GP(x, y, likelihood.double(), GroupKernel(int(labels.max()) + 2)).double()
+    model.mean_module = gpytorch.means.ZeroMean()
+    model.covar_module.var = torch.tensor(variance, dtype=torch.float64)
+    likelihood.noise = torch.tensor(noise, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        return model(torch.arange(int(labels.max()) + 1, dtype=torch.float64).unsqueeze(-1)).mean
+
+
+@pytest.mark.parametrize("noise", [1e-6, 1e-10])
+def test_a_random_intercepts_mean_at_tiny_noise_is_accurate(noise):
+    # the trial: 30 groups of about 20 rows, variance 1, noise far below it. The mean used to sum entries of
+    # M^{-1} r (size r / noise) over each group: 3.5e-9 relative at noise 1e-6, 1.5e-5 at 1e-10 (a dense Cholesky
+    # lost 3e-13 and 6e-9)
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 30, (600,), generator=gen)
+    y = torch.randn(30, generator=gen, dtype=torch.float64)[labels] + 1e-3 * torch.randn(
+        600, generator=gen, dtype=torch.float64
+    )
+    mean = _random_intercept_mean(noise, labels, y, 1.0)
+    sizes = torch.bincount(labels, minlength=30).double()
+    sums = torch.zeros(30, dtype=torch.float64).index_add_(0, labels, y)
+    exact = sums / (noise + sizes)  # v S_g / (noise + n_g v), v = 1
+    assert ((mean - exact).abs().max() / exact.abs().max()).item() < 1e-13
