@@ -98,3 +98,25 @@ def test_a_random_intercepts_mean_at_tiny_noise_is_accurate(noise):
     sums = torch.zeros(30, dtype=torch.float64).index_add_(0, labels, y)
     exact = sums / (noise + sizes)  # v S_g / (noise + n_g v), v = 1
     assert ((mean - exact).abs().max() / exact.abs().max()).item() < 1e-13
+
+
+@pytest.mark.parametrize("lengthscale", [3.0, 0.3])
+@pytest.mark.parametrize("ard", [False, True])
+def test_float32_rbf_block_means_of_duplicate_rows_are_not_indefinite(ard, lengthscale):
+    # the trial: every row twice, each pair a block. The distance GEMM rounds a duplicate pair's distance to slightly
+    # below zero, and exp(-rho^2) above the outputscale gave lam = -5e-6 (-1.5e-5 at lengthscale 0.3): a float32 GP
+    # at noise 1e-6 then refused its own covariance
+    from bma_gp import kernel_block_mean
+
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(50, 10, generator=gen)
+    x = torch.cat([x0, x0])
+    partition = Partition.from_labels(torch.cat([torch.arange(50), torch.arange(50)]))
+    kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(ard_num_dims=10 if ard else None))
+    kernel.base_kernel.lengthscale = lengthscale
+    M = kernel_block_mean(kernel, x, partition)
+    assert M.lam.min().item() >= 0.0
+    assert M.B.diagonal().max().item() <= kernel.outputscale.item()
+    # the same matrix in float64 (where the rounding is 1e-15) up to float32 distances
+    M64 = kernel_block_mean(kernel.double(), x.double(), partition)
+    torch.testing.assert_close(M.B.double(), M64.B, rtol=0, atol=3e-5)  # float32 GEMM at rho^2 ~ 100: 1e-5

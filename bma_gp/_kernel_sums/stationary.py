@@ -371,8 +371,13 @@ class _TilePass:
         torch.bmm(group.lhs, rhs.transpose(1, 2), out=rho2)
         if not tile.mirror:  # the diagonal tile: a point's distance to itself is exactly zero
             torch.diagonal(rho2, dim1=-2, dim2=-1).zero_()
+        # rho^2 >= 0: the GEMM's rounding makes near-duplicate points' distances slightly negative, and an RBF value
+        # exp(-rho^2) above the outputscale made the block means indefinite (float32, a pair of duplicate rows per
+        # block: lam = -5e-6 at noise 1e-6, and the marginal likelihood refused them)
         if self.sign > 0:
             rho2.clamp_min_(0.0)
+        else:
+            rho2.clamp_max_(0.0)
         return rho2, spare, extra, zc
 
 
