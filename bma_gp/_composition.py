@@ -1337,8 +1337,79 @@ class FallbackMatmulLinearOperator(_WarnsWhenFactorised, MatmulLinearOperator):
             return FallbackMatmulLinearOperator(res.left_linear_op, res.right_linear_op)
         return res
 
+    # ---- a product of a block mean operator and a diagonal (M D, D M, D M D): the factors' own closed forms
+    def _closed_factors(self) -> tuple[LinearOperator, LinearOperator] | None:
+        """``(A, B)`` where both factors of ``A @ B`` have closed-form solves and signed log-determinants
+        (:func:`_closed_slogdet`): then ``(A B)^{-1} = B^{-1} A^{-1}`` and ``det(A B) = det A det B``, with no dense
+        ``n x n`` LU (a user trial's ``M @ DiagLinearOperator(d)`` asked for 320 GB at n = 200,000)."""
+        factors = (self.left_linear_op, self.right_linear_op)
+        return factors if all(_has_closed_slogdet(f) for f in factors) else None
+
+    def _closed_solve(self, factors, rhs: Tensor) -> Tensor:
+        return factors[1].solve(factors[0].solve(rhs))
+
+    def solve(self, right_tensor, left_tensor=None):
+        factors = self._closed_factors()
+        if factors is None:
+            return super().solve(right_tensor, left_tensor)
+        check_rhs(self.shape, right_tensor, "right_tensor", self.dtype)
+        vector = right_tensor.dim() == 1
+        res = self._closed_solve(factors, right_tensor.unsqueeze(-1) if vector else right_tensor)
+        if left_tensor is not None:
+            check_rhs_dtype(left_tensor, "left_tensor", self.dtype)
+            res = left_tensor @ res
+        return res.squeeze(-1) if vector else res
+
+    def _closed_inv_quad(self, factors, inv_quad_rhs: Tensor, reduce_inv_quad: bool) -> Tensor:
+        check_rhs(self.shape, inv_quad_rhs, "inv_quad_rhs", self.dtype)
+        vector = inv_quad_rhs.dim() == 1
+        rhs = inv_quad_rhs.unsqueeze(-1) if vector else inv_quad_rhs
+        res = (rhs * self._closed_solve(factors, rhs)).sum(-2)
+        return res.sum(-1) if reduce_inv_quad or vector else res
+
+    def inv_quad_logdet(self, inv_quad_rhs=None, logdet=False, reduce_inv_quad=True):
+        factors = self._closed_factors()
+        if factors is None:
+            return super().inv_quad_logdet(inv_quad_rhs, logdet, reduce_inv_quad)
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)  # as the LU path gives for what was not asked
+        inv_quad = zero if inv_quad_rhs is None else self._closed_inv_quad(factors, inv_quad_rhs, reduce_inv_quad)
+        return inv_quad, (self.logdet() if logdet else zero)
+
+    def inv_quad(self, inv_quad_rhs, reduce_inv_quad=True):
+        factors = self._closed_factors()
+        if factors is None:
+            return super().inv_quad(inv_quad_rhs, reduce_inv_quad)
+        return self._closed_inv_quad(factors, inv_quad_rhs, reduce_inv_quad)
+
+    def logdet(self):
+        if self._closed_factors() is None:
+            return super().logdet()
+        sign, logabs = _closed_slogdet(self)
+        # torch.logdet's semantics, as the LU path had: NaN for a negative determinant, -inf for a zero one
+        return torch.where(sign < 0, torch.full_like(logabs, float("nan")), logabs).to(self.dtype)
+
     def _mul_constant(self, other):
         return FallbackMultipleLinearOperator(self, other)
+
+
+def _has_closed_slogdet(op) -> bool:
+    """Whether :func:`_closed_slogdet` (and a closed-form solve) applies to ``op``."""
+    if isinstance(op, (BlockMeanLinearOperator, DiagLinearOperator)):
+        return True
+    return isinstance(op, FallbackMatmulLinearOperator) and op._closed_factors() is not None
+
+
+def _closed_slogdet(op) -> tuple[Tensor, Tensor]:
+    """The sign and log-absolute determinant of a block mean operator, a diagonal, or a product of them.
+    # shape: (*batch,), (*batch,)"""
+    if isinstance(op, BlockMeanLinearOperator):
+        return op.slogdet_parts()
+    if isinstance(op, DiagLinearOperator):
+        d = op._diagonal()
+        return torch.sign(d).prod(-1), d.abs().log().sum(-1)
+    left, right = (_closed_slogdet(f) for f in (op.left_linear_op, op.right_linear_op))
+    dtype = torch.promote_types(left[1].dtype, right[1].dtype)
+    return left[0].to(dtype) * right[0].to(dtype), left[1].to(dtype) + right[1].to(dtype)
 
 
 class FallbackMultipleLinearOperator(_WarnsWhenFactorised, ConstantMulLinearOperator):
