@@ -265,3 +265,62 @@ def test_a_product_with_a_diagonal_takes_no_n_by_n_memory():
     # n = 20,000: the dense product alone was 3.2 GB
     peak = peak_memory_increase(setup.format(n=20_000), "A.solve(x)\nA.logdet()\nA.inv_quad_logdet(x, logdet=True)")
     assert peak < 200e6, f"peak increase {peak / 1e6:.0f} MB"
+
+
+class _Crossed(gpytorch.models.ExactGP):
+    def __init__(self, x, y, likelihood, levels):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ZeroMean()
+        self.covar_module = GroupKernel(levels[0], active_dims=[0]) + GroupKernel(levels[1], active_dims=[1])
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def _crossed_mean(x, y, test_x, levels, variances, noise):
+    likelihood = gpytorch.likelihoods.GaussianLikelihood(noise_constraint=gpytorch.constraints.GreaterThan(1e-14))
+    model = _Crossed(x, y, likelihood.double(), levels).double()
+    for kernel, v in zip(model.covar_module.kernels, variances):
+        kernel.var = torch.tensor(v, dtype=torch.float64)
+    likelihood.noise = torch.tensor(noise, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        return model(test_x).mean
+
+
+@pytest.mark.parametrize("noise", [1e-8, 1e-10])
+def test_a_sums_mean_at_tiny_noise_is_accurate(noise):
+    # the trial: a grouping plus a second one of variance ~0 over one level (the covariance of the grouping alone),
+    # predicted by the sums' strategy: 1.9e-7 relative at noise 1e-8, 2.4e-5 at 1e-10
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 30, (600,), generator=gen)
+    y = torch.randn(30, generator=gen, dtype=torch.float64)[labels] + 1e-3 * torch.randn(
+        600, generator=gen, dtype=torch.float64
+    )
+    x = torch.stack([labels.double(), torch.zeros(600, dtype=torch.float64)], -1)
+    test_x = torch.stack([torch.arange(30, dtype=torch.float64), torch.zeros(30, dtype=torch.float64)], -1)
+    mean = _crossed_mean(x, y, test_x, (31, 1), (1.0, 1e-300), noise)
+    sizes = torch.bincount(labels, minlength=30).double()
+    exact = torch.zeros(30, dtype=torch.float64).index_add_(0, labels, y) / (noise + sizes)
+    assert ((mean - exact).abs().max() / exact.abs().max()).item() < 1e-13
+
+
+def test_a_crossed_sums_mean_at_tiny_noise_matches_a_dense_solve():
+    # two crossed groupings at noise 1e-8: the dense Cholesky reference loses about 1e-10 here; the sum's mean lost
+    # 1e-7 before
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randint(0, 12, (400,), generator=gen), torch.randint(0, 7, (400,), generator=gen)
+    ua, ub = torch.randn(12, generator=gen, dtype=torch.float64), torch.randn(7, generator=gen, dtype=torch.float64)
+    y = ua[a] + ub[b] + 1e-3 * torch.randn(400, generator=gen, dtype=torch.float64)
+    x = torch.stack([a, b], -1).double()
+    test_x = torch.stack([torch.arange(12), torch.arange(12) % 7], -1).double()
+    noise, variances = 1e-8, (1.0, 0.5)
+    mean = _crossed_mean(x, y, test_x, (12, 7), variances, noise)
+    Za, Zb = torch.nn.functional.one_hot(a).double(), torch.nn.functional.one_hot(b).double()
+    K = variances[0] * Za @ Za.T + variances[1] * Zb @ Zb.T
+    Ta = torch.nn.functional.one_hot(test_x[:, 0].long(), 12).double()
+    Tb = torch.nn.functional.one_hot(test_x[:, 1].long(), 7).double()
+    cross = variances[0] * Ta @ Za.T + variances[1] * Tb @ Zb.T
+    L = torch.linalg.cholesky(K + noise * torch.eye(400, dtype=torch.float64))
+    expected = cross @ torch.cholesky_solve(y.unsqueeze(-1), L).squeeze(-1)
+    assert ((mean - expected).abs().max() / expected.abs().max()).item() < 1e-8
