@@ -324,3 +324,99 @@ def test_a_crossed_sums_mean_at_tiny_noise_matches_a_dense_solve():
     L = torch.linalg.cholesky(K + noise * torch.eye(400, dtype=torch.float64))
     expected = cross @ torch.cholesky_solve(y.unsqueeze(-1), L).squeeze(-1)
     assert ((mean - expected).abs().max() / expected.abs().max()).item() < 1e-8
+
+
+class _BatchGP(gpytorch.models.ExactGP):
+    def __init__(self, x, y, likelihood, kernel, batch):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean(batch_shape=torch.Size(batch))
+        self.covar_module = kernel
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+@pytest.mark.parametrize("kind", ["group", "block_mean"])
+def test_a_fantasy_of_a_batch_model_with_unbatched_inputs_predicts_as_rebuilt(kind):
+    # the fantasy's strategy held (2, 2, n) means for a model batch of 2 and failed on its first prediction
+    # ("shape '[2, 7]' is invalid for input of size 28"); after train() / eval() the same model predicted
+    from bma_gp import BlockMeanKernel
+
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.Size([2])
+    if kind == "group":
+        x = torch.randint(0, 6, (60, 1), generator=gen).double()
+        kernel, test_x, fx = GroupKernel(6), torch.tensor([[1.0], [2.0], [5.0]]).double(), x[:3].clone()
+    else:
+        x = torch.rand(60, 2, generator=gen, dtype=torch.float64) * 4
+        base = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(batch_shape=batch), batch_shape=batch)
+        kernel = BlockMeanKernel(base, x, Partition.from_labels(torch.arange(60) % 6))
+        test_x = torch.rand(7, 2, generator=gen, dtype=torch.float64) * 4
+        fx = torch.rand(3, 2, generator=gen, dtype=torch.float64) * 4
+    y = torch.stack([torch.sin(x[:, 0]), 2 * torch.cos(x[:, 0])])
+    fy = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    likelihood = gpytorch.likelihoods.GaussianLikelihood(batch_shape=batch).double()
+    model = _BatchGP(x, y, likelihood, kernel, batch).double()
+    model.eval()
+    with torch.no_grad():
+        model(test_x)
+        fantasy = model.get_fantasy_model(fx, fy)
+        got = fantasy(test_x)
+        mean, covar = got.mean, got.covariance_matrix
+        fantasy.train()
+        fantasy.eval()
+        rebuilt = fantasy(test_x)
+    assert mean.shape == (2, test_x.shape[0])
+    torch.testing.assert_close(mean, rebuilt.mean, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(covar, rebuilt.covariance_matrix, rtol=1e-10, atol=1e-10)
+
+
+def test_a_fantasy_of_another_dtype_is_refused_as_test_inputs_are():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 6, (40, 1), generator=gen).float()
+    y = torch.randn(40, generator=gen)
+    model = GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), GroupKernel(6))
+    model.eval()
+    with torch.no_grad():
+        model(x[:3])
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(TypeError, match="fantasy inputs are torch.float64.*inputs.to\\(torch.float32\\)"):
+            model.get_fantasy_model(x[:2].double(), y[:2].double())
+        with pytest.raises(TypeError, match="fantasy targets are torch.float64"):
+            model.get_fantasy_model(x[:2], y[:2].double())
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+        assert model.get_fantasy_model(x[:2], y[:2])(x[:3]).mean.dtype == torch.float32
+
+
+def test_a_kernel_converted_without_its_model_is_named_as_the_cause():
+    from bma_gp import BlockMeanKernel
+
+    x = torch.rand(30, 2, dtype=torch.float64)
+    kernel = BlockMeanKernel(
+        gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()), x, Partition.from_labels(torch.arange(30) % 5)
+    )
+    model = GP(x, torch.sin(x[:, 0]), gpytorch.likelihoods.GaussianLikelihood(), kernel).double()
+    model.covar_module.float()
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    with pytest.raises(
+        ValueError,
+        match="bound training inputs \\(train_x\\) are torch.float32 but the model's training inputs are torch.float64.*model.float\\(\\)",
+    ):
+        mll(model(x), model.train_targets)
+
+
+def test_training_mode_on_other_inputs_says_it_is_the_base_kernels_prior():
+    from bma_gp import BlockMeanKernel
+
+    x = torch.rand(30, 2, dtype=torch.float64)
+    kernel = BlockMeanKernel(
+        gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()), x, Partition.from_labels(torch.arange(30) % 5)
+    )
+    model = GP(x, torch.sin(x[:, 0]), gpytorch.likelihoods.GaussianLikelihood(), kernel).double()
+    with gpytorch.settings.debug(False), pytest.warns(UserWarning, match="prior of its base kernel there"):
+        model(x[:10])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model(x)  # the training inputs: no warning

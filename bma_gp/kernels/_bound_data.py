@@ -18,6 +18,7 @@ given the versions by the model (:func:`install`).
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Iterator
 from contextvars import ContextVar
 
@@ -51,6 +52,22 @@ _MISMATCH_MESSAGE = (
     "the model's training inputs do not match BlockMeanKernel.train_x, so the training covariance is not the block "
     "mean approximation. After model.set_train_data(x, y), also call kernel.set_train_data(x, partition) on the "
     "BlockMeanKernel."
+)
+
+#: warned where a model with a BlockMeanKernel is called in training mode on other inputs (debug(False))
+_ELSEWHERE_MESSAGE = (
+    "the model was called in training mode on inputs other than its training inputs (possible under "
+    "gpytorch.settings.debug(False)): its BlockMeanKernel takes them for new points, so this is the prior of its base "
+    "kernel there, not the block mean approximation of the training covariance, and a marginal likelihood of it trains "
+    "the exact base-kernel GP on these points. To train on a subset of the rows (a minibatch), bind a BlockMeanKernel "
+    "to it (kernel.set_train_data(x_subset, partition) with model.set_train_data(x_subset, y_subset, strict=False))."
+)
+#: raised where the model's training inputs and a BlockMeanKernel's bound copy differ in dtype (:func:`_check_seen`)
+_DTYPE_MESSAGE = (
+    "BlockMeanKernel's bound training inputs (train_x) are {bound} but the model's training inputs are {seen}: the "
+    "kernel was converted without the model (model.covar_module.float() converts the kernel's copy of train_x, not "
+    "the model's train_inputs), so it cannot recognise them. Convert the whole model instead (model.float() / "
+    "model.double() / model.to(dtype): ExactGP converts its training data too)."
 )
 
 #: raised where a kernel around a BlockMeanKernel passes it other columns than its train_x has (:func:`_check_prior`)
@@ -193,6 +210,8 @@ def _check_seen(module, seen: Tensor, extended: bool) -> None:
         return
     if seen.shape[-1] != module.train_x.shape[-1]:  # the model's inputs, but columns chosen by a kernel around it
         raise _UnboundInputsError(_COLUMNS_MESSAGE.format(seen=seen.shape[-1], bound=module.train_x.shape[-1]))
+    if seen.dtype != module.train_x.dtype:  # the kernel converted alone (model.covar_module.float())
+        raise _UnboundInputsError(_DTYPE_MESSAGE.format(seen=seen.dtype, bound=module.train_x.dtype))
     raise _UnboundInputsError(_MISMATCH_MESSAGE)
 
 
@@ -496,6 +515,25 @@ def _check_noise_first(model, inputs, noise) -> None:
         _check_fantasy_noise(noise, first.shape[-2] if first.dim() > 1 else first.shape[-1])
 
 
+def _check_fantasy_dtype(model, inputs, targets) -> None:
+    """``TypeError`` before a fantasy of a model on the block mean strategies whose fantasy points or targets are of
+    another floating dtype than its training data, as for test inputs (:func:`check_prediction_dtype`): a float32
+    model took float64 fantasy points without a word and predicted float64 numbers from float32 caches (GPyTorch's own
+    update fails there with a matmul dtype error)."""
+    if not _tracked(model.prediction_strategy) or model.train_inputs is None:
+        return
+    given = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    pairs = [("inputs", x, t) for x, t in zip(given, model.train_inputs)] + [("targets", targets, model.train_targets)]
+    for name, x, t in pairs:
+        if torch.is_tensor(x) and torch.is_tensor(t) and x.is_floating_point() and x.dtype != t.dtype:
+            raise TypeError(
+                f"get_fantasy_model: the fantasy {name} are {x.dtype} but the model's training data are {t.dtype}, "
+                f"so the fantasy model would compute {x.dtype} predictions from {t.dtype} caches. Pass fantasy "
+                f"{name} of the model's dtype ({name}.to({t.dtype})), or convert the model first (model.to("
+                f"{x.dtype}), e.g. model.double(): it converts its training data too)."
+            )
+
+
 def _check_fantasy_groups(model) -> None:
     """``ValueError`` before a fantasy of ``model`` whose :class:`~bma_gp.GroupGaussianLikelihood` cannot find the
     fantasy points' groups (:meth:`~bma_gp.GroupNoise._check_fantasy_inputs`)."""
@@ -717,6 +755,8 @@ def install() -> None:
                     # a training covariance on inputs the BlockMeanKernel takes for new points is the exact base
                     # kernel's (an n x n dense matrix, trained by dense Cholesky / CG): refused here, as in eval mode
                     _check_prior(prior)
+                elif _holds_block_mean_kernel(prior):  # other inputs in training mode: only under debug(False)
+                    warnings.warn(_ELSEWHERE_MESSAGE, UserWarning, stacklevel=2)
             elif state is not None and prior is not None:
                 # a forward that combines kernel outputs (self.bmk(x) + self.rbf(x)): the lazily evaluated kernels
                 # still in the sum, which the marginal likelihood evaluates after this call
@@ -737,6 +777,7 @@ def install() -> None:
         # strategy is, so that __call__ rebuilds it (from the fantasy model's data) before a prediction with
         # validation on
         _check_noise_first(self, inputs, kwargs.get("noise"))  # before anything of the parent changes
+        _check_fantasy_dtype(self, inputs, targets)
         _check_fantasy_groups(self)
         strategy = self.prediction_strategy
         if (

@@ -565,10 +565,17 @@ def closed_form_fantasy(
         _check_fantasy_noise(noise, inputs[0].shape[-2])
     likelihood = strategy.likelihood.get_fantasy_likelihood(**kwargs)
     prior, train_inputs = full_output, full_inputs
-    if full_inputs[0].dim() <= full_targets.dim():  # one set of fantasy inputs for a batch of fantasy targets
-        fantasies = full_targets.shape[:1]
-        train_inputs = [x.expand(fantasies + x.shape) for x in full_inputs]
-        prior = full_output.expand(fantasies + full_output.batch_shape)
+    if full_inputs[0].dim() <= full_targets.dim():
+        batch = full_output.batch_shape
+        if batch and full_targets.shape[:-1] == batch:
+            # a batch model's unbatched inputs with targets of the model's batch: that batch, not a batch of fantasies
+            # on top of it (the fantasy model's strategy held (2, 2, n) means for a model batch of 2 and failed on its
+            # first prediction; GPyTorch's own update fails for these shapes)
+            train_inputs = [x.expand(batch + x.shape) for x in full_inputs]
+        else:  # one set of fantasy inputs for a batch of fantasy targets
+            fantasies = full_targets.shape[:1]
+            train_inputs = [x.expand(fantasies + x.shape) for x in full_inputs]
+            prior = full_output.expand(fantasies + full_output.batch_shape)
     covar = likelihood(prior, train_inputs).lazy_covariance_matrix  # as the new strategy will call it
     M = as_sum(covar.evaluate_kernel() if isinstance(covar, LinearOperator) else covar)
     if M is None or not bool((M.diag_values > 0).all()):
