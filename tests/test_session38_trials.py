@@ -420,3 +420,35 @@ def test_training_mode_on_other_inputs_says_it_is_the_base_kernels_prior():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         model(x)  # the training inputs: no warning
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        dict(var=torch.tensor([5.0, 6.0]), corr=2.0),
+        dict(corr=0.5, var=-1.0),
+        dict(raw_var=torch.zeros(2), corr=float("nan")),
+    ],
+)
+def test_group_kernel_initialize_is_all_or_nothing(values):
+    kernel = GroupKernel(4, slope=True).double()
+    kernel.var = torch.tensor([2.0, 3.0])
+    kernel.corr = 0.3
+    before = {k: v.clone() for k, v in kernel.state_dict().items()}
+    with pytest.raises(ValueError):
+        kernel.initialize(**values)
+    assert all(torch.equal(v, kernel.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("name", ["raw_var", "raw_corr"])
+def test_a_non_finite_group_kernel_state_is_refused_on_load(name):
+    kernel = GroupKernel(4, slope=True).double()
+    kernel.var = torch.tensor([2.0, 3.0])
+    kernel.corr = 0.3
+    before = {k: v.clone() for k, v in kernel.state_dict().items()}
+    state = {k: v.clone() for k, v in before.items()}
+    state[name] = torch.full_like(state[name], float("nan"))
+    state["raw_var" if name == "raw_corr" else "raw_corr"] += 0.5  # a finite change in the same module: not loaded
+    with pytest.raises(RuntimeError, match=f"{name} holds NaN or inf"):
+        kernel.load_state_dict(state)
+    assert all(torch.equal(v, kernel.state_dict()[k]) for k, v in before.items())

@@ -558,6 +558,37 @@ class GroupKernel(Kernel):
             raise
 
     # ------------------------------------------------------------------ parameters
+    def initialize(self, **kwargs):
+        """GPyTorch's ``initialize``, all or nothing: a refused value (``corr=2.0``) leaves the values set before it
+        in the same call unset (a user trial: ``initialize(var=..., corr=2.0)`` raised, with ``var`` changed)."""
+        saved = [(p, p.detach().clone()) for p in self.parameters()]
+        try:
+            return super().initialize(**kwargs)
+        except BaseException:
+            with torch.no_grad():
+                for p, value in saved:
+                    p.copy_(value)
+            raise
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # NaN or inf in a raw variance or correlation (a diverged run's checkpoint), which the setters refuse, loaded
+        # silently and surfaced later as a sum's non-finite input that named neither: refused here, this module left
+        # as it was (torch raises the message after loading the other modules)
+        for name in ("raw_var", "raw_corr", "covar_factor"):
+            value = state_dict.get(prefix + name)
+            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                error_msgs.append(
+                    f"{type(self).__name__} {prefix}{name} holds NaN or inf (from a run that diverged?): not loaded. "
+                    "Load a checkpoint from before the divergence, or set finite values (kernel.var = ..., "
+                    "kernel.corr = ...)."
+                )
+                return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     @property
     def var(self) -> Tensor:
         """The variance :math:`v`: shape ``(*batch, 1)`` when shared (the default), ``(*batch, num_groups)``
