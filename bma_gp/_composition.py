@@ -1020,8 +1020,15 @@ class FallbackSumLinearOperator(_WarnsWhenFactorised, SumLinearOperator):
             else "the matrix formed by an operation without a closed form (an elementwise product, say), which "
             "warned when it was formed"
         )
+        hint = (
+            " For a closed form, approximate the exact summand (wrap an exact kernel in BlockMeanKernel, or use "
+            "ChunkedInducingPointKernel for SGPR: both sum with groupings in closed form); for exact values at this "
+            "size, raise gpytorch.settings.max_cholesky_size past n (a dense Cholesky, not CG)."
+            if len(self.linear_ops) > 1 and what != "sqrt_inv_matmul"
+            else ""
+        )
         warnings.warn(
-            f"{what} of {names}: {why}; {_generic_path(what)} is used.",
+            f"{what} of {names}: {why}; {_generic_path(what)} is used.{hint}",
             ClosedFormFallbackWarning,
             stacklevel=3,
         )
@@ -2546,8 +2553,9 @@ def _hooked_kron_sqrt_inv_matmul(original):
 def _hooked_kron_logdet(original):
     r"""``KroneckerProductLinearOperator._logdet`` with a block mean factor:
     :math:`\log\det(A_1 \otimes \dots \otimes A_m) = \sum_i (N / n_i) \log\det A_i` from each factor's own
-    log-determinant (a block mean factor's closed form), for ``logdet()`` and ``inv_quad_logdet(logdet=True)``.
-    linear_operator took every factor's eigenvectors (``diagonalization``), ``n x n`` for a block mean factor: a user
+    signed log-determinant (a block mean factor's closed form; the product's sign is each factor's to the power of
+    its multiplicity, and torch.logdet's semantics follow: NaN only where the product's determinant is negative), for
+    ``logdet()`` and ``inv_quad_logdet(logdet=True)``. linear_operator took every factor's eigenvectors (``diagonalization``), ``n x n`` for a block mean factor: a user
     trial's ``Kron(M, 3 x 3)`` at n = 200,000 asked for 40 GB; it also clamped eigenvalues below 1e-7."""
 
     @functools.wraps(original)
@@ -2555,10 +2563,20 @@ def _hooked_kron_logdet(original):
         if not _kronecker_of_ours(self):
             return original(self)
         size = self.shape[-1]
-        res = None
+        sign, logabs = None, None
         for factor in self.linear_ops:
-            term = factor.logdet() * (size // factor.shape[-1])
-            res = term if res is None else res + term
+            # each factor's sign to the power of its multiplicity: an even power of a negative determinant is positive
+            # (torch.logdet's semantics for the product: NaN only where its determinant is negative)
+            if _has_closed_slogdet(factor):
+                s_i, l_i = _closed_slogdet(factor)
+            else:  # a small dense task factor, say (linear_operator took its eigendecomposition)
+                s_i, l_i = torch.linalg.slogdet(factor.to_dense())
+            power = size // factor.shape[-1]
+            s_i = s_i.pow(power) if power % 2 else s_i.abs()
+            l_i = l_i * power
+            sign = s_i if sign is None else sign * s_i.to(sign.dtype)
+            logabs = l_i if logabs is None else logabs + l_i.to(logabs.dtype)
+        res = torch.where(sign < 0, torch.full_like(logabs, float("nan")), logabs).to(self.dtype)
         return res.expand(self.batch_shape) if res.shape != self.batch_shape else res
 
     _logdet._bma_gp_original = original
