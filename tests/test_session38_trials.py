@@ -497,3 +497,40 @@ def test_a_kronecker_logdet_follows_torch_logdet_for_factors_of_any_sign(case):
         torch.testing.assert_close(
             kron.inv_quad_logdet(logdet=True)[1], expected, rtol=1e-10, atol=1e-10, equal_nan=True
         )
+
+
+def _full_matrix_state():
+    from bma_gp.optim import FullMatrixAdagrad
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = FullMatrixAdagrad(model.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(5, 4)).pow(2).sum().backward()
+        opt.step()
+    return opt, opt.state_dict()
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (
+            lambda sd: sd["global_state"]["H"].add_(torch.triu(torch.ones_like(sd["global_state"]["H"]), 1)),
+            "not symmetric",
+        ),
+        (lambda sd: sd.__setitem__("param_numels", [1, 2]), "do not fit its H, 15 x 15"),
+        (lambda sd: sd.__setitem__("param_numels", "12,3"), "must be a list of entry counts"),
+    ],
+)
+def test_a_full_matrix_state_whose_h_or_sizes_are_corrupt_is_refused(edit, message):
+    import copy
+
+    opt, good = _full_matrix_state()
+    bad = copy.deepcopy(good)
+    edit(bad)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    assert torch.equal(after["global_state"]["H"], good["global_state"]["H"])
+    opt.load_state_dict(good)  # the intact state still loads

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -223,6 +224,23 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
         numels = state_dict.pop("param_numels", None)  # absent from state dicts saved before it was added
         params = [p for group in self.param_groups for p in group["params"]]
         # other numbers of parameters or entries: torch's load_state_dict or the check of H's size names the mismatch
+        if numels is not None and not (
+            isinstance(numels, (list, tuple)) and all(isinstance(m, int) and m >= 0 for m in numels)
+        ):
+            raise ValueError(
+                f"state_dict's 'param_numels' must be a list of entry counts, one per parameter, got {numels!r:.80}: "
+                "it was not produced by FullMatrixAdagrad.state_dict(). Nothing was loaded."
+            )
+        saved_global = state_dict.get("global_state")
+        H = saved_global.get("H") if isinstance(saved_global, dict) else None
+        # H spans the leading parameters' entries (all of them, or those of the groups before an add_param_group)
+        spans = {0, *itertools.accumulate(numels)} if numels is not None else set()
+        if numels is not None and torch.is_tensor(H) and H.dim() == 2 and H.shape[-1] not in spans:
+            raise ValueError(
+                f"state_dict's 'param_numels' ({sum(numels)} entries in all) do not fit its H, {H.shape[0]} x "
+                f"{H.shape[1]}: the two were not saved together (a corrupted or hand-edited state dict). Load one "
+                "produced by FullMatrixAdagrad.state_dict(). Nothing was loaded."
+            )
         if numels is not None and len(numels) == len(params) and sum(numels) == sum(p.numel() for p in params):
             for position, (saved, p) in enumerate(zip(numels, params)):
                 if saved != p.numel():
@@ -245,6 +263,13 @@ class FullMatrixAdagrad(FlatPreconditionedOptimizer):
             )
         fits = [layout.offsets[e] for e in group_ends]
         if H.dim() == 2 and H.shape[0] == H.shape[1] and H.shape[0] in fits:
+            finite = torch.nan_to_num(H.detach())  # (a non-finite H: the finiteness check names it)
+            # a sum of outer products g g^T, symmetric up to the rounding of its updates
+            if (finite - finite.mT).abs().amax() > 64 * torch.finfo(H.dtype).eps * finite.abs().amax():
+                raise ValueError(
+                    "state_dict's H is not symmetric, so it is no sum of gradient outer products g g^T (a corrupted or "
+                    "hand-edited state dict): load one produced by FullMatrixAdagrad.state_dict(). Nothing was loaded."
+                )
             return
         earlier = sorted(set(fits[:-1]) - {fits[-1]})
         also = f" (or {earlier} when saved before add_param_group added the later groups)" if earlier else ""
