@@ -1647,12 +1647,7 @@ class BlockMeanLinearOperator(
     @_cached_unless_grad("inverse_parts")
     def _inverse_parts(self) -> tuple[Tensor, Tensor]:
         if self._diagonal_core():
-            if self._validating():
-                self._check_finite()
-            lam, b, c = self._diagonal_parts()
-            self._check_invertible_offsets(lam)
-            if self._validating() and bool((c == 0).any()):
-                raise _singular_core_error(self.dtype)
+            lam, b, c = self._invertible_diagonal_parts()
             # C^{-1} - diag(1/lam) = -diag(s b / (c lam)), in B's scaling -diag(b / (c lam)): O(k)
             inv_lam = lam.reciprocal()
             return inv_lam.to(self.dtype), (-b * inv_lam / c).to(self.dtype)  # the diagonal of D
@@ -1667,6 +1662,17 @@ class BlockMeanLinearOperator(
         if self.symmetric:
             D = 0.5 * (D + D.mT)
         return inv_lam.to(self.dtype), D.to(self.dtype)
+
+    def _invertible_diagonal_parts(self) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_diagonal_parts` of an operator to be solved with, checked (with validation on) for non-finite
+        values and for a singular core or block offsets."""
+        if self._validating():
+            self._check_finite()
+        lam, b, c = self._diagonal_parts()
+        self._check_invertible_offsets(lam)
+        if self._validating() and bool((c == 0).any()):
+            raise _singular_core_error(self.dtype)
+        return lam, b, c
 
     def _core_solve(self, rhs: Tensor) -> Tensor:
         """:math:`C^{-1}` ``rhs`` for the (folded) core matrix, in :attr:`core_dtype`: through the shared Cholesky
@@ -1778,12 +1784,7 @@ class BlockMeanLinearOperator(
         part, dtype = self.partition, self.core_dtype
         sums = part.block_sum(rhs.to(dtype), dim=-2)  # (*, k, t)
         if self._diagonal_core():  # C = diag(c), c = lam + s b: P^T M^{-1} R = (P^T R) / c
-            if self._validating():
-                self._check_finite()
-            lam, _, c = self._diagonal_parts()
-            self._check_invertible_offsets(lam)
-            if self._validating() and bool((c == 0).any()):
-                raise _singular_core_error(self.dtype)
+            c = self._invertible_diagonal_parts()[2]
             return sums / c.unsqueeze(-1)
         if self._validating():
             self._check_finite()

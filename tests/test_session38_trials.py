@@ -151,19 +151,24 @@ def test_logdet_of_a_kronecker_product_with_a_block_mean_factor_is_closed_form(b
     torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-9)
 
 
+_LARGE_OPERATOR_SETUP = (
+    "import torch\n"
+    "from linear_operator.operators import DenseLinearOperator, DiagLinearOperator, KroneckerProductLinearOperator\n"
+    "from bma_gp import BlockMeanLinearOperator, Partition\n"
+    "n, k = {n}, 20\n"
+    "g = torch.Generator().manual_seed(0)\n"
+    "W = torch.randn(k, k, generator=g, dtype=torch.float64)\n"
+    "M = BlockMeanLinearOperator(torch.rand(k, generator=g, dtype=torch.float64) + 1, W @ W.T / k,\n"
+    "    Partition.from_labels(torch.randint(0, k, (n,), generator=g)))\n"
+)
+
+
 def test_logdet_of_a_large_kronecker_product_takes_no_n_by_n_memory():
     from peak_memory import peak_memory_increase
 
     setup = (
-        "import torch\n"
-        "from linear_operator.operators import DenseLinearOperator, KroneckerProductLinearOperator\n"
-        "from bma_gp import BlockMeanLinearOperator, Partition\n"
-        "n, k = {n}, 20\n"
-        "g = torch.Generator().manual_seed(0)\n"
-        "W = torch.randn(k, k, generator=g, dtype=torch.float64)\n"
-        "M = BlockMeanLinearOperator(torch.rand(k, generator=g, dtype=torch.float64) + 1, W @ W.T / k,\n"
-        "    Partition.from_labels(torch.randint(0, k, (n,), generator=g)))\n"
-        "K = KroneckerProductLinearOperator(M, DenseLinearOperator(torch.eye(3, dtype=torch.float64) + 0.1))\n"
+        _LARGE_OPERATOR_SETUP
+        + "K = KroneckerProductLinearOperator(M, DenseLinearOperator(torch.eye(3, dtype=torch.float64) + 0.1))\n"
     )
     # n = 20,000: the factor's eigenvectors alone were 3.2 GB
     peak = peak_memory_increase(setup.format(n=20_000), "K.logdet()")
@@ -250,15 +255,7 @@ def test_a_product_with_a_negative_determinant_keeps_torch_logdet_semantics():
 def test_a_product_with_a_diagonal_takes_no_n_by_n_memory():
     from peak_memory import peak_memory_increase
 
-    setup = (
-        "import torch\n"
-        "from linear_operator.operators import DiagLinearOperator\n"
-        "from bma_gp import BlockMeanLinearOperator, Partition\n"
-        "n, k = {n}, 20\n"
-        "g = torch.Generator().manual_seed(0)\n"
-        "W = torch.randn(k, k, generator=g, dtype=torch.float64)\n"
-        "M = BlockMeanLinearOperator(torch.rand(k, generator=g, dtype=torch.float64) + 1, W @ W.T / k,\n"
-        "    Partition.from_labels(torch.randint(0, k, (n,), generator=g)))\n"
+    setup = _LARGE_OPERATOR_SETUP + (
         "A = M @ DiagLinearOperator(torch.rand(n, generator=g, dtype=torch.float64) + 0.5)\n"
         "x = torch.randn(n, 2, generator=g, dtype=torch.float64)\n"
     )
