@@ -71,6 +71,14 @@ def test_block_sums_of_a_solve_have_dense_gradients(diagonal_core):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
 
 
+def _intercept_data():
+    """The trial's data: 30 groups of about 20 rows, group effects of size 1 and noise 1e-3."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 30, (600,), generator=gen)
+    noise = 1e-3 * torch.randn(600, generator=gen, dtype=torch.float64)
+    return labels, torch.randn(30, generator=gen, dtype=torch.float64)[labels] + noise
+
+
 def _random_intercept_mean(noise: float, labels: torch.Tensor, y: torch.Tensor, variance: float):
     x = labels.to(torch.float64).unsqueeze(-1)
     likelihood = gpytorch.likelihoods.GaussianLikelihood(noise_constraint=gpytorch.constraints.GreaterThan(1e-14))
@@ -88,11 +96,7 @@ def test_a_random_intercepts_mean_at_tiny_noise_is_accurate(noise):
     # the trial: 30 groups of about 20 rows, variance 1, noise far below it. The mean used to sum entries of
     # M^{-1} r (size r / noise) over each group: 3.5e-9 relative at noise 1e-6, 1.5e-5 at 1e-10 (a dense Cholesky
     # lost 3e-13 and 6e-9)
-    gen = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 30, (600,), generator=gen)
-    y = torch.randn(30, generator=gen, dtype=torch.float64)[labels] + 1e-3 * torch.randn(
-        600, generator=gen, dtype=torch.float64
-    )
+    labels, y = _intercept_data()
     mean = _random_intercept_mean(noise, labels, y, 1.0)
     sizes = torch.bincount(labels, minlength=30).double()
     sums = torch.zeros(30, dtype=torch.float64).index_add_(0, labels, y)
@@ -289,11 +293,7 @@ def _crossed_mean(x, y, test_x, levels, variances, noise):
 def test_a_sums_mean_at_tiny_noise_is_accurate(noise):
     # the trial: a grouping plus a second one of variance ~0 over one level (the covariance of the grouping alone),
     # predicted by the sums' strategy: 1.9e-7 relative at noise 1e-8, 2.4e-5 at 1e-10
-    gen = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 30, (600,), generator=gen)
-    y = torch.randn(30, generator=gen, dtype=torch.float64)[labels] + 1e-3 * torch.randn(
-        600, generator=gen, dtype=torch.float64
-    )
+    labels, y = _intercept_data()
     x = torch.stack([labels.double(), torch.zeros(600, dtype=torch.float64)], -1)
     test_x = torch.stack([torch.arange(30, dtype=torch.float64), torch.zeros(30, dtype=torch.float64)], -1)
     mean = _crossed_mean(x, y, test_x, (31, 1), (1.0, 1e-300), noise)
