@@ -959,8 +959,13 @@ class BlockMeanLinearOperator(
         vector = rhs.dim() == 1
         if vector:
             rhs = rhs.unsqueeze(-1)
+        res = self._matmul_with_sums(rhs, self.partition.block_sum(rhs, dim=-2))
+        return res.squeeze(-1) if vector else res
+
+    def _matmul_with_sums(self, rhs: Tensor, sums: Tensor) -> Tensor:
+        """:math:`M x = \lambda \odot x + P B (P^\top x)` given the block sums ``sums`` of ``rhs`` (computed another
+        way where summing ``rhs`` cancels: a posterior mean's :math:`P^\top M^{-1} r`). # shape: (*batch, n, t)"""
         part = self.partition
-        sums = part.block_sum(rhs, dim=-2)  # P^T x: (*, k, t)
         if self._diagonal_core(read_back=False):  # B P^T x = diag(B) * P^T x: no k x k product
             coef = self._b_vector().unsqueeze(-1) * sums
         elif self.symmetric and self._b_sym_cache is None and sums.shape[-1] <= 16:
@@ -971,8 +976,7 @@ class BlockMeanLinearOperator(
         else:
             coef = self._b_sym() @ sums  # B P^T x: (*, k, t)
         # lam * x + P (B P^T x), fused: no n-sized temporaries besides the result
-        res = part.expand_addcmul(coef, self.lam.unsqueeze(-1), rhs, dim=-2)
-        return res.squeeze(-1) if vector else res
+        return part.expand_addcmul(coef, self.lam.unsqueeze(-1), rhs, dim=-2)
 
     def matmul(self, other):
         _check_factor_size(self, other, "M @ other")
