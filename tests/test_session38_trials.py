@@ -550,3 +550,20 @@ def test_a_random_intercepts_mean_at_its_training_inputs_at_tiny_noise_is_accura
     sizes = torch.bincount(labels, minlength=30).double()
     exact = (torch.zeros(30, dtype=torch.float64).index_add_(0, labels, y) / (noise + sizes))[labels]
     assert ((mean - exact).abs().max() / exact.abs().max()).item() < 1e-13
+
+
+def test_a_crossed_sums_mean_at_its_training_inputs_at_tiny_noise_matches_a_dense_solve():
+    # a helper's audit: at the training inputs the sum took Z G c with c = u - A x, which cancels (1.6e-7 relative
+    # at noise 1e-8 for crossed groupings); G c is the capacitance solve x itself now
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randint(0, 12, (400,), generator=gen), torch.randint(0, 7, (400,), generator=gen)
+    ua, ub = torch.randn(12, generator=gen, dtype=torch.float64), torch.randn(7, generator=gen, dtype=torch.float64)
+    y = ua[a] + ub[b] + 1e-3 * torch.randn(400, generator=gen, dtype=torch.float64)
+    x = torch.stack([a, b], -1).double()
+    noise, variances = 1e-8, (1.0, 0.5)
+    mean = _crossed_mean(x, y, x, (12, 7), variances, noise)
+    Za, Zb = torch.nn.functional.one_hot(a).double(), torch.nn.functional.one_hot(b).double()
+    K = variances[0] * Za @ Za.T + variances[1] * Zb @ Zb.T
+    L = torch.linalg.cholesky(K + noise * torch.eye(400, dtype=torch.float64))
+    expected = K @ torch.cholesky_solve(y.unsqueeze(-1), L).squeeze(-1)
+    assert ((mean - expected).abs().max() / expected.abs().max()).item() < 1e-9
