@@ -442,10 +442,11 @@ class BlockMeanPredictionStrategy(DefaultPredictionStrategy):
 
     def exact_predictive_mean(self, test_mean: Tensor, test_train_covar) -> Tensor:
         r""":math:`m_* + K_{*X} \alpha` with :math:`\alpha = M^{-1}(y - m)` held in the working precision
-        (:meth:`_mean_cache`): the training covariance itself applies it in that precision, a block cross covariance
-        :math:`A P^\top` its block sums from the core (:meth:`_alpha_block_sums`), so that they do not cancel in
-        float32 (nor at tiny noise); anything else in the model's. Under an observation NaN policy :math:`\alpha` is 0 at the points the policy drops
-        (:meth:`_conditioning_alpha`), so every product takes the observed points only, as GPyTorch's masked one."""
+        (:meth:`_mean_cache`): a block cross covariance :math:`A P^\top`, and the training covariance over the same
+        partition, take its block sums from the core (:meth:`_alpha_block_sums`), so that they do not cancel in
+        float32 (nor at tiny noise); anything else applies it in the model's precision. Under an observation NaN
+        policy :math:`\alpha` is 0 at the points the policy drops (:meth:`_conditioning_alpha`), so every product
+        takes the observed points only, as GPyTorch's masked one."""
         if self.block_mean_covar is None:
             return super().exact_predictive_mean(test_mean, test_train_covar)
         cross = self._block_cross(test_train_covar)
