@@ -2555,8 +2555,9 @@ def _hooked_kron_logdet(original):
     :math:`\log\det(A_1 \otimes \dots \otimes A_m) = \sum_i (N / n_i) \log\det A_i` from each factor's own
     signed log-determinant (a block mean factor's closed form; the product's sign is each factor's to the power of
     its multiplicity, and torch.logdet's semantics follow: NaN only where the product's determinant is negative), for
-    ``logdet()`` and ``inv_quad_logdet(logdet=True)``. linear_operator took every factor's eigenvectors (``diagonalization``), ``n x n`` for a block mean factor: a user
-    trial's ``Kron(M, 3 x 3)`` at n = 200,000 asked for 40 GB; it also clamped eigenvalues below 1e-7."""
+    ``logdet()`` and ``inv_quad_logdet(logdet=True)``. linear_operator took every factor's eigenvectors
+    (``diagonalization``), ``n x n`` for a block mean factor: a user trial's ``Kron(M, 3 x 3)`` at n = 200,000 asked
+    for 40 GB; it also clamped eigenvalues below 1e-7."""
 
     @functools.wraps(original)
     def _logdet(self):
@@ -2621,7 +2622,7 @@ def _hooked_kron_inv_quad_logdet(original):
 
 
 def _kron_inv_quad(kron, inv_quad_rhs: Tensor, reduce_inv_quad: bool) -> Tensor:
-    """:math:`R^\top A^{-1} R` of a Kronecker product from its factors' solves, as linear_operator shapes it."""
+    r""":math:`R^\top A^{-1} R` of a Kronecker product from its factors' solves, as linear_operator shapes it."""
     check_rhs(kron.shape, inv_quad_rhs, "inv_quad_rhs", kron.dtype)
     vector = inv_quad_rhs.dim() == 1
     rhs = inv_quad_rhs.unsqueeze(-1) if vector else inv_quad_rhs

@@ -963,7 +963,7 @@ class BlockMeanLinearOperator(
         return res.squeeze(-1) if vector else res
 
     def _matmul_with_sums(self, rhs: Tensor, sums: Tensor) -> Tensor:
-        """:math:`M x = \lambda \odot x + P B (P^\top x)` given the block sums ``sums`` of ``rhs`` (computed another
+        r""":math:`M x = \lambda \odot x + P B (P^\top x)` given the block sums ``sums`` of ``rhs`` (computed another
         way where summing ``rhs`` cancels: a posterior mean's :math:`P^\top M^{-1} r`). # shape: (*batch, n, t)"""
         part = self.partition
         if self._diagonal_core(read_back=False):  # B P^T x = diag(B) * P^T x: no k x k product

@@ -397,7 +397,8 @@ def test_a_kernel_converted_without_its_model_is_named_as_the_cause():
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
     with pytest.raises(
         ValueError,
-        match="bound training inputs \\(train_x\\) are torch.float32 but the model's training inputs are torch.float64.*model.float\\(\\)",
+        match="bound training inputs \\(train_x\\) are torch.float32 but the model's training inputs are "
+        "torch.float64.*model.float\\(\\)",
     ):
         mll(model(x), model.train_targets)
 
