@@ -302,24 +302,33 @@ def test_a_sums_mean_at_tiny_noise_is_accurate(noise):
     assert ((mean - exact).abs().max() / exact.abs().max()).item() < 1e-13
 
 
-def test_a_crossed_sums_mean_at_tiny_noise_matches_a_dense_solve():
-    # two crossed groupings at noise 1e-8: the dense Cholesky reference loses about 1e-10 here; the sum's mean lost
-    # 1e-7 before
+def _crossed_data():
+    """400 rows over two crossed groupings of 12 and 7 levels (ids as float columns) and their targets."""
     gen = torch.Generator().manual_seed(1)
     a, b = torch.randint(0, 12, (400,), generator=gen), torch.randint(0, 7, (400,), generator=gen)
     ua, ub = torch.randn(12, generator=gen, dtype=torch.float64), torch.randn(7, generator=gen, dtype=torch.float64)
     y = ua[a] + ub[b] + 1e-3 * torch.randn(400, generator=gen, dtype=torch.float64)
-    x = torch.stack([a, b], -1).double()
+    return torch.stack([a, b], -1).double(), y
+
+
+def _dense_crossed_mean(x, y, test_x, variances, noise):
+    """The posterior mean of the two crossed groupings by a dense float64 Cholesky."""
+
+    def covariance(p, q):
+        return sum(v * (p[:, j, None] == q[None, :, j]).double() for j, v in enumerate(variances))
+
+    L = torch.linalg.cholesky(covariance(x, x) + noise * torch.eye(x.shape[0], dtype=torch.float64))
+    return covariance(test_x, x) @ torch.cholesky_solve(y.unsqueeze(-1), L).squeeze(-1)
+
+
+def test_a_crossed_sums_mean_at_tiny_noise_matches_a_dense_solve():
+    # two crossed groupings at noise 1e-8: the dense Cholesky reference loses about 1e-10 here; the sum's mean lost
+    # 1e-7 before
+    x, y = _crossed_data()
     test_x = torch.stack([torch.arange(12), torch.arange(12) % 7], -1).double()
     noise, variances = 1e-8, (1.0, 0.5)
     mean = _crossed_mean(x, y, test_x, (12, 7), variances, noise)
-    Za, Zb = torch.nn.functional.one_hot(a).double(), torch.nn.functional.one_hot(b).double()
-    K = variances[0] * Za @ Za.T + variances[1] * Zb @ Zb.T
-    Ta = torch.nn.functional.one_hot(test_x[:, 0].long(), 12).double()
-    Tb = torch.nn.functional.one_hot(test_x[:, 1].long(), 7).double()
-    cross = variances[0] * Ta @ Za.T + variances[1] * Tb @ Zb.T
-    L = torch.linalg.cholesky(K + noise * torch.eye(400, dtype=torch.float64))
-    expected = cross @ torch.cholesky_solve(y.unsqueeze(-1), L).squeeze(-1)
+    expected = _dense_crossed_mean(x, y, test_x, variances, noise)
     assert ((mean - expected).abs().max() / expected.abs().max()).item() < 1e-8
 
 
@@ -556,15 +565,8 @@ def test_a_random_intercepts_mean_at_its_training_inputs_at_tiny_noise_is_accura
 def test_a_crossed_sums_mean_at_its_training_inputs_at_tiny_noise_matches_a_dense_solve():
     # a helper's audit: at the training inputs the sum took Z G c with c = u - A x, which cancels (1.6e-7 relative
     # at noise 1e-8 for crossed groupings); G c is the capacitance solve x itself now
-    gen = torch.Generator().manual_seed(1)
-    a, b = torch.randint(0, 12, (400,), generator=gen), torch.randint(0, 7, (400,), generator=gen)
-    ua, ub = torch.randn(12, generator=gen, dtype=torch.float64), torch.randn(7, generator=gen, dtype=torch.float64)
-    y = ua[a] + ub[b] + 1e-3 * torch.randn(400, generator=gen, dtype=torch.float64)
-    x = torch.stack([a, b], -1).double()
+    x, y = _crossed_data()
     noise, variances = 1e-8, (1.0, 0.5)
     mean = _crossed_mean(x, y, x, (12, 7), variances, noise)
-    Za, Zb = torch.nn.functional.one_hot(a).double(), torch.nn.functional.one_hot(b).double()
-    K = variances[0] * Za @ Za.T + variances[1] * Zb @ Zb.T
-    L = torch.linalg.cholesky(K + noise * torch.eye(400, dtype=torch.float64))
-    expected = K @ torch.cholesky_solve(y.unsqueeze(-1), L).squeeze(-1)
+    expected = _dense_crossed_mean(x, y, x, variances, noise)
     assert ((mean - expected).abs().max() / expected.abs().max()).item() < 1e-9
